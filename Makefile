@@ -1,0 +1,31 @@
+# Two commands for a fresh Debian machine with Python 3.11: `make serve` and `make test`.
+# Both create .venv on first use. `make battery` and `make bench` are for CI and measurements.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+BATTERY ?= ../shared/battery
+PYTEST_ARGS ?=
+
+.PHONY: serve test battery bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/mailflow serve
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+battery: $(STAMP)
+	BATTERY=$(BATTERY) PYTEST_ARGS="$(PYTEST_ARGS)" PATH=$(abspath $(BIN)):$$PATH scripts/battery.sh
+
+bench: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) var build *.egg-info

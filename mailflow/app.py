@@ -1,0 +1,109 @@
+"""Mailflow: builds the store, resolver, stages and transports from a Config, and runs them.
+
+    async with Mailflow(config) as mf:      # start(): open the store, recover, start qmgr, then listen
+        host, port = mf.smtp_addresses[0]   # port 0 in the config gives an ephemeral port
+    # stop(): close the listeners, drain sessions, let deliveries finish (grace), flush the store
+
+The clock, RNG, resolver and transports can be injected (tests pass fakes or local peers); nothing is
+global, so several instances can run in one process. `serve(config)` runs one until SIGTERM/SIGINT or
+until an injected shutdown trigger fires.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+
+from mailflow.clock import Clock, SystemClock
+from mailflow.config import Config
+from mailflow.logs import MailLog
+from mailflow.stages.cleanup import Cleanup
+from mailflow.stages.qmgr import QueueManager
+from mailflow.stages.rewrite import Rewriter
+from mailflow.stages.smtpd import Smtpd, SmtpdHandler
+from mailflow.store import Store
+
+log = logging.getLogger("mailflow")
+
+
+class Mailflow:
+    def __init__(self, config: Config, *, clock: Clock | None = None, rng: random.Random | None = None,
+                 resolver=None, transports: dict | None = None, shutdown_grace: float = 10.0):
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.rng = rng or random.Random()
+        self._resolver = resolver
+        self._transports = transports
+        self._grace = shutdown_grace
+        self.store: Store | None = None
+        self.qmgr: QueueManager | None = None
+        self.smtpd: Smtpd | None = None
+
+    async def start(self) -> None:
+        c = self.config
+        self.store = await Store.open(c.queue_path / "queue.db", batch_limit=c.queue.commit_batch_limit,
+                                      backlog_limit=c.queue.incoming_backlog_limit)
+        try:
+            await self._start_stages()
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("mailflow started: listening on %s, queue %s",
+                 ", ".join(f"{h}:{p}" for h, p in self.smtp_addresses), c.queue_path)
+
+    async def _start_stages(self) -> None:
+        c = self.config
+        rewriter = Rewriter(c)
+        maillog = MailLog()
+        self.qmgr = QueueManager(self.store, resolve=rewriter.resolve, transports=self._build_transports(),
+                                 config=c.queue, clock=self.clock, rng=self.rng, log=maillog)
+        await self.qmgr.start()
+        cleanup = Cleanup(self.store, myhostname=c.myhostname, clock=self.clock, rng=self.rng, log=maillog,
+                          on_queued=self.qmgr.wake)
+        self.smtpd = Smtpd(c, SmtpdHandler(c, rewriter, cleanup))
+        await self.smtpd.start()
+
+    def _build_transports(self) -> dict:
+        if self._transports is not None:
+            return self._transports
+        from mailflow.dns import AiodnsResolver
+        from mailflow.transports import build_transports
+
+        resolver = self._resolver or AiodnsResolver.from_config(self.config.dns)
+        return build_transports(self.config, resolver, self.clock)
+
+    async def stop(self) -> None:
+        """Listeners first, then deliveries, then the store. Safe to call twice."""
+        if self.smtpd:
+            await self.smtpd.stop(self._grace)
+            self.smtpd = None
+        if self.qmgr:
+            await self.qmgr.stop(self._grace)
+            self.qmgr = None
+        if self.store:
+            await self.store.close()
+            self.store = None
+
+    @property
+    def smtp_addresses(self) -> list[tuple[str, int]]:
+        return self.smtpd.addresses if self.smtpd else []
+
+    async def __aenter__(self) -> "Mailflow":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+
+async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT (or `shutdown_trigger` is set), then stop gracefully."""
+    stop = shutdown_trigger or asyncio.Event()
+    if shutdown_trigger is None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    async with Mailflow(config):
+        await stop.wait()
+        log.info("mailflow stopping")

@@ -1,0 +1,208 @@
+"""The configuration: pydantic models, frozen, unknown keys rejected; every default lives here.
+
+`load_config(path)` reads a TOML file (or nothing: the embedded defaults serve as they are) and returns a
+`Config`. Any problem raises `ConfigError` naming the file, the dotted key and the reason. Names follow
+Postfix's main.cf where Postfix has the setting (`mydestination`, `relayhost`, `maximal_backoff_time`, …).
+
+Durations accept seconds as a number or a string with a unit: "30s", "5m", "1h", "5d", "1w".
+Relative paths are taken from the directory the server is started in.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from mailflow.errors import ConfigError
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: object) -> float:
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string like '30s', '5m', '1h', '5d'")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", value)
+        if m:
+            return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    raise ValueError(f"{value!r} is not a duration (use seconds, or '30s', '5m', '1h', '5d', '1w')")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:
+    """'127.0.0.1:2525', '[::1]:25', 'mx.example:587' -> (host, port). Brackets are dropped."""
+    m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?", value.strip())
+    if not m:
+        raise ValueError(f"{value!r} is not host:port")
+    host = m.group(1) or m.group(3)
+    port = m.group(2) or m.group(4)
+    if port is None:
+        if default_port is None:
+            raise ValueError(f"{value!r} needs a port (host:port)")
+        return host, default_port
+    if not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r}: port out of range")
+    return host, int(port)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SmtpdConfig(_Section):
+    """The SMTP server (Postfix smtpd)."""
+
+    listen: tuple[str, ...] = ("127.0.0.1:2525",)
+    banner: str = "ESMTP mailflow"
+    message_size_limit: int = Field(10_240_000, ge=0)
+    recipient_limit: int = Field(1000, ge=1)
+    timeout: Duration = 300.0
+    max_line_length: int = Field(2048, ge=512)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for item in v:
+            parse_hostport(item)
+        return v
+
+
+class LocalConfig(_Section):
+    """Local delivery to Maildirs: `<maildir_base>/<user>/Maildir/`, one per local part."""
+
+    maildir_base: str = "var/mail"
+    recipients: tuple[str, ...] = ("postmaster",)
+
+
+class SmtpConfig(_Section):
+    """The SMTP client (Postfix smtp): relay and MX delivery."""
+
+    port: int = Field(25, ge=1, le=65535)
+    connect_timeout: Duration = 30.0
+    command_timeout: Duration = 300.0
+    data_timeout: Duration = 600.0
+    tls_security_level: Literal["none", "may"] = "may"
+
+
+class DnsConfig(_Section):
+    """Where MX and address lookups go: empty means the system's resolv.conf. Entries are 'ip' or 'ip:port'."""
+
+    nameservers: tuple[str, ...] = ()
+    timeout: Duration = 5.0
+    tries: int = Field(2, ge=1)
+
+
+class QueueConfig(_Section):
+    """The queue manager (Postfix qmgr) and the store."""
+
+    queue_run_delay: Duration = 300.0
+    minimal_backoff_time: Duration = 300.0
+    maximal_backoff_time: Duration = 4000.0
+    active_limit: int = Field(10_000, ge=1)
+    default_destination_concurrency_limit: int = Field(20, ge=1)
+    delivery_concurrency_limit: int = Field(100, ge=1)
+    commit_batch_limit: int = Field(500, ge=1)
+    incoming_backlog_limit: int = Field(5000, ge=1)
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+class Config(_Section):
+    """The whole configuration. Section tables: smtpd, local, smtp, dns, queue, log."""
+
+    myhostname: str = "localhost"
+    mydestination: tuple[str, ...] = ("localhost",)
+    relay_domains: tuple[str, ...] = ()
+    mynetworks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    relayhost: str = ""
+    local_transport: str = "local"
+    relay_transport: str = "smtp"
+    default_transport: str = "smtp"
+    queue_directory: str = "var"
+
+    smtpd: SmtpdConfig = SmtpdConfig()
+    local: LocalConfig = LocalConfig()
+    smtp: SmtpConfig = SmtpConfig()
+    dns: DnsConfig = DnsConfig()
+    queue: QueueConfig = QueueConfig()
+    log: LogConfig = LogConfig()
+
+    @field_validator("mynetworks")
+    @classmethod
+    def _networks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for item in v:
+            ipaddress.ip_network(item, strict=False)
+        return v
+
+    @field_validator("mydestination", "relay_domains")
+    @classmethod
+    def _domains(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(d.strip().lower().rstrip(".") for d in v if d.strip())
+
+    @field_validator("relayhost")
+    @classmethod
+    def _relayhost(cls, v: str) -> str:
+        if v:
+            parse_hostport(v, default_port=25)
+        return v
+
+    @field_validator("local_transport", "relay_transport", "default_transport")
+    @classmethod
+    def _transport(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+(:.*)?", v):
+            raise ValueError(f"{v!r} is not transport or transport:nexthop")
+        return v
+
+    @property
+    def queue_path(self) -> Path:
+        return Path(self.queue_directory)
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Read and validate `path` (TOML); None gives the embedded defaults. Raises ConfigError."""
+    if path is None:
+        return Config()
+    name = str(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(name, "", "no such file") from None
+    except OSError as e:
+        raise ConfigError(name, "", f"cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(name, "", f"not valid TOML: {e}") from None
+    return config_from_dict(data, name)
+
+
+def config_from_dict(data: dict, name: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        reason = _reason(err)
+        more = len(e.errors()) - 1
+        if more:
+            reason += f" (and {more} more problem{'s' if more > 1 else ''})"
+        raise ConfigError(name, key, reason) from None
+
+
+def _reason(err: dict) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown setting"
+    msg = err["msg"]
+    return msg.removeprefix("Value error, ")

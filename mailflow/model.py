@@ -1,0 +1,153 @@
+"""Frozen values shared by every stage: what travels between smtpd, cleanup, qmgr and the transports.
+
+Stages hand each other these values (and bytes), never their own objects. Nothing here does I/O.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+QueueId = str
+
+
+class AddressClass(enum.Enum):
+    """Postfix's address classes (ADDRESS_CLASS_README) as far as trivial-rewrite knows them."""
+
+    LOCAL = "local"
+    RELAY = "relay"
+    DEFAULT = "default"
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Where trivial-rewrite sends one recipient: `transport:nexthop` for `address`."""
+
+    address_class: AddressClass
+    transport: str
+    nexthop: str
+    address: str
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """Who handed us the message: peer address, the name it gave in HELO, how it spoke."""
+
+    addr: str
+    port: int = 0
+    helo: str = ""
+    protocol: str = "ESMTP"
+    hostname: str = "unknown"
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """The SMTP envelope as accepted: sender ("" is the null sender) and recipients in order."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    smtputf8: bool = False
+    body_type: str = "7BIT"
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One accepted message on its way from smtpd (or pickup) into cleanup."""
+
+    envelope: Envelope
+    content: bytes
+    client: ClientInfo
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """One recipient row of a queued message. `index` is its position in the envelope."""
+
+    index: int
+    address: str
+    original: str
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    """A message as the queue manager sees it: envelope data and the recipients still to do."""
+
+    queue_id: QueueId
+    sender: str
+    arrival: float
+    size: int
+    smtputf8: bool
+    body_type: str
+    attempts: int
+    recipients: tuple[Recipient, ...]
+
+
+@dataclass(frozen=True)
+class DeliveryRequest:
+    """What qmgr hands one transport: one message, the recipients for one `(transport, nexthop)`."""
+
+    queue_id: QueueId
+    sender: str
+    recipients: tuple[Recipient, ...]
+    nexthop: str
+    content: bytes
+    smtputf8: bool = False
+    body_type: str = "7BIT"
+    arrival: float = 0.0
+
+
+class Outcome(enum.Enum):
+    SENT = "sent"
+    DEFERRED = "deferred"
+    BOUNCED = "bounced"
+
+
+@dataclass(frozen=True)
+class RcptResult:
+    """The fate of one recipient after one delivery attempt.
+
+    `dsn` is the enhanced status code (RFC 3463), `text` the diagnostic as a human or the remote said it,
+    `relay` where it went (`host[addr]:port`, `local`, `none`).
+    """
+
+    recipient: Recipient
+    outcome: Outcome
+    dsn: str
+    text: str
+    relay: str = "none"
+
+
+@dataclass(frozen=True)
+class DeliveryReport:
+    """A transport's answer: one result per recipient, plus the site verdict.
+
+    Per-recipient results decide each recipient's fate. Only `site_ok` speaks about the destination
+    itself (could we talk to it at all?); qmgr feeds it to the destination's concurrency window.
+    """
+
+    results: tuple[RcptResult, ...]
+    site_ok: bool = True
+    site_reason: str = ""
+
+    @classmethod
+    def uniform(
+        cls,
+        request: DeliveryRequest,
+        outcome: Outcome,
+        dsn: str,
+        text: str,
+        relay: str = "none",
+        site_ok: bool = True,
+    ) -> "DeliveryReport":
+        """The same result for every recipient of `request` (a refused MAIL, a dead site, a discard)."""
+        results = tuple(RcptResult(r, outcome, dsn, text, relay) for r in request.recipients)
+        return cls(results, site_ok=site_ok, site_reason="" if site_ok else text)
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """What qmgr records for one message after an attempt: results, and when to try the rest again."""
+
+    queue_id: QueueId
+    results: tuple[RcptResult, ...]
+    next_attempt: float | None = None  # None: nothing pending, remove the message
+    extra: dict = field(default_factory=dict, compare=False)

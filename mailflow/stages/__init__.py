@@ -1,0 +1,1 @@
+"""The stages a message passes through: smtpd -> cleanup -> (store) -> qmgr -> transports."""

@@ -1,0 +1,137 @@
+"""cleanup: turns an accepted Submission into a queued message, durably.
+
+What it does, in order (Postfix cleanup(8), the part the skeleton needs):
+1. assigns the queue id;
+2. refuses a message that has looped (more than `hopcount_limit` Received headers): 554 5.4.6;
+3. prepends a Received header; appends Message-ID, Date and From when the message has none;
+4. commits message, recipients and content in one group-committed transaction;
+5. logs `received` and `queued`, and wakes qmgr.
+`submit()` returns the queue id only after the commit is on disk: that is when smtpd may say 250.
+Failures: `PermanentError` for a message that must be refused, `Overloaded` when the store's backlog is
+full, any other exception means "not queued" (smtpd answers 451).
+"""
+from __future__ import annotations
+
+import email.utils
+import time
+from datetime import datetime, timezone
+from typing import Callable
+
+from mailflow.clock import Clock
+from mailflow.errors import PermanentError
+from mailflow.logs import MailLog
+from mailflow.model import QueueId, Submission
+from mailflow.store import NewMessage, Store
+
+HOPCOUNT_LIMIT = 50
+CRLF = b"\r\n"
+
+
+class QueueIdGenerator:
+    """Queue ids like Postfix's: upper-case hex, time-ordered, unique within this process."""
+
+    def __init__(self, clock: Clock, rng):
+        self._clock = clock
+        self._rng = rng
+        self._last_us = 0
+
+    def next(self) -> QueueId:
+        us = max(int(self._clock.time() * 1_000_000), self._last_us + 1)
+        self._last_us = us
+        return f"{us & 0xFFFFFFFFFF:010X}{self._rng.getrandbits(16):04X}"
+
+
+def rfc5322_date(now: float) -> str:
+    return email.utils.format_datetime(datetime.fromtimestamp(now, timezone.utc))
+
+
+def split_header(content: bytes) -> tuple[bytes, bytes]:
+    """(header section including its final CRLF, the rest starting with the empty line)."""
+    if content.startswith(CRLF):
+        return b"", content
+    end = content.find(b"\r\n\r\n")
+    if end < 0:
+        head = content if content.endswith(CRLF) or not content else content + CRLF
+        return head, b""
+    return content[: end + 2], content[end + 2 :]
+
+
+def header_names(head: bytes) -> list[str]:
+    names = []
+    for line in head.split(CRLF):
+        if line and line[:1] not in (b" ", b"\t"):
+            name, colon, _ = line.partition(b":")
+            if colon:
+                names.append(name.strip().decode("latin-1").lower())
+    return names
+
+
+def header_value(head: bytes, wanted: str) -> str:
+    """The first value of header `wanted` (unfolded), or ''."""
+    lines = head.split(CRLF)
+    for i, line in enumerate(lines):
+        name, colon, value = line.partition(b":")
+        if colon and line[:1] not in (b" ", b"\t") and name.strip().lower() == wanted.encode():
+            while i + 1 < len(lines) and lines[i + 1][:1] in (b" ", b"\t"):
+                i += 1
+                value += b" " + lines[i].strip()
+            return value.strip().decode("utf-8", "replace")
+    return ""
+
+
+class Cleanup:
+    def __init__(self, store: Store, *, myhostname: str, clock: Clock, rng, log: MailLog,
+                 on_queued: Callable[[], None], hopcount_limit: int = HOPCOUNT_LIMIT):
+        self._store = store
+        self._myhostname = myhostname
+        self._clock = clock
+        self._ids = QueueIdGenerator(clock, rng)
+        self._log = log
+        self._on_queued = on_queued
+        self._hopcount_limit = hopcount_limit
+
+    async def submit(self, sub: Submission) -> QueueId:
+        queue_id = self._ids.next()
+        now = self._clock.time()
+        head, rest = split_header(sub.content)
+        names = header_names(head)
+        if names.count("received") > self._hopcount_limit:
+            raise PermanentError("5.4.6", "Error: too many hops")
+        missing = self._missing_headers(names, queue_id, sub.envelope.sender, now)
+        content = self._received(sub, queue_id, now) + head + missing + rest
+        message_id = header_value(head + missing, "message-id")
+        await self._store.insert(NewMessage(
+            queue_id=queue_id,
+            sender=sub.envelope.sender,
+            arrival=now,
+            content=content,
+            recipients=tuple((r, r) for r in sub.envelope.recipients),
+            smtputf8=sub.envelope.smtputf8,
+            body_type=sub.envelope.body_type,
+            client=f"{sub.client.hostname}[{sub.client.addr}]",
+        ))
+        self._log.received(queue_id, f"{sub.client.hostname}[{sub.client.addr}]", message_id)
+        self._log.queued(queue_id, sub.envelope.sender, len(content), len(sub.envelope.recipients))
+        self._on_queued()
+        return queue_id
+
+    def _received(self, sub: Submission, queue_id: QueueId, now: float) -> bytes:
+        c = sub.client
+        for_clause = f"\r\n\tfor <{sub.envelope.recipients[0]}>" if len(sub.envelope.recipients) == 1 else ""
+        text = (
+            f"Received: from {c.helo or 'unknown'} ({c.hostname} [{c.addr}])\r\n"
+            f"\tby {self._myhostname} (mailflow) with {c.protocol} id {queue_id}{for_clause};\r\n"
+            f"\t{rfc5322_date(now)}\r\n"
+        )
+        return text.encode("utf-8")
+
+    def _missing_headers(self, names: list[str], queue_id: QueueId, sender: str, now: float) -> bytes:
+        added = []
+        if "message-id" not in names:
+            stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
+            added.append(f"Message-ID: <{stamp}.{queue_id}@{self._myhostname}>")
+        if "date" not in names:
+            added.append(f"Date: {rfc5322_date(now)}")
+        if "from" not in names:
+            added.append(f"From: <{sender}>" if sender else f"From: MAILER-DAEMON@{self._myhostname}")
+        return "".join(line + "\r\n" for line in added).encode("utf-8")

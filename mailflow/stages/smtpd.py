@@ -1,0 +1,220 @@
+"""smtpd: the SMTP server. aiosmtpd is the I/O edge; this module holds the policy.
+
+What it owns
+- `SmtpSession`: a thin aiosmtpd `SMTP` subclass that tracks live sessions (for graceful shutdown) and
+  gives every reply an enhanced status code (ENHANCEDSTATUSCODES), except the greeting and EHLO/HELO.
+- `SmtpdHandler`: the aiosmtpd hooks. MAIL checks sender syntax; RCPT checks syntax, resolves the address
+  class (trivial-rewrite), refuses relaying for clients outside `mynetworks` (554 5.7.1), refuses unknown
+  local users (550 5.1.1) and recipients beyond `recipient_limit` (452 4.5.3); DATA hands a `Submission`
+  to cleanup and answers 250 only once cleanup has committed it.
+- `Smtpd`: starts the listeners on the running loop (never aiosmtpd's threaded Controller) and stops them:
+  close the listeners, let sessions finish within a grace period, then close what is left.
+
+Failure behaviour: every refusal is an SMTP reply from `mailflow.status`. A message cleanup could not
+commit gets 451 and is not queued; an unexpected exception in a hook gets 451 4.3.0 and is logged; the
+session stays usable. No reply text names a config detail.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+
+from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session
+
+from mailflow import address, status
+from mailflow.config import Config, parse_hostport
+from mailflow.errors import DeliveryError
+from mailflow.model import AddressClass, ClientInfo, Envelope, Submission
+from mailflow.stages.rewrite import Rewriter
+from mailflow.store import Overloaded
+
+log = logging.getLogger("mailflow.smtpd")
+
+NULL_SENDER = "<>"  # how aiosmtpd spells MAIL FROM:<>
+
+
+class SmtpSession(SMTP):
+    """One client connection. Adds enhanced status codes and registers itself while alive."""
+
+    def __init__(self, handler, *, sessions: set, **kwargs):
+        super().__init__(handler, **kwargs)
+        self._sessions = sessions
+        self._replies_sent = 0
+        self._in_hello = False  # EHLO/HELO replies carry no enhanced codes (RFC 2034)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._sessions.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._sessions.discard(self)
+        super().connection_lost(error)
+
+    async def push(self, line: str) -> None:
+        if self._replies_sent and not self._in_hello:  # the first reply is the greeting
+            line = status.with_enhanced_code(line)
+        self._replies_sent += 1
+        await super().push(line)
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._in_hello = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._in_hello = False
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._in_hello = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._in_hello = False
+
+
+class SmtpdHandler:
+    """aiosmtpd hooks: the restrictions and the hand-over to cleanup."""
+
+    def __init__(self, config: Config, rewriter: Rewriter, cleanup):
+        self._config = config
+        self._rewriter = rewriter
+        self._cleanup = cleanup
+        self._mynetworks = [ipaddress.ip_network(n, strict=False) for n in config.mynetworks]
+        self.submitting = 0  # DATA hand-overs waiting for their commit
+
+    async def handle_EHLO(self, server, session: Session, envelope, hostname: str, responses: list[str]):
+        session.host_name = hostname
+        keywords = [r[4:] for r in responses[1:] if r[4:] != "HELP"]
+        keywords[1:1] = ["PIPELINING"]
+        keywords.append("ENHANCEDSTATUSCODES")
+        lines = [responses[0]] + [f"250-{k}" for k in keywords]
+        lines[-1] = "250 " + lines[-1][4:]
+        return lines
+
+    async def handle_MAIL(self, server, session: Session, envelope: SmtpEnvelope, addr: str, options: list[str]):
+        sender = "" if addr == NULL_SENDER else addr
+        if sender:
+            if address.mailbox_syntax_error(sender):
+                return str(status.bad_sender_syntax(sender))
+            if address.is_utf8(sender) and "SMTPUTF8" not in options:
+                return "553 5.6.7 Must declare SMTPUTF8 to send UTF-8 addresses"
+        envelope.mail_from = addr
+        envelope.mail_options.extend(options)
+        return str(status.SENDER_OK)
+
+    async def handle_RCPT(self, server, session: Session, envelope: SmtpEnvelope, addr: str, options: list[str]):
+        reply = self.check_recipient(session, envelope, addr)
+        if reply.is_ok:
+            envelope.rcpt_tos.append(addr)
+            envelope.rcpt_options.extend(options)
+        return str(reply)
+
+    def check_recipient(self, session: Session, envelope: SmtpEnvelope, addr: str) -> status.Reply:
+        if len(envelope.rcpt_tos) >= self._config.smtpd.recipient_limit:
+            return status.TOO_MANY_RECIPIENTS
+        if address.mailbox_syntax_error(self._rewriter.qualify(addr)):
+            return status.bad_address_syntax(addr)
+        if address.is_utf8(addr) and not envelope.smtp_utf8:
+            return status.Reply(553, "5.6.7", "Must declare SMTPUTF8 to send UTF-8 addresses")
+        klass = self._rewriter.classify(addr)
+        if klass is AddressClass.DEFAULT and not self._trusted(session):
+            return status.relay_denied(addr)
+        if klass is AddressClass.LOCAL and not self._rewriter.is_known_local(addr):
+            return status.user_unknown(addr)
+        return status.RCPT_OK
+
+    async def handle_DATA(self, server, session: Session, envelope: SmtpEnvelope):
+        submission = Submission(
+            envelope=self._envelope(envelope),
+            content=envelope.original_content or b"",
+            client=self._client(session),
+        )
+        self.submitting += 1
+        try:
+            queue_id = await self._cleanup.submit(submission)
+        except DeliveryError as e:
+            return f"{554 if e.permanent else 451} {e.dsn} {e.text}"
+        except Overloaded:
+            return str(status.QUEUE_FULL)
+        except Exception:
+            log.exception("smtpd: message from %s not queued", session.peer)
+            return str(status.QUEUE_ERROR)
+        finally:
+            self.submitting -= 1
+        return str(status.queued(queue_id))
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.exception("smtpd: unexpected error in a session", exc_info=error)
+        return "451 4.3.0 Error: internal error, try again later"
+
+    def _trusted(self, session: Session) -> bool:
+        try:
+            ip = ipaddress.ip_address(session.peer[0])
+        except (ValueError, TypeError, IndexError):
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self._mynetworks)
+
+    @staticmethod
+    def _envelope(envelope: SmtpEnvelope) -> Envelope:
+        sender = "" if envelope.mail_from == NULL_SENDER else envelope.mail_from
+        body = "8BITMIME" if "BODY=8BITMIME" in envelope.mail_options else "7BIT"
+        return Envelope(sender, tuple(envelope.rcpt_tos), smtputf8=envelope.smtp_utf8, body_type=body)
+
+    @staticmethod
+    def _client(session: Session) -> ClientInfo:
+        host, port = (session.peer or ("unknown", 0))[:2]
+        return ClientInfo(addr=host, port=port, helo=session.host_name or "",
+                          protocol="ESMTP" if session.extended_smtp else "SMTP")
+
+
+class Smtpd:
+    """The listeners. `await start()`, `addresses`, `await stop(grace)`."""
+
+    def __init__(self, config: Config, handler: SmtpdHandler):
+        self._config = config
+        self._handler = handler
+        self._servers: list[asyncio.base_events.Server] = []
+        self.sessions: set[SmtpSession] = set()
+
+    def _session(self) -> SmtpSession:
+        c = self._config
+        return SmtpSession(
+            self._handler,
+            sessions=self.sessions,
+            hostname=c.myhostname,
+            ident=c.smtpd.banner,
+            data_size_limit=c.smtpd.message_size_limit or None,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            timeout=c.smtpd.timeout,
+        )
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for item in self._config.smtpd.listen:
+            host, port = parse_hostport(item)
+            self._servers.append(await loop.create_server(self._session, host, port))
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return [s.sockets[0].getsockname()[:2] for s in self._servers if s.sockets]
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Close the listeners, wait (within `grace`) for messages being committed, close every session.
+
+        A session cut mid-DATA loses nothing: its client got no 250 and will send the message again.
+        """
+        loop = asyncio.get_running_loop()
+        for server in self._servers:
+            server.close()
+        deadline = loop.time() + grace
+        while self._handler.submitting and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for session in list(self.sessions):
+            if session.transport is not None:
+                session.transport.close()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()

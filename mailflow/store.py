@@ -1,0 +1,323 @@
+"""The durable queue: SQLite in WAL mode, one writer, group commit. The only module that speaks SQL.
+
+What it owns
+- `message`, `recipient` and `content` rows (schema.sql) and the queue state of every message.
+- One writer connection. Every write goes through `_GroupCommitter`: requests that arrive while a commit is
+  running are merged into the next transaction, so N concurrent sessions cost one fsync, not N.
+  Requests in one batch must be independent: a caller waits for its request before sending one that
+  depends on it (every caller here does, because each write is awaited).
+- One reader connection (WAL lets it read while the writer writes). Content reads arriving in the same
+  loop turn are coalesced into one query (`_BatchLoader`).
+
+Contract
+- `insert(msg)` returns only after the transaction is on disk (`synchronous=FULL`): smtpd may then say 250.
+- `recover()` at start-up moves messages left `active` by a crash back to `incoming`: start-up is recovery.
+- Failures raise `sqlite3.Error` (or `Overloaded` when the write backlog is over its limit); nothing is
+  half-written, because each batch is one transaction that is rolled back whole on error.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import aiosqlite
+
+from mailflow.model import Delivered, Outcome, QueuedMessage, QueueId, Recipient
+
+log = logging.getLogger("mailflow.store")
+
+SCHEMA_VERSION = 1
+_MAX_VARS = 500  # ids per IN (...) query
+
+
+class Overloaded(Exception):
+    """Too many writes are waiting: the caller should answer 451 and let the client retry."""
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """A message as cleanup commits it."""
+
+    queue_id: QueueId
+    sender: str
+    arrival: float
+    content: bytes
+    recipients: tuple[tuple[str, str], ...]  # (address, original)
+    smtputf8: bool = False
+    body_type: str = "7BIT"
+    client: str = ""
+
+
+_Op = tuple[str, list[tuple]]
+
+
+class _GroupCommitter:
+    """Runs write requests (lists of `(sql, rows)`) in shared transactions, one commit per batch."""
+
+    def __init__(self, db: aiosqlite.Connection, batch_limit: int, backlog_limit: int):
+        self._db = db
+        self._batch_limit = batch_limit
+        self._backlog_limit = backlog_limit
+        self._pending: asyncio.Queue[tuple[list[_Op], asyncio.Future]] = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+        self.commits = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="store-writer")
+
+    async def stop(self) -> None:
+        """Finish every request already submitted, then stop."""
+        await self._pending.join()
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def backlog(self) -> int:
+        return self._pending.qsize()
+
+    async def write(self, ops: list[_Op], *, may_refuse: bool = False) -> None:
+        if may_refuse and self._pending.qsize() >= self._backlog_limit:
+            raise Overloaded()
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.put_nowait((ops, fut))
+        await fut
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._pending.get()]
+            while len(batch) < self._batch_limit and not self._pending.empty():
+                batch.append(self._pending.get_nowait())
+            try:
+                await self._commit(batch)
+            finally:
+                for _ in batch:
+                    self._pending.task_done()
+
+    async def _commit(self, batch: list[tuple[list[_Op], asyncio.Future]]) -> None:
+        merged: dict[str, list[tuple]] = {}
+        for ops, _ in batch:
+            for sql, rows in ops:
+                merged.setdefault(sql, []).extend(rows)
+        try:
+            for sql, rows in merged.items():
+                if rows:
+                    await self._db.executemany(sql, rows)
+            await self._db.commit()
+        except Exception as e:  # the whole batch is refused: each caller decides what to say
+            log.error("store: write of %d requests failed: %s", len(batch), e)
+            await _safe_rollback(self._db)
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(e)
+            return
+        self.commits += 1
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_result(None)
+
+
+async def _safe_rollback(db: aiosqlite.Connection) -> None:
+    try:
+        await db.rollback()
+    except sqlite3.Error as e:  # pragma: no cover - the connection is gone; the next batch will say so
+        log.error("store: rollback failed: %s", e)
+
+
+class _BatchLoader:
+    """Coalesces `load(key)` calls made in the same loop turn into one `fetch_many(keys)` call."""
+
+    def __init__(self, fetch_many):
+        self._fetch_many = fetch_many
+        self._waiting: dict[str, list[asyncio.Future]] = {}
+        self._scheduled = False
+
+    async def load(self, key: str):
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(key, []).append(fut)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush()))
+        return await fut
+
+    async def _flush(self) -> None:
+        waiting, self._waiting, self._scheduled = self._waiting, {}, False
+        keys = list(waiting)
+        try:
+            found: dict = {}
+            for chunk in _chunks(keys, _MAX_VARS):
+                found.update(await self._fetch_many(chunk))
+        except Exception as e:
+            for futs in waiting.values():
+                for f in futs:
+                    f.done() or f.set_exception(e)
+            return
+        for key, futs in waiting.items():
+            for f in futs:
+                f.done() or f.set_result(found.get(key))
+
+
+def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+class Store:
+    """The queue database. Open with `await Store.open(path)`; close with `await store.close()`."""
+
+    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, committer: _GroupCommitter):
+        self._writer = writer
+        self._reader = reader
+        self._committer = committer
+        self._contents = _BatchLoader(self._fetch_contents)
+
+    @classmethod
+    async def open(cls, path: str | Path, *, batch_limit: int = 500, backlog_limit: int = 5000) -> "Store":
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = await aiosqlite.connect(path)
+        await _configure(writer)
+        await _migrate(writer)
+        reader = await aiosqlite.connect(path)
+        await reader.execute("PRAGMA query_only = ON")
+        committer = _GroupCommitter(writer, batch_limit, backlog_limit)
+        committer.start()
+        return cls(writer, reader, committer)
+
+    async def close(self) -> None:
+        await self._committer.stop()
+        await self._reader.close()
+        await self._writer.close()
+
+    @property
+    def commits(self) -> int:
+        return self._committer.commits
+
+    # -- writes ---------------------------------------------------------------------------------
+    async def insert(self, msg: NewMessage) -> None:
+        """Commit a new message (durably) in the incoming queue. May raise Overloaded."""
+        ops = [
+            (
+                "INSERT INTO message (id, queue, sender, arrival, next_attempt, size, smtputf8, body_type, client)"
+                " VALUES (?, 'incoming', ?, ?, ?, ?, ?, ?, ?)",
+                [(msg.queue_id, msg.sender, msg.arrival, msg.arrival, len(msg.content), int(msg.smtputf8),
+                  msg.body_type, msg.client)],
+            ),
+            (
+                "INSERT INTO recipient (message_id, idx, address, original) VALUES (?, ?, ?, ?)",
+                [(msg.queue_id, i, addr, orig) for i, (addr, orig) in enumerate(msg.recipients)],
+            ),
+            ("INSERT INTO content (message_id, data) VALUES (?, ?)", [(msg.queue_id, msg.content)]),
+        ]
+        await self._committer.write(ops, may_refuse=True)
+
+    async def activate(self, ids: Sequence[QueueId]) -> None:
+        """Move messages into the active queue (qmgr has taken them in hand)."""
+        await self._committer.write([("UPDATE message SET queue = 'active' WHERE id = ?", [(i,) for i in ids])])
+
+    async def record(self, outcomes: Sequence[Delivered]) -> None:
+        """Record delivery attempts: recipient results, then defer or remove each message."""
+        rcpt_rows, defer_rows, remove_rows = [], [], []
+        for d in outcomes:
+            for r in d.results:
+                status = {Outcome.SENT: "sent", Outcome.BOUNCED: "bounced", Outcome.DEFERRED: "pending"}[r.outcome]
+                rcpt_rows.append((status, r.dsn, r.text, d.queue_id, r.recipient.index))
+            if d.next_attempt is None:
+                remove_rows.append((d.queue_id,))
+            else:
+                defer_rows.append((d.next_attempt, d.queue_id))
+        await self._committer.write([
+            ("UPDATE recipient SET status = ?, dsn = ?, reason = ? WHERE message_id = ? AND idx = ?", rcpt_rows),
+            ("UPDATE message SET queue = 'deferred', next_attempt = ?, attempts = attempts + 1 WHERE id = ?",
+             defer_rows),
+            ("DELETE FROM recipient WHERE message_id = ?", remove_rows),
+            ("DELETE FROM content WHERE message_id = ?", remove_rows),
+            ("DELETE FROM message WHERE id = ?", remove_rows),
+        ])
+
+    async def mark_corrupt(self, ids: Sequence[QueueId]) -> None:
+        await self._committer.write([("UPDATE message SET queue = 'corrupt' WHERE id = ?", [(i,) for i in ids])])
+
+    async def recover(self) -> int:
+        """Start-up: whatever was active when the process stopped is incoming again. Returns how many."""
+        async with self._reader.execute("SELECT count(*) FROM message WHERE queue = 'active'") as cur:
+            (n,) = await cur.fetchone()
+        await self._committer.write([("UPDATE message SET queue = 'incoming' WHERE queue = 'active'", [()])])
+        return n
+
+    # -- reads ----------------------------------------------------------------------------------
+    async def due(self, now: float, limit: int) -> list[QueuedMessage]:
+        """Up to `limit` messages due for delivery: all incoming, then deferred whose time has come."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT id, sender, arrival, size, smtputf8, body_type, attempts FROM message"
+            " WHERE queue = 'incoming' OR (queue = 'deferred' AND next_attempt <= ?)"
+            " ORDER BY next_attempt LIMIT ?",
+            (now, limit),
+        )
+        pending = await self._pending_recipients([r[0] for r in rows])
+        return [
+            QueuedMessage(qid, sender, arrival, size, bool(utf8), body_type, attempts, tuple(pending.get(qid, ())))
+            for qid, sender, arrival, size, utf8, body_type, attempts in rows
+        ]
+
+    async def next_due_time(self) -> float | None:
+        rows = await self._reader.execute_fetchall("SELECT min(next_attempt) FROM message WHERE queue = 'deferred'")
+        return rows[0][0] if rows else None
+
+    async def content(self, queue_id: QueueId) -> bytes | None:
+        """The message content; None if the row is missing (a corrupt entry)."""
+        return await self._contents.load(queue_id)
+
+    async def counts(self) -> dict[str, int]:
+        rows = await self._reader.execute_fetchall("SELECT queue, count(*) FROM message GROUP BY queue")
+        return {q: n for q, n in rows}
+
+    async def recipients(self, queue_id: QueueId) -> list[tuple[str, str, str, str]]:
+        """(address, status, dsn, reason) for every recipient of a message, in envelope order."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT address, status, dsn, reason FROM recipient WHERE message_id = ? ORDER BY idx", (queue_id,)
+        )
+        return [tuple(r) for r in rows]
+
+    async def _pending_recipients(self, ids: list[QueueId]) -> dict[QueueId, list[Recipient]]:
+        out: dict[QueueId, list[Recipient]] = {}
+        for chunk in _chunks(ids, _MAX_VARS):
+            rows = await self._reader.execute_fetchall(
+                f"SELECT message_id, idx, address, original FROM recipient"
+                f" WHERE status = 'pending' AND message_id IN ({_marks(len(chunk))}) ORDER BY message_id, idx",
+                tuple(chunk),
+            )
+            for qid, idx, address, original in rows:
+                out.setdefault(qid, []).append(Recipient(idx, address, original))
+        return out
+
+    async def _fetch_contents(self, ids: Sequence[QueueId]) -> dict[QueueId, bytes]:
+        rows = await self._reader.execute_fetchall(
+            f"SELECT message_id, data FROM content WHERE message_id IN ({_marks(len(ids))})", tuple(ids)
+        )
+        return {qid: bytes(data) for qid, data in rows}
+
+
+async def _configure(db: aiosqlite.Connection) -> None:
+    await db.execute("PRAGMA journal_mode = WAL")
+    await db.execute("PRAGMA synchronous = FULL")  # a commit is on disk when it returns
+    await db.execute("PRAGMA busy_timeout = 5000")
+
+
+async def _migrate(db: aiosqlite.Connection) -> None:
+    schema = resources.files("mailflow").joinpath("schema.sql").read_text()
+    await db.executescript(schema)
+    rows = await db.execute_fetchall("SELECT version FROM schema_version")
+    if not rows:
+        await db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+    elif rows[0][0] > SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(f"queue schema version {rows[0][0]} is newer than this mailflow ({SCHEMA_VERSION})")
+    await db.commit()

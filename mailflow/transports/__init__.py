@@ -1,0 +1,41 @@
+"""Delivery agents behind one interface, and the registry that builds them from the config.
+
+Contract of a transport (postfix's delivery agents; chasquid's Courier; maddy's delivery target):
+
+    async deliver(request: DeliveryRequest) -> DeliveryReport
+    async close() -> None
+
+- `deliver` never raises for a delivery problem: it returns one `RcptResult` per recipient of the request
+  (sent / deferred / bounced, each with an enhanced status code and a diagnostic) and a site verdict
+  (`site_ok=False` when the destination itself could not be reached or refused the session).
+  An unexpected exception is caught by qmgr and counts as a temporary failure for every recipient.
+- A transport reports success only once the message is durable at the other end (a 250 after DATA,
+  a Maildir file fsynced and renamed into new/).
+- `close` releases cached connections; qmgr calls it once at shutdown.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+from mailflow.model import DeliveryReport, DeliveryRequest
+
+
+class Transport(Protocol):
+    async def deliver(self, request: DeliveryRequest) -> DeliveryReport: ...
+
+    async def close(self) -> None: ...
+
+
+def build_transports(config, resolver, clock) -> dict[str, Transport]:
+    """The transports named in `transport:nexthop` values, by name."""
+    from mailflow.transports.discard import DiscardTransport
+    from mailflow.transports.maildir import MaildirTransport
+    from mailflow.transports.smtp import SmtpTransport
+
+    smtp = SmtpTransport(config.smtp, resolver=resolver, helo_name=config.myhostname)
+    return {
+        "local": MaildirTransport(config.local, clock=clock),
+        "smtp": smtp,
+        "relay": smtp,
+        "discard": DiscardTransport(),
+    }

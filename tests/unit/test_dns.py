@@ -1,0 +1,181 @@
+"""mailflow.dns: the StaticResolver, and the AiodnsResolver against an in-process dnslib server."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from mailflow.config import DnsConfig
+from mailflow.dns import MX, AiodnsResolver, NotFound, StaticResolver, is_ip_literal
+from mailflow.errors import LookupRetry, PermanentError
+
+ZONE = """
+example.test.        300 IN MX 20 mx2.example.test.
+example.test.        300 IN MX 10 mx1.example.test.
+example.test.        300 IN MX 30 mx3.example.test.
+mx1.example.test.    300 IN A 127.0.0.2
+mx1.example.test.    300 IN AAAA ::1
+mx2.example.test.    300 IN A 127.0.0.3
+mx2.example.test.    300 IN A 127.0.0.4
+implicit.test.       300 IN A 127.0.0.5
+nullmx.test.         300 IN MX 0 .
+textonly.test.       300 IN TXT "v=spf1 -all"
+"""
+
+
+def aiodns_resolver(nameserver: str) -> AiodnsResolver:
+    return AiodnsResolver(nameservers=(nameserver,), timeout=1.0, tries=1)
+
+
+# ---------------------------------------------------------------------------------------------------- StaticResolver
+
+
+@pytest.fixture
+def static() -> StaticResolver:
+    return StaticResolver(
+        mx={"example.test": [MX(20, "mx2.example.test"), MX(10, "mx1.example.test")]},
+        addresses={"mx1.example.test": ["127.0.0.2", "::1"], "implicit.test": ["127.0.0.5"]},
+    )
+
+
+async def test_static_mx_is_sorted_by_preference(static):
+    assert await static.mx("example.test") == [MX(10, "mx1.example.test"), MX(20, "mx2.example.test")]
+
+
+async def test_static_mx_of_a_name_with_only_addresses_is_empty(static):
+    assert await static.mx("implicit.test") == []
+
+
+async def test_static_missing_names_raise_not_found(static):
+    with pytest.raises(NotFound) as e:
+        await static.mx("nowhere.test")
+    assert isinstance(e.value, PermanentError)
+    assert e.value.dsn == "5.1.2"
+    assert "Host or domain name not found" in e.value.text
+    with pytest.raises(NotFound):
+        await static.addresses("nowhere.test")
+
+
+async def test_static_addresses_keep_their_order(static):
+    assert await static.addresses("mx1.example.test") == ["127.0.0.2", "::1"]
+
+
+async def test_static_names_are_case_and_dot_insensitive(static):
+    assert await static.addresses("MX1.Example.Test.") == ["127.0.0.2", "::1"]
+
+
+@pytest.mark.parametrize("literal", ["127.0.0.1", "::1", "2001:db8::25"])
+async def test_ip_literals_resolve_to_themselves(static, literal):
+    assert is_ip_literal(literal)
+    assert await static.addresses(literal) == [literal]
+    assert await AiodnsResolver(nameservers=("127.0.0.1:9",), timeout=0.2, tries=1).addresses(literal) == [literal]
+
+
+def test_names_are_not_ip_literals():
+    assert not is_ip_literal("mx.example.test")
+    assert not is_ip_literal("[127.0.0.1]")
+
+
+# ---------------------------------------------------------------------------------------------------- AiodnsResolver
+
+
+async def test_aiodns_mx_sorted_by_preference(dns_zone):
+    resolver = aiodns_resolver(dns_zone(ZONE))
+    try:
+        assert await resolver.mx("example.test") == [
+            MX(10, "mx1.example.test"),
+            MX(20, "mx2.example.test"),
+            MX(30, "mx3.example.test"),
+        ]
+    finally:
+        await resolver.close()
+
+
+async def test_aiodns_addresses_a_then_aaaa(dns_zone):
+    resolver = aiodns_resolver(dns_zone(ZONE))
+    try:
+        assert await resolver.addresses("mx1.example.test") == ["127.0.0.2", "::1"]
+        assert sorted(await resolver.addresses("mx2.example.test")) == ["127.0.0.3", "127.0.0.4"]
+    finally:
+        await resolver.close()
+
+
+async def test_aiodns_implicit_mx_domain_has_no_mx_but_addresses(dns_zone):
+    resolver = aiodns_resolver(dns_zone(ZONE))
+    try:
+        assert await resolver.mx("implicit.test") == []
+        assert await resolver.addresses("implicit.test") == ["127.0.0.5"]
+    finally:
+        await resolver.close()
+
+
+async def test_aiodns_name_without_addresses_is_empty_not_missing(dns_zone):
+    resolver = aiodns_resolver(dns_zone(ZONE))
+    try:
+        assert await resolver.addresses("textonly.test") == []
+    finally:
+        await resolver.close()
+
+
+async def test_aiodns_null_mx_reads_as_dot(dns_zone):
+    resolver = aiodns_resolver(dns_zone(ZONE))
+    try:
+        assert await resolver.mx("nullmx.test") == [MX(0, ".")]
+        assert (await resolver.mx("nullmx.test"))[0].is_null
+    finally:
+        await resolver.close()
+
+
+async def test_aiodns_nxdomain_raises_not_found(dns_zone):
+    resolver = aiodns_resolver(dns_zone(ZONE))
+    try:
+        with pytest.raises(NotFound) as e:
+            await resolver.mx("nowhere.test")
+        assert e.value.dsn == "5.1.2"
+        assert "name=nowhere.test type=MX" in e.value.text
+        with pytest.raises(NotFound):
+            await resolver.addresses("nowhere.test")
+    finally:
+        await resolver.close()
+
+
+async def test_aiodns_servfail_is_a_retry_not_not_found(dns_zone):
+    resolver = aiodns_resolver(dns_zone(ZONE, servfail=("broken.test",)))
+    try:
+        with pytest.raises(LookupRetry) as e:
+            await resolver.mx("broken.test")
+        assert not isinstance(e.value, NotFound)
+        assert e.value.dsn.startswith("4.")
+        with pytest.raises(LookupRetry):
+            await resolver.addresses("broken.test")
+    finally:
+        await resolver.close()
+
+
+async def test_aiodns_dead_nameserver_is_a_quick_retry(unused_port):
+    resolver = AiodnsResolver(nameservers=(f"127.0.0.1:{unused_port}",), timeout=0.5, tries=1)
+    started = time.monotonic()
+    try:
+        with pytest.raises(LookupRetry):
+            await resolver.mx("example.test")
+    finally:
+        await resolver.close()
+    assert time.monotonic() - started < 3.0
+
+
+async def test_aiodns_from_config_uses_the_configured_nameserver(dns_zone):
+    resolver = AiodnsResolver.from_config(DnsConfig(nameservers=(dns_zone(ZONE),), timeout=1.0, tries=1))
+    try:
+        assert (await resolver.mx("example.test"))[0] == MX(10, "mx1.example.test")
+    finally:
+        await resolver.close()
+
+
+async def test_aiodns_concurrent_lookups_share_one_channel(dns_zone):
+    resolver = aiodns_resolver(dns_zone(ZONE))
+    try:
+        answers = await asyncio.gather(*(resolver.addresses("implicit.test") for _ in range(10)))
+        assert answers == [["127.0.0.5"]] * 10
+    finally:
+        await resolver.close()
