@@ -1,0 +1,113 @@
+"""Durability with a real process: what got 250 survives SIGKILL; what was recorded delivered is not resent."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from tests.e2e.conftest import eventually, send
+
+MESSAGES = 5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m mailflow serve -c CONFIG` as a child process, killed with SIGKILL on demand."""
+
+    def __init__(self, config_path, log_path, port: int):
+        self.config_path, self.log_path, self.port = config_path, log_path, port
+        self.proc: subprocess.Popen | None = None
+
+    async def start(self) -> None:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "mailflow", "serve", "-c", str(self.config_path)],
+                                     stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
+        log.close()
+        if not await eventually(self._listening, timeout=15, step=0.05):
+            self.kill()
+            pytest.fail(f"server did not listen on {self.port}:\n{self.log_path.read_text()[-2000:]}")
+
+    def _listening(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def server(tmp_path, write_config):
+    made: list[ServerProcess] = []
+
+    def make(**overrides) -> ServerProcess:
+        port = free_port()
+        cfg = write_config(tmp_path / "mailflow.toml", smtpd={"listen": [f"127.0.0.1:{port}"]}, **overrides)
+        proc = ServerProcess(cfg, tmp_path / "server.log", port)
+        made.append(proc)
+        return proc
+
+    yield make
+    for proc in made:
+        proc.kill()
+
+
+def message(token: str) -> bytes:
+    return f"Subject: {token}\r\nX-Token: {token}\r\n\r\nbody {token}\r\n".encode()
+
+
+def queued_rows(db_path) -> int:
+    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        return con.execute("SELECT count(*) FROM message").fetchone()[0]
+    finally:
+        con.close()
+
+
+async def test_acknowledged_mail_survives_sigkill(server, smtp_peer, tmp_path):
+    sink_port = free_port()  # nothing listens yet: every delivery attempt fails and the mail stays queued
+    srv = server(relayhost=f"[127.0.0.1]:{sink_port}")
+    await srv.start()
+    tokens = [uuid.uuid4().hex for _ in range(MESSAGES)]
+    for token in tokens:
+        refused, reply = await send(srv.port, "s@remote.test", [f"{token}@relay.test"], message(token))
+        assert reply.startswith("2.0.0 Ok: queued as")
+    srv.kill()
+
+    peer = await smtp_peer(port=sink_port)
+    await srv.start()
+    await eventually(lambda: len(peer.messages) >= MESSAGES, timeout=20)
+    delivered = [m.rcpt_tos[0].split("@")[0] for m in peer.messages]
+    assert sorted(delivered) == sorted(tokens), "each acknowledged message exactly once"
+
+
+async def test_mail_recorded_as_delivered_is_not_sent_again_after_sigkill(server, smtp_peer, tmp_path):
+    peer = await smtp_peer()
+    srv = server(relayhost=f"[127.0.0.1]:{peer.port}")
+    await srv.start()
+    await send(srv.port, "s@remote.test", ["once@relay.test"], message("once"))
+    await eventually(lambda: peer.messages, timeout=10)
+    db = tmp_path / "queue" / "queue.db"
+    assert await eventually(lambda: queued_rows(db) == 0, timeout=10), "delivery was never recorded"
+    srv.kill()
+
+    await srv.start()
+    await asyncio.sleep(2.5)  # more than a queue run (1 s) and a retry (1-2 s): time enough to resend
+    assert len(peer.messages) == 1
+    assert queued_rows(db) == 0

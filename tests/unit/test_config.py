@@ -1,0 +1,190 @@
+"""mailflow.config: the embedded defaults, load_config of TOML files, and the errors it gives for bad ones."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from mailflow.config import Config, QueueConfig, SmtpdConfig, load_config, parse_duration, parse_hostport
+from mailflow.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str, name: str = "mailflow.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def config_error(path: Path) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return info.value
+
+
+# ---------------------------------------------------------------------------------------------- defaults
+
+
+def test_embedded_defaults():
+    c = load_config(None)
+    assert c == Config()
+    assert c.smtpd.listen == ("127.0.0.1:2525",)
+    assert c.queue_directory == "var"
+    assert c.queue_path == Path("var")
+    assert c.mydestination == ("localhost",)
+    assert c.relay_domains == ()
+    assert c.relayhost == ""
+    assert (c.local_transport, c.relay_transport, c.default_transport) == ("local", "smtp", "smtp")
+    assert c.queue.minimal_backoff_time == 300.0
+    assert c.queue.maximal_backoff_time == 4000.0
+
+
+def test_empty_file_gives_the_defaults(tmp_path):
+    assert load_config(write(tmp_path, "")) == Config()
+
+
+def test_load_config_reads_values_and_sections(tmp_path):
+    path = write(tmp_path, """
+myhostname = "mx.example.test"
+mydestination = ["Example.TEST.", "localhost"]
+relayhost = "[10.0.0.1]:587"
+[smtpd]
+listen = ["[::1]:25", "0.0.0.0:2525"]
+[queue]
+minimal_backoff_time = "5m"
+maximal_backoff_time = 7200
+""")
+    c = load_config(str(path))  # a str works as well as a Path
+    assert c.myhostname == "mx.example.test"
+    assert c.mydestination == ("example.test", "localhost")  # lower case, no trailing dot
+    assert c.relayhost == "[10.0.0.1]:587"
+    assert c.smtpd.listen == ("[::1]:25", "0.0.0.0:2525")
+    assert c.queue.minimal_backoff_time == 300.0
+    assert c.queue.maximal_backoff_time == 7200.0
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("text, key", [
+    ("bogus = 1\n", "bogus"),
+    ("[queue]\nbogus_time = '5m'\n", "queue.bogus_time"),
+    ("[smtpd]\nlisten = ['127.0.0.1:25']\nbanner_text = 'x'\n", "smtpd.banner_text"),
+    ("[nosuchsection]\nx = 1\n", "nosuchsection"),
+])
+def test_unknown_key_names_file_key_and_reason(tmp_path, text, key):
+    path = write(tmp_path, text)
+    err = config_error(path)
+    assert err.file == str(path)
+    assert err.key == key
+    assert err.reason == "unknown setting"
+    assert str(err) == f"{path}: {key}: unknown setting"
+
+
+@pytest.mark.parametrize("text, key, words", [
+    ("[queue]\nminimal_backoff_time = '5 fortnights'\n", "queue.minimal_backoff_time", "not a duration"),
+    ("[queue]\nmaximal_backoff_time = '-5s'\n", "queue.maximal_backoff_time", "not a duration"),
+    ("[queue]\nqueue_run_delay = -1\n", "queue.queue_run_delay", "negative"),
+    ("[smtpd]\ntimeout = true\n", "smtpd.timeout", "duration"),
+    ("mynetworks = ['300.0.0.0/8']\n", "mynetworks", "300.0.0.0/8"),
+    ("mynetworks = ['not a network']\n", "mynetworks", "not a network"),
+    ("[smtpd]\nlisten = ['127.0.0.1']\n", "smtpd.listen", "needs a port"),
+    ("[smtpd]\nlisten = ['127.0.0.1:99999']\n", "smtpd.listen", "port out of range"),
+    ("[smtpd]\nlisten = ['a:b:c']\n", "smtpd.listen", "not host:port"),
+    ("relayhost = '[10.0.0.1]:70000'\n", "relayhost", "port out of range"),
+    ("default_transport = 'no spaces allowed'\n", "default_transport", "transport"),
+    ("[queue]\nactive_limit = 0\n", "queue.active_limit", "greater than or equal to 1"),
+    ("[log]\nformat = 'xml'\n", "log.format", "json"),
+])
+def test_bad_value_names_file_key_and_reason(tmp_path, text, key, words):
+    path = write(tmp_path, text)
+    err = config_error(path)
+    assert err.file == str(path)
+    assert err.key == key
+    assert words in err.reason
+    assert str(err).startswith(f"{path}: {key}: ")
+
+
+def test_several_problems_are_counted(tmp_path):
+    err = config_error(write(tmp_path, "bogus = 1\nother = 2\n[queue]\nthird = 3\n"))
+    assert err.reason.endswith("(and 2 more problems)")
+
+
+def test_bad_toml_syntax_names_file_and_reason(tmp_path):
+    path = write(tmp_path, "myhostname = \n")
+    err = config_error(path)
+    assert err.file == str(path)
+    assert err.key == ""
+    assert err.reason.startswith("not valid TOML")
+    assert str(err).startswith(f"{path}: not valid TOML")
+
+
+def test_missing_file_names_file_and_reason(tmp_path):
+    path = tmp_path / "nowhere.toml"
+    err = config_error(path)
+    assert (err.file, err.key, err.reason) == (str(path), "", "no such file")
+    assert str(err) == f"{path}: no such file"
+
+
+def test_unreadable_path_names_file_and_reason(tmp_path):
+    err = config_error(tmp_path)  # a directory
+    assert err.file == str(tmp_path)
+    assert err.reason.startswith("cannot read")
+
+
+# ---------------------------------------------------------------------------------------------- durations
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("5d", 432000.0), ("1w", 604800.0),
+    ("45", 45.0), (" 2m ", 120.0), ("1.5h", 5400.0), (90, 90.0), (0.5, 0.5), (0, 0.0),
+])
+def test_durations_parse(text, seconds):
+    assert parse_duration(text) == seconds
+    assert QueueConfig(queue_run_delay=text).queue_run_delay == seconds
+
+
+@pytest.mark.parametrize("bad", ["", "5x", "m5", "5 m s", "-5s", -1, True, None, [5]])
+def test_bad_durations_are_refused(bad):
+    with pytest.raises(ValueError):
+        parse_duration(bad)
+
+
+def test_durations_in_a_file(tmp_path):
+    c = load_config(write(tmp_path, "[queue]\nqueue_run_delay = '30s'\nminimal_backoff_time = '5m'\n"
+                                    "maximal_backoff_time = '1h'\n[smtpd]\ntimeout = '5d'\n"))
+    assert (c.queue.queue_run_delay, c.queue.minimal_backoff_time, c.queue.maximal_backoff_time) == (30, 300, 3600)
+    assert c.smtpd.timeout == 432000
+
+
+@pytest.mark.parametrize("value, default, expected", [
+    ("127.0.0.1:2525", None, ("127.0.0.1", 2525)),
+    ("[::1]:25", None, ("::1", 25)),
+    ("[10.0.0.1]", 25, ("10.0.0.1", 25)),
+    ("mx.example:587", None, ("mx.example", 587)),
+    ("mx.example", 25, ("mx.example", 25)),
+])
+def test_parse_hostport(value, default, expected):
+    assert parse_hostport(value, default) == expected
+
+
+# ---------------------------------------------------------------------------------------------- frozen
+
+
+def test_models_are_frozen():
+    c = Config()
+    with pytest.raises(ValidationError):
+        c.myhostname = "other"
+    with pytest.raises(ValidationError):
+        c.queue.active_limit = 5
+    with pytest.raises(ValidationError):
+        c.smtpd.listen = ("0.0.0.0:25",)
+    assert isinstance(c.mydestination, tuple)  # no list to mutate in place either
+    assert hash(c.smtpd) == hash(SmtpdConfig())
+
+
+def test_models_reject_unknown_keys_in_code_too():
+    with pytest.raises(ValidationError):
+        Config(bogus=1)
+    with pytest.raises(ValidationError):
+        QueueConfig(minimal_backoff=1)
