@@ -24,7 +24,6 @@ import sys
 
 GREETING = b"220 capture-sink ESMTP\r\n"
 EHLO_REPLY = b"250-capture-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE\r\n"
-END_OF_DATA = b"\r\n.\r\n"
 MESSAGE_ID = re.compile(rb"^Message-Id:\s*(\S+)", re.IGNORECASE | re.MULTILINE)
 STREAM_LIMIT = 64 * 1024 * 1024
 
@@ -61,11 +60,12 @@ class Counters:
 
 async def read_data(reader: asyncio.StreamReader) -> bytes:
     """The DATA content after the 354 reply, up to and without the terminating '.' line."""
-    first = await reader.readline()
-    if first in (b".\r\n", b".\n", b""):
-        return b""
-    rest = await reader.readuntil(END_OF_DATA)
-    return first + rest[: -len(END_OF_DATA)]
+    lines = []
+    while (line := await reader.readline()) not in (b".\r\n", b".\n"):
+        if not line:
+            raise asyncio.IncompleteReadError(b"".join(lines), None)
+        lines.append(line)
+    return b"".join(lines)
 
 
 async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counters: Counters) -> None:

@@ -61,7 +61,7 @@ class CellResult:
     note: str = ""
 
     def median(self, attr: str) -> float | None:
-        values = [getattr(r, attr) for r in self.runs if r.ok and getattr(r, attr)]
+        values = [v for r in self.runs if (v := getattr(r, attr))]  # accept counts even if e2e then failed
         return statistics.median(values) if values else None
 
     @property

@@ -38,8 +38,8 @@ def server_table(name: str, results: list[CellResult]) -> str:
              f"{'size':>7} {'sessions':>8} | {'accept/s':>8} {'e2e/s':>7} | runs accept / e2e",
              "-" * 72]
     for r in results:
-        acc = [round(x.accept_rate) for x in r.runs if x.ok and x.accept_rate]
-        e2e = [round(x.e2e_rate) for x in r.runs if x.ok and x.e2e_rate]
+        acc = [round(x.accept_rate) for x in r.runs if x.accept_rate]
+        e2e = [round(x.e2e_rate) for x in r.runs if x.e2e_rate]
         lines.append(f"{r.cell.size:>7} {r.cell.sessions:>8} | {fmt_rate(r.accept_med):>8} {fmt_rate(r.e2e_med):>7} | "
                      f"{acc} / {e2e}")
         if notes := cell_notes(r):

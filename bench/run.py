@@ -15,7 +15,7 @@ Contract:
 - Exit status 0 when every requested and available server was measured without a failed run, else 1
   (130 on interrupt).
 
-Environment (defaults): COUNT=500 RUNS=1 SESSIONS=1,10,50 SIZES=2000,100000 WARMUP=100 SERVERS=postfix,mailflow
+Environment (defaults): COUNT=1000 RUNS=3 SESSIONS=1,10,50 SIZES=2000,100000 WARMUP=100 SERVERS=postfix,mailflow
 RUN_TIMEOUT=60 BUDGET=420 DRAIN=1 TOOLS=auto|builtin RESULTS_DIR=bench-results KEEP_TMP=0 MAILFLOW_CMD=(auto)
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ import socket
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +65,7 @@ class Options:
         unknown = set(servers) - {"postfix", "mailflow"}
         if unknown:
             raise SystemExit(f"SERVERS: unknown {sorted(unknown)} (use postfix,mailflow)")
-        return cls(count=int(env.get("COUNT", 500)), runs=int(env.get("RUNS", 1)),
+        return cls(count=int(env.get("COUNT", 1000)), runs=int(env.get("RUNS", 3)),
                    sessions=ints("SESSIONS", "1,10,50"), sizes=ints("SIZES", "2000,100000"),
                    warmup=int(env.get("WARMUP", 100)), servers=servers,
                    run_timeout=float(env.get("RUN_TIMEOUT", 60)), budget=float(env.get("BUDGET", 420)),
@@ -84,6 +85,7 @@ def free_ports(n: int) -> list[int]:
     found = []
     for port in PORT_RANGE:
         with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT left-overs do not block a listener
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
@@ -94,10 +96,12 @@ def free_ports(n: int) -> list[int]:
     raise SystemExit("no free ports in 127.0.0.1:2500-2599")
 
 
-def raise_on_sigterm() -> None:
+def interrupt_on_signals() -> None:
+    """SIGINT and SIGTERM raise KeyboardInterrupt (also when SIGINT was inherited as ignored), so cleanup runs."""
     def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 def postfix_usable(tools: Tools) -> tuple[bool, str]:
@@ -134,6 +138,7 @@ class Bench:
         self.mailflow_port, self.mailflow_sink, self.postfix_port, self.postfix_sink = free_ports(4)
         self.started: list = []
         self.results: dict[str, list[CellResult]] = {}
+        self.states: dict[str, dict] = {}
         self.problems: list[str] = []
         self.mailflow_log: list[str] = []
         self.stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -161,8 +166,11 @@ class Bench:
         for name, results in self.results.items():
             failed = sum(1 for r in results for run in r.runs if not run.ok)
             skipped = sum(1 for r in results if r.skipped)
+            extra = sum(run.extra for r in results for run in r.runs)
             if failed or skipped:
                 self.problems.append(f"{name}: {failed} failed runs, {skipped} cells skipped or incomplete")
+            if extra:
+                self.problems.append(f"{name}: {extra} extra deliveries (duplicates or strays) in the drain windows")
 
     def run(self) -> None:
         o = self.opts
@@ -175,12 +183,26 @@ class Bench:
         names = [n for n in o.servers if n != "postfix" or usable]
         servers = [s for s in map(self.start_server, names) if s is not None]
         settings = Settings(o.count, o.runs, o.warmup, o.run_timeout, o.drain, time.monotonic() + o.budget)
+        self.states = {s.name: {"at_start": s.state()} for s in servers}
         try:
             self.results = measure_all(servers, self.tools, o.cells(), settings, log)
+            for server in servers:
+                self.record_final_state(server)
         finally:
             for server in servers:
                 server.stop()
         self.note_problems()
+
+    def record_final_state(self, server) -> None:
+        """After the last run (and its drain window): what is still queued, memory and CPU used."""
+        start, end = self.states[server.name]["at_start"], server.state()
+        self.states[server.name]["at_end"] = end
+        usage = ""
+        if "rss_mb" in end:
+            usage = f"RSS {start.get('rss_mb', '?')} -> {end['rss_mb']} MB, CPU {end.get('cpu_s', '?')} s; "
+        log(f"  {server.name} after the load: {usage}still queued: {end.get('queued') or 'nothing'}")
+        if end.get("queued"):
+            self.problems.append(f"{server.name}: messages still queued after the last run: {end['queued']}")
 
     def cleanup(self) -> None:
         """Stops every server started (idempotent), keeps mailflow's log in RESULTS_DIR, removes the temp dir."""
@@ -227,11 +249,11 @@ class Bench:
                              "warmup": o.warmup, "run_timeout": o.run_timeout, "budget": o.budget, "drain": o.drain},
                 "results": {name: {r.cell.key: r.to_json() for r in res} for name, res in self.results.items()},
                 "e2e_ratio_vs_postfix": ratio, "headline_cell": HEADLINE_CELL.key,
-                "problems": self.problems, "mailflow_log_top": self.mailflow_log}
+                "server_state": self.states, "problems": self.problems, "mailflow_log_top": self.mailflow_log}
 
 
 def main() -> int:
-    raise_on_sigterm()
+    interrupt_on_signals()
     opts = Options.from_env()
     bench = Bench(opts)
     ratio, status = "n/a", 1
@@ -243,6 +265,9 @@ def main() -> int:
     except KeyboardInterrupt:
         log("\ninterrupted: stopping servers and removing the temp dir")
         status = 130
+    except Exception:  # a harness bug: still clean up and end with the contract's last line
+        traceback.print_exc(file=sys.stdout)
+        status = 1
     finally:
         try:
             bench.cleanup()

@@ -6,6 +6,8 @@ Contract (both classes):
   `ServerError` with the reason (and the log tail) otherwise.
 - `stop()` is idempotent and never raises; `reset()` = stop + start with an empty queue (used after a
   failed run, so left-over mail cannot leak into the next cell).
+- `state()` (while running) -> dict of what is worth reporting after the load: messages still queued, and
+  for mailflow its RSS and CPU seconds so far. Best effort: a key is missing when it cannot be read.
 - Everything lives under the run's temp dir; nothing outside it is written. Only loopback, ports 2500-2599.
 
 MailflowServer writes `config.toml` (the keys bench/README.md lists), runs `mailflow serve --config FILE` with
@@ -18,6 +20,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -53,9 +56,24 @@ class ServerError(RuntimeError):
 def mailflow_command() -> list[str]:
     """$MAILFLOW_CMD, else the `mailflow` console script on PATH, else `python -m mailflow`."""
     if os.environ.get("MAILFLOW_CMD"):
-        return shlex.split(os.environ["MAILFLOW_CMD"])
+        cmd = shlex.split(os.environ["MAILFLOW_CMD"])
+        if os.sep in cmd[0] and not os.path.isabs(cmd[0]):
+            cmd[0] = os.path.abspath(cmd[0])  # the server runs in its own work dir
+        return cmd
     exe = shutil.which("mailflow")
     return [exe] if exe else [sys.executable, "-m", "mailflow"]
+
+
+def process_usage(pid: int) -> dict:
+    """RSS (MB) and user+system CPU seconds of a running process, from /proc (Linux)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return {}
+    rss_kb = next((int(l.split()[1]) for l in status.splitlines() if l.startswith("VmRSS:")), 0)
+    ticks = os.sysconf("SC_CLK_TCK")
+    return {"rss_mb": round(rss_kb / 1024, 1), "cpu_s": round((int(fields[11]) + int(fields[12])) / ticks, 1)}
 
 
 def tail(path: Path, lines: int = 15) -> str:
@@ -92,9 +110,13 @@ class MailflowServer:
         log.write(f"--- bench: start #{self.starts}\n".encode())
         log.flush()
         cmd = [*mailflow_command(), "serve", "--config", str(self.config_path)]
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     cwd=self.workdir, start_new_session=True)
-        log.close()
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         cwd=self.workdir, start_new_session=True)
+        except OSError as e:
+            raise ServerError(f"cannot run {shlex.join(cmd)}: {e}") from None
+        finally:
+            log.close()
         if not wait_listening(self.port, START_TIMEOUT, alive=lambda: self.proc.poll() is None):
             rc = self.proc.poll()
             self.stop()
@@ -113,6 +135,17 @@ class MailflowServer:
 
     def crashed(self) -> bool:
         return self.proc is not None and self.proc.poll() is not None
+
+    def state(self) -> dict:
+        out: dict = {}
+        if self.proc is not None and self.proc.poll() is None:
+            out.update(process_usage(self.proc.pid))
+        try:  # the store's schema (mailflow/schema.sql): table `message`, column `queue`
+            with sqlite3.connect(f"file:{self.queue_dir / 'queue.db'}?mode=ro", uri=True, timeout=2) as db:
+                out["queued"] = dict(db.execute("SELECT queue, count(*) FROM message GROUP BY queue").fetchall())
+        except sqlite3.Error as e:
+            out["queued"] = f"unreadable: {e}"
+        return out
 
 
 class PostfixServer:
@@ -172,3 +205,10 @@ class PostfixServer:
 
     def crashed(self) -> bool:
         return False
+
+    def state(self) -> dict:
+        queue = self.workdir / f"pf-relay-{self.port}" / "queue"
+        counts = {}
+        for name in ("maildrop", "incoming", "active", "deferred", "hold"):
+            counts[name] = sum(len(files) for _, _, files in os.walk(queue / name))
+        return {"queued": {k: v for k, v in counts.items() if v}}

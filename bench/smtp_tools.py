@@ -109,7 +109,12 @@ class Sink:
         proc = subprocess.Popen([*tools.sink, "-c", f"127.0.0.1:{port}", "1024"], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
         sink = cls(proc, port)
-        if not wait_listening(port, 5.0, alive=lambda: proc.poll() is None):
+        try:
+            listening = wait_listening(port, 5.0, alive=lambda: proc.poll() is None)
+        except BaseException:
+            sink.stop()
+            raise
+        if not listening:
             sink.stop()
             raise RuntimeError(f"sink did not listen on 127.0.0.1:{port}: {sink.error_text()}")
         return sink
@@ -165,6 +170,10 @@ def run_source(tools: Tools, port: int, sessions: int, size: int, count: int, ti
         proc.kill()
         proc.communicate(timeout=5)
         return False, time.perf_counter() - t0, f"load generator still running after {timeout:.0f} s (killed)"
+    except BaseException:  # Ctrl-C: do not leave it running in its own session
+        proc.kill()
+        proc.wait(timeout=5)
+        raise
     elapsed = time.perf_counter() - t0
     if proc.returncode != 0:
         return False, elapsed, f"load generator exit {proc.returncode}: {err.decode(errors='replace').strip()[-300:]}"

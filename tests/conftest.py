@@ -7,6 +7,10 @@
   (never aiosmtpd's threaded Controller) and returns a `CapturePeer`: `.port`, `.messages` (one `Captured` per
   accepted DATA) and `.handler`, whose `mail_reply`, `rcpt_replies[address]` and `data_reply` script refusals.
 - `unused_port` is a TCP port on 127.0.0.1 where nothing listens.
+- `mailflow_server(**settings)` starts a real `Mailflow` on the test's loop (port 0) with the config of
+  `tests.helpers.base_settings` overlaid with `settings`; it is stopped after the test.
+- `write_config(path, **settings)` writes the same config as TOML, for tests that run `mailflow serve`.
+- `require_tool(name)` finds an external program, or skips (fails when MAILFLOW_REQUIRE_TOOLS=1).
 """
 from __future__ import annotations
 
@@ -16,9 +20,14 @@ import threading
 from dataclasses import dataclass, field
 
 import pytest
+
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 from dnslib import QTYPE, RCODE, RR
 from dnslib.server import BaseResolver, DNSLogger, DNSServer
+
+from mailflow.app import Mailflow
+from mailflow.config import config_from_dict
+from tests.helpers import base_settings, merged, to_toml
 
 # ---------------------------------------------------------------------------------------------------- DNS
 
@@ -155,3 +164,49 @@ def unused_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------------- tools
+
+
+def require_tool(name: str) -> str:
+    """The path of an external program a test needs. Missing: skip, or fail when MAILFLOW_REQUIRE_TOOLS=1
+    (CI sets it, so an interop test can never pass by skipping there)."""
+    import os
+    import shutil
+
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+    if path:
+        return path
+    message = f"{name} is not installed (Debian: see .ci/run)"
+    if os.environ.get("MAILFLOW_REQUIRE_TOOLS") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+# ---------------------------------------------------------------------------------------------------- mailflow
+
+
+@pytest.fixture
+async def mailflow_server(tmp_path):
+    running: list[Mailflow] = []
+
+    async def start(**overrides) -> Mailflow:
+        config = config_from_dict(merged(base_settings(tmp_path), overrides))
+        mf = Mailflow(config, shutdown_grace=2.0)
+        await mf.start()
+        running.append(mf)
+        return mf
+
+    yield start
+    for mf in running:
+        await mf.stop()
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    def write(path: Path, **overrides) -> Path:
+        path.write_text(to_toml(merged(base_settings(tmp_path), overrides)))
+        return path
+
+    return write

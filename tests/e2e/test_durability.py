@@ -12,15 +12,9 @@ import uuid
 
 import pytest
 
-from tests.e2e.conftest import eventually, send
+from tests.helpers import eventually, free_port, send
 
 MESSAGES = 5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import aiosmtplib
 import pytest
 
-from tests.e2e.conftest import eventually, maildir_messages, queue_becomes, send
+from tests.helpers import eventually, maildir_messages, queue_becomes, send
 
 BODY = b".leading dot\r\n..two dots\r\nplain line\r\n.\tdot tab\r\nlast line\r\n"
 MESSAGE = b"Subject: skeleton\r\nTo: <alice@local.test>\r\n\r\n" + BODY

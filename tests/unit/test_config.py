@@ -188,3 +188,10 @@ def test_models_reject_unknown_keys_in_code_too():
         Config(bogus=1)
     with pytest.raises(ValidationError):
         QueueConfig(minimal_backoff=1)
+
+
+@pytest.mark.xfail(strict=True, reason="minimal_backoff_time > maximal_backoff_time is accepted silently; "
+                                       "retry_delay then always returns maximal and the minimal setting is ignored")
+def test_minimal_backoff_above_maximal_is_refused(tmp_path):
+    err = config_error(write(tmp_path, "[queue]\nminimal_backoff_time = '2h'\nmaximal_backoff_time = '1h'\n"))
+    assert err.key.startswith("queue.")

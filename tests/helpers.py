@@ -1,22 +1,19 @@
-"""End-to-end fixtures: a real mailflow on 127.0.0.1 (in-process, port 0, or as a subprocess).
+"""Plain helpers for tests that talk to a real mailflow (the fixtures live in tests/conftest.py).
 
-- `mailflow_server(**settings)` starts `Mailflow` on the test's loop with a config in tmp_path: local domain
-  local.test with user alice, Maildirs under tmp_path/mail, fast retries. Settings override the TOML keys
-  (dotted section keys as nested dicts). Returns the running `Mailflow`; stopped after the test.
-- `write_config(path, **settings)` writes the same config as a TOML file, for subprocess tests.
-- `send(port, sender, rcpts, content)` speaks SMTP with aiosmtplib and returns the final reply.
+- `base_settings(tmp_path)`: the test config: local domain local.test with users alice and bob, Maildirs
+  under tmp_path/mail, relay domain relay.test, no trusted networks, fast retries, a DNS server that
+  answers nothing. `merged(base, overrides)` overlays settings; `to_toml(settings)` writes them as TOML.
+- `send(port, sender, rcpts, content)` speaks SMTP with aiosmtplib and returns (refused, final reply).
+- `eventually(pred)`, `queue_becomes(store, counts)`: bounded polling. `maildir_messages(dir)`, `free_port()`.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from pathlib import Path
 
 import aiosmtplib
-import pytest
-
-from mailflow.app import Mailflow
-from mailflow.config import config_from_dict
 
 
 def base_settings(tmp_path: Path) -> dict:
@@ -51,31 +48,6 @@ def to_toml(settings: dict) -> str:
     return "\n".join(top) + "\n" + "\n".join(tables) + "\n"
 
 
-@pytest.fixture
-async def mailflow_server(tmp_path):
-    running: list[Mailflow] = []
-
-    async def start(**overrides) -> Mailflow:
-        config = config_from_dict(merged(base_settings(tmp_path), overrides))
-        mf = Mailflow(config, shutdown_grace=2.0)
-        await mf.start()
-        running.append(mf)
-        return mf
-
-    yield start
-    for mf in running:
-        await mf.stop()
-
-
-@pytest.fixture
-def write_config(tmp_path):
-    def write(path: Path, **overrides) -> Path:
-        path.write_text(to_toml(merged(base_settings(tmp_path), overrides)))
-        return path
-
-    return write
-
-
 async def send(port: int, sender: str, rcpts: list[str], content: bytes, **kwargs):
     """One message over a fresh session; returns (refused recipients, final reply text)."""
     async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10) as client:
@@ -107,3 +79,10 @@ async def queue_becomes(store, expected: dict, timeout: float = 10.0) -> dict:
 def maildir_messages(maildir: Path) -> list[bytes]:
     new = maildir / "new"
     return [p.read_bytes() for p in sorted(new.iterdir())] if new.is_dir() else []
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that was free a moment ago (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

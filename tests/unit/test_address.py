@@ -1,0 +1,202 @@
+"""mailflow.address: split, normalise_domain and mailbox_syntax_error (RFC 5321, RFC 6531 for UTF-8)."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mailflow.address import MAX_ADDRESS, MAX_LOCAL, is_utf8, mailbox_syntax_error, normalise_domain, split
+
+# ---------------------------------------------------------------------------------------------- split
+
+
+@pytest.mark.parametrize("addr, expected", [
+    ("user@example.com", ("user", "example.com")),
+    ("user", ("user", "")),
+    ("", ("", "")),
+    ('"a@b"@example.com', ('"a@b"', "example.com")),  # at the last '@'
+    ("a@b@example.com", ("a@b", "example.com")),
+    ("user@", ("user", "")),
+    ("@example.com", ("", "example.com")),
+    ("user@[10.0.0.1]", ("user", "[10.0.0.1]")),
+])
+def test_split(addr, expected):
+    assert split(addr) == expected
+
+
+# ---------------------------------------------------------------------------------------------- normalise_domain
+
+
+@pytest.mark.parametrize("domain, expected", [
+    ("Example.COM", "example.com"),
+    ("example.com.", "example.com"),
+    ("  example.com  ", "example.com"),
+    ("bücher.example", "xn--bcher-kva.example"),
+    ("BÜCHER.Example.", "xn--bcher-kva.example"),
+    ("xn--bcher-kva.example", "xn--bcher-kva.example"),
+    ("[10.0.0.1]", "[10.0.0.1]"),
+    ("", ""),
+    ("a..bücher", ""),  # cannot be IDNA-encoded: "" rather than an exception
+])
+def test_normalise_domain(domain, expected):
+    assert normalise_domain(domain) == expected
+
+
+_DOMAINISH = st.text(alphabet="abcXYZ019-.üßé", max_size=30)
+
+
+@given(_DOMAINISH)
+def test_normalise_domain_is_idempotent_and_ascii(domain):
+    once = normalise_domain(domain)
+    assert normalise_domain(once) == once
+    assert once.isascii()
+    assert once == once.lower()
+    assert not once.endswith(".")
+
+
+# ---------------------------------------------------------------------------------------------- syntax: accepted
+
+
+@pytest.mark.parametrize("addr", [
+    "user@example.com",
+    "first.last@sub.example.com",
+    "user+tag@example.com",
+    "!#$%&'*+/=?^_`{|}~-@example.com",
+    "USER@EXAMPLE.COM",
+    "u@x",
+    "user@1.2.3.4",
+    '"john doe"@example.com',
+    '"a@b"@example.com',
+    '"quote\\"inside"@example.com',
+    '"back\\\\slash"@example.com',
+    '""@example.com',
+    "user@[10.0.0.1]",
+    "user@[IPv6:2001:db8::1]",
+    "user@[IPv6:::1]",
+    "üser@example.com",
+    "用户@例子.广告",
+    "δοκιμή@παράδειγμα.δοκιμή",
+    "user@bücher.example",
+    "a" * MAX_LOCAL + "@example.com",
+])
+def test_valid_mailboxes(addr):
+    assert mailbox_syntax_error(addr) is None
+
+
+def test_trailing_dot_on_the_domain_is_accepted():
+    # Not in RFC 5321's grammar, but accepted on purpose (Postfix does too); normalise_domain drops it.
+    assert mailbox_syntax_error("user@example.com.") is None
+
+
+# ---------------------------------------------------------------------------------------------- syntax: refused
+
+
+@pytest.mark.parametrize("addr, reason", [
+    ("user", "no domain"),
+    ("user@", "no domain"),
+    ("", "no domain"),
+    ("@example.com", "bad local part"),
+    (".user@example.com", "bad local part"),
+    ("user.@example.com", "bad local part"),
+    ("us..er@example.com", "bad local part"),
+    ("us er@example.com", "bad local part"),
+    ("us(er)@example.com", "bad local part"),
+    ("a@b@example.com", "bad local part"),
+    ('"unclosed@example.com', "bad local part"),
+    ('"a"b"@example.com', "bad local part"),
+    ('"a\\"@example.com', "bad local part"),
+    ("a" * (MAX_LOCAL + 1) + "@example.com", "local part too long"),
+    ("ü" * 33 + "@example.com", "local part too long"),  # 66 octets: the limit counts UTF-8 bytes
+    ("user@-example.com", "bad domain"),
+    ("user@example-.com", "bad domain"),
+    ("user@exa mple.com", "bad domain"),
+    ("user@example..com", "bad domain"),
+    ("user@.example.com", "bad domain"),
+    ("user@ex_ample.com", "bad domain"),
+    ("user@[10.0.0.1", "bad domain"),
+    ("user@[IPv7:::1]", "bad domain"),
+    ("user@[10.0.0.1].com", "bad domain"),
+    ("user@example.com\r\n", "control character in address"),
+    ("user\x00@example.com", "control character in address"),
+    ("user@exa\tmple.com", "control character in address"),
+    ('"a\x7fb"@example.com', "control character in address"),
+    ("u@" + "a" * 250 + ".com", "address too long"),
+    ("ü" * 30 + "@" + "ü" * 100 + ".de", "address too long"),  # 134 characters but 264 octets
+])
+def test_invalid_mailboxes(addr, reason):
+    assert mailbox_syntax_error(addr) == reason
+
+
+def test_length_limit_counts_octets_at_the_boundary():
+    local = "a" * 60
+    domain = ".".join(["b" * 60, "c" * 60, "d" * 60, "e" * (MAX_ADDRESS - 61 - 3 * 61)])
+    addr = f"{local}@{domain}"
+    assert len(addr) == MAX_ADDRESS
+    assert mailbox_syntax_error(addr) is None
+    assert mailbox_syntax_error(addr + "e") == "address too long"
+
+
+def test_is_utf8():
+    assert is_utf8("üser@example.com")
+    assert is_utf8("user@bücher.example")
+    assert not is_utf8("user@example.com")
+
+
+# ---------------------------------------------------------------------------------------------- known gaps
+
+
+@pytest.mark.xfail(strict=True, reason="a DNS label is at most 63 octets (RFC 1035 2.3.4); 64 is accepted")
+def test_domain_label_longer_than_63_octets_is_refused():
+    assert mailbox_syntax_error("user@" + "a" * 64 + ".com") == "bad domain"
+
+
+@pytest.mark.xfail(strict=True, reason="_LITERAL_RE takes any run of digits and dots / hex and colons as an "
+                                       "address literal; RFC 5321 4.1.3 wants an IPv4 or IPv6 address")
+@pytest.mark.parametrize("literal", ["[...]", "[999.1.1.1]", "[1]", "[IPv6:::::]", "[IPv6:1:2:3]"])
+def test_malformed_address_literals_are_refused(literal):
+    assert mailbox_syntax_error(f"user@{literal}") == "bad domain"
+
+
+@pytest.mark.xfail(strict=True, reason="the 'IPv6:' tag is matched case-sensitively, but ABNF strings are "
+                                       "case-insensitive (RFC 5234 2.3); and normalise_domain lower-cases it, so "
+                                       "a normalised valid literal no longer passes the check")
+def test_ipv6_literal_tag_is_case_insensitive():
+    assert mailbox_syntax_error("user@[ipv6:::1]") is None
+    assert mailbox_syntax_error("user@" + normalise_domain("[IPv6:::1]")) is None
+
+
+@pytest.mark.xfail(strict=True, reason="only C0 controls and DEL are refused; C1 controls U+0080-U+009F "
+                                       "(e.g. U+0085 NEL, a line break to str.splitlines) pass inside UTF-8 atoms")
+@pytest.mark.parametrize("ch", ["\x85", "\x9b"])
+def test_c1_control_characters_are_refused(ch):
+    assert mailbox_syntax_error(f"us{ch}er@example.com") == "control character in address"
+
+
+# ---------------------------------------------------------------------------------------------- properties
+
+_ATEXT = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+/=?^_`{|}~-"
+_atoms = st.text(alphabet=_ATEXT, min_size=1, max_size=10)
+_locals = st.lists(_atoms, min_size=1, max_size=4).map(".".join).filter(lambda s: len(s) <= MAX_LOCAL)
+_labels = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
+_domains = st.lists(_labels, min_size=1, max_size=4).map(".".join)
+
+
+@given(_locals, _domains)
+def test_any_dot_atom_at_a_domain_is_accepted(local, domain):
+    addr = f"{local}@{domain}"
+    assert mailbox_syntax_error(addr) is None
+    assert split(addr) == (local, domain)
+
+
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=40), st.sampled_from("\r\n\x00"),
+       st.text(alphabet=st.characters(codec="utf-8"), max_size=40))
+@settings(max_examples=300)
+def test_any_string_with_cr_lf_or_nul_is_refused(before, bad, after):
+    assert mailbox_syntax_error(before + bad + after) is not None
+
+
+@given(_locals, _domains, st.sampled_from("\r\n\x00"), st.data())
+def test_cr_lf_nul_anywhere_in_a_valid_address_is_refused(local, domain, bad, data):
+    addr = f"{local}@{domain}"
+    at = data.draw(st.integers(0, len(addr)))
+    assert mailbox_syntax_error(addr[:at] + bad + addr[at:]) == "control character in address"

@@ -1,0 +1,302 @@
+"""cleanup (mailflow.stages.cleanup): header parsing helpers, and `Cleanup.submit` against a recording store."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from mailflow.errors import PermanentError
+from mailflow.logs import MailLog
+from mailflow.model import ClientInfo, Envelope, Submission
+from mailflow.stages.cleanup import Cleanup, QueueIdGenerator, header_names, header_value, rfc5322_date, split_header
+from mailflow.store import NewMessage
+
+NOW = 1_700_000_000.25  # 2023-11-14T22:13:20.25Z
+HOST = "mx.example.test"
+
+# ---------------------------------------------------------------------------------------------- split_header
+
+
+@pytest.mark.parametrize("content, head, rest", [
+    (b"Subject: x\r\n\r\nbody\r\n", b"Subject: x\r\n", b"\r\nbody\r\n"),
+    (b"A: 1\r\nB: 2\r\n\r\n\r\nbody\r\n\r\n", b"A: 1\r\nB: 2\r\n", b"\r\n\r\nbody\r\n\r\n"),
+    (b"Subject: x\r\n\r\n", b"Subject: x\r\n", b"\r\n"),
+    (b"Subject: x\r\n", b"Subject: x\r\n", b""),  # no body at all
+    (b"Subject: x", b"Subject: x\r\n", b""),  # no final CRLF: one is supplied
+    (b"\r\nbody only\r\n", b"", b"\r\nbody only\r\n"),  # empty header section
+    (b"", b"", b""),
+    (b"Subject: a\r\n folded\r\n\r\nb", b"Subject: a\r\n folded\r\n", b"\r\nb"),
+])
+def test_split_header(content, head, rest):
+    assert split_header(content) == (head, rest)
+
+
+def test_split_header_halves_join_back_when_the_content_has_a_body():
+    content = b"From: a@b\r\nTo: c@d\r\n\r\nline 1\r\n\r\nline 3\r\n"
+    head, rest = split_header(content)
+    assert head + rest == content
+
+
+# ---------------------------------------------------------------------------------------------- header_names / value
+
+HEAD = (
+    b"Received: from a\r\n"
+    b"\tby b; Tue, 1 Jan 2030 00:00:00 +0000\r\n"
+    b"received: from c\r\n"
+    b"Subject: first part\r\n"
+    b"  second part\r\n"
+    b"\tthird part\r\n"
+    b"X-Empty:\r\n"
+    b"X-Spaced :  v  \r\n"
+    b"not a header line\r\n"
+    b"Message-ID: <id@example.test>\r\n"
+    b"Subject: second subject\r\n"
+)
+
+
+def test_header_names_lower_case_in_order_skipping_continuations():
+    assert header_names(HEAD) == ["received", "received", "subject", "x-empty", "x-spaced", "message-id",
+                                  "subject"]
+
+
+def test_header_names_of_nothing():
+    assert header_names(b"") == []
+
+
+@pytest.mark.parametrize("name, value", [
+    ("subject", "first part second part third part"),  # unfolded, the first one
+    ("message-id", "<id@example.test>"),
+    ("x-empty", ""),
+    ("x-spaced", "v"),
+    ("received", "from a by b; Tue, 1 Jan 2030 00:00:00 +0000"),
+    ("x-missing", ""),
+])
+def test_header_value(name, value):
+    assert header_value(HEAD, name) == value
+
+
+def test_header_value_does_not_match_a_continuation_line_that_looks_like_a_header():
+    head = b"X-A: one\r\n Subject: not really\r\n"
+    assert header_value(head, "subject") == ""
+    assert header_value(head, "x-a") == "one Subject: not really"
+
+
+@pytest.mark.xfail(strict=True, reason="header_value compares against `wanted` as given: header names are "
+                                       "case-insensitive (RFC 5322 1.2.2), but 'Message-ID' finds nothing")
+def test_header_value_name_is_case_insensitive():
+    assert header_value(HEAD, "Message-ID") == "<id@example.test>"
+
+
+# ---------------------------------------------------------------------------------------------- queue ids
+
+
+class FixedClock:
+    def __init__(self, now: float = NOW):
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:  # pragma: no cover - cleanup never sleeps
+        raise AssertionError("cleanup should not sleep")
+
+
+def test_queue_ids_unique_and_increasing_with_a_frozen_clock():
+    ids = QueueIdGenerator(FixedClock(), random.Random(1))
+    got = [ids.next() for _ in range(1000)]
+    assert len(set(got)) == 1000
+    assert got == sorted(got)
+    assert all(len(q) == 14 and q == q.upper() and int(q, 16) >= 0 for q in got)
+
+
+def test_queue_ids_keep_increasing_when_the_clock_goes_back():
+    clock = FixedClock()
+    ids = QueueIdGenerator(clock, random.Random(1))
+    first = ids.next()
+    clock.now -= 60
+    assert ids.next() > first
+
+
+@pytest.mark.xfail(strict=True, reason="queue ids keep only the low 40 bits of the microsecond clock, which wrap "
+                                       "every 2**40 us (about 12.7 days): ids are not time-ordered across a wrap")
+def test_queue_ids_stay_ordered_across_the_40_bit_wrap():
+    wrap = 2**40 / 1_000_000  # seconds
+    clock = FixedClock(wrap * 1546 - 0.5)  # half a second before a wrap, in our own decade
+    ids = QueueIdGenerator(clock, random.Random(1))
+    before = ids.next()
+    clock.now += 1.0
+    assert ids.next() > before
+
+
+# ---------------------------------------------------------------------------------------------- Cleanup.submit
+
+
+class RecordingStore:
+    """Implements the one Store method cleanup uses: `async insert(NewMessage)`."""
+
+    def __init__(self):
+        self.inserted: list[NewMessage] = []
+
+    async def insert(self, msg: NewMessage) -> None:
+        self.inserted.append(msg)
+
+
+@pytest.fixture
+def env():
+    class Env:
+        store = RecordingStore()
+        clock = FixedClock()
+        woken = 0
+
+        def wake(self):
+            Env.woken += 1
+
+    e = Env()
+    e.cleanup = Cleanup(e.store, myhostname=HOST, clock=e.clock, rng=random.Random(7), log=MailLog(),
+                        on_queued=e.wake)
+    return e
+
+
+def submission(content: bytes, *recipients: str, sender: str = "alice@remote.test") -> Submission:
+    return Submission(
+        envelope=Envelope(sender, recipients or ("bob@example.test",)),
+        content=content,
+        client=ClientInfo(addr="192.0.2.7", port=40000, helo="client.remote.test", hostname="client.remote.test"),
+    )
+
+
+FULL = (
+    b"From: Alice <alice@remote.test>\r\n"
+    b"To: bob@example.test\r\n"
+    b"Date: Tue, 14 Nov 2023 22:00:00 +0000\r\n"
+    b"Message-ID: <orig@remote.test>\r\n"
+    b"Subject: hi\r\n"
+    b"\r\n"
+)
+BODY = b"body line\r\n\r\n.leading dot\r\nFrom: not a header\r\n\x00\xff 8-bit \xc3\xa9\r\n  trailing  \r\n"
+
+
+async def test_submit_prepends_received_with_queue_id_and_for_clause(env):
+    qid = await env.cleanup.submit(submission(FULL + BODY))
+    [msg] = env.store.inserted
+    assert msg.queue_id == qid
+    first_header = msg.content.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[:3]
+    assert first_header == [
+        b"Received: from client.remote.test (client.remote.test [192.0.2.7])",
+        f"\tby {HOST} (mailflow) with ESMTP id {qid}".encode(),
+        b"\tfor <bob@example.test>;",
+    ]
+    assert header_value(split_header(msg.content)[0], "received").endswith(rfc5322_date(NOW))
+    assert env.woken == 1
+
+
+async def test_submit_with_several_recipients_has_no_for_clause(env):
+    await env.cleanup.submit(submission(FULL + BODY, "a@example.test", "b@example.test"))
+    head = split_header(env.store.inserted[0].content)[0]
+    received = header_value(head, "received")
+    assert "for <" not in received
+    assert received.startswith("from client.remote.test")
+
+
+async def test_submit_keeps_headers_that_are_present_and_the_body_byte_for_byte(env):
+    qid = await env.cleanup.submit(submission(FULL + BODY))
+    msg = env.store.inserted[0]
+    head, rest = split_header(msg.content)
+    assert rest == b"\r\n" + BODY
+    assert msg.content.endswith(FULL + BODY)
+    names = header_names(head)
+    assert names.count("message-id") == names.count("date") == names.count("from") == 1
+    assert header_value(head, "message-id") == "<orig@remote.test>"
+    assert (msg.sender, msg.arrival, msg.client) == ("alice@remote.test", NOW, "client.remote.test[192.0.2.7]")
+    assert msg.recipients == (("bob@example.test", "bob@example.test"),)
+    assert qid in head.decode()
+
+
+async def test_submit_adds_message_id_date_and_from_when_missing(env):
+    content = b"Subject: bare\r\n\r\n" + BODY
+    qid = await env.cleanup.submit(submission(content))
+    head, rest = split_header(env.store.inserted[0].content)
+    assert rest == b"\r\n" + BODY
+    assert header_value(head, "message-id") == f"<20231114221320.{qid}@{HOST}>"
+    assert header_value(head, "date") == rfc5322_date(NOW) == "Tue, 14 Nov 2023 22:13:20 +0000"
+    assert header_value(head, "from") == "<alice@remote.test>"
+    assert header_value(head, "subject") == "bare"
+
+
+@pytest.mark.parametrize("present, added", [
+    (b"message-id: <x@y>\r\n", {"date", "from"}),
+    (b"DATE: Tue, 14 Nov 2023 22:00:00 +0000\r\n", {"message-id", "from"}),
+    (b"From: a@b\r\n", {"message-id", "date"}),
+    (b"Resent-Message-ID: <r@y>\r\nResent-From: r@y\r\n", {"message-id", "date", "from"}),
+])
+async def test_submit_adds_only_what_is_missing(env, present, added):
+    await env.cleanup.submit(submission(present + b"\r\nbody\r\n"))
+    names = header_names(split_header(env.store.inserted[0].content)[0])
+    for name in ("message-id", "date", "from"):
+        assert names.count(name) == 1
+    original = set(header_names(present))
+    assert {n for n in ("message-id", "date", "from") if n not in original} == added
+
+
+async def test_null_sender_gets_mailer_daemon_from(env):
+    await env.cleanup.submit(submission(b"Subject: bounce\r\n\r\nx\r\n", sender=""))
+    head = split_header(env.store.inserted[0].content)[0]
+    assert header_value(head, "from") == f"MAILER-DAEMON@{HOST}"
+
+
+async def test_message_without_header_section_or_body(env):
+    await env.cleanup.submit(submission(b"\r\njust a body\r\n"))
+    content = env.store.inserted[0].content
+    head, rest = split_header(content)
+    assert rest == b"\r\njust a body\r\n"
+    assert header_names(head) == ["received", "message-id", "date", "from"]
+    await env.cleanup.submit(submission(b""))
+    assert header_names(env.store.inserted[1].content) == ["received", "message-id", "date", "from"]
+
+
+async def test_fifty_received_headers_pass_fifty_one_are_refused(env):
+    hops = b"".join(b"Received: from h%d by h%d; Tue, 14 Nov 2023 22:00:00 +0000\r\n" % (i, i) for i in range(51))
+    await env.cleanup.submit(submission(hops[: hops.index(b"Received: from h50 ")] + b"\r\nbody\r\n"))
+    assert len(env.store.inserted) == 1
+    with pytest.raises(PermanentError) as info:
+        await env.cleanup.submit(submission(hops + b"\r\nbody\r\n"))
+    assert info.value.dsn == "5.4.6"
+    assert "too many hops" in info.value.text
+    assert len(env.store.inserted) == 1  # nothing committed
+    assert env.woken == 1  # qmgr not woken for the refused message
+
+
+async def test_received_lines_in_the_body_do_not_count_as_hops(env):
+    body = b"".join(b"Received: from h%d\r\n" % i for i in range(60))
+    await env.cleanup.submit(submission(b"Subject: x\r\n\r\n" + body))
+    assert len(env.store.inserted) == 1
+
+
+async def test_thousand_submissions_with_a_frozen_clock_get_unique_increasing_ids(env):
+    ids = [await env.cleanup.submit(submission(b"Subject: x\r\n\r\ny\r\n")) for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert ids == sorted(ids)
+    assert [m.queue_id for m in env.store.inserted] == ids
+    assert all(m.arrival == NOW for m in env.store.inserted)
+
+
+async def test_store_failure_propagates_and_does_not_wake_qmgr(env):
+    async def broken(msg):
+        raise OSError("disk full")
+
+    env.store.insert = broken
+    with pytest.raises(OSError):
+        await env.cleanup.submit(submission(FULL + BODY))
+    assert env.woken == 0
+
+
+@pytest.mark.xfail(strict=True, reason="split_header looks only for CRLF CRLF: with bare-LF line ends the whole "
+                                       "message counts as header and Message-ID/Date/From are appended after the "
+                                       "body (a refusal would also pass this test)")
+async def test_bare_lf_message_gets_its_headers_before_the_body(env):
+    try:
+        await env.cleanup.submit(submission(b"Subject: lf only\n\nthe body\r\n"))
+    except PermanentError:
+        return
+    content = env.store.inserted[0].content
+    assert content.index(b"Message-ID:") < content.index(b"the body")

@@ -1,0 +1,51 @@
+"""The repository's config.toml loads unchanged and documents the defaults; the CLI reports bad config."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from mailflow.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def mailflow(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mailflow", *args], capture_output=True, text=True, timeout=30)
+
+
+def test_example_config_loads_and_states_the_defaults():
+    assert load_config(ROOT / "config.toml") == Config()
+
+
+def test_check_config_accepts_the_example():
+    result = mailflow("check-config", "--config", str(ROOT / "config.toml"))
+    assert result.returncode == 0 and "ok" in result.stdout
+
+
+def test_check_config_names_file_key_and_reason_without_traceback(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[queue]\nminimal_backoff_time = "soon"\n')
+    result = mailflow("check-config", "--config", str(bad))
+    assert result.returncode == 2
+    assert f"{bad}: queue.minimal_backoff_time: 'soon' is not a duration" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_refuses_a_bad_config_before_starting(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[smtpd]\nlisten = ['127.0.0.1']\nbogus = 1\n")
+    result = mailflow("serve", "--config", str(bad))
+    assert result.returncode == 2
+    assert f"{bad}: smtpd.listen: '127.0.0.1' needs a port" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_config_file_is_named(tmp_path):
+    result = mailflow("check-config", "--config", str(tmp_path / "nope.toml"))
+    assert result.returncode == 2 and "nope.toml: no such file" in result.stderr
+
+
+def test_version():
+    result = mailflow("version")
+    assert result.returncode == 0 and result.stdout.startswith("mailflow 0.")

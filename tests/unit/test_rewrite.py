@@ -1,0 +1,168 @@
+"""trivial-rewrite (mailflow.stages.rewrite): address class and `transport:nexthop` for each recipient."""
+from __future__ import annotations
+
+import pytest
+
+from mailflow.config import Config, LocalConfig
+from mailflow.model import AddressClass, Resolution
+from mailflow.stages.rewrite import Rewriter, domain_in, split_transport
+
+LOCAL, RELAY, DEFAULT = AddressClass.LOCAL, AddressClass.RELAY, AddressClass.DEFAULT
+
+BASE = dict(myhostname="mx.example.test", mydestination=("example.test", "localhost"),
+            relay_domains=("relay.test", ".sub.relay.test"))
+
+
+def rewriter(**overrides) -> Rewriter:
+    return Rewriter(Config(**{**BASE, **overrides}))
+
+
+# (config overrides, recipient, expected class, transport, nexthop)
+CASES = [
+    # local: mydestination -> local_transport, nexthop myhostname
+    ({}, "user@example.test", LOCAL, "local", "mx.example.test"),
+    ({}, "user@localhost", LOCAL, "local", "mx.example.test"),
+    ({}, "User@EXAMPLE.Test", LOCAL, "local", "mx.example.test"),
+    ({}, "user@example.test.", LOCAL, "local", "mx.example.test"),
+    ({"relayhost": "[10.9.9.9]:25"}, "user@example.test", LOCAL, "local", "mx.example.test"),
+    ({"local_transport": "discard:"}, "user@example.test", LOCAL, "discard", "mx.example.test"),
+    ({"local_transport": "smtp:[127.0.0.1]:24"}, "user@example.test", LOCAL, "smtp", "[127.0.0.1]:24"),
+    # relay: relay_domains -> relay_transport, nexthop relayhost if set, else the domain
+    ({}, "user@relay.test", RELAY, "smtp", "relay.test"),
+    ({}, "user@RELAY.TEST.", RELAY, "smtp", "relay.test"),
+    ({"relayhost": "[10.0.0.1]:587"}, "user@relay.test", RELAY, "smtp", "[10.0.0.1]:587"),
+    ({"relay_transport": "relay"}, "user@relay.test", RELAY, "relay", "relay.test"),
+    ({"relay_transport": "smtp:[10.0.0.2]:2525", "relayhost": "[10.0.0.1]:587"}, "user@relay.test", RELAY,
+     "smtp", "[10.0.0.2]:2525"),
+    # `.sub.relay.test` matches subdomains only
+    ({}, "user@a.sub.relay.test", RELAY, "smtp", "a.sub.relay.test"),
+    ({}, "user@a.b.sub.relay.test", RELAY, "smtp", "a.b.sub.relay.test"),
+    ({}, "user@sub.relay.test", DEFAULT, "smtp", "sub.relay.test"),
+    ({}, "user@xsub.relay.test", DEFAULT, "smtp", "xsub.relay.test"),
+    # an exact entry does not match subdomains
+    ({}, "user@a.relay.test", DEFAULT, "smtp", "a.relay.test"),
+    ({}, "user@a.example.test", DEFAULT, "smtp", "a.example.test"),
+    # default: anything else -> default_transport
+    ({}, "user@remote.test", DEFAULT, "smtp", "remote.test"),
+    ({}, "User@Remote.TEST.", DEFAULT, "smtp", "remote.test"),
+    ({"relayhost": "[10.0.0.1]:587"}, "user@remote.test", DEFAULT, "smtp", "[10.0.0.1]:587"),
+    ({"relayhost": "smarthost.test"}, "user@remote.test", DEFAULT, "smtp", "smarthost.test"),
+    ({"default_transport": "smtp:[10.0.0.1]:587"}, "user@remote.test", DEFAULT, "smtp", "[10.0.0.1]:587"),
+    ({"default_transport": "smtp:[10.0.0.1]:587", "relayhost": "[10.9.9.9]"}, "user@remote.test", DEFAULT,
+     "smtp", "[10.0.0.1]:587"),
+    ({"default_transport": "discard:"}, "user@remote.test", DEFAULT, "discard", "remote.test"),
+    ({"default_transport": "discard"}, "user@remote.test", DEFAULT, "discard", "remote.test"),
+    ({}, "user@bücher.example", DEFAULT, "smtp", "xn--bcher-kva.example"),
+    ({}, "user@[192.0.2.1]", DEFAULT, "smtp", "[192.0.2.1]"),
+    # unqualified: user@myhostname (which is not in mydestination here)
+    ({}, "user", DEFAULT, "smtp", "mx.example.test"),
+    ({"mydestination": ("mx.example.test",)}, "user", LOCAL, "local", "mx.example.test"),
+    # domain lists in the config are matched case- and trailing-dot-insensitively
+    ({"mydestination": ("Example.TEST.",)}, "user@example.test", LOCAL, "local", "mx.example.test"),
+    ({"relay_domains": (".Sub.Relay.Test.",)}, "user@a.sub.relay.test", RELAY, "smtp", "a.sub.relay.test"),
+    ({"mydestination": ("xn--bcher-kva.example",)}, "user@bücher.example", LOCAL, "local", "mx.example.test"),
+    ({"mydestination": ()}, "user@example.test", DEFAULT, "smtp", "example.test"),
+]
+
+
+@pytest.mark.parametrize("overrides, addr, klass, transport, nexthop", CASES)
+def test_resolve(overrides, addr, klass, transport, nexthop):
+    rw = rewriter(**overrides)
+    res = rw.resolve(addr)
+    assert res == Resolution(klass, transport, nexthop, rw.qualify(addr))
+    assert rw.classify(addr) is klass
+
+
+def test_mydestination_wins_over_relay_domains():
+    rw = rewriter(relay_domains=("example.test",))
+    assert rw.resolve("user@example.test").address_class is LOCAL
+
+
+def test_resolution_keeps_the_address_as_given_but_qualified():
+    rw = rewriter()
+    assert rw.resolve("User@Remote.TEST.").address == "User@Remote.TEST."
+    assert rw.resolve("user").address == "user@mx.example.test"
+
+
+@pytest.mark.parametrize("addr, qualified", [
+    ("user", "user@mx.example.test"),
+    ("user@example.test", "user@example.test"),
+    ('"a@b"@remote.test', '"a@b"@remote.test'),
+    ("", ""),  # the null sender stays null
+])
+def test_qualify(addr, qualified):
+    assert rewriter().qualify(addr) == qualified
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("smtp", ("smtp", "")),
+    ("smtp:", ("smtp", "")),
+    ("discard:", ("discard", "")),
+    ("smtp:[10.0.0.1]:587", ("smtp", "[10.0.0.1]:587")),
+    ("smtp:[::1]:25", ("smtp", "[::1]:25")),
+    ("relay:mx.example", ("relay", "mx.example")),
+])
+def test_split_transport(value, expected):
+    assert split_transport(value) == expected
+
+
+@pytest.mark.parametrize("domain, domains, expected", [
+    ("example.com", ("example.com",), True),
+    ("a.example.com", ("example.com",), False),
+    ("a.example.com", (".example.com",), True),
+    ("a.b.example.com", (".example.com",), True),
+    ("example.com", (".example.com",), False),
+    ("badexample.com", (".example.com",), False),
+    ("x.test", (), False),
+    ("x.test", ("y.test", "x.test"), True),
+])
+def test_domain_in(domain, domains, expected):
+    assert domain_in(domain, domains) is expected
+
+
+# ---------------------------------------------------------------------------------------------- local users
+
+
+def test_is_known_local_with_a_recipient_list():
+    rw = Rewriter(Config(**BASE, local=LocalConfig(recipients=("postmaster", "Alice"))))
+    assert rw.is_known_local("postmaster@example.test")
+    assert rw.is_known_local("alice@example.test")
+    assert rw.is_known_local("ALICE@localhost")
+    assert rw.is_known_local("alice")  # unqualified
+    assert not rw.is_known_local("bob@example.test")
+    assert not rw.is_known_local("alice.smith@example.test")
+
+
+def test_is_known_local_with_an_empty_list_accepts_anyone():
+    rw = Rewriter(Config(**BASE, local=LocalConfig(recipients=())))
+    assert rw.is_known_local("anyone@example.test")
+    assert rw.is_known_local("x")
+
+
+def test_default_local_recipients_are_postmaster_only():
+    rw = Rewriter(Config())
+    assert rw.is_known_local("postmaster@localhost")
+    assert not rw.is_known_local("root@localhost")
+
+
+def test_local_user_is_the_lower_cased_local_part():
+    rw = rewriter()
+    assert rw.local_user("Alice@Example.test") == "alice"
+    assert rw.local_user("bob") == "bob"
+
+
+# ---------------------------------------------------------------------------------------------- known gaps
+
+
+@pytest.mark.xfail(strict=True, reason="the recipient domain is IDNA-encoded (normalise_domain) but the config's "
+                                       "domain lists are only lower-cased, so a U-label in mydestination or "
+                                       "relay_domains never matches")
+@pytest.mark.parametrize("overrides, klass", [
+    ({"mydestination": ("bücher.example",)}, LOCAL),
+    ({"relay_domains": ("bücher.example",)}, RELAY),
+    ({"relay_domains": (".bücher.example",)}, RELAY),
+])
+def test_utf8_domain_in_the_config_matches_utf8_recipients(overrides, klass):
+    rw = rewriter(**overrides)
+    sub = "a." if overrides.get("relay_domains", ("",))[0].startswith(".") else ""
+    assert rw.classify(f"user@{sub}bücher.example") is klass
