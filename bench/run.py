@@ -12,8 +12,9 @@ Contract:
 - Without smtp-source/smtp-sink it uses the built-in loadgen.py/capture_sink.py and measures mailflow only.
 - Bounded: each run <= RUN_TIMEOUT s, no new run after BUDGET s; servers are stopped and the temp dir removed
   on every exit path (including Ctrl-C and SIGTERM). Only 127.0.0.1, ports 2500-2599.
-- Exit status 0 when every requested and available server was measured without a failed run, else 1
-  (130 on interrupt).
+- Exit status 0 when every requested and available server was measured without a failed run, extra delivery
+  or left-over queued message; 1 otherwise; 2 for bad settings; 130 on interrupt. The last line is printed
+  in every case.
 
 Environment (defaults): COUNT=1000 RUNS=3 SESSIONS=1,10,50 SIZES=2000,100000 WARMUP=100 SERVERS=postfix,mailflow
 RUN_TIMEOUT=60 BUDGET=420 DRAIN=1 TOOLS=auto|builtin RESULTS_DIR=bench-results KEEP_TMP=0 MAILFLOW_CMD=(auto)
@@ -65,12 +66,15 @@ class Options:
         unknown = set(servers) - {"postfix", "mailflow"}
         if unknown:
             raise SystemExit(f"SERVERS: unknown {sorted(unknown)} (use postfix,mailflow)")
-        return cls(count=int(env.get("COUNT", 1000)), runs=int(env.get("RUNS", 3)),
-                   sessions=ints("SESSIONS", "1,10,50"), sizes=ints("SIZES", "2000,100000"),
-                   warmup=int(env.get("WARMUP", 100)), servers=servers,
-                   run_timeout=float(env.get("RUN_TIMEOUT", 60)), budget=float(env.get("BUDGET", 420)),
-                   drain=float(env.get("DRAIN", 1)), tools=env.get("TOOLS", "auto"),
-                   results_dir=Path(env.get("RESULTS_DIR", "bench-results")), keep_tmp=env.get("KEEP_TMP") == "1")
+        try:
+            return cls(count=int(env.get("COUNT", 1000)), runs=int(env.get("RUNS", 3)),
+                       sessions=ints("SESSIONS", "1,10,50"), sizes=ints("SIZES", "2000,100000"),
+                       warmup=int(env.get("WARMUP", 100)), servers=servers,
+                       run_timeout=float(env.get("RUN_TIMEOUT", 60)), budget=float(env.get("BUDGET", 420)),
+                       drain=float(env.get("DRAIN", 1)), tools=env.get("TOOLS", "auto"),
+                       results_dir=Path(env.get("RESULTS_DIR", "bench-results")), keep_tmp=env.get("KEEP_TMP") == "1")
+        except ValueError as e:
+            raise SystemExit(f"bad setting in the environment: {e}") from None
 
     def cells(self) -> list[Cell]:
         return [Cell(size, sessions) for size in self.sizes for sessions in self.sessions]
@@ -133,9 +137,9 @@ class Bench:
     def __init__(self, opts: Options) -> None:
         self.opts = opts
         self.tools = Tools.detect(opts.tools)
-        self.tmp = Path(tempfile.mkdtemp(prefix="mailflow-bench-"))
-        os.chmod(self.tmp, 0o755)
         self.mailflow_port, self.mailflow_sink, self.postfix_port, self.postfix_sink = free_ports(4)
+        self.tmp = Path(tempfile.mkdtemp(prefix="mailflow-bench-"))
+        os.chmod(self.tmp, 0o755)  # Postfix's daemons (user postfix) must traverse it
         self.started: list = []
         self.results: dict[str, list[CellResult]] = {}
         self.states: dict[str, dict] = {}
@@ -254,10 +258,9 @@ class Bench:
 
 def main() -> int:
     interrupt_on_signals()
-    opts = Options.from_env()
-    bench = Bench(opts)
-    ratio, status = "n/a", 1
+    ratio, status, bench = "n/a", 1, None
     try:
+        bench = Bench(Options.from_env())
         bench.run()
         bench.cleanup()
         ratio = bench.report()
@@ -265,14 +268,18 @@ def main() -> int:
     except KeyboardInterrupt:
         log("\ninterrupted: stopping servers and removing the temp dir")
         status = 130
+    except SystemExit as e:  # bad settings or no free port
+        log(f"bench: {e}")
+        status = 2
     except Exception:  # a harness bug: still clean up and end with the contract's last line
         traceback.print_exc(file=sys.stdout)
         status = 1
     finally:
-        try:
-            bench.cleanup()
-        except KeyboardInterrupt:
-            bench.cleanup()
+        if bench is not None:
+            try:
+                bench.cleanup()
+            except KeyboardInterrupt:
+                bench.cleanup()
     print(f"e2e_ratio_vs_postfix={ratio}", flush=True)
     return status
 

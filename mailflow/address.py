@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import ipaddress
 import re
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\x80-\U0010ffff]+"
@@ -14,7 +15,6 @@ _QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\x80-\U0010ffff]|\\[\x20-\x7e])*"'
 _LOCAL_RE = re.compile(rf"(?:{_DOT_ATOM}|{_QUOTED})")
 _LABEL = r"[A-Za-z0-9\x80-\U0010ffff](?:[A-Za-z0-9\-\x80-\U0010ffff]*[A-Za-z0-9\x80-\U0010ffff])?"
 _DOMAIN_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
-_LITERAL_RE = re.compile(r"\[(?:[0-9.]+|IPv6:[0-9A-Fa-f:.]+)\]")
 MAX_LOCAL = 64
 MAX_ADDRESS = 254
 
@@ -40,7 +40,7 @@ def mailbox_syntax_error(address: str) -> str | None:
     """None when `address` is `local@domain` per RFC 5321 (RFC 6531 for UTF-8); else the reason."""
     if len(address.encode("utf-8")) > MAX_ADDRESS:
         return "address too long"
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in address):
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in address):
         return "control character in address"
     local, domain = split(address)
     if not domain:
@@ -49,9 +49,40 @@ def mailbox_syntax_error(address: str) -> str | None:
         return "bad local part"
     if len(local.encode("utf-8")) > MAX_LOCAL:
         return "local part too long"
-    if not (_DOMAIN_RE.fullmatch(domain) or _LITERAL_RE.fullmatch(domain)):
+    if domain.startswith("["):
+        return None if is_address_literal(domain) else "bad domain"
+    if not _DOMAIN_RE.fullmatch(domain) or not _labels_fit(domain):
         return "bad domain"
     return None
+
+
+def is_address_literal(domain: str) -> bool:
+    """`[192.0.2.1]` or `[IPv6:2001:db8::1]` (the tag in any case), holding a real address (RFC 5321 4.1.3)."""
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return False
+    inner = domain[1:-1]
+    if "%" in inner:  # ipaddress accepts an IPv6 zone id; RFC 5321's IPv6-addr has none
+        return False
+    try:
+        if inner[:5].lower() == "ipv6:":
+            ipaddress.IPv6Address(inner[5:])
+        else:
+            ipaddress.IPv4Address(inner)
+    except ValueError:
+        return False
+    return True
+
+
+def _labels_fit(domain: str) -> bool:
+    """Each label at most 63 octets, counted in its ASCII (A-label) form (RFC 1035 2.3.4)."""
+    for label in domain.rstrip(".").split("."):
+        try:
+            encoded = label.encode("ascii") if label.isascii() else label.encode("idna")
+        except UnicodeError:
+            return False
+        if not 0 < len(encoded) <= 63:
+            return False
+    return True
 
 
 def is_utf8(address: str) -> bool:

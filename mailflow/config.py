@@ -15,7 +15,9 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from mailflow.address import normalise_domain
 
 from mailflow.errors import ConfigError
 
@@ -107,12 +109,20 @@ class QueueConfig(_Section):
 
     queue_run_delay: Duration = 300.0
     minimal_backoff_time: Duration = 300.0
-    maximal_backoff_time: Duration = 4000.0
+    maximal_backoff_time: Duration = Field(4000.0, validate_default=True)
     active_limit: int = Field(10_000, ge=1)
     default_destination_concurrency_limit: int = Field(20, ge=1)
     delivery_concurrency_limit: int = Field(100, ge=1)
     commit_batch_limit: int = Field(500, ge=1)
     incoming_backlog_limit: int = Field(5000, ge=1)
+
+    @field_validator("maximal_backoff_time")
+    @classmethod
+    def _backoff_order(cls, v: float, info: ValidationInfo) -> float:
+        minimal = info.data.get("minimal_backoff_time")
+        if minimal is not None and v < minimal:
+            raise ValueError(f"is smaller than minimal_backoff_time ({minimal:g}s)")
+        return v
 
 
 class LogConfig(_Section):
@@ -150,7 +160,14 @@ class Config(_Section):
     @field_validator("mydestination", "relay_domains")
     @classmethod
     def _domains(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(d.strip().lower().rstrip(".") for d in v if d.strip())
+        out = []
+        for entry in (d.strip() for d in v if d.strip()):
+            dot, name = ("." , entry[1:]) if entry.startswith(".") else ("", entry)
+            normal = normalise_domain(name)
+            if not normal:
+                raise ValueError(f"{entry!r} is not a domain name")
+            out.append(dot + normal)
+        return tuple(out)
 
     @field_validator("relayhost")
     @classmethod

@@ -131,15 +131,15 @@ class DeliveryReport:
     @classmethod
     def uniform(
         cls,
-        request: DeliveryRequest,
+        recipients: tuple[Recipient, ...],
         outcome: Outcome,
         dsn: str,
         text: str,
         relay: str = "none",
         site_ok: bool = True,
     ) -> "DeliveryReport":
-        """The same result for every recipient of `request` (a refused MAIL, a dead site, a discard)."""
-        results = tuple(RcptResult(r, outcome, dsn, text, relay) for r in request.recipients)
+        """The same result for every recipient (a refused MAIL, a dead site, a discard, a missing agent)."""
+        results = tuple(RcptResult(r, outcome, dsn, text, relay) for r in recipients)
         return cls(results, site_ok=site_ok, site_reason="" if site_ok else text)
 
 

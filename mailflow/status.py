@@ -15,7 +15,7 @@ class Reply:
     text: str
 
     def __str__(self) -> str:
-        return f"{self.code} {self.status} {self.text}"
+        return f"{self.code} {self.status} {self.text}" if self.status else f"{self.code} {self.text}"
 
     @property
     def is_ok(self) -> bool:
@@ -82,7 +82,7 @@ def with_enhanced_code(line: str) -> str:
     if first.count(".") == 2 and first[0] in "245" and first.replace(".", "").isdigit():
         return line
     enhanced = DEFAULT_ENHANCED.get(int(code))
-    if enhanced is None or (code in ("220",) and sep == " "):
+    if enhanced is None:
         return line
     return f"{code}{sep}{enhanced} {rest}"
 

@@ -99,26 +99,48 @@ class _GroupCommitter:
                     self._pending.task_done()
 
     async def _commit(self, batch: list[tuple[list[_Op], asyncio.Future]]) -> None:
+        try:
+            await self._run_transaction([ops for ops, _ in batch])
+        except Exception as e:
+            await _safe_rollback(self._db)
+            if len(batch) == 1:
+                log.error("store: write failed: %s", e)
+                _settle(batch[0][1], e)
+                return
+            # One bad request must not fail the innocent ones that shared its batch: retry each alone.
+            for ops, fut in batch:
+                try:
+                    await self._run_transaction([ops])
+                except Exception as one:
+                    log.error("store: write failed: %s", one)
+                    await _safe_rollback(self._db)
+                    _settle(fut, one)
+                else:
+                    _settle(fut, None)
+            return
+        for _, fut in batch:
+            _settle(fut, None)
+
+    async def _run_transaction(self, requests: list[list[_Op]]) -> None:
+        """Every statement's rows from every request, one executemany per statement, one commit."""
         merged: dict[str, list[tuple]] = {}
-        for ops, _ in batch:
+        for ops in requests:
             for sql, rows in ops:
                 merged.setdefault(sql, []).extend(rows)
-        try:
-            for sql, rows in merged.items():
-                if rows:
-                    await self._db.executemany(sql, rows)
-            await self._db.commit()
-        except Exception as e:  # the whole batch is refused: each caller decides what to say
-            log.error("store: write of %d requests failed: %s", len(batch), e)
-            await _safe_rollback(self._db)
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(e)
-            return
+        for sql, rows in merged.items():
+            if rows:
+                await self._db.executemany(sql, rows)
+        await self._db.commit()
         self.commits += 1
-        for _, fut in batch:
-            if not fut.done():
-                fut.set_result(None)
+
+
+def _settle(fut: asyncio.Future, error: Exception | None) -> None:
+    if fut.done():
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
 
 
 async def _safe_rollback(db: aiosqlite.Connection) -> None:
@@ -184,9 +206,13 @@ class Store:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         writer = await aiosqlite.connect(path)
-        await _configure(writer)
-        await _migrate(writer)
-        reader = await aiosqlite.connect(path)
+        try:
+            await _configure(writer)
+            await _migrate(writer)
+            reader = await aiosqlite.connect(path)
+        except BaseException:
+            await writer.close()  # its worker thread would otherwise keep the process alive
+            raise
         await reader.execute("PRAGMA query_only = ON")
         committer = _GroupCommitter(writer, batch_limit, backlog_limit)
         committer.start()

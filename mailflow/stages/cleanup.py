@@ -13,6 +13,7 @@ full, any other exception means "not queued" (smtpd answers 451).
 from __future__ import annotations
 
 import email.utils
+import re
 import time
 from datetime import datetime, timezone
 from typing import Callable
@@ -38,22 +39,28 @@ class QueueIdGenerator:
     def next(self) -> QueueId:
         us = max(int(self._clock.time() * 1_000_000), self._last_us + 1)
         self._last_us = us
-        return f"{us & 0xFFFFFFFFFF:010X}{self._rng.getrandbits(16):04X}"
+        return f"{us:013X}{self._rng.getrandbits(12):03X}"  # 13 hex digits of microseconds last until 2112
 
 
 def rfc5322_date(now: float) -> str:
     return email.utils.format_datetime(datetime.fromtimestamp(now, timezone.utc))
 
 
+_HEADER_END = re.compile(rb"\r?\n(?=\r?\n)")
+
+
 def split_header(content: bytes) -> tuple[bytes, bytes]:
-    """(header section including its final CRLF, the rest starting with the empty line)."""
-    if content.startswith(CRLF):
+    """(header section including its final line end, the rest starting with the empty line).
+
+    The empty line may end in CRLF or a bare LF: a sloppy client's headers still count as headers.
+    """
+    if content.startswith(CRLF) or content.startswith(b"\n"):
         return b"", content
-    end = content.find(b"\r\n\r\n")
-    if end < 0:
-        head = content if content.endswith(CRLF) or not content else content + CRLF
+    end = _HEADER_END.search(content)
+    if end is None:
+        head = content if content.endswith(b"\n") or not content else content + CRLF
         return head, b""
-    return content[: end + 2], content[end + 2 :]
+    return content[: end.end()], content[end.end() :]
 
 
 def header_names(head: bytes) -> list[str]:
@@ -71,7 +78,7 @@ def header_value(head: bytes, wanted: str) -> str:
     lines = head.split(CRLF)
     for i, line in enumerate(lines):
         name, colon, value = line.partition(b":")
-        if colon and line[:1] not in (b" ", b"\t") and name.strip().lower() == wanted.encode():
+        if colon and line[:1] not in (b" ", b"\t") and name.strip().lower() == wanted.lower().encode():
             while i + 1 < len(lines) and lines[i + 1][:1] in (b" ", b"\t"):
                 i += 1
                 value += b" " + lines[i].strip()

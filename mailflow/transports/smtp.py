@@ -58,6 +58,9 @@ from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult,
 
 log = logging.getLogger("mailflow.smtp")
 
+# The results are final once DATA is answered; a peer slow to answer QUIT must not hold them back long.
+QUIT_TIMEOUT = 10.0
+
 _ENHANCED_CODE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 _UNSAFE_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -288,7 +291,7 @@ class SmtpTransport:
         """QUIT and close. A connection cache would keep the client here instead."""
         try:
             if client.is_connected:
-                await client.quit(timeout=self._config.command_timeout)
+                await client.quit(timeout=min(QUIT_TIMEOUT, self._config.command_timeout))
         except (aiosmtplib.SMTPException, OSError) as e:
             log.debug("QUIT failed: %r", e)
         finally:

@@ -25,18 +25,33 @@ MIN_BACKOFF = 300.0
 
 
 class FakeClock:
-    """Time stands still unless a test moves it. `sleep` records the request and waits until cancelled."""
+    """Time stands still unless a test calls `advance()`, which wakes the sleepers whose time has come."""
 
     def __init__(self, now: float = T0):
         self.now = now
         self.sleeps: list[float] = []
+        self._sleepers: list[tuple[float, asyncio.Future]] = []
 
     def time(self) -> float:
         return self.now
 
     async def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
-        await asyncio.Event().wait()
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        entry = (self.now + seconds, asyncio.get_running_loop().create_future())
+        self._sleepers.append(entry)
+        try:
+            await entry[1]
+        finally:
+            self._sleepers.remove(entry)
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        for deadline, fut in self._sleepers:
+            if deadline <= self.now and not fut.done():
+                fut.set_result(None)
 
 
 class ScriptedTransport:
@@ -380,8 +395,11 @@ async def test_start_recovers_messages_left_active(h):
 
 
 async def test_mail_queued_without_a_wake_up_is_found_by_the_timer(h):
-    await h.start(queue_run_delay=0.02)
+    await h.start(queue_run_delay=30)
     await h.queue("b@remote.test", wake=False)
+    await asyncio.sleep(0.05)
+    assert h.smtp.requests == [], "found before its queue run"
+    h.clock.advance(30)
     await until(lambda: queue_is_empty(h))
     assert len(h.smtp.requests) == 1
 
@@ -392,7 +410,7 @@ async def test_a_deferral_comes_due_without_a_wake_up(h):
     await h.queue("b@remote.test")
     await until(lambda: _is(h, {"deferred": 1}))
     del h.smtp.outcomes["b@remote.test"]
-    h.clock.now += 0.02  # time moves; nobody calls wake()
+    h.clock.advance(0.02)  # time moves; nobody calls wake()
     await until(lambda: queue_is_empty(h))
     assert len(h.smtp.requests) == 2
 
@@ -407,9 +425,6 @@ async def test_stop_closes_each_transport_once(h):
 # ---------------------------------------------------------------------------------------------- known gaps
 
 
-@pytest.mark.xfail(strict=True, reason="a store error while loading content escapes _run_job: the job never "
-                                       "reports, the message stays in qmgr's active set (and 'active' in the "
-                                       "store) until a restart, instead of being deferred")
 async def test_a_content_read_error_defers_the_message(h):
     await h.open_store()
     load = h.store.content
@@ -428,9 +443,6 @@ async def test_a_content_read_error_defers_the_message(h):
     await until(lambda: _is(h, {"deferred": 1}), timeout=0.3)
 
 
-@pytest.mark.xfail(strict=True, reason="_scan activates every due message before resolving any: a resolve that "
-                                       "raises (LookupRetry, as table lookups will) aborts the scan and strands "
-                                       "the whole batch 'active' until a restart; it should defer with 4.3.0")
 async def test_a_lookup_failure_defers_that_recipient_and_strands_nothing(h):
     config = Config(myhostname=HOST, mydestination=("example.test",))
     rewriter = Rewriter(config)
@@ -449,10 +461,6 @@ async def test_a_lookup_failure_defers_that_recipient_and_strands_nothing(h):
     assert (st, dsn) == ("pending", "4.3.0")
 
 
-@pytest.mark.xfail(strict=True, reason="qmgr only records the results a transport returns: a recipient missing "
-                                       "from the DeliveryReport is neither sent nor deferred, and the message is "
-                                       "removed, so that recipient is silently lost (unclassified should mean "
-                                       "temporary)")
 async def test_a_recipient_missing_from_the_report_stays_queued(h):
     class ForgetfulTransport(ScriptedTransport):
         async def deliver(self, request):
@@ -469,9 +477,6 @@ async def test_a_recipient_missing_from_the_report_stays_queued(h):
                                                                   ("c@remote.test", "pending")]
 
 
-@pytest.mark.xfail(strict=True, reason="qmgr's idle wait is asyncio.wait_for(event, timeout) in real time: it "
-                                       "never calls the injected clock's sleep(), so a fake clock cannot drive "
-                                       "the queue timer (clock.py: 'No module reads the time any other way')")
 async def test_qmgr_waits_through_the_injected_clock(h):
     await h.start()
     await until(lambda: h.clock.sleeps, timeout=0.3)

@@ -26,6 +26,11 @@ HOST = "mx.example.test"
     (b"\r\nbody only\r\n", b"", b"\r\nbody only\r\n"),  # empty header section
     (b"", b"", b""),
     (b"Subject: a\r\n folded\r\n\r\nb", b"Subject: a\r\n folded\r\n", b"\r\nb"),
+    (b"Subject: x\n\nbody\n", b"Subject: x\n", b"\nbody\n"),  # bare LF line ends
+    (b"Subject: x\r\n\nbody", b"Subject: x\r\n", b"\nbody"),
+    (b"Subject: x\n\r\nbody", b"Subject: x\n", b"\r\nbody"),
+    (b"\nbody", b"", b"\nbody"),
+    (b"Subject: x\n", b"Subject: x\n", b""),
 ])
 def test_split_header(content, head, rest):
     assert split_header(content) == (head, rest)
@@ -81,8 +86,6 @@ def test_header_value_does_not_match_a_continuation_line_that_looks_like_a_heade
     assert header_value(head, "x-a") == "one Subject: not really"
 
 
-@pytest.mark.xfail(strict=True, reason="header_value compares against `wanted` as given: header names are "
-                                       "case-insensitive (RFC 5322 1.2.2), but 'Message-ID' finds nothing")
 def test_header_value_name_is_case_insensitive():
     assert header_value(HEAD, "Message-ID") == "<id@example.test>"
 
@@ -106,7 +109,7 @@ def test_queue_ids_unique_and_increasing_with_a_frozen_clock():
     got = [ids.next() for _ in range(1000)]
     assert len(set(got)) == 1000
     assert got == sorted(got)
-    assert all(len(q) == 14 and q == q.upper() and int(q, 16) >= 0 for q in got)
+    assert all(len(q) == 16 and q == q.upper() and int(q, 16) >= 0 for q in got)
 
 
 def test_queue_ids_keep_increasing_when_the_clock_goes_back():
@@ -117,8 +120,6 @@ def test_queue_ids_keep_increasing_when_the_clock_goes_back():
     assert ids.next() > first
 
 
-@pytest.mark.xfail(strict=True, reason="queue ids keep only the low 40 bits of the microsecond clock, which wrap "
-                                       "every 2**40 us (about 12.7 days): ids are not time-ordered across a wrap")
 def test_queue_ids_stay_ordered_across_the_40_bit_wrap():
     wrap = 2**40 / 1_000_000  # seconds
     clock = FixedClock(wrap * 1546 - 0.5)  # half a second before a wrap, in our own decade
@@ -290,9 +291,6 @@ async def test_store_failure_propagates_and_does_not_wake_qmgr(env):
     assert env.woken == 0
 
 
-@pytest.mark.xfail(strict=True, reason="split_header looks only for CRLF CRLF: with bare-LF line ends the whole "
-                                       "message counts as header and Message-ID/Date/From are appended after the "
-                                       "body (a refusal would also pass this test)")
 async def test_bare_lf_message_gets_its_headers_before_the_body(env):
     try:
         await env.cleanup.submit(submission(b"Subject: lf only\n\nthe body\r\n"))
@@ -300,3 +298,24 @@ async def test_bare_lf_message_gets_its_headers_before_the_body(env):
         return
     content = env.store.inserted[0].content
     assert content.index(b"Message-ID:") < content.index(b"the body")
+
+
+LF_HEAD = b"Subject: s\nFrom: a@remote.test\nDate: Tue, 14 Nov 2023 22:00:00 +0000\nMessage-ID: <m@remote.test>\n"
+
+
+@pytest.mark.xfail(strict=True, reason="split_header now finds a bare-LF header section, but header_names splits "
+                                       "on CRLF only: LF-separated headers after the first go unseen, so Message-ID, "
+                                       "Date and From are added a second time")
+async def test_bare_lf_headers_that_are_present_are_not_added_again(env):
+    await env.cleanup.submit(submission(LF_HEAD + b"\nbody\n"))
+    content = env.store.inserted[0].content
+    for name in (b"Message-ID:", b"Date:", b"From:"):
+        assert content.count(name) == 1, name
+
+
+@pytest.mark.xfail(strict=True, reason="header_names splits on CRLF only, so 51 Received headers with bare-LF line "
+                                       "ends count as one: the hop limit (mail loop detection) is evaded")
+async def test_bare_lf_received_headers_count_as_hops(env):
+    with pytest.raises(PermanentError):
+        await env.cleanup.submit(submission(b"Received: from x by y\n" * 51 + b"\nbody\n"))
+

@@ -190,8 +190,35 @@ def test_models_reject_unknown_keys_in_code_too():
         QueueConfig(minimal_backoff=1)
 
 
-@pytest.mark.xfail(strict=True, reason="minimal_backoff_time > maximal_backoff_time is accepted silently; "
-                                       "retry_delay then always returns maximal and the minimal setting is ignored")
 def test_minimal_backoff_above_maximal_is_refused(tmp_path):
     err = config_error(write(tmp_path, "[queue]\nminimal_backoff_time = '2h'\nmaximal_backoff_time = '1h'\n"))
     assert err.key.startswith("queue.")
+    assert "minimal_backoff_time" in err.reason
+
+
+def test_maximal_backoff_below_the_default_minimal_is_refused(tmp_path):
+    err = config_error(write(tmp_path, "[queue]\nmaximal_backoff_time = '1m'\n"))  # default minimal: 5m
+    assert err.key == "queue.maximal_backoff_time"
+
+
+def test_equal_backoff_times_are_accepted():
+    q = QueueConfig(minimal_backoff_time="1h", maximal_backoff_time="1h")
+    assert q.minimal_backoff_time == q.maximal_backoff_time == 3600
+
+
+def test_minimal_backoff_above_the_default_maximal_is_refused(tmp_path):
+    err = config_error(write(tmp_path, "[queue]\nminimal_backoff_time = '2h'\n"))
+    assert err.key.startswith("queue.")
+
+
+def test_domain_lists_are_idna_normalised(tmp_path):
+    c = load_config(write(tmp_path, "mydestination = ['Bücher.example.', 'localhost']\n"
+                                    "relay_domains = ['.Sub.Bücher.Example.', 'RELAY.test']\n"))
+    assert c.mydestination == ("xn--bcher-kva.example", "localhost")
+    assert c.relay_domains == (".sub.xn--bcher-kva.example", "relay.test")
+
+
+def test_a_domain_that_cannot_be_encoded_is_refused(tmp_path):
+    err = config_error(write(tmp_path, "relay_domains = ['a..bücher']\n"))
+    assert err.key == "relay_domains"
+    assert "not a domain name" in err.reason

@@ -151,12 +151,9 @@ def test_local_user_is_the_lower_cased_local_part():
     assert rw.local_user("bob") == "bob"
 
 
-# ---------------------------------------------------------------------------------------------- known gaps
+# ---------------------------------------------------------------------------------------------- UTF-8 domains
 
 
-@pytest.mark.xfail(strict=True, reason="the recipient domain is IDNA-encoded (normalise_domain) but the config's "
-                                       "domain lists are only lower-cased, so a U-label in mydestination or "
-                                       "relay_domains never matches")
 @pytest.mark.parametrize("overrides, klass", [
     ({"mydestination": ("bücher.example",)}, LOCAL),
     ({"relay_domains": ("bücher.example",)}, RELAY),

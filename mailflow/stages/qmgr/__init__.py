@@ -40,7 +40,7 @@ class ActiveMessage:
     message: QueuedMessage
     jobs_left: int
     results: list[RcptResult] = field(default_factory=list)
-    _content: asyncio.Future | None = None
+    content: asyncio.Future | None = None  # the content, read once however many destinations
 
 
 class QueueManager:
@@ -98,11 +98,17 @@ class QueueManager:
             except Exception:  # the store is unhappy: keep the loop alive and try again later
                 log.exception("qmgr: queue scan failed")
                 self._next_scan = self._clock.time() + min(self._config.queue_run_delay, 5.0)
-            timeout = max(0.0, self._next_scan - self._clock.time())
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
+            await self._idle(max(0.0, self._next_scan - self._clock.time()))
+
+    async def _idle(self, seconds: float) -> None:
+        """Wait for a wake-up or until `seconds` pass on the injected clock, whichever comes first."""
+        woken = asyncio.ensure_future(self._wakeup.wait())
+        timer = asyncio.ensure_future(self._clock.sleep(seconds))
+        try:
+            await asyncio.wait({woken, timer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+            timer.cancel()
 
     async def _scan(self) -> None:
         now = self._clock.time()
@@ -121,12 +127,18 @@ class QueueManager:
 
     def _admit(self, message: QueuedMessage) -> None:
         groups: dict[tuple[str, str], list] = {}
+        unresolved: list[RcptResult] = []
         for rcpt in message.recipients:
-            res = self._resolve(rcpt.address)
+            try:
+                res = self._resolve(rcpt.address)
+            except Exception as e:  # a table or DNS lookup failed: not "not found", so try again later
+                log.warning("%s: cannot resolve <%s>: %s", message.queue_id, rcpt.address, e)
+                unresolved.append(RcptResult(rcpt, Outcome.DEFERRED, "4.3.0", f"address resolver failure: {e}"))
+                continue
             groups.setdefault((res.transport, res.nexthop), []).append(rcpt)
-        active = ActiveMessage(message, jobs_left=len(groups))
+        active = ActiveMessage(message, jobs_left=len(groups), results=unresolved)
         self._active[message.queue_id] = active
-        if not groups:  # nothing pending: finish it (removes the message)
+        if not groups:  # nothing to deliver now: record what we know (or remove a message with no one left)
             self._spawn(self._finish(active))
             return
         for (transport, nexthop), rcpts in groups.items():
@@ -164,7 +176,7 @@ class QueueManager:
         finally:
             dest.done()
             self._in_flight -= 1
-        active.results.extend(report.results)
+        active.results.extend(_complete(job, report))
         active.jobs_left -= 1
         if active.jobs_left == 0:
             await self._finish(active)
@@ -174,10 +186,14 @@ class QueueManager:
         msg = active.message
         transport = self._transports.get(job.transport)
         if transport is None:
-            return _uniform(job, Outcome.DEFERRED, "4.3.5", f"mail transport unavailable: {job.transport!r} is not defined")
-        content = await self._content(active)
+            return DeliveryReport.uniform(job.recipients, Outcome.DEFERRED, "4.3.5", f"mail transport unavailable: {job.transport!r} is not defined")
+        try:
+            content = await self._content(active)
+        except Exception as e:
+            log.error("%s: cannot read the queued content: %s", msg.queue_id, e)
+            return DeliveryReport.uniform(job.recipients, Outcome.DEFERRED, "4.3.0", f"queue file read error: {e}")
         if content is None:
-            return _uniform(job, Outcome.DEFERRED, "4.3.0", "queue file content missing")
+            return DeliveryReport.uniform(job.recipients, Outcome.DEFERRED, "4.3.0", "queue file content missing")
         request = DeliveryRequest(msg.queue_id, msg.sender, job.recipients, job.nexthop, content,
                                   msg.smtputf8, msg.body_type, msg.arrival)
         try:
@@ -186,18 +202,18 @@ class QueueManager:
             raise
         except Exception as e:
             log.exception("%s: transport %s failed", msg.queue_id, job.transport)
-            return _uniform(job, Outcome.DEFERRED, "4.3.0", f"delivery agent {job.transport} failed: {e}")
+            return DeliveryReport.uniform(job.recipients, Outcome.DEFERRED, "4.3.0", f"delivery agent {job.transport} failed: {e}")
 
     async def _content(self, active: ActiveMessage) -> bytes | None:
         """Load the content once per active message, however many destinations it goes to."""
-        if active._content is None:
-            active._content = asyncio.ensure_future(self._store.content(active.message.queue_id))
-        return await active._content
+        if active.content is None:
+            active.content = asyncio.ensure_future(self._store.content(active.message.queue_id))
+        return await active.content
 
     async def _finish(self, active: ActiveMessage) -> None:
         msg = active.message
         now = self._clock.time()
-        if active._content is not None and active._content.done() and active._content.result() is None:
+        if _content_missing(active):
             await self._store.mark_corrupt([msg.queue_id])
             self._log.corrupt(msg.queue_id, "content missing")
             self._active.pop(msg.queue_id, None)
@@ -220,6 +236,17 @@ class QueueManager:
         self.wake()
 
 
-def _uniform(job: Job, outcome: Outcome, dsn: str, text: str) -> DeliveryReport:
-    results = tuple(RcptResult(r, outcome, dsn, text) for r in job.recipients)
-    return DeliveryReport(results, site_ok=True)
+def _complete(job: Job, report: DeliveryReport) -> list[RcptResult]:
+    """The report's results for this job's recipients; one the agent did not mention stays queued (4.3.0)."""
+    mine = {r.index: r for r in job.recipients}
+    results = [r for r in report.results if mine.get(r.recipient.index) == r.recipient]
+    told = {r.recipient.index for r in results}
+    results += [RcptResult(r, Outcome.DEFERRED, "4.3.0", "delivery agent reported no result")
+                for r in job.recipients if r.index not in told]
+    return results
+
+
+def _content_missing(active: ActiveMessage) -> bool:
+    """True when the store had no content for the message (a corrupt entry), not when reading it failed."""
+    f = active.content
+    return f is not None and f.done() and not f.cancelled() and f.exception() is None and f.result() is None
