@@ -34,6 +34,7 @@ class Mailflow:
         self.clock = clock or SystemClock()
         self.rng = rng or random.Random()
         self._resolver = resolver
+        self._own_resolver = None  # built here, so closed here
         self._transports = transports
         self._grace = shutdown_grace
         self.store: Store | None = None
@@ -70,7 +71,9 @@ class Mailflow:
         from mailflow.dns import AiodnsResolver
         from mailflow.transports import build_transports
 
-        resolver = self._resolver or AiodnsResolver.from_config(self.config.dns)
+        resolver = self._resolver
+        if resolver is None:
+            resolver = self._own_resolver = AiodnsResolver.from_config(self.config.dns)
         return build_transports(self.config, resolver, self.clock)
 
     async def stop(self) -> None:
@@ -81,6 +84,9 @@ class Mailflow:
         if self.qmgr:
             await self.qmgr.stop(self._grace)
             self.qmgr = None
+        if self._own_resolver:
+            await self._own_resolver.close()
+            self._own_resolver = None
         if self.store:
             await self.store.close()
             self.store = None

@@ -22,11 +22,8 @@ class Reply:
         return 200 <= self.code < 400
 
 
-OK = Reply(250, "2.0.0", "Ok")
 SENDER_OK = Reply(250, "2.1.0", "Ok")
 RCPT_OK = Reply(250, "2.1.5", "Ok")
-START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
-BYE = Reply(221, "2.0.0", "Bye")
 
 
 def queued(queue_id: str) -> Reply:
@@ -53,14 +50,16 @@ def lookup_failed(address: str) -> Reply:
     return Reply(451, "4.3.0", f"<{address}>: Temporary lookup failure")
 
 
+SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "Must declare SMTPUTF8 to send UTF-8 addresses")
+INTERNAL_ERROR = Reply(451, "4.3.0", "Error: internal error, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
-NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
 QUEUE_FULL = Reply(451, "4.3.1", "Error: queue file write error, try again later")
 QUEUE_ERROR = Reply(451, "4.3.0", "Error: queue file write error")
-SIZE_EXCEEDED = Reply(552, "5.3.4", "Error: message file too big")
-LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
-SERVICE_UNAVAILABLE = Reply(421, "4.3.2", "Service shutting down, closing transmission channel")
-TOO_MANY_HOPS = Reply(554, "5.4.6", "Error: too many hops")
+
+def refused_message(dsn: str, text: str, permanent: bool) -> Reply:
+    """A message cleanup refused (a loop, a policy): 554 when permanent, else 451."""
+    return Reply(554 if permanent else 451, dsn, text)
+
 
 # Enhanced codes for replies whose text the SMTP library writes itself, keyed by the basic code.
 # smtpd adds these so that every reply carries one (ENHANCEDSTATUSCODES, RFC 2034).

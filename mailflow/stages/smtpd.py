@@ -97,7 +97,7 @@ class SmtpdHandler:
             if address.mailbox_syntax_error(sender):
                 return str(status.bad_sender_syntax(sender))
             if address.is_utf8(sender) and "SMTPUTF8" not in options:
-                return "553 5.6.7 Must declare SMTPUTF8 to send UTF-8 addresses"
+                return str(status.SMTPUTF8_REQUIRED)
         envelope.mail_from = addr
         envelope.mail_options.extend(options)
         return str(status.SENDER_OK)
@@ -115,7 +115,7 @@ class SmtpdHandler:
         if address.mailbox_syntax_error(self._rewriter.qualify(addr)):
             return status.bad_address_syntax(addr)
         if address.is_utf8(addr) and not envelope.smtp_utf8:
-            return status.Reply(553, "5.6.7", "Must declare SMTPUTF8 to send UTF-8 addresses")
+            return status.SMTPUTF8_REQUIRED
         klass = self._rewriter.classify(addr)
         if klass is AddressClass.DEFAULT and not self._trusted(session):
             return status.relay_denied(addr)
@@ -133,7 +133,7 @@ class SmtpdHandler:
         try:
             queue_id = await self._cleanup.submit(submission)
         except DeliveryError as e:
-            return f"{554 if e.permanent else 451} {e.dsn} {e.text}"
+            return str(status.refused_message(e.dsn, e.text, e.permanent))
         except Overloaded:
             return str(status.QUEUE_FULL)
         except Exception:
@@ -145,7 +145,7 @@ class SmtpdHandler:
 
     async def handle_exception(self, error: Exception) -> str:
         log.exception("smtpd: unexpected error in a session", exc_info=error)
-        return "451 4.3.0 Error: internal error, try again later"
+        return str(status.INTERNAL_ERROR)
 
     def _trusted(self, session: Session) -> bool:
         try:

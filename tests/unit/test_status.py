@@ -69,8 +69,8 @@ def catalogue() -> list[Reply]:
     return replies
 
 
-def test_catalogue_is_not_empty():
-    assert len(catalogue()) >= 15
+def test_catalogue_helper_sees_the_fixed_replies():
+    assert {status.SENDER_OK, status.RCPT_OK, status.QUEUE_FULL, status.TOO_MANY_RECIPIENTS} <= set(catalogue())
 
 
 @pytest.mark.parametrize("reply", catalogue(), ids=str)
@@ -100,7 +100,7 @@ def test_dsn_class(dsn, klass):
 
 
 def test_reply_without_enhanced_code_prints_one_space():
-    assert str(status.START_DATA) == "354 End data with <CR><LF>.<CR><LF>"
+    assert str(Reply(354, "", "End data with <CR><LF>.<CR><LF>")) == "354 End data with <CR><LF>.<CR><LF>"
 
 
 def test_220_after_the_greeting_gets_a_code():
