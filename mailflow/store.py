@@ -157,14 +157,20 @@ class _BatchLoader:
         self._fetch_many = fetch_many
         self._waiting: dict[str, list[asyncio.Future]] = {}
         self._scheduled = False
+        self._flushes: set[asyncio.Task] = set()  # keep a reference until each flush is done
 
     async def load(self, key: str):
         fut = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(key, []).append(fut)
         if not self._scheduled:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush()))
+            asyncio.get_running_loop().call_soon(self._start_flush)
         return await fut
+
+    def _start_flush(self) -> None:
+        task = asyncio.ensure_future(self._flush())
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
 
     async def _flush(self) -> None:
         waiting, self._waiting, self._scheduled = self._waiting, {}, False

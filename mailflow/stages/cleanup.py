@@ -63,9 +63,14 @@ def split_header(content: bytes) -> tuple[bytes, bytes]:
     return content[: end.end()], content[end.end() :]
 
 
+def _header_lines(head: bytes) -> list[bytes]:
+    """The header section's lines, whether they end in CRLF or a bare LF."""
+    return [line.removesuffix(b"\r") for line in head.split(b"\n")]
+
+
 def header_names(head: bytes) -> list[str]:
     names = []
-    for line in head.split(CRLF):
+    for line in _header_lines(head):
         if line and line[:1] not in (b" ", b"\t"):
             name, colon, _ = line.partition(b":")
             if colon:
@@ -75,7 +80,7 @@ def header_names(head: bytes) -> list[str]:
 
 def header_value(head: bytes, wanted: str) -> str:
     """The first value of header `wanted` (unfolded), or ''."""
-    lines = head.split(CRLF)
+    lines = _header_lines(head)
     for i, line in enumerate(lines):
         name, colon, value = line.partition(b":")
         if colon and line[:1] not in (b" ", b"\t") and name.strip().lower() == wanted.lower().encode():

@@ -422,7 +422,7 @@ async def test_stop_closes_each_transport_once(h):
     assert h.smtp.closed and h.local.closed
 
 
-# ---------------------------------------------------------------------------------------------- known gaps
+# ---------------------------------------------------------------------------------------------- failures that must not strand mail
 
 
 async def test_a_content_read_error_defers_the_message(h):
