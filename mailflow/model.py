@@ -5,7 +5,7 @@ Stages hand each other these values (and bytes), never their own objects. Nothin
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 QueueId = str
 
@@ -60,11 +60,14 @@ class Submission:
 
 @dataclass(frozen=True)
 class Recipient:
-    """One recipient row of a queued message. `index` is its position in the envelope."""
+    """One recipient of a queued message. `index` is its position in the envelope; `original` the address as
+    the client gave it; `notify` and `orcpt` its DSN parameters (RFC 3461), '' when not given."""
 
     index: int
     address: str
     original: str
+    notify: str = ""
+    orcpt: str = ""
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,9 @@ class QueuedMessage:
     body_type: str
     attempts: int
     recipients: tuple[Recipient, ...]
+    envid: str = ""
+    ret: str = ""
+    warned: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,4 +156,4 @@ class Delivered:
     queue_id: QueueId
     results: tuple[RcptResult, ...]
     next_attempt: float | None = None  # None: nothing pending, remove the message
-    extra: dict = field(default_factory=dict, compare=False)
+    warned: bool = False  # the "delayed" notice has been sent

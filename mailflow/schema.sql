@@ -13,7 +13,10 @@ CREATE TABLE IF NOT EXISTS message (
     size         INTEGER NOT NULL,                 -- bytes of content
     smtputf8     INTEGER NOT NULL DEFAULT 0,
     body_type    TEXT NOT NULL DEFAULT '7BIT',     -- 7BIT | 8BITMIME
-    client       TEXT NOT NULL DEFAULT ''          -- name[addr] of the submitting client
+    client       TEXT NOT NULL DEFAULT '',         -- name[addr] of the submitting client
+    envid        TEXT NOT NULL DEFAULT '',         -- DSN ENVID (RFC 3461), '' if none
+    ret          TEXT NOT NULL DEFAULT '',         -- DSN RET: FULL | HDRS | '' (not given)
+    warned       INTEGER NOT NULL DEFAULT 0        -- 1 once the "delayed" notice went out
 ) WITHOUT ROWID;
 
 CREATE INDEX IF NOT EXISTS message_due ON message (queue, next_attempt);
@@ -23,6 +26,8 @@ CREATE TABLE IF NOT EXISTS recipient (
     idx        INTEGER NOT NULL,                   -- position in the envelope
     address    TEXT NOT NULL,
     original   TEXT NOT NULL,                      -- as the client gave it (ORCPT)
+    notify     TEXT NOT NULL DEFAULT '',           -- DSN NOTIFY: '' (default), NEVER, or SUCCESS,FAILURE,DELAY
+    orcpt      TEXT NOT NULL DEFAULT '',           -- DSN ORCPT as given, e.g. 'rfc822;user@example.com'
     status     TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'bounced')),
     dsn        TEXT NOT NULL DEFAULT '',           -- last enhanced status code
     reason     TEXT NOT NULL DEFAULT '',           -- last diagnostic (deferral reason, bounce text)
@@ -33,3 +38,24 @@ CREATE TABLE IF NOT EXISTS content (
     message_id TEXT PRIMARY KEY,
     data       BLOB NOT NULL                       -- the message as queued: CRLF line endings
 );
+
+-- What qmgr knows of each destination (transport, nexthop), written about once a second for the tools.
+CREATE TABLE IF NOT EXISTS destination (
+    transport  TEXT NOT NULL,
+    nexthop    TEXT NOT NULL,
+    window     INTEGER NOT NULL,                   -- concurrency allowed now
+    in_flight  INTEGER NOT NULL,
+    queued     INTEGER NOT NULL,                   -- jobs waiting in memory
+    failures   INTEGER NOT NULL,                   -- site failures in a row
+    dead_until REAL NOT NULL DEFAULT 0,            -- unix time; 0 = alive
+    reason     TEXT NOT NULL DEFAULT '',           -- last site failure
+    updated    REAL NOT NULL,
+    PRIMARY KEY (transport, nexthop)
+) WITHOUT ROWID;
+
+-- Counters shared with the operator tools: 'generation' is bumped by every tool that changes the queue,
+-- so a running qmgr (which polls it) rescans within a second.
+CREATE TABLE IF NOT EXISTS control (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;

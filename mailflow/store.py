@@ -41,16 +41,18 @@ class Overloaded(Exception):
 
 @dataclass(frozen=True)
 class NewMessage:
-    """A message as cleanup commits it."""
+    """A message as cleanup commits it. Recipient indexes are their positions in `recipients`."""
 
     queue_id: QueueId
     sender: str
     arrival: float
     content: bytes
-    recipients: tuple[tuple[str, str], ...]  # (address, original)
+    recipients: tuple[Recipient, ...]
     smtputf8: bool = False
     body_type: str = "7BIT"
     client: str = ""
+    envid: str = ""
+    ret: str = ""
 
 
 _Op = tuple[str, list[tuple]]
@@ -236,27 +238,19 @@ class Store:
     # -- writes ---------------------------------------------------------------------------------
     async def insert(self, msg: NewMessage) -> None:
         """Commit a new message (durably) in the incoming queue. May raise Overloaded."""
-        ops = [
-            (
-                "INSERT INTO message (id, queue, sender, arrival, next_attempt, size, smtputf8, body_type, client)"
-                " VALUES (?, 'incoming', ?, ?, ?, ?, ?, ?, ?)",
-                [(msg.queue_id, msg.sender, msg.arrival, msg.arrival, len(msg.content), int(msg.smtputf8),
-                  msg.body_type, msg.client)],
-            ),
-            (
-                "INSERT INTO recipient (message_id, idx, address, original) VALUES (?, ?, ?, ?)",
-                [(msg.queue_id, i, addr, orig) for i, (addr, orig) in enumerate(msg.recipients)],
-            ),
-            ("INSERT INTO content (message_id, data) VALUES (?, ?)", [(msg.queue_id, msg.content)]),
-        ]
-        await self._committer.write(ops, may_refuse=True)
+        await self._committer.write(_insert_ops([msg]), may_refuse=True)
 
     async def activate(self, ids: Sequence[QueueId]) -> None:
         """Move messages into the active queue (qmgr has taken them in hand)."""
         await self._committer.write([("UPDATE message SET queue = 'active' WHERE id = ?", [(i,) for i in ids])])
 
-    async def record(self, outcomes: Sequence[Delivered]) -> None:
-        """Record delivery attempts: recipient results, then defer or remove each message."""
+    async def record(self, outcomes: Sequence[Delivered], notices: Sequence[NewMessage] = ()) -> None:
+        """Record delivery attempts in one transaction: recipient results, then defer or remove each message,
+        and queue the `notices` (bounces, delay warnings) those results call for, so none is lost between.
+
+        A message deferred here stays where an operator put it meanwhile (hold, deleted): only an `active`
+        message becomes `deferred`.
+        """
         rcpt_rows, defer_rows, remove_rows = [], [], []
         for d in outcomes:
             for r in d.results:
@@ -265,14 +259,13 @@ class Store:
             if d.next_attempt is None:
                 remove_rows.append((d.queue_id,))
             else:
-                defer_rows.append((d.next_attempt, d.queue_id))
+                defer_rows.append((d.next_attempt, int(d.warned), d.queue_id))
         await self._committer.write([
             ("UPDATE recipient SET status = ?, dsn = ?, reason = ? WHERE message_id = ? AND idx = ?", rcpt_rows),
-            ("UPDATE message SET queue = 'deferred', next_attempt = ?, attempts = attempts + 1 WHERE id = ?",
-             defer_rows),
-            ("DELETE FROM recipient WHERE message_id = ?", remove_rows),
-            ("DELETE FROM content WHERE message_id = ?", remove_rows),
-            ("DELETE FROM message WHERE id = ?", remove_rows),
+            ("UPDATE message SET queue = 'deferred', next_attempt = ?, attempts = attempts + 1,"
+             " warned = max(warned, ?) WHERE id = ? AND queue = 'active'", defer_rows),
+            *_remove_ops(remove_rows),
+            *_insert_ops(notices),
         ])
 
     async def mark_corrupt(self, ids: Sequence[QueueId]) -> None:
@@ -287,18 +280,17 @@ class Store:
 
     # -- reads ----------------------------------------------------------------------------------
     async def due(self, now: float, limit: int) -> list[QueuedMessage]:
-        """Up to `limit` messages due for delivery: all incoming, then deferred whose time has come."""
-        rows = await self._reader.execute_fetchall(
-            "SELECT id, sender, arrival, size, smtputf8, body_type, attempts FROM message"
-            " WHERE queue = 'incoming' OR (queue = 'deferred' AND next_attempt <= ?)"
-            " ORDER BY next_attempt LIMIT ?",
-            (now, limit),
-        )
+        """Up to `limit` messages due for delivery, new mail and deferred mail alternating (so a retry storm
+        cannot starve fresh mail), each side oldest first. Two index range scans, never a full scan."""
+        fresh = await self._reader.execute_fetchall(
+            f"SELECT {_MESSAGE_COLUMNS} FROM message WHERE queue = 'incoming' ORDER BY next_attempt LIMIT ?",
+            (limit,))
+        retry = await self._reader.execute_fetchall(
+            f"SELECT {_MESSAGE_COLUMNS} FROM message WHERE queue = 'deferred' AND next_attempt <= ?"
+            " ORDER BY next_attempt LIMIT ?", (now, limit))
+        rows = _alternate(fresh, retry)[:limit]
         pending = await self._pending_recipients([r[0] for r in rows])
-        return [
-            QueuedMessage(qid, sender, arrival, size, bool(utf8), body_type, attempts, tuple(pending.get(qid, ())))
-            for qid, sender, arrival, size, utf8, body_type, attempts in rows
-        ]
+        return [_queued_message(row, pending.get(row[0], ())) for row in rows]
 
     async def next_due_time(self) -> float | None:
         rows = await self._reader.execute_fetchall("SELECT min(next_attempt) FROM message WHERE queue = 'deferred'")
@@ -307,6 +299,26 @@ class Store:
     async def content(self, queue_id: QueueId) -> bytes | None:
         """The message content; None if the row is missing (a corrupt entry)."""
         return await self._contents.load(queue_id)
+
+    async def generation(self) -> int:
+        """The operator tools' change counter (see `bump_generation`)."""
+        rows = await self._reader.execute_fetchall("SELECT value FROM control WHERE key = 'generation'")
+        return rows[0][0] if rows else 0
+
+    async def bump_generation(self) -> None:
+        """Tell a running qmgr that the queue was changed from outside: it rescans within a second."""
+        await self._committer.write([(
+            "INSERT INTO control (key, value) VALUES ('generation', 1)"
+            " ON CONFLICT (key) DO UPDATE SET value = value + 1", [()])])
+
+    async def save_destinations(self, rows: Sequence[tuple], now: float) -> None:
+        """Replace the destination snapshot: rows of (transport, nexthop, window, in_flight, queued, failures,
+        dead_until, reason)."""
+        await self._committer.write([
+            ("DELETE FROM destination", [()]),
+            ("INSERT INTO destination (transport, nexthop, window, in_flight, queued, failures, dead_until,"
+             " reason, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [(*row, now) for row in rows]),
+        ])
 
     async def counts(self) -> dict[str, int]:
         rows = await self._reader.execute_fetchall("SELECT queue, count(*) FROM message GROUP BY queue")
@@ -323,12 +335,12 @@ class Store:
         out: dict[QueueId, list[Recipient]] = {}
         for chunk in _chunks(ids, _MAX_VARS):
             rows = await self._reader.execute_fetchall(
-                f"SELECT message_id, idx, address, original FROM recipient"
+                f"SELECT message_id, idx, address, original, notify, orcpt FROM recipient"
                 f" WHERE status = 'pending' AND message_id IN ({_marks(len(chunk))}) ORDER BY message_id, idx",
                 tuple(chunk),
             )
-            for qid, idx, address, original in rows:
-                out.setdefault(qid, []).append(Recipient(idx, address, original))
+            for qid, *fields in rows:
+                out.setdefault(qid, []).append(Recipient(*fields))
         return out
 
     async def _fetch_contents(self, ids: Sequence[QueueId]) -> dict[QueueId, bytes]:
@@ -336,6 +348,42 @@ class Store:
             f"SELECT message_id, data FROM content WHERE message_id IN ({_marks(len(ids))})", tuple(ids)
         )
         return {qid: bytes(data) for qid, data in rows}
+
+
+_MESSAGE_COLUMNS = "id, sender, arrival, size, smtputf8, body_type, attempts, envid, ret, warned"
+
+
+def _queued_message(row: tuple, recipients) -> QueuedMessage:
+    qid, sender, arrival, size, utf8, body_type, attempts, envid, ret, warned = row
+    return QueuedMessage(qid, sender, arrival, size, bool(utf8), body_type, attempts, tuple(recipients),
+                         envid=envid, ret=ret, warned=bool(warned))
+
+
+def _alternate(first: list, second: list) -> list:
+    out = []
+    for i in range(max(len(first), len(second))):
+        out.extend(side[i] for side in (first, second) if i < len(side))
+    return out
+
+
+def _insert_ops(messages: Sequence[NewMessage]) -> list[_Op]:
+    return [
+        ("INSERT INTO message (id, queue, sender, arrival, next_attempt, size, smtputf8, body_type, client,"
+         " envid, ret) VALUES (?, 'incoming', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         [(m.queue_id, m.sender, m.arrival, m.arrival, len(m.content), int(m.smtputf8), m.body_type, m.client,
+           m.envid, m.ret) for m in messages]),
+        ("INSERT INTO recipient (message_id, idx, address, original, notify, orcpt) VALUES (?, ?, ?, ?, ?, ?)",
+         [(m.queue_id, r.index, r.address, r.original, r.notify, r.orcpt) for m in messages for r in m.recipients]),
+        ("INSERT INTO content (message_id, data) VALUES (?, ?)", [(m.queue_id, m.content) for m in messages]),
+    ]
+
+
+def _remove_ops(id_rows: list[tuple]) -> list[_Op]:
+    return [
+        ("DELETE FROM recipient WHERE message_id = ?", id_rows),
+        ("DELETE FROM content WHERE message_id = ?", id_rows),
+        ("DELETE FROM message WHERE id = ?", id_rows),
+    ]
 
 
 async def _configure(db: aiosqlite.Connection) -> None:

@@ -21,7 +21,7 @@ from typing import Callable
 from mailflow.clock import Clock
 from mailflow.errors import PermanentError
 from mailflow.logs import MailLog
-from mailflow.model import QueueId, Submission
+from mailflow.model import QueueId, Recipient, Submission
 from mailflow.store import NewMessage, Store
 
 HOPCOUNT_LIMIT = 50
@@ -117,7 +117,7 @@ class Cleanup:
             sender=sub.envelope.sender,
             arrival=now,
             content=content,
-            recipients=tuple((r, r) for r in sub.envelope.recipients),
+            recipients=tuple(Recipient(i, r, r) for i, r in enumerate(sub.envelope.recipients)),
             smtputf8=sub.envelope.smtputf8,
             body_type=sub.envelope.body_type,
             client=f"{sub.client.hostname}[{sub.client.addr}]",

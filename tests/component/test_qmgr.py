@@ -148,7 +148,7 @@ class Harness:
         await self.store.insert(NewMessage(
             qid, "sender@remote.test", self.clock.now if arrival is None else arrival,
             content if content is not None else f"Subject: {qid}\r\n\r\nbody of {qid}\r\n".encode(),
-            tuple((r, r) for r in recipients)))
+            tuple(Recipient(i, r, r) for i, r in enumerate(recipients))))
         if wake:
             self.qmgr.wake()
         return qid
@@ -387,7 +387,7 @@ async def test_active_limit_bounds_messages_in_hand(h):
 async def test_start_recovers_messages_left_active(h):
     store = await h.open_store()
     await store.insert(NewMessage("CRASHED", "s@remote.test", T0 - 60, b"\r\nx\r\n",
-                                  (("b@remote.test", "b@remote.test"),)))
+                                  (Recipient(0, "b@remote.test", "b@remote.test"),)))
     await store.activate(["CRASHED"])
     await h.start()
     await until(lambda: queue_is_empty(h))

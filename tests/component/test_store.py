@@ -18,7 +18,7 @@ def new(qid: str, *rcpts: str, arrival: float = T0, content: bytes | None = None
         **kw) -> NewMessage:
     rcpts = rcpts or ("b@example.test",)
     return NewMessage(qid, sender, arrival, content if content is not None else f"Subject: {qid}\r\n\r\nbody\r\n".encode(),
-                      tuple((r, r.upper()) for r in rcpts), **kw)
+                      tuple(Recipient(i, r, r.upper()) for i, r in enumerate(rcpts)), **kw)
 
 
 def result(msg: QueuedMessage, idx: int, outcome: Outcome, dsn: str = "", text: str = "") -> RcptResult:
@@ -109,6 +109,7 @@ async def test_record_all_sent_removes_message_recipients_and_content(store):
     await store.insert(new("Q2"))
     msg = next(m for m in await store.due(T0, 10) if m.queue_id == "Q1")
     await store.activate(["Q1"])
+    await store.activate(["Q1"])
     await store.record([Delivered("Q1", (result(msg, 0, Outcome.SENT), result(msg, 1, Outcome.SENT)), None)])
     assert await store.counts() == {"incoming": 1}
     assert await store.recipients("Q1") == []
@@ -122,6 +123,7 @@ async def test_record_deferred_sets_next_attempt_and_due_only_returns_pending_re
     msg = await only(store)
     await store.activate(["Q1"])
     retry = T0 + 300
+    await store.activate(["Q1"])
     await store.record([Delivered("Q1", (
         result(msg, 0, Outcome.SENT),
         result(msg, 1, Outcome.DEFERRED, "4.4.1", "connection refused"),
@@ -144,8 +146,10 @@ async def test_record_deferred_sets_next_attempt_and_due_only_returns_pending_re
 async def test_second_deferral_counts_attempts_and_moves_next_attempt(store):
     await store.insert(new("Q1"))
     msg = await only(store)
+    await store.activate(["Q1"])
     await store.record([Delivered("Q1", (result(msg, 0, Outcome.DEFERRED),), T0 + 300)])
     msg = await only(store, T0 + 300)
+    await store.activate(["Q1"])
     await store.record([Delivered("Q1", (result(msg, 0, Outcome.DEFERRED),), T0 + 900)])
     assert await store.due(T0 + 899, 10) == []
     assert (await only(store, T0 + 900)).attempts == 2
@@ -162,6 +166,7 @@ async def test_record_of_several_messages_at_once(store):
     for q in ("Q1", "Q2"):
         await store.insert(new(q))
     m1, m2 = await store.due(T0, 10)
+    await store.activate(["Q1", "Q2"])
     await store.record([Delivered("Q1", (result(m1, 0, Outcome.SENT),), None),
                         Delivered("Q2", (result(m2, 0, Outcome.DEFERRED),), T0 + 60)])
     assert await store.counts() == {"deferred": 1}
@@ -285,6 +290,7 @@ async def test_reopened_store_still_has_the_rows(tmp_path):
     await store.insert(new("Q1", "x@example.test", "y@example.test"))
     await store.insert(new("Q2"))
     msg = next(m for m in await store.due(T0, 10) if m.queue_id == "Q1")
+    await store.activate(["Q1"])
     await store.record([Delivered("Q1", (result(msg, 0, Outcome.SENT), result(msg, 1, Outcome.DEFERRED)), T0 + 60)])
     await store.activate(["Q2"])
     await store.close()
@@ -372,3 +378,32 @@ async def test_a_failed_open_leaves_no_connection_behind(tmp_path, damage):
         assert not [t for t in left if t.is_alive()]
     finally:
         await close_connections_left_in(info.value)
+
+
+async def test_a_hold_made_during_delivery_stands(store):
+    await store.insert(new("Q1"))
+    msg = await only(store)
+    await store.activate(["Q1"])
+    await store._committer.write([("UPDATE message SET queue = 'hold' WHERE id = ?", [("Q1",)])])  # an operator
+    await store.record([Delivered("Q1", (result(msg, 0, Outcome.DEFERRED),), T0 + 300)])
+    assert await store.counts() == {"hold": 1}
+
+
+async def test_due_alternates_new_and_deferred_mail(store):
+    for i in range(3):
+        await store.insert(new(f"OLD{i}", arrival=T0 - 100 + i))
+    for m in await store.due(T0, 10):
+        await store.activate([m.queue_id])
+        await store.record([Delivered(m.queue_id, (result(m, 0, Outcome.DEFERRED),), T0 - 1)])
+    for i in range(3):
+        await store.insert(new(f"NEW{i}", arrival=T0 + i))
+    assert [m.queue_id for m in await store.due(T0 + 10, 4)] == ["NEW0", "OLD0", "NEW1", "OLD1"]
+
+
+async def test_notices_are_queued_with_the_results(store):
+    await store.insert(new("Q1"))
+    msg = await only(store)
+    await store.activate(["Q1"])
+    await store.record([Delivered("Q1", (result(msg, 0, Outcome.BOUNCED, "5.1.1", "no such user"),))],
+                       notices=[new("BOUNCE1", sender="")])
+    assert [m.queue_id for m in await store.due(T0, 10)] == ["BOUNCE1"]

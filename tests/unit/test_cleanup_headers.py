@@ -5,6 +5,7 @@ import random
 
 import pytest
 
+from mailflow.model import Recipient
 from mailflow.errors import PermanentError
 from mailflow.logs import MailLog
 from mailflow.model import ClientInfo, Envelope, Submission
@@ -209,7 +210,7 @@ async def test_submit_keeps_headers_that_are_present_and_the_body_byte_for_byte(
     assert names.count("message-id") == names.count("date") == names.count("from") == 1
     assert header_value(head, "message-id") == "<orig@remote.test>"
     assert (msg.sender, msg.arrival, msg.client) == ("alice@remote.test", NOW, "client.remote.test[192.0.2.7]")
-    assert msg.recipients == (("bob@example.test", "bob@example.test"),)
+    assert msg.recipients == (Recipient(0, "bob@example.test", "bob@example.test"),)
     assert qid in head.decode()
 
 
