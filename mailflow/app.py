@@ -20,6 +20,7 @@ from mailflow.config import Config
 from mailflow.logs import MailLog
 from mailflow.stages.cleanup import Cleanup
 from mailflow.stages.qmgr import QueueManager
+from mailflow.stages.qmgr.notices import Notices
 from mailflow.stages.rewrite import Rewriter
 from mailflow.stages.smtpd import Smtpd, SmtpdHandler
 from mailflow.store import Store
@@ -57,13 +58,18 @@ class Mailflow:
         c = self.config
         rewriter = Rewriter(c)
         maillog = MailLog()
-        self.qmgr = QueueManager(self.store, resolve=rewriter.resolve, transports=self._build_transports(),
-                                 config=c.queue, clock=self.clock, rng=self.rng, log=maillog)
-        await self.qmgr.start()
         cleanup = Cleanup(self.store, myhostname=c.myhostname, clock=self.clock, rng=self.rng, log=maillog,
-                          on_queued=self.qmgr.wake)
+                          on_queued=self._wake_qmgr)
+        notices = Notices(cleanup.prepare, myhostname=c.myhostname, config=c.queue)
+        self.qmgr = QueueManager(self.store, resolve=rewriter.resolve, transports=self._build_transports(),
+                                 config=c.queue, clock=self.clock, rng=self.rng, log=maillog, notices=notices)
+        await self.qmgr.start()
         self.smtpd = Smtpd(c, SmtpdHandler(c, rewriter, cleanup))
         await self.smtpd.start()
+
+    def _wake_qmgr(self) -> None:
+        if self.qmgr:
+            self.qmgr.wake()
 
     def _build_transports(self) -> dict:
         if self._transports is not None:

@@ -110,9 +110,25 @@ class QueueConfig(_Section):
     queue_run_delay: Duration = 300.0
     minimal_backoff_time: Duration = 300.0
     maximal_backoff_time: Duration = Field(4000.0, validate_default=True)
+    # Deferred mail older than this is returned to the sender; null-sender mail (bounces) gives up sooner.
+    maximal_queue_lifetime: Duration = 5 * 86400.0
+    bounce_queue_lifetime: Duration = 5 * 86400.0
+    # Send the sender one "delayed" notice once a message has waited this long; 0 disables it.
+    delay_warning_time: Duration = 0.0
+    # Where a bounce that cannot be returned (its own sender is null) goes; "" drops it (logged).
+    double_bounce_recipient: str = "postmaster"
+    # Bounces carry the whole original up to this many bytes, else its headers only.
+    bounce_size_limit: int = Field(50_000, ge=0)
     active_limit: int = Field(10_000, ge=1)
+    # Per destination (transport, nexthop): start at the initial concurrency, grow on success up to the
+    # limit, shrink on a site failure; after `failed_cohort_limit` failed rounds in a row the destination is
+    # dead for `minimal_backoff_time`, and its mail is deferred without a connection attempt.
+    initial_destination_concurrency: int = Field(5, ge=1)
     default_destination_concurrency_limit: int = Field(20, ge=1)
+    destination_concurrency_failed_cohort_limit: int = Field(1, ge=1)
+    # Deliveries at once over all destinations, and per transport where a cap is set ({ smtp = 50 }).
     delivery_concurrency_limit: int = Field(100, ge=1)
+    transport_concurrency_limit: dict[str, Annotated[int, Field(ge=1)]] = {}
     commit_batch_limit: int = Field(500, ge=1)
     incoming_backlog_limit: int = Field(5000, ge=1)
 

@@ -1,7 +1,7 @@
 """The mail log: one line per event, each starting with the queue id, from a fixed vocabulary.
 
 Events (Postfix's words): received (client=), queued (from= size= nrcpt=), sent / deferred / bounced
-(to= relay= delay= dsn= status=), removed, corrupt. `MailLog` has one method per event; nothing else in
+(to= relay= delay= dsn= status=), notice (sender non-delivery notification: ID), removed, corrupt. `MailLog` has one method per event; nothing else in
 mailflow writes to the `mailflow.mail` logger. `setup_logging(config)` chooses text or JSON lines.
 """
 from __future__ import annotations
@@ -40,6 +40,10 @@ class MailLog:
                    f"status={status} ({result.text})",
                    to=to, relay=result.relay, delay=round(delay, 3), dsn=result.dsn, status=status,
                    reason=result.text)
+
+    def notice(self, queue_id: str, kind: str, notice_id: str) -> None:
+        what = {"failure": "non-delivery", "delay": "delay", "success": "delivery status"}.get(kind, kind)
+        self._emit(queue_id, "notice", f"sender {what} notification: {notice_id}", kind=kind, notice_id=notice_id)
 
     def removed(self, queue_id: str) -> None:
         self._emit(queue_id, "removed", "removed")

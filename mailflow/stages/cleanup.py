@@ -103,6 +103,14 @@ class Cleanup:
         self._hopcount_limit = hopcount_limit
 
     async def submit(self, sub: Submission) -> QueueId:
+        msg = self.prepare(sub)
+        await self._store.insert(msg)
+        self.log_queued(msg)
+        self._on_queued()
+        return msg.queue_id
+
+    def prepare(self, sub: Submission) -> NewMessage:
+        """Everything but the commit: the queue id, the checks and the headers. Raises PermanentError."""
         queue_id = self._ids.next()
         now = self._clock.time()
         head, rest = split_header(sub.content)
@@ -110,26 +118,29 @@ class Cleanup:
         if names.count("received") > self._hopcount_limit:
             raise PermanentError("5.4.6", "Error: too many hops")
         missing = self._missing_headers(names, queue_id, sub.envelope.sender, now)
-        content = self._received(sub, queue_id, now) + head + missing + rest
-        message_id = header_value(head + missing, "message-id")
-        await self._store.insert(NewMessage(
+        return NewMessage(
             queue_id=queue_id,
             sender=sub.envelope.sender,
             arrival=now,
-            content=content,
+            content=self._received(sub, queue_id, now) + head + missing + rest,
             recipients=tuple(Recipient(i, r, r) for i, r in enumerate(sub.envelope.recipients)),
             smtputf8=sub.envelope.smtputf8,
             body_type=sub.envelope.body_type,
             client=f"{sub.client.hostname}[{sub.client.addr}]",
-        ))
-        self._log.received(queue_id, f"{sub.client.hostname}[{sub.client.addr}]", message_id)
-        self._log.queued(queue_id, sub.envelope.sender, len(content), len(sub.envelope.recipients))
-        self._on_queued()
-        return queue_id
+        )
+
+    def log_queued(self, msg: NewMessage) -> None:
+        """The `received` and `queued` log lines, once the message is committed."""
+        head, _ = split_header(msg.content)
+        self._log.received(msg.queue_id, msg.client, header_value(head, "message-id"))
+        self._log.queued(msg.queue_id, msg.sender, len(msg.content), len(msg.recipients))
 
     def _received(self, sub: Submission, queue_id: QueueId, now: float) -> bytes:
         c = sub.client
         for_clause = f"\r\n\tfor <{sub.envelope.recipients[0]}>" if len(sub.envelope.recipients) == 1 else ""
+        if c.protocol == "local":  # made here (a notice): no client to name
+            return (f"Received: by {self._myhostname} (mailflow) id {queue_id}{for_clause};\r\n"
+                    f"\t{rfc5322_date(now)}\r\n").encode("utf-8")
         text = (
             f"Received: from {c.helo or 'unknown'} ({c.hostname} [{c.addr}])\r\n"
             f"\tby {self._myhostname} (mailflow) with {c.protocol} id {queue_id}{for_clause};\r\n"

@@ -24,6 +24,11 @@ HOST = "mx.example.test"
 MIN_BACKOFF = 300.0
 
 
+def within_jitter(when: float, now: float, delay: float) -> bool:
+    """A retry time is `now + delay` plus up to 10 % jitter."""
+    return now + delay <= when <= now + delay * 1.1
+
+
 class FakeClock:
     """Time stands still unless a test calls `advance()`, which wakes the sleepers whose time has come."""
 
@@ -242,7 +247,7 @@ async def test_one_deferred_recipient_defers_the_message_and_the_sent_one_is_not
     h.smtp.outcomes["c@other.test"] = (Outcome.DEFERRED, "4.4.1", "connection refused")
     qid = await h.queue("b@remote.test", "c@other.test")
     await until(lambda: _is(h, {"deferred": 1}))
-    assert await h.store.next_due_time() == T0 + MIN_BACKOFF  # age 0 clamps to minimal_backoff_time
+    assert within_jitter(await h.store.next_due_time(), T0, MIN_BACKOFF)  # age 0 clamps to minimal_backoff_time
     assert await h.store.recipients(qid) == [
         ("b@remote.test", "sent", "2.0.0", "delivered"),
         ("c@other.test", "pending", "4.4.1", "connection refused"),
@@ -250,14 +255,14 @@ async def test_one_deferred_recipient_defers_the_message_and_the_sent_one_is_not
     assert h.qmgr.active_count == 0
 
     # not due yet: a wake-up finds nothing to do
-    h.clock.now = T0 + MIN_BACKOFF - 1
+    h.clock.now = T0 + MIN_BACKOFF - 1  # before the earliest possible retry
     h.qmgr.wake()
     await asyncio.sleep(0.03)
     assert len(h.smtp.requests) == 2
 
     # due: only the pending recipient is tried again
     del h.smtp.outcomes["c@other.test"]
-    h.clock.now = T0 + MIN_BACKOFF
+    h.clock.now = T0 + MIN_BACKOFF * 1.1  # past the latest jittered retry time
     h.qmgr.wake()
     await until(lambda: queue_is_empty(h))
     assert len(h.smtp.requests) == 3
@@ -270,7 +275,7 @@ async def test_backoff_is_the_age_of_the_message(h):
     h.smtp.outcomes["b@remote.test"] = (Outcome.DEFERRED, "4.4.1", "try later")
     await h.queue("b@remote.test", arrival=T0 - 1000)
     await until(lambda: _is(h, {"deferred": 1}))
-    assert await h.store.next_due_time() == T0 + 1000
+    assert within_jitter(await h.store.next_due_time(), T0, 1000)
 
 
 async def test_backoff_is_capped_at_maximal(h):
@@ -278,7 +283,7 @@ async def test_backoff_is_capped_at_maximal(h):
     h.smtp.outcomes["b@remote.test"] = (Outcome.DEFERRED, "4.4.1", "try later")
     await h.queue("b@remote.test", arrival=T0 - 86400)
     await until(lambda: _is(h, {"deferred": 1}))
-    assert await h.store.next_due_time() == T0 + 4000
+    assert within_jitter(await h.store.next_due_time(), T0, 4000)
 
 
 async def test_bounced_recipient_is_not_retried_and_does_not_keep_the_message(h):
@@ -300,7 +305,7 @@ async def test_a_raising_transport_defers_its_recipients_with_4_3_0(h):
         st, dsn, reason = rows[addr]
         assert (st, dsn) == ("pending", "4.3.0")
         assert "agent crashed" in reason
-    assert await h.store.next_due_time() == T0 + MIN_BACKOFF
+    assert within_jitter(await h.store.next_due_time(), T0, MIN_BACKOFF)
 
 
 async def test_an_unknown_transport_defers_with_4_3_5(h):
@@ -410,7 +415,7 @@ async def test_a_deferral_comes_due_without_a_wake_up(h):
     await h.queue("b@remote.test")
     await until(lambda: _is(h, {"deferred": 1}))
     del h.smtp.outcomes["b@remote.test"]
-    h.clock.advance(0.02)  # time moves; nobody calls wake()
+    h.clock.advance(0.03)  # time moves past the jittered retry; nobody calls wake()
     await until(lambda: queue_is_empty(h))
     assert len(h.smtp.requests) == 2
 

@@ -1,21 +1,30 @@
-"""qmgr: takes due messages from the store, groups recipients by destination, dispatches, records.
+"""qmgr: takes due messages from the store, schedules them per destination, records what happened.
 
 The loop
-- A scan runs when cleanup queues new mail (`wake()`), when a message finishes, and every
-  `queue_run_delay` (or sooner, when a deferral made here comes due). It takes up to
-  `active_limit - len(active)` due messages, marks them active in the store, and resolves each pending
-  recipient to `(transport, nexthop)` through trivial-rewrite.
-- Each destination gets one job per message (all that message's recipients for it) and runs at most
-  `default_destination_concurrency_limit` jobs at once; `delivery_concurrency_limit` caps all of them.
-- When every job of a message has reported, one `store.record()` (group-committed with others) marks
-  each recipient sent / bounced / still pending, then removes the message, or defers it to
-  `now + clamp(age, minimal_backoff_time, maximal_backoff_time)`.
+- A scan runs when cleanup queues new mail (`wake()`), when a message finishes, when an operator tool
+  changed the queue (the store's generation counter, polled every second), when the earliest deferred
+  message comes due (an index lookup after each scan), and at least every `queue_run_delay`. It takes up to `active_limit - active` due messages,
+  new and deferred mail alternating, marks them active and resolves each pending recipient to
+  `(transport, nexthop)` through trivial-rewrite.
+- Each destination gets one job per message and runs as many at once as its window allows
+  (`destination.py`: slow start, throttle on site failure, dead-site memory). `delivery_concurrency_limit`
+  caps all deliveries, `transport_concurrency_limit` each transport. A dead destination's jobs are
+  deferred without a connection attempt.
+- When every job of a message is back, one `store.record()` (group-committed with others) marks each
+  recipient sent / bounced / pending, removes the message or defers it to
+  `now + clamp(age, minimal_backoff_time, maximal_backoff_time)` plus up to 10 % jitter, and queues the
+  notices the results call for (`notices.py`) in the same transaction. A message still pending after
+  `maximal_queue_lifetime` (`bounce_queue_lifetime` for null-sender mail) is returned: its pending
+  recipients count as bounced. After `delay_warning_time` the sender gets one "delayed" notice.
+- About once a second the destinations' state is written to the store for `mailflow queue destinations`.
 
 Failure behaviour
-- A transport that raises counts as a temporary failure (4.3.0) for every recipient of the job; an unknown
-  transport name defers with 4.3.5. A message whose content is missing goes to the corrupt queue.
-- The store holds the state; the wake-up event carries none. A lost wake-up costs at most one
-  `queue_run_delay`; a crash leaves messages `active`, and `store.recover()` makes them due again.
+- A resolver or transport that raises, a content read error, a recipient the agent does not report on:
+  that recipient is deferred (4.3.0), never lost. Unknown transport: deferred 4.3.5. Missing content:
+  the message goes to the corrupt queue.
+- A failed `record()` is retried; if the store stays broken the message is left `active`, and the next
+  start makes it due again (start-up is recovery).
+- The wake-up event carries no state: a lost wake-up costs at most one tick.
 """
 from __future__ import annotations
 
@@ -34,18 +43,22 @@ from mailflow.store import Store
 
 log = logging.getLogger("mailflow.qmgr")
 
+TICK = 1.0  # default seconds between polls of the tools' generation counter and destination snapshots
+JITTER = 0.1  # retries spread over up to 10 % of their delay, so mail that arrived together does not retry in step
+RECORD_TRIES = 3
+
 
 @dataclass
 class ActiveMessage:
     message: QueuedMessage
     jobs_left: int
     results: list[RcptResult] = field(default_factory=list)
-    content: asyncio.Future | None = None  # the content, read once however many destinations
+    content: asyncio.Future | None = None  # read once however many destinations
 
 
 class QueueManager:
     def __init__(self, store: Store, *, resolve: Callable[[str], Resolution], transports: dict, config,
-                 clock: Clock, rng, log: MailLog):
+                 clock: Clock, rng, log: MailLog, notices=None, tick: float = TICK):
         self._store = store
         self._resolve = resolve
         self._transports = transports
@@ -53,12 +66,17 @@ class QueueManager:
         self._clock = clock
         self._rng = rng
         self._log = log
+        self._notices = notices
+        self._tick_seconds = tick
         self._active: dict[str, ActiveMessage] = {}
         self._destinations: dict[tuple[str, str], Destination] = {}
         self._in_flight = 0
+        self._in_flight_by_transport: dict[str, int] = {}
         self._tasks: set[asyncio.Task] = set()
         self._wakeup = asyncio.Event()
         self._next_scan = 0.0
+        self._generation = 0
+        self._snapshot: list[tuple] | None = None
         self._loop_task: asyncio.Task | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -66,6 +84,7 @@ class QueueManager:
         recovered = await self._store.recover()
         if recovered:
             log.info("qmgr: %d messages were active when the server stopped; they are due again", recovered)
+        self._generation = await self._store.generation()
         self._loop_task = asyncio.create_task(self._run(), name="qmgr")
 
     async def stop(self, grace: float = 10.0) -> None:
@@ -89,16 +108,24 @@ class QueueManager:
     def active_count(self) -> int:
         return len(self._active)
 
+    @property
+    def busy(self) -> bool:
+        """Deliveries or records are under way (a driver of a virtual clock waits for this to clear)."""
+        return bool(self._tasks)
+
+    def destinations(self) -> list[tuple]:
+        return [d.snapshot() for d in self._destinations.values()]
+
     # -- the loop ---------------------------------------------------------------------------------
     async def _run(self) -> None:
         while True:
             self._wakeup.clear()
             try:
                 await self._scan()
+                await self._tick()
             except Exception:  # the store is unhappy: keep the loop alive and try again later
                 log.exception("qmgr: queue scan failed")
-                self._next_scan = self._clock.time() + min(self._config.queue_run_delay, 5.0)
-            await self._idle(max(0.0, self._next_scan - self._clock.time()))
+            await self._idle(min(self._tick_seconds, max(0.0, self._next_scan - self._clock.time())))
 
     async def _idle(self, seconds: float) -> None:
         """Wait for a wake-up or until `seconds` pass on the injected clock, whichever comes first."""
@@ -110,20 +137,31 @@ class QueueManager:
             woken.cancel()
             timer.cancel()
 
+    async def _tick(self) -> None:
+        """The once-a-second chores: notice operator changes; publish destination state when it changed."""
+        generation = await self._store.generation()
+        if generation != self._generation:
+            self._generation = generation
+            self._next_scan = self._clock.time()
+            self.wake()
+        self._pump()  # revives destinations whose dead timer ran out
+        rows = self.destinations()
+        if rows != self._snapshot:
+            await self._store.save_destinations(rows, self._clock.time())
+            self._snapshot = rows
+
     async def _scan(self) -> None:
         now = self._clock.time()
-        if now >= self._next_scan:
-            self._next_scan = now + self._config.queue_run_delay
         room = self._config.active_limit - len(self._active)
-        if room <= 0:
-            return
-        due = [m for m in await self._store.due(now, room) if m.queue_id not in self._active]
-        if not due:
-            return
-        await self._store.activate([m.queue_id for m in due])
-        for message in due:
-            self._admit(message)
-        self._pump()
+        due = [m for m in await self._store.due(now, room) if m.queue_id not in self._active] if room > 0 else []
+        if due:
+            await self._store.activate([m.queue_id for m in due])
+            for message in due:
+                self._admit(message)
+            self._pump()
+        # sleep until the earliest deferred message is due (an index lookup), at most a queue run
+        next_due = await self._store.next_due_time()
+        self._next_scan = min(now + self._config.queue_run_delay, next_due if next_due is not None else float("inf"))
 
     def _admit(self, message: QueuedMessage) -> None:
         groups: dict[tuple[str, str], list] = {}
@@ -142,26 +180,44 @@ class QueueManager:
             self._spawn(self._finish(active))
             return
         for (transport, nexthop), rcpts in groups.items():
-            dest = self._destination(transport, nexthop)
-            dest.jobs.append(Job(message.queue_id, transport, nexthop, tuple(rcpts)))
+            self._destination(transport, nexthop).jobs.append(Job(message.queue_id, transport, nexthop, tuple(rcpts)))
 
     def _destination(self, transport: str, nexthop: str) -> Destination:
         key = (transport, nexthop)
         dest = self._destinations.get(key)
         if dest is None:
-            dest = Destination(transport, nexthop, self._config.default_destination_concurrency_limit)
+            q = self._config
+            dest = Destination(transport, nexthop, initial=q.initial_destination_concurrency,
+                               limit=q.default_destination_concurrency_limit,
+                               cohort_limit=q.destination_concurrency_failed_cohort_limit)
             self._destinations[key] = dest
         return dest
 
     def _pump(self) -> None:
-        """Start every job that a destination window and the global cap allow."""
-        limit = self._config.delivery_concurrency_limit
+        """Start every job the windows and caps allow; defer the jobs of dead destinations unattempted."""
+        now = self._clock.time()
         for dest in list(self._destinations.values()):
-            while self._in_flight < limit and dest.can_start():
+            if dest.is_dead(now):
+                self._suspend(dest, dest.drain())
+                continue
+            while dest.can_start(now) and self._room_for(dest.transport):
                 self._in_flight += 1
+                self._in_flight_by_transport[dest.transport] = self._in_flight_by_transport.get(dest.transport, 0) + 1
                 self._spawn(self._run_job(dest, dest.take()))
             if dest.idle:
                 del self._destinations[dest.key]
+
+    def _room_for(self, transport: str) -> bool:
+        cap = self._config.transport_concurrency_limit.get(transport)
+        if cap is not None and self._in_flight_by_transport.get(transport, 0) >= cap:
+            return False
+        return self._in_flight < self._config.delivery_concurrency_limit
+
+    def _suspend(self, dest: Destination, jobs: list[Job]) -> None:
+        text = f"delivery temporarily suspended: {dest.reason or 'destination is not responding'}"
+        for job in jobs:
+            self._job_done(job, DeliveryReport.uniform(job.recipients, Outcome.DEFERRED, "4.4.1", text,
+                                                       site_ok=False))
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -170,23 +226,31 @@ class QueueManager:
 
     # -- one job ----------------------------------------------------------------------------------
     async def _run_job(self, dest: Destination, job: Job) -> None:
-        active = self._active[job.queue_id]
+        report = None
         try:
-            report = await self._deliver(active, job)
+            report = await self._deliver(self._active[job.queue_id], job)
         finally:
-            dest.done()
             self._in_flight -= 1
+            self._in_flight_by_transport[job.transport] -= 1
+            site_ok = report.site_ok if report is not None else True
+            reason = report.site_reason if report is not None else ""
+            self._suspend(dest, dest.done(site_ok, reason, self._clock.time(), self._config.minimal_backoff_time))
+        self._job_done(job, report)
+        self._pump()
+
+    def _job_done(self, job: Job, report: DeliveryReport) -> None:
+        active = self._active[job.queue_id]
         active.results.extend(_complete(job, report))
         active.jobs_left -= 1
         if active.jobs_left == 0:
-            await self._finish(active)
-        self._pump()
+            self._spawn(self._finish(active))
 
     async def _deliver(self, active: ActiveMessage, job: Job) -> DeliveryReport:
         msg = active.message
         transport = self._transports.get(job.transport)
         if transport is None:
-            return DeliveryReport.uniform(job.recipients, Outcome.DEFERRED, "4.3.5", f"mail transport unavailable: {job.transport!r} is not defined")
+            return DeliveryReport.uniform(job.recipients, Outcome.DEFERRED, "4.3.5",
+                                          f"mail transport unavailable: {job.transport!r} is not defined")
         try:
             content = await self._content(active)
         except Exception as e:
@@ -202,14 +266,15 @@ class QueueManager:
             raise
         except Exception as e:
             log.exception("%s: transport %s failed", msg.queue_id, job.transport)
-            return DeliveryReport.uniform(job.recipients, Outcome.DEFERRED, "4.3.0", f"delivery agent {job.transport} failed: {e}")
+            return DeliveryReport.uniform(job.recipients, Outcome.DEFERRED, "4.3.0",
+                                          f"delivery agent {job.transport} failed: {e}")
 
     async def _content(self, active: ActiveMessage) -> bytes | None:
-        """Load the content once per active message, however many destinations it goes to."""
         if active.content is None:
             active.content = asyncio.ensure_future(self._store.content(active.message.queue_id))
         return await active.content
 
+    # -- the end of an attempt ------------------------------------------------------------------------
     async def _finish(self, active: ActiveMessage) -> None:
         msg = active.message
         now = self._clock.time()
@@ -218,22 +283,66 @@ class QueueManager:
             self._log.corrupt(msg.queue_id, "content missing")
             self._active.pop(msg.queue_id, None)
             return
-        pending = any(r.outcome is Outcome.DEFERRED for r in active.results)
+        q = self._config
+        lifetime = q.bounce_queue_lifetime if not msg.sender else q.maximal_queue_lifetime
+        results = _expire(active.results, now - msg.arrival, lifetime)
+        pending = any(r.outcome is Outcome.DEFERRED for r in results)
+        warn = bool(pending and q.delay_warning_time and not msg.warned
+                    and now - msg.arrival >= q.delay_warning_time)
         retry_at = None
         if pending:
-            q = self._config
-            retry_at = next_attempt(now, msg.arrival, q.minimal_backoff_time, q.maximal_backoff_time)
+            retry_at = next_attempt(now, msg.arrival, q.minimal_backoff_time, q.maximal_backoff_time,
+                                    jitter=JITTER, rng=self._rng)
+        notices = await self._make_notices(active, results, now, warn, msg.arrival + lifetime)
+        delivered = Delivered(msg.queue_id, tuple(results), retry_at, warned=msg.warned or warn)
         try:
-            await self._store.record([Delivered(msg.queue_id, tuple(active.results), retry_at)])
+            await self._record(delivered, [n for _, n in notices])
         finally:
             self._active.pop(msg.queue_id, None)
-        for result in active.results:
+        self._log_attempt(msg, results, notices, retry_at, now)
+        self.wake()
+
+    async def _make_notices(self, active: ActiveMessage, results, now: float, warn: bool, retry_until: float):
+        if self._notices is None:
+            return []
+        wanted = any(r.outcome is not Outcome.DEFERRED for r in results) or warn
+        if not wanted:
+            return []
+        try:
+            original = await self._content(active) or b""
+        except Exception:
+            original = b""  # the notice still says what happened, without the original
+        return self._notices.for_attempt(active.message, results, original=original, now=now, warn_delay=warn,
+                                         retry_until=retry_until)
+
+    async def _record(self, delivered: Delivered, notices: list) -> None:
+        for attempt in range(1, RECORD_TRIES + 1):
+            try:
+                await self._store.record([delivered], notices)
+                return
+            except Exception as e:
+                log.error("%s: cannot record the delivery attempt (try %d of %d): %s", delivered.queue_id,
+                          attempt, RECORD_TRIES, e)
+                if attempt == RECORD_TRIES:
+                    raise
+                await self._clock.sleep(attempt)
+
+    def _log_attempt(self, msg: QueuedMessage, results, notices, retry_at, now: float) -> None:
+        for result in results:
             self._log.result(msg.queue_id, result, now - msg.arrival)
+        for notice, queued in notices:
+            self._log.notice(msg.queue_id, notice.kind, queued.queue_id)
+            self._log.queued(queued.queue_id, queued.sender, len(queued.content), len(queued.recipients))
         if retry_at is None:
             self._log.removed(msg.queue_id)
-        elif retry_at < self._next_scan:
-            self._next_scan = retry_at
-        self.wake()
+
+
+def _expire(results: list[RcptResult], age: float, lifetime: float) -> list[RcptResult]:
+    """Past its lifetime a message gives up: pending recipients are returned, with their last reason."""
+    if age < lifetime:
+        return results
+    return [RcptResult(r.recipient, Outcome.BOUNCED, r.dsn, f"message expired: {r.text}", r.relay)
+            if r.outcome is Outcome.DEFERRED else r for r in results]
 
 
 def _complete(job: Job, report: DeliveryReport) -> list[RcptResult]:

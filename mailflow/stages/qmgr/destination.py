@@ -1,8 +1,17 @@
-"""One delivery destination, `(transport, nexthop)`: its queue of jobs and its concurrency.
+"""One delivery destination, `(transport, nexthop)`: its queue of jobs, its concurrency window, and whether
+it is dead. Pure: no I/O, time is passed in.
 
-A job is one message's recipients for this destination. The destination hands out jobs while fewer than
-`limit` are in flight. (Slow-start, throttling and dead-site memory come with the queue manager issue and
-belong here.)
+Postfix's feedback-driven concurrency (qmgr_queue.c, SCHEDULER_README), with its default feedback:
+- The window starts at `initial` and never exceeds `limit`.
+- A delivery whose *site* verdict is good earns 1/window of a slot; when the credit reaches a whole slot
+  the window grows by one (so one window's worth of successes adds one slot: slow start). It also clears
+  the failure count.
+- A site failure shrinks the window by 1 (never below 1) and adds 1/window to the failed-cohort count;
+  when that count reaches `cohort_limit` the destination is dead: window 0 until `dead_until`, and
+  its queued jobs are handed back to be deferred without a connection attempt.
+- Once `dead_until` has passed, the destination is alive again with its initial window (the first
+  delivery then probes the site).
+Per-recipient outcomes never reach this object: only the site verdict moves the window.
 """
 from __future__ import annotations
 
@@ -24,24 +33,87 @@ class Job:
 class Destination:
     transport: str
     nexthop: str
+    initial: int
     limit: int
+    cohort_limit: int = 1
+    window: int = 0
+    credit: float = 0.0  # fractions of a slot earned by successes
     in_flight: int = 0
+    failed_cohorts: float = 0.0
+    failures: int = 0  # site failures in a row, for the operator
+    dead_until: float = 0.0
+    reason: str = ""
     jobs: deque = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        self.window = min(self.initial, self.limit)
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.transport, self.nexthop)
 
-    def can_start(self) -> bool:
-        return bool(self.jobs) and self.in_flight < self.limit
+    def is_dead(self, now: float) -> bool:
+        if self.dead_until and now >= self.dead_until:
+            self._revive()
+        return bool(self.dead_until)
+
+    def can_start(self, now: float) -> bool:
+        return bool(self.jobs) and not self.is_dead(now) and self.in_flight < self.window
 
     def take(self) -> Job:
         self.in_flight += 1
         return self.jobs.popleft()
 
-    def done(self) -> None:
+    def done(self, site_ok: bool, reason: str, now: float, dead_time: float) -> list[Job]:
+        """Feed back one finished delivery. Returns the queued jobs to defer if the site just died."""
         self.in_flight -= 1
+        if self.dead_until:  # a late report from before it died changes nothing
+            return []
+        if site_ok:
+            self._grow()
+            self.failed_cohorts = 0.0
+            self.failures = 0
+            self.reason = ""
+            return []
+        self.failures += 1
+        self.reason = reason
+        self.failed_cohorts += 1.0 / self.window
+        self.window = max(1, self.window - 1)
+        self.credit = 0.0
+        if self.failed_cohorts >= self.cohort_limit:
+            return self._die(now + dead_time)
+        return []
+
+    def drain(self) -> list[Job]:
+        """Hand back every queued job (the destination is dead)."""
+        jobs = list(self.jobs)
+        self.jobs.clear()
+        return jobs
 
     @property
     def idle(self) -> bool:
-        return not self.jobs and self.in_flight == 0
+        return not self.jobs and self.in_flight == 0 and not self.dead_until
+
+    def snapshot(self) -> tuple:
+        """(transport, nexthop, window, in_flight, queued, failures, dead_until, reason) for the tools."""
+        window = 0 if self.dead_until else self.window
+        return (self.transport, self.nexthop, window, self.in_flight, len(self.jobs), self.failures,
+                self.dead_until, self.reason)
+
+    def _grow(self) -> None:
+        if self.window >= self.limit:
+            return
+        self.credit += 1.0 / self.window
+        if self.credit >= 1.0 - 1e-9:
+            self.window += 1
+            self.credit = 0.0
+
+    def _die(self, until: float) -> list[Job]:
+        self.dead_until = until
+        return self.drain()
+
+    def _revive(self) -> None:
+        self.dead_until = 0.0
+        self.failed_cohorts = 0.0
+        self.credit = 0.0
+        self.window = min(self.initial, self.limit)

@@ -1,0 +1,342 @@
+"""bounce: the delivery status notifications mailflow sends (Postfix bounce(8)), as pure functions.
+
+Owns the wording and the structure of a notice: RFC 3464 (multipart/report; report-type=delivery-status),
+RFC 3461 NOTIFY/RET/ENVID/ORCPT semantics as Postfix applies them, RFC 6533 for SMTPUTF8 mail, RFC 3834
+Auto-Submitted. No I/O and no clock: the caller passes the time, the original content and who to report on.
+
+    NoticeRecipient(recipient, action, status, diagnostic, remote_mta="", last_attempt=None)
+    wants_notice(recipient, kind) -> bool      does this recipient's NOTIFY ask for a "failure"/"delay"/"success"
+    build_notice(*, kind, queue_id, ..., to=None) -> bytes   the complete notice (CRLF), queued with the null
+                                               sender; `to` (default: the original sender) is its To: address
+    notice_is_8bit(notice) -> bool             whether the notice needs BODY=8BITMIME
+
+Decisions:
+- NOTIFY "" (not given) means FAILURE,DELAY (not SUCCESS); NEVER means nothing; otherwise a comma list.
+- The returned original (part 3): the whole message for RET=FULL; for RET="" the whole message only in a failure
+  notice and only up to `size_limit` bytes; otherwise (RET=HDRS, a delay or success notice without RET, or too
+  big) its header section only (text/rfc822-headers). The original is copied byte for byte.
+- Diagnostic-Code: `smtp; <reply>` when the diagnostic carries a remote SMTP reply, in the transports' wording
+  "host H said: <reply> (in reply to X command)" / "host H refused to talk to me: <reply>", or is a bare reply
+  ("250 2.0.0 Ok") from a named `remote_mta`; only the reply itself goes into the field. Anything else is our own
+  reason: `X-Mailflow; <text>`. Remote-MTA appears whenever `remote_mta` is given.
+- Any control character (CR, LF, TAB, NUL, ...) in a diagnostic, an address or an id becomes a space, and runs of
+  white space collapse, so no value can add a header line or a field group. Long values are folded at spaces.
+- A notice about an address with non-ASCII characters (SMTPUTF8 mail) uses message/global-delivery-status with
+  the "utf-8" address type and message/global (or message/global-headers) for the original, RFC 6533. Otherwise
+  the delivery-status part is ASCII: non-ASCII characters in its values become "?".
+- Non-ASCII bytes anywhere (original content, a UTF-8 diagnostic in the text part) make the notice 8-bit: such
+  parts say Content-Transfer-Encoding: 8bit, and `notice_is_8bit` tells the caller to send BODY=8BITMIME.
+- The MIME boundary derives from queue_id and notice_id; a suffix is added if it would occur in any part.
+Failures: ValueError for an unknown kind, action or RET value, or an empty recipient list.
+"""
+from __future__ import annotations
+
+import re
+import textwrap
+import unicodedata
+from dataclasses import dataclass
+
+from mailflow.model import Recipient
+from mailflow.stages.cleanup import rfc5322_date, split_header
+
+CRLF = "\r\n"
+KINDS = ("failure", "delay", "success")
+ACTIONS = ("failed", "delayed", "delivered", "relayed", "expanded")
+SUBJECTS = {
+    "failure": "Undelivered Mail Returned to Sender",
+    "delay": "Delayed Mail (still being retried)",
+    "success": "Successful Mail Delivery Report",
+}
+_RETURNED = {"failure": "Undelivered", "delay": "Delayed", "success": "Delivered"}
+_DEFAULT_STATUS = {"failed": "5.0.0", "delayed": "4.0.0"}  # others: 2.0.0
+_STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+_REMOTE_REPLY = re.compile(
+    r"host \S+ (?:said|refused to talk to me): (?P<reply>[2-5]\d\d(?:[ -].*?)?)(?: \(in reply to [^()]* command\))?"
+)
+_BARE_REPLY = re.compile(r"[2-5]\d\d(?:[ -].*)?")
+_BOUNDARY_UNSAFE = re.compile(r"[^0-9A-Za-z'()+_,\-./:=?]")
+_ID_UNSAFE = re.compile(r"[^0-9A-Za-z!#$%&'*+\-/=?^_`{|}~.]")
+FOLD_WIDTH = 78
+LONGEST_WORD = 900  # a word longer than this is cut, so that no line exceeds RFC 5322's 998
+
+
+@dataclass(frozen=True)
+class NoticeRecipient:
+    """What one notice says about one recipient. `action` is RFC 3464's ("failed", "delayed", "delivered",
+    "relayed", "expanded"); `status` the enhanced code; `diagnostic` the remote reply or our own reason;
+    `remote_mta` the host name of the MTA that answered, if one did."""
+
+    recipient: Recipient
+    action: str
+    status: str
+    diagnostic: str
+    remote_mta: str = ""
+    last_attempt: float | None = None
+
+
+def wants_notice(recipient: Recipient, kind: str) -> bool:
+    """RFC 3461 NOTIFY as Postfix applies it: not given -> failure and delay; NEVER -> none; else the list."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown notice kind {kind!r}")
+    notify = recipient.notify.strip()
+    if not notify:
+        return kind in ("failure", "delay")
+    words = {w.strip().upper() for w in notify.split(",")}
+    if "NEVER" in words:
+        return False
+    return kind.upper() in words
+
+
+def notice_is_8bit(notice: bytes) -> bool:
+    """True when the notice has a byte outside ASCII: it must go out with BODY=8BITMIME (or SMTPUTF8)."""
+    return not notice.isascii()
+
+
+def build_notice(
+    *,
+    kind: str,
+    queue_id: str,
+    sender: str,
+    arrival: float,
+    envid: str,
+    ret: str,
+    recipients: list[NoticeRecipient],
+    original: bytes,
+    reporting_mta: str,
+    now: float,
+    will_retry_until: float | None = None,
+    notice_id: str,
+    size_limit: int = 50000,
+    to: str | None = None,
+) -> bytes:
+    """The notice about `recipients` of message `queue_id` (sent by `sender`), as a complete RFC 5322 message.
+
+    It is addressed to `to`, by default the original `sender`; a double bounce passes the postmaster here.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown notice kind {kind!r}")
+    ret = ret.strip().upper()
+    if ret not in ("", "FULL", "HDRS"):
+        raise ValueError(f"unknown RET value {ret!r}")
+    if not recipients:
+        raise ValueError("a notice needs at least one recipient")
+    for nr in recipients:
+        if nr.action not in ACTIONS:
+            raise ValueError(f"unknown action {nr.action!r}")
+
+    global_ = any(not a.isascii() for a in _addresses(sender, recipients))
+    full = ret == "FULL" or (ret == "" and kind == "failure" and len(original) <= size_limit)
+    returned = original if full else split_header(original)[0]
+    mta = _clean(reporting_mta)
+
+    text_part = _text_part(kind, mta, recipients, full, arrival, now, will_retry_until)
+    status_part = _status_part(global_, mta, queue_id, sender, arrival, envid, recipients, will_retry_until)
+    original_part = _original_part(kind, global_, full, returned)
+    parts = [text_part, status_part, original_part]
+    boundary = _boundary(queue_id, notice_id, parts)
+
+    to_address = sender if to is None else to
+    eight_bit = any(not p.isascii() for p in parts) or not to_address.isascii()
+    header = [
+        f"From: Mail Delivery System <MAILER-DAEMON@{mta}>",
+        f"To: <{_clean(to_address)}>",
+        f"Subject: {SUBJECTS[kind]}",
+        f"Date: {rfc5322_date(now)}",
+        f"Message-ID: <{_ID_UNSAFE.sub('-', _clean(notice_id)) or 'notice'}@{mta}>",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=delivery-status;{CRLF}\tboundary="{boundary}"',
+        f"Content-Transfer-Encoding: {'8bit' if eight_bit else '7bit'}",
+    ]
+    out = [(CRLF.join(header) + CRLF + CRLF).encode("utf-8"),
+           b"This is a MIME-encapsulated message.\r\n"]
+    delimiter = f"\r\n--{boundary}\r\n".encode("ascii")
+    for part in parts:
+        out += [delimiter, part]
+    out.append(f"\r\n--{boundary}--\r\n".encode("ascii"))
+    return b"".join(out)
+
+
+# ---------------------------------------------------------------------------------------------------- the parts
+
+
+def _text_part(kind: str, mta: str, recipients: list[NoticeRecipient], full: bool, arrival: float, now: float,
+               will_retry_until: float | None) -> bytes:
+    """Part 1: what happened, for a human, one paragraph per recipient."""
+    lines = [f"This is the mail system at host {mta}.", ""]
+    what = "It is attached below." if full else "Its header section is attached below."
+    if kind == "failure":
+        lines += ["I'm sorry to have to inform you that your message could not",
+                  f"be delivered to one or more recipients. {what}"]
+    elif kind == "delay":
+        lines += ["#" * 68,
+                  "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #",
+                  "#" * 68,
+                  "",
+                  f"Your message could not be delivered for {_duration(now - arrival)} to the",
+                  "recipients listed below."]
+        if will_retry_until is not None:
+            lines.append(f"It will be retried until {rfc5322_date(will_retry_until)}.")
+        lines.append(what)
+    else:
+        lines += ["Your message was delivered to the destination(s) listed below.",
+                  "If it went to a mailbox, you will receive no further notices. Otherwise",
+                  "other systems may still report delivery problems to you."]
+    if kind != "success":
+        lines += ["", "For further assistance, please send mail to postmaster.", "",
+                  "If you do so, please include this problem report. You can",
+                  "delete your own text from the attached returned message."]
+    lines += ["", "                   The mail system", ""]
+    for nr in recipients:
+        r = nr.recipient
+        who = f"<{_clean(r.address)}>"
+        if r.original and r.original != r.address:
+            who += f" (expanded from <{_clean(r.original)}>)"
+        paragraph = f"{who}: {_clean(nr.diagnostic) or _action_words(nr.action)}"
+        lines += textwrap.wrap(paragraph, 76, subsequent_indent="    ", break_long_words=True,
+                               break_on_hyphens=False)
+        lines.append("")
+    body = CRLF.join(lines) + CRLF
+    ascii_ = body.isascii()
+    head = [
+        "Content-Description: Notification",
+        f"Content-Type: text/plain; charset={'us-ascii' if ascii_ else 'utf-8'}",
+        f"Content-Transfer-Encoding: {'7bit' if ascii_ else '8bit'}",
+    ]
+    return (CRLF.join(head) + CRLF + CRLF + body).encode("utf-8")
+
+
+def _status_part(global_: bool, mta: str, queue_id: str, sender: str, arrival: float, envid: str,
+                 recipients: list[NoticeRecipient], will_retry_until: float | None) -> bytes:
+    """Part 2: RFC 3464 per-message fields, then one field group per recipient."""
+    value = _clean if global_ else (lambda s: _ascii(_clean(s)))
+    per_message = [f"Reporting-MTA: dns; {mta}", f"X-Mailflow-Queue-ID: {value(queue_id)}",
+                   f"X-Mailflow-Sender: {_address_field(sender, global_)}"]
+    if envid:
+        per_message.append(f"Original-Envelope-Id: {value(envid)}")
+    per_message.append(f"Arrival-Date: {rfc5322_date(arrival)}")
+    groups = [per_message]
+    for nr in recipients:
+        group = [f"Final-Recipient: {_address_field(nr.recipient.address, global_)}"]
+        if nr.recipient.orcpt:
+            group.append(f"Original-Recipient: {value(nr.recipient.orcpt)}")
+        group.append(f"Action: {nr.action}")
+        group.append(f"Status: {_status(nr)}")
+        if nr.remote_mta:
+            group.append(f"Remote-MTA: dns; {value(nr.remote_mta)}")
+        diagnostic_type, diagnostic = _diagnostic_code(nr)
+        if diagnostic:
+            group.append(f"Diagnostic-Code: {diagnostic_type}; {value(diagnostic)}")
+        if nr.last_attempt is not None:
+            group.append(f"Last-Attempt-Date: {rfc5322_date(nr.last_attempt)}")
+        if nr.action == "delayed" and will_retry_until is not None:
+            group.append(f"Will-Retry-Until: {rfc5322_date(will_retry_until)}")
+        groups.append(group)
+    body = CRLF.join("".join(_fold(field) + CRLF for field in group) for group in groups)
+    content_type = "message/global-delivery-status" if global_ else "message/delivery-status"
+    head = ["Content-Description: Delivery report", f"Content-Type: {content_type}"]
+    if not body.isascii():
+        head.append("Content-Transfer-Encoding: 8bit")
+    return (CRLF.join(head) + CRLF + CRLF + body).encode("utf-8")
+
+
+def _original_part(kind: str, global_: bool, full: bool, returned: bytes) -> bytes:
+    """Part 3: the original message, or its header section, byte for byte."""
+    if full:
+        content_type = "message/global" if global_ else "message/rfc822"
+        description = f"{_RETURNED[kind]} Message"
+    else:
+        content_type = "message/global-headers" if global_ else "text/rfc822-headers"
+        description = f"{_RETURNED[kind]} Message Headers"
+    head = [f"Content-Description: {description}", f"Content-Type: {content_type}"]
+    if not returned.isascii():
+        head.append("Content-Transfer-Encoding: 8bit")
+    return (CRLF.join(head) + CRLF + CRLF).encode("ascii") + returned
+
+
+# ---------------------------------------------------------------------------------------------------- fields
+
+
+def _diagnostic_code(nr: NoticeRecipient) -> tuple[str, str]:
+    """('smtp', the reply) when the diagnostic is a remote SMTP reply, else ('X-Mailflow', our reason)."""
+    text = _clean(nr.diagnostic)
+    remote = _REMOTE_REPLY.fullmatch(text)
+    if remote:
+        return "smtp", remote["reply"]
+    if nr.remote_mta and _BARE_REPLY.fullmatch(text):
+        return "smtp", text
+    return "X-Mailflow", text
+
+
+def _status(nr: NoticeRecipient) -> str:
+    """The enhanced status code, or the generic one for the action when the given one is malformed."""
+    status = nr.status.strip()
+    if _STATUS.fullmatch(status):
+        return status
+    return _DEFAULT_STATUS.get(nr.action, "2.0.0")
+
+
+def _address_field(address: str, global_: bool) -> str:
+    """`rfc822; addr`, or RFC 6533's `utf-8; addr` for an address with non-ASCII characters."""
+    address = _clean(address)
+    if address.isascii():
+        return f"rfc822; {address}"
+    return f"utf-8; {address}" if global_ else f"rfc822; {_ascii(address)}"
+
+
+def _addresses(sender: str, recipients: list[NoticeRecipient]) -> list[str]:
+    out = [sender]
+    for nr in recipients:
+        out += [nr.recipient.address, nr.recipient.orcpt]
+    return out
+
+
+def _action_words(action: str) -> str:
+    return {"failed": "delivery failed", "delayed": "delivery temporarily failed",
+            "delivered": "delivered", "relayed": "relayed", "expanded": "expanded"}[action]
+
+
+def _clean(value: str) -> str:
+    """One line of text: control and line-separator characters become spaces, white space runs collapse."""
+    chars = (" " if unicodedata.category(c) in ("Cc", "Zl", "Zp", "Cs") else c for c in value)
+    return " ".join("".join(chars).split())
+
+
+def _ascii(value: str) -> str:
+    return value.encode("ascii", "replace").decode("ascii")
+
+
+def _fold(field: str) -> str:
+    """`Name: value` folded before spaces so that lines stay near FOLD_WIDTH (RFC 5322 2.2.3)."""
+    words = []
+    for word in field.split(" "):
+        while len(word) > LONGEST_WORD:  # cannot fold inside a word: cut it (adds a space when unfolded)
+            words.append(word[:LONGEST_WORD])
+            word = word[LONGEST_WORD:]
+        words.append(word)
+    lines = [words[0] + (" " + words[1] if len(words) > 1 else "")]
+    for word in words[2:]:
+        if word and len(lines[-1]) + 1 + len(word) > FOLD_WIDTH:  # never leave a blank continuation line
+            lines.append(" " + word)
+        else:
+            lines[-1] += " " + word
+    return CRLF.join(lines)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 2 * 3600:
+        return f"{seconds // 60} minute(s)"
+    if seconds < 2 * 86400:
+        return f"{seconds // 3600} hour(s)"
+    return f"{seconds // 86400} day(s)"
+
+
+def _boundary(queue_id: str, notice_id: str, parts: list[bytes]) -> str:
+    """A boundary derived from the ids, made unique against the parts' content (RFC 2046: at most 70 chars)."""
+    base = _BOUNDARY_UNSAFE.sub("_", f"{queue_id}/{notice_id}")[:60] or "notice"
+    candidate, n = base, 0
+    while any(candidate.encode("ascii") in part for part in parts):
+        n += 1
+        candidate = f"{base}.{n}"
+    return candidate

@@ -1,0 +1,93 @@
+"""Which delivery notices one finished delivery attempt calls for, and the messages that carry them.
+
+Rules (Postfix bounce(8) and RFC 3461):
+- failure: recipients that bounced (or expired) this attempt and whose NOTIFY allows FAILURE;
+- delay: pending recipients whose NOTIFY allows DELAY, once per message, when the caller says it is time;
+- success: recipients delivered this attempt whose NOTIFY explicitly asks for SUCCESS.
+A notice goes to the envelope sender with the null sender. A message with the null sender is itself a
+notice: its failures go to `double_bounce_recipient` (postmaster by default) from `double-bounce@myhostname`,
+or nowhere when that setting is empty; a double bounce that fails is dropped. So a bounce never bounces,
+and no notice is sent about a delay or a success of a notice.
+`Notices.for_attempt()` returns ready-to-commit `NewMessage`s (made by cleanup's `prepare`), which qmgr
+commits in the same transaction as the results, so a crash can lose neither.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from mailflow.model import ClientInfo, Envelope, Outcome, QueuedMessage, RcptResult, Submission
+from mailflow.stages.bounce import NoticeRecipient, build_notice, notice_is_8bit, wants_notice
+from mailflow.store import NewMessage
+
+ACTION = {Outcome.BOUNCED: "failed", Outcome.DEFERRED: "delayed", Outcome.SENT: "delivered"}
+
+
+@dataclass(frozen=True)
+class Notice:
+    """One notice to send: its kind, envelope, and the recipients it reports on."""
+
+    kind: str  # failure | delay | success
+    sender: str
+    to: str
+    recipients: tuple[NoticeRecipient, ...]
+
+
+def plan(message: QueuedMessage, results: list[RcptResult], *, warn_delay: bool, myhostname: str,
+         double_bounce_recipient: str, now: float) -> list[Notice]:
+    double_bounce_sender = f"double-bounce@{myhostname}"
+    if message.sender == double_bounce_sender:
+        return []  # a failed double bounce is dropped
+    wanted = [("failure", Outcome.BOUNCED), ("success", Outcome.SENT)]
+    if warn_delay:
+        wanted.append(("delay", Outcome.DEFERRED))
+    notices = []
+    for kind, outcome in wanted:
+        chosen = tuple(_notice_recipient(r, now) for r in results
+                       if r.outcome is outcome and wants_notice(r.recipient, kind))
+        if not chosen:
+            continue
+        if message.sender:
+            notices.append(Notice(kind, "", message.sender, chosen))
+        elif kind == "failure" and double_bounce_recipient:
+            to = double_bounce_recipient if "@" in double_bounce_recipient else f"{double_bounce_recipient}@{myhostname}"
+            notices.append(Notice(kind, double_bounce_sender, to, chosen))
+    return notices
+
+
+def _notice_recipient(result: RcptResult, now: float) -> NoticeRecipient:
+    remote = result.relay.split("[", 1)[0] if result.relay not in ("", "none", "local") else ""
+    action = ACTION[result.outcome]
+    if result.outcome is Outcome.SENT and remote:
+        action = "relayed"  # handed to an MTA that may not send DSNs itself (RFC 3464 2.3.3)
+    return NoticeRecipient(result.recipient, action, result.dsn, result.text, remote_mta=remote, last_attempt=now)
+
+
+class Notices:
+    """Turns planned notices into queued messages. `prepare` is cleanup's: Submission -> NewMessage."""
+
+    def __init__(self, prepare: Callable[[Submission], NewMessage], *, myhostname: str, config):
+        self._prepare = prepare
+        self._myhostname = myhostname
+        self._config = config
+
+    def for_attempt(self, message: QueuedMessage, results: list[RcptResult], *, original: bytes, now: float,
+                    warn_delay: bool, retry_until: float) -> list[tuple[Notice, NewMessage]]:
+        c = self._config
+        out = []
+        for notice in plan(message, results, warn_delay=warn_delay, myhostname=self._myhostname,
+                           double_bounce_recipient=c.double_bounce_recipient, now=now):
+            content = build_notice(
+                kind=notice.kind, queue_id=message.queue_id, sender=message.sender, arrival=message.arrival,
+                envid=message.envid, ret=message.ret, recipients=list(notice.recipients), original=original,
+                reporting_mta=self._myhostname, now=now,
+                will_retry_until=retry_until if notice.kind == "delay" else None,
+                notice_id=f"{message.queue_id}.{notice.kind}.{int(now)}", size_limit=c.bounce_size_limit,
+                to=notice.to,
+            )
+            addresses = [notice.sender, notice.to] + [r.recipient.address for r in notice.recipients]
+            envelope = Envelope(notice.sender, (notice.to,), smtputf8=not all(a.isascii() for a in addresses),
+                                body_type="8BITMIME" if notice_is_8bit(content) else "7BIT")
+            client = ClientInfo(addr="127.0.0.1", helo=self._myhostname, protocol="local")
+            out.append((notice, self._prepare(Submission(envelope, content, client))))
+        return out

@@ -1,0 +1,293 @@
+"""Queue policy under a virtual clock: days of retry schedule, lifetime and bounces, delay notices,
+null-sender mail, and per-destination slow start / throttle / dead-site memory.
+
+The qmgr runs with a real Store, cleanup and notices, and scripted transports; `Sim.run_until()` jumps
+the virtual clock from one sleeper deadline to the next, letting the loop settle in between.
+"""
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import random
+
+import pytest
+
+from mailflow.clock import VirtualClock
+from mailflow.config import Config, config_from_dict
+from mailflow.logs import MailLog
+from mailflow.model import DeliveryReport, Envelope, ClientInfo, Outcome, RcptResult, Submission
+from mailflow.stages.cleanup import Cleanup
+from mailflow.stages.qmgr import QueueManager
+from mailflow.stages.qmgr.notices import Notices
+from mailflow.stages.rewrite import Rewriter
+from mailflow.store import Store
+
+T0 = 1_700_000_000.0
+HOUR, DAY = 3600.0, 86400.0
+
+
+class Script:
+    """A transport answering from a function of (request, time); records (time, request) pairs."""
+
+    def __init__(self, clock, answer):
+        self.clock, self.answer = clock, answer
+        self.calls: list[tuple[float, object]] = []
+
+    async def deliver(self, request):
+        self.calls.append((self.clock.time(), request))
+        outcome, dsn, text, site_ok = self.answer(request, self.clock.time())
+        return DeliveryReport(tuple(RcptResult(r, outcome, dsn, text, relay="mx.remote.test[192.0.2.1]:25")
+                                    for r in request.recipients), site_ok=site_ok,
+                              site_reason="" if site_ok else text)
+
+    async def close(self):
+        pass
+
+
+def always(outcome, dsn, text, site_ok=True):
+    return lambda request, now: (outcome, dsn, text, site_ok)
+
+
+SENT = always(Outcome.SENT, "2.0.0", "250 ok")
+
+
+class Sim:
+    def __init__(self, tmp_path, **queue):
+        settings = {"myhostname": "mx.local.test", "mydestination": ["local.test", "mx.local.test"],
+                    "queue": {"minimal_backoff_time": 300, "maximal_backoff_time": 4000, **queue}}
+        self.config: Config = config_from_dict(settings)
+        self.tmp_path = tmp_path
+        self.clock = VirtualClock(T0)
+        self.smtp = Script(self.clock, SENT)
+        self.local = Script(self.clock, SENT)
+
+    async def start(self):
+        self.store = await Store.open(self.tmp_path / "queue.db")
+        self.cleanup = Cleanup(self.store, myhostname="mx.local.test", clock=self.clock, rng=random.Random(1),
+                               log=MailLog(), on_queued=lambda: self.qmgr.wake())
+        notices = Notices(self.cleanup.prepare, myhostname="mx.local.test", config=self.config.queue)
+        self.qmgr = QueueManager(self.store, resolve=Rewriter(self.config).resolve,
+                                 transports={"smtp": self.smtp, "local": self.local}, config=self.config.queue,
+                                 clock=self.clock, rng=random.Random(2), log=MailLog(), notices=notices,
+                                 tick=DAY)
+        await self.qmgr.start()
+        return self
+
+    async def stop(self):
+        await self.qmgr.stop(grace=1)
+        await self.store.close()
+
+    async def submit(self, sender: str, *rcpts: str, body: bytes = b"hello\r\n") -> str:
+        content = b"Subject: test\r\nFrom: <" + sender.encode() + b">\r\n\r\n" + body
+        sub = Submission(Envelope(sender, tuple(rcpts)), content, ClientInfo("192.0.2.9", helo="client.test"))
+        return await self.cleanup.submit(sub)
+
+    async def settle(self):
+        """Let the loop run until qmgr sleeps with nothing under way (bounded)."""
+        quiet = 0
+        for _ in range(2000):
+            await asyncio.sleep(0.001)
+            quiet = quiet + 1 if not self.qmgr.busy and self.clock.next_deadline() is not None else 0
+            if quiet >= 3:
+                return
+        raise AssertionError("qmgr never settled")
+
+    async def run_until(self, horizon: float, stop=lambda: False):
+        """Advance virtual time deadline by deadline up to `horizon` (absolute) or until `stop()`."""
+        for _ in range(100_000):
+            await self.settle()
+            if stop():
+                return
+            deadline = self.clock.next_deadline()
+            if deadline is None or deadline > horizon:
+                self.clock.advance(max(0.0, horizon - self.clock.now))
+                await self.settle()
+                return
+            self.clock.advance(deadline - self.clock.now)
+        raise AssertionError("too many steps")
+
+
+@pytest.fixture
+async def sim(tmp_path):
+    sims = []
+
+    async def make(**queue) -> Sim:
+        s = await Sim(tmp_path, **queue).start()
+        sims.append(s)
+        return s
+
+    yield make
+    for s in sims:
+        await s.stop()
+
+
+def notices_in(script: Script) -> list[email.message.EmailMessage]:
+    return [email.message_from_bytes(req.content, policy=email.policy.default)
+            for _, req in script.calls if req.sender in ("", ) or req.sender.startswith("double-bounce@")]
+
+
+def report_fields(notice) -> list:
+    """The per-recipient field blocks of the message/delivery-status part."""
+    status = next(p for p in notice.walk() if p.get_content_type() in ("message/delivery-status",
+                                                                        "message/global-delivery-status"))
+    return status.get_payload()[1:]
+
+
+# ------------------------------------------------------------------------------------------ retry policy
+
+
+async def test_retry_times_over_five_days_follow_the_backoff_policy_then_bounce(sim):
+    s = await sim()
+    s.smtp.answer = lambda req, now: ((Outcome.DEFERRED, "4.4.1", "connection timed out", True)
+                                      if req.sender else (Outcome.SENT, "2.0.0", "250 ok", True))
+    await s.submit("alice@remote.test", "bob@far.test")
+    await s.run_until(T0 + 5 * DAY + 2 * HOUR)
+
+    attempts = [t for t, req in s.smtp.calls if req.sender == "alice@remote.test"]
+    assert attempts[0] == T0
+    for earlier, later in zip(attempts, attempts[1:]):
+        expected = min(max(earlier - T0, 300.0), 4000.0)
+        assert expected <= later - earlier <= expected * 1.1 + 1e-6, (earlier - T0, later - earlier)
+    assert attempts[-1] - T0 >= 5 * DAY, "gave up before the queue lifetime"
+    assert attempts[-2] - T0 < 5 * DAY
+    assert 100 < len(attempts) < 130  # ~ 5 days / 4000 s plus the doubling start
+
+    [bounce] = notices_in(s.smtp)
+    assert bounce["To"].addresses[0].addr_spec == "alice@remote.test"
+    assert bounce.get_content_type() == "multipart/report"
+    [fields] = report_fields(bounce)
+    assert fields["Action"] == "failed" and fields["Status"] == "4.4.1"
+    assert "bob@far.test" in fields["Final-Recipient"]
+    assert await s.store.counts() == {}
+
+
+async def test_a_bounce_reports_each_recipient_with_its_own_status(sim):
+    s = await sim()
+
+    def answer(req, now):
+        return (Outcome.SENT, "2.0.0", "250 ok", True)
+    s.smtp.answer = answer
+    refusals = {"gone@far.test": (Outcome.BOUNCED, "5.1.1", "550 5.1.1 no such user"),
+                "full@far.test": (Outcome.BOUNCED, "5.2.2", "552 5.2.2 mailbox full")}
+
+    async def deliver(request):
+        s.smtp.calls.append((s.clock.time(), request))
+        return DeliveryReport(tuple(RcptResult(r, *refusals.get(r.address, (Outcome.SENT, "2.0.0", "250 ok")),
+                                               relay="mx.far.test[192.0.2.1]:25") for r in request.recipients))
+    s.smtp.deliver = deliver
+    await s.submit("alice@remote.test", "gone@far.test", "ok@far.test", "full@far.test")
+    await s.run_until(T0 + 60)
+    [bounce] = notices_in(s.smtp)
+    got = {f["Final-Recipient"].split(";")[1].strip(): (f["Action"], f["Status"]) for f in report_fields(bounce)}
+    assert got == {"gone@far.test": ("failed", "5.1.1"), "full@far.test": ("failed", "5.2.2")}
+
+
+async def test_one_delay_notice_then_the_bounce(sim):
+    s = await sim(delay_warning_time=4 * HOUR, maximal_queue_lifetime=DAY)
+    s.smtp.answer = lambda req, now: ((Outcome.DEFERRED, "4.4.1", "no route", True) if req.sender
+                                      else (Outcome.SENT, "2.0.0", "250 ok", True))
+    await s.submit("alice@remote.test", "bob@far.test")
+    await s.run_until(T0 + 2 * DAY)
+    notices = notices_in(s.smtp)
+    kinds = [report_fields(n)[0]["Action"] for n in notices]
+    assert kinds == ["delayed", "failed"]
+    assert "Will-Retry-Until" in report_fields(notices[0])[0]
+
+
+# ----------------------------------------------------------------------------------- null sender
+
+
+async def test_null_sender_mail_is_never_returned_but_a_double_bounce_goes_to_postmaster(sim):
+    s = await sim()
+    s.smtp.answer = always(Outcome.BOUNCED, "5.1.1", "550 5.1.1 no such user")
+    await s.submit("", "gone@far.test")
+    await s.run_until(T0 + 60)
+    senders = [req.sender for _, req in s.smtp.calls + s.local.calls]
+    assert senders.count("") == 1, "the null-sender message is delivered once and never returned"
+    [postmaster] = [req for _, req in s.local.calls]
+    assert [r.address for r in postmaster.recipients] == ["postmaster@mx.local.test"]
+    assert postmaster.sender == "double-bounce@mx.local.test"
+
+
+async def test_double_bounces_can_be_dropped(sim):
+    s = await sim(double_bounce_recipient="")
+    s.smtp.answer = always(Outcome.BOUNCED, "5.1.1", "550 5.1.1 no such user")
+    await s.submit("", "gone@far.test")
+    await s.run_until(T0 + 60)
+    assert len(s.smtp.calls) == 1 and s.local.calls == []
+    assert await s.store.counts() == {}
+
+
+async def test_null_sender_mail_expires_after_the_bounce_lifetime(sim):
+    s = await sim(bounce_queue_lifetime=HOUR, double_bounce_recipient="")
+    s.smtp.answer = always(Outcome.DEFERRED, "4.4.1", "timed out")
+    await s.submit("", "x@far.test")
+    await s.run_until(T0 + 3 * HOUR)
+    assert s.smtp.calls[-1][0] - T0 < 2 * HOUR
+    assert await s.store.counts() == {}
+
+
+# ------------------------------------------------------------------------------ destinations
+
+
+async def test_window_grows_under_success(sim):
+    s = await sim(initial_destination_concurrency=2, default_destination_concurrency_limit=6)
+    in_flight = peak = 0
+    release = asyncio.Event()
+
+    async def deliver(request):
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await release.wait()
+        await asyncio.sleep(0.001)  # stay in flight a moment, so deliveries overlap as real ones do
+        in_flight -= 1
+        return DeliveryReport(tuple(RcptResult(r, Outcome.SENT, "2.0.0", "ok") for r in request.recipients))
+    s.smtp.deliver = deliver
+    for n in range(40):
+        await s.submit("a@remote.test", f"r{n}@far.test")
+    for _ in range(200):
+        await asyncio.sleep(0.002)
+    assert peak == 2, "starts at the initial concurrency"
+    release.set()
+    await s.run_until(T0 + 60, stop=lambda: not s.qmgr.busy and s.qmgr.active_count == 0)
+    assert peak == 6, "grew to the limit"
+
+
+async def test_site_failures_kill_a_destination_others_keep_delivering_and_it_comes_back(sim):
+    s = await sim(minimal_backoff_time=600, maximal_backoff_time=600, initial_destination_concurrency=1)
+    down = {"value": True}
+
+    def answer(req, now):
+        if req.nexthop == "dead.test" and down["value"]:
+            return (Outcome.DEFERRED, "4.4.1", "connect to dead.test: Connection refused", False)
+        return (Outcome.SENT, "2.0.0", "250 ok", True)
+    s.smtp.answer = answer
+    for n in range(5):
+        await s.submit("a@remote.test", f"r{n}@dead.test")
+        await s.submit("a@remote.test", f"r{n}@good.test")
+    await s.run_until(T0 + 1)
+
+    tried_dead = [req for _, req in s.smtp.calls if req.nexthop == "dead.test"]
+    assert len(tried_dead) == 1, "one failure with window 1 is a failed cohort: the rest is not tried"
+    assert sorted(r.recipients[0].address for _, r in s.smtp.calls if r.nexthop == "good.test") == \
+        [f"r{n}@good.test" for n in range(5)]
+    [row] = [d for d in s.qmgr.destinations() if d[1] == "dead.test"]
+    assert row[2] == 0 and row[6] == T0 + 600 and "Connection refused" in row[7]
+    assert await s.store.counts() == {"deferred": 5}
+
+    down["value"] = False
+    await s.run_until(T0 + 2000, stop=lambda: False)
+    assert await s.store.counts() == {}
+    revived = [t for t, req in s.smtp.calls if req.nexthop == "dead.test"][1]
+    assert revived >= T0 + 600
+
+
+async def test_recipient_refusals_do_not_move_the_window(sim):
+    s = await sim(initial_destination_concurrency=1, destination_concurrency_failed_cohort_limit=1)
+    s.smtp.answer = always(Outcome.BOUNCED, "5.1.1", "550 no such user", site_ok=True)
+    for n in range(5):
+        await s.submit("", f"r{n}@far.test")
+    await s.run_until(T0 + 1)
+    assert len(s.smtp.calls) == 5, "per-recipient refusals never made the destination dead"

@@ -1,0 +1,109 @@
+"""The destination window: slow start on success, throttle on site failure, dead-site memory, revival."""
+from __future__ import annotations
+
+from mailflow.model import Recipient
+from mailflow.stages.qmgr.destination import Destination, Job
+
+T0 = 1000.0
+DEAD_TIME = 300.0
+
+
+def dest(initial=5, limit=20, cohort_limit=1) -> Destination:
+    return Destination("smtp", "example.test", initial=initial, limit=limit, cohort_limit=cohort_limit)
+
+
+def job(n: int) -> Job:
+    return Job(f"Q{n}", "smtp", "example.test", (Recipient(0, f"r{n}@example.test", f"r{n}@example.test"),))
+
+
+def run_one(d: Destination, site_ok: bool, now: float = T0) -> list[Job]:
+    d.jobs.append(job(0))
+    d.take()
+    return d.done(site_ok, "" if site_ok else "connection refused", now, DEAD_TIME)
+
+
+def test_starts_at_the_initial_window():
+    d = dest()
+    for n in range(10):
+        d.jobs.append(job(n))
+    started = 0
+    while d.can_start(T0):
+        d.take()
+        started += 1
+    assert started == 5
+
+
+def test_one_window_of_successes_adds_one_slot():
+    d = dest(initial=5)
+    for _ in range(5):
+        run_one(d, True)
+    assert int(d.window) == 6
+
+
+def test_growth_stops_at_the_limit():
+    d = dest(initial=2, limit=4)
+    for _ in range(100):
+        run_one(d, True)
+    assert d.window == 4
+
+
+def test_site_failure_shrinks_the_window_but_not_below_one():
+    d = dest(initial=5, cohort_limit=100)
+    run_one(d, False)
+    assert d.window == 4
+    for _ in range(10):
+        run_one(d, False)
+    assert d.window == 1 and not d.is_dead(T0)
+
+
+def test_dies_after_a_failed_cohort_and_hands_back_its_queue():
+    d = dest(initial=5)
+    for n in range(3):
+        d.jobs.append(job(10 + n))
+    died_with = []
+    for _ in range(10):
+        d.jobs.appendleft(job(0))
+        d.take()
+        died_with = d.done(False, "connection refused", T0, DEAD_TIME)
+        if d.is_dead(T0):
+            break
+    # failures add 1/window each: 1/5 + 1/4 + 1/3 + 1/2 >= 1 cohort after four failures
+    assert d.failures == 4
+    assert d.is_dead(T0) and d.dead_until == T0 + DEAD_TIME
+    assert [j.queue_id for j in died_with] == ["Q10", "Q11", "Q12"]
+    assert not d.can_start(T0 + DEAD_TIME - 1)
+    assert d.snapshot()[2] == 0 and d.snapshot()[7] == "connection refused"
+
+
+def test_a_success_clears_the_failure_count():
+    d = dest(initial=5)
+    run_one(d, False)
+    run_one(d, False)
+    run_one(d, True)
+    assert d.failures == 0 and d.failed_cohorts == 0
+    # window is 3 now: two more failures add 1/3 + 1/2 < 1 cohort; without the reset (1/5 + 1/4 + ...) it would die
+    for _ in range(2):
+        run_one(d, False)
+    assert not d.is_dead(T0)
+
+
+def test_revives_with_the_initial_window_when_the_timer_runs_out():
+    d = dest(initial=3)
+    while not d.is_dead(T0):
+        run_one(d, False)
+    d.jobs.append(job(1))
+    assert not d.can_start(T0 + DEAD_TIME - 0.5)
+    assert d.can_start(T0 + DEAD_TIME)
+    assert d.window == 3 and d.dead_until == 0
+
+
+def test_a_late_report_from_before_death_changes_nothing():
+    d = dest(initial=2)
+    d.jobs.extend([job(1), job(2)])
+    d.take(), d.take()
+    d.jobs.append(job(3))
+    while not d.is_dead(T0):
+        d.jobs.appendleft(job(0))
+        d.take()
+        d.done(False, "refused", T0, DEAD_TIME)
+    assert d.done(True, "", T0, DEAD_TIME) == [] and d.is_dead(T0)
