@@ -1,0 +1,43 @@
+"""Deferral, retry and bounce through real sockets: a scripted SMTP peer answers 4xx, then 5xx."""
+from __future__ import annotations
+
+import email
+import email.policy
+
+from tests.helpers import eventually, queue_becomes, send
+
+MESSAGE = b"Subject: will bounce\r\nMessage-ID: <orig-1@remote.test>\r\n\r\nthe original body\r\n"
+
+
+def delivery_status(notice) -> list:
+    part = next(p for p in notice.walk() if p.get_content_type() == "message/delivery-status")
+    return part.get_payload()
+
+
+async def test_4xx_defers_and_retries_then_5xx_bounces_to_the_sender(mailflow_server, smtp_peer):
+    peer = await smtp_peer()
+    mf = await mailflow_server(relayhost=f"[127.0.0.1]:{peer.port}")
+    peer.handler.rcpt_replies["gone@relay.test"] = "451 4.2.0 mailbox busy, try later"
+    await send(mf.smtp_addresses[0][1], "alice@relay.test", ["gone@relay.test", "ok@relay.test"], MESSAGE)
+
+    assert await queue_becomes(mf.store, {"deferred": 1}) == {"deferred": 1}
+    assert [m.rcpt_tos for m in peer.messages] == [["ok@relay.test"]]
+    [(_, status, dsn, reason)] = [r for r in await mf.store.recipients(
+        (await mf.store.due(2e9, 10))[0].queue_id) if r[0] == "gone@relay.test"]
+    assert (status, dsn) == ("pending", "4.2.0") and "mailbox busy" in reason
+
+    peer.handler.rcpt_replies["gone@relay.test"] = "550 5.1.1 no such user here"
+    bounces = await eventually(lambda: [m for m in peer.messages if m.mail_from == "<>"], timeout=10)
+    assert len(bounces) == 1 and bounces[0].rcpt_tos == ["alice@relay.test"]
+    assert await queue_becomes(mf.store, {}) == {}
+
+    notice = email.message_from_bytes(bounces[0].content, policy=email.policy.default)
+    assert notice.get_content_type() == "multipart/report"
+    per_message, per_recipient = delivery_status(notice)[0], delivery_status(notice)[1:]
+    assert per_message["Reporting-MTA"] == "dns; mx.mailflow.test"
+    [fields] = per_recipient
+    assert fields["Final-Recipient"] == "rfc822; gone@relay.test"
+    assert (fields["Action"], fields["Status"]) == ("failed", "5.1.1")
+    assert "550 5.1.1 no such user here" in fields["Diagnostic-Code"]
+    returned = next(p for p in notice.walk() if p.get_content_type() == "message/rfc822")
+    assert b"the original body" in returned.as_bytes()
