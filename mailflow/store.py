@@ -2,7 +2,8 @@
 
 What it owns
 - `message`, `recipient` and `content` rows (schema.sql) and the queue state of every message.
-- One writer connection. Every write goes through `_GroupCommitter`: requests that arrive while a commit is
+- One writer connection on a thread of its own (`_Writer`: a whole transaction per call). Every write goes
+  through `_GroupCommitter`: requests that arrive while a commit is
   running are merged into the next transaction, so N concurrent sessions cost one fsync, not N.
   Requests in one batch must be independent: a caller waits for its request before sending one that
   depends on it (every caller here does, because each write is awaited).
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -58,11 +60,60 @@ class NewMessage:
 _Op = tuple[str, list[tuple]]
 
 
+class _Writer:
+    """The one writing connection, on a thread of its own: each call runs a whole transaction there.
+
+    aiosqlite hops to its thread once per statement, which would keep a transaction open across event-loop
+    turns (a stalled loop would then hold the database lock against the operator tools). Here a batch is
+    `BEGIN IMMEDIATE; executemany…; COMMIT` in one call, so the lock is held only while SQLite works.
+    """
+
+    def __init__(self, path: Path):
+        self._path = path
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        self._con: sqlite3.Connection | None = None
+
+    async def call(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def open(self) -> None:
+        con = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        try:
+            con.execute("PRAGMA journal_mode = WAL")
+            con.execute("PRAGMA synchronous = FULL")  # a commit is on disk when it returns
+            con.execute("PRAGMA busy_timeout = 5000")
+            _migrate(con)
+        except BaseException:
+            con.close()
+            raise
+        self._con = con
+
+    def transaction(self, merged: dict[str, list[tuple]]) -> None:
+        con = self._con
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, rows in merged.items():
+                if rows:
+                    con.executemany(sql, rows)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+
+    def shutdown(self) -> None:
+        self._thread.shutdown(wait=True)
+
+
 class _GroupCommitter:
     """Runs write requests (lists of `(sql, rows)`) in shared transactions, one commit per batch."""
 
-    def __init__(self, db: aiosqlite.Connection, batch_limit: int, backlog_limit: int):
-        self._db = db
+    def __init__(self, writer: _Writer, batch_limit: int, backlog_limit: int):
+        self._writer = writer
         self._batch_limit = batch_limit
         self._backlog_limit = backlog_limit
         self._pending: asyncio.Queue[tuple[list[_Op], asyncio.Future]] = asyncio.Queue()
@@ -104,7 +155,6 @@ class _GroupCommitter:
         try:
             await self._run_transaction([ops for ops, _ in batch])
         except Exception as e:
-            await _safe_rollback(self._db)
             if len(batch) == 1:
                 log.error("store: write failed: %s", e)
                 _settle(batch[0][1], e)
@@ -115,7 +165,6 @@ class _GroupCommitter:
                     await self._run_transaction([ops])
                 except Exception as one:
                     log.error("store: write failed: %s", one)
-                    await _safe_rollback(self._db)
                     _settle(fut, one)
                 else:
                     _settle(fut, None)
@@ -129,10 +178,7 @@ class _GroupCommitter:
         for ops in requests:
             for sql, rows in ops:
                 merged.setdefault(sql, []).extend(rows)
-        for sql, rows in merged.items():
-            if rows:
-                await self._db.executemany(sql, rows)
-        await self._db.commit()
+        await self._writer.call(self._writer.transaction, merged)
         self.commits += 1
 
 
@@ -143,13 +189,6 @@ def _settle(fut: asyncio.Future, error: Exception | None) -> None:
         fut.set_result(None)
     else:
         fut.set_exception(error)
-
-
-async def _safe_rollback(db: aiosqlite.Connection) -> None:
-    try:
-        await db.rollback()
-    except sqlite3.Error as e:  # pragma: no cover - the connection is gone; the next batch will say so
-        log.error("store: rollback failed: %s", e)
 
 
 class _BatchLoader:
@@ -203,7 +242,7 @@ def _marks(n: int) -> str:
 class Store:
     """The queue database. Open with `await Store.open(path)`; close with `await store.close()`."""
 
-    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, committer: _GroupCommitter):
+    def __init__(self, writer: _Writer, reader: aiosqlite.Connection, committer: _GroupCommitter):
         self._writer = writer
         self._reader = reader
         self._committer = committer
@@ -213,15 +252,16 @@ class Store:
     async def open(cls, path: str | Path, *, batch_limit: int = 500, backlog_limit: int = 5000) -> "Store":
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        writer = await aiosqlite.connect(path)
+        writer = _Writer(path)
         try:
-            await _configure(writer)
-            await _migrate(writer)
+            await writer.call(writer.open)
             reader = await aiosqlite.connect(path)
         except BaseException:
-            await writer.close()  # its worker thread would otherwise keep the process alive
+            await writer.call(writer.close)
+            writer.shutdown()  # its thread would otherwise keep the process alive
             raise
         await reader.execute("PRAGMA query_only = ON")
+        await reader.execute("PRAGMA busy_timeout = 5000")
         committer = _GroupCommitter(writer, batch_limit, backlog_limit)
         committer.start()
         return cls(writer, reader, committer)
@@ -229,7 +269,8 @@ class Store:
     async def close(self) -> None:
         await self._committer.stop()
         await self._reader.close()
-        await self._writer.close()
+        await self._writer.call(self._writer.close)
+        self._writer.shutdown()
 
     @property
     def commits(self) -> int:
@@ -239,6 +280,10 @@ class Store:
     async def insert(self, msg: NewMessage) -> None:
         """Commit a new message (durably) in the incoming queue. May raise Overloaded."""
         await self._committer.write(_insert_ops([msg]), may_refuse=True)
+
+    async def insert_many(self, messages: Sequence[NewMessage]) -> None:
+        """Commit many new messages in one transaction (bulk loads: pickup, tests, benchmarks)."""
+        await self._committer.write(_insert_ops(messages))
 
     async def activate(self, ids: Sequence[QueueId]) -> None:
         """Move messages into the active queue (qmgr has taken them in hand)."""
@@ -349,6 +394,142 @@ class Store:
         )
         return {qid: bytes(data) for qid, data in rows}
 
+    # -- operator tools ---------------------------------------------------------------------------
+    # For `mailflow queue …` (mailflow/queue_tools.py), which opens the queue in a process of its own
+    # beside a running server. A selection is: `queues`, and optionally `ids`, `sender` (exact, any case),
+    # `rcpt_domain` (the domain of a pending recipient) and `arrived_before` (unix time). Reads go in
+    # pages keyed on the queue id (the primary key; ids are time-ordered), so walking 100 000 messages
+    # never holds more than one page. Every change is one transaction per chunk that also bumps the
+    # generation counter, so a running qmgr notices within a second. Only `message_detail` readers
+    # touch content (through `content()`).
+
+    _TOOL_MESSAGE = "id, queue, size, arrival, sender, next_attempt, attempts"
+    # The domain after the LAST '@' (rtrim drops every character but '@' from the right), lower-cased.
+    _RCPT_DOMAIN = "lower(rtrim(replace({a}, rtrim({a}, replace({a}, '@', '')), ''), '.'))"
+    _BUMP_GENERATION = ("INSERT INTO control (key, value) VALUES ('generation', 1)"
+                        " ON CONFLICT (key) DO UPDATE SET value = value + 1")
+
+    @classmethod
+    def _tool_where(cls, queues: Sequence[str], ids: Sequence[QueueId] | None, after: str, sender: str | None,
+                    rcpt_domain: str | None, arrived_before: float | None) -> tuple[str, list]:
+        # `+queue` keeps the planner on the primary key, so pages come in id order without a sort.
+        clauses, params = [f"+queue IN ({_marks(len(queues))})"], list(queues)
+        if ids is not None:
+            clauses.append(f"id IN ({_marks(len(ids))})")
+            params += ids
+        if after:
+            clauses.append("id > ?")
+            params.append(after)
+        if sender is not None:
+            clauses.append("lower(sender) = lower(?)")
+            params.append(sender)
+        if rcpt_domain is not None:
+            clauses.append("EXISTS (SELECT 1 FROM recipient r WHERE r.message_id = message.id"
+                           f" AND r.status = 'pending' AND {cls._RCPT_DOMAIN.format(a='r.address')} = lower(?))")
+            params.append(rcpt_domain)
+        if arrived_before is not None:
+            clauses.append("arrival < ?")
+            params.append(arrived_before)
+        return " AND ".join(clauses), params
+
+    async def message_page(self, *, queues: Sequence[str], ids: Sequence[QueueId] | None = None, after: str = "",
+                           limit: int = 1000, sender: str | None = None, rcpt_domain: str | None = None,
+                           arrived_before: float | None = None) -> list[tuple]:
+        """Up to `limit` selected messages with ids after `after`, in id order: rows of
+        (id, queue, size, arrival, sender, next_attempt, attempts). `ids` at most 500."""
+        where, params = self._tool_where(queues, ids, after, sender, rcpt_domain, arrived_before)
+        rows = await self._reader.execute_fetchall(
+            f"SELECT {self._TOOL_MESSAGE} FROM message WHERE {where} ORDER BY id LIMIT ?", (*params, limit))
+        return [tuple(r) for r in rows]
+
+    async def message_ids(self, **selection) -> list[QueueId]:
+        """The ids of `message_page(**selection)`."""
+        return [row[0] for row in await self.message_page(**selection)]
+
+    async def count_messages(self, *, queues: Sequence[str], sender: str | None = None,
+                             rcpt_domain: str | None = None, arrived_before: float | None = None) -> int:
+        where, params = self._tool_where(queues, None, "", sender, rcpt_domain, arrived_before)
+        rows = await self._reader.execute_fetchall(f"SELECT count(*) FROM message WHERE {where}", params)
+        return rows[0][0]
+
+    async def recipients_of(self, ids: Sequence[QueueId], *, pending_only: bool = False
+                            ) -> dict[QueueId, list[tuple[str, str, str, str, str]]]:
+        """(address, original, status, dsn, reason) of each message's recipients, in envelope order."""
+        out: dict[QueueId, list] = {}
+        only = " AND status = 'pending'" if pending_only else ""
+        for chunk in _chunks(list(ids), _MAX_VARS):
+            rows = await self._reader.execute_fetchall(
+                f"SELECT message_id, address, original, status, dsn, reason FROM recipient"
+                f" WHERE message_id IN ({_marks(len(chunk))}){only} ORDER BY message_id, idx", tuple(chunk))
+            for qid, *fields in rows:
+                out.setdefault(qid, []).append(tuple(fields))
+        return out
+
+    async def message_detail(self, queue_id: QueueId) -> tuple | None:
+        """(id, queue, size, arrival, sender, next_attempt, attempts, client, envid, ret, smtputf8, body_type,
+        warned) of one message, or None."""
+        rows = await self._reader.execute_fetchall(
+            f"SELECT {self._TOOL_MESSAGE}, client, envid, ret, smtputf8, body_type, warned FROM message"
+            " WHERE id = ?", (queue_id,))
+        return tuple(rows[0]) if rows else None
+
+    async def hold_messages(self, ids: Sequence[QueueId]) -> None:
+        """incoming/deferred/active -> hold. An active message's delivery finishes; `record` keeps it held."""
+        await self._tool_write("UPDATE message SET queue = 'hold'"
+                               " WHERE id = ? AND queue IN ('incoming', 'deferred', 'active')", [(i,) for i in ids])
+
+    async def release_messages(self, ids: Sequence[QueueId], now: float) -> None:
+        """hold -> deferred, due `now`."""
+        await self._tool_write("UPDATE message SET queue = 'deferred', next_attempt = ?"
+                               " WHERE id = ? AND queue = 'hold'", [(now, i) for i in ids])
+
+    async def requeue_messages(self, ids: Sequence[QueueId], now: float) -> None:
+        """incoming/deferred/hold -> incoming, due `now` (qmgr resolves every recipient again)."""
+        await self._tool_write("UPDATE message SET queue = 'incoming', next_attempt = ?"
+                               " WHERE id = ? AND queue IN ('incoming', 'deferred', 'hold')", [(now, i) for i in ids])
+
+    async def flush_messages(self, ids: Sequence[QueueId], now: float) -> None:
+        """Deferred messages due `now`; also counts a flush request (`flush_requests`)."""
+        await self._tool_write("UPDATE message SET next_attempt = ? WHERE id = ? AND queue = 'deferred'",
+                               [(now, i) for i in ids],
+                               ("INSERT INTO control (key, value) VALUES ('flush', 1)"
+                                " ON CONFLICT (key) DO UPDATE SET value = value + 1", [()]))
+
+    async def delete_messages(self, ids: Sequence[QueueId]) -> None:
+        """Remove messages in any state: message, recipient and content rows."""
+        id_rows = [(i,) for i in ids]
+        await self._committer.write([*_remove_ops(id_rows), (self._BUMP_GENERATION, [()])])
+
+    async def flush_requests(self) -> int:
+        """How many times `mailflow queue flush` ran: a change asks qmgr to revive dead destinations."""
+        rows = await self._reader.execute_fetchall("SELECT value FROM control WHERE key = 'flush'")
+        return rows[0][0] if rows else 0
+
+    async def _tool_write(self, sql: str, rows: list[tuple], *more: _Op) -> None:
+        await self._committer.write([(sql, rows), *more, (self._BUMP_GENERATION, [()])])
+
+    async def shape_counts(self, queues: Sequence[str], now: float, limits: Sequence[float]
+                           ) -> list[tuple[str, int, int]]:
+        """(recipient domain, age bucket, pending recipients), aggregated in SQL. Bucket i (1-based) holds
+        ages below limits[i-1] seconds; bucket len(limits)+1 the rest."""
+        cases = " ".join(f"WHEN ? - m.arrival < ? THEN {i}" for i in range(1, len(limits) + 1))
+        case_params = [p for limit in limits for p in (now, limit)]
+        rows = await self._reader.execute_fetchall(
+            f"SELECT {self._RCPT_DOMAIN.format(a='r.address')} AS domain,"
+            f" CASE {cases} ELSE {len(limits) + 1} END AS bucket, count(*)"
+            f" FROM message m JOIN recipient r ON r.message_id = m.id"
+            f" WHERE m.queue IN ({_marks(len(queues))}) AND r.status = 'pending' GROUP BY domain, bucket",
+            (*case_params, *queues))
+        return [tuple(r) for r in rows]
+
+    async def destination_rows(self) -> list[tuple]:
+        """qmgr's last destination snapshot: (transport, nexthop, window, in_flight, queued, failures,
+        dead_until, reason, updated)."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT transport, nexthop, window, in_flight, queued, failures, dead_until, reason, updated"
+            " FROM destination ORDER BY transport, nexthop")
+        return [tuple(r) for r in rows]
+
 
 _MESSAGE_COLUMNS = "id, sender, arrival, size, smtputf8, body_type, attempts, envid, ret, warned"
 
@@ -386,18 +567,11 @@ def _remove_ops(id_rows: list[tuple]) -> list[_Op]:
     ]
 
 
-async def _configure(db: aiosqlite.Connection) -> None:
-    await db.execute("PRAGMA journal_mode = WAL")
-    await db.execute("PRAGMA synchronous = FULL")  # a commit is on disk when it returns
-    await db.execute("PRAGMA busy_timeout = 5000")
-
-
-async def _migrate(db: aiosqlite.Connection) -> None:
+def _migrate(con: sqlite3.Connection) -> None:
     schema = resources.files("mailflow").joinpath("schema.sql").read_text()
-    await db.executescript(schema)
-    rows = await db.execute_fetchall("SELECT version FROM schema_version")
+    con.executescript(schema)
+    rows = con.execute("SELECT version FROM schema_version").fetchall()
     if not rows:
-        await db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+        con.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
     elif rows[0][0] > SCHEMA_VERSION:
         raise sqlite3.DatabaseError(f"queue schema version {rows[0][0]} is newer than this mailflow ({SCHEMA_VERSION})")
-    await db.commit()
