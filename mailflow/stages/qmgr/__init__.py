@@ -297,6 +297,10 @@ class QueueManager:
         delivered = Delivered(msg.queue_id, tuple(results), retry_at, warned=msg.warned or warn)
         try:
             await self._record(delivered, [n for _, n in notices])
+        except Exception:
+            log.critical("%s: the attempt could not be recorded; the message stays active until the next start",
+                         msg.queue_id)
+            return
         finally:
             self._active.pop(msg.queue_id, None)
         self._log_attempt(msg, results, notices, retry_at, now)
