@@ -345,6 +345,15 @@ class Store:
         """The message content; None if the row is missing (a corrupt entry)."""
         return await self._contents.load(queue_id)
 
+    async def queue_states(self, ids: Sequence[QueueId]) -> dict[QueueId, str]:
+        """The queue each of `ids` is in now; an id missing from the answer was deleted."""
+        out: dict[QueueId, str] = {}
+        for chunk in _chunks(list(ids), _MAX_VARS):
+            rows = await self._reader.execute_fetchall(
+                f"SELECT id, queue FROM message WHERE id IN ({_marks(len(chunk))})", tuple(chunk))
+            out.update(rows)
+        return out
+
     async def generation(self) -> int:
         """The operator tools' change counter (see `bump_generation`)."""
         rows = await self._reader.execute_fetchall("SELECT value FROM control WHERE key = 'generation'")

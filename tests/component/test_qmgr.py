@@ -401,6 +401,7 @@ async def test_start_recovers_messages_left_active(h):
 
 async def test_mail_queued_without_a_wake_up_is_found_by_the_timer(h):
     await h.start(queue_run_delay=30)
+    await until(lambda: h.clock.sleeps)  # the first scan is over; qmgr sleeps until its next run
     await h.queue("b@remote.test", wake=False)
     await asyncio.sleep(0.05)
     assert h.smtp.requests == [], "found before its queue run"

@@ -53,7 +53,8 @@ SENT = always(Outcome.SENT, "2.0.0", "250 ok")
 
 
 class Sim:
-    def __init__(self, tmp_path, **queue):
+    def __init__(self, tmp_path, tick: float = DAY, **queue):
+        self.tick = tick
         settings = {"myhostname": "mx.local.test", "mydestination": ["local.test", "mx.local.test"],
                     "queue": {"minimal_backoff_time": 300, "maximal_backoff_time": 4000, **queue}}
         self.config: Config = config_from_dict(settings)
@@ -70,7 +71,7 @@ class Sim:
         self.qmgr = QueueManager(self.store, resolve=Rewriter(self.config).resolve,
                                  transports={"smtp": self.smtp, "local": self.local}, config=self.config.queue,
                                  clock=self.clock, rng=random.Random(2), log=MailLog(), notices=notices,
-                                 tick=DAY)
+                                 tick=self.tick)
         await self.qmgr.start()
         return self
 
@@ -112,8 +113,8 @@ class Sim:
 async def sim(tmp_path):
     sims = []
 
-    async def make(**queue) -> Sim:
-        s = await Sim(tmp_path, **queue).start()
+    async def make(tick: float = DAY, **queue) -> Sim:
+        s = await Sim(tmp_path, tick, **queue).start()
         sims.append(s)
         return s
 
@@ -291,3 +292,72 @@ async def test_recipient_refusals_do_not_move_the_window(sim):
         await s.submit("", f"r{n}@far.test")
     await s.run_until(T0 + 1)
     assert len(s.smtp.calls) == 5, "per-recipient refusals never made the destination dead"
+
+
+# ------------------------------------------------------------------------------ operator changes
+
+
+async def test_a_flush_revives_a_dead_destination(sim):
+    s = await sim(tick=1.0, minimal_backoff_time=3600, maximal_backoff_time=3600, initial_destination_concurrency=1)
+    s.smtp.answer = always(Outcome.DEFERRED, "4.4.1", "connection refused", site_ok=False)
+    qid = await s.submit("a@remote.test", "r@dead.test")
+    await s.run_until(T0 + 1)
+    [row] = s.qmgr.destinations()
+    assert row[6] == T0 + 3600, "dead for an hour"
+
+    s.smtp.answer = SENT
+    await s.store.flush_messages([qid], s.clock.now)  # what `mailflow queue flush` does
+    await s.run_until(T0 + 2 + 86400, stop=lambda: len(s.smtp.calls) == 2)
+    assert s.clock.now < T0 + 60, "tried again at the next tick, not when the dead timer ran out"
+    assert await s.store.counts() == {}
+
+
+async def test_a_message_held_while_waiting_for_its_destination_is_not_delivered(sim):
+    s = await sim(initial_destination_concurrency=1, default_destination_concurrency_limit=1)
+    release = asyncio.Event()
+
+    async def deliver(request):
+        s.smtp.calls.append((s.clock.time(), request))
+        await release.wait()
+        return DeliveryReport(tuple(RcptResult(r, Outcome.SENT, "2.0.0", "ok") for r in request.recipients))
+    s.smtp.deliver = deliver
+    first = await s.submit("a@remote.test", "one@far.test")
+    second = await s.submit("a@remote.test", "two@far.test")
+    for _ in range(100):
+        await asyncio.sleep(0.002)
+    assert [req.queue_id for _, req in s.smtp.calls] == [first], "window 1: the second waits in memory"
+
+    await s.store.hold_messages([second])  # what `mailflow queue hold` does
+    s.clock.advance(86400)  # the tick notices the change
+    for _ in range(100):
+        await asyncio.sleep(0.002)
+    release.set()
+    await s.run_until(s.clock.now + 60, stop=lambda: not s.qmgr.busy and s.qmgr.active_count == 0)
+    assert [req.queue_id for _, req in s.smtp.calls] == [first]
+    assert await s.store.counts() == {"hold": 1}
+    [(_, status, dsn, _)] = await s.store.recipients(second)
+    assert status == "pending"
+
+
+async def test_a_message_deleted_while_active_is_neither_delivered_nor_called_corrupt(sim, caplog):
+    s = await sim(initial_destination_concurrency=1, default_destination_concurrency_limit=1)
+    release = asyncio.Event()
+
+    async def deliver(request):
+        s.smtp.calls.append((s.clock.time(), request))
+        await release.wait()
+        return DeliveryReport(tuple(RcptResult(r, Outcome.BOUNCED, "5.1.1", "gone") for r in request.recipients))
+    s.smtp.deliver = deliver
+    first = await s.submit("a@remote.test", "one@far.test")
+    second = await s.submit("a@remote.test", "two@far.test")
+    for _ in range(100):
+        await asyncio.sleep(0.002)
+    await s.store.delete_messages([first, second])  # `mailflow queue delete`, one of them in flight
+    s.clock.advance(86400)
+    for _ in range(100):
+        await asyncio.sleep(0.002)
+    release.set()
+    await s.run_until(s.clock.now + 60, stop=lambda: not s.qmgr.busy and s.qmgr.active_count == 0)
+    assert [req.queue_id for _, req in s.smtp.calls] == [first]
+    assert await s.store.counts() == {}, "no bounce for a message the operator deleted"
+    assert "corrupt" not in caplog.text

@@ -22,6 +22,9 @@ Failure behaviour
 - A resolver or transport that raises, a content read error, a recipient the agent does not report on:
   that recipient is deferred (4.3.0), never lost. Unknown transport: deferred 4.3.5. Missing content:
   the message goes to the corrupt queue.
+- A message an operator holds or deletes while it is active: its jobs not yet started are dropped at the
+  next tick (held: its recipients stay pending; deleted: nothing is recorded); one in flight finishes.
+  `mailflow queue flush` also revives dead destinations, like `postqueue -f`.
 - A failed `record()` is retried; if the store stays broken the message is left `active`, and the next
   start makes it due again (start-up is recovery).
 - The wake-up event carries no state: a lost wake-up costs at most one tick.
@@ -54,6 +57,7 @@ class ActiveMessage:
     jobs_left: int
     results: list[RcptResult] = field(default_factory=list)
     content: asyncio.Future | None = None  # read once however many destinations
+    withdrawn: str = ""  # "hold" or "deleted" when an operator took it back while it was active
 
 
 class QueueManager:
@@ -76,6 +80,7 @@ class QueueManager:
         self._wakeup = asyncio.Event()
         self._next_scan = 0.0
         self._generation = 0
+        self._flushes = 0
         self._snapshot: list[tuple] | None = None
         self._loop_task: asyncio.Task | None = None
 
@@ -85,6 +90,7 @@ class QueueManager:
         if recovered:
             log.info("qmgr: %d messages were active when the server stopped; they are due again", recovered)
         self._generation = await self._store.generation()
+        self._flushes = await self._store.flush_requests()
         self._loop_task = asyncio.create_task(self._run(), name="qmgr")
 
     async def stop(self, grace: float = 10.0) -> None:
@@ -121,8 +127,8 @@ class QueueManager:
         while True:
             self._wakeup.clear()
             try:
+                await self._tick()  # first: operator changes (holds, flushes) must be seen before a scan acts
                 await self._scan()
-                await self._tick()
             except Exception:  # the store is unhappy: keep the loop alive and try again later
                 log.exception("qmgr: queue scan failed")
             await self._idle(min(self._tick_seconds, max(0.0, self._next_scan - self._clock.time())))
@@ -142,13 +148,32 @@ class QueueManager:
         generation = await self._store.generation()
         if generation != self._generation:
             self._generation = generation
+            await self._withdraw_taken_back()
             self._next_scan = self._clock.time()
             self.wake()
-        self._pump()  # revives destinations whose dead timer ran out
+        flushes = await self._store.flush_requests()
+        if flushes != self._flushes:  # `mailflow queue flush`: like postqueue -f, dead sites get another try
+            self._flushes = flushes
+            for dest in self._destinations.values():
+                dest.revive()
+        self._pump()  # also revives destinations whose dead timer ran out
         rows = self.destinations()
         if rows != self._snapshot:
             await self._store.save_destinations(rows, self._clock.time())
             self._snapshot = rows
+
+    async def _withdraw_taken_back(self) -> None:
+        """Messages an operator held or deleted while active: their jobs not yet started are dropped."""
+        states = await self._store.queue_states(list(self._active))
+        for queue_id, active in list(self._active.items()):
+            state = states.get(queue_id, "deleted")
+            if state == "active" or active.withdrawn:
+                continue
+            active.withdrawn = state
+            for dest in self._destinations.values():
+                for job in dest.withdraw(queue_id):
+                    text = "delivery suspended: the message was put on hold"
+                    self._job_done(job, DeliveryReport.uniform(job.recipients, Outcome.DEFERRED, "4.0.0", text))
 
     async def _scan(self) -> None:
         now = self._clock.time()
@@ -278,6 +303,10 @@ class QueueManager:
     async def _finish(self, active: ActiveMessage) -> None:
         msg = active.message
         now = self._clock.time()
+        if active.withdrawn == "deleted" or (_content_missing(active) and not await self._still_queued(msg)):
+            self._active.pop(msg.queue_id, None)
+            self._log.removed(msg.queue_id)  # by an operator; nothing left to record
+            return
         if _content_missing(active):
             await self._store.mark_corrupt([msg.queue_id])
             self._log.corrupt(msg.queue_id, "content missing")
@@ -305,6 +334,9 @@ class QueueManager:
             self._active.pop(msg.queue_id, None)
         self._log_attempt(msg, results, notices, retry_at, now)
         self.wake()
+
+    async def _still_queued(self, msg: QueuedMessage) -> bool:
+        return msg.queue_id in await self._store.queue_states([msg.queue_id])
 
     async def _make_notices(self, active: ActiveMessage, results, now: float, warn: bool, retry_until: float):
         if self._notices is None:

@@ -84,6 +84,18 @@ class Destination:
             return self._die(now + dead_time)
         return []
 
+    def revive(self) -> None:
+        """Alive again now (an operator flushed the queue), whatever the dead timer said."""
+        if self.dead_until:
+            self._revive()
+
+    def withdraw(self, queue_id: str) -> list[Job]:
+        """Take out the queued jobs of one message (an operator held or deleted it)."""
+        mine = [j for j in self.jobs if j.queue_id == queue_id]
+        if mine:
+            self.jobs = deque(j for j in self.jobs if j.queue_id != queue_id)
+        return mine
+
     def drain(self) -> list[Job]:
         """Hand back every queued job (the destination is dead)."""
         jobs = list(self.jobs)

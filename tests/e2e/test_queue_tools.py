@@ -1,0 +1,367 @@
+"""`mailflow queue …` against a running server: the CLI runs as a subprocess on the same queue database
+while the server (in-process, on the test's loop) keeps delivering, deferring and polling the generation.
+
+Two ways to keep mail queued:
+- `dead_relay`: relayhost is a port where nothing listens; every attempt defers (connection refused) and is
+  retried every 1-2 s (the test config's backoff), so "the server does not deliver it" means something.
+- `busy_peer`: a capture peer answers 450 to the RCPTs we name (a per-recipient deferral: the site stays
+  healthy) and the backoff is an hour, so only an operator's flush/requeue/release makes the mail due.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+import time
+
+import pytest
+
+from mailflow.model import Recipient
+from mailflow.store import NewMessage
+from tests.helpers import eventually, send
+
+HOUR = {"queue_run_delay": "1h", "minimal_backoff_time": "1h", "maximal_backoff_time": "1h"}
+BUSY = "450 4.2.1 Mailbox busy, try later"
+
+
+async def cli(config, *args: str, stdin: bytes | None = None, timeout: float = 20) -> tuple[int, str, str]:
+    """`python -m mailflow ARGS -c CONFIG` as a child process; the server on this loop keeps running."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mailflow", *args, "-c", str(config),
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        pytest.fail(f"mailflow {' '.join(args)} did not finish within {timeout}s")
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def queue(config, *args: str, **kwargs) -> tuple[int, str, str]:
+    return await cli(config, "queue", *args, **kwargs)
+
+
+def message(subject: str, body: str = "hello from the queue tools test") -> bytes:
+    return f"Subject: {subject}\r\nX-Test: yes\r\n\r\n{body}\r\n".encode()
+
+
+async def submit(mf, sender: str, rcpts: list[str], subject: str = "test") -> str:
+    refused, reply = await send(mf.smtp_addresses[0][1], sender, rcpts, message(subject))
+    assert refused == {} and reply.startswith("2.0.0 Ok: queued as "), reply
+    return reply.rsplit(" ", 1)[1]
+
+
+async def deferred_reason(mf, qid: str, timeout: float = 10) -> str:
+    """Wait until the message has been tried and deferred; its recipient's last reason."""
+    async def reason():
+        rows = await mf.store.recipients(qid)
+        detail = await mf.store.message_detail(qid)
+        return rows[0][3] if rows and rows[0][3] and detail and detail[1] == "deferred" else ""
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text := await reason():
+            return text
+        await asyncio.sleep(0.05)
+    pytest.fail(f"{qid} was never deferred with a reason")
+
+
+async def queue_state(mf, qid: str) -> str | None:
+    detail = await mf.store.message_detail(qid)
+    return detail[1] if detail else None
+
+
+@pytest.fixture
+async def dead_relay(mailflow_server, write_config, unused_port, tmp_path):
+    settings = {"relayhost": f"[127.0.0.1]:{unused_port}"}
+    mf = await mailflow_server(**settings)
+    return mf, write_config(tmp_path / "mailflow.toml", **settings), unused_port
+
+
+@pytest.fixture
+async def busy_peer(mailflow_server, write_config, smtp_peer, tmp_path):
+    peer = await smtp_peer()
+    settings = {"relayhost": f"[127.0.0.1]:{peer.port}", "mynetworks": ["127.0.0.0/8"], "queue": HOUR}
+    mf = await mailflow_server(**settings)
+    return mf, write_config(tmp_path / "mailflow.toml", **settings), peer
+
+
+# ---------------------------------------------------------------------------------------------- list, show
+
+
+async def test_list_shows_deferred_mail_with_its_reason(dead_relay):
+    mf, config, _ = dead_relay
+    qid = await submit(mf, "someone@remote.test", ["bob@relay.test"])
+    reason = await deferred_reason(mf, qid)
+    assert "127.0.0.1" in reason
+
+    rc, out, err = await queue(config, "list")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "-Queue ID-  --Size-- ----Arrival Time---- -Sender/Recipient-------"
+    entry = next(line for line in lines if line.startswith(qid))
+    # postqueue's long-id layout; "*" while an attempt runs
+    assert re.fullmatch(rf"{qid}[ *] +\d+ \w{{3}} \w{{3}} \d\d \d\d:\d\d:\d\d someone@remote\.test", entry), entry
+    assert f"({reason})" in out
+    assert lines[-1] == "-- 0 Kbytes in 1 Request." and lines[-2] == ""
+    recipient = lines[lines.index(next(line for line in lines if line.lstrip().startswith("("))) + 1]
+    assert recipient.strip() == "bob@relay.test" and recipient.index("bob") == entry.index("someone")
+
+    rc, out, _ = await queue(config, "list", "--json")
+    [item] = json.loads(out)
+    assert item["id"] == qid and item["sender"] == "someone@remote.test" and item["queue"] in ("deferred", "active")
+    [rcpt] = item["recipients"]
+    assert rcpt["address"] == "bob@relay.test" and rcpt["status"] == "pending"
+    assert rcpt["dsn"].startswith("4.") and "127.0.0.1" in rcpt["reason"]
+
+    rc, alias, _ = await cli(config, "mailq")  # the alias prints the same layout
+    assert rc == 0 and alias.splitlines()[0] == lines[0] and qid in alias
+
+
+async def test_show_prints_envelope_recipients_headers_and_body(dead_relay):
+    mf, config, _ = dead_relay
+    qid = await submit(mf, "someone@remote.test", ["bob@relay.test", "carol@relay.test"], subject="inspect me")
+    await deferred_reason(mf, qid)
+
+    rc, out, err = await queue(config, "show", qid)
+    assert rc == 0, err
+    assert out.startswith(f"*** ENVELOPE RECORDS deferred/{qid} ***\n") or "active/" in out.splitlines()[0]
+    for expected in (f"queue_id:       {qid}", "sender:         someone@remote.test", "client:         ",
+                     "recipient:      bob@relay.test", "recipient:      carol@relay.test", "  status:       pending 4.",
+                     "  reason:       ", "*** MESSAGE CONTENTS ", "\nSubject: inspect me\n", "\nX-Test: yes\n",
+                     "\n\nhello from the queue tools test\n", "*** MESSAGE FILE END "):
+        assert expected in out, expected
+    assert f"with ESMTP id {qid}" in out  # the Received header cleanup added
+
+    rc, out, _ = await queue(config, "show", qid, "--headers-only")
+    assert "Subject: inspect me" in out and "hello from the queue tools test" not in out
+
+    rc, out, _ = await queue(config, "show", qid, "--json")
+    shown = json.loads(out)
+    assert shown["id"] == qid and shown["attempts"] >= 1 and shown["client"]
+    assert [r["address"] for r in shown["recipients"]] == ["bob@relay.test", "carol@relay.test"]
+    assert "Subject: inspect me" in shown["headers"] and shown["body"] == "hello from the queue tools test\n"
+
+    rc, out, err = await queue(config, "show", "0123456789ABCDEF")
+    assert rc == 1 and "0123456789ABCDEF: no such message in the queue" in err
+
+
+# ---------------------------------------------------------------------------------------------- changes
+
+
+async def test_hold_stops_delivery_until_release_and_flush(dead_relay, smtp_peer):
+    mf, config, relay_port = dead_relay
+    qid = await submit(mf, "someone@remote.test", ["bob@relay.test"])
+    await deferred_reason(mf, qid)
+
+    rc, out, err = await queue(config, "hold", qid)
+    assert (rc, out) == (0, "hold: 1 message\n"), err
+    assert await queue_state(mf, qid) == "hold"
+    rc, out, _ = await queue(config, "list")
+    assert f"{qid}!" in out
+
+    peer = await smtp_peer(port=relay_port)  # the relay answers now: only the hold stops delivery
+    await asyncio.sleep(2.5)  # longer than a retry (1-2 s) and a queue run (1 s)
+    assert peer.messages == [] and await queue_state(mf, qid) == "hold"
+    rc, out, _ = await queue(config, "flush")
+    assert out == "flush: 0 messages\n"  # flush does not touch held mail
+
+    rc, out, _ = await queue(config, "release", qid)
+    assert out == "release: 1 message\n"
+    rc, out, _ = await queue(config, "flush")
+    assert rc == 0 and out.startswith("flush: ")  # 0 or 1: qmgr may already have taken it
+    assert await eventually(lambda: peer.messages, timeout=5), "released mail was not delivered"
+    assert peer.messages[0].rcpt_tos == ["bob@relay.test"]
+    assert await _gone(mf, qid)
+
+
+async def _gone(mf, qid: str, timeout: float = 5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await queue_state(mf, qid) is None:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_flush_makes_deferred_mail_due_now(busy_peer):
+    mf, config, peer = busy_peer
+    peer.handler.rcpt_replies["late@relay.test"] = BUSY
+    qid = await submit(mf, "someone@remote.test", ["late@relay.test"])
+    reason = await deferred_reason(mf, qid)
+    assert "450 4.2.1 Mailbox busy" in reason
+
+    peer.handler.rcpt_replies.clear()
+    await asyncio.sleep(1.5)  # the retry is an hour away: nothing happens by itself
+    assert peer.messages == []
+    rc, out, err = await queue(config, "flush")
+    assert (rc, out) == (0, "flush: 1 message\n"), err
+    assert await eventually(lambda: peer.messages, timeout=5), "flushed mail was not delivered"
+    assert await _gone(mf, qid)
+
+
+async def test_requeue_makes_deferred_and_held_mail_incoming(busy_peer):
+    mf, config, peer = busy_peer
+    for rcpt in ("one@relay.test", "two@relay.test"):
+        peer.handler.rcpt_replies[rcpt] = BUSY
+    first = await submit(mf, "someone@remote.test", ["one@relay.test"])
+    second = await submit(mf, "someone@remote.test", ["two@relay.test"])
+    await deferred_reason(mf, first)
+    await deferred_reason(mf, second)
+    rc, out, _ = await queue(config, "hold", second)
+    assert out == "hold: 1 message\n"
+
+    peer.handler.rcpt_replies.clear()
+    rc, out, err = await queue(config, "requeue", "ALL")
+    assert (rc, out) == (0, "requeue: 2 messages\n"), err
+    assert await eventually(lambda: len(peer.messages) == 2, timeout=5), "requeued mail was not delivered"
+    assert sorted(m.rcpt_tos[0] for m in peer.messages) == ["one@relay.test", "two@relay.test"]
+
+
+async def test_delete_removes_messages_by_id_and_from_stdin(dead_relay):
+    mf, config, _ = dead_relay
+    first = await submit(mf, "someone@remote.test", ["bob@relay.test"])
+    second = await submit(mf, "someone@remote.test", ["carol@relay.test"])
+
+    rc, out, err = await queue(config, "delete", first, "FEDCBA9876543210")
+    assert (rc, out) == (0, "delete: 1 message\n")
+    assert "FEDCBA9876543210: not in the incoming, active, deferred, hold or corrupt queue" in err
+    assert await queue_state(mf, first) is None
+    rc, out, _ = await queue(config, "list")
+    assert first not in out and second in out
+    rc, _, err = await queue(config, "show", first)
+    assert rc == 1
+
+    rc, out, _ = await queue(config, "delete", "-", stdin=f"{second}*\n".encode())  # as pasted from mailq
+    assert out == "delete: 1 message\n"
+    rc, out, _ = await queue(config, "list")
+    assert out == "Mail queue is empty\n"
+    assert await mf.store.counts() == {}
+
+
+async def test_a_bare_change_is_refused(dead_relay):
+    mf, config, _ = dead_relay
+    qid = await submit(mf, "someone@remote.test", ["bob@relay.test"])
+    for command in ("hold", "release", "requeue", "delete"):
+        rc, out, err = await queue(config, command)
+        assert rc == 2 and out == "" and "say which messages" in err, command
+    rc, _, err = await queue(config, "delete", "--older-than", "soon")
+    assert rc == 2 and "--older-than" in err
+    assert await queue_state(mf, qid) is not None
+
+
+# ---------------------------------------------------------------------------------------------- selectors, shape
+
+
+@pytest.fixture
+async def mixed(busy_peer):
+    """Four deferred messages: A alice→a.example, B bob→b.example, C alice→b.example (two recipients),
+    D carol→a.example, three hours old (put in the store directly, the way cleanup would)."""
+    mf, config, peer = busy_peer
+    rcpts = ["u@a.example", "u@b.example", "v@b.example", "w@b.example", "x@a.example"]
+    peer.handler.rcpt_replies.update({r: BUSY for r in rcpts})
+    a = await submit(mf, "alice@x.test", ["u@a.example"])
+    b = await submit(mf, "bob@y.test", ["u@b.example"])
+    c = await submit(mf, "alice@x.test", ["v@b.example", "w@b.example"])
+    d = "0" * 12 + "D0D0"  # sorts first, like the old message it is
+    await mf.store.insert(NewMessage(d, "carol@z.test", time.time() - 3 * 3600, message("old"),
+                                     (Recipient(0, "x@a.example", "x@a.example"),), client="old[192.0.2.1]"))
+    mf.qmgr.wake()
+    for qid in (a, b, c, d):
+        await deferred_reason(mf, qid)
+    return mf, config, {"A": a, "B": b, "C": c, "D": d}
+
+
+async def listed(config, *args: str) -> set[str]:
+    rc, out, err = await queue(config, "list", "--json", "--queue", "all", *args)
+    assert rc == 0, err
+    return {item["id"] for item in json.loads(out)}
+
+
+async def test_selectors_pick_the_right_subset(mixed):
+    mf, config, ids = mixed
+    A, B, C, D = ids["A"], ids["B"], ids["C"], ids["D"]
+    assert await listed(config, "--from", "ALICE@x.test") == {A, C}
+    assert await listed(config, "--to-domain", "B.Example") == {B, C}
+    assert await listed(config, "--older-than", "1h") == {D}
+    assert await listed(config, "--from", "alice@x.test", "--to-domain", "b.example") == {C}
+    assert await listed(config, A, B, "--to-domain", "a.example") == {A}
+
+    rc, out, _ = await queue(config, "hold", "--from", "alice@x.test")
+    assert out == "hold: 2 messages\n"
+    assert await listed(config, "--queue", "hold") == {A, C}
+    rc, out, _ = await queue(config, "release", "--to-domain", "b.example")
+    assert out == "release: 1 message\n"  # C; B was never held
+    assert await queue_state(mf, A) == "hold" and await queue_state(mf, C) in ("deferred", "active")
+    rc, out, _ = await queue(config, "delete", "--older-than", "2h")
+    assert out == "delete: 1 message\n"
+    assert await queue_state(mf, D) is None and await queue_state(mf, A) == "hold"
+
+
+async def test_shape_counts_pending_recipients_by_domain_and_age(mixed):
+    mf, config, ids = mixed
+    rc, out, err = await queue(config, "shape")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["T", "5", "10", "20", "40", "80", "160", "320", "640", "1280", "1280+"]
+    rows = {line.split()[0]: [int(n) for n in line.split()[1:]] for line in lines[1:]}
+    assert rows["TOTAL"] == [5, 4, 0, 0, 0, 0, 0, 1, 0, 0, 0]  # D is 180 minutes old: the 320 column
+    assert rows["b.example"] == [3, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    assert rows["a.example"] == [2, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0]
+    assert lines.index(next(line for line in lines if "b.example" in line)) == 2  # sorted by total
+
+    rc, out, _ = await queue(config, "shape", "--json", "--top", "1")
+    shape = json.loads(out)
+    assert shape["total"]["total"] == 5 and [d["domain"] for d in shape["domains"]] == ["b.example"]
+
+    await queue(config, "hold", ids["D"])
+    rc, out, _ = await queue(config, "shape", "--queue", "hold", "--json")
+    shape = json.loads(out)
+    assert shape["total"] == {"total": 1, "counts": [0, 0, 0, 0, 0, 0, 1, 0, 0, 0]}
+    assert shape["domains"] == [{"domain": "a.example", "total": 1, "counts": [0, 0, 0, 0, 0, 0, 1, 0, 0, 0]}]
+
+
+# ---------------------------------------------------------------------------------------------- destinations
+
+
+async def test_destinations_shows_what_qmgr_published(mailflow_server, write_config, tmp_path):
+    # A peer that accepts the connection and never greets: the delivery stays in flight, so the row qmgr
+    # publishes (about once a second) stays put while the CLI reads it.
+    sessions: list[asyncio.StreamWriter] = []
+
+    async def silent(reader, writer):
+        sessions.append(writer)
+        await reader.read()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = {"relayhost": f"[127.0.0.1]:{port}", "smtp": {"connect_timeout": "30s", "command_timeout": "30s"}}
+    try:
+        mf = await mailflow_server(**settings)
+        config = write_config(tmp_path / "mailflow.toml", **settings)
+        rc, out, _ = await queue(config, "destinations")
+        assert (rc, out) == (0, "no destination state yet (is the server running?)\n")
+
+        await submit(mf, "someone@remote.test", ["bob@relay.test"])
+        deadline = time.monotonic() + 5
+        while not await mf.store.destination_rows() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        rc, out, err = await queue(config, "destinations")
+        assert rc == 0, err
+        header, row = out.splitlines()
+        assert header.split() == ["TRANSPORT", "NEXTHOP", "WINDOW", "IN-FLIGHT", "QUEUED", "FAILURES",
+                                  "DEAD-UNTIL", "UPDATED", "REASON"]
+        cells = row.split()
+        assert cells[:7] == ["smtp", f"[127.0.0.1]:{port}", "5", "1", "0", "0", "-"]
+        assert cells[-2:] == ["ago)", "-"]  # updated "… (0s ago)", no reason
+
+        rc, out, _ = await queue(config, "destinations", "--json")
+        [dest] = json.loads(out)
+        assert dest["nexthop"] == f"[127.0.0.1]:{port}" and dest["in_flight"] == 1 and dest["dead_until"] is None
+    finally:
+        for writer in sessions:
+            writer.close()
+        server.close()

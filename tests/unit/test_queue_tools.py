@@ -1,0 +1,337 @@
+"""The queue tools' selections and layouts (mailflow/queue_tools.py), and the store queries behind them on a
+real queue file with no server: chunked changes, pages, domain extraction, qshape's age buckets."""
+from __future__ import annotations
+
+import io
+import time
+
+import pytest
+
+from mailflow import queue_tools as qt
+from mailflow.model import Recipient
+from mailflow.store import NewMessage, Store
+
+T0 = 1_700_000_000.0  # Tue Nov 14 22:13:20 2023 UTC
+
+
+@pytest.fixture
+def utc(monkeypatch):
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+# ---------------------------------------------------------------------------------------------- selections
+
+
+def test_ids_are_cleaned_deduplicated_and_checked():
+    sel = qt.parse_selection(["ABC123*", "DEF456!", "ABC123"])
+    assert sel.ids == ("ABC123", "DEF456") and not sel.everything
+    with pytest.raises(qt.SelectionError, match="'x-y' is not a queue id"):
+        qt.parse_selection(["x-y"])
+
+
+def test_all_means_any_id_and_cannot_mix_with_ids():
+    assert qt.parse_selection(["ALL"]) == qt.Selection()
+    with pytest.raises(qt.SelectionError, match="not both"):
+        qt.parse_selection(["ALL", "ABC"])
+
+
+def test_a_bare_selection_is_refused_unless_optional():
+    with pytest.raises(qt.SelectionError, match="say which messages"):
+        qt.parse_selection([])
+    assert qt.parse_selection([], required=False).everything
+
+
+def test_dash_reads_ids_from_stdin_as_mailq_prints_them():
+    sel = qt.parse_selection(["-"], stdin=io.StringIO("AAA111*\nBBB222!  CCC333\n\n"))
+    assert sel.ids == ("AAA111", "BBB222", "CCC333")
+    empty = qt.parse_selection(["-"], stdin=io.StringIO(""))
+    assert empty.ids == () and not empty.everything  # nothing on stdin selects nothing, never everything
+
+
+def test_selectors_are_normalised():
+    sel = qt.parse_selection([], sender="<Alice@X.test>", to_domain="@B.Example.", older_than="2d")
+    assert (sel.sender, sel.rcpt_domain, sel.older_than) == ("Alice@X.test", "b.example", 172800.0)
+    assert qt.parse_selection([], to_domain="bücher.example").rcpt_domain == "xn--bcher-kva.example"
+    for null in ("<>", "MAILER-DAEMON", ""):
+        assert qt.parse_selection([], sender=null).sender == ""
+    assert sel.filters(T0) == {"sender": "Alice@X.test", "rcpt_domain": "b.example", "arrived_before": T0 - 172800}
+    assert qt.Selection().filters(T0)["arrived_before"] is None
+
+
+def test_bad_selectors_say_what_is_wrong():
+    with pytest.raises(qt.SelectionError, match="--older-than: 'soon' is not a duration"):
+        qt.parse_selection([], older_than="soon")
+    with pytest.raises(qt.SelectionError, match="not a domain"):
+        qt.parse_selection([], to_domain="@")
+
+
+def test_queue_names():
+    assert qt.parse_queues("Incoming, hold,incoming") == ("incoming", "hold")
+    assert qt.parse_queues("all") == qt.QUEUES
+    with pytest.raises(qt.SelectionError, match="unknown queue bogus"):
+        qt.parse_queues("deferred,bogus")
+
+
+def test_each_action_applies_to_the_queues_postsuper_would():
+    assert set(qt.ACTIONS["hold"].sources) == {"incoming", "active", "deferred"}
+    assert qt.ACTIONS["release"].sources == ("hold",)
+    assert set(qt.ACTIONS["requeue"].sources) == {"incoming", "deferred", "hold"}
+    assert qt.ACTIONS["delete"].sources == qt.QUEUES
+    assert qt.ACTIONS["flush"].sources == ("deferred",)
+
+
+# ---------------------------------------------------------------------------------------------- mailq layout
+
+
+def row(qid="0123456789", queue="deferred", size=1234, arrival=T0, sender="s@remote.test"):
+    return (qid, queue, size, arrival, sender, arrival + 60, 1)
+
+
+def rcpt(address, reason="", status="pending", dsn=""):
+    return (address, address, status, dsn, reason)
+
+
+def test_mailq_entry_columns_match_postfix(utc):
+    lines = qt.mailq_entry(row(), [rcpt("bob@relay.test")])
+    assert lines == ["0123456789     1234 Tue Nov 14 22:13:20  s@remote.test",
+                     " " * 41 + "bob@relay.test"]
+    # postqueue prints its header with "%-11s %7s %-20s %s", so it sits one column right of the data
+    assert qt.MAILQ_HEADER == f"{'-Queue ID-':<11} {'--Size--':>7} {'----Arrival Time----':<20} -Sender/Recipient-------"
+
+
+def test_mailq_marks_active_and_held_and_names_the_null_sender(utc):
+    assert qt.mailq_entry(row(queue="active"), [])[0].startswith("0123456789*")
+    assert qt.mailq_entry(row(queue="hold"), [])[0].startswith("0123456789!")
+    assert qt.mailq_entry(row(queue="incoming", sender=""), [])[0].endswith("  MAILER-DAEMON")
+
+
+def test_long_queue_ids_push_the_columns_and_recipients_follow_the_sender(utc):
+    first, second = qt.mailq_entry(row(qid="18A2B3C4D5E6F7A8", queue="active"), [rcpt("bob@relay.test")])
+    assert first == "18A2B3C4D5E6F7A8*     1234 Tue Nov 14 22:13:20 s@remote.test"  # postqueue's long-id layout
+    assert first.index("s@remote.test") == second.index("bob@relay.test") == 47
+
+
+def test_reasons_group_recipients_like_postfix():
+    refused = "connect to 127.0.0.1[127.0.0.1]:2: Connection refused"
+    long = "host mx.example[192.0.2.1] said: 450 4.2.1 " + "x" * 60
+    lines = qt.mailq_entry(row(), [rcpt("a@x", refused), rcpt("plain@x"), rcpt("b@x", refused), rcpt("c@x", long)])
+    pad = " " * 41
+    assert lines[1:] == [f"{'':>{76 - len(refused)}}({refused})", pad + "a@x", pad + "b@x",
+                         f"({long})", pad + "c@x", pad + "plain@x"]
+    assert len(lines[1]) == 78  # short reasons end at column 78
+
+
+def test_control_characters_are_not_printed():
+    lines = qt.mailq_entry(row(sender="evil\r\n@x"), [rcpt("a@x", "line\nbreak")])
+    assert "evil??@x" in lines[0] and lines[1].endswith("(line?break)")
+
+
+def test_footer():
+    assert qt.mailq_footer(2047, 1) == "-- 1 Kbytes in 1 Request."
+    assert qt.mailq_footer(0, 3) == "-- 0 Kbytes in 3 Requests."
+
+
+def test_entry_json_has_every_recipient_with_its_status():
+    item = qt.entry_json(row(), [rcpt("a@x", "busy", dsn="4.2.1"), rcpt("b@x", status="sent", dsn="2.0.0")])
+    assert item == {"id": "0123456789", "queue": "deferred", "size": 1234, "arrival": T0, "sender": "s@remote.test",
+                    "attempts": 1, "next_attempt": T0 + 60,
+                    "recipients": [{"address": "a@x", "status": "pending", "dsn": "4.2.1", "reason": "busy"},
+                                   {"address": "b@x", "status": "sent", "dsn": "2.0.0", "reason": ""}]}
+
+
+# ---------------------------------------------------------------------------------------------- show
+
+
+def detail(queue="deferred", next_attempt=T0 + 90):
+    return ("0123456789", queue, 40, T0 - 300, "", next_attempt, 2, "client.test[192.0.2.9]", "", "", 0, "7BIT", 0)
+
+
+def test_content_is_split_into_headers_and_body_with_lf():
+    assert qt.split_content(b"A: 1\r\nB: 2\r\n\r\nbody\r\n") == ("A: 1\nB: 2\n", "body\n")
+    assert qt.split_content(b"A: 1\r\n") == ("A: 1\n", "")
+    assert qt.split_content(b"\r\nonly body\r\n") == ("", "only body\n")
+
+
+def test_show_text_sections(utc):
+    text = qt.show_text(detail(), [("bob@x", "Bob@X", "pending", "4.4.1", "refused")], b"A: 1\r\n\r\nbody\r\n",
+                        False, T0)
+    assert text == (
+        "*** ENVELOPE RECORDS deferred/0123456789 ***\n"
+        "queue_id:       0123456789\n"
+        "queue:          deferred\n"
+        "message_size:   40\n"
+        "arrival_time:   2023-11-14 22:08:20 (5m00s ago)\n"
+        "sender:         MAILER-DAEMON\n"
+        "client:         client.test[192.0.2.9]\n"
+        "attempts:       2\n"
+        "next_attempt:   2023-11-14 22:14:50 (in 1m30s)\n"
+        "body_type:      7BIT\n"
+        "recipient:      bob@x\n"
+        "  original:     Bob@X\n"
+        "  status:       pending 4.4.1\n"
+        "  reason:       refused\n"
+        "*** MESSAGE CONTENTS deferred/0123456789 ***\n"
+        "A: 1\n"
+        "\n"
+        "body\n"
+        "*** MESSAGE FILE END deferred/0123456789 ***\n")
+    assert "\nbody\n" not in qt.show_text(detail(), [], b"A: 1\r\n\r\nbody\r\n", True, T0)
+
+
+def test_show_says_why_a_message_is_not_due():
+    assert "next_attempt:   - (on hold" in qt.show_text(detail("hold"), [], b"", False, T0)
+    assert "next_attempt:   now" in qt.show_text(detail("incoming", T0 - 5), [], b"", False, T0)
+    assert "missing (a corrupt entry)" in qt.show_text(detail("corrupt"), [], None, False, T0)
+
+
+def test_durations_are_short():
+    assert [qt.ago(s) for s in (5, 65, 3725, 90000)] == ["5s", "1m05s", "1h02m", "1d01h"]
+
+
+# ---------------------------------------------------------------------------------------------- shape, destinations
+
+
+def test_shape_buckets_are_qshape_defaults():
+    assert qt.SHAPE_LABELS == ("T", "5", "10", "20", "40", "80", "160", "320", "640", "1280", "1280+")
+    assert qt.shape_limits()[0] == 300 and qt.shape_limits()[-1] == 1280 * 60
+
+
+def test_shape_rows_sort_by_total_then_name_length_and_keep_the_top():
+    counts = [("b.example", 1, 3), ("aa.example", 1, 2), ("a.example", 10, 2), ("c.example", 2, 1)]
+    total, domains = qt.shape_rows(counts, top=2)
+    assert total == [8, 5, 1, 0, 0, 0, 0, 0, 0, 0, 2]
+    assert domains == [("b.example", [3, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+                       ("a.example", [2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2])]
+    assert len(qt.shape_rows(counts, top=0)[1]) == 4
+
+
+def test_shape_layout_is_qshapes():
+    total, domains = qt.shape_rows([("example.com", 1, 1234), ("x" * 70 + ".example", 10, 1)], top=20)
+    text = qt.format_shape(total, domains).splitlines()
+    # columns as wide as TOTAL's numbers (+1, at least 3); the domain gets the rest of 80 columns
+    assert text[0] == f"{'':>35}    T    5 10 20 40 80 160 320 640 1280 1280+"
+    assert text[1] == f"{'TOTAL':>35} 1235 1234  0  0  0  0   0   0   0    0     1"
+    assert text[3].startswith("+") and text[3].split()[0].endswith("x.example") and len(text[3]) == len(text[1])
+    assert all(len(line) <= 80 for line in text)
+
+
+def test_destinations_table_and_json(utc):
+    rows = [("smtp", "[127.0.0.1]:2525", 0, 0, 0, 3, T0 + 120, "connect refused", T0 - 1),
+            ("local", "mx.test", 5, 1, 2, 0, 0.0, "", T0)]
+    text = qt.format_destinations(rows, T0).splitlines()
+    assert text[0].split() == list(qt.DESTINATION_HEADER)
+    assert "2023-11-14 22:15:20 (in 2m00s)" in text[1] and text[1].endswith("(1s ago)  connect refused")
+    assert text[2].endswith("(0s ago)  -") and "  -  " in text[2]
+    assert qt.destinations_json(rows)[1]["dead_until"] is None
+    assert qt.destinations_json(rows)[0]["dead_until"] == T0 + 120
+
+
+# ---------------------------------------------------------------------------------------------- progress
+
+
+class Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_counts_tenths_off_a_terminal_and_in_place_on_one():
+    err = io.StringIO()
+    p = qt.Progress(err, "hold", 10_000)
+    for done in range(1000, 10_001, 1000):
+        p.update(done)
+    p.finish()
+    assert err.getvalue().splitlines() == [f"hold: {n}/10000 messages" for n in range(1000, 10_001, 1000)]
+    tty = Tty()
+    p = qt.Progress(tty, "delete", 2)
+    p.update(1)
+    p.update(2)
+    p.finish()
+    assert tty.getvalue() == "\rdelete: 1/2 messages\rdelete: 2/2 messages\n"
+
+
+# ---------------------------------------------------------------------------------------------- on a real queue file
+
+
+def new(qid: str, arrival: float, rcpts: list[str], sender="s@remote.test") -> NewMessage:
+    return NewMessage(qid, sender, arrival, b"Subject: x\r\n\r\nbody\r\n",
+                      tuple(Recipient(i, a, a) for i, a in enumerate(rcpts)))
+
+
+@pytest.fixture
+async def store(tmp_path):
+    s = await Store.open(tmp_path / "queue.db", backlog_limit=100_000)
+    yield s
+    await s.close()
+
+
+async def test_changes_go_in_chunks_with_progress_and_bump_the_generation(store):
+    import asyncio
+
+    now = time.time()
+    await asyncio.gather(*(store.insert(new(f"{i:016X}", now, ["a@x.test"])) for i in range(2500)))
+    generation, commits = await store.generation(), store.commits
+    err = io.StringIO()
+    done, missed = await qt.apply(store, qt.ACTIONS["hold"], qt.Selection(), now, err, chunk=1000, progress_over=2000)
+    assert (done, missed) == (2500, [])
+    assert store.commits - commits == 3, "one transaction per chunk of 1000"
+    assert await store.generation() == generation + 3
+    assert err.getvalue().splitlines()[-1] == "hold: 2500/2500 messages"
+    assert await store.counts() == {"hold": 2500}
+
+    ids = qt.parse_selection([f"{i:016X}" for i in range(0, 2500, 2)] + ["FFFFFFFFFFFFFFFF"])
+    done, missed = await qt.apply(store, qt.ACTIONS["release"], ids, now, io.StringIO())
+    assert (done, missed) == (1250, ["FFFFFFFFFFFFFFFF"])
+    assert await store.counts() == {"hold": 1250, "deferred": 1250}
+
+    done, _ = await qt.apply(store, qt.ACTIONS["delete"], qt.Selection(), now, io.StringIO())
+    assert done == 2500 and await store.counts() == {}
+
+
+async def test_list_streams_pages_in_id_order(store, utc):
+    for i in range(5):
+        await store.insert(new(f"{i:016X}", T0, [f"r{i}@x.test"]))
+    out = io.StringIO()
+    pages = [p async for p in qt.pages(store, qt.LISTED_QUEUES, qt.Selection(), T0, ids_only=True, size=2)]
+    assert pages == [[f"{0:016X}", f"{1:016X}"], [f"{2:016X}", f"{3:016X}"], [f"{4:016X}"]]
+    assert await qt.write_mailq(store, out, qt.LISTED_QUEUES, qt.Selection(), T0) == 5
+    assert out.getvalue().endswith("\n\n-- 0 Kbytes in 5 Requests.\n")
+    empty = io.StringIO()
+    await qt.write_mailq(store, empty, ("hold",), qt.Selection(), T0)
+    assert empty.getvalue() == "Mail queue is empty\n"
+
+
+async def test_recipient_domain_is_after_the_last_at_in_any_case(store):
+    now = time.time()
+    await store.insert(new("A1", now, ['"odd@local"@Quoted.Example.']))
+    await store.insert(new("A2", now, ["plain@b.example", "other@c.example"]))
+    await store.insert(new("A3", now, ["unqualified"]))
+    counts = {d for d, _b, _n in await store.shape_counts(qt.QUEUES, now, qt.shape_limits())}
+    assert counts == {"quoted.example", "b.example", "c.example", "unqualified"}
+    assert await store.message_ids(queues=qt.QUEUES, rcpt_domain="quoted.example") == ["A1"]
+    assert await store.message_ids(queues=qt.QUEUES, rcpt_domain="c.example") == ["A2"]
+
+
+async def test_shape_buckets_at_their_edges(store):
+    now = time.time()
+    ages = {"B0": 0, "B1": 299, "B2": 300, "B9": 76_799, "B10": 76_800, "B11": 10**6}
+    for qid, age in ages.items():
+        await store.insert(new(qid, now - age, ["r@x.test"]))
+    total, _ = qt.shape_rows(await store.shape_counts(qt.QUEUES, now, qt.shape_limits()), 20)
+    assert total == [6, 2, 1, 0, 0, 0, 0, 0, 0, 1, 2]
+
+
+async def test_shape_counts_pending_recipients_only(store):
+    from mailflow.model import Delivered, Outcome, RcptResult
+
+    now = time.time()
+    await store.insert(new("C1", now, ["a@x.test", "b@x.test"]))
+    await store.activate(["C1"])
+    sent = RcptResult(Recipient(0, "a@x.test", "a@x.test"), Outcome.SENT, "2.0.0", "ok")
+    later = RcptResult(Recipient(1, "b@x.test", "b@x.test"), Outcome.DEFERRED, "4.4.1", "refused")
+    await store.record([Delivered("C1", (sent, later), next_attempt=now + 60)])
+    total, domains = qt.shape_rows(await store.shape_counts(("deferred",), now, qt.shape_limits()), 20)
+    assert total[0] == 1 and domains == [("x.test", [1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0])]
