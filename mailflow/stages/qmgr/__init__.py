@@ -3,7 +3,8 @@
 The loop
 - A scan runs when cleanup queues new mail (`wake()`), when a message finishes, when an operator tool
   changed the queue (the store's generation counter, polled every second), when the earliest deferred
-  message comes due (an index lookup after each scan), and at least every `queue_run_delay`. It takes up to `active_limit - active` due messages,
+  message comes due (known from its own deferrals, and from an index lookup at each timed scan, so it
+  survives restarts and operator changes), and at least every `queue_run_delay`. It takes up to `active_limit - active` due messages,
   new and deferred mail alternating, marks them active and resolves each pending recipient to
   `(transport, nexthop)` through trivial-rewrite.
 - Each destination gets one job per message and runs as many at once as its window allows
@@ -184,9 +185,9 @@ class QueueManager:
             for message in due:
                 self._admit(message)
             self._pump()
-        # sleep until the earliest deferred message is due (an index lookup), at most a queue run
-        next_due = await self._store.next_due_time()
-        self._next_scan = min(now + self._config.queue_run_delay, next_due if next_due is not None else float("inf"))
+        if now >= self._next_scan:  # a timed scan: sleep next until the earliest deferred message is due
+            next_due = await self._store.next_due_time()  # (an index lookup), at most a queue run
+            self._next_scan = min(now + self._config.queue_run_delay, next_due if next_due is not None else now + 1e9)
 
     def _admit(self, message: QueuedMessage) -> None:
         groups: dict[tuple[str, str], list] = {}
@@ -333,6 +334,8 @@ class QueueManager:
         finally:
             self._active.pop(msg.queue_id, None)
         self._log_attempt(msg, results, notices, retry_at, now)
+        if retry_at is not None and retry_at < self._next_scan:
+            self._next_scan = retry_at
         self.wake()
 
     async def _still_queued(self, msg: QueuedMessage) -> bool:
