@@ -210,44 +210,30 @@ def _act(name: str, ids, config, sender, to_domain, older_than, *, required: boo
     _tools(name, config, work)
 
 
-@queue_app.command("flush")
-def queue_flush(ids: Optional[List[str]] = IdsArgument, config: Optional[str] = ConfigOption,
+# The commands that change the queue differ only in their action and help text.
+_ACTION_COMMANDS = (
+    ("flush", "Make deferred mail due now (all of it unless ids or selectors narrow it), like postqueue -f.", False),
+    ("hold", "Put mail on hold (postsuper -h): incoming, deferred and active mail stop being delivered.", True),
+    ("release", "Release held mail (postsuper -H): it becomes deferred and due now.", True),
+    ("requeue", "Requeue mail (postsuper -r): incoming, deferred or held mail becomes incoming, due now, "
+                "routed afresh.", True),
+    ("delete", "Delete mail from any queue (postsuper -d). No bounce is sent.", True),
+)
+
+
+def _action_command(name: str, help_text: str, required: bool) -> None:
+    def command(ids: Optional[List[str]] = IdsArgument, config: Optional[str] = ConfigOption,
                 sender: Optional[str] = FromOption, to_domain: Optional[str] = ToDomainOption,
                 older_than: Optional[str] = OlderThanOption) -> None:
-    """Make deferred mail due now (all of it unless ids or selectors narrow it), like postqueue -f."""
-    _act("flush", ids, config, sender, to_domain, older_than, required=False)
+        _act(name, ids, config, sender, to_domain, older_than, required=required)
+
+    command.__name__ = f"queue_{name}"
+    command.__doc__ = help_text
+    queue_app.command(name)(command)
 
 
-@queue_app.command("hold")
-def queue_hold(ids: Optional[List[str]] = IdsArgument, config: Optional[str] = ConfigOption,
-               sender: Optional[str] = FromOption, to_domain: Optional[str] = ToDomainOption,
-               older_than: Optional[str] = OlderThanOption) -> None:
-    """Put mail on hold (postsuper -h): incoming, deferred and active mail stop being delivered."""
-    _act("hold", ids, config, sender, to_domain, older_than)
-
-
-@queue_app.command("release")
-def queue_release(ids: Optional[List[str]] = IdsArgument, config: Optional[str] = ConfigOption,
-                  sender: Optional[str] = FromOption, to_domain: Optional[str] = ToDomainOption,
-                  older_than: Optional[str] = OlderThanOption) -> None:
-    """Release held mail (postsuper -H): it becomes deferred and due now."""
-    _act("release", ids, config, sender, to_domain, older_than)
-
-
-@queue_app.command("requeue")
-def queue_requeue(ids: Optional[List[str]] = IdsArgument, config: Optional[str] = ConfigOption,
-                  sender: Optional[str] = FromOption, to_domain: Optional[str] = ToDomainOption,
-                  older_than: Optional[str] = OlderThanOption) -> None:
-    """Requeue mail (postsuper -r): incoming, deferred or held mail becomes incoming, due now, routed afresh."""
-    _act("requeue", ids, config, sender, to_domain, older_than)
-
-
-@queue_app.command("delete")
-def queue_delete(ids: Optional[List[str]] = IdsArgument, config: Optional[str] = ConfigOption,
-                 sender: Optional[str] = FromOption, to_domain: Optional[str] = ToDomainOption,
-                 older_than: Optional[str] = OlderThanOption) -> None:
-    """Delete mail from any queue (postsuper -d). No bounce is sent."""
-    _act("delete", ids, config, sender, to_domain, older_than)
+for _name, _help, _required in _ACTION_COMMANDS:
+    _action_command(_name, _help, _required)
 
 
 @queue_app.command("shape")
