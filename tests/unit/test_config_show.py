@@ -1,0 +1,32 @@
+"""`mailflow config show`: postconf's three views of the configuration, each line valid TOML."""
+from __future__ import annotations
+
+import tomllib
+
+from mailflow.config import Config, config_from_dict, show_settings
+
+
+def as_toml(lines: list[str]) -> dict:
+    """The lines read back as TOML, with `section.key` as dotted keys."""
+    return tomllib.loads("\n".join(lines))
+
+
+def test_defaults_view_lists_every_setting_and_reads_back_as_the_defaults():
+    lines = show_settings(Config(), defaults=True)
+    assert config_from_dict(as_toml(lines)) == Config()
+    assert 'smtpd.listen = ["127.0.0.1:2525"]' in lines
+    assert "queue.maximal_queue_lifetime = 432000" in lines
+
+
+def test_changed_view_shows_only_what_differs_from_the_defaults():
+    config = config_from_dict({"relay_domains": ["relay.test"], "queue": {"queue_run_delay": "1s"},
+                               "smtpd": {"listen": ["127.0.0.1:2525"]}})  # the last equals the default
+    assert show_settings(config, changed_only=True) == ['relay_domains = ["relay.test"]',
+                                                        "queue.queue_run_delay = 1"]
+
+
+def test_effective_view_reads_back_as_the_same_config():
+    config = config_from_dict({"myhostname": "mx.example.test", "mynetworks": [],
+                               "queue": {"transport_concurrency_limit": {"smtp": 7}},
+                               "smtpd": {"banner": 'say "hi"'}})
+    assert config_from_dict(as_toml(show_settings(config))) == config
