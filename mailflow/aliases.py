@@ -1,0 +1,328 @@
+"""Parse aliases(5), ~/.forward and :include: files into frozen alias targets. Pure: text in, values out.
+
+This module owns only the syntax. It reads no files, follows no :include:, looks up no user and expands
+nothing; the table layer reads and reloads the files, and the local router expands.
+
+Targets (frozen dataclasses; `Target` is their union):
+- `AddressTarget(address)`: `user`, `user@domain` or `<user@domain>`; forwarded, and aliased again.
+- `MailboxTarget(user)`: `\\user`; the user's own mailbox, with no further aliasing and no .forward.
+- `CommandTarget(command)`: `|command` or `"|command with spaces, or commas"`; `command` has no `|`.
+- `FileTarget(path)`: `/absolute/path`; append to that file.
+- `IncludeTarget(path)`: `:include:/absolute/path` (any case, optional space after the second colon).
+
+Functions:
+- `parse_aliases(text, filename) -> {name: (target, ...)}`: the whole aliases file.
+- `parse_aliases_with_warnings(text, filename) -> (aliases, warnings)`: the same, plus `FILE: line N: ...` texts.
+- `parse_forward(text, filename) -> (target, ...)`: a .forward file; may be empty.
+- `parse_include(text, filename) -> (target, ...)`: an :include: file (the same syntax as .forward).
+- `is_privileged(target) -> bool`: True for command, file and include targets.
+- `format_aliases(aliases) -> str` / `format_target(target) -> str`: write back text that parses to the same map.
+
+Syntax (Postfix aliases(5), compatible with sendmail):
+- `name: value, value, ...`. A line that starts with whitespace continues the entry above it. Blank lines and
+  lines whose first non-blank character is `#` are skipped anywhere, also inside a continued entry. `#` elsewhere
+  is data (Postfix: only whole-line comments); a name holding `#`, `:`, `@` or whitespace must be quoted.
+- Names are folded to lower case. As with Postfix's postalias, the first entry for a name counts; a later
+  duplicate is ignored with a warning.
+- Values are split at commas outside double quotes; empty items (`a, , b`, a trailing comma) are skipped. A value
+  that is one whole quoted string is unquoted; inside quotes only `\\"` and `\\\\` are escapes, any other backslash
+  is literal (so `"\\user"` is the mailbox form). A value with quotes in part (`"john doe"@example.com`) is kept
+  verbatim as an address.
+- Addresses must be RFC 5321 mailboxes (a bare `user` is checked as a local part); case is kept as written.
+
+Failures: `AliasSyntaxError(filename, line, reason)`, a `ConfigError` whose str reads `FILE: line N: reason`,
+for: a line without `:`, an empty name, an empty value list, an unterminated quote, a relative file path,
+`:include:` without an absolute path, an empty command, a bad address, a control character (CR before LF is
+allowed), a continuation line with no entry above it. The first error stops the parse: a bad file yields no map.
+
+Contract for callers: privileged targets (`is_privileged`) may come only from the aliases file, a .forward or an
+:include: file that the administrator allows (Postfix allow_mail_to_commands / allow_mail_to_files). Never build
+a target from a recipient address a client sent: a recipient `"|cmd"@domain` is an AddressTarget at most.
+Special names (`owner-NAME`, `postmaster`, `MAILER-DAEMON`) are ordinary names here; their meaning is the
+router's. Duplicated targets inside one value list are kept; de-duplication and loop checks belong to expansion.
+"""
+from __future__ import annotations
+
+import bisect
+import re
+from dataclasses import dataclass
+from typing import Union
+
+from mailflow.address import mailbox_syntax_error
+from mailflow.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class AddressTarget:
+    address: str
+
+
+@dataclass(frozen=True)
+class MailboxTarget:
+    user: str
+
+
+@dataclass(frozen=True)
+class CommandTarget:
+    command: str
+
+
+@dataclass(frozen=True)
+class FileTarget:
+    path: str
+
+
+@dataclass(frozen=True)
+class IncludeTarget:
+    path: str
+
+
+Target = Union[AddressTarget, MailboxTarget, CommandTarget, FileTarget, IncludeTarget]
+Aliases = dict[str, tuple[Target, ...]]
+
+
+class AliasSyntaxError(ConfigError):
+    """`FILE: line N: reason`; `line` is 1-based."""
+
+    def __init__(self, filename: str, line: int, reason: str):
+        super().__init__(filename, f"line {line}", reason)
+        self.line = line
+
+
+def is_privileged(target: Target) -> bool:
+    """Command, file and include targets run code or write files: allowed only from trusted files (see above)."""
+    return isinstance(target, (CommandTarget, FileTarget, IncludeTarget))
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")  # tab is whitespace; "\n" never reaches it
+_INCLUDE = ":include:"
+
+
+class _Text:
+    """One logical line: its text, and where each physical line starts, to name the line of a column."""
+
+    def __init__(self, filename: str, lineno: int, text: str):
+        self.filename, self.text = filename, text
+        self._starts, self._linenos = [0], [lineno]
+
+    def add(self, lineno: int, text: str) -> None:
+        self._starts.append(len(self.text))
+        self._linenos.append(lineno)
+        self.text += text
+
+    def line_at(self, offset: int) -> int:
+        return self._linenos[bisect.bisect_right(self._starts, offset) - 1]
+
+    def error(self, offset: int, reason: str) -> AliasSyntaxError:
+        return AliasSyntaxError(self.filename, self.line_at(offset), reason)
+
+
+def _physical_lines(text: str, filename: str):
+    """(line number, line) for each line that is not blank and not a comment; control characters refused."""
+    for number, line in enumerate(text.split("\n"), start=1):
+        if line.endswith("\r"):
+            line = line[:-1]
+        bad = _CONTROL.search(line)
+        if bad:
+            raise AliasSyntaxError(filename, number, f"control character {ord(bad.group()):#04x}")
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            yield number, line
+
+
+def _closing_quote(text: str, start: int) -> int:
+    """Index of the `"` closing the string opened at `start`, or -1."""
+    i = start + 1
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in '"\\':
+            i += 2
+        elif text[i] == '"':
+            return i
+        else:
+            i += 1
+    return -1
+
+
+def _unquote(inner: str) -> str:
+    return re.sub(r'\\(["\\])', r"\1", inner)
+
+
+def _split_values(line: _Text, start: int) -> list[tuple[int, str]]:
+    """Split `line.text[start:]` at commas outside quotes: (offset, stripped item), empty items dropped."""
+    items, text, i, item_start = [], line.text, start, start
+    while i <= len(text):
+        if i == len(text) or text[i] == ",":
+            raw = text[item_start:i]
+            if raw.strip():
+                items.append((item_start + len(raw) - len(raw.lstrip()), raw.strip()))
+            item_start = i + 1
+            i += 1
+        elif text[i] == '"':
+            end = _closing_quote(text, i)
+            if end < 0:
+                raise line.error(i, "unterminated quote")
+            i = end + 1
+        else:
+            i += 1
+    return items
+
+
+def _target(line: _Text, offset: int, item: str) -> Target:
+    """Classify one value (already split and stripped)."""
+    if item[0] == '"' and _closing_quote(item, 0) == len(item) - 1:
+        item = _unquote(item[1:-1]).strip()
+        if not item:
+            raise line.error(offset, "empty value")
+    if item.startswith("<") and item.endswith(">"):
+        return _address(line, offset, item[1:-1].strip())
+    if item.startswith("|"):
+        command = item[1:].strip()
+        if not command:
+            raise line.error(offset, "empty command")
+        return CommandTarget(command)
+    if item[:len(_INCLUDE)].lower() == _INCLUDE:
+        path = item[len(_INCLUDE):].strip()
+        if not path.startswith("/"):
+            raise line.error(offset, f":include: needs an absolute path, not {path!r}")
+        return IncludeTarget(path)
+    if item.startswith("/"):
+        return FileTarget(item)
+    if item.startswith(("./", "../", "~/")) or ("/" in item and "@" not in item):
+        raise line.error(offset, f"file path must be absolute: {item!r}")
+    if item.startswith("\\"):
+        user = item[1:]
+        reason = _address_error(user)
+        if reason or _has_domain(user):
+            raise line.error(offset, f"bad user name after \\: {user!r}")
+        return MailboxTarget(user)
+    return _address(line, offset, item)
+
+
+def _address(line: _Text, offset: int, address: str) -> AddressTarget:
+    reason = _address_error(address)
+    if reason:
+        raise line.error(offset, f"bad address {address!r}: {reason}")
+    return AddressTarget(address)
+
+
+def _address_error(address: str) -> str | None:
+    if not address:
+        return "empty address"
+    # A bare local name is checked as the local part of a mailbox; the domain here is only a placeholder.
+    return mailbox_syntax_error(address if _has_domain(address) else address + "@localhost")
+
+
+def _has_domain(address: str) -> bool:
+    """An '@' outside quoted strings (`"a@b"` alone is a local part)."""
+    return "@" in re.sub(r'"(?:\\.|[^"\\])*"', "", address)
+
+
+def _values(line: _Text, start: int) -> tuple[Target, ...]:
+    return tuple(_target(line, offset, item) for offset, item in _split_values(line, start))
+
+
+def _name(line: _Text) -> tuple[str, int]:
+    """The entry's name (lower case) and the offset just after its colon."""
+    text = line.text
+    if text.startswith('"'):
+        end = _closing_quote(text, 0)
+        if end < 0:
+            raise line.error(0, "unterminated quote")
+        name = _unquote(text[1:end])
+        rest = text[end + 1:]
+        colon = end + 1 + len(rest) - len(rest.lstrip())
+        if colon >= len(text) or text[colon] != ":":
+            raise line.error(end, "missing ':' after the quoted name")
+    else:
+        colon = text.find(":")
+        if colon < 0:
+            raise line.error(0, "missing ':' (expected 'name: value, ...')")
+        name = text[:colon].strip()
+        if any(c.isspace() for c in name) or "@" in name or '"' in name:
+            raise line.error(0, f"name {name!r} must be quoted (whitespace, '@' or '\"'), or is missing its ':'")
+    if not name.strip():
+        raise line.error(0, "empty name")
+    return name.lower(), colon + 1
+
+
+def _logical_lines(text: str, filename: str):
+    current: _Text | None = None
+    for number, physical in _physical_lines(text, filename):
+        if physical[0].isspace():
+            if current is None:
+                raise AliasSyntaxError(filename, number, "continuation line without an entry above it")
+            current.add(number, physical)
+            continue
+        if current is not None:
+            yield current
+        current = _Text(filename, number, physical)
+    if current is not None:
+        yield current
+
+
+def parse_aliases_with_warnings(text: str, filename: str) -> tuple[Aliases, list[str]]:
+    aliases: Aliases = {}
+    seen_at: dict[str, int] = {}
+    warnings: list[str] = []
+    for line in _logical_lines(text, filename):
+        name, start = _name(line)
+        targets = _values(line, start)
+        if not targets:
+            raise line.error(start, f"no values for {name!r}")
+        first = line.line_at(0)
+        if name in aliases:
+            warnings.append(f"{filename}: line {first}: duplicate entry {name!r} (first at line {seen_at[name]}); "
+                            "this one is ignored")
+            continue
+        aliases[name] = targets
+        seen_at[name] = first
+    return aliases, warnings
+
+
+def parse_aliases(text: str, filename: str) -> Aliases:
+    return parse_aliases_with_warnings(text, filename)[0]
+
+
+def parse_forward(text: str, filename: str) -> tuple[Target, ...]:
+    """Each non-comment line is a comma-separated value list; lines do not continue one another."""
+    targets: list[Target] = []
+    for number, physical in _physical_lines(text, filename):
+        targets.extend(_values(_Text(filename, number, physical), 0))
+    return tuple(targets)
+
+
+def parse_include(text: str, filename: str) -> tuple[Target, ...]:
+    return parse_forward(text, filename)
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+_PLAIN = re.compile(r"[^\s\",#:@<>\\]+")
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def format_target(target: Target) -> str:
+    """One value as it would appear on the right of an alias entry."""
+    if isinstance(target, CommandTarget):
+        return _quote("|" + target.command)
+    if isinstance(target, FileTarget):
+        return target.path if _PLAIN.fullmatch(target.path) else _quote(target.path)
+    if isinstance(target, IncludeTarget):
+        return _quote(_INCLUDE + target.path)
+    if isinstance(target, MailboxTarget):
+        return "\\" + target.user
+    return f"<{target.address}>"
+
+
+def format_aliases(aliases: Aliases) -> str:
+    """Text for `aliases` that `parse_aliases` reads back as the same map; one value per continuation line."""
+    out = []
+    for name, targets in aliases.items():
+        shown = name if _PLAIN.fullmatch(name) else _quote(name)
+        out.append(f"{shown}: " + ",\n    ".join(format_target(t) for t in targets) + "\n")
+    return "".join(out)

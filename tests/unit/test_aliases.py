@@ -1,0 +1,214 @@
+"""mailflow.aliases: aliases(5), .forward and :include: syntax; errors name file and line; round trip."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mailflow.aliases import (
+    AddressTarget,
+    AliasSyntaxError,
+    CommandTarget,
+    FileTarget,
+    IncludeTarget,
+    MailboxTarget,
+    format_aliases,
+    is_privileged,
+    parse_aliases,
+    parse_aliases_with_warnings,
+    parse_forward,
+    parse_include,
+)
+from mailflow.errors import ConfigError
+
+F = "/etc/mailflow/aliases"
+
+# ---------------------------------------------------------------------------------------------- full syntax
+
+
+def test_full_syntax():
+    text = (
+        "# system aliases\n"
+        "\n"
+        "MAILER-DAEMON: postmaster\n"
+        "PostMaster:\troot\n"
+        "staff: alice,\n"
+        "   bob@Example.COM,\n"
+        "   # a comment inside a continued entry\n"
+        "\n"
+        "   <carol@example.org>\n"
+        'tool: "|/usr/bin/foo -x, y", |/usr/local/bin/bar\n'
+        "archive: /var/mail/archive, \"/var/mail/with space\"\n"
+        "list: :include:/etc/mail/list, :INCLUDE: /etc/mail/other\n"
+        '"Quoted Name": \\root\n'
+        '"a@b": "\\\\me"\n'
+        'trailing: x,\n'
+        'shell: "|sh -c \\"echo hi\\""\n'
+    )
+    assert parse_aliases(text, F) == {
+        "mailer-daemon": (AddressTarget("postmaster"),),
+        "postmaster": (AddressTarget("root"),),
+        "staff": (AddressTarget("alice"), AddressTarget("bob@Example.COM"), AddressTarget("carol@example.org")),
+        "tool": (CommandTarget("/usr/bin/foo -x, y"), CommandTarget("/usr/local/bin/bar")),
+        "archive": (FileTarget("/var/mail/archive"), FileTarget("/var/mail/with space")),
+        "list": (IncludeTarget("/etc/mail/list"), IncludeTarget("/etc/mail/other")),
+        "quoted name": (MailboxTarget("root"),),
+        "a@b": (MailboxTarget("me"),),
+        "trailing": (AddressTarget("x"),),
+        "shell": (CommandTarget('sh -c "echo hi"'),),
+    }
+
+
+def test_unquoted_command_keeps_its_spaces_and_inner_quotes():
+    assert parse_aliases('v: |/usr/bin/vacation js, |"/opt/my tool"\n', F) == {
+        "v": (CommandTarget("/usr/bin/vacation js"), CommandTarget('"/opt/my tool"')),
+    }
+
+
+def test_quoted_local_part_address_is_kept_verbatim():
+    assert parse_aliases('x: "john, doe"@example.com, <"a b"@example.com>\n', F) == {
+        "x": (AddressTarget('"john, doe"@example.com'), AddressTarget('"a b"@example.com')),
+    }
+
+
+def test_crlf_line_ends_are_accepted():
+    assert parse_aliases("a: b,\r\n  c\r\n", F) == {"a": (AddressTarget("b"), AddressTarget("c"))}
+
+
+def test_empty_file_is_an_empty_map():
+    assert parse_aliases("", F) == {}
+    assert parse_aliases("# nothing\n\n   \n", F) == {}
+
+
+def test_duplicate_name_first_wins_with_a_warning():
+    aliases, warnings = parse_aliases_with_warnings("root: a\nother: x\nROOT: b\n", F)
+    assert aliases == {"root": (AddressTarget("a"),), "other": (AddressTarget("x"),)}
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"{F}: line 3: duplicate entry 'root'")
+    assert "line 1" in warnings[0]
+
+
+def test_no_warnings_without_duplicates():
+    assert parse_aliases_with_warnings("a: b\nc: d\n", F)[1] == []
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("text, line, reason", [
+    ("ok: a\njust words here\n", 2, "missing ':'"),
+    ("ok: a\n: b\n", 2, "empty name"),
+    ('ok: a\n"": b\n', 2, "empty name"),
+    ("ok: a\n\nempty:\n", 3, "no values"),
+    ("ok: a\nempty: , ,\n", 2, "no values"),
+    ('ok: a\ncmd: "|/bin/x,\n   y\n', 2, "unterminated quote"),
+    ('ok: a\ncmd: b,\n   "|/bin/x\n', 3, "unterminated quote"),
+    ('"name: b\n', 1, "unterminated quote"),
+    ("ok: a\nf: ./mbox\n", 2, "absolute"),
+    ("ok: a\nf: mail/inbox\n", 2, "absolute"),
+    ("ok: a\nf: ~/mbox\n", 2, "absolute"),
+    ("ok: a\ni: :include:etc/list\n", 2, ":include: needs an absolute path"),
+    ("ok: a\ni: b,\n  :include:\n", 3, ":include: needs an absolute path"),
+    ("ok: a\nc: |\n", 2, "empty command"),
+    ("ok: a\nb: x\x01y\n", 2, "control character 0x01"),
+    ("ok: a\n# comment \x1b[31m\n", 2, "control character 0x1b"),
+    ("ok: a\nb: x\ry\n", 2, "control character 0x0d"),
+    ("  indented: first\n", 1, "continuation line"),
+    ("ok: a\nfoo bar: x\n", 2, "must be quoted"),
+    ("ok: a\nb: two words\n", 2, "bad address"),
+    ("ok: a\nb: <>\n", 2, "bad address"),
+    ("ok: a\nb: \\\n", 2, "bad user name"),
+    ("ok: a\nb: \\me@example.com\n", 2, "bad user name"),
+    ('ok: a\n"q" x: b\n', 2, "missing ':'"),
+])
+def test_syntax_errors_name_file_and_line(text, line, reason):
+    with pytest.raises(AliasSyntaxError) as caught:
+        parse_aliases(text, F)
+    message = str(caught.value)
+    assert message.startswith(f"{F}: line {line}: ")
+    assert reason in message
+    assert caught.value.line == line
+    assert isinstance(caught.value, ConfigError)
+
+
+# ---------------------------------------------------------------------------------------------- .forward and :include:
+
+
+def test_forward_with_backslash_user_and_vacation():
+    text = '# keep a copy\n\\js, "|/usr/bin/vacation js"\n\nother@example.org\n/home/js/mbox , :include:/home/js/list\n'
+    assert parse_forward(text, "/home/js/.forward") == (
+        MailboxTarget("js"),
+        CommandTarget("/usr/bin/vacation js"),
+        AddressTarget("other@example.org"),
+        FileTarget("/home/js/mbox"),
+        IncludeTarget("/home/js/list"),
+    )
+
+
+def test_forward_quoted_backslash_user():
+    assert parse_forward('"\\js"\n', "f") == (MailboxTarget("js"),)
+
+
+def test_forward_lines_do_not_continue_each_other():
+    assert parse_forward("a\n  b\n", "f") == (AddressTarget("a"), AddressTarget("b"))
+
+
+def test_empty_forward_is_empty():
+    assert parse_forward("# only a comment\n\n", "f") == ()
+
+
+def test_forward_errors_name_file_and_line():
+    with pytest.raises(AliasSyntaxError, match=r"^/home/js/\.forward: line 2: file path must be absolute"):
+        parse_forward("js@example.org\nmbox/x\n", "/home/js/.forward")
+    with pytest.raises(AliasSyntaxError, match=r"^/home/js/\.forward: line 1: unterminated quote"):
+        parse_forward('"|/bin/x\n', "/home/js/.forward")
+
+
+def test_include_file_has_forward_syntax():
+    assert parse_include("alice, bob@example.com\n# x\ncarol\n", "/etc/mail/list") == (
+        AddressTarget("alice"), AddressTarget("bob@example.com"), AddressTarget("carol"),
+    )
+
+
+def test_is_privileged():
+    assert is_privileged(CommandTarget("/bin/true"))
+    assert is_privileged(FileTarget("/dev/null"))
+    assert is_privileged(IncludeTarget("/etc/list"))
+    assert not is_privileged(AddressTarget("a@example.com"))
+    assert not is_privileged(MailboxTarget("a"))
+
+
+def test_angle_brackets_never_make_a_privileged_target():
+    [target] = parse_forward("<|evil@example.com>\n", "f")
+    assert target == AddressTarget("|evil@example.com")
+    assert not is_privileged(target)
+
+
+# ---------------------------------------------------------------------------------------------- round trip
+
+_TEXT = st.text(
+    alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E) | st.sampled_from("éß日\t"),
+    min_size=1,
+    max_size=20,
+)
+_NAMES = _TEXT.map(str.lower).filter(lambda s: s.strip() != "" and s == s.lower())
+_STRIPPED = _TEXT.filter(lambda s: s == s.strip() and s != "")
+_LOCAL = st.from_regex(r"[A-Za-z0-9_+=-]{1,8}(\.[A-Za-z0-9_+=-]{1,8}){0,2}", fullmatch=True) | st.from_regex(
+    r'"[a-z ,<>#:@]{1,8}"', fullmatch=True)
+_DOMAIN = st.from_regex(r"[a-z0-9]{1,8}(\.[a-z]{2,5}){1,2}", fullmatch=True)
+_ADDRESS = st.one_of(_LOCAL, st.builds(lambda lp, d: f"{lp}@{d}", _LOCAL, _DOMAIN))
+_PATH = _STRIPPED.map(lambda s: "/" + s)
+_TARGETS = st.one_of(
+    _ADDRESS.map(AddressTarget),
+    st.from_regex(r"[a-z0-9_-]{1,8}", fullmatch=True).map(MailboxTarget),
+    _STRIPPED.map(CommandTarget),
+    _PATH.map(FileTarget),
+    _PATH.map(IncludeTarget),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_NAMES, st.lists(_TARGETS, min_size=1, max_size=4).map(tuple), max_size=6))
+def test_parse_of_format_is_identity(aliases):
+    text = format_aliases(aliases)
+    assert parse_aliases_with_warnings(text, F) == (aliases, [])
