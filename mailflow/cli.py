@@ -6,6 +6,9 @@ configuration prints `mailflow: FILE: KEY: REASON` and exits 2; never a tracebac
 `mailflow queue …` (list, show, flush, hold, release, requeue, delete, shape, destinations) opens the queue
 database the configuration names directly, whether or not `serve` runs; the work is in queue_tools.py.
 A command line that does not say which messages exits 2; an unknown queue id for `show` exits 1.
+
+`mailflow table query TYPE:NAME KEY…` answers like `postmap -q` (tables.py): exit 1 when nothing is found,
+2 for a bad table spec, 75 (EX_TEMPFAIL) when a lookup fails.
 """
 from __future__ import annotations
 
@@ -278,6 +281,44 @@ def queue_destinations(config: Optional[str] = ConfigOption, as_json: bool = Jso
             sys.stdout.write(qt.format_destinations(rows, time.time()))
 
     _tools("destinations", config, work)
+
+
+# ---------------------------------------------------------------------------------------------- table
+
+table_app = typer.Typer(no_args_is_help=True, help="Query lookup tables (texthash, inline, static, regexp, "
+                        "sqlite, fail) the way the server sees them, like postmap -q.")
+app.add_typer(table_app, name="table")
+
+
+@table_app.command("query")
+def table_query(spec: str = typer.Argument(..., metavar="TYPE:NAME", help="the table, e.g. texthash:/etc/virtual"),
+                keys: List[str] = typer.Argument(..., metavar="KEY", help="keys to look up, as given")) -> None:
+    """Print each key's value (key<TAB>value when several keys). Exit 1 when none is found, 2 for a bad
+    table, 75 (EX_TEMPFAIL) when a lookup fails."""
+    from mailflow.errors import LookupRetry
+    from mailflow.tables import open_table
+
+    try:
+        table = open_table(spec)
+    except ConfigError as e:
+        where = f"{e.file}: {e.key}" if e.file else e.key
+        _fail_table(f"{where}: {e.reason}", 2)
+    found = 0
+    for key in keys:
+        try:
+            value = table.lookup(key)
+        except LookupRetry as e:
+            _fail_table(f"{key}: lookup failed: {e.text}", 75)
+        if value is not None:
+            found += 1
+            typer.echo(f"{key}\t{value}" if len(keys) > 1 else value)
+    if not found:
+        raise typer.Exit(1)
+
+
+def _fail_table(message: str, code: int) -> None:
+    typer.echo(f"mailflow table query: {message}", err=True)
+    raise typer.Exit(code)
 
 
 def main() -> None:

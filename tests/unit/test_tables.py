@@ -1,0 +1,393 @@
+"""Lookup tables: every type found / not found, failure is LookupRetry (never None), reload, search order, CLI."""
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from mailflow.errors import ConfigError, LookupRetry
+from mailflow.tables import lookup_address, lookup_local, open_table, split_extension
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- texthash
+
+def test_texthash_found_not_found_comments_and_case(tmp_path):
+    f = write(tmp_path / "virtual", "# comment\n\nJoe@Example.com   joe@elsewhere.test\n  # indented comment\n"
+                                    "postmaster root\n")
+    t = open_table(f"texthash:{f}")
+    assert t.lookup("joe@example.COM") == "joe@elsewhere.test"
+    assert t.lookup("POSTMASTER") == "root"
+    assert t.lookup("nobody") is None
+    assert t.lookup("#") is None
+
+
+def test_texthash_continuation_lines_and_first_duplicate_wins(tmp_path):
+    f = write(tmp_path / "aliases", "team alice,\n  bob,\n\tcarol\nteam dave\n")
+    assert open_table(f"texthash:{f}").lookup("team") == "alice,  bob,\tcarol"
+
+
+def test_texthash_relative_path_uses_base_dir(tmp_path):
+    write(tmp_path / "t", "a b\n")
+    assert open_table("texthash:t", base_dir=tmp_path).lookup("a") == "b"
+
+
+def test_texthash_reloads_when_the_file_changes_at_most_once_a_second(tmp_path):
+    clock = FakeClock()
+    f = write(tmp_path / "t", "a one\n")
+    t = open_table(f"texthash:{f}", clock=clock)
+    assert t.lookup("a") == "one"
+    write(f, "a two-longer\n")
+    clock.now += 0.5
+    assert t.lookup("a") == "one"  # not checked again yet
+    clock.now += 0.6
+    assert t.lookup("a") == "two-longer"
+
+
+def test_texthash_unreadable_file_retries_then_answers_again(tmp_path):
+    clock = FakeClock()
+    f = write(tmp_path / "t", "a one\n")
+    t = open_table(f"texthash:{f}", clock=clock)
+    assert t.lookup("a") == "one"
+    f.rename(tmp_path / "away")
+    clock.now += 1
+    with pytest.raises(LookupRetry, match="texthash:.*cannot read"):
+        t.lookup("a")
+    with pytest.raises(LookupRetry):  # also for keys that were never there: no "not found" while failing
+        t.lookup("zzz")
+    (tmp_path / "away").rename(f)  # same inode, size and mtime as before it went away
+    clock.now += 1
+    assert t.lookup("a") == "one"
+
+
+def test_texthash_missing_at_first_lookup_is_retry_not_none(tmp_path):
+    t = open_table(f"texthash:{tmp_path / 'nope'}")
+    with pytest.raises(LookupRetry, match="nope"):
+        t.lookup("a")
+
+
+def test_texthash_malformed_line_fails_the_table_naming_the_line(tmp_path):
+    f = write(tmp_path / "t", "a b\nlonely\n")
+    with pytest.raises(LookupRetry, match="line 2"):
+        open_table(f"texthash:{f}").lookup("a")
+
+
+# ------------------------------------------------------------------------------------ inline, static, fail
+
+def test_inline_plain_and_braced_elements():
+    t = open_table("inline:{ Key=value, key2=value2 { key3 = text with spaces, and a comma } }")
+    assert t.lookup("KEY") == "value"
+    assert t.lookup("key2") == "value2"
+    assert t.lookup("key3") == "text with spaces, and a comma"
+    assert t.lookup("key4") is None
+
+
+@pytest.mark.parametrize("spec", ["inline:key=value", "inline:{ key = value }", "inline:{ {a=b }",
+                                  "inline:{ a=b } }", "inline:{ =b }"])
+def test_inline_malformed_is_a_config_error(spec):
+    with pytest.raises(ConfigError) as e:
+        open_table(spec)
+    assert e.value.key == spec and e.value.file == "" and "inline" in e.value.reason
+
+
+def test_static_answers_every_key():
+    assert open_table("static:smtp:[relay]:25").lookup("anything") == "smtp:[relay]:25"
+    assert open_table("static:{ value with spaces }").lookup("x") == "value with spaces"
+    with pytest.raises(ConfigError, match="needs a value"):
+        open_table("static:")
+
+
+def test_fail_always_retries():
+    with pytest.raises(LookupRetry, match="fail:down") as e:
+        open_table("fail:down").lookup("x")
+    assert e.value.dsn == "4.3.0"
+
+
+@pytest.mark.parametrize("spec", ["hash:/etc/postfix/virtual", "texthash", ":x", "texthash:", "regexp:  "])
+def test_bad_specs(spec):
+    with pytest.raises(ConfigError):
+        open_table(spec)
+
+
+def test_unknown_type_names_the_known_ones():
+    with pytest.raises(ConfigError) as e:
+        open_table("hash:/etc/postfix/virtual")
+    assert e.value.reason == "unknown table type 'hash'; mailflow has texthash, inline, static, regexp, sqlite, fail"
+    assert e.value.key == "hash:/etc/postfix/virtual"
+
+
+# ----------------------------------------------------------------------------------------------- regexp
+
+REGEXP = r"""
+# first match wins
+/^(.*)@old\.example$/        $1@new.example
+/^admin@/                    root
+/^(a)(b)?x@/                 [$1][$2][${1}]$$
+/^CaseSensitive@/i           exact-case
+!/@example\.(com|org)$/      not-ours
+/@example\.com$/             catch-all
+if /^list-/
+/^list-(\w+)@/               lists+$1
+endif
+/^list-/                     after-the-if
+/@example\.org$/             org
+"""
+
+
+def regexp_table(tmp_path, text=REGEXP, clock=None):
+    f = write(tmp_path / "re", text)
+    return open_table(f"regexp:{f}", **({"clock": clock} if clock else {})), f
+
+
+def test_regexp_groups_flags_negation_and_order(tmp_path):
+    t, _ = regexp_table(tmp_path)
+    assert t.fixed is False
+    assert t.lookup("Joe@OLD.example") == "Joe@new.example"  # case-insensitive by default, key kept as is
+    assert t.lookup("admin@old.example") == "admin@new.example"  # first match wins
+    assert t.lookup("admin@example.com") == "root"
+    assert t.lookup("ax@example.com") == "[a][][a]$"  # unmatched group is empty; $$ is $
+    assert t.lookup("CaseSensitive@example.com") == "exact-case"
+    assert t.lookup("casesensitive@example.com") == "catch-all"  # flag i toggled case-insensitivity off
+    assert t.lookup("joe@elsewhere.test") == "not-ours"
+    assert t.lookup("list-dev@example.org") == "lists+dev"
+    assert t.lookup("list-@example.org") == "after-the-if"  # inside the if block nothing matched
+    assert t.lookup("bob@example.org") == "org"
+
+
+def test_regexp_if_endif_skips_blocks_and_nests(tmp_path):
+    t, _ = regexp_table(tmp_path, """
+if /@example\\.com$/
+if !/^admin/
+/^(.*)@/       user-$1
+endif
+/./            admin-rule
+endif
+/./            outside
+""")
+    assert t.lookup("joe@example.com") == "user-joe"
+    assert t.lookup("admin@example.com") == "admin-rule"  # the negated inner if skipped its block
+    assert t.lookup("joe@example.org") == "outside"  # the outer if skipped everything up to its endif
+
+
+def test_regexp_no_match_is_none(tmp_path):
+    t, _ = regexp_table(tmp_path, "/^a$/ b\n")
+    assert t.lookup("c") is None
+
+
+@pytest.mark.parametrize("text,complaint", [
+    ("/(unclosed/ x\n", "line 1: bad regular expression"),
+    ("/a/ ok\n/b/\n", "line 2: no result"),
+    ("/a/q x\n", "flag 'q'"),
+    ("!/(a)/ $1\n", "negated"),
+    ("/(a)/ $2\n", r"\$2"),
+    ("/a x\n", "no closing"),
+    ("if /a/\n/b/ c\n", "if without endif"),
+    ("endif\n", "endif without if"),
+])
+def test_regexp_bad_file_is_retry_naming_the_line(tmp_path, text, complaint):
+    t, _ = regexp_table(tmp_path, text)
+    with pytest.raises(LookupRetry, match=complaint):
+        t.lookup("a")
+
+
+def test_regexp_bad_pattern_at_reload_is_retry_until_fixed(tmp_path):
+    clock = FakeClock()
+    t, f = regexp_table(tmp_path, "/^a/ one\n", clock)
+    assert t.lookup("a") == "one"
+    write(f, "/^a/ one\n/[/ broken\n")
+    clock.now += 1
+    with pytest.raises(LookupRetry, match="regexp:.*line 2"):
+        t.lookup("a")
+    write(f, "/^a/ fixed\n")
+    clock.now += 1
+    assert t.lookup("a") == "fixed"
+
+
+# ----------------------------------------------------------------------------------------------- sqlite
+
+def sqlite_table(tmp_path, query):
+    db = tmp_path / "users.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE users (email TEXT, local TEXT, domain TEXT, dest TEXT)")
+        conn.executemany("INSERT INTO users VALUES (?, ?, ?, ?)", [
+            ("joe@example.com", "joe", "example.com", "joe@mailbox.test"),
+            ("o'brien@example.com", "o'brien", "example.com", "ob@mailbox.test"),
+            ("team@example.com", "team", "example.com", "a@x.test"),
+            ("team@example.com", "team", "example.com", "b@x.test"),
+        ])
+    conn.close()
+    cf = write(tmp_path / "users.cf", f"# sqlite_table(5)\ndbpath = {db}\nquery = {query}\n")
+    return open_table(f"sqlite:{cf}"), db
+
+
+def test_sqlite_whole_key_quotes_and_case(tmp_path):
+    t, _ = sqlite_table(tmp_path, "SELECT dest FROM users WHERE email='%s'")
+    assert t.lookup("Joe@Example.com") == "joe@mailbox.test"
+    assert t.lookup("O'Brien@example.com") == "ob@mailbox.test"
+    assert t.lookup("team@example.com") == "a@x.test,b@x.test"
+    assert t.lookup("nobody@example.com") is None
+    assert t.lookup("x' OR '1'='1") is None  # the quote is data, not SQL
+
+
+def test_sqlite_local_part_and_domain_expansion(tmp_path):
+    t, _ = sqlite_table(tmp_path, "SELECT dest FROM users WHERE local='%u' AND domain='%d' AND '%%'='%%'")
+    assert t.lookup("joe@example.com") == "joe@mailbox.test"
+    assert t.lookup("o'brien@EXAMPLE.com") == "ob@mailbox.test"
+    assert t.lookup("joe") is None  # no domain: %d suppresses the query
+    assert t.lookup("@example.com") is None  # empty local part: %u suppresses the query
+
+
+def test_sqlite_database_error_is_retry(tmp_path):
+    t, _ = sqlite_table(tmp_path, "SELECT dest FROM nosuchtable WHERE email='%s'")
+    with pytest.raises(LookupRetry, match="sqlite:.*nosuchtable"):
+        t.lookup("joe@example.com")
+
+
+def test_sqlite_missing_database_is_retry(tmp_path):
+    t, db = sqlite_table(tmp_path, "SELECT dest FROM users WHERE email='%s'")
+    db.unlink()
+    with pytest.raises(LookupRetry, match="users.db"):
+        t.lookup("joe@example.com")
+
+
+def test_sqlite_opens_read_only(tmp_path):
+    t, db = sqlite_table(tmp_path, "DELETE FROM users WHERE email='%s'")
+    with pytest.raises(LookupRetry, match="readonly"):
+        t.lookup("joe@example.com")
+    assert sqlite3.connect(db).execute("SELECT count(*) FROM users").fetchone()[0] == 4
+
+
+@pytest.mark.parametrize("cf,complaint", [
+    ("dbpath = x.db\n", "query"),
+    ("query = SELECT 1\n", "dbpath"),
+    ("dbpath = x\nquery = SELECT '%x'\n", "%x"),
+    ("dbpath = x\nquery = SELECT 1\nhosts = db\n", "unknown parameter"),
+])
+def test_sqlite_bad_cf_is_config_error(tmp_path, cf, complaint):
+    f = write(tmp_path / "t.cf", cf)
+    with pytest.raises(ConfigError, match=complaint):
+        open_table(f"sqlite:{f}")
+
+
+def test_sqlite_missing_cf_is_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        open_table(f"sqlite:{tmp_path / 'nope.cf'}")
+
+
+# ---------------------------------------------------------------------------------------- search order
+
+class Recording:
+    """A fixed table that records the keys it is asked."""
+
+    fixed = True
+    name = "recording"
+
+    def __init__(self, entries: dict[str, str]):
+        self.entries, self.asked = entries, []
+
+    def lookup(self, key: str) -> str | None:
+        self.asked.append(key)
+        return self.entries.get(key.lower())
+
+
+def test_lookup_address_search_order():
+    t = Recording({})
+    assert lookup_address(t, "user+ext@example.com") is None
+    assert t.asked == ["user+ext@example.com", "user@example.com", "@example.com"]
+
+
+def test_lookup_address_stops_at_the_first_answer():
+    t = Recording({"user@example.com": "u", "@example.com": "catch-all"})
+    assert lookup_address(t, "user+ext@example.com") == ("user@example.com", "u")
+    assert lookup_address(t, "other@example.com") == ("@example.com", "catch-all")
+    t2 = Recording({"user+ext@example.com": "exact", "user@example.com": "u"})
+    assert lookup_address(t2, "user+ext@example.com") == ("user+ext@example.com", "exact")
+
+
+def test_lookup_address_case_folding_with_a_real_table():
+    t = open_table("inline:{ joe@example.com=j, @example.org=catch }")
+    assert lookup_address(t, "Joe+Tag@EXAMPLE.com") == ("Joe@EXAMPLE.com", "j")
+    assert lookup_address(t, "x@Example.ORG") == ("@Example.ORG", "catch")
+
+
+def test_lookup_address_delimiters():
+    t = Recording({})
+    lookup_address(t, "user-ext@d", delimiter="")
+    assert t.asked == ["user-ext@d", "@d"]
+    t = Recording({})
+    lookup_address(t, "user-ext@d", delimiter="+-")
+    assert t.asked == ["user-ext@d", "user@d", "@d"]
+    t = Recording({})
+    lookup_address(t, "+ext@d")  # never an empty user
+    assert t.asked == ["+ext@d", "@d"]
+
+
+def test_lookup_address_asks_pattern_tables_the_full_address_only(tmp_path):
+    f = write(tmp_path / "re", "/^user@/ plain\n/^@example\\.com$/ domain\n")
+    t = open_table(f"regexp:{f}")
+    assert lookup_address(t, "user+ext@example.com") is None  # neither user@example.com nor @example.com
+    assert lookup_address(t, "user@example.com") == ("user@example.com", "plain")
+
+
+def test_lookup_address_passes_retry_through():
+    with pytest.raises(LookupRetry):
+        lookup_address(open_table("fail:x"), "a@b")
+
+
+def test_lookup_local():
+    t = Recording({"user": "u"})
+    assert lookup_local(t, "user+ext") == ("user", "u")
+    assert t.asked == ["user+ext", "user"]
+    assert lookup_local(t, "other") is None
+    assert lookup_address(t, "user+x") == ("user", "u")  # no domain: alias-style keys
+    assert split_extension("a+b+c", "+") == ("a", "+b+c")
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+
+def mailflow(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mailflow", *args], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+def test_cli_query_one_key_prints_the_value(tmp_path):
+    f = write(tmp_path / "t", "a one\n")
+    result = mailflow("table", "query", f"texthash:{f}", "A")
+    assert (result.returncode, result.stdout) == (0, "one\n")
+
+
+def test_cli_query_several_keys_prints_key_tab_value():
+    result = mailflow("table", "query", "inline:{a=1, b=2}", "a", "x", "b")
+    assert (result.returncode, result.stdout) == (0, "a\t1\nb\t2\n")
+
+
+def test_cli_query_nothing_found_exits_1():
+    result = mailflow("table", "query", "inline:{a=1}", "x", "y")
+    assert (result.returncode, result.stdout) == (1, "")
+
+
+def test_cli_query_bad_spec_exits_2_without_traceback():
+    result = mailflow("table", "query", "hash:/etc/postfix/virtual", "x")
+    assert result.returncode == 2
+    assert "unknown table type 'hash'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_query_lookup_failure_exits_75(tmp_path):
+    result = mailflow("table", "query", f"texthash:{tmp_path / 'missing'}", "x")
+    assert result.returncode == 75
+    assert "lookup failed" in result.stderr and "missing" in result.stderr and "Traceback" not in result.stderr
