@@ -321,6 +321,31 @@ def _fail_table(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+config_app = typer.Typer(no_args_is_help=True, help="Show the configuration (postconf).")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(config: Optional[str] = ConfigOption,
+                changed: bool = typer.Option(False, "-n", "--changed", help="only settings that differ from the defaults (postconf -n)"),
+                defaults: bool = typer.Option(False, "-d", "--defaults", help="the built-in defaults (postconf -d)"),
+                names: Optional[List[str]] = typer.Argument(None, metavar="[SETTING]...",
+                                                            help="only these settings (e.g. relayhost queue.active_limit)")) -> None:
+    """Every setting as `key = value` (valid TOML), like postconf; `-n` what the file changes, `-d` the defaults."""
+    from mailflow.config import show_settings
+
+    lines = show_settings(_load(config), defaults=defaults, changed_only=changed)
+    if names:
+        wanted = {n: [line for line in lines if line.split(" = ", 1)[0] == n] for n in names}
+        unknown = [n for n, found in wanted.items() if not found]
+        if unknown and not changed:
+            typer.echo(f"mailflow config show: unknown setting: {', '.join(unknown)}", err=True)
+            raise typer.Exit(2)
+        lines = [line for found in wanted.values() for line in found]
+    for line in lines:
+        typer.echo(line)
+
+
 def main() -> None:
     app(prog_name="mailflow")
 

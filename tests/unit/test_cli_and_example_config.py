@@ -49,3 +49,18 @@ def test_missing_config_file_is_named(tmp_path):
 def test_version():
     result = mailflow("version")
     assert result.returncode == 0 and result.stdout.startswith("mailflow 0.")
+
+
+def test_config_show_changed_lists_what_the_file_sets(tmp_path):
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('relayhost = "[127.0.0.1]:2526"\n[queue]\nactive_limit = 50\n')
+    result = mailflow("config", "show", "-n", "--config", str(cfg))
+    assert result.returncode == 0
+    assert result.stdout.splitlines() == ['relayhost = "[127.0.0.1]:2526"', "queue.active_limit = 50"]
+
+
+def test_config_show_named_settings_and_unknown_names(tmp_path):
+    result = mailflow("config", "show", "smtpd.listen", "myhostname")
+    assert result.stdout.splitlines() == ['smtpd.listen = ["127.0.0.1:2525"]', 'myhostname = "localhost"']
+    bad = mailflow("config", "show", "no_such_setting")
+    assert bad.returncode == 2 and "unknown setting: no_such_setting" in bad.stderr
