@@ -49,6 +49,10 @@ def serve(config: Optional[str] = ConfigOption) -> None:
     setup_logging(cfg.log.level, cfg.log.format)
     try:
         asyncio.run(run(cfg))
+    except ConfigError as e:  # found while building the stages (e.g. a lookup table spec)
+        where = config or os.environ.get("MAILFLOW_CONFIG") or "built-in defaults"
+        typer.echo(f"mailflow: {where}: {e.key}: {e.reason}" if not e.file else f"mailflow: {e}", err=True)
+        raise typer.Exit(2)
     except OSError as e:  # typically: the listen address is taken or not ours
         typer.echo(f"mailflow: cannot start: {e}", err=True)
         raise typer.Exit(1)

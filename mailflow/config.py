@@ -158,6 +158,11 @@ class Config(_Section):
     local_transport: str = "local"
     relay_transport: str = "smtp"
     default_transport: str = "smtp"
+    # Lookup tables (`type:name`, searched in order): transport:nexthop per address or domain, overriding
+    # the class's transport; and the known recipients of relay_domains (empty: any recipient is accepted).
+    transport_maps: tuple[str, ...] = ()
+    relay_recipient_maps: tuple[str, ...] = ()
+    recipient_delimiter: str = "+"
     queue_directory: str = "var"
 
     smtpd: SmtpdConfig = SmtpdConfig()
@@ -198,6 +203,17 @@ class Config(_Section):
     def _transport(cls, v: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9_-]+(:.*)?", v):
             raise ValueError(f"{v!r} is not transport or transport:nexthop")
+        return v
+
+    @field_validator("transport_maps", "relay_recipient_maps")
+    @classmethod
+    def _tables(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from mailflow.tables import TYPES
+
+        for spec in v:
+            kind, colon, name = spec.partition(":")
+            if not colon or kind not in TYPES:
+                raise ValueError(f"{spec!r} is not a lookup table (type:name with type one of {', '.join(TYPES)})")
         return v
 
     @property

@@ -38,6 +38,10 @@ def user_unknown(address: str) -> Reply:
     return Reply(550, "5.1.1", f"<{address}>: Recipient address rejected: User unknown in local recipient table")
 
 
+def relay_user_unknown(address: str) -> Reply:
+    return Reply(550, "5.1.1", f"<{address}>: Recipient address rejected: User unknown in relay recipient table")
+
+
 def bad_address_syntax(address: str) -> Reply:
     return Reply(501, "5.1.3", f"<{address}>: Bad recipient address syntax")
 

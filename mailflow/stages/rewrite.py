@@ -1,4 +1,4 @@
-"""trivial-rewrite at its simplest: which address class a recipient is in, and its `transport:nexthop`.
+"""trivial-rewrite: which address class a recipient is in, and its `transport:nexthop`.
 
 - local: the domain is in `mydestination` -> `local_transport`.
 - relay: the domain is in `relay_domains` -> `relay_transport`.
@@ -6,12 +6,19 @@
 A transport value may carry its own nexthop (`smtp:[10.0.0.1]:587`); otherwise relay and default mail
 goes to `relayhost` when set, else to the recipient domain (MX lookup). An entry `.example.com` in a
 domain list matches subdomains of example.com. Unqualified addresses are taken as `user@myhostname`.
-Pure: config in, values out.
+
+`transport_maps` (transport(5)) override the class's choice. Search order: the address, the address
+without its extension, the domain, each parent domain as `.parent`, then `*`. A value `transport:nexthop`
+with an empty side keeps the class's transport or nexthop (`:[gw.example]`, `smtp:`).
+`relay_recipient_maps`, when set, list the recipients of relay_domains that exist (`is_known_relay`).
+Failures: a table that cannot answer raises `LookupRetry` (smtpd says 451 4.3.0, qmgr defers), never
+"not found".
 """
 from __future__ import annotations
 
 from mailflow import address
 from mailflow.model import AddressClass, Resolution
+from mailflow.tables import Table, lookup_address, open_table, split_extension
 
 
 def split_transport(value: str) -> tuple[str, str]:
@@ -27,9 +34,36 @@ def domain_in(domain: str, domains: tuple[str, ...]) -> bool:
     return False
 
 
+def transport_keys(addr: str, delimiter: str) -> list[str]:
+    """transport(5)'s search keys for an address, most specific first."""
+    local, _, domain = addr.rpartition("@")
+    keys = [addr]
+    user, ext = split_extension(local, delimiter)
+    if ext:
+        keys.append(f"{user}@{domain}")
+    labels = domain.split(".")
+    keys.append(domain)
+    keys += ["." + ".".join(labels[i:]) for i in range(1, len(labels))]
+    keys.append("*")
+    return keys
+
+
+def first_answer(tables: list[Table], keys: list[str]) -> str | None:
+    """The first table's answer for the first key it knows, tables in order (LookupRetry propagates)."""
+    for table in tables:
+        for key in keys:
+            value = table.lookup(key)
+            if value is not None:
+                return value
+    return None
+
+
 class Rewriter:
-    def __init__(self, config):
+    def __init__(self, config, *, clock=None):
         self._config = config
+        extra = {"clock": clock} if clock is not None else {}
+        self._transport_maps = [open_table(spec, **extra) for spec in config.transport_maps]
+        self._relay_recipient_maps = [open_table(spec, **extra) for spec in config.relay_recipient_maps]
 
     def qualify(self, addr: str) -> str:
         local, domain = address.split(addr)
@@ -44,8 +78,16 @@ class Rewriter:
         return AddressClass.DEFAULT
 
     def resolve(self, addr: str) -> Resolution:
+        """The class's transport and nexthop, then transport_maps' override. May raise LookupRetry."""
+        res = self._class_default(self.qualify(addr))
+        override = self._transport_override(res.address)
+        if override is None:
+            return res
+        transport, nexthop = split_transport(override.strip())
+        return Resolution(res.address_class, transport or res.transport, nexthop or res.nexthop, res.address)
+
+    def _class_default(self, qualified: str) -> Resolution:
         c = self._config
-        qualified = self.qualify(addr)
         klass = self.classify(qualified)
         if klass is AddressClass.LOCAL:
             transport, nexthop = split_transport(c.local_transport)
@@ -54,6 +96,22 @@ class Rewriter:
         transport, nexthop = split_transport(value)
         domain = address.normalise_domain(address.split(qualified)[1])
         return Resolution(klass, transport, nexthop or c.relayhost or domain, qualified)
+
+    def _transport_override(self, qualified: str) -> str | None:
+        if not self._transport_maps:
+            return None
+        local, _, domain = qualified.rpartition("@")
+        key = f"{local.lower()}@{address.normalise_domain(domain)}"
+        return first_answer(self._transport_maps, transport_keys(key, self._config.recipient_delimiter))
+
+    def is_known_relay(self, addr: str) -> bool:
+        """A relay_domains recipient exists per relay_recipient_maps (any does when none are set).
+        May raise LookupRetry."""
+        if not self._relay_recipient_maps:
+            return True
+        qualified = self.qualify(addr)
+        return any(lookup_address(t, qualified, delimiter=self._config.recipient_delimiter) is not None
+                   for t in self._relay_recipient_maps)
 
     def local_user(self, addr: str) -> str:
         """The mailbox name of a local address: its local part, lower-cased."""

@@ -24,7 +24,7 @@ from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session
 
 from mailflow import address, status
 from mailflow.config import Config, parse_hostport
-from mailflow.errors import DeliveryError
+from mailflow.errors import DeliveryError, LookupRetry
 from mailflow.model import AddressClass, ClientInfo, Envelope, Submission
 from mailflow.stages.rewrite import Rewriter
 from mailflow.store import Overloaded
@@ -121,6 +121,13 @@ class SmtpdHandler:
             return status.relay_denied(addr)
         if klass is AddressClass.LOCAL and not self._rewriter.is_known_local(addr):
             return status.user_unknown(addr)
+        try:
+            if klass is AddressClass.RELAY and not self._rewriter.is_known_relay(addr):
+                return status.relay_user_unknown(addr)
+            self._rewriter.resolve(addr)  # a routing table that cannot answer now: the client retries later
+        except LookupRetry as e:
+            log.warning("smtpd: RCPT <%s>: %s", addr, e.text)
+            return status.lookup_failed(addr)
         return status.RCPT_OK
 
     async def handle_DATA(self, server, session: Session, envelope: SmtpEnvelope):

@@ -1,0 +1,66 @@
+"""Routing through lookup tables: a table that goes unreadable makes RCPT answer 451 and queued mail defer
+(4.3.0, never a bounce), and mail flows again once the file is back."""
+from __future__ import annotations
+
+import asyncio
+
+import aiosmtplib
+from tests.helpers import eventually, queue_becomes, send
+
+RELOAD = 1.2  # tables look at their file at most once a second
+
+
+async def rcpt_reply(port: int, rcpt: str) -> tuple[int, str]:
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10) as c:
+        await c.mail("s@remote.test")
+        try:
+            reply = await c.rcpt(rcpt)
+            return reply.code, reply.message
+        except aiosmtplib.SMTPRecipientRefused as e:
+            return e.code, e.message
+
+
+async def test_unreadable_tables_defer_and_recover(mailflow_server, smtp_peer, tmp_path):
+    peer = await smtp_peer()
+    recipients = tmp_path / "relay_recipients"
+    recipients.write_text("known@relay.test OK\n")
+    transports = tmp_path / "transport"
+    transports.write_text(f"relay.test smtp:[127.0.0.1]:{peer.port}\n")
+    mf = await mailflow_server(relay_recipient_maps=[f"texthash:{recipients}"],
+                               transport_maps=[f"texthash:{transports}"])
+    port = mf.smtp_addresses[0][1]
+
+    assert (await rcpt_reply(port, "unknown@relay.test"))[0] == 550
+    await send(port, "s@remote.test", ["known@relay.test"], b"Subject: one\r\n\r\nfirst\r\n")
+    await eventually(lambda: len(peer.messages) == 1)  # routed by transport_maps to the peer
+
+    recipients.rename(tmp_path / "away")
+    await asyncio.sleep(RELOAD)
+    code, text = await rcpt_reply(port, "known@relay.test")
+    assert (code, text[:5]) == (451, "4.3.0")
+    (tmp_path / "away").rename(recipients)
+    await asyncio.sleep(RELOAD)
+    assert (await rcpt_reply(port, "known@relay.test"))[0] == 250, "the table answers again"
+
+    # accepted while the tables answer; the next hop is busy, so it waits in the queue ...
+    peer.handler.mail_reply = "451 4.3.2 not now"
+    await send(port, "s@remote.test", ["known@relay.test"], b"Subject: two\r\n\r\nsecond\r\n")
+    assert await queue_becomes(mf.store, {"deferred": 1}) == {"deferred": 1}
+    qid = (await mf.store.due(2e9, 1))[0].queue_id
+    # ... then the transport table goes away: the retry defers with 4.3.0, it does not bounce
+    transports.rename(tmp_path / "away")
+    peer.handler.mail_reply = None
+
+    async def reason():
+        [(_, status, dsn, text)] = await mf.store.recipients(qid)
+        return status, dsn, text
+    for _ in range(100):
+        status, dsn, text = await reason()
+        if "resolver" in text:
+            break
+        await asyncio.sleep(0.1)
+    assert (status, dsn) == ("pending", "4.3.0") and "address resolver failure" in text
+    assert len(peer.messages) == 1
+    (tmp_path / "away").rename(transports)
+    await eventually(lambda: len(peer.messages) == 2, timeout=10)
+    assert await queue_becomes(mf.store, {}) == {}

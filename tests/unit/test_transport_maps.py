@@ -1,0 +1,68 @@
+"""transport_maps precedence (transport(5) search order) and relay_recipient_maps."""
+from __future__ import annotations
+
+import pytest
+
+from mailflow.config import config_from_dict
+from mailflow.errors import LookupRetry
+from mailflow.model import AddressClass
+from mailflow.stages.rewrite import Rewriter, transport_keys
+
+MAP = ("inline:{ user@sub.example.test=lmtp:[127.0.0.1]:24, sub.example.test=smtp:[10.0.0.1]:587,"
+       " .example.test=relay:, other.test=:[gw.other.test], *=discard: }")
+BASE = {"myhostname": "mx.local.test", "mydestination": ["local.test"], "relay_domains": ["relay.test"],
+        "relayhost": "[relayhost.test]:25"}
+
+
+def rewriter(**extra) -> Rewriter:
+    return Rewriter(config_from_dict({**BASE, **extra}))
+
+
+@pytest.mark.parametrize("addr, transport, nexthop", [
+    ("user@sub.example.test", "lmtp", "[127.0.0.1]:24"),           # the whole address first
+    ("user+tag@sub.example.test", "lmtp", "[127.0.0.1]:24"),       # then without the extension
+    ("other@sub.example.test", "smtp", "[10.0.0.1]:587"),          # then the domain
+    ("x@deep.sub.example.test", "relay", "[relayhost.test]:25"),   # a parent domain; empty nexthop keeps default
+    ("x@example.test", "discard", "[relayhost.test]:25"),          # '.example.test' is for subdomains only
+    ("x@other.test", "smtp", "[gw.other.test]"),                   # empty transport keeps the class's
+    ("alice@local.test", "discard", "mx.local.test"),              # '*' catches everything else, local too
+    ("USER@SUB.Example.TEST", "lmtp", "[127.0.0.1]:24"),           # case folded
+])
+def test_transport_maps_search_order(addr, transport, nexthop):
+    res = rewriter(transport_maps=[MAP]).resolve(addr)
+    assert (res.transport, res.nexthop) == (transport, nexthop)
+
+
+def test_without_transport_maps_the_class_decides():
+    res = rewriter().resolve("x@relay.test")
+    assert (res.address_class, res.transport, res.nexthop) == (AddressClass.RELAY, "smtp", "[relayhost.test]:25")
+
+
+def test_tables_are_searched_in_order():
+    res = rewriter(transport_maps=["inline:{relay.test=first:}", "inline:{x@relay.test=second:}"]).resolve("x@relay.test")
+    assert res.transport == "first"
+
+
+def test_transport_keys():
+    assert transport_keys("u+t@a.b.c", "+") == ["u+t@a.b.c", "u@a.b.c", "a.b.c", ".b.c", ".c", "*"]
+
+
+def test_a_failing_transport_table_raises_retry_never_not_found():
+    with pytest.raises(LookupRetry):
+        rewriter(transport_maps=["fail:down"]).resolve("x@relay.test")
+
+
+def test_relay_recipient_maps():
+    rw = rewriter(relay_recipient_maps=["inline:{known@relay.test=OK, @catchall.relay.test=OK}"])
+    assert rw.is_known_relay("known@relay.test") and rw.is_known_relay("Known+tag@relay.test")
+    assert not rw.is_known_relay("unknown@relay.test")
+    assert rewriter().is_known_relay("anyone@relay.test")
+    with pytest.raises(LookupRetry):
+        rewriter(relay_recipient_maps=["fail:down"]).is_known_relay("x@relay.test")
+
+
+def test_unknown_table_type_is_a_config_error_naming_the_setting():
+    from mailflow.errors import ConfigError
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"transport_maps": ["hash:/etc/postfix/transport"]}, "m.toml")
+    assert str(err.value).startswith("m.toml: transport_maps: 'hash:/etc/postfix/transport' is not a lookup table")
