@@ -350,6 +350,33 @@ def config_show(config: Optional[str] = ConfigOption,
         typer.echo(line)
 
 
+@app.command("address")
+def address_test(addresses: List[str] = typer.Argument(..., metavar="ADDRESS..."),
+                 config: Optional[str] = ConfigOption) -> None:
+    """How each address would be routed, step by step (like exim -bt): class, recipient check, transport,
+    next hop. Exit 75 when a table cannot answer."""
+    from mailflow.errors import LookupRetry
+    from mailflow.stages.rewrite import Rewriter
+
+    cfg = _load(config)
+    try:
+        rewriter = Rewriter(cfg)
+    except ConfigError as e:
+        typer.echo(f"mailflow address: {e.key}: {e.reason}", err=True)
+        raise typer.Exit(2)
+    for n, addr in enumerate(addresses):
+        if n:
+            typer.echo("")
+        try:
+            steps = rewriter.explain(addr)
+        except LookupRetry as e:
+            typer.echo(f"mailflow address: {addr}: {e.text}", err=True)
+            raise typer.Exit(75)
+        width = max(len(label) for label, _ in steps) + 1
+        for label, text in steps:
+            typer.echo(f"{label + ':':<{width}} {text}")
+
+
 def main() -> None:
     app(prog_name="mailflow")
 

@@ -48,13 +48,14 @@ def transport_keys(addr: str, delimiter: str) -> list[str]:
     return keys
 
 
-def first_answer(tables: list[Table], keys: list[str]) -> str | None:
-    """The first table's answer for the first key it knows, tables in order (LookupRetry propagates)."""
+def first_answer(tables: list[Table], keys: list[str]) -> tuple[str, str, str] | None:
+    """(table, key, value) of the first table's answer for the first key it knows, tables in order.
+    LookupRetry propagates."""
     for table in tables:
         for key in keys:
             value = table.lookup(key)
             if value is not None:
-                return value
+                return table.name, key, value
     return None
 
 
@@ -80,10 +81,10 @@ class Rewriter:
     def resolve(self, addr: str) -> Resolution:
         """The class's transport and nexthop, then transport_maps' override. May raise LookupRetry."""
         res = self._class_default(self.qualify(addr))
-        override = self._transport_override(res.address)
-        if override is None:
+        match = self._transport_override(res.address)
+        if match is None:
             return res
-        transport, nexthop = split_transport(override.strip())
+        transport, nexthop = split_transport(match[2].strip())
         return Resolution(res.address_class, transport or res.transport, nexthop or res.nexthop, res.address)
 
     def _class_default(self, qualified: str) -> Resolution:
@@ -97,12 +98,43 @@ class Rewriter:
         domain = address.normalise_domain(address.split(qualified)[1])
         return Resolution(klass, transport, nexthop or c.relayhost or domain, qualified)
 
-    def _transport_override(self, qualified: str) -> str | None:
+    def _transport_override(self, qualified: str) -> tuple[str, str, str] | None:
         if not self._transport_maps:
             return None
         local, _, domain = qualified.rpartition("@")
         key = f"{local.lower()}@{address.normalise_domain(domain)}"
         return first_answer(self._transport_maps, transport_keys(key, self._config.recipient_delimiter))
+
+    def explain(self, addr: str) -> list[tuple[str, str]]:
+        """The steps of `resolve` as (label, text), for `mailflow address`. May raise LookupRetry."""
+        c = self._config
+        qualified = self.qualify(addr)
+        steps = [("address", addr)]
+        if qualified != addr:
+            steps.append(("qualified", f"{qualified} (unqualified: @myhostname)"))
+        klass = self.classify(qualified)
+        why = {AddressClass.LOCAL: "domain in mydestination", AddressClass.RELAY: "domain in relay_domains",
+               AddressClass.DEFAULT: "domain in neither mydestination nor relay_domains"}[klass]
+        steps.append(("class", f"{klass.value} ({why})"))
+        steps.append(("recipient", self._recipient_verdict(klass, qualified)))
+        if self._transport_maps:
+            match = self._transport_override(qualified)
+            steps.append(("transport_maps", f"{match[0]}: {match[1]} -> {match[2]}" if match else "no match"))
+        res = self.resolve(addr)
+        steps.append(("transport", res.transport))
+        steps.append(("nexthop", res.nexthop + ("  (relayhost)" if c.relayhost and res.nexthop == c.relayhost
+                                                 else "")))
+        return steps
+
+    def _recipient_verdict(self, klass: AddressClass, qualified: str) -> str:
+        if klass is AddressClass.LOCAL:
+            return "known local user" if self.is_known_local(qualified) else "unknown: 550 5.1.1 at RCPT"
+        if klass is AddressClass.RELAY:
+            if not self._relay_recipient_maps:
+                return "accepted (no relay_recipient_maps)"
+            return ("known (relay_recipient_maps)" if self.is_known_relay(qualified)
+                    else "unknown: 550 5.1.1 at RCPT")
+        return "accepted only from mynetworks (others: 554 5.7.1 relay access denied)"
 
     def is_known_relay(self, addr: str) -> bool:
         """A relay_domains recipient exists per relay_recipient_maps (any does when none are set).

@@ -66,3 +66,32 @@ def test_unknown_table_type_is_a_config_error_naming_the_setting():
     with pytest.raises(ConfigError) as err:
         config_from_dict({"transport_maps": ["hash:/etc/postfix/transport"]}, "m.toml")
     assert str(err.value).startswith("m.toml: transport_maps: 'hash:/etc/postfix/transport' is not a lookup table")
+
+
+def run_cli(*args: str):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "mailflow", *args], capture_output=True, text=True, timeout=30)
+
+
+def test_mailflow_address_explains_each_step(tmp_path):
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('mydestination = ["local.test"]\nrelay_domains = ["relay.test"]\n'
+                   'transport_maps = ["inline:{relay.test=smtp:[127.0.0.1]:2526}"]\n'
+                   'relay_recipient_maps = ["inline:{known@relay.test=OK}"]\n[local]\nrecipients = ["alice"]\n')
+    result = run_cli("address", "-c", str(cfg), "known+tag@relay.test", "nobody@local.test")
+    assert result.returncode == 0, result.stderr
+    first, second = [dict(line.split(":", 1) for line in block.splitlines())
+                     for block in result.stdout.strip().split("\n\n")]
+    assert first["class"].strip() == "relay (domain in relay_domains)"
+    assert first["recipient"].strip() == "known (relay_recipient_maps)"
+    assert first["transport_maps"].strip().endswith("relay.test -> smtp:[127.0.0.1]:2526")
+    assert (first["transport"].strip(), first["nexthop"].strip()) == ("smtp", "[127.0.0.1]:2526")
+    assert second["recipient"].strip() == "unknown: 550 5.1.1 at RCPT"
+
+
+def test_mailflow_address_exits_75_when_a_table_cannot_answer(tmp_path):
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('transport_maps = ["fail:down"]\n')
+    result = run_cli("address", "-c", str(cfg), "x@example.test")
+    assert result.returncode == 75 and "fail:down" in result.stderr
