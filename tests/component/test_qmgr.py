@@ -14,6 +14,7 @@ import pytest
 from mailflow.config import Config
 from mailflow.errors import LookupRetry
 from mailflow.logs import MailLog
+from mailflow.clock import VirtualClock
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
 from mailflow.stages.qmgr import QueueManager
 from mailflow.stages.rewrite import Rewriter
@@ -29,34 +30,16 @@ def within_jitter(when: float, now: float, delay: float) -> bool:
     return now + delay <= when <= now + delay * 1.1
 
 
-class FakeClock:
-    """Time stands still unless a test calls `advance()`, which wakes the sleepers whose time has come."""
+class FakeClock(VirtualClock):
+    """The virtual clock, also recording every sleep qmgr asks for."""
 
     def __init__(self, now: float = T0):
-        self.now = now
+        super().__init__(now)
         self.sleeps: list[float] = []
-        self._sleepers: list[tuple[float, asyncio.Future]] = []
-
-    def time(self) -> float:
-        return self.now
 
     async def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
-        if seconds <= 0:
-            await asyncio.sleep(0)
-            return
-        entry = (self.now + seconds, asyncio.get_running_loop().create_future())
-        self._sleepers.append(entry)
-        try:
-            await entry[1]
-        finally:
-            self._sleepers.remove(entry)
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-        for deadline, fut in self._sleepers:
-            if deadline <= self.now and not fut.done():
-                fut.set_result(None)
+        await super().sleep(seconds)
 
 
 class ScriptedTransport:
