@@ -61,7 +61,7 @@ class Mailflow:
         cleanup = Cleanup(self.store, myhostname=c.myhostname, clock=self.clock, rng=self.rng, log=maillog,
                           on_queued=self._wake_qmgr)
         notices = Notices(cleanup.prepare, myhostname=c.myhostname, config=c.queue)
-        self.qmgr = QueueManager(self.store, resolve=rewriter.resolve, transports=self._build_transports(),
+        self.qmgr = QueueManager(self.store, resolve=rewriter.resolve, transports=self._build_transports(rewriter),
                                  config=c.queue, clock=self.clock, rng=self.rng, log=maillog, notices=notices)
         await self.qmgr.start()
         self.smtpd = Smtpd(c, SmtpdHandler(c, rewriter, cleanup))
@@ -71,7 +71,7 @@ class Mailflow:
         if self.qmgr:
             self.qmgr.wake()
 
-    def _build_transports(self) -> dict:
+    def _build_transports(self, rewriter) -> dict:
         if self._transports is not None:
             return self._transports
         from mailflow.dns import AiodnsResolver
@@ -80,7 +80,7 @@ class Mailflow:
         resolver = self._resolver
         if resolver is None:
             resolver = self._own_resolver = AiodnsResolver.from_config(self.config.dns)
-        return build_transports(self.config, resolver, self.clock)
+        return build_transports(self.config, resolver, self.clock, rewriter)
 
     async def stop(self) -> None:
         """Listeners first, then deliveries, then the store. Safe to call twice."""

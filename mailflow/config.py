@@ -162,6 +162,13 @@ class Config(_Section):
     # the class's transport; and the known recipients of relay_domains (empty: any recipient is accepted).
     transport_maps: tuple[str, ...] = ()
     relay_recipient_maps: tuple[str, ...] = ()
+    # Hosted domains whose users have mailboxes here but no local account (the virtual mailbox class):
+    # virtual_mailbox_maps map user@domain (or @domain) to a Maildir path under virtual_mailbox_base,
+    # ending in "/" (e.g. "example.com/alice/"); a recipient not in the maps gets 550 5.1.1 at RCPT.
+    virtual_mailbox_domains: tuple[str, ...] = ()
+    virtual_mailbox_maps: tuple[str, ...] = ()
+    virtual_mailbox_base: str = "var/vmail"
+    virtual_transport: str = "virtual"
     recipient_delimiter: str = "+"
     queue_directory: str = "var"
 
@@ -179,7 +186,7 @@ class Config(_Section):
             ipaddress.ip_network(item, strict=False)
         return v
 
-    @field_validator("mydestination", "relay_domains")
+    @field_validator("mydestination", "relay_domains", "virtual_mailbox_domains")
     @classmethod
     def _domains(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         out = []
@@ -198,14 +205,14 @@ class Config(_Section):
             parse_hostport(v, default_port=25)
         return v
 
-    @field_validator("local_transport", "relay_transport", "default_transport")
+    @field_validator("local_transport", "relay_transport", "default_transport", "virtual_transport")
     @classmethod
     def _transport(cls, v: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9_-]+(:.*)?", v):
             raise ValueError(f"{v!r} is not transport or transport:nexthop")
         return v
 
-    @field_validator("transport_maps", "relay_recipient_maps")
+    @field_validator("transport_maps", "relay_recipient_maps", "virtual_mailbox_maps")
     @classmethod
     def _tables(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         from mailflow.tables import TYPES

@@ -14,6 +14,7 @@ class AddressClass(enum.Enum):
     """Postfix's address classes (ADDRESS_CLASS_README) as far as trivial-rewrite knows them."""
 
     LOCAL = "local"
+    VIRTUAL_MAILBOX = "virtual"
     RELAY = "relay"
     DEFAULT = "default"
 

@@ -38,6 +38,10 @@ def user_unknown(address: str) -> Reply:
     return Reply(550, "5.1.1", f"<{address}>: Recipient address rejected: User unknown in local recipient table")
 
 
+def virtual_user_unknown(address: str) -> Reply:
+    return Reply(550, "5.1.1", f"<{address}>: Recipient address rejected: User unknown in virtual mailbox table")
+
+
 def relay_user_unknown(address: str) -> Reply:
     return Reply(550, "5.1.1", f"<{address}>: Recipient address rejected: User unknown in relay recipient table")
 

@@ -1,6 +1,8 @@
 """trivial-rewrite: which address class a recipient is in, and its `transport:nexthop`.
 
 - local: the domain is in `mydestination` -> `local_transport`.
+- virtual mailbox: the domain is in `virtual_mailbox_domains` -> `virtual_transport`; its users are the
+  keys of `virtual_mailbox_maps` (`virtual_mailbox()` gives the Maildir path, `None` for an unknown user).
 - relay: the domain is in `relay_domains` -> `relay_transport`.
 - default: anything else -> `default_transport`.
 A transport value may carry its own nexthop (`smtp:[10.0.0.1]:587`); otherwise relay and default mail
@@ -65,6 +67,7 @@ class Rewriter:
         extra = {"clock": clock} if clock is not None else {}
         self._transport_maps = [open_table(spec, **extra) for spec in config.transport_maps]
         self._relay_recipient_maps = [open_table(spec, **extra) for spec in config.relay_recipient_maps]
+        self._virtual_mailbox_maps = [open_table(spec, **extra) for spec in config.virtual_mailbox_maps]
 
     def qualify(self, addr: str) -> str:
         local, domain = address.split(addr)
@@ -74,6 +77,8 @@ class Rewriter:
         domain = address.normalise_domain(address.split(self.qualify(addr))[1])
         if domain_in(domain, self._config.mydestination):
             return AddressClass.LOCAL
+        if domain_in(domain, self._config.virtual_mailbox_domains):
+            return AddressClass.VIRTUAL_MAILBOX
         if domain_in(domain, self._config.relay_domains):
             return AddressClass.RELAY
         return AddressClass.DEFAULT
@@ -90,12 +95,15 @@ class Rewriter:
     def _class_default(self, qualified: str) -> Resolution:
         c = self._config
         klass = self.classify(qualified)
+        domain = address.normalise_domain(address.split(qualified)[1])
         if klass is AddressClass.LOCAL:
             transport, nexthop = split_transport(c.local_transport)
             return Resolution(klass, transport, nexthop or c.myhostname, qualified)
+        if klass is AddressClass.VIRTUAL_MAILBOX:
+            transport, nexthop = split_transport(c.virtual_transport)
+            return Resolution(klass, transport, nexthop or domain, qualified)
         value = c.relay_transport if klass is AddressClass.RELAY else c.default_transport
         transport, nexthop = split_transport(value)
-        domain = address.normalise_domain(address.split(qualified)[1])
         return Resolution(klass, transport, nexthop or c.relayhost or domain, qualified)
 
     def _transport_override(self, qualified: str) -> tuple[str, str, str] | None:
@@ -114,6 +122,7 @@ class Rewriter:
             steps.append(("qualified", f"{qualified} (unqualified: @myhostname)"))
         klass = self.classify(qualified)
         why = {AddressClass.LOCAL: "domain in mydestination", AddressClass.RELAY: "domain in relay_domains",
+               AddressClass.VIRTUAL_MAILBOX: "domain in virtual_mailbox_domains",
                AddressClass.DEFAULT: "domain in neither mydestination nor relay_domains"}[klass]
         steps.append(("class", f"{klass.value} ({why})"))
         steps.append(("recipient", self._recipient_verdict(klass, qualified)))
@@ -129,12 +138,25 @@ class Rewriter:
     def _recipient_verdict(self, klass: AddressClass, qualified: str) -> str:
         if klass is AddressClass.LOCAL:
             return "known local user" if self.is_known_local(qualified) else "unknown: 550 5.1.1 at RCPT"
+        if klass is AddressClass.VIRTUAL_MAILBOX:
+            path = self.virtual_mailbox(qualified)
+            return f"mailbox {path} (virtual_mailbox_maps)" if path else "unknown: 550 5.1.1 at RCPT"
         if klass is AddressClass.RELAY:
             if not self._relay_recipient_maps:
                 return "accepted (no relay_recipient_maps)"
             return ("known (relay_recipient_maps)" if self.is_known_relay(qualified)
                     else "unknown: 550 5.1.1 at RCPT")
         return "accepted only from mynetworks (others: 554 5.7.1 relay access denied)"
+
+    def virtual_mailbox(self, addr: str) -> str | None:
+        """The Maildir path (relative to virtual_mailbox_base) of a virtual mailbox user, None if unknown.
+        May raise LookupRetry."""
+        qualified = self.qualify(addr)
+        for table in self._virtual_mailbox_maps:
+            found = lookup_address(table, qualified, delimiter=self._config.recipient_delimiter)
+            if found is not None:
+                return found[1].strip()
+        return None
 
     def is_known_relay(self, addr: str) -> bool:
         """A relay_domains recipient exists per relay_recipient_maps (any does when none are set).

@@ -124,6 +124,8 @@ class SmtpdHandler:
         try:
             if klass is AddressClass.RELAY and not self._rewriter.is_known_relay(addr):
                 return status.relay_user_unknown(addr)
+            if klass is AddressClass.VIRTUAL_MAILBOX and self._rewriter.virtual_mailbox(addr) is None:
+                return status.virtual_user_unknown(addr)
             self._rewriter.resolve(addr)  # a routing table that cannot answer now: the client retries later
         except LookupRetry as e:
             log.warning("smtpd: RCPT <%s>: %s", addr, e.text)

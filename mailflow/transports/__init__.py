@@ -26,15 +26,17 @@ class Transport(Protocol):
     async def close(self) -> None: ...
 
 
-def build_transports(config, resolver, clock) -> dict[str, Transport]:
+def build_transports(config, resolver, clock, rewriter) -> dict[str, Transport]:
     """The transports named in `transport:nexthop` values, by name."""
     from mailflow.transports.discard import DiscardTransport
-    from mailflow.transports.maildir import MaildirTransport
+    from mailflow.transports.maildir import MaildirTransport, local_maildirs, virtual_maildirs
     from mailflow.transports.smtp import SmtpTransport
 
     smtp = SmtpTransport(config.smtp, resolver=resolver, helo_name=config.myhostname)
     return {
-        "local": MaildirTransport(config.local, clock=clock),
+        "local": MaildirTransport(local_maildirs(config.local), clock=clock, relay="local"),
+        "virtual": MaildirTransport(virtual_maildirs(config.virtual_mailbox_base, rewriter), clock=clock,
+                                    relay="virtual"),
         "smtp": smtp,
         "relay": smtp,
         "discard": DiscardTransport(),

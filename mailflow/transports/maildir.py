@@ -1,10 +1,15 @@
-"""local delivery into Maildirs: `<maildir_base>/<user>/Maildir/{tmp,new,cur}`.
+"""Maildir delivery, for the local and the virtual mailbox classes (Postfix local(8) / virtual(8)).
 
-Per recipient: write `Return-Path` and `Delivered-To` then the message, with LF line endings (the local
-mailbox convention, as Postfix's local and virtual agents write it) into `tmp/`, fsync the file, rename it
-into `new/`, fsync `new/`. Only then is the recipient SENT. The file work runs in a worker thread.
-The user is the recipient's local part, lower-cased. An OS error defers the recipient (4.2.0, e.g. a
-full disk or a permission problem the operator can fix); nothing here bounces.
+`MaildirTransport(locate, clock=…, relay=…)`: `locate(recipient) -> Path | None` finds the Maildir.
+- `local_maildirs(config.local)`: `<maildir_base>/<user>/Maildir/`, the user being the recipient's local
+  part, lower-cased (the recipient was checked at RCPT).
+- `virtual_maildirs(base, rewriter)`: `<virtual_mailbox_base>/<virtual_mailbox_maps value>`; the value must
+  end in "/" (Maildir) and stay inside the base.
+Per recipient: write `Return-Path` and `Delivered-To` then the message, with LF line endings (the mailbox
+convention, as Postfix writes it) into `tmp/`, fsync the file, rename it into `new/`, fsync `new/`. Only then
+is the recipient SENT. The file work runs in a worker thread.
+Failures: an unknown virtual user bounces (5.1.1); a table that cannot answer or a map value mailflow
+cannot use defers (4.3.0 / 4.3.5); an OS error defers (4.2.0: a full disk, a permission the operator can fix).
 """
 from __future__ import annotations
 
@@ -14,14 +19,42 @@ import socket
 from itertools import count
 from pathlib import Path
 
+from typing import Callable
+
 from mailflow import address
 from mailflow.clock import Clock
+from mailflow.errors import TemporaryError
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
+
+Locate = Callable[[str], "Path | None"]
+
+
+def local_maildirs(local_config) -> Locate:
+    base = Path(local_config.maildir_base)
+    return lambda recipient: base / address.split(recipient)[0].lower() / "Maildir"
+
+
+def virtual_maildirs(base: str | Path, rewriter) -> Locate:
+    root = Path(base)
+
+    def locate(recipient: str) -> Path | None:
+        path = rewriter.virtual_mailbox(recipient)  # LookupRetry (a TemporaryError) propagates
+        if path is None:
+            return None
+        if not path.endswith("/"):
+            raise TemporaryError("4.3.5", f"virtual_mailbox_maps gives {path!r}: only Maildirs (ending in /) are supported")
+        maildir = (root / path).resolve()
+        if not maildir.is_relative_to(root.resolve()):
+            raise TemporaryError("4.3.5", f"virtual_mailbox_maps gives {path!r}, outside virtual_mailbox_base")
+        return maildir
+
+    return locate
 
 
 class MaildirTransport:
-    def __init__(self, config, *, clock: Clock):
-        self._base = Path(config.maildir_base)
+    def __init__(self, locate: Locate, *, clock: Clock, relay: str = "local"):
+        self._locate = locate
+        self._relay = relay
         self._clock = clock
         self._host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
         self._seq = count()
@@ -36,20 +69,22 @@ class MaildirTransport:
     async def close(self) -> None:
         pass
 
-    def maildir_of(self, recipient: str) -> Path:
-        user = address.split(recipient)[0].lower()
-        return self._base / user / "Maildir"
-
     async def _deliver_one(self, request: DeliveryRequest, rcpt: Recipient, body: bytes) -> RcptResult:
-        maildir = self.maildir_of(rcpt.address)
+        try:
+            maildir = self._locate(rcpt.address)
+        except TemporaryError as e:
+            return RcptResult(rcpt, Outcome.DEFERRED, e.dsn, e.text, relay=self._relay)
+        if maildir is None:
+            return RcptResult(rcpt, Outcome.BOUNCED, "5.1.1", "user unknown in virtual mailbox table",
+                              relay=self._relay)
         prefix = f"Return-Path: <{request.sender}>\nDelivered-To: {rcpt.address}\n".encode("utf-8")
         name = self._unique_name()
         try:
             await asyncio.to_thread(_write_maildir_file, maildir, name, prefix + body)
         except OSError as e:
             return RcptResult(rcpt, Outcome.DEFERRED, "4.2.0", f"cannot write to maildir {maildir}: {e.strerror}",
-                              relay="local")
-        return RcptResult(rcpt, Outcome.SENT, "2.0.0", f"delivered to maildir {maildir}", relay="local")
+                              relay=self._relay)
+        return RcptResult(rcpt, Outcome.SENT, "2.0.0", f"delivered to maildir {maildir}", relay=self._relay)
 
     def _unique_name(self) -> str:
         now = self._clock.time()

@@ -95,3 +95,15 @@ def test_mailflow_address_exits_75_when_a_table_cannot_answer(tmp_path):
     cfg.write_text('transport_maps = ["fail:down"]\n')
     result = run_cli("address", "-c", str(cfg), "x@example.test")
     assert result.returncode == 75 and "fail:down" in result.stderr
+
+
+def test_virtual_mailbox_class_sits_between_local_and_relay():
+    rw = rewriter(virtual_mailbox_domains=["virtual.test", "relay.test"],
+                  virtual_mailbox_maps=["inline:{a@virtual.test=virtual.test/a/, @catch.test=catch/}"])
+    res = rw.resolve("a+x@virtual.test")
+    assert (res.address_class, res.transport, res.nexthop) == (AddressClass.VIRTUAL_MAILBOX, "virtual", "virtual.test")
+    assert rw.classify("x@relay.test") is AddressClass.VIRTUAL_MAILBOX  # listed in both: virtual wins, as in Postfix
+    assert rw.classify("x@local.test") is AddressClass.LOCAL
+    assert rw.virtual_mailbox("A+x@Virtual.Test") == "virtual.test/a/"
+    assert rw.virtual_mailbox("b@virtual.test") is None
+    assert rw.virtual_mailbox("anyone@catch.test") == "catch/"

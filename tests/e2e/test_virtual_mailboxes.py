@@ -1,0 +1,50 @@
+"""The virtual mailbox class: hosted users with a Maildir each under virtual_mailbox_base."""
+from __future__ import annotations
+
+import aiosmtplib
+import pytest
+
+from mailflow.transports.maildir import virtual_maildirs
+from mailflow.errors import TemporaryError
+from tests.helpers import eventually, maildir_messages, send
+
+MAPS = "inline:{carol@virtual.test=virtual.test/carol/, dave@virtual.test=virtual.test/dave/}"
+
+
+async def test_each_virtual_user_lands_in_its_own_maildir(mailflow_server, tmp_path):
+    mf = await mailflow_server(virtual_mailbox_domains=["virtual.test"], virtual_mailbox_maps=[MAPS],
+                               virtual_mailbox_base=str(tmp_path / "vmail"))
+    port = mf.smtp_addresses[0][1]
+    await send(port, "s@remote.test", ["carol@virtual.test", "dave+news@virtual.test"],
+               b"Subject: hosted\r\n\r\nfor carol and dave\r\n")
+    for user in ("carol", "dave"):
+        maildir = tmp_path / "vmail" / "virtual.test" / user
+        [data] = await eventually(lambda: maildir_messages(maildir))
+        assert data.startswith(b"Return-Path: <s@remote.test>\nDelivered-To: ")
+        assert data.endswith(b"\n\nfor carol and dave\n")
+    assert not (tmp_path / "mail").exists(), "nothing went to the local class"
+
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False) as c:
+        await c.mail("s@remote.test")
+        with pytest.raises(aiosmtplib.SMTPRecipientRefused) as refused:
+            await c.rcpt("nobody@virtual.test")
+    assert refused.value.code == 550 and "virtual mailbox table" in refused.value.message
+
+
+class Maps:
+    def __init__(self, value):
+        self.value = value
+
+    def virtual_mailbox(self, addr):
+        return self.value
+
+
+def test_a_map_value_outside_the_base_or_not_a_maildir_defers(tmp_path):
+    with pytest.raises(TemporaryError) as outside:
+        virtual_maildirs(tmp_path, Maps("../../etc/"))("x@virtual.test")
+    assert outside.value.dsn == "4.3.5" and "outside" in outside.value.text
+    with pytest.raises(TemporaryError) as mbox:
+        virtual_maildirs(tmp_path, Maps("virtual.test/x"))("x@virtual.test")
+    assert "Maildir" in mbox.value.text
+    assert virtual_maildirs(tmp_path, Maps(None))("x@virtual.test") is None
+    assert virtual_maildirs(tmp_path, Maps("d/x/"))("x@d") == (tmp_path / "d" / "x").resolve()
