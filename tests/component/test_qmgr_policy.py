@@ -312,19 +312,26 @@ async def test_a_flush_revives_a_dead_destination(sim):
     assert await s.store.counts() == {}
 
 
-async def test_a_message_held_while_waiting_for_its_destination_is_not_delivered(sim):
-    s = await sim(initial_destination_concurrency=1, default_destination_concurrency_limit=1)
+async def one_in_flight_one_waiting(s: Sim, outcome: tuple) -> tuple[str, str, asyncio.Event]:
+    """Window 1; the first message's delivery blocks until the returned event is set (then answers
+    `outcome`), the second waits in memory for its turn. Returns (first, second, release)."""
     release = asyncio.Event()
 
     async def deliver(request):
         s.smtp.calls.append((s.clock.time(), request))
         await release.wait()
-        return DeliveryReport(tuple(RcptResult(r, Outcome.SENT, "2.0.0", "ok") for r in request.recipients))
+        return DeliveryReport(tuple(RcptResult(r, *outcome) for r in request.recipients))
     s.smtp.deliver = deliver
     first = await s.submit("a@remote.test", "one@far.test")
     second = await s.submit("a@remote.test", "two@far.test")
     for _ in range(100):
         await asyncio.sleep(0.002)
+    return first, second, release
+
+
+async def test_a_message_held_while_waiting_for_its_destination_is_not_delivered(sim):
+    s = await sim(initial_destination_concurrency=1, default_destination_concurrency_limit=1)
+    first, second, release = await one_in_flight_one_waiting(s, (Outcome.SENT, "2.0.0", "ok"))
     assert [req.queue_id for _, req in s.smtp.calls] == [first], "window 1: the second waits in memory"
 
     await s.store.hold_messages([second])  # what `mailflow queue hold` does
@@ -341,17 +348,7 @@ async def test_a_message_held_while_waiting_for_its_destination_is_not_delivered
 
 async def test_a_message_deleted_while_active_is_neither_delivered_nor_called_corrupt(sim, caplog):
     s = await sim(initial_destination_concurrency=1, default_destination_concurrency_limit=1)
-    release = asyncio.Event()
-
-    async def deliver(request):
-        s.smtp.calls.append((s.clock.time(), request))
-        await release.wait()
-        return DeliveryReport(tuple(RcptResult(r, Outcome.BOUNCED, "5.1.1", "gone") for r in request.recipients))
-    s.smtp.deliver = deliver
-    first = await s.submit("a@remote.test", "one@far.test")
-    second = await s.submit("a@remote.test", "two@far.test")
-    for _ in range(100):
-        await asyncio.sleep(0.002)
+    first, second, release = await one_in_flight_one_waiting(s, (Outcome.BOUNCED, "5.1.1", "gone"))
     await s.store.delete_messages([first, second])  # `mailflow queue delete`, one of them in flight
     s.clock.advance(86400)
     for _ in range(100):
