@@ -15,6 +15,7 @@ Functions:
 - `parse_aliases_with_warnings(text, filename) -> (aliases, warnings)`: the same, plus `FILE: line N: ...` texts.
 - `parse_forward(text, filename) -> (target, ...)`: a .forward file; may be empty.
 - `parse_include(text, filename) -> (target, ...)`: an :include: file (the same syntax as .forward).
+- `parse_value(text, source) -> (target, ...)`: one value list, as an alias table returns it.
 - `is_privileged(target) -> bool`: True for command, file and include targets.
 - `format_aliases(aliases) -> str` / `format_target(target) -> str`: write back text that parses to the same map.
 
@@ -295,6 +296,11 @@ def parse_forward(text: str, filename: str) -> tuple[Target, ...]:
 
 def parse_include(text: str, filename: str) -> tuple[Target, ...]:
     return parse_forward(text, filename)
+
+
+def parse_value(text: str, source: str) -> tuple[Target, ...]:
+    """One entry's value list as a lookup table returns it (`alice, bob@example.com, |"cmd"`)."""
+    return _values(_Text(source, 1, text), 0)
 
 
 # ---------------------------------------------------------------------------------------------- writing

@@ -21,11 +21,25 @@ from mailflow.logs import MailLog
 from mailflow.stages.cleanup import Cleanup
 from mailflow.stages.qmgr import QueueManager
 from mailflow.stages.qmgr.notices import Notices
-from mailflow.stages.rewrite import Rewriter
+from mailflow.model import ClientInfo, DeliveryRequest, Envelope, Recipient, Submission
+from mailflow.stages.routing import Router
 from mailflow.stages.smtpd import Smtpd, SmtpdHandler
 from mailflow.store import Store
 
 log = logging.getLogger("mailflow")
+
+
+def forwarder(cleanup: Cleanup, myhostname: str):
+    """How local delivery queues a forwarded copy: a new message through cleanup, same sender, each new
+    recipient keeping the original recipient (ORCPT)."""
+
+    async def forward(request: DeliveryRequest, rcpt: Recipient, addresses: tuple[str, ...], content: bytes) -> str:
+        envelope = Envelope(request.sender, addresses, smtputf8=request.smtputf8, body_type=request.body_type,
+                            originals=(rcpt.original,) * len(addresses))
+        client = ClientInfo(addr="127.0.0.1", helo=myhostname, protocol="local")
+        return await cleanup.submit(Submission(envelope, content, client))
+
+    return forward
 
 
 class Mailflow:
@@ -56,22 +70,23 @@ class Mailflow:
 
     async def _start_stages(self) -> None:
         c = self.config
-        rewriter = Rewriter(c)
+        router = Router(c)
         maillog = MailLog()
         cleanup = Cleanup(self.store, myhostname=c.myhostname, clock=self.clock, rng=self.rng, log=maillog,
-                          on_queued=self._wake_qmgr)
-        notices = Notices(cleanup.prepare, myhostname=c.myhostname, config=c.queue)
-        self.qmgr = QueueManager(self.store, resolve=rewriter.resolve, transports=self._build_transports(rewriter),
+                          on_queued=self._wake_qmgr, mapper=router.mapper)
+        notices = Notices(cleanup.prepare_notice, myhostname=c.myhostname, config=c.queue)
+        transports = self._build_transports(router, forwarder(cleanup, c.myhostname))
+        self.qmgr = QueueManager(self.store, resolve=router.rewriter.resolve, transports=transports,
                                  config=c.queue, clock=self.clock, rng=self.rng, log=maillog, notices=notices)
         await self.qmgr.start()
-        self.smtpd = Smtpd(c, SmtpdHandler(c, rewriter, cleanup))
+        self.smtpd = Smtpd(c, SmtpdHandler(c, router.rewriter, router.mapper, cleanup))
         await self.smtpd.start()
 
     def _wake_qmgr(self) -> None:
         if self.qmgr:
             self.qmgr.wake()
 
-    def _build_transports(self, rewriter) -> dict:
+    def _build_transports(self, router, forward) -> dict:
         if self._transports is not None:
             return self._transports
         from mailflow.dns import AiodnsResolver
@@ -80,7 +95,7 @@ class Mailflow:
         resolver = self._resolver
         if resolver is None:
             resolver = self._own_resolver = AiodnsResolver.from_config(self.config.dns)
-        return build_transports(self.config, resolver, self.clock, rewriter)
+        return build_transports(self.config, resolver, self.clock, router, forward)
 
     async def stop(self) -> None:
         """Listeners first, then deliveries, then the store. Safe to call twice."""

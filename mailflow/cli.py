@@ -353,14 +353,15 @@ def config_show(config: Optional[str] = ConfigOption,
 @app.command("address")
 def address_test(addresses: List[str] = typer.Argument(..., metavar="ADDRESS..."),
                  config: Optional[str] = ConfigOption) -> None:
-    """How each address would be routed, step by step (like exim -bt): class, recipient check, transport,
-    next hop. Exit 75 when a table cannot answer."""
-    from mailflow.errors import LookupRetry
-    from mailflow.stages.rewrite import Rewriter
+    """How each address would be routed, step by step (like sendmail -bv / exim -bt): the RCPT verdict,
+    canonical and virtual alias rewriting, class, transport, next hop, local aliases and .forward, and
+    where forwarded copies go. Exit 75 when a table or file cannot be read now."""
+    from mailflow.errors import DeliveryError
+    from mailflow.stages.routing import Router
 
     cfg = _load(config)
     try:
-        rewriter = Rewriter(cfg)
+        router = Router(cfg)
     except ConfigError as e:
         typer.echo(f"mailflow address: {e.key}: {e.reason}", err=True)
         raise typer.Exit(2)
@@ -368,13 +369,12 @@ def address_test(addresses: List[str] = typer.Argument(..., metavar="ADDRESS..."
         if n:
             typer.echo("")
         try:
-            steps = rewriter.explain(addr)
-        except LookupRetry as e:
-            typer.echo(f"mailflow address: {addr}: {e.text}", err=True)
+            steps = router.explain(addr)
+        except DeliveryError as e:
+            typer.echo(f"mailflow address: {addr}: {e.dsn} {e.text}", err=True)
             raise typer.Exit(75)
-        width = max(len(label) for label, _ in steps) + 1
-        for label, text in steps:
-            typer.echo(f"{label + ':':<{width}} {text}")
+        for depth, label, text in steps:
+            typer.echo(f"{'  ' * depth}{label + ':':<{max(16 - 2 * depth, len(label) + 1)}} {text}")
 
 
 def main() -> None:

@@ -81,10 +81,13 @@ class SmtpdConfig(_Section):
 
 
 class LocalConfig(_Section):
-    """Local delivery to Maildirs: `<maildir_base>/<user>/Maildir/`, one per local part."""
+    """Local delivery (Postfix local): each user's home is `<maildir_base>/<user>/`, holding `Maildir/` and an
+    optional `.forward`. Commands (`|cmd`) and files (`/path`) may come only from the sources listed here:
+    "alias" (alias_maps), "forward" (.forward files), "include" (:include: files)."""
 
     maildir_base: str = "var/mail"
-    recipients: tuple[str, ...] = ("postmaster",)
+    allow_mail_to_commands: tuple[Literal["alias", "forward", "include"], ...] = ("alias", "forward")
+    allow_mail_to_files: tuple[Literal["alias", "forward", "include"], ...] = ("alias", "forward")
 
 
 class SmtpConfig(_Section):
@@ -151,6 +154,11 @@ class Config(_Section):
     """The whole configuration. Section tables: smtpd, local, smtp, dns, queue, log."""
 
     myhostname: str = "localhost"
+    # Appended to unqualified addresses (user -> user@myorigin); "" means myhostname. mydomain ("": myhostname
+    # without its first label) is appended to user@host when append_dot_mydomain is on.
+    myorigin: str = ""
+    mydomain: str = ""
+    append_dot_mydomain: bool = False
     mydestination: tuple[str, ...] = ("localhost",)
     relay_domains: tuple[str, ...] = ()
     mynetworks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
@@ -169,6 +177,24 @@ class Config(_Section):
     virtual_mailbox_maps: tuple[str, ...] = ()
     virtual_mailbox_base: str = "var/vmail"
     virtual_transport: str = "virtual"
+    # Local users (local_recipient_maps) and local aliases (alias_maps: aliases(5) files when texthash). A local
+    # recipient is known when either table has its local part; empty local_recipient_maps: any is.
+    local_recipient_maps: tuple[str, ...] = ("inline:{postmaster=postmaster}",)
+    alias_maps: tuple[str, ...] = ()
+    # Address rewriting in cleanup (canonical(5)): sender_/recipient_canonical_maps first, then canonical_maps.
+    canonical_maps: tuple[str, ...] = ()
+    sender_canonical_maps: tuple[str, ...] = ()
+    recipient_canonical_maps: tuple[str, ...] = ()
+    # Envelope senders in a subdomain of these lose the subdomain (a.b.example.com -> example.com); an entry
+    # "!host.example.com" keeps that one; masquerade_exceptions lists users never masqueraded.
+    masquerade_domains: tuple[str, ...] = ()
+    masquerade_exceptions: tuple[str, ...] = ()
+    # virtual(5): virtual_alias_maps rewrite recipients of any domain to one or more addresses, recursively;
+    # virtual_alias_domains are domains with aliases only (an address without an alias gets 550 5.1.1).
+    virtual_alias_domains: tuple[str, ...] = ()
+    virtual_alias_maps: tuple[str, ...] = ()
+    virtual_alias_recursion_limit: int = Field(1000, ge=1)
+    virtual_alias_expansion_limit: int = Field(1000, ge=1)
     recipient_delimiter: str = "+"
     queue_directory: str = "var"
 
@@ -186,16 +212,20 @@ class Config(_Section):
             ipaddress.ip_network(item, strict=False)
         return v
 
-    @field_validator("mydestination", "relay_domains", "virtual_mailbox_domains")
+    @field_validator("mydestination", "relay_domains", "virtual_mailbox_domains", "virtual_alias_domains",
+                     "masquerade_domains")
     @classmethod
-    def _domains(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+    def _domains(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        """Domains are stored normalised (lower case, IDNA A-labels); ".example.com" matches its subdomains;
+        masquerade_domains also take "!host.example.com" (an exception)."""
+        marks = ".!" if info.field_name == "masquerade_domains" else "."
         out = []
         for entry in (d.strip() for d in v if d.strip()):
-            dot, name = ("." , entry[1:]) if entry.startswith(".") else ("", entry)
-            normal = normalise_domain(name)
+            mark = entry[0] if entry[0] in marks else ""
+            normal = normalise_domain(entry[len(mark):])
             if not normal:
                 raise ValueError(f"{entry!r} is not a domain name")
-            out.append(dot + normal)
+            out.append(mark + normal)
         return tuple(out)
 
     @field_validator("relayhost")
@@ -212,7 +242,9 @@ class Config(_Section):
             raise ValueError(f"{v!r} is not transport or transport:nexthop")
         return v
 
-    @field_validator("transport_maps", "relay_recipient_maps", "virtual_mailbox_maps")
+    @field_validator("transport_maps", "relay_recipient_maps", "virtual_mailbox_maps", "local_recipient_maps",
+                     "alias_maps", "canonical_maps", "sender_canonical_maps", "recipient_canonical_maps",
+                     "virtual_alias_maps")
     @classmethod
     def _tables(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         from mailflow.tables import TYPES
@@ -223,9 +255,29 @@ class Config(_Section):
                 raise ValueError(f"{spec!r} is not a lookup table (type:name with type one of {', '.join(TYPES)})")
         return v
 
+    @field_validator("myorigin", "mydomain")
+    @classmethod
+    def _domain(cls, v: str) -> str:
+        if v and not normalise_domain(v):
+            raise ValueError(f"{v!r} is not a domain name")
+        return normalise_domain(v) if v else v
+
     @property
     def queue_path(self) -> Path:
         return Path(self.queue_directory)
+
+    @property
+    def origin(self) -> str:
+        """myorigin, defaulting to myhostname."""
+        return self.myorigin or self.myhostname
+
+    @property
+    def domain(self) -> str:
+        """mydomain, defaulting to myhostname without its first label (myhostname itself if it has one)."""
+        if self.mydomain:
+            return self.mydomain
+        first, dot, rest = self.myhostname.partition(".")
+        return rest if dot and rest else self.myhostname
 
 
 def load_config(path: str | Path | None = None) -> Config:

@@ -14,7 +14,8 @@ class AddressClass(enum.Enum):
     """Postfix's address classes (ADDRESS_CLASS_README) as far as trivial-rewrite knows them."""
 
     LOCAL = "local"
-    VIRTUAL_MAILBOX = "virtual"
+    VIRTUAL_ALIAS = "virtual alias"
+    VIRTUAL_MAILBOX = "virtual mailbox"
     RELAY = "relay"
     DEFAULT = "default"
 
@@ -48,6 +49,7 @@ class Envelope:
     recipients: tuple[str, ...]
     smtputf8: bool = False
     body_type: str = "7BIT"
+    originals: tuple[str, ...] = ()  # per recipient, the address first given (ORCPT); () means the same
 
 
 @dataclass(frozen=True)

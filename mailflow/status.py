@@ -34,16 +34,9 @@ def relay_denied(address: str) -> Reply:
     return Reply(554, "5.7.1", f"<{address}>: Relay access denied")
 
 
-def user_unknown(address: str) -> Reply:
-    return Reply(550, "5.1.1", f"<{address}>: Recipient address rejected: User unknown in local recipient table")
-
-
-def virtual_user_unknown(address: str) -> Reply:
-    return Reply(550, "5.1.1", f"<{address}>: Recipient address rejected: User unknown in virtual mailbox table")
-
-
-def relay_user_unknown(address: str) -> Reply:
-    return Reply(550, "5.1.1", f"<{address}>: Recipient address rejected: User unknown in relay recipient table")
+def user_unknown(address: str, table: str = "local recipient table") -> Reply:
+    """`table`: which list lacks the user ("virtual mailbox table", "relay recipient table", ...)."""
+    return Reply(550, "5.1.1", f"<{address}>: Recipient address rejected: User unknown in {table}")
 
 
 def bad_address_syntax(address: str) -> Reply:

@@ -9,6 +9,7 @@ naming the table; callers defer (4.3.0), never treat it as "not found" (Postfix 
   tables (texthash, regexp) read their file at the first lookup, not here; sqlite reads its .cf here.
 - `lookup_address(table, address, *, delimiter="+") -> (key, value) | None`: virtual(5)/canonical(5) order.
 - `lookup_local(table, local_part, *, delimiter="+") -> (key, value) | None`: aliases(5) order.
+- `TableCache(clock).open(specs, aliases=False)`: the tables of one setting; a spec named twice is opened once.
 
 Types:
 - `texthash:/path`: postmap(1) input: `key value` lines, `#` comment lines, a line starting with whitespace
@@ -52,8 +53,9 @@ class Table(Protocol):
     def lookup(self, key: str) -> str | None: ...
 
 
-def open_table(spec: str, *, base_dir: Path | None = None,
-               clock: Callable[[], float] = time.monotonic) -> Table:
+def open_table(spec: str, *, base_dir: Path | None = None, clock: Callable[[], float] = time.monotonic,
+               aliases: bool = False) -> Table:
+    """`aliases`: a texthash file is in aliases(5) format (`name: value, value`), as alias_maps files are."""
     kind, colon, name = spec.partition(":")
     kind = kind.strip().lower()
     if not colon or not kind:
@@ -69,19 +71,20 @@ def open_table(spec: str, *, base_dir: Path | None = None,
             raise ConfigError("", spec, f"{kind}: needs a file name ({kind}:/path)")
         path = _resolve(name.strip(), base_dir)
         if kind == "texthash":
-            return TexthashTable(spec, path, clock)
+            return TexthashTable(spec, path, clock, parse=_parse_alias_file if aliases else _parse_texthash)
         if kind == "regexp":
             return RegexpTable(spec, path, clock)
         return SqliteTable(spec, path, base_dir)
     raise ConfigError("", spec, f"unknown table type {kind!r}; mailflow has {', '.join(TYPES)}")
 
 
-def lookup_address(table: Table, address: str, *, delimiter: str = "+") -> tuple[str, str] | None:
-    """Postfix virtual(5) order: `user+ext@domain`, `user@domain`, `@domain`; stops at the first answer.
+def lookup_address(table: Table, address: str, *, delimiter: str = "+",
+                   local_domain: bool = False) -> tuple[str, str] | None:
+    """Postfix mail_addr_find order: `user+ext@domain`, `user@domain`, then (only when `local_domain`: the
+    domain is one of this host's) `user+ext` and `user`, then `@domain`; stops at the first answer.
 
     Pattern tables (`fixed = False`) are asked the full address only. The key is returned as asked; tables
-    fold case themselves. An address without '@' is looked up with `lookup_local`. Postfix's extra
-    `user+ext` / `user` forms for local domains are not tried here (use lookup_local for those).
+    fold case themselves. An address without '@' is looked up with `lookup_local`.
     """
     local, at, domain = address.rpartition("@")
     if not at:
@@ -91,8 +94,28 @@ def lookup_address(table: Table, address: str, *, delimiter: str = "+") -> tuple
         user, ext = split_extension(local, delimiter)
         if ext:
             keys.append(f"{user}@{domain}")
+        if local_domain:
+            keys += [local, user] if ext else [local]
         keys.append(f"@{domain}")
     return _first(table, keys)
+
+
+class TableCache:
+    """Opens each `type:name` once per process, so settings that name the same file share one reader (and
+    one reload). `open(specs)` returns the tables of one setting, in order."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._open: dict[tuple[str, bool], Table] = {}
+
+    def open(self, specs, *, aliases: bool = False) -> list[Table]:
+        tables = []
+        for spec in specs:
+            key = (spec, aliases)
+            if key not in self._open:
+                self._open[key] = open_table(spec, clock=self._clock, aliases=aliases)
+            tables.append(self._open[key])
+        return tables
 
 
 def lookup_local(table: Table, local_part: str, *, delimiter: str = "+") -> tuple[str, str] | None:
@@ -220,7 +243,7 @@ class FailTable:
 class _Reloading:
     """A file parsed into a value, re-read when its inode, size or mtime changes (checked at most once per
     RELOAD_INTERVAL of `clock`). `current()` returns the value or raises LookupRetry while the file is
-    unreadable or bad. `parse(lines)` gets [(line number, logical line)] and raises ValueError("line N: …")."""
+    unreadable or bad. `parse(text)` raises ValueError("line N: …")."""
 
     def __init__(self, name: str, path: Path, clock: Callable[[], float], parse: Callable[[list], object]):
         self._name, self._path, self._clock, self._parse = name, path, clock, parse
@@ -250,7 +273,7 @@ class _Reloading:
             self._error = f"table {self._name}: cannot read {self._path}: {getattr(e, 'strerror', None) or e}"
             return
         try:
-            value = self._parse(logical_lines(text))
+            value = self._parse(text)
         except ValueError as e:
             self._error = f"table {self._name}: {self._path}, {e}"
             return
@@ -279,9 +302,9 @@ def logical_lines(text: str) -> list[tuple[int, str]]:
     return lines
 
 
-def _parse_texthash(lines: list[tuple[int, str]]) -> dict[str, str]:
+def _parse_texthash(text: str) -> dict[str, str]:
     table: dict[str, str] = {}
-    for number, line in lines:
+    for number, line in logical_lines(text):
         parts = line.split(None, 1)
         if len(parts) < 2:
             raise ValueError(f"line {number}: expected 'key whitespace value', got {line!r}")
@@ -289,12 +312,24 @@ def _parse_texthash(lines: list[tuple[int, str]]) -> dict[str, str]:
     return table
 
 
+def _parse_alias_file(text: str) -> dict[str, str]:
+    """aliases(5) text -> {name: value list as text}; a syntax error names its line."""
+    from mailflow.aliases import AliasSyntaxError, format_target, parse_aliases
+
+    try:
+        entries = parse_aliases(text, "")
+    except AliasSyntaxError as e:
+        raise ValueError(f"line {e.line}: {e.reason}") from None
+    return {name: ", ".join(format_target(t) for t in targets) for name, targets in entries.items()}
+
+
 class TexthashTable:
     fixed = True
 
-    def __init__(self, name: str, path: Path, clock: Callable[[], float]):
+    def __init__(self, name: str, path: Path, clock: Callable[[], float],
+                 parse: Callable[[str], dict[str, str]] = _parse_texthash):
         self.name = name
-        self._file = _Reloading(name, path, clock, _parse_texthash)
+        self._file = _Reloading(name, path, clock, parse)
 
     def lookup(self, key: str) -> str | None:
         return self._file.current().get(key.lower())
@@ -310,10 +345,10 @@ class _Rule:
 _SUBST = re.compile(r"\$(?:(\d)|\{(\d+)\}|\((\d+)\)|(\$))")
 
 
-def _parse_regexp(lines: list[tuple[int, str]]) -> list:
+def _parse_regexp(source: str) -> list:
     rules: list = []
     open_ifs: list[int] = []
-    for number, line in lines:
+    for number, line in logical_lines(source):
         if line.strip().lower() == "endif":
             if not open_ifs:
                 raise ValueError(f"line {number}: endif without if")

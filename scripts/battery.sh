@@ -25,6 +25,7 @@ relay_domains = ["relay.test"]
 mynetworks = []
 relayhost = "[127.0.0.1]:$SINK_PORT"
 queue_directory = "$WORK/queue"
+local_recipient_maps = ["inline:{alice=ok, postmaster=ok}"]
 
 [smtpd]
 listen = ["127.0.0.1:$SMTP_PORT"]
@@ -33,7 +34,6 @@ ${RCPT_LIMIT:+recipient_limit = $RCPT_LIMIT}
 
 [local]
 maildir_base = "$WORK/mail"
-recipients = ["alice", "postmaster"]
 
 [smtp]
 connect_timeout = "5s"

@@ -24,7 +24,8 @@ def base_settings(tmp_path: Path) -> dict:
         "mynetworks": [],
         "queue_directory": str(tmp_path / "queue"),
         "smtpd": {"listen": ["127.0.0.1:0"]},
-        "local": {"maildir_base": str(tmp_path / "mail"), "recipients": ["alice", "bob"]},
+        "local_recipient_maps": ["inline:{alice=ok, bob=ok}"],
+        "local": {"maildir_base": str(tmp_path / "mail")},
         "queue": {"queue_run_delay": "1s", "minimal_backoff_time": "1s", "maximal_backoff_time": "2s"},
         "dns": {"nameservers": ["127.0.0.1:9"], "timeout": "1s", "tries": 1},
     }

@@ -1,28 +1,38 @@
 """cleanup: turns an accepted Submission into a queued message, durably.
 
-What it does, in order (Postfix cleanup(8), the part the skeleton needs):
+What it does, in order (Postfix cleanup(8)):
 1. assigns the queue id;
 2. refuses a message that has looped (more than `hopcount_limit` Received headers): 554 5.4.6;
-3. prepends a Received header; appends Message-ID, Date and From when the message has none;
-4. commits message, recipients and content in one group-committed transaction;
-5. logs `received` and `queued`, and wakes qmgr.
+3. rewrites the envelope (`AddressMapper`): the sender through sender_canonical/canonical maps and
+   masquerading; each recipient through recipient_canonical/canonical maps and virtual alias expansion,
+   duplicates removed, each keeping the address first given as its original (ORCPT);
+4. prepends a Received header; appends Message-ID, Date and From when the message has none;
+5. commits message, recipients and content in one group-committed transaction;
+6. logs `received` and `queued`, and wakes qmgr.
+Header addresses are not rewritten (Postfix rewrites them only for mail from this host by default).
 `submit()` returns the queue id only after the commit is on disk: that is when smtpd may say 250.
-Failures: `PermanentError` for a message that must be refused, `Overloaded` when the store's backlog is
-full, any other exception means "not queued" (smtpd answers 451).
+Failures: `PermanentError` for a message that must be refused, `TemporaryError` when rewriting cannot finish
+(a table that cannot answer 4.3.0, an alias loop 4.6.0), `Overloaded` when the store's backlog is full; any
+other exception means "not queued" (smtpd answers 451). `prepare_notice` never fails on rewriting: a
+bounce is queued with its recipient as it is (logged) rather than lost.
 """
 from __future__ import annotations
 
 import email.utils
+import logging
 import re
 import time
 from datetime import datetime, timezone
 from typing import Callable
 
 from mailflow.clock import Clock
-from mailflow.errors import PermanentError
+from mailflow.errors import PermanentError, TemporaryError
 from mailflow.logs import MailLog
 from mailflow.model import QueueId, Recipient, Submission
+from mailflow.stages.addressmap import AddressMapper
 from mailflow.store import NewMessage, Store
+
+logger = logging.getLogger("mailflow.cleanup")
 
 HOPCOUNT_LIMIT = 50
 CRLF = b"\r\n"
@@ -78,23 +88,32 @@ def header_names(head: bytes) -> list[str]:
     return names
 
 
-def header_value(head: bytes, wanted: str) -> str:
-    """The first value of header `wanted` (unfolded), or ''."""
+def header_values(head: bytes, wanted: str) -> list[str]:
+    """Every value of header `wanted` (unfolded), in order."""
     lines = _header_lines(head)
+    values = []
     for i, line in enumerate(lines):
         name, colon, value = line.partition(b":")
         if colon and line[:1] not in (b" ", b"\t") and name.strip().lower() == wanted.lower().encode():
             while i + 1 < len(lines) and lines[i + 1][:1] in (b" ", b"\t"):
                 i += 1
                 value += b" " + lines[i].strip()
-            return value.strip().decode("utf-8", "replace")
-    return ""
+            values.append(value.strip().decode("utf-8", "replace"))
+    return values
+
+
+def header_value(head: bytes, wanted: str) -> str:
+    """The first value of header `wanted` (unfolded), or ''."""
+    values = header_values(head, wanted)
+    return values[0] if values else ""
 
 
 class Cleanup:
     def __init__(self, store: Store, *, myhostname: str, clock: Clock, rng, log: MailLog,
-                 on_queued: Callable[[], None], hopcount_limit: int = HOPCOUNT_LIMIT):
+                 on_queued: Callable[[], None], mapper: AddressMapper | None = None,
+                 hopcount_limit: int = HOPCOUNT_LIMIT):
         self._store = store
+        self._mapper = mapper
         self._myhostname = myhostname
         self._clock = clock
         self._ids = QueueIdGenerator(clock, rng)
@@ -109,25 +128,43 @@ class Cleanup:
         self._on_queued()
         return msg.queue_id
 
-    def prepare(self, sub: Submission) -> NewMessage:
-        """Everything but the commit: the queue id, the checks and the headers. Raises PermanentError."""
+    def prepare(self, sub: Submission, *, rewrite: bool = True) -> NewMessage:
+        """Everything but the commit: the queue id, the checks, the envelope rewriting and the headers.
+        Raises PermanentError or TemporaryError."""
         queue_id = self._ids.next()
         now = self._clock.time()
         head, rest = split_header(sub.content)
         names = header_names(head)
         if names.count("received") > self._hopcount_limit:
             raise PermanentError("5.4.6", "Error: too many hops")
-        missing = self._missing_headers(names, queue_id, sub.envelope.sender, now)
+        env = sub.envelope
+        originals = env.originals or env.recipients
+        recipients = tuple(Recipient(i, r, originals[i]) for i, r in enumerate(env.recipients))
+        sender = env.sender
+        if rewrite and self._mapper is not None:
+            sender = self._mapper.sender(sender)
+            recipients = self._mapper.recipients(recipients)
+        missing = self._missing_headers(names, queue_id, sender, now)
         return NewMessage(
             queue_id=queue_id,
-            sender=sub.envelope.sender,
+            sender=sender,
             arrival=now,
             content=self._received(sub, queue_id, now) + head + missing + rest,
-            recipients=tuple(Recipient(i, r, r) for i, r in enumerate(sub.envelope.recipients)),
+            recipients=recipients,
             smtputf8=sub.envelope.smtputf8,
             body_type=sub.envelope.body_type,
             client=f"{sub.client.hostname}[{sub.client.addr}]",
         )
+
+    def prepare_notice(self, sub: Submission) -> NewMessage:
+        """`prepare` for a notice this host writes: if its recipient cannot be rewritten now, it is queued
+        unrewritten (and logged) rather than lost."""
+        try:
+            return self.prepare(sub)
+        except TemporaryError as e:
+            logger.warning("cleanup: notice to %s queued without address rewriting: %s",
+                           ", ".join(sub.envelope.recipients), e)
+            return self.prepare(sub, rewrite=False)
 
     def log_queued(self, msg: NewMessage) -> None:
         """The `received` and `queued` log lines, once the message is committed."""

@@ -1,18 +1,26 @@
-"""trivial-rewrite: which address class a recipient is in, and its `transport:nexthop`.
+"""trivial-rewrite: which address class a recipient is in, its `transport:nexthop`, and whether it exists.
 
-- local: the domain is in `mydestination` -> `local_transport`.
+Classes, in Postfix's order of precedence:
+- local: the domain is in `mydestination` -> `local_transport`; its users are the keys of
+  `local_recipient_maps` (empty: anyone) or of `alias_maps` (the local part, with or without extension).
+- virtual alias: the domain is in `virtual_alias_domains` -> `error:5.1.1 User unknown in virtual alias table`
+  (its addresses live only as keys of virtual_alias_maps, which cleanup expands before routing).
 - virtual mailbox: the domain is in `virtual_mailbox_domains` -> `virtual_transport`; its users are the
   keys of `virtual_mailbox_maps` (`virtual_mailbox()` gives the Maildir path, `None` for an unknown user).
 - relay: the domain is in `relay_domains` -> `relay_transport`.
 - default: anything else -> `default_transport`.
 A transport value may carry its own nexthop (`smtp:[10.0.0.1]:587`); otherwise relay and default mail
 goes to `relayhost` when set, else to the recipient domain (MX lookup). An entry `.example.com` in a
-domain list matches subdomains of example.com. Unqualified addresses are taken as `user@myhostname`.
+domain list matches subdomains of example.com. `qualify` appends `@myorigin` to a bare `user` (and, with
+`append_dot_mydomain`, `.mydomain` to a dotless `user@host`).
 
 `transport_maps` (transport(5)) override the class's choice. Search order: the address, the address
 without its extension, the domain, each parent domain as `.parent`, then `*`. A value `transport:nexthop`
 with an empty side keeps the class's transport or nexthop (`:[gw.example]`, `smtp:`).
-`relay_recipient_maps`, when set, list the recipients of relay_domains that exist (`is_known_relay`).
+`recipient_known(addr, klass)` answers whether the class's recipient tables list an address (smtpd asks it
+at RCPT; `UNKNOWN_IN` names the table for the 550 reply): local_recipient_maps/alias_maps, nothing for
+virtual alias domains (cleanup's mapper answers for those), virtual_mailbox_maps, relay_recipient_maps
+(empty: anyone). The default class is not checked: relaying is smtpd's decision.
 Failures: a table that cannot answer raises `LookupRetry` (smtpd says 451 4.3.0, qmgr defers), never
 "not found".
 """
@@ -20,7 +28,15 @@ from __future__ import annotations
 
 from mailflow import address
 from mailflow.model import AddressClass, Resolution
-from mailflow.tables import Table, lookup_address, open_table, split_extension
+from mailflow.tables import Table, TableCache, lookup_address, lookup_local, split_extension
+
+VIRTUAL_ALIAS_TRANSPORT = "error:5.1.1 User unknown in virtual alias table"
+UNKNOWN_IN = {
+    AddressClass.LOCAL: "local recipient table",
+    AddressClass.VIRTUAL_ALIAS: "virtual alias table",
+    AddressClass.VIRTUAL_MAILBOX: "virtual mailbox table",
+    AddressClass.RELAY: "relay recipient table",
+}
 
 
 def split_transport(value: str) -> tuple[str, str]:
@@ -62,24 +78,40 @@ def first_answer(tables: list[Table], keys: list[str]) -> tuple[str, str, str] |
 
 
 class Rewriter:
-    def __init__(self, config, *, clock=None):
+    def __init__(self, config, tables: TableCache | None = None):
+        tables = tables or TableCache()
         self._config = config
-        extra = {"clock": clock} if clock is not None else {}
-        self._transport_maps = [open_table(spec, **extra) for spec in config.transport_maps]
-        self._relay_recipient_maps = [open_table(spec, **extra) for spec in config.relay_recipient_maps]
-        self._virtual_mailbox_maps = [open_table(spec, **extra) for spec in config.virtual_mailbox_maps]
+        self._transport_maps = tables.open(config.transport_maps)
+        self._relay_recipient_maps = tables.open(config.relay_recipient_maps)
+        self._virtual_mailbox_maps = tables.open(config.virtual_mailbox_maps)
+        self._local_recipient_maps = tables.open(config.local_recipient_maps)
+        self._alias_maps = tables.open(config.alias_maps, aliases=True)
 
     def qualify(self, addr: str) -> str:
         local, domain = address.split(addr)
-        return addr if domain or not addr else f"{addr}@{self._config.myhostname}"
+        if not addr:
+            return addr
+        if not domain:
+            return f"{addr}@{self._config.origin}"
+        if self._config.append_dot_mydomain and "." not in domain and not domain.startswith("["):
+            return f"{local}@{domain}.{self._config.domain}"
+        return addr
+
+    def is_local_domain(self, domain: str) -> bool:
+        """One of this host's domains: mydestination or myorigin (Postfix also counts its interfaces)."""
+        domain = address.normalise_domain(domain)
+        return domain == self._config.origin or domain_in(domain, self._config.mydestination)
 
     def classify(self, addr: str) -> AddressClass:
         domain = address.normalise_domain(address.split(self.qualify(addr))[1])
-        if domain_in(domain, self._config.mydestination):
+        c = self._config
+        if domain_in(domain, c.mydestination):
             return AddressClass.LOCAL
-        if domain_in(domain, self._config.virtual_mailbox_domains):
+        if domain_in(domain, c.virtual_alias_domains):
+            return AddressClass.VIRTUAL_ALIAS
+        if domain_in(domain, c.virtual_mailbox_domains):
             return AddressClass.VIRTUAL_MAILBOX
-        if domain_in(domain, self._config.relay_domains):
+        if domain_in(domain, c.relay_domains):
             return AddressClass.RELAY
         return AddressClass.DEFAULT
 
@@ -102,6 +134,8 @@ class Rewriter:
         if klass is AddressClass.VIRTUAL_MAILBOX:
             transport, nexthop = split_transport(c.virtual_transport)
             return Resolution(klass, transport, nexthop or domain, qualified)
+        if klass is AddressClass.VIRTUAL_ALIAS:
+            return Resolution(klass, *split_transport(VIRTUAL_ALIAS_TRANSPORT), qualified)
         value = c.relay_transport if klass is AddressClass.RELAY else c.default_transport
         transport, nexthop = split_transport(value)
         return Resolution(klass, transport, nexthop or c.relayhost or domain, qualified)
@@ -117,15 +151,11 @@ class Rewriter:
         """The steps of `resolve` as (label, text), for `mailflow address`. May raise LookupRetry."""
         c = self._config
         qualified = self.qualify(addr)
-        steps = [("address", addr)]
+        steps = []
         if qualified != addr:
-            steps.append(("qualified", f"{qualified} (unqualified: @myhostname)"))
+            steps.append(("qualified", f"{qualified} (myorigin / mydomain)"))
         klass = self.classify(qualified)
-        why = {AddressClass.LOCAL: "domain in mydestination", AddressClass.RELAY: "domain in relay_domains",
-               AddressClass.VIRTUAL_MAILBOX: "domain in virtual_mailbox_domains",
-               AddressClass.DEFAULT: "domain in neither mydestination nor relay_domains"}[klass]
-        steps.append(("class", f"{klass.value} ({why})"))
-        steps.append(("recipient", self._recipient_verdict(klass, qualified)))
+        steps.append(("class", f"{klass.value} (domain in {CLASS_SETTING[klass]})"))
         if self._transport_maps:
             match = self._transport_override(qualified)
             steps.append(("transport_maps", f"{match[0]}: {match[1]} -> {match[2]}" if match else "no match"))
@@ -135,18 +165,17 @@ class Rewriter:
                                                  else "")))
         return steps
 
-    def _recipient_verdict(self, klass: AddressClass, qualified: str) -> str:
+    def recipient_known(self, addr: str, klass: AddressClass) -> bool:
+        """The class's recipient tables list `addr` (see the module doc). May raise LookupRetry."""
         if klass is AddressClass.LOCAL:
-            return "known local user" if self.is_known_local(qualified) else "unknown: 550 5.1.1 at RCPT"
+            return self.is_known_local(addr)
+        if klass is AddressClass.VIRTUAL_ALIAS:
+            return False
         if klass is AddressClass.VIRTUAL_MAILBOX:
-            path = self.virtual_mailbox(qualified)
-            return f"mailbox {path} (virtual_mailbox_maps)" if path else "unknown: 550 5.1.1 at RCPT"
+            return self.virtual_mailbox(addr) is not None
         if klass is AddressClass.RELAY:
-            if not self._relay_recipient_maps:
-                return "accepted (no relay_recipient_maps)"
-            return ("known (relay_recipient_maps)" if self.is_known_relay(qualified)
-                    else "unknown: 550 5.1.1 at RCPT")
-        return "accepted only from mynetworks (others: 554 5.7.1 relay access denied)"
+            return self.is_known_relay(addr)
+        return True
 
     def virtual_mailbox(self, addr: str) -> str | None:
         """The Maildir path (relative to virtual_mailbox_base) of a virtual mailbox user, None if unknown.
@@ -168,9 +197,36 @@ class Rewriter:
                    for t in self._relay_recipient_maps)
 
     def local_user(self, addr: str) -> str:
-        """The mailbox name of a local address: its local part, lower-cased."""
-        return address.split(self.qualify(addr))[0].lower()
+        """The mailbox name of a local address: its local part without extension, lower-cased."""
+        local = address.split(self.qualify(addr))[0].lower()
+        return split_extension(local, self._config.recipient_delimiter)[0]
+
+    def is_local_user(self, addr: str) -> bool:
+        """local_recipient_maps list the local part (with or without extension); empty maps: anyone is.
+        May raise LookupRetry."""
+        if not self._local_recipient_maps:
+            return True
+        return self._local_lookup(self._local_recipient_maps, addr) is not None
+
+    def alias(self, addr: str) -> tuple[str, str, str] | None:
+        """(table, key, value) of the alias_maps entry for a local address, or None. May raise LookupRetry."""
+        return self._local_lookup(self._alias_maps, addr)
 
     def is_known_local(self, addr: str) -> bool:
-        recipients = self._config.local.recipients
-        return not recipients or self.local_user(addr) in {r.lower() for r in recipients}
+        """A local user or a local alias. May raise LookupRetry."""
+        return self.is_local_user(addr) or self.alias(addr) is not None
+
+    def _local_lookup(self, tables: list[Table], addr: str) -> tuple[str, str, str] | None:
+        local = address.split(self.qualify(addr))[0]
+        for table in tables:
+            found = lookup_local(table, local, delimiter=self._config.recipient_delimiter)
+            if found is not None:
+                return table.name, *found
+        return None
+
+
+CLASS_SETTING = {
+    AddressClass.LOCAL: "mydestination", AddressClass.VIRTUAL_ALIAS: "virtual_alias_domains",
+    AddressClass.VIRTUAL_MAILBOX: "virtual_mailbox_domains", AddressClass.RELAY: "relay_domains",
+    AddressClass.DEFAULT: "none of mydestination, virtual_*_domains, relay_domains",
+}

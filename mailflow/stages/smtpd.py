@@ -4,9 +4,11 @@ What it owns
 - `SmtpSession`: a thin aiosmtpd `SMTP` subclass that tracks live sessions (for graceful shutdown) and
   gives every reply an enhanced status code (ENHANCEDSTATUSCODES), except the greeting and EHLO/HELO.
 - `SmtpdHandler`: the aiosmtpd hooks. MAIL checks sender syntax; RCPT checks syntax, resolves the address
-  class (trivial-rewrite), refuses relaying for clients outside `mynetworks` (554 5.7.1), refuses unknown
-  local users (550 5.1.1) and recipients beyond `recipient_limit` (452 4.5.3); DATA hands a `Submission`
-  to cleanup and answers 250 only once cleanup has committed it.
+  class (trivial-rewrite), refuses relaying for clients outside `mynetworks` (554 5.7.1), refuses recipients
+  that neither a rewriting table (canonical, virtual alias) nor their class's recipient table lists
+  (550 5.1.1, naming the table), a table that cannot answer (451 4.3.0) and recipients beyond
+  `recipient_limit` (452 4.5.3); DATA hands a `Submission` to cleanup and answers 250 only once cleanup has
+  committed it.
 - `Smtpd`: starts the listeners on the running loop (never aiosmtpd's threaded Controller) and stops them:
   close the listeners, let sessions finish within a grace period, then close what is left.
 
@@ -26,7 +28,8 @@ from mailflow import address, status
 from mailflow.config import Config, parse_hostport
 from mailflow.errors import DeliveryError, LookupRetry
 from mailflow.model import AddressClass, ClientInfo, Envelope, Submission
-from mailflow.stages.rewrite import Rewriter
+from mailflow.stages.addressmap import AddressMapper
+from mailflow.stages.rewrite import UNKNOWN_IN, Rewriter
 from mailflow.store import Overloaded
 
 log = logging.getLogger("mailflow.smtpd")
@@ -75,9 +78,10 @@ class SmtpSession(SMTP):
 class SmtpdHandler:
     """aiosmtpd hooks: the restrictions and the hand-over to cleanup."""
 
-    def __init__(self, config: Config, rewriter: Rewriter, cleanup):
+    def __init__(self, config: Config, rewriter: Rewriter, mapper: AddressMapper, cleanup):
         self._config = config
         self._rewriter = rewriter
+        self._mapper = mapper
         self._cleanup = cleanup
         self._mynetworks = [ipaddress.ip_network(n, strict=False) for n in config.mynetworks]
         self.submitting = 0  # DATA hand-overs waiting for their commit
@@ -119,18 +123,19 @@ class SmtpdHandler:
         klass = self._rewriter.classify(addr)
         if klass is AddressClass.DEFAULT and not self._trusted(session):
             return status.relay_denied(addr)
-        if klass is AddressClass.LOCAL and not self._rewriter.is_known_local(addr):
-            return status.user_unknown(addr)
         try:
-            if klass is AddressClass.RELAY and not self._rewriter.is_known_relay(addr):
-                return status.relay_user_unknown(addr)
-            if klass is AddressClass.VIRTUAL_MAILBOX and self._rewriter.virtual_mailbox(addr) is None:
-                return status.virtual_user_unknown(addr)
+            if klass is not AddressClass.DEFAULT and not self._known(addr, klass):
+                return status.user_unknown(addr, UNKNOWN_IN[klass])
             self._rewriter.resolve(addr)  # a routing table that cannot answer now: the client retries later
         except LookupRetry as e:
             log.warning("smtpd: RCPT <%s>: %s", addr, e.text)
             return status.lookup_failed(addr)
         return status.RCPT_OK
+
+    def _known(self, addr: str, klass: AddressClass) -> bool:
+        """Listed by a rewriting table (cleanup maps it) or by its class's recipient table (Postfix
+        smtpd_reject_unlisted_recipient)."""
+        return self._mapper.is_mapped(addr) or self._rewriter.recipient_known(addr, klass)
 
     async def handle_DATA(self, server, session: Session, envelope: SmtpEnvelope):
         submission = Submission(

@@ -26,18 +26,23 @@ class Transport(Protocol):
     async def close(self) -> None: ...
 
 
-def build_transports(config, resolver, clock, rewriter) -> dict[str, Transport]:
-    """The transports named in `transport:nexthop` values, by name."""
+def build_transports(config, resolver, clock, router, forward=None) -> dict[str, Transport]:
+    """The transports named in `transport:nexthop` values, by name. `router` gives the local and virtual
+    agents their tables; `forward` lets local delivery queue forwarded copies (see transports.local)."""
     from mailflow.transports.discard import DiscardTransport
-    from mailflow.transports.maildir import MaildirTransport, local_maildirs, virtual_maildirs
+    from mailflow.transports.error import ErrorTransport
+    from mailflow.transports.local import LocalTransport
+    from mailflow.transports.maildir import MaildirTransport, MaildirWriter, virtual_maildirs
     from mailflow.transports.smtp import SmtpTransport
 
     smtp = SmtpTransport(config.smtp, resolver=resolver, helo_name=config.myhostname)
     return {
-        "local": MaildirTransport(local_maildirs(config.local), clock=clock, relay="local"),
-        "virtual": MaildirTransport(virtual_maildirs(config.virtual_mailbox_base, rewriter), clock=clock,
+        "local": LocalTransport(router.local, writer=MaildirWriter(clock), maildir_base=config.local.maildir_base,
+                                forward=forward),
+        "virtual": MaildirTransport(virtual_maildirs(config.virtual_mailbox_base, router.rewriter), clock=clock,
                                     relay="virtual"),
         "smtp": smtp,
         "relay": smtp,
         "discard": DiscardTransport(),
+        "error": ErrorTransport(),
     }

@@ -1,8 +1,7 @@
-"""Maildir delivery, for the local and the virtual mailbox classes (Postfix local(8) / virtual(8)).
+"""Maildir delivery (Postfix virtual(8); local(8) writes its mailboxes with `MaildirWriter` too).
 
+`MaildirWriter(clock).write(maildir, data)`: one message file, durably; raises OSError.
 `MaildirTransport(locate, clock=…, relay=…)`: `locate(recipient) -> Path | None` finds the Maildir.
-- `local_maildirs(config.local)`: `<maildir_base>/<user>/Maildir/`, the user being the recipient's local
-  part, lower-cased (the recipient was checked at RCPT).
 - `virtual_maildirs(base, rewriter)`: `<virtual_mailbox_base>/<virtual_mailbox_maps value>`; the value must
   end in "/" (Maildir) and stay inside the base.
 Per recipient: write `Return-Path` and `Delivered-To` then the message, with LF line endings (the mailbox
@@ -21,17 +20,11 @@ from pathlib import Path
 
 from typing import Callable
 
-from mailflow import address
 from mailflow.clock import Clock
 from mailflow.errors import TemporaryError
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
 
 Locate = Callable[[str], "Path | None"]
-
-
-def local_maildirs(local_config) -> Locate:
-    base = Path(local_config.maildir_base)
-    return lambda recipient: base / address.split(recipient)[0].lower() / "Maildir"
 
 
 def virtual_maildirs(base: str | Path, rewriter) -> Locate:
@@ -51,13 +44,33 @@ def virtual_maildirs(base: str | Path, rewriter) -> Locate:
     return locate
 
 
-class MaildirTransport:
-    def __init__(self, locate: Locate, *, clock: Clock, relay: str = "local"):
-        self._locate = locate
-        self._relay = relay
+class MaildirWriter:
+    """Unique Maildir file names (time, pid, a counter, the host) and the durable write, in a worker thread."""
+
+    def __init__(self, clock: Clock):
         self._clock = clock
         self._host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
         self._seq = count()
+
+    async def write(self, maildir: Path, data: bytes) -> None:
+        await asyncio.to_thread(_write_maildir_file, maildir, self._unique_name(), data)
+
+    def _unique_name(self) -> str:
+        now = self._clock.time()
+        sec, usec = int(now), int((now % 1) * 1_000_000)
+        return f"{sec}.M{usec}P{os.getpid()}Q{next(self._seq)}.{self._host}"
+
+
+def mailbox_prefix(sender: str, delivered_to: str) -> bytes:
+    """The lines a mailbox copy starts with (LF line ends, as mailbox files keep them)."""
+    return f"Return-Path: <{sender}>\nDelivered-To: {delivered_to}\n".encode("utf-8")
+
+
+class MaildirTransport:
+    def __init__(self, locate: Locate, *, clock: Clock, relay: str = "virtual"):
+        self._locate = locate
+        self._relay = relay
+        self._writer = MaildirWriter(clock)
 
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
         body = request.content.replace(b"\r\n", b"\n")
@@ -77,19 +90,12 @@ class MaildirTransport:
         if maildir is None:
             return RcptResult(rcpt, Outcome.BOUNCED, "5.1.1", "user unknown in virtual mailbox table",
                               relay=self._relay)
-        prefix = f"Return-Path: <{request.sender}>\nDelivered-To: {rcpt.address}\n".encode("utf-8")
-        name = self._unique_name()
         try:
-            await asyncio.to_thread(_write_maildir_file, maildir, name, prefix + body)
+            await self._writer.write(maildir, mailbox_prefix(request.sender, rcpt.address) + body)
         except OSError as e:
             return RcptResult(rcpt, Outcome.DEFERRED, "4.2.0", f"cannot write to maildir {maildir}: {e.strerror}",
                               relay=self._relay)
         return RcptResult(rcpt, Outcome.SENT, "2.0.0", f"delivered to maildir {maildir}", relay=self._relay)
-
-    def _unique_name(self) -> str:
-        now = self._clock.time()
-        sec, usec = int(now), int((now % 1) * 1_000_000)
-        return f"{sec}.M{usec}P{os.getpid()}Q{next(self._seq)}.{self._host}"
 
 
 def _write_maildir_file(maildir: Path, name: str, data: bytes) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from mailflow.config import Config, LocalConfig
+from mailflow.config import Config
 from mailflow.model import AddressClass, Resolution
 from mailflow.stages.rewrite import Rewriter, domain_in, split_transport
 
@@ -123,18 +123,29 @@ def test_domain_in(domain, domains, expected):
 # ---------------------------------------------------------------------------------------------- local users
 
 
-def test_is_known_local_with_a_recipient_list():
-    rw = Rewriter(Config(**BASE, local=LocalConfig(recipients=("postmaster", "Alice"))))
+def test_is_known_local_with_local_recipient_maps():
+    rw = Rewriter(Config(**BASE, local_recipient_maps=("inline:{postmaster=x, Alice=x}",)))
     assert rw.is_known_local("postmaster@example.test")
     assert rw.is_known_local("alice@example.test")
     assert rw.is_known_local("ALICE@localhost")
     assert rw.is_known_local("alice")  # unqualified
     assert not rw.is_known_local("bob@example.test")
     assert not rw.is_known_local("alice.smith@example.test")
+    assert rw.is_known_local("alice+tag@example.test")  # the extension is ignored when the user is listed
+
+
+def test_alias_names_are_known_local_recipients(tmp_path):
+    aliases = tmp_path / "aliases"
+    aliases.write_text("staff: alice, bob\n")
+    rw = Rewriter(Config(**BASE, local_recipient_maps=("inline:{alice=x}",), alias_maps=(f"texthash:{aliases}",)))
+    assert rw.is_known_local("staff@example.test") and rw.is_known_local("Staff+x@localhost")
+    assert not rw.is_local_user("staff@example.test")
+    assert rw.alias("staff@example.test")[1:] == ("staff", "<alice>, <bob>")
+    assert not rw.is_known_local("carol@example.test")
 
 
 def test_is_known_local_with_an_empty_list_accepts_anyone():
-    rw = Rewriter(Config(**BASE, local=LocalConfig(recipients=())))
+    rw = Rewriter(Config(**BASE, local_recipient_maps=()))
     assert rw.is_known_local("anyone@example.test")
     assert rw.is_known_local("x")
 
@@ -149,6 +160,7 @@ def test_local_user_is_the_lower_cased_local_part():
     rw = rewriter()
     assert rw.local_user("Alice@Example.test") == "alice"
     assert rw.local_user("bob") == "bob"
+    assert rw.local_user("Bob+Tag@example.test") == "bob"
 
 
 # ---------------------------------------------------------------------------------------------- UTF-8 domains

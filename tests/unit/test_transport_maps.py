@@ -78,16 +78,18 @@ def test_mailflow_address_explains_each_step(tmp_path):
     cfg = tmp_path / "m.toml"
     cfg.write_text('mydestination = ["local.test"]\nrelay_domains = ["relay.test"]\n'
                    'transport_maps = ["inline:{relay.test=smtp:[127.0.0.1]:2526}"]\n'
-                   'relay_recipient_maps = ["inline:{known@relay.test=OK}"]\n[local]\nrecipients = ["alice"]\n')
+                   'relay_recipient_maps = ["inline:{known@relay.test=OK}"]\n'
+                   'local_recipient_maps = ["inline:{alice=ok}"]\n')
     result = run_cli("address", "-c", str(cfg), "known+tag@relay.test", "nobody@local.test")
     assert result.returncode == 0, result.stderr
-    first, second = [dict(line.split(":", 1) for line in block.splitlines())
+    first, second = [dict(line.strip().split(":", 1) for line in block.splitlines())
                      for block in result.stdout.strip().split("\n\n")]
     assert first["class"].strip() == "relay (domain in relay_domains)"
-    assert first["recipient"].strip() == "known (relay_recipient_maps)"
+    assert first["rcpt"].strip() == "accepted"
     assert first["transport_maps"].strip().endswith("relay.test -> smtp:[127.0.0.1]:2526")
     assert (first["transport"].strip(), first["nexthop"].strip()) == ("smtp", "[127.0.0.1]:2526")
-    assert second["recipient"].strip() == "unknown: 550 5.1.1 at RCPT"
+    assert second["rcpt"].strip() == "550 5.1.1 User unknown in local recipient table"
+    assert second["refused"].strip() == '5.1.1 unknown user: "nobody"'
 
 
 def test_mailflow_address_exits_75_when_a_table_cannot_answer(tmp_path):

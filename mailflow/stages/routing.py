@@ -1,0 +1,115 @@
+"""The whole route of a recipient, from the address a client gives to each final `(address, transport, nexthop)`.
+
+`Router(config)` puts together what the stages do to a recipient, in their order:
+cleanup (qualify, recipient_canonical_maps + canonical_maps, virtual_alias_maps) -> trivial-rewrite (class,
+transport_maps, transport:nexthop) -> for the local transport, local(8)'s alias_maps and .forward expansion, and
+forwarded addresses around again as the new message local delivery queues (carrying Delivered-To, so a
+forwarding loop ends as it would in delivery, with 5.4.6).
+
+- `route(addr) -> [Route, ...]`: the final destinations, duplicates removed. A command or file target is routed
+  to the local transport with `|command` or `/path` as its address; a recipient local delivery would refuse
+  routes to `error` with `dsn text` as nexthop, as Postfix's error transport is written.
+- `explain(addr) -> [(depth, label, text), ...]`: the same walk, step by step, for `mailflow address`.
+- `recipient_verdict(addr)`: what smtpd would answer at RCPT for an untrusted client, as text.
+Failures: `LookupRetry` and `TemporaryError` from the stages propagate (the CLI exits 75).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mailflow.errors import TemporaryError
+from mailflow.model import AddressClass
+from mailflow.stages.addressmap import AddressMapper
+from mailflow.stages.aliasing import Command, File, Forward, LocalExpander, Mailbox, Refused
+from mailflow.stages.rewrite import UNKNOWN_IN, Rewriter
+from mailflow.tables import TableCache
+
+FORWARD_DEPTH = 20  # forwarded messages in a chain; a loop ends sooner, at a Delivered-To it already has
+INDENT = 3  # explain() depth of one forwarding generation
+
+
+@dataclass(frozen=True)
+class Route:
+    address: str
+    transport: str
+    nexthop: str
+
+
+class Router:
+    def __init__(self, config, tables: TableCache | None = None):
+        tables = tables or TableCache()
+        self._config = config
+        self.rewriter = Rewriter(config, tables)
+        self.mapper = AddressMapper(config, self.rewriter, tables)
+        self.local = LocalExpander(config, self.rewriter)
+
+    def route(self, addr: str) -> list[Route]:
+        routes: list[Route] = []
+        self._walk(addr, frozenset(), 0, routes, [])
+        return routes
+
+    def explain(self, addr: str) -> list[tuple[int, str, str]]:
+        steps: list[tuple[int, str, str]] = [(0, "address", addr), (0, "rcpt", self.recipient_verdict(addr))]
+        self._walk(addr, frozenset(), 0, [], steps)
+        return steps
+
+    def recipient_verdict(self, addr: str) -> str:
+        rw = self.rewriter
+        klass = rw.classify(addr)
+        if klass is AddressClass.DEFAULT:
+            return "accepted from mynetworks only (others: 554 5.7.1 relay access denied)"
+        if self.mapper.is_mapped(addr):
+            return "accepted (canonical or virtual alias maps list it)"
+        if rw.recipient_known(addr, klass):
+            return "accepted"
+        return f"550 5.1.1 User unknown in {UNKNOWN_IN[klass]}"
+
+    # -- the walk --------------------------------------------------------------------------------------
+    def _walk(self, addr: str, delivered_to: frozenset[str], depth: int, routes: list[Route], steps: list) -> None:
+        def step(label: str, text: str, extra: int = 0) -> None:
+            steps.append((depth + extra, label, text))
+
+        if depth > FORWARD_DEPTH * INDENT:
+            raise TemporaryError("4.6.0", f"forwarded through more than {FORWARD_DEPTH} messages at {addr}")
+        canonical = self.mapper.recipient(addr)
+        if canonical != addr:
+            step("canonical", canonical)
+        expanded = self.mapper.expand(canonical)
+        if expanded != [canonical]:
+            step("virtual alias", ", ".join(expanded))
+        for final in expanded:
+            self._final(final, delivered_to, depth, routes, steps, step)
+
+    def _final(self, addr: str, delivered_to, depth: int, routes: list[Route], steps: list, step) -> None:
+        res = self.rewriter.resolve(addr)
+        step("recipient", addr, 1)
+        for label, text in self.rewriter.explain(addr):
+            step(label, text, 2)
+        local_name = self._config.local_transport.partition(":")[0]
+        if not (res.address_class is AddressClass.LOCAL and res.transport == local_name):
+            _add(routes, Route(res.address, res.transport, res.nexthop))
+            return
+        forwards = []
+        for leaf in self.local.expand(addr, delivered_to=delivered_to):
+            if isinstance(leaf, Mailbox):
+                step("mailbox", f"{leaf.user} ({leaf.address})", 2)
+                _add(routes, Route(leaf.address, res.transport, res.nexthop))
+            elif isinstance(leaf, Command):
+                step("command", f"|{leaf.command} (from {leaf.source})", 2)
+                _add(routes, Route(f"|{leaf.command}", res.transport, res.nexthop))
+            elif isinstance(leaf, File):
+                step("file", f"{leaf.path} (from {leaf.source})", 2)
+                _add(routes, Route(leaf.path, res.transport, res.nexthop))
+            elif isinstance(leaf, Refused):
+                step("refused", f"{leaf.dsn} {leaf.text}", 2)
+                _add(routes, Route(leaf.address, "error", f"{leaf.dsn} {leaf.text}"))
+            elif isinstance(leaf, Forward):
+                forwards.append(leaf.address)
+        for forward in forwards:
+            step("forward", f"{forward} (a new message with Delivered-To: {addr})", 2)
+            self._walk(forward, delivered_to | {addr.lower()}, depth + INDENT, routes, steps)
+
+
+def _add(routes: list[Route], route: Route) -> None:
+    if route not in routes:
+        routes.append(route)
