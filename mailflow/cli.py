@@ -60,10 +60,36 @@ def serve(config: Optional[str] = ConfigOption) -> None:
 
 @app.command("check-config")
 def check_config(config: Optional[str] = ConfigOption) -> None:
-    """Validate the configuration and say so."""
+    """Validate the configuration and read every file-backed lookup table it names (like `postfix check`).
+    Exit 2 on the first bad setting, or after listing every table that cannot be read."""
     cfg = _load(config)
     where = config or os.environ.get("MAILFLOW_CONFIG") or "built-in defaults"
+    problems = _table_problems(cfg)
+    for problem in problems:
+        typer.echo(f"{where}: {problem}", err=True)
+    if problems:
+        raise typer.Exit(2)
     typer.echo(f"{where}: ok (listen {', '.join(cfg.smtpd.listen)}; queue {cfg.queue_directory})")
+
+
+def _table_problems(cfg) -> list[str]:
+    """`setting: reason` for each file-backed table (texthash, regexp, sqlite) that cannot answer now."""
+    from mailflow.config import flat_settings
+    from mailflow.errors import LookupRetry
+    from mailflow.tables import open_table
+
+    problems = []
+    for key, specs in flat_settings(cfg).items():
+        if not key.endswith("_maps"):
+            continue
+        for spec in specs:
+            if spec.partition(":")[0].strip().lower() not in ("texthash", "regexp", "sqlite"):
+                continue
+            try:
+                open_table(spec, aliases=key == "alias_maps").lookup("mailflow-check-config-probe")
+            except (ConfigError, LookupRetry) as e:
+                problems.append(f"{key}: {getattr(e, 'reason', None) or e.text}")
+    return problems
 
 
 @app.command()

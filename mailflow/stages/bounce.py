@@ -220,6 +220,9 @@ def _status_part(global_: bool, mta: str, queue_id: str, sender: str, arrival: f
         group = [f"Final-Recipient: {_address_field(nr.recipient.address, global_)}"]
         if nr.recipient.orcpt:
             group.append(f"Original-Recipient: {value(nr.recipient.orcpt)}")
+        elif nr.recipient.original and nr.recipient.original.lower() != nr.recipient.address.lower():
+            # rewritten or expanded here: name the address the sender used, as Postfix does
+            group.append(f"Original-Recipient: {_address_field(nr.recipient.original, global_)}")
         group.append(f"Action: {nr.action}")
         group.append(f"Status: {_status(nr)}")
         if nr.remote_mta:

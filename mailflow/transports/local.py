@@ -82,7 +82,8 @@ class LocalTransport:
             return self._result(rcpt, Outcome.DEFERRED, e.dsn, e.text)
         refused = [leaf for leaf in leaves if isinstance(leaf, Refused)]
         if refused:
-            text = "; ".join(f"{r.address}: {r.text}" for r in refused)
+            text = "; ".join(r.text if r.address.lower() == rcpt.address.lower() else f"{r.address}: {r.text}"
+                             for r in refused)
             return self._result(rcpt, Outcome.BOUNCED, refused[0].dsn, text + _also(done))
         return self._result(rcpt, Outcome.SENT, "2.0.0", "; ".join(done))
 

@@ -32,6 +32,22 @@ def test_check_config_names_file_key_and_reason_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_check_config_reads_every_table_file_and_names_the_bad_line(tmp_path):
+    aliases = tmp_path / "aliases"
+    aliases.write_text("team: alice\nbroken line\n")
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(f'alias_maps = ["texthash:{aliases}"]\ntransport_maps = ["texthash:{tmp_path}/missing"]\n'
+                   f'virtual_alias_maps = ["fail:on-purpose", "inline:{{a=b}}"]\n')
+    result = mailflow("check-config", "--config", str(cfg))
+    assert result.returncode == 2, result.stdout
+    assert f"alias_maps: table texthash:{aliases}: {aliases}, line 2: missing ':'" in result.stderr
+    assert f"transport_maps: table texthash:{tmp_path}/missing: cannot read" in result.stderr
+    assert "fail:" not in result.stderr, "fail: tables are deliberate"
+    aliases.write_text("team: alice\n")
+    (tmp_path / "missing").write_text("example.com smtp:\n")
+    assert mailflow("check-config", "--config", str(cfg)).returncode == 0
+
+
 def test_serve_refuses_a_bad_config_before_starting(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[smtpd]\nlisten = ['127.0.0.1']\nbogus = 1\n")
