@@ -55,6 +55,17 @@ async def send(port: int, sender: str, rcpts: list[str], content: bytes, **kwarg
         return await client.sendmail(sender, rcpts, content, **kwargs)
 
 
+async def rcpt_reply(port: int, rcpt: str, sender: str = "s@remote.test") -> tuple[int, str]:
+    """The server's reply to RCPT TO:<rcpt> in a fresh session, refused or not."""
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10) as c:
+        await c.mail(sender)
+        try:
+            reply = await c.rcpt(rcpt)
+            return reply.code, reply.message
+        except aiosmtplib.SMTPRecipientRefused as e:
+            return e.code, e.message
+
+
 async def eventually(predicate, timeout: float = 10.0, step: float = 0.02):
     """Poll `predicate` until it is truthy or `timeout` passes; returns its last value."""
     loop = asyncio.get_running_loop()

@@ -7,19 +7,9 @@ import asyncio
 import aiosmtplib
 import pytest
 
-from tests.helpers import eventually, maildir_messages, queue_becomes, send
+from tests.helpers import eventually, maildir_messages, queue_becomes, rcpt_reply, send
 
 RELOAD = 1.2  # tables look at their file at most once a second
-
-
-async def rcpt_reply(port: int, rcpt: str) -> tuple[int, str]:
-    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10) as c:
-        await c.mail("s@remote.test")
-        try:
-            reply = await c.rcpt(rcpt)
-            return reply.code, reply.message
-        except aiosmtplib.SMTPRecipientRefused as e:
-            return e.code, e.message
 
 
 def header_lines(content: bytes) -> list[bytes]:

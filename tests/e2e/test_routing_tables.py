@@ -5,19 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import aiosmtplib
-from tests.helpers import eventually, queue_becomes, send
+from tests.helpers import eventually, rcpt_reply, queue_becomes, send
 
 RELOAD = 1.2  # tables look at their file at most once a second
-
-
-async def rcpt_reply(port: int, rcpt: str) -> tuple[int, str]:
-    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10) as c:
-        await c.mail("s@remote.test")
-        try:
-            reply = await c.rcpt(rcpt)
-            return reply.code, reply.message
-        except aiosmtplib.SMTPRecipientRefused as e:
-            return e.code, e.message
 
 
 async def test_unreadable_tables_defer_and_recover(mailflow_server, smtp_peer, tmp_path):
