@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-import aiosmtplib
-from tests.helpers import eventually, rcpt_reply, queue_becomes, send
+from tests.helpers import eventually, queue_becomes, rcpt_reply, send
 
 RELOAD = 1.2  # tables look at their file at most once a second
 
