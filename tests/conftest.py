@@ -18,11 +18,12 @@ import asyncio
 import socket
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
-from dnslib import QTYPE, RCODE, RR
+from dnslib import RCODE, RR
 from dnslib.server import BaseResolver, DNSLogger, DNSServer
 
 from mailflow.app import Mailflow

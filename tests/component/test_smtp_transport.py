@@ -5,7 +5,6 @@ import asyncio
 import random
 import ssl
 
-import pytest
 import trustme
 
 from mailflow.config import SmtpConfig
