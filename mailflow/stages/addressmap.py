@@ -104,10 +104,10 @@ class AddressMapper:
         return any(self._find(t, qualified) is not None for t in self._recipient_canonical + self._virtual)
 
     def expand(self, addr: str) -> list[str]:
-        """virtual_alias_maps, depth first, in table order. Raises TemporaryError (see the module doc)."""
+        """virtual_alias_maps, depth first, in table order. The expansion limit counts the addresses of the
+        expansion so far (done and still to expand), as Postfix does. Raises TemporaryError (see the module doc)."""
         c = self._config
         out: list[str] = []
-        produced = 0
         stack: list[tuple[str, tuple[str, ...], bool]] = [(addr, (), False)]  # (address, ancestors, leaf)
         while stack:
             current, ancestors, leaf = stack.pop()
@@ -117,8 +117,7 @@ class AddressMapper:
                 continue
             if len(ancestors) >= c.virtual_alias_recursion_limit:
                 raise expansion_error(addr, f"virtual_alias_maps nesting deeper than {len(ancestors)}")
-            produced += len(results)
-            if produced > c.virtual_alias_expansion_limit:
+            if len(out) + len(stack) + len(results) > c.virtual_alias_expansion_limit:
                 raise expansion_error(addr, f"virtual_alias_maps expansion larger than "
                                             f"{c.virtual_alias_expansion_limit} addresses")
             path = ancestors + (current.lower(),)

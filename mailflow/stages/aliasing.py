@@ -13,13 +13,15 @@ Rules, as local(8):
    An alias name expands once per recipient: a name met again (`alice: alice, bob`, or a loop `a: b`, `b: a`)
    goes on to step 3 instead. Addresses in the list are qualified with myorigin; one that trivial-rewrite
    resolves to the local transport is expanded here again, any other becomes a Forward.
-3. The user's `.forward` (`<home>/.forward+ext`, then `<home>/.forward`; home = `<maildir_base>/<user>/`), read
+3. A user that local_recipient_maps do not know, or whose name cannot be a directory (a '/', a leading '.'),
+   is Refused: 5.1.1 unknown user. Nothing is read for it.
+4. The user's `.forward` (`<home>/.forward+ext`, then `<home>/.forward`; home = `<maildir_base>/<user>/`), read
    once per user the same way; `\\user` means the user's own mailbox with no further expansion.
-4. Otherwise the user's mailbox, when local_recipient_maps know the user (else 5.1.1 unknown user).
+5. Otherwise the user's mailbox.
 Commands and files are allowed only from the sources in `allow_mail_to_commands` / `allow_mail_to_files`
 ("alias", "forward", "include"); otherwise the leaf is Refused with 5.7.1. Nothing a client sends can become
 a command or file: those come only from alias values and files on this host.
-Duplicate leaves are dropped. At most EXPANSION_LIMIT leaves and INCLUDE_DEPTH nested :include: files.
+Duplicate leaves are dropped (one mailbox per user; addresses compared without case). At most EXPANSION_LIMIT leaves and INCLUDE_DEPTH nested :include: files.
 
 Failures: `LookupRetry` (4.3.0) when a table cannot answer; `TemporaryError` 4.3.0 when a .forward or
 :include: file cannot be read, 4.3.5 when one (or an alias value) has bad syntax, 4.6.0 beyond the limits. The
@@ -95,12 +97,33 @@ class _Expansion:
         self.aliases_seen: set[str] = set()
         self.forwards_seen: set[str] = set()
         self.leaves: list[Leaf] = []
+        self.keys: set[tuple] = set()
 
     def add(self, leaf: Leaf) -> None:
-        if leaf not in self.leaves:
+        key = _identity(leaf)
+        if key not in self.keys:
             if len(self.leaves) >= EXPANSION_LIMIT:
                 raise TemporaryError("4.6.0", f"alias expansion larger than {EXPANSION_LIMIT} destinations")
+            self.keys.add(key)
             self.leaves.append(leaf)
+
+
+def _identity(leaf: Leaf) -> tuple:
+    """What makes two leaves the same delivery: one mailbox per user, addresses compared without case."""
+    if isinstance(leaf, Mailbox):
+        return "mailbox", leaf.user
+    if isinstance(leaf, Forward):
+        return "forward", leaf.address.lower()
+    if isinstance(leaf, Command):
+        return "command", leaf.command
+    if isinstance(leaf, File):
+        return "file", leaf.path
+    return "refused", leaf.address.lower(), leaf.dsn, leaf.text
+
+
+def is_safe_user(user: str) -> bool:
+    """A name that can be a directory under maildir_base: no '/', no leading '.', no control characters."""
+    return bool(user) and "/" not in user and not user.startswith(".") and user.isprintable()
 
 
 class LocalExpander:
@@ -133,6 +156,9 @@ class LocalExpander:
             return
         local, domain = address.split(addr)
         user, ext = split_extension(local.lower(), self._config.recipient_delimiter)
+        if not (is_safe_user(user) and self._rewriter.is_local_user(addr)):
+            state.add(Refused(addr, "5.1.1", f"unknown user: \"{user}\""))
+            return
         if user not in state.forwards_seen:
             state.forwards_seen.add(user)
             forward = self._forward_file(user, ext)
@@ -177,7 +203,7 @@ class LocalExpander:
             state.add(Forward(addr))
 
     def _mailbox(self, state: _Expansion, user: str, addr: str) -> None:
-        if self._rewriter.is_local_user(addr):
+        if is_safe_user(user) and self._rewriter.is_local_user(addr):
             state.add(Mailbox(user, addr))
         else:
             state.add(Refused(addr, "5.1.1", f"unknown user: \"{user}\""))

@@ -89,8 +89,8 @@ class Rewriter:
 
     def qualify(self, addr: str) -> str:
         local, domain = address.split(addr)
-        if not addr:
-            return addr
+        if not addr or addr.endswith("@"):
+            return addr  # empty, or no domain after the '@': a syntax error for the caller to report
         if not domain:
             return f"{addr}@{self._config.origin}"
         if self._config.append_dot_mydomain and "." not in domain and not domain.startswith("["):

@@ -3,7 +3,8 @@
 Per recipient of the request:
 1. `LocalExpander.expand` (aliases, .forward; see mailflow.stages.aliasing), given the addresses already in the
    message's `Delivered-To:` headers so that a forwarding loop bounces (5.4.6).
-2. Mailboxes: `<maildir_base>/<user>/Maildir/`, each copy starting with Return-Path and Delivered-To.
+2. Mailboxes: `<maildir_base>/<user>/Maildir/`, each copy starting with Return-Path and Delivered-To; one copy
+   per user per request, however many of its recipients lead there (Postfix's duplicate filter).
 3. Forwarded addresses: one new message per recipient, queued through cleanup by `forward(...)` with the same
    sender, `Delivered-To: <recipient>` prepended, each new recipient keeping the original one (ORCPT).
 4. Commands and files (allowed ones): deferred (4.3.5) until the pipe and file agents exist, before anything
@@ -51,16 +52,17 @@ class LocalTransport:
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
         seen = delivered_to(request.content)
         body = request.content.replace(b"\r\n", b"\n")
+        filled: dict[str, str] = {}  # user -> what its mailbox got, so a user gets one copy per message
         results = []
         for rcpt in request.recipients:
-            results.append(await self._deliver_recipient(request, rcpt, seen, body))
+            results.append(await self._deliver_recipient(request, rcpt, seen, body, filled))
         return DeliveryReport(tuple(results))
 
     async def close(self) -> None:
         pass
 
     async def _deliver_recipient(self, request: DeliveryRequest, rcpt: Recipient, seen: frozenset[str],
-                                 body: bytes) -> RcptResult:
+                                 body: bytes, filled: dict[str, str]) -> RcptResult:
         try:
             leaves = self._expander.expand(rcpt.address, delivered_to=seen)
         except DeliveryError as e:
@@ -74,7 +76,9 @@ class LocalTransport:
         try:
             for leaf in leaves:
                 if isinstance(leaf, Mailbox):
-                    done.append(await self._mailbox(request, leaf, body))
+                    if leaf.user not in filled:
+                        filled[leaf.user] = await self._mailbox(request, leaf, body)
+                    done.append(filled[leaf.user])
             forwards = tuple(leaf.address for leaf in leaves if isinstance(leaf, Forward))
             if forwards:
                 done.append(await self._forward_copy(request, rcpt, forwards))

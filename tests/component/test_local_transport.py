@@ -1,0 +1,177 @@
+"""The local transport (mailflow.transports.local.LocalTransport) with real Maildirs and alias files in tmp_path.
+
+Covered: a mailbox copy (Return-Path, Delivered-To, LF line ends, in Maildir/new); an alias to two users and a
+remote address (both Maildirs written, one forwarded copy with Delivered-To prepended, SENT); a Delivered-To
+loop (5.4.6, nothing written); an unknown user (5.1.1); a command target (deferred 4.3.5 before anything is
+written); a refused part next to a delivered one (BOUNCED, the delivered part written); a Maildir that
+cannot be written (4.2.0); a forward that fails (4.3.0); one copy per user per request; a local part that is a
+path never leaves maildir_base. The forwarder is a recording fake with the
+signature of mailflow.app's `forwarder`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mailflow.clock import VirtualClock
+from mailflow.config import Config
+from mailflow.model import DeliveryRequest, Outcome, Recipient
+from mailflow.stages.aliasing import LocalExpander
+from mailflow.stages.rewrite import Rewriter
+from mailflow.transports.local import LocalTransport
+from mailflow.transports.maildir import MaildirWriter
+
+SENDER = "sender@remote.test"
+CONTENT = b"From: sender@remote.test\r\nSubject: hello\r\n\r\nline one\r\nline two\r\n"
+
+
+@dataclass
+class FakeForward:
+    """Records each call of `forward(request, rcpt, addresses, content)`; answers a queue id or raises."""
+
+    error: Exception | None = None
+    calls: list[tuple[DeliveryRequest, Recipient, tuple[str, ...], bytes]] = field(default_factory=list)
+
+    async def __call__(self, request: DeliveryRequest, rcpt: Recipient, addresses: tuple[str, ...],
+                       content: bytes) -> str:
+        self.calls.append((request, rcpt, addresses, content))
+        if self.error is not None:
+            raise self.error
+        return f"FWD{len(self.calls)}"
+
+
+def transport(tmp_path: Path, aliases: str = "", forward: FakeForward | None = None,
+              anyone_is_local: bool = False) -> LocalTransport:
+    """Local users alice, bob, carol in example.test (or anyone); `aliases` is an aliases(5) file."""
+    (tmp_path / "users").write_text("alice x\nbob x\ncarol x\n")
+    (tmp_path / "aliases").write_text(aliases)
+    base = tmp_path / "mail"
+    config = Config(myhostname="mx.example.test", myorigin="example.test", mydestination=("example.test",),
+                    local_recipient_maps=() if anyone_is_local else (f"texthash:{tmp_path / 'users'}",),
+                    alias_maps=(f"texthash:{tmp_path / 'aliases'}",), local={"maildir_base": str(base)})
+    return LocalTransport(LocalExpander(config, Rewriter(config)), writer=MaildirWriter(VirtualClock()),
+                          maildir_base=base, forward=forward or FakeForward())
+
+
+def request(*rcpts: str, content: bytes = CONTENT) -> DeliveryRequest:
+    return DeliveryRequest("Q1", SENDER, tuple(Recipient(i, r, r.upper()) for i, r in enumerate(rcpts)),
+                           "mx.example.test", content)
+
+
+def delivered(tmp_path: Path, user: str) -> list[bytes]:
+    """The messages in the user's Maildir/new."""
+    new = tmp_path / "mail" / user / "Maildir" / "new"
+    return [p.read_bytes() for p in sorted(new.iterdir())] if new.is_dir() else []
+
+
+def mailbox_copy(rcpt: str) -> bytes:
+    return (f"Return-Path: <{SENDER}>\nDelivered-To: {rcpt}\n".encode()
+            + b"From: sender@remote.test\nSubject: hello\n\nline one\nline two\n")
+
+
+async def test_mailbox_delivery_writes_the_maildir(tmp_path):
+    report = await transport(tmp_path).deliver(request("alice@example.test"))
+    [result] = report.results
+    assert (result.outcome, result.dsn, result.relay) == (Outcome.SENT, "2.0.0", "local")
+    assert delivered(tmp_path, "alice") == [mailbox_copy("alice@example.test")]
+    maildir = tmp_path / "mail" / "alice" / "Maildir"
+    assert list((maildir / "tmp").iterdir()) == []
+    assert (maildir / "cur").is_dir()
+
+
+async def test_each_recipient_gets_its_own_result(tmp_path):
+    report = await transport(tmp_path).deliver(request("alice@example.test", "nobody@example.test"))
+    assert [(r.recipient.address, r.outcome) for r in report.results] == [
+        ("alice@example.test", Outcome.SENT), ("nobody@example.test", Outcome.BOUNCED)]
+
+
+async def test_alias_to_two_users_and_a_remote_address(tmp_path):
+    fwd = FakeForward()
+    t = transport(tmp_path, "team: alice, bob, carol@remote.test\n", forward=fwd)
+    req = request("team@example.test")
+    [result] = (await t.deliver(req)).results
+    assert result.outcome is Outcome.SENT
+    assert "FWD1" in result.text
+    assert delivered(tmp_path, "alice") == [mailbox_copy("alice@example.test")]
+    assert delivered(tmp_path, "bob") == [mailbox_copy("bob@example.test")]
+    [(fwd_request, fwd_rcpt, addresses, content)] = fwd.calls
+    assert fwd_request is req
+    assert fwd_rcpt == req.recipients[0]
+    assert addresses == ("carol@remote.test",)
+    assert content == b"Delivered-To: team@example.test\r\n" + CONTENT
+
+
+async def test_several_remote_addresses_go_in_one_forward(tmp_path):
+    fwd = FakeForward()
+    t = transport(tmp_path, "team: x@remote.test, y@remote.test\n", forward=fwd)
+    [result] = (await t.deliver(request("team@example.test"))).results
+    assert result.outcome is Outcome.SENT
+    assert [call[2] for call in fwd.calls] == [("x@remote.test", "y@remote.test")]
+
+
+async def test_delivered_to_loop_bounces_and_writes_nothing(tmp_path):
+    fwd = FakeForward()
+    content = b"Delivered-To: alice@example.test\r\n" + CONTENT
+    [result] = (await transport(tmp_path, forward=fwd).deliver(request("alice@example.test", content=content))).results
+    assert (result.outcome, result.dsn) == (Outcome.BOUNCED, "5.4.6")
+    assert delivered(tmp_path, "alice") == []
+    assert fwd.calls == []
+
+
+async def test_unknown_user_bounces(tmp_path):
+    [result] = (await transport(tmp_path).deliver(request("nobody@example.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.BOUNCED, "5.1.1")
+
+
+async def test_command_target_defers_before_anything_is_written(tmp_path):
+    fwd = FakeForward()
+    t = transport(tmp_path, "run: alice, |/usr/bin/filter, x@remote.test\n", forward=fwd)
+    [run, bob] = (await t.deliver(request("run@example.test", "bob@example.test"))).results
+    assert (run.outcome, run.dsn) == (Outcome.DEFERRED, "4.3.5")
+    assert delivered(tmp_path, "alice") == []
+    assert fwd.calls == []
+    assert bob.outcome is Outcome.SENT  # other recipients are not held back
+
+
+async def test_refused_part_bounces_and_delivered_part_is_written(tmp_path):
+    t = transport(tmp_path, "team: alice, nobody\n")
+    [result] = (await t.deliver(request("team@example.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.BOUNCED, "5.1.1")
+    assert "nobody@example.test" in result.text
+    assert delivered(tmp_path, "alice") == [mailbox_copy("alice@example.test")]
+
+
+async def test_maildir_that_cannot_be_written_defers(tmp_path):
+    home = tmp_path / "mail" / "alice"
+    home.mkdir(parents=True)
+    (home / "Maildir").write_text("not a directory")
+    [result] = (await transport(tmp_path).deliver(request("alice@example.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.2.0")
+
+
+async def test_forward_that_fails_defers(tmp_path):
+    fwd = FakeForward(error=RuntimeError("cleanup is gone"))
+    t = transport(tmp_path, "team: carol@remote.test\n", forward=fwd)
+    [result] = (await t.deliver(request("team@example.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.3.0")
+    assert len(fwd.calls) == 1
+
+
+async def test_unreadable_forward_file_defers(tmp_path):
+    (tmp_path / "mail" / "bob" / ".forward").mkdir(parents=True)
+    [result] = (await transport(tmp_path).deliver(request("bob@example.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.3.0")
+    assert delivered(tmp_path, "bob") == []
+
+
+async def test_local_part_with_a_path_is_not_written_outside_maildir_base(tmp_path):
+    outside = tmp_path / "outside"
+    await transport(tmp_path, anyone_is_local=True).deliver(request(f"{outside}@example.test"))
+    assert not outside.exists()
+
+
+async def test_one_copy_per_user_however_many_recipients_lead_there(tmp_path):
+    report = await transport(tmp_path, "team: alice, bob\n").deliver(
+        request("alice@example.test", "team@example.test", "Alice+x@example.test"))
+    assert [r.outcome for r in report.results] == [Outcome.SENT] * 3
+    assert len(delivered(tmp_path, "alice")) == 1 and len(delivered(tmp_path, "bob")) == 1

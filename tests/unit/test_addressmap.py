@@ -1,0 +1,404 @@
+"""cleanup's envelope address mapping (mailflow.stages.addressmap.AddressMapper).
+
+Covered: `sender()` (null sender, qualification with myorigin, sender_canonical_maps before canonical_maps,
+masquerade_domains with `!` exceptions and masquerade_exceptions, no masquerading of recipients);
+`recipient()` (recipient_canonical_maps before canonical_maps, `@domain` results, extension propagation,
+recursive mapping and loops, unqualified keys only for this host's domains); `expand()` (virtual_alias_maps:
+one-to-many, order, recursion, self reference, loops, recursion and expansion limits, a table that cannot
+answer); `recipients()` (duplicates, original/notify/orcpt, renumbering); `is_mapped()`.
+Tables are texthash files in tmp_path or inline: tables.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mailflow.config import Config
+from mailflow.errors import LookupRetry, TemporaryError
+from mailflow.model import Recipient
+from mailflow.stages.addressmap import AddressMapper
+from mailflow.stages.rewrite import Rewriter
+
+BASE = dict(myhostname="mx.example.test", mydestination=("example.test", "localhost"))
+
+
+def mapper(**settings) -> AddressMapper:
+    config = Config(**{**BASE, **settings})
+    return AddressMapper(config, Rewriter(config))
+
+
+def table(tmp_path: Path, name: str, text: str) -> str:
+    """A texthash table file with `text`; returns its spec."""
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return f"texthash:{path}"
+
+
+def inline(entries: dict[str, str]) -> str:
+    """inline:{ { key = value } ... } (the braces allow commas and spaces in values)."""
+    body = " ".join(f"{{ {k} = {v} }}" for k, v in entries.items())
+    return f"inline:{{ {body} }}"
+
+
+def expansion_error(excinfo) -> bool:
+    return type(excinfo.value) is TemporaryError and excinfo.value.dsn == "4.6.0"
+
+
+# ------------------------------------------------------------------------------------------------- sender
+
+
+def test_null_sender_stays_null(tmp_path):
+    m = mapper(canonical_maps=(table(tmp_path, "canonical", "@example.test someone@example.test\n"),),
+               masquerade_domains=("example.test",))
+    assert m.sender("") == ""
+
+
+def test_unqualified_sender_gets_myorigin():
+    assert mapper(myorigin="example.test").sender("alice") == "alice@example.test"
+
+
+def test_myorigin_defaults_to_myhostname():
+    assert mapper().sender("alice") == "alice@mx.example.test"
+
+
+def test_qualified_sender_without_mapping_is_unchanged():
+    assert mapper().sender("Alice@Remote.Test") == "Alice@Remote.Test"
+
+
+def test_sender_canonical_maps_are_asked_before_canonical_maps(tmp_path):
+    m = mapper(sender_canonical_maps=(table(tmp_path, "sender_canonical",
+                                            "alice@example.test from-sender@example.test\n"),),
+               canonical_maps=(table(tmp_path, "canonical", "alice@example.test from-canonical@example.test\n"),))
+    assert m.sender("alice@example.test") == "from-sender@example.test"
+
+
+def test_sender_mapping_continues_through_canonical_maps(tmp_path):
+    # The first table with an answer wins at each step; the result is mapped again until it settles.
+    m = mapper(sender_canonical_maps=(table(tmp_path, "sender_canonical", "alice@example.test a1@example.test\n"),),
+               canonical_maps=(table(tmp_path, "canonical", "a1@example.test a2@example.test\n"),))
+    assert m.sender("alice@example.test") == "a2@example.test"
+
+
+def test_sender_canonical_maps_do_not_touch_recipients(tmp_path):
+    m = mapper(sender_canonical_maps=(table(tmp_path, "sender_canonical", "alice@example.test other@example.test\n"),))
+    assert m.recipient("alice@example.test") == "alice@example.test"
+
+
+# ---------------------------------------------------------------------------------------------- masquerade
+
+
+def masq(*domains: str, exceptions: tuple[str, ...] = ()) -> AddressMapper:
+    return mapper(masquerade_domains=domains, masquerade_exceptions=exceptions)
+
+
+def test_masquerade_strips_subdomains():
+    m = masq("example.com")
+    assert m.sender("user@host.example.com") == "user@example.com"
+    assert m.sender("user@a.b.example.com") == "user@example.com"
+
+
+def test_masquerade_leaves_the_domain_itself_and_other_domains():
+    m = masq("example.com")
+    assert m.sender("user@example.com") == "user@example.com"
+    assert m.sender("user@notexample.com") == "user@notexample.com"
+    assert m.sender("user@example.com.evil.test") == "user@example.com.evil.test"
+
+
+def test_masquerade_exception_entry_keeps_that_host():
+    m = masq("!host.example.com", "example.com")
+    assert m.sender("user@host.example.com") == "user@host.example.com"
+    assert m.sender("user@a.host.example.com") == "user@a.host.example.com"
+    assert m.sender("user@other.example.com") == "user@example.com"
+
+
+def test_masquerade_first_matching_entry_decides():
+    # Listed after example.com, the exception never gets a say.
+    m = masq("example.com", "!host.example.com")
+    assert m.sender("user@host.example.com") == "user@example.com"
+
+
+def test_masquerade_exceptions_name_users_never_masqueraded():
+    m = masq("example.com", exceptions=("root",))
+    assert m.sender("root@host.example.com") == "root@host.example.com"
+    assert m.sender("Root@host.example.com") == "Root@host.example.com"
+    assert m.sender("alice@host.example.com") == "alice@example.com"
+
+
+def test_masquerade_applies_after_canonical_mapping(tmp_path):
+    m = mapper(canonical_maps=(table(tmp_path, "canonical", "alice@example.test alice@host.example.com\n"),),
+               masquerade_domains=("example.com",))
+    assert m.sender("alice@example.test") == "alice@example.com"
+
+
+def test_masquerading_does_not_apply_to_recipients():
+    m = masq("example.com")
+    assert m.recipient("user@host.example.com") == "user@host.example.com"
+    assert m.recipients((Recipient(0, "user@host.example.com", "user@host.example.com"),))[0].address \
+        == "user@host.example.com"
+
+
+# ------------------------------------------------------------------------------------------------ recipient
+
+
+def test_recipient_canonical_maps_are_asked_before_canonical_maps(tmp_path):
+    m = mapper(recipient_canonical_maps=(table(tmp_path, "rcpt", "x@example.test from-rcpt@example.test\n"),),
+               canonical_maps=(table(tmp_path, "canonical", "x@example.test from-canonical@example.test\n"),))
+    assert m.recipient("x@example.test") == "from-rcpt@example.test"
+    # ... and recipient_canonical_maps are not asked for senders.
+    assert m.sender("x@example.test") == "from-canonical@example.test"
+
+
+def test_unqualified_recipient_is_qualified_then_mapped(tmp_path):
+    m = mapper(myorigin="example.test",
+               canonical_maps=(table(tmp_path, "canonical", "alice@example.test al@example.test\n"),))
+    assert m.recipient("alice") == "al@example.test"
+
+
+def test_domain_result_keeps_the_local_part(tmp_path):
+    m = mapper(canonical_maps=(table(tmp_path, "canonical", "@old.test @new.test\n"),))
+    assert m.recipient("bob@old.test") == "bob@new.test"
+    assert m.recipient("bob+tag@old.test") == "bob+tag@new.test"
+    assert m.recipient("bob@other.test") == "bob@other.test"
+
+
+def test_unmatched_extension_is_propagated(tmp_path):
+    m = mapper(canonical_maps=(table(tmp_path, "canonical", "bob@example.test robert@example.net\n"),))
+    assert m.recipient("bob+lists@example.test") == "robert+lists@example.net"
+    assert m.recipient("bob@example.test") == "robert@example.net"
+
+
+def test_matched_extension_is_not_added_again(tmp_path):
+    m = mapper(canonical_maps=(table(tmp_path, "canonical",
+                                     "bob+lists@example.test lists@example.net\n"
+                                     "bob@example.test robert@example.net\n"),))
+    assert m.recipient("bob+lists@example.test") == "lists@example.net"
+    assert m.recipient("bob+other@example.test") == "robert+other@example.net"
+
+
+def test_canonical_chain_settles(tmp_path):
+    m = mapper(canonical_maps=(table(tmp_path, "canonical",
+                                     "a@example.test b@example.test\n"
+                                     "b@example.test c@example.test\n"),))
+    assert m.recipient("a@example.test") == "c@example.test"
+
+
+def test_canonical_entry_mapping_onto_itself_settles(tmp_path):
+    m = mapper(canonical_maps=(table(tmp_path, "canonical", "a@example.test A@Example.test\n"),))
+    assert m.recipient("a@example.test") == "a@example.test"
+
+
+def test_canonical_loop_is_an_expansion_error(tmp_path):
+    m = mapper(canonical_maps=(table(tmp_path, "canonical",
+                                     "a@example.test b@example.test\n"
+                                     "b@example.test a@example.test\n"),))
+    with pytest.raises(TemporaryError) as excinfo:
+        m.recipient("a@example.test")
+    assert expansion_error(excinfo)
+    assert excinfo.value.text == "Alias expansion error"
+
+
+def test_key_without_domain_matches_local_domains_only(tmp_path):
+    m = mapper(myorigin="origin.test",
+               canonical_maps=(table(tmp_path, "canonical", "alice al@example.test\n"),))
+    assert m.recipient("alice@example.test") == "al@example.test"      # mydestination
+    assert m.recipient("alice@localhost") == "al@example.test"         # mydestination
+    assert m.recipient("alice@origin.test") == "al@example.test"       # myorigin
+    assert m.recipient("alice@remote.test") == "alice@remote.test"     # someone else's alice
+
+
+def test_key_without_domain_with_extension_for_local_domains(tmp_path):
+    m = mapper(canonical_maps=(table(tmp_path, "canonical", "alice al@example.test\n"),))
+    assert m.recipient("alice+x@example.test") == "al+x@example.test"
+    assert m.recipient("alice+x@remote.test") == "alice+x@remote.test"
+
+
+def test_canonical_table_that_cannot_answer_raises_lookup_retry():
+    m = mapper(canonical_maps=("fail:down",))
+    with pytest.raises(LookupRetry) as excinfo:
+        m.recipient("a@example.test")
+    assert excinfo.value.dsn == "4.3.0"
+
+
+# --------------------------------------------------------------------------------------------------- expand
+
+
+def virtual(tmp_path: Path, text: str, **settings) -> AddressMapper:
+    return mapper(virtual_alias_maps=(table(tmp_path, "virtual", text),), **settings)
+
+
+def test_expand_without_entry_is_the_address_itself(tmp_path):
+    assert virtual(tmp_path, "list@example.test a@x.test\n").expand("other@example.test") == ["other@example.test"]
+
+
+def test_expand_one_to_many_keeps_order(tmp_path):
+    m = virtual(tmp_path, "list@example.test c@x.test, a@x.test  b@x.test\n")
+    assert m.expand("list@example.test") == ["c@x.test", "a@x.test", "b@x.test"]
+
+
+def test_expand_applies_to_any_domain(tmp_path):
+    m = virtual(tmp_path, "someone@remote.test other@x.test\n")
+    assert m.expand("someone@remote.test") == ["other@x.test"]
+
+
+def test_expand_is_recursive_depth_first(tmp_path):
+    m = virtual(tmp_path,
+                "all@example.test team@example.test, z@x.test\n"
+                "team@example.test a@x.test, b@x.test\n")
+    assert m.expand("all@example.test") == ["a@x.test", "b@x.test", "z@x.test"]
+
+
+def test_expand_keeps_an_address_in_its_own_expansion(tmp_path):
+    m = virtual(tmp_path, "a@example.test a@example.test, b@example.test\n")
+    assert m.expand("a@example.test") == ["a@example.test", "b@example.test"]
+
+
+def test_expand_loop_is_an_expansion_error(tmp_path):
+    m = virtual(tmp_path,
+                "a@example.test b@example.test\n"
+                "b@example.test a@example.test\n")
+    with pytest.raises(TemporaryError) as excinfo:
+        m.expand("a@example.test")
+    assert expansion_error(excinfo)
+
+
+def test_expand_longer_loop_is_an_expansion_error(tmp_path):
+    m = virtual(tmp_path,
+                "a@example.test b@example.test, ok@x.test\n"
+                "b@example.test c@example.test\n"
+                "c@example.test A@example.test\n")
+    with pytest.raises(TemporaryError) as excinfo:
+        m.expand("a@example.test")
+    assert expansion_error(excinfo)
+
+
+CHAIN = ("a@example.test b@example.test\n"
+         "b@example.test c@example.test\n"
+         "c@example.test d@example.test\n")
+
+
+def test_expand_within_the_recursion_limit(tmp_path):
+    # a -> b -> c -> d: three nested lookups.
+    assert virtual(tmp_path, CHAIN, virtual_alias_recursion_limit=3).expand("a@example.test") == ["d@example.test"]
+
+
+def test_expand_beyond_the_recursion_limit_is_an_expansion_error(tmp_path):
+    m = virtual(tmp_path, CHAIN, virtual_alias_recursion_limit=2)
+    with pytest.raises(TemporaryError) as excinfo:
+        m.expand("a@example.test")
+    assert expansion_error(excinfo)
+    assert m.expand("b@example.test") == ["d@example.test"]  # two levels only: within the limit
+
+
+def test_expand_within_the_expansion_limit(tmp_path):
+    m = virtual(tmp_path, "list@example.test a@x.test, b@x.test, c@x.test\n", virtual_alias_expansion_limit=3)
+    assert m.expand("list@example.test") == ["a@x.test", "b@x.test", "c@x.test"]
+
+
+def test_expand_beyond_the_expansion_limit_is_an_expansion_error(tmp_path):
+    m = virtual(tmp_path, "list@example.test a@x.test, b@x.test, c@x.test, d@x.test\n",
+                virtual_alias_expansion_limit=3)
+    with pytest.raises(TemporaryError) as excinfo:
+        m.expand("list@example.test")
+    assert expansion_error(excinfo)
+
+
+def test_expansion_limit_counts_the_addresses_produced_not_intermediate_ones(tmp_path):
+    m = virtual(tmp_path,
+                "all@example.test t1@example.test, t2@example.test\n"
+                "t1@example.test a@x.test, b@x.test\n"
+                "t2@example.test c@x.test, d@x.test\n", virtual_alias_expansion_limit=4)
+    assert m.expand("all@example.test") == ["a@x.test", "b@x.test", "c@x.test", "d@x.test"]
+
+
+def test_expand_table_that_cannot_answer_raises_lookup_retry():
+    m = mapper(virtual_alias_maps=("fail:virtual",))
+    with pytest.raises(LookupRetry) as excinfo:
+        m.expand("a@example.test")
+    assert excinfo.value.dsn == "4.3.0"
+
+
+def test_expand_unreadable_table_file_raises_lookup_retry(tmp_path):
+    m = mapper(virtual_alias_maps=(f"texthash:{tmp_path / 'missing'}",))
+    with pytest.raises(LookupRetry):
+        m.expand("a@example.test")
+
+
+def test_expand_first_table_with_an_answer_wins(tmp_path):
+    m = mapper(virtual_alias_maps=(table(tmp_path, "v1", "a@example.test first@x.test\n"),
+                                   table(tmp_path, "v2", "a@example.test second@x.test\n"
+                                                         "b@example.test other@x.test\n")))
+    assert m.expand("a@example.test") == ["first@x.test"]
+    assert m.expand("b@example.test") == ["other@x.test"]
+
+
+# ----------------------------------------------------------------------------------------------- recipients
+
+
+def test_recipients_removes_duplicates_and_keeps_each_origin(tmp_path):
+    m = virtual(tmp_path,
+                "list@example.test a@x.test, b@x.test\n"
+                "team@example.test B@X.test, c@x.test\n")
+    rcpts = (Recipient(3, "list@example.test", "List@Example.test", "SUCCESS,FAILURE", "rfc822;List@Example.test"),
+             Recipient(7, "team@example.test", "team@example.test", "NEVER", ""),
+             Recipient(9, "a@x.test", "a@x.test"))
+    assert m.recipients(rcpts) == (
+        Recipient(0, "a@x.test", "List@Example.test", "SUCCESS,FAILURE", "rfc822;List@Example.test"),
+        Recipient(1, "b@x.test", "List@Example.test", "SUCCESS,FAILURE", "rfc822;List@Example.test"),
+        Recipient(2, "c@x.test", "team@example.test", "NEVER", ""),
+    )
+
+
+def test_recipients_applies_canonical_then_virtual(tmp_path):
+    m = mapper(canonical_maps=(table(tmp_path, "canonical", "old@example.test list@example.test\n"),),
+               virtual_alias_maps=(table(tmp_path, "virtual", "list@example.test a@x.test, b@x.test\n"),))
+    assert m.recipients((Recipient(0, "old@example.test", "old@example.test"),)) == (
+        Recipient(0, "a@x.test", "old@example.test"),
+        Recipient(1, "b@x.test", "old@example.test"),
+    )
+
+
+def test_recipients_without_mapping_are_kept_in_order(tmp_path):
+    m = virtual(tmp_path, "list@example.test a@x.test\n")
+    rcpts = (Recipient(0, "z@x.test", "z@x.test"), Recipient(1, "y@x.test", "Y@x.test"))
+    assert m.recipients(rcpts) == rcpts
+
+
+def test_recipients_errors_propagate(tmp_path):
+    m = virtual(tmp_path, "a@example.test b@example.test\nb@example.test a@example.test\n")
+    with pytest.raises(TemporaryError) as excinfo:
+        m.recipients((Recipient(0, "ok@x.test", "ok@x.test"), Recipient(1, "a@example.test", "a@example.test")))
+    assert expansion_error(excinfo)
+
+
+# ------------------------------------------------------------------------------------------------ is_mapped
+
+
+def test_is_mapped_for_recipient_side_tables_only():
+    m = mapper(virtual_alias_maps=(inline({"v@example.test": "x@x.test"}),),
+               canonical_maps=(inline({"c@example.test": "x@x.test"}),),
+               recipient_canonical_maps=(inline({"r@example.test": "x@x.test"}),),
+               sender_canonical_maps=(inline({"s@example.test": "x@x.test"}),))
+    assert m.is_mapped("v@example.test")
+    assert m.is_mapped("c@example.test")
+    assert m.is_mapped("r@example.test")
+    assert m.is_mapped("V@Example.TEST")
+    assert not m.is_mapped("s@example.test")
+    assert not m.is_mapped("nobody@example.test")
+
+
+def test_is_mapped_through_domain_and_extension_keys():
+    m = mapper(virtual_alias_maps=(inline({"@hosted.test": "x@x.test", "v@example.test": "x@x.test"}),))
+    assert m.is_mapped("anyone@hosted.test")
+    assert m.is_mapped("v+tag@example.test")
+    assert not m.is_mapped("anyone@other.test")
+
+
+def test_is_mapped_qualifies_the_address():
+    m = mapper(myorigin="example.test", virtual_alias_maps=(inline({"v@example.test": "x@x.test"}),))
+    assert m.is_mapped("v")
+
+
+def test_is_mapped_table_that_cannot_answer_raises_lookup_retry():
+    with pytest.raises(LookupRetry):
+        mapper(virtual_alias_maps=("fail:v",)).is_mapped("a@example.test")

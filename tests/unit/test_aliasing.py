@@ -1,0 +1,305 @@
+"""Local alias and .forward expansion (mailflow.stages.aliasing.LocalExpander), with real files in tmp_path.
+
+Covered: alias_maps (aliases(5) texthash files and inline tables): several users, chains, self reference,
+loops falling through to the mailbox, `\\user`, remote addresses becoming Forward; unknown users (5.1.1);
+.forward files under `<maildir_base>/<user>/` (`\\user`, remote addresses, `.forward+ext` preferred, empty
+file); commands and files allowed from aliases by default, refused (5.7.1) from :include: unless allowed;
+Delivered-To loops (5.4.6); an unreadable .forward (4.3.0); bad syntax in .forward or an alias value (4.3.5);
+duplicate leaves.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mailflow.config import Config
+from mailflow.errors import TemporaryError
+from mailflow.stages.aliasing import Command, File, Forward, LocalExpander, Mailbox, Refused
+from mailflow.stages.rewrite import Rewriter
+
+USERS = ("alice", "bob", "carol")
+
+
+def expander(tmp_path: Path, aliases: str | None = None, *, alias_maps: tuple[str, ...] | None = None,
+             local_recipient_maps: tuple[str, ...] | None = None, **local) -> LocalExpander:
+    """A LocalExpander for example.test whose local users are USERS (unless `local_recipient_maps` says
+    otherwise); `aliases` is an aliases(5) file; `local` are settings of the [local] section."""
+    if local_recipient_maps is None:
+        users = tmp_path / "users"
+        users.write_text("".join(f"{u} {u}\n" for u in USERS))
+        local_recipient_maps = (f"texthash:{users}",)
+    if alias_maps is None:
+        alias_maps = ()
+        if aliases is not None:
+            (tmp_path / "aliases").write_text(aliases)
+            alias_maps = (f"texthash:{tmp_path / 'aliases'}",)
+    config = Config(myhostname="mx.example.test", myorigin="example.test",
+                    mydestination=("example.test", "localhost"),
+                    local_recipient_maps=local_recipient_maps, alias_maps=alias_maps,
+                    local={"maildir_base": str(tmp_path / "mail"), **local})
+    return LocalExpander(config, Rewriter(config))
+
+
+def forward_file(tmp_path: Path, user: str, text: str, name: str = ".forward") -> Path:
+    home = tmp_path / "mail" / user
+    home.mkdir(parents=True, exist_ok=True)
+    (home / name).write_text(text)
+    return home / name
+
+
+def mailbox(user: str, addr: str | None = None) -> Mailbox:
+    return Mailbox(user, addr or f"{user}@example.test")
+
+
+def temporary(excinfo, dsn: str) -> bool:
+    return isinstance(excinfo.value, TemporaryError) and excinfo.value.dsn == dsn
+
+
+# ------------------------------------------------------------------------------------------------ aliases
+
+
+def test_user_without_alias_or_forward_gets_the_mailbox(tmp_path):
+    assert expander(tmp_path, "team: alice\n").expand("bob@example.test") == [mailbox("bob")]
+
+
+def test_unqualified_recipient_is_qualified_with_myorigin(tmp_path):
+    assert expander(tmp_path).expand("bob") == [mailbox("bob")]
+
+
+def test_alias_to_several_users(tmp_path):
+    e = expander(tmp_path, "team: alice, bob,\n  carol\n")
+    assert e.expand("team@example.test") == [mailbox("alice"), mailbox("bob"), mailbox("carol")]
+
+
+def test_alias_name_is_case_insensitive_and_matches_without_extension(tmp_path):
+    e = expander(tmp_path, "team: alice, bob\n")
+    assert e.expand("TEAM@example.test") == [mailbox("alice"), mailbox("bob")]
+    assert e.expand("team+news@example.test") == [mailbox("alice"), mailbox("bob")]
+
+
+def test_alias_chain(tmp_path):
+    e = expander(tmp_path, "staff: team, carol\nteam: alice, bob\n")
+    assert e.expand("staff@example.test") == [mailbox("alice"), mailbox("bob"), mailbox("carol")]
+
+
+def test_alias_including_itself_delivers_to_its_mailbox(tmp_path):
+    e = expander(tmp_path, "alice: alice, bob\n")
+    assert e.expand("alice@example.test") == [mailbox("alice"), mailbox("bob")]
+
+
+def test_alias_loop_falls_through_to_the_mailbox(tmp_path):
+    e = expander(tmp_path, "alice: bob\nbob: alice\n")
+    assert e.expand("alice@example.test") == [mailbox("alice")]
+    assert e.expand("bob@example.test") == [mailbox("bob")]
+
+
+def test_backslash_user_is_the_mailbox_without_further_expansion(tmp_path):
+    forward_file(tmp_path, "alice", "elsewhere@remote.test\n")
+    e = expander(tmp_path, "alice: \\alice, carol@remote.test\nteam: \\alice\n")
+    assert e.expand("alice@example.test") == [mailbox("alice"), Forward("carol@remote.test")]
+    assert e.expand("team@example.test") == [mailbox("alice", "alice@example.test")]
+
+
+def test_unknown_user_is_refused(tmp_path):
+    [leaf] = expander(tmp_path, "team: alice\n").expand("nobody@example.test")
+    assert isinstance(leaf, Refused)
+    assert (leaf.address, leaf.dsn) == ("nobody@example.test", "5.1.1")
+    assert "nobody" in leaf.text
+
+
+def test_alias_to_an_unknown_user_refuses_that_one_only(tmp_path):
+    leaves = expander(tmp_path, "team: alice, ghost\n").expand("team@example.test")
+    assert leaves[0] == mailbox("alice")
+    assert [(type(x), x.address, x.dsn) for x in leaves[1:]] == [(Refused, "ghost@example.test", "5.1.1")]
+
+
+def test_alias_to_a_remote_address_is_a_forward(tmp_path):
+    e = expander(tmp_path, "team: alice, Someone@Remote.test\n")
+    assert e.expand("team@example.test") == [mailbox("alice"), Forward("Someone@Remote.test")]
+
+
+def test_alias_is_not_consulted_for_remote_addresses_in_its_value(tmp_path):
+    # `alice@remote.test` is not local: it is forwarded, not expanded through the local alias `alice`.
+    e = expander(tmp_path, "team: alice@remote.test\nalice: bob\n")
+    assert e.expand("team@example.test") == [Forward("alice@remote.test")]
+
+
+def test_alias_from_an_inline_table(tmp_path):
+    e = expander(tmp_path, alias_maps=("inline:{ { team = alice, x@remote.test } }",))
+    assert e.expand("team@example.test") == [mailbox("alice"), Forward("x@remote.test")]
+
+
+def test_bad_syntax_in_an_inline_alias_value_is_4_3_5(tmp_path):
+    e = expander(tmp_path, alias_maps=("inline:{ { team = alice, ./relative/file } }",))
+    with pytest.raises(TemporaryError) as excinfo:
+        e.expand("team@example.test")
+    assert temporary(excinfo, "4.3.5")
+
+
+def test_alias_table_that_cannot_answer_is_4_3_0(tmp_path):
+    e = expander(tmp_path, alias_maps=("fail:aliases",))
+    with pytest.raises(TemporaryError) as excinfo:
+        e.expand("alice@example.test")
+    assert temporary(excinfo, "4.3.0")
+
+
+# ----------------------------------------------------------------------------------------------- .forward
+
+
+def test_forward_with_own_mailbox_and_remote_copy(tmp_path):
+    forward_file(tmp_path, "bob", "\\bob, bob@remote.test\n")
+    assert expander(tmp_path).expand("bob@example.test") == [mailbox("bob"), Forward("bob@remote.test")]
+
+
+def test_forward_naming_its_own_user_delivers_to_the_mailbox(tmp_path):
+    forward_file(tmp_path, "bob", "bob, carol\n")
+    assert expander(tmp_path).expand("bob@example.test") == [mailbox("bob"), mailbox("carol")]
+
+
+def test_forward_is_read_after_an_alias(tmp_path):
+    forward_file(tmp_path, "bob", "bob@remote.test\n")
+    assert expander(tmp_path, "team: alice, bob\n").expand("team@example.test") == \
+        [mailbox("alice"), Forward("bob@remote.test")]
+
+
+def test_forward_with_extension_is_preferred(tmp_path):
+    forward_file(tmp_path, "bob", "plain@remote.test\n")
+    forward_file(tmp_path, "bob", "lists@remote.test\n", name=".forward+lists")
+    e = expander(tmp_path)
+    assert e.expand("bob+lists@example.test") == [Forward("lists@remote.test")]
+    assert e.expand("bob@example.test") == [Forward("plain@remote.test")]
+    assert e.expand("bob+other@example.test") == [Forward("plain@remote.test")]
+
+
+def test_empty_forward_delivers_to_the_mailbox(tmp_path):
+    forward_file(tmp_path, "bob", "")
+    forward_file(tmp_path, "carol", "# only a comment\n\n")
+    e = expander(tmp_path)
+    assert e.expand("bob@example.test") == [mailbox("bob")]
+    assert e.expand("carol@example.test") == [mailbox("carol")]
+
+
+def test_unreadable_forward_is_4_3_0(tmp_path):
+    (tmp_path / "mail" / "bob" / ".forward").mkdir(parents=True)  # a directory: reading it fails as root too
+    with pytest.raises(TemporaryError) as excinfo:
+        expander(tmp_path).expand("bob@example.test")
+    assert temporary(excinfo, "4.3.0")
+
+
+def test_bad_syntax_in_forward_is_4_3_5(tmp_path):
+    forward_file(tmp_path, "bob", "alice, ./relative/file\n")
+    with pytest.raises(TemporaryError) as excinfo:
+        expander(tmp_path).expand("bob@example.test")
+    assert temporary(excinfo, "4.3.5")
+
+
+def test_bad_syntax_in_alias_file_is_a_temporary_failure(tmp_path):
+    e = expander(tmp_path, "team alice\n")  # no colon: the whole table fails until fixed
+    with pytest.raises(TemporaryError) as excinfo:
+        e.expand("team@example.test")
+    assert temporary(excinfo, "4.3.0")
+
+
+# ------------------------------------------------------------------------------------ commands, files, :include:
+
+
+def test_commands_and_files_from_an_alias_are_allowed_by_default(tmp_path):
+    e = expander(tmp_path, 'run: "|/usr/bin/filter -x", /var/spool/archive\n')
+    assert e.expand("run@example.test") == [Command("/usr/bin/filter -x", "run@example.test", "alias"),
+                                              File("/var/spool/archive", "run@example.test", "alias")]
+
+
+def test_commands_and_files_from_forward_are_allowed_by_default(tmp_path):
+    forward_file(tmp_path, "bob", "|/usr/bin/vacation bob\n/var/spool/bob-archive\n")
+    assert expander(tmp_path).expand("bob@example.test") == [
+        Command("/usr/bin/vacation bob", "bob@example.test", "forward"),
+        File("/var/spool/bob-archive", "bob@example.test", "forward")]
+
+
+def test_commands_from_an_alias_refused_when_not_allowed(tmp_path):
+    e = expander(tmp_path, "run: |/usr/bin/filter, /var/spool/archive\n",
+                 allow_mail_to_commands=(), allow_mail_to_files=())
+    assert e.expand("run@example.test") == [Refused("run@example.test", "5.7.1", "mail to command is restricted"),
+                                              Refused("run@example.test", "5.7.1", "mail to file is restricted")]
+
+
+def include_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "list.include"
+    path.write_text(text)
+    return path
+
+
+def test_commands_and_files_from_include_are_refused_by_default(tmp_path):
+    inc = include_file(tmp_path, "|/usr/bin/filter\n/var/spool/archive\nalice\n")
+    leaves = expander(tmp_path, f"list: :include:{inc}\n").expand("list@example.test")
+    assert leaves == [Refused("list@example.test", "5.7.1", "mail to command is restricted"),
+                      Refused("list@example.test", "5.7.1", "mail to file is restricted"),
+                      mailbox("alice")]
+
+
+def test_commands_and_files_from_include_when_allowed(tmp_path):
+    inc = include_file(tmp_path, "|/usr/bin/filter\n/var/spool/archive\nalice\n")
+    e = expander(tmp_path, f"list: :include:{inc}\n",
+                 allow_mail_to_commands=("alias", "forward", "include"), allow_mail_to_files=("include",))
+    assert e.expand("list@example.test") == [Command("/usr/bin/filter", "list@example.test", "include"),
+                                               File("/var/spool/archive", "list@example.test", "include"),
+                                               mailbox("alice")]
+
+
+def test_missing_include_file_is_4_3_0(tmp_path):
+    e = expander(tmp_path, f"list: :include:{tmp_path / 'missing'}\n")
+    with pytest.raises(TemporaryError) as excinfo:
+        e.expand("list@example.test")
+    assert temporary(excinfo, "4.3.0")
+
+
+# ------------------------------------------------------------------------------------- loops and duplicates
+
+
+def test_address_in_delivered_to_is_a_forwarding_loop(tmp_path):
+    [leaf] = expander(tmp_path).expand("alice@example.test", delivered_to=frozenset({"Alice@Example.test"}))
+    assert isinstance(leaf, Refused)
+    assert (leaf.address, leaf.dsn) == ("alice@example.test", "5.4.6")
+
+
+def test_delivered_to_loop_inside_an_alias_refuses_that_branch_only(tmp_path):
+    e = expander(tmp_path, "team: alice, bob\n")
+    leaves = e.expand("team@example.test", delivered_to=frozenset({"alice@example.test"}))
+    assert [(type(x), x.address) for x in leaves] == [(Refused, "alice@example.test"), (Mailbox, "bob@example.test")]
+    assert leaves[0].dsn == "5.4.6"
+
+
+def test_delivered_to_naming_the_alias_itself(tmp_path):
+    [leaf] = expander(tmp_path, "team: alice, bob\n").expand("team@example.test",
+                                                             delivered_to=frozenset({"team@example.test"}))
+    assert (type(leaf), leaf.dsn) == (Refused, "5.4.6")
+
+
+def test_duplicate_leaves_are_dropped(tmp_path):
+    e = expander(tmp_path, "team: alice, bob, alice, staff, x@remote.test\nstaff: bob, x@remote.test\n")
+    assert e.expand("team@example.test") == [mailbox("alice"), mailbox("bob"), Forward("x@remote.test")]
+
+
+def test_duplicate_leaves_differing_only_in_case_are_dropped(tmp_path):
+    e = expander(tmp_path, "team: alice, Alice\n")
+    assert [x.user for x in e.expand("team@example.test") if isinstance(x, Mailbox)] == ["alice"]
+
+
+# ------------------------------------------------------------------------------------------ homes and paths
+
+
+def test_home_is_under_maildir_base(tmp_path):
+    assert expander(tmp_path).home("alice") == tmp_path / "mail" / "alice"
+
+
+def test_empty_local_recipient_maps_make_anyone_local(tmp_path):
+    assert expander(tmp_path, local_recipient_maps=()).expand("zed@example.test") == [mailbox("zed")]
+
+
+def test_local_part_with_a_path_does_not_reach_outside_maildir_base(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / ".forward").write_text("stolen@remote.test\n")
+    leaves = expander(tmp_path, local_recipient_maps=()).expand(f"{outside}@example.test")
+    assert Forward("stolen@remote.test") not in leaves
