@@ -177,6 +177,12 @@ class Config(_Section):
     virtual_mailbox_maps: tuple[str, ...] = ()
     virtual_mailbox_base: str = "var/vmail"
     virtual_transport: str = "virtual"
+    # Quota of a virtual mailbox: the bytes of its messages (new/ and cur/) plus the new one; 0: no limit.
+    # virtual_mailbox_limit_maps give per-address limits (bytes). Over quota: bounce 5.2.2, or with
+    # virtual_overquota_bounce = false defer 4.2.2 (the names of Postfix's VDA quota patch).
+    virtual_mailbox_limit: int = Field(0, ge=0)
+    virtual_mailbox_limit_maps: tuple[str, ...] = ()
+    virtual_overquota_bounce: bool = True
     # Local users (local_recipient_maps) and local aliases (alias_maps: aliases(5) files when texthash). A local
     # recipient is known when either table has its local part; empty local_recipient_maps: any is.
     local_recipient_maps: tuple[str, ...] = ("inline:{postmaster=postmaster}",)
@@ -242,7 +248,8 @@ class Config(_Section):
             raise ValueError(f"{v!r} is not transport or transport:nexthop")
         return v
 
-    @field_validator("transport_maps", "relay_recipient_maps", "virtual_mailbox_maps", "local_recipient_maps",
+    @field_validator("transport_maps", "relay_recipient_maps", "virtual_mailbox_maps", "virtual_mailbox_limit_maps",
+                     "local_recipient_maps",
                      "alias_maps", "canonical_maps", "sender_canonical_maps", "recipient_canonical_maps",
                      "virtual_alias_maps")
     @classmethod

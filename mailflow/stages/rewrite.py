@@ -27,6 +27,7 @@ Failures: a table that cannot answer raises `LookupRetry` (smtpd says 451 4.3.0,
 from __future__ import annotations
 
 from mailflow import address
+from mailflow.errors import LookupRetry
 from mailflow.model import AddressClass, Resolution
 from mailflow.tables import Table, TableCache, lookup_address, lookup_local, split_extension
 
@@ -84,6 +85,7 @@ class Rewriter:
         self._transport_maps = tables.open(config.transport_maps)
         self._relay_recipient_maps = tables.open(config.relay_recipient_maps)
         self._virtual_mailbox_maps = tables.open(config.virtual_mailbox_maps)
+        self._virtual_limit_maps = tables.open(config.virtual_mailbox_limit_maps)
         self._local_recipient_maps = tables.open(config.local_recipient_maps)
         self._alias_maps = tables.open(config.alias_maps, aliases=True)
 
@@ -186,6 +188,19 @@ class Rewriter:
             if found is not None:
                 return found[1].strip()
         return None
+
+    def virtual_mailbox_limit(self, addr: str) -> int:
+        """The quota in bytes of a virtual mailbox (0: none): virtual_mailbox_limit_maps, else
+        virtual_mailbox_limit. A map value that is not a number counts as a table failure. May raise LookupRetry."""
+        qualified = self.qualify(addr)
+        for table in self._virtual_limit_maps:
+            found = lookup_address(table, qualified, delimiter=self._config.recipient_delimiter)
+            if found is not None:
+                value = found[1].strip()
+                if not value.isdigit():
+                    raise LookupRetry(f"table {table.name}: {found[0]}: {value!r} is not a number of bytes")
+                return int(value)
+        return self._config.virtual_mailbox_limit
 
     def is_known_relay(self, addr: str) -> bool:
         """A relay_domains recipient exists per relay_recipient_maps (any does when none are set).

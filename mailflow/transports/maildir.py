@@ -7,6 +7,8 @@
 Per recipient: write `Return-Path` and `Delivered-To` then the message, with LF line endings (the mailbox
 convention, as Postfix writes it) into `tmp/`, fsync the file, rename it into `new/`, fsync `new/`. Only then
 is the recipient SENT. The file work runs in a worker thread.
+Quota (`quota(recipient) -> bytes`, 0 = none): the sizes of the files in new/ and cur/ plus the new message
+may not exceed it; over quota bounces 5.2.2, or defers 4.2.2 when `overquota_bounce` is False.
 Failures: an unknown virtual user bounces (5.1.1); a table that cannot answer or a map value mailflow
 cannot use defers (4.3.0 / 4.3.5); an OS error defers (4.2.0: a full disk, a permission the operator can fix).
 """
@@ -66,11 +68,26 @@ def mailbox_prefix(sender: str, delivered_to: str) -> bytes:
     return f"Return-Path: <{sender}>\nDelivered-To: {delivered_to}\n".encode("utf-8")
 
 
+def maildir_size(maildir: Path) -> int:
+    """Bytes of the messages in new/ and cur/ (missing folders count as empty)."""
+    total = 0
+    for sub in ("new", "cur"):
+        try:
+            with os.scandir(maildir / sub) as entries:
+                total += sum(e.stat().st_size for e in entries if e.is_file(follow_symlinks=False))
+        except FileNotFoundError:
+            pass
+    return total
+
+
 class MaildirTransport:
-    def __init__(self, locate: Locate, *, clock: Clock, relay: str = "virtual"):
+    def __init__(self, locate: Locate, *, clock: Clock, relay: str = "virtual",
+                 quota: Callable[[str], int] = lambda recipient: 0, overquota_bounce: bool = True):
         self._locate = locate
         self._relay = relay
         self._writer = MaildirWriter(clock)
+        self._quota = quota
+        self._overquota_bounce = overquota_bounce
 
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
         body = request.content.replace(b"\r\n", b"\n")
@@ -90,12 +107,30 @@ class MaildirTransport:
         if maildir is None:
             return RcptResult(rcpt, Outcome.BOUNCED, "5.1.1", "user unknown in virtual mailbox table",
                               relay=self._relay)
+        data = mailbox_prefix(request.sender, rcpt.address) + body
         try:
-            await self._writer.write(maildir, mailbox_prefix(request.sender, rcpt.address) + body)
+            refusal = await self._over_quota(rcpt, maildir, len(data))
+            if refusal is not None:
+                return refusal
+            await self._writer.write(maildir, data)
+        except TemporaryError as e:
+            return RcptResult(rcpt, Outcome.DEFERRED, e.dsn, e.text, relay=self._relay)
         except OSError as e:
             return RcptResult(rcpt, Outcome.DEFERRED, "4.2.0", f"cannot write to maildir {maildir}: {e.strerror}",
                               relay=self._relay)
         return RcptResult(rcpt, Outcome.SENT, "2.0.0", f"delivered to maildir {maildir}", relay=self._relay)
+
+    async def _over_quota(self, rcpt: Recipient, maildir: Path, size: int) -> RcptResult | None:
+        quota = self._quota(rcpt.address)  # LookupRetry propagates
+        if not quota:
+            return None
+        used = await asyncio.to_thread(maildir_size, maildir)
+        if used + size <= quota:
+            return None
+        text = f"mailbox {maildir} is full: {used} + {size} bytes > quota {quota}"
+        if self._overquota_bounce:
+            return RcptResult(rcpt, Outcome.BOUNCED, "5.2.2", text, relay=self._relay)
+        return RcptResult(rcpt, Outcome.DEFERRED, "4.2.2", text, relay=self._relay)
 
 
 def _write_maildir_file(maildir: Path, name: str, data: bytes) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from mailflow.transports.maildir import virtual_maildirs
 from mailflow.errors import TemporaryError
-from tests.helpers import eventually, maildir_messages, send
+from tests.helpers import eventually, maildir_messages, queue_becomes, send
 
 MAPS = "inline:{carol@virtual.test=virtual.test/carol/, dave@virtual.test=virtual.test/dave/}"
 
@@ -48,3 +48,30 @@ def test_a_map_value_outside_the_base_or_not_a_maildir_defers(tmp_path):
     assert "Maildir" in mbox.value.text
     assert virtual_maildirs(tmp_path, Maps(None))("x@virtual.test") is None
     assert virtual_maildirs(tmp_path, Maps("d/x/"))("x@d") == (tmp_path / "d" / "x").resolve()
+
+
+async def test_a_full_virtual_mailbox_bounces_or_defers(mailflow_server, tmp_path):
+    mf = await mailflow_server(virtual_mailbox_domains=["virtual.test"], virtual_mailbox_maps=[MAPS],
+                               virtual_mailbox_base=str(tmp_path / "vmail"), virtual_mailbox_limit=1000,
+                               virtual_mailbox_limit_maps=["inline:{dave@virtual.test=100000}"])
+    port = mf.smtp_addresses[0][1]
+    await send(port, "s@remote.test", ["carol@virtual.test"], b"Subject: 1\r\n\r\n" + b"x" * 600 + b"\r\n")
+    carol = tmp_path / "vmail" / "virtual.test" / "carol"
+    await eventually(lambda: maildir_messages(carol))
+    # the second would take carol past her 1000 bytes; dave's own limit is larger
+    await send(port, "alice@local.test", ["carol@virtual.test", "dave@virtual.test"],
+               b"Subject: 2\r\n\r\n" + b"y" * 600 + b"\r\n")
+    await eventually(lambda: maildir_messages(tmp_path / "vmail" / "virtual.test" / "dave"))
+    [bounce] = await eventually(lambda: maildir_messages(tmp_path / "mail" / "alice" / "Maildir"))
+    assert b"Final-Recipient: rfc822; carol@virtual.test" in bounce and b"Status: 5.2.2" in bounce
+    assert len(maildir_messages(carol)) == 1
+
+
+async def test_an_over_quota_mailbox_defers_when_configured(mailflow_server, tmp_path):
+    mf = await mailflow_server(virtual_mailbox_domains=["virtual.test"], virtual_mailbox_maps=[MAPS],
+                               virtual_mailbox_base=str(tmp_path / "vmail"), virtual_mailbox_limit=100,
+                               virtual_overquota_bounce=False)
+    await send(mf.smtp_addresses[0][1], "s@remote.test", ["carol@virtual.test"], b"Subject: big\r\n\r\n" + b"z" * 200)
+    assert await queue_becomes(mf.store, {"deferred": 1}) == {"deferred": 1}
+    [(_, status, dsn, text)] = await mf.store.recipients((await mf.store.due(2e9, 1))[0].queue_id)
+    assert (status, dsn) == ("pending", "4.2.2") and "quota 100" in text
