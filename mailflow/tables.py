@@ -7,8 +7,10 @@ naming the table; callers defer (4.3.0), never treat it as "not found" (Postfix 
 - `open_table(spec, *, base_dir=None, clock=time.monotonic) -> Table`: parse `type:name`. Bad spec or unknown
   type raises `ConfigError(file="", key=spec, reason)`; the caller fills in the file and key. File-backed
   tables (texthash, regexp) read their file at the first lookup, not here; sqlite reads its .cf here.
-- `lookup_address(table, address, *, delimiter="+") -> (key, value) | None`: virtual(5)/canonical(5) order.
-- `lookup_local(table, local_part, *, delimiter="+") -> (key, value) | None`: aliases(5) order.
+- `find_address(tables, address, *, delimiter="+", local_domain=False) -> (table, key, value) | None`:
+  virtual(5)/canonical(5) key order, every table asked each key before the next key (Postfix maps_find).
+- `find_local(tables, local_part, *, delimiter="+")`: aliases(5) key order; `find(tables, keys)` for other
+  orders (transport(5)). `lookup_address` / `lookup_local`: the same for one table, -> (key, value) | None.
 - `TableCache(clock).open(specs, aliases=False)`: the tables of one setting; a spec named twice is opened once.
 
 Types:
@@ -27,7 +29,7 @@ Types:
 - `fail:name`: every lookup raises LookupRetry.
 
 Fixed-string tables fold keys to lower case (Postfix `DICT_FLAG_FOLD_FIX`); regexp tables see the key as is
-and have `fixed = False`, so `lookup_address` asks them the full address only (Postfix mail_addr_find).
+and have `fixed = False`, so `find` asks them the first (full) key only (Postfix mail_addr_find).
 Relative paths (spec, dbpath) are taken from `base_dir` when given, else from the current directory.
 """
 from __future__ import annotations
@@ -78,26 +80,57 @@ def open_table(spec: str, *, base_dir: Path | None = None, clock: Callable[[], f
     raise ConfigError("", spec, f"unknown table type {kind!r}; mailflow has {', '.join(TYPES)}")
 
 
-def lookup_address(table: Table, address: str, *, delimiter: str = "+",
-                   local_domain: bool = False) -> tuple[str, str] | None:
+def address_keys(address: str, *, delimiter: str = "+", local_domain: bool = False) -> list[str]:
     """Postfix mail_addr_find order: `user+ext@domain`, `user@domain`, then (only when `local_domain`: the
-    domain is one of this host's) `user+ext` and `user`, then `@domain`; stops at the first answer.
-
-    Pattern tables (`fixed = False`) are asked the full address only. The key is returned as asked; tables
-    fold case themselves. An address without '@' is looked up with `lookup_local`.
-    """
+    domain is one of this host's) `user+ext` and `user`, then `@domain`. An address without '@' gets the
+    aliases(5) keys (`local_keys`)."""
     local, at, domain = address.rpartition("@")
     if not at:
-        return lookup_local(table, address, delimiter=delimiter)
+        return local_keys(address, delimiter=delimiter)
     keys = [address]
-    if table.fixed:
-        user, ext = split_extension(local, delimiter)
-        if ext:
-            keys.append(f"{user}@{domain}")
-        if local_domain:
-            keys += [local, user] if ext else [local]
-        keys.append(f"@{domain}")
-    return _first(table, keys)
+    user, ext = split_extension(local, delimiter)
+    if ext:
+        keys.append(f"{user}@{domain}")
+    if local_domain:
+        keys += [local, user] if ext else [local]
+    keys.append(f"@{domain}")
+    return keys
+
+
+def local_keys(local_part: str, *, delimiter: str = "+") -> list[str]:
+    """aliases(5) order: `user+ext`, then `user`."""
+    user, ext = split_extension(local_part, delimiter)
+    return [local_part, user] if ext else [local_part]
+
+
+def find(tables: list[Table], keys: list[str]) -> tuple[str, str, str] | None:
+    """(table name, key, value) for the first key any table answers: every table is asked one key before the
+    next key is tried (Postfix maps_find). Pattern tables (`fixed = False`) are asked the first key only.
+    LookupRetry propagates."""
+    for i, key in enumerate(keys):
+        for table in tables:
+            if i and not table.fixed:
+                continue
+            value = table.lookup(key)
+            if value is not None:
+                return table.name, key, value
+    return None
+
+
+def find_address(tables: list[Table], address: str, *, delimiter: str = "+",
+                 local_domain: bool = False) -> tuple[str, str, str] | None:
+    return find(tables, address_keys(address, delimiter=delimiter, local_domain=local_domain))
+
+
+def find_local(tables: list[Table], local_part: str, *, delimiter: str = "+") -> tuple[str, str, str] | None:
+    return find(tables, local_keys(local_part, delimiter=delimiter))
+
+
+def lookup_address(table: Table, address: str, *, delimiter: str = "+",
+                   local_domain: bool = False) -> tuple[str, str] | None:
+    """`find_address` in one table: (key, value) or None."""
+    found = find_address([table], address, delimiter=delimiter, local_domain=local_domain)
+    return found[1:] if found else None
 
 
 class TableCache:
@@ -119,12 +152,9 @@ class TableCache:
 
 
 def lookup_local(table: Table, local_part: str, *, delimiter: str = "+") -> tuple[str, str] | None:
-    """aliases(5) order: `user+ext`, then `user` (fixed tables only)."""
-    keys = [local_part]
-    user, ext = split_extension(local_part, delimiter)
-    if ext and table.fixed:
-        keys.append(user)
-    return _first(table, keys)
+    """`find_local` in one table: (key, value) or None."""
+    found = find_local([table], local_part, delimiter=delimiter)
+    return found[1:] if found else None
 
 
 def split_extension(local: str, delimiter: str) -> tuple[str, str]:
@@ -136,14 +166,6 @@ def split_extension(local: str, delimiter: str) -> tuple[str, str]:
         if c in delimiter:
             return (local[:i], local[i:]) if i else (local, "")
     return local, ""
-
-
-def _first(table: Table, keys: list[str]) -> tuple[str, str] | None:
-    for key in keys:
-        value = table.lookup(key)
-        if value is not None:
-            return key, value
-    return None
 
 
 def _resolve(name: str, base_dir: Path | None) -> Path:

@@ -11,14 +11,15 @@ What it owns (Postfix cleanup(8), envelope part):
 
 Table semantics (as Postfix's mail_addr_map):
 - Keys are tried as `user+ext@domain`, `user@domain`, `user+ext` and `user` (only for this host's domains:
-  mydestination and myorigin), `@domain`; the first table with an answer wins.
+  mydestination and myorigin), `@domain`; each key is asked of every table before the next key.
 - A result `@other.domain` keeps the local part: `user@domain` -> `user@other.domain`.
-- When the match ignored the address extension, the extension goes onto the result
-  (`user+ext@domain` via `user@domain -> bob@example.com` gives `bob+ext@example.com`);
-  Postfix's propagate_unmatched_extensions default (canonical, virtual).
-- Canonical mapping is one-to-one and repeats until the address maps onto itself or no longer maps, at most
-  CANONICAL_RECURSION_LIMIT times. Virtual alias expansion is one-to-many; an address that appears in its own
-  expansion is kept as it is (`a@x -> a@x, b@x`), an address that comes back through others is a loop.
+- When a `user@domain` or `user` key matched without the address extension, the extension goes onto the
+  result (`user+ext@domain` via `user@domain -> bob@example.com` gives `bob+ext@example.com`); Postfix's
+  propagate_unmatched_extensions default (canonical, virtual).
+- Canonical mapping is one-to-one: recipient_canonical_maps (or sender_) to a fixed point, then canonical_maps
+  to a fixed point, each at most CANONICAL_RECURSION_LIMIT steps. Virtual alias expansion is one-to-many (see
+  `expand`); an address that appears in its own expansion is kept as it is (`a@x -> a@x, b@x`), an address
+  that comes back through others is a loop.
 
 Failures (the message is not accepted; smtpd answers 451, as Postfix does): `LookupRetry` (4.3.0) when a table
 cannot answer; `TemporaryError("4.6.0", "Alias expansion error")` for a loop, more nesting than
@@ -34,7 +35,7 @@ from typing import Sequence
 from mailflow import address
 from mailflow.errors import TemporaryError
 from mailflow.model import Recipient
-from mailflow.tables import Table, TableCache, lookup_address, split_extension
+from mailflow.tables import Table, TableCache, find_address, split_extension
 
 log = logging.getLogger("mailflow.cleanup")
 
@@ -57,16 +58,16 @@ class AddressMapper:
         tables = tables or TableCache()
         self._config = config
         self._rewriter = rewriter
-        self._sender_canonical = tables.open(config.sender_canonical_maps) + tables.open(config.canonical_maps)
-        self._recipient_canonical = (tables.open(config.recipient_canonical_maps)
-                                     + tables.open(config.canonical_maps))
+        canonical = tables.open(config.canonical_maps)
+        self._sender_passes = [t for t in (tables.open(config.sender_canonical_maps), canonical) if t]
+        self._recipient_passes = [t for t in (tables.open(config.recipient_canonical_maps), canonical) if t]
         self._virtual = tables.open(config.virtual_alias_maps)
 
     # -- senders ---------------------------------------------------------------------------------------
     def sender(self, addr: str) -> str:
         if not addr:
             return addr
-        return self.masquerade(self._canonical(self._rewriter.qualify(addr), self._sender_canonical))
+        return self.masquerade(self._canonical(self._rewriter.qualify(addr), self._sender_passes))
 
     def masquerade(self, addr: str) -> str:
         """`user@host.example.com` -> `user@example.com` when example.com is in masquerade_domains; the first
@@ -86,7 +87,7 @@ class AddressMapper:
 
     # -- recipients ------------------------------------------------------------------------------------
     def recipient(self, addr: str) -> str:
-        return self._canonical(self._rewriter.qualify(addr), self._recipient_canonical)
+        return self._canonical(self._rewriter.qualify(addr), self._recipient_passes)
 
     def recipients(self, rcpts: Sequence[Recipient]) -> tuple[Recipient, ...]:
         out: list[Recipient] = []
@@ -101,72 +102,83 @@ class AddressMapper:
     def is_mapped(self, addr: str) -> bool:
         """recipient_canonical_maps, canonical_maps or virtual_alias_maps have an entry. May raise LookupRetry."""
         qualified = self._rewriter.qualify(addr)
-        return any(self._find(t, qualified) is not None for t in self._recipient_canonical + self._virtual)
+        return any(self._find(tables, qualified) is not None for tables in self._recipient_passes + [self._virtual])
 
     def expand(self, addr: str) -> list[str]:
-        """virtual_alias_maps, depth first, in table order. The expansion limit counts the addresses of the
-        expansion so far (done and still to expand), as Postfix does. Raises TemporaryError (see the module doc)."""
+        """virtual_alias_maps as Postfix's cleanup_map1n: the first result replaces the address in place and
+        is looked up again, the others are appended to the list; an address met as a result of its own
+        lookup is final from then on (delivered as it is wherever it turns up). A chain that comes back to
+        an address already in it is a loop. The expansion limit counts the list. Raises TemporaryError."""
         c = self._config
-        out: list[str] = []
-        stack: list[tuple[str, tuple[str, ...], bool]] = [(addr, (), False)]  # (address, ancestors, leaf)
-        while stack:
-            current, ancestors, leaf = stack.pop()
-            results = None if leaf else self._map(current, self._virtual)
-            if results is None:
-                out.append(current)
-                continue
-            if len(ancestors) >= c.virtual_alias_recursion_limit:
-                raise expansion_error(addr, f"virtual_alias_maps nesting deeper than {len(ancestors)}")
-            if len(out) + len(stack) + len(results) > c.virtual_alias_expansion_limit:
-                raise expansion_error(addr, f"virtual_alias_maps expansion larger than "
-                                            f"{c.virtual_alias_expansion_limit} addresses")
-            path = ancestors + (current.lower(),)
-            children = []
-            for result in results:
-                if result.lower() == current.lower():
-                    children.append((result, path, True))  # in its own expansion: deliver it as it is
-                elif result.lower() in path:
-                    raise expansion_error(addr, f"virtual alias loop: {' -> '.join(path)} -> {result}")
-                else:
-                    children.append((result, path, False))
-            stack.extend(reversed(children))
-        return out
+        expansion = [addr]
+        final: set[str] = set()
+        i = 0
+        while i < len(expansion):
+            chain: list[str] = []
+            while expansion[i].lower() not in final:
+                current = expansion[i]
+                if current.lower() in chain:
+                    raise expansion_error(addr, f"virtual alias loop: {' -> '.join(chain)} -> {current}")
+                results = self._map(current, [self._virtual])
+                if results is None:
+                    break
+                if len(chain) >= c.virtual_alias_recursion_limit:
+                    raise expansion_error(addr, f"virtual_alias_maps nesting deeper than {len(chain)}")
+                chain.append(current.lower())
+                if any(r.lower() == current.lower() for r in results):
+                    final.add(current.lower())
+                expansion[i:i + 1] = results[:1]
+                expansion.extend(results[1:])
+                if len(expansion) > c.virtual_alias_expansion_limit:
+                    raise expansion_error(addr, f"virtual_alias_maps expansion larger than "
+                                                f"{c.virtual_alias_expansion_limit} addresses")
+            i += 1
+        return expansion
 
     # -- table work ------------------------------------------------------------------------------------
-    def _canonical(self, addr: str, tables: list[Table]) -> str:
+    def _canonical(self, addr: str, passes: list[list[Table]]) -> str:
+        """Each pass (recipient_/sender_canonical_maps, then canonical_maps) maps the address until it maps
+        onto itself or no longer maps, at most CANONICAL_RECURSION_LIMIT times."""
         current = addr
+        for tables in passes:
+            current = self._settle(current, tables, addr)
+        return current
+
+    def _settle(self, current: str, tables: list[Table], original: str) -> str:
         for _ in range(CANONICAL_RECURSION_LIMIT):
-            results = self._map(current, tables)
+            results = self._map(current, [tables])
             if results is None or results[0].lower() == current.lower():
                 return current
             if len(results) > 1:
                 log.warning("cleanup: canonical mapping of <%s> has %d addresses; using the first",
                             current, len(results))
             current = results[0]
-        raise expansion_error(addr, f"canonical mapping does not settle after {CANONICAL_RECURSION_LIMIT} steps")
+        raise expansion_error(original, f"canonical mapping does not settle after {CANONICAL_RECURSION_LIMIT} steps")
 
-    def _map(self, addr: str, tables: list[Table]) -> list[str] | None:
-        """The first table's answer for `addr` as qualified addresses, or None."""
-        for table in tables:
-            found = self._find(table, addr)
+    def _map(self, addr: str, passes: list[list[Table]]) -> list[str] | None:
+        """The answer for `addr` from the first group of tables that has one, as qualified addresses."""
+        for tables in passes:
+            found = self._find(tables, addr)
             if found is not None:
-                key, value = found
+                _, key, value = found
                 return [self._result(addr, key, item) for item in split_address_list(value)] or None
         return None
 
-    def _find(self, table: Table, addr: str) -> tuple[str, str] | None:
+    def _find(self, tables: list[Table], addr: str) -> tuple[str, str, str] | None:
         domain = address.split(addr)[1]
-        return lookup_address(table, addr, delimiter=self._config.recipient_delimiter,
-                              local_domain=self._rewriter.is_local_domain(domain))
+        return find_address(tables, addr, delimiter=self._config.recipient_delimiter,
+                            local_domain=self._rewriter.is_local_domain(domain))
 
     def _result(self, addr: str, key: str, item: str) -> str:
+        """One result, qualified. `@domain` keeps the local part; an extension the matching key ignored is
+        carried over, but only for a `user@domain` or `user` key (mail_addr_find), not for `@domain`."""
         local, _ = address.split(addr)
         if item.startswith("@"):
             return local + item
         user, ext = split_extension(local, self._config.recipient_delimiter)
         result = self._rewriter.qualify(item)
-        matched_extension = ext and address.split(key)[0].lower() == local.lower()
-        if ext and not matched_extension:
+        key_local = address.split(key)[0] if "@" in key else key
+        if ext and key_local and key_local.lower() != local.lower():
             result_local, result_domain = address.split(result)
             result = f"{result_local}{ext}@{result_domain}"
         return result

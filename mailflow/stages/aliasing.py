@@ -10,18 +10,22 @@ what to do with it:
 Rules, as local(8):
 1. An address already named in a `Delivered-To:` header of the message is a forwarding loop (5.4.6).
 2. `alias_maps` (key: the local part with its extension, then without): the value list replaces the address.
-   An alias name expands once per recipient: a name met again (`alice: alice, bob`, or a loop `a: b`, `b: a`)
-   goes on to step 3 instead. Addresses in the list are qualified with myorigin; one that trivial-rewrite
-   resolves to the local transport is expanded here again, any other becomes a Forward.
+   An alias that lists itself (`alice: alice, bob`) sends that name on to step 3 (Postfix's exp_from); an alias
+   met again on another branch is expanded again; a cycle through other aliases (`a: b`, `b: a`) is Refused
+   where it closes: 5.4.6 alias database loop. Addresses in the list are qualified with myorigin; one that
+   trivial-rewrite resolves to the local transport is expanded here again, any other becomes a Forward.
 3. A user that local_recipient_maps do not know, or whose name cannot be a directory (a '/', a leading '.'),
    is Refused: 5.1.1 unknown user. Nothing is read for it.
-4. The user's `.forward` (`<home>/.forward+ext`, then `<home>/.forward`; home = `<maildir_base>/<user>/`), read
-   once per user the same way; `\\user` means the user's own mailbox with no further expansion.
+4. The user's `.forward` (`<home>/.forward+ext`, then `<home>/.forward`; home = `<maildir_base>/<user>/`)
+   replaces the user; once expanded, a user met again gets nothing more. In it, the user's own name and
+   `\\user` mean the mailbox; every other address, local or not, becomes a Forward (a new message, so that
+   virtual aliases apply and a loop between users ends at Delivered-To).
 5. Otherwise the user's mailbox.
 Commands and files are allowed only from the sources in `allow_mail_to_commands` / `allow_mail_to_files`
 ("alias", "forward", "include"); otherwise the leaf is Refused with 5.7.1. Nothing a client sends can become
 a command or file: those come only from alias values and files on this host.
-Duplicate leaves are dropped (one mailbox per user; addresses compared without case). At most EXPANSION_LIMIT leaves and INCLUDE_DEPTH nested :include: files.
+Duplicate leaves are dropped (one mailbox per user; addresses compared without case). At most EXPANSION_LIMIT
+leaves and INCLUDE_DEPTH nested :include: files.
 
 Failures: `LookupRetry` (4.3.0) when a table cannot answer; `TemporaryError` 4.3.0 when a .forward or
 :include: file cannot be read, 4.3.5 when one (or an alias value) has bad syntax, 4.6.0 beyond the limits. The
@@ -89,13 +93,25 @@ def read_small_file(path: Path) -> str | None:
         raise TemporaryError("4.3.0", f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
+@dataclass(frozen=True)
+class _Origin:
+    """Where an address came from: the alias name or .forward owner (`name`) whose expansion named it, the
+    kind of that expansion ("alias" or "forward"), the source for allow_mail_to_* ("alias", "forward",
+    "include"), the alias names above it (`path`), and the address that was expanded."""
+
+    name: str | None = None
+    kind: str = "alias"
+    source: str = "alias"
+    path: tuple[str, ...] = ()
+    address: str | None = None
+
+
 class _Expansion:
     """The state of one recipient's expansion: what was seen, what came out."""
 
     def __init__(self, delivered_to: frozenset[str]):
         self.delivered_to = delivered_to
-        self.aliases_seen: set[str] = set()
-        self.forwards_seen: set[str] = set()
+        self.forwards_done: set[str] = set()
         self.leaves: list[Leaf] = []
         self.keys: set[tuple] = set()
 
@@ -137,35 +153,42 @@ class LocalExpander:
 
     def expand(self, addr: str, *, delivered_to: frozenset[str] = frozenset()) -> list[Leaf]:
         state = _Expansion(frozenset(a.lower() for a in delivered_to))
-        self._visit(state, self._rewriter.qualify(addr))
+        self._visit(state, self._rewriter.qualify(addr), _Origin())
         return state.leaves
 
-    def _visit(self, state: _Expansion, addr: str) -> None:
+    def _visit(self, state: _Expansion, addr: str, origin: "_Origin") -> None:
         if addr.lower() in state.delivered_to:
             state.add(Refused(addr, "5.4.6", f"mail forwarding loop for {addr}"))
             return
         found = self._rewriter.alias(addr)
-        if found is not None and found[1].lower() not in state.aliases_seen:
-            table, key, value = found
-            state.aliases_seen.add(key.lower())
-            try:
-                targets = parse_value(value, f"{table} {key!r}")
-            except AliasSyntaxError as e:
-                raise TemporaryError("4.3.5", f"bad alias value for {key!r} in {table}: {e.reason}") from None
-            self._targets(state, addr, targets, "alias", depth=0)
+        if found is not None and found[1].lower() != origin.name:
+            self._alias(state, addr, found, origin)
             return
         local, domain = address.split(addr)
         user, ext = split_extension(local.lower(), self._config.recipient_delimiter)
         if not (is_safe_user(user) and self._rewriter.is_local_user(addr)):
             state.add(Refused(addr, "5.1.1", f"unknown user: \"{user}\""))
             return
-        if user not in state.forwards_seen:
-            state.forwards_seen.add(user)
-            forward = self._forward_file(user, ext)
-            if forward is not None:
-                self._targets(state, addr, forward, "forward", depth=0)
-                return
-        self._mailbox(state, user, addr)
+        if user in state.forwards_done:
+            return  # its .forward was expanded already: nothing more for this user
+        forward = self._forward_file(user, ext)
+        if forward is None:
+            self._mailbox(state, user, addr)
+            return
+        state.forwards_done.add(user)
+        self._targets(state, addr, forward, _Origin(user, "forward", "forward", origin.path, addr))
+
+    def _alias(self, state: _Expansion, addr: str, found: tuple[str, str, str], origin: "_Origin") -> None:
+        table, key, value = found
+        name = key.lower()
+        if name in origin.path:
+            state.add(Refused(origin.address or addr, "5.4.6", f"alias database loop for {origin.name or name}"))
+            return
+        try:
+            targets = parse_value(value, f"{table} {key!r}")
+        except AliasSyntaxError as e:
+            raise TemporaryError("4.3.5", f"bad alias value for {key!r} in {table}: {e.reason}") from None
+        self._targets(state, addr, targets, _Origin(name, "alias", "alias", origin.path + (name,), addr))
 
     def _forward_file(self, user: str, ext: str) -> tuple[Target, ...] | None:
         names = ([f".forward{ext}"] if ext else []) + [".forward"]
@@ -177,30 +200,42 @@ class LocalExpander:
                 return targets or None  # an empty .forward delivers to the mailbox
         return None
 
-    def _targets(self, state: _Expansion, owner: str, targets, source: str, depth: int) -> None:
+    def _targets(self, state: _Expansion, owner: str, targets, origin: "_Origin", depth: int = 0) -> None:
         domain = address.split(owner)[1]
         for target in targets:
             if isinstance(target, AddressTarget):
-                self._address(state, target.address)
+                self._address(state, target.address, origin)
             elif isinstance(target, MailboxTarget):
                 self._mailbox(state, target.user.lower(), f"{target.user}@{domain}")
             elif isinstance(target, CommandTarget):
-                self._privileged(state, Command(target.command, owner, source),
+                self._privileged(state, Command(target.command, owner, origin.source),
                                  self._config.local.allow_mail_to_commands, "command")
             elif isinstance(target, FileTarget):
-                self._privileged(state, File(target.path, owner, source),
+                self._privileged(state, File(target.path, owner, origin.source),
                                  self._config.local.allow_mail_to_files, "file")
             elif isinstance(target, IncludeTarget):
-                self._include(state, owner, target.path, depth)
+                self._include(state, owner, target.path, origin, depth)
 
-    def _address(self, state: _Expansion, text: str) -> None:
+    def _address(self, state: _Expansion, text: str, origin: "_Origin") -> None:
+        """An alias result that resolves to local delivery is expanded here; a .forward result is delivered
+        to the mailbox when it names the .forward's owner, and otherwise leaves as a new message (so that
+        virtual aliases apply to it and a loop between users' .forward files ends at Delivered-To)."""
         addr = self._rewriter.qualify(text)
-        res = self._rewriter.resolve(addr)
-        local_name = self._config.local_transport.partition(":")[0]
-        if res.address_class is AddressClass.LOCAL and res.transport == local_name:
-            self._visit(state, addr)
+        if origin.kind == "forward":
+            user = split_extension(address.split(addr)[0].lower(), self._config.recipient_delimiter)[0]
+            if user == origin.name and self._is_local_delivery(addr):
+                self._mailbox(state, user, addr)
+            else:
+                state.add(Forward(addr))
+        elif self._is_local_delivery(addr):
+            self._visit(state, addr, origin)
         else:
             state.add(Forward(addr))
+
+    def _is_local_delivery(self, addr: str) -> bool:
+        res = self._rewriter.resolve(addr)
+        local_name = self._config.local_transport.partition(":")[0]
+        return res.address_class is AddressClass.LOCAL and res.transport == local_name
 
     def _mailbox(self, state: _Expansion, user: str, addr: str) -> None:
         if is_safe_user(user) and self._rewriter.is_local_user(addr):
@@ -214,13 +249,14 @@ class LocalExpander:
         else:
             state.add(Refused(leaf.address, "5.7.1", f"mail to {kind} is restricted"))
 
-    def _include(self, state: _Expansion, owner: str, path: str, depth: int) -> None:
+    def _include(self, state: _Expansion, owner: str, path: str, origin: "_Origin", depth: int) -> None:
         if depth >= INCLUDE_DEPTH:
             raise TemporaryError("4.6.0", f":include: files nested deeper than {INCLUDE_DEPTH} ({path})")
         text = self._read(Path(path))
         if text is None:
             raise TemporaryError("4.3.0", f"cannot read :include: file {path}: no such file")
-        self._targets(state, owner, self._parse(parse_include, text, Path(path)), "include", depth + 1)
+        included = _Origin(origin.name, origin.kind, "include", origin.path, origin.address)
+        self._targets(state, owner, self._parse(parse_include, text, Path(path)), included, depth + 1)
 
     @staticmethod
     def _parse(parse, text: str, path: Path) -> tuple[Target, ...]:

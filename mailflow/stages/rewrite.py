@@ -14,9 +14,10 @@ goes to `relayhost` when set, else to the recipient domain (MX lookup). An entry
 domain list matches subdomains of example.com. `qualify` appends `@myorigin` to a bare `user` (and, with
 `append_dot_mydomain`, `.mydomain` to a dotless `user@host`).
 
-`transport_maps` (transport(5)) override the class's choice. Search order: the address, the address
-without its extension, the domain, each parent domain as `.parent`, then `*`. A value `transport:nexthop`
-with an empty side keeps the class's transport or nexthop (`:[gw.example]`, `smtp:`).
+`transport_maps` (transport(5)) override the class's choice, except for the virtual alias class. Search
+order: the address, the address without its extension, the domain, each parent domain as `.parent`, then `*`;
+every table is asked one key before the next. A value `:nexthop` keeps the class's transport; `transport:`
+(no nexthop) sends to the recipient domain, relayhost or not (transport(5)).
 `recipient_known(addr, klass)` answers whether the class's recipient tables list an address (smtpd asks it
 at RCPT; `UNKNOWN_IN` names the table for the 550 reply): local_recipient_maps/alias_maps, nothing for
 virtual alias domains (cleanup's mapper answers for those), virtual_mailbox_maps, relay_recipient_maps
@@ -29,7 +30,7 @@ from __future__ import annotations
 from mailflow import address
 from mailflow.errors import LookupRetry
 from mailflow.model import AddressClass, Resolution
-from mailflow.tables import Table, TableCache, lookup_address, lookup_local, split_extension
+from mailflow.tables import Table, TableCache, find, find_address, find_local, split_extension
 
 VIRTUAL_ALIAS_TRANSPORT = "error:5.1.1 User unknown in virtual alias table"
 UNKNOWN_IN = {
@@ -65,17 +66,6 @@ def transport_keys(addr: str, delimiter: str) -> list[str]:
     keys += ["." + ".".join(labels[i:]) for i in range(1, len(labels))]
     keys.append("*")
     return keys
-
-
-def first_answer(tables: list[Table], keys: list[str]) -> tuple[str, str, str] | None:
-    """(table, key, value) of the first table's answer for the first key it knows, tables in order.
-    LookupRetry propagates."""
-    for table in tables:
-        for key in keys:
-            value = table.lookup(key)
-            if value is not None:
-                return table.name, key, value
-    return None
 
 
 class Rewriter:
@@ -118,12 +108,19 @@ class Rewriter:
         return AddressClass.DEFAULT
 
     def resolve(self, addr: str) -> Resolution:
-        """The class's transport and nexthop, then transport_maps' override. May raise LookupRetry."""
+        """The class's transport and nexthop, then transport_maps' override (never for the virtual alias
+        class, as Postfix). A transport without a nexthop (`smtp:`) sends to the recipient domain, even when
+        relayhost is set; a nexthop without a transport (`:[gw]`) keeps the class's transport.
+        May raise LookupRetry."""
         res = self._class_default(self.qualify(addr))
+        if res.address_class is AddressClass.VIRTUAL_ALIAS:
+            return res
         match = self._transport_override(res.address)
         if match is None:
             return res
         transport, nexthop = split_transport(match[2].strip())
+        if transport and not nexthop:
+            nexthop = address.normalise_domain(address.split(res.address)[1])
         return Resolution(res.address_class, transport or res.transport, nexthop or res.nexthop, res.address)
 
     def _class_default(self, qualified: str) -> Resolution:
@@ -143,11 +140,16 @@ class Rewriter:
         return Resolution(klass, transport, nexthop or c.relayhost or domain, qualified)
 
     def _transport_override(self, qualified: str) -> tuple[str, str, str] | None:
+        """The transport_maps entry for an address: keys as written (a UTF-8 domain in UTF-8), then with the
+        domain's A-label form, so that either spelling of an IDNA domain in the table matches."""
         if not self._transport_maps:
             return None
         local, _, domain = qualified.rpartition("@")
-        key = f"{local.lower()}@{address.normalise_domain(domain)}"
-        return first_answer(self._transport_maps, transport_keys(key, self._config.recipient_delimiter))
+        delimiter = self._config.recipient_delimiter
+        keys = transport_keys(f"{local.lower()}@{domain.lower().rstrip('.')}", delimiter)
+        keys += [k for k in transport_keys(f"{local.lower()}@{address.normalise_domain(domain)}", delimiter)
+                 if k not in keys]
+        return find(self._transport_maps, keys)
 
     def explain(self, addr: str) -> list[tuple[str, str]]:
         """The steps of `resolve` as (label, text), for `mailflow address`. May raise LookupRetry."""
@@ -183,24 +185,20 @@ class Rewriter:
         """The Maildir path (relative to virtual_mailbox_base) of a virtual mailbox user, None if unknown.
         May raise LookupRetry."""
         qualified = self.qualify(addr)
-        for table in self._virtual_mailbox_maps:
-            found = lookup_address(table, qualified, delimiter=self._config.recipient_delimiter)
-            if found is not None:
-                return found[1].strip()
-        return None
+        found = find_address(self._virtual_mailbox_maps, qualified, delimiter=self._config.recipient_delimiter)
+        return found[2].strip() if found else None
 
     def virtual_mailbox_limit(self, addr: str) -> int:
         """The quota in bytes of a virtual mailbox (0: none): virtual_mailbox_limit_maps, else
         virtual_mailbox_limit. A map value that is not a number counts as a table failure. May raise LookupRetry."""
         qualified = self.qualify(addr)
-        for table in self._virtual_limit_maps:
-            found = lookup_address(table, qualified, delimiter=self._config.recipient_delimiter)
-            if found is not None:
-                value = found[1].strip()
-                if not value.isdigit():
-                    raise LookupRetry(f"table {table.name}: {found[0]}: {value!r} is not a number of bytes")
-                return int(value)
-        return self._config.virtual_mailbox_limit
+        found = find_address(self._virtual_limit_maps, qualified, delimiter=self._config.recipient_delimiter)
+        if found is None:
+            return self._config.virtual_mailbox_limit
+        table, key, value = found
+        if not value.strip().isdigit():
+            raise LookupRetry(f"table {table}: {key}: {value.strip()!r} is not a number of bytes")
+        return int(value)
 
     def is_known_relay(self, addr: str) -> bool:
         """A relay_domains recipient exists per relay_recipient_maps (any does when none are set).
@@ -208,8 +206,8 @@ class Rewriter:
         if not self._relay_recipient_maps:
             return True
         qualified = self.qualify(addr)
-        return any(lookup_address(t, qualified, delimiter=self._config.recipient_delimiter) is not None
-                   for t in self._relay_recipient_maps)
+        return find_address(self._relay_recipient_maps, qualified,
+                            delimiter=self._config.recipient_delimiter) is not None
 
     def local_user(self, addr: str) -> str:
         """The mailbox name of a local address: its local part without extension, lower-cased."""
@@ -233,11 +231,7 @@ class Rewriter:
 
     def _local_lookup(self, tables: list[Table], addr: str) -> tuple[str, str, str] | None:
         local = address.split(self.qualify(addr))[0]
-        for table in tables:
-            found = lookup_local(table, local, delimiter=self._config.recipient_delimiter)
-            if found is not None:
-                return table.name, *found
-        return None
+        return find_local(tables, local, delimiter=self._config.recipient_delimiter)
 
 
 CLASS_SETTING = {

@@ -22,10 +22,10 @@ def rewriter(**extra) -> Rewriter:
     ("user@sub.example.test", "lmtp", "[127.0.0.1]:24"),           # the whole address first
     ("user+tag@sub.example.test", "lmtp", "[127.0.0.1]:24"),       # then without the extension
     ("other@sub.example.test", "smtp", "[10.0.0.1]:587"),          # then the domain
-    ("x@deep.sub.example.test", "relay", "[relayhost.test]:25"),   # a parent domain; empty nexthop keeps default
-    ("x@example.test", "discard", "[relayhost.test]:25"),          # '.example.test' is for subdomains only
+    ("x@deep.sub.example.test", "relay", "deep.sub.example.test"),  # a parent domain; no nexthop: the domain
+    ("x@example.test", "discard", "example.test"),                  # '.example.test' is for subdomains only
     ("x@other.test", "smtp", "[gw.other.test]"),                   # empty transport keeps the class's
-    ("alice@local.test", "discard", "mx.local.test"),              # '*' catches everything else, local too
+    ("alice@local.test", "discard", "local.test"),                 # '*' catches everything else, local too
     ("USER@SUB.Example.TEST", "lmtp", "[127.0.0.1]:24"),           # case folded
 ])
 def test_transport_maps_search_order(addr, transport, nexthop):
@@ -38,9 +38,10 @@ def test_without_transport_maps_the_class_decides():
     assert (res.address_class, res.transport, res.nexthop) == (AddressClass.RELAY, "smtp", "[relayhost.test]:25")
 
 
-def test_tables_are_searched_in_order():
-    res = rewriter(transport_maps=["inline:{relay.test=first:}", "inline:{x@relay.test=second:}"]).resolve("x@relay.test")
-    assert res.transport == "first"
+def test_each_key_is_asked_of_every_table_before_the_next_key():
+    tables = ["inline:{relay.test=first:}", "inline:{x@relay.test=second:}"]
+    assert rewriter(transport_maps=tables).resolve("x@relay.test").transport == "second"
+    assert rewriter(transport_maps=tables).resolve("y@relay.test").transport == "first"
 
 
 def test_transport_keys():
