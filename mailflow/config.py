@@ -87,7 +87,45 @@ class LocalConfig(_Section):
 
     maildir_base: str = "var/mail"
     allow_mail_to_commands: tuple[Literal["alias", "forward", "include"], ...] = ("alias", "forward")
+    # `|command` destinations run as default_privs when mailflow runs as root (else as mailflow's own user),
+    # and are killed after command_time_limit (Postfix default_privs, command_time_limit).
+    default_privs: str = "nobody"
+    command_time_limit: Duration = Field(1000.0, gt=0)
     allow_mail_to_files: tuple[Literal["alias", "forward", "include"], ...] = ("alias", "forward")
+    # The mailbox, relative to the home: ending in "/" a Maildir, else an mbox file; "" = mail_spool_directory.
+    home_mailbox: str = "Maildir/"
+    # With home_mailbox "": <mail_spool_directory>/<user> is an mbox file (a Maildir when this ends in "/").
+    mail_spool_directory: str = "var/spool/mail"
+    # How an mbox file is locked, in this order (Postfix mailbox_delivery_lock).
+    mailbox_delivery_lock: tuple[Literal["fcntl", "flock", "dotlock"], ...] = ("fcntl", "dotlock")
+
+    @field_validator("home_mailbox")
+    @classmethod
+    def _home_mailbox(cls, v: str) -> str:
+        if v.startswith("/") or ".." in Path(v).parts:
+            raise ValueError(f"{v!r} must be relative to the home, without '..'")
+        return v
+
+    @field_validator("mail_spool_directory")
+    @classmethod
+    def _spool(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must name a directory")
+        return v
+
+    @field_validator("mailbox_delivery_lock")
+    @classmethod
+    def _locks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("name each lock style (fcntl, flock, dotlock) at most once, at least one")
+        return v
+
+    @field_validator("default_privs")
+    @classmethod
+    def _default_privs(cls, v: str) -> str:
+        if not v.strip() or v == "root":
+            raise ValueError(f"{v!r}: name an unprivileged user (not root)")
+        return v
 
 
 class SmtpConfig(_Section):
@@ -98,6 +136,16 @@ class SmtpConfig(_Section):
     command_timeout: Duration = 300.0
     data_timeout: Duration = 600.0
     tls_security_level: Literal["none", "may"] = "may"
+
+
+class LmtpConfig(_Section):
+    """The LMTP client (Postfix lmtp): final delivery to a mailbox server such as Dovecot. `port` is used when the
+    nexthop names none; each stage of the dialogue has its own limit (none of them may be 0)."""
+
+    port: int = Field(24, ge=1, le=65535)
+    connect_timeout: Duration = Field(30.0, gt=0)
+    command_timeout: Duration = Field(300.0, gt=0)
+    data_timeout: Duration = Field(600.0, gt=0)
 
 
 class DnsConfig(_Section):
@@ -150,8 +198,63 @@ class LogConfig(_Section):
     format: Literal["text", "json"] = "text"
 
 
+class PipeService(_Section):
+    """One `[pipe.NAME]` delivery service (a Postfix pipe(8) master.cf entry): transport_maps values `NAME:`
+    send mail to it. See mailflow.transports.pipe for the macros and flags."""
+
+    # The command, run without a shell; argv[0] an absolute path; ${recipient} etc. expand to single elements.
+    argv: tuple[str, ...]
+    # Run as this user (mailflow must be root to switch); "" = as mailflow runs, or `nobody` when it runs as root.
+    user: str = ""
+    time_limit: Duration = Field(1000.0, gt=0)
+    # Bytes of command output kept for the diagnostic; the rest is read and dropped.
+    output_limit: int = Field(2048, ge=1)
+    # A subset of Postfix's pipe flags: B D F O R h q u . >
+    flags: str = ""
+    # Larger messages bounce (5.2.3) without running the command; 0: no limit.
+    size_limit: int = Field(0, ge=0)
+    # What ${sender} becomes for the null sender.
+    null_sender: str = "MAILER-DAEMON"
+    # The command's working directory; "" = "/".
+    directory: str = ""
+
+    @field_validator("argv")
+    @classmethod
+    def _argv(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from mailflow.transports.pipe import parse_argv
+
+        if not v or not v[0].startswith("/") or "$" in v[0]:
+            raise ValueError("must start with the command's absolute path (no macros in it)")
+        parse_argv(v)
+        return v
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v: str) -> str:
+        if v == "root":
+            raise ValueError("commands never run as root")
+        return v
+
+    @field_validator("directory")
+    @classmethod
+    def _directory(cls, v: str) -> str:
+        if v and not v.startswith("/"):
+            raise ValueError(f"{v!r} is not an absolute path")
+        return v
+
+    @field_validator("flags")
+    @classmethod
+    def _flags(cls, v: str) -> str:
+        from mailflow.transports.pipe import check_flags
+
+        return check_flags(v)
+
+
+BUILTIN_TRANSPORTS = ("local", "virtual", "smtp", "relay", "lmtp", "discard", "error")
+
+
 class Config(_Section):
-    """The whole configuration. Section tables: smtpd, local, smtp, dns, queue, log."""
+    """The whole configuration. Section tables: smtpd, local, smtp, lmtp, dns, queue, log."""
 
     myhostname: str = "localhost"
     # Appended to unqualified addresses (user -> user@myorigin); "" means myhostname. mydomain ("": myhostname
@@ -207,9 +310,22 @@ class Config(_Section):
     smtpd: SmtpdConfig = SmtpdConfig()
     local: LocalConfig = LocalConfig()
     smtp: SmtpConfig = SmtpConfig()
+    lmtp: LmtpConfig = LmtpConfig()
     dns: DnsConfig = DnsConfig()
     queue: QueueConfig = QueueConfig()
     log: LogConfig = LogConfig()
+    # Delivery to commands: [pipe.NAME] tables (PipeService), each a transport named NAME.
+    pipe: dict[str, PipeService] = {}
+
+    @field_validator("pipe")
+    @classmethod
+    def _pipe_names(cls, v: dict[str, PipeService]) -> dict[str, PipeService]:
+        for name in v:
+            if name in BUILTIN_TRANSPORTS:
+                raise ValueError(f"{name!r} is the name of a built-in transport")
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+                raise ValueError(f"{name!r} is not a transport name (letters, digits, '_', '-')")
+        return v
 
     @field_validator("mynetworks")
     @classmethod

@@ -31,19 +31,25 @@ def build_transports(config, resolver, clock, router, forward=None) -> dict[str,
     agents their tables; `forward` lets local delivery queue forwarded copies (see transports.local)."""
     from mailflow.transports.discard import DiscardTransport
     from mailflow.transports.error import ErrorTransport
-    from mailflow.transports.local import LocalTransport
+    from mailflow.transports.lmtp import LmtpTransport
+    from mailflow.transports.local import CommandSettings, LocalTransport
     from mailflow.transports.maildir import MaildirTransport, MaildirWriter, virtual_maildirs
+    from mailflow.transports.pipe import PipeTransport
     from mailflow.transports.smtp import SmtpTransport
 
     smtp = SmtpTransport(config.smtp, resolver=resolver, helo_name=config.myhostname)
     return {
-        "local": LocalTransport(router.local, writer=MaildirWriter(clock), maildir_base=config.local.maildir_base,
-                                forward=forward),
+        "local": LocalTransport(router.local, local=config.local, writer=MaildirWriter(clock), clock=clock,
+                                forward=forward, commands=CommandSettings.from_config(config)),
         "virtual": MaildirTransport(virtual_maildirs(config.virtual_mailbox_base, router.rewriter), clock=clock,
                                     relay="virtual", quota=router.rewriter.virtual_mailbox_limit,
                                     overquota_bounce=config.virtual_overquota_bounce),
         "smtp": smtp,
         "relay": smtp,
+        "lmtp": LmtpTransport(config.lmtp, helo_name=config.myhostname),
         "discard": DiscardTransport(),
         "error": ErrorTransport(),
+        # [pipe.NAME] services; config validation keeps their names off the built-in ones above.
+        **{name: PipeTransport(service, name=name, recipient_delimiter=config.recipient_delimiter, now=clock.time)
+           for name, service in config.pipe.items()},
     }

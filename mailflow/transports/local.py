@@ -3,30 +3,48 @@
 Per recipient of the request:
 1. `LocalExpander.expand` (aliases, .forward; see mailflow.stages.aliasing), given the addresses already in the
    message's `Delivered-To:` headers so that a forwarding loop bounces (5.4.6).
-2. Mailboxes: `<maildir_base>/<user>/Maildir/`, each copy starting with Return-Path and Delivered-To; one copy
-   per user per request, however many of its recipients lead there (Postfix's duplicate filter).
+2. Mailboxes (`mbox.mailbox_location`): `<maildir_base>/<user>/<home_mailbox>`, a Maildir when home_mailbox ends
+   in "/" (the default `Maildir/`), else an mbox file; with home_mailbox "" the file `<mail_spool_directory>/<user>`.
+   Each copy starts with Return-Path and Delivered-To; one copy per user per request, however many of its
+   recipients lead there (Postfix's duplicate filter). mbox files get a From_ line, mboxrd quoting and the
+   `mailbox_delivery_lock` locks (see mailflow.transports.mbox).
 3. Forwarded addresses: one new message per recipient, queued through cleanup by `forward(...)` with the same
    sender, `Delivered-To: <recipient>` prepended, each new recipient keeping the original one (ORCPT).
-4. Commands and files (allowed ones): deferred (4.3.5) until the pipe and file agents exist, before anything
-   else of that recipient is delivered, so that a retry does not duplicate.
+4. Commands (allowed ones, see `_command`): `/bin/sh -c command` through pipe's `run_command`, with local(8)'s
+   environment (HOME=<maildir_base>/<user>, USER, LOGNAME, SHELL, SENDER, RECIPIENT, ORIGINAL_RECIPIENT, LOCAL,
+   DOMAIN, EXTENSION; message context with shell-special characters replaced by '_'), the message with
+   Return-Path and Delivered-To on stdin, in the home (or /), as `default_privs` when mailflow runs as root,
+   killed after `command_time_limit`; exit statuses mapped as pipe(8) does. Without `commands` settings they
+   defer (4.3.5).
+5. Files (allowed ones): appended in mbox format under the mailbox locks; as root by a forked child running as
+   `default_privs`; `/dev/null` accepts and discards.
 The recipient's result: deferred if any part must be retried (a retry repeats the parts already done, as
-local(8) does); else bounced when a part was refused (unknown user, loop, restricted command), the rest
-being delivered; else sent, naming every destination.
+local(8) does); else bounced when a part was refused (unknown user, loop, restricted command, a command's
+permanent failure), the rest being delivered; else sent, naming every destination.
 
-Failures: never raises for a delivery problem; an OS error writing a Maildir defers (4.2.0); a table or
-file that cannot be read defers (4.3.0); a forward cleanup cannot queue defers (4.3.0).
+Failures: never raises for a delivery problem; an OS error writing a Maildir defers (4.2.0); an mbox or file
+append that fails defers or bounces as mailflow.transports.mbox says (busy 4.2.0, full 5.2.2, a symlink 5.2.0);
+a table or file that cannot be read defers (4.3.0); a forward cleanup cannot queue defers (4.3.0).
 """
 from __future__ import annotations
 
 import logging
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
 
-from mailflow.errors import DeliveryError, TemporaryError
+from mailflow import address
+from mailflow.clock import Clock
+from mailflow.config import LocalConfig
+from mailflow.errors import DeliveryError
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
-from mailflow.stages.aliasing import Command, File, Forward, LocalExpander, Mailbox, Refused
+from mailflow.stages.aliasing import Command, File, Forward, LocalExpander, Mailbox, Refused, is_safe_user
 from mailflow.stages.cleanup import header_values, split_header
+from mailflow.tables import split_extension
 from mailflow.transports.maildir import MaildirWriter, mailbox_prefix
+from mailflow.transports.mbox import append_mbox, format_mbox_entry, mailbox_location
+from mailflow.transports.pipe import CommandNotRun, command_status, run_command
 
 log = logging.getLogger("mailflow.local")
 
@@ -40,19 +58,43 @@ def delivered_to(content: bytes) -> frozenset[str]:
     return frozenset(v.strip().strip("<>").lower() for v in header_values(head, "delivered-to"))
 
 
+@dataclass(frozen=True)
+class CommandSettings:
+    """How `|command` destinations run: as `default_privs` when mailflow is root, at most `time_limit` seconds,
+    `output_limit` bytes of output kept for the diagnostic (Postfix default_privs, command_time_limit)."""
+
+    default_privs: str = "nobody"
+    time_limit: float = 1000.0
+    recipient_delimiter: str = "+"
+    output_limit: int = 2048
+
+    @classmethod
+    def from_config(cls, config) -> "CommandSettings":
+        return cls(config.local.default_privs, config.local.command_time_limit, config.recipient_delimiter)
+
+
+# Postfix's command_expansion_filter: what may reach a command's environment unchanged; the rest becomes "_".
+_SHELL_SAFE = frozenset("1234567890!@%-_=+:,./abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+Part = tuple[Outcome, str, str]  # what one destination of a recipient got: outcome, status, text
+
+
 class LocalTransport:
-    def __init__(self, expander: LocalExpander, *, writer: MaildirWriter, maildir_base: str | Path,
-                 forward: ForwardFn | None = None, relay: str = "local"):
+    def __init__(self, expander: LocalExpander, *, local: LocalConfig, writer: MaildirWriter, clock: Clock,
+                 forward: ForwardFn | None = None, relay: str = "local", commands: CommandSettings | None = None):
         self._expander = expander
+        self._local = local
+        self._commands = commands
         self._writer = writer
-        self._base = Path(maildir_base)
+        self._clock = clock
         self._forward = forward
         self._relay = relay
 
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
         seen = delivered_to(request.content)
         body = request.content.replace(b"\r\n", b"\n")
-        filled: dict[str, str] = {}  # user -> what its mailbox got, so a user gets one copy per message
+        filled: dict[str, Part] = {}  # user -> what its mailbox got, so a user gets one copy per message
         results = []
         for rcpt in request.recipients:
             results.append(await self._deliver_recipient(request, rcpt, seen, body, filled))
@@ -62,58 +104,117 @@ class LocalTransport:
         pass
 
     async def _deliver_recipient(self, request: DeliveryRequest, rcpt: Recipient, seen: frozenset[str],
-                                 body: bytes, filled: dict[str, str]) -> RcptResult:
+                                 body: bytes, filled: dict[str, Part]) -> RcptResult:
         try:
             leaves = self._expander.expand(rcpt.address, delivered_to=seen)
         except DeliveryError as e:
             return self._result(rcpt, Outcome.DEFERRED, e.dsn, e.text)
-        privileged = [leaf for leaf in leaves if isinstance(leaf, (Command, File))]
-        if privileged:
-            what = ", ".join(f"|{x.command}" if isinstance(x, Command) else x.path for x in privileged)
-            return self._result(rcpt, Outcome.DEFERRED, "4.3.5",
-                                f"delivery to commands and files is not available yet: {what}")
-        done: list[str] = []
-        try:
-            for leaf in leaves:
-                if isinstance(leaf, Mailbox):
-                    if leaf.user not in filled:
-                        filled[leaf.user] = await self._mailbox(request, leaf, body)
-                    done.append(filled[leaf.user])
-            forwards = tuple(leaf.address for leaf in leaves if isinstance(leaf, Forward))
-            if forwards:
-                done.append(await self._forward_copy(request, rcpt, forwards))
-        except TemporaryError as e:
-            return self._result(rcpt, Outcome.DEFERRED, e.dsn, e.text)
-        refused = [leaf for leaf in leaves if isinstance(leaf, Refused)]
-        if refused:
-            text = "; ".join(r.text if r.address.lower() == rcpt.address.lower() else f"{r.address}: {r.text}"
-                             for r in refused)
-            return self._result(rcpt, Outcome.BOUNCED, refused[0].dsn, text + _also(done))
+        parts = []
+        for leaf in leaves:
+            if isinstance(leaf, Mailbox):
+                if leaf.user not in filled:
+                    filled[leaf.user] = await self._mailbox(request, leaf, body)
+                parts.append(filled[leaf.user])
+            elif isinstance(leaf, Command):
+                parts.append(await self._command(request, rcpt, leaf, body))
+            elif isinstance(leaf, File):
+                parts.append(await self._file(request, leaf))
+            elif isinstance(leaf, Refused):
+                who = "" if leaf.address.lower() == rcpt.address.lower() else f"{leaf.address}: "
+                parts.append((Outcome.BOUNCED, leaf.dsn, who + leaf.text))
+        forwards = tuple(leaf.address for leaf in leaves if isinstance(leaf, Forward))
+        if forwards:
+            parts.append(await self._forward_copy(request, rcpt, forwards))
+        return self._combine(rcpt, parts)
+
+    def _combine(self, rcpt: Recipient, parts: list[Part]) -> RcptResult:
+        """Deferred if any part must be retried, else bounced if any failed, else sent; texts of the others
+        follow in "(also: …)"."""
+        done = [text for outcome, _, text in parts if outcome is Outcome.SENT]
+        for outcome in (Outcome.DEFERRED, Outcome.BOUNCED):
+            bad = [(dsn, text) for o, dsn, text in parts if o is outcome]
+            if bad:
+                return self._result(rcpt, outcome, bad[0][0], "; ".join(t for _, t in bad) + _also(done))
         return self._result(rcpt, Outcome.SENT, "2.0.0", "; ".join(done))
 
-    async def _mailbox(self, request: DeliveryRequest, leaf: Mailbox, body: bytes) -> str:
-        maildir = self._base / leaf.user / "Maildir"
+    async def _mailbox(self, request: DeliveryRequest, leaf: Mailbox, body: bytes) -> Part:
+        """The user's Maildir or mbox file (`local.home_mailbox`, `local.mail_spool_directory`)."""
+        path, kind = mailbox_location(self._local, leaf.user)
+        prefix = mailbox_prefix(request.sender, leaf.address)
+        if kind == "maildir":
+            try:
+                await self._writer.write(path, prefix + body)
+            except OSError as e:
+                return Outcome.DEFERRED, "4.2.0", f"cannot write to maildir {path}: {e.strerror}"
+            return Outcome.SENT, "2.0.0", f"delivered to maildir {path}"
+        entry = format_mbox_entry(request.content, sender=request.sender, arrival=self._clock.time(), prepend=prefix)
         try:
-            await self._writer.write(maildir, mailbox_prefix(request.sender, leaf.address) + body)
-        except OSError as e:
-            raise TemporaryError("4.2.0", f"cannot write to maildir {maildir}: {e.strerror}") from None
-        return f"delivered to maildir {maildir}"
+            await append_mbox(path, entry, locks=self._local.mailbox_delivery_lock)
+        except DeliveryError as e:
+            return _failed(e)
+        return Outcome.SENT, "2.0.0", f"delivered to mailbox {path}"
 
-    async def _forward_copy(self, request: DeliveryRequest, rcpt: Recipient, addresses: tuple[str, ...]) -> str:
+    async def _file(self, request: DeliveryRequest, leaf: File) -> Part:
+        """A `/file` destination, appended in mbox format under the mailbox locks; `/dev/null` discards. As
+        root the append runs as `default_privs` in a forked child (Postfix writes files with the alias
+        owner's or the user's rights, never root's: a .forward must not reach /etc/passwd)."""
+        if leaf.path == os.devnull:
+            return Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}"
+        entry = format_mbox_entry(request.content, sender=request.sender, arrival=self._clock.time(),
+                                  prepend=mailbox_prefix(request.sender, leaf.address))
+        as_user = self._local.default_privs if os.geteuid() == 0 else None
+        try:
+            await append_mbox(Path(leaf.path), entry, locks=self._local.mailbox_delivery_lock, user=as_user)
+        except DeliveryError as e:
+            return _failed(e)
+        return Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}"
+
+    async def _forward_copy(self, request: DeliveryRequest, rcpt: Recipient, addresses: tuple[str, ...]) -> Part:
         if self._forward is None:
-            raise TemporaryError("4.3.5", "forwarding is not possible here (no cleanup to queue it)")
+            return Outcome.DEFERRED, "4.3.5", "forwarding is not possible here (no cleanup to queue it)"
         content = f"Delivered-To: {rcpt.address}\r\n".encode("utf-8") + request.content
         try:
             queue_id = await self._forward(request, rcpt, addresses, content)
         except DeliveryError as e:
-            raise TemporaryError("4.3.0", f"cannot forward to {', '.join(addresses)}: {e.text}") from None
+            return Outcome.DEFERRED, "4.3.0", f"cannot forward to {', '.join(addresses)}: {e.text}"
         except Exception as e:
             log.exception("%s: forwarding to %s failed", request.queue_id, ", ".join(addresses))
-            raise TemporaryError("4.3.0", f"cannot forward to {', '.join(addresses)}: {e}") from None
-        return f"forwarded as {queue_id} to {', '.join(addresses)}"
+            return Outcome.DEFERRED, "4.3.0", f"cannot forward to {', '.join(addresses)}: {e}"
+        return Outcome.SENT, "2.0.0", f"forwarded as {queue_id} to {', '.join(addresses)}"
+
+    async def _command(self, request: DeliveryRequest, rcpt: Recipient, leaf: Command, body: bytes) -> Part:
+        """Run one `|command` destination (see the module docstring)."""
+        settings = self._commands
+        if settings is None:
+            return Outcome.DEFERRED, "4.3.5", f"command delivery is not set up here: |{leaf.command}"
+        local, domain = address.split(leaf.address)
+        user, ext = split_extension(local.lower(), settings.recipient_delimiter)
+        home = Path(os.path.abspath(Path(self._local.maildir_base) / user)) if is_safe_user(user) else Path("/")
+        context = {"USER": user, "LOGNAME": user, "SENDER": request.sender, "RECIPIENT": leaf.address,
+                   "ORIGINAL_RECIPIENT": rcpt.original or rcpt.address, "LOCAL": local.lower(),
+                   "DOMAIN": domain.lower(), "EXTENSION": ext[1:]}
+        env = {"HOME": str(home), "SHELL": "/bin/sh",
+               **{k: "".join(c if c in _SHELL_SAFE else "_" for c in v) for k, v in context.items()}}
+        try:
+            result = await run_command(["/bin/sh", "-c", leaf.command],
+                                       stdin=mailbox_prefix(request.sender, leaf.address) + body, env=env,
+                                       time_limit=settings.time_limit, output_limit=settings.output_limit,
+                                       user=settings.default_privs if os.geteuid() == 0 else None,
+                                       cwd=home if home.is_dir() else "/")
+        except CommandNotRun as e:
+            log.warning("%s: command %r for %s not run: %s", request.queue_id, leaf.command, leaf.address, e.text)
+            return Outcome.DEFERRED, "4.3.0", e.text
+        outcome, dsn, text = command_status(result, leaf.command)
+        if outcome is Outcome.SENT:
+            text = f"delivered to command: {leaf.command}"
+        return outcome, dsn, text
 
     def _result(self, rcpt: Recipient, outcome: Outcome, dsn: str, text: str) -> RcptResult:
         return RcptResult(rcpt, outcome, dsn, text, relay=self._relay)
+
+
+def _failed(e: DeliveryError) -> Part:
+    return (Outcome.BOUNCED if e.permanent else Outcome.DEFERRED), e.dsn, e.text
 
 
 def _also(done: list[str]) -> str:

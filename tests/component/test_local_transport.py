@@ -10,8 +10,14 @@ signature of mailflow.app's `forwarder`.
 """
 from __future__ import annotations
 
+import os
+import pwd
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 from mailflow.clock import VirtualClock
 from mailflow.config import Config
@@ -41,16 +47,17 @@ class FakeForward:
 
 
 def transport(tmp_path: Path, aliases: str = "", forward: FakeForward | None = None,
-              anyone_is_local: bool = False) -> LocalTransport:
+              anyone_is_local: bool = False, **local_settings) -> LocalTransport:
     """Local users alice, bob, carol in example.test (or anyone); `aliases` is an aliases(5) file."""
     (tmp_path / "users").write_text("alice x\nbob x\ncarol x\n")
     (tmp_path / "aliases").write_text(aliases)
     base = tmp_path / "mail"
     config = Config(myhostname="mx.example.test", myorigin="example.test", mydestination=("example.test",),
                     local_recipient_maps=() if anyone_is_local else (f"texthash:{tmp_path / 'users'}",),
-                    alias_maps=(f"texthash:{tmp_path / 'aliases'}",), local={"maildir_base": str(base)})
-    return LocalTransport(LocalExpander(config, Rewriter(config)), writer=MaildirWriter(VirtualClock()),
-                          maildir_base=base, forward=forward or FakeForward())
+                    alias_maps=(f"texthash:{tmp_path / 'aliases'}",),
+                    local={"maildir_base": str(base), **local_settings})
+    return LocalTransport(LocalExpander(config, Rewriter(config)), local=config.local,
+                          writer=MaildirWriter(VirtualClock()), clock=VirtualClock(), forward=forward or FakeForward())
 
 
 def request(*rcpts: str, content: bytes = CONTENT) -> DeliveryRequest:
@@ -123,14 +130,62 @@ async def test_unknown_user_bounces(tmp_path):
     assert (result.outcome, result.dsn) == (Outcome.BOUNCED, "5.1.1")
 
 
-async def test_command_target_defers_before_anything_is_written(tmp_path):
+async def test_without_command_settings_a_command_part_defers(tmp_path):
     fwd = FakeForward()
     t = transport(tmp_path, "run: alice, |/usr/bin/filter, x@remote.test\n", forward=fwd)
     [run, bob] = (await t.deliver(request("run@example.test", "bob@example.test"))).results
-    assert (run.outcome, run.dsn) == (Outcome.DEFERRED, "4.3.5")
-    assert delivered(tmp_path, "alice") == []
-    assert fwd.calls == []
+    assert (run.outcome, run.dsn) == (Outcome.DEFERRED, "4.3.5") and "|/usr/bin/filter" in run.text
+    assert len(delivered(tmp_path, "alice")) == 1 and len(fwd.calls) == 1  # the other parts went (local(8) too)
     assert bob.outcome is Outcome.SENT  # other recipients are not held back
+
+
+@pytest.fixture
+def public_dir():
+    """A directory `nobody` can write in (pytest's tmp_path is root's, 0700): as root, /file destinations are
+    written by default_privs, as Postfix does."""
+    path = Path(tempfile.mkdtemp(dir="/tmp", prefix="mailflow-files-"))
+    path.chmod(0o1777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def test_file_targets_get_mbox_entries_and_dev_null_discards(tmp_path, public_dir):
+    archive = public_dir / "archive" / "mail.mbox"
+    t = transport(tmp_path, f"keep: {archive}, /dev/null\n")
+    for _ in range(2):
+        [result] = (await t.deliver(request("keep@example.test"))).results
+        assert result.outcome is Outcome.SENT, result.text
+    entries = archive.read_bytes().split(b"\n\nFrom ")
+    assert len(entries) == 2 and archive.read_bytes().startswith(b"From sender@remote.test  ")
+    assert b"Delivered-To: keep@example.test\n" in entries[0] and b"\nline two\n" in entries[1]
+    if os.geteuid() == 0:  # written by the unprivileged child process
+        assert archive.stat().st_uid == pwd.getpwnam("nobody").pw_uid
+
+
+async def test_a_symlinked_file_target_bounces(tmp_path, public_dir):
+    (public_dir / "real").write_text("")
+    (public_dir / "link").symlink_to(public_dir / "real")
+    t = transport(tmp_path, f"keep: {public_dir / 'link'}\n")
+    [result] = (await t.deliver(request("keep@example.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.BOUNCED, "5.2.0")
+    assert (public_dir / "real").read_text() == ""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root switches to default_privs")
+async def test_as_root_a_file_target_is_written_with_default_privs_only(tmp_path):
+    """A file only root may write (here: in root's 0700 tmp_path) is refused: nothing runs as root."""
+    t = transport(tmp_path, f"keep: {tmp_path / 'secret.mbox'}\n")
+    [result] = (await t.deliver(request("keep@example.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.2.0") and "Permission denied" in result.text
+    assert not (tmp_path / "secret.mbox").exists()
+
+
+async def test_home_mailbox_as_an_mbox_file(tmp_path):
+    t = transport(tmp_path, home_mailbox="Mailbox")
+    [result] = (await t.deliver(request("alice@example.test"))).results
+    assert result.outcome is Outcome.SENT, result.text
+    mbox = (tmp_path / "mail" / "alice" / "Mailbox").read_bytes()
+    assert mbox.startswith(b"From sender@remote.test  ") and mbox.endswith(b"line two\n\n")
 
 
 async def test_refused_part_bounces_and_delivered_part_is_written(tmp_path):

@@ -1,0 +1,366 @@
+"""mbox delivery: Postfix local(8)'s mailbox file delivery (mail_copy + mbox_open), as functions.
+
+- `mailbox_location(local_config, user) -> (path, kind)`: where a local user's mailbox is and whether it is a
+  "maildir" or an "mbox" file (Postfix home_mailbox / mail_spool_directory rules, see the function).
+- `format_mbox_entry(content, sender=…, arrival=…, prepend=…) -> bytes`: one mbox entry (From_ line, the
+  prepended lines, the message with LF line ends and mboxrd quoting, a blank line).
+- `mboxrd_unquote(text) -> bytes`: the reverse of the quoting, for readers and tests.
+- `append_mbox(path, entry, locks=…, lock_timeout=…)`: append one entry durably under the configured locks.
+
+How an append works (all in one worker thread, `asyncio.to_thread`): create the parent directories; open the
+file O_WRONLY|O_APPEND|O_CREAT|O_NOFOLLOW (mode 0600); take the locks in the order given, sharing one deadline
+(`lock_timeout`, 20 s like Postfix's deliver_lock_attempts x deliver_lock_delay); check that the path still
+names the file we hold; note its size; write the entry; fsync. Any failure while writing truncates the file back
+to the size it had, before the locks are released, so readers never see a partial entry. The kernel locks go
+with the descriptor; the dotlock is removed last.
+
+Lock styles (Postfix mailbox_delivery_lock), taken in the order given. Every program that writes the mailbox
+must use the same locks in the same order, or two of them can each hold one lock and wait for the other until
+one gives up. The default, fcntl then dotlock, is Debian's policy and works with Dovecot's defaults: Dovecot
+keeps its fcntl read lock while it takes the dotlock to write, so a deliverer taking the dotlock first waits
+for Dovecot while Dovecot waits for it (measured: with "dotlock, fcntl", most of 10 deliveries racing 10
+`doveadm save` runs timed out; with "fcntl, dotlock" none did). (Postfix's own mbox_open always takes the dotlock
+first, whatever the order of the setting.)
+- "fcntl": a POSIX write lock on the whole file. On Linux it is taken as an open-file-description lock
+  (F_OFD_SETLK), which conflicts with every other process's fcntl()/lockf() lock exactly like a classic one but
+  also excludes the other threads of this process (classic POSIX locks belong to the process, so two deliveries
+  in our own worker threads would both "hold" it). Elsewhere `fcntl.lockf` is used.
+- "flock": flock(2), per open file description.
+- "dotlock": `<path>.lock` created with O_EXCL; a lock file whose mtime is older than `stale_lock_time`
+  (500 s, Postfix's default) is removed as stale. Postfix looks at the ctime; the mtime is what liblockfile
+  looks at, and what a holder refreshes with touch.
+Every attempt is non-blocking; between attempts the thread sleeps 5 ms doubling up to 100 ms.
+
+Failures (exceptions from mailflow.errors, with Postfix's mbox_open/mbox_dsn as the reference):
+- a lock not obtained within `lock_timeout`: TemporaryError 4.2.0 "mailbox … is busy";
+- the final path component is a symbolic link, a directory, not a regular file, or a file with more than one
+  hard link: PermanentError 5.2.0. Postfix's safe_open refuses these (bar root-owned symlinks, a Solaris
+  exception we do not need) and local(8) bounces them with 5.2.0: the mailbox is unusable until someone
+  fixes it, and following a link someone planted is how mail gets written over another file;
+- EDQUOT / EFBIG (a quota or the file size limit): PermanentError 5.2.2 "mailbox full", as Postfix does;
+- ENOSPC: TemporaryError 4.3.1 (mail system full, RFC 3463); Postfix says 4.3.0;
+- any other OS error: TemporaryError 4.2.0 naming the path (a permission or a disk the operator can fix).
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import pwd
+import re
+import stat
+import struct
+import time
+from pathlib import Path
+from typing import Callable, Literal
+
+from mailflow.config import LocalConfig
+from mailflow.errors import DeliveryError, PermanentError, TemporaryError
+
+log = logging.getLogger("mailflow.mbox")
+
+LockStyle = Literal["fcntl", "flock", "dotlock"]
+MailboxKind = Literal["maildir", "mbox"]
+
+MAILER_DAEMON = "MAILER-DAEMON"  # the From_ line's sender for the null sender (Postfix MAIL_ADDR_MAIL_DAEMON)
+DEFAULT_LOCK_TIMEOUT = 20.0  # Postfix: deliver_lock_attempts (20) x deliver_lock_delay (1s)
+STALE_LOCK_TIME = 500.0  # Postfix stale_lock_time
+_FIRST_POLL, _MAX_POLL = 0.005, 0.1
+_LOCK_STYLES: tuple[LockStyle, ...] = ("fcntl", "flock", "dotlock")
+
+_FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)
+_QUOTED_FROM_LINE = re.compile(rb"^>(>*From )", re.MULTILINE)
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\x80-\U0010ffff]+"
+_DOT_ATOM = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+# ------------------------------------------------------------------------------------------- where
+
+
+def mailbox_location(local: LocalConfig, user: str) -> tuple[Path, MailboxKind]:
+    """Where `user`'s mailbox is, as Postfix local(8) decides it (mailbox_command aside):
+
+    - `home_mailbox` set: `<home>/<home_mailbox>`, a Maildir when it ends in "/", else an mbox file; the home
+      is `<maildir_base>/<user>/` (mailflow's homes);
+    - `home_mailbox` "": `<mail_spool_directory>/<user>`, an mbox file, or a Maildir `<dir>/<user>/` when
+      mail_spool_directory ends in "/".
+    `user` is a bare local user name (no "/", not "." or ".."), as the alias stage gives it."""
+    if not user or "/" in user or user in (".", ".."):
+        raise ValueError(f"{user!r} is not a local user name")
+    if local.home_mailbox:
+        kind: MailboxKind = "maildir" if local.home_mailbox.endswith("/") else "mbox"
+        return Path(local.maildir_base) / user / local.home_mailbox, kind
+    kind = "maildir" if local.mail_spool_directory.endswith("/") else "mbox"
+    return Path(local.mail_spool_directory) / user, kind
+
+
+# ------------------------------------------------------------------------------------------- format
+
+
+def format_mbox_entry(content: bytes, *, sender: str, arrival: float, prepend: bytes = b"") -> bytes:
+    """One mbox entry: `From <sender>  <asctime>`, `prepend` (whole lines, e.g. Return-Path and Delivered-To),
+    the message, then an empty line so that the next From_ line starts after a blank line.
+
+    The From_ line is Postfix's: the envelope sender with its local part quoted when it is not a dot-atom
+    (MAILER-DAEMON for the null sender), two spaces, and `arrival` (seconds since the epoch) as asctime() in
+    local time (`Wed Nov  2 05:11:55 2026`). Postfix writes the time of the delivery: pass the clock's now
+    for that.
+
+    CRLF line ends become LF (mbox files are LF text, as Postfix writes them); a message that does not end in
+    a newline gets one. Quoting is mboxrd: every line matching `^>*From ` gets one more '>'. Postfix writes
+    mboxo (only `From ` lines are quoted), which a reader cannot undo: a body line `>From x` and a quoted
+    `From x` look the same. mboxrd can be undone exactly (`mboxrd_unquote`), and what an mboxo reader shows
+    of it differs from Postfix's output only on lines that already started with '>'.
+    """
+    text = (prepend + content).replace(b"\r\n", b"\n")
+    if text and not text.endswith(b"\n"):
+        text += b"\n"
+    return from_line(sender, arrival) + _FROM_LINE.sub(rb">\1", text) + b"\n"
+
+
+def from_line(sender: str, when: float) -> bytes:
+    who = _quote_local_part(_CONTROL.sub("?", sender)) if sender else MAILER_DAEMON
+    return f"From {who}  {time.asctime(time.localtime(when))}\n".encode("utf-8")
+
+
+def mboxrd_unquote(text: bytes) -> bytes:
+    """Remove one '>' from every line matching `^>+From ` (the reverse of format_mbox_entry's quoting)."""
+    return _QUOTED_FROM_LINE.sub(rb"\1", text)
+
+
+def _quote_local_part(address: str) -> str:
+    """`a b@example.com` -> `"a b"@example.com` (Postfix quote_822_local); dot-atoms and quoted ones stay."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        local, domain = address, ""
+    if _DOT_ATOM.fullmatch(local) or (len(local) >= 2 and local.startswith('"') and local.endswith('"')):
+        return address
+    quoted = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"{quoted}@{domain}" if at else quoted
+
+
+# ------------------------------------------------------------------------------------------- append
+
+
+async def append_mbox(path: Path, entry: bytes, *, locks: tuple[LockStyle, ...] = ("fcntl", "dotlock"),
+                      lock_timeout: float = DEFAULT_LOCK_TIMEOUT, stale_lock_time: float = STALE_LOCK_TIME,
+                      user: str | None = None) -> None:
+    """Append `entry` (from format_mbox_entry) to the mbox file at `path`, durably, under `locks` (taken in
+    that order), or raise a DeliveryError (TemporaryError / PermanentError, see the module docstring). The
+    mailbox never keeps part of an entry. With `user` (mailflow running as root) the whole append runs in a
+    forked child with that user's uid, gid and groups, so the file system checks that user's rights."""
+    if len(set(locks)) != len(locks) or not set(locks) <= set(_LOCK_STYLES):
+        raise ValueError(f"lock styles {locks!r}: each of {', '.join(_LOCK_STYLES)} at most once")
+    args = (Path(path), entry, tuple(locks), lock_timeout, stale_lock_time)
+    if user is None:
+        await asyncio.to_thread(_append, *args)
+    else:
+        await asyncio.to_thread(_append_as, user, *args)
+
+
+def _append_as(user: str, *args) -> None:
+    """`_append` in a child process forked from this worker thread, as `user`. The child does nothing but
+    switch identity, append and exit: it touches no lock another thread of this process could hold. Its
+    DeliveryError comes back over a pipe ("P|T dsn text")."""
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise TemporaryError("4.3.0", f"cannot write as {user}: no such user") from None
+    if pw.pw_uid == 0:
+        raise TemporaryError("4.3.0", f"refusing to write as {user}: uid 0")
+    groups = os.getgrouplist(user, pw.pw_gid)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.close(read_end)
+        status, report = 0, b""
+        try:
+            os.setgroups(groups)
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+            _append(*args)
+        except DeliveryError as e:
+            status, report = 1, f"{'P' if e.permanent else 'T'} {e.dsn} {e.text}".encode("utf-8", "replace")
+        except BaseException as e:  # noqa: BLE001 - the child must always exit here
+            status, report = 1, f"T 4.3.0 cannot write as {user}: {e}".encode("utf-8", "replace")
+        os.write(write_end, report[:4096])
+        os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        report = f.read()
+    os.waitpid(pid, 0)
+    if report:
+        kind, dsn, text = report.decode("utf-8", "replace").split(" ", 2)
+        raise (PermanentError if kind == "P" else TemporaryError)(dsn, text)
+
+
+def _append(path: Path, entry: bytes, locks: tuple[LockStyle, ...], lock_timeout: float,
+            stale_lock_time: float) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _open_mailbox(path)
+        dotlocked = False
+        try:
+            deadline = time.monotonic() + lock_timeout
+            for style in locks:
+                if style == "dotlock":
+                    _take_dotlock(path, deadline, lock_timeout, stale_lock_time)
+                    dotlocked = True
+                else:
+                    _take_kernel_lock(fd, style, path, deadline, lock_timeout)
+            _check_still_the_mailbox(fd, path)
+            _write_or_roll_back(fd, path, entry)
+        finally:
+            os.close(fd)  # releases the fcntl/flock locks
+            if dotlocked:
+                _remove_dotlock(path)
+    except DeliveryError:
+        raise
+    except OSError as e:
+        raise _os_error(path, e, "update") from None
+
+
+def _open_mailbox(path: Path) -> int:
+    """The mailbox opened for appending, created 0600 if missing; never through a symlink, never a directory,
+    a special file or a file with other hard links. O_NONBLOCK keeps a FIFO planted there from hanging us."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise PermanentError("5.2.0", f"mailbox {path} is a symbolic link: not followed") from None
+        if e.errno == errno.EISDIR:
+            raise PermanentError("5.2.0", f"mailbox {path} is a directory, not an mbox file") from None
+        if e.errno == errno.ENXIO:  # a FIFO without a reader
+            raise PermanentError("5.2.0", f"mailbox {path} is not a regular file") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise PermanentError("5.2.0", f"mailbox {path} is not a regular file")
+        if st.st_nlink != 1:
+            raise PermanentError("5.2.0", f"mailbox {path} has {st.st_nlink} hard links")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _take_kernel_lock(fd: int, style: LockStyle, path: Path, deadline: float, timeout: float) -> None:
+    if not _poll(lambda: _try_kernel_lock(fd, style), deadline):
+        raise TemporaryError("4.2.0", f"mailbox {path} is busy: no {style} lock within {timeout:g}s")
+
+
+def _try_kernel_lock(fd: int, style: LockStyle) -> bool:
+    try:
+        if style == "flock":
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        elif hasattr(fcntl, "F_OFD_SETLK"):
+            # struct flock {short l_type, l_whence; off_t l_start, l_len; pid_t l_pid}: whole file, pid 0.
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+        else:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def dotlock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
+def _take_dotlock(path: Path, deadline: float, timeout: float, stale_lock_time: float) -> None:
+    lock = dotlock_path(path)
+
+    def attempt() -> bool:
+        try:
+            os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        except FileExistsError:
+            _break_stale_dotlock(lock, stale_lock_time)
+            return False
+        return True
+
+    try:
+        got = _poll(attempt, deadline)
+    except OSError as e:
+        raise TemporaryError("4.2.0", f"cannot create lock file {lock}: {e.strerror}") from None
+    if not got:
+        raise TemporaryError("4.2.0", f"mailbox {path} is busy: {lock} exists (no dotlock within {timeout:g}s)")
+
+
+def _break_stale_dotlock(lock: Path, stale_lock_time: float) -> None:
+    """Remove `lock` when nobody has touched it for stale_lock_time (its holder is presumed dead)."""
+    try:
+        age = time.time() - os.stat(lock).st_mtime
+        if age > stale_lock_time:
+            os.unlink(lock)
+            log.warning("removed stale lock file %s (%.0f s old)", lock, age)
+    except FileNotFoundError:
+        pass
+
+
+def _remove_dotlock(path: Path) -> None:
+    try:
+        os.unlink(dotlock_path(path))
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            log.error("cannot remove lock file %s: %s", dotlock_path(path), e.strerror)
+
+
+def _poll(attempt: Callable[[], bool], deadline: float) -> bool:
+    """Call `attempt` until it returns True or `deadline` (time.monotonic) has passed; one last try at the end."""
+    delay = _FIRST_POLL
+    while not attempt():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, _MAX_POLL)
+    return True
+
+
+def _check_still_the_mailbox(fd: int, path: Path) -> None:
+    """The file we locked is still the one at `path` (nobody removed or replaced it while we waited: some
+    POP servers write a new mailbox and rename it over the old one)."""
+    held = os.fstat(fd)
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        now = None
+    if now is None or held.st_nlink != 1 or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+        raise TemporaryError("4.2.0", f"mailbox {path} was removed or replaced while being locked")
+
+
+def _write_or_roll_back(fd: int, path: Path, entry: bytes) -> None:
+    size = os.fstat(fd).st_size
+    try:
+        rest = memoryview(entry)
+        while rest:
+            rest = rest[os.write(fd, rest):]
+        os.fsync(fd)
+    except OSError as e:
+        _truncate(fd, path, size)
+        raise _os_error(path, e, "write to") from None
+
+
+def _truncate(fd: int, path: Path, size: int) -> None:
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    except OSError as e:
+        log.error("cannot truncate mailbox %s back to %d bytes after a failed write: %s", path, size, e.strerror)
+
+
+def _os_error(path: Path, e: OSError, doing: str) -> DeliveryError:
+    reason = e.strerror or str(e)
+    if e.errno in (errno.EDQUOT, errno.EFBIG):
+        return PermanentError("5.2.2", f"mailbox {path} is full: {reason}")
+    if e.errno == errno.ENOSPC:
+        return TemporaryError("4.3.1", f"cannot {doing} mailbox {path}: {reason}")
+    return TemporaryError("4.2.0", f"cannot {doing} mailbox {path}: {reason}")
+

@@ -1,0 +1,445 @@
+"""pipe: delivery to external commands (Postfix pipe(8)), and the command runner that local(8) shares.
+
+Runner (used by pipe services and by local's `|command` destinations):
+- `run_command(argv, *, stdin, env, time_limit, output_limit, user=None, cwd=None) -> CommandResult`: runs argv
+  directly (a shell only when argv is ["/bin/sh", "-c", cmd]) in a new session, with exactly `env` plus
+  PATH=/usr/bin:/bin, feeds it `stdin` (a command may exit without reading: fine), keeps the first
+  `output_limit` bytes of its merged stdout+stderr and drains the rest, and kills its whole process group at
+  the time limit (or when the delivery is cancelled). `user`: as root, run as that user (its groups too);
+  not as root, only our own user. Raises `CommandNotRun` when it cannot start the command (unknown user,
+  no privilege to switch, root requested, exec or chdir failed): callers defer with 4.3.0.
+- `command_status(result, command) -> (Outcome, dsn, text)`: Postfix's rules. Exit 0: SENT 2.0.0. Output that
+  begins with a 4.X.X/5.X.X enhanced status code: that code and text. A <sysexits.h> code: its table entry
+  (EX_TEMPFAIL 75 and EX_OSERR 71 defer 4.3.0; the others bounce, e.g. EX_NOUSER 67 5.1.1, EX_CONFIG 78
+  5.3.5). Any other status: BOUNCED 5.3.0. A signal or the time limit: DEFERRED 4.3.0. The text carries the
+  command's output (trimmed, one line, printable).
+
+`PipeTransport(service, name=…)`: one `[pipe.NAME]` service. Per request:
+1. size_limit exceeded: every recipient bounces 5.2.3. A sender with control characters: every recipient
+   bounces 5.1.7; a recipient with control characters bounces 5.1.3. Nothing runs for them.
+2. Flag D: a recipient already named in a Delivered-To header is a loop (5.4.6).
+3. The command runs once for all remaining recipients (argv elements holding a per-recipient macro expand to
+   one element per recipient), or once per recipient when flags D or O are set (those headers name one
+   recipient: Postfix requires transport_destination_recipient_limit = 1 for them). Its result applies to
+   every recipient of that run.
+argv macros (${name}, $name, $(name); $$ is a literal $), each value one argv element, never a shell:
+per recipient ${recipient}, ${original_recipient}, ${user}, ${extension}, ${mailbox}, ${domain}; per request
+${sender} (null sender: `null_sender`, default MAILER-DAEMON), ${nexthop}, ${queue_id}, ${size}. Postfix's
+client and SASL macros are unknown here: a config error, like any unknown macro.
+Flags (stdin is the message with LF line endings, as Postfix pipe writes it): F a "From sender date" line,
+R Return-Path:, O X-Original-To:, D Delivered-To: (in that order); ">" quotes lines starting "From ", "."
+doubles a leading dot, B appends a blank line; h folds ${domain}/${nexthop} and recipient domains to lower
+case, u folds recipient local parts, q quotes address local parts RFC 5322-style.
+Identity: `user`, or when empty mailflow's own user (`nobody` when mailflow runs as root). Working directory:
+`directory`, or "/". Environment: PATH only (Postfix's export_environment is not copied).
+Never raises for a delivery problem; results carry relay=NAME.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pwd
+import re
+import signal
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterable
+
+from mailflow import address
+from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
+from mailflow.stages.cleanup import header_values, split_header
+from mailflow.tables import split_extension
+
+if TYPE_CHECKING:
+    from mailflow.config import PipeService
+
+log = logging.getLogger("mailflow.pipe")
+
+DEFAULT_PATH = "/usr/bin:/bin"
+READ_CHUNK = 65536
+
+# ------------------------------------------------------------------------------------------------ the runner
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """How a command ended: its exit code, or the signal that killed it, or the time limit; and its output
+    (stdout and stderr merged, at most output_limit bytes, decoded as UTF-8 with replacement)."""
+
+    exit_code: int | None
+    signal: int | None
+    timed_out: bool
+    output: str
+
+
+class CommandNotRun(Exception):
+    """The command could not be started; nothing ran. `text` says why (for a 4.3.0 deferral)."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+
+@dataclass(frozen=True)
+class _Identity:
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+
+
+def _identity(user: str | None) -> _Identity | None:
+    """Whom to run as: None = as we are. Raises CommandNotRun for an unknown user, root, or a switch we lack
+    the privilege for."""
+    if not user:
+        return None
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise CommandNotRun(f"cannot run a command as user {user}: no such user") from None
+    if os.geteuid() != 0:
+        if entry.pw_uid == os.geteuid():
+            return None
+        raise CommandNotRun(f"cannot switch to user {user}: not running as root")
+    if entry.pw_uid == 0 or entry.pw_gid == 0:
+        raise CommandNotRun(f"refusing to run a command with root privileges (user {user})")
+    return _Identity(user, entry.pw_uid, entry.pw_gid, tuple(os.getgrouplist(user, entry.pw_gid)))
+
+
+async def run_command(argv: list[str], *, stdin: bytes, env: dict[str, str], time_limit: float, output_limit: int,
+                      user: str | None = None, cwd=None) -> CommandResult:
+    """Run argv to completion or to the time limit; see the module docstring. Raises CommandNotRun."""
+    who = _identity(user)
+    switch = {} if who is None else {"user": who.uid, "group": who.gid, "extra_groups": list(who.groups)}
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            env={"PATH": DEFAULT_PATH, **env}, cwd=cwd, start_new_session=True, **switch)
+    except OSError as e:
+        as_whom = f" as {who.name}" if who else ""
+        if cwd is not None and e.filename == str(cwd):
+            raise CommandNotRun(f"cannot change directory to {cwd}{as_whom}: {e.strerror}") from None
+        raise CommandNotRun(f"cannot run {argv[0]}{as_whom}: {e.strerror}") from None
+    output = bytearray()
+    try:
+        async with asyncio.timeout(time_limit):
+            await _exchange(proc, stdin, output, output_limit)
+            code = await proc.wait()
+    except TimeoutError:
+        _kill_group(proc)
+        await proc.wait()
+        return CommandResult(None, None, True, output.decode("utf-8", errors="replace"))
+    finally:
+        if proc.returncode is None:  # cancelled: leave nothing running behind us
+            _kill_group(proc)
+    text = output.decode("utf-8", errors="replace")
+    if code < 0:
+        return CommandResult(None, -code, False, text)
+    return CommandResult(code, None, False, text)
+
+
+async def _exchange(proc: asyncio.subprocess.Process, data: bytes, output: bytearray, limit: int) -> None:
+    """Write `data` to the command while reading its output until EOF into `output`, keeping `limit` bytes."""
+    feeder = asyncio.create_task(_feed(proc.stdin, data))
+    try:
+        while chunk := await proc.stdout.read(READ_CHUNK):
+            if len(output) < limit:
+                output += chunk[:limit - len(output)]
+        await feeder
+    finally:
+        feeder.cancel()
+
+
+async def _feed(stdin: asyncio.StreamWriter, data: bytes) -> None:
+    try:
+        stdin.write(data)
+        await stdin.drain()
+    except ConnectionError:
+        pass  # the command exited or closed its input without reading everything: its exit status decides
+    finally:
+        stdin.close()
+
+
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL the command's process group (it leads its own session), offspring included."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# ------------------------------------------------------------------------------------------- exit statuses
+
+# Postfix's sys_exits table (<sysexits.h> codes 64-78): enhanced status code and text.
+SYSEXITS: dict[int, tuple[str, str]] = {
+    64: ("5.3.0", "command line usage error"),
+    65: ("5.6.0", "data format error"),
+    66: ("5.3.0", "cannot open input"),
+    67: ("5.1.1", "user unknown"),
+    68: ("5.1.2", "host name unknown"),
+    69: ("5.3.0", "service unavailable"),
+    70: ("5.3.0", "internal software error"),
+    71: ("4.3.0", "system resource problem"),
+    72: ("5.3.0", "critical OS file missing"),
+    73: ("5.2.0", "can't create user output file"),
+    74: ("5.3.0", "input/output error"),
+    75: ("4.3.0", "temporary failure"),
+    76: ("5.5.0", "remote error in protocol"),
+    77: ("5.7.0", "permission denied"),
+    78: ("5.3.5", "local configuration error"),
+}
+_STATUS_IN_OUTPUT = re.compile(r"([45])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+
+
+def printable_output(output: str) -> str:
+    """Command output as one diagnostic line: whitespace runs become one space, other control characters '_'."""
+    flat = re.sub(r"[\t\n\r\f\v ]+", " ", output).strip()
+    return "".join(c if c.isprintable() else "_" for c in flat)
+
+
+def command_status(result: CommandResult, command: str) -> tuple[Outcome, str, str]:
+    """(outcome, enhanced status code, diagnostic) for a finished command, by Postfix's rules. For SENT the
+    text is the command's output (possibly empty): the caller words the success."""
+    said = printable_output(result.output)
+    output = f". Command output: {said}" if said else ""
+    if result.timed_out:
+        return Outcome.DEFERRED, "4.3.0", f'command time limit exceeded: "{command}"{output}'
+    if result.signal is not None:
+        return Outcome.DEFERRED, "4.3.0", f'command died with signal {result.signal}: "{command}"{output}'
+    code = result.exit_code
+    if code == 0:
+        return Outcome.SENT, "2.0.0", said
+    status = _STATUS_IN_OUTPUT.match(said)
+    if status:
+        dsn = ".".join(status.groups())
+        text = said[status.end():].strip() or f'command failed with status {code}: "{command}"'
+        return _failure(dsn), dsn, text
+    if code in SYSEXITS:
+        dsn, meaning = SYSEXITS[code]
+        return _failure(dsn), dsn, meaning + output
+    return Outcome.BOUNCED, "5.3.0", f'command died with status {code}: "{command}"{output}'
+
+
+def _failure(dsn: str) -> Outcome:
+    return Outcome.DEFERRED if dsn.startswith("4") else Outcome.BOUNCED
+
+
+# ------------------------------------------------------------------------------------------ argv macros
+
+PER_RECIPIENT_MACROS = ("recipient", "original_recipient", "user", "extension", "mailbox", "domain")
+PER_REQUEST_MACROS = ("sender", "nexthop", "queue_id", "size")
+_MACRO = re.compile(r"\$(?:\{([^}]*)\}|\(([^)]*)\)|([A-Za-z0-9_]+)|(\$))")
+
+
+@dataclass(frozen=True)
+class Macro:
+    name: str
+
+
+ArgTemplate = tuple  # of str (literal text) and Macro
+
+
+def parse_argv_element(element: str) -> ArgTemplate:
+    """'--to=${recipient}' -> ('--to=', Macro('recipient')). Raises ValueError for an unknown macro or a
+    '$' that starts none (write '$$' for a literal '$')."""
+    parts: list = []
+    pos = 0
+    for m in _MACRO.finditer(element):
+        if m.start() > pos:
+            parts.append(element[pos:m.start()])
+        pos = m.end()
+        if m.group(4):
+            parts.append("$")
+            continue
+        name = next(g for g in m.groups()[:3] if g is not None)
+        if name not in PER_RECIPIENT_MACROS + PER_REQUEST_MACROS:
+            raise ValueError(f"unknown macro ${{{name}}} in {element!r} (known: "
+                             f"{', '.join(PER_RECIPIENT_MACROS + PER_REQUEST_MACROS)})")
+        parts.append(Macro(name))
+    rest = element[pos:]
+    if "$" in rest:
+        raise ValueError(f"a '$' in {element!r} starts no macro (write $$ for a literal $)")
+    if rest:
+        parts.append(rest)
+    return tuple(parts)
+
+
+def parse_argv(argv: Iterable[str]) -> tuple[ArgTemplate, ...]:
+    return tuple(parse_argv_element(a) for a in argv)
+
+
+PIPE_FLAGS = "BDFORhqu.>"
+
+
+def check_flags(flags: str) -> str:
+    unknown = sorted(set(flags) - set(PIPE_FLAGS))
+    if unknown:
+        raise ValueError(f"unknown flag{'s' if len(unknown) > 1 else ''} {''.join(unknown)!r} "
+                         f"(supported: {PIPE_FLAGS})")
+    return flags
+
+
+def _has_control(text: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
+_ATEXT = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+
+
+def quote_local(local: str) -> str:
+    """A local part as RFC 5322 wants it: as is when it is a dot-atom (or 8-bit), else a quoted string."""
+    if not local or _ATEXT.fullmatch(local) or not local.isascii():
+        return local
+    return '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _address_value(addr: str, flags: str) -> str:
+    local, domain = address.split(addr)
+    if "u" in flags:
+        local = local.lower()
+    if "h" in flags:
+        domain = domain.lower()
+    if "q" in flags:
+        local = quote_local(local)
+    return f"{local}@{domain}" if "@" in addr else local
+
+
+def recipient_values(rcpt: Recipient, flags: str, delimiter: str) -> dict[str, str]:
+    """The per-recipient macro values of one recipient."""
+    local, domain = address.split(rcpt.address)
+    user, ext = split_extension(local, delimiter)
+    if "u" in flags:
+        local, user, ext = local.lower(), user.lower(), ext.lower()
+    return {"recipient": _address_value(rcpt.address, flags),
+            "original_recipient": _address_value(rcpt.original or rcpt.address, flags),
+            "user": user, "extension": ext[1:], "mailbox": local,
+            "domain": domain.lower() if "h" in flags else domain}
+
+
+def expand_argv(templates: tuple[ArgTemplate, ...], request_values: dict[str, str],
+                rcpt_values: list[dict[str, str]]) -> list[str]:
+    """Fill in the macros: an element with a per-recipient macro becomes one element per recipient."""
+    out: list[str] = []
+    for template in templates:
+        per_rcpt = any(isinstance(p, Macro) and p.name in PER_RECIPIENT_MACROS for p in template)
+        for values in (rcpt_values if per_rcpt else [{}]):
+            both = {**request_values, **values}
+            out.append("".join(both[p.name] if isinstance(p, Macro) else p for p in template))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the message
+
+
+def command_input(content: bytes, *, sender: str, flags: str, recipient: str = "", original: str = "",
+                  now: float = 0.0) -> bytes:
+    """The message as the command reads it: LF line ends, the headers the flags ask for, quoted lines."""
+    null_from = sender or "MAILER-DAEMON"
+    head = []
+    if "F" in flags:
+        head.append(f"From {null_from}  {time.asctime(time.localtime(now))}")
+    if "R" in flags:
+        head.append(f"Return-Path: <{sender}>")
+    if "O" in flags and original:
+        head.append(f"X-Original-To: {original}")
+    if "D" in flags:
+        head.append(f"Delivered-To: {recipient}")
+    body = content.replace(b"\r\n", b"\n")
+    if ">" in flags or "." in flags:
+        body = b"\n".join(_quote_line(line, flags) for line in body.split(b"\n"))
+    if body and not body.endswith(b"\n"):
+        body += b"\n"
+    if "B" in flags:
+        body += b"\n"
+    return "".join(h + "\n" for h in head).encode("utf-8") + body
+
+
+def _quote_line(line: bytes, flags: str) -> bytes:
+    if ">" in flags and line.startswith(b"From "):
+        line = b">" + line
+    if "." in flags and line.startswith(b"."):
+        line = b"." + line
+    return line
+
+
+# ------------------------------------------------------------------------------------------ the transport
+
+
+class PipeTransport:
+    def __init__(self, service: "PipeService", *, name: str, recipient_delimiter: str = "+",
+                 now: Callable[[], float] = time.time):
+        self._service = service
+        self._name = name
+        self._delimiter = recipient_delimiter
+        self._templates = parse_argv(service.argv)
+        self._now = now
+
+    async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
+        s = self._service
+        if s.size_limit and len(request.content) > s.size_limit:
+            return DeliveryReport.uniform(request.recipients, Outcome.BOUNCED, "5.2.3", "message too large",
+                                          relay=self._name)
+        if _has_control(request.sender):
+            return DeliveryReport.uniform(request.recipients, Outcome.BOUNCED, "5.1.7",
+                                          "bad sender address syntax: control characters", relay=self._name)
+        results: dict[int, RcptResult] = {}
+        ready = []
+        seen = self._delivered_to(request) if "D" in s.flags else frozenset()
+        for rcpt in request.recipients:
+            if _has_control(rcpt.address) or _has_control(rcpt.original):
+                results[rcpt.index] = self._result(rcpt, Outcome.BOUNCED, "5.1.3",
+                                                   "bad recipient address syntax: control characters")
+            elif rcpt.address.lower() in seen:
+                results[rcpt.index] = self._result(rcpt, Outcome.BOUNCED, "5.4.6",
+                                                   f"mail forwarding loop for {rcpt.address}")
+            else:
+                ready.append(rcpt)
+        one_each = "D" in s.flags or "O" in s.flags
+        for batch in ([[r] for r in ready] if one_each else [ready] if ready else []):
+            for result in await self._run_batch(request, batch):
+                results[result.recipient.index] = result
+        return DeliveryReport(tuple(results[r.index] for r in request.recipients))
+
+    async def close(self) -> None:
+        pass
+
+    async def _run_batch(self, request: DeliveryRequest, batch: list[Recipient]) -> list[RcptResult]:
+        s = self._service
+        argv = expand_argv(self._templates, self._request_values(request),
+                           [recipient_values(r, s.flags, self._delimiter) for r in batch])
+        first = batch[0]
+        stdin = command_input(request.content, sender=request.sender, flags=s.flags, recipient=first.address,
+                              original=first.original or first.address, now=self._now())
+        log.debug("%s: %s: running %s", request.queue_id, self._name, argv)
+        try:
+            result = await run_command(argv, stdin=stdin, env={}, time_limit=s.time_limit,
+                                       output_limit=s.output_limit, user=self._user(), cwd=s.directory or "/")
+        except CommandNotRun as e:
+            log.warning("%s: %s: %s", request.queue_id, self._name, e.text)
+            return [self._result(r, Outcome.DEFERRED, "4.3.0", e.text) for r in batch]
+        outcome, dsn, text = command_status(result, argv[0])
+        if outcome is Outcome.SENT:
+            text = f"delivered via {self._name} service" + (f" ({text[:100]})" if text else "")
+        return [self._result(r, outcome, dsn, text) for r in batch]
+
+    def _request_values(self, request: DeliveryRequest) -> dict[str, str]:
+        s = self._service
+        sender = request.sender or s.null_sender
+        if sender and request.sender and "q" in s.flags:
+            sender = _address_value(sender, "q")
+        return {"sender": sender, "nexthop": request.nexthop.lower() if "h" in s.flags else request.nexthop,
+                "queue_id": request.queue_id, "size": str(len(request.content))}
+
+    def _user(self) -> str | None:
+        if self._service.user:
+            return self._service.user
+        return "nobody" if os.geteuid() == 0 else None
+
+    @staticmethod
+    def _delivered_to(request: DeliveryRequest) -> frozenset[str]:
+        head, _ = split_header(request.content)
+        return frozenset(v.strip().strip("<>").lower() for v in header_values(head, "delivered-to"))
+
+    def _result(self, rcpt: Recipient, outcome: Outcome, dsn: str, text: str) -> RcptResult:
+        return RcptResult(rcpt, outcome, dsn, text, relay=self._name)

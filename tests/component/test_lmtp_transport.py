@@ -1,0 +1,471 @@
+"""LmtpTransport against real sockets: an in-process LMTP server (aiosmtpd.lmtp.LMTP on the test's loop) whose
+RCPT replies and per-recipient replies after DATA are scripted, over TCP on 127.0.0.1 and over a UNIX socket.
+
+aiosmtpd pushes whatever handle_DATA returns as it is, so "\\r\\n".join(one reply per recipient) is LMTP's answer;
+`hang_after=n` pushes n of them and then stops answering (a server that hangs mid-reply)."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from aiosmtpd.lmtp import LMTP
+
+from mailflow.config import LmtpConfig, config_from_dict
+from mailflow.errors import ConfigError
+from mailflow.model import DeliveryRequest, Outcome, Recipient
+from mailflow.transports.lmtp import (
+    Endpoint,
+    LmtpTransport,
+    MalformedReply,
+    ReplyParser,
+    dot_stuffed,
+    parse_nexthop,
+)
+
+HELO = "mx.mailflow.test"
+CONTENT = (
+    b"From: a@remote.test\r\n"
+    b"To: b@example.test\r\n"
+    b"Subject: byte exact\r\n"
+    b"\r\n"
+    b".leading dot must survive dot-stuffing\r\n"
+    b"..two dots too\r\n"
+    b"8-bit \xc3\xa9t\xc3\xa9 body\r\n"
+    b".\r\n"
+    b"last line\r\n"
+)
+
+
+# ---------------------------------------------------------------------------------------------------- the server
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    content: bytes
+    mail_options: list[str]
+    helo: str
+
+
+@dataclass
+class LmtpHandler:
+    """Accepts everything unless scripted; after DATA answers each accepted recipient with `final_replies[rcpt]`
+    (default 250). `pipelining` adds PIPELINING to the LHLO reply."""
+
+    pipelining: bool = False
+    mail_reply: str | None = None
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
+    final_replies: dict[str, str] = field(default_factory=dict)
+    hang_after: int | None = None
+    messages: list[Received] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        self.commands.append(f"MAIL {address}")
+        if self.mail_reply:
+            return self.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        self.commands.append(f"RCPT {address}")
+        if address in self.rcpt_replies:
+            return self.rcpt_replies[address]
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server, session, envelope):
+        self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content,
+                                      list(envelope.mail_options), session.host_name))
+        replies = [self.final_replies.get(r, f"250 2.0.0 <{r}> Saved") for r in envelope.rcpt_tos]
+        if self.hang_after is not None:
+            for reply in replies[: self.hang_after]:
+                await server.push(reply)
+            await self.release.wait()
+            raise ConnectionResetError("the test is over")
+        return "\r\n".join(replies)
+
+
+@dataclass
+class LmtpPeer:
+    handler: LmtpHandler
+    server: asyncio.AbstractServer
+    connections: list[LMTP]
+    port: int = 0
+
+    @property
+    def messages(self) -> list[Received]:
+        return self.handler.messages
+
+
+@pytest.fixture
+async def lmtp_peer():
+    peers: list[LmtpPeer] = []
+    loop = asyncio.get_running_loop()
+
+    async def start(unix_path: Path | None = None, **lmtp_kwargs) -> LmtpPeer:
+        handler = LmtpHandler(pipelining=lmtp_kwargs.pop("pipelining", False))
+        connections: list[LMTP] = []
+        lmtp_kwargs.setdefault("hostname", "lmtp.test")
+
+        def protocol() -> LMTP:
+            connections.append(LMTP(handler, **lmtp_kwargs))
+            return connections[-1]
+
+        if unix_path is not None:
+            server = await loop.create_unix_server(protocol, str(unix_path))
+            peer = LmtpPeer(handler, server, connections)
+        else:
+            server = await loop.create_server(protocol, "127.0.0.1", 0)
+            peer = LmtpPeer(handler, server, connections, server.sockets[0].getsockname()[1])
+        peers.append(peer)
+        return peer
+
+    yield start
+    for peer in peers:
+        peer.handler.release.set()
+        peer.server.close()
+        await peer.server.wait_closed()
+
+
+def make_transport(port: int = 24, timeout: float = 2.0) -> LmtpTransport:
+    config = LmtpConfig(port=port, connect_timeout=timeout, command_timeout=timeout, data_timeout=timeout)
+    return LmtpTransport(config, helo_name=HELO)
+
+
+def make_request(nexthop: str, *recipients: str, sender: str = "a@remote.test", content: bytes = CONTENT, **kw):
+    rcpts = tuple(Recipient(i, address, address) for i, address in enumerate(recipients or ("b@example.test",)))
+    return DeliveryRequest("Q1", sender, rcpts, nexthop, content, **kw)
+
+
+async def deliver(transport: LmtpTransport, request: DeliveryRequest):
+    try:
+        return await asyncio.wait_for(transport.deliver(request), 5)
+    finally:
+        await transport.close()
+
+
+def outcomes(report) -> list[tuple[str, Outcome, str]]:
+    return [(r.recipient.address, r.outcome, r.dsn) for r in report.results]
+
+
+# ---------------------------------------------------------------------------------------------------- delivery
+
+
+@pytest.mark.parametrize("pipelining", [False, True], ids=["lockstep", "pipelined"])
+async def test_each_recipient_gets_its_own_reply_after_data(lmtp_peer, pipelining):
+    peer = await lmtp_peer(pipelining=pipelining)
+    peer.handler.final_replies = {
+        "busy@example.test": "452 4.2.2 <busy@example.test> Mailbox is full",
+        "gone@example.test": "550 5.1.1 <gone@example.test> User doesn't exist",
+    }
+    request = make_request(f"[127.0.0.1]:{peer.port}", "ok@example.test", "busy@example.test", "gone@example.test",
+                           body_type="8BITMIME")
+    report = await deliver(make_transport(), request)
+
+    assert outcomes(report) == [
+        ("ok@example.test", Outcome.SENT, "2.0.0"),
+        ("busy@example.test", Outcome.DEFERRED, "4.2.2"),
+        ("gone@example.test", Outcome.BOUNCED, "5.1.1"),
+    ]
+    relay = f"127.0.0.1[127.0.0.1]:{peer.port}"
+    assert [r.text for r in report.results] == [
+        "250 2.0.0 <ok@example.test> Saved",
+        "host 127.0.0.1[127.0.0.1] said: 452 4.2.2 <busy@example.test> Mailbox is full "
+        "(in reply to end of DATA command)",
+        "host 127.0.0.1[127.0.0.1] said: 550 5.1.1 <gone@example.test> User doesn't exist "
+        "(in reply to end of DATA command)",
+    ]
+    assert {r.relay for r in report.results} == {relay}
+    assert report.site_ok
+    [message] = peer.messages  # one transaction for all three
+    assert message.rcpt_tos == ["ok@example.test", "busy@example.test", "gone@example.test"]
+    assert message.content == CONTENT  # dot-stuffed on the wire, un-stuffed by the server: byte exact
+    assert message.mail_from == "a@remote.test"
+    assert message.helo == HELO
+    assert f"SIZE={len(CONTENT)}" in message.mail_options and "BODY=8BITMIME" in message.mail_options
+
+
+async def test_refused_rcpt_gets_the_rcpt_reply_and_the_others_are_delivered(lmtp_peer):
+    peer = await lmtp_peer()
+    peer.handler.rcpt_replies = {
+        "gone@example.test": "550 5.1.1 <gone@example.test> User doesn't exist",
+        "later@example.test": "451 4.3.0 <later@example.test> Temporary user lookup failure",
+    }
+    request = make_request(f"[127.0.0.1]:{peer.port}", "gone@example.test", "ok@example.test", "later@example.test")
+    report = await deliver(make_transport(), request)
+
+    assert outcomes(report) == [
+        ("gone@example.test", Outcome.BOUNCED, "5.1.1"),
+        ("ok@example.test", Outcome.SENT, "2.0.0"),
+        ("later@example.test", Outcome.DEFERRED, "4.3.0"),
+    ]
+    assert report.results[0].text == ("host 127.0.0.1[127.0.0.1] said: 550 5.1.1 <gone@example.test> User doesn't "
+                                      "exist (in reply to RCPT TO command)")
+    assert [m.rcpt_tos for m in peer.messages] == [["ok@example.test"]]
+    assert report.site_ok
+
+
+async def test_all_rcpts_refused_sends_no_data(lmtp_peer):
+    peer = await lmtp_peer(pipelining=True)
+    peer.handler.rcpt_replies = {"gone@example.test": "550 5.1.1 <gone@example.test> User doesn't exist"}
+    report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{peer.port}", "gone@example.test"))
+    assert outcomes(report) == [("gone@example.test", Outcome.BOUNCED, "5.1.1")]
+    assert peer.messages == []
+
+
+@pytest.mark.parametrize("pipelining", [False, True], ids=["lockstep", "pipelined"])
+async def test_refused_mail_from_decides_every_recipient(lmtp_peer, pipelining):
+    peer = await lmtp_peer(pipelining=pipelining)
+    peer.handler.mail_reply = "553 5.7.1 <a@remote.test> Sender address rejected"
+    report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{peer.port}", "b@example.test",
+                                                          "c@example.test"))
+    assert outcomes(report) == [("b@example.test", Outcome.BOUNCED, "5.7.1"),
+                                ("c@example.test", Outcome.BOUNCED, "5.7.1")]
+    assert all(r.text.endswith("Sender address rejected (in reply to MAIL FROM command)") for r in report.results)
+    assert report.site_ok
+    assert peer.messages == []
+    if not pipelining:
+        assert peer.handler.commands == ["MAIL a@remote.test"]  # no RCPT after a refused MAIL
+
+
+async def test_null_sender_and_seven_bit_message(lmtp_peer):
+    peer = await lmtp_peer()
+    request = make_request(f"[127.0.0.1]:{peer.port}", sender="", content=b"Subject: x\r\n\r\nhi\r\n")
+    report = await deliver(make_transport(), request)
+    assert outcomes(report) == [("b@example.test", Outcome.SENT, "2.0.0")]
+    assert peer.messages[0].mail_from == "<>"
+    assert not any(o.startswith("BODY=") for o in peer.messages[0].mail_options)
+
+
+async def test_bracketed_host_without_port_uses_the_configured_port(lmtp_peer):
+    peer = await lmtp_peer()
+    report = await deliver(make_transport(port=peer.port), make_request("[127.0.0.1]"))
+    assert outcomes(report) == [("b@example.test", Outcome.SENT, "2.0.0")]
+
+
+async def test_host_name_nexthop_is_resolved(lmtp_peer):
+    peer = await lmtp_peer()
+    report = await deliver(make_transport(), make_request(f"localhost:{peer.port}"))
+    assert report.results[0].outcome is Outcome.SENT
+    assert report.results[0].relay == f"localhost[127.0.0.1]:{peer.port}"
+
+
+async def test_unix_socket_nexthop(lmtp_peer):
+    directory = Path(tempfile.mkdtemp(prefix="lmtp-", dir="/tmp"))  # short: sun_path holds 108 bytes
+    try:
+        socket_path = directory / "lmtp.sock"
+        peer = await lmtp_peer(unix_path=socket_path)
+        report = await deliver(make_transport(), make_request(f"unix:{socket_path}", "b@example.test",
+                                                              "c@example.test"))
+        assert outcomes(report) == [("b@example.test", Outcome.SENT, "2.0.0"), ("c@example.test", Outcome.SENT, "2.0.0")]
+        assert report.results[0].relay == f"{HELO}[{socket_path}]"
+        assert [m.content for m in peer.messages] == [CONTENT]
+    finally:
+        shutil.rmtree(directory)
+
+
+async def test_smtputf8_needed_but_not_offered_bounces(lmtp_peer):
+    peer = await lmtp_peer(enable_SMTPUTF8=False)
+    request = make_request(f"[127.0.0.1]:{peer.port}", "jürgen@exämple.test", smtputf8=True)
+    report = await deliver(make_transport(), request)
+    assert outcomes(report) == [("jürgen@exämple.test", Outcome.BOUNCED, "5.6.7")]
+    assert report.results[0].text == "SMTPUTF8 is required, but was not offered by host 127.0.0.1[127.0.0.1]"
+    assert peer.handler.commands == []
+
+
+async def test_smtputf8_is_used_when_offered(lmtp_peer):
+    peer = await lmtp_peer(enable_SMTPUTF8=True)
+    request = make_request(f"[127.0.0.1]:{peer.port}", "jürgen@exämple.test", sender="andré@remote.test",
+                           smtputf8=True)
+    report = await deliver(make_transport(), request)
+    assert outcomes(report) == [("jürgen@exämple.test", Outcome.SENT, "2.0.0")]
+    assert peer.messages[0].rcpt_tos == ["jürgen@exämple.test"]
+    assert "SMTPUTF8" in peer.messages[0].mail_options
+
+
+async def test_message_bigger_than_advertised_size_bounces(lmtp_peer):
+    peer = await lmtp_peer(data_size_limit=64)
+    report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{peer.port}"))
+    assert outcomes(report) == [("b@example.test", Outcome.BOUNCED, "5.3.4")]
+    assert peer.messages == []
+
+
+# ---------------------------------------------------------------------------------------------------- addresses
+
+
+async def test_crlf_in_an_address_bounces_and_never_reaches_the_wire(lmtp_peer):
+    peer = await lmtp_peer()
+    evil = "x@example.test>\r\nRCPT TO:<injected@example.test"
+    report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{peer.port}", evil, "ok@example.test"))
+    assert outcomes(report) == [(evil, Outcome.BOUNCED, "5.1.3"), ("ok@example.test", Outcome.SENT, "2.0.0")]
+    assert report.results[0].text == "<x@example.test>??RCPT TO:<injected@example.test>: Bad recipient address syntax"
+    assert peer.handler.commands == ["MAIL a@remote.test", "RCPT ok@example.test"]
+
+
+async def test_only_bad_addresses_means_no_connection(lmtp_peer):
+    peer = await lmtp_peer()
+    report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{peer.port}", "a\nb@example.test"))
+    assert outcomes(report) == [("a\nb@example.test", Outcome.BOUNCED, "5.1.3")]
+    bad_sender = await deliver(make_transport(), make_request(f"[127.0.0.1]:{peer.port}", sender="s\x00@x.test"))
+    assert outcomes(bad_sender) == [("b@example.test", Outcome.BOUNCED, "5.1.7")]
+    assert peer.connections == []
+
+
+# ---------------------------------------------------------------------------------------------------- site failures
+
+
+async def test_connection_refused_defers_and_fails_the_site(unused_port):
+    report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{unused_port}", "b@example.test",
+                                                          "c@example.test"))
+    assert outcomes(report) == [("b@example.test", Outcome.DEFERRED, "4.4.1"),
+                                ("c@example.test", Outcome.DEFERRED, "4.4.1")]
+    assert report.results[0].text == f"connect to 127.0.0.1[127.0.0.1]:{unused_port}: Connection refused"
+    assert report.results[0].relay == "none"
+    assert not report.site_ok
+    assert report.site_reason == report.results[0].text
+
+
+async def test_missing_unix_socket_defers():
+    report = await deliver(make_transport(), make_request("unix:/nonexistent/lmtp"))
+    assert outcomes(report) == [("b@example.test", Outcome.DEFERRED, "4.4.1")]
+    assert report.results[0].text == f"connect to {HELO}[/nonexistent/lmtp]: No such file or directory"
+    assert not report.site_ok
+
+
+async def test_server_that_stops_answering_after_data_times_out(lmtp_peer):
+    peer = await lmtp_peer()
+    peer.handler.hang_after = 1  # answers the first recipient, then nothing
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    report = await deliver(make_transport(timeout=0.5), make_request(f"[127.0.0.1]:{peer.port}", "b@example.test",
+                                                                     "c@example.test"))
+    assert loop.time() - started < 2.0
+    assert outcomes(report) == [("b@example.test", Outcome.SENT, "2.0.0"),  # its answer stands
+                                ("c@example.test", Outcome.DEFERRED, "4.4.2")]
+    assert report.results[1].text == ("conversation with 127.0.0.1[127.0.0.1] timed out while sending end of data "
+                                      "-- message may be sent more than once")
+    assert not report.site_ok
+
+
+async def test_silent_server_after_greeting_times_out_at_lhlo():
+    async def greet_then_listen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 silent LMTP\r\n")
+        await reader.read()  # until the client gives up
+        writer.close()
+
+    server = await asyncio.start_server(greet_then_listen, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        report = await deliver(make_transport(timeout=0.3), make_request(f"[127.0.0.1]:{port}"))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert outcomes(report) == [("b@example.test", Outcome.DEFERRED, "4.4.2")]
+    assert report.results[0].text == ("conversation with 127.0.0.1[127.0.0.1] timed out while performing the LHLO "
+                                      "handshake")
+    assert not report.site_ok
+
+
+async def test_connection_closed_before_final_replies_defers():
+    async def close_after_data(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 lmtp.test LMTP\r\n")
+        while line := await reader.readline():
+            if line.startswith(b"LHLO"):
+                writer.write(b"250-lmtp.test\r\n250 PIPELINING\r\n")
+            elif line.startswith(b"DATA"):
+                writer.write(b"354 go ahead\r\n")
+            elif line == b".\r\n":
+                break
+            elif line[:4] in (b"MAIL", b"RCPT"):
+                writer.write(b"250 2.1.0 Ok\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(close_after_data, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{port}"))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert outcomes(report) == [("b@example.test", Outcome.DEFERRED, "4.4.2")]
+    assert report.results[0].text.startswith("lost connection with 127.0.0.1[127.0.0.1] while sending end of data")
+    assert not report.site_ok
+
+
+async def test_refused_greeting_defers_and_fails_the_site():
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"554 5.3.2 no service today\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{port}"))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert outcomes(report) == [("b@example.test", Outcome.DEFERRED, "4.3.2")]
+    assert report.results[0].text == "host 127.0.0.1[127.0.0.1] refused to talk to me: 554 5.3.2 no service today"
+    assert not report.site_ok
+
+
+async def test_bad_nexthop_defers_as_configuration_error():
+    report = await deliver(make_transport(), make_request("unix:"))
+    assert outcomes(report) == [("b@example.test", Outcome.DEFERRED, "4.3.5")]
+    assert not report.site_ok
+
+
+# ---------------------------------------------------------------------------------------------------- pure parts
+
+
+def test_nexthop_forms():
+    assert parse_nexthop("[127.0.0.1]:2424", 24) == Endpoint(host="127.0.0.1", port=2424)
+    assert parse_nexthop("[127.0.0.1]", 24) == Endpoint(host="127.0.0.1", port=24)
+    assert parse_nexthop("Mail.Example.:24", 99) == Endpoint(host="mail.example", port=24)
+    assert parse_nexthop("inet:[::1]:24", 99) == Endpoint(host="::1", port=24)
+    assert parse_nexthop("unix:/run/dovecot/lmtp", 24) == Endpoint(path="/run/dovecot/lmtp")
+    for bad in ("unix:", "[]:24", "host:port", "host:99999"):
+        with pytest.raises(ValueError):
+            parse_nexthop(bad, 24)
+
+
+def test_dot_stuffing_and_line_ends():
+    assert dot_stuffed(b".a\r\n..b\r\nc.\r\n.\r\n") == b"..a\r\n...b\r\nc.\r\n..\r\n"
+    assert dot_stuffed(b"bare\nlf\rcr\r\nno end") == b"bare\r\nlf\r\ncr\r\nno end\r\n"
+    assert dot_stuffed(b"") == b""
+
+
+def test_reply_parser_joins_lines_and_refuses_garbage():
+    parser = ReplyParser()
+    assert parser.feed(b"250-lmtp.test\r\n") is None
+    assert parser.feed(b"250-PIPELINING\r\n") is None
+    reply = parser.feed(b"250 SIZE 1000\r\n")
+    assert (reply.code, reply.lines) == (250, ["lmtp.test", "PIPELINING", "SIZE 1000"])
+    assert ReplyParser().feed(b"354\r\n").code == 354
+    for garbage in ([b"hello\r\n"], [b"250-a\r\n", b"550 b\r\n"]):
+        parser = ReplyParser()
+        with pytest.raises(MalformedReply):
+            for line in garbage:
+                parser.feed(line)
+
+
+def test_lmtp_settings_take_durations_and_refuse_a_zero_timeout():
+    assert config_from_dict({"lmtp": {"data_timeout": "2m", "port": 2424}}).lmtp == LmtpConfig(
+        port=2424, data_timeout=120.0)
+    with pytest.raises(ConfigError, match="lmtp.connect_timeout"):
+        config_from_dict({"lmtp": {"connect_timeout": "0s"}})

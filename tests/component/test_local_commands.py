@@ -1,0 +1,123 @@
+"""`|command` destinations of the local transport (LocalTransport with CommandSettings), with real scripts.
+
+Covered: an alias command gets local(8)'s environment (exactly those variables, shell-special characters in
+message context replaced by '_'), the message with Return-Path and Delivered-To on stdin, `/` as working
+directory when the home does not exist, and (as root) default_privs' identity; a .forward command runs in the
+user's home; mailbox and command parts combine: a command exiting 75 defers the recipient (the mailbox
+written), 67 bounces it 5.1.1, success names both parts; command_time_limit defers 4.3.0.
+"""
+from __future__ import annotations
+
+import os
+import pwd
+from pathlib import Path
+
+import pytest
+
+from mailflow.clock import VirtualClock
+from mailflow.config import Config
+from mailflow.model import DeliveryRequest, Outcome, Recipient
+from mailflow.stages.aliasing import LocalExpander
+from mailflow.stages.rewrite import Rewriter
+from mailflow.transports.local import CommandSettings, LocalTransport
+from mailflow.transports.maildir import MaildirWriter
+from tests.command_scripts import script_dir
+
+CONTENT = b"From: sender@remote.test\r\nSubject: hello\r\n\r\nline one\r\n"
+RECORD = 'env > {out}/env\ncat > {out}/stdin\npwd > {out}/pwd\nid -u > {out}/uid\n'
+
+
+@pytest.fixture
+def scripts():
+    with script_dir() as d:
+        yield d
+
+
+def transport(base: Path, aliases: str, time_limit: float = 10.0) -> LocalTransport:
+    """Local users alice and bob in example.test; homes under `base`/mail; `aliases` an aliases(5) file."""
+    (base / "users").write_text("alice x\nbob x\n")
+    (base / "aliases").write_text(aliases)
+    config = Config(myhostname="mx.example.test", myorigin="example.test", mydestination=("example.test",),
+                    local_recipient_maps=(f"texthash:{base / 'users'}",),
+                    alias_maps=(f"texthash:{base / 'aliases'}",), local={"maildir_base": str(base / "mail")})
+    return LocalTransport(LocalExpander(config, Rewriter(config)), local=config.local,
+                          writer=MaildirWriter(VirtualClock()), clock=VirtualClock(),
+                          commands=CommandSettings(time_limit=time_limit, recipient_delimiter="+"))
+
+
+def request(rcpt: str, sender: str = "sender@remote.test", original: str = "") -> DeliveryRequest:
+    return DeliveryRequest("Q1", sender, (Recipient(0, rcpt, original or rcpt),), "mx.example.test", CONTENT)
+
+
+def environment(text: str) -> dict[str, str]:
+    env = dict(line.split("=", 1) for line in text.splitlines())
+    for shell_own in ("PWD", "SHLVL", "_", "OLDPWD"):  # set by /bin/sh itself
+        env.pop(shell_own, None)
+    return env
+
+
+def maildir(base: Path, user: str) -> list[bytes]:
+    new = base / "mail" / user / "Maildir" / "new"
+    return [p.read_bytes() for p in sorted(new.iterdir())] if new.is_dir() else []
+
+
+async def test_an_alias_command_gets_local_environment_and_the_message(scripts, tmp_path):
+    s = scripts.script("record.sh", RECORD.format(out=scripts.out))
+    t = transport(tmp_path, f'run: "|{s} --flag"\n')
+    [result] = (await t.deliver(request("Run+Tag@Example.test", sender="o'brien&co@remote.test",
+                                        original="first@elsewhere.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.SENT, "2.0.0")
+    assert result.text == f"delivered to command: {s} --flag"
+    assert environment(scripts.read("env")) == {
+        "HOME": str(tmp_path / "mail" / "run"), "SHELL": "/bin/sh", "USER": "run", "LOGNAME": "run",
+        "SENDER": "o_brien_co@remote.test", "RECIPIENT": "Run+Tag@Example.test",
+        "ORIGINAL_RECIPIENT": "first@elsewhere.test", "LOCAL": "run+tag", "DOMAIN": "example.test",
+        "EXTENSION": "tag", "PATH": "/usr/bin:/bin"}
+    assert scripts.read("stdin") == ("Return-Path: <o'brien&co@remote.test>\nDelivered-To: Run+Tag@Example.test\n"
+                                     "From: sender@remote.test\nSubject: hello\n\nline one\n")
+    assert scripts.read("pwd") == "/\n"  # the home does not exist
+    expected_uid = pwd.getpwnam("nobody").pw_uid if os.geteuid() == 0 else os.geteuid()
+    assert scripts.read("uid") == f"{expected_uid}\n"
+
+
+async def test_a_forward_command_runs_in_the_users_home(scripts):
+    s = scripts.script("record.sh", RECORD.format(out=scripts.out))
+    home = scripts.path / "mail" / "bob"
+    home.mkdir(parents=True)
+    home.chmod(0o755)
+    (home / ".forward").write_text(f"\\bob, |{s}\n")
+    [result] = (await transport(scripts.path, "").deliver(request("bob@example.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.SENT, "2.0.0")
+    assert scripts.read("pwd") == f"{home}\n" and environment(scripts.read("env"))["HOME"] == str(home)
+    assert len(maildir(scripts.path, "bob")) == 1 and "delivered to maildir" in result.text
+
+
+async def test_a_command_exiting_75_defers_the_recipient_after_the_mailbox_is_written(scripts, tmp_path):
+    s = scripts.script("later.sh", "echo busy\nexit 75\n")
+    [result] = (await transport(tmp_path, f"team: alice, |{s}\n").deliver(request("team@example.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.3.0")
+    assert result.text.startswith("temporary failure. Command output: busy (also: delivered to maildir")
+    assert len(maildir(tmp_path, "alice")) == 1
+
+
+async def test_a_command_exiting_67_bounces_the_recipient_and_the_rest_is_delivered(scripts, tmp_path):
+    s = scripts.script("nouser.sh", "exit 67\n")
+    [result] = (await transport(tmp_path, f"team: alice, |{s}\n").deliver(request("team@example.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.BOUNCED, "5.1.1")
+    assert result.text.startswith("user unknown (also: delivered to maildir")
+    assert len(maildir(tmp_path, "alice")) == 1
+
+
+async def test_a_mailbox_and_a_command_both_delivered_are_named(scripts, tmp_path):
+    s = scripts.script("ok.sh", "cat > /dev/null\n")
+    [result] = (await transport(tmp_path, f"team: alice, |{s}\n").deliver(request("team@example.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.SENT, "2.0.0")
+    assert "delivered to maildir" in result.text and f"delivered to command: {s}" in result.text
+
+
+async def test_command_time_limit_defers(scripts, tmp_path):
+    s = scripts.script("slow.sh", "sleep 30\n")
+    t = transport(tmp_path, f"slow: |{s}\n", time_limit=0.3)
+    [result] = (await t.deliver(request("slow@example.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.3.0")
+    assert result.text == f'command time limit exceeded: "{s}"'

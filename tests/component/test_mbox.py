@@ -1,0 +1,380 @@
+"""mbox delivery (mailflow.transports.mbox) with real files in tmp_path and real other processes.
+
+Covered: the From_ line (Postfix's format, MAILER-DAEMON for the null sender, a quoted local part), mboxrd
+quoting, CRLF and a missing final newline, two entries back to back byte for byte; a property: random bodies
+written one after the other are read back exactly by Python's `mailbox.mbox` after mboxrd un-quoting;
+20 concurrent deliveries from asyncio tasks, and from this process and another one at once, leave every entry
+intact; a held dotlock makes a delivery wait then succeed, or time out with 4.2.0 leaving the lock alone; a stale
+dotlock is broken, a fresh one is not; an fcntl (lockf) or flock lock held by another process makes a delivery
+wait or time out; an fcntl lock held by another thread of this process excludes too (OFD locks); a symlink
+(live or dangling), a directory and a hard-linked file are refused with 5.2.0; a write cut short by
+RLIMIT_FSIZE (another process) leaves the mailbox as it was (5.2.2); new files are 0600; mailbox_location for
+the home_mailbox / mail_spool_directory combinations and the settings' validation.
+"""
+from __future__ import annotations
+
+import asyncio
+import mailbox
+import os
+import re
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mailflow.config import Config, LocalConfig, config_from_dict
+from mailflow.errors import ConfigError, PermanentError, TemporaryError
+from mailflow.transports import mbox
+from mailflow.transports.mbox import append_mbox, format_mbox_entry, mailbox_location, mboxrd_unquote
+
+ROOT = Path(__file__).resolve().parents[2]
+NOV_2 = time.mktime((2026, 11, 2, 5, 11, 55, 0, 0, -1))  # a local time with a one-digit day
+PREPEND = b"Return-Path: <s@remote.test>\nDelivered-To: alice@local.test\n"
+
+
+def read_bodies(path: Path) -> list[bytes]:
+    """Each message of an mbox file as Python's mailbox module splits it, mboxrd-unquoted."""
+    box = mailbox.mbox(str(path), create=False)
+    try:
+        return [mboxrd_unquote(box.get_bytes(key)) for key in box.keys()]
+    finally:
+        box.close()
+
+
+def expected_body(content: bytes, prepend: bytes = b"") -> bytes:
+    text = (prepend + content).replace(b"\r\n", b"\n")
+    return text + b"\n" if text and not text.endswith(b"\n") else text
+
+
+# ------------------------------------------------------------------------------------------- format
+
+
+def test_from_line_is_postfix_format_in_local_time():
+    entry = format_mbox_entry(b"Subject: x\n\nbody\n", sender="s@remote.test", arrival=NOV_2)
+    assert entry.split(b"\n")[0] == b"From s@remote.test  Mon Nov  2 05:11:55 2026"
+
+
+def test_null_sender_is_mailer_daemon():
+    assert format_mbox_entry(b"x\n", sender="", arrival=NOV_2).startswith(b"From MAILER-DAEMON  Mon Nov  2 ")
+
+
+def test_local_part_that_is_not_a_dot_atom_is_quoted():
+    line = format_mbox_entry(b"x\n", sender='john doe@remote.test', arrival=NOV_2).split(b"\n")[0]
+    assert line.startswith(b'From "john doe"@remote.test  ')
+    line = format_mbox_entry(b"x\n", sender='"already quoted"@r.test', arrival=NOV_2).split(b"\n")[0]
+    assert line.startswith(b'From "already quoted"@r.test  ')
+
+
+def test_from_lines_are_quoted_mboxrd_style_and_nothing_else():
+    content = b"From: a@b\r\n\r\nFrom here\r\n>From there\r\n>>From far\r\nFromage\r\n From x\r\n>From\r\n"
+    entry = format_mbox_entry(content, sender="s@r.test", arrival=NOV_2, prepend=PREPEND)
+    head, rest = entry.split(b"\n", 1)
+    assert head.startswith(b"From s@r.test  ")
+    assert rest == (PREPEND + b"From: a@b\n\n>From here\n>>From there\n>>>From far\nFromage\n From x\n>From\n\n")
+
+
+def test_message_without_final_newline_gets_one_then_the_blank_line():
+    entry = format_mbox_entry(b"Subject: x\r\n\r\nno newline", sender="s@r.test", arrival=NOV_2)
+    assert entry.endswith(b"\n\nno newline\n\n")
+    assert b"\r" not in entry
+
+
+def test_two_entries_back_to_back(tmp_path):
+    path = tmp_path / "alice"
+    first = format_mbox_entry(b"Subject: 1\r\n\r\nFrom me\r\n", sender="a@r.test", arrival=NOV_2, prepend=PREPEND)
+    second = format_mbox_entry(b"Subject: 2\r\n\r\nbye", sender="", arrival=NOV_2 + 1)
+
+    async def both():
+        await append_mbox(path, first)
+        await append_mbox(path, second)
+
+    asyncio.run(both())
+    assert path.read_bytes() == first + second
+    assert read_bodies(path) == [PREPEND + b"Subject: 1\n\nFrom me\n", b"Subject: 2\n\nbye\n"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert not mbox.dotlock_path(path).exists()
+
+
+_LINES = st.sampled_from([b"From x", b">From y", b">>From  z", b"From", b"From:", b"", b"text", b" From a",
+                          b"\r", b"F", b">"])
+_BODIES = st.one_of(
+    st.binary(max_size=200),
+    st.lists(st.one_of(_LINES, st.binary(max_size=10)), max_size=12).flatmap(
+        lambda lines: st.sampled_from([b"\n", b"\r\n"]).map(lambda eol: eol.join(lines))),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(bodies=st.lists(_BODIES, min_size=1, max_size=5), with_prepend=st.booleans())
+def test_property_python_mailbox_reads_back_every_body_exactly(bodies, with_prepend):
+    prepend = PREPEND if with_prepend else b""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "box"
+        path.write_bytes(b"".join(format_mbox_entry(b, sender="s@r.test", arrival=NOV_2, prepend=prepend)
+                                  for b in bodies))
+        assert read_bodies(path) == [expected_body(b, prepend) for b in bodies]
+
+
+# ------------------------------------------------------------------------------------------- concurrency
+
+
+def marked_entry(tag: str, size: int = 64 * 1024) -> tuple[bytes, bytes]:
+    """An entry whose body is `size` bytes of lines naming `tag` (so an interleaving would show), and that body."""
+    line = f"{tag} From the middle of {tag}\r\nFrom {tag}\r\n".encode()
+    content = f"Subject: {tag}\r\n\r\n".encode() + line * (size // len(line))
+    return format_mbox_entry(content, sender=f"{tag}@r.test", arrival=NOV_2), expected_body(content)
+
+
+async def test_twenty_concurrent_tasks_leave_every_entry_intact(tmp_path):
+    path = tmp_path / "alice"
+    entries = [marked_entry(f"task{i}") for i in range(20)]
+    started = time.monotonic()
+    await asyncio.wait_for(asyncio.gather(*(append_mbox(path, e) for e, _ in entries)), 15)
+    assert time.monotonic() - started < 15
+    assert sorted(read_bodies(path)) == sorted(body for _, body in entries)
+    assert path.stat().st_size == sum(len(e) for e, _ in entries)
+
+
+CHILD_APPENDS = """
+import asyncio, sys
+sys.path.insert(0, {root!r})
+from tests.component.test_mbox import marked_entry
+from mailflow.transports.mbox import append_mbox
+async def main():
+    print("ready", flush=True)
+    await asyncio.gather(*(append_mbox({path!r}, marked_entry(f"proc{{i}}")[0]) for i in range(10)))
+asyncio.run(main())
+"""
+
+
+async def test_concurrent_deliveries_from_two_processes_stay_well_formed(tmp_path):
+    path = tmp_path / "alice"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHILD_APPENDS.format(root=str(ROOT), path=str(path)),
+        stdout=subprocess.PIPE, cwd=ROOT)
+    assert await asyncio.wait_for(child.stdout.readline(), 10) == b"ready\n"
+    ours = [marked_entry(f"task{i}") for i in range(10)]
+    await asyncio.wait_for(asyncio.gather(*(append_mbox(path, e) for e, _ in ours)), 15)
+    assert await asyncio.wait_for(child.wait(), 15) == 0
+    theirs = [marked_entry(f"proc{i}")[1] for i in range(10)]
+    assert sorted(read_bodies(path)) == sorted([body for _, body in ours] + theirs)
+
+
+# ------------------------------------------------------------------------------------------- dotlock
+
+
+async def test_held_dotlock_makes_delivery_wait_then_succeed(tmp_path):
+    path = tmp_path / "alice"
+    lock = mbox.dotlock_path(path)
+    lock.touch()
+    entry, body = marked_entry("waiting", 100)
+    delivery = asyncio.create_task(append_mbox(path, entry, lock_timeout=5))
+    await asyncio.sleep(0.3)
+    assert not delivery.done() and path.stat().st_size == 0
+    lock.unlink()
+    await asyncio.wait_for(delivery, 2)
+    assert read_bodies(path) == [body]
+    assert not lock.exists()
+
+
+async def test_held_dotlock_times_out_with_4_2_0_and_is_left_alone(tmp_path):
+    path = tmp_path / "alice"
+    path.write_bytes(b"")
+    lock = mbox.dotlock_path(path)
+    lock.touch()
+    started = time.monotonic()
+    with pytest.raises(TemporaryError) as e:
+        await append_mbox(path, format_mbox_entry(b"x\n", sender="s@r.test", arrival=NOV_2), lock_timeout=0.3)
+    assert 0.3 <= time.monotonic() - started < 2
+    assert e.value.dsn == "4.2.0" and "busy" in e.value.text and str(path) in e.value.text
+    assert lock.exists() and path.read_bytes() == b""
+
+
+async def test_stale_dotlock_is_broken_and_a_fresh_one_is_not(tmp_path):
+    path = tmp_path / "alice"
+    lock = mbox.dotlock_path(path)
+    lock.touch()
+    os.utime(lock, (time.time() - 400, time.time() - 400))  # younger than stale_lock_time (500 s)
+    with pytest.raises(TemporaryError):
+        await append_mbox(path, b"From x  y\n\n", lock_timeout=0.2)
+    assert lock.exists()
+    os.utime(lock, (time.time() - 600, time.time() - 600))
+    started = time.monotonic()
+    await append_mbox(path, format_mbox_entry(b"x\n", sender="s@r.test", arrival=NOV_2), lock_timeout=5)
+    assert time.monotonic() - started < 1
+    assert read_bodies(path) == [b"x\n"] and not lock.exists()
+
+
+# ------------------------------------------------------------------------------------------- kernel locks
+
+
+CHILD_HOLDS_LOCK = """
+import fcntl, os, sys
+fd = os.open({path!r}, os.O_WRONLY | os.O_CREAT, 0o600)
+if {style!r} == "flock":
+    fcntl.flock(fd, fcntl.LOCK_EX)
+else:
+    fcntl.lockf(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.readline()
+"""
+
+
+async def hold_lock_in_other_process(path: Path, style: str):
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHILD_HOLDS_LOCK.format(path=str(path), style=style),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert await asyncio.wait_for(child.stdout.readline(), 10) == b"locked\n"
+    return child
+
+
+async def release(child) -> None:
+    child.stdin.write(b"go\n")
+    await child.stdin.drain()
+    assert await asyncio.wait_for(child.wait(), 10) == 0
+
+
+@pytest.mark.parametrize("style", ["fcntl", "flock"])
+async def test_kernel_lock_held_by_another_process_makes_delivery_wait(tmp_path, style):
+    path = tmp_path / "alice"
+    child = await hold_lock_in_other_process(path, style)
+    entry, body = marked_entry("after-lock", 100)
+    delivery = asyncio.create_task(append_mbox(path, entry, locks=(style,), lock_timeout=5))
+    await asyncio.sleep(0.3)
+    assert not delivery.done() and path.stat().st_size == 0
+    await release(child)
+    await asyncio.wait_for(delivery, 2)
+    assert read_bodies(path) == [body]
+
+
+@pytest.mark.parametrize("style", ["fcntl", "flock"])
+async def test_kernel_lock_held_by_another_process_times_out(tmp_path, style):
+    path = tmp_path / "alice"
+    child = await hold_lock_in_other_process(path, style)
+    try:
+        with pytest.raises(TemporaryError) as e:
+            await append_mbox(path, b"From x  y\n\n", locks=(style,), lock_timeout=0.3)
+        assert e.value.dsn == "4.2.0" and "busy" in e.value.text
+        assert path.stat().st_size == 0
+    finally:
+        await release(child)
+
+
+async def test_fcntl_lock_excludes_other_threads_of_this_process(tmp_path):
+    """Classic POSIX locks belong to the process; the OFD lock used on Linux excludes our own threads too."""
+    path = tmp_path / "alice"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        assert mbox._try_kernel_lock(fd, "fcntl")
+        with pytest.raises(TemporaryError):
+            await append_mbox(path, b"From x  y\n\n", locks=("fcntl",), lock_timeout=0.2)
+    finally:
+        os.close(fd)
+    await append_mbox(path, format_mbox_entry(b"x\n", sender="", arrival=NOV_2), locks=("fcntl",))
+    assert read_bodies(path) == [b"x\n"]
+
+
+# ------------------------------------------------------------------------------------------- refusals
+
+
+async def test_symlink_is_refused_with_5_2_0_and_not_followed(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"precious\n")
+    link = tmp_path / "alice"
+    link.symlink_to(target)
+    with pytest.raises(PermanentError) as e:
+        await append_mbox(link, b"From x  y\n\n")
+    assert e.value.dsn == "5.2.0" and "symbolic link" in e.value.text
+    assert target.read_bytes() == b"precious\n"
+    dangling = tmp_path / "bob"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(PermanentError):
+        await append_mbox(dangling, b"From x  y\n\n")
+    assert not (tmp_path / "nowhere").exists()
+
+
+async def test_directory_and_hard_linked_file_are_refused_with_5_2_0(tmp_path):
+    (tmp_path / "alice").mkdir()
+    with pytest.raises(PermanentError) as e:
+        await append_mbox(tmp_path / "alice", b"From x  y\n\n")
+    assert e.value.dsn == "5.2.0" and "directory" in e.value.text
+    (tmp_path / "other").write_bytes(b"")
+    os.link(tmp_path / "other", tmp_path / "bob")
+    with pytest.raises(PermanentError) as e:
+        await append_mbox(tmp_path / "bob", b"From x  y\n\n")
+    assert e.value.dsn == "5.2.0" and "hard links" in e.value.text
+    assert (tmp_path / "other").read_bytes() == b""
+
+
+async def test_unwritable_place_defers_with_4_2_0_naming_the_path(tmp_path):
+    (tmp_path / "file").write_bytes(b"")
+    path = tmp_path / "file" / "alice"  # its parent is a file: ENOTDIR
+    with pytest.raises(TemporaryError) as e:
+        await append_mbox(path, b"From x  y\n\n")
+    assert e.value.dsn == "4.2.0" and str(path) in e.value.text
+
+
+CHILD_SMALL_FSIZE = """
+import asyncio, resource, sys
+sys.path.insert(0, {root!r})
+from mailflow.errors import DeliveryError
+from mailflow.transports.mbox import append_mbox
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    asyncio.run(append_mbox({path!r}, b"From x  y\\n" + b"z" * 10000 + b"\\n\\n"))
+except DeliveryError as e:
+    print(e.dsn, e.text)
+"""
+
+
+def test_write_cut_short_rolls_back_to_the_old_size(tmp_path):
+    path = tmp_path / "alice"
+    first = format_mbox_entry(b"Subject: 1\n\nkept\n", sender="s@r.test", arrival=NOV_2)
+    asyncio.run(append_mbox(path, first))
+    limit = len(first) + 1000  # room for part of the next entry only
+    result = subprocess.run([sys.executable, "-c", CHILD_SMALL_FSIZE.format(root=str(ROOT), limit=limit,
+                                                                             path=str(path))],
+                            capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert result.stdout.startswith("5.2.2 mailbox") and "full" in result.stdout, result.stderr
+    assert path.read_bytes() == first
+    assert not mbox.dotlock_path(path).exists()
+    asyncio.run(append_mbox(path, format_mbox_entry(b"Subject: 2\n\nnext\n", sender="", arrival=NOV_2)))
+    assert read_bodies(path) == [b"Subject: 1\n\nkept\n", b"Subject: 2\n\nnext\n"]
+
+
+# ------------------------------------------------------------------------------------------- where
+
+
+def test_mailbox_location_follows_home_mailbox_and_mail_spool_directory():
+    base = {"maildir_base": "/h"}
+    assert mailbox_location(LocalConfig(**base), "alice") == (Path("/h/alice/Maildir"), "maildir")
+    assert mailbox_location(LocalConfig(**base, home_mailbox="Mailbox"), "alice") == (Path("/h/alice/Mailbox"), "mbox")
+    assert mailbox_location(LocalConfig(**base, home_mailbox="mail/inbox"), "bob") == (Path("/h/bob/mail/inbox"),
+                                                                                        "mbox")
+    spool = LocalConfig(**base, home_mailbox="", mail_spool_directory="/var/mail")
+    assert mailbox_location(spool, "alice") == (Path("/var/mail/alice"), "mbox")
+    spool_maildirs = LocalConfig(**base, home_mailbox="", mail_spool_directory="/var/mail/")
+    assert mailbox_location(spool_maildirs, "alice") == (Path("/var/mail/alice"), "maildir")
+    assert mailbox_location(Config().local, "carol") == (Path("var/mail/carol/Maildir"), "maildir")
+    for bad in ("", "..", "a/b"):
+        with pytest.raises(ValueError):
+            mailbox_location(spool, bad)
+
+
+@pytest.mark.parametrize("local, reason", [
+    ({"home_mailbox": "/var/mail/x"}, "relative"),
+    ({"home_mailbox": "../x"}, "relative"),
+    ({"mail_spool_directory": ""}, "directory"),
+    ({"mailbox_delivery_lock": []}, "at least one"),
+    ({"mailbox_delivery_lock": ["fcntl", "fcntl"]}, "at most once"),
+    ({"mailbox_delivery_lock": ["lockf"]}, "local.mailbox_delivery_lock"),
+])
+def test_bad_mailbox_settings_are_refused(local, reason):
+    with pytest.raises(ConfigError, match=re.escape(reason)):
+        config_from_dict({"local": local})

@@ -1,0 +1,264 @@
+"""The pipe transport (mailflow.transports.pipe) and its runner, with real /bin/sh scripts.
+
+Covered: exit 0 (stdin is the message with LF line ends, SENT naming the service) / 75 (deferred 4.3.0 with the
+output) / 67 (bounced 5.1.1) / 1 (bounced 5.3.0) / output starting with an enhanced status code; the time
+limit (deferred, the whole process group killed, partial output kept); a huge output (kept up to
+output_limit, the rest drained, no deadlock); a command that reads only part of a large message; a signal; a
+missing command; argv macros, ${recipient} with 3 recipients in one run; flags D R F O (one run per
+recipient), > . B, the D loop check; control characters in an address; the environment is exactly PATH (and
+what run_command is given); the identity (as root: `nobody`; not root: a refusal to switch); size_limit;
+config errors naming the key.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import time
+
+import pytest
+
+from mailflow.config import PipeService, config_from_dict
+from mailflow.errors import ConfigError
+from mailflow.model import DeliveryRequest, Outcome, Recipient
+from mailflow.transports.pipe import CommandNotRun, PipeTransport, run_command
+from tests.command_scripts import script_dir
+
+SENDER = "sender@remote.test"
+CONTENT = b"From: sender@remote.test\r\nSubject: hello\r\n\r\nline one\r\nFrom here\r\n.dot\r\n"
+LF_CONTENT = CONTENT.replace(b"\r\n", b"\n")
+
+
+@pytest.fixture
+def scripts():
+    with script_dir() as d:
+        yield d
+
+
+def pipe(argv: list[str], **settings) -> PipeTransport:
+    return PipeTransport(PipeService(argv=tuple(argv), **settings), name="filt", now=lambda: 1_700_000_000.0)
+
+
+def request(*rcpts: str, content: bytes = CONTENT, sender: str = SENDER, originals: dict | None = None):
+    originals = originals or {}
+    return DeliveryRequest("Q1ABC", sender, tuple(Recipient(i, r, originals.get(r, r)) for i, r in enumerate(rcpts)),
+                           "pipe.test", content)
+
+
+def outcome(result) -> tuple[Outcome, str]:
+    return result.outcome, result.dsn
+
+
+# ------------------------------------------------------------------------------------------- exit statuses
+
+
+async def test_exit_0_delivers_the_message_on_stdin_with_lf_line_ends(scripts):
+    s = scripts.script("ok.sh", f'cat > {scripts.out}/stdin\necho "queued fine"\n')
+    [result] = (await pipe([str(s)]).deliver(request("a@pipe.test"))).results
+    assert outcome(result) == (Outcome.SENT, "2.0.0")
+    assert result.text == "delivered via filt service (queued fine)" and result.relay == "filt"
+    assert scripts.read("stdin") == LF_CONTENT.decode()
+
+
+async def test_exit_75_defers_with_the_command_output(scripts):
+    s = scripts.script("later.sh", 'echo "database\tlocked"\necho again >&2\nexit 75\n')
+    [result] = (await pipe([str(s)]).deliver(request("a@pipe.test"))).results
+    assert outcome(result) == (Outcome.DEFERRED, "4.3.0")
+    assert result.text == "temporary failure. Command output: database locked again"
+
+
+async def test_exit_67_bounces_user_unknown(scripts):
+    s = scripts.script("nouser.sh", "exit 67\n")
+    [result] = (await pipe([str(s)]).deliver(request("a@pipe.test"))).results
+    assert outcome(result) == (Outcome.BOUNCED, "5.1.1") and result.text == "user unknown"
+
+
+async def test_an_exit_status_outside_sysexits_bounces_5_3_0(scripts):
+    s = scripts.script("one.sh", "echo oops\nexit 1\n")
+    [result] = (await pipe([str(s)]).deliver(request("a@pipe.test"))).results
+    assert outcome(result) == (Outcome.BOUNCED, "5.3.0")
+    assert result.text == f'command died with status 1: "{s}". Command output: oops'
+
+
+async def test_an_enhanced_status_code_in_the_output_takes_precedence(scripts):
+    s = scripts.script("full.sh", "echo '4.2.2 mailbox full'\nexit 1\n")
+    [result] = (await pipe([str(s)]).deliver(request("a@pipe.test"))).results
+    assert (outcome(result), result.text) == ((Outcome.DEFERRED, "4.2.2"), "mailbox full")
+
+
+async def test_a_signal_defers(scripts):
+    s = scripts.script("killed.sh", "kill -9 $$\n")
+    [result] = (await pipe([str(s)]).deliver(request("a@pipe.test"))).results
+    assert outcome(result) == (Outcome.DEFERRED, "4.3.0") and result.text.startswith("command died with signal 9")
+
+
+async def test_a_missing_command_defers(scripts):
+    [result] = (await pipe([str(scripts.path / "nothing-here")]).deliver(request("a@pipe.test"))).results
+    assert outcome(result) == (Outcome.DEFERRED, "4.3.0") and "No such file or directory" in result.text
+
+
+# ------------------------------------------------------------------------------------- limits and stdin
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_the_time_limit_kills_the_whole_process_group_and_defers(scripts):
+    s = scripts.script("slow.sh", f"sleep 30 &\necho $! > {scripts.out}/child\necho started\nsleep 30\n")
+    started = time.monotonic()
+    [result] = (await pipe([str(s)], time_limit=0.5).deliver(request("a@pipe.test"))).results
+    assert time.monotonic() - started < 5
+    assert outcome(result) == (Outcome.DEFERRED, "4.3.0")
+    assert result.text == f'command time limit exceeded: "{s}". Command output: started'
+    child = int(scripts.read("child"))
+    for _ in range(100):  # SIGKILL is sent; the kernel may take a moment to reap
+        if not alive(child):
+            break
+        await asyncio.sleep(0.02)
+    assert not alive(child), "the background child was left running"
+
+
+async def test_a_huge_output_is_cut_at_output_limit_and_drained(scripts):
+    s = scripts.script("loud.sh", "head -c 3000000 /dev/zero | tr '\\0' x\nexit 69\n")
+    [result] = (await pipe([str(s)], output_limit=300, time_limit=20).deliver(request("a@pipe.test"))).results
+    assert outcome(result) == (Outcome.BOUNCED, "5.3.0")
+    assert result.text == "service unavailable. Command output: " + "x" * 300
+
+
+async def test_a_command_that_reads_part_of_stdin_still_succeeds(scripts):
+    s = scripts.script("head.sh", f"head -c 10 > {scripts.out}/head\n")
+    big = b"Subject: big\r\n\r\n" + b"y" * 4_000_000 + b"\r\n"
+    [result] = (await pipe([str(s)], time_limit=20).deliver(request("a@pipe.test", content=big))).results
+    assert outcome(result) == (Outcome.SENT, "2.0.0")
+    assert scripts.read("head") == "Subject: b"
+
+
+async def test_size_limit_bounces_without_running(scripts):
+    s = scripts.script("ran.sh", f"touch {scripts.out}/ran\n")
+    [result] = (await pipe([str(s)], size_limit=10).deliver(request("a@pipe.test"))).results
+    assert (outcome(result), result.text) == ((Outcome.BOUNCED, "5.2.3"), "message too large")
+    assert not (scripts.out / "ran").exists()
+
+
+# ------------------------------------------------------------------------------------ macros and flags
+
+ARGS = 'for a in "$@"; do printf "%s\\n" "$a"; done >> {out}/args\necho run >> {out}/runs\n'
+
+
+async def test_argv_macros_expand_one_element_per_recipient_in_one_run(scripts):
+    s = scripts.script("args.sh", ARGS.format(out=scripts.out))
+    argv = [str(s), "-f", "${sender}", "$nexthop", "$(queue_id)", "${size}", "--", "${recipient}",
+            "u=${user} e=${extension}", "${mailbox}@${domain}", "$$HOME", "${original_recipient}"]
+    rcpts = ("a+x@pipe.test", "B@Pipe.Test", "c@pipe.test")
+    report = await pipe(argv).deliver(request(*rcpts, originals={"a+x@pipe.test": "orig@elsewhere.test"}))
+    assert [outcome(r) for r in report.results] == [(Outcome.SENT, "2.0.0")] * 3
+    assert scripts.read("runs") == "run\n"
+    assert scripts.read("args").splitlines() == [
+        "-f", SENDER, "pipe.test", "Q1ABC", str(len(CONTENT)), "--",
+        "a+x@pipe.test", "B@Pipe.Test", "c@pipe.test",
+        "u=a e=x", "u=B e=", "u=c e=",
+        "a+x@pipe.test", "B@Pipe.Test", "c@pipe.test",
+        "$HOME",
+        "orig@elsewhere.test", "B@Pipe.Test", "c@pipe.test"]
+
+
+async def test_macro_values_are_single_arguments_and_the_null_sender_is_mailer_daemon(scripts):
+    s = scripts.script("args.sh", ARGS.format(out=scripts.out))
+    rcpt = '"two words;rm -rf x"@pipe.test'
+    report = await pipe([str(s), "${sender}", "${recipient}", "${user}"], flags="hu").deliver(
+        request(rcpt.replace("pipe.test", "PIPE.test"), sender=""))
+    assert outcome(report.results[0]) == (Outcome.SENT, "2.0.0")
+    assert scripts.read("args").splitlines() == ["MAILER-DAEMON", rcpt, '"two words;rm -rf x"']
+
+
+async def test_flags_d_r_f_o_prepend_headers_and_run_once_per_recipient(scripts):
+    s = scripts.script("each.sh", f'cat > "{scripts.out}/$1"\n')
+    report = await pipe([str(s), "${recipient}"], flags="DRFO").deliver(
+        request("a@pipe.test", "b@pipe.test", originals={"a@pipe.test": "first@else.test"}))
+    assert [outcome(r) for r in report.results] == [(Outcome.SENT, "2.0.0")] * 2
+    from_line = f"From {SENDER}  {time.asctime(time.localtime(1_700_000_000.0))}\n"
+    assert scripts.read("a@pipe.test") == (from_line + f"Return-Path: <{SENDER}>\nX-Original-To: first@else.test\n"
+                                           "Delivered-To: a@pipe.test\n" + LF_CONTENT.decode())
+    assert scripts.read("b@pipe.test").startswith(from_line + f"Return-Path: <{SENDER}>\n"
+                                                  "X-Original-To: b@pipe.test\nDelivered-To: b@pipe.test\n")
+
+
+async def test_quoting_flags_and_a_blank_line(scripts):
+    s = scripts.script("cat.sh", f"cat > {scripts.out}/stdin\n")
+    await pipe([str(s)], flags=">.B").deliver(request("a@pipe.test", content=CONTENT.rstrip(b"\r\n")))
+    assert scripts.read("stdin") == ("From: sender@remote.test\nSubject: hello\n\nline one\n>From here\n..dot\n\n")
+
+
+async def test_flag_d_bounces_a_delivered_to_loop_without_running(scripts):
+    s = scripts.script("ran.sh", f"touch {scripts.out}/ran\n")
+    looped = b"Delivered-To: A@pipe.test\r\n" + CONTENT
+    report = await pipe([str(s)], flags="D").deliver(request("a@pipe.test", "b@pipe.test", content=looped))
+    assert [outcome(r) for r in report.results] == [(Outcome.BOUNCED, "5.4.6"), (Outcome.SENT, "2.0.0")]
+    assert report.results[0].text == "mail forwarding loop for a@pipe.test"
+
+
+async def test_control_characters_in_an_address_bounce_that_recipient_before_anything_runs(scripts):
+    s = scripts.script("args.sh", ARGS.format(out=scripts.out))
+    report = await pipe([str(s), "${recipient}"]).deliver(request("bad\nX-Evil: 1@pipe.test", "good@pipe.test"))
+    assert [outcome(r) for r in report.results] == [(Outcome.BOUNCED, "5.1.3"), (Outcome.SENT, "2.0.0")]
+    assert scripts.read("args") == "good@pipe.test\n"
+
+    [result] = (await pipe([str(s)]).deliver(request("c@pipe.test", sender="x\x7f@remote.test"))).results
+    assert outcome(result) == (Outcome.BOUNCED, "5.1.7")
+    assert scripts.read("runs") == "run\n"
+
+
+# -------------------------------------------------------------------------------- environment, identity
+
+
+async def test_the_environment_is_exactly_path_and_what_is_given():
+    result = await run_command(["/usr/bin/env"], stdin=b"", env={"ONLY": "this"}, time_limit=5, output_limit=4096)
+    assert result.exit_code == 0
+    assert sorted(result.output.splitlines()) == ["ONLY=this", "PATH=/usr/bin:/bin"]
+    [sent] = (await pipe(["/usr/bin/env"]).deliver(request("a@pipe.test"))).results
+    assert sent.text == "delivered via filt service (PATH=/usr/bin:/bin)"
+
+
+async def test_the_identity_is_nobody_as_root_and_switching_needs_root(scripts):
+    s = scripts.script("id.sh", f"id -u > {scripts.out}/uid\nid -g > {scripts.out}/gid\n")
+    nobody = pwd.getpwnam("nobody")
+    [result] = (await pipe([str(s)], user="nobody").deliver(request("a@pipe.test"))).results
+    if os.geteuid() == 0:
+        assert outcome(result) == (Outcome.SENT, "2.0.0")
+        assert (scripts.read("uid"), scripts.read("gid")) == (f"{nobody.pw_uid}\n", f"{nobody.pw_gid}\n")
+        [default] = (await pipe([str(s)]).deliver(request("a@pipe.test"))).results  # user "" as root: nobody
+        assert outcome(default) == (Outcome.SENT, "2.0.0") and scripts.read("uid") == f"{nobody.pw_uid}\n"
+    else:
+        assert (outcome(result), result.text) == ((Outcome.DEFERRED, "4.3.0"),
+                                                  "cannot switch to user nobody: not running as root")
+        assert scripts.read("uid") == ""
+    with pytest.raises(CommandNotRun, match="no such user"):
+        await run_command(["/bin/true"], stdin=b"", env={}, time_limit=5, output_limit=10, user="no-such-user-x")
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+@pytest.mark.parametrize("service, key, reason", [
+    ({"argv": ["bin/filter"]}, "pipe.filt.argv", "absolute path"),
+    ({"argv": ["/bin/filter", "${client_address}"]}, "pipe.filt.argv", "unknown macro ${client_address}"),
+    ({"argv": ["/bin/filter", "5$"]}, "pipe.filt.argv", "starts no macro"),
+    ({"argv": ["/bin/filter"], "flags": "DX"}, "pipe.filt.flags", "unknown flag 'X'"),
+    ({"argv": ["/bin/filter"], "user": "root"}, "pipe.filt.user", "never run as root"),
+    ({}, "pipe.filt.argv", "Field required"),
+])
+def test_config_errors_name_the_key(service, key, reason):
+    with pytest.raises(ConfigError) as error:
+        config_from_dict({"pipe": {"filt": service}})
+    assert error.value.key == key and reason in error.value.reason
+
+
+def test_a_pipe_service_cannot_take_a_built_in_transport_name():
+    with pytest.raises(ConfigError) as error:
+        config_from_dict({"pipe": {"smtp": {"argv": ["/bin/cat"]}}})
+    assert error.value.key == "pipe" and "'smtp' is the name of a built-in transport" in error.value.reason

@@ -1,0 +1,87 @@
+"""Command delivery through a real mailflow: a [pipe.NAME] service chosen by transport_maps, and a `|command`
+alias in alias_maps. A script exiting 75 leaves the message deferred; 67 bounces it to the sender (captured
+by the SMTP peer behind relayhost)."""
+from __future__ import annotations
+
+import email
+import email.policy
+
+import pytest
+
+from tests.command_scripts import script_dir
+from tests.helpers import eventually, queue_becomes, send
+
+MESSAGE = b"Subject: to a command\r\nMessage-ID: <pipe-1@remote.test>\r\n\r\nbody line\r\n.leading dot\r\n"
+RECORD = 'printf "%s\\n" "$@" > {out}/argv\ncat > {out}/stdin\nenv > {out}/env\n'
+
+
+@pytest.fixture
+def scripts():
+    with script_dir() as d:
+        yield d
+
+
+async def test_transport_maps_send_a_domain_to_a_pipe_service(mailflow_server, scripts):
+    s = scripts.script("filter.sh", RECORD.format(out=scripts.out))
+    mf = await mailflow_server(relay_domains=["relay.test", "pipe.test"],
+                               transport_maps=["inline:{pipe.test=filt:}"],
+                               pipe={"filt": {"argv": [str(s), "-f", "${sender}", "--", "${recipient}"],
+                                              "flags": "R"}})
+    await send(mf.smtp_addresses[0][1], "s@remote.test", ["one@pipe.test", "two@pipe.test"], MESSAGE)
+
+    assert await queue_becomes(mf.store, {}) == {}
+    assert scripts.read("argv").splitlines() == ["-f", "s@remote.test", "--", "one@pipe.test", "two@pipe.test"]
+    stdin = scripts.read("stdin")
+    assert stdin.startswith("Return-Path: <s@remote.test>\nReceived: ") and "\r" not in stdin
+    assert stdin.endswith("\n\nbody line\n.leading dot\n")
+
+
+async def test_an_alias_command_runs_with_the_documented_environment(mailflow_server, scripts, tmp_path):
+    s = scripts.script("alias.sh", RECORD.format(out=scripts.out))
+    aliases = tmp_path / "aliases"
+    aliases.write_text(f'filter: "|{s} from-alias"\n')
+    mf = await mailflow_server(alias_maps=[f"texthash:{aliases}"])
+    await send(mf.smtp_addresses[0][1], "s@remote.test", ["filter+news@local.test"], MESSAGE)
+
+    assert await queue_becomes(mf.store, {}) == {}
+    env = dict(line.split("=", 1) for line in scripts.read("env").splitlines())
+    assert {k: env.get(k) for k in ("HOME", "USER", "LOGNAME", "SHELL", "SENDER", "RECIPIENT", "ORIGINAL_RECIPIENT",
+                                    "LOCAL", "DOMAIN", "EXTENSION", "PATH")} == {
+        "HOME": str(tmp_path / "mail" / "filter"), "USER": "filter", "LOGNAME": "filter", "SHELL": "/bin/sh",
+        "SENDER": "s@remote.test", "RECIPIENT": "filter+news@local.test",
+        "ORIGINAL_RECIPIENT": "filter+news@local.test", "LOCAL": "filter+news", "DOMAIN": "local.test",
+        "EXTENSION": "news", "PATH": "/usr/bin:/bin"}
+    assert scripts.read("argv") == "from-alias\n"
+    assert scripts.read("stdin").startswith("Return-Path: <s@remote.test>\nDelivered-To: filter+news@local.test\n")
+
+
+async def test_exit_75_leaves_the_message_deferred(mailflow_server, scripts):
+    s = scripts.script("later.sh", f"echo try later\necho x >> {scripts.out}/runs\nexit 75\n")
+    mf = await mailflow_server(relay_domains=["relay.test", "pipe.test"], transport_maps=["inline:{pipe.test=filt:}"],
+                               pipe={"filt": {"argv": [str(s)]}})
+    await send(mf.smtp_addresses[0][1], "s@remote.test", ["one@pipe.test"], MESSAGE)
+
+    assert await queue_becomes(mf.store, {"deferred": 1}) == {"deferred": 1}
+    [message] = await mf.store.due(2e9, 10)
+    [(rcpt, status, dsn, reason)] = await mf.store.recipients(message.queue_id)
+    assert (rcpt, status, dsn) == ("one@pipe.test", "pending", "4.3.0")
+    assert reason == "temporary failure. Command output: try later"
+
+
+async def test_exit_67_from_an_alias_command_bounces_to_the_sender(mailflow_server, smtp_peer, scripts, tmp_path):
+    peer = await smtp_peer()
+    s = scripts.script("nouser.sh", "echo no such list member\nexit 67\n")
+    aliases = tmp_path / "aliases"
+    aliases.write_text(f"members: |{s}\n")
+    mf = await mailflow_server(alias_maps=[f"texthash:{aliases}"], relayhost=f"[127.0.0.1]:{peer.port}")
+    await send(mf.smtp_addresses[0][1], "s@relay.test", ["members@local.test"], MESSAGE)
+
+    [bounce] = await eventually(lambda: peer.messages)
+    assert bounce.mail_from in ("", "<>") and bounce.rcpt_tos == ["s@relay.test"]
+    notice = email.message_from_bytes(bounce.content, policy=email.policy.default)
+    part = next(p for p in notice.walk() if p.get_content_type() == "message/delivery-status")
+    [fields] = part.get_payload()[1:]
+    assert (fields["Final-Recipient"], fields["Action"], fields["Status"]) == (
+        "rfc822; members@local.test", "failed", "5.1.1")
+    assert "user unknown. Command output: no such list member" in " ".join(fields["Diagnostic-Code"].split())
+    assert await queue_becomes(mf.store, {}) == {}
