@@ -16,10 +16,10 @@ import pytest
 from mailflow.clock import VirtualClock
 from mailflow.config import Config, config_from_dict
 from mailflow.logs import MailLog
-from mailflow.model import DeliveryReport, Envelope, ClientInfo, Outcome, RcptResult, Submission
+from mailflow.model import ClientInfo, DeliveryReport, Envelope, Outcome, RcptResult, Recipient, Submission
 from mailflow.stages.cleanup import Cleanup
 from mailflow.stages.qmgr import QueueManager
-from mailflow.stages.qmgr.notices import Notices
+from mailflow.stages.qmgr.notices import Notices, _notice_recipient
 from mailflow.stages.rewrite import Rewriter
 from mailflow.store import Store
 
@@ -358,3 +358,12 @@ async def test_a_message_deleted_while_active_is_neither_delivered_nor_called_co
     assert [req.queue_id for _, req in s.smtp.calls] == [first]
     assert await s.store.counts() == {}, "no bounce for a message the operator deleted"
     assert "corrupt" not in caplog.text
+
+
+def test_success_notices_say_relayed_only_for_a_remote_mta():
+    rcpt = Recipient(0, "a@example.test", "a@example.test", notify="SUCCESS")
+    remote = _notice_recipient(RcptResult(rcpt, Outcome.SENT, "2.0.0", "250 ok", "mx.example.test[192.0.2.1]:25"), 0)
+    assert (remote.action, remote.remote_mta) == ("relayed", "mx.example.test")
+    for relay in ("local", "virtual", "mlmmj", "none"):  # local agents and pipe services deliver, they do not relay
+        here = _notice_recipient(RcptResult(rcpt, Outcome.SENT, "2.0.0", "done", relay), 0)
+        assert (here.action, here.remote_mta) == ("delivered", ""), relay

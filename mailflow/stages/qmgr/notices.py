@@ -56,7 +56,8 @@ def plan(message: QueuedMessage, results: list[RcptResult], *, warn_delay: bool,
 
 
 def _notice_recipient(result: RcptResult, now: float) -> NoticeRecipient:
-    remote = result.relay.split("[", 1)[0] if result.relay not in ("", "none", "local") else ""
+    # a remote MTA is named host[ip]:port; local agents (local, virtual, pipe services, discard) are not
+    remote = result.relay.split("[", 1)[0] if "[" in result.relay else ""
     action = ACTION[result.outcome]
     if result.outcome is Outcome.SENT and remote:
         action = "relayed"  # handed to an MTA that may not send DSNs itself (RFC 3464 2.3.3)
