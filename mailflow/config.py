@@ -133,9 +133,40 @@ class SmtpConfig(_Section):
 
     port: int = Field(25, ge=1, le=65535)
     connect_timeout: Duration = 30.0
+    helo_timeout: Duration = 300.0
     command_timeout: Duration = 300.0
     data_timeout: Duration = 600.0
-    tls_security_level: Literal["none", "may"] = "may"
+    # TLS (smtp_tls_*): the level, per-nexthop overrides, trust anchors ("" = the system's), client certificate.
+    tls_security_level: Literal["none", "may", "encrypt", "verify", "secure"] = "may"
+    tls_policy_maps: tuple[str, ...] = ()
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # AUTH to a relay (smtp_sasl_password_maps): "user:password" by MX host name or nexthop as written.
+    sasl_password_maps: tuple[str, ...] = ()
+    sasl_tls_required: bool = True
+    # Connection cache (smtp_connection_cache_time_limit, smtp_connection_reuse_count/time_limit); 0s: off.
+    connection_cache_time_limit: Duration = 2.0
+    connection_reuse_count_limit: int = Field(100, ge=0)
+    connection_reuse_time_limit: Duration = 300.0
+
+    @field_validator("tls_policy_maps", "sasl_password_maps")
+    @classmethod
+    def _smtp_tables(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from mailflow.tables import TYPES
+
+        for spec in v:
+            kind, colon, _ = spec.partition(":")
+            if not colon or kind not in TYPES:
+                raise ValueError(f"{spec!r} is not a lookup table (type:name with type one of {', '.join(TYPES)})")
+        return v
+
+    @field_validator("tls_key_file")
+    @classmethod
+    def _key_needs_cert(cls, v: str, info: ValidationInfo) -> str:
+        if v and not info.data.get("tls_cert_file"):
+            raise ValueError("needs tls_cert_file (the certificate the key belongs to)")
+        return v
 
 
 class LmtpConfig(_Section):

@@ -1,11 +1,24 @@
-"""The SMTP client transport (Postfix smtp): MX delivery and relaying to a fixed host, over aiosmtplib.
+"""The SMTP client transport (Postfix smtp(8)): MX delivery and relaying to a fixed host.
 
-Owns: turning a nexthop into an ordered list of peers, one SMTP session per delivery, and mapping every
-reply to a per-recipient result. The resolver and the RNG are injected; nothing here is global.
+Owns: turning a nexthop into an ordered list of peers, opening a session with one of them (connect, greeting,
+EHLO, STARTTLS per the TLS policy, AUTH with the relay's credentials), one mail transaction per delivery,
+mapping every reply to a per-recipient result, and keeping the session open for the next message to the same
+nexthop. The resolver, RNG, clock and tables are injected; nothing here is global.
 
-    SmtpTransport(config, *, resolver, helo_name, rng=None)
+    SmtpTransport(config, *, resolver, helo_name, rng=None, clock=time.monotonic, tables=None)
     await deliver(request) -> DeliveryReport      one result per recipient, never raises for a delivery problem
-    await close()                                 nothing cached yet (a connection cache would be emptied here)
+    await close()                                 QUITs the cached sessions; no task or timer is left behind
+
+The transaction: with PIPELINING (RFC 2920) MAIL, every RCPT and DATA go out in one write and the replies are
+read in order (2 round trips per message on a cached session); without it each command waits for its reply.
+aiosmtplib does the handshake (connect, EHLO, STARTTLS, AUTH); the transaction runs on smtp_session's reply
+reader, because aiosmtplib's protocol drops replies to pipelined commands. QUIT is sent without waiting for
+its reply (Postfix smtp_skip_quit_response). After a delivery the session is cached (RSET first only when a
+transaction is still open: a finished DATA leaves the server in its initial state) for
+connection_cache_time_limit.
+
+Modules beside this one: smtp_tls (policy, contexts, certificate names), smtp_session (the wire after the
+handshake, the connection cache), downgrade (8BITMIME to 7BIT).
 
 Nexthop forms (Postfix semantics):
 - `[host]` or `[host]:port`  no MX lookup; connect to host's addresses (port defaults to `config.port`).
@@ -13,56 +26,105 @@ Nexthop forms (Postfix semantics):
   means the domain itself (implicit MX). Each MX host's addresses (A, then AAAA) are tried in order, all on
   `port` (default `config.port`).
 
-Which peer: the next MX host / address is tried when connecting fails or times out, or when the greeting, EHLO or
-STARTTLS fails. The first peer that completes EHLO gets the message, whatever it answers afterwards.
+Which peer: the next MX host / address is tried when connecting fails or times out, or when the greeting, EHLO,
+STARTTLS (as the TLS policy requires it) or AUTH fails. The first peer that completes the handshake gets the
+message, whatever it answers afterwards. A cached session for the nexthop is used before any of that; one that
+turns out dead before MAIL FROM is answered is dropped and the delivery goes on a fresh connection, counting
+no failure.
+
+TLS (`tls_security_level`, per nexthop `tls_policy_maps`; see smtp_tls):
+- none: never STARTTLS. may: STARTTLS when offered, unverified; a refused STARTTLS continues in plaintext on
+  the same session, a failed handshake reconnects in plaintext (not when AUTH credentials exist for the peer).
+- encrypt/verify/secure: no STARTTLS offered -> 4.7.4 "TLS is required, but was not offered by host h[ip]";
+  refused -> the reply's code; handshake failure -> 4.7.5 "Cannot start TLS: handshake failure"; untrusted
+  chain -> 4.7.5 "Server certificate not trusted"; no matching name -> 4.7.5 "Server certificate not
+  verified". Each fails that peer only; when no peer is left the recipients are DEFERRED with site_ok=False.
+AUTH (`sasl_password_maps`): credentials by the peer's host name, then by the nexthop as written. Used only when
+the peer offers AUTH (PLAIN, else LOGIN). Without TLS and with `sasl_tls_required` the password is not sent:
+4.7.0 "SASL authentication failed; cannot authenticate to server h[ip]: ...". A refusal (535) fails that peer
+with the server's words, the code made 4xx (Postfix smtp_sasl_auth_soft_bounce).
 
 What each recipient gets:
 - accepted after end of DATA                        SENT, the remote's reply ("250 2.0.0 Ok: queued as X")
-- refused RCPT / MAIL / DATA                        5xx BOUNCED, 4xx DEFERRED, with "host h[ip] said: ... (in reply
+- refused RCPT / MAIL / DATA / end of DATA          5xx BOUNCED, 4xx DEFERRED, with "host h[ip] said: ... (in reply
                                                     to X command)"; a reply without an enhanced code gets x.0.0
 - domain does not exist (NXDOMAIN)                  BOUNCED 5.1.2
 - null MX (RFC 7505)                                BOUNCED 5.1.10
 - no MX host (or the [host]) has an address         BOUNCED 5.4.4
 - DNS failure                                       DEFERRED 4.4.3, site_ok=False
-- no peer could be talked to                        DEFERRED (4.4.1 connect, 4.4.2 timeout/lost, ...), naming the
-                                                    last peer tried, site_ok=False
-- connection lost or timed out during the dialogue  those without a final answer DEFERRED 4.4.2, site_ok=False
+- no peer could be talked to                        DEFERRED (4.4.1 connect, 4.4.2 timeout/lost, 4.7.x TLS/AUTH,
+                                                    ...), naming the last peer tried, site_ok=False
+- connection lost or timed out during the dialogue  those without a final answer DEFERRED 4.4.2, site_ok=False;
+                                                    the text names the stage ("... timed out while sending RCPT TO")
 - needs SMTPUTF8, the peer does not offer it        BOUNCED 5.6.7
 - bigger than the peer's advertised SIZE            BOUNCED 5.3.4
 - address with a control character (CR, LF, NUL…)   that recipient BOUNCED 5.1.3 (in the sender: all, 5.1.7)
+- a TLS policy or password table cannot answer      DEFERRED 4.3.0 (an unusable TLS policy value: 4.7.0 "client TLS
+                                                    configuration problem"), site_ok=True: the fault is ours
+
+8BITMIME: a message received as 8BITMIME goes with BODY=8BITMIME to a peer that offers it; to one that does
+not, it is converted (Postfix's default, disable_mime_output_conversion = no): parts labelled 8bit become
+quoted-printable (see downgrade). Time limits: connect_timeout (TCP), helo_timeout (greeting, EHLO/HELO),
+command_timeout (STARTTLS, AUTH, MAIL, each RCPT, DATA, RSET), data_timeout (the reply after the content).
 
 `site_ok` is False only when the destination could not be talked to; refusals and bounces keep it True.
-MAIL and RCPT go out through `execute_command`, not `sendmail()`: the envelope is sent exactly as queued (sendmail
-re-parses addresses with email.utils) and every RCPT reply is kept. DATA goes through aiosmtplib's `data()`, which
-dot-stuffs; the content is sent as it is (CRLF, complete). `relay` is `host[ip]:port`, or "none" before any session.
-The session always ends with QUIT; `_open_session` / `_release_session` are the seams for a connection cache.
+The envelope is sent exactly as queued (no re-parsing); the content as it is, dot-stuffed, ending in CRLF.
+`relay` is `host[ip]:port`, or "none" before any session.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import random
 import re
+import socket
 import ssl
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import groupby
+from typing import Callable
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse
+from aiosmtplib.auth import auth_login_encode, auth_plain_encode
 
 from mailflow.config import SmtpConfig, parse_hostport
 from mailflow.dns import MX, NotFound, Resolver, is_ip_literal
 from mailflow.errors import LookupRetry
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
+from mailflow.tables import Table, TableCache
+from mailflow.transports.downgrade import downgrade_8bit
+from mailflow.transports.smtp_session import CRLF, Session, SessionCache
+from mailflow.transports.smtp_tls import (
+    TlsContexts,
+    TlsPolicy,
+    TlsUnavailable,
+    certificate_matches,
+    certificate_names,
+    default_policy,
+    parse_policy,
+    policy_keys,
+)
 
 log = logging.getLogger("mailflow.smtp")
 
-# The results are final once DATA is answered; a peer slow to answer QUIT must not hold them back long.
-QUIT_TIMEOUT = 10.0
+# A peer slow to answer RSET (before a session is cached) must not hold the results back long.
+RSET_TIMEOUT = 20.0  # Postfix smtp_rset_timeout
 
 _ENHANCED_CODE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 _UNSAFE_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f]")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+_LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
+
+# Per command: what Postfix says it was doing when the connection broke, and how it names the command.
+ACTIVITY = {
+    "MAIL FROM": "sending MAIL FROM",
+    "RCPT TO": "sending RCPT TO",
+    "DATA": "sending DATA command",
+    "end of DATA": "sending end of data -- message may be sent more than once",
+}
 
 
 # ---------------------------------------------------------------------------------------------------- values
@@ -73,6 +135,19 @@ class Nexthop:
     host: str
     port: int
     mx_lookup: bool
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One request's next hop: parsed, as written (the table lookup key), and the TLS policy for it."""
+
+    nexthop: Nexthop
+    written: str
+    policy: TlsPolicy
+
+    @property
+    def cache_key(self) -> str:
+        return self.written.strip().lower()
 
 
 @dataclass(frozen=True)
@@ -100,12 +175,31 @@ class Failure:
     text: str
 
 
+@dataclass(frozen=True)
+class Credentials:
+    user: str
+    password: str
+
+
 class SessionFailed(Exception):
-    """Opening a session with one peer failed (connect, greeting, EHLO, STARTTLS): try the next one."""
+    """Opening a session with one peer failed (connect, greeting, EHLO, STARTTLS, AUTH): try the next one."""
 
     def __init__(self, failure: Failure):
         super().__init__(failure.text)
         self.failure = failure
+
+
+class LocalProblem(Exception):
+    """Our side cannot go on (a table that cannot answer, an unusable TLS policy, no TLS engine): another peer
+    would not help. The recipients are deferred; the destination is not blamed."""
+
+    def __init__(self, failure: Failure):
+        super().__init__(failure.text)
+        self.failure = failure
+
+
+class RetryPlaintext(Exception):
+    """At level may the TLS handshake failed: connect again to the same peer without TLS (Postfix does)."""
 
 
 class ConversationLost(Exception):
@@ -114,6 +208,10 @@ class ConversationLost(Exception):
     def __init__(self, failure: Failure):
         super().__init__(failure.text)
         self.failure = failure
+
+
+class StaleSession(Exception):
+    """A cached session died before MAIL FROM was answered: nothing was delivered; use a fresh connection."""
 
 
 class NullMX(Exception):
@@ -145,18 +243,56 @@ class Outcomes:
         )
 
 
+@dataclass
+class Payload:
+    """The content as one peer gets it: as queued, or converted to 7 bit for a peer without 8BITMIME."""
+
+    request: DeliveryRequest
+    _downgraded: bytes | None = None
+
+    def for_session(self, session: Session) -> tuple[bytes, str | None]:
+        """(content, BODY= parameter or None)."""
+        content = self.request.content
+        if self.request.body_type.upper() != "8BITMIME":
+            return content, None
+        if session.supports("8bitmime"):
+            return content, "BODY=8BITMIME"
+        if self._downgraded is None:
+            self._downgraded = downgrade_8bit(content)
+            log.debug("%s: %s offers no 8BITMIME: content converted to 7 bit", self.request.queue_id,
+                      session.peer.relay)
+        return self._downgraded, None
+
+
 # ---------------------------------------------------------------------------------------------------- transport
 
 
 class SmtpTransport:
     def __init__(
-        self, config: SmtpConfig, *, resolver: Resolver, helo_name: str, rng: random.Random | None = None
+        self,
+        config: SmtpConfig,
+        *,
+        resolver: Resolver,
+        helo_name: str,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        tables: TableCache | None = None,
     ):
         self._config = config
         self._resolver = resolver
         self._helo_name = helo_name
         self._rng = rng if rng is not None else random.Random()
-        self._tls_context = opportunistic_tls_context()
+        self._clock = clock
+        tables = tables or TableCache()
+        self._policy_tables: list[Table] = tables.open(config.tls_policy_maps)
+        self._password_tables: list[Table] = tables.open(config.sasl_password_maps)
+        self._tls = TlsContexts(config.tls_ca_file, config.tls_cert_file, config.tls_key_file)
+        self._cache = SessionCache(
+            config.connection_cache_time_limit,
+            config.connection_reuse_count_limit,
+            config.connection_reuse_time_limit,
+            clock=clock,
+        )
 
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
         outcomes = Outcomes()
@@ -175,7 +311,8 @@ class SmtpTransport:
         return outcomes.report(request)
 
     async def close(self) -> None:
-        """Nothing is cached yet: every session ends with its message."""
+        """QUIT every cached session; afterwards no session is cached again."""
+        self._cache.close()
 
     # -- routing
 
@@ -183,25 +320,53 @@ class SmtpTransport:
         self, request: DeliveryRequest, recipients: list[Recipient], outcomes: Outcomes
     ) -> None:
         try:
-            nexthop = parse_nexthop(request.nexthop, self._config.port)
+            destination = self._destination(request.nexthop)
         except ValueError:
             text = f"mail system configuration error: bad SMTP nexthop {request.nexthop!r}"
             outcomes.set_all(recipients, Outcome.DEFERRED, "4.3.5", text).site_failed(text)
             return
+        except LocalProblem as e:
+            outcomes.set_all(recipients, Outcome.DEFERRED, e.failure.dsn, e.failure.text)
+            return
+        payload = Payload(request)
+        if await self._deliver_on_cached_session(destination, request, payload, recipients, outcomes):
+            return
         try:
-            hosts = await self._exchangers(nexthop)
+            hosts = await self._exchangers(destination.nexthop)
         except NotFound as e:
             outcomes.set_all(recipients, Outcome.BOUNCED, e.dsn, e.text)
             return
         except NullMX:
-            text = f"Domain {nexthop.host} does not accept mail (nullMX)"
+            text = f"Domain {destination.nexthop.host} does not accept mail (nullMX)"
             outcomes.set_all(recipients, Outcome.BOUNCED, "5.1.10", text)
             return
         except LookupRetry as e:
             text = f"Host or domain name not found. {e.text}"
             outcomes.set_all(recipients, Outcome.DEFERRED, "4.4.3", text).site_failed(text)
             return
-        await self._deliver_to_first_reachable(hosts, nexthop.port, request, recipients, outcomes)
+        try:
+            await self._deliver_to_first_reachable(hosts, destination, request, payload, recipients, outcomes)
+        except LocalProblem as e:
+            pending = [r for r in recipients if r not in outcomes.results]
+            outcomes.set_all(pending, Outcome.DEFERRED, e.failure.dsn, e.failure.text)
+
+    def _destination(self, written: str) -> Destination:
+        """Raises ValueError (no usable nexthop) or LocalProblem (the TLS policy cannot be had)."""
+        nexthop = parse_nexthop(written, self._config.port)
+        return Destination(nexthop, written, self._tls_policy(written, nexthop))
+
+    def _tls_policy(self, written: str, nexthop: Nexthop) -> TlsPolicy:
+        try:
+            value = first_answer(self._policy_tables, policy_keys(written, nexthop.host))
+        except LookupRetry as e:
+            raise LocalProblem(Failure("4.3.0", f"TLS policy lookup for {written.strip()}: {e.text}")) from None
+        if value is None:
+            return default_policy(self._config.tls_security_level)
+        try:
+            return parse_policy(value)
+        except ValueError as e:
+            log.warning("TLS policy for %s: %s", written.strip(), e)
+            raise LocalProblem(Failure("4.7.0", f"client TLS configuration problem: {e}")) from None
 
     async def _exchangers(self, nexthop: Nexthop) -> list[str]:
         """The hosts to try, in order. Raises NotFound, NullMX or LookupRetry."""
@@ -214,8 +379,38 @@ class SmtpTransport:
             raise NullMX(nexthop.host)
         return unique(r.host for r in order_exchangers(records, self._rng) if r.host != ".")
 
+    async def _deliver_on_cached_session(
+        self,
+        destination: Destination,
+        request: DeliveryRequest,
+        payload: Payload,
+        recipients: list[Recipient],
+        outcomes: Outcomes,
+    ) -> bool:
+        """Deliver over a cached session when one is idle for this nexthop; False when none could be used."""
+        while (session := self._cache.take(destination.cache_key)) is not None:
+            try:
+                await self._send_message(session, request, payload, recipients, outcomes, reused=True)
+            except StaleSession:
+                log.debug("%s: cached session with %s is gone; using a new one", request.queue_id,
+                          session.peer.relay)
+                session.abort()
+                continue
+            except BaseException:
+                session.abort()
+                raise
+            await self._release_session(session, destination)
+            return True
+        return False
+
     async def _deliver_to_first_reachable(
-        self, hosts: list[str], port: int, request: DeliveryRequest, recipients: list[Recipient], outcomes: Outcomes
+        self,
+        hosts: list[str],
+        destination: Destination,
+        request: DeliveryRequest,
+        payload: Payload,
+        recipients: list[Recipient],
+        outcomes: Outcomes,
     ) -> None:
         peer_failure: Failure | None = None
         dns_failures: list[Failure] = []
@@ -228,142 +423,346 @@ class SmtpTransport:
             if not ips:
                 dns_failures.append(no_address_failure(host))
             for ip in unique(ips):
-                peer = Peer(host, ip, port)
+                peer = Peer(host, ip, destination.nexthop.port)
                 try:
-                    client = await self._open_session(peer)
+                    session = await self._open_session(peer, destination, request.queue_id)
                 except SessionFailed as e:
-                    log.debug("%s: %s", peer.relay, e.failure.text)
+                    log.info("%s: %s", request.queue_id, e.failure.text)
                     peer_failure = e.failure
                     continue
                 try:
-                    await self._send_message(client, peer, request, recipients, outcomes)
-                finally:
-                    await self._release_session(client)
+                    await self._send_message(session, request, payload, recipients, outcomes, reused=False)
+                except BaseException:
+                    session.abort()
+                    raise
+                await self._release_session(session, destination)
                 return
         record_unreachable(outcomes, recipients, peer_failure, dns_failures)
 
-    # -- one session
+    # -- opening a session
 
-    async def _open_session(self, peer: Peer) -> aiosmtplib.SMTP:
-        """A connected client past EHLO (and STARTTLS when offered). Raises SessionFailed."""
-        client = aiosmtplib.SMTP(
-            hostname=peer.ip,
-            port=peer.port,
-            timeout=self._config.command_timeout,
-            start_tls=False,
-            local_hostname=self._helo_name,
-        )
-        stage = "connect"
+    async def _open_session(self, peer: Peer, destination: Destination, queue_id: str) -> Session:
+        """A session past the handshake. Raises SessionFailed (try another peer) or LocalProblem."""
         try:
-            await client.connect(timeout=self._config.connect_timeout)
-            stage = "EHLO"
-            await self._say_hello(client)
-            if self._wants_tls(client):
-                stage = "STARTTLS"
-                await client.starttls(
-                    tls_context=self._tls_context,
-                    server_hostname=None if is_ip_literal(peer.host) else peer.host,
-                    timeout=self._config.command_timeout,
-                )
-                stage = "EHLO"
-                await self._say_hello(client)
-        except (aiosmtplib.SMTPException, OSError) as e:
+            return await self._handshake(peer, destination, queue_id, tls_allowed=True)
+        except RetryPlaintext:
+            log.info("%s: TLS handshake with %s failed; trying again in plaintext", queue_id, peer.relay)
+            return await self._handshake(peer, destination, queue_id, tls_allowed=False)
+
+    async def _handshake(self, peer: Peer, destination: Destination, queue_id: str, tls_allowed: bool) -> Session:
+        opened = self._clock()
+        client = await self._connect(peer)
+        try:
+            await self._say_hello(client, peer)
+            tls = tls_allowed and await self._start_tls(client, peer, destination, queue_id)
+            credentials = self._credentials(peer, destination)
+            if credentials is not None and client.supports_extension("auth"):
+                await self._authenticate(client, peer, credentials, tls)
+            return Session(client, peer, tls=tls, opened=opened)
+        except BaseException:
             client.close()
-            raise SessionFailed(session_failure(peer, stage, e)) from None
+            raise
+
+    async def _connect(self, peer: Peer) -> aiosmtplib.SMTP:
+        """TCP within connect_timeout, then the greeting within helo_timeout. Raises SessionFailed."""
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET6 if ":" in peer.ip else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, (peer.ip, peer.port)), self._config.connect_timeout)
+        except (OSError, TimeoutError) as e:
+            sock.close()
+            raise SessionFailed(Failure("4.4.1", f"connect to {peer.relay}: {os_reason(e)}")) from None
+        except BaseException:
+            sock.close()
+            raise
+        client = aiosmtplib.SMTP(
+            sock=sock, timeout=self._config.command_timeout, start_tls=False, local_hostname=self._helo_name
+        )
+        try:
+            await client.connect(timeout=self._config.helo_timeout)
+        except aiosmtplib.SMTPConnectResponseError as e:
+            reply = one_line(e.code, e.message)
+            raise SessionFailed(
+                Failure(reply_dsn(e.code, e.message, "4"), f"host {peer.name} refused to talk to me: {reply}")
+            ) from None
+        except (aiosmtplib.SMTPException, OSError) as e:
+            raise SessionFailed(lost_failure(peer, "receiving the initial server greeting", e)) from None
         except BaseException:
             client.close()
             raise
         return client
 
-    async def _say_hello(self, client: aiosmtplib.SMTP) -> None:
-        """EHLO; a 5xx EHLO falls back to HELO (RFC 5321 4.1.4). Raises SMTPHeloError when both fail."""
+    async def _say_hello(self, client: aiosmtplib.SMTP, peer: Peer) -> None:
+        """EHLO; a 5xx EHLO falls back to HELO (RFC 5321 4.1.4). Raises SessionFailed."""
+        timeout = self._config.helo_timeout
         try:
-            await client.ehlo(timeout=self._config.command_timeout)
-        except aiosmtplib.SMTPHeloError as e:
-            if e.code < 500 or not client.is_connected:
-                raise
-            await client.helo(timeout=self._config.command_timeout)
-
-    def _wants_tls(self, client: aiosmtplib.SMTP) -> bool:
-        return self._config.tls_security_level == "may" and client.supports_extension("starttls")
-
-    async def _release_session(self, client: aiosmtplib.SMTP) -> None:
-        """QUIT and close. A connection cache would keep the client here instead."""
-        try:
-            if client.is_connected:
-                await client.quit(timeout=min(QUIT_TIMEOUT, self._config.command_timeout))
+            try:
+                await client.ehlo(timeout=timeout)
+            except aiosmtplib.SMTPHeloError as e:
+                if e.code < 500 or not client.is_connected:
+                    raise
+                await client.helo(timeout=timeout)
+        except aiosmtplib.SMTPResponseException as e:
+            reply = one_line(e.code, e.message)
+            raise SessionFailed(
+                Failure(reply_dsn(e.code, e.message, "4"), f"host {peer.name} refused to talk to me: {reply}")
+            ) from None
         except (aiosmtplib.SMTPException, OSError) as e:
-            log.debug("QUIT failed: %r", e)
-        finally:
-            client.close()
+            raise SessionFailed(lost_failure(peer, "performing the EHLO handshake", e)) from None
+
+    async def _start_tls(self, client: aiosmtplib.SMTP, peer: Peer, destination: Destination, queue_id: str) -> bool:
+        """STARTTLS as the policy asks; True when the session is now encrypted (and EHLO said again).
+        Raises SessionFailed, RetryPlaintext or LocalProblem."""
+        policy = destination.policy
+        if policy.level == "none":
+            return False
+        if not client.supports_extension("starttls"):
+            if policy.required:
+                raise SessionFailed(Failure("4.7.4", f"TLS is required, but was not offered by host {peer.name}"))
+            return False
+        context = self._tls_context(policy)
+        if context is None:
+            return False
+        try:
+            await client.starttls(
+                tls_context=context,
+                server_hostname=None if is_ip_literal(peer.host) else peer.host,
+                timeout=self._config.command_timeout,
+            )
+        except aiosmtplib.SMTPResponseException as e:  # STARTTLS refused: the session itself is still fine
+            if policy.required:
+                reply = one_line(e.code, e.message)
+                raise SessionFailed(Failure(
+                    reply_dsn(e.code, e.message, "4"),
+                    f"TLS is required, but host {peer.name} refused to start TLS: {reply}",
+                )) from None
+            return False
+        except ssl.SSLCertVerificationError as e:
+            raise SessionFailed(
+                Failure("4.7.5", f"Server certificate not trusted: host {peer.name}: {e.verify_message}")
+            ) from None
+        except (aiosmtplib.SMTPException, OSError) as e:
+            log.debug("%s: TLS handshake with %s: %r", queue_id, peer.relay, e)
+            if policy.level == "may" and self._credentials(peer, destination) is None:
+                raise RetryPlaintext() from None
+            failure = Failure("4.7.5", f"Cannot start TLS: handshake failure with host {peer.name}")
+            raise SessionFailed(failure) from None
+        if policy.verifies:
+            self._verify_peer_name(client, peer, destination)
+        cipher = client.get_transport_info("cipher") or ("?", "?", 0)
+        log.info("%s: %s TLS connection established to %s: %s with cipher %s", queue_id,
+                 "Verified" if policy.verifies else "Untrusted", peer.relay, cipher[1], cipher[0])
+        await self._say_hello(client, peer)
+        return True
+
+    def _tls_context(self, policy: TlsPolicy) -> ssl.SSLContext | None:
+        """The context for the level; None (plaintext) at level may when TLS cannot be set up here."""
+        try:
+            return self._tls.for_level(policy.level)
+        except TlsUnavailable as e:
+            if policy.required:
+                raise LocalProblem(
+                    Failure("4.7.5", f"TLS is required, but our TLS engine is unavailable: {e}")
+                ) from None
+            log.warning("TLS is unavailable (%s): sending in plaintext", e)
+            return None
+
+    def _verify_peer_name(self, client: aiosmtplib.SMTP, peer: Peer, destination: Destination) -> None:
+        certificate = client.get_transport_info("peercert") or {}
+        patterns = destination.policy.match
+        if not certificate_matches(certificate, patterns, peer.host, destination.nexthop.host):
+            names = ", ".join(sum(certificate_names(certificate), [])) or "no name"
+            raise SessionFailed(Failure(
+                "4.7.5",
+                f"Server certificate not verified: host {peer.name} presented {names}, "
+                f"expected {':'.join(patterns)}",
+            ))
+
+    def _credentials(self, peer: Peer, destination: Destination) -> Credentials | None:
+        """user:password for the peer's host name, else for the nexthop as written. Raises LocalProblem."""
+        if not self._password_tables:
+            return None
+        try:
+            value = first_answer(self._password_tables, unique([peer.host, destination.written.strip().lower()]))
+        except LookupRetry as e:
+            raise LocalProblem(Failure("4.3.0", f"sasl_password_maps lookup error: {e.text}")) from None
+        if value is None:
+            return None
+        user, _, password = value.strip().partition(":")
+        return Credentials(user, password)
+
+    async def _authenticate(self, client: aiosmtplib.SMTP, peer: Peer, credentials: Credentials, tls: bool) -> None:
+        """AUTH PLAIN (else LOGIN); any 2xx at the end is success, as Postfix takes it. Raises SessionFailed."""
+        cannot = f"SASL authentication failed; cannot authenticate to server {peer.name}"
+        if not tls and self._config.sasl_tls_required:
+            raise SessionFailed(Failure("4.7.0", f"{cannot}: the session is not encrypted (sasl_tls_required)"))
+        offered = client.server_auth_methods
+        if "plain" in offered:
+            steps = [b"AUTH PLAIN " + auth_plain_encode(credentials.user, credentials.password)]
+        elif "login" in offered:
+            user, password = auth_login_encode(credentials.user, credentials.password)
+            steps = [b"AUTH LOGIN " + user, password]
+        else:
+            raise SessionFailed(Failure("4.7.0", f"{cannot}: no mechanism available (offered: {' '.join(offered)})"))
+        try:
+            for i, step in enumerate(steps):
+                reply = await client.execute_command(step, timeout=self._config.command_timeout)
+                if reply.code != 334 or i == len(steps) - 1:
+                    break
+        except (aiosmtplib.SMTPException, OSError) as e:
+            raise SessionFailed(lost_failure(peer, "performing the AUTH handshake", e)) from None
+        if not is_positive(reply):
+            raise SessionFailed(Failure(
+                reply_dsn(reply.code, reply.message, "4"),
+                f"SASL authentication failed; server {peer.name} said: {one_line(reply.code, reply.message)}",
+            ))
+
+    # -- one mail transaction
 
     async def _send_message(
         self,
-        client: aiosmtplib.SMTP,
-        peer: Peer,
+        session: Session,
         request: DeliveryRequest,
+        payload: Payload,
         recipients: list[Recipient],
         outcomes: Outcomes,
+        *,
+        reused: bool,
     ) -> None:
-        """One mail transaction on an open session; every recipient ends with a result in `outcomes`."""
-        refusal = peer_cannot_take(client, peer, request)
+        """One mail transaction; every recipient ends with a result in `outcomes`. A reused session that dies
+        before MAIL FROM is answered raises StaleSession and leaves `outcomes` untouched."""
+        content, body = payload.for_session(session)
+        refusal = peer_cannot_take(session, request, content)
         if refusal is not None:
-            outcomes.set_all(recipients, Outcome.BOUNCED, refusal.dsn, refusal.text, peer.relay)
+            outcomes.set_all(recipients, Outcome.BOUNCED, refusal.dsn, refusal.text, session.peer.relay)
             return
+        session.uses += 1
         try:
-            await self._transaction(client, peer, request, recipients, outcomes)
+            await self._transaction(session, request, content, body, recipients, outcomes, reused)
         except ConversationLost as e:
             pending = [r for r in recipients if r not in outcomes.results]
-            outcomes.set_all(pending, Outcome.DEFERRED, e.failure.dsn, e.failure.text, peer.relay)
+            outcomes.set_all(pending, Outcome.DEFERRED, e.failure.dsn, e.failure.text, session.peer.relay)
             outcomes.site_failed(e.failure.text)
 
     async def _transaction(
         self,
-        client: aiosmtplib.SMTP,
-        peer: Peer,
+        session: Session,
         request: DeliveryRequest,
+        content: bytes,
+        body: str | None,
         recipients: list[Recipient],
         outcomes: Outcomes,
+        reused: bool,
     ) -> None:
-        utf8 = uses_smtputf8(client, request)
+        """MAIL, RCPT..., DATA, the content. With PIPELINING (RFC 2920) MAIL, every RCPT and DATA go out in one
+        write and the replies are read in order, as Postfix does; without it each command waits for its reply."""
+        peer = session.peer
+        utf8 = uses_smtputf8(session, request)
         encoding = "utf-8" if utf8 else "ascii"
-        mail_from = b"FROM:<" + request.sender.encode(encoding) + b">"
-        reply = await self._command(client, peer, "MAIL FROM", b"MAIL", mail_from, *mail_options(client, request, utf8))
+        mail = b" ".join([b"MAIL FROM:<" + request.sender.encode(encoding) + b">",
+                          *mail_options(session, content, body, utf8)])
+        rcpts = [b"RCPT TO:<" + r.address.encode(encoding) + b">" for r in recipients]
+        pipelining = session.supports("pipelining")
+        batch = [mail, *rcpts, b"DATA"] if pipelining else [mail]
+        try:
+            self._send(session, b"".join(c + CRLF for c in batch), "MAIL FROM")
+            reply = await self._reply(session, "MAIL FROM")
+        except ConversationLost:
+            if reused:
+                raise StaleSession() from None
+            raise
+        if reused and reply.code == 421:
+            raise StaleSession()
         if not is_positive(reply):
             outcomes.results.update(reply_results(recipients, reply, peer, "MAIL FROM"))
+            if pipelining:
+                await self._abandon_pipelined(session, len(rcpts))
             return
-        accepted = await self._send_recipients(client, peer, recipients, encoding, outcomes)
-        if accepted:
-            reply = await self._data(client, peer, request.content)
-            outcomes.results.update(reply_results(accepted, reply, peer, "DATA"))
-
-    async def _send_recipients(
-        self, client: aiosmtplib.SMTP, peer: Peer, recipients: list[Recipient], encoding: str, outcomes: Outcomes
-    ) -> list[Recipient]:
-        """RCPT TO for each recipient; the refused get their result now, the accepted are returned."""
+        session.transaction_open = True
         accepted = []
-        for r in recipients:
-            reply = await self._command(client, peer, "RCPT TO", b"RCPT", b"TO:<" + r.address.encode(encoding) + b">")
+        for r, command in zip(recipients, rcpts):
+            if not pipelining:
+                self._send(session, command + CRLF, "RCPT TO")
+            reply = await self._reply(session, "RCPT TO")
             if is_positive(reply):
                 accepted.append(r)
             else:
                 outcomes.results.update(reply_results([r], reply, peer, "RCPT TO"))
-        return accepted
+        if not accepted:
+            if pipelining:
+                await self._abandon_pipelined(session, 0)
+            return
+        if not pipelining:
+            self._send(session, b"DATA" + CRLF, "DATA")
+        reply = await self._reply(session, "DATA")
+        if reply.code != 354:
+            outcomes.results.update(reply_results(accepted, data_refusal(reply), peer, "DATA"))
+            return
+        self._send(session, dot_stuffed(content) + b"." + CRLF, "end of DATA")
+        reply = await self._reply(session, "end of DATA", self._config.data_timeout)
+        session.transaction_open = False
+        outcomes.results.update(reply_results(accepted, reply, peer, "end of DATA"))
 
-    async def _command(self, client: aiosmtplib.SMTP, peer: Peer, stage: str, *args: bytes) -> SMTPResponse:
+    async def _abandon_pipelined(self, session: Session, rcpt_replies: int) -> None:
+        """The results are in, but replies to pipelined commands are still coming: read them (RCPTs, then DATA).
+        A DATA that was accepted anyway gets an empty message, "." alone, as RFC 2920 says. Any trouble here
+        only closes the session."""
+        timeout = self._config.command_timeout
         try:
-            return await client.execute_command(*args, timeout=self._config.command_timeout)
-        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as e:
-            raise ConversationLost(lost_failure(peer, f"sending {stage}", e)) from None
+            for _ in range(rcpt_replies):
+                await session.reply(timeout)
+            if (await session.reply(timeout)).code == 354:
+                session.send(b"." + CRLF)
+                await session.reply(timeout)
+                session.transaction_open = False
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            session.abort()
 
-    async def _data(self, client: aiosmtplib.SMTP, peer: Peer, content: bytes) -> SMTPResponse:
-        """DATA, the content (dot-stuffed by aiosmtplib), the final reply; a refusal comes back as a reply."""
+    def _send(self, session: Session, data: bytes, command: str) -> None:
+        if session.aborted:
+            raise ConversationLost(lost_failure(session.peer, ACTIVITY[command], aiosmtplib.SMTPServerDisconnected("")))
         try:
-            return await client.data(content, timeout=self._config.data_timeout)
-        except aiosmtplib.SMTPDataError as e:
-            return SMTPResponse(e.code, e.message)
-        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as e:
-            raise ConversationLost(lost_failure(peer, "sending message body", e)) from None
+            session.send(data)
+        except (aiosmtplib.SMTPException, OSError) as e:
+            session.abort()
+            raise ConversationLost(lost_failure(session.peer, ACTIVITY[command], e)) from None
+
+    async def _reply(self, session: Session, command: str, timeout: float | None = None) -> SMTPResponse:
+        """The next reply, within `timeout` (command_timeout). A 421 closes the session (RFC 5321 3.8): what
+        would follow on it is lost. Raises ConversationLost naming the stage."""
+        activity = ACTIVITY[command]
+        if session.aborted:
+            raise ConversationLost(lost_failure(session.peer, activity, aiosmtplib.SMTPServerDisconnected("")))
+        try:
+            reply = await session.reply(self._config.command_timeout if timeout is None else timeout)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+            session.abort()
+            raise ConversationLost(lost_failure(session.peer, activity, e)) from None
+        if reply.code == 421:
+            session.abort()
+        return reply
+
+    async def _release_session(self, session: Session, destination: Destination) -> None:
+        """Cache the session for the next message to this nexthop (RSET first when a transaction is still open),
+        or QUIT it."""
+        if session.aborted or not self._cache.accepts(session):
+            session.quit()
+            return
+        if session.transaction_open and not await self._reset(session):
+            session.abort()
+            return
+        self._cache.put(destination.cache_key, session)
+
+    async def _reset(self, session: Session) -> bool:
+        try:
+            session.send(b"RSET" + CRLF)
+            reply = await session.reply(min(RSET_TIMEOUT, self._config.command_timeout))
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+            log.debug("RSET to %s: %r", session.peer.relay, e)
+            return False
+        session.transaction_open = not is_positive(reply)
+        return is_positive(reply)
 
 
 # ---------------------------------------------------------------------------------------------------- routing helpers
@@ -376,6 +775,16 @@ def parse_nexthop(nexthop: str, default_port: int) -> Nexthop:
     if not host:
         raise ValueError(f"{nexthop!r} names no host")
     return Nexthop(host, port, mx_lookup=not nexthop.strip().startswith("["))
+
+
+def first_answer(tables: list[Table], keys: list[str]) -> str | None:
+    """Postfix maps_find over several keys: the first table's answer for the first key, and so on by key."""
+    for key in keys:
+        for table in tables:
+            value = table.lookup(key)
+            if value is not None:
+                return value
+    return None
 
 
 def order_exchangers(records: list[MX], rng: random.Random) -> list[MX]:
@@ -427,42 +836,7 @@ def record_unreachable(
 # ---------------------------------------------------------------------------------------------------- session helpers
 
 
-def opportunistic_tls_context() -> ssl.SSLContext:
-    """TLS without verification (smtp_tls_security_level = may): encryption against passive eavesdroppers."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def session_failure(peer: Peer, stage: str, error: Exception) -> Failure:
-    """Why a session could not be opened, worded like Postfix's smtp(8)."""
-    if isinstance(error, aiosmtplib.SMTPConnectResponseError):
-        reply = one_line(error.code, error.message)
-        return Failure(reply_dsn(error.code, error.message, "4"), f"host {peer.name} refused to talk to me: {reply}")
-    if isinstance(error, aiosmtplib.SMTPResponseException):
-        reply = one_line(error.code, error.message)
-        return Failure(
-            reply_dsn(error.code, error.message, "4"), f"host {peer.name} said: {reply} (in reply to {stage} command)"
-        )
-    cause = socket_error(error)
-    if stage == "connect" and cause is not None:
-        return Failure("4.4.1", f"connect to {peer.relay}: {os_reason(cause)}")
-    if stage == "STARTTLS" or isinstance(error, ssl.SSLError):
-        return Failure("4.7.5", f"Cannot start TLS with {peer.name}: handshake failure ({error})")
-    activity = "receiving the initial server greeting" if stage == "connect" else "performing the EHLO handshake"
-    return lost_failure(peer, activity, error)
-
-
-def socket_error(error: Exception) -> OSError | None:
-    """The OS-level error under aiosmtplib's wrapper (refused, unreachable, timed out), if that is what it was."""
-    cause = error.__cause__ if isinstance(error, aiosmtplib.SMTPException) else error
-    if isinstance(cause, OSError) and not isinstance(cause, aiosmtplib.SMTPException):
-        return cause
-    return None
-
-
-def lost_failure(peer: Peer, activity: str, error: Exception) -> Failure:
+def lost_failure(peer: Peer, activity: str, error: BaseException) -> Failure:
     if isinstance(error, TimeoutError):
         return Failure("4.4.2", f"conversation with {peer.name} timed out while {activity}")
     return Failure("4.4.2", f"lost connection with {peer.name} while {activity}")
@@ -488,35 +862,47 @@ def header_block(content: bytes) -> bytes:
     return content.split(b"\r\n\r\n", 1)[0]
 
 
-def uses_smtputf8(client: aiosmtplib.SMTP, request: DeliveryRequest) -> bool:
-    return client.supports_extension("smtputf8") and (request.smtputf8 or needs_smtputf8(request))
+def uses_smtputf8(session: Session, request: DeliveryRequest) -> bool:
+    return session.supports("smtputf8") and (request.smtputf8 or needs_smtputf8(request))
 
 
-def advertised_size(client: aiosmtplib.SMTP) -> int:
-    """The peer's SIZE limit; 0 = none advertised or unlimited."""
-    value = client.esmtp_extensions.get("size", "").strip()
-    return int(value) if value.isdigit() else 0
-
-
-def peer_cannot_take(client: aiosmtplib.SMTP, peer: Peer, request: DeliveryRequest) -> Failure | None:
+def peer_cannot_take(session: Session, request: DeliveryRequest, content: bytes) -> Failure | None:
     """A reason to bounce before MAIL FROM: the message needs an extension or a size the peer does not offer."""
-    if needs_smtputf8(request) and not client.supports_extension("smtputf8"):
+    peer = session.peer
+    if needs_smtputf8(request) and not session.supports("smtputf8"):
         return Failure("5.6.7", f"SMTPUTF8 is required, but was not offered by host {peer.name}")
-    limit = advertised_size(client)
-    if limit and len(request.content) > limit:
-        return Failure("5.3.4", f"message size {len(request.content)} exceeds size limit {limit} of server {peer.name}")
+    limit = session.size_limit
+    if limit and len(content) > limit:
+        return Failure("5.3.4", f"message size {len(content)} exceeds size limit {limit} of server {peer.name}")
     return None
 
 
-def mail_options(client: aiosmtplib.SMTP, request: DeliveryRequest, utf8: bool) -> list[bytes]:
+def mail_options(session: Session, content: bytes, body: str | None, utf8: bool) -> list[bytes]:
     options = []
-    if client.supports_extension("size"):
-        options.append(f"SIZE={len(request.content)}")
-    if request.body_type.upper() == "8BITMIME" and client.supports_extension("8bitmime"):
-        options.append("BODY=8BITMIME")
+    if session.supports("size"):
+        options.append(f"SIZE={len(content)}")
+    if body:
+        options.append(body)
     if utf8:
         options.append("SMTPUTF8")
     return [o.encode("ascii") for o in options]
+
+
+def dot_stuffed(content: bytes) -> bytes:
+    """CRLF line endings, a final CRLF, and a leading '.' doubled on every line (RFC 5321 4.5.2)."""
+    content = _LINE_ENDINGS.sub(b"\r\n", content)
+    if not content.endswith(b"\r\n"):
+        content += b"\r\n"
+    return _LEADING_DOT.sub(b"..", content)
+
+
+def data_refusal(reply: SMTPResponse) -> SMTPResponse:
+    """The reply to DATA when it is not 354; an odd positive one counts as a temporary refusal."""
+    if 200 <= reply.code < 400:
+        return SMTPResponse(451, f"4.5.0 unexpected reply to DATA: {reply.code} {reply.message}")
+    return reply
+
+
 
 
 # ---------------------------------------------------------------------------------------------------- replies

@@ -4,13 +4,19 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
+from dataclasses import dataclass
 
+import pytest
 import trustme
+from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
+from aiosmtpd.smtp import AuthResult
 
 from mailflow.config import SmtpConfig
 from mailflow.dns import MX, AiodnsResolver, StaticResolver
 from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports.smtp import SmtpTransport, order_exchangers
+from tests.conftest import CaptureHandler
+from tests.helpers import eventually
 
 HELO = "client.mailflow.test"
 CONTENT = (
@@ -26,9 +32,11 @@ CONTENT = (
 )
 
 
-def make_transport(resolver=None, port: int = 25, tls: str = "none", timeout: float = 2.0, rng=None) -> SmtpTransport:
+def make_transport(resolver=None, port: int = 25, tls: str = "none", timeout: float = 2.0, rng=None,
+                   **settings) -> SmtpTransport:
     config = SmtpConfig(
-        port=port, connect_timeout=timeout, command_timeout=timeout, data_timeout=timeout, tls_security_level=tls
+        port=port, connect_timeout=timeout, helo_timeout=timeout, command_timeout=timeout, data_timeout=timeout,
+        tls_security_level=tls, **settings,
     )
     return SmtpTransport(config, resolver=resolver or StaticResolver(), helo_name=HELO, rng=rng)
 
@@ -403,3 +411,733 @@ async def test_silent_peer_times_out_and_defers():
 async def test_bad_nexthop_defers_as_configuration_error():
     report = await deliver(make_transport(), make_request("[unclosed:25"))
     assert (report.results[0].outcome, report.results[0].dsn) == (Outcome.DEFERRED, "4.3.5")
+
+
+# ---------------------------------------------------------------------------------------------- peers for what follows
+
+
+class CountingSMTP(AiosmtpdSMTP):
+    """aiosmtpd's server, recording each connection in `opened` (and whether it is still open)."""
+
+    def __init__(self, opened: list, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        opened.append(self)
+
+
+@dataclass
+class CountedPeer:
+    port: int
+    handler: CaptureHandler
+    opened: list
+    server: asyncio.AbstractServer
+
+    @property
+    def messages(self):
+        return self.handler.messages
+
+    @property
+    def connections(self) -> int:
+        return len(self.opened)
+
+    @property
+    def still_open(self) -> int:
+        return sum(1 for s in self.opened if s.transport is not None)
+
+    def hang_up_all(self) -> None:
+        for session in self.opened:
+            if session.transport is not None:
+                session.transport.close()
+
+
+@pytest.fixture
+async def counted_peer():
+    """Like smtp_peer, but counts connections (aiosmtpd sessions): `.connections`, `.still_open`."""
+    started: list[CountedPeer] = []
+    loop = asyncio.get_running_loop()
+
+    async def start(host: str = "127.0.0.1", port: int = 0, **smtp_kwargs) -> CountedPeer:
+        handler, opened = CaptureHandler(), []
+        smtp_kwargs.setdefault("hostname", "peer.test")
+        server = await loop.create_server(lambda: CountingSMTP(opened, handler, **smtp_kwargs), host, port)
+        peer = CountedPeer(server.sockets[0].getsockname()[1], handler, opened, server)
+        started.append(peer)
+        return peer
+
+    yield start
+    for peer in started:
+        peer.hang_up_all()
+        peer.server.close()
+        await peer.server.wait_closed()
+
+
+class ScriptedPeer:
+    """A line-level SMTP server for what aiosmtpd cannot be told to do: offer PIPELINING and prove it is used
+    (`hold_mail_reply`: MAIL is answered only once every RCPT of the transaction has arrived, so a client that
+    waits for each reply never gets one), stay silent at one command (`silent_at`), refuse by address."""
+
+    def __init__(self, extensions=("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"), *, hold_mail_reply=0,
+                 silent_at: str = "", mail_reply="250 2.1.0 Ok", rcpt_replies=None):
+        self.extensions = extensions
+        self.hold_mail_reply = hold_mail_reply
+        self.silent_at = silent_at
+        self.mail_reply = mail_reply
+        self.rcpt_replies = rcpt_replies or {}
+        self.commands: list[str] = []
+        self.messages: list[bytes] = []
+        self.connections = 0
+        self._writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._session, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        self.hang_up_all()
+        self.server.close()
+        await self.server.wait_closed()
+
+    def hang_up_all(self, last_words: bytes = b"") -> None:
+        for writer in self._writers:
+            if not writer.is_closing():
+                writer.write(last_words)
+                writer.close()
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.append(writer)
+        held: list[bytes] = []
+        accepted: int | None = None  # recipients accepted in the transaction; None: no MAIL yet
+        try:
+            writer.write(b"220 scripted.test ESMTP\r\n")
+            while line := await reader.readline():
+                command = line.decode().strip()
+                self.commands.append(command)
+                verb = command.split(" ", 1)[0].upper()
+                if self.silent_at and command.upper().startswith(self.silent_at):
+                    await reader.read()  # until the client gives up
+                    return
+                if verb == "EHLO":
+                    lines = ["scripted.test", *self.extensions, "HELP"]
+                    writer.write("".join(f"250-{x}\r\n" for x in lines[:-1]).encode() + f"250 {lines[-1]}\r\n".encode())
+                elif verb == "MAIL":
+                    accepted = 0 if self.mail_reply.startswith("2") else None
+                    held = [self.mail_reply.encode() + b"\r\n"]
+                    if not self.hold_mail_reply:
+                        writer.write(held.pop())
+                elif verb == "RCPT":
+                    address = command.split(":", 1)[1].strip().strip("<>")
+                    reply = self.rcpt_replies.get(address, "250 2.1.5 Ok")
+                    if accepted is None:
+                        reply = "503 5.5.1 Error: need MAIL command"
+                    if reply.startswith("2"):
+                        accepted += 1
+                    if held:
+                        held.append(reply.encode() + b"\r\n")
+                        if len(held) > self.hold_mail_reply:
+                            writer.write(b"".join(held))
+                            held = []
+                    else:
+                        writer.write(reply.encode() + b"\r\n")
+                elif verb == "DATA":
+                    if not accepted:
+                        writer.write(b"554 5.5.1 Error: no valid recipients\r\n")
+                        continue
+                    writer.write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                    content = b""
+                    while (data_line := await reader.readline()) not in (b".\r\n", b""):
+                        content += data_line
+                    self.messages.append(content)
+                    accepted = None
+                    if self.silent_at == "END OF DATA":
+                        await reader.read()
+                        return
+                    writer.write(b"250 2.0.0 Ok: queued\r\n")
+                elif verb == "RSET":
+                    accepted = None
+                    writer.write(b"250 2.0.0 Ok\r\n")
+                elif verb == "QUIT":
+                    writer.write(b"221 2.0.0 Bye\r\n")
+                    break
+                else:
+                    writer.write(b"502 5.5.2 Error: command not recognized\r\n")
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def scripted_peer():
+    started: list[ScriptedPeer] = []
+
+    async def start(**kwargs) -> tuple[ScriptedPeer, int]:
+        peer = ScriptedPeer(**kwargs)
+        started.append(peer)
+        return peer, await peer.start()
+
+    yield start
+    for peer in started:
+        await peer.stop()
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def server_tls(ca: trustme.CA, *names: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*names).configure_cert(context)
+    return context
+
+
+def ca_file(ca: trustme.CA, tmp_path) -> str:
+    path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+def mx_resolver(*hosts: str, domain: str = "example.test") -> StaticResolver:
+    """`domain` with MX records for `hosts` in order (all at 127.0.0.1 unless a host is given as name=ip)."""
+    pairs = [h.partition("=")[::2] for h in hosts]
+    return StaticResolver(
+        mx={domain: [MX(10 * (i + 1), name) for i, (name, _) in enumerate(pairs)]},
+        addresses={name: [ip or "127.0.0.1"] for name, ip in pairs},
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- TLS policy
+
+
+async def test_encrypt_without_starttls_defers_4_7_4(smtp_peer):
+    peer = await smtp_peer()
+    report = await deliver(make_transport(tls="encrypt"), make_request(f"[127.0.0.1]:{peer.port}"))
+    result = report.results[0]
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.7.4")
+    assert result.text == "TLS is required, but was not offered by host 127.0.0.1[127.0.0.1]"
+    assert not report.site_ok
+    assert peer.messages == []
+
+
+async def test_encrypt_skips_an_mx_without_starttls(smtp_peer, ca):
+    plain = await smtp_peer("127.0.0.2")
+    secure = await smtp_peer("127.0.0.1", plain.port, tls_context=server_tls(ca, "whatever.test"))
+    resolver = mx_resolver("plain.example.test=127.0.0.2", "secure.example.test=127.0.0.1")
+    report = await deliver(make_transport(resolver, tls="encrypt"), make_request(f"example.test:{plain.port}"))
+    assert report.results[0].outcome is Outcome.SENT
+    assert report.results[0].relay == f"secure.example.test[127.0.0.1]:{plain.port}"
+    assert (plain.messages, [m.tls for m in secure.messages]) == ([], [True])
+
+
+async def test_verify_accepts_a_trusted_certificate_naming_the_mx_host(smtp_peer, ca, tmp_path):
+    peer = await smtp_peer(tls_context=server_tls(ca, "mx.example.test"))
+    transport = make_transport(mx_resolver("mx.example.test"), tls="verify", tls_ca_file=ca_file(ca, tmp_path))
+    report = await deliver(transport, make_request(f"example.test:{peer.port}"))
+    assert report.results[0].outcome is Outcome.SENT
+    assert peer.messages[0].tls and peer.messages[0].content == CONTENT
+
+
+async def test_verify_refuses_a_certificate_for_another_name(smtp_peer, ca, tmp_path):
+    peer = await smtp_peer(tls_context=server_tls(ca, "other.test"))
+    transport = make_transport(mx_resolver("mx.example.test"), tls="verify", tls_ca_file=ca_file(ca, tmp_path))
+    report = await deliver(transport, make_request(f"example.test:{peer.port}"))
+    result = report.results[0]
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.7.5")
+    assert result.text.startswith("Server certificate not verified: host mx.example.test[127.0.0.1] presented "
+                                  "other.test")
+    assert not report.site_ok
+    assert peer.messages == []
+
+
+async def test_verify_refuses_a_certificate_from_an_unknown_ca(smtp_peer, ca, tmp_path):
+    peer = await smtp_peer(tls_context=server_tls(trustme.CA(), "mx.example.test"))
+    transport = make_transport(mx_resolver("mx.example.test"), tls="verify", tls_ca_file=ca_file(ca, tmp_path))
+    report = await deliver(transport, make_request(f"example.test:{peer.port}"))
+    result = report.results[0]
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.7.5")
+    assert result.text.startswith("Server certificate not trusted: host mx.example.test[127.0.0.1]")
+    assert peer.messages == []
+
+
+async def test_verify_of_a_bracketed_nexthop_matches_the_host(smtp_peer, ca, tmp_path):
+    peer = await smtp_peer(tls_context=server_tls(ca, "relay.example.test"))
+    resolver = StaticResolver(addresses={"relay.example.test": ["127.0.0.1"]})
+    transport = make_transport(resolver, tls="verify", tls_ca_file=ca_file(ca, tmp_path))
+    report = await deliver(transport, make_request(f"[relay.example.test]:{peer.port}"))
+    assert report.results[0].outcome is Outcome.SENT
+
+
+async def test_policy_table_raises_the_level_for_the_subdomains_of_a_dot_entry(smtp_peer):
+    peer = await smtp_peer()  # no STARTTLS
+    resolver = StaticResolver(addresses={"example.test": ["127.0.0.1"], "sub.example.test": ["127.0.0.1"]})
+    policy = ("inline:{ .example.test=encrypt }",)
+    sub = await deliver(make_transport(resolver, port=peer.port, tls_policy_maps=policy),
+                        make_request("sub.example.test"))
+    parent = await deliver(make_transport(resolver, port=peer.port, tls_policy_maps=policy),
+                           make_request("example.test"))
+    assert (sub.results[0].outcome, sub.results[0].dsn) == (Outcome.DEFERRED, "4.7.4")
+    assert parent.results[0].outcome is Outcome.SENT  # ".example.test" covers subdomains only
+    assert len(peer.messages) == 1
+
+
+async def test_policy_table_key_is_the_nexthop_as_written(smtp_peer, ca, tmp_path):
+    peer = await smtp_peer(tls_context=server_tls(ca, "other.test"))
+    key = f"[127.0.0.1]:{peer.port}"
+    transport = make_transport(
+        tls="verify", tls_ca_file=ca_file(ca, tmp_path),
+        tls_policy_maps=(f"inline:{{ {{{key} = verify match=other.test}} }}",),
+    )
+    report = await deliver(transport, make_request(key))
+    assert report.results[0].outcome is Outcome.SENT
+    assert peer.messages[0].tls
+
+
+async def test_policy_none_turns_tls_off_for_one_nexthop(smtp_peer, ca):
+    peer = await smtp_peer(tls_context=server_tls(ca, "peer.test"))
+    key = f"[127.0.0.1]:{peer.port}"
+    transport = make_transport(tls="encrypt", tls_policy_maps=(f"inline:{{ {{{key} = none}} }}",))
+    report = await deliver(transport, make_request(key))
+    assert report.results[0].outcome is Outcome.SENT
+    assert not peer.messages[0].tls
+
+
+async def test_unusable_policy_defers_without_connecting(unused_port):
+    key = f"[127.0.0.1]:{unused_port}"
+    transport = make_transport(tls_policy_maps=(f"inline:{{ {{{key} = dane}} }}",))
+    report = await deliver(transport, make_request(key))
+    result = report.results[0]
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.7.0")
+    assert result.text.startswith("client TLS configuration problem: unsupported TLS security level 'dane'")
+    assert report.site_ok  # our configuration, not the destination
+
+
+async def test_may_falls_back_to_plaintext_when_the_handshake_fails(counted_peer):
+    broken = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # no certificate: every handshake fails
+    peer = await counted_peer(tls_context=broken)
+    report = await deliver(make_transport(tls="may"), make_request(f"[127.0.0.1]:{peer.port}"))
+    assert report.results[0].outcome is Outcome.SENT
+    assert [m.tls for m in peer.messages] == [False]
+    assert peer.connections == 2  # the failed TLS attempt, then plaintext
+
+
+async def test_encrypt_handshake_failure_defers_4_7_5(counted_peer):
+    peer = await counted_peer(tls_context=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    report = await deliver(make_transport(tls="encrypt"), make_request(f"[127.0.0.1]:{peer.port}"))
+    result = report.results[0]
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.7.5")
+    assert result.text == "Cannot start TLS: handshake failure with host 127.0.0.1[127.0.0.1]"
+    assert (peer.connections, peer.messages) == (1, [])
+
+
+async def test_may_continues_in_plaintext_when_starttls_is_refused(scripted_peer):
+    peer, port = await scripted_peer(extensions=("STARTTLS", "PIPELINING"))  # answers STARTTLS with 502
+    report = await deliver(make_transport(tls="may"), make_request(f"[127.0.0.1]:{port}"))
+    assert report.results[0].outcome is Outcome.SENT
+    assert peer.connections == 1 and "STARTTLS" in peer.commands
+
+
+async def test_encrypt_refused_starttls_defers_with_the_reply(scripted_peer):
+    peer, port = await scripted_peer(extensions=("STARTTLS",))
+    report = await deliver(make_transport(tls="encrypt"), make_request(f"[127.0.0.1]:{port}"))
+    result = report.results[0]
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.5.2")
+    assert result.text == ("TLS is required, but host 127.0.0.1[127.0.0.1] refused to start TLS: "
+                           "502 5.5.2 Error: command not recognized")
+    assert peer.messages == []
+
+
+async def test_client_certificate_is_presented_when_configured(smtp_peer, ca, tmp_path):
+    context = server_tls(ca, "peer.test")
+    context.verify_mode = ssl.CERT_REQUIRED  # the peer insists on a client certificate from its CA
+    ca.configure_trust(context)
+    peer = await smtp_peer(tls_context=context)
+    ca.issue_cert("client.mailflow.test").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "client.pem"))
+    transport = make_transport(tls="encrypt", tls_cert_file=str(tmp_path / "client.pem"))
+    report = await deliver(transport, make_request(f"[127.0.0.1]:{peer.port}"))
+    assert report.results[0].outcome is Outcome.SENT
+    assert peer.messages[0].tls
+
+
+async def test_unreadable_ca_file_defers_before_sending_in_the_clear(smtp_peer, ca, tmp_path):
+    peer = await smtp_peer(tls_context=server_tls(ca, "peer.test"))
+    transport = make_transport(tls="verify", tls_ca_file=str(tmp_path / "missing.pem"))
+    report = await deliver(transport, make_request(f"[127.0.0.1]:{peer.port}"))
+    result = report.results[0]
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.7.5")
+    assert result.text.startswith("TLS is required, but our TLS engine is unavailable")
+    assert report.site_ok and peer.messages == []
+
+
+async def test_a_policy_table_that_cannot_answer_defers_4_3_0(unused_port):
+    report = await deliver(make_transport(tls_policy_maps=("fail:policy",)), make_request(f"[127.0.0.1]:{unused_port}"))
+    result = report.results[0]
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.3.0")
+    assert result.text.startswith(f"TLS policy lookup for [127.0.0.1]:{unused_port}:")
+    assert report.site_ok
+
+
+# ---------------------------------------------------------------------------------------------------- AUTH
+
+
+class Authenticator:
+    """aiosmtpd authenticator accepting one user/password; records every attempt as (mechanism, user, password).
+    A refusal must be AuthResult(success=False, handled=False) or aiosmtpd sends no reply at all."""
+
+    def __init__(self, user: str = "relayuser", password: str = "s3cret:with colon"):
+        self.accepted = (user.encode(), password.encode())
+        self.attempts: list[tuple[str, str, str]] = []
+
+    def __call__(self, server, session, envelope, mechanism, auth_data):
+        self.attempts.append((mechanism, auth_data.login.decode(), auth_data.password.decode()))
+        return AuthResult(success=(auth_data.login, auth_data.password) == self.accepted, handled=False)
+
+
+async def relay_peer(counted_peer, ca, **kwargs):
+    auth = Authenticator()
+    peer = await counted_peer(tls_context=server_tls(ca, "relay.test"), require_starttls=True, authenticator=auth,
+                              auth_required=True, **kwargs)
+    return peer, auth
+
+
+def passwords(*entries: tuple[str, str]) -> tuple[str, ...]:
+    return ("inline:{ " + ", ".join(f"{{{key} = {value}}}" for key, value in entries) + " }",)
+
+
+async def test_auth_plain_to_a_relay_after_starttls(counted_peer, ca):
+    peer, auth = await relay_peer(counted_peer, ca)
+    nexthop = f"[127.0.0.1]:{peer.port}"
+    transport = make_transport(tls="may", sasl_password_maps=passwords((nexthop, "relayuser:s3cret:with colon")))
+    report = await deliver(transport, make_request(nexthop))
+    assert report.results[0].outcome is Outcome.SENT
+    assert auth.attempts == [("PLAIN", "relayuser", "s3cret:with colon")]
+    assert peer.messages[0].tls
+
+
+async def test_auth_credentials_are_found_by_mx_host_name(counted_peer, ca):
+    peer, auth = await relay_peer(counted_peer, ca)
+    transport = make_transport(mx_resolver("smarthost.example.test"), tls="may",
+                               sasl_password_maps=passwords(("smarthost.example.test", "relayuser:s3cret:with colon")))
+    report = await deliver(transport, make_request(f"example.test:{peer.port}"))
+    assert report.results[0].outcome is Outcome.SENT
+    assert len(auth.attempts) == 1
+
+
+async def test_auth_refused_defers_with_the_servers_words_as_4xx(counted_peer, ca):
+    peer, auth = await relay_peer(counted_peer, ca)
+    nexthop = f"[127.0.0.1]:{peer.port}"
+    transport = make_transport(tls="may", sasl_password_maps=passwords((nexthop, "relayuser:wrong")))
+    report = await deliver(transport, make_request(nexthop))
+    result = report.results[0]
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.7.8")
+    assert result.text == ("SASL authentication failed; server 127.0.0.1[127.0.0.1] said: "
+                           "535 5.7.8 Authentication credentials invalid")
+    assert not report.site_ok
+    assert peer.messages == []
+
+
+async def test_auth_password_is_not_sent_without_tls(counted_peer):
+    auth = Authenticator()
+    peer = await counted_peer(authenticator=auth, auth_required=True, auth_require_tls=False)
+    nexthop = f"[127.0.0.1]:{peer.port}"
+    transport = make_transport(tls="may", sasl_password_maps=passwords((nexthop, "relayuser:s3cret:with colon")))
+    report = await deliver(transport, make_request(nexthop))
+    result = report.results[0]
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.7.0")
+    assert result.text == ("SASL authentication failed; cannot authenticate to server 127.0.0.1[127.0.0.1]: "
+                           "the session is not encrypted (sasl_tls_required)")
+    assert auth.attempts == []
+
+
+async def test_auth_over_plaintext_when_allowed(counted_peer):
+    auth = Authenticator()
+    peer = await counted_peer(authenticator=auth, auth_required=True, auth_require_tls=False)
+    nexthop = f"[127.0.0.1]:{peer.port}"
+    transport = make_transport(sasl_tls_required=False,
+                               sasl_password_maps=passwords((nexthop, "relayuser:s3cret:with colon")))
+    report = await deliver(transport, make_request(nexthop))
+    assert report.results[0].outcome is Outcome.SENT
+    assert auth.attempts == [("PLAIN", "relayuser", "s3cret:with colon")]
+
+
+async def test_no_credentials_for_the_destination_means_no_auth(counted_peer):
+    auth = Authenticator()
+    peer = await counted_peer(authenticator=auth, auth_require_tls=False)
+    transport = make_transport(sasl_tls_required=False, sasl_password_maps=passwords(("[elsewhere.test]", "a:b")))
+    report = await deliver(transport, make_request(f"[127.0.0.1]:{peer.port}"))
+    assert report.results[0].outcome is Outcome.SENT
+    assert auth.attempts == []
+
+
+async def test_may_does_not_fall_back_to_plaintext_when_it_would_authenticate(counted_peer):
+    peer = await counted_peer(tls_context=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER),
+                              authenticator=Authenticator(), auth_require_tls=False)
+    nexthop = f"[127.0.0.1]:{peer.port}"
+    transport = make_transport(tls="may", sasl_password_maps=passwords((nexthop, "relayuser:x")))
+    report = await deliver(transport, make_request(nexthop))
+    assert (report.results[0].outcome, report.results[0].dsn) == (Outcome.DEFERRED, "4.7.5")
+    assert peer.connections == 1
+
+
+async def test_auth_login_when_plain_is_not_offered(counted_peer, ca):
+    peer, auth = await relay_peer(counted_peer, ca, auth_exclude_mechanism=["PLAIN"])
+    nexthop = f"[127.0.0.1]:{peer.port}"
+    transport = make_transport(tls="may", sasl_password_maps=passwords((nexthop, "relayuser:s3cret:with colon")))
+    report = await deliver(transport, make_request(nexthop))
+    assert report.results[0].outcome is Outcome.SENT
+    assert auth.attempts == [("LOGIN", "relayuser", "s3cret:with colon")]
+
+
+async def test_a_password_table_that_cannot_answer_defers_4_3_0(counted_peer):
+    peer = await counted_peer(authenticator=Authenticator(), auth_require_tls=False)
+    report = await deliver(make_transport(sasl_password_maps=("fail:passwords",)),
+                           make_request(f"[127.0.0.1]:{peer.port}"))
+    assert (report.results[0].outcome, report.results[0].dsn) == (Outcome.DEFERRED, "4.3.0")
+    assert report.site_ok and peer.messages == []
+
+
+# ---------------------------------------------------------------------------------------------------- connection cache
+
+
+async def deliver_several(transport: SmtpTransport, *requests: DeliveryRequest):
+    """Deliver one request after the other on one transport (the connection cache lives between them)."""
+    try:
+        return [await asyncio.wait_for(transport.deliver(r), 5) for r in requests]
+    finally:
+        await transport.close()
+
+
+async def test_one_connection_carries_several_messages_and_close_quits_it(counted_peer):
+    peer = await counted_peer()
+    transport = make_transport()
+    nexthop = f"[127.0.0.1]:{peer.port}"
+    reports = [await transport.deliver(make_request(nexthop, f"r{i}@example.test")) for i in range(3)]
+    assert [r.results[0].outcome for r in reports] == [Outcome.SENT] * 3
+    assert (peer.connections, peer.still_open) == (1, 1)
+    await transport.close()
+    assert await eventually(lambda: peer.still_open == 0, timeout=2)
+    assert [m.rcpt_tos for m in peer.messages] == [["r0@example.test"], ["r1@example.test"], ["r2@example.test"]]
+
+
+async def test_reuse_count_limit_bounds_the_uses_of_one_connection(counted_peer):
+    peer = await counted_peer()
+    nexthop = f"[127.0.0.1]:{peer.port}"
+    reports = await deliver_several(make_transport(connection_reuse_count_limit=1),
+                                    *(make_request(nexthop) for _ in range(5)))
+    assert all(r.results[0].outcome is Outcome.SENT for r in reports)
+    assert peer.connections == 3  # limit N: each connection is used N+1 times
+
+
+async def test_idle_session_is_closed_after_the_cache_time_limit(counted_peer):
+    peer = await counted_peer()
+    transport = make_transport(connection_cache_time_limit=0.2)
+    try:
+        await transport.deliver(make_request(f"[127.0.0.1]:{peer.port}"))
+        assert peer.still_open == 1
+        assert await eventually(lambda: peer.still_open == 0, timeout=2)
+        await transport.deliver(make_request(f"[127.0.0.1]:{peer.port}"))
+    finally:
+        await transport.close()
+    assert (peer.connections, len(peer.messages)) == (2, 2)
+
+
+async def test_cache_off_quits_after_each_message(counted_peer):
+    peer = await counted_peer()
+    nexthop = f"[127.0.0.1]:{peer.port}"
+    transport = make_transport(connection_cache_time_limit=0)
+    try:
+        await transport.deliver(make_request(nexthop))
+        assert await eventually(lambda: peer.still_open == 0, timeout=2)
+        await transport.deliver(make_request(nexthop))
+    finally:
+        await transport.close()
+    assert peer.connections == 2
+
+
+async def test_sessions_are_cached_per_nexthop(counted_peer):
+    first, second = await counted_peer(), await counted_peer()
+    reports = await deliver_several(make_transport(), make_request(f"[127.0.0.1]:{first.port}"),
+                                    make_request(f"[127.0.0.1]:{second.port}"),
+                                    make_request(f"[127.0.0.1]:{first.port}"))
+    assert all(r.results[0].outcome is Outcome.SENT for r in reports)
+    assert (first.connections, second.connections) == (1, 1)
+    assert (len(first.messages), len(second.messages)) == (2, 1)
+
+
+async def test_a_cached_session_the_peer_dropped_is_replaced_without_a_failure(scripted_peer):
+    peer, port = await scripted_peer()
+    transport = make_transport()
+    try:
+        await transport.deliver(make_request(f"[127.0.0.1]:{port}"))
+        peer.hang_up_all(b"421 4.4.2 scripted.test Error: timeout exceeded\r\n")
+        await asyncio.sleep(0.05)
+        report = await transport.deliver(make_request(f"[127.0.0.1]:{port}"))
+    finally:
+        await transport.close()
+    assert report.site_ok
+    assert report.results[0].outcome is Outcome.SENT
+    assert (peer.connections, len(peer.messages)) == (2, 2)
+
+
+async def test_a_cached_session_that_dies_at_mail_from_is_replaced(scripted_peer):
+    peer, port = await scripted_peer(extensions=("8BITMIME",))  # no PIPELINING: MAIL goes alone
+    transport = make_transport(timeout=0.3)
+    try:
+        await transport.deliver(make_request(f"[127.0.0.1]:{port}"))
+        peer.silent_at = "MAIL"  # the cached connection now never answers MAIL: it dies by timeout
+        delivery = asyncio.create_task(transport.deliver(make_request(f"[127.0.0.1]:{port}")))
+        assert await eventually(lambda: sum(c.startswith("MAIL") for c in peer.commands) == 2, timeout=2)
+        peer.silent_at = ""  # the fresh connection works
+        report = await asyncio.wait_for(delivery, 5)
+    finally:
+        await transport.close()
+    assert report.site_ok and report.results[0].outcome is Outcome.SENT
+    assert (peer.connections, len(peer.messages)) == (2, 2)
+
+
+async def test_rset_after_an_unfinished_transaction_before_reuse(scripted_peer):
+    peer, port = await scripted_peer(rcpt_replies={"gone@example.test": "550 5.1.1 no such user"})
+    reports = await deliver_several(make_transport(), make_request(f"[127.0.0.1]:{port}", "gone@example.test"),
+                                    make_request(f"[127.0.0.1]:{port}", "ok@example.test"))
+    assert [r.results[0].outcome for r in reports] == [Outcome.BOUNCED, Outcome.SENT]
+    assert peer.connections == 1
+    assert peer.commands.count("RSET") == 1  # after the refused RCPT only; a finished DATA needs none
+
+
+# ---------------------------------------------------------------------------------------------------- PIPELINING
+
+
+async def test_pipelining_sends_mail_and_every_rcpt_before_reading(scripted_peer):
+    # The peer answers MAIL only after all three RCPTs arrived: a client waiting for each reply would time out.
+    peer, port = await scripted_peer(hold_mail_reply=3, rcpt_replies={"b@example.test": "550 5.1.1 unknown"})
+    request = make_request(f"[127.0.0.1]:{port}", "a@example.test", "b@example.test", "c@example.test")
+    report = await deliver(make_transport(timeout=1.0), request)
+    assert [(r.outcome, r.dsn) for r in report.results] == [
+        (Outcome.SENT, "2.0.0"), (Outcome.BOUNCED, "5.1.1"), (Outcome.SENT, "2.0.0")]
+    assert "550 5.1.1 unknown (in reply to RCPT TO command)" in report.results[1].text
+    assert peer.messages == [CONTENT.replace(b"\r\n.", b"\r\n..")]
+
+
+async def test_pipelined_rcpt_replies_after_a_refused_mail_are_read_and_the_session_reused(scripted_peer):
+    peer, port = await scripted_peer(mail_reply="451 4.3.0 try later")
+    transport = make_transport()
+    try:
+        first = await transport.deliver(make_request(f"[127.0.0.1]:{port}", "a@example.test", "b@example.test"))
+        peer.mail_reply = "250 2.1.0 Ok"
+        second = await transport.deliver(make_request(f"[127.0.0.1]:{port}", "a@example.test"))
+    finally:
+        await transport.close()
+    assert [r.dsn for r in first.results] == ["4.3.0", "4.3.0"]
+    assert second.results[0].outcome is Outcome.SENT
+    assert peer.connections == 1
+
+
+async def test_without_pipelining_each_command_waits_for_its_reply(scripted_peer):
+    peer, port = await scripted_peer(extensions=("8BITMIME",), hold_mail_reply=1)
+    report = await deliver(make_transport(timeout=0.3), make_request(f"[127.0.0.1]:{port}"))
+    assert report.results[0].text == "conversation with 127.0.0.1[127.0.0.1] timed out while sending MAIL FROM"
+    assert peer.commands[-1].startswith("MAIL FROM")  # RCPT never went out ahead of the reply
+
+
+# ---------------------------------------------------------------------------------------------------- stage timeouts
+
+
+async def test_each_stage_names_itself_when_it_times_out(scripted_peer):
+    expected = {
+        "EHLO": "performing the EHLO handshake",
+        "RCPT": "sending RCPT TO",
+        "DATA": "sending DATA command",
+        "END OF DATA": "sending end of data -- message may be sent more than once",
+    }
+    for silent_at, activity in expected.items():
+        peer, port = await scripted_peer(silent_at=silent_at)
+        report = await deliver(make_transport(timeout=0.2), make_request(f"[127.0.0.1]:{port}"))
+        result = report.results[0]
+        assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.4.2"), silent_at
+        assert result.text == f"conversation with 127.0.0.1[127.0.0.1] timed out while {activity}"
+        assert not report.site_ok
+
+
+async def test_connect_timeout_bounds_the_tcp_connection():
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)  # never accepted: once the queue is full, new connections hang in SYN
+        port = listener.getsockname()[1]
+        fillers = [socket.socket() for _ in range(3)]
+        for filler in fillers:
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+        config = SmtpConfig(connect_timeout=0.3, helo_timeout=5, command_timeout=5)
+        transport = SmtpTransport(config, resolver=StaticResolver(), helo_name=HELO)
+        try:
+            report = await deliver(transport, make_request(f"[127.0.0.1]:{port}"))
+        finally:
+            for filler in fillers:
+                filler.close()
+    result = report.results[0]
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.4.1")
+    assert result.text == f"connect to 127.0.0.1[127.0.0.1]:{port}: Connection timed out"
+    assert not report.site_ok
+
+
+async def test_data_timeout_bounds_the_end_of_data_reply_only(scripted_peer):
+    peer, port = await scripted_peer(silent_at="END OF DATA")
+    config = SmtpConfig(command_timeout=5, helo_timeout=5, data_timeout=0.2)
+    transport = SmtpTransport(config, resolver=StaticResolver(), helo_name=HELO)
+    started = asyncio.get_running_loop().time()
+    report = await deliver(transport, make_request(f"[127.0.0.1]:{port}"))
+    assert "timed out while sending end of data" in report.results[0].text
+    assert asyncio.get_running_loop().time() - started < 2
+
+
+# ---------------------------------------------------------------------------------------------------- 8BITMIME
+
+
+EIGHT_BIT_MIME = (
+    b"From: a@remote.test\r\n"
+    b"Subject: =?utf-8?q?caf=C3=A9?= menu\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"Content-Type: multipart/mixed; boundary=\"XYZ\"\r\n"
+    b"\r\n"
+    b"preamble\r\n"
+    b"--XYZ\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Transfer-Encoding: 8bit\r\n"
+    b"\r\n"
+    b"Le caf\xc3\xa9 est pr\xc3\xaat.\r\n"
+    b".\r\n"
+    b"--XYZ\r\n"
+    b"Content-Type: application/octet-stream\r\n"
+    b"Content-Transfer-Encoding: base64\r\n"
+    b"\r\n"
+    b"AAECAwQ=\r\n"
+    b"--XYZ--\r\n"
+    b"epilogue\r\n"
+)
+
+
+async def test_8bitmime_goes_as_it_is_to_a_peer_that_offers_it(smtp_peer):
+    peer = await smtp_peer()
+    await deliver(make_transport(), make_request(f"[127.0.0.1]:{peer.port}", content=EIGHT_BIT_MIME,
+                                                  body_type="8BITMIME"))
+    assert peer.messages[0].content == EIGHT_BIT_MIME
+    assert "BODY=8BITMIME" in peer.messages[0].mail_options
+
+
+async def test_8bitmime_is_converted_to_quoted_printable_for_a_peer_without_it(smtp_peer):
+    import email
+
+    peer = await smtp_peer(decode_data=True)  # aiosmtpd offers 8BITMIME only when it does not decode
+    report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{peer.port}", content=EIGHT_BIT_MIME,
+                                                           body_type="8BITMIME"))
+    assert report.results[0].outcome is Outcome.SENT
+    received = peer.messages[0].content
+    assert not any(o.startswith("BODY=") for o in peer.messages[0].mail_options)
+    assert received.isascii()
+    assert b"Content-Transfer-Encoding: quoted-printable\r\n\r\nLe caf=C3=A9 est pr=C3=AAt.\r\n" in received
+    assert b"Content-Transfer-Encoding: base64\r\n\r\nAAECAwQ=\r\n--XYZ--\r\nepilogue\r\n" in received
+    text_part = email.message_from_bytes(received).get_payload()[0]
+    assert text_part.get_payload(decode=True) == "Le café est prêt.\r\n.".encode()  # its last CRLF: the boundary's

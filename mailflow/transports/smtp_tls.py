@@ -1,0 +1,189 @@
+"""TLS for the SMTP client: the policy per next hop, the SSL contexts, and certificate name matching.
+
+Owns what Postfix's smtp_tls_security_level / smtp_tls_policy_maps / smtp_tls_*_cert_match decide; no I/O
+except reading the CA and client certificate files, once, when a context is first needed.
+
+    TlsPolicy(level, match)                     what one destination requires
+    policy_keys(nexthop_as_written, host)       the smtp_tls_policy_maps lookup keys, in order
+    parse_policy(value) -> TlsPolicy            a table value; raises ValueError for an unusable one
+    default_policy(level) -> TlsPolicy          the main.cf setting as a policy
+    TlsContexts(ca_file, cert_file, key_file)   .for_level(level) -> SSLContext; raises TlsUnavailable
+    certificate_names(peercert) -> (dns, ip)    the names a certificate carries (SAN, else the CN)
+    certificate_matches(peercert, patterns, hostname, nexthop) -> bool
+
+Levels (increasing): none, may (unverified, plaintext on a failed handshake), encrypt (TLS required,
+unverified), verify (trusted chain and a name match, by default the MX host name: `hostname`), secure
+(trusted chain, by default the next-hop domain or a subdomain: `nexthop:dot-nexthop`). A `[host]` next hop
+has no MX lookup, so its `hostname` is the host itself. `match=` patterns, separated by colons: `hostname`,
+`nexthop`, `dot-nexthop`, a name (`mx.example.com`) or a suffix (`.example.com`: subdomains only).
+Certificate wildcards (`*.example.com`) stand for exactly one label. The dane, dane-only and fingerprint
+levels and the ciphers/protocols/exclude attributes are not supported: such a value raises ValueError
+("client TLS configuration problem"), never a silent downgrade.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+import ssl
+from dataclasses import dataclass
+
+LEVELS = ("none", "may", "encrypt", "verify", "secure")
+DEFAULT_MATCH = {"verify": ("hostname",), "secure": ("nexthop", "dot-nexthop")}
+_SEPARATORS = re.compile(r"[\s,]+")
+
+
+@dataclass(frozen=True)
+class TlsPolicy:
+    level: str
+    match: tuple[str, ...] = ()
+
+    @property
+    def required(self) -> bool:
+        """TLS or no delivery to that peer (encrypt and above)."""
+        return LEVELS.index(self.level) >= LEVELS.index("encrypt")
+
+    @property
+    def verifies(self) -> bool:
+        """The certificate must be trusted and name the peer (verify, secure)."""
+        return self.level in ("verify", "secure")
+
+
+class TlsUnavailable(Exception):
+    """A context could not be built (unreadable CA or client certificate file)."""
+
+
+def default_policy(level: str) -> TlsPolicy:
+    return TlsPolicy(level, DEFAULT_MATCH.get(level, ()))
+
+
+def policy_keys(nexthop: str, host: str) -> list[str]:
+    """The full next hop as written (brackets and port included); for a bare domain also each parent as
+    `.parent.domain`, like transport(5)."""
+    written = nexthop.strip().lower()
+    if written.startswith("[") or ":" in written:
+        return [written]
+    labels = host.split(".")
+    return [host] + ["." + ".".join(labels[i:]) for i in range(1, len(labels))]
+
+
+def parse_policy(value: str) -> TlsPolicy:
+    """`level [match=a:b] ...` → TlsPolicy. Raises ValueError naming what is wrong."""
+    words = [w for w in _SEPARATORS.split(value.strip()) if w]
+    if not words:
+        raise ValueError("empty TLS policy")
+    level = words[0].lower()
+    if level not in LEVELS:
+        raise ValueError(f"unsupported TLS security level {words[0]!r} (mailflow has {', '.join(LEVELS)})")
+    match: list[str] = []
+    for attribute in words[1:]:
+        name, equals, setting = attribute.partition("=")
+        if name.lower() != "match" or not equals:
+            raise ValueError(f"unsupported TLS policy attribute {attribute!r} (mailflow has match=)")
+        if level not in DEFAULT_MATCH:
+            raise ValueError(f"match= needs level verify or secure, not {level}")
+        match += [p.lower() for p in setting.split(":") if p]
+    return TlsPolicy(level, tuple(match) or DEFAULT_MATCH.get(level, ()))
+
+
+# ---------------------------------------------------------------------------------------------------- contexts
+
+
+class TlsContexts:
+    """The two client contexts, built on first use: unverified (may, encrypt) and verifying (verify, secure).
+    Chain validation is the SSL library's; name matching is ours (check_hostname off), since a policy may
+    accept several names."""
+
+    def __init__(self, ca_file: str = "", cert_file: str = "", key_file: str = ""):
+        self._ca_file, self._cert_file, self._key_file = ca_file, cert_file, key_file
+        self._contexts: dict[bool, ssl.SSLContext] = {}
+
+    def for_level(self, level: str) -> ssl.SSLContext:
+        verifying = level in ("verify", "secure")
+        if verifying not in self._contexts:
+            self._contexts[verifying] = self._build(verifying)
+        return self._contexts[verifying]
+
+    def _build(self, verifying: bool) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        try:
+            if verifying:
+                context.verify_mode = ssl.CERT_REQUIRED
+                if self._ca_file:
+                    context.load_verify_locations(cafile=self._ca_file)
+                else:
+                    context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+            else:
+                context.verify_mode = ssl.CERT_NONE
+            if self._cert_file:
+                context.load_cert_chain(self._cert_file, keyfile=self._key_file or None)
+        except (OSError, ssl.SSLError) as e:
+            raise TlsUnavailable(str(e)) from None
+        return context
+
+
+# ---------------------------------------------------------------------------------------------------- names
+
+
+def certificate_names(peercert: dict) -> tuple[list[str], list[str]]:
+    """(DNS names, IP addresses) of a certificate: its subjectAltName entries; without DNS entries, the CN."""
+    dns = [value for kind, value in peercert.get("subjectAltName", ()) if kind == "DNS"]
+    ips = [value for kind, value in peercert.get("subjectAltName", ()) if kind == "IP Address"]
+    if not dns:
+        dns = [value for rdn in peercert.get("subject", ()) for key, value in rdn if key == "commonName"]
+    return [normal(n) for n in dns], [normal(ip) for ip in ips]
+
+
+def certificate_matches(peercert: dict, patterns: tuple[str, ...], hostname: str, nexthop: str) -> bool:
+    """Does the certificate carry a name the patterns accept? `hostname` is the MX host (or the [host]),
+    `nexthop` the next-hop domain before any MX lookup."""
+    dns, ips = certificate_names(peercert)
+    for pattern in patterns:
+        if pattern == "hostname":
+            wanted, suffix = hostname, False
+        elif pattern == "nexthop":
+            wanted, suffix = nexthop, False
+        elif pattern == "dot-nexthop":
+            wanted, suffix = nexthop, True
+        elif pattern.startswith("."):
+            wanted, suffix = pattern[1:], True
+        else:
+            wanted, suffix = pattern, False
+        wanted = normal(wanted)
+        if is_ip(wanted):
+            if not suffix and any(same_ip(wanted, ip) for ip in ips):
+                return True
+        elif any(name_matches(name, wanted, suffix) for name in dns):
+            return True
+    return False
+
+
+def name_matches(cert_name: str, wanted: str, subdomains: bool) -> bool:
+    """`cert_name` (maybe `*.x`) against `wanted`, or with `subdomains` against any name below `wanted`."""
+    wildcard = cert_name.startswith("*.")
+    base = cert_name[2:] if wildcard else cert_name
+    if subdomains:
+        return base.endswith("." + wanted) or (wildcard and base == wanted)
+    if not wildcard:
+        return cert_name == wanted
+    first, dot, rest = wanted.partition(".")
+    return bool(first and dot) and rest == base
+
+
+def normal(name: str) -> str:
+    return name.strip().rstrip(".").lower()
+
+
+def is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def same_ip(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return False

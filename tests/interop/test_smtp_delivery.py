@@ -1,0 +1,275 @@
+"""The smtp delivery agent against real peers: Postfix's smtp-sink as the remote MX (found through the in-process
+DNS server), swaks and smtp-source as the clients on the way in, aiosmtpd with trustme certificates where TLS is
+needed (smtp-sink has none).
+
+MX records carry no ports: every peer of a test listens on one port number (`smtp.port` in mailflow's config),
+each on its own loopback address; an MX whose address has nothing listening refuses the connection.
+"""
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import os
+import re
+import shutil
+import ssl
+import tempfile
+from pathlib import Path
+
+import pytest
+import trustme
+
+from tests.conftest import require_tool
+from tests.helpers import eventually, free_port, queue_becomes, send
+
+pytestmark = pytest.mark.interop
+
+
+class SmtpSink:
+    """Postfix's smtp-sink on 127.0.0.1:port, dumping every message (-D) and counting sessions (-c) and, with -v,
+    showing the conversation on stdout. As root it runs as nobody, so its dump folder is world-writable."""
+
+    def __init__(self, port: int, *options: str):
+        self.port = port
+        self.options = options
+        self.folder = Path(tempfile.mkdtemp(prefix="mailflow-sink-", dir="/tmp"))
+        os.chmod(self.folder, 0o777)
+        self.dump = self.folder / "dump.txt"
+        self.output = bytearray()
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task | None = None
+
+    async def start(self) -> "SmtpSink":
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        self._proc = await asyncio.create_subprocess_exec(
+            require_tool("smtp-sink"), *user, "-c", "-v", "-h", "sink.test", "-D", str(self.dump), *self.options,
+            f"127.0.0.1:{self.port}", "64", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        self._reader = asyncio.create_task(self._collect())
+        await eventually(self._listening, timeout=5)
+        await eventually(lambda: self._counts()["sess"] == 1, timeout=5)  # the probe's session has ended
+        return self
+
+    async def stop(self) -> None:
+        if self._proc and self._proc.returncode is None:
+            self._proc.kill()
+            await self._proc.wait()
+        if self._reader:
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Sessions ended, QUITs and messages received, not counting the probe that saw the sink listening."""
+        counts = self._counts()
+        return {**counts, "sess": max(0, counts["sess"] - 1)}
+
+    def _counts(self) -> dict[str, int]:
+        """smtp-sink's last `sess=N quit=N mesg=N` line."""
+        found = re.findall(rb"sess=(\d+) quit=(\d+) mesg=(\d+)", bytes(self.output))
+        sess, quit_, mesg = map(int, found[-1]) if found else (0, 0, 0)
+        return {"sess": sess, "quit": quit_, "mesg": mesg}
+
+    def dumped(self) -> bytes:
+        return self.dump.read_bytes() if self.dump.exists() else b""
+
+    async def _collect(self) -> None:
+        while chunk := await self._proc.stdout.read(4096):
+            self.output += chunk
+
+    def _listening(self) -> bool:
+        import socket
+
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+
+@pytest.fixture
+async def sink():
+    started: list[SmtpSink] = []
+
+    async def start(port: int, *options: str) -> SmtpSink:
+        s = await SmtpSink(port, *options).start()
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        await s.stop()
+        s.cleanup()
+
+
+async def run(*argv: str, timeout: float = 30) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        pytest.fail(f"{argv[0]} did not finish within {timeout}s")
+    return proc.returncode, out.decode(errors="replace")
+
+
+async def swaks(port: int, sender: str, rcpt: str, *extra: str) -> str:
+    rc, out = await run(require_tool("swaks"), "--server", "127.0.0.1", "--port", str(port), "--ehlo", "client.test",
+                        "--from", sender, "--to", rcpt, "--header", "Subject: interop", "--timeout", "10", *extra)
+    assert rc == 0, out
+    return out
+
+
+def zone(*lines: str) -> str:
+    return "\n".join(lines) + "\n"
+
+
+def relaying(dns_server: str, port: int, **smtp) -> dict:
+    """mailflow settings: relay for loopback clients, MX lookups at `dns_server`, peers on `port`."""
+    return {"mynetworks": ["127.0.0.0/8"], "dns": {"nameservers": [dns_server]},
+            "smtp": {"port": port, "tls_security_level": "none", **smtp}}
+
+
+async def pending_reasons(store) -> list[str]:
+    reasons = []
+    for message in await store.due(2e9, 100):
+        reasons += [reason for _, status, _, reason in await store.recipients(message.queue_id) if status == "pending"]
+    return reasons
+
+
+# ---------------------------------------------------------------------------------------------------- MX and smtp-sink
+
+
+async def test_first_mx_refuses_the_connection_the_second_smtp_sink_takes_the_mail(mailflow_server, dns_zone, sink):
+    port = free_port()
+    remote = await sink(port)
+    dns = dns_zone(zone(
+        "dest.test. 300 IN MX 10 mx1.dest.test.",
+        "dest.test. 300 IN MX 20 mx2.dest.test.",
+        "mx1.dest.test. 300 IN A 127.0.0.2",  # nothing listens there
+        "mx2.dest.test. 300 IN A 127.0.0.1",
+    ))
+    mf = await mailflow_server(**relaying(dns, port))
+    out = await swaks(mf.smtp_addresses[0][1], "someone@remote.test", "user@dest.test", "--body", "via MX 20")
+    assert "<-  250 2.0.0 Ok: queued as" in out
+
+    assert await queue_becomes(mf.store, {}, timeout=10) == {}
+    dumped = await eventually(lambda: b"via MX 20" in remote.dumped() and remote.dumped(), timeout=5)
+    assert b"X-Rcpt-Args: <user@dest.test>" in dumped
+    assert b"X-Helo-Args: mx.mailflow.test" in dumped
+    assert b"X-Mail-Args: <someone@remote.test>" in dumped
+
+
+async def test_one_connection_carries_several_messages_to_smtp_sink(mailflow_server, dns_zone, sink):
+    port, count = free_port(), 5
+    remote = await sink(port)
+    dns = dns_zone(zone("dest.test. 300 IN MX 10 mx.dest.test.", "mx.dest.test. 300 IN A 127.0.0.1"))
+    mf = await mailflow_server(**relaying(dns, port), queue={"initial_destination_concurrency": 1,
+                                                             "default_destination_concurrency_limit": 1})
+    rc, out = await run(require_tool("smtp-source"), "-m", str(count), "-s", "1", "-f", "from@source.test",
+                        "-t", "to@dest.test", f"127.0.0.1:{mf.smtp_addresses[0][1]}")
+    assert rc == 0, out
+    assert await queue_becomes(mf.store, {}, timeout=15) == {}
+    assert await eventually(lambda: remote.counters["mesg"] == count, timeout=5)
+    assert remote.counters["sess"] == 0  # the session is still open, cached for the next message
+    await mf.stop()  # close() QUITs the cached session
+    assert await eventually(lambda: remote.counters["sess"] == 1, timeout=5), remote.counters
+    assert remote.counters == {"sess": 1, "quit": 1, "mesg": count}
+
+
+async def test_4xx_defers_and_the_retry_delivers(mailflow_server, dns_zone, sink):
+    port = free_port()
+    greylisting = await sink(port, "-r", "RCPT")  # every RCPT: 450 4.3.0 Error: command failed
+    dns = dns_zone(zone("dest.test. 300 IN MX 10 mx.dest.test.", "mx.dest.test. 300 IN A 127.0.0.1"))
+    mf = await mailflow_server(**relaying(dns, port))
+    await swaks(mf.smtp_addresses[0][1], "someone@remote.test", "user@dest.test", "--body", "second time lucky")
+
+    assert await queue_becomes(mf.store, {"deferred": 1}, timeout=10) == {"deferred": 1}
+    assert await pending_reasons(mf.store) == [
+        "host mx.dest.test[127.0.0.1] said: 450 4.3.0 Error: command failed (in reply to RCPT TO command)"]
+    await greylisting.stop()  # the cached session dies with it; the retry notices and connects afresh
+    accepting = await sink(port)
+    assert await queue_becomes(mf.store, {}, timeout=15) == {}
+    assert b"second time lucky" in await eventually(accepting.dumped, timeout=5)
+
+
+async def test_5xx_bounces_and_the_notice_reaches_the_sender(mailflow_server, dns_zone, sink, smtp_peer):
+    port = free_port()
+    await sink(port, "-f", "RCPT")  # every RCPT: 500 5.3.0 Error: command failed
+    sender_mx = await smtp_peer("127.0.0.3", port)
+    dns = dns_zone(zone(
+        "dest.test. 300 IN MX 10 mx.dest.test.", "mx.dest.test. 300 IN A 127.0.0.1",
+        "sender.test. 300 IN MX 10 mx.sender.test.", "mx.sender.test. 300 IN A 127.0.0.3",
+    ))
+    mf = await mailflow_server(**relaying(dns, port))
+    await swaks(mf.smtp_addresses[0][1], "alice@sender.test", "nobody@dest.test")
+
+    [bounce] = await eventually(lambda: sender_mx.messages, timeout=10)
+    assert (bounce.mail_from, bounce.rcpt_tos) == ("<>", ["alice@sender.test"])
+    notice = email.message_from_bytes(bounce.content, policy=email.policy.default)
+    status = next(p for p in notice.walk() if p.get_content_type() == "message/delivery-status").get_payload()[1]
+    assert (status["Action"], status["Status"]) == ("failed", "5.3.0")
+    assert status["Final-Recipient"] == "rfc822; nobody@dest.test"
+    assert "500 5.3.0 Error: command failed" in status["Diagnostic-Code"]
+    assert await queue_becomes(mf.store, {}, timeout=10) == {}
+
+
+async def test_8bitmime_is_converted_for_a_sink_without_8bitmime(mailflow_server, dns_zone, sink):
+    port = free_port()
+    remote = await sink(port, "-8")  # no 8BITMIME
+    dns = dns_zone(zone("dest.test. 300 IN MX 10 mx.dest.test.", "mx.dest.test. 300 IN A 127.0.0.1"))
+    mf = await mailflow_server(**relaying(dns, port))
+    content = (b"Subject: eight\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+               b"Content-Transfer-Encoding: 8bit\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n")
+    await send(mf.smtp_addresses[0][1], "someone@remote.test", ["user@dest.test"], content,
+               mail_options=["BODY=8BITMIME"])
+    assert await queue_becomes(mf.store, {}, timeout=10) == {}
+    dumped = await eventually(remote.dumped, timeout=5)
+    assert b"Content-Transfer-Encoding: quoted-printable\n" in dumped  # smtp-sink's dump has LF line ends
+    assert dumped.endswith(b"\n\nGr=C3=BC=C3=9Fe\n\n")  # and an empty line after each message
+    assert b"BODY=8BITMIME" not in dumped
+
+
+async def test_auth_to_smtp_sink_as_a_relay(mailflow_server, sink):
+    port = free_port()
+    remote = await sink(port)  # announces AUTH PLAIN LOGIN and accepts any credentials
+    relay = f"[127.0.0.1]:{port}"
+    mf = await mailflow_server(relayhost=relay, mynetworks=["127.0.0.0/8"],
+                               smtp={"tls_security_level": "none", "sasl_tls_required": False,
+                                     "sasl_password_maps": [f"inline:{{ {{{relay} = relayuser:pa55}} }}"]})
+    await swaks(mf.smtp_addresses[0][1], "someone@remote.test", "user@far.test")
+    assert await queue_becomes(mf.store, {}, timeout=10) == {}, await pending_reasons(mf.store)
+    assert b"AUTH PLAIN AHJlbGF5dXNlcgBwYTU1" in bytes(remote.output)  # base64("\0relayuser\0pa55")
+
+
+# ---------------------------------------------------------------------------------------------------- TLS verify
+
+
+def tls_peer_context(ca: trustme.CA, name: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(name).configure_cert(context)
+    return context
+
+
+async def test_verify_delivers_to_the_right_certificate_and_defers_the_wrong_one(
+        mailflow_server, dns_zone, smtp_peer, tmp_path):
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    good = await smtp_peer("127.0.0.1", tls_context=tls_peer_context(ca, "mx.good.test"))
+    wrong = await smtp_peer("127.0.0.4", good.port, tls_context=tls_peer_context(ca, "someone-else.test"))
+    dns = dns_zone(zone(
+        "good.test. 300 IN MX 10 mx.good.test.", "mx.good.test. 300 IN A 127.0.0.1",
+        "wrong.test. 300 IN MX 10 mx.wrong.test.", "mx.wrong.test. 300 IN A 127.0.0.4",
+    ))
+    mf = await mailflow_server(**relaying(dns, good.port, tls_security_level="verify",
+                                          tls_ca_file=str(tmp_path / "ca.pem")))
+    port = mf.smtp_addresses[0][1]
+    await swaks(port, "someone@remote.test", "user@good.test")
+    await swaks(port, "someone@remote.test", "user@wrong.test")
+
+    assert await queue_becomes(mf.store, {"deferred": 1}, timeout=10) == {"deferred": 1}
+    assert [(m.rcpt_tos, m.tls) for m in good.messages] == [(["user@good.test"], True)]
+    assert wrong.messages == []
+    [reason] = await pending_reasons(mf.store)
+    assert reason.startswith("Server certificate not verified: host mx.wrong.test[127.0.0.4] presented "
+                             "someone-else.test")

@@ -1,0 +1,78 @@
+"""8BITMIME to 7BIT conversion for peers without 8BITMIME (Postfix's MIME output conversion)."""
+from __future__ import annotations
+
+import email
+import email.policy
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mailflow.transports.downgrade import downgrade_8bit
+
+
+def test_a_single_part_labelled_8bit_becomes_quoted_printable():
+    message = (b"Subject: x\r\nContent-Type: text/plain; charset=utf-8\r\n"
+               b"Content-Transfer-Encoding: 8BIT\r\n\r\nna\xc3\xafve = yes \r\n")
+    assert downgrade_8bit(message) == (b"Subject: x\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                                       b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+                                       b"na=C3=AFve =3D yes=20\r\n")
+
+
+def test_a_folded_label_is_replaced_whole():
+    message = b"Content-Transfer-Encoding:\r\n 8bit\r\nX-After: kept\r\n\r\n\xe9\r\n"
+    assert downgrade_8bit(message) == (b"Content-Transfer-Encoding: quoted-printable\r\nX-After: kept\r\n\r\n"
+                                       b"=E9\r\n")
+
+
+def test_unlabelled_and_7bit_content_passes_byte_for_byte():
+    unlabelled = b"Subject: caf\xc3\xa9\r\n\r\ncaf\xc3\xa9\r\n"  # Postfix sends these as they are
+    seven_bit = b"Content-Transfer-Encoding: 7bit\r\n\r\nplain\r\n"
+    base64 = b"Content-Transfer-Encoding: base64\r\n\r\nAAEC\r\n"
+    assert [downgrade_8bit(m) for m in (unlabelled, seven_bit, base64)] == [unlabelled, seven_bit, base64]
+
+
+def test_multipart_parts_are_converted_and_the_container_relabelled():
+    message = (b"Content-Type: multipart/alternative; boundary=b1\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+               b"pre\r\n--b1\r\nContent-Transfer-Encoding: 8bit\r\n\r\n\xc3\xa9\r\n"
+               b"--b1 \r\nContent-Type: text/html\r\n\r\n<p>x</p>\r\n--b1--\r\nepi \xff\r\n")
+    assert downgrade_8bit(message) == (
+        b"Content-Type: multipart/alternative; boundary=b1\r\nContent-Transfer-Encoding: 7bit\r\n\r\n"
+        b"pre\r\n--b1\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n=C3=A9\r\n"
+        b"--b1 \r\nContent-Type: text/html\r\n\r\n<p>x</p>\r\n--b1--\r\nepi \xff\r\n")
+
+
+def test_a_forwarded_message_is_converted_inside():
+    inner = b"Subject: inner\r\nContent-Transfer-Encoding: 8bit\r\n\r\n\xc3\xa9\r\n"
+    message = (b"Content-Type: multipart/mixed; boundary=\"o\"\r\n\r\n--o\r\nContent-Type: message/rfc822\r\n"
+               b"Content-Transfer-Encoding: 8bit\r\n\r\n" + inner + b"--o--\r\n")
+    converted = downgrade_8bit(message)
+    assert converted.isascii()
+    assert b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: 7bit\r\n" in converted
+    assert b"Subject: inner\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n=C3=A9\r\n--o--" in converted
+
+
+def test_digest_parts_default_to_messages():
+    message = (b"Content-Type: multipart/digest; boundary=d\r\n\r\n--d\r\n\r\n"
+               b"Subject: one\r\nContent-Transfer-Encoding: 8bit\r\n\r\n\xe9\r\n--d--\r\n")
+    assert b"Subject: one\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n=E9\r\n" in downgrade_8bit(message)
+
+
+def test_a_missing_closing_boundary_still_converts_the_last_part():
+    message = b"Content-Type: multipart/mixed; boundary=z\r\n\r\n--z\r\nContent-Transfer-Encoding: 8bit\r\n\r\n\xe9\r\n"
+    assert downgrade_8bit(message).endswith(b"--z\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n=E9\r\n")
+
+
+text_lines = st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n"),
+                              max_size=120), min_size=1, max_size=8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(text_lines)
+def test_conversion_is_7bit_and_decodes_to_the_original_text(lines):
+    body = "\r\n".join(lines).encode() + b"\r\n"
+    message = b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n" + body
+    converted = downgrade_8bit(message)
+    assert converted.isascii()
+    assert all(len(line) <= 78 for line in converted.split(b"\r\n"))
+    parsed = email.message_from_bytes(converted, policy=email.policy.compat32)
+    assert parsed.get_payload(decode=True) == body

@@ -1,0 +1,59 @@
+"""ReplyReader: the SMTP client's reply parser once a session is set up (replies queued in order, never dropped)."""
+from __future__ import annotations
+
+import asyncio
+
+import aiosmtplib
+import pytest
+
+from mailflow.transports.smtp_session import ReplyReader
+
+
+class Previous(asyncio.Protocol):
+    def __init__(self):
+        self.lost = []
+
+    def connection_lost(self, exc):
+        self.lost.append(exc)
+
+
+async def test_pipelined_replies_in_odd_chunks_come_out_in_order():
+    reader = ReplyReader(Previous())
+    for chunk in (b"250 2.1.0 Ok\r\n250-first\r", b"\n250-second\r\n250 2.1.5 last\r\n55", b"0 5.1.1 no\r\n"):
+        reader.data_received(chunk)
+    replies = [await reader.reply(1) for _ in range(3)]
+    assert [(r.code, r.message) for r in replies] == [
+        (250, "2.1.0 Ok"), (250, "first\nsecond\n2.1.5 last"), (550, "5.1.1 no")]
+    assert not reader.buffered
+
+
+async def test_a_reply_that_arrives_later_wakes_the_reader():
+    reader = ReplyReader(Previous())
+    waiting = asyncio.create_task(reader.reply(1))
+    await asyncio.sleep(0)
+    reader.data_received(b"354 go ahead\r\n")
+    assert (await waiting).code == 354
+
+
+async def test_timeout_and_connection_loss():
+    previous = Previous()
+    reader = ReplyReader(previous)
+    with pytest.raises(TimeoutError):
+        await reader.reply(0.01)
+    reader.data_received(b"250 queued before the end\r\n")
+    reader.connection_lost(None)
+    assert (await reader.reply(1)).code == 250  # what arrived before the loss is still read
+    with pytest.raises(aiosmtplib.SMTPServerDisconnected):
+        await reader.reply(1)
+    assert previous.lost == [None]  # aiosmtplib's protocol hears of it too
+
+
+async def test_garbage_is_a_protocol_error():
+    reader = ReplyReader(Previous())
+    reader.data_received(b"hello there\r\n")
+    with pytest.raises(aiosmtplib.SMTPResponseException, match="Malformed"):
+        await reader.reply(1)
+    endless = ReplyReader(Previous())
+    endless.data_received(b"250-" + b"x" * 70_000)
+    with pytest.raises(aiosmtplib.SMTPResponseException, match="too long"):
+        await endless.reply(1)
