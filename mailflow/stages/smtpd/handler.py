@@ -1,31 +1,24 @@
-"""smtpd: the SMTP server. aiosmtpd is the I/O edge; this module holds the policy.
+"""smtpd's policy: the aiosmtpd hooks that decide what a client may do, and the hand-over to cleanup.
 
-What it owns
-- `SmtpSession`: a thin aiosmtpd `SMTP` subclass that tracks live sessions (for graceful shutdown) and
-  gives every reply an enhanced status code (ENHANCEDSTATUSCODES), except the greeting and EHLO/HELO.
-- `SmtpdHandler`: the aiosmtpd hooks. MAIL checks sender syntax; RCPT checks syntax, resolves the address
-  class (trivial-rewrite), refuses relaying for clients outside `mynetworks` (554 5.7.1), refuses recipients
-  that neither a rewriting table (canonical, virtual alias) nor their class's recipient table lists
-  (550 5.1.1, naming the table), a table that cannot answer (451 4.3.0) and recipients beyond
-  `recipient_limit` (452 4.5.3); DATA hands a `Submission` to cleanup and answers 250 only once cleanup has
-  committed it.
-- `Smtpd`: starts the listeners on the running loop (never aiosmtpd's threaded Controller) and stops them:
-  close the listeners, let sessions finish within a grace period, then close what is left.
+MAIL checks sender syntax; RCPT checks syntax, resolves the address class (trivial-rewrite), refuses relaying
+for clients outside `mynetworks` (554 5.7.1), refuses recipients that neither a rewriting table (canonical,
+virtual alias) nor their class's recipient table lists (550 5.1.1, naming the table), a table that cannot
+answer (451 4.3.0) and recipients beyond `recipient_limit` (452 4.5.3); DATA hands a `Submission` to cleanup
+and answers 250 only once cleanup has committed it.
 
-Failure behaviour: every refusal is an SMTP reply from `mailflow.status`. A message cleanup could not
-commit gets 451 and is not queued; an unexpected exception in a hook gets 451 4.3.0 and is logged; the
-session stays usable. No reply text names a config detail.
+Failure behaviour: every refusal is an SMTP reply from `mailflow.status`. A message cleanup could not commit
+gets 451 and is not queued; an unexpected exception in a hook gets 451 4.3.0 and is logged; the session stays
+usable. No reply text names a config detail.
 """
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 
-from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session
+from aiosmtpd.smtp import Envelope as SmtpEnvelope, Session
 
 from mailflow import address, status
-from mailflow.config import Config, parse_hostport
+from mailflow.config import Config
 from mailflow.errors import DeliveryError, LookupRetry
 from mailflow.model import AddressClass, ClientInfo, Envelope, Submission
 from mailflow.stages.addressmap import AddressMapper
@@ -35,44 +28,6 @@ from mailflow.store import Overloaded
 log = logging.getLogger("mailflow.smtpd")
 
 NULL_SENDER = "<>"  # how aiosmtpd spells MAIL FROM:<>
-
-
-class SmtpSession(SMTP):
-    """One client connection. Adds enhanced status codes and registers itself while alive."""
-
-    def __init__(self, handler, *, sessions: set, **kwargs):
-        super().__init__(handler, **kwargs)
-        self._sessions = sessions
-        self._replies_sent = 0
-        self._in_hello = False  # EHLO/HELO replies carry no enhanced codes (RFC 2034)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._sessions.add(self)
-        super().connection_made(transport)
-
-    def connection_lost(self, error: Exception | None) -> None:
-        self._sessions.discard(self)
-        super().connection_lost(error)
-
-    async def push(self, line: str) -> None:
-        if self._replies_sent and not self._in_hello:  # the first reply is the greeting
-            line = status.with_enhanced_code(line)
-        self._replies_sent += 1
-        await super().push(line)
-
-    async def smtp_EHLO(self, hostname: str) -> None:
-        self._in_hello = True
-        try:
-            await super().smtp_EHLO(hostname)
-        finally:
-            self._in_hello = False
-
-    async def smtp_HELO(self, hostname: str) -> None:
-        self._in_hello = True
-        try:
-            await super().smtp_HELO(hostname)
-        finally:
-            self._in_hello = False
 
 
 class SmtpdHandler:
@@ -181,54 +136,3 @@ class SmtpdHandler:
         host, port = (session.peer or ("unknown", 0))[:2]
         return ClientInfo(addr=host, port=port, helo=session.host_name or "",
                           protocol="ESMTP" if session.extended_smtp else "SMTP")
-
-
-class Smtpd:
-    """The listeners. `await start()`, `addresses`, `await stop(grace)`."""
-
-    def __init__(self, config: Config, handler: SmtpdHandler):
-        self._config = config
-        self._handler = handler
-        self._servers: list[asyncio.base_events.Server] = []
-        self.sessions: set[SmtpSession] = set()
-
-    def _session(self) -> SmtpSession:
-        c = self._config
-        return SmtpSession(
-            self._handler,
-            sessions=self.sessions,
-            hostname=c.myhostname,
-            ident=c.smtpd.banner,
-            data_size_limit=c.smtpd.message_size_limit or None,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            timeout=c.smtpd.timeout,
-        )
-
-    async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        for item in self._config.smtpd.listen:
-            host, port = parse_hostport(item)
-            self._servers.append(await loop.create_server(self._session, host, port))
-
-    @property
-    def addresses(self) -> list[tuple[str, int]]:
-        return [s.sockets[0].getsockname()[:2] for s in self._servers if s.sockets]
-
-    async def stop(self, grace: float = 10.0) -> None:
-        """Close the listeners, wait (within `grace`) for messages being committed, close every session.
-
-        A session cut mid-DATA loses nothing: its client got no 250 and will send the message again.
-        """
-        loop = asyncio.get_running_loop()
-        for server in self._servers:
-            server.close()
-        deadline = loop.time() + grace
-        while self._handler.submitting and loop.time() < deadline:
-            await asyncio.sleep(0.02)
-        for session in list(self.sessions):
-            if session.transport is not None:
-                session.transport.close()
-        for server in self._servers:
-            await server.wait_closed()
-        self._servers.clear()
