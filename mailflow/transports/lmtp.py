@@ -53,6 +53,7 @@ from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult,
 from mailflow.transports.smtp import (
     Failure,
     Outcomes,
+    dot_stuffed,
     has_unsafe_characters,
     needs_smtputf8,
     one_line,
@@ -71,7 +72,6 @@ MAX_REPLY_LINES = 1000
 STREAM_LIMIT = 64 * 1024
 
 _REPLY_LINE = re.compile(rb"(\d{3})(?:([ -])(.*))?")
-_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
 # ---------------------------------------------------------------------------------------------------- values
@@ -488,14 +488,3 @@ def mail_command(request: DeliveryRequest, capabilities: dict[str, str]) -> byte
 
 def rcpt_command(recipient: Recipient) -> bytes:
     return b"RCPT TO:<" + recipient.address.encode("utf-8") + b">\r\n"
-
-
-def dot_stuffed(content: bytes) -> bytes:
-    """The content with every line end made CRLF, a final CRLF, and a dot doubled at the start of each line
-    (RFC 5321 4.5.2); the terminating `.` CRLF is not included."""
-    text = _LINE_END.sub(b"\r\n", content)
-    if text and not text.endswith(b"\r\n"):
-        text += b"\r\n"
-    if text.startswith(b"."):
-        text = b"." + text
-    return text.replace(b"\r\n.", b"\r\n..")

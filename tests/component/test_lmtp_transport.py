@@ -447,7 +447,7 @@ def test_nexthop_forms():
 def test_dot_stuffing_and_line_ends():
     assert dot_stuffed(b".a\r\n..b\r\nc.\r\n.\r\n") == b"..a\r\n...b\r\nc.\r\n..\r\n"
     assert dot_stuffed(b"bare\nlf\rcr\r\nno end") == b"bare\r\nlf\r\ncr\r\nno end\r\n"
-    assert dot_stuffed(b"") == b""
+    assert dot_stuffed(b"") == b"\r\n"  # an empty message is one empty line
 
 
 def test_reply_parser_joins_lines_and_refuses_garbage():
