@@ -6,7 +6,7 @@
 
 The clock, RNG, resolver and transports can be injected (tests pass fakes or local peers); nothing is
 global, so several instances can run in one process. `serve(config)` runs one until SIGTERM/SIGINT or
-until an injected shutdown trigger fires.
+until an injected shutdown trigger fires; SIGHUP reloads the TLS certificates (`reload()`).
 """
 from __future__ import annotations
 
@@ -79,7 +79,9 @@ class Mailflow:
         self.qmgr = QueueManager(self.store, resolve=router.rewriter.resolve, transports=transports,
                                  config=c.queue, clock=self.clock, rng=self.rng, log=maillog, notices=notices)
         await self.qmgr.start()
-        self.smtpd = Smtpd(c, SmtpdHandler(c, router.rewriter, router.mapper, cleanup))
+        resolver = self._dns_resolver()
+        self.smtpd = Smtpd(c, lambda listener_config: SmtpdHandler(listener_config, router.rewriter, router.mapper,
+                                                                    cleanup, resolver=resolver), clock=self.clock)
         await self.smtpd.start()
 
     def _wake_qmgr(self) -> None:
@@ -89,13 +91,17 @@ class Mailflow:
     def _build_transports(self, router, forward) -> dict:
         if self._transports is not None:
             return self._transports
-        from mailflow.dns import AiodnsResolver
         from mailflow.transports import build_transports
 
-        resolver = self._resolver
-        if resolver is None:
-            resolver = self._own_resolver = AiodnsResolver.from_config(self.config.dns)
-        return build_transports(self.config, resolver, self.clock, router, forward)
+        return build_transports(self.config, self._dns_resolver(), self.clock, router, forward)
+
+    def _dns_resolver(self):
+        """The injected resolver, else one built here (once) from [dns]: transports and smtpd share it."""
+        from mailflow.dns import AiodnsResolver
+
+        if self._resolver is None and self._own_resolver is None:
+            self._own_resolver = AiodnsResolver.from_config(self.config.dns)
+        return self._resolver or self._own_resolver
 
     async def stop(self) -> None:
         """Listeners first, then deliveries, then the store. Safe to call twice."""
@@ -111,6 +117,11 @@ class Mailflow:
         if self.store:
             await self.store.close()
             self.store = None
+
+    def reload(self) -> None:
+        """What SIGHUP does: smtpd re-reads its certificates (new sessions use them)."""
+        if self.smtpd:
+            self.smtpd.reload_tls()
 
     @property
     def smtp_addresses(self) -> list[tuple[str, int]]:
@@ -131,6 +142,8 @@ async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None) -
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-    async with Mailflow(config):
+    async with Mailflow(config) as mf:
+        if shutdown_trigger is None:  # SIGHUP: re-read TLS certificates; sessions are not dropped
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, mf.reload)
         await stop.wait()
         log.info("mailflow stopping")

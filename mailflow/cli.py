@@ -403,6 +403,29 @@ def address_test(addresses: List[str] = typer.Argument(..., metavar="ADDRESS..."
             typer.echo(f"{'  ' * depth}{label + ':':<{max(16 - 2 * depth, len(label) + 1)}} {text}")
 
 
+# ---------------------------------------------------------------------------------------------- auth
+
+auth_app = typer.Typer(no_args_is_help=True, help="AUTH users for smtpd.sasl_user_maps.")
+app.add_typer(auth_app, name="auth")
+
+
+@auth_app.command("hash-password")
+def auth_hash_password(user: Optional[str] = typer.Argument(None, help="print a `user hash` line for the table"),
+                       stdin: bool = typer.Option(False, "--stdin", help="read the password from standard input")) -> None:
+    """Print a scrypt password hash ($scrypt$n=16384,r=8,p=1$SALT$HASH); asks for the password twice."""
+    from mailflow.stages.smtpd.auth import hash_password
+
+    if stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    if not password:
+        typer.echo("mailflow auth hash-password: empty password", err=True)
+        raise typer.Exit(2)
+    encoded = hash_password(password)
+    typer.echo(f"{user} {encoded}" if user else encoded)
+
+
 def main() -> None:
     app(prog_name="mailflow")
 

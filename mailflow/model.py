@@ -50,6 +50,11 @@ class Envelope:
     smtputf8: bool = False
     body_type: str = "7BIT"
     originals: tuple[str, ...] = ()  # per recipient, the address first given (ORCPT); () means the same
+    # RFC 3461 DSN parameters: per recipient NOTIFY and ORCPT (() means none given), per message ENVID and RET.
+    notify: tuple[str, ...] = ()
+    orcpts: tuple[str, ...] = ()
+    envid: str = ""
+    ret: str = ""
 
 
 @dataclass(frozen=True)

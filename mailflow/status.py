@@ -62,6 +62,68 @@ def refused_message(dsn: str, text: str, permanent: bool) -> Reply:
     return Reply(554 if permanent else 451, dsn, text)
 
 
+# ---- restrictions (smtpd restriction lists; Postfix SMTPD_ACCESS_README wording and codes)
+# `name` is what the rule looked at (<addr>, <host[ip]>, <helo>, <DATA>), `what` its class ("Recipient address",
+# "Sender address", "Client host", "Helo command", "Data command", "End-of-data").
+
+def restriction_rejected(code: int, dsn: str, name: str, what: str, text: str) -> Reply:
+    """`554 5.7.1 <name>: What rejected: text`: a reject/defer action, a table or policy answer."""
+    return Reply(code, dsn, f"<{name}>: {what} rejected: {text}")
+
+
+def access_denied(name: str, what: str, text: str = "") -> Reply:
+    """`reject` or an access table's REJECT (access_map_reject_code 554)."""
+    return restriction_rejected(554, "5.7.1", name, what, text or "Access denied")
+
+
+def access_deferred(name: str, what: str, text: str = "") -> Reply:
+    """`defer` or an access table's DEFER (access_map_defer_code 450)."""
+    return restriction_rejected(450, "4.7.1", name, what, text or "Try again later")
+
+
+def restriction_config_error(name: str, what: str) -> Reply:
+    """A table that cannot answer, or an action mailflow does not know: the client retries later."""
+    return restriction_rejected(451, "4.3.5", name, what, "Server configuration error")
+
+
+def relay_deferred(address: str) -> Reply:
+    """defer_unauth_destination (Postfix's default relay restriction)."""
+    return Reply(454, "4.7.1", f"<{address}>: Relay access denied")
+
+
+def non_fqdn_address(address: str, what: str) -> Reply:
+    return restriction_rejected(504, "5.5.2", address, what, "need fully-qualified address")
+
+
+def non_fqdn_helo(name: str) -> Reply:
+    return restriction_rejected(504, "5.5.2", name, "Helo command", "need fully-qualified hostname")
+
+
+def invalid_helo(name: str) -> Reply:
+    return restriction_rejected(501, "5.5.2", name, "Helo command", "Invalid name")
+
+
+def domain_not_found(address: str, code: int = 450) -> Reply:
+    """reject_unknown_recipient_domain: no MX and no address (unknown_address_reject_code, default 450)."""
+    return restriction_rejected(code, f"{code // 100}.1.2", address, "Recipient address", "Domain not found")
+
+
+def domain_lookup_deferred(address: str) -> Reply:
+    """reject_unknown_recipient_domain when DNS cannot answer now."""
+    return restriction_rejected(450, "4.4.3", address, "Recipient address", "Domain not found")
+
+
+def null_mx(address: str, domain: str) -> Reply:
+    """The recipient domain publishes a null MX (RFC 7505)."""
+    return restriction_rejected(556, "5.1.10", address, "Recipient address",
+                                f"Domain {domain} does not accept mail (nullMX)")
+
+
+def rbl_listed(client_ip: str, rbl_domain: str) -> Reply:
+    """reject_rbl_client (maps_rbl_reject_code 554, Postfix's default_rbl_reply)."""
+    return Reply(554, "5.7.1", f"Service unavailable; Client host [{client_ip}] blocked using {rbl_domain}")
+
+
 # Enhanced codes for replies whose text the SMTP library writes itself, keyed by the basic code.
 # smtpd adds these so that every reply carries one (ENHANCEDSTATUSCODES, RFC 2034).
 DEFAULT_ENHANCED = {
@@ -90,3 +152,72 @@ def with_enhanced_code(line: str) -> str:
 def dsn_class(dsn: str) -> int:
     """2, 4 or 5: the class digit of an enhanced status code."""
     return int(dsn[0]) if dsn[:1].isdigit() else 4
+
+
+# --- the SMTP protocol layer (smtpd session, wire reader, DSN and BDAT parameters) ---------------------------
+# Texts follow Postfix's smtpd where Postfix has the refusal. `host` is myhostname.
+
+def bare_newline(host: str, char: str = "LF") -> Reply:
+    """A line ended by a bare LF, or holding a bare CR (Postfix smtpd_forbid_bare_newline = reject); the
+    session is closed after it."""
+    return Reply(521, "5.5.2", f"{host} Error: bare <{char}> received")
+
+
+def protocol_sync(host: str) -> Reply:
+    """Input sent before the greeting or pipelined where RFC 2920 forbids it (smtpd_forbid_unauth_pipelining);
+    the session is closed after it."""
+    return Reply(554, "5.5.0", f"{host} Error: SMTP protocol synchronization")
+
+
+def too_many_errors(host: str) -> Reply:
+    """smtpd_hard_error_limit reached; the session is closed after it."""
+    return Reply(421, "4.7.0", f"{host} Error: too many errors")
+
+
+def session_timeout(host: str) -> Reply:
+    return Reply(421, "4.4.2", f"{host} Error: timeout exceeded")
+
+
+LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
+BAD_SYNTAX = Reply(500, "5.5.2", "Error: bad syntax")
+NOT_RECOGNIZED = Reply(502, "5.5.2", "Error: command not recognized")
+NUL_IN_COMMAND = Reply(500, "5.5.2", "Error: NUL character in command")
+NUL_IN_DATA = Reply(554, "5.6.0", "Error: NUL character in message content")
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message file too big")
+VRFY_DISABLED = Reply(502, "5.5.1", "VRFY command is disabled")
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+BDAT_MIXED = Reply(503, "5.5.1", "Error: BDAT and DATA cannot be mixed in one transaction")
+BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT count [LAST]")
+BDAT_NO_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+
+
+def bdat_chunk(size: int) -> Reply:
+    return Reply(250, "2.0.0", f"{size} bytes ok")
+
+
+def bad_dsn_parameter(text: str) -> Reply:
+    """A malformed or repeated RFC 3461 parameter (RET, ENVID, NOTIFY, ORCPT)."""
+    return Reply(501, "5.5.4", f"Error: {text}")
+
+
+# ---- front door (listeners, TLS, AUTH, connection limits)
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_FAILED = Reply(535, "5.7.8", "Error: authentication failed")
+AUTH_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication failure")
+AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Error: authentication not enabled")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+SERVER_BUSY = Reply(421, "4.3.2", "Error: too many sessions, try again later")
+
+
+def too_many_connections(ip: str) -> Reply:
+    return Reply(421, "4.7.0", f"Error: too many connections from {ip}")
+
+
+def connection_rate_exceeded(ip: str) -> Reply:
+    return Reply(421, "4.7.0", f"Error: too many connections from {ip}, try again later")
+
+
+def sender_login_mismatch(sender: str, login: str | None) -> Reply:
+    """reject_sender_login_mismatch (Postfix: 553 5.7.1 … not owned by user …)."""
+    who = f"not owned by user {login}" if login else "not logged in"
+    return Reply(553, "5.7.1", f"<{sender}>: Sender address rejected: {who}")

@@ -55,6 +55,7 @@ class NewMessage:
     client: str = ""
     envid: str = ""
     ret: str = ""
+    queue: str = "incoming"  # "hold": committed on hold (an smtpd HOLD restriction); qmgr leaves it alone
 
 
 _Op = tuple[str, list[tuple]]
@@ -559,8 +560,8 @@ def _alternate(first: list, second: list) -> list:
 def _insert_ops(messages: Sequence[NewMessage]) -> list[_Op]:
     return [
         ("INSERT INTO message (id, queue, sender, arrival, next_attempt, size, smtputf8, body_type, client,"
-         " envid, ret) VALUES (?, 'incoming', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-         [(m.queue_id, m.sender, m.arrival, m.arrival, len(m.content), int(m.smtputf8), m.body_type, m.client,
+         " envid, ret) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         [(m.queue_id, m.queue, m.sender, m.arrival, m.arrival, len(m.content), int(m.smtputf8), m.body_type, m.client,
            m.envid, m.ret) for m in messages]),
         ("INSERT INTO recipient (message_id, idx, address, original, notify, orcpt) VALUES (?, ?, ?, ?, ?, ?)",
          [(m.queue_id, r.index, r.address, r.original, r.notify, r.orcpt) for m in messages for r in m.recipients]),

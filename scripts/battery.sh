@@ -6,17 +6,28 @@
 #
 #   BATTERY=../shared/battery PYTEST_ARGS="test_protocol.py test_relay.py" scripts/battery.sh
 #
-# Env: BATTERY (folder of the battery), PYTEST_ARGS, IDLE_TIMEOUT (10), RCPT_LIMIT (unset), KEEP=1 keeps
-# the temporary folder. Exits with pytest's status. Needs `mailflow` and `python` with pytest on PATH.
+# The server offers STARTTLS with a trustme certificate made in the temporary folder, AUTH after STARTTLS
+# (user `battery`), and enforces the recipient and per-client connection limits the battery is told about.
+#
+# Env: BATTERY (folder of the battery), PYTEST_ARGS, IDLE_TIMEOUT (10), RCPT_LIMIT (100), CONN_LIMIT (20),
+# REQUIRE_STARTTLS (1), KEEP=1 keeps the temporary folder. Exits with pytest's status. Needs `mailflow` and
+# `python` with pytest and trustme on PATH (the venv's).
 set -euo pipefail
 
 BATTERY=$(cd "${BATTERY:-../shared/battery}" && pwd)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/mailflow-battery.XXXXXX")
 PYTHON=${PYTHON:-python}
 IDLE_TIMEOUT=${IDLE_TIMEOUT:-10}
+RCPT_LIMIT=${RCPT_LIMIT:-100}
+CONN_LIMIT=${CONN_LIMIT:-20}
+REQUIRE_STARTTLS=${REQUIRE_STARTTLS:-1}
 free_port() { "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 SMTP_PORT=${SMTP_PORT:-$(free_port)}
 SINK_PORT=${SINK_PORT:-$(free_port)}
+
+# The certificate (trustme: a throwaway CA) and the AUTH user table.
+"$PYTHON" -c 'import sys, trustme; trustme.CA().issue_cert("localhost", "127.0.0.1", "mx.battery.test").private_key_and_cert_chain_pem.write_to_path(sys.argv[1])' "$WORK/cert.pem"
+printf 'battery-password\n' | mailflow auth hash-password battery --stdin > "$WORK/sasl_users"
 
 cat > "$WORK/mailflow.toml" <<TOML
 myhostname = "mx.battery.test"
@@ -30,7 +41,11 @@ local_recipient_maps = ["inline:{alice=ok, postmaster=ok}"]
 [smtpd]
 listen = ["127.0.0.1:$SMTP_PORT"]
 timeout = "${IDLE_TIMEOUT}s"
-${RCPT_LIMIT:+recipient_limit = $RCPT_LIMIT}
+recipient_limit = $RCPT_LIMIT
+client_connection_count_limit = $CONN_LIMIT
+tls_cert_file = "$WORK/cert.pem"
+sasl_auth_enable = true
+sasl_user_maps = ["texthash:$WORK/sasl_users"]
 
 [local]
 maildir_base = "$WORK/mail"
@@ -85,6 +100,7 @@ status=0
     SMTP_HOST=127.0.0.1 SMTP_PORT=$SMTP_PORT SINK_HOST=127.0.0.1 SINK_PORT=$SINK_PORT \
     RELAY_DOMAIN=relay.test LOCAL_DOMAIN=local.test LOCAL_USER=alice \
     LOCAL_MAILDIR="$WORK/mail/alice/Maildir" IDLE_TIMEOUT=$IDLE_TIMEOUT \
+    RCPT_LIMIT=$RCPT_LIMIT CONN_LIMIT=$CONN_LIMIT REQUIRE_STARTTLS=$REQUIRE_STARTTLS \
     SERVER_RESTART_CMD="$WORK/restart.sh" \
     "$PYTHON" -m pytest -p no:asyncio -p no:timeout ${PYTEST_ARGS:-}
 ) || status=$?

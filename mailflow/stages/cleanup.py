@@ -18,6 +18,7 @@ bounce is queued with its recipient as it is (logged) rather than lost.
 """
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import logging
 import re
@@ -121,8 +122,11 @@ class Cleanup:
         self._on_queued = on_queued
         self._hopcount_limit = hopcount_limit
 
-    async def submit(self, sub: Submission) -> QueueId:
+    async def submit(self, sub: Submission, *, hold: bool = False) -> QueueId:
+        """`hold`: commit it in the hold queue (an smtpd HOLD restriction), where qmgr leaves it alone."""
         msg = self.prepare(sub)
+        if hold:
+            msg = dataclasses.replace(msg, queue="hold")
         await self._store.insert(msg)
         self.log_queued(msg)
         self._on_queued()
@@ -139,7 +143,9 @@ class Cleanup:
             raise PermanentError("5.4.6", "Error: too many hops")
         env = sub.envelope
         originals = env.originals or env.recipients
-        recipients = tuple(Recipient(i, r, originals[i]) for i, r in enumerate(env.recipients))
+        notify = env.notify or ("",) * len(env.recipients)
+        orcpts = env.orcpts or ("",) * len(env.recipients)
+        recipients = tuple(Recipient(i, r, originals[i], notify[i], orcpts[i]) for i, r in enumerate(env.recipients))
         sender = env.sender
         if rewrite and self._mapper is not None:
             sender = self._mapper.sender(sender)
@@ -154,6 +160,8 @@ class Cleanup:
             smtputf8=sub.envelope.smtputf8,
             body_type=sub.envelope.body_type,
             client=f"{sub.client.hostname}[{sub.client.addr}]",
+            envid=env.envid,
+            ret=env.ret,
         )
 
     def prepare_notice(self, sub: Submission) -> NewMessage:

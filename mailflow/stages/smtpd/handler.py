@@ -1,10 +1,13 @@
 """smtpd's policy: the aiosmtpd hooks that decide what a client may do, and the hand-over to cleanup.
 
-MAIL checks sender syntax; RCPT checks syntax, resolves the address class (trivial-rewrite), refuses relaying
-for clients outside `mynetworks` (554 5.7.1), refuses recipients that neither a rewriting table (canonical,
-virtual alias) nor their class's recipient table lists (550 5.1.1, naming the table), a table that cannot
-answer (451 4.3.0) and recipients beyond `recipient_limit` (452 4.5.3); DATA hands a `Submission` to cleanup
-and answers 250 only once cleanup has committed it.
+MAIL checks sender syntax. RCPT checks the recipient limit (452 4.5.3), syntax and SMTPUTF8, then runs the
+restriction lists of this handler's `config.smtpd` (`restrictions.py`: client, helo, sender, relay,
+recipient, then the implied reject_unlisted_recipient), then asks the routing tables (451 4.3.0 when one
+cannot answer). With the defaults this is today's rule set: relaying only for mynetworks and authenticated
+clients (554 5.7.1), unknown users of this host's domains refused (550 5.1.1, naming the table).
+DATA runs the data list (`handle_DATA_COMMAND`, for a session that asks before 354; else at the end), then
+the end_of_data list, then hands a `Submission` to cleanup and answers 250 only once cleanup has committed
+it. A message marked DISCARD by a restriction is answered 250 and dropped (logged); HOLD is queued on hold.
 
 Failure behaviour: every refusal is an SMTP reply from `mailflow.status`. A message cleanup could not commit
 gets 451 and is not queued; an unexpected exception in a hook gets 451 4.3.0 and is logged; the session stays
@@ -12,7 +15,7 @@ usable. No reply text names a config detail.
 """
 from __future__ import annotations
 
-import ipaddress
+import itertools
 import logging
 
 from aiosmtpd.smtp import Envelope as SmtpEnvelope, Session
@@ -20,25 +23,31 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope, Session
 from mailflow import address, status
 from mailflow.config import Config
 from mailflow.errors import DeliveryError, LookupRetry
-from mailflow.model import AddressClass, ClientInfo, Envelope, Submission
+from mailflow.model import ClientInfo, Envelope, Submission
 from mailflow.stages.addressmap import AddressMapper
-from mailflow.stages.rewrite import UNKNOWN_IN, Rewriter
+from mailflow.stages.rewrite import Rewriter
+from mailflow.stages.smtpd import dsn
+from mailflow.stages.smtpd.restrictions import Facts, Marks, Restrictions
 from mailflow.store import Overloaded
+from mailflow.tables import TableCache
 
 log = logging.getLogger("mailflow.smtpd")
 
 NULL_SENDER = "<>"  # how aiosmtpd spells MAIL FROM:<>
+_instances = itertools.count(1)  # policy `instance` attribute: one per message
 
 
 class SmtpdHandler:
-    """aiosmtpd hooks: the restrictions and the hand-over to cleanup."""
+    """aiosmtpd hooks: the restrictions and the hand-over to cleanup. `resolver` (mailflow.dns) serves
+    reject_unknown_recipient_domain and reject_rbl_client; without one those restrictions have no opinion."""
 
-    def __init__(self, config: Config, rewriter: Rewriter, mapper: AddressMapper, cleanup):
+    def __init__(self, config: Config, rewriter: Rewriter, mapper: AddressMapper, cleanup, *,
+                 resolver=None, tables: TableCache | None = None):
         self._config = config
         self._rewriter = rewriter
         self._mapper = mapper
         self._cleanup = cleanup
-        self._mynetworks = [ipaddress.ip_network(n, strict=False) for n in config.mynetworks]
+        self.restrictions = Restrictions(config, config.smtpd, rewriter, mapper, resolver, tables)
         self.submitting = 0  # DATA hand-overs waiting for their commit
 
     async def handle_EHLO(self, server, session: Session, envelope, hostname: str, responses: list[str]):
@@ -62,45 +71,55 @@ class SmtpdHandler:
         return str(status.SENDER_OK)
 
     async def handle_RCPT(self, server, session: Session, envelope: SmtpEnvelope, addr: str, options: list[str]):
-        reply = self.check_recipient(session, envelope, addr)
+        reply = await self.check_recipient(session, envelope, addr)
         if reply.is_ok:
             envelope.rcpt_tos.append(addr)
             envelope.rcpt_options.extend(options)
         return str(reply)
 
-    def check_recipient(self, session: Session, envelope: SmtpEnvelope, addr: str) -> status.Reply:
+    async def check_recipient(self, session: Session, envelope: SmtpEnvelope, addr: str) -> status.Reply:
         if len(envelope.rcpt_tos) >= self._config.smtpd.recipient_limit:
             return status.TOO_MANY_RECIPIENTS
         if address.mailbox_syntax_error(self._rewriter.qualify(addr)):
             return status.bad_address_syntax(addr)
         if address.is_utf8(addr) and not envelope.smtp_utf8:
             return status.SMTPUTF8_REQUIRED
-        klass = self._rewriter.classify(addr)
-        if klass is AddressClass.DEFAULT and not self._trusted(session):
-            return status.relay_denied(addr)
+        refusal = await self.restrictions.check_rcpt(self._facts(session, envelope, addr))
+        if refusal is not None:
+            return refusal
         try:
-            if klass is not AddressClass.DEFAULT and not self._known(addr, klass):
-                return status.user_unknown(addr, UNKNOWN_IN[klass])
             self._rewriter.resolve(addr)  # a routing table that cannot answer now: the client retries later
         except LookupRetry as e:
             log.warning("smtpd: RCPT <%s>: %s", addr, e.text)
             return status.lookup_failed(addr)
         return status.RCPT_OK
 
-    def _known(self, addr: str, klass: AddressClass) -> bool:
-        """Listed by a rewriting table (cleanup maps it) or by its class's recipient table (Postfix
-        smtpd_reject_unlisted_recipient)."""
-        return self._mapper.is_mapped(addr) or self._rewriter.recipient_known(addr, klass)
+    async def handle_DATA_COMMAND(self, server, session: Session, envelope: SmtpEnvelope) -> str | None:
+        """data_restrictions, for a session that asks before it answers 354: a refusal, or None to go on."""
+        envelope.data_checked = True
+        refusal = await self.restrictions.check_data(self._facts(session, envelope, self._single_rcpt(envelope),
+                                                                 stage="data"))
+        return None if refusal is None else str(refusal)
 
     async def handle_DATA(self, server, session: Session, envelope: SmtpEnvelope):
+        refusal = await self._content_refusal(session, envelope)
+        if refusal is not None:
+            return str(refusal)
         submission = Submission(
             envelope=self._envelope(envelope),
             content=envelope.original_content or b"",
             client=self._client(session),
         )
+        marks = self._marks(envelope)
+        if marks.discard is not None:
+            return str(self._discard(submission, marks.discard))
         self.submitting += 1
         try:
-            queue_id = await self._cleanup.submit(submission)
+            if marks.hold is not None:
+                queue_id = await self._cleanup.submit(submission, hold=True)
+                log.info("%s: hold: from [%s]: %s", queue_id, submission.client.addr, marks.hold)
+            else:
+                queue_id = await self._cleanup.submit(submission)
         except DeliveryError as e:
             return str(status.refused_message(e.dsn, e.text, e.permanent))
         except Overloaded:
@@ -112,27 +131,82 @@ class SmtpdHandler:
             self.submitting -= 1
         return str(status.queued(queue_id))
 
+    async def _content_refusal(self, session: Session, envelope: SmtpEnvelope) -> status.Reply | None:
+        """data_restrictions (unless asked before 354), then end_of_data_restrictions."""
+        rcpt = self._single_rcpt(envelope)
+        if not getattr(envelope, "data_checked", False):
+            refusal = await self.restrictions.check_data(self._facts(session, envelope, rcpt, stage="data"))
+            if refusal is not None:
+                return refusal
+        facts = self._facts(session, envelope, rcpt, stage="end_of_data")
+        facts.size = len(envelope.original_content or b"")
+        return await self.restrictions.check_end_of_data(facts)
+
+    def _discard(self, submission: Submission, reason: str) -> status.Reply:
+        """Accepted and dropped (Postfix DISCARD): the client is told it was queued; the log says why."""
+        queue_id = self._cleanup.prepare(submission).queue_id
+        log.info("%s: discard: from [%s] from=<%s> to=%s: %s", queue_id, submission.client.addr,
+                 submission.envelope.sender, ",".join(f"<{r}>" for r in submission.envelope.recipients), reason)
+        return status.queued(queue_id)
+
     async def handle_exception(self, error: Exception) -> str:
         log.exception("smtpd: unexpected error in a session", exc_info=error)
         return str(status.INTERNAL_ERROR)
 
-    def _trusted(self, session: Session) -> bool:
-        try:
-            ip = ipaddress.ip_address(session.peer[0])
-        except (ValueError, TypeError, IndexError):
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self._mynetworks)
+    # -------------------------------------------------------------------------------- facts
+
+    @staticmethod
+    def _marks(envelope: SmtpEnvelope) -> Marks:
+        """The message's DISCARD/HOLD marks; a new aiosmtpd envelope (RSET, next message) starts clean."""
+        marks = getattr(envelope, "restriction_marks", None)
+        if marks is None:
+            marks = envelope.restriction_marks = Marks()
+            envelope.policy_instance = f"{next(_instances):x}"
+        return marks
+
+    @staticmethod
+    def _single_rcpt(envelope: SmtpEnvelope) -> str:
+        return envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else ""
+
+    def _facts(self, session: Session, envelope: SmtpEnvelope, rcpt: str, stage: str = "rcpt") -> Facts:
+        marks = self._marks(envelope)
+        sender = envelope.mail_from
+        login = session.auth_data if isinstance(getattr(session, "auth_data", None), str) else ""
+        ssl = getattr(session, "ssl", None) or {}
+        cipher = ssl.get("cipher") if isinstance(ssl, dict) else None
+        return Facts(
+            client_addr=self._client(session).addr,
+            helo=session.host_name or "",
+            sender=None if sender is None else ("" if sender == NULL_SENDER else sender),
+            recipient=rcpt,
+            recipient_count=len(envelope.rcpt_tos) + (1 if stage == "rcpt" else 0),
+            authenticated=bool(getattr(session, "authenticated", False)),
+            sasl_username=login,
+            protocol="ESMTP" if session.extended_smtp else "SMTP",
+            size=_declared_size(envelope.mail_options),
+            instance=envelope.policy_instance,
+            encryption_protocol=cipher[1] if cipher and len(cipher) > 1 else "",
+            encryption_cipher=cipher[0] if cipher else "",
+            marks=marks,
+        )
 
     @staticmethod
     def _envelope(envelope: SmtpEnvelope) -> Envelope:
         sender = "" if envelope.mail_from == NULL_SENDER else envelope.mail_from
         body = "8BITMIME" if "BODY=8BITMIME" in envelope.mail_options else "7BIT"
-        return Envelope(sender, tuple(envelope.rcpt_tos), smtputf8=envelope.smtp_utf8, body_type=body)
+        return Envelope(sender, tuple(envelope.rcpt_tos), smtputf8=envelope.smtp_utf8, body_type=body,
+                        **dsn.envelope_fields(envelope))
 
     @staticmethod
     def _client(session: Session) -> ClientInfo:
         host, port = (session.peer or ("unknown", 0))[:2]
         return ClientInfo(addr=host, port=port, helo=session.host_name or "",
                           protocol="ESMTP" if session.extended_smtp else "SMTP")
+
+
+def _declared_size(options: list[str]) -> int:
+    for option in options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return 0

@@ -1,47 +1,291 @@
 """smtpd's listeners: start them on the running loop (never aiosmtpd's threaded Controller) and stop them
 gracefully: close the listeners, let messages being committed finish within a grace period, then close what
 is left. A session cut mid-DATA loses nothing: its client got no 250 and sends the message again.
+
+Listeners come from `smtpd.listen` (role mta) and `[[smtpd.listeners]]` (role mta, submission or
+submissions, each with overrides of [smtpd] settings like master.cf `-o`). Each listener has its own effective
+SmtpdConfig, its own handler (built by `handler_for(config)` with that config), its own connection limits
+(anvil.py) and its own AUTH checker (auth.py). The roles:
+- mta: STARTTLS offered when a certificate is configured (required with tls_security_level "encrypt");
+  AUTH only when sasl_auth_enable, and only after STARTTLS.
+- submission: STARTTLS required before anything but EHLO/NOOP/QUIT (530 5.7.0), AUTH required before MAIL
+  (530 5.7.0).
+- submissions: implicit TLS (the handshake comes first), AUTH required before MAIL.
+AUTH is offered only over TLS, unless `allow_plaintext_auth_on_loopback` and the client is on loopback.
+With reject_sender_login_mismatch, MAIL FROM an address the login does not own gets 553 5.7.1 (auth.py).
+
+TLS: the certificate is read at start (a missing or unreadable file stops the start, naming it) and again by
+`reload_tls()` (SIGHUP): new sessions use the new certificate, sessions already running keep theirs.
 """
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
+from dataclasses import dataclass
+from typing import Callable
 
-from mailflow.config import Config, parse_hostport
-from mailflow.stages.smtpd.handler import SmtpdHandler
-from mailflow.stages.smtpd.session import SmtpSession
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from mailflow import status
+from mailflow.clock import Clock, SystemClock
+from mailflow.config import Config, SmtpdConfig, parse_hostport
+from mailflow.errors import LookupRetry
+from mailflow.stages.smtpd.anvil import Anvil, SessionSlots
+from mailflow.stages.smtpd.auth import Authenticator, SenderLogins, is_loopback, login_of
+from mailflow.stages.smtpd.session import ProtocolLimits, SmtpSession
+from mailflow.stages.smtpd.tls import ServerTls
+from mailflow.tables import TableCache
+
+log = logging.getLogger("mailflow.smtpd")
+
+
+@dataclass
+class Listener:
+    """One listening address with its role, effective settings, handler and limits."""
+
+    host: str
+    port: int
+    role: str
+    config: Config  # the whole config with `smtpd` replaced by this listener's effective settings
+    handler: object
+    anvil: Anvil
+    slots: SessionSlots
+    authenticator: Authenticator | None
+    sender_logins: SenderLogins | None
+    server: asyncio.base_events.Server | None = None
+
+    @property
+    def smtpd(self) -> SmtpdConfig:
+        return self.config.smtpd
+
+
+class ListenerSession(SmtpSession):
+    """A session of one listener: admission (connection limits), AUTH over TLS, sender-login ownership."""
+
+    def __init__(self, handler, *, listener: Listener, **kwargs):
+        super().__init__(handler, **kwargs)
+        self._listener = listener
+        self._admitted_ip: str | None = None
+        self._has_slot = False
+        if listener.role == "submissions":  # the whole connection is TLS (aiosmtpd only knows STARTTLS)
+            self._auth_require_tls = False
+
+    # -------------------------------------------------------------------------------- admission
+
+    async def _handle_client(self) -> None:
+        ip = _peer_ip(self.session.peer if self.session else None)
+        refusal = self._listener.anvil.admit(ip)
+        if refusal is not None:
+            log.warning("smtpd: connect from [%s] refused: %s", ip, refusal.text)
+            await self._refuse(refusal)
+            return
+        self._admitted_ip = ip
+        if not await self._listener.slots.acquire():
+            log.warning("smtpd: connect from [%s] refused: %d sessions and as many waiting",
+                        ip, self._listener.smtpd.max_sessions)
+            await self._refuse(status.SERVER_BUSY)
+            return
+        self._has_slot = True
+        if self._listener.role == "submissions" and self.transport is not None:
+            self.session.ssl = {"ssl_object": self.transport.get_extra_info("ssl_object"),
+                                "cipher": self.transport.get_extra_info("cipher")}
+        if self._listener.smtpd.allow_plaintext_auth_on_loopback and is_loopback(ip):
+            self._auth_require_tls = False
+        await super()._handle_client()
+
+    async def _refuse(self, reply: status.Reply) -> None:
+        await self.push(str(reply))
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._admitted_ip is not None:
+            self._listener.anvil.release(self._admitted_ip)
+            self._admitted_ip = None
+        if self._has_slot:
+            self._listener.slots.release()
+            self._has_slot = False
+        super().connection_lost(error)
+
+    # -------------------------------------------------------------------------------- AUTH
+
+    @property
+    def _auth_enabled(self) -> bool:
+        return self._listener.authenticator is not None
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        if not self._auth_enabled:
+            await self.push(str(status.AUTH_NOT_ENABLED))
+            return
+        await super().smtp_AUTH(arg)
+
+    async def check_auth_needed(self, caller_method: str) -> bool:
+        if self._auth_required and not (self.session and self.session.authenticated):
+            await self.push(str(status.AUTH_REQUIRED))
+            return True
+        return False
+
+    async def auth_PLAIN(self, _, args: list[str]) -> AuthResult:
+        return await self._verify("PLAIN", await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _, args: list[str]) -> AuthResult:
+        return await self._verify("LOGIN", await super().auth_LOGIN(_, args))
+
+    async def _verify(self, mechanism: str, decoded: AuthResult) -> AuthResult:
+        """aiosmtpd decoded the exchange (`collect_credentials` put them in auth_data); check them here."""
+        credentials = decoded.auth_data
+        if not isinstance(credentials, LoginPassword) or self._listener.authenticator is None:
+            return decoded  # the exchange failed; aiosmtpd has answered already
+        ip = _peer_ip(self.session.peer if self.session else None)
+        outcome = await self._listener.authenticator.check(ip, mechanism, credentials.login, credentials.password)
+        if outcome.login is None:
+            return AuthResult(success=False, handled=False, message=str(outcome.reply))
+        return AuthResult(success=True, auth_data=outcome.login, message=str(outcome.reply))
+
+    # -------------------------------------------------------------------------------- hooks
+
+    async def _call_handler_hook(self, command: str, *args):
+        if command == "EHLO" and not self._auth_enabled and len(args) == 2:
+            hostname, responses = args
+            args = (hostname, [r for r in responses if not r[4:].startswith("AUTH")])
+        if command == "MAIL" and self._listener.sender_logins is not None:
+            refusal = self._sender_refusal(args[0])
+            if refusal is not None:
+                return str(refusal)
+        return await super()._call_handler_hook(command, *args)
+
+    def _sender_refusal(self, sender: str) -> status.Reply | None:
+        try:
+            if self._listener.sender_logins.sender_login_mismatch(self.session, sender):
+                login = login_of(self.session)
+                log.warning("smtpd: [%s]: MAIL FROM <%s> refused: not owned by login %s",
+                            _peer_ip(self.session.peer), sender, login)
+                return status.sender_login_mismatch(sender, login)
+        except LookupRetry as e:
+            log.warning("smtpd: sender_login_maps: %s", e.text)
+            return status.lookup_failed(sender)
+        return None
+
+
+def collect_credentials(server, session, envelope, mechanism: str, credentials) -> AuthResult:
+    """The aiosmtpd `authenticator`: accepts nothing itself, it hands the decoded credentials to
+    ListenerSession._verify (which checks them without blocking the loop). Unchecked, they fail."""
+    return AuthResult(success=False, handled=False, auth_data=credentials)
+
+
+def _peer_ip(peer) -> str:
+    try:
+        return str(peer[0])
+    except (TypeError, IndexError):
+        return "unknown"
 
 
 class Smtpd:
-    """The listeners. `await start()`, `addresses`, `await stop(grace)`."""
+    """The listeners. `await start()`, `addresses`, `reload_tls()`, `await stop(grace)`."""
 
-    def __init__(self, config: Config, handler: SmtpdHandler):
+    def __init__(self, config: Config, handler_for: Callable[[Config], object], *, clock: Clock | None = None):
+        """`handler_for(config)` builds the handler of one listener from its effective config."""
         self._config = config
-        self._handler = handler
-        self._servers: list[asyncio.base_events.Server] = []
+        self._handler_for = handler_for
+        self._clock = clock or SystemClock()
+        self._tables = TableCache()
+        self._tls: dict[tuple[str, str], ServerTls] = {}
+        self.listeners: list[Listener] = []
         self.sessions: set[SmtpSession] = set()
 
-    def _session(self) -> SmtpSession:
-        c = self._config
-        return SmtpSession(
-            self._handler,
+    # -------------------------------------------------------------------------------- building
+
+    def _listener_specs(self) -> list[tuple[str, str, SmtpdConfig]]:
+        smtpd = self._config.smtpd
+        specs = [(item, "mta", smtpd) for item in smtpd.listen]
+        specs += [(spec.address, spec.role, smtpd.for_listener(spec)) for spec in smtpd.listeners]
+        return specs
+
+    def _build_listener(self, address: str, role: str, smtpd: SmtpdConfig) -> Listener:
+        host, port = parse_hostport(address)
+        config = self._config if smtpd is self._config.smtpd else self._config.model_copy(update={"smtpd": smtpd})
+        networks = [ipaddress.ip_network(n, strict=False) for n in self._config.mynetworks]
+        anvil = Anvil(count_limit=smtpd.client_connection_count_limit, rate_limit=smtpd.client_connection_rate_limit,
+                      time_unit=smtpd.anvil_rate_time_unit, clock=self._clock,
+                      exempt=lambda ip: _in_networks(ip, networks))
+        authenticator = None
+        if smtpd.sasl_auth_enable:
+            authenticator = Authenticator(self._tables.open(smtpd.sasl_user_maps), clock=self._clock,
+                                          failure_window=smtpd.anvil_rate_time_unit, delay=smtpd.auth_failure_delay,
+                                          delay_limit=smtpd.auth_failure_delay_limit)
+        sender_logins = None
+        if smtpd.reject_sender_login_mismatch:
+            sender_logins = SenderLogins(self._tables.open(smtpd.sender_login_maps),
+                                         delimiter=self._config.recipient_delimiter)
+        if smtpd.tls_cert_file:
+            self._server_tls(smtpd)  # read now: a bad file stops the start
+        return Listener(host, port, role, config, self._handler_for(config), anvil, SessionSlots(smtpd.max_sessions),
+                        authenticator, sender_logins)
+
+    def _server_tls(self, smtpd: SmtpdConfig) -> ServerTls:
+        """The certificate of these settings, read once per (cert, key) pair. Raises TlsError."""
+        key = (smtpd.tls_cert_file, smtpd.tls_key_file)
+        if key not in self._tls:
+            self._tls[key] = ServerTls(*key)
+        return self._tls[key]
+
+    def _session(self, listener: Listener) -> SmtpSession:
+        c, smtpd = listener.config, listener.smtpd
+        tls = self._server_tls(smtpd) if smtpd.tls_cert_file else None
+        starttls = tls is not None and listener.role != "submissions" and smtpd.tls_security_level != "none"
+        return ListenerSession(
+            listener.handler,
+            listener=listener,
             sessions=self.sessions,
+            protocol=ProtocolLimits.from_config(smtpd),
             hostname=c.myhostname,
-            ident=c.smtpd.banner,
-            data_size_limit=c.smtpd.message_size_limit or None,
+            ident=smtpd.banner,
+            data_size_limit=smtpd.message_size_limit or None,
             enable_SMTPUTF8=True,
             decode_data=False,
-            timeout=c.smtpd.timeout,
+            timeout=smtpd.timeout,
+            tls_context=tls.context if starttls else None,
+            require_starttls=starttls and smtpd.tls_security_level == "encrypt",
+            authenticator=collect_credentials,
+            auth_required=smtpd.sasl_auth_required,
+            auth_require_tls=True,
         )
+
+    # -------------------------------------------------------------------------------- running
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        for item in self._config.smtpd.listen:
-            host, port = parse_hostport(item)
-            self._servers.append(await loop.create_server(self._session, host, port))
+        self.listeners = [self._build_listener(*spec) for spec in self._listener_specs()]
+        for listener in self.listeners:
+            ssl = self._server_tls(listener.smtpd).listener_context() if listener.role == "submissions" else None
+            listener.server = await loop.create_server(lambda li=listener: self._session(li), listener.host,
+                                                       listener.port, ssl=ssl)
+
+    def reload_tls(self) -> None:
+        """Re-read every certificate and key (SIGHUP). New sessions use them; running sessions keep theirs.
+        A file that cannot be read is logged and the old certificate stays in use."""
+        for tls in self._tls.values():
+            try:
+                tls.reload()
+                log.info("smtpd: TLS certificate %s reloaded", tls.cert_file)
+            except Exception as e:
+                log.error("smtpd: TLS reload failed, keeping the previous certificate: %s", e)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
-        return [s.sockets[0].getsockname()[:2] for s in self._servers if s.sockets]
+        return [li.server.sockets[0].getsockname()[:2] for li in self.listeners if li.server and li.server.sockets]
+
+    def address_of(self, role: str) -> tuple[str, int]:
+        """The first listening address of a role (tests, logs)."""
+        for li in self.listeners:
+            if li.role == role and li.server and li.server.sockets:
+                return li.server.sockets[0].getsockname()[:2]
+        raise LookupError(f"no {role} listener")
+
+    @property
+    def _submitting(self) -> int:
+        return sum(getattr(li.handler, "submitting", 0) for li in self.listeners)
 
     async def stop(self, grace: float = 10.0) -> None:
         """Close the listeners, wait (within `grace`) for messages being committed, close every session.
@@ -49,14 +293,26 @@ class Smtpd:
         A session cut mid-DATA loses nothing: its client got no 250 and will send the message again.
         """
         loop = asyncio.get_running_loop()
-        for server in self._servers:
+        servers = [li.server for li in self.listeners if li.server]
+        for server in servers:
             server.close()
         deadline = loop.time() + grace
-        while self._handler.submitting and loop.time() < deadline:
+        while self._submitting and loop.time() < deadline:
             await asyncio.sleep(0.02)
         for session in list(self.sessions):
             if session.transport is not None:
                 session.transport.close()
-        for server in self._servers:
+        for server in servers:
             await server.wait_closed()
-        self._servers.clear()
+        for li in self.listeners:
+            li.server = None
+
+
+def _in_networks(ip: str, networks: list) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in networks)

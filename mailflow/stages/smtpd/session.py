@@ -1,40 +1,265 @@
-"""The SMTP protocol edge: a thin aiosmtpd `SMTP` subclass, one per client connection.
+"""The SMTP protocol edge: an aiosmtpd `SMTP` subclass, one per client connection.
 
-It tracks live sessions (for graceful shutdown) and gives every reply an enhanced status code
-(ENHANCEDSTATUSCODES, RFC 2034), except the greeting and EHLO/HELO. Policy lives in the handler
-(`handler.py`); this module only speaks the protocol.
+What it owns: reading the client (through `wire.Wire`, chunked and strict about CRLF, never aiosmtpd's
+line-by-line readers), the command loop, DATA and BDAT (RFC 3030 CHUNKING, which aiosmtpd lacks), the RFC 3461
+DSN parameters of MAIL and RCPT (`dsn.py`), pipelining discipline, deadlines and error counting. aiosmtpd's
+command methods (HELO, EHLO, MAIL, RCPT, RSET, STARTTLS, AUTH, ...) are reused; policy lives in the handler.
+Every reply after the greeting, except EHLO/HELO's, carries an enhanced status code (RFC 2034).
+
+Failure behaviour (each refusal is a reply from `mailflow.status`; the session never raises out):
+- bare LF / bare CR in a command or content: 521 5.5.2 and the session closes; the message is not queued.
+- input before the greeting, or pipelined after a command that must end a group (RFC 2920: EHLO, HELO, DATA,
+  VRFY, EXPN, NOOP, STARTTLS, AUTH, HELP), or any pipelining after HELO: 554 5.5.0 and the session closes.
+- over `hard_error_limit` errors: 421 4.7.0 and close; over `soft_error_limit` each reply waits
+  `error_sleep_time`; junk commands (NOOP, VRFY, RSET, HELP) beyond `junk_command_limit` count as errors.
+- a command not complete within `timeout` of the previous one, or DATA slower than `min_data_rate` beyond
+  `timeout`, closes the session (slowloris).
 """
 from __future__ import annotations
 
 import asyncio
+import logging
+from dataclasses import dataclass
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from mailflow import status
+from mailflow.stages.smtpd import dsn
+from mailflow.stages.smtpd.wire import Content, Wire, WireError, bare_newline_in
+
+log = logging.getLogger("mailflow.smtpd")
+
+# RFC 2920 section 3.1: these end a command group; input already pending after them is out of sync.
+LAST_IN_GROUP = {"EHLO", "HELO", "DATA", "VRFY", "EXPN", "NOOP", "STARTTLS", "AUTH", "QUIT"}
+EXTRA_KEYWORDS = ("DSN", "CHUNKING")  # EHLO keywords this module implements, added to the handler's list
+JUNK_COMMANDS = {"NOOP", "VRFY", "RSET", "HELP", "EXPN", "ETRN"}
+ALLOWED_BEFORE_STARTTLS = {"NOOP", "EHLO", "STARTTLS", "QUIT"}
+
+
+@dataclass(frozen=True)
+class ProtocolLimits:
+    """The protocol settings of one listener (see SmtpdConfig: same names, same defaults)."""
+
+    max_line_length: int = 2048
+    forbid_bare_newline: bool = True
+    forbid_unauth_pipelining: bool = True
+    min_data_rate: int = 500
+    soft_error_limit: int = 10
+    hard_error_limit: int = 20
+    error_sleep_time: float = 1.0
+    junk_command_limit: int = 100
+    disable_vrfy_command: bool = True
+
+    @classmethod
+    def from_config(cls, smtpd) -> "ProtocolLimits":
+        """From a `SmtpdConfig` (the listener's effective settings)."""
+        return cls(**{name: getattr(smtpd, name) for name in cls.__dataclass_fields__})
 
 
 class SmtpSession(SMTP):
-    """One client connection. Adds enhanced status codes and registers itself while alive."""
+    """One client connection."""
 
-    def __init__(self, handler, *, sessions: set, **kwargs):
+    def __init__(self, handler, *, sessions: set, protocol: ProtocolLimits | None = None, **kwargs):
         super().__init__(handler, **kwargs)
         self._sessions = sessions
+        self._limits = protocol or ProtocolLimits()
         self._replies_sent = 0
         self._in_hello = False  # EHLO/HELO replies carry no enhanced codes (RFC 2034)
+        self._wire: Wire | None = None
+        self._errors = 0
+        self._junk = 0
+        self._data_started: float | None = None  # loop time DATA/BDAT content began, for the rate deadline
+        self._data_bytes = 0
+        self._bdat = None  # the BDAT content sink of the current transaction, if BDAT began
+
+    # --- connection ---------------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._sessions.add(self)
+        starttls = self._original_transport is not None and self.transport is not None
+        if starttls and self._wire is not None:
+            self._wire.discard()  # plaintext pipelined after STARTTLS never reaches the TLS session
+        if not starttls:
+            self._sessions.add(self)
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
         self._sessions.discard(self)
         super().connection_lost(error)
 
-    async def push(self, line: str) -> None:
-        if self._replies_sent and not self._in_hello:  # the first reply is the greeting
+    def eof_received(self) -> bool | None:
+        """The client closed its sending side: unlike aiosmtpd, do not cancel the session at once; input already
+        received is processed and answered (a message whose end arrived is queued and gets its 250), then the
+        wire reports the end of input and the session closes. Over TLS, aiosmtpd's handling stands."""
+        if self.session is None or self.session.ssl is not None or self._wire is None:
+            return super().eof_received()
+        return asyncio.StreamReaderProtocol.eof_received(self)
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    # --- replies ------------------------------------------------------------------------------------------
+
+    async def push(self, line) -> None:
+        if isinstance(line, status.Reply):
+            line = str(line)
+        if self._replies_sent and not self._in_hello and isinstance(line, str):  # the first is the greeting
             line = status.with_enhanced_code(line)
+        if self._replies_sent and _is_error_reply(line):
+            self._errors += 1
         self._replies_sent += 1
         await super().push(line)
+
+    async def _refuse_and_close(self, reply: status.Reply) -> None:
+        log.info("smtpd: %s: %s", self._peer_text(), reply)
+        try:
+            await self.push(reply)
+        finally:
+            self._close()
+
+    def _peer_text(self) -> str:
+        peer = self.session.peer if self.session else None
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
+
+    # --- deadlines ----------------------------------------------------------------------------------------
+
+    def _on_input(self, count: int) -> None:
+        """Bytes arrived. During DATA/BDAT content the deadline moves with the data rate (smtpd_min_data_rate):
+        never later than `timeout` after this input, nor than `timeout` plus what min_data_rate allows."""
+        if self._data_started is None:
+            return
+        self._data_bytes += count
+        now = self.loop.time()
+        allowed = self._timeout_duration
+        if self._limits.min_data_rate:
+            allowed += self._data_bytes / self._limits.min_data_rate
+        deadline = min(self._data_started + allowed, now + self._timeout_duration)
+        self._reset_timeout(max(deadline - now, 0.001))
+
+    def _content_begins(self) -> None:
+        self._data_started = self.loop.time()
+        self._data_bytes = 0
+        self._reset_timeout()
+
+    def _content_ends(self) -> None:
+        self._data_started = None
+        self._reset_timeout()
+
+    # --- the command loop ---------------------------------------------------------------------------------
+
+    async def _handle_client(self) -> None:
+        assert self.session is not None
+        self._wire = Wire(self._reader, self.hostname, self._on_input)
+        if self._proxy_timeout is not None and not await self._proxy_handshake():
+            return
+        await asyncio.sleep(0)  # let input sent before the greeting arrive, so that it is seen as such
+        early = self._wire.pending()
+        await self.push(f"220 {self.hostname} {self.__ident__}")
+        if early and self._limits.forbid_unauth_pipelining:
+            await self._refuse_and_close(status.protocol_sync(self.hostname))
+            return
+        while self.transport is not None:
+            try:
+                if not await self._error_gate():
+                    return
+                await self._one_command()
+            except asyncio.CancelledError:
+                self._writer.close()
+                raise
+            except ConnectionResetError:  # end of input (or a reset): what was received has been answered
+                self._close()
+                return
+            except WireError as e:
+                self._content_ends()
+                if e.fatal:
+                    self._set_rset_state()
+                    await self._refuse_and_close(e.reply)
+                    return
+                await self.push(e.reply)
+            except Exception as error:  # a bug must not end the session silently, nor the server
+                if isinstance(error, TLSSetupException):
+                    self._close()
+                    return
+                try:
+                    reply = await self.handle_exception(error)
+                except Exception:
+                    log.exception("smtpd: error in handle_exception")
+                    reply = str(status.INTERNAL_ERROR)
+                await self.push(reply)
+
+    async def _proxy_handshake(self) -> bool:
+        """The PROXY protocol header before the greeting (aiosmtpd's, unchanged)."""
+        from aiosmtpd.proxy_protocol import get_proxy
+
+        self._reset_timeout(self._proxy_timeout)
+        self.session.proxy_data = await get_proxy(self._reader)
+        accepted = False
+        if self.session.proxy_data:
+            accepted = await self._call_handler_hook("PROXY", self.session.proxy_data)
+        if not accepted or accepted is MISSING_HOOK:
+            self._close()
+            return False
+        self._reset_timeout()
+        return True
+
+    async def _error_gate(self) -> bool:
+        """Tarpit past soft_error_limit, end the session at hard_error_limit (Postfix smtpd error counting)."""
+        if self._errors >= self._limits.hard_error_limit:
+            await self._refuse_and_close(status.too_many_errors(self.hostname))
+            return False
+        if self._errors > self._limits.soft_error_limit and self._limits.error_sleep_time:
+            await asyncio.sleep(self._limits.error_sleep_time)
+        return True
+
+    async def _one_command(self) -> None:
+        line = await self._wire.read_line(self._limits.max_line_length)
+        if not line:
+            await self.push(status.BAD_SYNTAX)
+            return
+        if b"\0" in line:
+            await self.push(status.NUL_IN_COMMAND)
+            return
+        command_bytes, _, arg_bytes = line.partition(b" ")
+        try:
+            command = command_bytes.upper().decode("ascii")
+        except UnicodeDecodeError:
+            await self.push(status.BAD_SYNTAX)
+            return
+        if self._out_of_sync(command):
+            await self._refuse_and_close(status.protocol_sync(self.hostname))
+            return
+        arg = str(arg_bytes.strip(), "utf-8", errors="surrogateescape") if arg_bytes.strip() else None
+        await self._dispatch(command, arg)
+
+    def _out_of_sync(self, command: str) -> bool:
+        """RFC 2920 pipelining rules (smtpd_forbid_unauth_pipelining): input must not already be waiting after
+        a command that ends a group, nor after any command of a client that did not say EHLO."""
+        if not self._limits.forbid_unauth_pipelining or not self._wire.pending():
+            return False
+        if command == "QUIT":
+            return False
+        return command in LAST_IN_GROUP or not self.session.extended_smtp
+
+    async def _dispatch(self, command: str, arg: str | None) -> None:
+        if not self._tls_handshake_okay and command != "QUIT":
+            await self.push("554 5.7.0 Command refused due to lack of security")
+            return
+        if self.require_starttls and not self._tls_protocol and command not in ALLOWED_BEFORE_STARTTLS:
+            await self.push("530 5.7.0 Must issue a STARTTLS command first")
+            return
+        method = self._smtp_methods.get(command)
+        if method is None:
+            log.info("smtpd: %s: unrecognised command %.20r", self._peer_text(), command)
+            await self.push(status.NOT_RECOGNIZED)
+            return
+        if command in JUNK_COMMANDS and self.envelope is not None and not self.envelope.mail_from:
+            self._junk += 1
+            if self._junk > self._limits.junk_command_limit:
+                self._errors += 1
+        self._reset_timeout()  # a complete command: the per-command deadline starts again
+        await method(arg)
+
+    # --- commands aiosmtpd lacks or does differently ------------------------------------------------------
 
     async def smtp_EHLO(self, hostname: str) -> None:
         self._in_hello = True
@@ -49,3 +274,199 @@ class SmtpSession(SMTP):
             await super().smtp_HELO(hostname)
         finally:
             self._in_hello = False
+
+    async def _call_handler_hook(self, command: str, *args):
+        reply = await super()._call_handler_hook(command, *args)
+        if command == "EHLO" and isinstance(reply, list) and reply:
+            reply = _with_keywords(reply, EXTRA_KEYWORDS)
+        return reply
+
+    async def smtp_VRFY(self, arg: str) -> None:
+        if self._limits.disable_vrfy_command:
+            await self.push(status.VRFY_DISABLED)
+            return
+        await super().smtp_VRFY(arg)
+
+    async def smtp_EXPN(self, arg: str) -> None:
+        await self.push("502 5.5.1 EXPN command is disabled")
+
+    def _set_post_data_state(self) -> None:
+        super()._set_post_data_state()
+        self._bdat = None
+        self.envelope.dsn_ret = ""
+        self.envelope.dsn_envid = ""
+        self.envelope.rcpt_dsn = []
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        rewritten = await self._take_dsn_params(arg, "FROM:", dsn.MAIL_KEYS)
+        if rewritten is None:
+            return
+        arg, found = rewritten
+        try:
+            ret, envid = dsn.mail_params(found)
+        except dsn.DsnError as e:
+            await self.push(status.bad_dsn_parameter(str(e)))
+            return
+        had_sender = bool(self.envelope.mail_from)
+        await super().smtp_MAIL(arg)
+        if self.envelope.mail_from and not had_sender:
+            self.envelope.dsn_ret, self.envelope.dsn_envid = ret, envid
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        rewritten = await self._take_dsn_params(arg, "TO:", dsn.RCPT_KEYS)
+        if rewritten is None:
+            return
+        arg, found = rewritten
+        try:
+            notify, orcpt = dsn.rcpt_params(found)
+        except dsn.DsnError as e:
+            await self.push(status.bad_dsn_parameter(str(e)))
+            return
+        before = len(self.envelope.rcpt_tos)
+        await super().smtp_RCPT(arg)
+        if len(self.envelope.rcpt_tos) > before:
+            self.envelope.rcpt_dsn.append((notify, orcpt))
+
+    async def _take_dsn_params(self, arg: str | None, keyword: str, keys: tuple[str, ...]):
+        """(the command argument without its DSN parameters, those parameters), or None when a refusal was
+        sent. Lines aiosmtpd cannot parse are passed through unchanged for aiosmtpd to refuse."""
+        if not arg or not self.session.extended_smtp:
+            return arg, {}
+        stripped = self._strip_command_keyword(keyword, arg)
+        if stripped is None:
+            return arg, {}
+        address, rest = self._getaddr(stripped)
+        if address is None or rest is None:
+            return arg, {}
+        try:
+            found, others = dsn.split_params(rest.split(), keys)
+        except dsn.DsnError as e:
+            await self.push(status.bad_dsn_parameter(str(e)))
+            return None
+        head = stripped[:len(stripped) - len(rest)].rstrip()
+        return f"{keyword}{head} {' '.join(others)}".rstrip(), found
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        if self._bdat is not None:
+            await self.push(status.BDAT_MIXED)
+            return
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push(status.START_DATA)
+        self._content_begins()
+        try:
+            content = await self._wire.read_data(self.data_size_limit)
+        finally:
+            self._content_ends()
+        await self._finish_message(content)
+
+    async def smtp_BDAT(self, arg: str | None) -> None:
+        """RFC 3030: `BDAT <size> [LAST]`; the chunk follows at once, without dot-stuffing or terminator."""
+        words = (arg or "").split()
+        if not words or len(words) > 2 or not words[0].isdigit() or len(words[0]) > 12 \
+                or (len(words) == 2 and words[1].upper() != "LAST"):
+            await self.push(status.BDAT_SYNTAX)
+            return
+        size, last = int(words[0]), len(words) == 2
+        refusal = await self._bdat_refusal()
+        if refusal is not None:
+            await self._skip_chunk(size)  # the chunk is on its way regardless; it must not be read as commands
+            await self.push(refusal)
+            return
+        if self._bdat is None:
+            self._bdat = Wire.content_sink(self.data_size_limit)
+        self._content_begins()
+        try:
+            await self._wire.read_chunk(size, self._bdat)
+        finally:
+            self._content_ends()
+        if not last:
+            await self.push(status.bdat_chunk(size))
+            return
+        content = self._bdat.result()
+        if content.refusal is None and self._limits.forbid_bare_newline and bare_newline_in(content.data):
+            self._set_rset_state()
+            await self._refuse_and_close(status.bare_newline(self.hostname, bare_newline_in(content.data)))
+            return
+        await self._finish_message(content)
+
+    async def _bdat_refusal(self):
+        if not self.session.host_name:
+            return "503 5.5.1 Error: send HELO/EHLO first"
+        if self._auth_required and not self.session.authenticated:
+            return "530 5.7.0 Authentication required"
+        if not self.envelope.rcpt_tos:
+            self._set_post_data_state()
+            return status.BDAT_NO_RCPT
+        return None
+
+    async def _skip_chunk(self, size: int) -> None:
+        self._content_begins()
+        try:
+            await self._wire.read_chunk(size, Wire.content_sink(1))
+        finally:
+            self._content_ends()
+
+    async def _finish_message(self, content: Content) -> None:
+        """Hand complete content to the handler (or refuse it); either way the transaction ends."""
+        if content.refusal is not None:
+            self._set_post_data_state()
+            await self.push(content.refusal)
+            return
+        self.envelope.content = self.envelope.original_content = content.data
+        reply = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        if isinstance(reply, str) and reply.startswith("250"):
+            self._errors = 0
+            self._junk = 0
+        await self.push(reply if isinstance(reply, str) else "250 2.0.0 Ok")
+
+    async def challenge_auth(self, challenge, encode_to_b64: bool = True, log_client_response: bool = False):
+        """aiosmtpd's AUTH challenge, reading the answer through the strict wire reader."""
+        from base64 import b64decode, b64encode
+        import binascii
+        from aiosmtpd.smtp import MISSING
+
+        raw = challenge.encode() if isinstance(challenge, str) else challenge
+        await self.push(b"334 " + (b64encode(raw) if encode_to_b64 else raw))
+        blob = (await self._wire.read_line(self._limits.max_line_length)).strip()
+        if blob == b"*":
+            await self.push("501 5.7.0 Auth aborted")
+            return MISSING
+        try:
+            return b64decode(blob, validate=True)
+        except binascii.Error:
+            await self.push("501 5.5.2 Can't decode base64")
+            return MISSING
+
+
+def _with_keywords(lines: list[str], keywords: tuple[str, ...]) -> list[str]:
+    """EHLO reply lines with `keywords` added before the last one (each once)."""
+    have = {line[4:].split(" ", 1)[0].upper() for line in lines[1:]}
+    extra = [f"250-{k}" for k in keywords if k not in have]
+    if not extra:
+        return lines
+    *head, last = lines
+    if len(lines) == 1:  # only the greeting line: it becomes a continuation line
+        return [f"250-{last[4:]}", *extra[:-1], f"250 {extra[-1][4:]}"]
+    return [*head, *extra, last]
+
+
+def _is_error_reply(line) -> bool:
+    """A final 4xx/5xx reply line (what Postfix counts as a client error)."""
+    text = line if isinstance(line, str) else line.decode("ascii", errors="replace")
+    return text[:1] in ("4", "5") and text[3:4] == " "
+
+
+def _missing():
+    from aiosmtpd.smtp import MISSING
+    return MISSING
+
+
+MISSING_HOOK = _missing()

@@ -1,0 +1,97 @@
+"""smtpd's connection limits (Postfix anvil(8) and master.cf maxproc), one set per listener.
+
+What it owns
+- `Anvil.admit(ip)`: counts a new connection of client `ip` and says whether it may have a session: at most
+  `client_connection_count_limit` at once and `client_connection_rate_limit` new ones per
+  `anvil_rate_time_unit` (sliding window; refused attempts count too, as in Postfix). 0 turns a limit off.
+  Clients for which `exempt(ip)` is true (mynetworks, as Postfix's smtpd_client_event_limit_exceptions
+  default) are never limited. `release(ip)` when an admitted session ends.
+- `SessionSlots`: the listener's sessions at once (`max_sessions`). A connection beyond it waits, without a
+  greeting, for a slot to free (back-pressure, as a Postfix service at its process limit leaves connections in
+  the listen queue); when as many are already waiting, it is refused (the caller answers 421 4.3.2).
+
+Failure behaviour: pure bookkeeping, no I/O; a refusal is the `status.Reply` the caller sends before closing.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Callable
+
+from mailflow import status
+from mailflow.clock import Clock
+
+STALE_SWEEP_SIZE = 10_000  # clients remembered for the rate before stale ones are swept
+
+
+class Anvil:
+    def __init__(self, *, count_limit: int, rate_limit: int, time_unit: float, clock: Clock,
+                 exempt: Callable[[str], bool] = lambda ip: False):
+        self._count_limit = count_limit
+        self._rate_limit = rate_limit
+        self._time_unit = time_unit
+        self._clock = clock
+        self._exempt = exempt
+        self._sessions: dict[str, int] = {}
+        self._connects: dict[str, deque[float]] = {}
+
+    def admit(self, ip: str) -> status.Reply | None:
+        """None: admitted (and counted; call release later). Else the 421 reply to send."""
+        if self._exempt(ip):
+            return None
+        if self._rate_limit and self._rate_exceeded(ip):
+            return status.connection_rate_exceeded(ip)
+        if self._count_limit and self._sessions.get(ip, 0) >= self._count_limit:
+            return status.too_many_connections(ip)
+        self._sessions[ip] = self._sessions.get(ip, 0) + 1
+        return None
+
+    def release(self, ip: str) -> None:
+        left = self._sessions.get(ip, 0) - 1
+        if left > 0:
+            self._sessions[ip] = left
+        else:
+            self._sessions.pop(ip, None)
+
+    def sessions(self, ip: str) -> int:
+        return self._sessions.get(ip, 0)
+
+    def _rate_exceeded(self, ip: str) -> bool:
+        now = self._clock.time()
+        times = self._connects.setdefault(ip, deque())
+        while times and times[0] <= now - self._time_unit:
+            times.popleft()
+        times.append(now)
+        while len(times) > self._rate_limit + 1:  # only whether the limit is passed matters
+            times.popleft()
+        if len(self._connects) > STALE_SWEEP_SIZE:
+            self._forget_stale(now)
+        return len(times) > self._rate_limit
+
+    def _forget_stale(self, now: float) -> None:
+        """Drop clients with no connection inside the window (bounds memory under many client IPs)."""
+        for ip in [ip for ip, times in self._connects.items() if times[-1] <= now - self._time_unit]:
+            del self._connects[ip]
+
+
+class SessionSlots:
+    """At most `limit` sessions at once; up to `limit` more wait for a slot; beyond that, refused."""
+
+    def __init__(self, limit: int):
+        self._limit = limit
+        self._free = asyncio.Semaphore(limit)
+        self.waiting = 0
+
+    async def acquire(self) -> bool:
+        """Wait for a slot; False (at once) when `limit` connections are already waiting."""
+        if self._free.locked() and self.waiting >= self._limit:
+            return False
+        self.waiting += 1
+        try:
+            await self._free.acquire()
+        finally:
+            self.waiting -= 1
+        return True
+
+    def release(self) -> None:
+        self._free.release()

@@ -1,0 +1,502 @@
+"""smtpd restriction lists: Postfix's SMTPD_ACCESS_README vocabulary, evaluated in Postfix's order.
+
+What it owns
+- The vocabulary (`KNOWN`, `check_item`): every item is `name` or `name argument`; config validates each one,
+  so a misspelt list fails at start naming the list and the item.
+- `Restrictions(config, smtpd, rewriter, mapper, resolver, tables)`: the lists of one `SmtpdConfig` (a
+  listener may have its own), with their tables and policy clients opened once.
+- `check_rcpt(facts)`, `check_data(facts)`, `check_end_of_data(facts)` -> `Reply | None` (None: go on).
+
+Evaluation (Postfix with smtpd_delay_reject = yes): at RCPT the client, helo, sender, relay and recipient
+lists run in that order; each list stops at its first PERMIT (the next list still runs) or refusal (the
+answer); an item with nothing to say (DUNNO, or missing facts such as no HELO yet) passes to the next.
+Then, unless refused, `reject_unlisted_recipient` is implied (smtpd_reject_unlisted_recipient). The data
+list runs at DATA, the end_of_data list at the end of the message; there only a single recipient is "the
+recipient". Access-table DISCARD permits and marks the message to be discarded (no further checks);
+HOLD marks it to be held and goes on (Postfix). Marks live in `facts.marks`, one per message.
+
+Failure behaviour: a table that cannot answer or an action mailflow does not know gives
+`451 4.3.5 <name>: X rejected: Server configuration error` (logged); a policy server that cannot be asked
+gives `policy_service_default_action` (451 4.3.5 Server configuration problem); a DNSBL that cannot be
+asked counts as not listed (logged); reject_unknown_recipient_domain with a DNS failure defers (450 4.4.3).
+Nothing here raises for a client's input.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from dataclasses import dataclass, field
+
+from mailflow import address, status
+from mailflow.dns import NotFound
+from mailflow.errors import ConfigError, LookupRetry
+from mailflow.model import AddressClass
+from mailflow.stages.rewrite import UNKNOWN_IN
+from mailflow.stages.smtpd.policy import PolicyClient, PolicyError, parse_endpoint
+from mailflow.tables import TYPES, TableCache, find, open_table, split_extension
+
+log = logging.getLogger("mailflow.smtpd")
+
+RCPT_STAGES = ("client", "helo", "sender", "relay", "recipient")
+STAGES = RCPT_STAGES + ("data", "end_of_data")
+
+WITHOUT_ARGUMENT = (
+    "permit", "reject", "defer", "permit_mynetworks", "permit_sasl_authenticated",
+    "reject_unauth_destination", "defer_unauth_destination", "reject_unlisted_recipient",
+    "reject_unknown_recipient_domain", "reject_non_fqdn_sender", "reject_non_fqdn_recipient",
+    "reject_non_fqdn_helo_hostname", "reject_invalid_helo_hostname",
+)
+ACCESS_CHECKS = {  # check_*_access -> what its keys are made of
+    "check_client_access": "client", "check_helo_access": "helo",
+    "check_sender_access": "sender", "check_recipient_access": "recipient",
+}
+WITH_ARGUMENT = tuple(ACCESS_CHECKS) + ("reject_rbl_client", "check_policy_service")
+KNOWN = WITHOUT_ARGUMENT + WITH_ARGUMENT
+
+PERMIT = "PERMIT"  # an item's answer: stop this list, go on with the next
+NULL_SENDER_KEY = "<>"  # smtpd_null_access_lookup_key
+SUBJECT = {  # a list's stage -> how its refusals name what they looked at
+    "client": "Client host", "helo": "Helo command", "sender": "Sender address",
+    "relay": "Recipient address", "recipient": "Recipient address",
+    "data": "Data command", "end_of_data": "End-of-data",
+}
+PROTOCOL_STATE = {"data": "DATA", "end_of_data": "END-OF-MESSAGE"}
+_HOSTNAME = re.compile(r"(?=.{1,255}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+_NUMERIC_ACTION = re.compile(r"([45]\d\d)(?:\s+([45]\.\d{1,3}\.\d{1,3}))?(?:\s+(.*))?", re.S)
+
+
+# ---------------------------------------------------------------------------------------------- vocabulary
+
+
+def split_item(text: str) -> tuple[str, str]:
+    name, _, arg = text.strip().partition(" ")
+    return name.lower(), arg.strip()
+
+
+def check_item(text: object) -> str:
+    """Validate one list item (config calls this); returns it stripped, raises ValueError naming the problem."""
+    if not isinstance(text, str):
+        raise ValueError("each restriction is a string: 'name' or 'name argument'")
+    name, arg = split_item(text)
+    if name not in KNOWN:
+        raise ValueError(f"unknown restriction {name!r}" if name else "empty restriction")
+    if name in WITHOUT_ARGUMENT and arg:
+        raise ValueError(f"{name!r} takes no argument (got {arg!r})")
+    if name in WITH_ARGUMENT and not arg:
+        raise ValueError(f"{name!r} needs an argument")
+    if name in ACCESS_CHECKS:
+        kind, colon, _ = arg.partition(":")
+        if not colon or kind.lower() not in TYPES:
+            raise ValueError(f"{name}: {arg!r} is not a lookup table (type:name with type one of {', '.join(TYPES)})")
+        if kind.lower() in ("inline", "static"):  # parsed when opened: a syntax error shows now, not at start
+            try:
+                open_table(arg)
+            except ConfigError as e:
+                raise ValueError(f"{name}: {e.reason}") from None
+    if name == "check_policy_service":
+        parse_endpoint(arg)
+    if name == "reject_rbl_client":
+        rbl_domain, _, wanted = arg.partition("=")
+        if not address.normalise_domain(rbl_domain) or (wanted and not _is_ipv4(wanted)):
+            raise ValueError(f"reject_rbl_client: {arg!r} is not a DNSBL (domain or domain=127.0.0.x)")
+    return text.strip()
+
+
+def _is_ipv4(text: str) -> bool:
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- facts
+
+
+@dataclass
+class Marks:
+    """What restrictions decided for the whole message: discard or hold it (the logged reason)."""
+
+    discard: str | None = None
+    hold: str | None = None
+
+
+@dataclass
+class Facts:
+    """What a restriction may look at. `sender` None: no MAIL yet; "" the null sender."""
+
+    client_addr: str
+    client_name: str = "unknown"
+    helo: str = ""
+    sender: str | None = None
+    recipient: str = ""
+    recipient_count: int = 0
+    authenticated: bool = False
+    sasl_method: str = ""
+    sasl_username: str = ""
+    protocol: str = "ESMTP"
+    size: int = 0
+    instance: str = ""
+    encryption_protocol: str = ""
+    encryption_cipher: str = ""
+    marks: Marks = field(default_factory=Marks)
+
+
+# ---------------------------------------------------------------------------------------------- key orders
+
+
+def domain_keys(name: str) -> list[str]:
+    """A host or domain name, then its parent domains (parent_domain_matches_subdomains style)."""
+    name = name.lower().rstrip(".")
+    labels = name.split(".")
+    return [".".join(labels[i:]) for i in range(len(labels)) if labels[i]]
+
+
+def client_keys(addr: str, hostname: str) -> list[str]:
+    """check_client_access: the hostname and its parents (when known), the address, its network prefixes
+    (`192.168.1`, `192.168`, `192` / `2001:db8:0:0:0:0:0`, …)."""
+    keys = domain_keys(hostname) if hostname and hostname != "unknown" else []
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return keys + ([addr] if addr else [])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    keys.append(str(ip))
+    if ip.version == 4:
+        octets = str(ip).split(".")
+        keys += [".".join(octets[:n]) for n in range(3, 0, -1)]
+    else:
+        groups = [format(int(g, 16), "x") for g in ip.exploded.split(":")]
+        keys += [":".join(groups[:n]) for n in range(7, 0, -1)]
+    return keys
+
+
+def address_access_keys(addr: str, delimiter: str) -> list[str]:
+    """check_sender/recipient_access (access(5)): user+ext@domain, user@domain, @domain, domain and its parents,
+    user+ext@, user@. The null sender is `<>`."""
+    if not addr:
+        return [NULL_SENDER_KEY]
+    local, at, domain = addr.rpartition("@")
+    if not at:
+        local, domain = addr, ""
+    user, ext = split_extension(local, delimiter)
+    keys = []
+    if domain:
+        keys.append(f"{local}@{domain}")
+        if ext:
+            keys.append(f"{user}@{domain}")
+        keys.append(f"@{domain}")
+        keys += domain_keys(domain)
+    keys.append(f"{local}@")
+    if ext:
+        keys.append(f"{user}@")
+    return keys
+
+
+def rbl_query_name(client_addr: str, rbl_domain: str) -> str | None:
+    """`4.3.2.1.zen.example` for 1.2.3.4 (nibbles for IPv6); None for a client without an IP address."""
+    try:
+        ip = ipaddress.ip_address(client_addr)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    labels = str(ip).split(".") if ip.version == 4 else list(ip.exploded.replace(":", ""))
+    reverse = ".".join(reversed(labels))
+    return f"{reverse}.{rbl_domain}"
+
+
+def is_fqdn_address(addr: str) -> bool:
+    local, domain = address.split(addr)
+    return bool(domain) and (domain.startswith("[") or "." in domain.rstrip("."))
+
+
+def is_valid_helo(name: str) -> bool:
+    if name.startswith("[") and name.endswith("]"):
+        return address.is_address_literal(name)
+    return bool(_HOSTNAME.fullmatch(name)) and not name.replace(".", "").isdigit() or _is_ipv4(name)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+class Restrictions:
+    """The restriction lists of one SmtpdConfig; see the module doc."""
+
+    def __init__(self, config, smtpd, rewriter, mapper, resolver=None, tables: TableCache | None = None):
+        tables = tables or TableCache()
+        self._config = config
+        self._smtpd = smtpd
+        self._rewriter = rewriter
+        self._mapper = mapper
+        self._resolver = resolver
+        self._lists = {stage: tuple(split_item(i) for i in getattr(smtpd, f"{stage}_restrictions"))
+                       for stage in STAGES}
+        self._tables = {arg: tables.open([arg]) for items in self._lists.values()
+                        for name, arg in items if name in ACCESS_CHECKS}
+        self._policies = {arg: PolicyClient(arg, smtpd.policy_service_timeout) for items in self._lists.values()
+                          for name, arg in items if name == "check_policy_service"}
+        self._mynetworks = [ipaddress.ip_network(n, strict=False) for n in config.mynetworks]
+
+    async def check_rcpt(self, facts: Facts) -> status.Reply | None:
+        for stage in RCPT_STAGES:
+            if facts.marks.discard is not None:
+                return None
+            reply = await self._run(stage, facts)
+            if reply is not None:
+                return reply
+        if self._smtpd.reject_unlisted_recipient and facts.marks.discard is None:
+            return self._unlisted(facts.recipient)
+        return None
+
+    async def check_data(self, facts: Facts) -> status.Reply | None:
+        return None if facts.marks.discard is not None else await self._run("data", facts)
+
+    async def check_end_of_data(self, facts: Facts) -> status.Reply | None:
+        return None if facts.marks.discard is not None else await self._run("end_of_data", facts)
+
+    def trusted(self, client_addr: str) -> bool:
+        """The client is in mynetworks."""
+        try:
+            ip = ipaddress.ip_address(client_addr)
+        except (ValueError, TypeError):
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self._mynetworks)
+
+    async def _run(self, stage: str, facts: Facts) -> status.Reply | None:
+        for name, arg in self._lists[stage]:
+            answer = await self._evaluate(name, arg, stage, facts)
+            if answer == PERMIT:
+                return None
+            if isinstance(answer, status.Reply):
+                log.info("smtpd: reject: %s from [%s]: %s; from=<%s> to=<%s> helo=<%s>", PROTOCOL_STATE.get(
+                    stage, "RCPT"), facts.client_addr, answer, facts.sender or "", facts.recipient, facts.helo)
+                return answer
+            if facts.marks.discard is not None:
+                return None
+        return None
+
+    async def _evaluate(self, name: str, arg: str, stage: str, facts: Facts):
+        """PERMIT, a refusal Reply, or None (no opinion)."""
+        simple = self._simple(name, stage, facts)
+        if simple is not _UNHANDLED:
+            return simple
+        if name in ACCESS_CHECKS:
+            return self._access(ACCESS_CHECKS[name], arg, stage, facts)
+        if name == "reject_rbl_client":
+            return await self._rbl(arg, facts)
+        if name == "check_policy_service":
+            return await self._policy(arg, stage, facts)
+        if name == "reject_unknown_recipient_domain":
+            return await self._unknown_domain(facts.recipient)
+        raise AssertionError(f"restriction {name!r} has no evaluation")  # check_item lets no such name in
+
+    def _simple(self, name: str, stage: str, facts: Facts):
+        """The restrictions that need no I/O; _UNHANDLED for the others."""
+        rcpt = facts.recipient
+        if name == "permit":
+            return PERMIT
+        if name in ("reject", "defer"):
+            who, what = self._subject(stage, facts)
+            return status.access_denied(who, what) if name == "reject" else status.access_deferred(who, what)
+        if name == "permit_mynetworks":
+            return PERMIT if self.trusted(facts.client_addr) else None
+        if name == "permit_sasl_authenticated":
+            return PERMIT if facts.authenticated else None
+        if name in ("reject_unauth_destination", "defer_unauth_destination"):
+            if not rcpt or self._rewriter.classify(rcpt) is not AddressClass.DEFAULT:
+                return None
+            return status.relay_denied(rcpt) if name.startswith("reject") else status.relay_deferred(rcpt)
+        if name == "reject_unlisted_recipient":
+            return self._unlisted(rcpt) if rcpt else None
+        if name == "reject_non_fqdn_sender":
+            return status.non_fqdn_address(facts.sender, "Sender address") if facts.sender and not \
+                is_fqdn_address(facts.sender) else None
+        if name == "reject_non_fqdn_recipient":
+            return status.non_fqdn_address(rcpt, "Recipient address") if rcpt and not is_fqdn_address(rcpt) else None
+        if name == "reject_non_fqdn_helo_hostname":
+            helo = facts.helo
+            ok = not helo or (helo.startswith("[") or "." in helo.rstrip("."))
+            return None if ok else status.non_fqdn_helo(helo)
+        if name == "reject_invalid_helo_hostname":
+            return status.invalid_helo(facts.helo) if facts.helo and not is_valid_helo(facts.helo) else None
+        return _UNHANDLED
+
+    def _subject(self, stage: str, facts: Facts) -> tuple[str, str]:
+        """(name, class) a refusal in `stage` names: <addr>: Recipient address, <host[ip]>: Client host, …"""
+        what = SUBJECT[stage]
+        if stage == "client":
+            return f"{facts.client_name}[{facts.client_addr}]", what
+        if stage == "helo":
+            return facts.helo, what
+        if stage == "sender":
+            return facts.sender or "", what
+        if stage in ("data", "end_of_data"):
+            return PROTOCOL_STATE[stage], what
+        return facts.recipient, what
+
+    # -------------------------------------------------------------------------------- recipient checks
+
+    def _unlisted(self, rcpt: str) -> status.Reply | None:
+        """Today's unknown-user rule: a recipient in one of this host's classes must be listed by a rewriting
+        table (canonical, virtual alias) or by its class's recipient table; 451 when a table cannot answer."""
+        klass = self._rewriter.classify(rcpt)
+        if klass is AddressClass.DEFAULT:
+            return None
+        try:
+            if not (self._mapper.is_mapped(rcpt) or self._rewriter.recipient_known(rcpt, klass)):
+                return status.user_unknown(rcpt, UNKNOWN_IN[klass])
+        except LookupRetry as e:
+            log.warning("smtpd: RCPT <%s>: %s", rcpt, e.text)
+            return status.lookup_failed(rcpt)
+        return None
+
+    async def _unknown_domain(self, rcpt: str) -> status.Reply | None:
+        """No MX and no address for a domain this host is not final destination for (Postfix)."""
+        if not rcpt or self._resolver is None:
+            return None
+        if self._rewriter.classify(rcpt) not in (AddressClass.DEFAULT, AddressClass.RELAY):
+            return None
+        domain = address.normalise_domain(address.split(self._rewriter.qualify(rcpt))[1])
+        if not domain or domain.startswith("["):
+            return None
+        code = self._smtpd.unknown_address_reject_code
+        try:
+            records = await self._resolver.mx(domain)
+            if any(r.is_null for r in records):
+                return status.null_mx(rcpt, domain)
+            if records or await self._resolver.addresses(domain):
+                return None
+        except NotFound:
+            return status.domain_not_found(rcpt, code)
+        except LookupRetry as e:
+            log.warning("smtpd: RCPT <%s>: %s", rcpt, e.text)
+            return status.domain_lookup_deferred(rcpt)
+        return status.domain_not_found(rcpt, code)
+
+    # -------------------------------------------------------------------------------- access tables
+
+    def _access(self, kind: str, spec: str, stage: str, facts: Facts):
+        keys, name, what = self._access_keys(kind, facts)
+        if keys is None:
+            return None
+        try:
+            found = find(self._tables[spec], keys)
+        except LookupRetry as e:
+            log.warning("smtpd: %s lookup error for %r: %s", spec, keys[0] if keys else "", e.text)
+            return status.restriction_config_error(name, what)
+        if found is None:
+            return None
+        return self.action(found[2], name, what, facts, source=spec, stage=stage)
+
+    def _access_keys(self, kind: str, facts: Facts) -> tuple[list[str] | None, str, str]:
+        delimiter = self._config.recipient_delimiter
+        if kind == "client":
+            return (client_keys(facts.client_addr, facts.client_name),
+                    f"{facts.client_name}[{facts.client_addr}]", "Client host")
+        if kind == "helo":
+            return (domain_keys(facts.helo) if facts.helo else None), facts.helo, "Helo command"
+        if kind == "sender":
+            if facts.sender is None:
+                return None, "", ""
+            return address_access_keys(facts.sender, delimiter), facts.sender, "Sender address"
+        if not facts.recipient:
+            return None, "", ""
+        return address_access_keys(facts.recipient, delimiter), facts.recipient, "Recipient address"
+
+    def action(self, value: str, name: str, what: str, facts: Facts, *, source: str, stage: str):
+        """An access(5) action (a table's value or a policy server's answer): PERMIT, a Reply or None."""
+        word, _, text = value.strip().partition(" ")
+        text = text.strip()
+        upper = word.upper()
+        if upper == "OK":
+            return PERMIT
+        if upper == "DUNNO":
+            return None
+        if upper == "REJECT":
+            return status.access_denied(name, what, text)
+        if upper == "DEFER":
+            return status.access_deferred(name, what, text)
+        if upper == "DISCARD":
+            facts.marks.discard = text or f"{source}: DISCARD"
+            return PERMIT
+        if upper == "HOLD":
+            facts.marks.hold = text or f"{source}: HOLD"
+            return None
+        numeric = _NUMERIC_ACTION.fullmatch(value.strip())
+        if numeric:
+            code, dsn, reason = numeric.groups()
+            dsn = dsn if dsn and dsn[0] == code[0] else f"{code[0]}.7.1"
+            return status.restriction_rejected(int(code), dsn, name, what, (reason or "Access denied").strip())
+        if word.lower() in WITHOUT_ARGUMENT and word.lower() != "reject_unknown_recipient_domain" and not text:
+            return self._simple(word.lower(), stage, facts)  # a restriction named as the action
+        log.warning("smtpd: %s: unknown access action %r", source, value)
+        return status.restriction_config_error(name, what)
+
+    # -------------------------------------------------------------------------------- DNSBL and policy
+
+    async def _rbl(self, arg: str, facts: Facts):
+        rbl_domain, _, wanted = arg.partition("=")
+        query = rbl_query_name(facts.client_addr, rbl_domain)
+        if query is None or self._resolver is None:
+            return None
+        try:
+            answers = await self._resolver.addresses(query)
+        except NotFound:
+            return None
+        except LookupRetry as e:
+            log.warning("smtpd: %s: DNSBL lookup error: %s", query, e.text)
+            return None
+        listed = [a for a in answers if _is_ipv4(a) and a.startswith("127.") and (not wanted or a == wanted)]
+        return status.rbl_listed(facts.client_addr, rbl_domain) if listed else None
+
+    async def _policy(self, spec: str, stage: str, facts: Facts):
+        name, what = self._subject(stage, facts)
+        try:
+            answer = await self._policies[spec].query(policy_request(facts, stage))
+        except PolicyError as e:
+            log.warning("smtpd: policy service %s: %s", spec, e)
+            return self._policy_default(name, what, facts, spec, stage)
+        return self.action(answer, name, what, facts, source=spec, stage=stage)
+
+    def _policy_default(self, name: str, what: str, facts: Facts, spec: str, stage: str):
+        """policy_service_default_action, an access(5) action (Postfix: 451 4.3.5 Server configuration problem)."""
+        return self.action(self._smtpd.policy_service_default_action, name, what, facts, source=spec, stage=stage)
+
+
+_UNHANDLED = object()
+
+
+def policy_request(facts: Facts, stage: str) -> dict[str, str]:
+    """The SMTPD_POLICY_README attributes mailflow knows; the others are sent empty."""
+    return {
+        "request": "smtpd_access_policy",
+        "protocol_state": PROTOCOL_STATE.get(stage, "RCPT"),
+        "protocol_name": facts.protocol,
+        "helo_name": facts.helo,
+        "queue_id": "",
+        "sender": facts.sender or "",
+        "recipient": facts.recipient,
+        "recipient_count": str(facts.recipient_count),
+        "client_address": facts.client_addr,
+        "client_name": facts.client_name,
+        "reverse_client_name": facts.client_name,
+        "instance": facts.instance,
+        "sasl_method": facts.sasl_method,
+        "sasl_username": facts.sasl_username,
+        "sasl_sender": "",
+        "size": str(facts.size),
+        "ccert_subject": "",
+        "ccert_issuer": "",
+        "ccert_fingerprint": "",
+        "encryption_protocol": facts.encryption_protocol,
+        "encryption_cipher": facts.encryption_cipher,
+        "encryption_keysize": "0",
+        "etrn_domain": "",
+        "stress": "",
+    }

@@ -1,0 +1,71 @@
+"""smtpd's TLS: the server certificate and key as an `ssl.SSLContext`, built at start and rebuilt on reload.
+
+What it owns
+- `ServerTls(cert_file, key_file)`: reads the certificate chain and key (Postfix smtpd_tls_cert_file /
+  smtpd_tls_key_file; an empty key file means the key is in the certificate file) into `.context`.
+- `reload()`: builds a new context from the files; new sessions get it, sessions already in TLS keep theirs.
+- `listener_context()`: one context that never changes, for implicit-TLS listeners (the asyncio server holds
+  its context for good); its SNI hook hands each new handshake the current context, so a reload reaches them
+  too. The hook runs whether or not the client sends SNI.
+
+Failure behaviour: a missing, unreadable or mismatched file raises `TlsError` naming the file, at start (so
+`mailflow serve` refuses to start) and at reload (the old context stays in use, the error is logged by the
+caller). Client certificates are not requested.
+"""
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+from mailflow.errors import ConfigError
+
+
+class TlsError(ConfigError):
+    """A certificate or key that cannot be used; the reason names the file (a ConfigError, so `mailflow serve`
+    reports it as one and exits 2)."""
+
+    def __init__(self, reason: str):
+        super().__init__("", "smtpd.tls_cert_file", reason)
+
+
+def build_context(cert_file: str, key_file: str = "") -> ssl.SSLContext:
+    """A server context with the chain and key, TLS 1.2 or newer, no client certificate requested."""
+    for path in filter(None, (cert_file, key_file)):
+        if not Path(path).is_file():
+            raise TlsError(f"{path}: no such certificate or key file")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        ctx.load_cert_chain(cert_file, key_file or None)
+    except PermissionError as e:
+        raise TlsError(f"{e.filename or cert_file}: cannot read ({e.strerror})") from None
+    except (ssl.SSLError, OSError) as e:
+        names = f"{cert_file} / {key_file}" if key_file else cert_file
+        raise TlsError(f"{names}: not a usable certificate and key ({e})") from None
+    return ctx
+
+
+class ServerTls:
+    """The current server context, swapped whole on reload."""
+
+    def __init__(self, cert_file: str, key_file: str = ""):
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self.context = build_context(cert_file, key_file)
+        self._front: ssl.SSLContext | None = None
+
+    def reload(self) -> None:
+        """Re-read the files; on failure raise TlsError and keep the context in use."""
+        self.context = build_context(self.cert_file, self.key_file)
+
+    def listener_context(self) -> ssl.SSLContext:
+        """A stable context for implicit TLS whose handshakes use the current context (via the SNI hook)."""
+        if self._front is None:
+            front = build_context(self.cert_file, self.key_file)
+            front.sni_callback = self._use_current
+            self._front = front
+        return self._front
+
+    def _use_current(self, sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
+        sslobj.context = self.context

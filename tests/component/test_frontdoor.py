@@ -1,0 +1,397 @@
+"""The front door: listeners with roles and overrides, STARTTLS and implicit TLS, AUTH PLAIN/LOGIN against a
+scrypt user table, failure slow-down, sender-login ownership, connection limits, TLS reload.
+
+Real sockets on 127.0.0.1 with a trustme certificate; the client is a small raw SMTP speaker so each reply is
+seen exactly as sent.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import ssl
+
+import pytest
+import trustme
+
+from mailflow import status
+from mailflow.clock import VirtualClock
+from mailflow.config import config_from_dict
+from mailflow.errors import ConfigError
+from mailflow.stages.smtpd.anvil import Anvil, SessionSlots
+from mailflow.stages.smtpd.auth import (Authenticator, SenderLogins, failure_delay, hash_password, parse_hash,
+                                        verify_password)
+from mailflow.stages.smtpd.tls import TlsError
+from mailflow.tables import InlineTable
+from tests.helpers import merged
+
+FAST = {"n": 1024, "r": 8, "p": 1}  # a cheap hash for tests; the format is the same
+
+
+class Client:
+    """A raw SMTP client: `reply()` -> (code, text of the last line), `cmd(line)`, `starttls(ctx)`."""
+
+    def __init__(self, reader, writer):
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, port: int, ssl_ctx: ssl.SSLContext | None = None) -> "Client":
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port, ssl=ssl_ctx, server_hostname="localhost" if ssl_ctx else None),
+            5)
+        return cls(reader, writer)
+
+    async def reply(self, timeout: float = 5.0) -> tuple[int | None, str]:
+        lines = []
+        while True:
+            line = await asyncio.wait_for(self.reader.readline(), timeout)
+            if not line:
+                return None, "\n".join(lines)
+            text = line.decode().rstrip("\r\n")
+            lines.append(text[4:])
+            if text[3:4] != "-":
+                return int(text[:3]), "\n".join(lines)
+
+    async def cmd(self, line: str) -> tuple[int | None, str]:
+        self.writer.write(line.encode() + b"\r\n")
+        await self.writer.drain()
+        return await self.reply()
+
+    async def starttls(self, ctx: ssl.SSLContext) -> None:
+        assert (await self.cmd("STARTTLS"))[0] == 220
+        await self.writer.start_tls(ctx, server_hostname="localhost")
+
+    def peer_names(self) -> list[str]:
+        cert = self.writer.get_extra_info("peercert")
+        return [v for k, v in cert["subjectAltName"] if k == "DNS"]
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, ssl.SSLError):
+            pass
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.fixture
+def pki(tmp_path):
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert_file = tmp_path / "cert.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    return ca, str(cert_file), client_ctx
+
+
+@pytest.fixture
+def users(tmp_path):
+    path = tmp_path / "users"
+    path.write_text(f"alice {hash_password('s3cret', **FAST)}\nbob {hash_password('hunter2', **FAST)}\n")
+    return f"texthash:{path}"
+
+
+def door(cert_file: str, users: str, *listeners, **smtpd) -> dict:
+    return {"smtpd": {"tls_cert_file": cert_file, "sasl_user_maps": [users], "auth_failure_delay": 0,
+                      "listeners": list(listeners), **smtpd}}
+
+
+async def ehlo(c: Client) -> str:
+    code, text = await c.cmd("EHLO client.test")
+    assert code == 250
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- hashes
+
+
+def test_hash_format_round_trip():
+    encoded = hash_password("pässword", **FAST)
+    assert encoded.startswith("$scrypt$n=1024,r=8,p=1$")
+    parsed = parse_hash(encoded)
+    assert parsed is not None and len(parsed.salt) == 16 and len(parsed.digest) == 32
+    assert verify_password("pässword".encode(), encoded)
+    assert not verify_password(b"password", encoded)
+    assert hash_password("x", **FAST) != hash_password("x", **FAST)  # salted
+
+
+def test_hash_refuses_malformed_and_hostile_costs():
+    good = hash_password("x", **FAST)
+    assert not verify_password(b"x", good.replace("n=1024", "n=1000"))  # not a power of two
+    assert parse_hash(good.replace("n=1024", f"n={1 << 24}")) is None  # would pin the CPU
+    assert not verify_password(b"x", "plaintext-x")
+    assert not verify_password(b"x", None)
+
+
+# ---------------------------------------------------------------------------------------------- roles
+
+
+async def test_submission_requires_starttls_then_auth_then_accepts(mailflow_server, pki, users):
+    _, cert, ctx = pki
+    mf = await mailflow_server(**door(cert, users, {"address": "127.0.0.1:0", "role": "submission"}))
+    c = await Client.connect(mf.smtpd.address_of("submission")[1])
+    assert (await c.reply())[0] == 220
+    text = await ehlo(c)
+    assert "STARTTLS" in text and "AUTH" not in text
+    assert (await c.cmd("MAIL FROM:<alice@local.test>"))[0] == 530
+    assert (await c.cmd("AUTH PLAIN " + b64(b"\0alice\0s3cret")))[0] == 530
+    await c.starttls(ctx)
+    text = await ehlo(c)
+    assert "AUTH LOGIN PLAIN" in text and "STARTTLS" not in text
+    assert await c.cmd("MAIL FROM:<alice@local.test>") == (530, "5.7.0 Authentication required")
+    assert await c.cmd("AUTH PLAIN " + b64(b"\0alice\0wrong")) == (535, str(status.AUTH_FAILED)[4:])
+    assert (await c.cmd("AUTH PLAIN " + b64(b"\0alice\0s3cret")))[0] == 235
+    assert (await c.cmd("MAIL FROM:<alice@local.test>"))[0] == 250
+    assert (await c.cmd("RCPT TO:<bob@local.test>"))[0] == 250
+    assert (await c.cmd("DATA"))[0] == 354
+    code, text = await c.cmd("Subject: hi\r\n\r\nhello\r\n.")
+    assert code == 250 and "queued as" in text
+    await c.close()
+
+
+async def test_auth_login_and_unknown_user(mailflow_server, pki, users):
+    _, cert, ctx = pki
+    mf = await mailflow_server(**door(cert, users, {"address": "127.0.0.1:0", "role": "submissions"}))
+    c = await Client.connect(mf.smtpd.address_of("submissions")[1], ssl_ctx=ctx)  # implicit TLS
+    assert (await c.reply())[0] == 220
+    assert "AUTH" in await ehlo(c)
+    assert (await c.cmd("AUTH LOGIN"))[0] == 334
+    assert (await c.cmd(b64(b"nobody")))[0] == 334
+    assert (await c.cmd(b64(b"s3cret")))[0] == 535
+    assert (await c.cmd("AUTH LOGIN " + b64(b"bob")))[0] == 334
+    assert await c.cmd(b64(b"hunter2")) == (235, "2.7.0 Authentication successful")
+    await c.close()
+
+
+async def test_mta_listener_offers_starttls_but_no_auth_unless_enabled(mailflow_server, pki, users):
+    _, cert, ctx = pki
+    mf = await mailflow_server(smtpd={"tls_cert_file": cert})
+    c = await Client.connect(mf.smtp_addresses[0][1])
+    await c.reply()
+    assert "STARTTLS" in await ehlo(c)
+    assert (await c.cmd("MAIL FROM:<x@remote.test>"))[0] == 250  # tls_security_level may: TLS optional
+    await c.cmd("RSET")
+    await c.starttls(ctx)
+    assert "AUTH" not in await ehlo(c)
+    assert (await c.cmd("AUTH PLAIN " + b64(b"\0alice\0s3cret")))[0] == 503
+    await c.close()
+
+
+async def test_plaintext_auth_only_on_loopback_when_allowed(mailflow_server, pki, users):
+    _, cert, _ = pki
+    mf = await mailflow_server(**door(cert, users, sasl_auth_enable=True, allow_plaintext_auth_on_loopback=True))
+    c = await Client.connect(mf.smtp_addresses[0][1])
+    await c.reply()
+    assert "AUTH" in await ehlo(c)
+    assert (await c.cmd("AUTH PLAIN " + b64(b"\0alice\0s3cret")))[0] == 235
+    await c.close()
+
+
+async def test_listener_overrides_apply_to_that_listener_only(mailflow_server):
+    mf = await mailflow_server(smtpd={"listeners": [
+        {"address": "127.0.0.1:0", "overrides": {"recipient_limit": 1, "banner": "ESMTP other"}}]})
+    plain, other = (port for _, port in mf.smtp_addresses)
+    for port, limit in ((plain, None), (other, 1)):
+        c = await Client.connect(port)
+        code, greeting = await c.reply()
+        assert ("ESMTP other" in greeting) == (limit == 1)
+        await ehlo(c)
+        await c.cmd("MAIL FROM:<s@remote.test>")
+        assert (await c.cmd("RCPT TO:<alice@local.test>"))[0] == 250
+        assert (await c.cmd("RCPT TO:<bob@local.test>"))[0] == (452 if limit else 250)
+        await c.close()
+
+
+async def test_sender_login_mismatch_refused_on_submission(mailflow_server, pki, users):
+    _, cert, ctx = pki
+    listener = {"address": "127.0.0.1:0", "role": "submission",
+                "overrides": {"reject_sender_login_mismatch": True,
+                              "sender_login_maps": ["inline:{alice@local.test=alice, { @shared.test = alice bob }}"]}}
+    mf = await mailflow_server(**door(cert, users, listener))
+    c = await Client.connect(mf.smtpd.address_of("submission")[1])
+    await c.reply()
+    await ehlo(c)
+    await c.starttls(ctx)
+    await ehlo(c)
+    assert (await c.cmd("AUTH PLAIN " + b64(b"\0bob\0hunter2")))[0] == 235
+    code, text = await c.cmd("MAIL FROM:<alice@local.test>")
+    assert (code, text) == (553, "5.7.1 <alice@local.test>: Sender address rejected: not owned by user bob")
+    assert (await c.cmd("MAIL FROM:<team@shared.test>"))[0] == 250
+    await c.close()
+
+
+def test_sender_login_rules_without_and_with_maps():
+    class S:
+        authenticated, auth_data = True, "alice@local.test"
+
+    class Anon:
+        authenticated, auth_data = False, None
+
+    bare = SenderLogins([])
+    assert not bare.sender_login_mismatch(S, "Alice@local.test")
+    assert bare.sender_login_mismatch(S, "bob@local.test")
+    assert not bare.sender_login_mismatch(Anon, "bob@local.test")
+    maps = SenderLogins([InlineTable("inline:t", {"bob@local.test": "bob"})])
+    assert maps.sender_login_mismatch(Anon, "bob@local.test")  # owned, client not logged in
+    assert maps.sender_login_mismatch(S, "carol@local.test")  # logged in, owns nothing listed
+    assert not maps.sender_login_mismatch(S, "")  # the null sender
+
+
+# ---------------------------------------------------------------------------------------------- slow-down
+
+
+class RecordingClock(VirtualClock):
+    def __init__(self):
+        super().__init__()
+        self.slept: list[float] = []
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+
+
+async def test_failures_are_counted_per_client_and_slowed_down():
+    clock = RecordingClock()
+    table = InlineTable("inline:u", {"alice": hash_password("pw", **FAST)})
+    auth = Authenticator([table], clock=clock, failure_window=60, delay=1.0, delay_limit=3.0)
+    for _ in range(4):
+        assert (await auth.check("192.0.2.1", "PLAIN", b"alice", b"bad")).reply == status.AUTH_FAILED
+    assert clock.slept == [1.0, 2.0, 3.0, 3.0]
+    assert (await auth.check("192.0.2.2", "PLAIN", b"alice", b"bad")).reply == status.AUTH_FAILED
+    assert clock.slept[-1] == 1.0  # another client starts from the beginning
+    clock.advance(61)
+    await auth.check("192.0.2.1", "PLAIN", b"alice", b"bad")
+    assert clock.slept[-1] == 1.0  # old failures left the window
+    ok = await auth.check("192.0.2.1", "PLAIN", b"alice", b"pw")
+    assert ok.login == "alice" and ok.reply == status.AUTH_OK
+    assert failure_delay(40, 1.0, 16.0) == 16.0
+
+
+# ---------------------------------------------------------------------------------------------- limits
+
+
+def test_anvil_count_and_rate_limits():
+    clock = VirtualClock()
+    anvil = Anvil(count_limit=2, rate_limit=0, time_unit=60, clock=clock)
+    assert anvil.admit("192.0.2.1") is None and anvil.admit("192.0.2.1") is None
+    assert anvil.admit("192.0.2.1") == status.too_many_connections("192.0.2.1")
+    assert anvil.admit("192.0.2.9") is None
+    anvil.release("192.0.2.1")
+    assert anvil.admit("192.0.2.1") is None
+    rate = Anvil(count_limit=0, rate_limit=3, time_unit=60, clock=clock,
+                 exempt=lambda ip: ip == "127.0.0.1")
+    assert [rate.admit("192.0.2.1") for _ in range(4)][-1].code == 421
+    assert all(rate.admit("127.0.0.1") is None for _ in range(10))
+    clock.advance(60)
+    assert rate.admit("192.0.2.1") is None
+
+
+async def test_session_slots_wait_then_refuse():
+    slots = SessionSlots(1)
+    assert await slots.acquire()
+    waiter = asyncio.ensure_future(slots.acquire())
+    await asyncio.sleep(0)
+    assert not waiter.done() and slots.waiting == 1
+    assert await slots.acquire() is False  # one waits already
+    slots.release()
+    assert await asyncio.wait_for(waiter, 1)
+
+
+async def test_per_client_connection_limit_answers_421(mailflow_server):
+    mf = await mailflow_server(smtpd={"client_connection_count_limit": 2})
+    port = mf.smtp_addresses[0][1]
+    first, second, third = [await Client.connect(port) for _ in range(3)]
+    assert (await first.reply())[0] == 220 and (await second.reply())[0] == 220
+    assert await third.reply() == (421, "4.7.0 Error: too many connections from 127.0.0.1")
+    assert (await third.reply())[0] is None  # closed
+    await first.cmd("QUIT")
+    fourth = await Client.connect(port)
+    assert (await fourth.reply())[0] == 220
+    for c in (first, second, third, fourth):
+        await c.close()
+
+
+async def test_mynetworks_clients_are_exempt_from_per_client_limits(mailflow_server):
+    mf = await mailflow_server(mynetworks=["127.0.0.0/8"], smtpd={"client_connection_count_limit": 1})
+    port = mf.smtp_addresses[0][1]
+    clients = [await Client.connect(port) for _ in range(3)]
+    assert [(await c.reply())[0] for c in clients] == [220, 220, 220]
+    for c in clients:
+        await c.close()
+
+
+async def test_connection_rate_limit(mailflow_server):
+    mf = await mailflow_server(smtpd={"client_connection_rate_limit": 2})
+    port = mf.smtp_addresses[0][1]
+    codes = []
+    for _ in range(3):
+        c = await Client.connect(port)
+        codes.append((await c.reply())[0])
+        await c.close()
+    assert codes == [220, 220, 421]
+
+
+async def test_max_sessions_holds_the_greeting_until_a_slot_frees(mailflow_server):
+    mf = await mailflow_server(mynetworks=["127.0.0.0/8"], smtpd={"max_sessions": 1})
+    port = mf.smtp_addresses[0][1]
+    first = await Client.connect(port)
+    assert (await first.reply())[0] == 220
+    second = await Client.connect(port)
+    with pytest.raises(asyncio.TimeoutError):
+        await second.reply(timeout=0.3)  # waiting for a slot: no greeting yet
+    third = await Client.connect(port)
+    assert (await third.reply())[0] == 421  # one already waits
+    await first.cmd("QUIT")
+    assert (await second.reply())[0] == 220
+    for c in (first, second, third):
+        await c.close()
+
+
+# ---------------------------------------------------------------------------------------------- config, TLS
+
+
+def test_config_errors_name_the_listener(pki, users):
+    def load(**smtpd):
+        return config_from_dict(merged({"smtpd": {"listen": []}}, {"smtpd": smtpd}))
+
+    with pytest.raises(ConfigError, match=r"smtpd.listeners: listener 0 \(127.0.0.1:587\): overrides.tls_cert: unknown"):
+        load(listeners=[{"address": "127.0.0.1:587", "overrides": {"tls_cert": "x"}}])
+    with pytest.raises(ConfigError, match=r"listener 1 \(127.0.0.1:465, submissions\): needs tls_cert_file"):
+        load(sasl_user_maps=[users], listeners=[{"address": "127.0.0.1:25"}, {"address": "127.0.0.1:465",
+                                                                               "role": "submissions"}])
+    with pytest.raises(ConfigError, match="sasl_auth_enable needs sasl_user_maps"):
+        load(tls_cert_file=pki[1], listeners=[{"address": "127.0.0.1:587", "role": "submission"}])
+    with pytest.raises(ConfigError, match="role"):
+        load(listeners=[{"address": "127.0.0.1:587", "role": "lmtp"}])
+    with pytest.raises(ConfigError, match="overrides.recipient_limit"):
+        load(listeners=[{"address": "127.0.0.1:25", "overrides": {"recipient_limit": 0}}])
+
+
+async def test_missing_certificate_stops_the_start_naming_the_file(mailflow_server, tmp_path):
+    missing = tmp_path / "nope.pem"
+    with pytest.raises(TlsError, match=str(missing)):
+        await mailflow_server(smtpd={"tls_cert_file": str(missing)})
+
+
+async def test_reload_tls_serves_the_rotated_certificate_to_new_sessions(mailflow_server, pki, users, tmp_path):
+    ca, cert, ctx = pki
+    mf = await mailflow_server(**door(cert, users, {"address": "127.0.0.1:0", "role": "submissions"},
+                                      {"address": "127.0.0.1:0", "role": "submission"}))
+    ports = [p for _, p in mf.smtp_addresses[1:]]
+    old = await Client.connect(ports[0], ssl_ctx=ctx)
+    await old.reply()
+    ca.issue_cert("localhost", "127.0.0.1", "rotated.test").private_key_and_cert_chain_pem.write_to_path(cert)
+    mf.smtpd.reload_tls()
+    new = await Client.connect(ports[0], ssl_ctx=ctx)
+    await new.reply()
+    assert "rotated.test" in new.peer_names() and "rotated.test" not in old.peer_names()
+    assert (await old.cmd("NOOP"))[0] == 250  # the running session was not dropped
+    starttls = await Client.connect(ports[1])
+    await starttls.reply()
+    await ehlo(starttls)
+    await starttls.starttls(ctx)
+    assert "rotated.test" in starttls.peer_names()
+    for c in (old, new, starttls):
+        await c.close()

@@ -1,0 +1,257 @@
+"""smtpd restriction lists evaluated on their own: real config, rewriter, tables and a StaticResolver; the
+session is a plain `Facts` value. Replies are compared with `mailflow.status`."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from mailflow import status
+from mailflow.config import config_from_dict
+from mailflow.dns import MX, StaticResolver
+from mailflow.errors import ConfigError
+from mailflow.stages.addressmap import AddressMapper
+from mailflow.stages.rewrite import Rewriter
+from mailflow.stages.smtpd.policy import PolicyClient, PolicyError, encode_request
+from mailflow.stages.smtpd.restrictions import Facts, Restrictions, address_access_keys, client_keys, domain_keys
+
+OUTSIDER = "203.0.113.9"
+BASE = {
+    "myhostname": "mx.mailflow.test",
+    "mydestination": ["local.test"],
+    "relay_domains": ["relay.test"],
+    "mynetworks": ["192.0.2.0/24"],
+    "local_recipient_maps": ["inline:{alice=ok}"],
+}
+RESOLVER = StaticResolver(
+    mx={"mx.example": [MX(10, "mail.mx.example")], "nullmx.example": [MX(0, ".")]},
+    addresses={"a-only.example": ["198.51.100.1"], "9.113.0.203.bl.test": ["127.0.0.2"]},
+)
+
+
+def restrictions(resolver=RESOLVER, **smtpd) -> Restrictions:
+    config = config_from_dict({**BASE, "smtpd": smtpd})
+    rewriter = Rewriter(config)
+    return Restrictions(config, config.smtpd, rewriter, AddressMapper(config, rewriter), resolver)
+
+
+def facts(rcpt: str = "alice@local.test", **kw) -> Facts:
+    kw.setdefault("client_addr", OUTSIDER)
+    kw.setdefault("sender", "s@remote.example")
+    kw.setdefault("helo", "client.remote.example")
+    return Facts(recipient=rcpt, **kw)
+
+
+def rcpt(r: Restrictions, *args, **kw):
+    return asyncio.run(r.check_rcpt(facts(*args, **kw)))
+
+
+# ---------------------------------------------------------------------------------------------- defaults
+
+
+def test_defaults_refuse_relaying_for_an_outsider():
+    assert rcpt(restrictions(), "x@elsewhere.example") == status.relay_denied("x@elsewhere.example")
+
+
+def test_defaults_let_mynetworks_and_authenticated_clients_relay():
+    r = restrictions()
+    assert rcpt(r, "x@elsewhere.example", client_addr="192.0.2.7") is None
+    assert rcpt(r, "x@elsewhere.example", authenticated=True) is None
+
+
+def test_defaults_refuse_an_unlisted_local_user_even_from_mynetworks():
+    r = restrictions()
+    assert rcpt(r, "alice@local.test") is None
+    assert rcpt(r, "nobody@local.test", client_addr="192.0.2.7") == \
+        status.user_unknown("nobody@local.test", "local recipient table")
+
+
+def test_unlisted_recipients_pass_when_the_check_is_off():
+    assert rcpt(restrictions(reject_unlisted_recipient=False), "nobody@local.test") is None
+
+
+def test_defer_unauth_destination_defers_like_postfix():
+    r = restrictions(relay_restrictions=["permit_mynetworks", "defer_unauth_destination"])
+    assert rcpt(r, "x@elsewhere.example") == status.relay_deferred("x@elsewhere.example")
+    assert str(status.relay_deferred("x@e")).startswith("454 4.7.1 ")
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("items, reason", [
+    (["permit_mynetworks", "rejct_unauth_destination"], "[1]: unknown restriction 'rejct_unauth_destination'"),
+    (["check_sender_access"], "[0]: 'check_sender_access' needs an argument"),
+    (["permit extra"], "[0]: 'permit' takes no argument"),
+    (["check_recipient_access hash:/etc/x"], "[0]: check_recipient_access: 'hash:/etc/x' is not a lookup table"),
+    (["check_policy_service tcp:127.0.0.1"], "[0]: 'tcp:127.0.0.1' is not a policy service"),
+    (["check_client_access inline:{a=OK b}"], "[0]: check_client_access: inline: 'b' is not key=value"),
+])
+def test_a_misconfigured_list_fails_naming_the_list_and_the_item(items, reason):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"smtpd": {"recipient_restrictions": items}}, "main.toml")
+    assert str(info.value).startswith(f"main.toml: smtpd.recipient_restrictions{reason}")
+
+
+def test_lists_that_cannot_refuse_relaying_are_refused_at_start():
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"smtpd": {"relay_restrictions": ["permit_mynetworks"]}}, "main.toml")
+    assert "reject_unauth_destination" in str(info.value)
+    config_from_dict({"smtpd": {"relay_restrictions": [], "recipient_restrictions": ["reject_unauth_destination"]}})
+
+
+# ---------------------------------------------------------------------------------------------- key orders
+
+
+def test_client_keys_are_the_address_and_its_network_prefixes():
+    assert client_keys("192.168.1.7", "unknown") == ["192.168.1.7", "192.168.1", "192.168", "192"]
+    assert client_keys("192.168.1.7", "host.example.com")[:3] == ["host.example.com", "example.com", "com"]
+    assert client_keys("2001:db8::1", "unknown")[:3] == ["2001:db8::1", "2001:db8:0:0:0:0:0", "2001:db8:0:0:0:0"]
+
+
+def test_address_keys_follow_access5():
+    assert address_access_keys("u+tag@mail.example.com", "+") == [
+        "u+tag@mail.example.com", "u@mail.example.com", "@mail.example.com",
+        "mail.example.com", "example.com", "com", "u+tag@", "u@"]
+    assert address_access_keys("", "+") == ["<>"]
+    assert domain_keys("a.b.c.") == ["a.b.c", "b.c", "c"]
+
+
+# ---------------------------------------------------------------------------------------------- access tables
+
+
+def access(spec: str, stage: str = "recipient", kind: str = "recipient"):
+    return restrictions(**{f"{stage}_restrictions": [f"check_{kind}_access {spec}"]})
+
+
+def test_access_actions_reject_defer_and_numeric_codes():
+    table = ("inline:{ {spam@remote.example=REJECT go away}, defer@remote.example=DEFER,"
+             " {n1@remote.example=550 no such luck}, {n2@remote.example=450 4.2.0 busy} }")
+    r = access(table, kind="sender")
+    assert rcpt(r, sender="spam@remote.example") == \
+        status.restriction_rejected(554, "5.7.1", "spam@remote.example", "Sender address", "go away")
+    assert str(rcpt(r, sender="defer@remote.example")) == \
+        "450 4.7.1 <defer@remote.example>: Sender address rejected: Try again later"
+    assert str(rcpt(r, sender="n1@remote.example")) == \
+        "550 5.7.1 <n1@remote.example>: Sender address rejected: no such luck"
+    assert str(rcpt(r, sender="n2@remote.example")) == "450 4.2.0 <n2@remote.example>: Sender address rejected: busy"
+    assert rcpt(r, sender="other@remote.example") is None
+
+
+def test_ok_ends_the_list_and_dunno_goes_on():
+    r = restrictions(recipient_restrictions=["check_recipient_access inline:{alice@local.test=DUNNO, "
+                                             "@local.test=OK}", "reject"])
+    assert rcpt(r, "alice@local.test") == status.access_denied("alice@local.test", "Recipient address")
+    r = restrictions(recipient_restrictions=["check_recipient_access inline:{local.test=OK}", "reject"])
+    assert rcpt(r, "alice@local.test") is None
+
+
+def test_ok_in_the_recipient_list_does_not_open_the_relay():
+    r = restrictions(recipient_restrictions=["check_recipient_access static:OK"])
+    assert rcpt(r, "x@elsewhere.example") == status.relay_denied("x@elsewhere.example")
+
+
+def test_client_access_by_network_prefix_and_helo_access_by_parent_domain():
+    r = access("inline:{203.0.113=REJECT}", stage="client", kind="client")
+    assert str(rcpt(r)) == f"554 5.7.1 <unknown[{OUTSIDER}]>: Client host rejected: Access denied"
+    r = access("inline:{ {remote.example=REJECT bad helo} }", stage="helo", kind="helo")
+    assert str(rcpt(r)) == "554 5.7.1 <client.remote.example>: Helo command rejected: bad helo"
+
+
+def test_null_sender_is_looked_up_as_angle_brackets():
+    r = access("inline:{<>=REJECT}", stage="sender", kind="sender")
+    assert rcpt(r, sender="") is not None
+    assert rcpt(r, sender="s@remote.example") is None
+
+
+def test_discard_and_hold_mark_the_message():
+    r = access("inline:{ {alice@local.test=DISCARD spam} }")
+    f = facts()
+    assert asyncio.run(r.check_rcpt(f)) is None and f.marks.discard == "spam"
+    r = restrictions(recipient_restrictions=["check_recipient_access inline:{alice@local.test=HOLD}", "reject"])
+    f = facts()
+    assert asyncio.run(r.check_rcpt(f)) is not None and f.marks.hold  # HOLD goes on to the next item
+
+
+def test_restriction_names_as_actions_and_unknown_actions():
+    r = access("inline:{alice@local.test=reject_non_fqdn_sender, b@local.test=FROBNICATE}")
+    assert str(rcpt(r, sender="user")) == "504 5.5.2 <user>: Sender address rejected: need fully-qualified address"
+    assert rcpt(r, "b@local.test") == status.restriction_config_error("b@local.test", "Recipient address")
+
+
+def test_a_table_that_cannot_answer_defers():
+    r = access("fail:broken")
+    assert str(rcpt(r)) == "451 4.3.5 <alice@local.test>: Recipient address rejected: Server configuration error"
+
+
+# ---------------------------------------------------------------------------------------------- syntax checks
+
+
+def test_non_fqdn_and_invalid_helo():
+    r = restrictions(helo_restrictions=["reject_invalid_helo_hostname", "reject_non_fqdn_helo_hostname"],
+                     recipient_restrictions=["reject_non_fqdn_recipient"])
+    assert str(rcpt(r, helo="bad_name!")) == "501 5.5.2 <bad_name!>: Helo command rejected: Invalid name"
+    assert str(rcpt(r, helo="laptop")) == "504 5.5.2 <laptop>: Helo command rejected: need fully-qualified hostname"
+    assert rcpt(r, helo="[192.0.2.1]") is None
+    assert str(rcpt(r, "alice@localhost", client_addr="192.0.2.7")) == \
+        "504 5.5.2 <alice@localhost>: Recipient address rejected: need fully-qualified address"
+
+
+# ---------------------------------------------------------------------------------------------- DNS
+
+
+@pytest.mark.parametrize("rcpt_addr, expected", [
+    ("x@nx.example", "450 4.1.2 <x@nx.example>: Recipient address rejected: Domain not found"),
+    ("x@nullmx.example",
+     "556 5.1.10 <x@nullmx.example>: Recipient address rejected: Domain nullmx.example does not accept mail (nullMX)"),
+    ("x@mx.example", None),
+    ("x@a-only.example", None),
+    ("nobody-known@local.test", "550 5.1.1"),  # a local domain is never looked up; the unlisted check answers
+])
+def test_reject_unknown_recipient_domain(rcpt_addr, expected):
+    r = restrictions(recipient_restrictions=["reject_unknown_recipient_domain", "permit_mynetworks",
+                                             "reject_unauth_destination"])
+    reply = rcpt(r, rcpt_addr, client_addr="192.0.2.7")
+    assert reply is None if expected is None else str(reply).startswith(expected)
+
+
+def test_unknown_recipient_domain_reject_code_is_configurable():
+    r = restrictions(recipient_restrictions=["reject_unknown_recipient_domain"], unknown_address_reject_code=550)
+    assert str(rcpt(r, "x@nx.example", client_addr="192.0.2.7")).startswith("550 5.1.2 ")
+
+
+def test_rbl_listed_client_is_refused_and_a_filter_narrows_the_answers():
+    assert rcpt(restrictions(client_restrictions=["reject_rbl_client bl.test"])) == \
+        status.rbl_listed(OUTSIDER, "bl.test")
+    assert str(status.rbl_listed(OUTSIDER, "bl.test")) == \
+        f"554 5.7.1 Service unavailable; Client host [{OUTSIDER}] blocked using bl.test"
+    assert rcpt(restrictions(client_restrictions=["reject_rbl_client bl.test=127.0.0.3"])) is None
+    assert rcpt(restrictions(client_restrictions=["reject_rbl_client bl.test"]), client_addr="198.51.100.4") is None
+
+
+# ---------------------------------------------------------------------------------------------- policy
+
+
+def test_policy_attributes_cannot_inject_lines():
+    assert encode_request({"sender": "a\nrecipient=evil", "size": 3}) == b"sender=a recipient=evil\nsize=3\n\n"
+
+
+def test_unreachable_policy_service_gives_the_default_action(unused_port):
+    r = restrictions(recipient_restrictions=[f"check_policy_service inet:127.0.0.1:{unused_port}"],
+                     policy_service_timeout="2s")
+    assert str(rcpt(r)) == "451 4.3.5 <alice@local.test>: Recipient address rejected: Server configuration problem"
+
+
+async def test_policy_server_that_never_answers_times_out():
+    async def silent(reader, writer):
+        await reader.read()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        client = PolicyClient(f"inet:127.0.0.1:{port}", timeout=0.2)
+        with pytest.raises(PolicyError, match="timeout"):
+            await client.query({"request": "smtpd_access_policy"})
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -1,0 +1,124 @@
+"""Hostile input, property-based: random byte streams (valid commands, CR/LF/NUL, dots, BDAT, junk) sent to a
+real mailflow over a socket. Properties: smtpd never crashes (a fresh session still answers NOOP) and never
+queues a message the client did not complete (messages delivered == "250 ... queued as" replies received).
+
+The server runs in a thread of its own (its own event loop); hypothesis drives blocking sockets. Pipelining
+checks are off here so that streams reach deeper than the first pipelined command. FUZZ_EXAMPLES raises the
+number of examples for a longer run (docs/security.md records one).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import threading
+import time
+
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from mailflow.app import Mailflow
+from mailflow.config import config_from_dict
+from tests.helpers import base_settings, maildir_messages, merged
+
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "120"))
+QUEUED = re.compile(rb"^250 2\.0\.0 Ok: queued as ", re.M)
+
+FRAGMENTS = [
+    b"EHLO fuzz.test\r\n", b"HELO fuzz.test\r\n", b"MAIL FROM:<s@remote.test>\r\n",
+    b"MAIL FROM:<s@remote.test> RET=HDRS ENVID=x\r\n", b"RCPT TO:<alice@local.test>\r\n",
+    b"RCPT TO:<alice@local.test> NOTIFY=NEVER\r\n", b"RCPT TO:<evil@victim.example>\r\n", b"DATA\r\n",
+    b"BDAT 5\r\n", b"BDAT 3 LAST\r\n", b"BDAT 0 LAST\r\n", b"RSET\r\n", b"NOOP\r\n", b"VRFY alice\r\n",
+    b"QUIT\r\n", b"Subject: f\r\n\r\nbody\r\n", b".\r\n", b"..\r\n", b"\r\n.\r\n", b"\n.\n", b"\r.\r",
+    b"\n", b"\r", b"\r\n", b"\0", b".", b"x" * 3000, b"STARTTLS\r\n", b"AUTH PLAIN AAAA\r\n",
+]
+ENVELOPE = b"EHLO fuzz.test\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@local.test>\r\n"
+PREFIXES = [b"", ENVELOPE + b"DATA\r\nSubject: f\r\n\r\n", ENVELOPE + b"BDAT 4\r\nab\r\n"]
+tail = st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.binary(max_size=40)), max_size=25).map(b"".join)
+stream = st.tuples(st.sampled_from(PREFIXES), tail).map(b"".join)
+
+
+class ServerThread:
+    """mailflow on its own loop in a thread; `port`, `stop()`."""
+
+    def __init__(self, settings: dict):
+        self._settings = settings
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self.port = 0
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10), "mailflow did not start"
+
+    async def _main(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        self.mf = Mailflow(config_from_dict(self._settings), shutdown_grace=1.0)
+        await self.mf.start()
+        self.port = self.mf.smtp_addresses[0][1]
+        self._ready.set()
+        await self._stop.wait()
+        await self.mf.stop()
+
+    def counts(self) -> dict:
+        return asyncio.run_coroutine_threadsafe(self.mf.store.counts(), self._loop).result(5)
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+
+def talk(port: int, data: bytes) -> bytes:
+    """Greeting, then `data`, then half-close; everything the server said until it closed (5 s at most)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.recv(1024)  # the greeting first: this is about input after it
+        try:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the server may close first; what it said is still read below
+        out = b""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except (TimeoutError, OSError):
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out
+
+
+def noop_works(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        greeting = s.recv(1024)
+        s.sendall(b"NOOP\r\n")
+        return greeting.startswith(b"220 ") and s.recv(1024).startswith(b"250 ")
+
+
+def test_random_streams_never_crash_smtpd_nor_queue_incomplete_mail(tmp_path):
+    settings_ = merged(base_settings(tmp_path), {"smtpd": {
+        "listen": ["127.0.0.1:0"], "timeout": "2s", "forbid_unauth_pipelining": False,
+        "error_sleep_time": 0, "message_size_limit": 100_000}})
+    server = ServerThread(settings_)
+    queued = 0
+    try:
+        @settings(max_examples=EXAMPLES, deadline=None, database=None,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        @given(stream)
+        def check(data: bytes) -> None:
+            nonlocal queued
+            replies = talk(server.port, data)
+            queued += len(QUEUED.findall(replies))
+            assert noop_works(server.port)
+
+        check()
+        maildir = tmp_path / "mail" / "alice" / "Maildir"
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and (len(maildir_messages(maildir)) < queued or server.counts()):
+            time.sleep(0.1)
+        assert len(maildir_messages(maildir)) == queued and server.counts() == {}
+        print(f"fuzz: {EXAMPLES} examples, {queued} messages completed and delivered")
+    finally:
+        server.stop()

@@ -1,0 +1,130 @@
+"""Restrictions through a real mailflow over SMTP: a Postfix-protocol policy server written here, a DNSBL served
+by an in-process DNS server, and HOLD/DISCARD actions carried to the queue."""
+from __future__ import annotations
+
+import asyncio
+
+import aiosmtplib
+
+from mailflow import status
+from tests.helpers import queue_becomes, rcpt_reply, send
+
+MESSAGE = b"Subject: t\r\n\r\nhello\r\n"
+POLICY_ACTIONS = {  # recipient -> the policy server's answer
+    "alice@local.test": "DUNNO",
+    "bob@local.test": "550 5.7.1 policy says no",
+    "carol@relay.test": "DEFER greylisted, try again",
+    "dave@relay.test": "OK",
+}
+
+
+class PolicyServer:
+    """The Postfix policy delegation protocol: name=value lines, an empty line; answers `action=...`."""
+
+    def __init__(self):
+        self.requests: list[dict[str, str]] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"inet:127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                request = {}
+                while (line := (await reader.readline()).decode().rstrip("\n")):
+                    name, _, value = line.partition("=")
+                    request[name] = value
+                if not request:
+                    return
+                self.requests.append(request)
+                action = POLICY_ACTIONS.get(request.get("recipient", ""), "DUNNO")
+                writer.write(f"action={action}\n\n".encode())
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def test_policy_service_decides_per_recipient(mailflow_server):
+    policy = PolicyServer()
+    spec = await policy.start()
+    try:
+        mf = await mailflow_server(smtpd={"recipient_restrictions": [f"check_policy_service {spec}"]})
+        port = mf.smtp_addresses[0][1]
+        assert await rcpt_reply(port, "alice@local.test") == (250, "2.1.5 Ok")
+        assert await rcpt_reply(port, "bob@local.test") == \
+            (550, "5.7.1 <bob@local.test>: Recipient address rejected: policy says no")
+        assert await rcpt_reply(port, "carol@relay.test") == \
+            (450, "4.7.1 <carol@relay.test>: Recipient address rejected: greylisted, try again")
+        assert await rcpt_reply(port, "dave@relay.test") == (250, "2.1.5 Ok")
+        # OK from the policy server does not open the relay: relay_restrictions ran first.
+        assert (await rcpt_reply(port, "x@elsewhere.example"))[0] == 554
+        first = policy.requests[0]
+        assert first["request"] == "smtpd_access_policy" and first["protocol_state"] == "RCPT"
+        assert first["client_address"] == "127.0.0.1" and first["sender"] == "s@remote.test"
+        assert first["recipient"] == "alice@local.test" and first["helo_name"]
+    finally:
+        await policy.stop()
+
+
+async def test_a_policy_server_that_went_away_defers(mailflow_server, unused_port):
+    mf = await mailflow_server(smtpd={"recipient_restrictions": [f"check_policy_service inet:127.0.0.1:{unused_port}"],
+                                      "policy_service_timeout": "2s"})
+    assert await rcpt_reply(mf.smtp_addresses[0][1], "alice@local.test") == \
+        (451, "4.3.5 <alice@local.test>: Recipient address rejected: Server configuration problem")
+
+
+ZONE = """
+$ORIGIN bl.test.
+1.0.0.127   60 IN A 127.0.0.2
+"""
+
+
+async def test_dnsbl_listed_client_is_refused(mailflow_server, dns_zone):
+    nameserver = dns_zone(ZONE)
+    mf = await mailflow_server(dns={"nameservers": [nameserver]},
+                               smtpd={"client_restrictions": ["reject_rbl_client clean.test",
+                                                              "reject_rbl_client bl.test=127.0.0.4",
+                                                              "reject_rbl_client bl.test"]})
+    code, text = await rcpt_reply(mf.smtp_addresses[0][1], "alice@local.test")
+    assert (code, text) == (554, str(status.rbl_listed("127.0.0.1", "bl.test"))[4:])
+
+
+async def test_dnsbl_not_listing_the_client_lets_mail_in(mailflow_server, dns_zone):
+    nameserver = dns_zone(ZONE)
+    mf = await mailflow_server(dns={"nameservers": [nameserver]},
+                               smtpd={"client_restrictions": ["reject_rbl_client bl.test=127.0.0.4"]})
+    refused, reply = await send(mf.smtp_addresses[0][1], "s@remote.test", ["alice@local.test"], MESSAGE)
+    assert refused == {} and reply.startswith("2.0.0 Ok: queued as ")
+
+
+async def test_hold_puts_the_message_on_hold_and_discard_drops_it(mailflow_server):
+    mf = await mailflow_server(smtpd={"sender_restrictions": [
+        "check_sender_access inline:{ {held@remote.test=HOLD review}, {junk@remote.test=DISCARD} }"]})
+    port = mf.smtp_addresses[0][1]
+    refused, reply = await send(port, "held@remote.test", ["alice@local.test"], MESSAGE)
+    assert refused == {} and reply.startswith("2.0.0 Ok: queued as ")
+    assert await queue_becomes(mf.store, {"hold": 1}, timeout=3) == {"hold": 1}
+    refused, reply = await send(port, "junk@remote.test", ["alice@local.test", "bob@local.test"], MESSAGE)
+    assert refused == {} and reply.startswith("2.0.0 Ok: queued as ")
+    await asyncio.sleep(0.2)
+    assert await mf.store.counts() == {"hold": 1}
+
+
+async def test_data_restrictions_refuse_the_message(mailflow_server):
+    mf = await mailflow_server(smtpd={"data_restrictions": ["check_sender_access inline:{s@remote.test=REJECT}"]})
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=mf.smtp_addresses[0][1], timeout=10) as client:
+        await client.mail("s@remote.test")
+        await client.rcpt("alice@local.test")
+        try:
+            await client.data(MESSAGE)
+            code = 250
+        except aiosmtplib.SMTPDataError as e:
+            code, text = e.code, e.message
+    assert code == 554 and text == "5.7.1 <s@remote.test>: Sender address rejected: Access denied"
+    assert await mf.store.counts() == {}
