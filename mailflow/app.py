@@ -73,7 +73,8 @@ class Mailflow:
         router = Router(c)
         maillog = MailLog()
         cleanup = Cleanup(self.store, myhostname=c.myhostname, clock=self.clock, rng=self.rng, log=maillog,
-                          on_queued=self._wake_qmgr, mapper=router.mapper)
+                          on_queued=self._wake_qmgr, mapper=router.mapper, hopcount_limit=c.hopcount_limit,
+                          header_size_limit=c.header_size_limit)
         notices = Notices(cleanup.prepare_notice, myhostname=c.myhostname, config=c.queue)
         transports = self._build_transports(router, forwarder(cleanup, c.myhostname))
         self.qmgr = QueueManager(self.store, resolve=router.rewriter.resolve, transports=transports,

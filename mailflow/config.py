@@ -493,6 +493,10 @@ class Config(_Section):
     virtual_alias_recursion_limit: int = Field(1000, ge=1)
     virtual_alias_expansion_limit: int = Field(1000, ge=1)
     recipient_delimiter: str = "+"
+    # cleanup's limits on a message (Postfix names): more Received headers than hopcount_limit is a mail loop
+    # (554 5.4.6); a header section larger than header_size_limit bytes is refused (552 5.3.4).
+    hopcount_limit: int = Field(50, ge=1)
+    header_size_limit: int = Field(102400, ge=1024)
     queue_directory: str = "var"
 
     smtpd: SmtpdConfig = SmtpdConfig()

@@ -58,8 +58,10 @@ QUEUE_FULL = Reply(451, "4.3.1", "Error: queue file write error, try again later
 QUEUE_ERROR = Reply(451, "4.3.0", "Error: queue file write error")
 
 def refused_message(dsn: str, text: str, permanent: bool) -> Reply:
-    """A message cleanup refused (a loop, a policy): 554 when permanent, else 451."""
-    return Reply(554 if permanent else 451, dsn, text)
+    """A message cleanup refused (a loop, a policy): 554 when permanent (552 for a size limit, X.3.4), else 451."""
+    if not permanent:
+        return Reply(451, dsn, text)
+    return Reply(552 if dsn.endswith(".3.4") else 554, dsn, text)
 
 
 # ---- restrictions (smtpd restriction lists; Postfix SMTPD_ACCESS_README wording and codes)

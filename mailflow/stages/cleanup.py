@@ -2,7 +2,8 @@
 
 What it does, in order (Postfix cleanup(8)):
 1. assigns the queue id;
-2. refuses a message that has looped (more than `hopcount_limit` Received headers): 554 5.4.6;
+2. refuses a message that has looped (more than `hopcount_limit` Received headers): 554 5.4.6, and one whose
+   header section is larger than `header_size_limit` bytes: 552 5.3.4 (a header flood never reaches the queue);
 3. rewrites the envelope (`AddressMapper`): the sender through sender_canonical/canonical maps and
    masquerading; each recipient through recipient_canonical/canonical maps and virtual alias expansion,
    duplicates removed, each keeping the address first given as its original (ORCPT);
@@ -36,6 +37,7 @@ from mailflow.store import NewMessage, Store
 logger = logging.getLogger("mailflow.cleanup")
 
 HOPCOUNT_LIMIT = 50
+HEADER_SIZE_LIMIT = 102400
 CRLF = b"\r\n"
 
 
@@ -112,7 +114,7 @@ def header_value(head: bytes, wanted: str) -> str:
 class Cleanup:
     def __init__(self, store: Store, *, myhostname: str, clock: Clock, rng, log: MailLog,
                  on_queued: Callable[[], None], mapper: AddressMapper | None = None,
-                 hopcount_limit: int = HOPCOUNT_LIMIT):
+                 hopcount_limit: int = HOPCOUNT_LIMIT, header_size_limit: int = HEADER_SIZE_LIMIT):
         self._store = store
         self._mapper = mapper
         self._myhostname = myhostname
@@ -121,6 +123,7 @@ class Cleanup:
         self._log = log
         self._on_queued = on_queued
         self._hopcount_limit = hopcount_limit
+        self._header_size_limit = header_size_limit
 
     async def submit(self, sub: Submission, *, hold: bool = False) -> QueueId:
         """`hold`: commit it in the hold queue (an smtpd HOLD restriction), where qmgr leaves it alone."""
@@ -141,6 +144,8 @@ class Cleanup:
         names = header_names(head)
         if names.count("received") > self._hopcount_limit:
             raise PermanentError("5.4.6", "Error: too many hops")
+        if len(head) > self._header_size_limit:
+            raise PermanentError("5.3.4", "Error: message header size exceeds limit")
         env = sub.envelope
         originals = env.originals or env.recipients
         notify = env.notify or ("",) * len(env.recipients)

@@ -1,6 +1,8 @@
 """A message in, durably queued, delivered out: local Maildir, relay to a capture peer, relay refusal."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import aiosmtplib
 import pytest
 
@@ -117,3 +119,15 @@ async def test_message_to_local_and_relay_recipients_goes_both_ways(mailflow_ser
     for user in ("alice", "bob"):
         assert await eventually(lambda: maildir_messages(tmp_path / "mail" / user / "Maildir"))
     assert peer.messages[0].rcpt_tos == ["r@relay.test"]
+
+
+async def test_a_header_flood_is_refused_and_not_queued(mailflow_server):
+    mf = await mailflow_server(header_size_limit=2048)
+    flood = b"".join(b"X-Flood-%d: %s\r\n" % (i, b"a" * 60) for i in range(40)) + b"\r\nbody\r\n"
+    with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+        await send(mf.smtp_addresses[0][1], "s@remote.test", ["alice@local.test"], flood)
+    assert (refused.value.code, refused.value.message[:5]) == (552, "5.3.4")
+    await send(mf.smtp_addresses[0][1], "s@remote.test", ["alice@local.test"], b"Subject: small\r\n\r\nok\r\n")
+    assert await queue_becomes(mf.store, {}) == {}
+    [only] = maildir_messages(Path(mf.config.local.maildir_base) / "alice" / "Maildir")
+    assert only.endswith(b"\n\nok\n")
