@@ -144,6 +144,16 @@ class SmtpdConfig(_Section):
     error_sleep_time: Duration = Field(1.0, ge=0)
     junk_command_limit: int = Field(100, ge=1)
     disable_vrfy_command: bool = True
+    # A session longer than this ends with 421 4.4.2 at its next command (with the per-command deadline, at
+    # most `timeout` later); 0: no limit.
+    session_time_limit: Duration = Field(3600.0, ge=0)
+    # Trusted front ends (docs/security.md): the PROXY protocol of a load balancer (smtpd_upstream_proxy_protocol,
+    # "haproxy": v1 or v2 header first, else the connection is dropped without a greeting), accepted only from
+    # upstream_proxy_clients; XCLIENT from authorized_xclient_hosts (smtpd_authorized_xclient_hosts; none by default).
+    upstream_proxy_protocol: Literal["", "haproxy"] = ""
+    upstream_proxy_timeout: Duration = Field(5.0, gt=0)
+    upstream_proxy_clients: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    authorized_xclient_hosts: tuple[str, ...] = ()
     # Restrictions (docs/security.md): smtpd_*_restrictions, each an ordered list of "name" or
     # "name argument" items, evaluated at RCPT (client, helo, sender, relay, recipient; smtpd_delay_reject = yes),
     # at DATA and at the end of the message. relay_restrictions refuses relaying with 554 (Postfix defers: 454).
@@ -176,6 +186,13 @@ class SmtpdConfig(_Section):
     def _listen(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for item in v:
             parse_hostport(item)
+        return v
+
+    @field_validator("upstream_proxy_clients", "authorized_xclient_hosts")
+    @classmethod
+    def _frontend_networks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for item in v:
+            ipaddress.ip_network(item, strict=False)
         return v
 
     @field_validator("sasl_user_maps", "sender_login_maps")
@@ -234,6 +251,8 @@ class SmtpdConfig(_Section):
             return "sasl_auth_enable needs sasl_user_maps (the users and their password hashes)"
         if self.sasl_auth_required and not self.sasl_auth_enable:
             return "sasl_auth_required needs sasl_auth_enable"
+        if self.upstream_proxy_protocol and role == "submissions":
+            return "upstream_proxy_protocol cannot work with implicit TLS (the header comes before the handshake)"
         return ""
 
 

@@ -171,6 +171,11 @@ def protocol_sync(host: str) -> Reply:
     return Reply(554, "5.5.0", f"{host} Error: SMTP protocol synchronization")
 
 
+def session_too_long(host: str) -> Reply:
+    """session_time_limit reached; the session is closed after it."""
+    return Reply(421, "4.4.2", f"{host} Error: session time limit exceeded")
+
+
 def too_many_errors(host: str) -> Reply:
     """smtpd_hard_error_limit reached; the session is closed after it."""
     return Reply(421, "4.7.0", f"{host} Error: too many errors")
@@ -223,3 +228,14 @@ def sender_login_mismatch(sender: str, login: str | None) -> Reply:
     """reject_sender_login_mismatch (Postfix: 553 5.7.1 … not owned by user …)."""
     who = f"not owned by user {login}" if login else "not logged in"
     return Reply(553, "5.7.1", f"<{sender}>: Sender address rejected: {who}")
+
+
+# ---- trusted front ends (XCLIENT, Postfix XCLIENT_README)
+XCLIENT_DENIED = Reply(550, "5.7.0", "Error: insufficient authorization")
+XCLIENT_SYNTAX = Reply(501, "5.5.4", "Syntax: XCLIENT attribute=value...")
+XCLIENT_IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+
+
+def xclient_bad(kind: str, word: str) -> Reply:
+    """`kind`: "name" or "value"; `word` is the offending attribute=value (cut short)."""
+    return Reply(501, "5.5.4", f"Bad XCLIENT attribute {kind}: {word[:100]}")

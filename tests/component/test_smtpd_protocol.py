@@ -363,6 +363,22 @@ async def test_hard_error_limit_disconnects_with_421(limited_listener):
     assert await c.closed()
 
 
+async def test_a_session_past_session_time_limit_ends_at_its_next_command(limited_listener):
+    port = await limited_listener(session_time_limit=0.6)
+    c = await Raw.connect(port)
+    assert (await c.cmd("EHLO client.test"))[0] == 250
+    replies = []
+    for _ in range(10):  # a client that keeps a session alive with commands well inside the deadline
+        reply = await c.cmd("NOOP")
+        replies.append(reply[0])
+        if reply[0] != 250:
+            assert reply == (421, "421 4.4.2 mx.mailflow.test Error: session time limit exceeded")
+            break
+        await asyncio.sleep(0.2)
+    assert replies[-1] == 421 and 2 <= len(replies) <= 5
+    assert await c.closed()
+
+
 async def test_soft_error_limit_slows_replies(limited_listener):
     port = await limited_listener(soft_error_limit=1, hard_error_limit=50, error_sleep_time=0.2)
     c = await Raw.connect(port)

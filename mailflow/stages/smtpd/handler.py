@@ -176,6 +176,7 @@ class SmtpdHandler:
         cipher = ssl.get("cipher") if isinstance(ssl, dict) else None
         return Facts(
             client_addr=self._client(session).addr,
+            client_name=self._client(session).hostname,
             helo=session.host_name or "",
             sender=None if sender is None else ("" if sender == NULL_SENDER else sender),
             recipient=rcpt,
@@ -201,7 +202,8 @@ class SmtpdHandler:
     def _client(session: Session) -> ClientInfo:
         host, port = (session.peer or ("unknown", 0))[:2]
         return ClientInfo(addr=host, port=port, helo=session.host_name or "",
-                          protocol="ESMTP" if session.extended_smtp else "SMTP")
+                          protocol="ESMTP" if session.extended_smtp else "SMTP",
+                          hostname=getattr(session, "client_name", "unknown"))  # XCLIENT NAME, else unknown
 
 
 def _declared_size(options: list[str]) -> int:

@@ -14,6 +14,10 @@ SmtpdConfig, its own handler (built by `handler_for(config)` with that config), 
 AUTH is offered only over TLS, unless `allow_plaintext_auth_on_loopback` and the client is on loopback.
 With reject_sender_login_mismatch, MAIL FROM an address the login does not own gets 553 5.7.1 (auth.py).
 
+Trusted front ends (session.py, frontends.py): with upstream_proxy_protocol "haproxy" the PROXY header is read
+before the admission, so that connection limits, mynetworks and logs see the real client; XCLIENT from
+authorized_xclient_hosts.
+
 TLS: the certificate is read at start (a missing or unreadable file stops the start, naming it) and again by
 `reload_tls()` (SIGHUP): new sessions use the new certificate, sessions already running keep theirs.
 """
@@ -33,7 +37,7 @@ from mailflow.config import Config, SmtpdConfig, parse_hostport
 from mailflow.errors import LookupRetry
 from mailflow.stages.smtpd.anvil import Anvil, SessionSlots
 from mailflow.stages.smtpd.auth import Authenticator, SenderLogins, is_loopback, login_of
-from mailflow.stages.smtpd.session import ProtocolLimits, SmtpSession
+from mailflow.stages.smtpd.session import FrontEnds, ProtocolLimits, SmtpSession
 from mailflow.stages.smtpd.tls import ServerTls
 from mailflow.tables import TableCache
 
@@ -53,6 +57,7 @@ class Listener:
     slots: SessionSlots
     authenticator: Authenticator | None
     sender_logins: SenderLogins | None
+    frontends: FrontEnds
     server: asyncio.base_events.Server | None = None
 
     @property
@@ -73,26 +78,29 @@ class ListenerSession(SmtpSession):
 
     # -------------------------------------------------------------------------------- admission
 
-    async def _handle_client(self) -> None:
+    async def _before_greeting(self) -> bool:
+        """After the PROXY header (if any: the limits apply to the real client it names), the admission."""
+        if not await super()._before_greeting():
+            return False
         ip = _peer_ip(self.session.peer if self.session else None)
         refusal = self._listener.anvil.admit(ip)
         if refusal is not None:
             log.warning("smtpd: connect from [%s] refused: %s", ip, refusal.text)
             await self._refuse(refusal)
-            return
+            return False
         self._admitted_ip = ip
         if not await self._listener.slots.acquire():
             log.warning("smtpd: connect from [%s] refused: %d sessions and as many waiting",
                         ip, self._listener.smtpd.max_sessions)
             await self._refuse(status.SERVER_BUSY)
-            return
+            return False
         self._has_slot = True
         if self._listener.role == "submissions" and self.transport is not None:
             self.session.ssl = {"ssl_object": self.transport.get_extra_info("ssl_object"),
                                 "cipher": self.transport.get_extra_info("cipher")}
         if self._listener.smtpd.allow_plaintext_auth_on_loopback and is_loopback(ip):
             self._auth_require_tls = False
-        await super()._handle_client()
+        return True
 
     async def _refuse(self, reply: status.Reply) -> None:
         await self.push(str(reply))
@@ -221,7 +229,7 @@ class Smtpd:
         if smtpd.tls_cert_file:
             self._server_tls(smtpd)  # read now: a bad file stops the start
         return Listener(host, port, role, config, self._handler_for(config), anvil, SessionSlots(smtpd.max_sessions),
-                        authenticator, sender_logins)
+                        authenticator, sender_logins, FrontEnds.from_config(smtpd))
 
     def _server_tls(self, smtpd: SmtpdConfig) -> ServerTls:
         """The certificate of these settings, read once per (cert, key) pair. Raises TlsError."""
@@ -239,6 +247,7 @@ class Smtpd:
             listener=listener,
             sessions=self.sessions,
             protocol=ProtocolLimits.from_config(smtpd),
+            frontends=listener.frontends,
             hostname=c.myhostname,
             ident=smtpd.banner,
             data_size_limit=smtpd.message_size_limit or None,

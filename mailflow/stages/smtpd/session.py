@@ -13,18 +13,26 @@ Failure behaviour (each refusal is a reply from `mailflow.status`; the session n
 - over `hard_error_limit` errors: 421 4.7.0 and close; over `soft_error_limit` each reply waits
   `error_sleep_time`; junk commands (NOOP, VRFY, RSET, HELP) beyond `junk_command_limit` count as errors.
 - a command not complete within `timeout` of the previous one, or DATA slower than `min_data_rate` beyond
-  `timeout`, closes the session (slowloris).
+  `timeout`, closes the session (slowloris); a session older than `session_time_limit` gets 421 4.4.2 at its
+  next command.
+- trusted front ends (`frontends.py`): with upstream_proxy_protocol "haproxy" the PROXY header is read before
+  the greeting and its client becomes the session's peer; a peer outside upstream_proxy_clients, a malformed
+  header or none within upstream_proxy_timeout: a warning is logged and the connection closes without a
+  greeting. XCLIENT from authorized_xclient_hosts (judged on the client as it was at the greeting) replaces
+  the client's attributes and starts the session again with a new 220; from others 550 5.7.0.
 """
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from mailflow import status
 from mailflow.stages.smtpd import dsn
+from mailflow.stages.smtpd.frontends import ProxyError, XclientError, parse_xclient, read_proxy_header
 from mailflow.stages.smtpd.wire import Content, Wire, WireError, bare_newline_in
 
 log = logging.getLogger("mailflow.smtpd")
@@ -32,6 +40,7 @@ log = logging.getLogger("mailflow.smtpd")
 # RFC 2920 section 3.1: these end a command group; input already pending after them is out of sync.
 LAST_IN_GROUP = {"EHLO", "HELO", "DATA", "VRFY", "EXPN", "NOOP", "STARTTLS", "AUTH", "QUIT"}
 EXTRA_KEYWORDS = ("DSN", "CHUNKING")  # EHLO keywords this module implements, added to the handler's list
+XCLIENT_KEYWORD = "XCLIENT NAME ADDR PORT PROTO HELO LOGIN"  # offered to authorized_xclient_hosts only
 JUNK_COMMANDS = {"NOOP", "VRFY", "RSET", "HELP", "EXPN", "ETRN"}
 ALLOWED_BEFORE_STARTTLS = {"NOOP", "EHLO", "STARTTLS", "QUIT"}
 
@@ -49,6 +58,7 @@ class ProtocolLimits:
     error_sleep_time: float = 1.0
     junk_command_limit: int = 100
     disable_vrfy_command: bool = True
+    session_time_limit: float = 3600.0
 
     @classmethod
     def from_config(cls, smtpd) -> "ProtocolLimits":
@@ -56,13 +66,44 @@ class ProtocolLimits:
         return cls(**{name: getattr(smtpd, name) for name in cls.__dataclass_fields__})
 
 
+@dataclass(frozen=True)
+class FrontEnds:
+    """The trusted front ends of one listener (SmtpdConfig upstream_proxy_*, authorized_xclient_hosts)."""
+
+    proxy_timeout: float | None = None  # None: no PROXY protocol
+    proxy_clients: tuple = field(default=())  # ip networks
+    xclient_hosts: tuple = field(default=())
+
+    @classmethod
+    def from_config(cls, smtpd) -> "FrontEnds":
+        def networks(items):
+            return tuple(ipaddress.ip_network(n, strict=False) for n in items)
+        return cls(proxy_timeout=smtpd.upstream_proxy_timeout if smtpd.upstream_proxy_protocol == "haproxy" else None,
+                   proxy_clients=networks(smtpd.upstream_proxy_clients),
+                   xclient_hosts=networks(smtpd.authorized_xclient_hosts))
+
+
+def in_networks(ip: str, networks) -> bool:
+    """`ip` (IPv4-mapped IPv6 counts as IPv4) in one of `networks`; False for anything not an address."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in networks)
+
+
 class SmtpSession(SMTP):
     """One client connection."""
 
-    def __init__(self, handler, *, sessions: set, protocol: ProtocolLimits | None = None, **kwargs):
+    def __init__(self, handler, *, sessions: set, protocol: ProtocolLimits | None = None,
+                 frontends: FrontEnds | None = None, **kwargs):
         super().__init__(handler, **kwargs)
         self._sessions = sessions
         self._limits = protocol or ProtocolLimits()
+        self._frontends = frontends or FrontEnds()
+        self._xclient_allowed = False
         self._replies_sent = 0
         self._in_hello = False  # EHLO/HELO replies carry no enhanced codes (RFC 2034)
         self._wire: Wire | None = None
@@ -121,6 +162,10 @@ class SmtpSession(SMTP):
         peer = self.session.peer if self.session else None
         return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
 
+    def _peer_ip(self) -> str:
+        peer = self.session.peer if self.session else None
+        return str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+
     # --- deadlines ----------------------------------------------------------------------------------------
 
     def _on_input(self, count: int) -> None:
@@ -150,11 +195,13 @@ class SmtpSession(SMTP):
     async def _handle_client(self) -> None:
         assert self.session is not None
         self._wire = Wire(self._reader, self.hostname, self._on_input)
-        if self._proxy_timeout is not None and not await self._proxy_handshake():
+        if not await self._before_greeting():
             return
+        self._xclient_allowed = in_networks(self._peer_ip(), self._frontends.xclient_hosts)
         await asyncio.sleep(0)  # let input sent before the greeting arrive, so that it is seen as such
         early = self._wire.pending()
         await self.push(f"220 {self.hostname} {self.__ident__}")
+        self._greeted_at = asyncio.get_running_loop().time()
         if early and self._limits.forbid_unauth_pipelining:
             await self._refuse_and_close(status.protocol_sync(self.hostname))
             return
@@ -187,23 +234,46 @@ class SmtpSession(SMTP):
                     reply = str(status.INTERNAL_ERROR)
                 await self.push(reply)
 
-    async def _proxy_handshake(self) -> bool:
-        """The PROXY protocol header before the greeting (aiosmtpd's, unchanged)."""
-        from aiosmtpd.proxy_protocol import get_proxy
+    async def _before_greeting(self) -> bool:
+        """What must happen before the greeting; False when the connection was closed. Subclasses add admission
+        (which must come after this, so that limits apply to the real client)."""
+        return await self._upstream_proxy()
 
-        self._reset_timeout(self._proxy_timeout)
-        self.session.proxy_data = await get_proxy(self._reader)
-        accepted = False
-        if self.session.proxy_data:
-            accepted = await self._call_handler_hook("PROXY", self.session.proxy_data)
-        if not accepted or accepted is MISSING_HOOK:
+    async def _upstream_proxy(self) -> bool:
+        """The PROXY header of a trusted load balancer (Postfix smtpd_upstream_proxy_protocol = haproxy): its
+        client becomes the session's peer. Anything wrong: a warning, and the connection closes silently."""
+        timeout = self._frontends.proxy_timeout
+        if timeout is None:
+            return True
+        balancer = self._peer_ip()
+        if not in_networks(balancer, self._frontends.proxy_clients):
+            log.warning("smtpd: connect from [%s] dropped: not an upstream_proxy_clients address", balancer)
             self._close()
             return False
-        self._reset_timeout()
+        try:
+            client = await asyncio.wait_for(read_proxy_header(self._reader), timeout)
+        except asyncio.TimeoutError:
+            log.warning("smtpd: [%s]: PROXY header: time limit of %gs exceeded, dropped", balancer, timeout)
+            self._close()
+            return False
+        except ProxyError as e:
+            log.warning("smtpd: [%s]: %s, dropped", balancer, e)
+            self._close()
+            return False
+        if client is not None:
+            self.session.peer = (client.addr, client.port)
+            self.session.proxied_by = balancer
+        log.info("smtpd: connect from [%s]:%s via upstream proxy [%s]", self._peer_ip(),
+                 self.session.peer[1] if len(self.session.peer) > 1 else "?", balancer)
         return True
 
     async def _error_gate(self) -> bool:
-        """Tarpit past soft_error_limit, end the session at hard_error_limit (Postfix smtpd error counting)."""
+        """End a session past session_time_limit; tarpit past soft_error_limit, end the session at
+        hard_error_limit (Postfix smtpd error counting)."""
+        limit = self._limits.session_time_limit
+        if limit and asyncio.get_running_loop().time() - self._greeted_at > limit:
+            await self._refuse_and_close(status.session_too_long(self.hostname))
+            return False
         if self._errors >= self._limits.hard_error_limit:
             await self._refuse_and_close(status.too_many_errors(self.hostname))
             return False
@@ -278,7 +348,7 @@ class SmtpSession(SMTP):
     async def _call_handler_hook(self, command: str, *args):
         reply = await super()._call_handler_hook(command, *args)
         if command == "EHLO" and isinstance(reply, list) and reply:
-            reply = _with_keywords(reply, EXTRA_KEYWORDS)
+            reply = _with_keywords(reply, EXTRA_KEYWORDS + ((XCLIENT_KEYWORD,) if self._xclient_allowed else ()))
         return reply
 
     async def smtp_VRFY(self, arg: str) -> None:
@@ -289,6 +359,50 @@ class SmtpSession(SMTP):
 
     async def smtp_EXPN(self, arg: str) -> None:
         await self.push("502 5.5.1 EXPN command is disabled")
+
+    async def smtp_XCLIENT(self, arg: str | None) -> None:
+        """Postfix XCLIENT: an authorized front end names the real client; the session starts again."""
+        if not self._xclient_allowed:
+            log.warning("smtpd: %s: XCLIENT refused: not in authorized_xclient_hosts", self._peer_text())
+            await self.push(status.XCLIENT_DENIED)
+            return
+        if self.envelope.mail_from:
+            await self.push(status.XCLIENT_IN_TRANSACTION)
+            return
+        try:
+            attributes = parse_xclient(arg)
+        except XclientError as e:
+            await self.push(e.reply)
+            return
+        before = self._peer_text()
+        self._apply_xclient(attributes)
+        log.info("smtpd: %s: XCLIENT: client is now %s[%s]:%s helo=<%s> login=%s", before,
+                 getattr(self.session, "client_name", "unknown"), *self.session.peer[:2],
+                 self.session.host_name or "", self.session.auth_data if self.session.authenticated else "-")
+        self._set_rset_state()
+        await self.push(f"220 {self.hostname} {self.__ident__}".encode())  # a greeting: no enhanced code
+
+    def _apply_xclient(self, attributes: dict) -> None:
+        """The given attributes replace the session's; [UNAVAILABLE] (None) makes one unknown. The session
+        starts again: HELO name, protocol and login are forgotten unless given (the client sends EHLO again)."""
+        session = self.session
+        session.host_name, session.extended_smtp = None, False
+        session.authenticated, session.auth_data = False, None
+        addr, port = (list(session.peer[:2]) + [0])[:2] if isinstance(session.peer, tuple) else ("unknown", 0)
+        if "ADDR" in attributes:
+            addr = attributes["ADDR"] or "unknown"
+        if "PORT" in attributes:
+            port = int(attributes["PORT"] or 0)
+        session.peer = (addr, port)
+        if "NAME" in attributes:
+            session.client_name = attributes["NAME"] or "unknown"
+        if "HELO" in attributes:
+            session.host_name = attributes["HELO"]
+        if "PROTO" in attributes:
+            session.extended_smtp = attributes["PROTO"] == "ESMTP"
+        if "LOGIN" in attributes:
+            session.authenticated = attributes["LOGIN"] is not None
+            session.auth_data = attributes["LOGIN"]
 
     def _set_post_data_state(self) -> None:
         super()._set_post_data_state()
@@ -463,10 +577,3 @@ def _is_error_reply(line) -> bool:
     text = line if isinstance(line, str) else line.decode("ascii", errors="replace")
     return text[:1] in ("4", "5") and text[3:4] == " "
 
-
-def _missing():
-    from aiosmtpd.smtp import MISSING
-    return MISSING
-
-
-MISSING_HOOK = _missing()

@@ -1,0 +1,289 @@
+"""Trusted front ends: the PROXY protocol of a load balancer (v1 and v2) and XCLIENT, and 8-bit headers without
+SMTPUTF8. Raw sockets on 127.0.0.1 so that each byte sent and each reply (or its absence) is seen as it is.
+
+The proxy listener is a second mta listener whose `overrides` turn the PROXY protocol on (master.cf -o), so
+the plain `listen` address beside it shows the setting is per listener. mynetworks is 192.0.2.0/24: only a
+client the header names from there may relay; the load balancer itself (127.0.0.1) may not.
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+import pytest
+
+from mailflow import status
+from mailflow.config import config_from_dict
+from mailflow.errors import ConfigError
+from mailflow.stages.smtpd.frontends import ProxyError, XclientError, parse_xclient, read_proxy_header
+from tests.helpers import base_settings, eventually, maildir_messages, merged
+
+PROXY_TIMEOUT = 0.5
+
+
+class Client:
+    """A raw SMTP client: `reply()` -> (code or None at EOF, text of the last line), `cmd(line)`."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, port: int, first: bytes = b"") -> "Client":
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+        if first:
+            writer.write(first)
+            await writer.drain()
+        return cls(reader, writer)
+
+    async def reply(self, timeout: float = 5.0) -> tuple[int | None, str]:
+        lines = []
+        while True:
+            line = await asyncio.wait_for(self.reader.readline(), timeout)
+            if not line:
+                return None, "\n".join(lines)
+            text = line.decode("utf-8", "replace").rstrip("\r\n")
+            lines.append(text[4:])
+            if text[3:4] != "-":
+                return int(text[:3]), "\n".join(lines)
+
+    async def cmd(self, line: str | bytes) -> tuple[int | None, str]:
+        self.writer.write((line.encode() if isinstance(line, str) else line) + b"\r\n")
+        await self.writer.drain()
+        return await self.reply()
+
+    async def closed_without_a_word(self, timeout: float = 5.0) -> bool:
+        """The server closed the connection and sent nothing at all."""
+        return await asyncio.wait_for(self.reader.read(), timeout) == b""
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except ConnectionError:
+            pass
+
+
+def v1(src: str, sport: int = 40000, family: str = "TCP4", dst: str = "203.0.113.1") -> bytes:
+    return f"PROXY {family} {src} {dst} {sport} 25\r\n".encode()
+
+
+def v2_tcp4(src: str, sport: int, dst: str = "203.0.113.1", dport: int = 25) -> bytes:
+    body = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!HH", sport, dport)
+    return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x11]) + struct.pack("!H", len(body)) + body
+
+
+def proxy_settings(**overrides) -> dict:
+    smtpd = {
+        "listen": ["127.0.0.1:0"],
+        "listeners": [{"address": "127.0.0.1:0", "role": "mta",
+                       "overrides": {"upstream_proxy_protocol": "haproxy", "upstream_proxy_timeout": PROXY_TIMEOUT,
+                                     **overrides}}],
+    }
+    return {"mynetworks": ["192.0.2.0/24"], "smtpd": smtpd}
+
+
+def proxy_port(mf) -> int:
+    listener = mf.smtpd.listeners[1]
+    assert listener.smtpd.upstream_proxy_protocol == "haproxy"
+    return listener.server.sockets[0].getsockname()[1]
+
+
+async def relay_reply(client: Client) -> tuple[int | None, str]:
+    """EHLO, MAIL, then RCPT to a domain this server does not serve: what a relay attempt gets."""
+    assert (await client.cmd("EHLO lb.test"))[0] == 250
+    assert (await client.cmd("MAIL FROM:<s@remote.test>"))[0] == 250
+    return await client.cmd("RCPT TO:<someone@elsewhere.test>")
+
+
+# -------------------------------------------------------------------------------- PROXY protocol
+
+async def test_proxied_client_decides_mynetworks(mailflow_server):
+    mf = await mailflow_server(**proxy_settings())
+    inside = await Client.connect(proxy_port(mf), v1("192.0.2.10"))
+    assert (await inside.reply())[0] == 220
+    assert await relay_reply(inside) == (250, "2.1.5 Ok")
+    await inside.close()
+
+    outside = await Client.connect(proxy_port(mf), v1("198.51.100.7"))
+    assert (await outside.reply())[0] == 220
+    code, text = await relay_reply(outside)
+    assert (code, text) == (554, str(status.relay_denied("someone@elsewhere.test"))[4:])
+    await outside.close()
+
+
+async def test_proxy_v2_header_names_the_client_and_received_shows_it(mailflow_server, tmp_path):
+    mf = await mailflow_server(**proxy_settings())
+    c = await Client.connect(proxy_port(mf), v2_tcp4("192.0.2.44", 51515))
+    assert (await c.reply())[0] == 220
+    assert await relay_reply(c) == (250, "2.1.5 Ok")
+    assert (await c.cmd("RSET"))[0] == 250
+    assert (await c.cmd("MAIL FROM:<s@remote.test>"))[0] == 250
+    assert (await c.cmd("RCPT TO:<alice@local.test>"))[0] == 250
+    assert (await c.cmd("DATA"))[0] == 354
+    code, _ = await c.cmd(b"Subject: via the balancer\r\n\r\nhello\r\n.")
+    assert code == 250
+    await c.close()
+    maildir = tmp_path / "mail" / "alice" / "Maildir"
+    messages = await eventually(lambda: maildir_messages(maildir))
+    assert b"(unknown [192.0.2.44])" in messages[0]
+    assert b"127.0.0.1" not in messages[0].split(b"\r\n\r\n")[0]
+
+
+async def test_proxy_unknown_keeps_the_real_peer(mailflow_server):
+    mf = await mailflow_server(**proxy_settings())
+    c = await Client.connect(proxy_port(mf), b"PROXY UNKNOWN\r\n")
+    assert (await c.reply())[0] == 220
+    assert (await relay_reply(c))[0] == 554  # 127.0.0.1 is not in mynetworks
+    await c.close()
+
+
+async def test_proxy_header_from_a_peer_outside_upstream_proxy_clients_is_dropped(mailflow_server):
+    mf = await mailflow_server(**proxy_settings(upstream_proxy_clients=["192.0.2.0/24"]))
+    c = await Client.connect(proxy_port(mf), v1("192.0.2.10"))
+    assert await c.closed_without_a_word()
+    await c.close()
+
+
+@pytest.mark.parametrize("header", [
+    b"PROXY TCP4 192.0.2.10 203.0.113.1 40000\r\n",              # a field missing
+    b"PROXY TCP4 192.0.2.300 203.0.113.1 40000 25\r\n",          # not an address
+    b"PROXY TCP6 192.0.2.10 203.0.113.1 40000 25\r\n",           # family and address disagree
+    b"PROXY TCP4 192.0.2.10 203.0.113.1 040000 25\r\n",          # leading zero
+    b"PROXY TCP4 192.0.2.10 203.0.113.1 40000 25\n",             # bare LF
+    b"PROXY TCP4 " + b"1" * 120 + b"\r\n",                        # longer than 107 bytes
+    b"EHLO client.test\r\n",                                     # no header at all
+    b"\r\n\r\n\x00\r\nQUIT\n\x21\x31\x00\x00",                    # v2, UDP
+])
+async def test_malformed_or_missing_proxy_header_closes_without_greeting(mailflow_server, header):
+    mf = await mailflow_server(**proxy_settings())
+    c = await Client.connect(proxy_port(mf), header)
+    assert await c.closed_without_a_word()
+    await c.close()
+
+
+async def test_proxy_header_timeout_closes_without_greeting(mailflow_server):
+    mf = await mailflow_server(**proxy_settings())
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    c = await Client.connect(proxy_port(mf), b"PROXY TCP4 192.0.2.10")  # and then nothing
+    assert await c.closed_without_a_word()
+    waited = loop.time() - started
+    assert PROXY_TIMEOUT * 0.8 <= waited < PROXY_TIMEOUT + 2
+    await c.close()
+
+
+async def test_plain_listener_beside_the_proxy_listener_needs_no_header(mailflow_server):
+    mf = await mailflow_server(**proxy_settings())
+    c = await Client.connect(mf.smtpd.address_of("mta")[1])
+    assert (await c.reply())[0] == 220
+    await c.close()
+
+
+async def test_connection_limits_apply_to_the_proxied_client(mailflow_server):
+    mf = await mailflow_server(**proxy_settings(client_connection_count_limit=1))
+    port = proxy_port(mf)
+    first = await Client.connect(port, v1("198.51.100.1"))
+    assert (await first.reply())[0] == 220
+    other = await Client.connect(port, v1("198.51.100.2"))  # same balancer, another client: admitted
+    assert (await other.reply())[0] == 220
+    again = await Client.connect(port, v1("198.51.100.1"))
+    assert await again.reply() == (421, str(status.too_many_connections("198.51.100.1"))[4:])
+    for c in (first, other, again):
+        await c.close()
+
+
+# -------------------------------------------------------------------------------- XCLIENT
+
+async def test_xclient_from_an_authorized_host_replaces_the_client(mailflow_server):
+    mf = await mailflow_server(mynetworks=["192.0.2.0/24"],
+                               smtpd={"listen": ["127.0.0.1:0"], "authorized_xclient_hosts": ["127.0.0.0/8"]})
+    c = await Client.connect(mf.smtpd.address_of("mta")[1])
+    assert (await c.reply())[0] == 220
+    code, text = await c.cmd("EHLO filter.test")
+    assert code == 250 and "XCLIENT NAME ADDR PORT PROTO HELO LOGIN" in text.splitlines()
+    assert await c.cmd("XCLIENT ADDR=192.0.2.1 NAME=[UNAVAILABLE]") == (220, "mx.mailflow.test ESMTP mailflow")
+    assert await c.cmd("MAIL FROM:<s@remote.test>") == (503, "5.5.1 Error: send HELO first")  # reset
+    assert await relay_reply(c) == (250, "2.1.5 Ok")  # 192.0.2.1 is in mynetworks
+    assert (await c.cmd("XCLIENT ADDR=198.51.100.9"))[0:2] == (503, "5.5.1 Error: MAIL transaction in progress")
+    assert (await c.cmd("RSET"))[0] == 250
+    assert (await c.cmd("XCLIENT ADDR=IPV6:2001:db8::7 PORT=4242"))[0] == 220
+    assert (await relay_reply(c))[0] == 554  # no longer in mynetworks
+    await c.close()
+
+
+@pytest.mark.parametrize("line, reply", [
+    ("XCLIENT", status.XCLIENT_SYNTAX),
+    ("XCLIENT FOO=bar", status.xclient_bad("name", "FOO=bar")),
+    ("XCLIENT ADDR", status.xclient_bad("name", "ADDR")),
+    ("XCLIENT ADDR=192.0.2.999", status.xclient_bad("value", "ADDR=192.0.2.999")),
+    ("XCLIENT PROTO=LMTP", status.xclient_bad("value", "PROTO=LMTP")),
+    ("XCLIENT HELO=a+2", status.xclient_bad("value", "HELO=a+2")),
+])
+async def test_xclient_bad_attributes_get_501(mailflow_server, line, reply):
+    mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "authorized_xclient_hosts": ["127.0.0.1/32"]})
+    c = await Client.connect(mf.smtpd.address_of("mta")[1])
+    assert (await c.reply())[0] == 220
+    assert (await c.cmd("EHLO filter.test"))[0] == 250
+    assert await c.cmd(line) == (501, str(reply)[4:])
+    await c.close()
+
+
+async def test_xclient_from_others_is_refused_and_not_offered(mailflow_server):
+    mf = await mailflow_server(mynetworks=["192.0.2.0/24"])  # authorized_xclient_hosts: default, nobody
+    c = await Client.connect(mf.smtpd.address_of("mta")[1])
+    assert (await c.reply())[0] == 220
+    code, text = await c.cmd("EHLO filter.test")
+    assert code == 250 and "XCLIENT" not in text
+    assert await c.cmd("XCLIENT ADDR=192.0.2.1") == (550, "5.7.0 Error: insufficient authorization")
+    assert (await relay_reply(c))[0] == 554  # still 127.0.0.1
+    await c.close()
+
+
+def test_parse_xclient_values():
+    assert parse_xclient("NAME=Mail.Example.COM ADDR=192.0.2.1 PORT=25 PROTO=esmtp HELO=x+2By LOGIN=bob") == {
+        "NAME": "mail.example.com", "ADDR": "192.0.2.1", "PORT": "25", "PROTO": "ESMTP", "HELO": "x+y",
+        "LOGIN": "bob"}
+    assert parse_xclient("NAME=[TEMPUNAVAIL] ADDR=[UNAVAILABLE]") == {"NAME": None, "ADDR": None}
+    with pytest.raises(XclientError):
+        parse_xclient("ADDR=[TEMPUNAVAIL]")
+
+
+async def test_read_proxy_header_consumes_exactly_the_header():
+    reader = asyncio.StreamReader()
+    reader.feed_data(v1("2001:db8::1", 1234, family="TCP6", dst="2001:db8::2") + b"EHLO x\r\n")
+    client = await read_proxy_header(reader)
+    assert (client.addr, client.port) == ("2001:db8::1", 1234)
+    assert await reader.readexactly(8) == b"EHLO x\r\n"
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"PROXY TCP4 192.0.2.1")
+    reader.feed_eof()
+    with pytest.raises(ProxyError):
+        await read_proxy_header(reader)
+
+
+# -------------------------------------------------------------------------------- 8-bit headers
+
+async def test_8bit_header_without_smtputf8_is_accepted_and_kept_byte_for_byte(mailflow_server, tmp_path):
+    """Postfix's default (strict_8bitmime = no, message_reject_characters empty): accepted, passed on as is."""
+    mf = await mailflow_server()
+    c = await Client.connect(mf.smtpd.address_of("mta")[1])
+    assert (await c.reply())[0] == 220
+    assert (await c.cmd("EHLO client.test"))[0] == 250
+    assert (await c.cmd("MAIL FROM:<s@remote.test>"))[0] == 250  # neither SMTPUTF8 nor BODY=8BITMIME
+    assert (await c.cmd("RCPT TO:<alice@local.test>"))[0] == 250
+    assert (await c.cmd("DATA"))[0] == 354
+    subject = "Subject: caf\u00e9 \u00fcber na\u00efve".encode("utf-8") + b" \xe9latin1\r\n"
+    assert (await c.cmd(subject + b"From: s@remote.test\r\n\r\nbody\r\n."))[0] == 250
+    await c.close()
+    maildir = tmp_path / "mail" / "alice" / "Maildir"
+    messages = await eventually(lambda: maildir_messages(maildir))
+    assert subject.replace(b"\r\n", b"\n") in messages[0]  # Maildir files end lines with LF
+
+
+def test_proxy_protocol_on_an_implicit_tls_listener_is_refused_at_start(tmp_path):
+    listener = {"address": "127.0.0.1:0", "role": "submissions", "overrides": {"upstream_proxy_protocol": "haproxy"}}
+    settings = merged(base_settings(tmp_path), {"smtpd": {"listen": ["127.0.0.1:0"], "tls_cert_file": "cert.pem",
+                                                          "sasl_user_maps": ["inline:{}"], "listeners": [listener]}})
+    with pytest.raises(ConfigError, match="upstream_proxy_protocol cannot work with implicit TLS"):
+        config_from_dict(settings)
