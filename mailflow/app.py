@@ -2,7 +2,7 @@
 
     async with Mailflow(config) as mf:      # start(): open the store, recover, start qmgr, then listen
         host, port = mf.smtp_addresses[0]   # port 0 in the config gives an ephemeral port
-    # stop(): close the listeners, drain sessions, let deliveries finish (grace), flush the store
+    # stop(): close the listeners and pickup, drain sessions, let deliveries finish (grace), flush the store
 
 The clock, RNG, resolver and transports can be injected (tests pass fakes or local peers); nothing is
 global, so several instances can run in one process. `serve(config)` runs one until SIGTERM/SIGINT or
@@ -19,6 +19,7 @@ from mailflow.clock import Clock, SystemClock
 from mailflow.config import Config
 from mailflow.logs import MailLog
 from mailflow.stages.cleanup import Cleanup
+from mailflow.stages.pickup import Pickup
 from mailflow.stages.qmgr import QueueManager
 from mailflow.stages.qmgr.notices import Notices
 from mailflow.model import ClientInfo, DeliveryRequest, Envelope, Recipient, Submission
@@ -55,6 +56,7 @@ class Mailflow:
         self.store: Store | None = None
         self.qmgr: QueueManager | None = None
         self.smtpd: Smtpd | None = None
+        self.pickup: Pickup | None = None
 
     async def start(self) -> None:
         c = self.config
@@ -80,6 +82,9 @@ class Mailflow:
         self.qmgr = QueueManager(self.store, resolve=router.rewriter.resolve, transports=transports,
                                  config=c.queue, clock=self.clock, rng=self.rng, log=maillog, notices=notices)
         await self.qmgr.start()
+        self.pickup = Pickup(c.queue_path, cleanup, myhostname=c.myhostname, clock=self.clock,
+                             interval=c.sendmail.pickup_interval, bounce_size_limit=c.queue.bounce_size_limit)
+        await self.pickup.start()
         resolver = self._dns_resolver()
         self.smtpd = Smtpd(c, lambda listener_config: SmtpdHandler(listener_config, router.rewriter, router.mapper,
                                                                     cleanup, resolver=resolver), clock=self.clock)
@@ -105,10 +110,13 @@ class Mailflow:
         return self._resolver or self._own_resolver
 
     async def stop(self) -> None:
-        """Listeners first, then deliveries, then the store. Safe to call twice."""
+        """Listeners and pickup first, then deliveries, then the store. Safe to call twice."""
         if self.smtpd:
             await self.smtpd.stop(self._grace)
             self.smtpd = None
+        if self.pickup:
+            await self.pickup.stop(self._grace)
+            self.pickup = None
         if self.qmgr:
             await self.qmgr.stop(self._grace)
             self.qmgr = None

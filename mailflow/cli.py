@@ -7,6 +7,9 @@ configuration prints `mailflow: FILE: KEY: REASON` and exits 2; never a tracebac
 database the configuration names directly, whether or not `serve` runs; the work is in queue_tools.py.
 A command line that does not say which messages exits 2; an unknown queue id for `show` exits 1.
 
+`mailflow sendmail …` (also `sendmail`, `mailq`, `newaliases` through links) is the Sendmail-compatible local
+submission command (mailflow/sendmail.py, docs/sendmail.md); its exit codes are sysexits values.
+
 `mailflow table query TYPE:NAME KEY…` answers like `postmap -q` (tables.py): exit 1 when nothing is found,
 2 for a bad table spec, 75 (EX_TEMPFAIL) when a lookup fails.
 """
@@ -426,7 +429,57 @@ def auth_hash_password(user: Optional[str] = typer.Argument(None, help="print a 
     typer.echo(f"{user} {encoded}" if user else encoded)
 
 
+# ---------------------------------------------------------------------------------------------- sendmail
+
+
+@app.command("sendmail", add_help_option=False,
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def sendmail_command(ctx: typer.Context) -> None:
+    """Sendmail-compatible local submission (docs/sendmail.md): -t -i -f -F -N -bs -bp -bv -bi -q -v …"""
+    raise typer.Exit(run_sendmail(list(ctx.args)))
+
+
+def run_sendmail(args: list[str]) -> int:
+    """`mailflow sendmail ARGS` (also reached as `sendmail`, `mailq`, `newaliases` through a link): deliver and
+    -bs are mailflow/sendmail.py; -bp, -q and -bv are the queue list, queue flush and address commands."""
+    from mailflow import sendmail as sm
+
+    try:
+        opts = sm.parse_args(args)
+    except sm.UsageError as e:
+        typer.echo(f"sendmail: {e}\n{sm.USAGE}", err=True)
+        return sm.EX_USAGE
+    config = sm.config_path(opts)
+    try:
+        if opts.mode == "mailq":
+            _list("list", None, config, False, None, None, None, None)
+        elif opts.mode == "flush":
+            _act("flush", None, config, None, opts.flush_site or None, None, required=False)
+        elif opts.mode == "verify":
+            if not opts.recipients:
+                typer.echo(f"sendmail: -bv needs addresses\n{sm.USAGE}", err=True)
+                return sm.EX_USAGE
+            address_test(opts.recipients, config)
+        elif opts.mode == "newaliases":
+            problems = [p for p in _table_problems(_load(config)) if p.startswith("alias_maps")]
+            for problem in problems:
+                typer.echo(f"newaliases: {problem}", err=True)
+            return 75 if problems else 0  # mailflow reads alias files directly: nothing to rebuild
+        else:
+            return sm.run(opts, _load(config), sys.stdin.buffer, sys.stdout.buffer, sys.stderr)
+    except typer.Exit as e:
+        return 78 if e.exit_code == 2 and opts.mode in ("deliver", "smtp") else e.exit_code  # EX_CONFIG
+    return 0
+
+
 def main() -> None:
+    from mailflow.sendmail import program_mode
+
+    extra = program_mode(sys.argv[0])
+    if extra is not None:  # invoked as sendmail, mailq or newaliases (a link to this program)
+        sys.exit(run_sendmail(extra + sys.argv[1:]))
+    if sys.argv[1:2] == ["sendmail"]:  # before typer, so that "--" and Sendmail's option syntax stay intact
+        sys.exit(run_sendmail(sys.argv[2:]))
     app(prog_name="mailflow")
 
 

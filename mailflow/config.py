@@ -400,6 +400,35 @@ class QueueConfig(_Section):
         return v
 
 
+class SendmailConfig(_Section):
+    """Local submission (docs/sendmail.md): `mailflow sendmail` writes to <queue_directory>/maildrop/, the pickup
+    stage feeds it to cleanup. Items of both lists are login names or `type:name` tables keyed by login name."""
+
+    # Who may submit with sendmail (Postfix authorized_submit_users): "static:anyone" (any value found
+    # means allowed), login names, "!name" to refuse one; the first item that matches decides. Others: exit 77.
+    authorized_submit_users: tuple[str, ...] = ("static:anyone",)
+    # Which envelope senders (-f/-r, MAIL FROM in -bs) each login may use (Postfix local_login_sender_maps):
+    # a table's value lists patterns: "*" any, "<>" the null sender, "@domain", an address, a bare local part
+    # (qualified with myorigin). Everyone may use login@myorigin. Unlike Postfix (static:*), only root may
+    # name any sender by default.
+    local_login_sender_maps: tuple[str, ...] = ("inline:{root=*}",)
+    # pickup scans the maildrop at start, when sendmail wakes it (public/pickup), and at least this often.
+    pickup_interval: Duration = Field(60.0, gt=0)
+
+    @field_validator("authorized_submit_users", "local_login_sender_maps")
+    @classmethod
+    def _user_tables(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        from mailflow.tables import TYPES
+
+        for item in v:
+            kind, colon, _ = item.partition(":")
+            if colon and kind not in TYPES:
+                raise ValueError(f"{item!r} is not a lookup table (type:name with type one of {', '.join(TYPES)})")
+            if not colon and info.field_name == "local_login_sender_maps":
+                raise ValueError(f"{item!r} is not a lookup table (type:name)")
+        return v
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -461,7 +490,7 @@ BUILTIN_TRANSPORTS = ("local", "virtual", "smtp", "relay", "lmtp", "discard", "e
 
 
 class Config(_Section):
-    """The whole configuration. Section tables: smtpd, local, smtp, lmtp, dns, queue, log."""
+    """The whole configuration. Section tables: smtpd, local, smtp, lmtp, dns, queue, log, sendmail."""
 
     myhostname: str = "localhost"
     # Appended to unqualified addresses (user -> user@myorigin); "" means myhostname. mydomain ("": myhostname
@@ -525,6 +554,7 @@ class Config(_Section):
     dns: DnsConfig = DnsConfig()
     queue: QueueConfig = QueueConfig()
     log: LogConfig = LogConfig()
+    sendmail: SendmailConfig = SendmailConfig()
     # Delivery to commands: [pipe.NAME] tables (PipeService), each a transport named NAME.
     pipe: dict[str, PipeService] = {}
 

@@ -58,12 +58,23 @@ class Envelope:
 
 
 @dataclass(frozen=True)
+class LocalUser:
+    """Who submitted a message with `mailflow sendmail` (pickup): the Received header names the uid, and a
+    missing From header is made from `fullname` and the envelope sender."""
+
+    uid: int
+    login: str
+    fullname: str = ""
+
+
+@dataclass(frozen=True)
 class Submission:
     """One accepted message on its way from smtpd (or pickup) into cleanup."""
 
     envelope: Envelope
     content: bytes
     client: ClientInfo
+    submitter: LocalUser | None = None  # set by pickup only
 
 
 @dataclass(frozen=True)

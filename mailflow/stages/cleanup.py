@@ -7,7 +7,8 @@ What it does, in order (Postfix cleanup(8)):
 3. rewrites the envelope (`AddressMapper`): the sender through sender_canonical/canonical maps and
    masquerading; each recipient through recipient_canonical/canonical maps and virtual alias expansion,
    duplicates removed, each keeping the address first given as its original (ORCPT);
-4. prepends a Received header; appends Message-ID, Date and From when the message has none;
+4. prepends a Received header (for a local submission "by HOST (mailflow, from userid UID)"); appends
+   Message-ID, Date and From when the message has none (a local user's From carries their full name);
 5. commits message, recipients and content in one group-committed transaction;
 6. logs `received` and `queued`, and wakes qmgr.
 Header addresses are not rewritten (Postfix rewrites them only for mail from this host by default).
@@ -155,7 +156,8 @@ class Cleanup:
         if rewrite and self._mapper is not None:
             sender = self._mapper.sender(sender)
             recipients = self._mapper.recipients(recipients)
-        missing = self._missing_headers(names, queue_id, sender, now)
+        fullname = sub.submitter.fullname if sub.submitter else ""
+        missing = self._missing_headers(names, queue_id, sender, now, fullname)
         return NewMessage(
             queue_id=queue_id,
             sender=sender,
@@ -188,6 +190,9 @@ class Cleanup:
     def _received(self, sub: Submission, queue_id: QueueId, now: float) -> bytes:
         c = sub.client
         for_clause = f"\r\n\tfor <{sub.envelope.recipients[0]}>" if len(sub.envelope.recipients) == 1 else ""
+        if sub.submitter is not None:  # mailflow sendmail, via pickup: name the user like Postfix does
+            return (f"Received: by {self._myhostname} (mailflow, from userid {sub.submitter.uid})\r\n"
+                    f"\tid {queue_id}{for_clause};\r\n\t{rfc5322_date(now)}\r\n").encode("utf-8")
         if c.protocol == "local":  # made here (a notice): no client to name
             return (f"Received: by {self._myhostname} (mailflow) id {queue_id}{for_clause};\r\n"
                     f"\t{rfc5322_date(now)}\r\n").encode("utf-8")
@@ -198,7 +203,8 @@ class Cleanup:
         )
         return text.encode("utf-8")
 
-    def _missing_headers(self, names: list[str], queue_id: QueueId, sender: str, now: float) -> bytes:
+    def _missing_headers(self, names: list[str], queue_id: QueueId, sender: str, now: float,
+                         fullname: str = "") -> bytes:
         added = []
         if "message-id" not in names:
             stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
@@ -206,5 +212,16 @@ class Cleanup:
         if "date" not in names:
             added.append(f"Date: {rfc5322_date(now)}")
         if "from" not in names:
-            added.append(f"From: <{sender}>" if sender else f"From: MAILER-DAEMON@{self._myhostname}")
+            added.append(_from_header(sender, fullname) if sender else f"From: MAILER-DAEMON@{self._myhostname}")
         return "".join(line + "\r\n" for line in added).encode("utf-8")
+
+
+def _from_header(sender: str, fullname: str) -> str:
+    """`From: <sender>`, or `From: Full Name <sender>` for a local user (RFC 2047 encoded when not ASCII)."""
+    name = " ".join("".join(ch if ch.isprintable() else " " for ch in fullname).split())  # no control characters
+    if not name:
+        return f"From: <{sender}>"
+    try:
+        return "From: " + email.utils.formataddr((name, sender), charset="utf-8")
+    except (UnicodeError, ValueError):  # an address formataddr will not take (SMTPUTF8): no name then
+        return f"From: <{sender}>"

@@ -1,0 +1,206 @@
+"""The maildrop directory: where `mailflow sendmail` leaves a message for the pickup stage (Postfix maildrop/).
+
+A maildrop file is one message with its envelope, written by the submitting user's own process, read by pickup:
+
+    {"version": 1, "sender": "alice@example.org", "recipients": ["bob@example.org"], "uid": 1000, ...}\\n
+    <the message, CRLF line ends, exactly `size` bytes>
+
+The first line is one JSON object (UTF-8) with `version` (1), `sender` ("" is the null sender), `recipients`
+(at least one), `uid` and `user` (who submitted it), `fullname` (for the From header cleanup may add), `time`,
+`notify` (RFC 3461 NOTIFY for every recipient, "" when not given), `ret`, `envid`, `body_type`, `size` (the
+byte count of what follows, so a truncated file is caught) and `flags` (a list of words; none are defined yet).
+
+- `MaildropMessage`: the envelope plus content, as a frozen value.
+- `write_maildrop(directory, message) -> name`: atomic and durable: a hidden temporary name in the same
+  directory, write, fsync, rename to the final name, fsync the directory. The file is mode 0600; the
+  directory is created 0700 when missing. Raises `MaildropError` (with `.code`, a sysexits value: 73
+  EX_CANTCREAT when the directory cannot be created or written, 75 EX_TEMPFAIL for anything else, such as a
+  full disk); a failed write leaves no file behind.
+- `read_maildrop(path) -> MaildropMessage`: validates; raises `CorruptMaildrop(reason)` for anything that is
+  not a complete, well-formed file (pickup moves such a file aside). The file's owner is returned as
+  `owner_uid`; pickup trusts it over the `uid` the file claims.
+- `maildrop_names(directory)`: the finished files, oldest first (temporary names start with ".").
+- `wake_pickup(socket_path)`: one byte to the running server's pickup socket; a missing socket (no server)
+  is not an error.
+Nothing here needs a running server.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import secrets
+import socket
+import stat
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VERSION = 1
+FILE_MODE = 0o600
+DIRECTORY_MODE = 0o700
+EX_CANTCREAT = 73
+EX_TEMPFAIL = 75
+HEADER_LIMIT = 1_000_000  # bytes of the JSON line: far above any real envelope, below "read it all to find out"
+
+
+class MaildropError(Exception):
+    """The message could not be stored; `code` is the sysexits value sendmail exits with."""
+
+    def __init__(self, text: str, code: int = EX_TEMPFAIL):
+        super().__init__(text)
+        self.code = code
+
+
+class CorruptMaildrop(Exception):
+    """A maildrop file that is not a complete, well-formed message with its envelope."""
+
+
+@dataclass(frozen=True)
+class MaildropMessage:
+    sender: str
+    recipients: tuple[str, ...]
+    content: bytes
+    uid: int
+    user: str
+    fullname: str = ""
+    time: float = 0.0
+    notify: str = ""
+    ret: str = ""
+    envid: str = ""
+    body_type: str = "7BIT"
+    flags: tuple[str, ...] = ()
+    owner_uid: int | None = field(default=None, compare=False)  # set by read_maildrop from the file itself
+
+    def header(self) -> dict:
+        return {"version": VERSION, "sender": self.sender, "recipients": list(self.recipients), "uid": self.uid,
+                "user": self.user, "fullname": self.fullname, "time": self.time, "notify": self.notify,
+                "ret": self.ret, "envid": self.envid, "body_type": self.body_type, "size": len(self.content),
+                "flags": list(self.flags)}
+
+
+def encode(message: MaildropMessage) -> bytes:
+    return json.dumps(message.header(), ensure_ascii=False).encode("utf-8") + b"\n" + message.content
+
+
+def new_name(now: float) -> str:
+    """Time-ordered, unique: microseconds in hex and 32 random bits."""
+    return f"{int(now * 1_000_000):014X}{secrets.token_hex(4).upper()}"
+
+
+def write_maildrop(directory: Path, message: MaildropMessage) -> str:
+    directory = Path(directory)
+    _ensure_directory(directory)
+    name = new_name(time.time())
+    temp = directory / f".tmp.{name}"
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    except OSError as e:
+        raise MaildropError(f"cannot create a file in {directory}: {e.strerror}", _code(e)) from None
+    try:
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(encode(message))
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(temp, directory / name)
+            _fsync_directory(directory)
+        except OSError as e:
+            raise MaildropError(f"cannot write {directory / name}: {e.strerror}", _code(e)) from None
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return name
+
+
+def _ensure_directory(directory: Path) -> None:
+    try:
+        directory.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+    except OSError as e:
+        raise MaildropError(f"cannot create {directory}: {e.strerror}", EX_CANTCREAT) from None
+    if not directory.is_dir():
+        raise MaildropError(f"{directory} is not a directory", EX_CANTCREAT)
+
+
+def _code(e: OSError) -> int:
+    return EX_CANTCREAT if e.errno in (errno.EACCES, errno.EPERM, errno.ENOENT, errno.EROFS) else EX_TEMPFAIL
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_maildrop(path: Path) -> MaildropMessage:
+    try:
+        with open(path, "rb") as f:
+            owner = os.fstat(f.fileno()).st_uid
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise CorruptMaildrop("not a regular file")
+            first = f.readline(HEADER_LIMIT)
+            content = f.read()
+    except IsADirectoryError:
+        raise CorruptMaildrop("not a regular file") from None
+    if not first.endswith(b"\n"):
+        raise CorruptMaildrop("no envelope line (empty, truncated or not a maildrop file)")
+    try:
+        header = json.loads(first)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CorruptMaildrop(f"envelope line is not JSON: {e}") from None
+    return _message(header, content, owner)
+
+
+def _message(header: object, content: bytes, owner: int) -> MaildropMessage:
+    if not isinstance(header, dict):
+        raise CorruptMaildrop("envelope line is not a JSON object")
+    if header.get("version") != VERSION:
+        raise CorruptMaildrop(f"unknown version {header.get('version')!r}")
+    _expect(header, "sender", str)
+    _expect(header, "uid", int)
+    _expect(header, "user", str)
+    _expect(header, "size", int)
+    recipients = header.get("recipients")
+    if not isinstance(recipients, list) or not recipients or not all(isinstance(r, str) and r for r in recipients):
+        raise CorruptMaildrop("recipients: must be a non-empty list of addresses")
+    if any(c in a for a in [header["sender"], *recipients] for c in "\r\n\0<>"):
+        raise CorruptMaildrop("an address holds a control character or angle bracket")
+    if header["size"] != len(content):
+        raise CorruptMaildrop(f"size: says {header['size']} bytes, {len(content)} follow (truncated?)")
+    optional = {}
+    for key, kind in (("fullname", str), ("notify", str), ("ret", str), ("envid", str), ("body_type", str),
+                      ("time", (int, float))):
+        if key in header:
+            _expect(header, key, kind)
+            optional[key] = header[key]
+    flags = header.get("flags", [])
+    if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+        raise CorruptMaildrop("flags: must be a list of words")
+    return MaildropMessage(sender=header["sender"], recipients=tuple(recipients), content=content,
+                           uid=header["uid"], user=header["user"], flags=tuple(flags), owner_uid=owner, **optional)
+
+
+def _expect(header: dict, key: str, kind) -> None:
+    value = header.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise CorruptMaildrop(f"{key}: missing or of the wrong type")
+
+
+def maildrop_names(directory: Path) -> list[str]:
+    try:
+        return sorted(n for n in os.listdir(directory) if not n.startswith("."))
+    except FileNotFoundError:
+        return []
+
+
+def wake_pickup(socket_path: Path) -> bool:
+    """Tell a running server to look now. False when no server listens (not an error: it scans at start)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.setblocking(False)
+            s.sendto(b"W", str(socket_path))
+        return True
+    except OSError:
+        return False

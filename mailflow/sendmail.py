@@ -1,0 +1,513 @@
+"""`mailflow sendmail`: the Sendmail-compatible command line of local submission (Postfix sendmail(1) + postdrop).
+
+It runs as the submitting user, needs no running server, and writes each message with its envelope into
+`<queue_directory>/maildrop/` (mailflow/maildrop.py), then wakes the server's pickup stage (a missing socket is
+not an error: pickup scans the maildrop when the server starts). docs/sendmail.md is the user's guide.
+
+- `parse_args(argv) -> Options`: Sendmail's options, clustered or not (`-ti`, `-fsender`, `-f sender`), options
+  and recipients in any order, `--` ending the options. Raises `UsageError` (exit 64, EX_USAGE).
+  Modes: deliver (default, `-bm`), `-bs` SMTP on stdin/stdout, `-bp` mailq, `-bv` address test, `-q` flush,
+  `-bi`/`-I` newaliases (nothing to rebuild: mailflow reads its tables directly). Options that only make sense to
+  Sendmail (`-o*` but `-oi`, `-O`, `-L`, `-h`, `-X`, `-A`, `-p`, `-G`, `-U`, `-n`, `-m`, `-c`, …) are accepted and
+  ignored, as Postfix does; an unknown letter is ignored with a note under `-v`.
+- `run(options, config, stdin, stdout, stderr) -> int`: deliver and `-bs` (the other modes are cli.py's commands).
+  Exit codes (sysexits): 0; 64 EX_USAGE (no recipients, bad address); 77 EX_NOPERM (not in
+  `authorized_submit_users`, or a sender `local_login_sender_maps` does not allow); 73 EX_CANTCREAT / 75
+  EX_TEMPFAIL when the message cannot be stored (and 75 when a table cannot answer). Every failure prints one
+  line on stderr.
+- Message handling: line ends become CRLF; without `-i` a line holding a lone "." ends the input; a leading mbox
+  "From " line is dropped; `-t` adds the To/Cc/Bcc addresses (Resent-To/Cc/Bcc when the message has Resent-
+  headers) to those of the command line; Bcc and Resent-Bcc headers are removed from every message.
+- Identity: the uid and login name of the process (`os.getuid()`); the sender is login@myorigin unless `-f`/`-r`
+  names one this login may use; the full name is `-F`, else $NAME, else the passwd GECOS field.
+"""
+from __future__ import annotations
+
+import email.utils
+import os
+import pwd
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, TextIO
+
+from mailflow.config import Config
+from mailflow.errors import LookupRetry
+from mailflow.maildrop import MaildropError, MaildropMessage, wake_pickup, write_maildrop
+
+EX_USAGE = 64
+EX_NOPERM = 77
+EX_TEMPFAIL = 75
+
+WITH_ARGUMENT = set("ABCFLNORVXbfhoprq")  # letters whose value is the rest of the word or the next word
+OPTIONAL_ARGUMENT = {"q"}  # -q alone is valid: its value may only be attached (-q30m, -qRsite)
+IGNORED = set("46AGLOUXchmnpx")  # Sendmail options with no meaning here (Postfix ignores them too)
+IGNORED_MODES = {"h", "H", "m"}  # -bh, -bH: ignored; -bm: deliver (the default)
+MODES = {"s": "smtp", "p": "mailq", "v": "verify", "i": "newaliases", "m": "deliver"}
+NOTIFY_WORDS = ("SUCCESS", "FAILURE", "DELAY")
+
+USAGE = "usage: sendmail [-t] [-i] [-f sender] [-F name] [-N dsn] [-bs|-bp|-bv|-bi|-q] [--] [recipient ...]"
+
+
+class UsageError(Exception):
+    pass
+
+
+@dataclass
+class Options:
+    mode: str = "deliver"
+    extract: bool = False  # -t
+    ignore_dots: bool = False  # -i, -oi
+    sender: str | None = None  # -f, -r
+    fullname: str | None = None  # -F
+    notify: str = ""  # -N, as RFC 3461 NOTIFY (NEVER or a comma list)
+    ret: str = ""  # -R full|hdrs
+    envid: str = ""  # -V
+    body_type: str = ""  # -B 7BIT|8BITMIME ("" = detect)
+    verbose: int = 0
+    config: str | None = None  # -C
+    flush_site: str = ""  # -qRsite
+    recipients: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # ignored options, shown with -v
+
+
+def parse_args(argv: list[str]) -> Options:
+    opts = Options()
+    words = list(argv)
+    i = 0
+    while i < len(words):
+        word = words[i]
+        i += 1
+        if word == "--":
+            opts.recipients += words[i:]
+            break
+        if not word.startswith("-") or word == "-":
+            opts.recipients.append(word)
+            continue
+        j = 1
+        while j < len(word):
+            letter = word[j]
+            j += 1
+            value = None
+            if letter in WITH_ARGUMENT:
+                value = word[j:]
+                j = len(word)
+                if not value and letter not in OPTIONAL_ARGUMENT:
+                    if i >= len(words):
+                        raise UsageError(f"option -{letter} requires an argument")
+                    value = words[i]
+                    i += 1
+            _apply(opts, letter, value)
+    return opts
+
+
+def _apply(opts: Options, letter: str, value: str | None) -> None:
+    if letter == "t":
+        opts.extract = True
+    elif letter == "i":
+        opts.ignore_dots = True
+    elif letter == "v":
+        opts.verbose += 1
+    elif letter in "fr":
+        opts.sender = value
+    elif letter == "F":
+        opts.fullname = value
+    elif letter == "C":
+        opts.config = value
+    elif letter == "N":
+        opts.notify = parse_notify(value)
+    elif letter == "R":
+        if value.lower() not in ("full", "hdrs"):
+            raise UsageError(f"-R {value}: use full or hdrs")
+        opts.ret = value.upper()
+    elif letter == "V":
+        if not value or not value.isascii() or any(c.isspace() or c in "+=" or ord(c) < 33 for c in value):
+            raise UsageError(f"-V {value!r}: not a valid envelope id")
+        opts.envid = value
+    elif letter == "B":
+        if value.upper() not in ("7BIT", "8BITMIME"):
+            raise UsageError(f"-B {value}: use 7BIT or 8BITMIME")
+        opts.body_type = value.upper()
+    elif letter == "b":
+        _mode(opts, value)
+    elif letter == "I":
+        opts.mode = "newaliases"
+    elif letter == "q":
+        opts.mode = "flush"
+        if value and value[0] == "R":  # -qRsite: the mail for one site; -q30m (an interval) means "now" here
+            opts.flush_site = value[1:]
+    elif letter == "o":
+        if value[:1] == "i":
+            opts.ignore_dots = True
+        else:
+            opts.notes.append(f"-o{value} ignored")
+    elif letter in IGNORED:
+        opts.notes.append(f"-{letter}{value or ''} ignored")
+    else:
+        opts.notes.append(f"-{letter}: unknown option, ignored")
+
+
+def _mode(opts: Options, value: str) -> None:
+    if value == "d" or value == "D" or value == "l":
+        raise UsageError(f"-b{value}: daemon mode is `mailflow serve`")
+    if value in MODES:
+        opts.mode = MODES[value]
+    elif value in IGNORED_MODES:
+        opts.notes.append(f"-b{value} ignored")
+    else:
+        raise UsageError(f"-b{value}: unsupported mode")
+
+
+def parse_notify(value: str) -> str:
+    """-N: "never", or a comma list of success, failure, delay (any case) -> RFC 3461 NOTIFY."""
+    words = [w.strip().upper() for w in value.split(",") if w.strip()]
+    if words == ["NEVER"]:
+        return "NEVER"
+    if not words or not all(w in NOTIFY_WORDS for w in words) or len(set(words)) != len(words):
+        raise UsageError(f"-N {value}: use never, or a list of success, failure, delay")
+    return ",".join(words)
+
+
+# ---------------------------------------------------------------------------------------------- who may do what
+
+
+@dataclass(frozen=True)
+class Identity:
+    uid: int
+    login: str
+    gecos: str
+
+
+def current_identity() -> Identity:
+    uid = os.getuid()
+    try:
+        entry = pwd.getpwuid(uid)
+        return Identity(uid, entry.pw_name, entry.pw_gecos.split(",", 1)[0].strip())
+    except KeyError:  # a uid without a passwd entry (containers): named by its number
+        return Identity(uid, f"uid{uid}", "")
+
+
+def may_submit(login: str, items: tuple[str, ...]) -> bool:
+    """authorized_submit_users: the first item that matches `login` decides; no match means no."""
+    from mailflow.tables import open_table
+
+    for item in items:
+        if ":" in item:
+            if open_table(item).lookup(login) is not None:
+                return True
+        elif item.startswith("!") and item[1:] == login:
+            return False
+        elif item == login:
+            return True
+    return False
+
+
+def may_use_sender(login: str, sender: str, config: Config) -> bool:
+    """local_login_sender_maps: login@myorigin always; else the first table that knows `login` decides."""
+    from mailflow.tables import open_table
+
+    origin = config.origin
+    if sender.lower() in (login.lower(), f"{login}@{origin}".lower()):
+        return True
+    for spec in config.sendmail.local_login_sender_maps:
+        value = open_table(spec).lookup(login)
+        if value is not None:
+            return any(_sender_matches(p, sender, origin) for p in re.split(r"[\s,]+", value.strip()) if p)
+    return False
+
+
+def _sender_matches(pattern: str, sender: str, origin: str) -> bool:
+    if pattern == "*":
+        return True
+    if pattern == "<>":
+        return sender == ""
+    if not sender:
+        return False
+    if pattern.startswith("@"):
+        return sender.lower().endswith(pattern.lower())
+    wanted = pattern if "@" in pattern else f"{pattern}@{origin}"
+    return sender.lower() == wanted.lower()
+
+
+# ---------------------------------------------------------------------------------------------- the message
+
+
+def clean_address(value: str, origin: str) -> str:
+    """`<a@b>` -> `a@b`; "" and "<>" stay the null sender; a bare local part gets @myorigin."""
+    address = value.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1].strip()
+    if any(c in address for c in "<>\r\n\0") or any(c.isspace() for c in address):
+        raise UsageError(f"{value!r}: bad address syntax")
+    if address and "@" not in address:
+        address = f"{address}@{origin}"
+    return address
+
+
+def read_message(stream: BinaryIO, ignore_dots: bool) -> bytes:
+    """The message from standard input with CRLF line ends; a lone "." ends it unless `ignore_dots`."""
+    lines = []
+    first = True
+    for raw in stream:
+        line = raw.rstrip(b"\r\n")
+        if first and line.startswith(b"From "):  # an mbox separator, not a header (Postfix drops it too)
+            first = False
+            continue
+        first = False
+        if not ignore_dots and line == b".":
+            break
+        lines.append(line)
+    return b"".join(line + b"\r\n" for line in lines)
+
+
+def _split_header(content: bytes) -> tuple[list[bytes], bytes]:
+    """(header lines each with its CRLF, the rest from the empty line on). Content is CRLF already."""
+    if content.startswith(b"\r\n"):
+        return [], content
+    end = content.find(b"\r\n\r\n")
+    head, rest = (content, b"") if end < 0 else (content[: end + 2], content[end + 2:])
+    return head.splitlines(keepends=True), rest
+
+
+def _fields(lines: list[bytes]) -> list[tuple[str, list[bytes]]]:
+    """Header fields as (lower-case name, their lines including continuations)."""
+    fields: list[tuple[str, list[bytes]]] = []
+    for line in lines:
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1][1].append(line)
+        else:
+            name = line.split(b":", 1)[0].strip().decode("latin-1").lower() if b":" in line else ""
+            fields.append((name, [line]))
+    return fields
+
+
+def header_recipients(content: bytes) -> list[str]:
+    """-t: the addresses of To, Cc and Bcc (Resent-To/-Cc/-Bcc when any Resent- header is present)."""
+    lines, _ = _split_header(content)
+    fields = _fields(lines)
+    resent = any(name.startswith("resent-") for name, _ in fields)
+    wanted = ("resent-to", "resent-cc", "resent-bcc") if resent else ("to", "cc", "bcc")
+    values = []
+    for name, field_lines in fields:
+        if name in wanted:
+            text = b"".join(field_lines).decode("utf-8", "replace")
+            values.append(" ".join(text.split(":", 1)[1].split()))
+    return [addr for _, addr in email.utils.getaddresses(values) if addr]
+
+
+def without_bcc(content: bytes) -> bytes:
+    lines, rest = _split_header(content)
+    kept = [b"".join(ls) for name, ls in _fields(lines) if name not in ("bcc", "resent-bcc")]
+    return b"".join(kept) + rest
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+@dataclass
+class Submitter:
+    """Stores messages for one identity under one configuration: the checks, the maildrop, the wake-up."""
+
+    config: Config
+    identity: Identity
+    fullname: str
+
+    def sender_problem(self, sender: str) -> str:
+        if may_use_sender(self.identity.login, sender, self.config):
+            return ""
+        return (f"user {self.identity.login} (uid {self.identity.uid}) may not use the sender address "
+                f"<{sender}> (local_login_sender_maps)")
+
+    def store(self, sender: str, recipients: list[str], content: bytes, opts: Options) -> str:
+        body_type = opts.body_type or ("7BIT" if content.isascii() else "8BITMIME")
+        message = MaildropMessage(sender=sender, recipients=tuple(recipients), content=content,
+                                  uid=self.identity.uid, user=self.identity.login, fullname=self.fullname,
+                                  time=time.time(), notify=opts.notify, ret=opts.ret, envid=opts.envid,
+                                  body_type=body_type)
+        queue = self.config.queue_path
+        name = write_maildrop(queue / "maildrop", message)
+        wake_pickup(queue / "public" / "pickup")
+        return name
+
+
+def run(opts: Options, config: Config, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO,
+        identity: Identity | None = None) -> int:
+    """deliver or -bs; returns the exit code."""
+    me = identity or current_identity()
+    say = lambda text: stderr.write(f"sendmail: {text}\n")  # noqa: E731
+    for note in opts.notes if opts.verbose else ():
+        say(note)
+    try:
+        if not may_submit(me.login, config.sendmail.authorized_submit_users):
+            say(f"user {me.login} (uid {me.uid}) is not allowed to submit mail (authorized_submit_users)")
+            return EX_NOPERM
+        fullname = opts.fullname if opts.fullname is not None else os.environ.get("NAME") or me.gecos
+        submitter = Submitter(config, me, fullname)
+        if opts.mode == "smtp":
+            return StdioSmtp(stdin, stdout, submitter, opts).run()
+        return _deliver(opts, config, stdin, stderr, submitter, say)
+    except LookupRetry as e:
+        say(f"cannot decide now: {e.text}")
+        return EX_TEMPFAIL
+    except UsageError as e:
+        say(str(e))
+        return EX_USAGE
+
+
+def _deliver(opts: Options, config: Config, stdin: BinaryIO, stderr: TextIO, submitter: Submitter, say) -> int:
+    origin = config.origin
+    if not opts.extract and not opts.recipients:
+        raise UsageError("no recipients: name them on the command line or use -t")
+    recipients = [clean_address(r, origin) for arg in opts.recipients for r in arg.split(",") if r.strip()]
+    me = submitter.identity
+    sender = clean_address(opts.sender, origin) if opts.sender is not None else f"{me.login}@{origin}"
+    problem = submitter.sender_problem(sender)
+    if problem:
+        say(problem)
+        return EX_NOPERM
+    content = read_message(stdin, opts.ignore_dots)
+    if opts.extract:
+        recipients += [clean_address(r, origin) for r in header_recipients(content)]
+    if not recipients:
+        raise UsageError("no recipient addresses found in the message header (-t)")
+    try:
+        name = submitter.store(sender, recipients, without_bcc(content), opts)
+    except MaildropError as e:
+        say(f"message not stored: {e}")
+        return e.code
+    if opts.verbose:
+        say(f"queued as maildrop/{name}: from=<{sender}>, {len(recipients)} recipient(s), uid {me.uid}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- -bs
+
+
+class StdioSmtp:
+    """`sendmail -bs`: an SMTP server on standard input/output for scripts (Postfix runs smtpd there).
+    HELO, EHLO, MAIL, RCPT, DATA, RSET, NOOP, VRFY, QUIT; each message goes to the maildrop. Pipelining works
+    since input is read line by line. Returns 0 at QUIT or end of input."""
+
+    LINE_LIMIT = 65536
+
+    def __init__(self, reader: BinaryIO, writer: BinaryIO, submitter: Submitter, opts: Options):
+        self._in = reader
+        self._out = writer
+        self._sub = submitter
+        self._opts = opts
+        self._host = submitter.config.myhostname
+        self._reset()
+
+    def _reset(self) -> None:
+        self._sender: str | None = None
+        self._recipients: list[str] = []
+
+    def _reply(self, text: str) -> None:
+        self._out.write(text.encode("utf-8") + b"\r\n")
+        self._out.flush()
+
+    def run(self) -> int:
+        self._reply(f"220 {self._host} ESMTP mailflow (sendmail -bs)")
+        while True:
+            line = self._in.readline(self.LINE_LIMIT)
+            if not line:
+                return 0
+            verb, _, arg = line.rstrip(b"\r\n").decode("utf-8", "replace").strip().partition(" ")
+            handler = getattr(self, f"_do_{verb.upper()}", None) if verb.isalpha() else None
+            if handler is None:
+                self._reply("502 5.5.2 Error: command not recognized")
+            elif handler(arg.strip()) is False:
+                return 0
+
+    def _do_HELO(self, arg: str) -> None:
+        self._reset()
+        self._reply(f"250 {self._host}" if arg else "501 5.5.4 Syntax: HELO hostname")
+
+    def _do_EHLO(self, arg: str) -> None:
+        if not arg:
+            return self._reply("501 5.5.4 Syntax: EHLO hostname")
+        self._reset()
+        for line in (f"250-{self._host}", "250-PIPELINING", "250-8BITMIME", "250 ENHANCEDSTATUSCODES"):
+            self._reply(line)
+
+    def _do_MAIL(self, arg: str) -> None:
+        if self._sender is not None:
+            return self._reply("503 5.5.1 Error: nested MAIL command")
+        address = _path(arg, "FROM")
+        if address is None:
+            return self._reply("501 5.5.4 Syntax: MAIL FROM:<address>")
+        try:
+            sender = clean_address(address, self._sub.config.origin) if address else ""
+        except UsageError:
+            return self._reply("501 5.1.7 Bad sender address syntax")
+        if self._sub.sender_problem(sender):
+            return self._reply(f"553 5.7.1 <{sender}>: Sender address rejected: not owned by user "
+                               f"{self._sub.identity.login}")
+        self._sender = sender
+        self._reply("250 2.1.0 Ok")
+
+    def _do_RCPT(self, arg: str) -> None:
+        if self._sender is None:
+            return self._reply("503 5.5.1 Error: need MAIL command")
+        address = _path(arg, "TO")
+        if not address:
+            return self._reply("501 5.5.4 Syntax: RCPT TO:<address>")
+        try:
+            self._recipients.append(clean_address(address, self._sub.config.origin))
+        except UsageError:
+            return self._reply("501 5.1.3 Bad recipient address syntax")
+        self._reply("250 2.1.5 Ok")
+
+    def _do_DATA(self, arg: str) -> None:
+        if not self._recipients:
+            return self._reply("503 5.5.1 Error: need RCPT command")
+        self._reply("354 End data with <CR><LF>.<CR><LF>")
+        lines = []
+        while True:
+            raw = self._in.readline(self.LINE_LIMIT)
+            if not raw:
+                return  # end of input mid-message: nothing is stored
+            line = raw.rstrip(b"\r\n")
+            if line == b".":
+                break
+            lines.append(line[1:] if line.startswith(b".") else line)
+        content = without_bcc(b"".join(line + b"\r\n" for line in lines))
+        try:
+            name = self._sub.store(self._sender, self._recipients, content, self._opts)
+        except MaildropError:
+            self._reply("451 4.3.0 Error: queue file write error")
+        else:
+            self._reply(f"250 2.0.0 Ok: queued as {name}")
+        self._reset()
+
+    def _do_RSET(self, arg: str) -> None:
+        self._reset()
+        self._reply("250 2.0.0 Ok")
+
+    def _do_NOOP(self, arg: str) -> None:
+        self._reply("250 2.0.0 Ok")
+
+    def _do_VRFY(self, arg: str) -> None:
+        self._reply("252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery")
+
+    def _do_QUIT(self, arg: str) -> bool:
+        self._reply("221 2.0.0 Bye")
+        return False
+
+
+def _path(arg: str, keyword: str) -> str | None:
+    """The address of `FROM:<a@b> PARAMS` / `TO:<a@b>`; None when malformed. Parameters are ignored."""
+    m = re.fullmatch(rf"{keyword}:\s*<([^<>]*)>(\s+.*)?", arg, re.IGNORECASE)
+    return m.group(1) if m else None
+
+
+def config_path(opts: Options) -> str | None:
+    """-C FILE, else $MAILFLOW_CONFIG, else None (the built-in defaults)."""
+    return opts.config or os.environ.get("MAILFLOW_CONFIG") or None
+
+
+def program_mode(argv0: str) -> list[str] | None:
+    """Extra options when invoked under a Sendmail name (a link): sendmail, mailq (-bp), newaliases (-bi)."""
+    return {"sendmail": [], "mailq": ["-bp"], "newaliases": ["-bi"]}.get(Path(argv0).name)
+

@@ -1,0 +1,202 @@
+"""pickup: feeds the maildrop directory (what `mailflow sendmail` wrote) to cleanup (Postfix pickup(8)).
+
+It owns `<queue_directory>/maildrop/` on the server side, `<queue_directory>/corrupt/` and the wake-up socket
+`<queue_directory>/public/pickup` (a UNIX datagram socket, mode 0666; any datagram means "look now", like
+Postfix's public/pickup FIFO). It scans the maildrop when it starts, on every wake-up, and at least every
+`pickup_interval`. For each file, oldest first:
+
+- it reads and validates it (`mailflow.maildrop.read_maildrop`); a corrupt file, or one whose owner is neither
+  the uid it claims nor root nor mailflow's own user (a forged identity), is moved to `corrupt/` and logged, and
+  the scan goes on with the next file;
+- it builds a Submission (protocol "local", the submitting user as `LocalUser`) and awaits `cleanup.submit`;
+  only once cleanup has committed is the file removed. A crash between the commit and the unlink delivers the
+  message twice after the restart: at-least-once, as in Postfix (a message is never lost);
+- a message cleanup refuses for good (a mail loop 5.4.6, a header section too large 5.3.4) is returned to its
+  sender as a failure notice (null sender; dropped with a log line when the sender is null itself), as Postfix's
+  cleanup bounces for pickup, and its file removed;
+- a temporary failure (a table that cannot answer, a full write backlog, anything unexpected) leaves the file
+  where it is, logged; it is tried again at the next scan. Other files are not held up.
+A socket that cannot be bound (e.g. a path longer than the UNIX limit) is logged; the periodic scan still runs.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from pathlib import Path
+
+from mailflow.clock import Clock
+from mailflow.errors import PermanentError
+from mailflow.maildrop import CorruptMaildrop, MaildropMessage, maildrop_names, read_maildrop
+from mailflow.model import ClientInfo, Envelope, LocalUser, Recipient, Submission
+from mailflow.stages.bounce import NoticeRecipient, build_notice, notice_is_8bit, wants_notice
+
+logger = logging.getLogger("mailflow.pickup")
+
+DIRECTORY_MODE = 0o700
+PUBLIC_MODE = 0o755
+SOCKET_MODE = 0o666
+
+
+class _WakeProtocol(asyncio.DatagramProtocol):
+    def __init__(self, wake):
+        self._wake = wake
+
+    def datagram_received(self, data, addr) -> None:
+        self._wake()
+
+
+class Pickup:
+    def __init__(self, queue_directory: Path, cleanup, *, myhostname: str, clock: Clock, interval: float = 60.0,
+                 bounce_size_limit: int = 50_000):
+        self.maildrop = Path(queue_directory) / "maildrop"
+        self.corrupt = Path(queue_directory) / "corrupt"
+        self.socket_path = Path(queue_directory) / "public" / "pickup"
+        self._cleanup = cleanup
+        self._myhostname = myhostname
+        self._clock = clock
+        self._interval = interval
+        self._bounce_size_limit = bounce_size_limit
+        self._wanted = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._transport: asyncio.DatagramTransport | None = None
+        self._closing = False
+
+    async def start(self) -> None:
+        """Create the directories, listen for wake-ups, and scan at once (mail left while the server was down)."""
+        for directory in (self.maildrop, self.corrupt):
+            directory.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+        await self._listen()
+        self._wanted.set()
+        self._task = asyncio.create_task(self._run(), name="pickup")
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop listening; let the file being handed over finish (within `grace`), so that a commit is
+        followed by its unlink; the rest waits in the maildrop for the next start."""
+        if self._transport:
+            self._transport.close()
+            self._transport = None
+            self.socket_path.unlink(missing_ok=True)
+        if self._task:
+            self._closing = True
+            self._wanted.set()
+            try:
+                await asyncio.wait_for(self._task, grace)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                pass
+            self._task = None
+
+    def wake(self) -> None:
+        self._wanted.set()
+
+    async def _listen(self) -> None:
+        self.socket_path.parent.mkdir(mode=PUBLIC_MODE, parents=True, exist_ok=True)
+        self.socket_path.unlink(missing_ok=True)  # left by a server that did not stop cleanly
+        try:
+            self._transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+                lambda: _WakeProtocol(self.wake), local_addr=str(self.socket_path), family=socket.AF_UNIX)
+            os.chmod(self.socket_path, SOCKET_MODE)
+        except OSError as e:
+            logger.warning("pickup: cannot listen on %s (%s): sendmail cannot wake it; scanning every %gs",
+                           self.socket_path, e, self._interval)
+
+    async def _run(self) -> None:
+        while not self._closing:
+            try:
+                await asyncio.wait_for(self._wanted.wait(), self._interval)
+            except asyncio.TimeoutError:
+                pass
+            self._wanted.clear()
+            if self._closing:
+                return
+            try:
+                await self.scan()
+            except Exception:  # the loop must survive anything; the files stay for the next scan
+                logger.exception("pickup: scan failed")
+
+    async def scan(self) -> int:
+        """One pass over the maildrop; returns how many files were handed to cleanup."""
+        done = 0
+        for name in maildrop_names(self.maildrop):
+            if self._closing:
+                break
+            if await self._pick(name):
+                done += 1
+        return done
+
+    async def _pick(self, name: str) -> bool:
+        path = self.maildrop / name
+        try:
+            message = read_maildrop(path)
+            self._check_owner(message)
+        except FileNotFoundError:
+            return False  # taken by another scan or removed by an operator
+        except CorruptMaildrop as e:
+            self._set_aside(name, str(e))
+            return False
+        except OSError as e:
+            logger.warning("pickup: maildrop/%s: cannot read: %s; will retry", name, e)
+            return False
+        try:
+            queue_id = await self._cleanup.submit(self._submission(message))
+        except PermanentError as e:
+            if await self._refused(name, message, e):
+                path.unlink(missing_ok=True)
+            return False
+        except Exception as e:  # TemporaryError, Overloaded, anything else: not queued, try again later
+            logger.warning("pickup: maildrop/%s: not queued (%s); will retry", name, e)
+            return False
+        path.unlink(missing_ok=True)
+        logger.info("%s: uid=%d from=<%s> (maildrop/%s)", queue_id, message.uid, message.sender, name)
+        return True
+
+    @staticmethod
+    def _check_owner(message: MaildropMessage) -> None:
+        """The file's owner is who wrote it: it must be the user it names, unless root or mailflow wrote it."""
+        owner = message.owner_uid
+        if owner is not None and owner not in (message.uid, 0, os.geteuid()):
+            raise CorruptMaildrop(f"owner uid {owner} differs from the submitting uid {message.uid} it claims")
+
+    def _submission(self, m: MaildropMessage) -> Submission:
+        notify = (m.notify,) * len(m.recipients) if m.notify else ()
+        envelope = Envelope(m.sender, m.recipients, smtputf8=not all(a.isascii() for a in (m.sender, *m.recipients)),
+                            body_type=m.body_type, notify=notify, envid=m.envid, ret=m.ret)
+        client = ClientInfo(addr="127.0.0.1", helo=self._myhostname, protocol="local", hostname="localhost")
+        return Submission(envelope, m.content, client, submitter=LocalUser(m.uid, m.user, m.fullname))
+
+    def _set_aside(self, name: str, reason: str) -> None:
+        try:
+            os.replace(self.maildrop / name, self.corrupt / name)
+        except OSError as e:
+            logger.error("pickup: maildrop/%s: corrupt (%s) and cannot be moved to %s: %s",
+                         name, reason, self.corrupt, e)
+            return
+        logger.warning("pickup: maildrop/%s: corrupt: %s; moved to %s/%s", name, reason, self.corrupt, name)
+
+    async def _refused(self, name: str, m: MaildropMessage, error: PermanentError) -> bool:
+        """Return a message cleanup refused for good to its sender (never a bounce of a bounce). False when
+        the notice could not be queued: the file stays for the next scan."""
+        logger.warning("pickup: maildrop/%s: from=<%s>: refused: %s %s", name, m.sender, error.dsn, error.text)
+        now = self._clock.time()
+        failed = [NoticeRecipient(Recipient(i, r, r, m.notify), "failed", error.dsn, error.text, last_attempt=now)
+                  for i, r in enumerate(m.recipients)]
+        failed = [nr for nr in failed if wants_notice(nr.recipient, "failure")]
+        if not m.sender or not failed:
+            logger.warning("pickup: maildrop/%s: null sender or NOTIFY=NEVER: dropped without notice", name)
+            return True
+        notice = build_notice(kind="failure", queue_id=name, sender=m.sender, arrival=m.time or now,
+                              envid=m.envid, ret=m.ret, recipients=failed, original=m.content,
+                              reporting_mta=self._myhostname, now=now, notice_id=f"{name}.pickup",
+                              size_limit=self._bounce_size_limit)
+        envelope = Envelope("", (m.sender,), smtputf8=not m.sender.isascii(),
+                            body_type="8BITMIME" if notice_is_8bit(notice) else "7BIT")
+        client = ClientInfo(addr="127.0.0.1", helo=self._myhostname, protocol="local")
+        try:
+            queue_id = await self._cleanup.submit(Submission(envelope, notice, client))
+        except Exception as e:
+            logger.error("pickup: maildrop/%s: the failure notice to <%s> could not be queued: %s; will retry",
+                         name, m.sender, e)
+            return False
+        logger.info("pickup: maildrop/%s: sender non-delivery notification: %s", name, queue_id)
+        return True

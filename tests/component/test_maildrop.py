@@ -1,0 +1,239 @@
+"""The maildrop file format, sendmail's option and header handling, and the pickup stage in a real server."""
+from __future__ import annotations
+
+import io
+import os
+import stat
+
+import pytest
+
+from mailflow.config import config_from_dict
+from mailflow.maildrop import (CorruptMaildrop, MaildropError, MaildropMessage, maildrop_names, read_maildrop,
+                               wake_pickup, write_maildrop)
+from mailflow.sendmail import (UsageError, header_recipients, may_submit, may_use_sender, parse_args, read_message,
+                               without_bcc)
+from tests.helpers import eventually, maildir_messages
+
+MESSAGE = MaildropMessage(sender="alice@local.test", recipients=("bob@local.test",), content=b"Subject: x\r\n\r\nhi\r\n",
+                          uid=1000, user="alice", fullname="Alice A", time=1.5, notify="SUCCESS,FAILURE", ret="HDRS",
+                          envid="e1", body_type="7BIT")
+
+
+# ---------------------------------------------------------------------------------------------- the file
+
+
+def test_written_file_reads_back_equal_with_private_modes(tmp_path):
+    directory = tmp_path / "q" / "maildrop"
+    name = write_maildrop(directory, MESSAGE)
+    assert maildrop_names(directory) == [name]  # no temporary file left behind
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(directory / name).st_mode) == 0o600
+    back = read_maildrop(directory / name)
+    assert back == MESSAGE and back.owner_uid == os.getuid()
+
+
+def test_names_sort_in_submission_order(tmp_path):
+    names = [write_maildrop(tmp_path, MESSAGE) for _ in range(5)]
+    assert maildrop_names(tmp_path) == names
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (b"", "no envelope line"),
+    (b'{"version": 1, "sender": "a@b"', "no envelope line"),
+    (b"not json\nbody", "not JSON"),
+    (b'{"version": 2}\n', "unknown version"),
+    (b'{"version": 1, "sender": "a@b", "recipients": [], "uid": 1, "user": "a", "size": 0}\n', "recipients"),
+    (b'{"version": 1, "sender": "a@b", "recipients": ["c@d"], "uid": "1", "user": "a", "size": 0}\n', "uid"),
+    (b'{"version": 1, "sender": "a@b", "recipients": ["c\\r\\nX: y"], "uid": 1, "user": "a", "size": 0}\n',
+     "control character"),
+])
+def test_malformed_files_are_corrupt(tmp_path, raw, reason):
+    path = tmp_path / "F1"
+    path.write_bytes(raw)
+    with pytest.raises(CorruptMaildrop, match=reason):
+        read_maildrop(path)
+
+
+def test_truncated_content_is_corrupt(tmp_path):
+    name = write_maildrop(tmp_path, MESSAGE)
+    data = (tmp_path / name).read_bytes()
+    (tmp_path / name).write_bytes(data[:-3])
+    with pytest.raises(CorruptMaildrop, match="truncated"):
+        read_maildrop(tmp_path / name)
+
+
+def test_unwritable_maildrop_is_cantcreat(tmp_path):
+    (tmp_path / "q").write_text("a file where the queue directory should be")
+    with pytest.raises(MaildropError) as info:
+        write_maildrop(tmp_path / "q" / "maildrop", MESSAGE)
+    assert info.value.code == 73
+
+
+def test_waking_without_a_server_is_not_an_error(tmp_path):
+    assert wake_pickup(tmp_path / "public" / "pickup") is False
+
+
+# ---------------------------------------------------------------------------------------------- options
+
+
+def test_options_cluster_attach_and_separate():
+    o = parse_args(["-ti", "-fbob@x.test", "-F", "Bob B", "-N", "success,Delay", "-v", "carol"])
+    assert (o.extract, o.ignore_dots, o.sender, o.fullname, o.notify, o.verbose) == \
+        (True, True, "bob@x.test", "Bob B", "SUCCESS,DELAY", 1)
+    assert o.recipients == ["carol"]
+    assert parse_args(["-r", "s@x"]).sender == "s@x"
+    assert parse_args(["-oi"]).ignore_dots
+
+
+def test_options_modes():
+    assert [parse_args([a]).mode for a in ("-bs", "-bp", "-bv", "-bi", "-I", "-q", "-bm")] == \
+        ["smtp", "mailq", "verify", "newaliases", "newaliases", "flush", "deliver"]
+    assert parse_args(["-qRexample.org"]).flush_site == "example.org"
+    assert parse_args(["-q30m"]).flush_site == ""
+
+
+def test_double_dash_ends_options():
+    assert parse_args(["-t", "--", "-odd@x.test"]).recipients == ["-odd@x.test"]
+
+
+def test_sendmail_only_options_are_ignored_with_a_note():
+    o = parse_args(["-oem", "-odb", "-O", "DeliveryMode=b", "-L", "label", "-h", "5", "-U", "-Z", "a@b"])
+    assert o.recipients == ["a@b"] and o.mode == "deliver"
+    assert any("-Z" in n and "unknown" in n for n in o.notes)
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["-N", "sometimes"], "-N"), (["-f"], "requires an argument"), (["-bd"], "daemon"), (["-bz"], "unsupported"),
+    (["-R", "most"], "-R"), (["-B", "binary"], "-B"),
+])
+def test_bad_options_are_usage_errors(argv, problem):
+    with pytest.raises(UsageError, match=problem):
+        parse_args(argv)
+
+
+def test_notify_never_alone():
+    assert parse_args(["-N", "never"]).notify == "NEVER"
+    with pytest.raises(UsageError):
+        parse_args(["-N", "never,success"])
+
+
+# ---------------------------------------------------------------------------------------------- the message
+
+
+def test_lone_dot_ends_input_unless_i():
+    text = b"Subject: s\n\nline\n.\nafter\n"
+    assert read_message(io.BytesIO(text), ignore_dots=False) == b"Subject: s\r\n\r\nline\r\n"
+    assert read_message(io.BytesIO(text), ignore_dots=True) == b"Subject: s\r\n\r\nline\r\n.\r\nafter\r\n"
+
+
+def test_mbox_from_line_is_dropped_and_line_ends_become_crlf():
+    assert read_message(io.BytesIO(b"From me Mon Jan 1\nA: b\r\n\nx"), False) == b"A: b\r\n\r\nx\r\n"
+
+
+def test_header_recipients_and_bcc_removal():
+    content = (b"To: A <a@x.test>, b@x.test\r\nCc: c@x.test\r\nBcc: hidden@x.test,\r\n\tother@x.test\r\n"
+               b"Subject: s\r\n\r\nBcc: not a header\r\n")
+    assert header_recipients(content) == ["a@x.test", "b@x.test", "c@x.test", "hidden@x.test", "other@x.test"]
+    assert without_bcc(content) == (b"To: A <a@x.test>, b@x.test\r\nCc: c@x.test\r\nSubject: s\r\n\r\n"
+                                    b"Bcc: not a header\r\n")
+
+
+def test_resent_headers_take_precedence():
+    content = b"Resent-To: r@x.test\r\nResent-Bcc: rb@x.test\r\nTo: orig@x.test\r\n\r\n"
+    assert header_recipients(content) == ["r@x.test", "rb@x.test"]
+    assert b"Resent-Bcc" not in without_bcc(content)
+
+
+# ---------------------------------------------------------------------------------------------- who may
+
+
+def test_authorized_submit_users():
+    assert may_submit("alice", ("static:anyone",))
+    assert not may_submit("alice", ("!alice", "static:anyone"))
+    assert may_submit("bob", ("!alice", "static:anyone"))
+    assert may_submit("alice", ("alice",)) and not may_submit("bob", ("alice",))
+    assert not may_submit("alice", ())
+
+
+def test_local_login_sender_maps():
+    config = config_from_dict({"myhostname": "h.test",
+                               "sendmail": {"local_login_sender_maps": ["inline:{ {www = @web.test, <>, info} }"]}})
+    assert may_use_sender("alice", "alice@h.test", config)  # one's own address, always
+    assert not may_use_sender("alice", "bob@h.test", config)
+    assert may_use_sender("www", "x@web.test", config)
+    assert may_use_sender("www", "", config)
+    assert may_use_sender("www", "info@h.test", config)
+    assert not may_use_sender("www", "x@other.test", config)
+    default = config_from_dict({})
+    assert may_use_sender("root", "anyone@else.test", default)
+    assert not may_use_sender("alice", "", default)
+
+
+# ---------------------------------------------------------------------------------------------- pickup
+
+
+def _drop(mf, **changes) -> str:
+    fields = {"sender": "alice@local.test", "recipients": ("bob@local.test",),
+              "content": b"Subject: picked\r\n\r\nbody\r\n", "uid": os.getuid(), "user": "alice",
+              "fullname": "Alice Liddell", **changes}
+    return write_maildrop(mf.config.queue_path / "maildrop", MaildropMessage(**fields))
+
+
+async def test_pickup_delivers_a_dropped_file_on_wake_up_with_local_headers(mailflow_server, tmp_path):
+    mf = await mailflow_server()
+    name = _drop(mf)
+    assert wake_pickup(mf.config.queue_path / "public" / "pickup")
+    maildir = tmp_path / "mail" / "bob" / "Maildir"
+    assert await eventually(lambda: maildir_messages(maildir), timeout=5)
+    text = maildir_messages(maildir)[0].decode()
+    assert f"Received: by mx.mailflow.test (mailflow, from userid {os.getuid()})" in text
+    assert "From: Alice Liddell <alice@local.test>" in text
+    assert "Message-ID: <" in text and "Date: " in text
+    assert not (mf.config.queue_path / "maildrop" / name).exists()
+
+
+async def test_corrupt_file_is_set_aside_and_the_next_is_delivered(mailflow_server, tmp_path, caplog):
+    mf = await mailflow_server()
+    drop = mf.config.queue_path / "maildrop"
+    (drop / "00000000000000BAD").write_bytes(b'{"version": 1}\n')  # sorts first
+    _drop(mf)
+    mf.pickup.wake()
+    maildir = tmp_path / "mail" / "bob" / "Maildir"
+    assert await eventually(lambda: maildir_messages(maildir), timeout=5)
+    assert (mf.config.queue_path / "corrupt" / "00000000000000BAD").exists()
+    assert maildrop_names(drop) == []
+    assert any("00000000000000BAD: corrupt" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_file_owned_by_another_user_than_it_claims_is_corrupt(mailflow_server):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the file another owner")
+    mf = await mailflow_server()
+    name = _drop(mf, uid=4242)
+    os.chown(mf.config.queue_path / "maildrop" / name, 4343, -1)
+    mf.pickup.wake()
+    assert await eventually(lambda: (mf.config.queue_path / "corrupt" / name).exists(), timeout=5)
+
+
+async def test_a_looping_message_is_returned_to_its_sender(mailflow_server, tmp_path):
+    mf = await mailflow_server(hopcount_limit=2)
+    loop = b"Received: a\r\nReceived: b\r\nReceived: c\r\nSubject: loop\r\n\r\nx\r\n"
+    name = _drop(mf, sender="alice@local.test", recipients=("bob@local.test",), content=loop)
+    mf.pickup.wake()
+    notice_box = tmp_path / "mail" / "alice" / "Maildir"
+    assert await eventually(lambda: maildir_messages(notice_box), timeout=5)
+    notice = maildir_messages(notice_box)[0]
+    assert b"5.4.6" in notice and b"Subject: Undelivered Mail Returned to Sender" in notice
+    assert not (mf.config.queue_path / "maildrop" / name).exists()
+    assert maildir_messages(tmp_path / "mail" / "bob" / "Maildir") == []
+
+
+async def test_notify_and_envid_travel_with_the_message(mailflow_server, tmp_path):
+    mf = await mailflow_server()
+    _drop(mf, notify="SUCCESS", envid="ENV-77", ret="HDRS")
+    mf.pickup.wake()
+    alice = tmp_path / "mail" / "alice" / "Maildir"
+    assert await eventually(lambda: maildir_messages(alice), timeout=5)  # the success notice NOTIFY asked for
+    notice = maildir_messages(alice)[0]
+    assert b"Original-Envelope-Id: ENV-77" in notice and b"Action: delivered" in notice
+    assert maildir_messages(tmp_path / "mail" / "bob" / "Maildir")

@@ -1,0 +1,238 @@
+"""`mailflow sendmail` as a user runs it: a real child process writing the maildrop, a real server picking it up.
+
+The server is the in-process `mailflow_server` fixture; the command reads the same settings from the TOML file
+`write_config` makes, so both use one queue directory.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mailflow.maildrop import maildrop_names
+from tests.helpers import eventually, maildir_messages, queue_becomes
+
+VENV_SCRIPT = Path(sys.executable).parent / "mailflow"
+
+
+@pytest.fixture
+def cfg(tmp_path, write_config):
+    return lambda **settings: write_config(tmp_path / "mailflow.toml", **settings)
+
+
+async def run(config: Path | None, *args: str, stdin: bytes = b"", program: list[str] | None = None,
+              env: dict | None = None) -> tuple[int, bytes, str]:
+    command = (program or [sys.executable, "-m", "mailflow", "sendmail"]) + (["-C", str(config)] if config else [])
+    proc = await asyncio.create_subprocess_exec(*command, *args, stdin=asyncio.subprocess.PIPE,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                                                env={**os.environ, **(env or {})})
+    out, err = await asyncio.wait_for(proc.communicate(stdin), 20)
+    return proc.returncode, out, err.decode()
+
+
+def inbox(tmp_path: Path, user: str) -> list[bytes]:
+    return maildir_messages(tmp_path / "mail" / user / "Maildir")
+
+
+async def delivered(tmp_path: Path, user: str, count: int = 1, timeout: float = 5.0) -> list[bytes]:
+    await eventually(lambda: len(inbox(tmp_path, user)) >= count, timeout=timeout)
+    return inbox(tmp_path, user)
+
+
+async def test_t_delivers_to_the_maildir_with_the_server_running(mailflow_server, cfg, tmp_path):
+    await mailflow_server()
+    rc, _, err = await run(cfg(), "-t", stdin=b"To: alice@local.test\nSubject: hi\n\nbody\n")
+    assert rc == 0, err
+    [message] = await delivered(tmp_path, "alice")
+    assert b"Subject: hi" in message and message.endswith(b"body\n")
+    assert f"(mailflow, from userid {os.getuid()})".encode() in message
+
+
+async def test_mail_waits_in_maildrop_and_is_delivered_within_a_second_of_start(mailflow_server, cfg, tmp_path):
+    config = cfg()
+    rc, _, err = await run(config, "bob@local.test", stdin=b"Subject: later\n\nwaiting\n")
+    assert rc == 0, err
+    drop = tmp_path / "queue" / "maildrop"
+    assert len(maildrop_names(drop)) == 1
+    started = time.monotonic()
+    await mailflow_server()
+    [message] = await delivered(tmp_path, "bob", timeout=1.0)
+    assert time.monotonic() - started < 1.0
+    assert b"waiting" in message and maildrop_names(drop) == []
+
+
+async def test_corrupt_file_is_moved_aside_and_reported_and_the_next_delivered(mailflow_server, cfg, tmp_path, caplog):
+    config = cfg()
+    drop = tmp_path / "queue" / "maildrop"
+    drop.mkdir(parents=True)
+    (drop / "0000000000000000GARBAGE").write_bytes(b"\x00\x01 not a maildrop file")
+    rc, _, err = await run(config, "bob@local.test", stdin=b"Subject: good\n\ngood\n")
+    assert rc == 0, err
+    await mailflow_server()
+    [message] = await delivered(tmp_path, "bob")
+    assert b"good" in message
+    assert (tmp_path / "queue" / "corrupt" / "0000000000000000GARBAGE").exists()
+    assert any("GARBAGE: corrupt" in r.getMessage() for r in caplog.records)
+
+
+async def test_t_with_bcc_removes_the_header_and_delivers_to_the_bcc_recipient(mailflow_server, cfg, tmp_path):
+    await mailflow_server()
+    rc, _, err = await run(cfg(), "-t", stdin=b"To: alice@local.test\nBcc: bob@local.test\nSubject: b\n\nx\n")
+    assert rc == 0, err
+    for user in ("alice", "bob"):
+        [message] = await delivered(tmp_path, user)
+        assert b"Bcc" not in message.split(b"\n\n")[0]
+
+
+async def test_t_adds_command_line_recipients(mailflow_server, cfg, tmp_path):
+    await mailflow_server()
+    rc, _, err = await run(cfg(), "-t", "bob@local.test", stdin=b"To: alice@local.test\n\nx\n")
+    assert rc == 0, err
+    assert await delivered(tmp_path, "alice") and await delivered(tmp_path, "bob")
+
+
+async def test_bs_scripted_smtp_dialogue(mailflow_server, cfg, tmp_path):
+    await mailflow_server()
+    script = (b"EHLO script.test\r\nMAIL FROM:<>\r\nRSET\r\nNOOP\r\nMAIL FROM:<root@mx.mailflow.test>\r\n"
+              b"RCPT TO:<alice@local.test>\r\nRCPT TO:<bob@local.test>\r\nDATA\r\n"
+              b"Subject: via -bs\r\n\r\n..dot-stuffed line\r\n.\r\nBOGUS\r\nQUIT\r\n")
+    rc, out, err = await run(cfg(), "-bs", stdin=script)
+    assert rc == 0, err
+    codes = [line[:3] for line in out.decode().splitlines() if line[3:4] == " "]
+    assert codes == [b"220"[:3].decode(), "250", "250", "250", "250", "250", "250", "250", "354", "250", "502",
+                     "221"]
+    assert "queued as" in out.decode()
+    for user in ("alice", "bob"):
+        [message] = await delivered(tmp_path, user)
+        assert b"\n.dot-stuffed line\n" in message
+
+
+async def test_bs_refuses_a_sender_the_user_may_not_use(cfg, tmp_path):
+    config = cfg(sendmail={"local_login_sender_maps": ["inline:{nobody-else=*}"]})
+    rc, out, _ = await run(config, "-bs", stdin=b"HELO x\r\nMAIL FROM:<ceo@bank.test>\r\nQUIT\r\n")
+    assert rc == 0 and b"553 5.7.1" in out
+
+
+async def test_without_i_a_lone_dot_ends_the_message_and_with_i_it_does_not(mailflow_server, cfg, tmp_path):
+    await mailflow_server()
+    text = b"Subject: dots\n\nbefore\n.\nafter\n"
+    assert (await run(cfg(), "alice@local.test", stdin=text))[0] == 0
+    assert (await run(cfg(), "-oi", "bob@local.test", stdin=text))[0] == 0
+    [cut] = await delivered(tmp_path, "alice")
+    [whole] = await delivered(tmp_path, "bob")
+    assert b"before" in cut and b"after" not in cut
+    assert whole.endswith(b"before\n.\nafter\n")
+
+
+async def test_f_and_F_set_the_sender_and_the_from_header(mailflow_server, cfg, tmp_path):
+    await mailflow_server()
+    rc, _, err = await run(cfg(), "-f", "alice@local.test", "-F", "Alice Liddell", "bob@local.test",
+                           stdin=b"Subject: s\n\nx\n")
+    assert rc == 0, err
+    [message] = await delivered(tmp_path, "bob")
+    assert b"Return-Path: <alice@local.test>" in message
+    assert b"From: Alice Liddell <alice@local.test>" in message
+
+
+async def test_r_is_f(mailflow_server, cfg, tmp_path):
+    await mailflow_server()
+    assert (await run(cfg(), "-r", "alice@local.test", "bob@local.test", stdin=b"\nx\n"))[0] == 0
+    [message] = await delivered(tmp_path, "bob")
+    assert b"Return-Path: <alice@local.test>" in message
+
+
+async def test_a_sender_the_login_does_not_own_is_refused_with_77(cfg, tmp_path):
+    config = cfg(sendmail={"local_login_sender_maps": ["inline:{nobody-else=*}"]})
+    rc, _, err = await run(config, "-f", "ceo@bank.test", "bob@local.test", stdin=b"\nx\n")
+    assert rc == 77 and "local_login_sender_maps" in err
+    assert maildrop_names(tmp_path / "queue" / "maildrop") == []
+
+
+async def test_a_user_not_in_authorized_submit_users_gets_77(cfg, tmp_path):
+    import pwd
+
+    me = pwd.getpwuid(os.getuid()).pw_name
+    rc, _, err = await run(cfg(sendmail={"authorized_submit_users": [f"!{me}", "static:anyone"]}), "bob@local.test",
+                           stdin=b"\nx\n")
+    assert rc == 77 and "authorized_submit_users" in err
+
+
+async def test_no_recipients_is_a_usage_error(cfg):
+    rc, _, err = await run(cfg(), stdin=b"\nx\n")
+    assert rc == 64 and "no recipients" in err
+    rc, _, err = await run(cfg(), "-t", stdin=b"Subject: nobody\n\nx\n")
+    assert rc == 64
+
+
+async def test_a_message_that_cannot_be_stored_exits_73_with_a_reason(cfg, tmp_path):
+    (tmp_path / "queue").write_text("not a directory")
+    rc, _, err = await run(cfg(), "bob@local.test", stdin=b"\nx\n")
+    assert rc == 73 and "message not stored" in err
+
+
+async def test_N_never_and_success(mailflow_server, cfg, tmp_path):
+    await mailflow_server()
+    assert (await run(cfg(), "-f", "alice@local.test", "-N", "success", "bob@local.test", stdin=b"\nx\n"))[0] == 0
+    [notice] = await delivered(tmp_path, "alice")
+    assert b"Action: delivered" in notice
+    assert (await run(cfg(), "-f", "alice@local.test", "-N", "never", "nosuchuser@local.test", stdin=b"\nx\n"))[0] == 0
+    await asyncio.sleep(0.5)
+    assert len(inbox(tmp_path, "alice")) == 1  # the bounce NOTIFY=NEVER asked not to get
+
+
+async def test_v_reports_the_maildrop_file(cfg):
+    rc, _, err = await run(cfg(), "-v", "bob@local.test", stdin=b"\nx\n")
+    assert rc == 0 and "queued as maildrop/" in err
+
+
+async def test_unknown_and_sendmail_only_options_are_ignored(cfg, tmp_path):
+    rc, _, err = await run(cfg(), "-oem", "-odb", "-Z", "-U", "-L", "lbl", "--", "bob@local.test", stdin=b"\nx\n")
+    assert rc == 0, err
+    assert len(maildrop_names(tmp_path / "queue" / "maildrop")) == 1
+
+
+async def test_bp_lists_the_queue(mailflow_server, cfg, tmp_path):
+    await mailflow_server(relayhost="[127.0.0.1]:9")
+    assert (await run(cfg(), "someone@relay.test", stdin=b"\nx\n"))[0] == 0
+    rc, out = 1, b""
+    for _ in range(50):
+        rc, out, _ = await run(cfg(), "-bp")
+        if b"someone@relay.test" in out:
+            break
+        await asyncio.sleep(0.1)
+    assert rc == 0 and b"someone@relay.test" in out
+
+
+async def test_q_flushes_deferred_mail(mailflow_server, cfg):
+    mf = await mailflow_server(relayhost="[127.0.0.1]:9")
+    assert (await run(cfg(), "someone@relay.test", stdin=b"\nx\n"))[0] == 0
+    assert await queue_becomes(mf.store, {"deferred": 1}) == {"deferred": 1}
+    rc, out, err = await run(cfg(), "-q")
+    assert rc == 0 and b"flush: 1 message" in out, err
+
+
+async def test_bv_explains_the_route(cfg):
+    rc, out, _ = await run(cfg(), "-bv", "alice@local.test")
+    assert rc == 0 and b"transport:" in out and b"local" in out
+
+
+async def test_bi_newaliases_succeeds(cfg):
+    assert (await run(cfg(), "-bi"))[0] == 0
+
+
+async def test_invoked_as_sendmail_and_mailq_through_links(cfg, tmp_path):
+    if not VENV_SCRIPT.exists():
+        pytest.fail(f"{VENV_SCRIPT} missing: install the package into the venv (pip install -e .)")
+    for name in ("sendmail", "mailq"):
+        (tmp_path / name).symlink_to(VENV_SCRIPT)
+    env = {"MAILFLOW_CONFIG": str(cfg())}
+    rc, _, err = await run(None, "-t", stdin=b"To: bob@local.test\n\nx\n", program=[str(tmp_path / "sendmail")],
+                           env=env)
+    assert rc == 0, err
+    assert len(maildrop_names(tmp_path / "queue" / "maildrop")) == 1
+    rc, out, err = await run(None, program=[str(tmp_path / "mailq")], env=env)
+    assert "no queue database" in err  # it ran mailq (nothing has been queued yet), not sendmail
