@@ -34,7 +34,6 @@ from mailflow.tables import TableCache
 log = logging.getLogger("mailflow.smtpd")
 
 NULL_SENDER = "<>"  # how aiosmtpd spells MAIL FROM:<>
-_instances = itertools.count(1)  # policy `instance` attribute: one per message
 
 
 class SmtpdHandler:
@@ -49,6 +48,7 @@ class SmtpdHandler:
         self._cleanup = cleanup
         self.restrictions = Restrictions(config, config.smtpd, rewriter, mapper, resolver, tables)
         self.submitting = 0  # DATA hand-overs waiting for their commit
+        self._instances = itertools.count(1)  # the policy protocol's `instance` attribute: one per message
 
     async def handle_EHLO(self, server, session: Session, envelope, hostname: str, responses: list[str]):
         session.host_name = hostname
@@ -155,13 +155,12 @@ class SmtpdHandler:
 
     # -------------------------------------------------------------------------------- facts
 
-    @staticmethod
-    def _marks(envelope: SmtpEnvelope) -> Marks:
+    def _marks(self, envelope: SmtpEnvelope) -> Marks:
         """The message's DISCARD/HOLD marks; a new aiosmtpd envelope (RSET, next message) starts clean."""
         marks = getattr(envelope, "restriction_marks", None)
         if marks is None:
             marks = envelope.restriction_marks = Marks()
-            envelope.policy_instance = f"{next(_instances):x}"
+            envelope.policy_instance = f"{id(self):x}.{next(self._instances):x}"  # unique across listeners
         return marks
 
     @staticmethod
