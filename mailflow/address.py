@@ -3,6 +3,8 @@
 - `split(addr) -> (local, domain)`: at the last '@'; domain "" for an unqualified address.
 - `normalise_domain(d)`: lower case, no trailing dot, IDNA A-label for matching ("" if it cannot be).
 - `mailbox_syntax_error(addr) -> str | None`: why an address is not an RFC 5321 mailbox (None if it is).
+- `client_ip(text) -> IPv4Address | IPv6Address | None`: a client's IP address, IPv4-mapped IPv6 as IPv4;
+  `in_networks(text, networks)`: that address is in one of the networks (False when it is not an address).
 """
 from __future__ import annotations
 
@@ -87,3 +89,19 @@ def _labels_fit(domain: str) -> bool:
 
 def is_utf8(address: str) -> bool:
     return not address.isascii()
+
+
+def client_ip(text) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address in `text` (`::ffff:1.2.3.4` counts as `1.2.3.4`), or None when it is not one."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except (ValueError, TypeError):
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    return ip
+
+
+def in_networks(text, networks) -> bool:
+    ip = client_ip(text)
+    return ip is not None and any(ip in net for net in networks)

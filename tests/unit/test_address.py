@@ -210,3 +210,15 @@ def test_cr_lf_nul_anywhere_in_a_valid_address_is_refused(local, domain, bad, da
     addr = f"{local}@{domain}"
     at = data.draw(st.integers(0, len(addr)))
     assert mailbox_syntax_error(addr[:at] + bad + addr[at:]) == "control character in address"
+
+
+def test_client_ip_unmaps_ipv4_and_in_networks_matches_it():
+    import ipaddress
+
+    from mailflow.address import client_ip, in_networks
+
+    nets = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("2001:db8::/32")]
+    assert str(client_ip("::ffff:127.0.0.1")) == "127.0.0.1"
+    assert client_ip("unknown") is None and client_ip(None) is None
+    assert in_networks("::ffff:127.0.0.9", nets) and in_networks("2001:db8::1", nets)
+    assert not in_networks("192.0.2.1", nets) and not in_networks("", nets)

@@ -25,7 +25,6 @@ import asyncio
 import base64
 import hashlib
 import hmac
-import ipaddress
 import logging
 import re
 import secrets
@@ -33,6 +32,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from mailflow import status
+from mailflow.address import client_ip
 from mailflow.clock import Clock
 from mailflow.errors import LookupRetry
 from mailflow.tables import Table, find_address
@@ -231,10 +231,5 @@ class SenderLogins:
 
 
 def is_loopback(ip: str) -> bool:
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
-    return addr.is_loopback
+    addr = client_ip(ip)
+    return addr is not None and addr.is_loopback

@@ -29,6 +29,7 @@ import re
 from dataclasses import dataclass, field
 
 from mailflow import address, status
+from mailflow.address import client_ip, in_networks
 from mailflow.dns import NotFound
 from mailflow.errors import ConfigError, LookupRetry
 from mailflow.model import AddressClass
@@ -158,12 +159,9 @@ def client_keys(addr: str, hostname: str) -> list[str]:
     """check_client_access: the hostname and its parents (when known), the address, its network prefixes
     (`192.168.1`, `192.168`, `192` / `2001:db8:0:0:0:0:0`, …)."""
     keys = domain_keys(hostname) if hostname and hostname != "unknown" else []
-    try:
-        ip = ipaddress.ip_address(addr)
-    except ValueError:
+    ip = client_ip(addr)
+    if ip is None:
         return keys + ([addr] if addr else [])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
     keys.append(str(ip))
     if ip.version == 4:
         octets = str(ip).split(".")
@@ -198,12 +196,9 @@ def address_access_keys(addr: str, delimiter: str) -> list[str]:
 
 def rbl_query_name(client_addr: str, rbl_domain: str) -> str | None:
     """`4.3.2.1.zen.example` for 1.2.3.4 (nibbles for IPv6); None for a client without an IP address."""
-    try:
-        ip = ipaddress.ip_address(client_addr)
-    except ValueError:
+    ip = client_ip(client_addr)
+    if ip is None:
         return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
     labels = str(ip).split(".") if ip.version == 4 else list(ip.exploded.replace(":", ""))
     reverse = ".".join(reversed(labels))
     return f"{reverse}.{rbl_domain}"
@@ -260,13 +255,7 @@ class Restrictions:
 
     def trusted(self, client_addr: str) -> bool:
         """The client is in mynetworks."""
-        try:
-            ip = ipaddress.ip_address(client_addr)
-        except (ValueError, TypeError):
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self._mynetworks)
+        return in_networks(client_addr, self._mynetworks)
 
     async def _run(self, stage: str, facts: Facts) -> status.Reply | None:
         for name, arg in self._lists[stage]:

@@ -32,6 +32,7 @@ from typing import Callable
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from mailflow import status
+from mailflow.address import in_networks
 from mailflow.clock import Clock, SystemClock
 from mailflow.config import Config, SmtpdConfig, parse_hostport
 from mailflow.errors import LookupRetry
@@ -216,7 +217,7 @@ class Smtpd:
         networks = [ipaddress.ip_network(n, strict=False) for n in self._config.mynetworks]
         anvil = Anvil(count_limit=smtpd.client_connection_count_limit, rate_limit=smtpd.client_connection_rate_limit,
                       time_unit=smtpd.anvil_rate_time_unit, clock=self._clock,
-                      exempt=lambda ip: _in_networks(ip, networks))
+                      exempt=lambda ip: in_networks(ip, networks))
         authenticator = None
         if smtpd.sasl_auth_enable:
             authenticator = Authenticator(self._tables.open(smtpd.sasl_user_maps), clock=self._clock,
@@ -315,13 +316,3 @@ class Smtpd:
             await server.wait_closed()
         for li in self.listeners:
             li.server = None
-
-
-def _in_networks(ip: str, networks: list) -> bool:
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
-    return any(addr in net for net in networks)

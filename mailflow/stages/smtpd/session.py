@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from mailflow import status
+from mailflow.address import in_networks
 from mailflow.stages.smtpd import dsn
 from mailflow.stages.smtpd.frontends import ProxyError, XclientError, parse_xclient, read_proxy_header
 from mailflow.stages.smtpd.wire import Content, Wire, WireError, bare_newline_in
@@ -81,17 +82,6 @@ class FrontEnds:
         return cls(proxy_timeout=smtpd.upstream_proxy_timeout if smtpd.upstream_proxy_protocol == "haproxy" else None,
                    proxy_clients=networks(smtpd.upstream_proxy_clients),
                    xclient_hosts=networks(smtpd.authorized_xclient_hosts))
-
-
-def in_networks(ip: str, networks) -> bool:
-    """`ip` (IPv4-mapped IPv6 counts as IPv4) in one of `networks`; False for anything not an address."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
-    return any(addr in net for net in networks)
 
 
 class SmtpSession(SMTP):
