@@ -54,13 +54,12 @@ from mailflow.transports.smtp import (
     Failure,
     Outcomes,
     dot_stuffed,
-    has_unsafe_characters,
     needs_smtputf8,
     one_line,
     os_reason,
-    printable,
     reply_dsn,
     reply_outcome,
+    screen_envelope,
 )
 
 log = logging.getLogger("mailflow.lmtp")
@@ -130,17 +129,7 @@ class LmtpTransport:
         self._helo_name = helo_name
 
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
-        outcomes = Outcomes()
-        if has_unsafe_characters(request.sender):
-            text = f"<{printable(request.sender)}>: Bad sender address syntax"
-            return outcomes.set_all(request.recipients, Outcome.BOUNCED, "5.1.7", text).report(request)
-        sendable = []
-        for r in request.recipients:
-            if has_unsafe_characters(r.address):
-                text = f"<{printable(r.address)}>: Bad recipient address syntax"
-                outcomes.set_all([r], Outcome.BOUNCED, "5.1.3", text)
-            else:
-                sendable.append(r)
+        outcomes, sendable = screen_envelope(request)
         if sendable:
             await self._deliver(request, sendable, outcomes)
         return outcomes.report(request)

@@ -295,17 +295,7 @@ class SmtpTransport:
         )
 
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
-        outcomes = Outcomes()
-        if has_unsafe_characters(request.sender):
-            text = f"<{printable(request.sender)}>: Bad sender address syntax"
-            return outcomes.set_all(request.recipients, Outcome.BOUNCED, "5.1.7", text).report(request)
-        sendable = []
-        for r in request.recipients:
-            if has_unsafe_characters(r.address):
-                text = f"<{printable(r.address)}>: Bad recipient address syntax"
-                outcomes.set_all([r], Outcome.BOUNCED, "5.1.3", text)
-            else:
-                sendable.append(r)
+        outcomes, sendable = screen_envelope(request)
         if sendable:
             await self._deliver_to_nexthop(request, sendable, outcomes)
         return outcomes.report(request)
@@ -886,6 +876,24 @@ def mail_options(session: Session, content: bytes, body: str | None, utf8: bool)
     if utf8:
         options.append("SMTPUTF8")
     return [o.encode("ascii") for o in options]
+
+
+def screen_envelope(request: DeliveryRequest) -> tuple[Outcomes, list[Recipient]]:
+    """Addresses with CR, LF or other control characters never reach the wire: a bad sender bounces every
+    recipient (5.1.7), a bad recipient bounces itself (5.1.3). Returns the outcomes so far and the recipients
+    that may be sent."""
+    outcomes = Outcomes()
+    if has_unsafe_characters(request.sender):
+        text = f"<{printable(request.sender)}>: Bad sender address syntax"
+        outcomes.set_all(request.recipients, Outcome.BOUNCED, "5.1.7", text)
+        return outcomes, []
+    sendable = []
+    for r in request.recipients:
+        if has_unsafe_characters(r.address):
+            outcomes.set_all([r], Outcome.BOUNCED, "5.1.3", f"<{printable(r.address)}>: Bad recipient address syntax")
+        else:
+            sendable.append(r)
+    return outcomes, sendable
 
 
 def dot_stuffed(content: bytes) -> bytes:
