@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
+from mailflow import status
 from mailflow.config import Config
 from mailflow.errors import LookupRetry
 from mailflow.maildrop import MaildropError, MaildropMessage, wake_pickup, write_maildrop
@@ -403,8 +404,9 @@ class StdioSmtp:
         self._sender: str | None = None
         self._recipients: list[str] = []
 
-    def _reply(self, text: str) -> None:
-        self._out.write(text.encode("utf-8") + b"\r\n")
+    def _reply(self, reply: "status.Reply | str") -> None:
+        """A reply from the catalogue; plain strings only for the greeting and the EHLO lines."""
+        self._out.write(str(reply).encode("utf-8") + b"\r\n")
         self._out.flush()
 
     def run(self) -> int:
@@ -416,53 +418,52 @@ class StdioSmtp:
             verb, _, arg = line.rstrip(b"\r\n").decode("utf-8", "replace").strip().partition(" ")
             handler = getattr(self, f"_do_{verb.upper()}", None) if verb.isalpha() else None
             if handler is None:
-                self._reply("502 5.5.2 Error: command not recognized")
+                self._reply(status.NOT_RECOGNIZED)
             elif handler(arg.strip()) is False:
                 return 0
 
     def _do_HELO(self, arg: str) -> None:
         self._reset()
-        self._reply(f"250 {self._host}" if arg else "501 5.5.4 Syntax: HELO hostname")
+        self._reply(f"250 {self._host}" if arg else status.syntax("HELO hostname"))
 
     def _do_EHLO(self, arg: str) -> None:
         if not arg:
-            return self._reply("501 5.5.4 Syntax: EHLO hostname")
+            return self._reply(status.syntax("EHLO hostname"))
         self._reset()
         for line in (f"250-{self._host}", "250-PIPELINING", "250-8BITMIME", "250 ENHANCEDSTATUSCODES"):
             self._reply(line)
 
     def _do_MAIL(self, arg: str) -> None:
         if self._sender is not None:
-            return self._reply("503 5.5.1 Error: nested MAIL command")
+            return self._reply(status.NESTED_MAIL)
         address = _path(arg, "FROM")
         if address is None:
-            return self._reply("501 5.5.4 Syntax: MAIL FROM:<address>")
+            return self._reply(status.syntax("MAIL FROM:<address>"))
         try:
             sender = clean_address(address, self._sub.config.origin) if address else ""
         except UsageError:
-            return self._reply("501 5.1.7 Bad sender address syntax")
+            return self._reply(status.bad_sender_syntax(address))
         if self._sub.sender_problem(sender):
-            return self._reply(f"553 5.7.1 <{sender}>: Sender address rejected: not owned by user "
-                               f"{self._sub.identity.login}")
+            return self._reply(status.sender_login_mismatch(sender, self._sub.identity.login))
         self._sender = sender
-        self._reply("250 2.1.0 Ok")
+        self._reply(status.SENDER_OK)
 
     def _do_RCPT(self, arg: str) -> None:
         if self._sender is None:
-            return self._reply("503 5.5.1 Error: need MAIL command")
+            return self._reply(status.NEED_MAIL)
         address = _path(arg, "TO")
         if not address:
-            return self._reply("501 5.5.4 Syntax: RCPT TO:<address>")
+            return self._reply(status.syntax("RCPT TO:<address>"))
         try:
             self._recipients.append(clean_address(address, self._sub.config.origin))
         except UsageError:
-            return self._reply("501 5.1.3 Bad recipient address syntax")
-        self._reply("250 2.1.5 Ok")
+            return self._reply(status.bad_address_syntax(address))
+        self._reply(status.RCPT_OK)
 
     def _do_DATA(self, arg: str) -> None:
         if not self._recipients:
-            return self._reply("503 5.5.1 Error: need RCPT command")
-        self._reply("354 End data with <CR><LF>.<CR><LF>")
+            return self._reply(status.NEED_RCPT)
+        self._reply(status.START_DATA)
         lines = []
         while True:
             raw = self._in.readline(self.LINE_LIMIT)
@@ -476,23 +477,23 @@ class StdioSmtp:
         try:
             name = self._sub.store(self._sender, self._recipients, content, self._opts)
         except MaildropError:
-            self._reply("451 4.3.0 Error: queue file write error")
+            self._reply(status.QUEUE_ERROR)
         else:
-            self._reply(f"250 2.0.0 Ok: queued as {name}")
+            self._reply(status.queued(name))
         self._reset()
 
     def _do_RSET(self, arg: str) -> None:
         self._reset()
-        self._reply("250 2.0.0 Ok")
+        self._reply(status.OK)
 
     def _do_NOOP(self, arg: str) -> None:
-        self._reply("250 2.0.0 Ok")
+        self._reply(status.OK)
 
     def _do_VRFY(self, arg: str) -> None:
-        self._reply("252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery")
+        self._reply(status.CANNOT_VRFY)
 
     def _do_QUIT(self, arg: str) -> bool:
-        self._reply("221 2.0.0 Bye")
+        self._reply(status.BYE)
         return False
 
 

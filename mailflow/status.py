@@ -195,7 +195,23 @@ VRFY_DISABLED = Reply(502, "5.5.1", "VRFY command is disabled")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 BDAT_MIXED = Reply(503, "5.5.1", "Error: BDAT and DATA cannot be mixed in one transaction")
 BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT count [LAST]")
-BDAT_NO_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
+NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
+NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+EXPN_DISABLED = Reply(502, "5.5.1", "EXPN command is disabled")
+CANNOT_VRFY = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
+OK = Reply(250, "2.0.0", "Ok")
+BYE = Reply(221, "2.0.0", "Bye")
+STARTTLS_FIRST = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+LACK_OF_SECURITY = Reply(554, "5.7.0", "Command refused due to lack of security")
+AUTH_ABORTED = Reply(501, "5.7.0", "Auth aborted")
+AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Can't decode base64")
+
+
+def syntax(usage: str) -> Reply:
+    """A command with a malformed argument: `usage` is how it is written ("MAIL FROM:<address>")."""
+    return Reply(501, "5.5.4", f"Syntax: {usage}")
 
 
 def bdat_chunk(size: int) -> Reply:

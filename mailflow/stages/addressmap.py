@@ -24,7 +24,7 @@ Table semantics (as Postfix's mail_addr_map):
 Failures (the message is not accepted; smtpd answers 451, as Postfix does): `LookupRetry` (4.3.0) when a table
 cannot answer; `TemporaryError("4.6.0", "Alias expansion error")` for a loop, more nesting than
 `virtual_alias_recursion_limit`, more addresses than `virtual_alias_expansion_limit`, or a canonical chain that
-does not settle. The log line names the address and the reason.
+does not settle; its `why` names the address and the reason, and cleanup logs it with the queue id.
 """
 from __future__ import annotations
 
@@ -44,8 +44,11 @@ _LIST_ITEM = re.compile(r'(?:"(?:\\.|[^"\\])*"|[^,\s"])+')
 
 
 def expansion_error(addr: str, why: str) -> TemporaryError:
-    log.warning("cleanup: <%s>: %s; message not accepted", addr, why)
-    return TemporaryError("4.6.0", "Alias expansion error")
+    """4.6.0 "Alias expansion error" for the client; its `why` (address and reason) is for the log line,
+    which cleanup writes with the queue id."""
+    error = TemporaryError("4.6.0", "Alias expansion error")
+    error.why = f"<{addr}>: {why}"
+    return error
 
 
 def split_address_list(value: str) -> list[str]:

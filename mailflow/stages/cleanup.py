@@ -154,8 +154,12 @@ class Cleanup:
         recipients = tuple(Recipient(i, r, originals[i], notify[i], orcpts[i]) for i, r in enumerate(env.recipients))
         sender = env.sender
         if rewrite and self._mapper is not None:
-            sender = self._mapper.sender(sender)
-            recipients = self._mapper.recipients(recipients)
+            try:
+                sender = self._mapper.sender(sender)
+                recipients = self._mapper.recipients(recipients)
+            except TemporaryError as e:
+                logger.warning("%s: %s; message not accepted", queue_id, getattr(e, "why", e))
+                raise
         fullname = sub.submitter.fullname if sub.submitter else ""
         missing = self._missing_headers(names, queue_id, sender, now, fullname)
         return NewMessage(

@@ -40,16 +40,16 @@ What each recipient gets (texts as Postfix words them, reply codes mapped as smt
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import re
 import socket
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 
 from mailflow.config import LmtpConfig, parse_hostport
-from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
+from mailflow.dns import is_ip_literal
+from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, Recipient
 from mailflow.transports.smtp import (
     Failure,
     Outcomes,
@@ -58,7 +58,7 @@ from mailflow.transports.smtp import (
     one_line,
     os_reason,
     reply_dsn,
-    reply_outcome,
+    reply_results,
     screen_envelope,
 )
 
@@ -180,7 +180,7 @@ class LmtpTransport:
 
     async def _addresses(self, endpoint: Endpoint) -> list[str]:
         """The host's addresses in the resolver's order: an IP literal is its own. Raises SiteFailure (4.4.3)."""
-        if is_ip_address(endpoint.host):
+        if is_ip_literal(endpoint.host):
             return [endpoint.host]
         loop = asyncio.get_running_loop()
         try:
@@ -409,19 +409,6 @@ def capabilities(lhlo: Reply) -> dict[str, str]:
     return out
 
 
-def reply_results(
-    recipients: Iterable[Recipient], reply: Reply, peer: Peer, command: str
-) -> dict[Recipient, RcptResult]:
-    """The same reply for each of `recipients`: accepted -> SENT with the reply, refused -> the server's words."""
-    outcome = reply_outcome(reply.code)
-    dsn = reply_dsn(reply.code, reply.message)
-    if outcome is Outcome.SENT:
-        text = one_line(reply.code, reply.message)
-    else:
-        text = f"host {peer.name} said: {one_line(reply.code, reply.message)} (in reply to {command} command)"
-    return {r: RcptResult(r, outcome, dsn, text, peer.relay) for r in recipients}
-
-
 # ---------------------------------------------------------------------------------------------------- commands (pure)
 
 
@@ -438,14 +425,6 @@ def parse_nexthop(nexthop: str, default_port: int) -> Endpoint:
     if not host:
         raise ValueError(f"{nexthop!r} names no host")
     return Endpoint(host=host, port=port)
-
-
-def is_ip_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def uses_smtputf8(capabilities: dict[str, str], request: DeliveryRequest) -> bool:

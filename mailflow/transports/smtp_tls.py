@@ -27,6 +27,8 @@ import re
 import ssl
 from dataclasses import dataclass
 
+from mailflow.dns import is_ip_literal
+
 LEVELS = ("none", "may", "encrypt", "verify", "secure")
 DEFAULT_MATCH = {"verify": ("hostname",), "secure": ("nexthop", "dot-nexthop")}
 _SEPARATORS = re.compile(r"[\s,]+")
@@ -150,7 +152,7 @@ def certificate_matches(peercert: dict, patterns: tuple[str, ...], hostname: str
         else:
             wanted, suffix = pattern, False
         wanted = normal(wanted)
-        if is_ip(wanted):
+        if is_ip_literal(wanted):
             if not suffix and any(same_ip(wanted, ip) for ip in ips):
                 return True
         elif any(name_matches(name, wanted, suffix) for name in dns):
@@ -172,14 +174,6 @@ def name_matches(cert_name: str, wanted: str, subdomains: bool) -> bool:
 
 def normal(name: str) -> str:
     return name.strip().rstrip(".").lower()
-
-
-def is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def same_ip(a: str, b: str) -> bool:

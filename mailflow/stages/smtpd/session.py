@@ -302,10 +302,10 @@ class SmtpSession(SMTP):
 
     async def _dispatch(self, command: str, arg: str | None) -> None:
         if not self._tls_handshake_okay and command != "QUIT":
-            await self.push("554 5.7.0 Command refused due to lack of security")
+            await self.push(status.LACK_OF_SECURITY)
             return
         if self.require_starttls and not self._tls_protocol and command not in ALLOWED_BEFORE_STARTTLS:
-            await self.push("530 5.7.0 Must issue a STARTTLS command first")
+            await self.push(status.STARTTLS_FIRST)
             return
         method = self._smtp_methods.get(command)
         if method is None:
@@ -348,7 +348,7 @@ class SmtpSession(SMTP):
         await super().smtp_VRFY(arg)
 
     async def smtp_EXPN(self, arg: str) -> None:
-        await self.push("502 5.5.1 EXPN command is disabled")
+        await self.push(status.EXPN_DISABLED)
 
     async def smtp_XCLIENT(self, arg: str | None) -> None:
         """Postfix XCLIENT: an authorized front end names the real client; the session starts again."""
@@ -402,34 +402,37 @@ class SmtpSession(SMTP):
         self.envelope.rcpt_dsn = []
 
     async def smtp_MAIL(self, arg: str | None) -> None:
-        rewritten = await self._take_dsn_params(arg, "FROM:", dsn.MAIL_KEYS)
-        if rewritten is None:
+        taken = await self._dsn_params(arg, "FROM:", dsn.MAIL_KEYS, dsn.mail_params)
+        if taken is None:
             return
-        arg, found = rewritten
-        try:
-            ret, envid = dsn.mail_params(found)
-        except dsn.DsnError as e:
-            await self.push(status.bad_dsn_parameter(str(e)))
-            return
+        arg, (ret, envid) = taken
         had_sender = bool(self.envelope.mail_from)
         await super().smtp_MAIL(arg)
         if self.envelope.mail_from and not had_sender:
             self.envelope.dsn_ret, self.envelope.dsn_envid = ret, envid
 
     async def smtp_RCPT(self, arg: str | None) -> None:
-        rewritten = await self._take_dsn_params(arg, "TO:", dsn.RCPT_KEYS)
-        if rewritten is None:
+        taken = await self._dsn_params(arg, "TO:", dsn.RCPT_KEYS, dsn.rcpt_params)
+        if taken is None:
             return
-        arg, found = rewritten
-        try:
-            notify, orcpt = dsn.rcpt_params(found)
-        except dsn.DsnError as e:
-            await self.push(status.bad_dsn_parameter(str(e)))
-            return
+        arg, (notify, orcpt) = taken
         before = len(self.envelope.rcpt_tos)
         await super().smtp_RCPT(arg)
         if len(self.envelope.rcpt_tos) > before:
             self.envelope.rcpt_dsn.append((notify, orcpt))
+
+    async def _dsn_params(self, arg: str | None, keyword: str, keys: tuple[str, ...], parse):
+        """(the argument without its DSN parameters, `parse` of them), or None when the command was refused
+        (already answered: bad syntax, or a malformed parameter with 501 5.5.4)."""
+        taken = await self._take_dsn_params(arg, keyword, keys)
+        if taken is None:
+            return None
+        arg, found = taken
+        try:
+            return arg, parse(found)
+        except dsn.DsnError as e:
+            await self.push(status.bad_dsn_parameter(str(e)))
+            return None
 
     async def _take_dsn_params(self, arg: str | None, keyword: str, keys: tuple[str, ...]):
         """(the command argument without its DSN parameters, those parameters), or None when a refusal was
@@ -457,10 +460,10 @@ class SmtpSession(SMTP):
             await self.push(status.BDAT_MIXED)
             return
         if not self.envelope.rcpt_tos:
-            await self.push("503 5.5.1 Error: need RCPT command")
+            await self.push(status.NEED_RCPT)
             return
         if arg:
-            await self.push("501 5.5.4 Syntax: DATA")
+            await self.push(status.syntax("DATA"))
             return
         await self.push(status.START_DATA)
         self._content_begins()
@@ -502,12 +505,12 @@ class SmtpSession(SMTP):
 
     async def _bdat_refusal(self):
         if not self.session.host_name:
-            return "503 5.5.1 Error: send HELO/EHLO first"
+            return status.NEED_HELO
         if self._auth_required and not self.session.authenticated:
-            return "530 5.7.0 Authentication required"
+            return status.AUTH_REQUIRED
         if not self.envelope.rcpt_tos:
             self._set_post_data_state()
-            return status.BDAT_NO_RCPT
+            return status.NEED_RCPT
         return None
 
     async def _skip_chunk(self, size: int) -> None:
@@ -529,7 +532,7 @@ class SmtpSession(SMTP):
         if isinstance(reply, str) and reply.startswith("250"):
             self._errors = 0
             self._junk = 0
-        await self.push(reply if isinstance(reply, str) else "250 2.0.0 Ok")
+        await self.push(reply if isinstance(reply, str) else status.OK)
 
     async def challenge_auth(self, challenge, encode_to_b64: bool = True, log_client_response: bool = False):
         """aiosmtpd's AUTH challenge, reading the answer through the strict wire reader."""
@@ -541,12 +544,12 @@ class SmtpSession(SMTP):
         await self.push(b"334 " + (b64encode(raw) if encode_to_b64 else raw))
         blob = (await self._wire.read_line(self._limits.max_line_length)).strip()
         if blob == b"*":
-            await self.push("501 5.7.0 Auth aborted")
+            await self.push(status.AUTH_ABORTED)
             return MISSING
         try:
             return b64decode(blob, validate=True)
         except binascii.Error:
-            await self.push("501 5.5.2 Can't decode base64")
+            await self.push(status.AUTH_BAD_BASE64)
             return MISSING
 
 
