@@ -73,6 +73,7 @@ class Mailflow:
     async def _start_stages(self) -> None:
         c = self.config
         router = Router(c)
+        await router.tables.preload()  # read the table files off the event loop, before anyone asks
         maillog = MailLog()
         cleanup = Cleanup(self.store, myhostname=c.myhostname, clock=self.clock, rng=self.rng, log=maillog,
                           on_queued=self._wake_qmgr, mapper=router.mapper, hopcount_limit=c.hopcount_limit,

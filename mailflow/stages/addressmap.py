@@ -61,6 +61,7 @@ class AddressMapper:
         tables = tables or TableCache()
         self._config = config
         self._rewriter = rewriter
+        self.tables = tables  # `await mapper.tables.run(...)` on the event loop (see mailflow.tables)
         canonical = tables.open(config.canonical_maps)
         self._sender_passes = [t for t in (tables.open(config.sender_canonical_maps), canonical) if t]
         self._recipient_passes = [t for t in (tables.open(config.recipient_canonical_maps), canonical) if t]

@@ -147,6 +147,7 @@ class LocalExpander:
         self._config = config
         self._rewriter = rewriter
         self._read = read_file
+        self.tables = rewriter.tables  # `await expander.tables.run(...)` on the event loop
 
     def home(self, user: str) -> Path:
         return Path(self._config.local.maildir_base) / user

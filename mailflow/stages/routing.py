@@ -39,6 +39,7 @@ class Router:
     def __init__(self, config, tables: TableCache | None = None):
         tables = tables or TableCache()
         self._config = config
+        self.tables = tables
         self.rewriter = Rewriter(config, tables)
         self.mapper = AddressMapper(config, self.rewriter, tables)
         self.local = LocalExpander(config, self.rewriter)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -106,7 +107,7 @@ class LocalTransport:
     async def _deliver_recipient(self, request: DeliveryRequest, rcpt: Recipient, seen: frozenset[str],
                                  body: bytes, filled: dict[str, Part]) -> RcptResult:
         try:
-            leaves = self._expander.expand(rcpt.address, delivered_to=seen)
+            leaves = await self._expander.tables.run(partial(self._expander.expand, rcpt.address, delivered_to=seen))
         except DeliveryError as e:
             return self._result(rcpt, Outcome.DEFERRED, e.dsn, e.text)
         parts = []
