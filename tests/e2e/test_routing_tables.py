@@ -4,20 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.helpers import eventually, queue_becomes, rcpt_reply, send
+from tests.helpers import eventually, queue_becomes, rcpt_reply, rcpt_until, send
 
 RELOAD = 1.2  # tables look at their file at most once a second
 
-
-async def rcpt_until(port: int, rcpt: str, code: int, tries: int = 20) -> tuple[int, str]:
-    """RCPT until it gets `code` (at most `tries` times, 0.1 s apart): a changed file is re-read in a worker
-    thread, and lookups answer from the previous contents until the new ones are in."""
-    for _ in range(tries):
-        reply = await rcpt_reply(port, rcpt)
-        if reply[0] == code:
-            break
-        await asyncio.sleep(0.1)
-    return reply
 
 
 async def test_unreadable_tables_defer_and_recover(mailflow_server, smtp_peer, tmp_path):
