@@ -263,6 +263,11 @@ CASES = [
     case("virtual-address-before-catch-all", vam("info@va.test=bob", "@va.test=catchall@remote.test"),
          "info@va.test", [mailbox(f"bob@{HOST}")]),
     case("virtual-domain-rewrite", vam("@old.test=@new.test"), "x@old.test", [smtp("x@new.test")]),
+    case("virtual-domain-rewrite-first-result", vam("{x@old.test = @new.test}"), "x@old.test", [smtp("x@new.test")]),
+    # virtual(5): "@otherdomain ... works only for the first address in a multi-address lookup result"; a
+    # later @domain is an address with an empty local part (a real Postfix sends RCPT TO:<""@remote.test>)
+    case("virtual-second-result-at-domain", vam("{info@local.test = bob@relay.test, @remote.test}"),
+         "info@local.test", [smtp("bob@relay.test"), smtp('""@remote.test', "remote.test")]),
     case("virtual-domain-rewrite-keeps-extension", vam("@old.test=@new.test"), "x+tag@old.test",
          [smtp("x+tag@new.test")]),
     case("virtual-extension-propagated", vam("sales@va.test=bob@remote.test"), "sales+eu@va.test",
