@@ -6,8 +6,8 @@
 
 Everything lives in a fresh folder under the system temp dir (pytest's tmp_path is not traversable by the
 `postfix` user): etc/ (main.cf, master.cf copied from /etc/postfix with chroot off and smtpd moved to the port),
-queue/, data/, maillog. `stop` asks `postfix stop`, waits at most 10 s for the master to go, kills it if it did
-not, and deletes the folder. Needs root (Postfix's master starts as root) and the postfix package; a test that
+queue/, data/, maillog. `stop` sends the master SIGTERM (as `postfix stop` does), waits at most 10 s for it to
+go, kills it if it did not, and deletes the folder. Needs root (Postfix's master starts as root) and the postfix package; a test that
 uses it calls `require_postfix()` first (skips, or fails under MAILFLOW_REQUIRE_TOOLS=1).
 """
 from __future__ import annotations
@@ -98,9 +98,7 @@ class PostfixInstance:
                     "multi_instance_name": f"mailflow-test-{self.port}", **main_cf}
         (self.etc / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
         self.run("postconf", "-F", "*/*/chroot = n").check_returncode()
-        checked = self.run("postfix", "check")
-        assert checked.returncode == 0, checked.stderr.decode(errors="replace")
-        started = self.run("postfix", "start")
+        started = self.run("postfix", "start")  # runs `postfix check` (which makes the queue folders) first
         assert started.returncode == 0, started.stderr.decode(errors="replace")
         for _ in range(100):
             with contextlib.suppress(OSError):
@@ -111,14 +109,17 @@ class PostfixInstance:
         raise AssertionError(f"the private Postfix did not listen on 127.0.0.1:{self.port} within 10 s")
 
     async def stop(self) -> None:
-        self.run("postfix", "stop")
-        for _ in range(50):
-            if self._master_pid() is None:
-                break
-            await asyncio.sleep(0.2)
+        """SIGTERM to the master (what `postfix stop` sends, without the script around it), at most 10 s for it
+        to end its children and go, then SIGKILL; the folder is removed."""
         pid = self._master_pid()
         if pid is not None:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(100):
+                if self._master_pid() is None:
+                    break
+                await asyncio.sleep(0.1)
+            if self._master_pid() is not None:
+                os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
