@@ -1,14 +1,15 @@
 """A private, throwaway Postfix instance for interop tests (never the default one, never port 25).
 
     async with postfix_instance(main_cf={...}) as pf:   # smtpd on 127.0.0.1:pf.port
-        pf.sendmail_bv(...)  pf.run("postmap", ...)      # tools pointed at this instance with -c
+        pf.run("postqueue", "-p")                        # a tool pointed at this instance with -c
         await pf.queue_empty()                           # bounded wait until its queue is empty
+        pf.maillog                                       # its log so far
 
 Everything lives in a fresh folder under the system temp dir (pytest's tmp_path is not traversable by the
 `postfix` user): etc/ (main.cf, master.cf copied from /etc/postfix with chroot off and smtpd moved to the port),
 queue/, data/, maillog. `stop` sends the master SIGTERM (as `postfix stop` does), waits at most 10 s for it to
-go, kills it if it did not, and deletes the folder. Needs root (Postfix's master starts as root) and the postfix package; a test that
-uses it calls `require_postfix()` first (skips, or fails under MAILFLOW_REQUIRE_TOOLS=1).
+go, kills it if it did not, and deletes the folder. Needs root (Postfix's master starts as root) and the postfix
+package: `postfix_instance` calls `require_postfix()` (skips, or fails under MAILFLOW_REQUIRE_TOOLS=1).
 """
 from __future__ import annotations
 
