@@ -319,9 +319,10 @@ class Rewriter:
         return split_extension(local, self._config.recipient_delimiter)[0]
 
     def is_local_user(self, addr: str) -> bool:
-        """local_recipient_maps list the local part (with or without extension); empty maps: anyone is.
+        """local_recipient_maps list the local part (with or without extension); empty maps: anyone is; and
+        postmaster always is (RFC 5321 4.5.1: without an alias, its mail goes to the postmaster mailbox).
         May raise LookupRetry."""
-        if not self._local_recipient_maps:
+        if not self._local_recipient_maps or address.split(self.qualify(addr))[0].lower() == "postmaster":
             return True
         return self._local_lookup(self._local_recipient_maps, addr) is not None
 

@@ -340,6 +340,10 @@ CASES = [
     case("relay-domains-deep-subdomain", {}, "x@a.b.relay.test", [smtp("x@a.b.relay.test")]),
     case("relay-domains-not-a-suffix-match", {}, "x@badrelay.test", [smtp("x@badrelay.test")]),
 
+    # postmaster is always somebody here: without an alias, the postmaster mailbox (RFC 5321 4.5.1)
+    case("postmaster-without-alias-or-user", {"alias_maps": []}, "postmaster@local.test",
+         [mailbox("postmaster@local.test")]),
+
     # -- the percent hack (allow_percent_hack, on by default): user%domain@<local> is user@domain -----------
     case("percent-hack-remote", {}, "dave%remote.test@local.test", [smtp("dave@remote.test")]),
     case("percent-hack-local", {}, "alice%localhost@local.test", [mailbox("alice@localhost")]),
