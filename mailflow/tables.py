@@ -453,6 +453,7 @@ class _Rule:
 
     def __init__(self, regex, negate: bool, result: str | None):
         self.regex, self.negate, self.result, self.end = regex, negate, result, 0
+        self.set_index = -1  # its pattern's index in the file's prefilter set
 
 
 _SUBST = re.compile(r"\$(?:(\d)|\{(\d+)\}|\((\d+)\)|(\$))")
@@ -490,7 +491,22 @@ def _parse_regexp(source: str) -> list:
         rules.append(_Rule(regex, negate, rest))
     if open_ifs:
         raise ValueError("if without endif at the end of the file")
-    return rules
+    return rules, _prefilter(rules)
+
+
+def _prefilter(rules: list):
+    """One RE2::Set of every pattern: a single pass over the key tells which rules match, so a lookup costs
+    one call however many rules the file has (then one `search` for the groups of the rule that answers).
+    None when the set cannot be built (RE2's memory budget): each rule is then searched in turn."""
+    patterns = re2.Set.SearchSet(_options(ignore_case=False))
+    try:
+        for rule in rules:
+            if rule is not None:
+                rule.set_index = patterns.Add(rule.regex.pattern)
+        patterns.Compile()
+    except re2.error:
+        return None
+    return patterns
 
 
 def _parse_pattern(number: int, text: str) -> tuple[object, bool, str]:
@@ -522,14 +538,20 @@ def _parse_pattern(number: int, text: str) -> tuple[object, bool, str]:
     return _compile(number, "".join(pattern), ignore_case, multi_line), negate, text[flags_end:].strip()
 
 
-def _compile(number: int, pattern: str, ignore_case: bool, multi_line: bool):
-    """An RE2 pattern: linear-time matching (no backtracking), POSIX leftmost-longest semantics."""
+def _options(*, ignore_case: bool) -> "re2.Options":
     options = re2.Options()
     options.case_sensitive = not ignore_case
     options.longest_match = True
     options.log_errors = False
+    return options
+
+
+def _compile(number: int, pattern: str, ignore_case: bool, multi_line: bool):
+    """An RE2 pattern: linear-time matching (no backtracking), POSIX leftmost-longest semantics. The flags
+    are written into the pattern, so that the prefilter set (one options object for all) sees them too."""
+    flags = ("i" if ignore_case else "") + ("m" if multi_line else "")
     try:
-        return re2.compile(("(?m)" if multi_line else "") + pattern, options)
+        return re2.compile((f"(?{flags})" if flags else "") + pattern, _options(ignore_case=False))
     except re2.error as e:
         reason = e.args[0].decode("utf-8", "replace") if e.args and isinstance(e.args[0], bytes) else str(e)
         raise ValueError(f"line {number}: bad regular expression: {reason}") from None
@@ -555,14 +577,20 @@ class RegexpTable:
         self._file.load()
 
     def lookup(self, key: str) -> str | None:
-        rules = self._file.current()
+        rules, prefilter = self._file.current()
+        matching = set(prefilter.Match(key) or ()) if prefilter is not None else None  # None: no match
         i = 0
         while i < len(rules):
             rule = rules[i]
             i += 1
             if rule is None:
                 continue
-            m = rule.regex.search(key)
+            if matching is not None and rule.set_index not in matching:
+                m = None
+            elif matching is not None and (rule.result is None or rule.negate):
+                m = True  # it matches, and no groups are needed (an `if`, or a negated rule)
+            else:
+                m = rule.regex.search(key)
             if (m is None) != rule.negate:  # this rule does not apply
                 if rule.result is None:
                     i = rule.end + 1  # skip the if block

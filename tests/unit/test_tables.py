@@ -157,7 +157,18 @@ def regexp_table(tmp_path, text=REGEXP, clock=None):
     return open_table(f"regexp:{f}", **({"clock": clock} if clock else {})), f
 
 
-def test_regexp_groups_flags_negation_and_order(tmp_path):
+@pytest.fixture(params=["prefilter", "rule-by-rule"])
+def prefilter(request, monkeypatch):
+    """Both ways a regexp table is searched: one RE2 set pass over every rule, or (when RE2 cannot build the
+    set within its memory budget) each rule in turn."""
+    if request.param == "rule-by-rule":
+        import mailflow.tables
+
+        monkeypatch.setattr(mailflow.tables, "_prefilter", lambda rules: None)
+    return request.param
+
+
+def test_regexp_groups_flags_negation_and_order(tmp_path, prefilter):
     t, _ = regexp_table(tmp_path)
     assert t.fixed is False
     assert t.lookup("Joe@OLD.example") == "Joe@new.example"  # case-insensitive by default, key kept as is
@@ -172,7 +183,7 @@ def test_regexp_groups_flags_negation_and_order(tmp_path):
     assert t.lookup("bob@example.org") == "org"
 
 
-def test_regexp_if_endif_skips_blocks_and_nests(tmp_path):
+def test_regexp_if_endif_skips_blocks_and_nests(tmp_path, prefilter):
     t, _ = regexp_table(tmp_path, """
 if /@example\\.com$/
 if !/^admin/
@@ -477,17 +488,31 @@ async def test_a_changed_file_is_reread_off_the_loop_and_old_contents_answer_mea
     clock = FakeClock()
     f = write(tmp_path / "map", "a one\n")
     t = open_table(f"texthash:{f}", clock=clock)
-    cache_thread = threading.get_ident()
-    reads = []
+    loop_thread = threading.get_ident()
+    reads, release = [], threading.Event()
     real_read = t._file._read
-    t._file._read = lambda previous: (reads.append(threading.get_ident()), real_read(previous))[1]
+
+    def read(previous):
+        reads.append(threading.get_ident())
+        if threading.get_ident() != loop_thread:
+            release.wait(5)  # a slow re-read: the loop must not wait for it
+        return real_read(previous)
+
+    t._file._read = read
     assert t.lookup("a") == "one"  # first read: in the caller (nobody preloaded)
     f.write_text("a two\nb three\n")
     clock.now += 2
-    assert t.lookup("a") == "one"  # the re-read is under way in a worker thread
+    assert t.lookup("a") == "one" and t.lookup("b") is None  # the re-read waits in a worker thread
+    for _ in range(100):
+        if len(reads) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert reads[1] != loop_thread
+    assert t.lookup("a") == "one"  # still the old contents while the re-read is held
+    release.set()
     for _ in range(100):
         if t.lookup("b") == "three":
             break
         await asyncio.sleep(0.01)
-    assert t.lookup("a") == "two"
-    assert reads[0] == cache_thread and reads[-1] != cache_thread
+    assert (t.lookup("a"), t.lookup("b")) == ("two", "three")
+    assert reads[0] == loop_thread and len(reads) == 2
