@@ -20,7 +20,8 @@ naming the table; callers defer (4.3.0), never treat it as "not found" (Postfix 
 What a lookup may cost the one event loop (every session and delivery shares it):
 - in-memory tables (inline, static, texthash, the aliases form of texthash) answer from a dict: O(1), inline;
 - regexp patterns run on RE2 (google-re2): linear in the key, no backtracking, so no pattern can freeze the
-  loop (`/^(a+)+$/` against `aaaa…b` answers at once);
+  loop (`/^(a+)+$/` against `aaaa…b` answers at once); one RE2 set pass over all of a file's rules tells
+  which match (about 5 us for a 20-rule miss), then only the answering rule is searched for its groups;
 - a changed file is re-read and parsed in a worker thread while lookups go on answering from the previous
   contents (Postfix daemons likewise keep a table until they restart); only the very first read of a file
   outside a running loop (the CLI, a test) happens in the caller;
