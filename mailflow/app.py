@@ -31,12 +31,15 @@ log = logging.getLogger("mailflow")
 
 
 def forwarder(cleanup: Cleanup, myhostname: str):
-    """How local delivery queues a forwarded copy: a new message through cleanup, same sender, each new
-    recipient keeping the original recipient (ORCPT)."""
+    """How local delivery queues a forwarded copy: a new message through cleanup, from the same sender (each new
+    recipient keeping the original recipient, ORCPT) or from a mailing list's owner."""
 
-    async def forward(request: DeliveryRequest, rcpt: Recipient, addresses: tuple[str, ...], content: bytes) -> str:
-        envelope = Envelope(request.sender, addresses, smtputf8=request.smtputf8, body_type=request.body_type,
-                            originals=(rcpt.original,) * len(addresses))
+    async def forward(request: DeliveryRequest, rcpt: Recipient, addresses: tuple[str, ...], content: bytes,
+                      sender: str | None = None) -> str:
+        # a list's owner as the new sender: the DSN data of the original must not follow (local(8))
+        originals = (rcpt.original,) * len(addresses) if sender is None else ()
+        envelope = Envelope(request.sender if sender is None else sender, addresses, smtputf8=request.smtputf8,
+                            body_type=request.body_type, originals=originals)
         client = ClientInfo(addr="127.0.0.1", helo=myhostname, protocol="local")
         return await cleanup.submit(Submission(envelope, content, client))
 
@@ -73,6 +76,7 @@ class Mailflow:
     async def _start_stages(self) -> None:
         c = self.config
         router = Router(c)
+        await router.tables.preload()  # read the table files off the event loop, before anyone asks
         maillog = MailLog()
         cleanup = Cleanup(self.store, myhostname=c.myhostname, clock=self.clock, rng=self.rng, log=maillog,
                           on_queued=self._wake_qmgr, mapper=router.mapper, hopcount_limit=c.hopcount_limit,

@@ -72,7 +72,21 @@ def check_config(config: Optional[str] = ConfigOption) -> None:
         typer.echo(f"{where}: {problem}", err=True)
     if problems:
         raise typer.Exit(2)
-    typer.echo(f"{where}: ok (listen {', '.join(cfg.smtpd.listen)}; queue {cfg.queue_directory})")
+    typer.echo(f"{where}: ok (queue {cfg.queue_directory})")
+    for host, port, role in listener_summary(cfg):
+        typer.echo(f"  listener {host}:{port} ({role})")
+
+
+def listener_summary(cfg: Config) -> list[tuple[str, int, str]]:
+    """(address, port, role) of every listener the server opens: the `listen` addresses (mta) and each
+    `[[smtpd.listeners]]` entry, in that order."""
+    from mailflow.config import parse_hostport
+
+    out = []
+    for value, role in [(a, "mta") for a in cfg.smtpd.listen] + [(l.address, l.role) for l in cfg.smtpd.listeners]:
+        host, port = parse_hostport(value)
+        out.append((f"[{host}]" if ":" in host else host, port, role))
+    return out
 
 
 def _table_problems(cfg) -> list[str]:
@@ -449,6 +463,9 @@ def run_sendmail(args: list[str]) -> int:
     except sm.UsageError as e:
         typer.echo(f"sendmail: {e}\n{sm.USAGE}", err=True)
         return sm.EX_USAGE
+    if opts.mode == "help":
+        typer.echo(sm.HELP)
+        return 0
     config = sm.config_path(opts)
     try:
         if opts.mode == "mailq":

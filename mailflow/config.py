@@ -486,6 +486,13 @@ class PipeService(_Section):
         return check_flags(v)
 
 
+_DOTTED_DOMAIN = {
+    False: "{entry!r}: this is an exact list (as Postfix's): a leading '.' would match no domain; "
+           "list each domain, subdomains included",
+    True: "{entry!r}: a relay_domains entry already matches its subdomains (Postfix "
+          "parent_domain_matches_subdomains); write it without the leading '.'",
+}
+
 BUILTIN_TRANSPORTS = ("local", "virtual", "smtp", "relay", "lmtp", "discard", "error")
 
 
@@ -500,6 +507,11 @@ class Config(_Section):
     append_dot_mydomain: bool = False
     mydestination: tuple[str, ...] = ("localhost",)
     relay_domains: tuple[str, ...] = ()
+    # Addresses (besides the IP listener addresses) at which clients reach this server, e.g. through NAT or a
+    # proxy: user@[address] is local for each (Postfix proxy_interfaces).
+    proxy_interfaces: tuple[str, ...] = ()
+    # user%domain@<a local domain> is user@domain, routed (and relay-checked) as such (allow_percent_hack).
+    allow_percent_hack: bool = True
     mynetworks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     relayhost: str = ""
     local_transport: str = "local"
@@ -579,17 +591,31 @@ class Config(_Section):
                      "masquerade_domains")
     @classmethod
     def _domains(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
-        """Domains are stored normalised (lower case, IDNA A-labels); ".example.com" matches its subdomains;
-        masquerade_domains also take "!host.example.com" (an exception)."""
-        marks = ".!" if info.field_name == "masquerade_domains" else "."
+        """Domains are stored normalised (lower case, IDNA A-labels); masquerade_domains also take
+        "!host.example.com" (an exception). A ".example.com" entry is refused where Postfix would match it
+        against nothing: mydestination and the virtual domain lists are exact lists, and a relay_domains
+        entry already covers its subdomains."""
+        marks = ".!" if info.field_name == "masquerade_domains" else ""
         out = []
         for entry in (d.strip() for d in v if d.strip()):
+            if entry.startswith(".") and info.field_name != "masquerade_domains":
+                raise ValueError(_DOTTED_DOMAIN[info.field_name == "relay_domains"].format(entry=entry))
             mark = entry[0] if entry[0] in marks else ""
             normal = normalise_domain(entry[len(mark):])
             if not normal:
                 raise ValueError(f"{entry!r} is not a domain name")
             out.append(mark + normal)
         return tuple(out)
+
+    @field_validator("proxy_interfaces")
+    @classmethod
+    def _interfaces(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for item in v:
+            try:
+                ipaddress.ip_address(item.strip("[]"))
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address") from None
+        return v
 
     @field_validator("relayhost")
     @classmethod

@@ -118,6 +118,8 @@ class DeliveryRequest:
     smtputf8: bool = False
     body_type: str = "7BIT"
     arrival: float = 0.0
+    envid: str = ""  # RFC 3461 ENVID and RET of the message, passed on to a next hop that offers DSN
+    ret: str = ""
 
 
 class Outcome(enum.Enum):
@@ -131,7 +133,9 @@ class RcptResult:
     """The fate of one recipient after one delivery attempt.
 
     `dsn` is the enhanced status code (RFC 3463), `text` the diagnostic as a human or the remote said it,
-    `relay` where it went (`host[addr]:port`, `local`, `none`).
+    `relay` where it went (`host[addr]:port`, `local`, `none`). `next_hop_notifies`: accepted by a next hop that
+    offered DSN and was given the recipient's NOTIFY (RFC 3461 4.1): it sends the notices asked for from now on,
+    so no success notice comes from here (Postfix smtp_rcpt_done).
     """
 
     recipient: Recipient
@@ -139,6 +143,7 @@ class RcptResult:
     dsn: str
     text: str
     relay: str = "none"
+    next_hop_notifies: bool = False
 
 
 @dataclass(frozen=True)

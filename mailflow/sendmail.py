@@ -5,7 +5,8 @@ It runs as the submitting user, needs no running server, and writes each message
 not an error: pickup scans the maildrop when the server starts). docs/sendmail.md is the user's guide.
 
 - `parse_args(argv) -> Options`: Sendmail's options, clustered or not (`-ti`, `-fsender`, `-f sender`), options
-  and recipients in any order, `--` ending the options. Raises `UsageError` (exit 64, EX_USAGE).
+  and recipients in any order, `--` ending the options; `--help` is mode "help" (the caller prints HELP, exit 0).
+  Raises `UsageError` (exit 64, EX_USAGE).
   Modes: deliver (default, `-bm`), `-bs` SMTP on stdin/stdout, `-bp` mailq, `-bv` address test, `-q` flush,
   `-bi`/`-I` newaliases (nothing to rebuild: mailflow reads its tables directly). Options that only make sense to
   Sendmail (`-o*` but `-oi`, `-O`, `-L`, `-h`, `-X`, `-A`, `-p`, `-G`, `-U`, `-n`, `-m`, `-c`, …) are accepted and
@@ -49,6 +50,18 @@ MODES = {"s": "smtp", "p": "mailq", "v": "verify", "i": "newaliases", "m": "deli
 NOTIFY_WORDS = ("SUCCESS", "FAILURE", "DELAY")
 
 USAGE = "usage: sendmail [-t] [-i] [-f sender] [-F name] [-N dsn] [-bs|-bp|-bv|-bi|-q] [--] [recipient ...]"
+HELP = f"""{USAGE}
+
+Reads a message on standard input and queues it for the recipients (mailflow's local submission; docs/sendmail.md).
+  -t            take the recipients from To:, Cc: and Bcc: (and drop Bcc:)
+  -i, -oi       a line with a single dot does not end the message
+  -f sender     the envelope sender (-r too); -F name: the full name for a From: header made here
+  -N dsn        never, or success,failure,delay: which delivery notices to ask for; -R full|hdrs, -V envid
+  -C file       the mailflow configuration (default: $MAILFLOW_CONFIG)
+  -bs           speak SMTP on standard input and output
+  -bp           list the queue (as mailq); -q: flush it (-qRsite: one site's mail)
+  -bv addr...   show how each address would be routed; -bi: newaliases (checks the alias tables)
+Exit status: 0, 64 usage, 75 try again later, 77 not allowed (sysexits)."""
 
 
 class UsageError(Exception):
@@ -80,6 +93,9 @@ def parse_args(argv: list[str]) -> Options:
     while i < len(words):
         word = words[i]
         i += 1
+        if word == "--help":
+            opts.mode = "help"
+            return opts
         if word == "--":
             opts.recipients += words[i:]
             break

@@ -4,7 +4,7 @@
   under tmp_path/mail, relay domain relay.test, no trusted networks, fast retries, a DNS server that
   answers nothing. `merged(base, overrides)` overlays settings; `to_toml(settings)` writes them as TOML.
 - `send(port, sender, rcpts, content)` speaks SMTP with aiosmtplib and returns (refused, final reply).
-- `eventually(pred)`, `queue_becomes(store, counts)`: bounded polling. `maildir_messages(dir)`, `free_port()`.
+- `eventually(pred)`, `queue_becomes(store, counts)`, `rcpt_until(port, rcpt, code)`: bounded polling. `maildir_messages(dir)`, `free_port()`.
 """
 from __future__ import annotations
 
@@ -86,6 +86,18 @@ async def queue_becomes(store, expected: dict, timeout: float = 10.0) -> dict:
         if counts == expected or loop.time() >= deadline:
             return counts
         await asyncio.sleep(0.02)
+
+
+async def rcpt_until(port: int, rcpt: str, code: int, tries: int = 30) -> tuple[int, str]:
+    """RCPT (fresh sessions, 0.1 s apart, at most `tries`) until the reply has `code`; returns the last reply.
+    A changed table file is re-read in a worker thread, and lookups answer from the previous contents until
+    the new ones are in: this waits until the server has seen the change."""
+    for _ in range(tries):
+        reply = await rcpt_reply(port, rcpt)
+        if reply[0] == code:
+            break
+        await asyncio.sleep(0.1)
+    return reply
 
 
 def maildir_messages(maildir: Path) -> list[bytes]:

@@ -12,7 +12,9 @@ What it owns (Postfix cleanup(8), envelope part):
 Table semantics (as Postfix's mail_addr_map):
 - Keys are tried as `user+ext@domain`, `user@domain`, `user+ext` and `user` (only for this host's domains:
   mydestination and myorigin), `@domain`; each key is asked of every table before the next key.
-- A result `@other.domain` keeps the local part: `user@domain` -> `user@other.domain`.
+- A result `@other.domain` keeps the local part: `user@domain` -> `user@other.domain`; only the first result of
+  a list is rewritten so (virtual(5)): a later `@other.domain` stays an address with an empty local part,
+  `""@other.domain`, as Postfix's cleanup makes it.
 - When a `user@domain` or `user` key matched without the address extension, the extension goes onto the
   result (`user+ext@domain` via `user@domain -> bob@example.com` gives `bob+ext@example.com`); Postfix's
   propagate_unmatched_extensions default (canonical, virtual).
@@ -61,6 +63,7 @@ class AddressMapper:
         tables = tables or TableCache()
         self._config = config
         self._rewriter = rewriter
+        self.tables = tables  # `await mapper.tables.run(...)` on the event loop (see mailflow.tables)
         canonical = tables.open(config.canonical_maps)
         self._sender_passes = [t for t in (tables.open(config.sender_canonical_maps), canonical) if t]
         self._recipient_passes = [t for t in (tables.open(config.recipient_canonical_maps), canonical) if t]
@@ -164,7 +167,8 @@ class AddressMapper:
             found = self._find(tables, addr)
             if found is not None:
                 _, key, value = found
-                return [self._result(addr, key, item) for item in split_address_list(value)] or None
+                items = split_address_list(value)
+                return [self._result(addr, key, item, first=i == 0) for i, item in enumerate(items)] or None
         return None
 
     def _find(self, tables: list[Table], addr: str) -> tuple[str, str, str] | None:
@@ -172,16 +176,18 @@ class AddressMapper:
         return find_address(tables, addr, delimiter=self._config.recipient_delimiter,
                             local_domain=self._rewriter.is_local_domain(domain))
 
-    def _result(self, addr: str, key: str, item: str) -> str:
-        """One result, qualified. `@domain` keeps the local part; an extension the matching key ignored is
-        carried over, but only for a `user@domain` or `user` key (mail_addr_find), not for `@domain`."""
+    def _result(self, addr: str, key: str, item: str, *, first: bool = True) -> str:
+        """One result, qualified. `@domain` keeps the local part (the first result only); an extension the
+        matching key ignored is carried over, but only for a `user@domain` or `user` key (mail_addr_find), not
+        for `@domain`."""
         local, _ = address.split(addr)
-        if item.startswith("@"):
-            return local + item
         user, ext = split_extension(local, self._config.recipient_delimiter)
-        result = self._rewriter.qualify(item)
         key_local = address.split(key)[0] if "@" in key else key
-        if ext and key_local and key_local.lower() != local.lower():
+        unmatched = ext if ext and key_local and key_local.lower() != local.lower() else ""
+        if item.startswith("@"):
+            return local + item if first else f'"{unmatched}"{item}'
+        result = self._rewriter.qualify(item)
+        if unmatched:
             result_local, result_domain = address.split(result)
             result = f"{result_local}{ext}@{result_domain}"
         return result

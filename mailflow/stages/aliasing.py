@@ -3,7 +3,8 @@
 `LocalExpander(config, rewriter).expand(address, delivered_to=…) -> [Leaf, ...]` turns one local recipient into
 what to do with it:
 - `Mailbox(user, address)`: write the user's Maildir (`address` goes into Delivered-To).
-- `Forward(address)`: leaves local delivery; the local agent queues it as a new message.
+- `Forward(address, sender)`: leaves local delivery; the local agent queues it as a new message, from `sender`
+  when set (the owner of a mailing list), else from the message's sender.
 - `Command(command, address, source)` / `File(path, address, source)`: run a command / append to a file.
 - `Refused(address, dsn, text)`: cannot be delivered (unknown user, forwarding loop, restricted command).
 
@@ -14,6 +15,11 @@ Rules, as local(8):
    met again on another branch is expanded again; a cycle through other aliases (`a: b`, `b: a`) is Refused
    where it closes: 5.4.6 alias database loop. Addresses in the list are qualified with myorigin; one that
    trivial-rewrite resolves to the local transport is expanded here again, any other becomes a Forward.
+   Mailing lists (local(8)): when an alias `name` has an `owner-name` alias, everything its expansion sends on
+   goes out from `owner-name@myorigin` (so its bounces reach the owner), and a local address in its expansion
+   that is no alias is not delivered here but resubmitted (a Forward): the new message passes cleanup, so
+   canonical and virtual alias maps apply to it again. The same resubmission holds for every address of an
+   `:include:` file (with the sender unchanged unless an owner- alias set it).
 3. A user that local_recipient_maps do not know, or whose name cannot be a directory (a '/', a leading '.'),
    is Refused: 5.1.1 unknown user. Nothing is read for it.
 4. The user's `.forward` (`<home>/.forward+ext`, then `<home>/.forward`; home = `<maildir_base>/<user>/`)
@@ -57,6 +63,7 @@ class Mailbox:
 @dataclass(frozen=True)
 class Forward:
     address: str
+    sender: str | None = None  # the new message's envelope sender; None: the message's own
 
 
 @dataclass(frozen=True)
@@ -97,13 +104,17 @@ def read_small_file(path: Path) -> str | None:
 class _Origin:
     """Where an address came from: the alias name or .forward owner (`name`) whose expansion named it, the
     kind of that expansion ("alias" or "forward"), the source for allow_mail_to_* ("alias", "forward",
-    "include"), the alias names above it (`path`), and the address that was expanded."""
+    "include"), the alias names above it (`path`), and the address that was expanded. `owner`: the sender of
+    what this expansion sends on (an owner- alias's address); `resubmit`: local users it reaches get a new
+    message instead of a delivery here (a mailing list with an owner, or an :include: file)."""
 
     name: str | None = None
     kind: str = "alias"
     source: str = "alias"
     path: tuple[str, ...] = ()
     address: str | None = None
+    owner: str | None = None
+    resubmit: bool = False
 
 
 class _Expansion:
@@ -129,7 +140,7 @@ def _identity(leaf: Leaf) -> tuple:
     if isinstance(leaf, Mailbox):
         return "mailbox", leaf.user
     if isinstance(leaf, Forward):
-        return "forward", leaf.address.lower()
+        return "forward", leaf.address.lower(), leaf.sender
     if isinstance(leaf, Command):
         return "command", leaf.command
     if isinstance(leaf, File):
@@ -147,6 +158,7 @@ class LocalExpander:
         self._config = config
         self._rewriter = rewriter
         self._read = read_file
+        self.tables = rewriter.tables  # `await expander.tables.run(...)` on the event loop
 
     def home(self, user: str) -> Path:
         return Path(self._config.local.maildir_base) / user
@@ -163,6 +175,9 @@ class LocalExpander:
         found = self._rewriter.alias(addr)
         if found is not None and found[1].lower() != origin.name:
             self._alias(state, addr, found, origin)
+            return
+        if origin.resubmit:
+            state.add(Forward(addr, origin.owner))  # local(8): a list member is a new message, not a delivery
             return
         local, domain = address.split(addr)
         user, ext = split_extension(local.lower(), self._config.recipient_delimiter)
@@ -188,7 +203,11 @@ class LocalExpander:
             targets = parse_value(value, f"{table} {key!r}")
         except AliasSyntaxError as e:
             raise TemporaryError("4.3.5", f"bad alias value for {key!r} in {table}: {e.reason}") from None
-        self._targets(state, addr, targets, _Origin(name, "alias", "alias", origin.path + (name,), addr))
+        owner, resubmit = origin.owner, origin.resubmit
+        if self._rewriter.alias(f"owner-{name}@{address.split(addr)[1]}") is not None:
+            owner, resubmit = self._rewriter.qualify(f"owner-{name}"), True
+        self._targets(state, addr, targets,
+                      _Origin(name, "alias", "alias", origin.path + (name,), addr, owner, resubmit))
 
     def _forward_file(self, user: str, ext: str) -> tuple[Target, ...] | None:
         names = ([f".forward{ext}"] if ext else []) + [".forward"]
@@ -226,11 +245,11 @@ class LocalExpander:
             if user == origin.name and self._is_local_delivery(addr):
                 self._mailbox(state, user, addr)
             else:
-                state.add(Forward(addr))
+                state.add(Forward(addr, origin.owner))
         elif self._is_local_delivery(addr):
             self._visit(state, addr, origin)
         else:
-            state.add(Forward(addr))
+            state.add(Forward(addr, origin.owner))
 
     def _is_local_delivery(self, addr: str) -> bool:
         res = self._rewriter.resolve(addr)
@@ -255,7 +274,7 @@ class LocalExpander:
         text = self._read(Path(path))
         if text is None:
             raise TemporaryError("4.3.0", f"cannot read :include: file {path}: no such file")
-        included = _Origin(origin.name, origin.kind, "include", origin.path, origin.address)
+        included = _Origin(origin.name, origin.kind, "include", origin.path, origin.address, origin.owner, True)
         self._targets(state, owner, self._parse(parse_include, text, Path(path)), included, depth + 1)
 
     @staticmethod

@@ -128,7 +128,7 @@ class Cleanup:
 
     async def submit(self, sub: Submission, *, hold: bool = False) -> QueueId:
         """`hold`: commit it in the hold queue (an smtpd HOLD restriction), where qmgr leaves it alone."""
-        msg = self.prepare(sub)
+        msg = self.prepare(sub) if self._mapper is None else await self._mapper.tables.run(self.prepare, sub)
         if hold:
             msg = dataclasses.replace(msg, queue="hold")
         await self._store.insert(msg)

@@ -1,7 +1,9 @@
 """trivial-rewrite: which address class a recipient is in, its `transport:nexthop`, and whether it exists.
 
 Classes, in Postfix's order of precedence:
-- local: the domain is in `mydestination` -> `local_transport`; its users are the keys of
+- local: the domain is in `mydestination`, or is an address literal `[ip]` naming one of this server's own
+  addresses (an IP listener address, `proxy_interfaces`; Postfix inet_interfaces/proxy_interfaces)
+  -> `local_transport`; its users are the keys of
   `local_recipient_maps` (empty: anyone) or of `alias_maps` (the local part, with or without extension).
 - virtual alias: the domain is in `virtual_alias_domains` -> `error:5.1.1 User unknown in virtual alias table`
   (its addresses live only as keys of virtual_alias_maps, which cleanup expands before routing).
@@ -10,29 +12,51 @@ Classes, in Postfix's order of precedence:
 - relay: the domain is in `relay_domains` -> `relay_transport`.
 - default: anything else -> `default_transport`.
 A transport value may carry its own nexthop (`smtp:[10.0.0.1]:587`); otherwise relay and default mail
-goes to `relayhost` when set, else to the recipient domain (MX lookup). An entry `.example.com` in a
-domain list matches subdomains of example.com. `qualify` appends `@myorigin` to a bare `user` (and, with
-`append_dot_mydomain`, `.mydomain` to a dotless `user@host`).
+goes to `relayhost` when set, else to the recipient domain (MX lookup). Domain lists match as Postfix's
+do with its default parent_domain_matches_subdomains: mydestination, virtual_alias_domains and
+virtual_mailbox_domains are exact lists (string_list: a subdomain is another domain); an entry of
+relay_domains matches the domain and every subdomain (domain_list, parent style). `qualify` appends
+`@myorigin` to a bare `user` (and, with `append_dot_mydomain`, `.mydomain` to a dotless `user@host`).
+`resolved_address` is trivial-rewrite's resolve loop: while the domain is local and the local part holds
+a `%` (allow_percent_hack), the local domain is dropped and the rightmost `%` becomes `@`
+(`user%example.org@here` -> `user@example.org`, which then routes, and is relay-checked, as that address).
 
 `transport_maps` (transport(5)) override the class's choice, except for the virtual alias class. Search
 order: the address, the address without its extension, the domain, each parent domain as `.parent`, then `*`;
 every table is asked one key before the next. A value `:nexthop` keeps the class's transport; `transport:`
 (no nexthop) sends to the recipient domain, relayhost or not (transport(5)).
-`recipient_known(addr, klass)` answers whether the class's recipient tables list an address (smtpd asks it
-at RCPT; `UNKNOWN_IN` names the table for the 550 reply): local_recipient_maps/alias_maps, nothing for
-virtual alias domains (cleanup's mapper answers for those), virtual_mailbox_maps, relay_recipient_maps
-(empty: anyone). The default class is not checked: relaying is smtpd's decision.
+`recipient_known(addr, klass)` answers whether the class's recipient tables list an address (`UNKNOWN_IN`
+names the table for the 550 reply): local_recipient_maps/alias_maps, nothing for virtual alias domains
+(cleanup's mapper answers for those), virtual_mailbox_maps, relay_recipient_maps (empty: anyone).
+`recipient_refusal(addr, mapper)` is smtpd's reject_unlisted_recipient (Postfix check_rcpt_maps), in order:
+an address a canonical or virtual alias table lists is accepted; one that resolves to the `error`
+transport is refused with that error's status and text (550; 450 for a 4.X.X status), so no bounce is
+ever made for it (backscatter); in the local class postmaster, mailer-daemon and double-bounce are always
+accepted (RFC 5321 4.5.1); otherwise the class's recipient table decides. The default class is not
+checked: relaying is smtpd's decision. `await tables.run(...)` is how an event-loop caller asks (see
+mailflow.tables: a blocking table is asked from a worker thread).
 Failures: a table that cannot answer raises `LookupRetry` (smtpd says 451 4.3.0, qmgr defers), never
 "not found".
 """
 from __future__ import annotations
 
-from mailflow import address
+import ipaddress
+import logging
+
+from mailflow import address, status
+from mailflow.config import parse_hostport
 from mailflow.errors import LookupRetry
 from mailflow.model import AddressClass, Resolution
 from mailflow.tables import Table, TableCache, find, find_address, find_local, split_extension
+from mailflow.transports.error import parse_error_nexthop
 
 VIRTUAL_ALIAS_TRANSPORT = "error:5.1.1 User unknown in virtual alias table"
+status_log = logging.getLogger("mailflow.smtpd")
+
+# Local parts every local domain accepts at RCPT, listed or not (Postfix check_rcpt_maps): RFC 5321 4.5.1's
+# postmaster, and the senders of bounces, whose replies must not be refused.
+ALWAYS_ACCEPTED = ("postmaster", "mailer-daemon", "double-bounce")
+ERROR_TRANSPORT = "error"
 UNKNOWN_IN = {
     AddressClass.LOCAL: "local recipient table",
     AddressClass.VIRTUAL_ALIAS: "virtual alias table",
@@ -47,11 +71,41 @@ def split_transport(value: str) -> tuple[str, str]:
     return name, nexthop
 
 
-def domain_in(domain: str, domains: tuple[str, ...]) -> bool:
+def domain_in(domain: str, domains: tuple[str, ...], *, parent: bool = False) -> bool:
+    """`domain` is listed; with `parent` (Postfix's parent_domain_matches_subdomains style, relay_domains)
+    an entry also matches every subdomain of itself. Both sides are normalised already."""
     for entry in domains:
-        if domain == entry or (entry.startswith(".") and domain.endswith(entry)):
+        if domain == entry or (parent and domain.endswith("." + entry)):
             return True
     return False
+
+
+def own_addresses(config) -> frozenset:
+    """The IP addresses `user@[address]` may name to be local: the IP listener addresses (a wildcard
+    listener stands for the loopback addresses only) and proxy_interfaces. Host names are not resolved."""
+    hosts = [parse_hostport(a)[0] for a in config.smtpd.listen]
+    hosts += [parse_hostport(listener.address)[0] for listener in config.smtpd.listeners]
+    found = set()
+    for host in list(hosts) + list(config.proxy_interfaces):
+        ip = ip_literal(f"[{host}]")
+        if ip is not None and ip.is_unspecified:
+            found |= {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
+        elif ip is not None:
+            found.add(ip)
+    return frozenset(found)
+
+
+def ip_literal(domain: str):
+    """`[192.0.2.1]` or `[IPv6:2001:db8::1]` -> the address; None for anything else."""
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return None
+    inner = domain[1:-1]
+    if inner[:5].lower() == "ipv6:":
+        inner = inner[5:]
+    try:
+        return ipaddress.ip_address(inner)
+    except ValueError:
+        return None
 
 
 def transport_keys(addr: str, delimiter: str) -> list[str]:
@@ -78,6 +132,8 @@ class Rewriter:
         self._virtual_limit_maps = tables.open(config.virtual_mailbox_limit_maps)
         self._local_recipient_maps = tables.open(config.local_recipient_maps)
         self._alias_maps = tables.open(config.alias_maps, aliases=True)
+        self._own_addresses = own_addresses(config)
+        self.tables = tables
 
     def qualify(self, addr: str) -> str:
         local, domain = address.split(addr)
@@ -90,20 +146,41 @@ class Rewriter:
         return addr
 
     def is_local_domain(self, domain: str) -> bool:
-        """One of this host's domains: mydestination or myorigin (Postfix also counts its interfaces)."""
+        """One of this host's domains: mydestination, its own address literals, or myorigin."""
         domain = address.normalise_domain(domain)
-        return domain == self._config.origin or domain_in(domain, self._config.mydestination)
+        return domain == self._config.origin or self.resolve_local(domain)
+
+    def resolve_local(self, domain: str) -> bool:
+        """Postfix resolve_local: the (normalised) domain is in mydestination or names one of this server's
+        own addresses as `[ip]`."""
+        if domain_in(domain, self._config.mydestination):
+            return True
+        ip = ip_literal(domain)
+        return ip is not None and ip in self._own_addresses
+
+    def resolved_address(self, addr: str) -> str:
+        """The address qualified, then with the percent hack applied while its domain is local (see the module
+        doc). An address that is not `local@domain` comes back qualified only."""
+        current = self.qualify(addr)
+        for _ in range(len(current)):
+            local, at, domain = current.rpartition("@")
+            if not (at and self._config.allow_percent_hack and "%" in local and not local.startswith('"')
+                    and self.resolve_local(address.normalise_domain(domain))):
+                return current
+            user, _, via = local.rpartition("%")
+            current = f"{user}@{via}"
+        return current
 
     def classify(self, addr: str) -> AddressClass:
-        domain = address.normalise_domain(address.split(self.qualify(addr))[1])
+        domain = address.normalise_domain(address.split(self.resolved_address(addr))[1])
         c = self._config
-        if domain_in(domain, c.mydestination):
+        if self.resolve_local(domain):
             return AddressClass.LOCAL
         if domain_in(domain, c.virtual_alias_domains):
             return AddressClass.VIRTUAL_ALIAS
         if domain_in(domain, c.virtual_mailbox_domains):
             return AddressClass.VIRTUAL_MAILBOX
-        if domain_in(domain, c.relay_domains):
+        if domain_in(domain, c.relay_domains, parent=True):
             return AddressClass.RELAY
         return AddressClass.DEFAULT
 
@@ -112,7 +189,7 @@ class Rewriter:
         class, as Postfix). A transport without a nexthop (`smtp:`) sends to the recipient domain, even when
         relayhost is set; a nexthop without a transport (`:[gw]`) keeps the class's transport.
         May raise LookupRetry."""
-        res = self._class_default(self.qualify(addr))
+        res = self._class_default(self.resolved_address(addr))
         if res.address_class is AddressClass.VIRTUAL_ALIAS:
             return res
         match = self._transport_override(res.address)
@@ -158,6 +235,10 @@ class Rewriter:
         steps = []
         if qualified != addr:
             steps.append(("qualified", f"{qualified} (myorigin / mydomain)"))
+        resolved = self.resolved_address(qualified)
+        if resolved != qualified:
+            steps.append(("percent hack", f"{resolved} (allow_percent_hack; the local domain is dropped)"))
+            qualified = resolved
         klass = self.classify(qualified)
         steps.append(("class", f"{klass.value} (domain in {CLASS_SETTING[klass]})"))
         if self._transport_maps:
@@ -168,6 +249,29 @@ class Rewriter:
         steps.append(("nexthop", res.nexthop + ("  (relayhost)" if c.relayhost and res.nexthop == c.relayhost
                                                  else "")))
         return steps
+
+    def recipient_refusal(self, addr: str, mapper) -> status.Reply | None:
+        """smtpd's reject_unlisted_recipient for `addr` (see the module doc): None to accept, else the reply.
+        A table that cannot answer gives 451 4.3.0. `mapper` is cleanup's AddressMapper (is_mapped)."""
+        try:
+            res = self.resolve(addr)
+            if mapper.is_mapped(res.address):
+                return None
+            if res.transport == ERROR_TRANSPORT:
+                return error_refusal(addr, res)
+            if res.address_class is AddressClass.DEFAULT:
+                return None
+            if res.address_class is AddressClass.LOCAL and self._always_accepted(res.address):
+                return None
+            if not self.recipient_known(res.address, res.address_class):
+                return status.user_unknown(addr, UNKNOWN_IN[res.address_class])
+        except LookupRetry as e:
+            status_log.warning("smtpd: RCPT <%s>: %s", addr, e.text)
+            return status.lookup_failed(addr)
+        return None
+
+    def _always_accepted(self, addr: str) -> bool:
+        return address.split(addr)[0].lower() in ALWAYS_ACCEPTED
 
     def recipient_known(self, addr: str, klass: AddressClass) -> bool:
         """The class's recipient tables list `addr` (see the module doc). May raise LookupRetry."""
@@ -215,9 +319,10 @@ class Rewriter:
         return split_extension(local, self._config.recipient_delimiter)[0]
 
     def is_local_user(self, addr: str) -> bool:
-        """local_recipient_maps list the local part (with or without extension); empty maps: anyone is.
+        """local_recipient_maps list the local part (with or without extension); empty maps: anyone is; and
+        postmaster always is (RFC 5321 4.5.1: without an alias, its mail goes to the postmaster mailbox).
         May raise LookupRetry."""
-        if not self._local_recipient_maps:
+        if not self._local_recipient_maps or address.split(self.qualify(addr))[0].lower() == "postmaster":
             return True
         return self._local_lookup(self._local_recipient_maps, addr) is not None
 
@@ -234,8 +339,18 @@ class Rewriter:
         return find_local(tables, local, delimiter=self._config.recipient_delimiter)
 
 
+def error_refusal(addr: str, res: Resolution) -> status.Reply:
+    """The RCPT reply for an address routed to the error transport: its status (5.1.1 when the error names
+    none) and text, 550 or 450 by the status's class (Postfix check_rcpt_maps)."""
+    explicit = res.nexthop.strip()[:1] in ("4", "5")
+    _, dsn, text = parse_error_nexthop(res.nexthop)
+    if not explicit:
+        dsn = "5.1.1"
+    return status.restriction_rejected(450 if dsn.startswith("4") else 550, dsn, addr, "Recipient address", text)
+
+
 CLASS_SETTING = {
-    AddressClass.LOCAL: "mydestination", AddressClass.VIRTUAL_ALIAS: "virtual_alias_domains",
+    AddressClass.LOCAL: "mydestination or an own [address]", AddressClass.VIRTUAL_ALIAS: "virtual_alias_domains",
     AddressClass.VIRTUAL_MAILBOX: "virtual_mailbox_domains", AddressClass.RELAY: "relay_domains",
     AddressClass.DEFAULT: "none of mydestination, virtual_*_domains, relay_domains",
 }

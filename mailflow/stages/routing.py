@@ -3,14 +3,15 @@
 `Router(config)` puts together what the stages do to a recipient, in their order:
 cleanup (qualify, recipient_canonical_maps + canonical_maps, virtual_alias_maps) -> trivial-rewrite (class,
 transport_maps, transport:nexthop) -> for the local transport, local(8)'s alias_maps and .forward expansion, and
-forwarded addresses around again as the new message local delivery queues (carrying Delivered-To, so a
-forwarding loop ends as it would in delivery, with 5.4.6).
+forwarded addresses (and the resubmitted members of :include: files and owner- lists) around again as the new
+message local delivery queues (carrying Delivered-To, so a forwarding loop ends as it would in delivery, 5.4.6).
 
 - `route(addr) -> [Route, ...]`: the final destinations, duplicates removed. A command or file target is routed
   to the local transport with `|command` or `/path` as its address; a recipient local delivery would refuse
   routes to `error` with `dsn text` as nexthop, as Postfix's error transport is written.
 - `explain(addr) -> [(depth, label, text), ...]`: the same walk, step by step, for `mailflow address`.
-- `recipient_verdict(addr)`: what smtpd would answer at RCPT for an untrusted client, as text.
+- `recipient_verdict(addr)`: what smtpd would answer at RCPT for an untrusted client, as text (the same rule
+  smtpd runs: `Rewriter.recipient_refusal`).
 Failures: `LookupRetry` and `TemporaryError` from the stages propagate (the CLI exits 75).
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from mailflow.errors import TemporaryError
 from mailflow.model import AddressClass
 from mailflow.stages.addressmap import AddressMapper
 from mailflow.stages.aliasing import Command, File, Forward, LocalExpander, Mailbox, Refused
-from mailflow.stages.rewrite import UNKNOWN_IN, Rewriter
+from mailflow.stages.rewrite import Rewriter
 from mailflow.tables import TableCache
 
 FORWARD_DEPTH = 20  # forwarded messages in a chain; a loop ends sooner, at a Delivered-To it already has
@@ -39,6 +40,7 @@ class Router:
     def __init__(self, config, tables: TableCache | None = None):
         tables = tables or TableCache()
         self._config = config
+        self.tables = tables
         self.rewriter = Rewriter(config, tables)
         self.mapper = AddressMapper(config, self.rewriter, tables)
         self.local = LocalExpander(config, self.rewriter)
@@ -54,15 +56,17 @@ class Router:
         return steps
 
     def recipient_verdict(self, addr: str) -> str:
+        """smtpd's answer at RCPT (the relay check, then Rewriter.recipient_refusal), as text."""
         rw = self.rewriter
-        klass = rw.classify(addr)
-        if klass is AddressClass.DEFAULT:
-            return "accepted from mynetworks only (others: 554 5.7.1 relay access denied)"
-        if self.mapper.is_mapped(addr):
+        refusal = rw.recipient_refusal(addr, self.mapper)
+        if rw.classify(addr) is AddressClass.DEFAULT:
+            relay = "accepted from mynetworks only (others: 554 5.7.1 relay access denied)"
+            return relay if refusal is None else f"{relay}; then {refusal}"
+        if refusal is not None:
+            return str(refusal)
+        if self.mapper.is_mapped(rw.resolved_address(addr)):
             return "accepted (canonical or virtual alias maps list it)"
-        if rw.recipient_known(addr, klass):
-            return "accepted"
-        return f"550 5.1.1 User unknown in {UNKNOWN_IN[klass]}"
+        return "accepted"
 
     # -- the walk --------------------------------------------------------------------------------------
     def _walk(self, addr: str, delivered_to: frozenset[str], depth: int, routes: list[Route], steps: list) -> None:
@@ -89,8 +93,8 @@ class Router:
         if not (res.address_class is AddressClass.LOCAL and res.transport == local_name):
             _add(routes, Route(res.address, res.transport, res.nexthop))
             return
-        forwards = []
-        for leaf in self.local.expand(addr, delivered_to=delivered_to):
+        forwards: list[tuple[str, str | None]] = []
+        for leaf in self.local.expand(res.address, delivered_to=delivered_to):
             if isinstance(leaf, Mailbox):
                 step("mailbox", f"{leaf.user} ({leaf.address})", 2)
                 _add(routes, Route(leaf.address, res.transport, res.nexthop))
@@ -104,9 +108,10 @@ class Router:
                 step("refused", f"{leaf.dsn} {leaf.text}", 2)
                 _add(routes, Route(leaf.address, "error", f"{leaf.dsn} {leaf.text}"))
             elif isinstance(leaf, Forward):
-                forwards.append(leaf.address)
-        for forward in forwards:
-            step("forward", f"{forward} (a new message with Delivered-To: {addr})", 2)
+                forwards.append((leaf.address, leaf.sender))
+        for forward, sender in forwards:
+            origin = f", from {sender}" if sender else ""
+            step("forward", f"{forward} (a new message with Delivered-To: {addr}{origin})", 2)
             self._walk(forward, delivered_to | {addr.lower()}, depth + INDENT, routes, steps)
 
 

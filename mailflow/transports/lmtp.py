@@ -15,7 +15,8 @@ Nexthop forms (the part after `lmtp:` in a transport value; no MX lookup, unlike
 
 Dialogue: greeting, `LHLO helo_name` (capabilities), `MAIL FROM:<sender>` with `SIZE=n` when offered,
 `BODY=8BITMIME` when the message is 8-bit and it is offered, `SMTPUTF8` when offered and the message is flagged or
-needs it; one `RCPT TO` per recipient (sent in one write with MAIL when PIPELINING is offered); DATA; the content
+needs it, RET and ENVID when DSN is offered; one `RCPT TO` per recipient (with ORCPT and NOTIFY when DSN is offered,
+as smtp.py builds them; sent in one write with MAIL when PIPELINING is offered); DATA; the content
 with CRLF line ends and dot-stuffing; then exactly one reply per accepted RCPT; QUIT.
 Limits: connecting `connect_timeout`; greeting, LHLO, MAIL, RCPT, DATA `command_timeout`; the content and each
 final reply `data_timeout`.
@@ -54,6 +55,8 @@ from mailflow.transports.smtp import (
     Failure,
     Outcomes,
     dot_stuffed,
+    dsn_mail_params,
+    dsn_rcpt_params,
     needs_smtputf8,
     one_line,
     os_reason,
@@ -218,7 +221,7 @@ class LmtpTransport:
             return
         accepted = await self._envelope(session, request, recipients, capabilities, outcomes)
         if accepted:
-            await self._data(session, request.content, accepted, outcomes)
+            await self._data(session, request.content, accepted, outcomes, next_hop_notifies="DSN" in capabilities)
 
     async def _greet(self, session: LmtpSession) -> dict[str, str]:
         """The greeting and LHLO; returns the server's capabilities. A refusal of either is a site failure."""
@@ -243,7 +246,7 @@ class LmtpTransport:
         outcomes: Outcomes,
     ) -> list[Recipient]:
         """MAIL FROM and the RCPTs; refused recipients get their result now, the accepted are returned in order."""
-        commands = [mail_command(request, capabilities), *(rcpt_command(r) for r in recipients)]
+        commands = [mail_command(request, capabilities), *(rcpt_command(r, capabilities) for r in recipients)]
         if "PIPELINING" in capabilities:
             replies = await self._pipelined(session, commands)
         else:
@@ -279,9 +282,11 @@ class LmtpTransport:
         return replies
 
     async def _data(
-        self, session: LmtpSession, content: bytes, accepted: list[Recipient], outcomes: Outcomes
+        self, session: LmtpSession, content: bytes, accepted: list[Recipient], outcomes: Outcomes, *,
+        next_hop_notifies: bool = False,
     ) -> None:
-        """DATA, the content, then one final reply per accepted recipient, in RCPT order (RFC 2033 4.2)."""
+        """DATA, the content, then one final reply per accepted recipient, in RCPT order (RFC 2033 4.2).
+        `next_hop_notifies`: the server offered DSN and got the DSN parameters."""
         reply = await session.command(b"DATA\r\n", self._config.command_timeout, "sending DATA command")
         if reply.code != 354:
             if reply.code < 400:
@@ -295,7 +300,8 @@ class LmtpTransport:
             reply = await session.read_reply(
                 self._config.data_timeout, "sending end of data -- message may be sent more than once"
             )
-            outcomes.results.update(reply_results([r], reply, session.peer, "end of DATA"))
+            outcomes.results.update(reply_results([r], reply, session.peer, "end of DATA",
+                                                  next_hop_notifies=next_hop_notifies))
 
 
 # ---------------------------------------------------------------------------------------------------- one session
@@ -450,9 +456,13 @@ def mail_command(request: DeliveryRequest, capabilities: dict[str, str]) -> byte
         params.append("BODY=8BITMIME")
     if uses_smtputf8(capabilities, request):
         params.append("SMTPUTF8")
+    if "DSN" in capabilities:
+        params += [p.decode("ascii") for p in dsn_mail_params(request)]
     line = f"MAIL FROM:<{request.sender}>" + "".join(" " + p for p in params)
     return line.encode("utf-8") + b"\r\n"
 
 
-def rcpt_command(recipient: Recipient) -> bytes:
-    return b"RCPT TO:<" + recipient.address.encode("utf-8") + b">\r\n"
+def rcpt_command(recipient: Recipient, capabilities: dict[str, str] | None = None) -> bytes:
+    """`RCPT TO:<address>`, with ORCPT and NOTIFY when the server offers DSN, CRLF-terminated."""
+    params = dsn_rcpt_params(recipient) if capabilities and "DSN" in capabilities else []
+    return b" ".join([b"RCPT TO:<" + recipient.address.encode("utf-8") + b">", *params]) + b"\r\n"

@@ -8,8 +8,10 @@ Per recipient of the request:
    Each copy starts with Return-Path and Delivered-To; one copy per user per request, however many of its
    recipients lead there (Postfix's duplicate filter). mbox files get a From_ line, mboxrd quoting and the
    `mailbox_delivery_lock` locks (see mailflow.transports.mbox).
-3. Forwarded addresses: one new message per recipient, queued through cleanup by `forward(...)` with the same
-   sender, `Delivered-To: <recipient>` prepended, each new recipient keeping the original one (ORCPT).
+3. Forwarded addresses (and the members of an :include: file or of a list with an owner- alias, which local(8)
+   resubmits): one new message per recipient and sender, queued through cleanup by `forward(...)`, from the
+   message's sender, or from the list's owner when an owner- alias names one; `Delivered-To: <recipient>`
+   prepended; each new recipient keeping the original one (ORCPT) unless the sender changed.
 4. Commands (allowed ones, see `_command`): `/bin/sh -c command` through pipe's `run_command`, with local(8)'s
    environment (HOME=<maildir_base>/<user>, USER, LOGNAME, SHELL, SENDER, RECIPIENT, ORIGINAL_RECIPIENT, LOCAL,
    DOMAIN, EXTENSION; message context with shell-special characters replaced by '_'), the message with
@@ -31,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -48,8 +51,9 @@ from mailflow.transports.pipe import CommandNotRun, command_status, run_command
 
 log = logging.getLogger("mailflow.local")
 
-# forward(request, recipient, addresses, content) -> queue id of the new message
-ForwardFn = Callable[[DeliveryRequest, Recipient, tuple[str, ...], bytes], Awaitable[str]]
+# forward(request, recipient, addresses, content, sender=None) -> queue id of the new message; `sender` replaces
+# the envelope sender (a mailing list's owner), None keeps it.
+ForwardFn = Callable[..., Awaitable[str]]
 
 
 def delivered_to(content: bytes) -> frozenset[str]:
@@ -106,7 +110,7 @@ class LocalTransport:
     async def _deliver_recipient(self, request: DeliveryRequest, rcpt: Recipient, seen: frozenset[str],
                                  body: bytes, filled: dict[str, Part]) -> RcptResult:
         try:
-            leaves = self._expander.expand(rcpt.address, delivered_to=seen)
+            leaves = await self._expander.tables.run(partial(self._expander.expand, rcpt.address, delivered_to=seen))
         except DeliveryError as e:
             return self._result(rcpt, Outcome.DEFERRED, e.dsn, e.text)
         parts = []
@@ -122,9 +126,12 @@ class LocalTransport:
             elif isinstance(leaf, Refused):
                 who = "" if leaf.address.lower() == rcpt.address.lower() else f"{leaf.address}: "
                 parts.append((Outcome.BOUNCED, leaf.dsn, who + leaf.text))
-        forwards = tuple(leaf.address for leaf in leaves if isinstance(leaf, Forward))
-        if forwards:
-            parts.append(await self._forward_copy(request, rcpt, forwards))
+        by_sender: dict[str | None, list[str]] = {}
+        for leaf in leaves:
+            if isinstance(leaf, Forward):
+                by_sender.setdefault(leaf.sender, []).append(leaf.address)
+        for sender, addresses in by_sender.items():
+            parts.append(await self._forward_copy(request, rcpt, tuple(addresses), sender))
         return self._combine(rcpt, parts)
 
     def _combine(self, rcpt: Recipient, parts: list[Part]) -> RcptResult:
@@ -169,12 +176,13 @@ class LocalTransport:
             return _failed(e)
         return Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}"
 
-    async def _forward_copy(self, request: DeliveryRequest, rcpt: Recipient, addresses: tuple[str, ...]) -> Part:
+    async def _forward_copy(self, request: DeliveryRequest, rcpt: Recipient, addresses: tuple[str, ...],
+                            sender: str | None = None) -> Part:
         if self._forward is None:
             return Outcome.DEFERRED, "4.3.5", "forwarding is not possible here (no cleanup to queue it)"
         content = f"Delivered-To: {rcpt.address}\r\n".encode("utf-8") + request.content
         try:
-            queue_id = await self._forward(request, rcpt, addresses, content)
+            queue_id = await self._forward(request, rcpt, addresses, content, sender=sender)
         except DeliveryError as e:
             return Outcome.DEFERRED, "4.3.0", f"cannot forward to {', '.join(addresses)}: {e.text}"
         except Exception as e:

@@ -62,6 +62,10 @@ What each recipient gets:
 - a TLS policy or password table cannot answer      DEFERRED 4.3.0 (an unusable TLS policy value: 4.7.0 "client TLS
                                                     configuration problem"), site_ok=True: the fault is ours
 
+DSN (RFC 3461): to a peer that offers DSN, MAIL carries RET and ENVID (xtext) and each RCPT its NOTIFY and ORCPT (the
+client's, else `rfc822;<the address first given>`), as Postfix's smtp(8) does; its accepted recipients are marked
+`next_hop_notifies`, so qmgr sends no success notice of its own (the peer does what NOTIFY asks). To a peer without
+DSN nothing is passed on, and a NOTIFY=SUCCESS recipient gets a "relayed" notice from here.
 8BITMIME: a message received as 8BITMIME goes with BODY=8BITMIME to a peer that offers it; to one that does
 not, it is converted (Postfix's default, disable_mime_output_conversion = no): parts labelled 8bit become
 quoted-printable (see downgrade). Time limits: connect_timeout (TCP), helo_timeout (greeting, EHLO/HELO),
@@ -650,9 +654,11 @@ class SmtpTransport:
         peer = session.peer
         utf8 = uses_smtputf8(session, request)
         encoding = "utf-8" if utf8 else "ascii"
+        dsn = session.supports("dsn")
         mail = b" ".join([b"MAIL FROM:<" + request.sender.encode(encoding) + b">",
-                          *mail_options(session, content, body, utf8)])
-        rcpts = [b"RCPT TO:<" + r.address.encode(encoding) + b">" for r in recipients]
+                          *mail_options(session, content, body, utf8), *(dsn_mail_params(request) if dsn else [])])
+        rcpts = [b" ".join([b"RCPT TO:<" + r.address.encode(encoding) + b">", *(dsn_rcpt_params(r) if dsn else [])])
+                 for r in recipients]
         pipelining = session.supports("pipelining")
         batch = [mail, *rcpts, b"DATA"] if pipelining else [mail]
         try:
@@ -692,7 +698,7 @@ class SmtpTransport:
         self._send(session, dot_stuffed(content) + b"." + CRLF, "end of DATA")
         reply = await self._reply(session, "end of DATA", self._config.data_timeout)
         session.transaction_open = False
-        outcomes.results.update(reply_results(accepted, reply, peer, "end of DATA"))
+        outcomes.results.update(reply_results(accepted, reply, peer, "end of DATA", next_hop_notifies=dsn))
 
     async def _abandon_pipelined(self, session: Session, rcpt_replies: int) -> None:
         """The results are in, but replies to pipelined commands are still coming: read them (RCPTs, then DATA).
@@ -878,6 +884,45 @@ def mail_options(session: Session, content: bytes, body: str | None, utf8: bool)
     return [o.encode("ascii") for o in options]
 
 
+def dsn_mail_params(request: DeliveryRequest) -> list[bytes]:
+    """RET and ENVID (xtext) for a next hop that offers DSN (RFC 3461 4.3, 4.4), as the client gave them."""
+    params = []
+    if request.ret:
+        params.append(f"RET={request.ret.upper()}")
+    if request.envid:
+        params.append(f"ENVID={xtext(request.envid)}")
+    return [p.encode("ascii") for p in params]
+
+
+def dsn_rcpt_params(recipient: Recipient) -> list[bytes]:
+    """ORCPT and NOTIFY for a next hop that offers DSN (RFC 3461 4.1, 4.2): the ORCPT the client gave, else one
+    made from the address the client first gave (`rfc822;original`, `utf-8;` with RFC 6533's escapes when it is
+    not ASCII), as Postfix's smtp(8) does; NOTIFY as given (none given: none sent, the next hop's default)."""
+    params = []
+    orcpt = recipient.orcpt or (f"rfc822;{recipient.original}" if recipient.original else "")
+    if orcpt:
+        addr_type, _, addr = orcpt.partition(";")
+        if addr_type.lower() == "utf-8" or not addr.isascii():
+            params.append(f"ORCPT=utf-8;{utf8_addr_xtext(addr)}")
+        else:
+            params.append(f"ORCPT={addr_type};{xtext(addr)}")
+    if recipient.notify:
+        params.append(f"NOTIFY={recipient.notify.upper()}")
+    return [p.encode("ascii") for p in params]
+
+
+def xtext(text: str) -> str:
+    """RFC 3461 xtext: printable ASCII but '+' and '=' as is, every other byte (of the UTF-8) as +HH."""
+    return "".join(chr(b) if 0x21 <= b <= 0x7E and b not in (0x2B, 0x3D) else f"+{b:02X}"
+                   for b in text.encode("utf-8"))
+
+
+def utf8_addr_xtext(text: str) -> str:
+    """RFC 6533 utf-8-addr-xtext: like xtext, but a character outside printable ASCII (or '+', '=', '\\')
+    is written \\x{HEX} by its code point."""
+    return "".join(c if 0x21 <= ord(c) <= 0x7E and c not in "+=\\" else f"\\x{{{ord(c):X}}}" for c in text)
+
+
 def screen_envelope(request: DeliveryRequest) -> tuple[Outcomes, list[Recipient]]:
     """Addresses with CR, LF or other control characters never reach the wire: a bad sender bounces every
     recipient (5.1.7), a bad recipient bounces itself (5.1.3). Returns the outcomes so far and the recipients
@@ -950,16 +995,18 @@ def one_line(code: int, message: str) -> str:
 
 
 def reply_results(
-    recipients: Iterable[Recipient], reply: SMTPResponse, peer: Peer, command: str
+    recipients: Iterable[Recipient], reply: SMTPResponse, peer: Peer, command: str, *, next_hop_notifies: bool = False
 ) -> dict[Recipient, RcptResult]:
-    """The same reply for each of `recipients`: accepted -> SENT with the reply, refused -> the remote's words."""
+    """The same reply for each of `recipients`: accepted -> SENT with the reply, refused -> the remote's words.
+    `next_hop_notifies`: the peer offered DSN and got the DSN parameters (marks the SENT results)."""
     outcome = reply_outcome(reply.code)
     dsn = reply_dsn(reply.code, reply.message)
     if outcome is Outcome.SENT:
         text = one_line(reply.code, reply.message)
     else:
         text = f"host {peer.name} said: {one_line(reply.code, reply.message)} (in reply to {command} command)"
-    return {r: RcptResult(r, outcome, dsn, text, peer.relay) for r in recipients}
+    notifies = next_hop_notifies and outcome is Outcome.SENT
+    return {r: RcptResult(r, outcome, dsn, text, peer.relay, next_hop_notifies=notifies) for r in recipients}
 
 
 def as_temporary(dsn: str) -> str:

@@ -37,10 +37,12 @@ class FakeForward:
 
     error: Exception | None = None
     calls: list[tuple[DeliveryRequest, Recipient, tuple[str, ...], bytes]] = field(default_factory=list)
+    senders: list[str | None] = field(default_factory=list)
 
     async def __call__(self, request: DeliveryRequest, rcpt: Recipient, addresses: tuple[str, ...],
-                       content: bytes) -> str:
+                       content: bytes, sender: str | None = None) -> str:
         self.calls.append((request, rcpt, addresses, content))
+        self.senders.append(sender)
         if self.error is not None:
             raise self.error
         return f"FWD{len(self.calls)}"
@@ -114,6 +116,18 @@ async def test_several_remote_addresses_go_in_one_forward(tmp_path):
     [result] = (await t.deliver(request("team@example.test"))).results
     assert result.outcome is Outcome.SENT
     assert [call[2] for call in fwd.calls] == [("x@remote.test", "y@remote.test")]
+
+
+async def test_a_list_with_an_owner_is_resubmitted_from_the_owner(tmp_path):
+    """local(8): members of a list that has an owner- alias get a new message from owner-list@myorigin (local
+    ones too, so that cleanup's maps apply to them); the owner's address gets the bounces."""
+    fwd = FakeForward()
+    t = transport(tmp_path, "list: alice, x@remote.test\nowner-list: bob\n", forward=fwd)
+    [result] = (await t.deliver(request("list@example.test"))).results
+    assert result.outcome is Outcome.SENT
+    assert [call[2] for call in fwd.calls] == [("alice@example.test", "x@remote.test")]
+    assert fwd.senders == ["owner-list@example.test"]
+    assert delivered(tmp_path, "alice") == []
 
 
 async def test_delivered_to_loop_bounces_and_writes_nothing(tmp_path):

@@ -219,7 +219,15 @@ async def test_recipients_of_a_queued_message_are_resolved_through_rewrite(h):
     await until(lambda: queue_is_empty(h))
     [request] = h.smtp.requests
     assert request.nexthop == HOST
-    assert addresses(request) == ["unqualified"]
+    assert addresses(request) == [f"unqualified@{HOST}"]  # the resolved form goes out, as Postfix's qmgr sends it
+
+
+async def test_the_percent_hack_address_goes_out_as_resolved(h):
+    await h.start()
+    await h.queue("dave%remote.test@example.test")
+    await until(lambda: queue_is_empty(h))
+    [request] = h.smtp.requests
+    assert (request.nexthop, addresses(request)) == ("remote.test", ["dave@remote.test"])
 
 
 # ---------------------------------------------------------------------------------------------- deferral

@@ -19,7 +19,7 @@ from mailflow.logs import MailLog
 from mailflow.model import ClientInfo, DeliveryReport, Envelope, Outcome, RcptResult, Recipient, Submission
 from mailflow.stages.cleanup import Cleanup
 from mailflow.stages.qmgr import QueueManager
-from mailflow.stages.qmgr.notices import Notices, _notice_recipient
+from mailflow.stages.qmgr.notices import Notices, _notice_recipient, plan
 from mailflow.stages.rewrite import Rewriter
 from mailflow.store import Store
 
@@ -367,3 +367,19 @@ def test_success_notices_say_relayed_only_for_a_remote_mta():
     for relay in ("local", "virtual", "mlmmj", "none"):  # local agents and pipe services deliver, they do not relay
         here = _notice_recipient(RcptResult(rcpt, Outcome.SENT, "2.0.0", "done", relay), 0)
         assert (here.action, here.remote_mta) == ("delivered", ""), relay
+
+
+def test_no_success_notice_when_the_next_hop_offered_dsn_and_took_notify():
+    """Postfix smtp_rcpt_done: a peer that announced DSN was given NOTIFY, so it reports success itself; one
+    that did not gets a "relayed" notice from here."""
+    from mailflow.model import QueuedMessage
+
+    rcpt = Recipient(0, "a@example.test", "a@example.test", notify="SUCCESS,FAILURE")
+    message = QueuedMessage("Q1", "s@example.org", 0.0, 10, False, "7BIT", 1, (rcpt,))
+    relay = "mx.example.test[192.0.2.1]:25"
+    with_dsn = RcptResult(rcpt, Outcome.SENT, "2.0.0", "250 ok", relay, next_hop_notifies=True)
+    without = RcptResult(rcpt, Outcome.SENT, "2.0.0", "250 ok", relay)
+    kwargs = dict(warn_delay=False, myhostname="mx.test", double_bounce_recipient="postmaster", now=0.0)
+    assert plan(message, [with_dsn], **kwargs) == []
+    [notice] = plan(message, [without], **kwargs)
+    assert notice.kind == "success" and notice.recipients[0].action == "relayed"

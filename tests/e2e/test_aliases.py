@@ -7,7 +7,7 @@ import asyncio
 import aiosmtplib
 import pytest
 
-from tests.helpers import eventually, maildir_messages, queue_becomes, rcpt_reply, send
+from tests.helpers import eventually, maildir_messages, queue_becomes, rcpt_reply, rcpt_until, send
 
 RELOAD = 1.2  # tables look at their file at most once a second
 
@@ -96,6 +96,7 @@ async def test_an_unreadable_alias_file_defers_then_delivers(mailflow_server, tm
         await c.rcpt("team@local.test")  # known while the file is there ...
         aliases.rename(tmp_path / "away")  # ... gone before delivery
         await asyncio.sleep(RELOAD)
+        assert (await rcpt_until(port, "team@local.test", 451))[0] == 451  # the server has seen it go
         await c.data(b"Subject: later\r\n\r\nwait for it\r\n")
     assert await queue_becomes(mf.store, {"deferred": 1}) == {"deferred": 1}
     [(_, status, dsn, text)] = await mf.store.recipients((await mf.store.due(2e9, 1))[0].queue_id)

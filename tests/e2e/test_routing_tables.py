@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.helpers import eventually, queue_becomes, rcpt_reply, send
+from tests.helpers import eventually, queue_becomes, rcpt_reply, rcpt_until, send
 
 RELOAD = 1.2  # tables look at their file at most once a second
+
 
 
 async def test_unreadable_tables_defer_and_recover(mailflow_server, smtp_peer, tmp_path):
@@ -25,11 +26,11 @@ async def test_unreadable_tables_defer_and_recover(mailflow_server, smtp_peer, t
 
     recipients.rename(tmp_path / "away")
     await asyncio.sleep(RELOAD)
-    code, text = await rcpt_reply(port, "known@relay.test")
+    code, text = await rcpt_until(port, "known@relay.test", 451)
     assert (code, text[:5]) == (451, "4.3.0")
     (tmp_path / "away").rename(recipients)
     await asyncio.sleep(RELOAD)
-    assert (await rcpt_reply(port, "known@relay.test"))[0] == 250, "the table answers again"
+    assert (await rcpt_until(port, "known@relay.test", 250))[0] == 250, "the table answers again"
 
     # accepted while the tables answer; the next hop is busy, so it waits in the queue ...
     peer.handler.mail_reply = "451 4.3.2 not now"
@@ -38,6 +39,7 @@ async def test_unreadable_tables_defer_and_recover(mailflow_server, smtp_peer, t
     qid = (await mf.store.due(2e9, 1))[0].queue_id
     # ... then the transport table goes away: the retry defers with 4.3.0, it does not bounce
     transports.rename(tmp_path / "away")
+    assert (await rcpt_until(port, "known@relay.test", 451))[0] == 451  # the server has seen it go
     peer.handler.mail_reply = None
 
     async def reason():

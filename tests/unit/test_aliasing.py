@@ -239,7 +239,7 @@ def test_commands_and_files_from_include_are_refused_by_default(tmp_path):
     leaves = expander(tmp_path, f"list: :include:{inc}\n").expand("list@example.test")
     assert leaves == [Refused("list@example.test", "5.7.1", "mail to command is restricted"),
                       Refused("list@example.test", "5.7.1", "mail to file is restricted"),
-                      mailbox("alice")]
+                      Forward("alice@example.test")]  # an :include: member is resubmitted (local(8))
 
 
 def test_commands_and_files_from_include_when_allowed(tmp_path):
@@ -248,7 +248,16 @@ def test_commands_and_files_from_include_when_allowed(tmp_path):
                  allow_mail_to_commands=("alias", "forward", "include"), allow_mail_to_files=("include",))
     assert e.expand("list@example.test") == [Command("/usr/bin/filter", "list@example.test", "include"),
                                                File("/var/spool/archive", "list@example.test", "include"),
-                                               mailbox("alice")]
+                                               Forward("alice@example.test")]
+
+
+def test_a_list_with_an_owner_alias_resubmits_from_the_owner(tmp_path):
+    """local(8): the owner-list alias makes owner-list@myorigin the sender of everything the list sends on,
+    and its local members new messages; a plain alias delivers its local members directly."""
+    e = expander(tmp_path, "list: alice, \\bob, dave@remote.test\nowner-list: carol\nplain: alice, dave@remote.test\n")
+    assert e.expand("list@example.test") == [Forward("alice@example.test", "owner-list@example.test"),
+                                              mailbox("bob"), Forward("dave@remote.test", "owner-list@example.test")]
+    assert e.expand("plain@example.test") == [mailbox("alice"), Forward("dave@remote.test")]
 
 
 def test_missing_include_file_is_4_3_0(tmp_path):

@@ -23,6 +23,40 @@ def test_check_config_accepts_the_example():
     assert result.returncode == 0 and "ok" in result.stdout
 
 
+def test_every_doc_the_example_config_names_exists_with_the_named_section():
+    import re
+
+    text = (ROOT / "config.toml").read_text()
+    links = re.findall(r'(docs/[\w.-]+\.md)(?:, "([^"]+)")?', text)
+    assert links
+    for doc, section in links:
+        assert (ROOT / doc).is_file(), doc
+        if section:
+            assert re.search(rf"^#+ {re.escape(section)}$", (ROOT / doc).read_text(), re.MULTILINE), (doc, section)
+
+
+def test_check_config_names_every_listener_with_its_role(tmp_path):
+    cfg = tmp_path / "m.toml"
+    cert = tmp_path / "cert.pem"
+    cert.write_text("")
+    cfg.write_text('[smtpd]\nlisten = ["127.0.0.1:2525", "[::1]:2525"]\nsasl_user_maps = ["inline:{a=b}"]\n'
+                   f'tls_cert_file = "{cert}"\n'
+                   '[[smtpd.listeners]]\naddress = "0.0.0.0:587"\nrole = "submission"\n'
+                   '[[smtpd.listeners]]\naddress = "0.0.0.0:465"\nrole = "submissions"\n')
+    result = mailflow("check-config", "--config", str(cfg))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:] == ["  listener 127.0.0.1:2525 (mta)", "  listener [::1]:2525 (mta)",
+                                              "  listener 0.0.0.0:587 (submission)",
+                                              "  listener 0.0.0.0:465 (submissions)"]
+
+
+def test_sendmail_help_prints_the_usage_and_exits_0():
+    result = mailflow("sendmail", "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: sendmail ") and "-bv" in result.stdout
+    assert "no recipients" not in result.stdout + result.stderr
+
+
 def test_check_config_names_file_key_and_reason_without_traceback(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[queue]\nminimal_backoff_time = "soon"\n')

@@ -213,9 +213,15 @@ def test_minimal_backoff_above_the_default_maximal_is_refused(tmp_path):
 
 def test_domain_lists_are_idna_normalised(tmp_path):
     c = load_config(write(tmp_path, "mydestination = ['Bücher.example.', 'localhost']\n"
-                                    "relay_domains = ['.Sub.Bücher.Example.', 'RELAY.test']\n"))
+                                    "relay_domains = ['Sub.Bücher.Example.', 'RELAY.test']\n"))
     assert c.mydestination == ("xn--bcher-kva.example", "localhost")
-    assert c.relay_domains == (".sub.xn--bcher-kva.example", "relay.test")
+    assert c.relay_domains == ("sub.xn--bcher-kva.example", "relay.test")
+
+
+def test_a_dotted_relay_domain_is_refused_with_the_reason(tmp_path):
+    err = config_error(write(tmp_path, "relay_domains = ['.example.com']\n"))
+    assert err.key == "relay_domains"
+    assert "already matches its subdomains" in err.reason
 
 
 def test_a_domain_that_cannot_be_encoded_is_refused(tmp_path):

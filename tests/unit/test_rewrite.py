@@ -10,7 +10,7 @@ from mailflow.stages.rewrite import Rewriter, domain_in, split_transport
 LOCAL, RELAY, DEFAULT = AddressClass.LOCAL, AddressClass.RELAY, AddressClass.DEFAULT
 
 BASE = dict(myhostname="mx.example.test", mydestination=("example.test", "localhost"),
-            relay_domains=("relay.test", ".sub.relay.test"))
+            relay_domains=("relay.test", "other-relay.test"))
 
 
 def rewriter(**overrides) -> Rewriter:
@@ -34,13 +34,11 @@ CASES = [
     ({"relay_transport": "relay"}, "user@relay.test", RELAY, "relay", "relay.test"),
     ({"relay_transport": "smtp:[10.0.0.2]:2525", "relayhost": "[10.0.0.1]:587"}, "user@relay.test", RELAY,
      "smtp", "[10.0.0.2]:2525"),
-    # `.sub.relay.test` matches subdomains only
-    ({}, "user@a.sub.relay.test", RELAY, "smtp", "a.sub.relay.test"),
-    ({}, "user@a.b.sub.relay.test", RELAY, "smtp", "a.b.sub.relay.test"),
-    ({}, "user@sub.relay.test", DEFAULT, "smtp", "sub.relay.test"),
-    ({}, "user@xsub.relay.test", DEFAULT, "smtp", "xsub.relay.test"),
-    # an exact entry does not match subdomains
-    ({}, "user@a.relay.test", DEFAULT, "smtp", "a.relay.test"),
+    # a relay_domains entry matches its subdomains (Postfix parent_domain_matches_subdomains default)
+    ({}, "user@a.relay.test", RELAY, "smtp", "a.relay.test"),
+    ({}, "user@a.b.relay.test", RELAY, "smtp", "a.b.relay.test"),
+    ({}, "user@xrelay.test", DEFAULT, "smtp", "xrelay.test"),
+    # mydestination is an exact list: a subdomain is another domain
     ({}, "user@a.example.test", DEFAULT, "smtp", "a.example.test"),
     # default: anything else -> default_transport
     ({}, "user@remote.test", DEFAULT, "smtp", "remote.test"),
@@ -59,7 +57,7 @@ CASES = [
     ({"mydestination": ("mx.example.test",)}, "user", LOCAL, "local", "mx.example.test"),
     # domain lists in the config are matched case- and trailing-dot-insensitively
     ({"mydestination": ("Example.TEST.",)}, "user@example.test", LOCAL, "local", "mx.example.test"),
-    ({"relay_domains": (".Sub.Relay.Test.",)}, "user@a.sub.relay.test", RELAY, "smtp", "a.sub.relay.test"),
+    ({"relay_domains": ("Sub.Relay.Test.",)}, "user@a.sub.relay.test", RELAY, "smtp", "a.sub.relay.test"),
     ({"mydestination": ("xn--bcher-kva.example",)}, "user@bücher.example", LOCAL, "local", "mx.example.test"),
     ({"mydestination": ()}, "user@example.test", DEFAULT, "smtp", "example.test"),
 ]
@@ -106,18 +104,26 @@ def test_split_transport(value, expected):
     assert split_transport(value) == expected
 
 
-@pytest.mark.parametrize("domain, domains, expected", [
-    ("example.com", ("example.com",), True),
-    ("a.example.com", ("example.com",), False),
-    ("a.example.com", (".example.com",), True),
-    ("a.b.example.com", (".example.com",), True),
-    ("example.com", (".example.com",), False),
-    ("badexample.com", (".example.com",), False),
-    ("x.test", (), False),
-    ("x.test", ("y.test", "x.test"), True),
+@pytest.mark.parametrize("domain, domains, parent, expected", [
+    ("example.com", ("example.com",), False, True),
+    ("a.example.com", ("example.com",), False, False),
+    ("example.com", ("example.com",), True, True),
+    ("a.example.com", ("example.com",), True, True),
+    ("a.b.example.com", ("example.com",), True, True),
+    ("badexample.com", ("example.com",), True, False),
+    ("x.test", (), True, False),
+    ("x.test", ("y.test", "x.test"), False, True),
 ])
-def test_domain_in(domain, domains, expected):
-    assert domain_in(domain, domains) is expected
+def test_domain_in(domain, domains, parent, expected):
+    assert domain_in(domain, domains, parent=parent) is expected
+
+
+@pytest.mark.parametrize("key", ["mydestination", "virtual_alias_domains", "virtual_mailbox_domains", "relay_domains"])
+def test_a_leading_dot_entry_is_a_config_error_naming_the_entry(key):
+    """Postfix matches `.example.com` against nothing in these lists (exact lists; relay_domains already covers
+    subdomains), so mailflow says so instead of routing differently."""
+    with pytest.raises(ValueError, match=r"'\.example\.com'"):
+        Config(**{key: (".example.com",)})
 
 
 # ---------------------------------------------------------------------------------------------- local users
@@ -169,9 +175,8 @@ def test_local_user_is_the_lower_cased_local_part():
 @pytest.mark.parametrize("overrides, klass", [
     ({"mydestination": ("bücher.example",)}, LOCAL),
     ({"relay_domains": ("bücher.example",)}, RELAY),
-    ({"relay_domains": (".bücher.example",)}, RELAY),
 ])
 def test_utf8_domain_in_the_config_matches_utf8_recipients(overrides, klass):
     rw = rewriter(**overrides)
-    sub = "a." if overrides.get("relay_domains", ("",))[0].startswith(".") else ""
-    assert rw.classify(f"user@{sub}bücher.example") is klass
+    assert rw.classify("user@bücher.example") is klass
+    assert rw.classify("user@a.bücher.example") is (RELAY if klass is RELAY else AddressClass.DEFAULT)

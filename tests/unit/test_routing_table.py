@@ -55,12 +55,17 @@ all-lists: list-a, list-b
 list-a: shared, alice
 list-b: shared, bob
 shared: carol
+vlist: :include:{tmp}/lists/virt
+owned: old@local.test, dave@remote.test
+owner-owned: alice
+plainlist: old@local.test
 """
 
 FILES = {
     "aliases": ALIASES,
     "lists/devs": "alice\ndave@remote.test\n",
     "lists/ops": "bob\n|/usr/bin/pager\n",
+    "lists/virt": "sales@local.test\n",
     # .forward files: user U's home is {tmp}/home/U
     "home/frank/.forward": "frank@remote.test\n",                   # everything elsewhere
     "home/grace/.forward": "\\grace, grace@remote.test\n",          # keep a copy
@@ -183,11 +188,21 @@ CASES = [
     case("alias-file-restricted", {"local": local_section(allow_mail_to_files=["forward"])},
          "archive@local.test", [error("archive@local.test", "5.7.1 mail to file is restricted")]),
     case("alias-include", {}, "devs@local.test", [mailbox(f"alice@{HOST}"), smtp("dave@remote.test")]),
+    # :include: members are resubmitted as a new message (local(8)), so they come after the direct leaves
     case("alias-include-command-restricted", {}, "ops@local.test",
-         [mailbox(f"bob@{HOST}"), error("ops@local.test", "5.7.1 mail to command is restricted")]),
+         [error("ops@local.test", "5.7.1 mail to command is restricted"), mailbox(f"bob@{HOST}")]),
     case("alias-include-command-allowed",
          {"local": local_section(allow_mail_to_commands=["alias", "forward", "include"])},
-         "ops@local.test", [mailbox(f"bob@{HOST}"), command("/usr/bin/pager")]),
+         "ops@local.test", [command("/usr/bin/pager"), mailbox(f"bob@{HOST}")]),
+    # ... and pass cleanup again: virtual aliases (and canonical maps) apply to them
+    case("alias-include-member-virtual-alias", vam("sales@local.test=carol"), "vlist@local.test",
+         [mailbox(f"carol@{HOST}")]),
+    # a list with an owner- alias: its local members are resubmitted too (canonical maps apply again) ...
+    case("alias-owner-list-resubmitted", {"canonical_maps": ["inline:{old@local.test=carol@local.test}"]},
+         "owned@local.test", [mailbox("carol@local.test"), smtp("dave@remote.test")]),
+    # ... while a plain alias delivers its local members directly, canonical maps or not (local(8))
+    case("alias-plain-list-delivered-directly", {"canonical_maps": ["inline:{old@local.test=carol@local.test}"]},
+         "plainlist@local.test", [unknown("old@local.test", "old")]),
     # \frank is frank's mailbox: his .forward is not read
     case("alias-backslash-user", {}, "frank-local@local.test", [mailbox("frank@local.test")]),
     case("alias-to-remote", {}, "outside@local.test", [smtp("dave@remote.test")]),
@@ -248,6 +263,11 @@ CASES = [
     case("virtual-address-before-catch-all", vam("info@va.test=bob", "@va.test=catchall@remote.test"),
          "info@va.test", [mailbox(f"bob@{HOST}")]),
     case("virtual-domain-rewrite", vam("@old.test=@new.test"), "x@old.test", [smtp("x@new.test")]),
+    case("virtual-domain-rewrite-first-result", vam("{x@old.test = @new.test}"), "x@old.test", [smtp("x@new.test")]),
+    # virtual(5): "@otherdomain ... works only for the first address in a multi-address lookup result"; a
+    # later @domain is an address with an empty local part (a real Postfix sends RCPT TO:<""@remote.test>)
+    case("virtual-second-result-at-domain", vam("{info@local.test = bob@relay.test, @remote.test}"),
+         "info@local.test", [smtp("bob@relay.test"), smtp('""@remote.test', "remote.test")]),
     case("virtual-domain-rewrite-keeps-extension", vam("@old.test=@new.test"), "x+tag@old.test",
          [smtp("x+tag@new.test")]),
     case("virtual-extension-propagated", vam("sales@va.test=bob@remote.test"), "sales+eu@va.test",
@@ -296,8 +316,41 @@ CASES = [
     case("relay-transport-nexthop-beats-relayhost",
          {"relay_transport": "relay:[relaygw.test]", "relayhost": "[smarthost.test]"}, "x@relay.test",
          [("x@relay.test", "relay", "[relaygw.test]")]),
-    case("relay-dot-entry-subdomains", {"relay_domains": [".relay.test"], "relay_transport": "relay"},
+    # Postfix's parent_domain_matches_subdomains default includes relay_domains
+    case("relay-entry-matches-subdomains", {"relay_transport": "relay"},
          "x@sub.relay.test", [("x@sub.relay.test", "relay", "sub.relay.test")]),
+
+    # -- which domains are local, virtual, relay: as Postfix's lists match them ----------------------------
+    # user@[address] is local when the address is one of the server's own (listeners, proxy_interfaces)
+    case("own-address-literal-is-local", {}, "alice@[127.0.0.1]", [mailbox("alice@[127.0.0.1]")]),
+    case("own-address-literal-wildcard-listener", {"smtpd": {"listen": ["0.0.0.0:25"]}}, "alice@[127.0.0.1]",
+         [mailbox("alice@[127.0.0.1]")]),
+    case("own-address-literal-ipv6", {"smtpd": {"listen": ["[::1]:2525"]}}, "alice@[IPv6:::1]",
+         [mailbox("alice@[IPv6:::1]")]),
+    case("own-address-literal-proxy-interfaces", {"proxy_interfaces": ["192.0.2.7"]}, "alice@[192.0.2.7]",
+         [mailbox("alice@[192.0.2.7]")]),
+    case("foreign-address-literal-is-remote", {"smtpd": {"listen": ["127.0.0.1:2525"]}}, "alice@[127.0.0.2]",
+         [smtp("alice@[127.0.0.2]", "[127.0.0.2]")]),
+    # mydestination and the virtual domain lists are exact (Postfix string_list): a subdomain is elsewhere
+    case("mydestination-exact", {}, "alice@sub.local.test", [smtp("alice@sub.local.test")]),
+    case("virtual-mailbox-domains-exact", {"virtual_mailbox_domains": ["vmail.test"]}, "u@sub.vmail.test",
+         [smtp("u@sub.vmail.test")]),
+    case("virtual-alias-domains-exact", {"virtual_alias_domains": ["va.test"]}, "u@sub.va.test",
+         [smtp("u@sub.va.test")]),
+    case("relay-domains-deep-subdomain", {}, "x@a.b.relay.test", [smtp("x@a.b.relay.test")]),
+    case("relay-domains-not-a-suffix-match", {}, "x@badrelay.test", [smtp("x@badrelay.test")]),
+
+    # postmaster is always somebody here: without an alias, the postmaster mailbox (RFC 5321 4.5.1)
+    case("postmaster-without-alias-or-user", {"alias_maps": []}, "postmaster@local.test",
+         [mailbox("postmaster@local.test")]),
+
+    # -- the percent hack (allow_percent_hack, on by default): user%domain@<local> is user@domain -----------
+    case("percent-hack-remote", {}, "dave%remote.test@local.test", [smtp("dave@remote.test")]),
+    case("percent-hack-local", {}, "alice%localhost@local.test", [mailbox("alice@localhost")]),
+    case("percent-hack-twice", {}, "dave%remote.test%localhost@local.test", [smtp("dave@remote.test")]),
+    case("percent-hack-not-for-remote-domains", {}, "a%b.test@remote.test", [smtp("a%b.test@remote.test")]),
+    case("percent-hack-off", {"allow_percent_hack": False}, "dave%remote.test@local.test",
+         [unknown("dave%remote.test@local.test", "dave%remote.test")]),
 
     # -- default class and relayhost ------------------------------------------------------------------
     case("default-mx", {}, "dave@remote.test", [smtp("dave@remote.test")]),

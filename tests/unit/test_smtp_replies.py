@@ -57,3 +57,21 @@ async def test_garbage_is_a_protocol_error():
     endless.data_received(b"250-" + b"x" * 70_000)
     with pytest.raises(aiosmtplib.SMTPResponseException, match="too long"):
         await endless.reply(1)
+
+
+# ---------------------------------------------------------------------------------------------- DSN pass-on
+
+def test_dsn_parameters_are_xtext_and_orcpt_is_synthesised_from_the_original():
+    from mailflow.model import DeliveryRequest, Recipient
+    from mailflow.transports.smtp import dsn_mail_params, dsn_rcpt_params, xtext
+
+    assert xtext("a+b=c d\x01é") == "a+2Bb+3Dc+20d+01+C3+A9"
+    request = DeliveryRequest("Q", "s@x.test", (), "x.test", b"", envid="id=1 +", ret="hdrs")
+    assert dsn_mail_params(request) == [b"RET=HDRS", b"ENVID=id+3D1+20+2B"]
+    assert dsn_mail_params(DeliveryRequest("Q", "s@x.test", (), "x.test", b"")) == []
+    given = Recipient(0, "a@x.test", "first@x.test", notify="SUCCESS,FAILURE", orcpt="rfc822;o+x@x.test")
+    assert dsn_rcpt_params(given) == [b"ORCPT=rfc822;o+2Bx@x.test", b"NOTIFY=SUCCESS,FAILURE"]
+    assert dsn_rcpt_params(Recipient(0, "a@x.test", "First@x.test")) == [b"ORCPT=rfc822;First@x.test"]
+    assert dsn_rcpt_params(Recipient(0, "a@x.test", "")) == []
+    utf8 = Recipient(0, "a@x.test", "jöe@bücher.test", notify="NEVER")
+    assert dsn_rcpt_params(utf8) == [b"ORCPT=utf-8;j\\x{F6}e@b\\x{FC}cher.test", b"NOTIFY=NEVER"]

@@ -1,15 +1,18 @@
 """Lookup tables: every type found / not found, failure is LookupRetry (never None), reload, search order, CLI."""
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
 from mailflow.errors import ConfigError, LookupRetry
-from mailflow.tables import lookup_address, lookup_local, open_table, split_extension
+from mailflow.tables import TableCache, lookup_address, lookup_local, open_table, split_extension
 
 
 class FakeClock:
@@ -154,7 +157,18 @@ def regexp_table(tmp_path, text=REGEXP, clock=None):
     return open_table(f"regexp:{f}", **({"clock": clock} if clock else {})), f
 
 
-def test_regexp_groups_flags_negation_and_order(tmp_path):
+@pytest.fixture(params=["prefilter", "rule-by-rule"])
+def prefilter(request, monkeypatch):
+    """Both ways a regexp table is searched: one RE2 set pass over every rule, or (when RE2 cannot build the
+    set within its memory budget) each rule in turn."""
+    if request.param == "rule-by-rule":
+        import mailflow.tables
+
+        monkeypatch.setattr(mailflow.tables, "_prefilter", lambda rules: None)
+    return request.param
+
+
+def test_regexp_groups_flags_negation_and_order(tmp_path, prefilter):
     t, _ = regexp_table(tmp_path)
     assert t.fixed is False
     assert t.lookup("Joe@OLD.example") == "Joe@new.example"  # case-insensitive by default, key kept as is
@@ -169,7 +183,7 @@ def test_regexp_groups_flags_negation_and_order(tmp_path):
     assert t.lookup("bob@example.org") == "org"
 
 
-def test_regexp_if_endif_skips_blocks_and_nests(tmp_path):
+def test_regexp_if_endif_skips_blocks_and_nests(tmp_path, prefilter):
     t, _ = regexp_table(tmp_path, """
 if /@example\\.com$/
 if !/^admin/
@@ -391,3 +405,114 @@ def test_cli_query_lookup_failure_exits_75(tmp_path):
     result = mailflow("table", "query", f"texthash:{tmp_path / 'missing'}", "x")
     assert result.returncode == 75
     assert "lookup failed" in result.stderr and "missing" in result.stderr and "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------------- bounded lookup cost
+
+# A query that counts to a hundred million for the key 'slow' and answers at once for any other key.
+SLOW_QUERY = ("SELECT 'OK' FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
+              "WHERE '%u' = 'slow' AND x < 100000000) SELECT max(x) FROM c)")
+
+
+def test_regexp_catastrophic_pattern_answers_at_once(tmp_path):
+    """`^(a+)+$` backtracks exponentially on `aaaa…b` in a backtracking engine (Python's re needs hours for
+    40 a's); RE2 answers in linear time."""
+    t, _ = regexp_table(tmp_path, "/^(a+)+$/ matched\n/^(a|aa)+b@/ other\n")
+    started = time.monotonic()
+    assert t.lookup("a" * 60 + "b@example.com") == "other"
+    assert t.lookup("a" * 5000 + "!") is None
+    assert time.monotonic() - started < 0.5
+
+
+def test_regexp_rejects_back_references_with_the_line(tmp_path):
+    t, _ = regexp_table(tmp_path, "/^a/ one\n/(a)\\1/ two\n")
+    with pytest.raises(LookupRetry, match="line 2: bad regular expression"):
+        t.lookup("a")
+
+
+def test_regexp_matches_leftmost_longest_as_posix(tmp_path):
+    t, _ = regexp_table(tmp_path, "/^(a|ab)/ $1\n")
+    assert t.lookup("abc") == "ab"  # POSIX: the longest match, not the first alternative that matches
+
+
+def test_sqlite_query_past_its_timeout_is_retry_and_the_next_works(tmp_path):
+    t, db = sqlite_table(tmp_path, SLOW_QUERY)
+    cf = write(tmp_path / "slow.cf", f"dbpath = {db}\nquery = {SLOW_QUERY}\ntimeout = 0.2\n")
+    t = open_table(f"sqlite:{cf}")
+    assert t.blocking and t.timeout == 0.2
+    started = time.monotonic()
+    with pytest.raises(LookupRetry, match="no answer within 0.2s"):
+        t.lookup("slow@example.com")
+    assert time.monotonic() - started < 2.0
+    assert t.lookup("quick@example.com") == "OK"
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "7200"])
+def test_sqlite_bad_timeout_is_a_config_error(tmp_path, value):
+    cf = write(tmp_path / "t.cf", f"dbpath = x.db\nquery = SELECT 1\ntimeout = {value}\n")
+    with pytest.raises(ConfigError) as e:
+        open_table(f"sqlite:{cf}")
+    assert e.value.key == "timeout"
+
+
+async def test_run_is_inline_for_memory_tables_and_threaded_for_sqlite(tmp_path):
+    import threading
+
+    cache = TableCache()
+    cache.open(["inline:{a=b}"])
+    assert not cache.blocking
+    assert await cache.run(threading.get_ident) == threading.get_ident()  # no thread hop
+    _, db = sqlite_table(tmp_path, "SELECT 1")
+    cf = write(tmp_path / "slow.cf", f"dbpath = {db}\nquery = {SLOW_QUERY}\ntimeout = 0.3\n")
+    [slow] = cache.open([f"sqlite:{cf}"])
+    assert cache.blocking
+    assert await cache.run(threading.get_ident) != threading.get_ident()
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    task = asyncio.ensure_future(ticker())
+    try:
+        with pytest.raises(LookupRetry):
+            await cache.run(slow.lookup, "slow@example.com")
+    finally:
+        task.cancel()
+    assert ticks >= 10, "the loop went on while the query ran"
+
+
+async def test_a_changed_file_is_reread_off_the_loop_and_old_contents_answer_meanwhile(tmp_path):
+    clock = FakeClock()
+    f = write(tmp_path / "map", "a one\n")
+    t = open_table(f"texthash:{f}", clock=clock)
+    loop_thread = threading.get_ident()
+    reads, release = [], threading.Event()
+    real_read = t._file._read
+
+    def read(previous):
+        reads.append(threading.get_ident())
+        if threading.get_ident() != loop_thread:
+            release.wait(5)  # a slow re-read: the loop must not wait for it
+        return real_read(previous)
+
+    t._file._read = read
+    assert t.lookup("a") == "one"  # first read: in the caller (nobody preloaded)
+    f.write_text("a two\nb three\n")
+    clock.now += 2
+    assert t.lookup("a") == "one" and t.lookup("b") is None  # the re-read waits in a worker thread
+    for _ in range(100):
+        if len(reads) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert reads[1] != loop_thread
+    assert t.lookup("a") == "one"  # still the old contents while the re-read is held
+    release.set()
+    for _ in range(100):
+        if t.lookup("b") == "three":
+            break
+        await asyncio.sleep(0.01)
+    assert (t.lookup("a"), t.lookup("b")) == ("two", "three")
+    assert reads[0] == loop_thread and len(reads) == 2

@@ -33,6 +33,7 @@ Failure behaviour
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
@@ -199,6 +200,8 @@ class QueueManager:
                 log.warning("%s: cannot resolve <%s>: %s", message.queue_id, rcpt.address, e)
                 unresolved.append(RcptResult(rcpt, Outcome.DEFERRED, "4.3.0", f"address resolver failure: {e}"))
                 continue
+            if res.address != rcpt.address:  # trivial-rewrite's form (the percent hack), as Postfix's qmgr uses it
+                rcpt = dataclasses.replace(rcpt, address=res.address)
             groups.setdefault((res.transport, res.nexthop), []).append(rcpt)
         active = ActiveMessage(message, jobs_left=len(groups), results=unresolved)
         self._active[message.queue_id] = active
@@ -285,7 +288,7 @@ class QueueManager:
         if content is None:
             return DeliveryReport.uniform(job.recipients, Outcome.DEFERRED, "4.3.0", "queue file content missing")
         request = DeliveryRequest(msg.queue_id, msg.sender, job.recipients, job.nexthop, content,
-                                  msg.smtputf8, msg.body_type, msg.arrival)
+                                  msg.smtputf8, msg.body_type, msg.arrival, envid=msg.envid, ret=msg.ret)
         try:
             return await transport.deliver(request)
         except asyncio.CancelledError:

@@ -3,7 +3,10 @@
 Rules (Postfix bounce(8) and RFC 3461):
 - failure: recipients that bounced (or expired) this attempt and whose NOTIFY allows FAILURE;
 - delay: pending recipients whose NOTIFY allows DELAY, once per message, when the caller says it is time;
-- success: recipients delivered this attempt whose NOTIFY explicitly asks for SUCCESS.
+- success: recipients delivered this attempt whose NOTIFY explicitly asks for SUCCESS, unless a next hop that
+  offered DSN took the recipient with its NOTIFY (`RcptResult.next_hop_notifies`): that hop reports success
+  (Postfix smtp_rcpt_done). The action is "relayed" when an MTA without DSN took it (RFC 3464 2.3.3: it may
+  send no notice), "delivered" when a local agent did.
 A notice goes to the envelope sender with the null sender. A message with the null sender is itself a
 notice: its failures go to `double_bounce_recipient` (postmaster by default) from `double-bounce@myhostname`,
 or nowhere when that setting is empty; a double bounce that fails is dropped. So a bounce never bounces,
@@ -44,7 +47,8 @@ def plan(message: QueuedMessage, results: list[RcptResult], *, warn_delay: bool,
     notices = []
     for kind, outcome in wanted:
         chosen = tuple(_notice_recipient(r, now) for r in results
-                       if r.outcome is outcome and wants_notice(r.recipient, kind))
+                       if r.outcome is outcome and wants_notice(r.recipient, kind)
+                       and not (kind == "success" and r.next_hop_notifies))
         if not chosen:
             continue
         if message.sender:
@@ -60,7 +64,7 @@ def _notice_recipient(result: RcptResult, now: float) -> NoticeRecipient:
     remote = result.relay.split("[", 1)[0] if "[" in result.relay else ""
     action = ACTION[result.outcome]
     if result.outcome is Outcome.SENT and remote:
-        action = "relayed"  # handed to an MTA that may not send DSNs itself (RFC 3464 2.3.3)
+        action = "relayed"  # handed to an MTA without DSN, which may send no notice itself (RFC 3464 2.3.3)
     return NoticeRecipient(result.recipient, action, result.dsn, result.text, remote_mta=remote, last_attempt=now)
 
 

@@ -88,7 +88,7 @@ class SmtpdHandler:
         if refusal is not None:
             return refusal
         try:
-            self._rewriter.resolve(addr)  # a routing table that cannot answer now: the client retries later
+            await self._rewriter.tables.run(self._rewriter.resolve, addr)  # a table that cannot answer now: retry
         except LookupRetry as e:
             log.warning("smtpd: RCPT <%s>: %s", addr, e.text)
             return status.lookup_failed(addr)

@@ -33,7 +33,6 @@ from mailflow.address import client_ip, in_networks
 from mailflow.dns import NotFound
 from mailflow.errors import ConfigError, LookupRetry
 from mailflow.model import AddressClass
-from mailflow.stages.rewrite import UNKNOWN_IN
 from mailflow.stages.smtpd.policy import PolicyClient, PolicyError, parse_endpoint
 from mailflow.tables import TYPES, TableCache, find, open_table, split_extension
 
@@ -244,7 +243,7 @@ class Restrictions:
             if reply is not None:
                 return reply
         if self._smtpd.reject_unlisted_recipient and facts.marks.discard is None:
-            return self._unlisted(facts.recipient)
+            return await self._unlisted(facts.recipient)
         return None
 
     async def check_data(self, facts: Facts) -> status.Reply | None:
@@ -283,6 +282,8 @@ class Restrictions:
             return await self._policy(arg, stage, facts)
         if name == "reject_unknown_recipient_domain":
             return await self._unknown_domain(facts.recipient)
+        if name == "reject_unlisted_recipient":
+            return await self._unlisted(facts.recipient) if facts.recipient else None
         raise AssertionError(f"restriction {name!r} has no evaluation")  # check_item lets no such name in
 
     def _simple(self, name: str, stage: str, facts: Facts):
@@ -301,8 +302,6 @@ class Restrictions:
             if not rcpt or self._rewriter.classify(rcpt) is not AddressClass.DEFAULT:
                 return None
             return status.relay_denied(rcpt) if name.startswith("reject") else status.relay_deferred(rcpt)
-        if name == "reject_unlisted_recipient":
-            return self._unlisted(rcpt) if rcpt else None
         if name == "reject_non_fqdn_sender":
             return status.non_fqdn_address(facts.sender, "Sender address") if facts.sender and not \
                 is_fqdn_address(facts.sender) else None
@@ -331,19 +330,15 @@ class Restrictions:
 
     # -------------------------------------------------------------------------------- recipient checks
 
-    def _unlisted(self, rcpt: str) -> status.Reply | None:
-        """Today's unknown-user rule: a recipient in one of this host's classes must be listed by a rewriting
-        table (canonical, virtual alias) or by its class's recipient table; 451 when a table cannot answer."""
-        klass = self._rewriter.classify(rcpt)
-        if klass is AddressClass.DEFAULT:
-            return None
+    async def _unlisted(self, rcpt: str) -> status.Reply | None:
+        """The unknown-user rule, trivial-rewrite's (Rewriter.recipient_refusal: listed by a rewriting table or
+        its class's recipient table, error-transport addresses refused, postmaster always accepted), asked
+        without holding up the event loop."""
         try:
-            if not (self._mapper.is_mapped(rcpt) or self._rewriter.recipient_known(rcpt, klass)):
-                return status.user_unknown(rcpt, UNKNOWN_IN[klass])
-        except LookupRetry as e:
+            return await self._rewriter.tables.run(self._rewriter.recipient_refusal, rcpt, self._mapper)
+        except LookupRetry as e:  # the lookup outran its deadline
             log.warning("smtpd: RCPT <%s>: %s", rcpt, e.text)
             return status.lookup_failed(rcpt)
-        return None
 
     async def _unknown_domain(self, rcpt: str) -> status.Reply | None:
         """No MX and no address for a domain this host is not final destination for (Postfix)."""

@@ -1,0 +1,126 @@
+"""DSN parameters passed on to a next hop that offers DSN (RFC 3461 4), as real Postfix programs see them:
+smtp-sink's dump (`X-Mail-Args`, `X-Rcpt-Args`) for SMTP and LMTP, and a private Postfix instance as the next
+hop, which then honours NOTIFY=NEVER (no bounce) where it bounces a recipient."""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import tempfile
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+
+from tests.conftest import require_tool
+from tests.helpers import eventually, free_port, queue_becomes
+from tests.postfix_instance import postfix_instance
+
+pytestmark = pytest.mark.interop
+MESSAGE = b"From: s@remote.test\r\nSubject: %s\r\n\r\nhello\r\n"
+
+
+@asynccontextmanager
+async def smtp_sink(*options: str):
+    """smtp-sink on a free port, dumping every message (with its envelope arguments) to a file."""
+    sink = require_tool("smtp-sink")
+    port = free_port()
+    folder = Path(tempfile.mkdtemp(prefix="mailflow-sink-"))
+    os.chmod(folder, 0o777)  # as root smtp-sink runs as nobody
+    dump = folder / "dump.txt"
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    proc = await asyncio.create_subprocess_exec(sink, *user, *options, "-D", str(dump), f"127.0.0.1:{port}", "16",
+                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        for _ in range(50):
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", port)
+                w.close()
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        yield port, dump
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def send_with_dsn(port: int, sender: str, rcpts: list[tuple[str, list[str]]], content: bytes,
+                        mail_options: list[str]) -> None:
+    """One message whose MAIL and each RCPT carry the given DSN parameters."""
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10) as client:
+        await client.ehlo()
+        await client.mail(sender, options=mail_options)
+        for rcpt, options in rcpts:
+            await client.rcpt(rcpt, options=options)
+        await client.data(content)
+
+
+def dumped_args(dump: Path) -> list[str]:
+    text = dump.read_text(errors="replace") if dump.exists() else ""
+    return re.findall(r"^X-(?:Mail|Rcpt)-Args: .*$", text, re.MULTILINE)
+
+
+async def test_smtp_passes_ret_envid_notify_orcpt_to_smtp_sink(mailflow_server):
+    async with smtp_sink() as (sink_port, dump):
+        mf = await mailflow_server(relayhost=f"[127.0.0.1]:{sink_port}", mynetworks=["127.0.0.0/8"])
+        port = mf.smtp_addresses[0][1]
+        await send_with_dsn(port, "s@remote.test", [
+            ("given@dest.test", ["NOTIFY=SUCCESS,DELAY", "ORCPT=rfc822;first+2Bx@dest.test"]),
+            ("never@dest.test", ["NOTIFY=NEVER"]),
+            ("plain@dest.test", []),
+        ], MESSAGE % b"dsn", ["RET=HDRS", "ENVID=id+3Dwith+2Bxtext"])
+        assert await queue_becomes(mf.store, {}) == {}
+        args = await eventually(lambda: len(dumped_args(dump)) == 4 and dumped_args(dump), timeout=5)
+    assert args == [
+        "X-Mail-Args: <s@remote.test> RET=HDRS ENVID=id+3Dwith+2Bxtext",
+        "X-Rcpt-Args: <given@dest.test> ORCPT=rfc822;first+2Bx@dest.test NOTIFY=SUCCESS,DELAY",
+        "X-Rcpt-Args: <never@dest.test> ORCPT=rfc822;never@dest.test NOTIFY=NEVER",
+        "X-Rcpt-Args: <plain@dest.test> ORCPT=rfc822;plain@dest.test",
+    ]
+
+
+async def test_lmtp_passes_the_dsn_parameters_too(mailflow_server):
+    async with smtp_sink("-L") as (sink_port, dump):
+        mf = await mailflow_server(mynetworks=["127.0.0.0/8"],
+                                   transport_maps=[f"inline:{{dest.test=lmtp:[127.0.0.1]:{sink_port}}}"])
+        port = mf.smtp_addresses[0][1]
+        await send_with_dsn(port, "s@remote.test", [("u@dest.test", ["NOTIFY=FAILURE"])], MESSAGE % b"lmtp",
+                            ["RET=FULL", "ENVID=lmtp-1"])
+        assert await queue_becomes(mf.store, {}) == {}
+        args = await eventually(lambda: len(dumped_args(dump)) == 2 and dumped_args(dump), timeout=5)
+    assert args[0].endswith(" RET=FULL ENVID=lmtp-1")
+    assert args[1] == "X-Rcpt-Args: <u@dest.test> ORCPT=rfc822;u@dest.test NOTIFY=FAILURE"
+
+
+async def test_a_real_postfix_next_hop_gets_the_parameters_and_honours_notify_never(mailflow_server):
+    """mailflow -> Postfix -> smtp-sink. Postfix bounces `gone@dest.test` (error transport) and relays the rest
+    to the sink, passing on the DSN parameters it received from mailflow. Its bounces go to the sink too: one
+    for the recipient that left NOTIFY at its default, none for the NOTIFY=NEVER one."""
+    async with smtp_sink() as (sink_port, dump), postfix_instance({
+        "myhostname": "pf.test", "mydestination": "", "relayhost": f"[127.0.0.1]:{sink_port}",
+        "transport_maps": "inline:{ { gone@dest.test = error:5.1.1 gone away } }",
+        "smtpd_reject_unlisted_recipient": "no",  # accept gone@ at RCPT, so that the bounce decision is tested
+    }) as pf:
+        mf = await mailflow_server(relayhost=f"[127.0.0.1]:{pf.port}", mynetworks=["127.0.0.0/8"])
+        port = mf.smtp_addresses[0][1]
+        await send_with_dsn(port, "s@remote.test", [
+            ("gone@dest.test", ["NOTIFY=NEVER"]),
+            ("ok@dest.test", ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;alias@dest.test"]),
+        ], MESSAGE % b"never", ["RET=HDRS", "ENVID=never-1"])
+        await send_with_dsn(port, "s@remote.test", [("gone@dest.test", [])], MESSAGE % b"default", [])
+        assert await queue_becomes(mf.store, {}) == {}
+        assert await pf.queue_empty(), pf.maillog
+        text = await eventually(lambda: dump.exists() and dump.read_text(errors="replace").count("X-Mail-Args") == 2
+                                and dump.read_text(errors="replace"), timeout=10)
+        assert "status=bounced" in pf.maillog
+    # what Postfix received from mailflow, as it passed it on to the sink
+    assert "X-Mail-Args: <s@remote.test> ENVID=never-1 RET=HDRS" in text
+    assert "X-Rcpt-Args: <ok@dest.test> ORCPT=rfc822;alias@dest.test NOTIFY=SUCCESS,FAILURE" in text
+    # one bounce (from <>), for the message whose recipient kept the default NOTIFY
+    bounces = [m for m in text.split("X-Client-Addr")[1:] if "X-Mail-Args: <>" in m]
+    assert len(bounces) == 1 and "Subject: default" in bounces[0] and "Subject: never" not in bounces[0]

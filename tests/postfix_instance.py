@@ -1,0 +1,137 @@
+"""A private, throwaway Postfix instance for interop tests (never the default one, never port 25).
+
+    async with postfix_instance(main_cf={...}) as pf:   # smtpd on 127.0.0.1:pf.port
+        pf.run("postqueue", "-p")                        # a tool pointed at this instance with -c
+        await pf.queue_empty()                           # bounded wait until its queue is empty
+        pf.maillog                                       # its log so far
+
+Everything lives in a fresh folder under the system temp dir (pytest's tmp_path is not traversable by the
+`postfix` user): etc/ (main.cf, master.cf copied from /etc/postfix with chroot off and smtpd moved to the port),
+queue/, data/, maillog. `stop` sends the master SIGTERM (as `postfix stop` does), waits at most 10 s for it to
+go, kills it if it did not, and deletes the folder. Needs root (Postfix's master starts as root) and the postfix
+package: `postfix_instance` calls `require_postfix()` (skips, or fails under MAILFLOW_REQUIRE_TOOLS=1).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_tool
+from tests.helpers import free_port
+
+BASE_MAIN_CF = {
+    "compatibility_level": "3.6",
+    "inet_interfaces": "127.0.0.1",
+    "inet_protocols": "ipv4",
+    "mynetworks": "127.0.0.0/8",
+    "smtputf8_enable": "no",
+    "biff": "no",
+    "alias_maps": "",
+    "alias_database": "",
+    "smtp_dns_support_level": "disabled",
+    "maillog_file_prefixes": "/var, /dev/stdout, /tmp",
+}
+
+
+def require_postfix() -> None:
+    require_tool("postfix")
+    if os.geteuid() != 0:
+        if os.environ.get("MAILFLOW_REQUIRE_TOOLS") == "1":
+            pytest.fail("a private Postfix instance needs root")
+        pytest.skip("a private Postfix instance needs root")
+
+
+class PostfixInstance:
+    def __init__(self, root: Path, port: int):
+        self.root = root
+        self.etc = root / "etc"
+        self.port = port
+
+    @property
+    def maillog(self) -> str:
+        log = self.root / "maillog"
+        return log.read_text(errors="replace") if log.exists() else ""
+
+    def run(self, *argv: str, stdin: bytes = b"", timeout: float = 20) -> subprocess.CompletedProcess:
+        """A Postfix tool with `-c <this instance>` inserted after its name."""
+        return subprocess.run([argv[0], "-c", str(self.etc), *argv[1:]], input=stdin, capture_output=True,
+                              timeout=timeout)
+
+    async def queue_empty(self, timeout: float = 20) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            out = self.run("postqueue", "-p").stdout
+            if b"Mail queue is empty" in out:
+                return True
+            await asyncio.sleep(0.2)
+        return False
+
+    def _master_pid(self) -> int | None:
+        pid_file = self.root / "queue" / "pid" / "master.pid"
+        try:
+            pid = int(pid_file.read_text().strip())
+            os.kill(pid, 0)
+            return pid
+        except (OSError, ValueError):
+            return None
+
+    async def start(self, main_cf: dict[str, str]) -> None:
+        for sub in ("etc", "queue", "data"):
+            (self.root / sub).mkdir(parents=True)
+        shutil.chown(self.root / "data", "postfix")
+        master = Path("/etc/postfix/master.cf").read_text()
+        master, n = re.subn(r"^smtp\s+inet\s+n\s+-\s+\S+", f"127.0.0.1:{self.port} inet n - n", master, count=1,
+                            flags=re.MULTILINE)
+        assert n == 1, "no smtpd line in /etc/postfix/master.cf"
+        (self.etc / "master.cf").write_text(master)
+        settings = {**BASE_MAIN_CF, "queue_directory": str(self.root / "queue"),
+                    "data_directory": str(self.root / "data"), "maillog_file": str(self.root / "maillog"),
+                    "multi_instance_name": f"mailflow-test-{self.port}", **main_cf}
+        (self.etc / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
+        self.run("postconf", "-F", "*/*/chroot = n").check_returncode()
+        started = self.run("postfix", "start")  # runs `postfix check` (which makes the queue folders) first
+        assert started.returncode == 0, started.stderr.decode(errors="replace")
+        for _ in range(100):
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                writer.close()
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"the private Postfix did not listen on 127.0.0.1:{self.port} within 10 s")
+
+    async def stop(self) -> None:
+        """SIGTERM to the master (what `postfix stop` sends, without the script around it), at most 10 s for it
+        to end its children and go, then SIGKILL; the folder is removed."""
+        pid = self._master_pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(100):
+                if self._master_pid() is None:
+                    break
+                await asyncio.sleep(0.1)
+            if self._master_pid() is not None:
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def postfix_instance(main_cf: dict[str, str] | None = None):
+    require_postfix()
+    root = Path(tempfile.mkdtemp(prefix="mailflow-pf-"))
+    os.chmod(root, 0o755)
+    pf = PostfixInstance(root, free_port())
+    try:
+        await pf.start(main_cf or {})
+        yield pf
+    finally:
+        await pf.stop()
