@@ -263,9 +263,7 @@ class Restrictions:
             if answer == PERMIT:
                 return None
             if isinstance(answer, status.Reply):
-                log.info("smtpd: reject: %s from [%s]: %s; from=<%s> to=<%s> helo=<%s>", PROTOCOL_STATE.get(
-                    stage, "RCPT"), facts.client_addr, answer, facts.sender or "", facts.recipient, facts.helo)
-                return answer
+                return answer  # the session logs it (NOQUEUE: reject: ...)
             if facts.marks.discard is not None:
                 return None
         return None
