@@ -63,9 +63,9 @@ class MailLog:
     def __init__(self, logger: logging.Logger | None = None):
         self._log = logger or logging.getLogger(MAIL_LOGGER)
 
-    def _emit(self, queue_id: str, event: str, text: str, *, service: str, **fields) -> None:
+    def _emit(self, queue_id: str, event: str, line: str, *, service: str, **fields) -> None:
         fields = {k: printable(v) if isinstance(v, str) else v for k, v in fields.items()}
-        self._log.info("%s: %s", queue_id, printable(text),
+        self._log.info("%s: %s", queue_id, printable(line),
                        extra={"queue_id": queue_id, "event": event, "fields": fields, "service": service})
 
     def received(self, queue_id: str, client: str, *, sasl_method: str = "", sasl_username: str = "") -> None:
@@ -122,9 +122,9 @@ class SmtpdLog:
     def __init__(self, logger: logging.Logger | None = None):
         self._log = logger or logging.getLogger(SMTPD_LOGGER)
 
-    def _emit(self, level: int, event: str, text: str, **fields) -> None:
+    def _emit(self, level: int, event: str, line: str, **fields) -> None:
         fields = {k: printable(v) if isinstance(v, str) else v for k, v in fields.items()}
-        self._log.log(level, "%s", printable(text), extra={"event": event, "fields": fields, "service": "smtpd"})
+        self._log.log(level, "%s", printable(line), extra={"event": event, "fields": fields, "service": "smtpd"})
 
     def connect(self, client: str) -> None:
         self._emit(logging.INFO, "connect", f"connect from {client}", client=client)

@@ -271,6 +271,26 @@ async def test_failures_slow_down_the_next_attempt_before_its_hash():
     hasher.close()
 
 
+async def test_the_delay_comes_before_the_hash():
+    clock = RecordingClock()
+
+    class CountingHasher:
+        """Records how many delays were served before each hash."""
+        def __init__(self):
+            self.sleeps_before: list[int] = []
+
+        async def verify(self, password, stored):
+            self.sleeps_before.append(len(clock.slept))
+            return False
+
+    hasher = CountingHasher()
+    auth = Authenticator([InlineTable("inline:u", {})], clock=clock, failures=FailureCounter(clock, 60),
+                         hasher=hasher, delay=1.0, delay_limit=8.0)
+    for _ in range(3):
+        await auth.check("192.0.2.1", "LOGIN", b"x", b"y")
+    assert hasher.sleeps_before == [0, 1, 2] and clock.slept == [1.0, 2.0]
+
+
 async def test_auth_plain_authorization_identity_must_be_the_login():
     clock = RecordingClock()
     table = InlineTable("inline:u", {"alice": hash_password("pw", **FAST)})

@@ -339,7 +339,7 @@ class Restrictions:
             if not (self._mapper.is_mapped(rcpt) or self._rewriter.recipient_known(rcpt, klass)):
                 return status.user_unknown(rcpt, UNKNOWN_IN[klass])
         except LookupRetry as e:
-            log.warning("smtpd: RCPT <%s>: %s", rcpt, e.text)
+            log.warning("RCPT <%s>: %s", rcpt, e.text)
             return status.lookup_failed(rcpt)
         return None
 
@@ -362,7 +362,7 @@ class Restrictions:
         except NotFound:
             return status.domain_not_found(rcpt, code)
         except LookupRetry as e:
-            log.warning("smtpd: RCPT <%s>: %s", rcpt, e.text)
+            log.warning("RCPT <%s>: %s", rcpt, e.text)
             return status.domain_lookup_deferred(rcpt)
         return status.domain_not_found(rcpt, code)
 
@@ -375,7 +375,7 @@ class Restrictions:
         try:
             found = find(self._tables[spec], keys)
         except LookupRetry as e:
-            log.warning("smtpd: %s lookup error for %r: %s", spec, keys[0] if keys else "", e.text)
+            log.warning("%s lookup error for %r: %s", spec, keys[0] if keys else "", e.text)
             return status.restriction_config_error(name, what)
         if found is None:
             return None
@@ -422,7 +422,7 @@ class Restrictions:
             return status.restriction_rejected(int(code), dsn, name, what, (reason or "Access denied").strip())
         if word.lower() in WITHOUT_ARGUMENT and word.lower() != "reject_unknown_recipient_domain" and not text:
             return self._simple(word.lower(), stage, facts)  # a restriction named as the action
-        log.warning("smtpd: %s: unknown access action %r", source, value)
+        log.warning("%s: unknown access action %r", source, value)
         return status.restriction_config_error(name, what)
 
     # -------------------------------------------------------------------------------- DNSBL and policy
@@ -437,7 +437,7 @@ class Restrictions:
         except NotFound:
             return None
         except LookupRetry as e:
-            log.warning("smtpd: %s: DNSBL lookup error: %s", query, e.text)
+            log.warning("%s: DNSBL lookup error: %s", query, e.text)
             return None
         listed = [a for a in answers if _is_ipv4(a) and a.startswith("127.") and (not wanted or a == wanted)]
         return status.rbl_listed(facts.client_addr, rbl_domain) if listed else None
@@ -447,7 +447,7 @@ class Restrictions:
         try:
             answer = await self._policies[spec].query(policy_request(facts, stage))
         except PolicyError as e:
-            log.warning("smtpd: policy service %s: %s", spec, e)
+            log.warning("policy service %s: %s", spec, e)
             return self._policy_default(name, what, facts, spec, stage)
         return self.action(answer, name, what, facts, source=spec, stage=stage)
 

@@ -339,9 +339,9 @@ class Smtpd:
         for tls in self._tls.values():
             try:
                 tls.reload()
-                log.info("smtpd: TLS certificate %s reloaded", tls.cert_file)
+                log.info("TLS certificate %s reloaded", tls.cert_file)
             except Exception as e:
-                log.error("smtpd: TLS reload failed, keeping the previous certificate: %s", e)
+                log.error("TLS reload failed, keeping the previous certificate: %s", e)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:

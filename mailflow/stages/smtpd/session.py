@@ -32,7 +32,7 @@ from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from mailflow import address, status
 from mailflow.address import in_networks
-from mailflow.logs import COMMAND_ORDER, SmtpdLog, client_name
+from mailflow.logs import COMMAND_ORDER, SmtpdLog, client_name, printable
 from mailflow.stages.smtpd import dsn
 from mailflow.stages.smtpd.frontends import ProxyError, XclientError, parse_xclient, read_proxy_header
 from mailflow.stages.smtpd.wire import Content, Wire, WireError, bare_newline_in
@@ -203,10 +203,6 @@ class SmtpSession(SMTP):
         finally:
             self._close()
 
-    def _peer_text(self) -> str:
-        peer = self.session.peer if self.session else None
-        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
-
     def _peer_ip(self) -> str:
         peer = self.session.peer if self.session else None
         return str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
@@ -285,7 +281,7 @@ class SmtpSession(SMTP):
                 try:
                     reply = await self.handle_exception(error)
                 except Exception:
-                    log.exception("smtpd: error in handle_exception")
+                    log.exception("error in handle_exception")
                     reply = str(status.INTERNAL_ERROR)
                 await self.push(reply)
 
@@ -316,17 +312,17 @@ class SmtpSession(SMTP):
             return True
         balancer = self._peer_ip()
         if not in_networks(balancer, self._frontends.proxy_clients):
-            log.warning("smtpd: connect from [%s] dropped: not an upstream_proxy_clients address", balancer)
+            log.warning("connect from unknown[%s] dropped: not an upstream_proxy_clients address", balancer)
             self._close()
             return False
         try:
             client = await asyncio.wait_for(read_proxy_header(self._reader), timeout)
         except asyncio.TimeoutError:
-            log.warning("smtpd: [%s]: PROXY header: time limit of %gs exceeded, dropped", balancer, timeout)
+            log.warning("unknown[%s]: PROXY header: time limit of %gs exceeded, dropped", balancer, timeout)
             self._close()
             return False
         except ProxyError as e:
-            log.warning("smtpd: [%s]: %s, dropped", balancer, e)
+            log.warning("unknown[%s]: %s, dropped", balancer, e)
             self._close()
             return False
         if client is not None:
@@ -433,7 +429,7 @@ class SmtpSession(SMTP):
     async def smtp_XCLIENT(self, arg: str | None) -> None:
         """Postfix XCLIENT: an authorized front end names the real client; the session starts again."""
         if not self._xclient_allowed:
-            log.warning("smtpd: %s: XCLIENT refused: not in authorized_xclient_hosts", self._peer_text())
+            log.warning("%s: XCLIENT refused: not in authorized_xclient_hosts", self._client_name())
             await self.push(status.XCLIENT_DENIED)
             return
         if self.envelope.mail_from:
@@ -444,11 +440,11 @@ class SmtpSession(SMTP):
         except XclientError as e:
             await self.push(e.reply)
             return
-        before = self._peer_text()
+        before = self._client_name()
         self._apply_xclient(attributes)
-        log.info("smtpd: %s: XCLIENT: client is now %s[%s]:%s helo=<%s> login=%s", before,
-                 getattr(self.session, "client_name", "unknown"), *self.session.peer[:2],
-                 self.session.host_name or "", self.session.auth_data if self.session.authenticated else "-")
+        log.info("%s: XCLIENT: client is now %s:%s helo=<%s> login=%s", before, self._client_name(),
+                 self.session.peer[1], printable(self.session.host_name or ""),
+                 printable(self.session.auth_data) if self.session.authenticated else "-")
         self._set_rset_state()
         await self.push(f"220 {self.hostname} {self.__ident__}".encode())  # a greeting: no enhanced code
 
