@@ -1,13 +1,16 @@
 """smtpd's policy: the aiosmtpd hooks that decide what a client may do, and the hand-over to cleanup.
 
-MAIL checks sender syntax. RCPT checks the recipient limit (452 4.5.3), syntax and SMTPUTF8, then runs the
-restriction lists of this handler's `config.smtpd` (`restrictions.py`: client, helo, sender, relay,
+MAIL checks sender syntax (and allow_min_user). RCPT checks syntax, allow_min_user and SMTPUTF8 (the session
+has checked the path and the recipient limit), then runs the restriction lists of this handler's `config.smtpd` (`restrictions.py`: client, helo, sender, relay,
 recipient, then the implied reject_unlisted_recipient), then asks the routing tables (451 4.3.0 when one
 cannot answer). With the defaults this is today's rule set: relaying only for mynetworks and authenticated
 clients (554 5.7.1), unknown users of this host's domains refused (550 5.1.1, naming the table).
 DATA runs the data list (`handle_DATA_COMMAND`, for a session that asks before 354; else at the end), then
 the end_of_data list, then hands a `Submission` to cleanup and answers 250 only once cleanup has committed
 it. A message marked DISCARD by a restriction is answered 250 and dropped (logged); HOLD is queued on hold.
+Every policy refusal is logged through the session as Postfix logs it (`NOQUEUE: reject: RCPT from …`). The
+client handed to cleanup names the protocol as the Received header says it (`received_protocol`: ESMTPSA,
+UTF8SMTPS, … per RFC 3848 / 6531) and the SASL login for the `client=` log line.
 
 Failure behaviour: every refusal is an SMTP reply from `mailflow.status`. A message cleanup could not commit
 gets 451 and is not queued; an unexpected exception in a hook gets 451 4.3.0 and is logged; the session stays
@@ -203,6 +206,7 @@ class SmtpdHandler:
             recipient=rcpt,
             recipient_count=len(envelope.rcpt_tos) + (1 if stage == "rcpt" else 0),
             authenticated=bool(getattr(session, "authenticated", False)),
+            sasl_method=getattr(session, "auth_mechanism", "") if login else "",
             sasl_username=login,
             protocol="ESMTP" if session.extended_smtp else "SMTP",
             size=_declared_size(envelope.mail_options),

@@ -11,8 +11,11 @@ SmtpdConfig, its own handler (built by `handler_for(config)` with that config), 
 - submission: STARTTLS required before anything but EHLO/NOOP/QUIT (530 5.7.0), AUTH required before MAIL
   (530 5.7.0).
 - submissions: implicit TLS (the handshake comes first), AUTH required before MAIL.
-AUTH is offered only over TLS, unless `allow_plaintext_auth_on_loopback` and the client is on loopback.
-With reject_sender_login_mismatch, MAIL FROM an address the login does not own gets 553 5.7.1 (auth.py).
+AUTH (PLAIN, LOGIN; the exchange is ListenerSession's, the check auth.py's) is offered only over TLS, unless
+`allow_plaintext_auth_on_loopback` and the client is on loopback. The failure table and the hashing threads
+belong to the server: one for all its listeners. With reject_sender_login_mismatch, MAIL FROM an address the
+login does not own gets 553 5.7.1 (auth.py). A session gives back its per-client count and its slot however
+it ends (`_session_ended`).
 
 Trusted front ends (session.py, frontends.py): with upstream_proxy_protocol "haproxy" the PROXY header is read
 before the admission, so that connection limits, mynetworks and logs see the real client; XCLIENT from

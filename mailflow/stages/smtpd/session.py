@@ -1,13 +1,23 @@
 """The SMTP protocol edge: an aiosmtpd `SMTP` subclass, one per client connection.
 
 What it owns: reading the client (through `wire.Wire`, chunked and strict about CRLF, never aiosmtpd's
-line-by-line readers), the command loop, DATA and BDAT (RFC 3030 CHUNKING, which aiosmtpd lacks), the RFC 3461
-DSN parameters of MAIL and RCPT (`dsn.py`), pipelining discipline, deadlines and error counting. aiosmtpd's
-command methods (HELO, EHLO, MAIL, RCPT, RSET, STARTTLS, AUTH, ...) are reused; policy lives in the handler.
-Every reply after the greeting, except EHLO/HELO's, carries an enhanced status code (RFC 2034).
+line-by-line readers), the command loop, MAIL and RCPT (the path syntax of `address.parse_path`, their
+parameters: SIZE, BODY, SMTPUTF8, AUTH=, and the RFC 3461 DSN ones of `dsn.py`), DATA and BDAT (RFC 3030
+CHUNKING, which aiosmtpd lacks), STARTTLS's refusals, pipelining discipline, deadlines, error counting, and the
+session's log lines (`logs.SmtpdLog`: connect, disconnect with Postfix's per-command counts, NOQUEUE reject,
+TLS, lost connection, timeout). aiosmtpd's HELO, EHLO, RSET, NOOP, QUIT and the STARTTLS handshake are reused;
+policy lives in the handler. Every reply after the greeting, except EHLO/HELO's, carries an enhanced status
+code (RFC 2034). Whatever ends a session (QUIT, a drop, a refusal, a TLS handshake that fails or is abandoned,
+which asyncio never reports to connection_lost), `_session_ended` runs once and frees what it held.
 
 Failure behaviour (each refusal is a reply from `mailflow.status`; the session never raises out):
-- bare LF / bare CR in a command or content: 521 5.5.2 and the session closes; the message is not queued.
+- bare LF / bare CR in a command or content: 521 5.5.2 and the session closes; the message is not queued
+  (with forbid_bare_newline false a bare LF is a line end, normalised to CRLF; see wire.py).
+- a command line that is not valid UTF-8: 500 5.5.2 Error: bad UTF-8 syntax (Postfix with SMTPUTF8).
+- MAIL/RCPT: no FROM:/TO: 501 5.5.4; a malformed path 501 5.1.7 / 5.1.3 (logged as Postfix's "Illegal
+  address syntax"); an unknown parameter 555 5.5.4; past recipient_limit 452 4.5.3, counted as an error only
+  past recipient_overshoot_limit.
+- STARTTLS inside TLS: 554 5.5.1; inside a mail transaction: 503 5.5.1.
 - input before the greeting, or pipelined after a command that must end a group (RFC 2920: EHLO, HELO, DATA,
   VRFY, EXPN, NOOP, STARTTLS, AUTH, HELP), or any pipelining after HELO: 554 5.5.0 and the session closes.
 - over `hard_error_limit` errors: 421 4.7.0 and close; over `soft_error_limit` each reply waits
@@ -469,6 +479,7 @@ class SmtpSession(SMTP):
         if "LOGIN" in attributes:
             session.authenticated = attributes["LOGIN"] is not None
             session.auth_data = attributes["LOGIN"]
+            session.auth_mechanism = "XCLIENT"  # what Postfix logs as sasl_method for an XCLIENT login
 
     def _set_post_data_state(self) -> None:
         super()._set_post_data_state()
