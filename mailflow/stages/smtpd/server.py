@@ -228,7 +228,7 @@ class ListenerSession(SmtpSession):
         if command == "MAIL" and self._listener.sender_logins is not None:
             refusal = self._sender_refusal(args[0])
             if refusal is not None:
-                self.log_reject("MAIL", refusal)
+                self.log_reject("MAIL", refusal, sender=args[0])
                 return str(refusal)
         return await super()._call_handler_hook(command, *args)
 
@@ -374,8 +374,7 @@ class Smtpd:
         while self._submitting and loop.time() < deadline:
             await asyncio.sleep(0.02)
         for session in list(self.sessions):
-            if session.transport is not None:
-                session.transport.close()
+            session.hang_up()
         for server in servers:
             await server.wait_closed()
         for li in self.listeners:

@@ -183,6 +183,11 @@ class SmtpSession(SMTP):
         if self.transport is not None:
             self.transport.close()
 
+    def hang_up(self) -> None:
+        """The server ends the session (shutdown): no "lost connection" is logged for it."""
+        self._server_hung_up = True
+        self._close()
+
     # --- replies ------------------------------------------------------------------------------------------
 
     async def push(self, line, *, counts_as_error: bool = True) -> None:
@@ -305,10 +310,12 @@ class SmtpSession(SMTP):
         return True
 
     def log_reject(self, stage: str, reply, recipient: str = "", *, action: str = "reject",
-                   queue_id: str = "NOQUEUE") -> None:
+                   queue_id: str = "NOQUEUE", sender: str | None = None) -> None:
         """`NOQUEUE: reject: STAGE from host[ip]: reply; from=<s> to=<r> proto=… helo=<…>` (Postfix's form;
-        `action` hold or discard with the message's queue id for those restriction actions)."""
-        sender = self.envelope.mail_from if self.envelope is not None else None
+        `action` hold or discard with the message's queue id for those restriction actions; `sender` the one
+        refused at MAIL, else the transaction's)."""
+        if sender is None and self.envelope is not None:
+            sender = self.envelope.mail_from
         self._log.reject(stage, self._client_name(), str(reply), sender=None if sender is None else
                          ("" if sender == "<>" else sender), recipient=recipient,
                          protocol="ESMTP" if self.session.extended_smtp else "SMTP",
