@@ -410,7 +410,8 @@ async def test_past_the_overshoot_limit_the_452s_count_as_errors(mailflow_server
 # ---------------------------------------------------------------------------------------------- Received
 
 
-async def test_received_names_the_protocol_as_rfc_3848_says(mailflow_server, tmp_path, pki, users):
+async def test_received_names_the_protocol_as_rfc_3848_says(mailflow_server, tmp_path, pki, users, caplog):
+    caplog.set_level(logging.INFO, logger="mailflow")
     cert, ctx = pki
     mf = await mailflow_server(**auth_door(users, tls_cert_file=cert))
     port = mf.smtp_addresses[0][1]
@@ -433,3 +434,8 @@ async def test_received_names_the_protocol_as_rfc_3848_says(mailflow_server, tmp
     messages = await eventually(lambda: len(alice_mail(tmp_path)) == 3 and alice_mail(tmp_path))
     withs = sorted(m.split(b" with ", 1)[1].split(b" ", 1)[0] for m in messages)
     assert withs == [b"ESMTPS", b"SMTP", b"UTF8SMTPSA"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("Anonymous TLS connection established from unknown[127.0.0.1]: TLSv1.") and
+               " with cipher " in line for line in lines), lines
+    assert any(line.endswith(": client=unknown[127.0.0.1], sasl_method=PLAIN, sasl_username=alice")
+               for line in lines), lines

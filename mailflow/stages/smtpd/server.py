@@ -98,7 +98,7 @@ class ListenerSession(SmtpSession):
             rate = refusal == status.connection_rate_exceeded(ip)
             self._log.limit_exceeded("Connection rate" if rate else "Connection concurrency",
                                      anvil.rate(ip) if rate else anvil.sessions(ip) + 1, self._client_name(),
-                                     self._listener.role)
+                                     "smtp" if self._listener.role == "mta" else self._listener.role)
             await self._refuse(refusal)
             return False
         self._admitted_ip = ip
