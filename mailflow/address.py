@@ -3,6 +3,10 @@
 - `split(addr) -> (local, domain)`: at the last '@'; domain "" for an unqualified address.
 - `normalise_domain(d)`: lower case, no trailing dot, IDNA A-label for matching ("" if it cannot be).
 - `mailbox_syntax_error(addr) -> str | None`: why an address is not an RFC 5321 mailbox (None if it is).
+- `parse_path(text) -> (address, rest)`: the address of a MAIL FROM / RCPT TO argument and the parameters
+  after it; raises `PathError` (see its doc for what is accepted, as Postfix accepts it).
+- `is_min_user(addr)`: the address begins with '-' (Postfix allow_min_user: such an address could reach a
+  command's argv as an option).
 - `client_ip(text) -> IPv4Address | IPv6Address | None`: a client's IP address, IPv4-mapped IPv6 as IPv4;
   `in_networks(text, networks)`: that address is in one of the networks (False when it is not an address).
 """
@@ -19,6 +23,85 @@ _LABEL = r"[A-Za-z0-9\x80-\U0010ffff](?:[A-Za-z0-9\-\x80-\U0010ffff]*[A-Za-z0-9\
 _DOMAIN_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
 MAX_LOCAL = 64
 MAX_ADDRESS = 254
+
+
+class PathError(ValueError):
+    """A MAIL/RCPT argument whose path cannot be taken apart (the reason is for the log)."""
+
+
+def parse_path(text: str) -> tuple[str, str]:
+    """(address, what follows it) for the argument of `MAIL FROM:` or `RCPT TO:` (the keyword removed).
+
+    RFC 5321 4.1.2 `Reverse-path / Forward-path`, with what Postfix (smtpd_strict_rfc821_envelope = no) also
+    takes: spaces before the path, a path without angle brackets (it ends at the first space outside a quoted
+    string), a source route `@a,@b:` (dropped, RFC 5321 C), and one trailing dot on the domain (dropped).
+    `<>` gives "". Refused (PathError): a `<` without its `>`, anything but a space right after the `>`, a
+    bracket in an unbracketed path, and any address that is not `local-part[@domain]` with a dot-atom or quoted
+    local part: an unquoted space, a backslash or another character outside atext, an empty label. Whether a
+    domain is required, and UTF-8, are for the caller."""
+    text = text.lstrip(" ")
+    if text.startswith("<"):
+        end = _closing_bracket(text)
+        if end < 0:
+            raise PathError("no closing '>'")
+        path, rest = text[1:end], text[end + 1:]
+        if rest and not rest.startswith(" "):
+            raise PathError("junk after '>'")
+    else:
+        end = _unquoted_space(text)
+        path, rest = text[:end], text[end:]
+        if "<" in path or ">" in path:
+            raise PathError("unbalanced '<' or '>'")
+    if path.startswith("@") and ":" in path:
+        path = path[path.index(":") + 1:]
+    if path:
+        local, at, domain = path.rpartition("@")
+        if not at:
+            local, domain = path, ""
+        elif domain.endswith(".") and not domain.endswith(".."):
+            domain = domain[:-1]
+        if not _LOCAL_RE.fullmatch(local) or (at and not domain):
+            raise PathError("malformed local part" if domain or not at else "empty domain")
+        path = f"{local}@{domain}" if at else local
+    return path, rest.strip(" ")
+
+
+def _closing_bracket(text: str) -> int:
+    """The index of the '>' closing the '<' at text[0], skipping quoted strings (and their quoted pairs)."""
+    quoted = False
+    i = 1
+    while i < len(text):
+        c = text[i]
+        if quoted and c == "\\":
+            i += 2
+            continue
+        if c == '"':
+            quoted = not quoted
+        elif c == ">" and not quoted:
+            return i
+        i += 1
+    return -1
+
+
+def _unquoted_space(text: str) -> int:
+    quoted = False
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if quoted and c == "\\":
+            i += 2
+            continue
+        if c == '"':
+            quoted = not quoted
+        elif c == " " and not quoted:
+            return i
+        i += 1
+    return len(text)
+
+
+def is_min_user(addr: str) -> bool:
+    """Postfix allow_min_user = no refuses these: the address begins with '-'."""
+    return addr.startswith("-")
 
 
 def split(address: str) -> tuple[str, str]:

@@ -49,7 +49,11 @@ def serve(config: Optional[str] = ConfigOption) -> None:
     from mailflow.logs import setup_logging
 
     cfg = _load(config)
-    setup_logging(cfg.log.level, cfg.log.format)
+    try:
+        setup_logging(cfg.log, cfg.myhostname)
+    except OSError as e:
+        typer.echo(f"mailflow: log.file: cannot open {cfg.log.file}: {e.strerror}", err=True)
+        raise typer.Exit(2)
     try:
         asyncio.run(run(cfg))
     except ConfigError as e:  # found while building the stages (e.g. a lookup table spec)

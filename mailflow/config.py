@@ -104,6 +104,8 @@ class SmtpdConfig(_Section):
     banner: str = "ESMTP mailflow"
     message_size_limit: int = Field(10_240_000, ge=0)
     recipient_limit: int = Field(1000, ge=1)
+    # 452 answers past recipient_limit count as errors only beyond this many (smtpd_recipient_overshoot_limit).
+    recipient_overshoot_limit: int = Field(1000, ge=0)
     timeout: Duration = 300.0
     max_line_length: int = Field(2048, ge=512)
     # Front door (docs/security.md): listeners with roles, TLS, AUTH, connection limits.
@@ -430,8 +432,15 @@ class SendmailConfig(_Section):
 
 
 class LogConfig(_Section):
+    """The mail log (mailflow.logs): "text" is Postfix's syslog layout (`TIME HOST syslog_name/service[pid]: …`,
+    what pflogsumm and fail2ban read); "json" one object per line. `file` (Postfix maillog_file): "" is stderr."""
+
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
+    # Postfix syslog_name: "postfix-<name>" is how Postfix names a second instance, which fail2ban's stock
+    # postfix filter matches as it is; pflogsumm wants --syslog-name=postfix-mailflow.
+    syslog_name: str = Field("postfix-mailflow", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    file: str = ""
 
 
 class PipeService(_Section):
@@ -553,6 +562,9 @@ class Config(_Section):
     virtual_alias_recursion_limit: int = Field(1000, ge=1)
     virtual_alias_expansion_limit: int = Field(1000, ge=1)
     recipient_delimiter: str = "+"
+    # Postfix allow_min_user: false refuses a sender or recipient beginning with '-' (smtpd: 501 5.1.7 / 5.1.3;
+    # pipe and local bounce it), so that no address reaches a command's argv as an option.
+    allow_min_user: bool = False
     # cleanup's limits on a message (Postfix names): more Received headers than hopcount_limit is a mail loop
     # (554 5.4.6); a header section larger than header_size_limit bytes is refused (552 5.3.4).
     hopcount_limit: int = Field(50, ge=1)

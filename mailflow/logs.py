@@ -1,35 +1,89 @@
-"""The mail log: one line per event, each starting with the queue id, from a fixed vocabulary.
+"""The mail log: one line per event, in Postfix's words, so that pflogsumm, fail2ban, logwatch and admins' greps
+read it as they read Postfix's.
 
-Events (Postfix's words): received (client=), queued (from= size= nrcpt=), sent / deferred / bounced
-(to= relay= delay= dsn= status=), notice (sender non-delivery notification: ID), removed, corrupt. `MailLog` has one method per event; nothing else in
-mailflow writes to the `mailflow.mail` logger. `setup_logging(config)` chooses text or JSON lines.
+What it owns
+- `printable(text)`: Postfix's printable(3): every character that is not printable becomes '?' (valid UTF-8
+  printable characters stay: mailflow always speaks SMTPUTF8). Every client-supplied string that reaches a log
+  line or a tool's output goes through it; the formatters apply it to every line once more.
+- `MailLog`: one method per message event, each line starting with the queue id: client (smtpd's
+  `QID: client=host[ip]`, with `sasl_method=, sasl_username=` after AUTH; pickup's `QID: uid=N from=<s>`),
+  message-id (cleanup), queued (`from=<s>, size=N, nrcpt=N (queue active)`), sent / deferred / bounced
+  (`to=<r>, relay=…, delay=…, dsn=…, status=… (text)`), notice, removed, corrupt. Nothing else writes to the
+  `mailflow.mail` logger.
+- `SmtpdLog`: smtpd's session events, in Postfix smtpd's words: `connect from host[ip]`, `disconnect from
+  host[ip] ehlo=1 mail=1 … commands=N`, `NOQUEUE: reject: RCPT from host[ip]: 554 5.7.1 …; from=<s> to=<r>
+  proto=ESMTP helo=<h>`, `Anonymous TLS connection established from …`, `warning: host[ip]: SASL PLAIN
+  authentication failed: …`, `too many errors after CMD from …`, `improper command pipelining after CMD from …`,
+  `warning: Illegal address syntax from … in CMD command: …`.
+- `setup_logging(log_config, hostname)`: `[log] format = "text"` writes syslog-style lines,
+  `TIMESTAMP HOST SYSLOG_NAME/SERVICE[PID]: [warning: ]TEXT` (RFC 3339 time, `syslog_name` default
+  "postfix-mailflow", the service being the stage: smtpd, cleanup, qmgr, smtp, local, pipe, pickup, master…);
+  `"json"` writes one JSON object per line with `event` and the fields. `[log] file` writes to a file
+  (reopened when logrotate moves it) instead of stderr.
+
+Failure behaviour: logging never raises into the caller (the logging module's rule); a line is never split by
+client input (line ends and other controls are replaced).
 """
 from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
+import os
 import sys
 import time
+from datetime import datetime
 
 from mailflow.model import Outcome, RcptResult
 
 MAIL_LOGGER = "mailflow.mail"
+SMTPD_LOGGER = "mailflow.smtpd"
+# Postfix smtpd's command table order (the disconnect line lists the commands in it); "unknown" is the rest.
+COMMAND_ORDER = ("helo", "ehlo", "xclient", "xforward", "starttls", "auth", "mail", "rcpt", "data", "bdat", "rset",
+                 "noop", "vrfy", "etrn", "quit", "help", "unknown")
+_SERVICE_ALIASES = {"mail": "qmgr", "mbox": "local", "store": "qmgr", "addressmap": "cleanup"}
+_LEVEL_PREFIX = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "fatal: "}
+
+
+def printable(text: object, replacement: str = "?") -> str:
+    """`text` with every non-printable character (controls, line and paragraph separators, format characters,
+    unpaired surrogates, non-ASCII spaces) replaced by `replacement`; printable Unicode is kept."""
+    s = str(text)
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else replacement for c in s)
+
+
+def client_name(hostname: str, addr: str) -> str:
+    """`host[ip]` as Postfix writes a client ("unknown" when it has no verified name)."""
+    return f"{printable(hostname or 'unknown')}[{printable(addr)}]"
 
 
 class MailLog:
     def __init__(self, logger: logging.Logger | None = None):
         self._log = logger or logging.getLogger(MAIL_LOGGER)
 
-    def _emit(self, queue_id: str, event: str, text: str, **fields) -> None:
-        self._log.info("%s: %s", queue_id, text, extra={"queue_id": queue_id, "event": event, "fields": fields})
+    def _emit(self, queue_id: str, event: str, line: str, *, service: str, **fields) -> None:
+        fields = {k: printable(v) if isinstance(v, str) else v for k, v in fields.items()}
+        self._log.info("%s: %s", queue_id, printable(line),
+                       extra={"queue_id": queue_id, "event": event, "fields": fields, "service": service})
 
-    def received(self, queue_id: str, client: str, message_id: str) -> None:
-        self._emit(queue_id, "received", f"client={client}, message-id={message_id}", client=client,
-                   message_id=message_id)
+    def received(self, queue_id: str, client: str, *, sasl_method: str = "", sasl_username: str = "") -> None:
+        """smtpd accepted a message from `client` (`host[ip]`), logged before cleanup's and qmgr's lines."""
+        sasl = f", sasl_method={sasl_method}, sasl_username={sasl_username}" if sasl_username else ""
+        self._emit(queue_id, "received", f"client={client}{sasl}", service="smtpd", client=client,
+                   sasl_method=sasl_method, sasl_username=sasl_username)
+
+    def picked_up(self, queue_id: str, uid: int, sender: str) -> None:
+        """pickup took a message submitted by local user `uid` (`mailflow sendmail`)."""
+        self._emit(queue_id, "received", f"uid={uid} from=<{sender}>", service="pickup", uid=uid, sender=sender)
+
+    def message_id(self, queue_id: str, message_id: str) -> None:
+        self._emit(queue_id, "message-id", f"message-id={message_id}", service="cleanup", message_id=message_id)
 
     def queued(self, queue_id: str, sender: str, size: int, nrcpt: int) -> None:
         self._emit(queue_id, "queued", f"from=<{sender}>, size={size}, nrcpt={nrcpt} (queue active)",
-                   sender=sender, size=size, nrcpt=nrcpt)
+                   service="qmgr", sender=sender, size=size, nrcpt=nrcpt)
 
     def result(self, queue_id: str, result: RcptResult, delay: float) -> None:
         status = {Outcome.SENT: "sent", Outcome.DEFERRED: "deferred", Outcome.BOUNCED: "bounced"}[result.outcome]
@@ -37,19 +91,143 @@ class MailLog:
         orig = f", orig_to=<{result.recipient.original}>" if result.recipient.original != to else ""
         self._emit(queue_id, status,
                    f"to=<{to}>{orig}, relay={result.relay}, delay={delay:.2f}, dsn={result.dsn}, "
-                   f"status={status} ({result.text})",
+                   f"status={status} ({result.text})", service=_delivery_service(result.relay),
                    to=to, relay=result.relay, delay=round(delay, 3), dsn=result.dsn, status=status,
                    reason=result.text)
 
     def notice(self, queue_id: str, kind: str, notice_id: str) -> None:
         what = {"failure": "non-delivery", "delay": "delay", "success": "delivery status"}.get(kind, kind)
-        self._emit(queue_id, "notice", f"sender {what} notification: {notice_id}", kind=kind, notice_id=notice_id)
+        self._emit(queue_id, "notice", f"sender {what} notification: {notice_id}", service="bounce", kind=kind,
+                   notice_id=notice_id)
 
     def removed(self, queue_id: str) -> None:
-        self._emit(queue_id, "removed", "removed")
+        self._emit(queue_id, "removed", "removed", service="qmgr")
 
     def corrupt(self, queue_id: str, reason: str) -> None:
-        self._emit(queue_id, "corrupt", f"moved to the corrupt queue: {reason}", reason=reason)
+        self._emit(queue_id, "corrupt", f"moved to the corrupt queue: {reason}", service="qmgr", reason=reason)
+
+
+def _delivery_service(relay: str) -> str:
+    """Which Postfix delivery agent a result line is attributed to (pflogsumm counts any)."""
+    if "[" in relay:
+        return "smtp"
+    if relay in ("local", "virtual", "error", "discard", "none"):
+        return "qmgr" if relay == "none" else relay
+    return "pipe"
+
+
+class SmtpdLog:
+    """smtpd's session events (see the module doc). `client` is always `host[ip]` (see `client_name`)."""
+
+    def __init__(self, logger: logging.Logger | None = None):
+        self._log = logger or logging.getLogger(SMTPD_LOGGER)
+
+    def _emit(self, level: int, event: str, line: str, **fields) -> None:
+        fields = {k: printable(v) if isinstance(v, str) else v for k, v in fields.items()}
+        self._log.log(level, "%s", printable(line), extra={"event": event, "fields": fields, "service": "smtpd"})
+
+    def connect(self, client: str) -> None:
+        self._emit(logging.INFO, "connect", f"connect from {client}", client=client)
+
+    def disconnect(self, client: str, counts: dict[str, list[int]]) -> None:
+        """`counts`: command name -> [succeeded, total] (Postfix 3.x `ehlo=1 rcpt=0/1 commands=1/2`)."""
+        self._emit(logging.INFO, "disconnect", f"disconnect from {client}{command_stats(counts)}", client=client,
+                   commands={k: v[:] for k, v in counts.items()})
+
+    def reject(self, stage: str, client: str, reply: str, *, sender: str | None, recipient: str = "",
+               protocol: str = "ESMTP", helo: str = "", action: str = "reject", queue_id: str = "NOQUEUE") -> None:
+        """A refusal at MAIL, RCPT, DATA or END-OF-MESSAGE (`action` "reject"), or a message a restriction
+        held or discarded (`action` "hold" / "discard", with its queue id)."""
+        envelope = "" if sender is None else f"from=<{sender}> "
+        envelope += f"to=<{recipient}> " if recipient else ""
+        helo_part = f" helo=<{helo}>" if helo else ""
+        self._emit(logging.INFO, action,
+                   f"{queue_id}: {action}: {stage} from {client}: {reply}; {envelope}proto={protocol}{helo_part}",
+                   queue_id=queue_id, stage=stage, client=client, reply=reply, sender=sender or "",
+                   recipient=recipient, protocol=protocol, helo=helo)
+
+    def tls_established(self, client: str, version: str, cipher: str, bits: int) -> None:
+        self._emit(logging.INFO, "tls", f"Anonymous TLS connection established from {client}: {version} with "
+                   f"cipher {cipher} ({bits}/{bits} bits)", client=client, version=version, cipher=cipher)
+
+    def auth_failed(self, client: str, mechanism: str, reason: str, username: str = "") -> None:
+        user = f", sasl_username={username}" if username else ""
+        self._emit(logging.WARNING, "auth-failed",
+                   f"{client}: SASL {mechanism} authentication failed: {reason}{user}",
+                   client=client, mechanism=mechanism, reason=reason, sasl_username=username)
+
+    def too_many_errors(self, after: str, client: str) -> None:
+        self._emit(logging.INFO, "too-many-errors", f"too many errors after {after} from {client}",
+                   after=after, client=client)
+
+    def improper_pipelining(self, after: str, client: str, pending: bytes) -> None:
+        text = pending[:100].decode("utf-8", "replace")
+        self._emit(logging.INFO, "pipelining", f"improper command pipelining after {after} from {client}: {text}",
+                   after=after, client=client, pending=text)
+
+    def illegal_address(self, client: str, command: str, text: str) -> None:
+        self._emit(logging.WARNING, "illegal-address", f"Illegal address syntax from {client} in {command} "
+                   f"command: {text[:200]}", client=client, command=command, text=text[:200])
+
+    def timeout(self, after: str, client: str) -> None:
+        self._emit(logging.INFO, "timeout", f"timeout after {after} from {client}", after=after, client=client)
+
+    def lost_connection(self, after: str, client: str) -> None:
+        self._emit(logging.INFO, "lost-connection", f"lost connection after {after} from {client}",
+                   after=after, client=client)
+
+    def limit_exceeded(self, what: str, count: int, client: str, service: str) -> None:
+        """anvil: `what` is "Connection rate" or "Connection concurrency" (Postfix's words)."""
+        self._emit(logging.WARNING, "limit", f"{what} limit exceeded: {count} from {client} for service "
+                   f"{service}", what=what, count=count, client=client, service_name=service)
+
+
+def command_stats(counts: dict[str, list[int]]) -> str:
+    """` ehlo=1 mail=1 rcpt=0/1 quit=1 commands=3/4`: per command succeeded[/total], then all together."""
+    parts, ok_all, total_all = [], 0, 0
+    for name in COMMAND_ORDER:
+        ok, total = counts.get(name, (0, 0))
+        if total:
+            parts.append(f" {name}={ok}" + (f"/{total}" if ok != total else ""))
+            ok_all += ok
+            total_all += total
+    parts.append(f" commands={ok_all}" + (f"/{total_all}" if ok_all != total_all or not total_all else ""))
+    return "".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------ formats
+
+
+def service_of(record: logging.LogRecord) -> str:
+    """The Postfix-style service a record is attributed to: its `service`, else from the logger name."""
+    service = getattr(record, "service", None)
+    if service:
+        return service
+    parts = record.name.split(".")
+    if parts[0] != "mailflow":
+        return "master"
+    if len(parts) == 1:
+        return "master"
+    return _SERVICE_ALIASES.get(parts[1], parts[1])
+
+
+class SyslogFormatter(logging.Formatter):
+    """`2026-12-03T10:05:01.123456+00:00 mx.example postfix-mailflow/smtpd[1234]: warning: text`."""
+
+    def __init__(self, hostname: str, syslog_name: str, pid: int | None = None):
+        super().__init__()
+        self._hostname = hostname
+        self._syslog_name = syslog_name
+        self._pid = pid if pid is not None else os.getpid()
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="microseconds")
+        prefix = f"{stamp} {self._hostname} {self._syslog_name}/{service_of(record)}[{self._pid}]: "
+        level = _LEVEL_PREFIX.get(record.levelno, "")
+        lines = [prefix + level + printable(record.getMessage())]
+        if record.exc_info:
+            lines += [prefix + level + printable(line) for line in self.formatException(record.exc_info).splitlines()]
+        return "\n".join(lines)
 
 
 class JsonFormatter(logging.Formatter):
@@ -58,20 +236,30 @@ class JsonFormatter(logging.Formatter):
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
+            "service": service_of(record),
         }
         if hasattr(record, "queue_id"):
-            out.update(queue_id=record.queue_id, event=record.event, **record.fields)
+            out["queue_id"] = record.queue_id
+        if hasattr(record, "event"):
+            out.update(event=record.event, **record.fields)
         else:
-            out["message"] = record.getMessage()
+            out["message"] = printable(record.getMessage())
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False)
 
 
-def setup_logging(level: str = "info", fmt: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def setup_logging(log_config=None, hostname: str = "localhost") -> None:
+    """Root logging from a `LogConfig` (level, format, syslog_name, file); stderr when no file is named."""
+    level = getattr(log_config, "level", "info")
+    fmt = getattr(log_config, "format", "text")
+    path = getattr(log_config, "file", "")
+    handler: logging.Handler
+    handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8") if path else logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s mailflow[%(name)s] %(levelname)s %(message)s"))
+        handler.setFormatter(SyslogFormatter(hostname, getattr(log_config, "syslog_name", "postfix-mailflow")))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

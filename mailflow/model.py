@@ -37,8 +37,10 @@ class ClientInfo:
     addr: str
     port: int = 0
     helo: str = ""
-    protocol: str = "ESMTP"
+    protocol: str = "ESMTP"  # as Received says it: SMTP, ESMTP, ESMTPS/A/SA, UTF8SMTP(S)(A) (RFC 3848, 6531), local
     hostname: str = "unknown"
+    sasl_method: str = ""  # AUTH mechanism and login, when the client authenticated
+    sasl_username: str = ""
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from typing import IO, AsyncIterator, Iterable, Sequence
 
 from mailflow.address import normalise_domain
 from mailflow.config import parse_duration
+from mailflow.logs import printable
 
 QUEUES = ("incoming", "active", "deferred", "hold", "corrupt")
 LISTED_QUEUES = ("incoming", "active", "deferred", "hold")  # what mailq shows, like Postfix's showq
@@ -232,11 +233,6 @@ def plural(n: int, word: str) -> str:
 # ---------------------------------------------------------------------------------------------- mailq
 
 
-def printable(text: str) -> str:
-    """Control characters as '?', like Postfix's printable()."""
-    return "".join(c if c.isprintable() else "?" for c in text)
-
-
 def mailq_time(ts: float) -> str:
     return time.strftime("%a %b %d %H:%M:%S", time.localtime(ts))
 
@@ -372,7 +368,7 @@ def show_text(detail: tuple, recipients: Iterable[tuple], content: bytes | None,
              f"next_attempt:   {due}",
              f"body_type:      {body_type}"]
     if envid or ret:
-        lines.append(f"dsn:            envid={envid or '-'} ret={ret or '-'}")
+        lines.append(f"dsn:            envid={printable(envid) or '-'} ret={ret or '-'}")
     for address, original, status, dsn, reason in recipients:
         lines.append(f"recipient:      {printable(address)}")
         if original and original != address:
@@ -383,12 +379,17 @@ def show_text(detail: tuple, recipients: Iterable[tuple], content: bytes | None,
     if content is None:
         lines.append(f"*** MESSAGE CONTENTS {where}: missing (a corrupt entry) ***")
         return "\n".join(lines) + "\n"
-    head, body = split_content(content)
+    head, body = (_printable_lines(part) for part in split_content(content))
     lines.append(f"*** MESSAGE CONTENTS {where} ***")
     text = "\n".join(lines) + "\n" + head
     if not headers_only:
         text += "\n" + body + ("" if not body or body.endswith("\n") else "\n")
     return text + f"*** MESSAGE FILE END {where} ***\n"
+
+
+def _printable_lines(text: str) -> str:
+    """Message text for a terminal: each line through printable(), its tabs kept."""
+    return "\n".join("\t".join(printable(part) for part in line.split("\t")) for line in text.split("\n"))
 
 
 # ---------------------------------------------------------------------------------------------- shape
@@ -429,7 +430,7 @@ def format_shape(total: list[int], domains: list[tuple[str, list[int]]], width: 
         return f"{name:>{dw}}" + "".join(f"{str(v):>{w}}" for v, w in zip(values, cols))
 
     rows = [line("", SHAPE_LABELS), line("TOTAL", total)]
-    rows += [line(domain, counts) for domain, counts in domains]
+    rows += [line(printable(domain), counts) for domain, counts in domains]
     return "\n".join(rows) + "\n"
 
 

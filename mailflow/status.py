@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mailflow.logs import printable
+
 
 @dataclass(frozen=True)
 class Reply:
@@ -45,6 +47,18 @@ def bad_address_syntax(address: str) -> Reply:
 
 def bad_sender_syntax(address: str) -> Reply:
     return Reply(501, "5.1.7", f"<{address}>: Bad sender address syntax")
+
+
+# A MAIL or RCPT path that cannot be parsed (Postfix's words: no address is named, it is not one).
+SENDER_SYNTAX = Reply(501, "5.1.7", "Bad sender address syntax")
+RECIPIENT_SYNTAX = Reply(501, "5.1.3", "Bad recipient address syntax")
+BAD_SIZE_SYNTAX = Reply(501, "5.5.4", "Bad message size syntax")
+SIZE_EXCEEDS_LIMIT = Reply(552, "5.3.4", "Message size exceeds fixed limit")
+
+
+def unsupported_option(word: str) -> Reply:
+    """A MAIL or RCPT parameter mailflow does not know (Postfix: 555 5.5.4 Unsupported option)."""
+    return Reply(555, "5.5.4", f"Unsupported option: {printable(word[:100])}")
 
 
 def lookup_failed(address: str) -> Reply:
@@ -187,6 +201,7 @@ def session_timeout(host: str) -> Reply:
 
 LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
 BAD_SYNTAX = Reply(500, "5.5.2", "Error: bad syntax")
+BAD_UTF8 = Reply(500, "5.5.2", "Error: bad UTF-8 syntax")
 NOT_RECOGNIZED = Reply(502, "5.5.2", "Error: command not recognized")
 NUL_IN_COMMAND = Reply(500, "5.5.2", "Error: NUL character in command")
 NUL_IN_DATA = Reply(554, "5.6.0", "Error: NUL character in message content")
@@ -204,6 +219,8 @@ CANNOT_VRFY = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and
 OK = Reply(250, "2.0.0", "Ok")
 BYE = Reply(221, "2.0.0", "Bye")
 STARTTLS_FIRST = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+TLS_ALREADY_ACTIVE = Reply(554, "5.5.1", "Error: TLS already active")
+TRANSACTION_IN_PROGRESS = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
 LACK_OF_SECURITY = Reply(554, "5.7.0", "Command refused due to lack of security")
 AUTH_ABORTED = Reply(501, "5.7.0", "Auth aborted")
 AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Can't decode base64")
@@ -229,6 +246,11 @@ AUTH_FAILED = Reply(535, "5.7.8", "Error: authentication failed")
 AUTH_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication failure")
 AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Error: authentication not enabled")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+AUTH_ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Error: already authenticated")
+AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
+AUTH_MALFORMED = Reply(501, "5.5.2", "Can't split auth value")
+NEED_EHLO = Reply(503, "5.5.1", "Error: send EHLO first")
 SERVER_BUSY = Reply(421, "4.3.2", "Error: too many sessions, try again later")
 
 
@@ -249,7 +271,7 @@ def sender_login_mismatch(sender: str, login: str | None) -> Reply:
 # ---- trusted front ends (XCLIENT, Postfix XCLIENT_README)
 XCLIENT_DENIED = Reply(550, "5.7.0", "Error: insufficient authorization")
 XCLIENT_SYNTAX = Reply(501, "5.5.4", "Syntax: XCLIENT attribute=value...")
-XCLIENT_IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+XCLIENT_IN_TRANSACTION = TRANSACTION_IN_PROGRESS
 
 
 def xclient_bad(kind: str, word: str) -> Reply:

@@ -132,7 +132,7 @@ class Cleanup:
         if hold:
             msg = dataclasses.replace(msg, queue="hold")
         await self._store.insert(msg)
-        self.log_queued(msg)
+        self.log_queued(msg, sub)
         self._on_queued()
         return msg.queue_id
 
@@ -185,10 +185,17 @@ class Cleanup:
                            ", ".join(sub.envelope.recipients), e)
             return self.prepare(sub, rewrite=False)
 
-    def log_queued(self, msg: NewMessage) -> None:
-        """The `received` and `queued` log lines, once the message is committed."""
+    def log_queued(self, msg: NewMessage, sub: Submission | None = None) -> None:
+        """The log lines of a committed message, in Postfix's order: who handed it over (smtpd's `client=`,
+        pickup's `uid=`; none for mail made here), its Message-ID, then qmgr's `from=` line."""
         head, _ = split_header(msg.content)
-        self._log.received(msg.queue_id, msg.client, header_value(head, "message-id"))
+        if sub is not None and sub.submitter is not None:
+            self._log.picked_up(msg.queue_id, sub.submitter.uid, msg.sender)
+        elif sub is None or sub.client.protocol != "local":
+            client = sub.client if sub is not None else None
+            self._log.received(msg.queue_id, msg.client, sasl_method=client.sasl_method if client else "",
+                               sasl_username=client.sasl_username if client else "")
+        self._log.message_id(msg.queue_id, header_value(head, "message-id"))
         self._log.queued(msg.queue_id, msg.sender, len(msg.content), len(msg.recipients))
 
     def _received(self, sub: Submission, queue_id: QueueId, now: float) -> bytes:

@@ -40,7 +40,8 @@ def build_transports(config, resolver, clock, router, forward=None) -> dict[str,
     smtp = SmtpTransport(config.smtp, resolver=resolver, helo_name=config.myhostname)
     return {
         "local": LocalTransport(router.local, local=config.local, writer=MaildirWriter(clock), clock=clock,
-                                forward=forward, commands=CommandSettings.from_config(config)),
+                                forward=forward, commands=CommandSettings.from_config(config),
+                                allow_min_user=config.allow_min_user),
         "virtual": MaildirTransport(virtual_maildirs(config.virtual_mailbox_base, router.rewriter), clock=clock,
                                     relay="virtual", quota=router.rewriter.virtual_mailbox_limit,
                                     overquota_bounce=config.virtual_overquota_bounce),
@@ -50,6 +51,7 @@ def build_transports(config, resolver, clock, router, forward=None) -> dict[str,
         "discard": DiscardTransport(),
         "error": ErrorTransport(),
         # [pipe.NAME] services; config validation keeps their names off the built-in ones above.
-        **{name: PipeTransport(service, name=name, recipient_delimiter=config.recipient_delimiter, now=clock.time)
+        **{name: PipeTransport(service, name=name, recipient_delimiter=config.recipient_delimiter, now=clock.time,
+                               allow_min_user=config.allow_min_user)
            for name, service in config.pipe.items()},
     }

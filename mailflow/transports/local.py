@@ -1,6 +1,6 @@
 """local: delivery for the local address class (Postfix local(8)).
 
-Per recipient of the request:
+Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_min_user, as in Postfix):
 1. `LocalExpander.expand` (aliases, .forward; see mailflow.stages.aliasing), given the addresses already in the
    message's `Delivered-To:` headers so that a forwarding loop bounces (5.4.6).
 2. Mailboxes (`mbox.mailbox_location`): `<maildir_base>/<user>/<home_mailbox>`, a Maildir when home_mailbox ends
@@ -86,7 +86,9 @@ Part = tuple[Outcome, str, str]  # what one destination of a recipient got: outc
 
 class LocalTransport:
     def __init__(self, expander: LocalExpander, *, local: LocalConfig, writer: MaildirWriter, clock: Clock,
-                 forward: ForwardFn | None = None, relay: str = "local", commands: CommandSettings | None = None):
+                 forward: ForwardFn | None = None, relay: str = "local", commands: CommandSettings | None = None,
+                 allow_min_user: bool = False):
+        self._allow_min_user = allow_min_user
         self._expander = expander
         self._local = local
         self._commands = commands
@@ -109,6 +111,8 @@ class LocalTransport:
 
     async def _deliver_recipient(self, request: DeliveryRequest, rcpt: Recipient, seen: frozenset[str],
                                  body: bytes, filled: dict[str, Part]) -> RcptResult:
+        if not self._allow_min_user and rcpt.address.startswith("-"):  # Postfix allow_min_user = no
+            return self._result(rcpt, Outcome.BOUNCED, "5.1.3", "bad recipient address syntax: begins with '-'")
         try:
             leaves = await self._expander.tables.run(partial(self._expander.expand, rcpt.address, delivered_to=seen))
         except DeliveryError as e:

@@ -16,7 +16,9 @@ Runner (used by pipe services and by local's `|command` destinations):
 
 `PipeTransport(service, name=…)`: one `[pipe.NAME]` service. Per request:
 1. size_limit exceeded: every recipient bounces 5.2.3. A sender with control characters: every recipient
-   bounces 5.1.7; a recipient with control characters bounces 5.1.3. Nothing runs for them.
+   bounces 5.1.7; a recipient with control characters bounces 5.1.3. Nothing runs for them. Unless
+   `allow_min_user` (Postfix's parameter), the same for a sender, or any per-recipient macro value (the
+   address, its original, user, extension, mailbox), beginning with '-': it would reach argv as an option.
 2. Flag D: a recipient already named in a Delivered-To header is a loop (5.4.6).
 3. The command runs once for all remaining recipients (argv elements holding a per-recipient macro expand to
    one element per recipient), or once per recipient when flags D or O are set (those headers name one
@@ -368,10 +370,11 @@ def _quote_line(line: bytes, flags: str) -> bytes:
 
 class PipeTransport:
     def __init__(self, service: "PipeService", *, name: str, recipient_delimiter: str = "+",
-                 now: Callable[[], float] = time.time):
+                 now: Callable[[], float] = time.time, allow_min_user: bool = False):
         self._service = service
         self._name = name
         self._delimiter = recipient_delimiter
+        self._allow_min_user = allow_min_user
         self._templates = parse_argv(service.argv)
         self._now = now
 
@@ -383,6 +386,9 @@ class PipeTransport:
         if _has_control(request.sender):
             return DeliveryReport.uniform(request.recipients, Outcome.BOUNCED, "5.1.7",
                                           "bad sender address syntax: control characters", relay=self._name)
+        if self._min_user(request.sender):
+            return DeliveryReport.uniform(request.recipients, Outcome.BOUNCED, "5.1.7",
+                                          "bad sender address syntax: begins with '-'", relay=self._name)
         results: dict[int, RcptResult] = {}
         ready = []
         seen = self._delivered_to(request) if "D" in s.flags else frozenset()
@@ -390,6 +396,9 @@ class PipeTransport:
             if _has_control(rcpt.address) or _has_control(rcpt.original):
                 results[rcpt.index] = self._result(rcpt, Outcome.BOUNCED, "5.1.3",
                                                    "bad recipient address syntax: control characters")
+            elif any(self._min_user(v) for v in recipient_values(rcpt, s.flags, self._delimiter).values()):
+                results[rcpt.index] = self._result(rcpt, Outcome.BOUNCED, "5.1.3",
+                                                   "bad recipient address syntax: begins with '-'")
             elif rcpt.address.lower() in seen:
                 results[rcpt.index] = self._result(rcpt, Outcome.BOUNCED, "5.4.6",
                                                    f"mail forwarding loop for {rcpt.address}")
@@ -430,6 +439,9 @@ class PipeTransport:
             sender = _address_value(sender, "q")
         return {"sender": sender, "nexthop": request.nexthop.lower() if "h" in s.flags else request.nexthop,
                 "queue_id": request.queue_id, "size": str(len(request.content))}
+
+    def _min_user(self, value: str) -> bool:
+        return not self._allow_min_user and value.startswith("-")
 
     def _user(self) -> str | None:
         if self._service.user:

@@ -18,8 +18,8 @@ from mailflow.clock import VirtualClock
 from mailflow.config import config_from_dict
 from mailflow.errors import ConfigError
 from mailflow.stages.smtpd.anvil import Anvil, SessionSlots
-from mailflow.stages.smtpd.auth import (Authenticator, SenderLogins, failure_delay, hash_password, parse_hash,
-                                        verify_password)
+from mailflow.stages.smtpd.auth import (Authenticator, FailureCounter, PasswordHasher, SenderLogins, failure_delay,
+                                        hash_password, parse_hash, verify_password)
 from mailflow.stages.smtpd.tls import TlsError
 from mailflow.tables import InlineTable
 from tests.helpers import merged
@@ -252,21 +252,69 @@ class RecordingClock(VirtualClock):
         self.slept.append(seconds)
 
 
-async def test_failures_are_counted_per_client_and_slowed_down():
+async def test_failures_slow_down_the_next_attempt_before_its_hash():
     clock = RecordingClock()
     table = InlineTable("inline:u", {"alice": hash_password("pw", **FAST)})
-    auth = Authenticator([table], clock=clock, failure_window=60, delay=1.0, delay_limit=3.0)
-    for _ in range(4):
+    hasher = PasswordHasher(1)
+    auth = Authenticator([table], clock=clock, failures=FailureCounter(clock, 60), hasher=hasher, delay=1.0,
+                         delay_limit=3.0)
+    for _ in range(5):
         assert (await auth.check("192.0.2.1", "PLAIN", b"alice", b"bad")).reply == status.AUTH_FAILED
-    assert clock.slept == [1.0, 2.0, 3.0, 3.0]
+    assert clock.slept == [1.0, 2.0, 3.0, 3.0]  # the first attempt waits for nothing; each next one longer
     assert (await auth.check("192.0.2.2", "PLAIN", b"alice", b"bad")).reply == status.AUTH_FAILED
-    assert clock.slept[-1] == 1.0  # another client starts from the beginning
+    assert len(clock.slept) == 4  # another client starts from the beginning
     clock.advance(61)
-    await auth.check("192.0.2.1", "PLAIN", b"alice", b"bad")
-    assert clock.slept[-1] == 1.0  # old failures left the window
     ok = await auth.check("192.0.2.1", "PLAIN", b"alice", b"pw")
     assert ok.login == "alice" and ok.reply == status.AUTH_OK
+    assert len(clock.slept) == 4  # old failures left the window
     assert failure_delay(40, 1.0, 16.0) == 16.0
+    hasher.close()
+
+
+async def test_the_delay_comes_before_the_hash():
+    clock = RecordingClock()
+
+    class CountingHasher:
+        """Records how many delays were served before each hash."""
+        def __init__(self):
+            self.sleeps_before: list[int] = []
+
+        async def verify(self, password, stored):
+            self.sleeps_before.append(len(clock.slept))
+            return False
+
+    hasher = CountingHasher()
+    auth = Authenticator([InlineTable("inline:u", {})], clock=clock, failures=FailureCounter(clock, 60),
+                         hasher=hasher, delay=1.0, delay_limit=8.0)
+    for _ in range(3):
+        await auth.check("192.0.2.1", "LOGIN", b"x", b"y")
+    assert hasher.sleeps_before == [0, 1, 2] and clock.slept == [1.0, 2.0]
+
+
+async def test_auth_plain_authorization_identity_must_be_the_login():
+    clock = RecordingClock()
+    table = InlineTable("inline:u", {"alice": hash_password("pw", **FAST)})
+    hasher = PasswordHasher(1)
+    auth = Authenticator([table], clock=clock, failures=FailureCounter(clock, 60), hasher=hasher, delay=0,
+                         delay_limit=0)
+    assert (await auth.check("192.0.2.1", "PLAIN", b"alice", b"pw", authzid=b"bob")).reply == status.AUTH_FAILED
+    assert auth.failures.recent("192.0.2.1") == 1
+    assert (await auth.check("192.0.2.1", "PLAIN", b"alice", b"pw", authzid=b"alice")).login == "alice"
+    hasher.close()
+
+
+def test_failure_table_is_bounded_and_forgets_old_failures():
+    clock = VirtualClock()
+    failures = FailureCounter(clock, 60, max_clients=100, per_client=8)
+    for i in range(1000):
+        failures.record(f"192.0.2.{i % 250}" if i < 250 else f"198.51.{i // 256}.{i % 256}")
+    assert len(failures) == 100
+    for _ in range(50):
+        failures.record("203.0.113.9")
+    assert failures.recent("203.0.113.9") == 8
+    clock.advance(61)
+    failures.record("203.0.113.10")
+    assert len(failures) == 1  # past the bound, the stale ones went first
 
 
 # ---------------------------------------------------------------------------------------------- limits

@@ -244,3 +244,10 @@ async def test_one_copy_per_user_however_many_recipients_lead_there(tmp_path):
         request("alice@example.test", "team@example.test", "Alice+x@example.test"))
     assert [r.outcome for r in report.results] == [Outcome.SENT] * 3
     assert len(delivered(tmp_path, "alice")) == 1 and len(delivered(tmp_path, "bob")) == 1
+
+
+async def test_a_recipient_beginning_with_a_dash_bounces_unless_allow_min_user(tmp_path):
+    local = transport(tmp_path, anyone_is_local=True)
+    report = await local.deliver(request("-oQ@example.test"))
+    assert [(r.outcome, r.dsn) for r in report.results] == [(Outcome.BOUNCED, "5.1.3")]
+    assert not (tmp_path / "mail" / "-oQ").exists()

@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mailflow import address
 from mailflow.address import MAX_ADDRESS, MAX_LOCAL, is_utf8, mailbox_syntax_error, normalise_domain, split
 
 # ---------------------------------------------------------------------------------------------- split
@@ -222,3 +223,32 @@ def test_client_ip_unmaps_ipv4_and_in_networks_matches_it():
     assert client_ip("unknown") is None and client_ip(None) is None
     assert in_networks("::ffff:127.0.0.9", nets) and in_networks("2001:db8::1", nets)
     assert not in_networks("192.0.2.1", nets) and not in_networks("", nets)
+
+
+# ---------------------------------------------------------------------------------------------- parse_path
+
+@pytest.mark.parametrize("text, expected", [
+    ("<a@b.test>", ("a@b.test", "")),
+    ("  <a@b.test> SIZE=10  BODY=8BITMIME", ("a@b.test", "SIZE=10  BODY=8BITMIME")),
+    ("<>", ("", "")),
+    ("a@b.test SIZE=10", ("a@b.test", "SIZE=10")),
+    ("<a@b.test.>", ("a@b.test", "")),
+    ("<@x.test,@y.test:a@b.test>", ("a@b.test", "")),
+    ('<"a b>c"@b.test>', ('"a b>c"@b.test', "")),
+    ('<"a\\"b"@b.test>', ('"a\\"b"@b.test', "")),
+    ("<postmaster>", ("postmaster", "")),
+    ("<jörg@bü.test>", ("jörg@bü.test", "")),
+])
+def test_parse_path_accepts_what_postfix_accepts(text, expected):
+    assert address.parse_path(text) == expected
+
+
+@pytest.mark.parametrize("text", ["<a@b.test", "<a@b.test>x", "<a b@b.test>", "<a\\b@b.test>", "<a,b@b.test>",
+                                  "<a@>", "<a..b@b.test>", "a@b<x>", '<"a@b.test>', "<(c)a@b.test>", "<.a@b.test>"])
+def test_parse_path_refuses_malformed_paths(text):
+    with pytest.raises(address.PathError):
+        address.parse_path(text)
+
+
+def test_min_user():
+    assert address.is_min_user("-oQ/x@y.test") and not address.is_min_user("a-b@y.test")

@@ -56,6 +56,10 @@ class Anvil:
     def sessions(self, ip: str) -> int:
         return self._sessions.get(ip, 0)
 
+    def rate(self, ip: str) -> int:
+        """Connections of `ip` counted in the current window (refused ones included)."""
+        return len(self._connects.get(ip, ()))
+
     def _rate_exceeded(self, ip: str) -> bool:
         now = self._clock.time()
         times = self._connects.setdefault(ip, deque())

@@ -5,10 +5,16 @@ What it owns
   unpadded standard base64; a 16-byte salt and a 32-byte hash). `hash_password()` makes one (the CLI's
   `mailflow auth hash-password`), `verify_password()` checks one in constant time. Cost parameters above
   `MAX_N` or `MAX_R`/`MAX_P` are refused (a hostile table entry cannot pin the CPU).
-- `Authenticator`: checks a login and password against `sasl_user_maps` (`user HASH` lines, e.g. texthash),
-  hashing in a worker thread so the loop never blocks. A user not in the table costs the same hash (no
-  timing oracle). Failed attempts are counted per client IP over `anvil_rate_time_unit` and answered after
-  `auth_failure_delay * 2**(failures-1)`, at most `auth_failure_delay_limit`; each one is logged.
+- `PasswordHasher(workers)`: its own small thread pool for scrypt (never the loop's default executor, which
+  mailbox writes use), so an AUTH flood uses at most `workers` cores and delays nothing else. `close()`.
+- `FailureCounter`: failed AUTH attempts per client IP within a sliding window; one per server, shared by all
+  listeners; bounded (at most `max_clients` addresses, `per_client` times each; stale ones swept first).
+- `Authenticator`: checks a login and password against `sasl_user_maps` (`user HASH` lines, e.g. texthash).
+  Before hashing, an attempt waits `auth_failure_delay * 2**(failures-1)` (at most `auth_failure_delay_limit`)
+  for the client's recent failures, so a flood is throttled before it costs CPU. A user not in the table costs
+  the same hash (no timing oracle). An AUTH PLAIN authorization identity other than the login is refused
+  (as Cyrus and Dovecot do without proxy rights): 535 5.7.8. Each failure is logged in Postfix's words
+  (`warning: host[ip]: SASL PLAIN authentication failed: …, sasl_username=…`).
 - `SenderLogins.sender_login_mismatch(session, sender)`: Postfix's reject_sender_login_mismatch with
   `sender_login_maps` (sender address or @domain -> logins, separated by commas or spaces): a mismatch when the
   maps name owners and the client is not logged in as one of them, or when the client is logged in and its
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import hashlib
 import hmac
 import logging
@@ -35,6 +42,7 @@ from mailflow import status
 from mailflow.address import client_ip
 from mailflow.clock import Clock
 from mailflow.errors import LookupRetry
+from mailflow.logs import SmtpdLog, printable
 from mailflow.tables import Table, find_address
 
 log = logging.getLogger("mailflow.smtpd")
@@ -108,20 +116,25 @@ def verify_password(password: bytes, encoded: str | None) -> bool:
 
 
 class FailureCounter:
-    """Failed AUTH attempts per client IP within a sliding window of `window` seconds."""
+    """Failed AUTH attempts per client IP within a sliding window of `window` seconds, bounded in memory: at
+    most `per_client` times per address (enough for the longest delay) and `max_clients` addresses (past it,
+    addresses without a recent failure go first, then the oldest)."""
 
-    def __init__(self, clock: Clock, window: float):
+    def __init__(self, clock: Clock, window: float, *, max_clients: int = 10_000, per_client: int = 32):
         self._clock = clock
         self._window = window
+        self._max_clients = max_clients
+        self._per_client = per_client
         self._failures: dict[str, deque[float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._failures)
 
     def recent(self, ip: str) -> int:
         times = self._failures.get(ip)
         if not times:
             return 0
-        horizon = self._clock.time() - self._window
-        while times and times[0] <= horizon:
-            times.popleft()
+        self._expire(times)
         if not times:
             del self._failures[ip]
         return len(times)
@@ -129,8 +142,38 @@ class FailureCounter:
     def record(self, ip: str) -> int:
         """Count one failure; return the recent failures including this one."""
         count = self.recent(ip) + 1
-        self._failures.setdefault(ip, deque()).append(self._clock.time())
-        return count
+        times = self._failures.pop(ip, None) or deque(maxlen=self._per_client)
+        times.append(self._clock.time())
+        self._failures[ip] = times  # (re)inserted last: the dict's order is least recently failed first
+        if len(self._failures) > self._max_clients:
+            self._shrink()
+        return min(count, self._per_client)
+
+    def _expire(self, times: deque[float]) -> None:
+        horizon = self._clock.time() - self._window
+        while times and times[0] <= horizon:
+            times.popleft()
+
+    def _shrink(self) -> None:
+        for ip in list(self._failures):
+            self._expire(self._failures[ip])
+            if not self._failures[ip]:
+                del self._failures[ip]
+        while len(self._failures) > self._max_clients:
+            del self._failures[next(iter(self._failures))]
+
+
+class PasswordHasher:
+    """scrypt checks on a small pool of threads of their own."""
+
+    def __init__(self, workers: int = 2):
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mailflow-auth")
+
+    async def verify(self, password: bytes, stored: str | None) -> bool:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, verify_password, password, stored)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def failure_delay(failures: int, base: float, limit: float) -> float:
@@ -150,15 +193,18 @@ class AuthOutcome:
 
 
 class Authenticator:
-    """Checks AUTH credentials against the user tables; slows down and logs failures per client IP."""
+    """Checks AUTH credentials against the user tables; slows down and logs failures per client IP.
+    `failures` and `hasher` are the server's (shared by its listeners)."""
 
-    def __init__(self, tables: list[Table], *, clock: Clock, failure_window: float, delay: float,
-                 delay_limit: float):
+    def __init__(self, tables: list[Table], *, clock: Clock, failures: FailureCounter, hasher: PasswordHasher,
+                 delay: float, delay_limit: float, smtpd_log: SmtpdLog | None = None):
         self._tables = tables
         self._clock = clock
         self._delay = delay
         self._delay_limit = delay_limit
-        self.failures = FailureCounter(clock, failure_window)
+        self.failures = failures
+        self._hasher = hasher
+        self._log = smtpd_log or SmtpdLog()
 
     def stored_hash(self, login: str) -> str | None:
         """The hash the tables hold for `login` (None: no such user). Raises LookupRetry."""
@@ -168,21 +214,28 @@ class Authenticator:
                 return value.strip()
         return None
 
-    async def check(self, client_ip: str, mechanism: str, login: bytes, password: bytes) -> AuthOutcome:
+    async def check(self, client_ip: str, mechanism: str, login: bytes, password: bytes, *,
+                    authzid: bytes = b"", client: str = "") -> AuthOutcome:
+        """`client` is `host[ip]` for the log (default `unknown[client_ip]`)."""
+        client = client or f"unknown[{client_ip}]"
         name = login.decode("utf-8", "replace")
+        delay = failure_delay(self.failures.recent(client_ip), self._delay, self._delay_limit)
+        if delay:
+            await self._clock.sleep(delay)  # before the hash: a client that keeps failing costs no more CPU
+        if authzid and authzid != login:
+            return self._failed(client_ip, client, mechanism, name, "authorization identity differs from login")
         try:
             stored = self.stored_hash(name) if _plausible_login(name) else None
         except LookupRetry as e:
-            log.warning("smtpd: AUTH %s from [%s]: user table: %s", mechanism, client_ip, e.text)
+            log.warning("%s: SASL %s: user table: %s", client, mechanism, e.text)
             return AuthOutcome(None, status.AUTH_UNAVAILABLE)
-        if await asyncio.to_thread(verify_password, password, stored):
-            log.info("smtpd: [%s]: sasl_method=%s, sasl_username=%s", client_ip, mechanism, name)
+        if await self._hasher.verify(password, stored):
             return AuthOutcome(name, status.AUTH_OK)
-        failures = self.failures.record(client_ip)
-        delay = failure_delay(failures, self._delay, self._delay_limit)
-        log.warning("smtpd: [%s]: SASL %s authentication failed for %r (%d recent failures; answer delayed %gs)",
-                    client_ip, mechanism, name[:64], failures, delay)
-        await self._clock.sleep(delay)
+        return self._failed(client_ip, client, mechanism, name, "authentication failure")
+
+    def _failed(self, client_ip: str, client: str, mechanism: str, name: str, reason: str) -> AuthOutcome:
+        self.failures.record(client_ip)
+        self._log.auth_failed(client, mechanism, reason, printable(name[:64]))
         return AuthOutcome(None, status.AUTH_FAILED)
 
 

@@ -1,8 +1,7 @@
 """RFC 3461 DSN parameters on MAIL (RET, ENVID) and RCPT (NOTIFY, ORCPT): parse, check, carry to cleanup.
 
-The session strips these parameters from the MAIL/RCPT line before aiosmtpd sees it (aiosmtpd refuses any
-parameter it does not know, and upper-cases the rest: ENVID and ORCPT are case-sensitive), checks them here,
-and keeps them on the aiosmtpd envelope as `dsn_ret`, `dsn_envid` and `rcpt_dsn` (one `(notify, orcpt)` per
+The session takes these parameters from the MAIL/RCPT line (`split_params`; ENVID and ORCPT keep their
+case), checks them here, and keeps them on the aiosmtpd envelope as `dsn_ret`, `dsn_envid` and `rcpt_dsn` (one `(notify, orcpt)` per
 accepted recipient). `envelope_fields(envelope)` turns that into `mailflow.model.Envelope` keyword arguments.
 
 Failure behaviour: a malformed or repeated parameter raises `DsnError` naming it; the session answers it with

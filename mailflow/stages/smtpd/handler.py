@@ -1,13 +1,16 @@
 """smtpd's policy: the aiosmtpd hooks that decide what a client may do, and the hand-over to cleanup.
 
-MAIL checks sender syntax. RCPT checks the recipient limit (452 4.5.3), syntax and SMTPUTF8, then runs the
-restriction lists of this handler's `config.smtpd` (`restrictions.py`: client, helo, sender, relay,
+MAIL checks sender syntax (and allow_min_user). RCPT checks syntax, allow_min_user and SMTPUTF8 (the session
+has checked the path and the recipient limit), then runs the restriction lists of this handler's `config.smtpd` (`restrictions.py`: client, helo, sender, relay,
 recipient, then the implied reject_unlisted_recipient), then asks the routing tables (451 4.3.0 when one
 cannot answer). With the defaults this is today's rule set: relaying only for mynetworks and authenticated
 clients (554 5.7.1), unknown users of this host's domains refused (550 5.1.1, naming the table).
 DATA runs the data list (`handle_DATA_COMMAND`, for a session that asks before 354; else at the end), then
 the end_of_data list, then hands a `Submission` to cleanup and answers 250 only once cleanup has committed
 it. A message marked DISCARD by a restriction is answered 250 and dropped (logged); HOLD is queued on hold.
+Every policy refusal is logged through the session as Postfix logs it (`NOQUEUE: reject: RCPT from …`). The
+client handed to cleanup names the protocol as the Received header says it (`received_protocol`: ESMTPSA,
+UTF8SMTPS, … per RFC 3848 / 6531) and the SASL login for the `client=` log line.
 
 Failure behaviour: every refusal is an SMTP reply from `mailflow.status`. A message cleanup could not commit
 gets 451 and is not queued; an unexpected exception in a hook gets 451 4.3.0 and is logged; the session stays
@@ -23,6 +26,7 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope, Session
 from mailflow import address, status
 from mailflow.config import Config
 from mailflow.errors import DeliveryError, LookupRetry
+from mailflow.logs import printable
 from mailflow.model import ClientInfo, Envelope, Submission
 from mailflow.stages.addressmap import AddressMapper
 from mailflow.stages.rewrite import Rewriter
@@ -62,7 +66,7 @@ class SmtpdHandler:
     async def handle_MAIL(self, server, session: Session, envelope: SmtpEnvelope, addr: str, options: list[str]):
         sender = "" if addr == NULL_SENDER else addr
         if sender:
-            if address.mailbox_syntax_error(sender):
+            if address.mailbox_syntax_error(sender) or self._min_user(sender):
                 return str(status.bad_sender_syntax(sender))
             if address.is_utf8(sender) and "SMTPUTF8" not in options:
                 return str(status.SMTPUTF8_REQUIRED)
@@ -71,53 +75,73 @@ class SmtpdHandler:
         return str(status.SENDER_OK)
 
     async def handle_RCPT(self, server, session: Session, envelope: SmtpEnvelope, addr: str, options: list[str]):
-        reply = await self.check_recipient(session, envelope, addr)
-        if reply.is_ok:
-            envelope.rcpt_tos.append(addr)
-            envelope.rcpt_options.extend(options)
-        return str(reply)
+        """The session has checked the path syntax and the recipient limit. A policy refusal is logged as Postfix
+        logs it (`NOQUEUE: reject: RCPT from …`)."""
+        refusal = self._rcpt_syntax_refusal(envelope, addr)
+        if refusal is None:
+            refusal = await self.check_recipient(session, envelope, addr)
+            if refusal is not None:
+                _log_reject(server, "RCPT", refusal, addr)
+        if refusal is not None:
+            return str(refusal)
+        envelope.rcpt_tos.append(addr)
+        envelope.rcpt_options.extend(options)
+        return str(status.RCPT_OK)
 
-    async def check_recipient(self, session: Session, envelope: SmtpEnvelope, addr: str) -> status.Reply:
-        if len(envelope.rcpt_tos) >= self._config.smtpd.recipient_limit:
-            return status.TOO_MANY_RECIPIENTS
-        if address.mailbox_syntax_error(self._rewriter.qualify(addr)):
+    def _rcpt_syntax_refusal(self, envelope: SmtpEnvelope, addr: str) -> status.Reply | None:
+        if address.mailbox_syntax_error(self._rewriter.qualify(addr)) or self._min_user(addr):
             return status.bad_address_syntax(addr)
         if address.is_utf8(addr) and not envelope.smtp_utf8:
             return status.SMTPUTF8_REQUIRED
+        return None
+
+    async def check_recipient(self, session: Session, envelope: SmtpEnvelope, addr: str) -> status.Reply | None:
+        """The restriction lists, then whether the routing tables can answer for `addr`: a refusal, or None."""
         refusal = await self.restrictions.check_rcpt(self._facts(session, envelope, addr))
-        if refusal is not None:
-            return refusal
+        return refusal if refusal is not None else await self._unroutable(addr)
+
+    async def _unroutable(self, addr: str) -> status.Reply | None:
         try:
             await self._rewriter.tables.run(self._rewriter.resolve, addr)  # a table that cannot answer now: retry
         except LookupRetry as e:
-            log.warning("smtpd: RCPT <%s>: %s", addr, e.text)
+            log.warning("RCPT <%s>: %s", printable(addr), e.text)
             return status.lookup_failed(addr)
-        return status.RCPT_OK
+        return None
+
+    def _min_user(self, addr: str) -> bool:
+        """Postfix allow_min_user = no: an address beginning with '-' is a syntax error (it could reach a
+        command's argv as an option)."""
+        return not self._config.allow_min_user and address.is_min_user(addr)
 
     async def handle_DATA_COMMAND(self, server, session: Session, envelope: SmtpEnvelope) -> str | None:
         """data_restrictions, for a session that asks before it answers 354: a refusal, or None to go on."""
         envelope.data_checked = True
         refusal = await self.restrictions.check_data(self._facts(session, envelope, self._single_rcpt(envelope),
                                                                  stage="data"))
-        return None if refusal is None else str(refusal)
+        if refusal is None:
+            return None
+        _log_reject(server, "DATA", refusal, self._single_rcpt(envelope))
+        return str(refusal)
 
     async def handle_DATA(self, server, session: Session, envelope: SmtpEnvelope):
         refusal = await self._content_refusal(session, envelope)
         if refusal is not None:
+            _log_reject(server, "END-OF-MESSAGE", refusal, self._single_rcpt(envelope))
             return str(refusal)
         submission = Submission(
             envelope=self._envelope(envelope),
             content=envelope.original_content or b"",
-            client=self._client(session),
+            client=self._client(session, envelope),
         )
         marks = self._marks(envelope)
         if marks.discard is not None:
-            return str(self._discard(submission, marks.discard))
+            return str(self._discard(server, submission, marks.discard))
         self.submitting += 1
         try:
             if marks.hold is not None:
                 queue_id = await self._cleanup.submit(submission, hold=True)
-                log.info("%s: hold: from [%s]: %s", queue_id, submission.client.addr, marks.hold)
+                _log_reject(server, "END-OF-MESSAGE", marks.hold, self._single_rcpt(envelope), action="hold",
+                            queue_id=queue_id)
             else:
                 queue_id = await self._cleanup.submit(submission)
         except DeliveryError as e:
@@ -125,7 +149,7 @@ class SmtpdHandler:
         except Overloaded:
             return str(status.QUEUE_FULL)
         except Exception:
-            log.exception("smtpd: message from %s not queued", session.peer)
+            log.exception("message from %s not queued", session.peer)
             return str(status.QUEUE_ERROR)
         finally:
             self.submitting -= 1
@@ -142,15 +166,16 @@ class SmtpdHandler:
         facts.size = len(envelope.original_content or b"")
         return await self.restrictions.check_end_of_data(facts)
 
-    def _discard(self, submission: Submission, reason: str) -> status.Reply:
+    def _discard(self, server, submission: Submission, reason: str) -> status.Reply:
         """Accepted and dropped (Postfix DISCARD): the client is told it was queued; the log says why."""
         queue_id = self._cleanup.prepare(submission).queue_id
-        log.info("%s: discard: from [%s] from=<%s> to=%s: %s", queue_id, submission.client.addr,
-                 submission.envelope.sender, ",".join(f"<{r}>" for r in submission.envelope.recipients), reason)
+        recipients = submission.envelope.recipients
+        _log_reject(server, "END-OF-MESSAGE", reason, recipients[0] if len(recipients) == 1 else "",
+                    action="discard", queue_id=queue_id)
         return status.queued(queue_id)
 
     async def handle_exception(self, error: Exception) -> str:
-        log.exception("smtpd: unexpected error in a session", exc_info=error)
+        log.exception("unexpected error in a session", exc_info=error)
         return str(status.INTERNAL_ERROR)
 
     # -------------------------------------------------------------------------------- facts
@@ -181,6 +206,7 @@ class SmtpdHandler:
             recipient=rcpt,
             recipient_count=len(envelope.rcpt_tos) + (1 if stage == "rcpt" else 0),
             authenticated=bool(getattr(session, "authenticated", False)),
+            sasl_method=getattr(session, "auth_mechanism", "") if login else "",
             sasl_username=login,
             protocol="ESMTP" if session.extended_smtp else "SMTP",
             size=_declared_size(envelope.mail_options),
@@ -198,11 +224,30 @@ class SmtpdHandler:
                         **dsn.envelope_fields(envelope))
 
     @staticmethod
-    def _client(session: Session) -> ClientInfo:
+    def _client(session: Session, envelope: SmtpEnvelope | None = None) -> ClientInfo:
         host, port = (session.peer or ("unknown", 0))[:2]
+        login = session.auth_data if session.authenticated and isinstance(session.auth_data, str) else ""
         return ClientInfo(addr=host, port=port, helo=session.host_name or "",
-                          protocol="ESMTP" if session.extended_smtp else "SMTP",
-                          hostname=getattr(session, "client_name", "unknown"))  # XCLIENT NAME, else unknown
+                          protocol=received_protocol(session, envelope),
+                          hostname=getattr(session, "client_name", "unknown"),  # XCLIENT NAME, else unknown
+                          sasl_method=getattr(session, "auth_mechanism", "") if login else "", sasl_username=login)
+
+
+def received_protocol(session: Session, envelope: SmtpEnvelope | None = None) -> str:
+    """The `with` word of the Received header, as Postfix writes it: SMTP or ESMTP, UTF8SMTP for an SMTPUTF8
+    transaction (RFC 6531), then S over TLS and A after AUTH (RFC 3848; ESMTP only)."""
+    if not session.extended_smtp:
+        return "SMTP"
+    base = "UTF8SMTP" if envelope is not None and envelope.smtp_utf8 else "ESMTP"
+    return base + ("S" if session.ssl is not None else "") + ("A" if session.authenticated else "")
+
+
+def _log_reject(server, stage: str, reply: status.Reply | str, recipient: str, **action) -> None:
+    """`NOQUEUE: reject: …` (or `QID: hold: …`, `QID: discard: …`) through the session, which knows the client,
+    its HELO and the sender."""
+    log_reject = getattr(server, "log_reject", None)
+    if log_reject is not None:
+        log_reject(stage, reply, recipient, **action)
 
 
 def _declared_size(options: list[str]) -> int:

@@ -262,9 +262,7 @@ class Restrictions:
             if answer == PERMIT:
                 return None
             if isinstance(answer, status.Reply):
-                log.info("smtpd: reject: %s from [%s]: %s; from=<%s> to=<%s> helo=<%s>", PROTOCOL_STATE.get(
-                    stage, "RCPT"), facts.client_addr, answer, facts.sender or "", facts.recipient, facts.helo)
-                return answer
+                return answer  # the session logs it (NOQUEUE: reject: ...)
             if facts.marks.discard is not None:
                 return None
         return None
@@ -337,7 +335,7 @@ class Restrictions:
         try:
             return await self._rewriter.tables.run(self._rewriter.recipient_refusal, rcpt, self._mapper)
         except LookupRetry as e:  # the lookup outran its deadline
-            log.warning("smtpd: RCPT <%s>: %s", rcpt, e.text)
+            log.warning("RCPT <%s>: %s", rcpt, e.text)
             return status.lookup_failed(rcpt)
 
     async def _unknown_domain(self, rcpt: str) -> status.Reply | None:
@@ -359,7 +357,7 @@ class Restrictions:
         except NotFound:
             return status.domain_not_found(rcpt, code)
         except LookupRetry as e:
-            log.warning("smtpd: RCPT <%s>: %s", rcpt, e.text)
+            log.warning("RCPT <%s>: %s", rcpt, e.text)
             return status.domain_lookup_deferred(rcpt)
         return status.domain_not_found(rcpt, code)
 
@@ -372,7 +370,7 @@ class Restrictions:
         try:
             found = find(self._tables[spec], keys)
         except LookupRetry as e:
-            log.warning("smtpd: %s lookup error for %r: %s", spec, keys[0] if keys else "", e.text)
+            log.warning("%s lookup error for %r: %s", spec, keys[0] if keys else "", e.text)
             return status.restriction_config_error(name, what)
         if found is None:
             return None
@@ -419,7 +417,7 @@ class Restrictions:
             return status.restriction_rejected(int(code), dsn, name, what, (reason or "Access denied").strip())
         if word.lower() in WITHOUT_ARGUMENT and word.lower() != "reject_unknown_recipient_domain" and not text:
             return self._simple(word.lower(), stage, facts)  # a restriction named as the action
-        log.warning("smtpd: %s: unknown access action %r", source, value)
+        log.warning("%s: unknown access action %r", source, value)
         return status.restriction_config_error(name, what)
 
     # -------------------------------------------------------------------------------- DNSBL and policy
@@ -434,7 +432,7 @@ class Restrictions:
         except NotFound:
             return None
         except LookupRetry as e:
-            log.warning("smtpd: %s: DNSBL lookup error: %s", query, e.text)
+            log.warning("%s: DNSBL lookup error: %s", query, e.text)
             return None
         listed = [a for a in answers if _is_ipv4(a) and a.startswith("127.") and (not wanted or a == wanted)]
         return status.rbl_listed(facts.client_addr, rbl_domain) if listed else None
@@ -444,7 +442,7 @@ class Restrictions:
         try:
             answer = await self._policies[spec].query(policy_request(facts, stage))
         except PolicyError as e:
-            log.warning("smtpd: policy service %s: %s", spec, e)
+            log.warning("policy service %s: %s", spec, e)
             return self._policy_default(name, what, facts, spec, stage)
         return self.action(answer, name, what, facts, source=spec, stage=stage)
 

@@ -11,8 +11,11 @@ SmtpdConfig, its own handler (built by `handler_for(config)` with that config), 
 - submission: STARTTLS required before anything but EHLO/NOOP/QUIT (530 5.7.0), AUTH required before MAIL
   (530 5.7.0).
 - submissions: implicit TLS (the handshake comes first), AUTH required before MAIL.
-AUTH is offered only over TLS, unless `allow_plaintext_auth_on_loopback` and the client is on loopback.
-With reject_sender_login_mismatch, MAIL FROM an address the login does not own gets 553 5.7.1 (auth.py).
+AUTH (PLAIN, LOGIN; the exchange is ListenerSession's, the check auth.py's) is offered only over TLS, unless
+`allow_plaintext_auth_on_loopback` and the client is on loopback. The failure table and the hashing threads
+belong to the server: one for all its listeners. With reject_sender_login_mismatch, MAIL FROM an address the
+login does not own gets 553 5.7.1 (auth.py). A session gives back its per-client count and its slot however
+it ends (`_session_ended`).
 
 Trusted front ends (session.py, frontends.py): with upstream_proxy_protocol "haproxy" the PROXY header is read
 before the admission, so that connection limits, mynetworks and logs see the real client; XCLIENT from
@@ -24,12 +27,14 @@ TLS: the certificate is read at start (a missing or unreadable file stops the st
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import ipaddress
 import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from aiosmtpd.smtp import AuthResult, LoginPassword
+from aiosmtpd.smtp import MISSING
 
 from mailflow import status
 from mailflow.address import in_networks
@@ -37,12 +42,15 @@ from mailflow.clock import Clock, SystemClock
 from mailflow.config import Config, SmtpdConfig, parse_hostport
 from mailflow.errors import LookupRetry
 from mailflow.stages.smtpd.anvil import Anvil, SessionSlots
-from mailflow.stages.smtpd.auth import Authenticator, SenderLogins, is_loopback, login_of
+from mailflow.stages.smtpd.auth import (Authenticator, FailureCounter, PasswordHasher, SenderLogins, is_loopback,
+                                        login_of)
 from mailflow.stages.smtpd.session import FrontEnds, ProtocolLimits, SmtpSession
 from mailflow.stages.smtpd.tls import ServerTls
 from mailflow.tables import TableCache
 
 log = logging.getLogger("mailflow.smtpd")
+
+AUTH_HASH_WORKERS = 2  # scrypt threads: an AUTH flood uses at most this many cores
 
 
 @dataclass
@@ -84,38 +92,45 @@ class ListenerSession(SmtpSession):
         if not await super()._before_greeting():
             return False
         ip = _peer_ip(self.session.peer if self.session else None)
-        refusal = self._listener.anvil.admit(ip)
+        anvil = self._listener.anvil
+        refusal = anvil.admit(ip)
         if refusal is not None:
-            log.warning("smtpd: connect from [%s] refused: %s", ip, refusal.text)
+            rate = refusal == status.connection_rate_exceeded(ip)
+            self._log.limit_exceeded("Connection rate" if rate else "Connection concurrency",
+                                     anvil.rate(ip) if rate else anvil.sessions(ip) + 1, self._client_name(),
+                                     "smtp" if self._listener.role == "mta" else self._listener.role)
             await self._refuse(refusal)
             return False
         self._admitted_ip = ip
         if not await self._listener.slots.acquire():
-            log.warning("smtpd: connect from [%s] refused: %d sessions and as many waiting",
-                        ip, self._listener.smtpd.max_sessions)
+            log.warning("%s: refused: %d sessions and as many waiting", self._client_name(),
+                        self._listener.smtpd.max_sessions)
             await self._refuse(status.SERVER_BUSY)
             return False
         self._has_slot = True
         if self._listener.role == "submissions" and self.transport is not None:
             self.session.ssl = {"ssl_object": self.transport.get_extra_info("ssl_object"),
                                 "cipher": self.transport.get_extra_info("cipher")}
+            self.log_tls()
         if self._listener.smtpd.allow_plaintext_auth_on_loopback and is_loopback(ip):
             self._auth_require_tls = False
         return True
 
     async def _refuse(self, reply: status.Reply) -> None:
+        self._server_hung_up = True
         await self.push(str(reply))
         if self.transport is not None:
             self.transport.close()
 
-    def connection_lost(self, error: Exception | None) -> None:
+    def _session_ended(self) -> None:
+        """Give back the per-client count and the session slot, whatever ended the session."""
         if self._admitted_ip is not None:
             self._listener.anvil.release(self._admitted_ip)
             self._admitted_ip = None
         if self._has_slot:
             self._listener.slots.release()
             self._has_slot = False
-        super().connection_lost(error)
+        super()._session_ended()
 
     # -------------------------------------------------------------------------------- AUTH
 
@@ -123,36 +138,88 @@ class ListenerSession(SmtpSession):
     def _auth_enabled(self) -> bool:
         return self._listener.authenticator is not None
 
-    async def smtp_AUTH(self, arg: str) -> None:
-        if not self._auth_enabled:
-            await self.push(str(status.AUTH_NOT_ENABLED))
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        """RFC 4954 AUTH PLAIN and LOGIN (with or without an initial response), checked by the listener's
+        Authenticator; the login becomes `session.auth_data`, the mechanism `session.auth_mechanism`."""
+        refusal = self._auth_refusal(arg)
+        if refusal is not None:
+            await self.push(refusal)
             return
-        await super().smtp_AUTH(arg)
+        words = arg.split()
+        mechanism, initial = words[0].upper(), (words[1] if len(words) == 2 else None)
+        exchange = self._plain_exchange if mechanism == "PLAIN" else self._login_exchange
+        credentials = await exchange(initial)
+        if credentials is None:
+            return  # answered already (aborted, bad base64, malformed)
+        authzid, login, password = credentials
+        outcome = await self._listener.authenticator.check(self._peer_ip(), mechanism, login, password,
+                                                           authzid=authzid, client=self._client_name())
+        if outcome.login is not None:
+            self.session.authenticated = True
+            self.session.auth_data = outcome.login
+            self.session.auth_mechanism = mechanism
+        await self.push(outcome.reply)
+
+    def _auth_refusal(self, arg: str | None) -> status.Reply | None:
+        if not self._auth_enabled:
+            return status.AUTH_NOT_ENABLED
+        if not self.session.host_name or not self.session.extended_smtp:
+            return status.NEED_EHLO
+        if self._auth_require_tls and not self._tls_protocol:
+            return status.AUTH_ENCRYPTION_REQUIRED
+        if self.session.authenticated:
+            return status.ALREADY_AUTHENTICATED
+        if self.envelope.mail_from:
+            return status.TRANSACTION_IN_PROGRESS
+        words = (arg or "").split()
+        if not 1 <= len(words) <= 2:
+            return status.syntax("AUTH mechanism")
+        if words[0].upper() not in ("PLAIN", "LOGIN"):
+            return status.AUTH_UNKNOWN_MECHANISM
+        return None
+
+    async def _plain_exchange(self, initial: str | None):
+        """RFC 4616: (authzid, login, password) from `authzid NUL login NUL password`, or None (answered)."""
+        blob = await self._auth_response(initial, "")
+        if blob is None:
+            return None
+        parts = blob.split(b"\0")
+        if len(parts) != 3 or not parts[1]:
+            await self.push(status.AUTH_MALFORMED)
+            return None
+        return parts[0], parts[1], parts[2]
+
+    async def _login_exchange(self, initial: str | None):
+        """The LOGIN mechanism: the customary `334 VXNlcm5hbWU6` (Username:) and `334 UGFzc3dvcmQ6` (Password:)."""
+        login = await self._auth_response(initial, "Username:")
+        if login is None:
+            return None
+        password = await self._auth_response(None, "Password:")
+        if password is None:
+            return None
+        return b"", login, password
+
+    async def _auth_response(self, initial: str | None, prompt: str) -> bytes | None:
+        """The client's answer, decoded: the initial response if given (`=` is empty), else the answer to a 334
+        `prompt`. None when the client aborted or sent bad base64 (already answered)."""
+        if initial is None:
+            answer = await self.challenge_auth(prompt)
+            return None if answer is MISSING else answer
+        if initial == "=":
+            return b""
+        try:
+            return base64.b64decode(initial, validate=True)
+        except binascii.Error:
+            await self.push(status.AUTH_BAD_BASE64)
+            return None
+
+    # -------------------------------------------------------------------------------- hooks
 
     async def check_auth_needed(self, caller_method: str) -> bool:
         if self._auth_required and not (self.session and self.session.authenticated):
             await self.push(str(status.AUTH_REQUIRED))
             return True
         return False
-
-    async def auth_PLAIN(self, _, args: list[str]) -> AuthResult:
-        return await self._verify("PLAIN", await super().auth_PLAIN(_, args))
-
-    async def auth_LOGIN(self, _, args: list[str]) -> AuthResult:
-        return await self._verify("LOGIN", await super().auth_LOGIN(_, args))
-
-    async def _verify(self, mechanism: str, decoded: AuthResult) -> AuthResult:
-        """aiosmtpd decoded the exchange (`collect_credentials` put them in auth_data); check them here."""
-        credentials = decoded.auth_data
-        if not isinstance(credentials, LoginPassword) or self._listener.authenticator is None:
-            return decoded  # the exchange failed; aiosmtpd has answered already
-        ip = _peer_ip(self.session.peer if self.session else None)
-        outcome = await self._listener.authenticator.check(ip, mechanism, credentials.login, credentials.password)
-        if outcome.login is None:
-            return AuthResult(success=False, handled=False, message=str(outcome.reply))
-        return AuthResult(success=True, auth_data=outcome.login, message=str(outcome.reply))
-
-    # -------------------------------------------------------------------------------- hooks
 
     async def _call_handler_hook(self, command: str, *args):
         if command == "EHLO" and not self._auth_enabled and len(args) == 2:
@@ -161,26 +228,18 @@ class ListenerSession(SmtpSession):
         if command == "MAIL" and self._listener.sender_logins is not None:
             refusal = self._sender_refusal(args[0])
             if refusal is not None:
+                self.log_reject("MAIL", refusal, sender=args[0])
                 return str(refusal)
         return await super()._call_handler_hook(command, *args)
 
     def _sender_refusal(self, sender: str) -> status.Reply | None:
         try:
             if self._listener.sender_logins.sender_login_mismatch(self.session, sender):
-                login = login_of(self.session)
-                log.warning("smtpd: [%s]: MAIL FROM <%s> refused: not owned by login %s",
-                            _peer_ip(self.session.peer), sender, login)
-                return status.sender_login_mismatch(sender, login)
+                return status.sender_login_mismatch(sender, login_of(self.session))
         except LookupRetry as e:
-            log.warning("smtpd: sender_login_maps: %s", e.text)
+            log.warning("sender_login_maps: %s", e.text)
             return status.lookup_failed(sender)
         return None
-
-
-def collect_credentials(server, session, envelope, mechanism: str, credentials) -> AuthResult:
-    """The aiosmtpd `authenticator`: accepts nothing itself, it hands the decoded credentials to
-    ListenerSession._verify (which checks them without blocking the loop). Unchecked, they fail."""
-    return AuthResult(success=False, handled=False, auth_data=credentials)
 
 
 def _peer_ip(peer) -> str:
@@ -200,6 +259,10 @@ class Smtpd:
         self._clock = clock or SystemClock()
         self._tables = TableCache()
         self._tls: dict[tuple[str, str], ServerTls] = {}
+        # AUTH state of the whole server, whichever listener a client uses: failures per client IP, and the
+        # threads that compute password hashes (AUTH_HASH_WORKERS of them, created on first use).
+        self.auth_failures = FailureCounter(self._clock, config.smtpd.anvil_rate_time_unit)
+        self._hasher: PasswordHasher | None = None
         self.listeners: list[Listener] = []
         self.sessions: set[SmtpSession] = set()
 
@@ -220,9 +283,11 @@ class Smtpd:
                       exempt=lambda ip: in_networks(ip, networks))
         authenticator = None
         if smtpd.sasl_auth_enable:
+            if self._hasher is None:
+                self._hasher = PasswordHasher(AUTH_HASH_WORKERS)
             authenticator = Authenticator(self._tables.open(smtpd.sasl_user_maps), clock=self._clock,
-                                          failure_window=smtpd.anvil_rate_time_unit, delay=smtpd.auth_failure_delay,
-                                          delay_limit=smtpd.auth_failure_delay_limit)
+                                          failures=self.auth_failures, hasher=self._hasher,
+                                          delay=smtpd.auth_failure_delay, delay_limit=smtpd.auth_failure_delay_limit)
         sender_logins = None
         if smtpd.reject_sender_login_mismatch:
             sender_logins = SenderLogins(self._tables.open(smtpd.sender_login_maps),
@@ -257,7 +322,6 @@ class Smtpd:
             timeout=smtpd.timeout,
             tls_context=tls.context if starttls else None,
             require_starttls=starttls and smtpd.tls_security_level == "encrypt",
-            authenticator=collect_credentials,
             auth_required=smtpd.sasl_auth_required,
             auth_require_tls=True,
         )
@@ -278,9 +342,9 @@ class Smtpd:
         for tls in self._tls.values():
             try:
                 tls.reload()
-                log.info("smtpd: TLS certificate %s reloaded", tls.cert_file)
+                log.info("TLS certificate %s reloaded", tls.cert_file)
             except Exception as e:
-                log.error("smtpd: TLS reload failed, keeping the previous certificate: %s", e)
+                log.error("TLS reload failed, keeping the previous certificate: %s", e)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -310,9 +374,11 @@ class Smtpd:
         while self._submitting and loop.time() < deadline:
             await asyncio.sleep(0.02)
         for session in list(self.sessions):
-            if session.transport is not None:
-                session.transport.close()
+            session.hang_up()
         for server in servers:
             await server.wait_closed()
         for li in self.listeners:
             li.server = None
+        if self._hasher is not None:
+            self._hasher.close()
+            self._hasher = None

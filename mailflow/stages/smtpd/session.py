@@ -1,13 +1,23 @@
 """The SMTP protocol edge: an aiosmtpd `SMTP` subclass, one per client connection.
 
 What it owns: reading the client (through `wire.Wire`, chunked and strict about CRLF, never aiosmtpd's
-line-by-line readers), the command loop, DATA and BDAT (RFC 3030 CHUNKING, which aiosmtpd lacks), the RFC 3461
-DSN parameters of MAIL and RCPT (`dsn.py`), pipelining discipline, deadlines and error counting. aiosmtpd's
-command methods (HELO, EHLO, MAIL, RCPT, RSET, STARTTLS, AUTH, ...) are reused; policy lives in the handler.
-Every reply after the greeting, except EHLO/HELO's, carries an enhanced status code (RFC 2034).
+line-by-line readers), the command loop, MAIL and RCPT (the path syntax of `address.parse_path`, their
+parameters: SIZE, BODY, SMTPUTF8, AUTH=, and the RFC 3461 DSN ones of `dsn.py`), DATA and BDAT (RFC 3030
+CHUNKING, which aiosmtpd lacks), STARTTLS's refusals, pipelining discipline, deadlines, error counting, and the
+session's log lines (`logs.SmtpdLog`: connect, disconnect with Postfix's per-command counts, NOQUEUE reject,
+TLS, lost connection, timeout). aiosmtpd's HELO, EHLO, RSET, NOOP, QUIT and the STARTTLS handshake are reused;
+policy lives in the handler. Every reply after the greeting, except EHLO/HELO's, carries an enhanced status
+code (RFC 2034). Whatever ends a session (QUIT, a drop, a refusal, a TLS handshake that fails or is abandoned,
+which asyncio never reports to connection_lost), `_session_ended` runs once and frees what it held.
 
 Failure behaviour (each refusal is a reply from `mailflow.status`; the session never raises out):
-- bare LF / bare CR in a command or content: 521 5.5.2 and the session closes; the message is not queued.
+- bare LF / bare CR in a command or content: 521 5.5.2 and the session closes; the message is not queued
+  (with forbid_bare_newline false a bare LF is a line end, normalised to CRLF; see wire.py).
+- a command line that is not valid UTF-8: 500 5.5.2 Error: bad UTF-8 syntax (Postfix with SMTPUTF8).
+- MAIL/RCPT: no FROM:/TO: 501 5.5.4; a malformed path 501 5.1.7 / 5.1.3 (logged as Postfix's "Illegal
+  address syntax"); an unknown parameter 555 5.5.4; past recipient_limit 452 4.5.3, counted as an error only
+  past recipient_overshoot_limit.
+- STARTTLS inside TLS: 554 5.5.1; inside a mail transaction: 503 5.5.1.
 - input before the greeting, or pipelined after a command that must end a group (RFC 2920: EHLO, HELO, DATA,
   VRFY, EXPN, NOOP, STARTTLS, AUTH, HELP), or any pipelining after HELO: 554 5.5.0 and the session closes.
 - over `hard_error_limit` errors: 421 4.7.0 and close; over `soft_error_limit` each reply waits
@@ -30,8 +40,9 @@ from dataclasses import dataclass, field
 
 from aiosmtpd.smtp import SMTP, TLSSetupException
 
-from mailflow import status
+from mailflow import address, status
 from mailflow.address import in_networks
+from mailflow.logs import COMMAND_ORDER, SmtpdLog, client_name, printable
 from mailflow.stages.smtpd import dsn
 from mailflow.stages.smtpd.frontends import ProxyError, XclientError, parse_xclient, read_proxy_header
 from mailflow.stages.smtpd.wire import Content, Wire, WireError, bare_newline_in
@@ -60,6 +71,8 @@ class ProtocolLimits:
     junk_command_limit: int = 100
     disable_vrfy_command: bool = True
     session_time_limit: float = 3600.0
+    recipient_limit: int = 1000
+    recipient_overshoot_limit: int = 1000
 
     @classmethod
     def from_config(cls, smtpd) -> "ProtocolLimits":
@@ -102,6 +115,14 @@ class SmtpSession(SMTP):
         self._data_started: float | None = None  # loop time DATA/BDAT content began, for the rate deadline
         self._data_bytes = 0
         self._bdat = None  # the BDAT content sink of the current transaction, if BDAT began
+        self._log = SmtpdLog()
+        self._connected = False  # "connect from" was logged: "disconnect from" will be
+        self._ended = False
+        self._commands: dict[str, list[int]] = {}  # Postfix's per-command [succeeded, total]
+        self._pending_command: str | None = None  # counted; its final reply not sent yet
+        self._where = "CONNECT"  # the last command received (Postfix "... after RCPT from ...")
+        self._overshoot = 0  # recipients refused for the recipient limit in this transaction
+        self._server_hung_up = False  # the server ended the session (a refusal, a timeout), not the client
 
     # --- connection ---------------------------------------------------------------------------------------
 
@@ -111,11 +132,44 @@ class SmtpSession(SMTP):
             self._wire.discard()  # plaintext pipelined after STARTTLS never reaches the TLS session
         if not starttls:
             self._sessions.add(self)
+            super().connection_made(transport)
+            return
+        before = self.session  # aiosmtpd starts a new session: the client stays who PROXY/XCLIENT said it is
         super().connection_made(transport)
+        for name in ("peer", "proxied_by", "client_name"):
+            if hasattr(before, name):
+                setattr(self.session, name, getattr(before, name))
 
     def connection_lost(self, error: Exception | None) -> None:
         self._sessions.discard(self)
         super().connection_lost(error)
+
+    def _session_ended(self) -> None:
+        """The session is over, however it ended (QUIT, a drop, a failed or abandoned TLS handshake, a
+        refusal): free what it held. Runs once, from `_handle_client`'s finally; subclasses release more."""
+        if self._ended:
+            return
+        self._ended = True
+        self._sessions.discard(self)
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        for transport in (self.transport, self._original_transport):
+            if transport is not None and not transport.is_closing():
+                transport.close()
+        if self._connected:
+            if not self._server_hung_up and "quit" not in self._commands:
+                self._log.lost_connection(self._where, self._client_name())
+            self._log.disconnect(self._client_name(), self._commands)
+
+    def _timeout_cb(self) -> None:
+        if self._connected and not self._server_hung_up:
+            self._log.timeout(self._where, self._client_name())
+        self._server_hung_up = True
+        super()._timeout_cb()
+
+    def _client_name(self) -> str:
+        """`host[ip]` of the client as known now (after PROXY and XCLIENT)."""
+        return client_name(getattr(self.session, "client_name", "unknown"), self._peer_ip())
 
     def eof_received(self) -> bool | None:
         """The client closed its sending side: unlike aiosmtpd, do not cancel the session at once; input already
@@ -129,28 +183,40 @@ class SmtpSession(SMTP):
         if self.transport is not None:
             self.transport.close()
 
+    def hang_up(self) -> None:
+        """The server ends the session (shutdown): no "lost connection" is logged for it."""
+        self._server_hung_up = True
+        self._close()
+
     # --- replies ------------------------------------------------------------------------------------------
 
-    async def push(self, line) -> None:
+    async def push(self, line, *, counts_as_error: bool = True) -> None:
+        """Send one reply line. A final 4xx/5xx counts toward the error limits (unless `counts_as_error` is
+        False) and marks the command being answered as failed in the disconnect statistics."""
         if isinstance(line, status.Reply):
             line = str(line)
         if self._replies_sent and not self._in_hello and isinstance(line, str):  # the first is the greeting
             line = status.with_enhanced_code(line)
-        if self._replies_sent and _is_error_reply(line):
+        final = _final_code(line)
+        if self._replies_sent and final >= 400 and counts_as_error:
             self._errors += 1
+        if final and final not in (334, 354) and self._pending_command is not None:
+            self._commands[self._pending_command][0] += final < 400
+            self._pending_command = None
         self._replies_sent += 1
         await super().push(line)
 
+    def _count_command(self, name: str) -> None:
+        """One more `name` command (Postfix's disconnect statistics); its final reply says if it succeeded."""
+        self._commands.setdefault(name, [0, 0])[1] += 1
+        self._pending_command = name
+
     async def _refuse_and_close(self, reply: status.Reply) -> None:
-        log.info("smtpd: %s: %s", self._peer_text(), reply)
+        self._server_hung_up = True
         try:
             await self.push(reply)
         finally:
             self._close()
-
-    def _peer_text(self) -> str:
-        peer = self.session.peer if self.session else None
-        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
 
     def _peer_ip(self) -> str:
         peer = self.session.peer if self.session else None
@@ -183,8 +249,16 @@ class SmtpSession(SMTP):
     # --- the command loop ---------------------------------------------------------------------------------
 
     async def _handle_client(self) -> None:
+        """The whole session; whatever ends it (even a TLS handshake that never completes, after which asyncio
+        never calls connection_lost), `_session_ended` frees what it held."""
+        try:
+            await self._serve_client()
+        finally:
+            self._session_ended()
+
+    async def _serve_client(self) -> None:
         assert self.session is not None
-        self._wire = Wire(self._reader, self.hostname, self._on_input)
+        self._wire = Wire(self._reader, self.hostname, self._on_input, bare_lf=not self._limits.forbid_bare_newline)
         if not await self._before_greeting():
             return
         self._xclient_allowed = in_networks(self._peer_ip(), self._frontends.xclient_hosts)
@@ -193,6 +267,7 @@ class SmtpSession(SMTP):
         await self.push(f"220 {self.hostname} {self.__ident__}")
         self._greeted_at = asyncio.get_running_loop().time()
         if early and self._limits.forbid_unauth_pipelining:
+            self._log.improper_pipelining("CONNECT", self._client_name(), self._wire.peek())
             await self._refuse_and_close(status.protocol_sync(self.hostname))
             return
         while self.transport is not None:
@@ -209,6 +284,7 @@ class SmtpSession(SMTP):
             except WireError as e:
                 self._content_ends()
                 if e.fatal:
+                    self.log_reject(self._where, e.reply)
                     self._set_rset_state()
                     await self._refuse_and_close(e.reply)
                     return
@@ -220,14 +296,30 @@ class SmtpSession(SMTP):
                 try:
                     reply = await self.handle_exception(error)
                 except Exception:
-                    log.exception("smtpd: error in handle_exception")
+                    log.exception("error in handle_exception")
                     reply = str(status.INTERNAL_ERROR)
                 await self.push(reply)
 
     async def _before_greeting(self) -> bool:
         """What must happen before the greeting; False when the connection was closed. Subclasses add admission
         (which must come after this, so that limits apply to the real client)."""
-        return await self._upstream_proxy()
+        if not await self._upstream_proxy():
+            return False
+        self._connected = True
+        self._log.connect(self._client_name())
+        return True
+
+    def log_reject(self, stage: str, reply, recipient: str = "", *, action: str = "reject",
+                   queue_id: str = "NOQUEUE", sender: str | None = None) -> None:
+        """`NOQUEUE: reject: STAGE from host[ip]: reply; from=<s> to=<r> proto=… helo=<…>` (Postfix's form;
+        `action` hold or discard with the message's queue id for those restriction actions; `sender` the one
+        refused at MAIL, else the transaction's)."""
+        if sender is None and self.envelope is not None:
+            sender = self.envelope.mail_from
+        self._log.reject(stage, self._client_name(), str(reply), sender=None if sender is None else
+                         ("" if sender == "<>" else sender), recipient=recipient,
+                         protocol="ESMTP" if self.session.extended_smtp else "SMTP",
+                         helo=self.session.host_name or "", action=action, queue_id=queue_id)
 
     async def _upstream_proxy(self) -> bool:
         """The PROXY header of a trusted load balancer (Postfix smtpd_upstream_proxy_protocol = haproxy): its
@@ -237,24 +329,24 @@ class SmtpSession(SMTP):
             return True
         balancer = self._peer_ip()
         if not in_networks(balancer, self._frontends.proxy_clients):
-            log.warning("smtpd: connect from [%s] dropped: not an upstream_proxy_clients address", balancer)
+            log.warning("connect from unknown[%s] dropped: not an upstream_proxy_clients address", balancer)
             self._close()
             return False
         try:
             client = await asyncio.wait_for(read_proxy_header(self._reader), timeout)
         except asyncio.TimeoutError:
-            log.warning("smtpd: [%s]: PROXY header: time limit of %gs exceeded, dropped", balancer, timeout)
+            log.warning("unknown[%s]: PROXY header: time limit of %gs exceeded, dropped", balancer, timeout)
             self._close()
             return False
         except ProxyError as e:
-            log.warning("smtpd: [%s]: %s, dropped", balancer, e)
+            log.warning("unknown[%s]: %s, dropped", balancer, e)
             self._close()
             return False
         if client is not None:
             self.session.peer = (client.addr, client.port)
             self.session.proxied_by = balancer
-        log.info("smtpd: connect from [%s]:%s via upstream proxy [%s]", self._peer_ip(),
-                 self.session.peer[1] if len(self.session.peer) > 1 else "?", balancer)
+        log.debug("[%s]:%s via upstream proxy [%s]", self._peer_ip(),
+                  self.session.peer[1] if len(self.session.peer) > 1 else "?", balancer)
         return True
 
     async def _error_gate(self) -> bool:
@@ -265,6 +357,7 @@ class SmtpSession(SMTP):
             await self._refuse_and_close(status.session_too_long(self.hostname))
             return False
         if self._errors >= self._limits.hard_error_limit:
+            self._log.too_many_errors(self._where, self._client_name())
             await self._refuse_and_close(status.too_many_errors(self.hostname))
             return False
         if self._errors > self._limits.soft_error_limit and self._limits.error_sleep_time:
@@ -273,22 +366,18 @@ class SmtpSession(SMTP):
 
     async def _one_command(self) -> None:
         line = await self._wire.read_line(self._limits.max_line_length)
-        if not line:
-            await self.push(status.BAD_SYNTAX)
-            return
-        if b"\0" in line:
-            await self.push(status.NUL_IN_COMMAND)
+        refusal = _malformed(line)
+        if refusal is not None:  # Postfix counts these as unknown commands
+            self._count_command("unknown")
+            await self.push(refusal)
             return
         command_bytes, _, arg_bytes = line.partition(b" ")
-        try:
-            command = command_bytes.upper().decode("ascii")
-        except UnicodeDecodeError:
-            await self.push(status.BAD_SYNTAX)
-            return
+        command = command_bytes.upper().decode("ascii")
         if self._out_of_sync(command):
+            self._log.improper_pipelining(command, self._client_name(), self._wire.peek())
             await self._refuse_and_close(status.protocol_sync(self.hostname))
             return
-        arg = str(arg_bytes.strip(), "utf-8", errors="surrogateescape") if arg_bytes.strip() else None
+        arg = arg_bytes.strip().decode("utf-8") if arg_bytes.strip() else None
         await self._dispatch(command, arg)
 
     def _out_of_sync(self, command: str) -> bool:
@@ -301,15 +390,19 @@ class SmtpSession(SMTP):
         return command in LAST_IN_GROUP or not self.session.extended_smtp
 
     async def _dispatch(self, command: str, arg: str | None) -> None:
+        method = self._smtp_methods.get(command)
+        counted = command.lower() if method is not None and command.lower() in COMMAND_ORDER else "unknown"
+        self._count_command(counted)
+        if counted != "unknown":
+            self._where = command
         if not self._tls_handshake_okay and command != "QUIT":
             await self.push(status.LACK_OF_SECURITY)
             return
         if self.require_starttls and not self._tls_protocol and command not in ALLOWED_BEFORE_STARTTLS:
             await self.push(status.STARTTLS_FIRST)
             return
-        method = self._smtp_methods.get(command)
         if method is None:
-            log.info("smtpd: %s: unrecognised command %.20r", self._peer_text(), command)
+            log.debug("%s: unrecognised command %.20r", self._client_name(), command)
             await self.push(status.NOT_RECOGNIZED)
             return
         if command in JUNK_COMMANDS and self.envelope is not None and not self.envelope.mail_from:
@@ -353,7 +446,7 @@ class SmtpSession(SMTP):
     async def smtp_XCLIENT(self, arg: str | None) -> None:
         """Postfix XCLIENT: an authorized front end names the real client; the session starts again."""
         if not self._xclient_allowed:
-            log.warning("smtpd: %s: XCLIENT refused: not in authorized_xclient_hosts", self._peer_text())
+            log.warning("%s: XCLIENT refused: not in authorized_xclient_hosts", self._client_name())
             await self.push(status.XCLIENT_DENIED)
             return
         if self.envelope.mail_from:
@@ -364,11 +457,11 @@ class SmtpSession(SMTP):
         except XclientError as e:
             await self.push(e.reply)
             return
-        before = self._peer_text()
+        before = self._client_name()
         self._apply_xclient(attributes)
-        log.info("smtpd: %s: XCLIENT: client is now %s[%s]:%s helo=<%s> login=%s", before,
-                 getattr(self.session, "client_name", "unknown"), *self.session.peer[:2],
-                 self.session.host_name or "", self.session.auth_data if self.session.authenticated else "-")
+        log.info("%s: XCLIENT: client is now %s:%s helo=<%s> login=%s", before, self._client_name(),
+                 self.session.peer[1], printable(self.session.host_name or ""),
+                 printable(self.session.auth_data) if self.session.authenticated else "-")
         self._set_rset_state()
         await self.push(f"220 {self.hostname} {self.__ident__}".encode())  # a greeting: no enhanced code
 
@@ -393,65 +486,153 @@ class SmtpSession(SMTP):
         if "LOGIN" in attributes:
             session.authenticated = attributes["LOGIN"] is not None
             session.auth_data = attributes["LOGIN"]
+            session.auth_mechanism = "XCLIENT"  # what Postfix logs as sasl_method for an XCLIENT login
 
     def _set_post_data_state(self) -> None:
         super()._set_post_data_state()
         self._bdat = None
+        self._overshoot = 0
         self.envelope.dsn_ret = ""
         self.envelope.dsn_envid = ""
         self.envelope.rcpt_dsn = []
 
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        """RFC 3207, refused inside TLS (554 5.5.1, as Postfix) and inside a mail transaction (503 5.5.1: the
+        handshake would reset it). A handshake that fails or that the client abandons ends the session."""
+        if arg:
+            await self.push(status.syntax("STARTTLS"))
+            return
+        if self._tls_protocol is not None or self.session.ssl is not None:
+            await self.push(status.TLS_ALREADY_ACTIVE)
+            return
+        if self.tls_context and self.envelope.mail_from:
+            await self.push(status.TRANSACTION_IN_PROGRESS)
+            return
+        await super().smtp_STARTTLS(arg)
+        if self._tls_protocol is None:
+            return  # not offered here: aiosmtpd answered
+        if self.transport is None or self.transport.is_closing():  # asyncio resolves the handshake as done
+            raise ConnectionResetError("the client left during the TLS handshake")
+        self.log_tls()
+
+    def log_tls(self) -> None:
+        """`Anonymous TLS connection established from host[ip]: TLSv1.3 with cipher … (256/256 bits)`."""
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
+        if ssl_object is None:
+            return
+        name, version, bits = ssl_object.cipher() or ("", "", 0)
+        self._log.tls_established(self._client_name(), ssl_object.version() or version, name, bits or 0)
+
     async def smtp_MAIL(self, arg: str | None) -> None:
-        taken = await self._dsn_params(arg, "FROM:", dsn.MAIL_KEYS, dsn.mail_params)
+        """`MAIL FROM:<address> [params]` (RFC 5321 4.1.1.2): the path syntax of `address.parse_path`; SIZE,
+        BODY, SMTPUTF8, AUTH (RFC 4954: accepted, not trusted), RET and ENVID (RFC 3461)."""
+        if await self.check_helo_needed() or await self.check_auth_needed("MAIL"):
+            return
+        if self.envelope.mail_from:
+            await self.push(status.NESTED_MAIL)
+            return
+        parsed = await self._path_argument(arg, "FROM:", "MAIL", status.SENDER_SYNTAX)
+        if parsed is None:
+            return
+        sender, words = parsed
+        taken = await self._mail_params(words)
         if taken is None:
             return
-        arg, (ret, envid) = taken
-        had_sender = bool(self.envelope.mail_from)
-        await super().smtp_MAIL(arg)
-        if self.envelope.mail_from and not had_sender:
+        options, ret, envid = taken
+        self.envelope.smtp_utf8 = "SMTPUTF8" in options
+        reply = await self._call_handler_hook("MAIL", sender or "<>", options)
+        if self.envelope.mail_from:
             self.envelope.dsn_ret, self.envelope.dsn_envid = ret, envid
+        await self.push(reply)
 
     async def smtp_RCPT(self, arg: str | None) -> None:
-        taken = await self._dsn_params(arg, "TO:", dsn.RCPT_KEYS, dsn.rcpt_params)
-        if taken is None:
+        """`RCPT TO:<address> [NOTIFY=… ORCPT=…]`. Past `recipient_limit` the answer is 452 4.5.3, which
+        counts as an error only past `recipient_overshoot_limit` (RFC 5321 4.5.3.1.10: the client may go on
+        and send the message to the recipients already accepted)."""
+        if await self.check_helo_needed() or await self.check_auth_needed("RCPT"):
             return
-        arg, (notify, orcpt) = taken
+        if not self.envelope.mail_from:
+            await self.push(status.NEED_MAIL)
+            return
+        parsed = await self._path_argument(arg, "TO:", "RCPT", status.RECIPIENT_SYNTAX)
+        if parsed is None:
+            return
+        rcpt, words = parsed
+        try:
+            found, others = dsn.split_params(words, dsn.RCPT_KEYS)
+            notify, orcpt = dsn.rcpt_params(found)
+        except dsn.DsnError as e:
+            await self.push(status.bad_dsn_parameter(str(e)))
+            return
+        if others:
+            await self.push(status.unsupported_option(others[0]))
+            return
+        if len(self.envelope.rcpt_tos) >= self._limits.recipient_limit:
+            self._overshoot += 1
+            await self.push(status.TOO_MANY_RECIPIENTS,
+                            counts_as_error=self._overshoot > self._limits.recipient_overshoot_limit)
+            return
         before = len(self.envelope.rcpt_tos)
-        await super().smtp_RCPT(arg)
+        reply = await self._call_handler_hook("RCPT", rcpt, [])
         if len(self.envelope.rcpt_tos) > before:
             self.envelope.rcpt_dsn.append((notify, orcpt))
+        await self.push(reply)
 
-    async def _dsn_params(self, arg: str | None, keyword: str, keys: tuple[str, ...], parse):
-        """(the argument without its DSN parameters, `parse` of them), or None when the command was refused
-        (already answered: bad syntax, or a malformed parameter with 501 5.5.4)."""
-        taken = await self._take_dsn_params(arg, keyword, keys)
-        if taken is None:
+    async def _path_argument(self, arg: str | None, keyword: str, command: str, bad: status.Reply):
+        """(address, parameter words) of `FROM:<address> params` or `TO:…`, or None when a refusal was sent:
+        501 5.5.4 usage without the keyword, `bad` (501 5.1.7 / 5.1.3) for a malformed path."""
+        usage = f"{command} {keyword}<address>"
+        if not arg or arg[:len(keyword)].upper() != keyword:
+            await self.push(status.syntax(usage))
             return None
-        arg, found = taken
+        text = arg[len(keyword):]
         try:
-            return arg, parse(found)
+            addr, rest = address.parse_path(text)
+        except address.PathError:
+            self._log.illegal_address(self._client_name(), command, text)
+            await self.push(bad)
+            return None
+        if command == "RCPT" and not addr:
+            self._log.illegal_address(self._client_name(), command, text)
+            await self.push(bad)
+            return None
+        words = rest.split()
+        if words and not self.session.extended_smtp:
+            await self.push(status.syntax(usage))
+            return None
+        return addr, words
+
+    async def _mail_params(self, words: list[str]):
+        """(options for the handler, RET, ENVID), or None when a refusal was sent. Options are upper case:
+        `BODY=8BITMIME`, `SIZE=n`, `SMTPUTF8`."""
+        try:
+            found, others = dsn.split_params(words, dsn.MAIL_KEYS)
+            ret, envid = dsn.mail_params(found)
         except dsn.DsnError as e:
             await self.push(status.bad_dsn_parameter(str(e)))
             return None
-
-    async def _take_dsn_params(self, arg: str | None, keyword: str, keys: tuple[str, ...]):
-        """(the command argument without its DSN parameters, those parameters), or None when a refusal was
-        sent. Lines aiosmtpd cannot parse are passed through unchanged for aiosmtpd to refuse."""
-        if not arg or not self.session.extended_smtp:
-            return arg, {}
-        stripped = self._strip_command_keyword(keyword, arg)
-        if stripped is None:
-            return arg, {}
-        address, rest = self._getaddr(stripped)
-        if address is None or rest is None:
-            return arg, {}
-        try:
-            found, others = dsn.split_params(rest.split(), keys)
-        except dsn.DsnError as e:
-            await self.push(status.bad_dsn_parameter(str(e)))
-            return None
-        head = stripped[:len(stripped) - len(rest)].rstrip()
-        return f"{keyword}{head} {' '.join(others)}".rstrip(), found
+        options = []
+        for word in others:
+            key, eq, value = word.partition("=")
+            key, upper_value = key.upper(), value.upper()
+            if key == "BODY" and upper_value in ("7BIT", "8BITMIME"):
+                options.append(f"BODY={upper_value}")
+            elif key == "SIZE" and eq:
+                if not (value.isascii() and value.isdigit()) or len(value) > 20:
+                    await self.push(status.BAD_SIZE_SYNTAX)
+                    return None
+                if self.data_size_limit and int(value) > self.data_size_limit:
+                    await self.push(status.SIZE_EXCEEDS_LIMIT)
+                    return None
+                options.append(f"SIZE={int(value)}")
+            elif key == "SMTPUTF8" and not eq:
+                options.append("SMTPUTF8")
+            elif key == "AUTH" and eq:
+                continue  # RFC 4954 section 5: accepted from anyone, trusted from no one
+            else:
+                await self.push(status.unsupported_option(word))
+                return None
+        return options, ret, envid
 
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
@@ -565,8 +746,25 @@ def _with_keywords(lines: list[str], keywords: tuple[str, ...]) -> list[str]:
     return [*head, *extra, last]
 
 
-def _is_error_reply(line) -> bool:
-    """A final 4xx/5xx reply line (what Postfix counts as a client error)."""
-    text = line if isinstance(line, str) else line.decode("ascii", errors="replace")
-    return text[:1] in ("4", "5") and text[3:4] == " "
+def _malformed(line: bytes) -> status.Reply | None:
+    """Why a command line cannot be a command at all (empty, NUL, a non-ASCII verb, invalid UTF-8), or None.
+    Valid UTF-8 is checked for the whole line, as Postfix does with SMTPUTF8 on: nothing later has to cope
+    with undecodable text."""
+    if not line:
+        return status.BAD_SYNTAX
+    if b"\0" in line:
+        return status.NUL_IN_COMMAND
+    if not line.partition(b" ")[0].isascii():
+        return status.BAD_SYNTAX
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        return status.BAD_UTF8
+    return None
+
+
+def _final_code(line) -> int:
+    """The code of a final reply line (`250 ...`, not `250-...`), else 0."""
+    text = line if isinstance(line, str) else line[:4].decode("ascii", errors="replace")
+    return int(text[:3]) if text[:3].isdigit() and text[3:4] in (" ", "") else 0
 

@@ -6,6 +6,9 @@
 Rules (Postfix smtpd_forbid_bare_newline = reject):
 - A command line ends only at CRLF. A line ended by a bare LF, or holding a bare CR, raises `WireError` with
   `521 5.5.2 ... bare <LF>/<CR> received`, fatal: the session ends.
+- With `bare_lf=True` (forbid_bare_newline = false; Postfix's "normalize"), a bare LF ends a command line or a
+  DATA line as CRLF would and is stored as CRLF, but DATA still ends only at CRLF "." CRLF (so no `\n.\n`
+  form can end it or smuggle a second message). A bare CR is refused either way.
 - A command line longer than `limit` is read to its end and discarded: `500 5.5.2 Error: line too long`.
 - DATA ends only at CRLF "." CRLF. A bare LF or bare CR anywhere in the content is fatal at once (no
   `\\n.\\n`-style sequence can end the message or split it into two: nothing is queued and the session ends).
@@ -87,10 +90,12 @@ class _ContentSink:
 class Wire:
     """The client's input not yet consumed. One per session; `discard()` after STARTTLS."""
 
-    def __init__(self, reader: asyncio.StreamReader, host: str, progress: Callable[[int], None] | None = None):
+    def __init__(self, reader: asyncio.StreamReader, host: str, progress: Callable[[int], None] | None = None,
+                 *, bare_lf: bool = False):
         self._reader = reader
         self._host = host
         self._progress = progress or (lambda n: None)
+        self._bare_lf = bare_lf
         self._buf = bytearray()
 
     def discard(self) -> None:
@@ -100,6 +105,10 @@ class Wire:
     def pending(self) -> bool:
         """True when input beyond what was consumed has already arrived (pipelining checks)."""
         return bool(self._buf) or bool(getattr(self._reader, "_buffer", b""))
+
+    def peek(self, limit: int = 100) -> bytes:
+        """The first bytes received and not consumed (for the log of a pipelining violation)."""
+        return bytes(self._buf[:limit]) or bytes(getattr(self._reader, "_buffer", b""))[:limit]
 
     async def _fill(self) -> None:
         data = await self._reader.read(CHUNK)
@@ -126,7 +135,9 @@ class Wire:
         line = bytes(self._buf[:end + 1])
         del self._buf[:end + 1]
         if not line.endswith(b"\r\n"):
-            raise self._bare("LF")
+            if not self._bare_lf:
+                raise self._bare("LF")
+            line = line[:-1] + b"\r\n"
         if b"\r" in line[:-2]:
             raise self._bare("CR")
         if len(line) > limit:
@@ -146,31 +157,36 @@ class Wire:
     async def read_data(self, max_size: int | None) -> Content:
         """DATA content through CRLF.CRLF (the terminator is consumed; what follows stays for the next command)."""
         sink = _ContentSink(max_size)
-        at_line_start = True
+        lead = b"\r\n"  # how the previous line ended: CRLF, a bare LF (bare_lf mode), or b"" inside a line
         while True:
             last_lf = self._buf.rfind(b"\n")
             if last_lf < 0:
                 if len(self._buf) > PARTIAL_LINE_KEEP:
-                    at_line_start = self._take_partial_line(sink, at_line_start)
+                    self._take_partial_line(sink, bool(lead))
+                    lead = b""
                 await self._fill()
                 continue
             region = bytes(self._buf[:last_lf + 1])
-            lead = b"\r\n" if at_line_start else b""
             scan = lead + region
-            end = scan.find(TERMINATOR)
+            end = scan.find(TERMINATOR)  # in the bytes as sent: only CRLF "." CRLF ends DATA
             if end >= 0:
-                body = scan[:end + 2]
-                self._check_content(body)
-                sink.add(body.replace(b"\r\n.", b"\r\n")[len(lead):])
+                sink.add(self._unstuffed(scan[:end + 2], lead))
                 del self._buf[:end + len(TERMINATOR) - len(lead)]
                 return sink.result()
-            self._check_content(scan)
-            sink.add(scan.replace(b"\r\n.", b"\r\n")[len(lead):])
+            sink.add(self._unstuffed(scan, lead))
             del self._buf[:last_lf + 1]
-            at_line_start = True
+            lead = b"\r\n" if region.endswith(b"\r\n") else b"\n"
             await self._fill()
 
-    def _take_partial_line(self, sink: _ContentSink, at_line_start: bool) -> bool:
+    def _unstuffed(self, scan: bytes, lead: bytes) -> bytes:
+        """Complete lines (after `lead`, the previous line's end) checked, normalised and dot-unstuffed."""
+        if self._bare_lf:
+            scan = scan.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            lead = b"\r\n" if lead else b""
+        self._check_content(scan)
+        return scan.replace(b"\r\n.", b"\r\n")[len(lead):]
+
+    def _take_partial_line(self, sink: _ContentSink, at_line_start: bool) -> None:
         """Pass on the buffered part of a very long line (keeping a trailing CR, which a LF may yet follow)."""
         keep = 1 if self._buf.endswith(b"\r") else 0
         piece = bytes(self._buf[:len(self._buf) - keep])
@@ -180,7 +196,6 @@ class Wire:
             piece = piece[1:]
         sink.add(piece)
         del self._buf[:len(self._buf) - keep]
-        return False
 
     def _check_content(self, data: bytes) -> None:
         char = bare_newline_in(data)
