@@ -17,6 +17,7 @@ import signal
 
 from mailflow.clock import Clock, SystemClock
 from mailflow.config import Config
+from mailflow.content import Content
 from mailflow.logs import MailLog
 from mailflow.stages.cleanup import Cleanup
 from mailflow.stages.pickup import Pickup
@@ -34,7 +35,7 @@ def forwarder(cleanup: Cleanup, myhostname: str):
     """How local delivery queues a forwarded copy: a new message through cleanup, same sender, each new
     recipient keeping the original recipient (ORCPT)."""
 
-    async def forward(request: DeliveryRequest, rcpt: Recipient, addresses: tuple[str, ...], content: bytes) -> str:
+    async def forward(request: DeliveryRequest, rcpt: Recipient, addresses: tuple[str, ...], content: Content) -> str:
         envelope = Envelope(request.sender, addresses, smtputf8=request.smtputf8, body_type=request.body_type,
                             originals=(rcpt.original,) * len(addresses))
         client = ClientInfo(addr="127.0.0.1", helo=myhostname, protocol="local")
@@ -63,6 +64,7 @@ class Mailflow:
         self.store = await Store.open(c.queue_path / "queue.db", batch_limit=c.queue.commit_batch_limit,
                                       backlog_limit=c.queue.incoming_backlog_limit)
         try:
+            await self.store.sweep()  # spool files a crash left behind; nothing is being received yet
             await self._start_stages()
         except BaseException:
             await self.stop()
@@ -83,7 +85,8 @@ class Mailflow:
                                  config=c.queue, clock=self.clock, rng=self.rng, log=maillog, notices=notices)
         await self.qmgr.start()
         self.pickup = Pickup(c.queue_path, cleanup, myhostname=c.myhostname, clock=self.clock,
-                             interval=c.sendmail.pickup_interval, bounce_size_limit=c.queue.bounce_size_limit)
+                             interval=c.sendmail.pickup_interval, bounce_size_limit=c.queue.bounce_size_limit,
+                             size_limit=c.smtpd.message_size_limit)
         await self.pickup.start()
         resolver = self._dns_resolver()
         self.smtpd = Smtpd(c, lambda listener_config: SmtpdHandler(listener_config, router.rewriter, router.mapper,

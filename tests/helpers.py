@@ -5,15 +5,21 @@
   answers nothing. `merged(base, overrides)` overlays settings; `to_toml(settings)` writes them as TOML.
 - `send(port, sender, rcpts, content)` speaks SMTP with aiosmtplib and returns (refused, final reply).
 - `eventually(pred)`, `queue_becomes(store, counts)`: bounded polling. `maildir_messages(dir)`, `free_port()`.
+- `ServerProcess(config_path, log_path, port)`: `python -m mailflow serve` as a child process (start, kill).
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import aiosmtplib
+import pytest
 
 
 def base_settings(tmp_path: Path) -> dict:
@@ -98,3 +104,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m mailflow serve -c CONFIG` as a child process, killed with SIGKILL on demand."""
+
+    def __init__(self, config_path, log_path, port: int):
+        self.config_path, self.log_path, self.port = config_path, log_path, port
+        self.proc: subprocess.Popen | None = None
+
+    async def start(self) -> None:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "mailflow", "serve", "-c", str(self.config_path)],
+                                     stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
+        log.close()
+        if not await eventually(self._listening, timeout=15, step=0.05):
+            self.kill()
+            pytest.fail(f"server did not listen on {self.port}:\n{self.log_path.read_text()[-2000:]}")
+
+    def _listening(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)

@@ -15,6 +15,7 @@ import pytest
 from aiosmtpd.lmtp import LMTP
 
 from mailflow.config import LmtpConfig, config_from_dict
+from mailflow.content import Content
 from mailflow.errors import ConfigError
 from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports.lmtp import (
@@ -22,7 +23,6 @@ from mailflow.transports.lmtp import (
     LmtpTransport,
     MalformedReply,
     ReplyParser,
-    dot_stuffed,
     parse_nexthop,
 )
 
@@ -148,7 +148,7 @@ def make_transport(port: int = 24, timeout: float = 2.0) -> LmtpTransport:
 
 def make_request(nexthop: str, *recipients: str, sender: str = "a@remote.test", content: bytes = CONTENT, **kw):
     rcpts = tuple(Recipient(i, address, address) for i, address in enumerate(recipients or ("b@example.test",)))
-    return DeliveryRequest("Q1", sender, rcpts, nexthop, content, **kw)
+    return DeliveryRequest("Q1", sender, rcpts, nexthop, Content.of(content), **kw)
 
 
 async def deliver(transport: LmtpTransport, request: DeliveryRequest):
@@ -442,12 +442,6 @@ def test_nexthop_forms():
     for bad in ("unix:", "[]:24", "host:port", "host:99999"):
         with pytest.raises(ValueError):
             parse_nexthop(bad, 24)
-
-
-def test_dot_stuffing_and_line_ends():
-    assert dot_stuffed(b".a\r\n..b\r\nc.\r\n.\r\n") == b"..a\r\n...b\r\nc.\r\n..\r\n"
-    assert dot_stuffed(b"bare\nlf\rcr\r\nno end") == b"bare\r\nlf\r\ncr\r\nno end\r\n"
-    assert dot_stuffed(b"") == b"\r\n"  # an empty message is one empty line
 
 
 def test_reply_parser_joins_lines_and_refuses_garbage():

@@ -21,6 +21,7 @@ import pytest
 
 from mailflow.clock import VirtualClock
 from mailflow.config import Config
+from mailflow.content import Content
 from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.stages.aliasing import LocalExpander
 from mailflow.stages.rewrite import Rewriter
@@ -62,7 +63,7 @@ def transport(tmp_path: Path, aliases: str = "", forward: FakeForward | None = N
 
 def request(*rcpts: str, content: bytes = CONTENT) -> DeliveryRequest:
     return DeliveryRequest("Q1", SENDER, tuple(Recipient(i, r, r.upper()) for i, r in enumerate(rcpts)),
-                           "mx.example.test", content)
+                           "mx.example.test", Content.of(content))
 
 
 def delivered(tmp_path: Path, user: str) -> list[bytes]:
@@ -105,7 +106,7 @@ async def test_alias_to_two_users_and_a_remote_address(tmp_path):
     assert fwd_request is req
     assert fwd_rcpt == req.recipients[0]
     assert addresses == ("carol@remote.test",)
-    assert content == b"Delivered-To: team@example.test\r\n" + CONTENT
+    assert content.to_bytes() == b"Delivered-To: team@example.test\r\n" + CONTENT
 
 
 async def test_several_remote_addresses_go_in_one_forward(tmp_path):

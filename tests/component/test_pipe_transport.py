@@ -20,6 +20,7 @@ import pytest
 
 from mailflow.config import PipeService, config_from_dict
 from mailflow.errors import ConfigError
+from mailflow.content import Content
 from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports.pipe import CommandNotRun, PipeTransport, run_command
 from tests.command_scripts import script_dir
@@ -42,7 +43,7 @@ def pipe(argv: list[str], **settings) -> PipeTransport:
 def request(*rcpts: str, content: bytes = CONTENT, sender: str = SENDER, originals: dict | None = None):
     originals = originals or {}
     return DeliveryRequest("Q1ABC", sender, tuple(Recipient(i, r, originals.get(r, r)) for i, r in enumerate(rcpts)),
-                           "pipe.test", content)
+                           "pipe.test", Content.of(content))
 
 
 def outcome(result) -> tuple[Outcome, str]:

@@ -13,6 +13,7 @@ from aiosmtpd.smtp import AuthResult
 
 from mailflow.config import SmtpConfig
 from mailflow.dns import MX, AiodnsResolver, StaticResolver
+from mailflow.content import Content
 from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports.smtp import SmtpTransport, order_exchangers
 from tests.conftest import CaptureHandler
@@ -43,7 +44,7 @@ def make_transport(resolver=None, port: int = 25, tls: str = "none", timeout: fl
 
 def make_request(nexthop: str, *recipients: str, sender: str = "a@remote.test", content: bytes = CONTENT, **kw):
     rcpts = tuple(Recipient(i, address, address) for i, address in enumerate(recipients or ("b@example.test",)))
-    return DeliveryRequest("Q1", sender, rcpts, nexthop, content, **kw)
+    return DeliveryRequest("Q1", sender, rcpts, nexthop, Content.of(content), **kw)
 
 
 def mx_zone(*lines: str) -> str:

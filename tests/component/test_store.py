@@ -8,6 +8,7 @@ import threading
 import aiosqlite
 import pytest
 
+from mailflow.content import Content
 from mailflow.model import Delivered, Outcome, QueuedMessage, RcptResult, Recipient
 from mailflow.store import NewMessage, Overloaded, Store
 
@@ -17,8 +18,14 @@ T0 = 1_700_000_000.0
 def new(qid: str, *rcpts: str, arrival: float = T0, content: bytes | None = None, sender: str = "a@remote.test",
         **kw) -> NewMessage:
     rcpts = rcpts or ("b@example.test",)
-    return NewMessage(qid, sender, arrival, content if content is not None else f"Subject: {qid}\r\n\r\nbody\r\n".encode(),
-                      tuple(Recipient(i, r, r.upper()) for i, r in enumerate(rcpts)), **kw)
+    data = content if content is not None else f"Subject: {qid}\r\n\r\nbody\r\n".encode()
+    return NewMessage(qid, sender, arrival, Content.of(data), tuple(Recipient(i, r, r.upper()) for i, r in enumerate(rcpts)),
+                      **kw)
+
+
+async def content_of(store: Store, queue_id: str) -> bytes | None:
+    content = await store.content(queue_id)
+    return None if content is None else content.to_bytes()
 
 
 def result(msg: QueuedMessage, idx: int, outcome: Outcome, dsn: str = "", text: str = "") -> RcptResult:
@@ -50,7 +57,7 @@ async def test_insert_then_due_returns_it_with_recipients(store):
                                 (Recipient(0, "x@example.test", "X@EXAMPLE.TEST"),
                                  Recipient(1, "y@example.test", "Y@EXAMPLE.TEST")))
     assert await store.counts() == {"incoming": 1}
-    assert await store.content("Q1") == b"Subject: Q1\r\n\r\nbody\r\n"
+    assert await content_of(store, "Q1") == b"Subject: Q1\r\n\r\nbody\r\n"
     assert await store.recipients("Q1") == [("x@example.test", "pending", "", ""), ("y@example.test", "pending", "", "")]
 
 
@@ -70,7 +77,7 @@ async def test_null_sender_and_empty_content_round_trip(store):
     await store.insert(new("Q1", sender="", content=b""))
     msg = await only(store)
     assert (msg.sender, msg.size) == ("", 0)
-    assert await store.content("Q1") == b""
+    assert await content_of(store, "Q1") == b""
 
 
 async def test_duplicate_queue_id_is_refused(store):
@@ -268,7 +275,7 @@ async def test_concurrent_content_reads_each_get_their_own(store):
     ids = [f"Q{i:04d}" for i in range(600)]  # more than one IN (...) chunk
     await asyncio.gather(*(store.insert(new(q, content=f"content of {q}\r\n".encode() * (i % 7 + 1)))
                            for i, q in enumerate(ids)))
-    got = await asyncio.gather(*(store.content(q) for q in ids + ["MISSING", ids[5]]))
+    got = await asyncio.gather(*(content_of(store, q) for q in ids + ["MISSING", ids[5]]))
     for i, q in enumerate(ids):
         assert got[i] == f"content of {q}\r\n".encode() * (i % 7 + 1)
     assert got[-2] is None
@@ -278,7 +285,7 @@ async def test_concurrent_content_reads_each_get_their_own(store):
 async def test_content_is_bytes_exact(store):
     data = bytes(range(256)) * 4 + b"\r\n.\r\n\x00"
     await store.insert(new("Q1", content=data))
-    assert await store.content("Q1") == data
+    assert await content_of(store, "Q1") == data
 
 
 # ---------------------------------------------------------------------------------------------- reopen
@@ -302,7 +309,7 @@ async def test_reopened_store_still_has_the_rows(tmp_path):
         due = {m.queue_id: m for m in await store.due(T0 + 60, 10)}
         assert set(due) == {"Q1", "Q2"}
         assert due["Q1"].recipients == (Recipient(1, "y@example.test", "Y@EXAMPLE.TEST"),)
-        assert await store.content("Q2") == b"Subject: Q2\r\n\r\nbody\r\n"
+        assert await content_of(store, "Q2") == b"Subject: Q2\r\n\r\nbody\r\n"
     finally:
         await store.close()
 

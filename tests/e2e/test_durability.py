@@ -2,48 +2,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
 import sqlite3
-import subprocess
-import sys
 import uuid
 
 import pytest
 
-from tests.helpers import eventually, free_port, send
+from tests.helpers import ServerProcess, eventually, free_port, send
 
 MESSAGES = 5
-
-
-class ServerProcess:
-    """`python -m mailflow serve -c CONFIG` as a child process, killed with SIGKILL on demand."""
-
-    def __init__(self, config_path, log_path, port: int):
-        self.config_path, self.log_path, self.port = config_path, log_path, port
-        self.proc: subprocess.Popen | None = None
-
-    async def start(self) -> None:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "mailflow", "serve", "-c", str(self.config_path)],
-                                     stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
-        log.close()
-        if not await eventually(self._listening, timeout=15, step=0.05):
-            self.kill()
-            pytest.fail(f"server did not listen on {self.port}:\n{self.log_path.read_text()[-2000:]}")
-
-    def _listening(self) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-            return True
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
 
 
 @pytest.fixture

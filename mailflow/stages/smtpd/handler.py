@@ -7,7 +7,9 @@ cannot answer). With the defaults this is today's rule set: relaying only for my
 clients (554 5.7.1), unknown users of this host's domains refused (550 5.1.1, naming the table).
 DATA runs the data list (`handle_DATA_COMMAND`, for a session that asks before 354; else at the end), then
 the end_of_data list, then hands a `Submission` to cleanup and answers 250 only once cleanup has committed
-it. A message marked DISCARD by a restriction is answered 250 and dropped (logged); HOLD is queued on hold.
+it. The session writes the content into `new_spool()` as it arrives; the handler sees it whole, as a
+mailflow.content.Content (`envelope.content`), never as one bytes object.
+A message marked DISCARD by a restriction is answered 250 and dropped (logged); HOLD is queued on hold.
 
 Failure behaviour: every refusal is an SMTP reply from `mailflow.status`. A message cleanup could not commit
 gets 451 and is not queued; an unexpected exception in a hook gets 451 4.3.0 and is logged; the session stays
@@ -22,6 +24,7 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope, Session
 
 from mailflow import address, status
 from mailflow.config import Config
+from mailflow.content import Spool
 from mailflow.errors import DeliveryError, LookupRetry
 from mailflow.model import ClientInfo, Envelope, Submission
 from mailflow.stages.addressmap import AddressMapper
@@ -105,11 +108,8 @@ class SmtpdHandler:
         refusal = await self._content_refusal(session, envelope)
         if refusal is not None:
             return str(refusal)
-        submission = Submission(
-            envelope=self._envelope(envelope),
-            content=envelope.original_content or b"",
-            client=self._client(session),
-        )
+        submission = Submission(envelope=self._envelope(envelope), content=envelope.content,
+                                client=self._client(session))
         marks = self._marks(envelope)
         if marks.discard is not None:
             return str(self._discard(submission, marks.discard))
@@ -139,7 +139,7 @@ class SmtpdHandler:
             if refusal is not None:
                 return refusal
         facts = self._facts(session, envelope, rcpt, stage="end_of_data")
-        facts.size = len(envelope.original_content or b"")
+        facts.size = envelope.content.size
         return await self.restrictions.check_end_of_data(facts)
 
     def _discard(self, submission: Submission, reason: str) -> status.Reply:
@@ -148,6 +148,10 @@ class SmtpdHandler:
         log.info("%s: discard: from [%s] from=<%s> to=%s: %s", queue_id, submission.client.addr,
                  submission.envelope.sender, ",".join(f"<{r}>" for r in submission.envelope.recipients), reason)
         return status.queued(queue_id)
+
+    def new_spool(self, max_size: int | None) -> Spool:
+        """Where the session writes DATA/BDAT content as it arrives (cleanup's, i.e. the queue's)."""
+        return self._cleanup.new_spool(max_size)
 
     async def handle_exception(self, error: Exception) -> str:
         log.exception("smtpd: unexpected error in a session", exc_info=error)

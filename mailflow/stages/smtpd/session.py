@@ -34,7 +34,8 @@ from mailflow import status
 from mailflow.address import in_networks
 from mailflow.stages.smtpd import dsn
 from mailflow.stages.smtpd.frontends import ProxyError, XclientError, parse_xclient, read_proxy_header
-from mailflow.stages.smtpd.wire import Content, Wire, WireError, bare_newline_in
+from mailflow.content import Spool
+from mailflow.stages.smtpd.wire import ContentCheck, Wire, WireError, refusal
 
 log = logging.getLogger("mailflow.smtpd")
 
@@ -101,7 +102,7 @@ class SmtpSession(SMTP):
         self._junk = 0
         self._data_started: float | None = None  # loop time DATA/BDAT content began, for the rate deadline
         self._data_bytes = 0
-        self._bdat = None  # the BDAT content sink of the current transaction, if BDAT began
+        self._bdat: tuple[Spool, ContentCheck] | None = None  # the current transaction's BDAT content, if begun
 
     # --- connection ---------------------------------------------------------------------------------------
 
@@ -115,6 +116,7 @@ class SmtpSession(SMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         self._sessions.discard(self)
+        self._drop_bdat()
         super().connection_lost(error)
 
     def eof_received(self) -> bool | None:
@@ -396,7 +398,7 @@ class SmtpSession(SMTP):
 
     def _set_post_data_state(self) -> None:
         super()._set_post_data_state()
-        self._bdat = None
+        self._drop_bdat()
         self.envelope.dsn_ret = ""
         self.envelope.dsn_envid = ""
         self.envelope.rcpt_dsn = []
@@ -466,12 +468,16 @@ class SmtpSession(SMTP):
             await self.push(status.syntax("DATA"))
             return
         await self.push(status.START_DATA)
-        self._content_begins()
+        spool = self._new_spool()
         try:
-            content = await self._wire.read_data(self.data_size_limit)
+            self._content_begins()
+            try:
+                why_not = await self._wire.read_data(spool)
+            finally:
+                self._content_ends()
+            await self._finish_message(spool, why_not)
         finally:
-            self._content_ends()
-        await self._finish_message(content)
+            spool.discard()
 
     async def smtp_BDAT(self, arg: str | None) -> None:
         """RFC 3030: `BDAT <size> [LAST]`; the chunk follows at once, without dot-stuffing or terminator."""
@@ -481,27 +487,33 @@ class SmtpSession(SMTP):
             await self.push(status.BDAT_SYNTAX)
             return
         size, last = int(words[0]), len(words) == 2
-        refusal = await self._bdat_refusal()
-        if refusal is not None:
+        refused = await self._bdat_refusal()
+        if refused is not None:
             await self._skip_chunk(size)  # the chunk is on its way regardless; it must not be read as commands
-            await self.push(refusal)
+            await self.push(refused)
             return
         if self._bdat is None:
-            self._bdat = Wire.content_sink(self.data_size_limit)
+            self._bdat = (self._new_spool(), ContentCheck())
+        spool, check = self._bdat
         self._content_begins()
         try:
-            await self._wire.read_chunk(size, self._bdat)
+            await self._wire.read_chunk(size, spool, check)
         finally:
             self._content_ends()
         if not last:
             await self.push(status.bdat_chunk(size))
             return
-        content = self._bdat.result()
-        if content.refusal is None and self._limits.forbid_bare_newline and bare_newline_in(content.data):
-            self._set_rset_state()
-            await self._refuse_and_close(status.bare_newline(self.hostname, bare_newline_in(content.data)))
-            return
-        await self._finish_message(content)
+        self._bdat = None  # the spool is this method's now
+        try:
+            why_not = refusal(spool, check.nul)
+            bare = check.finish()
+            if why_not is None and self._limits.forbid_bare_newline and bare:
+                self._set_rset_state()
+                await self._refuse_and_close(status.bare_newline(self.hostname, bare))
+                return
+            await self._finish_message(spool, why_not)
+        finally:
+            spool.discard()
 
     async def _bdat_refusal(self):
         if not self.session.host_name:
@@ -516,17 +528,27 @@ class SmtpSession(SMTP):
     async def _skip_chunk(self, size: int) -> None:
         self._content_begins()
         try:
-            await self._wire.read_chunk(size, Wire.content_sink(1))
+            await self._wire.read_chunk(size, None)
         finally:
             self._content_ends()
 
-    async def _finish_message(self, content: Content) -> None:
-        """Hand complete content to the handler (or refuse it); either way the transaction ends."""
-        if content.refusal is not None:
+    def _new_spool(self) -> Spool:
+        """Where this transaction's content goes (the handler's, i.e. the queue's spool directory)."""
+        return self.event_handler.new_spool(self.data_size_limit)
+
+    def _drop_bdat(self) -> None:
+        if self._bdat is not None:
+            self._bdat[0].discard()
+            self._bdat = None
+
+    async def _finish_message(self, spool: Spool, why_not: status.Reply | None) -> None:
+        """Hand complete content to the handler (or refuse it); either way the transaction ends. The handler
+        finds the content (a mailflow.content.Content) as `envelope.content`."""
+        if why_not is not None:
             self._set_post_data_state()
-            await self.push(content.refusal)
+            await self.push(why_not)
             return
-        self.envelope.content = self.envelope.original_content = content.data
+        self.envelope.content = self.envelope.original_content = await spool.finish()
         reply = await self._call_handler_hook("DATA")
         self._set_post_data_state()
         if isinstance(reply, str) and reply.startswith("250"):
