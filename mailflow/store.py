@@ -143,11 +143,7 @@ class _Writer:
         try:
             for source, queue_id in rows:
                 target = self._content_dir / queue_id
-                try:
-                    os.link(source, target)
-                except FileExistsError:  # left by an earlier try of this request: start again
-                    target.unlink()
-                    os.link(source, target)
+                os.link(source, target)  # FileExistsError: the name is another message's; never replaced
                 linked.append(target)
             if linked:
                 _fsync_path(self._content_dir)

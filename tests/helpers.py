@@ -6,12 +6,16 @@
 - `send(port, sender, rcpts, content)` speaks SMTP with aiosmtplib and returns (refused, final reply).
 - `eventually(pred)`, `queue_becomes(store, counts)`: bounded polling. `maildir_messages(dir)`, `free_port()`.
 - `ServerProcess(config_path, log_path, port)`: `python -m mailflow serve` as a child process (start, kill).
+- `big_message(size)`: a message bigger than the in-memory limit whose lines exercise every content transformation
+  (leading dots, From_ lines, '>' runs, a line longer than a read); `spooled(directory, data)` is such content
+  as the store keeps it (header section in memory, the rest in a file).
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -133,3 +137,31 @@ class ServerProcess:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=10)
+
+
+def big_message(size: int = 1_000_000, seed: int = 1, long_line: bool = True) -> bytes:
+    """A CRLF message of about `size` bytes; its body lines start with '.', 'From ', '>From ', '>>' now and then,
+    and (`long_line`) one is 100 KB long, so that chunk boundaries fall everywhere that matters. (aiosmtpd
+    peers refuse lines over 1000 bytes.)"""
+    rng = random.Random(seed)
+    starts = [b"", b"", b"", b".", b"..", b"From ", b">From ", b">>", b"F", b"x"]
+    lines = [b"Subject: big %d\r\nX-Big: yes\r\n\r\n" % seed]
+    total = len(lines[0])
+    while total < size:
+        line = rng.choice(starts) + b"w" * rng.randint(0, 120) + b" \xc3\xa9" * rng.randint(0, 2) + b"\r\n"
+        if len(lines) == 300 and long_line:
+            line = b"L" * 100_000 + b"\r\n"
+        lines.append(line)
+        total += len(line)
+    return b"".join(lines)
+
+
+def spooled(directory: Path, data: bytes):
+    """`data` as the store keeps a big message: the header section in memory, the rest in a file."""
+    from mailflow.content import Content, FilePart
+    from mailflow.message import split_header
+
+    head, _ = split_header(data)
+    path = directory / f"spooled-{len(data)}"
+    path.write_bytes(data)
+    return Content((head, FilePart(str(path), len(head), len(data) - len(head))))

@@ -26,6 +26,8 @@ from mailflow.transports.lmtp import (
     parse_nexthop,
 )
 
+from tests.helpers import big_message, spooled
+
 HELO = "mx.mailflow.test"
 CONTENT = (
     b"From: a@remote.test\r\n"
@@ -463,3 +465,14 @@ def test_lmtp_settings_take_durations_and_refuse_a_zero_timeout():
         port=2424, data_timeout=120.0)
     with pytest.raises(ConfigError, match="lmtp.connect_timeout"):
         config_from_dict({"lmtp": {"connect_timeout": "0s"}})
+
+
+async def test_a_spooled_message_is_streamed_and_arrives_byte_exact(lmtp_peer, tmp_path):
+    data = big_message(long_line=False)
+    peer = await lmtp_peer(pipelining=True)
+    request = DeliveryRequest("Q1", "a@remote.test", (Recipient(0, "b@example.test", "b@example.test"),),
+                              f"[127.0.0.1]:{peer.port}", spooled(tmp_path, data))
+    report = await deliver(make_transport(), request)
+    assert [r.outcome for r in report.results] == [Outcome.SENT]
+    [message] = peer.messages
+    assert message.content == data and f"SIZE={len(data)}" in message.mail_options

@@ -10,6 +10,8 @@ signature of mailflow.app's `forwarder`.
 """
 from __future__ import annotations
 
+import re
+
 import os
 import pwd
 import shutil
@@ -21,12 +23,13 @@ import pytest
 
 from mailflow.clock import VirtualClock
 from mailflow.config import Config
-from mailflow.content import Content
+from mailflow.content import MEMORY_LIMIT, Content
 from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.stages.aliasing import LocalExpander
 from mailflow.stages.rewrite import Rewriter
 from mailflow.transports.local import LocalTransport
 from mailflow.transports.maildir import MaildirWriter
+from tests.helpers import big_message, spooled
 
 SENDER = "sender@remote.test"
 CONTENT = b"From: sender@remote.test\r\nSubject: hello\r\n\r\nline one\r\nline two\r\n"
@@ -231,3 +234,29 @@ async def test_one_copy_per_user_however_many_recipients_lead_there(tmp_path):
         request("alice@example.test", "team@example.test", "Alice+x@example.test"))
     assert [r.outcome for r in report.results] == [Outcome.SENT] * 3
     assert len(delivered(tmp_path, "alice")) == 1 and len(delivered(tmp_path, "bob")) == 1
+
+
+# ---------------------------------------------------------------------------------------------- big messages
+
+async def test_a_spooled_message_reaches_maildir_mbox_and_forward_byte_exact(tmp_path):
+    """Bigger than the in-memory limit and read from a file in chunks: the Maildir copy, the mbox entry (mboxrd
+    quoting across chunk boundaries) and the forwarded copy are what the whole-message rules make of it."""
+    data = big_message()
+    content = spooled(tmp_path, data)
+    assert not content.in_memory and content.size > MEMORY_LIMIT
+    fwd = FakeForward()
+    t = transport(tmp_path, "team: alice, carol@remote.test\n", forward=fwd)
+    req = DeliveryRequest("Q1", SENDER, (Recipient(0, "team@example.test", "team@example.test"),), "x", content)
+    [result] = (await t.deliver(req)).results
+    assert result.outcome is Outcome.SENT
+    prefix = f"Return-Path: <{SENDER}>\nDelivered-To: alice@example.test\n".encode()
+    assert delivered(tmp_path, "alice") == [prefix + data.replace(b"\r\n", b"\n")]
+    [(_, _, _, forwarded)] = fwd.calls
+    assert forwarded.to_bytes() == b"Delivered-To: team@example.test\r\n" + data
+
+    t = transport(tmp_path, home_mailbox="Mailbox")
+    await t.deliver(DeliveryRequest("Q2", SENDER, (Recipient(0, "bob@example.test", "bob@example.test"),), "x",
+                                    content))
+    mbox = (tmp_path / "mail" / "bob" / "Mailbox").read_bytes()
+    text = (prefix.replace(b"alice", b"bob") + data).replace(b"\r\n", b"\n")
+    assert mbox.split(b"\n", 1)[1] == re.sub(rb"(?m)^(>*From )", rb">\1", text) + b"\n"

@@ -13,7 +13,7 @@ from mailflow.maildrop import (CorruptMaildrop, MaildropError, MaildropMessage, 
                                read_maildrop, wake_pickup, write_maildrop)
 from mailflow.sendmail import (LINE_PIECE, UsageError, header_recipients, may_submit, may_use_sender, parse_args,
                                read_message, split_input, without_bcc)
-from tests.helpers import eventually, maildir_messages
+from tests.helpers import big_message, eventually, maildir_messages
 
 MESSAGE = MaildropMessage(sender="alice@local.test", recipients=("bob@local.test",), uid=1000, user="alice",
                           fullname="Alice A", time=1.5, notify="SUCCESS,FAILURE", ret="HDRS", envid="e1",
@@ -276,6 +276,25 @@ async def test_a_looping_message_is_returned_to_its_sender(mailflow_server, tmp_
     assert b"5.4.6" in notice and b"Subject: Undelivered Mail Returned to Sender" in notice
     assert not (mf.config.queue_path / "maildrop" / name).exists()
     assert maildir_messages(tmp_path / "mail" / "bob" / "Maildir") == []
+
+
+async def test_a_file_over_the_size_limit_is_returned_unread_and_a_big_one_under_it_is_delivered(
+        mailflow_server, tmp_path):
+    mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "message_size_limit": 700_000})
+    too_big = _drop(mf, content=b"Subject: too big\r\n\r\n" + b"x" * 78 * 10_000 + b"\r\n")
+    data = big_message(size=600_000)
+    _drop(mf, content=data, recipients=("carol@relay.test",))  # deferred (no DNS): stays queued to be looked at
+    mf.pickup.wake()
+    notice_box = tmp_path / "mail" / "alice" / "Maildir"
+    assert await eventually(lambda: maildir_messages(notice_box), timeout=5)
+    [notice] = maildir_messages(notice_box)
+    assert b"5.3.4" in notice and b"message file too big" in notice
+    assert b"Subject: too big" in notice and b"x" * 78 not in notice  # its header section only
+    assert not (mf.config.queue_path / "maildrop" / too_big).exists()
+    assert await eventually(lambda: not maildrop_names(mf.config.queue_path / "maildrop"), timeout=5)
+    [(queue_id, *_)] = await mf.store.message_page(queues=("incoming", "active", "deferred"))
+    content = await mf.store.content(queue_id)
+    assert not content.in_memory and content.to_bytes().endswith(data.split(b"\r\n\r\n", 1)[1])
 
 
 async def test_notify_and_envid_travel_with_the_message(mailflow_server, tmp_path):

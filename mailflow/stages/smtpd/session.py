@@ -550,6 +550,7 @@ class SmtpSession(SMTP):
             return
         self.envelope.content = self.envelope.original_content = await spool.finish()
         reply = await self._call_handler_hook("DATA")
+        spool.discard()  # what was queued has the queue's own name for its file by now
         self._set_post_data_state()
         if isinstance(reply, str) and reply.startswith("250"):
             self._errors = 0
