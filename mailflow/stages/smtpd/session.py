@@ -1,7 +1,9 @@
 """The SMTP protocol edge: an aiosmtpd `SMTP` subclass, one per client connection.
 
 What it owns: reading the client (through `wire.Wire`, chunked and strict about CRLF, never aiosmtpd's
-line-by-line readers), the command loop, DATA and BDAT (RFC 3030 CHUNKING, which aiosmtpd lacks), the RFC 3461
+line-by-line readers), the command loop, DATA and BDAT (RFC 3030 CHUNKING, which aiosmtpd lacks) written as
+they arrive into a spool from the handler's `new_spool(message_size_limit)` (mailflow.content.Spool: memory
+for a small message, a file for a big one; discarded when the transaction ends, however it ends), the RFC 3461
 DSN parameters of MAIL and RCPT (`dsn.py`), pipelining discipline, deadlines and error counting. aiosmtpd's
 command methods (HELO, EHLO, MAIL, RCPT, RSET, STARTTLS, AUTH, ...) are reused; policy lives in the handler.
 Every reply after the greeting, except EHLO/HELO's, carries an enhanced status code (RFC 2034).
@@ -545,6 +547,9 @@ class SmtpSession(SMTP):
         """Hand complete content to the handler (or refuse it); either way the transaction ends. The handler
         finds the content (a mailflow.content.Content) as `envelope.content`."""
         if why_not is not None:
+            if spool.failure is not None:
+                log.error("smtpd: %s: message not queued: cannot write its spool file: %s", self._peer_text(),
+                          spool.failure)
             self._set_post_data_state()
             await self.push(why_not)
             return
