@@ -66,8 +66,14 @@ class Content:
     __slots__ = ("parts", "size")
 
     def __init__(self, parts: Iterable[Part] = ()):
-        self.parts: tuple[Part, ...] = tuple(p for p in parts if _length(p))
-        self.size: int = sum(_length(p) for p in self.parts)
+        kept, size = [], 0
+        for part in parts:
+            n = part.length if part.__class__ is FilePart else len(part)
+            if n:
+                kept.append(part)
+                size += n
+        self.parts: tuple[Part, ...] = tuple(kept)
+        self.size: int = size
 
     @classmethod
     def of(cls, data: bytes) -> "Content":
@@ -164,7 +170,7 @@ class Spool:
     """See the module docstring."""
 
     def __init__(self, directory: str | Path, *, max_size: int | None = None, memory_limit: int = MEMORY_LIMIT):
-        self._directory = Path(directory)
+        self._directory = directory
         self._max_size = max_size or None
         self._memory_limit = memory_limit
         self._buffer = bytearray()
@@ -225,7 +231,7 @@ class Spool:
         self._forget()
 
     def _open(self) -> None:
-        path = self._directory / f"{SPOOL_PREFIX}{secrets.token_hex(8)}"
+        path = Path(self._directory) / f"{SPOOL_PREFIX}{secrets.token_hex(8)}"
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self._path = path
 

@@ -343,8 +343,11 @@ class Store:
         removed = 0
         for entry in os.scandir(self.content_dir):
             if is_spool_name(entry.name) or entry.name not in kept:
-                os.unlink(entry.path)
-                removed += 1
+                try:
+                    os.unlink(entry.path)
+                    removed += 1
+                except OSError as e:
+                    log.error("store: cannot remove %s: %s", entry.path, e)
         if removed:
             log.info("store: removed %d content files left by an earlier run", removed)
         return removed
@@ -682,10 +685,6 @@ def _insert_ops(messages: Sequence[NewMessage]) -> list[_Op]:
         (_LINK_CONTENT, links),
         ("INSERT INTO content (message_id, data, body, file_offset) VALUES (?, ?, ?, ?)", content_rows),
     ]
-
-
-def _length(part) -> int:
-    return part.length if isinstance(part, FilePart) else len(part)
 
 
 def _content_row(content: Content) -> tuple:

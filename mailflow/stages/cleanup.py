@@ -138,7 +138,7 @@ class Cleanup:
 
     def log_queued(self, msg: NewMessage) -> None:
         """The `received` and `queued` log lines, once the message is committed."""
-        head, _ = read_header(msg.content, self._header_size_limit)
+        head = msg.content.parts[0]  # the header section as prepare() wrote it
         self._log.received(msg.queue_id, msg.client, header_value(head, "message-id"))
         self._log.queued(msg.queue_id, msg.sender, msg.content.size, len(msg.recipients))
 

@@ -13,7 +13,6 @@ end. None holds back more than a few bytes (a CR that a LF may follow, the start
     from_quoting()      `From ` lines get a '>' (pipe flag >)   dot_quoting()  '.' doubled (pipe flag .)
     FinalNewline()      a LF at the end when the content does not end in one
     encode(chunks, *encoders) / aencode(async chunks, *encoders)   the chunks through the encoders in order
-    smtp_data(async chunks)     SmtpData's output, then the terminator ".\r\n"
 """
 from __future__ import annotations
 
@@ -165,8 +164,3 @@ async def aencode(chunks: AsyncIterable[bytes], *encoders: Encoder) -> AsyncIter
     if tail:
         yield tail
 
-
-async def smtp_data(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-    async for chunk in aencode(chunks, SmtpData()):
-        yield chunk
-    yield b".\r\n"

@@ -52,16 +52,17 @@ from mailflow.config import LmtpConfig, parse_hostport
 from mailflow.content import CHUNK, Content
 from mailflow.dns import is_ip_literal
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, Recipient
-from mailflow.transports.encode import smtp_data
 from mailflow.transports.smtp import (
     Failure,
     Outcomes,
+    asmtp_data,
     needs_smtputf8,
     one_line,
     os_reason,
     reply_dsn,
     reply_results,
     screen_envelope,
+    smtp_data,
 )
 
 log = logging.getLogger("mailflow.lmtp")
@@ -292,7 +293,10 @@ class LmtpTransport:
                 raise SiteFailure(Failure("4.5.0", text))
             outcomes.results.update(reply_results(accepted, reply, session.peer, "DATA"))
             return
-        await session.send_stream(smtp_data(content.stream()), self._config.data_timeout, "sending message body")
+        if content.in_memory:
+            await session.send(b"".join(smtp_data(content)), self._config.data_timeout, "sending message body")
+        else:
+            await session.send_stream(asmtp_data(content), self._config.data_timeout, "sending message body")
         for r in accepted:
             reply = await session.read_reply(
                 self._config.data_timeout, "sending end of data -- message may be sent more than once"
@@ -325,8 +329,7 @@ class LmtpSession:
             raise self._lost(activity, e) from None
 
     async def send_stream(self, chunks: AsyncIterator[bytes], timeout: float, activity: str) -> None:
-        """Write the chunks CHUNK bytes at a time (a small message in one write), each write taken by the
-        server within `timeout`."""
+        """Write the chunks CHUNK bytes at a time, each write taken by the server within `timeout`."""
         pieces: list[bytes] = []
         size = 0
         async for chunk in chunks:

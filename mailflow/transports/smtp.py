@@ -84,7 +84,7 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Callable
@@ -94,14 +94,14 @@ from aiosmtplib import SMTPResponse
 from aiosmtplib.auth import auth_login_encode, auth_plain_encode
 
 from mailflow.config import SmtpConfig, parse_hostport
-from mailflow.content import CHUNK
+from mailflow.content import CHUNK, Content
 from mailflow.dns import MX, NotFound, Resolver, is_ip_literal
 from mailflow.errors import LookupRetry
 from mailflow.message import HEADER_READ_LIMIT, read_header
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
 from mailflow.tables import Table, TableCache
 from mailflow.transports.downgrade import Downgrade
-from mailflow.transports.encode import aencode, smtp_data
+from mailflow.transports.encode import Encoder, SmtpData, aencode, encode
 from mailflow.transports.smtp_session import CRLF, Session, SessionCache
 from mailflow.transports.smtp_tls import (
     TlsContexts,
@@ -254,15 +254,14 @@ class Payload:
 
     request: DeliveryRequest
 
-    def for_session(self, session: Session) -> tuple[AsyncIterator[bytes], str | None]:
-        """(the content's chunks, BODY= parameter or None)."""
-        content = self.request.content
+    def for_session(self, session: Session) -> tuple[tuple[Encoder, ...], str | None]:
+        """(the encoders the content goes through before dot-stuffing, BODY= parameter or None)."""
         if self.request.body_type.upper() != "8BITMIME":
-            return content.stream(), None
+            return (), None
         if session.supports("8bitmime"):
-            return content.stream(), "BODY=8BITMIME"
+            return (), "BODY=8BITMIME"
         log.debug("%s: %s offers no 8BITMIME: content converted to 7 bit", self.request.queue_id, session.peer.relay)
-        return aencode(content.stream(), Downgrade()), None
+        return (Downgrade(),), None
 
 
 # ---------------------------------------------------------------------------------------------------- transport
@@ -623,14 +622,14 @@ class SmtpTransport:
     ) -> None:
         """One mail transaction; every recipient ends with a result in `outcomes`. A reused session that dies
         before MAIL FROM is answered raises StaleSession and leaves `outcomes` untouched."""
-        content, body = payload.for_session(session)
+        encoders, body = payload.for_session(session)
         refusal = peer_cannot_take(session, request)
         if refusal is not None:
             outcomes.set_all(recipients, Outcome.BOUNCED, refusal.dsn, refusal.text, session.peer.relay)
             return
         session.uses += 1
         try:
-            await self._transaction(session, request, content, body, recipients, outcomes, reused)
+            await self._transaction(session, request, encoders, body, recipients, outcomes, reused)
         except ConversationLost as e:
             pending = [r for r in recipients if r not in outcomes.results]
             outcomes.set_all(pending, Outcome.DEFERRED, e.failure.dsn, e.failure.text, session.peer.relay)
@@ -640,7 +639,7 @@ class SmtpTransport:
         self,
         session: Session,
         request: DeliveryRequest,
-        content: AsyncIterator[bytes],
+        encoders: tuple[Encoder, ...],
         body: str | None,
         recipients: list[Recipient],
         outcomes: Outcomes,
@@ -690,7 +689,7 @@ class SmtpTransport:
         if reply.code != 354:
             outcomes.results.update(reply_results(accepted, data_refusal(reply), peer, "DATA"))
             return
-        await self._send_body(session, content)
+        await self._send_body(session, request.content, encoders)
         reply = await self._reply(session, "end of DATA", self._config.data_timeout)
         session.transaction_open = False
         outcomes.results.update(reply_results(accepted, reply, peer, "end of DATA"))
@@ -710,12 +709,15 @@ class SmtpTransport:
         except (aiosmtplib.SMTPException, OSError, TimeoutError):
             session.abort()
 
-    async def _send_body(self, session: Session, content: AsyncIterator[bytes]) -> None:
-        """The content, dot-stuffed, and the terminator: written CHUNK bytes at a time, each write waiting
-        (within data_timeout) until the peer has taken enough of the last; a small message in one write."""
+    async def _send_body(self, session: Session, content: Content, encoders: tuple[Encoder, ...]) -> None:
+        """The content, dot-stuffed, and the terminator. A message in memory goes in one write; a spooled one
+        CHUNK bytes at a time, each write waiting (within data_timeout) until the peer has taken the last."""
+        if content.in_memory:
+            self._send(session, list(smtp_data(content, encoders)), "message body")
+            return
         pieces: list[bytes] = []
         size = 0
-        async for piece in smtp_data(content):
+        async for piece in asmtp_data(content, encoders):
             pieces.append(piece)
             size += len(piece)
             if size >= CHUNK:
@@ -910,6 +912,19 @@ def screen_envelope(request: DeliveryRequest) -> tuple[Outcomes, list[Recipient]
         else:
             sendable.append(r)
     return outcomes, sendable
+
+
+def smtp_data(content: Content, encoders: tuple[Encoder, ...] = ()) -> Iterator[bytes]:
+    """The DATA of a message in memory: the content through `encoders`, dot-stuffed, then the terminator."""
+    yield from encode(content.chunks(), *encoders, SmtpData())
+    yield b"." + CRLF
+
+
+async def asmtp_data(content: Content, encoders: tuple[Encoder, ...] = ()) -> AsyncIterator[bytes]:
+    """`smtp_data` of a spooled message, its file read chunk by chunk."""
+    async for piece in aencode(content.stream(), *encoders, SmtpData()):
+        yield piece
+    yield b"." + CRLF
 
 
 def data_refusal(reply: SMTPResponse) -> SMTPResponse:
