@@ -108,7 +108,7 @@ async def test_big_mail_acknowledged_survives_sigkill_and_spool_files_of_the_res
 
     peer = await smtp_peer(port=sink_port)
     await srv.start()
-    await eventually(lambda: len(peer.messages) >= 2, timeout=20)
+    assert await eventually(lambda: len(peer.messages) >= 2, timeout=20)
     assert sorted(m.content.split(b"\r\n\r\n", 1)[1] for m in peer.messages) == \
         sorted(b.split(b"\r\n\r\n", 1)[1] for b in bodies)
     assert await eventually(lambda: queued_rows(tmp_path / "queue" / "queue.db") == 0, timeout=10)
