@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from mailflow.content import Content
 from mailflow.model import Recipient
 from mailflow.store import NewMessage, Store
 
@@ -28,7 +29,7 @@ ROOM = 1000
 
 async def filled_store(path: Path, n: int, deferred: bool) -> Store:
     store = await Store.open(path)
-    body = b"Subject: bench\r\n\r\n" + b"x" * 200 + b"\r\n"
+    body = Content.of(b"Subject: bench\r\n\r\n" + b"x" * 200 + b"\r\n")
     for start in range(0, n, 5000):
         await store.insert_many([
             NewMessage(f"B{i:07d}", "s@source.test", T0 + i, body,

@@ -6,17 +6,21 @@
 
 The clock, RNG, resolver and transports can be injected (tests pass fakes or local peers); nothing is
 global, so several instances can run in one process. `serve(config)` runs one until SIGTERM/SIGINT or
-until an injected shutdown trigger fires; SIGHUP reloads the TLS certificates (`reload()`).
+until an injected shutdown trigger fires; SIGHUP reloads the TLS certificates (`reload()`); after each burst
+of mail, once idle, it gives the memory the burst freed back to the system (`return_memory_when_idle`).
 """
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import random
 import signal
 
 from mailflow.clock import Clock, SystemClock
 from mailflow.config import Config
+from mailflow.content import Content
 from mailflow.logs import MailLog
 from mailflow.stages.cleanup import Cleanup
 from mailflow.stages.pickup import Pickup
@@ -34,7 +38,7 @@ def forwarder(cleanup: Cleanup, myhostname: str):
     """How local delivery queues a forwarded copy: a new message through cleanup, from the same sender (each new
     recipient keeping the original recipient, ORCPT) or from a mailing list's owner."""
 
-    async def forward(request: DeliveryRequest, rcpt: Recipient, addresses: tuple[str, ...], content: bytes,
+    async def forward(request: DeliveryRequest, rcpt: Recipient, addresses: tuple[str, ...], content: Content,
                       sender: str | None = None) -> str:
         # a list's owner as the new sender: the DSN data of the original must not follow (local(8))
         originals = (rcpt.original,) * len(addresses) if sender is None else ()
@@ -66,6 +70,7 @@ class Mailflow:
         self.store = await Store.open(c.queue_path / "queue.db", batch_limit=c.queue.commit_batch_limit,
                                       backlog_limit=c.queue.incoming_backlog_limit)
         try:
+            await self.store.sweep()  # spool files a crash left behind; nothing is being received yet
             await self._start_stages()
         except BaseException:
             await self.stop()
@@ -87,7 +92,8 @@ class Mailflow:
                                  config=c.queue, clock=self.clock, rng=self.rng, log=maillog, notices=notices)
         await self.qmgr.start()
         self.pickup = Pickup(c.queue_path, cleanup, myhostname=c.myhostname, clock=self.clock,
-                             interval=c.sendmail.pickup_interval, bounce_size_limit=c.queue.bounce_size_limit)
+                             interval=c.sendmail.pickup_interval, bounce_size_limit=c.queue.bounce_size_limit,
+                             size_limit=c.smtpd.message_size_limit)
         await self.pickup.start()
         resolver = self._dns_resolver()
         self.smtpd = Smtpd(c, lambda listener_config: SmtpdHandler(listener_config, router.rewriter, router.mapper,
@@ -137,6 +143,11 @@ class Mailflow:
             self.smtpd.reload_tls()
 
     @property
+    def idle(self) -> bool:
+        """No SMTP session is open and no delivery or record is under way."""
+        return not (self.smtpd and self.smtpd.sessions) and not (self.qmgr and self.qmgr.busy)
+
+    @property
     def smtp_addresses(self) -> list[tuple[str, int]]:
         return self.smtpd.addresses if self.smtpd else []
 
@@ -146,6 +157,37 @@ class Mailflow:
 
     async def __aexit__(self, *exc) -> None:
         await self.stop()
+
+
+IDLE_TRIM_INTERVAL = 1.0  # seconds between looks at whether the server went idle after moving mail
+
+
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library is not glibc."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+async def return_memory_when_idle(mf: "Mailflow", interval: float = IDLE_TRIM_INTERVAL, trim=None) -> None:
+    """Once the server is idle after moving mail, give the heap memory the load freed back to the system.
+
+    During a load of big messages asyncio reads each socket into a 256 KB buffer, and the content is handled
+    in 64-256 KB chunks. glibc serves such blocks from its heap once its dynamic mmap threshold has risen, and
+    freed between long-lived objects they stay resident: measured, 200 sessions x 2 MB left RSS 45 MB above
+    idle. malloc_trim(0) releases those free pages (a few ms, once per burst). Fixing the mmap threshold
+    instead keeps them out of the heap but makes every socket read an mmap: twice the system time per small
+    message. Does nothing where the C library is not glibc. (`trim`: instead of malloc_trim, for tests.)"""
+    trim = trim or _malloc_trim()
+    if trim is None:
+        return
+    trimmed_at = mf.store.commits
+    while True:
+        await asyncio.sleep(interval)
+        if mf.store.commits != trimmed_at and mf.idle:
+            trimmed_at = mf.store.commits
+            trim(0)
 
 
 async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None) -> None:
@@ -158,5 +200,9 @@ async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None) -
     async with Mailflow(config) as mf:
         if shutdown_trigger is None:  # SIGHUP: re-read TLS certificates; sessions are not dropped
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, mf.reload)
-        await stop.wait()
+        trimmer = asyncio.create_task(return_memory_when_idle(mf), name="memory-trim")
+        try:
+            await stop.wait()
+        finally:
+            trimmer.cancel()
         log.info("mailflow stopping")

@@ -226,8 +226,6 @@ def queue_show(queue_id: str = typer.Argument(..., metavar="QUEUE_ID"), config: 
                headers_only: bool = typer.Option(False, "--headers-only", help="the envelope and headers only"),
                as_json: bool = JsonOption) -> None:
     """One message like postcat -q: envelope, every recipient's status, then headers and body."""
-    import json
-
     from mailflow import queue_tools as qt
 
     try:
@@ -242,9 +240,9 @@ def queue_show(queue_id: str = typer.Argument(..., metavar="QUEUE_ID"), config: 
         recipients = (await store.recipients_of([qid])).get(qid, [])
         content = await store.content(qid)
         if as_json:
-            sys.stdout.write(json.dumps(qt.show_json(detail, recipients, content, headers_only), indent=2) + "\n")
+            qt.write_show_json(sys.stdout, detail, recipients, content, headers_only)
         else:
-            sys.stdout.write(qt.show_text(detail, recipients, content, headers_only, time.time()))
+            qt.write_show(sys.stdout, detail, recipients, content, headers_only, time.time())
 
     _tools("show", config, work)
 

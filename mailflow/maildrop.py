@@ -10,15 +10,20 @@ The first line is one JSON object (UTF-8) with `version` (1), `sender` ("" is th
 `notify` (RFC 3461 NOTIFY for every recipient, "" when not given), `ret`, `envid`, `body_type`, `size` (the
 byte count of what follows, so a truncated file is caught) and `flags` (a list of words; none are defined yet).
 
-- `MaildropMessage`: the envelope plus content, as a frozen value.
-- `write_maildrop(directory, message) -> name`: atomic and durable: a hidden temporary name in the same
-  directory, write, fsync, rename to the final name, fsync the directory. The file is mode 0600; the
-  directory is created 0700 when missing. Raises `MaildropError` (with `.code`, a sysexits value: 73
-  EX_CANTCREAT when the directory cannot be created or written, 75 EX_TEMPFAIL for anything else, such as a
-  full disk); a failed write leaves no file behind.
-- `read_maildrop(path) -> MaildropMessage`: validates; raises `CorruptMaildrop(reason)` for anything that is
-  not a complete, well-formed file (pickup moves such a file aside). The file's owner is returned as
-  `owner_uid`; pickup trusts it over the `uid` the file claims.
+- `MaildropMessage`: the envelope, the content's `size` and (once read back) its `offset` in the file, as a
+  frozen value. The content itself is never held whole: it is written from, and read back as, chunks.
+- `write_maildrop(directory, message, chunks, size_limit=0) -> name`: atomic and durable: a hidden temporary
+  name in the same directory, the envelope line, the chunks as they come, fsync, rename to the final name, fsync
+  the directory. The envelope line is written first with room for the size (and, when `body_type` is "", the
+  body type: 8BITMIME when a byte is not ASCII) and completed in place at the end (JSON allows the spaces that
+  pad it). The file is mode 0600; the directory is created 0700 when missing. Raises `MaildropError` (with
+  `.code`, a sysexits value: 65 EX_DATAERR when the content exceeds `size_limit` bytes (0: no limit) -
+  reading stops there; 73 EX_CANTCREAT when the directory cannot be created or written; 75 EX_TEMPFAIL for
+  anything else, such as a full disk); a failed write leaves no file behind.
+- `read_maildrop(path) -> MaildropMessage`: validates the envelope line and that exactly `size` bytes follow
+  (without reading them); raises `CorruptMaildrop(reason)` for anything that is not a complete, well-formed
+  file (pickup moves such a file aside). The file's owner is returned as `owner_uid`; pickup trusts it over
+  the `uid` the file claims. `maildrop_content(path, message)` is the content as a mailflow.content.Content.
 - `maildrop_names(directory)`: the finished files, oldest first (temporary names start with ".").
 - `wake_pickup(socket_path)`: one byte to the running server's pickup socket; a missing socket (no server)
   is not an error.
@@ -26,6 +31,7 @@ Nothing here needs a running server.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -35,13 +41,18 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
+
+from mailflow.content import Content, FilePart
 
 VERSION = 1
 FILE_MODE = 0o600
 DIRECTORY_MODE = 0o700
+EX_DATAERR = 65
 EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
 HEADER_LIMIT = 1_000_000  # bytes of the JSON line: far above any real envelope, below "read it all to find out"
+SIZE_ROOM = 10 ** 15 - 1  # the envelope line is first written with this size, then completed in place
 
 
 class MaildropError(Exception):
@@ -60,7 +71,6 @@ class CorruptMaildrop(Exception):
 class MaildropMessage:
     sender: str
     recipients: tuple[str, ...]
-    content: bytes
     uid: int
     user: str
     fullname: str = ""
@@ -70,17 +80,21 @@ class MaildropMessage:
     envid: str = ""
     body_type: str = "7BIT"
     flags: tuple[str, ...] = ()
+    size: int = 0  # bytes of content (set when written)
+    offset: int = field(default=0, compare=False)  # where the content starts in the file (set by read_maildrop)
     owner_uid: int | None = field(default=None, compare=False)  # set by read_maildrop from the file itself
 
     def header(self) -> dict:
         return {"version": VERSION, "sender": self.sender, "recipients": list(self.recipients), "uid": self.uid,
                 "user": self.user, "fullname": self.fullname, "time": self.time, "notify": self.notify,
-                "ret": self.ret, "envid": self.envid, "body_type": self.body_type, "size": len(self.content),
+                "ret": self.ret, "envid": self.envid, "body_type": self.body_type, "size": self.size,
                 "flags": list(self.flags)}
 
 
-def encode(message: MaildropMessage) -> bytes:
-    return json.dumps(message.header(), ensure_ascii=False).encode("utf-8") + b"\n" + message.content
+def envelope_line(message: MaildropMessage, width: int = 0) -> bytes:
+    """The JSON envelope line, padded with spaces to `width` bytes before its newline."""
+    line = json.dumps(message.header(), ensure_ascii=False).encode("utf-8")
+    return line + b" " * (width - len(line)) + b"\n"
 
 
 def new_name(now: float) -> str:
@@ -88,7 +102,8 @@ def new_name(now: float) -> str:
     return f"{int(now * 1_000_000):014X}{secrets.token_hex(4).upper()}"
 
 
-def write_maildrop(directory: Path, message: MaildropMessage) -> str:
+def write_maildrop(directory: Path, message: MaildropMessage, chunks: Iterable[bytes], *,
+                   size_limit: int = 0) -> str:
     directory = Path(directory)
     _ensure_directory(directory)
     name = new_name(time.time())
@@ -100,8 +115,7 @@ def write_maildrop(directory: Path, message: MaildropMessage) -> str:
     try:
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(encode(message))
-                f.flush()
+                _write_message(f, message, chunks, size_limit)
                 os.fsync(f.fileno())
             os.rename(temp, directory / name)
             _fsync_directory(directory)
@@ -111,6 +125,24 @@ def write_maildrop(directory: Path, message: MaildropMessage) -> str:
         temp.unlink(missing_ok=True)
         raise
     return name
+
+
+def _write_message(f, message: MaildropMessage, chunks: Iterable[bytes], size_limit: int) -> None:
+    """The envelope line (with room for what is known only at the end), the content, the line completed."""
+    detect = not message.body_type
+    room = len(envelope_line(dataclasses.replace(message, size=SIZE_ROOM, body_type="8BITMIME"))) - 1
+    f.write(b" " * room + b"\n")
+    size, ascii_only = 0, True
+    for chunk in chunks:
+        size += len(chunk)
+        if size_limit and size > size_limit:
+            raise MaildropError(f"message file too big: more than {size_limit} bytes (message_size_limit)",
+                                EX_DATAERR)
+        ascii_only = ascii_only and chunk.isascii()
+        f.write(chunk)
+    body_type = ("7BIT" if ascii_only else "8BITMIME") if detect else message.body_type
+    f.flush()
+    os.pwrite(f.fileno(), envelope_line(dataclasses.replace(message, size=size, body_type=body_type), room), 0)
 
 
 def _ensure_directory(directory: Path) -> None:
@@ -137,11 +169,10 @@ def _fsync_directory(directory: Path) -> None:
 def read_maildrop(path: Path) -> MaildropMessage:
     try:
         with open(path, "rb") as f:
-            owner = os.fstat(f.fileno()).st_uid
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
                 raise CorruptMaildrop("not a regular file")
             first = f.readline(HEADER_LIMIT)
-            content = f.read()
     except IsADirectoryError:
         raise CorruptMaildrop("not a regular file") from None
     if not first.endswith(b"\n"):
@@ -150,10 +181,15 @@ def read_maildrop(path: Path) -> MaildropMessage:
         header = json.loads(first)
     except (UnicodeDecodeError, ValueError) as e:
         raise CorruptMaildrop(f"envelope line is not JSON: {e}") from None
-    return _message(header, content, owner)
+    return _message(header, st.st_size - len(first), len(first), st.st_uid)
 
 
-def _message(header: object, content: bytes, owner: int) -> MaildropMessage:
+def maildrop_content(path: Path, message: MaildropMessage) -> Content:
+    """The content of a maildrop file read by read_maildrop (read when used, in chunks)."""
+    return Content((FilePart(str(path), message.offset, message.size),))
+
+
+def _message(header: object, available: int, offset: int, owner: int) -> MaildropMessage:
     if not isinstance(header, dict):
         raise CorruptMaildrop("envelope line is not a JSON object")
     if header.get("version") != VERSION:
@@ -167,8 +203,8 @@ def _message(header: object, content: bytes, owner: int) -> MaildropMessage:
         raise CorruptMaildrop("recipients: must be a non-empty list of addresses")
     if any(c in a for a in [header["sender"], *recipients] for c in "\r\n\0<>"):
         raise CorruptMaildrop("an address holds a control character or angle bracket")
-    if header["size"] != len(content):
-        raise CorruptMaildrop(f"size: says {header['size']} bytes, {len(content)} follow (truncated?)")
+    if header["size"] != available:
+        raise CorruptMaildrop(f"size: says {header['size']} bytes, {available} follow (truncated?)")
     optional = {}
     for key, kind in (("fullname", str), ("notify", str), ("ret", str), ("envid", str), ("body_type", str),
                       ("time", (int, float))):
@@ -178,8 +214,9 @@ def _message(header: object, content: bytes, owner: int) -> MaildropMessage:
     flags = header.get("flags", [])
     if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
         raise CorruptMaildrop("flags: must be a list of words")
-    return MaildropMessage(sender=header["sender"], recipients=tuple(recipients), content=content,
-                           uid=header["uid"], user=header["user"], flags=tuple(flags), owner_uid=owner, **optional)
+    return MaildropMessage(sender=header["sender"], recipients=tuple(recipients), uid=header["uid"],
+                           user=header["user"], flags=tuple(flags), size=header["size"], offset=offset,
+                           owner_uid=owner, **optional)
 
 
 def _expect(header: dict, key: str, kind) -> None:

@@ -1,11 +1,15 @@
 """Frozen values shared by every stage: what travels between smtpd, cleanup, qmgr and the transports.
 
-Stages hand each other these values (and bytes), never their own objects. Nothing here does I/O.
+Stages hand each other these values (and bytes), never their own objects. Nothing here does I/O. Message
+content travels as a `mailflow.content.Content`: in memory when small, else a spool or queue file read as a
+stream, so a value never holds a big message whole.
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+
+from mailflow.content import Content
 
 QueueId = str
 
@@ -74,7 +78,7 @@ class Submission:
     """One accepted message on its way from smtpd (or pickup) into cleanup."""
 
     envelope: Envelope
-    content: bytes
+    content: Content
     client: ClientInfo
     submitter: LocalUser | None = None  # set by pickup only
 
@@ -116,7 +120,7 @@ class DeliveryRequest:
     sender: str
     recipients: tuple[Recipient, ...]
     nexthop: str
-    content: bytes
+    content: Content
     smtputf8: bool = False
     body_type: str = "7BIT"
     arrival: float = 0.0

@@ -7,7 +7,8 @@ What it owns
   `apply()`, which walks the selection in chunks of `CHUNK` ids, one store transaction each (the store
   bumps the generation counter in it, so a running qmgr rescans), with progress on stderr past
   `PROGRESS_OVER` messages.
-- The reports: `write_mailq` (Postfix mailq layout), `write_list_json`, `write_show` (like postcat -q),
+- The reports: `write_mailq` (Postfix mailq layout), `write_list_json`, `write_show` / `write_show_json` (like
+  postcat -q; the body streamed from the queue, never held whole),
   `shape_rows`/`format_shape` (qshape's age buckets and layout), `format_destinations`.
 
 Every function that reads takes the store and a text stream; nothing here speaks SQL, and only `show`
@@ -15,15 +16,19 @@ reads message content. Formatting helpers are pure and take plain values.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import re
 import time
 from dataclasses import dataclass
-from typing import IO, AsyncIterator, Iterable, Sequence
+from typing import IO, AsyncIterator, Iterable, Iterator, Sequence
 
 from mailflow.address import normalise_domain
 from mailflow.config import parse_duration
 from mailflow.logs import printable
+from mailflow.content import Content
+from mailflow.message import HEADER_READ_LIMIT, read_header
+from mailflow.transports.encode import ToLf, encode
 
 QUEUES = ("incoming", "active", "deferred", "hold", "corrupt")
 LISTED_QUEUES = ("incoming", "active", "deferred", "hold")  # what mailq shows, like Postfix's showq
@@ -320,33 +325,66 @@ def when(ts: float, now: float) -> str:
     return f"{stamp} ({'in ' + ago(ts - now) if ts > now else ago(now - ts) + ' ago'})"
 
 
-def split_content(content: bytes) -> tuple[str, str]:
-    """(header section, body) as text with LF line ends; the empty line between them belongs to neither."""
-    text = content.decode("utf-8", "replace").replace("\r\n", "\n")
-    if text.startswith("\n"):
-        return "", text[1:]
-    head, sep, body = text.partition("\n\n")
-    return (head + "\n", body) if sep else (text if text.endswith("\n") or not text else text + "\n", "")
+def message_text(content: Content) -> tuple[str, Iterator[str]]:
+    """(header section, the body's pieces) as text with LF line ends, the body read chunk by chunk; the empty
+    line between them belongs to neither."""
+    head, _ = read_header(content, HEADER_READ_LIMIT)
+    rest = content.after(len(head))
+    first = rest.read_prefix(2)
+    blank = 2 if first == b"\r\n" else 1 if first[:1] == b"\n" else 0
+    return _text(head), _texts(encode(rest.after(blank).chunks(), ToLf()))
 
 
-def show_json(detail: tuple, recipients: Iterable[tuple], content: bytes | None, headers_only: bool) -> dict:
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "replace").replace("\r\n", "\n")
+
+
+def _texts(chunks: Iterable[bytes]) -> Iterator[str]:
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    for chunk in chunks:
+        text = decoder.decode(chunk)
+        if text:
+            yield text
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail
+
+
+def _envelope(detail: tuple, recipients: Iterable[tuple]) -> dict:
     qid, queue, size, arrival, sender, next_attempt, attempts, client, envid, ret, utf8, body_type, warned = detail
-    out = {"id": qid, "queue": queue, "size": size, "arrival": arrival, "sender": sender, "attempts": attempts,
-           "next_attempt": next_attempt, "client": client, "envid": envid, "ret": ret, "smtputf8": bool(utf8),
-           "body_type": body_type, "warned": bool(warned),
-           "recipients": [{"address": a, "original": o, "status": s, "dsn": d, "reason": r}
-                          for a, o, s, d, r in recipients],
-           "headers": None, "body": None}
+    return {"id": qid, "queue": queue, "size": size, "arrival": arrival, "sender": sender, "attempts": attempts,
+            "next_attempt": next_attempt, "client": client, "envid": envid, "ret": ret, "smtputf8": bool(utf8),
+            "body_type": body_type, "warned": bool(warned),
+            "recipients": [{"address": a, "original": o, "status": s, "dsn": d, "reason": r}
+                           for a, o, s, d, r in recipients],
+            "headers": None, "body": None}
+
+
+_BODY_PLACE = "\x00body\x00"  # where write_show_json streams the body into its JSON
+
+
+def write_show_json(out: IO[str], detail: tuple, recipients: Iterable[tuple], content: Content | None,
+                    headers_only: bool) -> None:
+    """The message as one JSON object (`mailflow queue show --json`), the body streamed into it."""
+    shown = _envelope(detail, recipients)
+    body: Iterator[str] = iter(())
     if content is not None:
-        out["headers"], body = split_content(content)
+        shown["headers"], body = message_text(content)
         if not headers_only:
-            out["body"] = body
-    return out
+            shown["body"] = _BODY_PLACE
+    before, place, after = json.dumps(shown, indent=2).partition(json.dumps(_BODY_PLACE))
+    out.write(before)
+    if place:
+        out.write('"')
+        for text in body:
+            out.write(json.dumps(text)[1:-1])
+        out.write('"')
+    out.write(after + "\n")
 
 
-def show_text(detail: tuple, recipients: Iterable[tuple], content: bytes | None, headers_only: bool,
-              now: float) -> str:
-    """Envelope, recipients, headers and body, in postcat's `*** … ***` sections."""
+def write_show(out: IO[str], detail: tuple, recipients: Iterable[tuple], content: Content | None,
+               headers_only: bool, now: float) -> None:
+    """Envelope, recipients, headers and body, in postcat's `*** … ***` sections; the body streamed."""
     qid, queue, size, arrival, sender, next_attempt, attempts, client, envid, ret, _utf8, body_type, _w = detail
     where = f"{queue}/{qid}"
     if queue == "hold":
@@ -378,17 +416,26 @@ def show_text(detail: tuple, recipients: Iterable[tuple], content: bytes | None,
             lines.append(f"  reason:       {printable(reason)}")
     if content is None:
         lines.append(f"*** MESSAGE CONTENTS {where}: missing (a corrupt entry) ***")
-        return "\n".join(lines) + "\n"
-    head, body = (_printable_lines(part) for part in split_content(content))
+        out.write("\n".join(lines) + "\n")
+        return
+    head, pieces = message_text(content)
+    head, body = _printable_lines(head), (_printable_lines(piece) for piece in pieces)
     lines.append(f"*** MESSAGE CONTENTS {where} ***")
-    text = "\n".join(lines) + "\n" + head
+    out.write("\n".join(lines) + "\n" + head)
     if not headers_only:
-        text += "\n" + body + ("" if not body or body.endswith("\n") else "\n")
-    return text + f"*** MESSAGE FILE END {where} ***\n"
+        out.write("\n")
+        ends_in_newline = True
+        for text in body:
+            out.write(text)
+            ends_in_newline = text.endswith("\n")
+        if not ends_in_newline:
+            out.write("\n")
+    out.write(f"*** MESSAGE FILE END {where} ***\n")
 
 
 def _printable_lines(text: str) -> str:
-    """Message text for a terminal: each line through printable(), its tabs kept."""
+    """Message text for a terminal: each line through printable(), its tabs kept (character by character, so
+    a body can go through it piece by piece)."""
     return "\n".join("\t".join(printable(part) for part in line.split("\t")) for line in text.split("\n"))
 
 

@@ -1,5 +1,6 @@
 -- The queue. The only module that speaks SQL is mailflow/store.py.
--- A message row exists only once its content and recipients are committed with it (one transaction).
+-- A message row exists only once its content and recipients are committed with it (one transaction; a content
+-- file is on disk before that transaction commits).
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 
 CREATE TABLE IF NOT EXISTS message (
@@ -34,9 +35,14 @@ CREATE TABLE IF NOT EXISTS recipient (
     PRIMARY KEY (message_id, idx)
 ) WITHOUT ROWID;
 
+-- The message as queued (CRLF line endings) is data, then body, then the file content/<message_id> from
+-- file_offset on, each when present. A message up to a few hundred KB is all in the row (data: the header
+-- section cleanup wrote, body: the rest); a bigger one keeps its header section here and the rest in the file.
 CREATE TABLE IF NOT EXISTS content (
-    message_id TEXT PRIMARY KEY,
-    data       BLOB NOT NULL                       -- the message as queued: CRLF line endings
+    message_id  TEXT PRIMARY KEY,
+    data        BLOB NOT NULL,
+    body        BLOB,
+    file_offset INTEGER                            -- NULL: no file
 );
 
 -- What qmgr knows of each destination (transport, nexthop), written about once a second for the tools.

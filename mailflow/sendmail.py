@@ -12,35 +12,41 @@ not an error: pickup scans the maildrop when the server starts). docs/sendmail.m
   Sendmail (`-o*` but `-oi`, `-O`, `-L`, `-h`, `-X`, `-A`, `-p`, `-G`, `-U`, `-n`, `-m`, `-c`, …) are accepted and
   ignored, as Postfix does; an unknown letter is ignored with a note under `-v`.
 - `run(options, config, stdin, stdout, stderr) -> int`: deliver and `-bs` (the other modes are cli.py's commands).
-  Exit codes (sysexits): 0; 64 EX_USAGE (no recipients, bad address); 77 EX_NOPERM (not in
-  `authorized_submit_users`, or a sender `local_login_sender_maps` does not allow); 73 EX_CANTCREAT / 75
-  EX_TEMPFAIL when the message cannot be stored (and 75 when a table cannot answer). Every failure prints one
-  line on stderr.
-- Message handling: line ends become CRLF; without `-i` a line holding a lone "." ends the input; a leading mbox
-  "From " line is dropped; `-t` adds the To/Cc/Bcc addresses (Resent-To/Cc/Bcc when the message has Resent-
-  headers) to those of the command line; Bcc and Resent-Bcc headers are removed from every message.
+  Exit codes (sysexits): 0; 64 EX_USAGE (no recipients, bad address); 65 EX_DATAERR (the message is bigger
+  than `message_size_limit`: "message file too big"); 77 EX_NOPERM (not in `authorized_submit_users`, or a
+  sender `local_login_sender_maps` does not allow); 73 EX_CANTCREAT / 75 EX_TEMPFAIL when the message cannot
+  be stored (and 75 when a table cannot answer). Every failure prints one line on stderr.
+- Message handling: standard input is streamed into the maildrop file, never held whole: only the header
+  section is kept (at most `header_size_limit` bytes; past that the rest goes on as it is), for -t and Bcc.
+  Line ends become CRLF (`read_message`: lines, a very long one in pieces); without `-i` a line holding a lone
+  "." ends the input; a leading mbox "From " line is dropped; `-t` adds the To/Cc/Bcc addresses (Resent-To/Cc/
+  Bcc when the message has Resent- headers) to those of the command line; Bcc and Resent-Bcc headers are
+  removed from every message. `-bs` DATA is streamed the same way; too big is `552 5.3.4`.
 - Identity: the uid and login name of the process (`os.getuid()`); the sender is login@myorigin unless `-f`/`-r`
   names one this login may use; the full name is `-F`, else $NAME, else the passwd GECOS field.
 """
 from __future__ import annotations
 
 import email.utils
+import itertools
 import os
 import pwd
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import BinaryIO, Iterable, Iterator, TextIO
 
 from mailflow import status
 from mailflow.config import Config
 from mailflow.errors import LookupRetry
-from mailflow.maildrop import MaildropError, MaildropMessage, wake_pickup, write_maildrop
+from mailflow.maildrop import EX_DATAERR, MaildropError, MaildropMessage, wake_pickup, write_maildrop
+from mailflow.message import CRLF, header_fields, split_header
 
 EX_USAGE = 64
 EX_NOPERM = 77
 EX_TEMPFAIL = 75
+LINE_PIECE = 65536  # standard input is read a line at a time, a longer line in pieces of this size
 
 WITH_ARGUMENT = set("ABCFLNORVXbfhoprq")  # letters whose value is the rest of the word or the next word
 OPTIONAL_ARGUMENT = {"q"}  # -q alone is valid: its value may only be attached (-q30m, -qRsite)
@@ -262,47 +268,50 @@ def clean_address(value: str, origin: str) -> str:
     return address
 
 
-def read_message(stream: BinaryIO, ignore_dots: bool) -> bytes:
-    """The message from standard input with CRLF line ends; a lone "." ends it unless `ignore_dots`."""
-    lines = []
-    first = True
-    for raw in stream:
-        line = raw.rstrip(b"\r\n")
-        if first and line.startswith(b"From "):  # an mbox separator, not a header (Postfix drops it too)
-            first = False
-            continue
+def read_message(stream: BinaryIO, ignore_dots: bool) -> Iterator[bytes]:
+    """The message from standard input, as lines ending in CRLF (a line longer than LINE_PIECE comes in pieces,
+    the last ending in CRLF); a lone "." ends it unless `ignore_dots`; a leading mbox "From " line is dropped."""
+    first, at_start, skipping, carry = True, True, False, b""
+    while raw := stream.readline(LINE_PIECE):
+        complete = raw.endswith(b"\n")
+        data, carry = carry + raw, b""
+        if not complete:  # a CR at the end of a piece may be the first half of the line end
+            kept = data.rstrip(b"\r")
+            data, carry = kept, data[len(kept):]
+        if at_start:
+            if first and data.startswith(b"From "):  # an mbox separator, not a header (Postfix drops it too)
+                skipping = True
+            elif complete and not ignore_dots and data.rstrip(b"\r\n") == b".":
+                return
         first = False
-        if not ignore_dots and line == b".":
+        if not skipping:
+            yield data.rstrip(b"\r\n") + CRLF if complete else data
+        skipping = skipping and not complete
+        at_start = complete
+    if not at_start and not skipping:  # the last line had no line end
+        yield CRLF
+
+
+def split_input(lines: Iterable[bytes], limit: int) -> tuple[bytes, Iterator[bytes]]:
+    """(the header section of `lines` - at most about `limit` bytes of it -, the lines that follow, starting with
+    the empty line). A header section longer than `limit` is cut there: the rest goes on as body."""
+    head: list[bytes] = []
+    size, at_start = 0, True
+    rest = iter(lines)
+    for line in rest:
+        if at_start and line == CRLF:
+            return b"".join(head), itertools.chain((line,), rest)
+        head.append(line)
+        size += len(line)
+        at_start = line.endswith(CRLF)
+        if size > limit:
             break
-        lines.append(line)
-    return b"".join(line + b"\r\n" for line in lines)
-
-
-def _split_header(content: bytes) -> tuple[list[bytes], bytes]:
-    """(header lines each with its CRLF, the rest from the empty line on). Content is CRLF already."""
-    if content.startswith(b"\r\n"):
-        return [], content
-    end = content.find(b"\r\n\r\n")
-    head, rest = (content, b"") if end < 0 else (content[: end + 2], content[end + 2:])
-    return head.splitlines(keepends=True), rest
-
-
-def _fields(lines: list[bytes]) -> list[tuple[str, list[bytes]]]:
-    """Header fields as (lower-case name, their lines including continuations)."""
-    fields: list[tuple[str, list[bytes]]] = []
-    for line in lines:
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1][1].append(line)
-        else:
-            name = line.split(b":", 1)[0].strip().decode("latin-1").lower() if b":" in line else ""
-            fields.append((name, [line]))
-    return fields
+    return b"".join(head), rest
 
 
 def header_recipients(content: bytes) -> list[str]:
     """-t: the addresses of To, Cc and Bcc (Resent-To/-Cc/-Bcc when any Resent- header is present)."""
-    lines, _ = _split_header(content)
-    fields = _fields(lines)
+    fields = header_fields(split_header(content)[0])
     resent = any(name.startswith("resent-") for name, _ in fields)
     wanted = ("resent-to", "resent-cc", "resent-bcc") if resent else ("to", "cc", "bcc")
     values = []
@@ -314,8 +323,10 @@ def header_recipients(content: bytes) -> list[str]:
 
 
 def without_bcc(content: bytes) -> bytes:
-    lines, rest = _split_header(content)
-    kept = [b"".join(ls) for name, ls in _fields(lines) if name not in ("bcc", "resent-bcc")]
+    head, rest = split_header(content)
+    if not content.endswith(b"\n") and not rest:
+        head = content  # a header section without its final line end stays so
+    kept = [b"".join(lines) for name, lines in header_fields(head) if name not in ("bcc", "resent-bcc")]
     return b"".join(kept) + rest
 
 
@@ -336,16 +347,20 @@ class Submitter:
         return (f"user {self.identity.login} (uid {self.identity.uid}) may not use the sender address "
                 f"<{sender}> (local_login_sender_maps)")
 
-    def store(self, sender: str, recipients: list[str], content: bytes, opts: Options) -> str:
-        body_type = opts.body_type or ("7BIT" if content.isascii() else "8BITMIME")
-        message = MaildropMessage(sender=sender, recipients=tuple(recipients), content=content,
-                                  uid=self.identity.uid, user=self.identity.login, fullname=self.fullname,
-                                  time=time.time(), notify=opts.notify, ret=opts.ret, envid=opts.envid,
-                                  body_type=body_type)
+    def store(self, sender: str, recipients: list[str], chunks: Iterable[bytes], opts: Options) -> str:
+        """Write the message (streamed from `chunks`) into the maildrop and wake pickup. Raises MaildropError
+        (EX_DATAERR when it is bigger than message_size_limit)."""
+        message = MaildropMessage(sender=sender, recipients=tuple(recipients), uid=self.identity.uid,
+                                  user=self.identity.login, fullname=self.fullname, time=time.time(),
+                                  notify=opts.notify, ret=opts.ret, envid=opts.envid,
+                                  body_type=opts.body_type)  # "" = 8BITMIME if a byte is not ASCII
         queue = self.config.queue_path
-        name = write_maildrop(queue / "maildrop", message)
+        name = write_maildrop(queue / "maildrop", message, chunks, size_limit=self.config.smtpd.message_size_limit)
         wake_pickup(queue / "public" / "pickup")
         return name
+
+    def split(self, lines: Iterable[bytes]) -> tuple[bytes, Iterator[bytes]]:
+        return split_input(lines, self.config.header_size_limit)
 
 
 def run(opts: Options, config: Config, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO,
@@ -383,13 +398,13 @@ def _deliver(opts: Options, config: Config, stdin: BinaryIO, stderr: TextIO, sub
     if problem:
         say(problem)
         return EX_NOPERM
-    content = read_message(stdin, opts.ignore_dots)
+    head, rest = submitter.split(read_message(stdin, opts.ignore_dots))
     if opts.extract:
-        recipients += [clean_address(r, origin) for r in header_recipients(content)]
+        recipients += [clean_address(r, origin) for r in header_recipients(head)]
     if not recipients:
         raise UsageError("no recipient addresses found in the message header (-t)")
     try:
-        name = submitter.store(sender, recipients, without_bcc(content), opts)
+        name = submitter.store(sender, recipients, itertools.chain((without_bcc(head),), rest), opts)
     except MaildropError as e:
         say(f"message not stored: {e}")
         return e.code
@@ -480,23 +495,41 @@ class StdioSmtp:
         if not self._recipients:
             return self._reply(status.NEED_RCPT)
         self._reply(status.START_DATA)
-        lines = []
-        while True:
-            raw = self._in.readline(self.LINE_LIMIT)
-            if not raw:
-                return  # end of input mid-message: nothing is stored
-            line = raw.rstrip(b"\r\n")
-            if line == b".":
-                break
-            lines.append(line[1:] if line.startswith(b".") else line)
-        content = without_bcc(b"".join(line + b"\r\n" for line in lines))
+        lines = self._data_lines()
         try:
-            name = self._sub.store(self._sender, self._recipients, content, self._opts)
-        except MaildropError:
-            self._reply(status.QUEUE_ERROR)
+            head, rest = self._sub.split(lines)
+            name = self._sub.store(self._sender, self._recipients, itertools.chain((without_bcc(head),), rest),
+                                   self._opts)
+        except _EndOfInput:
+            return  # end of input mid-message: nothing is stored
+        except MaildropError as e:
+            if not self._skip(lines):
+                return
+            self._reply(status.MESSAGE_TOO_BIG if e.code == EX_DATAERR else status.QUEUE_ERROR)
         else:
             self._reply(status.queued(name))
         self._reset()
+
+    def _data_lines(self) -> Iterator[bytes]:
+        """The DATA content, unstuffed, line by line, up to the "." line; _EndOfInput when input ends first."""
+        while True:
+            raw = self._in.readline(self.LINE_LIMIT)
+            if not raw:
+                raise _EndOfInput()
+            line = raw.rstrip(b"\r\n")
+            if line == b".":
+                return
+            yield (line[1:] if line.startswith(b".") else line) + CRLF
+
+    @staticmethod
+    def _skip(lines: Iterator[bytes]) -> bool:
+        """Read what is left of a refused message's DATA; False when the input ended first."""
+        try:
+            for _ in lines:
+                pass
+        except _EndOfInput:
+            return False
+        return True
 
     def _do_RSET(self, arg: str) -> None:
         self._reset()
@@ -511,6 +544,10 @@ class StdioSmtp:
     def _do_QUIT(self, arg: str) -> bool:
         self._reply(status.BYE)
         return False
+
+
+class _EndOfInput(Exception):
+    """-bs: standard input ended in the middle of DATA."""
 
 
 def _path(arg: str, keyword: str) -> str | None:

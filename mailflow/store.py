@@ -9,9 +9,22 @@ What it owns
   depends on it (every caller here does, because each write is awaited).
 - One reader connection (WAL lets it read while the writer writes). Content reads arriving in the same
   loop turn are coalesced into one query (`_BatchLoader`).
+- Message content (`mailflow.content.Content`). A message up to MEMORY_LIMIT bytes lives in its `content` row:
+  `data` (the header section cleanup wrote) and `body` (the rest), two BLOBs so that neither is copied into
+  the other. A bigger one keeps `data` in the row and the rest in the file `content/<queue id>` beside the
+  database (`file_offset`: where the rest starts in it). That file is a hard link to the spool file the
+  message arrived in (or, for a forwarded copy, to the original's file): queuing never copies a big message.
+  `new_spool(max_size)` gives the spool a stage writes arriving content to (`mailflow.content.Spool`).
 
 Contract
 - `insert(msg)` returns only after the transaction is on disk (`synchronous=FULL`): smtpd may then say 250.
+  A message with a content file is durable whole: the file is fsynced, linked under its queue id and the
+  directory fsynced before the transaction that adds its row commits; a failed commit removes the link.
+  Content that is neither in memory nor one file part at the end is first copied into a spool file.
+- `content(id)` returns the Content (its file part read lazily) or None when the row or its file is missing.
+- Removing a message (`record`, `delete_messages`) removes its content file after the commit.
+- `sweep()` (at server start, before anything is received) removes temporary spool files and content files
+  whose row is gone: what a crash between a commit and an unlink left behind.
 - `recover()` at start-up moves messages left `active` by a crash back to `incoming`: start-up is recovery.
 - Failures raise `sqlite3.Error` (or `Overloaded` when the write backlog is over its limit); nothing is
   half-written, because each batch is one transaction that is rolled back whole on error.
@@ -19,7 +32,9 @@ Contract
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,12 +44,17 @@ from typing import Iterable, Sequence
 
 import aiosqlite
 
+from mailflow.content import Content, FilePart, Spool, is_spool_name
 from mailflow.model import Delivered, Outcome, QueuedMessage, QueueId, Recipient
 
 log = logging.getLogger("mailflow.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _MAX_VARS = 500  # ids per IN (...) query
+CONTENT_DIRECTORY = "content"  # beside the database: content files of big messages, temporary spool files
+# Pseudo-statements the writer handles itself: link content files in before the transaction, unlink after.
+_LINK_CONTENT = "-- link content files"
+_DELETE_CONTENT = "DELETE FROM content WHERE message_id = ?"
 
 
 class Overloaded(Exception):
@@ -48,7 +68,7 @@ class NewMessage:
     queue_id: QueueId
     sender: str
     arrival: float
-    content: bytes
+    content: Content
     recipients: tuple[Recipient, ...]
     smtputf8: bool = False
     body_type: str = "7BIT"
@@ -71,6 +91,7 @@ class _Writer:
 
     def __init__(self, path: Path):
         self._path = path
+        self._content_dir = path.parent / CONTENT_DIRECTORY
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
         self._con: sqlite3.Connection | None = None
 
@@ -90,16 +111,47 @@ class _Writer:
         self._con = con
 
     def transaction(self, merged: dict[str, list[tuple]]) -> None:
+        """One transaction. Content files are linked in (and the directory fsynced) before it, so a committed
+        row always has its file; they are unlinked again if it fails. Files of removed content go after it."""
         con = self._con
-        con.execute("BEGIN IMMEDIATE")
+        linked = self._link_contents(merged.get(_LINK_CONTENT, ()))
         try:
-            for sql, rows in merged.items():
-                if rows:
-                    con.executemany(sql, rows)
-            con.execute("COMMIT")
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, rows in merged.items():
+                    if rows and sql != _LINK_CONTENT:
+                        con.executemany(sql, rows)
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
         except BaseException:
-            con.execute("ROLLBACK")
+            for path in linked:
+                path.unlink(missing_ok=True)
             raise
+        for (queue_id,) in merged.get(_DELETE_CONTENT, ()):
+            try:
+                (self._content_dir / queue_id).unlink()
+            except FileNotFoundError:
+                pass  # held in the database
+            except OSError as e:
+                log.error("store: cannot remove content file %s: %s (removed at the next start)", queue_id, e)
+
+    def _link_contents(self, rows) -> list[Path]:
+        """Hard-link each (source file, queue id) in as content/<queue id>; one fsync of the directory."""
+        linked: list[Path] = []
+        try:
+            for source, queue_id in rows:
+                target = self._content_dir / queue_id
+                os.link(source, target)  # FileExistsError: the name is another message's; never replaced
+                linked.append(target)
+            if linked:
+                _fsync_path(self._content_dir)
+        except BaseException:
+            for path in linked:
+                path.unlink(missing_ok=True)
+            raise
+        return linked
 
     def close(self) -> None:
         if self._con is not None:
@@ -243,16 +295,17 @@ def _marks(n: int) -> str:
 class Store:
     """The queue database. Open with `await Store.open(path)`; close with `await store.close()`."""
 
-    def __init__(self, writer: _Writer, reader: aiosqlite.Connection, committer: _GroupCommitter):
+    def __init__(self, writer: _Writer, reader: aiosqlite.Connection, committer: _GroupCommitter, content_dir: Path):
         self._writer = writer
         self._reader = reader
         self._committer = committer
         self._contents = _BatchLoader(self._fetch_contents)
+        self.content_dir = content_dir
 
     @classmethod
     async def open(cls, path: str | Path, *, batch_limit: int = 500, backlog_limit: int = 5000) -> "Store":
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        (path.parent / CONTENT_DIRECTORY).mkdir(mode=0o700, parents=True, exist_ok=True)
         writer = _Writer(path)
         try:
             await writer.call(writer.open)
@@ -265,7 +318,7 @@ class Store:
         await reader.execute("PRAGMA busy_timeout = 5000")
         committer = _GroupCommitter(writer, batch_limit, backlog_limit)
         committer.start()
-        return cls(writer, reader, committer)
+        return cls(writer, reader, committer, path.parent / CONTENT_DIRECTORY)
 
     async def close(self) -> None:
         await self._committer.stop()
@@ -277,14 +330,60 @@ class Store:
     def commits(self) -> int:
         return self._committer.commits
 
+    # -- content files ----------------------------------------------------------------------------
+    def new_spool(self, max_size: int | None = None) -> Spool:
+        """Where a stage writes content as it arrives (kept in memory while small, else a file in content/)."""
+        return Spool(self.content_dir, max_size=max_size)
+
+    async def sweep(self) -> int:
+        """Remove temporary spool files and content files without a row. Only at server start, before anything
+        is received (a spool being written would go too). Returns how many files were removed."""
+        kept = {qid for (qid,) in await self._reader.execute_fetchall(
+            "SELECT message_id FROM content WHERE file_offset IS NOT NULL")}
+        removed = 0
+        for entry in os.scandir(self.content_dir):
+            if is_spool_name(entry.name) or entry.name not in kept:
+                try:
+                    os.unlink(entry.path)
+                    removed += 1
+                except OSError as e:
+                    log.error("store: cannot remove %s: %s", entry.path, e)
+        if removed:
+            log.info("store: removed %d content files left by an earlier run", removed)
+        return removed
+
+    async def _storable(self, msg: NewMessage, temporaries: list[Spool]) -> NewMessage:
+        """`msg` with content the writer can link in: its file part (if any) last, whole, in content/, and
+        fsynced. Anything else is copied into a new spool file first (added to `temporaries`)."""
+        content = msg.content
+        if content.in_memory:
+            return msg
+        if not _linkable(content, self.content_dir):
+            head = b"".join(p for p in _leading_bytes(content.parts))
+            spool = Spool(self.content_dir, memory_limit=0)
+            temporaries.append(spool)
+            async for chunk in content.after(len(head)).stream():
+                spool.append(chunk)
+                await spool.drain()
+            content = Content((head, *(await spool.finish()).parts))
+            msg = dataclasses.replace(msg, content=content)
+        await asyncio.to_thread(_fsync_path, content.parts[-1].path)
+        return msg
+
     # -- writes ---------------------------------------------------------------------------------
     async def insert(self, msg: NewMessage) -> None:
         """Commit a new message (durably) in the incoming queue. May raise Overloaded."""
-        await self._committer.write(_insert_ops([msg]), may_refuse=True)
+        await self.insert_many([msg], may_refuse=True)
 
-    async def insert_many(self, messages: Sequence[NewMessage]) -> None:
+    async def insert_many(self, messages: Sequence[NewMessage], *, may_refuse: bool = False) -> None:
         """Commit many new messages in one transaction (bulk loads: pickup, tests, benchmarks)."""
-        await self._committer.write(_insert_ops(messages))
+        temporaries: list[Spool] = []
+        try:
+            ready = [await self._storable(m, temporaries) for m in messages]
+            await self._committer.write(_insert_ops(ready), may_refuse=may_refuse)
+        finally:
+            for spool in temporaries:
+                spool.discard()
 
     async def activate(self, ids: Sequence[QueueId]) -> None:
         """Move messages into the active queue (qmgr has taken them in hand)."""
@@ -342,8 +441,8 @@ class Store:
         rows = await self._reader.execute_fetchall("SELECT min(next_attempt) FROM message WHERE queue = 'deferred'")
         return rows[0][0] if rows else None
 
-    async def content(self, queue_id: QueueId) -> bytes | None:
-        """The message content; None if the row is missing (a corrupt entry)."""
+    async def content(self, queue_id: QueueId) -> Content | None:
+        """The message content; None if the row or its file is missing (a corrupt entry)."""
         return await self._contents.load(queue_id)
 
     async def queue_states(self, ids: Sequence[QueueId]) -> dict[QueueId, str]:
@@ -398,11 +497,23 @@ class Store:
                 out.setdefault(qid, []).append(Recipient(*fields))
         return out
 
-    async def _fetch_contents(self, ids: Sequence[QueueId]) -> dict[QueueId, bytes]:
+    async def _fetch_contents(self, ids: Sequence[QueueId]) -> dict[QueueId, Content]:
         rows = await self._reader.execute_fetchall(
-            f"SELECT message_id, data FROM content WHERE message_id IN ({_marks(len(ids))})", tuple(ids)
-        )
-        return {qid: bytes(data) for qid, data in rows}
+            f"SELECT message_id, data, body, file_offset FROM content WHERE message_id IN ({_marks(len(ids))})",
+            tuple(ids))
+        out = {}
+        for qid, data, body, file_offset in rows:
+            parts = [data, body] if body is not None else [data]
+            if file_offset is not None:
+                path = self.content_dir / qid
+                try:
+                    size = os.stat(path).st_size
+                except FileNotFoundError:
+                    log.error("%s: content file %s is missing", qid, path)
+                    continue
+                parts.append(FilePart(str(path), file_offset, size - file_offset))
+            out[qid] = Content(parts)
+        return out
 
     # -- operator tools ---------------------------------------------------------------------------
     # For `mailflow queue …` (mailflow/queue_tools.py), which opens the queue in a process of its own
@@ -558,21 +669,71 @@ def _alternate(first: list, second: list) -> list:
 
 
 def _insert_ops(messages: Sequence[NewMessage]) -> list[_Op]:
+    content_rows, links = [], []
+    for m in messages:
+        data, body, file = _content_row(m.content)
+        content_rows.append((m.queue_id, data, body, None if file is None else file.offset))
+        if file is not None:
+            links.append((file.path, m.queue_id))
     return [
         ("INSERT INTO message (id, queue, sender, arrival, next_attempt, size, smtputf8, body_type, client,"
          " envid, ret) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-         [(m.queue_id, m.queue, m.sender, m.arrival, m.arrival, len(m.content), int(m.smtputf8), m.body_type, m.client,
-           m.envid, m.ret) for m in messages]),
+         [(m.queue_id, m.queue, m.sender, m.arrival, m.arrival, m.content.size, int(m.smtputf8), m.body_type,
+           m.client, m.envid, m.ret) for m in messages]),
         ("INSERT INTO recipient (message_id, idx, address, original, notify, orcpt) VALUES (?, ?, ?, ?, ?, ?)",
          [(m.queue_id, r.index, r.address, r.original, r.notify, r.orcpt) for m in messages for r in m.recipients]),
-        ("INSERT INTO content (message_id, data) VALUES (?, ?)", [(m.queue_id, m.content) for m in messages]),
+        (_LINK_CONTENT, links),
+        ("INSERT INTO content (message_id, data, body, file_offset) VALUES (?, ?, ?, ?)", content_rows),
     ]
+
+
+def _content_row(content: Content) -> tuple:
+    """(data, body, file part) of a content row. In memory: the first part and the rest (joined only when
+    there are several); with a file: every part before it (the header section) and the file part, last."""
+    parts = content.parts
+    if not parts or not isinstance(parts[-1], FilePart):
+        if any(isinstance(p, FilePart) for p in parts):
+            raise ValueError(f"content not prepared for the store: {content!r}")
+        rest = parts[1:]
+        body = None if not rest else rest[0] if len(rest) == 1 else b"".join(rest)
+        return (parts[0] if parts else b""), body, None
+    head = parts[:-1]
+    if any(isinstance(p, FilePart) for p in head):
+        raise ValueError(f"content not prepared for the store: {content!r}")
+    return (head[0] if len(head) == 1 else b"".join(head)), None, parts[-1]
+
+
+def _leading_bytes(parts) -> list:
+    out = []
+    for part in parts:
+        if isinstance(part, FilePart):
+            break
+        out.append(part)
+    return out
+
+
+def _linkable(content: Content, content_dir: Path) -> bool:
+    """Whether the writer can hard-link the content's file part as it is: the only file part, last, in the
+    content directory and running to the file's end."""
+    *head, last = content.parts
+    if not isinstance(last, FilePart) or any(isinstance(p, FilePart) for p in head):
+        return False
+    path = Path(last.path)
+    return path.parent == content_dir and os.stat(path).st_size == last.offset + last.length
+
+
+def _fsync_path(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove_ops(id_rows: list[tuple]) -> list[_Op]:
     return [
         ("DELETE FROM recipient WHERE message_id = ?", id_rows),
-        ("DELETE FROM content WHERE message_id = ?", id_rows),
+        (_DELETE_CONTENT, id_rows),
         ("DELETE FROM message WHERE id = ?", id_rows),
     ]
 
@@ -583,5 +744,26 @@ def _migrate(con: sqlite3.Connection) -> None:
     rows = con.execute("SELECT version FROM schema_version").fetchall()
     if not rows:
         con.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-    elif rows[0][0] > SCHEMA_VERSION:
-        raise sqlite3.DatabaseError(f"queue schema version {rows[0][0]} is newer than this mailflow ({SCHEMA_VERSION})")
+        return
+    version = rows[0][0]
+    if version > SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(f"queue schema version {version} is newer than this mailflow ({SCHEMA_VERSION})")
+    for step in range(version, SCHEMA_VERSION):
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            _MIGRATIONS[step](con)
+            con.execute("UPDATE schema_version SET version = ?", (step + 1,))
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        log.info("store: queue schema upgraded to version %d", step + 1)
+
+
+def _content_v2(con: sqlite3.Connection) -> None:
+    """1 -> 2: a content row may keep its body apart, or in a file (the v1 `data` stays the whole message)."""
+    con.execute("ALTER TABLE content ADD COLUMN body BLOB")
+    con.execute("ALTER TABLE content ADD COLUMN file_offset INTEGER")
+
+
+_MIGRATIONS = {1: _content_v2}  # version -> the step that upgrades a queue from it

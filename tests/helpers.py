@@ -5,15 +5,25 @@
   answers nothing. `merged(base, overrides)` overlays settings; `to_toml(settings)` writes them as TOML.
 - `send(port, sender, rcpts, content)` speaks SMTP with aiosmtplib and returns (refused, final reply).
 - `eventually(pred)`, `queue_becomes(store, counts)`, `rcpt_until(port, rcpt, code)`: bounded polling. `maildir_messages(dir)`, `free_port()`.
+- `ServerProcess(config_path, log_path, port)`: `python -m mailflow serve` as a child process (start, kill).
+- `big_message(size)`: a message bigger than the in-memory limit whose lines exercise every content transformation
+  (leading dots, From_ lines, '>' runs, a line longer than a read); `spooled(directory, data)` is such content
+  as the store keeps it (header section in memory, the rest in a file).
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import random
+import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import aiosmtplib
+import pytest
 
 
 def base_settings(tmp_path: Path) -> dict:
@@ -110,3 +120,60 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m mailflow serve -c CONFIG` as a child process, killed with SIGKILL on demand."""
+
+    def __init__(self, config_path, log_path, port: int):
+        self.config_path, self.log_path, self.port = config_path, log_path, port
+        self.proc: subprocess.Popen | None = None
+
+    async def start(self) -> None:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "mailflow", "serve", "-c", str(self.config_path)],
+                                     stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
+        log.close()
+        if not await eventually(self._listening, timeout=15, step=0.05):
+            self.kill()
+            pytest.fail(f"server did not listen on {self.port}:\n{self.log_path.read_text()[-2000:]}")
+
+    def _listening(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+
+def big_message(size: int = 1_000_000, seed: int = 1, long_line: bool = True) -> bytes:
+    """A CRLF message of about `size` bytes; its body lines start with '.', 'From ', '>From ', '>>' now and then,
+    and (`long_line`) one is 100 KB long, so that chunk boundaries fall everywhere that matters. (aiosmtpd
+    peers refuse lines over 1000 bytes.)"""
+    rng = random.Random(seed)
+    starts = [b"", b"", b"", b".", b"..", b"From ", b">From ", b">>", b"F", b"x"]
+    lines = [b"Subject: big %d\r\nX-Big: yes\r\n\r\n" % seed]
+    total = len(lines[0])
+    while total < size:
+        line = rng.choice(starts) + b"w" * rng.randint(0, 120) + b" \xc3\xa9" * rng.randint(0, 2) + b"\r\n"
+        if len(lines) == 300 and long_line:
+            line = b"L" * 100_000 + b"\r\n"
+        lines.append(line)
+        total += len(line)
+    return b"".join(lines)
+
+
+def spooled(directory: Path, data: bytes):
+    """`data` as the store keeps a big message: the header section in memory, the rest in a file."""
+    from mailflow.content import Content, FilePart
+    from mailflow.message import split_header
+
+    head, _ = split_header(data)
+    path = directory / f"spooled-{len(data)}"
+    path.write_bytes(data)
+    return Content((head, FilePart(str(path), len(head), len(data) - len(head))))

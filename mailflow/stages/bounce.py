@@ -12,9 +12,13 @@ Auto-Submitted. No I/O and no clock: the caller passes the time, the original co
 
 Decisions:
 - NOTIFY "" (not given) means FAILURE,DELAY (not SUCCESS); NEVER means nothing; otherwise a comma list.
-- The returned original (part 3): the whole message for RET=FULL; for RET="" the whole message only in a failure
-  notice and only up to `size_limit` bytes; otherwise (RET=HDRS, a delay or success notice without RET, or too
-  big) its header section only (text/rfc822-headers). The original is copied byte for byte.
+- The returned original (part 3): the whole message for RET=FULL, and for RET="" in a failure notice, when it is
+  at most `size_limit` bytes (bounce_size_limit); otherwise (RET=HDRS, a delay or success notice without RET, a
+  bigger message, or any message when the limit is 0) its header section only (text/rfc822-headers), as
+  Postfix's bounce_original does (a truncated message would damage its MIME structure). So a notice is never
+  bigger than the limit plus a header section: callers pass `original` read accordingly (the whole message
+  when `original_size` <= size_limit, else at least its header section), never a big message whole. The
+  original is copied byte for byte.
 - Diagnostic-Code: `smtp; <reply>` when the diagnostic carries a remote SMTP reply, in the transports' wording
   "host H said: <reply> (in reply to X command)" / "host H refused to talk to me: <reply>", or is a bare reply
   ("250 2.0.0 Ok") from a named `remote_mta`; only the reply itself goes into the field. Anything else is our own
@@ -36,8 +40,8 @@ import textwrap
 import unicodedata
 from dataclasses import dataclass
 
+from mailflow.message import rfc5322_date, split_header
 from mailflow.model import Recipient
-from mailflow.stages.cleanup import rfc5322_date, split_header
 
 CRLF = "\r\n"
 KINDS = ("failure", "delay", "success")
@@ -108,10 +112,12 @@ def build_notice(
     notice_id: str,
     size_limit: int = 50000,
     to: str | None = None,
+    original_size: int | None = None,
 ) -> bytes:
     """The notice about `recipients` of message `queue_id` (sent by `sender`), as a complete RFC 5322 message.
 
     It is addressed to `to`, by default the original `sender`; a double bounce passes the postmaster here.
+    `original_size` is the original message's size when `original` is only its beginning.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown notice kind {kind!r}")
@@ -125,7 +131,8 @@ def build_notice(
             raise ValueError(f"unknown action {nr.action!r}")
 
     global_ = any(not a.isascii() for a in _addresses(sender, recipients))
-    full = ret == "FULL" or (ret == "" and kind == "failure" and len(original) <= size_limit)
+    size = len(original) if original_size is None else original_size
+    full = (ret == "FULL" or (ret == "" and kind == "failure")) and size <= size_limit
     returned = original if full else split_header(original)[0]
     mta = _clean(reporting_mta)
 

@@ -9,6 +9,9 @@ What it does, in order (Postfix cleanup(8)):
    duplicates removed, each keeping the address first given as its original (ORCPT);
 4. prepends a Received header (for a local submission "by HOST (mailflow, from userid UID)"); appends
    Message-ID, Date and From when the message has none (a local user's From carries their full name);
+   only the header section is read (at most `header_size_limit` bytes, mailflow.message.read_header): the
+   queued content is the new header section followed by the original's body, never copied (a spooled
+   body stays in its file, see mailflow.content);
 5. commits message, recipients and content in one group-committed transaction;
 6. logs `received` and `queued`, and wakes qmgr.
 Header addresses are not rewritten (Postfix rewrites them only for mail from this host by default).
@@ -23,14 +26,14 @@ from __future__ import annotations
 import dataclasses
 import email.utils
 import logging
-import re
 import time
-from datetime import datetime, timezone
 from typing import Callable
 
 from mailflow.clock import Clock
+from mailflow.content import Content, Spool
 from mailflow.errors import PermanentError, TemporaryError
 from mailflow.logs import MailLog
+from mailflow.message import header_names, header_value, read_header, rfc5322_date
 from mailflow.model import QueueId, Recipient, Submission
 from mailflow.stages.addressmap import AddressMapper
 from mailflow.store import NewMessage, Store
@@ -39,7 +42,6 @@ logger = logging.getLogger("mailflow.cleanup")
 
 HOPCOUNT_LIMIT = 50
 HEADER_SIZE_LIMIT = 102400
-CRLF = b"\r\n"
 
 
 class QueueIdGenerator:
@@ -56,62 +58,6 @@ class QueueIdGenerator:
         return f"{us:013X}{self._rng.getrandbits(12):03X}"  # 13 hex digits of microseconds last until 2112
 
 
-def rfc5322_date(now: float) -> str:
-    return email.utils.format_datetime(datetime.fromtimestamp(now, timezone.utc))
-
-
-_HEADER_END = re.compile(rb"\r?\n(?=\r?\n)")
-
-
-def split_header(content: bytes) -> tuple[bytes, bytes]:
-    """(header section including its final line end, the rest starting with the empty line).
-
-    The empty line may end in CRLF or a bare LF: a sloppy client's headers still count as headers.
-    """
-    if content.startswith(CRLF) or content.startswith(b"\n"):
-        return b"", content
-    end = _HEADER_END.search(content)
-    if end is None:
-        head = content if content.endswith(b"\n") or not content else content + CRLF
-        return head, b""
-    return content[: end.end()], content[end.end() :]
-
-
-def _header_lines(head: bytes) -> list[bytes]:
-    """The header section's lines, whether they end in CRLF or a bare LF."""
-    return [line.removesuffix(b"\r") for line in head.split(b"\n")]
-
-
-def header_names(head: bytes) -> list[str]:
-    names = []
-    for line in _header_lines(head):
-        if line and line[:1] not in (b" ", b"\t"):
-            name, colon, _ = line.partition(b":")
-            if colon:
-                names.append(name.strip().decode("latin-1").lower())
-    return names
-
-
-def header_values(head: bytes, wanted: str) -> list[str]:
-    """Every value of header `wanted` (unfolded), in order."""
-    lines = _header_lines(head)
-    values = []
-    for i, line in enumerate(lines):
-        name, colon, value = line.partition(b":")
-        if colon and line[:1] not in (b" ", b"\t") and name.strip().lower() == wanted.lower().encode():
-            while i + 1 < len(lines) and lines[i + 1][:1] in (b" ", b"\t"):
-                i += 1
-                value += b" " + lines[i].strip()
-            values.append(value.strip().decode("utf-8", "replace"))
-    return values
-
-
-def header_value(head: bytes, wanted: str) -> str:
-    """The first value of header `wanted` (unfolded), or ''."""
-    values = header_values(head, wanted)
-    return values[0] if values else ""
-
-
 class Cleanup:
     def __init__(self, store: Store, *, myhostname: str, clock: Clock, rng, log: MailLog,
                  on_queued: Callable[[], None], mapper: AddressMapper | None = None,
@@ -125,6 +71,10 @@ class Cleanup:
         self._on_queued = on_queued
         self._hopcount_limit = hopcount_limit
         self._header_size_limit = header_size_limit
+
+    def new_spool(self, max_size: int | None = None) -> Spool:
+        """Where smtpd and pickup write a message as it arrives (the store's spool directory)."""
+        return self._store.new_spool(max_size)
 
     async def submit(self, sub: Submission, *, hold: bool = False) -> QueueId:
         """`hold`: commit it in the hold queue (an smtpd HOLD restriction), where qmgr leaves it alone."""
@@ -141,12 +91,13 @@ class Cleanup:
         Raises PermanentError or TemporaryError."""
         queue_id = self._ids.next()
         now = self._clock.time()
-        head, rest = split_header(sub.content)
+        head, complete = read_header(sub.content, self._header_size_limit)
         names = header_names(head)
         if names.count("received") > self._hopcount_limit:
             raise PermanentError("5.4.6", "Error: too many hops")
-        if len(head) > self._header_size_limit:
+        if not complete:
             raise PermanentError("5.3.4", "Error: message header size exceeds limit")
+        rest = sub.content.after(len(head))  # (a header section given its missing final CRLF: nothing follows)
         env = sub.envelope
         originals = env.originals or env.recipients
         notify = env.notify or ("",) * len(env.recipients)
@@ -166,7 +117,7 @@ class Cleanup:
             queue_id=queue_id,
             sender=sender,
             arrival=now,
-            content=self._received(sub, queue_id, now) + head + missing + rest,
+            content=Content((self._received(sub, queue_id, now) + head + missing, *rest.parts)),
             recipients=recipients,
             smtputf8=sub.envelope.smtputf8,
             body_type=sub.envelope.body_type,
@@ -188,7 +139,7 @@ class Cleanup:
     def log_queued(self, msg: NewMessage, sub: Submission | None = None) -> None:
         """The log lines of a committed message, in Postfix's order: who handed it over (smtpd's `client=`,
         pickup's `uid=`; none for mail made here), its Message-ID, then qmgr's `from=` line."""
-        head, _ = split_header(msg.content)
+        head = msg.content.parts[0]  # the header section as prepare() wrote it
         if sub is not None and sub.submitter is not None:
             self._log.picked_up(msg.queue_id, sub.submitter.uid, msg.sender)
         elif sub is None or sub.client.protocol != "local":
@@ -196,7 +147,7 @@ class Cleanup:
             self._log.received(msg.queue_id, msg.client, sasl_method=client.sasl_method if client else "",
                                sasl_username=client.sasl_username if client else "")
         self._log.message_id(msg.queue_id, header_value(head, "message-id"))
-        self._log.queued(msg.queue_id, msg.sender, len(msg.content), len(msg.recipients))
+        self._log.queued(msg.queue_id, msg.sender, msg.content.size, len(msg.recipients))
 
     def _received(self, sub: Submission, queue_id: QueueId, now: float) -> bytes:
         c = sub.client

@@ -5,9 +5,14 @@ It owns `<queue_directory>/maildrop/` on the server side, `<queue_directory>/cor
 Postfix's public/pickup FIFO). It scans the maildrop when it starts, on every wake-up, and at least every
 `pickup_interval`. For each file, oldest first:
 
-- it reads and validates it (`mailflow.maildrop.read_maildrop`); a corrupt file, or one whose owner is neither
-  the uid it claims nor root nor mailflow's own user (a forged identity), is moved to `corrupt/` and logged, and
-  the scan goes on with the next file;
+- it reads and validates its envelope (`mailflow.maildrop.read_maildrop`); a corrupt file, or one whose owner is
+  neither the uid it claims nor root nor mailflow's own user (a forged identity), is moved to `corrupt/` and
+  logged, and the scan goes on with the next file;
+- a message bigger than `size_limit` (message_size_limit; 0: none) is not loaded: it is returned to its sender
+  ("message file too big", 5.3.4, its header section quoted) and its file removed, as Postfix's cleanup does;
+- the content is copied, streamed, into a spool of the queue (cleanup.new_spool: in memory when small, else a
+  file), so that the submitter can no longer change what is queued; a file whose content is not the size its
+  envelope says by then is corrupt;
 - it builds a Submission (protocol "local", the submitting user as `LocalUser`) and awaits `cleanup.submit`;
   only once cleanup has committed is the file removed. A crash between the commit and the unlink delivers the
   message twice after the restart: at-least-once, as in Postfix (a message is never lost);
@@ -27,8 +32,10 @@ import socket
 from pathlib import Path
 
 from mailflow.clock import Clock
+from mailflow.content import Content, Truncated
 from mailflow.errors import PermanentError
-from mailflow.maildrop import CorruptMaildrop, MaildropMessage, maildrop_names, read_maildrop
+from mailflow.maildrop import CorruptMaildrop, MaildropMessage, maildrop_content, maildrop_names, read_maildrop
+from mailflow.message import quoted_original
 from mailflow.model import ClientInfo, Envelope, LocalUser, Recipient, Submission
 from mailflow.stages.bounce import NoticeRecipient, build_notice, notice_is_8bit, wants_notice
 
@@ -49,7 +56,7 @@ class _WakeProtocol(asyncio.DatagramProtocol):
 
 class Pickup:
     def __init__(self, queue_directory: Path, cleanup, *, myhostname: str, clock: Clock, interval: float = 60.0,
-                 bounce_size_limit: int = 50_000):
+                 bounce_size_limit: int = 50_000, size_limit: int = 0):
         self.maildrop = Path(queue_directory) / "maildrop"
         self.corrupt = Path(queue_directory) / "corrupt"
         self.socket_path = Path(queue_directory) / "public" / "pickup"
@@ -58,6 +65,7 @@ class Pickup:
         self._clock = clock
         self._interval = interval
         self._bounce_size_limit = bounce_size_limit
+        self._size_limit = size_limit
         self._wanted = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._transport: asyncio.DatagramTransport | None = None
@@ -138,18 +146,51 @@ class Pickup:
         except OSError as e:
             logger.warning("pickup: maildrop/%s: cannot read: %s; will retry", name, e)
             return False
-        try:
-            queue_id = await self._cleanup.submit(self._submission(message))
-        except PermanentError as e:
-            if await self._refused(name, message, e):
+        if self._size_limit and message.size > self._size_limit:
+            too_big = PermanentError("5.3.4", "message file too big")
+            if await self._refused(name, message, maildrop_content(path, message), too_big):
                 path.unlink(missing_ok=True)
             return False
-        except Exception as e:  # TemporaryError, Overloaded, anything else: not queued, try again later
-            logger.warning("pickup: maildrop/%s: not queued (%s); will retry", name, e)
-            return False
+        spool = self._cleanup.new_spool()
+        try:
+            try:
+                content = await self._copy_in(path, message, spool)
+            except CorruptMaildrop as e:
+                self._set_aside(name, str(e))
+                return False
+            except OSError as e:
+                logger.warning("pickup: maildrop/%s: cannot read: %s; will retry", name, e)
+                return False
+            try:
+                queue_id = await self._cleanup.submit(self._submission(message, content))
+            except PermanentError as e:
+                if await self._refused(name, message, content, e):
+                    path.unlink(missing_ok=True)
+                return False
+            except Exception as e:  # TemporaryError, Overloaded, anything else: not queued, try again later
+                logger.warning("pickup: maildrop/%s: not queued (%s); will retry", name, e)
+                return False
+        finally:
+            spool.discard()
         path.unlink(missing_ok=True)
         logger.info("%s: uid=%d from=<%s> (maildrop/%s)", queue_id, message.uid, message.sender, name)
         return True
+
+    @staticmethod
+    async def _copy_in(path: Path, message: MaildropMessage, spool) -> Content:
+        """The file's content, streamed into `spool`. Raises CorruptMaildrop when it is not `message.size` bytes
+        (changed since its envelope was read), OSError when it cannot be read or spooled."""
+        try:
+            async for chunk in maildrop_content(path, message).stream():
+                spool.append(chunk)
+                await spool.drain()
+        except Truncated:
+            raise CorruptMaildrop("truncated while being read") from None
+        if spool.failure is not None:
+            raise spool.failure
+        if os.stat(path).st_size != message.offset + message.size:
+            raise CorruptMaildrop("changed while being read")
+        return await spool.finish()
 
     @staticmethod
     def _check_owner(message: MaildropMessage) -> None:
@@ -158,12 +199,12 @@ class Pickup:
         if owner is not None and owner not in (message.uid, 0, os.geteuid()):
             raise CorruptMaildrop(f"owner uid {owner} differs from the submitting uid {message.uid} it claims")
 
-    def _submission(self, m: MaildropMessage) -> Submission:
+    def _submission(self, m: MaildropMessage, content: Content) -> Submission:
         notify = (m.notify,) * len(m.recipients) if m.notify else ()
         envelope = Envelope(m.sender, m.recipients, smtputf8=not all(a.isascii() for a in (m.sender, *m.recipients)),
                             body_type=m.body_type, notify=notify, envid=m.envid, ret=m.ret)
         client = ClientInfo(addr="127.0.0.1", helo=self._myhostname, protocol="local", hostname="localhost")
-        return Submission(envelope, m.content, client, submitter=LocalUser(m.uid, m.user, m.fullname))
+        return Submission(envelope, content, client, submitter=LocalUser(m.uid, m.user, m.fullname))
 
     def _set_aside(self, name: str, reason: str) -> None:
         try:
@@ -174,9 +215,10 @@ class Pickup:
             return
         logger.warning("pickup: maildrop/%s: corrupt: %s; moved to %s/%s", name, reason, self.corrupt, name)
 
-    async def _refused(self, name: str, m: MaildropMessage, error: PermanentError) -> bool:
-        """Return a message cleanup refused for good to its sender (never a bounce of a bounce). False when
-        the notice could not be queued: the file stays for the next scan."""
+    async def _refused(self, name: str, m: MaildropMessage, content: Content, error: PermanentError) -> bool:
+        """Return a message refused for good to its sender (never a bounce of a bounce), quoting at most
+        bounce_size_limit bytes of `content`. False when the notice could not be queued: the file stays for
+        the next scan."""
         logger.warning("pickup: maildrop/%s: from=<%s>: refused: %s %s", name, m.sender, error.dsn, error.text)
         now = self._clock.time()
         failed = [NoticeRecipient(Recipient(i, r, r, m.notify), "failed", error.dsn, error.text, last_attempt=now)
@@ -185,15 +227,20 @@ class Pickup:
         if not m.sender or not failed:
             logger.warning("pickup: maildrop/%s: null sender or NOTIFY=NEVER: dropped without notice", name)
             return True
+        try:
+            original = quoted_original(content, self._bounce_size_limit)
+        except OSError as e:
+            logger.warning("pickup: maildrop/%s: cannot read the message to quote it: %s", name, e)
+            original = b""
         notice = build_notice(kind="failure", queue_id=name, sender=m.sender, arrival=m.time or now,
-                              envid=m.envid, ret=m.ret, recipients=failed, original=m.content,
-                              reporting_mta=self._myhostname, now=now, notice_id=f"{name}.pickup",
-                              size_limit=self._bounce_size_limit)
+                              envid=m.envid, ret=m.ret, recipients=failed, original=original,
+                              original_size=content.size, reporting_mta=self._myhostname, now=now,
+                              notice_id=f"{name}.pickup", size_limit=self._bounce_size_limit)
         envelope = Envelope("", (m.sender,), smtputf8=not m.sender.isascii(),
                             body_type="8BITMIME" if notice_is_8bit(notice) else "7BIT")
         client = ClientInfo(addr="127.0.0.1", helo=self._myhostname, protocol="local")
         try:
-            queue_id = await self._cleanup.submit(Submission(envelope, notice, client))
+            queue_id = await self._cleanup.submit(Submission(envelope, Content.of(notice), client))
         except Exception as e:
             logger.error("pickup: maildrop/%s: the failure notice to <%s> could not be queued: %s; will retry",
                          name, m.sender, e)

@@ -11,6 +11,9 @@ Contract of a transport (postfix's delivery agents; chasquid's Courier; maddy's 
   An unexpected exception is caught by qmgr and counts as a temporary failure for every recipient.
 - A transport reports success only once the message is durable at the other end (a 250 after DATA,
   a Maildir file fsynced and renamed into new/).
+- `request.content` is a mailflow.content.Content: a transport reads it as a stream (`stream()`, or `chunks()`
+  in a worker thread) and transforms it chunk by chunk (`encode.py`), never holding a big message whole; its
+  size is `request.content.size`.
 - `close` releases cached connections; qmgr calls it once at shutdown.
 """
 from __future__ import annotations

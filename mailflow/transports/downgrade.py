@@ -1,7 +1,8 @@
 """8BITMIME to 7BIT for a peer that does not offer 8BITMIME: Postfix's MIME output conversion (on by
 default, `disable_mime_output_conversion = no`), as its mime_state module does it with MIME_OPT_DOWNGRADE.
 
-    downgrade_8bit(content: bytes) -> bytes
+    Downgrade()                 an encoder (see mailflow.transports.encode): feed(chunk) -> bytes, flush() -> bytes
+    downgrade_8bit(content: bytes) -> bytes     the same over a whole message (tests, small content)
 
 - An entity labelled `Content-Transfer-Encoding: 8bit` gets its body encoded as quoted-printable and the
   label changed to `quoted-printable`.
@@ -10,55 +11,204 @@ default, `disable_mime_output_conversion = no`), as its mime_state module does i
 - Everything else passes byte for byte: headers (8-bit bytes in headers stay: MIME has no body encoding
   for them, and Postfix sends them as they are), bodies without an 8bit label (a non-MIME message with
   8-bit text is sent as it is, as Postfix does), boundaries, preambles and epilogues.
-- Nesting deeper than MAX_DEPTH is passed through unchanged. Pure: no I/O, never raises for bad MIME.
+- Nesting deeper than MAX_DEPTH is passed through unchanged. Never raises for bad MIME.
+
+It streams, like Postfix's mime_state: the content goes through line by line (runs of body lines at once),
+keeping only the header section of the entity being read (at most MAX_HEADER bytes: a longer one, and its
+body, pass through unchanged) and a partial line (at most MAX_LINE bytes: a longer line is handled in pieces;
+in a quoted-printable body each piece ends with a soft line break). A boundary line is recognised only at the
+start of a line; the boundary of an outer multipart ends the inner parts, as the boundaries nest.
 """
 from __future__ import annotations
 
 import binascii
+from dataclasses import dataclass
 from email.message import Message
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
 MAX_DEPTH = 20
+MAX_HEADER = 102400
+MAX_LINE = 65536
 _CTE = b"content-transfer-encoding"
 
 
+@dataclass
+class _Multipart:
+    delimiter: bytes
+    closing: bytes
+    child_type: str
+    depth: int
+
+
 def downgrade_8bit(content: bytes) -> bytes:
-    return _entity(content, "text/plain", 0)
+    converter = Downgrade()
+    return converter.feed(content) + converter.flush()
 
 
-def _entity(data: bytes, default_type: str, depth: int) -> bytes:
-    header_lines, body = split_entity(data)
-    if depth > MAX_DEPTH:
-        return data
-    info = parse_headers(header_lines, default_type)
-    content_type = info.get_content_type()
-    label = str(info.get("content-transfer-encoding", "")).strip().lower()
-    boundary = info.get_boundary() if content_type.startswith("multipart/") else None
-    if boundary:
-        child_type = "message/rfc822" if content_type == "multipart/digest" else "text/plain"
-        body = _multipart(body, boundary.encode("ascii", "replace"), child_type, depth)
-        relabel = b"7bit" if label == "8bit" else None
-    elif content_type == "message/rfc822":
-        body = _entity(body, "text/plain", depth + 1)
-        relabel = b"7bit" if label == "8bit" else None
-    elif label == "8bit":
-        body = binascii.b2a_qp(body, istext=True)
-        relabel = b"quoted-printable"
-    else:
+class Downgrade:
+    """See the module docstring."""
+
+    def __init__(self) -> None:
+        self._partial = b""  # the start of a line whose end has not arrived
+        self._mid_line = False  # the current line was already passed on in pieces (a very long line)
+        self._multiparts: list[_Multipart] = []  # open multiparts, outermost first
+        self._mode = "headers"  # of the current entity: "headers", then its body: "qp" or "pass"
+        self._headers: list[bytes] = []
+        self._header_size = 0
+        self._default_type = "text/plain"
+        self._depth = 0
+        self._eol = b"\r\n"  # the quoted-printable body's line end, from its first line
+
+    def feed(self, data: bytes) -> bytes:
+        if self._partial:
+            data, self._partial = self._partial + data, b""
+        out: list[bytes] = []
+        end = data.rfind(b"\n") + 1
+        pos = 0
+        while pos < end:
+            pos = self._lines(data, pos, end, out)
+        if end < len(data):
+            self._partial = data[end:]
+            if len(self._partial) > MAX_LINE:
+                piece, self._partial = self._partial, b""
+                self._piece(piece, out)
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        out: list[bytes] = []
+        if self._partial:
+            piece, self._partial = self._partial, b""
+            if self._mode == "headers":
+                self._headers.append(piece)
+            else:
+                self._body(piece, out)
+        if self._mode == "headers":
+            self._end_headers(out, body_follows=False)
+        return b"".join(out)
+
+    # -- lines
+
+    def _lines(self, data: bytes, pos: int, end: int, out: list[bytes]) -> int:
+        """Handle complete lines from `pos` (a line start) up to `end`; returns where it stopped."""
+        if self._mid_line:  # the rest of a long line (in a body by now): never a header line or a boundary
+            nl = data.index(b"\n", pos) + 1
+            self._mid_line = False
+            self._body(data[pos:nl], out)
+            return nl
+        if self._mode != "headers":
+            stop = self._next_dash_line(data, pos, end)
+            if stop > pos:  # ordinary body lines: as one run
+                self._body(data[pos:stop], out)
+                return stop
+        nl = data.index(b"\n", pos) + 1
+        self._line(data[pos:nl], out)
+        return nl
+
+    def _next_dash_line(self, data: bytes, pos: int, end: int) -> int:
+        """Where the next line that may be a boundary (it starts with "--") begins; `end` when none can be."""
+        if not self._multiparts:
+            return end
+        if data.startswith(b"--", pos):
+            return pos
+        found = data.find(b"\n--", pos, end)
+        return end if found < 0 else found + 1
+
+    def _line(self, line: bytes, out: list[bytes]) -> None:
+        if self._boundary(line, out):
+            return
+        if self._mode != "headers":
+            self._body(line, out)
+        elif line in (b"\r\n", b"\n"):
+            self._end_headers(out, body_follows=True)
+            out.append(line)
+        else:
+            self._headers.append(line)
+            self._header_size += len(line)
+            if self._header_size > MAX_HEADER:
+                self._overflow(b"", out)
+
+    def _boundary(self, line: bytes, out: list[bytes]) -> bool:
+        """A delimiter of an open multipart (the outermost that matches): ends the current entity."""
+        if not self._multiparts or not line.startswith(b"--"):
+            return False
+        bare = line.rstrip(b"\r\n").rstrip(b" \t")
+        for i, mp in enumerate(self._multiparts):
+            if bare == mp.delimiter or bare == mp.closing:
+                if self._mode == "headers":
+                    self._end_headers(out, body_follows=False)
+                out.append(line)
+                if bare == mp.closing:  # what follows is that multipart's epilogue
+                    del self._multiparts[i:]
+                    self._mode = "pass"
+                else:
+                    del self._multiparts[i + 1:]
+                    self._start_entity(mp.child_type, mp.depth + 1)
+                return True
+        return False
+
+    def _piece(self, piece: bytes, out: list[bytes]) -> None:
+        """The first MAX_LINE bytes of a line that goes on: passed on now, the rest of the line follows."""
+        if self._mode == "headers":  # a header line this long: the section is not kept
+            self._overflow(piece, out)
+        else:
+            self._body(piece, out, soft_break=True)
+        self._mid_line = True
+
+    # -- entities
+
+    def _start_entity(self, default_type: str, depth: int) -> None:
+        self._headers, self._header_size = [], 0
+        self._default_type, self._depth = default_type, depth
+        self._mode = "headers" if depth <= MAX_DEPTH else "pass"
+
+    def _overflow(self, more: bytes, out: list[bytes]) -> None:
+        """A header section too long to keep: it and its body pass through unchanged."""
+        out.extend(self._headers)
+        if more:
+            out.append(more)
+        self._headers, self._header_size = [], 0
+        self._mode = "pass"
+
+    def _end_headers(self, out: list[bytes], *, body_follows: bool) -> None:
+        """The header section is complete: relabel it if need be, and decide how its body goes."""
+        info = parse_headers(self._headers, self._default_type)
+        content_type = info.get_content_type()
+        label = str(info.get("content-transfer-encoding", "")).strip().lower()
+        boundary = info.get_boundary() if content_type.startswith("multipart/") else None
         relabel = None
-    if relabel is not None:
-        header_lines = relabelled(header_lines, relabel)
-    return b"".join(header_lines) + body
+        mode = "pass"
+        if boundary:
+            delimiter = b"--" + boundary.encode("ascii", "replace")
+            child = "message/rfc822" if content_type == "multipart/digest" else "text/plain"
+            self._multiparts.append(_Multipart(delimiter, delimiter + b"--", child, self._depth))
+            relabel = b"7bit" if label == "8bit" else None
+        elif content_type == "message/rfc822":
+            relabel = b"7bit" if label == "8bit" else None
+        elif label == "8bit":
+            relabel, mode = b"quoted-printable", "qp"
+        headers = relabelled(self._headers, relabel) if relabel is not None else self._headers
+        out.extend(headers)
+        self._eol = b""
+        if content_type == "message/rfc822" and not boundary and body_follows:
+            self._start_entity("text/plain", self._depth + 1)
+            return
+        self._headers, self._header_size = [], 0
+        self._mode = mode
 
-
-def split_entity(data: bytes) -> tuple[list[bytes], bytes]:
-    """Header lines (folded lines kept as they are, the empty line ending them included) and the body."""
-    lines = data.splitlines(keepends=True)
-    for i, line in enumerate(lines):
-        if line in (b"\r\n", b"\n"):
-            return lines[: i + 1], b"".join(lines[i + 1:])
-    return lines, b""  # headers only
+    def _body(self, data: bytes, out: list[bytes], *, soft_break: bool = False) -> None:
+        if self._mode != "qp":
+            out.append(data)
+            return
+        if not self._eol:  # like b2a_qp over a whole body: its first line end decides
+            nl = data.find(b"\n")
+            self._eol = b"\n" if nl == 0 or (nl > 0 and data[nl - 1] != 0x0D) else b"\r\n"
+        if data.endswith(b"\n"):
+            out.append(binascii.b2a_qp(data, istext=True))
+            return
+        # No line end (yet): encode as if one followed, so that soft breaks use the body's line end.
+        encoded = binascii.b2a_qp(data + self._eol, istext=True)[:-len(self._eol)]
+        out.append(encoded + b"=" + self._eol if soft_break else encoded)
 
 
 def parse_headers(header_lines: list[bytes], default_type: str) -> Message:
@@ -85,26 +235,3 @@ def relabelled(header_lines: list[bytes], encoding: bytes) -> list[bytes]:
 
 def line_ending(line: bytes) -> bytes:
     return b"\r\n" if line.endswith(b"\r\n") else b"\n"
-
-
-def _multipart(body: bytes, boundary: bytes, child_type: str, depth: int) -> bytes:
-    """Each part between `--boundary` lines downgraded; the delimiter lines, preamble and epilogue as they are."""
-    delimiter, closing = b"--" + boundary, b"--" + boundary + b"--"
-    out: list[bytes] = []
-    part: list[bytes] | None = None  # None: in the preamble (or, after the closing delimiter, the epilogue)
-    closed = False
-    for line in body.splitlines(keepends=True):
-        bare = line.rstrip(b"\r\n").rstrip(b" \t")
-        if not closed and bare in (delimiter, closing):
-            if part is not None:
-                out.append(_entity(b"".join(part), child_type, depth + 1))
-            out.append(line)
-            closed = bare == closing
-            part = None if closed else []
-        elif part is not None:
-            part.append(line)
-        else:
-            out.append(line)
-    if part is not None:  # no closing delimiter: the last part runs to the end
-        out.append(_entity(b"".join(part), child_type, depth + 1))
-    return b"".join(out)

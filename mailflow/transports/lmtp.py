@@ -17,7 +17,8 @@ Dialogue: greeting, `LHLO helo_name` (capabilities), `MAIL FROM:<sender>` with `
 `BODY=8BITMIME` when the message is 8-bit and it is offered, `SMTPUTF8` when offered and the message is flagged or
 needs it, RET and ENVID when DSN is offered; one `RCPT TO` per recipient (with ORCPT and NOTIFY when DSN is offered,
 as smtp.py builds them; sent in one write with MAIL when PIPELINING is offered); DATA; the content
-with CRLF line ends and dot-stuffing; then exactly one reply per accepted RCPT; QUIT.
+with CRLF line ends and dot-stuffing, streamed from the queue (smtp's encoder; a big message is never held
+whole); then exactly one reply per accepted RCPT; QUIT.
 Limits: connecting `connect_timeout`; greeting, LHLO, MAIL, RCPT, DATA `command_timeout`; the content and each
 final reply `data_timeout`.
 
@@ -44,17 +45,18 @@ import asyncio
 import logging
 import re
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 
 from mailflow.config import LmtpConfig, parse_hostport
+from mailflow.content import CHUNK, Content
 from mailflow.dns import is_ip_literal
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, Recipient
 from mailflow.transports.smtp import (
     Failure,
     Outcomes,
-    dot_stuffed,
+    asmtp_data,
     dsn_mail_params,
     dsn_rcpt_params,
     needs_smtputf8,
@@ -63,6 +65,7 @@ from mailflow.transports.smtp import (
     reply_dsn,
     reply_results,
     screen_envelope,
+    smtp_data,
 )
 
 log = logging.getLogger("mailflow.lmtp")
@@ -282,7 +285,7 @@ class LmtpTransport:
         return replies
 
     async def _data(
-        self, session: LmtpSession, content: bytes, accepted: list[Recipient], outcomes: Outcomes, *,
+        self, session: LmtpSession, content: Content, accepted: list[Recipient], outcomes: Outcomes, *,
         next_hop_notifies: bool = False,
     ) -> None:
         """DATA, the content, then one final reply per accepted recipient, in RCPT order (RFC 2033 4.2).
@@ -295,7 +298,10 @@ class LmtpTransport:
                 raise SiteFailure(Failure("4.5.0", text))
             outcomes.results.update(reply_results(accepted, reply, session.peer, "DATA"))
             return
-        await session.send(dot_stuffed(content) + b".\r\n", self._config.data_timeout, "sending message body")
+        if content.in_memory:
+            await session.send(b"".join(smtp_data(content)), self._config.data_timeout, "sending message body")
+        else:
+            await session.send_stream(asmtp_data(content), self._config.data_timeout, "sending message body")
         for r in accepted:
             reply = await session.read_reply(
                 self._config.data_timeout, "sending end of data -- message may be sent more than once"
@@ -327,6 +333,18 @@ class LmtpSession:
                 await self._writer.drain()
         except (OSError, TimeoutError) as e:
             raise self._lost(activity, e) from None
+
+    async def send_stream(self, chunks: AsyncIterator[bytes], timeout: float, activity: str) -> None:
+        """Write the chunks CHUNK bytes at a time, each write taken by the server within `timeout`."""
+        pieces: list[bytes] = []
+        size = 0
+        async for chunk in chunks:
+            pieces.append(chunk)
+            size += len(chunk)
+            if size >= CHUNK:
+                await self.send(b"".join(pieces) if len(pieces) > 1 else pieces[0], timeout, activity)
+                pieces, size = [], 0
+        await self.send(b"".join(pieces), timeout, activity)
 
     async def read_reply(self, timeout: float, activity: str) -> Reply:
         try:
@@ -442,8 +460,8 @@ def server_cannot_take(capabilities: dict[str, str], peer: Peer, request: Delive
     if needs_smtputf8(request) and "SMTPUTF8" not in capabilities:
         return Failure("5.6.7", f"SMTPUTF8 is required, but was not offered by host {peer.name}")
     limit = capabilities.get("SIZE", "")
-    if limit.isdigit() and int(limit) and len(request.content) > int(limit):
-        return Failure("5.3.4", f"message size {len(request.content)} exceeds size limit {limit} of server {peer.name}")
+    if limit.isdigit() and int(limit) and request.content.size > int(limit):
+        return Failure("5.3.4", f"message size {request.content.size} exceeds size limit {limit} of server {peer.name}")
     return None
 
 
@@ -451,7 +469,7 @@ def mail_command(request: DeliveryRequest, capabilities: dict[str, str]) -> byte
     """`MAIL FROM:<sender>` with the parameters the server offers and the message calls for, CRLF-terminated."""
     params = []
     if "SIZE" in capabilities:
-        params.append(f"SIZE={len(request.content)}")
+        params.append(f"SIZE={request.content.size}")
     if request.body_type.upper() == "8BITMIME" and "8BITMIME" in capabilities:
         params.append("BODY=8BITMIME")
     if uses_smtputf8(capabilities, request):

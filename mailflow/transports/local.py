@@ -41,25 +41,22 @@ from mailflow import address
 from mailflow.clock import Clock
 from mailflow.config import LocalConfig
 from mailflow.errors import DeliveryError
+from mailflow.content import Content
+from mailflow.message import HEADER_READ_LIMIT, delivered_to, read_header
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
 from mailflow.stages.aliasing import Command, File, Forward, LocalExpander, Mailbox, Refused, is_safe_user
-from mailflow.stages.cleanup import header_values, split_header
 from mailflow.tables import split_extension
+from mailflow.transports.encode import ToLf, aencode
 from mailflow.transports.maildir import MaildirWriter, mailbox_prefix
-from mailflow.transports.mbox import append_mbox, format_mbox_entry, mailbox_location
+from mailflow.transports.mbox import append_mbox, mailbox_location, mbox_entry
 from mailflow.transports.pipe import CommandNotRun, command_status, run_command
 
 log = logging.getLogger("mailflow.local")
 
+
 # forward(request, recipient, addresses, content, sender=None) -> queue id of the new message; `sender` replaces
 # the envelope sender (a mailing list's owner), None keeps it.
 ForwardFn = Callable[..., Awaitable[str]]
-
-
-def delivered_to(content: bytes) -> frozenset[str]:
-    """The addresses of every Delivered-To header, lower-cased."""
-    head, _ = split_header(content)
-    return frozenset(v.strip().strip("<>").lower() for v in header_values(head, "delivered-to"))
 
 
 @dataclass(frozen=True)
@@ -98,19 +95,18 @@ class LocalTransport:
         self._relay = relay
 
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
-        seen = delivered_to(request.content)
-        body = request.content.replace(b"\r\n", b"\n")
+        seen = delivered_to(read_header(request.content, HEADER_READ_LIMIT)[0])
         filled: dict[str, Part] = {}  # user -> what its mailbox got, so a user gets one copy per message
         results = []
         for rcpt in request.recipients:
-            results.append(await self._deliver_recipient(request, rcpt, seen, body, filled))
+            results.append(await self._deliver_recipient(request, rcpt, seen, filled))
         return DeliveryReport(tuple(results))
 
     async def close(self) -> None:
         pass
 
     async def _deliver_recipient(self, request: DeliveryRequest, rcpt: Recipient, seen: frozenset[str],
-                                 body: bytes, filled: dict[str, Part]) -> RcptResult:
+                                 filled: dict[str, Part]) -> RcptResult:
         if not self._allow_min_user and rcpt.address.startswith("-"):  # Postfix allow_min_user = no
             return self._result(rcpt, Outcome.BOUNCED, "5.1.3", "bad recipient address syntax: begins with '-'")
         try:
@@ -121,10 +117,10 @@ class LocalTransport:
         for leaf in leaves:
             if isinstance(leaf, Mailbox):
                 if leaf.user not in filled:
-                    filled[leaf.user] = await self._mailbox(request, leaf, body)
+                    filled[leaf.user] = await self._mailbox(request, leaf)
                 parts.append(filled[leaf.user])
             elif isinstance(leaf, Command):
-                parts.append(await self._command(request, rcpt, leaf, body))
+                parts.append(await self._command(request, rcpt, leaf))
             elif isinstance(leaf, File):
                 parts.append(await self._file(request, leaf))
             elif isinstance(leaf, Refused):
@@ -148,17 +144,17 @@ class LocalTransport:
                 return self._result(rcpt, outcome, bad[0][0], "; ".join(t for _, t in bad) + _also(done))
         return self._result(rcpt, Outcome.SENT, "2.0.0", "; ".join(done))
 
-    async def _mailbox(self, request: DeliveryRequest, leaf: Mailbox, body: bytes) -> Part:
+    async def _mailbox(self, request: DeliveryRequest, leaf: Mailbox) -> Part:
         """The user's Maildir or mbox file (`local.home_mailbox`, `local.mail_spool_directory`)."""
         path, kind = mailbox_location(self._local, leaf.user)
         prefix = mailbox_prefix(request.sender, leaf.address)
         if kind == "maildir":
             try:
-                await self._writer.write(path, prefix + body)
+                await self._writer.write(path, prefix, request.content)
             except OSError as e:
-                return Outcome.DEFERRED, "4.2.0", f"cannot write to maildir {path}: {e.strerror}"
+                return Outcome.DEFERRED, "4.2.0", f"cannot write to maildir {path}: {e.strerror or e}"
             return Outcome.SENT, "2.0.0", f"delivered to maildir {path}"
-        entry = format_mbox_entry(request.content, sender=request.sender, arrival=self._clock.time(), prepend=prefix)
+        entry = mbox_entry(request.content, sender=request.sender, arrival=self._clock.time(), prepend=prefix)
         try:
             await append_mbox(path, entry, locks=self._local.mailbox_delivery_lock)
         except DeliveryError as e:
@@ -171,8 +167,8 @@ class LocalTransport:
         owner's or the user's rights, never root's: a .forward must not reach /etc/passwd)."""
         if leaf.path == os.devnull:
             return Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}"
-        entry = format_mbox_entry(request.content, sender=request.sender, arrival=self._clock.time(),
-                                  prepend=mailbox_prefix(request.sender, leaf.address))
+        entry = mbox_entry(request.content, sender=request.sender, arrival=self._clock.time(),
+                           prepend=mailbox_prefix(request.sender, leaf.address))
         as_user = self._local.default_privs if os.geteuid() == 0 else None
         try:
             await append_mbox(Path(leaf.path), entry, locks=self._local.mailbox_delivery_lock, user=as_user)
@@ -184,7 +180,7 @@ class LocalTransport:
                             sender: str | None = None) -> Part:
         if self._forward is None:
             return Outcome.DEFERRED, "4.3.5", "forwarding is not possible here (no cleanup to queue it)"
-        content = f"Delivered-To: {rcpt.address}\r\n".encode("utf-8") + request.content
+        content = request.content.prepend(f"Delivered-To: {rcpt.address}\r\n".encode("utf-8"))
         try:
             queue_id = await self._forward(request, rcpt, addresses, content, sender=sender)
         except DeliveryError as e:
@@ -194,7 +190,7 @@ class LocalTransport:
             return Outcome.DEFERRED, "4.3.0", f"cannot forward to {', '.join(addresses)}: {e}"
         return Outcome.SENT, "2.0.0", f"forwarded as {queue_id} to {', '.join(addresses)}"
 
-    async def _command(self, request: DeliveryRequest, rcpt: Recipient, leaf: Command, body: bytes) -> Part:
+    async def _command(self, request: DeliveryRequest, rcpt: Recipient, leaf: Command) -> Part:
         """Run one `|command` destination (see the module docstring)."""
         settings = self._commands
         if settings is None:
@@ -208,8 +204,8 @@ class LocalTransport:
         env = {"HOME": str(home), "SHELL": "/bin/sh",
                **{k: "".join(c if c in _SHELL_SAFE else "_" for c in v) for k, v in context.items()}}
         try:
-            result = await run_command(["/bin/sh", "-c", leaf.command],
-                                       stdin=mailbox_prefix(request.sender, leaf.address) + body, env=env,
+            stdin = aencode(request.content.prepend(mailbox_prefix(request.sender, leaf.address)).stream(), ToLf())
+            result = await run_command(["/bin/sh", "-c", leaf.command], stdin=stdin, env=env,
                                        time_limit=settings.time_limit, output_limit=settings.output_limit,
                                        user=settings.default_privs if os.geteuid() == 0 else None,
                                        cwd=home if home.is_dir() else "/")

@@ -1,6 +1,8 @@
 """Maildir delivery (Postfix virtual(8); local(8) writes its mailboxes with `MaildirWriter` too).
 
-`MaildirWriter(clock).write(maildir, data)`: one message file, durably; raises OSError.
+`MaildirWriter(clock).write(maildir, prefix, content)`: one message file, durably: `prefix` (whole LF lines) then
+the content (a mailflow.content.Content) with LF line ends, converted chunk by chunk as it is written, so a big
+message is never held whole; raises OSError (also when the content's spool file cannot be read).
 `MaildirTransport(locate, clock=…, relay=…)`: `locate(recipient) -> Path | None` finds the Maildir.
 - `virtual_maildirs(base, rewriter)`: `<virtual_mailbox_base>/<virtual_mailbox_maps value>`; the value must
   end in "/" (Maildir) and stay inside the base.
@@ -8,7 +10,7 @@ Per recipient: write `Return-Path` and `Delivered-To` then the message, with LF 
 convention, as Postfix writes it) into `tmp/`, fsync the file, rename it into `new/`, fsync `new/`. Only then
 is the recipient SENT. The file work runs in a worker thread.
 Quota (`quota(recipient) -> bytes`, 0 = none): the sizes of the files in new/ and cur/ plus the new message
-may not exceed it; over quota bounces 5.2.2, or defers 4.2.2 when `overquota_bounce` is False.
+(counted as queued, with its CRLF line ends: the file is at most that big) may not exceed it; over quota bounces 5.2.2, or defers 4.2.2 when `overquota_bounce` is False.
 Failures: an unknown virtual user bounces (5.1.1); a table that cannot answer or a map value mailflow
 cannot use defers (4.3.0 / 4.3.5); an OS error defers (4.2.0: a full disk, a permission the operator can fix).
 """
@@ -23,8 +25,10 @@ from pathlib import Path
 from typing import Callable
 
 from mailflow.clock import Clock
+from mailflow.content import Content
 from mailflow.errors import TemporaryError
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
+from mailflow.transports.encode import ToLf, encode
 
 Locate = Callable[[str], "Path | None"]
 
@@ -54,8 +58,8 @@ class MaildirWriter:
         self._host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
         self._seq = count()
 
-    async def write(self, maildir: Path, data: bytes) -> None:
-        await asyncio.to_thread(_write_maildir_file, maildir, self._unique_name(), data)
+    async def write(self, maildir: Path, prefix: bytes, content: Content) -> None:
+        await asyncio.to_thread(_write_maildir_file, maildir, self._unique_name(), prefix, content)
 
     def _unique_name(self) -> str:
         now = self._clock.time()
@@ -90,16 +94,15 @@ class MaildirTransport:
         self._overquota_bounce = overquota_bounce
 
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
-        body = request.content.replace(b"\r\n", b"\n")
         results = []
         for rcpt in request.recipients:
-            results.append(await self._deliver_one(request, rcpt, body))
+            results.append(await self._deliver_one(request, rcpt))
         return DeliveryReport(tuple(results))
 
     async def close(self) -> None:
         pass
 
-    async def _deliver_one(self, request: DeliveryRequest, rcpt: Recipient, body: bytes) -> RcptResult:
+    async def _deliver_one(self, request: DeliveryRequest, rcpt: Recipient) -> RcptResult:
         try:
             maildir = self._locate(rcpt.address)
         except TemporaryError as e:
@@ -107,12 +110,12 @@ class MaildirTransport:
         if maildir is None:
             return RcptResult(rcpt, Outcome.BOUNCED, "5.1.1", "user unknown in virtual mailbox table",
                               relay=self._relay)
-        data = mailbox_prefix(request.sender, rcpt.address) + body
+        prefix = mailbox_prefix(request.sender, rcpt.address)
         try:
-            refusal = await self._over_quota(rcpt, maildir, len(data))
+            refusal = await self._over_quota(rcpt, maildir, len(prefix) + request.content.size)
             if refusal is not None:
                 return refusal
-            await self._writer.write(maildir, data)
+            await self._writer.write(maildir, prefix, request.content)
         except TemporaryError as e:
             return RcptResult(rcpt, Outcome.DEFERRED, e.dsn, e.text, relay=self._relay)
         except OSError as e:
@@ -133,15 +136,21 @@ class MaildirTransport:
         return RcptResult(rcpt, Outcome.DEFERRED, "4.2.2", text, relay=self._relay)
 
 
-def _write_maildir_file(maildir: Path, name: str, data: bytes) -> None:
+def _write_maildir_file(maildir: Path, name: str, prefix: bytes, content: Content) -> None:
     for sub in ("tmp", "new", "cur"):
         (maildir / sub).mkdir(parents=True, exist_ok=True)
     tmp = maildir / "tmp" / name
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(prefix)
+            for chunk in encode(content.chunks(), ToLf()):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave a partial message in tmp/
+        raise
     os.rename(tmp, maildir / "new" / name)
     dir_fd = os.open(maildir / "new", os.O_RDONLY)
     try:

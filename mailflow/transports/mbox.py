@@ -2,10 +2,13 @@
 
 - `mailbox_location(local_config, user) -> (path, kind)`: where a local user's mailbox is and whether it is a
   "maildir" or an "mbox" file (Postfix home_mailbox / mail_spool_directory rules, see the function).
-- `format_mbox_entry(content, sender=…, arrival=…, prepend=…) -> bytes`: one mbox entry (From_ line, the
-  prepended lines, the message with LF line ends and mboxrd quoting, a blank line).
+- `mbox_entry(content, sender=…, arrival=…, prepend=…) -> Iterator[bytes]`: one mbox entry (From_ line, the
+  prepended lines, the message with LF line ends and mboxrd quoting, a blank line), made chunk by chunk from a
+  mailflow.content.Content (mailflow.transports.encode), so a big message is never held whole;
+  `format_mbox_entry(content: bytes, …) -> bytes` is the same entry at once, for small messages and tests.
 - `mboxrd_unquote(text) -> bytes`: the reverse of the quoting, for readers and tests.
-- `append_mbox(path, entry, locks=…, lock_timeout=…)`: append one entry durably under the configured locks.
+- `append_mbox(path, entry, locks=…, lock_timeout=…)`: append one entry (bytes, or an iterable of chunks such
+  as mbox_entry's, consumed in the worker) durably under the configured locks.
 
 How an append works (all in one worker thread, `asyncio.to_thread`): create the parent directories; open the
 file O_WRONLY|O_APPEND|O_CREAT|O_NOFOLLOW (mode 0600); take the locks in the order given, sharing one deadline
@@ -54,10 +57,12 @@ import stat
 import struct
 import time
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Iterable, Iterator, Literal
 
 from mailflow.config import LocalConfig
+from mailflow.content import Content
 from mailflow.errors import DeliveryError, PermanentError, TemporaryError
+from mailflow.transports.encode import FinalNewline, ToLf, encode, mboxrd_quoting
 
 log = logging.getLogger("mailflow.mbox")
 
@@ -70,7 +75,6 @@ STALE_LOCK_TIME = 500.0  # Postfix stale_lock_time
 _FIRST_POLL, _MAX_POLL = 0.005, 0.1
 _LOCK_STYLES: tuple[LockStyle, ...] = ("fcntl", "flock", "dotlock")
 
-_FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)
 _QUOTED_FROM_LINE = re.compile(rb"^>(>*From )", re.MULTILINE)
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\x80-\U0010ffff]+"
 _DOT_ATOM = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
@@ -100,7 +104,7 @@ def mailbox_location(local: LocalConfig, user: str) -> tuple[Path, MailboxKind]:
 # ------------------------------------------------------------------------------------------- format
 
 
-def format_mbox_entry(content: bytes, *, sender: str, arrival: float, prepend: bytes = b"") -> bytes:
+def mbox_entry(content: Content, *, sender: str, arrival: float, prepend: bytes = b"") -> Iterator[bytes]:
     """One mbox entry: `From <sender>  <asctime>`, `prepend` (whole lines, e.g. Return-Path and Delivered-To),
     the message, then an empty line so that the next From_ line starts after a blank line.
 
@@ -115,10 +119,14 @@ def format_mbox_entry(content: bytes, *, sender: str, arrival: float, prepend: b
     `From x` look the same. mboxrd can be undone exactly (`mboxrd_unquote`), and what an mboxo reader shows
     of it differs from Postfix's output only on lines that already started with '>'.
     """
-    text = (prepend + content).replace(b"\r\n", b"\n")
-    if text and not text.endswith(b"\n"):
-        text += b"\n"
-    return from_line(sender, arrival) + _FROM_LINE.sub(rb">\1", text) + b"\n"
+    yield from_line(sender, arrival)
+    yield from encode(content.prepend(prepend).chunks(), ToLf(), mboxrd_quoting(), FinalNewline())
+    yield b"\n"
+
+
+def format_mbox_entry(content: bytes, *, sender: str, arrival: float, prepend: bytes = b"") -> bytes:
+    """`mbox_entry` of a message in memory, as one bytes object."""
+    return b"".join(mbox_entry(Content.of(content), sender=sender, arrival=arrival, prepend=prepend))
 
 
 def from_line(sender: str, when: float) -> bytes:
@@ -145,7 +153,7 @@ def _quote_local_part(address: str) -> str:
 # ------------------------------------------------------------------------------------------- append
 
 
-async def append_mbox(path: Path, entry: bytes, *, locks: tuple[LockStyle, ...] = ("fcntl", "dotlock"),
+async def append_mbox(path: Path, entry: bytes | Iterable[bytes], *, locks: tuple[LockStyle, ...] = ("fcntl", "dotlock"),
                       lock_timeout: float = DEFAULT_LOCK_TIMEOUT, stale_lock_time: float = STALE_LOCK_TIME,
                       user: str | None = None) -> None:
     """Append `entry` (from format_mbox_entry) to the mbox file at `path`, durably, under `locks` (taken in
@@ -197,7 +205,7 @@ def _append_as(user: str, *args) -> None:
         raise (PermanentError if kind == "P" else TemporaryError)(dsn, text)
 
 
-def _append(path: Path, entry: bytes, locks: tuple[LockStyle, ...], lock_timeout: float,
+def _append(path: Path, entry: bytes | Iterable[bytes], locks: tuple[LockStyle, ...], lock_timeout: float,
             stale_lock_time: float) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -336,16 +344,20 @@ def _check_still_the_mailbox(fd: int, path: Path) -> None:
         raise TemporaryError("4.2.0", f"mailbox {path} was removed or replaced while being locked")
 
 
-def _write_or_roll_back(fd: int, path: Path, entry: bytes) -> None:
+def _write_or_roll_back(fd: int, path: Path, entry: bytes | Iterable[bytes]) -> None:
     size = os.fstat(fd).st_size
     try:
-        rest = memoryview(entry)
-        while rest:
-            rest = rest[os.write(fd, rest):]
+        for chunk in (entry,) if isinstance(entry, bytes) else entry:
+            rest = memoryview(chunk)
+            while rest:
+                rest = rest[os.write(fd, rest):]
         os.fsync(fd)
-    except OSError as e:
+    except OSError as e:  # the write, or reading the message's spool file
         _truncate(fd, path, size)
         raise _os_error(path, e, "write to") from None
+    except BaseException:
+        _truncate(fd, path, size)
+        raise
 
 
 def _truncate(fd: int, path: Path, size: int) -> None:

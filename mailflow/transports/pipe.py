@@ -3,7 +3,8 @@
 Runner (used by pipe services and by local's `|command` destinations):
 - `run_command(argv, *, stdin, env, time_limit, output_limit, user=None, cwd=None) -> CommandResult`: runs argv
   directly (a shell only when argv is ["/bin/sh", "-c", cmd]) in a new session, with exactly `env` plus
-  PATH=/usr/bin:/bin, feeds it `stdin` (a command may exit without reading: fine), keeps the first
+  PATH=/usr/bin:/bin, feeds it `stdin` (bytes, or an async iterable of chunks written one at a time as the
+  command reads them: a big message is never held whole; a command may exit without reading: fine), keeps the first
   `output_limit` bytes of its merged stdout+stderr and drains the rest, and kills its whole process group at
   the time limit (or when the delivery is cancelled). `user`: as root, run as that user (its groups too);
   not as root, only our own user. Raises `CommandNotRun` when it cannot start the command (unknown user,
@@ -28,7 +29,8 @@ argv macros (${name}, $name, $(name); $$ is a literal $), each value one argv el
 per recipient ${recipient}, ${original_recipient}, ${user}, ${extension}, ${mailbox}, ${domain}; per request
 ${sender} (null sender: `null_sender`, default MAILER-DAEMON), ${nexthop}, ${queue_id}, ${size}. Postfix's
 client and SASL macros are unknown here: a config error, like any unknown macro.
-Flags (stdin is the message with LF line endings, as Postfix pipe writes it): F a "From sender date" line,
+Flags (stdin, `command_input`, is the message with LF line endings, as Postfix pipe writes it, converted chunk
+by chunk as the command reads it): F a "From sender date" line,
 R Return-Path:, O X-Original-To:, D Delivered-To: (in that order); ">" quotes lines starting "From ", "."
 doubles a leading dot, B appends a blank line; h folds ${domain}/${nexthop} and recipient domains to lower
 case, u folds recipient local parts, q quotes address local parts RFC 5322-style.
@@ -46,12 +48,14 @@ import re
 import signal
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, AsyncIterable, AsyncIterator, Callable, Iterable
 
 from mailflow import address
+from mailflow.content import Content
+from mailflow.message import HEADER_READ_LIMIT, delivered_to, read_header
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
-from mailflow.stages.cleanup import header_values, split_header
 from mailflow.tables import split_extension
+from mailflow.transports.encode import FinalNewline, ToLf, aencode, dot_quoting, from_quoting
 
 if TYPE_CHECKING:
     from mailflow.config import PipeService
@@ -109,8 +113,8 @@ def _identity(user: str | None) -> _Identity | None:
     return _Identity(user, entry.pw_uid, entry.pw_gid, tuple(os.getgrouplist(user, entry.pw_gid)))
 
 
-async def run_command(argv: list[str], *, stdin: bytes, env: dict[str, str], time_limit: float, output_limit: int,
-                      user: str | None = None, cwd=None) -> CommandResult:
+async def run_command(argv: list[str], *, stdin: bytes | AsyncIterable[bytes], env: dict[str, str],
+                      time_limit: float, output_limit: int, user: str | None = None, cwd=None) -> CommandResult:
     """Run argv to completion or to the time limit; see the module docstring. Raises CommandNotRun."""
     who = _identity(user)
     switch = {} if who is None else {"user": who.uid, "group": who.gid, "extra_groups": list(who.groups)}
@@ -141,7 +145,8 @@ async def run_command(argv: list[str], *, stdin: bytes, env: dict[str, str], tim
     return CommandResult(code, None, False, text)
 
 
-async def _exchange(proc: asyncio.subprocess.Process, data: bytes, output: bytearray, limit: int) -> None:
+async def _exchange(proc: asyncio.subprocess.Process, data: bytes | AsyncIterable[bytes], output: bytearray,
+                    limit: int) -> None:
     """Write `data` to the command while reading its output until EOF into `output`, keeping `limit` bytes."""
     feeder = asyncio.create_task(_feed(proc.stdin, data))
     try:
@@ -153,10 +158,15 @@ async def _exchange(proc: asyncio.subprocess.Process, data: bytes, output: bytea
         feeder.cancel()
 
 
-async def _feed(stdin: asyncio.StreamWriter, data: bytes) -> None:
+async def _feed(stdin: asyncio.StreamWriter, data: bytes | AsyncIterable[bytes]) -> None:
     try:
-        stdin.write(data)
-        await stdin.drain()
+        if isinstance(data, bytes):
+            stdin.write(data)
+            await stdin.drain()
+        else:
+            async for chunk in data:
+                stdin.write(chunk)
+                await stdin.drain()
     except ConnectionError:
         pass  # the command exited or closed its input without reading everything: its exit status decides
     finally:
@@ -334,9 +344,10 @@ def expand_argv(templates: tuple[ArgTemplate, ...], request_values: dict[str, st
 # ------------------------------------------------------------------------------------------ the message
 
 
-def command_input(content: bytes, *, sender: str, flags: str, recipient: str = "", original: str = "",
-                  now: float = 0.0) -> bytes:
-    """The message as the command reads it: LF line ends, the headers the flags ask for, quoted lines."""
+def command_input(content: Content, *, sender: str, flags: str, recipient: str = "", original: str = "",
+                  now: float = 0.0) -> AsyncIterator[bytes]:
+    """The message as the command reads it: the headers the flags ask for, then the content with LF line ends
+    and quoted lines, chunk by chunk."""
     null_from = sender or "MAILER-DAEMON"
     head = []
     if "F" in flags:
@@ -347,22 +358,17 @@ def command_input(content: bytes, *, sender: str, flags: str, recipient: str = "
         head.append(f"X-Original-To: {original}")
     if "D" in flags:
         head.append(f"Delivered-To: {recipient}")
-    body = content.replace(b"\r\n", b"\n")
-    if ">" in flags or "." in flags:
-        body = b"\n".join(_quote_line(line, flags) for line in body.split(b"\n"))
-    if body and not body.endswith(b"\n"):
-        body += b"\n"
-    if "B" in flags:
-        body += b"\n"
-    return "".join(h + "\n" for h in head).encode("utf-8") + body
+    encoders = [ToLf(), *([from_quoting()] if ">" in flags else []), *([dot_quoting()] if "." in flags else []),
+                FinalNewline()]
 
+    async def chunks() -> AsyncIterator[bytes]:
+        yield "".join(h + "\n" for h in head).encode("utf-8")
+        async for chunk in aencode(content.stream(), *encoders):
+            yield chunk
+        if "B" in flags:
+            yield b"\n"
 
-def _quote_line(line: bytes, flags: str) -> bytes:
-    if ">" in flags and line.startswith(b"From "):
-        line = b">" + line
-    if "." in flags and line.startswith(b"."):
-        line = b"." + line
-    return line
+    return chunks()
 
 
 # ------------------------------------------------------------------------------------------ the transport
@@ -380,7 +386,7 @@ class PipeTransport:
 
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
         s = self._service
-        if s.size_limit and len(request.content) > s.size_limit:
+        if s.size_limit and request.content.size > s.size_limit:
             return DeliveryReport.uniform(request.recipients, Outcome.BOUNCED, "5.2.3", "message too large",
                                           relay=self._name)
         if _has_control(request.sender):
@@ -438,7 +444,7 @@ class PipeTransport:
         if sender and request.sender and "q" in s.flags:
             sender = _address_value(sender, "q")
         return {"sender": sender, "nexthop": request.nexthop.lower() if "h" in s.flags else request.nexthop,
-                "queue_id": request.queue_id, "size": str(len(request.content))}
+                "queue_id": request.queue_id, "size": str(request.content.size)}
 
     def _min_user(self, value: str) -> bool:
         return not self._allow_min_user and value.startswith("-")
@@ -450,8 +456,7 @@ class PipeTransport:
 
     @staticmethod
     def _delivered_to(request: DeliveryRequest) -> frozenset[str]:
-        head, _ = split_header(request.content)
-        return frozenset(v.strip().strip("<>").lower() for v in header_values(head, "delivered-to"))
+        return delivered_to(read_header(request.content, HEADER_READ_LIMIT)[0])
 
     def _result(self, rcpt: Recipient, outcome: Outcome, dsn: str, text: str) -> RcptResult:
         return RcptResult(rcpt, outcome, dsn, text, relay=self._name)

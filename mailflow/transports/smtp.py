@@ -72,7 +72,10 @@ quoted-printable (see downgrade). Time limits: connect_timeout (TCP), helo_timeo
 command_timeout (STARTTLS, AUTH, MAIL, each RCPT, DATA, RSET), data_timeout (the reply after the content).
 
 `site_ok` is False only when the destination could not be talked to; refusals and bounces keep it True.
-The envelope is sent exactly as queued (no re-parsing); the content as it is, dot-stuffed, ending in CRLF.
+The envelope is sent exactly as queued (no re-parsing); the content as it is, dot-stuffed, ending in CRLF,
+streamed from the queue chunk by chunk (mailflow.transports.encode.SmtpData; the 7-bit conversion streams
+too): a big message is never held whole, and the SIZE given and checked is the queued size (as Postfix's).
+A small message goes out in one write.
 `relay` is `host[ip]:port`, or "none" before any session.
 """
 from __future__ import annotations
@@ -85,7 +88,7 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Callable
@@ -95,11 +98,14 @@ from aiosmtplib import SMTPResponse
 from aiosmtplib.auth import auth_login_encode, auth_plain_encode
 
 from mailflow.config import SmtpConfig, parse_hostport
+from mailflow.content import CHUNK, Content
 from mailflow.dns import MX, NotFound, Resolver, is_ip_literal
 from mailflow.errors import LookupRetry
+from mailflow.message import HEADER_READ_LIMIT, read_header
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
 from mailflow.tables import Table, TableCache
-from mailflow.transports.downgrade import downgrade_8bit
+from mailflow.transports.downgrade import Downgrade
+from mailflow.transports.encode import Encoder, SmtpData, aencode, encode
 from mailflow.transports.smtp_session import CRLF, Session, SessionCache
 from mailflow.transports.smtp_tls import (
     TlsContexts,
@@ -119,14 +125,13 @@ RSET_TIMEOUT = 20.0  # Postfix smtp_rset_timeout
 
 _ENHANCED_CODE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 _UNSAFE_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f]")
-_LEADING_DOT = re.compile(rb"(?m)^\.")
-_LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
 
 # Per command: what Postfix says it was doing when the connection broke, and how it names the command.
 ACTIVITY = {
     "MAIL FROM": "sending MAIL FROM",
     "RCPT TO": "sending RCPT TO",
     "DATA": "sending DATA command",
+    "message body": "sending message body",
     "end of DATA": "sending end of data -- message may be sent more than once",
 }
 
@@ -252,20 +257,15 @@ class Payload:
     """The content as one peer gets it: as queued, or converted to 7 bit for a peer without 8BITMIME."""
 
     request: DeliveryRequest
-    _downgraded: bytes | None = None
 
-    def for_session(self, session: Session) -> tuple[bytes, str | None]:
-        """(content, BODY= parameter or None)."""
-        content = self.request.content
+    def for_session(self, session: Session) -> tuple[tuple[Encoder, ...], str | None]:
+        """(the encoders the content goes through before dot-stuffing, BODY= parameter or None)."""
         if self.request.body_type.upper() != "8BITMIME":
-            return content, None
+            return (), None
         if session.supports("8bitmime"):
-            return content, "BODY=8BITMIME"
-        if self._downgraded is None:
-            self._downgraded = downgrade_8bit(content)
-            log.debug("%s: %s offers no 8BITMIME: content converted to 7 bit", self.request.queue_id,
-                      session.peer.relay)
-        return self._downgraded, None
+            return (), "BODY=8BITMIME"
+        log.debug("%s: %s offers no 8BITMIME: content converted to 7 bit", self.request.queue_id, session.peer.relay)
+        return (Downgrade(),), None
 
 
 # ---------------------------------------------------------------------------------------------------- transport
@@ -626,14 +626,14 @@ class SmtpTransport:
     ) -> None:
         """One mail transaction; every recipient ends with a result in `outcomes`. A reused session that dies
         before MAIL FROM is answered raises StaleSession and leaves `outcomes` untouched."""
-        content, body = payload.for_session(session)
-        refusal = peer_cannot_take(session, request, content)
+        encoders, body = payload.for_session(session)
+        refusal = peer_cannot_take(session, request)
         if refusal is not None:
             outcomes.set_all(recipients, Outcome.BOUNCED, refusal.dsn, refusal.text, session.peer.relay)
             return
         session.uses += 1
         try:
-            await self._transaction(session, request, content, body, recipients, outcomes, reused)
+            await self._transaction(session, request, encoders, body, recipients, outcomes, reused)
         except ConversationLost as e:
             pending = [r for r in recipients if r not in outcomes.results]
             outcomes.set_all(pending, Outcome.DEFERRED, e.failure.dsn, e.failure.text, session.peer.relay)
@@ -643,7 +643,7 @@ class SmtpTransport:
         self,
         session: Session,
         request: DeliveryRequest,
-        content: bytes,
+        encoders: tuple[Encoder, ...],
         body: str | None,
         recipients: list[Recipient],
         outcomes: Outcomes,
@@ -656,7 +656,7 @@ class SmtpTransport:
         encoding = "utf-8" if utf8 else "ascii"
         dsn = session.supports("dsn")
         mail = b" ".join([b"MAIL FROM:<" + request.sender.encode(encoding) + b">",
-                          *mail_options(session, content, body, utf8), *(dsn_mail_params(request) if dsn else [])])
+                          *mail_options(session, request, body, utf8), *(dsn_mail_params(request) if dsn else [])])
         rcpts = [b" ".join([b"RCPT TO:<" + r.address.encode(encoding) + b">", *(dsn_rcpt_params(r) if dsn else [])])
                  for r in recipients]
         pipelining = session.supports("pipelining")
@@ -695,7 +695,7 @@ class SmtpTransport:
         if reply.code != 354:
             outcomes.results.update(reply_results(accepted, data_refusal(reply), peer, "DATA"))
             return
-        self._send(session, dot_stuffed(content) + b"." + CRLF, "end of DATA")
+        await self._send_body(session, request.content, encoders)
         reply = await self._reply(session, "end of DATA", self._config.data_timeout)
         session.transaction_open = False
         outcomes.results.update(reply_results(accepted, reply, peer, "end of DATA", next_hop_notifies=dsn))
@@ -715,11 +715,32 @@ class SmtpTransport:
         except (aiosmtplib.SMTPException, OSError, TimeoutError):
             session.abort()
 
-    def _send(self, session: Session, data: bytes, command: str) -> None:
+    async def _send_body(self, session: Session, content: Content, encoders: tuple[Encoder, ...]) -> None:
+        """The content, dot-stuffed, and the terminator. A message in memory goes in one write; a spooled one
+        CHUNK bytes at a time, each write waiting (within data_timeout) until the peer has taken the last."""
+        if content.in_memory:
+            self._send(session, list(smtp_data(content, encoders)), "message body")
+            return
+        pieces: list[bytes] = []
+        size = 0
+        async for piece in asmtp_data(content, encoders):
+            pieces.append(piece)
+            size += len(piece)
+            if size >= CHUNK:
+                self._send(session, pieces, "message body")
+                pieces, size = [], 0
+                try:
+                    await session.drain(self._config.data_timeout)
+                except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+                    session.abort()
+                    raise ConversationLost(lost_failure(session.peer, ACTIVITY["message body"], e)) from None
+        self._send(session, pieces, "message body")
+
+    def _send(self, session: Session, data: bytes | list[bytes], command: str) -> None:
         if session.aborted:
             raise ConversationLost(lost_failure(session.peer, ACTIVITY[command], aiosmtplib.SMTPServerDisconnected("")))
         try:
-            session.send(data)
+            session.send(data) if isinstance(data, bytes) else session.send_many(data)
         except (aiosmtplib.SMTPException, OSError) as e:
             session.abort()
             raise ConversationLost(lost_failure(session.peer, ACTIVITY[command], e)) from None
@@ -851,32 +872,29 @@ def needs_smtputf8(request: DeliveryRequest) -> bool:
     envelope = [request.sender, *(r.address for r in request.recipients)]
     if not all(a.isascii() for a in envelope):
         return True
-    return request.smtputf8 and not header_block(request.content).isascii()
-
-
-def header_block(content: bytes) -> bytes:
-    return content.split(b"\r\n\r\n", 1)[0]
+    return request.smtputf8 and not read_header(request.content, HEADER_READ_LIMIT)[0].isascii()
 
 
 def uses_smtputf8(session: Session, request: DeliveryRequest) -> bool:
     return session.supports("smtputf8") and (request.smtputf8 or needs_smtputf8(request))
 
 
-def peer_cannot_take(session: Session, request: DeliveryRequest, content: bytes) -> Failure | None:
+def peer_cannot_take(session: Session, request: DeliveryRequest) -> Failure | None:
     """A reason to bounce before MAIL FROM: the message needs an extension or a size the peer does not offer."""
     peer = session.peer
     if needs_smtputf8(request) and not session.supports("smtputf8"):
         return Failure("5.6.7", f"SMTPUTF8 is required, but was not offered by host {peer.name}")
     limit = session.size_limit
-    if limit and len(content) > limit:
-        return Failure("5.3.4", f"message size {len(content)} exceeds size limit {limit} of server {peer.name}")
+    size = request.content.size
+    if limit and size > limit:
+        return Failure("5.3.4", f"message size {size} exceeds size limit {limit} of server {peer.name}")
     return None
 
 
-def mail_options(session: Session, content: bytes, body: str | None, utf8: bool) -> list[bytes]:
+def mail_options(session: Session, request: DeliveryRequest, body: str | None, utf8: bool) -> list[bytes]:
     options = []
     if session.supports("size"):
-        options.append(f"SIZE={len(content)}")
+        options.append(f"SIZE={request.content.size}")
     if body:
         options.append(body)
     if utf8:
@@ -941,12 +959,17 @@ def screen_envelope(request: DeliveryRequest) -> tuple[Outcomes, list[Recipient]
     return outcomes, sendable
 
 
-def dot_stuffed(content: bytes) -> bytes:
-    """CRLF line endings, a final CRLF, and a leading '.' doubled on every line (RFC 5321 4.5.2)."""
-    content = _LINE_ENDINGS.sub(b"\r\n", content)
-    if not content.endswith(b"\r\n"):
-        content += b"\r\n"
-    return _LEADING_DOT.sub(b"..", content)
+def smtp_data(content: Content, encoders: tuple[Encoder, ...] = ()) -> Iterator[bytes]:
+    """The DATA of a message in memory: the content through `encoders`, dot-stuffed, then the terminator."""
+    yield from encode(content.chunks(), *encoders, SmtpData())
+    yield b"." + CRLF
+
+
+async def asmtp_data(content: Content, encoders: tuple[Encoder, ...] = ()) -> AsyncIterator[bytes]:
+    """`smtp_data` of a spooled message, its file read chunk by chunk."""
+    async for piece in aencode(content.stream(), *encoders, SmtpData()):
+        yield piece
+    yield b"." + CRLF
 
 
 def data_refusal(reply: SMTPResponse) -> SMTPResponse:

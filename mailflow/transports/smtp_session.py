@@ -7,7 +7,9 @@ pipelined (RFC 2920); the reader queues every complete reply in order instead. N
 
     Session(client, peer, tls=..., opened=...)  takes over client's connection
       .supports(ext) .size_limit .alive .idle_clean .aborted .uses .transaction_open
-      .send(bytes)                                   write now (raises SMTPServerDisconnected when closed)
+      .send(bytes) .send_many([bytes])               write now (raises SMTPServerDisconnected when closed)
+      await .drain(timeout)                          until the peer has taken enough of what was written
+                                                     (flow control); TimeoutError, SMTPServerDisconnected
       await .reply(timeout) -> SMTPResponse          the next reply, in order; TimeoutError,
                                                      SMTPServerDisconnected, SMTPResponseException (garbage)
       .quit()   .abort()                             polite and impolite ends; both idempotent
@@ -51,6 +53,7 @@ class ReplyReader(asyncio.Protocol):
         self._replies: deque[SMTPResponse] = deque()
         self._error: Exception | None = None
         self._waiter: asyncio.Future | None = None
+        self._writable: asyncio.Future | None = None  # set while the transport's write buffer is too full
 
     # -- asyncio.Protocol
 
@@ -66,6 +69,15 @@ class ReplyReader(asyncio.Protocol):
     def eof_received(self) -> bool:
         self._fail(aiosmtplib.SMTPServerDisconnected("Unexpected EOF received"))
         return False  # close the transport
+
+    def pause_writing(self) -> None:
+        if self._writable is None:
+            self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        writable, self._writable = self._writable, None
+        if writable is not None and not writable.done():
+            writable.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         lost = aiosmtplib.SMTPServerDisconnected("Connection lost")
@@ -83,6 +95,15 @@ class ReplyReader(asyncio.Protocol):
     def failed(self) -> bool:
         return self._error is not None
 
+    async def drain(self, timeout: float) -> None:
+        """Wait until the transport takes writes again (or raise the connection's failure)."""
+        if self._error is not None:
+            raise self._error
+        if self._writable is not None:
+            await asyncio.wait_for(asyncio.shield(self._writable), timeout)
+        if self._error is not None:
+            raise self._error
+
     async def reply(self, timeout: float) -> SMTPResponse:
         if not self._replies and self._error is None:
             self._waiter = asyncio.get_running_loop().create_future()
@@ -99,6 +120,7 @@ class ReplyReader(asyncio.Protocol):
         if self._error is None:
             self._error = error
         self._wake()
+        self.resume_writing()  # a writer waiting for room learns of the failure
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done() and (self._replies or self._error):
@@ -161,6 +183,14 @@ class Session:
         if self._transport.is_closing():
             raise aiosmtplib.SMTPServerDisconnected("Connection lost")
         self._transport.write(data)
+
+    def send_many(self, pieces: list[bytes]) -> None:
+        if self._transport.is_closing():
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        self._transport.writelines(pieces)
+
+    async def drain(self, timeout: float) -> None:
+        await self._reader.drain(timeout)
 
     async def reply(self, timeout: float) -> SMTPResponse:
         return await self._reader.reply(timeout)

@@ -15,6 +15,7 @@ import pytest
 from aiosmtpd.lmtp import LMTP
 
 from mailflow.config import LmtpConfig, config_from_dict
+from mailflow.content import Content
 from mailflow.errors import ConfigError
 from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports.lmtp import (
@@ -22,9 +23,10 @@ from mailflow.transports.lmtp import (
     LmtpTransport,
     MalformedReply,
     ReplyParser,
-    dot_stuffed,
     parse_nexthop,
 )
+
+from tests.helpers import big_message, spooled
 
 HELO = "mx.mailflow.test"
 CONTENT = (
@@ -148,7 +150,7 @@ def make_transport(port: int = 24, timeout: float = 2.0) -> LmtpTransport:
 
 def make_request(nexthop: str, *recipients: str, sender: str = "a@remote.test", content: bytes = CONTENT, **kw):
     rcpts = tuple(Recipient(i, address, address) for i, address in enumerate(recipients or ("b@example.test",)))
-    return DeliveryRequest("Q1", sender, rcpts, nexthop, content, **kw)
+    return DeliveryRequest("Q1", sender, rcpts, nexthop, Content.of(content), **kw)
 
 
 async def deliver(transport: LmtpTransport, request: DeliveryRequest):
@@ -444,12 +446,6 @@ def test_nexthop_forms():
             parse_nexthop(bad, 24)
 
 
-def test_dot_stuffing_and_line_ends():
-    assert dot_stuffed(b".a\r\n..b\r\nc.\r\n.\r\n") == b"..a\r\n...b\r\nc.\r\n..\r\n"
-    assert dot_stuffed(b"bare\nlf\rcr\r\nno end") == b"bare\r\nlf\r\ncr\r\nno end\r\n"
-    assert dot_stuffed(b"") == b"\r\n"  # an empty message is one empty line
-
-
 def test_reply_parser_joins_lines_and_refuses_garbage():
     parser = ReplyParser()
     assert parser.feed(b"250-lmtp.test\r\n") is None
@@ -469,3 +465,14 @@ def test_lmtp_settings_take_durations_and_refuse_a_zero_timeout():
         port=2424, data_timeout=120.0)
     with pytest.raises(ConfigError, match="lmtp.connect_timeout"):
         config_from_dict({"lmtp": {"connect_timeout": "0s"}})
+
+
+async def test_a_spooled_message_is_streamed_and_arrives_byte_exact(lmtp_peer, tmp_path):
+    data = big_message(long_line=False)
+    peer = await lmtp_peer(pipelining=True)
+    request = DeliveryRequest("Q1", "a@remote.test", (Recipient(0, "b@example.test", "b@example.test"),),
+                              f"[127.0.0.1]:{peer.port}", spooled(tmp_path, data))
+    report = await deliver(make_transport(), request)
+    assert [r.outcome for r in report.results] == [Outcome.SENT]
+    [message] = peer.messages
+    assert message.content == data and f"SIZE={len(data)}" in message.mail_options

@@ -16,6 +16,7 @@ import pytest
 
 from mailflow.clock import VirtualClock
 from mailflow.config import Config
+from mailflow.content import Content
 from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.stages.aliasing import LocalExpander
 from mailflow.stages.rewrite import Rewriter
@@ -46,7 +47,7 @@ def transport(base: Path, aliases: str, time_limit: float = 10.0) -> LocalTransp
 
 
 def request(rcpt: str, sender: str = "sender@remote.test", original: str = "") -> DeliveryRequest:
-    return DeliveryRequest("Q1", sender, (Recipient(0, rcpt, original or rcpt),), "mx.example.test", CONTENT)
+    return DeliveryRequest("Q1", sender, (Recipient(0, rcpt, original or rcpt),), "mx.example.test", Content.of(CONTENT))
 
 
 def environment(text: str) -> dict[str, str]:

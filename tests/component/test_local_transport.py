@@ -10,6 +10,8 @@ signature of mailflow.app's `forwarder`.
 """
 from __future__ import annotations
 
+import re
+
 import os
 import pwd
 import shutil
@@ -21,11 +23,13 @@ import pytest
 
 from mailflow.clock import VirtualClock
 from mailflow.config import Config
+from mailflow.content import MEMORY_LIMIT, Content
 from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.stages.aliasing import LocalExpander
 from mailflow.stages.rewrite import Rewriter
 from mailflow.transports.local import LocalTransport
 from mailflow.transports.maildir import MaildirWriter
+from tests.helpers import big_message, spooled
 
 SENDER = "sender@remote.test"
 CONTENT = b"From: sender@remote.test\r\nSubject: hello\r\n\r\nline one\r\nline two\r\n"
@@ -40,7 +44,7 @@ class FakeForward:
     senders: list[str | None] = field(default_factory=list)
 
     async def __call__(self, request: DeliveryRequest, rcpt: Recipient, addresses: tuple[str, ...],
-                       content: bytes, sender: str | None = None) -> str:
+                       content, sender: str | None = None) -> str:
         self.calls.append((request, rcpt, addresses, content))
         self.senders.append(sender)
         if self.error is not None:
@@ -64,7 +68,7 @@ def transport(tmp_path: Path, aliases: str = "", forward: FakeForward | None = N
 
 def request(*rcpts: str, content: bytes = CONTENT) -> DeliveryRequest:
     return DeliveryRequest("Q1", SENDER, tuple(Recipient(i, r, r.upper()) for i, r in enumerate(rcpts)),
-                           "mx.example.test", content)
+                           "mx.example.test", Content.of(content))
 
 
 def delivered(tmp_path: Path, user: str) -> list[bytes]:
@@ -107,7 +111,7 @@ async def test_alias_to_two_users_and_a_remote_address(tmp_path):
     assert fwd_request is req
     assert fwd_rcpt == req.recipients[0]
     assert addresses == ("carol@remote.test",)
-    assert content == b"Delivered-To: team@example.test\r\n" + CONTENT
+    assert content.to_bytes() == b"Delivered-To: team@example.test\r\n" + CONTENT
 
 
 async def test_several_remote_addresses_go_in_one_forward(tmp_path):
@@ -251,3 +255,29 @@ async def test_a_recipient_beginning_with_a_dash_bounces_unless_allow_min_user(t
     report = await local.deliver(request("-oQ@example.test"))
     assert [(r.outcome, r.dsn) for r in report.results] == [(Outcome.BOUNCED, "5.1.3")]
     assert not (tmp_path / "mail" / "-oQ").exists()
+
+
+# ---------------------------------------------------------------------------------------------- big messages
+
+async def test_a_spooled_message_reaches_maildir_mbox_and_forward_byte_exact(tmp_path):
+    """Bigger than the in-memory limit and read from a file in chunks: the Maildir copy, the mbox entry (mboxrd
+    quoting across chunk boundaries) and the forwarded copy are what the whole-message rules make of it."""
+    data = big_message()
+    content = spooled(tmp_path, data)
+    assert not content.in_memory and content.size > MEMORY_LIMIT
+    fwd = FakeForward()
+    t = transport(tmp_path, "team: alice, carol@remote.test\n", forward=fwd)
+    req = DeliveryRequest("Q1", SENDER, (Recipient(0, "team@example.test", "team@example.test"),), "x", content)
+    [result] = (await t.deliver(req)).results
+    assert result.outcome is Outcome.SENT
+    prefix = f"Return-Path: <{SENDER}>\nDelivered-To: alice@example.test\n".encode()
+    assert delivered(tmp_path, "alice") == [prefix + data.replace(b"\r\n", b"\n")]
+    [(_, _, _, forwarded)] = fwd.calls
+    assert forwarded.to_bytes() == b"Delivered-To: team@example.test\r\n" + data
+
+    t = transport(tmp_path, home_mailbox="Mailbox")
+    await t.deliver(DeliveryRequest("Q2", SENDER, (Recipient(0, "bob@example.test", "bob@example.test"),), "x",
+                                    content))
+    mbox = (tmp_path / "mail" / "bob" / "Mailbox").read_bytes()
+    text = (prefix.replace(b"alice", b"bob") + data).replace(b"\r\n", b"\n")
+    assert mbox.split(b"\n", 1)[1] == re.sub(rb"(?m)^(>*From )", rb">\1", text) + b"\n"

@@ -1,6 +1,7 @@
 """The maildrop file format, sendmail's option and header handling, and the pickup stage in a real server."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import stat
@@ -8,15 +9,20 @@ import stat
 import pytest
 
 from mailflow.config import config_from_dict
-from mailflow.maildrop import (CorruptMaildrop, MaildropError, MaildropMessage, maildrop_names, read_maildrop,
-                               wake_pickup, write_maildrop)
-from mailflow.sendmail import (UsageError, header_recipients, may_submit, may_use_sender, parse_args, read_message,
-                               without_bcc)
-from tests.helpers import eventually, maildir_messages
+from mailflow.maildrop import (CorruptMaildrop, MaildropError, MaildropMessage, maildrop_content, maildrop_names,
+                               read_maildrop, wake_pickup, write_maildrop)
+from mailflow.sendmail import (LINE_PIECE, UsageError, header_recipients, may_submit, may_use_sender, parse_args,
+                               read_message, split_input, without_bcc)
+from tests.helpers import big_message, eventually, maildir_messages
 
-MESSAGE = MaildropMessage(sender="alice@local.test", recipients=("bob@local.test",), content=b"Subject: x\r\n\r\nhi\r\n",
-                          uid=1000, user="alice", fullname="Alice A", time=1.5, notify="SUCCESS,FAILURE", ret="HDRS",
-                          envid="e1", body_type="7BIT")
+MESSAGE = MaildropMessage(sender="alice@local.test", recipients=("bob@local.test",), uid=1000, user="alice",
+                          fullname="Alice A", time=1.5, notify="SUCCESS,FAILURE", ret="HDRS", envid="e1",
+                          body_type="7BIT")
+CONTENT = b"Subject: x\r\n\r\nhi\r\n"
+
+
+def drop(directory, message=MESSAGE, content=CONTENT, **kwargs) -> str:
+    return write_maildrop(directory, message, [content], **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- the file
@@ -24,16 +30,39 @@ MESSAGE = MaildropMessage(sender="alice@local.test", recipients=("bob@local.test
 
 def test_written_file_reads_back_equal_with_private_modes(tmp_path):
     directory = tmp_path / "q" / "maildrop"
-    name = write_maildrop(directory, MESSAGE)
+    name = drop(directory)
     assert maildrop_names(directory) == [name]  # no temporary file left behind
     assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(directory / name).st_mode) == 0o600
     back = read_maildrop(directory / name)
-    assert back == MESSAGE and back.owner_uid == os.getuid()
+    assert back == dataclasses.replace(MESSAGE, size=len(CONTENT)) and back.owner_uid == os.getuid()
+    assert maildrop_content(directory / name, back).to_bytes() == CONTENT
+
+
+def test_content_is_streamed_in_and_its_body_type_found_at_the_end(tmp_path):
+    chunks = [b"Subject: x\r\n\r\n", b"a" * 100_000, b"caf\xc3\xa9\r\n"]
+    name = write_maildrop(tmp_path, dataclasses.replace(MESSAGE, body_type=""), iter(chunks))
+    back = read_maildrop(tmp_path / name)
+    assert (back.size, back.body_type) == (sum(map(len, chunks)), "8BITMIME")
+    assert maildrop_content(tmp_path / name, back).to_bytes() == b"".join(chunks)
+    name = write_maildrop(tmp_path, dataclasses.replace(MESSAGE, body_type=""), [b"ascii\r\n"])
+    assert read_maildrop(tmp_path / name).body_type == "7BIT"
+
+
+def test_content_over_the_size_limit_is_refused_and_leaves_no_file(tmp_path):
+    def endless():
+        while True:
+            yield b"x" * 65536
+
+    with pytest.raises(MaildropError, match="too big") as info:
+        write_maildrop(tmp_path, MESSAGE, endless(), size_limit=1_000_000)
+    assert info.value.code == 65  # EX_DATAERR
+    assert os.listdir(tmp_path) == []
+    assert read_maildrop(tmp_path / drop(tmp_path, size_limit=len(CONTENT))).size == len(CONTENT)
 
 
 def test_names_sort_in_submission_order(tmp_path):
-    names = [write_maildrop(tmp_path, MESSAGE) for _ in range(5)]
+    names = [drop(tmp_path) for _ in range(5)]
     assert maildrop_names(tmp_path) == names
 
 
@@ -55,7 +84,7 @@ def test_malformed_files_are_corrupt(tmp_path, raw, reason):
 
 
 def test_truncated_content_is_corrupt(tmp_path):
-    name = write_maildrop(tmp_path, MESSAGE)
+    name = drop(tmp_path)
     data = (tmp_path / name).read_bytes()
     (tmp_path / name).write_bytes(data[:-3])
     with pytest.raises(CorruptMaildrop, match="truncated"):
@@ -65,7 +94,7 @@ def test_truncated_content_is_corrupt(tmp_path):
 def test_unwritable_maildrop_is_cantcreat(tmp_path):
     (tmp_path / "q").write_text("a file where the queue directory should be")
     with pytest.raises(MaildropError) as info:
-        write_maildrop(tmp_path / "q" / "maildrop", MESSAGE)
+        drop(tmp_path / "q" / "maildrop")
     assert info.value.code == 73
 
 
@@ -122,12 +151,34 @@ def test_notify_never_alone():
 
 def test_lone_dot_ends_input_unless_i():
     text = b"Subject: s\n\nline\n.\nafter\n"
-    assert read_message(io.BytesIO(text), ignore_dots=False) == b"Subject: s\r\n\r\nline\r\n"
-    assert read_message(io.BytesIO(text), ignore_dots=True) == b"Subject: s\r\n\r\nline\r\n.\r\nafter\r\n"
+    assert message(text, ignore_dots=False) == b"Subject: s\r\n\r\nline\r\n"
+    assert message(text, ignore_dots=True) == b"Subject: s\r\n\r\nline\r\n.\r\nafter\r\n"
+
+
+def message(text: bytes, ignore_dots: bool) -> bytes:
+    return b"".join(read_message(io.BytesIO(text), ignore_dots))
 
 
 def test_mbox_from_line_is_dropped_and_line_ends_become_crlf():
-    assert read_message(io.BytesIO(b"From me Mon Jan 1\nA: b\r\n\nx"), False) == b"A: b\r\n\r\nx\r\n"
+    assert message(b"From me Mon Jan 1\nA: b\r\n\nx", False) == b"A: b\r\n\r\nx\r\n"
+    assert message(b"A: b\r\r\n\r\nbody\r", False) == b"A: b\r\n\r\nbody\r\n"
+
+
+def test_a_long_line_comes_in_pieces_with_its_line_end_whole():
+    line = b"x" * (LINE_PIECE - 1) + b"\r"  # the CR is the last byte of the first piece
+    pieces = list(read_message(io.BytesIO(b"A: b\n\n" + line + b"\nnext\n"), False))
+    assert b"".join(pieces) == b"A: b\r\n\r\n" + line[:-1] + b"\r\nnext\r\n"
+    assert max(map(len, pieces)) <= LINE_PIECE + 2
+    long_from = b"From " + b"y" * LINE_PIECE + b"\nA: b\n"  # an mbox From_ line of any length is dropped whole
+    assert message(long_from, False) == b"A: b\r\n"
+
+
+def test_only_the_header_section_is_kept_apart():
+    lines = [b"A: 1\r\n", b"B: 2\r\n", b"\r\n", b"body\r\n"]
+    head, rest = split_input(iter(lines), limit=1000)
+    assert (head, list(rest)) == (b"A: 1\r\nB: 2\r\n", [b"\r\n", b"body\r\n"])
+    head, rest = split_input(iter(lines), limit=3)  # too long a header section: cut, the rest goes on as it is
+    assert (head, list(rest)) == (b"A: 1\r\n", lines[1:])
 
 
 def test_header_recipients_and_bcc_removal():
@@ -172,11 +223,10 @@ def test_local_login_sender_maps():
 # ---------------------------------------------------------------------------------------------- pickup
 
 
-def _drop(mf, **changes) -> str:
-    fields = {"sender": "alice@local.test", "recipients": ("bob@local.test",),
-              "content": b"Subject: picked\r\n\r\nbody\r\n", "uid": os.getuid(), "user": "alice",
+def _drop(mf, content: bytes = b"Subject: picked\r\n\r\nbody\r\n", **changes) -> str:
+    fields = {"sender": "alice@local.test", "recipients": ("bob@local.test",), "uid": os.getuid(), "user": "alice",
               "fullname": "Alice Liddell", **changes}
-    return write_maildrop(mf.config.queue_path / "maildrop", MaildropMessage(**fields))
+    return write_maildrop(mf.config.queue_path / "maildrop", MaildropMessage(**fields), [content])
 
 
 async def test_pickup_delivers_a_dropped_file_on_wake_up_with_local_headers(mailflow_server, tmp_path):
@@ -226,6 +276,26 @@ async def test_a_looping_message_is_returned_to_its_sender(mailflow_server, tmp_
     assert b"5.4.6" in notice and b"Subject: Undelivered Mail Returned to Sender" in notice
     assert not (mf.config.queue_path / "maildrop" / name).exists()
     assert maildir_messages(tmp_path / "mail" / "bob" / "Maildir") == []
+
+
+async def test_a_file_over_the_size_limit_is_returned_unread_and_a_big_one_under_it_is_delivered(
+        mailflow_server, tmp_path):
+    mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "message_size_limit": 700_000})
+    too_big = _drop(mf, content=b"Subject: too big\r\n\r\n" + b"x" * 78 * 10_000 + b"\r\n")
+    data = big_message(size=600_000)
+    _drop(mf, content=data, recipients=("carol@relay.test",))  # deferred (no DNS): stays queued to be looked at
+    mf.pickup.wake()
+    notice_box = tmp_path / "mail" / "alice" / "Maildir"
+    assert await eventually(lambda: maildir_messages(notice_box), timeout=5)
+    [notice] = maildir_messages(notice_box)
+    assert b"5.3.4" in notice and b"message file too big" in notice
+    assert b"Subject: too big" in notice and b"x" * 78 not in notice  # its header section only
+    assert not (mf.config.queue_path / "maildrop" / too_big).exists()
+    assert await eventually(lambda: not maildrop_names(mf.config.queue_path / "maildrop"), timeout=5)
+    [(queue_id, *_)] = await mf.store.message_page(queues=("incoming", "active", "deferred"),
+                                                   sender="alice@local.test")  # not the notice, maybe still there
+    content = await mf.store.content(queue_id)
+    assert not content.in_memory and content.to_bytes().endswith(data.split(b"\r\n\r\n", 1)[1])
 
 
 async def test_notify_and_envid_travel_with_the_message(mailflow_server, tmp_path):

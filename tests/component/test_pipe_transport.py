@@ -20,9 +20,11 @@ import pytest
 
 from mailflow.config import PipeService, config_from_dict
 from mailflow.errors import ConfigError
+from mailflow.content import Content
 from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports.pipe import CommandNotRun, PipeTransport, run_command
 from tests.command_scripts import script_dir
+from tests.helpers import big_message, spooled
 
 SENDER = "sender@remote.test"
 CONTENT = b"From: sender@remote.test\r\nSubject: hello\r\n\r\nline one\r\nFrom here\r\n.dot\r\n"
@@ -42,7 +44,7 @@ def pipe(argv: list[str], **settings) -> PipeTransport:
 def request(*rcpts: str, content: bytes = CONTENT, sender: str = SENDER, originals: dict | None = None):
     originals = originals or {}
     return DeliveryRequest("Q1ABC", sender, tuple(Recipient(i, r, originals.get(r, r)) for i, r in enumerate(rcpts)),
-                           "pipe.test", content)
+                           "pipe.test", Content.of(content))
 
 
 def outcome(result) -> tuple[Outcome, str]:
@@ -262,3 +264,17 @@ def test_a_pipe_service_cannot_take_a_built_in_transport_name():
     with pytest.raises(ConfigError) as error:
         config_from_dict({"pipe": {"smtp": {"argv": ["/bin/cat"]}}})
     assert error.value.key == "pipe" and "'smtp' is the name of a built-in transport" in error.value.reason
+
+
+async def test_a_spooled_message_is_streamed_to_the_command_with_its_lines_quoted(scripts, tmp_path):
+    data = big_message()
+    s = scripts.script("cat.sh", f'cat > {scripts.out}/stdin\n')
+    req = DeliveryRequest("Q1ABC", SENDER, (Recipient(0, "a@pipe.test", "a@pipe.test"),), "pipe.test",
+                          spooled(tmp_path, data))
+    [result] = (await pipe([str(s)], flags="R.>").deliver(req)).results
+    assert outcome(result) == (Outcome.SENT, "2.0.0")
+    lines = data.replace(b"\r\n", b"\n").split(b"\n")
+    lines = [b">" + line if line.startswith(b"From ") else line for line in lines]
+    lines = [b"." + line if line.startswith(b".") else line for line in lines]
+    expected = f"Return-Path: <{SENDER}>\n".encode() + b"\n".join(lines)
+    assert (scripts.out / "stdin").read_bytes() == expected

@@ -15,6 +15,7 @@ from mailflow.config import Config
 from mailflow.errors import LookupRetry
 from mailflow.logs import MailLog
 from mailflow.clock import VirtualClock
+from mailflow.content import Content
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
 from mailflow.stages.qmgr import QueueManager
 from mailflow.stages.rewrite import Rewriter
@@ -135,7 +136,7 @@ class Harness:
         qid = f"Q{self._n:04d}"
         await self.store.insert(NewMessage(
             qid, "sender@remote.test", self.clock.now if arrival is None else arrival,
-            content if content is not None else f"Subject: {qid}\r\n\r\nbody of {qid}\r\n".encode(),
+            Content.of(content if content is not None else f"Subject: {qid}\r\n\r\nbody of {qid}\r\n".encode()),
             tuple(Recipient(i, r, r) for i, r in enumerate(recipients))))
         if wake:
             self.qmgr.wake()
@@ -190,7 +191,7 @@ async def test_one_request_per_destination_with_its_recipients_and_content_loade
     for request in [local, *h.smtp.requests]:
         assert request.queue_id == qid
         assert request.sender == "sender@remote.test"
-        assert request.content == content
+        assert request.content.to_bytes() == content
         assert request.arrival == T0
     assert h.content_loads == [qid]
 
@@ -382,7 +383,7 @@ async def test_active_limit_bounds_messages_in_hand(h):
 
 async def test_start_recovers_messages_left_active(h):
     store = await h.open_store()
-    await store.insert(NewMessage("CRASHED", "s@remote.test", T0 - 60, b"\r\nx\r\n",
+    await store.insert(NewMessage("CRASHED", "s@remote.test", T0 - 60, Content.of(b"\r\nx\r\n"),
                                   (Recipient(0, "b@remote.test", "b@remote.test"),)))
     await store.activate(["CRASHED"])
     await h.start()

@@ -16,6 +16,7 @@ import pytest
 from mailflow.clock import VirtualClock
 from mailflow.config import Config, config_from_dict
 from mailflow.logs import MailLog
+from mailflow.content import Content
 from mailflow.model import ClientInfo, DeliveryReport, Envelope, Outcome, RcptResult, Recipient, Submission
 from mailflow.stages.cleanup import Cleanup
 from mailflow.stages.qmgr import QueueManager
@@ -81,7 +82,7 @@ class Sim:
 
     async def submit(self, sender: str, *rcpts: str, body: bytes = b"hello\r\n") -> str:
         content = b"Subject: test\r\nFrom: <" + sender.encode() + b">\r\n\r\n" + body
-        sub = Submission(Envelope(sender, tuple(rcpts)), content, ClientInfo("192.0.2.9", helo="client.test"))
+        sub = Submission(Envelope(sender, tuple(rcpts)), Content.of(content), ClientInfo("192.0.2.9", helo="client.test"))
         return await self.cleanup.submit(sub)
 
     async def settle(self):
@@ -124,7 +125,7 @@ async def sim(tmp_path):
 
 
 def notices_in(script: Script) -> list[email.message.EmailMessage]:
-    return [email.message_from_bytes(req.content, policy=email.policy.default)
+    return [email.message_from_bytes(req.content.to_bytes(), policy=email.policy.default)
             for _, req in script.calls if req.sender in ("", ) or req.sender.startswith("double-bounce@")]
 
 

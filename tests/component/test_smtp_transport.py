@@ -1,6 +1,8 @@
 """SmtpTransport against real sockets on loopback: a capturing aiosmtpd peer and a dnslib zone server."""
 from __future__ import annotations
 
+import quopri
+
 import asyncio
 import random
 import ssl
@@ -13,8 +15,10 @@ from aiosmtpd.smtp import AuthResult
 
 from mailflow.config import SmtpConfig
 from mailflow.dns import MX, AiodnsResolver, StaticResolver
+from mailflow.content import Content
 from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports.smtp import SmtpTransport, order_exchangers
+from tests.helpers import big_message, spooled
 from tests.conftest import CaptureHandler
 from tests.helpers import eventually
 
@@ -43,7 +47,7 @@ def make_transport(resolver=None, port: int = 25, tls: str = "none", timeout: fl
 
 def make_request(nexthop: str, *recipients: str, sender: str = "a@remote.test", content: bytes = CONTENT, **kw):
     rcpts = tuple(Recipient(i, address, address) for i, address in enumerate(recipients or ("b@example.test",)))
-    return DeliveryRequest("Q1", sender, rcpts, nexthop, content, **kw)
+    return DeliveryRequest("Q1", sender, rcpts, nexthop, Content.of(content), **kw)
 
 
 def mx_zone(*lines: str) -> str:
@@ -1141,3 +1145,29 @@ async def test_8bitmime_is_converted_to_quoted_printable_for_a_peer_without_it(s
     assert b"Content-Transfer-Encoding: base64\r\n\r\nAAECAwQ=\r\n--XYZ--\r\nepilogue\r\n" in received
     text_part = email.message_from_bytes(received).get_payload()[0]
     assert text_part.get_payload(decode=True) == "Le café est prêt.\r\n.".encode()  # its last CRLF: the boundary's
+
+
+# ---------------------------------------------------------------------------------------------------- big messages
+
+async def test_a_spooled_message_is_streamed_dot_stuffed_and_arrives_byte_exact(smtp_peer, tmp_path):
+    data = big_message(long_line=False)
+    peer = await smtp_peer()
+    request = DeliveryRequest("Q1", "a@remote.test", (Recipient(0, "b@example.test", "b@example.test"),),
+                              f"[127.0.0.1]:{peer.port}", spooled(tmp_path, data))
+    [result] = (await deliver(make_transport(), request)).results
+    assert result.outcome is Outcome.SENT
+    assert peer.messages[0].content == data
+
+
+async def test_a_spooled_8bit_message_is_converted_on_the_way_for_a_peer_without_8bitmime(smtp_peer, tmp_path):
+    head = b"Subject: 8bit\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    body = big_message(long_line=False).split(b"\r\n\r\n", 1)[1]
+    data = head + b"Content-Transfer-Encoding: 8bit\r\n\r\n" + body
+    peer = await smtp_peer(decode_data=True)  # aiosmtpd offers 8BITMIME only when it does not decode
+    request = DeliveryRequest("Q1", "a@remote.test", (Recipient(0, "b@example.test", "b@example.test"),),
+                              f"[127.0.0.1]:{peer.port}", spooled(tmp_path, data), body_type="8BITMIME")
+    [result] = (await deliver(make_transport(), request)).results
+    assert result.outcome is Outcome.SENT
+    received = peer.messages[0].content
+    assert received.isascii() and b"Content-Transfer-Encoding: quoted-printable" in received
+    assert quopri.decodestring(received.split(b"\r\n\r\n", 1)[1]) == body

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import email
+import re
 import email.policy
 import socket
 
 import pytest
 
 from mailflow.stages.smtpd.session import ProtocolLimits, SmtpSession
-from tests.helpers import eventually, maildir_messages
+from tests.helpers import big_message, eventually, maildir_messages
 
 TIMEOUT = 5.0
 MSG = b"Subject: t\r\n\r\nbody\r\n"
@@ -328,6 +329,69 @@ async def test_bdat_mixed_with_data_size_limit_and_no_rcpt(mailflow_server, tmp_
     assert (await c.cmd("NOOP"))[0] == 250
     await asyncio.sleep(0.3)
     assert await mf.store.counts() == {} and _alice_mail(tmp_path) == []
+
+
+# --- big content: spooled as it arrives ------------------------------------------------------------------------
+
+def _spool_files(mf) -> list[str]:
+    return sorted(p.name for p in mf.store.content_dir.iterdir())
+
+
+async def _queued_content(mf, reply: str) -> bytes:
+    queue_id = reply.rsplit(" ", 1)[1]
+    content = await mf.store.content(queue_id)
+    assert content is not None and not content.in_memory  # its body is in the queue's content file
+    assert _spool_files(mf) == [queue_id]  # and the spool file it arrived in is gone
+    return content.to_bytes()
+
+
+async def test_big_data_is_spooled_queued_as_a_file_and_delivered_byte_exact(mailflow_server, tmp_path):
+    mf, port = await _server(mailflow_server)
+    data = big_message()
+    c = await Raw.connect(port)
+    await c.envelope()
+    assert (await c.cmd("RCPT TO:<bob@relay.test>"))[0] == 250  # no DNS: deferred, so the message stays queued
+    assert (await c.cmd("DATA"))[0] == 354
+    stuffed = re.sub(rb"(?m)^\.", b"..", data)
+    for i in range(0, len(stuffed), 100_003):
+        await c.send(stuffed[i:i + 100_003])
+    await c.send(b".\r\n")
+    code, reply = await c.reply()
+    assert code == 250
+    assert (await _queued_content(mf, reply)).endswith(data.split(b"\r\n\r\n", 1)[1])
+    msgs = await eventually(lambda: _alice_mail(tmp_path))
+    assert msgs and msgs[0].endswith(lf(data.split(b"\r\n\r\n", 1)[1]))
+
+
+async def test_big_bdat_content_is_spooled_too(mailflow_server, tmp_path):
+    mf, port = await _server(mailflow_server)
+    data = big_message(seed=3)
+    c = await Raw.connect(port)
+    await c.envelope(rcpt="bob@relay.test")
+    chunks = [data[i:i + 300_000] for i in range(0, len(data), 300_000)]
+    for chunk in chunks[:-1]:
+        await c.send(f"BDAT {len(chunk)}\r\n".encode() + chunk)
+        assert (await c.reply())[0] == 250
+    await c.send(f"BDAT {len(chunks[-1])} LAST\r\n".encode() + chunks[-1])
+    code, reply = await c.reply()
+    assert code == 250
+    assert (await _queued_content(mf, reply)).endswith(data.split(b"\r\n\r\n", 1)[1])
+
+
+async def test_a_client_gone_in_the_middle_of_big_content_leaves_no_spool_file(mailflow_server):
+    mf, port = await _server(mailflow_server)
+    for command in ("DATA", "BDAT"):
+        c = await Raw.connect(port)
+        await c.envelope()
+        if command == "DATA":
+            assert (await c.cmd("DATA"))[0] == 354
+            await c.send(re.sub(rb"(?m)^\.", b"..", big_message()[:600_000]))
+        else:
+            await c.send(b"BDAT 600000\r\n" + big_message()[:300_000])
+        assert await eventually(lambda: _spool_files(mf), timeout=5)  # past the memory limit: a file
+        c.close()
+        assert await eventually(lambda: not _spool_files(mf), timeout=5)
+    assert await mf.store.counts() == {}
 
 
 # --- error limits (a listener with a fast tarpit, on a running mailflow's handler) ----------------------------

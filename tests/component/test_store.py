@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from importlib import resources
 import threading
 
 import aiosqlite
 import pytest
 
+from mailflow.content import Content
 from mailflow.model import Delivered, Outcome, QueuedMessage, RcptResult, Recipient
 from mailflow.store import NewMessage, Overloaded, Store
+from tests.helpers import big_message
 
 T0 = 1_700_000_000.0
 
@@ -17,8 +20,14 @@ T0 = 1_700_000_000.0
 def new(qid: str, *rcpts: str, arrival: float = T0, content: bytes | None = None, sender: str = "a@remote.test",
         **kw) -> NewMessage:
     rcpts = rcpts or ("b@example.test",)
-    return NewMessage(qid, sender, arrival, content if content is not None else f"Subject: {qid}\r\n\r\nbody\r\n".encode(),
-                      tuple(Recipient(i, r, r.upper()) for i, r in enumerate(rcpts)), **kw)
+    data = content if content is not None else f"Subject: {qid}\r\n\r\nbody\r\n".encode()
+    return NewMessage(qid, sender, arrival, Content.of(data), tuple(Recipient(i, r, r.upper()) for i, r in enumerate(rcpts)),
+                      **kw)
+
+
+async def content_of(store: Store, queue_id: str) -> bytes | None:
+    content = await store.content(queue_id)
+    return None if content is None else content.to_bytes()
 
 
 def result(msg: QueuedMessage, idx: int, outcome: Outcome, dsn: str = "", text: str = "") -> RcptResult:
@@ -50,7 +59,7 @@ async def test_insert_then_due_returns_it_with_recipients(store):
                                 (Recipient(0, "x@example.test", "X@EXAMPLE.TEST"),
                                  Recipient(1, "y@example.test", "Y@EXAMPLE.TEST")))
     assert await store.counts() == {"incoming": 1}
-    assert await store.content("Q1") == b"Subject: Q1\r\n\r\nbody\r\n"
+    assert await content_of(store, "Q1") == b"Subject: Q1\r\n\r\nbody\r\n"
     assert await store.recipients("Q1") == [("x@example.test", "pending", "", ""), ("y@example.test", "pending", "", "")]
 
 
@@ -70,7 +79,7 @@ async def test_null_sender_and_empty_content_round_trip(store):
     await store.insert(new("Q1", sender="", content=b""))
     msg = await only(store)
     assert (msg.sender, msg.size) == ("", 0)
-    assert await store.content("Q1") == b""
+    assert await content_of(store, "Q1") == b""
 
 
 async def test_duplicate_queue_id_is_refused(store):
@@ -268,7 +277,7 @@ async def test_concurrent_content_reads_each_get_their_own(store):
     ids = [f"Q{i:04d}" for i in range(600)]  # more than one IN (...) chunk
     await asyncio.gather(*(store.insert(new(q, content=f"content of {q}\r\n".encode() * (i % 7 + 1)))
                            for i, q in enumerate(ids)))
-    got = await asyncio.gather(*(store.content(q) for q in ids + ["MISSING", ids[5]]))
+    got = await asyncio.gather(*(content_of(store, q) for q in ids + ["MISSING", ids[5]]))
     for i, q in enumerate(ids):
         assert got[i] == f"content of {q}\r\n".encode() * (i % 7 + 1)
     assert got[-2] is None
@@ -278,7 +287,7 @@ async def test_concurrent_content_reads_each_get_their_own(store):
 async def test_content_is_bytes_exact(store):
     data = bytes(range(256)) * 4 + b"\r\n.\r\n\x00"
     await store.insert(new("Q1", content=data))
-    assert await store.content("Q1") == data
+    assert await content_of(store, "Q1") == data
 
 
 # ---------------------------------------------------------------------------------------------- reopen
@@ -302,7 +311,7 @@ async def test_reopened_store_still_has_the_rows(tmp_path):
         due = {m.queue_id: m for m in await store.due(T0 + 60, 10)}
         assert set(due) == {"Q1", "Q2"}
         assert due["Q1"].recipients == (Recipient(1, "y@example.test", "Y@EXAMPLE.TEST"),)
-        assert await store.content("Q2") == b"Subject: Q2\r\n\r\nbody\r\n"
+        assert await content_of(store, "Q2") == b"Subject: Q2\r\n\r\nbody\r\n"
     finally:
         await store.close()
 
@@ -407,3 +416,96 @@ async def test_notices_are_queued_with_the_results(store):
     await store.record([Delivered("Q1", (result(msg, 0, Outcome.BOUNCED, "5.1.1", "no such user"),))],
                        notices=[new("BOUNCE1", sender="")])
     assert [m.queue_id for m in await store.due(T0, 10)] == ["BOUNCE1"]
+
+
+# ---------------------------------------------------------------------------------------------- content files
+
+async def spooled_message(store: Store, qid: str, data: bytes) -> NewMessage:
+    """A message whose content came in through a spool (as smtpd writes it), with cleanup's header part."""
+    spool = store.new_spool()
+    for i in range(0, len(data), 65536):
+        spool.append(data[i:i + 65536])
+        await spool.drain()
+    content = await spool.finish()
+    assert not content.in_memory
+    head = data.index(b"\r\n\r\n") + 2
+    return NewMessage(qid, "a@remote.test", T0, Content((b"Received: x\r\n" + data[:head], *content.after(head).parts)),
+                      (Recipient(0, "b@example.test", "b@example.test"),)), spool
+
+
+def spool_files(store: Store) -> list[str]:
+    return sorted(p.name for p in store.content_dir.iterdir())
+
+
+async def test_a_big_message_is_linked_in_read_back_in_pieces_and_its_file_removed_with_it(store):
+    data = big_message()
+    msg, spool = await spooled_message(store, "Q1", data)
+    await store.insert(msg)
+    spool.discard()  # smtpd's part; the queue's own name for the file stays
+    assert spool_files(store) == ["Q1"] and (store.content_dir / "Q1").stat().st_nlink == 1
+    back = await store.content("Q1")
+    assert not back.in_memory and back.size == len(data) + len(b"Received: x\r\n")
+    assert back.to_bytes() == b"Received: x\r\n" + data
+    queued = await only(store)
+    assert queued.size == back.size
+    await store.activate(["Q1"])
+    await store.record([Delivered("Q1", (result(queued, 0, Outcome.SENT),), None)])
+    assert spool_files(store) == [] and await store.content("Q1") is None
+
+
+async def test_a_deleted_message_loses_its_file_and_a_missing_file_reads_as_missing(store):
+    for qid in ("Q1", "Q2"):
+        msg, spool = await spooled_message(store, qid, big_message())
+        await store.insert(msg)
+        spool.discard()
+    await store.delete_messages(["Q1"])
+    assert spool_files(store) == ["Q2"]
+    (store.content_dir / "Q2").unlink()
+    assert await store.content("Q2") is None
+
+
+async def test_a_failed_insert_never_takes_another_messages_file(store):
+    msg, spool = await spooled_message(store, "Q1", big_message())
+    await store.insert(msg)
+    again, spool2 = await spooled_message(store, "Q1", big_message(seed=2))  # the same queue id: refused
+    with pytest.raises(Exception):
+        await store.insert(again)
+    spool.discard()
+    spool2.discard()
+    assert (await store.content("Q1")).to_bytes().endswith(big_message().split(b"\r\n\r\n", 1)[1])
+    assert spool_files(store) == ["Q1"]
+
+
+async def test_sweep_removes_temporary_and_orphaned_files_only(store):
+    msg, spool = await spooled_message(store, "Q1", big_message())
+    await store.insert(msg)
+    assert sum(name.startswith(".spool-") for name in spool_files(store)) == 1  # left by a "crash"
+    (store.content_dir / "0123456789ABC000").write_bytes(b"a file whose row is gone")
+    assert await store.sweep() == 2
+    assert spool_files(store) == ["Q1"]
+    assert await store.content("Q1") is not None
+
+
+async def test_a_version_1_queue_is_upgraded_and_its_messages_read(tmp_path):
+    path = tmp_path / "q" / "queue.db"
+    path.parent.mkdir()
+    con = sqlite3.connect(path)
+    con.executescript("CREATE TABLE schema_version (version INTEGER NOT NULL); INSERT INTO schema_version VALUES (1);"
+                      "CREATE TABLE content (message_id TEXT PRIMARY KEY, data BLOB NOT NULL);")
+    con.executescript(resources.files("mailflow").joinpath("schema.sql").read_text())
+    con.execute("INSERT INTO message (id, sender, arrival, next_attempt, size) VALUES ('OLD', 's@x', 1, 1, 22)")
+    con.execute("INSERT INTO recipient (message_id, idx, address, original) VALUES ('OLD', 0, 'r@x', 'r@x')")
+    con.execute("INSERT INTO content VALUES ('OLD', ?)", (b"Subject: old\r\n\r\nbody\r\n",))
+    con.commit()
+    con.close()
+    store = await Store.open(path)
+    try:
+        assert (await store.content("OLD")).to_bytes() == b"Subject: old\r\n\r\nbody\r\n"
+        msg, spool = await spooled_message(store, "NEW", big_message())
+        await store.insert(msg)
+        spool.discard()
+        assert (await store.content("NEW")).size == msg.content.size
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as con:
+        assert con.execute("SELECT version FROM schema_version").fetchall() == [(2,)]

@@ -2,48 +2,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
 import sqlite3
-import subprocess
-import sys
 import uuid
 
 import pytest
 
-from tests.helpers import eventually, free_port, send
+from tests.helpers import ServerProcess, big_message, eventually, free_port, send
 
 MESSAGES = 5
-
-
-class ServerProcess:
-    """`python -m mailflow serve -c CONFIG` as a child process, killed with SIGKILL on demand."""
-
-    def __init__(self, config_path, log_path, port: int):
-        self.config_path, self.log_path, self.port = config_path, log_path, port
-        self.proc: subprocess.Popen | None = None
-
-    async def start(self) -> None:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "mailflow", "serve", "-c", str(self.config_path)],
-                                     stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
-        log.close()
-        if not await eventually(self._listening, timeout=15, step=0.05):
-            self.kill()
-            pytest.fail(f"server did not listen on {self.port}:\n{self.log_path.read_text()[-2000:]}")
-
-    def _listening(self) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-            return True
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
 
 
 @pytest.fixture
@@ -64,6 +30,20 @@ def server(tmp_path, write_config):
 
 def message(token: str) -> bytes:
     return f"Subject: {token}\r\nX-Token: {token}\r\n\r\nbody {token}\r\n".encode()
+
+
+async def cut_off_in_data(port: int, partial: bytes) -> asyncio.StreamWriter:
+    """A session that has sent `partial` content after DATA and goes no further."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for command in (None, b"EHLO x", b"MAIL FROM:<s@remote.test>", b"RCPT TO:<cut@relay.test>", b"DATA"):
+        if command:
+            writer.write(command + b"\r\n")
+        while (line := await asyncio.wait_for(reader.readline(), 10))[3:4] == b"-":
+            pass
+        assert line[:1] in (b"2", b"3"), line
+    writer.write(partial)
+    await writer.drain()
+    return writer
 
 
 def queued_rows(db_path) -> int:
@@ -105,3 +85,31 @@ async def test_mail_recorded_as_delivered_is_not_sent_again_after_sigkill(server
     await asyncio.sleep(2.5)  # more than a queue run (1 s) and a retry (1-2 s): time enough to resend
     assert len(peer.messages) == 1
     assert queued_rows(db) == 0
+
+
+async def test_big_mail_acknowledged_survives_sigkill_and_spool_files_of_the_rest_are_removed(server, smtp_peer,
+                                                                                             tmp_path):
+    """Two big messages got 250, two more were cut off mid-DATA, then SIGKILL: after the restart the two are
+    delivered byte exact from their content files, and nothing of the other two is left."""
+    sink_port = free_port()  # nothing listens yet: the mail stays queued
+    srv = server(relayhost=f"[127.0.0.1]:{sink_port}")
+    await srv.start()
+    bodies = [big_message(seed=n, long_line=False) for n in range(2)]
+    for n, data in enumerate(bodies):
+        refused, reply = await send(srv.port, "s@remote.test", [f"big{n}@relay.test"], data)
+        assert reply.startswith("2.0.0 Ok: queued as")
+    partial = b"Subject: cut\r\n\r\n" + b"y" * 78 * 10_000  # 780 KB, never ended
+    cut_off = [await cut_off_in_data(srv.port, partial) for _ in range(2)]
+    content = tmp_path / "queue" / "content"
+    assert await eventually(lambda: len(list(content.iterdir())) == 4, timeout=10)  # 2 queued, 2 being spooled
+    srv.kill()
+    for writer in cut_off:
+        writer.close()
+
+    peer = await smtp_peer(port=sink_port)
+    await srv.start()
+    assert await eventually(lambda: len(peer.messages) >= 2, timeout=20)
+    assert sorted(m.content.split(b"\r\n\r\n", 1)[1] for m in peer.messages) == \
+        sorted(b.split(b"\r\n\r\n", 1)[1] for b in bodies)
+    assert await eventually(lambda: queued_rows(tmp_path / "queue" / "queue.db") == 0, timeout=10)
+    assert list(content.iterdir()) == []

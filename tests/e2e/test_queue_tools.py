@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from mailflow.content import Content
 from mailflow.model import Recipient
 from mailflow.store import NewMessage
 from tests.helpers import eventually, send
@@ -267,7 +268,7 @@ async def mixed(busy_peer):
     b = await submit(mf, "bob@y.test", ["u@b.example"])
     c = await submit(mf, "alice@x.test", ["v@b.example", "w@b.example"])
     d = "0" * 12 + "D0D0"  # sorts first, like the old message it is
-    await mf.store.insert(NewMessage(d, "carol@z.test", time.time() - 3 * 3600, message("old"),
+    await mf.store.insert(NewMessage(d, "carol@z.test", time.time() - 3 * 3600, Content.of(message("old")),
                                      (Recipient(0, "x@a.example", "x@a.example"),), client="old[192.0.2.1]"))
     mf.qmgr.wake()
     for qid in (a, b, c, d):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+from mailflow.content import Content
 from mailflow.model import Recipient
 from mailflow.store import NewMessage, Store
 
@@ -33,7 +34,7 @@ def queue_counts(db) -> dict:
 
 async def fill(db, n: int) -> None:
     store = await Store.open(db)
-    body = b"Subject: scale\r\n\r\n" + b"x" * 200 + b"\r\n"
+    body = Content.of(b"Subject: scale\r\n\r\n" + b"x" * 200 + b"\r\n")
     for start in range(0, n, 5000):
         await store.insert_many([
             NewMessage(f"S{i:07d}", "sender@remote.test", 1_700_000_000.0 + i, body,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mailflow.maildrop import maildrop_names
-from tests.helpers import eventually, maildir_messages, queue_becomes
+from tests.helpers import big_message, eventually, maildir_messages, queue_becomes
 
 VENV_SCRIPT = Path(sys.executable).parent / "mailflow"
 
@@ -172,6 +172,27 @@ async def test_a_message_that_cannot_be_stored_exits_73_with_a_reason(cfg, tmp_p
     (tmp_path / "queue").write_text("not a directory")
     rc, _, err = await run(cfg(), "bob@local.test", stdin=b"\nx\n")
     assert rc == 73 and "message not stored" in err
+
+
+async def test_a_message_over_the_size_limit_exits_65_and_leaves_nothing(cfg, tmp_path):
+    config = cfg(smtpd={"listen": ["127.0.0.1:0"], "message_size_limit": 100_000})
+    rc, _, err = await run(config, "bob@local.test", stdin=b"Subject: big\n\n" + b"y" * 79 * 5_000 + b"\n")
+    assert rc == 65 and "message file too big" in err and "message_size_limit" in err
+    assert maildrop_names(tmp_path / "queue" / "maildrop") == []
+    rc, out, _ = await run(config, "-bs", stdin=b"HELO x\r\nMAIL FROM:<>\r\nRCPT TO:<bob@local.test>\r\nDATA\r\n"
+                           + b"y" * 78 * 2_000 + b"\r\n.\r\nNOOP\r\nQUIT\r\n")
+    codes = [line[:3] for line in out.decode().splitlines() if line[3:4] == " "]
+    assert codes == ["220", "250", "250", "250", "354", "552", "250", "221"]  # the rest of DATA read, not run
+    assert maildrop_names(tmp_path / "queue" / "maildrop") == []
+
+
+async def test_a_big_message_is_streamed_through_to_the_mailbox(mailflow_server, cfg, tmp_path):
+    await mailflow_server()
+    data = big_message()
+    rc, _, err = await run(cfg(), "-i", "alice@local.test", stdin=data)
+    assert rc == 0, err
+    [message] = await delivered(tmp_path, "alice", timeout=10)
+    assert message.endswith(data.split(b"\r\n\r\n", 1)[1].replace(b"\r\n", b"\n"))
 
 
 async def test_N_never_and_success(mailflow_server, cfg, tmp_path):

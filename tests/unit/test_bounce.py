@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from mailflow.model import Recipient
 from mailflow.stages.bounce import NoticeRecipient, build_notice, notice_is_8bit, wants_notice
-from mailflow.stages.cleanup import rfc5322_date
+from mailflow.message import rfc5322_date
 
 NOW = 1_700_000_000.0
 ARRIVAL = NOW - 5 * 86400
@@ -243,13 +243,26 @@ def test_default_returns_the_whole_message():
 
 
 def test_ret_full_returns_the_original_byte_exact():
-    raw = notice(ret="FULL", size_limit=10)  # RET=FULL is not bounded by the size limit
+    raw = notice(ret="FULL", kind="delay")  # RET=FULL: whole also in a delay notice
     part = original_part(raw)
     assert part.get_content_type() == "message/rfc822"
     inner = part.get_payload()[0]
     assert inner["Subject"] == "lunch"
     assert inner.get_payload() == ORIGINAL.split(b"\r\n\r\n", 1)[1].decode()
     assert ORIGINAL in raw
+
+
+def test_ret_full_over_the_size_limit_returns_the_header_section_as_postfix_does():
+    raw = notice(ret="FULL", size_limit=len(ORIGINAL) - 1)
+    assert original_part(raw).get_content_type() == "text/rfc822-headers"
+    assert b"See you at noon" not in raw
+
+
+def test_only_the_size_of_an_original_too_big_to_read_is_needed():
+    head = ORIGINAL.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+    raw = notice(original=head, original_size=10_000_000)  # what quoted_original reads of a big message
+    assert original_part(raw).get_content_type() == "text/rfc822-headers"
+    assert head in raw
 
 
 def test_ret_hdrs_returns_only_the_header_section():

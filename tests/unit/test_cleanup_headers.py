@@ -1,15 +1,18 @@
-"""cleanup (mailflow.stages.cleanup): header parsing helpers, and `Cleanup.submit` against a recording store."""
+"""cleanup (mailflow.stages.cleanup) and the header helpers it uses (mailflow.message), and `Cleanup.submit`
+against a recording store."""
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
 
-from mailflow.model import Recipient
+from mailflow.content import Content
 from mailflow.errors import PermanentError
 from mailflow.logs import MailLog
-from mailflow.model import ClientInfo, Envelope, Submission
-from mailflow.stages.cleanup import Cleanup, QueueIdGenerator, header_names, header_value, rfc5322_date, split_header
+from mailflow.message import header_names, header_value, rfc5322_date, split_header
+from mailflow.model import ClientInfo, Envelope, Recipient, Submission
+from mailflow.stages.cleanup import Cleanup, QueueIdGenerator
 from mailflow.store import NewMessage
 
 NOW = 1_700_000_000.25  # 2023-11-14T22:13:20.25Z
@@ -134,13 +137,16 @@ def test_queue_ids_stay_ordered_across_the_40_bit_wrap():
 
 
 class RecordingStore:
-    """Implements the one Store method cleanup uses: `async insert(NewMessage)`."""
+    """Implements the one Store method cleanup uses: `async insert(NewMessage)`. It keeps each message with
+    its content as bytes, and the Content itself in `contents`."""
 
     def __init__(self):
         self.inserted: list[NewMessage] = []
+        self.contents: list[Content] = []
 
     async def insert(self, msg: NewMessage) -> None:
-        self.inserted.append(msg)
+        self.contents.append(msg.content)
+        self.inserted.append(dataclasses.replace(msg, content=msg.content.to_bytes()))
 
 
 @pytest.fixture
@@ -162,7 +168,7 @@ def env():
 def submission(content: bytes, *recipients: str, sender: str = "alice@remote.test") -> Submission:
     return Submission(
         envelope=Envelope(sender, recipients or ("bob@example.test",)),
-        content=content,
+        content=Content.of(content),
         client=ClientInfo(addr="192.0.2.7", port=40000, helo="client.remote.test", hostname="client.remote.test"),
     )
 

@@ -7,7 +7,10 @@ import time
 
 import pytest
 
+import json
+
 from mailflow import queue_tools as qt
+from mailflow.content import Content, FilePart
 from mailflow.model import Recipient
 from mailflow.store import NewMessage, Store
 
@@ -150,15 +153,40 @@ def detail(queue="deferred", next_attempt=T0 + 90):
     return ("0123456789", queue, 40, T0 - 300, "", next_attempt, 2, "client.test[192.0.2.9]", "", "", 0, "7BIT", 0)
 
 
+def show_text(detail, recipients, content: bytes | Content | None, headers_only: bool, now: float) -> str:
+    out = io.StringIO()
+    if isinstance(content, bytes):
+        content = Content.of(content)
+    qt.write_show(out, detail, recipients, content, headers_only, now)
+    return out.getvalue()
+
+
+def message_text(content: Content) -> tuple[str, str]:
+    head, body = qt.message_text(content)
+    return head, "".join(body)
+
+
 def test_content_is_split_into_headers_and_body_with_lf():
-    assert qt.split_content(b"A: 1\r\nB: 2\r\n\r\nbody\r\n") == ("A: 1\nB: 2\n", "body\n")
-    assert qt.split_content(b"A: 1\r\n") == ("A: 1\n", "")
-    assert qt.split_content(b"\r\nonly body\r\n") == ("", "only body\n")
+    assert message_text(Content.of(b"A: 1\r\nB: 2\r\n\r\nbody\r\n")) == ("A: 1\nB: 2\n", "body\n")
+    assert message_text(Content.of(b"A: 1\r\n")) == ("A: 1\n", "")
+    assert message_text(Content.of(b"\r\nonly body\r\n")) == ("", "only body\n")
+    assert message_text(Content.of(b"A: 1\n\nbare LF\n")) == ("A: 1\n", "bare LF\n")
+
+
+def test_the_body_is_read_in_chunks_and_decoded_across_them(tmp_path):
+    body = "caf\u00e9 \u2603\r\n".encode() * 20_000  # multi-byte characters across every chunk boundary
+    path = tmp_path / "content"
+    path.write_bytes(body)
+    content = Content((b"Subject: big\r\n\r\n", FilePart(str(path), 0, len(body))))
+    head, pieces = qt.message_text(content)
+    pieces = list(pieces)
+    assert head == "Subject: big\n" and len(pieces) > 1
+    assert "".join(pieces) == body.decode().replace("\r\n", "\n")
 
 
 def test_show_text_sections(utc):
-    text = qt.show_text(detail(), [("bob@x", "Bob@X", "pending", "4.4.1", "refused")], b"A: 1\r\n\r\nbody\r\n",
-                        False, T0)
+    text = show_text(detail(), [("bob@x", "Bob@X", "pending", "4.4.1", "refused")], b"A: 1\r\n\r\nbody\r\n",
+                     False, T0)
     assert text == (
         "*** ENVELOPE RECORDS deferred/0123456789 ***\n"
         "queue_id:       0123456789\n"
@@ -179,13 +207,23 @@ def test_show_text_sections(utc):
         "\n"
         "body\n"
         "*** MESSAGE FILE END deferred/0123456789 ***\n")
-    assert "\nbody\n" not in qt.show_text(detail(), [], b"A: 1\r\n\r\nbody\r\n", True, T0)
+    assert "\nbody\n" not in show_text(detail(), [], b"A: 1\r\n\r\nbody\r\n", True, T0)
+
+
+def test_show_json_streams_the_body_into_valid_json():
+    out = io.StringIO()
+    qt.write_show_json(out, detail(), [], Content.of(b"A: 1\r\n\r\nq\"uote \\ caf\xc3\xa9\r\n"), False)
+    shown = json.loads(out.getvalue())
+    assert shown["headers"] == "A: 1\n" and shown["body"] == "q\"uote \\ caf\u00e9\n"
+    out = io.StringIO()
+    qt.write_show_json(out, detail(), [], Content.of(b"A: 1\r\n\r\nbody\r\n"), True)
+    assert json.loads(out.getvalue())["body"] is None
 
 
 def test_show_says_why_a_message_is_not_due():
-    assert "next_attempt:   - (on hold" in qt.show_text(detail("hold"), [], b"", False, T0)
-    assert "next_attempt:   now" in qt.show_text(detail("incoming", T0 - 5), [], b"", False, T0)
-    assert "missing (a corrupt entry)" in qt.show_text(detail("corrupt"), [], None, False, T0)
+    assert "next_attempt:   - (on hold" in show_text(detail("hold"), [], b"", False, T0)
+    assert "next_attempt:   now" in show_text(detail("incoming", T0 - 5), [], b"", False, T0)
+    assert "missing (a corrupt entry)" in show_text(detail("corrupt"), [], None, False, T0)
 
 
 def test_durations_are_short():
@@ -257,7 +295,7 @@ def test_progress_counts_tenths_off_a_terminal_and_in_place_on_one():
 
 
 def new(qid: str, arrival: float, rcpts: list[str], sender="s@remote.test") -> NewMessage:
-    return NewMessage(qid, sender, arrival, b"Subject: x\r\n\r\nbody\r\n",
+    return NewMessage(qid, sender, arrival, Content.of(b"Subject: x\r\n\r\nbody\r\n"),
                       tuple(Recipient(i, a, a) for i, a in enumerate(rcpts)))
 
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from mailflow.clock import Clock
+from mailflow.content import Content
 from mailflow.logs import MailLog
 from mailflow.model import (Delivered, DeliveryReport, DeliveryRequest, Outcome, QueuedMessage, RcptResult,
                             Resolution)
@@ -58,7 +59,7 @@ class ActiveMessage:
     message: QueuedMessage
     jobs_left: int
     results: list[RcptResult] = field(default_factory=list)
-    content: asyncio.Future | None = None  # read once however many destinations
+    content: asyncio.Future | None = None  # read once however many destinations (a Content: big ones stay in files)
     withdrawn: str = ""  # "hold" or "deleted" when an operator took it back while it was active
 
 
@@ -298,7 +299,7 @@ class QueueManager:
             return DeliveryReport.uniform(job.recipients, Outcome.DEFERRED, "4.3.0",
                                           f"delivery agent {job.transport} failed: {e}")
 
-    async def _content(self, active: ActiveMessage) -> bytes | None:
+    async def _content(self, active: ActiveMessage) -> Content | None:
         if active.content is None:
             active.content = asyncio.ensure_future(self._store.content(active.message.queue_id))
         return await active.content
@@ -351,9 +352,9 @@ class QueueManager:
         if not wanted:
             return []
         try:
-            original = await self._content(active) or b""
+            original = await self._content(active) or Content()
         except Exception:
-            original = b""  # the notice still says what happened, without the original
+            original = Content()  # the notice still says what happened, without the original
         return self._notices.for_attempt(active.message, results, original=original, now=now, warn_delay=warn,
                                          retry_until=retry_until)
 
@@ -374,7 +375,7 @@ class QueueManager:
             self._log.result(msg.queue_id, result, now - msg.arrival)
         for notice, queued in notices:
             self._log.notice(msg.queue_id, notice.kind, queued.queue_id)
-            self._log.queued(queued.queue_id, queued.sender, len(queued.content), len(queued.recipients))
+            self._log.queued(queued.queue_id, queued.sender, queued.content.size, len(queued.recipients))
         if retry_at is None:
             self._log.removed(msg.queue_id)
 

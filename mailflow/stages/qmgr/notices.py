@@ -12,13 +12,17 @@ notice: its failures go to `double_bounce_recipient` (postmaster by default) fro
 or nowhere when that setting is empty; a double bounce that fails is dropped. So a bounce never bounces,
 and no notice is sent about a delay or a success of a notice.
 `Notices.for_attempt()` returns ready-to-commit `NewMessage`s (made by cleanup's `prepare`), which qmgr
-commits in the same transaction as the results, so a crash can lose neither.
+commits in the same transaction as the results, so a crash can lose neither. Of the original it reads at
+most `bounce_size_limit` bytes, or only its header section (mailflow.message.quoted_original): a notice is
+small, in memory.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
+from mailflow.content import Content
+from mailflow.message import quoted_original
 from mailflow.model import ClientInfo, Envelope, Outcome, QueuedMessage, RcptResult, Submission
 from mailflow.stages.bounce import NoticeRecipient, build_notice, notice_is_8bit, wants_notice
 from mailflow.store import NewMessage
@@ -76,16 +80,18 @@ class Notices:
         self._myhostname = myhostname
         self._config = config
 
-    def for_attempt(self, message: QueuedMessage, results: list[RcptResult], *, original: bytes, now: float,
+    def for_attempt(self, message: QueuedMessage, results: list[RcptResult], *, original: Content, now: float,
                     warn_delay: bool, retry_until: float) -> list[tuple[Notice, NewMessage]]:
         c = self._config
         out = []
-        for notice in plan(message, results, warn_delay=warn_delay, myhostname=self._myhostname,
-                           double_bounce_recipient=c.double_bounce_recipient, now=now):
+        planned = plan(message, results, warn_delay=warn_delay, myhostname=self._myhostname,
+                       double_bounce_recipient=c.double_bounce_recipient, now=now)
+        quoted = quoted_original(original, c.bounce_size_limit) if planned else b""
+        for notice in planned:
             content = build_notice(
                 kind=notice.kind, queue_id=message.queue_id, sender=message.sender, arrival=message.arrival,
-                envid=message.envid, ret=message.ret, recipients=list(notice.recipients), original=original,
-                reporting_mta=self._myhostname, now=now,
+                envid=message.envid, ret=message.ret, recipients=list(notice.recipients), original=quoted,
+                original_size=original.size, reporting_mta=self._myhostname, now=now,
                 will_retry_until=retry_until if notice.kind == "delay" else None,
                 notice_id=f"{message.queue_id}.{notice.kind}.{int(now)}", size_limit=c.bounce_size_limit,
                 to=notice.to,
@@ -94,5 +100,6 @@ class Notices:
             envelope = Envelope(notice.sender, (notice.to,), smtputf8=not all(a.isascii() for a in addresses),
                                 body_type="8BITMIME" if notice_is_8bit(content) else "7BIT")
             client = ClientInfo(addr="127.0.0.1", helo=self._myhostname, protocol="local")
-            out.append((notice, self._prepare(Submission(envelope, content, client))))
+            out.append((notice, self._prepare(Submission(envelope, Content.of(content), client))))
         return out
+

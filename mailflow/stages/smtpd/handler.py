@@ -7,7 +7,9 @@ cannot answer). With the defaults this is today's rule set: relaying only for my
 clients (554 5.7.1), unknown users of this host's domains refused (550 5.1.1, naming the table).
 DATA runs the data list (`handle_DATA_COMMAND`, for a session that asks before 354; else at the end), then
 the end_of_data list, then hands a `Submission` to cleanup and answers 250 only once cleanup has committed
-it. A message marked DISCARD by a restriction is answered 250 and dropped (logged); HOLD is queued on hold.
+it. The session writes the content into `new_spool()` as it arrives; the handler sees it whole, as a
+mailflow.content.Content (`envelope.content`), never as one bytes object.
+A message marked DISCARD by a restriction is answered 250 and dropped (logged); HOLD is queued on hold.
 Every policy refusal is logged through the session as Postfix logs it (`NOQUEUE: reject: RCPT from …`). The
 client handed to cleanup names the protocol as the Received header says it (`received_protocol`: ESMTPSA,
 UTF8SMTPS, … per RFC 3848 / 6531) and the SASL login for the `client=` log line.
@@ -25,6 +27,7 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope, Session
 
 from mailflow import address, status
 from mailflow.config import Config
+from mailflow.content import Spool
 from mailflow.errors import DeliveryError, LookupRetry
 from mailflow.logs import printable
 from mailflow.model import ClientInfo, Envelope, Submission
@@ -128,11 +131,8 @@ class SmtpdHandler:
         if refusal is not None:
             _log_reject(server, "END-OF-MESSAGE", refusal, self._single_rcpt(envelope))
             return str(refusal)
-        submission = Submission(
-            envelope=self._envelope(envelope),
-            content=envelope.original_content or b"",
-            client=self._client(session, envelope),
-        )
+        submission = Submission(envelope=self._envelope(envelope), content=envelope.content,
+                                client=self._client(session, envelope))
         marks = self._marks(envelope)
         if marks.discard is not None:
             return str(self._discard(server, submission, marks.discard))
@@ -163,7 +163,7 @@ class SmtpdHandler:
             if refusal is not None:
                 return refusal
         facts = self._facts(session, envelope, rcpt, stage="end_of_data")
-        facts.size = len(envelope.original_content or b"")
+        facts.size = envelope.content.size
         return await self.restrictions.check_end_of_data(facts)
 
     def _discard(self, server, submission: Submission, reason: str) -> status.Reply:
@@ -173,6 +173,10 @@ class SmtpdHandler:
         _log_reject(server, "END-OF-MESSAGE", reason, recipients[0] if len(recipients) == 1 else "",
                     action="discard", queue_id=queue_id)
         return status.queued(queue_id)
+
+    def new_spool(self, max_size: int | None) -> Spool:
+        """Where the session writes DATA/BDAT content as it arrives (cleanup's, i.e. the queue's)."""
+        return self._cleanup.new_spool(max_size)
 
     async def handle_exception(self, error: Exception) -> str:
         log.exception("unexpected error in a session", exc_info=error)

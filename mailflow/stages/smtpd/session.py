@@ -3,7 +3,9 @@
 What it owns: reading the client (through `wire.Wire`, chunked and strict about CRLF, never aiosmtpd's
 line-by-line readers), the command loop, MAIL and RCPT (the path syntax of `address.parse_path`, their
 parameters: SIZE, BODY, SMTPUTF8, AUTH=, and the RFC 3461 DSN ones of `dsn.py`), DATA and BDAT (RFC 3030
-CHUNKING, which aiosmtpd lacks), STARTTLS's refusals, pipelining discipline, deadlines, error counting, and the
+CHUNKING, which aiosmtpd lacks) written as they arrive into a spool from the handler's
+`new_spool(message_size_limit)` (mailflow.content.Spool: memory for a small message, a file for a big one;
+discarded when the transaction ends, however it ends), STARTTLS's refusals, pipelining discipline, deadlines, error counting, and the
 session's log lines (`logs.SmtpdLog`: connect, disconnect with Postfix's per-command counts, NOQUEUE reject,
 TLS, lost connection, timeout). aiosmtpd's HELO, EHLO, RSET, NOOP, QUIT and the STARTTLS handshake are reused;
 policy lives in the handler. Every reply after the greeting, except EHLO/HELO's, carries an enhanced status
@@ -45,7 +47,8 @@ from mailflow.address import in_networks
 from mailflow.logs import COMMAND_ORDER, SmtpdLog, client_name, printable
 from mailflow.stages.smtpd import dsn
 from mailflow.stages.smtpd.frontends import ProxyError, XclientError, parse_xclient, read_proxy_header
-from mailflow.stages.smtpd.wire import Content, Wire, WireError, bare_newline_in
+from mailflow.content import Spool
+from mailflow.stages.smtpd.wire import ContentCheck, Wire, WireError, refusal
 
 log = logging.getLogger("mailflow.smtpd")
 
@@ -114,7 +117,7 @@ class SmtpSession(SMTP):
         self._junk = 0
         self._data_started: float | None = None  # loop time DATA/BDAT content began, for the rate deadline
         self._data_bytes = 0
-        self._bdat = None  # the BDAT content sink of the current transaction, if BDAT began
+        self._bdat: tuple[Spool, ContentCheck] | None = None  # the current transaction's BDAT content, if begun
         self._log = SmtpdLog()
         self._connected = False  # "connect from" was logged: "disconnect from" will be
         self._ended = False
@@ -142,6 +145,7 @@ class SmtpSession(SMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         self._sessions.discard(self)
+        self._drop_bdat()
         super().connection_lost(error)
 
     def _session_ended(self) -> None:
@@ -151,6 +155,7 @@ class SmtpSession(SMTP):
             return
         self._ended = True
         self._sessions.discard(self)
+        self._drop_bdat()
         if self._timeout_handle is not None:
             self._timeout_handle.cancel()
         for transport in (self.transport, self._original_transport):
@@ -490,7 +495,7 @@ class SmtpSession(SMTP):
 
     def _set_post_data_state(self) -> None:
         super()._set_post_data_state()
-        self._bdat = None
+        self._drop_bdat()
         self._overshoot = 0
         self.envelope.dsn_ret = ""
         self.envelope.dsn_envid = ""
@@ -647,12 +652,16 @@ class SmtpSession(SMTP):
             await self.push(status.syntax("DATA"))
             return
         await self.push(status.START_DATA)
-        self._content_begins()
+        spool = self._new_spool()
         try:
-            content = await self._wire.read_data(self.data_size_limit)
+            self._content_begins()
+            try:
+                why_not = await self._wire.read_data(spool)
+            finally:
+                self._content_ends()
+            await self._finish_message(spool, why_not)
         finally:
-            self._content_ends()
-        await self._finish_message(content)
+            spool.discard()
 
     async def smtp_BDAT(self, arg: str | None) -> None:
         """RFC 3030: `BDAT <size> [LAST]`; the chunk follows at once, without dot-stuffing or terminator."""
@@ -662,27 +671,33 @@ class SmtpSession(SMTP):
             await self.push(status.BDAT_SYNTAX)
             return
         size, last = int(words[0]), len(words) == 2
-        refusal = await self._bdat_refusal()
-        if refusal is not None:
+        refused = await self._bdat_refusal()
+        if refused is not None:
             await self._skip_chunk(size)  # the chunk is on its way regardless; it must not be read as commands
-            await self.push(refusal)
+            await self.push(refused)
             return
         if self._bdat is None:
-            self._bdat = Wire.content_sink(self.data_size_limit)
+            self._bdat = (self._new_spool(), ContentCheck())
+        spool, check = self._bdat
         self._content_begins()
         try:
-            await self._wire.read_chunk(size, self._bdat)
+            await self._wire.read_chunk(size, spool, check)
         finally:
             self._content_ends()
         if not last:
             await self.push(status.bdat_chunk(size))
             return
-        content = self._bdat.result()
-        if content.refusal is None and self._limits.forbid_bare_newline and bare_newline_in(content.data):
-            self._set_rset_state()
-            await self._refuse_and_close(status.bare_newline(self.hostname, bare_newline_in(content.data)))
-            return
-        await self._finish_message(content)
+        self._bdat = None  # the spool is this method's now
+        try:
+            why_not = refusal(spool, check.nul)
+            bare = check.finish()
+            if why_not is None and self._limits.forbid_bare_newline and bare:
+                self._set_rset_state()
+                await self._refuse_and_close(status.bare_newline(self.hostname, bare))
+                return
+            await self._finish_message(spool, why_not)
+        finally:
+            spool.discard()
 
     async def _bdat_refusal(self):
         if not self.session.host_name:
@@ -697,18 +712,32 @@ class SmtpSession(SMTP):
     async def _skip_chunk(self, size: int) -> None:
         self._content_begins()
         try:
-            await self._wire.read_chunk(size, Wire.content_sink(1))
+            await self._wire.read_chunk(size, None)
         finally:
             self._content_ends()
 
-    async def _finish_message(self, content: Content) -> None:
-        """Hand complete content to the handler (or refuse it); either way the transaction ends."""
-        if content.refusal is not None:
+    def _new_spool(self) -> Spool:
+        """Where this transaction's content goes (the handler's, i.e. the queue's spool directory)."""
+        return self.event_handler.new_spool(self.data_size_limit)
+
+    def _drop_bdat(self) -> None:
+        if self._bdat is not None:
+            self._bdat[0].discard()
+            self._bdat = None
+
+    async def _finish_message(self, spool: Spool, why_not: status.Reply | None) -> None:
+        """Hand complete content to the handler (or refuse it); either way the transaction ends. The handler
+        finds the content (a mailflow.content.Content) as `envelope.content`."""
+        if why_not is not None:
+            if spool.failure is not None:
+                log.error("%s: message not queued: cannot write its spool file: %s", self._peer_text(),
+                          spool.failure)
             self._set_post_data_state()
-            await self.push(content.refusal)
+            await self.push(why_not)
             return
-        self.envelope.content = self.envelope.original_content = content.data
+        self.envelope.content = self.envelope.original_content = await spool.finish()
         reply = await self._call_handler_hook("DATA")
+        spool.discard()  # what was queued has the queue's own name for its file by now
         self._set_post_data_state()
         if isinstance(reply, str) and reply.startswith("250"):
             self._errors = 0

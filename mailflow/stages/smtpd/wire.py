@@ -7,15 +7,19 @@ Rules (Postfix smtpd_forbid_bare_newline = reject):
 - A command line ends only at CRLF. A line ended by a bare LF, or holding a bare CR, raises `WireError` with
   `521 5.5.2 ... bare <LF>/<CR> received`, fatal: the session ends.
 - With `bare_lf=True` (forbid_bare_newline = false; Postfix's "normalize"), a bare LF ends a command line or a
-  DATA line as CRLF would and is stored as CRLF, but DATA still ends only at CRLF "." CRLF (so no `\n.\n`
+  DATA line as CRLF would and is stored as CRLF, but DATA still ends only at CRLF "." CRLF (so no `\\n.\\n`
   form can end it or smuggle a second message). A bare CR is refused either way.
 - A command line longer than `limit` is read to its end and discarded: `500 5.5.2 Error: line too long`.
 - DATA ends only at CRLF "." CRLF. A bare LF or bare CR anywhere in the content is fatal at once (no
   `\\n.\\n`-style sequence can end the message or split it into two: nothing is queued and the session ends).
-  Dot-stuffing is undone. A NUL makes the message refused (554 5.6.0) once its end has been read. Content
-  beyond `max_size` is counted but not kept, and refused (552 5.3.4) after the terminator: memory stays bounded.
-- BDAT chunks are read as exactly n bytes (RFC 3030: no dot-stuffing, no terminator); the same bare-newline
-  and NUL rules apply to their content (as Postfix applies smtpd_forbid_bare_newline to BDAT).
+  Dot-stuffing is undone as the content is copied, once, from the input buffer into a `Spool`
+  (mailflow.content): small messages stay in memory, big ones go to a spool file as they arrive. A NUL makes
+  the message refused (554 5.6.0) once its end has been read. Content beyond the spool's `max_size` is counted
+  but not kept, and refused (552 5.3.4) after the terminator; a spool file that cannot be written makes it
+  refused with 451 4.3.0 (4.3.1 for a full disk) after the terminator: memory and disk stay bounded.
+- BDAT chunks are read as exactly n bytes (RFC 3030: no dot-stuffing, no terminator) into the transaction's
+  spool; the same bare-newline and NUL rules apply to their content (`ContentCheck`, as Postfix applies
+  smtpd_forbid_bare_newline to BDAT).
 
 Every wait for input goes through `progress`, which the session uses to enforce its deadlines. End of input
 raises `ConnectionResetError`.
@@ -23,10 +27,11 @@ raises `ConnectionResetError`.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import errno
 from typing import Callable
 
 from mailflow import status
+from mailflow.content import Spool
 
 CHUNK = 65536
 PARTIAL_LINE_KEEP = 65536  # a DATA line longer than this is passed on in pieces, never held whole
@@ -42,49 +47,49 @@ class WireError(Exception):
         self.fatal = fatal
 
 
-@dataclass
-class Content:
-    """Message content as read: the bytes (unstuffed), or `refusal` when it must not be queued."""
+class ContentCheck:
+    """What BDAT content must be checked for across its chunks: NUL, and the first line end other than CRLF
+    (a CR ending one piece may pair with a LF starting the next)."""
 
-    data: bytes
-    size: int
-    refusal: status.Reply | None = None
-
-
-def bare_newline_in(data: bytes) -> str:
-    """'LF' or 'CR' when `data` holds a line end other than CRLF, else ''."""
-    crlf = data.count(b"\r\n")
-    if data.count(b"\n") != crlf:
-        return "LF"
-    if data.count(b"\r") != crlf:
-        return "CR"
-    return ""
-
-
-class _ContentSink:
-    """Collects content pieces while counting size; past `max_size` it keeps counting but drops the bytes."""
-
-    def __init__(self, max_size: int | None):
-        self.max_size = max_size
-        self.pieces: list[bytes] = []
-        self.size = 0
+    def __init__(self) -> None:
         self.nul = False
+        self.bare = ""
+        self._cr_pending = False
 
-    def add(self, piece: bytes) -> None:
-        self.size += len(piece)
-        if not self.nul and b"\0" in piece:
+    def feed(self, buf: bytearray, end: int) -> None:
+        """The first `end` bytes of `buf`."""
+        if not end:
+            return
+        lf, cr, crlf = buf.count(b"\n", 0, end), buf.count(b"\r", 0, end), buf.count(b"\r\n", 0, end)
+        if self._cr_pending:
+            if buf[0] == 0x0A:
+                crlf, cr = crlf + 1, cr + 1
+            elif not self.bare:
+                self.bare = "CR"
+        self._cr_pending = buf[end - 1] == 0x0D
+        if self._cr_pending:
+            cr -= 1
+        if not self.bare:
+            self.bare = "LF" if lf != crlf else "CR" if cr != crlf else ""
+        if not self.nul and buf.find(b"\0", 0, end) >= 0:
             self.nul = True
-        if self.max_size and self.size > self.max_size:
-            self.pieces.clear()
-        else:
-            self.pieces.append(piece)
 
-    def result(self) -> Content:
-        if self.max_size and self.size > self.max_size:
-            return Content(b"", self.size, status.MESSAGE_TOO_BIG)
-        if self.nul:
-            return Content(b"", self.size, status.NUL_IN_DATA)
-        return Content(b"".join(self.pieces), self.size)
+    def finish(self) -> str:
+        """The bare line end found, if any, once the content is complete."""
+        if self._cr_pending and not self.bare:
+            self.bare = "CR"
+        return self.bare
+
+
+def refusal(spool: Spool, nul: bool) -> status.Reply | None:
+    """Why content read into `spool` must not be queued: too big, not stored, or holding a NUL."""
+    if spool.exceeded:
+        return status.MESSAGE_TOO_BIG
+    if spool.failure is not None:
+        return status.QUEUE_FULL if spool.failure.errno == errno.ENOSPC else status.QUEUE_ERROR
+    if nul:
+        return status.NUL_IN_DATA
+    return None
 
 
 class Wire:
@@ -154,65 +159,129 @@ class Wire:
             self._buf.clear()
             await self._fill()
 
-    async def read_data(self, max_size: int | None) -> Content:
-        """DATA content through CRLF.CRLF (the terminator is consumed; what follows stays for the next command)."""
-        sink = _ContentSink(max_size)
-        lead = b"\r\n"  # how the previous line ended: CRLF, a bare LF (bare_lf mode), or b"" inside a line
+    async def read_data(self, spool: Spool) -> status.Reply | None:
+        """DATA content through CRLF.CRLF into `spool`, unstuffed (the terminator is consumed; what follows stays
+        for the next command). Returns why it must not be queued (too big, NUL, not stored), or None."""
+        if self._bare_lf:
+            return await self._read_data_normalised(spool)
+        nul = False
+        at_line_start = True
+        while True:
+            buf = self._buf
+            last_lf = buf.rfind(b"\n")
+            if last_lf < 0:
+                if len(buf) > PARTIAL_LINE_KEEP:
+                    nul = self._take_partial_line(spool, at_line_start) or nul
+                    at_line_start = False
+                    await spool.drain()
+                await self._fill()
+                continue
+            end = last_lf + 1  # complete lines only
+            if at_line_start and buf.startswith(b".\r\n"):
+                stop, consumed = 0, 3
+            else:
+                found = buf.find(TERMINATOR, 0, end)
+                stop, consumed = (found + 2, found + len(TERMINATOR)) if found >= 0 else (end, end)
+            self._check_line_ends(stop)
+            nul = nul or buf.find(b"\0", 0, stop) >= 0
+            self._unstuff_into(spool, stop, at_line_start)
+            del buf[:consumed]
+            await spool.drain()
+            if consumed != end or stop != end:
+                return refusal(spool, nul)
+            at_line_start = True
+            await self._fill()
+
+    async def _read_data_normalised(self, spool: Spool) -> status.Reply | None:
+        """`read_data` in bare_lf mode: complete lines normalised to CRLF before unstuffing, while the
+        terminator is still looked for in the bytes as sent (`lead`: how the previous line ended, CRLF, a bare
+        LF, or b"" inside a long line). A slower path, for the sites that ask for it."""
+        nul = False
+        lead = b"\r\n"
         while True:
             last_lf = self._buf.rfind(b"\n")
             if last_lf < 0:
                 if len(self._buf) > PARTIAL_LINE_KEEP:
-                    self._take_partial_line(sink, bool(lead))
+                    nul = self._take_partial_line(spool, bool(lead)) or nul
                     lead = b""
+                    await spool.drain()
                 await self._fill()
                 continue
             region = bytes(self._buf[:last_lf + 1])
             scan = lead + region
             end = scan.find(TERMINATOR)  # in the bytes as sent: only CRLF "." CRLF ends DATA
             if end >= 0:
-                sink.add(self._unstuffed(scan[:end + 2], lead))
+                scan = scan[:end + 2]
                 del self._buf[:end + len(TERMINATOR) - len(lead)]
-                return sink.result()
-            sink.add(self._unstuffed(scan, lead))
-            del self._buf[:last_lf + 1]
+            else:
+                del self._buf[:last_lf + 1]
+            nul = nul or b"\0" in scan
+            spool.append(self._normalised(scan, lead))
+            await spool.drain()
+            if end >= 0:
+                return refusal(spool, nul)
             lead = b"\r\n" if region.endswith(b"\r\n") else b"\n"
             await self._fill()
 
-    def _unstuffed(self, scan: bytes, lead: bytes) -> bytes:
-        """Complete lines (after `lead`, the previous line's end) checked, normalised and dot-unstuffed."""
-        if self._bare_lf:
-            scan = scan.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-            lead = b"\r\n" if lead else b""
-        self._check_content(scan)
+    def _normalised(self, scan: bytes, lead: bytes) -> bytes:
+        """Complete lines (after `lead`) with every line end made CRLF, checked for a bare CR, unstuffed."""
+        scan = scan.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        lead = b"\r\n" if lead else b""
+        if scan.count(b"\r") != scan.count(b"\r\n"):
+            raise self._bare("CR")
         return scan.replace(b"\r\n.", b"\r\n")[len(lead):]
 
-    def _take_partial_line(self, sink: _ContentSink, at_line_start: bool) -> None:
-        """Pass on the buffered part of a very long line (keeping a trailing CR, which a LF may yet follow)."""
+    def _unstuff_into(self, spool: Spool, stop: int, at_line_start: bool) -> None:
+        """The first `stop` bytes of the buffer (complete lines) into `spool`, each line's leading dot removed:
+        one copy, straight from the input buffer."""
+        buf = self._buf
+        pos = 1 if at_line_start and buf.startswith(b".") and stop else 0
+        with memoryview(buf) as view:
+            while True:
+                dot = buf.find(b"\r\n.", pos, stop)
+                if dot < 0:
+                    spool.append(view[pos:stop])
+                    return
+                spool.append(view[pos:dot + 2])
+                pos = dot + 3
+
+    def _take_partial_line(self, spool: Spool, at_line_start: bool) -> bool:
+        """Pass on the buffered part of a very long line (keeping a trailing CR, which a LF may yet follow).
+        Returns whether it held a NUL."""
         keep = 1 if self._buf.endswith(b"\r") else 0
-        piece = bytes(self._buf[:len(self._buf) - keep])
-        if b"\r" in piece:
+        end = len(self._buf) - keep
+        if self._buf.find(b"\r", 0, end) >= 0:
             raise self._bare("CR")
-        if at_line_start and piece.startswith(b"."):
-            piece = piece[1:]
-        sink.add(piece)
-        del self._buf[:len(self._buf) - keep]
+        start = 1 if at_line_start and self._buf.startswith(b".") else 0
+        with memoryview(self._buf) as view:
+            spool.append(view[start:end])
+        nul = self._buf.find(b"\0", 0, end) >= 0
+        del self._buf[:end]
+        return nul
 
-    def _check_content(self, data: bytes) -> None:
-        char = bare_newline_in(data)
-        if char:
-            raise self._bare(char)
+    def _check_line_ends(self, stop: int) -> None:
+        """Complete lines in the first `stop` bytes of the buffer must all end in CRLF."""
+        buf = self._buf
+        crlf = buf.count(b"\r\n", 0, stop)
+        if buf.count(b"\n", 0, stop) != crlf:
+            raise self._bare("LF")
+        if buf.count(b"\r", 0, stop) != crlf:
+            raise self._bare("CR")
 
-    async def read_chunk(self, count: int, sink: _ContentSink) -> None:
-        """Exactly `count` bytes of BDAT content into `sink` (never holding more than one read in memory)."""
+    async def read_chunk(self, count: int, spool: Spool | None, check: ContentCheck | None = None) -> None:
+        """Exactly `count` bytes of BDAT content into `spool` (None: read and drop them), checked by `check`;
+        never more than one read of input held at once."""
         left = count
         while left:
             if not self._buf:
                 await self._fill()
-            piece = bytes(self._buf[:left])
-            del self._buf[:len(piece)]
-            left -= len(piece)
-            sink.add(piece)
-
-    @staticmethod
-    def content_sink(max_size: int | None) -> _ContentSink:
-        return _ContentSink(max_size)
+            n = min(left, len(self._buf))
+            if spool is not None:
+                with memoryview(self._buf) as view:
+                    spool.append(view[:n])
+            if check is not None:
+                check.feed(self._buf, n)
+            del self._buf[:n]
+            left -= n
+            if spool is not None:
+                await spool.drain()

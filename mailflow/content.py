@@ -1,0 +1,265 @@
+"""Message content: small messages stay in memory, big ones live in a spool file and are read as a stream.
+
+What it owns
+- `Content`: one message as an immutable sequence of parts, each bytes in memory or a byte range of a file
+  (`FilePart`). Deriving one content from another (`prepend`, `after`) never copies the other's bytes.
+  Reading never holds more than `size` (CHUNK) bytes of a file at once:
+      chunks(size) -> Iterator[bytes]         sync, for worker threads (maildir, mbox)
+      stream(size) -> AsyncIterator[bytes]    async; each file read runs in a worker thread
+      read_prefix(n) -> bytes                 the first n bytes (header processing: sync, bounded by n)
+      to_bytes() -> bytes                     all of it: for tests, tools and content known to be small
+  In-memory parts are yielded as they are, without a copy (a view is turned into bytes first).
+- `Spool`: a message as it arrives (smtpd DATA and BDAT, pickup). Up to `memory_limit` bytes (MEMORY_LIMIT)
+  stay in memory, so small messages never touch a file; past that everything goes to a temporary file
+  `<directory>/.spool-<random>`, written in blocks of FLUSH_SIZE by a worker thread. Past `max_size` bytes it
+  only counts (`exceeded`): memory and disk stay bounded whatever a client sends.
+      append(data)            sync: copies `data` (which may be a view of the caller's buffer) into the spool
+      await drain()           writes the buffer out once it is large enough (call it after append)
+      await finish()          -> Content: everything appended (the store fsyncs what it keeps)
+      discard()               closes and removes the temporary file; idempotent; always called by the owner
+                              (the store keeps a message's file under a name of its own, a hard link)
+  A file that cannot be written (a full disk, a permission) does not raise out of `drain`: the spool stops
+  keeping data and `failure` holds the error, so the reader can finish reading the message and refuse it.
+- `is_spool_name(name)`: a temporary spool file's name (the store's start-up sweep removes those).
+
+Failures: OSError from reading a file part (its file is gone, an I/O error; `Truncated` when the file is
+shorter than the part).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, Iterable, Iterator, Union
+
+CHUNK = 64 * 1024
+MEMORY_LIMIT = 256 * 1024  # a message up to this size is never written to a spool file: the fast path
+FLUSH_SIZE = 256 * 1024  # a spool file is written in blocks of this size
+SPOOL_PREFIX = ".spool-"
+
+
+@dataclass(frozen=True)
+class FilePart:
+    """`length` bytes of the file at `path`, from `offset`."""
+
+    path: str
+    offset: int
+    length: int
+
+
+Part = Union[bytes, memoryview, FilePart]
+
+
+class Truncated(OSError):
+    """A file part's file ends before the part does (it was truncated or replaced)."""
+
+
+def _length(part: Part) -> int:
+    return part.length if isinstance(part, FilePart) else len(part)
+
+
+class Content:
+    """An immutable message: see the module docstring. Equal contents need not compare equal (no __eq__)."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts: Iterable[Part] = ()):
+        kept, size = [], 0
+        for part in parts:
+            n = part.length if part.__class__ is FilePart else len(part)
+            if n:
+                kept.append(part)
+                size += n
+        self.parts: tuple[Part, ...] = tuple(kept)
+        self.size: int = size
+
+    @classmethod
+    def of(cls, data: bytes) -> "Content":
+        return cls((data,))
+
+    def __repr__(self) -> str:
+        kinds = ", ".join(f"file {p.path}[{p.offset}:+{p.length}]" if isinstance(p, FilePart) else f"{len(p)} bytes"
+                          for p in self.parts)
+        return f"Content({self.size} bytes: {kinds})"
+
+    @property
+    def in_memory(self) -> bool:
+        return not any(isinstance(p, FilePart) for p in self.parts)
+
+    def prepend(self, data: bytes) -> "Content":
+        return Content((data, *self.parts))
+
+    def after(self, offset: int) -> "Content":
+        """The content from byte `offset` on."""
+        parts: list[Part] = []
+        skip = offset
+        for part in self.parts:
+            n = _length(part)
+            if skip >= n:
+                skip -= n
+                continue
+            if skip:
+                part = (FilePart(part.path, part.offset + skip, part.length - skip) if isinstance(part, FilePart)
+                        else memoryview(part)[skip:])
+                skip = 0
+            parts.append(part)
+        return Content(parts)
+
+    def read_prefix(self, n: int) -> bytes:
+        out: list = []
+        left = n
+        for part in self.parts:
+            if left <= 0:
+                break
+            data = _pread(part.path, min(left, part.length), part.offset) if isinstance(part, FilePart) \
+                else part[:left]
+            out.append(data)
+            left -= len(data)
+        return b"".join(out)
+
+    def chunks(self, size: int = CHUNK) -> Iterator[bytes]:
+        for part in self.parts:
+            if not isinstance(part, FilePart):
+                yield part if type(part) is bytes else bytes(part)
+                continue
+            with open(part.path, "rb") as f:
+                f.seek(part.offset)
+                left = part.length
+                while left:
+                    data = f.read(min(size, left))
+                    if not data:
+                        raise Truncated(f"{part.path}: shorter than expected")
+                    left -= len(data)
+                    yield data
+
+    async def stream(self, size: int = CHUNK) -> AsyncIterator[bytes]:
+        for part in self.parts:
+            if not isinstance(part, FilePart):
+                yield part if type(part) is bytes else bytes(part)
+                continue
+            offset, end = part.offset, part.offset + part.length
+            while offset < end:
+                data = await asyncio.to_thread(_pread, part.path, min(size, end - offset), offset)
+                offset += len(data)
+                yield data
+
+    def to_bytes(self) -> bytes:
+        return b"".join(self.chunks())
+
+
+def _pread(path: str, size: int, offset: int) -> bytes:
+    """`size` bytes of `path` at `offset` (a file opened for this read only: nothing is left open if the reader
+    stops half-way)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+    if len(data) != size:
+        raise Truncated(f"{path}: shorter than expected")
+    return data
+
+
+def is_spool_name(name: str) -> bool:
+    return name.startswith(SPOOL_PREFIX)
+
+
+class Spool:
+    """See the module docstring."""
+
+    def __init__(self, directory: str | Path, *, max_size: int | None = None, memory_limit: int = MEMORY_LIMIT):
+        self._directory = directory
+        self._max_size = max_size or None
+        self._memory_limit = memory_limit
+        self._buffer = bytearray()
+        self._fd: int | None = None
+        self._path: Path | None = None
+        self._written = 0  # bytes in the file
+        self._closed = False
+        self.size = 0  # bytes appended, counted also past max_size
+        self.failure: OSError | None = None
+
+    @property
+    def exceeded(self) -> bool:
+        return self._max_size is not None and self.size > self._max_size
+
+    @property
+    def keeping(self) -> bool:
+        """False once the spool only counts (over max_size, or a write failed)."""
+        return not self.exceeded and self.failure is None
+
+    def append(self, data) -> None:
+        if self._closed:
+            raise ValueError("append to a finished or discarded spool")
+        self.size += len(data)
+        if not self.keeping:
+            self._forget()
+            return
+        self._buffer += data
+
+    async def drain(self) -> None:
+        if not self.keeping:
+            return
+        try:
+            if self._fd is None:
+                if len(self._buffer) <= self._memory_limit:
+                    return
+                self._open()
+            if len(self._buffer) >= FLUSH_SIZE:
+                await self._flush()
+        except OSError as e:
+            self.failure = e
+            self._forget()
+
+    async def finish(self) -> Content:
+        """The content appended; raises the write failure if there was one (check `keeping` first)."""
+        if self.failure is not None:
+            raise self.failure
+        self._closed = True
+        if self._fd is None:
+            return Content((memoryview(self._buffer),))
+        if self._buffer:
+            await self._flush()
+        os.close(self._fd)
+        self._fd = None
+        return Content((FilePart(str(self._path), 0, self._written),))
+
+    def discard(self) -> None:
+        self._closed = True
+        self._forget()
+
+    def _open(self) -> None:
+        path = Path(self._directory) / f"{SPOOL_PREFIX}{secrets.token_hex(8)}"
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._path = path
+
+    async def _flush(self) -> None:
+        data, self._buffer = self._buffer, bytearray()
+        # The worker writes through its own descriptor: if this task is cancelled while it writes, discard()
+        # may close ours at once without the worker ever writing to a reused descriptor number.
+        await asyncio.to_thread(_write_all, os.dup(self._fd), data)
+        self._written += len(data)
+
+    def _forget(self) -> None:
+        """Drop whatever is kept: the buffer, the file (closed and removed)."""
+        self._buffer = bytearray()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._path is not None:
+            try:
+                self._path.unlink()
+            except OSError:
+                pass  # the start-up sweep removes what is left
+            self._path = None
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)

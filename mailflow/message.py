@@ -1,0 +1,131 @@
+"""The message format, as every stage and transport reads it: the RFC 5322 header section and its fields.
+
+One set of helpers, so that cleanup, the transports, bounce, sendmail and the queue tools agree on where a
+header section ends. A leaf module: it imports nothing from the stages or the transports.
+
+Content is bytes with CRLF line ends as queued; a header section whose lines (or the empty line that ends it)
+end in a bare LF is accepted too: a sloppy client's headers still count as headers.
+
+    header_end(data) -> int | None        length of the header section at the start of `data` (its final line end
+                                          included) once the empty line ending it is in `data`; 0 when `data`
+                                          starts with the empty line; None when it is not (yet) there
+    split_header(content) -> (head, rest) for a complete message: the header section and the rest, which starts
+                                          with the empty line; a message without one is all header section (a
+                                          missing final CRLF is supplied)
+    read_header(content, limit) -> (head, complete)   the header section of a `Content` (mailflow.content), read
+                                          in growing steps, never more than `limit` + 2 bytes; when it is longer
+                                          than `limit`, its first `limit` bytes and complete=False
+    header_lines(head)                    the lines, without their line ends
+    header_fields(head)                   (lower-case name, the field's raw lines with continuations) in order
+    header_names(head)                    lower-case names, in order
+    header_values(head, name) / header_value(head, name)   unfolded values (every one / the first, or '')
+    delivered_to(head) -> frozenset[str]  the addresses of the Delivered-To headers, lower-case (loop detection)
+    quoted_original(content, size_limit)  what a delivery notice quotes of a Content: all of it when it is at most
+                                          `size_limit` bytes, else its header section (mailflow.stages.bounce)
+    rfc5322_date(now) -> str              `Tue, 14 Nov 2023 22:13:20 +0000`
+
+Nothing here raises for malformed input: a line that is not a header field is skipped by the readers.
+"""
+from __future__ import annotations
+
+import email.utils
+import re
+from datetime import datetime, timezone
+
+CRLF = b"\r\n"
+FIRST_READ = 8192  # read_header's first step; most header sections fit
+HEADER_READ_LIMIT = 1_000_000  # how much of a header section readers other than cleanup (which refuses more than
+#                                header_size_limit) look at: transports looking for Delivered-To, notices
+
+_HEADER_END = re.compile(rb"\r?\n(?=\r?\n)")
+
+
+def header_end(data: bytes) -> int | None:
+    if data.startswith(CRLF) or data.startswith(b"\n"):
+        return 0
+    end = _HEADER_END.search(data)
+    return end.end() if end else None
+
+
+def split_header(content: bytes) -> tuple[bytes, bytes]:
+    end = header_end(content)
+    if end is None:
+        head = content if content.endswith(b"\n") or not content else content + CRLF
+        return head, b""
+    return content[:end], content[end:]
+
+
+def read_header(content, limit: int) -> tuple[bytes, bool]:
+    """See the module docstring. `content` is a mailflow.content.Content (anything with `read_prefix` and `size`)."""
+    want = min(FIRST_READ, limit + 2)
+    while True:
+        prefix = content.read_prefix(want)
+        end = header_end(prefix)
+        if end is None and len(prefix) >= content.size:  # the whole message, without an empty line
+            prefix = split_header(prefix)[0]
+            end = len(prefix)
+        if end is not None:
+            return (prefix[:end], True) if end <= limit else (prefix[:limit], False)
+        if want >= limit + 2:
+            return prefix[:limit], False
+        want = min(want * 8, limit + 2)
+
+
+def header_lines(head: bytes) -> list[bytes]:
+    return [line.removesuffix(b"\r") for line in head.split(b"\n")]
+
+
+def header_fields(head: bytes) -> list[tuple[str, list[bytes]]]:
+    """Each field as (lower-case name, its lines with their line ends, continuations included). A line that is
+    neither a field nor a continuation is kept as a field named ''."""
+    fields: list[tuple[str, list[bytes]]] = []
+    for line in head.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1][1].append(line)
+        else:
+            name, colon, _ = line.partition(b":")
+            fields.append((name.strip().decode("latin-1").lower() if colon else "", [line]))
+    return fields
+
+
+def header_names(head: bytes) -> list[str]:
+    names = []
+    for line in header_lines(head):
+        if line and line[:1] not in (b" ", b"\t"):
+            name, colon, _ = line.partition(b":")
+            if colon:
+                names.append(name.strip().decode("latin-1").lower())
+    return names
+
+
+def header_values(head: bytes, wanted: str) -> list[str]:
+    lines = header_lines(head)
+    key = wanted.lower().encode()
+    values = []
+    for i, line in enumerate(lines):
+        name, colon, value = line.partition(b":")
+        if colon and line[:1] not in (b" ", b"\t") and name.strip().lower() == key:
+            while i + 1 < len(lines) and lines[i + 1][:1] in (b" ", b"\t"):
+                i += 1
+                value += b" " + lines[i].strip()
+            values.append(value.strip().decode("utf-8", "replace"))
+    return values
+
+
+def header_value(head: bytes, wanted: str) -> str:
+    values = header_values(head, wanted)
+    return values[0] if values else ""
+
+
+def delivered_to(head: bytes) -> frozenset[str]:
+    return frozenset(v.strip().strip("<>").lower() for v in header_values(head, "delivered-to"))
+
+
+def quoted_original(content, size_limit: int) -> bytes:
+    if content.size <= size_limit:
+        return content.read_prefix(content.size)
+    return read_header(content, HEADER_READ_LIMIT)[0]
+
+
+def rfc5322_date(now: float) -> str:
+    return email.utils.format_datetime(datetime.fromtimestamp(now, timezone.utc))

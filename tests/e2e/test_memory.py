@@ -1,0 +1,103 @@
+"""Bounded memory with a real `mailflow serve`: many concurrent big messages keep the server's peak RSS bounded
+(content is spooled as it arrives and streamed to the mailbox), and every message arrives intact.
+
+A load test (marked `load`, ~10-20 s): 30 sessions each send a 10 MB message at once to a local Maildir.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+
+import pytest
+
+from tests.helpers import ServerProcess, eventually, free_port
+
+SESSIONS = 30
+SIZE = 10_000_000  # under the default message_size_limit (10 240 000)
+PEAK_LIMIT = 250 * 1024 * 1024  # bytes of VmHWM; the whole-message code peaked near 1 GB here
+LINE = b"X" * 78 + b"\r\n"
+BLOCK = LINE * 800  # 64 KB of body lines; each chunk is a numbered line, then BLOCK
+CHUNKS = SIZE // (len(BLOCK) + 13)
+
+
+def chunk(message: int, n: int) -> bytes:
+    return b"%04d %06d\r\n" % (message, n) + BLOCK
+
+
+def expected_body_digest(message: int) -> str:
+    """The body as the Maildir file has it (LF line ends)."""
+    digest = hashlib.sha256()
+    block = BLOCK.replace(b"\r\n", b"\n")
+    for n in range(CHUNKS):
+        digest.update(b"%04d %06d\n" % (message, n) + block)
+    return digest.hexdigest()
+
+
+async def expect(reader: asyncio.StreamReader, code: bytes) -> None:
+    while True:
+        line = await asyncio.wait_for(reader.readline(), 60)
+        assert line[:3] == code, line
+        if line[3:4] != b"-":
+            return
+
+
+async def send_big(port: int, message: int) -> None:
+    """One session, one 10 MB message written chunk by chunk (the test holds no message whole either)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        await expect(reader, b"220")
+        for command, code in ((b"EHLO load.test", b"250"), (b"MAIL FROM:<load@remote.test>", b"250"),
+                              (b"RCPT TO:<alice@local.test>", b"250"), (b"DATA", b"354")):
+            writer.write(command + b"\r\n")
+            await expect(reader, code)
+        writer.write(b"Subject: big %d\r\nX-Load-Id: %d\r\n\r\n" % (message, message))
+        for n in range(CHUNKS):
+            writer.write(chunk(message, n))
+            await writer.drain()
+        writer.write(b".\r\n")
+        await expect(reader, b"250")
+        writer.write(b"QUIT\r\n")
+        await writer.drain()
+    finally:
+        writer.close()
+
+
+def peak_rss(pid: int) -> int:
+    status = open(f"/proc/{pid}/status").read()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
+
+
+def delivered_digests(new) -> dict[int, str]:
+    """X-Load-Id -> sha256 of the body, for each Maildir file (read in pieces)."""
+    out = {}
+    for path in new.iterdir():
+        with open(path, "rb") as f:
+            head = b""
+            while b"\n\n" not in head:
+                head += f.read(65536)
+            head, first = head.split(b"\n\n", 1)
+            digest = hashlib.sha256(first)
+            while data := f.read(1 << 20):
+                digest.update(data)
+        out[int(re.search(rb"\nX-Load-Id: (\d+)\n", head).group(1))] = digest.hexdigest()
+    return out
+
+
+@pytest.mark.load
+@pytest.mark.timeout(120)
+async def test_thirty_concurrent_ten_megabyte_messages_keep_the_server_small(tmp_path, write_config):
+    port = free_port()
+    config = write_config(tmp_path / "mailflow.toml", smtpd={"listen": [f"127.0.0.1:{port}"]},
+                          log={"level": "warning"})
+    server = ServerProcess(config, tmp_path / "server.log", port)
+    await server.start()
+    new = tmp_path / "mail" / "alice" / "Maildir" / "new"
+    try:
+        await asyncio.gather(*(send_big(port, i) for i in range(SESSIONS)))
+        assert await eventually(lambda: new.is_dir() and len(list(new.iterdir())) == SESSIONS, timeout=60, step=0.2)
+        peak = peak_rss(server.proc.pid)
+    finally:
+        server.kill()
+    assert delivered_digests(new) == {i: expected_body_digest(i) for i in range(SESSIONS)}
+    assert peak < PEAK_LIMIT, f"peak RSS {peak / 2**20:.0f} MB"
