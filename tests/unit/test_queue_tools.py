@@ -378,8 +378,8 @@ async def test_shape_counts_pending_recipients_only(store):
 def test_show_prints_client_strings_printable(utc):
     hostile = ("0123456789", "deferred", 40, T0 - 300, "s\x1b[2J@x", T0, 1, "c\u2028[192.0.2.9]", "id\x08\u0085",
                "", 0, "7BIT", 0)
-    text = qt.show_text(hostile, [("r\x1b@x", "", "pending", "", "")], b"Subject: \x1b[31mred\r\n\r\nb\x07\tx\r\n",
-                        False, T0)
+    text = show_text(hostile, [("r\x1b@x", "", "pending", "", "")], b"Subject: \x1b[31mred\r\n\r\nb\x07\tx\r\n",
+                     False, T0)
     assert not any(ch in text for ch in "\x1b\x08\x07\u0085\u2028")
     assert "envid=id??" in text and "sender:         s?[2J@x" in text and "Subject: ?[31mred" in text
     assert "b?\tx" in text  # tabs stay
