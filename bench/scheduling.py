@@ -43,7 +43,7 @@ async def one_pass(store: Store, now: float) -> float:
     t0 = time.perf_counter()
     due = await store.due(now, ROOM)
     if due:
-        await store.activate([m.queue_id for m in due])
+        await store.claim([m.queue_id for m in due], now)
     await store.next_due_time()
     elapsed = time.perf_counter() - t0
     if due:  # put them back for the next run

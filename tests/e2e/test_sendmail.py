@@ -21,7 +21,13 @@ VENV_SCRIPT = Path(sys.executable).parent / "mailflow"
 
 @pytest.fixture
 def cfg(tmp_path, write_config):
-    return lambda **settings: write_config(tmp_path / "mailflow.toml", **settings)
+    def make(**settings):
+        queue = tmp_path / "queue"
+        if not queue.exists():  # as on an installed system: the queue directory is there, server or not
+            queue.mkdir()
+        return write_config(tmp_path / "mailflow.toml", **settings)
+
+    return make
 
 
 async def run(config: Path | None, *args: str, stdin: bytes = b"", program: list[str] | None = None,

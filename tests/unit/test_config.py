@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from mailflow.config import Config, QueueConfig, SmtpdConfig, load_config, parse_duration, parse_hostport
+from mailflow.config import (Config, QueueConfig, SmtpdConfig, load_config, parse_duration, parse_hostport,
+                             resolve_paths)
 from mailflow.errors import ConfigError
 
 
@@ -27,10 +28,10 @@ def config_error(path: Path) -> ConfigError:
 
 def test_embedded_defaults():
     c = load_config(None)
-    assert c == Config()
+    assert c == resolve_paths(Config(), Path.cwd())  # relative paths from the current directory, made absolute
+    assert Config().queue_directory == "var"
     assert c.smtpd.listen == ("127.0.0.1:2525",)
-    assert c.queue_directory == "var"
-    assert c.queue_path == Path("var")
+    assert c.queue_path == Path.cwd() / "var"
     assert c.mydestination == ("localhost",)
     assert c.relay_domains == ()
     assert c.relayhost == ""
@@ -40,7 +41,7 @@ def test_embedded_defaults():
 
 
 def test_empty_file_gives_the_defaults(tmp_path):
-    assert load_config(write(tmp_path, "")) == Config()
+    assert load_config(write(tmp_path, "")) == resolve_paths(Config(), tmp_path)
 
 
 def test_load_config_reads_values_and_sections(tmp_path):

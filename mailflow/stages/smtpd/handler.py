@@ -1,6 +1,9 @@
 """smtpd's policy: the aiosmtpd hooks that decide what a client may do, and the hand-over to cleanup.
 
-MAIL checks sender syntax. RCPT checks the recipient limit (452 4.5.3), syntax and SMTPUTF8, then runs the
+MAIL checks sender syntax, then the queue's free space (Postfix smtpd_check_size): `452 4.3.1 Insufficient
+system storage` below max(queue_minfree, 1.5 x message_size_limit), or when a SIZE= parameter would not leave
+that much or is more than half of what is free; it is asked at every MAIL, so mail is accepted again as soon as
+space returns. RCPT checks the recipient limit (452 4.5.3), syntax and SMTPUTF8, then runs the
 restriction lists of this handler's `config.smtpd` (`restrictions.py`: client, helo, sender, relay,
 recipient, then the implied reject_unlisted_recipient), then asks the routing tables (451 4.3.0 when one
 cannot answer). With the defaults this is today's rule set: relaying only for mynetworks and authenticated
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from typing import Callable
 
 from aiosmtpd.smtp import Envelope as SmtpEnvelope, Session
 
@@ -41,8 +45,10 @@ class SmtpdHandler:
     reject_unknown_recipient_domain and reject_rbl_client; without one those restrictions have no opinion."""
 
     def __init__(self, config: Config, rewriter: Rewriter, mapper: AddressMapper, cleanup, *,
-                 resolver=None, tables: TableCache | None = None):
+                 resolver=None, tables: TableCache | None = None, free_space: Callable[[], int] | None = None):
+        """`free_space()`: bytes free for the queue (None: no space check)."""
         self._config = config
+        self._free_space = free_space
         self._rewriter = rewriter
         self._mapper = mapper
         self._cleanup = cleanup
@@ -66,9 +72,21 @@ class SmtpdHandler:
                 return str(status.bad_sender_syntax(sender))
             if address.is_utf8(sender) and "SMTPUTF8" not in options:
                 return str(status.SMTPUTF8_REQUIRED)
+        if self._short_of_space(_declared_size(options)):
+            return str(status.INSUFFICIENT_STORAGE)
         envelope.mail_from = addr
         envelope.mail_options.extend(options)
         return str(status.SENDER_OK)
+
+    def _short_of_space(self, declared: int) -> bool:
+        if self._free_space is None:
+            return False
+        try:
+            free = self._free_space()
+        except OSError as e:  # cannot tell: the commit will say whether the disk works
+            log.warning("smtpd: cannot read the queue's free space: %s", e)
+            return False
+        return short_of_space(free, self._config.queue.queue_minfree, self._config.smtpd.message_size_limit, declared)
 
     async def handle_RCPT(self, server, session: Session, envelope: SmtpEnvelope, addr: str, options: list[str]):
         reply = await self.check_recipient(session, envelope, addr)
@@ -203,6 +221,13 @@ class SmtpdHandler:
         return ClientInfo(addr=host, port=port, helo=session.host_name or "",
                           protocol="ESMTP" if session.extended_smtp else "SMTP",
                           hostname=getattr(session, "client_name", "unknown"))  # XCLIENT NAME, else unknown
+
+
+def short_of_space(free: int, minfree: int, size_limit: int, declared: int) -> bool:
+    """Postfix's rule: at least max(queue_minfree, 1.5 x message_size_limit) must stay free, after a declared
+    SIZE too, and a declared SIZE may take at most half of what is free."""
+    required = max(minfree, size_limit * 3 // 2)
+    return free <= required or declared >= free - required or declared >= free / 2
 
 
 def _declared_size(options: list[str]) -> int:
