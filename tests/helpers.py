@@ -5,15 +5,24 @@
   answers nothing. `merged(base, overrides)` overlays settings; `to_toml(settings)` writes them as TOML.
 - `send(port, sender, rcpts, content)` speaks SMTP with aiosmtplib and returns (refused, final reply).
 - `eventually(pred)`, `queue_becomes(store, counts)`: bounded polling. `maildir_messages(dir)`, `free_port()`.
+- `ServerProcess(config, log, port)`: `mailflow serve` as a child process (start, terminate, kill, CPU seconds);
+  `queue_counts(db)` reads a queue database read-only beside it; `stall_mail(peer)` makes a capturing peer hold
+  every MAIL command until the returned event is set (a slow destination).
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socket
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import aiosmtplib
+import pytest
 
 
 def base_settings(tmp_path: Path) -> dict:
@@ -98,3 +107,79 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m mailflow serve -c CONFIG` as a child process, its output appended to `log_path`."""
+
+    def __init__(self, config_path, log_path, port: int, cwd: Path | None = None):
+        self.config_path, self.log_path, self.port = config_path, log_path, port
+        self.cwd = cwd or Path.cwd()
+        self.proc: subprocess.Popen | None = None
+
+    async def start(self) -> None:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "mailflow", "serve", "-c", str(self.config_path)],
+                                     stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd,
+                                     env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        log.close()
+        if not await eventually(self._listening, timeout=15, step=0.05):
+            self.kill()
+            pytest.fail(f"server did not listen on {self.port}:\n{self.log_path.read_text()[-2000:]}")
+
+    def _listening(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    async def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM, then wait (without blocking the loop) for the exit; returns the exit status."""
+        self.proc.send_signal(signal.SIGTERM)
+        await eventually(lambda: self.proc.poll() is not None, timeout=timeout, step=0.05)
+        if self.proc.poll() is None:
+            self.kill()
+            pytest.fail(f"server did not stop within {timeout}s of SIGTERM")
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the running server."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def log_lines(self, *words: str) -> list[str]:
+        """Lines of the server's output holding every one of `words`."""
+        return [line for line in self.log_path.read_text(errors="replace").splitlines()
+                if all(w in line for w in words)]
+
+
+def queue_counts(db: Path) -> dict:
+    """{queue: messages} of a queue database, read-only beside a running server."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        return dict(con.execute("SELECT queue, count(*) FROM message GROUP BY queue").fetchall())
+    finally:
+        con.close()
+
+
+def stall_mail(peer) -> asyncio.Event:
+    """Make `peer` (tests.conftest.CapturePeer) hold each MAIL until the event is set; `peer.stalled` counts
+    the MAIL commands that waited."""
+    gate = asyncio.Event()
+    handler = peer.handler
+    handler.stalled = 0
+    answer = type(handler).handle_MAIL
+
+    async def held(server, session, envelope, address, options):
+        handler.stalled += 1
+        await gate.wait()
+        return await answer(handler, server, session, envelope, address, options)
+
+    handler.handle_MAIL = held
+    return gate

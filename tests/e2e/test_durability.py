@@ -1,49 +1,16 @@
-"""Durability with a real process: what got 250 survives SIGKILL; what was recorded delivered is not resent."""
+"""Durability with a real process: what got 250 survives SIGKILL; what was recorded delivered is not resent; a stop
+or a crash while one destination is slow repeats no delivery that had finished, and each is in the log once."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
 import sqlite3
-import subprocess
-import sys
 import uuid
 
 import pytest
 
-from tests.helpers import eventually, free_port, send
+from tests.helpers import ServerProcess, eventually, free_port, maildir_messages, send, stall_mail
 
 MESSAGES = 5
-
-
-class ServerProcess:
-    """`python -m mailflow serve -c CONFIG` as a child process, killed with SIGKILL on demand."""
-
-    def __init__(self, config_path, log_path, port: int):
-        self.config_path, self.log_path, self.port = config_path, log_path, port
-        self.proc: subprocess.Popen | None = None
-
-    async def start(self) -> None:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "mailflow", "serve", "-c", str(self.config_path)],
-                                     stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
-        log.close()
-        if not await eventually(self._listening, timeout=15, step=0.05):
-            self.kill()
-            pytest.fail(f"server did not listen on {self.port}:\n{self.log_path.read_text()[-2000:]}")
-
-    def _listening(self) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-            return True
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
 
 
 @pytest.fixture
@@ -105,3 +72,46 @@ async def test_mail_recorded_as_delivered_is_not_sent_again_after_sigkill(server
     await asyncio.sleep(2.5)  # more than a queue run (1 s) and a retry (1-2 s): time enough to resend
     assert len(peer.messages) == 1
     assert queued_rows(db) == 0
+
+
+# ---------------------------------------------------------------------------------------------- a slow destination
+
+
+async def split_message_half_delivered(server, smtp_peer, tmp_path):
+    """One message to a local user and to a relay destination that stalls at MAIL: the local copy is delivered,
+    the relayed one hangs. Returns (server, peer, gate, inbox)."""
+    peer = await smtp_peer()
+    gate = stall_mail(peer)
+    srv = server(relayhost=f"[127.0.0.1]:{peer.port}")
+    await srv.start()
+    _, reply = await send(srv.port, "s@remote.test", ["alice@local.test", "far@relay.test"], message("split"))
+    assert reply.startswith("2.0.0 Ok: queued as")
+    inbox = tmp_path / "mail" / "alice" / "Maildir"
+    assert await eventually(lambda: maildir_messages(inbox) and peer.handler.stalled, timeout=10)
+    # the local delivery is recorded (and logged) when its job ends, not when the slow one does
+    await eventually(lambda: srv.log_lines("to=<alice@local.test>", "status=sent"), timeout=5)
+    return srv, peer, gate, inbox
+
+
+async def after_restart_each_recipient_once(srv, peer, gate, inbox, tmp_path) -> None:
+    gate.set()  # the destination answers again
+    await srv.start()
+    assert await eventually(lambda: peer.messages, timeout=15)
+    db = tmp_path / "queue" / "queue.db"
+    assert await eventually(lambda: queued_rows(db) == 0, timeout=15)
+    assert len(maildir_messages(inbox)) == 1, "the local copy was delivered again after the restart"
+    assert [m.rcpt_tos for m in peer.messages] == [["far@relay.test"]]
+    assert len(srv.log_lines("to=<alice@local.test>", "status=sent")) == 1, "the first delivery is in the log, once"
+    assert len(srv.log_lines("to=<far@relay.test>", "status=sent")) == 1
+
+
+async def test_sigterm_while_a_destination_is_slow_repeats_no_finished_delivery(server, smtp_peer, tmp_path):
+    srv, peer, gate, inbox = await split_message_half_delivered(server, smtp_peer, tmp_path)
+    assert await srv.terminate() == 0  # the slow delivery is cut off after the grace period
+    await after_restart_each_recipient_once(srv, peer, gate, inbox, tmp_path)
+
+
+async def test_sigkill_while_a_destination_is_slow_repeats_no_finished_delivery(server, smtp_peer, tmp_path):
+    srv, peer, gate, inbox = await split_message_half_delivered(server, smtp_peer, tmp_path)
+    srv.kill()
+    await after_restart_each_recipient_once(srv, peer, gate, inbox, tmp_path)

@@ -110,12 +110,13 @@ class QueueManager:
         self._loop_task: asyncio.Task | None = None
         self._stopping = False
         first, cap = backoff
-        self._writes = Retrier(clock, log, "qmgr: recording delivery results", shared=store_fault,
+        logger = logging.getLogger("mailflow.qmgr")  # (`log` here is the mail log)
+        self._writes = Retrier(clock, logger, "qmgr: recording delivery results", shared=store_fault,
                                first=first, cap=cap)
-        self._poll = Guard("qmgr: reading operator changes", clock, log, first=first, cap=cap)
-        self._publish = Guard("qmgr: writing the destination snapshot", clock, log, first=first, cap=cap)
-        self._scanning = Guard("qmgr: queue scan", clock, log, first=first, cap=cap)
-        self._maintenance = Guard("qmgr: store maintenance", clock, log, first=first, cap=cap)
+        self._poll = Guard("qmgr: reading operator changes", clock, logger, first=first, cap=cap)
+        self._publish = Guard("qmgr: writing the destination snapshot", clock, logger, first=first, cap=cap)
+        self._scanning = Guard("qmgr: queue scan", clock, logger, first=first, cap=cap)
+        self._maintenance = Guard("qmgr: store maintenance", clock, logger, first=first, cap=cap)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
