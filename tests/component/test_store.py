@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+from pathlib import Path
 
 import aiosqlite
 import pytest
@@ -472,3 +473,104 @@ async def test_due_alternates_new_and_deferred_mail(store):
     assert [m.queue_id for m in await store.due(T0 + 10, 4)] == ["NEW0", "OLD0", "NEW1", "OLD1"]
 
 
+
+
+# ---------------------------------------------------------------------------------------------- faults, space, schema
+
+
+async def test_a_failed_write_reports_sqlites_own_error_not_the_rollback(store):
+    """SQLite rolls a transaction back itself after some errors (SQLITE_FULL at commit, I/O errors); a second
+    ROLLBACK must not replace the real reason with "cannot rollback - no transaction is active"."""
+    store._writer._con.execute("CREATE TEMP TRIGGER full BEFORE INSERT ON message"
+                               " BEGIN SELECT RAISE(ROLLBACK, 'database or disk is full'); END")
+    with pytest.raises(sqlite3.Error, match="database or disk is full"):
+        await store.insert(new("Q1"))
+    store._writer._con.execute("DROP TRIGGER full")
+    await store.insert(new("Q2"))  # the connection is usable afterwards
+    assert await store.counts() == {"incoming": 1}
+
+
+async def test_a_store_fault_fails_a_whole_batch_at_once(tmp_path):
+    """Locked by another process: every request of the batch gets the error after one wait, not one wait each."""
+    path = tmp_path / "queue.db"
+    store = await Store.open(path, busy_timeout=0.2)
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        outcomes = await asyncio.gather(*(store.insert(new(f"Q{i}")) for i in range(20)), return_exceptions=True)
+        assert all(isinstance(o, sqlite3.OperationalError) and "locked" in str(o) for o in outcomes)
+        assert loop.time() - started < 1.5  # 20 requests retried one by one would wait 20 x 0.2 s
+        holder.execute("COMMIT")
+        await store.insert(new("AFTER"))
+    finally:
+        holder.close()
+        await store.close()
+
+
+async def test_maintain_gives_the_space_of_a_drained_burst_back(tmp_path):
+    path = tmp_path / "queue.db"
+    store = await Store.open(path, owner=True)
+    try:
+        big = b"Subject: burst\r\n\r\n" + b"x" * 8000 + b"\r\n"
+        await store.insert_many([new(f"B{i:04d}", content=big) for i in range(1500)])
+        full = path.stat().st_size
+        assert full > 10_000_000
+        await store.delete_messages([f"B{i:04d}" for i in range(1500)])
+        assert path.stat().st_size == full  # deleting alone gives nothing back
+        freed = 0
+        for _ in range(10):
+            step = await store.maintain()
+            freed += step
+            if not step:
+                break
+        assert freed > 2000
+        assert path.stat().st_size < full / 5
+        assert Path(f"{path}-wal").stat().st_size < 1_000_000  # the WAL truncated too
+        assert await store.maintain() == 0  # nothing more to do: a cheap check
+        await store.insert(new("AFTER"))
+        assert await store.counts() == {"incoming": 1}
+    finally:
+        await store.close()
+
+
+V1_SCHEMA = """
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+INSERT INTO schema_version VALUES (1);
+CREATE TABLE message (id TEXT PRIMARY KEY, queue TEXT NOT NULL DEFAULT 'incoming'
+    CHECK (queue IN ('incoming', 'active', 'deferred', 'hold', 'corrupt')), sender TEXT NOT NULL,
+    arrival REAL NOT NULL, next_attempt REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, size INTEGER NOT NULL,
+    smtputf8 INTEGER NOT NULL DEFAULT 0, body_type TEXT NOT NULL DEFAULT '7BIT', client TEXT NOT NULL DEFAULT '',
+    envid TEXT NOT NULL DEFAULT '', ret TEXT NOT NULL DEFAULT '', warned INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
+CREATE INDEX message_due ON message (queue, next_attempt);
+CREATE TABLE recipient (message_id TEXT NOT NULL, idx INTEGER NOT NULL, address TEXT NOT NULL,
+    original TEXT NOT NULL, notify TEXT NOT NULL DEFAULT '', orcpt TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'bounced')),
+    dsn TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '', PRIMARY KEY (message_id, idx)) WITHOUT ROWID;
+CREATE TABLE content (message_id TEXT PRIMARY KEY, data BLOB NOT NULL);
+INSERT INTO message (id, queue, sender, arrival, next_attempt, size) VALUES ('OLD1', 'active', 'a@remote.test', 1, 1, 6);
+INSERT INTO recipient (message_id, idx, address, original, status) VALUES ('OLD1', 0, 'x@example.test', 'x@example.test', 'sent');
+INSERT INTO recipient (message_id, idx, address, original) VALUES ('OLD1', 1, 'y@example.test', 'y@example.test');
+INSERT INTO content VALUES ('OLD1', x'0d0a78790d0a');
+"""
+
+
+async def test_a_queue_made_by_the_previous_version_is_migrated_and_converted(tmp_path):
+    path = tmp_path / "queue.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(V1_SCHEMA)
+    store = await Store.open(path, owner=True)
+    try:
+        assert await store.recover() == 1
+        [msg] = await store.due(T0, 10)
+        assert (msg.queue_id, msg.recipients, msg.owed) == ("OLD1", (Recipient(1, "y@example.test", "y@example.test"),), ())
+        await store.claim(["OLD1"], T0)
+        await record(store, msg, result(msg, 1, Outcome.BOUNCED), owed=True)
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+        assert db.execute("PRAGMA auto_vacuum").fetchone() == (2,)  # rebuilt once for incremental vacuum
+        assert db.execute("SELECT status, notice FROM recipient ORDER BY idx").fetchall() == [("sent", 0),
+                                                                                            ("bounced", 1)]
