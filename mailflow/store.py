@@ -109,8 +109,7 @@ class _Writer:
             con.execute(f"PRAGMA journal_size_limit = {WAL_KEEP}")
             _migrate(con)
             if owner and con.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
-                log.info("store: converting %s to incremental vacuum (once)", self._path)
-                con.execute("VACUUM")  # a queue made before auto_vacuum: rebuilt once, by its server
+                _convert_to_incremental_vacuum(con, self._path)
         except BaseException:
             con.close()
             raise
@@ -151,6 +150,16 @@ class _Writer:
 
     def shutdown(self) -> None:
         self._thread.shutdown(wait=True)
+
+
+def _convert_to_incremental_vacuum(con: sqlite3.Connection, path: Path) -> None:
+    """A queue made before auto_vacuum is rebuilt once, by its server. It needs about the file's size free: when
+    that fails (a full disk) the server starts anyway and tries again at its next start."""
+    log.info("store: converting %s to incremental vacuum (once)", path)
+    try:
+        con.execute("VACUUM")
+    except sqlite3.OperationalError as e:
+        log.warning("store: %s stays without incremental vacuum for now: %s", path, e)
 
 
 def _claim(con: sqlite3.Connection, ids: list[QueueId], now: float) -> list[QueueId]:

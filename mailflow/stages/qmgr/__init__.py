@@ -390,9 +390,7 @@ class QueueManager:
             self._log.result(msg.queue_id, result, now - msg.arrival)
         active.attempt.extend(results)
         active.owed.extend(r for r, owed in rows if owed)
-        if active.jobs_left == 0 and active.recording == 0 and not active.finishing:
-            active.finishing = True
-            self._spawn(self._finish(active, []))
+        self._results_in(active, [])  # the last record of a finished attempt ends it
 
     # -- the end of an attempt ------------------------------------------------------------------------
     async def _finish(self, active: ActiveMessage, last: list[RcptResult]) -> None:
