@@ -108,10 +108,11 @@ async def test_sendmail_from_another_directory_with_a_relative_queue_directory_r
 LOCK_SECONDS = 45.0
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(LOCK_SECONDS + 25)  # the one deliberately long test: the lock, then at most a backoff cap
 async def test_the_queue_locked_by_another_process_for_45s_loses_and_repeats_nothing(servers, smtp_peer, tmp_path):
-    """A deliberate long fault (about a minute): results wait in memory while another process holds the database
-    lock, the server keeps answering, and they are recorded once the lock goes; nothing is delivered twice."""
+    """A deliberate long fault (about 47 s): results wait in memory while another process holds the database
+    lock, the server keeps answering, and they are recorded once the lock goes; nothing is delivered twice.
+    (tests/component/test_qmgr_faults.py has the short variant, with injected timeouts.)"""
     peer = await smtp_peer()
     gate = stall_mail(peer)
     port = free_port()
@@ -143,8 +144,8 @@ async def test_the_queue_locked_by_another_process_for_45s_loses_and_repeats_not
         holder.close()
     unlocked_at = time.monotonic()
 
-    assert await eventually(lambda: queue_counts(db) == {}, timeout=20), "the results were never recorded"
-    assert time.monotonic() - unlocked_at < 20
+    assert await eventually(lambda: queue_counts(db) == {}, timeout=15), "the results were never recorded"
+    assert time.monotonic() - unlocked_at < 12  # within a retry interval (10 s cap) of the lock going
     assert sorted(m.rcpt_tos[0] for m in peer.messages) == ["r0@relay.test", "r1@relay.test", "r2@relay.test"]
     assert len(maildir_messages(tmp_path / "mail" / "alice" / "Maildir")) == 3
     for n in range(3):
@@ -227,6 +228,7 @@ async def test_a_full_queue_file_system_slows_down_refuses_mail_and_recovers(sma
     assert await eventually(lambda: len(peer.messages) == 3, timeout=10)
     await asyncio.sleep(4)  # the fault lasts: the server must wait, not spin
     cpu_used, logged = srv.cpu_seconds() - cpu, srv.log_path.stat().st_size - log_size
+    print(f"\nfull disk: {cpu_used:.2f} s CPU and {logged} bytes of log in 4 s")
     assert cpu_used < 1.0, f"{cpu_used:.2f} s of CPU in 4 s of a full disk"
     assert logged < 16_000, f"{logged} bytes of log in 4 s of a full disk"
     assert "database or disk is full" in srv.log_path.read_text()
