@@ -147,8 +147,8 @@ class Retrier:
 
     async def run(self, op: Callable[[], Awaitable[T]], what: str = "") -> T:
         """`op()`'s result, once it succeeds. `what` names this caller in its own failures' log lines."""
-        own = Backoff(self._first, self._cap)  # for errors of this caller alone
-        own_log = FailureLog(self._logger, what or self._log_what, self._clock)
+        own: Backoff | None = None  # for errors of this caller alone (made on the first one: the usual call has none)
+        own_log: FailureLog | None = None
         while True:
             probing = not self._healthy
             try:
@@ -164,12 +164,16 @@ class Retrier:
                     continue
                 if probing:  # the store answered: only this caller has a problem
                     self._store_recovered()
+                if own is None:
+                    own = Backoff(self._first, self._cap)
+                    own_log = FailureLog(self._logger, what or self._log_what, self._clock)
                 own_log.failed(e)
                 await self._clock.sleep(own.failed())
                 continue
             if probing:
                 self._store_recovered()
-            own_log.succeeded()
+            if own_log is not None:
+                own_log.succeeded()
             return result
 
     async def _probe_once(self, op: Callable[[], Awaitable[T]]) -> T:

@@ -390,20 +390,23 @@ class Store:
         message becomes `deferred`.
         """
         qid = done.queue_id
-        ops: list[_Op] = [
-            _record_op(qid, [(r, False) for r in results]),  # first: the statements below see these rows
-            ("UPDATE recipient SET status = 'bounced', dsn = ?, reason = ?, relay = ?, notice = 0"
-             " WHERE message_id = ? AND idx = ? AND status = 'pending'",
-             [(r.dsn, r.text, r.relay, qid, r.recipient.index) for r in done.expired]),
-            ("UPDATE recipient SET notice = 0 WHERE message_id = ? AND idx = ?", [(qid, i) for i in done.noticed]),
-        ]
+        ops: list[_Op] = [_record_op(qid, [(r, False) for r in results])]  # first: the statements below see these
+        if done.expired:
+            ops.append(("UPDATE recipient SET status = 'bounced', dsn = ?, reason = ?, relay = ?, notice = 0"
+                        " WHERE message_id = ? AND idx = ? AND status = 'pending'",
+                        [(r.dsn, r.text, r.relay, qid, r.recipient.index) for r in done.expired]))
+        if done.noticed:
+            ops.append(("UPDATE recipient SET notice = 0 WHERE message_id = ? AND idx = ?",
+                        [(qid, i) for i in done.noticed]))
         if done.next_attempt is None:
             ops += _remove_ops([(qid,)])
         else:
             ops.append(("UPDATE message SET queue = 'deferred', next_attempt = ?, attempts = attempts + 1,"
                         " warned = max(warned, ?) WHERE id = ? AND queue = 'active'",
                         [(done.next_attempt, int(done.warned), qid)]))
-        await self._committer.write([*ops, *_insert_ops(notices)])
+        if notices:
+            ops += _insert_ops(notices)
+        await self._committer.write(ops)
 
     async def mark_corrupt(self, ids: Sequence[QueueId]) -> None:
         await self._committer.write([("UPDATE message SET queue = 'corrupt' WHERE id = ?", [(i,) for i in ids])])

@@ -460,10 +460,13 @@ class QueueManager:
             self._log.removed(msg.queue_id)
 
 
+_NOTICE_KIND = {Outcome.SENT: "success", Outcome.BOUNCED: "failure"}
+
+
 def _owes_notice(result: RcptResult) -> bool:
     """A recipient sent or bounced now whose NOTIFY asks for a notice of that: its row keeps a flag until the
     end of the attempt queues the notice."""
-    kind = {Outcome.SENT: "success", Outcome.BOUNCED: "failure"}.get(result.outcome)
+    kind = _NOTICE_KIND.get(result.outcome)
     return kind is not None and wants_notice(result.recipient, kind)
 
 
