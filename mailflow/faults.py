@@ -10,7 +10,7 @@ What it owns: how long a failing piece of work waits before its next try, and ho
 - `Guard(what, clock, logger)`: one periodic chore of a loop (a scan, a poll, a snapshot). `await run(fn)`
   calls `fn()` unless the chore is backing off after a failure (then it does nothing and returns False);
   a failure is caught, logged through a FailureLog and backs the chore off. `resume_at` is when it is tried
-  again, for the loop's sleep.
+  again, for the loop's sleep; `retry_now()` ends the wait early (evidence that the fault is over).
 - `Retrier(clock, logger, shared)`: `await run(op, what)` calls `op()` until it succeeds, waiting a backoff
   between tries; for results that must be written and must not be given up (qmgr's records). An error that
   `shared(error)` calls a fault of the whole store (locked, disk full, I/O) puts every caller behind one probe:
@@ -106,6 +106,10 @@ class Guard:
     @property
     def backing_off(self) -> bool:
         return self.log.failing and self._clock.time() < self.resume_at
+
+    def retry_now(self) -> None:
+        """Something showed the fault may be over (the store just took a commit): the next run tries."""
+        self.resume_at = 0.0
 
     async def run(self, fn: Callable[[], Awaitable[object]]) -> bool:
         """True when `fn` ran and succeeded."""

@@ -38,7 +38,8 @@ Failure behaviour
   message stays in qmgr's hands, so nothing is forgotten and nothing is delivered again because a write failed.
   A store fault (locked, disk full, I/O) puts every record behind one probe per backoff interval.
 - Each chore of the loop (the operator poll, the destination snapshot, the scan, maintenance) backs off on its
-  own after a failure (`faults.Guard`, 0.5 s doubling to 10 s) and is logged once per minute with a count.
+  own after a failure (`faults.Guard`, 0.5 s doubling to 10 s) and is logged once per minute with a count. Only
+  `wake()` (new mail committed: the store takes writes again) ends that wait early; internal wake-ups do not.
 - At stop, deliveries in flight get the grace period; those cut off stay pending (their messages stay active and
   are taken again after the next start); results already back are recorded before the store closes.
 - The wake-up event carries no state: a lost wake-up costs at most one tick.
@@ -154,7 +155,10 @@ class QueueManager:
             await asyncio.wait(set(self._tasks), timeout=deadline - loop.time())
 
     def wake(self) -> None:
-        """New mail is queued, or room was freed: scan soon. Carries no state."""
+        """New mail is queued: scan soon. Carries no state, but says the store took a commit, so a chore backing
+        off after a store fault is tried again now rather than at the end of its backoff."""
+        for guard in (self._poll, self._publish, self._scanning):
+            guard.retry_now()
         self._wakeup.set()
 
     @property
@@ -206,7 +210,7 @@ class QueueManager:
             await self._withdraw_taken_back()
             self._generation = generation
             self._next_scan = self._clock.time()
-            self.wake()
+            self._wakeup.set()
         flushes = await self._store.flush_requests()
         if flushes != self._flushes:  # `mailflow queue flush`: like postqueue -f, dead sites get another try
             self._flushes = flushes
@@ -406,7 +410,7 @@ class QueueManager:
                 await self._conclude(active, last)
         finally:
             self._active.pop(msg.queue_id, None)
-            self.wake()  # room for another message
+            self._wakeup.set()  # room for another message
 
     async def _conclude(self, active: ActiveMessage, last: list[RcptResult]) -> None:
         """Defer or remove the message, and queue the notices its results owe, in one transaction."""
