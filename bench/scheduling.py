@@ -2,7 +2,7 @@
 """How long one qmgr scheduling pass takes as the queue grows (it should stay nearly flat: index range
 scans, never a full scan).
 
-A pass is what `QueueManager._scan` asks of the store: `due(now, room)`, `activate(ids)` for what it got,
+A pass is what `QueueManager._scan` asks of the store: `due(now, room)`, `claim(ids, now)` for what it got,
 and `next_due_time()`. Measured for N queued messages, N = 1 000, 10 000, 100 000, in two shapes:
 - "all due": N incoming messages, the pass takes the first `room` (1 000) of them;
 - "none due": N deferred messages whose retry time is in the future, the pass finds nothing to do.
@@ -44,7 +44,7 @@ async def one_pass(store: Store, now: float) -> float:
     t0 = time.perf_counter()
     due = await store.due(now, ROOM)
     if due:
-        await store.activate([m.queue_id for m in due])
+        await store.claim([m.queue_id for m in due], now)
     await store.next_due_time()
     elapsed = time.perf_counter() - t0
     if due:  # put them back for the next run

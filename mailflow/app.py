@@ -1,8 +1,12 @@
 """Mailflow: builds the store, resolver, stages and transports from a Config, and runs them.
 
-    async with Mailflow(config) as mf:      # start(): open the store, recover, start qmgr, then listen
+    async with Mailflow(config) as mf:      # start(): lock the queue, open the store, recover, start qmgr, listen
         host, port = mf.smtp_addresses[0]   # port 0 in the config gives an ephemeral port
-    # stop(): close the listeners and pickup, drain sessions, let deliveries finish (grace), flush the store
+    # stop(): close the listeners and pickup, drain sessions, let deliveries finish (grace), flush the store,
+    # unlock the queue
+
+One server per queue: start() takes the queue's lock (queuelock.py) before anything touches the store, and
+raises `QueueBusy` naming the running server's pid when another one holds it.
 
 The clock, RNG, resolver and transports can be injected (tests pass fakes or local peers); nothing is
 global, so several instances can run in one process. `serve(config)` runs one until SIGTERM/SIGINT or
@@ -16,6 +20,7 @@ import ctypes
 import ctypes.util
 import logging
 import random
+import shutil
 import signal
 
 from mailflow.clock import Clock, SystemClock
@@ -27,6 +32,7 @@ from mailflow.stages.pickup import Pickup
 from mailflow.stages.qmgr import QueueManager
 from mailflow.stages.qmgr.notices import Notices
 from mailflow.model import ClientInfo, DeliveryRequest, Envelope, Recipient, Submission
+from mailflow.queuelock import QueueLock
 from mailflow.stages.routing import Router
 from mailflow.stages.smtpd import Smtpd, SmtpdHandler
 from mailflow.store import Store
@@ -61,15 +67,17 @@ class Mailflow:
         self._transports = transports
         self._grace = shutdown_grace
         self.store: Store | None = None
+        self._lock: QueueLock | None = None
         self.qmgr: QueueManager | None = None
         self.smtpd: Smtpd | None = None
         self.pickup: Pickup | None = None
 
     async def start(self) -> None:
         c = self.config
-        self.store = await Store.open(c.queue_path / "queue.db", batch_limit=c.queue.commit_batch_limit,
-                                      backlog_limit=c.queue.incoming_backlog_limit)
+        self._lock = QueueLock.acquire(c.queue_path)  # before the store: a second server touches nothing
         try:
+            self.store = await Store.open(c.queue_path / "queue.db", batch_limit=c.queue.commit_batch_limit,
+                                          backlog_limit=c.queue.incoming_backlog_limit, owner=True)
             await self.store.sweep()  # spool files a crash left behind; nothing is being received yet
             await self._start_stages()
         except BaseException:
@@ -96,8 +104,10 @@ class Mailflow:
                              size_limit=c.smtpd.message_size_limit)
         await self.pickup.start()
         resolver = self._dns_resolver()
+        free_space = lambda: shutil.disk_usage(c.queue_path).free  # noqa: E731 (asked at every MAIL)
         self.smtpd = Smtpd(c, lambda listener_config: SmtpdHandler(listener_config, router.rewriter, router.mapper,
-                                                                    cleanup, resolver=resolver), clock=self.clock)
+                                                                    cleanup, resolver=resolver, free_space=free_space),
+                           clock=self.clock)
         await self.smtpd.start()
 
     def _wake_qmgr(self) -> None:
@@ -136,6 +146,9 @@ class Mailflow:
         if self.store:
             await self.store.close()
             self.store = None
+        if self._lock:
+            self._lock.release()
+            self._lock = None
 
     def reload(self) -> None:
         """What SIGHUP does: smtpd re-reads its certificates (new sessions use them)."""

@@ -1,7 +1,8 @@
 """The command line: `mailflow serve | check-config | version | queue … | mailq`. No logic of its own.
 
 Configuration comes from `--config FILE`, else `$MAILFLOW_CONFIG`, else the embedded defaults. A bad
-configuration prints `mailflow: FILE: KEY: REASON` and exits 2; never a traceback.
+configuration prints `mailflow: FILE: KEY: REASON` and exits 2; never a traceback. `serve` exits 1 when it cannot
+start: a listen address taken, or another server running on the same queue (named by its pid).
 
 `mailflow queue …` (list, show, flush, hold, release, requeue, delete, shape, destinations) opens the queue
 database the configuration names directly, whether or not `serve` runs; the work is in queue_tools.py.
@@ -47,6 +48,7 @@ def serve(config: Optional[str] = ConfigOption) -> None:
     """Run the mail server until SIGTERM or SIGINT."""
     from mailflow.app import serve as run
     from mailflow.logs import setup_logging
+    from mailflow.queuelock import QueueBusy
 
     cfg = _load(config)
     try:
@@ -56,6 +58,9 @@ def serve(config: Optional[str] = ConfigOption) -> None:
         raise typer.Exit(2)
     try:
         asyncio.run(run(cfg))
+    except QueueBusy as e:  # another server owns this queue: it was left untouched
+        typer.echo(f"mailflow: cannot start: {e}", err=True)
+        raise typer.Exit(1)
     except ConfigError as e:  # found while building the stages (e.g. a lookup table spec)
         where = config or os.environ.get("MAILFLOW_CONFIG") or "built-in defaults"
         typer.echo(f"mailflow: {where}: {e.key}: {e.reason}" if not e.file else f"mailflow: {e}", err=True)
@@ -95,7 +100,7 @@ def listener_summary(cfg: Config) -> list[tuple[str, int, str]]:
 
 def _table_problems(cfg) -> list[str]:
     """`setting: reason` for each file-backed table (texthash, regexp, sqlite) that cannot answer now."""
-    from mailflow.config import flat_settings
+    from mailflow.config import FILE_TABLE_TYPES, flat_settings
     from mailflow.errors import LookupRetry
     from mailflow.tables import open_table
 
@@ -104,7 +109,7 @@ def _table_problems(cfg) -> list[str]:
         if not key.endswith("_maps"):
             continue
         for spec in specs:
-            if spec.partition(":")[0].strip().lower() not in ("texthash", "regexp", "sqlite"):
+            if spec.partition(":")[0].strip().lower() not in FILE_TABLE_TYPES:
                 continue
             try:
                 open_table(spec, aliases=key == "alias_maps").lookup("mailflow-check-config-probe")

@@ -5,7 +5,14 @@
 Postfix's main.cf where Postfix has the setting (`mydestination`, `relayhost`, `maximal_backoff_time`, …).
 
 Durations accept seconds as a number or a string with a unit: "30s", "5m", "1h", "5d", "1w".
-Relative paths are taken from the directory the server is started in.
+
+Relative paths: every relative path in a configuration file, written or a default, is taken from that file's
+directory, so `mailflow serve`, `mailflow sendmail` and the queue tools agree whatever directory they run in.
+Without a file (the embedded defaults), from the current directory. `load_config` returns the paths absolute
+(`resolve_paths`). Which settings are paths is told by their names: `*_file`, `*_directory`, `*_base` and
+`directory` name files or directories; the items of `*_maps`, `authorized_submit_users` and `*_restrictions`
+that are file-backed tables (`texthash:`, `regexp:`, `sqlite:`) name files; listener overrides follow the same
+rule. `local.home_mailbox` is relative to each user's home, not to the file.
 """
 from __future__ import annotations
 
@@ -16,8 +23,8 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from mailflow.address import normalise_domain
 
@@ -392,6 +399,10 @@ class QueueConfig(_Section):
     transport_concurrency_limit: dict[str, Annotated[int, Field(ge=1)]] = {}
     commit_batch_limit: int = Field(500, ge=1)
     incoming_backlog_limit: int = Field(5000, ge=1)
+    # Bytes of free space the queue's file system must keep (Postfix queue_minfree): smtpd answers MAIL with
+    # 452 4.3.1 below max(queue_minfree, 1.5 x smtpd.message_size_limit), or when a SIZE= parameter would not
+    # leave that much or is more than half the free space.
+    queue_minfree: int = Field(0, ge=0)
 
     @field_validator("maximal_backoff_time")
     @classmethod
@@ -581,6 +592,8 @@ class Config(_Section):
     sendmail: SendmailConfig = SendmailConfig()
     # Delivery to commands: [pipe.NAME] tables (PipeService), each a transport named NAME.
     pipe: dict[str, PipeService] = {}
+    # The directory relative paths were taken from (None: as written); set by resolve_paths.
+    _base: Path | None = PrivateAttr(None)
 
     @field_validator("pipe")
     @classmethod
@@ -683,9 +696,10 @@ class Config(_Section):
 
 
 def load_config(path: str | Path | None = None) -> Config:
-    """Read and validate `path` (TOML); None gives the embedded defaults. Raises ConfigError."""
+    """Read and validate `path` (TOML); None gives the embedded defaults. Relative paths are made absolute from
+    the file's directory (from the current directory for the defaults). Raises ConfigError."""
     if path is None:
-        return Config()
+        return resolve_paths(Config(), Path.cwd())
     name = str(path)
     try:
         with open(path, "rb") as f:
@@ -696,12 +710,13 @@ def load_config(path: str | Path | None = None) -> Config:
         raise ConfigError(name, "", f"cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(name, "", f"not valid TOML: {e}") from None
-    return config_from_dict(data, name)
+    return config_from_dict(data, name, base=Path(path).absolute().parent)
 
 
-def config_from_dict(data: dict, name: str = "<config>") -> Config:
+def config_from_dict(data: dict, name: str = "<config>", base: Path | None = None) -> Config:
+    """Validate `data`; with `base`, relative paths are taken from that directory (else kept as written)."""
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".") or "(top level)"
@@ -710,6 +725,69 @@ def config_from_dict(data: dict, name: str = "<config>") -> Config:
         if more:
             reason += f" (and {more} more problem{'s' if more > 1 else ''})"
         raise ConfigError(name, key, reason) from None
+    return config if base is None else resolve_paths(config, base)
+
+
+# ---------------------------------------------------------------------------------------------- paths
+
+FILE_TABLE_TYPES = ("texthash", "regexp", "sqlite")  # table types whose name is a file
+
+
+def resolve_paths(config: Config, base: Path) -> Config:
+    """`config` with every relative path setting (see the module docstring) taken from `base`."""
+    resolved = _resolve_section(config, Path(base))
+    if resolved is config:
+        resolved = config.model_copy()
+    resolved._base = Path(base)
+    return resolved
+
+
+def _resolve_section(section: _Section, base: Path) -> _Section:
+    updates = {}
+    for name in type(section).model_fields:
+        value = getattr(section, name)
+        if isinstance(value, _Section):
+            new = _resolve_section(value, base)
+        elif isinstance(value, tuple) and value and all(isinstance(v, _Section) for v in value):
+            new = tuple(_resolve_section(v, base) for v in value)
+        elif isinstance(value, dict) and value and all(isinstance(v, _Section) for v in value.values()):
+            new = {k: _resolve_section(v, base) for k, v in value.items()}
+        elif name == "overrides" and isinstance(value, dict):  # a listener's: keys are [smtpd] settings
+            new = {k: _resolve_setting(k, v, base) for k, v in value.items()}
+        else:
+            new = _resolve_setting(name, value, base)
+        if new != value:
+            updates[name] = new
+    return section.model_copy(update=updates) if updates else section
+
+
+def _resolve_setting(name: str, value: object, base: Path) -> object:
+    if name.endswith(("_file", "_directory", "_base")) or name == "directory":
+        return _resolve_path(value, base) if isinstance(value, str) else value
+    if name.endswith("_maps") or name == "authorized_submit_users":
+        return tuple(_resolve_table(v, base) for v in value) if isinstance(value, (tuple, list)) else value
+    if name.endswith("_restrictions") and isinstance(value, (tuple, list)):
+        return tuple(_resolve_restriction(item, base) for item in value)
+    return value
+
+
+def _resolve_restriction(item: str, base: Path) -> str:
+    """`check_sender_access texthash:access` -> `… texthash:/base/access`; an item naming no file stays as is."""
+    words = item.split()
+    resolved = [_resolve_table(word, base) for word in words]
+    return " ".join(resolved) if resolved != words else item
+
+
+def _resolve_path(value: str, base: Path) -> str:
+    return value if not value or Path(value).is_absolute() else str(base / value)
+
+
+def _resolve_table(spec: str, base: Path) -> str:
+    """`texthash:relative` -> `texthash:/base/relative`; other tables and plain words stay as they are."""
+    kind, colon, name = spec.partition(":")
+    if not colon or kind.strip().lower() not in FILE_TABLE_TYPES or not name.strip():
+        return spec
+    return f"{kind}:{_resolve_path(name.strip(), base)}"
 
 
 def _reason(err: dict) -> str:
@@ -755,7 +833,7 @@ def _toml_value(value: object) -> str:
 def show_settings(config: Config, *, defaults: bool = False, changed_only: bool = False) -> list[str]:
     """postconf's views: every effective setting; `defaults`: the built-in defaults (postconf -d);
     `changed_only`: only what differs from them (postconf -n)."""
-    default = flat_settings(Config())
+    default = flat_settings(Config() if config._base is None else resolve_paths(Config(), config._base))
     if defaults:
         return [format_setting(k, v) for k, v in default.items()]
     current = flat_settings(config)

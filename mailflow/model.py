@@ -97,7 +97,8 @@ class Recipient:
 
 @dataclass(frozen=True)
 class QueuedMessage:
-    """A message as the queue manager sees it: envelope data and the recipients still to do."""
+    """A message as the queue manager sees it: envelope data and the recipients still to do; `owed`: results
+    recorded before a stop whose failure/success notice is not queued yet (the end of this attempt queues it)."""
 
     queue_id: QueueId
     sender: str
@@ -110,6 +111,7 @@ class QueuedMessage:
     envid: str = ""
     ret: str = ""
     warned: bool = False
+    owed: tuple["RcptResult", ...] = ()
 
 
 @dataclass(frozen=True)
@@ -181,9 +183,12 @@ class DeliveryReport:
 
 @dataclass(frozen=True)
 class Delivered:
-    """What qmgr records for one message after an attempt: results, and when to try the rest again."""
+    """The end of one delivery attempt of a message, as qmgr records it (each recipient's result was recorded
+    when its job ended): when to try the rest again, recipients that expired unsent (now bounced), and the
+    recipients whose owed notices are queued with this record."""
 
     queue_id: QueueId
-    results: tuple[RcptResult, ...]
     next_attempt: float | None = None  # None: nothing pending, remove the message
     warned: bool = False  # the "delayed" notice has been sent
+    expired: tuple[RcptResult, ...] = ()
+    noticed: tuple[int, ...] = ()  # recipient indexes whose notice is now queued

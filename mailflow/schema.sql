@@ -1,6 +1,8 @@
 -- The queue. The only module that speaks SQL is mailflow/store.py.
 -- A message row exists only once its content and recipients are committed with it (one transaction; a content
 -- file is on disk before that transaction commits).
+-- A recipient's row is marked as each delivery job ends; the message row changes at the end of an attempt.
+-- Queues made by an older mailflow are brought here by store.MIGRATIONS (schema_version says how far).
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 
 CREATE TABLE IF NOT EXISTS message (
@@ -32,6 +34,8 @@ CREATE TABLE IF NOT EXISTS recipient (
     status     TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'bounced')),
     dsn        TEXT NOT NULL DEFAULT '',           -- last enhanced status code
     reason     TEXT NOT NULL DEFAULT '',           -- last diagnostic (deferral reason, bounce text)
+    relay      TEXT NOT NULL DEFAULT '',           -- where the last attempt went: host[addr]:port, local, none
+    notice     INTEGER NOT NULL DEFAULT 0,         -- 1: sent or bounced, its success/failure notice not yet queued
     PRIMARY KEY (message_id, idx)
 ) WITHOUT ROWID;
 

@@ -3,6 +3,9 @@
 It runs as the submitting user, needs no running server, and writes each message with its envelope into
 `<queue_directory>/maildrop/` (mailflow/maildrop.py), then wakes the server's pickup stage (a missing socket is
 not an error: pickup scans the maildrop when the server starts). docs/sendmail.md is the user's guide.
+The queue directory must exist (else the message is not stored, exit 73 naming it: a wrong configuration would
+strand the mail where no server looks); when no server holds the queue's lock (queuelock.py) a warning on stderr
+says the mail waits in the maildrop until one starts (exit 0: it is stored, as with Postfix's postdrop).
 
 - `parse_args(argv) -> Options`: Sendmail's options, clustered or not (`-ti`, `-fsender`, `-f sender`), options
   and recipients in any order, `--` ending the options; `--help` is mode "help" (the caller prints HELP, exit 0).
@@ -35,13 +38,14 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, TextIO
+from typing import BinaryIO, Callable, Iterable, Iterator, TextIO
 
 from mailflow import status
 from mailflow.config import Config
 from mailflow.errors import LookupRetry
-from mailflow.maildrop import EX_DATAERR, MaildropError, MaildropMessage, wake_pickup, write_maildrop
+from mailflow.maildrop import EX_CANTCREAT, EX_DATAERR, MaildropError, MaildropMessage, wake_pickup, write_maildrop
 from mailflow.message import CRLF, header_fields, split_header
+from mailflow.queuelock import queue_owner
 
 EX_USAGE = 64
 EX_NOPERM = 77
@@ -340,6 +344,8 @@ class Submitter:
     config: Config
     identity: Identity
     fullname: str
+    say: Callable[[str], object] = lambda text: None  # a warning for the user (stderr)
+    _told_no_server: bool = False
 
     def sender_problem(self, sender: str) -> str:
         if may_use_sender(self.identity.login, sender, self.config):
@@ -355,8 +361,15 @@ class Submitter:
                                   notify=opts.notify, ret=opts.ret, envid=opts.envid,
                                   body_type=opts.body_type)  # "" = 8BITMIME if a byte is not ASCII
         queue = self.config.queue_path
+        problem = queue_problem(queue)
+        if problem:
+            raise MaildropError(problem, EX_CANTCREAT)
         name = write_maildrop(queue / "maildrop", message, chunks, size_limit=self.config.smtpd.message_size_limit)
         wake_pickup(queue / "public" / "pickup")
+        if not self._told_no_server and queue_owner(queue) is None:
+            self._told_no_server = True
+            self.say(f"warning: no mailflow server is running on {queue}: the mail waits in its maildrop until one "
+                     "starts")
         return name
 
     def split(self, lines: Iterable[bytes]) -> tuple[bytes, Iterator[bytes]]:
@@ -375,7 +388,7 @@ def run(opts: Options, config: Config, stdin: BinaryIO, stdout: BinaryIO, stderr
             say(f"user {me.login} (uid {me.uid}) is not allowed to submit mail (authorized_submit_users)")
             return EX_NOPERM
         fullname = opts.fullname if opts.fullname is not None else os.environ.get("NAME") or me.gecos
-        submitter = Submitter(config, me, fullname)
+        submitter = Submitter(config, me, fullname, say)
         if opts.mode == "smtp":
             return StdioSmtp(stdin, stdout, submitter, opts).run()
         return _deliver(opts, config, stdin, stderr, submitter, say)
@@ -385,6 +398,16 @@ def run(opts: Options, config: Config, stdin: BinaryIO, stdout: BinaryIO, stderr
     except UsageError as e:
         say(str(e))
         return EX_USAGE
+
+
+def queue_problem(queue: Path) -> str:
+    """Why mail cannot be left for a server in `queue` ("" when it can): the directory must exist, made by the
+    server (a relative queue_directory is taken from the configuration file's directory)."""
+    if queue.is_dir():
+        return ""
+    what = "is not a directory" if queue.exists() else "does not exist"
+    return (f"the queue directory {queue} {what}: check queue_directory in the configuration "
+            "(-C, $MAILFLOW_CONFIG) and that mailflow serve has run with it")
 
 
 def _deliver(opts: Options, config: Config, stdin: BinaryIO, stderr: TextIO, submitter: Submitter, say) -> int:

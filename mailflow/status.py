@@ -69,6 +69,7 @@ SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "Must declare SMTPUTF8 to send UTF-8 add
 INTERNAL_ERROR = Reply(451, "4.3.0", "Error: internal error, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
 QUEUE_FULL = Reply(451, "4.3.1", "Error: queue file write error, try again later")
+INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
 QUEUE_ERROR = Reply(451, "4.3.0", "Error: queue file write error")
 
 def refused_message(dsn: str, text: str, permanent: bool) -> Reply:

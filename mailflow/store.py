@@ -16,18 +16,32 @@ What it owns
   message arrived in (or, for a forwarded copy, to the original's file): queuing never copies a big message.
   `new_spool(max_size)` gives the spool a stage writes arriving content to (`mailflow.content.Spool`).
 
+- The file's size: `auto_vacuum = INCREMENTAL` (an older queue is converted when the server opens it),
+  `maintain()` gives free pages back and truncates the WAL after a burst; `journal_size_limit` caps the WAL
+  kept after a checkpoint.
+
 Contract
 - `insert(msg)` returns only after the transaction is on disk (`synchronous=FULL`): smtpd may then say 250.
   A message with a content file is durable whole: the file is fsynced, linked under its queue id and the
   directory fsynced before the transaction that adds its row commits; a failed commit removes the link.
   Content that is neither in memory nor one file part at the end is first copied into a spool file.
 - `content(id)` returns the Content (its file part read lazily) or None when the row or its file is missing.
-- Removing a message (`record`, `delete_messages`) removes its content file after the commit.
+- Removing a message (`finish`, `delete_messages`) removes its content file after the commit.
 - `sweep()` (at server start, before anything is received) removes temporary spool files and content files
   whose row is gone: what a crash between a commit and an unlink left behind.
-- `recover()` at start-up moves messages left `active` by a crash back to `incoming`: start-up is recovery.
-- Failures raise `sqlite3.Error` (or `Overloaded` when the write backlog is over its limit); nothing is
-  half-written, because each batch is one transaction that is rolled back whole on error.
+- `claim(ids, now)` is qmgr's atomic taking of messages: only rows still incoming, or deferred and due, become
+  `active`; it returns the ids it took, and qmgr admits only those.
+- `record_results(queue_id, rows)` marks recipients as each delivery job ends (Postfix's deliver_completed);
+  a recipient whose failure/success notice is still owed keeps a flag until `finish()` queues the notices,
+  clears the flags and defers or removes the message, all in one transaction. So a stop between the two
+  repeats no delivery and loses no notice.
+- `recover()` at start-up moves messages left `active` by a crash back to `incoming`: start-up is recovery
+  (a message whose recipients are all done is finished by qmgr's next scan).
+- Failures raise `sqlite3.Error` with SQLite's own message (or `Overloaded` when the write backlog is over its
+  limit); nothing is half-written, because each batch is one transaction that is rolled back whole on error.
+  `store_fault(error)` tells a fault of the whole store (locked, disk full, I/O) from a bad request: a batch
+  failing for a store fault fails every request in it at once; one failing for another reason is retried
+  request by request, so one bad request does not fail its neighbours.
 """
 from __future__ import annotations
 
@@ -40,25 +54,34 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import aiosqlite
 
 from mailflow.content import Content, FilePart, Spool, is_spool_name
-from mailflow.model import Delivered, Outcome, QueuedMessage, QueueId, Recipient
+from mailflow.model import Delivered, Outcome, QueuedMessage, QueueId, RcptResult, Recipient
 
 log = logging.getLogger("mailflow.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _MAX_VARS = 500  # ids per IN (...) query
 CONTENT_DIRECTORY = "content"  # beside the database: content files of big messages, temporary spool files
 # Pseudo-statements the writer handles itself: link content files in before the transaction, unlink after.
 _LINK_CONTENT = "-- link content files"
 _DELETE_CONTENT = "DELETE FROM content WHERE message_id = ?"
+BUSY_TIMEOUT = 5.0  # seconds a connection waits for another one's lock before the statement fails
+WAL_KEEP = 4 << 20  # bytes of WAL kept after a checkpoint (journal_size_limit)
+VACUUM_PAGES = 4096  # free pages given back per maintain() call, so one call holds the lock briefly
 
 
 class Overloaded(Exception):
     """Too many writes are waiting: the caller should answer 451 and let the client retry."""
+
+
+def store_fault(error: BaseException) -> bool:
+    """True for a fault of the whole store (busy or locked, disk full, I/O error, read-only, cannot open) rather
+    than of one request (a constraint, a bad statement): retrying anything before it clears is useless."""
+    return isinstance(error, (sqlite3.OperationalError, OSError)) or type(error) is sqlite3.DatabaseError
 
 
 @dataclass(frozen=True)
@@ -98,21 +121,26 @@ class _Writer:
     async def call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
-    def open(self) -> None:
+    def open(self, busy_timeout: float, owner: bool) -> None:
         con = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         try:
+            con.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect when the file is created
             con.execute("PRAGMA journal_mode = WAL")
             con.execute("PRAGMA synchronous = FULL")  # a commit is on disk when it returns
-            con.execute("PRAGMA busy_timeout = 5000")
+            con.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            con.execute(f"PRAGMA journal_size_limit = {WAL_KEEP}")
             _migrate(con)
+            if owner and con.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+                _convert_to_incremental_vacuum(con, self._path)
         except BaseException:
             con.close()
             raise
         self._con = con
 
-    def transaction(self, merged: dict[str, list[tuple]]) -> None:
-        """One transaction. Content files are linked in (and the directory fsynced) before it, so a committed
-        row always has its file; they are unlinked again if it fails. Files of removed content go after it."""
+    def transaction(self, merged: dict[str, list[tuple]], calls: Sequence[_Call | None] = ()) -> list:
+        """The statements, then each call (its result in the list returned, None for no call); one commit.
+        Content files are linked in (and the directory fsynced) before it, so a committed row always has its
+        file; they are unlinked again if it fails. Files of removed content go after it."""
         con = self._con
         linked = self._link_contents(merged.get(_LINK_CONTENT, ()))
         try:
@@ -121,9 +149,10 @@ class _Writer:
                 for sql, rows in merged.items():
                     if rows and sql != _LINK_CONTENT:
                         con.executemany(sql, rows)
+                results = [call(con) if call else None for call in calls]
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                _rollback(con)
                 raise
         except BaseException:
             for path in linked:
@@ -136,6 +165,7 @@ class _Writer:
                 pass  # held in the database
             except OSError as e:
                 log.error("store: cannot remove content file %s: %s (removed at the next start)", queue_id, e)
+        return results
 
     def _link_contents(self, rows) -> list[Path]:
         """Hard-link each (source file, queue id) in as content/<queue id>; one fsync of the directory."""
@@ -153,6 +183,44 @@ class _Writer:
             raise
         return linked
 
+    def maintain(self, free_share: float, min_free: int) -> int:
+        """Give free pages back when they are many (at least `min_free`, and `free_share` of the file), then
+        truncate the WAL. Returns the pages given back."""
+        con = self._con
+        free = con.execute("PRAGMA freelist_count").fetchone()[0]
+        pages = con.execute("PRAGMA page_count").fetchone()[0]
+        if free < min_free or free < pages * free_share:
+            return 0
+        # executescript steps the pragma to its end (execute() would free a single page)
+        con.executescript(f"PRAGMA incremental_vacuum({VACUUM_PAGES});")
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return free - con.execute("PRAGMA freelist_count").fetchone()[0]
+        con = self._con
+        linked = self._link_contents(merged.get(_LINK_CONTENT, ()))
+        try:
+            for sql, rows in merged.items():
+                if rows:
+                    con.executemany(sql, rows)
+            results = [call(con) if call else None for call in calls]
+            con.execute("COMMIT")
+        except BaseException:
+            _rollback(con)
+            raise
+        return results
+
+    def maintain(self, free_share: float, min_free: int) -> int:
+        """Give free pages back when they are many (at least `min_free`, and `free_share` of the file), then
+        truncate the WAL. Returns the pages given back."""
+        con = self._con
+        free = con.execute("PRAGMA freelist_count").fetchone()[0]
+        pages = con.execute("PRAGMA page_count").fetchone()[0]
+        if free < min_free or free < pages * free_share:
+            return 0
+        # executescript steps the pragma to its end (execute() would free a single page)
+        con.executescript(f"PRAGMA incremental_vacuum({VACUUM_PAGES});")
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return free - con.execute("PRAGMA freelist_count").fetchone()[0]
+
     def close(self) -> None:
         if self._con is not None:
             self._con.close()
@@ -162,14 +230,48 @@ class _Writer:
         self._thread.shutdown(wait=True)
 
 
+def _convert_to_incremental_vacuum(con: sqlite3.Connection, path: Path) -> None:
+    """A queue made before auto_vacuum is rebuilt once, by its server. It needs about the file's size free: when
+    that fails (a full disk) the server starts anyway and tries again at its next start."""
+    log.info("store: converting %s to incremental vacuum (once)", path)
+    try:
+        con.execute("VACUUM")
+    except sqlite3.OperationalError as e:
+        log.warning("store: %s stays without incremental vacuum for now: %s", path, e)
+
+
+def _claim(con: sqlite3.Connection, ids: list[QueueId], now: float) -> list[QueueId]:
+    """incoming, or deferred and due -> active (inside a transaction); the ids that moved. One statement per id:
+    cheaper than an IN list with RETURNING, and each row count says whether that id was taken."""
+    sql = ("UPDATE message SET queue = 'active' WHERE id = ?"
+           " AND (queue = 'incoming' OR (queue = 'deferred' AND next_attempt <= ?))")
+    return [qid for qid in ids if con.execute(sql, (qid, now)).rowcount == 1]
+
+
+def _rollback(con: sqlite3.Connection) -> None:
+    """Undo a failed transaction without hiding why it failed: SQLite has already rolled back after some
+    errors (SQLITE_FULL, SQLITE_IOERR), and a second ROLLBACK would raise "cannot rollback - no transaction is
+    active" in place of the real error."""
+    if not con.in_transaction:
+        return
+    try:
+        con.execute("ROLLBACK")
+    except sqlite3.Error as e:
+        log.warning("store: rollback after a failed write also failed: %s", e)
+
+
+_Call = Callable[[sqlite3.Connection], object]  # run inside a batch's transaction; its result goes to its caller
+
+
 class _GroupCommitter:
-    """Runs write requests (lists of `(sql, rows)`) in shared transactions, one commit per batch."""
+    """Runs write requests (lists of `(sql, rows)`, and optionally a call that needs the connection, such as an
+    UPDATE … RETURNING) in shared transactions, one commit per batch."""
 
     def __init__(self, writer: _Writer, batch_limit: int, backlog_limit: int):
         self._writer = writer
         self._batch_limit = batch_limit
         self._backlog_limit = backlog_limit
-        self._pending: asyncio.Queue[tuple[list[_Op], asyncio.Future]] = asyncio.Queue()
+        self._pending: asyncio.Queue[tuple[list[_Op], _Call | None, asyncio.Future]] = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self.commits = 0
 
@@ -186,12 +288,13 @@ class _GroupCommitter:
     def backlog(self) -> int:
         return self._pending.qsize()
 
-    async def write(self, ops: list[_Op], *, may_refuse: bool = False) -> None:
+    async def write(self, ops: list[_Op], *, may_refuse: bool = False, call: _Call | None = None):
+        """Commit `ops` (and run `call`, whose result is returned) in the next batch's transaction."""
         if may_refuse and self._pending.qsize() >= self._backlog_limit:
             raise Overloaded()
         fut = asyncio.get_running_loop().create_future()
-        self._pending.put_nowait((ops, fut))
-        await fut
+        self._pending.put_nowait((ops, call, fut))
+        return await fut
 
     async def _run(self) -> None:
         while True:
@@ -204,42 +307,43 @@ class _GroupCommitter:
                 for _ in batch:
                     self._pending.task_done()
 
-    async def _commit(self, batch: list[tuple[list[_Op], asyncio.Future]]) -> None:
+    async def _commit(self, batch: list[tuple[list[_Op], _Call | None, asyncio.Future]]) -> None:
         try:
-            await self._run_transaction([ops for ops, _ in batch])
+            results = await self._run_transaction([(ops, call) for ops, call, _ in batch])
         except Exception as e:
-            if len(batch) == 1:
-                log.error("store: write failed: %s", e)
-                _settle(batch[0][1], e)
+            if len(batch) == 1 or store_fault(e):  # the store itself is failing: each alone would fail too
+                for *_, fut in batch:
+                    _settle(fut, e)
                 return
             # One bad request must not fail the innocent ones that shared its batch: retry each alone.
-            for ops, fut in batch:
+            for ops, call, fut in batch:
                 try:
-                    await self._run_transaction([ops])
+                    [result] = await self._run_transaction([(ops, call)])
                 except Exception as one:
-                    log.error("store: write failed: %s", one)
+                    log.error("store: a write failed on its own: %s", one)
                     _settle(fut, one)
                 else:
-                    _settle(fut, None)
+                    _settle(fut, None, result)
             return
-        for _, fut in batch:
-            _settle(fut, None)
+        for (*_, fut), result in zip(batch, results):
+            _settle(fut, None, result)
 
-    async def _run_transaction(self, requests: list[list[_Op]]) -> None:
-        """Every statement's rows from every request, one executemany per statement, one commit."""
+    async def _run_transaction(self, requests: list[tuple[list[_Op], _Call | None]]) -> list:
+        """Every statement's rows from every request, one executemany per statement, then the calls; one commit."""
         merged: dict[str, list[tuple]] = {}
-        for ops in requests:
+        for ops, _ in requests:
             for sql, rows in ops:
                 merged.setdefault(sql, []).extend(rows)
-        await self._writer.call(self._writer.transaction, merged)
+        results = await self._writer.call(self._writer.transaction, merged, [call for _, call in requests])
         self.commits += 1
+        return results
 
 
-def _settle(fut: asyncio.Future, error: Exception | None) -> None:
+def _settle(fut: asyncio.Future, error: Exception | None, result: object = None) -> None:
     if fut.done():
         return
     if error is None:
-        fut.set_result(None)
+        fut.set_result(result)
     else:
         fut.set_exception(error)
 
@@ -303,19 +407,22 @@ class Store:
         self.content_dir = content_dir
 
     @classmethod
-    async def open(cls, path: str | Path, *, batch_limit: int = 500, backlog_limit: int = 5000) -> "Store":
+    async def open(cls, path: str | Path, *, batch_limit: int = 500, backlog_limit: int = 5000,
+                   busy_timeout: float = BUSY_TIMEOUT, owner: bool = False) -> "Store":
+        """`owner`: the caller holds the queue's lock (the server); only then is an old file converted to
+        incremental vacuum, which needs the database to itself."""
         path = Path(path)
         (path.parent / CONTENT_DIRECTORY).mkdir(mode=0o700, parents=True, exist_ok=True)
         writer = _Writer(path)
         try:
-            await writer.call(writer.open)
+            await writer.call(writer.open, busy_timeout, owner)
             reader = await aiosqlite.connect(path)
         except BaseException:
             await writer.call(writer.close)
             writer.shutdown()  # its thread would otherwise keep the process alive
             raise
         await reader.execute("PRAGMA query_only = ON")
-        await reader.execute("PRAGMA busy_timeout = 5000")
+        await reader.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         committer = _GroupCommitter(writer, batch_limit, backlog_limit)
         committer.start()
         return cls(writer, reader, committer, path.parent / CONTENT_DIRECTORY)
@@ -385,36 +492,54 @@ class Store:
             for spool in temporaries:
                 spool.discard()
 
-    async def activate(self, ids: Sequence[QueueId]) -> None:
-        """Move messages into the active queue (qmgr has taken them in hand)."""
-        await self._committer.write([("UPDATE message SET queue = 'active' WHERE id = ?", [(i,) for i in ids])])
+    async def claim(self, ids: Sequence[QueueId], now: float) -> list[QueueId]:
+        """Take messages for delivery: each of `ids` still incoming, or deferred and due at `now`, becomes active,
+        atomically. Returns the ids taken (an operator's hold or delete, or another taker, wins over a stale read)."""
+        return await self._committer.write([], call=lambda con: _claim(con, list(ids), now))
 
-    async def record(self, outcomes: Sequence[Delivered], notices: Sequence[NewMessage] = ()) -> None:
-        """Record delivery attempts in one transaction: recipient results, then defer or remove each message,
-        and queue the `notices` (bounces, delay warnings) those results call for, so none is lost between.
+    async def record_results(self, queue_id: QueueId, rows: Sequence[tuple[RcptResult, bool]]) -> None:
+        """Record what one delivery job did, as soon as it is back: each `(result, notice_owed)` marks its
+        recipient sent / bounced, or keeps it pending with its last reason; `notice_owed` flags a recipient whose
+        failure or success notice `finish()` must still queue. Only pending recipients change, so recording a
+        result twice does no harm."""
+        await self._committer.write([_record_op(queue_id, rows)])
+
+    async def finish(self, done: Delivered, notices: Sequence[NewMessage] = (),
+                     results: Sequence[RcptResult] = ()) -> None:
+        """The end of one attempt of a message, in one transaction: the last job's `results` (as
+        `record_results`; their notices are among `notices`), recipients past the queue lifetime become
+        bounced, the owed notices (`done.noticed`) are cleared as `notices` are queued, and the message is
+        deferred until `done.next_attempt`, or removed when that is None.
 
         A message deferred here stays where an operator put it meanwhile (hold, deleted): only an `active`
         message becomes `deferred`.
         """
-        rcpt_rows, defer_rows, remove_rows = [], [], []
-        for d in outcomes:
-            for r in d.results:
-                status = {Outcome.SENT: "sent", Outcome.BOUNCED: "bounced", Outcome.DEFERRED: "pending"}[r.outcome]
-                rcpt_rows.append((status, r.dsn, r.text, d.queue_id, r.recipient.index))
-            if d.next_attempt is None:
-                remove_rows.append((d.queue_id,))
-            else:
-                defer_rows.append((d.next_attempt, int(d.warned), d.queue_id))
-        await self._committer.write([
-            ("UPDATE recipient SET status = ?, dsn = ?, reason = ? WHERE message_id = ? AND idx = ?", rcpt_rows),
-            ("UPDATE message SET queue = 'deferred', next_attempt = ?, attempts = attempts + 1,"
-             " warned = max(warned, ?) WHERE id = ? AND queue = 'active'", defer_rows),
-            *_remove_ops(remove_rows),
-            *_insert_ops(notices),
-        ])
+        qid = done.queue_id
+        ops: list[_Op] = [_record_op(qid, [(r, False) for r in results])]  # first: the statements below see these
+        if done.expired:
+            ops.append(("UPDATE recipient SET status = 'bounced', dsn = ?, reason = ?, relay = ?, notice = 0"
+                        " WHERE message_id = ? AND idx = ? AND status = 'pending'",
+                        [(r.dsn, r.text, r.relay, qid, r.recipient.index) for r in done.expired]))
+        if done.noticed:
+            ops.append(("UPDATE recipient SET notice = 0 WHERE message_id = ? AND idx = ?",
+                        [(qid, i) for i in done.noticed]))
+        if done.next_attempt is None:
+            ops += _remove_ops([(qid,)])
+        else:
+            ops.append(("UPDATE message SET queue = 'deferred', next_attempt = ?, attempts = attempts + 1,"
+                        " warned = max(warned, ?) WHERE id = ? AND queue = 'active'",
+                        [(done.next_attempt, int(done.warned), qid)]))
+        if notices:
+            ops += _insert_ops(notices)
+        await self._committer.write(ops)
 
     async def mark_corrupt(self, ids: Sequence[QueueId]) -> None:
         await self._committer.write([("UPDATE message SET queue = 'corrupt' WHERE id = ?", [(i,) for i in ids])])
+
+    async def maintain(self, *, free_share: float = 0.25, min_free: int = 256) -> int:
+        """Give space back after a burst: when at least `min_free` pages and `free_share` of the file are free,
+        an incremental vacuum (a bounded number of pages per call) and a WAL truncation. Returns the pages freed."""
+        return await self._writer.call(self._writer.maintain, free_share, min_free)
 
     async def recover(self) -> int:
         """Start-up: whatever was active when the process stopped is incoming again. Returns how many."""
@@ -434,8 +559,8 @@ class Store:
             f"SELECT {_MESSAGE_COLUMNS} FROM message WHERE queue = 'deferred' AND next_attempt <= ?"
             " ORDER BY next_attempt LIMIT ?", (now, limit))
         rows = _alternate(fresh, retry)[:limit]
-        pending = await self._pending_recipients([r[0] for r in rows])
-        return [_queued_message(row, pending.get(row[0], ())) for row in rows]
+        pending, owed = await self._recipients_to_do([r[0] for r in rows])
+        return [_queued_message(row, pending.get(row[0], ()), owed.get(row[0], ())) for row in rows]
 
     async def next_due_time(self) -> float | None:
         rows = await self._reader.execute_fetchall("SELECT min(next_attempt) FROM message WHERE queue = 'deferred'")
@@ -485,17 +610,21 @@ class Store:
         )
         return [tuple(r) for r in rows]
 
-    async def _pending_recipients(self, ids: list[QueueId]) -> dict[QueueId, list[Recipient]]:
-        out: dict[QueueId, list[Recipient]] = {}
+    async def _recipients_to_do(self, ids: list[QueueId]
+                                ) -> tuple[dict[QueueId, list[Recipient]], dict[QueueId, list[RcptResult]]]:
+        """Per message: the pending recipients, and the recorded results whose notice is still owed."""
+        pending: dict[QueueId, list[Recipient]] = {}
+        owed: dict[QueueId, list[RcptResult]] = {}
         for chunk in _chunks(ids, _MAX_VARS):
             rows = await self._reader.execute_fetchall(
-                f"SELECT message_id, idx, address, original, notify, orcpt FROM recipient"
-                f" WHERE status = 'pending' AND message_id IN ({_marks(len(chunk))}) ORDER BY message_id, idx",
-                tuple(chunk),
-            )
+                f"SELECT message_id, {_RECIPIENT_COLUMNS} FROM recipient WHERE (status = 'pending' OR notice = 1)"
+                f" AND message_id IN ({_marks(len(chunk))}) ORDER BY message_id, idx", tuple(chunk))
             for qid, *fields in rows:
-                out.setdefault(qid, []).append(Recipient(*fields))
-        return out
+                if fields[5] == "pending":
+                    pending.setdefault(qid, []).append(Recipient(*fields[:5]))
+                else:
+                    owed.setdefault(qid, []).append(_recorded_result(fields))
+        return pending, owed
 
     async def _fetch_contents(self, ids: Sequence[QueueId]) -> dict[QueueId, Content]:
         rows = await self._reader.execute_fetchall(
@@ -652,13 +781,30 @@ class Store:
         return [tuple(r) for r in rows]
 
 
+_STATUS = {Outcome.SENT: "sent", Outcome.BOUNCED: "bounced", Outcome.DEFERRED: "pending"}
+_OUTCOME = {status: outcome for outcome, status in _STATUS.items()}
+_RECIPIENT_COLUMNS = "idx, address, original, notify, orcpt, status, dsn, reason, relay"
+
+
+def _recorded_result(row) -> RcptResult:
+    idx, address, original, notify, orcpt, status, dsn, reason, relay = row
+    return RcptResult(Recipient(idx, address, original, notify, orcpt), _OUTCOME[status], dsn, reason, relay)
+
+
+def _record_op(queue_id: QueueId, rows: Sequence[tuple[RcptResult, bool]]) -> _Op:
+    """Recipients' results; only pending rows change, so a result recorded twice does no harm. Every write that
+    holds it holds it first (statements merge in order of first appearance in a batch)."""
+    return ("UPDATE recipient SET status = ?, dsn = ?, reason = ?, relay = ?, notice = ?"
+            " WHERE message_id = ? AND idx = ? AND status = 'pending'",
+            [(_STATUS[r.outcome], r.dsn, r.text, r.relay, int(owed), queue_id, r.recipient.index) for r, owed in rows])
+
 _MESSAGE_COLUMNS = "id, sender, arrival, size, smtputf8, body_type, attempts, envid, ret, warned"
 
 
-def _queued_message(row: tuple, recipients) -> QueuedMessage:
+def _queued_message(row: tuple, recipients, owed) -> QueuedMessage:
     qid, sender, arrival, size, utf8, body_type, attempts, envid, ret, warned = row
     return QueuedMessage(qid, sender, arrival, size, bool(utf8), body_type, attempts, tuple(recipients),
-                         envid=envid, ret=ret, warned=bool(warned))
+                         envid=envid, ret=ret, warned=bool(warned), owed=tuple(owed))
 
 
 def _alternate(first: list, second: list) -> list:
@@ -738,32 +884,42 @@ def _remove_ops(id_rows: list[tuple]) -> list[_Op]:
     ]
 
 
+# Steps for queues made by an older mailflow: MIGRATIONS[v] takes schema version v to v + 1.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # a content row may keep its body apart, or in a file (a v1 `data` stays the whole message)
+    1: ("ALTER TABLE content ADD COLUMN body BLOB",
+        "ALTER TABLE content ADD COLUMN file_offset INTEGER"),
+    # results recorded per delivery job: the relay of each recipient and whether its notice is still owed
+    2: ("ALTER TABLE recipient ADD COLUMN relay TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE recipient ADD COLUMN notice INTEGER NOT NULL DEFAULT 0"),
+}
+
+
 def _migrate(con: sqlite3.Connection) -> None:
-    schema = resources.files("mailflow").joinpath("schema.sql").read_text()
-    con.executescript(schema)
-    rows = con.execute("SELECT version FROM schema_version").fetchall()
-    if not rows:
-        con.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-        return
-    version = rows[0][0]
-    if version > SCHEMA_VERSION:
+    version = _schema_version(con)
+    if version is not None and version > SCHEMA_VERSION:
         raise sqlite3.DatabaseError(f"queue schema version {version} is newer than this mailflow ({SCHEMA_VERSION})")
-    for step in range(version, SCHEMA_VERSION):
+    if version is not None and version < SCHEMA_VERSION:
         con.execute("BEGIN IMMEDIATE")
         try:
-            _MIGRATIONS[step](con)
-            con.execute("UPDATE schema_version SET version = ?", (step + 1,))
+            version = _schema_version(con)  # again, under the lock: another process may have done it
+            for step in range(version, SCHEMA_VERSION):
+                for sql in MIGRATIONS[step]:
+                    con.execute(sql)
+            con.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            _rollback(con)
             raise
-        log.info("store: queue schema upgraded to version %d", step + 1)
+        log.info("store: queue schema upgraded from version %d to %d", version, SCHEMA_VERSION)
+    con.executescript(resources.files("mailflow").joinpath("schema.sql").read_text())  # new tables, indexes
+    if version is None:
+        con.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
 
 
-def _content_v2(con: sqlite3.Connection) -> None:
-    """1 -> 2: a content row may keep its body apart, or in a file (the v1 `data` stays the whole message)."""
-    con.execute("ALTER TABLE content ADD COLUMN body BLOB")
-    con.execute("ALTER TABLE content ADD COLUMN file_offset INTEGER")
-
-
-_MIGRATIONS = {1: _content_v2}  # version -> the step that upgrades a queue from it
+def _schema_version(con: sqlite3.Connection) -> int | None:
+    """None for a new file (no schema_version table or no row yet)."""
+    if not con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'").fetchall():
+        return None
+    rows = con.execute("SELECT version FROM schema_version").fetchall()
+    return rows[0][0] if rows else None

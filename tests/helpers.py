@@ -5,7 +5,9 @@
   answers nothing. `merged(base, overrides)` overlays settings; `to_toml(settings)` writes them as TOML.
 - `send(port, sender, rcpts, content)` speaks SMTP with aiosmtplib and returns (refused, final reply).
 - `eventually(pred)`, `queue_becomes(store, counts)`, `rcpt_until(port, rcpt, code)`: bounded polling. `maildir_messages(dir)`, `free_port()`.
-- `ServerProcess(config_path, log_path, port)`: `python -m mailflow serve` as a child process (start, kill).
+- `ServerProcess(config, log, port)`: `mailflow serve` as a child process (start, terminate, kill, CPU seconds);
+  `queue_counts(db)` reads a queue database read-only beside it; `stall_mail(peer)` makes a capturing peer hold
+  every MAIL command until the returned event is set (a slow destination).
 - `big_message(size)`: a message bigger than the in-memory limit whose lines exercise every content transformation
   (leading dots, From_ lines, '>' runs, a line longer than a read); `spooled(directory, data)` is such content
   as the store keeps it (header section in memory, the rest in a file).
@@ -18,6 +20,7 @@ import os
 import random
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -123,16 +126,18 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m mailflow serve -c CONFIG` as a child process, killed with SIGKILL on demand."""
+    """`python -m mailflow serve -c CONFIG` as a child process, its output appended to `log_path`."""
 
-    def __init__(self, config_path, log_path, port: int):
+    def __init__(self, config_path, log_path, port: int, cwd: Path | None = None):
         self.config_path, self.log_path, self.port = config_path, log_path, port
+        self.cwd = cwd or Path.cwd()
         self.proc: subprocess.Popen | None = None
 
     async def start(self) -> None:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "mailflow", "serve", "-c", str(self.config_path)],
-                                     stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
+                                     stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd,
+                                     env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
         log.close()
         if not await eventually(self._listening, timeout=15, step=0.05):
             self.kill()
@@ -145,10 +150,30 @@ class ServerProcess:
         except OSError:
             return False
 
+    async def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM, then wait (without blocking the loop) for the exit; returns the exit status."""
+        self.proc.send_signal(signal.SIGTERM)
+        await eventually(lambda: self.proc.poll() is not None, timeout=timeout, step=0.05)
+        if self.proc.poll() is None:
+            self.kill()
+            pytest.fail(f"server did not stop within {timeout}s of SIGTERM")
+        return self.proc.returncode
+
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=10)
+
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the running server."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def log_lines(self, *words: str) -> list[str]:
+        """Lines of the server's output holding every one of `words`."""
+        return [line for line in self.log_path.read_text(errors="replace").splitlines()
+                if all(w in line for w in words)]
 
 
 def big_message(size: int = 1_000_000, seed: int = 1, long_line: bool = True) -> bytes:
@@ -177,3 +202,29 @@ def spooled(directory: Path, data: bytes):
     path = directory / f"spooled-{len(data)}"
     path.write_bytes(data)
     return Content((head, FilePart(str(path), len(head), len(data) - len(head))))
+
+
+def queue_counts(db: Path) -> dict:
+    """{queue: messages} of a queue database, read-only beside a running server."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        return dict(con.execute("SELECT queue, count(*) FROM message GROUP BY queue").fetchall())
+    finally:
+        con.close()
+
+
+def stall_mail(peer) -> asyncio.Event:
+    """Make `peer` (tests.conftest.CapturePeer) hold each MAIL until the event is set; `peer.stalled` counts
+    the MAIL commands that waited."""
+    gate = asyncio.Event()
+    handler = peer.handler
+    handler.stalled = 0
+    answer = type(handler).handle_MAIL
+
+    async def held(server, session, envelope, address, options):
+        handler.stalled += 1
+        await gate.wait()
+        return await answer(handler, server, session, envelope, address, options)
+
+    handler.handle_MAIL = held
+    return gate

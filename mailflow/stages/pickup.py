@@ -21,6 +21,9 @@ Postfix's public/pickup FIFO). It scans the maildrop when it starts, on every wa
   cleanup bounces for pickup, and its file removed;
 - a temporary failure (a table that cannot answer, a full write backlog, anything unexpected) leaves the file
   where it is, logged; it is tried again at the next scan. Other files are not held up.
+- a fault of the queue itself (the store locked, the disk full: `store_fault`) ends the scan: the files stay,
+  and the scans back off (0.5 s doubling to 10 s; wake-ups do not cut the wait short), logged once a minute
+  with a count (`faults.Guard`), until a scan gets through.
 A socket that cannot be bound (e.g. a path longer than the UNIX limit) is logged; the periodic scan still runs.
 """
 from __future__ import annotations
@@ -34,10 +37,12 @@ from pathlib import Path
 from mailflow.clock import Clock
 from mailflow.content import Content, Truncated
 from mailflow.errors import PermanentError
+from mailflow.faults import Guard
 from mailflow.maildrop import CorruptMaildrop, MaildropMessage, maildrop_content, maildrop_names, read_maildrop
 from mailflow.message import quoted_original
 from mailflow.model import ClientInfo, Envelope, LocalUser, Recipient, Submission
 from mailflow.stages.bounce import NoticeRecipient, build_notice, notice_is_8bit, wants_notice
+from mailflow.store import store_fault
 
 logger = logging.getLogger("mailflow.pickup")
 
@@ -70,6 +75,8 @@ class Pickup:
         self._task: asyncio.Task | None = None
         self._transport: asyncio.DatagramTransport | None = None
         self._closing = False
+        self._stopping = asyncio.Event()
+        self._scans = Guard("pickup: maildrop scan", clock, logger)
 
     async def start(self) -> None:
         """Create the directories, listen for wake-ups, and scan at once (mail left while the server was down)."""
@@ -88,6 +95,7 @@ class Pickup:
             self.socket_path.unlink(missing_ok=True)
         if self._task:
             self._closing = True
+            self._stopping.set()
             self._wanted.set()
             try:
                 await asyncio.wait_for(self._task, grace)
@@ -111,18 +119,18 @@ class Pickup:
 
     async def _run(self) -> None:
         while not self._closing:
+            # after a failed scan, wait out the backoff: only stop() cuts it short, not a wake-up
+            event, timeout = self._wanted, self._interval
+            if self._scans.backing_off:
+                event, timeout = self._stopping, max(0.0, self._scans.resume_at - self._clock.time())
             try:
-                await asyncio.wait_for(self._wanted.wait(), self._interval)
+                await asyncio.wait_for(event.wait(), timeout)
             except asyncio.TimeoutError:
                 pass
             self._wanted.clear()
             if self._closing:
                 return
-            try:
-                await self.scan()
-            except Exception:  # the loop must survive anything; the files stay for the next scan
-                logger.exception("pickup: scan failed")
-
+            await self._scans.run(self.scan)  # anything it raises backs the scans off; the files stay
     async def scan(self) -> int:
         """One pass over the maildrop; returns how many files were handed to cleanup."""
         done = 0
@@ -168,6 +176,8 @@ class Pickup:
                     path.unlink(missing_ok=True)
                 return False
             except Exception as e:  # TemporaryError, Overloaded, anything else: not queued, try again later
+                if store_fault(e):
+                    raise  # the queue itself is failing: end this scan, the loop backs off
                 logger.warning("pickup: maildrop/%s: not queued (%s); will retry", name, e)
                 return False
         finally:

@@ -385,7 +385,7 @@ async def test_start_recovers_messages_left_active(h):
     store = await h.open_store()
     await store.insert(NewMessage("CRASHED", "s@remote.test", T0 - 60, Content.of(b"\r\nx\r\n"),
                                   (Recipient(0, "b@remote.test", "b@remote.test"),)))
-    await store.activate(["CRASHED"])
+    await store.claim(["CRASHED"], T0)
     await h.start()
     await until(lambda: queue_is_empty(h))
     assert [r.queue_id for r in h.smtp.requests] == ["CRASHED"]

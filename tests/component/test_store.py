@@ -5,13 +5,14 @@ import asyncio
 import sqlite3
 from importlib import resources
 import threading
+from pathlib import Path
 
 import aiosqlite
 import pytest
 
 from mailflow.content import Content
 from mailflow.model import Delivered, Outcome, QueuedMessage, RcptResult, Recipient
-from mailflow.store import NewMessage, Overloaded, Store
+from mailflow.store import SCHEMA_VERSION, NewMessage, Overloaded, Store
 from tests.helpers import big_message
 
 T0 = 1_700_000_000.0
@@ -89,21 +90,38 @@ async def test_duplicate_queue_id_is_refused(store):
     assert await store.counts() == {"incoming": 1}
 
 
-# ---------------------------------------------------------------------------------------------- activate / recover
+# ---------------------------------------------------------------------------------------------- claim / recover
 
 
-async def test_activate_hides_from_due(store):
+async def test_claim_hides_from_due(store):
     await store.insert(new("Q1"))
     await store.insert(new("Q2"))
-    await store.activate(["Q1"])
+    assert await store.claim(["Q1"], T0) == ["Q1"]
     assert [m.queue_id for m in await store.due(T0 + 10**6, 10)] == ["Q2"]
     assert await store.counts() == {"active": 1, "incoming": 1}
+
+
+async def test_claim_takes_only_incoming_or_due_deferred_mail(store):
+    """The atomic taking: a message already active (another taker), held, or deferred and not yet due is not
+    claimed, whatever an earlier read said."""
+    for q in ("NEW", "TAKEN", "HELD", "LATER", "DUE"):
+        await store.insert(new(q))
+    await store.claim(["TAKEN"], T0)
+    await store.hold_messages(["HELD"])
+    for q, when in (("LATER", T0 + 300), ("DUE", T0 - 1)):
+        [msg] = [m for m in await store.due(T0, 10) if m.queue_id == q]
+        await store.claim([q], T0)
+        await store.finish(Delivered(q, when))
+    claimed = await store.claim(["NEW", "TAKEN", "HELD", "LATER", "DUE", "GONE"], T0)
+    assert sorted(claimed) == ["DUE", "NEW"]
+    assert await store.claim(["NEW", "DUE"], T0) == []  # a second taker gets nothing
+    assert await store.counts() == {"active": 3, "hold": 1, "deferred": 1}
 
 
 async def test_recover_turns_active_back_into_incoming(store):
     for q in ("Q1", "Q2", "Q3"):
         await store.insert(new(q))
-    await store.activate(["Q1", "Q2"])
+    await store.claim(["Q1", "Q2"], T0)
     assert await store.recover() == 2
     assert await store.counts() == {"incoming": 3}
     assert len(await store.due(T0, 10)) == 3
@@ -113,13 +131,19 @@ async def test_recover_turns_active_back_into_incoming(store):
 # ---------------------------------------------------------------------------------------------- record
 
 
-async def test_record_all_sent_removes_message_recipients_and_content(store):
+async def record(store: Store, msg: QueuedMessage, *results: RcptResult, owed: bool = False) -> None:
+    await store.record_results(msg.queue_id, [(r, owed) for r in results])
+
+
+async def test_results_recorded_per_job_then_finish_removes_message_recipients_and_content(store):
     await store.insert(new("Q1", "x@example.test", "y@example.test"))
     await store.insert(new("Q2"))
     msg = next(m for m in await store.due(T0, 10) if m.queue_id == "Q1")
-    await store.activate(["Q1"])
-    await store.activate(["Q1"])
-    await store.record([Delivered("Q1", (result(msg, 0, Outcome.SENT), result(msg, 1, Outcome.SENT)), None)])
+    await store.claim(["Q1"], T0)
+    await record(store, msg, result(msg, 0, Outcome.SENT))
+    assert [r[1] for r in await store.recipients("Q1")] == ["sent", "pending"]  # at once, before the other job
+    await record(store, msg, result(msg, 1, Outcome.SENT))
+    await store.finish(Delivered("Q1", None))
     assert await store.counts() == {"incoming": 1}
     assert await store.recipients("Q1") == []
     assert await store.content("Q1") is None
@@ -127,17 +151,25 @@ async def test_record_all_sent_removes_message_recipients_and_content(store):
     assert [m.queue_id for m in await store.due(T0 + 10**6, 10)] == ["Q2"]
 
 
-async def test_record_deferred_sets_next_attempt_and_due_only_returns_pending_recipients_once_due(store):
+async def test_a_recorded_result_is_final(store):
+    """Recording twice (a retried write) never turns a sent recipient back into pending or bounced."""
+    await store.insert(new("Q1"))
+    msg = await only(store)
+    await record(store, msg, result(msg, 0, Outcome.SENT))
+    await record(store, msg, result(msg, 0, Outcome.BOUNCED))
+    await record(store, msg, result(msg, 0, Outcome.DEFERRED))
+    assert await store.recipients("Q1") == [("b@example.test", "sent", "2.0.0", "sent")]
+
+
+async def test_finish_defers_and_due_only_returns_pending_recipients_once_due(store):
     await store.insert(new("Q1", "x@example.test", "y@example.test", "z@example.test"))
     msg = await only(store)
-    await store.activate(["Q1"])
     retry = T0 + 300
-    await store.activate(["Q1"])
-    await store.record([Delivered("Q1", (
-        result(msg, 0, Outcome.SENT),
-        result(msg, 1, Outcome.DEFERRED, "4.4.1", "connection refused"),
-        result(msg, 2, Outcome.BOUNCED, "5.1.1", "user unknown"),
-    ), retry)])
+    await store.claim(["Q1"], T0)
+    await record(store, msg, result(msg, 0, Outcome.SENT),
+                 result(msg, 1, Outcome.DEFERRED, "4.4.1", "connection refused"),
+                 result(msg, 2, Outcome.BOUNCED, "5.1.1", "user unknown"))
+    await store.finish(Delivered("Q1", retry))
     assert await store.counts() == {"deferred": 1}
     assert await store.next_due_time() == retry
     assert await store.due(retry - 0.001, 10) == []
@@ -154,12 +186,12 @@ async def test_record_deferred_sets_next_attempt_and_due_only_returns_pending_re
 
 async def test_second_deferral_counts_attempts_and_moves_next_attempt(store):
     await store.insert(new("Q1"))
-    msg = await only(store)
-    await store.activate(["Q1"])
-    await store.record([Delivered("Q1", (result(msg, 0, Outcome.DEFERRED),), T0 + 300)])
-    msg = await only(store, T0 + 300)
-    await store.activate(["Q1"])
-    await store.record([Delivered("Q1", (result(msg, 0, Outcome.DEFERRED),), T0 + 900)])
+    await only(store)
+    await store.claim(["Q1"], T0)
+    await store.finish(Delivered("Q1", T0 + 300))
+    await only(store, T0 + 300)
+    await store.claim(["Q1"], T0 + 300)
+    await store.finish(Delivered("Q1", T0 + 900))
     assert await store.due(T0 + 899, 10) == []
     assert (await only(store, T0 + 900)).attempts == 2
     assert await store.next_due_time() == T0 + 900
@@ -171,15 +203,54 @@ async def test_next_due_time_is_none_without_deferred_mail(store):
     assert await store.next_due_time() is None
 
 
-async def test_record_of_several_messages_at_once(store):
+async def test_finishes_of_several_messages_share_a_commit(store):
     for q in ("Q1", "Q2"):
         await store.insert(new(q))
-    m1, m2 = await store.due(T0, 10)
-    await store.activate(["Q1", "Q2"])
-    await store.record([Delivered("Q1", (result(m1, 0, Outcome.SENT),), None),
-                        Delivered("Q2", (result(m2, 0, Outcome.DEFERRED),), T0 + 60)])
+    await store.claim(["Q1", "Q2"], T0)
+    before = store.commits
+    await asyncio.gather(store.finish(Delivered("Q1", None)), store.finish(Delivered("Q2", T0 + 60)))
+    assert store.commits - before == 1
     assert await store.counts() == {"deferred": 1}
     assert (await only(store, T0 + 60)).queue_id == "Q2"
+
+
+async def test_owed_notices_are_kept_until_finish_queues_them(store):
+    """A bounce recorded when its job ended, then a crash: the row still says a notice is owed, with what the
+    notice needs; finish clears the flag in the transaction that queues the notice."""
+    await store.insert(new("Q1", "x@example.test", "y@example.test"))
+    msg = await only(store)
+    await store.claim(["Q1"], T0)
+    bounced = RcptResult(msg.recipients[0], Outcome.BOUNCED, "5.1.1", "no such user", "mx.test[192.0.2.1]:25")
+    await record(store, msg, bounced, owed=True)
+    await record(store, msg, result(msg, 1, Outcome.SENT))
+    assert await store.recover() == 1  # the crash
+    [again] = await store.due(T0, 10)
+    assert (again.recipients, again.owed) == ((), (bounced,))
+    await store.claim(["Q1"], T0)
+    await store.finish(Delivered("Q1", None, noticed=(0,)), notices=[new("BOUNCE1", sender="")])
+    assert [m.queue_id for m in await store.due(T0, 10)] == ["BOUNCE1"]
+    assert await store.recipients("Q1") == []
+
+
+async def test_finish_can_record_the_last_jobs_results_in_the_same_transaction(store):
+    await store.insert(new("Q1", "x@example.test", "y@example.test"))
+    msg = await only(store)
+    await store.claim(["Q1"], T0)
+    await record(store, msg, result(msg, 0, Outcome.SENT))
+    before = store.commits
+    await store.finish(Delivered("Q1", T0 + 60), results=[result(msg, 1, Outcome.DEFERRED, "4.4.1", "later")])
+    assert store.commits - before == 1
+    assert await store.recipients("Q1") == [("x@example.test", "sent", "2.0.0", "sent"),
+                                            ("y@example.test", "pending", "4.4.1", "later")]
+
+
+async def test_finish_bounces_expired_recipients(store):
+    await store.insert(new("Q1", "x@example.test"))
+    msg = await only(store)
+    await store.claim(["Q1"], T0)
+    expired = result(msg, 0, Outcome.BOUNCED, "4.4.1", "message expired: connection refused")
+    await store.finish(Delivered("Q1", None, expired=(expired,)))
+    assert await store.counts() == {}
 
 
 # ---------------------------------------------------------------------------------------------- corrupt
@@ -245,7 +316,7 @@ async def test_internal_writes_are_never_refused_for_backlog(tmp_path):
     try:
         for q in ("Q1", "Q2", "Q3"):
             await store.insert(new(q))
-        await asyncio.gather(store.activate(["Q1"]), store.mark_corrupt(["Q2"]), store.activate(["Q3"]))
+        await asyncio.gather(store.claim(["Q1"], T0), store.mark_corrupt(["Q2"]), store.claim(["Q3"], T0))
         assert await store.counts() == {"active": 2, "corrupt": 1}
     finally:
         await store.close()
@@ -299,9 +370,10 @@ async def test_reopened_store_still_has_the_rows(tmp_path):
     await store.insert(new("Q1", "x@example.test", "y@example.test"))
     await store.insert(new("Q2"))
     msg = next(m for m in await store.due(T0, 10) if m.queue_id == "Q1")
-    await store.activate(["Q1"])
-    await store.record([Delivered("Q1", (result(msg, 0, Outcome.SENT), result(msg, 1, Outcome.DEFERRED)), T0 + 60)])
-    await store.activate(["Q2"])
+    await store.claim(["Q1"], T0)
+    await record(store, msg, result(msg, 0, Outcome.SENT), result(msg, 1, Outcome.DEFERRED))
+    await store.finish(Delivered("Q1", T0 + 60))
+    await store.claim(["Q2"], T0)
     await store.close()
 
     store = await Store.open(path)
@@ -392,9 +464,10 @@ async def test_a_failed_open_leaves_no_connection_behind(tmp_path, damage):
 async def test_a_hold_made_during_delivery_stands(store):
     await store.insert(new("Q1"))
     msg = await only(store)
-    await store.activate(["Q1"])
-    await store._committer.write([("UPDATE message SET queue = 'hold' WHERE id = ?", [("Q1",)])])  # an operator
-    await store.record([Delivered("Q1", (result(msg, 0, Outcome.DEFERRED),), T0 + 300)])
+    await store.claim(["Q1"], T0)
+    await store.hold_messages(["Q1"])  # an operator
+    await record(store, msg, result(msg, 0, Outcome.DEFERRED))
+    await store.finish(Delivered("Q1", T0 + 300))
     assert await store.counts() == {"hold": 1}
 
 
@@ -402,20 +475,11 @@ async def test_due_alternates_new_and_deferred_mail(store):
     for i in range(3):
         await store.insert(new(f"OLD{i}", arrival=T0 - 100 + i))
     for m in await store.due(T0, 10):
-        await store.activate([m.queue_id])
-        await store.record([Delivered(m.queue_id, (result(m, 0, Outcome.DEFERRED),), T0 - 1)])
+        await store.claim([m.queue_id], T0)
+        await store.finish(Delivered(m.queue_id, T0 - 1))
     for i in range(3):
         await store.insert(new(f"NEW{i}", arrival=T0 + i))
     assert [m.queue_id for m in await store.due(T0 + 10, 4)] == ["NEW0", "OLD0", "NEW1", "OLD1"]
-
-
-async def test_notices_are_queued_with_the_results(store):
-    await store.insert(new("Q1"))
-    msg = await only(store)
-    await store.activate(["Q1"])
-    await store.record([Delivered("Q1", (result(msg, 0, Outcome.BOUNCED, "5.1.1", "no such user"),))],
-                       notices=[new("BOUNCE1", sender="")])
-    assert [m.queue_id for m in await store.due(T0, 10)] == ["BOUNCE1"]
 
 
 # ---------------------------------------------------------------------------------------------- content files
@@ -448,8 +512,8 @@ async def test_a_big_message_is_linked_in_read_back_in_pieces_and_its_file_remov
     assert back.to_bytes() == b"Received: x\r\n" + data
     queued = await only(store)
     assert queued.size == back.size
-    await store.activate(["Q1"])
-    await store.record([Delivered("Q1", (result(queued, 0, Outcome.SENT),), None)])
+    assert await store.claim(["Q1"], T0) == ["Q1"]
+    await store.finish(Delivered("Q1", None), results=[result(queued, 0, Outcome.SENT)])
     assert spool_files(store) == [] and await store.content("Q1") is None
 
 
@@ -508,4 +572,106 @@ async def test_a_version_1_queue_is_upgraded_and_its_messages_read(tmp_path):
     finally:
         await store.close()
     with sqlite3.connect(path) as con:
-        assert con.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+        assert con.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+
+
+
+# ---------------------------------------------------------------------------------------------- faults, space, schema
+
+
+async def test_a_failed_write_reports_sqlites_own_error_not_the_rollback(store):
+    """SQLite rolls a transaction back itself after some errors (SQLITE_FULL at commit, I/O errors); a second
+    ROLLBACK must not replace the real reason with "cannot rollback - no transaction is active"."""
+    store._writer._con.execute("CREATE TEMP TRIGGER full BEFORE INSERT ON message"
+                               " BEGIN SELECT RAISE(ROLLBACK, 'database or disk is full'); END")
+    with pytest.raises(sqlite3.Error, match="database or disk is full"):
+        await store.insert(new("Q1"))
+    store._writer._con.execute("DROP TRIGGER full")
+    await store.insert(new("Q2"))  # the connection is usable afterwards
+    assert await store.counts() == {"incoming": 1}
+
+
+async def test_a_store_fault_fails_a_whole_batch_at_once(tmp_path):
+    """Locked by another process: every request of the batch gets the error after one wait, not one wait each."""
+    path = tmp_path / "queue.db"
+    store = await Store.open(path, busy_timeout=0.2)
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        outcomes = await asyncio.gather(*(store.insert(new(f"Q{i}")) for i in range(20)), return_exceptions=True)
+        assert all(isinstance(o, sqlite3.OperationalError) and "locked" in str(o) for o in outcomes)
+        assert loop.time() - started < 1.5  # 20 requests retried one by one would wait 20 x 0.2 s
+        holder.execute("COMMIT")
+        await store.insert(new("AFTER"))
+    finally:
+        holder.close()
+        await store.close()
+
+
+async def test_maintain_gives_the_space_of_a_drained_burst_back(tmp_path):
+    path = tmp_path / "queue.db"
+    store = await Store.open(path, owner=True)
+    try:
+        big = b"Subject: burst\r\n\r\n" + b"x" * 8000 + b"\r\n"
+        await store.insert_many([new(f"B{i:04d}", content=big) for i in range(1500)])
+        full = path.stat().st_size
+        assert full > 10_000_000
+        await store.delete_messages([f"B{i:04d}" for i in range(1500)])
+        assert path.stat().st_size == full  # deleting alone gives nothing back
+        freed = 0
+        for _ in range(10):
+            step = await store.maintain()
+            freed += step
+            if not step:
+                break
+        assert freed > 2000
+        assert path.stat().st_size < full / 5
+        assert Path(f"{path}-wal").stat().st_size < 1_000_000  # the WAL truncated too
+        assert await store.maintain() == 0  # nothing more to do: a cheap check
+        await store.insert(new("AFTER"))
+        assert await store.counts() == {"incoming": 1}
+    finally:
+        await store.close()
+
+
+V1_SCHEMA = """
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+INSERT INTO schema_version VALUES (1);
+CREATE TABLE message (id TEXT PRIMARY KEY, queue TEXT NOT NULL DEFAULT 'incoming'
+    CHECK (queue IN ('incoming', 'active', 'deferred', 'hold', 'corrupt')), sender TEXT NOT NULL,
+    arrival REAL NOT NULL, next_attempt REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, size INTEGER NOT NULL,
+    smtputf8 INTEGER NOT NULL DEFAULT 0, body_type TEXT NOT NULL DEFAULT '7BIT', client TEXT NOT NULL DEFAULT '',
+    envid TEXT NOT NULL DEFAULT '', ret TEXT NOT NULL DEFAULT '', warned INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
+CREATE INDEX message_due ON message (queue, next_attempt);
+CREATE TABLE recipient (message_id TEXT NOT NULL, idx INTEGER NOT NULL, address TEXT NOT NULL,
+    original TEXT NOT NULL, notify TEXT NOT NULL DEFAULT '', orcpt TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'bounced')),
+    dsn TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '', PRIMARY KEY (message_id, idx)) WITHOUT ROWID;
+CREATE TABLE content (message_id TEXT PRIMARY KEY, data BLOB NOT NULL);
+INSERT INTO message (id, queue, sender, arrival, next_attempt, size) VALUES ('OLD1', 'active', 'a@remote.test', 1, 1, 6);
+INSERT INTO recipient (message_id, idx, address, original, status) VALUES ('OLD1', 0, 'x@example.test', 'x@example.test', 'sent');
+INSERT INTO recipient (message_id, idx, address, original) VALUES ('OLD1', 1, 'y@example.test', 'y@example.test');
+INSERT INTO content VALUES ('OLD1', x'0d0a78790d0a');
+"""
+
+
+async def test_a_queue_made_by_the_previous_version_is_migrated_and_converted(tmp_path):
+    path = tmp_path / "queue.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(V1_SCHEMA)
+    store = await Store.open(path, owner=True)
+    try:
+        assert await store.recover() == 1
+        [msg] = await store.due(T0, 10)
+        assert (msg.queue_id, msg.recipients, msg.owed) == ("OLD1", (Recipient(1, "y@example.test", "y@example.test"),), ())
+        await store.claim(["OLD1"], T0)
+        await record(store, msg, result(msg, 1, Outcome.BOUNCED), owed=True)
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+        assert db.execute("PRAGMA auto_vacuum").fetchone() == (2,)  # rebuilt once for incremental vacuum
+        assert db.execute("SELECT status, notice FROM recipient ORDER BY idx").fetchall() == [("sent", 0),
+                                                                                            ("bounced", 1)]

@@ -1,4 +1,5 @@
-"""Durability with a real process: what got 250 survives SIGKILL; what was recorded delivered is not resent."""
+"""Durability with a real process: what got 250 survives SIGKILL; what was recorded delivered is not resent; a stop
+or a crash while one destination is slow repeats no delivery that had finished, and each is in the log once."""
 from __future__ import annotations
 
 import asyncio
@@ -7,7 +8,7 @@ import uuid
 
 import pytest
 
-from tests.helpers import ServerProcess, big_message, eventually, free_port, send
+from tests.helpers import ServerProcess, big_message, eventually, free_port, maildir_messages, send, stall_mail
 
 MESSAGES = 5
 
@@ -113,3 +114,46 @@ async def test_big_mail_acknowledged_survives_sigkill_and_spool_files_of_the_res
         sorted(b.split(b"\r\n\r\n", 1)[1] for b in bodies)
     assert await eventually(lambda: queued_rows(tmp_path / "queue" / "queue.db") == 0, timeout=10)
     assert list(content.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- a slow destination
+
+
+async def split_message_half_delivered(server, smtp_peer, tmp_path):
+    """One message to a local user and to a relay destination that stalls at MAIL: the local copy is delivered,
+    the relayed one hangs. Returns (server, peer, gate, inbox)."""
+    peer = await smtp_peer()
+    gate = stall_mail(peer)
+    srv = server(relayhost=f"[127.0.0.1]:{peer.port}")
+    await srv.start()
+    _, reply = await send(srv.port, "s@remote.test", ["alice@local.test", "far@relay.test"], message("split"))
+    assert reply.startswith("2.0.0 Ok: queued as")
+    inbox = tmp_path / "mail" / "alice" / "Maildir"
+    assert await eventually(lambda: maildir_messages(inbox) and peer.handler.stalled, timeout=10)
+    # the local delivery is recorded (and logged) when its job ends, not when the slow one does
+    await eventually(lambda: srv.log_lines("to=<alice@local.test>", "status=sent"), timeout=5)
+    return srv, peer, gate, inbox
+
+
+async def after_restart_each_recipient_once(srv, peer, gate, inbox, tmp_path) -> None:
+    gate.set()  # the destination answers again
+    await srv.start()
+    assert await eventually(lambda: peer.messages, timeout=15)
+    db = tmp_path / "queue" / "queue.db"
+    assert await eventually(lambda: queued_rows(db) == 0, timeout=15)
+    assert len(maildir_messages(inbox)) == 1, "the local copy was delivered again after the restart"
+    assert [m.rcpt_tos for m in peer.messages] == [["far@relay.test"]]
+    assert len(srv.log_lines("to=<alice@local.test>", "status=sent")) == 1, "the first delivery is in the log, once"
+    assert len(srv.log_lines("to=<far@relay.test>", "status=sent")) == 1
+
+
+async def test_sigterm_while_a_destination_is_slow_repeats_no_finished_delivery(server, smtp_peer, tmp_path):
+    srv, peer, gate, inbox = await split_message_half_delivered(server, smtp_peer, tmp_path)
+    assert await srv.terminate() == 0  # the slow delivery is cut off after the grace period
+    await after_restart_each_recipient_once(srv, peer, gate, inbox, tmp_path)
+
+
+async def test_sigkill_while_a_destination_is_slow_repeats_no_finished_delivery(server, smtp_peer, tmp_path):
+    srv, peer, gate, inbox = await split_message_half_delivered(server, smtp_peer, tmp_path)
+    srv.kill()
+    await after_restart_each_recipient_once(srv, peer, gate, inbox, tmp_path)

@@ -21,7 +21,13 @@ VENV_SCRIPT = Path(sys.executable).parent / "mailflow"
 
 @pytest.fixture
 def cfg(tmp_path, write_config):
-    return lambda **settings: write_config(tmp_path / "mailflow.toml", **settings)
+    def make(**settings):
+        queue = tmp_path / "queue"
+        if not queue.exists():  # as on an installed system: the queue directory is there, server or not
+            queue.mkdir()
+        return write_config(tmp_path / "mailflow.toml", **settings)
+
+    return make
 
 
 async def run(config: Path | None, *args: str, stdin: bytes = b"", program: list[str] | None = None,
@@ -46,7 +52,7 @@ async def delivered(tmp_path: Path, user: str, count: int = 1, timeout: float = 
 async def test_t_delivers_to_the_maildir_with_the_server_running(mailflow_server, cfg, tmp_path):
     await mailflow_server()
     rc, _, err = await run(cfg(), "-t", stdin=b"To: alice@local.test\nSubject: hi\n\nbody\n")
-    assert rc == 0, err
+    assert rc == 0 and err == "", err  # a server owns the queue: no warning
     [message] = await delivered(tmp_path, "alice")
     assert b"Subject: hi" in message and message.endswith(b"body\n")
     assert f"(mailflow, from userid {os.getuid()})".encode() in message
@@ -56,6 +62,7 @@ async def test_mail_waits_in_maildrop_and_is_delivered_within_a_second_of_start(
     config = cfg()
     rc, _, err = await run(config, "bob@local.test", stdin=b"Subject: later\n\nwaiting\n")
     assert rc == 0, err
+    assert f"warning: no mailflow server is running on {tmp_path / 'queue'}" in err  # stored, but said
     drop = tmp_path / "queue" / "maildrop"
     assert len(maildrop_names(drop)) == 1
     started = time.monotonic()
@@ -166,6 +173,16 @@ async def test_no_recipients_is_a_usage_error(cfg):
     assert rc == 64 and "no recipients" in err
     rc, _, err = await run(cfg(), "-t", stdin=b"Subject: nobody\n\nx\n")
     assert rc == 64
+
+
+async def test_a_queue_directory_that_does_not_exist_is_refused_naming_it(write_config, tmp_path):
+    """A wrong configuration (or a relative path taken from the wrong place) must not strand mail where no server
+    looks: nothing is stored, exit 73."""
+    config = write_config(tmp_path / "mailflow.toml", queue_directory=str(tmp_path / "nowhere"))
+    rc, _, err = await run(config, "bob@local.test", stdin=b"\nx\n")
+    assert rc == 73
+    assert f"the queue directory {tmp_path / 'nowhere'} does not exist" in err and "queue_directory" in err
+    assert not (tmp_path / "nowhere").exists()
 
 
 async def test_a_message_that_cannot_be_stored_exits_73_with_a_reason(cfg, tmp_path):

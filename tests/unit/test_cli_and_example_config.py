@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mailflow.config import Config, load_config
+from mailflow.config import Config, load_config, resolve_paths
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -15,7 +15,7 @@ def mailflow(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_example_config_loads_and_states_the_defaults():
-    assert load_config(ROOT / "config.toml") == Config()
+    assert load_config(ROOT / "config.toml") == resolve_paths(Config(), ROOT)  # its relative paths from its directory
 
 
 def test_check_config_accepts_the_example():

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from mailflow.config import Config, QueueConfig, SmtpdConfig, load_config, parse_duration, parse_hostport
+from mailflow.config import (Config, QueueConfig, SmtpdConfig, load_config, parse_duration, parse_hostport,
+                             resolve_paths)
 from mailflow.errors import ConfigError
 
 
@@ -27,10 +28,10 @@ def config_error(path: Path) -> ConfigError:
 
 def test_embedded_defaults():
     c = load_config(None)
-    assert c == Config()
+    assert c == resolve_paths(Config(), Path.cwd())  # relative paths from the current directory, made absolute
+    assert Config().queue_directory == "var"
     assert c.smtpd.listen == ("127.0.0.1:2525",)
-    assert c.queue_directory == "var"
-    assert c.queue_path == Path("var")
+    assert c.queue_path == Path.cwd() / "var"
     assert c.mydestination == ("localhost",)
     assert c.relay_domains == ()
     assert c.relayhost == ""
@@ -40,7 +41,7 @@ def test_embedded_defaults():
 
 
 def test_empty_file_gives_the_defaults(tmp_path):
-    assert load_config(write(tmp_path, "")) == Config()
+    assert load_config(write(tmp_path, "")) == resolve_paths(Config(), tmp_path)
 
 
 def test_load_config_reads_values_and_sections(tmp_path):
@@ -228,3 +229,52 @@ def test_a_domain_that_cannot_be_encoded_is_refused(tmp_path):
     err = config_error(write(tmp_path, "relay_domains = ['a..bücher']\n"))
     assert err.key == "relay_domains"
     assert "not a domain name" in err.reason
+
+
+# ---------------------------------------------------------------------------------------------- relative paths
+
+
+def test_relative_paths_are_taken_from_the_configuration_files_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir("/")  # wherever the command runs (cron, PHP), the file's directory decides
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    path = write(etc, """
+queue_directory = "spool"
+alias_maps = ["texthash:aliases", "inline:{a=b}", "texthash:/abs/aliases"]
+transport_maps = ["regexp:maps/transport.re"]
+[smtpd]
+tls_cert_file = "tls/cert.pem"
+recipient_restrictions = ["check_recipient_access texthash:access", "reject_unauth_destination"]
+listeners = [{ address = "127.0.0.1:587", role = "submission", overrides = { tls_cert_file = "sub.pem", sasl_user_maps = ["texthash:users"] } }]
+[local]
+maildir_base = "/var/mail"
+home_mailbox = "Maildir/"
+[sendmail]
+authorized_submit_users = ["texthash:submitters", "root", "!guest"]
+""")
+    c = load_config(path)
+    assert c.queue_path == etc / "spool"
+    assert c.alias_maps == (f"texthash:{etc}/aliases", "inline:{a=b}", "texthash:/abs/aliases")
+    assert c.transport_maps == (f"regexp:{etc}/maps/transport.re",)
+    assert c.smtpd.tls_cert_file == f"{etc}/tls/cert.pem"
+    assert c.smtpd.recipient_restrictions == (f"check_recipient_access texthash:{etc}/access",
+                                              "reject_unauth_destination")
+    assert c.smtpd.listeners[0].overrides == {"tls_cert_file": f"{etc}/sub.pem",
+                                              "sasl_user_maps": (f"texthash:{etc}/users",)}
+    assert c.local.maildir_base == "/var/mail"  # absolute: as written
+    assert c.local.home_mailbox == "Maildir/"  # relative to each home, not to the file
+    assert c.local.mail_spool_directory == f"{etc}/var/spool/mail"  # a default is a relative path too
+    assert c.sendmail.authorized_submit_users == (f"texthash:{etc}/submitters", "root", "!guest")
+
+
+def test_show_changed_does_not_list_defaults_made_absolute(tmp_path):
+    from mailflow.config import show_settings
+
+    c = load_config(write(tmp_path, 'relayhost = "[10.0.0.1]:25"\nqueue_directory = "q"\n'))
+    assert show_settings(c, changed_only=True) == ['relayhost = "[10.0.0.1]:25"', f'queue_directory = "{tmp_path}/q"']
+
+
+def test_queue_minfree_is_a_byte_count(tmp_path):
+    assert Config().queue.queue_minfree == 0
+    assert load_config(write(tmp_path, "[queue]\nqueue_minfree = 50000000\n")).queue.queue_minfree == 50_000_000
+    assert "queue.queue_minfree" in str(config_error(write(tmp_path, "[queue]\nqueue_minfree = -1\n")))

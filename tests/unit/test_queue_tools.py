@@ -367,10 +367,11 @@ async def test_shape_counts_pending_recipients_only(store):
 
     now = time.time()
     await store.insert(new("C1", now, ["a@x.test", "b@x.test"]))
-    await store.activate(["C1"])
+    await store.claim(["C1"], now)
     sent = RcptResult(Recipient(0, "a@x.test", "a@x.test"), Outcome.SENT, "2.0.0", "ok")
     later = RcptResult(Recipient(1, "b@x.test", "b@x.test"), Outcome.DEFERRED, "4.4.1", "refused")
-    await store.record([Delivered("C1", (sent, later), next_attempt=now + 60)])
+    await store.record_results("C1", [(sent, False), (later, False)])
+    await store.finish(Delivered("C1", next_attempt=now + 60))
     total, domains = qt.shape_rows(await store.shape_counts(("deferred",), now, qt.shape_limits()), 20)
     assert total[0] == 1 and domains == [("x.test", [1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0])]
 

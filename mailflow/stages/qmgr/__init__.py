@@ -4,20 +4,28 @@ The loop
 - A scan runs when cleanup queues new mail (`wake()`), when a message finishes, when an operator tool
   changed the queue (the store's generation counter, polled every second), when the earliest deferred
   message comes due (known from its own deferrals, and from an index lookup at each timed scan, so it
-  survives restarts and operator changes), and at least every `queue_run_delay`. It takes up to `active_limit - active` due messages,
-  new and deferred mail alternating, marks them active and resolves each pending recipient to
+  survives restarts and operator changes), and at least every `queue_run_delay`. It reads up to
+  `active_limit - active` due messages, new and deferred mail alternating, claims them in the store (an atomic
+  incoming/deferred -> active; only what was claimed is admitted) and resolves each pending recipient to
   `(transport, nexthop)` through trivial-rewrite.
 - Each destination gets one job per message and runs as many at once as its window allows
   (`destination.py`: slow start, throttle on site failure, dead-site memory). `delivery_concurrency_limit`
   caps all deliveries, `transport_concurrency_limit` each transport. A dead destination's jobs are
   deferred without a connection attempt.
-- When every job of a message is back, one `store.record()` (group-committed with others) marks each
-  recipient sent / bounced / pending, removes the message or defers it to
-  `now + clamp(age, minimal_backoff_time, maximal_backoff_time)` plus up to 10 % jitter, and queues the
-  notices the results call for (`notices.py`) in the same transaction. A message still pending after
-  `maximal_queue_lifetime` (`bounce_queue_lifetime` for null-sender mail) is returned: its pending
-  recipients count as bounced. After `delay_warning_time` the sender gets one "delayed" notice.
-- About once a second the destinations' state is written to the store for `mailflow queue destinations`.
+- When a job is back its recipients' results are recorded at once (`store.record_results`, group-committed
+  with other writes) and logged: sent, bounced, or still pending with the reason. A recipient whose failure or
+  success notice is owed keeps a flag in its row. So a stop or a crash repeats only deliveries that were
+  themselves interrupted (Postfix's deliver_completed).
+- When every job of a message is back, one `store.finish()` records the last job's results, queues the notices
+  the flagged rows call for (`notices.py`; rows flagged before a stop come with the message from the scan) and
+  clears the flags, and removes the message or defers it to
+  `now + clamp(age, minimal_backoff_time, maximal_backoff_time)` plus up to 10 % jitter, all in one
+  transaction. A message still pending after `maximal_queue_lifetime` (`bounce_queue_lifetime` for null-sender
+  mail) is returned: its pending recipients count as bounced. After `delay_warning_time` the sender gets one
+  "delayed" notice. A message whose recipients were all recorded before a crash has no pending recipient when it
+  is scanned again after the start; its scan finishes it.
+- About once a second the destinations' state is written to the store for `mailflow queue destinations`, and
+  every `MAINTENANCE_INTERVAL` the store gives free space back (`store.maintain`).
 
 Failure behaviour
 - A resolver or transport that raises, a content read error, a recipient the agent does not report on:
@@ -26,8 +34,14 @@ Failure behaviour
 - A message an operator holds or deletes while it is active: its jobs not yet started are dropped at the
   next tick (held: its recipients stay pending; deleted: nothing is recorded); one in flight finishes.
   `mailflow queue flush` also revives dead destinations, like `postqueue -f`.
-- A failed `record()` is retried; if the store stays broken the message is left `active`, and the next
-  start makes it due again (start-up is recovery).
+- A record that fails is retried while the server runs (`faults.Retrier`): the results wait in memory and the
+  message stays in qmgr's hands, so nothing is forgotten and nothing is delivered again because a write failed.
+  A store fault (locked, disk full, I/O) puts every record behind one probe per backoff interval.
+- Each chore of the loop (the operator poll, the destination snapshot, the scan, maintenance) backs off on its
+  own after a failure (`faults.Guard`, 0.5 s doubling to 10 s) and is logged once per minute with a count. Only
+  `wake()` (new mail committed: the store takes writes again) ends that wait early; internal wake-ups do not.
+- At stop, deliveries in flight get the grace period; those cut off stay pending (their messages stay active and
+  are taken again after the next start); results already back are recorded before the store closes.
 - The wake-up event carries no state: a lost wake-up costs at most one tick.
 """
 from __future__ import annotations
@@ -40,32 +54,41 @@ from typing import Callable
 
 from mailflow.clock import Clock
 from mailflow.content import Content
+from mailflow.faults import FIRST_DELAY, MAX_DELAY, Guard, Retrier
 from mailflow.logs import MailLog
 from mailflow.model import (Delivered, DeliveryReport, DeliveryRequest, Outcome, QueuedMessage, RcptResult,
                             Resolution)
+from mailflow.stages.bounce import wants_notice
 from mailflow.stages.qmgr.backoff import next_attempt
 from mailflow.stages.qmgr.destination import Destination, Job
-from mailflow.store import Store
+from mailflow.store import Store, store_fault
 
 log = logging.getLogger("mailflow.qmgr")
 
 TICK = 1.0  # default seconds between polls of the tools' generation counter and destination snapshots
 JITTER = 0.1  # retries spread over up to 10 % of their delay, so mail that arrived together does not retry in step
-RECORD_TRIES = 3
+MIN_RESCAN = 0.1  # seconds: the soonest a timed scan follows the one before
+MAINTENANCE_INTERVAL = 60.0  # seconds between checks whether the store has space to give back
+RECORD_GRACE = 5.0  # at stop, seconds granted to results already back to be recorded after deliveries are cut off
 
 
 @dataclass
 class ActiveMessage:
     message: QueuedMessage
     jobs_left: int
-    results: list[RcptResult] = field(default_factory=list)
+    attempt: list[RcptResult] = field(default_factory=list)  # this attempt's results, recorded
+    owed: list[RcptResult] = field(default_factory=list)  # recorded results whose notice is not queued yet
+    recording: int = 0  # result batches being written
+    finishing: bool = False
     content: asyncio.Future | None = None  # read once however many destinations (a Content: big ones stay in files)
     withdrawn: str = ""  # "hold" or "deleted" when an operator took it back while it was active
 
 
 class QueueManager:
     def __init__(self, store: Store, *, resolve: Callable[[str], Resolution], transports: dict, config,
-                 clock: Clock, rng, log: MailLog, notices=None, tick: float = TICK):
+                 clock: Clock, rng, log: MailLog, notices=None, tick: float = TICK,
+                 backoff: tuple[float, float] = (FIRST_DELAY, MAX_DELAY)):
+        """`backoff`: (first, cap) seconds between tries of a failing store write or chore."""
         self._store = store
         self._resolve = resolve
         self._transports = transports
@@ -80,12 +103,23 @@ class QueueManager:
         self._in_flight = 0
         self._in_flight_by_transport: dict[str, int] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._deliveries: set[asyncio.Task] = set()
         self._wakeup = asyncio.Event()
         self._next_scan = 0.0
+        self._next_maintenance = 0.0
         self._generation = 0
         self._flushes = 0
         self._snapshot: list[tuple] | None = None
         self._loop_task: asyncio.Task | None = None
+        self._stopping = False
+        first, cap = backoff
+        logger = logging.getLogger("mailflow.qmgr")  # (`log` here is the mail log)
+        self._writes = Retrier(clock, logger, "qmgr: recording delivery results", shared=store_fault,
+                               first=first, cap=cap)
+        self._poll = Guard("qmgr: reading operator changes", clock, logger, first=first, cap=cap)
+        self._publish = Guard("qmgr: writing the destination snapshot", clock, logger, first=first, cap=cap)
+        self._scanning = Guard("qmgr: queue scan", clock, logger, first=first, cap=cap)
+        self._maintenance = Guard("qmgr: store maintenance", clock, logger, first=first, cap=cap)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -94,23 +128,39 @@ class QueueManager:
             log.info("qmgr: %d messages were active when the server stopped; they are due again", recovered)
         self._generation = await self._store.generation()
         self._flushes = await self._store.flush_requests()
+        self._next_maintenance = self._clock.time() + MAINTENANCE_INTERVAL
         self._loop_task = asyncio.create_task(self._run(), name="qmgr")
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Stop taking new work, let deliveries in flight finish within `grace`, cancel the rest."""
+        """Stop taking new work, let deliveries in flight finish within `grace` and cancel the rest; results
+        already back get recorded (within RECORD_GRACE more when the store is slow)."""
+        self._stopping = True  # no job starts any more
         if self._loop_task:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
-        if self._tasks:
-            done, pending = await asyncio.wait(set(self._tasks), timeout=grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await self._drain(grace)
+        for task in list(self._deliveries):
+            task.cancel()
+        await asyncio.gather(*self._deliveries, return_exceptions=True)
+        await self._drain(min(grace, RECORD_GRACE))
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for transport in {id(t): t for t in self._transports.values()}.values():
             await transport.close()
 
+    async def _drain(self, seconds: float) -> None:
+        """Wait up to `seconds` for every task, including those the finishing ones start (records, finishes)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while self._tasks and loop.time() < deadline:
+            await asyncio.wait(set(self._tasks), timeout=deadline - loop.time())
+
     def wake(self) -> None:
-        """New mail is queued, or room was freed: scan soon. Carries no state."""
+        """New mail is queued: scan soon. Carries no state, but says the store took a commit, so a chore backing
+        off after a store fault is tried again now rather than at the end of its backoff."""
+        for guard in (self._poll, self._publish, self._scanning):
+            guard.retry_now()
         self._wakeup.set()
 
     @property
@@ -127,14 +177,23 @@ class QueueManager:
 
     # -- the loop ---------------------------------------------------------------------------------
     async def _run(self) -> None:
+        """Each turn runs the chores; one that fails backs off alone (logged once a minute), the loop sleeps."""
         while True:
             self._wakeup.clear()
-            try:
-                await self._tick()  # first: operator changes (holds, flushes) must be seen before a scan acts
-                await self._scan()
-            except Exception:  # the store is unhappy: keep the loop alive and try again later
-                log.exception("qmgr: queue scan failed")
-            await self._idle(min(self._tick_seconds, max(0.0, self._next_scan - self._clock.time())))
+            await self._poll.run(self._poll_operators)  # first: holds and flushes are seen before a scan acts
+            self._pump()  # also revives destinations whose dead timer ran out
+            await self._publish.run(self._publish_destinations)
+            await self._scanning.run(self._scan)
+            if self._clock.time() >= self._next_maintenance:
+                self._next_maintenance = self._clock.time() + MAINTENANCE_INTERVAL
+                await self._maintenance.run(self._store.maintain)
+            await self._idle(self._idle_seconds())
+
+    def _idle_seconds(self) -> float:
+        next_scan = self._next_scan
+        if self._scanning.backing_off:
+            next_scan = max(next_scan, self._scanning.resume_at)
+        return min(self._tick_seconds, max(0.0, next_scan - self._clock.time()))
 
     async def _idle(self, seconds: float) -> None:
         """Wait for a wake-up or until `seconds` pass on the injected clock, whichever comes first."""
@@ -146,20 +205,21 @@ class QueueManager:
             woken.cancel()
             timer.cancel()
 
-    async def _tick(self) -> None:
-        """The once-a-second chores: notice operator changes; publish destination state when it changed."""
+    async def _poll_operators(self) -> None:
+        """Notice operator changes: holds and deletes (the generation counter), flush requests."""
         generation = await self._store.generation()
         if generation != self._generation:
-            self._generation = generation
             await self._withdraw_taken_back()
+            self._generation = generation
             self._next_scan = self._clock.time()
-            self.wake()
+            self._wakeup.set()
         flushes = await self._store.flush_requests()
         if flushes != self._flushes:  # `mailflow queue flush`: like postqueue -f, dead sites get another try
             self._flushes = flushes
             for dest in self._destinations.values():
                 dest.revive()
-        self._pump()  # also revives destinations whose dead timer ran out
+
+    async def _publish_destinations(self) -> None:
         rows = self.destinations()
         if rows != self._snapshot:
             await self._store.save_destinations(rows, self._clock.time())
@@ -175,6 +235,10 @@ class QueueManager:
             active.withdrawn = state
             for dest in self._destinations.values():
                 for job in dest.withdraw(queue_id):
+                    if state == "deleted":  # nothing left to record
+                        active.jobs_left -= 1
+                        self._results_in(active, [])
+                        continue
                     text = "delivery suspended: the message was put on hold"
                     self._job_done(job, DeliveryReport.uniform(job.recipients, Outcome.DEFERRED, "4.0.0", text))
 
@@ -183,13 +247,17 @@ class QueueManager:
         room = self._config.active_limit - len(self._active)
         due = [m for m in await self._store.due(now, room) if m.queue_id not in self._active] if room > 0 else []
         if due:
-            await self._store.activate([m.queue_id for m in due])
+            claimed = set(await self._store.claim([m.queue_id for m in due], now))
             for message in due:
-                self._admit(message)
+                if message.queue_id in claimed:  # another taker, or an operator, may have been first
+                    self._admit(message)
             self._pump()
         if now >= self._next_scan:  # a timed scan: sleep next until the earliest deferred message is due
             next_due = await self._store.next_due_time()  # (an index lookup), at most a queue run
-            self._next_scan = min(now + self._config.queue_run_delay, next_due if next_due is not None else now + 1e9)
+            later = now + self._config.queue_run_delay
+            if next_due is not None and len(self._active) < self._config.active_limit:
+                later = min(later, max(next_due, now + MIN_RESCAN))  # never 0: no spin on a due backlog
+            self._next_scan = later
 
     def _admit(self, message: QueuedMessage) -> None:
         groups: dict[tuple[str, str], list] = {}
@@ -204,13 +272,12 @@ class QueueManager:
             if res.address != rcpt.address:  # trivial-rewrite's form (the percent hack), as Postfix's qmgr uses it
                 rcpt = dataclasses.replace(rcpt, address=res.address)
             groups.setdefault((res.transport, res.nexthop), []).append(rcpt)
-        active = ActiveMessage(message, jobs_left=len(groups), results=unresolved)
+        active = ActiveMessage(message, jobs_left=len(groups), owed=list(message.owed))
         self._active[message.queue_id] = active
-        if not groups:  # nothing to deliver now: record what we know (or remove a message with no one left)
-            self._spawn(self._finish(active))
-            return
         for (transport, nexthop), rcpts in groups.items():
             self._destination(transport, nexthop).jobs.append(Job(message.queue_id, transport, nexthop, tuple(rcpts)))
+        # nothing to deliver (every recipient was done before a stop, or none resolved): the attempt ends now
+        self._results_in(active, unresolved)
 
     def _destination(self, transport: str, nexthop: str) -> Destination:
         key = (transport, nexthop)
@@ -225,6 +292,8 @@ class QueueManager:
 
     def _pump(self) -> None:
         """Start every job the windows and caps allow; defer the jobs of dead destinations unattempted."""
+        if self._stopping:
+            return
         now = self._clock.time()
         for dest in list(self._destinations.values()):
             if dest.is_dead(now):
@@ -233,7 +302,9 @@ class QueueManager:
             while dest.can_start(now) and self._room_for(dest.transport):
                 self._in_flight += 1
                 self._in_flight_by_transport[dest.transport] = self._in_flight_by_transport.get(dest.transport, 0) + 1
-                self._spawn(self._run_job(dest, dest.take()))
+                delivery = self._spawn(self._run_job(dest, dest.take()))
+                self._deliveries.add(delivery)
+                delivery.add_done_callback(self._deliveries.discard)
             if dest.idle:
                 del self._destinations[dest.key]
 
@@ -249,10 +320,11 @@ class QueueManager:
             self._job_done(job, DeliveryReport.uniform(job.recipients, Outcome.DEFERRED, "4.4.1", text,
                                                        site_ok=False))
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # -- one job ----------------------------------------------------------------------------------
     async def _run_job(self, dest: Destination, job: Job) -> None:
@@ -270,10 +342,8 @@ class QueueManager:
 
     def _job_done(self, job: Job, report: DeliveryReport) -> None:
         active = self._active[job.queue_id]
-        active.results.extend(_complete(job, report))
         active.jobs_left -= 1
-        if active.jobs_left == 0:
-            self._spawn(self._finish(active))
+        self._results_in(active, _complete(job, report))
 
     async def _deliver(self, active: ActiveMessage, job: Job) -> DeliveryReport:
         msg = active.message
@@ -304,52 +374,82 @@ class QueueManager:
             active.content = asyncio.ensure_future(self._store.content(active.message.queue_id))
         return await active.content
 
+    # -- recording results as jobs end ---------------------------------------------------------------
+    def _results_in(self, active: ActiveMessage, results: list[RcptResult]) -> None:
+        """A job's results: recorded at once; those of the job that ends the attempt go with the end of the
+        attempt, in one transaction (a single-destination message costs one write)."""
+        if active.jobs_left == 0 and active.recording == 0 and not active.finishing:
+            active.finishing = True
+            self._spawn(self._finish(active, results))
+        elif results:
+            active.recording += 1  # before the write starts, so the message cannot finish before it
+            self._spawn(self._record(active, results))
+
+    async def _record(self, active: ActiveMessage, results: list[RcptResult]) -> None:
+        msg = active.message
+        rows = [(r, _owes_notice(r)) for r in results]
+        try:
+            await self._writes.run(lambda: self._store.record_results(msg.queue_id, rows),
+                                   f"{msg.queue_id}: recording delivery results")
+        finally:
+            active.recording -= 1
+        now = self._clock.time()
+        for result in results:
+            self._log.result(msg.queue_id, result, now - msg.arrival)
+        active.attempt.extend(results)
+        active.owed.extend(r for r, owed in rows if owed)
+        self._results_in(active, [])  # the last record of a finished attempt ends it
+
     # -- the end of an attempt ------------------------------------------------------------------------
-    async def _finish(self, active: ActiveMessage) -> None:
+    async def _finish(self, active: ActiveMessage, last: list[RcptResult]) -> None:
+        """The end of the attempt; `last`: the results of the job that ended it, not recorded yet."""
+        msg = active.message
+        try:
+            if active.withdrawn == "deleted" or (_content_missing(active) and not await self._still_queued(msg)):
+                self._log.removed(msg.queue_id)  # by an operator; nothing left to record
+            elif _content_missing(active):
+                await self._writes.run(lambda: self._store.mark_corrupt([msg.queue_id]))
+                self._log.corrupt(msg.queue_id, "content missing")
+            else:
+                await self._conclude(active, last)
+        finally:
+            self._active.pop(msg.queue_id, None)
+            self._wakeup.set()  # room for another message
+
+    async def _conclude(self, active: ActiveMessage, last: list[RcptResult]) -> None:
+        """Defer or remove the message, and queue the notices its results owe, in one transaction."""
         msg = active.message
         now = self._clock.time()
-        if active.withdrawn == "deleted" or (_content_missing(active) and not await self._still_queued(msg)):
-            self._active.pop(msg.queue_id, None)
-            self._log.removed(msg.queue_id)  # by an operator; nothing left to record
-            return
-        if _content_missing(active):
-            await self._store.mark_corrupt([msg.queue_id])
-            self._log.corrupt(msg.queue_id, "content missing")
-            self._active.pop(msg.queue_id, None)
-            return
         q = self._config
         lifetime = q.bounce_queue_lifetime if not msg.sender else q.maximal_queue_lifetime
-        results = _expire(active.results, now - msg.arrival, lifetime)
-        pending = any(r.outcome is Outcome.DEFERRED for r in results)
+        pending = [r for r in active.attempt + last if r.outcome is Outcome.DEFERRED]
+        expired = _expire(pending, now - msg.arrival, lifetime)
+        if expired:
+            pending = []
         warn = bool(pending and q.delay_warning_time and not msg.warned
                     and now - msg.arrival >= q.delay_warning_time)
         retry_at = None
         if pending:
             retry_at = next_attempt(now, msg.arrival, q.minimal_backoff_time, q.maximal_backoff_time,
                                     jitter=JITTER, rng=self._rng)
-        notices = await self._make_notices(active, results, now, warn, msg.arrival + lifetime)
-        delivered = Delivered(msg.queue_id, tuple(results), retry_at, warned=msg.warned or warn)
-        try:
-            await self._record(delivered, [n for _, n in notices])
-        except Exception:
-            log.critical("%s: the attempt could not be recorded; the message stays active until the next start",
-                         msg.queue_id)
-            return
-        finally:
-            self._active.pop(msg.queue_id, None)
-        self._log_attempt(msg, results, notices, retry_at, now)
+        owed = active.owed + [r for r in last if _owes_notice(r)]
+        notices = await self._make_notices(active, owed + expired + (pending if warn else []), now, warn,
+                                           msg.arrival + lifetime)
+        done = Delivered(msg.queue_id, retry_at, warned=msg.warned or warn, expired=tuple(expired),
+                         noticed=tuple(r.recipient.index for r in active.owed))
+        await self._writes.run(lambda: self._store.finish(done, [n for _, n in notices], results=last),
+                               f"{msg.queue_id}: recording the end of the attempt")
+        logged = [r for r in last if not (expired and r.outcome is Outcome.DEFERRED)] + expired
+        self._log_end(msg, logged, notices, retry_at, now)
         if retry_at is not None and retry_at < self._next_scan:
             self._next_scan = retry_at
-        self.wake()
 
     async def _still_queued(self, msg: QueuedMessage) -> bool:
-        return msg.queue_id in await self._store.queue_states([msg.queue_id])
+        return msg.queue_id in await self._writes.run(lambda: self._store.queue_states([msg.queue_id]))
 
-    async def _make_notices(self, active: ActiveMessage, results, now: float, warn: bool, retry_until: float):
-        if self._notices is None:
-            return []
-        wanted = any(r.outcome is not Outcome.DEFERRED for r in results) or warn
-        if not wanted:
+    async def _make_notices(self, active: ActiveMessage, results: list[RcptResult], now: float, warn: bool,
+                            retry_until: float):
+        if self._notices is None or not results:
             return []
         try:
             original = await self._content(active) or Content()
@@ -358,19 +458,7 @@ class QueueManager:
         return self._notices.for_attempt(active.message, results, original=original, now=now, warn_delay=warn,
                                          retry_until=retry_until)
 
-    async def _record(self, delivered: Delivered, notices: list) -> None:
-        for attempt in range(1, RECORD_TRIES + 1):
-            try:
-                await self._store.record([delivered], notices)
-                return
-            except Exception as e:
-                log.error("%s: cannot record the delivery attempt (try %d of %d): %s", delivered.queue_id,
-                          attempt, RECORD_TRIES, e)
-                if attempt == RECORD_TRIES:
-                    raise
-                await self._clock.sleep(attempt)
-
-    def _log_attempt(self, msg: QueuedMessage, results, notices, retry_at, now: float) -> None:
+    def _log_end(self, msg: QueuedMessage, results, notices, retry_at, now: float) -> None:
         for result in results:
             self._log.result(msg.queue_id, result, now - msg.arrival)
         for notice, queued in notices:
@@ -380,12 +468,21 @@ class QueueManager:
             self._log.removed(msg.queue_id)
 
 
-def _expire(results: list[RcptResult], age: float, lifetime: float) -> list[RcptResult]:
-    """Past its lifetime a message gives up: pending recipients are returned, with their last reason."""
+_NOTICE_KIND = {Outcome.SENT: "success", Outcome.BOUNCED: "failure"}
+
+
+def _owes_notice(result: RcptResult) -> bool:
+    """A recipient sent or bounced now whose NOTIFY asks for a notice of that: its row keeps a flag until the
+    end of the attempt queues the notice."""
+    kind = _NOTICE_KIND.get(result.outcome)
+    return kind is not None and wants_notice(result.recipient, kind)
+
+
+def _expire(pending: list[RcptResult], age: float, lifetime: float) -> list[RcptResult]:
+    """Past its lifetime a message gives up: its pending recipients are returned, with their last reason."""
     if age < lifetime:
-        return results
-    return [RcptResult(r.recipient, Outcome.BOUNCED, r.dsn, f"message expired: {r.text}", r.relay)
-            if r.outcome is Outcome.DEFERRED else r for r in results]
+        return []
+    return [RcptResult(r.recipient, Outcome.BOUNCED, r.dsn, f"message expired: {r.text}", r.relay) for r in pending]
 
 
 def _complete(job: Job, report: DeliveryReport) -> list[RcptResult]:

@@ -1,7 +1,11 @@
 """smtpd's policy: the aiosmtpd hooks that decide what a client may do, and the hand-over to cleanup.
 
-MAIL checks sender syntax (and allow_min_user). RCPT checks syntax, allow_min_user and SMTPUTF8 (the session
-has checked the path and the recipient limit), then runs the restriction lists of this handler's `config.smtpd` (`restrictions.py`: client, helo, sender, relay,
+MAIL checks sender syntax (and allow_min_user), then the queue's free space (Postfix smtpd_check_size):
+`452 4.3.1 Insufficient system storage` below max(queue_minfree, 1.5 x message_size_limit), or when a SIZE=
+parameter would not leave that much or is more than half of what is free; it is asked at every MAIL, so mail is
+accepted again as soon as space returns. RCPT checks syntax, allow_min_user and SMTPUTF8 (the session has
+checked the path and the recipient limit), then runs the restriction lists of this handler's `config.smtpd`
+(`restrictions.py`: client, helo, sender, relay,
 recipient, then the implied reject_unlisted_recipient), then asks the routing tables (451 4.3.0 when one
 cannot answer). With the defaults this is today's rule set: relaying only for mynetworks and authenticated
 clients (554 5.7.1), unknown users of this host's domains refused (550 5.1.1, naming the table).
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from typing import Callable
 
 from aiosmtpd.smtp import Envelope as SmtpEnvelope, Session
 
@@ -48,8 +53,10 @@ class SmtpdHandler:
     reject_unknown_recipient_domain and reject_rbl_client; without one those restrictions have no opinion."""
 
     def __init__(self, config: Config, rewriter: Rewriter, mapper: AddressMapper, cleanup, *,
-                 resolver=None, tables: TableCache | None = None):
+                 resolver=None, tables: TableCache | None = None, free_space: Callable[[], int] | None = None):
+        """`free_space()`: bytes free for the queue (None: no space check)."""
         self._config = config
+        self._free_space = free_space
         self._rewriter = rewriter
         self._mapper = mapper
         self._cleanup = cleanup
@@ -73,9 +80,21 @@ class SmtpdHandler:
                 return str(status.bad_sender_syntax(sender))
             if address.is_utf8(sender) and "SMTPUTF8" not in options:
                 return str(status.SMTPUTF8_REQUIRED)
+        if self._short_of_space(_declared_size(options)):
+            return str(status.INSUFFICIENT_STORAGE)
         envelope.mail_from = addr
         envelope.mail_options.extend(options)
         return str(status.SENDER_OK)
+
+    def _short_of_space(self, declared: int) -> bool:
+        if self._free_space is None:
+            return False
+        try:
+            free = self._free_space()
+        except OSError as e:  # cannot tell: the commit will say whether the disk works
+            log.warning("cannot read the queue's free space: %s", e)
+            return False
+        return short_of_space(free, self._config.queue.queue_minfree, self._config.smtpd.message_size_limit, declared)
 
     async def handle_RCPT(self, server, session: Session, envelope: SmtpEnvelope, addr: str, options: list[str]):
         """The session has checked the path syntax and the recipient limit. A policy refusal is logged as Postfix
@@ -252,6 +271,13 @@ def _log_reject(server, stage: str, reply: status.Reply | str, recipient: str, *
     log_reject = getattr(server, "log_reject", None)
     if log_reject is not None:
         log_reject(stage, reply, recipient, **action)
+
+
+def short_of_space(free: int, minfree: int, size_limit: int, declared: int) -> bool:
+    """Postfix's rule: at least max(queue_minfree, 1.5 x message_size_limit) must stay free, after a declared
+    SIZE too, and a declared SIZE may take at most half of what is free."""
+    required = max(minfree, size_limit * 3 // 2)
+    return free <= required or declared >= free - required or declared >= free / 2
 
 
 def _declared_size(options: list[str]) -> int:

@@ -1,0 +1,209 @@
+"""Fault containment for the background work of the server: faults slow things down, they never spin.
+
+What it owns: how long a failing piece of work waits before its next try, and how the failures are told.
+
+- `Backoff(first, cap)`: `failed() -> seconds` doubles from `first` up to `cap`; `succeeded()` starts over.
+- `FailureLog(logger, what, clock, interval)`: a failing job's voice. The first failure of a run is logged at
+  once with the real error (a traceback only for an error that is not an I/O or store error, i.e. a probable
+  bug); later ones are counted and told once per `interval` with the count; the first success after failures
+  says so. A fault costs a few lines a minute, never one per turn of a loop.
+- `Guard(what, clock, logger)`: one periodic chore of a loop (a scan, a poll, a snapshot). `await run(fn)`
+  calls `fn()` unless the chore is backing off after a failure (then it does nothing and returns False);
+  a failure is caught, logged through a FailureLog and backs the chore off. `resume_at` is when it is tried
+  again, for the loop's sleep; `retry_now()` ends the wait early (evidence that the fault is over).
+- `Retrier(clock, logger, shared)`: `await run(op, what)` calls `op()` until it succeeds, waiting a backoff
+  between tries; for results that must be written and must not be given up (qmgr's records). An error that
+  `shared(error)` calls a fault of the whole store (locked, disk full, I/O) puts every caller behind one probe:
+  while it lasts a single caller tries per backoff interval and the others wait for its verdict, so a store
+  fault costs one failed attempt per interval, not one per waiting message. Other errors back off their own
+  caller only. Cancellation (server stop) ends the wait.
+
+Time is the injected clock's, so tests drive the intervals with a virtual clock.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from typing import Awaitable, Callable, TypeVar
+
+from mailflow.clock import Clock
+
+T = TypeVar("T")
+
+FIRST_DELAY = 0.5  # seconds before the first retry
+MAX_DELAY = 10.0  # the cap: a fault that clears is noticed within this long
+REPORT_INTERVAL = 60.0  # a repeating failure is told once per this many seconds
+EXPECTED = (sqlite3.Error, OSError, asyncio.TimeoutError)  # faults of the world, not of the code: no traceback
+
+
+def describe(error: BaseException) -> str:
+    """The error as an operator needs it: SQLite's own words and code ("database or disk is full (SQLITE_FULL)")."""
+    code = getattr(error, "sqlite_errorname", "")
+    text = str(error) or type(error).__name__
+    return f"{text} ({code})" if code else text
+
+
+class Backoff:
+    def __init__(self, first: float = FIRST_DELAY, cap: float = MAX_DELAY):
+        self._first = first
+        self._cap = cap
+        self._next = first
+
+    def failed(self) -> float:
+        delay = self._next
+        self._next = min(self._next * 2, self._cap)
+        return delay
+
+    def succeeded(self) -> None:
+        self._next = self._first
+
+
+class FailureLog:
+    def __init__(self, logger: logging.Logger, what: str, clock: Clock, interval: float = REPORT_INTERVAL):
+        self._logger = logger
+        self._what = what
+        self._clock = clock
+        self._interval = interval
+        self._failures = 0  # in this run of failures
+        self._untold = 0  # since the last line
+        self._told_at = 0.0
+
+    @property
+    def failing(self) -> bool:
+        return self._failures > 0
+
+    def failed(self, error: BaseException) -> None:
+        now = self._clock.time()
+        self._failures += 1
+        if self._failures == 1:
+            bug = not isinstance(error, EXPECTED)
+            self._logger.error("%s failed: %s", self._what, describe(error), exc_info=error if bug else None)
+            self._told_at, self._untold = now, 0
+            return
+        self._untold += 1
+        if now - self._told_at >= self._interval:
+            self._logger.error("%s failed %d more time%s in the last %.0fs (%d in a row): %s", self._what,
+                               self._untold, "" if self._untold == 1 else "s", now - self._told_at, self._failures,
+                               describe(error))
+            self._told_at, self._untold = now, 0
+
+    def succeeded(self) -> None:
+        if self._failures:
+            self._logger.warning("%s works again after %d failure%s", self._what, self._failures,
+                                 "" if self._failures == 1 else "s")
+        self._failures = self._untold = 0
+
+
+class Guard:
+    def __init__(self, what: str, clock: Clock, logger: logging.Logger, *, first: float = FIRST_DELAY,
+                 cap: float = MAX_DELAY):
+        self._clock = clock
+        self._backoff = Backoff(first, cap)
+        self.log = FailureLog(logger, what, clock)
+        self.resume_at = 0.0
+
+    @property
+    def backing_off(self) -> bool:
+        return self.log.failing and self._clock.time() < self.resume_at
+
+    def retry_now(self) -> None:
+        """Something showed the fault may be over (the store just took a commit): the next run tries."""
+        self.resume_at = 0.0
+
+    async def run(self, fn: Callable[[], Awaitable[object]]) -> bool:
+        """True when `fn` ran and succeeded."""
+        if self.backing_off:
+            return False
+        try:
+            await fn()
+        except Exception as e:
+            self.resume_at = self._clock.time() + self._backoff.failed()
+            self.log.failed(e)
+            return False
+        self._backoff.succeeded()
+        self.log.succeeded()
+        return True
+
+
+class _Again(Exception):
+    """Internal: try again from the top (the store's health changed while this caller waited)."""
+
+
+class Retrier:
+    def __init__(self, clock: Clock, logger: logging.Logger, what: str, *,
+                 shared: Callable[[BaseException], bool] = lambda e: False,
+                 first: float = FIRST_DELAY, cap: float = MAX_DELAY):
+        self._clock = clock
+        self._logger = logger
+        self._shared = shared
+        self._first, self._cap = first, cap
+        self._backoff = Backoff(first, cap)
+        self._log = FailureLog(logger, what, clock)
+        self._log_what = what
+        self._healthy = True
+        self._retry_at = 0.0
+        self._probe = asyncio.Lock()
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    async def run(self, op: Callable[[], Awaitable[T]], what: str = "") -> T:
+        """`op()`'s result, once it succeeds. `what` names this caller in its own failures' log lines."""
+        own: Backoff | None = None  # for errors of this caller alone (made on the first one: the usual call has none)
+        own_log: FailureLog | None = None
+        while True:
+            probing = not self._healthy
+            try:
+                if probing:
+                    result = await self._probe_once(op)
+                else:
+                    result = await op()
+            except _Again:
+                continue
+            except Exception as e:
+                if self._shared(e):
+                    self._store_failed(e, probe=probing)
+                    continue
+                if probing:  # the store answered: only this caller has a problem
+                    self._store_recovered()
+                if own is None:
+                    own = Backoff(self._first, self._cap)
+                    own_log = FailureLog(self._logger, what or self._log_what, self._clock)
+                own_log.failed(e)
+                await self._clock.sleep(own.failed())
+                continue
+            if probing:
+                self._store_recovered()
+            if own_log is not None:
+                own_log.succeeded()
+            return result
+
+    async def _probe_once(self, op: Callable[[], Awaitable[T]]) -> T:
+        """One try while the store is failing: one caller at a time, at the retry time. Raises _Again when
+        another caller's probe found the store working meanwhile (go the healthy way)."""
+        async with self._probe:
+            if self._healthy:
+                raise _Again()
+            await self._clock.sleep(max(0.0, self._retry_at - self._clock.time()))
+            if self._healthy:
+                raise _Again()
+            try:
+                return await op()
+            except Exception as e:
+                if self._shared(e):  # record it before the next prober takes the lock
+                    self._store_failed(e, probe=True)
+                    raise _Again() from None
+                raise
+
+    def _store_failed(self, error: BaseException, *, probe: bool) -> None:
+        if probe or self._healthy:  # callers already in flight when it broke do not push the retry further
+            self._retry_at = self._clock.time() + self._backoff.failed()
+        self._healthy = False
+        self._log.failed(error)
+
+    def _store_recovered(self) -> None:
+        self._healthy = True
+        self._backoff.succeeded()
+        self._log.succeeded()

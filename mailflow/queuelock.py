@@ -1,0 +1,89 @@
+"""One server per queue: an exclusive lock on `<queue_directory>/mailflow.pid` (Postfix's master.pid).
+
+- `QueueLock.acquire(directory) -> QueueLock`: creates the directory if needed, takes an exclusive `flock` on
+  the pid file without waiting and writes this process's pid into it. Raises `QueueBusy` (naming the pid that
+  holds it) when another server runs on this queue, OSError when the directory or file cannot be made.
+  `release()` gives it back (the file stays; the next server overwrites it). The lock belongs to the open
+  file, so two servers in one process also exclude each other, and a crashed server's lock goes with it.
+- `queue_owner(directory) -> int | None`: the pid of the server running on this queue (0 when its pid cannot be
+  read), or None when none is (a shared lock that can be had means nobody holds the exclusive one). For `mailflow sendmail`, which runs as
+  any user: the file is world-readable.
+
+The server takes the lock before it opens the store and before recovery, so a second `mailflow serve` on the
+same queue changes nothing and exits.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+LOCK_NAME = "mailflow.pid"
+FILE_MODE = 0o644
+
+
+class QueueBusy(Exception):
+    def __init__(self, directory: Path, pid: int | None):
+        self.directory = directory
+        self.pid = pid
+        who = f"pid {pid}" if pid else "another process"
+        super().__init__(f"the queue {directory} is in use by another mailflow server ({who}); "
+                         "one server per queue_directory")
+
+
+class QueueLock:
+    def __init__(self, fd: int, path: Path):
+        self._fd: int | None = fd
+        self.path = path
+
+    @classmethod
+    def acquire(cls, directory: Path) -> "QueueLock":
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                raise QueueBusy(directory, _read_pid(path)) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, path)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the file drops the flock
+            self._fd = None
+
+
+def queue_owner(directory: Path) -> int | None:
+    path = Path(directory) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            return _read_pid(path) or 0  # held, though its pid cannot be read (yet)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None

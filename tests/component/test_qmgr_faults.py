@@ -1,0 +1,285 @@
+"""qmgr (mailflow.stages.qmgr) against store faults and stops: results recorded as each job ends, records retried
+while the store is locked or full, notices owed across a crash sent exactly once, atomic claims, loops that back
+off instead of spinning. Real Store, fake transports (tests.component.test_qmgr), virtual or real clock.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+
+import pytest
+
+from mailflow.clock import SystemClock
+from mailflow.config import Config
+from mailflow.logs import MailLog
+from mailflow.model import Outcome, RcptResult, Recipient
+from mailflow.stages.qmgr import QueueManager
+from mailflow.stages.rewrite import Rewriter
+from mailflow.store import NewMessage, Store
+from tests.component.test_qmgr import T0, BlockingTransport, FakeClock, ScriptedTransport, until
+from tests.component.test_qmgr_policy import Sim, notices_in, report_fields
+
+HOST = "mx.example.test"
+
+
+class Setup:
+    """A store, two fake transports, and a QueueManager to start (and start again, as after a restart)."""
+
+    def __init__(self, tmp_path, clock=None, busy_timeout: float = 5.0):
+        self.path = tmp_path / "queue.db"
+        self.clock = clock or FakeClock()
+        self.busy_timeout = busy_timeout
+        self.local = ScriptedTransport("local")
+        self.smtp = ScriptedTransport("smtp")
+        self.store: Store | None = None
+        self.qmgr: QueueManager | None = None
+        self.mail_log: list[str] = []
+
+    async def start(self, **kw) -> QueueManager:
+        if self.store is None:
+            self.store = await Store.open(self.path, busy_timeout=self.busy_timeout)
+        config = Config(myhostname=HOST, mydestination=("example.test",),
+                        queue={"minimal_backoff_time": 300, "maximal_backoff_time": 4000})
+        log = MailLog()
+        log._emit = lambda queue_id, event, text, **fields: self.mail_log.append(f"{queue_id}: {text}")
+        self.qmgr = QueueManager(self.store, resolve=Rewriter(config).resolve,
+                                 transports={"local": self.local, "smtp": self.smtp}, config=config.queue,
+                                 clock=self.clock, rng=random.Random(0), log=log, **kw)
+        await self.qmgr.start()
+        return self.qmgr
+
+    async def queue(self, qid: str, *recipients: str) -> str:
+        await self.store.insert(NewMessage(qid, "sender@remote.test", self.clock.time(),
+                                           f"Subject: {qid}\r\n\r\nbody\r\n".encode(),
+                                           tuple(Recipient(i, r, r) for i, r in enumerate(recipients))))
+        self.qmgr.wake()
+        return qid
+
+    def logged(self, *words: str) -> list[str]:
+        return [line for line in self.mail_log if all(w in line for w in words)]
+
+    async def stop(self, grace: float = 0.2) -> None:
+        if self.qmgr:
+            await self.qmgr.stop(grace=grace)
+            self.qmgr = None
+
+    async def close(self) -> None:
+        await self.stop()
+        if self.store:
+            await self.store.close()
+            self.store = None
+
+
+@pytest.fixture
+async def s(tmp_path):
+    setup = Setup(tmp_path)
+    yield setup
+    await setup.close()
+
+
+def sent_to(transport: ScriptedTransport) -> list[str]:
+    return [r.address for req in transport.requests for r in req.recipients]
+
+
+# ---------------------------------------------------------------------------------------------- as each job ends
+
+
+async def test_a_result_is_recorded_and_logged_when_its_job_ends_not_when_the_message_does(s):
+    s.smtp = BlockingTransport("smtp")
+    await s.start()
+    await s.queue("Q1", "a@example.test", "b@remote.test")
+    await until(lambda: s.local.requests and s.smtp.in_flight)
+    rows = await until(lambda: _recipients_if(s, "Q1", lambda rows: rows[0][1] == "sent"))
+    assert [r[:2] for r in rows] == [("a@example.test", "sent"), ("b@remote.test", "pending")]
+    assert s.logged("Q1: to=<a@example.test>", "status=sent")
+    assert await s.store.counts() == {"active": 1}
+    s.smtp.release.set()
+    await until(lambda: _counts_are(s, {}))
+
+
+async def _recipients_if(s, qid, predicate):
+    rows = await s.store.recipients(qid)
+    return rows if rows and predicate(rows) else None
+
+
+async def _counts_are(s, counts) -> bool:
+    return await s.store.counts() == counts
+
+
+async def test_a_stop_repeats_only_the_delivery_it_interrupted(s):
+    s.smtp = BlockingTransport("smtp")
+    await s.start()
+    await s.queue("Q1", "a@example.test", "b@remote.test")
+    await until(lambda: s.smtp.in_flight)
+    await until(lambda: s.logged("to=<a@example.test>", "status=sent"))
+    await s.stop(grace=0.05)  # the slow delivery is cut off
+
+    s.smtp = ScriptedTransport("smtp")
+    await s.start()  # the next start
+    await until(lambda: _counts_are(s, {}))
+    assert sent_to(s.local) == ["a@example.test"], "the finished delivery was repeated"
+    assert sent_to(s.smtp) == ["b@remote.test"]
+
+
+# ---------------------------------------------------------------------------------------------- records that fail
+
+
+class FlakyWrites:
+    """Makes the store's qmgr writes fail with a store fault while `broken` is set; counts the tries."""
+
+    def __init__(self, store: Store, error: str = "database is locked"):
+        self.broken = True
+        self.tries = 0
+        for name in ("record_results", "finish", "claim", "save_destinations"):
+            setattr(store, name, self._wrap(getattr(store, name), error))
+
+    def _wrap(self, method, error):
+        async def flaky(*args, **kw):
+            self.tries += 1
+            if self.broken:
+                raise sqlite3.OperationalError(error)
+            return await method(*args, **kw)
+        return flaky
+
+
+async def test_a_failed_record_is_retried_while_the_server_runs_and_nothing_is_delivered_twice(s):
+    s.smtp = BlockingTransport("smtp")
+    await s.start(backoff=(1.0, 8.0))
+    await s.queue("Q1", "a@example.test", "b@remote.test")
+    await until(lambda: s.smtp.in_flight)
+    faults = FlakyWrites(s.store)
+    s.smtp.release.set()
+    await until(lambda: faults.tries >= 1)
+    for _ in range(60):  # ten virtual minutes of a broken store
+        s.clock.advance(10)
+        await asyncio.sleep(0.002)
+    assert faults.tries < 150, f"{faults.tries} tries in 10 minutes: no backoff"
+    assert await s.store.counts() == {"active": 1}  # owned by qmgr, not forgotten, not taken again
+    faults.broken = False
+    s.clock.advance(10)
+    await until(lambda: _counts_are(s, {}))
+    assert sent_to(s.local) == ["a@example.test"] and sent_to(s.smtp) == ["b@remote.test"]
+    assert len(s.logged("status=sent")) == 2
+
+
+async def test_the_store_locked_by_another_connection_during_delivery(tmp_path):
+    """The short variant of the 45 s lock of tests/e2e/test_faults.py, with injected timeouts: real time, a
+    real SQLite lock held by another connection."""
+    s = Setup(tmp_path, clock=SystemClock(), busy_timeout=0.1)
+    try:
+        s.smtp = BlockingTransport("smtp")
+        await s.start(backoff=(0.05, 0.2), tick=0.05)
+        for n in range(3):
+            await s.queue(f"Q{n}", f"r{n}@remote.test", "a@example.test")
+        await until(lambda: s.smtp.in_flight == 3)
+        holder = sqlite3.connect(s.path, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+        snapshots = 0
+        save = s.store.save_destinations
+
+        async def counting(*args):
+            nonlocal snapshots
+            snapshots += 1
+            return await save(*args)
+
+        s.store.save_destinations = counting
+        s.smtp.release.set()
+        await asyncio.sleep(1.5)
+        assert snapshots <= 15, f"{snapshots} snapshot writes tried in 1.5 s of a locked store"
+        assert await s.store.counts() == {"active": 3}
+        holder.execute("COMMIT")
+        holder.close()
+        await until(lambda: _counts_are(s, {}), timeout=3)
+        assert sorted(sent_to(s.smtp)) == ["r0@remote.test", "r1@remote.test", "r2@remote.test"]
+        assert sent_to(s.local) == ["a@example.test"] * 3
+    finally:
+        await s.close()
+
+
+async def test_a_failing_scan_backs_off_instead_of_spinning_and_new_mail_retries_it_at_once(s):
+    await s.start(backoff=(1.0, 8.0))
+    calls = []
+    due = s.store.due
+
+    async def broken(*args):
+        calls.append(s.clock.time())
+        raise sqlite3.OperationalError("database or disk is full")
+
+    s.store.due = broken
+    for _ in range(300):  # 30 virtual seconds in small steps: the loop turns every tick
+        s.clock.advance(0.1)
+        await asyncio.sleep(0.001)
+    assert 3 <= len(calls) <= 10, f"{len(calls)} scans in 30 s of a broken store"
+    assert s.qmgr._scanning.backing_off
+    s.store.due = due
+    await s.queue("Q1", "b@remote.test")  # a commit: the store works, the scan need not wait out its backoff
+    await until(lambda: _counts_are(s, {}))  # with the clock standing still
+
+
+# ---------------------------------------------------------------------------------------------- claims
+
+
+async def test_a_message_held_between_the_read_and_the_claim_is_not_delivered(s):
+    await s.start()
+    due = s.store.due
+
+    async def racing(*args):
+        found = await due(*args)
+        if found:
+            await s.store.hold_messages([m.queue_id for m in found])  # an operator, at that moment
+        return found
+
+    s.store.due = racing
+    await s.queue("Q1", "b@remote.test")
+    await until(lambda: _counts_are(s, {"hold": 1}))
+    await asyncio.sleep(0.05)
+    assert s.smtp.requests == [] and s.qmgr.active_count == 0
+
+
+# ---------------------------------------------------------------------------------------------- notices across a crash
+
+
+async def crashed_with_a_bounce_owed(tmp_path, *pending: str) -> None:
+    """A message whose first recipient bounced and was recorded (its failure notice owed) when the process died."""
+    store = await Store.open(tmp_path / "queue.db")
+    rcpts = ("gone@far.test", *pending)
+    await store.insert(NewMessage("CRASH1", "alice@remote.test", T0, b"Subject: hi\r\n\r\nbody\r\n",
+                                  tuple(Recipient(i, r, r) for i, r in enumerate(rcpts))))
+    [msg] = await store.due(T0, 10)
+    await store.claim(["CRASH1"], T0)
+    bounced = RcptResult(msg.recipients[0], Outcome.BOUNCED, "5.1.1", "550 5.1.1 no such user",
+                         "mx.far.test[192.0.2.1]:25")
+    await store.record_results("CRASH1", [(bounced, True)])
+    await store.close()
+
+
+def failure_reports(sim) -> list[list[str]]:
+    return [[str(block.get("Final-Recipient")) for block in report_fields(n)] for n in notices_in(sim.smtp)]
+
+
+@pytest.mark.parametrize("pending", [(), ("ok@far.test",)], ids=["all-done", "one-pending"])
+async def test_a_notice_owed_before_a_crash_is_sent_once(tmp_path, pending):
+    """The per-message step never ran: the next start finishes the message (delivering what is pending), and the
+    owed bounce goes out exactly once, also across a further restart."""
+    await crashed_with_a_bounce_owed(tmp_path, *pending)
+    sims = []
+    for _ in range(2):  # the start after the crash, then one more
+        sim = await Sim(tmp_path).start()
+        sims.append(sim)
+        try:
+            await sim.run_until(T0 + 600)
+        finally:
+            await sim.stop()
+        assert await _empty(tmp_path)
+    delivered = [r.address for sim in sims for _, req in sim.smtp.calls for r in req.recipients if req.sender]
+    assert delivered == list(pending)
+    assert [report for sim in sims for report in failure_reports(sim)] == [["rfc822; gone@far.test"]]
+
+
+async def _empty(tmp_path) -> bool:
+    store = await Store.open(tmp_path / "queue.db")
+    try:
+        return await store.counts() == {}
+    finally:
+        await store.close()

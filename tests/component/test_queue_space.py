@@ -1,0 +1,126 @@
+"""Free space in the queue's file system (Postfix smtpd_check_size): MAIL is refused with 452 4.3.1 while the
+queue is short of space and accepted again as soon as space returns; and pickup backs off while the store fails.
+
+The free space is the server's `shutil.disk_usage(queue_directory)`, replaced here by a value the test sets.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sqlite3
+
+import pytest
+
+from mailflow.clock import SystemClock
+from mailflow.maildrop import MaildropMessage, write_maildrop
+from mailflow.stages.pickup import Pickup
+from mailflow.stages.smtpd.handler import short_of_space
+from mailflow.status import INSUFFICIENT_STORAGE
+from tests.component.test_smtpd_protocol import Raw
+from tests.helpers import eventually
+
+MB = 1_000_000
+
+
+def test_postfix_rule_for_free_space():
+    # at least max(queue_minfree, 1.5 x message_size_limit) stays free
+    assert short_of_space(free=6 * MB, minfree=0, size_limit=4 * MB, declared=0)
+    assert not short_of_space(free=6 * MB + 1, minfree=0, size_limit=4 * MB, declared=0)
+    assert short_of_space(free=9 * MB, minfree=12 * MB, size_limit=4 * MB, declared=0)
+    # a declared SIZE must leave that much, and take at most half of what is free
+    assert not short_of_space(free=20 * MB, minfree=0, size_limit=4 * MB, declared=3 * MB)
+    assert short_of_space(free=9 * MB, minfree=0, size_limit=4 * MB, declared=3_500_000)
+    assert short_of_space(free=4 * MB, minfree=0, size_limit=0, declared=2 * MB)
+    assert not short_of_space(free=4 * MB, minfree=0, size_limit=0, declared=0)  # no limit, no minimum
+
+
+@pytest.fixture
+def free_space(monkeypatch):
+    """The queue's free bytes as the server sees them; the test changes `free_space.bytes`."""
+    real = shutil.disk_usage
+
+    class Space:
+        bytes = 20 * MB
+
+    def disk_usage(path):
+        usage = real(path)
+        return type(usage)(usage.total, usage.total - Space.bytes, Space.bytes)
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    return Space
+
+
+async def mail(port: int, *params: str) -> tuple[int, str]:
+    raw = await Raw.connect(port)
+    try:
+        await raw.cmd("EHLO client.test")
+        return await raw.cmd(" ".join(["MAIL FROM:<s@remote.test>", *params]))
+    finally:
+        raw.writer.close()
+
+
+async def test_mail_is_refused_while_the_queue_is_short_of_space_and_accepted_when_it_returns(mailflow_server,
+                                                                                             free_space):
+    mf = await mailflow_server(smtpd={"message_size_limit": 4 * MB}, queue={"queue_minfree": 0})
+    port = mf.smtp_addresses[0][1]
+    refused = (452, str(INSUFFICIENT_STORAGE))
+    assert str(INSUFFICIENT_STORAGE) == "452 4.3.1 Insufficient system storage"
+    assert (await mail(port))[0] == 250
+    assert (await mail(port, "SIZE=3000000"))[0] == 250
+    free_space.bytes = 9 * MB
+    assert (await mail(port))[0] == 250
+    assert await mail(port, "SIZE=3500000") == refused  # it would not leave 1.5 x message_size_limit
+    free_space.bytes = 5 * MB
+    assert await mail(port) == refused
+    free_space.bytes = 50 * MB  # space returns: no restart needed
+    assert (await mail(port))[0] == 250
+
+
+async def test_queue_minfree_raises_the_minimum(mailflow_server, free_space):
+    mf = await mailflow_server(smtpd={"message_size_limit": 1 * MB}, queue={"queue_minfree": 30 * MB})
+    assert (await mail(mf.smtp_addresses[0][1]))[0] == 452
+    free_space.bytes = 31 * MB
+    assert (await mail(mf.smtp_addresses[0][1]))[0] == 250
+
+
+# ---------------------------------------------------------------------------------------------- pickup
+
+
+class FailingCleanup:
+    """cleanup whose commit fails with a store fault while `broken`; records the submissions it was given."""
+
+    def __init__(self):
+        self.broken = True
+        self.tries = 0
+        self.queued = []
+
+    async def submit(self, submission):
+        self.tries += 1
+        if self.broken:
+            raise sqlite3.OperationalError("database or disk is full")
+        self.queued.append(submission)
+        return f"Q{len(self.queued)}"
+
+
+async def test_pickup_backs_off_while_the_store_fails_and_loses_nothing(tmp_path, caplog):
+    cleanup = FailingCleanup()
+    pickup = Pickup(tmp_path, cleanup, myhostname="h.test", clock=SystemClock(), interval=60)
+    for n in range(5):
+        write_maildrop(tmp_path / "maildrop", MaildropMessage(
+            sender="alice@h.test", recipients=("bob@h.test",), content=f"Subject: {n}\r\n\r\nx\r\n".encode(),
+            uid=os.getuid(), user="alice"))
+    await pickup.start()
+    try:
+        for _ in range(150):  # 1.5 s, woken every 10 ms (sendmail after sendmail)
+            pickup.wake()
+            await asyncio.sleep(0.01)
+        assert 2 <= cleanup.tries <= 5, f"{cleanup.tries} submissions tried in 1.5 s of a broken store"
+        messages = [r.getMessage() for r in caplog.records if "pickup" in r.getMessage()]
+        assert len(messages) <= 2 and "database or disk is full" in messages[0]
+        assert len(os.listdir(tmp_path / "maildrop")) == 5
+        cleanup.broken = False
+        assert await eventually(lambda: len(cleanup.queued) == 5, timeout=5)
+        assert os.listdir(tmp_path / "maildrop") == []
+    finally:
+        await pickup.stop(grace=1)

@@ -1,0 +1,244 @@
+"""Faults of the world against a real `mailflow serve`: a second server on the same queue, the queue database
+locked by another process for 45 s, the queue's file system full, and `mailflow sendmail` run from another
+directory with a relative queue_directory.
+
+The tmpfs test mounts a small file system (it needs root: it skips otherwise, and fails when
+MAILFLOW_REQUIRE_TOOLS=1). Times are bounded; the CPU and log volume of a server facing a fault are measured.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+
+from tests.helpers import (ServerProcess, eventually, free_port, maildir_messages, queue_counts, send, stall_mail,
+                           to_toml, base_settings, merged)
+
+
+def message(token: str) -> bytes:
+    return f"Subject: {token}\r\n\r\nbody {token}\r\n".encode()
+
+
+@pytest.fixture
+def servers(tmp_path):
+    made: list[ServerProcess] = []
+
+    def make(config: Path, port: int, **kw) -> ServerProcess:
+        proc = ServerProcess(config, tmp_path / f"server{len(made)}.log", port, **kw)
+        made.append(proc)
+        return proc
+
+    yield make
+    for proc in made:
+        proc.kill()
+
+
+def config(path: Path, tmp_path: Path, port: int, **overrides) -> Path:
+    path.write_text(to_toml(merged(base_settings(tmp_path), {"smtpd": {"listen": [f"127.0.0.1:{port}"]},
+                                                              **overrides})))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- one server per queue
+
+
+async def test_a_second_server_on_the_same_queue_exits_naming_the_first_and_touches_nothing(servers, smtp_peer,
+                                                                                           tmp_path):
+    peer = await smtp_peer()
+    gate = stall_mail(peer)
+    port = free_port()
+    first = servers(config(tmp_path / "first.toml", tmp_path, port, relayhost=f"[127.0.0.1]:{peer.port}"), port)
+    await first.start()
+    await send(first.port, "s@remote.test", ["far@relay.test"], message("in-flight"))
+    assert await eventually(lambda: peer.handler.stalled, timeout=10)
+    db = tmp_path / "queue" / "queue.db"
+    assert queue_counts(db) == {"active": 1}
+
+    other_port = free_port()  # another port: binding would succeed, only the queue is shared
+    second = subprocess.run([sys.executable, "-m", "mailflow", "serve", "-c",
+                             str(config(tmp_path / "second.toml", tmp_path, other_port,
+                                        relayhost=f"[127.0.0.1]:{peer.port}"))],
+                            capture_output=True, text=True, timeout=30)
+    assert second.returncode in (1, 2)
+    assert f"pid {first.proc.pid}" in second.stderr and "queue" in second.stderr, second.stderr
+    assert "Traceback" not in second.stderr
+    assert queue_counts(db) == {"active": 1}, "the second server ran recovery on the first one's mail"
+    assert peer.handler.stalled == 1, "the second server delivered mail it does not own"
+
+    gate.set()
+    assert await eventually(lambda: queue_counts(db) == {}, timeout=10)
+    assert len(peer.messages) == 1
+
+
+# ---------------------------------------------------------------------------------------------- sendmail
+
+
+async def test_sendmail_from_another_directory_with_a_relative_queue_directory_reaches_the_server(servers, tmp_path):
+    """The default-style relative queue_directory: the server runs in the configuration's directory, sendmail
+    from elsewhere (cron, PHP); both take the path from the configuration file's directory."""
+    etc, elsewhere = tmp_path / "etc", tmp_path / "elsewhere"
+    etc.mkdir()
+    elsewhere.mkdir()
+    port = free_port()
+    cfg = config(etc / "mailflow.toml", tmp_path, port, queue_directory="var", local={"maildir_base": "mail"})
+    srv = servers(cfg, port, cwd=etc)
+    await srv.start()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mailflow", "sendmail", "-C", str(cfg), "alice@local.test", cwd=elsewhere,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(b"Subject: from cron\n\nnightly report\n"), 20)
+    assert proc.returncode == 0, err
+    assert b"warning" not in err, err  # a server owns that queue
+    inbox = etc / "mail" / "alice" / "Maildir"
+    assert await eventually(lambda: maildir_messages(inbox), timeout=10), "the message never reached the server"
+    assert b"nightly report" in maildir_messages(inbox)[0]
+    assert not (elsewhere / "var").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the store locked
+
+LOCK_SECONDS = 45.0
+
+
+@pytest.mark.timeout(LOCK_SECONDS + 25)  # the one deliberately long test: the lock, then at most a backoff cap
+async def test_the_queue_locked_by_another_process_for_45s_loses_and_repeats_nothing(servers, smtp_peer, tmp_path):
+    """A deliberate long fault (about 47 s): results wait in memory while another process holds the database
+    lock, the server keeps answering, and they are recorded once the lock goes; nothing is delivered twice.
+    (tests/component/test_qmgr_faults.py has the short variant, with injected timeouts.)"""
+    peer = await smtp_peer()
+    gate = stall_mail(peer)
+    port = free_port()
+    srv = servers(config(tmp_path / "mailflow.toml", tmp_path, port, relayhost=f"[127.0.0.1]:{peer.port}"), port)
+    await srv.start()
+    for n in range(3):
+        await send(srv.port, "s@remote.test", [f"r{n}@relay.test", "alice@local.test"], message(f"locked{n}"))
+    assert await eventually(lambda: peer.handler.stalled == 3, timeout=10)  # every message in delivery
+
+    db = tmp_path / "queue" / "queue.db"
+    holder = sqlite3.connect(db, timeout=30, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process's long write transaction
+    locked_at = time.monotonic()
+    try:
+        gate.set()  # the deliveries finish while the store cannot be written
+        assert await eventually(lambda: len(peer.messages) == 3, timeout=15)
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=srv.port, timeout=20) as client:
+            started = time.monotonic()
+            code, _ = await client.noop()
+            assert code == 250 and time.monotonic() - started < 2, "the server stopped answering"
+            await client.mail("s@remote.test")
+            await client.rcpt("bob@local.test")
+            code, _ = await client.data(message("while-locked"))  # cannot be committed: a temporary refusal
+    except aiosmtplib.SMTPDataError as e:
+        assert 400 <= e.code < 500
+    finally:
+        await asyncio.sleep(max(0.0, LOCK_SECONDS - (time.monotonic() - locked_at)))
+        holder.execute("COMMIT")
+        holder.close()
+    unlocked_at = time.monotonic()
+
+    assert await eventually(lambda: queue_counts(db) == {}, timeout=15), "the results were never recorded"
+    assert time.monotonic() - unlocked_at < 12  # within a retry interval (10 s cap) of the lock going
+    assert sorted(m.rcpt_tos[0] for m in peer.messages) == ["r0@relay.test", "r1@relay.test", "r2@relay.test"]
+    assert len(maildir_messages(tmp_path / "mail" / "alice" / "Maildir")) == 3
+    for n in range(3):
+        assert len(srv.log_lines(f"to=<r{n}@relay.test>", "status=sent")) == 1
+    assert len(srv.log_lines("to=<alice@local.test>", "status=sent")) == 3
+    assert srv.log_lines("qmgr: recording delivery results failed: database is locked")
+    # qmgr tells the fault in a few lines; the only traceback is smtpd's for the message it could not queue
+    assert len(srv.log_lines("Traceback")) == len(srv.log_lines("not queued")) <= 1
+
+
+# ---------------------------------------------------------------------------------------------- the disk full
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """An 8 MB tmpfs mounted in tmp_path, unmounted afterwards (it needs root)."""
+    reason = ""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        reason = "mounting a tmpfs needs root"
+    else:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "tmpfs", str(mount)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            reason = f"cannot mount a tmpfs: {done.stderr.strip()}"
+    if reason:
+        if os.environ.get("MAILFLOW_REQUIRE_TOOLS") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    yield mount
+    if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def fill(directory: Path) -> Path:
+    """Write a file until the file system is full, to the last byte; returns it."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (65536, 512, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+async def mail_reply(port: int) -> tuple[int, str]:
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=10) as client:
+        try:
+            reply = await client.mail("s@remote.test")
+            return reply.code, reply.message
+        except aiosmtplib.SMTPSenderRefused as e:
+            return e.code, e.message
+
+
+async def test_a_full_queue_file_system_slows_down_refuses_mail_and_recovers(small_filesystem, servers, smtp_peer,
+                                                                           tmp_path):
+    peer = await smtp_peer()
+    gate = stall_mail(peer)
+    port = free_port()
+    queue = small_filesystem / "queue"
+    srv = servers(config(tmp_path / "mailflow.toml", tmp_path, port, queue_directory=str(queue),
+                         relayhost=f"[127.0.0.1]:{peer.port}", smtpd={"listen": [f"127.0.0.1:{port}"],
+                                                                         "message_size_limit": 100_000}), port)
+    await srv.start()
+    for n in range(3):
+        await send(srv.port, "s@remote.test", [f"r{n}@relay.test"], message(f"full{n}"))
+    assert await eventually(lambda: peer.handler.stalled == 3, timeout=10)  # every message in delivery
+
+    filler = fill(small_filesystem)
+    cpu, log_size = srv.cpu_seconds(), srv.log_path.stat().st_size
+    code, text = await mail_reply(srv.port)
+    assert (code, text) == (452, "4.3.1 Insufficient system storage")
+    gate.set()  # deliveries finish; their results cannot be written
+    assert await eventually(lambda: len(peer.messages) == 3, timeout=10)
+    await asyncio.sleep(4)  # the fault lasts: the server must wait, not spin
+    cpu_used, logged = srv.cpu_seconds() - cpu, srv.log_path.stat().st_size - log_size
+    print(f"\nfull disk: {cpu_used:.2f} s CPU and {logged} bytes of log in 4 s")
+    assert cpu_used < 1.0, f"{cpu_used:.2f} s of CPU in 4 s of a full disk"
+    assert logged < 16_000, f"{logged} bytes of log in 4 s of a full disk"
+    assert "database or disk is full" in srv.log_path.read_text()
+    assert "cannot rollback" not in srv.log_path.read_text()
+
+    filler.unlink()
+    db = queue / "queue.db"
+    assert await eventually(lambda: queue_counts(db) == {}, timeout=20), "deliveries were not recorded after"
+    assert (await mail_reply(srv.port))[0] == 250, "MAIL is not accepted again once there is space"
+    await send(srv.port, "s@remote.test", ["later@relay.test"], message("after"))
+    assert await eventually(lambda: len(peer.messages) == 4, timeout=10)
+    assert sorted(m.rcpt_tos[0] for m in peer.messages) == ["later@relay.test", "r0@relay.test", "r1@relay.test",
+                                                             "r2@relay.test"]

@@ -1,0 +1,139 @@
+"""mailflow.faults under a virtual clock: backoff, failure logs once per interval, guarded chores, the retrier."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+
+import pytest
+
+from mailflow.clock import VirtualClock
+from mailflow.faults import Backoff, FailureLog, Guard, Retrier, describe
+from mailflow.store import store_fault
+
+LOG = logging.getLogger("mailflow.test.faults")
+
+
+def disk_full() -> sqlite3.OperationalError:
+    error = sqlite3.OperationalError("database or disk is full")
+    error.sqlite_errorname = "SQLITE_FULL"
+    return error
+
+
+async def settle(turns: int = 20) -> None:
+    for _ in range(turns):
+        await asyncio.sleep(0)
+
+
+def test_backoff_doubles_to_its_cap_and_starts_over():
+    b = Backoff(0.5, 4.0)
+    assert [b.failed() for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    b.succeeded()
+    assert b.failed() == 0.5
+
+
+def test_describe_gives_sqlites_own_words_and_code():
+    assert describe(disk_full()) == "database or disk is full (SQLITE_FULL)"
+    assert describe(OSError(28, "No space left on device")) == "[Errno 28] No space left on device"
+
+
+def test_a_repeating_failure_is_told_once_per_interval_with_a_count(caplog):
+    clock = VirtualClock()
+    log = FailureLog(LOG, "scan", clock, interval=60)
+    with caplog.at_level(logging.WARNING, LOG.name):
+        for _ in range(100):  # 100 failures, one a second
+            log.failed(disk_full())
+            clock.advance(1)
+        log.succeeded()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["scan failed: database or disk is full (SQLITE_FULL)",
+                     "scan failed 60 more times in the last 60s (61 in a row): database or disk is full (SQLITE_FULL)",
+                     "scan works again after 100 failures"]
+    assert all(r.exc_info is None for r in caplog.records)  # a fault of the world: no traceback
+
+
+def test_a_probable_bug_gets_its_traceback_once(caplog):
+    log = FailureLog(LOG, "scan", VirtualClock())
+    with caplog.at_level(logging.ERROR, LOG.name):
+        for _ in range(3):
+            log.failed(KeyError("oops"))
+    assert len(caplog.records) == 1 and caplog.records[0].exc_info is not None
+
+
+async def test_a_guarded_chore_is_skipped_while_it_backs_off():
+    clock = VirtualClock()
+    guard = Guard("chore", clock, LOG, first=1, cap=4)
+    calls = []
+
+    async def failing():
+        calls.append(clock.time())
+        raise disk_full()
+
+    t0 = clock.time()
+    for _ in range(200):  # a loop turning as fast as it can for 10 virtual seconds
+        await guard.run(failing)
+        clock.advance(0.05)
+    gaps = [later - earlier for earlier, later in zip(calls, calls[1:])]
+    assert calls[0] == t0 and len(gaps) == 3, calls  # not 200 tries
+    assert all(want <= gap <= want + 0.1 for want, gap in zip((1, 2, 4), gaps)), gaps  # (up to a turn late)
+    assert guard.backing_off
+
+    async def works():
+        calls.append(-1)
+
+    clock.advance(guard.resume_at - clock.time())
+    assert await guard.run(works) and not guard.backing_off
+
+
+async def test_the_retrier_waits_out_a_store_fault_with_one_probe_at_a_time():
+    clock = VirtualClock()
+    retrier = Retrier(clock, LOG, "records", shared=store_fault, first=1, cap=4)
+    broken = True
+    attempts = []
+
+    async def write(n):
+        attempts.append((n, clock.time()))
+        if broken:
+            raise disk_full()
+        return n
+
+    t0 = clock.time()
+    tasks = [asyncio.ensure_future(retrier.run(lambda n=n: write(n))) for n in range(50)]
+    for _ in range(40):  # 20 virtual seconds of a broken store
+        await settle()
+        clock.advance(0.5)
+    await settle()
+    # the first failure puts everyone behind one probe: at 1, 2, 4, 4, 4, 4 s, not 50 callers each time
+    assert len(attempts) <= 50 + 8, f"{len(attempts)} attempts: every waiting caller retried on its own"
+    assert not any(t.done() for t in tasks)
+    broken = False
+    for _ in range(10):
+        clock.advance(0.5)
+        await settle()
+    assert sorted(await asyncio.gather(*tasks)) == list(range(50))
+    assert retrier.healthy
+    assert clock.time() - t0 < 26
+
+
+async def test_the_retrier_backs_off_a_callers_own_error_without_blocking_the_others():
+    clock = VirtualClock()
+    retrier = Retrier(clock, LOG, "records", shared=store_fault, first=1, cap=4)
+    bad_tries = []
+
+    async def bad():
+        bad_tries.append(clock.time())
+        raise sqlite3.IntegrityError("UNIQUE constraint failed")
+
+    async def good():
+        return "ok"
+
+    stuck = asyncio.ensure_future(retrier.run(bad))
+    await settle()
+    assert await retrier.run(good) == "ok"  # not behind the bad one
+    for _ in range(20):
+        clock.advance(0.5)
+        await settle()
+    assert 3 <= len(bad_tries) <= 6
+    stuck.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stuck

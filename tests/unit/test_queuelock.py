@@ -1,0 +1,33 @@
+"""mailflow.queuelock: one server per queue directory, and who holds it."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mailflow.queuelock import LOCK_NAME, QueueBusy, QueueLock, queue_owner
+
+
+def test_the_lock_is_exclusive_even_within_one_process_and_names_the_holder(tmp_path):
+    queue = tmp_path / "queue"
+    assert queue_owner(queue) is None  # no file yet
+    lock = QueueLock.acquire(queue)  # creates the directory
+    assert (queue / LOCK_NAME).read_text() == f"{os.getpid()}\n"
+    assert queue_owner(queue) == os.getpid()
+    with pytest.raises(QueueBusy) as info:
+        QueueLock.acquire(queue)
+    assert info.value.pid == os.getpid() and f"pid {os.getpid()}" in str(info.value)
+    lock.release()
+    assert queue_owner(queue) is None
+    QueueLock.acquire(queue).release()
+
+
+def test_a_dead_holder_leaves_no_lock_behind(tmp_path):
+    """The lock goes with the process (a crash, SIGKILL): its stale pid file does not block the next server."""
+    queue = tmp_path / "queue"
+    code = f"from mailflow.queuelock import QueueLock; QueueLock.acquire({str(queue)!r}); import os; os._exit(0)"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+    assert (queue / LOCK_NAME).exists() and queue_owner(queue) is None
+    QueueLock.acquire(queue).release()
