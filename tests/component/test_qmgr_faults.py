@@ -10,6 +10,7 @@ import sqlite3
 
 import pytest
 
+from mailflow.content import Content
 from mailflow.clock import SystemClock
 from mailflow.config import Config
 from mailflow.logs import MailLog
@@ -51,7 +52,7 @@ class Setup:
 
     async def queue(self, qid: str, *recipients: str) -> str:
         await self.store.insert(NewMessage(qid, "sender@remote.test", self.clock.time(),
-                                           f"Subject: {qid}\r\n\r\nbody\r\n".encode(),
+                                           Content.of(f"Subject: {qid}\r\n\r\nbody\r\n".encode()),
                                            tuple(Recipient(i, r, r) for i, r in enumerate(recipients))))
         self.qmgr.wake()
         return qid
@@ -244,7 +245,7 @@ async def crashed_with_a_bounce_owed(tmp_path, *pending: str) -> None:
     """A message whose first recipient bounced and was recorded (its failure notice owed) when the process died."""
     store = await Store.open(tmp_path / "queue.db")
     rcpts = ("gone@far.test", *pending)
-    await store.insert(NewMessage("CRASH1", "alice@remote.test", T0, b"Subject: hi\r\n\r\nbody\r\n",
+    await store.insert(NewMessage("CRASH1", "alice@remote.test", T0, Content.of(b"Subject: hi\r\n\r\nbody\r\n"),
                                   tuple(Recipient(i, r, r) for i, r in enumerate(rcpts))))
     [msg] = await store.due(T0, 10)
     await store.claim(["CRASH1"], T0)

@@ -12,7 +12,9 @@ import sqlite3
 
 import pytest
 
+
 from mailflow.clock import SystemClock
+from mailflow.content import Spool
 from mailflow.maildrop import MaildropMessage, write_maildrop
 from mailflow.stages.pickup import Pickup
 from mailflow.stages.smtpd.handler import short_of_space
@@ -90,10 +92,14 @@ async def test_queue_minfree_raises_the_minimum(mailflow_server, free_space):
 class FailingCleanup:
     """cleanup whose commit fails with a store fault while `broken`; records the submissions it was given."""
 
-    def __init__(self):
+    def __init__(self, spool_directory):
         self.broken = True
         self.tries = 0
         self.queued = []
+        self._spool_directory = spool_directory
+
+    def new_spool(self, max_size=None):
+        return Spool(self._spool_directory, max_size=max_size)
 
     async def submit(self, submission):
         self.tries += 1
@@ -104,12 +110,12 @@ class FailingCleanup:
 
 
 async def test_pickup_backs_off_while_the_store_fails_and_loses_nothing(tmp_path, caplog):
-    cleanup = FailingCleanup()
+    cleanup = FailingCleanup(tmp_path)
     pickup = Pickup(tmp_path, cleanup, myhostname="h.test", clock=SystemClock(), interval=60)
     for n in range(5):
         write_maildrop(tmp_path / "maildrop", MaildropMessage(
-            sender="alice@h.test", recipients=("bob@h.test",), content=f"Subject: {n}\r\n\r\nx\r\n".encode(),
-            uid=os.getuid(), user="alice"))
+            sender="alice@h.test", recipients=("bob@h.test",), uid=os.getuid(), user="alice"),
+            [f"Subject: {n}\r\n\r\nx\r\n".encode()])
     await pickup.start()
     try:
         for _ in range(150):  # 1.5 s, woken every 10 ms (sendmail after sendmail)

@@ -553,18 +553,11 @@ async def test_sweep_removes_temporary_and_orphaned_files_only(store):
 async def test_a_version_1_queue_is_upgraded_and_its_messages_read(tmp_path):
     path = tmp_path / "q" / "queue.db"
     path.parent.mkdir()
-    con = sqlite3.connect(path)
-    con.executescript("CREATE TABLE schema_version (version INTEGER NOT NULL); INSERT INTO schema_version VALUES (1);"
-                      "CREATE TABLE content (message_id TEXT PRIMARY KEY, data BLOB NOT NULL);")
-    con.executescript(resources.files("mailflow").joinpath("schema.sql").read_text())
-    con.execute("INSERT INTO message (id, sender, arrival, next_attempt, size) VALUES ('OLD', 's@x', 1, 1, 22)")
-    con.execute("INSERT INTO recipient (message_id, idx, address, original) VALUES ('OLD', 0, 'r@x', 'r@x')")
-    con.execute("INSERT INTO content VALUES ('OLD', ?)", (b"Subject: old\r\n\r\nbody\r\n",))
-    con.commit()
-    con.close()
+    with sqlite3.connect(path) as con:
+        con.executescript(V1_SCHEMA)  # the content row holds the whole message
     store = await Store.open(path)
     try:
-        assert (await store.content("OLD")).to_bytes() == b"Subject: old\r\n\r\nbody\r\n"
+        assert (await store.content("OLD1")).to_bytes() == b"\r\nxy\r\n"
         msg, spool = await spooled_message(store, "NEW", big_message())
         await store.insert(msg)
         spool.discard()
