@@ -12,7 +12,6 @@ import sqlite3
 
 import pytest
 
-
 from mailflow.clock import SystemClock
 from mailflow.content import Spool
 from mailflow.maildrop import MaildropMessage, write_maildrop
