@@ -33,7 +33,7 @@ from mailflow.stages.qmgr import QueueManager
 from mailflow.stages.qmgr.notices import Notices
 from mailflow.model import ClientInfo, DeliveryRequest, Envelope, Recipient, Submission
 from mailflow.queuelock import QueueLock
-from mailflow.stages.routing import Router
+from mailflow.routing.router import Router
 from mailflow.stages.smtpd import Smtpd, SmtpdHandler
 from mailflow.store import Store
 

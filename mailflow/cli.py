@@ -407,7 +407,7 @@ def address_test(addresses: List[str] = typer.Argument(..., metavar="ADDRESS..."
     canonical and virtual alias rewriting, class, transport, next hop, local aliases and .forward, and
     where forwarded copies go. Exit 75 when a table or file cannot be read now."""
     from mailflow.errors import DeliveryError
-    from mailflow.stages.routing import Router
+    from mailflow.routing.router import Router
 
     cfg = _load(config)
     try:

@@ -1,7 +1,10 @@
 """The error vocabulary: temporary versus permanent is always explicit, and the default is temporary.
 
-- `TemporaryError(dsn, text)`: try again later (4xx); anything unclassified is treated like this.
-- `PermanentError(dsn, text)`: give up on this recipient (5xx).
+- `DeliveryError(dsn, text, reason)`: `text` is what a client or a bounce may be told, `reason` what the log
+  says (defaults to `text`; may name a table, a file or a peer that the client must not see).
+- `TemporaryError(dsn, text, reason)`: try again later (4xx); anything unclassified is treated like this.
+- `PermanentError(dsn, text, reason)`: give up on this recipient (5xx).
+- `Overloaded`: too many writes are waiting in the store: answer 451 4.3.1 and let the client retry.
 - `LookupRetry`: a table or DNS lookup failed (not "not found"); callers defer with 4.3.0 / 451.
 - `ConfigError`: a configuration problem, always naming the file, the key and the reason.
 """
@@ -13,10 +16,11 @@ class DeliveryError(Exception):
 
     permanent = False
 
-    def __init__(self, dsn: str, text: str):
+    def __init__(self, dsn: str, text: str, reason: str = ""):
         super().__init__(f"{dsn} {text}")
         self.dsn = dsn
         self.text = text
+        self.reason = reason or text
 
 
 class TemporaryError(DeliveryError):
@@ -32,6 +36,10 @@ class LookupRetry(TemporaryError):
 
     def __init__(self, text: str):
         super().__init__("4.3.0", text)
+
+
+class Overloaded(Exception):
+    """Too many writes are waiting: the caller should answer 451 and let the client retry."""
 
 
 class ConfigError(Exception):

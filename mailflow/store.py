@@ -59,6 +59,7 @@ from typing import Callable, Iterable, Sequence
 import aiosqlite
 
 from mailflow.content import Content, FilePart, Spool, is_spool_name
+from mailflow.errors import Overloaded
 from mailflow.model import Delivered, Outcome, QueuedMessage, QueueId, RcptResult, Recipient
 
 log = logging.getLogger("mailflow.store")
@@ -72,10 +73,6 @@ _DELETE_CONTENT = "DELETE FROM content WHERE message_id = ?"
 BUSY_TIMEOUT = 5.0  # seconds a connection waits for another one's lock before the statement fails
 WAL_KEEP = 4 << 20  # bytes of WAL kept after a checkpoint (journal_size_limit)
 VACUUM_PAGES = 4096  # free pages given back per maintain() call, so one call holds the lock briefly
-
-
-class Overloaded(Exception):
-    """Too many writes are waiting: the caller should answer 451 and let the client retry."""
 
 
 def store_fault(error: BaseException) -> bool:

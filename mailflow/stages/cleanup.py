@@ -35,7 +35,7 @@ from mailflow.errors import PermanentError, TemporaryError
 from mailflow.logs import MailLog
 from mailflow.message import header_names, header_value, read_header, rfc5322_date
 from mailflow.model import QueueId, Recipient, Submission
-from mailflow.stages.addressmap import AddressMapper
+from mailflow.routing.addressmap import AddressMapper
 from mailflow.store import NewMessage, Store
 
 logger = logging.getLogger("mailflow.cleanup")

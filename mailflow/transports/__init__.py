@@ -35,7 +35,7 @@ def build_transports(config, resolver, clock, router, forward=None) -> dict[str,
     from mailflow.transports.discard import DiscardTransport
     from mailflow.transports.error import ErrorTransport
     from mailflow.transports.lmtp import LmtpTransport
-    from mailflow.transports.local import CommandSettings, LocalTransport
+    from mailflow.transports.local.agent import CommandSettings, LocalTransport
     from mailflow.transports.maildir import MaildirTransport, MaildirWriter, virtual_maildirs
     from mailflow.transports.pipe import PipeTransport
     from mailflow.transports.smtp import SmtpTransport

@@ -9,7 +9,7 @@ end. None holds back more than a few bytes (a CR that a LF may follow, the start
                         (RFC 5321 4.5.2), a final CRLF; the caller sends ".\\r\\n" after it
     QuoteLines(starts, could_start, mark)   on LF text: `mark` inserted at the start of each line that starts
                         with the regex `starts`; `could_start` fully matches what may still become such a start
-    mboxrd_quoting()    `>*From ` lines get one more '>' (mbox files, see mailflow.transports.mbox)
+    mboxrd_quoting()    `>*From ` lines get one more '>' (mbox files, see mailflow.transports.local.mbox)
     from_quoting()      `From ` lines get a '>' (pipe flag >)   dot_quoting()  '.' doubled (pipe flag .)
     FinalNewline()      a LF at the end when the content does not end in one
     encode(chunks, *encoders) / aencode(async chunks, *encoders)   the chunks through the encoders in order

@@ -18,9 +18,9 @@ from mailflow.clock import VirtualClock
 from mailflow.config import Config
 from mailflow.content import Content
 from mailflow.model import DeliveryRequest, Outcome, Recipient
-from mailflow.stages.aliasing import LocalExpander
-from mailflow.stages.rewrite import Rewriter
-from mailflow.transports.local import CommandSettings, LocalTransport
+from mailflow.transports.local.aliasing import LocalExpander
+from mailflow.routing.rewrite import Rewriter
+from mailflow.transports.local.agent import CommandSettings, LocalTransport
 from mailflow.transports.maildir import MaildirWriter
 from tests.command_scripts import script_dir
 

@@ -25,9 +25,9 @@ from mailflow.clock import VirtualClock
 from mailflow.config import Config
 from mailflow.content import MEMORY_LIMIT, Content
 from mailflow.model import DeliveryRequest, Outcome, Recipient
-from mailflow.stages.aliasing import LocalExpander
-from mailflow.stages.rewrite import Rewriter
-from mailflow.transports.local import LocalTransport
+from mailflow.transports.local.aliasing import LocalExpander
+from mailflow.routing.rewrite import Rewriter
+from mailflow.transports.local.agent import LocalTransport
 from mailflow.transports.maildir import MaildirWriter
 from tests.helpers import big_message, spooled
 

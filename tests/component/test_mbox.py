@@ -1,4 +1,4 @@
-"""mbox delivery (mailflow.transports.mbox) with real files in tmp_path and real other processes.
+"""mbox delivery (mailflow.transports.local.mbox) with real files in tmp_path and real other processes.
 
 Covered: the From_ line (Postfix's format, MAILER-DAEMON for the null sender, a quoted local part), mboxrd
 quoting, CRLF and a missing final newline, two entries back to back byte for byte; a property: random bodies
@@ -30,8 +30,8 @@ from hypothesis import strategies as st
 
 from mailflow.config import Config, LocalConfig, config_from_dict
 from mailflow.errors import ConfigError, PermanentError, TemporaryError
-from mailflow.transports import mbox
-from mailflow.transports.mbox import append_mbox, format_mbox_entry, mailbox_location, mboxrd_unquote
+from mailflow.transports.local import mbox
+from mailflow.transports.local.mbox import append_mbox, format_mbox_entry, mailbox_location, mboxrd_unquote
 
 ROOT = Path(__file__).resolve().parents[2]
 NOV_2 = time.mktime((2026, 11, 2, 5, 11, 55, 0, 0, -1))  # a local time with a one-digit day
@@ -145,7 +145,7 @@ CHILD_APPENDS = """
 import asyncio, sys
 sys.path.insert(0, {root!r})
 from tests.component.test_mbox import marked_entry
-from mailflow.transports.mbox import append_mbox
+from mailflow.transports.local.mbox import append_mbox
 async def main():
     print("ready", flush=True)
     await asyncio.gather(*(append_mbox({path!r}, marked_entry(f"proc{{i}}")[0]) for i in range(10)))
@@ -324,7 +324,7 @@ CHILD_SMALL_FSIZE = """
 import asyncio, resource, sys
 sys.path.insert(0, {root!r})
 from mailflow.errors import DeliveryError
-from mailflow.transports.mbox import append_mbox
+from mailflow.transports.local.mbox import append_mbox
 resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 try:
     asyncio.run(append_mbox({path!r}, b"From x  y\\n" + b"z" * 10000 + b"\\n\\n"))

@@ -18,7 +18,7 @@ from mailflow.clock import VirtualClock
 from mailflow.content import Content
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
 from mailflow.stages.qmgr import QueueManager
-from mailflow.stages.rewrite import Rewriter
+from mailflow.routing.rewrite import Rewriter
 from mailflow.store import NewMessage, Store
 
 T0 = 1_700_000_000.0

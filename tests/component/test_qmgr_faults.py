@@ -16,7 +16,7 @@ from mailflow.config import Config
 from mailflow.logs import MailLog
 from mailflow.model import Outcome, RcptResult, Recipient
 from mailflow.stages.qmgr import QueueManager
-from mailflow.stages.rewrite import Rewriter
+from mailflow.routing.rewrite import Rewriter
 from mailflow.store import NewMessage, Store
 from tests.component.test_qmgr import T0, BlockingTransport, FakeClock, ScriptedTransport, until
 from tests.component.test_qmgr_policy import Sim, notices_in, report_fields

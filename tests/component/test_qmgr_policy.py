@@ -21,7 +21,7 @@ from mailflow.model import ClientInfo, DeliveryReport, Envelope, Outcome, RcptRe
 from mailflow.stages.cleanup import Cleanup
 from mailflow.stages.qmgr import QueueManager
 from mailflow.stages.qmgr.notices import Notices, _notice_recipient, plan
-from mailflow.stages.rewrite import Rewriter
+from mailflow.routing.rewrite import Rewriter
 from mailflow.store import Store
 
 T0 = 1_700_000_000.0

@@ -10,8 +10,8 @@ from mailflow import status
 from mailflow.config import config_from_dict
 from mailflow.dns import MX, StaticResolver
 from mailflow.errors import ConfigError
-from mailflow.stages.addressmap import AddressMapper
-from mailflow.stages.rewrite import Rewriter
+from mailflow.routing.addressmap import AddressMapper
+from mailflow.routing.rewrite import Rewriter
 from mailflow.stages.smtpd.policy import PolicyClient, PolicyError, encode_request
 from mailflow.stages.smtpd.restrictions import Facts, Restrictions, address_access_keys, client_keys, domain_keys
 

@@ -1,4 +1,4 @@
-"""mbox files written by mailflow.transports.mbox, read and written at the same time by Dovecot (doveadm).
+"""mbox files written by mailflow.transports.local.mbox, read and written at the same time by Dovecot (doveadm).
 
 Dovecot is what a user meets an mbox through (IMAP). doveadm runs with a private config (no daemon): as root it
 drops to nobody, so the mailbox lives in a folder of its own that nobody may write (Dovecot needs to create
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mailflow.transports.mbox import append_mbox, format_mbox_entry
+from mailflow.transports.local.mbox import append_mbox, format_mbox_entry
 from tests.conftest import require_tool
 
 pytestmark = pytest.mark.interop

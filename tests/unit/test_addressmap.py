@@ -1,4 +1,4 @@
-"""cleanup's envelope address mapping (mailflow.stages.addressmap.AddressMapper).
+"""cleanup's envelope address mapping (mailflow.routing.addressmap.AddressMapper).
 
 Covered: `sender()` (null sender, qualification with myorigin, sender_canonical_maps before canonical_maps,
 masquerade_domains with `!` exceptions and masquerade_exceptions, no masquerading of recipients);
@@ -17,8 +17,8 @@ import pytest
 from mailflow.config import Config
 from mailflow.errors import LookupRetry, TemporaryError
 from mailflow.model import Recipient
-from mailflow.stages.addressmap import AddressMapper
-from mailflow.stages.rewrite import Rewriter
+from mailflow.routing.addressmap import AddressMapper
+from mailflow.routing.rewrite import Rewriter
 
 BASE = dict(myhostname="mx.example.test", mydestination=("example.test", "localhost"))
 

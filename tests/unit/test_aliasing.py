@@ -1,4 +1,4 @@
-"""Local alias and .forward expansion (mailflow.stages.aliasing.LocalExpander), with real files in tmp_path.
+"""Local alias and .forward expansion (mailflow.transports.local.aliasing.LocalExpander), with real files in tmp_path.
 
 Covered: alias_maps (aliases(5) texthash files and inline tables): several users, chains, self reference,
 loops falling through to the mailbox, `\\user`, remote addresses becoming Forward; unknown users (5.1.1);
@@ -15,8 +15,8 @@ import pytest
 
 from mailflow.config import Config
 from mailflow.errors import TemporaryError
-from mailflow.stages.aliasing import Command, File, Forward, LocalExpander, Mailbox, Refused
-from mailflow.stages.rewrite import Rewriter
+from mailflow.transports.local.aliasing import Command, File, Forward, LocalExpander, Mailbox, Refused
+from mailflow.routing.rewrite import Rewriter
 
 USERS = ("alice", "bob", "carol")
 

@@ -1,11 +1,11 @@
-"""trivial-rewrite (mailflow.stages.rewrite): address class and `transport:nexthop` for each recipient."""
+"""trivial-rewrite (mailflow.routing.rewrite): address class and `transport:nexthop` for each recipient."""
 from __future__ import annotations
 
 import pytest
 
 from mailflow.config import Config
 from mailflow.model import AddressClass, Resolution
-from mailflow.stages.rewrite import Rewriter, domain_in, split_transport
+from mailflow.routing.rewrite import Rewriter, domain_in, split_transport
 
 LOCAL, RELAY, DEFAULT = AddressClass.LOCAL, AddressClass.RELAY, AddressClass.DEFAULT
 

@@ -15,7 +15,7 @@ import pytest
 
 from mailflow.config import config_from_dict
 from mailflow.errors import LookupRetry, TemporaryError
-from mailflow.stages.routing import Router
+from mailflow.routing.router import Router
 
 HOST = "mx.local.test"
 USERS = ("alice", "bob", "carol", "frank", "grace", "heidi", "ivan", "judy", "oscar", "peggy",

@@ -6,7 +6,7 @@ import pytest
 from mailflow.config import config_from_dict
 from mailflow.errors import LookupRetry
 from mailflow.model import AddressClass
-from mailflow.stages.rewrite import Rewriter, transport_keys
+from mailflow.routing.rewrite import Rewriter, transport_keys
 
 MAP = ("inline:{ user@sub.example.test=lmtp:[127.0.0.1]:24, sub.example.test=smtp:[10.0.0.1]:587,"
        " .example.test=relay:, other.test=:[gw.other.test], *=discard: }")

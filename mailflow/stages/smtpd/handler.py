@@ -36,11 +36,11 @@ from mailflow.content import Spool
 from mailflow.errors import DeliveryError, LookupRetry
 from mailflow.logs import printable
 from mailflow.model import ClientInfo, Envelope, Submission
-from mailflow.stages.addressmap import AddressMapper
-from mailflow.stages.rewrite import Rewriter
+from mailflow.routing.addressmap import AddressMapper
+from mailflow.routing.rewrite import Rewriter
 from mailflow.stages.smtpd import dsn
 from mailflow.stages.smtpd.restrictions import Facts, Marks, Restrictions
-from mailflow.store import Overloaded
+from mailflow.errors import Overloaded
 from mailflow.tables import TableCache
 
 log = logging.getLogger("mailflow.smtpd")

@@ -1,13 +1,13 @@
 """local: delivery for the local address class (Postfix local(8)).
 
 Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_min_user, as in Postfix):
-1. `LocalExpander.expand` (aliases, .forward; see mailflow.stages.aliasing), given the addresses already in the
+1. `LocalExpander.expand` (aliases, .forward; see mailflow.transports.local.aliasing), given the addresses already in the
    message's `Delivered-To:` headers so that a forwarding loop bounces (5.4.6).
 2. Mailboxes (`mbox.mailbox_location`): `<maildir_base>/<user>/<home_mailbox>`, a Maildir when home_mailbox ends
    in "/" (the default `Maildir/`), else an mbox file; with home_mailbox "" the file `<mail_spool_directory>/<user>`.
    Each copy starts with Return-Path and Delivered-To; one copy per user per request, however many of its
    recipients lead there (Postfix's duplicate filter). mbox files get a From_ line, mboxrd quoting and the
-   `mailbox_delivery_lock` locks (see mailflow.transports.mbox).
+   `mailbox_delivery_lock` locks (see mailflow.transports.local.mbox).
 3. Forwarded addresses (and the members of an :include: file or of a list with an owner- alias, which local(8)
    resubmits): one new message per recipient and sender, queued through cleanup by `forward(...)`, from the
    message's sender, or from the list's owner when an owner- alias names one; `Delivered-To: <recipient>`
@@ -25,7 +25,7 @@ local(8) does); else bounced when a part was refused (unknown user, loop, restri
 permanent failure), the rest being delivered; else sent, naming every destination.
 
 Failures: never raises for a delivery problem; an OS error writing a Maildir defers (4.2.0); an mbox or file
-append that fails defers or bounces as mailflow.transports.mbox says (busy 4.2.0, full 5.2.2, a symlink 5.2.0);
+append that fails defers or bounces as mailflow.transports.local.mbox says (busy 4.2.0, full 5.2.2, a symlink 5.2.0);
 a table or file that cannot be read defers (4.3.0); a forward cleanup cannot queue defers (4.3.0).
 """
 from __future__ import annotations
@@ -44,11 +44,11 @@ from mailflow.errors import DeliveryError
 from mailflow.content import Content
 from mailflow.message import HEADER_READ_LIMIT, delivered_to, read_header
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
-from mailflow.stages.aliasing import Command, File, Forward, LocalExpander, Mailbox, Refused, is_safe_user
+from mailflow.transports.local.aliasing import Command, File, Forward, LocalExpander, Mailbox, Refused, is_safe_user
 from mailflow.tables import split_extension
 from mailflow.transports.encode import ToLf, aencode
 from mailflow.transports.maildir import MaildirWriter, mailbox_prefix
-from mailflow.transports.mbox import append_mbox, mailbox_location, mbox_entry
+from mailflow.transports.local.mbox import append_mbox, mailbox_location, mbox_entry
 from mailflow.transports.pipe import CommandNotRun, command_status, run_command
 
 log = logging.getLogger("mailflow.local")

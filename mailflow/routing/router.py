@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 from mailflow.errors import TemporaryError
 from mailflow.model import AddressClass
-from mailflow.stages.addressmap import AddressMapper
-from mailflow.stages.aliasing import Command, File, Forward, LocalExpander, Mailbox, Refused
-from mailflow.stages.rewrite import Rewriter
+from mailflow.routing.addressmap import AddressMapper
+from mailflow.transports.local.aliasing import Command, File, Forward, LocalExpander, Mailbox, Refused
+from mailflow.routing.rewrite import Rewriter
 from mailflow.tables import TableCache
 
 FORWARD_DEPTH = 20  # forwarded messages in a chain; a loop ends sooner, at a Delivered-To it already has
