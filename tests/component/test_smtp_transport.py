@@ -17,7 +17,8 @@ from mailflow.config import SmtpConfig
 from mailflow.dns import MX, AiodnsResolver, StaticResolver
 from mailflow.content import Content
 from mailflow.model import DeliveryRequest, Outcome, Recipient
-from mailflow.transports.smtp import SmtpTransport, order_exchangers
+from mailflow.transports.smtp import SmtpTransport
+from mailflow.transports.smtp.addr import order_exchangers
 from tests.helpers import big_message, spooled
 from tests.conftest import CaptureHandler
 from tests.helpers import eventually
