@@ -171,11 +171,7 @@ class Session:
         self.aborted = False  # closed by us (a timeout, a 421, the end): nothing more is read or sent
         self.transaction_open = False  # MAIL accepted, end of data not yet answered: RSET before reuse
         self._wire = wire
-
-    @property
-    def _transport(self) -> asyncio.Transport:
-        assert self._wire.transport is not None
-        return self._wire.transport
+        self._transport: asyncio.Transport = wire.transport
 
     @property
     def alive(self) -> bool:
@@ -244,7 +240,7 @@ class Session:
                                              ssl_handshake_timeout=timeout if timeout > 0 else None)
         if transport is None:
             raise ConnectionClosed("the connection closed during the TLS handshake")
-        self._wire.transport = transport
+        self._wire.transport = self._transport = transport
         self.tls = True
         self.extensions = Extensions()  # RFC 3207 4.2: forget what the server said in plaintext
 

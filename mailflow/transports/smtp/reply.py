@@ -96,25 +96,31 @@ class ReplyParser:
         self._code, self._texts, self._length = -1, [], 0
 
     def next_reply(self) -> Reply | None:
-        while (end := self._buffer.find(b"\n", 0, MAX_LINE_LENGTH)) != -1:
-            line = bytes(self._buffer[:end]).rstrip(b"\r")
-            del self._buffer[:end + 1]
+        buffer = self._buffer
+        while (end := buffer.find(b"\n", 0, MAX_LINE_LENGTH)) != -1:
+            line = buffer[:end]
+            del buffer[:end + 1]
+            if line.endswith(b"\r"):
+                line = line.rstrip(b"\r")
             reply = self._line(line, end + 1)
             if reply is not None:
                 return reply
-        if len(self._buffer) >= MAX_LINE_LENGTH:
+        if len(buffer) >= MAX_LINE_LENGTH:
             raise MalformedReply(f"reply line too long (over {MAX_LINE_LENGTH} bytes)")
         return None
 
-    def _line(self, line: bytes, length: int) -> Reply | None:
+    def _line(self, line: bytearray, length: int) -> Reply | None:
         separator = line[3:4]
         if len(line) < 3 or not line[:3].isdigit() or separator not in (b"", b" ", b"-"):
-            raise MalformedReply(f"not a reply line: {line[:80]!r}")
+            raise MalformedReply(f"not a reply line: {bytes(line[:80])!r}")
         code = int(line[:3])
+        text = line[4:].strip().decode("utf-8", "replace")
+        if self._code == -1 and separator != b"-":  # a reply of one line: most of them
+            return Reply(code, text)
         if self._code not in (-1, code):
             raise MalformedReply(f"reply code changed from {self._code} to {code} within one reply")
         self._code = code
-        self._texts.append(line[4:].strip().decode("utf-8", "replace"))
+        self._texts.append(text)
         self._length += length
         if self._length > MAX_REPLY_LENGTH:
             raise MalformedReply(f"reply too long (over {MAX_REPLY_LENGTH} bytes)")

@@ -71,6 +71,7 @@ class SmtpTransport:
         self._rng = rng if rng is not None else random.Random()
         self._tables = tables or TableCache()
         self._policy_tables: list[Table] = self._tables.open(config.tls_policy_maps)
+        self._default_policy = default_policy(config.tls_security_level)
         self._timeouts = Timeouts(config.connect_timeout, config.helo_timeout, config.command_timeout,
                                   config.data_timeout)
         self._handshake = SmtpHandshake(
@@ -124,12 +125,14 @@ class SmtpTransport:
         return Destination(nexthop, written, await self._tls_policy(written, nexthop))
 
     async def _tls_policy(self, written: str, nexthop: Nexthop) -> TlsPolicy:
+        if not self._policy_tables:
+            return self._default_policy
         try:
             found = await self._tables.run(find, self._policy_tables, policy_keys(written, nexthop.host))
         except LookupRetry as e:
             raise LocalProblem("4.3.0", f"TLS policy lookup for {written.strip()}: {e.text}") from None
         if found is None:
-            return default_policy(self._config.tls_security_level)
+            return self._default_policy
         try:
             return parse_policy(found[2])
         except ValueError as e:
