@@ -248,6 +248,18 @@ async def test_null_sender_and_seven_bit_message(lmtp_peer):
     assert not any(o.startswith("BODY=") for o in peer.messages[0].mail_options)
 
 
+async def test_8bit_content_is_converted_for_a_server_without_8bitmime(lmtp_peer):
+    peer = await lmtp_peer(decode_data=True)  # aiosmtpd offers 8BITMIME only when it does not decode
+    content = (b"Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+               b"Content-Transfer-Encoding: 8bit\r\n\r\ncaf\xc3\xa9\r\n")
+    report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{peer.port}", content=content,
+                                                          body_type="8BITMIME"))
+    assert outcomes(report) == [("b@example.test", Outcome.SENT, "2.0.0")]
+    [message] = peer.messages
+    assert not any(o.startswith("BODY=") for o in message.mail_options)
+    assert message.content.endswith(b"Content-Transfer-Encoding: quoted-printable\r\n\r\ncaf=C3=A9\r\n")
+
+
 async def test_bracketed_host_without_port_uses_the_configured_port(lmtp_peer):
     peer = await lmtp_peer()
     report = await deliver(make_transport(port=peer.port), make_request("[127.0.0.1]"))
