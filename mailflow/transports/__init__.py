@@ -21,6 +21,13 @@ from __future__ import annotations
 from typing import Protocol
 
 from mailflow.model import DeliveryReport, DeliveryRequest
+from mailflow.transports.discard import DiscardTransport
+from mailflow.transports.error import ErrorTransport
+from mailflow.transports.lmtp import LmtpTransport
+from mailflow.transports.local.agent import CommandSettings, LocalTransport
+from mailflow.transports.maildir import MaildirTransport, MaildirWriter, virtual_maildirs
+from mailflow.transports.pipe import PipeTransport
+from mailflow.transports.smtp import SmtpTransport
 
 
 class Transport(Protocol):
@@ -32,14 +39,6 @@ class Transport(Protocol):
 def build_transports(config, resolver, clock, router, forward=None) -> dict[str, Transport]:
     """The transports named in `transport:nexthop` values, by name. `router` gives the local and virtual
     agents their tables; `forward` lets local delivery queue forwarded copies (see transports.local)."""
-    from mailflow.transports.discard import DiscardTransport
-    from mailflow.transports.error import ErrorTransport
-    from mailflow.transports.lmtp import LmtpTransport
-    from mailflow.transports.local.agent import CommandSettings, LocalTransport
-    from mailflow.transports.maildir import MaildirTransport, MaildirWriter, virtual_maildirs
-    from mailflow.transports.pipe import PipeTransport
-    from mailflow.transports.smtp import SmtpTransport
-
     smtp = SmtpTransport(config.smtp, resolver=resolver, helo_name=config.myhostname)
     return {
         "local": LocalTransport(router.local, local=config.local, writer=MaildirWriter(clock), clock=clock,

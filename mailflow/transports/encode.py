@@ -147,20 +147,17 @@ def _flushed(encoders: tuple[Encoder, ...]) -> bytes:
 
 def encode(chunks: Iterable[bytes], *encoders: Encoder) -> Iterator[bytes]:
     for chunk in chunks:
-        out = _through(chunk, encoders)
-        if out:
+        if out := _through(chunk, encoders):
             yield out
-    tail = _flushed(encoders)
-    if tail:
+    if tail := _flushed(encoders):
         yield tail
 
 
 async def aencode(chunks: AsyncIterable[bytes], *encoders: Encoder) -> AsyncIterator[bytes]:
+    """`encode` over an async stream (a spool file read chunk by chunk)."""
     async for chunk in chunks:
-        out = _through(chunk, encoders)
-        if out:
+        if out := _through(chunk, encoders):
             yield out
-    tail = _flushed(encoders)
-    if tail:
+    if tail := _flushed(encoders):
         yield tail
 

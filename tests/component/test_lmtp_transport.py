@@ -18,13 +18,8 @@ from mailflow.config import LmtpConfig, config_from_dict
 from mailflow.content import Content
 from mailflow.errors import ConfigError
 from mailflow.model import DeliveryRequest, Outcome, Recipient
-from mailflow.transports.lmtp import (
-    Endpoint,
-    LmtpTransport,
-    MalformedReply,
-    ReplyParser,
-    parse_nexthop,
-)
+from mailflow.transports.lmtp import LmtpTransport
+from mailflow.transports.smtp.addr import Nexthop, parse_nexthop
 
 from tests.helpers import big_message, spooled
 
@@ -253,6 +248,18 @@ async def test_null_sender_and_seven_bit_message(lmtp_peer):
     assert not any(o.startswith("BODY=") for o in peer.messages[0].mail_options)
 
 
+async def test_8bit_content_is_converted_for_a_server_without_8bitmime(lmtp_peer):
+    peer = await lmtp_peer(decode_data=True)  # aiosmtpd offers 8BITMIME only when it does not decode
+    content = (b"Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+               b"Content-Transfer-Encoding: 8bit\r\n\r\ncaf\xc3\xa9\r\n")
+    report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{peer.port}", content=content,
+                                                          body_type="8BITMIME"))
+    assert outcomes(report) == [("b@example.test", Outcome.SENT, "2.0.0")]
+    [message] = peer.messages
+    assert not any(o.startswith("BODY=") for o in message.mail_options)
+    assert message.content.endswith(b"Content-Transfer-Encoding: quoted-printable\r\n\r\ncaf=C3=A9\r\n")
+
+
 async def test_bracketed_host_without_port_uses_the_configured_port(lmtp_peer):
     peer = await lmtp_peer()
     report = await deliver(make_transport(port=peer.port), make_request("[127.0.0.1]"))
@@ -436,28 +443,14 @@ async def test_bad_nexthop_defers_as_configuration_error():
 
 
 def test_nexthop_forms():
-    assert parse_nexthop("[127.0.0.1]:2424", 24) == Endpoint(host="127.0.0.1", port=2424)
-    assert parse_nexthop("[127.0.0.1]", 24) == Endpoint(host="127.0.0.1", port=24)
-    assert parse_nexthop("Mail.Example.:24", 99) == Endpoint(host="mail.example", port=24)
-    assert parse_nexthop("inet:[::1]:24", 99) == Endpoint(host="::1", port=24)
-    assert parse_nexthop("unix:/run/dovecot/lmtp", 24) == Endpoint(path="/run/dovecot/lmtp")
+    assert parse_nexthop("[127.0.0.1]:2424", 24, lmtp=True) == Nexthop(host="127.0.0.1", port=2424)
+    assert parse_nexthop("[127.0.0.1]", 24, lmtp=True) == Nexthop(host="127.0.0.1", port=24)
+    assert parse_nexthop("Mail.Example.:24", 99, lmtp=True) == Nexthop(host="mail.example", port=24)
+    assert parse_nexthop("inet:[::1]:24", 99, lmtp=True) == Nexthop(host="::1", port=24)
+    assert parse_nexthop("unix:/run/dovecot/lmtp", 24, lmtp=True) == Nexthop(path="/run/dovecot/lmtp")
     for bad in ("unix:", "[]:24", "host:port", "host:99999"):
         with pytest.raises(ValueError):
-            parse_nexthop(bad, 24)
-
-
-def test_reply_parser_joins_lines_and_refuses_garbage():
-    parser = ReplyParser()
-    assert parser.feed(b"250-lmtp.test\r\n") is None
-    assert parser.feed(b"250-PIPELINING\r\n") is None
-    reply = parser.feed(b"250 SIZE 1000\r\n")
-    assert (reply.code, reply.lines) == (250, ["lmtp.test", "PIPELINING", "SIZE 1000"])
-    assert ReplyParser().feed(b"354\r\n").code == 354
-    for garbage in ([b"hello\r\n"], [b"250-a\r\n", b"550 b\r\n"]):
-        parser = ReplyParser()
-        with pytest.raises(MalformedReply):
-            for line in garbage:
-                parser.feed(line)
+            parse_nexthop(bad, 24, lmtp=True)
 
 
 def test_lmtp_settings_take_durations_and_refuse_a_zero_timeout():

@@ -17,7 +17,8 @@ from mailflow.config import SmtpConfig
 from mailflow.dns import MX, AiodnsResolver, StaticResolver
 from mailflow.content import Content
 from mailflow.model import DeliveryRequest, Outcome, Recipient
-from mailflow.transports.smtp import SmtpTransport, order_exchangers
+from mailflow.transports.smtp import SmtpTransport
+from mailflow.transports.smtp.addr import order_exchangers
 from tests.helpers import big_message, spooled
 from tests.conftest import CaptureHandler
 from tests.helpers import eventually
@@ -1171,3 +1172,73 @@ async def test_a_spooled_8bit_message_is_converted_on_the_way_for_a_peer_without
     received = peer.messages[0].content
     assert received.isascii() and b"Content-Transfer-Encoding: quoted-printable" in received
     assert quopri.decodestring(received.split(b"\r\n\r\n", 1)[1]) == body
+
+
+# ---------------------------------------------------------------------------------------------------- hostile peers
+
+
+async def line_server(session) -> tuple[asyncio.AbstractServer, int]:
+    server = await asyncio.start_server(session, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_a_malformed_reply_defers_naming_it_and_fails_the_site():
+    async def garbled(reader, writer):
+        writer.write(b"220 garbled.test ESMTP\r\n")
+        while line := await reader.readline():
+            if line.startswith(b"EHLO"):
+                writer.write(b"250-garbled.test\r\n250 8BITMIME\r\n")
+            elif line.startswith(b"MAIL"):
+                writer.write(b"hello, this is not SMTP\r\n")
+        writer.close()
+
+    server, port = await line_server(garbled)
+    try:
+        report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{port}"))
+    finally:
+        server.close()
+        await server.wait_closed()
+    result = report.results[0]
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.5.0")
+    assert result.text.startswith("host 127.0.0.1[127.0.0.1] sent a malformed reply while sending MAIL FROM: ")
+    assert not report.site_ok
+
+
+async def test_plaintext_sent_with_the_starttls_reply_is_never_read_as_a_reply(ca):
+    """CVE-2011-0411, client side: bytes that arrive with "220 go ahead" (injected by a man in the middle) must
+    not answer the commands sent after the TLS handshake (RFC 3207 4.2)."""
+    context = server_tls(ca, "peer.test")
+    seen: list[str] = []
+
+    async def injecting(reader, writer):
+        writer.write(b"220 inject.test ESMTP\r\n")
+        while line := await reader.readline():
+            command = line.decode().strip()
+            seen.append(command)
+            verb = command.split(" ", 1)[0].upper()
+            if verb == "EHLO":
+                writer.write(b"250-inject.test\r\n250 STARTTLS\r\n" if len(seen) == 1 else b"250 inject.test\r\n")
+            elif verb == "STARTTLS":
+                writer.write(b"220 go ahead\r\n250-injected\r\n250 INJECTED\r\n")
+                await writer.drain()
+                await writer.start_tls(context)
+            elif verb in ("MAIL", "RCPT"):
+                writer.write(b"250 2.0.0 Ok\r\n")
+            elif verb == "DATA":
+                writer.write(b"354 go\r\n")
+                while await reader.readline() not in (b".\r\n", b""):
+                    pass
+                writer.write(b"250 2.0.0 Ok: queued over TLS\r\n")
+            elif verb == "QUIT":
+                break
+            await writer.drain()
+        writer.close()
+
+    server, port = await line_server(injecting)
+    try:
+        report = await deliver(make_transport(tls="encrypt"), make_request(f"[127.0.0.1]:{port}"))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert (report.results[0].outcome, report.results[0].text) == (Outcome.SENT, "250 2.0.0 Ok: queued over TLS")
+    assert [c.split(" ")[0] for c in seen[:6]] == ["EHLO", "STARTTLS", "EHLO", "MAIL", "RCPT", "DATA"]

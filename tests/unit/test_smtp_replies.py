@@ -1,34 +1,160 @@
-"""ReplyReader: the SMTP client's reply parser once a session is set up (replies queued in order, never dropped)."""
+"""The SMTP family's client core without sockets: the sans-IO reply parser, the Wire that queues replies in order,
+the EHLO/LHLO extensions and the command builders (MAIL, RCPT, DSN parameters, envelope screening)."""
 from __future__ import annotations
 
 import asyncio
 
-import aiosmtplib
 import pytest
 
-from mailflow.transports.smtp_session import ReplyReader
+from mailflow.content import Content
+from mailflow.model import DeliveryRequest, Outcome, Recipient
+from mailflow.transports.downgrade import Downgrade
+from mailflow.transports.smtp.addr import Peer
+from mailflow.transports.smtp.chat import READ_AHEAD, ConnectionClosed, Wire
+from mailflow.transports.smtp.commands import (
+    Extensions,
+    cannot_take,
+    content_encoding,
+    dsn_mail_params,
+    dsn_rcpt_params,
+    mail_command,
+    rcpt_command,
+    screen_envelope,
+    xtext,
+)
+from mailflow.transports.smtp.reply import (
+    MAX_LINE_LENGTH,
+    MAX_REPLY_LENGTH,
+    MAX_REPLY_LINES,
+    MalformedReply,
+    Reply,
+    ReplyParser,
+)
 
 
-class Previous(asyncio.Protocol):
+def replies(*chunks: bytes) -> list[Reply]:
+    """Every complete reply in `chunks`, fed one chunk at a time."""
+    parser, out = ReplyParser(), []
+    for chunk in chunks:
+        parser.receive_data(chunk)
+        while (reply := parser.next_reply()) is not None:
+            out.append(reply)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the parser
+
+
+def test_multi_line_reply_joins_its_texts_without_codes():
+    [reply] = replies(b"250-lmtp.test\r\n250-PIPELINING\r\n250 SIZE 1000\r\n")
+    assert (reply.code, reply.lines) == (250, ["lmtp.test", "PIPELINING", "SIZE 1000"])
+    assert replies(b"354\r\n") == [Reply(354, "")]
+    assert replies(b"220 bare LF\n") == [Reply(220, "bare LF")]
+
+
+def test_replies_split_anywhere_come_out_whole_and_in_order():
+    chunks = (b"250 2.1.0 Ok\r\n250-first\r", b"\n250-second\r\n250 2.1.5 last\r\n55", b"0 5.1.1 no\r\n")
+    assert [(r.code, r.message) for r in replies(*chunks)] == [
+        (250, "2.1.0 Ok"), (250, "first\nsecond\n2.1.5 last"), (550, "5.1.1 no")]
+    parser = ReplyParser()
+    parser.receive_data(b"250-partial\r\n250 ")
+    assert parser.next_reply() is None and parser.buffered
+    parser.clear()  # STARTTLS: what came before the handshake is dropped
+    assert not parser.buffered
+    parser.receive_data(b"220 fresh\r\n")
+    assert parser.next_reply() == Reply(220, "fresh")
+
+
+def test_lmtp_final_replies_are_one_reply_per_recipient():
+    data = (b"250 2.0.0 <a@x.test> Saved\r\n452-4.2.2 <b@x.test> Mailbox is\r\n452 4.2.2 full\r\n"
+            b"550 5.1.1 <c@x.test> User doesn't exist\r\n")
+    got = replies(data)
+    assert [(r.code, r.dsn()) for r in got] == [(250, "2.0.0"), (452, "4.2.2"), (550, "5.1.1")]
+    assert got[1].one_line == "452 4.2.2 <b@x.test> Mailbox is full"
+
+
+@pytest.mark.parametrize("garbage", [
+    [b"hello there\r\n"],  # no code
+    [b"25\r\n"],  # too short
+    [b"2x0 ok\r\n"],  # not digits
+    [b"250_ok\r\n"],  # neither space nor hyphen after the code
+    [b"250-a\r\n", b"550 b\r\n"],  # the code changes within one reply
+])
+def test_bad_codes_are_malformed(garbage):
+    with pytest.raises(MalformedReply):
+        replies(*garbage)
+
+
+def test_an_overlong_line_is_malformed_even_before_it_ends():
+    assert replies(b"250 " + b"x" * (MAX_LINE_LENGTH - 6) + b"\r\n")[0].code == 250  # exactly the limit
+    with pytest.raises(MalformedReply, match="too long"):
+        replies(b"250-" + b"x" * 70_000)  # no line end ever comes
+    with pytest.raises(MalformedReply, match="too long"):
+        replies(b"250 " + b"x" * MAX_LINE_LENGTH + b"\r\n")
+
+
+def test_too_many_lines_or_bytes_in_one_reply_is_malformed():
+    assert len(replies(b"250-x\r\n" * (MAX_REPLY_LINES - 1) + b"250 end\r\n")[0].lines) == MAX_REPLY_LINES
+    with pytest.raises(MalformedReply, match=f"over {MAX_REPLY_LINES} lines"):
+        replies(b"250-x\r\n" * MAX_REPLY_LINES + b"250 end\r\n")
+    line = b"250-" + b"y" * 1000 + b"\r\n"
+    with pytest.raises(MalformedReply, match=f"over {MAX_REPLY_LENGTH} bytes"):
+        replies(line * (MAX_REPLY_LENGTH // len(line) + 1) + b"250 end\r\n")
+
+
+def test_text_that_is_not_utf8_is_replaced_not_passed_on():
+    [reply] = replies(b"550 5.1.1 caf\xe9\r\n")
+    assert reply.message == "5.1.1 caf\ufffd"
+    reply.message.encode("utf-8")  # a diagnostic is always storable
+
+
+def test_reply_codes_and_one_line():
+    assert Reply(550, "no such user").dsn() == "5.0.0"
+    assert Reply(250, "2.1.5 Ok").dsn() == "2.1.5"
+    assert Reply(550, "4.2.2 odd class").dsn() == "5.2.2"  # the reply's class wins
+    assert Reply(354, "go ahead").dsn() == "4.0.0"
+    assert Reply(421, "4.3.2 bye").dsn("4") == "4.3.2"
+    assert Reply(999, "what").dsn() == "4.0.0"
+    assert Reply(250, "2.0.0 first\n2.0.0 second").one_line == "250 2.0.0 first second"
+
+
+# ---------------------------------------------------------------------------------------------- the wire
+
+
+class FakeTransport(asyncio.Transport):
     def __init__(self):
-        self.lost = []
+        super().__init__()
+        self.paused = False
 
-    def connection_lost(self, exc):
-        self.lost.append(exc)
+    def pause_reading(self):
+        self.paused = True
+
+    def resume_reading(self):
+        self.paused = False
+
+    def is_closing(self):
+        return False
+
+
+def wire() -> tuple[Wire, FakeTransport]:
+    transport = FakeTransport()
+    w = Wire()
+    w.connection_made(transport)
+    return w, transport
 
 
 async def test_pipelined_replies_in_odd_chunks_come_out_in_order():
-    reader = ReplyReader(Previous())
+    reader, _ = wire()
     for chunk in (b"250 2.1.0 Ok\r\n250-first\r", b"\n250-second\r\n250 2.1.5 last\r\n55", b"0 5.1.1 no\r\n"):
         reader.data_received(chunk)
-    replies = [await reader.reply(1) for _ in range(3)]
-    assert [(r.code, r.message) for r in replies] == [
+    got = [await reader.reply(1) for _ in range(3)]
+    assert [(r.code, r.message) for r in got] == [
         (250, "2.1.0 Ok"), (250, "first\nsecond\n2.1.5 last"), (550, "5.1.1 no")]
     assert not reader.buffered
 
 
 async def test_a_reply_that_arrives_later_wakes_the_reader():
-    reader = ReplyReader(Previous())
+    reader, _ = wire()
     waiting = asyncio.create_task(reader.reply(1))
     await asyncio.sleep(0)
     reader.data_received(b"354 go ahead\r\n")
@@ -36,38 +162,81 @@ async def test_a_reply_that_arrives_later_wakes_the_reader():
 
 
 async def test_timeout_and_connection_loss():
-    previous = Previous()
-    reader = ReplyReader(previous)
+    reader, _ = wire()
     with pytest.raises(TimeoutError):
         await reader.reply(0.01)
     reader.data_received(b"250 queued before the end\r\n")
     reader.connection_lost(None)
     assert (await reader.reply(1)).code == 250  # what arrived before the loss is still read
-    with pytest.raises(aiosmtplib.SMTPServerDisconnected):
+    with pytest.raises(ConnectionClosed):
         await reader.reply(1)
-    assert previous.lost == [None]  # aiosmtplib's protocol hears of it too
+    assert reader.failed
 
 
 async def test_garbage_is_a_protocol_error():
-    reader = ReplyReader(Previous())
+    reader, _ = wire()
     reader.data_received(b"hello there\r\n")
-    with pytest.raises(aiosmtplib.SMTPResponseException, match="Malformed"):
+    with pytest.raises(MalformedReply, match="not a reply line"):
         await reader.reply(1)
-    endless = ReplyReader(Previous())
+    endless, _ = wire()
     endless.data_received(b"250-" + b"x" * 70_000)
-    with pytest.raises(aiosmtplib.SMTPResponseException, match="too long"):
+    with pytest.raises(MalformedReply, match="too long"):
         await endless.reply(1)
 
 
-# ---------------------------------------------------------------------------------------------- DSN pass-on
+async def test_reading_pauses_while_too_many_replies_wait_unread():
+    reader, transport = wire()
+    reader.data_received(b"250 ok\r\n" * READ_AHEAD)
+    assert transport.paused
+    for _ in range(READ_AHEAD // 2 + 1):
+        await reader.reply(1)
+    assert not transport.paused
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def request(*recipients: Recipient, sender="s@x.test", content=b"Subject: hi\r\n\r\nbody\r\n", **kw):
+    rcpts = recipients or (Recipient(0, "r@y.test", "r@y.test"),)
+    return DeliveryRequest("Q", sender, rcpts, "y.test", Content.of(content), **kw)
+
+
+EVERYTHING = Extensions.from_reply(Reply(250, "mx.test\nPIPELINING\nSIZE 100\n8BITMIME\nSMTPUTF8\nDSN\nAUTH PLAIN LOGIN"))
+
+
+def test_extensions_from_an_ehlo_or_lhlo_reply():
+    assert EVERYTHING.supports("pipelining") and EVERYTHING.supports("SMTPUTF8")
+    assert EVERYTHING.size_limit == 100
+    assert EVERYTHING.auth_methods == ("plain", "login")
+    old_style = Extensions.from_reply(Reply(250, "mx.test\nAUTH=LOGIN\nSIZE"))
+    assert old_style.supports("auth") and old_style.auth_methods == ("login",)
+    assert old_style.size_limit == 0  # SIZE without a number: no limit
+    assert not Extensions().supports("size")  # after HELO: nothing
+
+
+def test_mail_command_carries_what_the_peer_offers_and_the_message_calls_for():
+    plain = request()
+    assert mail_command(plain, Extensions()) == b"MAIL FROM:<s@x.test>\r\n"
+    assert mail_command(request(sender=""), Extensions()) == b"MAIL FROM:<>\r\n"
+    size = plain.content.size
+    assert mail_command(plain, EVERYTHING, "BODY=8BITMIME") == f"MAIL FROM:<s@x.test> SIZE={size} BODY=8BITMIME\r\n".encode()
+    dsn = request(envid="e1", ret="full", smtputf8=True)
+    assert mail_command(dsn, EVERYTHING) == f"MAIL FROM:<s@x.test> SIZE={size} SMTPUTF8 RET=FULL ENVID=e1\r\n".encode()
+    utf8 = request(sender="andré@x.test")
+    assert mail_command(utf8, EVERYTHING).endswith(b" SMTPUTF8\r\n")  # needed, though not flagged
+    assert mail_command(utf8, Extensions()) == "MAIL FROM:<andré@x.test>\r\n".encode()
+
+
+def test_rcpt_command_has_dsn_parameters_only_for_a_peer_that_offers_dsn():
+    r = Recipient(0, "jürgen@y.test", "first@y.test", notify="SUCCESS")
+    assert rcpt_command(r, Extensions()) == "RCPT TO:<jürgen@y.test>\r\n".encode()
+    assert rcpt_command(r, EVERYTHING) == "RCPT TO:<jürgen@y.test> ORCPT=rfc822;first@y.test NOTIFY=SUCCESS\r\n".encode()
+
 
 def test_dsn_parameters_are_xtext_and_orcpt_is_synthesised_from_the_original():
-    from mailflow.model import DeliveryRequest, Recipient
-    from mailflow.transports.smtp import dsn_mail_params, dsn_rcpt_params, xtext
-
     assert xtext("a+b=c d\x01é") == "a+2Bb+3Dc+20d+01+C3+A9"
-    request = DeliveryRequest("Q", "s@x.test", (), "x.test", b"", envid="id=1 +", ret="hdrs")
-    assert dsn_mail_params(request) == [b"RET=HDRS", b"ENVID=id+3D1+20+2B"]
+    req = DeliveryRequest("Q", "s@x.test", (), "x.test", b"", envid="id=1 +", ret="hdrs")
+    assert dsn_mail_params(req) == [b"RET=HDRS", b"ENVID=id+3D1+20+2B"]
     assert dsn_mail_params(DeliveryRequest("Q", "s@x.test", (), "x.test", b"")) == []
     given = Recipient(0, "a@x.test", "first@x.test", notify="SUCCESS,FAILURE", orcpt="rfc822;o+x@x.test")
     assert dsn_rcpt_params(given) == [b"ORCPT=rfc822;o+2Bx@x.test", b"NOTIFY=SUCCESS,FAILURE"]
@@ -75,3 +244,32 @@ def test_dsn_parameters_are_xtext_and_orcpt_is_synthesised_from_the_original():
     assert dsn_rcpt_params(Recipient(0, "a@x.test", "")) == []
     utf8 = Recipient(0, "a@x.test", "jöe@bücher.test", notify="NEVER")
     assert dsn_rcpt_params(utf8) == [b"ORCPT=utf-8;j\\x{F6}e@b\\x{FC}cher.test", b"NOTIFY=NEVER"]
+
+
+def test_addresses_with_control_characters_never_reach_a_command():
+    good, evil = Recipient(0, "ok@y.test", "ok@y.test"), Recipient(1, "x@y.test>\r\nRCPT TO:<z@y.test", "")
+    outcomes, sendable = screen_envelope(request(good, evil))
+    assert sendable == [good]
+    assert (outcomes.results[evil].outcome, outcomes.results[evil].dsn) == (Outcome.BOUNCED, "5.1.3")
+    assert outcomes.results[evil].text == "<x@y.test>??RCPT TO:<z@y.test>: Bad recipient address syntax"
+    outcomes, sendable = screen_envelope(request(good, sender="s\x00@x.test"))
+    assert sendable == [] and outcomes.results[good].dsn == "5.1.7"
+
+
+def test_what_a_peer_cannot_take_bounces_before_mail():
+    peer = Peer("mx.y.test", "192.0.2.1", 25)
+    assert cannot_take(EVERYTHING, peer, request()) is None
+    too_big = cannot_take(EVERYTHING, peer, request(content=b"x" * 101))
+    assert (too_big.dsn, too_big.permanent) == ("5.3.4", True)
+    assert too_big.text == "message size 101 exceeds size limit 100 of server mx.y.test[192.0.2.1]"
+    utf8 = request(Recipient(0, "jürgen@y.test", "jürgen@y.test"))
+    assert cannot_take(Extensions(), peer, utf8).dsn == "5.6.7"
+    assert cannot_take(Extensions(), peer, request(smtputf8=True)) is None  # flagged, but nothing needs it
+
+
+def test_8bitmime_content_goes_as_it_is_or_is_converted():
+    eight = request(body_type="8BITMIME")
+    assert content_encoding(EVERYTHING, eight) == ((), "BODY=8BITMIME")
+    encoders, body = content_encoding(Extensions(), eight)
+    assert body is None and [type(e) for e in encoders] == [Downgrade]
+    assert content_encoding(Extensions(), request()) == ((), None)

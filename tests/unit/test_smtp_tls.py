@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from mailflow.transports.smtp_tls import TlsPolicy, certificate_matches, parse_policy, policy_keys
+from mailflow.transports.smtp.tls import TlsPolicy, certificate_matches, parse_policy, policy_keys
 
 
 def cert(*dns: str, ips: tuple[str, ...] = (), cn: str = "") -> dict:

@@ -1,0 +1,113 @@
+"""Where a delivery goes (Postfix smtp_addr): the next hop as written, the peers behind it, the MX order.
+
+One next-hop parser and one peer type for the SMTP and LMTP clients. The resolver and the RNG are arguments.
+
+    parse_nexthop(written, default_port, lmtp=False) -> Nexthop     raises ValueError for an unusable next hop
+        smtp: `[host]:port`, `[host]` (no MX lookup), `domain:port`, `domain` (MX lookup)
+        lmtp: `[host]:port`, `host:port`, `[host]`, `host`, optionally after `inet:` (never an MX lookup), or
+              `unix:/path` (a UNIX-domain socket); the port defaults to `default_port`
+    Peer(host, address, port)     one address of one host: `name` "host[address]" as diagnostics say it, `relay`
+                                  "host[address]:port" as the log says it; port 0: `address` is a UNIX-domain
+                                  socket's path and `relay` is the name alone
+    await exchangers(resolver, nexthop, rng) -> [host]   the hosts to try, in order: MX hosts by preference, ties
+                                  shuffled with `rng` (RFC 5321 5.1); no MX record: the domain itself (implicit MX);
+                                  raises NotFound (5.1.2), PermanentError 5.1.10 (null MX, RFC 7505), LookupRetry
+    order_exchangers(records, rng) -> [MX]
+    host_lookup_failure(error) / no_address_failure(host) -> DeliveryError   an MX host without usable addresses:
+                                  5.4.4 when DNS says no, 4.4.3 when DNS failed
+    unique(items) -> list         the items in order, each once
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from itertools import groupby
+
+from mailflow.config import parse_hostport
+from mailflow.dns import MX, NotFound, Resolver
+from mailflow.errors import DeliveryError, LookupRetry, PermanentError, TemporaryError
+
+
+@dataclass(frozen=True)
+class Nexthop:
+    """A parsed next hop: a TCP `host` and `port` (with or without an MX lookup), or a UNIX-socket `path`."""
+
+    host: str = ""
+    port: int = 0
+    mx_lookup: bool = False
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """See the module docstring."""
+
+    host: str
+    address: str
+    port: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}[{self.address}]"
+
+    @property
+    def relay(self) -> str:
+        return f"{self.name}:{self.port}" if self.port else self.name
+
+
+def parse_nexthop(written: str, default_port: int, *, lmtp: bool = False) -> Nexthop:
+    """See the module docstring."""
+    value = written.strip()
+    if lmtp:
+        if value.startswith("unix:"):
+            path = value.removeprefix("unix:")
+            if not path:
+                raise ValueError(f"{written!r} names no socket")
+            return Nexthop(path=path)
+        value = value.removeprefix("inet:")
+    host, port = parse_hostport(value, default_port)
+    host = host.strip().rstrip(".").lower()
+    if not host:
+        raise ValueError(f"{written!r} names no host")
+    return Nexthop(host, port, mx_lookup=not lmtp and not value.startswith("["))
+
+
+async def exchangers(resolver: Resolver, nexthop: Nexthop, rng: random.Random) -> list[str]:
+    """See the module docstring."""
+    if not nexthop.mx_lookup:
+        return [nexthop.host]
+    records = await resolver.mx(nexthop.host)
+    if not records:
+        return [nexthop.host]  # implicit MX (RFC 5321 5.1)
+    if len(records) == 1 and records[0].is_null:
+        raise PermanentError("5.1.10", f"Domain {nexthop.host} does not accept mail (nullMX)")
+    return unique(r.host for r in order_exchangers(records, rng) if not r.is_null)
+
+
+def order_exchangers(records: list[MX], rng: random.Random) -> list[MX]:
+    """By preference; equal preferences in random order (RFC 5321 5.1), so that load spreads."""
+    ordered: list[MX] = []
+    for _, group in groupby(sorted(records, key=lambda r: r.preference), key=lambda r: r.preference):
+        tied = list(group)
+        rng.shuffle(tied)
+        ordered.extend(tied)
+    return ordered
+
+
+def host_lookup_failure(error: NotFound | LookupRetry) -> DeliveryError:
+    if isinstance(error, NotFound):
+        return PermanentError("5.4.4", error.text)
+    return TemporaryError("4.4.3", f"Host or domain name not found. {error.text}")
+
+
+def no_address_failure(host: str) -> DeliveryError:
+    return PermanentError(
+        "5.4.4",
+        f"Host or domain name not found. Name service error for name={host} type=A: "
+        "Host found but no data record of requested type",
+    )
+
+
+def unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))

@@ -1,0 +1,257 @@
+"""One connection of the SMTP and LMTP clients (Postfix smtp_chat): commands out, replies in, in order.
+
+Owns the wire from connect to close. `Wire` is the connection's asyncio protocol: it feeds what arrives to the
+sans-IO `ReplyParser` and queues every complete reply in order, so that replies to pipelined commands (RFC 2920)
+are never lost; it applies flow control both ways (a writer waits while the peer is not reading; reading pauses
+while READ_AHEAD replies wait unread) and stays the protocol across STARTTLS. `Session` is one peer's session
+over it; every I/O problem becomes a `SiteFailure` naming the peer and what was being done (see trouble).
+
+    Timeouts(connect, helo, command, data)            the limit of each stage of a session, in seconds
+    Session(wire, peer, opened)                       (built by connect.open_session)
+      .send(data, activity) .send_many(pieces, activity)   write now
+      await .drain(timeout, activity)                 until the peer has taken enough of what was written
+      await .reply(timeout, activity) -> Reply        the next reply in order; a 421 closes the session
+                                                      (RFC 5321 3.8: what would follow on it is lost)
+      await .command(line, timeout, activity) -> Reply
+      await .start_tls(context, server_hostname, timeout)   TLS on the same connection; whatever arrived before
+                                                      is dropped (RFC 3207 4.2); raises ssl.SSLError, OSError,
+                                                      TimeoutError (the caller decides what they mean)
+      .extensions (what EHLO/LHLO offered) .tls .peercert .cipher
+      .alive .idle_clean .aborted .uses .transaction_open .opened
+      .quit() .abort()                                polite and impolite ends; both idempotent
+
+`quit` sends QUIT and closes without waiting for the reply (Postfix smtp_skip_quit_response and
+lmtp_skip_quit_response: the results are final already, a peer slow to answer QUIT must not hold them up); what
+was written is still sent. `abort` closes at once, dropping what was not sent yet (a peer that stopped reading
+must not keep the connection open).
+"""
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from dataclasses import dataclass
+
+from mailflow.transports.smtp.addr import Peer
+from mailflow.transports.smtp.commands import Extensions
+from mailflow.transports.smtp.reply import MalformedReply, Reply, ReplyParser
+from mailflow.transports.smtp.trouble import stream_failure
+
+READ_AHEAD = 64  # complete replies waiting to be read before reading pauses
+CRLF = b"\r\n"
+LOST = "Connection lost"
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """connect: TCP; helo: the greeting and EHLO/HELO/LHLO; command: STARTTLS, AUTH, MAIL, each RCPT, DATA, RSET;
+    data: writing the content and the reply (or, LMTP, each reply) after it."""
+
+    connect: float
+    helo: float
+    command: float
+    data: float
+
+
+class ConnectionClosed(ConnectionError):
+    """The peer closed the connection, or it was lost."""
+
+
+class Wire(asyncio.Protocol):
+    """See the module docstring."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._parser = ReplyParser()
+        self._replies: deque[Reply] = deque()
+        self._error: Exception | None = None
+        self._waiter: asyncio.Future | None = None
+        self._writable: asyncio.Future | None = None  # set while the transport's write buffer is too full
+        self._reading_paused = False
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._parser.receive_data(data)
+        try:
+            while (reply := self._parser.next_reply()) is not None:
+                self._replies.append(reply)
+        except MalformedReply as e:
+            self._fail(e)
+        if len(self._replies) >= READ_AHEAD and not self._reading_paused and self.transport is not None:
+            self.transport.pause_reading()
+            self._reading_paused = True
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._fail(ConnectionClosed("Unexpected EOF received"))
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        lost = ConnectionClosed(LOST)
+        lost.__cause__ = exc
+        self._fail(lost)
+
+    def pause_writing(self) -> None:
+        if self._writable is None:
+            self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        writable, self._writable = self._writable, None
+        if writable is not None and not writable.done():
+            writable.set_result(None)
+
+    # -- reading
+
+    @property
+    def buffered(self) -> bool:
+        return bool(self._replies) or self._parser.buffered
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
+    def forget_buffered(self) -> None:
+        self._parser.clear()
+        self._replies.clear()
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    async def drain(self, timeout: float) -> None:
+        """Wait until the transport takes writes again (or raise the connection's failure)."""
+        if self._error is not None:
+            raise self._error
+        if self._writable is not None:
+            await asyncio.wait_for(asyncio.shield(self._writable), timeout)
+        if self._error is not None:
+            raise self._error
+
+    async def reply(self, timeout: float) -> Reply:
+        if not self._replies and self._error is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._waiter, timeout)
+            finally:
+                self._waiter = None
+        if self._replies:
+            reply = self._replies.popleft()
+            if self._reading_paused and len(self._replies) < READ_AHEAD // 2 and self.transport is not None:
+                self._reading_paused = False
+                self.transport.resume_reading()
+            return reply
+        assert self._error is not None
+        raise self._error
+
+    def _fail(self, error: Exception) -> None:
+        if self._error is None:
+            self._error = error
+        self._wake()
+        self.resume_writing()  # a writer waiting for room learns of the failure
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done() and (self._replies or self._error):
+            self._waiter.set_result(None)
+
+
+class Session:
+    """One session with one peer over one connection (see the module docstring)."""
+
+    def __init__(self, wire: Wire, peer: Peer, opened: float):
+        assert wire.transport is not None
+        self.peer = peer
+        self.opened = opened
+        self.extensions = Extensions()
+        self.tls = False
+        self.uses = 0
+        self.aborted = False  # closed by us (a timeout, a 421, the end): nothing more is read or sent
+        self.transaction_open = False  # MAIL accepted, end of data not yet answered: RSET before reuse
+        self._wire = wire
+        self._transport: asyncio.Transport = wire.transport
+
+    @property
+    def alive(self) -> bool:
+        return not self.aborted and not self._transport.is_closing() and not self._wire.failed
+
+    @property
+    def idle_clean(self) -> bool:
+        """Alive, and nothing arrived since the last reply was read (a waiting session must hear nothing)."""
+        return self.alive and not self._wire.buffered
+
+    @property
+    def peercert(self) -> dict:
+        return self._transport.get_extra_info("peercert") or {}
+
+    @property
+    def cipher(self) -> tuple:
+        return self._transport.get_extra_info("cipher") or ("?", "?", 0)
+
+    # -- writing
+
+    def send(self, data: bytes, activity: str) -> None:
+        self._check_open(activity)
+        self._transport.write(data)
+
+    def send_many(self, pieces: list[bytes], activity: str) -> None:
+        self._check_open(activity)
+        self._transport.writelines(pieces)
+
+    async def drain(self, timeout: float, activity: str) -> None:
+        try:
+            await self._wire.drain(timeout)
+        except (OSError, TimeoutError, MalformedReply) as e:
+            self.abort()
+            raise stream_failure(self.peer, activity, e) from None
+
+    def _check_open(self, activity: str) -> None:
+        if self.aborted or self._transport.is_closing():
+            raise stream_failure(self.peer, activity, ConnectionClosed(LOST))
+
+    # -- reading
+
+    async def reply(self, timeout: float, activity: str) -> Reply:
+        if self.aborted:
+            raise stream_failure(self.peer, activity, ConnectionClosed(LOST))
+        try:
+            reply = await self._wire.reply(timeout)
+        except (OSError, TimeoutError, MalformedReply) as e:
+            self.abort()
+            raise stream_failure(self.peer, activity, e) from None
+        if reply.code == 421:
+            self.abort()
+        return reply
+
+    async def command(self, line: bytes, timeout: float, activity: str) -> Reply:
+        self.send(line, activity)
+        return await self.reply(timeout, activity)
+
+    # -- TLS
+
+    async def start_tls(self, context: ssl.SSLContext, server_hostname: str | None, timeout: float) -> None:
+        self._wire.forget_buffered()  # RFC 3207 4.2: nothing received before the handshake counts
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            transport = await loop.start_tls(self._transport, self._wire, context, server_side=False,
+                                             server_hostname=server_hostname,
+                                             ssl_handshake_timeout=timeout if timeout > 0 else None)
+        if transport is None:
+            raise ConnectionClosed("the connection closed during the TLS handshake")
+        self._wire.transport = self._transport = transport
+        self.tls = True
+        self.extensions = Extensions()  # RFC 3207 4.2: forget what the server said in plaintext
+
+    # -- the end
+
+    def quit(self) -> None:
+        if self.alive:
+            self._transport.write(b"QUIT" + CRLF)
+        self.aborted = True
+        self._transport.close()  # what was written is still sent
+
+    def abort(self) -> None:
+        self.aborted = True
+        self._transport.abort()

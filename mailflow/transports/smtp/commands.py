@@ -1,0 +1,193 @@
+"""The SMTP family's commands and what decides them, sans-IO: the one set of command builders and envelope checks
+of the SMTP and LMTP clients (the command side of Postfix smtp_proto).
+
+    Extensions.from_reply(reply) -> Extensions   what an EHLO or LHLO reply offers: lower-case keywords and their
+                                  parameters, AUTH methods (also in the old `AUTH=` form)
+      .supports(keyword) .size_limit (0: none advertised) .auth_methods
+    screen_envelope(request) -> (Outcomes, sendable recipients)   an address with CR, LF, NUL or another control
+                                  character never reaches the wire: a bad sender bounces every recipient (5.1.7),
+                                  a bad recipient bounces itself (5.1.3)
+    cannot_take(extensions, peer, request) -> PermanentError | None   a reason to bounce before MAIL FROM: the
+                                  message needs SMTPUTF8 and the peer does not offer it (5.6.7), or it is bigger
+                                  than the peer's SIZE (5.3.4)
+    content_encoding(extensions, request) -> (encoders, BODY parameter or None)   8BITMIME content goes as it is
+                                  with BODY=8BITMIME to a peer that offers it, else through `Downgrade` (to 7 bit,
+                                  Postfix's default disable_mime_output_conversion = no)
+    mail_command(request, extensions, body) -> bytes   `MAIL FROM:<sender>` with SIZE (offered), BODY, SMTPUTF8
+                                  (offered, and the message is flagged or needs it), RET and ENVID (DSN offered)
+    rcpt_command(recipient, extensions) -> bytes       `RCPT TO:<address>` with ORCPT and NOTIFY (DSN offered)
+    needs_smtputf8(request) -> bool                    UTF-8 in the envelope, or in the headers of a message whose
+                                  client asked for SMTPUTF8
+    dsn_mail_params(request), dsn_rcpt_params(recipient) -> [bytes];  xtext(text), utf8_addr_xtext(text)
+
+Commands come CRLF-terminated. The envelope is sent exactly as queued (no re-parsing).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from mailflow.errors import PermanentError
+from mailflow.message import HEADER_READ_LIMIT, read_header
+from mailflow.model import DeliveryRequest, Recipient
+from mailflow.transports.downgrade import Downgrade
+from mailflow.transports.encode import Encoder
+from mailflow.transports.smtp.addr import Peer
+from mailflow.transports.smtp.reply import Reply
+from mailflow.transports.smtp.trouble import Outcomes
+
+CRLF = b"\r\n"
+_OLD_STYLE_AUTH = re.compile(r"auth=(.*)", re.IGNORECASE)
+_UNSAFE_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class Extensions:
+    """See the module docstring."""
+
+    keywords: dict[str, str] = field(default_factory=dict)
+    auth_methods: tuple[str, ...] = ()
+
+    @classmethod
+    def from_reply(cls, reply: Reply) -> "Extensions":
+        keywords: dict[str, str] = {}
+        methods: list[str] = []
+        for line in reply.lines[1:]:  # the first line is the server's name
+            line = line.strip()
+            old_style = _OLD_STYLE_AUTH.fullmatch(line)
+            if old_style:  # "AUTH=LOGIN PLAIN", from a draft some servers still follow
+                keyword, params = "auth", old_style.group(1)
+            else:
+                keyword, _, params = line.partition(" ")
+                keyword = keyword.lower()
+            if keyword:
+                keywords[keyword] = params.strip()
+            if keyword == "auth":
+                methods += [m.lower() for m in params.split()]
+        return cls(keywords, tuple(methods))
+
+    def supports(self, keyword: str) -> bool:
+        return keyword.lower() in self.keywords
+
+    @property
+    def size_limit(self) -> int:
+        value = self.keywords.get("size", "")
+        return int(value) if value.isdigit() else 0
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+
+
+def screen_envelope(request: DeliveryRequest) -> tuple[Outcomes, list[Recipient]]:
+    """See the module docstring."""
+    outcomes = Outcomes()
+    if has_unsafe_characters(request.sender):
+        bad_sender = PermanentError("5.1.7", f"<{printable(request.sender)}>: Bad sender address syntax")
+        outcomes.fail(request.recipients, bad_sender)
+        return outcomes, []
+    sendable = []
+    for r in request.recipients:
+        if has_unsafe_characters(r.address):
+            outcomes.fail([r], PermanentError("5.1.3", f"<{printable(r.address)}>: Bad recipient address syntax"))
+        else:
+            sendable.append(r)
+    return outcomes, sendable
+
+
+def cannot_take(extensions: Extensions, peer: Peer, request: DeliveryRequest) -> PermanentError | None:
+    """See the module docstring."""
+    if needs_smtputf8(request) and not extensions.supports("smtputf8"):
+        return PermanentError("5.6.7", f"SMTPUTF8 is required, but was not offered by host {peer.name}")
+    limit = extensions.size_limit
+    size = request.content.size
+    if limit and size > limit:
+        return PermanentError("5.3.4", f"message size {size} exceeds size limit {limit} of server {peer.name}")
+    return None
+
+
+def needs_smtputf8(request: DeliveryRequest) -> bool:
+    """See the module docstring."""
+    envelope = [request.sender, *(r.address for r in request.recipients)]
+    if not all(a.isascii() for a in envelope):
+        return True
+    return request.smtputf8 and not read_header(request.content, HEADER_READ_LIMIT)[0].isascii()
+
+
+def content_encoding(extensions: Extensions, request: DeliveryRequest) -> tuple[tuple[Encoder, ...], str | None]:
+    """See the module docstring."""
+    if request.body_type.upper() != "8BITMIME":
+        return (), None
+    if extensions.supports("8bitmime"):
+        return (), "BODY=8BITMIME"
+    return (Downgrade(),), None
+
+
+def has_unsafe_characters(address: str) -> bool:
+    """CR, LF, NUL or another control character would end or forge a command line."""
+    return bool(_UNSAFE_IN_ADDRESS.search(address))
+
+
+def printable(address: str) -> str:
+    return _UNSAFE_IN_ADDRESS.sub("?", address)
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+
+
+def mail_command(request: DeliveryRequest, extensions: Extensions, body: str | None = None) -> bytes:
+    """See the module docstring."""
+    params = []
+    if extensions.supports("size"):
+        params.append(f"SIZE={request.content.size}".encode("ascii"))
+    if body:
+        params.append(body.encode("ascii"))
+    if extensions.supports("smtputf8") and (request.smtputf8 or needs_smtputf8(request)):
+        params.append(b"SMTPUTF8")
+    if extensions.supports("dsn"):
+        params += dsn_mail_params(request)
+    return b" ".join([b"MAIL FROM:<" + request.sender.encode("utf-8") + b">", *params]) + CRLF
+
+
+def rcpt_command(recipient: Recipient, extensions: Extensions) -> bytes:
+    """See the module docstring."""
+    params = dsn_rcpt_params(recipient) if extensions.supports("dsn") else []
+    return b" ".join([b"RCPT TO:<" + recipient.address.encode("utf-8") + b">", *params]) + CRLF
+
+
+def dsn_mail_params(request: DeliveryRequest) -> list[bytes]:
+    """RET and ENVID (xtext) for a next hop that offers DSN (RFC 3461 4.3, 4.4), as the client gave them."""
+    params = []
+    if request.ret:
+        params.append(f"RET={request.ret.upper()}")
+    if request.envid:
+        params.append(f"ENVID={xtext(request.envid)}")
+    return [p.encode("ascii") for p in params]
+
+
+def dsn_rcpt_params(recipient: Recipient) -> list[bytes]:
+    """ORCPT and NOTIFY for a next hop that offers DSN (RFC 3461 4.1, 4.2): the ORCPT the client gave, else one
+    made from the address the client first gave (`rfc822;original`, `utf-8;` with RFC 6533's escapes when it is
+    not ASCII), as Postfix's smtp(8) does; NOTIFY as given (none given: none sent, the next hop's default)."""
+    params = []
+    orcpt = recipient.orcpt or (f"rfc822;{recipient.original}" if recipient.original else "")
+    if orcpt:
+        addr_type, _, addr = orcpt.partition(";")
+        if addr_type.lower() == "utf-8" or not addr.isascii():
+            params.append(f"ORCPT=utf-8;{utf8_addr_xtext(addr)}")
+        else:
+            params.append(f"ORCPT={addr_type};{xtext(addr)}")
+    if recipient.notify:
+        params.append(f"NOTIFY={recipient.notify.upper()}")
+    return [p.encode("ascii") for p in params]
+
+
+def xtext(text: str) -> str:
+    """RFC 3461 xtext: printable ASCII but '+' and '=' as is, every other byte (of the UTF-8) as +HH."""
+    return "".join(chr(b) if 0x21 <= b <= 0x7E and b not in (0x2B, 0x3D) else f"+{b:02X}"
+                   for b in text.encode("utf-8"))
+
+
+def utf8_addr_xtext(text: str) -> str:
+    """RFC 6533 utf-8-addr-xtext: like xtext, but a character outside printable ASCII (or '+', '=', '\\')
+    is written \\x{HEX} by its code point."""
+    return "".join(c if 0x21 <= ord(c) <= 0x7E and c not in "+=\\" else f"\\x{{{ord(c):X}}}" for c in text)

@@ -1,0 +1,248 @@
+"""Opening a session (Postfix smtp_connect, with smtp_proto's handshake): connect, greeting, EHLO/HELO or LHLO,
+and for SMTP STARTTLS as the TLS policy asks and AUTH with the relay's credentials.
+
+    await open_session(peer, timeout, clock) -> Session     TCP, or a UNIX-domain socket (port 0), within
+                                `timeout`; SiteFailure 4.4.1 "connect to h[ip]:port: Connection refused" (or timed out)
+    await greet(session, timeout)                            the greeting must be 2xx
+    await hello(session, helo_name, timeout, lmtp=False)     EHLO (HELO after a 5xx EHLO), or LHLO; sets
+                                `session.extensions`
+        a refused greeting, EHLO, HELO or LHLO: SiteFailure "host h[ip] refused to talk to me: 554 ..." (class 4)
+    Destination(nexthop, written, policy)                    one request's next hop, as parsed and as written (the
+                                table key), and its TLS policy
+    SmtpHandshake(config, helo_name, tls, password_tables, tables, clock)
+      await .open(peer, destination, queue_id) -> Session    a session past the whole SMTP handshake; raises
+                                SiteFailure (try the next peer) or LocalProblem (our side: stop)
+
+TLS (levels in smtp.tls): none never says STARTTLS. may: STARTTLS when offered, unverified; a refused STARTTLS
+goes on in plaintext on the same session, a failed handshake connects again in plaintext (not when there are AUTH
+credentials for the peer). encrypt and above: not offered -> 4.7.4 "TLS is required, but was not offered by host
+h[ip]"; refused -> the reply's code; a failed handshake -> 4.7.5 "Cannot start TLS: handshake failure"; an
+untrusted chain -> 4.7.5 "Server certificate not trusted"; no matching name -> 4.7.5 "Server certificate not
+verified"; TLS unavailable here (unreadable CA or certificate file) -> LocalProblem 4.7.5. After TLS, EHLO again.
+AUTH (`sasl_password_maps`): credentials by the peer's host name, then by the next hop as written, looked up
+before connecting (LocalProblem 4.3.0 when a table cannot answer); used only when the peer offers AUTH, PLAIN
+else LOGIN. Without TLS and with `sasl_tls_required` the password is not sent: 4.7.0 "SASL authentication
+failed; cannot authenticate to server h[ip]: ...". A refusal fails that peer with the server's words as 4xx
+(Postfix smtp_sasl_auth_soft_bounce); any 2xx at the end is success, as Postfix takes it.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import ssl
+from dataclasses import dataclass
+from typing import Callable
+
+from mailflow.config import SmtpConfig
+from mailflow.dns import is_ip_literal
+from mailflow.errors import LookupRetry
+from mailflow.tables import Table, TableCache, find
+from mailflow.transports.smtp.addr import Nexthop, Peer, unique
+from mailflow.transports.smtp.chat import CRLF, Session, Wire
+from mailflow.transports.smtp.commands import Extensions
+from mailflow.transports.smtp.tls import TlsContexts, TlsPolicy, TlsUnavailable, certificate_matches, certificate_names
+from mailflow.transports.smtp.trouble import (
+    LocalProblem,
+    RetryPlaintext,
+    SiteFailure,
+    os_reason,
+    refused_to_talk,
+)
+
+log = logging.getLogger("mailflow.smtp")
+
+GREETING = "receiving the initial server greeting"
+STARTTLS = "receiving the STARTTLS response"
+AUTH = "performing the AUTH handshake"
+
+
+async def open_session(peer: Peer, timeout: float, clock: Callable[[], float]) -> Session:
+    """See the module docstring."""
+    loop = asyncio.get_running_loop()
+    opened = clock()
+    wire = Wire()
+    try:
+        async with asyncio.timeout(timeout):
+            if peer.port:
+                await loop.create_connection(lambda: wire, peer.address, peer.port)
+            else:
+                await loop.create_unix_connection(lambda: wire, peer.address)
+    except (OSError, TimeoutError) as e:
+        raise SiteFailure("4.4.1", f"connect to {peer.relay}: {os_reason(e)}") from None
+    return Session(wire, peer, opened)
+
+
+async def greet(session: Session, timeout: float) -> None:
+    greeting = await session.reply(timeout, GREETING)
+    if not greeting.positive:
+        raise refused_to_talk(session.peer, greeting)
+
+
+async def hello(session: Session, helo_name: str, timeout: float, *, lmtp: bool = False) -> None:
+    name = helo_name.encode("ascii", "replace")
+    if lmtp:
+        reply = await session.command(b"LHLO " + name + CRLF, timeout, "performing the LHLO handshake")
+    else:
+        reply = await session.command(b"EHLO " + name + CRLF, timeout, "performing the EHLO handshake")
+        if reply.code >= 500 and session.alive:  # RFC 5321 4.1.4: an old server; HELO offers nothing
+            reply = await session.command(b"HELO " + name + CRLF, timeout, "performing the EHLO handshake")
+            if reply.positive:
+                session.extensions = Extensions()
+                return
+    if not reply.positive:
+        raise refused_to_talk(session.peer, reply)
+    session.extensions = Extensions.from_reply(reply)
+
+
+@dataclass(frozen=True)
+class Destination:
+    """See the module docstring."""
+
+    nexthop: Nexthop
+    written: str
+    policy: TlsPolicy
+
+    @property
+    def cache_key(self) -> str:
+        return self.written.strip().lower()
+
+
+@dataclass(frozen=True)
+class Credentials:
+    user: str
+    password: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class SmtpHandshake:
+    """See the module docstring."""
+
+    config: SmtpConfig
+    helo_name: str
+    tls: TlsContexts
+    password_tables: list[Table]
+    tables: TableCache
+    clock: Callable[[], float]
+
+    async def open(self, peer: Peer, destination: Destination, queue_id: str) -> Session:
+        """See the module docstring."""
+        credentials = await self._credentials(peer, destination)
+        try:
+            return await self._handshake(peer, destination, credentials, queue_id, tls_allowed=True)
+        except RetryPlaintext:
+            log.info("%s: TLS handshake with %s failed; trying again in plaintext", queue_id, peer.relay)
+            return await self._handshake(peer, destination, credentials, queue_id, tls_allowed=False)
+
+    async def _handshake(self, peer: Peer, destination: Destination, credentials: Credentials | None,
+                         queue_id: str, tls_allowed: bool) -> Session:
+        session = await open_session(peer, self.config.connect_timeout, self.clock)
+        try:
+            await greet(session, self.config.helo_timeout)
+            await hello(session, self.helo_name, self.config.helo_timeout)
+            if tls_allowed:
+                await self._start_tls(session, destination, credentials, queue_id)
+            if credentials is not None and session.extensions.supports("auth"):
+                await self._authenticate(session, credentials)
+            return session
+        except BaseException:
+            session.abort()
+            raise
+
+    # -- STARTTLS
+
+    async def _start_tls(self, session: Session, destination: Destination, credentials: Credentials | None,
+                         queue_id: str) -> None:
+        """STARTTLS as the policy asks; on success the session is encrypted and EHLO said again. Raises
+        SiteFailure, RetryPlaintext or LocalProblem."""
+        policy, peer = destination.policy, session.peer
+        if policy.level == "none":
+            return
+        if not session.extensions.supports("starttls"):
+            if policy.required:
+                raise SiteFailure("4.7.4", f"TLS is required, but was not offered by host {peer.name}")
+            return
+        context = self._tls_context(policy)
+        if context is None:
+            return
+        timeout = self.config.command_timeout
+        try:
+            reply = await session.command(b"STARTTLS" + CRLF, timeout, STARTTLS)
+            if reply.code == 220:
+                await session.start_tls(context, None if is_ip_literal(peer.host) else peer.host, timeout)
+        except ssl.SSLCertVerificationError as e:
+            raise SiteFailure("4.7.5", f"Server certificate not trusted: host {peer.name}: {e.verify_message}") \
+                from None
+        except (SiteFailure, OSError, TimeoutError) as e:
+            log.debug("%s: TLS handshake with %s: %r", queue_id, peer.relay, e)
+            if policy.level == "may" and credentials is None:
+                raise RetryPlaintext() from None
+            raise SiteFailure("4.7.5", f"Cannot start TLS: handshake failure with host {peer.name}") from None
+        if reply.code != 220:  # refused: the session itself is still fine
+            if policy.required:
+                raise SiteFailure(reply.dsn("4"),
+                                  f"TLS is required, but host {peer.name} refused to start TLS: {reply.one_line}")
+            return
+        if policy.verifies:
+            self._verify_peer_name(session, destination)
+        cipher = session.cipher
+        log.info("%s: %s TLS connection established to %s: %s with cipher %s", queue_id,
+                 "Verified" if policy.verifies else "Untrusted", peer.relay, cipher[1], cipher[0])
+        await hello(session, self.helo_name, self.config.helo_timeout)
+
+    def _tls_context(self, policy: TlsPolicy) -> ssl.SSLContext | None:
+        """The context for the level; None (plaintext) at level may when TLS cannot be set up here."""
+        try:
+            return self.tls.for_level(policy.level)
+        except TlsUnavailable as e:
+            if policy.required:
+                raise LocalProblem("4.7.5", f"TLS is required, but our TLS engine is unavailable: {e}") from None
+            log.warning("TLS is unavailable (%s): sending in plaintext", e)
+            return None
+
+    @staticmethod
+    def _verify_peer_name(session: Session, destination: Destination) -> None:
+        certificate, peer = session.peercert, session.peer
+        patterns = destination.policy.match
+        if not certificate_matches(certificate, patterns, peer.host, destination.nexthop.host):
+            names = ", ".join(sum(certificate_names(certificate), [])) or "no name"
+            raise SiteFailure("4.7.5", f"Server certificate not verified: host {peer.name} presented {names}, "
+                                       f"expected {':'.join(patterns)}")
+
+    # -- AUTH
+
+    async def _credentials(self, peer: Peer, destination: Destination) -> Credentials | None:
+        """user:password for the peer's host name, else for the next hop as written. Raises LocalProblem."""
+        if not self.password_tables:
+            return None
+        keys = unique([peer.host, destination.written.strip().lower()])
+        try:
+            found = await self.tables.run(find, self.password_tables, keys)
+        except LookupRetry as e:
+            raise LocalProblem("4.3.0", f"sasl_password_maps lookup error: {e.text}") from None
+        if found is None:
+            return None
+        user, _, password = found[2].strip().partition(":")
+        return Credentials(user, password)
+
+    async def _authenticate(self, session: Session, credentials: Credentials) -> None:
+        """AUTH PLAIN (else LOGIN). Raises SiteFailure."""
+        peer = session.peer
+        cannot = f"SASL authentication failed; cannot authenticate to server {peer.name}"
+        if not session.tls and self.config.sasl_tls_required:
+            raise SiteFailure("4.7.0", f"{cannot}: the session is not encrypted (sasl_tls_required)")
+        offered = session.extensions.auth_methods
+        user, password = credentials.user.encode("utf-8"), credentials.password.encode("utf-8")
+        if "plain" in offered:
+            steps = [b"AUTH PLAIN " + base64.b64encode(b"\0" + user + b"\0" + password)]
+        elif "login" in offered:
+            steps = [b"AUTH LOGIN " + base64.b64encode(user), base64.b64encode(password)]
+        else:
+            raise SiteFailure("4.7.0", f"{cannot}: no mechanism available (offered: {' '.join(offered)})")
+        for i, step in enumerate(steps):
+            reply = await session.command(step + CRLF, self.config.command_timeout, AUTH)
+            if reply.code != 334 or i == len(steps) - 1:
+                break
+        if not reply.positive:
+            raise SiteFailure(reply.dsn("4"),
+                              f"SASL authentication failed; server {peer.name} said: {reply.one_line}")

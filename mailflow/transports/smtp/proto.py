@@ -1,0 +1,181 @@
+"""One mail transaction on an open session (Postfix smtp_proto's smtp_xfer), for SMTP and LMTP alike.
+
+    await send_message(session, request, recipients, outcomes, timeouts, reused=False, lmtp=False)
+        every recipient ends with a result in `outcomes`; a lost, timed-out or garbled dialogue defers those still
+        without an answer (relay: the peer) and fails the site. A `reused` (cached) session that dies before MAIL
+        FROM is answered raises StaleSession instead and leaves `outcomes` untouched.
+    await reset(session, timeout) -> bool      RSET (a transaction is still open and the session is to be cached)
+    smtp_data(content, encoders) / asmtp_data(content, encoders)   the content as DATA: through `encoders`,
+        dot-stuffed, then the terminator; from memory / a spool file read chunk by chunk
+
+The transaction: a message the peer cannot take (commands.cannot_take) bounces before MAIL. With PIPELINING
+(RFC 2920) MAIL, every RCPT and DATA go out in one write and the replies are read in order (2 round trips per
+message on a cached session), as Postfix does; without it each command waits for its reply. Replies still owed
+after a refusal are read (a DATA accepted anyway gets an empty message, "." alone, as RFC 2920 says). The content
+is streamed: a message in memory goes in one write, a spooled one CHUNK bytes at a time, each write waiting
+(within data_timeout) until the peer has taken the last. After the content SMTP reads one reply for every
+accepted recipient, LMTP (RFC 2033 4.2) one reply per accepted recipient, in RCPT order.
+
+Limits: MAIL, each RCPT and DATA `command`; the content and the reply (each reply) after it `data`.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterator
+
+from mailflow.content import CHUNK, Content
+from mailflow.model import DeliveryRequest, Recipient
+from mailflow.transports.encode import Encoder, SmtpData, aencode, encode
+from mailflow.transports.smtp.chat import CRLF, Session, Timeouts
+from mailflow.transports.smtp.commands import cannot_take, content_encoding, mail_command, rcpt_command
+from mailflow.transports.smtp.trouble import (
+    Outcomes,
+    SiteFailure,
+    StaleSession,
+    reply_results,
+    unexpected_data_reply,
+)
+
+log = logging.getLogger("mailflow.smtp")
+
+# What Postfix says it was doing when the connection broke, by the command that was waiting.
+MAIL = "sending MAIL FROM"
+RCPT = "sending RCPT TO"
+DATA = "sending DATA command"
+BODY = "sending message body"
+END_OF_DATA = "sending end of data -- message may be sent more than once"
+
+
+async def send_message(
+    session: Session,
+    request: DeliveryRequest,
+    recipients: list[Recipient],
+    outcomes: Outcomes,
+    timeouts: Timeouts,
+    *,
+    reused: bool = False,
+    lmtp: bool = False,
+) -> None:
+    """See the module docstring."""
+    refusal = cannot_take(session.extensions, session.peer, request)
+    if refusal is not None:
+        outcomes.fail(recipients, refusal, session.peer.relay)
+        return
+    session.uses += 1
+    try:
+        await _transaction(session, request, recipients, outcomes, timeouts, reused, lmtp)
+    except SiteFailure as e:
+        outcomes.fail(outcomes.pending(recipients), e, session.peer.relay).site_failed(e.text)
+
+
+async def _transaction(
+    session: Session,
+    request: DeliveryRequest,
+    recipients: list[Recipient],
+    outcomes: Outcomes,
+    timeouts: Timeouts,
+    reused: bool,
+    lmtp: bool,
+) -> None:
+    peer, extensions = session.peer, session.extensions
+    encoders, body = content_encoding(extensions, request)
+    if encoders:
+        log.debug("%s: %s offers no 8BITMIME: content converted to 7 bit", request.queue_id, peer.relay)
+    rcpts = [rcpt_command(r, extensions) for r in recipients]
+    pipelining = extensions.supports("pipelining")
+    mail = mail_command(request, extensions, body)
+    try:
+        session.send(b"".join([mail, *rcpts, b"DATA" + CRLF]) if pipelining else mail, MAIL)
+        reply = await session.reply(timeouts.command, MAIL)
+    except SiteFailure:
+        if reused:
+            raise StaleSession() from None
+        raise
+    if reused and reply.code == 421:
+        raise StaleSession()
+    if not reply.positive:
+        outcomes.update(reply_results(recipients, reply, peer, "MAIL FROM"))
+        if pipelining:
+            await _abandon_pipelined(session, len(rcpts), timeouts.command)
+        return
+    session.transaction_open = True
+    accepted = []
+    for r, command in zip(recipients, rcpts):
+        if not pipelining:
+            session.send(command, RCPT)
+        reply = await session.reply(timeouts.command, RCPT)
+        if reply.positive:
+            accepted.append(r)
+        else:
+            outcomes.update(reply_results([r], reply, peer, "RCPT TO"))
+    if not accepted:
+        if pipelining:
+            await _abandon_pipelined(session, 0, timeouts.command)
+        return
+    if not pipelining:
+        session.send(b"DATA" + CRLF, DATA)
+    reply = await session.reply(timeouts.command, DATA)
+    if reply.code != 354:
+        outcomes.update(reply_results(accepted, unexpected_data_reply(reply), peer, "DATA"))
+        return
+    await _send_body(session, request.content, encoders, timeouts.data)
+    notifies = extensions.supports("dsn")
+    for answered in ([r] for r in accepted) if lmtp else [accepted]:
+        reply = await session.reply(timeouts.data, END_OF_DATA)
+        outcomes.update(reply_results(answered, reply, peer, "end of DATA", next_hop_notifies=notifies))
+    session.transaction_open = False
+
+
+async def _abandon_pipelined(session: Session, rcpt_replies: int, timeout: float) -> None:
+    """The results are in, but replies to pipelined commands are still coming: read them (RCPTs, then DATA).
+    A DATA that was accepted anyway gets an empty message. Any trouble here only closes the session."""
+    try:
+        for _ in range(rcpt_replies):
+            await session.reply(timeout, RCPT)
+        if (await session.reply(timeout, DATA)).code == 354:
+            session.send(b"." + CRLF, END_OF_DATA)
+            await session.reply(timeout, END_OF_DATA)
+            session.transaction_open = False
+    except SiteFailure:
+        session.abort()
+
+
+async def _send_body(session: Session, content: Content, encoders: tuple[Encoder, ...], timeout: float) -> None:
+    if content.in_memory:
+        session.send_many(list(smtp_data(content, encoders)), BODY)
+        return
+    pieces: list[bytes] = []
+    size = 0
+    async for piece in asmtp_data(content, encoders):
+        pieces.append(piece)
+        size += len(piece)
+        if size >= CHUNK:
+            session.send_many(pieces, BODY)
+            pieces, size = [], 0
+            await session.drain(timeout, BODY)
+    session.send_many(pieces, BODY)
+
+
+async def reset(session: Session, timeout: float) -> bool:
+    """See the module docstring."""
+    try:
+        session.send(b"RSET" + CRLF, "sending RSET")
+        reply = await session.reply(timeout, "sending RSET")
+    except SiteFailure as e:
+        log.debug("RSET to %s: %s", session.peer.relay, e.text)
+        return False
+    session.transaction_open = not reply.positive
+    return reply.positive
+
+
+def smtp_data(content: Content, encoders: tuple[Encoder, ...] = ()) -> Iterator[bytes]:
+    """See the module docstring."""
+    yield from encode(content.chunks(), *encoders, SmtpData())
+    yield b"." + CRLF
+
+
+async def asmtp_data(content: Content, encoders: tuple[Encoder, ...] = ()) -> AsyncIterator[bytes]:
+    """See the module docstring."""
+    async for piece in aencode(content.stream(), *encoders, SmtpData()):
+        yield piece
+    yield b"." + CRLF

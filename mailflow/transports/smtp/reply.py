@@ -1,0 +1,133 @@
+"""Server replies of the SMTP family (SMTP, LMTP), sans-IO: bytes in, `Reply` values out (h11's style).
+
+Owns the one reply parser and the one reply type of the SMTP and LMTP clients, and every limit on what a server
+may send as a reply. No I/O, no clock: `chat` feeds it what the connection receives.
+
+    ReplyParser()
+      .receive_data(data)             append received bytes
+      .next_reply() -> Reply | None   the next complete reply, or None until more bytes arrive;
+                                      raises MalformedReply (the parser is then of no further use)
+      .buffered -> bool               bytes received and not yet returned as a reply
+      .clear()                        forget what is buffered (STARTTLS: nothing sent before TLS counts)
+    Reply(code, message)              `message`: the text of every line, code and separator removed, each line
+                                      stripped, joined by "\\n"
+      .positive .lines .one_line .dsn(reply_class=None)
+
+Rules (RFC 5321 4.2): a line is three digits, then a space, a hyphen or nothing, then text, ending in LF (a CR
+before it is dropped). `ddd-` continues the reply; the lines of one reply carry the same code. Any three digits
+are taken as a code: what an odd code means is for the caller (`trouble.reply_outcome`). Text is UTF-8; bytes
+that are not become U+FFFD, so a diagnostic is always a valid string.
+
+Limits, here and nowhere else: a line of at most MAX_LINE_LENGTH bytes (its line end included), a reply of at
+most MAX_REPLY_LINES lines and MAX_REPLY_LENGTH bytes. Past any of them the reply is malformed: a server that
+sends that much is misbehaving, and reading on would let it use our memory.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MAX_LINE_LENGTH = 8192  # bytes in one reply line, line end included (RFC 5321 4.5.3.1.5 allows 512)
+MAX_REPLY_LINES = 1000  # lines in one reply
+MAX_REPLY_LENGTH = 64 * 1024  # bytes in one reply, every line included
+
+_ENHANCED_CODE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
+
+
+class MalformedReply(Exception):
+    """What the server sent is not a reply: a bad line, codes that change within a reply, a reply too long."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One complete server reply."""
+
+    code: int
+    message: str
+
+    @property
+    def positive(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def lines(self) -> list[str]:
+        return self.message.split("\n")
+
+    @property
+    def one_line(self) -> str:
+        """`250 2.0.0 Ok` from a possibly multi-line reply, the repeated enhanced codes of later lines dropped."""
+        lines = [line.strip() for line in self.message.splitlines() if line.strip()] or [""]
+        first, rest = lines[0], lines[1:]
+        match = _ENHANCED_CODE.match(first)
+        if match:
+            rest = [line.removeprefix(match.group(0)).strip() for line in rest]
+        return " ".join([str(self.code), first, *rest]).strip()
+
+    def dsn(self, reply_class: str | None = None) -> str:
+        """The reply's enhanced code with the class of the reply (or `reply_class`), else x.0.0; a 3xx or odd
+        code counts as class 4 (temporary)."""
+        wanted = reply_class or (str(self.code)[0] if 200 <= self.code < 600 else "4")
+        if wanted == "3":
+            wanted = "4"
+        match = _ENHANCED_CODE.match(self.message.strip())
+        if match:
+            return f"{wanted}.{match.group(2)}.{match.group(3)}"
+        return f"{wanted}.0.0"
+
+
+class ReplyParser:
+    """See the module docstring."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._code = -1  # of the reply being read; -1 between replies
+        self._texts: list[str] = []
+        self._length = 0
+
+    @property
+    def buffered(self) -> bool:
+        return bool(self._buffer or self._texts)
+
+    def receive_data(self, data: bytes) -> None:
+        self._buffer += data
+
+    def clear(self) -> None:
+        self._buffer.clear()
+        self._code, self._texts, self._length = -1, [], 0
+
+    def next_reply(self) -> Reply | None:
+        buffer = self._buffer
+        while (end := buffer.find(b"\n", 0, MAX_LINE_LENGTH)) != -1:
+            line = buffer[:end]
+            del buffer[:end + 1]
+            if line.endswith(b"\r"):
+                line = line.rstrip(b"\r")
+            reply = self._line(line, end + 1)
+            if reply is not None:
+                return reply
+        if len(buffer) >= MAX_LINE_LENGTH:
+            raise MalformedReply(f"reply line too long (over {MAX_LINE_LENGTH} bytes)")
+        return None
+
+    def _line(self, line: bytearray, length: int) -> Reply | None:
+        separator = line[3:4]
+        if len(line) < 3 or not line[:3].isdigit() or separator not in (b"", b" ", b"-"):
+            raise MalformedReply(f"not a reply line: {bytes(line[:80])!r}")
+        code = int(line[:3])
+        text = line[4:].strip().decode("utf-8", "replace")
+        if self._code == -1 and separator != b"-":  # a reply of one line: most of them
+            return Reply(code, text)
+        if self._code not in (-1, code):
+            raise MalformedReply(f"reply code changed from {self._code} to {code} within one reply")
+        self._code = code
+        self._texts.append(text)
+        self._length += length
+        if self._length > MAX_REPLY_LENGTH:
+            raise MalformedReply(f"reply too long (over {MAX_REPLY_LENGTH} bytes)")
+        if separator != b"-":
+            reply = Reply(code, "\n".join(self._texts))
+            self._code, self._texts, self._length = -1, [], 0
+            return reply
+        if len(self._texts) >= MAX_REPLY_LINES:
+            raise MalformedReply(f"reply too long (over {MAX_REPLY_LINES} lines)")
+        return None

@@ -1,0 +1,167 @@
+"""What went wrong, and what each recipient gets for it (Postfix smtp_trouble): the SMTP and LMTP clients' one set
+of failures and the mapping of replies and failures to per-recipient results and the site verdict.
+
+Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a bounce and the log show):
+
+    SiteFailure(dsn, text)      TemporaryError: this peer could not be talked to (connect, greeting, EHLO/LHLO,
+                                STARTTLS, AUTH, a lost, timed-out or garbled dialogue). While opening a session
+                                the next peer is tried; during a transaction the recipients still without an
+                                answer are deferred and the site counts as failed. Always class 4.
+    LocalProblem(dsn, text)     TemporaryError: our side cannot go on (a table that cannot answer, an unusable TLS
+                                policy, no TLS engine); another peer would not help, the site is not blamed.
+    RetryPlaintext, StaleSession   control flow, not failures: connect again without TLS (level may); a cached
+                                session died before MAIL FROM was answered (use a fresh one, count nothing)
+
+    stream_failure(peer, activity, error) -> SiteFailure   "lost connection with h[ip] while sending RCPT TO",
+                                "conversation with h[ip] timed out while ...", "host h[ip] sent a malformed reply
+                                while ...: why" (4.4.2, 4.4.2, 4.5.0), as Postfix's smtp_stream_except words them
+    refused_to_talk(peer, reply) -> SiteFailure            a refused greeting, EHLO, HELO or LHLO
+    os_reason(error) -> str     "Connection refused", "Connection timed out", ...
+
+    Outcomes()                  results by recipient and the site verdict, filled as a delivery goes:
+      .fail(recipients, error, relay)   BOUNCED for a permanent error, else DEFERRED, with its code and text
+      .update(results) .pending(recipients) .site_failed(reason) .report(request) -> DeliveryReport
+    reply_results(recipients, reply, peer, command, next_hop_notifies=False) -> {recipient: RcptResult}
+                                2xx SENT with the reply; 4xx DEFERRED, 5xx BOUNCED, odd codes DEFERRED, with
+                                "host h[ip] said: 550 5.1.1 ... (in reply to RCPT TO command)"; the reply's
+                                enhanced code, else x.0.0
+    unexpected_data_reply(reply) -> Reply   a DATA reply that is neither 354 nor a refusal, as a 451 4.5.0
+    record_unreachable(outcomes, recipients, peer_failure, dns_failures)
+                                no peer took a session: a peer failure or a DNS failure defers (site failed); only
+                                DNS's "no such host" for every host bounces
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from mailflow.errors import DeliveryError, TemporaryError
+from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
+from mailflow.transports.smtp.addr import Peer
+from mailflow.transports.smtp.reply import MalformedReply, Reply
+
+
+class SiteFailure(TemporaryError):
+    """See the module docstring."""
+
+    def __init__(self, dsn: str, text: str):
+        super().__init__("4" + dsn[1:], text)
+
+
+class LocalProblem(TemporaryError):
+    """See the module docstring."""
+
+    def __init__(self, dsn: str, text: str):
+        super().__init__("4" + dsn[1:], text)
+
+
+class RetryPlaintext(Exception):
+    """At level may the TLS handshake failed: connect again to the same peer without TLS (Postfix does)."""
+
+
+class StaleSession(Exception):
+    """A cached session died before MAIL FROM was answered: nothing was delivered; use a fresh connection."""
+
+
+def stream_failure(peer: Peer, activity: str, error: BaseException) -> SiteFailure:
+    if isinstance(error, TimeoutError):
+        return SiteFailure("4.4.2", f"conversation with {peer.name} timed out while {activity}")
+    if isinstance(error, MalformedReply):
+        return SiteFailure("4.5.0", f"host {peer.name} sent a malformed reply while {activity}: {error}")
+    return SiteFailure("4.4.2", f"lost connection with {peer.name} while {activity}")
+
+
+def refused_to_talk(peer: Peer, reply: Reply) -> SiteFailure:
+    return SiteFailure(reply.dsn("4"), f"host {peer.name} refused to talk to me: {reply.one_line}")
+
+
+def os_reason(error: BaseException | None) -> str:
+    if isinstance(error, TimeoutError):
+        return "Connection timed out"
+    if isinstance(error, OSError) and error.errno:
+        return os.strerror(error.errno)
+    return str(error) or type(error).__name__
+
+
+# ---------------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class Outcomes:
+    """Results gathered while delivering, by recipient, plus the site verdict."""
+
+    results: dict[Recipient, RcptResult] = field(default_factory=dict)
+    site_ok: bool = True
+    site_reason: str = ""
+
+    def fail(self, recipients: Iterable[Recipient], error: DeliveryError, relay: str = "none") -> "Outcomes":
+        outcome = Outcome.BOUNCED if error.permanent else Outcome.DEFERRED
+        for r in recipients:
+            self.results[r] = RcptResult(r, outcome, error.dsn, error.text, relay)
+        return self
+
+    def update(self, results: dict[Recipient, RcptResult]) -> None:
+        self.results.update(results)
+
+    def pending(self, recipients: Iterable[Recipient]) -> list[Recipient]:
+        return [r for r in recipients if r not in self.results]
+
+    def site_failed(self, reason: str) -> "Outcomes":
+        self.site_ok, self.site_reason = False, reason
+        return self
+
+    def report(self, request: DeliveryRequest) -> DeliveryReport:
+        return DeliveryReport(
+            tuple(self.results[r] for r in request.recipients), site_ok=self.site_ok, site_reason=self.site_reason
+        )
+
+
+def reply_outcome(code: int) -> Outcome:
+    if 200 <= code < 300:
+        return Outcome.SENT
+    if 500 <= code < 600:
+        return Outcome.BOUNCED
+    return Outcome.DEFERRED  # 4xx, and anything odd: temporary by default
+
+
+def reply_results(
+    recipients: Iterable[Recipient], reply: Reply, peer: Peer, command: str, *, next_hop_notifies: bool = False
+) -> dict[Recipient, RcptResult]:
+    """The same reply for each of `recipients`. `next_hop_notifies`: the peer offered DSN and got the DSN
+    parameters (marks the SENT results)."""
+    outcome = reply_outcome(reply.code)
+    if outcome is Outcome.SENT:
+        text = reply.one_line
+    else:
+        text = f"host {peer.name} said: {reply.one_line} (in reply to {command} command)"
+    notifies = next_hop_notifies and outcome is Outcome.SENT
+    dsn = reply.dsn()
+    return {r: RcptResult(r, outcome, dsn, text, peer.relay, next_hop_notifies=notifies) for r in recipients}
+
+
+def unexpected_data_reply(reply: Reply) -> Reply:
+    """The reply to DATA when it is not 354; an odd positive one counts as a temporary refusal."""
+    if 200 <= reply.code < 400:
+        return Reply(451, f"4.5.0 unexpected reply to DATA: {reply.code} {reply.message}")
+    return reply
+
+
+def record_unreachable(
+    outcomes: Outcomes,
+    recipients: list[Recipient],
+    peer_failure: DeliveryError | None,
+    dns_failures: list[DeliveryError],
+) -> None:
+    """No peer took a session. A peer we could not talk to or a DNS failure defers; only DNS 'no' bounces."""
+    temporary_dns = [f for f in dns_failures if not f.permanent]
+    if peer_failure is not None:
+        failure = peer_failure
+    elif temporary_dns:
+        failure = temporary_dns[-1]
+    elif dns_failures:
+        outcomes.fail(recipients, dns_failures[-1])
+        return
+    else:
+        failure = TemporaryError("4.4.3", "no SMTP server to try")
+    outcomes.fail(recipients, failure).site_failed(failure.text)
