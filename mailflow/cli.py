@@ -89,7 +89,7 @@ def check_config(config: Optional[str] = ConfigOption) -> None:
 def listener_summary(cfg: Config) -> list[tuple[str, int, str]]:
     """(address, port, role) of every listener the server opens: the `listen` addresses (mta) and each
     `[[smtpd.listeners]]` entry, in that order."""
-    from mailflow.config import parse_hostport
+    from mailflow.syntax import parse_hostport
 
     out = []
     for value, role in [(a, "mta") for a in cfg.smtpd.listen] + [(l.address, l.role) for l in cfg.smtpd.listeners]:
@@ -100,7 +100,8 @@ def listener_summary(cfg: Config) -> list[tuple[str, int, str]]:
 
 def _table_problems(cfg) -> list[str]:
     """`setting: reason` for each file-backed table (texthash, regexp, sqlite) that cannot answer now."""
-    from mailflow.config import FILE_TABLE_TYPES, flat_settings
+    from mailflow.config import flat_settings
+    from mailflow.syntax import FILE_TABLE_TYPES
     from mailflow.errors import LookupRetry
     from mailflow.tables import open_table
 

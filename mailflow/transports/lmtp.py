@@ -49,10 +49,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 
-from mailflow.config import LmtpConfig, parse_hostport
+from mailflow.config import LmtpConfig
 from mailflow.content import CHUNK, Content
 from mailflow.dns import is_ip_literal
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, Recipient
+from mailflow.syntax import parse_hostport
 from mailflow.transports.smtp import (
     Failure,
     Outcomes,

@@ -97,12 +97,13 @@ import aiosmtplib
 from aiosmtplib import SMTPResponse
 from aiosmtplib.auth import auth_login_encode, auth_plain_encode
 
-from mailflow.config import SmtpConfig, parse_hostport
+from mailflow.config import SmtpConfig
 from mailflow.content import CHUNK, Content
 from mailflow.dns import MX, NotFound, Resolver, is_ip_literal
 from mailflow.errors import LookupRetry
 from mailflow.message import HEADER_READ_LIMIT, read_header
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
+from mailflow.syntax import parse_hostport
 from mailflow.tables import Table, TableCache
 from mailflow.transports.downgrade import Downgrade
 from mailflow.transports.encode import Encoder, SmtpData, aencode, encode

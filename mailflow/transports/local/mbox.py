@@ -62,6 +62,7 @@ from typing import Callable, Iterable, Iterator, Literal
 from mailflow.config import LocalConfig
 from mailflow.content import Content
 from mailflow.errors import DeliveryError, PermanentError, TemporaryError
+from mailflow.syntax import mask_control
 from mailflow.transports.encode import FinalNewline, ToLf, encode, mboxrd_quoting
 
 log = logging.getLogger("mailflow.mbox")
@@ -78,7 +79,6 @@ _LOCK_STYLES: tuple[LockStyle, ...] = ("fcntl", "flock", "dotlock")
 _QUOTED_FROM_LINE = re.compile(rb"^>(>*From )", re.MULTILINE)
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\x80-\U0010ffff]+"
 _DOT_ATOM = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 # ------------------------------------------------------------------------------------------- where
@@ -130,7 +130,7 @@ def format_mbox_entry(content: bytes, *, sender: str, arrival: float, prepend: b
 
 
 def from_line(sender: str, when: float) -> bytes:
-    who = _quote_local_part(_CONTROL.sub("?", sender)) if sender else MAILER_DAEMON
+    who = _quote_local_part(mask_control(sender)) if sender else MAILER_DAEMON
     return f"From {who}  {time.asctime(time.localtime(when))}\n".encode("utf-8")
 
 
