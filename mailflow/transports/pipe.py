@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from typing import AsyncIterable, AsyncIterator, Callable
 
 from mailflow import address
-from mailflow.config import PipeService
+from mailflow.config import DEFAULTS, PipeService
 from mailflow.content import Content
 from mailflow.message import HEADER_READ_LIMIT, delivered_to, read_header
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
@@ -306,7 +306,7 @@ def command_input(content: Content, *, sender: str, flags: str, recipient: str =
 
 
 class PipeTransport:
-    def __init__(self, service: PipeService, *, name: str, recipient_delimiter: str = "+",
+    def __init__(self, service: PipeService, *, name: str, recipient_delimiter: str = DEFAULTS.recipient_delimiter,
                  now: Callable[[], float] = time.time, allow_min_user: bool = False):
         self._service = service
         self._name = name

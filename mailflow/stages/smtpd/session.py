@@ -44,6 +44,7 @@ from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from mailflow import address, status
 from mailflow.address import in_networks
+from mailflow.config import DEFAULTS
 from mailflow.logs import COMMAND_ORDER, SmtpdLog, client_name, printable
 from mailflow.stages.smtpd import dsn
 from mailflow.stages.smtpd.frontends import ProxyError, XclientError, parse_xclient, read_proxy_header
@@ -62,20 +63,20 @@ ALLOWED_BEFORE_STARTTLS = {"NOOP", "EHLO", "STARTTLS", "QUIT"}
 
 @dataclass(frozen=True)
 class ProtocolLimits:
-    """The protocol settings of one listener (see SmtpdConfig: same names, same defaults)."""
+    """The protocol settings of one listener (see SmtpdConfig: same names, its defaults)."""
 
-    max_line_length: int = 2048
-    forbid_bare_newline: bool = True
-    forbid_unauth_pipelining: bool = True
-    min_data_rate: int = 500
-    soft_error_limit: int = 10
-    hard_error_limit: int = 20
-    error_sleep_time: float = 1.0
-    junk_command_limit: int = 100
-    disable_vrfy_command: bool = True
-    session_time_limit: float = 3600.0
-    recipient_limit: int = 1000
-    recipient_overshoot_limit: int = 1000
+    max_line_length: int = DEFAULTS.smtpd.max_line_length
+    forbid_bare_newline: bool = DEFAULTS.smtpd.forbid_bare_newline
+    forbid_unauth_pipelining: bool = DEFAULTS.smtpd.forbid_unauth_pipelining
+    min_data_rate: int = DEFAULTS.smtpd.min_data_rate
+    soft_error_limit: int = DEFAULTS.smtpd.soft_error_limit
+    hard_error_limit: int = DEFAULTS.smtpd.hard_error_limit
+    error_sleep_time: float = DEFAULTS.smtpd.error_sleep_time
+    junk_command_limit: int = DEFAULTS.smtpd.junk_command_limit
+    disable_vrfy_command: bool = DEFAULTS.smtpd.disable_vrfy_command
+    session_time_limit: float = DEFAULTS.smtpd.session_time_limit
+    recipient_limit: int = DEFAULTS.smtpd.recipient_limit
+    recipient_overshoot_limit: int = DEFAULTS.smtpd.recipient_overshoot_limit
 
     @classmethod
     def from_config(cls, smtpd) -> "ProtocolLimits":

@@ -59,7 +59,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal
 
-from mailflow.config import LocalConfig
+from mailflow.config import DEFAULTS, LocalConfig
 from mailflow.content import Content
 from mailflow.errors import DeliveryError, PermanentError, TemporaryError
 from mailflow.syntax import mask_control
@@ -153,7 +153,8 @@ def _quote_local_part(address: str) -> str:
 # ------------------------------------------------------------------------------------------- append
 
 
-async def append_mbox(path: Path, entry: bytes | Iterable[bytes], *, locks: tuple[LockStyle, ...] = ("fcntl", "dotlock"),
+async def append_mbox(path: Path, entry: bytes | Iterable[bytes], *,
+                      locks: tuple[LockStyle, ...] = DEFAULTS.local.mailbox_delivery_lock,
                       lock_timeout: float = DEFAULT_LOCK_TIMEOUT, stale_lock_time: float = STALE_LOCK_TIME,
                       user: str | None = None) -> None:
     """Append `entry` (from format_mbox_entry) to the mbox file at `path`, durably, under `locks` (taken in
