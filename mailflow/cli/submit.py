@@ -10,6 +10,7 @@ Failure behaviour: a usage error prints the usage and returns 64 (EX_USAGE); not
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -19,9 +20,6 @@ from mailflow.cli.common import config_error_text, config_name, config_path, loa
 from mailflow.cli.queue import act, list_queue
 from mailflow.cli.server import address_test, table_problems
 from mailflow.config import Config
-
-EX_CONFIG = 78
-
 
 def sendmail_command(ctx: typer.Context) -> None:
     """Sendmail-compatible local submission (docs/sendmail.md): -t -i -f -F -N -bs -bp -bv -bi -q -v …"""
@@ -33,7 +31,7 @@ def run_sendmail(args: list[str]) -> int:
         opts = sm.parse_args(args)
     except sm.UsageError as e:
         typer.echo(f"sendmail: {e}\n{sm.USAGE}", err=True)
-        return sm.EX_USAGE
+        return os.EX_USAGE
     if opts.mode == "help":
         typer.echo(sm.HELP)
         return 0
@@ -46,14 +44,14 @@ def run_sendmail(args: list[str]) -> int:
         elif opts.mode == "verify":
             if not opts.recipients:
                 typer.echo(f"sendmail: -bv needs addresses\n{sm.USAGE}", err=True)
-                return sm.EX_USAGE
+                return os.EX_USAGE
             address_test(opts.recipients, config)
         elif opts.mode == "newaliases":
             return _newaliases(load(config), config)
         else:
             return sm.run(opts, load(config), sys.stdin.buffer, sys.stdout.buffer, sys.stderr)
     except typer.Exit as e:
-        return EX_CONFIG if e.exit_code == 2 and opts.mode in ("deliver", "smtp") else e.exit_code
+        return os.EX_CONFIG if e.exit_code == 2 and opts.mode in ("deliver", "smtp") else e.exit_code
     return 0
 
 

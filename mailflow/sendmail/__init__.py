@@ -21,16 +21,16 @@ says the mail waits in the maildrop until one starts (exit 0: it is stored, as w
   unless `-f`/`-r` names one this login may use; the full name is `-F`, else $NAME, else the passwd GECOS field.
 - submitter.py: the maildrop file and the wake-up, for one identity.
 """
-from mailflow.sendmail.deliver import EX_NOPERM, EX_TEMPFAIL, run
+from mailflow.sendmail.deliver import run
 from mailflow.sendmail.identity import Identity, current_identity, may_submit, may_use_sender
-from mailflow.sendmail.options import EX_USAGE, HELP, USAGE, Options, UsageError, parse_args, parse_notify, program_mode
+from mailflow.sendmail.options import HELP, USAGE, Options, UsageError, parse_args, parse_notify, program_mode
 from mailflow.sendmail.reading import (LINE_PIECE, clean_address, header_recipients, read_message, split_input,
                                        without_bcc)
 from mailflow.sendmail.stdio_smtp import StdioSmtp
 from mailflow.sendmail.submitter import Submitter, queue_problem
 
 __all__ = [
-    "EX_NOPERM", "EX_TEMPFAIL", "EX_USAGE", "HELP", "LINE_PIECE", "USAGE", "Identity", "Options", "StdioSmtp",
+    "HELP", "LINE_PIECE", "USAGE", "Identity", "Options", "StdioSmtp",
     "Submitter", "UsageError", "clean_address", "current_identity", "header_recipients", "may_submit",
     "may_use_sender", "parse_args", "parse_notify", "program_mode", "queue_problem", "read_message", "run",
     "split_input", "without_bcc",

@@ -17,14 +17,10 @@ from mailflow.config import Config
 from mailflow.errors import LookupRetry
 from mailflow.maildrop import MaildropError
 from mailflow.sendmail.identity import Identity, current_identity, may_submit
-from mailflow.sendmail.options import EX_USAGE, Options, UsageError
+from mailflow.sendmail.options import Options, UsageError
 from mailflow.sendmail.reading import clean_address, header_recipients, read_message, without_bcc
 from mailflow.sendmail.stdio_smtp import StdioSmtp
 from mailflow.sendmail.submitter import Submitter
-
-EX_NOPERM = 77
-EX_TEMPFAIL = 75
-
 
 def run(opts: Options, config: Config, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO,
         identity: Identity | None = None) -> int:
@@ -36,7 +32,7 @@ def run(opts: Options, config: Config, stdin: BinaryIO, stdout: BinaryIO, stderr
     try:
         if not may_submit(me.login, config.sendmail.authorized_submit_users):
             say(f"user {me.login} (uid {me.uid}) is not allowed to submit mail (authorized_submit_users)")
-            return EX_NOPERM
+            return os.EX_NOPERM
         fullname = opts.fullname if opts.fullname is not None else os.environ.get("NAME") or me.gecos
         submitter = Submitter(config, me, fullname, say)
         if opts.mode == "smtp":
@@ -44,10 +40,10 @@ def run(opts: Options, config: Config, stdin: BinaryIO, stdout: BinaryIO, stderr
         return _deliver(opts, config, stdin, stderr, submitter, say)
     except LookupRetry as e:
         say(f"cannot decide now: {e.text}")
-        return EX_TEMPFAIL
+        return os.EX_TEMPFAIL
     except UsageError as e:
         say(str(e))
-        return EX_USAGE
+        return os.EX_USAGE
 
 
 def _deliver(opts: Options, config: Config, stdin: BinaryIO, stderr: TextIO, submitter: Submitter, say) -> int:
@@ -60,7 +56,7 @@ def _deliver(opts: Options, config: Config, stdin: BinaryIO, stderr: TextIO, sub
     problem = submitter.sender_problem(sender)
     if problem:
         say(problem)
-        return EX_NOPERM
+        return os.EX_NOPERM
     head, rest = submitter.split(read_message(stdin, opts.ignore_dots))
     if opts.extract:
         recipients += [clean_address(r, origin) for r in header_recipients(head)]

@@ -5,7 +5,7 @@
     parse_notify(value) -> str      -N: "never", or a comma list of success, failure, delay -> RFC 3461 NOTIFY
     program_mode(argv0)             extra options when invoked under a Sendmail name (a link): sendmail, mailq
                                     (-bp), newaliases (-bi); None for any other name
-    USAGE, HELP, EX_USAGE
+    USAGE, HELP
 
 Modes: deliver (default, `-bm`), `-bs` SMTP on stdin/stdout, `-bp` mailq, `-bv` address test, `-q` flush,
 `-bi`/`-I` newaliases. Options that only make sense to Sendmail (`-o*` but `-oi`, `-O`, `-L`, `-h`, `-X`, `-A`,
@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-EX_USAGE = 64
 WITH_ARGUMENT = set("ABCFLNORVXbfhoprq")  # letters whose value is the rest of the word or the next word
 OPTIONAL_ARGUMENT = {"q"}  # -q alone is valid: its value may only be attached (-q30m, -qRsite)
 IGNORED = set("46AGLOUXchmnpx")  # Sendmail options with no meaning here (Postfix ignores them too)

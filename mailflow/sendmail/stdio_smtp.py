@@ -10,11 +10,12 @@ EHLO lines are the only plain strings). DATA is streamed like standard input in 
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from typing import BinaryIO, Iterator
 
 from mailflow import status
-from mailflow.maildrop import EX_DATAERR, MaildropError
+from mailflow.maildrop import MaildropError
 from mailflow.message import CRLF
 from mailflow.sendmail.options import Options, UsageError
 from mailflow.sendmail.reading import clean_address, without_bcc
@@ -110,7 +111,7 @@ class StdioSmtp:
         except MaildropError as e:
             if not self._skip(lines):
                 return
-            self._reply(status.MESSAGE_TOO_BIG if e.code == EX_DATAERR else status.QUEUE_ERROR)
+            self._reply(status.MESSAGE_TOO_BIG if e.code == os.EX_DATAERR else status.QUEUE_ERROR)
         else:
             self._reply(status.queued(name))
         self._reset()

@@ -11,13 +11,14 @@ than message_size_limit); with no server holding the queue's lock, `say` warns o
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from mailflow.config import Config
-from mailflow.maildrop import EX_CANTCREAT, MaildropError, MaildropMessage, wake_pickup, write_maildrop
+from mailflow.maildrop import MaildropError, MaildropMessage, wake_pickup, write_maildrop
 from mailflow.queuelock import queue_owner
 from mailflow.sendmail.identity import Identity, may_use_sender
 from mailflow.sendmail.options import Options
@@ -50,7 +51,7 @@ class Submitter:
         queue = self.config.queue_path
         problem = queue_problem(queue)
         if problem:
-            raise MaildropError(problem, EX_CANTCREAT)
+            raise MaildropError(problem, os.EX_CANTCREAT)
         name = write_maildrop(queue / "maildrop", message, chunks, size_limit=self.config.smtpd.message_size_limit)
         wake_pickup(queue / "public" / "pickup")
         if not self._told_no_server and queue_owner(queue) is None:

@@ -63,20 +63,20 @@ ALLOWED_BEFORE_STARTTLS = {"NOOP", "EHLO", "STARTTLS", "QUIT"}
 
 @dataclass(frozen=True)
 class ProtocolLimits:
-    """The protocol settings of one listener (see SmtpdConfig: same names, its defaults)."""
+    """The protocol settings of one listener: SmtpdConfig's, same names (the defaults: from_config(DEFAULTS.smtpd))."""
 
-    max_line_length: int = DEFAULTS.smtpd.max_line_length
-    forbid_bare_newline: bool = DEFAULTS.smtpd.forbid_bare_newline
-    forbid_unauth_pipelining: bool = DEFAULTS.smtpd.forbid_unauth_pipelining
-    min_data_rate: int = DEFAULTS.smtpd.min_data_rate
-    soft_error_limit: int = DEFAULTS.smtpd.soft_error_limit
-    hard_error_limit: int = DEFAULTS.smtpd.hard_error_limit
-    error_sleep_time: float = DEFAULTS.smtpd.error_sleep_time
-    junk_command_limit: int = DEFAULTS.smtpd.junk_command_limit
-    disable_vrfy_command: bool = DEFAULTS.smtpd.disable_vrfy_command
-    session_time_limit: float = DEFAULTS.smtpd.session_time_limit
-    recipient_limit: int = DEFAULTS.smtpd.recipient_limit
-    recipient_overshoot_limit: int = DEFAULTS.smtpd.recipient_overshoot_limit
+    max_line_length: int
+    forbid_bare_newline: bool
+    forbid_unauth_pipelining: bool
+    min_data_rate: int
+    soft_error_limit: int
+    hard_error_limit: int
+    error_sleep_time: float
+    junk_command_limit: int
+    disable_vrfy_command: bool
+    session_time_limit: float
+    recipient_limit: int
+    recipient_overshoot_limit: int
 
     @classmethod
     def from_config(cls, smtpd) -> "ProtocolLimits":
@@ -108,7 +108,7 @@ class SmtpSession(SMTP):
                  frontends: FrontEnds | None = None, **kwargs):
         super().__init__(handler, **kwargs)
         self._sessions = sessions
-        self._limits = protocol or ProtocolLimits()
+        self._limits = protocol or ProtocolLimits.from_config(DEFAULTS.smtpd)
         self._frontends = frontends or FrontEnds()
         self._xclient_allowed = False
         self._replies_sent = 0
