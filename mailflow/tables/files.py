@@ -136,12 +136,11 @@ def _parse_alias_file(text: str) -> dict[str, str]:
 
 class TexthashTable:
     fixed = True
-    blocking = False  # answers from memory; the file is re-read off the loop (see _Reloading)
+    blocking = False  # answers from memory; the file is re-read off the loop (see Reloading)
 
-    def __init__(self, name: str, path: Path, clock: Callable[[], float],
-                 parse: Callable[[str], dict[str, str]] = _parse_texthash):
+    def __init__(self, name: str, path: Path, clock: Callable[[], float], *, aliases: bool = False):
         self.name = name
-        self._file = Reloading(name, path, clock, parse)
+        self._file = Reloading(name, path, clock, _parse_alias_file if aliases else _parse_texthash)
 
     def load(self) -> None:
         self._file.load()

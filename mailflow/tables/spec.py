@@ -19,7 +19,7 @@ from typing import Callable
 from mailflow.errors import ConfigError
 from mailflow.syntax import TABLE_TYPES, table_type
 from mailflow.tables.base import Table, resolve_path
-from mailflow.tables.files import TexthashTable, _parse_alias_file, _parse_texthash
+from mailflow.tables.files import TexthashTable
 from mailflow.tables.memory import FailTable, open_inline, open_static
 from mailflow.tables.regexp import RegexpTable
 from mailflow.tables.sqlite import SqliteTable
@@ -42,7 +42,7 @@ def open_table(spec: str, *, base_dir: Path | None = None, clock: Callable[[], f
             raise ConfigError("", spec, f"{kind}: needs a file name ({kind}:/path)")
         path = resolve_path(name.strip(), base_dir)
         if kind == "texthash":
-            return TexthashTable(spec, path, clock, parse=_parse_alias_file if aliases else _parse_texthash)
+            return TexthashTable(spec, path, clock, aliases=aliases)
         if kind == "regexp":
             return RegexpTable(spec, path, clock)
         return SqliteTable(spec, path, base_dir)
