@@ -1,4 +1,4 @@
-"""Pure address handling: split, normalise domains, check RFC 5321 syntax. No I/O, no config.
+"""Pure address handling: split, normalise domains, check RFC 5321 syntax. No I/O, no config (a leaf).
 
 - `split(addr) -> (local, domain)`: at the last '@'; domain "" for an unqualified address.
 - `normalise_domain(d)`: lower case, no trailing dot, IDNA A-label for matching ("" if it cannot be).
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
+
+from mailflow.syntax import parse_ip
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\x80-\U0010ffff]+"
 _DOT_ATOM = rf"{_ATOM}(?:\.{_ATOM})*"
@@ -41,14 +43,15 @@ def parse_path(text: str) -> tuple[str, str]:
     domain is required, and UTF-8, are for the caller."""
     text = text.lstrip(" ")
     if text.startswith("<"):
-        end = _closing_bracket(text)
+        end = _find_unquoted(text, ">", 1)  # the '>' closing the '<' at text[0]
         if end < 0:
             raise PathError("no closing '>'")
         path, rest = text[1:end], text[end + 1:]
         if rest and not rest.startswith(" "):
             raise PathError("junk after '>'")
     else:
-        end = _unquoted_space(text)
+        end = _find_unquoted(text, " ", 0)
+        end = len(text) if end < 0 else end
         path, rest = text[:end], text[end:]
         if "<" in path or ">" in path:
             raise PathError("unbalanced '<' or '>'")
@@ -66,10 +69,11 @@ def parse_path(text: str) -> tuple[str, str]:
     return path, rest.strip(" ")
 
 
-def _closing_bracket(text: str) -> int:
-    """The index of the '>' closing the '<' at text[0], skipping quoted strings (and their quoted pairs)."""
+def _find_unquoted(text: str, char: str, start: int) -> int:
+    """The index of the first `char` at or after `start` outside a quoted string (whose quoted pairs are
+    skipped too), or -1."""
     quoted = False
-    i = 1
+    i = start
     while i < len(text):
         c = text[i]
         if quoted and c == "\\":
@@ -77,26 +81,10 @@ def _closing_bracket(text: str) -> int:
             continue
         if c == '"':
             quoted = not quoted
-        elif c == ">" and not quoted:
+        elif c == char and not quoted:
             return i
         i += 1
     return -1
-
-
-def _unquoted_space(text: str) -> int:
-    quoted = False
-    i = 0
-    while i < len(text):
-        c = text[i]
-        if quoted and c == "\\":
-            i += 2
-            continue
-        if c == '"':
-            quoted = not quoted
-        elif c == " " and not quoted:
-            return i
-        i += 1
-    return len(text)
 
 
 def is_min_user(addr: str) -> bool:
@@ -176,10 +164,7 @@ def is_utf8(address: str) -> bool:
 
 def client_ip(text) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The IP address in `text` (`::ffff:1.2.3.4` counts as `1.2.3.4`), or None when it is not one."""
-    try:
-        ip = ipaddress.ip_address(text)
-    except (ValueError, TypeError):
-        return None
+    ip = parse_ip(text)
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
         return ip.ipv4_mapped
     return ip

@@ -9,7 +9,8 @@ One server per queue: start() takes the queue's lock (queuelock.py) before anyth
 raises `QueueBusy` naming the running server's pid when another one holds it.
 
 The clock, RNG, resolver and transports can be injected (tests pass fakes or local peers); nothing is
-global, so several instances can run in one process. `serve(config)` runs one until SIGTERM/SIGINT or
+global, so several instances can run in one process. Without an injected resolver, `build_resolver` makes one
+from `[dns]` (transports and smtpd share it). `serve(config)` runs one until SIGTERM/SIGINT or
 until an injected shutdown trigger fires; SIGHUP reloads the TLS certificates (`reload()`); after each burst
 of mail, once idle, it gives the memory the burst freed back to the system (`return_memory_when_idle`).
 """
@@ -24,8 +25,9 @@ import shutil
 import signal
 
 from mailflow.clock import Clock, SystemClock
-from mailflow.config import Config
+from mailflow.config import Config, DnsConfig
 from mailflow.content import Content
+from mailflow.dns import AiodnsResolver
 from mailflow.logs import MailLog
 from mailflow.stages.cleanup import Cleanup
 from mailflow.stages.pickup import Pickup
@@ -36,6 +38,7 @@ from mailflow.queuelock import QueueLock
 from mailflow.routing.router import Router
 from mailflow.stages.smtpd import Smtpd, SmtpdHandler
 from mailflow.store import Store
+from mailflow.transports import build_transports
 
 log = logging.getLogger("mailflow")
 
@@ -54,6 +57,11 @@ def forwarder(cleanup: Cleanup, myhostname: str):
         return await cleanup.submit(Submission(envelope, content, client))
 
     return forward
+
+
+def build_resolver(dns: DnsConfig) -> AiodnsResolver:
+    """The resolver the `[dns]` section describes (the resolver itself knows nothing of the configuration)."""
+    return AiodnsResolver(nameservers=dns.nameservers, timeout=dns.timeout, tries=dns.tries)
 
 
 class Mailflow:
@@ -117,16 +125,12 @@ class Mailflow:
     def _build_transports(self, router, forward) -> dict:
         if self._transports is not None:
             return self._transports
-        from mailflow.transports import build_transports
-
         return build_transports(self.config, self._dns_resolver(), self.clock, router, forward)
 
     def _dns_resolver(self):
         """The injected resolver, else one built here (once) from [dns]: transports and smtpd share it."""
-        from mailflow.dns import AiodnsResolver
-
         if self._resolver is None and self._own_resolver is None:
-            self._own_resolver = AiodnsResolver.from_config(self.config.dns)
+            self._own_resolver = build_resolver(self.config.dns)
         return self._resolver or self._own_resolver
 
     async def stop(self) -> None:

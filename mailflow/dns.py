@@ -2,14 +2,16 @@
 
 Owns: the `Resolver` protocol every component receives through its constructor, the `MX` value, the real
 implementation over aiodns (`AiodnsResolver`) and a dictionary-backed one for unit tests (`StaticResolver`).
-Nothing here is global: build a resolver, pass it in.
+Nothing here is global: build a resolver, pass it in. It takes plain values, not the configuration: this
+module imports nothing of mailflow but `errors` and `syntax`, so the configuration and every component may use it.
 
     MX(preference, host)                      one MX record; host "." is RFC 7505's null MX
     Resolver.mx(domain) -> list[MX]           sorted by preference; [] = the domain exists but has no MX
     Resolver.addresses(host) -> list[str]     A records, then AAAA records, as IP strings; [] = no address
-    AiodnsResolver(nameservers, timeout, tries) / AiodnsResolver.from_config(DnsConfig) / .close()
+    AiodnsResolver(nameservers=…, timeout=…, tries=…) / .close()    (app.py builds it from [dns])
     StaticResolver(mx={...}, addresses={...})
     is_ip_literal(host) -> bool               an IP literal resolves to itself, without a query
+                                              (mailflow.syntax.is_ip_address)
 
 Failure behaviour (a failed lookup is never "not found"):
 - the name does not exist (NXDOMAIN)                     -> raise `NotFound` (permanent, 5.1.2)
@@ -19,7 +21,6 @@ Failure behaviour (a failed lookup is never "not found"):
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from dataclasses import dataclass
 from typing import Protocol
@@ -28,8 +29,8 @@ import aiodns
 import aiodns.error
 import pycares
 
-from mailflow.config import DnsConfig
 from mailflow.errors import LookupRetry, PermanentError
+from mailflow.syntax import is_ip_address as is_ip_literal
 
 log = logging.getLogger("mailflow.dns")
 
@@ -62,14 +63,6 @@ class Resolver(Protocol):
     async def mx(self, domain: str) -> list[MX]: ...
 
     async def addresses(self, host: str) -> list[str]: ...
-
-
-def is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def sort_mx(records: list[MX]) -> list[MX]:
@@ -115,15 +108,13 @@ class AiodnsResolver:
     loop, and made again if a later call comes from another loop.
     """
 
-    def __init__(self, nameservers: tuple[str, ...] = (), timeout: float = 5.0, tries: int = 2):
+    def __init__(self, *, nameservers: tuple[str, ...], timeout: float, tries: int):
+        """`nameservers`: "ip" or "ip:port" entries, () for the system's resolv.conf; `timeout` seconds per
+        try; `tries` per query (c-ares)."""
         self._nameservers = tuple(nameservers)
         self._timeout = timeout
         self._tries = tries
         self._channel: aiodns.DNSResolver | None = None
-
-    @classmethod
-    def from_config(cls, dns: DnsConfig) -> "AiodnsResolver":
-        return cls(nameservers=dns.nameservers, timeout=dns.timeout, tries=dns.tries)
 
     async def mx(self, domain: str) -> list[MX]:
         result = await self._query(domain, "MX")

@@ -34,6 +34,7 @@ import sys
 import time
 from datetime import datetime
 
+from mailflow.config import LogConfig
 from mailflow.model import Outcome, RcptResult
 
 MAIL_LOGGER = "mailflow.mail"
@@ -249,17 +250,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
-def setup_logging(log_config=None, hostname: str = "localhost") -> None:
+def setup_logging(log_config: LogConfig, hostname: str) -> None:
     """Root logging from a `LogConfig` (level, format, syslog_name, file); stderr when no file is named."""
-    level = getattr(log_config, "level", "info")
-    fmt = getattr(log_config, "format", "text")
-    path = getattr(log_config, "file", "")
+    level = log_config.level
+    fmt = log_config.format
+    path = log_config.file
     handler: logging.Handler
     handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8") if path else logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(SyslogFormatter(hostname, getattr(log_config, "syslog_name", "postfix-mailflow")))
+        handler.setFormatter(SyslogFormatter(hostname, log_config.syslog_name))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

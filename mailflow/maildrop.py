@@ -48,9 +48,6 @@ from mailflow.content import Content, FilePart
 VERSION = 1
 FILE_MODE = 0o600
 DIRECTORY_MODE = 0o700
-EX_DATAERR = 65
-EX_CANTCREAT = 73
-EX_TEMPFAIL = 75
 HEADER_LIMIT = 1_000_000  # bytes of the JSON line: far above any real envelope, below "read it all to find out"
 SIZE_ROOM = 10 ** 15 - 1  # the envelope line is first written with this size, then completed in place
 
@@ -58,7 +55,7 @@ SIZE_ROOM = 10 ** 15 - 1  # the envelope line is first written with this size, t
 class MaildropError(Exception):
     """The message could not be stored; `code` is the sysexits value sendmail exits with."""
 
-    def __init__(self, text: str, code: int = EX_TEMPFAIL):
+    def __init__(self, text: str, code: int = os.EX_TEMPFAIL):
         super().__init__(text)
         self.code = code
 
@@ -137,7 +134,7 @@ def _write_message(f, message: MaildropMessage, chunks: Iterable[bytes], size_li
         size += len(chunk)
         if size_limit and size > size_limit:
             raise MaildropError(f"message file too big: more than {size_limit} bytes (message_size_limit)",
-                                EX_DATAERR)
+                                os.EX_DATAERR)
         ascii_only = ascii_only and chunk.isascii()
         f.write(chunk)
     body_type = ("7BIT" if ascii_only else "8BITMIME") if detect else message.body_type
@@ -149,13 +146,13 @@ def _ensure_directory(directory: Path) -> None:
     try:
         directory.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
     except OSError as e:
-        raise MaildropError(f"cannot create {directory}: {e.strerror}", EX_CANTCREAT) from None
+        raise MaildropError(f"cannot create {directory}: {e.strerror}", os.EX_CANTCREAT) from None
     if not directory.is_dir():
-        raise MaildropError(f"{directory} is not a directory", EX_CANTCREAT)
+        raise MaildropError(f"{directory} is not a directory", os.EX_CANTCREAT)
 
 
 def _code(e: OSError) -> int:
-    return EX_CANTCREAT if e.errno in (errno.EACCES, errno.EPERM, errno.ENOENT, errno.EROFS) else EX_TEMPFAIL
+    return os.EX_CANTCREAT if e.errno in (errno.EACCES, errno.EPERM, errno.ENOENT, errno.EROFS) else os.EX_TEMPFAIL
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from typing import IO, AsyncIterator, Iterable, Iterator, Sequence
 
 from mailflow.address import normalise_domain
-from mailflow.config import parse_duration
 from mailflow.logs import printable
 from mailflow.content import Content
 from mailflow.message import HEADER_READ_LIMIT, read_header
+from mailflow.syntax import parse_duration
 from mailflow.transports.encode import ToLf, encode
 
 QUEUES = ("incoming", "active", "deferred", "hold", "corrupt")

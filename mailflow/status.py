@@ -120,8 +120,8 @@ def invalid_helo(name: str) -> Reply:
     return restriction_rejected(501, "5.5.2", name, "Helo command", "Invalid name")
 
 
-def domain_not_found(address: str, code: int = 450) -> Reply:
-    """reject_unknown_recipient_domain: no MX and no address (unknown_address_reject_code, default 450)."""
+def domain_not_found(address: str, code: int) -> Reply:
+    """reject_unknown_recipient_domain: no MX and no address (`code`: smtpd.unknown_address_reject_code)."""
     return restriction_rejected(code, f"{code // 100}.1.2", address, "Recipient address", "Domain not found")
 
 

@@ -58,6 +58,7 @@ from typing import Callable, Iterable, Sequence
 
 import aiosqlite
 
+from mailflow.config import DEFAULTS
 from mailflow.content import Content, FilePart, Spool, is_spool_name
 from mailflow.errors import Overloaded
 from mailflow.model import Delivered, Outcome, QueuedMessage, QueueId, RcptResult, Recipient
@@ -404,7 +405,8 @@ class Store:
         self.content_dir = content_dir
 
     @classmethod
-    async def open(cls, path: str | Path, *, batch_limit: int = 500, backlog_limit: int = 5000,
+    async def open(cls, path: str | Path, *, batch_limit: int = DEFAULTS.queue.commit_batch_limit,
+                   backlog_limit: int = DEFAULTS.queue.incoming_backlog_limit,
                    busy_timeout: float = BUSY_TIMEOUT, owner: bool = False) -> "Store":
         """`owner`: the caller holds the queue's lock (the server); only then is an old file converted to
         incremental vacuum, which needs the database to itself."""

@@ -44,9 +44,9 @@ import ipaddress
 import logging
 
 from mailflow import address, status
-from mailflow.config import parse_hostport
 from mailflow.errors import LookupRetry
 from mailflow.model import AddressClass, Resolution
+from mailflow.syntax import parse_hostport
 from mailflow.tables import Table, TableCache, find, find_address, find_local, split_extension
 from mailflow.transports.error import parse_error_nexthop
 

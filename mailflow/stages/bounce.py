@@ -40,6 +40,7 @@ import textwrap
 import unicodedata
 from dataclasses import dataclass
 
+from mailflow.config import DEFAULTS
 from mailflow.message import rfc5322_date, split_header
 from mailflow.model import Recipient
 
@@ -110,7 +111,7 @@ def build_notice(
     now: float,
     will_retry_until: float | None = None,
     notice_id: str,
-    size_limit: int = 50000,
+    size_limit: int = DEFAULTS.queue.bounce_size_limit,
     to: str | None = None,
     original_size: int | None = None,
 ) -> bytes:

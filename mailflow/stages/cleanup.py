@@ -30,6 +30,7 @@ import time
 from typing import Callable
 
 from mailflow.clock import Clock
+from mailflow.config import DEFAULTS
 from mailflow.content import Content, Spool
 from mailflow.errors import PermanentError, TemporaryError
 from mailflow.logs import MailLog
@@ -39,10 +40,6 @@ from mailflow.routing.addressmap import AddressMapper
 from mailflow.store import NewMessage, Store
 
 logger = logging.getLogger("mailflow.cleanup")
-
-HOPCOUNT_LIMIT = 50
-HEADER_SIZE_LIMIT = 102400
-
 
 class QueueIdGenerator:
     """Queue ids like Postfix's: upper-case hex, time-ordered, unique within this process."""
@@ -61,7 +58,8 @@ class QueueIdGenerator:
 class Cleanup:
     def __init__(self, store: Store, *, myhostname: str, clock: Clock, rng, log: MailLog,
                  on_queued: Callable[[], None], mapper: AddressMapper | None = None,
-                 hopcount_limit: int = HOPCOUNT_LIMIT, header_size_limit: int = HEADER_SIZE_LIMIT):
+                 hopcount_limit: int = DEFAULTS.hopcount_limit,
+                 header_size_limit: int = DEFAULTS.header_size_limit):
         self._store = store
         self._mapper = mapper
         self._myhostname = myhostname

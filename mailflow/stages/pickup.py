@@ -35,6 +35,7 @@ import socket
 from pathlib import Path
 
 from mailflow.clock import Clock
+from mailflow.config import DEFAULTS
 from mailflow.content import Content, Truncated
 from mailflow.errors import PermanentError
 from mailflow.faults import Guard
@@ -60,8 +61,9 @@ class _WakeProtocol(asyncio.DatagramProtocol):
 
 
 class Pickup:
-    def __init__(self, queue_directory: Path, cleanup, *, myhostname: str, clock: Clock, interval: float = 60.0,
-                 bounce_size_limit: int = 50_000, size_limit: int = 0):
+    def __init__(self, queue_directory: Path, cleanup, *, myhostname: str, clock: Clock,
+                 interval: float = DEFAULTS.sendmail.pickup_interval,
+                 bounce_size_limit: int = DEFAULTS.queue.bounce_size_limit, size_limit: int = 0):
         self.maildrop = Path(queue_directory) / "maildrop"
         self.corrupt = Path(queue_directory) / "corrupt"
         self.socket_path = Path(queue_directory) / "public" / "pickup"

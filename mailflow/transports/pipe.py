@@ -25,10 +25,10 @@ Runner (used by pipe services and by local's `|command` destinations):
    one element per recipient), or once per recipient when flags D or O are set (those headers name one
    recipient: Postfix requires transport_destination_recipient_limit = 1 for them). Its result applies to
    every recipient of that run.
-argv macros (${name}, $name, $(name); $$ is a literal $), each value one argv element, never a shell:
-per recipient ${recipient}, ${original_recipient}, ${user}, ${extension}, ${mailbox}, ${domain}; per request
-${sender} (null sender: `null_sender`, default MAILER-DAEMON), ${nexthop}, ${queue_id}, ${size}. Postfix's
-client and SASL macros are unknown here: a config error, like any unknown macro.
+argv macros (their grammar is `mailflow.pipe_argv`; each value one argv element, never a shell): per recipient
+${recipient}, ${original_recipient}, ${user}, ${extension}, ${mailbox}, ${domain}; per request ${sender} (null
+sender: `null_sender`, default MAILER-DAEMON), ${nexthop}, ${queue_id}, ${size}. Postfix's client and SASL
+macros are unknown here: a config error, like any unknown macro.
 Flags (stdin, `command_input`, is the message with LF line endings, as Postfix pipe writes it, converted chunk
 by chunk as the command reads it): F a "From sender date" line,
 R Return-Path:, O X-Original-To:, D Delivered-To: (in that order); ">" quotes lines starting "From ", "."
@@ -48,17 +48,17 @@ import re
 import signal
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, AsyncIterable, AsyncIterator, Callable, Iterable
+from typing import AsyncIterable, AsyncIterator, Callable
 
 from mailflow import address
+from mailflow.config import DEFAULTS, PipeService
 from mailflow.content import Content
 from mailflow.message import HEADER_READ_LIMIT, delivered_to, read_header
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
+from mailflow.pipe_argv import expand_argv, parse_argv
+from mailflow.syntax import has_control
 from mailflow.tables import split_extension
 from mailflow.transports.encode import FinalNewline, ToLf, aencode, dot_quoting, from_quoting
-
-if TYPE_CHECKING:
-    from mailflow.config import PipeService
 
 log = logging.getLogger("mailflow.pipe")
 
@@ -237,64 +237,7 @@ def _failure(dsn: str) -> Outcome:
     return Outcome.DEFERRED if dsn.startswith("4") else Outcome.BOUNCED
 
 
-# ------------------------------------------------------------------------------------------ argv macros
-
-PER_RECIPIENT_MACROS = ("recipient", "original_recipient", "user", "extension", "mailbox", "domain")
-PER_REQUEST_MACROS = ("sender", "nexthop", "queue_id", "size")
-_MACRO = re.compile(r"\$(?:\{([^}]*)\}|\(([^)]*)\)|([A-Za-z0-9_]+)|(\$))")
-
-
-@dataclass(frozen=True)
-class Macro:
-    name: str
-
-
-ArgTemplate = tuple  # of str (literal text) and Macro
-
-
-def parse_argv_element(element: str) -> ArgTemplate:
-    """'--to=${recipient}' -> ('--to=', Macro('recipient')). Raises ValueError for an unknown macro or a
-    '$' that starts none (write '$$' for a literal '$')."""
-    parts: list = []
-    pos = 0
-    for m in _MACRO.finditer(element):
-        if m.start() > pos:
-            parts.append(element[pos:m.start()])
-        pos = m.end()
-        if m.group(4):
-            parts.append("$")
-            continue
-        name = next(g for g in m.groups()[:3] if g is not None)
-        if name not in PER_RECIPIENT_MACROS + PER_REQUEST_MACROS:
-            raise ValueError(f"unknown macro ${{{name}}} in {element!r} (known: "
-                             f"{', '.join(PER_RECIPIENT_MACROS + PER_REQUEST_MACROS)})")
-        parts.append(Macro(name))
-    rest = element[pos:]
-    if "$" in rest:
-        raise ValueError(f"a '$' in {element!r} starts no macro (write $$ for a literal $)")
-    if rest:
-        parts.append(rest)
-    return tuple(parts)
-
-
-def parse_argv(argv: Iterable[str]) -> tuple[ArgTemplate, ...]:
-    return tuple(parse_argv_element(a) for a in argv)
-
-
-PIPE_FLAGS = "BDFORhqu.>"
-
-
-def check_flags(flags: str) -> str:
-    unknown = sorted(set(flags) - set(PIPE_FLAGS))
-    if unknown:
-        raise ValueError(f"unknown flag{'s' if len(unknown) > 1 else ''} {''.join(unknown)!r} "
-                         f"(supported: {PIPE_FLAGS})")
-    return flags
-
-
-def _has_control(text: str) -> bool:
-    return any(ord(c) < 32 or ord(c) == 127 for c in text)
-
+# ------------------------------------------------------------------------------------------ argv values
 
 _ATEXT = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 
@@ -327,18 +270,6 @@ def recipient_values(rcpt: Recipient, flags: str, delimiter: str) -> dict[str, s
             "original_recipient": _address_value(rcpt.original or rcpt.address, flags),
             "user": user, "extension": ext[1:], "mailbox": local,
             "domain": domain.lower() if "h" in flags else domain}
-
-
-def expand_argv(templates: tuple[ArgTemplate, ...], request_values: dict[str, str],
-                rcpt_values: list[dict[str, str]]) -> list[str]:
-    """Fill in the macros: an element with a per-recipient macro becomes one element per recipient."""
-    out: list[str] = []
-    for template in templates:
-        per_rcpt = any(isinstance(p, Macro) and p.name in PER_RECIPIENT_MACROS for p in template)
-        for values in (rcpt_values if per_rcpt else [{}]):
-            both = {**request_values, **values}
-            out.append("".join(both[p.name] if isinstance(p, Macro) else p for p in template))
-    return out
 
 
 # ------------------------------------------------------------------------------------------ the message
@@ -375,7 +306,7 @@ def command_input(content: Content, *, sender: str, flags: str, recipient: str =
 
 
 class PipeTransport:
-    def __init__(self, service: "PipeService", *, name: str, recipient_delimiter: str = "+",
+    def __init__(self, service: PipeService, *, name: str, recipient_delimiter: str = DEFAULTS.recipient_delimiter,
                  now: Callable[[], float] = time.time, allow_min_user: bool = False):
         self._service = service
         self._name = name
@@ -389,7 +320,7 @@ class PipeTransport:
         if s.size_limit and request.content.size > s.size_limit:
             return DeliveryReport.uniform(request.recipients, Outcome.BOUNCED, "5.2.3", "message too large",
                                           relay=self._name)
-        if _has_control(request.sender):
+        if has_control(request.sender):
             return DeliveryReport.uniform(request.recipients, Outcome.BOUNCED, "5.1.7",
                                           "bad sender address syntax: control characters", relay=self._name)
         if self._min_user(request.sender):
@@ -399,7 +330,7 @@ class PipeTransport:
         ready = []
         seen = self._delivered_to(request) if "D" in s.flags else frozenset()
         for rcpt in request.recipients:
-            if _has_control(rcpt.address) or _has_control(rcpt.original):
+            if has_control(rcpt.address) or has_control(rcpt.original):
                 results[rcpt.index] = self._result(rcpt, Outcome.BOUNCED, "5.1.3",
                                                    "bad recipient address syntax: control characters")
             elif any(self._min_user(v) for v in recipient_values(rcpt, s.flags, self._delimiter).values()):

@@ -14,6 +14,7 @@ import socket
 
 import pytest
 
+from mailflow.config import DEFAULTS
 from mailflow.stages.smtpd.session import ProtocolLimits, SmtpSession
 from tests.helpers import big_message, eventually, maildir_messages
 
@@ -407,7 +408,7 @@ async def limited_listener(mailflow_server):
         server = await loop.create_server(
             lambda: SmtpSession(handler, sessions=set(), hostname="mx.mailflow.test", ident="ESMTP",
                                 data_size_limit=10_000, enable_SMTPUTF8=True, decode_data=False, timeout=timeout,
-                                protocol=ProtocolLimits(**limits)),
+                                protocol=ProtocolLimits.from_config(DEFAULTS.smtpd.model_copy(update=limits))),
             "127.0.0.1", 0)
         servers.append(server)
         return server.sockets[0].getsockname()[1]

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from mailflow.config import (Config, QueueConfig, SmtpdConfig, load_config, parse_duration, parse_hostport,
-                             resolve_paths)
+from mailflow.config import Config, QueueConfig, SmtpdConfig, load_config, resolve_paths
 from mailflow.errors import ConfigError
+from mailflow.syntax import parse_duration, parse_hostport
 
 
 def write(tmp_path: Path, text: str, name: str = "mailflow.toml") -> Path:

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from mailflow.app import build_resolver
 from mailflow.config import DnsConfig
 from mailflow.dns import MX, AiodnsResolver, NotFound, StaticResolver, is_ip_literal
 from mailflow.errors import LookupRetry, PermanentError
@@ -164,8 +165,8 @@ async def test_aiodns_dead_nameserver_is_a_quick_retry(unused_port):
     assert time.monotonic() - started < 3.0
 
 
-async def test_aiodns_from_config_uses_the_configured_nameserver(dns_zone):
-    resolver = AiodnsResolver.from_config(DnsConfig(nameservers=(dns_zone(ZONE),), timeout=1.0, tries=1))
+async def test_the_resolver_built_from_dns_config_uses_the_configured_nameserver(dns_zone):
+    resolver = build_resolver(DnsConfig(nameservers=(dns_zone(ZONE),), timeout=1.0, tries=1))
     try:
         assert (await resolver.mx("example.test"))[0] == MX(10, "mx1.example.test")
     finally:

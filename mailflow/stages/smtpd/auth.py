@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from mailflow import status
 from mailflow.address import client_ip
 from mailflow.clock import Clock
+from mailflow.config import DEFAULTS
 from mailflow.errors import LookupRetry
 from mailflow.logs import SmtpdLog, printable
 from mailflow.tables import Table, find_address
@@ -257,7 +258,7 @@ def login_of(session) -> str | None:
 class SenderLogins:
     """smtpd_sender_login_maps: which logins own a sender address."""
 
-    def __init__(self, tables: list[Table], *, delimiter: str = "+"):
+    def __init__(self, tables: list[Table], *, delimiter: str = DEFAULTS.recipient_delimiter):
         self._tables = tables
         self._delimiter = delimiter
 

@@ -20,6 +20,7 @@ import struct
 from dataclasses import dataclass
 
 from mailflow import status
+from mailflow.syntax import is_hostname
 
 V1_MAX = 107  # the longest v1 header, CRLF included (proxy-protocol.txt section 2.1)
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -27,8 +28,6 @@ V2_TCP4, V2_TCP6, V2_UNSPEC = 0x11, 0x21, 0x00
 
 XCLIENT_ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "LOGIN")
 UNAVAILABLE, TEMPUNAVAIL = "[UNAVAILABLE]", "[TEMPUNAVAIL]"
-_HOSTNAME = re.compile(r"(?=.{1,255}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
 
 
 class ProxyError(Exception):
@@ -173,7 +172,7 @@ def _checked(name: str, value: str, word: str) -> str | None:
     if not value or not all("!" <= c <= "~" for c in value):
         raise bad
     if name == "NAME":
-        if not _HOSTNAME.fullmatch(value):
+        if not is_hostname(value):
             raise bad
         return value.lower()
     if name == "ADDR":

@@ -1,9 +1,8 @@
 """The Postfix policy delegation protocol (SMTPD_POLICY_README), client side: `check_policy_service`.
 
-Owns: the endpoint syntax (`inet:host:port`, `unix:/path`) and one query: `name=value` lines and an empty line
-out, `action=...` (plus any other attributes, ignored) and an empty line back.
+Owns: one query to an endpoint (`inet:host:port` or `unix:/path`, parsed by `mailflow.syntax.parse_endpoint`):
+`name=value` lines and an empty line out, `action=...` (plus any other attributes, ignored) and an empty line back.
 
-    parse_endpoint(spec) -> ("inet", host, port) | ("unix", path, 0)   ValueError on a bad spec
     PolicyClient(spec, timeout).query(attributes) -> action text      raises PolicyError
 
 Each query uses a connection of its own (Postfix keeps one open; a policy server must accept both), so
@@ -17,24 +16,13 @@ from __future__ import annotations
 import asyncio
 import re
 
+from mailflow.syntax import parse_endpoint
+
 MAX_REPLY_BYTES = 64 * 1024  # a reply line beyond this is a broken server, not a long action
 
 
 class PolicyError(Exception):
     """The policy server could not be asked or gave no usable answer."""
-
-
-def parse_endpoint(spec: str) -> tuple[str, str, int]:
-    kind, colon, rest = spec.partition(":")
-    if kind == "unix" and colon and rest.startswith("/"):
-        return "unix", rest, 0
-    if kind == "inet" and colon:
-        m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", rest)
-        if m:
-            port = int(m.group(2) or m.group(4))
-            if 0 < port <= 65535:
-                return "inet", m.group(1) or m.group(3), port
-    raise ValueError(f"{spec!r} is not a policy service (inet:host:port or unix:/path)")
 
 
 def encode_request(attributes: dict[str, str]) -> bytes:

@@ -1,8 +1,8 @@
 """smtpd restriction lists: Postfix's SMTPD_ACCESS_README vocabulary, evaluated in Postfix's order.
 
 What it owns
-- The vocabulary (`KNOWN`, `check_item`): every item is `name` or `name argument`; config validates each one,
-  so a misspelt list fails at start naming the list and the item.
+- The evaluation of the vocabulary in `mailflow.restriction_vocabulary` (the names, their arguments and
+  `check_item`, with which config validates every item at start).
 - `Restrictions(config, smtpd, rewriter, mapper, resolver, tables)`: the lists of one `SmtpdConfig` (a
   listener may have its own), with their tables and policy clients opened once.
 - `check_rcpt(facts)`, `check_data(facts)`, `check_end_of_data(facts)` -> `Reply | None` (None: go on).
@@ -31,28 +31,14 @@ from dataclasses import dataclass, field
 from mailflow import address, status
 from mailflow.address import client_ip, in_networks
 from mailflow.dns import NotFound
-from mailflow.errors import ConfigError, LookupRetry
+from mailflow.errors import LookupRetry
 from mailflow.model import AddressClass
-from mailflow.stages.smtpd.policy import PolicyClient, PolicyError, parse_endpoint
-from mailflow.tables import TYPES, TableCache, find, open_table, split_extension
+from mailflow.restriction_vocabulary import ACCESS_CHECKS, RCPT_STAGES, STAGES, WITHOUT_ARGUMENT, split_item
+from mailflow.stages.smtpd.policy import PolicyClient, PolicyError
+from mailflow.syntax import is_hostname, is_ipv4
+from mailflow.tables import TableCache, find, split_extension
 
 log = logging.getLogger("mailflow.smtpd")
-
-RCPT_STAGES = ("client", "helo", "sender", "relay", "recipient")
-STAGES = RCPT_STAGES + ("data", "end_of_data")
-
-WITHOUT_ARGUMENT = (
-    "permit", "reject", "defer", "permit_mynetworks", "permit_sasl_authenticated",
-    "reject_unauth_destination", "defer_unauth_destination", "reject_unlisted_recipient",
-    "reject_unknown_recipient_domain", "reject_non_fqdn_sender", "reject_non_fqdn_recipient",
-    "reject_non_fqdn_helo_hostname", "reject_invalid_helo_hostname",
-)
-ACCESS_CHECKS = {  # check_*_access -> what its keys are made of
-    "check_client_access": "client", "check_helo_access": "helo",
-    "check_sender_access": "sender", "check_recipient_access": "recipient",
-}
-WITH_ARGUMENT = tuple(ACCESS_CHECKS) + ("reject_rbl_client", "check_policy_service")
-KNOWN = WITHOUT_ARGUMENT + WITH_ARGUMENT
 
 PERMIT = "PERMIT"  # an item's answer: stop this list, go on with the next
 NULL_SENDER_KEY = "<>"  # smtpd_null_access_lookup_key
@@ -62,54 +48,7 @@ SUBJECT = {  # a list's stage -> how its refusals name what they looked at
     "data": "Data command", "end_of_data": "End-of-data",
 }
 PROTOCOL_STATE = {"data": "DATA", "end_of_data": "END-OF-MESSAGE"}
-_HOSTNAME = re.compile(r"(?=.{1,255}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
 _NUMERIC_ACTION = re.compile(r"([45]\d\d)(?:\s+([45]\.\d{1,3}\.\d{1,3}))?(?:\s+(.*))?", re.S)
-
-
-# ---------------------------------------------------------------------------------------------- vocabulary
-
-
-def split_item(text: str) -> tuple[str, str]:
-    name, _, arg = text.strip().partition(" ")
-    return name.lower(), arg.strip()
-
-
-def check_item(text: object) -> str:
-    """Validate one list item (config calls this); returns it stripped, raises ValueError naming the problem."""
-    if not isinstance(text, str):
-        raise ValueError("each restriction is a string: 'name' or 'name argument'")
-    name, arg = split_item(text)
-    if name not in KNOWN:
-        raise ValueError(f"unknown restriction {name!r}" if name else "empty restriction")
-    if name in WITHOUT_ARGUMENT and arg:
-        raise ValueError(f"{name!r} takes no argument (got {arg!r})")
-    if name in WITH_ARGUMENT and not arg:
-        raise ValueError(f"{name!r} needs an argument")
-    if name in ACCESS_CHECKS:
-        kind, colon, _ = arg.partition(":")
-        if not colon or kind.lower() not in TYPES:
-            raise ValueError(f"{name}: {arg!r} is not a lookup table (type:name with type one of {', '.join(TYPES)})")
-        if kind.lower() in ("inline", "static"):  # parsed when opened: a syntax error shows now, not at start
-            try:
-                open_table(arg)
-            except ConfigError as e:
-                raise ValueError(f"{name}: {e.reason}") from None
-    if name == "check_policy_service":
-        parse_endpoint(arg)
-    if name == "reject_rbl_client":
-        rbl_domain, _, wanted = arg.partition("=")
-        if not address.normalise_domain(rbl_domain) or (wanted and not _is_ipv4(wanted)):
-            raise ValueError(f"reject_rbl_client: {arg!r} is not a DNSBL (domain or domain=127.0.0.x)")
-    return text.strip()
-
-
-def _is_ipv4(text: str) -> bool:
-    try:
-        ipaddress.IPv4Address(text)
-    except ValueError:
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------------------------------- facts
@@ -211,7 +150,7 @@ def is_fqdn_address(addr: str) -> bool:
 def is_valid_helo(name: str) -> bool:
     if name.startswith("[") and name.endswith("]"):
         return address.is_address_literal(name)
-    return bool(_HOSTNAME.fullmatch(name)) and not name.replace(".", "").isdigit() or _is_ipv4(name)
+    return is_hostname(name) and not name.replace(".", "").isdigit() or is_ipv4(name)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -434,7 +373,7 @@ class Restrictions:
         except LookupRetry as e:
             log.warning("%s: DNSBL lookup error: %s", query, e.text)
             return None
-        listed = [a for a in answers if _is_ipv4(a) and a.startswith("127.") and (not wanted or a == wanted)]
+        listed = [a for a in answers if is_ipv4(a) and a.startswith("127.") and (not wanted or a == wanted)]
         return status.rbl_listed(facts.client_addr, rbl_domain) if listed else None
 
     async def _policy(self, spec: str, stage: str, facts: Facts):

@@ -39,13 +39,14 @@ from aiosmtpd.smtp import MISSING
 from mailflow import status
 from mailflow.address import in_networks
 from mailflow.clock import Clock, SystemClock
-from mailflow.config import Config, SmtpdConfig, parse_hostport
+from mailflow.config import Config, SmtpdConfig
 from mailflow.errors import LookupRetry
 from mailflow.stages.smtpd.anvil import Anvil, SessionSlots
 from mailflow.stages.smtpd.auth import (Authenticator, FailureCounter, PasswordHasher, SenderLogins, is_loopback,
                                         login_of)
 from mailflow.stages.smtpd.session import FrontEnds, ProtocolLimits, SmtpSession
 from mailflow.stages.smtpd.tls import ServerTls
+from mailflow.syntax import parse_hostport
 from mailflow.tables import TableCache
 
 log = logging.getLogger("mailflow.smtpd")

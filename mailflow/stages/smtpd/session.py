@@ -44,6 +44,7 @@ from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from mailflow import address, status
 from mailflow.address import in_networks
+from mailflow.config import DEFAULTS
 from mailflow.logs import COMMAND_ORDER, SmtpdLog, client_name, printable
 from mailflow.stages.smtpd import dsn
 from mailflow.stages.smtpd.frontends import ProxyError, XclientError, parse_xclient, read_proxy_header
@@ -62,20 +63,20 @@ ALLOWED_BEFORE_STARTTLS = {"NOOP", "EHLO", "STARTTLS", "QUIT"}
 
 @dataclass(frozen=True)
 class ProtocolLimits:
-    """The protocol settings of one listener (see SmtpdConfig: same names, same defaults)."""
+    """The protocol settings of one listener: SmtpdConfig's, same names (the defaults: from_config(DEFAULTS.smtpd))."""
 
-    max_line_length: int = 2048
-    forbid_bare_newline: bool = True
-    forbid_unauth_pipelining: bool = True
-    min_data_rate: int = 500
-    soft_error_limit: int = 10
-    hard_error_limit: int = 20
-    error_sleep_time: float = 1.0
-    junk_command_limit: int = 100
-    disable_vrfy_command: bool = True
-    session_time_limit: float = 3600.0
-    recipient_limit: int = 1000
-    recipient_overshoot_limit: int = 1000
+    max_line_length: int
+    forbid_bare_newline: bool
+    forbid_unauth_pipelining: bool
+    min_data_rate: int
+    soft_error_limit: int
+    hard_error_limit: int
+    error_sleep_time: float
+    junk_command_limit: int
+    disable_vrfy_command: bool
+    session_time_limit: float
+    recipient_limit: int
+    recipient_overshoot_limit: int
 
     @classmethod
     def from_config(cls, smtpd) -> "ProtocolLimits":
@@ -107,7 +108,7 @@ class SmtpSession(SMTP):
                  frontends: FrontEnds | None = None, **kwargs):
         super().__init__(handler, **kwargs)
         self._sessions = sessions
-        self._limits = protocol or ProtocolLimits()
+        self._limits = protocol or ProtocolLimits.from_config(DEFAULTS.smtpd)
         self._frontends = frontends or FrontEnds()
         self._xclient_allowed = False
         self._replies_sent = 0

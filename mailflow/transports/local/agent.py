@@ -39,7 +39,7 @@ from typing import Awaitable, Callable
 
 from mailflow import address
 from mailflow.clock import Clock
-from mailflow.config import LocalConfig
+from mailflow.config import DEFAULTS, LocalConfig
 from mailflow.errors import DeliveryError
 from mailflow.content import Content
 from mailflow.message import HEADER_READ_LIMIT, delivered_to, read_header
@@ -64,9 +64,9 @@ class CommandSettings:
     """How `|command` destinations run: as `default_privs` when mailflow is root, at most `time_limit` seconds,
     `output_limit` bytes of output kept for the diagnostic (Postfix default_privs, command_time_limit)."""
 
-    default_privs: str = "nobody"
-    time_limit: float = 1000.0
-    recipient_delimiter: str = "+"
+    default_privs: str = DEFAULTS.local.default_privs
+    time_limit: float = DEFAULTS.local.command_time_limit
+    recipient_delimiter: str = DEFAULTS.recipient_delimiter
     output_limit: int = 2048
 
     @classmethod

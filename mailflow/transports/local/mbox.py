@@ -59,9 +59,10 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal
 
-from mailflow.config import LocalConfig
+from mailflow.config import DEFAULTS, LocalConfig
 from mailflow.content import Content
 from mailflow.errors import DeliveryError, PermanentError, TemporaryError
+from mailflow.syntax import mask_control
 from mailflow.transports.encode import FinalNewline, ToLf, encode, mboxrd_quoting
 
 log = logging.getLogger("mailflow.mbox")
@@ -78,7 +79,6 @@ _LOCK_STYLES: tuple[LockStyle, ...] = ("fcntl", "flock", "dotlock")
 _QUOTED_FROM_LINE = re.compile(rb"^>(>*From )", re.MULTILINE)
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\x80-\U0010ffff]+"
 _DOT_ATOM = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 # ------------------------------------------------------------------------------------------- where
@@ -130,7 +130,7 @@ def format_mbox_entry(content: bytes, *, sender: str, arrival: float, prepend: b
 
 
 def from_line(sender: str, when: float) -> bytes:
-    who = _quote_local_part(_CONTROL.sub("?", sender)) if sender else MAILER_DAEMON
+    who = _quote_local_part(mask_control(sender)) if sender else MAILER_DAEMON
     return f"From {who}  {time.asctime(time.localtime(when))}\n".encode("utf-8")
 
 
@@ -153,7 +153,8 @@ def _quote_local_part(address: str) -> str:
 # ------------------------------------------------------------------------------------------- append
 
 
-async def append_mbox(path: Path, entry: bytes | Iterable[bytes], *, locks: tuple[LockStyle, ...] = ("fcntl", "dotlock"),
+async def append_mbox(path: Path, entry: bytes | Iterable[bytes], *,
+                      locks: tuple[LockStyle, ...] = DEFAULTS.local.mailbox_delivery_lock,
                       lock_timeout: float = DEFAULT_LOCK_TIMEOUT, stale_lock_time: float = STALE_LOCK_TIME,
                       user: str | None = None) -> None:
     """Append `entry` (from format_mbox_entry) to the mbox file at `path`, durably, under `locks` (taken in

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import groupby
 
-from mailflow.config import parse_hostport
+from mailflow.syntax import parse_hostport
 from mailflow.dns import MX, NotFound, Resolver
 from mailflow.errors import DeliveryError, LookupRetry, PermanentError, TemporaryError
 

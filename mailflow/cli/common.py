@@ -1,0 +1,55 @@
+"""What every command of the command line shares: where the configuration comes from, how it is loaded, and the
+one way a configuration problem is told.
+
+    config_path(option) -> str | None       --config FILE, else $MAILFLOW_CONFIG, else None (built-in defaults)
+    config_name(path) -> str                 the file, or "built-in defaults": what messages call it
+    load(option) -> Config                   a bad configuration: `mailflow: FILE: KEY: REASON`, exit 2
+    config_error_text(error, where) -> str   `FILE: KEY: REASON`; `where` stands in for an error without a file
+                                             (a table spec found while building the stages)
+    fail_config(prefix, error, where)        `PREFIX: FILE: KEY: REASON` on stderr, exit 2
+    fail(prefix, message, code)              `PREFIX: MESSAGE` on stderr, exit `code`
+
+Shared options: ConfigOption, JsonOption (typer).
+Never a traceback for a configuration problem: every command reports it through `config_error_text`.
+"""
+from __future__ import annotations
+
+import os
+from typing import NoReturn, Optional
+
+import typer
+
+from mailflow.config import Config, load_config
+from mailflow.errors import ConfigError
+
+ConfigOption = typer.Option(None, "--config", "-c", help="TOML config file (default: $MAILFLOW_CONFIG, else built-in defaults)")
+JsonOption = typer.Option(False, "--json", help="JSON instead of text")
+
+
+def config_path(option: Optional[str]) -> Optional[str]:
+    return option or os.environ.get("MAILFLOW_CONFIG") or None
+
+
+def config_name(path: Optional[str]) -> str:
+    return path or "built-in defaults"
+
+
+def config_error_text(error: ConfigError, where: str = "") -> str:
+    return ": ".join(part for part in (error.file or where, error.key, error.reason) if part)
+
+
+def fail(prefix: str, message: str, code: int) -> NoReturn:
+    typer.echo(f"{prefix}: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def fail_config(prefix: str, error: ConfigError, where: str = "") -> NoReturn:
+    fail(prefix, config_error_text(error, where), 2)
+
+
+def load(option: Optional[str]) -> Config:
+    path = config_path(option)
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        fail_config("mailflow", e, config_name(path))

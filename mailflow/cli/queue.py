@@ -1,0 +1,217 @@
+"""`mailflow queue …` and `mailflow mailq`: the operator tools, on the queue database the configuration names,
+whether or not `serve` runs (the work is in mailflow/queue_tools.py). Each command is a plain function;
+`mailflow.cli` registers them.
+
+    queue_list / mailq                   Postfix mailq layout (or JSON)
+    queue_show                           one message like postcat -q
+    action_command(name, help, required) flush, hold, release, requeue, delete (postqueue -f, postsuper -h/-H/-r/-d)
+    queue_shape                          qshape
+    queue_destinations                   qmgr's last word on each destination
+    list_queue(...), act(...)            the same for sendmail's -bp and -q
+
+Failure behaviour: a command line that does not say which messages exits 2; an unknown queue id for `show`
+exits 1; no queue database exits 1 naming the path; `mailq | head` closing the pipe is not an error.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, NoReturn, Optional
+
+import typer
+
+from mailflow.cli.common import ConfigOption, JsonOption, fail, load
+
+IdsArgument = typer.Argument(None, metavar="QUEUE_ID|ALL|-",
+                             help="queue ids, ALL, or - to read ids from standard input")
+FromOption = typer.Option(None, "--from", metavar="ADDR", help="only mail from this sender ('<>': the null sender)")
+ToDomainOption = typer.Option(None, "--to-domain", metavar="DOMAIN",
+                              help="only mail with a pending recipient in this domain")
+OlderThanOption = typer.Option(None, "--older-than", metavar="DURATION",
+                               help="only mail that arrived longer ago than this (30m, 1h, 2d)")
+QueuesOption = typer.Option(None, "--queue", metavar="Q[,Q…]",
+                            help="queues to list (default incoming,active,deferred,hold; corrupt, or all)")
+
+# The commands that change the queue differ only in their action and help text.
+ACTION_COMMANDS = (
+    ("flush", "Make deferred mail due now (all of it unless ids or selectors narrow it), like postqueue -f.", False),
+    ("hold", "Put mail on hold (postsuper -h): incoming, deferred and active mail stop being delivered.", True),
+    ("release", "Release held mail (postsuper -H): it becomes deferred and due now.", True),
+    ("requeue", "Requeue mail (postsuper -r): incoming, deferred or held mail becomes incoming, due now, "
+                "routed afresh.", True),
+    ("delete", "Delete mail from any queue (postsuper -d). No bounce is sent.", True),
+)
+
+
+def _fail(command: str, message: str, code: int) -> NoReturn:
+    fail(f"mailflow queue {command}", message, code)
+
+
+def _tools(command: str, config: Optional[str], work) -> None:
+    """Open the configured queue database, run `work(store)` on a fresh loop, close the store."""
+    from mailflow.store import Store
+
+    db = Path(load(config).queue_path) / "queue.db"
+    if not db.exists():
+        _fail(command, f"no queue database at {db} (check queue_directory in the configuration)", 1)
+
+    async def run():
+        store = await Store.open(db)
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(run())
+    except BrokenPipeError:  # `mailflow mailq | head`: the reader has gone; that is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _selection(command: str, ids, sender, to_domain, older_than, *, required: bool):
+    from mailflow.queue_tools import SelectionError, parse_selection
+
+    try:
+        return parse_selection(ids or [], sender=sender, to_domain=to_domain, older_than=older_than,
+                               stdin=sys.stdin, required=required)
+    except SelectionError as e:
+        _fail(command, str(e), 2)
+
+
+def _queues(command: str, value: str) -> tuple[str, ...]:
+    from mailflow.queue_tools import SelectionError, parse_queues
+
+    try:
+        return parse_queues(value)
+    except SelectionError as e:
+        _fail(command, str(e), 2)
+
+
+def list_queue(command, ids, config, as_json, queue, sender, to_domain, older_than) -> None:
+    from mailflow import queue_tools as qt
+
+    selection = _selection(command, ids, sender, to_domain, older_than, required=False)
+    queues = _queues(command, queue) if queue else qt.LISTED_QUEUES
+
+    async def work(store):
+        now = time.time()
+        if as_json:
+            await qt.write_list_json(store, sys.stdout, queues, selection, now)
+            return
+        await qt.write_mailq(store, sys.stdout, queues, selection, now)
+        corrupt = (await store.counts()).get("corrupt", 0) if "corrupt" not in queues else 0
+        if corrupt:
+            typer.echo(f"mailflow: {qt.plural(corrupt, 'corrupt message')} not shown (--queue corrupt)", err=True)
+
+    _tools(command, config, work)
+
+
+def queue_list(ids: Optional[List[str]] = IdsArgument, config: Optional[str] = ConfigOption,
+               as_json: bool = JsonOption, queue: Optional[str] = QueuesOption,
+               sender: Optional[str] = FromOption, to_domain: Optional[str] = ToDomainOption,
+               older_than: Optional[str] = OlderThanOption) -> None:
+    """The queue in Postfix mailq layout: * active, ! on hold; each pending recipient under its last reason."""
+    list_queue("list", ids, config, as_json, queue, sender, to_domain, older_than)
+
+
+def mailq(ids: Optional[List[str]] = IdsArgument, config: Optional[str] = ConfigOption,
+          as_json: bool = JsonOption,
+          queue: Optional[str] = typer.Option(None, "--queue", metavar="Q[,Q…]", help="queues to list"),
+          sender: Optional[str] = FromOption, to_domain: Optional[str] = ToDomainOption,
+          older_than: Optional[str] = OlderThanOption) -> None:
+    """Same as `mailflow queue list`."""
+    list_queue("list", ids, config, as_json, queue, sender, to_domain, older_than)
+
+
+def queue_show(queue_id: str = typer.Argument(..., metavar="QUEUE_ID"), config: Optional[str] = ConfigOption,
+               headers_only: bool = typer.Option(False, "--headers-only", help="the envelope and headers only"),
+               as_json: bool = JsonOption) -> None:
+    """One message like postcat -q: envelope, every recipient's status, then headers and body."""
+    from mailflow import queue_tools as qt
+
+    try:
+        qid = qt.clean_id(queue_id)
+    except qt.SelectionError as e:
+        _fail("show", str(e), 2)
+
+    async def work(store):
+        detail = await store.message_detail(qid)
+        if detail is None:
+            _fail("show", f"{qid}: no such message in the queue", 1)
+        recipients = (await store.recipients_of([qid])).get(qid, [])
+        content = await store.content(qid)
+        if as_json:
+            qt.write_show_json(sys.stdout, detail, recipients, content, headers_only)
+        else:
+            qt.write_show(sys.stdout, detail, recipients, content, headers_only, time.time())
+
+    _tools("show", config, work)
+
+
+def act(name: str, ids, config, sender, to_domain, older_than, *, required: bool = True) -> None:
+    from mailflow import queue_tools as qt
+
+    action = qt.ACTIONS[name]
+    selection = _selection(name, ids, sender, to_domain, older_than, required=required)
+
+    async def work(store):
+        done, missed = await qt.apply(store, action, selection, time.time(), sys.stderr)
+        for qid in missed:
+            typer.echo(f"mailflow queue {name}: {qid}: not in the {qt.either(action.sources)} queue", err=True)
+        typer.echo(f"{name}: {qt.plural(done, 'message')}")
+
+    _tools(name, config, work)
+
+
+def action_command(name: str, help_text: str, required: bool):
+    """The command function of one queue action (its name and help set for typer)."""
+    def command(ids: Optional[List[str]] = IdsArgument, config: Optional[str] = ConfigOption,
+                sender: Optional[str] = FromOption, to_domain: Optional[str] = ToDomainOption,
+                older_than: Optional[str] = OlderThanOption) -> None:
+        act(name, ids, config, sender, to_domain, older_than, required=required)
+
+    command.__name__ = f"queue_{name}"
+    command.__doc__ = help_text
+    return command
+
+
+def queue_shape(config: Optional[str] = ConfigOption,
+                queue: str = typer.Option("incoming,active,deferred", "--queue", metavar="Q[,Q…]",
+                                          help="queues to count (incoming, active, deferred, hold, corrupt; all)"),
+                top: int = typer.Option(20, "--top", min=0, help="how many domains to show (0: all)"),
+                as_json: bool = JsonOption) -> None:
+    """Pending recipients by domain and age in minutes, like qshape: T is the total, each column counts ages
+    below its label."""
+    from mailflow import queue_tools as qt
+
+    queues = _queues("shape", queue)
+
+    async def work(store):
+        counts = await store.shape_counts(queues, time.time(), qt.shape_limits())
+        total, domains = qt.shape_rows(counts, top)
+        if as_json:
+            sys.stdout.write(json.dumps(qt.shape_json(queues, total, domains), indent=2) + "\n")
+        else:
+            sys.stdout.write(qt.format_shape(total, domains))
+
+    _tools("shape", config, work)
+
+
+def queue_destinations(config: Optional[str] = ConfigOption, as_json: bool = JsonOption) -> None:
+    """What qmgr last said of each destination (transport, nexthop): window, load, failures, dead timer."""
+    from mailflow import queue_tools as qt
+
+    async def work(store):
+        rows = await store.destination_rows()
+        if as_json:
+            sys.stdout.write(json.dumps(qt.destinations_json(rows), indent=2) + "\n")
+        elif not rows:
+            typer.echo("no destination state yet (is the server running?)")
+        else:
+            sys.stdout.write(qt.format_destinations(rows, time.time()))
+
+    _tools("destinations", config, work)

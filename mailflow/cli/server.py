@@ -1,0 +1,180 @@
+"""The commands about the server and its configuration: serve, check-config, version, config show, address,
+table query, auth hash-password. Each is a plain function; `mailflow.cli` registers them.
+
+    serve(config)            run until SIGTERM/SIGINT; exit 2 for a configuration problem (the log file, a table
+                             spec found while building the stages), 1 when it cannot start (an address taken, the
+                             queue held by another server, named by its pid)
+    check_config(config)     validate, then read every file-backed table: exit 2 listing each one that cannot
+                             answer (`FILE: KEY: REASON`), else print the listeners
+    listener_summary(cfg)    (address, port, role) of every listener
+    table_problems(cfg)      a ConfigError (file, setting, reason) per file-backed table that cannot answer now
+    config_show(...)         postconf's views (mailflow.config.show_settings)
+    address_test(addresses, config)   how each address is routed (exit 75 when a table cannot answer now)
+    table_query(spec, keys)  postmap -q: exit 1 nothing found, 2 bad table, 75 a lookup failed
+    auth_hash_password(user, stdin)   a scrypt hash for smtpd.sasl_user_maps
+
+Failure behaviour: configuration problems through `common.fail_config`; never a traceback.
+"""
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import List, Optional
+
+import typer
+
+from mailflow import __version__
+from mailflow.cli.common import (ConfigOption, config_error_text, config_name, config_path, fail, fail_config,
+                                     load)
+from mailflow.config import Config, flat_settings, show_settings
+from mailflow.errors import ConfigError, DeliveryError, LookupRetry
+from mailflow.logs import setup_logging
+from mailflow.queuelock import QueueBusy
+from mailflow.syntax import FILE_TABLE_TYPES, parse_hostport, table_type
+from mailflow.tables import open_table
+
+
+def serve(config: Optional[str] = ConfigOption) -> None:
+    """Run the mail server until SIGTERM or SIGINT."""
+    from mailflow.app import serve as run
+
+    cfg = load(config)
+    where = config_name(config_path(config))
+    try:
+        setup_logging(cfg.log, cfg.myhostname)
+    except OSError as e:
+        fail_config("mailflow", ConfigError(where, "log.file", f"cannot open {cfg.log.file}: {e.strerror}"))
+    try:
+        asyncio.run(run(cfg))
+    except QueueBusy as e:  # another server owns this queue: it was left untouched
+        fail("mailflow", f"cannot start: {e}", 1)
+    except ConfigError as e:  # found while building the stages (e.g. a lookup table spec)
+        fail_config("mailflow", e, where)
+    except OSError as e:  # typically: the listen address is taken or not ours
+        fail("mailflow", f"cannot start: {e}", 1)
+
+
+def check_config(config: Optional[str] = ConfigOption) -> None:
+    """Validate the configuration and read every file-backed lookup table it names (like `postfix check`).
+    Exit 2 on the first bad setting, or after listing every table that cannot be read."""
+    cfg = load(config)
+    where = config_name(config_path(config))
+    problems = table_problems(cfg, where)
+    for problem in problems:
+        typer.echo(config_error_text(problem), err=True)
+    if problems:
+        raise typer.Exit(2)
+    typer.echo(f"{where}: ok (queue {cfg.queue_directory})")
+    for host, port, role in listener_summary(cfg):
+        typer.echo(f"  listener {host}:{port} ({role})")
+
+
+def listener_summary(cfg: Config) -> list[tuple[str, int, str]]:
+    """(address, port, role) of every listener the server opens: the `listen` addresses (mta) and each
+    `[[smtpd.listeners]]` entry, in that order."""
+    out = []
+    for value, role in [(a, "mta") for a in cfg.smtpd.listen] + [(l.address, l.role) for l in cfg.smtpd.listeners]:
+        host, port = parse_hostport(value)
+        out.append((f"[{host}]" if ":" in host else host, port, role))
+    return out
+
+
+def table_problems(cfg: Config, where: str) -> list[ConfigError]:
+    """One ConfigError(where, setting, reason) for each file-backed table (texthash, regexp, sqlite) that cannot
+    answer now."""
+    problems = []
+    for key, specs in flat_settings(cfg).items():
+        if not key.endswith("_maps"):
+            continue
+        for spec in specs:
+            if table_type(spec) not in FILE_TABLE_TYPES:
+                continue
+            try:
+                open_table(spec, aliases=key == "alias_maps").lookup("mailflow-check-config-probe")
+            except (ConfigError, LookupRetry) as e:
+                problems.append(ConfigError(where, key, getattr(e, "reason", None) or e.text))
+    return problems
+
+
+def version() -> None:
+    """Print the version."""
+    typer.echo(f"mailflow {__version__}")
+
+
+def config_show(config: Optional[str] = ConfigOption,
+                changed: bool = typer.Option(False, "-n", "--changed",
+                                             help="only settings that differ from the defaults (postconf -n)"),
+                defaults: bool = typer.Option(False, "-d", "--defaults", help="the built-in defaults (postconf -d)"),
+                names: Optional[List[str]] = typer.Argument(
+                    None, metavar="[SETTING]...", help="only these settings (e.g. relayhost queue.active_limit)")
+                ) -> None:
+    """Every setting as `key = value` (valid TOML), like postconf; `-n` what the file changes, `-d` the defaults."""
+    lines = show_settings(load(config), defaults=defaults, changed_only=changed)
+    if names:
+        wanted = {n: [line for line in lines if line.split(" = ", 1)[0] == n] for n in names}
+        unknown = [n for n, found in wanted.items() if not found]
+        if unknown and not changed:
+            fail("mailflow config show", f"unknown setting: {', '.join(unknown)}", 2)
+        lines = [line for found in wanted.values() for line in found]
+    for line in lines:
+        typer.echo(line)
+
+
+def address_test(addresses: List[str] = typer.Argument(..., metavar="ADDRESS..."),
+                 config: Optional[str] = ConfigOption) -> None:
+    """How each address would be routed, step by step (like sendmail -bv / exim -bt): the RCPT verdict,
+    canonical and virtual alias rewriting, class, transport, next hop, local aliases and .forward, and
+    where forwarded copies go. Exit 75 when a table or file cannot be read now."""
+    from mailflow.routing.router import Router
+
+    cfg = load(config)
+    try:
+        router = Router(cfg)
+    except ConfigError as e:
+        fail_config("mailflow address", e, config_name(config_path(config)))
+    for n, addr in enumerate(addresses):
+        if n:
+            typer.echo("")
+        try:
+            steps = router.explain(addr)
+        except DeliveryError as e:
+            fail("mailflow address", f"{addr}: {e.dsn} {e.text}", 75)
+        for depth, label, text in steps:
+            typer.echo(f"{'  ' * depth}{label + ':':<{max(16 - 2 * depth, len(label) + 1)}} {text}")
+
+
+def table_query(spec: str = typer.Argument(..., metavar="TYPE:NAME", help="the table, e.g. texthash:/etc/virtual"),
+                keys: List[str] = typer.Argument(..., metavar="KEY", help="keys to look up, as given")) -> None:
+    """Print each key's value (key<TAB>value when several keys). Exit 1 when none is found, 2 for a bad
+    table, 75 (EX_TEMPFAIL) when a lookup fails."""
+    try:
+        table = open_table(spec)
+    except ConfigError as e:
+        fail_config("mailflow table query", e)
+    found = 0
+    for key in keys:
+        try:
+            value = table.lookup(key)
+        except LookupRetry as e:
+            fail("mailflow table query", f"{key}: lookup failed: {e.text}", 75)
+        if value is not None:
+            found += 1
+            typer.echo(f"{key}\t{value}" if len(keys) > 1 else value)
+    if not found:
+        raise typer.Exit(1)
+
+
+def auth_hash_password(user: Optional[str] = typer.Argument(None, help="print a `user hash` line for the table"),
+                       stdin: bool = typer.Option(False, "--stdin", help="read the password from standard input")
+                       ) -> None:
+    """Print a scrypt password hash ($scrypt$n=16384,r=8,p=1$SALT$HASH); asks for the password twice."""
+    from mailflow.stages.smtpd.auth import hash_password
+
+    if stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    if not password:
+        fail("mailflow auth hash-password", "empty password", 2)
+    encoded = hash_password(password)
+    typer.echo(f"{user} {encoded}" if user else encoded)

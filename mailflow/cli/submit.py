@@ -1,0 +1,63 @@
+"""`mailflow sendmail …` (also reached as `sendmail`, `mailq`, `newaliases` through a link to the program): the
+Sendmail-compatible command line. Deliver and -bs are mailflow/sendmail/; -bp, -q and -bv are the queue list,
+queue flush and address commands.
+
+    run_sendmail(args) -> exit code       sysexits values; a configuration problem is 78 (EX_CONFIG) for deliver
+                                          and -bs (other modes keep the command's own code)
+    sendmail_command(ctx)                 the typer command (Sendmail's option syntax passes through untouched)
+
+Failure behaviour: a usage error prints the usage and returns 64 (EX_USAGE); nothing raises.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from mailflow import sendmail as sm
+from mailflow.cli.common import config_error_text, config_name, config_path, load
+from mailflow.cli.queue import act, list_queue
+from mailflow.cli.server import address_test, table_problems
+from mailflow.config import Config
+
+def sendmail_command(ctx: typer.Context) -> None:
+    """Sendmail-compatible local submission (docs/sendmail.md): -t -i -f -F -N -bs -bp -bv -bi -q -v …"""
+    raise typer.Exit(run_sendmail(list(ctx.args)))
+
+
+def run_sendmail(args: list[str]) -> int:
+    try:
+        opts = sm.parse_args(args)
+    except sm.UsageError as e:
+        typer.echo(f"sendmail: {e}\n{sm.USAGE}", err=True)
+        return os.EX_USAGE
+    if opts.mode == "help":
+        typer.echo(sm.HELP)
+        return 0
+    config = config_path(opts.config)
+    try:
+        if opts.mode == "mailq":
+            list_queue("list", None, config, False, None, None, None, None)
+        elif opts.mode == "flush":
+            act("flush", None, config, None, opts.flush_site or None, None, required=False)
+        elif opts.mode == "verify":
+            if not opts.recipients:
+                typer.echo(f"sendmail: -bv needs addresses\n{sm.USAGE}", err=True)
+                return os.EX_USAGE
+            address_test(opts.recipients, config)
+        elif opts.mode == "newaliases":
+            return _newaliases(load(config), config)
+        else:
+            return sm.run(opts, load(config), sys.stdin.buffer, sys.stdout.buffer, sys.stderr)
+    except typer.Exit as e:
+        return os.EX_CONFIG if e.exit_code == 2 and opts.mode in ("deliver", "smtp") else e.exit_code
+    return 0
+
+
+def _newaliases(cfg: Config, config: str | None) -> int:
+    """mailflow reads alias files directly: nothing to rebuild; say which alias table cannot be read (75)."""
+    problems = [p for p in table_problems(cfg, config_name(config)) if p.key == "alias_maps"]
+    for problem in problems:
+        typer.echo(f"newaliases: {config_error_text(problem)}", err=True)
+    return 75 if problems else 0

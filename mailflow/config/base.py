@@ -1,0 +1,65 @@
+"""What every configuration section is made of: the frozen base model and the value types shared by sections.
+
+    Section                  pydantic base: frozen, unknown keys rejected
+    Duration                 seconds, from a number or "30s", "5m", "1h", "5d", "1w" (mailflow.syntax)
+    Restriction              one smtpd restriction list item, checked against mailflow.restriction_vocabulary
+    TableSpecs               a list of `type:name` lookup tables (mailflow.syntax.check_table_spec)
+    Networks                 a list of IP networks ("10.0.0.0/8", "::1/128")
+    HostPorts                a list of "host:port" addresses
+    validation_key(err)      one pydantic error's place as the dotted KEY ("smtpd.listen", "pipe.x.argv[0]"; ""
+                             for the top level)
+    validation_reason(err)   one pydantic error as the REASON of `FILE: KEY: REASON`
+
+Failure behaviour: the validators raise ValueError; `mailflow.config.load` turns the first one into a
+`ConfigError` naming the file and the dotted key.
+"""
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
+
+from mailflow.restriction_vocabulary import check_item
+from mailflow.syntax import check_table_spec, parse_duration, parse_hostport
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _table_specs(specs: tuple[str, ...]) -> tuple[str, ...]:
+    for spec in specs:
+        check_table_spec(spec)
+    return specs
+
+
+def _networks(items: tuple[str, ...]) -> tuple[str, ...]:
+    for item in items:
+        ipaddress.ip_network(item, strict=False)
+    return items
+
+
+def _host_ports(items: tuple[str, ...]) -> tuple[str, ...]:
+    for item in items:
+        parse_hostport(item)
+    return items
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Restriction = Annotated[str, BeforeValidator(check_item)]
+# Checked as a whole (not item by item), so that an error names the setting, not `setting[0]`.
+TableSpecs = Annotated[tuple[str, ...], AfterValidator(_table_specs)]
+Networks = Annotated[tuple[str, ...], AfterValidator(_networks)]
+HostPorts = Annotated[tuple[str, ...], AfterValidator(_host_ports)]
+
+
+def validation_key(err: dict) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+
+
+def validation_reason(err: dict) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown setting"
+    msg = err["msg"]
+    return msg.removeprefix("Value error, ")

@@ -1,0 +1,161 @@
+"""The delivery sections: `[local]` (local(8)), `[smtp]` and `[lmtp]` (the SMTP-family clients), `[dns]` (where
+their lookups go) and `[pipe.NAME]` (pipe(8) services).
+
+    LocalConfig, SmtpConfig, LmtpConfig, DnsConfig, PipeService
+
+Failure behaviour: a bad value raises ValueError (a ConfigError once loaded): a mailbox path outside the home,
+an unprivileged user that is root, a key without its certificate, an unknown pipe macro or flag.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from mailflow.config.base import Duration, Section, TableSpecs
+from mailflow.pipe_argv import check_flags, parse_argv
+
+
+class LocalConfig(Section):
+    """Local delivery (Postfix local): each user's home is `<maildir_base>/<user>/`, holding `Maildir/` and an
+    optional `.forward`. Commands (`|cmd`) and files (`/path`) may come only from the sources listed here:
+    "alias" (alias_maps), "forward" (.forward files), "include" (:include: files)."""
+
+    maildir_base: str = "var/mail"
+    allow_mail_to_commands: tuple[Literal["alias", "forward", "include"], ...] = ("alias", "forward")
+    # `|command` destinations run as default_privs when mailflow runs as root (else as mailflow's own user),
+    # and are killed after command_time_limit (Postfix default_privs, command_time_limit).
+    default_privs: str = "nobody"
+    command_time_limit: Duration = Field(1000.0, gt=0)
+    allow_mail_to_files: tuple[Literal["alias", "forward", "include"], ...] = ("alias", "forward")
+    # The mailbox, relative to the home: ending in "/" a Maildir, else an mbox file; "" = mail_spool_directory.
+    home_mailbox: str = "Maildir/"
+    # With home_mailbox "": <mail_spool_directory>/<user> is an mbox file (a Maildir when this ends in "/").
+    mail_spool_directory: str = "var/spool/mail"
+    # How an mbox file is locked, in this order (Postfix mailbox_delivery_lock).
+    mailbox_delivery_lock: tuple[Literal["fcntl", "flock", "dotlock"], ...] = ("fcntl", "dotlock")
+
+    @field_validator("home_mailbox")
+    @classmethod
+    def _home_mailbox(cls, v: str) -> str:
+        if v.startswith("/") or ".." in Path(v).parts:
+            raise ValueError(f"{v!r} must be relative to the home, without '..'")
+        return v
+
+    @field_validator("mail_spool_directory")
+    @classmethod
+    def _spool(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must name a directory")
+        return v
+
+    @field_validator("mailbox_delivery_lock")
+    @classmethod
+    def _locks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("name each lock style (fcntl, flock, dotlock) at most once, at least one")
+        return v
+
+    @field_validator("default_privs")
+    @classmethod
+    def _default_privs(cls, v: str) -> str:
+        if not v.strip() or v == "root":
+            raise ValueError(f"{v!r}: name an unprivileged user (not root)")
+        return v
+
+
+class SmtpConfig(Section):
+    """The SMTP client (Postfix smtp): relay and MX delivery."""
+
+    port: int = Field(25, ge=1, le=65535)
+    connect_timeout: Duration = 30.0
+    helo_timeout: Duration = 300.0
+    command_timeout: Duration = 300.0
+    data_timeout: Duration = 600.0
+    # TLS (smtp_tls_*): the level, per-nexthop overrides, trust anchors ("" = the system's), client certificate.
+    tls_security_level: Literal["none", "may", "encrypt", "verify", "secure"] = "may"
+    tls_policy_maps: TableSpecs = ()
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # AUTH to a relay (smtp_sasl_password_maps): "user:password" by MX host name or nexthop as written.
+    sasl_password_maps: TableSpecs = ()
+    sasl_tls_required: bool = True
+    # Connection cache (smtp_connection_cache_time_limit, smtp_connection_reuse_count/time_limit); 0s: off.
+    connection_cache_time_limit: Duration = 2.0
+    connection_reuse_count_limit: int = Field(100, ge=0)
+    connection_reuse_time_limit: Duration = 300.0
+
+    @field_validator("tls_key_file")
+    @classmethod
+    def _key_needs_cert(cls, v: str, info: ValidationInfo) -> str:
+        if v and not info.data.get("tls_cert_file"):
+            raise ValueError("needs tls_cert_file (the certificate the key belongs to)")
+        return v
+
+
+class LmtpConfig(Section):
+    """The LMTP client (Postfix lmtp): final delivery to a mailbox server such as Dovecot. `port` is used when the
+    nexthop names none; each stage of the dialogue has its own limit (none of them may be 0)."""
+
+    port: int = Field(24, ge=1, le=65535)
+    connect_timeout: Duration = Field(30.0, gt=0)
+    command_timeout: Duration = Field(300.0, gt=0)
+    data_timeout: Duration = Field(600.0, gt=0)
+
+
+class DnsConfig(Section):
+    """Where MX and address lookups go: empty means the system's resolv.conf. Entries are 'ip' or 'ip:port'."""
+
+    nameservers: tuple[str, ...] = ()
+    timeout: Duration = 5.0
+    tries: int = Field(2, ge=1)
+
+
+class PipeService(Section):
+    """One `[pipe.NAME]` delivery service (a Postfix pipe(8) master.cf entry): transport_maps values `NAME:`
+    send mail to it. See mailflow.pipe_argv for the macros and flags."""
+
+    # The command, run without a shell; argv[0] an absolute path; ${recipient} etc. expand to single elements.
+    argv: tuple[str, ...]
+    # Run as this user (mailflow must be root to switch); "" = as mailflow runs, or `nobody` when it runs as root.
+    user: str = ""
+    time_limit: Duration = Field(1000.0, gt=0)
+    # Bytes of command output kept for the diagnostic; the rest is read and dropped.
+    output_limit: int = Field(2048, ge=1)
+    # A subset of Postfix's pipe flags: B D F O R h q u . >
+    flags: str = ""
+    # Larger messages bounce (5.2.3) without running the command; 0: no limit.
+    size_limit: int = Field(0, ge=0)
+    # What ${sender} becomes for the null sender.
+    null_sender: str = "MAILER-DAEMON"
+    # The command's working directory; "" = "/".
+    directory: str = ""
+
+    @field_validator("argv")
+    @classmethod
+    def _argv(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v or not v[0].startswith("/") or "$" in v[0]:
+            raise ValueError("must start with the command's absolute path (no macros in it)")
+        parse_argv(v)
+        return v
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v: str) -> str:
+        if v == "root":
+            raise ValueError("commands never run as root")
+        return v
+
+    @field_validator("directory")
+    @classmethod
+    def _directory(cls, v: str) -> str:
+        if v and not v.startswith("/"):
+            raise ValueError(f"{v!r} is not an absolute path")
+        return v
+
+    @field_validator("flags")
+    @classmethod
+    def _flags(cls, v: str) -> str:
+        return check_flags(v)

@@ -1,0 +1,194 @@
+"""`Config`: the whole configuration, the top-level settings (Postfix main.cf names) and one field per section.
+
+    Config                   frozen; `origin` (myorigin or myhostname), `domain`, `queue_path`
+    DEFAULTS                 Config() as built in, relative paths as written: where a component's constructor
+                             needs a default (for tests), it takes it from here rather than restating it
+    BUILTIN_TRANSPORTS       the transport names a [pipe.NAME] service may not take
+
+Failure behaviour: a bad value raises ValueError (a ConfigError once loaded by mailflow.config.load).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import Field, PrivateAttr, ValidationInfo, field_validator
+
+from mailflow.address import normalise_domain
+from mailflow.config.base import Networks, Section, TableSpecs
+from mailflow.config.delivery import DnsConfig, LmtpConfig, LocalConfig, PipeService, SmtpConfig
+from mailflow.config.log import LogConfig
+from mailflow.config.queue import QueueConfig, SendmailConfig
+from mailflow.config.smtpd import SmtpdConfig
+from mailflow.syntax import is_ip_address, parse_hostport
+
+
+_DOTTED_DOMAIN = {
+    False: "{entry!r}: this is an exact list (as Postfix's): a leading '.' would match no domain; "
+           "list each domain, subdomains included",
+    True: "{entry!r}: a relay_domains entry already matches its subdomains (Postfix "
+          "parent_domain_matches_subdomains); write it without the leading '.'",
+}
+
+BUILTIN_TRANSPORTS = ("local", "virtual", "smtp", "relay", "lmtp", "discard", "error")
+_TRANSPORT_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a transport (built in or [pipe.NAME]) as transport_maps name it
+_TRANSPORT_NEXTHOP = re.compile(rf"{_TRANSPORT_NAME.pattern}(:.*)?")  # transport or transport:nexthop
+
+
+class Config(Section):
+    """The whole configuration. Section tables: smtpd, local, smtp, lmtp, dns, queue, log, sendmail."""
+
+    myhostname: str = "localhost"
+    # Appended to unqualified addresses (user -> user@myorigin); "" means myhostname. mydomain ("": myhostname
+    # without its first label) is appended to user@host when append_dot_mydomain is on.
+    myorigin: str = ""
+    mydomain: str = ""
+    append_dot_mydomain: bool = False
+    mydestination: tuple[str, ...] = ("localhost",)
+    relay_domains: tuple[str, ...] = ()
+    # Addresses (besides the IP listener addresses) at which clients reach this server, e.g. through NAT or a
+    # proxy: user@[address] is local for each (Postfix proxy_interfaces).
+    proxy_interfaces: tuple[str, ...] = ()
+    # user%domain@<a local domain> is user@domain, routed (and relay-checked) as such (allow_percent_hack).
+    allow_percent_hack: bool = True
+    mynetworks: Networks = ("127.0.0.0/8", "::1/128")
+    relayhost: str = ""
+    local_transport: str = "local"
+    relay_transport: str = "smtp"
+    default_transport: str = "smtp"
+    # Lookup tables (`type:name`, searched in order): transport:nexthop per address or domain, overriding
+    # the class's transport; and the known recipients of relay_domains (empty: any recipient is accepted).
+    transport_maps: TableSpecs = ()
+    relay_recipient_maps: TableSpecs = ()
+    # Hosted domains whose users have mailboxes here but no local account (the virtual mailbox class):
+    # virtual_mailbox_maps map user@domain (or @domain) to a Maildir path under virtual_mailbox_base,
+    # ending in "/" (e.g. "example.com/alice/"); a recipient not in the maps gets 550 5.1.1 at RCPT.
+    virtual_mailbox_domains: tuple[str, ...] = ()
+    virtual_mailbox_maps: TableSpecs = ()
+    virtual_mailbox_base: str = "var/vmail"
+    virtual_transport: str = "virtual"
+    # Quota of a virtual mailbox: the bytes of its messages (new/ and cur/) plus the new one; 0: no limit.
+    # virtual_mailbox_limit_maps give per-address limits (bytes). Over quota: bounce 5.2.2, or with
+    # virtual_overquota_bounce = false defer 4.2.2 (the names of Postfix's VDA quota patch).
+    virtual_mailbox_limit: int = Field(0, ge=0)
+    virtual_mailbox_limit_maps: TableSpecs = ()
+    virtual_overquota_bounce: bool = True
+    # Local users (local_recipient_maps) and local aliases (alias_maps: aliases(5) files when texthash). A local
+    # recipient is known when either table has its local part; empty local_recipient_maps: any is.
+    local_recipient_maps: TableSpecs = ("inline:{postmaster=postmaster}",)
+    alias_maps: TableSpecs = ()
+    # Address rewriting in cleanup (canonical(5)): sender_/recipient_canonical_maps first, then canonical_maps.
+    canonical_maps: TableSpecs = ()
+    sender_canonical_maps: TableSpecs = ()
+    recipient_canonical_maps: TableSpecs = ()
+    # Envelope senders in a subdomain of these lose the subdomain (a.b.example.com -> example.com); an entry
+    # "!host.example.com" keeps that one; masquerade_exceptions lists users never masqueraded.
+    masquerade_domains: tuple[str, ...] = ()
+    masquerade_exceptions: tuple[str, ...] = ()
+    # virtual(5): virtual_alias_maps rewrite recipients of any domain to one or more addresses, recursively;
+    # virtual_alias_domains are domains with aliases only (an address without an alias gets 550 5.1.1).
+    virtual_alias_domains: tuple[str, ...] = ()
+    virtual_alias_maps: TableSpecs = ()
+    virtual_alias_recursion_limit: int = Field(1000, ge=1)
+    virtual_alias_expansion_limit: int = Field(1000, ge=1)
+    recipient_delimiter: str = "+"
+    # Postfix allow_min_user: false refuses a sender or recipient beginning with '-' (smtpd: 501 5.1.7 / 5.1.3;
+    # pipe and local bounce it), so that no address reaches a command's argv as an option.
+    allow_min_user: bool = False
+    # cleanup's limits on a message (Postfix names): more Received headers than hopcount_limit is a mail loop
+    # (554 5.4.6); a header section larger than header_size_limit bytes is refused (552 5.3.4).
+    hopcount_limit: int = Field(50, ge=1)
+    header_size_limit: int = Field(102400, ge=1024)
+    queue_directory: str = "var"
+
+    smtpd: SmtpdConfig = SmtpdConfig()
+    local: LocalConfig = LocalConfig()
+    smtp: SmtpConfig = SmtpConfig()
+    lmtp: LmtpConfig = LmtpConfig()
+    dns: DnsConfig = DnsConfig()
+    queue: QueueConfig = QueueConfig()
+    log: LogConfig = LogConfig()
+    sendmail: SendmailConfig = SendmailConfig()
+    # Delivery to commands: [pipe.NAME] tables (PipeService), each a transport named NAME.
+    pipe: dict[str, PipeService] = {}
+    # The directory relative paths were taken from (None: as written); set by resolve_paths.
+    _base: Path | None = PrivateAttr(None)
+
+    @field_validator("pipe")
+    @classmethod
+    def _pipe_names(cls, v: dict[str, PipeService]) -> dict[str, PipeService]:
+        for name in v:
+            if name in BUILTIN_TRANSPORTS:
+                raise ValueError(f"{name!r} is the name of a built-in transport")
+            if not _TRANSPORT_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a transport name (letters, digits, '_', '-')")
+        return v
+
+    @field_validator("mydestination", "relay_domains", "virtual_mailbox_domains", "virtual_alias_domains",
+                     "masquerade_domains")
+    @classmethod
+    def _domains(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        """Domains are stored normalised (lower case, IDNA A-labels); masquerade_domains also take
+        "!host.example.com" (an exception). A ".example.com" entry is refused where Postfix would match it
+        against nothing: mydestination and the virtual domain lists are exact lists, and a relay_domains
+        entry already covers its subdomains."""
+        marks = ".!" if info.field_name == "masquerade_domains" else ""
+        out = []
+        for entry in (d.strip() for d in v if d.strip()):
+            if entry.startswith(".") and info.field_name != "masquerade_domains":
+                raise ValueError(_DOTTED_DOMAIN[info.field_name == "relay_domains"].format(entry=entry))
+            mark = entry[0] if entry[0] in marks else ""
+            normal = normalise_domain(entry[len(mark):])
+            if not normal:
+                raise ValueError(f"{entry!r} is not a domain name")
+            out.append(mark + normal)
+        return tuple(out)
+
+    @field_validator("proxy_interfaces")
+    @classmethod
+    def _interfaces(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for item in v:
+            if not is_ip_address(item.strip("[]")):
+                raise ValueError(f"{item!r} is not an IP address")
+        return v
+
+    @field_validator("relayhost")
+    @classmethod
+    def _relayhost(cls, v: str) -> str:
+        if v:
+            parse_hostport(v, default_port=25)
+        return v
+
+    @field_validator("local_transport", "relay_transport", "default_transport", "virtual_transport")
+    @classmethod
+    def _transport(cls, v: str) -> str:
+        if not _TRANSPORT_NEXTHOP.fullmatch(v):
+            raise ValueError(f"{v!r} is not transport or transport:nexthop")
+        return v
+
+    @field_validator("myorigin", "mydomain")
+    @classmethod
+    def _domain(cls, v: str) -> str:
+        if v and not normalise_domain(v):
+            raise ValueError(f"{v!r} is not a domain name")
+        return normalise_domain(v) if v else v
+
+    @property
+    def queue_path(self) -> Path:
+        return Path(self.queue_directory)
+
+    @property
+    def origin(self) -> str:
+        """myorigin, defaulting to myhostname."""
+        return self.myorigin or self.myhostname
+
+    @property
+    def domain(self) -> str:
+        """mydomain, defaulting to myhostname without its first label (myhostname itself if it has one)."""
+        if self.mydomain:
+            return self.mydomain
+        first, dot, rest = self.myhostname.partition(".")
+        return rest if dot and rest else self.myhostname
+
+
+DEFAULTS = Config()

@@ -1,0 +1,76 @@
+"""Relative paths in a configuration are taken from the directory of the file that holds them.
+
+Which settings are paths is told by their names: `*_file`, `*_directory`, `*_base` and `directory` name files
+or directories; the items of `*_maps`, `authorized_submit_users` and `*_restrictions` that are file-backed
+tables (`texthash:`, `regexp:`, `sqlite:`: mailflow.syntax.FILE_TABLE_TYPES) name files; a listener's
+overrides follow the same rule. `local.home_mailbox` is relative to each user's home, not to the file.
+
+    resolve_paths(config, base) -> Config       every relative path setting taken from `base`; the result
+                                                remembers `base` (show_settings resolves the defaults likewise)
+
+Never raises: a value that is not a path setting is returned as it is.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from mailflow.config.base import Section
+from mailflow.config.main import Config
+from mailflow.syntax import FILE_TABLE_TYPES, table_type
+
+
+def resolve_paths(config: Config, base: Path) -> Config:
+    """`config` with every relative path setting (see the module docstring) taken from `base`."""
+    resolved = _resolve_section(config, Path(base))
+    if resolved is config:
+        resolved = config.model_copy()
+    resolved._base = Path(base)
+    return resolved
+
+
+def _resolve_section(section: Section, base: Path) -> Section:
+    updates = {}
+    for name in type(section).model_fields:
+        value = getattr(section, name)
+        if isinstance(value, Section):
+            new = _resolve_section(value, base)
+        elif isinstance(value, tuple) and value and all(isinstance(v, Section) for v in value):
+            new = tuple(_resolve_section(v, base) for v in value)
+        elif isinstance(value, dict) and value and all(isinstance(v, Section) for v in value.values()):
+            new = {k: _resolve_section(v, base) for k, v in value.items()}
+        elif name == "overrides" and isinstance(value, dict):  # a listener's: keys are [smtpd] settings
+            new = {k: _resolve_setting(k, v, base) for k, v in value.items()}
+        else:
+            new = _resolve_setting(name, value, base)
+        if new != value:
+            updates[name] = new
+    return section.model_copy(update=updates) if updates else section
+
+
+def _resolve_setting(name: str, value: object, base: Path) -> object:
+    if name.endswith(("_file", "_directory", "_base")) or name == "directory":
+        return _resolve_path(value, base) if isinstance(value, str) else value
+    if name.endswith("_maps") or name == "authorized_submit_users":
+        return tuple(_resolve_table(v, base) for v in value) if isinstance(value, (tuple, list)) else value
+    if name.endswith("_restrictions") and isinstance(value, (tuple, list)):
+        return tuple(_resolve_restriction(item, base) for item in value)
+    return value
+
+
+def _resolve_restriction(item: str, base: Path) -> str:
+    """`check_sender_access texthash:access` -> `… texthash:/base/access`; an item naming no file stays as is."""
+    words = item.split()
+    resolved = [_resolve_table(word, base) for word in words]
+    return " ".join(resolved) if resolved != words else item
+
+
+def _resolve_path(value: str, base: Path) -> str:
+    return value if not value or Path(value).is_absolute() else str(base / value)
+
+
+def _resolve_table(spec: str, base: Path) -> str:
+    """`texthash:relative` -> `texthash:/base/relative`; other tables and plain words stay as they are."""
+    kind, _, name = spec.partition(":")
+    if table_type(spec) not in FILE_TABLE_TYPES or not name.strip():
+        return spec
+    return f"{kind}:{_resolve_path(name.strip(), base)}"

@@ -1,0 +1,81 @@
+"""`[queue]` (the queue manager and the store) and `[sendmail]` (local submission into the queue).
+
+    QueueConfig, SendmailConfig
+
+Failure behaviour: a bad value raises ValueError (a ConfigError once loaded), e.g. a maximal_backoff_time
+below minimal_backoff_time, or a table spec of an unknown type.
+"""
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from mailflow.config.base import Duration, Section, TableSpecs
+from mailflow.syntax import check_table_spec
+
+
+class QueueConfig(Section):
+    """The queue manager (Postfix qmgr) and the store."""
+
+    queue_run_delay: Duration = 300.0
+    minimal_backoff_time: Duration = 300.0
+    maximal_backoff_time: Duration = Field(4000.0, validate_default=True)
+    # Deferred mail older than this is returned to the sender; null-sender mail (bounces) gives up sooner.
+    maximal_queue_lifetime: Duration = 5 * 86400.0
+    bounce_queue_lifetime: Duration = 5 * 86400.0
+    # Send the sender one "delayed" notice once a message has waited this long; 0 disables it.
+    delay_warning_time: Duration = 0.0
+    # Where a bounce that cannot be returned (its own sender is null) goes; "" drops it (logged).
+    double_bounce_recipient: str = "postmaster"
+    # Bounces carry the whole original up to this many bytes, else its headers only.
+    bounce_size_limit: int = Field(50_000, ge=0)
+    active_limit: int = Field(10_000, ge=1)
+    # Per destination (transport, nexthop): start at the initial concurrency, grow on success up to the
+    # limit, shrink on a site failure; after `failed_cohort_limit` failed rounds in a row the destination is
+    # dead for `minimal_backoff_time`, and its mail is deferred without a connection attempt.
+    initial_destination_concurrency: int = Field(5, ge=1)
+    default_destination_concurrency_limit: int = Field(20, ge=1)
+    destination_concurrency_failed_cohort_limit: int = Field(1, ge=1)
+    # Deliveries at once over all destinations, and per transport where a cap is set ({ smtp = 50 }).
+    delivery_concurrency_limit: int = Field(100, ge=1)
+    transport_concurrency_limit: dict[str, Annotated[int, Field(ge=1)]] = {}
+    commit_batch_limit: int = Field(500, ge=1)
+    incoming_backlog_limit: int = Field(5000, ge=1)
+    # Bytes of free space the queue's file system must keep (Postfix queue_minfree): smtpd answers MAIL with
+    # 452 4.3.1 below max(queue_minfree, 1.5 x smtpd.message_size_limit), or when a SIZE= parameter would not
+    # leave that much or is more than half the free space.
+    queue_minfree: int = Field(0, ge=0)
+
+    @field_validator("maximal_backoff_time")
+    @classmethod
+    def _backoff_order(cls, v: float, info: ValidationInfo) -> float:
+        minimal = info.data.get("minimal_backoff_time")
+        if minimal is not None and v < minimal:
+            raise ValueError(f"is smaller than minimal_backoff_time ({minimal:g}s)")
+        return v
+
+
+class SendmailConfig(Section):
+    """Local submission (docs/sendmail.md): `mailflow sendmail` writes to <queue_directory>/maildrop/, the pickup
+    stage feeds it to cleanup. authorized_submit_users items are login names or `type:name` tables,
+    local_login_sender_maps items are tables; the tables are keyed by login name."""
+
+    # Who may submit with sendmail (Postfix authorized_submit_users): "static:anyone" (any value found
+    # means allowed), login names, "!name" to refuse one; the first item that matches decides. Others: exit 77.
+    authorized_submit_users: tuple[str, ...] = ("static:anyone",)
+    # Which envelope senders (-f/-r, MAIL FROM in -bs) each login may use (Postfix local_login_sender_maps):
+    # a table's value lists patterns: "*" any, "<>" the null sender, "@domain", an address, a bare local part
+    # (qualified with myorigin). Everyone may use login@myorigin. Unlike Postfix (static:*), only root may
+    # name any sender by default.
+    local_login_sender_maps: TableSpecs = ("inline:{root=*}",)
+    # pickup scans the maildrop at start, when sendmail wakes it (public/pickup), and at least this often.
+    pickup_interval: Duration = Field(60.0, gt=0)
+
+    @field_validator("authorized_submit_users")
+    @classmethod
+    def _submit_users(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for item in v:
+            if ":" in item:
+                check_table_spec(item)
+        return v

@@ -1,0 +1,58 @@
+"""postconf's views of a configuration: every setting as one `key = value` line in TOML syntax.
+
+    flat_settings(config) -> {"section.key" or "key": value}     in declaration order
+    format_setting(key, value) -> "key = value"                  durations in seconds
+    show_settings(config, defaults=False, changed_only=False)    postconf, postconf -d, postconf -n
+
+Never raises.
+"""
+from __future__ import annotations
+
+import json
+
+from mailflow.config.base import Section
+from mailflow.config.main import Config
+from mailflow.config.paths import resolve_paths
+
+
+def flat_settings(config: Config) -> dict[str, object]:
+    """Every setting as `section.key -> value` (top-level keys have no section), in declaration order."""
+    out: dict[str, object] = {}
+    for name, value in config.model_dump().items():
+        if isinstance(value, dict) and name in Config.model_fields and isinstance(getattr(config, name), Section):
+            for key, inner in value.items():
+                out[f"{name}.{key}"] = inner
+        else:
+            out[name] = value
+    return out
+
+
+def format_setting(key: str, value: object) -> str:
+    """`key = value` with the value in TOML syntax (durations in seconds), like one line of postconf."""
+    return f"{key} = {_toml_value(value)}"
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(str(value))
+
+
+def show_settings(config: Config, *, defaults: bool = False, changed_only: bool = False) -> list[str]:
+    """postconf's views: every effective setting; `defaults`: the built-in defaults (postconf -d);
+    `changed_only`: only what differs from them (postconf -n)."""
+    default = flat_settings(Config() if config._base is None else resolve_paths(Config(), config._base))
+    if defaults:
+        return [format_setting(k, v) for k, v in default.items()]
+    current = flat_settings(config)
+    return [format_setting(k, v) for k, v in current.items() if not changed_only or default.get(k) != v]

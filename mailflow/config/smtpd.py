@@ -1,0 +1,179 @@
+"""`[smtpd]`: the SMTP server (Postfix smtpd) and its listeners (`[[smtpd.listeners]]`, like master.cf lines).
+
+    SmtpdConfig                   every smtpd setting; `for_listener(listener)` gives one listener's effective
+                                  settings (these, then its role's presets, then its `overrides`)
+    ListenerConfig                one listener: address, role (mta, submission, submissions), overrides
+    LISTENER_ROLES                what each role presets
+
+Failure behaviour: a bad value, an unknown override, a listener whose TLS/AUTH settings cannot work, or
+restriction lists that could not refuse relaying raise ValueError (a ConfigError once loaded).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from mailflow.config.base import (Duration, HostPorts, Networks, Restriction, Section, TableSpecs, validation_key,
+                                  validation_reason)
+from mailflow.restriction_vocabulary import RELAY_GUARDS, split_item
+from mailflow.syntax import parse_hostport
+
+
+# Front door: what a listener role presets before its own overrides (master.cf `-o`); see ListenerConfig.
+LISTENER_ROLES: dict[str, dict[str, object]] = {
+    "mta": {},
+    "submission": {"tls_security_level": "encrypt", "sasl_auth_enable": True, "sasl_auth_required": True},
+    "submissions": {"sasl_auth_enable": True, "sasl_auth_required": True},
+}
+
+
+class ListenerConfig(Section):
+    """One `[[smtpd.listeners]]` table, like one smtpd line of master.cf: `role` mta (port 25 style), submission
+    (587: STARTTLS before AUTH, AUTH before MAIL) or submissions (465: implicit TLS, AUTH before MAIL);
+    `overrides` replace [smtpd] settings for this listener only, on top of the role's presets."""
+
+    address: str
+    role: Literal["mta", "submission", "submissions"] = "mta"
+    overrides: dict[str, object] = {}
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        parse_hostport(v)
+        return v
+
+
+class SmtpdConfig(Section):
+    """The SMTP server (Postfix smtpd)."""
+
+    listen: HostPorts = ("127.0.0.1:2525",)
+    banner: str = "ESMTP mailflow"
+    message_size_limit: int = Field(10_240_000, ge=0)
+    recipient_limit: int = Field(1000, ge=1)
+    # 452 answers past recipient_limit count as errors only beyond this many (smtpd_recipient_overshoot_limit).
+    recipient_overshoot_limit: int = Field(1000, ge=0)
+    timeout: Duration = 300.0
+    max_line_length: int = Field(2048, ge=512)
+    # Front door (docs/security.md): listeners with roles, TLS, AUTH, connection limits.
+    # `listen` addresses are mta listeners; `listeners` add listeners with a role and per-listener overrides.
+    listeners: tuple[ListenerConfig, ...] = ()
+    # TLS (smtpd_tls_cert_file/key_file; "" key: the key is in the cert file); "may" offers STARTTLS when a
+    # certificate is configured, "encrypt" requires it before any mail command (smtpd_tls_security_level).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_security_level: Literal["none", "may", "encrypt"] = "may"
+    # AUTH PLAIN/LOGIN over TLS (smtpd_sasl_auth_enable) against sasl_user_maps (`user scrypt-hash`, made by
+    # `mailflow auth hash-password`); sasl_auth_required: MAIL needs AUTH (530 5.7.0).
+    sasl_auth_enable: bool = False
+    sasl_auth_required: bool = False
+    sasl_user_maps: TableSpecs = ()
+    allow_plaintext_auth_on_loopback: bool = False
+    # smtpd_sender_login_maps (sender -> logins owning it) and reject_sender_login_mismatch (553 5.7.1).
+    sender_login_maps: TableSpecs = ()
+    reject_sender_login_mismatch: bool = False
+    # A failed AUTH is answered after a delay doubling per recent failure of the client, up to the limit.
+    auth_failure_delay: Duration = 1.0
+    auth_failure_delay_limit: Duration = 16.0
+    # anvil: sessions at once and new sessions per anvil_rate_time_unit per client IP (0: no limit; mynetworks
+    # exempt), and sessions at once per listener (more wait for a slot; beyond twice as many: 421 4.3.2).
+    client_connection_count_limit: int = Field(50, ge=0)
+    client_connection_rate_limit: int = Field(0, ge=0)
+    anvil_rate_time_unit: Duration = Field(60.0, gt=0)
+    max_sessions: int = Field(100, ge=1)
+    # Protocol (docs/security.md): bare LF/CR refused with 521 and a disconnect
+    # (smtpd_forbid_bare_newline = reject); input before the greeting or pipelined where RFC 2920 forbids it
+    # refused with 554 and a disconnect (smtpd_forbid_unauth_pipelining); DATA must keep min_data_rate bytes/s
+    # beyond `timeout` (smtpd_min_data_rate); error tarpit and limit; junk commands; VRFY.
+    forbid_bare_newline: bool = True
+    forbid_unauth_pipelining: bool = True
+    min_data_rate: int = Field(500, ge=0)
+    soft_error_limit: int = Field(10, ge=0)
+    hard_error_limit: int = Field(20, ge=1)
+    error_sleep_time: Duration = Field(1.0, ge=0)
+    junk_command_limit: int = Field(100, ge=1)
+    disable_vrfy_command: bool = True
+    # A session longer than this ends with 421 4.4.2 at its next command (with the per-command deadline, at
+    # most `timeout` later); 0: no limit.
+    session_time_limit: Duration = Field(3600.0, ge=0)
+    # Trusted front ends (docs/security.md): the PROXY protocol of a load balancer (smtpd_upstream_proxy_protocol,
+    # "haproxy": v1 or v2 header first, else the connection is dropped without a greeting), accepted only from
+    # upstream_proxy_clients; XCLIENT from authorized_xclient_hosts (smtpd_authorized_xclient_hosts; none by default).
+    upstream_proxy_protocol: Literal["", "haproxy"] = ""
+    upstream_proxy_timeout: Duration = Field(5.0, gt=0)
+    upstream_proxy_clients: Networks = ("127.0.0.0/8", "::1/128")
+    authorized_xclient_hosts: Networks = ()
+    # Restrictions (docs/security.md): smtpd_*_restrictions, each an ordered list of "name" or
+    # "name argument" items, evaluated at RCPT (client, helo, sender, relay, recipient; smtpd_delay_reject = yes),
+    # at DATA and at the end of the message. relay_restrictions refuses relaying with 554 (Postfix defers: 454).
+    client_restrictions: tuple[Restriction, ...] = ()
+    helo_restrictions: tuple[Restriction, ...] = ()
+    sender_restrictions: tuple[Restriction, ...] = ()
+    relay_restrictions: tuple[Restriction, ...] = ("permit_mynetworks", "permit_sasl_authenticated",
+                                                   "reject_unauth_destination")
+    recipient_restrictions: tuple[Restriction, ...] = ()
+    data_restrictions: tuple[Restriction, ...] = ()
+    end_of_data_restrictions: tuple[Restriction, ...] = ()
+    reject_unlisted_recipient: bool = True
+    unknown_address_reject_code: int = Field(450, ge=400, le=599)
+    policy_service_timeout: Duration = Field(100.0, gt=0)
+    policy_service_default_action: str = "451 4.3.5 Server configuration problem"
+
+    @model_validator(mode="after")
+    def _relay_guarded(self) -> "SmtpdConfig":
+        """Like Postfix, refuse to start when neither list can refuse relaying."""
+        items = self.relay_restrictions + self.recipient_restrictions
+        if not {split_item(item)[0] for item in items} & set(RELAY_GUARDS):
+            raise ValueError(f"relay_restrictions or recipient_restrictions must hold one of {', '.join(RELAY_GUARDS)}"
+                             " (else this server relays for anyone)")
+        return self
+
+    @field_validator("listeners")
+    @classmethod
+    def _listener_override_keys(cls, v: tuple[ListenerConfig, ...]) -> tuple[ListenerConfig, ...]:
+        for index, listener in enumerate(v):
+            for key in listener.overrides:
+                if key not in cls.model_fields or key in ("listen", "listeners"):
+                    raise ValueError(f"listener {index} ({listener.address}): overrides.{key}: unknown setting")
+        return v
+
+    @model_validator(mode="after")
+    def _frontdoor_consistent(self) -> "SmtpdConfig":
+        problem = self.frontdoor_problem()
+        if problem:
+            raise ValueError(problem)
+        for index, listener in enumerate(self.listeners):
+            try:
+                effective = self.for_listener(listener)
+            except ValidationError as e:
+                err = e.errors()[0]
+                key = validation_key(err)
+                where = f"overrides.{key}: " if key else ""
+                reason = validation_reason(err)
+                raise ValueError(f"listener {index} ({listener.address}, {listener.role}): {where}{reason}") from None
+            problem = effective.frontdoor_problem(listener.role)
+            if problem:
+                raise ValueError(f"listener {index} ({listener.address}, {listener.role}): {problem}")
+        return self
+
+    def for_listener(self, listener: ListenerConfig) -> "SmtpdConfig":
+        """The effective settings of one listener: these, then its role's presets, then its overrides."""
+        data = self.model_dump(exclude={"listeners"})
+        data.update(LISTENER_ROLES[listener.role])
+        data.update(listener.overrides)
+        return SmtpdConfig.model_validate(data)
+
+    def frontdoor_problem(self, role: str = "mta") -> str:
+        """Why these TLS/AUTH settings cannot work for a listener of `role`, or ""."""
+        needs_cert = self.tls_security_level == "encrypt" or role == "submissions"
+        if needs_cert and not self.tls_cert_file:
+            return "needs tls_cert_file (TLS is required)"
+        if self.tls_key_file and not self.tls_cert_file:
+            return "tls_key_file needs tls_cert_file"
+        if self.sasl_auth_enable and not self.sasl_user_maps:
+            return "sasl_auth_enable needs sasl_user_maps (the users and their password hashes)"
+        if self.sasl_auth_required and not self.sasl_auth_enable:
+            return "sasl_auth_required needs sasl_auth_enable"
+        if self.upstream_proxy_protocol and role == "submissions":
+            return "upstream_proxy_protocol cannot work with implicit TLS (the header comes before the handshake)"
+        return ""

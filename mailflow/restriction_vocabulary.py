@@ -1,0 +1,86 @@
+"""The words of smtpd's restriction lists (Postfix SMTPD_ACCESS_README) and each item's argument check.
+
+What it owns: which restriction names exist, which take an argument, what each argument must look like, and
+which names can refuse relaying. `mailflow.config` validates every `smtpd.*_restrictions` item with
+`check_item` when it loads (a misspelt list fails at start, naming the list and the item);
+`mailflow.stages.smtpd.restrictions` evaluates the lists with the same words.
+
+    STAGES, RCPT_STAGES                  the lists, in evaluation order (client … recipient run at RCPT)
+    WITHOUT_ARGUMENT, WITH_ARGUMENT      the names; ACCESS_CHECKS: check_*_access -> what its keys are made of
+    RELAY_GUARDS                         the names that can refuse relaying (config requires one of them)
+    split_item(text) -> (name, argument) the name in lower case, the argument stripped
+    check_item(text) -> text stripped    ValueError naming the problem
+
+Why this module is a leaf outside `mailflow/stages/smtpd/`: importing any module under that package runs the
+package's `__init__`, which imports the whole SMTP server (aiosmtpd, the session, the handler). The
+configuration sits below every component and must import none of them; making smtpd's `__init__` lazy would
+weaken what `from mailflow.stages.smtpd import Smtpd` promises and would need an exception in the layering rule
+("config imports no stage"). So the vocabulary lives here, beside `mailflow.syntax`, and imports only leaves:
+`syntax` (table specs, endpoints, IPv4), `address` (domain names) and `tables` (an inline or static table is
+parsed now, so that its syntax error shows at start rather than at the first lookup).
+
+Failure behaviour: `check_item` raises ValueError with a reason fit for `FILE: KEY: REASON`; nothing else
+raises.
+"""
+from __future__ import annotations
+
+from mailflow.address import normalise_domain
+from mailflow.errors import ConfigError
+from mailflow.syntax import check_table_spec, is_ipv4, parse_endpoint, table_type
+from mailflow.tables import open_table
+
+RCPT_STAGES = ("client", "helo", "sender", "relay", "recipient")
+STAGES = RCPT_STAGES + ("data", "end_of_data")
+
+WITHOUT_ARGUMENT = (
+    "permit", "reject", "defer", "permit_mynetworks", "permit_sasl_authenticated",
+    "reject_unauth_destination", "defer_unauth_destination", "reject_unlisted_recipient",
+    "reject_unknown_recipient_domain", "reject_non_fqdn_sender", "reject_non_fqdn_recipient",
+    "reject_non_fqdn_helo_hostname", "reject_invalid_helo_hostname",
+)
+ACCESS_CHECKS = {  # check_*_access -> what its keys are made of
+    "check_client_access": "client", "check_helo_access": "helo",
+    "check_sender_access": "sender", "check_recipient_access": "recipient",
+}
+WITH_ARGUMENT = tuple(ACCESS_CHECKS) + ("reject_rbl_client", "check_policy_service")
+KNOWN = WITHOUT_ARGUMENT + WITH_ARGUMENT
+RELAY_GUARDS = ("reject_unauth_destination", "defer_unauth_destination", "reject", "defer")
+
+
+def split_item(text: str) -> tuple[str, str]:
+    name, _, arg = text.strip().partition(" ")
+    return name.lower(), arg.strip()
+
+
+def check_item(text: object) -> str:
+    """Validate one list item (config calls this); returns it stripped, raises ValueError naming the problem."""
+    if not isinstance(text, str):
+        raise ValueError("each restriction is a string: 'name' or 'name argument'")
+    name, arg = split_item(text)
+    if name not in KNOWN:
+        raise ValueError(f"unknown restriction {name!r}" if name else "empty restriction")
+    if name in WITHOUT_ARGUMENT and arg:
+        raise ValueError(f"{name!r} takes no argument (got {arg!r})")
+    if name in WITH_ARGUMENT and not arg:
+        raise ValueError(f"{name!r} needs an argument")
+    if name in ACCESS_CHECKS:
+        _check_access_table(name, arg)
+    if name == "check_policy_service":
+        parse_endpoint(arg)
+    if name == "reject_rbl_client":
+        rbl_domain, _, wanted = arg.partition("=")
+        if not normalise_domain(rbl_domain) or (wanted and not is_ipv4(wanted)):
+            raise ValueError(f"reject_rbl_client: {arg!r} is not a DNSBL (domain or domain=127.0.0.x)")
+    return text.strip()
+
+
+def _check_access_table(name: str, spec: str) -> None:
+    try:
+        check_table_spec(spec)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    if table_type(spec) in ("inline", "static"):  # parsed when opened: a syntax error shows now
+        try:
+            open_table(spec)
+        except ConfigError as e:
+            raise ValueError(f"{name}: {e.reason}") from None

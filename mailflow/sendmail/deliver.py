@@ -1,0 +1,72 @@
+"""`mailflow sendmail` in deliver mode and -bs: who may submit, then the message into the maildrop.
+
+    run(options, config, stdin, stdout, stderr, identity=None) -> exit code
+
+Exit codes (sysexits): 0; 64 EX_USAGE (no recipients, bad address); 65 EX_DATAERR (bigger than
+`message_size_limit`: "message file too big"); 77 EX_NOPERM (not in `authorized_submit_users`, or a sender
+`local_login_sender_maps` does not allow); 73 EX_CANTCREAT / 75 EX_TEMPFAIL when the message cannot be stored
+(and 75 when a table cannot answer). Every failure prints one line on stderr.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from typing import BinaryIO, TextIO
+
+from mailflow.config import Config
+from mailflow.errors import LookupRetry
+from mailflow.maildrop import MaildropError
+from mailflow.sendmail.identity import Identity, current_identity, may_submit
+from mailflow.sendmail.options import Options, UsageError
+from mailflow.sendmail.reading import clean_address, header_recipients, read_message, without_bcc
+from mailflow.sendmail.stdio_smtp import StdioSmtp
+from mailflow.sendmail.submitter import Submitter
+
+def run(opts: Options, config: Config, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO,
+        identity: Identity | None = None) -> int:
+    """deliver or -bs; returns the exit code."""
+    me = identity or current_identity()
+    say = lambda text: stderr.write(f"sendmail: {text}\n")  # noqa: E731
+    for note in opts.notes if opts.verbose else ():
+        say(note)
+    try:
+        if not may_submit(me.login, config.sendmail.authorized_submit_users):
+            say(f"user {me.login} (uid {me.uid}) is not allowed to submit mail (authorized_submit_users)")
+            return os.EX_NOPERM
+        fullname = opts.fullname if opts.fullname is not None else os.environ.get("NAME") or me.gecos
+        submitter = Submitter(config, me, fullname, say)
+        if opts.mode == "smtp":
+            return StdioSmtp(stdin, stdout, submitter, opts).run()
+        return _deliver(opts, config, stdin, stderr, submitter, say)
+    except LookupRetry as e:
+        say(f"cannot decide now: {e.text}")
+        return os.EX_TEMPFAIL
+    except UsageError as e:
+        say(str(e))
+        return os.EX_USAGE
+
+
+def _deliver(opts: Options, config: Config, stdin: BinaryIO, stderr: TextIO, submitter: Submitter, say) -> int:
+    origin = config.origin
+    if not opts.extract and not opts.recipients:
+        raise UsageError("no recipients: name them on the command line or use -t")
+    recipients = [clean_address(r, origin) for arg in opts.recipients for r in arg.split(",") if r.strip()]
+    me = submitter.identity
+    sender = clean_address(opts.sender, origin) if opts.sender is not None else f"{me.login}@{origin}"
+    problem = submitter.sender_problem(sender)
+    if problem:
+        say(problem)
+        return os.EX_NOPERM
+    head, rest = submitter.split(read_message(stdin, opts.ignore_dots))
+    if opts.extract:
+        recipients += [clean_address(r, origin) for r in header_recipients(head)]
+    if not recipients:
+        raise UsageError("no recipient addresses found in the message header (-t)")
+    try:
+        name = submitter.store(sender, recipients, itertools.chain((without_bcc(head),), rest), opts)
+    except MaildropError as e:
+        say(f"message not stored: {e}")
+        return e.code
+    if opts.verbose:
+        say(f"queued as maildrop/{name}: from=<{sender}>, {len(recipients)} recipient(s), uid {me.uid}")
+    return 0

@@ -1,0 +1,74 @@
+"""Who is submitting, and what the configuration lets them do (Postfix authorized_submit_users,
+local_login_sender_maps).
+
+    current_identity() -> Identity                    the process's uid, login name and GECOS full name
+    may_submit(login, items) -> bool                  authorized_submit_users: the first item that matches decides
+    may_use_sender(login, sender, config) -> bool     login@myorigin always; else the first table that knows the
+                                                      login decides (patterns: "*", "<>", "@domain", an address,
+                                                      a bare local part qualified with myorigin)
+
+Failure behaviour: a table that cannot answer raises LookupRetry (sendmail exits 75).
+"""
+from __future__ import annotations
+
+import os
+import pwd
+import re
+from dataclasses import dataclass
+
+from mailflow.config import Config
+from mailflow.tables import open_table
+
+
+@dataclass(frozen=True)
+class Identity:
+    uid: int
+    login: str
+    gecos: str
+
+
+def current_identity() -> Identity:
+    uid = os.getuid()
+    try:
+        entry = pwd.getpwuid(uid)
+        return Identity(uid, entry.pw_name, entry.pw_gecos.split(",", 1)[0].strip())
+    except KeyError:  # a uid without a passwd entry (containers): named by its number
+        return Identity(uid, f"uid{uid}", "")
+
+
+def may_submit(login: str, items: tuple[str, ...]) -> bool:
+    """authorized_submit_users: the first item that matches `login` decides; no match means no."""
+    for item in items:
+        if ":" in item:
+            if open_table(item).lookup(login) is not None:
+                return True
+        elif item.startswith("!") and item[1:] == login:
+            return False
+        elif item == login:
+            return True
+    return False
+
+
+def may_use_sender(login: str, sender: str, config: Config) -> bool:
+    """local_login_sender_maps: login@myorigin always; else the first table that knows `login` decides."""
+    origin = config.origin
+    if sender.lower() in (login.lower(), f"{login}@{origin}".lower()):
+        return True
+    for spec in config.sendmail.local_login_sender_maps:
+        value = open_table(spec).lookup(login)
+        if value is not None:
+            return any(_sender_matches(p, sender, origin) for p in re.split(r"[\s,]+", value.strip()) if p)
+    return False
+
+
+def _sender_matches(pattern: str, sender: str, origin: str) -> bool:
+    if pattern == "*":
+        return True
+    if pattern == "<>":
+        return sender == ""
+    if not sender:
+        return False
+    if pattern.startswith("@"):
+        return sender.lower().endswith(pattern.lower())
+    wanted = pattern if "@" in pattern else f"{pattern}@{origin}"
+    return sender.lower() == wanted.lower()

@@ -1,0 +1,169 @@
+"""The command line of `mailflow sendmail` (Sendmail's, as Postfix's sendmail(1) takes it).
+
+    parse_args(argv) -> Options     options clustered or not (`-ti`, `-fsender`, `-f sender`), options and
+                                    recipients in any order, `--` ending the options; `--help` is mode "help"
+    parse_notify(value) -> str      -N: "never", or a comma list of success, failure, delay -> RFC 3461 NOTIFY
+    program_mode(argv0)             extra options when invoked under a Sendmail name (a link): sendmail, mailq
+                                    (-bp), newaliases (-bi); None for any other name
+    USAGE, HELP
+
+Modes: deliver (default, `-bm`), `-bs` SMTP on stdin/stdout, `-bp` mailq, `-bv` address test, `-q` flush,
+`-bi`/`-I` newaliases. Options that only make sense to Sendmail (`-o*` but `-oi`, `-O`, `-L`, `-h`, `-X`, `-A`,
+`-p`, `-G`, `-U`, `-n`, `-m`, `-c`, …) are accepted and ignored, as Postfix does; an unknown letter is ignored
+with a note (shown under `-v`).
+
+Failure behaviour: `UsageError` (exit 64, EX_USAGE) for a missing argument, an unsupported mode or a bad -N,
+-R, -V or -B value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+WITH_ARGUMENT = set("ABCFLNORVXbfhoprq")  # letters whose value is the rest of the word or the next word
+OPTIONAL_ARGUMENT = {"q"}  # -q alone is valid: its value may only be attached (-q30m, -qRsite)
+IGNORED = set("46AGLOUXchmnpx")  # Sendmail options with no meaning here (Postfix ignores them too)
+IGNORED_MODES = {"h", "H", "m"}  # -bh, -bH: ignored; -bm: deliver (the default)
+MODES = {"s": "smtp", "p": "mailq", "v": "verify", "i": "newaliases", "m": "deliver"}
+NOTIFY_WORDS = ("SUCCESS", "FAILURE", "DELAY")
+
+USAGE = "usage: sendmail [-t] [-i] [-f sender] [-F name] [-N dsn] [-bs|-bp|-bv|-bi|-q] [--] [recipient ...]"
+HELP = f"""{USAGE}
+
+Reads a message on standard input and queues it for the recipients (mailflow's local submission; docs/sendmail.md).
+  -t            take the recipients from To:, Cc: and Bcc: (and drop Bcc:)
+  -i, -oi       a line with a single dot does not end the message
+  -f sender     the envelope sender (-r too); -F name: the full name for a From: header made here
+  -N dsn        never, or success,failure,delay: which delivery notices to ask for; -R full|hdrs, -V envid
+  -C file       the mailflow configuration (default: $MAILFLOW_CONFIG)
+  -bs           speak SMTP on standard input and output
+  -bp           list the queue (as mailq); -q: flush it (-qRsite: one site's mail)
+  -bv addr...   show how each address would be routed; -bi: newaliases (checks the alias tables)
+Exit status: 0, 64 usage, 75 try again later, 77 not allowed (sysexits)."""
+
+
+class UsageError(Exception):
+    pass
+
+
+@dataclass
+class Options:
+    mode: str = "deliver"
+    extract: bool = False  # -t
+    ignore_dots: bool = False  # -i, -oi
+    sender: str | None = None  # -f, -r
+    fullname: str | None = None  # -F
+    notify: str = ""  # -N, as RFC 3461 NOTIFY (NEVER or a comma list)
+    ret: str = ""  # -R full|hdrs
+    envid: str = ""  # -V
+    body_type: str = ""  # -B 7BIT|8BITMIME ("" = detect)
+    verbose: int = 0
+    config: str | None = None  # -C
+    flush_site: str = ""  # -qRsite
+    recipients: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # ignored options, shown with -v
+
+
+def parse_args(argv: list[str]) -> Options:
+    opts = Options()
+    words = list(argv)
+    i = 0
+    while i < len(words):
+        word = words[i]
+        i += 1
+        if word == "--help":
+            opts.mode = "help"
+            return opts
+        if word == "--":
+            opts.recipients += words[i:]
+            break
+        if not word.startswith("-") or word == "-":
+            opts.recipients.append(word)
+            continue
+        j = 1
+        while j < len(word):
+            letter = word[j]
+            j += 1
+            value = None
+            if letter in WITH_ARGUMENT:
+                value = word[j:]
+                j = len(word)
+                if not value and letter not in OPTIONAL_ARGUMENT:
+                    if i >= len(words):
+                        raise UsageError(f"option -{letter} requires an argument")
+                    value = words[i]
+                    i += 1
+            _apply(opts, letter, value)
+    return opts
+
+
+def _apply(opts: Options, letter: str, value: str | None) -> None:
+    if letter == "t":
+        opts.extract = True
+    elif letter == "i":
+        opts.ignore_dots = True
+    elif letter == "v":
+        opts.verbose += 1
+    elif letter in "fr":
+        opts.sender = value
+    elif letter == "F":
+        opts.fullname = value
+    elif letter == "C":
+        opts.config = value
+    elif letter == "N":
+        opts.notify = parse_notify(value)
+    elif letter == "R":
+        if value.lower() not in ("full", "hdrs"):
+            raise UsageError(f"-R {value}: use full or hdrs")
+        opts.ret = value.upper()
+    elif letter == "V":
+        if not value or not value.isascii() or any(c.isspace() or c in "+=" or ord(c) < 33 for c in value):
+            raise UsageError(f"-V {value!r}: not a valid envelope id")
+        opts.envid = value
+    elif letter == "B":
+        if value.upper() not in ("7BIT", "8BITMIME"):
+            raise UsageError(f"-B {value}: use 7BIT or 8BITMIME")
+        opts.body_type = value.upper()
+    elif letter == "b":
+        _mode(opts, value)
+    elif letter == "I":
+        opts.mode = "newaliases"
+    elif letter == "q":
+        opts.mode = "flush"
+        if value and value[0] == "R":  # -qRsite: the mail for one site; -q30m (an interval) means "now" here
+            opts.flush_site = value[1:]
+    elif letter == "o":
+        if value[:1] == "i":
+            opts.ignore_dots = True
+        else:
+            opts.notes.append(f"-o{value} ignored")
+    elif letter in IGNORED:
+        opts.notes.append(f"-{letter}{value or ''} ignored")
+    else:
+        opts.notes.append(f"-{letter}: unknown option, ignored")
+
+
+def _mode(opts: Options, value: str) -> None:
+    if value == "d" or value == "D" or value == "l":
+        raise UsageError(f"-b{value}: daemon mode is `mailflow serve`")
+    if value in MODES:
+        opts.mode = MODES[value]
+    elif value in IGNORED_MODES:
+        opts.notes.append(f"-b{value} ignored")
+    else:
+        raise UsageError(f"-b{value}: unsupported mode")
+
+
+def parse_notify(value: str) -> str:
+    """-N: "never", or a comma list of success, failure, delay (any case) -> RFC 3461 NOTIFY."""
+    words = [w.strip().upper() for w in value.split(",") if w.strip()]
+    if words == ["NEVER"]:
+        return "NEVER"
+    if not words or not all(w in NOTIFY_WORDS for w in words) or len(set(words)) != len(words):
+        raise UsageError(f"-N {value}: use never, or a list of success, failure, delay")
+    return ",".join(words)
+
+
+def program_mode(argv0: str) -> list[str] | None:
+    """Extra options when invoked under a Sendmail name (a link): sendmail, mailq (-bp), newaliases (-bi)."""
+    return {"sendmail": [], "mailq": ["-bp"], "newaliases": ["-bi"]}.get(Path(argv0).name)

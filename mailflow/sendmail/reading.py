@@ -1,0 +1,98 @@
+"""The message as `mailflow sendmail` reads it: addresses from the command line, lines from standard input, the
+header section (for -t and Bcc), streamed so that a big message is never held whole.
+
+    clean_address(value, origin) -> address        `<a@b>` -> `a@b`; a bare local part gets @myorigin
+    read_message(stream, ignore_dots) -> lines     CRLF line ends; a lone "." ends the input unless ignore_dots;
+                                                   a leading mbox "From " line is dropped; a line longer than
+                                                   LINE_PIECE comes in pieces
+    split_input(lines, limit) -> (header section, the rest)
+    header_recipients(header) -> addresses         -t: To, Cc, Bcc (Resent-* when any Resent- header is present)
+    without_bcc(header) -> header                  Bcc and Resent-Bcc removed
+
+Failure behaviour: `clean_address` raises UsageError for an address with spaces, brackets or control
+characters; the rest never raise.
+"""
+from __future__ import annotations
+
+import email.utils
+import itertools
+from typing import BinaryIO, Iterable, Iterator
+
+from mailflow.message import CRLF, header_fields, split_header
+from mailflow.sendmail.options import UsageError
+
+LINE_PIECE = 65536  # standard input is read a line at a time, a longer line in pieces of this size
+
+
+def clean_address(value: str, origin: str) -> str:
+    """`<a@b>` -> `a@b`; "" and "<>" stay the null sender; a bare local part gets @myorigin."""
+    address = value.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1].strip()
+    if any(c in address for c in "<>\r\n\0") or any(c.isspace() for c in address):
+        raise UsageError(f"{value!r}: bad address syntax")
+    if address and "@" not in address:
+        address = f"{address}@{origin}"
+    return address
+
+
+def read_message(stream: BinaryIO, ignore_dots: bool) -> Iterator[bytes]:
+    """The message from standard input, as lines ending in CRLF (a line longer than LINE_PIECE comes in pieces,
+    the last ending in CRLF); a lone "." ends it unless `ignore_dots`; a leading mbox "From " line is dropped."""
+    first, at_start, skipping, carry = True, True, False, b""
+    while raw := stream.readline(LINE_PIECE):
+        complete = raw.endswith(b"\n")
+        data, carry = carry + raw, b""
+        if not complete:  # a CR at the end of a piece may be the first half of the line end
+            kept = data.rstrip(b"\r")
+            data, carry = kept, data[len(kept):]
+        if at_start:
+            if first and data.startswith(b"From "):  # an mbox separator, not a header (Postfix drops it too)
+                skipping = True
+            elif complete and not ignore_dots and data.rstrip(b"\r\n") == b".":
+                return
+        first = False
+        if not skipping:
+            yield data.rstrip(b"\r\n") + CRLF if complete else data
+        skipping = skipping and not complete
+        at_start = complete
+    if not at_start and not skipping:  # the last line had no line end
+        yield CRLF
+
+
+def split_input(lines: Iterable[bytes], limit: int) -> tuple[bytes, Iterator[bytes]]:
+    """(the header section of `lines` - at most about `limit` bytes of it -, the lines that follow, starting with
+    the empty line). A header section longer than `limit` is cut there: the rest goes on as body."""
+    head: list[bytes] = []
+    size, at_start = 0, True
+    rest = iter(lines)
+    for line in rest:
+        if at_start and line == CRLF:
+            return b"".join(head), itertools.chain((line,), rest)
+        head.append(line)
+        size += len(line)
+        at_start = line.endswith(CRLF)
+        if size > limit:
+            break
+    return b"".join(head), rest
+
+
+def header_recipients(content: bytes) -> list[str]:
+    """-t: the addresses of To, Cc and Bcc (Resent-To/-Cc/-Bcc when any Resent- header is present)."""
+    fields = header_fields(split_header(content)[0])
+    resent = any(name.startswith("resent-") for name, _ in fields)
+    wanted = ("resent-to", "resent-cc", "resent-bcc") if resent else ("to", "cc", "bcc")
+    values = []
+    for name, field_lines in fields:
+        if name in wanted:
+            text = b"".join(field_lines).decode("utf-8", "replace")
+            values.append(" ".join(text.split(":", 1)[1].split()))
+    return [addr for _, addr in email.utils.getaddresses(values) if addr]
+
+
+def without_bcc(content: bytes) -> bytes:
+    head, rest = split_header(content)
+    if not content.endswith(b"\n") and not rest:
+        head = content  # a header section without its final line end stays so
+    kept = [b"".join(lines) for name, lines in header_fields(head) if name not in ("bcc", "resent-bcc")]
+    return b"".join(kept) + rest

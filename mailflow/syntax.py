@@ -1,0 +1,123 @@
+"""Small pure vocabularies that the configuration and the components share, each written once.
+
+A leaf: it imports only the standard library, so `mailflow.config` (below every component) and any component
+may use it without an import cycle.
+
+    parse_duration(value) -> float              seconds: a number, or "30s", "5m", "1h", "5d", "1w"
+    parse_hostport(value, default_port=None)    "host:port", "[2001:db8::1]:25" -> (host, port); brackets dropped
+    parse_endpoint(spec)                        "inet:host:port" -> ("inet", host, port); "unix:/path" -> ("unix",
+                                                path, 0) (Postfix's policy service endpoints)
+    TABLE_TYPES, FILE_TABLE_TYPES               the lookup table types (mailflow.tables implements each one), and
+                                                those whose name is a file
+    table_type(spec) -> str                     the type of a "type:name" spec, in lower case ("" without a colon)
+    check_table_spec(spec) -> spec              "type:name" with a type of TABLE_TYPES (any case)
+    is_hostname(name)                           RFC 1123 letters-digits-hyphen labels, at most 255 characters,
+                                                one trailing dot allowed
+    parse_ip(text) -> IPv4Address | IPv6Address | None
+    is_ip_address(text), is_ipv4(text)          an IP address (IPv4 or IPv6) / an IPv4 address, as written
+    has_control(text), mask_control(text)       C0 control characters and DEL: present? / each replaced by "?"
+
+Failure behaviour: the parsers raise `ValueError` with a reason fit for a configuration error (config turns it
+into `FILE: KEY: REASON`); the predicates never raise.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*")
+_HOSTPORT = re.compile(r"\[([^\]]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,255}}$){_LABEL}(?:\.{_LABEL})*\.?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+TABLE_TYPES = ("texthash", "inline", "static", "regexp", "sqlite", "fail")
+FILE_TABLE_TYPES = ("texthash", "regexp", "sqlite")  # the name after the colon is a file
+
+
+def parse_duration(value: object) -> float:
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string like '30s', '5m', '1h', '5d'")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.fullmatch(value)
+        if m:
+            return float(m.group(1)) * DURATION_UNITS[m.group(2) or "s"]
+    raise ValueError(f"{value!r} is not a duration (use seconds, or '30s', '5m', '1h', '5d', '1w')")
+
+
+def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:
+    """'127.0.0.1:2525', '[::1]:25', 'mx.example:587' -> (host, port). Brackets are dropped."""
+    m = _HOSTPORT.fullmatch(value.strip())
+    if not m:
+        raise ValueError(f"{value!r} is not host:port")
+    host = m.group(1) or m.group(3)
+    port = m.group(2) or m.group(4)
+    if port is None:
+        if default_port is None:
+            raise ValueError(f"{value!r} needs a port (host:port)")
+        return host, default_port
+    if not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r}: port out of range")
+    return host, int(port)
+
+
+def parse_endpoint(spec: str) -> tuple[str, str, int]:
+    """A policy service: `inet:host:port` (port 1-65535; `[v6 address]:port`) or `unix:/absolute/path`."""
+    kind, colon, rest = spec.partition(":")
+    if kind == "unix" and colon and rest.startswith("/"):
+        return "unix", rest, 0
+    if kind == "inet" and colon:
+        try:
+            host, port = parse_hostport(rest)
+        except ValueError:
+            pass
+        else:
+            if port:
+                return "inet", host, port
+    raise ValueError(f"{spec!r} is not a policy service (inet:host:port or unix:/path)")
+
+
+def table_type(spec: str) -> str:
+    kind, colon, _ = spec.partition(":")
+    return kind.strip().lower() if colon else ""
+
+
+def check_table_spec(spec: str) -> str:
+    """`spec` when it is `type:name` with a known type (in any case); else ValueError naming the types."""
+    if table_type(spec) not in TABLE_TYPES:
+        raise ValueError(f"{spec!r} is not a lookup table (type:name with type one of {', '.join(TABLE_TYPES)})")
+    return spec
+
+
+def is_hostname(name: str) -> bool:
+    return _HOSTNAME.fullmatch(name) is not None
+
+
+def parse_ip(text: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address `text` holds, or None when it holds none (any other value than a string included)."""
+    try:
+        return ipaddress.ip_address(text)
+    except (ValueError, TypeError):
+        return None
+
+
+def is_ip_address(text: str) -> bool:
+    return parse_ip(text) is not None
+
+
+def is_ipv4(text: str) -> bool:
+    ip = parse_ip(text)
+    return ip is not None and ip.version == 4
+
+
+def has_control(text: str) -> bool:
+    return _CONTROL.search(text) is not None
+
+
+def mask_control(text: str, replacement: str = "?") -> str:
+    return _CONTROL.sub(replacement, text)

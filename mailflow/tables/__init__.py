@@ -1,0 +1,41 @@
+"""Lookup tables in Postfix's `type:name` form (DATABASE_README): one small module per type, no global state.
+
+A table answers `lookup(key) -> str | None`: None means "not found" and nothing else. Any failure to answer
+(file missing or unreadable, bad line or regexp found at (re)load, database error) raises `LookupRetry`
+naming the table; callers defer (4.3.0), never treat it as "not found" (Postfix `DICT_ERR_RETRY`).
+
+The package, split by job like Postfix's util/dict_*.c (callers import from here):
+    base.py     the Table protocol; where a relative file name is taken from
+    spec.py     open_table(spec, *, base_dir=None, clock=time.monotonic, aliases=False) -> Table
+    search.py   key orders and the search order: find, find_address, find_local, lookup_address, lookup_local,
+                address_keys, local_keys, split_extension (Postfix mail_addr_find, maps_find)
+    cache.py    TableCache: each spec opened once; `run` keeps blocking lookups off the event loop; `preload`
+    memory.py   inline:, static:, fail:
+    files.py    re-reading a changed file off the loop (Reloading), postmap(1) input lines, texthash:
+    regexp.py   regexp: on RE2
+    sqlite.py   sqlite: (the one type whose lookup may wait)
+The table types' names are mailflow.syntax.TABLE_TYPES (config validates specs with them).
+
+What a lookup may cost the one event loop (every session and delivery shares it):
+- in-memory tables (inline, static, texthash, the aliases form of texthash) answer from a dict: O(1), inline;
+- regexp patterns run on RE2: linear in the key, no backtracking, so no pattern can freeze the loop;
+- a changed file is re-read and parsed in a worker thread while lookups go on answering from the previous
+  contents (Postfix daemons likewise keep a table until they restart); only the very first read of a file
+  outside a running loop (the CLI, a test) happens in the caller;
+- sqlite may wait on the disk or a lock (`blocking = True`): the query is aborted at its deadline wherever it
+  runs, and callers on the loop run such lookups through `TableCache.run`, which moves them to a worker thread.
+
+Fixed-string tables fold keys to lower case (Postfix `DICT_FLAG_FOLD_FIX`); regexp tables see the key as is
+and have `fixed = False`, so `find` asks them the first (full) key only (Postfix mail_addr_find).
+"""
+from mailflow.tables.base import Table
+from mailflow.tables.cache import TableCache
+from mailflow.tables.memory import FailTable, InlineTable, StaticTable
+from mailflow.tables.search import (address_keys, find, find_address, find_local, local_keys, lookup_address,
+                                    lookup_local, split_extension)
+from mailflow.tables.spec import open_table
+
+__all__ = [
+    "FailTable", "InlineTable", "StaticTable", "Table", "TableCache", "address_keys", "find", "find_address",
+    "find_local", "local_keys", "lookup_address", "lookup_local", "open_table", "split_extension",
+]

@@ -1,0 +1,26 @@
+"""What every lookup table is: the `Table` protocol, and where a relative file name is taken from.
+
+    Table                          name (the spec, for messages), fixed, blocking, lookup(key) -> str | None
+    resolve_path(name, base_dir)   a table's file: absolute as written, else under `base_dir` (None: as written,
+                                   from the current directory)
+
+`lookup` returns None for "not found" and nothing else; any failure to answer raises `LookupRetry` naming the
+table (Postfix DICT_ERR_RETRY): callers defer, never treat it as "not found".
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+
+class Table(Protocol):
+    name: str  # the spec, for messages
+    fixed: bool  # False for pattern tables (regexp): asked the full key only
+    blocking: bool  # a lookup may wait on I/O (a database): run it off the event loop (TableCache.run)
+
+    def lookup(self, key: str) -> str | None: ...
+
+
+def resolve_path(name: str, base_dir: Path | None) -> Path:
+    path = Path(name)
+    return path if path.is_absolute() or base_dir is None else base_dir / path

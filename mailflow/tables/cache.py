@@ -1,0 +1,75 @@
+"""`TableCache`: each `type:name` opened once, and lookups that never hold up the event loop.
+
+    TableCache(clock).open(specs, aliases=False) -> list[Table]   the tables of one setting, in order; a spec
+                                                                  named twice is opened once (one reader, one
+                                                                  reload)
+    await TableCache.run(fn, *args)    fn (which looks things up in this cache's tables): inline when every table
+                                       opened here answers from memory, else in a worker thread with a deadline
+    await TableCache.preload()         read every file-backed table once, in a worker thread (a server calls
+                                       it before it listens)
+
+Failure behaviour: `open` raises ConfigError for a bad spec; `run` raises LookupRetry past the slowest blocking
+table's deadline (plus RUN_GRACE); exceptions of `fn` propagate.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Callable, TypeVar
+
+from mailflow.errors import LookupRetry
+from mailflow.tables.base import Table
+from mailflow.tables.spec import open_table
+from mailflow.tables.sqlite import SQLITE_TIMEOUT
+
+RUN_GRACE = 0.5  # TableCache.run waits this much past the slowest blocking table's own deadline
+
+T = TypeVar("T")
+
+
+class TableCache:
+    """Opens each `type:name` once per process, so settings that name the same file share one reader (and
+    one reload). `open(specs)` returns the tables of one setting, in order."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._open: dict[tuple[str, bool], Table] = {}
+
+    def open(self, specs, *, aliases: bool = False) -> list[Table]:
+        tables = []
+        for spec in specs:
+            key = (spec, aliases)
+            if key not in self._open:
+                self._open[key] = open_table(spec, clock=self._clock, aliases=aliases)
+            tables.append(self._open[key])
+        return tables
+
+    @property
+    def blocking(self) -> bool:
+        """Some table opened here may wait on I/O when asked (sqlite)."""
+        return any(t.blocking for t in self._open.values())
+
+    async def run(self, fn: Callable[..., T], *args) -> T:
+        """`fn(*args)` without holding up the event loop: called inline when every table opened here answers
+        from memory (the common case costs nothing), else in a worker thread, waited for at most the slowest
+        blocking table's deadline (plus RUN_GRACE). Past that: LookupRetry. Exceptions of `fn` propagate."""
+        blocking = [t for t in self._open.values() if t.blocking]
+        if not blocking:
+            return fn(*args)
+        deadline = max(getattr(t, "timeout", SQLITE_TIMEOUT) for t in blocking) + RUN_GRACE
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(loop.run_in_executor(None, fn, *args), deadline)
+        except TimeoutError:
+            raise LookupRetry(f"table lookup took longer than {deadline:g}s") from None
+
+    async def preload(self) -> None:
+        """Read every file-backed table now, in a worker thread: the first lookups find them loaded."""
+        files = [t for t in self._open.values() if hasattr(t, "load")]  # texthash, regexp
+        if files:
+            await asyncio.get_running_loop().run_in_executor(None, _load_all, files)
+
+
+def _load_all(tables: list) -> None:
+    for table in tables:
+        table.load()

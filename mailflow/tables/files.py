@@ -1,0 +1,149 @@
+"""File-backed tables re-read when their file changes, and the `texthash:` type (postmap(1) input, no database).
+
+- `Reloading(name, path, clock, parse)`: a file parsed into a value, re-read when its inode, size or mtime
+  changes (checked at most once per RELOAD_INTERVAL of the injected clock); on a running event loop the re-read
+  happens in a worker thread while lookups go on answering from the previous contents.
+- `logical_lines(text)`: postmap(1) input rules (blank and `#` lines skipped, a line starting with whitespace
+  continues the previous one); shared with the regexp and sqlite parsers.
+- `texthash:/path`: `key value` lines; keys case-insensitive; first of duplicate keys wins. With `aliases`, the
+  file is in aliases(5) format (`name: value, value`, mailflow.aliases), as alias_maps files are.
+  `TexthashTable.load()` reads the file now (TableCache.preload calls it off the loop).
+
+Failure behaviour: a missing or unreadable file, or a malformed line, makes the whole table fail with
+`LookupRetry` naming file:line until fixed: a half-read table would answer wrongly.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from pathlib import Path
+from typing import Callable
+
+from mailflow.aliases import AliasSyntaxError, format_target, parse_aliases
+from mailflow.errors import LookupRetry
+
+RELOAD_INTERVAL = 1.0
+
+
+class Reloading:
+    """A file parsed into a value, re-read when its inode, size or mtime changes (checked at most once per
+    RELOAD_INTERVAL of `clock`). `current()` returns the value or raises LookupRetry while the file is
+    unreadable or bad. `parse(text)` raises ValueError("line N: …").
+
+    On a running event loop the check and the re-read happen in a worker thread: `current()` goes on
+    answering from the previous contents until the new ones are parsed. Elsewhere (no loop in this thread),
+    and while the table is failing (there are no good contents to answer from), they happen in the caller. The state is one tuple, replaced whole, so a reader never sees half of it."""
+
+    def __init__(self, name: str, path: Path, clock: Callable[[], float], parse: Callable[[str], object]):
+        self._name, self._path, self._clock, self._parse = name, path, clock, parse
+        self._lock = threading.Lock()
+        self._checked: float | None = None
+        self._state: tuple[object, tuple | None, str | None] | None = None  # (value, signature, error)
+        self._pending = False  # a re-read is under way in a worker thread
+
+    def load(self) -> None:
+        """Check the file and re-read it if it changed, in the calling thread."""
+        with self._lock:
+            self._checked = self._clock()
+            self._state = self._read(self._state)
+
+    def current(self) -> object:
+        if self._state is None:
+            self.load()  # the first lookup of a table nobody preloaded
+        elif self._clock() - self._checked >= RELOAD_INTERVAL:
+            self._checked = self._clock()
+            if self._state[2] is None:
+                self._refresh()
+            else:
+                self.load()  # nothing good to answer from meanwhile: a failed table is retried in the caller
+        value, _, error = self._state
+        if error is not None:
+            raise LookupRetry(error)
+        return value
+
+    def _refresh(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.load()  # no event loop in this thread (the CLI, a lookup worker): nothing to hold up
+            return
+        if not self._pending:
+            self._pending = True
+            loop.run_in_executor(None, self.load).add_done_callback(self._reloaded)
+
+    def _reloaded(self, future) -> None:
+        self._pending = False
+        if not future.cancelled() and future.exception() is not None:
+            self._state = (None, None, f"table {self._name}: cannot reload {self._path}: {future.exception()}")
+
+    def _read(self, previous):
+        try:
+            st = os.stat(self._path)
+            if previous is not None and previous[2] is None and _signature(st) == previous[1]:
+                return previous
+            with open(self._path, encoding="utf-8") as f:
+                signature = _signature(os.fstat(f.fileno()))
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            return None, None, f"table {self._name}: cannot read {self._path}: {getattr(e, 'strerror', None) or e}"
+        try:
+            return self._parse(text), signature, None
+        except ValueError as e:
+            return None, None, f"table {self._name}: {self._path}, {e}"
+
+
+def _signature(st: os.stat_result) -> tuple:
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def logical_lines(text: str) -> list[tuple[int, str]]:
+    """postmap(1) input rules: blank and `#` lines are skipped; a line starting with whitespace continues
+    the previous logical line. Returns [(first line number, text)]."""
+    lines: list[tuple[int, str]] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if line[0].isspace():
+            if not lines:
+                raise ValueError(f"line {number}: a continuation line (starting with whitespace) comes first")
+            first, previous = lines[-1]
+            lines[-1] = (first, previous + line.rstrip())
+        else:
+            lines.append((number, line.rstrip()))
+    return lines
+
+
+def _parse_texthash(text: str) -> dict[str, str]:
+    table: dict[str, str] = {}
+    for number, line in logical_lines(text):
+        parts = line.split(None, 1)
+        if len(parts) < 2:
+            raise ValueError(f"line {number}: expected 'key whitespace value', got {line!r}")
+        table.setdefault(parts[0].lower(), parts[1].strip())
+    return table
+
+
+def _parse_alias_file(text: str) -> dict[str, str]:
+    """aliases(5) text -> {name: value list as text}; a syntax error names its line."""
+    try:
+        entries = parse_aliases(text, "")
+    except AliasSyntaxError as e:
+        raise ValueError(f"line {e.line}: {e.reason}") from None
+    return {name: ", ".join(format_target(t) for t in targets) for name, targets in entries.items()}
+
+
+class TexthashTable:
+    fixed = True
+    blocking = False  # answers from memory; the file is re-read off the loop (see Reloading)
+
+    def __init__(self, name: str, path: Path, clock: Callable[[], float], *, aliases: bool = False):
+        self.name = name
+        self._file = Reloading(name, path, clock, _parse_alias_file if aliases else _parse_texthash)
+
+    def load(self) -> None:
+        self._file.load()
+
+    def lookup(self, key: str) -> str | None:
+        return self._file.current().get(key.lower())

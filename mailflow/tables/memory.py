@@ -1,0 +1,111 @@
+"""The tables that live in the spec itself: `inline:`, `static:`, `fail:`.
+
+- `inline:{ key=value, { key = text with spaces } }`: elements separated by whitespace or commas; keys folded to
+  lower case; the first of duplicate keys wins.
+- `static:value`, `static:{ value with spaces }`: every key answers the value.
+- `fail:name`: every lookup raises LookupRetry (a deliberate failure, for tests and for disabling a map).
+
+    open_inline(spec, name) / open_static(spec, name) / FailTable(spec)
+
+Failure behaviour: a malformed inline or static spec raises `ConfigError("", spec, reason)` when opened (the
+caller names the file and key); lookups in these tables never fail, except fail:'s.
+"""
+from __future__ import annotations
+
+from mailflow.errors import ConfigError, LookupRetry
+
+
+def _braced(text: str) -> str | None:
+    """'{ a b }' -> 'a b' (whitespace inside the braces dropped); None when not braced."""
+    text = text.strip()
+    if text.startswith("{") and text.endswith("}"):
+        return text[1:-1].strip()
+    return None
+
+
+def _parse_inline(spec: str, name: str) -> dict[str, str]:
+    body = _braced(name)
+    if body is None:
+        raise ConfigError("", spec, "inline: expected inline:{ key=value, { key = text with spaces } }")
+    table: dict[str, str] = {}
+    for element in _split_elements(spec, body):
+        inner = _braced(element)
+        key, eq, value = (inner if inner is not None else element).partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or not key:
+            raise ConfigError("", spec, f"inline: {element!r} is not key=value (braces allow spaces: "
+                                        "{ key = text with spaces })")
+        table.setdefault(key.lower(), value)
+    return table
+
+
+def _split_elements(spec: str, body: str) -> list[str]:
+    """Split at whitespace and commas outside braces."""
+    elements, current, depth = [], [], 0
+    for c in body:
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth < 0:
+                raise ConfigError("", spec, "inline: unbalanced '}'")
+        if depth == 0 and (c.isspace() or c == ","):
+            if current:
+                elements.append("".join(current))
+            current = []
+        else:
+            current.append(c)
+    if depth:
+        raise ConfigError("", spec, "inline: unbalanced '{'")
+    if current:
+        elements.append("".join(current))
+    return elements
+
+
+def _parse_static(spec: str, name: str) -> str:
+    inner = _braced(name)
+    value = inner if inner is not None else name
+    if not value:
+        raise ConfigError("", spec, "static: needs a value (static:value or static:{ value with spaces })")
+    return value
+
+
+class InlineTable:
+    fixed = True
+    blocking = False
+
+    def __init__(self, name: str, entries: dict[str, str]):
+        self.name, self._entries = name, entries
+
+    def lookup(self, key: str) -> str | None:
+        return self._entries.get(key.lower())
+
+
+class StaticTable:
+    fixed = True
+    blocking = False
+
+    def __init__(self, name: str, value: str):
+        self.name, self._value = name, value
+
+    def lookup(self, key: str) -> str | None:
+        return self._value
+
+
+class FailTable:
+    fixed = True
+    blocking = False
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def lookup(self, key: str) -> str | None:
+        raise LookupRetry(f"table {self.name} is a fail: table; every lookup fails")
+
+
+def open_inline(spec: str, name: str) -> InlineTable:
+    return InlineTable(spec, _parse_inline(spec, name))
+
+
+def open_static(spec: str, name: str) -> StaticTable:
+    return StaticTable(spec, _parse_static(spec, name))

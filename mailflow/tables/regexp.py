@@ -1,0 +1,174 @@
+"""`regexp:/path` tables (regexp_table(5)) on RE2: no pattern can hold up the event loop.
+
+`/pattern/flags result`, `!/pattern/ result`, `if /pattern/` … `endif`; the first match wins; `$1`, `${1}`, `$$`
+in results; flags `i` (toggles case-insensitive, on by default) and `m` (multi-line). Patterns are RE2 syntax (a
+superset of POSIX ERE without back-references), matched leftmost-longest as POSIX regexec does. The key is
+matched as it is (`fixed = False`: `find` asks the full key only). Reloaded like texthash (files.Reloading).
+
+Cost: linear in the key, no backtracking (`/^(a+)+$/` against `aaaa…b` answers at once); one RE2 set pass over
+all of a file's rules tells which match (about 5 us for a 20-rule miss), then only the answering rule is
+searched for its groups.
+
+Failure behaviour: a bad pattern, flag or `$n` makes the whole table fail with `LookupRetry` naming file:line.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+import re2
+
+from mailflow.tables.files import Reloading, logical_lines
+
+
+class _Rule:
+    """One regexp_table line: a match rule (result set) or an `if` (end = index of its endif)."""
+
+    def __init__(self, regex, negate: bool, result: str | None):
+        self.regex, self.negate, self.result, self.end = regex, negate, result, 0
+        self.set_index = -1  # its pattern's index in the file's prefilter set
+
+
+_SUBST = re.compile(r"\$(?:(\d)|\{(\d+)\}|\((\d+)\)|(\$))")
+
+
+def _parse_regexp(source: str) -> list:
+    rules: list = []
+    open_ifs: list[int] = []
+    for number, line in logical_lines(source):
+        if line.strip().lower() == "endif":
+            if not open_ifs:
+                raise ValueError(f"line {number}: endif without if")
+            rules[open_ifs.pop()].end = len(rules)
+            rules.append(None)  # the endif itself: nothing to do
+            continue
+        is_if = re.match(r"if\s", line, re.IGNORECASE) is not None
+        text = line[2:].lstrip() if is_if else line
+        regex, negate, rest = _parse_pattern(number, text)
+        if is_if:
+            if rest:
+                raise ValueError(f"line {number}: text after the 'if' pattern")
+            open_ifs.append(len(rules))
+            rules.append(_Rule(regex, negate, None))
+            continue
+        if not rest:
+            raise ValueError(f"line {number}: no result after the pattern")
+        for m in _SUBST.finditer(rest):
+            group = m.group(1) or m.group(2) or m.group(3)
+            if group is None:
+                continue
+            if negate:
+                raise ValueError(f"line {number}: ${group} in the result of a negated (!) pattern")
+            if int(group) > regex.groups:
+                raise ValueError(f"line {number}: ${group} but the pattern has {regex.groups} group(s)")
+        rules.append(_Rule(regex, negate, rest))
+    if open_ifs:
+        raise ValueError("if without endif at the end of the file")
+    return rules, _prefilter(rules)
+
+
+def _prefilter(rules: list):
+    """One RE2::Set of every pattern: a single pass over the key tells which rules match, so a lookup costs
+    one call however many rules the file has (then one `search` for the groups of the rule that answers).
+    None when the set cannot be built (RE2's memory budget): each rule is then searched in turn."""
+    patterns = re2.Set.SearchSet(_options(ignore_case=False))
+    try:
+        for rule in rules:
+            if rule is not None:
+                rule.set_index = patterns.Add(rule.regex.pattern)
+        patterns.Compile()
+    except re2.error:
+        return None
+    return patterns
+
+
+def _parse_pattern(number: int, text: str) -> tuple[object, bool, str]:
+    negate = text.startswith("!")
+    if negate:
+        text = text[1:].lstrip()
+    if not text or text[0].isspace() or text[0].isalnum() or text[0] == "\\":
+        raise ValueError(f"line {number}: expected /pattern/ (optionally !/pattern/ or if /pattern/)")
+    delim, i, pattern = text[0], 1, []
+    while i < len(text) and text[i] != delim:
+        if text[i] == "\\" and i + 1 < len(text):
+            pattern.append(text[i])
+            i += 1
+        pattern.append(text[i])
+        i += 1
+    if i >= len(text):
+        raise ValueError(f"line {number}: the pattern has no closing {delim}")
+    flags_end = i + 1
+    while flags_end < len(text) and not text[flags_end].isspace():
+        flags_end += 1
+    ignore_case, multi_line = True, False
+    for flag in text[i + 1:flags_end]:
+        if flag == "i":
+            ignore_case = not ignore_case
+        elif flag == "m":
+            multi_line = not multi_line
+        else:
+            raise ValueError(f"line {number}: unknown or unsupported flag {flag!r} (mailflow has i, m)")
+    return _compile(number, "".join(pattern), ignore_case, multi_line), negate, text[flags_end:].strip()
+
+
+def _options(*, ignore_case: bool) -> "re2.Options":
+    options = re2.Options()
+    options.case_sensitive = not ignore_case
+    options.longest_match = True
+    options.log_errors = False
+    return options
+
+
+def _compile(number: int, pattern: str, ignore_case: bool, multi_line: bool):
+    """An RE2 pattern: linear-time matching (no backtracking), POSIX leftmost-longest semantics. The flags
+    are written into the pattern, so that the prefilter set (one options object for all) sees them too."""
+    flags = ("i" if ignore_case else "") + ("m" if multi_line else "")
+    try:
+        return re2.compile((f"(?{flags})" if flags else "") + pattern, _options(ignore_case=False))
+    except re2.error as e:
+        reason = e.args[0].decode("utf-8", "replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+        raise ValueError(f"line {number}: bad regular expression: {reason}") from None
+
+
+def _expand(result: str, m) -> str:
+    def group(s: re.Match) -> str:
+        if s.group(4):
+            return "$"
+        return m.group(int(s.group(1) or s.group(2) or s.group(3))) or ""
+    return _SUBST.sub(group, result)
+
+
+class RegexpTable:
+    fixed = False
+    blocking = False  # RE2: linear in the key, whatever the pattern
+
+    def __init__(self, name: str, path: Path, clock: Callable[[], float]):
+        self.name = name
+        self._file = Reloading(name, path, clock, _parse_regexp)
+
+    def load(self) -> None:
+        self._file.load()
+
+    def lookup(self, key: str) -> str | None:
+        rules, prefilter = self._file.current()
+        matching = set(prefilter.Match(key) or ()) if prefilter is not None else None  # None: no match
+        i = 0
+        while i < len(rules):
+            rule = rules[i]
+            i += 1
+            if rule is None:
+                continue
+            if matching is not None and rule.set_index not in matching:
+                m = None
+            elif matching is not None and (rule.result is None or rule.negate):
+                m = True  # it matches, and no groups are needed (an `if`, or a negated rule)
+            else:
+                m = rule.regex.search(key)
+            if (m is None) != rule.negate:  # this rule does not apply
+                if rule.result is None:
+                    i = rule.end + 1  # skip the if block
+                continue
+            if rule.result is not None:
+                return _expand(rule.result, m) if m is not None else rule.result
+        return None

@@ -1,0 +1,86 @@
+"""Postfix's key orders and search order over lookup tables (mail_addr_find, maps_find).
+
+    address_keys(address, *, delimiter, local_domain=False)   user+ext@domain, user@domain, [user+ext, user,]
+                                                                @domain
+    local_keys(local_part, *, delimiter)                       aliases(5): user+ext, user
+    split_extension(local, delimiter) -> (user, extension)
+    find(tables, keys) -> (table name, key, value) | None      every table asked one key before the next key;
+                                                                pattern tables (`fixed = False`) the first only
+    find_address / find_local (several tables), lookup_address / lookup_local (one table: (key, value) | None)
+
+`delimiter` is the configuration's recipient_delimiter, always passed (its default lives in mailflow.config).
+`LookupRetry` from a table propagates.
+"""
+from __future__ import annotations
+
+from mailflow.tables.base import Table
+
+
+def address_keys(address: str, *, delimiter: str, local_domain: bool = False) -> list[str]:
+    """Postfix mail_addr_find order: `user+ext@domain`, `user@domain`, then (only when `local_domain`: the
+    domain is one of this host's) `user+ext` and `user`, then `@domain`. An address without '@' gets the
+    aliases(5) keys (`local_keys`)."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return local_keys(address, delimiter=delimiter)
+    keys = [address]
+    user, ext = split_extension(local, delimiter)
+    if ext:
+        keys.append(f"{user}@{domain}")
+    if local_domain:
+        keys += [local, user] if ext else [local]
+    keys.append(f"@{domain}")
+    return keys
+
+
+def local_keys(local_part: str, *, delimiter: str) -> list[str]:
+    """aliases(5) order: `user+ext`, then `user`."""
+    user, ext = split_extension(local_part, delimiter)
+    return [local_part, user] if ext else [local_part]
+
+
+def find(tables: list[Table], keys: list[str]) -> tuple[str, str, str] | None:
+    """(table name, key, value) for the first key any table answers: every table is asked one key before the
+    next key is tried (Postfix maps_find). Pattern tables (`fixed = False`) are asked the first key only.
+    LookupRetry propagates."""
+    for i, key in enumerate(keys):
+        for table in tables:
+            if i and not table.fixed:
+                continue
+            value = table.lookup(key)
+            if value is not None:
+                return table.name, key, value
+    return None
+
+
+def find_address(tables: list[Table], address: str, *, delimiter: str,
+                 local_domain: bool = False) -> tuple[str, str, str] | None:
+    return find(tables, address_keys(address, delimiter=delimiter, local_domain=local_domain))
+
+
+def find_local(tables: list[Table], local_part: str, *, delimiter: str) -> tuple[str, str, str] | None:
+    return find(tables, local_keys(local_part, delimiter=delimiter))
+
+
+def lookup_address(table: Table, address: str, *, delimiter: str,
+                   local_domain: bool = False) -> tuple[str, str] | None:
+    """`find_address` in one table: (key, value) or None."""
+    found = find_address([table], address, delimiter=delimiter, local_domain=local_domain)
+    return found[1:] if found else None
+
+
+def lookup_local(table: Table, local_part: str, *, delimiter: str) -> tuple[str, str] | None:
+    """`find_local` in one table: (key, value) or None."""
+    found = find_local([table], local_part, delimiter=delimiter)
+    return found[1:] if found else None
+
+
+def split_extension(local: str, delimiter: str) -> tuple[str, str]:
+    """'user+ext' -> ('user', '+ext'), splitting at the first of any delimiter character; never leaves an
+    empty user ('+ext' stays whole). An empty delimiter means no extensions."""
+    if not delimiter:
+        return local, ""
+    for i, c in enumerate(local):
+        if c in delimiter:
+            return (local[:i], local[i:]) if i else (local, "")
+    return local, ""

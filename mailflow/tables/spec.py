@@ -1,0 +1,49 @@
+"""`open_table(spec)`: from Postfix's `type:name` to a table of that type.
+
+    open_table(spec, *, base_dir=None, clock=time.monotonic, aliases=False) -> Table
+
+`aliases`: a texthash file is in aliases(5) format, as alias_maps files are. File-backed tables (texthash,
+regexp) read their file at the first lookup (or TableCache.preload), not here; sqlite reads its .cf here.
+Relative paths (the spec's, sqlite's dbpath) are taken from `base_dir` when given, else from the current
+directory.
+
+Failure behaviour: a bad spec or an unknown type raises `ConfigError(file="", key=spec, reason)`; the caller
+fills in the file and key.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from mailflow.errors import ConfigError
+from mailflow.syntax import TABLE_TYPES, table_type
+from mailflow.tables.base import Table, resolve_path
+from mailflow.tables.files import TexthashTable
+from mailflow.tables.memory import FailTable, open_inline, open_static
+from mailflow.tables.regexp import RegexpTable
+from mailflow.tables.sqlite import SqliteTable
+
+
+def open_table(spec: str, *, base_dir: Path | None = None, clock: Callable[[], float] = time.monotonic,
+               aliases: bool = False) -> Table:
+    """`aliases`: a texthash file is in aliases(5) format (`name: value, value`), as alias_maps files are."""
+    kind, name = table_type(spec), spec.partition(":")[2]
+    if not kind:
+        raise ConfigError("", spec, "expected a table as type:name (e.g. texthash:/etc/mailflow/virtual)")
+    if kind == "inline":
+        return open_inline(spec, name)
+    if kind == "static":
+        return open_static(spec, name)
+    if kind == "fail":
+        return FailTable(spec)
+    if kind in ("texthash", "regexp", "sqlite"):
+        if not name.strip():
+            raise ConfigError("", spec, f"{kind}: needs a file name ({kind}:/path)")
+        path = resolve_path(name.strip(), base_dir)
+        if kind == "texthash":
+            return TexthashTable(spec, path, clock, aliases=aliases)
+        if kind == "regexp":
+            return RegexpTable(spec, path, clock)
+        return SqliteTable(spec, path, base_dir)
+    raise ConfigError("", spec, f"unknown table type {kind!r}; mailflow has {', '.join(TABLE_TYPES)}")
