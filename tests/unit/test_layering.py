@@ -39,16 +39,6 @@ FUNCTION_IMPORTS = {
     ("mailflow", "mailflow.app"): "the package's public names load on first use: `import mailflow.<leaf>` (the "
                                   "CLI, sendmail) does not load the whole server",
     ("mailflow", "mailflow.config"): "as above",
-    ("mailflow.transports", "mailflow.transports.discard"): "every transport module imports this package first; "
-                                                            "naming all transports at its top would load them all "
-                                                            "(aiosmtplib, aiodns) for one leaf such as "
-                                                            "transports.encode, which the queue tools use",
-    ("mailflow.transports", "mailflow.transports.error"): "as above",
-    ("mailflow.transports", "mailflow.transports.lmtp"): "as above",
-    ("mailflow.transports", "mailflow.transports.local.agent"): "as above",
-    ("mailflow.transports", "mailflow.transports.maildir"): "as above",
-    ("mailflow.transports", "mailflow.transports.pipe"): "as above",
-    ("mailflow.transports", "mailflow.transports.smtp"): "as above",
     ("mailflow.cli.server", "mailflow.app"): "only `serve` runs the server; loading every stage (aiosmtpd, aiosqlite, "
                                              "aiosmtplib) would slow every other command, sendmail run per message "
                                              "by scripts first",
