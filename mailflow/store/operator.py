@@ -1,0 +1,152 @@
+"""The store's operator API: what `mailflow queue …` (mailflow/queue_tools.py) reads and changes.
+
+The tools open the queue in a process of their own, beside a running server. A selection is: `queues`, and
+optionally `ids`, `sender` (exact, any case), `rcpt_domain` (the domain of a pending recipient) and
+`arrived_before` (unix time). Reads go in pages keyed on the queue id (the primary key; ids are time-ordered),
+so walking 100 000 messages never holds more than one page. Every change is one transaction per chunk that also
+bumps the generation counter, so a running qmgr notices within a second. Only `show` touches content (through
+`Store.content()`).
+
+`OperatorQueries` is a part of `Store` (mailflow/store/daemon.py), which supplies its connections.
+- Reads: `message_page`, `message_ids`, `count_messages`, `recipients_of`, `message_detail`, `shape_counts`,
+  `destination_rows`.
+- Changes: `hold_messages`, `release_messages`, `requeue_messages`, `flush_messages` (also counts a flush
+  request, which qmgr reads with `flush_requests`), `delete_messages` (content files go after the commit).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import aiosqlite
+
+from mailflow.model import QueueId
+from mailflow.store.engine import GroupCommitter, Op, chunks, marks, remove_ops, MAX_VARS
+
+_TOOL_MESSAGE = "id, queue, size, arrival, sender, next_attempt, attempts"
+# The domain after the LAST '@' (rtrim drops every character but '@' from the right), lower-cased.
+_RCPT_DOMAIN = "lower(rtrim(replace({a}, rtrim({a}, replace({a}, '@', '')), ''), '.'))"
+BUMP_GENERATION = ("INSERT INTO control (key, value) VALUES ('generation', 1)"
+                   " ON CONFLICT (key) DO UPDATE SET value = value + 1")
+
+
+class OperatorQueries:
+    """The operator tools' queries and changes (a part of Store)."""
+
+    _reader: aiosqlite.Connection
+    _committer: GroupCommitter
+
+    async def message_page(self, *, queues: Sequence[str], ids: Sequence[QueueId] | None = None, after: str = "",
+                           limit: int = 1000, sender: str | None = None, rcpt_domain: str | None = None,
+                           arrived_before: float | None = None) -> list[tuple]:
+        """Up to `limit` selected messages with ids after `after`, in id order: rows of
+        (id, queue, size, arrival, sender, next_attempt, attempts). `ids` at most 500."""
+        where, params = _tool_where(queues, ids, after, sender, rcpt_domain, arrived_before)
+        rows = await self._reader.execute_fetchall(
+            f"SELECT {_TOOL_MESSAGE} FROM message WHERE {where} ORDER BY id LIMIT ?", (*params, limit))
+        return [tuple(r) for r in rows]
+
+    async def message_ids(self, **selection) -> list[QueueId]:
+        """The ids of `message_page(**selection)`."""
+        return [row[0] for row in await self.message_page(**selection)]
+
+    async def count_messages(self, *, queues: Sequence[str], sender: str | None = None,
+                             rcpt_domain: str | None = None, arrived_before: float | None = None) -> int:
+        where, params = _tool_where(queues, None, "", sender, rcpt_domain, arrived_before)
+        rows = await self._reader.execute_fetchall(f"SELECT count(*) FROM message WHERE {where}", params)
+        return rows[0][0]
+
+    async def recipients_of(self, ids: Sequence[QueueId], *, pending_only: bool = False
+                            ) -> dict[QueueId, list[tuple[str, str, str, str, str]]]:
+        """(address, original, status, dsn, reason) of each message's recipients, in envelope order."""
+        out: dict[QueueId, list] = {}
+        only = " AND status = 'pending'" if pending_only else ""
+        for chunk in chunks(list(ids), MAX_VARS):
+            rows = await self._reader.execute_fetchall(
+                f"SELECT message_id, address, original, status, dsn, reason FROM recipient"
+                f" WHERE message_id IN ({marks(len(chunk))}){only} ORDER BY message_id, idx", tuple(chunk))
+            for qid, *fields in rows:
+                out.setdefault(qid, []).append(tuple(fields))
+        return out
+
+    async def message_detail(self, queue_id: QueueId) -> tuple | None:
+        """(id, queue, size, arrival, sender, next_attempt, attempts, client, envid, ret, smtputf8, body_type,
+        warned) of one message, or None."""
+        rows = await self._reader.execute_fetchall(
+            f"SELECT {_TOOL_MESSAGE}, client, envid, ret, smtputf8, body_type, warned FROM message"
+            " WHERE id = ?", (queue_id,))
+        return tuple(rows[0]) if rows else None
+
+    async def hold_messages(self, ids: Sequence[QueueId]) -> None:
+        """incoming/deferred/active -> hold. An active message's delivery finishes; `record` keeps it held."""
+        await self._tool_write("UPDATE message SET queue = 'hold'"
+                               " WHERE id = ? AND queue IN ('incoming', 'deferred', 'active')", [(i,) for i in ids])
+
+    async def release_messages(self, ids: Sequence[QueueId], now: float) -> None:
+        """hold -> deferred, due `now`."""
+        await self._tool_write("UPDATE message SET queue = 'deferred', next_attempt = ?"
+                               " WHERE id = ? AND queue = 'hold'", [(now, i) for i in ids])
+
+    async def requeue_messages(self, ids: Sequence[QueueId], now: float) -> None:
+        """incoming/deferred/hold -> incoming, due `now` (qmgr resolves every recipient again)."""
+        await self._tool_write("UPDATE message SET queue = 'incoming', next_attempt = ?"
+                               " WHERE id = ? AND queue IN ('incoming', 'deferred', 'hold')", [(now, i) for i in ids])
+
+    async def flush_messages(self, ids: Sequence[QueueId], now: float) -> None:
+        """Deferred messages due `now`; also counts a flush request (`flush_requests`)."""
+        await self._tool_write("UPDATE message SET next_attempt = ? WHERE id = ? AND queue = 'deferred'",
+                               [(now, i) for i in ids],
+                               ("INSERT INTO control (key, value) VALUES ('flush', 1)"
+                                " ON CONFLICT (key) DO UPDATE SET value = value + 1", [()]))
+
+    async def delete_messages(self, ids: Sequence[QueueId]) -> None:
+        """Remove messages in any state: message, recipient and content rows."""
+        id_rows = [(i,) for i in ids]
+        await self._committer.write([*remove_ops(id_rows), (BUMP_GENERATION, [()])])
+
+    async def _tool_write(self, sql: str, rows: list[tuple], *more: Op) -> None:
+        await self._committer.write([(sql, rows), *more, (BUMP_GENERATION, [()])])
+
+    async def shape_counts(self, queues: Sequence[str], now: float, limits: Sequence[float]
+                           ) -> list[tuple[str, int, int]]:
+        """(recipient domain, age bucket, pending recipients), aggregated in SQL. Bucket i (1-based) holds
+        ages below limits[i-1] seconds; bucket len(limits)+1 the rest."""
+        cases = " ".join(f"WHEN ? - m.arrival < ? THEN {i}" for i in range(1, len(limits) + 1))
+        case_params = [p for limit in limits for p in (now, limit)]
+        rows = await self._reader.execute_fetchall(
+            f"SELECT {_RCPT_DOMAIN.format(a='r.address')} AS domain,"
+            f" CASE {cases} ELSE {len(limits) + 1} END AS bucket, count(*)"
+            f" FROM message m JOIN recipient r ON r.message_id = m.id"
+            f" WHERE m.queue IN ({marks(len(queues))}) AND r.status = 'pending' GROUP BY domain, bucket",
+            (*case_params, *queues))
+        return [tuple(r) for r in rows]
+
+    async def destination_rows(self) -> list[tuple]:
+        """qmgr's last destination snapshot: (transport, nexthop, window, in_flight, queued, failures,
+        dead_until, reason, updated)."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT transport, nexthop, window, in_flight, queued, failures, dead_until, reason, updated"
+            " FROM destination ORDER BY transport, nexthop")
+        return [tuple(r) for r in rows]
+
+
+def _tool_where(queues: Sequence[str], ids: Sequence[QueueId] | None, after: str, sender: str | None,
+                rcpt_domain: str | None, arrived_before: float | None) -> tuple[str, list]:
+    # `+queue` keeps the planner on the primary key, so pages come in id order without a sort.
+    clauses, params = [f"+queue IN ({marks(len(queues))})"], list(queues)
+    if ids is not None:
+        clauses.append(f"id IN ({marks(len(ids))})")
+        params += ids
+    if after:
+        clauses.append("id > ?")
+        params.append(after)
+    if sender is not None:
+        clauses.append("lower(sender) = lower(?)")
+        params.append(sender)
+    if rcpt_domain is not None:
+        clauses.append("EXISTS (SELECT 1 FROM recipient r WHERE r.message_id = message.id"
+                       f" AND r.status = 'pending' AND {_RCPT_DOMAIN.format(a='r.address')} = lower(?))")
+        params.append(rcpt_domain)
+    if arrived_before is not None:
+        clauses.append("arrival < ?")
+        params.append(arrived_before)
+    return " AND ".join(clauses), params
