@@ -15,10 +15,13 @@ Modules
 - `operator.py` the operator API behind `mailflow queue …` (pages, detail, hold/release/requeue/flush/delete,
                 shape, destinations), a part of `Store`.
 
-Import from here: `from mailflow.store import Store, NewMessage, store_fault, SCHEMA_VERSION`.
+Import from here: `from mailflow.store import Store, NewMessage, store_fault, SCHEMA_VERSION`, and the operator
+API's rows (MessageRow, MessageDetail, RecipientRow, ShapeCount, DestinationRow).
 """
 from mailflow.model import NewMessage
 from mailflow.store.daemon import Store
 from mailflow.store.engine import SCHEMA_VERSION, store_fault
+from mailflow.store.operator import DestinationRow, MessageDetail, MessageRow, RecipientRow, ShapeCount
 
-__all__ = ["NewMessage", "SCHEMA_VERSION", "Store", "store_fault"]
+__all__ = ["DestinationRow", "MessageDetail", "MessageRow", "NewMessage", "RecipientRow", "SCHEMA_VERSION",
+           "ShapeCount", "Store", "store_fault"]

@@ -8,13 +8,15 @@ bumps the generation counter, so a running qmgr notices within a second. Only `s
 `Store.content()`).
 
 `OperatorQueries` is a part of `Store` (mailflow/store/daemon.py), which supplies its connections.
-- Reads: `message_page`, `message_ids`, `count_messages`, `recipients_of`, `message_detail`, `shape_counts`,
-  `destination_rows`.
+- Reads, as frozen rows with named fields: `message_page` (MessageRow), `message_detail` (MessageDetail),
+  `recipients_of` (RecipientRow), `shape_counts` (ShapeCount), `destination_rows` (DestinationRow); and
+  `message_ids`, `count_messages`.
 - Changes: `hold_messages`, `release_messages`, `requeue_messages`, `flush_messages` (also counts a flush
   request, which qmgr reads with `flush_requests`), `delete_messages` (content files go after the commit).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import aiosqlite
@@ -22,7 +24,73 @@ import aiosqlite
 from mailflow.model import QueueId
 from mailflow.store.engine import GroupCommitter, Op, chunks, marks, remove_ops, MAX_VARS
 
-_TOOL_MESSAGE = "id, queue, size, arrival, sender, next_attempt, attempts"
+
+
+@dataclass(frozen=True)
+class MessageRow:
+    """One message as mailq lists it."""
+
+    queue_id: QueueId
+    queue: str  # incoming, active, deferred, hold or corrupt
+    size: int  # bytes of content
+    arrival: float  # unix time
+    sender: str  # '' is the null sender
+    next_attempt: float
+    attempts: int
+
+
+@dataclass(frozen=True)
+class MessageDetail(MessageRow):
+    """One message as `mailflow queue show` prints its envelope."""
+
+    client: str  # name[addr] of the submitting client
+    envid: str  # DSN ENVID, '' if none
+    ret: str  # DSN RET: FULL, HDRS or ''
+    smtputf8: bool
+    body_type: str  # 7BIT or 8BITMIME
+    warned: bool  # the "delayed" notice went out
+
+
+@dataclass(frozen=True)
+class RecipientRow:
+    """One recipient of a message, in envelope order."""
+
+    address: str
+    original: str  # as the client gave it
+    status: str  # pending, sent or bounced
+    dsn: str  # last enhanced status code
+    reason: str  # last diagnostic
+
+
+@dataclass(frozen=True)
+class ShapeCount:
+    """How many pending recipients of one domain are in one age bucket (qshape's cells)."""
+
+    domain: str
+    bucket: int  # 1-based: see `shape_counts`
+    count: int
+
+
+@dataclass(frozen=True)
+class DestinationRow:
+    """What qmgr last published of one destination."""
+
+    transport: str
+    nexthop: str
+    window: int  # concurrency allowed now
+    in_flight: int
+    queued: int  # jobs waiting in memory
+    failures: int  # site failures in a row
+    dead_until: float  # unix time; 0 = alive
+    reason: str  # last site failure
+    updated: float  # when qmgr wrote it
+
+
+# Columns in the order of the rows' fields.
+_MESSAGE_ROW = "id, queue, size, arrival, sender, next_attempt, attempts"
+_MESSAGE_DETAIL = f"{_MESSAGE_ROW}, client, envid, ret, smtputf8, body_type, warned"
+_RECIPIENT_ROW = "address, original, status, dsn, reason"
+_DESTINATION_ROW = "transport, nexthop, window, in_flight, queued, failures, dead_until, reason, updated"
 # The domain after the LAST '@' (rtrim drops every character but '@' from the right), lower-cased.
 _RCPT_DOMAIN = "lower(rtrim(replace({a}, rtrim({a}, replace({a}, '@', '')), ''), '.'))"
 BUMP_GENERATION = ("INSERT INTO control (key, value) VALUES ('generation', 1)"
@@ -37,17 +105,16 @@ class OperatorQueries:
 
     async def message_page(self, *, queues: Sequence[str], ids: Sequence[QueueId] | None = None, after: str = "",
                            limit: int = 1000, sender: str | None = None, rcpt_domain: str | None = None,
-                           arrived_before: float | None = None) -> list[tuple]:
-        """Up to `limit` selected messages with ids after `after`, in id order: rows of
-        (id, queue, size, arrival, sender, next_attempt, attempts). `ids` at most 500."""
+                           arrived_before: float | None = None) -> list[MessageRow]:
+        """Up to `limit` selected messages with ids after `after`, in id order. `ids` at most 500."""
         where, params = _tool_where(queues, ids, after, sender, rcpt_domain, arrived_before)
         rows = await self._reader.execute_fetchall(
-            f"SELECT {_TOOL_MESSAGE} FROM message WHERE {where} ORDER BY id LIMIT ?", (*params, limit))
-        return [tuple(r) for r in rows]
+            f"SELECT {_MESSAGE_ROW} FROM message WHERE {where} ORDER BY id LIMIT ?", (*params, limit))
+        return [MessageRow(*r) for r in rows]
 
     async def message_ids(self, **selection) -> list[QueueId]:
         """The ids of `message_page(**selection)`."""
-        return [row[0] for row in await self.message_page(**selection)]
+        return [row.queue_id for row in await self.message_page(**selection)]
 
     async def count_messages(self, *, queues: Sequence[str], sender: str | None = None,
                              rcpt_domain: str | None = None, arrived_before: float | None = None) -> int:
@@ -56,25 +123,27 @@ class OperatorQueries:
         return rows[0][0]
 
     async def recipients_of(self, ids: Sequence[QueueId], *, pending_only: bool = False
-                            ) -> dict[QueueId, list[tuple[str, str, str, str, str]]]:
-        """(address, original, status, dsn, reason) of each message's recipients, in envelope order."""
-        out: dict[QueueId, list] = {}
+                            ) -> dict[QueueId, list[RecipientRow]]:
+        """Each message's recipients (only the pending ones with `pending_only`), in envelope order; a message
+        without any is missing from the answer."""
+        out: dict[QueueId, list[RecipientRow]] = {}
         only = " AND status = 'pending'" if pending_only else ""
         for chunk in chunks(list(ids), MAX_VARS):
             rows = await self._reader.execute_fetchall(
-                f"SELECT message_id, address, original, status, dsn, reason FROM recipient"
+                f"SELECT message_id, {_RECIPIENT_ROW} FROM recipient"
                 f" WHERE message_id IN ({marks(len(chunk))}){only} ORDER BY message_id, idx", tuple(chunk))
             for qid, *fields in rows:
-                out.setdefault(qid, []).append(tuple(fields))
+                out.setdefault(qid, []).append(RecipientRow(*fields))
         return out
 
-    async def message_detail(self, queue_id: QueueId) -> tuple | None:
-        """(id, queue, size, arrival, sender, next_attempt, attempts, client, envid, ret, smtputf8, body_type,
-        warned) of one message, or None."""
-        rows = await self._reader.execute_fetchall(
-            f"SELECT {_TOOL_MESSAGE}, client, envid, ret, smtputf8, body_type, warned FROM message"
-            " WHERE id = ?", (queue_id,))
-        return tuple(rows[0]) if rows else None
+    async def message_detail(self, queue_id: QueueId) -> MessageDetail | None:
+        """One message's envelope, or None."""
+        rows = await self._reader.execute_fetchall(f"SELECT {_MESSAGE_DETAIL} FROM message WHERE id = ?",
+                                                   (queue_id,))
+        if not rows:
+            return None
+        *fields, utf8, body_type, warned = rows[0]
+        return MessageDetail(*fields, smtputf8=bool(utf8), body_type=body_type, warned=bool(warned))
 
     async def hold_messages(self, ids: Sequence[QueueId]) -> None:
         """incoming/deferred/active -> hold. An active message's delivery finishes; `record` keeps it held."""
@@ -107,8 +176,8 @@ class OperatorQueries:
         await self._committer.write([(sql, rows), *more, (BUMP_GENERATION, [()])])
 
     async def shape_counts(self, queues: Sequence[str], now: float, limits: Sequence[float]
-                           ) -> list[tuple[str, int, int]]:
-        """(recipient domain, age bucket, pending recipients), aggregated in SQL. Bucket i (1-based) holds
+                           ) -> list[ShapeCount]:
+        """Pending recipients per (recipient domain, age bucket), counted in SQL. Bucket i (1-based) holds
         ages below limits[i-1] seconds; bucket len(limits)+1 the rest."""
         cases = " ".join(f"WHEN ? - m.arrival < ? THEN {i}" for i in range(1, len(limits) + 1))
         case_params = [p for limit in limits for p in (now, limit)]
@@ -118,15 +187,13 @@ class OperatorQueries:
             f" FROM message m JOIN recipient r ON r.message_id = m.id"
             f" WHERE m.queue IN ({marks(len(queues))}) AND r.status = 'pending' GROUP BY domain, bucket",
             (*case_params, *queues))
-        return [tuple(r) for r in rows]
+        return [ShapeCount(*r) for r in rows]
 
-    async def destination_rows(self) -> list[tuple]:
-        """qmgr's last destination snapshot: (transport, nexthop, window, in_flight, queued, failures,
-        dead_until, reason, updated)."""
+    async def destination_rows(self) -> list[DestinationRow]:
+        """qmgr's last destination snapshot, by transport and nexthop."""
         rows = await self._reader.execute_fetchall(
-            "SELECT transport, nexthop, window, in_flight, queued, failures, dead_until, reason, updated"
-            " FROM destination ORDER BY transport, nexthop")
-        return [tuple(r) for r in rows]
+            f"SELECT {_DESTINATION_ROW} FROM destination ORDER BY transport, nexthop")
+        return [DestinationRow(*r) for r in rows]
 
 
 def _tool_where(queues: Sequence[str], ids: Sequence[QueueId] | None, after: str, sender: str | None,
