@@ -14,7 +14,8 @@ Functions
 - `insert_ops(messages)`: the statements that add new messages (message, recipient, content rows, and the
   `LINK_CONTENT` pseudo-statement that links their files in before the transaction).
 - `content_of(queue_id, data, body, file_offset, content_dir)`: a row as a Content (its file part read
-  lazily); None when its file is missing (logged: a corrupt entry).
+  lazily); None when its file is missing (logged: a corrupt entry). `row_content(data, body)`: one without a
+  file.
 - `sweep(content_dir, kept)`: remove temporary spool files and content files whose row is gone.
 """
 from __future__ import annotations
@@ -74,16 +75,24 @@ def insert_ops(messages: Sequence[NewMessage]) -> list[Op]:
 def content_of(queue_id: str, data: bytes, body: bytes | None, file_offset: int | None,
                content_dir: Path) -> Content | None:
     """A content row as a Content; None (logged) when its file is missing."""
-    parts: list = [data, body] if body is not None else [data]
-    if file_offset is not None:
-        path = content_dir / queue_id
-        try:
-            size = os.stat(path).st_size
-        except FileNotFoundError:
-            log.error("%s: content file %s is missing", queue_id, path)
-            return None
-        parts.append(FilePart(str(path), file_offset, size - file_offset))
-    return Content(parts)
+    if file_offset is None:
+        return row_content(data, body)
+    path = content_dir / queue_id
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        log.error("%s: content file %s is missing", queue_id, path)
+        return None
+    return Content((*_row_parts(data, body), FilePart(str(path), file_offset, size - file_offset)))
+
+
+def row_content(data: bytes, body: bytes | None) -> Content:
+    """A content row without a file (`file_offset` NULL) as a Content."""
+    return Content(_row_parts(data, body))
+
+
+def _row_parts(data: bytes, body: bytes | None) -> tuple[bytes, ...]:
+    return (data,) if body is None else (data, body)
 
 
 def sweep(content_dir: Path, kept: set[str]) -> int:

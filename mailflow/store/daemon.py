@@ -10,11 +10,12 @@ Contract
   Content that is neither in memory nor one file part at the end is first copied into a spool file.
   `insert` may raise `Overloaded` (the write backlog is over its limit); `insert_many` (bulk loads) never does.
 - `due(now, limit)`: up to `limit` messages due, new and deferred mail alternating, with their pending
-  recipients and the recorded results whose notice is still owed.
+  recipients and the recorded results whose notice is still owed; in the same reader hop, the content of the
+  small ones, which `content()` hands out once each for a message `claim()` then took.
 - `claim(ids, now)` is qmgr's atomic taking of messages: only rows still incoming, or deferred and due, become
   `active`; it returns the ids it took, and qmgr admits only those.
 - `content(id)` returns the Content (its file part read lazily) or None when the row or its file is missing;
-  reads asked for in the same loop turn are one query.
+  reads asked for in the same loop turn are one query. `reads` and `commits` count reader and writer hops.
 - `record_results(queue_id, rows)` marks recipients as each delivery job ends (Postfix's deliver_completed); a
   recipient whose failure/success notice is still owed keeps a flag until `finish()` queues the notices, clears
   the flags and defers or removes the message, all in one transaction. So a stop between the two repeats no
@@ -31,27 +32,27 @@ Failures raise `sqlite3.Error` with SQLite's own message (engine.py: what a fail
 """
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Sequence
 
-import aiosqlite
-
 from mailflow.content import Content, Spool
 from mailflow.model import Delivered, NewMessage, Outcome, QueuedMessage, QueueId, RcptResult, Recipient
-from mailflow.store.contents import content_of, insert_ops, storable, sweep
+from mailflow.store.contents import content_of, insert_ops, row_content, storable, sweep
 from mailflow.store.engine import (BUSY_TIMEOUT, CONTENT_DIRECTORY, MAX_VARS, BatchLoader, GroupCommitter, Op,
-                                   Writer, chunks, marks, remove_ops)
+                                   Reader, Writer, chunks, fetchall, marks, remove_ops)
 from mailflow.store.operator import OperatorQueries
 
 
 class Store(OperatorQueries):
     """The queue database. Open with `await Store.open(path)`; close with `await store.close()`."""
 
-    def __init__(self, writer: Writer, reader: aiosqlite.Connection, committer: GroupCommitter, content_dir: Path):
+    def __init__(self, writer: Writer, reader: Reader, committer: GroupCommitter, content_dir: Path):
         self._writer = writer
         self._reader = reader
         self._committer = committer
         self._contents = BatchLoader(self._fetch_contents)
+        self._scanned: dict[QueueId, Content] = {}  # small contents read by the last due(), each handed out once
         self.content_dir = content_dir
 
     @classmethod
@@ -61,15 +62,14 @@ class Store(OperatorQueries):
         incremental vacuum, which needs the database to itself."""
         path = Path(path)
         (path.parent / CONTENT_DIRECTORY).mkdir(mode=0o700, parents=True, exist_ok=True)
-        writer = Writer(path)
+        writer, reader = Writer(path), Reader(path)
         try:
-            await writer.call(writer.open, busy_timeout, owner)
-            reader = await aiosqlite.connect(path)
+            await writer.call(writer.open, busy_timeout, owner)  # first: it creates or migrates the schema
+            await reader.call(reader.open, busy_timeout)
         except BaseException:
-            await writer.close()  # its thread would otherwise keep the process alive
+            await reader.close()  # their threads would otherwise keep the process alive
+            await writer.close()
             raise
-        await reader.execute("PRAGMA query_only = ON")
-        await reader.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         committer = GroupCommitter(writer, batch_limit, backlog_limit)
         committer.start()
         return cls(writer, reader, committer, path.parent / CONTENT_DIRECTORY)
@@ -81,7 +81,13 @@ class Store(OperatorQueries):
 
     @property
     def commits(self) -> int:
+        """Write transactions so far (each one writer thread hop)."""
         return self._committer.commits
+
+    @property
+    def reads(self) -> int:
+        """Read calls so far (each one reader thread hop)."""
+        return self._reader.hops
 
     # -- content files ----------------------------------------------------------------------------
     def new_spool(self, max_size: int | None = None) -> Spool:
@@ -91,7 +97,7 @@ class Store(OperatorQueries):
     async def sweep(self) -> int:
         """Remove temporary spool files and content files without a row. Only at server start, before anything
         is received (a spool being written would go too). Returns how many files were removed."""
-        kept = {qid for (qid,) in await self._reader.execute_fetchall(
+        kept = {qid for (qid,) in await self._reader.fetchall(
             "SELECT message_id FROM content WHERE file_offset IS NOT NULL")}
         return sweep(self.content_dir, kept)
 
@@ -113,7 +119,9 @@ class Store(OperatorQueries):
     async def claim(self, ids: Sequence[QueueId], now: float) -> list[QueueId]:
         """Take messages for delivery: each of `ids` still incoming, or deferred and due at `now`, becomes active,
         atomically. Returns the ids taken (an operator's hold or delete, or another taker, wins over a stale read)."""
-        return await self._committer.write([], call=lambda con: _claim(con, list(ids), now))
+        taken = await self._committer.write([], call=lambda con: _claim(con, list(ids), now))
+        self._scanned = {qid: self._scanned[qid] for qid in taken if qid in self._scanned}
+        return taken
 
     async def record_results(self, queue_id: QueueId, rows: Sequence[tuple[RcptResult, bool]]) -> None:
         """Record what one delivery job did, as soon as it is back: each `(result, notice_owed)` marks its
@@ -149,6 +157,7 @@ class Store(OperatorQueries):
                         [(done.next_attempt, int(done.warned), qid)]))
         if notices:
             ops += insert_ops(notices)
+        self._scanned.pop(qid, None)
         await self._committer.write(ops)
 
     async def mark_corrupt(self, ids: Sequence[QueueId]) -> None:
@@ -161,7 +170,7 @@ class Store(OperatorQueries):
 
     async def recover(self) -> int:
         """Start-up: whatever was active when the process stopped is incoming again. Returns how many."""
-        [(n,)] = await self._reader.execute_fetchall("SELECT count(*) FROM message WHERE queue = 'active'")
+        [(n,)] = await self._reader.fetchall("SELECT count(*) FROM message WHERE queue = 'active'")
         await self._committer.write([("UPDATE message SET queue = 'incoming' WHERE queue = 'active'", [()])])
         return n
 
@@ -177,73 +186,57 @@ class Store(OperatorQueries):
     # -- reads ----------------------------------------------------------------------------------
     async def due(self, now: float, limit: int) -> list[QueuedMessage]:
         """Up to `limit` messages due for delivery, new mail and deferred mail alternating (so a retry storm
-        cannot starve fresh mail), each side oldest first. Two index range scans, never a full scan."""
-        fresh = await self._reader.execute_fetchall(
-            f"SELECT {_MESSAGE_COLUMNS} FROM message WHERE queue = 'incoming' ORDER BY next_attempt LIMIT ?",
-            (limit,))
-        retry = await self._reader.execute_fetchall(
-            f"SELECT {_MESSAGE_COLUMNS} FROM message WHERE queue = 'deferred' AND next_attempt <= ?"
-            " ORDER BY next_attempt LIMIT ?", (now, limit))
-        rows = _alternate(fresh, retry)[:limit]
-        pending, owed = await self._recipients_to_do([r[0] for r in rows])
-        return [_queued_message(row, pending.get(row[0], ()), owed.get(row[0], ())) for row in rows]
+        cannot starve fresh mail), each side oldest first. Two index range scans, never a full scan.
+
+        One reader hop: it also reads the content of the small messages it returns (SCAN_CONTENT_SIZE each,
+        SCAN_CONTENT_BUDGET in all). `content()` hands it out once, without a read of its own, for a message
+        that `claim()` then took and `finish()` has not removed; the rest is dropped at the claim, and what
+        is not asked for by the next `due()` then (a later `content()` reads the row)."""
+        messages, self._scanned = await self._reader.read(_read_due, now, limit)
+        return messages
 
     async def next_due_time(self) -> float | None:
-        rows = await self._reader.execute_fetchall("SELECT min(next_attempt) FROM message WHERE queue = 'deferred'")
+        rows = await self._reader.fetchall("SELECT min(next_attempt) FROM message WHERE queue = 'deferred'")
         return rows[0][0] if rows else None
 
     async def content(self, queue_id: QueueId) -> Content | None:
-        """The message content; None if the row or its file is missing (a corrupt entry)."""
-        return await self._contents.load(queue_id)
+        """The message content; None if the row or its file is missing (a corrupt entry). Read with `due()`
+        for a small message just claimed, else in one query with the other reads asked for in this loop turn."""
+        scanned = self._scanned.pop(queue_id, None)
+        return scanned if scanned is not None else await self._contents.load(queue_id)
 
     async def queue_states(self, ids: Sequence[QueueId]) -> dict[QueueId, str]:
         """The queue each of `ids` is in now; an id missing from the answer was deleted."""
         out: dict[QueueId, str] = {}
         for chunk in chunks(list(ids), MAX_VARS):
-            rows = await self._reader.execute_fetchall(
+            rows = await self._reader.fetchall(
                 f"SELECT id, queue FROM message WHERE id IN ({marks(len(chunk))})", tuple(chunk))
             out.update(rows)
         return out
 
     async def generation(self) -> int:
         """The operator tools' change counter: a change bumps it, and qmgr rescans when it moves."""
-        rows = await self._reader.execute_fetchall("SELECT value FROM control WHERE key = 'generation'")
+        rows = await self._reader.fetchall("SELECT value FROM control WHERE key = 'generation'")
         return rows[0][0] if rows else 0
 
     async def flush_requests(self) -> int:
         """How many times `mailflow queue flush` ran: a change asks qmgr to revive dead destinations."""
-        rows = await self._reader.execute_fetchall("SELECT value FROM control WHERE key = 'flush'")
+        rows = await self._reader.fetchall("SELECT value FROM control WHERE key = 'flush'")
         return rows[0][0] if rows else 0
 
     async def counts(self) -> dict[str, int]:
-        rows = await self._reader.execute_fetchall("SELECT queue, count(*) FROM message GROUP BY queue")
+        rows = await self._reader.fetchall("SELECT queue, count(*) FROM message GROUP BY queue")
         return {q: n for q, n in rows}
 
     async def recipients(self, queue_id: QueueId) -> list[tuple[str, str, str, str]]:
         """(address, status, dsn, reason) for every recipient of a message, in envelope order."""
-        rows = await self._reader.execute_fetchall(
+        rows = await self._reader.fetchall(
             "SELECT address, status, dsn, reason FROM recipient WHERE message_id = ? ORDER BY idx", (queue_id,)
         )
         return [tuple(r) for r in rows]
 
-    async def _recipients_to_do(self, ids: list[QueueId]
-                                ) -> tuple[dict[QueueId, list[Recipient]], dict[QueueId, list[RcptResult]]]:
-        """Per message: the pending recipients, and the recorded results whose notice is still owed."""
-        pending: dict[QueueId, list[Recipient]] = {}
-        owed: dict[QueueId, list[RcptResult]] = {}
-        for chunk in chunks(ids, MAX_VARS):
-            rows = await self._reader.execute_fetchall(
-                f"SELECT message_id, {_RECIPIENT_COLUMNS} FROM recipient WHERE (status = 'pending' OR notice = 1)"
-                f" AND message_id IN ({marks(len(chunk))}) ORDER BY message_id, idx", tuple(chunk))
-            for qid, *fields in rows:
-                if fields[5] == "pending":
-                    pending.setdefault(qid, []).append(Recipient(*fields[:5]))
-                else:
-                    owed.setdefault(qid, []).append(_recorded_result(fields))
-        return pending, owed
-
     async def _fetch_contents(self, ids: Sequence[QueueId]) -> dict[QueueId, Content]:
-        rows = await self._reader.execute_fetchall(
+        rows = await self._reader.fetchall(
             f"SELECT message_id, data, body, file_offset FROM content WHERE message_id IN ({marks(len(ids))})",
             tuple(ids))
         out = {}
@@ -254,7 +247,56 @@ class Store(OperatorQueries):
         return out
 
 
-def _claim(con, ids: list[QueueId], now: float) -> list[QueueId]:
+SCAN_CONTENT_SIZE = 64 * 1024  # bytes: a message up to this size has its content read with due()
+SCAN_CONTENT_BUDGET = 8 << 20  # bytes of content read with one due() at the most
+
+
+def _read_due(con: sqlite3.Connection, now: float, limit: int) -> tuple[list[QueuedMessage], dict[QueueId, Content]]:
+    """due() on the reader thread: the messages, and the contents of the small ones."""
+    fresh = fetchall(con, f"SELECT {_MESSAGE_COLUMNS} FROM message WHERE queue = 'incoming'"
+                          " ORDER BY next_attempt LIMIT ?", (limit,))
+    retry = fetchall(con, f"SELECT {_MESSAGE_COLUMNS} FROM message WHERE queue = 'deferred' AND next_attempt <= ?"
+                          " ORDER BY next_attempt LIMIT ?", (now, limit))
+    rows = _alternate(fresh, retry)[:limit]
+    pending, owed = _recipients_to_do(con, [row[0] for row in rows])
+    messages = [_queued_message(row, pending.get(row[0], ()), owed.get(row[0], ())) for row in rows]
+    return messages, _small_contents(con, messages)
+
+
+def _recipients_to_do(con: sqlite3.Connection, ids: list[QueueId]
+                      ) -> tuple[dict[QueueId, list[Recipient]], dict[QueueId, list[RcptResult]]]:
+    """Per message: the pending recipients, and the recorded results whose notice is still owed."""
+    pending: dict[QueueId, list[Recipient]] = {}
+    owed: dict[QueueId, list[RcptResult]] = {}
+    for chunk in chunks(ids, MAX_VARS):
+        rows = fetchall(con, f"SELECT message_id, {_RECIPIENT_COLUMNS} FROM recipient"
+                             f" WHERE (status = 'pending' OR notice = 1) AND message_id IN ({marks(len(chunk))})"
+                             " ORDER BY message_id, idx", tuple(chunk))
+        for qid, *fields in rows:
+            if fields[5] == "pending":
+                pending.setdefault(qid, []).append(Recipient(*fields[:5]))
+            else:
+                owed.setdefault(qid, []).append(_recorded_result(fields))
+    return pending, owed
+
+
+def _small_contents(con: sqlite3.Connection, messages: Sequence[QueuedMessage]) -> dict[QueueId, Content]:
+    """The contents held whole in their rows of the messages up to SCAN_CONTENT_SIZE, within SCAN_CONTENT_BUDGET."""
+    ids, budget = [], SCAN_CONTENT_BUDGET
+    for m in messages:
+        if m.size <= min(SCAN_CONTENT_SIZE, budget):
+            ids.append(m.queue_id)
+            budget -= m.size
+    out: dict[QueueId, Content] = {}
+    for chunk in chunks(ids, MAX_VARS):
+        for qid, data, body in fetchall(con, "SELECT message_id, data, body FROM content"
+                                             f" WHERE file_offset IS NULL AND message_id IN ({marks(len(chunk))})",
+                                        tuple(chunk)):
+            out[qid] = row_content(data, body)
+    return out
+
+
+def _claim(con: sqlite3.Connection, ids: list[QueueId], now: float) -> list[QueueId]:
     """incoming, or deferred and due -> active (inside a transaction); the ids that moved. One statement per id:
     cheaper than an IN list with RETURNING, and each row count says whether that id was taken."""
     sql = ("UPDATE message SET queue = 'active' WHERE id = ?"

@@ -19,10 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-import aiosqlite
-
+from mailflow.content import Content
 from mailflow.model import QueueId
-from mailflow.store.engine import GroupCommitter, Op, chunks, marks, remove_ops, MAX_VARS
+from mailflow.store.engine import MAX_VARS, GroupCommitter, Op, Reader, chunks, marks, remove_ops
 
 
 
@@ -100,15 +99,16 @@ BUMP_GENERATION = ("INSERT INTO control (key, value) VALUES ('generation', 1)"
 class OperatorQueries:
     """The operator tools' queries and changes (a part of Store)."""
 
-    _reader: aiosqlite.Connection
+    _reader: Reader
     _committer: GroupCommitter
+    _scanned: dict[QueueId, Content]  # see Store.due
 
     async def message_page(self, *, queues: Sequence[str], ids: Sequence[QueueId] | None = None, after: str = "",
                            limit: int = 1000, sender: str | None = None, rcpt_domain: str | None = None,
                            arrived_before: float | None = None) -> list[MessageRow]:
         """Up to `limit` selected messages with ids after `after`, in id order. `ids` at most 500."""
         where, params = _tool_where(queues, ids, after, sender, rcpt_domain, arrived_before)
-        rows = await self._reader.execute_fetchall(
+        rows = await self._reader.fetchall(
             f"SELECT {_MESSAGE_ROW} FROM message WHERE {where} ORDER BY id LIMIT ?", (*params, limit))
         return [MessageRow(*r) for r in rows]
 
@@ -119,7 +119,7 @@ class OperatorQueries:
     async def count_messages(self, *, queues: Sequence[str], sender: str | None = None,
                              rcpt_domain: str | None = None, arrived_before: float | None = None) -> int:
         where, params = _tool_where(queues, None, "", sender, rcpt_domain, arrived_before)
-        rows = await self._reader.execute_fetchall(f"SELECT count(*) FROM message WHERE {where}", params)
+        rows = await self._reader.fetchall(f"SELECT count(*) FROM message WHERE {where}", params)
         return rows[0][0]
 
     async def recipients_of(self, ids: Sequence[QueueId], *, pending_only: bool = False
@@ -129,7 +129,7 @@ class OperatorQueries:
         out: dict[QueueId, list[RecipientRow]] = {}
         only = " AND status = 'pending'" if pending_only else ""
         for chunk in chunks(list(ids), MAX_VARS):
-            rows = await self._reader.execute_fetchall(
+            rows = await self._reader.fetchall(
                 f"SELECT message_id, {_RECIPIENT_ROW} FROM recipient"
                 f" WHERE message_id IN ({marks(len(chunk))}){only} ORDER BY message_id, idx", tuple(chunk))
             for qid, *fields in rows:
@@ -138,7 +138,7 @@ class OperatorQueries:
 
     async def message_detail(self, queue_id: QueueId) -> MessageDetail | None:
         """One message's envelope, or None."""
-        rows = await self._reader.execute_fetchall(f"SELECT {_MESSAGE_DETAIL} FROM message WHERE id = ?",
+        rows = await self._reader.fetchall(f"SELECT {_MESSAGE_DETAIL} FROM message WHERE id = ?",
                                                    (queue_id,))
         if not rows:
             return None
@@ -170,6 +170,8 @@ class OperatorQueries:
     async def delete_messages(self, ids: Sequence[QueueId]) -> None:
         """Remove messages in any state: message, recipient and content rows."""
         id_rows = [(i,) for i in ids]
+        for qid in ids:
+            self._scanned.pop(qid, None)
         await self._committer.write([*remove_ops(id_rows), (BUMP_GENERATION, [()])])
 
     async def _tool_write(self, sql: str, rows: list[tuple], *more: Op) -> None:
@@ -181,7 +183,7 @@ class OperatorQueries:
         ages below limits[i-1] seconds; bucket len(limits)+1 the rest."""
         cases = " ".join(f"WHEN ? - m.arrival < ? THEN {i}" for i in range(1, len(limits) + 1))
         case_params = [p for limit in limits for p in (now, limit)]
-        rows = await self._reader.execute_fetchall(
+        rows = await self._reader.fetchall(
             f"SELECT {_RCPT_DOMAIN.format(a='r.address')} AS domain,"
             f" CASE {cases} ELSE {len(limits) + 1} END AS bucket, count(*)"
             f" FROM message m JOIN recipient r ON r.message_id = m.id"
@@ -191,7 +193,7 @@ class OperatorQueries:
 
     async def destination_rows(self) -> list[DestinationRow]:
         """qmgr's last destination snapshot, by transport and nexthop."""
-        rows = await self._reader.execute_fetchall(
+        rows = await self._reader.fetchall(
             f"SELECT {_DESTINATION_ROW} FROM destination ORDER BY transport, nexthop")
         return [DestinationRow(*r) for r in rows]
 
