@@ -52,7 +52,7 @@ class Store(OperatorQueries):
         self._reader = reader
         self._committer = committer
         self._contents = BatchLoader(self._fetch_contents)
-        self._scanned: dict[QueueId, Content] = {}  # small contents read by the last due(), each handed out once
+        self._scanned: dict[QueueId, Content] = {}  # small contents read by due(), for the ids claim() then took
         self.content_dir = content_dir
 
     @classmethod
