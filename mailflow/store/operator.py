@@ -1,4 +1,4 @@
-"""The store's operator API: what `mailflow queue …` (mailflow/queue_tools.py) reads and changes.
+"""The store's operator API: what `mailflow queue …` (mailflow/queue_tools/) reads and changes.
 
 The tools open the queue in a process of their own, beside a running server. A selection is: `queues`, and
 optionally `ids`, `sender` (exact, any case), `rcpt_domain` (the domain of a pending recipient) and
@@ -22,7 +22,6 @@ from typing import Sequence
 from mailflow.content import Content
 from mailflow.model import QueueId
 from mailflow.store.engine import MAX_VARS, GroupCommitter, Op, Reader, chunks, marks, remove_ops
-
 
 
 @dataclass(frozen=True)
