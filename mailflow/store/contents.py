@@ -49,7 +49,9 @@ async def storable(msg: NewMessage, content_dir: Path, temporaries: list[Spool])
             await spool.drain()
         content = Content((head, *(await spool.finish()).parts))
         msg = dataclasses.replace(msg, content=content)
-    await asyncio.to_thread(fsync_path, content.parts[-1].path)
+    file = content.parts[-1]
+    assert isinstance(file, FilePart)  # linkable, or just made so
+    await asyncio.to_thread(fsync_path, file.path)
     return msg
 
 
@@ -115,16 +117,15 @@ def _content_row(content: Content) -> tuple:
     """(data, body, file part) of a content row. In memory: the first part and the rest (joined only when
     there are several); with a file: every part before it (the header section) and the file part, last."""
     parts = content.parts
-    if not parts or not isinstance(parts[-1], FilePart):
-        if any(isinstance(p, FilePart) for p in parts):
-            raise ValueError(f"content not prepared for the store: {content!r}")
-        rest = parts[1:]
-        body = None if not rest else rest[0] if len(rest) == 1 else b"".join(rest)
-        return (parts[0] if parts else b""), body, None
-    head = parts[:-1]
-    if any(isinstance(p, FilePart) for p in head):
+    file = parts[-1] if parts and isinstance(parts[-1], FilePart) else None
+    in_row = [p for p in (parts[:-1] if file else parts) if not isinstance(p, FilePart)]
+    if len(in_row) != len(parts) - (file is not None):
         raise ValueError(f"content not prepared for the store: {content!r}")
-    return (head[0] if len(head) == 1 else b"".join(head)), None, parts[-1]
+    if file is not None:
+        return (in_row[0] if len(in_row) == 1 else b"".join(in_row)), None, file
+    rest = in_row[1:]
+    body = None if not rest else rest[0] if len(rest) == 1 else b"".join(rest)
+    return (in_row[0] if in_row else b""), body, None
 
 
 def _leading_bytes(parts: Iterable) -> list:

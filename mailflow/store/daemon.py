@@ -330,7 +330,7 @@ def _queued_message(row: tuple, recipients, owed) -> QueuedMessage:
 
 
 def _alternate(first: list, second: list) -> list:
-    out = []
+    out: list = []
     for i in range(max(len(first), len(second))):
         out.extend(side[i] for side in (first, second) if i < len(side))
     return out

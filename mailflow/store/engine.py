@@ -97,7 +97,12 @@ class Connection:
         return await self.read(fetchall, sql, params)
 
     def _with_connection(self, fn, *args):
-        return fn(self._con, *args)
+        return fn(self._connection(), *args)
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._con is None:
+            raise sqlite3.ProgrammingError("the store's connection is not open")
+        return self._con
 
     def _serve(self) -> None:
         while (item := self._calls.get()) is not None:
@@ -182,7 +187,7 @@ class Writer(Connection):
         """The statements, then each call (its result in the list returned, None for no call); one commit.
         Content files are linked in (and the directory fsynced) before it, so a committed row always has its
         file; they are unlinked again if it fails. Files of removed content go after it."""
-        con = self._con
+        con = self._connection()
         linked = self._link_contents(merged.get(LINK_CONTENT, ()))
         try:
             con.execute("BEGIN IMMEDIATE")
@@ -227,7 +232,7 @@ class Writer(Connection):
     def maintain(self, free_share: float, min_free: int) -> int:
         """Give free pages back when they are many (at least `min_free`, and `free_share` of the file), then
         truncate the WAL. Returns the pages given back."""
-        con = self._con
+        con = self._connection()
         free = con.execute("PRAGMA freelist_count").fetchone()[0]
         pages = con.execute("PRAGMA page_count").fetchone()[0]
         if free < min_free or free < pages * free_share:
@@ -386,11 +391,11 @@ class BatchLoader:
         except Exception as e:
             for futs in waiting.values():
                 for f in futs:
-                    f.done() or f.set_exception(e)
+                    _settle(f, e)
             return
         for key, futs in waiting.items():
             for f in futs:
-                f.done() or f.set_result(found.get(key))
+                _settle(f, None, found.get(key))
 
 
 def chunks(items: Sequence, size: int) -> Iterable[Sequence]:
@@ -423,7 +428,7 @@ def _migrate(con: sqlite3.Connection) -> None:
     if version is not None and version < SCHEMA_VERSION:
         con.execute("BEGIN IMMEDIATE")
         try:
-            version = _schema_version(con)  # again, under the lock: another process may have done it
+            version = _schema_version(con) or version  # again, under the lock: another process may have done it
             for step in range(version, SCHEMA_VERSION):
                 for sql in MIGRATIONS[step]:
                     con.execute(sql)

@@ -141,8 +141,9 @@ class OperatorQueries:
                                                    (queue_id,))
         if not rows:
             return None
-        *fields, utf8, body_type, warned = rows[0]
-        return MessageDetail(*fields, smtputf8=bool(utf8), body_type=body_type, warned=bool(warned))
+        qid, queue, size, arrival, sender, next_attempt, attempts, client, envid, ret, utf8, body_type, warned = rows[0]
+        return MessageDetail(qid, queue, size, arrival, sender, next_attempt, attempts, client, envid, ret,
+                             smtputf8=bool(utf8), body_type=body_type, warned=bool(warned))
 
     async def hold_messages(self, ids: Sequence[QueueId]) -> None:
         """incoming/deferred/active -> hold. An active message's delivery finishes; `record` keeps it held."""
@@ -200,7 +201,8 @@ class OperatorQueries:
 def _tool_where(queues: Sequence[str], ids: Sequence[QueueId] | None, after: str, sender: str | None,
                 rcpt_domain: str | None, arrived_before: float | None) -> tuple[str, list]:
     # `+queue` keeps the planner on the primary key, so pages come in id order without a sort.
-    clauses, params = [f"+queue IN ({marks(len(queues))})"], list(queues)
+    clauses = [f"+queue IN ({marks(len(queues))})"]
+    params: list[object] = list(queues)
     if ids is not None:
         clauses.append(f"id IN ({marks(len(ids))})")
         params += ids
