@@ -2,8 +2,9 @@
 """How long one qmgr scheduling pass takes as the queue grows (it should stay nearly flat: index range
 scans, never a full scan).
 
-A pass is what `QueueManager._scan` asks of the store: `due(now, room)`, `claim(ids, now)` for what it got,
-and `next_due_time()`. Measured for N queued messages, N = 1 000, 10 000, 100 000, in two shapes:
+A pass is what `QueueManager._scan` asks of the store: `due(now, room)` (which also reads the content of the
+small messages it returns, so that their deliveries need no read of their own), `claim(ids, now)` for what it
+got, and `next_due_time()`. Measured for N queued messages, N = 1 000, 10 000, 100 000, in two shapes:
 - "all due": N incoming messages, the pass takes the first `room` (1 000) of them;
 - "none due": N deferred messages whose retry time is in the future, the pass finds nothing to do.
 Prints the median of RUNS passes per cell, in milliseconds.

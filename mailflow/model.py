@@ -96,6 +96,24 @@ class Recipient:
 
 
 @dataclass(frozen=True)
+class NewMessage:
+    """A message as cleanup (or qmgr, for a notice) commits it to the store. Recipient indexes are their positions
+    in `recipients`."""
+
+    queue_id: QueueId
+    sender: str
+    arrival: float
+    content: Content
+    recipients: tuple[Recipient, ...]
+    smtputf8: bool = False
+    body_type: str = "7BIT"
+    client: str = ""
+    envid: str = ""
+    ret: str = ""
+    queue: str = "incoming"  # "hold": committed on hold (an smtpd HOLD restriction); qmgr leaves it alone
+
+
+@dataclass(frozen=True)
 class QueuedMessage:
     """A message as the queue manager sees it: envelope data and the recipients still to do; `owed`: results
     recorded before a stop whose failure/success notice is not queued yet (the end of this attempt queues it)."""

@@ -292,9 +292,9 @@ async def test_a_file_over_the_size_limit_is_returned_unread_and_a_big_one_under
     assert b"Subject: too big" in notice and b"x" * 78 not in notice  # its header section only
     assert not (mf.config.queue_path / "maildrop" / too_big).exists()
     assert await eventually(lambda: not maildrop_names(mf.config.queue_path / "maildrop"), timeout=5)
-    [(queue_id, *_)] = await mf.store.message_page(queues=("incoming", "active", "deferred"),
-                                                   sender="alice@local.test")  # not the notice, maybe still there
-    content = await mf.store.content(queue_id)
+    [row] = await mf.store.message_page(queues=("incoming", "active", "deferred"),
+                                        sender="alice@local.test")  # not the notice, maybe still there
+    content = await mf.store.content(row.queue_id)
     assert not content.in_memory and content.to_bytes().endswith(data.split(b"\r\n\r\n", 1)[1])
 
 

@@ -93,7 +93,7 @@ async def test_a_result_is_recorded_and_logged_when_its_job_ends_not_when_the_me
     await until(lambda: s.local.requests and s.smtp.in_flight)
     rows = await until(lambda: _recipients_if(s, "Q1", lambda rows: rows[0][1] == "sent"))
     assert [r[:2] for r in rows] == [("a@example.test", "sent"), ("b@remote.test", "pending")]
-    assert s.logged("Q1: to=<a@example.test>", "status=sent")
+    assert await until(lambda: s.logged("Q1: to=<a@example.test>", "status=sent"))  # logged after the commit
     assert await s.store.counts() == {"active": 1}
     s.smtp.release.set()
     await until(lambda: _counts_are(s, {}))

@@ -7,7 +7,6 @@ from importlib import resources
 import threading
 from pathlib import Path
 
-import aiosqlite
 import pytest
 
 from mailflow.content import Content
@@ -403,18 +402,6 @@ async def test_close_finishes_writes_already_submitted(tmp_path):
         await store.close()
 
 
-async def close_connections_left_in(exc: BaseException) -> None:
-    """Close any aiosqlite connection a failed Store.open left behind: their worker threads are not daemons, and
-    one left open keeps the whole test process from exiting. (Store.open closes them itself now: this is only a
-    safety net so that a regression fails test_a_failed_open_leaves_no_connection_behind instead of hanging.)"""
-    tb = exc.__traceback__
-    while tb is not None:
-        for value in list(tb.tb_frame.f_locals.values()):
-            if isinstance(value, aiosqlite.Connection):
-                await value.close()
-        tb = tb.tb_next
-
-
 async def newer_schema(path):
     await (await Store.open(path)).close()
     with sqlite3.connect(path) as db:
@@ -428,21 +415,19 @@ async def not_a_database(path):
 async def test_a_newer_schema_is_refused(tmp_path):
     path = tmp_path / "queue.db"
     await newer_schema(path)
-    with pytest.raises(sqlite3.DatabaseError, match="newer") as info:
+    with pytest.raises(sqlite3.DatabaseError, match="newer"):
         await Store.open(path)
-    await close_connections_left_in(info.value)
 
 
 async def test_a_damaged_database_file_is_refused(tmp_path):
     path = tmp_path / "queue.db"
     await not_a_database(path)
-    with pytest.raises(sqlite3.DatabaseError) as info:
+    with pytest.raises(sqlite3.DatabaseError):
         await Store.open(path)
-    await close_connections_left_in(info.value)
 
 
 def connection_threads() -> set[threading.Thread]:
-    return {t for t in threading.enumerate() if "_connection_worker_thread" in t.name and t.is_alive()}
+    return {t for t in threading.enumerate() if t.name.startswith(("store-reader", "store-writer")) and t.is_alive()}
 
 
 @pytest.mark.parametrize("damage", [newer_schema, not_a_database])
@@ -451,16 +436,13 @@ async def test_a_failed_open_leaves_no_connection_behind(tmp_path, damage):
     path = tmp_path / "queue.db"
     await damage(path)
     before = connection_threads()
-    with pytest.raises(sqlite3.DatabaseError) as info:
+    with pytest.raises(sqlite3.DatabaseError):
         await Store.open(path)
-    try:
-        left = connection_threads() - before
-        for thread in left:
-            thread.join(0.2)
-        assert not [t for t in left if t.is_alive()]
-    finally:
-        await close_connections_left_in(info.value)
-
+    left = connection_threads() - before
+    for thread in left:
+        thread.join(0.2)
+    assert not [t for t in left if t.is_alive()]
+    
 
 async def test_a_hold_made_during_delivery_stands(store):
     await store.insert(new("Q1"))
@@ -669,3 +651,46 @@ async def test_a_queue_made_by_the_previous_version_is_migrated_and_converted(tm
         assert db.execute("PRAGMA auto_vacuum").fetchone() == (2,)  # rebuilt once for incremental vacuum
         assert db.execute("SELECT status, notice FROM recipient ORDER BY idx").fetchall() == [("sent", 0),
                                                                                             ("bounced", 1)]
+
+
+# ---------------------------------------------------------------------------------------------- thread hops
+
+
+async def test_a_scan_is_one_read_and_hands_out_the_content_of_small_messages_it_claimed(store):
+    from mailflow.store.daemon import SCAN_CONTENT_SIZE
+
+    big = b"Subject: big\r\n\r\n" + b"x" * SCAN_CONTENT_SIZE
+    await store.insert_many([new("S1", "a@x.test", "b@x.test"), new("S2"), new("B1", content=big)])
+    reads = store.reads
+    messages = await store.due(T0, 10)
+    assert sorted(m.queue_id for m in messages) == ["B1", "S1", "S2"] and store.reads == reads + 1
+    assert await store.claim(["S1", "S2", "B1"], T0) == ["S1", "S2", "B1"]
+    reads = store.reads
+    assert await content_of(store, "S1") == b"Subject: S1\r\n\r\nbody\r\n"
+    assert await content_of(store, "S2") == b"Subject: S2\r\n\r\nbody\r\n"
+    assert store.reads == reads, "read with the scan"
+    assert await content_of(store, "B1") == big and store.reads == reads + 1
+    assert await content_of(store, "S1") == b"Subject: S1\r\n\r\nbody\r\n" and store.reads == reads + 2, "once"
+
+
+async def test_scanned_content_is_handed_out_only_for_a_claimed_message_still_queued(store):
+    await store.insert_many([new("H1"), new("F1"), new("D1")])
+    await store.hold_messages(["H1"])
+    await store.insert(new("H1X"))
+    await store.due(T0, 10)
+    await store.hold_messages(["H1X"])  # an operator, between the scan and the claim
+    assert await store.claim(["F1", "D1", "H1X"], T0) == ["F1", "D1"]
+    await store.finish(Delivered("F1", None), results=[])
+    await store.delete_messages(["D1"])
+    reads = store.reads
+    assert [await store.content(q) for q in ("F1", "D1")] == [None, None]
+    assert await content_of(store, "H1X") == b"Subject: H1X\r\n\r\nbody\r\n"
+    assert store.reads == reads + 3  # each read from the rows
+
+
+async def test_content_reads_in_one_loop_turn_are_one_read(store):
+    await store.insert_many([new(f"C{i}") for i in range(5)])
+    reads = store.reads
+    contents = await asyncio.gather(*(store.content(f"C{i}") for i in range(5)), store.content("MISSING"))
+    assert [c.to_bytes() for c in contents[:5]] == [f"Subject: C{i}\r\n\r\nbody\r\n".encode() for i in range(5)]
+    assert contents[5] is None and store.reads == reads + 1

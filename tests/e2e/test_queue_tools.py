@@ -60,7 +60,7 @@ async def deferred_reason(mf, qid: str, timeout: float = 10) -> str:
     async def reason():
         rows = await mf.store.recipients(qid)
         detail = await mf.store.message_detail(qid)
-        return rows[0][3] if rows and rows[0][3] and detail and detail[1] == "deferred" else ""
+        return rows[0][3] if rows and rows[0][3] and detail and detail.queue == "deferred" else ""
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -72,7 +72,7 @@ async def deferred_reason(mf, qid: str, timeout: float = 10) -> str:
 
 async def queue_state(mf, qid: str) -> str | None:
     detail = await mf.store.message_detail(qid)
-    return detail[1] if detail else None
+    return detail.queue if detail else None
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The queue tools' selections and layouts (mailflow/queue_tools.py), and the store queries behind them on a
+"""The queue tools' selections and layouts (mailflow/queue_tools/), and the store queries behind them on a
 real queue file with no server: chunked changes, pages, domain extraction, qshape's age buckets."""
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import json
 from mailflow import queue_tools as qt
 from mailflow.content import Content, FilePart
 from mailflow.model import Recipient
-from mailflow.store import NewMessage, Store
+from mailflow.store import (DestinationRow, MessageDetail, MessageRow, NewMessage, RecipientRow, ShapeCount,
+                            Store)
 
 T0 = 1_700_000_000.0  # Tue Nov 14 22:13:20 2023 UTC
 
@@ -91,11 +92,11 @@ def test_each_action_applies_to_the_queues_postsuper_would():
 
 
 def row(qid="0123456789", queue="deferred", size=1234, arrival=T0, sender="s@remote.test"):
-    return (qid, queue, size, arrival, sender, arrival + 60, 1)
+    return MessageRow(qid, queue, size, arrival, sender, arrival + 60, 1)
 
 
-def rcpt(address, reason="", status="pending", dsn=""):
-    return (address, address, status, dsn, reason)
+def rcpt(address, reason="", status="pending", dsn="", original=None):
+    return RecipientRow(address, address if original is None else original, status, dsn, reason)
 
 
 def test_mailq_entry_columns_match_postfix(utc):
@@ -149,8 +150,9 @@ def test_entry_json_has_every_recipient_with_its_status():
 # ---------------------------------------------------------------------------------------------- show
 
 
-def detail(queue="deferred", next_attempt=T0 + 90):
-    return ("0123456789", queue, 40, T0 - 300, "", next_attempt, 2, "client.test[192.0.2.9]", "", "", 0, "7BIT", 0)
+def detail(queue="deferred", next_attempt=T0 + 90, sender="", client="client.test[192.0.2.9]", envid=""):
+    return MessageDetail("0123456789", queue, 40, T0 - 300, sender, next_attempt, 2, client=client, envid=envid,
+                         ret="", smtputf8=False, body_type="7BIT", warned=False)
 
 
 def show_text(detail, recipients, content: bytes | Content | None, headers_only: bool, now: float) -> str:
@@ -185,7 +187,7 @@ def test_the_body_is_read_in_chunks_and_decoded_across_them(tmp_path):
 
 
 def test_show_text_sections(utc):
-    text = show_text(detail(), [("bob@x", "Bob@X", "pending", "4.4.1", "refused")], b"A: 1\r\n\r\nbody\r\n",
+    text = show_text(detail(), [rcpt("bob@x", "refused", dsn="4.4.1", original="Bob@X")], b"A: 1\r\n\r\nbody\r\n",
                      False, T0)
     assert text == (
         "*** ENVELOPE RECORDS deferred/0123456789 ***\n"
@@ -239,7 +241,8 @@ def test_shape_buckets_are_qshape_defaults():
 
 
 def test_shape_rows_sort_by_total_then_name_length_and_keep_the_top():
-    counts = [("b.example", 1, 3), ("aa.example", 1, 2), ("a.example", 10, 2), ("c.example", 2, 1)]
+    counts = [ShapeCount("b.example", 1, 3), ShapeCount("aa.example", 1, 2), ShapeCount("a.example", 10, 2),
+              ShapeCount("c.example", 2, 1)]
     total, domains = qt.shape_rows(counts, top=2)
     assert total == [8, 5, 1, 0, 0, 0, 0, 0, 0, 0, 2]
     assert domains == [("b.example", [3, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
@@ -248,7 +251,8 @@ def test_shape_rows_sort_by_total_then_name_length_and_keep_the_top():
 
 
 def test_shape_layout_is_qshapes():
-    total, domains = qt.shape_rows([("example.com", 1, 1234), ("x" * 70 + ".example", 10, 1)], top=20)
+    total, domains = qt.shape_rows([ShapeCount("example.com", 1, 1234), ShapeCount("x" * 70 + ".example", 10, 1)],
+                                   top=20)
     text = qt.format_shape(total, domains).splitlines()
     # columns as wide as TOTAL's numbers (+1, at least 3); the domain gets the rest of 80 columns
     assert text[0] == f"{'':>35}    T    5 10 20 40 80 160 320 640 1280 1280+"
@@ -258,8 +262,8 @@ def test_shape_layout_is_qshapes():
 
 
 def test_destinations_table_and_json(utc):
-    rows = [("smtp", "[127.0.0.1]:2525", 0, 0, 0, 3, T0 + 120, "connect refused", T0 - 1),
-            ("local", "mx.test", 5, 1, 2, 0, 0.0, "", T0)]
+    rows = [DestinationRow("smtp", "[127.0.0.1]:2525", 0, 0, 0, 3, T0 + 120, "connect refused", T0 - 1),
+            DestinationRow("local", "mx.test", 5, 1, 2, 0, 0.0, "", T0)]
     text = qt.format_destinations(rows, T0).splitlines()
     assert text[0].split() == list(qt.DESTINATION_HEADER)
     assert "2023-11-14 22:15:20 (in 2m00s)" in text[1] and text[1].endswith("(1s ago)  connect refused")
@@ -342,12 +346,30 @@ async def test_list_streams_pages_in_id_order(store, utc):
     assert empty.getvalue() == "Mail queue is empty\n"
 
 
+async def test_the_store_answers_with_named_rows(store):
+    await store.insert(NewMessage("R1", "", T0, Content.of(b"Subject: x\r\n\r\nbody\r\n"),
+                                  (Recipient(0, "a@x.test", "A@X.test"), Recipient(1, "b@y.test", "b@y.test")),
+                                  smtputf8=True, body_type="8BITMIME", client="c[192.0.2.1]", envid="E1", ret="HDRS"))
+    size = len(b"Subject: x\r\n\r\nbody\r\n")
+    assert await store.message_page(queues=qt.QUEUES) == [MessageRow("R1", "incoming", size, T0, "", T0, 0)]
+    assert await store.message_detail("R1") == MessageDetail(
+        "R1", "incoming", size, T0, "", T0, 0, client="c[192.0.2.1]", envid="E1", ret="HDRS", smtputf8=True,
+        body_type="8BITMIME", warned=False)
+    assert await store.message_detail("NONE") is None
+    assert await store.recipients_of(["R1", "NONE"]) == {"R1": [RecipientRow("a@x.test", "A@X.test", "pending", "", ""),
+                                                              RecipientRow("b@y.test", "b@y.test", "pending", "", "")]}
+    assert sorted(await store.shape_counts(qt.QUEUES, T0, qt.shape_limits()), key=lambda c: c.domain) == [
+        ShapeCount("x.test", 1, 1), ShapeCount("y.test", 1, 1)]
+    await store.save_destinations([("smtp", "[mx.test]", 5, 1, 0, 0, 0.0, "")], T0)
+    assert await store.destination_rows() == [DestinationRow("smtp", "[mx.test]", 5, 1, 0, 0, 0.0, "", T0)]
+
+
 async def test_recipient_domain_is_after_the_last_at_in_any_case(store):
     now = time.time()
     await store.insert(new("A1", now, ['"odd@local"@Quoted.Example.']))
     await store.insert(new("A2", now, ["plain@b.example", "other@c.example"]))
     await store.insert(new("A3", now, ["unqualified"]))
-    counts = {d for d, _b, _n in await store.shape_counts(qt.QUEUES, now, qt.shape_limits())}
+    counts = {cell.domain for cell in await store.shape_counts(qt.QUEUES, now, qt.shape_limits())}
     assert counts == {"quoted.example", "b.example", "c.example", "unqualified"}
     assert await store.message_ids(queues=qt.QUEUES, rcpt_domain="quoted.example") == ["A1"]
     assert await store.message_ids(queues=qt.QUEUES, rcpt_domain="c.example") == ["A2"]
@@ -377,9 +399,8 @@ async def test_shape_counts_pending_recipients_only(store):
 
 
 def test_show_prints_client_strings_printable(utc):
-    hostile = ("0123456789", "deferred", 40, T0 - 300, "s\x1b[2J@x", T0, 1, "c\u2028[192.0.2.9]", "id\x08\u0085",
-               "", 0, "7BIT", 0)
-    text = show_text(hostile, [("r\x1b@x", "", "pending", "", "")], b"Subject: \x1b[31mred\r\n\r\nb\x07\tx\r\n",
+    hostile = detail(sender="s\x1b[2J@x", client="c\u2028[192.0.2.9]", envid="id\x08\u0085")
+    text = show_text(hostile, [rcpt("r\x1b@x", original="")], b"Subject: \x1b[31mred\r\n\r\nb\x07\tx\r\n",
                      False, T0)
     assert not any(ch in text for ch in "\x1b\x08\x07\u0085\u2028")
     assert "envid=id??" in text and "sender:         s?[2J@x" in text and "Subject: ?[31mred" in text

@@ -1,0 +1,308 @@
+"""The reports of `mailflow queue …`: Postfix's mailq, postcat and qshape layouts, and qmgr's destinations.
+
+- mailq: `write_mailq` (Postfix's layout, a page of CHUNK messages in memory at a time; `mailq_entry`,
+  `mailq_footer`) and `write_list_json` (one JSON array, streamed, every recipient with its status).
+- postcat: `write_show` (envelope, recipients, headers and body in `*** … ***` sections, like postcat -q) and
+  `write_show_json`; the body is streamed from the queue (`message_text`), never held whole.
+- qshape: `shape_rows` (the store's counts -> TOTAL and the top domains), `format_shape`, `shape_json`.
+- destinations: `format_destinations` (an aligned table), `destinations_json`.
+
+Every function that reads takes the store and a text stream; only `show` reads message content. The rest are
+pure and take the store's rows (mailflow.store: MessageRow, MessageDetail, RecipientRow, ShapeCount,
+DestinationRow). Text from clients (senders, addresses, reasons, headers) goes through `printable()`.
+"""
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import json
+import time
+from typing import IO, Iterable, Iterator, Sequence
+
+from mailflow.content import Content
+from mailflow.logs import printable
+from mailflow.message import HEADER_READ_LIMIT, read_header
+from mailflow.queue_tools.selection import NULL_SENDER, Selection, pages
+from mailflow.store import DestinationRow, MessageDetail, MessageRow, RecipientRow, ShapeCount
+from mailflow.transports.encode import ToLf, encode
+
+MAILQ_HEADER = "-Queue ID-  --Size-- ----Arrival Time---- -Sender/Recipient-------"
+SHAPE_MINUTES = (5, 10, 20, 40, 80, 160, 320, 640, 1280)  # qshape's default: -t 5 -b 10
+SHAPE_LABELS = ("T", *(str(m) for m in SHAPE_MINUTES), f"{SHAPE_MINUTES[-1]}+")
+
+
+# ---------------------------------------------------------------------------------------------- mailq
+
+
+def mailq_time(ts: float) -> str:
+    return time.strftime("%a %b %d %H:%M:%S", time.localtime(ts))
+
+
+def mailq_entry(row: MessageRow, recipients: Iterable[RecipientRow]) -> list[str]:
+    """One message in Postfix's mailq layout (postqueue's formats: `%-11s %7ld %20.20s %s` for short ids,
+    `%-17s %8ld %19.19s %s` for long ones such as ours; recipients indented to the sender's column).
+    `recipients`: its pending ones. They are grouped under their last reason (shown once, right-aligned like
+    Postfix); those without a reason come last."""
+    qid = row.queue_id
+    mark = {"active": "*", "hold": "!"}.get(row.queue, " ")
+    who = printable(row.sender) if row.sender else NULL_SENDER
+    if len(qid) < 11:  # Postfix's two layouts: short queue ids, and long ones (enable_long_queue_ids)
+        first = f"{qid + mark:<11} {row.size:>7} {mailq_time(row.arrival):<20} {who}"
+    else:
+        first = f"{qid + mark:<17} {row.size:>8} {mailq_time(row.arrival):<19} {who}"
+    indent = " " * (len(first) - len(who))
+    groups: dict[str, list[str]] = {}
+    for rcpt in recipients:
+        groups.setdefault(printable(rcpt.reason), []).append(printable(rcpt.address))
+    lines = [first]
+    for reason, addresses in sorted(groups.items(), key=lambda kv: not kv[0]):
+        if reason:
+            lines.append(f"{'':>{max(0, 76 - len(reason))}}({reason})")
+        lines.extend(indent + a for a in addresses)
+    return lines
+
+
+def mailq_footer(total_bytes: int, count: int) -> str:
+    return f"-- {total_bytes // 1024} Kbytes in {count} Request{'' if count == 1 else 's'}."
+
+
+async def write_mailq(store, out: IO[str], queues: Sequence[str], selection: Selection, now: float) -> int:
+    """Stream the queue in mailq layout, one page of CHUNK messages in memory at a time. Returns the count."""
+    count = total = 0
+    async for page in pages(store, queues, selection, now, ids_only=False):
+        rcpts = await store.recipients_of([row.queue_id for row in page], pending_only=True)
+        for row in page:
+            out.write(MAILQ_HEADER + "\n" if count == 0 else "\n")
+            out.write("\n".join(mailq_entry(row, rcpts.get(row.queue_id, ()))) + "\n")
+            count += 1
+            total += row.size
+    out.write("\n" + mailq_footer(total, count) + "\n" if count else "Mail queue is empty\n")
+    return count
+
+
+def entry_json(row: MessageRow, recipients: Iterable[RecipientRow]) -> dict:
+    return {"id": row.queue_id, "queue": row.queue, "size": row.size, "arrival": row.arrival,
+            "sender": row.sender, "attempts": row.attempts, "next_attempt": row.next_attempt,
+            "recipients": [{"address": r.address, "status": r.status, "dsn": r.dsn, "reason": r.reason}
+                           for r in recipients]}
+
+
+async def write_list_json(store, out: IO[str], queues: Sequence[str], selection: Selection, now: float) -> int:
+    """One JSON array, streamed: every recipient of each message with its status (sent ones too)."""
+    count = 0
+    out.write("[")
+    async for page in pages(store, queues, selection, now, ids_only=False):
+        rcpts = await store.recipients_of([row.queue_id for row in page])
+        for row in page:
+            out.write(("\n" if count == 0 else ",\n") + json.dumps(entry_json(row, rcpts.get(row.queue_id, ()))))
+            count += 1
+    out.write("\n]\n" if count else "]\n")
+    return count
+
+
+# ---------------------------------------------------------------------------------------------- show
+
+
+def ago(seconds: float) -> str:
+    """A short duration: 42s, 5m03s, 2h05m, 3d04h."""
+    s = int(abs(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def when(ts: float, now: float) -> str:
+    """'2024-05-01 12:00:01 (in 42s)' or '… (3m05s ago)', local time."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+    return f"{stamp} ({'in ' + ago(ts - now) if ts > now else ago(now - ts) + ' ago'})"
+
+
+def message_text(content: Content) -> tuple[str, Iterator[str]]:
+    """(header section, the body's pieces) as text with LF line ends, the body read chunk by chunk; the empty
+    line between them belongs to neither."""
+    head, _ = read_header(content, HEADER_READ_LIMIT)
+    rest = content.after(len(head))
+    first = rest.read_prefix(2)
+    blank = 2 if first == b"\r\n" else 1 if first[:1] == b"\n" else 0
+    return _text(head), _texts(encode(rest.after(blank).chunks(), ToLf()))
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "replace").replace("\r\n", "\n")
+
+
+def _texts(chunks: Iterable[bytes]) -> Iterator[str]:
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    for chunk in chunks:
+        text = decoder.decode(chunk)
+        if text:
+            yield text
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail
+
+
+def _envelope(detail: MessageDetail, recipients: Iterable[RecipientRow]) -> dict:
+    d = detail
+    return {"id": d.queue_id, "queue": d.queue, "size": d.size, "arrival": d.arrival, "sender": d.sender,
+            "attempts": d.attempts, "next_attempt": d.next_attempt, "client": d.client, "envid": d.envid,
+            "ret": d.ret, "smtputf8": d.smtputf8, "body_type": d.body_type, "warned": d.warned,
+            "recipients": [dataclasses.asdict(r) for r in recipients],
+            "headers": None, "body": None}
+
+
+_BODY_PLACE = "\x00body\x00"  # where write_show_json streams the body into its JSON
+
+
+def write_show_json(out: IO[str], detail: MessageDetail, recipients: Iterable[RecipientRow], content: Content | None,
+                    headers_only: bool) -> None:
+    """The message as one JSON object (`mailflow queue show --json`), the body streamed into it."""
+    shown = _envelope(detail, recipients)
+    body: Iterator[str] = iter(())
+    if content is not None:
+        shown["headers"], body = message_text(content)
+        if not headers_only:
+            shown["body"] = _BODY_PLACE
+    before, place, after = json.dumps(shown, indent=2).partition(json.dumps(_BODY_PLACE))
+    out.write(before)
+    if place:
+        out.write('"')
+        for text in body:
+            out.write(json.dumps(text)[1:-1])
+        out.write('"')
+    out.write(after + "\n")
+
+
+def write_show(out: IO[str], detail: MessageDetail, recipients: Iterable[RecipientRow], content: Content | None,
+               headers_only: bool, now: float) -> None:
+    """Envelope, recipients, headers and body, in postcat's `*** … ***` sections; the body streamed."""
+    d = detail
+    where = f"{d.queue}/{d.queue_id}"
+    if d.queue == "hold":
+        due = "- (on hold: `mailflow queue release` makes it due)"
+    elif d.queue == "corrupt":
+        due = "- (corrupt: kept for inspection)"
+    elif d.queue == "active":
+        due = "- (being delivered now)"
+    else:
+        due = when(d.next_attempt, now) if d.next_attempt > now else "now"
+    lines = [f"*** ENVELOPE RECORDS {where} ***",
+             f"queue_id:       {d.queue_id}",
+             f"queue:          {d.queue}",
+             f"message_size:   {d.size}",
+             f"arrival_time:   {when(d.arrival, now)}",
+             f"sender:         {printable(d.sender) if d.sender else NULL_SENDER}",
+             f"client:         {printable(d.client) or '-'}",
+             f"attempts:       {d.attempts}",
+             f"next_attempt:   {due}",
+             f"body_type:      {d.body_type}"]
+    if d.envid or d.ret:
+        lines.append(f"dsn:            envid={printable(d.envid) or '-'} ret={d.ret or '-'}")
+    for r in recipients:
+        lines.append(f"recipient:      {printable(r.address)}")
+        if r.original and r.original != r.address:
+            lines.append(f"  original:     {printable(r.original)}")
+        lines.append(f"  status:       {r.status}{' ' + r.dsn if r.dsn else ''}")
+        if r.reason:
+            lines.append(f"  reason:       {printable(r.reason)}")
+    if content is None:
+        lines.append(f"*** MESSAGE CONTENTS {where}: missing (a corrupt entry) ***")
+        out.write("\n".join(lines) + "\n")
+        return
+    head, pieces = message_text(content)
+    head, body = _printable_lines(head), (_printable_lines(piece) for piece in pieces)
+    lines.append(f"*** MESSAGE CONTENTS {where} ***")
+    out.write("\n".join(lines) + "\n" + head)
+    if not headers_only:
+        out.write("\n")
+        ends_in_newline = True
+        for text in body:
+            out.write(text)
+            ends_in_newline = text.endswith("\n")
+        if not ends_in_newline:
+            out.write("\n")
+    out.write(f"*** MESSAGE FILE END {where} ***\n")
+
+
+def _printable_lines(text: str) -> str:
+    """Message text for a terminal: each line through printable(), its tabs kept (character by character, so
+    a body can go through it piece by piece)."""
+    return "\n".join("\t".join(printable(part) for part in line.split("\t")) for line in text.split("\n"))
+
+
+# ---------------------------------------------------------------------------------------------- shape
+
+
+def shape_limits() -> tuple[float, ...]:
+    """Upper age limits in seconds of every bucket but the last (which has none)."""
+    return tuple(m * 60.0 for m in SHAPE_MINUTES)
+
+
+def shape_rows(counts: Iterable[ShapeCount], top: int) -> tuple[list[int], list[tuple[str, list[int]]]]:
+    """The store's counts -> (the TOTAL row, the `top` biggest domains). A row is [total, bucket 1, …,
+    bucket N]; domains are sorted by total, then by name length, like qshape."""
+    width = len(SHAPE_LABELS)
+    total = [0] * width
+    by_domain: dict[str, list[int]] = {}
+    for cell in counts:
+        row = by_domain.setdefault(cell.domain or NULL_SENDER, [0] * width)
+        for r in (row, total):
+            r[0] += cell.count
+            r[cell.bucket] += cell.count
+    ranked = sorted(by_domain.items(), key=lambda kv: (-kv[1][0], len(kv[0]), kv[0]))
+    return total, ranked[:top] if top > 0 else ranked
+
+
+def format_shape(total: list[int], domains: list[tuple[str, list[int]]], width: int = 80) -> str:
+    """qshape's layout: columns as wide as TOTAL's counts (at least 3), domains right-aligned in what is
+    left of `width` (at least 18), a long domain cut on the left behind '+'."""
+    cols = []
+    for label, n in zip(SHAPE_LABELS, total):
+        w = max(len(str(n)), len(label))
+        cols.append(w + 1 if w > 2 else 3)
+    dw = max(18, width - sum(cols))
+
+    def line(name: str, values: Sequence) -> str:
+        if len(name) > dw:
+            name = "+" + name[len(name) - dw + 1:]
+        return f"{name:>{dw}}" + "".join(f"{str(v):>{w}}" for v, w in zip(values, cols))
+
+    rows = [line("", SHAPE_LABELS), line("TOTAL", total)]
+    rows += [line(printable(domain), counts) for domain, counts in domains]
+    return "\n".join(rows) + "\n"
+
+
+def shape_json(queues: Sequence[str], total: list[int], domains: list[tuple[str, list[int]]]) -> dict:
+    return {"queues": list(queues), "buckets": list(SHAPE_LABELS[1:]),
+            "total": {"total": total[0], "counts": total[1:]},
+            "domains": [{"domain": d, "total": c[0], "counts": c[1:]} for d, c in domains]}
+
+
+# ---------------------------------------------------------------------------------------------- destinations
+
+DESTINATION_HEADER = ("TRANSPORT", "NEXTHOP", "WINDOW", "IN-FLIGHT", "QUEUED", "FAILURES", "DEAD-UNTIL",
+                      "UPDATED", "REASON")
+
+
+def format_destinations(rows: Sequence[DestinationRow], now: float) -> str:
+    """An aligned table; the reason (the longest column) goes last."""
+    table = [DESTINATION_HEADER]
+    for d in rows:
+        table.append((d.transport, d.nexthop, str(d.window), str(d.in_flight), str(d.queued), str(d.failures),
+                      when(d.dead_until, now) if d.dead_until else "-", when(d.updated, now),
+                      printable(d.reason) or "-"))
+    widths = [max(len(r[i]) for r in table) for i in range(len(DESTINATION_HEADER) - 1)]
+    numeric = {2, 3, 4, 5}
+    lines = []
+    for r in table:
+        cells = [f"{c:>{w}}" if i in numeric else f"{c:<{w}}" for i, (c, w) in enumerate(zip(r, widths))]
+        lines.append("  ".join(cells + [r[-1]]).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def destinations_json(rows: Sequence[DestinationRow]) -> list[dict]:
+    return [{**dataclasses.asdict(row), "dead_until": row.dead_until or None} for row in rows]

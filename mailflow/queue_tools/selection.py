@@ -1,0 +1,140 @@
+"""Which messages an operator means: queue names, queue ids and selectors, and the walk over what they select.
+
+- `parse_selection(args, sender=, to_domain=, older_than=, stdin=, required=)`: queue ids, `ALL`, `-` (ids on
+  stdin, as `postsuper -d -` reads them) and the selectors `--from`, `--to-domain`, `--older-than`, combined
+  with AND, into a `Selection`. A bare selection is refused unless `required=False` (a bare `mailflow queue
+  delete` must not mean everything).
+- `parse_queues('incoming,deferred' | 'all')`, `clean_id(token)` (a trailing `*` or `!` from mailq dropped).
+- `pages(store, queues, selection, now, ids_only=)`: the selected messages in id order, a page (CHUNK) at a
+  time: `MessageRow`s, or ids.
+Bad input raises `SelectionError`, whose message says what to give.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import IO, AsyncIterator, Sequence
+
+from mailflow.address import normalise_domain
+from mailflow.syntax import parse_duration
+
+QUEUES = ("incoming", "active", "deferred", "hold", "corrupt")
+LISTED_QUEUES = ("incoming", "active", "deferred", "hold")  # what mailq shows, like Postfix's showq
+CHUNK = 1000  # ids per transaction (and per page read)
+ID_CHUNK = 500  # explicit ids per IN (...) query
+NULL_SENDER = "MAILER-DAEMON"
+
+
+class SelectionError(ValueError):
+    """The command line does not say which messages: the message says what to give."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which messages: `ids` (None: any), and selectors that must all hold."""
+
+    ids: tuple[str, ...] | None = None
+    sender: str | None = None  # '' is the null sender
+    rcpt_domain: str | None = None
+    older_than: float | None = None  # seconds
+
+    @property
+    def everything(self) -> bool:
+        return self.ids is None and self.sender is None and self.rcpt_domain is None and self.older_than is None
+
+    def filters(self, now: float) -> dict:
+        """The selectors as the store's keyword arguments."""
+        return {"sender": self.sender, "rcpt_domain": self.rcpt_domain,
+                "arrived_before": None if self.older_than is None else now - self.older_than}
+
+
+_ID = re.compile(r"[0-9A-Za-z]+")
+
+
+def clean_id(token: str) -> str:
+    """A queue id as typed or pasted from mailq (a trailing `*` or `!` is dropped)."""
+    qid = token.strip().rstrip("*!")
+    if not _ID.fullmatch(qid):
+        raise SelectionError(f"{token!r} is not a queue id")
+    return qid
+
+
+def parse_sender(value: str) -> str:
+    """'<a@b>' -> 'a@b'; '<>', '' and MAILER-DAEMON -> '' (the null sender)."""
+    v = value.strip()
+    if v.startswith("<") and v.endswith(">"):
+        v = v[1:-1].strip()
+    return "" if v.upper() == NULL_SENDER else v
+
+
+def parse_domain(value: str) -> str:
+    d = normalise_domain(value.strip().lstrip("@"))
+    if not d:
+        raise SelectionError(f"{value!r} is not a domain")
+    return d
+
+
+def parse_age(value: str) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise SelectionError(f"--older-than: {e}") from None
+
+
+def parse_selection(args: Sequence[str], *, sender: str | None = None, to_domain: str | None = None,
+                    older_than: str | None = None, stdin: IO[str] | None = None, required: bool = True) -> Selection:
+    """Queue ids, `ALL` or `-` (ids from `stdin`, one or more a line) plus selectors -> a Selection.
+
+    `required`: refuse an empty selection (a bare `mailflow queue delete` must not mean everything).
+    """
+    everything = "ALL" in args
+    tokens = [a for a in args if a not in ("ALL", "-")]
+    if "-" in args:
+        if stdin is None:
+            raise SelectionError("'-' reads queue ids from standard input, but there is none")
+        tokens += [t for line in stdin for t in line.split()]
+    if everything and tokens:
+        raise SelectionError("give either queue ids or ALL, not both")
+    ids = tuple(dict.fromkeys(clean_id(t) for t in tokens)) if tokens or "-" in args else None
+    selection = Selection(
+        ids=ids,
+        sender=None if sender is None else parse_sender(sender),
+        rcpt_domain=None if to_domain is None else parse_domain(to_domain),
+        older_than=None if older_than is None else parse_age(older_than),
+    )
+    if required and selection.everything and not everything:
+        raise SelectionError("say which messages: queue ids, ALL, '-' (ids on stdin), "
+                             "or a selector (--from, --to-domain, --older-than)")
+    return selection
+
+
+def parse_queues(value: str) -> tuple[str, ...]:
+    """'incoming,deferred' -> ('incoming', 'deferred'); 'all' -> every queue."""
+    names = tuple(dict.fromkeys(q.strip().lower() for q in value.split(",") if q.strip()))
+    if names == ("all",):
+        return QUEUES
+    bad = [q for q in names if q not in QUEUES]
+    if bad or not names:
+        raise SelectionError(f"unknown queue {', '.join(bad) or repr(value)} (use {', '.join(QUEUES)})")
+    return names
+
+
+async def pages(store, queues: Sequence[str], selection: Selection, now: float, *, ids_only: bool,
+                size: int = CHUNK) -> AsyncIterator[list]:
+    """The selected messages in id order, a page at a time: MessageRows, or ids when `ids_only`."""
+    fetch = store.message_ids if ids_only else store.message_page
+    filters = selection.filters(now)
+    if selection.ids is not None:
+        for i in range(0, len(selection.ids), ID_CHUNK):
+            chunk = sorted(selection.ids[i:i + ID_CHUNK])
+            page = await fetch(queues=queues, ids=chunk, limit=len(chunk), **filters)
+            if page:
+                yield page
+        return
+    after = ""
+    while True:
+        page = await fetch(queues=queues, after=after, limit=size, **filters)
+        if not page:
+            return
+        yield page
+        after = page[-1] if ids_only else page[-1].queue_id

@@ -1,0 +1,338 @@
+"""`Store`: the queue database as the server uses it (the operator API is mixed in from operator.py).
+
+Contract
+- `Store.open(path)` opens (creating, or migrating an older queue) the database and its content directory;
+  `close()` finishes every write already submitted, then closes. `owner=True` (the server, holding the queue's
+  lock) also converts a queue made before auto_vacuum.
+- `insert(msg)` returns only after the transaction is on disk (`synchronous=FULL`): smtpd may then say 250. A
+  message with a content file is durable whole: the file is fsynced, linked under its queue id and the
+  directory fsynced before the transaction that adds its row commits; a failed commit removes the link.
+  Content that is neither in memory nor one file part at the end is first copied into a spool file.
+  `insert` may raise `Overloaded` (the write backlog is over its limit); `insert_many` (bulk loads) never does.
+- `due(now, limit)`: up to `limit` messages due, new and deferred mail alternating, with their pending
+  recipients and the recorded results whose notice is still owed; in the same reader hop, the content of the
+  small ones, which `content()` hands out once each for a message `claim()` then took.
+- `claim(ids, now)` is qmgr's atomic taking of messages: only rows still incoming, or deferred and due, become
+  `active`; it returns the ids it took, and qmgr admits only those.
+- `content(id)` returns the Content (its file part read lazily) or None when the row or its file is missing;
+  reads asked for in the same loop turn are one query. `reads` and `commits` count reader and writer hops.
+- `record_results(queue_id, rows)` marks recipients as each delivery job ends (Postfix's deliver_completed); a
+  recipient whose failure/success notice is still owed keeps a flag until `finish()` queues the notices, clears
+  the flags and defers or removes the message, all in one transaction. So a stop between the two repeats no
+  delivery and loses no notice. Removing a message (`finish`, `delete_messages`) removes its content file
+  after the commit.
+- `recover()` at start-up moves messages left `active` by a crash back to `incoming`: start-up is recovery (a
+  message whose recipients are all done is finished by qmgr's next scan).
+- `sweep()` (at server start, before anything is received) removes temporary spool files and content files
+  whose row is gone: what a crash between a commit and an unlink left behind.
+- `maintain()` gives free pages back and truncates the WAL after a burst.
+- qmgr's view of the operator tools: `generation()` (bumped by every change a tool makes), `flush_requests()`,
+  `queue_states(ids)`; and its destination snapshot for them, `save_destinations()`.
+Failures raise `sqlite3.Error` with SQLite's own message (engine.py: what a failed batch does to its requests).
+"""
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Sequence
+
+from mailflow.config import DEFAULTS
+from mailflow.content import Content, Spool
+from mailflow.model import Delivered, NewMessage, Outcome, QueuedMessage, QueueId, RcptResult, Recipient
+from mailflow.store.contents import content_of, insert_ops, row_content, storable, sweep
+from mailflow.store.engine import (BUSY_TIMEOUT, CONTENT_DIRECTORY, MAX_VARS, BatchLoader, GroupCommitter, Op,
+                                   Reader, Writer, chunks, fetchall, marks, remove_ops)
+from mailflow.store.operator import OperatorQueries
+
+
+class Store(OperatorQueries):
+    """The queue database. Open with `await Store.open(path)`; close with `await store.close()`."""
+
+    def __init__(self, writer: Writer, reader: Reader, committer: GroupCommitter, content_dir: Path):
+        self._writer = writer
+        self._reader = reader
+        self._committer = committer
+        self._contents = BatchLoader(self._fetch_contents)
+        self._scanned: dict[QueueId, Content] = {}  # small contents read by due(), for the ids claim() then took
+        self.content_dir = content_dir
+
+    @classmethod
+    async def open(cls, path: str | Path, *, batch_limit: int = DEFAULTS.queue.commit_batch_limit,
+                   backlog_limit: int = DEFAULTS.queue.incoming_backlog_limit,
+                   busy_timeout: float = BUSY_TIMEOUT, owner: bool = False) -> "Store":
+        """`owner`: the caller holds the queue's lock (the server); only then is an old file converted to
+        incremental vacuum, which needs the database to itself."""
+        path = Path(path)
+        (path.parent / CONTENT_DIRECTORY).mkdir(mode=0o700, parents=True, exist_ok=True)
+        writer, reader = Writer(path), Reader(path)
+        try:
+            await writer.call(writer.open, busy_timeout, owner)  # first: it creates or migrates the schema
+            await reader.call(reader.open, busy_timeout)
+        except BaseException:
+            await reader.close()  # their threads would otherwise keep the process alive
+            await writer.close()
+            raise
+        committer = GroupCommitter(writer, batch_limit, backlog_limit)
+        committer.start()
+        return cls(writer, reader, committer, path.parent / CONTENT_DIRECTORY)
+
+    async def close(self) -> None:
+        await self._committer.stop()
+        await self._reader.close()
+        await self._writer.close()
+
+    @property
+    def commits(self) -> int:
+        """Write transactions so far (each one writer thread hop)."""
+        return self._committer.commits
+
+    @property
+    def reads(self) -> int:
+        """Read calls so far (each one reader thread hop)."""
+        return self._reader.hops
+
+    # -- content files ----------------------------------------------------------------------------
+    def new_spool(self, max_size: int | None = None) -> Spool:
+        """Where a stage writes content as it arrives (kept in memory while small, else a file in content/)."""
+        return Spool(self.content_dir, max_size=max_size)
+
+    async def sweep(self) -> int:
+        """Remove temporary spool files and content files without a row. Only at server start, before anything
+        is received (a spool being written would go too). Returns how many files were removed."""
+        kept = {qid for (qid,) in await self._reader.fetchall(
+            "SELECT message_id FROM content WHERE file_offset IS NOT NULL")}
+        return sweep(self.content_dir, kept)
+
+    # -- writes ---------------------------------------------------------------------------------
+    async def insert(self, msg: NewMessage) -> None:
+        """Commit a new message (durably) in the incoming queue. May raise Overloaded."""
+        await self.insert_many([msg], may_refuse=True)
+
+    async def insert_many(self, messages: Sequence[NewMessage], *, may_refuse: bool = False) -> None:
+        """Commit many new messages in one transaction (bulk loads: pickup, tests, benchmarks)."""
+        temporaries: list[Spool] = []
+        try:
+            ready = [await storable(m, self.content_dir, temporaries) for m in messages]
+            await self._committer.write(insert_ops(ready), may_refuse=may_refuse)
+        finally:
+            for spool in temporaries:
+                spool.discard()
+
+    async def claim(self, ids: Sequence[QueueId], now: float) -> list[QueueId]:
+        """Take messages for delivery: each of `ids` still incoming, or deferred and due at `now`, becomes active,
+        atomically. Returns the ids taken (an operator's hold or delete, or another taker, wins over a stale read)."""
+        taken = await self._committer.write([], call=lambda con: _claim(con, list(ids), now))
+        self._scanned = {qid: self._scanned[qid] for qid in taken if qid in self._scanned}
+        return taken
+
+    async def record_results(self, queue_id: QueueId, rows: Sequence[tuple[RcptResult, bool]]) -> None:
+        """Record what one delivery job did, as soon as it is back: each `(result, notice_owed)` marks its
+        recipient sent / bounced, or keeps it pending with its last reason; `notice_owed` flags a recipient whose
+        failure or success notice `finish()` must still queue. Only pending recipients change, so recording a
+        result twice does no harm."""
+        await self._committer.write([_record_op(queue_id, rows)])
+
+    async def finish(self, done: Delivered, notices: Sequence[NewMessage] = (),
+                     results: Sequence[RcptResult] = ()) -> None:
+        """The end of one attempt of a message, in one transaction: the last job's `results` (as
+        `record_results`; their notices are among `notices`), recipients past the queue lifetime become
+        bounced, the owed notices (`done.noticed`) are cleared as `notices` are queued, and the message is
+        deferred until `done.next_attempt`, or removed when that is None.
+
+        A message deferred here stays where an operator put it meanwhile (hold, deleted): only an `active`
+        message becomes `deferred`.
+        """
+        qid = done.queue_id
+        ops: list[Op] = [_record_op(qid, [(r, False) for r in results])]  # first: the statements below see these
+        if done.expired:
+            ops.append(("UPDATE recipient SET status = 'bounced', dsn = ?, reason = ?, relay = ?, notice = 0"
+                        " WHERE message_id = ? AND idx = ? AND status = 'pending'",
+                        [(r.dsn, r.text, r.relay, qid, r.recipient.index) for r in done.expired]))
+        if done.noticed:
+            ops.append(("UPDATE recipient SET notice = 0 WHERE message_id = ? AND idx = ?",
+                        [(qid, i) for i in done.noticed]))
+        if done.next_attempt is None:
+            ops += remove_ops([(qid,)])
+        else:
+            ops.append(("UPDATE message SET queue = 'deferred', next_attempt = ?, attempts = attempts + 1,"
+                        " warned = max(warned, ?) WHERE id = ? AND queue = 'active'",
+                        [(done.next_attempt, int(done.warned), qid)]))
+        if notices:
+            ops += insert_ops(notices)
+        self._scanned.pop(qid, None)
+        await self._committer.write(ops)
+
+    async def mark_corrupt(self, ids: Sequence[QueueId]) -> None:
+        await self._committer.write([("UPDATE message SET queue = 'corrupt' WHERE id = ?", [(i,) for i in ids])])
+
+    async def maintain(self, *, free_share: float = 0.25, min_free: int = 256) -> int:
+        """Give space back after a burst: when at least `min_free` pages and `free_share` of the file are free,
+        an incremental vacuum (a bounded number of pages per call) and a WAL truncation. Returns the pages freed."""
+        return await self._writer.call(self._writer.maintain, free_share, min_free)
+
+    async def recover(self) -> int:
+        """Start-up: whatever was active when the process stopped is incoming again. Returns how many."""
+        [(n,)] = await self._reader.fetchall("SELECT count(*) FROM message WHERE queue = 'active'")
+        await self._committer.write([("UPDATE message SET queue = 'incoming' WHERE queue = 'active'", [()])])
+        return n
+
+    async def save_destinations(self, rows: Sequence[tuple], now: float) -> None:
+        """Replace the destination snapshot: rows of (transport, nexthop, window, in_flight, queued, failures,
+        dead_until, reason)."""
+        await self._committer.write([
+            ("DELETE FROM destination", [()]),
+            ("INSERT INTO destination (transport, nexthop, window, in_flight, queued, failures, dead_until,"
+             " reason, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [(*row, now) for row in rows]),
+        ])
+
+    # -- reads ----------------------------------------------------------------------------------
+    async def due(self, now: float, limit: int) -> list[QueuedMessage]:
+        """Up to `limit` messages due for delivery, new mail and deferred mail alternating (so a retry storm
+        cannot starve fresh mail), each side oldest first. Two index range scans, never a full scan.
+
+        One reader hop: it also reads the content of the small messages it returns (SCAN_CONTENT_SIZE each,
+        SCAN_CONTENT_BUDGET in all). `content()` hands it out once, without a read of its own, for a message
+        that `claim()` then took and `finish()` has not removed; the rest is dropped at the claim, and what
+        is not asked for by the next `due()` then (a later `content()` reads the row)."""
+        messages, self._scanned = await self._reader.read(_read_due, now, limit)
+        return messages
+
+    async def next_due_time(self) -> float | None:
+        rows = await self._reader.fetchall("SELECT min(next_attempt) FROM message WHERE queue = 'deferred'")
+        return rows[0][0] if rows else None
+
+    async def content(self, queue_id: QueueId) -> Content | None:
+        """The message content; None if the row or its file is missing (a corrupt entry). Read with `due()`
+        for a small message just claimed, else in one query with the other reads asked for in this loop turn."""
+        scanned = self._scanned.pop(queue_id, None)
+        return scanned if scanned is not None else await self._contents.load(queue_id)
+
+    async def queue_states(self, ids: Sequence[QueueId]) -> dict[QueueId, str]:
+        """The queue each of `ids` is in now; an id missing from the answer was deleted."""
+        out: dict[QueueId, str] = {}
+        for chunk in chunks(list(ids), MAX_VARS):
+            rows = await self._reader.fetchall(
+                f"SELECT id, queue FROM message WHERE id IN ({marks(len(chunk))})", tuple(chunk))
+            out.update(rows)
+        return out
+
+    async def generation(self) -> int:
+        """The operator tools' change counter: a change bumps it, and qmgr rescans when it moves."""
+        rows = await self._reader.fetchall("SELECT value FROM control WHERE key = 'generation'")
+        return rows[0][0] if rows else 0
+
+    async def flush_requests(self) -> int:
+        """How many times `mailflow queue flush` ran: a change asks qmgr to revive dead destinations."""
+        rows = await self._reader.fetchall("SELECT value FROM control WHERE key = 'flush'")
+        return rows[0][0] if rows else 0
+
+    async def counts(self) -> dict[str, int]:
+        rows = await self._reader.fetchall("SELECT queue, count(*) FROM message GROUP BY queue")
+        return {q: n for q, n in rows}
+
+    async def recipients(self, queue_id: QueueId) -> list[tuple[str, str, str, str]]:
+        """(address, status, dsn, reason) for every recipient of a message, in envelope order."""
+        rows = await self._reader.fetchall(
+            "SELECT address, status, dsn, reason FROM recipient WHERE message_id = ? ORDER BY idx", (queue_id,)
+        )
+        return [tuple(r) for r in rows]
+
+    async def _fetch_contents(self, ids: Sequence[QueueId]) -> dict[QueueId, Content]:
+        rows = await self._reader.fetchall(
+            f"SELECT message_id, data, body, file_offset FROM content WHERE message_id IN ({marks(len(ids))})",
+            tuple(ids))
+        out = {}
+        for qid, data, body, file_offset in rows:
+            content = content_of(qid, data, body, file_offset, self.content_dir)
+            if content is not None:
+                out[qid] = content
+        return out
+
+
+SCAN_CONTENT_SIZE = 64 * 1024  # bytes: a message up to this size has its content read with due()
+SCAN_CONTENT_BUDGET = 8 << 20  # bytes of content read with one due() at the most
+
+
+def _read_due(con: sqlite3.Connection, now: float, limit: int) -> tuple[list[QueuedMessage], dict[QueueId, Content]]:
+    """due() on the reader thread: the messages, and the contents of the small ones."""
+    fresh = fetchall(con, f"SELECT {_MESSAGE_COLUMNS} FROM message WHERE queue = 'incoming'"
+                          " ORDER BY next_attempt LIMIT ?", (limit,))
+    retry = fetchall(con, f"SELECT {_MESSAGE_COLUMNS} FROM message WHERE queue = 'deferred' AND next_attempt <= ?"
+                          " ORDER BY next_attempt LIMIT ?", (now, limit))
+    rows = _alternate(fresh, retry)[:limit]
+    pending, owed = _recipients_to_do(con, [row[0] for row in rows])
+    messages = [_queued_message(row, pending.get(row[0], ()), owed.get(row[0], ())) for row in rows]
+    return messages, _small_contents(con, messages)
+
+
+def _recipients_to_do(con: sqlite3.Connection, ids: list[QueueId]
+                      ) -> tuple[dict[QueueId, list[Recipient]], dict[QueueId, list[RcptResult]]]:
+    """Per message: the pending recipients, and the recorded results whose notice is still owed."""
+    pending: dict[QueueId, list[Recipient]] = {}
+    owed: dict[QueueId, list[RcptResult]] = {}
+    for chunk in chunks(ids, MAX_VARS):
+        rows = fetchall(con, f"SELECT message_id, {_RECIPIENT_COLUMNS} FROM recipient"
+                             f" WHERE (status = 'pending' OR notice = 1) AND message_id IN ({marks(len(chunk))})"
+                             " ORDER BY message_id, idx", tuple(chunk))
+        for qid, *fields in rows:
+            if fields[5] == "pending":
+                pending.setdefault(qid, []).append(Recipient(*fields[:5]))
+            else:
+                owed.setdefault(qid, []).append(_recorded_result(fields))
+    return pending, owed
+
+
+def _small_contents(con: sqlite3.Connection, messages: Sequence[QueuedMessage]) -> dict[QueueId, Content]:
+    """The contents held whole in their rows of the messages up to SCAN_CONTENT_SIZE, within SCAN_CONTENT_BUDGET."""
+    ids, budget = [], SCAN_CONTENT_BUDGET
+    for m in messages:
+        if m.size <= min(SCAN_CONTENT_SIZE, budget):
+            ids.append(m.queue_id)
+            budget -= m.size
+    out: dict[QueueId, Content] = {}
+    for chunk in chunks(ids, MAX_VARS):
+        for qid, data, body in fetchall(con, "SELECT message_id, data, body FROM content"
+                                             f" WHERE file_offset IS NULL AND message_id IN ({marks(len(chunk))})",
+                                        tuple(chunk)):
+            out[qid] = row_content(data, body)
+    return out
+
+
+def _claim(con: sqlite3.Connection, ids: list[QueueId], now: float) -> list[QueueId]:
+    """incoming, or deferred and due -> active (inside a transaction); the ids that moved. One statement per id:
+    cheaper than an IN list with RETURNING, and each row count says whether that id was taken."""
+    sql = ("UPDATE message SET queue = 'active' WHERE id = ?"
+           " AND (queue = 'incoming' OR (queue = 'deferred' AND next_attempt <= ?))")
+    return [qid for qid in ids if con.execute(sql, (qid, now)).rowcount == 1]
+
+
+_STATUS = {Outcome.SENT: "sent", Outcome.BOUNCED: "bounced", Outcome.DEFERRED: "pending"}
+_OUTCOME = {status: outcome for outcome, status in _STATUS.items()}
+_RECIPIENT_COLUMNS = "idx, address, original, notify, orcpt, status, dsn, reason, relay"
+_MESSAGE_COLUMNS = "id, sender, arrival, size, smtputf8, body_type, attempts, envid, ret, warned"
+
+
+def _recorded_result(row) -> RcptResult:
+    idx, address, original, notify, orcpt, status, dsn, reason, relay = row
+    return RcptResult(Recipient(idx, address, original, notify, orcpt), _OUTCOME[status], dsn, reason, relay)
+
+
+def _record_op(queue_id: QueueId, rows: Sequence[tuple[RcptResult, bool]]) -> Op:
+    """Recipients' results; only pending rows change, so a result recorded twice does no harm. Every write that
+    holds it holds it first (statements merge in order of first appearance in a batch)."""
+    return ("UPDATE recipient SET status = ?, dsn = ?, reason = ?, relay = ?, notice = ?"
+            " WHERE message_id = ? AND idx = ? AND status = 'pending'",
+            [(_STATUS[r.outcome], r.dsn, r.text, r.relay, int(owed), queue_id, r.recipient.index) for r, owed in rows])
+
+
+def _queued_message(row: tuple, recipients, owed) -> QueuedMessage:
+    qid, sender, arrival, size, utf8, body_type, attempts, envid, ret, warned = row
+    return QueuedMessage(qid, sender, arrival, size, bool(utf8), body_type, attempts, tuple(recipients),
+                         envid=envid, ret=ret, warned=bool(warned), owed=tuple(owed))
+
+
+def _alternate(first: list, second: list) -> list:
+    out: list = []
+    for i in range(max(len(first), len(second))):
+        out.extend(side[i] for side in (first, second) if i < len(side))
+    return out

@@ -1,0 +1,461 @@
+"""The store's commit engine: connections on threads of their own, group commit, coalesced reads.
+
+What it owns
+- `Connection`: one sqlite3 connection used only on a thread of its own. `call(fn, *args)` runs `fn(*args)`
+  there and `read(fn, *args)` runs `fn(con, *args)`: one thread hop each, however many statements `fn` runs
+  (aiosqlite, which the reader used before, hops once per statement). `hops` counts them.
+- `Writer`: the one writing connection (WAL, `synchronous=FULL`).
+  `transaction(merged, calls)` is a whole `BEGIN IMMEDIATE; executemany…; calls; COMMIT` in one hop, so the
+  lock is held only while SQLite works (never across event-loop turns, where a stalled loop would hold it
+  against the operator tools). `maintain()` gives free pages back and truncates the WAL after a burst.
+- `Reader`: the query-only connection (WAL lets it read while the writer writes).
+- `GroupCommitter`: every write goes through it. Requests (lists of `(sql, rows)`, and optionally a call that
+  needs the connection, such as a claim) that arrive while a commit is running are merged into the next
+  transaction, so N concurrent sessions cost one fsync, not N. Requests in one batch must be independent: a
+  caller waits for its request before sending one that depends on it (every caller does: each write is awaited).
+  Past `backlog_limit` waiting requests, a write that `may_refuse` raises `Overloaded`.
+- `BatchLoader`: `load(key)` calls made in the same loop turn become one `fetch_many(keys)` call.
+- The schema: `mailflow/schema.sql` is the one schema; `SCHEMA_VERSION` is its version and `MIGRATIONS` bring an
+  older queue to it when the writer opens it (in one transaction under the write lock; a newer file is
+  refused, naming both versions). A queue made before auto_vacuum is rebuilt once by its server (when that
+  fails, e.g. on a full disk, the server starts anyway and tries again at its next start).
+- Content files in a transaction: the pseudo-statement `LINK_CONTENT` hard-links `(source file, queue id)`
+  rows in as `content/<queue id>` (fsync of the directory) before the transaction, and they are unlinked again
+  if it fails; the files of rows deleted by `DELETE_CONTENT` (see `remove_ops`) go after the commit.
+
+Failure behaviour
+- Failures raise `sqlite3.Error` with SQLite's own message; nothing is half-written, because each batch is one
+  transaction that is rolled back whole on error (`rollback` never hides the first error behind "cannot
+  rollback"). `store_fault(error)` tells a fault of the whole store (locked, disk full, I/O) from a bad
+  request: a batch failing for a store fault fails every request in it at once; one failing for another
+  reason is retried request by request, so one bad request does not fail its neighbours.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import sqlite3
+import threading
+from importlib import resources
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
+
+from mailflow.errors import Overloaded
+
+log = logging.getLogger("mailflow.store")
+
+MAX_VARS = 500  # ids per IN (...) query
+CONTENT_DIRECTORY = "content"  # beside the database: content files of big messages, temporary spool files
+# Pseudo-statements the writer handles itself: link content files in before the transaction, unlink after.
+LINK_CONTENT = "-- link content files"
+DELETE_CONTENT = "DELETE FROM content WHERE message_id = ?"
+SCHEMA_VERSION = 3
+BUSY_TIMEOUT = 5.0  # seconds a connection waits for another one's lock before the statement fails
+WAL_KEEP = 4 << 20  # bytes of WAL kept after a checkpoint (journal_size_limit)
+VACUUM_PAGES = 4096  # free pages given back per maintain() call, so one call holds the lock briefly
+
+Op = tuple[str, list[tuple]]  # a statement and its rows (one executemany)
+Call = Callable[[sqlite3.Connection], object]  # run inside a batch's transaction; its result goes to its caller
+
+
+def store_fault(error: BaseException) -> bool:
+    """True for a fault of the whole store (busy or locked, disk full, I/O error, read-only, cannot open) rather
+    than of one request (a constraint, a bad statement): retrying anything before it clears is useless."""
+    return isinstance(error, (sqlite3.OperationalError, OSError)) or type(error) is sqlite3.DatabaseError
+
+
+class Connection:
+    """One sqlite3 connection, used only on a thread of its own (opened there by `open`, closed by `close`).
+
+    A call is put on a queue the thread takes from, and its result comes back with `call_soon_threadsafe`: the
+    least a hop can cost (measured: about half the CPU of `run_in_executor`). Calls run one at a time, in order.
+    """
+
+    def __init__(self, path: Path, name: str):
+        self._path = path
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+        self._con: sqlite3.Connection | None = None
+        self.hops = 0  # calls made on the thread
+
+    async def call(self, fn: Callable[..., Any], *args) -> Any:
+        """`fn(*args)` on the connection's thread: one hop."""
+        self.hops += 1
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._calls.put((loop, fut, fn, args))
+        return await fut
+
+    async def read(self, fn: Callable[..., Any], *args) -> Any:
+        """`fn(connection, *args)` on the connection's thread: one hop for every statement `fn` runs."""
+        return await self.call(self._with_connection, fn, *args)
+
+    async def fetchall(self, sql: str, params: Sequence = ()) -> list[tuple]:
+        return await self.read(fetchall, sql, params)
+
+    def _with_connection(self, fn, *args):
+        return fn(self._connection(), *args)
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._con is None:
+            raise sqlite3.ProgrammingError("the store's connection is not open")
+        return self._con
+
+    def _serve(self) -> None:
+        while (item := self._calls.get()) is not None:
+            loop, fut, fn, args = item
+            try:
+                result, error = fn(*args), None
+            except BaseException as e:  # handed to the caller
+                result, error = None, e
+            try:
+                loop.call_soon_threadsafe(_settle, fut, error, result)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+    def _connect(self, busy_timeout: float) -> sqlite3.Connection:
+        con = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        try:
+            con.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        except BaseException:
+            con.close()
+            raise
+        return con
+
+    async def close(self) -> None:
+        """Close the connection and end its thread."""
+        try:
+            await self.call(self._close)
+        finally:
+            self._calls.put(None)
+            self._thread.join()
+
+    def _close(self) -> None:
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+
+
+def fetchall(con: sqlite3.Connection, sql: str, params: Sequence = ()) -> list[tuple]:
+    return con.execute(sql, params).fetchall()
+
+
+class Reader(Connection):
+    """The reading connection: query-only. A read that runs several statements (`read(fn)`) is one hop."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, "store-reader")
+
+    def open(self, busy_timeout: float) -> None:
+        con = self._connect(busy_timeout)
+        try:
+            con.execute("PRAGMA query_only = ON")
+        except BaseException:
+            con.close()
+            raise
+        self._con = con
+
+
+class Writer(Connection):
+    """The one writing connection: each `transaction` call is a whole transaction, in one hop."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, "store-writer")
+        self._content_dir = path.parent / CONTENT_DIRECTORY
+
+    def open(self, busy_timeout: float, owner: bool) -> None:
+        """Open, migrate an older queue, and (`owner`: the caller holds the queue's lock) convert a file made
+        before auto_vacuum, which needs the database to itself."""
+        con = self._connect(busy_timeout)
+        try:
+            con.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect when the file is created
+            con.execute("PRAGMA journal_mode = WAL")
+            con.execute("PRAGMA synchronous = FULL")  # a commit is on disk when it returns
+            con.execute(f"PRAGMA journal_size_limit = {WAL_KEEP}")
+            _migrate(con)
+            if owner and con.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+                _convert_to_incremental_vacuum(con, self._path)
+        except BaseException:
+            con.close()
+            raise
+        self._con = con
+
+    def transaction(self, merged: Mapping[str, list[tuple]], calls: Sequence[Call | None] = ()) -> list:
+        """The statements, then each call (its result in the list returned, None for no call); one commit.
+        Content files are linked in (and the directory fsynced) before it, so a committed row always has its
+        file; they are unlinked again if it fails. Files of removed content go after it."""
+        con = self._connection()
+        linked = self._link_contents(merged.get(LINK_CONTENT, ()))
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, rows in merged.items():
+                    if rows and sql != LINK_CONTENT:
+                        con.executemany(sql, rows)
+                results = [call(con) if call else None for call in calls]
+                con.execute("COMMIT")
+            except BaseException:
+                rollback(con)
+                raise
+        except BaseException:
+            for path in linked:
+                path.unlink(missing_ok=True)
+            raise
+        for (queue_id,) in merged.get(DELETE_CONTENT, ()):
+            try:
+                (self._content_dir / queue_id).unlink()
+            except FileNotFoundError:
+                pass  # held in the database
+            except OSError as e:
+                log.error("store: cannot remove content file %s: %s (removed at the next start)", queue_id, e)
+        return results
+
+    def _link_contents(self, rows: Iterable[tuple]) -> list[Path]:
+        """Hard-link each (source file, queue id) in as content/<queue id>; one fsync of the directory."""
+        linked: list[Path] = []
+        try:
+            for source, queue_id in rows:
+                target = self._content_dir / queue_id
+                os.link(source, target)  # FileExistsError: the name is another message's; never replaced
+                linked.append(target)
+            if linked:
+                fsync_path(self._content_dir)
+        except BaseException:
+            for path in linked:
+                path.unlink(missing_ok=True)
+            raise
+        return linked
+
+    def maintain(self, free_share: float, min_free: int) -> int:
+        """Give free pages back when they are many (at least `min_free`, and `free_share` of the file), then
+        truncate the WAL. Returns the pages given back."""
+        con = self._connection()
+        free = con.execute("PRAGMA freelist_count").fetchone()[0]
+        pages = con.execute("PRAGMA page_count").fetchone()[0]
+        if free < min_free or free < pages * free_share:
+            return 0
+        # executescript steps the pragma to its end (execute() would free a single page)
+        con.executescript(f"PRAGMA incremental_vacuum({VACUUM_PAGES});")
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return free - con.execute("PRAGMA freelist_count").fetchone()[0]
+
+
+def rollback(con: sqlite3.Connection) -> None:
+    """Undo a failed transaction without hiding why it failed: SQLite has already rolled back after some
+    errors (SQLITE_FULL, SQLITE_IOERR), and a second ROLLBACK would raise "cannot rollback - no transaction is
+    active" in place of the real error."""
+    if not con.in_transaction:
+        return
+    try:
+        con.execute("ROLLBACK")
+    except sqlite3.Error as e:
+        log.warning("store: rollback after a failed write also failed: %s", e)
+
+
+def remove_ops(id_rows: list[tuple]) -> list[Op]:
+    """The statements that remove messages (`(queue id,)` rows): recipients, content (and its file, after the
+    commit) and the message row."""
+    return [
+        ("DELETE FROM recipient WHERE message_id = ?", id_rows),
+        (DELETE_CONTENT, id_rows),
+        ("DELETE FROM message WHERE id = ?", id_rows),
+    ]
+
+
+def fsync_path(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class GroupCommitter:
+    """Runs write requests (lists of `(sql, rows)`, and optionally a call that needs the connection, such as an
+    UPDATE … RETURNING) in shared transactions, one commit per batch."""
+
+    def __init__(self, writer: Writer, batch_limit: int, backlog_limit: int):
+        self._writer = writer
+        self._batch_limit = batch_limit
+        self._backlog_limit = backlog_limit
+        self._pending: asyncio.Queue[tuple[list[Op], Call | None, asyncio.Future]] = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+        self.commits = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="store-writer")
+
+    async def stop(self) -> None:
+        """Finish every request already submitted, then stop."""
+        await self._pending.join()
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def backlog(self) -> int:
+        return self._pending.qsize()
+
+    async def write(self, ops: list[Op], *, may_refuse: bool = False, call: Call | None = None):
+        """Commit `ops` (and run `call`, whose result is returned) in the next batch's transaction."""
+        if may_refuse and self._pending.qsize() >= self._backlog_limit:
+            raise Overloaded()
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.put_nowait((ops, call, fut))
+        return await fut
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._pending.get()]
+            while len(batch) < self._batch_limit and not self._pending.empty():
+                batch.append(self._pending.get_nowait())
+            try:
+                await self._commit(batch)
+            finally:
+                for _ in batch:
+                    self._pending.task_done()
+
+    async def _commit(self, batch: list[tuple[list[Op], Call | None, asyncio.Future]]) -> None:
+        try:
+            results = await self._run_transaction([(ops, call) for ops, call, _ in batch])
+        except Exception as e:
+            if len(batch) == 1 or store_fault(e):  # the store itself is failing: each alone would fail too
+                for *_, fut in batch:
+                    _settle(fut, e)
+                return
+            # One bad request must not fail the innocent ones that shared its batch: retry each alone.
+            for ops, call, fut in batch:
+                try:
+                    [result] = await self._run_transaction([(ops, call)])
+                except Exception as one:
+                    log.error("store: a write failed on its own: %s", one)
+                    _settle(fut, one)
+                else:
+                    _settle(fut, None, result)
+            return
+        for (*_, fut), result in zip(batch, results):
+            _settle(fut, None, result)
+
+    async def _run_transaction(self, requests: list[tuple[list[Op], Call | None]]) -> list:
+        """Every statement's rows from every request, one executemany per statement, then the calls; one commit."""
+        merged: dict[str, list[tuple]] = {}
+        for ops, _ in requests:
+            for sql, rows in ops:
+                merged.setdefault(sql, []).extend(rows)
+        results = await self._writer.call(self._writer.transaction, merged, [call for _, call in requests])
+        self.commits += 1
+        return results
+
+
+def _settle(fut: asyncio.Future, error: Exception | None, result: object = None) -> None:
+    if fut.done():
+        return
+    if error is None:
+        fut.set_result(result)
+    else:
+        fut.set_exception(error)
+
+
+class BatchLoader:
+    """Coalesces `load(key)` calls made in the same loop turn into one `fetch_many(keys)` call (per MAX_VARS
+    keys); a key it does not answer loads as None."""
+
+    def __init__(self, fetch_many: Callable[[Sequence[str]], Awaitable[dict]]):
+        self._fetch_many = fetch_many
+        self._waiting: dict[str, list[asyncio.Future]] = {}
+        self._scheduled = False
+        self._flushes: set[asyncio.Task] = set()  # keep a reference until each flush is done
+
+    async def load(self, key: str):
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(key, []).append(fut)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._start_flush)
+        return await fut
+
+    def _start_flush(self) -> None:
+        task = asyncio.ensure_future(self._flush())
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _flush(self) -> None:
+        waiting, self._waiting, self._scheduled = self._waiting, {}, False
+        keys = list(waiting)
+        try:
+            found: dict = {}
+            for chunk in chunks(keys, MAX_VARS):
+                found.update(await self._fetch_many(chunk))
+        except Exception as e:
+            for futs in waiting.values():
+                for f in futs:
+                    _settle(f, e)
+            return
+        for key, futs in waiting.items():
+            for f in futs:
+                _settle(f, None, found.get(key))
+
+
+def chunks(items: Sequence, size: int) -> Iterable[Sequence]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def marks(n: int) -> str:
+    """`?,?,…` for an IN list of n values."""
+    return ",".join("?" * n)
+
+
+# ---------------------------------------------------------------------------------------------- the schema
+
+# Steps for queues made by an older mailflow: MIGRATIONS[v] takes schema version v to v + 1.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # a content row may keep its body apart, or in a file (a v1 `data` stays the whole message)
+    1: ("ALTER TABLE content ADD COLUMN body BLOB",
+        "ALTER TABLE content ADD COLUMN file_offset INTEGER"),
+    # results recorded per delivery job: the relay of each recipient and whether its notice is still owed
+    2: ("ALTER TABLE recipient ADD COLUMN relay TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE recipient ADD COLUMN notice INTEGER NOT NULL DEFAULT 0"),
+}
+
+
+def _migrate(con: sqlite3.Connection) -> None:
+    version = _schema_version(con)
+    if version is not None and version > SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(f"queue schema version {version} is newer than this mailflow ({SCHEMA_VERSION})")
+    if version is not None and version < SCHEMA_VERSION:
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            version = _schema_version(con) or version  # again, under the lock: another process may have done it
+            for step in range(version, SCHEMA_VERSION):
+                for sql in MIGRATIONS[step]:
+                    con.execute(sql)
+            con.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+            con.execute("COMMIT")
+        except BaseException:
+            rollback(con)
+            raise
+        log.info("store: queue schema upgraded from version %d to %d", version, SCHEMA_VERSION)
+    con.executescript(resources.files("mailflow").joinpath("schema.sql").read_text())  # new tables, indexes
+    if version is None:
+        con.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+
+
+def _schema_version(con: sqlite3.Connection) -> int | None:
+    """None for a new file (no schema_version table or no row yet)."""
+    if not con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'").fetchall():
+        return None
+    rows = con.execute("SELECT version FROM schema_version").fetchall()
+    return rows[0][0] if rows else None
+
+
+def _convert_to_incremental_vacuum(con: sqlite3.Connection, path: Path) -> None:
+    """A queue made before auto_vacuum is rebuilt once, by its server. It needs about the file's size free: when
+    that fails (a full disk) the server starts anyway and tries again at its next start."""
+    log.info("store: converting %s to incremental vacuum (once)", path)
+    try:
+        con.execute("VACUUM")
+    except sqlite3.OperationalError as e:
+        log.warning("store: %s stays without incremental vacuum for now: %s", path, e)

@@ -1,0 +1,222 @@
+"""The store's operator API: what `mailflow queue …` (mailflow/queue_tools/) reads and changes.
+
+The tools open the queue in a process of their own, beside a running server. A selection is: `queues`, and
+optionally `ids`, `sender` (exact, any case), `rcpt_domain` (the domain of a pending recipient) and
+`arrived_before` (unix time). Reads go in pages keyed on the queue id (the primary key; ids are time-ordered),
+so walking 100 000 messages never holds more than one page. Every change is one transaction per chunk that also
+bumps the generation counter, so a running qmgr notices within a second. Only `show` touches content (through
+`Store.content()`).
+
+`OperatorQueries` is a part of `Store` (mailflow/store/daemon.py), which supplies its connections.
+- Reads, as frozen rows with named fields: `message_page` (MessageRow), `message_detail` (MessageDetail),
+  `recipients_of` (RecipientRow), `shape_counts` (ShapeCount), `destination_rows` (DestinationRow); and
+  `message_ids`, `count_messages`.
+- Changes: `hold_messages`, `release_messages`, `requeue_messages`, `flush_messages` (also counts a flush
+  request, which qmgr reads with `flush_requests`), `delete_messages` (content files go after the commit).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from mailflow.content import Content
+from mailflow.model import QueueId
+from mailflow.store.engine import MAX_VARS, GroupCommitter, Op, Reader, chunks, marks, remove_ops
+
+
+@dataclass(frozen=True)
+class MessageRow:
+    """One message as mailq lists it."""
+
+    queue_id: QueueId
+    queue: str  # incoming, active, deferred, hold or corrupt
+    size: int  # bytes of content
+    arrival: float  # unix time
+    sender: str  # '' is the null sender
+    next_attempt: float
+    attempts: int
+
+
+@dataclass(frozen=True)
+class MessageDetail(MessageRow):
+    """One message as `mailflow queue show` prints its envelope."""
+
+    client: str  # name[addr] of the submitting client
+    envid: str  # DSN ENVID, '' if none
+    ret: str  # DSN RET: FULL, HDRS or ''
+    smtputf8: bool
+    body_type: str  # 7BIT or 8BITMIME
+    warned: bool  # the "delayed" notice went out
+
+
+@dataclass(frozen=True)
+class RecipientRow:
+    """One recipient of a message, in envelope order."""
+
+    address: str
+    original: str  # as the client gave it
+    status: str  # pending, sent or bounced
+    dsn: str  # last enhanced status code
+    reason: str  # last diagnostic
+
+
+@dataclass(frozen=True)
+class ShapeCount:
+    """How many pending recipients of one domain are in one age bucket (qshape's cells)."""
+
+    domain: str
+    bucket: int  # 1-based: see `shape_counts`
+    count: int
+
+
+@dataclass(frozen=True)
+class DestinationRow:
+    """What qmgr last published of one destination."""
+
+    transport: str
+    nexthop: str
+    window: int  # concurrency allowed now
+    in_flight: int
+    queued: int  # jobs waiting in memory
+    failures: int  # site failures in a row
+    dead_until: float  # unix time; 0 = alive
+    reason: str  # last site failure
+    updated: float  # when qmgr wrote it
+
+
+# Columns in the order of the rows' fields.
+_MESSAGE_ROW = "id, queue, size, arrival, sender, next_attempt, attempts"
+_MESSAGE_DETAIL = f"{_MESSAGE_ROW}, client, envid, ret, smtputf8, body_type, warned"
+_RECIPIENT_ROW = "address, original, status, dsn, reason"
+_DESTINATION_ROW = "transport, nexthop, window, in_flight, queued, failures, dead_until, reason, updated"
+# The domain after the LAST '@' (rtrim drops every character but '@' from the right), lower-cased.
+_RCPT_DOMAIN = "lower(rtrim(replace({a}, rtrim({a}, replace({a}, '@', '')), ''), '.'))"
+BUMP_GENERATION = ("INSERT INTO control (key, value) VALUES ('generation', 1)"
+                   " ON CONFLICT (key) DO UPDATE SET value = value + 1")
+
+
+class OperatorQueries:
+    """The operator tools' queries and changes (a part of Store)."""
+
+    _reader: Reader
+    _committer: GroupCommitter
+    _scanned: dict[QueueId, Content]  # see Store.due
+
+    async def message_page(self, *, queues: Sequence[str], ids: Sequence[QueueId] | None = None, after: str = "",
+                           limit: int = 1000, sender: str | None = None, rcpt_domain: str | None = None,
+                           arrived_before: float | None = None) -> list[MessageRow]:
+        """Up to `limit` selected messages with ids after `after`, in id order. `ids` at most 500."""
+        where, params = _tool_where(queues, ids, after, sender, rcpt_domain, arrived_before)
+        rows = await self._reader.fetchall(
+            f"SELECT {_MESSAGE_ROW} FROM message WHERE {where} ORDER BY id LIMIT ?", (*params, limit))
+        return [MessageRow(*r) for r in rows]
+
+    async def message_ids(self, **selection) -> list[QueueId]:
+        """The ids of `message_page(**selection)`."""
+        return [row.queue_id for row in await self.message_page(**selection)]
+
+    async def count_messages(self, *, queues: Sequence[str], sender: str | None = None,
+                             rcpt_domain: str | None = None, arrived_before: float | None = None) -> int:
+        where, params = _tool_where(queues, None, "", sender, rcpt_domain, arrived_before)
+        rows = await self._reader.fetchall(f"SELECT count(*) FROM message WHERE {where}", params)
+        return rows[0][0]
+
+    async def recipients_of(self, ids: Sequence[QueueId], *, pending_only: bool = False
+                            ) -> dict[QueueId, list[RecipientRow]]:
+        """Each message's recipients (only the pending ones with `pending_only`), in envelope order; a message
+        without any is missing from the answer."""
+        out: dict[QueueId, list[RecipientRow]] = {}
+        only = " AND status = 'pending'" if pending_only else ""
+        for chunk in chunks(list(ids), MAX_VARS):
+            rows = await self._reader.fetchall(
+                f"SELECT message_id, {_RECIPIENT_ROW} FROM recipient"
+                f" WHERE message_id IN ({marks(len(chunk))}){only} ORDER BY message_id, idx", tuple(chunk))
+            for qid, *fields in rows:
+                out.setdefault(qid, []).append(RecipientRow(*fields))
+        return out
+
+    async def message_detail(self, queue_id: QueueId) -> MessageDetail | None:
+        """One message's envelope, or None."""
+        rows = await self._reader.fetchall(f"SELECT {_MESSAGE_DETAIL} FROM message WHERE id = ?",
+                                                   (queue_id,))
+        if not rows:
+            return None
+        qid, queue, size, arrival, sender, next_attempt, attempts, client, envid, ret, utf8, body_type, warned = rows[0]
+        return MessageDetail(qid, queue, size, arrival, sender, next_attempt, attempts, client, envid, ret,
+                             smtputf8=bool(utf8), body_type=body_type, warned=bool(warned))
+
+    async def hold_messages(self, ids: Sequence[QueueId]) -> None:
+        """incoming/deferred/active -> hold. An active message's delivery finishes; `record` keeps it held."""
+        await self._tool_write("UPDATE message SET queue = 'hold'"
+                               " WHERE id = ? AND queue IN ('incoming', 'deferred', 'active')", [(i,) for i in ids])
+
+    async def release_messages(self, ids: Sequence[QueueId], now: float) -> None:
+        """hold -> deferred, due `now`."""
+        await self._tool_write("UPDATE message SET queue = 'deferred', next_attempt = ?"
+                               " WHERE id = ? AND queue = 'hold'", [(now, i) for i in ids])
+
+    async def requeue_messages(self, ids: Sequence[QueueId], now: float) -> None:
+        """incoming/deferred/hold -> incoming, due `now` (qmgr resolves every recipient again)."""
+        await self._tool_write("UPDATE message SET queue = 'incoming', next_attempt = ?"
+                               " WHERE id = ? AND queue IN ('incoming', 'deferred', 'hold')", [(now, i) for i in ids])
+
+    async def flush_messages(self, ids: Sequence[QueueId], now: float) -> None:
+        """Deferred messages due `now`; also counts a flush request (`flush_requests`)."""
+        await self._tool_write("UPDATE message SET next_attempt = ? WHERE id = ? AND queue = 'deferred'",
+                               [(now, i) for i in ids],
+                               ("INSERT INTO control (key, value) VALUES ('flush', 1)"
+                                " ON CONFLICT (key) DO UPDATE SET value = value + 1", [()]))
+
+    async def delete_messages(self, ids: Sequence[QueueId]) -> None:
+        """Remove messages in any state: message, recipient and content rows."""
+        id_rows = [(i,) for i in ids]
+        for qid in ids:
+            self._scanned.pop(qid, None)
+        await self._committer.write([*remove_ops(id_rows), (BUMP_GENERATION, [()])])
+
+    async def _tool_write(self, sql: str, rows: list[tuple], *more: Op) -> None:
+        await self._committer.write([(sql, rows), *more, (BUMP_GENERATION, [()])])
+
+    async def shape_counts(self, queues: Sequence[str], now: float, limits: Sequence[float]
+                           ) -> list[ShapeCount]:
+        """Pending recipients per (recipient domain, age bucket), counted in SQL. Bucket i (1-based) holds
+        ages below limits[i-1] seconds; bucket len(limits)+1 the rest."""
+        cases = " ".join(f"WHEN ? - m.arrival < ? THEN {i}" for i in range(1, len(limits) + 1))
+        case_params = [p for limit in limits for p in (now, limit)]
+        rows = await self._reader.fetchall(
+            f"SELECT {_RCPT_DOMAIN.format(a='r.address')} AS domain,"
+            f" CASE {cases} ELSE {len(limits) + 1} END AS bucket, count(*)"
+            f" FROM message m JOIN recipient r ON r.message_id = m.id"
+            f" WHERE m.queue IN ({marks(len(queues))}) AND r.status = 'pending' GROUP BY domain, bucket",
+            (*case_params, *queues))
+        return [ShapeCount(*r) for r in rows]
+
+    async def destination_rows(self) -> list[DestinationRow]:
+        """qmgr's last destination snapshot, by transport and nexthop."""
+        rows = await self._reader.fetchall(
+            f"SELECT {_DESTINATION_ROW} FROM destination ORDER BY transport, nexthop")
+        return [DestinationRow(*r) for r in rows]
+
+
+def _tool_where(queues: Sequence[str], ids: Sequence[QueueId] | None, after: str, sender: str | None,
+                rcpt_domain: str | None, arrived_before: float | None) -> tuple[str, list]:
+    # `+queue` keeps the planner on the primary key, so pages come in id order without a sort.
+    clauses = [f"+queue IN ({marks(len(queues))})"]
+    params: list[object] = list(queues)
+    if ids is not None:
+        clauses.append(f"id IN ({marks(len(ids))})")
+        params += ids
+    if after:
+        clauses.append("id > ?")
+        params.append(after)
+    if sender is not None:
+        clauses.append("lower(sender) = lower(?)")
+        params.append(sender)
+    if rcpt_domain is not None:
+        clauses.append("EXISTS (SELECT 1 FROM recipient r WHERE r.message_id = message.id"
+                       f" AND r.status = 'pending' AND {_RCPT_DOMAIN.format(a='r.address')} = lower(?))")
+        params.append(rcpt_domain)
+    if arrived_before is not None:
+        clauses.append("arrival < ?")
+        params.append(arrived_before)
+    return " AND ".join(clauses), params
