@@ -60,7 +60,7 @@ class DataCommands(TransactionCommands):
         try:
             self._content_begins()
             try:
-                why_not = await self._wire.read_data(spool)
+                why_not = await self.wire.read_data(spool)
             finally:
                 self._content_ends()
             await self._finish_message(spool, why_not)
@@ -84,7 +84,7 @@ class DataCommands(TransactionCommands):
         spool, check = self.envelope.bdat
         self._content_begins()
         try:
-            await self._wire.read_chunk(size, spool, check)
+            await self.wire.read_chunk(size, spool, check)
         finally:
             self._content_ends()
         if not last:
@@ -115,7 +115,7 @@ class DataCommands(TransactionCommands):
     async def _skip_chunk(self, size: int) -> None:
         self._content_begins()
         try:
-            await self._wire.read_chunk(size, None)
+            await self.wire.read_chunk(size, None)
         finally:
             self._content_ends()
 

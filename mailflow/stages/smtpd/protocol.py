@@ -46,7 +46,6 @@ is answered by the handler's `handle_exception` (451 4.3.0, logged) and the sess
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -92,16 +91,24 @@ class ProtocolLimits:
         return cls(**{name: getattr(smtpd, name) for name in cls.__dataclass_fields__})
 
 
-@functools.cache
+_COMMANDS: dict[type, dict[str, Callable]] = {}  # per session class: its smtp_* methods by verb
+_HOOKS: dict[type, tuple[str, ...]] = {}  # per handler class: its handle_* hooks
+
+
 def command_table(cls: type) -> dict[str, Callable]:
-    """The `smtp_*` methods of a session class by verb (functions: called with the session)."""
-    return {name[5:]: getattr(cls, name) for name in dir(cls) if name.startswith("smtp_")}
+    """The `smtp_*` methods of a session class by verb (functions: called with the session), built once."""
+    table = _COMMANDS.get(cls)
+    if table is None:
+        table = _COMMANDS[cls] = {name[5:]: getattr(cls, name) for name in dir(cls) if name.startswith("smtp_")}
+    return table
 
 
-@functools.cache
 def hook_names(handler_class: type) -> tuple[str, ...]:
-    """The `handle_*` hooks a handler class has."""
-    return tuple(name for name in dir(handler_class) if name.startswith("handle_"))
+    """The `handle_*` hooks a handler class has, found once."""
+    names = _HOOKS.get(handler_class)
+    if names is None:
+        names = _HOOKS[handler_class] = tuple(name for name in dir(handler_class) if name.startswith("handle_"))
+    return names
 
 
 class ProtocolCore(SMTP):
@@ -160,6 +167,12 @@ class ProtocolCore(SMTP):
         if self.envelope is not None:
             self.envelope.discard_bdat()
         return Transaction()
+
+    @property
+    def wire(self) -> Wire:
+        """The client's input (from the start of the session loop on)."""
+        assert self._wire is not None, "no input before the session runs"
+        return self._wire
 
     def _reset_transaction(self) -> None:
         """The transaction ends without a message (what RSET does)."""
@@ -354,7 +367,7 @@ class ProtocolCore(SMTP):
         return True
 
     async def _one_command(self) -> None:
-        line = await self._wire.read_line(self._limits.max_line_length)
+        line = await self.wire.read_line(self._limits.max_line_length)
         refusal = _malformed(line)
         if refusal is not None:  # Postfix counts these as unknown commands
             self.record.command(None)
@@ -363,7 +376,7 @@ class ProtocolCore(SMTP):
         command_bytes, _, arg_bytes = line.partition(b" ")
         command = command_bytes.upper().decode("ascii")
         if self._out_of_sync(command):
-            self.record.lines.improper_pipelining(command, self.session.client, self._wire.peek())
+            self.record.lines.improper_pipelining(command, self.session.client, self.wire.peek())
             await self._refuse_and_close(status.protocol_sync(self.hostname))
             return
         arg = arg_bytes.strip().decode("utf-8") if arg_bytes.strip() else None
@@ -372,7 +385,7 @@ class ProtocolCore(SMTP):
     def _out_of_sync(self, command: str) -> bool:
         """RFC 2920 pipelining rules (smtpd_forbid_unauth_pipelining): input must not already be waiting after
         a command that ends a group, nor after any command of a client that did not say EHLO."""
-        if not self._limits.forbid_unauth_pipelining or not self._wire.pending():
+        if not self._limits.forbid_unauth_pipelining or not self.wire.pending():
             return False
         if command == "QUIT":
             return False

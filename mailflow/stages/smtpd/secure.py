@@ -173,7 +173,7 @@ class SecureCommands(FrontEndCommands):
         """aiosmtpd's AUTH challenge, reading the answer through the strict wire reader."""
         raw = challenge.encode() if isinstance(challenge, str) else challenge
         await self.push(b"334 " + (base64.b64encode(raw) if encode_to_b64 else raw))
-        blob = (await self._wire.read_line(self._limits.max_line_length)).strip()
+        blob = (await self.wire.read_line(self._limits.max_line_length)).strip()
         if blob == b"*":
             await self.push(status.AUTH_ABORTED)
             return MISSING

@@ -191,7 +191,7 @@ class Smtpd:
             enable_SMTPUTF8=True,
             decode_data=False,
             timeout=smtpd.timeout,
-            tls_context=tls.context if starttls else None,
+            tls_context=tls.context if tls is not None and starttls else None,
             require_starttls=starttls and smtpd.tls_security_level == "encrypt",
             sasl=listener.authenticator,
             sender_logins=listener.sender_logins,

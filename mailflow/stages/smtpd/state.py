@@ -18,6 +18,7 @@ Failure behaviour: plain data and pure conversions; nothing here does I/O or rai
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from aiosmtpd.smtp import Envelope as _AiosmtpdEnvelope
 from aiosmtpd.smtp import Session as _AiosmtpdSession
@@ -33,22 +34,18 @@ NULL_SENDER = "<>"  # how aiosmtpd spells MAIL FROM:<> in `mail_from`
 
 
 class SessionState(_AiosmtpdSession):
-    """The client of one connection.
+    """The client of one connection. aiosmtpd's fields first, as mailflow uses them, then mailflow's."""
 
-    aiosmtpd's fields, as mailflow uses them:
-      peer            (ip, port) of the client: the real one after a PROXY header or XCLIENT, not the socket's
-      ssl             None before TLS; then a dict with "ssl_object" and "cipher" (name, version, bits)
-      host_name       the HELO/EHLO name; None before one
-      extended_smtp   the client said EHLO (ESMTP), not HELO
-      authenticated   a login succeeded (AUTH, or XCLIENT LOGIN)
-      auth_data       that login name (str) while authenticated, else None
-      loop            the event loop (aiosmtpd's)
-      proxy_data      unused (aiosmtpd's own PROXY support; see frontends.py for why mailflow reads PROXY itself)
-    mailflow's:
-      client_name     the client's host name for logs and checks: "unknown" (no reverse lookup), or XCLIENT NAME
-      proxied_by      the load balancer's address when a PROXY header named the client, else ""
-      auth_mechanism  PLAIN, LOGIN or XCLIENT: the `sasl_method` of the log and of policy requests
-    """
+    peer: Any  # (ip, port) of the client: the real one after a PROXY header or XCLIENT, not the socket's
+    ssl: dict[str, Any] | None  # None before TLS; then "ssl_object" and "cipher" (name, version, bits)
+    host_name: str | None  # the HELO/EHLO name; None before one
+    extended_smtp: bool  # the client said EHLO (ESMTP), not HELO
+    authenticated: bool  # a login succeeded (AUTH, or XCLIENT LOGIN)
+    auth_data: Any  # that login name (str) while authenticated, else None
+    # (aiosmtpd's `loop`; its `proxy_data` stays None: frontends.py says why mailflow reads PROXY itself)
+    client_name: str  # the client's host name for logs and checks: "unknown" (no reverse lookup), or XCLIENT NAME
+    proxied_by: str  # the load balancer's address when a PROXY header named the client, else ""
+    auth_mechanism: str  # PLAIN, LOGIN or XCLIENT: the `sasl_method` of the log and of policy requests
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         super().__init__(loop)
@@ -93,37 +90,32 @@ class SessionState(_AiosmtpdSession):
 
 
 class Transaction(_AiosmtpdEnvelope):
-    """One mail transaction.
+    """One mail transaction. aiosmtpd's fields first, as mailflow uses them, then mailflow's."""
 
-    aiosmtpd's fields, as mailflow uses them:
-      mail_from        the sender as given: None before MAIL, "<>" for the null sender
-      mail_options     MAIL's parameters for the handler, upper case: BODY=8BITMIME, SIZE=n, SMTPUTF8
-      smtp_utf8        MAIL said SMTPUTF8
-      rcpt_tos         the recipients accepted so far, in order
-      rcpt_options     unused (RCPT's parameters are the DSN ones, in `rcpt_dsn`)
-      content          the message once its end was read: a mailflow.content.Content, never bytes
-      original_content the same Content
-    mailflow's:
-      dsn_ret          RFC 3461 RET (FULL, HDRS or "")
-      dsn_envid        RFC 3461 ENVID, xtext-decoded ("" when not given)
-      rcpt_dsn         one (notify, orcpt) per accepted recipient, in the order of rcpt_tos
-      overshoot        recipients refused for recipient_limit (they count as errors past the overshoot limit)
-      marks            what restrictions decided for the whole message (DISCARD / HOLD and why)
-      policy_instance  the policy protocol's `instance`, given at the first restriction check ("" before)
-      bdat             (spool, checks) of BDAT content being received, None without BDAT
-    """
+    mail_from: str | None  # the sender as given: None before MAIL, "<>" for the null sender
+    mail_options: list[str]  # MAIL's parameters for the handler, upper case: BODY=8BITMIME, SIZE=n, SMTPUTF8
+    smtp_utf8: bool  # MAIL said SMTPUTF8
+    rcpt_tos: list[str]  # the recipients accepted so far, in order
+    # (aiosmtpd's `rcpt_options` stays empty: RCPT's parameters are the DSN ones, in `rcpt_dsn`)
+    content: Content | None  # type: ignore[assignment]  # the message once its end was read: never bytes
+    original_content: Content | None  # type: ignore[assignment]  # the same Content
+    dsn_ret: str  # RFC 3461 RET: FULL, HDRS or ""
+    dsn_envid: str  # RFC 3461 ENVID, xtext-decoded ("" when not given)
+    rcpt_dsn: list[tuple[str, str]]  # one (NOTIFY, ORCPT) per accepted recipient, in the order of rcpt_tos
+    overshoot: int  # recipients refused for recipient_limit (errors only past recipient_overshoot_limit)
+    marks: Marks  # what restrictions decided for the whole message (DISCARD / HOLD and why)
+    policy_instance: str  # the policy protocol's `instance`, given at the first restriction check ("" before)
+    bdat: tuple[Spool, ContentCheck] | None  # (spool, checks) of BDAT content being received; None without BDAT
 
     def __init__(self) -> None:
         super().__init__()
-        self.content: Content | None = None  # type: ignore[assignment]
-        self.original_content: Content | None = None  # type: ignore[assignment]
         self.dsn_ret = ""
         self.dsn_envid = ""
-        self.rcpt_dsn: list[tuple[str, str]] = []
+        self.rcpt_dsn = []
         self.overshoot = 0
         self.marks = Marks()
         self.policy_instance = ""
-        self.bdat: tuple[Spool, ContentCheck] | None = None
+        self.bdat = None
 
     @property
     def sender(self) -> str | None:
