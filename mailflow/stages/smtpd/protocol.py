@@ -1,29 +1,24 @@
-"""smtpd's protocol core: one client connection and its command loop, an aiosmtpd `SMTP` subclass.
-
-The command layers stack on it in the order of a dialogue: frontends.py (PROXY, XCLIENT), secure.py (STARTTLS,
-AUTH), transaction.py (MAIL, RCPT), data.py (DATA, BDAT); session.py assembles them as `SmtpSession`.
+"""smtpd's protocol core: one client connection and its command loop, an aiosmtpd `SMTP` subclass. The command
+layers stack on it in dialogue order (frontends, secure, transaction, data); session.py assembles them.
 
 What it owns
 - Construction: aiosmtpd's `SMTP.__init__` inspects the session class and the handler (`inspect.getmembers`,
   `dir`, `inspect.signature`) on every connection, several percent of the server's CPU when each message comes
   on a connection of its own. `ProtocolCore.__init__` sets what aiosmtpd's inherited methods read and takes the
-  per-class tables (the smtp_* verbs, the handler's handle_* hooks) from a cache: once per class.
-- The connection: `connection_made` (after STARTTLS the client stays who it was: state.SessionState), `eof_received`
-  (input already received is answered before the session ends), `_session_ended` (runs once however the
-  session ends, also for a TLS handshake asyncio never reports to connection_lost: frees what it held, logs the
-  disconnect through sessionlog.SessionLog), `hang_up()` (the server's shutdown).
+  tables of smtp_* verbs and handle_* hooks from a cache: built once per class.
+- The connection: `connection_made` (after STARTTLS the client stays who it was), `eof_received` (input
+  already received is answered first), `_session_ended` (once however the session ends, also after a TLS
+  handshake asyncio never reports to connection_lost: frees what it held, logs the disconnect), `hang_up()`.
 - Replies: `push()` gives a library-written line its enhanced status code (RFC 2034; not the greeting nor
-  HELO/EHLO lines; a `status.Reply` is sent as the catalogue wrote it), counts 4xx/5xx toward the error limits and
-  records each command's outcome for the disconnect line.
-- Deadlines: a command must come within `timeout` of the previous one; DATA/BDAT content keeps to `min_data_rate`
-  (`_content_begins` / `_content_ends`; the wire reports input through `_on_input`).
-- The command loop (`_handle_client`): the greeting (input sent before it is early talk), the error gate
+  HELO/EHLO; a `status.Reply` goes as the catalogue wrote it), counts 4xx/5xx toward the error limits and
+  records each command's outcome (sessionlog.SessionLog).
+- Deadlines: a command within `timeout` of the previous one; DATA/BDAT content at `min_data_rate`.
+- The command loop (`_handle_client`): the greeting (input before it is early talk), the error gate
   (session_time_limit, soft and hard error limits), a line through `wire.Wire`, malformed lines, RFC 2920
   pipelining discipline, the STARTTLS requirement, junk commands, dispatch to the `smtp_*` methods.
-- Commands: EHLO (its keywords: those of the layers above, then the handler's hook), VRFY, EXPN; HELO, RSET,
-  NOOP, QUIT and HELP are aiosmtpd's.
+- EHLO (the layers' keywords, then the handler's hook), VRFY, EXPN; HELO, RSET, NOOP, QUIT, HELP are aiosmtpd's.
 - Typed state through aiosmtpd's documented factories: `_create_session()` -> state.SessionState,
-  `_create_envelope()` -> state.Transaction (which frees the BDAT content of the transaction it replaces).
+  `_create_envelope()` -> state.Transaction (freeing the BDAT content of the one it replaces).
 
 aiosmtpd's private names, each used because aiosmtpd offers no other way:
 - `_handle_client` (overridden): aiosmtpd's command loop reads line by line and knows neither strict CRLF,
