@@ -248,10 +248,8 @@ def _plausible_login(name: str) -> bool:
 
 def login_of(session) -> str | None:
     """The login of an authenticated aiosmtpd session (what Authenticator put in auth_data), else None."""
-    if not getattr(session, "authenticated", False):
-        return None
-    data = getattr(session, "auth_data", None)
-    return data if isinstance(data, str) else None
+    data = session.auth_data
+    return data if session.authenticated and isinstance(data, str) else None
 
 
 class SenderLogins:

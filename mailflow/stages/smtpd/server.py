@@ -39,6 +39,7 @@ from mailflow.config import Config, SmtpdConfig, parse_hostport
 from mailflow.stages.smtpd.anvil import Anvil, SessionSlots
 from mailflow.stages.smtpd.auth import Authenticator, FailureCounter, PasswordHasher, SenderLogins, is_loopback
 from mailflow.stages.smtpd.frontends import FrontEnds
+from mailflow.stages.smtpd.handler import SmtpdHandler
 from mailflow.stages.smtpd.session import ProtocolLimits, SmtpSession
 from mailflow.stages.smtpd.tls import ServerTls
 from mailflow.tables import TableCache
@@ -56,7 +57,7 @@ class Listener:
     port: int
     role: str
     config: Config  # the whole config with `smtpd` replaced by this listener's effective settings
-    handler: object
+    handler: SmtpdHandler
     anvil: Anvil
     slots: SessionSlots
     authenticator: Authenticator | None
@@ -123,7 +124,7 @@ class ListenerSession(SmtpSession):
 class Smtpd:
     """The listeners. `await start()`, `addresses`, `reload_tls()`, `await stop(grace)`."""
 
-    def __init__(self, config: Config, handler_for: Callable[[Config], object], *, clock: Clock | None = None):
+    def __init__(self, config: Config, handler_for: Callable[[Config], SmtpdHandler], *, clock: Clock | None = None):
         """`handler_for(config)` builds the handler of one listener from its effective config."""
         self._config = config
         self._handler_for = handler_for
@@ -232,7 +233,7 @@ class Smtpd:
 
     @property
     def _submitting(self) -> int:
-        return sum(getattr(li.handler, "submitting", 0) for li in self.listeners)
+        return sum(li.handler.submitting for li in self.listeners)
 
     async def stop(self, grace: float = 10.0) -> None:
         """Close the listeners, wait (within `grace`) for messages being committed, close every session.
