@@ -227,7 +227,7 @@ class Authenticator:
         try:
             stored = self.stored_hash(name) if _plausible_login(name) else None
         except LookupRetry as e:
-            log.warning("%s: SASL %s: user table: %s", client, mechanism, e.text)
+            log.warning("%s: SASL %s: user table: %s", client, mechanism, e.reason)
             return AuthOutcome(None, status.AUTH_UNAVAILABLE)
         if await self._hasher.verify(password, stored):
             return AuthOutcome(name, status.AUTH_OK)
