@@ -4,9 +4,13 @@
   says (defaults to `text`; may name a table, a file or a peer that the client must not see).
 - `TemporaryError(dsn, text, reason)`: try again later (4xx); anything unclassified is treated like this.
 - `PermanentError(dsn, text, reason)`: give up on this recipient (5xx).
+- `MessageTooBig(dsn, text, reason)`: a permanent refusal because a size limit is passed (X.3.4): SMTP says 552.
 - `Overloaded`: too many writes are waiting in the store: answer 451 4.3.1 and let the client retry.
 - `LookupRetry`: a table or DNS lookup failed (not "not found"); callers defer with 4.3.0 / 451.
 - `ConfigError`: a configuration problem, always naming the file, the key and the reason.
+
+What an SMTP client is answered for each of these is one table, `mailflow.status.error_reply`: nothing else
+picks a reply code from an error's class, dsn or text.
 """
 from __future__ import annotations
 
@@ -29,6 +33,10 @@ class TemporaryError(DeliveryError):
 
 class PermanentError(DeliveryError):
     permanent = True
+
+
+class MessageTooBig(PermanentError):
+    """The message (or its header section) is larger than a limit: refused for good, 552 in SMTP."""
 
 
 class LookupRetry(TemporaryError):

@@ -1,12 +1,17 @@
 """One catalogue of the SMTP replies mailflow says, each with its enhanced status code (RFC 3463).
 
 Texts are generic and meant for clients: they name the address and the rule, never a config detail.
-Every reply smtpd sends is built here; tests compare against these values.
+Every reply smtpd sends is built here; tests compare against these values. `error_reply(error)` is the one
+table from an error (mailflow.errors, a store or spool fault) to its reply.
 """
 from __future__ import annotations
 
+import errno
+import sqlite3
 from dataclasses import dataclass
+from typing import Callable
 
+from mailflow.errors import DeliveryError, LookupRetry, MessageTooBig, Overloaded, PermanentError
 from mailflow.logs import printable
 
 
@@ -71,12 +76,52 @@ TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
 QUEUE_FULL = Reply(451, "4.3.1", "Error: queue file write error, try again later")
 INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
 QUEUE_ERROR = Reply(451, "4.3.0", "Error: queue file write error")
+TEMPORARY_LOOKUP_FAILURE = Reply(451, "4.3.0", "Temporary lookup failure")
 
-def refused_message(dsn: str, text: str, permanent: bool) -> Reply:
-    """A message cleanup refused (a loop, a policy): 554 when permanent (552 for a size limit, X.3.4), else 451."""
-    if not permanent:
-        return Reply(451, dsn, text)
-    return Reply(552 if dsn.endswith(".3.4") else 554, dsn, text)
+
+# ---- errors as replies: the one table from an error raised while a message or an address is accepted (by
+# cleanup, the store, the spool, a table or DNS lookup) to what the client is told. The first row whose class
+# matches answers. A DeliveryError brings its own enhanced code and client text (its `reason`, for the log, is
+# never shown); the row gives the SMTP code. Postfix keeps the same table in cleanup_strerror.c.
+
+def _disk_full(error: BaseException) -> bool:
+    """ENOSPC from a file, SQLITE_FULL from the database: the queue's file system is full."""
+    return getattr(error, "errno", None) == errno.ENOSPC or getattr(error, "sqlite_errorname", "") == "SQLITE_FULL"
+
+
+def _lookup_failed(error: BaseException, address: str) -> Reply:
+    return lookup_failed(address) if address else TEMPORARY_LOOKUP_FAILURE
+
+
+def _delivery_error(code: int) -> Callable[[BaseException, str], Reply]:
+    def reply(error: BaseException, address: str) -> Reply:
+        assert isinstance(error, DeliveryError)
+        return Reply(code, error.dsn, error.text)
+    return reply
+
+
+def _store_fault(error: BaseException, address: str) -> Reply:
+    return QUEUE_FULL if _disk_full(error) else QUEUE_ERROR
+
+
+ERROR_REPLIES: tuple[tuple[type[BaseException], Callable[[BaseException, str], Reply]], ...] = (
+    (Overloaded, lambda error, address: QUEUE_FULL),  # the store's write backlog is full: retry soon
+    (LookupRetry, _lookup_failed),  # a table or DNS cannot answer now; its text may name a table: not shown
+    (MessageTooBig, _delivery_error(552)),  # a size limit (X.3.4)
+    (PermanentError, _delivery_error(554)),  # refused for good: a mail loop (5.4.6), ...
+    (DeliveryError, _delivery_error(451)),  # refused for now: an alias expansion error (4.6.0), ...
+    (OSError, _store_fault),  # the spool or the queue's files: 4.3.1 when the disk is full
+    (sqlite3.Error, _store_fault),  # the queue database: locked, I/O error, full
+    (BaseException, lambda error, address: QUEUE_ERROR),  # anything else: not queued, try again
+)
+
+
+def error_reply(error: BaseException, address: str = "") -> Reply:
+    """The reply to a message (or, with `address`, to the MAIL or RCPT naming it) that `error` stopped."""
+    for kind, reply in ERROR_REPLIES:
+        if isinstance(error, kind):
+            return reply(error, address)
+    raise AssertionError("the last row matches every error")
 
 
 # ---- restrictions (smtpd restriction lists; Postfix SMTPD_ACCESS_README wording and codes)
@@ -174,6 +219,16 @@ def dsn_class(dsn: str) -> int:
 # --- the SMTP protocol layer (smtpd session, wire reader, DSN and BDAT parameters) ---------------------------
 # Texts follow Postfix's smtpd where Postfix has the refusal. `host` is myhostname.
 
+def greeting(host: str, banner: str) -> Reply:
+    """`220 host banner`: the greeting (also after XCLIENT), without an enhanced code (RFC 2034)."""
+    return Reply(220, "", f"{host} {banner}")
+
+
+def hello_syntax(verb: str) -> Reply:
+    """HELO/EHLO without a name: like every HELO/EHLO reply, without an enhanced code (Postfix)."""
+    return Reply(501, "", f"Syntax: {verb} hostname")
+
+
 def bare_newline(host: str, char: str = "LF") -> Reply:
     """A line ended by a bare LF, or holding a bare CR (Postfix smtpd_forbid_bare_newline = reject); the
     session is closed after it."""
@@ -222,7 +277,6 @@ BYE = Reply(221, "2.0.0", "Bye")
 STARTTLS_FIRST = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 TLS_ALREADY_ACTIVE = Reply(554, "5.5.1", "Error: TLS already active")
 TRANSACTION_IN_PROGRESS = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
-LACK_OF_SECURITY = Reply(554, "5.7.0", "Command refused due to lack of security")
 AUTH_ABORTED = Reply(501, "5.7.0", "Auth aborted")
 AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Can't decode base64")
 

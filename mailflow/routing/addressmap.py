@@ -26,7 +26,7 @@ Table semantics (as Postfix's mail_addr_map):
 Failures (the message is not accepted; smtpd answers 451, as Postfix does): `LookupRetry` (4.3.0) when a table
 cannot answer; `TemporaryError("4.6.0", "Alias expansion error")` for a loop, more nesting than
 `virtual_alias_recursion_limit`, more addresses than `virtual_alias_expansion_limit`, or a canonical chain that
-does not settle; its `why` names the address and the reason, and cleanup logs it with the queue id.
+does not settle; its `reason` names the address and why, for the log of whoever refuses the message.
 """
 from __future__ import annotations
 
@@ -46,11 +46,8 @@ _LIST_ITEM = re.compile(r'(?:"(?:\\.|[^"\\])*"|[^,\s"])+')
 
 
 def expansion_error(addr: str, why: str) -> TemporaryError:
-    """4.6.0 "Alias expansion error" for the client; its `why` (address and reason) is for the log line,
-    which cleanup writes with the queue id."""
-    error = TemporaryError("4.6.0", "Alias expansion error")
-    error.why = f"<{addr}>: {why}"
-    return error
+    """4.6.0 "Alias expansion error" for the client; its `reason` (address and why) is for the log line."""
+    return TemporaryError("4.6.0", "Alias expansion error", f"<{addr}>: {why}")
 
 
 def split_address_list(value: str) -> list[str]:

@@ -16,10 +16,12 @@ What it does, in order (Postfix cleanup(8)):
 6. logs `received` and `queued`, and wakes qmgr.
 Header addresses are not rewritten (Postfix rewrites them only for mail from this host by default).
 `submit()` returns the queue id only after the commit is on disk: that is when smtpd may say 250.
-Failures: `PermanentError` for a message that must be refused, `TemporaryError` when rewriting cannot finish
-(a table that cannot answer 4.3.0, an alias loop 4.6.0), `Overloaded` when the store's backlog is full; any
-other exception means "not queued" (smtpd answers 451). `prepare_notice` never fails on rewriting: a
-bounce is queued with its recipient as it is (logged) rather than lost.
+Failures (mailflow.errors; the caller logs the error's `reason` and answers by `status.error_reply`):
+`PermanentError` 5.4.6 for a loop, `MessageTooBig` 5.3.4 for a header section over the limit, `TemporaryError`
+when rewriting cannot finish (`LookupRetry` 4.3.0 for a table that cannot answer, 4.6.0 for an alias loop),
+`Overloaded` when the store's backlog is full; any other exception means "not queued" (smtpd answers 451).
+Nothing here logs a refusal: the caller does, once. `prepare_notice` never fails on rewriting: a bounce is
+queued with its recipient as it is (logged) rather than lost.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from typing import Callable
 from mailflow.clock import Clock
 from mailflow.config import DEFAULTS
 from mailflow.content import Content, Spool
-from mailflow.errors import PermanentError, TemporaryError
+from mailflow.errors import MessageTooBig, PermanentError, TemporaryError
 from mailflow.logs import MailLog
 from mailflow.message import header_names, header_value, read_header, rfc5322_date
 from mailflow.model import QueueId, Recipient, Submission
@@ -86,15 +88,18 @@ class Cleanup:
 
     def prepare(self, sub: Submission, *, rewrite: bool = True) -> NewMessage:
         """Everything but the commit: the queue id, the checks, the envelope rewriting and the headers.
-        Raises PermanentError or TemporaryError."""
+        Raises PermanentError (MessageTooBig) or TemporaryError (LookupRetry)."""
         queue_id = self._ids.next()
         now = self._clock.time()
         head, complete = read_header(sub.content, self._header_size_limit)
         names = header_names(head)
-        if names.count("received") > self._hopcount_limit:
-            raise PermanentError("5.4.6", "Error: too many hops")
+        hops = names.count("received")
+        if hops > self._hopcount_limit:
+            raise PermanentError("5.4.6", "Error: too many hops",
+                                 f"{hops} Received headers, more than hopcount_limit {self._hopcount_limit}")
         if not complete:
-            raise PermanentError("5.3.4", "Error: message header size exceeds limit")
+            raise MessageTooBig("5.3.4", "Error: message header size exceeds limit",
+                                f"header section larger than header_size_limit {self._header_size_limit}")
         rest = sub.content.after(len(head))  # (a header section given its missing final CRLF: nothing follows)
         env = sub.envelope
         originals = env.originals or env.recipients
@@ -103,12 +108,8 @@ class Cleanup:
         recipients = tuple(Recipient(i, r, originals[i], notify[i], orcpts[i]) for i, r in enumerate(env.recipients))
         sender = env.sender
         if rewrite and self._mapper is not None:
-            try:
-                sender = self._mapper.sender(sender)
-                recipients = self._mapper.recipients(recipients)
-            except TemporaryError as e:
-                logger.warning("%s: %s; message not accepted", queue_id, getattr(e, "why", e))
-                raise
+            sender = self._mapper.sender(sender)
+            recipients = self._mapper.recipients(recipients)
         fullname = sub.submitter.fullname if sub.submitter else ""
         missing = self._missing_headers(names, queue_id, sender, now, fullname)
         return NewMessage(
@@ -131,7 +132,7 @@ class Cleanup:
             return self.prepare(sub)
         except TemporaryError as e:
             logger.warning("cleanup: notice to %s queued without address rewriting: %s",
-                           ", ".join(sub.envelope.recipients), e)
+                           ", ".join(sub.envelope.recipients), e.reason)
             return self.prepare(sub, rewrite=False)
 
     def log_queued(self, msg: NewMessage, sub: Submission | None = None) -> None:

@@ -37,7 +37,7 @@ from pathlib import Path
 from mailflow.clock import Clock
 from mailflow.config import DEFAULTS
 from mailflow.content import Content, Truncated
-from mailflow.errors import PermanentError
+from mailflow.errors import DeliveryError, MessageTooBig, PermanentError
 from mailflow.faults import Guard
 from mailflow.maildrop import CorruptMaildrop, MaildropMessage, maildrop_content, maildrop_names, read_maildrop
 from mailflow.message import quoted_original
@@ -157,7 +157,8 @@ class Pickup:
             logger.warning("pickup: maildrop/%s: cannot read: %s; will retry", name, e)
             return False
         if self._size_limit and message.size > self._size_limit:
-            too_big = PermanentError("5.3.4", "message file too big")
+            too_big = MessageTooBig("5.3.4", "message file too big",
+                                    f"{message.size} bytes, more than message_size_limit {self._size_limit}")
             if await self._refused(name, message, maildrop_content(path, message), too_big):
                 path.unlink(missing_ok=True)
             return False
@@ -180,7 +181,8 @@ class Pickup:
             except Exception as e:  # TemporaryError, Overloaded, anything else: not queued, try again later
                 if store_fault(e):
                     raise  # the queue itself is failing: end this scan, the loop backs off
-                logger.warning("pickup: maildrop/%s: not queued (%s); will retry", name, e)
+                logger.warning("pickup: maildrop/%s: not queued (%s); will retry", name,
+                               e.reason if isinstance(e, DeliveryError) else e)
                 return False
         finally:
             spool.discard()
@@ -231,7 +233,7 @@ class Pickup:
         """Return a message refused for good to its sender (never a bounce of a bounce), quoting at most
         bounce_size_limit bytes of `content`. False when the notice could not be queued: the file stays for
         the next scan."""
-        logger.warning("pickup: maildrop/%s: from=<%s>: refused: %s %s", name, m.sender, error.dsn, error.text)
+        logger.warning("pickup: maildrop/%s: from=<%s>: refused: %s %s", name, m.sender, error.dsn, error.reason)
         now = self._clock.time()
         failed = [NoticeRecipient(Recipient(i, r, r, m.notify), "failed", error.dsn, error.text, last_attempt=now)
                   for i, r in enumerate(m.recipients)]

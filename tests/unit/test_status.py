@@ -1,11 +1,14 @@
 """mailflow.status: the reply catalogue and `with_enhanced_code` for replies the SMTP library writes itself."""
 from __future__ import annotations
 
+import errno
 import re
+import sqlite3
 
 import pytest
 
 from mailflow import status
+from mailflow.errors import LookupRetry, MessageTooBig, Overloaded, PermanentError, TemporaryError
 from mailflow.status import DEFAULT_ENHANCED, Reply, dsn_class, with_enhanced_code
 
 
@@ -107,3 +110,35 @@ def test_220_after_the_greeting_gets_a_code():
     # RFC 2034 3 exempts only the greeting and HELO/EHLO replies, which smtpd never passes through here
     assert with_enhanced_code("220 Ready to start TLS") == "220 2.0.0 Ready to start TLS"
     assert with_enhanced_code("220-first") == "220-2.0.0 first"
+
+
+# ---------------------------------------------------------------------------------------------- errors as replies
+
+
+def _full_database() -> sqlite3.Error:
+    error = sqlite3.OperationalError("database or disk is full")
+    error.sqlite_errorname = "SQLITE_FULL"
+    return error
+
+
+@pytest.mark.parametrize("error, reply", [
+    (Overloaded(), status.QUEUE_FULL),
+    (LookupRetry("table texthash:/etc/mailflow/canonical: cannot read"), status.TEMPORARY_LOOKUP_FAILURE),
+    (MessageTooBig("5.3.4", "Error: message header size exceeds limit", "over header_size_limit"),
+     Reply(552, "5.3.4", "Error: message header size exceeds limit")),
+    (PermanentError("5.4.6", "Error: too many hops", "51 Received headers"), Reply(554, "5.4.6", "Error: too many hops")),
+    (TemporaryError("4.6.0", "Alias expansion error", "<a@b>: loop"), Reply(451, "4.6.0", "Alias expansion error")),
+    (OSError(errno.ENOSPC, "No space left on device"), status.QUEUE_FULL),
+    (OSError(errno.EIO, "Input/output error"), status.QUEUE_ERROR),
+    (_full_database(), status.QUEUE_FULL),
+    (sqlite3.OperationalError("database is locked"), status.QUEUE_ERROR),
+    (ValueError("a bug"), status.QUEUE_ERROR),
+], ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else str(v))
+def test_error_reply_is_one_table_from_an_error_to_what_the_client_is_told(error, reply):
+    assert status.error_reply(error) == reply
+
+
+def test_error_reply_never_shows_the_reason_and_names_the_address_it_is_about():
+    error = TemporaryError("4.6.0", "Alias expansion error", "<a@b.test>: loop through /etc/aliases")
+    assert "/etc/aliases" not in str(status.error_reply(error))
+    assert status.error_reply(LookupRetry("table sqlite:/etc/x.cf: timeout"), "a@b.test") == status.lookup_failed("a@b.test")

@@ -228,7 +228,7 @@ class Authenticator:
         try:
             stored = self.stored_hash(name) if _plausible_login(name) else None
         except LookupRetry as e:
-            log.warning("%s: SASL %s: user table: %s", client, mechanism, e.text)
+            log.warning("%s: SASL %s: user table: %s", client, mechanism, e.reason)
             return AuthOutcome(None, status.AUTH_UNAVAILABLE)
         if await self._hasher.verify(password, stored):
             return AuthOutcome(name, status.AUTH_OK)
@@ -249,10 +249,8 @@ def _plausible_login(name: str) -> bool:
 
 def login_of(session) -> str | None:
     """The login of an authenticated aiosmtpd session (what Authenticator put in auth_data), else None."""
-    if not getattr(session, "authenticated", False):
-        return None
-    data = getattr(session, "auth_data", None)
-    return data if isinstance(data, str) else None
+    data = session.auth_data
+    return data if session.authenticated and isinstance(data, str) else None
 
 
 class SenderLogins:

@@ -1,8 +1,9 @@
 """RFC 3461 DSN parameters on MAIL (RET, ENVID) and RCPT (NOTIFY, ORCPT): parse, check, carry to cleanup.
 
 The session takes these parameters from the MAIL/RCPT line (`split_params`; ENVID and ORCPT keep their
-case), checks them here, and keeps them on the aiosmtpd envelope as `dsn_ret`, `dsn_envid` and `rcpt_dsn` (one `(notify, orcpt)` per
-accepted recipient). `envelope_fields(envelope)` turns that into `mailflow.model.Envelope` keyword arguments.
+case), checks them here (`mail_params`, `rcpt_params`), and keeps them on its transaction (state.Transaction:
+`dsn_ret`, `dsn_envid`, and one `(notify, orcpt)` per accepted recipient in `rcpt_dsn`), which carries them to
+cleanup in the model Envelope.
 
 Failure behaviour: a malformed or repeated parameter raises `DsnError` naming it; the session answers it with
 `501 5.5.4` (`status.bad_dsn_parameter`). Nothing here does I/O.
@@ -96,13 +97,3 @@ def rcpt_params(found: dict[str, str]) -> tuple[str, str]:
         orcpt = f"{addr_type.lower()};{xtext_decode(xtext)}"
     return notify, orcpt
 
-
-def envelope_fields(envelope) -> dict:
-    """`mailflow.model.Envelope` keyword arguments for the DSN data kept on an aiosmtpd envelope (none when
-    the client gave none)."""
-    per_rcpt = list(getattr(envelope, "rcpt_dsn", ()))
-    fields: dict = {"envid": getattr(envelope, "dsn_envid", ""), "ret": getattr(envelope, "dsn_ret", "")}
-    if any(n or o for n, o in per_rcpt) and len(per_rcpt) == len(envelope.rcpt_tos):
-        fields["notify"] = tuple(n for n, _ in per_rcpt)
-        fields["orcpts"] = tuple(o for _, o in per_rcpt)
-    return fields

@@ -2,31 +2,55 @@
 (haproxy's proxy-protocol.txt, v1 and v2; Postfix smtpd_upstream_proxy_protocol = haproxy) and the XCLIENT
 command (Postfix XCLIENT_README).
 
-What it owns: reading and checking the bytes, nothing else. `read_proxy_header(reader)` reads exactly the
-header and not one byte more (what the client sends next stays for the SMTP reader) and returns the real
-client (`ProxiedClient`), or None when the header says to keep the connection's own peer (v1 `PROXY UNKNOWN`,
-v2 LOCAL or UNSPEC). `parse_xclient(arg)` turns `NAME=... ADDR=...` into checked values.
+What it owns
+- Reading and checking the bytes: `read_proxy_header(reader)` reads exactly the header and not one byte more
+  (what the client sends next stays for the SMTP reader) and returns the real client (`ProxiedClient`), or None
+  when the header says to keep the connection's own peer (v1 `PROXY UNKNOWN`, v2 LOCAL or UNSPEC).
+  `parse_xclient(arg)` turns `NAME=... ADDR=...` into checked values; `apply_xclient(state, attributes)` makes
+  them the session's client.
+- `FrontEnds.from_config(smtpd)`: a listener's trusted front ends (upstream_proxy_*, authorized_xclient_hosts).
+- `FrontEndCommands`, the session layer above protocol.ProtocolCore: with upstream_proxy_protocol "haproxy"
+  the PROXY header is read before the greeting (and before the admission, so that limits, mynetworks and logs
+  see the real client) and its client becomes `session.peer` (`session.proxied_by` the balancer); XCLIENT is
+  offered to and taken from authorized_xclient_hosts only (judged on the client as it was at the greeting),
+  and starts the session again with a new 220.
 
-Failure behaviour: a malformed header raises `ProxyError` (the session logs a warning and closes without a
-greeting, as Postfix does); so does a connection that ends inside the header. The caller bounds the wait
-(upstream_proxy_timeout). A bad XCLIENT attribute raises `XclientError` with the reply to send (501 5.5.4).
+aiosmtpd's own PROXY support (`proxy_protocol_timeout`, `handle_PROXY`) is not used: it runs only inside
+aiosmtpd's command loop, which mailflow replaces; it reads the header from any peer before anyone may check
+that the peer is a trusted balancer; it reads a v1 header up to its line limit before checking the 107-byte
+maximum; and the client it names stays in `session.proxy_data`, not `session.peer`, where admission, the
+restrictions and the logs look.
+
+Failure behaviour: a malformed header raises `ProxyError`; the session logs a warning and closes without a
+greeting, as Postfix does; so does a connection that ends inside the header, a peer outside
+upstream_proxy_clients, or no header within upstream_proxy_timeout. A bad XCLIENT attribute raises
+`XclientError` with the reply to send (501 5.5.4); XCLIENT from a host not authorized gets 550 5.7.0, inside a
+transaction 503 5.5.1.
 """
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mailflow import status
+from mailflow.address import in_networks
+from mailflow.logs import printable
+from mailflow.stages.smtpd.protocol import ProtocolCore
+from mailflow.stages.smtpd.state import SessionState
 from mailflow.syntax import is_hostname
+
+log = logging.getLogger("mailflow.smtpd")
 
 V1_MAX = 107  # the longest v1 header, CRLF included (proxy-protocol.txt section 2.1)
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V2_TCP4, V2_TCP6, V2_UNSPEC = 0x11, 0x21, 0x00
 
 XCLIENT_ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "LOGIN")
+XCLIENT_KEYWORD = "XCLIENT NAME ADDR PORT PROTO HELO LOGIN"  # offered to authorized_xclient_hosts only
 UNAVAILABLE, TEMPUNAVAIL = "[UNAVAILABLE]", "[TEMPUNAVAIL]"
 
 
@@ -195,3 +219,115 @@ def _checked(name: str, value: str, word: str) -> str | None:
     if len(value) > 255:  # HELO, LOGIN
         raise bad
     return value
+
+
+def apply_xclient(state: SessionState, attributes: dict[str, str | None]) -> None:
+    """The given attributes replace the session's; [UNAVAILABLE] (None) makes one unknown. The session
+    starts again: HELO name, protocol and login are forgotten unless given (the client sends EHLO again)."""
+    state.host_name, state.extended_smtp = None, False
+    state.authenticated, state.auth_data = False, None
+    addr, port = (list(state.peer[:2]) + [0])[:2] if isinstance(state.peer, tuple) else ("unknown", 0)
+    if "ADDR" in attributes:
+        addr = attributes["ADDR"] or "unknown"
+    if "PORT" in attributes:
+        port = int(attributes["PORT"] or 0)
+    state.peer = (addr, port)
+    if "NAME" in attributes:
+        state.client_name = attributes["NAME"] or "unknown"
+    if "HELO" in attributes:
+        state.host_name = attributes["HELO"]
+    if "PROTO" in attributes:
+        state.extended_smtp = attributes["PROTO"] == "ESMTP"
+    if "LOGIN" in attributes:
+        state.authenticated = attributes["LOGIN"] is not None
+        state.auth_data = attributes["LOGIN"]
+        state.auth_mechanism = "XCLIENT"  # what Postfix logs as sasl_method for an XCLIENT login
+
+
+# -------------------------------------------------------------------------------- the session layer
+
+@dataclass(frozen=True)
+class FrontEnds:
+    """The trusted front ends of one listener (SmtpdConfig upstream_proxy_*, authorized_xclient_hosts)."""
+
+    proxy_timeout: float | None = None  # None: no PROXY protocol
+    proxy_clients: tuple = field(default=())  # ip networks
+    xclient_hosts: tuple = field(default=())
+
+    @classmethod
+    def from_config(cls, smtpd) -> "FrontEnds":
+        def networks(items):
+            return tuple(ipaddress.ip_network(n, strict=False) for n in items)
+        return cls(proxy_timeout=smtpd.upstream_proxy_timeout if smtpd.upstream_proxy_protocol == "haproxy" else None,
+                   proxy_clients=networks(smtpd.upstream_proxy_clients),
+                   xclient_hosts=networks(smtpd.authorized_xclient_hosts))
+
+
+class FrontEndCommands(ProtocolCore):
+    """PROXY before the greeting, XCLIENT after it: see the module doc."""
+
+    def __init__(self, handler, *, frontends: FrontEnds | None = None, **kwargs):
+        super().__init__(handler, **kwargs)
+        self._frontends = frontends or FrontEnds()
+        self._xclient_allowed = False
+
+    async def _before_greeting(self) -> bool:
+        if not await self._upstream_proxy():
+            return False
+        if not await super()._before_greeting():
+            return False
+        self._xclient_allowed = in_networks(self.session.peer_ip, self._frontends.xclient_hosts)
+        return True
+
+    def _ehlo_keywords(self) -> tuple[str, ...]:
+        return super()._ehlo_keywords() + ((XCLIENT_KEYWORD,) if self._xclient_allowed else ())
+
+    async def _upstream_proxy(self) -> bool:
+        """The PROXY header of a trusted load balancer (Postfix smtpd_upstream_proxy_protocol = haproxy): its
+        client becomes the session's peer. Anything wrong: a warning, and the connection closes silently."""
+        timeout = self._frontends.proxy_timeout
+        if timeout is None:
+            return True
+        balancer = self.session.peer_ip
+        if not in_networks(balancer, self._frontends.proxy_clients):
+            log.warning("connect from unknown[%s] dropped: not an upstream_proxy_clients address", balancer)
+            self._close()
+            return False
+        try:
+            client = await asyncio.wait_for(read_proxy_header(self._reader), timeout)
+        except asyncio.TimeoutError:
+            log.warning("unknown[%s]: PROXY header: time limit of %gs exceeded, dropped", balancer, timeout)
+            self._close()
+            return False
+        except ProxyError as e:
+            log.warning("unknown[%s]: %s, dropped", balancer, e)
+            self._close()
+            return False
+        if client is not None:
+            self.session.peer = (client.addr, client.port)
+            self.session.proxied_by = balancer
+        log.debug("[%s]:%s via upstream proxy [%s]", self.session.peer_ip,
+                  self.session.peer[1] if len(self.session.peer) > 1 else "?", balancer)
+        return True
+
+    async def smtp_XCLIENT(self, arg: str | None) -> None:
+        """Postfix XCLIENT: an authorized front end names the real client; the session starts again."""
+        if not self._xclient_allowed:
+            log.warning("%s: XCLIENT refused: not in authorized_xclient_hosts", self.session.client)
+            await self.push(status.XCLIENT_DENIED)
+            return
+        if self.envelope.mail_from:
+            await self.push(status.XCLIENT_IN_TRANSACTION)
+            return
+        try:
+            attributes = parse_xclient(arg)
+        except XclientError as e:
+            await self.push(e.reply)
+            return
+        before = self.session.client
+        apply_xclient(self.session, attributes)
+        log.info("%s: XCLIENT: client is now %s:%s helo=<%s> login=%s", before, self.session.client,
+                 self.session.peer[1], printable(self.session.host_name or ""),
+                 printable(self.session.auth_data) if self.session.authenticated else "-")
+        self._reset_transaction()
+        await self.push(status.greeting(self.hostname, self._banner))

@@ -1,5 +1,6 @@
 """smtpd's policy: the aiosmtpd hooks that decide what a client may do, and the hand-over to cleanup.
 
+The hooks get the session's typed state (state.SessionState, state.Transaction) and read its fields directly.
 MAIL checks sender syntax (and allow_min_user), then the queue's free space (Postfix smtpd_check_size):
 `452 4.3.1 Insufficient system storage` below max(queue_minfree, 1.5 x message_size_limit), or when a SIZE=
 parameter would not leave that much or is more than half of what is free; it is asked at every MAIL, so mail is
@@ -9,18 +10,21 @@ checked the path and the recipient limit), then runs the restriction lists of th
 recipient, then the implied reject_unlisted_recipient), then asks the routing tables (451 4.3.0 when one
 cannot answer). With the defaults this is today's rule set: relaying only for mynetworks and authenticated
 clients (554 5.7.1), unknown users of this host's domains refused (550 5.1.1, naming the table).
-DATA runs the data list (`handle_DATA_COMMAND`, for a session that asks before 354; else at the end), then
-the end_of_data list, then hands a `Submission` to cleanup and answers 250 only once cleanup has committed
-it. The session writes the content into `new_spool()` as it arrives; the handler sees it whole, as a
-mailflow.content.Content (`envelope.content`), never as one bytes object.
+At the end of the message (`handle_DATA`) it runs the data list, then the end_of_data list, then hands a
+`Submission` to cleanup and answers 250 only once cleanup has committed it. The session writes the content
+into `new_spool()` as it arrives; the handler sees it whole, as a mailflow.content.Content
+(`Transaction.content`), never as one bytes object.
 A message marked DISCARD by a restriction is answered 250 and dropped (logged); HOLD is queued on hold.
 Every policy refusal is logged through the session as Postfix logs it (`NOQUEUE: reject: RCPT from …`). The
-client handed to cleanup names the protocol as the Received header says it (`received_protocol`: ESMTPSA,
-UTF8SMTPS, … per RFC 3848 / 6531) and the SASL login for the `client=` log line.
+client handed to cleanup names the protocol as the Received header says it (`state.received_protocol`:
+ESMTPSA, UTF8SMTPS, … per RFC 3848 / 6531) and the SASL login for the `client=` log line.
 
 Failure behaviour: every refusal is an SMTP reply from `mailflow.status`. A message cleanup could not commit
-gets 451 and is not queued; an unexpected exception in a hook gets 451 4.3.0 and is logged; the session stays
-usable. No reply text names a config detail.
+is not queued; its reply comes from the one table `status.error_reply` (a cleanup refusal its own code and
+text, 451 4.3.1 for a full backlog or disk, 451 4.3.0 for a store fault or anything else) and one line is
+logged with the error's reason (mailflow.errors: the reason may name a table or a file, the reply never
+does), with a traceback only for an error that is not a store, I/O or delivery error (a probable bug). An
+unexpected exception in another hook gets 451 4.3.0 and is logged; the session stays usable.
 """
 from __future__ import annotations
 
@@ -28,24 +32,20 @@ import itertools
 import logging
 from typing import Callable
 
-from aiosmtpd.smtp import Envelope as SmtpEnvelope, Session
-
 from mailflow import address, status
 from mailflow.config import Config
 from mailflow.content import Spool
-from mailflow.errors import DeliveryError, LookupRetry
+from mailflow.errors import DeliveryError, LookupRetry, Overloaded
+from mailflow.faults import EXPECTED, describe
 from mailflow.logs import printable
-from mailflow.model import ClientInfo, Envelope, Submission
+from mailflow.model import Submission
 from mailflow.routing.addressmap import AddressMapper
 from mailflow.routing.rewrite import Rewriter
-from mailflow.stages.smtpd import dsn
-from mailflow.stages.smtpd.restrictions import Facts, Marks, Restrictions
-from mailflow.errors import Overloaded
+from mailflow.stages.smtpd.restrictions import Facts, Restrictions
+from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction
 from mailflow.tables import TableCache
 
 log = logging.getLogger("mailflow.smtpd")
-
-NULL_SENDER = "<>"  # how aiosmtpd spells MAIL FROM:<>
 
 
 class SmtpdHandler:
@@ -64,7 +64,8 @@ class SmtpdHandler:
         self.submitting = 0  # DATA hand-overs waiting for their commit
         self._instances = itertools.count(1)  # the policy protocol's `instance` attribute: one per message
 
-    async def handle_EHLO(self, server, session: Session, envelope, hostname: str, responses: list[str]):
+    async def handle_EHLO(self, server, session: SessionState, envelope: Transaction, hostname: str,
+                          responses: list[str]) -> list[str]:
         session.host_name = hostname
         keywords = [r[4:] for r in responses[1:] if r[4:] != "HELP"]
         keywords[1:1] = ["PIPELINING"]
@@ -73,7 +74,8 @@ class SmtpdHandler:
         lines[-1] = "250 " + lines[-1][4:]
         return lines
 
-    async def handle_MAIL(self, server, session: Session, envelope: SmtpEnvelope, addr: str, options: list[str]):
+    async def handle_MAIL(self, server, session: SessionState, envelope: Transaction, addr: str,
+                          options: list[str]) -> str:
         sender = "" if addr == NULL_SENDER else addr
         if sender:
             if address.mailbox_syntax_error(sender) or self._min_user(sender):
@@ -96,28 +98,29 @@ class SmtpdHandler:
             return False
         return short_of_space(free, self._config.queue.queue_minfree, self._config.smtpd.message_size_limit, declared)
 
-    async def handle_RCPT(self, server, session: Session, envelope: SmtpEnvelope, addr: str, options: list[str]):
+    async def handle_RCPT(self, server, session: SessionState, envelope: Transaction, addr: str,
+                          options: list[str]) -> str:
         """The session has checked the path syntax and the recipient limit. A policy refusal is logged as Postfix
         logs it (`NOQUEUE: reject: RCPT from …`)."""
         refusal = self._rcpt_syntax_refusal(envelope, addr)
         if refusal is None:
             refusal = await self.check_recipient(session, envelope, addr)
             if refusal is not None:
-                _log_reject(server, "RCPT", refusal, addr)
+                server.log_reject("RCPT", refusal, addr)
         if refusal is not None:
             return str(refusal)
         envelope.rcpt_tos.append(addr)
         envelope.rcpt_options.extend(options)
         return str(status.RCPT_OK)
 
-    def _rcpt_syntax_refusal(self, envelope: SmtpEnvelope, addr: str) -> status.Reply | None:
+    def _rcpt_syntax_refusal(self, envelope: Transaction, addr: str) -> status.Reply | None:
         if address.mailbox_syntax_error(self._rewriter.qualify(addr)) or self._min_user(addr):
             return status.bad_address_syntax(addr)
         if address.is_utf8(addr) and not envelope.smtp_utf8:
             return status.SMTPUTF8_REQUIRED
         return None
 
-    async def check_recipient(self, session: Session, envelope: SmtpEnvelope, addr: str) -> status.Reply | None:
+    async def check_recipient(self, session: SessionState, envelope: Transaction, addr: str) -> status.Reply | None:
         """The restriction lists, then whether the routing tables can answer for `addr`: a refusal, or None."""
         refusal = await self.restrictions.check_rcpt(self._facts(session, envelope, addr))
         return refusal if refusal is not None else await self._unroutable(addr)
@@ -126,8 +129,8 @@ class SmtpdHandler:
         try:
             await self._rewriter.tables.run(self._rewriter.resolve, addr)  # a table that cannot answer now: retry
         except LookupRetry as e:
-            log.warning("RCPT <%s>: %s", printable(addr), e.text)
-            return status.lookup_failed(addr)
+            log.warning("RCPT <%s>: %s", printable(addr), e.reason)
+            return status.error_reply(e, addr)
         return None
 
     def _min_user(self, addr: str) -> bool:
@@ -135,62 +138,51 @@ class SmtpdHandler:
         command's argv as an option)."""
         return not self._config.allow_min_user and address.is_min_user(addr)
 
-    async def handle_DATA_COMMAND(self, server, session: Session, envelope: SmtpEnvelope) -> str | None:
-        """data_restrictions, for a session that asks before it answers 354: a refusal, or None to go on."""
-        envelope.data_checked = True
-        refusal = await self.restrictions.check_data(self._facts(session, envelope, self._single_rcpt(envelope),
-                                                                 stage="data"))
-        if refusal is None:
-            return None
-        _log_reject(server, "DATA", refusal, self._single_rcpt(envelope))
-        return str(refusal)
-
-    async def handle_DATA(self, server, session: Session, envelope: SmtpEnvelope):
+    async def handle_DATA(self, server, session: SessionState, envelope: Transaction) -> str:
+        """The end of the message: the data and end_of_data lists, then cleanup (or DISCARD / HOLD)."""
         refusal = await self._content_refusal(session, envelope)
         if refusal is not None:
-            _log_reject(server, "END-OF-MESSAGE", refusal, self._single_rcpt(envelope))
+            server.log_reject("END-OF-MESSAGE", refusal, envelope.single_recipient)
             return str(refusal)
-        submission = Submission(envelope=self._envelope(envelope), content=envelope.content,
-                                client=self._client(session, envelope))
-        marks = self._marks(envelope)
+        assert envelope.content is not None
+        submission = Submission(envelope=envelope.model_envelope(), content=envelope.content,
+                                client=session.client_info(envelope))
+        marks = envelope.marks
         if marks.discard is not None:
             return str(self._discard(server, submission, marks.discard))
         self.submitting += 1
         try:
             if marks.hold is not None:
                 queue_id = await self._cleanup.submit(submission, hold=True)
-                _log_reject(server, "END-OF-MESSAGE", marks.hold, self._single_rcpt(envelope), action="hold",
-                            queue_id=queue_id)
             else:
                 queue_id = await self._cleanup.submit(submission)
-        except DeliveryError as e:
-            return str(status.refused_message(e.dsn, e.text, e.permanent))
-        except Overloaded:
-            return str(status.QUEUE_FULL)
-        except Exception:
-            log.exception("message from %s not queued", session.peer)
-            return str(status.QUEUE_ERROR)
+        except Exception as error:  # not queued: the table says what the client is told
+            reply = status.error_reply(error)
+            _log_not_queued(session.client, error, reply)
+            return str(reply)
         finally:
             self.submitting -= 1
+        if marks.hold is not None:
+            server.log_reject("END-OF-MESSAGE", marks.hold, envelope.single_recipient, action="hold",
+                              queue_id=queue_id)
         return str(status.queued(queue_id))
 
-    async def _content_refusal(self, session: Session, envelope: SmtpEnvelope) -> status.Reply | None:
-        """data_restrictions (unless asked before 354), then end_of_data_restrictions."""
-        rcpt = self._single_rcpt(envelope)
-        if not getattr(envelope, "data_checked", False):
-            refusal = await self.restrictions.check_data(self._facts(session, envelope, rcpt, stage="data"))
-            if refusal is not None:
-                return refusal
+    async def _content_refusal(self, session: SessionState, envelope: Transaction) -> status.Reply | None:
+        """data_restrictions, then end_of_data_restrictions."""
+        rcpt = envelope.single_recipient
+        refusal = await self.restrictions.check_data(self._facts(session, envelope, rcpt, stage="data"))
+        if refusal is not None:
+            return refusal
         facts = self._facts(session, envelope, rcpt, stage="end_of_data")
-        facts.size = envelope.content.size
+        facts.size = envelope.content.size if envelope.content is not None else 0
         return await self.restrictions.check_end_of_data(facts)
 
     def _discard(self, server, submission: Submission, reason: str) -> status.Reply:
         """Accepted and dropped (Postfix DISCARD): the client is told it was queued; the log says why."""
         queue_id = self._cleanup.prepare(submission).queue_id
         recipients = submission.envelope.recipients
-        _log_reject(server, "END-OF-MESSAGE", reason, recipients[0] if len(recipients) == 1 else "",
-                    action="discard", queue_id=queue_id)
+        server.log_reject("END-OF-MESSAGE", reason, recipients[0] if len(recipients) == 1 else "",
+                          action="discard", queue_id=queue_id)
         return status.queued(queue_id)
 
     def new_spool(self, max_size: int | None) -> Spool:
@@ -203,74 +195,46 @@ class SmtpdHandler:
 
     # -------------------------------------------------------------------------------- facts
 
-    def _marks(self, envelope: SmtpEnvelope) -> Marks:
-        """The message's DISCARD/HOLD marks; a new aiosmtpd envelope (RSET, next message) starts clean."""
-        marks = getattr(envelope, "restriction_marks", None)
-        if marks is None:
-            marks = envelope.restriction_marks = Marks()
-            envelope.policy_instance = f"{id(self):x}.{next(self._instances):x}"  # unique across listeners
-        return marks
-
-    @staticmethod
-    def _single_rcpt(envelope: SmtpEnvelope) -> str:
-        return envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else ""
-
-    def _facts(self, session: Session, envelope: SmtpEnvelope, rcpt: str, stage: str = "rcpt") -> Facts:
-        marks = self._marks(envelope)
-        sender = envelope.mail_from
-        login = session.auth_data if isinstance(getattr(session, "auth_data", None), str) else ""
-        ssl = getattr(session, "ssl", None) or {}
-        cipher = ssl.get("cipher") if isinstance(ssl, dict) else None
+    def _facts(self, session: SessionState, envelope: Transaction, rcpt: str, stage: str = "rcpt") -> Facts:
+        if not envelope.policy_instance:  # one per message, unique across listeners
+            envelope.policy_instance = f"{id(self):x}.{next(self._instances):x}"
+        login = session.login
+        cipher = session.ssl.get("cipher") if isinstance(session.ssl, dict) else None
         return Facts(
-            client_addr=self._client(session).addr,
-            client_name=self._client(session).hostname,
+            client_addr=session.peer_ip,
+            client_name=session.client_name,
             helo=session.host_name or "",
-            sender=None if sender is None else ("" if sender == NULL_SENDER else sender),
+            sender=envelope.sender,
             recipient=rcpt,
             recipient_count=len(envelope.rcpt_tos) + (1 if stage == "rcpt" else 0),
-            authenticated=bool(getattr(session, "authenticated", False)),
-            sasl_method=getattr(session, "auth_mechanism", "") if login else "",
+            authenticated=bool(session.authenticated),
+            sasl_method=session.auth_mechanism if login else "",
             sasl_username=login,
-            protocol="ESMTP" if session.extended_smtp else "SMTP",
+            protocol=session.protocol,
             size=_declared_size(envelope.mail_options),
             instance=envelope.policy_instance,
             encryption_protocol=cipher[1] if cipher and len(cipher) > 1 else "",
             encryption_cipher=cipher[0] if cipher else "",
-            marks=marks,
+            marks=envelope.marks,
         )
 
-    @staticmethod
-    def _envelope(envelope: SmtpEnvelope) -> Envelope:
-        sender = "" if envelope.mail_from == NULL_SENDER else envelope.mail_from
-        body = "8BITMIME" if "BODY=8BITMIME" in envelope.mail_options else "7BIT"
-        return Envelope(sender, tuple(envelope.rcpt_tos), smtputf8=envelope.smtp_utf8, body_type=body,
-                        **dsn.envelope_fields(envelope))
 
-    @staticmethod
-    def _client(session: Session, envelope: SmtpEnvelope | None = None) -> ClientInfo:
-        host, port = (session.peer or ("unknown", 0))[:2]
-        login = session.auth_data if session.authenticated and isinstance(session.auth_data, str) else ""
-        return ClientInfo(addr=host, port=port, helo=session.host_name or "",
-                          protocol=received_protocol(session, envelope),
-                          hostname=getattr(session, "client_name", "unknown"),  # XCLIENT NAME, else unknown
-                          sasl_method=getattr(session, "auth_mechanism", "") if login else "", sasl_username=login)
+def _log_not_queued(client: str, error: BaseException, reply: status.Reply) -> None:
+    """One line for a message from `client` (host[ip]) that was not queued: the error's reason (never shown to
+    the client) and the reply; a traceback only for what is not a refusal, a full backlog nor a store or I/O
+    fault (a probable bug)."""
+    if isinstance(error, (DeliveryError, Overloaded)):
+        log.warning("message from %s not queued: %s (%s)", client, _reason(error), reply)
+    elif isinstance(error, EXPECTED):
+        log.error("message from %s not queued: %s (%s)", client, describe(error), reply)
+    else:
+        log.exception("message from %s not queued (%s)", client, reply, exc_info=error)
 
 
-def received_protocol(session: Session, envelope: SmtpEnvelope | None = None) -> str:
-    """The `with` word of the Received header, as Postfix writes it: SMTP or ESMTP, UTF8SMTP for an SMTPUTF8
-    transaction (RFC 6531), then S over TLS and A after AUTH (RFC 3848; ESMTP only)."""
-    if not session.extended_smtp:
-        return "SMTP"
-    base = "UTF8SMTP" if envelope is not None and envelope.smtp_utf8 else "ESMTP"
-    return base + ("S" if session.ssl is not None else "") + ("A" if session.authenticated else "")
-
-
-def _log_reject(server, stage: str, reply: status.Reply | str, recipient: str, **action) -> None:
-    """`NOQUEUE: reject: …` (or `QID: hold: …`, `QID: discard: …`) through the session, which knows the client,
-    its HELO and the sender."""
-    log_reject = getattr(server, "log_reject", None)
-    if log_reject is not None:
-        log_reject(stage, reply, recipient, **action)
+def _reason(error: BaseException) -> str:
+    if isinstance(error, DeliveryError):
+        return error.reason
+    return "too many writes waiting for the queue"  # Overloaded
 
 
 def short_of_space(free: int, minfree: int, size_limit: int, declared: int) -> bool:

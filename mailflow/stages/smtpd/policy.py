@@ -63,7 +63,7 @@ class PolicyClient:
         try:
             writer.write(request)
             await writer.drain()
-            lines = []
+            lines: list[str] = []
             while True:
                 line = (await reader.readuntil(b"\n")).decode("utf-8", "replace").rstrip("\r\n")
                 if not line:

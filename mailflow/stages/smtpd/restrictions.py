@@ -274,8 +274,8 @@ class Restrictions:
         try:
             return await self._rewriter.tables.run(self._rewriter.recipient_refusal, rcpt, self._mapper)
         except LookupRetry as e:  # the lookup outran its deadline
-            log.warning("RCPT <%s>: %s", rcpt, e.text)
-            return status.lookup_failed(rcpt)
+            log.warning("RCPT <%s>: %s", rcpt, e.reason)
+            return status.error_reply(e, rcpt)
 
     async def _unknown_domain(self, rcpt: str) -> status.Reply | None:
         """No MX and no address for a domain this host is not final destination for (Postfix)."""
@@ -296,7 +296,7 @@ class Restrictions:
         except NotFound:
             return status.domain_not_found(rcpt, code)
         except LookupRetry as e:
-            log.warning("RCPT <%s>: %s", rcpt, e.text)
+            log.warning("RCPT <%s>: %s", rcpt, e.reason)
             return status.domain_lookup_deferred(rcpt)
         return status.domain_not_found(rcpt, code)
 
@@ -309,7 +309,7 @@ class Restrictions:
         try:
             found = find(self._tables[spec], keys)
         except LookupRetry as e:
-            log.warning("%s lookup error for %r: %s", spec, keys[0] if keys else "", e.text)
+            log.warning("%s lookup error for %r: %s", spec, keys[0] if keys else "", e.reason)
             return status.restriction_config_error(name, what)
         if found is None:
             return None
@@ -371,7 +371,7 @@ class Restrictions:
         except NotFound:
             return None
         except LookupRetry as e:
-            log.warning("%s: DNSBL lookup error: %s", query, e.text)
+            log.warning("%s: DNSBL lookup error: %s", query, e.reason)
             return None
         listed = [a for a in answers if is_ipv4(a) and a.startswith("127.") and (not wanted or a == wanted)]
         return status.rbl_listed(facts.client_addr, rbl_domain) if listed else None

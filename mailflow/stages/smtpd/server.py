@@ -11,13 +11,13 @@ SmtpdConfig, its own handler (built by `handler_for(config)` with that config), 
 - submission: STARTTLS required before anything but EHLO/NOOP/QUIT (530 5.7.0), AUTH required before MAIL
   (530 5.7.0).
 - submissions: implicit TLS (the handshake comes first), AUTH required before MAIL.
-AUTH (PLAIN, LOGIN; the exchange is ListenerSession's, the check auth.py's) is offered only over TLS, unless
+AUTH (PLAIN, LOGIN; the exchange is secure.py's, the check auth.py's) is offered only over TLS, unless
 `allow_plaintext_auth_on_loopback` and the client is on loopback. The failure table and the hashing threads
 belong to the server: one for all its listeners. With reject_sender_login_mismatch, MAIL FROM an address the
-login does not own gets 553 5.7.1 (auth.py). A session gives back its per-client count and its slot however
-it ends (`_session_ended`).
+login does not own gets 553 5.7.1 (auth.py). `ListenerSession` adds the admission to the session (session.py):
+it gives back its per-client count and its slot however it ends (`_session_ended`).
 
-Trusted front ends (session.py, frontends.py): with upstream_proxy_protocol "haproxy" the PROXY header is read
+Trusted front ends (frontends.py): with upstream_proxy_protocol "haproxy" the PROXY header is read
 before the admission, so that connection limits, mynetworks and logs see the real client; XCLIENT from
 authorized_xclient_hosts.
 
@@ -27,24 +27,20 @@ TLS: the certificate is read at start (a missing or unreadable file stops the st
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import ipaddress
 import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from aiosmtpd.smtp import MISSING
-
 from mailflow import status
 from mailflow.address import in_networks
 from mailflow.clock import Clock, SystemClock
 from mailflow.config import Config, SmtpdConfig
-from mailflow.errors import LookupRetry
 from mailflow.stages.smtpd.anvil import Anvil, SessionSlots
-from mailflow.stages.smtpd.auth import (Authenticator, FailureCounter, PasswordHasher, SenderLogins, is_loopback,
-                                        login_of)
-from mailflow.stages.smtpd.session import FrontEnds, ProtocolLimits, SmtpSession
+from mailflow.stages.smtpd.auth import Authenticator, FailureCounter, PasswordHasher, SenderLogins, is_loopback
+from mailflow.stages.smtpd.frontends import FrontEnds
+from mailflow.stages.smtpd.handler import SmtpdHandler
+from mailflow.stages.smtpd.session import ProtocolLimits, SmtpSession
 from mailflow.stages.smtpd.tls import ServerTls
 from mailflow.syntax import parse_hostport
 from mailflow.tables import TableCache
@@ -62,7 +58,7 @@ class Listener:
     port: int
     role: str
     config: Config  # the whole config with `smtpd` replaced by this listener's effective settings
-    handler: object
+    handler: SmtpdHandler
     anvil: Anvil
     slots: SessionSlots
     authenticator: Authenticator | None
@@ -76,37 +72,35 @@ class Listener:
 
 
 class ListenerSession(SmtpSession):
-    """A session of one listener: admission (connection limits), AUTH over TLS, sender-login ownership."""
+    """A session of one listener: the admission (connection limits and the session cap) before the greeting,
+    TLS from the first byte on a submissions listener, plaintext AUTH on loopback when allowed."""
 
     def __init__(self, handler, *, listener: Listener, **kwargs):
         super().__init__(handler, **kwargs)
         self._listener = listener
         self._admitted_ip: str | None = None
         self._has_slot = False
-        if listener.role == "submissions":  # the whole connection is TLS (aiosmtpd only knows STARTTLS)
-            self._auth_require_tls = False
-
-    # -------------------------------------------------------------------------------- admission
 
     async def _before_greeting(self) -> bool:
         """After the PROXY header (if any: the limits apply to the real client it names), the admission."""
         if not await super()._before_greeting():
             return False
-        ip = _peer_ip(self.session.peer if self.session else None)
+        ip = self.session.peer_ip
         anvil = self._listener.anvil
         refusal = anvil.admit(ip)
         if refusal is not None:
             rate = refusal == status.connection_rate_exceeded(ip)
-            self._log.limit_exceeded("Connection rate" if rate else "Connection concurrency",
-                                     anvil.rate(ip) if rate else anvil.sessions(ip) + 1, self._client_name(),
-                                     "smtp" if self._listener.role == "mta" else self._listener.role)
-            await self._refuse(refusal)
+            self.record.lines.limit_exceeded("Connection rate" if rate else "Connection concurrency",
+                                             anvil.rate(ip) if rate else anvil.sessions(ip) + 1,
+                                             self.session.client,
+                                             "smtp" if self._listener.role == "mta" else self._listener.role)
+            await self._refuse_and_close(refusal)
             return False
         self._admitted_ip = ip
         if not await self._listener.slots.acquire():
-            log.warning("%s: refused: %d sessions and as many waiting", self._client_name(),
+            log.warning("%s: refused: %d sessions and as many waiting", self.session.client,
                         self._listener.smtpd.max_sessions)
-            await self._refuse(status.SERVER_BUSY)
+            await self._refuse_and_close(status.SERVER_BUSY)
             return False
         self._has_slot = True
         if self._listener.role == "submissions" and self.transport is not None:
@@ -114,14 +108,8 @@ class ListenerSession(SmtpSession):
                                 "cipher": self.transport.get_extra_info("cipher")}
             self.log_tls()
         if self._listener.smtpd.allow_plaintext_auth_on_loopback and is_loopback(ip):
-            self._auth_require_tls = False
+            self._auth_needs_tls = False
         return True
-
-    async def _refuse(self, reply: status.Reply) -> None:
-        self._server_hung_up = True
-        await self.push(str(reply))
-        if self.transport is not None:
-            self.transport.close()
 
     def _session_ended(self) -> None:
         """Give back the per-client count and the session slot, whatever ended the session."""
@@ -133,127 +121,11 @@ class ListenerSession(SmtpSession):
             self._has_slot = False
         super()._session_ended()
 
-    # -------------------------------------------------------------------------------- AUTH
-
-    @property
-    def _auth_enabled(self) -> bool:
-        return self._listener.authenticator is not None
-
-    async def smtp_AUTH(self, arg: str | None) -> None:
-        """RFC 4954 AUTH PLAIN and LOGIN (with or without an initial response), checked by the listener's
-        Authenticator; the login becomes `session.auth_data`, the mechanism `session.auth_mechanism`."""
-        refusal = self._auth_refusal(arg)
-        if refusal is not None:
-            await self.push(refusal)
-            return
-        words = arg.split()
-        mechanism, initial = words[0].upper(), (words[1] if len(words) == 2 else None)
-        exchange = self._plain_exchange if mechanism == "PLAIN" else self._login_exchange
-        credentials = await exchange(initial)
-        if credentials is None:
-            return  # answered already (aborted, bad base64, malformed)
-        authzid, login, password = credentials
-        outcome = await self._listener.authenticator.check(self._peer_ip(), mechanism, login, password,
-                                                           authzid=authzid, client=self._client_name())
-        if outcome.login is not None:
-            self.session.authenticated = True
-            self.session.auth_data = outcome.login
-            self.session.auth_mechanism = mechanism
-        await self.push(outcome.reply)
-
-    def _auth_refusal(self, arg: str | None) -> status.Reply | None:
-        if not self._auth_enabled:
-            return status.AUTH_NOT_ENABLED
-        if not self.session.host_name or not self.session.extended_smtp:
-            return status.NEED_EHLO
-        if self._auth_require_tls and not self._tls_protocol:
-            return status.AUTH_ENCRYPTION_REQUIRED
-        if self.session.authenticated:
-            return status.ALREADY_AUTHENTICATED
-        if self.envelope.mail_from:
-            return status.TRANSACTION_IN_PROGRESS
-        words = (arg or "").split()
-        if not 1 <= len(words) <= 2:
-            return status.syntax("AUTH mechanism")
-        if words[0].upper() not in ("PLAIN", "LOGIN"):
-            return status.AUTH_UNKNOWN_MECHANISM
-        return None
-
-    async def _plain_exchange(self, initial: str | None):
-        """RFC 4616: (authzid, login, password) from `authzid NUL login NUL password`, or None (answered)."""
-        blob = await self._auth_response(initial, "")
-        if blob is None:
-            return None
-        parts = blob.split(b"\0")
-        if len(parts) != 3 or not parts[1]:
-            await self.push(status.AUTH_MALFORMED)
-            return None
-        return parts[0], parts[1], parts[2]
-
-    async def _login_exchange(self, initial: str | None):
-        """The LOGIN mechanism: the customary `334 VXNlcm5hbWU6` (Username:) and `334 UGFzc3dvcmQ6` (Password:)."""
-        login = await self._auth_response(initial, "Username:")
-        if login is None:
-            return None
-        password = await self._auth_response(None, "Password:")
-        if password is None:
-            return None
-        return b"", login, password
-
-    async def _auth_response(self, initial: str | None, prompt: str) -> bytes | None:
-        """The client's answer, decoded: the initial response if given (`=` is empty), else the answer to a 334
-        `prompt`. None when the client aborted or sent bad base64 (already answered)."""
-        if initial is None:
-            answer = await self.challenge_auth(prompt)
-            return None if answer is MISSING else answer
-        if initial == "=":
-            return b""
-        try:
-            return base64.b64decode(initial, validate=True)
-        except binascii.Error:
-            await self.push(status.AUTH_BAD_BASE64)
-            return None
-
-    # -------------------------------------------------------------------------------- hooks
-
-    async def check_auth_needed(self, caller_method: str) -> bool:
-        if self._auth_required and not (self.session and self.session.authenticated):
-            await self.push(str(status.AUTH_REQUIRED))
-            return True
-        return False
-
-    async def _call_handler_hook(self, command: str, *args):
-        if command == "EHLO" and not self._auth_enabled and len(args) == 2:
-            hostname, responses = args
-            args = (hostname, [r for r in responses if not r[4:].startswith("AUTH")])
-        if command == "MAIL" and self._listener.sender_logins is not None:
-            refusal = self._sender_refusal(args[0])
-            if refusal is not None:
-                self.log_reject("MAIL", refusal, sender=args[0])
-                return str(refusal)
-        return await super()._call_handler_hook(command, *args)
-
-    def _sender_refusal(self, sender: str) -> status.Reply | None:
-        try:
-            if self._listener.sender_logins.sender_login_mismatch(self.session, sender):
-                return status.sender_login_mismatch(sender, login_of(self.session))
-        except LookupRetry as e:
-            log.warning("sender_login_maps: %s", e.text)
-            return status.lookup_failed(sender)
-        return None
-
-
-def _peer_ip(peer) -> str:
-    try:
-        return str(peer[0])
-    except (TypeError, IndexError):
-        return "unknown"
-
 
 class Smtpd:
     """The listeners. `await start()`, `addresses`, `reload_tls()`, `await stop(grace)`."""
 
-    def __init__(self, config: Config, handler_for: Callable[[Config], object], *, clock: Clock | None = None):
+    def __init__(self, config: Config, handler_for: Callable[[Config], SmtpdHandler], *, clock: Clock | None = None):
         """`handler_for(config)` builds the handler of one listener from its effective config."""
         self._config = config
         self._handler_for = handler_for
@@ -321,10 +193,12 @@ class Smtpd:
             enable_SMTPUTF8=True,
             decode_data=False,
             timeout=smtpd.timeout,
-            tls_context=tls.context if starttls else None,
+            tls_context=tls.context if tls is not None and starttls else None,
             require_starttls=starttls and smtpd.tls_security_level == "encrypt",
+            sasl=listener.authenticator,
+            sender_logins=listener.sender_logins,
             auth_required=smtpd.sasl_auth_required,
-            auth_require_tls=True,
+            auth_require_tls=listener.role != "submissions",  # there the whole connection is TLS
         )
 
     # -------------------------------------------------------------------------------- running
@@ -360,7 +234,7 @@ class Smtpd:
 
     @property
     def _submitting(self) -> int:
-        return sum(getattr(li.handler, "submitting", 0) for li in self.listeners)
+        return sum(li.handler.submitting for li in self.listeners)
 
     async def stop(self, grace: float = 10.0) -> None:
         """Close the listeners, wait (within `grace`) for messages being committed, close every session.

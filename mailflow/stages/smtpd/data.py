@@ -1,0 +1,141 @@
+"""DATA and BDAT: the session layer above transaction.TransactionCommands that takes the message in.
+
+What it owns
+- `smtp_DATA`: 354, then the content through CRLF.CRLF, unstuffed by `wire.Wire.read_data`.
+- `smtp_BDAT`: RFC 3030 CHUNKING, which aiosmtpd lacks: `BDAT <size> [LAST]`, each chunk read as exactly that
+  many bytes (`wire.Wire.read_chunk`) into the transaction's spool (`Transaction.bdat`), checked across chunks
+  for NUL and bare line ends (`wire.ContentCheck`). The CHUNKING keyword of EHLO is offered for it
+  (protocol.LAYER_KEYWORDS).
+- Either way the content is written as it arrives into a spool from the handler's `new_spool(message_size_limit)`
+  (mailflow.content.Spool: memory for a small message, a file for a big one), under the DATA rate deadline.
+  At its end the handler's `handle_DATA` finds it as a mailflow.content.Content (`Transaction.content`) and
+  answers; the transaction ends however the message ends, and its spool is discarded (what was queued has the
+  queue's own name for its file by then). A message queued (250) resets the error counts.
+
+Failure behaviour (each refusal a `mailflow.status` reply): before HELO 503 5.5.1; before the login a
+submission needs 530 5.7.0; no recipient 503 5.5.1; DATA with an argument 501 5.5.4; DATA after BDAT 503
+5.5.1; a malformed BDAT 501 5.5.4 (a refused BDAT's chunk is read and dropped, never taken as commands); too
+big 552 5.3.4, a NUL 554 5.6.0, a spool that cannot be written 451 4.3.1 / 4.3.0 (`status.error_reply`; logged
+once), all after the end of the content; a bare LF or CR in the content 521 5.5.2 and the session closes; the
+message is not queued in any of these cases.
+"""
+from __future__ import annotations
+
+import logging
+
+from mailflow import status
+from mailflow.content import Spool
+from mailflow.stages.smtpd.transaction import TransactionCommands
+from mailflow.stages.smtpd.wire import ContentCheck, refusal
+
+log = logging.getLogger("mailflow.smtpd")
+
+
+def bdat_arguments(arg: str | None) -> tuple[int, bool] | None:
+    """(size, last) of `BDAT <size> [LAST]`, or None when malformed."""
+    words = (arg or "").split()
+    if not words or len(words) > 2 or not (words[0].isascii() and words[0].isdigit()) or len(words[0]) > 12 \
+            or (len(words) == 2 and words[1].upper() != "LAST"):
+        return None
+    return int(words[0]), len(words) == 2
+
+
+class DataCommands(TransactionCommands):
+    """DATA and BDAT: see the module doc."""
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        if self.envelope.bdat is not None:
+            await self.push(status.BDAT_MIXED)
+            return
+        if not self.envelope.rcpt_tos:
+            await self.push(status.NEED_RCPT)
+            return
+        if arg:
+            await self.push(status.syntax("DATA"))
+            return
+        await self.push(status.START_DATA)
+        spool = self._new_spool()
+        try:
+            self._content_begins()
+            try:
+                why_not = await self.wire.read_data(spool)
+            finally:
+                self._content_ends()
+            await self._finish_message(spool, why_not)
+        finally:
+            spool.discard()
+
+    async def smtp_BDAT(self, arg: str | None) -> None:
+        """RFC 3030: `BDAT <size> [LAST]`; the chunk follows at once, without dot-stuffing or terminator."""
+        parsed = bdat_arguments(arg)
+        if parsed is None:
+            await self.push(status.BDAT_SYNTAX)
+            return
+        size, last = parsed
+        refused = self._bdat_refusal()
+        if refused is not None:
+            await self._skip_chunk(size)  # the chunk is on its way regardless; it must not be read as commands
+            await self.push(refused)
+            return
+        if self.envelope.bdat is None:
+            self.envelope.bdat = (self._new_spool(), ContentCheck())
+        spool, check = self.envelope.bdat
+        self._content_begins()
+        try:
+            await self.wire.read_chunk(size, spool, check)
+        finally:
+            self._content_ends()
+        if not last:
+            await self.push(status.bdat_chunk(size))
+            return
+        self.envelope.bdat = None  # the spool is this method's now
+        try:
+            why_not = refusal(spool, check.nul)
+            bare = check.finish()
+            if why_not is None and self._limits.forbid_bare_newline and bare:
+                self._reset_transaction()
+                await self._refuse_and_close(status.bare_newline(self.hostname, bare))
+                return
+            await self._finish_message(spool, why_not)
+        finally:
+            spool.discard()
+
+    def _bdat_refusal(self) -> status.Reply | None:
+        if not self.session.host_name:
+            return status.NEED_HELO
+        if self._login_required and not self.session.authenticated:
+            return status.AUTH_REQUIRED
+        if not self.envelope.rcpt_tos:
+            self._reset_transaction()
+            return status.NEED_RCPT
+        return None
+
+    async def _skip_chunk(self, size: int) -> None:
+        self._content_begins()
+        try:
+            await self.wire.read_chunk(size, None)
+        finally:
+            self._content_ends()
+
+    def _new_spool(self) -> Spool:
+        """Where this transaction's content goes (the handler's, i.e. the queue's spool directory)."""
+        return self.event_handler.new_spool(self.data_size_limit)
+
+    async def _finish_message(self, spool: Spool, why_not: status.Reply | None) -> None:
+        """Hand complete content to the handler (or refuse it); either way the transaction ends."""
+        if why_not is not None:
+            if spool.failure is not None:
+                log.error("%s: message not queued: cannot write its spool file: %s", self.session.client,
+                          spool.failure)
+            self._reset_transaction()
+            await self.push(why_not)
+            return
+        self.envelope.content = self.envelope.original_content = await spool.finish()
+        reply = await self._call_handler_hook("DATA")
+        spool.discard()  # what was queued has the queue's own name for its file by now
+        self._reset_transaction()
+        if isinstance(reply, str) and reply.startswith("250"):
+            self._message_accepted()
+        await self.push(reply if isinstance(reply, str) else status.OK)

@@ -1,0 +1,506 @@
+"""smtpd's protocol core: one client connection and its command loop, an aiosmtpd `SMTP` subclass. The command
+layers stack on it in dialogue order (frontends, secure, transaction, data); session.py assembles them.
+
+What it owns
+- Construction: aiosmtpd's `SMTP.__init__` inspects the session class and the handler (`inspect.getmembers`,
+  `dir`, `inspect.signature`) on every connection, several percent of the server's CPU when each message comes
+  on a connection of its own. `ProtocolCore.__init__` sets what aiosmtpd's inherited methods read and takes the
+  tables of smtp_* verbs and handle_* hooks from a cache: built once per class.
+- The connection: `connection_made` (after STARTTLS the client stays who it was), `eof_received` (input
+  already received is answered first), `_session_ended` (once however the session ends, also after a TLS
+  handshake asyncio never reports to connection_lost: frees what it held, logs the disconnect), `hang_up()`.
+- Replies: `push()` gives a library-written line its enhanced status code (RFC 2034; not the greeting nor
+  HELO/EHLO; a `status.Reply` goes as the catalogue wrote it), counts 4xx/5xx toward the error limits and
+  records each command's outcome (sessionlog.SessionLog).
+- Deadlines: a command within `timeout` of the previous one; DATA/BDAT content at `min_data_rate`.
+- The command loop (`_handle_client`): the greeting (input before it is early talk), the error gate
+  (session_time_limit, soft and hard error limits), a line through `wire.Wire`, malformed lines, RFC 2920
+  pipelining discipline, the STARTTLS requirement, junk commands, dispatch to the `smtp_*` methods.
+- EHLO (the layers' keywords, then the handler's hook), VRFY, EXPN; HELO, RSET, NOOP, QUIT, HELP are aiosmtpd's.
+- Typed state through aiosmtpd's documented factories: `_create_session()` -> state.SessionState,
+  `_create_envelope()` -> state.Transaction (freeing the BDAT content of the one it replaces).
+
+aiosmtpd's private names, each used because aiosmtpd offers no other way:
+- `_handle_client` (overridden): aiosmtpd's command loop reads line by line and knows neither strict CRLF,
+  pipelining discipline, deadlines nor BDAT; it is the one place a session's input is read.
+- `_timeout_cb` (overridden): aiosmtpd's only timeout hook; Postfix's "timeout after X" is logged there.
+- `_timeout_duration`, `_timeout_handle`, `_tls_protocol`, `_tls_handshake_okay`, `_original_transport`,
+  `_handler_coroutine`, `_handle_hooks`, `_smtp_methods` (set in `__init__`): what `SMTP.__init__` would set
+  for the inherited methods that read them (connection_made/lost, STARTTLS, HELO, RSET, NOOP, QUIT, HELP);
+  `AIOSMTPD_STATE` lists them and a test checks aiosmtpd still has them.
+- `_reader`, `_writer`: the connection's streams, kept by aiosmtpd under these names only.
+- `_original_transport`, `_timeout_handle` (read at the end): a session that ends inside a TLS handshake never
+  gets connection_lost, so its socket and timer are closed here.
+- `_reset_timeout`, `_call_handler_hook`: aiosmtpd's timer and hook call, shared with the inherited commands.
+aiosmtpd's own PROXY support (`proxy_protocol_timeout`) is not used: see frontends.py.
+
+Failure behaviour: the session never raises out. A `WireError` is answered (and ends the session when fatal:
+bare LF/CR); the end of input closes the session (what was received has been answered); any other exception
+is answered by the handler's `handle_exception` (451 4.3.0, logged) and the session goes on.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException
+
+from mailflow import status
+from mailflow.config import DEFAULTS
+from mailflow.stages.smtpd.sessionlog import SessionLog
+from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction
+from mailflow.stages.smtpd.wire import Wire, WireError
+
+log = logging.getLogger("mailflow.smtpd")
+
+# RFC 2920 section 3.1: these end a command group; input already pending after them is out of sync.
+LAST_IN_GROUP = {"EHLO", "HELO", "DATA", "VRFY", "EXPN", "NOOP", "STARTTLS", "AUTH", "QUIT"}
+JUNK_COMMANDS = {"NOOP", "VRFY", "RSET", "HELP", "EXPN", "ETRN"}
+ALLOWED_BEFORE_STARTTLS = {"NOOP", "EHLO", "STARTTLS", "QUIT"}
+LAYER_KEYWORDS = ("DSN", "CHUNKING")  # EHLO keywords of transaction.py and data.py, in the order offered
+AIOSMTPD_STATE = ("_timeout_duration", "_timeout_handle", "_tls_protocol", "_tls_handshake_okay",
+                  "_original_transport", "_handler_coroutine", "_handle_hooks", "_smtp_methods")
+
+
+@dataclass(frozen=True)
+class ProtocolLimits:
+    """The protocol settings of one listener: SmtpdConfig's, same names (the defaults: from_config(DEFAULTS.smtpd))."""
+
+    max_line_length: int
+    forbid_bare_newline: bool
+    forbid_unauth_pipelining: bool
+    min_data_rate: int
+    soft_error_limit: int
+    hard_error_limit: int
+    error_sleep_time: float
+    junk_command_limit: int
+    disable_vrfy_command: bool
+    session_time_limit: float
+    recipient_limit: int
+    recipient_overshoot_limit: int
+
+    @classmethod
+    def from_config(cls, smtpd) -> "ProtocolLimits":
+        """From a `SmtpdConfig` (the listener's effective settings)."""
+        return cls(**{name: getattr(smtpd, name) for name in cls.__dataclass_fields__})
+
+
+_COMMANDS: dict[type, dict[str, Callable]] = {}  # per session class: its smtp_* methods by verb
+_HOOKS: dict[type, tuple[str, ...]] = {}  # per handler class: its handle_* hooks
+
+
+def command_table(cls: type) -> dict[str, Callable]:
+    """The `smtp_*` methods of a session class by verb (functions: called with the session), built once."""
+    table = _COMMANDS.get(cls)
+    if table is None:
+        table = _COMMANDS[cls] = {name[5:]: getattr(cls, name) for name in dir(cls) if name.startswith("smtp_")}
+    return table
+
+
+def hook_names(handler_class: type) -> tuple[str, ...]:
+    """The `handle_*` hooks a handler class has, found once."""
+    names = _HOOKS.get(handler_class)
+    if names is None:
+        names = _HOOKS[handler_class] = tuple(name for name in dir(handler_class) if name.startswith("handle_"))
+    return names
+
+
+class ProtocolCore(SMTP):
+    """One client connection: see the module doc."""
+
+    session: SessionState
+    envelope: Transaction
+
+    def __init__(self, handler, *, sessions: set, protocol: ProtocolLimits | None = None, hostname: str,
+                 ident: str = "ESMTP", data_size_limit: int | None = None, enable_SMTPUTF8: bool = True,
+                 decode_data: bool = False, timeout: float = 300, tls_context=None, require_starttls: bool = False,
+                 loop: asyncio.AbstractEventLoop | None = None):
+        self.loop = loop or asyncio.get_running_loop()
+        asyncio.StreamReaderProtocol.__init__(
+            self, asyncio.StreamReader(limit=self.line_length_limit, loop=self.loop),
+            client_connected_cb=self._cb_client_connected, loop=self.loop)
+        # aiosmtpd's public attributes
+        self.event_handler = handler
+        self.hostname = hostname
+        self.data_size_limit = data_size_limit
+        self.enable_SMTPUTF8 = enable_SMTPUTF8
+        self.tls_context = tls_context
+        self.require_starttls = bool(tls_context and require_starttls)
+        self.session: SessionState | None = None  # type: ignore[assignment]
+        self.envelope: Transaction | None = None  # type: ignore[assignment]
+        self.transport = None
+        # aiosmtpd's private attributes, for its inherited methods (see the module doc)
+        self._timeout_duration = timeout
+        self._timeout_handle = self._tls_protocol = self._original_transport = self._handler_coroutine = None
+        self._tls_handshake_okay = True
+        self._handle_hooks = {name[7:]: getattr(handler, name) for name in hook_names(type(handler))}
+        self._smtp_methods = command_table(type(self))
+        # this session's
+        self._sessions = sessions
+        self._limits = protocol or ProtocolLimits.from_config(DEFAULTS.smtpd)
+        self._banner = ident
+        self._eight_bit = not decode_data
+        self._command_timeout = timeout
+        self.record = SessionLog()
+        self._wire: Wire | None = None
+        self._replies_sent = 0
+        self._in_hello = False  # HELO/EHLO replies carry no enhanced codes (RFC 2034)
+        self._errors = 0
+        self._junk = 0
+        self._greeted_at = 0.0
+        self._data_started: float | None = None  # loop time DATA/BDAT content began, for the rate deadline
+        self._data_bytes = 0
+        self._ended = False
+
+    # --- typed state --------------------------------------------------------------------------------------
+
+    def _create_session(self) -> SessionState:
+        return SessionState(self.loop)
+
+    def _create_envelope(self) -> Transaction:
+        if self.envelope is not None:
+            self.envelope.discard_bdat()
+        return Transaction()
+
+    @property
+    def wire(self) -> Wire:
+        """The client's input (from the start of the session loop on)."""
+        assert self._wire is not None, "no input before the session runs"
+        return self._wire
+
+    def _reset_transaction(self) -> None:
+        """The transaction ends without a message (what RSET does)."""
+        self.envelope = self._create_envelope()
+
+    # --- connection ---------------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None:  # the connection
+            self._sessions.add(self)
+            super().connection_made(transport)
+            return
+        if self._wire is not None:  # STARTTLS done: plaintext pipelined after it never reaches TLS (RFC 3207)
+            self._wire.discard()
+        before = self.session
+        super().connection_made(transport)  # aiosmtpd starts a new session
+        self.session.carry_identity(before)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._sessions.discard(self)
+        self.envelope.discard_bdat()
+        super().connection_lost(error)
+
+    def _session_ended(self) -> None:
+        """The session is over, however it ended (QUIT, a drop, a failed or abandoned TLS handshake, a
+        refusal): free what it held. Runs once, from `_handle_client`'s finally; subclasses release more."""
+        if self._ended:
+            return
+        self._ended = True
+        self._sessions.discard(self)
+        self.envelope.discard_bdat()
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        for transport in (self.transport, self._original_transport):
+            if transport is not None and not transport.is_closing():
+                transport.close()
+        self.record.ended(self.session.client)
+
+    def _timeout_cb(self) -> None:
+        self.record.timed_out(self.session.client)
+        super()._timeout_cb()
+
+    def eof_received(self) -> bool | None:
+        """The client closed its sending side: unlike aiosmtpd, do not cancel the session at once; input already
+        received is processed and answered (a message whose end arrived is queued and gets its 250), then the
+        wire reports the end of input and the session closes. Over TLS, aiosmtpd's handling stands."""
+        if self.session is None or self.session.ssl is not None or self._wire is None:
+            return super().eof_received()
+        return asyncio.StreamReaderProtocol.eof_received(self)
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def hang_up(self) -> None:
+        """The server ends the session (shutdown): no "lost connection" is logged for it."""
+        self.record.server_hung_up = True
+        self._close()
+
+    # --- replies ------------------------------------------------------------------------------------------
+
+    async def push(self, line: Any, *, counts_as_error: bool = True) -> None:
+        """Send one reply line. A final 4xx/5xx counts toward the error limits (unless `counts_as_error` is
+        False) and marks the command being answered as failed in the disconnect statistics."""
+        if isinstance(line, status.Reply):
+            line = str(line)
+        elif self._replies_sent and not self._in_hello and isinstance(line, str):  # the first is the greeting
+            line = status.with_enhanced_code(line)
+        final = _final_code(line)
+        if self._replies_sent and final >= 400 and counts_as_error:
+            self._errors += 1
+        self.record.replied(final)
+        self._replies_sent += 1
+        await super().push(line)
+
+    async def _refuse_and_close(self, reply: status.Reply) -> None:
+        self.record.server_hung_up = True
+        try:
+            await self.push(reply)
+        finally:
+            self._close()
+
+    def log_reject(self, stage: str, reply, recipient: str = "", *, action: str = "reject",
+                   queue_id: str = "NOQUEUE", sender: str | None = None) -> None:
+        """`NOQUEUE: reject: STAGE from host[ip]: reply; from=<s> to=<r> proto=… helo=<…>` (Postfix's form;
+        `action` hold or discard with the message's queue id for those restriction actions; `sender` the one
+        refused at MAIL, else the transaction's)."""
+        if sender is None:
+            sender = self.envelope.sender
+        elif sender == NULL_SENDER:
+            sender = ""
+        self.record.lines.reject(stage, self.session.client, str(reply), sender=sender, recipient=recipient,
+                                 protocol=self.session.protocol, helo=self.session.host_name or "",
+                                 action=action, queue_id=queue_id)
+
+    # --- deadlines ----------------------------------------------------------------------------------------
+
+    def _on_input(self, count: int) -> None:
+        """Bytes arrived. During DATA/BDAT content the deadline moves with the data rate (smtpd_min_data_rate):
+        never later than `timeout` after this input, nor than `timeout` plus what min_data_rate allows."""
+        if self._data_started is None:
+            return
+        self._data_bytes += count
+        now = self.loop.time()
+        allowed = self._command_timeout
+        if self._limits.min_data_rate:
+            allowed += self._data_bytes / self._limits.min_data_rate
+        deadline = min(self._data_started + allowed, now + self._command_timeout)
+        self._reset_timeout(max(deadline - now, 0.001))
+
+    def _content_begins(self) -> None:
+        self._data_started = self.loop.time()
+        self._data_bytes = 0
+        self._reset_timeout()
+
+    def _content_ends(self) -> None:
+        self._data_started = None
+        self._reset_timeout()
+
+    # --- the command loop ---------------------------------------------------------------------------------
+
+    async def _handle_client(self) -> None:
+        """The whole session; whatever ends it (even a TLS handshake that never completes, after which asyncio
+        never calls connection_lost), `_session_ended` frees what it held."""
+        try:
+            await self._serve_client()
+        finally:
+            self._session_ended()
+
+    async def _serve_client(self) -> None:
+        assert self.session is not None
+        self._wire = Wire(self._reader, self.hostname, self._on_input, bare_lf=not self._limits.forbid_bare_newline)
+        if not await self._before_greeting():
+            return
+        await asyncio.sleep(0)  # let input sent before the greeting arrive, so that it is seen as such
+        early = self._wire.pending()
+        await self.push(status.greeting(self.hostname, self._banner))
+        self._greeted_at = self.loop.time()
+        if early and self._limits.forbid_unauth_pipelining:
+            self.record.lines.improper_pipelining("CONNECT", self.session.client, self._wire.peek())
+            await self._refuse_and_close(status.protocol_sync(self.hostname))
+            return
+        while self.transport is not None:
+            try:
+                if not await self._error_gate():
+                    return
+                await self._one_command()
+            except asyncio.CancelledError:
+                self._writer.close()
+                raise
+            except ConnectionResetError:  # end of input (or a reset): what was received has been answered
+                self._close()
+                return
+            except WireError as e:
+                self._content_ends()
+                if e.fatal:
+                    self.log_reject(self.record.where, e.reply)
+                    self._reset_transaction()
+                    await self._refuse_and_close(e.reply)
+                    return
+                await self.push(e.reply)
+            except TLSSetupException:
+                self._close()
+                return
+            except Exception as error:  # a bug must not end the session silently, nor the server
+                try:
+                    reply = await self.handle_exception(error)
+                except Exception:
+                    log.exception("error in handle_exception")
+                    reply = str(status.INTERNAL_ERROR)
+                await self.push(reply)
+
+    async def _before_greeting(self) -> bool:
+        """What must happen before the greeting; False when the connection was closed. The layers above add
+        the PROXY header (frontends.py) and the admission (server.py)."""
+        self.record.connect(self.session.client)
+        return True
+
+    async def _error_gate(self) -> bool:
+        """End a session past session_time_limit; tarpit past soft_error_limit, end the session at
+        hard_error_limit (Postfix smtpd error counting)."""
+        limit = self._limits.session_time_limit
+        if limit and self.loop.time() - self._greeted_at > limit:
+            await self._refuse_and_close(status.session_too_long(self.hostname))
+            return False
+        if self._errors >= self._limits.hard_error_limit:
+            self.record.lines.too_many_errors(self.record.where, self.session.client)
+            await self._refuse_and_close(status.too_many_errors(self.hostname))
+            return False
+        if self._errors > self._limits.soft_error_limit and self._limits.error_sleep_time:
+            await asyncio.sleep(self._limits.error_sleep_time)
+        return True
+
+    async def _one_command(self) -> None:
+        line = await self.wire.read_line(self._limits.max_line_length)
+        refusal = _malformed(line)
+        if refusal is not None:  # Postfix counts these as unknown commands
+            self.record.command(None)
+            await self.push(refusal)
+            return
+        command_bytes, _, arg_bytes = line.partition(b" ")
+        command = command_bytes.upper().decode("ascii")
+        if self._out_of_sync(command):
+            self.record.lines.improper_pipelining(command, self.session.client, self.wire.peek())
+            await self._refuse_and_close(status.protocol_sync(self.hostname))
+            return
+        arg = arg_bytes.strip().decode("utf-8") if arg_bytes.strip() else None
+        await self._dispatch(command, arg)
+
+    def _out_of_sync(self, command: str) -> bool:
+        """RFC 2920 pipelining rules (smtpd_forbid_unauth_pipelining): input must not already be waiting after
+        a command that ends a group, nor after any command of a client that did not say EHLO."""
+        if not self._limits.forbid_unauth_pipelining or not self.wire.pending():
+            return False
+        if command == "QUIT":
+            return False
+        return command in LAST_IN_GROUP or not self.session.extended_smtp
+
+    async def _dispatch(self, command: str, arg: str | None) -> None:
+        method = self._smtp_methods.get(command)
+        self.record.command(command if method is not None else None)
+        if self.require_starttls and self.session.ssl is None and command not in ALLOWED_BEFORE_STARTTLS:
+            await self.push(status.STARTTLS_FIRST)
+            return
+        if method is None:
+            log.debug("%s: unrecognised command %.20r", self.session.client, command)
+            await self.push(status.NOT_RECOGNIZED)
+            return
+        if command in JUNK_COMMANDS and not self.envelope.mail_from:
+            self._junk += 1
+            if self._junk > self._limits.junk_command_limit:
+                self._errors += 1
+        self._reset_timeout()  # a complete command: the per-command deadline starts again
+        await method(self, arg)
+
+    def _message_accepted(self) -> None:
+        """A message was queued: the error counts start again (Postfix)."""
+        self._errors = 0
+        self._junk = 0
+
+    # --- HELO, EHLO, VRFY, EXPN -----------------------------------------------------------------------------
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._in_hello = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._in_hello = False
+
+    async def smtp_EHLO(self, hostname: str | None) -> None:
+        """The keywords aiosmtpd would offer (SIZE, 8BITMIME, SMTPUTF8), the layers' (STARTTLS and AUTH;
+        DSN, CHUNKING and XCLIENT), then the handler's `handle_EHLO` edits the list (it adds PIPELINING and
+        ENHANCEDSTATUSCODES). A new transaction begins; the replies carry no enhanced code (RFC 2034)."""
+        self._in_hello = True
+        try:
+            if not hostname:
+                await self.push(status.hello_syntax("EHLO"))
+                return
+            self._reset_transaction()
+            self.session.extended_smtp = True
+            lines = [f"250-{self.hostname}", *(f"250-{k}" for k in self._base_keywords()), "250 HELP"]
+            edited = await self._call_handler_hook("EHLO", hostname, lines)
+            if edited is MISSING:  # a handler without the hook: aiosmtpd's default
+                self.session.host_name = hostname
+                edited = lines
+            for line in _with_keywords(edited, self._ehlo_keywords()):
+                await self.push(line)
+        finally:
+            self._in_hello = False
+
+    def _base_keywords(self) -> list[str]:
+        """The EHLO keywords before the handler's hook: the message's, then the security layer's."""
+        keywords = [f"SIZE {self.data_size_limit}"] if self.data_size_limit else []
+        keywords += ["8BITMIME"] if self._eight_bit else []
+        keywords += ["SMTPUTF8"] if self.enable_SMTPUTF8 else []
+        return keywords + self._security_keywords()
+
+    def _security_keywords(self) -> list[str]:
+        """STARTTLS and AUTH, when offered (secure.py)."""
+        return []
+
+    def _ehlo_keywords(self) -> tuple[str, ...]:
+        """EHLO keywords the layers implement, added after the handler's hook (XCLIENT: frontends.py)."""
+        return LAYER_KEYWORDS
+
+    async def smtp_VRFY(self, arg: str | None) -> None:
+        """Off by default (disable_vrfy_command). On, the answer is the same for every address (252): VRFY
+        never tells which users exist."""
+        if self._limits.disable_vrfy_command:
+            await self.push(status.VRFY_DISABLED)
+            return
+        if await self.check_auth_needed("VRFY"):
+            return
+        if not arg:
+            await self.push(status.syntax("VRFY <address>"))
+            return
+        await self.push(status.CANNOT_VRFY)  # whatever the argument: no need to parse it
+
+    async def smtp_EXPN(self, arg: str | None) -> None:
+        await self.push(status.EXPN_DISABLED)
+
+
+def _with_keywords(lines: list[str], keywords: tuple[str, ...]) -> list[str]:
+    """EHLO reply lines with `keywords` added before the last one (each once)."""
+    have = {line[4:].split(" ", 1)[0].upper() for line in lines[1:]}
+    extra = [f"250-{k}" for k in keywords if k not in have]
+    if not extra:
+        return lines
+    *head, last = lines
+    if len(lines) == 1:  # only the greeting line: it becomes a continuation line
+        return [f"250-{last[4:]}", *extra[:-1], f"250 {extra[-1][4:]}"]
+    return [*head, *extra, last]
+
+
+def _malformed(line: bytes) -> status.Reply | None:
+    """Why a command line cannot be a command at all (empty, NUL, a non-ASCII verb, invalid UTF-8), or None.
+    Valid UTF-8 is checked for the whole line, as Postfix does with SMTPUTF8 on: nothing later has to cope
+    with undecodable text."""
+    if not line:
+        return status.BAD_SYNTAX
+    if b"\0" in line:
+        return status.NUL_IN_COMMAND
+    if not line.partition(b" ")[0].isascii():
+        return status.BAD_SYNTAX
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        return status.BAD_UTF8
+    return None
+
+
+def _final_code(line) -> int:
+    """The code of a final reply line (`250 ...`, not `250-...`), else 0."""
+    text = line if isinstance(line, str) else line[:4].decode("ascii", errors="replace")
+    return int(text[:3]) if text[:3].isdigit() and text[3:4] in (" ", "") else 0

@@ -1,0 +1,198 @@
+"""STARTTLS and AUTH: the session layer above frontends.FrontEndCommands.
+
+What it owns
+- STARTTLS (RFC 3207): offered when the listener has a certificate and TLS is not up yet; refused inside TLS
+  (554 5.5.1, as Postfix) and inside a mail transaction (503 5.5.1: the handshake would reset it). The
+  handshake is aiosmtpd's; a handshake that fails or that the client abandons ends the session. The TLS line of
+  the log (`log_tls`: "Anonymous TLS connection established from host[ip]: TLSv1.3 with cipher ...").
+- AUTH (RFC 4954) PLAIN and LOGIN, with or without an initial response, checked by the listener's
+  `auth.Authenticator` (`sasl`; None: AUTH is not enabled). Offered and accepted only over TLS unless
+  `auth_require_tls` is false (a submissions listener, or allow_plaintext_auth_on_loopback). The login becomes
+  `session.auth_data` (`authenticated`), the mechanism `session.auth_mechanism`. Answers read through the
+  strict wire reader (`challenge_auth`).
+- `check_auth_needed`: with `auth_required` (submission), MAIL, RCPT, DATA, BDAT, VRFY and HELP need a login
+  first (530 5.7.0).
+- `_sender_refusal(sender)`: reject_sender_login_mismatch (`sender_logins`: auth.SenderLogins, None: off),
+  asked at MAIL before the handler.
+
+Failure behaviour: every refusal is a `mailflow.status` reply: AUTH not enabled 503 5.5.1, before EHLO 503
+5.5.1, without TLS 538 5.7.11, twice 503 5.5.1, inside a transaction 503 5.5.1, a bad mechanism 504 5.5.4, bad
+base64 501 5.5.2, `*` 501 5.7.0, a malformed PLAIN blob 501 5.5.2, wrong credentials 535 5.7.8 (slowed down
+and logged by the Authenticator), a user table that cannot answer 454 4.7.0; a sender the login does not own
+553 5.7.1, a login table that cannot answer 451 4.3.0.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+
+from aiosmtpd.smtp import MISSING
+
+from mailflow import status
+from mailflow.errors import LookupRetry
+from mailflow.stages.smtpd.auth import Authenticator, SenderLogins, login_of
+from mailflow.stages.smtpd.frontends import FrontEndCommands
+
+log = logging.getLogger("mailflow.smtpd")
+
+MECHANISMS = ("LOGIN", "PLAIN")
+
+
+class SecureCommands(FrontEndCommands):
+    """STARTTLS and AUTH: see the module doc."""
+
+    def __init__(self, handler, *, sasl: Authenticator | None = None, sender_logins: SenderLogins | None = None,
+                 auth_required: bool = False, auth_require_tls: bool = True, **kwargs):
+        super().__init__(handler, **kwargs)
+        self._sasl = sasl
+        self._sender_logins = sender_logins
+        self._login_required = auth_required
+        self._auth_needs_tls = auth_require_tls
+
+    def _security_keywords(self) -> list[str]:
+        keywords = ["STARTTLS"] if self.tls_context and self.session.ssl is None else []
+        if self._sasl is not None and (not self._auth_needs_tls or self.session.ssl is not None):
+            keywords.append("AUTH " + " ".join(MECHANISMS))
+        return keywords
+
+    # --- STARTTLS -----------------------------------------------------------------------------------------
+
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        """RFC 3207, refused inside TLS (554 5.5.1, as Postfix) and inside a mail transaction (503 5.5.1: the
+        handshake would reset it). A handshake that fails or that the client abandons ends the session."""
+        if arg:
+            await self.push(status.syntax("STARTTLS"))
+            return
+        if self.session.ssl is not None:
+            await self.push(status.TLS_ALREADY_ACTIVE)
+            return
+        if self.tls_context and self.envelope.mail_from:
+            await self.push(status.TRANSACTION_IN_PROGRESS)
+            return
+        await super().smtp_STARTTLS(arg)
+        if not self.tls_context:
+            return  # not offered here: aiosmtpd answered
+        if self.transport is None or self.transport.is_closing():  # asyncio resolves the handshake as done
+            raise ConnectionResetError("the client left during the TLS handshake")
+        self.log_tls()
+
+    def log_tls(self) -> None:
+        """`Anonymous TLS connection established from host[ip]: TLSv1.3 with cipher … (256/256 bits)`."""
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
+        if ssl_object is None:
+            return
+        name, version, bits = ssl_object.cipher() or ("", "", 0)
+        self.record.lines.tls_established(self.session.client, ssl_object.version() or version, name, bits or 0)
+
+    # --- AUTH ---------------------------------------------------------------------------------------------
+
+    async def check_auth_needed(self, caller_method: str) -> bool:
+        if self._login_required and not (self.session and self.session.authenticated):
+            await self.push(status.AUTH_REQUIRED)
+            return True
+        return False
+
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        """RFC 4954 AUTH PLAIN and LOGIN (with or without an initial response), checked by the listener's
+        Authenticator; the login becomes `session.auth_data`, the mechanism `session.auth_mechanism`."""
+        refusal = self._auth_refusal(arg)
+        if refusal is not None:
+            await self.push(refusal)
+            return
+        assert arg is not None and self._sasl is not None
+        words = arg.split()
+        mechanism, initial = words[0].upper(), (words[1] if len(words) == 2 else None)
+        exchange = self._plain_exchange if mechanism == "PLAIN" else self._login_exchange
+        credentials = await exchange(initial)
+        if credentials is None:
+            return  # answered already (aborted, bad base64, malformed)
+        authzid, login, password = credentials
+        outcome = await self._sasl.check(self.session.peer_ip, mechanism, login, password,
+                                         authzid=authzid, client=self.session.client)
+        if outcome.login is not None:
+            self.session.authenticated = True
+            self.session.auth_data = outcome.login
+            self.session.auth_mechanism = mechanism
+        await self.push(outcome.reply)
+
+    def _auth_refusal(self, arg: str | None) -> status.Reply | None:
+        if self._sasl is None:
+            return status.AUTH_NOT_ENABLED
+        if not self.session.host_name or not self.session.extended_smtp:
+            return status.NEED_EHLO
+        if self._auth_needs_tls and self.session.ssl is None:
+            return status.AUTH_ENCRYPTION_REQUIRED
+        if self.session.authenticated:
+            return status.ALREADY_AUTHENTICATED
+        if self.envelope.mail_from:
+            return status.TRANSACTION_IN_PROGRESS
+        words = (arg or "").split()
+        if not 1 <= len(words) <= 2:
+            return status.syntax("AUTH mechanism")
+        if words[0].upper() not in MECHANISMS:
+            return status.AUTH_UNKNOWN_MECHANISM
+        return None
+
+    async def _plain_exchange(self, initial: str | None):
+        """RFC 4616: (authzid, login, password) from `authzid NUL login NUL password`, or None (answered)."""
+        blob = await self._auth_response(initial, "")
+        if blob is None:
+            return None
+        parts = blob.split(b"\0")
+        if len(parts) != 3 or not parts[1]:
+            await self.push(status.AUTH_MALFORMED)
+            return None
+        return parts[0], parts[1], parts[2]
+
+    async def _login_exchange(self, initial: str | None):
+        """The LOGIN mechanism: the customary `334 VXNlcm5hbWU6` (Username:) and `334 UGFzc3dvcmQ6` (Password:)."""
+        login = await self._auth_response(initial, "Username:")
+        if login is None:
+            return None
+        password = await self._auth_response(None, "Password:")
+        if password is None:
+            return None
+        return b"", login, password
+
+    async def _auth_response(self, initial: str | None, prompt: str) -> bytes | None:
+        """The client's answer, decoded: the initial response if given (`=` is empty), else the answer to a 334
+        `prompt`. None when the client aborted or sent bad base64 (already answered)."""
+        if initial is None:
+            answer = await self.challenge_auth(prompt)
+            return None if answer is MISSING else answer
+        if initial == "=":
+            return b""
+        try:
+            return base64.b64decode(initial, validate=True)
+        except binascii.Error:
+            await self.push(status.AUTH_BAD_BASE64)
+            return None
+
+    async def challenge_auth(self, challenge, encode_to_b64: bool = True, log_client_response: bool = False):
+        """aiosmtpd's AUTH challenge, reading the answer through the strict wire reader."""
+        raw = challenge.encode() if isinstance(challenge, str) else challenge
+        await self.push(b"334 " + (base64.b64encode(raw) if encode_to_b64 else raw))
+        blob = (await self.wire.read_line(self._limits.max_line_length)).strip()
+        if blob == b"*":
+            await self.push(status.AUTH_ABORTED)
+            return MISSING
+        try:
+            return base64.b64decode(blob, validate=True)
+        except binascii.Error:
+            await self.push(status.AUTH_BAD_BASE64)
+            return MISSING
+
+    # --- who may send as whom -----------------------------------------------------------------------------
+
+    def _sender_refusal(self, sender: str) -> status.Reply | None:
+        """reject_sender_login_mismatch for MAIL FROM `sender` ("<>": the null sender), or None."""
+        if self._sender_logins is None:
+            return None
+        try:
+            if self._sender_logins.sender_login_mismatch(self.session, sender):
+                return status.sender_login_mismatch(sender, login_of(self.session))
+        except LookupRetry as e:
+            log.warning("sender_login_maps: %s", e.reason)
+            return status.error_reply(e, sender)
+        return None

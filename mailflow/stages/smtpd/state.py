@@ -1,0 +1,154 @@
+"""smtpd's typed state: who the client is (one per connection) and the mail transaction (one per message).
+
+aiosmtpd makes these through its documented factories `SMTP._create_session()` and `_create_envelope()`; the
+session (session.py) returns the subclasses below, so that every field is declared here with its meaning and
+read directly (never `getattr(..., default)`).
+
+- `SessionState(aiosmtpd.smtp.Session)`: the client, for the whole connection. aiosmtpd makes a new one after
+  STARTTLS (RFC 3207: HELO and login are forgotten); `carry_identity(previous)` keeps who the client is (the
+  PROXY or XCLIENT client). XCLIENT replaces its fields (frontends.apply_xclient).
+- `Transaction(aiosmtpd.smtp.Envelope)`: one mail transaction. A new one at the connection, at HELO, EHLO,
+  RSET, STARTTLS and XCLIENT, and after each message whatever its outcome: so RSET clears exactly the fields of
+  `Transaction` and none of `SessionState`. `discard_bdat()` frees a BDAT spool it still holds.
+- The values that travel on (mailflow.model): `Transaction.model_envelope()`, `SessionState.client_info()`,
+  `received_protocol(session, transaction)`.
+
+Failure behaviour: plain data and pure conversions; nothing here does I/O or raises for a client's input.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiosmtpd.smtp import Envelope as _AiosmtpdEnvelope
+from aiosmtpd.smtp import Session as _AiosmtpdSession
+
+from mailflow.content import Content, Spool
+from mailflow.logs import client_name
+from mailflow.model import ClientInfo, Envelope
+from mailflow.stages.smtpd.auth import login_of
+from mailflow.stages.smtpd.restrictions import Marks
+from mailflow.stages.smtpd.wire import ContentCheck
+
+NULL_SENDER = "<>"  # how aiosmtpd spells MAIL FROM:<> in `mail_from`
+
+
+class SessionState(_AiosmtpdSession):
+    """The client of one connection. aiosmtpd's fields first, as mailflow uses them, then mailflow's."""
+
+    peer: Any  # (ip, port) of the client: the real one after a PROXY header or XCLIENT, not the socket's
+    ssl: dict[str, Any] | None  # None before TLS; then "ssl_object" and "cipher" (name, version, bits)
+    host_name: str | None  # the HELO/EHLO name; None before one
+    extended_smtp: bool  # the client said EHLO (ESMTP), not HELO
+    authenticated: bool  # a login succeeded (AUTH, or XCLIENT LOGIN)
+    auth_data: Any  # that login name (str) while authenticated, else None
+    # (aiosmtpd's `loop`; its `proxy_data` stays None: frontends.py says why mailflow reads PROXY itself)
+    client_name: str  # the client's host name for logs and checks: "unknown" (no reverse lookup), or XCLIENT NAME
+    proxied_by: str  # the load balancer's address when a PROXY header named the client, else ""
+    auth_mechanism: str  # PLAIN, LOGIN or XCLIENT: the `sasl_method` of the log and of policy requests
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        super().__init__(loop)
+        self.authenticated = False
+        self.client_name = "unknown"
+        self.proxied_by = ""
+        self.auth_mechanism = ""
+
+    def carry_identity(self, previous: SessionState) -> None:
+        """After STARTTLS: the client stays who PROXY or XCLIENT said it is (HELO and login are not kept)."""
+        self.peer = previous.peer
+        self.proxied_by = previous.proxied_by
+        self.client_name = previous.client_name
+
+    @property
+    def peer_ip(self) -> str:
+        peer = self.peer
+        return str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+
+    @property
+    def client(self) -> str:
+        """`host[ip]` of the client as known now (after PROXY and XCLIENT), for the log."""
+        return client_name(self.client_name, self.peer_ip)
+
+    @property
+    def login(self) -> str:
+        """The SASL login, "" when not authenticated."""
+        return login_of(self) or ""
+
+    @property
+    def protocol(self) -> str:
+        """SMTP or ESMTP (the policy protocol's protocol_name, the log's proto=)."""
+        return "ESMTP" if self.extended_smtp else "SMTP"
+
+    def client_info(self, transaction: Transaction | None = None) -> ClientInfo:
+        """The client as cleanup records it (Received header, `client=` log line)."""
+        host, port = (self.peer or ("unknown", 0))[:2]
+        login = self.login
+        return ClientInfo(addr=host, port=port, helo=self.host_name or "",
+                          protocol=received_protocol(self, transaction), hostname=self.client_name,
+                          sasl_method=self.auth_mechanism if login else "", sasl_username=login)
+
+
+class Transaction(_AiosmtpdEnvelope):
+    """One mail transaction. aiosmtpd's fields first, as mailflow uses them, then mailflow's."""
+
+    mail_from: str | None  # the sender as given: None before MAIL, "<>" for the null sender
+    mail_options: list[str]  # MAIL's parameters for the handler, upper case: BODY=8BITMIME, SIZE=n, SMTPUTF8
+    smtp_utf8: bool  # MAIL said SMTPUTF8
+    rcpt_tos: list[str]  # the recipients accepted so far, in order
+    # (aiosmtpd's `rcpt_options` stays empty: RCPT's parameters are the DSN ones, in `rcpt_dsn`)
+    content: Content | None  # type: ignore[assignment]  # the message once its end was read: never bytes
+    original_content: Content | None  # type: ignore[assignment]  # the same Content
+    dsn_ret: str  # RFC 3461 RET: FULL, HDRS or ""
+    dsn_envid: str  # RFC 3461 ENVID, xtext-decoded ("" when not given)
+    rcpt_dsn: list[tuple[str, str]]  # one (NOTIFY, ORCPT) per accepted recipient, in the order of rcpt_tos
+    overshoot: int  # recipients refused for recipient_limit (errors only past recipient_overshoot_limit)
+    marks: Marks  # what restrictions decided for the whole message (DISCARD / HOLD and why)
+    policy_instance: str  # the policy protocol's `instance`, given at the first restriction check ("" before)
+    bdat: tuple[Spool, ContentCheck] | None  # (spool, checks) of BDAT content being received; None without BDAT
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dsn_ret = ""
+        self.dsn_envid = ""
+        self.rcpt_dsn = []
+        self.overshoot = 0
+        self.marks = Marks()
+        self.policy_instance = ""
+        self.bdat = None
+
+    @property
+    def sender(self) -> str | None:
+        """None before MAIL, "" for the null sender, else the address."""
+        if self.mail_from is None:
+            return None
+        return "" if self.mail_from == NULL_SENDER else self.mail_from
+
+    @property
+    def single_recipient(self) -> str:
+        """"The recipient" of a DATA-time check: the only one, else ""."""
+        return self.rcpt_tos[0] if len(self.rcpt_tos) == 1 else ""
+
+    def discard_bdat(self) -> None:
+        """Free the BDAT content received so far (the transaction ends without it being queued)."""
+        if self.bdat is not None:
+            self.bdat[0].discard()
+            self.bdat = None
+
+    def model_envelope(self) -> Envelope:
+        """The envelope that travels to cleanup, DSN parameters included only when the client gave some."""
+        body = "8BITMIME" if "BODY=8BITMIME" in self.mail_options else "7BIT"
+        dsn: dict = {"envid": self.dsn_envid, "ret": self.dsn_ret}
+        if any(n or o for n, o in self.rcpt_dsn) and len(self.rcpt_dsn) == len(self.rcpt_tos):
+            dsn["notify"] = tuple(n for n, _ in self.rcpt_dsn)
+            dsn["orcpts"] = tuple(o for _, o in self.rcpt_dsn)
+        return Envelope(self.sender or "", tuple(self.rcpt_tos), smtputf8=self.smtp_utf8, body_type=body, **dsn)
+
+
+def received_protocol(session: SessionState, transaction: Transaction | None = None) -> str:
+    """The `with` word of the Received header, as Postfix writes it: SMTP or ESMTP, UTF8SMTP for an SMTPUTF8
+    transaction (RFC 6531), then S over TLS and A after AUTH (RFC 3848; ESMTP only)."""
+    if not session.extended_smtp:
+        return "SMTP"
+    base = "UTF8SMTP" if transaction is not None and transaction.smtp_utf8 else "ESMTP"
+    return base + ("S" if session.ssl is not None else "") + ("A" if session.authenticated else "")

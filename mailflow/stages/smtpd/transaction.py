@@ -1,0 +1,152 @@
+"""MAIL and RCPT: the session layer above secure.SecureCommands that opens a mail transaction.
+
+What it owns
+- `smtp_MAIL`: `MAIL FROM:<address> [params]` (RFC 5321 4.1.1.2): the path syntax of `address.parse_path`,
+  its parameters (`mail_parameters`: SIZE, BODY, SMTPUTF8, AUTH= (RFC 4954: accepted, not trusted), RET and
+  ENVID (RFC 3461, checked by dsn.py)), the sender-login check, then the handler's `handle_MAIL`.
+- `smtp_RCPT`: `RCPT TO:<address> [NOTIFY=… ORCPT=…]`, the recipient limit, then the handler's `handle_RCPT`
+  (the restriction lists). The DSN parameters of each accepted recipient go to `Transaction.rcpt_dsn`.
+- The DSN keyword of EHLO is offered for these parameters (protocol.LAYER_KEYWORDS).
+
+Failure behaviour (each refusal a `mailflow.status` reply; nothing raises for a client's input): no FROM:/TO:
+501 5.5.4; a malformed path 501 5.1.7 / 5.1.3 (logged as Postfix's "Illegal address syntax"); parameters
+without EHLO 501 5.5.4; an unknown parameter 555 5.5.4; a malformed or repeated DSN parameter 501 5.5.4; a bad
+SIZE 501 5.5.4, one over message_size_limit 552 5.3.4; MAIL twice 503 5.5.1; RCPT before MAIL 503 5.5.1; past
+recipient_limit 452 4.5.3, counted as an error only past recipient_overshoot_limit.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from mailflow import address, status
+from mailflow.stages.smtpd import dsn
+from mailflow.stages.smtpd.secure import SecureCommands
+from mailflow.stages.smtpd.state import NULL_SENDER
+
+
+def mail_parameters(words: list[str], size_limit: int | None) -> tuple[list[str], str, str] | status.Reply:
+    """(options for the handler, RET, ENVID) of MAIL's parameter words, or the refusal. Options are upper
+    case: `BODY=8BITMIME`, `SIZE=n`, `SMTPUTF8`."""
+    try:
+        found, others = dsn.split_params(words, dsn.MAIL_KEYS)
+        ret, envid = dsn.mail_params(found)
+    except dsn.DsnError as e:
+        return status.bad_dsn_parameter(str(e))
+    options = []
+    for word in others:
+        key, eq, value = word.partition("=")
+        key, upper_value = key.upper(), value.upper()
+        if key == "BODY" and upper_value in ("7BIT", "8BITMIME"):
+            options.append(f"BODY={upper_value}")
+        elif key == "SIZE" and eq:
+            if not (value.isascii() and value.isdigit()) or len(value) > 20:
+                return status.BAD_SIZE_SYNTAX
+            if size_limit and int(value) > size_limit:
+                return status.SIZE_EXCEEDS_LIMIT
+            options.append(f"SIZE={int(value)}")
+        elif key == "SMTPUTF8" and not eq:
+            options.append("SMTPUTF8")
+        elif key == "AUTH" and eq:
+            continue  # RFC 4954 section 5: accepted from anyone, trusted from no one
+        else:
+            return status.unsupported_option(word)
+    return options, ret, envid
+
+
+def rcpt_parameters(words: list[str]) -> tuple[str, str] | status.Reply:
+    """(NOTIFY, ORCPT) of RCPT's parameter words, or the refusal."""
+    try:
+        found, others = dsn.split_params(words, dsn.RCPT_KEYS)
+        notify, orcpt = dsn.rcpt_params(found)
+    except dsn.DsnError as e:
+        return status.bad_dsn_parameter(str(e))
+    if others:
+        return status.unsupported_option(others[0])
+    return notify, orcpt
+
+
+class TransactionCommands(SecureCommands):
+    """MAIL and RCPT: see the module doc."""
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        """`MAIL FROM:<address> [params]`; the reply is the handler's unless the session refuses first."""
+        taken = await self._arguments(arg, "MAIL", "FROM:", status.SENDER_SYNTAX,
+                                      status.NESTED_MAIL if self.envelope.mail_from else None,
+                                      lambda words: mail_parameters(words, self.data_size_limit))
+        if taken is None:
+            return
+        sender, (options, ret, envid) = taken
+        self.envelope.smtp_utf8 = "SMTPUTF8" in options
+        refusal = self._sender_refusal(sender or NULL_SENDER)
+        if refusal is not None:
+            self.log_reject("MAIL", refusal, sender=sender or NULL_SENDER)
+            await self.push(refusal)
+            return
+        reply = await self._call_handler_hook("MAIL", sender or NULL_SENDER, options)
+        if self.envelope.mail_from:
+            self.envelope.dsn_ret, self.envelope.dsn_envid = ret, envid
+        await self.push(reply)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        """`RCPT TO:<address> [NOTIFY=… ORCPT=…]`. Past `recipient_limit` the answer is 452 4.5.3, which
+        counts as an error only past `recipient_overshoot_limit` (RFC 5321 4.5.3.1.10: the client may go on
+        and send the message to the recipients already accepted)."""
+        taken = await self._arguments(arg, "RCPT", "TO:", status.RECIPIENT_SYNTAX,
+                                      None if self.envelope.mail_from else status.NEED_MAIL, rcpt_parameters)
+        if taken is None:
+            return
+        rcpt, notify_orcpt = taken
+        if len(self.envelope.rcpt_tos) >= self._limits.recipient_limit:
+            self.envelope.overshoot += 1
+            await self.push(status.TOO_MANY_RECIPIENTS,
+                            counts_as_error=self.envelope.overshoot > self._limits.recipient_overshoot_limit)
+            return
+        before = len(self.envelope.rcpt_tos)
+        reply = await self._call_handler_hook("RCPT", rcpt, [])
+        if len(self.envelope.rcpt_tos) > before:
+            self.envelope.rcpt_dsn.append(notify_orcpt)
+        await self.push(reply)
+
+    async def _arguments(self, arg: str | None, command: str, keyword: str, bad_path: status.Reply,
+                         out_of_order: status.Reply | None, parameters: Callable[[list[str]], Any]):
+        """What MAIL and RCPT share: HELO (and a login where required) first, then `out_of_order` if given
+        (MAIL twice, RCPT before MAIL), the path, then its parameter words through `parameters` (which returns
+        a refusal or its values). (address, values), or None when a refusal was sent."""
+        if await self.check_helo_needed() or await self.check_auth_needed(command):
+            return None
+        if out_of_order is not None:
+            await self.push(out_of_order)
+            return None
+        parsed = await self._path_argument(arg, keyword, command, bad_path)
+        if parsed is None:
+            return None
+        addr, words = parsed
+        values = parameters(words)
+        if isinstance(values, status.Reply):
+            await self.push(values)
+            return None
+        return addr, values
+
+    async def _path_argument(self, arg: str | None, keyword: str, command: str, bad: status.Reply):
+        """(address, parameter words) of `FROM:<address> params` or `TO:…`, or None when a refusal was sent:
+        501 5.5.4 usage without the keyword, `bad` (501 5.1.7 / 5.1.3) for a malformed path."""
+        usage = f"{command} {keyword}<address>"
+        if not arg or arg[:len(keyword)].upper() != keyword:
+            await self.push(status.syntax(usage))
+            return None
+        text = arg[len(keyword):]
+        try:
+            addr, rest = address.parse_path(text)
+        except address.PathError:
+            self.record.lines.illegal_address(self.session.client, command, text)
+            await self.push(bad)
+            return None
+        if command == "RCPT" and not addr:
+            self.record.lines.illegal_address(self.session.client, command, text)
+            await self.push(bad)
+            return None
+        words = rest.split()
+        if words and not self.session.extended_smtp:
+            await self.push(status.syntax(usage))
+            return None
+        return addr, words
