@@ -1,5 +1,6 @@
 # Two commands for a fresh Debian machine with Python 3.11: `make serve` and `make test`.
-# Both create .venv on first use. `make battery` and `make bench` are for CI and measurements.
+# Both create .venv on first use; `make test` type-checks mailflow/ (mypy, settings in pyproject.toml) before
+# the tests. `make battery` and `make bench` are for CI and measurements.
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN     = $(VENV)/bin
@@ -19,6 +20,7 @@ serve: $(STAMP)
 	$(BIN)/mailflow serve
 
 test: $(STAMP)
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 battery: $(STAMP)

@@ -71,7 +71,7 @@ class Mailflow:
         self.clock = clock or SystemClock()
         self.rng = rng or random.Random()
         self._resolver = resolver
-        self._own_resolver = None  # built here, so closed here
+        self._own_resolver: AiodnsResolver | None = None  # built here, so closed here
         self._transports = transports
         self._grace = shutdown_grace
         self.store: Store | None = None
@@ -95,6 +95,7 @@ class Mailflow:
                  ", ".join(f"{h}:{p}" for h, p in self.smtp_addresses), c.queue_path)
 
     async def _start_stages(self) -> None:
+        assert self.store is not None  # start() opened it
         c = self.config
         router = Router(c)
         await router.tables.preload()  # read the table files off the event loop, before anyone asks
@@ -199,11 +200,13 @@ async def return_memory_when_idle(mf: "Mailflow", interval: float = IDLE_TRIM_IN
     trim = trim or _malloc_trim()
     if trim is None:
         return
-    trimmed_at = mf.store.commits
+    store = mf.store
+    assert store is not None  # the server has started
+    trimmed_at = store.commits
     while True:
         await asyncio.sleep(interval)
-        if mf.store.commits != trimmed_at and mf.idle:
-            trimmed_at = mf.store.commits
+        if store.commits != trimmed_at and mf.idle:
+            trimmed_at = store.commits
             trim(0)
 
 

@@ -68,7 +68,7 @@ class Content:
     def __init__(self, parts: Iterable[Part] = ()):
         kept, size = [], 0
         for part in parts:
-            n = part.length if part.__class__ is FilePart else len(part)
+            n = part.length if isinstance(part, FilePart) else len(part)
             if n:
                 kept.append(part)
                 size += n
@@ -236,6 +236,7 @@ class Spool:
         self._path = path
 
     async def _flush(self) -> None:
+        assert self._fd is not None, "flushed before the file was opened"
         data, self._buffer = self._buffer, bytearray()
         # The worker writes through its own descriptor: if this task is cancelled while it writes, discard()
         # may close ours at once without the worker ever writing to a reused descriptor number.

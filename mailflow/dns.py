@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import aiodns
 import aiodns.error
@@ -189,7 +189,7 @@ def classify_dns_error(error: aiodns.error.DNSError, name: str, qtype: str) -> l
     raise LookupRetry(f"Name service error for name={name} type={qtype}: {reason}") from None
 
 
-def merge_address_answers(answers: list) -> list[str]:
+def merge_address_answers(answers: Sequence[object]) -> list[str]:
     """A then AAAA. Any address wins; else a temporary failure wins over NotFound; else no address at all."""
     found = [addr for answer in answers if isinstance(answer, list) for addr in answer]
     if found:

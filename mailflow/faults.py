@@ -168,7 +168,7 @@ class Retrier:
                     continue
                 if probing:  # the store answered: only this caller has a problem
                     self._store_recovered()
-                if own is None:
+                if own is None or own_log is None:
                     own = Backoff(self._first, self._cap)
                     own_log = FailureLog(self._logger, what or self._log_what, self._clock)
                 own_log.failed(e)

@@ -242,7 +242,7 @@ class JsonFormatter(logging.Formatter):
         if hasattr(record, "queue_id"):
             out["queue_id"] = record.queue_id
         if hasattr(record, "event"):
-            out.update(event=record.event, **record.fields)
+            out.update(event=record.event, **getattr(record, "fields", {}))
         else:
             out["message"] = printable(record.getMessage())
         if record.exc_info:

@@ -44,12 +44,8 @@ class QueueLock:
         path = directory / LOCK_NAME
         fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise
-                raise QueueBusy(directory, _read_pid(path)) from None
+            if not _try_flock(fd, fcntl.LOCK_EX):
+                raise QueueBusy(directory, _read_pid(path))
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         except BaseException:
@@ -70,15 +66,22 @@ def queue_owner(directory: Path) -> int | None:
     except FileNotFoundError:
         return None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
+        if not _try_flock(fd, fcntl.LOCK_SH):
             return _read_pid(path) or 0  # held, though its pid cannot be read (yet)
         return None
     finally:
         os.close(fd)
+
+
+def _try_flock(fd: int, operation: int) -> bool:
+    """`flock(fd, operation)` without waiting: False when another open file holds a conflicting lock."""
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise
+        return False
+    return True
 
 
 def _read_pid(path: Path) -> int | None:

@@ -100,9 +100,11 @@ def is_hostname(name: str) -> bool:
 
 def parse_ip(text: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The IP address `text` holds, or None when it holds none (any other value than a string included)."""
+    if not isinstance(text, str):
+        return None  # ip_address() would take an int as an address
     try:
         return ipaddress.ip_address(text)
-    except (ValueError, TypeError):
+    except ValueError:
         return None
 
 

@@ -84,7 +84,7 @@ def table_problems(cfg: Config, where: str) -> list[ConfigError]:
     answer now."""
     problems = []
     for key, specs in flat_settings(cfg).items():
-        if not key.endswith("_maps"):
+        if not key.endswith("_maps") or not isinstance(specs, (list, tuple)):
             continue
         for spec in specs:
             if table_type(spec) not in FILE_TABLE_TYPES:
@@ -92,7 +92,7 @@ def table_problems(cfg: Config, where: str) -> list[ConfigError]:
             try:
                 open_table(spec, aliases=key == "alias_maps").lookup("mailflow-check-config-probe")
             except (ConfigError, LookupRetry) as e:
-                problems.append(ConfigError(where, key, getattr(e, "reason", None) or e.text))
+                problems.append(ConfigError(where, key, e.reason))  # LookupRetry's reason is its text
     return problems
 
 

@@ -19,6 +19,7 @@ import ipaddress
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
+from pydantic_core import ErrorDetails
 
 from mailflow.restriction_vocabulary import check_item
 from mailflow.syntax import check_table_spec, parse_duration, parse_hostport
@@ -54,11 +55,11 @@ Networks = Annotated[tuple[str, ...], AfterValidator(_networks)]
 HostPorts = Annotated[tuple[str, ...], AfterValidator(_host_ports)]
 
 
-def validation_key(err: dict) -> str:
+def validation_key(err: ErrorDetails) -> str:
     return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
 
 
-def validation_reason(err: dict) -> str:
+def validation_reason(err: ErrorDetails) -> str:
     if err["type"] == "extra_forbidden":
         return "unknown setting"
     msg = err["msg"]

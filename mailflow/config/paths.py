@@ -13,10 +13,13 @@ Never raises: a value that is not a path setting is returned as it is.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
 from mailflow.config.base import Section
 from mailflow.config.main import Config
 from mailflow.syntax import FILE_TABLE_TYPES, table_type
+
+S = TypeVar("S", bound=Section)
 
 
 def resolve_paths(config: Config, base: Path) -> Config:
@@ -28,10 +31,11 @@ def resolve_paths(config: Config, base: Path) -> Config:
     return resolved
 
 
-def _resolve_section(section: Section, base: Path) -> Section:
+def _resolve_section(section: S, base: Path) -> S:
     updates = {}
     for name in type(section).model_fields:
         value = getattr(section, name)
+        new: object
         if isinstance(value, Section):
             new = _resolve_section(value, base)
         elif isinstance(value, tuple) and value and all(isinstance(v, Section) for v in value):

@@ -84,7 +84,7 @@ def parse_args(argv: list[str]) -> Options:
         while j < len(word):
             letter = word[j]
             j += 1
-            value = None
+            value = ""  # a letter without an argument gets none
             if letter in WITH_ARGUMENT:
                 value = word[j:]
                 j = len(word)
@@ -97,7 +97,7 @@ def parse_args(argv: list[str]) -> Options:
     return opts
 
 
-def _apply(opts: Options, letter: str, value: str | None) -> None:
+def _apply(opts: Options, letter: str, value: str) -> None:
     if letter == "t":
         opts.extract = True
     elif letter == "i":
@@ -138,7 +138,7 @@ def _apply(opts: Options, letter: str, value: str | None) -> None:
         else:
             opts.notes.append(f"-o{value} ignored")
     elif letter in IGNORED:
-        opts.notes.append(f"-{letter}{value or ''} ignored")
+        opts.notes.append(f"-{letter}{value} ignored")
     else:
         opts.notes.append(f"-{letter}: unknown option, ignored")
 

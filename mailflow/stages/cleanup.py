@@ -139,6 +139,7 @@ class Cleanup:
         """The log lines of a committed message, in Postfix's order: who handed it over (smtpd's `client=`,
         pickup's `uid=`; none for mail made here), its Message-ID, then qmgr's `from=` line."""
         head = msg.content.parts[0]  # the header section as prepare() wrote it
+        assert isinstance(head, bytes)
         if sub is not None and sub.submitter is not None:
             self._log.picked_up(msg.queue_id, sub.submitter.uid, msg.sender)
         elif sub is None or sub.client.protocol != "local":

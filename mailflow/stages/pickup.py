@@ -150,12 +150,8 @@ class Pickup:
             self._check_owner(message)
         except FileNotFoundError:
             return False  # taken by another scan or removed by an operator
-        except CorruptMaildrop as e:
-            self._set_aside(name, str(e))
-            return False
-        except OSError as e:
-            logger.warning("pickup: maildrop/%s: cannot read: %s; will retry", name, e)
-            return False
+        except (CorruptMaildrop, OSError) as e:
+            return self._unreadable(name, e)
         if self._size_limit and message.size > self._size_limit:
             too_big = MessageTooBig("5.3.4", "message file too big",
                                     f"{message.size} bytes, more than message_size_limit {self._size_limit}")
@@ -166,12 +162,8 @@ class Pickup:
         try:
             try:
                 content = await self._copy_in(path, message, spool)
-            except CorruptMaildrop as e:
-                self._set_aside(name, str(e))
-                return False
-            except OSError as e:
-                logger.warning("pickup: maildrop/%s: cannot read: %s; will retry", name, e)
-                return False
+            except (CorruptMaildrop, OSError) as e:
+                return self._unreadable(name, e)
             try:
                 queue_id = await self._cleanup.submit(self._submission(message, content))
             except PermanentError as e:
@@ -219,6 +211,15 @@ class Pickup:
                             body_type=m.body_type, notify=notify, envid=m.envid, ret=m.ret)
         client = ClientInfo(addr="127.0.0.1", helo=self._myhostname, protocol="local", hostname="localhost")
         return Submission(envelope, content, client, submitter=LocalUser(m.uid, m.user, m.fullname))
+
+    def _unreadable(self, name: str, error: CorruptMaildrop | OSError) -> bool:
+        """A file that cannot be taken in: a corrupt one is set aside, one that cannot be read is tried again at
+        the next scan. Returns False (not picked up)."""
+        if isinstance(error, CorruptMaildrop):
+            self._set_aside(name, str(error))
+        else:
+            logger.warning("pickup: maildrop/%s: cannot read: %s; will retry", name, error)
+        return False
 
     def _set_aside(self, name: str, reason: str) -> None:
         try:

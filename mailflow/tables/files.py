@@ -18,7 +18,7 @@ import asyncio
 import os
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Generic, TypeVar
 
 from mailflow.aliases import AliasSyntaxError, format_target, parse_aliases
 from mailflow.errors import LookupRetry
@@ -26,7 +26,10 @@ from mailflow.errors import LookupRetry
 RELOAD_INTERVAL = 1.0
 
 
-class Reloading:
+T = TypeVar("T")
+
+
+class Reloading(Generic[T]):
     """A file parsed into a value, re-read when its inode, size or mtime changes (checked at most once per
     RELOAD_INTERVAL of `clock`). `current()` returns the value or raises LookupRetry while the file is
     unreadable or bad. `parse(text)` raises ValueError("line N: …").
@@ -35,11 +38,11 @@ class Reloading:
     answering from the previous contents until the new ones are parsed. Elsewhere (no loop in this thread),
     and while the table is failing (there are no good contents to answer from), they happen in the caller. The state is one tuple, replaced whole, so a reader never sees half of it."""
 
-    def __init__(self, name: str, path: Path, clock: Callable[[], float], parse: Callable[[str], object]):
+    def __init__(self, name: str, path: Path, clock: Callable[[], float], parse: Callable[[str], T]):
         self._name, self._path, self._clock, self._parse = name, path, clock, parse
         self._lock = threading.Lock()
-        self._checked: float | None = None
-        self._state: tuple[object, tuple | None, str | None] | None = None  # (value, signature, error)
+        self._checked = 0.0  # when the file was last looked at (once there is a state)
+        self._state: tuple[Any, tuple | None, str | None] | None = None  # (value, signature, error)
         self._pending = False  # a re-read is under way in a worker thread
 
     def load(self) -> None:
@@ -48,7 +51,7 @@ class Reloading:
             self._checked = self._clock()
             self._state = self._read(self._state)
 
-    def current(self) -> object:
+    def current(self) -> T:
         if self._state is None:
             self.load()  # the first lookup of a table nobody preloaded
         elif self._clock() - self._checked >= RELOAD_INTERVAL:
@@ -57,6 +60,7 @@ class Reloading:
                 self._refresh()
             else:
                 self.load()  # nothing good to answer from meanwhile: a failed table is retried in the caller
+        assert self._state is not None  # load() set it
         value, _, error = self._state
         if error is not None:
             raise LookupRetry(error)

@@ -41,7 +41,9 @@ def _parse_inline(spec: str, name: str) -> dict[str, str]:
 
 def _split_elements(spec: str, body: str) -> list[str]:
     """Split at whitespace and commas outside braces."""
-    elements, current, depth = [], [], 0
+    elements: list[str] = []
+    current: list[str] = []
+    depth = 0
     for c in body:
         if c == "{":
             depth += 1

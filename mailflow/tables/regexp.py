@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import re2
 
@@ -33,14 +33,15 @@ class _Rule:
 _SUBST = re.compile(r"\$(?:(\d)|\{(\d+)\}|\((\d+)\)|(\$))")
 
 
-def _parse_regexp(source: str) -> list:
-    rules: list = []
-    open_ifs: list[int] = []
+def _parse_regexp(source: str) -> tuple[list[_Rule | None], Any]:
+    """The rules (None for an endif) and their prefilter set (or None)."""
+    rules: list[_Rule | None] = []
+    open_ifs: list[_Rule] = []  # the `if` rules not yet ended
     for number, line in logical_lines(source):
         if line.strip().lower() == "endif":
             if not open_ifs:
                 raise ValueError(f"line {number}: endif without if")
-            rules[open_ifs.pop()].end = len(rules)
+            open_ifs.pop().end = len(rules)
             rules.append(None)  # the endif itself: nothing to do
             continue
         is_if = re.match(r"if\s", line, re.IGNORECASE) is not None
@@ -49,8 +50,9 @@ def _parse_regexp(source: str) -> list:
         if is_if:
             if rest:
                 raise ValueError(f"line {number}: text after the 'if' pattern")
-            open_ifs.append(len(rules))
-            rules.append(_Rule(regex, negate, None))
+            opened = _Rule(regex, negate, None)
+            open_ifs.append(opened)
+            rules.append(opened)
             continue
         if not rest:
             raise ValueError(f"line {number}: no result after the pattern")
@@ -83,7 +85,7 @@ def _prefilter(rules: list):
     return patterns
 
 
-def _parse_pattern(number: int, text: str) -> tuple[object, bool, str]:
+def _parse_pattern(number: int, text: str) -> tuple[Any, bool, str]:
     negate = text.startswith("!")
     if negate:
         text = text[1:].lstrip()

@@ -48,7 +48,7 @@ import re
 import signal
 import time
 from dataclasses import dataclass
-from typing import AsyncIterable, AsyncIterator, Callable
+from typing import Any, AsyncIterable, AsyncIterator, Callable
 
 from mailflow import address
 from mailflow.config import DEFAULTS, PipeService
@@ -58,7 +58,7 @@ from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult,
 from mailflow.pipe_argv import expand_argv, parse_argv
 from mailflow.syntax import has_control
 from mailflow.tables import split_extension
-from mailflow.transports.encode import FinalNewline, ToLf, aencode, dot_quoting, from_quoting
+from mailflow.transports.encode import Encoder, FinalNewline, ToLf, aencode, dot_quoting, from_quoting
 
 log = logging.getLogger("mailflow.pipe")
 
@@ -117,7 +117,8 @@ async def run_command(argv: list[str], *, stdin: bytes | AsyncIterable[bytes], e
                       time_limit: float, output_limit: int, user: str | None = None, cwd=None) -> CommandResult:
     """Run argv to completion or to the time limit; see the module docstring. Raises CommandNotRun."""
     who = _identity(user)
-    switch = {} if who is None else {"user": who.uid, "group": who.gid, "extra_groups": list(who.groups)}
+    switch: dict[str, Any] = {} if who is None else {"user": who.uid, "group": who.gid,
+                                                     "extra_groups": list(who.groups)}
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -148,6 +149,7 @@ async def run_command(argv: list[str], *, stdin: bytes | AsyncIterable[bytes], e
 async def _exchange(proc: asyncio.subprocess.Process, data: bytes | AsyncIterable[bytes], output: bytearray,
                     limit: int) -> None:
     """Write `data` to the command while reading its output until EOF into `output`, keeping `limit` bytes."""
+    assert proc.stdin is not None and proc.stdout is not None  # both pipes, as run_command made them
     feeder = asyncio.create_task(_feed(proc.stdin, data))
     try:
         while chunk := await proc.stdout.read(READ_CHUNK):
@@ -289,8 +291,8 @@ def command_input(content: Content, *, sender: str, flags: str, recipient: str =
         head.append(f"X-Original-To: {original}")
     if "D" in flags:
         head.append(f"Delivered-To: {recipient}")
-    encoders = [ToLf(), *([from_quoting()] if ">" in flags else []), *([dot_quoting()] if "." in flags else []),
-                FinalNewline()]
+    encoders: list[Encoder] = [ToLf(), *([from_quoting()] if ">" in flags else []),
+                               *([dot_quoting()] if "." in flags else []), FinalNewline()]
 
     async def chunks() -> AsyncIterator[bytes]:
         yield "".join(h + "\n" for h in head).encode("utf-8")

@@ -21,7 +21,7 @@ from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports.lmtp import LmtpTransport
 from mailflow.transports.smtp.addr import Nexthop, parse_nexthop
 
-from tests.helpers import big_message, spooled
+from tests.support import big_message, free_port, spooled
 
 HELO = "mx.mailflow.test"
 CONTENT = (
@@ -337,7 +337,8 @@ async def test_only_bad_addresses_means_no_connection(lmtp_peer):
 # ---------------------------------------------------------------------------------------------------- site failures
 
 
-async def test_connection_refused_defers_and_fails_the_site(unused_port):
+async def test_connection_refused_defers_and_fails_the_site():
+    unused_port = free_port()
     report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{unused_port}", "b@example.test",
                                                           "c@example.test"))
     assert outcomes(report) == [("b@example.test", Outcome.DEFERRED, "4.4.1"),

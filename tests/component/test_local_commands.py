@@ -22,7 +22,7 @@ from mailflow.transports.local.aliasing import LocalExpander
 from mailflow.routing.rewrite import Rewriter
 from mailflow.transports.local.agent import CommandSettings, LocalTransport
 from mailflow.transports.maildir import MaildirWriter
-from tests.command_scripts import script_dir
+from tests.support import script_dir
 
 CONTENT = b"From: sender@remote.test\r\nSubject: hello\r\n\r\nline one\r\n"
 RECORD = 'env > {out}/env\ncat > {out}/stdin\npwd > {out}/pwd\nid -u > {out}/uid\n'

@@ -29,7 +29,7 @@ from mailflow.transports.local.aliasing import LocalExpander
 from mailflow.routing.rewrite import Rewriter
 from mailflow.transports.local.agent import LocalTransport
 from mailflow.transports.maildir import MaildirWriter
-from tests.helpers import big_message, spooled
+from tests.support import big_message, spooled
 
 SENDER = "sender@remote.test"
 CONTENT = b"From: sender@remote.test\r\nSubject: hello\r\n\r\nline one\r\nline two\r\n"

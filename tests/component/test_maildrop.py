@@ -13,7 +13,7 @@ from mailflow.maildrop import (CorruptMaildrop, MaildropError, MaildropMessage, 
                                read_maildrop, wake_pickup, write_maildrop)
 from mailflow.sendmail import (LINE_PIECE, UsageError, header_recipients, may_submit, may_use_sender, parse_args,
                                read_message, split_input, without_bcc)
-from tests.helpers import big_message, eventually, maildir_messages
+from tests.support import big_message, eventually, maildir_messages
 
 MESSAGE = MaildropMessage(sender="alice@local.test", recipients=("bob@local.test",), uid=1000, user="alice",
                           fullname="Alice A", time=1.5, notify="SUCCESS,FAILURE", ret="HDRS", envid="e1",
@@ -234,7 +234,7 @@ async def test_pickup_delivers_a_dropped_file_on_wake_up_with_local_headers(mail
     name = _drop(mf)
     assert wake_pickup(mf.config.queue_path / "public" / "pickup")
     maildir = tmp_path / "mail" / "bob" / "Maildir"
-    assert await eventually(lambda: maildir_messages(maildir), timeout=5)
+    await eventually(lambda: maildir_messages(maildir), timeout=5)
     text = maildir_messages(maildir)[0].decode()
     assert f"Received: by mx.mailflow.test (mailflow, from userid {os.getuid()})" in text
     assert "From: Alice Liddell <alice@local.test>" in text
@@ -249,7 +249,7 @@ async def test_corrupt_file_is_set_aside_and_the_next_is_delivered(mailflow_serv
     _drop(mf)
     mf.pickup.wake()
     maildir = tmp_path / "mail" / "bob" / "Maildir"
-    assert await eventually(lambda: maildir_messages(maildir), timeout=5)
+    await eventually(lambda: maildir_messages(maildir), timeout=5)
     assert (mf.config.queue_path / "corrupt" / "00000000000000BAD").exists()
     assert maildrop_names(drop) == []
     assert any("00000000000000BAD: corrupt" in r.getMessage() for r in caplog.records)
@@ -262,7 +262,7 @@ async def test_a_file_owned_by_another_user_than_it_claims_is_corrupt(mailflow_s
     name = _drop(mf, uid=4242)
     os.chown(mf.config.queue_path / "maildrop" / name, 4343, -1)
     mf.pickup.wake()
-    assert await eventually(lambda: (mf.config.queue_path / "corrupt" / name).exists(), timeout=5)
+    await eventually(lambda: (mf.config.queue_path / "corrupt" / name).exists(), timeout=5)
 
 
 async def test_a_looping_message_is_returned_to_its_sender(mailflow_server, tmp_path):
@@ -271,7 +271,7 @@ async def test_a_looping_message_is_returned_to_its_sender(mailflow_server, tmp_
     name = _drop(mf, sender="alice@local.test", recipients=("bob@local.test",), content=loop)
     mf.pickup.wake()
     notice_box = tmp_path / "mail" / "alice" / "Maildir"
-    assert await eventually(lambda: maildir_messages(notice_box), timeout=5)
+    await eventually(lambda: maildir_messages(notice_box), timeout=5)
     notice = maildir_messages(notice_box)[0]
     assert b"5.4.6" in notice and b"Subject: Undelivered Mail Returned to Sender" in notice
     assert not (mf.config.queue_path / "maildrop" / name).exists()
@@ -286,12 +286,12 @@ async def test_a_file_over_the_size_limit_is_returned_unread_and_a_big_one_under
     _drop(mf, content=data, recipients=("carol@relay.test",))  # deferred (no DNS): stays queued to be looked at
     mf.pickup.wake()
     notice_box = tmp_path / "mail" / "alice" / "Maildir"
-    assert await eventually(lambda: maildir_messages(notice_box), timeout=5)
+    await eventually(lambda: maildir_messages(notice_box), timeout=5)
     [notice] = maildir_messages(notice_box)
     assert b"5.3.4" in notice and b"message file too big" in notice
     assert b"Subject: too big" in notice and b"x" * 78 not in notice  # its header section only
     assert not (mf.config.queue_path / "maildrop" / too_big).exists()
-    assert await eventually(lambda: not maildrop_names(mf.config.queue_path / "maildrop"), timeout=5)
+    await eventually(lambda: not maildrop_names(mf.config.queue_path / "maildrop"), timeout=5)
     [row] = await mf.store.message_page(queues=("incoming", "active", "deferred"),
                                         sender="alice@local.test")  # not the notice, maybe still there
     content = await mf.store.content(row.queue_id)
@@ -303,7 +303,7 @@ async def test_notify_and_envid_travel_with_the_message(mailflow_server, tmp_pat
     _drop(mf, notify="SUCCESS", envid="ENV-77", ret="HDRS")
     mf.pickup.wake()
     alice = tmp_path / "mail" / "alice" / "Maildir"
-    assert await eventually(lambda: maildir_messages(alice), timeout=5)  # the success notice NOTIFY asked for
+    await eventually(lambda: maildir_messages(alice), timeout=5)  # the success notice NOTIFY asked for
     notice = maildir_messages(alice)[0]
     assert b"Original-Envelope-Id: ENV-77" in notice and b"Action: delivered" in notice
     assert maildir_messages(tmp_path / "mail" / "bob" / "Maildir")

@@ -11,7 +11,6 @@ config errors naming the key.
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import pwd
 import time
@@ -23,8 +22,7 @@ from mailflow.errors import ConfigError
 from mailflow.content import Content
 from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports.pipe import CommandNotRun, PipeTransport, run_command
-from tests.command_scripts import script_dir
-from tests.helpers import big_message, spooled
+from tests.support import big_message, eventually, script_dir, spooled
 
 SENDER = "sender@remote.test"
 CONTENT = b"From: sender@remote.test\r\nSubject: hello\r\n\r\nline one\r\nFrom here\r\n.dot\r\n"
@@ -118,11 +116,8 @@ async def test_the_time_limit_kills_the_whole_process_group_and_defers(scripts):
     assert outcome(result) == (Outcome.DEFERRED, "4.3.0")
     assert result.text == f'command time limit exceeded: "{s}". Command output: started'
     child = int(scripts.read("child"))
-    for _ in range(100):  # SIGKILL is sent; the kernel may take a moment to reap
-        if not alive(child):
-            break
-        await asyncio.sleep(0.02)
-    assert not alive(child), "the background child was left running"
+    # SIGKILL is sent; the kernel may take a moment to reap
+    await eventually(lambda: not alive(child), timeout=2, what="the background child is gone")
 
 
 async def test_a_huge_output_is_cut_at_output_limit_and_drained(scripts):

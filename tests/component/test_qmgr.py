@@ -1,7 +1,7 @@
 """qmgr (mailflow.stages.qmgr) with a real Store, a Rewriter from a Config, fake transports and a fake clock.
 
-The fake transports implement the Transport contract (`async deliver(request) -> DeliveryReport`,
-`async close()`); the fake clock has `time()` and `async sleep()`. Everything is polled with bounded loops.
+The fake transports (tests.support.transports) implement the Transport contract; the clock is a RecordingClock.
+Everything is polled with bounded loops; "nothing happens" is checked after a whole qmgr turn (`qmgr_turn`).
 """
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ import pytest
 from mailflow.config import Config
 from mailflow.errors import LookupRetry
 from mailflow.logs import MailLog
-from mailflow.clock import VirtualClock
 from mailflow.content import Content
-from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
+from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, Recipient
 from mailflow.stages.qmgr import QueueManager
 from mailflow.routing.rewrite import Rewriter
 from mailflow.store import NewMessage, Store
+from tests.support import BlockingTransport, RecordingClock, RecordingTransport, eventually, qmgr_turn
 
 T0 = 1_700_000_000.0
 HOST = "mx.example.test"
@@ -31,77 +31,17 @@ def within_jitter(when: float, now: float, delay: float) -> bool:
     return now + delay <= when <= now + delay * 1.1
 
 
-class FakeClock(VirtualClock):
-    """The virtual clock, also recording every sleep qmgr asks for."""
-
-    def __init__(self, now: float = T0):
-        super().__init__(now)
-        self.sleeps: list[float] = []
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        await super().sleep(seconds)
-
-
-class ScriptedTransport:
-    """Records every request; answers each recipient from `outcomes` (default SENT), or raises `error`."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.requests: list[DeliveryRequest] = []
-        self.outcomes: dict[str, tuple[Outcome, str, str]] = {}
-        self.error: Exception | None = None
-        self.closed = False
-
-    async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
-        self.requests.append(request)
-        if self.error is not None:
-            raise self.error
-        results = tuple(RcptResult(r, *self.outcomes.get(r.address, (Outcome.SENT, "2.0.0", "delivered")),
-                                   relay=self.name) for r in request.recipients)
-        return DeliveryReport(results)
-
-    async def close(self) -> None:
-        self.closed = True
-
-
-class BlockingTransport(ScriptedTransport):
-    """Holds every delivery until `release` is set; tracks how many are in flight at once."""
-
-    def __init__(self, name: str):
-        super().__init__(name)
-        self.release = asyncio.Event()
-        self.in_flight = 0
-        self.max_in_flight = 0
-
-    async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            await self.release.wait()
-            return await super().deliver(request)
-        finally:
-            self.in_flight -= 1
-
-
-async def until(predicate, timeout: float = 2.0, step: float = 0.01):
-    """Poll `predicate` (sync or async) until it is true; fail after `timeout` seconds."""
-    for _ in range(int(timeout / step) + 1):
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        await asyncio.sleep(step)
-    raise AssertionError(f"condition not met within {timeout}s")
+def started(h: "Harness") -> int:
+    """Deliveries qmgr has started and not yet seen end, over every destination."""
+    return sum(row[3] for row in h.qmgr.destinations())
 
 
 class Harness:
     def __init__(self, tmp_path):
         self.tmp_path = tmp_path
-        self.clock = FakeClock()
-        self.local = ScriptedTransport("local")
-        self.smtp = ScriptedTransport("smtp")
+        self.clock = RecordingClock(T0)
+        self.local = RecordingTransport("local")
+        self.smtp = RecordingTransport("smtp")
         self.store: Store | None = None
         self.qmgr: QueueManager | None = None
         self.content_loads: list[str] = []
@@ -179,7 +119,7 @@ async def test_one_request_per_destination_with_its_recipients_and_content_loade
     content = b"Subject: multi\r\n\r\none body, \xc3\xa9 8-bit\r\n"
     qid = await h.queue("a@example.test", "b@remote.test", "c@other.test", "d@remote.test", "e@EXAMPLE.test",
                         content=content)
-    await until(lambda: queue_is_empty(h))
+    await eventually(lambda: queue_is_empty(h))
 
     [local] = h.local.requests
     assert (local.nexthop, addresses(local)) == (HOST, ["a@example.test", "e@EXAMPLE.test"])
@@ -199,7 +139,7 @@ async def test_one_request_per_destination_with_its_recipients_and_content_loade
 async def test_all_sent_removes_the_message(h):
     await h.start()
     qid = await h.queue("b@remote.test", "c@remote.test")
-    await until(lambda: queue_is_empty(h))
+    await eventually(lambda: queue_is_empty(h))
     assert await h.store.recipients(qid) == []
     assert await h.store.content(qid) is None
     assert h.qmgr.active_count == 0
@@ -210,14 +150,14 @@ async def test_all_sent_removes_the_message(h):
 async def test_messages_are_delivered_once_each(h):
     await h.start()
     ids = [await h.queue(f"u{i}@remote.test") for i in range(20)]
-    await until(lambda: queue_is_empty(h))
+    await eventually(lambda: queue_is_empty(h))
     assert sorted(r.queue_id for r in h.smtp.requests) == ids
 
 
 async def test_recipients_of_a_queued_message_are_resolved_through_rewrite(h):
     await h.start()
     await h.queue("unqualified")  # user@mx.example.test: not in mydestination, so smtp to mx.example.test
-    await until(lambda: queue_is_empty(h))
+    await eventually(lambda: queue_is_empty(h))
     [request] = h.smtp.requests
     assert request.nexthop == HOST
     assert addresses(request) == [f"unqualified@{HOST}"]  # the resolved form goes out, as Postfix's qmgr sends it
@@ -226,7 +166,7 @@ async def test_recipients_of_a_queued_message_are_resolved_through_rewrite(h):
 async def test_the_percent_hack_address_goes_out_as_resolved(h):
     await h.start()
     await h.queue("dave%remote.test@example.test")
-    await until(lambda: queue_is_empty(h))
+    await eventually(lambda: queue_is_empty(h))
     [request] = h.smtp.requests
     assert (request.nexthop, addresses(request)) == ("remote.test", ["dave@remote.test"])
 
@@ -238,7 +178,7 @@ async def test_one_deferred_recipient_defers_the_message_and_the_sent_one_is_not
     await h.start()
     h.smtp.outcomes["c@other.test"] = (Outcome.DEFERRED, "4.4.1", "connection refused")
     qid = await h.queue("b@remote.test", "c@other.test")
-    await until(lambda: _is(h, {"deferred": 1}))
+    await eventually(lambda: _is(h, {"deferred": 1}))
     assert within_jitter(await h.store.next_due_time(), T0, MIN_BACKOFF)  # age 0 clamps to minimal_backoff_time
     assert await h.store.recipients(qid) == [
         ("b@remote.test", "sent", "2.0.0", "delivered"),
@@ -248,15 +188,14 @@ async def test_one_deferred_recipient_defers_the_message_and_the_sent_one_is_not
 
     # not due yet: a wake-up finds nothing to do
     h.clock.now = T0 + MIN_BACKOFF - 1  # before the earliest possible retry
-    h.qmgr.wake()
-    await asyncio.sleep(0.03)
-    assert len(h.smtp.requests) == 2
+    await qmgr_turn(h.qmgr, h.clock)
+    assert not h.qmgr.busy and len(h.smtp.requests) == 2
 
     # due: only the pending recipient is tried again
     del h.smtp.outcomes["c@other.test"]
     h.clock.now = T0 + MIN_BACKOFF * 1.1  # past the latest jittered retry time
     h.qmgr.wake()
-    await until(lambda: queue_is_empty(h))
+    await eventually(lambda: queue_is_empty(h))
     assert len(h.smtp.requests) == 3
     assert addresses(h.smtp.requests[-1]) == ["c@other.test"]
     assert sum(addresses(r).count("b@remote.test") for r in h.smtp.requests) == 1
@@ -266,7 +205,7 @@ async def test_backoff_is_the_age_of_the_message(h):
     await h.start()
     h.smtp.outcomes["b@remote.test"] = (Outcome.DEFERRED, "4.4.1", "try later")
     await h.queue("b@remote.test", arrival=T0 - 1000)
-    await until(lambda: _is(h, {"deferred": 1}))
+    await eventually(lambda: _is(h, {"deferred": 1}))
     assert within_jitter(await h.store.next_due_time(), T0, 1000)
 
 
@@ -274,7 +213,7 @@ async def test_backoff_is_capped_at_maximal(h):
     await h.start()
     h.smtp.outcomes["b@remote.test"] = (Outcome.DEFERRED, "4.4.1", "try later")
     await h.queue("b@remote.test", arrival=T0 - 86400)
-    await until(lambda: _is(h, {"deferred": 1}))
+    await eventually(lambda: _is(h, {"deferred": 1}))
     assert within_jitter(await h.store.next_due_time(), T0, 4000)
 
 
@@ -282,7 +221,7 @@ async def test_bounced_recipient_is_not_retried_and_does_not_keep_the_message(h)
     await h.start()
     h.smtp.outcomes["x@remote.test"] = (Outcome.BOUNCED, "5.1.1", "user unknown")
     await h.queue("x@remote.test", "y@remote.test")
-    await until(lambda: queue_is_empty(h))
+    await eventually(lambda: queue_is_empty(h))
     assert len(h.smtp.requests) == 1
 
 
@@ -290,7 +229,7 @@ async def test_a_raising_transport_defers_its_recipients_with_4_3_0(h):
     await h.start()
     h.smtp.error = RuntimeError("agent crashed")
     qid = await h.queue("b@remote.test", "c@remote.test", "a@example.test")
-    await until(lambda: _is(h, {"deferred": 1}))
+    await eventually(lambda: _is(h, {"deferred": 1}))
     rows = {addr: (st, dsn, reason) for addr, st, dsn, reason in await h.store.recipients(qid)}
     assert rows["a@example.test"] == ("sent", "2.0.0", "delivered")
     for addr in ("b@remote.test", "c@remote.test"):
@@ -303,7 +242,7 @@ async def test_a_raising_transport_defers_its_recipients_with_4_3_0(h):
 async def test_an_unknown_transport_defers_with_4_3_5(h):
     await h.start(transports={"local": h.local})  # no smtp transport at all
     qid = await h.queue("b@remote.test")
-    await until(lambda: _is(h, {"deferred": 1}))
+    await eventually(lambda: _is(h, {"deferred": 1}))
     [(addr, st, dsn, reason)] = await h.store.recipients(qid)
     assert (st, dsn) == ("pending", "4.3.5")
     assert "smtp" in reason
@@ -316,7 +255,7 @@ async def test_missing_content_moves_the_message_to_corrupt(h):
     with sqlite3.connect(h.tmp_path / "queue.db") as db:
         db.execute("DELETE FROM content WHERE message_id = ?", (qid,))
     h.qmgr.wake()
-    await until(lambda: _is(h, {"corrupt": 1}))
+    await eventually(lambda: _is(h, {"corrupt": 1}))
     assert h.smtp.requests == []
     assert [addr for addr, *_ in await h.store.recipients(qid)] == ["b@remote.test"]  # kept for inspection
 
@@ -329,12 +268,12 @@ async def test_destination_concurrency_limit_is_respected(h):
     await h.start(transports={"smtp": blocking}, default_destination_concurrency_limit=2)
     for i in range(5):
         await h.queue(f"u{i}@remote.test")
-    await until(lambda: blocking.in_flight == 2)
-    await asyncio.sleep(0.03)  # give a third delivery every chance to start
-    assert blocking.max_in_flight == 2
+    await eventually(lambda: blocking.in_flight == 2)
+    await qmgr_turn(h.qmgr, h.clock)  # every message taken: a third delivery would have been started
+    assert started(h) == 2 and blocking.max_in_flight == 2
     assert h.qmgr.active_count == 5
     blocking.release.set()
-    await until(lambda: queue_is_empty(h))
+    await eventually(lambda: queue_is_empty(h))
     assert blocking.max_in_flight == 2
     assert len(blocking.requests) == 5
 
@@ -344,11 +283,11 @@ async def test_destination_limit_is_per_destination(h):
     await h.start(transports={"smtp": blocking}, default_destination_concurrency_limit=1)
     for domain in ("a.test", "b.test", "c.test", "a.test"):
         await h.queue(f"u@{domain}")
-    await until(lambda: blocking.in_flight == 3)
-    await asyncio.sleep(0.03)
-    assert blocking.max_in_flight == 3  # one each for a.test, b.test, c.test
+    await eventually(lambda: blocking.in_flight == 3)
+    await qmgr_turn(h.qmgr, h.clock)
+    assert started(h) == 3 and blocking.max_in_flight == 3  # one each for a.test, b.test, c.test
     blocking.release.set()
-    await until(lambda: queue_is_empty(h))
+    await eventually(lambda: queue_is_empty(h))
 
 
 async def test_delivery_concurrency_limit_caps_all_destinations(h):
@@ -356,11 +295,11 @@ async def test_delivery_concurrency_limit_caps_all_destinations(h):
     await h.start(transports={"smtp": blocking}, delivery_concurrency_limit=3)
     for i in range(6):
         await h.queue(f"u@d{i}.test")
-    await until(lambda: blocking.in_flight == 3)
-    await asyncio.sleep(0.03)
-    assert blocking.max_in_flight == 3
+    await eventually(lambda: blocking.in_flight == 3)
+    await qmgr_turn(h.qmgr, h.clock)
+    assert started(h) == 3 and blocking.max_in_flight == 3
     blocking.release.set()
-    await until(lambda: queue_is_empty(h))
+    await eventually(lambda: queue_is_empty(h))
     assert len(blocking.requests) == 6
 
 
@@ -369,12 +308,12 @@ async def test_active_limit_bounds_messages_in_hand(h):
     await h.start(transports={"smtp": blocking}, active_limit=2)
     for i in range(5):
         await h.queue(f"u@d{i}.test")
-    await until(lambda: blocking.in_flight == 2)
-    await asyncio.sleep(0.03)
+    await eventually(lambda: blocking.in_flight == 2)
+    await qmgr_turn(h.qmgr, h.clock)
     assert h.qmgr.active_count == 2
     assert (await h.counts()).get("active") == 2
     blocking.release.set()
-    await until(lambda: queue_is_empty(h))
+    await eventually(lambda: queue_is_empty(h))
     assert len(blocking.requests) == 5
 
 
@@ -387,18 +326,18 @@ async def test_start_recovers_messages_left_active(h):
                                   (Recipient(0, "b@remote.test", "b@remote.test"),)))
     await store.claim(["CRASHED"], T0)
     await h.start()
-    await until(lambda: queue_is_empty(h))
+    await eventually(lambda: queue_is_empty(h))
     assert [r.queue_id for r in h.smtp.requests] == ["CRASHED"]
 
 
 async def test_mail_queued_without_a_wake_up_is_found_by_the_timer(h):
     await h.start(queue_run_delay=30)
-    await until(lambda: h.clock.sleeps)  # the first scan is over; qmgr sleeps until its next run
+    await eventually(lambda: h.clock.sleeps)  # the first scan is over; qmgr sleeps until its next run
     await h.queue("b@remote.test", wake=False)
     await asyncio.sleep(0.05)
     assert h.smtp.requests == [], "found before its queue run"
     h.clock.advance(30)
-    await until(lambda: queue_is_empty(h))
+    await eventually(lambda: queue_is_empty(h))
     assert len(h.smtp.requests) == 1
 
 
@@ -406,10 +345,10 @@ async def test_a_deferral_comes_due_without_a_wake_up(h):
     await h.start(minimal_backoff_time=0.02, maximal_backoff_time=0.02)
     h.smtp.outcomes["b@remote.test"] = (Outcome.DEFERRED, "4.4.1", "later")
     await h.queue("b@remote.test")
-    await until(lambda: _is(h, {"deferred": 1}))
+    await eventually(lambda: _is(h, {"deferred": 1}))
     del h.smtp.outcomes["b@remote.test"]
     h.clock.advance(0.03)  # time moves past the jittered retry; nobody calls wake()
-    await until(lambda: queue_is_empty(h))
+    await eventually(lambda: queue_is_empty(h))
     assert len(h.smtp.requests) == 2
 
 
@@ -437,8 +376,8 @@ async def test_a_content_read_error_defers_the_message(h):
     h.store.content = flaky
     await h.start()
     await h.queue("b@remote.test")
-    await until(lambda: failures)
-    await until(lambda: _is(h, {"deferred": 1}), timeout=0.3)
+    await eventually(lambda: failures)
+    await eventually(lambda: _is(h, {"deferred": 1}), timeout=0.3)
 
 
 async def test_a_lookup_failure_defers_that_recipient_and_strands_nothing(h):
@@ -453,14 +392,14 @@ async def test_a_lookup_failure_defers_that_recipient_and_strands_nothing(h):
     await h.start(resolve=resolve)
     bad = await h.queue("bad@remote.test", arrival=T0 - 10, wake=False)
     good = await h.queue("good@remote.test")
-    await until(lambda: _is(h, {"deferred": 1}), timeout=0.3)
+    await eventually(lambda: _is(h, {"deferred": 1}), timeout=0.3)
     assert [r.queue_id for r in h.smtp.requests] == [good]
     [(_, st, dsn, _)] = await h.store.recipients(bad)
     assert (st, dsn) == ("pending", "4.3.0")
 
 
 async def test_a_recipient_missing_from_the_report_stays_queued(h):
-    class ForgetfulTransport(ScriptedTransport):
+    class ForgetfulTransport(RecordingTransport):
         async def deliver(self, request):
             report = await super().deliver(request)
             return DeliveryReport(report.results[:1])
@@ -468,8 +407,8 @@ async def test_a_recipient_missing_from_the_report_stays_queued(h):
     forgetful = ForgetfulTransport("smtp")
     await h.start(transports={"smtp": forgetful})
     qid = await h.queue("b@remote.test", "c@remote.test")
-    await until(lambda: forgetful.requests)
-    await until(lambda: h.qmgr.active_count == 0)
+    await eventually(lambda: forgetful.requests)
+    await eventually(lambda: h.qmgr.active_count == 0)
     assert await h.counts() == {"deferred": 1}
     assert [row[:2] for row in await h.store.recipients(qid)] == [("b@remote.test", "sent"),
                                                                   ("c@remote.test", "pending")]
@@ -477,4 +416,4 @@ async def test_a_recipient_missing_from_the_report_stays_queued(h):
 
 async def test_qmgr_waits_through_the_injected_clock(h):
     await h.start()
-    await until(lambda: h.clock.sleeps, timeout=0.3)
+    await eventually(lambda: h.clock.sleeps, timeout=0.3)

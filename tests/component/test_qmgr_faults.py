@@ -1,6 +1,6 @@
 """qmgr (mailflow.stages.qmgr) against store faults and stops: results recorded as each job ends, records retried
 while the store is locked or full, notices owed across a crash sent exactly once, atomic claims, loops that back
-off instead of spinning. Real Store, fake transports (tests.component.test_qmgr), virtual or real clock.
+off instead of spinning. Real Store, fake transports (tests.support.transports), virtual or real clock.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from mailflow.model import Outcome, RcptResult, Recipient
 from mailflow.stages.qmgr import QueueManager
 from mailflow.routing.rewrite import Rewriter
 from mailflow.store import NewMessage, Store
-from tests.component.test_qmgr import T0, BlockingTransport, FakeClock, ScriptedTransport, until
-from tests.component.test_qmgr_policy import Sim, notices_in, report_fields
+from tests.component.test_qmgr_policy import T0, Sim, notices_in, report_fields
+from tests.support import BlockingTransport, RecordingClock, RecordingTransport, eventually, qmgr_turn
 
 HOST = "mx.example.test"
 
@@ -29,10 +29,10 @@ class Setup:
 
     def __init__(self, tmp_path, clock=None, busy_timeout: float = 5.0):
         self.path = tmp_path / "queue.db"
-        self.clock = clock or FakeClock()
+        self.clock = clock or RecordingClock(T0)
         self.busy_timeout = busy_timeout
-        self.local = ScriptedTransport("local")
-        self.smtp = ScriptedTransport("smtp")
+        self.local = RecordingTransport("local")
+        self.smtp = RecordingTransport("smtp")
         self.store: Store | None = None
         self.qmgr: QueueManager | None = None
         self.mail_log: list[str] = []
@@ -79,7 +79,7 @@ async def s(tmp_path):
     await setup.close()
 
 
-def sent_to(transport: ScriptedTransport) -> list[str]:
+def sent_to(transport: RecordingTransport) -> list[str]:
     return [r.address for req in transport.requests for r in req.recipients]
 
 
@@ -90,13 +90,13 @@ async def test_a_result_is_recorded_and_logged_when_its_job_ends_not_when_the_me
     s.smtp = BlockingTransport("smtp")
     await s.start()
     await s.queue("Q1", "a@example.test", "b@remote.test")
-    await until(lambda: s.local.requests and s.smtp.in_flight)
-    rows = await until(lambda: _recipients_if(s, "Q1", lambda rows: rows[0][1] == "sent"))
+    await eventually(lambda: s.local.requests and s.smtp.in_flight)
+    rows = await eventually(lambda: _recipients_if(s, "Q1", lambda rows: rows[0][1] == "sent"))
     assert [r[:2] for r in rows] == [("a@example.test", "sent"), ("b@remote.test", "pending")]
-    assert await until(lambda: s.logged("Q1: to=<a@example.test>", "status=sent"))  # logged after the commit
+    await eventually(lambda: s.logged("Q1: to=<a@example.test>", "status=sent"))  # logged after the commit
     assert await s.store.counts() == {"active": 1}
     s.smtp.release.set()
-    await until(lambda: _counts_are(s, {}))
+    await eventually(lambda: _counts_are(s, {}))
 
 
 async def _recipients_if(s, qid, predicate):
@@ -112,13 +112,13 @@ async def test_a_stop_repeats_only_the_delivery_it_interrupted(s):
     s.smtp = BlockingTransport("smtp")
     await s.start()
     await s.queue("Q1", "a@example.test", "b@remote.test")
-    await until(lambda: s.smtp.in_flight)
-    await until(lambda: s.logged("to=<a@example.test>", "status=sent"))
+    await eventually(lambda: s.smtp.in_flight)
+    await eventually(lambda: s.logged("to=<a@example.test>", "status=sent"))
     await s.stop(grace=0.05)  # the slow delivery is cut off
 
-    s.smtp = ScriptedTransport("smtp")
+    s.smtp = RecordingTransport("smtp")
     await s.start()  # the next start
-    await until(lambda: _counts_are(s, {}))
+    await eventually(lambda: _counts_are(s, {}))
     assert sent_to(s.local) == ["a@example.test"], "the finished delivery was repeated"
     assert sent_to(s.smtp) == ["b@remote.test"]
 
@@ -148,10 +148,10 @@ async def test_a_failed_record_is_retried_while_the_server_runs_and_nothing_is_d
     s.smtp = BlockingTransport("smtp")
     await s.start(backoff=(1.0, 8.0))
     await s.queue("Q1", "a@example.test", "b@remote.test")
-    await until(lambda: s.smtp.in_flight)
+    await eventually(lambda: s.smtp.in_flight)
     faults = FlakyWrites(s.store)
     s.smtp.release.set()
-    await until(lambda: faults.tries >= 1)
+    await eventually(lambda: faults.tries >= 1)
     for _ in range(60):  # ten virtual minutes of a broken store
         s.clock.advance(10)
         await asyncio.sleep(0.002)
@@ -159,7 +159,7 @@ async def test_a_failed_record_is_retried_while_the_server_runs_and_nothing_is_d
     assert await s.store.counts() == {"active": 1}  # owned by qmgr, not forgotten, not taken again
     faults.broken = False
     s.clock.advance(10)
-    await until(lambda: _counts_are(s, {}))
+    await eventually(lambda: _counts_are(s, {}))
     assert sent_to(s.local) == ["a@example.test"] and sent_to(s.smtp) == ["b@remote.test"]
     assert len(s.logged("status=sent")) == 2
 
@@ -173,7 +173,7 @@ async def test_the_store_locked_by_another_connection_during_delivery(tmp_path):
         await s.start(backoff=(0.05, 0.2), tick=0.05)
         for n in range(3):
             await s.queue(f"Q{n}", f"r{n}@remote.test", "a@example.test")
-        await until(lambda: s.smtp.in_flight == 3)
+        await eventually(lambda: s.smtp.in_flight == 3)
         holder = sqlite3.connect(s.path, isolation_level=None)
         holder.execute("BEGIN EXCLUSIVE")
         snapshots = 0
@@ -191,7 +191,7 @@ async def test_the_store_locked_by_another_connection_during_delivery(tmp_path):
         assert await s.store.counts() == {"active": 3}
         holder.execute("COMMIT")
         holder.close()
-        await until(lambda: _counts_are(s, {}), timeout=3)
+        await eventually(lambda: _counts_are(s, {}), timeout=3)
         assert sorted(sent_to(s.smtp)) == ["r0@remote.test", "r1@remote.test", "r2@remote.test"]
         assert sent_to(s.local) == ["a@example.test"] * 3
     finally:
@@ -215,7 +215,7 @@ async def test_a_failing_scan_backs_off_instead_of_spinning_and_new_mail_retries
     assert s.qmgr._scanning.backing_off
     s.store.due = due
     await s.queue("Q1", "b@remote.test")  # a commit: the store works, the scan need not wait out its backoff
-    await until(lambda: _counts_are(s, {}))  # with the clock standing still
+    await eventually(lambda: _counts_are(s, {}))  # with the clock standing still
 
 
 # ---------------------------------------------------------------------------------------------- claims
@@ -233,8 +233,8 @@ async def test_a_message_held_between_the_read_and_the_claim_is_not_delivered(s)
 
     s.store.due = racing
     await s.queue("Q1", "b@remote.test")
-    await until(lambda: _counts_are(s, {"hold": 1}))
-    await asyncio.sleep(0.05)
+    await eventually(lambda: _counts_are(s, {"hold": 1}))
+    await qmgr_turn(s.qmgr, s.clock)  # the scan that found it is over; its claim took nothing
     assert s.smtp.requests == [] and s.qmgr.active_count == 0
 
 

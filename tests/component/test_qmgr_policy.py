@@ -1,8 +1,8 @@
 """Queue policy under a virtual clock: days of retry schedule, lifetime and bounces, delay notices,
 null-sender mail, and per-destination slow start / throttle / dead-site memory.
 
-The qmgr runs with a real Store, cleanup and notices, and scripted transports; `Sim.run_until()` jumps
-the virtual clock from one sleeper deadline to the next, letting the loop settle in between.
+The qmgr runs with a real Store, cleanup and notices, and scripted transports (tests.support.transports);
+`Sim.run_until()` jumps the virtual clock from one sleeper deadline to the next, letting the loop settle in between.
 """
 from __future__ import annotations
 
@@ -17,40 +17,27 @@ from mailflow.clock import VirtualClock
 from mailflow.config import Config, config_from_dict
 from mailflow.logs import MailLog
 from mailflow.content import Content
-from mailflow.model import ClientInfo, DeliveryReport, Envelope, Outcome, RcptResult, Recipient, Submission
+from mailflow.model import ClientInfo, Envelope, Outcome, RcptResult, Recipient, Submission
 from mailflow.stages.cleanup import Cleanup
 from mailflow.stages.qmgr import QueueManager
 from mailflow.stages.qmgr.notices import Notices, _notice_recipient, plan
 from mailflow.routing.rewrite import Rewriter
 from mailflow.store import Store
+from tests.support import BlockingTransport, always, eventually
 
 T0 = 1_700_000_000.0
 HOUR, DAY = 3600.0, 86400.0
 
 
-class Script:
-    """A transport answering from a function of (request, time); records (time, request) pairs."""
-
-    def __init__(self, clock, answer):
-        self.clock, self.answer = clock, answer
-        self.calls: list[tuple[float, object]] = []
-
-    async def deliver(self, request):
-        self.calls.append((self.clock.time(), request))
-        outcome, dsn, text, site_ok = self.answer(request, self.clock.time())
-        return DeliveryReport(tuple(RcptResult(r, outcome, dsn, text, relay="mx.remote.test[192.0.2.1]:25")
-                                    for r in request.recipients), site_ok=site_ok,
-                              site_reason="" if site_ok else text)
-
-    async def close(self):
-        pass
-
-
-def always(outcome, dsn, text, site_ok=True):
-    return lambda request, now: (outcome, dsn, text, site_ok)
-
-
 SENT = always(Outcome.SENT, "2.0.0", "250 ok")
+
+
+def scripted(clock) -> BlockingTransport:
+    """A transport answering from its script (SENT until a test changes it), released: a test that wants its
+    deliveries held clears `release`."""
+    transport = BlockingTransport("smtp", clock=clock, script=SENT, relay="mx.remote.test[192.0.2.1]:25")
+    transport.release.set()
+    return transport
 
 
 class Sim:
@@ -61,8 +48,8 @@ class Sim:
         self.config: Config = config_from_dict(settings)
         self.tmp_path = tmp_path
         self.clock = VirtualClock(T0)
-        self.smtp = Script(self.clock, SENT)
-        self.local = Script(self.clock, SENT)
+        self.smtp = scripted(self.clock)
+        self.local = scripted(self.clock)
 
     async def start(self):
         self.store = await Store.open(self.tmp_path / "queue.db")
@@ -124,7 +111,7 @@ async def sim(tmp_path):
         await s.stop()
 
 
-def notices_in(script: Script) -> list[email.message.EmailMessage]:
+def notices_in(script: BlockingTransport) -> list[email.message.EmailMessage]:
     return [email.message_from_bytes(req.content.to_bytes(), policy=email.policy.default)
             for _, req in script.calls if req.sender in ("", ) or req.sender.startswith("double-bounce@")]
 
@@ -141,7 +128,7 @@ def report_fields(notice) -> list:
 
 async def test_retry_times_over_five_days_follow_the_backoff_policy_then_bounce(sim):
     s = await sim()
-    s.smtp.answer = lambda req, now: ((Outcome.DEFERRED, "4.4.1", "connection timed out", True)
+    s.smtp.script = lambda req, now: ((Outcome.DEFERRED, "4.4.1", "connection timed out", True)
                                       if req.sender else (Outcome.SENT, "2.0.0", "250 ok", True))
     await s.submit("alice@remote.test", "bob@far.test")
     await s.run_until(T0 + 5 * DAY + 2 * HOUR)
@@ -167,17 +154,9 @@ async def test_retry_times_over_five_days_follow_the_backoff_policy_then_bounce(
 async def test_a_bounce_reports_each_recipient_with_its_own_status(sim):
     s = await sim()
 
-    def answer(req, now):
-        return (Outcome.SENT, "2.0.0", "250 ok", True)
-    s.smtp.answer = answer
-    refusals = {"gone@far.test": (Outcome.BOUNCED, "5.1.1", "550 5.1.1 no such user"),
-                "full@far.test": (Outcome.BOUNCED, "5.2.2", "552 5.2.2 mailbox full")}
-
-    async def deliver(request):
-        s.smtp.calls.append((s.clock.time(), request))
-        return DeliveryReport(tuple(RcptResult(r, *refusals.get(r.address, (Outcome.SENT, "2.0.0", "250 ok")),
-                                               relay="mx.far.test[192.0.2.1]:25") for r in request.recipients))
-    s.smtp.deliver = deliver
+    s.smtp.script = None  # each recipient from `outcomes`, the others sent
+    s.smtp.outcomes = {"gone@far.test": (Outcome.BOUNCED, "5.1.1", "550 5.1.1 no such user"),
+                       "full@far.test": (Outcome.BOUNCED, "5.2.2", "552 5.2.2 mailbox full")}
     await s.submit("alice@remote.test", "gone@far.test", "ok@far.test", "full@far.test")
     await s.run_until(T0 + 60)
     [bounce] = notices_in(s.smtp)
@@ -187,7 +166,7 @@ async def test_a_bounce_reports_each_recipient_with_its_own_status(sim):
 
 async def test_one_delay_notice_then_the_bounce(sim):
     s = await sim(delay_warning_time=4 * HOUR, maximal_queue_lifetime=DAY)
-    s.smtp.answer = lambda req, now: ((Outcome.DEFERRED, "4.4.1", "no route", True) if req.sender
+    s.smtp.script = lambda req, now: ((Outcome.DEFERRED, "4.4.1", "no route", True) if req.sender
                                       else (Outcome.SENT, "2.0.0", "250 ok", True))
     await s.submit("alice@remote.test", "bob@far.test")
     await s.run_until(T0 + 2 * DAY)
@@ -202,7 +181,7 @@ async def test_one_delay_notice_then_the_bounce(sim):
 
 async def test_null_sender_mail_is_never_returned_but_a_double_bounce_goes_to_postmaster(sim):
     s = await sim()
-    s.smtp.answer = always(Outcome.BOUNCED, "5.1.1", "550 5.1.1 no such user")
+    s.smtp.script = always(Outcome.BOUNCED, "5.1.1", "550 5.1.1 no such user")
     await s.submit("", "gone@far.test")
     await s.run_until(T0 + 60)
     senders = [req.sender for _, req in s.smtp.calls + s.local.calls]
@@ -214,7 +193,7 @@ async def test_null_sender_mail_is_never_returned_but_a_double_bounce_goes_to_po
 
 async def test_double_bounces_can_be_dropped(sim):
     s = await sim(double_bounce_recipient="")
-    s.smtp.answer = always(Outcome.BOUNCED, "5.1.1", "550 5.1.1 no such user")
+    s.smtp.script = always(Outcome.BOUNCED, "5.1.1", "550 5.1.1 no such user")
     await s.submit("", "gone@far.test")
     await s.run_until(T0 + 60)
     assert len(s.smtp.calls) == 1 and s.local.calls == []
@@ -223,7 +202,7 @@ async def test_double_bounces_can_be_dropped(sim):
 
 async def test_null_sender_mail_expires_after_the_bounce_lifetime(sim):
     s = await sim(bounce_queue_lifetime=HOUR, double_bounce_recipient="")
-    s.smtp.answer = always(Outcome.DEFERRED, "4.4.1", "timed out")
+    s.smtp.script = always(Outcome.DEFERRED, "4.4.1", "timed out")
     await s.submit("", "x@far.test")
     await s.run_until(T0 + 3 * HOUR)
     assert s.smtp.calls[-1][0] - T0 < 2 * HOUR
@@ -235,26 +214,15 @@ async def test_null_sender_mail_expires_after_the_bounce_lifetime(sim):
 
 async def test_window_grows_under_success(sim):
     s = await sim(initial_destination_concurrency=2, default_destination_concurrency_limit=6)
-    in_flight = peak = 0
-    release = asyncio.Event()
-
-    async def deliver(request):
-        nonlocal in_flight, peak
-        in_flight += 1
-        peak = max(peak, in_flight)
-        await release.wait()
-        await asyncio.sleep(0.001)  # stay in flight a moment, so deliveries overlap as real ones do
-        in_flight -= 1
-        return DeliveryReport(tuple(RcptResult(r, Outcome.SENT, "2.0.0", "ok") for r in request.recipients))
-    s.smtp.deliver = deliver
+    s.smtp.release.clear()
+    s.smtp.linger = 0.001  # stay in flight a moment once released, so deliveries overlap as real ones do
     for n in range(40):
         await s.submit("a@remote.test", f"r{n}@far.test")
-    for _ in range(200):
-        await asyncio.sleep(0.002)
-    assert peak == 2, "starts at the initial concurrency"
-    release.set()
+    await eventually(lambda: waiting(s, "far.test") == (2, 38))  # every message taken, the window full
+    assert s.smtp.max_in_flight == 2, "starts at the initial concurrency"
+    s.smtp.release.set()
     await s.run_until(T0 + 60, stop=lambda: not s.qmgr.busy and s.qmgr.active_count == 0)
-    assert peak == 6, "grew to the limit"
+    assert s.smtp.max_in_flight == 6, "grew to the limit"
 
 
 async def test_site_failures_kill_a_destination_others_keep_delivering_and_it_comes_back(sim):
@@ -265,7 +233,7 @@ async def test_site_failures_kill_a_destination_others_keep_delivering_and_it_co
         if req.nexthop == "dead.test" and down["value"]:
             return (Outcome.DEFERRED, "4.4.1", "connect to dead.test: Connection refused", False)
         return (Outcome.SENT, "2.0.0", "250 ok", True)
-    s.smtp.answer = answer
+    s.smtp.script = answer
     for n in range(5):
         await s.submit("a@remote.test", f"r{n}@dead.test")
         await s.submit("a@remote.test", f"r{n}@good.test")
@@ -288,7 +256,7 @@ async def test_site_failures_kill_a_destination_others_keep_delivering_and_it_co
 
 async def test_recipient_refusals_do_not_move_the_window(sim):
     s = await sim(initial_destination_concurrency=1, destination_concurrency_failed_cohort_limit=1)
-    s.smtp.answer = always(Outcome.BOUNCED, "5.1.1", "550 no such user", site_ok=True)
+    s.smtp.script = always(Outcome.BOUNCED, "5.1.1", "550 no such user", site_ok=True)
     for n in range(5):
         await s.submit("", f"r{n}@far.test")
     await s.run_until(T0 + 1)
@@ -300,34 +268,34 @@ async def test_recipient_refusals_do_not_move_the_window(sim):
 
 async def test_a_flush_revives_a_dead_destination(sim):
     s = await sim(tick=1.0, minimal_backoff_time=3600, maximal_backoff_time=3600, initial_destination_concurrency=1)
-    s.smtp.answer = always(Outcome.DEFERRED, "4.4.1", "connection refused", site_ok=False)
+    s.smtp.script = always(Outcome.DEFERRED, "4.4.1", "connection refused", site_ok=False)
     qid = await s.submit("a@remote.test", "r@dead.test")
     await s.run_until(T0 + 1)
     [row] = s.qmgr.destinations()
     assert row[6] == T0 + 3600, "dead for an hour"
 
-    s.smtp.answer = SENT
+    s.smtp.script = SENT
     await s.store.flush_messages([qid], s.clock.now)  # what `mailflow queue flush` does
     await s.run_until(T0 + 2 + 86400, stop=lambda: len(s.smtp.calls) == 2)
     assert s.clock.now < T0 + 60, "tried again at the next tick, not when the dead timer ran out"
     assert await s.store.counts() == {}
 
 
+def waiting(s: Sim, nexthop: str) -> tuple[int, int] | None:
+    """(deliveries in flight, jobs waiting) of the smtp destination `nexthop`, as qmgr keeps them."""
+    rows = [row for row in s.qmgr.destinations() if row[:2] == ("smtp", nexthop)]
+    return (rows[0][3], rows[0][4]) if rows else None
+
+
 async def one_in_flight_one_waiting(s: Sim, outcome: tuple) -> tuple[str, str, asyncio.Event]:
     """Window 1; the first message's delivery blocks until the returned event is set (then answers
     `outcome`), the second waits in memory for its turn. Returns (first, second, release)."""
-    release = asyncio.Event()
-
-    async def deliver(request):
-        s.smtp.calls.append((s.clock.time(), request))
-        await release.wait()
-        return DeliveryReport(tuple(RcptResult(r, *outcome) for r in request.recipients))
-    s.smtp.deliver = deliver
+    s.smtp.release.clear()
+    s.smtp.script = always(*outcome)
     first = await s.submit("a@remote.test", "one@far.test")
     second = await s.submit("a@remote.test", "two@far.test")
-    for _ in range(100):
-        await asyncio.sleep(0.002)
-    return first, second, release
+    await eventually(lambda: waiting(s, "far.test") == (1, 1))
+    return first, second, s.smtp.release
 
 
 async def test_a_message_held_while_waiting_for_its_destination_is_not_delivered(sim):
@@ -337,8 +305,7 @@ async def test_a_message_held_while_waiting_for_its_destination_is_not_delivered
 
     await s.store.hold_messages([second])  # what `mailflow queue hold` does
     s.clock.advance(86400)  # the tick notices the change
-    for _ in range(100):
-        await asyncio.sleep(0.002)
+    await eventually(lambda: waiting(s, "far.test") == (1, 0))  # its job withdrawn
     release.set()
     await s.run_until(s.clock.now + 60, stop=lambda: not s.qmgr.busy and s.qmgr.active_count == 0)
     assert [req.queue_id for _, req in s.smtp.calls] == [first]
@@ -352,8 +319,7 @@ async def test_a_message_deleted_while_active_is_neither_delivered_nor_called_co
     first, second, release = await one_in_flight_one_waiting(s, (Outcome.BOUNCED, "5.1.1", "gone"))
     await s.store.delete_messages([first, second])  # `mailflow queue delete`, one of them in flight
     s.clock.advance(86400)
-    for _ in range(100):
-        await asyncio.sleep(0.002)
+    await eventually(lambda: waiting(s, "far.test") == (1, 0))  # the waiting job withdrawn
     release.set()
     await s.run_until(s.clock.now + 60, stop=lambda: not s.qmgr.busy and s.qmgr.active_count == 0)
     assert [req.queue_id for _, req in s.smtp.calls] == [first]

@@ -18,8 +18,7 @@ from mailflow.maildrop import MaildropMessage, write_maildrop
 from mailflow.stages.pickup import Pickup
 from mailflow.stages.smtpd.handler import short_of_space
 from mailflow.status import INSUFFICIENT_STORAGE
-from tests.component.test_smtpd_protocol import Raw
-from tests.helpers import eventually
+from tests.support import Reply, SmtpClient, eventually
 
 MB = 1_000_000
 
@@ -52,20 +51,20 @@ def free_space(monkeypatch):
     return Space
 
 
-async def mail(port: int, *params: str) -> tuple[int, str]:
-    raw = await Raw.connect(port)
+async def mail(port: int, *params: str) -> Reply:
+    client = await SmtpClient.connect(port)
     try:
-        await raw.cmd("EHLO client.test")
-        return await raw.cmd(" ".join(["MAIL FROM:<s@remote.test>", *params]))
+        await client.cmd("EHLO client.test")
+        return await client.cmd(" ".join(["MAIL FROM:<s@remote.test>", *params]))
     finally:
-        raw.writer.close()
+        await client.close()
 
 
 async def test_mail_is_refused_while_the_queue_is_short_of_space_and_accepted_when_it_returns(mailflow_server,
                                                                                              free_space):
     mf = await mailflow_server(smtpd={"message_size_limit": 4 * MB}, queue={"queue_minfree": 0})
     port = mf.smtp_addresses[0][1]
-    refused = (452, str(INSUFFICIENT_STORAGE))
+    refused = INSUFFICIENT_STORAGE
     assert str(INSUFFICIENT_STORAGE) == "452 4.3.1 Insufficient system storage"
     assert (await mail(port))[0] == 250
     assert (await mail(port, "SIZE=3000000"))[0] == 250
@@ -125,7 +124,7 @@ async def test_pickup_backs_off_while_the_store_fails_and_loses_nothing(tmp_path
         assert len(messages) <= 2 and "database or disk is full" in messages[0]
         assert len(os.listdir(tmp_path / "maildrop")) == 5
         cleanup.broken = False
-        assert await eventually(lambda: len(cleanup.queued) == 5, timeout=5)
+        await eventually(lambda: len(cleanup.queued) == 5, timeout=5)
         assert os.listdir(tmp_path / "maildrop") == []
     finally:
         await pickup.stop(grace=1)

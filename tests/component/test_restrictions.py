@@ -14,6 +14,7 @@ from mailflow.routing.addressmap import AddressMapper
 from mailflow.routing.rewrite import Rewriter
 from mailflow.stages.smtpd.policy import PolicyClient, PolicyError, encode_request
 from mailflow.stages.smtpd.restrictions import Facts, Restrictions, address_access_keys, client_keys, domain_keys
+from tests.support import free_port
 
 OUTSIDER = "203.0.113.9"
 BASE = {
@@ -130,11 +131,11 @@ def test_access_actions_reject_defer_and_numeric_codes():
     r = access(table, kind="sender")
     assert rcpt(r, sender="spam@remote.example") == \
         status.restriction_rejected(554, "5.7.1", "spam@remote.example", "Sender address", "go away")
-    assert str(rcpt(r, sender="defer@remote.example")) == \
-        "450 4.7.1 <defer@remote.example>: Sender address rejected: Try again later"
-    assert str(rcpt(r, sender="n1@remote.example")) == \
-        "550 5.7.1 <n1@remote.example>: Sender address rejected: no such luck"
-    assert str(rcpt(r, sender="n2@remote.example")) == "450 4.2.0 <n2@remote.example>: Sender address rejected: busy"
+    assert rcpt(r, sender="defer@remote.example") == status.access_deferred("defer@remote.example", "Sender address")
+    assert rcpt(r, sender="n1@remote.example") == \
+        status.restriction_rejected(550, "5.7.1", "n1@remote.example", "Sender address", "no such luck")
+    assert rcpt(r, sender="n2@remote.example") == \
+        status.restriction_rejected(450, "4.2.0", "n2@remote.example", "Sender address", "busy")
     assert rcpt(r, sender="other@remote.example") is None
 
 
@@ -153,9 +154,9 @@ def test_ok_in_the_recipient_list_does_not_open_the_relay():
 
 def test_client_access_by_network_prefix_and_helo_access_by_parent_domain():
     r = access("inline:{203.0.113=REJECT}", stage="client", kind="client")
-    assert str(rcpt(r)) == f"554 5.7.1 <unknown[{OUTSIDER}]>: Client host rejected: Access denied"
+    assert rcpt(r) == status.access_denied(f"unknown[{OUTSIDER}]", "Client host")
     r = access("inline:{ {remote.example=REJECT bad helo} }", stage="helo", kind="helo")
-    assert str(rcpt(r)) == "554 5.7.1 <client.remote.example>: Helo command rejected: bad helo"
+    assert rcpt(r) == status.access_denied("client.remote.example", "Helo command", "bad helo")
 
 
 def test_null_sender_is_looked_up_as_angle_brackets():
@@ -175,13 +176,13 @@ def test_discard_and_hold_mark_the_message():
 
 def test_restriction_names_as_actions_and_unknown_actions():
     r = access("inline:{alice@local.test=reject_non_fqdn_sender, b@local.test=FROBNICATE}")
-    assert str(rcpt(r, sender="user")) == "504 5.5.2 <user>: Sender address rejected: need fully-qualified address"
+    assert rcpt(r, sender="user") == status.non_fqdn_address("user", "Sender address")
     assert rcpt(r, "b@local.test") == status.restriction_config_error("b@local.test", "Recipient address")
 
 
 def test_a_table_that_cannot_answer_defers():
     r = access("fail:broken")
-    assert str(rcpt(r)) == "451 4.3.5 <alice@local.test>: Recipient address rejected: Server configuration error"
+    assert rcpt(r) == status.restriction_config_error("alice@local.test", "Recipient address")
 
 
 # ---------------------------------------------------------------------------------------------- syntax checks
@@ -190,34 +191,34 @@ def test_a_table_that_cannot_answer_defers():
 def test_non_fqdn_and_invalid_helo():
     r = restrictions(helo_restrictions=["reject_invalid_helo_hostname", "reject_non_fqdn_helo_hostname"],
                      recipient_restrictions=["reject_non_fqdn_recipient"])
-    assert str(rcpt(r, helo="bad_name!")) == "501 5.5.2 <bad_name!>: Helo command rejected: Invalid name"
-    assert str(rcpt(r, helo="laptop")) == "504 5.5.2 <laptop>: Helo command rejected: need fully-qualified hostname"
+    assert rcpt(r, helo="bad_name!") == status.invalid_helo("bad_name!")
+    assert rcpt(r, helo="laptop") == status.non_fqdn_helo("laptop")
     assert rcpt(r, helo="[192.0.2.1]") is None
-    assert str(rcpt(r, "alice@localhost", client_addr="192.0.2.7")) == \
-        "504 5.5.2 <alice@localhost>: Recipient address rejected: need fully-qualified address"
+    assert rcpt(r, "alice@localhost", client_addr="192.0.2.7") == \
+        status.non_fqdn_address("alice@localhost", "Recipient address")
 
 
 # ---------------------------------------------------------------------------------------------- DNS
 
 
 @pytest.mark.parametrize("rcpt_addr, expected", [
-    ("x@nx.example", "450 4.1.2 <x@nx.example>: Recipient address rejected: Domain not found"),
-    ("x@nullmx.example",
-     "556 5.1.10 <x@nullmx.example>: Recipient address rejected: Domain nullmx.example does not accept mail (nullMX)"),
+    ("x@nx.example", status.domain_not_found("x@nx.example", 450)),
+    ("x@nullmx.example", status.null_mx("x@nullmx.example", "nullmx.example")),
     ("x@mx.example", None),
     ("x@a-only.example", None),
-    ("nobody-known@local.test", "550 5.1.1"),  # a local domain is never looked up; the unlisted check answers
+    # a local domain is never looked up; the unlisted check answers
+    ("nobody-known@local.test", status.user_unknown("nobody-known@local.test")),
 ])
 def test_reject_unknown_recipient_domain(rcpt_addr, expected):
     r = restrictions(recipient_restrictions=["reject_unknown_recipient_domain", "permit_mynetworks",
                                              "reject_unauth_destination"])
     reply = rcpt(r, rcpt_addr, client_addr="192.0.2.7")
-    assert reply is None if expected is None else str(reply).startswith(expected)
+    assert reply == expected
 
 
 def test_unknown_recipient_domain_reject_code_is_configurable():
     r = restrictions(recipient_restrictions=["reject_unknown_recipient_domain"], unknown_address_reject_code=550)
-    assert str(rcpt(r, "x@nx.example", client_addr="192.0.2.7")).startswith("550 5.1.2 ")
+    assert rcpt(r, "x@nx.example", client_addr="192.0.2.7") == status.domain_not_found("x@nx.example", 550)
 
 
 def test_rbl_listed_client_is_refused_and_a_filter_narrows_the_answers():
@@ -236,10 +237,12 @@ def test_policy_attributes_cannot_inject_lines():
     assert encode_request({"sender": "a\nrecipient=evil", "size": 3}) == b"sender=a recipient=evil\nsize=3\n\n"
 
 
-def test_unreachable_policy_service_gives_the_default_action(unused_port):
+def test_unreachable_policy_service_gives_the_default_action():
+    unused_port = free_port()
     r = restrictions(recipient_restrictions=[f"check_policy_service inet:127.0.0.1:{unused_port}"],
                      policy_service_timeout="2s")
-    assert str(rcpt(r)) == "451 4.3.5 <alice@local.test>: Recipient address rejected: Server configuration problem"
+    assert rcpt(r) == status.restriction_rejected(451, "4.3.5", "alice@local.test", "Recipient address",
+                                                  "Server configuration problem")
 
 
 async def test_policy_server_that_never_answers_times_out():

@@ -19,9 +19,7 @@ from mailflow.content import Content
 from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports.smtp import SmtpTransport
 from mailflow.transports.smtp.addr import order_exchangers
-from tests.helpers import big_message, spooled
-from tests.conftest import CaptureHandler
-from tests.helpers import eventually
+from tests.support import CaptureHandler, big_message, eventually, free_port, spooled
 
 HELO = "client.mailflow.test"
 CONTENT = (
@@ -373,7 +371,8 @@ async def test_address_with_crlf_is_refused_before_sending(smtp_peer):
     assert peer.messages[0].rcpt_tos == ["ok@example.test"]
 
 
-async def test_sender_with_nul_bounces_everyone_without_connecting(unused_port):
+async def test_sender_with_nul_bounces_everyone_without_connecting():
+    unused_port = free_port()
     request = make_request(f"[127.0.0.1]:{unused_port}", "a@example.test", "b@example.test", sender="a\x00@remote.test")
     report = await deliver(make_transport(), request)
     assert [(r.outcome, r.dsn) for r in report.results] == [(Outcome.BOUNCED, "5.1.7")] * 2
@@ -382,7 +381,8 @@ async def test_sender_with_nul_bounces_everyone_without_connecting(unused_port):
 # ---------------------------------------------------------------------------------------------------- unreachable
 
 
-async def test_connection_refused_everywhere_defers_with_site_not_ok(unused_port):
+async def test_connection_refused_everywhere_defers_with_site_not_ok():
+    unused_port = free_port()
     resolver = StaticResolver(
         mx={"example.test": [MX(10, "mx1.example.test"), MX(20, "mx2.example.test")]},
         addresses={"mx1.example.test": ["127.0.0.2"], "mx2.example.test": ["127.0.0.1"]},
@@ -708,7 +708,8 @@ async def test_policy_none_turns_tls_off_for_one_nexthop(smtp_peer, ca):
     assert not peer.messages[0].tls
 
 
-async def test_unusable_policy_defers_without_connecting(unused_port):
+async def test_unusable_policy_defers_without_connecting():
+    unused_port = free_port()
     key = f"[127.0.0.1]:{unused_port}"
     transport = make_transport(tls_policy_maps=(f"inline:{{ {{{key} = dane}} }}",))
     report = await deliver(transport, make_request(key))
@@ -775,7 +776,8 @@ async def test_unreadable_ca_file_defers_before_sending_in_the_clear(smtp_peer, 
     assert report.site_ok and peer.messages == []
 
 
-async def test_a_policy_table_that_cannot_answer_defers_4_3_0(unused_port):
+async def test_a_policy_table_that_cannot_answer_defers_4_3_0():
+    unused_port = free_port()
     report = await deliver(make_transport(tls_policy_maps=("fail:policy",)), make_request(f"[127.0.0.1]:{unused_port}"))
     result = report.results[0]
     assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.3.0")
@@ -921,7 +923,7 @@ async def test_one_connection_carries_several_messages_and_close_quits_it(counte
     assert [r.results[0].outcome for r in reports] == [Outcome.SENT] * 3
     assert (peer.connections, peer.still_open) == (1, 1)
     await transport.close()
-    assert await eventually(lambda: peer.still_open == 0, timeout=2)
+    await eventually(lambda: peer.still_open == 0, timeout=2)
     assert [m.rcpt_tos for m in peer.messages] == [["r0@example.test"], ["r1@example.test"], ["r2@example.test"]]
 
 
@@ -940,7 +942,7 @@ async def test_idle_session_is_closed_after_the_cache_time_limit(counted_peer):
     try:
         await transport.deliver(make_request(f"[127.0.0.1]:{peer.port}"))
         assert peer.still_open == 1
-        assert await eventually(lambda: peer.still_open == 0, timeout=2)
+        await eventually(lambda: peer.still_open == 0, timeout=2)
         await transport.deliver(make_request(f"[127.0.0.1]:{peer.port}"))
     finally:
         await transport.close()
@@ -953,7 +955,7 @@ async def test_cache_off_quits_after_each_message(counted_peer):
     transport = make_transport(connection_cache_time_limit=0)
     try:
         await transport.deliver(make_request(nexthop))
-        assert await eventually(lambda: peer.still_open == 0, timeout=2)
+        await eventually(lambda: peer.still_open == 0, timeout=2)
         await transport.deliver(make_request(nexthop))
     finally:
         await transport.close()
@@ -992,7 +994,7 @@ async def test_a_cached_session_that_dies_at_mail_from_is_replaced(scripted_peer
         await transport.deliver(make_request(f"[127.0.0.1]:{port}"))
         peer.silent_at = "MAIL"  # the cached connection now never answers MAIL: it dies by timeout
         delivery = asyncio.create_task(transport.deliver(make_request(f"[127.0.0.1]:{port}")))
-        assert await eventually(lambda: sum(c.startswith("MAIL") for c in peer.commands) == 2, timeout=2)
+        await eventually(lambda: sum(c.startswith("MAIL") for c in peer.commands) == 2, timeout=2)
         peer.silent_at = ""  # the fresh connection works
         report = await asyncio.wait_for(delivery, 5)
     finally:

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from mailflow.app import Mailflow
 from mailflow.config import config_from_dict
-from tests.helpers import base_settings, maildir_messages, merged
+from tests.support import base_settings, maildir_messages, merged
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "120"))
 QUEUED = re.compile(rb"^250 2\.0\.0 Ok: queued as ", re.M)

@@ -17,51 +17,9 @@ from mailflow import status
 from mailflow.config import config_from_dict
 from mailflow.errors import ConfigError
 from mailflow.stages.smtpd.frontends import ProxyError, XclientError, parse_xclient, read_proxy_header
-from tests.helpers import base_settings, eventually, maildir_messages, merged
+from tests.support import Reply, SmtpClient, base_settings, eventually, maildir_messages, merged
 
 PROXY_TIMEOUT = 0.5
-
-
-class Client:
-    """A raw SMTP client: `reply()` -> (code or None at EOF, text of the last line), `cmd(line)`."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def connect(cls, port: int, first: bytes = b"") -> "Client":
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
-        if first:
-            writer.write(first)
-            await writer.drain()
-        return cls(reader, writer)
-
-    async def reply(self, timeout: float = 5.0) -> tuple[int | None, str]:
-        lines = []
-        while True:
-            line = await asyncio.wait_for(self.reader.readline(), timeout)
-            if not line:
-                return None, "\n".join(lines)
-            text = line.decode("utf-8", "replace").rstrip("\r\n")
-            lines.append(text[4:])
-            if text[3:4] != "-":
-                return int(text[:3]), "\n".join(lines)
-
-    async def cmd(self, line: str | bytes) -> tuple[int | None, str]:
-        self.writer.write((line.encode() if isinstance(line, str) else line) + b"\r\n")
-        await self.writer.drain()
-        return await self.reply()
-
-    async def closed_without_a_word(self, timeout: float = 5.0) -> bool:
-        """The server closed the connection and sent nothing at all."""
-        return await asyncio.wait_for(self.reader.read(), timeout) == b""
-
-    async def close(self) -> None:
-        self.writer.close()
-        try:
-            await self.writer.wait_closed()
-        except ConnectionError:
-            pass
 
 
 def v1(src: str, sport: int = 40000, family: str = "TCP4", dst: str = "203.0.113.1") -> bytes:
@@ -89,7 +47,7 @@ def proxy_port(mf) -> int:
     return listener.server.sockets[0].getsockname()[1]
 
 
-async def relay_reply(client: Client) -> tuple[int | None, str]:
+async def relay_reply(client: SmtpClient) -> Reply:
     """EHLO, MAIL, then RCPT to a domain this server does not serve: what a relay attempt gets."""
     assert (await client.cmd("EHLO lb.test"))[0] == 250
     assert (await client.cmd("MAIL FROM:<s@remote.test>"))[0] == 250
@@ -100,23 +58,19 @@ async def relay_reply(client: Client) -> tuple[int | None, str]:
 
 async def test_proxied_client_decides_mynetworks(mailflow_server):
     mf = await mailflow_server(**proxy_settings())
-    inside = await Client.connect(proxy_port(mf), v1("192.0.2.10"))
-    assert (await inside.reply())[0] == 220
-    assert await relay_reply(inside) == (250, "2.1.5 Ok")
+    inside = await SmtpClient.connect(proxy_port(mf), first=v1("192.0.2.10"))
+    assert await relay_reply(inside) == status.RCPT_OK
     await inside.close()
 
-    outside = await Client.connect(proxy_port(mf), v1("198.51.100.7"))
-    assert (await outside.reply())[0] == 220
-    code, text = await relay_reply(outside)
-    assert (code, text) == (554, str(status.relay_denied("someone@elsewhere.test"))[4:])
+    outside = await SmtpClient.connect(proxy_port(mf), first=v1("198.51.100.7"))
+    assert await relay_reply(outside) == status.relay_denied("someone@elsewhere.test")
     await outside.close()
 
 
 async def test_proxy_v2_header_names_the_client_and_received_shows_it(mailflow_server, tmp_path):
     mf = await mailflow_server(**proxy_settings())
-    c = await Client.connect(proxy_port(mf), v2_tcp4("192.0.2.44", 51515))
-    assert (await c.reply())[0] == 220
-    assert await relay_reply(c) == (250, "2.1.5 Ok")
+    c = await SmtpClient.connect(proxy_port(mf), first=v2_tcp4("192.0.2.44", 51515))
+    assert await relay_reply(c) == status.RCPT_OK
     assert (await c.cmd("RSET"))[0] == 250
     assert (await c.cmd("MAIL FROM:<s@remote.test>"))[0] == 250
     assert (await c.cmd("RCPT TO:<alice@local.test>"))[0] == 250
@@ -132,16 +86,15 @@ async def test_proxy_v2_header_names_the_client_and_received_shows_it(mailflow_s
 
 async def test_proxy_unknown_keeps_the_real_peer(mailflow_server):
     mf = await mailflow_server(**proxy_settings())
-    c = await Client.connect(proxy_port(mf), b"PROXY UNKNOWN\r\n")
-    assert (await c.reply())[0] == 220
+    c = await SmtpClient.connect(proxy_port(mf), first=b"PROXY UNKNOWN\r\n")
     assert (await relay_reply(c))[0] == 554  # 127.0.0.1 is not in mynetworks
     await c.close()
 
 
 async def test_proxy_header_from_a_peer_outside_upstream_proxy_clients_is_dropped(mailflow_server):
     mf = await mailflow_server(**proxy_settings(upstream_proxy_clients=["192.0.2.0/24"]))
-    c = await Client.connect(proxy_port(mf), v1("192.0.2.10"))
-    assert await c.closed_without_a_word()
+    c = await SmtpClient.connect(proxy_port(mf), first=v1("192.0.2.10"), greet=False)
+    assert await c.rest() == b""  # closed without a word
     await c.close()
 
 
@@ -157,8 +110,8 @@ async def test_proxy_header_from_a_peer_outside_upstream_proxy_clients_is_droppe
 ])
 async def test_malformed_or_missing_proxy_header_closes_without_greeting(mailflow_server, header):
     mf = await mailflow_server(**proxy_settings())
-    c = await Client.connect(proxy_port(mf), header)
-    assert await c.closed_without_a_word()
+    c = await SmtpClient.connect(proxy_port(mf), first=header, greet=False)
+    assert await c.rest() == b""  # closed without a word
     await c.close()
 
 
@@ -166,8 +119,8 @@ async def test_proxy_header_timeout_closes_without_greeting(mailflow_server):
     mf = await mailflow_server(**proxy_settings())
     loop = asyncio.get_running_loop()
     started = loop.time()
-    c = await Client.connect(proxy_port(mf), b"PROXY TCP4 192.0.2.10")  # and then nothing
-    assert await c.closed_without_a_word()
+    c = await SmtpClient.connect(proxy_port(mf), first=b"PROXY TCP4 192.0.2.10", greet=False)  # and then nothing
+    assert await c.rest() == b""  # closed without a word
     waited = loop.time() - started
     assert PROXY_TIMEOUT * 0.8 <= waited < PROXY_TIMEOUT + 2
     await c.close()
@@ -175,20 +128,17 @@ async def test_proxy_header_timeout_closes_without_greeting(mailflow_server):
 
 async def test_plain_listener_beside_the_proxy_listener_needs_no_header(mailflow_server):
     mf = await mailflow_server(**proxy_settings())
-    c = await Client.connect(mf.smtpd.address_of("mta")[1])
-    assert (await c.reply())[0] == 220
+    c = await SmtpClient.connect(mf.smtpd.address_of("mta")[1])
     await c.close()
 
 
 async def test_connection_limits_apply_to_the_proxied_client(mailflow_server):
     mf = await mailflow_server(**proxy_settings(client_connection_count_limit=1))
     port = proxy_port(mf)
-    first = await Client.connect(port, v1("198.51.100.1"))
-    assert (await first.reply())[0] == 220
-    other = await Client.connect(port, v1("198.51.100.2"))  # same balancer, another client: admitted
-    assert (await other.reply())[0] == 220
-    again = await Client.connect(port, v1("198.51.100.1"))
-    assert await again.reply() == (421, str(status.too_many_connections("198.51.100.1"))[4:])
+    first = await SmtpClient.connect(port, first=v1("198.51.100.1"))
+    other = await SmtpClient.connect(port, first=v1("198.51.100.2"))  # same balancer, another client: admitted
+    again = await SmtpClient.connect(port, first=v1("198.51.100.1"), greet=False)
+    assert await again.reply() == status.too_many_connections("198.51.100.1")
     for c in (first, other, again):
         await c.close()
 
@@ -198,14 +148,14 @@ async def test_connection_limits_apply_to_the_proxied_client(mailflow_server):
 async def test_xclient_from_an_authorized_host_replaces_the_client(mailflow_server):
     mf = await mailflow_server(mynetworks=["192.0.2.0/24"],
                                smtpd={"listen": ["127.0.0.1:0"], "authorized_xclient_hosts": ["127.0.0.0/8"]})
-    c = await Client.connect(mf.smtpd.address_of("mta")[1])
-    assert (await c.reply())[0] == 220
-    code, text = await c.cmd("EHLO filter.test")
-    assert code == 250 and "XCLIENT NAME ADDR PORT PROTO HELO LOGIN" in text.splitlines()
-    assert await c.cmd("XCLIENT ADDR=192.0.2.1 NAME=[UNAVAILABLE]") == (220, "mx.mailflow.test ESMTP mailflow")
-    assert await c.cmd("MAIL FROM:<s@remote.test>") == (503, "5.5.1 Error: send HELO first")  # reset
-    assert await relay_reply(c) == (250, "2.1.5 Ok")  # 192.0.2.1 is in mynetworks
-    assert (await c.cmd("XCLIENT ADDR=198.51.100.9"))[0:2] == (503, "5.5.1 Error: MAIL transaction in progress")
+    c = await SmtpClient.connect(mf.smtpd.address_of("mta")[1])
+    ehlo = await c.cmd("EHLO filter.test")
+    assert ehlo.code == 250 and "XCLIENT NAME ADDR PORT PROTO HELO LOGIN" in ehlo.lines
+    assert await c.cmd("XCLIENT ADDR=192.0.2.1 NAME=[UNAVAILABLE]") == status.greeting("mx.mailflow.test",
+                                                                                       "ESMTP mailflow")
+    assert await c.cmd("MAIL FROM:<s@remote.test>") == (503, "503 5.5.1 Error: send HELO first")  # reset
+    assert await relay_reply(c) == status.RCPT_OK  # 192.0.2.1 is in mynetworks
+    assert await c.cmd("XCLIENT ADDR=198.51.100.9") == status.XCLIENT_IN_TRANSACTION
     assert (await c.cmd("RSET"))[0] == 250
     assert (await c.cmd("XCLIENT ADDR=IPV6:2001:db8::7 PORT=4242"))[0] == 220
     assert (await relay_reply(c))[0] == 554  # no longer in mynetworks
@@ -222,20 +172,18 @@ async def test_xclient_from_an_authorized_host_replaces_the_client(mailflow_serv
 ])
 async def test_xclient_bad_attributes_get_501(mailflow_server, line, reply):
     mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "authorized_xclient_hosts": ["127.0.0.1/32"]})
-    c = await Client.connect(mf.smtpd.address_of("mta")[1])
-    assert (await c.reply())[0] == 220
+    c = await SmtpClient.connect(mf.smtpd.address_of("mta")[1])
     assert (await c.cmd("EHLO filter.test"))[0] == 250
-    assert await c.cmd(line) == (501, str(reply)[4:])
+    assert await c.cmd(line) == reply
     await c.close()
 
 
 async def test_xclient_from_others_is_refused_and_not_offered(mailflow_server):
     mf = await mailflow_server(mynetworks=["192.0.2.0/24"])  # authorized_xclient_hosts: default, nobody
-    c = await Client.connect(mf.smtpd.address_of("mta")[1])
-    assert (await c.reply())[0] == 220
+    c = await SmtpClient.connect(mf.smtpd.address_of("mta")[1])
     code, text = await c.cmd("EHLO filter.test")
     assert code == 250 and "XCLIENT" not in text
-    assert await c.cmd("XCLIENT ADDR=192.0.2.1") == (550, "5.7.0 Error: insufficient authorization")
+    assert await c.cmd("XCLIENT ADDR=192.0.2.1") == status.XCLIENT_DENIED
     assert (await relay_reply(c))[0] == 554  # still 127.0.0.1
     await c.close()
 
@@ -267,8 +215,7 @@ async def test_read_proxy_header_consumes_exactly_the_header():
 async def test_8bit_header_without_smtputf8_is_accepted_and_kept_byte_for_byte(mailflow_server, tmp_path):
     """Postfix's default (strict_8bitmime = no, message_reject_characters empty): accepted, passed on as is."""
     mf = await mailflow_server()
-    c = await Client.connect(mf.smtpd.address_of("mta")[1])
-    assert (await c.reply())[0] == 220
+    c = await SmtpClient.connect(mf.smtpd.address_of("mta")[1])
     assert (await c.cmd("EHLO client.test"))[0] == 250
     assert (await c.cmd("MAIL FROM:<s@remote.test>"))[0] == 250  # neither SMTPUTF8 nor BODY=8BITMIME
     assert (await c.cmd("RCPT TO:<alice@local.test>"))[0] == 250

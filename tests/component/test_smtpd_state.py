@@ -18,8 +18,7 @@ from mailflow.stages.smtpd.protocol import AIOSMTPD_STATE
 from mailflow.stages.smtpd.restrictions import Marks
 from mailflow.stages.smtpd.session import SmtpSession
 from mailflow.stages.smtpd.state import SessionState, Transaction
-from tests.component.test_smtpd_hardening import pki  # noqa: F401 (a fixture)
-from tests.component.test_smtpd_protocol import Raw
+from tests.support import Reply, SmtpClient
 
 MSG = b"Subject: t\r\n\r\nbody\r\n"
 
@@ -37,7 +36,7 @@ async def test_rset_clears_exactly_the_transaction_and_keeps_the_client(mailflow
     mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "authorized_xclient_hosts": ["127.0.0.0/8"],
                                       "recipient_restrictions": ["check_recipient_access inline:{alice@local.test=HOLD}",
                                                                  "reject_unauth_destination"]})
-    c = await Raw.connect(mf.smtp_addresses[0][1])
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
     assert (await c.cmd("XCLIENT NAME=front.test ADDR=192.0.2.7"))[0] == 220
     await c.envelope(mail_params=" RET=HDRS ENVID=e+2B1", rcpt_params=" NOTIFY=SUCCESS ORCPT=rfc822;a@b.test")
     server = the_session(mf)
@@ -55,12 +54,12 @@ async def test_rset_clears_exactly_the_transaction_and_keeps_the_client(mailflow
     assert server.envelope is not transaction
     assert transaction_fields(server.envelope) == transaction_fields(Transaction())
     assert server.envelope.marks == Marks()
-    c.close()
+    await c.close()
 
 
 async def test_a_new_message_starts_a_new_transaction_with_its_own_policy_instance(mailflow_server):
     mf = await mailflow_server()
-    c = await Raw.connect(mf.smtp_addresses[0][1])
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
     await c.envelope()
     first = the_session(mf).envelope.policy_instance
     assert (await c.cmd("DATA"))[0] == 354
@@ -69,40 +68,39 @@ async def test_a_new_message_starts_a_new_transaction_with_its_own_policy_instan
     assert (await c.cmd("MAIL FROM:<s@remote.test>"))[0] == 250
     assert (await c.cmd("RCPT TO:<alice@local.test>"))[0] == 250
     assert the_session(mf).envelope.policy_instance not in ("", first)
-    c.close()
+    await c.close()
 
 
 async def test_bdat_content_of_a_transaction_that_ends_is_freed(mailflow_server, tmp_path):
     mf = await mailflow_server()
     content = tmp_path / "queue" / "content"
-    c = await Raw.connect(mf.smtp_addresses[0][1])
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
     await c.envelope()
     chunk = b"x" * (300 * 1024)  # past the in-memory limit: the spool is a file
     await c.send(f"BDAT {len(chunk)}\r\n".encode() + chunk)
-    assert await c.reply() == (250, f"250 2.0.0 {len(chunk)} bytes ok")
+    assert await c.reply() == status.bdat_chunk(len(chunk))
     assert the_session(mf).envelope.bdat is not None
     assert [p.name for p in content.iterdir() if p.name.startswith(SPOOL_PREFIX)]
     assert (await c.cmd("RSET"))[0] == 250
     assert not [p.name for p in content.iterdir() if p.name.startswith(SPOOL_PREFIX)]
-    c.close()
+    await c.close()
 
 
 async def test_starttls_keeps_who_the_client_is_and_forgets_its_helo_and_login(mailflow_server, pki):
-    cert_file, client_ctx = pki
+    _, cert_file, client_ctx = pki
     mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "tls_cert_file": cert_file,
                                       "authorized_xclient_hosts": ["127.0.0.0/8"]})
-    c = await Raw.connect(mf.smtp_addresses[0][1])
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
     assert (await c.cmd("XCLIENT NAME=front.test ADDR=192.0.2.7 LOGIN=bob HELO=lb.test PROTO=ESMTP"))[0] == 220
     before = the_session(mf).session
     assert (before.authenticated, before.auth_data, before.auth_mechanism) == (True, "bob", "XCLIENT")
-    assert (await c.cmd("STARTTLS"))[0] == 220
-    await c.writer.start_tls(client_ctx, server_hostname="localhost")
+    await c.starttls(client_ctx)
     assert (await c.cmd("EHLO client.test"))[0] == 250
     after = the_session(mf).session
     assert after is not before and after.ssl is not None
     assert (after.client_name, after.peer, after.proxied_by) == ("front.test", before.peer, before.proxied_by)
     assert (after.authenticated, after.auth_data, after.host_name) == (False, None, "client.test")
-    c.close()
+    await c.close()
 
 
 async def test_sessions_are_built_without_aiosmtpds_per_connection_introspection(mailflow_server, tmp_path,
@@ -115,12 +113,12 @@ async def test_sessions_are_built_without_aiosmtpds_per_connection_introspection
     monkeypatch.setattr(inspect, "getmembers", refuse)
     monkeypatch.setattr(inspect, "signature", refuse)
     for _ in range(2):
-        c = await Raw.connect(mf.smtp_addresses[0][1])
+        c = await SmtpClient.connect(mf.smtp_addresses[0][1])
         await c.envelope()
         assert (await c.cmd("DATA"))[0] == 354
         assert (await c.cmd(MSG + b"."))[0] == 250
         assert (await c.cmd("QUIT"))[0] == 221
-        c.close()
+        await c.close()
 
 
 async def test_aiosmtpd_still_has_every_private_name_the_session_sets_for_it(mailflow_server):
@@ -137,13 +135,10 @@ async def test_aiosmtpd_still_has_every_private_name_the_session_sets_for_it(mai
 # ---------------------------------------------------------------------------------------------- not queued
 
 
-async def send_message(port: int, message: bytes = MSG) -> tuple[int | None, str]:
-    c = await Raw.connect(port)
-    await c.envelope()
-    assert (await c.cmd("DATA"))[0] == 354
-    await c.send(message + b".\r\n")
-    reply = await c.reply()
-    c.close()
+async def send_message(port: int, message: bytes = MSG) -> Reply:
+    c = await SmtpClient.connect(port)
+    reply = await c.send_message(message)
+    await c.close()
     return reply
 
 
@@ -164,8 +159,7 @@ async def test_a_store_fault_at_commit_is_answered_451_and_logged_once_without_a
 
     monkeypatch.setattr(mf.store, "insert", failing_insert)
     caplog.set_level(logging.INFO)
-    code, text = await send_message(mf.smtp_addresses[0][1])
-    assert (code, text) == (reply.code, str(reply))
+    assert await send_message(mf.smtp_addresses[0][1]) == reply
     lines = not_queued(caplog)
     assert len(lines) == 1 and lines[0].exc_info is None and "Traceback" not in caplog.text
     assert str(fault.args[-1]) in lines[0].getMessage() and "unknown[127.0.0.1]" in lines[0].getMessage()
@@ -174,7 +168,7 @@ async def test_a_store_fault_at_commit_is_answered_451_and_logged_once_without_a
 async def test_a_cleanup_refusal_answers_its_text_and_logs_its_reason(mailflow_server, caplog):
     mf = await mailflow_server(sender_canonical_maps=["fail:canonical"])
     caplog.set_level(logging.INFO)
-    assert await send_message(mf.smtp_addresses[0][1]) == (451, str(status.TEMPORARY_LOOKUP_FAILURE))
+    assert await send_message(mf.smtp_addresses[0][1]) == status.TEMPORARY_LOOKUP_FAILURE
     lines = not_queued(caplog)
     assert len(lines) == 1 and "canonical is a fail: table" in lines[0].getMessage() and lines[0].exc_info is None
 
@@ -190,7 +184,7 @@ async def test_a_spool_that_cannot_be_written_refuses_the_message_and_says_so_on
     monkeypatch.setattr(handler, "new_spool", lambda max_size: Spool(tmp_path / "missing", max_size=max_size))
     caplog.set_level(logging.INFO)
     big = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 400  # past the in-memory limit
-    assert await send_message(mf.smtp_addresses[0][1], big) == (451, str(status.QUEUE_ERROR))
+    assert await send_message(mf.smtp_addresses[0][1], big) == status.QUEUE_ERROR
     lines = [r for r in caplog.records if "cannot write its spool file" in r.getMessage()]
     assert len(lines) == 1 and "Traceback" not in caplog.text
     assert (await send_message(mf.smtp_addresses[0][1]))[0] == 250  # a small one stays in memory: queued

@@ -13,7 +13,7 @@ from mailflow.content import Content
 from mailflow.model import Delivered, Outcome, QueuedMessage, RcptResult, Recipient
 from mailflow.errors import Overloaded
 from mailflow.store import SCHEMA_VERSION, NewMessage, Store
-from tests.helpers import big_message
+from tests.support import big_message
 
 T0 = 1_700_000_000.0
 

@@ -2,14 +2,11 @@
 forwarded copies relayed with Delivered-To, loops stopped, an unreadable alias file deferring, not bouncing."""
 from __future__ import annotations
 
-import asyncio
-
 import aiosmtplib
 import pytest
 
-from tests.helpers import eventually, maildir_messages, queue_becomes, rcpt_reply, rcpt_until, send
-
-RELOAD = 1.2  # tables look at their file at most once a second
+from mailflow import status
+from tests.support import eventually, maildir_messages, queue_becomes, rcpt_reply, rcpt_until, send
 
 
 def header_lines(content: bytes) -> list[bytes]:
@@ -31,7 +28,7 @@ async def test_an_alias_to_two_users_and_a_remote_address(mailflow_server, smtp_
     [relayed] = await eventually(lambda: peer.messages)
     assert relayed.rcpt_tos == ["carol@remote.test"] and relayed.mail_from == "s@remote.test"
     assert b"Delivered-To: team@local.test" in header_lines(relayed.content)
-    assert await queue_becomes(mf.store, {}) == {}
+    await queue_becomes(mf.store, {})
 
 
 async def test_a_virtual_alias_domain(mailflow_server, smtp_peer, tmp_path):
@@ -40,8 +37,8 @@ async def test_a_virtual_alias_domain(mailflow_server, smtp_peer, tmp_path):
                                virtual_alias_maps=["inline:{ {info@valias.test = alice@local.test, dave@remote.test} }"],
                                relayhost=f"[127.0.0.1]:{peer.port}")
     port = mf.smtp_addresses[0][1]
-    code, text = await rcpt_reply(port, "nobody@valias.test")
-    assert code == 550 and "virtual alias table" in text
+    assert await rcpt_reply(port, "nobody@valias.test") == status.restriction_rejected(
+        550, "5.1.1", "nobody@valias.test", "Recipient address", "User unknown in virtual alias table")
 
     await send(port, "s@remote.test", ["info@valias.test"], b"Subject: info\r\n\r\nvia virtual\r\n")
     [data] = await eventually(lambda: maildir_messages(tmp_path / "mail" / "alice" / "Maildir"))
@@ -56,7 +53,7 @@ async def test_a_virtual_alias_loop_refuses_the_message_with_451(mailflow_server
     with pytest.raises(aiosmtplib.SMTPDataError) as refused:
         await send(mf.smtp_addresses[0][1], "s@remote.test", ["a@local.test"], b"Subject: x\r\n\r\nx\r\n")
     assert refused.value.code == 451 and refused.value.message.startswith("4.6.0")
-    assert await queue_becomes(mf.store, {}) == {}
+    await queue_becomes(mf.store, {})
 
 
 async def test_a_forwarding_loop_bounces_instead_of_delivering(mailflow_server, smtp_peer, tmp_path):
@@ -95,21 +92,20 @@ async def test_an_unreadable_alias_file_defers_then_delivers(mailflow_server, tm
         await c.mail("s@remote.test")
         await c.rcpt("team@local.test")  # known while the file is there ...
         aliases.rename(tmp_path / "away")  # ... gone before delivery
-        await asyncio.sleep(RELOAD)
-        assert (await rcpt_until(port, "team@local.test", 451))[0] == 451  # the server has seen it go
+        await rcpt_until(port, "team@local.test", 451)  # the server has seen it go
         await c.data(b"Subject: later\r\n\r\nwait for it\r\n")
-    assert await queue_becomes(mf.store, {"deferred": 1}) == {"deferred": 1}
-    [(_, status, dsn, text)] = await mf.store.recipients((await mf.store.due(2e9, 1))[0].queue_id)
-    assert (status, dsn) == ("pending", "4.3.0") and "cannot read" in text
+    await queue_becomes(mf.store, {"deferred": 1})
+    [(_, state, dsn, text)] = await mf.store.recipients((await mf.store.due(2e9, 1))[0].queue_id)
+    assert (state, dsn) == ("pending", "4.3.0") and "cannot read" in text
 
-    code, text = await rcpt_reply(port, "team@local.test")
-    assert (code, text[:5]) == (451, "4.3.0"), "RCPT cannot check the alias either"
+    assert await rcpt_reply(port, "team@local.test") == status.lookup_failed("team@local.test"), \
+        "RCPT cannot check the alias either"
     assert (await rcpt_reply(port, "alice@local.test"))[0] == 250, "users need no alias table"
 
     (tmp_path / "away").rename(aliases)
     [data] = await eventually(lambda: maildir_messages(tmp_path / "mail" / "alice" / "Maildir"))
     assert data.endswith(b"\n\nwait for it\n")
-    assert await queue_becomes(mf.store, {}) == {}
+    await queue_becomes(mf.store, {})
 
 
 async def test_a_bounce_names_the_address_the_sender_used(mailflow_server, smtp_peer):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import email
 import email.policy
 
-from tests.helpers import eventually, queue_becomes, send
+from tests.support import eventually, queue_becomes, send
 
 MESSAGE = b"Subject: will bounce\r\nMessage-ID: <orig-1@remote.test>\r\n\r\nthe original body\r\n"
 
@@ -20,7 +20,7 @@ async def test_4xx_defers_and_retries_then_5xx_bounces_to_the_sender(mailflow_se
     peer.handler.rcpt_replies["gone@relay.test"] = "451 4.2.0 mailbox busy, try later"
     await send(mf.smtp_addresses[0][1], "alice@relay.test", ["gone@relay.test", "ok@relay.test"], MESSAGE)
 
-    assert await queue_becomes(mf.store, {"deferred": 1}) == {"deferred": 1}
+    await queue_becomes(mf.store, {"deferred": 1})
     assert [m.rcpt_tos for m in peer.messages] == [["ok@relay.test"]]
     [(_, status, dsn, reason)] = [r for r in await mf.store.recipients(
         (await mf.store.due(2e9, 10))[0].queue_id) if r[0] == "gone@relay.test"]
@@ -29,7 +29,7 @@ async def test_4xx_defers_and_retries_then_5xx_bounces_to_the_sender(mailflow_se
     peer.handler.rcpt_replies["gone@relay.test"] = "550 5.1.1 no such user here"
     bounces = await eventually(lambda: [m for m in peer.messages if m.mail_from == "<>"], timeout=10)
     assert len(bounces) == 1 and bounces[0].rcpt_tos == ["alice@relay.test"]
-    assert await queue_becomes(mf.store, {}) == {}
+    await queue_becomes(mf.store, {})
 
     notice = email.message_from_bytes(bounces[0].content, policy=email.policy.default)
     assert notice.get_content_type() == "multipart/report"

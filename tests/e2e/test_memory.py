@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from tests.helpers import ServerProcess, eventually, free_port
+from tests.support import ServerProcess, SmtpClient, eventually, free_port
 
 SESSIONS = 30
 SIZE = 10_000_000  # under the default message_size_limit (10 240 000)
@@ -34,33 +34,22 @@ def expected_body_digest(message: int) -> str:
     return digest.hexdigest()
 
 
-async def expect(reader: asyncio.StreamReader, code: bytes) -> None:
-    while True:
-        line = await asyncio.wait_for(reader.readline(), 60)
-        assert line[:3] == code, line
-        if line[3:4] != b"-":
-            return
-
-
 async def send_big(port: int, message: int) -> None:
     """One session, one 10 MB message written chunk by chunk (the test holds no message whole either)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    client = await SmtpClient.connect(port, timeout=60)
     try:
-        await expect(reader, b"220")
-        for command, code in ((b"EHLO load.test", b"250"), (b"MAIL FROM:<load@remote.test>", b"250"),
-                              (b"RCPT TO:<alice@local.test>", b"250"), (b"DATA", b"354")):
-            writer.write(command + b"\r\n")
-            await expect(reader, code)
-        writer.write(b"Subject: big %d\r\nX-Load-Id: %d\r\n\r\n" % (message, message))
+        for command, code in (("EHLO load.test", 250), ("MAIL FROM:<load@remote.test>", 250),
+                              ("RCPT TO:<alice@local.test>", 250), ("DATA", 354)):
+            reply = await client.cmd(command, timeout=60)
+            assert reply.code == code, reply
+        await client.send(b"Subject: big %d\r\nX-Load-Id: %d\r\n\r\n" % (message, message))
         for n in range(CHUNKS):
-            writer.write(chunk(message, n))
-            await writer.drain()
-        writer.write(b".\r\n")
-        await expect(reader, b"250")
-        writer.write(b"QUIT\r\n")
-        await writer.drain()
+            await client.send(chunk(message, n))
+        reply = await client.cmd(".", timeout=60)
+        assert reply.code == 250, reply
+        await client.send(b"QUIT\r\n")
     finally:
-        writer.close()
+        await client.close()
 
 
 def peak_rss(pid: int) -> int:
@@ -95,7 +84,7 @@ async def test_thirty_concurrent_ten_megabyte_messages_keep_the_server_small(tmp
     new = tmp_path / "mail" / "alice" / "Maildir" / "new"
     try:
         await asyncio.gather(*(send_big(port, i) for i in range(SESSIONS)))
-        assert await eventually(lambda: new.is_dir() and len(list(new.iterdir())) == SESSIONS, timeout=60, step=0.2)
+        await eventually(lambda: new.is_dir() and len(list(new.iterdir())) == SESSIONS, timeout=60, step=0.2)
         peak = peak_rss(server.proc.pid)
     finally:
         server.kill()

@@ -6,7 +6,7 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
-from tests.helpers import eventually, maildir_messages, queue_becomes, send
+from tests.support import eventually, maildir_messages, queue_becomes, send
 
 BODY = b".leading dot\r\n..two dots\r\nplain line\r\n.\tdot tab\r\nlast line\r\n"
 MESSAGE = b"Subject: skeleton\r\nTo: <alice@local.test>\r\n\r\n" + BODY
@@ -102,12 +102,12 @@ async def test_temporary_failure_is_retried_until_delivered(mailflow_server, smt
     peer.handler.mail_reply = "451 4.3.0 try again later"
     mf = await mailflow_server(relayhost=f"[127.0.0.1]:{peer.port}")
     await send(mf.smtp_addresses[0][1], "s@remote.test", ["r@relay.test"], MESSAGE)
-    assert await queue_becomes(mf.store, {"deferred": 1}) == {"deferred": 1}
+    await queue_becomes(mf.store, {"deferred": 1})
     assert peer.messages == []
     peer.handler.mail_reply = None
     await eventually(lambda: peer.messages, timeout=5)
     assert len(peer.messages) == 1
-    assert await queue_becomes(mf.store, {}) == {}
+    await queue_becomes(mf.store, {})
 
 
 async def test_message_to_local_and_relay_recipients_goes_both_ways(mailflow_server, smtp_peer, tmp_path):
@@ -117,7 +117,7 @@ async def test_message_to_local_and_relay_recipients_goes_both_ways(mailflow_ser
                MESSAGE)
     await eventually(lambda: peer.messages)
     for user in ("alice", "bob"):
-        assert await eventually(lambda: maildir_messages(tmp_path / "mail" / user / "Maildir"))
+        await eventually(lambda: maildir_messages(tmp_path / "mail" / user / "Maildir"))
     assert peer.messages[0].rcpt_tos == ["r@relay.test"]
 
 
@@ -128,6 +128,6 @@ async def test_a_header_flood_is_refused_and_not_queued(mailflow_server):
         await send(mf.smtp_addresses[0][1], "s@remote.test", ["alice@local.test"], flood)
     assert (refused.value.code, refused.value.message[:5]) == (552, "5.3.4")
     await send(mf.smtp_addresses[0][1], "s@remote.test", ["alice@local.test"], b"Subject: small\r\n\r\nok\r\n")
-    assert await queue_becomes(mf.store, {}) == {}
+    await queue_becomes(mf.store, {})
     [only] = maildir_messages(Path(mf.config.local.maildir_base) / "alice" / "Maildir")
     assert only.endswith(b"\n\nok\n")

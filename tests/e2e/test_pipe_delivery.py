@@ -8,8 +8,7 @@ import email.policy
 
 import pytest
 
-from tests.command_scripts import script_dir
-from tests.helpers import eventually, queue_becomes, send
+from tests.support import eventually, queue_becomes, script_dir, send
 
 MESSAGE = b"Subject: to a command\r\nMessage-ID: <pipe-1@remote.test>\r\n\r\nbody line\r\n.leading dot\r\n"
 RECORD = 'printf "%s\\n" "$@" > {out}/argv\ncat > {out}/stdin\nenv > {out}/env\n'
@@ -29,7 +28,7 @@ async def test_transport_maps_send_a_domain_to_a_pipe_service(mailflow_server, s
                                               "flags": "R"}})
     await send(mf.smtp_addresses[0][1], "s@remote.test", ["one@pipe.test", "two@pipe.test"], MESSAGE)
 
-    assert await queue_becomes(mf.store, {}) == {}
+    await queue_becomes(mf.store, {})
     assert scripts.read("argv").splitlines() == ["-f", "s@remote.test", "--", "one@pipe.test", "two@pipe.test"]
     stdin = scripts.read("stdin")
     assert stdin.startswith("Return-Path: <s@remote.test>\nReceived: ") and "\r" not in stdin
@@ -43,7 +42,7 @@ async def test_an_alias_command_runs_with_the_documented_environment(mailflow_se
     mf = await mailflow_server(alias_maps=[f"texthash:{aliases}"])
     await send(mf.smtp_addresses[0][1], "s@remote.test", ["filter+news@local.test"], MESSAGE)
 
-    assert await queue_becomes(mf.store, {}) == {}
+    await queue_becomes(mf.store, {})
     env = dict(line.split("=", 1) for line in scripts.read("env").splitlines())
     assert {k: env.get(k) for k in ("HOME", "USER", "LOGNAME", "SHELL", "SENDER", "RECIPIENT", "ORIGINAL_RECIPIENT",
                                     "LOCAL", "DOMAIN", "EXTENSION", "PATH")} == {
@@ -61,7 +60,7 @@ async def test_exit_75_leaves_the_message_deferred(mailflow_server, scripts):
                                pipe={"filt": {"argv": [str(s)]}})
     await send(mf.smtp_addresses[0][1], "s@remote.test", ["one@pipe.test"], MESSAGE)
 
-    assert await queue_becomes(mf.store, {"deferred": 1}) == {"deferred": 1}
+    await queue_becomes(mf.store, {"deferred": 1})
     [message] = await mf.store.due(2e9, 10)
     [(rcpt, status, dsn, reason)] = await mf.store.recipients(message.queue_id)
     assert (rcpt, status, dsn) == ("one@pipe.test", "pending", "4.3.0")
@@ -84,4 +83,4 @@ async def test_exit_67_from_an_alias_command_bounces_to_the_sender(mailflow_serv
     assert (fields["Final-Recipient"], fields["Action"], fields["Status"]) == (
         "rfc822; members@local.test", "failed", "5.1.1")
     assert "user unknown. Command output: no such list member" in " ".join(fields["Diagnostic-Code"].split())
-    assert await queue_becomes(mf.store, {}) == {}
+    await queue_becomes(mf.store, {})

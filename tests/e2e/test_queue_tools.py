@@ -20,7 +20,7 @@ import pytest
 from mailflow.content import Content
 from mailflow.model import Recipient
 from mailflow.store import NewMessage
-from tests.helpers import eventually, send
+from tests.support import ScanWatch, eventually, free_port, send
 
 HOUR = {"queue_run_delay": "1h", "minimal_backoff_time": "1h", "maximal_backoff_time": "1h"}
 BUSY = "450 4.2.1 Mailbox busy, try later"
@@ -62,12 +62,7 @@ async def deferred_reason(mf, qid: str, timeout: float = 10) -> str:
         detail = await mf.store.message_detail(qid)
         return rows[0][3] if rows and rows[0][3] and detail and detail.queue == "deferred" else ""
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text := await reason():
-            return text
-        await asyncio.sleep(0.05)
-    pytest.fail(f"{qid} was never deferred with a reason")
+    return await eventually(reason, timeout=timeout, step=0.05, what=f"{qid} deferred with a reason")
 
 
 async def queue_state(mf, qid: str) -> str | None:
@@ -76,7 +71,8 @@ async def queue_state(mf, qid: str) -> str | None:
 
 
 @pytest.fixture
-async def dead_relay(mailflow_server, write_config, unused_port, tmp_path):
+async def dead_relay(mailflow_server, write_config, tmp_path):
+    unused_port = free_port()
     settings = {"relayhost": f"[127.0.0.1]:{unused_port}"}
     mf = await mailflow_server(**settings)
     return mf, write_config(tmp_path / "mailflow.toml", **settings), unused_port
@@ -157,6 +153,7 @@ async def test_hold_stops_delivery_until_release_and_flush(dead_relay, smtp_peer
     mf, config, relay_port = dead_relay
     qid = await submit(mf, "someone@remote.test", ["bob@relay.test"])
     await deferred_reason(mf, qid)
+    retry_at = (await mf.store.message_detail(qid)).next_attempt
 
     rc, out, err = await queue(config, "hold", qid)
     assert (rc, out) == (0, "hold: 1 message\n"), err
@@ -165,8 +162,9 @@ async def test_hold_stops_delivery_until_release_and_flush(dead_relay, smtp_peer
     assert f"{qid}!" in out
 
     peer = await smtp_peer(port=relay_port)  # the relay answers now: only the hold stops delivery
-    await asyncio.sleep(2.5)  # longer than a retry (1-2 s) and a queue run (1 s)
-    assert peer.messages == [] and await queue_state(mf, qid) == "hold"
+    scans = ScanWatch(mf.store)
+    await scans.scan_after(retry_at)  # a queue run after the retry was due passed it over
+    assert qid not in scans.found and peer.messages == [] and await queue_state(mf, qid) == "hold"
     rc, out, _ = await queue(config, "flush")
     assert out == "flush: 0 messages\n"  # flush does not touch held mail
 
@@ -174,18 +172,16 @@ async def test_hold_stops_delivery_until_release_and_flush(dead_relay, smtp_peer
     assert out == "release: 1 message\n"
     rc, out, _ = await queue(config, "flush")
     assert rc == 0 and out.startswith("flush: ")  # 0 or 1: qmgr may already have taken it
-    assert await eventually(lambda: peer.messages, timeout=5), "released mail was not delivered"
+    await eventually(lambda: peer.messages, timeout=5, what="released mail delivered")
     assert peer.messages[0].rcpt_tos == ["bob@relay.test"]
     assert await _gone(mf, qid)
 
 
 async def _gone(mf, qid: str, timeout: float = 5) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await queue_state(mf, qid) is None:
-            return True
-        await asyncio.sleep(0.05)
-    return False
+    async def gone() -> bool:
+        return await queue_state(mf, qid) is None
+
+    return await eventually(gone, timeout=timeout, step=0.05, what=f"{qid} left the queue")
 
 
 async def test_flush_makes_deferred_mail_due_now(busy_peer):
@@ -196,11 +192,12 @@ async def test_flush_makes_deferred_mail_due_now(busy_peer):
     assert "450 4.2.1 Mailbox busy" in reason
 
     peer.handler.rcpt_replies.clear()
-    await asyncio.sleep(1.5)  # the retry is an hour away: nothing happens by itself
-    assert peer.messages == []
+    scans = ScanWatch(mf.store)
+    await scans.scan_after(time.time())  # the retry is an hour away: a queue run now passes it over
+    assert qid not in scans.found and peer.messages == []
     rc, out, err = await queue(config, "flush")
     assert (rc, out) == (0, "flush: 1 message\n"), err
-    assert await eventually(lambda: peer.messages, timeout=5), "flushed mail was not delivered"
+    await eventually(lambda: peer.messages, timeout=5, what="flushed mail delivered")
     assert await _gone(mf, qid)
 
 
@@ -218,7 +215,7 @@ async def test_requeue_makes_deferred_and_held_mail_incoming(busy_peer):
     peer.handler.rcpt_replies.clear()
     rc, out, err = await queue(config, "requeue", "ALL")
     assert (rc, out) == (0, "requeue: 2 messages\n"), err
-    assert await eventually(lambda: len(peer.messages) == 2, timeout=5), "requeued mail was not delivered"
+    await eventually(lambda: len(peer.messages) == 2, timeout=5, what="requeued mail delivered")
     assert sorted(m.rcpt_tos[0] for m in peer.messages) == ["one@relay.test", "two@relay.test"]
 
 
@@ -347,9 +344,7 @@ async def test_destinations_shows_what_qmgr_published(mailflow_server, write_con
         assert (rc, out) == (0, "no destination state yet (is the server running?)\n")
 
         await submit(mf, "someone@remote.test", ["bob@relay.test"])
-        deadline = time.monotonic() + 5
-        while not await mf.store.destination_rows() and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await eventually(mf.store.destination_rows, timeout=5, step=0.05, what="qmgr published its destinations")
         rc, out, err = await queue(config, "destinations")
         assert rc == 0, err
         header, row = out.splitlines()

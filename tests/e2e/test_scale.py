@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import subprocess
 import sys
 import time
@@ -10,6 +9,7 @@ import time
 from mailflow.content import Content
 from mailflow.model import Recipient
 from mailflow.store import NewMessage, Store
+from tests.support import queue_counts
 
 MESSAGES = 100_000
 ACTIVE_LIMIT = 1000
@@ -24,12 +24,6 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def queue_counts(db) -> dict:
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-    try:
-        return dict(con.execute("SELECT queue, count(*) FROM message GROUP BY queue").fetchall())
-    finally:
-        con.close()
 
 
 async def fill(db, n: int) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from mailflow.transports.maildir import virtual_maildirs
 from mailflow.errors import TemporaryError
-from tests.helpers import eventually, maildir_messages, queue_becomes, send
+from tests.support import eventually, maildir_messages, queue_becomes, send
 
 MAPS = "inline:{carol@virtual.test=virtual.test/carol/, dave@virtual.test=virtual.test/dave/}"
 
@@ -72,6 +72,6 @@ async def test_an_over_quota_mailbox_defers_when_configured(mailflow_server, tmp
                                virtual_mailbox_base=str(tmp_path / "vmail"), virtual_mailbox_limit=100,
                                virtual_overquota_bounce=False)
     await send(mf.smtp_addresses[0][1], "s@remote.test", ["carol@virtual.test"], b"Subject: big\r\n\r\n" + b"z" * 200)
-    assert await queue_becomes(mf.store, {"deferred": 1}) == {"deferred": 1}
+    await queue_becomes(mf.store, {"deferred": 1})
     [(_, status, dsn, text)] = await mf.store.recipients((await mf.store.due(2e9, 1))[0].queue_id)
     assert (status, dsn) == ("pending", "4.2.2") and "quota 100" in text

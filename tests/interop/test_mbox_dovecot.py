@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mailflow.transports.local.mbox import append_mbox, format_mbox_entry
-from tests.conftest import require_tool
+from tests.support import require_tool
 
 pytestmark = pytest.mark.interop
 

@@ -9,23 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_tool
-from tests.helpers import eventually, free_port, maildir_messages, queue_becomes
+from tests.support import eventually, free_port, maildir_messages, queue_becomes, require_tool, run_tool
 
 pytestmark = pytest.mark.interop
 COUNT = 40
 
 
-async def run(*argv: str, timeout: float = 60) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.STDOUT)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
-        pytest.fail(f"{argv[0]} did not finish within {timeout}s")
-    return proc.returncode, out.decode(errors="replace")
 
 
 async def test_smtp_source_load_relayed_to_smtp_sink(mailflow_server, tmp_path):
@@ -43,10 +32,10 @@ async def test_smtp_source_load_relayed_to_smtp_sink(mailflow_server, tmp_path):
     try:
         mf = await mailflow_server(relayhost=f"[127.0.0.1]:{sink_port}", mynetworks=["127.0.0.0/8"])
         port = mf.smtp_addresses[0][1]
-        rc, out = await run(source, "-m", str(COUNT), "-s", "5", "-l", "2048", "-f", "from@source.test",
+        rc, out = await run_tool(source, "-m", str(COUNT), "-s", "5", "-l", "2048", "-f", "from@source.test",
                             "-t", "to@dest.test", f"127.0.0.1:{port}")
         assert rc == 0, out
-        assert await queue_becomes(mf.store, {}, timeout=30) == {}
+        await queue_becomes(mf.store, {}, timeout=30)
         dumped = await eventually(lambda: dump.exists() and dump.read_bytes(), timeout=5)
     finally:
         if sink_proc.returncode is None:
@@ -61,7 +50,7 @@ async def test_swaks_delivers_to_a_local_maildir(mailflow_server, tmp_path):
     swaks = require_tool("swaks")
     mf = await mailflow_server()
     port = mf.smtp_addresses[0][1]
-    rc, out = await run(swaks, "--server", "127.0.0.1", "--port", str(port), "--ehlo", "client.test",
+    rc, out = await run_tool(swaks, "--server", "127.0.0.1", "--port", str(port), "--ehlo", "client.test",
                         "--from", "someone@remote.test", "--to", "alice@local.test",
                         "--header", "Subject: from swaks", "--body", "hello from swaks", "--timeout", "10")
     assert rc == 0, out
@@ -73,7 +62,7 @@ async def test_swaks_delivers_to_a_local_maildir(mailflow_server, tmp_path):
 async def test_swaks_sees_relay_refused(mailflow_server):
     swaks = require_tool("swaks")
     mf = await mailflow_server()
-    rc, out = await run(swaks, "--server", "127.0.0.1", "--port", str(mf.smtp_addresses[0][1]),
+    rc, out = await run_tool(swaks, "--server", "127.0.0.1", "--port", str(mf.smtp_addresses[0][1]),
                         "--from", "someone@remote.test", "--to", "victim@foreign.example", "--timeout", "10")
     assert rc != 0
     assert "<** 554 5.7.1 <victim@foreign.example>: Relay access denied" in out

@@ -11,9 +11,8 @@ import re
 import aiosmtplib
 import pytest
 
-from tests.helpers import eventually, queue_becomes
+from tests.support import eventually, postfix_instance, queue_becomes
 from tests.interop.test_dsn_pass_on import smtp_sink
-from tests.postfix_instance import postfix_instance
 
 pytestmark = pytest.mark.interop
 
@@ -68,7 +67,7 @@ async def test_routing_edges_match_a_real_postfix(mailflow_server):
             "virtual_alias_maps": "inline:{ {info@local.test = bob@relay.test, @relay.test} }",
         }) as pf:
             postfix_codes = await probe(pf.port)
-            assert await pf.queue_empty(), pf.maillog
+            await pf.queue_empty()
         mf = await mailflow_server(
             mydestination=["local.test", "localhost"], relay_domains=["relay.test"], mynetworks=["192.0.2.0/24"],
             relayhost=f"[127.0.0.1]:{mf_sink}", local_transport=f"smtp:[127.0.0.1]:{mf_sink}",
@@ -76,7 +75,7 @@ async def test_routing_edges_match_a_real_postfix(mailflow_server):
             transport_maps=["inline:{ {gone@local.test = error:5.7.1 moved away} }"],
             virtual_alias_maps=["inline:{ {info@local.test = bob@relay.test, @relay.test} }"])
         mailflow_codes = await probe(mf.smtp_addresses[0][1])
-        assert await queue_becomes(mf.store, {}) == {}
+        await queue_becomes(mf.store, {})
         expected = {p for p, code in postfix_codes.items() if code == 250}
         await eventually(lambda: set(arrivals(pf_dump)) == expected and set(arrivals(mf_dump)) == expected)
         postfix_went, mailflow_went = arrivals(pf_dump), arrivals(mf_dump)

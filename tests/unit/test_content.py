@@ -66,7 +66,7 @@ async def test_discard_while_a_block_is_being_written_is_safe(tmp_path):
     writing.cancel()
     spool.discard()  # closes its descriptor at once; the writer thread uses a duplicate
     await asyncio.gather(writing, return_exceptions=True)
-    await asyncio.sleep(0.05)
+    await asyncio.get_running_loop().shutdown_default_executor()  # the writer thread has finished
     assert list(tmp_path.iterdir()) == []
 
 

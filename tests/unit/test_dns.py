@@ -10,6 +10,7 @@ from mailflow.app import build_resolver
 from mailflow.config import DnsConfig
 from mailflow.dns import MX, AiodnsResolver, NotFound, StaticResolver, is_ip_literal
 from mailflow.errors import LookupRetry, PermanentError
+from tests.support import free_port
 
 ZONE = """
 example.test.        300 IN MX 20 mx2.example.test.
@@ -154,7 +155,8 @@ async def test_aiodns_servfail_is_a_retry_not_not_found(dns_zone):
         await resolver.close()
 
 
-async def test_aiodns_dead_nameserver_is_a_quick_retry(unused_port):
+async def test_aiodns_dead_nameserver_is_a_quick_retry():
+    unused_port = free_port()
     resolver = AiodnsResolver(nameservers=(f"127.0.0.1:{unused_port}",), timeout=0.5, tries=1)
     started = time.monotonic()
     try:

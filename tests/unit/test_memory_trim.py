@@ -6,25 +6,45 @@ import asyncio
 from types import SimpleNamespace
 
 from mailflow.app import _malloc_trim, return_memory_when_idle
-from tests.helpers import eventually
+from tests.support import eventually
+
+
+class Store:
+    """The store's commit counter, counting how often the trimming loop looked at it (once a turn)."""
+
+    def __init__(self):
+        self.looks = 0
+        self.value = 0
+
+    @property
+    def commits(self) -> int:
+        self.looks += 1
+        return self.value
+
+
+async def turns(store: Store, n: int = 2) -> None:
+    """Let the loop look `n` more times: what it was going to do about the state before, it has done."""
+    seen = store.looks
+    await eventually(lambda: store.looks >= seen + n, timeout=2)
 
 
 async def test_trims_once_per_burst_and_only_when_idle():
-    mf = SimpleNamespace(store=SimpleNamespace(commits=0), idle=False)
+    store = Store()
+    mf = SimpleNamespace(store=store, idle=False)
     trims: list[int] = []
     task = asyncio.create_task(return_memory_when_idle(mf, interval=0.01, trim=trims.append))
     try:
-        await asyncio.sleep(0.05)
+        await turns(store)
         assert trims == []  # nothing moved yet
-        mf.store.commits = 5  # a burst, still busy
-        await asyncio.sleep(0.05)
+        store.value = 5  # a burst, still busy
+        await turns(store)
         assert trims == []
         mf.idle = True
-        assert await eventually(lambda: trims == [0], timeout=2)
-        await asyncio.sleep(0.05)
+        await eventually(lambda: trims == [0], timeout=2)
+        await turns(store)
         assert trims == [0]  # idle, nothing new: no second trim
-        mf.store.commits = 6
-        assert await eventually(lambda: trims == [0, 0], timeout=2)
+        store.value = 6
+        await eventually(lambda: trims == [0, 0], timeout=2)
     finally:
         task.cancel()
 

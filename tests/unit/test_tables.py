@@ -13,6 +13,7 @@ import pytest
 
 from mailflow.errors import ConfigError, LookupRetry
 from mailflow.tables import TableCache, lookup_address, lookup_local, open_table, split_extension
+from tests.support import eventually
 
 
 class FakeClock:
@@ -503,16 +504,10 @@ async def test_a_changed_file_is_reread_off_the_loop_and_old_contents_answer_mea
     f.write_text("a two\nb three\n")
     clock.now += 2
     assert t.lookup("a") == "one" and t.lookup("b") is None  # the re-read waits in a worker thread
-    for _ in range(100):
-        if len(reads) == 2:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: len(reads) == 2, timeout=1)
     assert reads[1] != loop_thread
     assert t.lookup("a") == "one"  # still the old contents while the re-read is held
     release.set()
-    for _ in range(100):
-        if t.lookup("b") == "three":
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: t.lookup("b") == "three", timeout=1)
     assert (t.lookup("a"), t.lookup("b")) == ("two", "three")
     assert reads[0] == loop_thread and len(reads) == 2

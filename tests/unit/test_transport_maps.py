@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from mailflow import status
 from mailflow.config import config_from_dict
 from mailflow.errors import LookupRetry
 from mailflow.model import AddressClass
@@ -89,8 +90,7 @@ def test_mailflow_address_explains_each_step(tmp_path):
     assert first["rcpt"].strip() == "accepted"
     assert first["transport_maps"].strip().endswith("relay.test -> smtp:[127.0.0.1]:2526")
     assert (first["transport"].strip(), first["nexthop"].strip()) == ("smtp", "[127.0.0.1]:2526")
-    assert second["rcpt"].strip() == ("550 5.1.1 <nobody@local.test>: Recipient address rejected: "
-                                      "User unknown in local recipient table")
+    assert second["rcpt"].strip() == str(status.user_unknown("nobody@local.test"))
     assert second["refused"].strip() == '5.1.1 unknown user: "nobody"'
 
 

@@ -110,7 +110,7 @@ class ReplyParser:
         return None
 
     def _line(self, line: bytearray, length: int) -> Reply | None:
-        separator = line[3:4]
+        separator: bytes | bytearray = line[3:4]  # a bytearray equals the bytes it holds
         if len(line) < 3 or not line[:3].isdigit() or separator not in (b"", b" ", b"-"):
             raise MalformedReply(f"not a reply line: {bytes(line[:80])!r}")
         code = int(line[:3])

@@ -13,7 +13,6 @@ package: `postfix_instance` calls `require_postfix()` (skips, or fails under MAI
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import re
@@ -25,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_tool
-from tests.helpers import free_port
+from tests.support.ports import accepts, free_port
+from tests.support.tools import require_tool
+from tests.support.waiting import eventually
 
 BASE_MAIN_CF = {
     "compatibility_level": "3.6",
@@ -66,15 +66,14 @@ class PostfixInstance:
         return subprocess.run([argv[0], "-c", str(self.etc), *argv[1:]], input=stdin, capture_output=True,
                               timeout=timeout)
 
-    async def queue_empty(self, timeout: float = 20) -> bool:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline:
-            out = self.run("postqueue", "-p").stdout
-            if b"Mail queue is empty" in out:
-                return True
-            await asyncio.sleep(0.2)
-        return False
+    async def queue_empty(self, timeout: float = 20) -> None:
+        """Wait until the instance's queue is empty; fails with its log after `timeout` seconds."""
+        try:
+            await eventually(lambda: b"Mail queue is empty" in self.run("postqueue", "-p").stdout,
+                             timeout=timeout, step=0.2)
+        except AssertionError:
+            raise AssertionError(f"the private Postfix's queue is not empty after {timeout}s:\n"
+                                 f"{self.maillog[-3000:]}") from None
 
     def _master_pid(self) -> int | None:
         pid_file = self.root / "queue" / "pid" / "master.pid"
@@ -101,13 +100,8 @@ class PostfixInstance:
         self.run("postconf", "-F", "*/*/chroot = n").check_returncode()
         started = self.run("postfix", "start")  # runs `postfix check` (which makes the queue folders) first
         assert started.returncode == 0, started.stderr.decode(errors="replace")
-        for _ in range(100):
-            with contextlib.suppress(OSError):
-                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-                writer.close()
-                return
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"the private Postfix did not listen on 127.0.0.1:{self.port} within 10 s")
+        await eventually(lambda: accepts(self.port), timeout=10, step=0.1,
+                         what=f"the private Postfix listens on 127.0.0.1:{self.port}")
 
     async def stop(self) -> None:
         """SIGTERM to the master (what `postfix stop` sends, without the script around it), at most 10 s for it
@@ -115,10 +109,8 @@ class PostfixInstance:
         pid = self._master_pid()
         if pid is not None:
             os.kill(pid, signal.SIGTERM)
-            for _ in range(100):
-                if self._master_pid() is None:
-                    break
-                await asyncio.sleep(0.1)
+            with contextlib.suppress(AssertionError):
+                await eventually(lambda: self._master_pid() is None, timeout=10, step=0.1)
             if self._master_pid() is not None:
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.root, ignore_errors=True)

@@ -1,0 +1,37 @@
+"""Shared test support: the one copy of each thing several tests need. Test-only; an end user's embedded sink
+lives in `mailflow.testing`. The fixtures that start things (mailflow_server, smtp_peer, dns_zone, write_config)
+are in tests/conftest.py and build on these.
+
+- dialogue: `SmtpClient` (the raw SMTP dialogue client) and its `Reply`; `rcpt_reply`, `rcpt_until`, `send`.
+- waiting: `eventually` (bounded polling that fails with a message), `queue_becomes`, `sessions_over`,
+  `ScanWatch` (qmgr's scans, to say "passed over" without a fixed sleep).
+- transports: `RecordingTransport`, `ScriptedTransport` (with `always`), `BlockingTransport`: fake delivery agents.
+- clocks: `RecordingClock` (a VirtualClock that records its sleeps), `qmgr_turn` (qmgr has run a whole turn).
+- ports: `free_port`, `accepts`.
+- peers: `CapturePeer`, `CaptureHandler`, `Captured`, `stall_mail`, `ZoneAuthority` (in-process SMTP and DNS peers).
+- servers: `base_settings`, `merged`, `to_toml`, `ServerProcess`, `queue_counts`.
+- content: `big_message`, `spooled`, `maildir_messages`.
+- tools: `require_tool`, `run_tool`; scripts: `script_dir` (shell scripts for command deliveries); postfix:
+  `postfix_instance` (a private Postfix).
+
+Every name is importable from `tests.support` itself.
+"""
+from tests.support.clocks import RecordingClock, qmgr_turn
+from tests.support.content import big_message, maildir_messages, spooled
+from tests.support.dialogue import Reply, SmtpClient, rcpt_reply, rcpt_until, send
+from tests.support.peers import CaptureHandler, Captured, CapturePeer, ZoneAuthority, stall_mail
+from tests.support.ports import accepts, free_port
+from tests.support.postfix import postfix_instance
+from tests.support.scripts import ScriptDir, script_dir
+from tests.support.servers import ServerProcess, base_settings, merged, queue_counts, to_toml
+from tests.support.tools import require_tool, run_tool
+from tests.support.transports import BlockingTransport, RecordingTransport, ScriptedTransport, always
+from tests.support.waiting import ScanWatch, eventually, queue_becomes, sessions_over
+
+__all__ = [
+    "BlockingTransport", "CaptureHandler", "CapturePeer", "Captured", "RecordingClock", "RecordingTransport",
+    "Reply", "ScanWatch", "ScriptDir", "ScriptedTransport", "ServerProcess", "SmtpClient", "ZoneAuthority",
+    "accepts", "always", "base_settings", "big_message", "eventually", "free_port", "maildir_messages", "merged",
+    "postfix_instance", "qmgr_turn", "queue_becomes", "queue_counts", "rcpt_reply", "rcpt_until", "require_tool",
+    "run_tool", "script_dir", "send", "sessions_over", "spooled", "stall_mail", "to_toml",
+]

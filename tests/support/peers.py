@@ -1,0 +1,121 @@
+"""Peers a mailflow under test talks to, run in-process on the test's own loop.
+
+- `CapturePeer` / `CaptureHandler` / `Captured`: an aiosmtpd SMTP server (started by the `smtp_peer` fixture of
+  tests/conftest.py) that records each accepted message as a `Captured`; the handler's `mail_reply`,
+  `rcpt_replies[address]` and `data_reply` script refusals (reply lines as the peer would send them).
+- `stall_mail(peer)`: the peer holds each MAIL until the returned event is set (a slow destination);
+  `peer.handler.stalled` counts the MAIL commands that waited.
+- `ZoneAuthority(zone_text, servfail=())`: a dnslib resolver answering authoritatively from zone text (started by
+  the `dns_zone` fixture): NODATA for a name in the zone without records of the asked type, NXDOMAIN for a name
+  not in it, SERVFAIL for the names in `servfail`.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from dnslib import RCODE, RR
+from dnslib.server import BaseResolver
+
+
+@dataclass
+class Captured:
+    """One message as the peer received it."""
+
+    mail_from: str
+    rcpt_tos: list[str]
+    content: bytes
+    mail_options: list[str]
+    smtputf8: bool
+    helo: str
+    tls: bool
+
+
+@dataclass
+class CaptureHandler:
+    """An aiosmtpd handler that records messages and can be scripted to refuse MAIL, some RCPTs or DATA."""
+
+    mail_reply: str | None = None
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
+    data_reply: str | None = None
+    messages: list[Captured] = field(default_factory=list)
+    stalled: int = 0
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        if self.mail_reply:
+            return self.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address in self.rcpt_replies:
+            return self.rcpt_replies[address]
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server, session, envelope):
+        if self.data_reply:
+            return self.data_reply
+        self.messages.append(
+            Captured(
+                mail_from=envelope.mail_from,
+                rcpt_tos=list(envelope.rcpt_tos),
+                content=envelope.original_content,
+                mail_options=list(envelope.mail_options),
+                smtputf8=envelope.smtp_utf8,
+                helo=session.host_name,
+                tls=session.ssl is not None,
+            )
+        )
+        return f"250 2.0.0 Ok: queued as Q{len(self.messages)}"
+
+
+@dataclass
+class CapturePeer:
+    host: str
+    port: int
+    handler: CaptureHandler
+    server: asyncio.AbstractServer
+
+    @property
+    def messages(self) -> list[Captured]:
+        return self.handler.messages
+
+
+def stall_mail(peer: CapturePeer) -> asyncio.Event:
+    """Make `peer` hold each MAIL until the event is set; `peer.handler.stalled` counts the MAIL commands that
+    waited."""
+    gate = asyncio.Event()
+    handler = peer.handler
+    answer = type(handler).handle_MAIL
+
+    async def held(server, session, envelope, address, options):
+        handler.stalled += 1
+        await gate.wait()
+        return await answer(handler, server, session, envelope, address, options)
+
+    handler.handle_MAIL = held
+    return gate
+
+
+class ZoneAuthority(BaseResolver):
+    """Authoritative answers from zone text, with NODATA (dnslib's ZoneResolver says NXDOMAIN there)."""
+
+    def __init__(self, zone_text: str, servfail: tuple[str, ...] = ()):
+        self.records = RR.fromZone(zone_text)
+        self.names = {str(rr.rname).lower() for rr in self.records}
+        self.servfail = {name.lower().rstrip(".") + "." for name in servfail}
+
+    def resolve(self, request, handler):
+        reply = request.reply()
+        qname = str(request.q.qname).lower()
+        if qname in self.servfail:
+            reply.header.rcode = RCODE.SERVFAIL
+        elif qname not in self.names:
+            reply.header.rcode = RCODE.NXDOMAIN
+        else:
+            for rr in self.records:
+                if str(rr.rname).lower() == qname and rr.rtype == request.q.qtype:
+                    reply.add_answer(rr)
+        return reply

@@ -1,0 +1,112 @@
+"""A mailflow under test: its settings, and `mailflow serve` as a child process.
+
+- `base_settings(tmp_path)`: the test config: local domain local.test with users alice and bob, Maildirs under
+  tmp_path/mail, relay domain relay.test, no trusted networks, fast retries, a DNS server that answers nothing.
+  `merged(base, overrides)` overlays settings (one level deep); `to_toml(settings)` writes them as TOML.
+- `ServerProcess(config, log, port)`: `python -m mailflow serve -c CONFIG` as a child process (start, terminate,
+  kill, CPU seconds, log lines); `queue_counts(db)` reads a queue database read-only beside a running server.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.ports import accepts
+from tests.support.waiting import eventually
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def base_settings(tmp_path: Path) -> dict:
+    return {
+        "myhostname": "mx.mailflow.test",
+        "mydestination": ["localhost", "local.test"],
+        "relay_domains": ["relay.test"],
+        "mynetworks": [],
+        "queue_directory": str(tmp_path / "queue"),
+        "smtpd": {"listen": ["127.0.0.1:0"]},
+        "local_recipient_maps": ["inline:{alice=ok, bob=ok}"],
+        "local": {"maildir_base": str(tmp_path / "mail")},
+        "queue": {"queue_run_delay": "1s", "minimal_backoff_time": "1s", "maximal_backoff_time": "2s"},
+        "dns": {"nameservers": ["127.0.0.1:9"], "timeout": "1s", "tries": 1},
+    }
+
+
+def merged(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def to_toml(settings: dict) -> str:
+    """Enough TOML for these settings: scalars and lists of strings (json strings are TOML strings)."""
+    top = [f"{k} = {json.dumps(v)}" for k, v in settings.items() if not isinstance(v, dict)]
+    tables = [f"\n[{k}]\n" + "\n".join(f"{kk} = {json.dumps(vv)}" for kk, vv in v.items())
+              for k, v in settings.items() if isinstance(v, dict)]
+    return "\n".join(top) + "\n" + "\n".join(tables) + "\n"
+
+
+class ServerProcess:
+    """`python -m mailflow serve -c CONFIG` as a child process, its output appended to `log_path`."""
+
+    def __init__(self, config_path, log_path, port: int, cwd: Path | None = None):
+        self.config_path, self.log_path, self.port = config_path, log_path, port
+        self.cwd = cwd or Path.cwd()
+        self.proc: subprocess.Popen | None = None
+
+    async def start(self) -> None:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "mailflow", "serve", "-c", str(self.config_path)],
+                                     stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
+        log.close()
+        try:
+            await eventually(lambda: accepts(self.port), timeout=15, step=0.05)
+        except AssertionError:
+            self.kill()
+            pytest.fail(f"server did not listen on {self.port}:\n{self.log_path.read_text()[-2000:]}")
+
+    async def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM, then wait (without blocking the loop) for the exit; returns the exit status."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            await eventually(lambda: self.proc.poll() is not None, timeout=timeout, step=0.05)
+        except AssertionError:
+            self.kill()
+            pytest.fail(f"server did not stop within {timeout}s of SIGTERM")
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the running server."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def log_lines(self, *words: str) -> list[str]:
+        """Lines of the server's output holding every one of `words`."""
+        return [line for line in self.log_path.read_text(errors="replace").splitlines()
+                if all(w in line for w in words)]
+
+
+def queue_counts(db: Path) -> dict:
+    """{queue: messages} of a queue database, read-only beside a running server."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        return dict(con.execute("SELECT queue, count(*) FROM message GROUP BY queue").fetchall())
+    finally:
+        con.close()

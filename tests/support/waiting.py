@@ -1,0 +1,85 @@
+"""Waiting in tests: for something to happen (bounded polling that fails with a message), and for the moment after
+which something that did not happen never will (an event, not a fixed sleep).
+
+- `eventually(predicate, timeout=10, step=0.02, what=None)`: call `predicate` (plain or async) until it returns
+  something truthy and return that; after `timeout` seconds raise AssertionError naming `what` (or the predicate's
+  source line) and the last value. Never returns a false value, so a test cannot forget to assert it.
+- `queue_becomes(store, counts)`: the store's per-queue counts reach `counts` (then returns them).
+- `sessions_over(mf)`: every smtpd session of a running Mailflow has ended. Whatever a session queued was
+  committed before its reply, so a test that saw a refusal and then this can say "nothing was queued" at once.
+- `ScanWatch(store)`: wraps `store.due` to see qmgr's queue scans; `await watch.scan_after(when)` returns once
+  a scan has looked at the queue as of (clock) time `when` or later, and `watch.found` holds the queue id of
+  every message a scan brought: a message not among them after such a scan was passed over on purpose (held,
+  not yet due), without waiting to see whether a delivery follows.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import Any, Awaitable, Callable
+
+
+def _describe(predicate: Callable) -> str:
+    try:
+        return inspect.getsource(predicate).strip()
+    except (OSError, TypeError):
+        return getattr(predicate, "__qualname__", repr(predicate))
+
+
+async def eventually(predicate: Callable[[], Any | Awaitable[Any]], timeout: float = 10.0, step: float = 0.02,
+                     what: str | None = None) -> Any:
+    """Poll `predicate` until it is truthy (returned), or fail after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() >= deadline:
+            raise AssertionError(f"not within {timeout}s: {what or _describe(predicate)} (last value {value!r})")
+        await asyncio.sleep(step)
+
+
+async def queue_becomes(store, expected: dict, timeout: float = 10.0) -> dict:
+    """Poll the store's per-queue counts until they equal `expected`; returns them."""
+    last: dict = {}
+
+    async def reached() -> bool:
+        nonlocal last
+        last = await store.counts()
+        return last == expected
+
+    try:
+        await eventually(reached, timeout=timeout)
+    except AssertionError:
+        raise AssertionError(f"the queue never became {expected} within {timeout}s: {last}") from None
+    return last
+
+
+async def sessions_over(mf, timeout: float = 5.0) -> None:
+    """Every smtpd session of `mf` (a running Mailflow) has ended."""
+    await eventually(lambda: not mf.smtpd.sessions, timeout=timeout, what="every smtpd session ended")
+
+
+class ScanWatch:
+    """Sees qmgr's queue scans through the store it reads (`store.due(now, room)` is called once per scan)."""
+
+    def __init__(self, store):
+        self.times: list[float] = []
+        self.found: set[str] = set()
+        due = store.due
+
+        async def watched(now, *args, **kwargs):
+            found = await due(now, *args, **kwargs)
+            self.found.update(message.queue_id for message in found)
+            self.times.append(now)
+            return found
+
+        store.due = watched
+
+    async def scan_after(self, when: float, timeout: float = 10.0) -> None:
+        """Wait for a scan, finished, that looked at the queue as of `when` or later."""
+        await eventually(lambda: any(t >= when for t in self.times), timeout=timeout,
+                         what=f"a queue scan at or after {when}")
