@@ -143,7 +143,7 @@ class ProtocolCore(SMTP):
         self._banner = ident
         self._eight_bit = not decode_data
         self._command_timeout = timeout
-        self.record = SessionLog()
+        self.record = SessionLog(self._client_name)
         self._wire: Wire | None = None
         self._replies_sent = 0
         self._in_hello = False  # HELO/EHLO replies carry no enhanced codes (RFC 2034)
@@ -205,10 +205,13 @@ class ProtocolCore(SMTP):
         for transport in (self.transport, self._original_transport):
             if transport is not None and not transport.is_closing():
                 transport.close()
-        self.record.ended(self.session.client)
+        self.record.ended()
+
+    def _client_name(self) -> str:
+        return self.session.client
 
     def _timeout_cb(self) -> None:
-        self.record.timed_out(self.session.client)
+        self.record.timed_out()
         super()._timeout_cb()
 
     def eof_received(self) -> bool | None:
@@ -344,7 +347,7 @@ class ProtocolCore(SMTP):
     async def _before_greeting(self) -> bool:
         """What must happen before the greeting; False when the connection was closed. The layers above add
         the PROXY header (frontends.py) and the admission (server.py)."""
-        self.record.connect(self.session.client)
+        self.record.connect()
         return True
 
     async def _error_gate(self) -> bool:
