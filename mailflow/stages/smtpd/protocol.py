@@ -12,7 +12,9 @@ What it owns
 - Replies: `push()` gives a library-written line its enhanced status code (RFC 2034; not the greeting nor
   HELO/EHLO; a `status.Reply` goes as the catalogue wrote it), counts 4xx/5xx toward the error limits and
   records each command's outcome (sessionlog.SessionLog).
-- Deadlines: a command within `timeout` of the previous one; DATA/BDAT content at `min_data_rate`.
+- Deadlines: a command within `timeout` of the previous one; DATA/BDAT content at `min_data_rate`. One loop
+  timer per session: a new deadline is a float stored; the timer, when it fires before the deadline, sets
+  itself again for what is left (not a TimerHandle made and cancelled per command).
 - The command loop (`_handle_client`): the greeting (input before it is early talk), the error gate
   (session_time_limit, soft and hard error limits), a line through `wire.Wire`, malformed lines, RFC 2920
   pipelining discipline, the STARTTLS requirement, junk commands, dispatch to the `smtp_*` methods.
@@ -31,7 +33,8 @@ aiosmtpd's private names, each used because aiosmtpd offers no other way:
 - `_reader`, `_writer`: the connection's streams, kept by aiosmtpd under these names only.
 - `_original_transport`, `_timeout_handle` (read at the end): a session that ends inside a TLS handshake never
   gets connection_lost, so its socket and timer are closed here.
-- `_reset_timeout`, `_call_handler_hook`: aiosmtpd's timer and hook call, shared with the inherited commands.
+- `_reset_timeout` (overridden: one timer per session), `_call_handler_hook`: aiosmtpd's timer and hook call,
+  shared with the inherited commands.
 aiosmtpd's own PROXY support (`proxy_protocol_timeout`) is not used: see frontends.py.
 
 Failure behaviour: the session never raises out. A `WireError` is answered (and ends the session when fatal:
@@ -51,7 +54,7 @@ from mailflow import status
 from mailflow.config import DEFAULTS
 from mailflow.stages.smtpd.sessionlog import SessionLog
 from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction
-from mailflow.stages.smtpd.wire import Wire, WireError
+from mailflow.stages.smtpd.wire import CHUNK, Wire, WireError
 
 log = logging.getLogger("mailflow.smtpd")
 
@@ -118,8 +121,10 @@ class ProtocolCore(SMTP):
                  decode_data: bool = False, timeout: float = 300, tls_context=None, require_starttls: bool = False,
                  loop: asyncio.AbstractEventLoop | None = None):
         self.loop = loop or asyncio.get_running_loop()
+        # The wire reads in chunks: the reader's limit only pauses reading past 2 x CHUNK waiting (aiosmtpd's line
+        # length as the limit paused and resumed the socket, two epoll_ctl calls, for every 2 KB received).
         asyncio.StreamReaderProtocol.__init__(
-            self, asyncio.StreamReader(limit=self.line_length_limit, loop=self.loop),
+            self, asyncio.StreamReader(limit=CHUNK, loop=self.loop),
             client_connected_cb=self._cb_client_connected, loop=self.loop)
         # aiosmtpd's public attributes
         self.event_handler = handler
@@ -152,6 +157,8 @@ class ProtocolCore(SMTP):
         self._greeted_at = 0.0
         self._data_started: float | None = None  # loop time DATA/BDAT content began, for the rate deadline
         self._data_bytes = 0
+        self._deadline = 0.0  # loop time the session times out, unless moved again before
+        self._timer_at: float | None = None  # when the pending timer fires; None when none is pending
         self._ended = False
 
     # --- typed state --------------------------------------------------------------------------------------
@@ -268,6 +275,25 @@ class ProtocolCore(SMTP):
                                  action=action, queue_id=queue_id)
 
     # --- deadlines ----------------------------------------------------------------------------------------
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """The session times out `duration` (default: `timeout`) from now. aiosmtpd's version makes a new
+        TimerHandle each time; here the pending timer stays when it fires no later than the new deadline."""
+        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        if self._timer_at is not None and self._timer_at <= self._deadline:
+            return
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        self._timer_at = self._deadline
+        self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer_at = None
+        if self.loop.time() < self._deadline:  # moved since the timer was set
+            self._timer_at = self._deadline
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
+            return
+        self._timeout_cb()
 
     def _on_input(self, count: int) -> None:
         """Bytes arrived. During DATA/BDAT content the deadline moves with the data rate (smtpd_min_data_rate):
