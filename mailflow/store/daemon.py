@@ -27,6 +27,7 @@ Contract
   whose row is gone: what a crash between a commit and an unlink left behind.
 - `maintain()` gives free pages back and truncates the WAL after a burst.
 - qmgr's view of the operator tools: `generation()` (bumped by every change a tool makes), `flush_requests()`,
+  both in one read `operator_counters()`,
   `queue_states(ids)`; and its destination snapshot for them, `save_destinations()`.
 Failures raise `sqlite3.Error` with SQLite's own message (engine.py: what a failed batch does to its requests).
 """
@@ -225,6 +226,12 @@ class Store(OperatorQueries):
         """How many times `mailflow queue flush` ran: a change asks qmgr to revive dead destinations."""
         rows = await self._reader.fetchall("SELECT value FROM control WHERE key = 'flush'")
         return rows[0][0] if rows else 0
+
+    async def operator_counters(self) -> tuple[int, int]:
+        """(`generation()`, `flush_requests()`) in one read: what qmgr polls."""
+        counters = dict(await self._reader.fetchall(
+            "SELECT key, value FROM control WHERE key IN ('generation', 'flush')"))
+        return counters.get("generation", 0), counters.get("flush", 0)
 
     async def counts(self) -> dict[str, int]:
         rows = await self._reader.fetchall("SELECT queue, count(*) FROM message GROUP BY queue")

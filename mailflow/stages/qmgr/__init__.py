@@ -107,6 +107,7 @@ class QueueManager:
         self._wakeup = asyncio.Event()
         self._next_scan = 0.0
         self._next_maintenance = 0.0
+        self._next_tick = 0.0  # the tools' counters are read, and the destinations written, once a tick
         self._generation = 0
         self._flushes = 0
         self._snapshot: list[tuple] | None = None
@@ -126,8 +127,7 @@ class QueueManager:
         recovered = await self._store.recover()
         if recovered:
             log.info("qmgr: %d messages were active when the server stopped; they are due again", recovered)
-        self._generation = await self._store.generation()
-        self._flushes = await self._store.flush_requests()
+        self._generation, self._flushes = await self._store.operator_counters()
         self._next_maintenance = self._clock.time() + MAINTENANCE_INTERVAL
         self._loop_task = asyncio.create_task(self._run(), name="qmgr")
 
@@ -180,9 +180,13 @@ class QueueManager:
         """Each turn runs the chores; one that fails backs off alone (logged once a minute), the loop sleeps."""
         while True:
             self._wakeup.clear()
-            await self._poll.run(self._poll_operators)  # first: holds and flushes are seen before a scan acts
+            ticked = self._clock.time() >= self._next_tick  # once a tick, not at every wake-up (each is a hop)
+            if ticked:
+                self._next_tick = self._clock.time() + self._tick_seconds
+                await self._poll.run(self._poll_operators)  # first: holds and flushes are seen before a scan acts
             self._pump()  # also revives destinations whose dead timer ran out
-            await self._publish.run(self._publish_destinations)
+            if ticked:
+                await self._publish.run(self._publish_destinations)
             await self._scanning.run(self._scan)
             if self._clock.time() >= self._next_maintenance:
                 self._next_maintenance = self._clock.time() + MAINTENANCE_INTERVAL
@@ -207,13 +211,12 @@ class QueueManager:
 
     async def _poll_operators(self) -> None:
         """Notice operator changes: holds and deletes (the generation counter), flush requests."""
-        generation = await self._store.generation()
+        generation, flushes = await self._store.operator_counters()
         if generation != self._generation:
             await self._withdraw_taken_back()
             self._generation = generation
             self._next_scan = self._clock.time()
             self._wakeup.set()
-        flushes = await self._store.flush_requests()
         if flushes != self._flushes:  # `mailflow queue flush`: like postqueue -f, dead sites get another try
             self._flushes = flushes
             for dest in self._destinations.values():
