@@ -18,7 +18,7 @@ What it owns
 - The command loop (`_handle_client`): the greeting (input before it is early talk), the error gate
   (session_time_limit, soft and hard error limits), a line through `wire.Wire`, malformed lines, RFC 2920
   pipelining discipline, the STARTTLS requirement, junk commands, dispatch to the `smtp_*` methods.
-- EHLO (the layers' keywords, then the handler's hook), VRFY, EXPN; HELO, RSET, NOOP, QUIT, HELP are aiosmtpd's.
+- EHLO (the layers' keywords, then the handler's hook), VRFY, EXPN, QUIT; HELO, RSET, NOOP, HELP are aiosmtpd's.
 - Typed state through aiosmtpd's documented factories: `_create_session()` -> state.SessionState,
   `_create_envelope()` -> state.Transaction (freeing the BDAT content of the one it replaces).
 
@@ -28,7 +28,7 @@ aiosmtpd's private names, each used because aiosmtpd offers no other way:
 - `_timeout_cb` (overridden): aiosmtpd's only timeout hook; Postfix's "timeout after X" is logged there.
 - `_timeout_duration`, `_timeout_handle`, `_tls_protocol`, `_tls_handshake_okay`, `_original_transport`,
   `_handler_coroutine`, `_handle_hooks`, `_smtp_methods` (set in `__init__`): what `SMTP.__init__` would set
-  for the inherited methods that read them (connection_made/lost, STARTTLS, HELO, RSET, NOOP, QUIT, HELP);
+  for the inherited methods that read them (connection_made/lost, STARTTLS, HELO, RSET, NOOP, HELP);
   `AIOSMTPD_STATE` lists them and a test checks aiosmtpd still has them.
 - `_reader`, `_writer`: the connection's streams, kept by aiosmtpd under these names only.
 - `_original_transport`, `_timeout_handle` (read at the end): a session that ends inside a TLS handshake never
@@ -160,6 +160,7 @@ class ProtocolCore(SMTP):
         self._deadline = 0.0  # loop time the session times out, unless moved again before
         self._timer_at: float | None = None  # when the pending timer fires; None when none is pending
         self._ended = False
+        self._quit = False  # QUIT answered: the command loop ends
 
     # --- typed state --------------------------------------------------------------------------------------
 
@@ -243,16 +244,21 @@ class ProtocolCore(SMTP):
     async def push(self, line: Any, *, counts_as_error: bool = True) -> None:
         """Send one reply line. A final 4xx/5xx counts toward the error limits (unless `counts_as_error` is
         False) and marks the command being answered as failed in the disconnect statistics."""
-        if isinstance(line, status.Reply):
-            line = str(line)
-        elif self._replies_sent and not self._in_hello and isinstance(line, str):  # the first is the greeting
-            line = status.with_enhanced_code(line)
-        final = _final_code(line)
+        if isinstance(line, status.Reply):  # one final line, as the catalogue wrote it
+            final, line = line.code, str(line)
+        else:
+            if self._replies_sent and not self._in_hello and isinstance(line, str):  # the first is the greeting
+                line = status.with_enhanced_code(line)
+            final = _final_code(line)
         if self._replies_sent and final >= 400 and counts_as_error:
             self._errors += 1
         self.record.replied(final)
         self._replies_sent += 1
-        await super().push(line)
+        # aiosmtpd's push, without its per-line debug record; drained only when the socket did not take it all
+        data = line.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") if isinstance(line, str) else line
+        self._writer.write(data + b"\r\n")
+        if self._writer.transport.get_write_buffer_size():
+            await self._writer.drain()
 
     async def _refuse_and_close(self, reply: status.Reply) -> None:
         self.record.server_hung_up = True
@@ -340,7 +346,7 @@ class ProtocolCore(SMTP):
             self.record.lines.improper_pipelining("CONNECT", self.session.client, self._wire.peek())
             await self._refuse_and_close(status.protocol_sync(self.hostname))
             return
-        while self.transport is not None:
+        while self.transport is not None and not self._quit:
             try:
                 if not await self._error_gate():
                     return
@@ -482,6 +488,16 @@ class ProtocolCore(SMTP):
     def _ehlo_keywords(self) -> tuple[str, ...]:
         """EHLO keywords the layers implement, added after the handler's hook (XCLIENT: frontends.py)."""
         return LAYER_KEYWORDS
+
+    async def smtp_QUIT(self, arg: str | None) -> None:
+        """221, then the session ends (aiosmtpd's QUIT cancels the session's own task to get out of its loop: an
+        exception through every frame, for every message that comes on a connection of its own)."""
+        if arg:
+            await self.push(status.syntax("QUIT"))
+            return
+        await self.push(status.BYE)
+        self._quit = True
+        self._close()
 
     async def smtp_VRFY(self, arg: str | None) -> None:
         """Off by default (disable_vrfy_command). On, the answer is the same for every address (252): VRFY

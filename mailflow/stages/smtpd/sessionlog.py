@@ -21,6 +21,7 @@ from typing import Callable
 from mailflow.logs import COMMAND_ORDER, SmtpdLog
 
 NOT_FINAL = (334, 354)  # replies that continue the command they answer
+_COUNTED = {name.upper(): name for name in COMMAND_ORDER if name != "unknown"}  # verb -> its name in the log
 
 
 class SessionLog:
@@ -40,7 +41,7 @@ class SessionLog:
 
     def command(self, verb: str | None) -> None:
         """One more command; `verb` (upper case) None or one Postfix does not count by name: "unknown"."""
-        name = verb.lower() if verb is not None and verb.lower() in COMMAND_ORDER else "unknown"
+        name = _COUNTED.get(verb, "unknown") if verb is not None else "unknown"
         self.counts.setdefault(name, [0, 0])[1] += 1
         self._pending = name
         if name != "unknown":
