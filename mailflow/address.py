@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -162,6 +163,7 @@ def is_utf8(address: str) -> bool:
     return not address.isascii()
 
 
+@functools.lru_cache(maxsize=1024)  # a pure function; every session parses its client's address several times
 def client_ip(text) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The IP address in `text` (`::ffff:1.2.3.4` counts as `1.2.3.4`), or None when it is not one."""
     ip = parse_ip(text)
@@ -171,5 +173,7 @@ def client_ip(text) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 
 def in_networks(text, networks) -> bool:
+    if not networks:
+        return False
     ip = client_ip(text)
     return ip is not None and any(ip in net for net in networks)

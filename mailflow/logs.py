@@ -44,6 +44,7 @@ COMMAND_ORDER = ("helo", "ehlo", "xclient", "xforward", "starttls", "auth", "mai
                  "noop", "vrfy", "etrn", "quit", "help", "unknown")
 _SERVICE_ALIASES = {"mail": "qmgr", "mbox": "local", "store": "qmgr", "addressmap": "cleanup"}
 _LEVEL_PREFIX = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "fatal: "}
+_SMTPD_LOGGER = logging.getLogger(SMTPD_LOGGER)  # every session's SmtpdLog writes here (one lookup, not one a session)
 
 
 def printable(text: object, replacement: str = "?") -> str:
@@ -64,6 +65,11 @@ class MailLog:
     def __init__(self, logger: logging.Logger | None = None):
         self._log = logger or logging.getLogger(MAIL_LOGGER)
 
+    @property
+    def active(self) -> bool:
+        """Whether mail events are written at all (level info or lower): callers skip work done only for a line."""
+        return self._log.isEnabledFor(logging.INFO)
+
     def _emit(self, queue_id: str, event: str, line: str, *, service: str, **fields) -> None:
         fields = {k: printable(v) if isinstance(v, str) else v for k, v in fields.items()}
         self._log.info("%s: %s", queue_id, printable(line),
@@ -71,23 +77,30 @@ class MailLog:
 
     def received(self, queue_id: str, client: str, *, sasl_method: str = "", sasl_username: str = "") -> None:
         """smtpd accepted a message from `client` (`host[ip]`), logged before cleanup's and qmgr's lines."""
+        if not self.active:
+            return
         sasl = f", sasl_method={sasl_method}, sasl_username={sasl_username}" if sasl_username else ""
         self._emit(queue_id, "received", f"client={client}{sasl}", service="smtpd", client=client,
                    sasl_method=sasl_method, sasl_username=sasl_username)
 
     def picked_up(self, queue_id: str, uid: int, sender: str) -> None:
         """pickup took a message submitted by local user `uid` (`mailflow sendmail`)."""
-        self._emit(queue_id, "received", f"uid={uid} from=<{sender}>", service="pickup", uid=uid, sender=sender)
+        if self.active:
+            self._emit(queue_id, "received", f"uid={uid} from=<{sender}>", service="pickup", uid=uid, sender=sender)
 
     def message_id(self, queue_id: str, message_id: str) -> None:
-        self._emit(queue_id, "message-id", f"message-id={message_id}", service="cleanup", message_id=message_id)
+        if self.active:
+            self._emit(queue_id, "message-id", f"message-id={message_id}", service="cleanup", message_id=message_id)
 
     def queued(self, queue_id: str, sender: str, size: int, nrcpt: int) -> None:
-        self._emit(queue_id, "queued", f"from=<{sender}>, size={size}, nrcpt={nrcpt} (queue active)",
-                   service="qmgr", sender=sender, size=size, nrcpt=nrcpt)
+        if self.active:
+            self._emit(queue_id, "queued", f"from=<{sender}>, size={size}, nrcpt={nrcpt} (queue active)",
+                       service="qmgr", sender=sender, size=size, nrcpt=nrcpt)
 
     def result(self, queue_id: str, result: RcptResult, delay: float) -> None:
-        status = {Outcome.SENT: "sent", Outcome.DEFERRED: "deferred", Outcome.BOUNCED: "bounced"}[result.outcome]
+        if not self.active:
+            return
+        status = _RESULT_STATUS[result.outcome]
         to = result.recipient.address
         orig = f", orig_to=<{result.recipient.original}>" if result.recipient.original != to else ""
         self._emit(queue_id, status,
@@ -97,15 +110,22 @@ class MailLog:
                    reason=result.text)
 
     def notice(self, queue_id: str, kind: str, notice_id: str) -> None:
+        if not self.active:
+            return
         what = {"failure": "non-delivery", "delay": "delay", "success": "delivery status"}.get(kind, kind)
         self._emit(queue_id, "notice", f"sender {what} notification: {notice_id}", service="bounce", kind=kind,
                    notice_id=notice_id)
 
     def removed(self, queue_id: str) -> None:
-        self._emit(queue_id, "removed", "removed", service="qmgr")
+        if self.active:
+            self._emit(queue_id, "removed", "removed", service="qmgr")
 
     def corrupt(self, queue_id: str, reason: str) -> None:
-        self._emit(queue_id, "corrupt", f"moved to the corrupt queue: {reason}", service="qmgr", reason=reason)
+        if self.active:
+            self._emit(queue_id, "corrupt", f"moved to the corrupt queue: {reason}", service="qmgr", reason=reason)
+
+
+_RESULT_STATUS = {Outcome.SENT: "sent", Outcome.DEFERRED: "deferred", Outcome.BOUNCED: "bounced"}
 
 
 def _delivery_service(relay: str) -> str:
@@ -121,17 +141,26 @@ class SmtpdLog:
     """smtpd's session events (see the module doc). `client` is always `host[ip]` (see `client_name`)."""
 
     def __init__(self, logger: logging.Logger | None = None):
-        self._log = logger or logging.getLogger(SMTPD_LOGGER)
+        self._log = logger or _SMTPD_LOGGER
+
+    @property
+    def active(self) -> bool:
+        """Whether session events (level info) are written: callers skip work done only for a line."""
+        return self._log.isEnabledFor(logging.INFO)
 
     def _emit(self, level: int, event: str, line: str, **fields) -> None:
         fields = {k: printable(v) if isinstance(v, str) else v for k, v in fields.items()}
         self._log.log(level, "%s", printable(line), extra={"event": event, "fields": fields, "service": "smtpd"})
 
     def connect(self, client: str) -> None:
+        if not self.active:
+            return
         self._emit(logging.INFO, "connect", f"connect from {client}", client=client)
 
     def disconnect(self, client: str, counts: dict[str, list[int]]) -> None:
         """`counts`: command name -> [succeeded, total] (Postfix 3.x `ehlo=1 rcpt=0/1 commands=1/2`)."""
+        if not self.active:
+            return
         self._emit(logging.INFO, "disconnect", f"disconnect from {client}{command_stats(counts)}", client=client,
                    commands={k: v[:] for k, v in counts.items()})
 
@@ -139,6 +168,8 @@ class SmtpdLog:
                protocol: str = "ESMTP", helo: str = "", action: str = "reject", queue_id: str = "NOQUEUE") -> None:
         """A refusal at MAIL, RCPT, DATA or END-OF-MESSAGE (`action` "reject"), or a message a restriction
         held or discarded (`action` "hold" / "discard", with its queue id)."""
+        if not self.active:
+            return
         envelope = "" if sender is None else f"from=<{sender}> "
         envelope += f"to=<{recipient}> " if recipient else ""
         helo_part = f" helo=<{helo}>" if helo else ""
@@ -148,6 +179,8 @@ class SmtpdLog:
                    recipient=recipient, protocol=protocol, helo=helo)
 
     def tls_established(self, client: str, version: str, cipher: str, bits: int) -> None:
+        if not self.active:
+            return
         self._emit(logging.INFO, "tls", f"Anonymous TLS connection established from {client}: {version} with "
                    f"cipher {cipher} ({bits}/{bits} bits)", client=client, version=version, cipher=cipher)
 
@@ -158,10 +191,14 @@ class SmtpdLog:
                    client=client, mechanism=mechanism, reason=reason, sasl_username=username)
 
     def too_many_errors(self, after: str, client: str) -> None:
+        if not self.active:
+            return
         self._emit(logging.INFO, "too-many-errors", f"too many errors after {after} from {client}",
                    after=after, client=client)
 
     def improper_pipelining(self, after: str, client: str, pending: bytes) -> None:
+        if not self.active:
+            return
         text = pending[:100].decode("utf-8", "replace")
         self._emit(logging.INFO, "pipelining", f"improper command pipelining after {after} from {client}: {text}",
                    after=after, client=client, pending=text)
@@ -171,9 +208,13 @@ class SmtpdLog:
                    f"command: {text[:200]}", client=client, command=command, text=text[:200])
 
     def timeout(self, after: str, client: str) -> None:
+        if not self.active:
+            return
         self._emit(logging.INFO, "timeout", f"timeout after {after} from {client}", after=after, client=client)
 
     def lost_connection(self, after: str, client: str) -> None:
+        if not self.active:
+            return
         self._emit(logging.INFO, "lost-connection", f"lost connection after {after} from {client}",
                    after=after, client=client)
 

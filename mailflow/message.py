@@ -29,6 +29,7 @@ Nothing here raises for malformed input: a line that is not a header field is sk
 from __future__ import annotations
 
 import email.utils
+import functools
 import re
 from datetime import datetime, timezone
 
@@ -128,4 +129,9 @@ def quoted_original(content, size_limit: int) -> bytes:
 
 
 def rfc5322_date(now: float) -> str:
-    return email.utils.format_datetime(datetime.fromtimestamp(now, timezone.utc))
+    return _date_of_second(int(now))
+
+
+@functools.lru_cache(maxsize=4)  # the messages of one second share it (a pure function of the second)
+def _date_of_second(second: int) -> str:
+    return email.utils.format_datetime(datetime.fromtimestamp(second, timezone.utc))

@@ -138,6 +138,8 @@ class Cleanup:
     def log_queued(self, msg: NewMessage, sub: Submission | None = None) -> None:
         """The log lines of a committed message, in Postfix's order: who handed it over (smtpd's `client=`,
         pickup's `uid=`; none for mail made here), its Message-ID, then qmgr's `from=` line."""
+        if not self._log.active:
+            return
         head = msg.content.parts[0]  # the header section as prepare() wrote it
         assert isinstance(head, bytes)
         if sub is not None and sub.submitter is not None:

@@ -27,21 +27,24 @@ Contract
   whose row is gone: what a crash between a commit and an unlink left behind.
 - `maintain()` gives free pages back and truncates the WAL after a burst.
 - qmgr's view of the operator tools: `generation()` (bumped by every change a tool makes), `flush_requests()`,
+  both in one read `operator_counters()`,
   `queue_states(ids)`; and its destination snapshot for them, `save_destinations()`.
 Failures raise `sqlite3.Error` with SQLite's own message (engine.py: what a failed batch does to its requests).
 """
 from __future__ import annotations
 
+import json
+import operator
 import sqlite3
 from pathlib import Path
 from typing import Sequence
 
 from mailflow.config import DEFAULTS
-from mailflow.content import Content, Spool
+from mailflow.content import MEMORY_LIMIT, Content, Spool
 from mailflow.model import Delivered, NewMessage, Outcome, QueuedMessage, QueueId, RcptResult, Recipient
 from mailflow.store.contents import content_of, insert_ops, row_content, storable, sweep
 from mailflow.store.engine import (BUSY_TIMEOUT, CONTENT_DIRECTORY, MAX_VARS, BatchLoader, GroupCommitter, Op,
-                                   Reader, Writer, chunks, fetchall, marks, remove_ops)
+                                   Reader, Writer, chunks, marks, remove_ops)
 from mailflow.store.operator import OperatorQueries
 
 
@@ -67,7 +70,7 @@ class Store(OperatorQueries):
         writer, reader = Writer(path), Reader(path)
         try:
             await writer.call(writer.open, busy_timeout, owner)  # first: it creates or migrates the schema
-            await reader.call(reader.open, busy_timeout)
+            await reader.open(busy_timeout)
         except BaseException:
             await reader.close()  # their threads would otherwise keep the process alive
             await writer.close()
@@ -190,11 +193,23 @@ class Store(OperatorQueries):
         """Up to `limit` messages due for delivery, new mail and deferred mail alternating (so a retry storm
         cannot starve fresh mail), each side oldest first. Two index range scans, never a full scan.
 
-        One reader hop: it also reads the content of the small messages it returns (SCAN_CONTENT_SIZE each,
-        SCAN_CONTENT_BUDGET in all). `content()` hands it out once, without a read of its own, for a message
-        that `claim()` then took and `finish()` has not removed; the rest is dropped at the claim, and what
-        is not asked for by the next `due()` then (a later `content()` reads the row)."""
-        messages, self._scanned = await self._reader.read(_read_due, now, limit)
+        One statement, one reader hop (`DUE`): the messages with their recipients (JSON) and the content of
+        those held in their rows (up to SCAN_CONTENT_SIZE each, SCAN_CONTENT_BUDGET in all: half for new mail,
+        half for deferred, each in its order).
+        `content()` hands it out once, without a read of its own, for a message that `claim()` then took and
+        `finish()` has not removed; the rest is dropped at the claim, and what is not asked for by the next
+        `due()` then (a later `content()` reads the row)."""
+        rows = await self._reader.fetchall(DUE, {"now": now, "limit": limit, "scan_size": SCAN_CONTENT_SIZE,
+                                                 "budget": SCAN_CONTENT_BUDGET // 2})
+        rows.sort(key=_SCAN_ORDER)
+        fresh = [row for row in rows if row[11] == 0]
+        messages, scanned = [], {}
+        for row in _alternate(fresh, rows[len(fresh):])[:limit]:
+            message = _due_message(row)
+            messages.append(message)
+            if row[-2] is not None:
+                scanned[message.queue_id] = row_content(row[-2], row[-1])
+        self._scanned = scanned
         return messages
 
     async def next_due_time(self) -> float | None:
@@ -226,6 +241,12 @@ class Store(OperatorQueries):
         rows = await self._reader.fetchall("SELECT value FROM control WHERE key = 'flush'")
         return rows[0][0] if rows else 0
 
+    async def operator_counters(self) -> tuple[int, int]:
+        """(`generation()`, `flush_requests()`) in one read: what qmgr polls."""
+        counters = dict(await self._reader.fetchall(
+            "SELECT key, value FROM control WHERE key IN ('generation', 'flush')"))
+        return counters.get("generation", 0), counters.get("flush", 0)
+
     async def counts(self) -> dict[str, int]:
         rows = await self._reader.fetchall("SELECT queue, count(*) FROM message GROUP BY queue")
         return {q: n for q, n in rows}
@@ -249,53 +270,49 @@ class Store(OperatorQueries):
         return out
 
 
-SCAN_CONTENT_SIZE = 64 * 1024  # bytes: a message up to this size has its content read with due()
+_RECIPIENT_COLUMNS = "idx, address, original, notify, orcpt, status, dsn, reason, relay"
+_MESSAGE_COLUMNS_LIST = ("id", "sender", "arrival", "size", "smtputf8", "body_type", "attempts", "envid", "ret",
+                         "warned")
+SCAN_CONTENT_SIZE = MEMORY_LIMIT  # bytes: a message kept in its row (this size at most) is read with due()
 SCAN_CONTENT_BUDGET = 8 << 20  # bytes of content read with one due() at the most
 
 
-def _read_due(con: sqlite3.Connection, now: float, limit: int) -> tuple[list[QueuedMessage], dict[QueueId, Content]]:
-    """due() on the reader thread: the messages, and the contents of the small ones."""
-    fresh = fetchall(con, f"SELECT {_MESSAGE_COLUMNS} FROM message WHERE queue = 'incoming'"
-                          " ORDER BY next_attempt LIMIT ?", (limit,))
-    retry = fetchall(con, f"SELECT {_MESSAGE_COLUMNS} FROM message WHERE queue = 'deferred' AND next_attempt <= ?"
-                          " ORDER BY next_attempt LIMIT ?", (now, limit))
-    rows = _alternate(fresh, retry)[:limit]
-    pending, owed = _recipients_to_do(con, [row[0] for row in rows])
-    messages = [_queued_message(row, pending.get(row[0], ()), owed.get(row[0], ())) for row in rows]
-    return messages, _small_contents(con, messages)
+# due(): up to :limit new and up to :limit due deferred messages (each an index range scan on (queue,
+# next_attempt)), each with its recipients still to do (pending, or with a notice owed) as a JSON array, and the
+# content of those kept in their rows (up to :scan_size each), each side in its own order until :budget bytes
+# (the content rows of the others are not even read). Rows come in any order: `side` (0 new, 1 deferred) and
+# `next_attempt` order them; due() alternates the two sides.
+DUE = f"""
+SELECT {', '.join(_MESSAGE_COLUMNS_LIST)},
+       (SELECT json_group_array(json_array({_RECIPIENT_COLUMNS})) FROM recipient
+        WHERE message_id = m.id AND (status = 'pending' OR notice = 1)),
+       side, next_attempt, c.data, c.body
+FROM (SELECT *, 0 AS side, sum(CASE WHEN size <= :scan_size THEN size ELSE 0 END)
+                           OVER (ORDER BY next_attempt ROWS UNBOUNDED PRECEDING) AS scanned
+      FROM (SELECT * FROM message WHERE queue = 'incoming' ORDER BY next_attempt LIMIT :limit)
+      UNION ALL
+      SELECT *, 1, sum(CASE WHEN size <= :scan_size THEN size ELSE 0 END)
+                   OVER (ORDER BY next_attempt ROWS UNBOUNDED PRECEDING)
+      FROM (SELECT * FROM message WHERE queue = 'deferred' AND next_attempt <= :now
+            ORDER BY next_attempt LIMIT :limit)) AS m
+LEFT JOIN content c ON m.size <= :scan_size AND m.scanned <= :budget AND c.message_id = m.id
+                       AND c.file_offset IS NULL
+"""
 
 
-def _recipients_to_do(con: sqlite3.Connection, ids: list[QueueId]
-                      ) -> tuple[dict[QueueId, list[Recipient]], dict[QueueId, list[RcptResult]]]:
-    """Per message: the pending recipients, and the recorded results whose notice is still owed."""
-    pending: dict[QueueId, list[Recipient]] = {}
-    owed: dict[QueueId, list[RcptResult]] = {}
-    for chunk in chunks(ids, MAX_VARS):
-        rows = fetchall(con, f"SELECT message_id, {_RECIPIENT_COLUMNS} FROM recipient"
-                             f" WHERE (status = 'pending' OR notice = 1) AND message_id IN ({marks(len(chunk))})"
-                             " ORDER BY message_id, idx", tuple(chunk))
-        for qid, *fields in rows:
-            if fields[5] == "pending":
-                pending.setdefault(qid, []).append(Recipient(*fields[:5]))
-            else:
-                owed.setdefault(qid, []).append(_recorded_result(fields))
-    return pending, owed
+_SCAN_ORDER = operator.itemgetter(11, 12, 0)  # (side, next_attempt, id) of a DUE row
 
 
-def _small_contents(con: sqlite3.Connection, messages: Sequence[QueuedMessage]) -> dict[QueueId, Content]:
-    """The contents held whole in their rows of the messages up to SCAN_CONTENT_SIZE, within SCAN_CONTENT_BUDGET."""
-    ids, budget = [], SCAN_CONTENT_BUDGET
-    for m in messages:
-        if m.size <= min(SCAN_CONTENT_SIZE, budget):
-            ids.append(m.queue_id)
-            budget -= m.size
-    out: dict[QueueId, Content] = {}
-    for chunk in chunks(ids, MAX_VARS):
-        for qid, data, body in fetchall(con, "SELECT message_id, data, body FROM content"
-                                             f" WHERE file_offset IS NULL AND message_id IN ({marks(len(chunk))})",
-                                        tuple(chunk)):
-            out[qid] = row_content(data, body)
-    return out
+def _due_message(row: tuple) -> QueuedMessage:
+    """A row of DUE as a message: its pending recipients, and the recorded results whose notice is owed."""
+    pending: list[Recipient] = []
+    owed: list[RcptResult] = []
+    for fields in sorted(json.loads(row[10])):  # by idx
+        if fields[5] == "pending":
+            pending.append(Recipient(*fields[:5]))
+        else:
+            owed.append(_recorded_result(fields))
+    return _queued_message(row[:10], pending, owed)
 
 
 def _claim(con: sqlite3.Connection, ids: list[QueueId], now: float) -> list[QueueId]:
@@ -308,8 +325,6 @@ def _claim(con: sqlite3.Connection, ids: list[QueueId], now: float) -> list[Queu
 
 _STATUS = {Outcome.SENT: "sent", Outcome.BOUNCED: "bounced", Outcome.DEFERRED: "pending"}
 _OUTCOME = {status: outcome for outcome, status in _STATUS.items()}
-_RECIPIENT_COLUMNS = "idx, address, original, notify, orcpt, status, dsn, reason, relay"
-_MESSAGE_COLUMNS = "id, sender, arrival, size, smtputf8, body_type, attempts, envid, ret, warned"
 
 
 def _recorded_result(row) -> RcptResult:

@@ -2,13 +2,14 @@
 
 What it owns
 - `Connection`: one sqlite3 connection used only on a thread of its own. `call(fn, *args)` runs `fn(*args)`
-  there and `read(fn, *args)` runs `fn(con, *args)`: one thread hop each, however many statements `fn` runs
-  (aiosqlite, which the reader used before, hops once per statement). `hops` counts them.
+  there: one thread hop, however many statements `fn` runs. `hops` counts them.
 - `Writer`: the one writing connection (WAL, `synchronous=FULL`).
   `transaction(merged, calls)` is a whole `BEGIN IMMEDIATE; executemany…; calls; COMMIT` in one hop, so the
   lock is held only while SQLite works (never across event-loop turns, where a stalled loop would hold it
   against the operator tools). `maintain()` gives free pages back and truncates the WAL after a burst.
-- `Reader`: the query-only connection (WAL lets it read while the writer writes).
+- `Reader`: the query-only connection (WAL lets it read while the writer writes), through aiosqlite: one
+  statement per call, each call one hop to aiosqlite's thread (`hops` counts them); a read that needs more
+  than one thing asks for it in one statement (Store.due: JSON aggregation and joins).
 - `GroupCommitter`: every write goes through it. Requests (lists of `(sql, rows)`, and optionally a call that
   needs the connection, such as a claim) that arrive while a commit is running are merged into the next
   transaction, so N concurrent sessions cost one fsync, not N. Requests in one batch must be independent: a
@@ -41,6 +42,8 @@ import threading
 from importlib import resources
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
+
+import aiosqlite
 
 from mailflow.errors import Overloaded
 
@@ -89,16 +92,6 @@ class Connection:
         self._calls.put((loop, fut, fn, args))
         return await fut
 
-    async def read(self, fn: Callable[..., Any], *args) -> Any:
-        """`fn(connection, *args)` on the connection's thread: one hop for every statement `fn` runs."""
-        return await self.call(self._with_connection, fn, *args)
-
-    async def fetchall(self, sql: str, params: Sequence = ()) -> list[tuple]:
-        return await self.read(fetchall, sql, params)
-
-    def _with_connection(self, fn, *args):
-        return fn(self._connection(), *args)
-
     def _connection(self) -> sqlite3.Connection:
         if self._con is None:
             raise sqlite3.ProgrammingError("the store's connection is not open")
@@ -139,24 +132,34 @@ class Connection:
             self._con = None
 
 
-def fetchall(con: sqlite3.Connection, sql: str, params: Sequence = ()) -> list[tuple]:
-    return con.execute(sql, params).fetchall()
-
-
-class Reader(Connection):
-    """The reading connection: query-only. A read that runs several statements (`read(fn)`) is one hop."""
+class Reader:
+    """The reading connection: query-only, through aiosqlite (its thread; one hop per statement)."""
 
     def __init__(self, path: Path):
-        super().__init__(path, "store-reader")
+        self._path = path
+        self._db: aiosqlite.Connection | None = None
+        self.hops = 0  # statements run (each one thread hop)
 
-    def open(self, busy_timeout: float) -> None:
-        con = self._connect(busy_timeout)
+    async def open(self, busy_timeout: float) -> None:
+        db = await aiosqlite.connect(self._path, isolation_level=None)
         try:
-            con.execute("PRAGMA query_only = ON")
+            await db.executescript(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}; PRAGMA query_only = ON;")
         except BaseException:
-            con.close()
+            await db.close()
             raise
-        self._con = con
+        self._db = db
+
+    async def fetchall(self, sql: str, params: Sequence = ()) -> list[tuple]:
+        """The rows of one statement: one hop."""
+        if self._db is None:
+            raise sqlite3.ProgrammingError("the store's reader is not open")
+        self.hops += 1
+        return list(await self._db.execute_fetchall(sql, params))
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await db.close()
 
 
 class Writer(Connection):

@@ -34,26 +34,29 @@ class TableCache:
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
         self._open: dict[tuple[str, bool], Table] = {}
+        self._blocking: list[Table] = []  # those of _open that may wait on I/O (asked at every run())
 
     def open(self, specs, *, aliases: bool = False) -> list[Table]:
         tables = []
         for spec in specs:
             key = (spec, aliases)
             if key not in self._open:
-                self._open[key] = open_table(spec, clock=self._clock, aliases=aliases)
+                table = self._open[key] = open_table(spec, clock=self._clock, aliases=aliases)
+                if table.blocking:
+                    self._blocking.append(table)
             tables.append(self._open[key])
         return tables
 
     @property
     def blocking(self) -> bool:
         """Some table opened here may wait on I/O when asked (sqlite)."""
-        return any(t.blocking for t in self._open.values())
+        return bool(self._blocking)
 
     async def run(self, fn: Callable[..., T], *args) -> T:
         """`fn(*args)` without holding up the event loop: called inline when every table opened here answers
         from memory (the common case costs nothing), else in a worker thread, waited for at most the slowest
         blocking table's deadline (plus RUN_GRACE). Past that: LookupRetry. Exceptions of `fn` propagate."""
-        blocking = [t for t in self._open.values() if t.blocking]
+        blocking = self._blocking
         if not blocking:
             return fn(*args)
         deadline = max(getattr(t, "timeout", SQLITE_TIMEOUT) for t in blocking) + RUN_GRACE

@@ -5,6 +5,7 @@ off instead of spinning. Real Store, fake transports (tests.support.transports),
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import sqlite3
 
@@ -22,6 +23,10 @@ from tests.component.test_qmgr_policy import T0, Sim, notices_in, report_fields
 from tests.support import BlockingTransport, RecordingClock, RecordingTransport, eventually, qmgr_turn
 
 HOST = "mx.example.test"
+
+
+_INFO_LOGGER = logging.getLogger("tests.qmgr_faults.mail")
+_INFO_LOGGER.setLevel(logging.INFO)
 
 
 class Setup:
@@ -42,7 +47,7 @@ class Setup:
             self.store = await Store.open(self.path, busy_timeout=self.busy_timeout)
         config = Config(myhostname=HOST, mydestination=("example.test",),
                         queue={"minimal_backoff_time": 300, "maximal_backoff_time": 4000})
-        log = MailLog()
+        log = MailLog(_INFO_LOGGER)  # lines are made only when the level lets them through
         log._emit = lambda queue_id, event, text, **fields: self.mail_log.append(f"{queue_id}: {text}")
         self.qmgr = QueueManager(self.store, resolve=Rewriter(config).resolve,
                                  transports={"local": self.local, "smtp": self.smtp}, config=config.queue,

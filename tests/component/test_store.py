@@ -427,7 +427,8 @@ async def test_a_damaged_database_file_is_refused(tmp_path):
 
 
 def connection_threads() -> set[threading.Thread]:
-    return {t for t in threading.enumerate() if t.name.startswith(("store-reader", "store-writer")) and t.is_alive()}
+    """Every live thread (the store's connections run on threads of their own: the writer's, aiosqlite's)."""
+    return {t for t in threading.enumerate() if t.is_alive()}
 
 
 @pytest.mark.parametrize("damage", [newer_schema, not_a_database])
@@ -671,6 +672,21 @@ async def test_a_scan_is_one_read_and_hands_out_the_content_of_small_messages_it
     assert store.reads == reads, "read with the scan"
     assert await content_of(store, "B1") == big and store.reads == reads + 1
     assert await content_of(store, "S1") == b"Subject: S1\r\n\r\nbody\r\n" and store.reads == reads + 2, "once"
+
+
+async def test_a_scan_reads_content_in_queue_order_up_to_its_budget(store, monkeypatch):
+    from mailflow.store import daemon
+
+    monkeypatch.setattr(daemon, "SCAN_CONTENT_BUDGET", 5000)  # half for new mail
+    await store.insert_many([new(f"M{i}", arrival=T0 + i, content=b"Subject: m\r\n\r\n" + b"x" * 1000)
+                             for i in range(4)])
+    messages = await store.due(T0 + 10, 10)
+    assert [m.queue_id for m in messages] == ["M0", "M1", "M2", "M3"]
+    assert await store.claim(["M0", "M1", "M2", "M3"], T0 + 10) == ["M0", "M1", "M2", "M3"]
+    reads = store.reads
+    assert [await content_of(store, f"M{i}") is not None for i in range(2)] == [True, True]
+    assert store.reads == reads, "the first two fit in the budget: read with the scan"
+    assert await content_of(store, "M2") is not None and store.reads == reads + 1
 
 
 async def test_scanned_content_is_handed_out_only_for_a_claimed_message_still_queued(store):

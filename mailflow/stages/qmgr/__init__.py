@@ -1,7 +1,8 @@
 """qmgr: takes due messages from the store, schedules them per destination, records what happened.
 
 The loop
-- A scan runs when cleanup queues new mail (`wake()`), when a message finishes, when an operator tool
+- A scan runs when cleanup queues new mail (`wake()`), when a message finishes while the last scan left due
+  mail behind for want of room (`active_limit`), when an operator tool
   changed the queue (the store's generation counter, polled every second), when the earliest deferred
   message comes due (known from its own deferrals, and from an index lookup at each timed scan, so it
   survives restarts and operator changes), and at least every `queue_run_delay`. It reads up to
@@ -107,6 +108,8 @@ class QueueManager:
         self._wakeup = asyncio.Event()
         self._next_scan = 0.0
         self._next_maintenance = 0.0
+        self._room_was_short = False  # the last scan found as many due messages as it had room for
+        self._next_tick = 0.0  # the tools' counters are read, and the destinations written, once a tick
         self._generation = 0
         self._flushes = 0
         self._snapshot: list[tuple] | None = None
@@ -126,8 +129,7 @@ class QueueManager:
         recovered = await self._store.recover()
         if recovered:
             log.info("qmgr: %d messages were active when the server stopped; they are due again", recovered)
-        self._generation = await self._store.generation()
-        self._flushes = await self._store.flush_requests()
+        self._generation, self._flushes = await self._store.operator_counters()
         self._next_maintenance = self._clock.time() + MAINTENANCE_INTERVAL
         self._loop_task = asyncio.create_task(self._run(), name="qmgr")
 
@@ -180,9 +182,13 @@ class QueueManager:
         """Each turn runs the chores; one that fails backs off alone (logged once a minute), the loop sleeps."""
         while True:
             self._wakeup.clear()
-            await self._poll.run(self._poll_operators)  # first: holds and flushes are seen before a scan acts
+            ticked = self._clock.time() >= self._next_tick  # once a tick, not at every wake-up (each is a hop)
+            if ticked:
+                self._next_tick = self._clock.time() + self._tick_seconds
+                await self._poll.run(self._poll_operators)  # first: holds and flushes are seen before a scan acts
             self._pump()  # also revives destinations whose dead timer ran out
-            await self._publish.run(self._publish_destinations)
+            if ticked:
+                await self._publish.run(self._publish_destinations)
             await self._scanning.run(self._scan)
             if self._clock.time() >= self._next_maintenance:
                 self._next_maintenance = self._clock.time() + MAINTENANCE_INTERVAL
@@ -207,13 +213,12 @@ class QueueManager:
 
     async def _poll_operators(self) -> None:
         """Notice operator changes: holds and deletes (the generation counter), flush requests."""
-        generation = await self._store.generation()
+        generation, flushes = await self._store.operator_counters()
         if generation != self._generation:
             await self._withdraw_taken_back()
             self._generation = generation
             self._next_scan = self._clock.time()
             self._wakeup.set()
-        flushes = await self._store.flush_requests()
         if flushes != self._flushes:  # `mailflow queue flush`: like postqueue -f, dead sites get another try
             self._flushes = flushes
             for dest in self._destinations.values():
@@ -245,7 +250,9 @@ class QueueManager:
     async def _scan(self) -> None:
         now = self._clock.time()
         room = self._config.active_limit - len(self._active)
-        due = [m for m in await self._store.due(now, room) if m.queue_id not in self._active] if room > 0 else []
+        found = await self._store.due(now, room) if room > 0 else []
+        self._room_was_short = room <= 0 or len(found) >= room  # more may be due than there was room for
+        due = [m for m in found if m.queue_id not in self._active]
         if due:
             claimed = set(await self._store.claim([m.queue_id for m in due], now))
             for message in due:
@@ -414,7 +421,8 @@ class QueueManager:
                 await self._conclude(active, last)
         finally:
             self._active.pop(msg.queue_id, None)
-            self._wakeup.set()  # room for another message
+            if self._room_was_short:  # the last scan left due mail behind for want of room: there is some now
+                self._wakeup.set()
 
     async def _conclude(self, active: ActiveMessage, last: list[RcptResult]) -> None:
         """Defer or remove the message, and queue the notices its results owe, in one transaction."""
@@ -441,8 +449,11 @@ class QueueManager:
                                f"{msg.queue_id}: recording the end of the attempt")
         logged = [r for r in last if not (expired and r.outcome is Outcome.DEFERRED)] + expired
         self._log_end(msg, logged, notices, retry_at, now)
+        if notices:  # new mail queued with the end of the attempt: the next scan takes it
+            self._wakeup.set()
         if retry_at is not None and retry_at < self._next_scan:
             self._next_scan = retry_at
+            self._wakeup.set()  # the loop sleeps until the scan it knew of: it must look again
 
     async def _still_queued(self, msg: QueuedMessage) -> bool:
         return msg.queue_id in await self._writes.run(lambda: self._store.queue_states([msg.queue_id]))

@@ -169,6 +169,8 @@ class SmtpdHandler:
 
     async def _content_refusal(self, session: SessionState, envelope: Transaction) -> status.Reply | None:
         """data_restrictions, then end_of_data_restrictions."""
+        if not self.restrictions.check_content:
+            return None
         rcpt = envelope.single_recipient
         refusal = await self.restrictions.check_data(self._facts(session, envelope, rcpt, stage="data"))
         if refusal is not None:

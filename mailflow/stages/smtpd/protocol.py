@@ -12,11 +12,13 @@ What it owns
 - Replies: `push()` gives a library-written line its enhanced status code (RFC 2034; not the greeting nor
   HELO/EHLO; a `status.Reply` goes as the catalogue wrote it), counts 4xx/5xx toward the error limits and
   records each command's outcome (sessionlog.SessionLog).
-- Deadlines: a command within `timeout` of the previous one; DATA/BDAT content at `min_data_rate`.
+- Deadlines: a command within `timeout` of the previous one; DATA/BDAT content at `min_data_rate`. One loop
+  timer per session: a new deadline is a float stored; the timer, when it fires before the deadline, sets
+  itself again for what is left (not a TimerHandle made and cancelled per command).
 - The command loop (`_handle_client`): the greeting (input before it is early talk), the error gate
   (session_time_limit, soft and hard error limits), a line through `wire.Wire`, malformed lines, RFC 2920
   pipelining discipline, the STARTTLS requirement, junk commands, dispatch to the `smtp_*` methods.
-- EHLO (the layers' keywords, then the handler's hook), VRFY, EXPN; HELO, RSET, NOOP, QUIT, HELP are aiosmtpd's.
+- EHLO (the layers' keywords, then the handler's hook), VRFY, EXPN, QUIT; HELO, RSET, NOOP, HELP are aiosmtpd's.
 - Typed state through aiosmtpd's documented factories: `_create_session()` -> state.SessionState,
   `_create_envelope()` -> state.Transaction (freeing the BDAT content of the one it replaces).
 
@@ -26,12 +28,13 @@ aiosmtpd's private names, each used because aiosmtpd offers no other way:
 - `_timeout_cb` (overridden): aiosmtpd's only timeout hook; Postfix's "timeout after X" is logged there.
 - `_timeout_duration`, `_timeout_handle`, `_tls_protocol`, `_tls_handshake_okay`, `_original_transport`,
   `_handler_coroutine`, `_handle_hooks`, `_smtp_methods` (set in `__init__`): what `SMTP.__init__` would set
-  for the inherited methods that read them (connection_made/lost, STARTTLS, HELO, RSET, NOOP, QUIT, HELP);
+  for the inherited methods that read them (connection_made/lost, STARTTLS, HELO, RSET, NOOP, HELP);
   `AIOSMTPD_STATE` lists them and a test checks aiosmtpd still has them.
 - `_reader`, `_writer`: the connection's streams, kept by aiosmtpd under these names only.
 - `_original_transport`, `_timeout_handle` (read at the end): a session that ends inside a TLS handshake never
   gets connection_lost, so its socket and timer are closed here.
-- `_reset_timeout`, `_call_handler_hook`: aiosmtpd's timer and hook call, shared with the inherited commands.
+- `_reset_timeout` (overridden: one timer per session), `_call_handler_hook`: aiosmtpd's timer and hook call,
+  shared with the inherited commands.
 aiosmtpd's own PROXY support (`proxy_protocol_timeout`) is not used: see frontends.py.
 
 Failure behaviour: the session never raises out. A `WireError` is answered (and ends the session when fatal:
@@ -51,7 +54,7 @@ from mailflow import status
 from mailflow.config import DEFAULTS
 from mailflow.stages.smtpd.sessionlog import SessionLog
 from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction
-from mailflow.stages.smtpd.wire import Wire, WireError
+from mailflow.stages.smtpd.wire import CHUNK, Wire, WireError
 
 log = logging.getLogger("mailflow.smtpd")
 
@@ -118,8 +121,10 @@ class ProtocolCore(SMTP):
                  decode_data: bool = False, timeout: float = 300, tls_context=None, require_starttls: bool = False,
                  loop: asyncio.AbstractEventLoop | None = None):
         self.loop = loop or asyncio.get_running_loop()
+        # The wire reads in chunks: the reader's limit only pauses reading past 2 x CHUNK waiting (aiosmtpd's line
+        # length as the limit paused and resumed the socket, two epoll_ctl calls, for every 2 KB received).
         asyncio.StreamReaderProtocol.__init__(
-            self, asyncio.StreamReader(limit=self.line_length_limit, loop=self.loop),
+            self, asyncio.StreamReader(limit=CHUNK, loop=self.loop),
             client_connected_cb=self._cb_client_connected, loop=self.loop)
         # aiosmtpd's public attributes
         self.event_handler = handler
@@ -143,7 +148,7 @@ class ProtocolCore(SMTP):
         self._banner = ident
         self._eight_bit = not decode_data
         self._command_timeout = timeout
-        self.record = SessionLog()
+        self.record = SessionLog(self._client_name)
         self._wire: Wire | None = None
         self._replies_sent = 0
         self._in_hello = False  # HELO/EHLO replies carry no enhanced codes (RFC 2034)
@@ -152,7 +157,10 @@ class ProtocolCore(SMTP):
         self._greeted_at = 0.0
         self._data_started: float | None = None  # loop time DATA/BDAT content began, for the rate deadline
         self._data_bytes = 0
+        self._deadline = 0.0  # loop time the session times out, unless moved again before
+        self._timer_at: float | None = None  # when the pending timer fires; None when none is pending
         self._ended = False
+        self._quit = False  # QUIT answered: the command loop ends
 
     # --- typed state --------------------------------------------------------------------------------------
 
@@ -205,10 +213,13 @@ class ProtocolCore(SMTP):
         for transport in (self.transport, self._original_transport):
             if transport is not None and not transport.is_closing():
                 transport.close()
-        self.record.ended(self.session.client)
+        self.record.ended()
+
+    def _client_name(self) -> str:
+        return self.session.client
 
     def _timeout_cb(self) -> None:
-        self.record.timed_out(self.session.client)
+        self.record.timed_out()
         super()._timeout_cb()
 
     def eof_received(self) -> bool | None:
@@ -233,16 +244,21 @@ class ProtocolCore(SMTP):
     async def push(self, line: Any, *, counts_as_error: bool = True) -> None:
         """Send one reply line. A final 4xx/5xx counts toward the error limits (unless `counts_as_error` is
         False) and marks the command being answered as failed in the disconnect statistics."""
-        if isinstance(line, status.Reply):
-            line = str(line)
-        elif self._replies_sent and not self._in_hello and isinstance(line, str):  # the first is the greeting
-            line = status.with_enhanced_code(line)
-        final = _final_code(line)
+        if isinstance(line, status.Reply):  # one final line, as the catalogue wrote it
+            final, line = line.code, str(line)
+        else:
+            if self._replies_sent and not self._in_hello and isinstance(line, str):  # the first is the greeting
+                line = status.with_enhanced_code(line)
+            final = _final_code(line)
         if self._replies_sent and final >= 400 and counts_as_error:
             self._errors += 1
         self.record.replied(final)
         self._replies_sent += 1
-        await super().push(line)
+        # aiosmtpd's push, without its per-line debug record; drained only when the socket did not take it all
+        data = line.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") if isinstance(line, str) else line
+        self._writer.write(data + b"\r\n")
+        if self._writer.transport.get_write_buffer_size():
+            await self._writer.drain()
 
     async def _refuse_and_close(self, reply: status.Reply) -> None:
         self.record.server_hung_up = True
@@ -265,6 +281,25 @@ class ProtocolCore(SMTP):
                                  action=action, queue_id=queue_id)
 
     # --- deadlines ----------------------------------------------------------------------------------------
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """The session times out `duration` (default: `timeout`) from now. aiosmtpd's version makes a new
+        TimerHandle each time; here the pending timer stays when it fires no later than the new deadline."""
+        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        if self._timer_at is not None and self._timer_at <= self._deadline:
+            return
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        self._timer_at = self._deadline
+        self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer_at = None
+        if self.loop.time() < self._deadline:  # moved since the timer was set
+            self._timer_at = self._deadline
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
+            return
+        self._timeout_cb()
 
     def _on_input(self, count: int) -> None:
         """Bytes arrived. During DATA/BDAT content the deadline moves with the data rate (smtpd_min_data_rate):
@@ -311,7 +346,7 @@ class ProtocolCore(SMTP):
             self.record.lines.improper_pipelining("CONNECT", self.session.client, self._wire.peek())
             await self._refuse_and_close(status.protocol_sync(self.hostname))
             return
-        while self.transport is not None:
+        while self.transport is not None and not self._quit:
             try:
                 if not await self._error_gate():
                     return
@@ -344,7 +379,7 @@ class ProtocolCore(SMTP):
     async def _before_greeting(self) -> bool:
         """What must happen before the greeting; False when the connection was closed. The layers above add
         the PROXY header (frontends.py) and the admission (server.py)."""
-        self.record.connect(self.session.client)
+        self.record.connect()
         return True
 
     async def _error_gate(self) -> bool:
@@ -453,6 +488,16 @@ class ProtocolCore(SMTP):
     def _ehlo_keywords(self) -> tuple[str, ...]:
         """EHLO keywords the layers implement, added after the handler's hook (XCLIENT: frontends.py)."""
         return LAYER_KEYWORDS
+
+    async def smtp_QUIT(self, arg: str | None) -> None:
+        """221, then the session ends (aiosmtpd's QUIT cancels the session's own task to get out of its loop: an
+        exception through every frame, for every message that comes on a connection of its own)."""
+        if arg:
+            await self.push(status.syntax("QUIT"))
+            return
+        await self.push(status.BYE)
+        self._quit = True
+        self._close()
 
     async def smtp_VRFY(self, arg: str | None) -> None:
         """Off by default (disable_vrfy_command). On, the answer is the same for every address (252): VRFY

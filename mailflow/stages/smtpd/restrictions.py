@@ -5,7 +5,8 @@ What it owns
   `check_item`, with which config validates every item at start).
 - `Restrictions(config, smtpd, rewriter, mapper, resolver, tables)`: the lists of one `SmtpdConfig` (a
   listener may have its own), with their tables and policy clients opened once.
-- `check_rcpt(facts)`, `check_data(facts)`, `check_end_of_data(facts)` -> `Reply | None` (None: go on).
+- `check_rcpt(facts)`, `check_data(facts)`, `check_end_of_data(facts)` -> `Reply | None` (None: go on);
+  `check_content`: whether the data and end_of_data lists have anything to evaluate.
 
 Evaluation (Postfix with smtpd_delay_reject = yes): at RCPT the client, helo, sender, relay and recipient
 lists run in that order; each list stops at its first PERMIT (the next list still runs) or refusal (the
@@ -184,6 +185,11 @@ class Restrictions:
         if self._smtpd.reject_unlisted_recipient and facts.marks.discard is None:
             return await self._unlisted(facts.recipient)
         return None
+
+    @property
+    def check_content(self) -> bool:
+        """The data or end_of_data list has items (both empty by default: nothing to evaluate)."""
+        return bool(self._lists["data"] or self._lists["end_of_data"])
 
     async def check_data(self, facts: Facts) -> status.Reply | None:
         return None if facts.marks.discard is not None else await self._run("data", facts)

@@ -64,6 +64,7 @@ class Listener:
     authenticator: Authenticator | None
     sender_logins: SenderLogins | None
     frontends: FrontEnds
+    limits: ProtocolLimits  # of every session of this listener: made once, not at each connection
     server: asyncio.base_events.Server | None = None
 
     @property
@@ -168,7 +169,7 @@ class Smtpd:
         if smtpd.tls_cert_file:
             self._server_tls(smtpd)  # read now: a bad file stops the start
         return Listener(host, port, role, config, self._handler_for(config), anvil, SessionSlots(smtpd.max_sessions),
-                        authenticator, sender_logins, FrontEnds.from_config(smtpd))
+                        authenticator, sender_logins, FrontEnds.from_config(smtpd), ProtocolLimits.from_config(smtpd))
 
     def _server_tls(self, smtpd: SmtpdConfig) -> ServerTls:
         """The certificate of these settings, read once per (cert, key) pair. Raises TlsError."""
@@ -185,7 +186,7 @@ class Smtpd:
             listener.handler,
             listener=listener,
             sessions=self.sessions,
-            protocol=ProtocolLimits.from_config(smtpd),
+            protocol=listener.limits,
             frontends=listener.frontends,
             hostname=c.myhostname,
             ident=smtpd.banner,

@@ -1,10 +1,11 @@
 """One smtpd session's log: its connect and disconnect lines, with Postfix's per-command counts.
 
 What it owns
-- `SessionLog(smtpd_log)`: `connect(client)` ("connect from host[ip]"); `command(verb)` counts a command
+- `SessionLog(client, smtpd_log)`: `client()` names the client (host[ip]) as known at the time, asked only
+  when a line is written. `connect()` ("connect from host[ip]"); `command(verb)` counts a command
   (`None`: one Postfix counts as "unknown") and remembers it as where the session is (Postfix's "... after
   RCPT from ..."); `replied(code)` records the outcome of the command being answered (a final reply: 4xx and
-  5xx count as failed; 334 and 354 are not final); `timed_out(client)`; `ended(client)` at the end of the
+  5xx count as failed; 334 and 354 are not final); `timed_out()`; `ended()` at the end of the
   session, however it ended: "lost connection after X" unless the client said QUIT or the server hung up, then
   "disconnect from host[ip] ehlo=1 mail=1 ... commands=N".
 - `lines`: the `logs.SmtpdLog` through which the session writes its other events (reject, TLS, pipelining...).
@@ -15,13 +16,17 @@ Failure behaviour: bookkeeping and log lines only; nothing raises.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from mailflow.logs import COMMAND_ORDER, SmtpdLog
 
 NOT_FINAL = (334, 354)  # replies that continue the command they answer
+_COUNTED = {name.upper(): name for name in COMMAND_ORDER if name != "unknown"}  # verb -> its name in the log
 
 
 class SessionLog:
-    def __init__(self, lines: SmtpdLog | None = None):
+    def __init__(self, client: Callable[[], str], lines: SmtpdLog | None = None):
+        self._client = client
         self.lines = lines or SmtpdLog()
         self.connected = False  # "connect from" was logged: "disconnect from" will be
         self.server_hung_up = False
@@ -29,13 +34,14 @@ class SessionLog:
         self.counts: dict[str, list[int]] = {}  # Postfix's per-command [succeeded, total]
         self._pending: str | None = None  # counted; its final reply not sent yet
 
-    def connect(self, client: str) -> None:
+    def connect(self) -> None:
         self.connected = True
-        self.lines.connect(client)
+        if self.lines.active:
+            self.lines.connect(self._client())
 
     def command(self, verb: str | None) -> None:
         """One more command; `verb` (upper case) None or one Postfix does not count by name: "unknown"."""
-        name = verb.lower() if verb is not None and verb.lower() in COMMAND_ORDER else "unknown"
+        name = _COUNTED.get(verb, "unknown") if verb is not None else "unknown"
         self.counts.setdefault(name, [0, 0])[1] += 1
         self._pending = name
         if name != "unknown":
@@ -47,14 +53,15 @@ class SessionLog:
             self.counts[self._pending][0] += code < 400
             self._pending = None
 
-    def timed_out(self, client: str) -> None:
-        if self.connected and not self.server_hung_up:
-            self.lines.timeout(self.where, client)
+    def timed_out(self) -> None:
+        if self.connected and not self.server_hung_up and self.lines.active:
+            self.lines.timeout(self.where, self._client())
         self.server_hung_up = True
 
-    def ended(self, client: str) -> None:
-        if not self.connected:
+    def ended(self) -> None:
+        if not self.connected or not self.lines.active:
             return
+        client = self._client()
         if not self.server_hung_up and "quit" not in self.counts:
             self.lines.lost_connection(self.where, client)
         self.lines.disconnect(client, self.counts)
