@@ -45,6 +45,9 @@ FUNCTION_IMPORTS = {
     ("mailflow.cli.server", "mailflow.routing.router"): "only `address` (and sendmail -bv) routes addresses",
     ("mailflow.cli.server", "mailflow.stages.smtpd.auth"): "only `auth hash-password` hashes; importing it loads the "
                                                            "whole smtpd package",
+    ("mailflow.app", "mailflow.http"): "aiohttp takes a third of a second to import: only a server with an HTTP "
+                                       "feature ([sink] enable) loads it, not every `mailflow serve` nor Sink",
+    ("mailflow.app", "mailflow.capture.mailpit"): "as above (the capture API's routes are aiohttp handlers)",
     ("mailflow.cli.queue", "mailflow.store"): "only the queue commands open the queue database",
     ("mailflow.cli.queue", "mailflow.queue_tools"): "as above",
 }

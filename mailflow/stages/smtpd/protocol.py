@@ -19,6 +19,8 @@ What it owns
 - EHLO (the layers' keywords, then the handler's hook), VRFY, EXPN; HELO, RSET, NOOP, QUIT, HELP are aiosmtpd's.
 - Typed state through aiosmtpd's documented factories: `_create_session()` -> state.SessionState,
   `_create_envelope()` -> state.Transaction (freeing the BDAT content of the one it replaces).
+- The transcript (transcript.py), only when the server has a session observer: each command line and each
+  reply, the client's identity, a message queued, the end of the session.
 
 aiosmtpd's private names, each used because aiosmtpd offers no other way:
 - `_handle_client` (overridden): aiosmtpd's command loop reads line by line and knows neither strict CRLF,
@@ -51,6 +53,7 @@ from mailflow import status
 from mailflow.config import DEFAULTS
 from mailflow.stages.smtpd.sessionlog import SessionLog
 from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction
+from mailflow.stages.smtpd.transcript import SessionObserver, Transcript, tls_description
 from mailflow.stages.smtpd.wire import Wire, WireError
 
 log = logging.getLogger("mailflow.smtpd")
@@ -116,7 +119,7 @@ class ProtocolCore(SMTP):
     def __init__(self, handler, *, sessions: set, protocol: ProtocolLimits | None = None, hostname: str,
                  ident: str = "ESMTP", data_size_limit: int | None = None, enable_SMTPUTF8: bool = True,
                  decode_data: bool = False, timeout: float = 300, tls_context=None, require_starttls: bool = False,
-                 loop: asyncio.AbstractEventLoop | None = None):
+                 loop: asyncio.AbstractEventLoop | None = None, observer: SessionObserver | None = None):
         self.loop = loop or asyncio.get_running_loop()
         asyncio.StreamReaderProtocol.__init__(
             self, asyncio.StreamReader(limit=self.line_length_limit, loop=self.loop),
@@ -153,6 +156,8 @@ class ProtocolCore(SMTP):
         self._data_started: float | None = None  # loop time DATA/BDAT content began, for the rate deadline
         self._data_bytes = 0
         self._ended = False
+        self._observer = observer
+        self.transcript: Transcript | None = None  # only with an observer (transcript.py)
 
     # --- typed state --------------------------------------------------------------------------------------
 
@@ -206,6 +211,21 @@ class ProtocolCore(SMTP):
             if transport is not None and not transport.is_closing():
                 transport.close()
         self.record.ended(self.session.client)
+        if self.transcript is not None:
+            self._observe_identity()
+            self.transcript.ended()
+
+    def _observe_identity(self) -> None:
+        """What the transcript says of the client, as known now (after PROXY, XCLIENT, STARTTLS, AUTH)."""
+        t = self.transcript
+        t.client, t.helo, t.login = self.session.client, self.session.host_name or "", self.session.login
+        t.tls = tls_description(self.session.ssl)
+
+    def _observe_queued(self, queue_id: str) -> None:
+        """A message of this session was committed as `queue_id` (its 250 is in the transcript)."""
+        if self.transcript is not None:
+            self._observe_identity()
+            self.transcript.queued(queue_id)
 
     def _timeout_cb(self) -> None:
         self.record.timed_out(self.session.client)
@@ -243,6 +263,8 @@ class ProtocolCore(SMTP):
         self.record.replied(final)
         self._replies_sent += 1
         await super().push(line)
+        if self.transcript is not None:
+            self.transcript.reply(line)
 
     async def _refuse_and_close(self, reply: status.Reply) -> None:
         self.record.server_hung_up = True
@@ -301,6 +323,9 @@ class ProtocolCore(SMTP):
     async def _serve_client(self) -> None:
         assert self.session is not None
         self._wire = Wire(self._reader, self.hostname, self._on_input, bare_lf=not self._limits.forbid_bare_newline)
+        if self._observer is not None:
+            self.transcript = Transcript(self._observer, self.session.client, self.hang_up)
+            self.transcript.started()
         if not await self._before_greeting():
             return
         await asyncio.sleep(0)  # let input sent before the greeting arrive, so that it is seen as such
@@ -364,6 +389,8 @@ class ProtocolCore(SMTP):
 
     async def _one_command(self) -> None:
         line = await self.wire.read_line(self._limits.max_line_length)
+        if self.transcript is not None:
+            self.transcript.command(line)
         refusal = _malformed(line)
         if refusal is not None:  # Postfix counts these as unknown commands
             self.record.command(None)
