@@ -10,9 +10,22 @@
 Nothing here changes how the server works: capture is a transport, the faults go through smtpd's policy hook
 and its session observer, fake destinations are SMTP peers and a Resolver, the clock is mailflow.clock's.
 """
-from mailflow.capture.mailbox import CapturedMessage, Criteria, WaitTimeout
-from mailflow.testing.destinations import FakeDestination
-from mailflow.testing.sink import Sink
-from mailflow.testing.threaded import ThreadedSink
-
 __all__ = ["CapturedMessage", "Criteria", "FakeDestination", "Sink", "ThreadedSink", "WaitTimeout"]
+
+
+def __getattr__(name: str):
+    """The names load on first use, so that the pytest plugin (a module of this package, loaded by every pytest
+    run in the environment) costs nothing until a test asks for a Sink."""
+    if name in ("Sink", "ThreadedSink"):
+        from mailflow.testing import sink
+
+        return getattr(sink, name)
+    if name == "FakeDestination":
+        from mailflow.testing.destinations import FakeDestination
+
+        return FakeDestination
+    if name in ("CapturedMessage", "Criteria", "WaitTimeout"):
+        from mailflow.capture.mailbox import CapturedMessage, Criteria, WaitTimeout
+
+        return {"CapturedMessage": CapturedMessage, "Criteria": Criteria, "WaitTimeout": WaitTimeout}[name]
+    raise AttributeError(name)

@@ -142,6 +142,8 @@ class Sink:
             base = config_from_dict(given, "Sink(config=...)", base=Path.cwd()).model_dump()
         else:
             base = load_config(given).model_dump()
+        if isinstance(self.clock, VirtualClock):  # hours pass between tries: no session is kept for the next
+            base = merged(base, {"smtp": {"connection_cache_time_limit": 0}})
         data = merged(base, self._settings)
         smtpd = data.get("smtpd", {})
         listeners = [{**listener, "address": "127.0.0.1:0"} for listener in smtpd.get("listeners", [])]

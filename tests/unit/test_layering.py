@@ -48,6 +48,12 @@ FUNCTION_IMPORTS = {
     ("mailflow.app", "mailflow.http"): "aiohttp takes a third of a second to import: only a server with an HTTP "
                                        "feature ([sink] enable) loads it, not every `mailflow serve` nor Sink",
     ("mailflow.app", "mailflow.capture.mailpit"): "as above (the capture API's routes are aiohttp handlers)",
+    ("mailflow.testing", "mailflow.testing.sink"): "pytest loads the plugin (mailflow.testing.pytest_plugin) in "
+                                                   "every run of every suite in the environment: the server loads "
+                                                   "when a test asks for a Sink",
+    ("mailflow.testing", "mailflow.testing.destinations"): "as above",
+    ("mailflow.testing", "mailflow.capture.mailbox"): "as above",
+    ("mailflow.testing.pytest_plugin", "mailflow.testing.sink"): "as above",
     ("mailflow.cli.queue", "mailflow.store"): "only the queue commands open the queue database",
     ("mailflow.cli.queue", "mailflow.queue_tools"): "as above",
 }

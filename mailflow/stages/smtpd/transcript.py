@@ -68,9 +68,10 @@ class Transcript:
     def command(self, line: bytes) -> None:
         self._keep("C", _redacted(line.decode("utf-8", "replace")))
 
-    def reply(self, line: str) -> None:
-        self._keep("S", line.rstrip("\r\n"))
-        self._tell(self.observer.replied, self, line)
+    def reply(self, line: str | bytes) -> None:
+        text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+        self._keep("S", text.rstrip("\r\n"))
+        self._tell(self.observer.replied, self, text)
 
     def snapshot(self) -> SessionTranscript:
         return SessionTranscript(self.client, self.helo, self.tls, self.login, tuple(self.lines), self.omitted)
