@@ -11,7 +11,8 @@ raises `QueueBusy` naming the running server's pid when another one holds it.
 With `[sink] enable` (or an injected `capture`, mailflow.capture.recorders.Capture) the server keeps what the
 `capture` transport delivers, records each session's transcript (smtpd's session observer) and each message's
 queue history (the mail log's observer); with `[sink] enable` it also serves the capture API on the one HTTP
-listener (`[http]`, mailflow.http; `mf.http`). `smtpd_policy` is smtpd's in-process policy hook.
+listener (`[http]`, mailflow.http; `mf.http`). `smtpd_policy` is smtpd's in-process policy hook;
+`session_observer` (default: the capture's) gets every SMTP session's transcript (stages.smtpd.transcript).
 
 The clock, RNG, resolver and transports can be injected (tests pass fakes or local peers); nothing is
 global, so several instances can run in one process. Without an injected resolver, `build_resolver` makes one
@@ -73,7 +74,7 @@ def build_resolver(dns: DnsConfig) -> AiodnsResolver:
 class Mailflow:
     def __init__(self, config: Config, *, clock: Clock | None = None, rng: random.Random | None = None,
                  resolver=None, transports: dict | None = None, shutdown_grace: float = 10.0,
-                 capture: Capture | None = None, smtpd_policy=None):
+                 capture: Capture | None = None, smtpd_policy=None, session_observer=None):
         self.config = config
         self.clock = clock or SystemClock()
         self.rng = rng or random.Random()
@@ -90,6 +91,7 @@ class Mailflow:
             capture = Capture(config.sink, self.clock)
         self.capture = capture
         self._smtpd_policy = smtpd_policy
+        self._session_observer = session_observer or (capture.session_observer if capture else None)
         self.http = None  # mailflow.http.HttpServer, when a feature serves HTTP
 
     async def start(self) -> None:
@@ -131,7 +133,7 @@ class Mailflow:
         self.smtpd = Smtpd(c, lambda listener_config: SmtpdHandler(listener_config, router.rewriter, router.mapper,
                                                                     cleanup, resolver=resolver, free_space=free_space,
                                                                     policy=self._smtpd_policy),
-                           clock=self.clock, observer=capture.session_observer if capture else None)
+                           clock=self.clock, observer=self._session_observer)
         await self.smtpd.start()
 
     async def _start_http(self) -> None:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ("pytester",)  # tests of the mailflow pytest plugin (tests/e2e/test_sink_pytest_plugin.py)
+
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 from dnslib import RCODE, RR
 from dnslib.server import BaseResolver, DNSLogger, DNSServer
