@@ -25,6 +25,9 @@ the Sink sets: `queue_directory` (its temporary directory), the listeners' addre
     users          {login: password}: AUTH required (PLAIN, LOGIN; over plaintext on loopback unless `tls`)
     http_api       serve the capture API (Mailpit's API v1 subset, docs/testing.md) at `http_url`
     shutdown_grace seconds deliveries in flight get at stop
+    temporary_root where the temporary directory (queue, certificate, users) is made: by default /dev/shm when
+                   there is one (tmpfs: a test's queue needs no durability and its fsyncs cost nothing there),
+                   else the system's temporary directory
 
 Failure behaviour: a bad setting raises mailflow.config.ConfigError at start; `wait_for` raises
 mailflow.capture.mailbox.WaitTimeout (an AssertionError that lists what did arrive); `advance` without
@@ -33,6 +36,7 @@ virtual_time raises RuntimeError; `settle` raises TimeoutError after `timeout` s
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import re
 import shutil
@@ -65,7 +69,8 @@ class Sink:
 
     def __init__(self, config: Config | str | Path | dict | None = None, *, virtual_time: bool = False,
                  seed: int | None = None, tls: str | None = None, users: dict[str, str] | None = None,
-                 http_api: bool = False, shutdown_grace: float = 1.0, **settings):
+                 http_api: bool = False, shutdown_grace: float = 1.0, temporary_root: str | Path | None = None,
+                 **settings):
         if tls not in (None, "may", "encrypt"):
             raise ValueError(f"tls={tls!r}: None, 'may' or 'encrypt'")
         self._given = config
@@ -74,6 +79,7 @@ class Sink:
         self._users = dict(users or {})
         self._http_api = http_api
         self._grace = shutdown_grace
+        self._temporary_root = temporary_root
         self.clock: Clock = VirtualClock(start=time.time()) if virtual_time else SystemClock()
         self._rng = random.Random(seed)
         self.faults = InboundFaults()
@@ -89,7 +95,8 @@ class Sink:
     # -- lifecycle ------------------------------------------------------------------------------------------
 
     async def start(self) -> "Sink":
-        self.directory = Path(tempfile.mkdtemp(prefix="mailflow-sink-"))
+        root = self._temporary_root or _fast_temporary_directory()
+        self.directory = Path(tempfile.mkdtemp(prefix="mailflow-sink-", dir=root))
         try:
             try:
                 self._destinations = Destinations()
@@ -302,3 +309,10 @@ class Sink:
             self.clock.advance(step_to - self.clock.now)
             await self.settle()
 
+
+
+def _fast_temporary_directory() -> str | None:
+    """/dev/shm when it is there and writable (tmpfs: a test's queue needs no durability, and fsync costs nothing
+    there), else the system's temporary directory."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else None
