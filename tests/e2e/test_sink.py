@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import re
 import smtplib
+import tempfile
 import ssl
 from email.message import EmailMessage
 
@@ -210,3 +211,22 @@ def test_threaded_sink_for_synchronous_code():
             sink.wait_for(subject="again", timeout=0.2)
         sink.reset()
         assert sink.messages == []
+
+
+async def test_a_config_file_brings_the_applications_own_routing(tmp_path):
+    """The application's config.toml: its local domain, users and aliases; the Sink only moves the queue and the
+    listener (the file's own queue_directory and listen address are not used)."""
+    (tmp_path / "aliases").write_text("sales: alice\n")
+    config = tmp_path / "config.toml"
+    config.write_text('mydestination = ["shop.test"]\nlocal_recipient_maps = ["inline:{alice=ok}"]\n'
+                      'alias_maps = ["texthash:aliases"]\nqueue_directory = "/nonexistent/queue"\n'
+                      'local_transport = "capture:"\n[smtpd]\nlisten = ["192.0.2.1:25"]\n')
+    async with Sink(config=config) as sink:
+        async with aiosmtplib.SMTP(hostname=sink.host, port=sink.port) as client:
+            with pytest.raises(aiosmtplib.SMTPRecipientsRefused) as unknown:
+                await client.sendmail("a@remote.test", ["nobody@shop.test"], b"Subject: x\r\n\r\nx\r\n")
+            assert unknown.value.recipients[0].code == 550
+            await client.sendmail("a@remote.test", ["sales@shop.test"], b"Subject: lead\r\n\r\nx\r\n")
+        [msg] = await sink.wait_for(subject="lead")
+    assert msg.recipients == ("sales@shop.test",)
+    assert str(sink.config.queue_path).startswith(("/dev/shm/mailflow-sink-", tempfile.gettempdir()))
