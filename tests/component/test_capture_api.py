@@ -169,3 +169,17 @@ async def test_the_http_layer_is_loopback_by_default_and_features_register_route
 async def test_no_http_listener_without_a_feature(tmp_path):
     async with Sink() as sink:
         assert sink.http_url is None and sink.server.http is None
+
+
+async def test_waits_are_bounded_in_number_and_time():
+    async with Sink(http_api=True, sink={"waiters_limit": 1, "wait_time_limit": "0.2s"}) as sink, \
+            aiohttp.ClientSession(sink.http_url) as http:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        first = asyncio.ensure_future(http.get("/api/v1/wait?query=nothing&timeout=3600"))
+        await asyncio.sleep(0.05)
+        async with http.get("/api/v1/wait?query=nothing") as second:
+            assert second.status == 503
+        response = await first
+        assert response.status == 408 and loop.time() - started < 2  # capped at wait_time_limit
+        response.release()
