@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiosmtpd.smtp import SMTP
 

@@ -127,7 +127,7 @@ def test_search_syntax():
 
 def test_search_places():
     box = mailbox()
-    first = add(box, "Big sale", rcpts=("bob@example.com", "hidden@example.com"), queue_id="A",
+    add(box, "Big sale", rcpts=("bob@example.com", "hidden@example.com"), queue_id="A",
                 body="prices cut")
     second = add(box, "Receipt", rcpts=("carol@example.com",), to="Carol <carol@example.com>", queue_id="B")
     second.read = True
