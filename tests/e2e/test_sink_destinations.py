@@ -61,6 +61,20 @@ async def test_a_permanent_refusal_bounces_to_the_sender():
     assert "5.1.1 No such user" in bounce.text or "No such user" in bounce.raw.decode()
 
 
+async def test_a_destination_that_never_accepts_expires_at_the_queue_lifetime():
+    settings = {**RELAY, "queue": {**RELAY["queue"], "delay_warning_time": "0", "maximal_queue_lifetime": "3h"}}
+    async with Sink(virtual_time=True, **settings) as sink:
+        dest = sink.destination("example.com")
+        dest.answers(451, "4.2.2 Mailbox full")
+        await send(sink, subject="Never")
+        await sink.advance(hours=2)
+        assert sink.messages == []  # still being retried
+        await sink.advance(hours=2)
+        [bounce] = await sink.wait_for(to="app@shop.test")
+    assert bounce.subject == "Undelivered Mail Returned to Sender" and "Mailbox full" in bounce.raw.decode()
+    assert 4 <= dest.transactions <= 12  # retried along the backoff schedule (5m, then the age, up to 1h)
+
+
 async def test_refused_connections_then_delivery():
     async with Sink(virtual_time=True, **RELAY) as sink:
         dest = sink.destination("example.com")
