@@ -198,12 +198,12 @@ class SmtpdHandler:
     async def _content_refusal(self, session: SessionState, envelope: Transaction) -> status.Reply | None:
         """The policy hook, data_restrictions, then end_of_data_restrictions."""
         rcpt = envelope.single_recipient
+        facts = self._facts(session, envelope, rcpt, stage="data")
         if self._policy is not None:
-            refusal = await self._policy_refusal("data", self._facts(session, envelope, rcpt, stage="data"),
-                                                 tuple(envelope.rcpt_tos))
+            refusal = await self._policy_refusal("data", facts, tuple(envelope.rcpt_tos))
             if refusal is not None:
                 return refusal
-        refusal = await self.restrictions.check_data(self._facts(session, envelope, rcpt, stage="data"))
+        refusal = await self.restrictions.check_data(facts)
         if refusal is not None:
             return refusal
         facts = self._facts(session, envelope, rcpt, stage="end_of_data")
