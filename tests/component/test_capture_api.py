@@ -14,7 +14,6 @@ from mailflow.config import DEFAULTS
 from mailflow.http import HttpServer
 from mailflow.testing import Sink
 
-pytestmark = pytest.mark.asyncio
 
 
 def mail(subject: str, to: str = "Bob <bob@example.com>", attach: bool = False) -> EmailMessage:

@@ -18,7 +18,6 @@ import pytest
 from mailflow.capture.mailbox import WaitTimeout
 from mailflow.testing import Sink
 
-pytestmark = pytest.mark.asyncio
 
 
 def order_mail(to: str = "bob@example.com", subject: str = "Your order") -> EmailMessage:

@@ -11,7 +11,6 @@ import pytest
 
 from mailflow.testing import Sink
 
-pytestmark = pytest.mark.asyncio
 
 RELAY = {"relay_domains": ["example.com"], "relay_transport": "smtp",
          "queue": {"minimal_backoff_time": "5m", "maximal_backoff_time": "1h", "delay_warning_time": "4m",

@@ -22,7 +22,6 @@ from tests.interop.test_postfix_tools import run
 pytestmark = pytest.mark.interop
 
 
-@pytest.mark.asyncio
 async def test_swaks_through_required_starttls_and_auth(tmp_path):
     async with Sink(tls="encrypt", users={"app": "s3cret"}) as sink:
         rc, out = await run(require_tool("swaks"), "--server", sink.host, "--port", str(sink.port),
@@ -94,7 +93,6 @@ def test_mailpit_client_against_the_embedded_sink():
         exercise_mailpit_client(sink.http_url, sink.port)
 
 
-@pytest.mark.asyncio
 async def test_mailpit_client_against_serve_sink(tmp_path):
     pytest.importorskip("mailpit.client.api")
     smtp_port, http_port = free_port(), free_port()
