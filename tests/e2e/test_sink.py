@@ -229,3 +229,13 @@ async def test_a_config_file_brings_the_applications_own_routing(tmp_path):
         [msg] = await sink.wait_for(subject="lead")
     assert msg.recipients == ("sales@shop.test",)
     assert str(sink.config.queue_path).startswith(("/dev/shm/mailflow-sink-", tempfile.gettempdir()))
+
+
+def test_a_bad_setting_fails_the_start_naming_it():
+    from mailflow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no_such_setting: unknown setting"):
+        with Sink.threaded(no_such_setting=1):
+            pass
+    with pytest.raises(ValueError, match="tls="):
+        Sink(tls="always")
