@@ -33,7 +33,7 @@ def test_pytest_file(number, pytester):
     source = TEST_FILES[number]
     name = re.match(r"# (test_\w+)\.py\n", source).group(1)
     pytester.makepyfile(**{name: source})
-    result = pytester.runpytest("-p", "no:cacheprovider")
+    result = pytester.runpytest("-p", "no:cacheprovider", "-o", "asyncio_default_fixture_loop_scope=function")
     outcomes = result.parseoutcomes()
     assert outcomes.get("passed", 0) == source.count("\ndef test_") and "failed" not in outcomes, \
         result.stdout.str()
