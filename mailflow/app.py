@@ -8,6 +8,12 @@
 One server per queue: start() takes the queue's lock (queuelock.py) before anything touches the store, and
 raises `QueueBusy` naming the running server's pid when another one holds it.
 
+With `[sink] enable` (or an injected `capture`, mailflow.capture.recorders.Capture) the server keeps what the
+`capture` transport delivers, records each session's transcript (smtpd's session observer) and each message's
+queue history (the mail log's observer); with `[sink] enable` it also serves the capture API on the one HTTP
+listener (`[http]`, mailflow.http; `mf.http`). `smtpd_policy` is smtpd's in-process policy hook;
+`session_observer` (default: the capture's) gets every SMTP session's transcript (stages.smtpd.transcript).
+
 The clock, RNG, resolver and transports can be injected (tests pass fakes or local peers); nothing is
 global, so several instances can run in one process. Without an injected resolver, `build_resolver` makes one
 from `[dns]` (transports and smtpd share it). `serve(config)` runs one until SIGTERM/SIGINT or
@@ -24,6 +30,7 @@ import random
 import shutil
 import signal
 
+from mailflow.capture.recorders import Capture
 from mailflow.clock import Clock, SystemClock
 from mailflow.config import Config, DnsConfig
 from mailflow.content import Content
@@ -66,7 +73,8 @@ def build_resolver(dns: DnsConfig) -> AiodnsResolver:
 
 class Mailflow:
     def __init__(self, config: Config, *, clock: Clock | None = None, rng: random.Random | None = None,
-                 resolver=None, transports: dict | None = None, shutdown_grace: float = 10.0):
+                 resolver=None, transports: dict | None = None, shutdown_grace: float = 10.0,
+                 capture: Capture | None = None, smtpd_policy=None, session_observer=None):
         self.config = config
         self.clock = clock or SystemClock()
         self.rng = rng or random.Random()
@@ -79,6 +87,12 @@ class Mailflow:
         self.qmgr: QueueManager | None = None
         self.smtpd: Smtpd | None = None
         self.pickup: Pickup | None = None
+        if capture is None and config.sink.enable:
+            capture = Capture(config.sink, self.clock)
+        self.capture = capture
+        self._smtpd_policy = smtpd_policy
+        self._session_observer = session_observer or (capture.session_observer if capture else None)
+        self.http = None  # mailflow.http.HttpServer, when a feature serves HTTP
 
     async def start(self) -> None:
         c = self.config
@@ -88,18 +102,21 @@ class Mailflow:
                                           backlog_limit=c.queue.incoming_backlog_limit, owner=True)
             await self.store.sweep()  # spool files a crash left behind; nothing is being received yet
             await self._start_stages()
+            await self._start_http()
         except BaseException:
             await self.stop()
             raise
         log.info("mailflow started: listening on %s, queue %s",
-                 ", ".join(f"{h}:{p}" for h, p in self.smtp_addresses), c.queue_path)
+                 ", ".join(f"{h}:{p}" for h, p in self.smtp_addresses + (self.http.addresses if self.http else [])),
+                 c.queue_path)
 
     async def _start_stages(self) -> None:
         assert self.store is not None  # start() opened it
         c = self.config
         router = Router(c)
         await router.tables.preload()  # read the table files off the event loop, before anyone asks
-        maillog = MailLog()
+        capture = self.capture
+        maillog = MailLog(observer=capture.mail_observer if capture else None)
         cleanup = Cleanup(self.store, myhostname=c.myhostname, clock=self.clock, rng=self.rng, log=maillog,
                           on_queued=self._wake_qmgr, mapper=router.mapper, hopcount_limit=c.hopcount_limit,
                           header_size_limit=c.header_size_limit)
@@ -115,9 +132,23 @@ class Mailflow:
         resolver = self._dns_resolver()
         free_space = lambda: shutil.disk_usage(c.queue_path).free  # noqa: E731 (asked at every MAIL)
         self.smtpd = Smtpd(c, lambda listener_config: SmtpdHandler(listener_config, router.rewriter, router.mapper,
-                                                                    cleanup, resolver=resolver, free_space=free_space),
-                           clock=self.clock)
+                                                                    cleanup, resolver=resolver, free_space=free_space,
+                                                                    policy=self._smtpd_policy),
+                           clock=self.clock, observer=self._session_observer)
         await self.smtpd.start()
+
+    async def _start_http(self) -> None:
+        """The HTTP listener, when a feature has something to serve: the capture API with [sink] enable."""
+        if not (self.config.sink.enable and self.capture is not None):
+            return
+        from mailflow.capture.mailpit import routes
+        from mailflow.http import HttpServer
+
+        sink = self.config.sink
+        self.http = HttpServer(self.config.http.listen)
+        self.http.add_routes("capture API", routes(self.capture, waiters_limit=sink.waiters_limit,
+                                                   wait_time_limit=sink.wait_time_limit))
+        await self.http.start()
 
     def _wake_qmgr(self) -> None:
         if self.qmgr:
@@ -126,7 +157,8 @@ class Mailflow:
     def _build_transports(self, router, forward) -> dict:
         if self._transports is not None:
             return self._transports
-        return build_transports(self.config, self._dns_resolver(), self.clock, router, forward)
+        return build_transports(self.config, self._dns_resolver(), self.clock, router, forward,
+                                mailbox=self.capture.mailbox if self.capture else None)
 
     def _dns_resolver(self):
         """The injected resolver, else one built here (once) from [dns]: transports and smtpd share it."""
@@ -135,7 +167,10 @@ class Mailflow:
         return self._resolver or self._own_resolver
 
     async def stop(self) -> None:
-        """Listeners and pickup first, then deliveries, then the store. Safe to call twice."""
+        """Listeners (HTTP, SMTP) and pickup first, then deliveries, then the store. Safe to call twice."""
+        if self.http:
+            await self.http.stop()
+            self.http = None
         if self.smtpd:
             await self.smtpd.stop(self._grace)
             self.smtpd = None

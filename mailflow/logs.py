@@ -9,7 +9,9 @@ What it owns
   `QID: client=host[ip]`, with `sasl_method=, sasl_username=` after AUTH; pickup's `QID: uid=N from=<s>`),
   message-id (cleanup), queued (`from=<s>, size=N, nrcpt=N (queue active)`), sent / deferred / bounced
   (`to=<r>, relay=…, delay=…, dsn=…, status=… (text)`), notice, removed, corrupt. Nothing else writes to the
-  `mailflow.mail` logger.
+  `mailflow.mail` logger. `MailLog(observer=f)` also hands each event to `f(queue_id, event, fields)` (the
+  capture server's queue histories; metrics), after the line is logged; an observer that raises is logged once
+  per event and changes nothing else.
 - `SmtpdLog`: smtpd's session events, in Postfix smtpd's words: `connect from host[ip]`, `disconnect from
   host[ip] ehlo=1 mail=1 … commands=N`, `NOQUEUE: reject: RCPT from host[ip]: 554 5.7.1 …; from=<s> to=<r>
   proto=ESMTP helo=<h>`, `Anonymous TLS connection established from …`, `warning: host[ip]: SASL PLAIN
@@ -62,8 +64,10 @@ def client_name(hostname: str, addr: str) -> str:
 
 
 class MailLog:
-    def __init__(self, logger: logging.Logger | None = None):
+    def __init__(self, logger: logging.Logger | None = None, observer=None):
+        """`observer(queue_id, event, fields)`: also told every event (None: nobody)."""
         self._log = logger or logging.getLogger(MAIL_LOGGER)
+        self._observer = observer
 
     @property
     def active(self) -> bool:
@@ -74,6 +78,11 @@ class MailLog:
         fields = {k: printable(v) if isinstance(v, str) else v for k, v in fields.items()}
         self._log.info("%s: %s", queue_id, printable(line),
                        extra={"queue_id": queue_id, "event": event, "fields": fields, "service": service})
+        if self._observer is not None:
+            try:
+                self._observer(queue_id, event, fields)
+            except Exception:
+                logging.getLogger("mailflow").exception("%s: mail event observer failed", queue_id)
 
     def received(self, queue_id: str, client: str, *, sasl_method: str = "", sasl_username: str = "") -> None:
         """smtpd accepted a message from `client` (`host[ip]`), logged before cleanup's and qmgr's lines."""
@@ -132,7 +141,7 @@ def _delivery_service(relay: str) -> str:
     """Which Postfix delivery agent a result line is attributed to (pflogsumm counts any)."""
     if "[" in relay:
         return "smtp"
-    if relay in ("local", "virtual", "error", "discard", "none"):
+    if relay in ("local", "virtual", "error", "discard", "capture", "none"):
         return "qmgr" if relay == "none" else relay
     return "pipe"
 

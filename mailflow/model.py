@@ -48,6 +48,21 @@ class ClientInfo:
 
 
 @dataclass(frozen=True)
+class SessionTranscript:
+    """What one SMTP session said, as smtpd's transcript facility recorded it up to a moment (a message queued,
+    the end of the session): the client, its HELO name, TLS (protocol and cipher, "" without), the AUTH login,
+    and the lines in order, each (`"C"` client or `"S"` server, text; AUTH credentials never kept), at most the
+    observer's limits: `omitted` counts the lines left out past them."""
+
+    client: str
+    helo: str = ""
+    tls: str = ""
+    login: str = ""
+    lines: tuple[tuple[str, str], ...] = ()
+    omitted: int = 0
+
+
+@dataclass(frozen=True)
 class Envelope:
     """The SMTP envelope as accepted: sender ("" is the null sender) and recipients in order."""
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import trustme
 
+pytest_plugins = ("pytester",)  # tests of the mailflow pytest plugin (tests/e2e/test_sink_pytest_plugin.py)
+
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 from dnslib.server import DNSLogger, DNSServer
 

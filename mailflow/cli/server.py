@@ -1,7 +1,8 @@
 """The commands about the server and its configuration: serve, check-config, version, config show, address,
 table query, auth hash-password. Each is a plain function; `mailflow.cli` registers them.
 
-    serve(config)            run until SIGTERM/SIGINT; exit 2 for a configuration problem (the log file, a table
+    serve(config, sink)      run until SIGTERM/SIGINT (`--sink` or [sink] enable: as a capture server, its queue
+                             in a temporary directory); exit 2 for a configuration problem (the log file, a table
                              spec found while building the stages), 1 when it cannot start (an address taken, the
                              queue held by another server, named by its pid)
     check_config(config)     validate, then read every file-backed table: exit 2 listing each one that cannot
@@ -19,11 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import tempfile
 from typing import List, Optional
 
 import typer
 
 from mailflow import __version__
+from mailflow.capture.settings import capture_server
 from mailflow.cli.common import (ConfigOption, config_error_text, config_name, config_path, fail, fail_config,
                                      load)
 from mailflow.config import Config, flat_settings, show_settings
@@ -34,12 +37,26 @@ from mailflow.syntax import FILE_TABLE_TYPES, parse_hostport, table_type
 from mailflow.tables import open_table
 
 
-def serve(config: Optional[str] = ConfigOption) -> None:
+def serve(config: Optional[str] = ConfigOption,
+          sink: bool = typer.Option(False, "--sink", help="run as a capture server: accept every recipient and keep "
+                                    "each message for the HTTP capture API ([sink], [http]; docs/testing.md)")) -> None:
     """Run the mail server until SIGTERM or SIGINT."""
     from mailflow.app import serve as run
 
     cfg = load(config)
     where = config_name(config_path(config))
+    if sink or cfg.sink.enable:
+        with tempfile.TemporaryDirectory(prefix="mailflow-sink-") as queue:  # the capture is in memory
+            try:
+                cfg = capture_server(cfg, queue)
+            except ConfigError as e:
+                fail_config("mailflow", e, where)
+            _serve(run, cfg, where)
+        return
+    _serve(run, cfg, where)
+
+
+def _serve(run, cfg: Config, where: str) -> None:
     try:
         setup_logging(cfg.log, cfg.myhostname)
     except OSError as e:

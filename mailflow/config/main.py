@@ -17,8 +17,10 @@ from pydantic import Field, PrivateAttr, ValidationInfo, field_validator
 from mailflow.address import normalise_domain
 from mailflow.config.base import Networks, Section, TableSpecs
 from mailflow.config.delivery import DnsConfig, LmtpConfig, LocalConfig, PipeService, SmtpConfig
+from mailflow.config.http import HttpConfig
 from mailflow.config.log import LogConfig
 from mailflow.config.queue import QueueConfig, SendmailConfig
+from mailflow.config.sink import SinkConfig
 from mailflow.config.smtpd import SmtpdConfig
 from mailflow.syntax import is_ip_address, parse_hostport
 
@@ -30,13 +32,13 @@ _DOTTED_DOMAIN = {
           "parent_domain_matches_subdomains); write it without the leading '.'",
 }
 
-BUILTIN_TRANSPORTS = ("local", "virtual", "smtp", "relay", "lmtp", "discard", "error")
+BUILTIN_TRANSPORTS = ("local", "virtual", "smtp", "relay", "lmtp", "discard", "error", "capture")
 _TRANSPORT_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a transport (built in or [pipe.NAME]) as transport_maps name it
 _TRANSPORT_NEXTHOP = re.compile(rf"{_TRANSPORT_NAME.pattern}(:.*)?")  # transport or transport:nexthop
 
 
 class Config(Section):
-    """The whole configuration. Section tables: smtpd, local, smtp, lmtp, dns, queue, log, sendmail."""
+    """The whole configuration. Section tables: smtpd, local, smtp, lmtp, dns, queue, log, sendmail, http, sink."""
 
     myhostname: str = "localhost"
     # Appended to unqualified addresses (user -> user@myorigin); "" means myhostname. mydomain ("": myhostname
@@ -109,6 +111,8 @@ class Config(Section):
     queue: QueueConfig = QueueConfig()
     log: LogConfig = LogConfig()
     sendmail: SendmailConfig = SendmailConfig()
+    http: HttpConfig = HttpConfig()
+    sink: SinkConfig = SinkConfig()
     # Delivery to commands: [pipe.NAME] tables (PipeService), each a transport named NAME.
     pipe: dict[str, PipeService] = {}
     # The directory relative paths were taken from (None: as written); set by resolve_paths.

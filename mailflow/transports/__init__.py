@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from mailflow.model import DeliveryReport, DeliveryRequest
+from mailflow.transports.capture import CaptureTransport
 from mailflow.transports.discard import DiscardTransport
 from mailflow.transports.error import ErrorTransport
 from mailflow.transports.lmtp import LmtpTransport
@@ -36,11 +37,13 @@ class Transport(Protocol):
     async def close(self) -> None: ...
 
 
-def build_transports(config, resolver, clock, router, forward=None) -> dict[str, Transport]:
+def build_transports(config, resolver, clock, router, forward=None, mailbox=None) -> dict[str, Transport]:
     """The transports named in `transport:nexthop` values, by name. `router` gives the local and virtual
-    agents their tables; `forward` lets local delivery queue forwarded copies (see transports.local)."""
+    agents their tables; `forward` lets local delivery queue forwarded copies (see transports.local); with a
+    capture `mailbox` (mailflow.capture), the `capture` transport keeps messages in it."""
     smtp = SmtpTransport(config.smtp, resolver=resolver, helo_name=config.myhostname)
     return {
+        **({"capture": CaptureTransport(mailbox)} if mailbox is not None else {}),
         "local": LocalTransport(router.local, local=config.local, writer=MaildirWriter(clock), clock=clock,
                                 forward=forward, commands=CommandSettings.from_config(config),
                                 allow_min_user=config.allow_min_user),

@@ -45,6 +45,15 @@ FUNCTION_IMPORTS = {
     ("mailflow.cli.server", "mailflow.routing.router"): "only `address` (and sendmail -bv) routes addresses",
     ("mailflow.cli.server", "mailflow.stages.smtpd.auth"): "only `auth hash-password` hashes; importing it loads the "
                                                            "whole smtpd package",
+    ("mailflow.app", "mailflow.http"): "aiohttp takes a third of a second to import: only a server with an HTTP "
+                                       "feature ([sink] enable) loads it, not every `mailflow serve` nor Sink",
+    ("mailflow.app", "mailflow.capture.mailpit"): "as above (the capture API's routes are aiohttp handlers)",
+    ("mailflow.testing", "mailflow.testing.sink"): "pytest loads the plugin (mailflow.testing.pytest_plugin) in "
+                                                   "every run of every suite in the environment: the server loads "
+                                                   "when a test asks for a Sink",
+    ("mailflow.testing", "mailflow.testing.destinations"): "as above",
+    ("mailflow.testing", "mailflow.capture.mailbox"): "as above",
+    ("mailflow.testing.pytest_plugin", "mailflow.testing.sink"): "as above",
     ("mailflow.cli.queue", "mailflow.store"): "only the queue commands open the queue database",
     ("mailflow.cli.queue", "mailflow.queue_tools"): "as above",
 }

@@ -134,8 +134,11 @@ class DataCommands(TransactionCommands):
             return
         self.envelope.content = self.envelope.original_content = await spool.finish()
         reply = await self._call_handler_hook("DATA")
+        queued_as = self.envelope.queued_as
         spool.discard()  # what was queued has the queue's own name for its file by now
         self._reset_transaction()
         if isinstance(reply, str) and reply.startswith("250"):
             self._message_accepted()
         await self.push(reply if isinstance(reply, str) else status.OK)
+        if queued_as:
+            self._observe_queued(queued_as)

@@ -19,6 +19,12 @@ Every policy refusal is logged through the session as Postfix logs it (`NOQUEUE:
 client handed to cleanup names the protocol as the Received header says it (`state.received_protocol`:
 ESMTPSA, UTF8SMTPS, … per RFC 3848 / 6531) and the SASL login for the `client=` log line.
 
+An in-process policy hook (`policy`, an `SmtpdPolicy`: Postfix's policy delegation without the socket, for
+an application that embeds mailflow) is asked first at MAIL (stage "mail"), at each RCPT ("rcpt") and at the
+end of the message ("data"); it answers with an access(5) action. A refusal (REJECT, DEFER, `NNN [X.Y.Z]
+text`) is the reply (logged like a restriction's); anything else (OK, DUNNO, None) lets the usual checks run.
+A committed message's queue id is left in `Transaction.queued_as` for the session (its transcript).
+
 Failure behaviour: every refusal is an SMTP reply from `mailflow.status`. A message cleanup could not commit
 is not queued; its reply comes from the one table `status.error_reply` (a cleanup refusal its own code and
 text, 451 4.3.1 for a full backlog or disk, 451 4.3.0 for a store fault or anything else) and one line is
@@ -30,7 +36,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Callable
+from typing import Callable, Protocol
 
 from mailflow import address, status
 from mailflow.config import Config
@@ -48,14 +54,22 @@ from mailflow.tables import TableCache
 log = logging.getLogger("mailflow.smtpd")
 
 
+class SmtpdPolicy(Protocol):
+    """The in-process policy hook (see the module docstring)."""
+
+    async def check(self, stage: str, facts: Facts, recipients: tuple[str, ...]) -> str | None: ...
+
+
 class SmtpdHandler:
     """aiosmtpd hooks: the restrictions and the hand-over to cleanup. `resolver` (mailflow.dns) serves
     reject_unknown_recipient_domain and reject_rbl_client; without one those restrictions have no opinion."""
 
     def __init__(self, config: Config, rewriter: Rewriter, mapper: AddressMapper, cleanup, *,
-                 resolver=None, tables: TableCache | None = None, free_space: Callable[[], int] | None = None):
-        """`free_space()`: bytes free for the queue (None: no space check)."""
+                 resolver=None, tables: TableCache | None = None, free_space: Callable[[], int] | None = None,
+                 policy: SmtpdPolicy | None = None):
+        """`free_space()`: bytes free for the queue (None: no space check); `policy`: the in-process hook."""
         self._config = config
+        self._policy = policy
         self._free_space = free_space
         self._rewriter = rewriter
         self._mapper = mapper
@@ -84,6 +98,13 @@ class SmtpdHandler:
                 return str(status.SMTPUTF8_REQUIRED)
         if self._short_of_space(_declared_size(options)):
             return str(status.INSUFFICIENT_STORAGE)
+        if self._policy is not None:
+            facts = self._facts(session, envelope, "", stage="mail")
+            facts.sender = sender
+            refusal = await self._policy_refusal("mail", facts, ())
+            if refusal is not None:
+                server.log_reject("MAIL", refusal, sender=addr)
+                return str(refusal)
         envelope.mail_from = addr
         envelope.mail_options.extend(options)
         return str(status.SENDER_OK)
@@ -121,8 +142,14 @@ class SmtpdHandler:
         return None
 
     async def check_recipient(self, session: SessionState, envelope: Transaction, addr: str) -> status.Reply | None:
-        """The restriction lists, then whether the routing tables can answer for `addr`: a refusal, or None."""
-        refusal = await self.restrictions.check_rcpt(self._facts(session, envelope, addr))
+        """The policy hook, the restriction lists, then whether the routing tables can answer for `addr`: a
+        refusal, or None."""
+        facts = self._facts(session, envelope, addr)
+        if self._policy is not None:
+            refusal = await self._policy_refusal("rcpt", facts, (*envelope.rcpt_tos, addr))
+            if refusal is not None:
+                return refusal
+        refusal = await self.restrictions.check_rcpt(facts)
         return refusal if refusal is not None else await self._unroutable(addr)
 
     async def _unroutable(self, addr: str) -> status.Reply | None:
@@ -156,6 +183,7 @@ class SmtpdHandler:
                 queue_id = await self._cleanup.submit(submission, hold=True)
             else:
                 queue_id = await self._cleanup.submit(submission)
+            envelope.queued_as = queue_id
         except Exception as error:  # not queued: the table says what the client is told
             reply = status.error_reply(error)
             _log_not_queued(session.client, error, reply)
@@ -168,16 +196,30 @@ class SmtpdHandler:
         return str(status.queued(queue_id))
 
     async def _content_refusal(self, session: SessionState, envelope: Transaction) -> status.Reply | None:
-        """data_restrictions, then end_of_data_restrictions."""
-        if not self.restrictions.check_content:
+        """The policy hook, data_restrictions, then end_of_data_restrictions."""
+        if not self.restrictions.check_content and self._policy is None:
             return None
         rcpt = envelope.single_recipient
-        refusal = await self.restrictions.check_data(self._facts(session, envelope, rcpt, stage="data"))
+        facts = self._facts(session, envelope, rcpt, stage="data")
+        if self._policy is not None:
+            refusal = await self._policy_refusal("data", facts, tuple(envelope.rcpt_tos))
+            if refusal is not None:
+                return refusal
+        refusal = await self.restrictions.check_data(facts)
         if refusal is not None:
             return refusal
         facts = self._facts(session, envelope, rcpt, stage="end_of_data")
         facts.size = envelope.content.size if envelope.content is not None else 0
         return await self.restrictions.check_end_of_data(facts)
+
+    async def _policy_refusal(self, stage: str, facts: Facts, recipients: tuple[str, ...]) -> status.Reply | None:
+        """The hook's answer as a refusal, or None when it refuses nothing."""
+        answer = await self._policy.check(stage, facts, recipients)
+        if not answer:
+            return None
+        name, what = HOOK_SUBJECT[stage](facts)
+        verdict = self.restrictions.action(answer, name, what, facts, source="policy hook", stage=stage)
+        return verdict if isinstance(verdict, status.Reply) else None
 
     def _discard(self, server, submission: Submission, reason: str) -> status.Reply:
         """Accepted and dropped (Postfix DISCARD): the client is told it was queued; the log says why."""
@@ -219,6 +261,13 @@ class SmtpdHandler:
             encryption_cipher=cipher[0] if cipher else "",
             marks=envelope.marks,
         )
+
+
+HOOK_SUBJECT = {  # what a refusal by the policy hook names, per stage (as restrictions name theirs)
+    "mail": lambda facts: (facts.sender or "", "Sender address"),
+    "rcpt": lambda facts: (facts.recipient, "Recipient address"),
+    "data": lambda facts: ("END-OF-MESSAGE", "End-of-data"),
+}
 
 
 def _log_not_queued(client: str, error: BaseException, reply: status.Reply) -> None:

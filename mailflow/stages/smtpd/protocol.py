@@ -21,6 +21,8 @@ What it owns
 - EHLO (the layers' keywords, then the handler's hook), VRFY, EXPN, QUIT; HELO, RSET, NOOP, HELP are aiosmtpd's.
 - Typed state through aiosmtpd's documented factories: `_create_session()` -> state.SessionState,
   `_create_envelope()` -> state.Transaction (freeing the BDAT content of the one it replaces).
+- The transcript (transcript.py), only when the server has a session observer: each command line and each
+  reply, the client's identity, a message queued, the end of the session.
 
 aiosmtpd's private names, each used because aiosmtpd offers no other way:
 - `_handle_client` (overridden): aiosmtpd's command loop reads line by line and knows neither strict CRLF,
@@ -54,6 +56,7 @@ from mailflow import status
 from mailflow.config import DEFAULTS
 from mailflow.stages.smtpd.sessionlog import SessionLog
 from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction
+from mailflow.stages.smtpd.transcript import SessionObserver, Transcript, tls_description
 from mailflow.stages.smtpd.wire import CHUNK, Wire, WireError
 
 log = logging.getLogger("mailflow.smtpd")
@@ -119,7 +122,7 @@ class ProtocolCore(SMTP):
     def __init__(self, handler, *, sessions: set, protocol: ProtocolLimits | None = None, hostname: str,
                  ident: str = "ESMTP", data_size_limit: int | None = None, enable_SMTPUTF8: bool = True,
                  decode_data: bool = False, timeout: float = 300, tls_context=None, require_starttls: bool = False,
-                 loop: asyncio.AbstractEventLoop | None = None):
+                 loop: asyncio.AbstractEventLoop | None = None, observer: SessionObserver | None = None):
         self.loop = loop or asyncio.get_running_loop()
         # The wire reads in chunks: the reader's limit only pauses reading past 2 x CHUNK waiting (aiosmtpd's line
         # length as the limit paused and resumed the socket, two epoll_ctl calls, for every 2 KB received).
@@ -161,6 +164,8 @@ class ProtocolCore(SMTP):
         self._timer_at: float | None = None  # when the pending timer fires; None when none is pending
         self._ended = False
         self._quit = False  # QUIT answered: the command loop ends
+        self._observer = observer
+        self.transcript: Transcript | None = None  # only with an observer (transcript.py)
 
     # --- typed state --------------------------------------------------------------------------------------
 
@@ -214,6 +219,21 @@ class ProtocolCore(SMTP):
             if transport is not None and not transport.is_closing():
                 transport.close()
         self.record.ended()
+        if self.transcript is not None:
+            self._observe_identity()
+            self.transcript.ended()
+
+    def _observe_identity(self) -> None:
+        """What the transcript says of the client, as known now (after PROXY, XCLIENT, STARTTLS, AUTH)."""
+        t = self.transcript
+        t.client, t.helo, t.login = self.session.client, self.session.host_name or "", self.session.login
+        t.tls = tls_description(self.session.ssl)
+
+    def _observe_queued(self, queue_id: str) -> None:
+        """A message of this session was committed as `queue_id` (its 250 is in the transcript)."""
+        if self.transcript is not None:
+            self._observe_identity()
+            self.transcript.queued(queue_id)
 
     def _client_name(self) -> str:
         return self.session.client
@@ -259,6 +279,8 @@ class ProtocolCore(SMTP):
         self._writer.write(data + b"\r\n")
         if self._writer.transport.get_write_buffer_size():
             await self._writer.drain()
+        if self.transcript is not None:
+            self.transcript.reply(line)
 
     async def _refuse_and_close(self, reply: status.Reply) -> None:
         self.record.server_hung_up = True
@@ -336,6 +358,9 @@ class ProtocolCore(SMTP):
     async def _serve_client(self) -> None:
         assert self.session is not None
         self._wire = Wire(self._reader, self.hostname, self._on_input, bare_lf=not self._limits.forbid_bare_newline)
+        if self._observer is not None:
+            self.transcript = Transcript(self._observer, self.session.client, self.hang_up)
+            self.transcript.started()
         if not await self._before_greeting():
             return
         await asyncio.sleep(0)  # let input sent before the greeting arrive, so that it is seen as such
@@ -399,6 +424,8 @@ class ProtocolCore(SMTP):
 
     async def _one_command(self) -> None:
         line = await self.wire.read_line(self._limits.max_line_length)
+        if self.transcript is not None:
+            self.transcript.command(line)
         refusal = _malformed(line)
         if refusal is not None:  # Postfix counts these as unknown commands
             self.record.command(None)

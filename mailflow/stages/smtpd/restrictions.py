@@ -47,6 +47,7 @@ SUBJECT = {  # a list's stage -> how its refusals name what they looked at
     "client": "Client host", "helo": "Helo command", "sender": "Sender address",
     "relay": "Recipient address", "recipient": "Recipient address",
     "data": "Data command", "end_of_data": "End-of-data",
+    "mail": "Sender address",  # (the in-process policy hook's MAIL stage: handler.py)
 }
 PROTOCOL_STATE = {"data": "DATA", "end_of_data": "END-OF-MESSAGE"}
 _NUMERIC_ACTION = re.compile(r"([45]\d\d)(?:\s+([45]\.\d{1,3}\.\d{1,3}))?(?:\s+(.*))?", re.S)
@@ -265,7 +266,7 @@ class Restrictions:
             return f"{facts.client_name}[{facts.client_addr}]", what
         if stage == "helo":
             return facts.helo, what
-        if stage == "sender":
+        if stage in ("sender", "mail"):
             return facts.sender or "", what
         if stage in ("data", "end_of_data"):
             return PROTOCOL_STATE[stage], what

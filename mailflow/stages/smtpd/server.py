@@ -21,6 +21,8 @@ Trusted front ends (frontends.py): with upstream_proxy_protocol "haproxy" the PR
 before the admission, so that connection limits, mynetworks and logs see the real client; XCLIENT from
 authorized_xclient_hosts.
 
+Transcripts (transcript.py): with a session `observer`, every session records its dialogue for it.
+
 TLS: the certificate is read at start (a missing or unreadable file stops the start, naming it) and again by
 `reload_tls()` (SIGHUP): new sessions use the new certificate, sessions already running keep theirs.
 """
@@ -42,6 +44,7 @@ from mailflow.stages.smtpd.frontends import FrontEnds
 from mailflow.stages.smtpd.handler import SmtpdHandler
 from mailflow.stages.smtpd.session import ProtocolLimits, SmtpSession
 from mailflow.stages.smtpd.tls import ServerTls
+from mailflow.stages.smtpd.transcript import SessionObserver
 from mailflow.syntax import parse_hostport
 from mailflow.tables import TableCache
 
@@ -126,9 +129,12 @@ class ListenerSession(SmtpSession):
 class Smtpd:
     """The listeners. `await start()`, `addresses`, `reload_tls()`, `await stop(grace)`."""
 
-    def __init__(self, config: Config, handler_for: Callable[[Config], SmtpdHandler], *, clock: Clock | None = None):
-        """`handler_for(config)` builds the handler of one listener from its effective config."""
+    def __init__(self, config: Config, handler_for: Callable[[Config], SmtpdHandler], *, clock: Clock | None = None,
+                 observer: SessionObserver | None = None):
+        """`handler_for(config)` builds the handler of one listener from its effective config; `observer` (None:
+        no transcripts) gets every session's transcript (transcript.py)."""
         self._config = config
+        self._observer = observer
         self._handler_for = handler_for
         self._clock = clock or SystemClock()
         self._tables = TableCache()
@@ -200,6 +206,7 @@ class Smtpd:
             sender_logins=listener.sender_logins,
             auth_required=smtpd.sasl_auth_required,
             auth_require_tls=listener.role != "submissions",  # there the whole connection is TLS
+            observer=self._observer,
         )
 
     # -------------------------------------------------------------------------------- running

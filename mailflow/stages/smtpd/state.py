@@ -106,6 +106,7 @@ class Transaction(_AiosmtpdEnvelope):
     marks: Marks  # what restrictions decided for the whole message (DISCARD / HOLD and why)
     policy_instance: str  # the policy protocol's `instance`, given at the first restriction check ("" before)
     bdat: tuple[Spool, ContentCheck] | None  # (spool, checks) of BDAT content being received; None without BDAT
+    queued_as: str  # the queue id the handler committed the message as ("" until then)
 
     def __init__(self) -> None:
         super().__init__()
@@ -116,6 +117,7 @@ class Transaction(_AiosmtpdEnvelope):
         self.marks = Marks()
         self.policy_instance = ""
         self.bdat = None
+        self.queued_as = ""
 
     @property
     def sender(self) -> str | None:

@@ -1,0 +1,259 @@
+"""The capture mailbox: every message the `capture` transport delivered, in memory, oldest first.
+
+    Mailbox(max_messages, max_bytes, clock, transcripts=None, history=None)
+        add(envelope, raw, queue_id) -> CapturedMessage     (the capture transport calls it)
+        messages -> [CapturedMessage]   get(id) -> CapturedMessage | None   latest()
+        delete(ids) / clear()           accepted, accepted_bytes, deleted (counts since the start)
+        await wait(criteria, count, timeout) -> [CapturedMessage]    at least `count` matching messages
+    CapturedEnvelope     what the server was told: sender, recipients, and per recipient the address first given
+                         and the DSN parameters (NOTIFY, ORCPT); ENVID, RET; SMTPUTF8, BODY
+    CapturedMessage      envelope, raw bytes, `message` (parsed, email.policy.default), queue id, `transcript`
+                         (the SMTP session that submitted it: model.SessionTranscript, None when it did not come
+                         over SMTP or no transcripts are kept), `history` (the queue's events for its queue id,
+                         as they are now), and helpers: subject, text, html, attachments, inline, links, header()
+    Criteria(to, sender, subject, match)   which messages a wait or a test wants (see `matches`)
+    WaitTimeout          (an AssertionError) raised by `wait`: its text lists what did arrive
+
+Bounded: past `max_messages` or `max_bytes` the oldest messages are dropped (counted as deleted). Waiting
+costs nothing while nothing arrives: each `add` wakes the waiters once.
+
+Failure behaviour: `wait` raises WaitTimeout after `timeout` seconds (loop time, not the injected clock).
+"""
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Callable, Iterable
+
+from mailflow.capture import mime
+from mailflow.clock import Clock
+from mailflow.model import SessionTranscript
+
+
+@dataclass(frozen=True)
+class CapturedEnvelope:
+    """See the module docstring. Per-recipient tuples are in the order of `recipients` (() when none given)."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    originals: tuple[str, ...] = ()
+    notify: tuple[str, ...] = ()
+    orcpts: tuple[str, ...] = ()
+    envid: str = ""
+    ret: str = ""
+    smtputf8: bool = False
+    body_type: str = "7BIT"
+
+
+@dataclass(frozen=True)
+class QueueEvent:
+    """One mail-log event of a queue id (mailflow.logs.MailLog): when (the server's clock), what, its fields."""
+
+    time: float
+    event: str
+    fields: dict
+
+
+@dataclass(eq=False)
+class CapturedMessage:
+    """See the module docstring."""
+
+    id: str
+    queue_id: str
+    envelope: CapturedEnvelope
+    raw: bytes
+    received: float
+    transcript: SessionTranscript | None = None
+    read: bool = False
+    _history: Callable[[str], list[QueueEvent]] = field(default=lambda queue_id: [], repr=False)
+
+    @property
+    def sender(self) -> str:
+        return self.envelope.sender
+
+    @property
+    def recipients(self) -> tuple[str, ...]:
+        return self.envelope.recipients
+
+    @property
+    def history(self) -> list[QueueEvent]:
+        """The queue's events for this message's queue id, up to now (the delivery that captured it included
+        once it is recorded)."""
+        return self._history(self.queue_id)
+
+    @cached_property
+    def message(self):
+        """The parsed message (`email.message.EmailMessage`, `email.policy.default`)."""
+        return mime.parse(self.raw)
+
+    @property
+    def subject(self) -> str:
+        return str(self.message.get("Subject", ""))
+
+    def header(self, name: str) -> str | None:
+        value = self.message.get(name)
+        return None if value is None else str(value)
+
+    @cached_property
+    def text(self) -> str:
+        return mime.text_body(self.message)
+
+    @cached_property
+    def html(self) -> str:
+        return mime.html_body(self.message)
+
+    @cached_property
+    def _parts(self) -> tuple[list[mime.Attachment], list[mime.Attachment]]:
+        return mime.attachments(self.message)
+
+    @property
+    def attachments(self) -> list[mime.Attachment]:
+        return self._parts[0]
+
+    @property
+    def inline(self) -> list[mime.Attachment]:
+        return self._parts[1]
+
+    @cached_property
+    def links(self) -> list[str]:
+        return mime.links(self.message)
+
+    @property
+    def size(self) -> int:
+        return len(self.raw)
+
+    def describe(self) -> str:
+        """One line: `<sender> -> <rcpt>, <rcpt>: 'Subject' (queue id ID)`."""
+        to = ", ".join(f"<{r}>" for r in self.recipients)
+        return f"<{self.sender}> -> {to}: {self.subject!r} (queue id {self.queue_id})"
+
+
+def _address_matches(pattern: str, address: str) -> bool:
+    pattern, address = pattern.lower(), address.lower()
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(address, pattern)
+    return pattern == address
+
+
+@dataclass(frozen=True)
+class Criteria:
+    """`to`: an envelope recipient equals it (case-insensitive) or matches it as a glob (`*@example.com`);
+    `sender`: the envelope sender, alike; `subject`: a string the Subject contains, or a compiled regex it
+    matches; `match`: any callable on a CapturedMessage. Unset criteria match everything."""
+
+    to: str | None = None
+    sender: str | None = None
+    subject: str | re.Pattern | None = None
+    match: Callable[[CapturedMessage], bool] | None = None
+
+    def matches(self, message: CapturedMessage) -> bool:
+        if self.to is not None and not any(_address_matches(self.to, r) for r in message.recipients):
+            return False
+        if self.sender is not None and not _address_matches(self.sender, message.sender):
+            return False
+        if isinstance(self.subject, re.Pattern):
+            if not self.subject.search(message.subject):
+                return False
+        elif self.subject is not None and self.subject not in message.subject:
+            return False
+        return self.match is None or bool(self.match(message))
+
+    def describe(self) -> str:
+        said = [f"to={self.to!r}" if self.to is not None else "", f"sender={self.sender!r}" if self.sender else "",
+                f"subject={getattr(self.subject, 'pattern', self.subject)!r}" if self.subject is not None else "",
+                f"match={getattr(self.match, '__name__', 'callable')}" if self.match is not None else ""]
+        return " ".join(s for s in said if s) or "any message"
+
+
+class WaitTimeout(AssertionError):
+    """The messages waited for did not arrive in time; the text lists those that did."""
+
+
+def timeout_report(criteria: Criteria, count: int, timeout: float, found: list[CapturedMessage],
+                   arrived: list[CapturedMessage]) -> str:
+    lines = [f"waited {timeout:g}s for {count} message{'s' if count != 1 else ''} ({criteria.describe()}): "
+             f"{len(found)} matched; {len(arrived)} arrived:"]
+    lines += [f"  {i}. {m.describe()}" for i, m in enumerate(arrived, 1)] or ["  (none)"]
+    return "\n".join(lines)
+
+
+class Mailbox:
+    """See the module docstring."""
+
+    def __init__(self, *, max_messages: int, max_bytes: int, clock: Clock, transcripts=None, history=None):
+        """`transcripts.get(queue_id)` -> SessionTranscript | None; `history.events(queue_id)` -> [QueueEvent]."""
+        self._max_messages = max_messages
+        self._max_bytes = max_bytes
+        self._clock = clock
+        self._transcripts = transcripts
+        self._history = history
+        self._messages: OrderedDict[str, CapturedMessage] = OrderedDict()
+        self._bytes = 0
+        self._sequence = 0
+        self._arrived = asyncio.Event()
+        self.accepted = 0
+        self.accepted_bytes = 0
+        self.deleted = 0
+
+    def add(self, envelope: CapturedEnvelope, raw: bytes, queue_id: str) -> CapturedMessage:
+        self._sequence += 1
+        ident = queue_id if queue_id not in self._messages else f"{queue_id}.{self._sequence}"
+        transcript = self._transcripts.get(queue_id) if self._transcripts is not None else None
+        history = self._history.events if self._history is not None else (lambda queue_id: [])
+        message = CapturedMessage(ident, queue_id, envelope, raw, self._clock.time(), transcript, _history=history)
+        self._messages[ident] = message
+        self._bytes += len(raw)
+        self.accepted += 1
+        self.accepted_bytes += len(raw)
+        while len(self._messages) > 1 and (len(self._messages) > self._max_messages or self._bytes > self._max_bytes):
+            self._remove(next(iter(self._messages)))
+        self._arrived.set()
+        self._arrived = asyncio.Event()
+        return message
+
+    @property
+    def messages(self) -> list[CapturedMessage]:
+        return list(self._messages.values())
+
+    def get(self, ident: str) -> CapturedMessage | None:
+        return self._messages.get(ident)
+
+    def latest(self) -> CapturedMessage | None:
+        return next(reversed(self._messages.values()), None)
+
+    def delete(self, ids: Iterable[str]) -> int:
+        removed = 0
+        for ident in ids:
+            if ident in self._messages:
+                self._remove(ident)
+                removed += 1
+        return removed
+
+    def clear(self) -> None:
+        self.delete(list(self._messages))
+
+    def _remove(self, ident: str) -> None:
+        message = self._messages.pop(ident)
+        self._bytes -= len(message.raw)
+        self.deleted += 1
+
+    async def wait(self, criteria: Criteria, count: int = 1, timeout: float = 5.0) -> list[CapturedMessage]:
+        """At least `count` messages matching `criteria` (all those that match, oldest first), once they are here;
+        WaitTimeout after `timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            found = [m for m in self._messages.values() if criteria.matches(m)]
+            if len(found) >= count:
+                return found
+            left = deadline - loop.time()
+            if left <= 0:
+                raise WaitTimeout(timeout_report(criteria, count, timeout, found, self.messages))
+            try:
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except TimeoutError:
+                pass

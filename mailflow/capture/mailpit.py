@@ -1,0 +1,305 @@
+"""The capture API over HTTP: a documented subset of Mailpit's API v1, so that Mailpit's client libraries work
+against a capture server unchanged, plus what Mailpit lacks (a long-poll wait, each message's envelope, SMTP
+session and queue history). docs/testing.md lists every endpoint.
+
+    routes(capture, waiters_limit, wait_time_limit) -> web.RouteTableDef      (registered on mailflow.http)
+
+Mailpit's endpoints (its JSON field names and shapes; IDs are mailflow's queue ids):
+    GET    /api/v1/info                       version, message counts, runtime statistics
+    GET    /api/v1/messages?start=&limit=     summaries, newest first (limit 50 by default)
+    PUT    /api/v1/messages                   mark read or unread: {"IDs": [...], "Read": true} (all without IDs)
+    DELETE /api/v1/messages                   {"IDs": [...]}; without IDs every message
+    GET    /api/v1/message/{ID}               the message ("latest": the newest); marks it read
+    GET    /api/v1/message/{ID}/raw           its bytes as queued
+    GET    /api/v1/message/{ID}/headers       {"Name": ["value", ...]}
+    GET    /api/v1/message/{ID}/part/{PartID} an attachment or inline part, decoded
+    GET    /api/v1/search?query=&start=&limit=   summaries of the messages matching (capture.search)
+    DELETE /api/v1/search?query=              deletes them
+mailflow's:
+    GET    /api/v1/wait?query=&count=1&timeout=5   long poll: the summaries once `count` messages match; 408
+                                              after `timeout` seconds with the summaries of what did arrive
+    GET    /api/v1/message/{ID}/history       the envelope (DSN parameters included), the SMTP session that
+                                              submitted it (client, HELO, TLS, login, every command and reply)
+                                              and its queue history (each attempt and result)
+
+Request bodies are JSON (Mailpit's) or form fields (`ids`, as some clients send them).
+
+Failure behaviour: an unknown ID is 404 ("Message not found"); a bad parameter is 400 with the reason; a wait
+beyond `waiters_limit` concurrent ones is 503; `timeout` is capped at `wait_time_limit`.
+"""
+from __future__ import annotations
+
+import email.utils
+import os
+import time
+from datetime import datetime, timezone
+
+from aiohttp import web
+
+from mailflow import __version__
+from mailflow.capture import mime, search
+from mailflow.capture.mailbox import CapturedMessage, Criteria, WaitTimeout, timeout_report
+from mailflow.capture.recorders import Capture
+
+DEFAULT_LIMIT = 50
+
+
+def iso(timestamp: float) -> str:
+    """1970-01-01T00:00:00.000Z, as Mailpit's clients read it."""
+    moment = datetime.fromtimestamp(timestamp, timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def _contact(pair: tuple[str, str]) -> dict:
+    return {"Name": pair[0], "Address": pair[1]}
+
+
+def _contacts(message: CapturedMessage, header: str) -> list[dict]:
+    return [_contact(p) for p in mime.addresses(message.message, header)]
+
+
+def _sender(message: CapturedMessage) -> dict | None:
+    found = mime.addresses(message.message, "From")
+    return _contact(found[0]) if found else None
+
+
+def _message_id(message: CapturedMessage) -> str:
+    return (message.header("Message-ID") or "").strip().strip("<>")
+
+
+def _login(message: CapturedMessage) -> str:
+    return message.transcript.login if message.transcript is not None else ""
+
+
+def _date(message: CapturedMessage) -> str:
+    value = message.header("Date")
+    if value:
+        try:
+            return iso(email.utils.parsedate_to_datetime(value).timestamp())
+        except (TypeError, ValueError, IndexError):
+            pass
+    return iso(message.received)
+
+
+def summary(message: CapturedMessage) -> dict:
+    return {
+        "ID": message.id, "MessageID": _message_id(message), "Read": message.read, "From": _sender(message),
+        "To": _contacts(message, "To"), "Cc": _contacts(message, "Cc"),
+        "Bcc": [_contact(("", r)) for r in search.bcc(message)], "ReplyTo": _contacts(message, "Reply-To"),
+        "Subject": message.subject, "Created": iso(message.received), "Username": _login(message), "Tags": [],
+        "Size": message.size, "Attachments": len(message.attachments), "Snippet": mime.snippet(message.message),
+    }
+
+
+def _attachment(item: mime.Attachment) -> dict:
+    return {"PartID": item.part_id, "FileName": item.filename, "ContentType": item.content_type,
+            "ContentID": item.content_id, "Size": item.size, "Checksums": item.checksums()}
+
+
+def detail(message: CapturedMessage) -> dict:
+    unsubscribe = message.header("List-Unsubscribe") or ""
+    return {
+        "ID": message.id, "MessageID": _message_id(message), "Read": message.read, "From": _sender(message),
+        "To": _contacts(message, "To"), "Cc": _contacts(message, "Cc"),
+        "Bcc": [_contact(("", r)) for r in search.bcc(message)], "ReplyTo": _contacts(message, "Reply-To"),
+        "ReturnPath": message.sender, "Subject": message.subject,
+        "ListUnsubscribe": {"Header": unsubscribe, "Links": mime.URL.findall(unsubscribe), "Errors": "",
+                            "HeaderPost": message.header("List-Unsubscribe-Post") or ""},
+        "Date": _date(message), "Tags": [], "Username": _login(message), "Text": message.text, "HTML": message.html,
+        "Size": message.size, "Inline": [_attachment(a) for a in message.inline],
+        "Attachments": [_attachment(a) for a in message.attachments],
+    }
+
+
+def history(message: CapturedMessage) -> dict:
+    env, session = message.envelope, message.transcript
+    return {
+        "ID": message.id, "QueueID": message.queue_id,
+        "Envelope": {"From": env.sender, "To": list(env.recipients), "OriginalTo": list(env.originals),
+                     "Notify": list(env.notify), "ORCPT": list(env.orcpts), "EnvID": env.envid, "Ret": env.ret,
+                     "SMTPUTF8": env.smtputf8, "Body": env.body_type},
+        "Session": None if session is None else {
+            "Client": session.client, "Helo": session.helo, "TLS": session.tls, "Login": session.login,
+            "Lines": [{"From": "client" if who == "C" else "server", "Text": text} for who, text in session.lines],
+            "Omitted": session.omitted},
+        "Events": [{"Time": iso(e.time), "Event": e.event, "Fields": e.fields} for e in message.history],
+    }
+
+
+def _canonical(name: str) -> str:
+    """Go's canonical header key, as Mailpit returns them: `message-id` -> `Message-Id`."""
+    return "-".join(word[:1].upper() + word[1:].lower() for word in name.split("-"))
+
+
+def listing(messages: list[CapturedMessage], everything: list[CapturedMessage], start: int, limit: int) -> dict:
+    newest_first = list(reversed(messages))
+    page = newest_first[start:start + limit]
+    return {"total": len(everything), "unread": sum(not m.read for m in everything), "count": len(page),
+            "messages_count": len(messages), "messages_unread": sum(not m.read for m in messages),
+            "start": start, "tags": [], "messages": [summary(m) for m in page]}
+
+
+def _int(request: web.Request, name: str, default: int, low: int = 0) -> int:
+    value = request.query.get(name, "")
+    if not value:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"{name}: not a number: {value[:40]!r}") from None
+    if number < low:
+        raise web.HTTPBadRequest(text=f"{name}: must be at least {low}")
+    return number
+
+
+async def _body(request: web.Request) -> dict:
+    """JSON (Mailpit's), or form fields (`ids` repeated); {} for an empty body."""
+    if not request.can_read_body:
+        return {}
+    if request.content_type == "application/json":
+        try:
+            data = await request.json()
+        except ValueError:
+            raise web.HTTPBadRequest(text="the body is not JSON") from None
+        return data if isinstance(data, dict) else {}
+    form = await request.post()
+    out: dict = {key: form.getall(key) for key in form.keys()}
+    return {("IDs" if key.lower() == "ids" else key): (value if key.lower() == "ids" else value[-1])
+            for key, value in out.items()}
+
+
+def _truth(value) -> bool:
+    return value is True or str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def routes(capture: Capture, *, waiters_limit: int, wait_time_limit: float) -> web.RouteTableDef:
+    """The handlers over `capture.mailbox` (see the module docstring)."""
+    table = web.RouteTableDef()
+    mailbox = capture.mailbox
+    started = time.monotonic()
+    waiting = {"now": 0}
+
+    def find(request: web.Request) -> CapturedMessage:
+        ident = request.match_info["id"]
+        message = mailbox.latest() if ident == "latest" else mailbox.get(ident)
+        if message is None:
+            raise web.HTTPNotFound(text="Message not found")
+        return message
+
+    def matching(query: str) -> list[CapturedMessage]:
+        terms = search.parse(query)
+        return [m for m in mailbox.messages if search.matches(terms, m)]
+
+    @table.get("/api/v1/info")
+    async def info(request: web.Request) -> web.Response:
+        messages = mailbox.messages
+        return web.json_response({
+            "Version": __version__, "LatestVersion": "", "Database": "", "DatabaseSize": 0,
+            "Messages": len(messages), "Unread": sum(not m.read for m in messages), "Tags": {},
+            "RuntimeStats": {"Uptime": int(time.monotonic() - started), "Memory": _resident_bytes(),
+                             "MessagesDeleted": mailbox.deleted, "SMTPAccepted": mailbox.accepted,
+                             "SMTPAcceptedSize": mailbox.accepted_bytes, "SMTPRejected": 0, "SMTPIgnored": 0}})
+
+    @table.get("/api/v1/messages")
+    async def messages(request: web.Request) -> web.Response:
+        everything = mailbox.messages
+        return web.json_response(listing(everything, everything, _int(request, "start", 0),
+                                         _int(request, "limit", DEFAULT_LIMIT, 1)))
+
+    @table.put("/api/v1/messages")
+    async def mark(request: web.Request) -> web.Response:
+        data = await _body(request)
+        ids = data.get("IDs") or [m.id for m in mailbox.messages]
+        for ident in ids:
+            message = mailbox.get(str(ident))
+            if message is not None:
+                message.read = _truth(data.get("Read", False))
+        return web.Response(text="ok")
+
+    @table.delete("/api/v1/messages")
+    async def delete(request: web.Request) -> web.Response:
+        ids = (await _body(request)).get("IDs") or []
+        if ids:
+            mailbox.delete(str(i) for i in ids)
+        else:
+            mailbox.clear()
+        return web.Response(text="ok")
+
+    @table.get("/api/v1/message/{id}")
+    async def message(request: web.Request) -> web.Response:
+        found = find(request)
+        found.read = True
+        return web.json_response(detail(found))
+
+    @table.get("/api/v1/message/{id}/raw")
+    async def raw(request: web.Request) -> web.Response:
+        return web.Response(body=find(request).raw, content_type="text/plain", charset="utf-8")
+
+    @table.get("/api/v1/message/{id}/headers")
+    async def headers(request: web.Request) -> web.Response:
+        out: dict[str, list[str]] = {}
+        for name, value in find(request).message.items():
+            out.setdefault(_canonical(name), []).append(str(value))
+        return web.json_response(out)
+
+    @table.get("/api/v1/message/{id}/part/{part}")
+    async def part(request: web.Request) -> web.Response:
+        found = find(request)
+        for item in found.attachments + found.inline:
+            if item.part_id == request.match_info["part"]:
+                disposition = {"Content-Disposition": f'attachment; filename="{item.filename}"'} if item.filename \
+                    else {}
+                return web.Response(body=item.data, content_type=item.content_type, headers=disposition)
+        raise web.HTTPNotFound(text="Attachment not found")
+
+    @table.get("/api/v1/message/{id}/history")
+    async def message_history(request: web.Request) -> web.Response:
+        return web.json_response(history(find(request)))
+
+    @table.get("/api/v1/search")
+    async def search_messages(request: web.Request) -> web.Response:
+        query = request.query.get("query", "").strip()
+        if not query:
+            raise web.HTTPBadRequest(text="Error: no search query")
+        return web.json_response(listing(matching(query), mailbox.messages, _int(request, "start", 0),
+                                         _int(request, "limit", DEFAULT_LIMIT, 1)))
+
+    @table.delete("/api/v1/search")
+    async def delete_found(request: web.Request) -> web.Response:
+        query = request.query.get("query", "").strip()
+        if not query:
+            raise web.HTTPBadRequest(text="Error: no search query")
+        mailbox.delete([m.id for m in matching(query)])
+        return web.Response(text="ok")
+
+    @table.get("/api/v1/wait")
+    async def wait(request: web.Request) -> web.Response:
+        query = request.query.get("query", "")
+        count = _int(request, "count", 1, 1)
+        timeout = min(float(_int(request, "timeout", 5, 0)), wait_time_limit)
+        if waiting["now"] >= waiters_limit:
+            raise web.HTTPServiceUnavailable(text=f"more than {waiters_limit} waits at once")
+        terms = search.parse(query)
+        criteria = Criteria(match=lambda m: search.matches(terms, m))
+        waiting["now"] += 1
+        try:
+            found = await mailbox.wait(criteria, count, timeout)
+        except WaitTimeout:
+            everything = mailbox.messages
+            found = [m for m in everything if criteria.matches(m)]
+            report = timeout_report(Criteria(), count, timeout, found, everything)
+            body = {"error": f"query {query!r}: " + report, **listing(found, everything, 0, len(found) or 1)}
+            return web.json_response(body, status=408)
+        finally:
+            waiting["now"] -= 1
+        return web.json_response(listing(found, mailbox.messages, 0, len(found)))
+
+    return table
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

@@ -1,0 +1,162 @@
+"""What a captured message holds, read from its parsed form (`email.message.EmailMessage`, `policy.default`).
+
+    parse(raw) -> EmailMessage
+    text_body(msg) / html_body(msg) -> str          the first text/plain (text/html) body that is not an
+                                                    attachment; "" when there is none
+    parts(msg) -> [(part_id, part)]                 every leaf part with Mailpit's part id ("1", "2.1", …)
+    attachments(msg) -> ([Attachment], [Attachment])  (attachments, inline parts): a part with a Content-ID shown
+                                                    inline is an inline part; any other part that is not one of
+                                                    the bodies is an attachment
+    links(msg) -> [url]                             http(s) and mailto links of the text and the HTML, in order,
+                                                    each once (href and src attributes, and bare URLs)
+    addresses(msg, header) -> [(name, address)]     the addresses of a header (To, Cc, From, Reply-To)
+    snippet(msg, limit=250) -> str                  the start of the text (else of the HTML without tags), one line
+
+Failure behaviour: a malformed message never raises here: the email package's defects are ignored, an
+undecodable part gives "" (or its raw payload for an attachment).
+"""
+from __future__ import annotations
+
+import email
+import email.policy
+import email.utils
+import hashlib
+import re
+from dataclasses import dataclass
+from email.message import EmailMessage
+from html.parser import HTMLParser
+
+URL = re.compile(r"""(?:https?://|mailto:)[^\s<>"'()\[\]]+""", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """One attachment or inline part: its Mailpit part id, file name, type, Content-ID and decoded bytes."""
+
+    part_id: str
+    filename: str
+    content_type: str
+    content_id: str
+    data: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def checksums(self) -> dict[str, str]:
+        return {"MD5": hashlib.md5(self.data).hexdigest(), "SHA1": hashlib.sha1(self.data).hexdigest(),
+                "SHA256": hashlib.sha256(self.data).hexdigest()}
+
+
+def parse(raw: bytes) -> EmailMessage:
+    return email.message_from_bytes(raw, policy=email.policy.default)  # type: ignore[return-value]
+
+
+def _content(part) -> str:
+    try:
+        value = part.get_content()
+    except (LookupError, ValueError, AssertionError):
+        value = part.get_payload(decode=True) or b""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else ""
+
+
+def _body_part(msg: EmailMessage, subtype: str):
+    try:
+        return msg.get_body(preferencelist=(subtype,))
+    except (KeyError, TypeError):
+        return None
+
+
+def text_body(msg: EmailMessage) -> str:
+    part = _body_part(msg, "plain")
+    return _content(part) if part is not None else ""
+
+
+def html_body(msg: EmailMessage) -> str:
+    part = _body_part(msg, "html")
+    return _content(part) if part is not None else ""
+
+
+def parts(msg: EmailMessage, prefix: str = "") -> list[tuple[str, EmailMessage]]:
+    """Leaf parts with their ids: the children of a multipart numbered from 1, nested ids dotted."""
+    if not msg.is_multipart():
+        return [(prefix or "1", msg)]
+    found = []
+    for index, child in enumerate(msg.iter_parts(), 1):
+        found += parts(child, f"{prefix}.{index}" if prefix else str(index))
+    return found
+
+
+def _decoded(part) -> bytes:
+    payload = part.get_payload(decode=True)
+    if isinstance(payload, bytes):
+        return payload
+    return _content(part).encode("utf-8")
+
+
+def attachments(msg: EmailMessage) -> tuple[list[Attachment], list[Attachment]]:
+    bodies = {id(p) for p in (_body_part(msg, "plain"), _body_part(msg, "html")) if p is not None}
+    attached, inline = [], []
+    for part_id, part in parts(msg):
+        if id(part) in bodies or part.get_content_maintype() == "multipart":
+            continue
+        disposition = part.get_content_disposition()
+        content_id = (part.get("Content-ID") or "").strip().strip("<>")
+        item = Attachment(part_id, part.get_filename() or "", part.get_content_type(), content_id, _decoded(part))
+        if content_id and disposition != "attachment":
+            inline.append(item)
+        elif disposition == "attachment" or item.filename or part.get_content_maintype() != "text":
+            attached.append(item)
+    return attached, inline
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.found: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        for name, value in attrs:
+            if name in ("href", "src") and value and URL.match(value.strip()):
+                self.found.append(value.strip())
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _html(html: str) -> _Links:
+    parser = _Links()
+    try:
+        parser.feed(html)
+        parser.close()
+    except Exception:  # html.parser copes with nearly anything; a broken document gives what was read
+        pass
+    return parser
+
+
+def links(msg: EmailMessage) -> list[str]:
+    found = URL.findall(text_body(msg))
+    html = html_body(msg)
+    if html:
+        found += _html(html).found
+    return list(dict.fromkeys(url.rstrip(".,;:!?") for url in found))
+
+
+def addresses(msg: EmailMessage, header: str) -> list[tuple[str, str]]:
+    values = [str(v) for v in msg.get_all(header, [])]
+    try:
+        pairs = email.utils.getaddresses(values)
+    except (TypeError, ValueError):
+        return []
+    return [(name, addr) for name, addr in pairs if addr]
+
+
+def snippet(msg: EmailMessage, limit: int = 250) -> str:
+    text = text_body(msg)
+    if not text.strip():
+        html = html_body(msg)
+        text = " ".join(_html(html).text) if html else ""
+    return " ".join(text.split())[:limit]

@@ -1,0 +1,121 @@
+"""Session transcripts: what an SMTP session said, for a consumer that asks (the capture server, metrics).
+
+Off unless a consumer asks: `Smtpd(..., observer=...)` gives each session a `Transcript`; without an observer
+a session keeps none and pays one `is None` test per command and reply.
+
+    SessionObserver            what a consumer implements (the methods here do nothing):
+        started(transcript)              a connection was accepted (before the greeting)
+        replied(transcript, line)        one reply line was sent (after the write)
+        queued(transcript, queue_id)     a message of the session was committed; the transcript holds its 250
+        ended(transcript)                the session is over, however it ended
+        line_limit, byte_limit           how much one transcript keeps
+    Transcript                 one session's record: `client`, `helo`, `tls`, `login` (filled by the session as
+                               it learns them), `command(line)`, `reply(line)`, `snapshot()` -> model.SessionTranscript,
+                               `hang_up()` (the server ends the session, as at shutdown)
+
+Bounded: a transcript keeps at most `line_limit` lines and `byte_limit` bytes of text (each line cut at
+MAX_LINE characters); past that lines are counted, not kept. Never kept: AUTH's credentials (the command keeps
+its mechanism only; the answers to its challenges are not commands) and message content.
+
+Failure behaviour: an exception raised by an observer is logged and does not reach the session.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from mailflow.config import DEFAULTS
+from mailflow.model import SessionTranscript
+
+log = logging.getLogger("mailflow.smtpd")
+
+MAX_LINE = 1000  # characters of one line kept (an SMTP command line is at most 512 octets, RFC 5321 4.5.3.1.4)
+
+
+class SessionObserver:
+    """See the module docstring. Subclass and override what you need."""
+
+    line_limit: int = DEFAULTS.sink.transcript_line_limit
+    byte_limit: int = DEFAULTS.sink.transcript_byte_limit
+
+    def started(self, transcript: "Transcript") -> None:
+        pass
+
+    def replied(self, transcript: "Transcript", line: str) -> None:
+        pass
+
+    def queued(self, transcript: "Transcript", queue_id: str) -> None:
+        pass
+
+    def ended(self, transcript: "Transcript") -> None:
+        pass
+
+
+class Transcript:
+    """One session's record (see the module docstring)."""
+
+    def __init__(self, observer: SessionObserver, client: str, hang_up: Callable[[], None]):
+        self.observer = observer
+        self.client = client
+        self.helo = ""
+        self.tls = ""
+        self.login = ""
+        self.lines: list[tuple[str, str]] = []
+        self.omitted = 0
+        self._bytes = 0
+        self._hang_up = hang_up
+
+    def command(self, line: bytes) -> None:
+        self._keep("C", _redacted(line.decode("utf-8", "replace")))
+
+    def reply(self, line: str | bytes) -> None:
+        text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+        self._keep("S", text.rstrip("\r\n"))
+        self._tell(self.observer.replied, self, text)
+
+    def snapshot(self) -> SessionTranscript:
+        return SessionTranscript(self.client, self.helo, self.tls, self.login, tuple(self.lines), self.omitted)
+
+    def hang_up(self) -> None:
+        self._hang_up()
+
+    def started(self) -> None:
+        self._tell(self.observer.started, self)
+
+    def queued(self, queue_id: str) -> None:
+        self._tell(self.observer.queued, self, queue_id)
+
+    def ended(self) -> None:
+        self._tell(self.observer.ended, self)
+
+    def _keep(self, who: str, text: str) -> None:
+        text = text[:MAX_LINE]
+        if len(self.lines) >= self.observer.line_limit or self._bytes + len(text) > self.observer.byte_limit:
+            self.omitted += 1
+            return
+        self.lines.append((who, text))
+        self._bytes += len(text)
+
+    @staticmethod
+    def _tell(method, *args) -> None:
+        try:
+            method(*args)
+        except Exception:
+            log.exception("session observer %s failed", getattr(method, "__qualname__", method))
+
+
+def _redacted(line: str) -> str:
+    """An AUTH command keeps its mechanism only: `AUTH PLAIN <credentials>` -> `AUTH PLAIN ****`."""
+    words = line.split()
+    if len(words) > 2 and words[0].upper() == "AUTH":
+        return f"{words[0]} {words[1]} ****"
+    return line.strip()
+
+
+def tls_description(ssl: dict | None) -> str:
+    """"TLSv1.3 TLS_AES_256_GCM_SHA384" from a session's `ssl` (cipher: name, version, bits), "" without TLS."""
+    cipher = ssl.get("cipher") if isinstance(ssl, dict) else None
+    if not cipher:
+        return ""
+    name, version = cipher[0], cipher[1] if len(cipher) > 1 else ""
+    return f"{version} {name}".strip()

@@ -1,0 +1,318 @@
+"""`Sink`: mailflow's whole pipeline inside a test suite, on the caller's running loop (no thread).
+
+    async with Sink(config=None, **settings) as sink:   smtpd -> cleanup -> store -> qmgr -> transports, real,
+        sink.host, sink.port, sink.smtp_url              listening on 127.0.0.1 port 0; the queue in a temporary
+                                                         directory, removed at the end
+        await sink.wait_for(to=, sender=, subject=, match=, count=1, timeout=5) -> [CapturedMessage]
+        sink.messages, sink.clear(), sink.search(query)
+        sink.reject(...), sink.defer(...), sink.slow(s), sink.drop(times), sink.clear_faults()   (inbound)
+        sink.destination(domain) -> FakeDestination                                              (outbound)
+        await sink.advance(seconds=0, minutes=0, hours=0, days=0)       (virtual_time=True)
+        await sink.settle()               until nothing is due now: no message waiting, no delivery running
+    Sink.threaded(...) -> ThreadedSink    the same on a loop of its own, in a thread, with blocking methods
+
+Configuration: by default every recipient is accepted and delivered to the `capture` transport (the settings
+of mailflow.capture.settings.CAPTURE_EVERYTHING); `config` (a Config, a config.toml path or a dict) replaces
+those defaults with the application's own (its routing, aliases, restrictions, limits), and keyword arguments
+are settings laid over either (`relay_domains=[...]`, `queue={"delay_warning_time": "1h"}`). Whatever is given,
+the Sink sets: `queue_directory` (its temporary directory), the listeners' addresses (127.0.0.1 port 0),
+`[smtp] port` (where its fake destinations listen), `[http] listen` (127.0.0.1 port 0) and `[sink] enable`
+(with `http_api`). Its own options:
+    virtual_time   the server's clock is a mailflow.clock.VirtualClock that moves only in `advance()`
+    seed           the server's RNG seed (queue ids, retry jitter, MX order)
+    tls            "may": STARTTLS offered, "encrypt": required before MAIL, with a certificate of a trustme CA
+                   made for the Sink (`ca_pem`, `ca_file`); None: no TLS
+    users          {login: password}: AUTH required (PLAIN, LOGIN; over plaintext on loopback unless `tls`)
+    http_api       serve the capture API (Mailpit's API v1 subset, docs/testing.md) at `http_url`
+    shutdown_grace seconds deliveries in flight get at stop
+    temporary_root where the temporary directory (queue, certificate, users) is made: by default /dev/shm when
+                   there is one (tmpfs: a test's queue needs no durability and its fsyncs cost nothing there),
+                   else the system's temporary directory
+
+Failure behaviour: a bad setting raises mailflow.config.ConfigError at start; `wait_for` raises
+mailflow.capture.mailbox.WaitTimeout (an AssertionError that lists what did arrive); `advance` without
+virtual_time raises RuntimeError; `settle` raises TimeoutError after `timeout` seconds.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from mailflow.app import Mailflow
+from mailflow.capture.mailbox import CapturedMessage, Criteria
+from mailflow.capture import search as capture_search
+from mailflow.capture.recorders import Capture
+from mailflow.capture.settings import CAPTURE_EVERYTHING, merged
+from mailflow.clock import Clock, SystemClock, VirtualClock
+from mailflow.config import Config, config_from_dict, load_config
+from mailflow.model import SessionTranscript
+from mailflow.stages.smtpd.auth import hash_password
+from mailflow.testing.destinations import Destinations, FakeDestination
+from mailflow.testing.faults import InboundFaults, Rule, SinkObserver
+from mailflow.testing.threaded import ThreadedSink
+
+# What a Sink adds to the capture-everything settings: no delay after a failed AUTH (tests want the answer).
+SINK_DEFAULTS = merged(CAPTURE_EVERYTHING, {"smtpd": {"auth_failure_delay": 0}})
+FAST_HASH = {"n": 1024}  # scrypt cost of the Sink's users: a test's passwords need no protection
+SETTLE_TIMEOUT = 30.0
+
+
+class Sink:
+    """See the module docstring."""
+
+    def __init__(self, config: Config | str | Path | dict | None = None, *, virtual_time: bool = False,
+                 seed: int | None = None, tls: str | None = None, users: dict[str, str] | None = None,
+                 http_api: bool = False, shutdown_grace: float = 1.0, temporary_root: str | Path | None = None,
+                 **settings):
+        if tls not in (None, "may", "encrypt"):
+            raise ValueError(f"tls={tls!r}: None, 'may' or 'encrypt'")
+        self._given = config
+        self._settings = settings
+        self._tls = tls
+        self._users = dict(users or {})
+        self._http_api = http_api
+        self._grace = shutdown_grace
+        self._temporary_root = temporary_root
+        self.clock: Clock = VirtualClock(start=time.time()) if virtual_time else SystemClock()
+        self._rng = random.Random(seed)
+        self.faults = InboundFaults()
+        self.server: Mailflow | None = None
+        self.directory: Path | None = None
+        self.config: Config | None = None
+        self.ca_pem: bytes | None = None
+        self.ca_file: str | None = None
+        self._destinations: Destinations | None = None
+        self.host = ""
+        self.port = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+
+    async def start(self) -> "Sink":
+        root = self._temporary_root or _fast_temporary_directory()
+        self.directory = Path(tempfile.mkdtemp(prefix="mailflow-sink-", dir=root))
+        try:
+            try:
+                self._destinations = Destinations()
+            except OSError:  # not Linux (127.0.0.2 is not ours): no fake destinations
+                self._destinations = None
+            self.config = config_from_dict(self._settings_data(), "Sink")
+            capture = Capture(self.config.sink, self.clock, session_observer=SinkObserver(
+                self.faults, limit=self.config.sink.history_limit, line_limit=self.config.sink.transcript_line_limit,
+                byte_limit=self.config.sink.transcript_byte_limit))
+            self.server = Mailflow(self.config, clock=self.clock, rng=self._rng, capture=capture,
+                                   resolver=self._destinations.resolver if self._destinations else None,
+                                   smtpd_policy=self.faults, shutdown_grace=self._grace)
+            await self.server.start()
+        except BaseException:
+            await self.stop()
+            raise
+        self.host, self.port = self.server.smtp_addresses[0][:2]
+        return self
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
+        if self._destinations is not None:
+            await self._destinations.stop()
+            self._destinations = None
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
+
+    async def __aenter__(self) -> "Sink":
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    @classmethod
+    def threaded(cls, *args, **kwargs) -> ThreadedSink:
+        """The same Sink on its own loop in a thread, behind blocking methods (mailflow.testing.threaded)."""
+        return ThreadedSink(cls, *args, **kwargs)
+
+    # -- configuration --------------------------------------------------------------------------------------
+
+    def _settings_data(self) -> dict:
+        given = self._given
+        if given is None:
+            base = SINK_DEFAULTS
+        elif isinstance(given, Config):
+            base = given.model_dump()
+        elif isinstance(given, dict):
+            base = config_from_dict(given, "Sink(config=...)", base=Path.cwd()).model_dump()
+        else:
+            base = load_config(given).model_dump()
+        if isinstance(self.clock, VirtualClock):  # hours pass between tries: no session is kept for the next
+            base = merged(base, {"smtp": {"connection_cache_time_limit": 0}})
+        data = merged(base, self._settings)
+        smtpd = data.get("smtpd", {})
+        listeners = [{**listener, "address": "127.0.0.1:0"} for listener in smtpd.get("listeners", [])]
+        forced = {
+            "queue_directory": str(self.directory / "queue"),
+            "smtpd": {"listen": ["127.0.0.1:0"] if smtpd.get("listen", True) or not listeners else [],
+                      "listeners": listeners},
+            "http": {"listen": ["127.0.0.1:0"]},
+            "sink": {"enable": self._http_api},
+        }
+        if self._destinations is not None:
+            forced["smtp"] = {"port": self._destinations.port}
+        return merged(data, forced, self._tls_settings(), self._auth_settings())
+
+    def _tls_settings(self) -> dict:
+        if self._tls is None:
+            return {}
+        import trustme  # mailflow[testing]: only a Sink with TLS needs it
+
+        ca = trustme.CA()
+        pem = self.directory / "smtpd.pem"
+        ca.issue_cert("localhost", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
+        self.ca_pem = ca.cert_pem.bytes()
+        self.ca_file = str(self.directory / "ca.pem")
+        ca.cert_pem.write_to_path(self.ca_file)
+        return {"smtpd": {"tls_cert_file": str(pem), "tls_key_file": "", "tls_security_level": self._tls}}
+
+    def _auth_settings(self) -> dict:
+        if not self._users:
+            return {}
+        table = self.directory / "users"
+        table.write_text("".join(f"{user} {hash_password(password, **FAST_HASH)}\n"
+                                 for user, password in self._users.items()))
+        return {"smtpd": {"sasl_auth_enable": True, "sasl_auth_required": True,
+                          "sasl_user_maps": [f"texthash:{table}"],
+                          "allow_plaintext_auth_on_loopback": self._tls is None}}
+
+    # -- where ----------------------------------------------------------------------------------------------
+
+    @property
+    def smtp_url(self) -> str:
+        return f"smtp://{self.host}:{self.port}"
+
+    @property
+    def http_url(self) -> str | None:
+        """The capture API's base URL (`http_api=True`), else None."""
+        if self.server is None or self.server.http is None or not self.server.http.addresses:
+            return None
+        host, port = self.server.http.addresses[0]
+        return f"http://{host}:{port}"
+
+    # -- captured messages ----------------------------------------------------------------------------------
+
+    @property
+    def _capture(self) -> Capture:
+        if self.server is None or self.server.capture is None:
+            raise RuntimeError("the Sink is not running")
+        return self.server.capture
+
+    @property
+    def messages(self) -> list[CapturedMessage]:
+        return self._capture.mailbox.messages
+
+    def clear(self) -> None:
+        self._capture.mailbox.clear()
+
+    def search(self, query: str) -> list[CapturedMessage]:
+        """The messages matching a Mailpit search (mailflow.capture.search)."""
+        terms = capture_search.parse(query)
+        return [m for m in self.messages if capture_search.matches(terms, m)]
+
+    async def wait_for(self, *, to: str | None = None, sender: str | None = None,
+                       subject: str | re.Pattern | None = None, match: Callable[[CapturedMessage], bool] | None = None,
+                       count: int = 1, timeout: float = 5.0) -> list[CapturedMessage]:
+        """The matching messages once at least `count` are here (mailbox.Criteria says how each criterion
+        matches); WaitTimeout, listing what did arrive, after `timeout` seconds."""
+        criteria = Criteria(to=to, sender=sender, subject=subject, match=match)
+        return await self._capture.mailbox.wait(criteria, count, timeout)
+
+    def transcript(self, queue_id: str) -> SessionTranscript | None:
+        """The SMTP session that submitted `queue_id` (also for mail that was not captured)."""
+        return self._capture.session_observer.get(queue_id)
+
+    def history(self, queue_id: str) -> list:
+        """The queue's events for `queue_id` (also for mail that was not captured)."""
+        return self._capture.history.events(queue_id)
+
+    # -- inbound faults -------------------------------------------------------------------------------------
+
+    def reject(self, **rule) -> Rule:
+        """A 5xx at "mail", "rcpt" (default) or "data": rcpt=, sender= (patterns), code=550, text=, at=, times=."""
+        return self.faults.reject(**rule)
+
+    def defer(self, **rule) -> Rule:
+        """A 4xx (451 by default), like `reject`; with times=N the N+1st try is accepted."""
+        return self.faults.defer(**rule)
+
+    def slow(self, seconds: float) -> None:
+        """Every MAIL, RCPT and end-of-DATA reply comes `seconds` later (0: on time again)."""
+        self.faults.slow(seconds)
+
+    def drop(self, times: int = 1) -> None:
+        """The next `times` messages: the server hangs up after its 354 to DATA, while the content comes."""
+        self.faults.drop(times)
+
+    def clear_faults(self) -> None:
+        self.faults.clear()
+
+    # -- outbound: fake destinations ------------------------------------------------------------------------
+
+    def destination(self, domain: str) -> FakeDestination:
+        """A fake remote destination for `domain` (see mailflow.testing.destinations); mail the server routes
+        to the smtp transport for it reaches this peer."""
+        if self._destinations is None:
+            raise RuntimeError("fake destinations need a running Sink on Linux (every 127.0.0.0/8 address local)")
+        return self._destinations.add(domain)
+
+    # -- time -----------------------------------------------------------------------------------------------
+
+    async def settle(self, timeout: float = SETTLE_TIMEOUT) -> None:
+        """Until nothing is due now: no message incoming or active, none deferred and due, no delivery or
+        record under way. Raises TimeoutError after `timeout` seconds."""
+        server = self.server
+        store, qmgr, clock = server.store, server.qmgr, server.clock
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        quiet = 0
+        while True:
+            await asyncio.sleep(0)
+            counts = await store.counts()
+            due = await store.next_due_time()
+            busy = qmgr.busy or counts.get("incoming", 0) or counts.get("active", 0)
+            due_now = due is not None and due <= clock.time()
+            if not busy and not due_now:
+                quiet += 1
+                if quiet >= 2:  # twice in a row: a wake-up in flight has had its turn
+                    return
+                continue
+            quiet = 0
+            if due_now and not qmgr.busy:
+                qmgr.wake()
+            if loop.time() > deadline:
+                raise TimeoutError(f"the queue did not settle within {timeout:g}s: {counts}")
+            await asyncio.sleep(0.002)
+
+    async def advance(self, seconds: float = 0, *, minutes: float = 0, hours: float = 0, days: float = 0) -> None:
+        """Move the virtual clock on by the sum, stopping at each moment mail comes due on the way, so that every
+        retry, delay notice and expiry in the span happens as it would have (without waiting for it)."""
+        if not isinstance(self.clock, VirtualClock):
+            raise RuntimeError("advance() needs Sink(virtual_time=True)")
+        target = self.clock.now + seconds + 60 * minutes + 3600 * hours + 86400 * days
+        await self.settle()
+        while self.clock.now < target:
+            due = await self.server.store.next_due_time()
+            step_to = min(due, target) if due is not None and due > self.clock.now else target
+            self.clock.advance(step_to - self.clock.now)
+            await self.settle()
+
+
+
+def _fast_temporary_directory() -> str | None:
+    """/dev/shm when it is there and writable (tmpfs: a test's queue needs no durability, and fsync costs nothing
+    there), else the system's temporary directory."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else None

@@ -1,0 +1,184 @@
+"""The capture API (Mailpit's API v1 subset and mailflow's wait/history) over the one HTTP layer, asked with
+aiohttp's client on the test's loop; and the HTTP layer itself (loopback by default, routes by feature)."""
+from __future__ import annotations
+
+import asyncio
+from email.message import EmailMessage
+
+import aiohttp
+import aiosmtplib
+import pytest
+from aiohttp import web
+
+from mailflow.config import DEFAULTS
+from mailflow.http import HttpServer
+from mailflow.testing import Sink
+
+
+
+def mail(subject: str, to: str = "Bob <bob@example.com>", attach: bool = False) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = "Shop <shop@shop.test>"
+    msg["To"] = to
+    msg["Cc"] = "audit@shop.test"
+    msg["Subject"] = subject
+    msg["List-Unsubscribe"] = "<https://shop.test/unsub>"
+    msg.set_content(f"Body of {subject}: https://shop.test/x\n")
+    if attach:
+        msg.add_alternative("<p>html <img src=\"cid:logo\"></p>", subtype="html")
+        msg.get_payload()[1].add_related(b"\x89PNG", maintype="image", subtype="png", cid="<logo>")
+        msg.add_attachment(b"a,b\n1,2\n", maintype="text", subtype="csv", filename="data.csv")
+    return msg
+
+
+@pytest.fixture
+async def api():
+    async with Sink(http_api=True) as sink, aiohttp.ClientSession(sink.http_url) as http:
+        async with aiosmtplib.SMTP(hostname=sink.host, port=sink.port) as client:
+            await client.send_message(mail("First"), sender="shop@shop.test",
+                                      recipients=["bob@example.com", "audit@shop.test", "hidden@example.com"])
+            await client.send_message(mail("Second", attach=True), sender="shop@shop.test")
+        await sink.wait_for(count=2, match=lambda m: True)
+        yield sink, http
+
+
+async def get_json(http, path, status=200):
+    async with http.get(path) as response:
+        assert response.status == status, await response.text()
+        return await response.json()
+
+
+async def test_messages_and_info(api):
+    sink, http = api
+    listing = await get_json(http, "/api/v1/messages")
+    assert (listing["total"], listing["unread"], listing["count"], listing["messages_count"]) == (2, 2, 2, 2)
+    second, first = listing["messages"]  # newest first
+    assert (first["Subject"], second["Subject"]) == ("First", "Second")
+    assert first["From"] == {"Name": "Shop", "Address": "shop@shop.test"}
+    assert first["To"] == [{"Name": "Bob", "Address": "bob@example.com"}]
+    assert first["Bcc"] == [{"Name": "", "Address": "hidden@example.com"}]
+    assert first["Snippet"] == "Body of First: https://shop.test/x" and second["Attachments"] == 1
+    assert first["Created"].endswith("Z") and first["Read"] is False
+    page = await get_json(http, "/api/v1/messages?start=1&limit=1")
+    assert [m["Subject"] for m in page["messages"]] == ["First"] and page["start"] == 1
+    info = await get_json(http, "/api/v1/info")
+    assert info["Messages"] == 2 and info["RuntimeStats"]["SMTPAccepted"] == 2
+    async with http.get("/api/v1/messages?limit=x") as response:
+        assert response.status == 400
+
+
+async def test_one_message_its_raw_headers_parts_and_history(api):
+    sink, http = api
+    second = sink.messages[1]
+    detail = await get_json(http, "/api/v1/message/latest")
+    assert detail["ID"] == second.id and detail["Read"] is True
+    assert detail["Text"].startswith("Body of Second") and "cid:logo" in detail["HTML"]
+    assert [(a["FileName"], a["ContentType"], a["Size"]) for a in detail["Attachments"]] == [("data.csv", "text/csv", 8)]
+    assert [(a["ContentID"], a["ContentType"]) for a in detail["Inline"]] == [("logo", "image/png")]
+    assert detail["ReturnPath"] == "shop@shop.test"
+    assert detail["ListUnsubscribe"]["Links"] == ["https://shop.test/unsub"]
+    async with http.get(f"/api/v1/message/{second.id}/raw") as response:
+        assert await response.read() == second.raw
+    headers = await get_json(http, f"/api/v1/message/{second.id}/headers")
+    assert headers["Subject"] == ["Second"] and "Message-Id" in headers and "Received" in headers
+    part = detail["Attachments"][0]["PartID"]
+    async with http.get(f"/api/v1/message/{second.id}/part/{part}") as response:
+        assert (response.status, await response.read()) == (200, b"a,b\n1,2\n")
+    history = await get_json(http, f"/api/v1/message/{second.id}/history")
+    assert history["QueueID"] == second.queue_id
+    assert history["Envelope"]["To"] == ["bob@example.com", "audit@shop.test"]
+    assert history["Session"]["Lines"][0]["From"] == "server"
+    assert [e["Event"] for e in history["Events"]][:3] == ["received", "message-id", "queued"]
+    async with http.get("/api/v1/message/NOSUCHID") as response:
+        assert (response.status, await response.text()) == (404, "Message not found")
+    assert (await get_json(http, "/api/v1/messages"))["unread"] == 1
+
+
+async def test_search_mark_and_delete(api):
+    sink, http = api
+    found = await get_json(http, "/api/v1/search?query=subject:first")
+    assert [m["Subject"] for m in found["messages"]] == ["First"] and found["messages_count"] == 1
+    for query, subjects in [("to:hidden@example.com", ["First"]), ("from:shop@shop.test", ["Second", "First"]),
+                            ('"body of second"', ["Second"]), ("-subject:first", ["Second"]),
+                            ("has:attachment", ["Second"]), ("bcc:hidden", ["First"])]:
+        result = await get_json(http, f"/api/v1/search?query={query}")
+        assert [m["Subject"] for m in result["messages"]] == subjects, query
+    async with http.get("/api/v1/search?query=") as response:
+        assert response.status == 400
+    async with http.put("/api/v1/messages", json={"IDs": [sink.messages[0].id], "Read": True}) as response:
+        assert await response.text() == "ok"
+    assert [m["Subject"] for m in (await get_json(http, "/api/v1/search?query=is:unread"))["messages"]] == ["Second"]
+    async with http.delete("/api/v1/search?query=subject:second") as response:
+        assert response.status == 200
+    assert [m.subject for m in sink.messages] == ["First"]
+    async with http.delete("/api/v1/messages", data={"ids": [sink.messages[0].id]}) as response:  # form fields
+        assert response.status == 200
+    assert sink.messages == []
+
+
+async def test_delete_all_with_json(api):
+    sink, http = api
+    async with http.delete("/api/v1/messages", json={"IDs": []}) as response:
+        assert await response.text() == "ok"
+    assert sink.messages == [] and (await get_json(http, "/api/v1/info"))["RuntimeStats"]["MessagesDeleted"] == 2
+
+
+async def test_wait_long_polls_until_the_message_comes(api):
+    sink, http = api
+    waiting = asyncio.ensure_future(get_json(http, "/api/v1/wait?query=subject:third&timeout=5"))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    async with aiosmtplib.SMTP(hostname=sink.host, port=sink.port) as client:
+        await client.send_message(mail("Third"))
+    result = await waiting
+    assert [m["Subject"] for m in result["messages"]] == ["Third"]
+    async with http.get("/api/v1/wait?query=subject:fourth&timeout=0") as response:
+        timed_out = await response.json()
+        assert response.status == 408
+    assert "0 matched; 3 arrived" in timed_out["error"]
+
+
+async def test_the_http_layer_is_loopback_by_default_and_features_register_routes():
+    assert DEFAULTS.http.listen == ("127.0.0.1:8025",)
+    server = HttpServer(["127.0.0.1:0"])
+    table = web.RouteTableDef()
+
+    @table.get("/hello")
+    async def hello(request):
+        return web.Response(text="hi")
+
+    server.add_routes("greeting", table)
+    with pytest.raises(ValueError, match="another"):
+        again = web.RouteTableDef()
+        again.get("/hello")(hello)
+        server.add_routes("another", again)
+    await server.start()
+    try:
+        host, port = server.addresses[0]
+        assert host == "127.0.0.1"
+        async with aiohttp.ClientSession() as http, http.get(f"http://{host}:{port}/hello") as response:
+            assert await response.text() == "hi"
+        with pytest.raises(RuntimeError):
+            server.add_routes("late", table)
+    finally:
+        await server.stop()
+    assert server.addresses == []
+
+
+async def test_no_http_listener_without_a_feature(tmp_path):
+    async with Sink() as sink:
+        assert sink.http_url is None and sink.server.http is None
+
+
+async def test_waits_are_bounded_in_number_and_time():
+    async with Sink(http_api=True, sink={"waiters_limit": 1, "wait_time_limit": "0.2s"}) as sink, \
+            aiohttp.ClientSession(sink.http_url) as http:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        first = asyncio.ensure_future(http.get("/api/v1/wait?query=nothing&timeout=3600"))
+        await asyncio.sleep(0.05)
+        async with http.get("/api/v1/wait?query=nothing") as second:
+            assert second.status == 503
+        response = await first
+        assert response.status == 408 and loop.time() - started < 2  # capped at wait_time_limit
+        response.release()

@@ -1,0 +1,151 @@
+"""smtpd's session observer (transcripts) and in-process policy hook, on a real server (tests.conftest's
+`mailflow_server` and a Mailflow built the same way), seen from a real client.
+
+The observer is off unless a consumer asks: without one no session keeps a transcript.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import aiosmtplib
+import pytest
+
+from mailflow.app import Mailflow
+from mailflow.config import config_from_dict
+from mailflow.stages.smtpd.transcript import SessionObserver, Transcript
+from tests.helpers import base_settings, send
+
+MESSAGE = b"Subject: hi\r\n\r\nhello\r\n"
+
+
+class Recorder(SessionObserver):
+    line_limit = 30
+    byte_limit = 4096
+
+    def __init__(self, fail: bool = False):
+        self.events: list[tuple] = []
+        self.fail = fail
+
+    def started(self, transcript: Transcript) -> None:
+        self.events.append(("started", transcript.client))
+
+    def replied(self, transcript: Transcript, line: str) -> None:
+        if self.fail:
+            raise RuntimeError("an observer's bug")
+
+    def queued(self, transcript: Transcript, queue_id: str) -> None:
+        self.events.append(("queued", queue_id, transcript.snapshot()))
+
+    def ended(self, transcript: Transcript) -> None:
+        self.events.append(("ended", transcript.snapshot()))
+
+
+class Policy:
+    """An in-process policy hook: refuses what its table says, per stage."""
+
+    def __init__(self, answers: dict):
+        self.answers = answers
+        self.asked: list[tuple] = []
+
+    async def check(self, stage, facts, recipients):
+        self.asked.append((stage, facts.sender, facts.recipient, recipients))
+        return self.answers.get((stage, facts.recipient or facts.sender))
+
+
+@pytest.fixture
+async def server(tmp_path):
+    running = []
+
+    async def start(observer=None, policy=None, **settings):
+        config = config_from_dict({**base_settings(tmp_path), "mynetworks": ["127.0.0.0/8"], **settings})
+        mf = Mailflow(config, shutdown_grace=1.0, session_observer=observer, smtpd_policy=policy)
+        await mf.start()
+        running.append(mf)
+        return mf
+
+    yield start
+    for mf in running:
+        await mf.stop()
+
+
+async def test_a_session_transcript_is_keyed_to_each_queued_message(server):
+    recorder = Recorder()
+    mf = await server(observer=recorder)
+    port = mf.smtp_addresses[0][1]
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port) as client:
+        await client.sendmail("s@remote.test", ["alice@local.test"], MESSAGE)
+        await client.sendmail("s@remote.test", ["bob@local.test"], MESSAGE)
+        await client.sendmail("s@remote.test", ["bob@local.test"], MESSAGE)
+    await asyncio.sleep(0.05)
+    kinds = [e[0] for e in recorder.events]
+    assert kinds == ["started", "queued", "queued", "queued", "ended"]
+    (_, first_id, first), (_, second_id, second) = recorder.events[1:3]
+    assert first.lines[-1] == ("S", f"250 2.0.0 Ok: queued as {first_id}")
+    assert second.lines[-1] == ("S", f"250 2.0.0 Ok: queued as {second_id}")
+    assert first.helo and first.client == "unknown[127.0.0.1]"
+    ended = recorder.events[-1][1]
+    assert len(ended.lines) == Recorder.line_limit and ended.omitted > 0  # bounded: the rest is counted
+    assert ("C", "RCPT TO:<alice@local.test>") in first.lines
+
+
+async def test_no_observer_no_transcript(server):
+    mf = await server()
+    port = mf.smtp_addresses[0][1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await reader.readline()
+    [session] = list(mf.smtpd.sessions)
+    assert session.transcript is None
+    writer.close()
+
+
+async def test_an_observer_that_fails_changes_nothing(server, caplog):
+    mf = await server(observer=Recorder(fail=True))
+    refused, reply = await send(mf.smtp_addresses[0][1], "s@remote.test", ["alice@local.test"], MESSAGE)
+    assert reply.startswith("2.0.0 Ok: queued as")
+    assert "session observer" in caplog.text
+
+
+async def test_the_observer_can_hang_up_a_session(server):
+    class HangUp(Recorder):
+        def replied(self, transcript, line):
+            if line.startswith("354"):
+                transcript.hang_up()
+
+    mf = await server(observer=HangUp())
+    with pytest.raises(aiosmtplib.SMTPException):
+        await send(mf.smtp_addresses[0][1], "s@remote.test", ["alice@local.test"], MESSAGE + b"x" * 50_000)
+    assert await mf.store.counts() == {}
+
+
+async def test_the_policy_hook_answers_at_mail_rcpt_and_data(server):
+    policy = Policy({("mail", "bad@remote.test"): "REJECT go away",
+                     ("rcpt", "bob@local.test"): "450 4.2.0 Mailbox busy",
+                     ("data", "alice@local.test"): "554 5.7.1 Spam",
+                     ("rcpt", "alice@local.test"): "DUNNO"})
+    mf = await server(policy=policy)
+    port = mf.smtp_addresses[0][1]
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port) as client:
+        with pytest.raises(aiosmtplib.SMTPSenderRefused) as mail:
+            await client.sendmail("bad@remote.test", ["alice@local.test"], MESSAGE)
+        assert (mail.value.code, mail.value.message) == (554, "5.7.1 <bad@remote.test>: Sender address rejected: go away")
+        with pytest.raises(aiosmtplib.SMTPRecipientsRefused) as rcpt:
+            await client.sendmail("s@remote.test", ["bob@local.test"], MESSAGE)
+        assert rcpt.value.recipients[0].code == 450
+        assert rcpt.value.recipients[0].message == "4.2.0 <bob@local.test>: Recipient address rejected: Mailbox busy"
+        with pytest.raises(aiosmtplib.SMTPDataError) as data:
+            await client.sendmail("s@remote.test", ["alice@local.test"], MESSAGE)
+        assert (data.value.code, data.value.message) == (554, "5.7.1 <END-OF-MESSAGE>: End-of-data rejected: Spam")
+    assert ("data", "s@remote.test", "alice@local.test", ("alice@local.test",)) in policy.asked
+    assert await mf.store.counts() == {}
+
+
+async def test_the_policy_hook_comes_before_the_restriction_lists(server):
+    """A hook that has no opinion lets the usual checks decide (here: the unknown user)."""
+    policy = Policy({})
+    mf = await server(policy=policy, mynetworks=[])
+    refused, _ = await send(mf.smtp_addresses[0][1], "s@remote.test", ["alice@local.test"], MESSAGE)
+    assert refused == {}
+    with pytest.raises(aiosmtplib.SMTPRecipientsRefused) as unknown:
+        await send(mf.smtp_addresses[0][1], "s@remote.test", ["nobody@local.test"], MESSAGE)
+    assert unknown.value.recipients[0].code == 550
+    assert [a[0] for a in policy.asked] == ["mail", "rcpt", "data", "mail", "rcpt"]

@@ -1,0 +1,206 @@
+"""The capture server's pure parts: the mailbox's bounds and waiting, what a message holds (mime), Mailpit's
+search syntax, smtpd's transcript record, the Sink's inbound rules and a destination's script."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from email.message import EmailMessage
+
+import pytest
+
+from mailflow.capture import mime, search
+from mailflow.capture.mailbox import CapturedEnvelope, Criteria, Mailbox, WaitTimeout
+from mailflow.clock import VirtualClock
+from mailflow.stages.smtpd.restrictions import Facts
+from mailflow.stages.smtpd.transcript import SessionObserver, Transcript, tls_description
+from mailflow.testing.destinations import Script, Step
+from mailflow.testing.faults import InboundFaults
+
+
+def raw(subject: str = "Hi", to: str = "Bob <bob@example.com>", body: str = "hello") -> bytes:
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "Ann <ann@shop.test>", to, subject
+    msg.set_content(body)
+    return bytes(msg)
+
+
+def mailbox(**limits) -> Mailbox:
+    return Mailbox(max_messages=limits.get("max_messages", 10), max_bytes=limits.get("max_bytes", 10**6),
+                   clock=VirtualClock())
+
+
+def add(box: Mailbox, subject: str = "Hi", rcpts=("bob@example.com",), queue_id: str = "Q1", **kw):
+    return box.add(CapturedEnvelope("ann@shop.test", tuple(rcpts)), raw(subject, **kw), queue_id)
+
+
+# ---------------------------------------------------------------------------------------------- mailbox
+
+
+def test_the_oldest_messages_make_room():
+    box = mailbox(max_messages=2)
+    for n in range(3):
+        add(box, f"m{n}", queue_id=f"Q{n}")
+    assert [m.subject for m in box.messages] == ["m1", "m2"] and (box.accepted, box.deleted) == (3, 1)
+    small = mailbox(max_bytes=len(raw("a")) * 2 + 10)
+    for n in range(4):
+        add(small, "a", queue_id=f"Q{n}")
+    assert len(small.messages) == 2
+
+
+def test_one_queue_id_captured_twice_gets_two_ids():
+    box = mailbox()
+    first, second = add(box, queue_id="Q"), add(box, queue_id="Q")
+    assert first.id == "Q" and second.id != "Q" and second.id.startswith("Q.")
+    assert box.latest() is second and box.get("Q") is first
+
+
+async def test_wait_returns_when_enough_arrive_and_reports_what_did():
+    box = mailbox()
+    waiting = asyncio.ensure_future(box.wait(Criteria(to="*@example.com"), count=2, timeout=5))
+    add(box, "one", queue_id="A")
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    add(box, "two", queue_id="B")
+    assert [m.subject for m in await waiting] == ["one", "two"]
+    with pytest.raises(WaitTimeout) as failure:
+        await box.wait(Criteria(sender="nobody@x", subject=re.compile("^t")), timeout=0.01)
+    assert str(failure.value).splitlines() == [
+        "waited 0.01s for 1 message (sender='nobody@x' subject='^t'): 0 matched; 2 arrived:",
+        "  1. <ann@shop.test> -> <bob@example.com>: 'one' (queue id A)",
+        "  2. <ann@shop.test> -> <bob@example.com>: 'two' (queue id B)"]
+    assert isinstance(failure.value, AssertionError)
+
+
+def test_criteria():
+    msg = add(mailbox(), "Your Order 42", rcpts=("Bob@Example.com", "x@y.test"))
+    assert Criteria(to="bob@example.com").matches(msg) and Criteria(to="*@y.test").matches(msg)
+    assert not Criteria(to="bob@example").matches(msg)
+    assert Criteria(sender="ANN@shop.test", subject="Order").matches(msg)
+    assert not Criteria(subject="order").matches(msg) and Criteria(subject=re.compile("(?i)order")).matches(msg)
+    assert not Criteria(match=lambda m: False).matches(msg)
+
+
+# ---------------------------------------------------------------------------------------------- mime
+
+
+def test_bodies_attachments_inline_parts_and_links():
+    msg = EmailMessage()
+    msg["Subject"] = "x"
+    msg.set_content("see https://a.test/1, and mailto:help@a.test.")
+    msg.add_alternative('<a href="https://a.test/2">two</a><img src="cid:pic">', subtype="html")
+    msg.get_payload()[1].add_related(b"GIF89a", maintype="image", subtype="gif", cid="<pic>")
+    msg.add_attachment(b"\x00\x01", maintype="application", subtype="octet-stream", filename="blob.bin")
+    parsed = mime.parse(bytes(msg))
+    assert mime.text_body(parsed).startswith("see") and "<a href" in mime.html_body(parsed)
+    attached, inline = mime.attachments(parsed)
+    assert [(a.part_id, a.filename, a.data) for a in attached] == [("2", "blob.bin", b"\x00\x01")]
+    assert [(a.part_id, a.content_id, a.content_type) for a in inline] == [("1.2.2", "pic", "image/gif")]
+    assert attached[0].checksums()["SHA256"] == hashlib.sha256(b"\x00\x01").hexdigest()
+    assert mime.links(parsed) == ["https://a.test/1", "mailto:help@a.test", "https://a.test/2"]
+    assert mime.snippet(parsed) == "see https://a.test/1, and mailto:help@a.test."
+
+
+def test_a_message_without_text_gets_its_snippet_from_the_html():
+    msg = EmailMessage()
+    msg.set_content("<p>Hello <b>there</b></p>", subtype="html")
+    assert mime.snippet(mime.parse(bytes(msg))) == "Hello there"
+
+
+def test_a_broken_message_does_not_raise():
+    parsed = mime.parse(b"Content-Type: multipart/mixed; boundary=x\r\n\r\n--x\r\nContent-Type: text/plain; "
+                        b"charset=nonsense\r\n\r\nhi\r\n")
+    assert mime.text_body(parsed).strip() == "hi"
+    assert mime.attachments(parsed) == ([], [])
+    assert mime.addresses(parsed, "To") == []
+
+
+# ---------------------------------------------------------------------------------------------- search
+
+
+def test_search_syntax():
+    assert search.parse('to:bob -subject:"big sale" !is:read words "two words" http://x.test') == [
+        search.Term(False, "to", "bob"), search.Term(True, "subject", "big sale"), search.Term(True, "is", "read"),
+        search.Term(False, "", "words"), search.Term(False, "", "two words"), search.Term(False, "", "http://x.test")]
+    assert search.parse("") == []
+
+
+def test_search_places():
+    box = mailbox()
+    add(box, "Big sale", rcpts=("bob@example.com", "hidden@example.com"), queue_id="A",
+                body="prices cut")
+    second = add(box, "Receipt", rcpts=("carol@example.com",), to="Carol <carol@example.com>", queue_id="B")
+    second.read = True
+
+    def found(query):
+        terms = search.parse(query)
+        return [m.queue_id for m in box.messages if search.matches(terms, m)]
+
+    assert found("to:bob") == ["A"] and found("to:hidden") == ["A"] and found("bcc:hidden") == ["A"]
+    assert found("from:ann") == ["A", "B"] and found('subject:"big sale"') == ["A"]
+    assert found("prices") == ["A"] and found("-prices") == ["B"]
+    assert found("is:read") == ["B"] and found("is:unread") == ["A"] and found("has:attachment") == []
+    assert found("addressed:carol") == ["B"] and found("to:carol subject:receipt") == ["B"]
+
+
+# ---------------------------------------------------------------------------------------------- transcript
+
+
+class Limits(SessionObserver):
+    line_limit = 3
+    byte_limit = 1024
+
+
+def test_a_transcript_keeps_no_credentials_and_stays_bounded():
+    hung_up = []
+    t = Transcript(Limits(), "unknown[127.0.0.1]", lambda: hung_up.append(1))
+    t.reply("220 hi")
+    t.command(b"AUTH PLAIN AGFsaWNlAHMzY3JldA==")
+    t.reply(b"235 2.7.0 Authentication successful")
+    t.command(b"MAIL FROM:<a@b>")
+    assert t.snapshot().lines == (("S", "220 hi"), ("C", "AUTH PLAIN ****"), ("S", "235 2.7.0 Authentication successful"))
+    assert t.snapshot().omitted == 1
+    t.hang_up()
+    assert hung_up == [1]
+
+
+def test_tls_description():
+    assert tls_description({"cipher": ("TLS_AES_256_GCM_SHA384", "TLSv1.3", 256)}) == "TLSv1.3 TLS_AES_256_GCM_SHA384"
+    assert tls_description(None) == ""
+
+
+# ---------------------------------------------------------------------------------------------- Sink rules
+
+
+async def test_inbound_rules_match_then_are_spent():
+    faults = InboundFaults()
+    rule = faults.defer(rcpt="*@later.test", times=2)
+    faults.reject(sender="spam@*", at="mail", code=553, text="Not you")
+    rcpt = Facts("127.0.0.1", sender="a@shop.test", recipient="x@later.test")
+    assert await faults.check("rcpt", rcpt, ("x@later.test",)) == "451 4.7.1 Try again later"
+    assert await faults.check("rcpt", Facts("127.0.0.1", sender="a@b", recipient="x@now.test"), ()) is None
+    assert await faults.check("rcpt", rcpt, ()) is not None and rule.spent
+    assert await faults.check("rcpt", rcpt, ()) is None
+    assert await faults.check("mail", Facts("127.0.0.1", sender="spam@x.test"), ()) == "553 5.7.1 Not you"
+
+
+def test_bad_rules_are_refused():
+    faults = InboundFaults()
+    with pytest.raises(ValueError, match="5xx"):
+        faults.reject(code=451)
+    with pytest.raises(ValueError, match="4xx"):
+        faults.defer(code=550)
+    with pytest.raises(ValueError, match="no recipient"):
+        faults.reject(rcpt="a@b", at="mail")
+    with pytest.raises(ValueError, match="at="):
+        faults.reject(at="quit")
+
+
+def test_a_destination_script_is_used_step_by_step_at_its_moment():
+    script = Script(Step("refuse")).times(2).then(451).times(1).then(250)
+    assert script.take("connection") is None  # a lookup step waits for the lookup
+    assert [script.take("lookup").kind for _ in range(2)] == ["refuse", "refuse"]
+    assert script.take("lookup") is None
+    step = script.take("transaction")
+    assert (step.kind, step.code) == ("reply", 451)
+    assert script.take("transaction").code == 250 and script.take("transaction").code == 250  # always, at the end
