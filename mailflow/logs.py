@@ -71,8 +71,9 @@ class MailLog:
 
     @property
     def active(self) -> bool:
-        """Whether mail events are written at all (level info or lower): callers skip work done only for a line."""
-        return self._log.isEnabledFor(logging.INFO)
+        """Whether mail events go anywhere (level info or lower, or an observer): callers skip work done only
+        for an event."""
+        return self._observer is not None or self._log.isEnabledFor(logging.INFO)
 
     def _emit(self, queue_id: str, event: str, line: str, *, service: str, **fields) -> None:
         fields = {k: printable(v) if isinstance(v, str) else v for k, v in fields.items()}

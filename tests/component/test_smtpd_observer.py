@@ -13,7 +13,7 @@ import pytest
 from mailflow.app import Mailflow
 from mailflow.config import config_from_dict
 from mailflow.stages.smtpd.transcript import SessionObserver, Transcript
-from tests.helpers import base_settings, send
+from tests.support import base_settings, send
 
 MESSAGE = b"Subject: hi\r\n\r\nhello\r\n"
 

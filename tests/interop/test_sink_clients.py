@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from mailflow.testing import Sink
-from tests.conftest import require_tool
-from tests.helpers import eventually, free_port
-from tests.interop.test_postfix_tools import run
+from tests.support import require_tool
+from tests.support import eventually, free_port
+from tests.support import run_tool as run
 
 pytestmark = pytest.mark.interop
 
