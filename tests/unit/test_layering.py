@@ -25,7 +25,7 @@ PACKAGE = Path(mailflow.__file__).parent
 LEAVES = (
     "mailflow.syntax", "mailflow.restriction_vocabulary", "mailflow.pipe_argv", "mailflow.address", "mailflow.errors",
     "mailflow.tables", "mailflow.aliases", "mailflow.dns", "mailflow.message", "mailflow.content", "mailflow.model",
-    "mailflow.clock",
+    "mailflow.clock", "mailflow.passwords",
 )
 # What mailflow.config may load (besides itself): leaves only, and of those only these.
 CONFIG_MAY_LOAD = ("mailflow", "mailflow.syntax", "mailflow.restriction_vocabulary", "mailflow.pipe_argv",
@@ -43,8 +43,6 @@ FUNCTION_IMPORTS = {
                                              "aiosmtplib) would slow every other command, sendmail run per message "
                                              "by scripts first",
     ("mailflow.cli.server", "mailflow.routing.router"): "only `address` (and sendmail -bv) routes addresses",
-    ("mailflow.cli.server", "mailflow.stages.smtpd.auth"): "only `auth hash-password` hashes; importing it loads the "
-                                                           "whole smtpd package",
     ("mailflow.cli.queue", "mailflow.store"): "only the queue commands open the queue database",
     ("mailflow.cli.queue", "mailflow.queue_tools"): "as above",
 }
