@@ -2,7 +2,7 @@
 
     AccountDatabase.open(path, create=False)       create: make the file (0640) and its tables when missing
     domains: add_domain, remove_domain (refused while mailboxes or aliases use it), list_domains
-    mailboxes: add_user(address, password, quota=0), remove_user, set_password, set_enabled, set_quota,
+    mailboxes: check_new_user(address), add_user(address, password, quota=0), remove_user, set_password, set_enabled, set_quota,
                get_user, list_users(domain=None)
     aliases: add_alias(address, targets), remove_alias(address, targets=()), list_aliases(domain=None)
     sender logins: add_sender(login, sender), remove_sender, list_senders(login=None)
@@ -174,6 +174,14 @@ class AccountDatabase:
         return [row[0] for row in self._read("SELECT name FROM domain ORDER BY name")]
 
     # -------------------------------------------------------------------------------- mailboxes
+
+    def check_new_user(self, address: str) -> str:
+        """The normalised address, when a mailbox may be added for it (before asking for its password)."""
+        addr, _, domain = _address(address)
+        self._need_domain(domain)
+        if self._one("SELECT 1 FROM mailbox WHERE address = ?", addr):
+            raise AccountError(f"user {addr} exists already")
+        return addr
 
     def add_user(self, address: str, password: str, *, quota: int = 0) -> Mailbox:
         addr, local, domain = _address(address)

@@ -29,7 +29,6 @@ from mailflow.cli.common import (ConfigOption, config_error_text, config_name, c
 from mailflow.config import Config, flat_settings, show_settings
 from mailflow.errors import ConfigError, DeliveryError, LookupRetry
 from mailflow.logs import setup_logging
-from mailflow.passwords import hash_password
 from mailflow.queuelock import QueueBusy
 from mailflow.syntax import FILE_TABLE_TYPES, parse_hostport, table_type
 from mailflow.tables import open_table
@@ -169,6 +168,8 @@ def auth_hash_password(user: Optional[str] = typer.Argument(None, help="print a 
                        stdin: bool = typer.Option(False, "--stdin", help="read the password from standard input")
                        ) -> None:
     """Print a scrypt password hash ($scrypt$n=16384,r=8,p=1$SALT$HASH); asks for the password twice."""
+    from mailflow.passwords import hash_password
+
     if stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:

@@ -44,6 +44,9 @@ FUNCTION_IMPORTS = {
                                              "aiosmtplib) would slow every other command, sendmail run per message "
                                              "by scripts first",
     ("mailflow.cli.server", "mailflow.routing.router"): "only `address` (and sendmail -bv) routes addresses",
+    ("mailflow.cli.server", "mailflow.passwords"): "only `auth hash-password` hashes; argon2-cffi's import alone "
+                                                   "costs about 20 ms, and sendmail starts once per message",
+    ("mailflow.cli.accounts", "mailflow.accounts.database"): "as above: only `account` changes hash passwords",
     ("mailflow.cli.queue", "mailflow.store"): "only the queue commands open the queue database",
     ("mailflow.cli.queue", "mailflow.queue_tools"): "as above",
 }
