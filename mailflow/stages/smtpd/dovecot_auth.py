@@ -152,16 +152,16 @@ class DovecotAuth:
         """Dovecot's answer to `login`/`password`. Raises Unavailable (already logged)."""
         try:
             answer = await asyncio.wait_for(self._ask(login, password, secured, client_ip, local_ip), self._timeout)
+        except TimeoutError:  # (an OSError: first)
+            await self._drop()
+            error = TimeoutError(f"no answer within {self._timeout:g}s")
+            self._faults.failed(error)
+            raise Unavailable(str(error)) from None
         except (OSError, EOFError, HandshakeError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                 ValueError) as e:
             await self._drop()
             self._faults.failed(e if isinstance(e, OSError) else ConnectionError(str(e) or type(e).__name__))
             raise Unavailable(str(e) or type(e).__name__) from None
-        except TimeoutError:
-            await self._drop()
-            error = TimeoutError(f"no answer within {self._timeout:g}s")
-            self._faults.failed(error)
-            raise Unavailable(str(error)) from None
         self._faults.succeeded()
         return answer
 
