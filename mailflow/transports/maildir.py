@@ -48,8 +48,9 @@ def virtual_maildirs(base: str | Path, rewriter) -> Locate:
             return None
         if not path.endswith("/"):
             raise TemporaryError("4.3.5", f"virtual_mailbox_maps gives {path!r}: only Maildirs (ending in /) are supported")
-        maildir = (root / path).resolve()
-        if not maildir.is_relative_to(root.resolve()):
+        base = Path(os.path.abspath(root))
+        maildir = Path(os.path.normpath(base / path))  # not resolved: the write opens no symbolic link (Owner)
+        if not maildir.is_relative_to(base):
             raise TemporaryError("4.3.5", f"virtual_mailbox_maps gives {path!r}, outside virtual_mailbox_base")
         return maildir
 
