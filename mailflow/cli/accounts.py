@@ -23,7 +23,7 @@ import json
 import pwd
 import sys
 from pathlib import Path
-from typing import List, NoReturn, Optional
+from typing import TYPE_CHECKING, List, NoReturn, Optional
 
 import typer
 
@@ -32,6 +32,9 @@ from mailflow.cli.common import ConfigOption, JsonOption, load
 from mailflow.config import Config
 from mailflow.errors import ConfigError, LookupRetry
 from mailflow.tables import open_table
+
+if TYPE_CHECKING:
+    from mailflow.accounts.database import AccountDatabase
 
 DatabaseOption = typer.Option(None, "--database", "-d", metavar="FILE",
                               help="the account database (default: [accounts] database_file, else "
@@ -62,7 +65,7 @@ class _Session:
         self.as_json = as_json
         self._path = database_path(self.cfg, database)
         self._create = create
-        self.db = None
+        self.db: AccountDatabase = None  # type: ignore[assignment]  # opened by __enter__
 
     def __enter__(self):
         from mailflow.accounts.database import AccountDatabase, AccountError

@@ -84,7 +84,7 @@ def table_problems(cfg: Config, where: str) -> list[ConfigError]:
     answer now."""
     problems = []
     for key, specs in flat_settings(cfg).items():
-        if not key.endswith("_maps"):
+        if not key.endswith(("_maps", "_domains")):  # domain lists may hold tables (accounts:PATH#domains)
             continue
         for spec in specs:
             if table_type(spec) not in FILE_TABLE_TYPES:

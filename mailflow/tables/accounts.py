@@ -64,9 +64,13 @@ class AccountsTable:
         self._kept: dict[str, str | None] = {}
 
     def load(self) -> None:
-        """Open the database and check it now (TableCache.preload calls it off the event loop)."""
+        """Open the database and check it now (TableCache.preload calls it off the event loop). A database that
+        cannot be read does not stop a server from starting: its lookups answer LookupRetry until it can."""
         with self._lock:
-            self._fresh()
+            try:
+                self._fresh()
+            except LookupRetry:
+                pass
 
     def lookup(self, key: str) -> str | None:
         key = key.lower()
