@@ -101,7 +101,8 @@ def table_problems(cfg: Config, where: str) -> list[ConfigError]:
     answer now."""
     problems = []
     for key, specs in flat_settings(cfg).items():
-        if not key.endswith("_maps") or not isinstance(specs, (list, tuple)):
+        # domain lists may hold tables (accounts:PATH#domains)
+        if not key.endswith(("_maps", "_domains")) or not isinstance(specs, (list, tuple)):
             continue
         for spec in specs:
             if table_type(spec) not in FILE_TABLE_TYPES:
@@ -185,7 +186,7 @@ def auth_hash_password(user: Optional[str] = typer.Argument(None, help="print a 
                        stdin: bool = typer.Option(False, "--stdin", help="read the password from standard input")
                        ) -> None:
     """Print a scrypt password hash ($scrypt$n=16384,r=8,p=1$SALT$HASH); asks for the password twice."""
-    from mailflow.stages.smtpd.auth import hash_password
+    from mailflow.passwords import hash_password
 
     if stdin:
         password = sys.stdin.readline().rstrip("\r\n")

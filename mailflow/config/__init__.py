@@ -20,6 +20,7 @@ The package, split by job like Postfix's global/mail_params + postconf (callers 
     delivery.py   LocalConfig, SmtpConfig, LmtpConfig, DnsConfig, PipeService    [local] [smtp] [lmtp] [dns] [pipe.*]
     queue.py      QueueConfig, SendmailConfig                                          [queue] [sendmail]
     log.py        LogConfig                                                                    [log]
+    accounts.py   AccountsConfig                                                               [accounts]
     http.py       HttpConfig                                                                   [http]
     sink.py       SinkConfig                                                                   [sink]
     main.py       Config (top-level settings and the sections), DEFAULTS, BUILTIN_TRANSPORTS
@@ -31,6 +32,7 @@ Layering: this package imports only leaves (mailflow.syntax, restriction_vocabul
 errors and what they import), never a stage, a transport or the routing libraries
 (tests/unit/test_layering.py).
 """
+from mailflow.config.accounts import AccountsConfig
 from mailflow.config.base import Duration, Section
 from mailflow.config.delivery import DnsConfig, LmtpConfig, LocalConfig, PipeService, SmtpConfig
 from mailflow.config.http import HttpConfig
@@ -45,8 +47,9 @@ from mailflow.config.smtpd import LISTENER_ROLES, ListenerConfig, SmtpdConfig
 from mailflow.errors import ConfigError
 
 __all__ = [
-    "BUILTIN_TRANSPORTS", "DEFAULTS", "LISTENER_ROLES", "Config", "ConfigError", "DnsConfig", "Duration",
-    "HttpConfig", "ListenerConfig", "LmtpConfig", "LocalConfig", "LogConfig", "PipeService", "QueueConfig", "Section",
-    "SendmailConfig", "SinkConfig", "SmtpConfig", "SmtpdConfig", "config_from_dict", "flat_settings", "format_setting",
+    "AccountsConfig", "BUILTIN_TRANSPORTS", "DEFAULTS", "LISTENER_ROLES", "Config", "ConfigError", "DnsConfig",
+    "Duration", "HttpConfig", "ListenerConfig", "LmtpConfig", "LocalConfig", "LogConfig", "PipeService", "QueueConfig",
+    "Section", "SendmailConfig", "SinkConfig", "SmtpConfig", "SmtpdConfig", "config_from_dict", "flat_settings",
+    "format_setting",
     "load_config", "resolve_paths", "show_settings",
 ]

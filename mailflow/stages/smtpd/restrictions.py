@@ -215,7 +215,11 @@ class Restrictions:
 
     async def _evaluate(self, name: str, arg: str, stage: str, facts: Facts):
         """PERMIT, a refusal Reply, or None (no opinion)."""
-        simple = self._simple(name, stage, facts)
+        try:
+            simple = self._simple(name, stage, facts)
+        except LookupRetry as e:  # a domain list's table (virtual_mailbox_domains) cannot answer now
+            log.warning("%s: %s", name, e.reason)
+            return status.error_reply(e, facts.recipient)
         if simple is not _UNHANDLED:
             return simple
         if name in ACCESS_CHECKS:
