@@ -17,6 +17,7 @@ from pydantic import Field, PrivateAttr, ValidationInfo, field_validator
 from mailflow.address import normalise_domain
 from mailflow.config.base import Networks, Section, TableSpecs
 from mailflow.config.delivery import DnsConfig, LmtpConfig, LocalConfig, PipeService, SmtpConfig
+from mailflow.config.deliverability import ArcConfig, DeliverabilityConfig, DkimConfig, MtaStsConfig, SrsConfig
 from mailflow.config.log import LogConfig
 from mailflow.config.queue import QueueConfig, SendmailConfig
 from mailflow.config.smtpd import SmtpdConfig
@@ -36,7 +37,8 @@ _TRANSPORT_NEXTHOP = re.compile(rf"{_TRANSPORT_NAME.pattern}(:.*)?")  # transpor
 
 
 class Config(Section):
-    """The whole configuration. Section tables: smtpd, local, smtp, lmtp, dns, queue, log, sendmail."""
+    """The whole configuration. Section tables: smtpd, local, smtp, lmtp, dns, queue, log, sendmail, dkim, arc,
+    srs, mta_sts, deliverability."""
 
     myhostname: str = "localhost"
     # Appended to unqualified addresses (user -> user@myorigin); "" means myhostname. mydomain ("": myhostname
@@ -109,6 +111,12 @@ class Config(Section):
     queue: QueueConfig = QueueConfig()
     log: LogConfig = LogConfig()
     sendmail: SendmailConfig = SendmailConfig()
+    # Deliverability (docs/deliverability.md): DKIM signing, ARC, SRS, MTA-STS, what dns-records publishes.
+    dkim: DkimConfig = DkimConfig()
+    arc: ArcConfig = ArcConfig()
+    srs: SrsConfig = SrsConfig()
+    mta_sts: MtaStsConfig = MtaStsConfig()
+    deliverability: DeliverabilityConfig = DeliverabilityConfig()
     # Delivery to commands: [pipe.NAME] tables (PipeService), each a transport named NAME.
     pipe: dict[str, PipeService] = {}
     # The directory relative paths were taken from (None: as written); set by resolve_paths.

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mailflow.config.base import Section
+from mailflow.config.deliverability import opendkim_dataset
 from mailflow.config.main import Config
 from mailflow.syntax import FILE_TABLE_TYPES, table_type
 
@@ -50,6 +51,9 @@ def _resolve_section(section: Section, base: Path) -> Section:
 def _resolve_setting(name: str, value: object, base: Path) -> object:
     if name.endswith(("_file", "_directory", "_base")) or name == "directory":
         return _resolve_path(value, base) if isinstance(value, str) else value
+    if name.endswith("_table") and isinstance(value, str) and value:  # an OpenDKIM data set (dkim.signing_table)
+        kind, path = opendkim_dataset(value)
+        return f"{kind}:{_resolve_path(path, base)}"
     if name.endswith("_maps") or name == "authorized_submit_users":
         return tuple(_resolve_table(v, base) for v in value) if isinstance(value, (tuple, list)) else value
     if name.endswith("_restrictions") and isinstance(value, (tuple, list)):
