@@ -28,6 +28,7 @@ from mailflow.transports.local.agent import CommandSettings, LocalTransport
 from mailflow.transports.maildir import MaildirTransport, MaildirWriter, virtual_maildirs
 from mailflow.transports.pipe import PipeTransport
 from mailflow.transports.smtp import SmtpTransport
+from mailflow.transports.smtp.mtasts import HttpsPolicyFetcher, MtaSts
 
 
 class Transport(Protocol):
@@ -36,10 +37,20 @@ class Transport(Protocol):
     async def close(self) -> None: ...
 
 
+def build_mta_sts(config, resolver) -> MtaSts | None:
+    """The SMTP client's MTA-STS policy source from [mta_sts] (None when off); the policy fetch trusts what the
+    SMTP client trusts (smtp.tls_ca_file, else the system's CAs)."""
+    if not config.mta_sts.enabled:
+        return None
+    fetcher = HttpsPolicyFetcher(resolver, ca_file=config.smtp.tls_ca_file, timeout=config.mta_sts.fetch_timeout)
+    return MtaSts(resolver, fetcher, cache_size=config.mta_sts.cache_size)
+
+
 def build_transports(config, resolver, clock, router, forward=None) -> dict[str, Transport]:
     """The transports named in `transport:nexthop` values, by name. `router` gives the local and virtual
     agents their tables; `forward` lets local delivery queue forwarded copies (see transports.local)."""
-    smtp = SmtpTransport(config.smtp, resolver=resolver, helo_name=config.myhostname)
+    smtp = SmtpTransport(config.smtp, resolver=resolver, helo_name=config.smtp.helo_name or config.myhostname,
+                         mta_sts=build_mta_sts(config, resolver))
     return {
         "local": LocalTransport(router.local, local=config.local, writer=MaildirWriter(clock), clock=clock,
                                 forward=forward, commands=CommandSettings.from_config(config),
