@@ -1,5 +1,5 @@
 """The command line: `mailflow serve | check-config | version | queue … | mailq | table | config | address | auth |
-sendmail`. No logic of its own: each command calls the module that does the work.
+dkim keygen | dns-records | check-deliverability | sendmail`. No logic of its own: each command calls the module that does the work.
 
 Configuration comes from `--config FILE`, else `$MAILFLOW_CONFIG`, else the embedded defaults. A bad
 configuration prints `mailflow: FILE: KEY: REASON` and exits 2 (common.py holds the one formatter); never a
@@ -17,7 +17,8 @@ submission command (mailflow/sendmail/, docs/sendmail.md); its exit codes are sy
 2 for a bad table spec, 75 (EX_TEMPFAIL) when a lookup fails.
 
 The package: common.py (configuration loading and errors, shared options), server.py (serve, check-config,
-version, config show, address, table query, auth), queue.py (the queue tools), submit.py (sendmail). This file
+version, config show, address, table query, auth), queue.py (the queue tools), submit.py (sendmail),
+deliverability.py (dkim keygen, dns-records, check-deliverability; docs/deliverability.md). This file
 is the command table. Modules only some commands need (the server, the store, the router, smtpd's password
 hashing) are imported inside those commands, so that `sendmail`, run once per message by scripts, starts fast.
 """
@@ -27,7 +28,7 @@ import sys
 
 import typer
 
-from mailflow.cli import queue, server, submit
+from mailflow.cli import deliverability, queue, server, submit
 from mailflow.sendmail import program_mode
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="mailflow: a mail server in one asyncio process.")
@@ -37,6 +38,7 @@ table_app = typer.Typer(no_args_is_help=True, help="Query lookup tables (texthas
                         "sqlite, fail) the way the server sees them, like postmap -q.")
 config_app = typer.Typer(no_args_is_help=True, help="Show the configuration (postconf).")
 auth_app = typer.Typer(no_args_is_help=True, help="AUTH users for smtpd.sasl_user_maps.")
+dkim_app = typer.Typer(no_args_is_help=True, help="DKIM keys for dkim.key_table (opendkim-genkey).")
 
 app.command()(server.serve)
 app.command("check-config")(server.check_config)
@@ -56,6 +58,10 @@ config_app.command("show")(server.config_show)
 app.command("address")(server.address_test)
 app.add_typer(auth_app, name="auth")
 auth_app.command("hash-password")(server.auth_hash_password)
+app.add_typer(dkim_app, name="dkim")
+dkim_app.command("keygen")(deliverability.dkim_keygen)
+app.command("dns-records")(deliverability.dns_records)
+app.command("check-deliverability")(deliverability.check_deliverability)
 app.command("sendmail", add_help_option=False,
             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(submit.sendmail_command)
 

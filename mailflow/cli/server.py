@@ -9,7 +9,8 @@ table query, auth hash-password. Each is a plain function; `mailflow.cli` regist
     listener_summary(cfg)    (address, port, role) of every listener
     table_problems(cfg)      a ConfigError (file, setting, reason) per file-backed table that cannot answer now
     config_show(...)         postconf's views (mailflow.config.show_settings)
-    address_test(addresses, config)   how each address is routed (exit 75 when a table cannot answer now)
+    address_test(addresses, config)   how each address is routed, with the TLS policy of each SMTP next hop (exit
+                             75 when a table cannot answer now)
     table_query(spec, keys)  postmap -q: exit 1 nothing found, 2 bad table, 75 a lookup failed
     auth_hash_password(user, stdin)   a scrypt hash for smtpd.sasl_user_maps
 
@@ -24,6 +25,7 @@ from typing import List, Optional
 import typer
 
 from mailflow import __version__
+from mailflow.cli.deliverability import tls_steps
 from mailflow.cli.common import (ConfigOption, config_error_text, config_name, config_path, fail, fail_config,
                                      load)
 from mailflow.config import Config, flat_settings, show_settings
@@ -124,7 +126,8 @@ def address_test(addresses: List[str] = typer.Argument(..., metavar="ADDRESS..."
                  config: Optional[str] = ConfigOption) -> None:
     """How each address would be routed, step by step (like sendmail -bv / exim -bt): the RCPT verdict,
     canonical and virtual alias rewriting, class, transport, next hop, local aliases and .forward, and
-    where forwarded copies go. Exit 75 when a table or file cannot be read now."""
+    where forwarded copies go, and the TLS policy a delivery to each SMTP next hop would use. Exit 75 when a table or
+    file cannot be read now."""
     from mailflow.routing.router import Router
 
     cfg = load(config)
@@ -136,7 +139,7 @@ def address_test(addresses: List[str] = typer.Argument(..., metavar="ADDRESS..."
         if n:
             typer.echo("")
         try:
-            steps = router.explain(addr)
+            steps = tls_steps(cfg, router.explain(addr))
         except DeliveryError as e:
             fail("mailflow address", f"{addr}: {e.dsn} {e.text}", 75)
         for depth, label, text in steps:
