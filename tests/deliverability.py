@@ -58,7 +58,8 @@ def key_zone(keys: list[SigningKey]) -> str:
 
 
 class SecureZoneAuthority(ZoneAuthority):
-    """ZoneAuthority that sets AD on every answer: a validating resolver vouching for the zone."""
+    """ZoneAuthority that sets AD on every answer (a validating resolver vouching for the zone), or clears it (dnslib's
+    reply() copies the query's flags, and a client asks with AD set)."""
 
     def __init__(self, zone_text: str, ad: bool):
         super().__init__(zone_text)
@@ -66,8 +67,7 @@ class SecureZoneAuthority(ZoneAuthority):
 
     def resolve(self, request, handler):
         reply = super().resolve(request, handler)
-        if self.ad and reply.header.rcode == RCODE.NOERROR:
-            reply.header.ad = 1
+        reply.header.ad = int(self.ad and reply.header.rcode == RCODE.NOERROR)
         return reply
 
 
