@@ -119,7 +119,7 @@ async def _tls_texts(cfg: Config, nexthops: list[str]) -> list[str]:
     from mailflow.app import build_resolver
     from mailflow.transports import build_mta_sts
     from mailflow.transports.smtp import SmtpTransport
-    from mailflow.transports.smtp.tls import default_policy
+    from mailflow.transports.smtp.tls import without_dane
 
     resolver = build_resolver(cfg.dns)
     transport = SmtpTransport(cfg.smtp, resolver=resolver, helo_name=cfg.smtp.helo_name or cfg.myhostname,
@@ -134,7 +134,7 @@ async def _tls_texts(cfg: Config, nexthops: list[str]) -> list[str]:
                 continue
             text = destination.policy.describe()
             if destination.policy.dane:
-                fallback = destination.fallback or default_policy("may")
+                fallback = destination.fallback or without_dane(destination.policy.level)
                 text += f"; per MX host: its TLSA records, else {fallback.describe()}"
             texts.append(text)
     finally:

@@ -230,3 +230,36 @@ async def test_unusable_records_still_require_tls(zones, smtp_peer, ca):
     resolver = zones(dane_zone(peer.port, f"1 1 1 {digest}"))
     result = await deliver(transport(resolver, peer.port, tls="dane"), "dane.test")
     assert result.outcome is Outcome.SENT and peer.messages[0].tls
+
+
+# ---------------------------------------------------------------------------------------------------- shown
+
+
+async def test_the_policy_a_destination_gets_is_described(zones, ca, tmp_path):
+    resolver = zones(STS_ZONE, ad=False)
+    policy_server = await PolicyServer(ca, "mta-sts.dest.test", sts_policy("enforce")).start()
+    sts = MtaSts(resolver, HttpsPolicyFetcher(resolver, ca_file=ca_path(ca, tmp_path), port=policy_server.port))
+    try:
+        described = (await transport(resolver, 25, mta_sts=sts).tls_policy("dest.test")).policy.describe()
+        bracketed = (await transport(resolver, 25, mta_sts=sts).tls_policy("[mx.dest.test]")).policy.describe()
+    finally:
+        policy_server.close()
+    assert described == "verify match=hostname mx=mx.dest.test (MTA-STS enforce, policy id 20240101)"
+    assert bracketed == "may (smtp.tls_security_level)"  # no MX lookup: no MTA-STS
+
+
+def test_mailflow_address_shows_the_tls_policy_of_each_smtp_next_hop(tmp_path):
+    from typer.testing import CliRunner
+
+    from mailflow.cli import app as cli
+
+    config = tmp_path / "m.toml"
+    config.write_text('relay_domains = ["relay.test", "plain.test"]\n'
+                      'transport_maps = ["inline:{relay.test=smtp:relay.test, plain.test=smtp:[192.0.2.1]}"]\n'
+                      '[smtp]\ntls_security_level = "dane"\n'
+                      'tls_policy_maps = ["inline:{[192.0.2.1]=encrypt}"]\n')
+    result = CliRunner().invoke(cli, ["address", "-c", str(config), "a@relay.test", "b@plain.test"])
+    assert result.exit_code == 0, result.output
+    shown = [line.split(":", 1)[1].strip() for line in result.output.splitlines() if line.strip().startswith("tls:")]
+    assert shown == ["dane (smtp.tls_security_level); per MX host: its TLSA records, else may (dane: no TLSA records)",
+                     "encrypt (tls_policy_maps: [192.0.2.1])"], result.output

@@ -55,8 +55,8 @@ from mailflow.transports.smtp.tls import (
     TlsUnavailable,
     certificate_matches,
     certificate_names,
-    default_policy,
     der_names,
+    without_dane,
 )
 from mailflow.transports.smtp.trouble import (
     LocalProblem,
@@ -160,7 +160,7 @@ class SmtpHandshake:
         policy = destination.policy
         if not policy.dane or self.resolver is None:
             return policy
-        fallback = destination.fallback or default_policy("may", f"{policy.level}: no TLSA records")
+        fallback = destination.fallback or without_dane(policy.level)
         return await dane.peer_policy(self.resolver, policy, peer.host, peer.port, destination.mx_secure, fallback)
 
     @staticmethod

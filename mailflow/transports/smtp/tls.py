@@ -7,6 +7,7 @@ except reading the CA and client certificate files, once, when a context is firs
     policy_keys(nexthop_as_written, host)       the smtp_tls_policy_maps lookup keys, in order
     parse_policy(value) -> TlsPolicy            a table value; raises ValueError for an unusable one
     default_policy(level) -> TlsPolicy          the main.cf setting as a policy
+    without_dane(level) -> TlsPolicy            what dane falls back to without TLSA records nor MTA-STS (may)
     TlsContexts(ca_file, cert_file, key_file)   .for_level(level) -> SSLContext; raises TlsUnavailable
     certificate_names(peercert) -> (dns, ip)    the names a certificate carries (SAN, else the CN)
     der_names(der) -> [dns]                     the DNS names of a DER certificate (one that was not verified)
@@ -86,6 +87,11 @@ class TlsUnavailable(Exception):
 
 def default_policy(level: str, source: str = "") -> TlsPolicy:
     return TlsPolicy(level, DEFAULT_MATCH.get(level, ()), source=source)
+
+
+def without_dane(level: str) -> TlsPolicy:
+    """What dane becomes for a peer without usable TLSA records, when no MTA-STS policy stands in: may."""
+    return default_policy("may", f"{level}: no TLSA records")
 
 
 def policy_keys(nexthop: str, host: str) -> list[str]:
