@@ -44,7 +44,7 @@ class DkimConfig(Section):
     # (user@domain, domain, user@.parent, .parent, user@*, * in that order).
     signing_table: str = ""
     # OpenDKIM KeyTable: `keyname domain:selector:/path/to/private.key` (RSA PEM or an Ed25519 seed).
-    key_table: str = ""
+    key_table: str = Field("", validate_default=True)
     # Also sign mail this host forwards (aliases, .forward, virtual aliases to remote domains), with the key
     # the signing table gives the forwarding envelope sender (its SRS address when [srs] is on).
     sign_forwarded: bool = False
@@ -69,7 +69,7 @@ class ArcConfig(Section):
 
     enabled: bool = False
     # The key, by its name in dkim.key_table (ARC seals with RSA only: dkimpy's arc_sign).
-    key: str = ""
+    key: str = Field("", validate_default=True)
     # The authserv-id of the Authentication-Results this host writes; "" = myhostname.
     authserv_id: str = ""
 
@@ -88,9 +88,9 @@ class SrsConfig(Section):
 
     enabled: bool = False
     # The domain of the rewritten senders (one of this host's domains, with SPF for the outbound address).
-    domain: str = ""
+    domain: str = Field("", validate_default=True)
     # One secret per line: the first signs, every one verifies (rotate by adding a new first line).
-    secret_file: str = ""
+    secret_file: str = Field("", validate_default=True)
     # A rewritten address older than this is refused when it comes back (550 5.1.1).
     max_age: Duration = Field(21 * 86400.0, gt=86400)
 
