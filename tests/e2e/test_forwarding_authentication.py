@@ -111,3 +111,14 @@ async def test_a_virtual_alias_to_a_remote_domain_is_forwarding_too(mailflow_ser
     [forwarded] = await eventually(lambda: peer.messages)
     assert forwarded.rcpt_tos == ["dave@remote.test"] and forwarded.mail_from.startswith("SRS0=")
     assert dkim.arc_verify(forwarded.content, dnsfunc=dnspython_txt(nameserver))[0] == dkim.CV_Pass
+
+
+async def test_this_hosts_own_bounce_of_a_forwarded_copy_reaches_the_original_sender(mailflow_server, smtp_peer,
+                                                                                   tmp_path, world):
+    _, sender_key, _, _ = world
+    mf, peer = await forwarding_server(mailflow_server, smtp_peer, tmp_path, world)
+    peer.handler.rcpt_replies["carol@remote.test"] = "550 5.1.1 carol is gone"
+    await send(mf.smtp_addresses[0][1], "s@orig.test", ["team@local.test"], signed_by_sender(sender_key))
+    [bounce] = await eventually(lambda: peer.messages)  # the forwarded copy was refused; its bounce comes here
+    assert bounce.rcpt_tos == ["s@orig.test"] and bounce.mail_from == "<>"
+    assert b"carol is gone" in bounce.content
