@@ -41,7 +41,7 @@ class Finding:
 
 
 class _Lookup:
-    """The resolver, answering NXDOMAIN as nothing and keeping the first failure's words."""
+    """The resolver, answering NXDOMAIN as nothing (other failures propagate: the point fails, naming them)."""
 
     def __init__(self, resolver: Resolver):
         self.resolver = resolver

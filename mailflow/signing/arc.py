@@ -24,8 +24,7 @@ import re
 
 import dkim
 
-from mailflow.dns import Resolver
-from mailflow.errors import DeliveryError, LookupRetry
+from mailflow.dns import NotFound, Resolver
 from mailflow.message import header_values, split_header
 from mailflow.signing.keytables import SigningKey
 
@@ -51,14 +50,12 @@ async def txt_lookup(message: bytes, resolver: Resolver):
     head, _ = split_header(message)
     names = _key_names(head)
     answers = await asyncio.gather(*(resolver.txt(name) for name in names), return_exceptions=True)
-    records: dict[str, bytes | None] = {}
+    records: dict[str, bytes | None] = {}  # None: the lookup failed (temperror); b"": no key (NXDOMAIN, NODATA)
     for name, answer in zip(names, answers):
         if isinstance(answer, list):
-            records[name] = "".join(answer[:1]).encode("utf-8") if answer else b""
-        elif isinstance(answer, (LookupRetry, DeliveryError)):
-            records[name] = None if isinstance(answer, LookupRetry) else b""
+            records[name] = answer[0].encode("utf-8") if answer else b""
         else:
-            records[name] = None
+            records[name] = b"" if isinstance(answer, NotFound) else None
 
     def lookup(name, timeout=5):
         key = (name.decode("ascii", "replace") if isinstance(name, bytes) else name).rstrip(".").lower()

@@ -89,7 +89,7 @@ class OutboundSigning:
         sealed = await self._seal(msg, head) if forwarded and self._arc_key is not None else b""
         key = self._signing_key(msg, sub, head, forwarded)
         signature = await self._sign(msg, sealed + head, rest, key) if key is not None else b""
-        if not (signature or sealed or msg.sender != sub.envelope.sender):
+        if not (signature or sealed):
             return msg
         return dataclasses.replace(msg, content=Content((signature + sealed + head, *rest.parts)))
 

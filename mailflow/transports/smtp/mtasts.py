@@ -108,17 +108,28 @@ class HttpsPolicyFetcher:
         self._resolver = resolver
         self._timeout = timeout
         self._port = port
-        self._context = ssl.create_default_context(cafile=ca_file or None)
+        self._ca_file = ca_file
+        self._context: ssl.SSLContext | None = None
+
+    def _tls(self) -> ssl.SSLContext:
+        """Built on first use (the CA file is read then); an unreadable one is a FetchError, not a failed start."""
+        if self._context is None:
+            try:
+                self._context = ssl.create_default_context(cafile=self._ca_file or None)
+            except (OSError, ssl.SSLError) as e:
+                raise FetchError(f"cannot load the trust anchors {self._ca_file}: {e}") from None
+        return self._context
 
     async def fetch(self, domain: str) -> str:
         host = f"mta-sts.{domain}"
+        context = self._tls()
         try:
             async with asyncio.timeout(self._timeout):
                 addresses = await self._resolver.addresses(host)
                 failure = "no address"
                 for address in addresses:
                     try:
-                        reader, writer = await asyncio.open_connection(address, self._port, ssl=self._context,
+                        reader, writer = await asyncio.open_connection(address, self._port, ssl=context,
                                                                        server_hostname=host)
                     except (OSError, ssl.SSLError) as e:
                         failure = f"{address}: {e}"
