@@ -16,7 +16,9 @@ here (a notice, a forwarded copy) passes through the same door as one received.
                                   whose sender is not of this host's domains) and with, on top of its header
                                   section, the DKIM-Signature and this host's Authentication-Results + ARC set
 
-What is signed: own mail, with the key the signing table gives the From address; forwarded mail only with
+A message to be signed or sealed whose header section has 8-bit bytes without SMTPUTF8 has those fields made RFC
+2047 words first: that is what the SMTP client sends a peer without SMTPUTF8, and a signature must cover what is
+sent. What is signed: own mail, with the key the signing table gives the From address; forwarded mail only with
 `sign_forwarded`, with the key for the (rewritten) envelope sender, else for the From address. ARC: forwarded mail
 held in memory (mailflow.signing.arc). The body of a big message is streamed for its DKIM body hash, never held.
 Failure behaviour: a signature or seal that cannot be made (dkimpy refuses the header section) is left off and
@@ -36,7 +38,7 @@ from mailflow.clock import Clock
 from mailflow.content import Content
 from mailflow.dns import Resolver
 from mailflow.logs import MailLog
-from mailflow.message import header_value
+from mailflow.message import encode_8bit_fields, header_value
 from mailflow.model import NewMessage, Recipient, Submission
 from mailflow.routing.srs import Srs
 from mailflow.signing import arc, dkim
@@ -86,11 +88,16 @@ class OutboundSigning:
             msg = self._rewrite_sender(msg)
         head = msg.content.parts[0]  # the header section as cleanup wrote it (bytes)
         rest = Content(msg.content.parts[1:])
-        sealed = await self._seal(msg, head) if forwarded and self._arc_key is not None else b""
         key = self._signing_key(msg, sub, head, forwarded)
+        seal = forwarded and self._arc_key is not None
+        if (key is not None or seal) and not msg.smtputf8 and not head.isascii():
+            # what a peer without SMTPUTF8 gets (mailflow.transports.header_downgrade): sign that, not the 8-bit form
+            head = encode_8bit_fields(head)
+            msg = dataclasses.replace(msg, content=Content((head, *rest.parts)))
+        sealed = await self._seal(msg, head) if seal else b""
         signature = await self._sign(msg, sealed + head, rest, key) if key is not None else b""
         if not (signature or sealed):
-            return msg
+            return msg  # (with its 8-bit fields encoded, if a signature was to be made)
         return dataclasses.replace(msg, content=Content((signature + sealed + head, *rest.parts)))
 
     def sign_notice(self, msg: NewMessage) -> NewMessage:

@@ -7,15 +7,14 @@ What it does, in order (Postfix cleanup(8)):
 3. rewrites the envelope (`AddressMapper`): the sender through sender_canonical/canonical maps and
    masquerading; each recipient through recipient_canonical/canonical maps and virtual alias expansion,
    duplicates removed, each keeping the address first given as its original (ORCPT);
-4. makes the header fields of a message that did not come with SMTPUTF8 7-bit (8-bit bytes there are not allowed
-   without it, and a peer without SMTPUTF8 must not get them): RFC 2047 encoded words (mailflow.message);
-   prepends a Received header (for a local submission "by HOST (mailflow, from userid UID)"); appends
+4. prepends a Received header (for a local submission "by HOST (mailflow, from userid UID)"); appends
    Message-ID, Date and From when the message has none (a local user's From carries their full name);
    only the header section is read (at most `header_size_limit` bytes, mailflow.message.read_header): the
    queued content is the new header section followed by the original's body, never copied (a spooled
    body stays in its file, see mailflow.content);
 5. when configured (`outbound`, mailflow.signing.outbound): rewrites a forwarded message's sender (SRS), seals
-   it (ARC) and signs this host's mail (DKIM), the body hash streamed; off, none of it costs anything;
+   it (ARC) and signs this host's mail (DKIM, 8-bit header fields first made RFC 2047 words when the message has
+   no SMTPUTF8, as the SMTP client would send them), the body hash streamed; off, none of it costs anything;
 6. commits message, recipients and content in one group-committed transaction;
 7. logs `received` and `queued`, and wakes qmgr.
 Header addresses are not rewritten (Postfix rewrites them only for mail from this host by default).
@@ -40,7 +39,7 @@ from mailflow.config import DEFAULTS
 from mailflow.content import Content, Spool
 from mailflow.errors import MessageTooBig, PermanentError, TemporaryError
 from mailflow.logs import MailLog
-from mailflow.message import encode_8bit_fields, header_names, header_value, read_header, rfc5322_date
+from mailflow.message import header_names, header_value, read_header, rfc5322_date
 from mailflow.model import QueueId, Recipient, Submission
 from mailflow.routing.addressmap import AddressMapper
 from mailflow.signing.outbound import OutboundSigning
@@ -109,8 +108,6 @@ class Cleanup:
             raise MessageTooBig("5.3.4", "Error: message header size exceeds limit",
                                 f"header section larger than header_size_limit {self._header_size_limit}")
         rest = sub.content.after(len(head))  # (a header section given its missing final CRLF: nothing follows)
-        if not sub.envelope.smtputf8 and not head.isascii():  # 8-bit fields without SMTPUTF8: as RFC 2047 words
-            head = encode_8bit_fields(head)
         env = sub.envelope
         originals = env.originals or env.recipients
         notify = env.notify or ("",) * len(env.recipients)

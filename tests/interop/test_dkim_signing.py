@@ -115,3 +115,17 @@ def test_keygen_writes_a_private_key_and_prints_its_record(tmp_path):
                                         ("rsa" if algorithm == "rsa" else "ed25519"))
         again = CliRunner().invoke(cli, ["dkim", "keygen", "example.test", "sel", "--output", str(key_file)])
         assert again.exit_code == 1 and "exists" in again.output
+
+
+async def test_an_8bit_subject_is_signed_as_sent_to_a_peer_without_smtputf8(mailflow_server, smtp_peer, keys, zone,
+                                                                             tmp_path):
+    mf, peer = await relayed(mailflow_server, smtp_peer, keys)  # aiosmtpd offers no SMTPUTF8 by default
+    content = "From: Ålice <alice@rsa.test>\r\nSubject: Grüße\r\n\r\nbody\r\n".encode("utf-8")
+    await send(mf.smtp_addresses[0][1], "alice@rsa.test", ["bob@relay.test"], content)
+    await eventually(lambda: peer.messages)
+    signed = peer.messages[0].content
+    assert signed.split(b"\r\n\r\n", 1)[0].isascii()
+    assert dkim.verify(signed, dnsfunc=dnspython_txt(zone))
+    key = keys[1][0]
+    verdict = opendkim_verdict(signed, {key.record_name: key.public_record()}, tmp_path / "opendkim")
+    assert opendkim_result(verdict, "rsa.test") == "pass", verdict

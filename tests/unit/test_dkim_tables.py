@@ -113,3 +113,21 @@ def test_8bit_fields_become_encoded_words():
     assert str(message["X-Latin"]) == "café"
     address = "To: =?x?= <jösé@example.test>\r\n".encode()
     assert encode_8bit_fields(address) == address  # only SMTPUTF8 can carry it
+
+
+def test_the_header_downgrade_streams_and_leaves_the_body():
+    from mailflow.transports.header_downgrade import HeaderDowngrade
+
+    message = "Subject: Grüße\r\nTo: a@b.test\r\n\r\nbody é\r\n".encode("utf-8")
+    for size in (1, 3, 7, len(message)):
+        encoder = HeaderDowngrade()
+        out = b"".join(encoder.feed(message[i:i + size]) for i in range(0, len(message), size)) + encoder.flush()
+        head, body = out.split(b"\r\n\r\n", 1)
+        assert head.isascii() and body == "body é\r\n".encode("utf-8") and b"=?utf-8?" in head
+    ascii_message = b"Subject: plain\r\n\r\nbody \xc3\xa9\r\n"
+    encoder = HeaderDowngrade()
+    assert encoder.feed(ascii_message) + encoder.flush() == ascii_message
+    long_header = b"X: " + b"\xc3\xa9" * 200 + b"\r\n\r\nbody\r\n"
+    encoder = HeaderDowngrade(limit=100)
+    out = b"".join(encoder.feed(long_header[i:i + 10]) for i in range(0, len(long_header), 10)) + encoder.flush()
+    assert out == long_header  # held past the limit: passed on unchanged
