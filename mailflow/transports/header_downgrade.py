@@ -4,7 +4,8 @@ header section as it streams past and passes the body on untouched.
     HeaderDowngrade(limit=MAX_HEADER)     feed(chunk) -> bytes, flush() -> bytes
     needs_header_downgrade(extensions_support_smtputf8, message_smtputf8) -> bool
 
-A message whose header section is ASCII passes byte for byte (one `isascii()` over the header section). Otherwise
+A message whose header section is ASCII passes byte for byte (one `isascii()` over the header section; when the
+first chunk holds the whole header section, as it does for a message in memory, it is passed on without a copy). Otherwise
 each field with 8-bit bytes becomes RFC 2047 encoded words (mailflow.message.encode_8bit_fields: the value of an
 unstructured field, the display names of an address field); a field whose addresses are not ASCII stays as it is.
 A message that came with SMTPUTF8 is not this encoder's: to a peer without SMTPUTF8 it bounces 5.6.7
@@ -34,6 +35,12 @@ class HeaderDowngrade:
     def feed(self, data: bytes) -> bytes:
         if self._done:
             return data
+        if not self._held:  # the usual case: the whole header section in the first chunk, passed on without a copy
+            end = header_end(data)
+            if end is not None:
+                self._done = True
+                head = data[:end]
+                return data if head.isascii() else encode_8bit_fields(head) + data[end:]
         self._held += data
         end = header_end(bytes(self._held))
         if end is None and len(self._held) <= self._limit:
