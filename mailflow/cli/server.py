@@ -4,8 +4,9 @@ table query, auth hash-password. Each is a plain function; `mailflow.cli` regist
     serve(config)            run until SIGTERM/SIGINT; exit 2 for a configuration problem (the log file, a table
                              spec found while building the stages), 1 when it cannot start (an address taken, the
                              queue held by another server, named by its pid)
-    check_config(config)     validate, then read every file-backed table: exit 2 listing each one that cannot
-                             answer (`FILE: KEY: REASON`), else print the listeners
+    check_config(config)     validate, then read every file-backed table, the DKIM tables and keys and the SRS
+                             secrets: exit 2 listing each one that cannot answer (`FILE: KEY: REASON`), else print
+                             the listeners
     listener_summary(cfg)    (address, port, role) of every listener
     table_problems(cfg)      a ConfigError (file, setting, reason) per file-backed table that cannot answer now
     config_show(...)         postconf's views (mailflow.config.show_settings)
@@ -61,7 +62,7 @@ def check_config(config: Optional[str] = ConfigOption) -> None:
     Exit 2 on the first bad setting, or after listing every table that cannot be read."""
     cfg = load(config)
     where = config_name(config_path(config))
-    problems = table_problems(cfg, where)
+    problems = table_problems(cfg, where) + signing_problems(cfg)
     for problem in problems:
         typer.echo(config_error_text(problem), err=True)
     if problems:
@@ -95,6 +96,20 @@ def table_problems(cfg: Config, where: str) -> list[ConfigError]:
                 open_table(spec, aliases=key == "alias_maps").lookup("mailflow-check-config-probe")
             except (ConfigError, LookupRetry) as e:
                 problems.append(ConfigError(where, key, getattr(e, "reason", None) or e.text))
+    return problems
+
+
+def signing_problems(cfg: Config) -> list[ConfigError]:
+    """The DKIM tables and keys, and the SRS secrets, read as the server will read them at start."""
+    from mailflow.routing.srs import srs_from_config
+    from mailflow.signing.keytables import keys_from_config
+
+    problems = []
+    for read in (lambda: keys_from_config(cfg.dkim), lambda: srs_from_config(cfg)):
+        try:
+            read()
+        except ConfigError as e:
+            problems.append(e)
     return problems
 
 

@@ -131,3 +131,20 @@ def test_the_header_downgrade_streams_and_leaves_the_body():
     encoder = HeaderDowngrade(limit=100)
     out = b"".join(encoder.feed(long_header[i:i + 10]) for i in range(0, len(long_header), 10)) + encoder.flush()
     assert out == long_header  # held past the limit: passed on unchanged
+
+
+def test_check_config_reads_the_dkim_tables_and_srs_secrets(tmp_path):
+    from typer.testing import CliRunner
+
+    from mailflow.cli import app as cli
+
+    config = tmp_path / "m.toml"
+    config.write_text(f'queue_directory = "{tmp_path}/q"\n[dkim]\nsigning_table = "refile:{tmp_path}/ST"\n'
+                      f'key_table = "{tmp_path}/KT"\n[srs]\nenabled = true\ndomain = "a.test"\n'
+                      f'secret_file = "{tmp_path}/secret"\n')
+    (tmp_path / "ST").write_text("*@a.test k\n")
+    (tmp_path / "KT").write_text("k a.test:sel:./missing.private\n")
+    result = CliRunner().invoke(cli, ["check-config", "-c", str(config)])
+    assert result.exit_code == 2
+    assert f"{tmp_path}/missing.private: dkim.key_table: key k:" in result.output
+    assert f"{tmp_path}/secret: srs.secret_file: cannot read" in result.output
