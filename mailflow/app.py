@@ -40,9 +40,12 @@ from mailflow.stages.cleanup import Cleanup
 from mailflow.stages.pickup import Pickup
 from mailflow.stages.qmgr import QueueManager
 from mailflow.stages.qmgr.notices import Notices
-from mailflow.model import ClientInfo, DeliveryRequest, Envelope, Recipient, Submission
+from mailflow.errors import ConfigError
+from mailflow.model import AddressClass, ClientInfo, DeliveryRequest, Envelope, Recipient, Submission
 from mailflow.queuelock import QueueLock
 from mailflow.routing.router import Router
+from mailflow.signing.keytables import keys_from_config
+from mailflow.signing.outbound import OutboundSigning
 from mailflow.stages.smtpd import Smtpd, SmtpdHandler
 from mailflow.store import Store
 from mailflow.transports import build_transports
@@ -61,9 +64,32 @@ def forwarder(cleanup: Cleanup, myhostname: str):
         envelope = Envelope(request.sender if sender is None else sender, addresses, smtputf8=request.smtputf8,
                             body_type=request.body_type, originals=originals)
         client = ClientInfo(addr="127.0.0.1", helo=myhostname, protocol="local")
-        return await cleanup.submit(Submission(envelope, content, client))
+        return await cleanup.submit(Submission(envelope, content, client, forwarded=True))
 
     return forward
+
+
+def build_outbound_signing(config: Config, router: Router, resolver, clock: Clock,
+                           log: MailLog) -> OutboundSigning | None:
+    """cleanup's SRS, ARC and DKIM (mailflow.signing.outbound) from [dkim], [arc] and [srs]; None when all are off,
+    so that cleanup does nothing more than before. Raises ConfigError (a table or key that cannot be read)."""
+    keys = keys_from_config(config.dkim)
+    srs = router.mapper.srs
+    if keys is None and srs is None and not config.arc.enabled:
+        return None
+    arc_key = None
+    if config.arc.enabled:
+        arc_key = keys.named(config.arc.key) if keys is not None else None
+        if arc_key is None or arc_key.algorithm != "rsa-sha256":
+            raise ConfigError(config.dkim.key_table or "(no dkim.key_table)", "arc.key",
+                              f"{config.arc.key!r} is not an RSA key of dkim.key_table (ARC seals with RSA)")
+    remote = (AddressClass.RELAY, AddressClass.DEFAULT)
+    return OutboundSigning(keys=keys if config.dkim.signing_table else None,
+                           sign_forwarded=config.dkim.sign_forwarded, arc_key=arc_key,
+                           authserv_id=config.arc.authserv_id or config.myhostname, srs=srs,
+                           internal_networks=config.mynetworks,
+                           is_remote=lambda addr: router.rewriter.classify(addr) in remote,
+                           resolver=resolver, clock=clock, log=log)
 
 
 def build_resolver(dns: DnsConfig) -> AiodnsResolver:
@@ -117,9 +143,10 @@ class Mailflow:
         await router.tables.preload()  # read the table files off the event loop, before anyone asks
         capture = self.capture
         maillog = MailLog(observer=capture.mail_observer if capture else None)
+        outbound = build_outbound_signing(c, router, self._dns_resolver(), self.clock, maillog)
         cleanup = Cleanup(self.store, myhostname=c.myhostname, clock=self.clock, rng=self.rng, log=maillog,
                           on_queued=self._wake_qmgr, mapper=router.mapper, hopcount_limit=c.hopcount_limit,
-                          header_size_limit=c.header_size_limit)
+                          header_size_limit=c.header_size_limit, outbound=outbound)
         notices = Notices(cleanup.prepare_notice, myhostname=c.myhostname, config=c.queue)
         transports = self._build_transports(router, forwarder(cleanup, c.myhostname))
         self.qmgr = QueueManager(self.store, resolve=router.rewriter.resolve, transports=transports,

@@ -96,6 +96,7 @@ class Submission:
     content: Content
     client: ClientInfo
     submitter: LocalUser | None = None  # set by pickup only
+    forwarded: bool = False  # a copy local delivery forwards (aliases, .forward): SRS, ARC (mailflow.signing)
 
 
 @dataclass(frozen=True)

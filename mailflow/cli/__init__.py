@@ -1,5 +1,6 @@
 """The command line: `mailflow serve | check-config | version | queue … | mailq | table | config | address | auth |
-account … | dovecot-config | sendmail`. No logic of its own: each command calls the module that does the work.
+account … | dovecot-config | dkim keygen | dns-records | check-deliverability | sendmail`. No logic of its own: each
+command calls the module that does the work.
 
 Configuration comes from `--config FILE`, else `$MAILFLOW_CONFIG`, else the embedded defaults. A bad
 configuration prints `mailflow: FILE: KEY: REASON` and exits 2 (common.py holds the one formatter); never a
@@ -18,7 +19,8 @@ submission command (mailflow/sendmail/, docs/sendmail.md); its exit codes are sy
 
 The package: common.py (configuration loading and errors, shared options), server.py (serve, check-config,
 version, config show, address, table query, auth), queue.py (the queue tools), submit.py (sendmail),
-accounts.py (`account …`, the account database, and `dovecot-config`). This file
+accounts.py (`account …`, the account database, and `dovecot-config`),
+deliverability.py (dkim keygen, dns-records, check-deliverability; docs/deliverability.md). This file
 is the command table. Modules only some commands need (the server, the store, the router, smtpd's password
 hashing) are imported inside those commands, so that `sendmail`, run once per message by scripts, starts fast.
 """
@@ -28,7 +30,7 @@ import sys
 
 import typer
 
-from mailflow.cli import accounts, queue, server, submit
+from mailflow.cli import accounts, deliverability, queue, server, submit
 from mailflow.sendmail import program_mode
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="mailflow: a mail server in one asyncio process.")
@@ -40,6 +42,7 @@ config_app = typer.Typer(no_args_is_help=True, help="Show the configuration (pos
 auth_app = typer.Typer(no_args_is_help=True, help="AUTH users for smtpd.sasl_user_maps.")
 account_app = typer.Typer(no_args_is_help=True, help="The account database: hosted domains, mailboxes, aliases and "
                           "sender logins for AUTH, delivery and Dovecot (docs/accounts.md).")
+dkim_app = typer.Typer(no_args_is_help=True, help="DKIM keys for dkim.key_table (opendkim-genkey).")
 
 app.command()(server.serve)
 app.command("check-config")(server.check_config)
@@ -69,6 +72,10 @@ for _noun, _verbs in (("domain", ("add", "remove", "list")),
     for _verb in _verbs:
         _group.command(_verb)(getattr(accounts, f"{_noun}_{_verb}"))
 app.command("dovecot-config")(accounts.dovecot_config)
+app.add_typer(dkim_app, name="dkim")
+dkim_app.command("keygen")(deliverability.dkim_keygen)
+app.command("dns-records")(deliverability.dns_records)
+app.command("check-deliverability")(deliverability.check_deliverability)
 app.command("sendmail", add_help_option=False,
             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(submit.sendmail_command)
 

@@ -23,6 +23,8 @@ The package, split by job like Postfix's global/mail_params + postconf (callers 
     accounts.py   AccountsConfig                                                               [accounts]
     http.py       HttpConfig                                                                   [http]
     sink.py       SinkConfig                                                                   [sink]
+    deliverability.py  DkimConfig, ArcConfig, SrsConfig, MtaStsConfig, DeliverabilityConfig   [dkim] [arc] [srs]
+                  [mta_sts] [deliverability]
     main.py       Config (top-level settings and the sections), DEFAULTS, BUILTIN_TRANSPORTS
     load.py       load_config, config_from_dict -> ConfigError(file, key, reason)
     paths.py      resolve_paths
@@ -36,6 +38,8 @@ from mailflow.config.accounts import AccountsConfig
 from mailflow.config.base import Duration, Section
 from mailflow.config.delivery import DnsConfig, LmtpConfig, LocalConfig, PipeService, SmtpConfig
 from mailflow.config.http import HttpConfig
+from mailflow.config.deliverability import (ArcConfig, DeliverabilityConfig, DkimConfig, MtaStsConfig, SrsConfig,
+                                            opendkim_dataset)
 from mailflow.config.load import config_from_dict, load_config
 from mailflow.config.log import LogConfig
 from mailflow.config.main import BUILTIN_TRANSPORTS, DEFAULTS, Config
@@ -47,9 +51,9 @@ from mailflow.config.smtpd import LISTENER_ROLES, ListenerConfig, SmtpdConfig
 from mailflow.errors import ConfigError
 
 __all__ = [
-    "AccountsConfig", "BUILTIN_TRANSPORTS", "DEFAULTS", "LISTENER_ROLES", "Config", "ConfigError", "DnsConfig",
-    "Duration", "HttpConfig", "ListenerConfig", "LmtpConfig", "LocalConfig", "LogConfig", "PipeService", "QueueConfig",
-    "Section", "SendmailConfig", "SinkConfig", "SmtpConfig", "SmtpdConfig", "config_from_dict", "flat_settings",
-    "format_setting",
+    "AccountsConfig", "ArcConfig", "BUILTIN_TRANSPORTS", "DEFAULTS", "DeliverabilityConfig", "DkimConfig",
+    "LISTENER_ROLES", "Config", "ConfigError", "DnsConfig", "Duration", "HttpConfig", "ListenerConfig", "LmtpConfig",
+    "LocalConfig", "LogConfig", "MtaStsConfig", "PipeService", "QueueConfig", "Section", "SendmailConfig", "SinkConfig",
+    "SmtpConfig", "SmtpdConfig", "SrsConfig", "config_from_dict", "flat_settings", "format_setting", "opendkim_dataset",
     "load_config", "resolve_paths", "show_settings",
 ]

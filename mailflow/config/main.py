@@ -18,6 +18,7 @@ from mailflow.address import normalise_domain
 from mailflow.config.accounts import AccountsConfig
 from mailflow.config.base import Networks, Section, TableSpecs
 from mailflow.config.delivery import DnsConfig, LmtpConfig, LocalConfig, PipeService, SmtpConfig
+from mailflow.config.deliverability import ArcConfig, DeliverabilityConfig, DkimConfig, MtaStsConfig, SrsConfig
 from mailflow.config.http import HttpConfig
 from mailflow.config.log import LogConfig
 from mailflow.config.queue import QueueConfig, SendmailConfig
@@ -40,7 +41,7 @@ _TRANSPORT_NEXTHOP = re.compile(rf"{_TRANSPORT_NAME.pattern}(:.*)?")  # transpor
 
 class Config(Section):
     """The whole configuration. Section tables: smtpd, local, smtp, lmtp, dns, queue, log, sendmail, http, sink,
-    accounts."""
+    accounts, dkim, arc, srs, mta_sts, deliverability."""
 
     myhostname: str = "localhost"
     # Appended to unqualified addresses (user -> user@myorigin); "" means myhostname. mydomain ("": myhostname
@@ -121,6 +122,12 @@ class Config(Section):
     http: HttpConfig = HttpConfig()
     sink: SinkConfig = SinkConfig()
     accounts: AccountsConfig = AccountsConfig()
+    # Deliverability (docs/deliverability.md): DKIM signing, ARC, SRS, MTA-STS, what dns-records publishes.
+    dkim: DkimConfig = DkimConfig()
+    arc: ArcConfig = ArcConfig()
+    srs: SrsConfig = SrsConfig()
+    mta_sts: MtaStsConfig = MtaStsConfig()
+    deliverability: DeliverabilityConfig = DeliverabilityConfig()
     # Delivery to commands: [pipe.NAME] tables (PipeService), each a transport named NAME.
     pipe: dict[str, PipeService] = {}
     # The directory relative paths were taken from (None: as written); set by resolve_paths.

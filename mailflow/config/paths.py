@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from mailflow.config.base import Section
+from mailflow.config.deliverability import opendkim_dataset
 from mailflow.config.main import Config
 from mailflow.syntax import FILE_TABLE_TYPES, table_type
 
@@ -54,6 +55,9 @@ def _resolve_section(section: S, base: Path) -> S:
 def _resolve_setting(name: str, value: object, base: Path) -> object:
     if name.endswith(("_file", "_directory", "_base")) or name == "directory":
         return _resolve_path(value, base) if isinstance(value, str) else value
+    if name.endswith("_table") and isinstance(value, str) and value:  # an OpenDKIM data set (dkim.signing_table)
+        kind, path = opendkim_dataset(value)
+        return f"{kind}:{_resolve_path(path, base)}"
     if name.endswith(("_maps", "_domains")) or name == "authorized_submit_users":  # domain lists may hold tables
         return tuple(_resolve_table(v, base) for v in value) if isinstance(value, (tuple, list)) else value
     if name.endswith("_restrictions") and isinstance(value, (tuple, list)):

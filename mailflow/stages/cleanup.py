@@ -12,8 +12,11 @@ What it does, in order (Postfix cleanup(8)):
    only the header section is read (at most `header_size_limit` bytes, mailflow.message.read_header): the
    queued content is the new header section followed by the original's body, never copied (a spooled
    body stays in its file, see mailflow.content);
-5. commits message, recipients and content in one group-committed transaction;
-6. logs `received` and `queued`, and wakes qmgr.
+5. when configured (`outbound`, mailflow.signing.outbound): rewrites a forwarded message's sender (SRS), seals
+   it (ARC) and signs this host's mail (DKIM, 8-bit header fields first made RFC 2047 words when the message has
+   no SMTPUTF8, as the SMTP client would send them), the body hash streamed; off, none of it costs anything;
+6. commits message, recipients and content in one group-committed transaction;
+7. logs `received` and `queued`, and wakes qmgr.
 Header addresses are not rewritten (Postfix rewrites them only for mail from this host by default).
 `submit()` returns the queue id only after the commit is on disk: that is when smtpd may say 250.
 Failures (mailflow.errors; the caller logs the error's `reason` and answers by `status.error_reply`):
@@ -39,6 +42,7 @@ from mailflow.logs import MailLog
 from mailflow.message import header_names, header_value, read_header, rfc5322_date
 from mailflow.model import QueueId, Recipient, Submission
 from mailflow.routing.addressmap import AddressMapper
+from mailflow.signing.outbound import OutboundSigning
 from mailflow.store import NewMessage, Store
 
 logger = logging.getLogger("mailflow.cleanup")
@@ -61,7 +65,7 @@ class Cleanup:
     def __init__(self, store: Store, *, myhostname: str, clock: Clock, rng, log: MailLog,
                  on_queued: Callable[[], None], mapper: AddressMapper | None = None,
                  hopcount_limit: int = DEFAULTS.hopcount_limit,
-                 header_size_limit: int = DEFAULTS.header_size_limit):
+                 header_size_limit: int = DEFAULTS.header_size_limit, outbound: OutboundSigning | None = None):
         self._store = store
         self._mapper = mapper
         self._myhostname = myhostname
@@ -71,6 +75,7 @@ class Cleanup:
         self._on_queued = on_queued
         self._hopcount_limit = hopcount_limit
         self._header_size_limit = header_size_limit
+        self._outbound = outbound
 
     def new_spool(self, max_size: int | None = None) -> Spool:
         """Where smtpd and pickup write a message as it arrives (the store's spool directory)."""
@@ -79,6 +84,8 @@ class Cleanup:
     async def submit(self, sub: Submission, *, hold: bool = False) -> QueueId:
         """`hold`: commit it in the hold queue (an smtpd HOLD restriction), where qmgr leaves it alone."""
         msg = self.prepare(sub) if self._mapper is None else await self._mapper.tables.run(self.prepare, sub)
+        if self._outbound is not None:
+            msg = await self._outbound.apply(msg, sub)
         if hold:
             msg = dataclasses.replace(msg, queue="hold")
         await self._store.insert(msg)
@@ -127,13 +134,14 @@ class Cleanup:
 
     def prepare_notice(self, sub: Submission) -> NewMessage:
         """`prepare` for a notice this host writes: if its recipient cannot be rewritten now, it is queued
-        unrewritten (and logged) rather than lost."""
+        unrewritten (and logged) rather than lost. Signed (DKIM) when the signing table has a key for its From."""
         try:
-            return self.prepare(sub)
+            msg = self.prepare(sub)
         except TemporaryError as e:
             logger.warning("cleanup: notice to %s queued without address rewriting: %s",
                            ", ".join(sub.envelope.recipients), e.reason)
-            return self.prepare(sub, rewrite=False)
+            msg = self.prepare(sub, rewrite=False)
+        return msg if self._outbound is None else self._outbound.sign_notice(msg)
 
     def log_queued(self, msg: NewMessage, sub: Submission | None = None) -> None:
         """The log lines of a committed message, in Postfix's order: who handed it over (smtpd's `client=`,

@@ -57,6 +57,19 @@ FUNCTION_IMPORTS = {
                                                    "costs about 20 ms, and sendmail starts once per message",
     ("mailflow.cli.accounts", "mailflow.accounts.database"): "as above: only `account` changes hash passwords",
     ("mailflow.cli.queue", "mailflow.store"): "only the queue commands open the queue database",
+    ("mailflow.cli.server", "mailflow.signing.keytables"): "only `check-config` reads the DKIM keys (cryptography)",
+    ("mailflow.cli.server", "mailflow.routing.srs"): "only `check-config` reads the SRS secrets",
+    ("mailflow.cli.deliverability", "mailflow.signing"): "only `dkim keygen` makes keys (cryptography, dkimpy)",
+    ("mailflow.cli.deliverability", "mailflow.signing.keygen"): "as above",
+    ("mailflow.cli.deliverability", "mailflow.signing.keytables"): "as above",
+    ("mailflow.cli.deliverability", "mailflow.deliverability.records"): "only `dns-records` reads the DKIM tables",
+    ("mailflow.cli.deliverability", "mailflow.deliverability.check"): "only `check-deliverability` asks DNS",
+    ("mailflow.cli.deliverability", "mailflow.app"): "the resolver [dns] describes (build_resolver), for the commands "
+                                                     "that ask DNS; loading the server would slow sendmail",
+    ("mailflow.cli.deliverability", "mailflow.transports"): "`address` builds the SMTP client's TLS policy (MTA-STS)",
+    ("mailflow.cli.deliverability", "mailflow.transports.smtp"): "as above",
+    ("mailflow.cli.deliverability", "mailflow.transports.smtp.mtasts"): "as above",
+    ("mailflow.cli.deliverability", "mailflow.transports.smtp.tls"): "as above",
     ("mailflow.cli.queue", "mailflow.queue_tools"): "as above",
 }
 
