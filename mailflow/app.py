@@ -29,6 +29,7 @@ from mailflow.config import Config, DnsConfig
 from mailflow.content import Content
 from mailflow.dns import AiodnsResolver
 from mailflow.logs import MailLog
+from mailflow.filters.content_checks import ContentChecks
 from mailflow.stages.cleanup import Cleanup
 from mailflow.stages.pickup import Pickup
 from mailflow.stages.qmgr import QueueManager
@@ -37,6 +38,7 @@ from mailflow.model import ClientInfo, DeliveryRequest, Envelope, Recipient, Sub
 from mailflow.queuelock import QueueLock
 from mailflow.routing.router import Router
 from mailflow.stages.smtpd import Smtpd, SmtpdHandler
+from mailflow.stages.smtpd.filtering import FilterServices
 from mailflow.store import Store
 from mailflow.transports import build_transports
 
@@ -79,6 +81,7 @@ class Mailflow:
         self.qmgr: QueueManager | None = None
         self.smtpd: Smtpd | None = None
         self.pickup: Pickup | None = None
+        self._filters: FilterServices | None = None
 
     async def start(self) -> None:
         c = self.config
@@ -99,9 +102,12 @@ class Mailflow:
         router = Router(c)
         await router.tables.preload()  # read the table files off the event loop, before anyone asks
         maillog = MailLog()
+        checks = ContentChecks(c.checks)
+        await checks.tables.preload()
         cleanup = Cleanup(self.store, myhostname=c.myhostname, clock=self.clock, rng=self.rng, log=maillog,
                           on_queued=self._wake_qmgr, mapper=router.mapper, hopcount_limit=c.hopcount_limit,
-                          header_size_limit=c.header_size_limit)
+                          header_size_limit=c.header_size_limit, checks=checks,
+                          content_filter=c.smtpd.content_filter)
         notices = Notices(cleanup.prepare_notice, myhostname=c.myhostname, config=c.queue)
         transports = self._build_transports(router, forwarder(cleanup, c.myhostname))
         self.qmgr = QueueManager(self.store, resolve=router.rewriter.resolve, transports=transports,
@@ -113,8 +119,10 @@ class Mailflow:
         await self.pickup.start()
         resolver = self._dns_resolver()
         free_space = lambda: shutil.disk_usage(c.queue_path).free  # noqa: E731 (asked at every MAIL)
+        filters = self._filters = FilterServices(c, resolver, self.clock)
         self.smtpd = Smtpd(c, lambda listener_config: SmtpdHandler(listener_config, router.rewriter, router.mapper,
-                                                                    cleanup, resolver=resolver, free_space=free_space),
+                                                                    cleanup, resolver=resolver, free_space=free_space,
+                                                                    filters=filters),
                            clock=self.clock)
         await self.smtpd.start()
 
@@ -141,6 +149,9 @@ class Mailflow:
         if self.pickup:
             await self.pickup.stop(self._grace)
             self.pickup = None
+        if self._filters:
+            self._filters.close()
+            self._filters = None
         if self.qmgr:
             await self.qmgr.stop(self._grace)
             self.qmgr = None

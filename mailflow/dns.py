@@ -1,4 +1,4 @@
-"""Name service for delivery: MX and address lookups behind one small protocol.
+"""Name service for delivery and the inbound checks: MX, address, TXT and PTR lookups behind one small protocol.
 
 Owns: the `Resolver` protocol every component receives through its constructor, the `MX` value, the real
 implementation over aiodns (`AiodnsResolver`) and a dictionary-backed one for unit tests (`StaticResolver`).
@@ -8,8 +8,11 @@ module imports nothing of mailflow but `errors` and `syntax`, so the configurati
     MX(preference, host)                      one MX record; host "." is RFC 7505's null MX
     Resolver.mx(domain) -> list[MX]           sorted by preference; [] = the domain exists but has no MX
     Resolver.addresses(host) -> list[str]     A records, then AAAA records, as IP strings; [] = no address
+    Resolver.txt(name) -> list[bytes]         TXT records, each one's strings joined (SPF, DKIM keys, DMARC)
+    Resolver.ptr(ip) -> list[str]             the names of an IP address (its in-addr.arpa / ip6.arpa PTRs)
     AiodnsResolver(nameservers=…, timeout=…, tries=…) / .close()    (app.py builds it from [dns])
-    StaticResolver(mx={...}, addresses={...})
+    StaticResolver(mx={...}, addresses={...}, txt={...}, ptr={...})
+    reverse_name(ip) -> str                   4.3.2.1.in-addr.arpa / nibbles.ip6.arpa
     is_ip_literal(host) -> bool               an IP literal resolves to itself, without a query
                                               (mailflow.syntax.is_ip_address)
 
@@ -21,6 +24,7 @@ Failure behaviour (a failed lookup is never "not found"):
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from dataclasses import dataclass
 from typing import Protocol
@@ -64,6 +68,15 @@ class Resolver(Protocol):
 
     async def addresses(self, host: str) -> list[str]: ...
 
+    async def txt(self, name: str) -> list[bytes]: ...
+
+    async def ptr(self, address: str) -> list[str]: ...
+
+
+def reverse_name(address: str) -> str:
+    """The PTR query name of an IP address (ValueError for anything else)."""
+    return ipaddress.ip_address(address).reverse_pointer
+
 
 def sort_mx(records: list[MX]) -> list[MX]:
     """By preference; the order among equal preferences is left to the caller (the SMTP client shuffles)."""
@@ -78,9 +91,25 @@ def normalize_name(name: str) -> str:
 class StaticResolver:
     """A resolver answering from dictionaries, for unit tests. A name missing from a table raises `NotFound`."""
 
-    def __init__(self, mx: dict[str, list[MX]] | None = None, addresses: dict[str, list[str]] | None = None):
+    def __init__(self, mx: dict[str, list[MX]] | None = None, addresses: dict[str, list[str]] | None = None,
+                 txt: dict[str, list[bytes]] | None = None, ptr: dict[str, list[str]] | None = None):
         self._mx = {normalize_name(k): list(v) for k, v in (mx or {}).items()}
         self._addresses = {normalize_name(k): list(v) for k, v in (addresses or {}).items()}
+        self._txt = {normalize_name(k): list(v) for k, v in (txt or {}).items()}
+        self._ptr = {k: [normalize_name(n) for n in v] for k, v in (ptr or {}).items()}
+
+    async def txt(self, name: str) -> list[bytes]:
+        key = normalize_name(name)
+        if key in self._txt:
+            return list(self._txt[key])
+        if key in self._mx or key in self._addresses:
+            return []
+        raise NotFound(name, "TXT")
+
+    async def ptr(self, address: str) -> list[str]:
+        if address in self._ptr:
+            return list(self._ptr[address])
+        raise NotFound(reverse_name(address), "PTR")
 
     async def mx(self, domain: str) -> list[MX]:
         name = normalize_name(domain)
@@ -134,6 +163,17 @@ class AiodnsResolver:
             return_exceptions=True,
         )
         return merge_address_answers(answers)
+
+    async def txt(self, name: str) -> list[bytes]:
+        return [bytes(rec.data.data) for rec in await self._query(name, "TXT") if rec.type == pycares.QUERY_TYPE_TXT]
+
+    async def ptr(self, address: str) -> list[str]:
+        try:
+            name = reverse_name(address)
+        except ValueError:
+            raise NotFound(address, "PTR") from None
+        return [normalize_name(rec.data.dname) for rec in await self._query(name, "PTR")
+                if rec.type == pycares.QUERY_TYPE_PTR]
 
     async def close(self) -> None:
         if self._channel is not None:

@@ -20,6 +20,8 @@ The package, split by job like Postfix's global/mail_params + postconf (callers 
     delivery.py   LocalConfig, SmtpConfig, LmtpConfig, DnsConfig, PipeService    [local] [smtp] [lmtp] [dns] [pipe.*]
     queue.py      QueueConfig, SendmailConfig                                          [queue] [sendmail]
     log.py        LogConfig                                                                    [log]
+    filters.py    the inbound filters: [checks] [milter] [spamd] [clamd] [greylist] [sender_auth],
+                  and SmtpdFilterSettings (a listener's milters, content_filter, receive_override_options)
     main.py       Config (top-level settings and the sections), DEFAULTS, BUILTIN_TRANSPORTS
     load.py       load_config, config_from_dict -> ConfigError(file, key, reason)
     paths.py      resolve_paths
@@ -31,6 +33,8 @@ errors and what they import), never a stage, a transport or the routing librarie
 """
 from mailflow.config.base import Duration, Section
 from mailflow.config.delivery import DnsConfig, LmtpConfig, LocalConfig, PipeService, SmtpConfig
+from mailflow.config.filters import (ChecksConfig, ClamdConfig, GreylistConfig,
+                                     MilterConfig, SenderAuthConfig, SpamdConfig)
 from mailflow.config.load import config_from_dict, load_config
 from mailflow.config.log import LogConfig
 from mailflow.config.main import BUILTIN_TRANSPORTS, DEFAULTS, Config
@@ -41,7 +45,9 @@ from mailflow.config.smtpd import LISTENER_ROLES, ListenerConfig, SmtpdConfig
 from mailflow.errors import ConfigError
 
 __all__ = [
-    "BUILTIN_TRANSPORTS", "DEFAULTS", "LISTENER_ROLES", "Config", "ConfigError", "DnsConfig", "Duration",
+    "BUILTIN_TRANSPORTS", "DEFAULTS", "LISTENER_ROLES", "ChecksConfig", "ClamdConfig", "Config", "ConfigError",
+    "DnsConfig", "Duration", "GreylistConfig", "MilterConfig", "SenderAuthConfig",
+    "SpamdConfig",
     "ListenerConfig", "LmtpConfig", "LocalConfig", "LogConfig", "PipeService", "QueueConfig", "Section",
     "SendmailConfig", "SmtpConfig", "SmtpdConfig", "config_from_dict", "flat_settings", "format_setting",
     "load_config", "resolve_paths", "show_settings",

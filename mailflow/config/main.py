@@ -16,6 +16,8 @@ from pydantic import Field, PrivateAttr, ValidationInfo, field_validator
 
 from mailflow.address import normalise_domain
 from mailflow.config.base import Networks, Section, TableSpecs
+from mailflow.config.filters import (ChecksConfig, ClamdConfig, GreylistConfig,
+                                     MilterConfig, SenderAuthConfig, SpamdConfig)
 from mailflow.config.delivery import DnsConfig, LmtpConfig, LocalConfig, PipeService, SmtpConfig
 from mailflow.config.log import LogConfig
 from mailflow.config.queue import QueueConfig, SendmailConfig
@@ -109,6 +111,13 @@ class Config(Section):
     queue: QueueConfig = QueueConfig()
     log: LogConfig = LogConfig()
     sendmail: SendmailConfig = SendmailConfig()
+    # Inbound filtering (docs/filtering.md), every layer off by default.
+    checks: ChecksConfig = ChecksConfig()
+    milter: MilterConfig = MilterConfig()
+    spamd: SpamdConfig = SpamdConfig()
+    clamd: ClamdConfig = ClamdConfig()
+    greylist: GreylistConfig = GreylistConfig()
+    sender_auth: SenderAuthConfig = SenderAuthConfig()
     # Delivery to commands: [pipe.NAME] tables (PipeService), each a transport named NAME.
     pipe: dict[str, PipeService] = {}
     # The directory relative paths were taken from (None: as written); set by resolve_paths.

@@ -1,7 +1,7 @@
 """Relative paths in a configuration are taken from the directory of the file that holds them.
 
 Which settings are paths is told by their names: `*_file`, `*_directory`, `*_base` and `directory` name files
-or directories; the items of `*_maps`, `authorized_submit_users` and `*_restrictions` that are file-backed
+or directories; the items of `*_maps`, `*_checks`, `authorized_submit_users` and `*_restrictions` that are file-backed
 tables (`texthash:`, `regexp:`, `sqlite:`: mailflow.syntax.FILE_TABLE_TYPES) name files; a listener's
 overrides follow the same rule. `local.home_mailbox` is relative to each user's home, not to the file.
 
@@ -50,7 +50,7 @@ def _resolve_section(section: Section, base: Path) -> Section:
 def _resolve_setting(name: str, value: object, base: Path) -> object:
     if name.endswith(("_file", "_directory", "_base")) or name == "directory":
         return _resolve_path(value, base) if isinstance(value, str) else value
-    if name.endswith("_maps") or name == "authorized_submit_users":
+    if name.endswith(("_maps", "_checks")) or name == "authorized_submit_users":
         return tuple(_resolve_table(v, base) for v in value) if isinstance(value, (tuple, list)) else value
     if name.endswith("_restrictions") and isinstance(value, (tuple, list)):
         return tuple(_resolve_restriction(item, base) for item in value)

@@ -309,7 +309,7 @@ def _claim(con: sqlite3.Connection, ids: list[QueueId], now: float) -> list[Queu
 _STATUS = {Outcome.SENT: "sent", Outcome.BOUNCED: "bounced", Outcome.DEFERRED: "pending"}
 _OUTCOME = {status: outcome for outcome, status in _STATUS.items()}
 _RECIPIENT_COLUMNS = "idx, address, original, notify, orcpt, status, dsn, reason, relay"
-_MESSAGE_COLUMNS = "id, sender, arrival, size, smtputf8, body_type, attempts, envid, ret, warned"
+_MESSAGE_COLUMNS = "id, sender, arrival, size, smtputf8, body_type, attempts, envid, ret, warned, filter"
 
 
 def _recorded_result(row) -> RcptResult:
@@ -326,9 +326,9 @@ def _record_op(queue_id: QueueId, rows: Sequence[tuple[RcptResult, bool]]) -> Op
 
 
 def _queued_message(row: tuple, recipients, owed) -> QueuedMessage:
-    qid, sender, arrival, size, utf8, body_type, attempts, envid, ret, warned = row
+    qid, sender, arrival, size, utf8, body_type, attempts, envid, ret, warned, content_filter = row
     return QueuedMessage(qid, sender, arrival, size, bool(utf8), body_type, attempts, tuple(recipients),
-                         envid=envid, ret=ret, warned=bool(warned), owed=tuple(owed))
+                         envid=envid, ret=ret, warned=bool(warned), owed=tuple(owed), content_filter=content_filter)
 
 
 def _alternate(first: list, second: list) -> list:
