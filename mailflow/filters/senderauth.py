@@ -1,7 +1,7 @@
 """Sender authentication verdicts: SPF (pyspf), DKIM verification (dkimpy), DMARC (RFC 7489), and the
 Authentication-Results header (authres) that cleanup writes.
 
-    SenderAuth(config.sender_auth, resolver, authserv_id=…)
+    SenderAuth(config.sender_auth, resolver, authserv_id=…, also=())
     await auth.spf(client_ip, helo, sender) -> (result, domain)          one SPF evaluation
     await auth.verdicts(client_ip, helo, sender, content, spf=None) -> Verdicts
     Verdicts.header() -> "Authentication-Results: …"    Verdicts.dmarc_policy: what a failing From domain asks
@@ -95,8 +95,9 @@ class Verdicts:
 class SenderAuth:
     """See the module doc."""
 
-    def __init__(self, config, resolver, *, authserv_id: str):
-        self._verify = set(config.verify)
+    def __init__(self, config, resolver, *, authserv_id: str, also: tuple[str, ...] = ()):
+        """`also`: verdicts needed besides config.verify (reject_dmarc_policy needs "dmarc")."""
+        self._verify = set(config.verify) | set(also)
         if "dmarc" in self._verify:
             self._verify |= {"spf", "dkim"}
         self._resolver = resolver
@@ -203,8 +204,7 @@ class SenderAuth:
         domain = _from_domain(froms[0]) if len(froms) == 1 else ""
         if not domain:
             return {"dmarc": "permerror" if froms else "none"}
-        assert self._psl is not None
-        org = self._psl.get_public_suffix(domain) or domain
+        org = self._org_domain(domain)
         try:
             record = await self._dmarc_record(domain)
             subdomain = False
@@ -226,7 +226,15 @@ class SenderAuth:
         other = other.lower().rstrip(".")
         if mode == "s":
             return other == domain
-        return bool(other) and self._psl.get_public_suffix(other) == self._psl.get_public_suffix(domain)
+        return bool(other) and self._org_domain(other) == self._org_domain(domain)
+
+    def _org_domain(self, domain: str) -> str:
+        """RFC 7489 3.2: the public suffix (an unlisted top-level domain is one, the PSL's "*" rule) and one
+        label more."""
+        assert self._psl is not None
+        suffix = self._psl.get_tld(domain) or domain.rpartition(".")[2]
+        labels = domain.split(".")
+        return ".".join(labels[-(suffix.count(".") + 2):])
 
     async def _dmarc_record(self, domain: str) -> dict | None:
         try:

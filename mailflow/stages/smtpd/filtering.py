@@ -67,8 +67,10 @@ class FilterServices:
             path = config.greylist.database_file or str(config.queue_path / "greylist.db")
             self.greylist = Greylist(config.greylist, path, clock)
         self.sender_auth: SenderAuth | None = None
-        if config.sender_auth.verify or _uses(config, "reject_spf_fail") or _uses(config, "reject_dmarc_policy"):
-            self.sender_auth = SenderAuth(config.sender_auth, resolver, authserv_id=config.myhostname)
+        self.dmarc_policy = _uses(config, "reject_dmarc_policy")  # the verdicts are needed without the header
+        if config.sender_auth.verify or _uses(config, "reject_spf_fail") or self.dmarc_policy:
+            self.sender_auth = SenderAuth(config.sender_auth, resolver, authserv_id=config.myhostname,
+                                          also=("dmarc",) if self.dmarc_policy else ())
         self.spamd = Spamd(config.spamd) if config.spamd.address else None
         self.clamd = Clamd(config.clamd) if config.clamd.address else None
         self.milter = MilterSettings.from_config(config.milter)
@@ -95,7 +97,8 @@ class ListenerFilters:
         self._services = services
         self._config = config
         self._milters = milters
-        self._verify = bool(config.sender_auth.verify) and services.sender_auth is not None
+        self._header = bool(config.sender_auth.verify)  # (else the verdicts serve reject_dmarc_policy only)
+        self._verify = services.sender_auth is not None and (self._header or services.dmarc_policy)
         self._overrides = frozenset(config.smtpd.receive_override_options)
         self._content_filter = config.smtpd.content_filter
 
@@ -162,7 +165,7 @@ class ListenerFilters:
     async def end_of_message(self, session, submission: Submission, verdicts: Verdicts | None,
                              content_filter: str | None) -> Outcome:
         outcome = Outcome()
-        headers = [verdicts.header()] if verdicts is not None else []
+        headers = [verdicts.header()] if verdicts is not None and self._header else []
         milters = self._milter_session(session)
         if milters is not None:
             submission = await self._milters_at_end(milters, submission, outcome)
