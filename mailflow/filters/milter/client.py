@@ -301,7 +301,14 @@ class MilterSession:
         the first milter that does not say continue/accept decides; the edits of all of them are gathered."""
         result = Verdict()
         for milter in self._milters:
-            if milter.failed or milter.accepted or milter.negotiated is None:
+            if milter.failed:
+                verdict = self._default_action(milter, "earlier failure")
+                if verdict.action not in ("continue", "quarantine"):
+                    return verdict
+                if verdict.action == "quarantine":
+                    result.edits.quarantine = verdict.reason
+                continue
+            if milter.accepted or milter.negotiated is None:
                 continue
             try:
                 reply, edits = await milter.end_of_message(_events(head, body, milter.negotiated),
@@ -336,7 +343,12 @@ class MilterSession:
 
     async def _each(self, command: bytes, packet: bytes, values: dict[str, str]) -> Verdict:
         for milter in self._milters:
-            if milter.failed or milter.accepted or milter.negotiated is None:
+            if milter.failed:  # its default action answers for it, for the rest of the session (Postfix)
+                verdict = self._default_action(milter, "earlier failure")
+                if verdict.action != "continue":
+                    return verdict
+                continue
+            if milter.accepted or milter.negotiated is None:
                 continue
             verdict = await self._ask(milter, command, packet, values)
             if verdict.action == "accept":
@@ -379,10 +391,13 @@ class MilterSession:
 
     def _failed(self, milter: MilterConnection, error: MilterFailed) -> Verdict:
         """A milter that cannot be talked to: closed for this session; `default_action` answers for it."""
-        action = self._settings.default_action
-        log.warning("milter %s: %s; milter_default_action %s", milter.spec, error, action)
+        log.warning("milter %s: %s; milter_default_action %s", milter.spec, error, self._settings.default_action)
         milter.failed = True
         asyncio.get_running_loop().create_task(milter.close())
+        return self._default_action(milter, str(error))
+
+    def _default_action(self, milter: MilterConnection, error: str) -> Verdict:
+        action = self._settings.default_action
         if action == "accept":
             return CONTINUE
         if action == "reject":
