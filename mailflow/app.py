@@ -36,6 +36,7 @@ from mailflow.config import Config, DnsConfig
 from mailflow.content import Content
 from mailflow.dns import AiodnsResolver
 from mailflow.logs import MailLog
+from mailflow.filters.content_checks import ContentChecks
 from mailflow.stages.cleanup import Cleanup
 from mailflow.stages.pickup import Pickup
 from mailflow.stages.qmgr import QueueManager
@@ -47,6 +48,7 @@ from mailflow.routing.router import Router
 from mailflow.signing.keytables import keys_from_config
 from mailflow.signing.outbound import OutboundSigning
 from mailflow.stages.smtpd import Smtpd, SmtpdHandler
+from mailflow.stages.smtpd.filtering import FilterServices
 from mailflow.store import Store
 from mailflow.transports import build_transports
 
@@ -119,6 +121,7 @@ class Mailflow:
         self._smtpd_policy = smtpd_policy
         self._session_observer = session_observer or (capture.session_observer if capture else None)
         self.http = None  # mailflow.http.HttpServer, when a feature serves HTTP
+        self._filters: FilterServices | None = None
 
     async def start(self) -> None:
         c = self.config
@@ -144,9 +147,12 @@ class Mailflow:
         capture = self.capture
         maillog = MailLog(observer=capture.mail_observer if capture else None)
         outbound = build_outbound_signing(c, router, self._dns_resolver(), self.clock, maillog)
+        checks = ContentChecks(c.checks)
+        await checks.tables.preload()
         cleanup = Cleanup(self.store, myhostname=c.myhostname, clock=self.clock, rng=self.rng, log=maillog,
                           on_queued=self._wake_qmgr, mapper=router.mapper, hopcount_limit=c.hopcount_limit,
-                          header_size_limit=c.header_size_limit, outbound=outbound)
+                          header_size_limit=c.header_size_limit, outbound=outbound, checks=checks,
+                          content_filter=c.smtpd.content_filter)
         notices = Notices(cleanup.prepare_notice, myhostname=c.myhostname, config=c.queue)
         transports = self._build_transports(router, forwarder(cleanup, c.myhostname))
         self.qmgr = QueueManager(self.store, resolve=router.rewriter.resolve, transports=transports,
@@ -158,9 +164,10 @@ class Mailflow:
         await self.pickup.start()
         resolver = self._dns_resolver()
         free_space = lambda: shutil.disk_usage(c.queue_path).free  # noqa: E731 (asked at every MAIL)
+        filters = self._filters = FilterServices(c, resolver, self.clock)
         self.smtpd = Smtpd(c, lambda listener_config: SmtpdHandler(listener_config, router.rewriter, router.mapper,
                                                                     cleanup, resolver=resolver, free_space=free_space,
-                                                                    policy=self._smtpd_policy),
+                                                                    policy=self._smtpd_policy, filters=filters),
                            clock=self.clock, observer=self._session_observer)
         await self.smtpd.start()
 
@@ -204,6 +211,9 @@ class Mailflow:
         if self.pickup:
             await self.pickup.stop(self._grace)
             self.pickup = None
+        if self._filters:
+            self._filters.close()
+            self._filters = None
         if self.qmgr:
             await self.qmgr.stop(self._grace)
             self.qmgr = None

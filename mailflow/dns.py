@@ -1,4 +1,5 @@
-"""Name service: MX, address, TXT, PTR and TLSA lookups behind one small protocol.
+"""Name service for delivery and the inbound checks: MX, address, TXT, PTR and TLSA lookups behind one small
+protocol.
 
 Owns: the `Resolver` protocol every component receives through its constructor, the `MX` and `Tlsa` values, the
 real implementation (`AiodnsResolver`: aiodns for MX/A/AAAA/TXT/PTR; dnspython, against the same name servers,
@@ -28,6 +29,7 @@ Failure behaviour (a failed lookup is never "not found"):
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from dataclasses import dataclass
 from typing import Protocol, Sequence

@@ -25,6 +25,8 @@ The package, split by job like Postfix's global/mail_params + postconf (callers 
     sink.py       SinkConfig                                                                   [sink]
     deliverability.py  DkimConfig, ArcConfig, SrsConfig, MtaStsConfig, DeliverabilityConfig   [dkim] [arc] [srs]
                   [mta_sts] [deliverability]
+    filters.py    the inbound filters: [checks] [milter] [spamd] [clamd] [greylist] [sender_auth],
+                  and SmtpdFilterSettings (a listener's milters, content_filter, receive_override_options)
     main.py       Config (top-level settings and the sections), DEFAULTS, BUILTIN_TRANSPORTS
     load.py       load_config, config_from_dict -> ConfigError(file, key, reason)
     paths.py      resolve_paths
@@ -40,6 +42,8 @@ from mailflow.config.delivery import DnsConfig, LmtpConfig, LocalConfig, PipeSer
 from mailflow.config.http import HttpConfig
 from mailflow.config.deliverability import (ArcConfig, DeliverabilityConfig, DkimConfig, MtaStsConfig, SrsConfig,
                                             opendkim_dataset)
+from mailflow.config.filters import (ChecksConfig, ClamdConfig, GreylistConfig,
+                                     MilterConfig, SenderAuthConfig, SpamdConfig)
 from mailflow.config.load import config_from_dict, load_config
 from mailflow.config.log import LogConfig
 from mailflow.config.main import BUILTIN_TRANSPORTS, DEFAULTS, Config
@@ -51,9 +55,11 @@ from mailflow.config.smtpd import LISTENER_ROLES, ListenerConfig, SmtpdConfig
 from mailflow.errors import ConfigError
 
 __all__ = [
-    "AccountsConfig", "ArcConfig", "BUILTIN_TRANSPORTS", "DEFAULTS", "DeliverabilityConfig", "DkimConfig",
-    "LISTENER_ROLES", "Config", "ConfigError", "DnsConfig", "Duration", "HttpConfig", "ListenerConfig", "LmtpConfig",
-    "LocalConfig", "LogConfig", "MtaStsConfig", "PipeService", "QueueConfig", "Section", "SendmailConfig", "SinkConfig",
-    "SmtpConfig", "SmtpdConfig", "SrsConfig", "config_from_dict", "flat_settings", "format_setting", "opendkim_dataset",
+    "AccountsConfig", "ArcConfig", "BUILTIN_TRANSPORTS", "ChecksConfig", "ClamdConfig", "DEFAULTS",
+    "DeliverabilityConfig", "DkimConfig", "GreylistConfig", "LISTENER_ROLES", "MilterConfig", "Config", "ConfigError",
+    "DnsConfig", "Duration", "HttpConfig", "ListenerConfig", "LmtpConfig", "LocalConfig", "LogConfig", "MtaStsConfig",
+    "PipeService", "QueueConfig", "Section", "SenderAuthConfig", "SendmailConfig", "SinkConfig", "SmtpConfig",
+    "SmtpdConfig", "SpamdConfig", "SrsConfig", "config_from_dict", "flat_settings", "format_setting",
+    "opendkim_dataset",
     "load_config", "resolve_paths", "show_settings",
 ]

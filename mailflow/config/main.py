@@ -17,6 +17,8 @@ from pydantic import Field, PrivateAttr, ValidationInfo, field_validator
 from mailflow.address import normalise_domain
 from mailflow.config.accounts import AccountsConfig
 from mailflow.config.base import Networks, Section, TableSpecs
+from mailflow.config.filters import (ChecksConfig, ClamdConfig, GreylistConfig,
+                                     MilterConfig, SenderAuthConfig, SpamdConfig)
 from mailflow.config.delivery import DnsConfig, LmtpConfig, LocalConfig, PipeService, SmtpConfig
 from mailflow.config.deliverability import ArcConfig, DeliverabilityConfig, DkimConfig, MtaStsConfig, SrsConfig
 from mailflow.config.http import HttpConfig
@@ -128,6 +130,13 @@ class Config(Section):
     srs: SrsConfig = SrsConfig()
     mta_sts: MtaStsConfig = MtaStsConfig()
     deliverability: DeliverabilityConfig = DeliverabilityConfig()
+    # Inbound filtering (docs/filtering.md), every layer off by default.
+    checks: ChecksConfig = ChecksConfig()
+    milter: MilterConfig = MilterConfig()
+    spamd: SpamdConfig = SpamdConfig()
+    clamd: ClamdConfig = ClamdConfig()
+    greylist: GreylistConfig = GreylistConfig()
+    sender_auth: SenderAuthConfig = SenderAuthConfig()
     # Delivery to commands: [pipe.NAME] tables (PipeService), each a transport named NAME.
     pipe: dict[str, PipeService] = {}
     # The directory relative paths were taken from (None: as written); set by resolve_paths.

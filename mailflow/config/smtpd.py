@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from mailflow.config.base import (Duration, HostPorts, Networks, Restriction, Section, TableSpecs, validation_key,
                                   validation_reason)
+from mailflow.config.filters import SmtpdFilterSettings
 from mailflow.restriction_vocabulary import RELAY_GUARDS, split_item
 from mailflow.syntax import parse_endpoint, parse_hostport
 
@@ -44,8 +45,9 @@ class ListenerConfig(Section):
         return v
 
 
-class SmtpdConfig(Section):
-    """The SMTP server (Postfix smtpd)."""
+class SmtpdConfig(SmtpdFilterSettings):
+    """The SMTP server (Postfix smtpd); its filter settings (milters, content_filter, receive_override_options)
+    are declared in filters.py."""
 
     listen: HostPorts = ("127.0.0.1:2525",)
     banner: str = "ESMTP mailflow"

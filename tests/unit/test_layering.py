@@ -31,7 +31,7 @@ LEAVES = (
 CONFIG_MAY_LOAD = ("mailflow", "mailflow.syntax", "mailflow.restriction_vocabulary", "mailflow.pipe_argv",
                    "mailflow.address", "mailflow.errors", "mailflow.tables", "mailflow.aliases",
                    "mailflow.accounts")
-ABOVE_LEAVES = ("mailflow.config", "mailflow.stages", "mailflow.transports", "mailflow.routing", "mailflow.store",
+ABOVE_LEAVES = ("mailflow.config", "mailflow.filters", "mailflow.stages", "mailflow.transports", "mailflow.routing", "mailflow.store",
                 "mailflow.app", "mailflow.cli", "mailflow.sendmail", "mailflow.queue_tools")
 
 # (importing module, imported module) -> why the import is inside a function. Start-up time only: a cycle is
