@@ -29,6 +29,7 @@ import logging
 import random
 import shutil
 import signal
+from typing import TYPE_CHECKING
 
 from mailflow.capture.recorders import Capture
 from mailflow.clock import Clock, SystemClock
@@ -51,6 +52,9 @@ from mailflow.stages.smtpd import Smtpd, SmtpdHandler
 from mailflow.stages.smtpd.filtering import FilterServices
 from mailflow.store import Store
 from mailflow.transports import build_transports
+
+if TYPE_CHECKING:  # imported when a feature serves HTTP (start-up time)
+    from mailflow.http import HttpServer
 
 log = logging.getLogger("mailflow")
 
@@ -120,7 +124,7 @@ class Mailflow:
         self.capture = capture
         self._smtpd_policy = smtpd_policy
         self._session_observer = session_observer or (capture.session_observer if capture else None)
-        self.http = None  # mailflow.http.HttpServer, when a feature serves HTTP
+        self.http: HttpServer | None = None  # when a feature serves HTTP
         self._filters: FilterServices | None = None
 
     async def start(self) -> None:

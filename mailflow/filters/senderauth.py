@@ -153,7 +153,7 @@ class SenderAuth:
     # -------------------------------------------------------------------------------- DKIM
 
     async def _dkim(self, head: bytes, rest: Content) -> tuple[DkimResult, ...]:
-        signatures = []
+        signatures: list[dict[bytes, bytes] | None] = []  # parsed tags (None: unparsable)
         for name, lines in header_fields(head):
             if name == "dkim-signature" and len(signatures) < MAX_SIGNATURES:
                 value = b"".join(lines).partition(b":")[2]

@@ -157,10 +157,11 @@ class ListenerFilters:
 
     async def auth_verdicts(self, session, envelope) -> Verdicts | None:
         """SPF, DKIM and DMARC of the message (for reject_dmarc_policy and the Authentication-Results header)."""
-        if not self._verify or envelope.content is None:
+        sender_auth = self._services.sender_auth
+        if not self._verify or sender_auth is None or envelope.content is None:
             return None
-        return await self._services.sender_auth.verdicts(session.peer_ip, session.host_name or "",
-                                                          envelope.sender or "", envelope.content)
+        return await sender_auth.verdicts(session.peer_ip, session.host_name or "", envelope.sender or "",
+                                          envelope.content)
 
     async def end_of_message(self, session, submission: Submission, verdicts: Verdicts | None,
                              content_filter: str | None) -> Outcome:
