@@ -6,7 +6,7 @@ nothing of it is built (the hot path pays nothing).
     edits            header section edits (insert, change, delete) on a Content, nothing else copied
     milter/          the Milter client: protocol (sans-IO codec), client (asyncio edge, timeouts, default action),
                      session (one per SMTP session, every milter of the listener)
-    scanners         spamd (aiospamc) and clamd (INSTREAM): a verdict per message, with timeouts
+    scanners         spamd (SYMBOLS) and clamd (INSTREAM), our own clients: a verdict per message, with timeouts
     greylist         check_greylist's triplet store (SQLite, its own file and thread)
     senderauth       SPF (pyspf), DKIM verification (dkimpy, the body hashed as a stream), DMARC (authheaders),
                      the Authentication-Results header

@@ -127,6 +127,15 @@ async def test_spamd_tags_spam_when_asked_to(mailflow_server, tmp_path, spamd):
                b"From: <s@example.test>\r\n\r\n" + GTUBE + b"\r\n")
     data = (await eventually(lambda: maildir_messages(maildir(tmp_path))))[0]
     assert b"\nX-Spam-Status: Yes, score=100" in data and b"\nX-Spam-Flag: YES\n" in data, data.decode()
+    assert b" tests=GTUBE," in data  # the rules that hit, as spamd's SYMBOLS gave them
+
+
+async def test_a_spooled_message_streams_to_spamd(mailflow_server, spamd):
+    mf = await mailflow_server(spamd={"address": f"127.0.0.1:{spamd.port}", "action": "reject",
+                                      "size_limit": 1_000_000, "on_failure": "tempfail"})
+    # past the in-memory limit (a spool file); GTUBE first, as spamd reads only the body's first 50 KB for it
+    big = b"From: <s@example.test>\r\nSubject: big\r\n\r\n" + GTUBE + b"\r\n" + (b"y" * 500 + b"\r\n") * 600
+    assert await outcome(mf.smtp_addresses[0][1], big) == (550, "5.7.1 Message rejected as spam")
 
 
 # ---------------------------------------------------------------------------------------------- clamd

@@ -28,7 +28,7 @@ from mailflow.config import Config
 from mailflow.filters.edits import edit_header
 from mailflow.filters.greylist import Greylist
 from mailflow.filters.milter import ClientMacros, MilterSession, MilterSettings, Verdict
-from mailflow.filters.scanners import Clamd, Spamd
+from mailflow.filters.scanners import Clamd, ScanResult, Spamd
 from mailflow.filters.senderauth import SenderAuth, Verdicts
 from mailflow.content import Content
 from mailflow.message import read_header
@@ -38,6 +38,7 @@ from mailflow.restriction_vocabulary import STAGES, split_item
 log = logging.getLogger("mailflow.smtpd")
 
 HEADER_LIMIT = 1_000_000
+SPAM_STATUS_WIDTH = 76  # X-Spam-Status lines are folded before this column (as SpamAssassin folds them)
 
 
 @dataclass
@@ -247,8 +248,7 @@ class ListenerFilters:
             return
         if not result.scanned:
             return
-        word = "Yes" if result.found else "No"
-        headers.append(f"X-Spam-Status: {word}, score={result.score:.1f} required={result.threshold:.1f}")
+        headers.append(_spam_status(result))
         if not result.found:
             return
         headers.append("X-Spam-Flag: YES")
@@ -256,6 +256,20 @@ class ListenerFilters:
             outcome.refusal = status.SPAM_REJECTED
         elif c.action == "hold":
             outcome.hold = f"spam, score {result.score:.1f}"
+
+
+def _spam_status(result: ScanResult) -> str:
+    """SpamAssassin's X-Spam-Status: the verdict, the score, the threshold and the rules that hit, folded."""
+    lines = [f"X-Spam-Status: {'Yes' if result.found else 'No'}, score={result.score:.1f} "
+             f"required={result.threshold:.1f}"]
+    if result.name:
+        lines[-1] += " tests="
+        for rule in result.name.split(","):
+            if len(lines[-1]) + len(rule) > SPAM_STATUS_WIDTH and not lines[-1].endswith("="):
+                lines.append("")
+            lines[-1] += rule + ","
+        lines[-1] = lines[-1][:-1]
+    return "\r\n\t".join(lines)
 
 
 def _refusal(verdict: Verdict) -> status.Reply | None:
