@@ -38,6 +38,7 @@ from mailflow.content import Content
 from mailflow.dns import AiodnsResolver
 from mailflow.logs import MailLog
 from mailflow.filters.content_checks import ContentChecks
+from mailflow.filters.milter import MilterSettings, NonSmtpdMilters
 from mailflow.stages.cleanup import Cleanup
 from mailflow.stages.pickup import Pickup
 from mailflow.stages.qmgr import QueueManager
@@ -57,6 +58,14 @@ if TYPE_CHECKING:  # imported when a feature serves HTTP (start-up time)
     from mailflow.http import HttpServer
 
 log = logging.getLogger("mailflow")
+
+
+def non_smtpd_milters(config: Config) -> NonSmtpdMilters | None:
+    """[milter] non_smtpd_milters, for pickup (None when there are none)."""
+    specs = config.milter.non_smtpd_milters
+    if not specs:
+        return None
+    return NonSmtpdMilters(specs, MilterSettings.from_config(config.milter), config.myhostname)
 
 
 def forwarder(cleanup: Cleanup, myhostname: str):
@@ -164,7 +173,7 @@ class Mailflow:
         await self.qmgr.start()
         self.pickup = Pickup(c.queue_path, cleanup, myhostname=c.myhostname, clock=self.clock,
                              interval=c.sendmail.pickup_interval, bounce_size_limit=c.queue.bounce_size_limit,
-                             size_limit=c.smtpd.message_size_limit)
+                             size_limit=c.smtpd.message_size_limit, milters=non_smtpd_milters(c))
         await self.pickup.start()
         resolver = self._dns_resolver()
         free_space = lambda: shutil.disk_usage(c.queue_path).free  # noqa: E731 (asked at every MAIL)

@@ -98,7 +98,7 @@ class MilterConfig(Section):
     connect_timeout: Duration = Field(30.0, gt=0)
     command_timeout: Duration = Field(30.0, gt=0)
     content_timeout: Duration = Field(300.0, gt=0)
-    # Milters for mail that does not come in through smtpd (sendmail / pickup).
+    # Milters for mail that does not come in through smtpd (sendmail / pickup): mailflow.filters.milter.message.
     non_smtpd_milters: tuple[str, ...] = ()
 
     @field_validator("non_smtpd_milters")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import shutil
 
 import aiosmtplib
@@ -12,6 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from mailflow.maildrop import MaildropMessage, maildrop_names, write_maildrop
 from tests.support import filter_daemons as daemons
 from tests.support import eventually, free_port, maildir_messages, queue_becomes, send
 
@@ -97,6 +99,40 @@ async def test_a_milter_killed_mid_session_gets_the_default_action(mailflow_serv
         assert (await outcome(mf2.smtp_addresses[0][1], b"From: <s@example.test>\r\n\r\nhi\r\n"))[0] == 250
     finally:
         victim.kill()
+
+
+def drop(mf, content: bytes, sender: str = "alice@local.test") -> str:
+    """A message as `mailflow sendmail` leaves it in the maildrop, for pickup."""
+    message = MaildropMessage(sender=sender, recipients=("bob@local.test",), uid=os.getuid(), user="alice")
+    return write_maildrop(mf.config.queue_path / "maildrop", message, [content])
+
+
+async def test_non_smtpd_milters_filter_mail_from_sendmail(mailflow_server, tmp_path, opendkim, dkim_key):
+    """OpenDKIM verifies what pickup takes in, as mail from localhost: a good signature passes, a message without
+    one gets dkim=none, and the one whose body was changed is rejected: returned to its sender."""
+    private, _ = dkim_key
+    mf = await mailflow_server(milter={"non_smtpd_milters": [f"inet:127.0.0.1:{opendkim.port}"]})
+    message = b"From: <alice@example.test>\r\nSubject: picked up\r\n\r\nbody line\r\n"
+    drop(mf, message)
+    drop(mf, signed(private, message))
+    drop(mf, signed(private, message).replace(b"body line", b"body LINE"))
+    mf.pickup.wake()
+    bob, alice = tmp_path / "mail" / "bob" / "Maildir", tmp_path / "mail" / "alice" / "Maildir"
+    received = await eventually(lambda: len(maildir_messages(bob)) == 2 and maildir_messages(bob))
+    results = sorted(m.split(b"Authentication-Results: ", 1)[1].split(b";", 2)[1].split()[0] for m in received)
+    assert results == [b"dkim=none", b"dkim=pass"], results
+    [notice] = await eventually(lambda: maildir_messages(alice))
+    assert b"Undelivered Mail Returned to Sender" in notice and b"Status: 5.7." in notice, notice.decode()
+    await eventually(lambda: not maildrop_names(mf.config.queue_path / "maildrop"))
+    assert len(maildir_messages(bob)) == 2
+
+
+async def test_a_non_smtpd_milter_that_is_down_keeps_the_mail_in_the_maildrop(mailflow_server, caplog):
+    mf = await mailflow_server(milter={"non_smtpd_milters": [f"inet:127.0.0.1:{free_port()}"]})
+    name = drop(mf, b"Subject: waits\r\n\r\nfor the milter\r\n")
+    mf.pickup.wake()
+    await eventually(lambda: any(f"maildrop/{name}: not queued" in r.getMessage() for r in caplog.records))
+    assert maildrop_names(mf.config.queue_path / "maildrop") == [name] and await mf.store.counts() == {}
 
 
 # ---------------------------------------------------------------------------------------------- spamd

@@ -25,19 +25,16 @@ from dataclasses import dataclass
 
 from mailflow import status
 from mailflow.config import Config
-from mailflow.filters.edits import edit_header
 from mailflow.filters.greylist import Greylist
-from mailflow.filters.milter import ClientMacros, MilterSession, MilterSettings, Verdict
+from mailflow.filters.milter import ClientMacros, MilterSession, MilterSettings, Verdict, end_of_message
 from mailflow.filters.scanners import Clamd, ScanResult, Spamd
 from mailflow.filters.senderauth import SenderAuth, Verdicts
 from mailflow.content import Content
-from mailflow.message import read_header
 from mailflow.model import Submission
 from mailflow.restriction_vocabulary import STAGES, split_item
 
 log = logging.getLogger("mailflow.smtpd")
 
-HEADER_LIMIT = 1_000_000
 SPAM_STATUS_WIDTH = 76  # X-Spam-Status lines are folded before this column (as SpamAssassin folds them)
 
 
@@ -170,9 +167,14 @@ class ListenerFilters:
         headers = [verdicts.header()] if verdicts is not None and self._header else []
         milters = self._milter_session(session)
         if milters is not None:
-            submission = await self._milters_at_end(milters, submission, outcome)
-            if outcome.refusal is not None or outcome.discard is not None:
+            filtered = await end_of_message(milters, submission)
+            if filtered.action == "discard":
+                outcome.discard = filtered.reason
                 return outcome
+            if filtered.action != "continue":
+                outcome.refusal = filtered.reply
+                return outcome
+            submission, outcome.hold = filtered.submission, filtered.hold
         for scan in (self._clamd, self._spamd):
             await scan(submission.content, outcome, headers)
             if outcome.refusal is not None:
@@ -182,39 +184,6 @@ class ListenerFilters:
         outcome.submission = dataclasses.replace(submission, headers=submission.headers + tuple(headers),
                                                  content_filter=content_filter, overrides=self._overrides)
         return outcome
-
-    async def _milters_at_end(self, milters: MilterSession, submission: Submission, outcome: Outcome) -> Submission:
-        content = submission.content
-        head, _ = read_header(content, HEADER_LIMIT)
-        body = content.after(len(head))
-        blank = 2 if body.read_prefix(2) == b"\r\n" else (1 if body.read_prefix(1) == b"\n" else 0)
-        body_only = body.after(blank)
-        verdict = await milters.end_of_message(head, lambda: body_only.stream())
-        if verdict.action in ("reject", "tempfail"):
-            outcome.refusal = verdict.reply
-            return submission
-        if verdict.action == "discard":
-            outcome.discard = verdict.reason or "milter discard"
-            return submission
-        edits = verdict.edits
-        if edits.quarantine:
-            outcome.hold = edits.quarantine
-        if not edits:
-            return submission
-        new_head = edit_header(head, edits.headers)
-        if edits.body is not None:
-            content = Content((new_head, b"\r\n", *edits.body))
-        else:
-            content = Content((new_head, *body.parts)) if new_head is not head else content
-        envelope = submission.envelope
-        recipients = [r for r in envelope.recipients if f"<{r}>" not in edits.delete_recipients
-                      and r not in edits.delete_recipients]
-        recipients += [a.strip("<>") for a in edits.add_recipients if a.strip("<>")]
-        if recipients != list(envelope.recipients) or edits.sender:
-            envelope = dataclasses.replace(envelope, recipients=tuple(recipients), originals=(), notify=(),
-                                           orcpts=(), sender=(edits.sender[0].strip("<>") if edits.sender
-                                                              else envelope.sender))
-        return dataclasses.replace(submission, content=content, envelope=envelope)
 
     async def _clamd(self, content: Content, outcome: Outcome, headers: list[str]) -> None:
         clamd = self._services.clamd
