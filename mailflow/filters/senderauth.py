@@ -9,9 +9,9 @@ Authentication-Results header (authres) that cleanup writes.
     auth.close()
 
 Every lookup goes through mailflow's `Resolver` (mailflow.dns: txt, mx, addresses, ptr): tests serve the
-zones from the in-process DNS. pyspf is synchronous: it runs in this object's own small thread pool (so a
-slow SPF domain cannot take the threads that spool files use), its DNS questions handed back to the event
-loop's resolver. dkimpy verifies the signature over the header section; the body hash is computed here while
+zones from the in-process DNS. SPF is mailflow.filters.spf_query (pyspf, its DNS handed back to the event
+loop's resolver), run in this object's own small thread pool (so a slow SPF domain cannot take the threads
+that spool files use). dkimpy verifies the signature over the header section; the body hash is computed here while
 the body is read as a stream (a big message is never loaded whole). DMARC policy discovery and alignment are
 written here (they are a few lines), with the organizational domain from the Public Suffix List that
 authheaders ships.
@@ -36,7 +36,6 @@ import authres
 import authres.dmarc
 import dkim
 import dkim.asyncsupport
-import spf
 from dkim.util import InvalidTagValueList, parse_tag_value
 from publicsuffix2 import PublicSuffixList
 
@@ -44,6 +43,7 @@ from mailflow.address import split as split_address
 from mailflow.content import Content
 from mailflow.dns import NotFound
 from mailflow.errors import LookupRetry
+from mailflow.filters.spf_query import check_host
 from mailflow.message import header_fields, header_values, read_header
 
 log = logging.getLogger("mailflow.smtpd")
@@ -118,21 +118,9 @@ class SenderAuth:
     async def spf(self, client_ip: str, helo: str, sender: str) -> tuple[str, str]:
         """(result, the domain checked): MAIL FROM's domain, or the HELO name for the null sender."""
         domain = split_address(sender)[1] if sender else helo
-        loop = asyncio.get_running_loop()
-        try:
-            result = await asyncio.wait_for(
-                loop.run_in_executor(self._pool, self._spf_blocking, loop, client_ip, helo, sender), self._timeout)
-        except TimeoutError:
-            result = "temperror"
-        except Exception as e:  # pyspf on a record it cannot read: its words
-            log.warning("SPF check of %s for [%s] failed: %r", domain, client_ip, e)
-            result = "permerror"
-        return result, domain
-
-    def _spf_blocking(self, loop, client_ip: str, helo: str, sender: str) -> str:
-        query = _SpfQuery(client_ip, sender or f"postmaster@{helo}", helo, lookup=_Bridge(self._resolver, loop,
-                                                                                          self._timeout))
-        return query.check()[0]
+        checked = await check_host(self._resolver, client_ip, sender, helo, timeout=self._timeout,
+                                   executor=self._pool)
+        return checked.result, domain
 
     # -------------------------------------------------------------------------------- all of them
 
@@ -258,71 +246,6 @@ def _from_domain(value: str) -> str:
     if len(addresses) != 1 or "@" not in addresses[0][1]:
         return ""
     return addresses[0][1].rpartition("@")[2].strip().lower().rstrip(".")
-
-
-# ---------------------------------------------------------------------------------------------- pyspf's DNS
-
-
-class _Bridge:
-    """pyspf's DNS questions (asked in a worker thread) answered by the event loop's resolver."""
-
-    def __init__(self, resolver, loop, timeout: float):
-        self._resolver, self._loop, self._timeout = resolver, loop, timeout
-
-    def __call__(self, name: str, qtype: str) -> list:
-        future = asyncio.run_coroutine_threadsafe(self._ask(name, qtype), self._loop)
-        try:
-            return future.result(self._timeout)
-        except (LookupRetry, concurrent.futures.TimeoutError) as e:
-            future.cancel()
-            raise spf.TempError(f"DNS {e}") from None
-
-    async def _ask(self, name: str, qtype: str) -> list:
-        r = self._resolver
-        try:
-            if qtype in ("A", "AAAA"):
-                return [a for a in await r.addresses(name) if (":" in a) == (qtype == "AAAA")]
-            if qtype == "MX":
-                return [(mx.preference, mx.host) for mx in await r.mx(name) if not mx.is_null]
-            if qtype == "TXT":
-                return [(record.encode(),) for record in await r.txt(name)]
-            if qtype == "PTR":
-                return await r.ptr(_address_of_reverse(name))
-        except NotFound:
-            return []
-        return []
-
-
-def _address_of_reverse(name: str) -> str:
-    """1.0.0.127.in-addr.arpa -> 127.0.0.1 (pyspf asks PTR by name)."""
-    labels = name.rstrip(".").split(".")
-    if name.endswith("in-addr.arpa"):
-        return ".".join(reversed(labels[:-2]))
-    nibbles = "".join(reversed(labels[:-2]))
-    return ":".join(nibbles[i:i + 4] for i in range(0, 32, 4))
-
-
-class _SpfQuery(spf.query):
-    """pyspf with its DNS through `lookup` (mailflow's resolver) instead of its module's dnspython default.
-    The resolver follows CNAMEs; the RFC 7208 void lookup limit is kept."""
-
-    def __init__(self, i: str, s: str, h: str, *, lookup):
-        super().__init__(i=i, s=s, h=h)
-        self._lookup = lookup
-
-    def dns(self, name, qtype, cnames=None, ignore_void=False):
-        name = str(name).rstrip(".").lower()
-        if not name or not all(0 < len(label) < 64 for label in name.split(".")):
-            return []
-        key = (name, qtype)
-        if key not in self.cache:
-            self.cache[key] = self._lookup(name, qtype)
-        result = self.cache[key]
-        if not result and not ignore_void:
-            self.void_lookups += 1
-            if self.void_lookups > spf.MAX_VOID_LOOKUPS:
-                raise spf.PermError(f"Void lookup limit of {spf.MAX_VOID_LOOKUPS} exceeded")
-        return result
 
 
 # ---------------------------------------------------------------------------------------------- DKIM bodies
