@@ -29,6 +29,7 @@ import logging
 import random
 import shutil
 import signal
+from typing import TYPE_CHECKING
 
 from mailflow.capture.recorders import Capture
 from mailflow.clock import Clock, SystemClock
@@ -37,6 +38,7 @@ from mailflow.content import Content
 from mailflow.dns import AiodnsResolver
 from mailflow.logs import MailLog
 from mailflow.filters.content_checks import ContentChecks
+from mailflow.filters.milter import MilterSettings, NonSmtpdMilters
 from mailflow.stages.cleanup import Cleanup
 from mailflow.stages.pickup import Pickup
 from mailflow.stages.qmgr import QueueManager
@@ -52,7 +54,18 @@ from mailflow.stages.smtpd.filtering import FilterServices
 from mailflow.store import Store
 from mailflow.transports import build_transports
 
+if TYPE_CHECKING:  # imported when a feature serves HTTP (start-up time)
+    from mailflow.http import HttpServer
+
 log = logging.getLogger("mailflow")
+
+
+def non_smtpd_milters(config: Config) -> NonSmtpdMilters | None:
+    """[milter] non_smtpd_milters, for pickup (None when there are none)."""
+    specs = config.milter.non_smtpd_milters
+    if not specs:
+        return None
+    return NonSmtpdMilters(specs, MilterSettings.from_config(config.milter), config.myhostname)
 
 
 def forwarder(cleanup: Cleanup, myhostname: str):
@@ -120,7 +133,7 @@ class Mailflow:
         self.capture = capture
         self._smtpd_policy = smtpd_policy
         self._session_observer = session_observer or (capture.session_observer if capture else None)
-        self.http = None  # mailflow.http.HttpServer, when a feature serves HTTP
+        self.http: HttpServer | None = None  # when a feature serves HTTP
         self._filters: FilterServices | None = None
 
     async def start(self) -> None:
@@ -160,7 +173,7 @@ class Mailflow:
         await self.qmgr.start()
         self.pickup = Pickup(c.queue_path, cleanup, myhostname=c.myhostname, clock=self.clock,
                              interval=c.sendmail.pickup_interval, bounce_size_limit=c.queue.bounce_size_limit,
-                             size_limit=c.smtpd.message_size_limit)
+                             size_limit=c.smtpd.message_size_limit, milters=non_smtpd_milters(c))
         await self.pickup.start()
         resolver = self._dns_resolver()
         free_space = lambda: shutil.disk_usage(c.queue_path).free  # noqa: E731 (asked at every MAIL)

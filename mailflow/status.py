@@ -221,6 +221,8 @@ def dmarc_rejected(domain: str) -> Reply:
 CONTENT_REJECTED = Reply(550, "5.7.1", "Message content rejected")
 FILTER_UNAVAILABLE = Reply(451, "4.7.1", "Service unavailable - try again later")
 MILTER_REJECTED = Reply(550, "5.7.1", "Command rejected")
+# a non_smtpd_milter refused a recipient of mail that came by sendmail (Postfix: a configuration error; it waits)
+MILTER_CONFIGURATION_ERROR = Reply(451, "4.3.5", "Server configuration error")
 SPAM_REJECTED = Reply(550, "5.7.1", "Message rejected as spam")
 
 

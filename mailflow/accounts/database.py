@@ -162,8 +162,8 @@ class AccountDatabase:
         domain = _domain(name)
         with self._change():
             self._need_domain(domain)
-            users = self._one("SELECT count(*) FROM mailbox WHERE domain = ?", domain)[0]
-            aliases = self._one("SELECT count(DISTINCT address) FROM alias WHERE domain = ?", domain)[0]
+            users = self._count("SELECT count(*) FROM mailbox WHERE domain = ?", domain)
+            aliases = self._count("SELECT count(DISTINCT address) FROM alias WHERE domain = ?", domain)
             if users or aliases:
                 raise AccountError(f"domain {domain} still has {users} mailbox(es) and {aliases} alias(es): "
                                    "remove them first")
@@ -324,6 +324,11 @@ class AccountDatabase:
     def _one(self, sql: str, *args: object) -> tuple | None:
         return self._conn.execute(sql, args).fetchone()
 
+    def _count(self, sql: str, *args: object) -> int:
+        """A `SELECT count(...)` (always one row)."""
+        row = self._one(sql, *args)
+        return int(row[0]) if row is not None else 0
+
     def _read(self, sql: str, *args: object) -> list[tuple]:
         try:
             return self._conn.execute(sql, args).fetchall()
@@ -347,7 +352,7 @@ class _transaction:
         except sqlite3.Error as e:
             raise _failure(e, self._path) from None
 
-    def __exit__(self, kind, error, tb) -> bool:
+    def __exit__(self, kind, error, tb) -> None:
         try:
             self._conn.execute("COMMIT" if kind is None else "ROLLBACK")
         except sqlite3.Error as e:
@@ -355,7 +360,6 @@ class _transaction:
                 raise _failure(e, self._path) from None
         if isinstance(error, sqlite3.Error):
             raise _failure(error, self._path) from None
-        return False
 
 
 def _failure(error: BaseException, path: Path | None) -> AccountError:

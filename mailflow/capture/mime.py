@@ -23,7 +23,7 @@ import email.utils
 import hashlib
 import re
 from dataclasses import dataclass
-from email.message import EmailMessage
+from email.message import EmailMessage, MIMEPart
 from html.parser import HTMLParser
 
 URL = re.compile(r"""(?:https?://|mailto:)[^\s<>"'()\[\]]+""", re.IGNORECASE)
@@ -49,7 +49,7 @@ class Attachment:
 
 
 def parse(raw: bytes) -> EmailMessage:
-    return email.message_from_bytes(raw, policy=email.policy.default)  # type: ignore[return-value]
+    return email.message_from_bytes(raw, policy=email.policy.default)
 
 
 def _content(part) -> str:
@@ -79,11 +79,11 @@ def html_body(msg: EmailMessage) -> str:
     return _content(part) if part is not None else ""
 
 
-def parts(msg: EmailMessage, prefix: str = "") -> list[tuple[str, EmailMessage]]:
+def parts(msg: MIMEPart, prefix: str = "") -> list[tuple[str, MIMEPart]]:
     """Leaf parts with their ids: the children of a multipart numbered from 1, nested ids dotted."""
     if not msg.is_multipart():
         return [(prefix or "1", msg)]
-    found = []
+    found: list[tuple[str, MIMEPart]] = []
     for index, child in enumerate(msg.iter_parts(), 1):
         found += parts(child, f"{prefix}.{index}" if prefix else str(index))
     return found

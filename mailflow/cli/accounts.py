@@ -77,12 +77,11 @@ class _Session:
             _fail(e.message, e.code, self.as_json)
         return self
 
-    def __exit__(self, kind, error, tb) -> bool:
+    def __exit__(self, kind, error, tb) -> None:
         if self.db is not None:
             self.db.close()
         if isinstance(error, self._error):
             _fail(error.message, error.code, self.as_json)
-        return False
 
     def password(self, address: str, from_stdin: bool) -> str:
         from mailflow.accounts.database import EX_INPUT, check_password
@@ -304,8 +303,9 @@ def _static_id(cfg: Config, setting: str, option: Optional[int]) -> int:
         values = {open_table(spec).lookup("any@mailbox.invalid") for spec in specs}
     except (ConfigError, LookupRetry):
         values = set()
-    if len(values) == 1 and next(iter(values)) is not None and next(iter(values)).strip().isdigit():
-        return int(next(iter(values)).strip())
+    value = next(iter(values)) if len(values) == 1 else None
+    if value is not None and value.strip().isdigit():
+        return int(value.strip())
     _fail(f"Dovecot needs one owner for every Maildir: set {setting} = [\"static:N\"] (N not 0: Dovecot refuses "
           f"root for mail) or give --{setting.split('_')[1]}", 2, False)
 

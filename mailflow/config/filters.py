@@ -98,7 +98,7 @@ class MilterConfig(Section):
     connect_timeout: Duration = Field(30.0, gt=0)
     command_timeout: Duration = Field(30.0, gt=0)
     content_timeout: Duration = Field(300.0, gt=0)
-    # Milters for mail that does not come in through smtpd (sendmail / pickup).
+    # Milters for mail that does not come in through smtpd (sendmail / pickup): mailflow.filters.milter.message.
     non_smtpd_milters: tuple[str, ...] = ()
 
     @field_validator("non_smtpd_milters")
@@ -122,8 +122,8 @@ class _ScannerConfig(Section):
 
 
 class SpamdConfig(_ScannerConfig):
-    """SpamAssassin's spamd (CHECK): spam is tagged (X-Spam-Flag/X-Spam-Status/X-Spam-Score), held or
-    refused (550 5.7.1); messages over `size_limit` are not scanned (spamc's 500 KB)."""
+    """SpamAssassin's spamd (SYMBOLS): spam is tagged (X-Spam-Flag, X-Spam-Status with the score and the rules),
+    held or refused (550 5.7.1); messages over `size_limit` are not scanned (spamc's 500 KB)."""
 
     size_limit: int = Field(512_000, ge=1)
     action: Literal["tag", "hold", "reject"] = "tag"

@@ -2,6 +2,6 @@
 
     records   `mailflow dns-records DOMAIN`: MX, A, SPF, DKIM per selector, DMARC, MTA-STS (record and policy
               file), TLS-RPT and PTR, derived from the configuration
-    spf       an SPF (RFC 7208) evaluation over mailflow's Resolver, for the check
     check     `mailflow check-deliverability [DOMAIN]`: one pass/warn/fail finding per point, with what to change
+              (SPF evaluated by mailflow.filters.spf_query, the same evaluation smtpd's verdicts use)
 """

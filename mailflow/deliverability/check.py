@@ -6,7 +6,7 @@
       helo      smtp.helo_name (else myhostname) resolves to each outbound address
       ptr       each outbound address has a PTR naming a host that resolves back to it (forward-confirmed), and
                 that name is the HELO name (another name: warn)
-      spf       the domain's one SPF record passes each outbound address (mailflow.deliverability.spf)
+      spf       the domain's one SPF record passes each outbound address (mailflow.filters.spf_query)
       dkim      each key of the domain in dkim.key_table is published, with the same public key (none: warn)
       dmarc     a DMARC record with a policy, and an aligned way to pass it: a DKIM key of the domain (or, with
                 relaxed alignment, a parent or child), or SPF passing for senders of the domain
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from mailflow.config import Config
 from mailflow.deliverability.records import domain_keys, public_addresses
-from mailflow.deliverability.spf import check_host
+from mailflow.filters.spf_query import check_host
 from mailflow.dns import NotFound, Resolver
 from mailflow.errors import DeliveryError, LookupRetry
 from mailflow.transports.smtp.mtasts import FetchError, mx_allowed, parse_policy, parse_record
@@ -104,12 +104,12 @@ async def _ptr(ask: _Lookup, helo: str, addresses: list[str]) -> list[Finding]:
     return out
 
 
-async def _spf(resolver: Resolver, domain: str, addresses: list[str]) -> tuple[list[Finding], bool]:
+async def _spf(ask: _Lookup, domain: str, addresses: list[str], timeout: float) -> tuple[list[Finding], bool]:
     out, passes = [], bool(addresses)
     for address in addresses:
-        result = await check_host(resolver, address, domain)
+        result = await check_host(ask.resolver, address, domain, timeout=timeout)
         if result.result == "pass":
-            out.append(Finding("spf", "pass", f"SPF of {domain} passes {address}: {result.record}"))
+            out.append(Finding("spf", "pass", f"SPF of {domain} passes {address}{await _spf_record(ask, domain)}"))
             continue
         passes = False
         mechanism = f"ip{6 if ':' in address else 4}:{address}"
@@ -123,6 +123,15 @@ async def _spf(resolver: Resolver, domain: str, addresses: list[str]) -> tuple[l
     if not addresses:
         out.append(Finding("spf", "warn", "no outbound address known", "set deliverability.outbound_addresses"))
     return out, passes
+
+
+async def _spf_record(ask: _Lookup, domain: str) -> str:
+    """`: v=spf1 …`, the record that passed, for the report ("" when it cannot be read again)."""
+    try:
+        records = [r for r in await ask("txt", domain) if r.lower().startswith("v=spf1")]
+    except (LookupRetry, DeliveryError):
+        return ""
+    return f": {records[0]}" if records else ""
 
 
 async def _dkim(ask: _Lookup, config: Config, domain: str) -> list[Finding]:
@@ -217,7 +226,7 @@ async def check(config: Config, domain: str, resolver: Resolver, fetcher) -> lis
     findings.append(await point("helo", _helo(ask, helo, addresses)))
     ptr = await point("ptr", _ptr(ask, helo, addresses))
     findings += ptr if isinstance(ptr, list) else [ptr]
-    spf_findings, spf_passes = await _spf(resolver, domain, addresses)
+    spf_findings, spf_passes = await _spf(ask, domain, addresses, config.sender_auth.timeout)
     findings += spf_findings
     dkim = await point("dkim", _dkim(ask, config, domain))
     dkim = dkim if isinstance(dkim, list) else [dkim]

@@ -4,14 +4,15 @@ nothing of it is built (the hot path pays nothing).
 
     content_checks   header_checks, mime_header_checks, nested_header_checks, body_checks (cleanup's)
     edits            header section edits (insert, change, delete) on a Content, nothing else copied
-    milter/          the Milter client: protocol (sans-IO codec), client (asyncio edge, timeouts, default action),
-                     session (one per SMTP session, every milter of the listener)
-    scanners         spamd (aiospamc) and clamd (INSTREAM): a verdict per message, with timeouts
+    milter/          the Milter client: protocol (sans-IO codec), client (asyncio edge, timeouts, default action,
+                     the session: one per SMTP session, every milter of the listener), message (the end of a
+                     message and its edits; non_smtpd_milters' emulated session for pickup)
+    scanners         spamd (SYMBOLS) and clamd (INSTREAM), our own clients: a verdict per message, with timeouts
     greylist         check_greylist's triplet store (SQLite, its own file and thread)
     senderauth       SPF (pyspf), DKIM verification (dkimpy, the body hashed as a stream), DMARC (authheaders),
                      the Authentication-Results header
-    pipeline         what smtpd's handler awaits at the end of a message: milters, scanners, sender
-                     authentication, in that order, turned into one verdict
+(What smtpd's handler awaits at the end of a message, milters then scanners turned into one outcome, is
+mailflow.stages.smtpd.filtering.)
 
 Layering: above the configuration and the leaves; below the stages (which import it), never importing them.
 """

@@ -4,11 +4,11 @@
                                   Authentication-Results, then the new ARC set (ARC-Seal, ARC-Message-Signature,
                                   ARC-Authentication-Results), each CRLF-terminated
     await authentication_results(message, authserv_id, resolver) -> str    `authserv; dkim=…; arc=…`
-    await txt_lookup(message, resolver) -> dnsfunc      the DKIM/ARC key records the message names, fetched through
+    await txt_lookup(message, resolver) -> dnsfunc      the ARC key records the message names, fetched through
                                   the Resolver beforehand (at most MAX_KEYS), as the sync lookup dkimpy calls
 
-What the seal attests: DKIM (each DKIM-Signature verified; dkim=none without one) and the ARC chain already on the
-message (arc=none/pass/fail: the seal's cv=). SPF is not evaluated by this host, so it is not claimed.
+What the seal attests: DKIM (each DKIM-Signature verified by mailflow.signing.dkim.verify, the verifier smtpd's
+verdicts use; dkim=none without one) and the ARC chain already on the message (arc=none/pass/fail: the seal's cv=). SPF is not evaluated by this host, so it is not claimed.
 Only messages held in memory are sealed (mailflow.content's MEMORY_LIMIT, 256 KB): dkimpy hashes a body it
 holds whole, and sealing must not make a big forwarded message a big allocation. The caller forwards a larger
 one unsealed and logs it. dkimpy's arc_sign signs with RSA only.
@@ -24,13 +24,17 @@ import re
 
 import dkim
 
+from mailflow.content import Content
 from mailflow.dns import NotFound, Resolver
-from mailflow.message import header_values, split_header
+from mailflow.message import header_values, read_header, split_header
+from mailflow.signing.dkim import DkimResult, verify
 from mailflow.signing.keytables import SigningKey
 
-MAX_KEYS = 8  # key records fetched for one message: a message cannot make this host do more lookups than this
+MAX_KEYS = 8  # ARC key records fetched for one message: a message cannot make this host do more lookups than this
+KEY_TIMEOUT = 10.0  # seconds for the DKIM key lookups of one message (as [sender_auth] timeout's default)
+HEADER_LIMIT = 256 * 1024  # (only messages held in memory are sealed)
 _TAG = re.compile(r"\b([sd])\s*=\s*([^;\s]+)")
-_KEYED_FIELDS = ("dkim-signature", "arc-seal", "arc-message-signature")
+_KEYED_FIELDS = ("arc-seal", "arc-message-signature")
 
 
 def _key_names(head: bytes) -> list[str]:
@@ -67,24 +71,10 @@ async def txt_lookup(message: bytes, resolver: Resolver):
     return lookup
 
 
-def _dkim_results(message: bytes, dnsfunc) -> list[str]:
-    head, _ = split_header(message)
-    count = len(header_values(head, "dkim-signature"))
-    results = []
-    for index in range(count):
-        verifier = dkim.DKIM(message)
-        try:
-            ok = verifier.verify(idx=index, dnsfunc=dnsfunc)
-            result = "pass" if ok else "fail"
-        except dkim.DnsTimeoutError:
-            result = "temperror"
-        except dkim.DKIMException:
-            result = "permerror"
-        fields = verifier.signature_fields or {}
-        d = fields.get(b"d", b"").decode("ascii", "replace")
-        s = fields.get(b"s", b"").decode("ascii", "replace")
-        results.append(f"dkim={result}" + (f" header.d={d}" if d else "") + (f" header.s={s}" if s else ""))
-    return results or ["dkim=none"]
+def _dkim_words(results: tuple[DkimResult, ...]) -> list[str]:
+    words = [f"dkim={r.result}" + (f" header.d={r.domain}" if r.domain else "") +
+             (f" header.s={r.selector}" if r.selector else "") for r in results]
+    return words or ["dkim=none"]
 
 
 def _arc_result(message: bytes, dnsfunc) -> str:
@@ -93,12 +83,12 @@ def _arc_result(message: bytes, dnsfunc) -> str:
 
 
 async def authentication_results(message: bytes, authserv_id: str, resolver: Resolver) -> str:
+    content = Content.of(message)
+    head, _ = read_header(content, HEADER_LIMIT)
+    dkim_results = await verify(head, content.after(len(head)), resolver, KEY_TIMEOUT)
     dnsfunc = await txt_lookup(message, resolver)
-
-    def evaluate() -> str:
-        return "; ".join([authserv_id, *_dkim_results(message, dnsfunc), _arc_result(message, dnsfunc)])
-
-    return await asyncio.to_thread(evaluate)
+    arc_result = await asyncio.to_thread(_arc_result, message, dnsfunc)
+    return "; ".join([authserv_id, *_dkim_words(dkim_results), arc_result])
 
 
 async def seal(message: bytes, key: SigningKey, authserv_id: str, resolver: Resolver, now: float) -> bytes:

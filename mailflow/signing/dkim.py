@@ -1,17 +1,24 @@
-"""DKIM signatures (RFC 6376, RFC 8463) over a queued message, without holding its body.
+"""DKIM signatures (RFC 6376, RFC 8463) over a queued message, without holding its body; and the one streamed body
+canonicalization, which inbound verification (mailflow.filters.senderauth) uses too.
 
-    RelaxedBody(hasher)             the relaxed body canonicalization (RFC 6376 3.4.4) fed chunk by chunk:
-                                    feed(bytes), digest() -> the body hash; holds at most a line's trailing white
-                                    space and the count of empty lines seen last (never a line or the body)
+    BodyHash(hasher, relaxed=True, length=None)   the body canonicalization (RFC 6376 3.4.3 simple, 3.4.4 relaxed)
+                                    fed chunk by chunk, hashing at most `length` bytes (l=): feed(bytes), digest()
+                                    -> the body hash; holds at most a line's trailing white space and the count of
+                                    empty lines seen last (never a line or the body)
+    await feed_body(body, hashers)  what follows a header section (its empty line first) to each BodyHash
     await body_hash(content, algorithm) -> bytes     the relaxed body hash of a Content, read as a stream
     header_fields_to_sign(head) -> [name]            dkimpy's RFC 6376 list of the fields present, From once more
     sign_header_set(head, key, body_hash, now) -> bytes   the `DKIM-Signature:` field (CRLF-terminated)
     await sign(head, body, key, now) -> bytes        both: the body hash streamed, the header set signed in a
                                                      worker thread (RSA is CPU work)
     sign_now(head, body, key, now) -> bytes          the same at once, for a small body held in memory (a notice)
+    await verify(head, body, resolver, timeout) -> (DkimResult, ...)   each DKIM-Signature of a message (at most
+                                    MAX_SIGNATURES), the body hashed as it streams, once per (canonicalization,
+                                    algorithm, l=), the keys through the Resolver: smtpd's verdicts and the ARC seal
+    DkimResult(result, domain, selector, reason)     result: pass, fail, temperror, permerror
 
 How memory stays bounded: dkimpy canonicalizes and hashes a body it holds whole. Here the body is streamed
-through `RelaxedBody` (64 KB chunks from the queue file for a big message), which computes the same hash (the
+through `BodyHash` (64 KB chunks from the queue file for a big message), which computes the same hash (the
 unit tests compare it with dkimpy's on many bodies), and dkimpy is given only the header section: it picks,
 canonicalizes and hashes the header fields and folds the DKIM-Signature field, as its own sign() does; the signature
 itself is made by `cryptography` (OpenSSL: about 1 ms for RSA-2048, where dkimpy's pure-Python RSA takes 30). The signature: relaxed/relaxed, a= rsa-sha256 or
@@ -19,10 +26,16 @@ ed25519-sha256 by the key, d= and s= from the KeyTable, t= from the injected clo
 RFC 6376 list that are present (From, Sender, Reply-To, Subject, Date, Message-ID, To, Cc, MIME-Version,
 Content-*, In-Reply-To, References, List-*), From signed once more than present (oversigned: a second From added
 later breaks the signature).
-Like dkimpy, a bare LF in the body counts as a line end.
+Like dkimpy, a bare LF in the body counts as a line end; an empty body is one CRLF in simple canonicalization, nothing
+in relaxed; a last line without its end is given one (relaxed: its white space made one space, not removed).
 
-Failure behaviour: `dkim.DKIMException` (a header section dkimpy cannot parse, a key it refuses) propagates; the
-caller (cleanup) queues the message unsigned and logs why. OSError from reading a spooled body propagates.
+Verifying is the same split: dkimpy checks the signature over the header section, and its bh= is compared with the
+hash BodyHash computed while the body streamed.
+
+Failure behaviour: signing: `dkim.DKIMException` (a header section dkimpy cannot parse, a key it refuses) propagates;
+the caller (cleanup) queues the message unsigned and logs why. Verifying raises nothing for a message or an answer:
+a key that cannot be fetched within `timeout` is temperror, a broken signature permerror or fail. OSError from
+reading a spooled body propagates.
 """
 from __future__ import annotations
 
@@ -30,30 +43,42 @@ import asyncio
 import base64
 import functools
 import hashlib
+import logging
 import re
+from dataclasses import dataclass
 
 import dkim
+import dkim.asyncsupport
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, utils
 from dkim.canonicalization import CanonicalizationPolicy
+from dkim.util import InvalidTagValueList, parse_tag_value
 
 from mailflow.content import Content
+from mailflow.dns import NotFound, Resolver
+from mailflow.errors import LookupRetry
+from mailflow.message import header_fields
 from mailflow.signing.keytables import SigningKey
+
+log = logging.getLogger("mailflow.dkim")
 
 _WSP = re.compile(rb"[\t ]+")
 LONG_LINE = 64 * 1024  # past this, a line without its end yet is hashed up to its trailing white space
 RELAXED = b"relaxed/relaxed"
 
 
-class RelaxedBody:
+class BodyHash:
     """See the module docstring. Each chunk is canonicalized whole by regular expressions (as dkimpy does a whole
     body), up to its last line end; what follows it waits for the next chunk."""
 
-    def __init__(self, hasher=None):
-        self._hash = hasher or hashlib.sha256()
+    def __init__(self, hasher=None, *, relaxed: bool = True, length: int | None = None):
+        hasher = hasher or hashlib.sha256()
+        self._hash = hasher if length is None else _Limited(hasher, length)
+        self._relaxed = relaxed
         self._partial = b""  # the current line so far (raw), or its trailing white space once it started
         self._started = False  # part of the current line is hashed already (so the line is not empty)
         self._empty = 0  # empty lines held back: trailing ones are dropped
+        self._hashed = False  # anything hashed (simple: an empty body is one CRLF)
 
     def feed(self, data: bytes) -> None:
         if not data:
@@ -62,22 +87,28 @@ class RelaxedBody:
         cut = data.rfind(b"\n") + 1
         self._partial = data[cut:]
         if cut:
-            self._lines(_canonical(data[:cut]))
+            self._lines(_canonical(data[:cut], self._relaxed))
         if len(self._partial) > LONG_LINE:
             self._spill()
 
     def digest(self) -> bytes:
         if self._partial or self._started:  # a last line without its end: given one, its white space kept (dkimpy)
             self._flush_empty()
-            self._hash.update(_WSP.sub(b" ", self._partial) + b"\r\n")
+            self._update((_WSP.sub(b" ", self._partial) if self._relaxed else self._partial) + b"\r\n")
             self._partial, self._started = b"", False
+        elif not self._hashed and not self._relaxed:
+            self._update(b"\r\n")
         return self._hash.digest()
+
+    def _update(self, data: bytes) -> None:
+        self._hashed = True
+        self._hash.update(data)
 
     def _lines(self, text: bytes) -> None:
         """Canonical complete lines: hashed, except a run of empty lines at the end (held: it may be the body's)."""
         if self._started:  # the rest of a line that was spilled: not an empty line, whatever is left of it
             end = text.index(b"\r\n") + 2
-            self._hash.update(text[:end])
+            self._update(text[:end])
             self._started = False
             text = text[end:]
         content_end = len(text) - 2  # before the last line end; then before each empty line at the end
@@ -87,27 +118,43 @@ class RelaxedBody:
             self._empty += len(text) // 2
             return
         self._flush_empty()
-        self._hash.update(text[:content_end + 2])  # up to the last non-empty line, with its line end
+        self._update(text[:content_end + 2])  # up to the last non-empty line, with its line end
         self._empty = (len(text) - content_end) // 2 - 1
 
     def _spill(self) -> None:
-        """A long line still without its end: hash it up to its trailing white space (which may yet end it)."""
-        text = _WSP.sub(b" ", self._partial)
+        """A long line still without its end: hash it up to what may yet end it (a CR; relaxed: trailing white
+        space, which its line end would remove)."""
+        text = _WSP.sub(b" ", self._partial) if self._relaxed else self._partial
         keep_cr = text.endswith(b"\r")
         body = text[:-1] if keep_cr else text
-        certain = body.rstrip(b" ")
+        certain = body.rstrip(b" ") if self._relaxed else body
         if not certain:
             self._partial = text
             return
         self._flush_empty()
-        self._hash.update(certain)
+        self._update(certain)
         self._started = True
         self._partial = body[len(certain):] + (b"\r" if keep_cr else b"")
 
     def _flush_empty(self) -> None:
         if self._empty:
-            self._hash.update(b"\r\n" * self._empty)
+            self._update(b"\r\n" * self._empty)
             self._empty = 0
+
+
+class _Limited:
+    """A hash object that takes only the first `length` bytes given (a signature's l=)."""
+
+    def __init__(self, hasher, length: int):
+        self._hasher, self._left = hasher, length
+
+    def update(self, data: bytes) -> None:
+        if self._left > 0:
+            self._hasher.update(data[:self._left])
+            self._left -= min(len(data), self._left)
+
+    def digest(self) -> bytes:
+        return self._hasher.digest()
 
 
 _LINE_END = re.compile(rb"\r?\n")
@@ -115,12 +162,14 @@ _TRAILING_WSP = re.compile(rb"[\t ]+\r\n")
 _WSP_TO_CHANGE = re.compile(rb"[\t ]{2,}|\t")  # runs that are not already one space
 
 
-def _canonical(lines: bytes) -> bytes:
-    """Complete lines, relaxed: every line end CRLF (a bare LF too, as dkimpy reads a message), white space at line
+def _canonical(lines: bytes, relaxed: bool) -> bytes:
+    """Complete lines: every line end CRLF (a bare LF too, as dkimpy reads a message); relaxed, white space at line
     ends removed, other runs of white space made one space (dkimpy's order). Each step runs only when a substring
     search says it has something to change: most text has no tab, no double space and no trailing space."""
     if lines.count(b"\n") != lines.count(b"\r\n"):
         lines = _LINE_END.sub(b"\r\n", lines)
+    if not relaxed:
+        return lines
     if b" \r\n" in lines or b"\t\r\n" in lines:
         lines = _TRAILING_WSP.sub(b"\r\n", lines)
     if b"  " in lines or b"\t" in lines:
@@ -129,15 +178,24 @@ def _canonical(lines: bytes) -> bytes:
 
 
 async def body_hash(content: Content, algorithm: str) -> bytes:
-    canonical = RelaxedBody(dkim.HASH_ALGORITHMS[algorithm.encode("ascii")]())
+    canonical = BodyHash(dkim.HASH_ALGORITHMS[algorithm.encode("ascii")]())
     async for chunk in content.stream():
         canonical.feed(chunk)
     return canonical.digest()
 
 
+async def feed_body(body: Content, hashers: list[BodyHash]) -> None:
+    """See the module docstring."""
+    if not hashers:
+        return
+    async for chunk in body.after(_blank_line(body)).stream():
+        for hasher in hashers:
+            hasher.feed(chunk)
+
+
 class _HeaderSigner(dkim.DKIM):
     """dkimpy's DKIM given the header section only: dkimpy chooses, canonicalizes and hashes the header fields and
-    folds the field; the body hash comes from RelaxedBody, the signature from `cryptography` (OpenSSL): dkimpy's own
+    folds the field; the body hash comes from BodyHash, the signature from `cryptography` (OpenSSL): dkimpy's own
     pure-Python RSA takes some 30 ms a signature, OpenSSL about one."""
 
     def sign_with_body_hash(self, key: SigningKey, bh: bytes, now: int) -> bytes:
@@ -202,7 +260,7 @@ async def sign(head: bytes, body: Content, key: SigningKey, now: float) -> bytes
 
 
 def sign_now(head: bytes, body: Content, key: SigningKey, now: float) -> bytes:
-    canonical = RelaxedBody(dkim.HASH_ALGORITHMS[key.algorithm.encode("ascii")]())
+    canonical = BodyHash(dkim.HASH_ALGORITHMS[key.algorithm.encode("ascii")]())
     for chunk in body.after(_blank_line(body)).chunks():
         canonical.feed(chunk)
     return sign_header_set(head, key, canonical.digest(), int(now))
@@ -212,3 +270,101 @@ def _blank_line(body: Content) -> int:
     """The length of the empty line that separates the header section from the body (0 when there is none)."""
     start = body.read_prefix(2)
     return 2 if start == b"\r\n" else 1 if start[:1] == b"\n" else 0
+
+
+# ---------------------------------------------------------------------------------------------- verifying
+
+MAX_SIGNATURES = 5  # DKIM-Signature fields verified per message (a message cannot ask for more work than this)
+_HASHES = {b"rsa-sha256": hashlib.sha256, b"rsa-sha1": hashlib.sha1, b"ed25519-sha256": hashlib.sha256}
+
+
+@dataclass(frozen=True)
+class DkimResult:
+    result: str  # pass, fail, neutral, temperror, permerror
+    domain: str = ""
+    selector: str = ""
+    reason: str = ""
+
+
+async def verify(head: bytes, body: Content, resolver: Resolver, timeout: float) -> tuple[DkimResult, ...]:
+    """See the module docstring. `body` is everything after the header section (the empty line first)."""
+    signatures: list[dict[bytes, bytes] | None] = []  # parsed tags (None: unparsable)
+    for name, lines in header_fields(head):
+        if name == "dkim-signature" and len(signatures) < MAX_SIGNATURES:
+            value = b"".join(lines).partition(b":")[2]
+            try:
+                signatures.append(parse_tag_value(value))
+            except InvalidTagValueList:
+                signatures.append(None)
+    if not signatures:
+        return ()
+    hashers = {key: _body_hasher(*key) for sig in signatures if sig and (key := _body_key(sig)) is not None}
+    await feed_body(body, list(hashers.values()))
+    digests = {key: h.digest() for key, h in hashers.items()}
+    message = (head if head.endswith(b"\n") else head + b"\r\n") + b"\r\n"
+    return tuple([await _verify_one(message, index, sig, digests, resolver, timeout)
+                  for index, sig in enumerate(signatures)])
+
+
+async def _verify_one(message: bytes, index: int, sig: dict[bytes, bytes] | None,
+                      digests: dict[tuple[bytes, bytes, int | None], bytes], resolver: Resolver,
+                      timeout: float) -> DkimResult:
+    if sig is None:
+        return DkimResult("permerror", reason="malformed signature")
+    domain = sig.get(b"d", b"").decode("ascii", "replace")
+    selector = sig.get(b"s", b"").decode("ascii", "replace")
+    key = _body_key(sig)
+    verifier = _StreamedBodyDKIM(message, logger=log, timeout=timeout)
+    verifier.body_hash = digests.get(key) if key is not None else None
+
+    async def key_record(name: bytes, timeout: float = timeout) -> bytes | None:
+        try:
+            records = await resolver.txt(name.decode("ascii", "replace").rstrip("."))
+        except NotFound:
+            return None
+        return records[0].encode() if records else None
+
+    try:
+        ok = await asyncio.wait_for(verifier.verify(idx=index, dnsfunc=key_record), timeout)
+    except (LookupRetry, TimeoutError):
+        return DkimResult("temperror", domain, selector, "key lookup failed")
+    except dkim.ValidationError as e:
+        return DkimResult("fail", domain, selector, str(e)[:80])
+    except dkim.DKIMException as e:
+        return DkimResult("permerror", domain, selector, str(e)[:80])
+    return DkimResult("pass" if ok else "fail", domain, selector, "" if ok else "signature verification failed")
+
+
+class _StreamedBodyDKIM(dkim.asyncsupport.DKIM):
+    """dkimpy's verifier, given the header section only: the body hash (bh=) is checked against the one computed
+    while the body streamed, then dkimpy checks the signature over the headers."""
+
+    body_hash: bytes | None = None
+
+    def verify_sig_process(self, sig, include_headers, sig_header, dnsfunc):
+        try:
+            expected = base64.b64decode(re.sub(rb"\s+", b"", sig[b"bh"]))
+        except (ValueError, TypeError) as e:
+            raise dkim.MessageFormatError(str(e)) from None
+        if self.body_hash is None or self.body_hash != expected:
+            raise dkim.ValidationError("body hash mismatch")
+        return super().verify_sig_process({k: v for k, v in sig.items() if k != b"bh"}, include_headers,
+                                          sig_header, dnsfunc)
+
+
+def _body_hasher(canonicalization: bytes, algorithm: bytes, length: int | None) -> BodyHash:
+    return BodyHash(_HASHES[algorithm](), relaxed=canonicalization == b"relaxed", length=length)
+
+
+def _body_key(sig: dict[bytes, bytes]) -> tuple[bytes, bytes, int | None] | None:
+    """(body canonicalization, algorithm, l=) of a signature; None when one of them is unusable."""
+    canon = sig.get(b"c", b"simple/simple").split(b"/")
+    body = canon[1] if len(canon) > 1 else b"simple"
+    algorithm = sig.get(b"a", b"")
+    try:
+        length = int(sig[b"l"]) if b"l" in sig else None
+    except ValueError:
+        return None
+    if body not in (b"simple", b"relaxed") or algorithm not in _HASHES:
+        return None
+    return body, algorithm, length

@@ -21,6 +21,7 @@ TXT_STRING = 255  # the longest character-string a TXT record holds
 
 
 def generate(algorithm: str = "rsa", bits: int = 2048) -> bytes:
+    key: ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
     if algorithm == "ed25519":
         key = ed25519.Ed25519PrivateKey.generate()
     elif algorithm == "rsa":

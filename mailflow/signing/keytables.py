@@ -28,6 +28,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from mailflow.config import DkimConfig, opendkim_dataset
 from mailflow.errors import ConfigError
@@ -57,6 +58,7 @@ class SigningKey:
 def load_private_key(data: bytes) -> tuple[str, bytes, bytes]:
     """(algorithm, the key as dkimpy takes it, the public key as published). Raises ValueError."""
     text = data.strip()
+    key: PrivateKeyTypes
     if not text.startswith(b"-----"):
         seed = base64.b64decode(text, validate=True)
         if len(seed) != 32:

@@ -86,15 +86,14 @@ class OutboundSigning:
         forwarded = self.forwarded(sub, msg.recipients)
         if forwarded:
             msg = self._rewrite_sender(msg)
-        head = msg.content.parts[0]  # the header section as cleanup wrote it (bytes)
-        rest = Content(msg.content.parts[1:])
+        head, rest = _split(msg)
         key = self._signing_key(msg, sub, head, forwarded)
-        seal = forwarded and self._arc_key is not None
-        if (key is not None or seal) and not msg.smtputf8 and not head.isascii():
+        arc_key = self._arc_key if forwarded else None
+        if (key is not None or arc_key is not None) and not msg.smtputf8 and not head.isascii():
             # what a peer without SMTPUTF8 gets (mailflow.transports.header_downgrade): sign that, not the 8-bit form
             head = encode_8bit_fields(head)
             msg = dataclasses.replace(msg, content=Content((head, *rest.parts)))
-        sealed = await self._seal(msg, head) if seal else b""
+        sealed = await self._seal(msg, arc_key) if arc_key is not None else b""
         signature = await self._sign(msg, sealed + head, rest, key) if key is not None else b""
         if not (signature or sealed):
             return msg  # (with its 8-bit fields encoded, if a signature was to be made)
@@ -103,11 +102,10 @@ class OutboundSigning:
     def sign_notice(self, msg: NewMessage) -> NewMessage:
         """Notices are committed by qmgr with the results they report (no await in between): their content is
         small and in memory, so the signature is made here, synchronously."""
-        head = msg.content.parts[0]
+        head, rest = _split(msg)
         key = self._keys.for_address(from_address(head)) if self._keys is not None else None
         if key is None or not msg.content.in_memory:
             return msg
-        rest = Content(msg.content.parts[1:])
         try:
             signature = dkim.sign_now(head, rest, key, self._clock.time())
         except dkimpy.DKIMException as e:
@@ -143,8 +141,7 @@ class OutboundSigning:
         self._log.signed(msg.queue_id, "DKIM-Signature", key.domain, key.selector)
         return signature
 
-    async def _seal(self, msg: NewMessage, head: bytes) -> bytes:
-        key = self._arc_key
+    async def _seal(self, msg: NewMessage, key: SigningKey) -> bytes:
         if not msg.content.in_memory:
             self._log.not_signed(msg.queue_id, "ARC set", "larger than the in-memory limit (256 KB)")
             return b""
@@ -155,3 +152,11 @@ class OutboundSigning:
             return b""
         self._log.signed(msg.queue_id, "ARC-Seal", key.domain, key.selector)
         return sealed
+
+
+def _split(msg: NewMessage) -> tuple[bytes, Content]:
+    """The header section as cleanup wrote it (the content's first part, in memory) and the rest."""
+    head, *rest = msg.content.parts
+    if not isinstance(head, bytes):
+        raise TypeError(f"{msg.queue_id}: the header section is not the content's first part")
+    return head, Content(rest)

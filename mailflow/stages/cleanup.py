@@ -45,7 +45,7 @@ from mailflow.clock import Clock
 from mailflow.config import DEFAULTS
 from mailflow.content import Content, Spool
 from mailflow.errors import MessageTooBig, PermanentError, TemporaryError
-from mailflow.filters.content_checks import ContentChecks
+from mailflow.filters.content_checks import ContentChecks, Inspection
 from mailflow.logs import MailLog
 from mailflow.message import header_names, header_value, read_header, rfc5322_date
 from mailflow.model import Envelope, QueueId, Recipient, Submission
@@ -100,15 +100,14 @@ class Cleanup:
         queue_id = self._ids.next()
         content_filter = self._content_filter if sub.content_filter is None else sub.content_filter
         if self._checks is not None and "no_header_body_checks" not in sub.overrides:
-            found = await self._inspect(queue_id, sub)
+            found = await self._inspect(self._checks, queue_id, sub)
             if found.discard is not None:
                 return queue_id
             hold = hold or found.hold is not None
             content_filter = found.content_filter or content_filter
             sub = dataclasses.replace(sub, content=Content((found.head, *found.body.parts)),
                                       envelope=_redirected(sub.envelope, found.redirect))
-        rewrite = self._mapper is not None and "no_address_mappings" not in sub.overrides
-        if rewrite:
+        if self._mapper is not None and "no_address_mappings" not in sub.overrides:
             msg = await self._mapper.tables.run(self._prepare, sub, queue_id, True)
         else:
             msg = self._prepare(sub, queue_id, False)
@@ -121,7 +120,7 @@ class Cleanup:
         self._on_queued()
         return msg.queue_id
 
-    async def _inspect(self, queue_id: QueueId, sub: Submission):
+    async def _inspect(self, checks: ContentChecks, queue_id: QueueId, sub: Submission) -> Inspection:
         """The content checks on the header section and body as received (a header section over the limit is
         left to `prepare`, which refuses it)."""
         head, complete = read_header(sub.content, self._header_size_limit)
@@ -130,7 +129,7 @@ class Cleanup:
         env, c = sub.envelope, sub.client
         describe = (f"from {c.hostname}[{c.addr}]; from=<{env.sender}> to=<{env.recipients[0] if env.recipients else ''}>"
                     f" proto={c.protocol} helo=<{c.helo}>")
-        return await self._checks.inspect(queue_id, head, sub.content.after(len(head)), describe)
+        return await checks.inspect(queue_id, head, sub.content.after(len(head)), describe)
 
     def prepare(self, sub: Submission, *, rewrite: bool = True) -> NewMessage:
         """Everything but the commit: the queue id, the checks, the envelope rewriting and the headers.

@@ -13,8 +13,12 @@ Postfix's public/pickup FIFO). It scans the maildrop when it starts, on every wa
 - the content is copied, streamed, into a spool of the queue (cleanup.new_spool: in memory when small, else a
   file), so that the submitter can no longer change what is queued; a file whose content is not the size its
   envelope says by then is corrupt;
-- it builds a Submission (protocol "local", the submitting user as `LocalUser`) and awaits `cleanup.submit`;
-  only once cleanup has committed is the file removed. A crash between the commit and the unlink delivers the
+- it builds a Submission (protocol "local", the submitting user as `LocalUser`); with non_smtpd_milters
+  (`milters`, mailflow.filters.milter.NonSmtpdMilters) the milters see it first, as mail from localhost: a
+  rejection returns it to its sender (below), a tempfail (or a milter that is down, with milter_default_action
+  tempfail) leaves the file for the next scan, a discard removes it (logged), a quarantine queues it on hold,
+  and their edits are what is queued; then it awaits `cleanup.submit`; only once cleanup has committed is the
+  file removed. A crash between the commit and the unlink delivers the
   message twice after the restart: at-least-once, as in Postfix (a message is never lost);
 - a message cleanup refuses for good (a mail loop 5.4.6, a header section too large 5.3.4) is returned to its
   sender as a failure notice (null sender; dropped with a log line when the sender is null itself), as Postfix's
@@ -37,8 +41,9 @@ from pathlib import Path
 from mailflow.clock import Clock
 from mailflow.config import DEFAULTS
 from mailflow.content import Content, Truncated
-from mailflow.errors import DeliveryError, MessageTooBig, PermanentError
+from mailflow.errors import DeliveryError, MessageTooBig, PermanentError, TemporaryError
 from mailflow.faults import Guard
+from mailflow.filters.milter import NonSmtpdMilters
 from mailflow.maildrop import CorruptMaildrop, MaildropMessage, maildrop_content, maildrop_names, read_maildrop
 from mailflow.message import quoted_original
 from mailflow.model import ClientInfo, Envelope, LocalUser, Recipient, Submission
@@ -63,7 +68,9 @@ class _WakeProtocol(asyncio.DatagramProtocol):
 class Pickup:
     def __init__(self, queue_directory: Path, cleanup, *, myhostname: str, clock: Clock,
                  interval: float = DEFAULTS.sendmail.pickup_interval,
-                 bounce_size_limit: int = DEFAULTS.queue.bounce_size_limit, size_limit: int = 0):
+                 bounce_size_limit: int = DEFAULTS.queue.bounce_size_limit, size_limit: int = 0,
+                 milters: NonSmtpdMilters | None = None):
+        """`milters`: non_smtpd_milters (None: none)."""
         self.maildrop = Path(queue_directory) / "maildrop"
         self.corrupt = Path(queue_directory) / "corrupt"
         self.socket_path = Path(queue_directory) / "public" / "pickup"
@@ -73,6 +80,7 @@ class Pickup:
         self._interval = interval
         self._bounce_size_limit = bounce_size_limit
         self._size_limit = size_limit
+        self._milters = milters
         self._wanted = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._transport: asyncio.DatagramTransport | None = None
@@ -165,7 +173,11 @@ class Pickup:
             except (CorruptMaildrop, OSError) as e:
                 return self._unreadable(name, e)
             try:
-                queue_id = await self._cleanup.submit(self._submission(message, content))
+                submission, hold = await self._filtered(name, self._submission(message, content))
+                if submission is None:
+                    path.unlink(missing_ok=True)
+                    return False
+                queue_id = await self._cleanup.submit(submission, hold=hold)
             except PermanentError as e:
                 if await self._refused(name, message, content, e):
                     path.unlink(missing_ok=True)
@@ -181,6 +193,24 @@ class Pickup:
         path.unlink(missing_ok=True)
         logger.info("%s: uid=%d from=<%s> (maildrop/%s)", queue_id, message.uid, message.sender, name)
         return True
+
+    async def _filtered(self, name: str, sub: Submission) -> tuple[Submission | None, bool]:
+        """The submission as non_smtpd_milters leave it, and whether to hold it; None when one discarded it.
+        Raises PermanentError when one rejected it, TemporaryError when it is to be tried again later."""
+        if self._milters is None:
+            return sub, False
+        filtered = await self._milters.filter(sub)
+        if filtered.action in ("reject", "tempfail"):
+            assert filtered.reply is not None  # (a refusal always carries its reply)
+            refusal = PermanentError if filtered.action == "reject" else TemporaryError
+            raise refusal(filtered.reply.status, filtered.reply.text, filtered.reason)
+        if filtered.action == "discard":
+            logger.info("pickup: maildrop/%s: from=<%s>: milter-discard (%s)", name, sub.envelope.sender,
+                        filtered.reason)
+            return None, False
+        if filtered.hold is not None:
+            logger.info("pickup: maildrop/%s: from=<%s>: milter-hold (%s)", name, sub.envelope.sender, filtered.hold)
+        return filtered.submission, filtered.hold is not None
 
     @staticmethod
     async def _copy_in(path: Path, message: MaildropMessage, spool) -> Content:

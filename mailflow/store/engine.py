@@ -41,7 +41,7 @@ import sqlite3
 import threading
 from importlib import resources
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence, cast
 
 import aiosqlite
 
@@ -149,12 +149,13 @@ class Reader:
             raise
         self._db = db
 
-    async def fetchall(self, sql: str, params: Sequence = ()) -> list[tuple]:
+    async def fetchall(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[tuple]:
         """The rows of one statement: one hop."""
         if self._db is None:
             raise sqlite3.ProgrammingError("the store's reader is not open")
         self.hops += 1
-        return list(await self._db.execute_fetchall(sql, params))
+        rows = await self._db.execute_fetchall(sql, params)
+        return cast(list[tuple], list(rows))  # (no row_factory: sqlite3 gives tuples, typed as Row by aiosqlite)
 
     async def close(self) -> None:
         if self._db is not None:

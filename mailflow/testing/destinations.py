@@ -247,7 +247,8 @@ class PeerSession(SMTP):
             await self.push("502 5.5.1 Command not implemented")
             return
         await self.push("220 2.0.0 Ready to start TLS")
-        self.transport.write(b"this is not a TLS server hello\r\n" * 4)
+        if isinstance(self.transport, asyncio.WriteTransport):
+            self.transport.write(b"this is not a TLS server hello\r\n" * 4)
         self.close()
 
     def answer(self, point: str) -> str | None:
@@ -340,6 +341,8 @@ class Destinations:
         for destination in self._by_domain.values():
             for session in list(destination.sessions):
                 session.close()
+            if destination.starting is None:
+                continue
             server = await destination.starting
             server.close()
             await server.wait_closed()

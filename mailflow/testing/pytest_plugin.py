@@ -21,8 +21,9 @@ import pytest
 
 try:
     import pytest_asyncio
+    HAVE_PYTEST_ASYNCIO = True
 except ImportError:  # no async tests without it: the sync fixtures still work
-    pytest_asyncio = None
+    HAVE_PYTEST_ASYNCIO = False
 
 
 def pytest_configure(config) -> None:
@@ -43,7 +44,7 @@ def _arguments(request) -> dict:
 def mailflow_sink(request):
     """See the module docstring."""
     if inspect.iscoroutinefunction(getattr(request, "function", None)):
-        if pytest_asyncio is None:
+        if not HAVE_PYTEST_ASYNCIO:
             pytest.fail("mailflow_sink in an async test needs pytest-asyncio")
         yield request.getfixturevalue("_mailflow_sink_on_test_loop")
         return
@@ -53,7 +54,7 @@ def mailflow_sink(request):
         yield sink
 
 
-if pytest_asyncio is not None:
+if HAVE_PYTEST_ASYNCIO:
     @pytest_asyncio.fixture
     async def _mailflow_sink_on_test_loop(request):
         from mailflow.testing.sink import Sink

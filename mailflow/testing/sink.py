@@ -53,14 +53,16 @@ from mailflow.capture.settings import CAPTURE_EVERYTHING, merged
 from mailflow.clock import Clock, SystemClock, VirtualClock
 from mailflow.config import Config, config_from_dict, load_config
 from mailflow.model import SessionTranscript
-from mailflow.stages.smtpd.auth import hash_password
+from mailflow.stages.qmgr import QueueManager
+from mailflow.store import Store
+from mailflow.passwords import hash_password
 from mailflow.testing.destinations import Destinations, FakeDestination
 from mailflow.testing.faults import InboundFaults, Rule, SinkObserver
 from mailflow.testing.threaded import ThreadedSink
 
 # What a Sink adds to the capture-everything settings: no delay after a failed AUTH (tests want the answer).
 SINK_DEFAULTS = merged(CAPTURE_EVERYTHING, {"smtpd": {"auth_failure_delay": 0}})
-FAST_HASH = {"n": 1024}  # scrypt cost of the Sink's users: a test's passwords need no protection
+FAST_HASH_N = 1024  # scrypt cost of the Sink's users: a test's passwords need no protection
 SETTLE_TIMEOUT = 30.0
 
 
@@ -106,14 +108,14 @@ class Sink:
             capture = Capture(self.config.sink, self.clock, session_observer=SinkObserver(
                 self.faults, limit=self.config.sink.history_limit, line_limit=self.config.sink.transcript_line_limit,
                 byte_limit=self.config.sink.transcript_byte_limit))
-            self.server = Mailflow(self.config, clock=self.clock, rng=self._rng, capture=capture,
-                                   resolver=self._destinations.resolver if self._destinations else None,
-                                   smtpd_policy=self.faults, shutdown_grace=self._grace)
-            await self.server.start()
+            server = self.server = Mailflow(self.config, clock=self.clock, rng=self._rng, capture=capture,
+                                            resolver=self._destinations.resolver if self._destinations else None,
+                                            smtpd_policy=self.faults, shutdown_grace=self._grace)
+            await server.start()
         except BaseException:
             await self.stop()
             raise
-        self.host, self.port = self.server.smtp_addresses[0][:2]
+        self.host, self.port = server.smtp_addresses[0][:2]
         return self
 
     async def stop(self) -> None:
@@ -139,6 +141,13 @@ class Sink:
 
     # -- configuration --------------------------------------------------------------------------------------
 
+    @property
+    def _folder(self) -> Path:
+        """The temporary directory (made by start())."""
+        if self.directory is None:
+            raise RuntimeError("the Sink is not running")
+        return self.directory
+
     def _settings_data(self) -> dict:
         given = self._given
         if given is None:
@@ -155,7 +164,7 @@ class Sink:
         smtpd = data.get("smtpd", {})
         listeners = [{**listener, "address": "127.0.0.1:0"} for listener in smtpd.get("listeners", [])]
         forced = {
-            "queue_directory": str(self.directory / "queue"),
+            "queue_directory": str(self._folder / "queue"),
             "smtpd": {"listen": ["127.0.0.1:0"] if smtpd.get("listen", True) or not listeners else [],
                       "listeners": listeners},
             "http": {"listen": ["127.0.0.1:0"]},
@@ -171,18 +180,18 @@ class Sink:
         import trustme  # mailflow[testing]: only a Sink with TLS needs it
 
         ca = trustme.CA()
-        pem = self.directory / "smtpd.pem"
+        pem = self._folder / "smtpd.pem"
         ca.issue_cert("localhost", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
         self.ca_pem = ca.cert_pem.bytes()
-        self.ca_file = str(self.directory / "ca.pem")
+        self.ca_file = str(self._folder / "ca.pem")
         ca.cert_pem.write_to_path(self.ca_file)
         return {"smtpd": {"tls_cert_file": str(pem), "tls_key_file": "", "tls_security_level": self._tls}}
 
     def _auth_settings(self) -> dict:
         if not self._users:
             return {}
-        table = self.directory / "users"
-        table.write_text("".join(f"{user} {hash_password(password, **FAST_HASH)}\n"
+        table = self._folder / "users"
+        table.write_text("".join(f"{user} {hash_password(password, n=FAST_HASH_N)}\n"
                                  for user, password in self._users.items()))
         return {"smtpd": {"sasl_auth_enable": True, "sasl_auth_required": True,
                           "sasl_user_maps": [f"texthash:{table}"],
@@ -205,10 +214,23 @@ class Sink:
     # -- captured messages ----------------------------------------------------------------------------------
 
     @property
-    def _capture(self) -> Capture:
-        if self.server is None or self.server.capture is None:
+    def _server(self) -> Mailflow:
+        if self.server is None:
             raise RuntimeError("the Sink is not running")
-        return self.server.capture
+        return self.server
+
+    @property
+    def _queue(self) -> tuple[Store, QueueManager]:
+        store, qmgr = self._server.store, self._server.qmgr
+        if store is None or qmgr is None:
+            raise RuntimeError("the Sink is not running")
+        return store, qmgr
+
+    @property
+    def _capture(self) -> Capture:
+        if self._server.capture is None:
+            raise RuntimeError("the Sink is not running")
+        return self._server.capture
 
     @property
     def messages(self) -> list[CapturedMessage]:
@@ -273,8 +295,8 @@ class Sink:
     async def settle(self, timeout: float = SETTLE_TIMEOUT) -> None:
         """Until nothing is due now: no message incoming or active, none deferred and due, no delivery or
         record under way. Raises TimeoutError after `timeout` seconds."""
-        server = self.server
-        store, qmgr, clock = server.store, server.qmgr, server.clock
+        store, qmgr = self._queue
+        clock = self._server.clock
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         quiet = 0
@@ -304,7 +326,7 @@ class Sink:
         target = self.clock.now + seconds + 60 * minutes + 3600 * hours + 86400 * days
         await self.settle()
         while self.clock.now < target:
-            due = await self.server.store.next_due_time()
+            due = await self._queue[0].next_due_time()
             step_to = min(due, target) if due is not None and due > self.clock.now else target
             self.clock.advance(step_to - self.clock.now)
             await self.settle()

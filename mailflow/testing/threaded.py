@@ -16,6 +16,10 @@ from __future__ import annotations
 import asyncio
 import threading
 from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:  # (sink.py imports this module)
+    from mailflow.testing.sink import Sink
 
 START_TIMEOUT = 60.0
 MARGIN = 30.0  # seconds a blocking call may take beyond its own timeout (the server's loop is busy)
@@ -24,9 +28,9 @@ MARGIN = 30.0  # seconds a blocking call may take beyond its own timeout (the se
 class ThreadedSink:
     """See the module docstring."""
 
-    def __init__(self, sink_class, *args, **kwargs):
-        self._make = lambda: sink_class(*args, **kwargs)
-        self.sink = None
+    def __init__(self, sink_class: type[Sink], *args: Any, **kwargs: Any):
+        self._make: Callable[[], Sink] = lambda: sink_class(*args, **kwargs)
+        self.sink: Sink | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -43,8 +47,8 @@ class ThreadedSink:
         loop = self._loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         try:
-            self.sink = self._make()
-            loop.run_until_complete(self.sink.start())
+            sink = self.sink = self._make()
+            loop.run_until_complete(sink.start())
         except BaseException as e:
             started.set_exception(e)
             loop.close()
@@ -53,7 +57,7 @@ class ThreadedSink:
         try:
             loop.run_forever()
         finally:
-            loop.run_until_complete(self.sink.stop())
+            loop.run_until_complete(sink.stop())
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
@@ -73,97 +77,111 @@ class ThreadedSink:
 
     # -- running things on the Sink's loop ------------------------------------------------------------------
 
+    @property
+    def _sink(self) -> Sink:
+        if self.sink is None:
+            raise RuntimeError("the Sink is not running (start() it, or use `with`)")
+        return self.sink
+
+    @property
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("the Sink is not running (start() it, or use `with`)")
+        return self._loop
+
     def _call(self, function, *args, **kwargs):
         """`function(*args, **kwargs)` on the Sink's loop; its result here."""
         async def call():
             return function(*args, **kwargs)
 
-        return asyncio.run_coroutine_threadsafe(call(), self._loop).result(START_TIMEOUT)
+        return asyncio.run_coroutine_threadsafe(call(), self._running_loop).result(START_TIMEOUT)
 
     def _wait(self, coroutine, timeout: float):
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout + MARGIN)
+        return asyncio.run_coroutine_threadsafe(coroutine, self._running_loop).result(timeout + MARGIN)
 
     # -- the Sink's API -------------------------------------------------------------------------------------
 
     @property
     def host(self) -> str:
-        return self.sink.host
+        return self._sink.host
 
     @property
     def port(self) -> int:
-        return self.sink.port
+        return self._sink.port
 
     @property
     def smtp_url(self) -> str:
-        return self.sink.smtp_url
+        return self._sink.smtp_url
 
     @property
     def http_url(self) -> str | None:
-        return self._call(lambda: self.sink.http_url)
+        return self._call(lambda: self._sink.http_url)
 
     @property
     def ca_pem(self) -> bytes | None:
-        return self.sink.ca_pem
+        return self._sink.ca_pem
 
     @property
     def ca_file(self) -> str | None:
-        return self.sink.ca_file
+        return self._sink.ca_file
 
     @property
     def config(self):
-        return self.sink.config
+        return self._sink.config
 
     @property
     def messages(self) -> list:
-        return self._call(lambda: self.sink.messages)
+        return self._call(lambda: self._sink.messages)
 
     def clear(self) -> None:
-        self._call(self.sink.clear)
+        self._call(self._sink.clear)
 
     def search(self, query: str) -> list:
-        return self._call(self.sink.search, query)
+        return self._call(self._sink.search, query)
 
     def transcript(self, queue_id: str):
-        return self._call(self.sink.transcript, queue_id)
+        return self._call(self._sink.transcript, queue_id)
 
     def history(self, queue_id: str) -> list:
-        return self._call(self.sink.history, queue_id)
+        return self._call(self._sink.history, queue_id)
 
     def wait_for(self, *, timeout: float = 5.0, **criteria) -> list:
-        return self._wait(self.sink.wait_for(timeout=timeout, **criteria), timeout)
+        return self._wait(self._sink.wait_for(timeout=timeout, **criteria), timeout)
 
     async def wait_for_async(self, *, timeout: float = 5.0, **criteria) -> list:
-        future = asyncio.run_coroutine_threadsafe(self.sink.wait_for(timeout=timeout, **criteria), self._loop)
+        future = asyncio.run_coroutine_threadsafe(self._sink.wait_for(timeout=timeout, **criteria), self._running_loop)
         return await asyncio.wrap_future(future)
 
     def reject(self, **rule):
-        return self._call(self.sink.reject, **rule)
+        return self._call(self._sink.reject, **rule)
 
     def defer(self, **rule):
-        return self._call(self.sink.defer, **rule)
+        return self._call(self._sink.defer, **rule)
 
     def slow(self, seconds: float) -> None:
-        self._call(self.sink.slow, seconds)
+        self._call(self._sink.slow, seconds)
 
     def drop(self, times: int = 1) -> None:
-        self._call(self.sink.drop, times)
+        self._call(self._sink.drop, times)
 
     def clear_faults(self) -> None:
-        self._call(self.sink.clear_faults)
+        self._call(self._sink.clear_faults)
 
     def reset(self) -> None:
         """No messages and no faults: what a Sink shared by several tests is given before each one."""
-        def reset():
-            self.sink.clear()
-            self.sink.clear_faults()
+        sink = self._sink
+
+        def reset() -> None:
+            sink.clear()
+            sink.clear_faults()
 
         self._call(reset)
 
     def destination(self, domain: str):
-        return self._call(self.sink.destination, domain)
+        return self._call(self._sink.destination, domain)
 
     def settle(self, timeout: float = 30.0) -> None:
-        self._wait(self.sink.settle(timeout), timeout)
+        self._wait(self._sink.settle(timeout), timeout)
 
     def advance(self, seconds: float = 0, **span) -> None:
-        self._wait(self.sink.advance(seconds, **span), 300.0)
+        self._wait(self._sink.advance(seconds, **span), 300.0)

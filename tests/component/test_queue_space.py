@@ -99,7 +99,7 @@ class FailingCleanup:
     def new_spool(self, max_size=None):
         return Spool(self._spool_directory, max_size=max_size)
 
-    async def submit(self, submission):
+    async def submit(self, submission, *, hold=False):
         self.tries += 1
         if self.broken:
             raise sqlite3.OperationalError("database or disk is full")

@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import aiosmtplib
-import dkim
 import pytest
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
+from mailflow.signing import keygen
 from tests.support import eventually, free_port, maildir_messages, queue_becomes, rcpt_reply, send
+from tests.support.deliverability import dkim_signed, make_key
 
 MESSAGE = b"Subject: hello\r\nFrom: <s@remote.test>\r\n\r\nfirst line\r\nsecond line\r\n"
 
@@ -160,37 +159,19 @@ async def test_greylisting_whitelists_and_auto_whitelists(mailflow_server):
 # ---------------------------------------------------------------------------------------------- SPF, DKIM, DMARC
 
 
-def dkim_key() -> tuple[bytes, str]:
-    """(private key PEM, the p= value of its DNS record)."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    import base64
-    return private, base64.b64encode(public).decode()
-
-
-def txt(text: str) -> str:
-    return " ".join(f'"{text[i:i + 200]}"' for i in range(0, len(text), 200))
-
-
 @pytest.fixture
-def auth_zone(dns_zone):
-    private, public = dkim_key()
+def auth_zone(dns_zone, tmp_path):
+    key = make_key(tmp_path, "pass.test", "sel1")
     zone = f"""
 pass.test. 300 IN TXT "v=spf1 ip4:127.0.0.0/8 -all"
 _dmarc.pass.test. 300 IN TXT "v=DMARC1; p=reject"
-sel1._domainkey.pass.test. 300 IN TXT {txt("v=DKIM1; k=rsa; p=" + public)}
+{keygen.txt_record(key, 300)}
 fail.test. 300 IN TXT "v=spf1 -all"
 _dmarc.fail.test. 300 IN TXT "v=DMARC1; p=reject"
 quarantine.test. 300 IN TXT "v=spf1 -all"
 _dmarc.quarantine.test. 300 IN TXT "v=DMARC1; p=quarantine"
 """
-    return dns_zone(zone), private
-
-
-def signed(private: bytes, message: bytes) -> bytes:
-    return dkim.sign(message, b"sel1", b"pass.test", private, include_headers=[b"from", b"subject"]) + message
+    return dns_zone(zone), key
 
 
 def auth_results(data: bytes) -> str:
@@ -202,11 +183,11 @@ def auth_results(data: bytes) -> str:
 
 
 async def test_spf_dkim_and_dmarc_pass_are_reported_by_cleanup(mailflow_server, tmp_path, auth_zone):
-    nameserver, private = auth_zone
+    nameserver, key = auth_zone
     mf = await mailflow_server(dns={"nameservers": [nameserver], "timeout": "2s", "tries": 1},
                                sender_auth={"verify": ["spf", "dkim", "dmarc"]})
     body = b"From: <s@pass.test>\r\nSubject: signed\r\n\r\nsigned body  \r\n\r\n"
-    await send(mf.smtp_addresses[0][1], "s@pass.test", ["alice@local.test"], signed(private, body))
+    await send(mf.smtp_addresses[0][1], "s@pass.test", ["alice@local.test"], dkim_signed(key, body))
     data = (await eventually(lambda: maildir_messages(maildir(tmp_path))))[0]
     ar = auth_results(data)
     assert ar.startswith("Authentication-Results: mx.mailflow.test; spf=pass smtp.mailfrom=s@pass.test")
@@ -215,10 +196,10 @@ async def test_spf_dkim_and_dmarc_pass_are_reported_by_cleanup(mailflow_server, 
 
 
 async def test_a_changed_body_fails_dkim_and_dmarc_fails_without_alignment(mailflow_server, tmp_path, auth_zone):
-    nameserver, private = auth_zone
+    nameserver, key = auth_zone
     mf = await mailflow_server(dns={"nameservers": [nameserver], "timeout": "2s", "tries": 1},
                                sender_auth={"verify": ["dkim", "dmarc"]})
-    message = signed(private, b"From: <s@pass.test>\r\nSubject: signed\r\n\r\noriginal\r\n")
+    message = dkim_signed(key, b"From: <s@pass.test>\r\nSubject: signed\r\n\r\noriginal\r\n")
     await send(mf.smtp_addresses[0][1], "bounce@other.test", ["alice@local.test"],
                message.replace(b"original", b"changed!"))
     ar = auth_results((await eventually(lambda: maildir_messages(maildir(tmp_path))))[0])

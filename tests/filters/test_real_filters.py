@@ -1,19 +1,19 @@
-"""mailflow against the real filters Debian ships, each started privately once per module (tests/filters/
-daemons.py): OpenDKIM as a milter, SpamAssassin's spamd, ClamAV's clamd with a signature the test writes."""
+"""mailflow against the real filters Debian ships, each started privately once per module
+(tests/support/filter_daemons.py): OpenDKIM as a milter (for smtpd and for pickup: non_smtpd_milters), SpamAssassin's
+spamd, ClamAV's clamd with a signature the test writes."""
 from __future__ import annotations
 
 import asyncio
-import base64
+import os
 import shutil
 
 import aiosmtplib
-import dkim
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
+from mailflow.maildrop import MaildropMessage, maildrop_names, write_maildrop
 from tests.support import filter_daemons as daemons
 from tests.support import eventually, free_port, maildir_messages, queue_becomes, send
+from tests.support.deliverability import dkim_signed, make_key
 
 pytestmark = pytest.mark.interop
 
@@ -36,36 +36,26 @@ async def outcome(port: int, content: bytes, sender: str = "s@example.test") -> 
 
 
 @pytest.fixture(scope="module")
-def dkim_key():
-    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return private, base64.b64encode(public).decode()
+def dkim_key(tmp_path_factory):
+    return make_key(tmp_path_factory.mktemp("dkim"), "example.test", "sel1")
 
 
 @pytest.fixture(scope="module")
 def opendkim(tmp_path_factory, dkim_key):
-    _, public = dkim_key
-    daemon = daemons.opendkim(tmp_path_factory.mktemp("opendkim"),
-                              [f"sel1._domainkey.example.test v=DKIM1;k=rsa;p={public}"]).start()
+    record = dkim_key.public_record().replace(" ", "")  # (OpenDKIM's TestDNSData takes no spaces)
+    daemon = daemons.opendkim(tmp_path_factory.mktemp("opendkim"), [f"{dkim_key.record_name} {record}"]).start()
     yield daemon
     daemon.kill()
 
 
-def signed(private: bytes, message: bytes) -> bytes:
-    return dkim.sign(message, b"sel1", b"example.test", private, include_headers=[b"from", b"subject"]) + message
-
-
 async def test_opendkim_adds_its_header_passes_good_signatures_and_its_rejection_is_honoured(
         mailflow_server, tmp_path, opendkim, dkim_key):
-    private, _ = dkim_key
     mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "milters": [f"inet:127.0.0.1:{opendkim.port}"]})
     port = mf.smtp_addresses[0][1]
     message = b"From: <s@example.test>\r\nSubject: milter\r\n\r\nbody line\r\n"
     assert (await outcome(port, message))[0] == 250
-    assert (await outcome(port, signed(private, message)))[0] == 250
-    code, text = await outcome(port, signed(private, message).replace(b"body line", b"body LINE"))
+    assert (await outcome(port, dkim_signed(dkim_key, message)))[0] == 250
+    code, text = await outcome(port, dkim_signed(dkim_key, message).replace(b"body line", b"body LINE"))
     assert code == 550 and text.startswith("5.7."), (code, text)
     files = await eventually(lambda: len(maildir_messages(maildir(tmp_path))) == 2 and maildir_messages(maildir(tmp_path)))
     results = sorted(f.split(b"Authentication-Results: ", 1)[1].split(b"\n", 1)[0] for f in files)
@@ -99,6 +89,39 @@ async def test_a_milter_killed_mid_session_gets_the_default_action(mailflow_serv
         victim.kill()
 
 
+def drop(mf, content: bytes, sender: str = "alice@local.test") -> str:
+    """A message as `mailflow sendmail` leaves it in the maildrop, for pickup."""
+    message = MaildropMessage(sender=sender, recipients=("bob@local.test",), uid=os.getuid(), user="alice")
+    return write_maildrop(mf.config.queue_path / "maildrop", message, [content])
+
+
+async def test_non_smtpd_milters_filter_mail_from_sendmail(mailflow_server, tmp_path, opendkim, dkim_key):
+    """OpenDKIM verifies what pickup takes in, as mail from localhost: a good signature passes, a message without
+    one gets dkim=none, and the one whose body was changed is rejected: returned to its sender."""
+    mf = await mailflow_server(milter={"non_smtpd_milters": [f"inet:127.0.0.1:{opendkim.port}"]})
+    message = b"From: <alice@example.test>\r\nSubject: picked up\r\n\r\nbody line\r\n"
+    drop(mf, message)
+    drop(mf, dkim_signed(dkim_key, message))
+    drop(mf, dkim_signed(dkim_key, message).replace(b"body line", b"body LINE"))
+    mf.pickup.wake()
+    bob, alice = tmp_path / "mail" / "bob" / "Maildir", tmp_path / "mail" / "alice" / "Maildir"
+    received = await eventually(lambda: len(maildir_messages(bob)) == 2 and maildir_messages(bob))
+    results = sorted(m.split(b"Authentication-Results: ", 1)[1].split(b";", 2)[1].split()[0] for m in received)
+    assert results == [b"dkim=none", b"dkim=pass"], results
+    [notice] = await eventually(lambda: maildir_messages(alice))
+    assert b"Undelivered Mail Returned to Sender" in notice and b"Status: 5.7." in notice, notice.decode()
+    await eventually(lambda: not maildrop_names(mf.config.queue_path / "maildrop"))
+    assert len(maildir_messages(bob)) == 2
+
+
+async def test_a_non_smtpd_milter_that_is_down_keeps_the_mail_in_the_maildrop(mailflow_server, caplog):
+    mf = await mailflow_server(milter={"non_smtpd_milters": [f"inet:127.0.0.1:{free_port()}"]})
+    name = drop(mf, b"Subject: waits\r\n\r\nfor the milter\r\n")
+    mf.pickup.wake()
+    await eventually(lambda: any(f"maildrop/{name}: not queued" in r.getMessage() for r in caplog.records))
+    assert maildrop_names(mf.config.queue_path / "maildrop") == [name] and await mf.store.counts() == {}
+
+
 # ---------------------------------------------------------------------------------------------- spamd
 
 
@@ -127,6 +150,15 @@ async def test_spamd_tags_spam_when_asked_to(mailflow_server, tmp_path, spamd):
                b"From: <s@example.test>\r\n\r\n" + GTUBE + b"\r\n")
     data = (await eventually(lambda: maildir_messages(maildir(tmp_path))))[0]
     assert b"\nX-Spam-Status: Yes, score=100" in data and b"\nX-Spam-Flag: YES\n" in data, data.decode()
+    assert b" tests=GTUBE," in data  # the rules that hit, as spamd's SYMBOLS gave them
+
+
+async def test_a_spooled_message_streams_to_spamd(mailflow_server, spamd):
+    mf = await mailflow_server(spamd={"address": f"127.0.0.1:{spamd.port}", "action": "reject",
+                                      "size_limit": 1_000_000, "on_failure": "tempfail"})
+    # past the in-memory limit (a spool file); GTUBE first, as spamd reads only the body's first 50 KB for it
+    big = b"From: <s@example.test>\r\nSubject: big\r\n\r\n" + GTUBE + b"\r\n" + (b"y" * 500 + b"\r\n") * 600
+    assert await outcome(mf.smtp_addresses[0][1], big) == (550, "5.7.1 Message rejected as spam")
 
 
 # ---------------------------------------------------------------------------------------------- clamd

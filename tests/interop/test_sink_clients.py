@@ -16,7 +16,7 @@ import pytest
 
 from mailflow.testing import Sink
 from tests.support import require_tool
-from tests.support import eventually, free_port
+from tests.support import accepts, eventually, free_port
 from tests.support import run_tool as run
 
 pytestmark = pytest.mark.interop
@@ -103,7 +103,7 @@ async def test_mailpit_client_against_serve_sink(tmp_path):
                             stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     try:
-        assert await eventually(lambda: _listening(http_port) and _listening(smtp_port), timeout=20), \
+        assert await eventually(lambda: accepts(http_port) and accepts(smtp_port), timeout=20), \
             (tmp_path / "serve.log").read_text()
         await asyncio.to_thread(exercise_mailpit_client, f"http://127.0.0.1:{http_port}", smtp_port)
         body = await asyncio.to_thread(_get, f"http://127.0.0.1:{http_port}/api/v1/info")
@@ -118,14 +118,6 @@ async def test_mailpit_client_against_serve_sink(tmp_path):
     assert not (tmp_path / "var").exists()  # the capture server's queue was a temporary directory
 
 
-def _listening(port: int) -> bool:
-    import socket
-
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        return True
-    except OSError:
-        return False
 
 
 def _get(url: str) -> bytes:

@@ -4,6 +4,7 @@ are not mailflow's (dkimpy reading the in-process DNS through dnspython, OpenDKI
 HTTPS server for MTA-STS policies.
 
 - `make_key(directory, domain, selector, algorithm)` -> SigningKey (its PEM file written 0600 beside)
+- `dkim_signed(key, message)` -> the message signed by dkimpy (a sender's MTA that is not mailflow)
 - `dkim_settings(directory, keys, sign_forwarded=False)` -> the `[dkim]` settings (refile SigningTable by From
   domain, KeyTable) for those keys
 - `key_zone(keys)` -> zone text with each key's TXT record
@@ -24,6 +25,7 @@ import subprocess
 import threading
 from pathlib import Path
 
+import dkim
 import dns.message
 import dns.query
 import dns.rdatatype
@@ -41,6 +43,12 @@ def make_key(directory: Path, domain: str, selector: str, algorithm: str = "rsa"
     keygen.write_key(str(path), pem)
     name = f"{selector}-{domain}"
     return SigningKey(name, domain, selector, *load_private_key(pem))
+
+
+def dkim_signed(key: SigningKey, message: bytes, headers: tuple[bytes, ...] = (b"from", b"subject")) -> bytes:
+    """`message` with dkimpy's DKIM-Signature (not mailflow's signer) by `key`, over those header fields."""
+    return dkim.sign(message, key.selector.encode(), key.domain.encode(), key.private,
+                     include_headers=list(headers)) + message
 
 
 def dkim_settings(directory: Path, keys: list[SigningKey], sign_forwarded: bool = False) -> dict:

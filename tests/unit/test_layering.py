@@ -6,7 +6,8 @@ Layers, lowest first (docs/architecture.md, "Import rules"):
 2. the configuration (mailflow.config): it imports leaves only;
 3. components: transports import no stage; the routing libraries, stages, app and cli sit above.
 No module imports itself back through others (no import cycle), counting imports written inside functions
-too: so no such import can exist to dodge a cycle. Imports inside functions are allowed only where they
+too: so no such import can exist to dodge a cycle. Imports under `if TYPE_CHECKING:` are not counted: they are
+annotations for mypy and never run. Imports inside functions are allowed only where they
 save start-up time, listed in FUNCTION_IMPORTS with the reason.
 
 The rules are checked by `Layering`, which reads any package; the last tests feed it a small package that
@@ -196,6 +197,10 @@ def _imports_of(name: str, path: Path, modules: dict[str, Path]) -> list[Import]
 
     def walk(node: ast.AST, in_function: bool) -> None:
         for child in ast.iter_child_nodes(node):
+            if _type_checking_only(child):  # never run: only what its `else` runs counts
+                for other in child.orelse:
+                    walk(ast.Module(body=[other], type_ignores=[]), in_function)
+                continue
             if isinstance(child, ast.Import):
                 for alias in child.names:
                     add(alias.name, child, in_function)
@@ -209,6 +214,15 @@ def _imports_of(name: str, path: Path, modules: dict[str, Path]) -> list[Import]
 
     walk(ast.parse(path.read_text(encoding="utf-8"), str(path)), False)
     return found
+
+
+def _type_checking_only(node: ast.AST) -> bool:
+    """`if TYPE_CHECKING:` (or `typing.TYPE_CHECKING`): imports for the type checker, never run."""
+    if not isinstance(node, ast.If):
+        return False
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def _absolute(node: ast.ImportFrom, name: str, is_package: bool) -> str:
@@ -314,6 +328,8 @@ def test_the_checks_catch_the_old_layering(tmp_path):
         "stages/smtpd/restrictions.py": "from mailflow.dns import NotFound\nfrom mailflow.config import Config\n",
         "transports/__init__.py": "",
         "transports/pipe.py": "from mailflow.stages.smtpd import restrictions\n",
+        "typed.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from mailflow.stages.smtpd import X\n"
+                    "else:\n    from mailflow.syntax import Y\n",
     })
     layering = Layering.read(package)
     assert "mailflow.config reaches mailflow.stages.smtpd.restrictions" in config_problems(layering)
@@ -322,6 +338,8 @@ def test_the_checks_catch_the_old_layering(tmp_path):
     assert "mailflow.transports.pipe reaches mailflow.stages.smtpd" in transport_problems(layering)
     assert cycle_problems(layering) == ["mailflow.config <-> mailflow.dns <-> mailflow.stages.smtpd "
                                         "<-> mailflow.stages.smtpd.restrictions <-> mailflow.transports.pipe"]
+    assert {i.target for i in layering.imports if i.source == "mailflow.typed"} == {
+        "mailflow", "mailflow.syntax"}  # (the type checker's import of mailflow.stages.smtpd is not counted)
     assert function_import_problems(layering, {}) == [
         f"{package}/config/__init__.py:2: imports mailflow.stages.smtpd.restrictions inside a function",
         f"{package}/config/__init__.py:5: imports mailflow.transports.pipe inside a function",

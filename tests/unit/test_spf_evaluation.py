@@ -1,9 +1,12 @@
-"""The SPF evaluation behind check-deliverability (mailflow.deliverability.spf), over a StaticResolver."""
+"""The one SPF evaluation (mailflow.filters.spf_query: pyspf, its DNS through mailflow's Resolver), behind smtpd's
+verdicts and check-deliverability, over a StaticResolver."""
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 
-from mailflow.deliverability.spf import check_host
+from mailflow.filters.spf_query import check_host
 from mailflow.dns import MX, StaticResolver
 from mailflow.errors import LookupRetry
 
@@ -12,7 +15,8 @@ def resolver(**txt) -> StaticResolver:
     return StaticResolver(
         txt={name.replace("_", "."): values for name, values in txt.items()},
         mx={"mx.test": [MX(10, "mail.mx.test")]},
-        addresses={"mail.mx.test": ["198.51.100.7"], "host.test": ["203.0.113.5", "2001:db8::5"]})
+        addresses={"mail.mx.test": ["198.51.100.7"], "host.test": ["203.0.113.5", "2001:db8::5"],
+                   "192.0.2.66.bl.test": ["127.0.0.2"]})
 
 
 @pytest.mark.parametrize(("record", "ip", "result"), [
@@ -29,26 +33,27 @@ def resolver(**txt) -> StaticResolver:
     ("v=spf1 -include:inc.test +all", "192.0.2.77", "fail"),
     ("v=spf1 redirect=inc.test", "192.0.2.77", "pass"),
     ("v=spf1 redirect=inc.test", "10.0.0.1", "softfail"),
-    ("v=spf1 exists:%{i}.bl.test -all", "192.0.2.1", "permerror"),
+    ("v=spf1 exists:%{i}.bl.test -all", "192.0.2.1", "fail"),  # (macros expanded: 192.0.2.1.bl.test exists not)
+    ("v=spf1 exists:%{i}.bl.test -all", "192.0.2.66", "pass"),
     ("v=spf1 include:nothing.test -all", "192.0.2.1", "permerror"),
     ("v=spf1 ptr -all", "192.0.2.1", "fail"),
 ])
 async def test_results(record, ip, result):
     r = resolver(example_test=[record, "unrelated text"], inc_test=["v=spf1 ip4:192.0.2.77 ~all"],
                  nothing_test=["no spf here"])
-    assert (await check_host(r, ip, "example.test")).result == result
+    assert (await check_host(r, ip, "example.test", timeout=5)).result == result
 
 
 async def test_no_record_and_two_records():
-    assert (await check_host(resolver(example_test=["hello"]), "192.0.2.1", "example.test")).result == "none"
+    assert (await check_host(resolver(example_test=["hello"]), "192.0.2.1", "example.test", timeout=5)).result == "none"
     two = resolver(example_test=["v=spf1 -all", "v=spf1 +all"])
-    assert (await check_host(two, "192.0.2.1", "example.test")).result == "permerror"
+    assert (await check_host(two, "192.0.2.1", "example.test", timeout=5)).result == "permerror"
 
 
 async def test_the_lookup_limit_is_kept():
     chain = {f"l{i}_test": [f"v=spf1 include:l{i + 1}.test -all"] for i in range(12)}
-    result = await check_host(resolver(**chain, l12_test=["v=spf1 +all"]), "192.0.2.1", "l0.test")
-    assert result.result == "permerror" and "10" in result.reason
+    result = await check_host(resolver(**chain, l12_test=["v=spf1 +all"]), "192.0.2.1", "l0.test", timeout=5)
+    assert result.result == "permerror" and "Too many DNS lookups" in result.reason
 
 
 async def test_a_dns_failure_is_a_temperror():
@@ -56,5 +61,17 @@ async def test_a_dns_failure_is_a_temperror():
         async def txt(self, name):
             raise LookupRetry("SERVFAIL")
 
-    result = await check_host(Failing(), "192.0.2.1", "example.test")
+    result = await check_host(Failing(), "192.0.2.1", "example.test", timeout=5)
     assert result.result == "temperror" and "SERVFAIL" in result.reason
+
+
+async def test_a_resolver_that_does_not_answer_is_a_temperror_within_the_timeout():
+    class Silent(StaticResolver):
+        async def txt(self, name):
+            await asyncio.sleep(30)
+            return []
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    result = await check_host(Silent(), "192.0.2.1", "someone@example.test", timeout=0.3)
+    assert result.result == "temperror" and loop.time() - started < 5

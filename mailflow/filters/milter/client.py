@@ -107,8 +107,9 @@ class MilterConnection:
                 opening = asyncio.open_unix_connection(host)
             else:
                 opening = asyncio.open_connection(host, port)
-            self._reader, self._writer = await asyncio.wait_for(opening, timeout)
-            self._writer.write(p.optneg(self._settings.protocol))
+            self._reader, writer = await asyncio.wait_for(opening, timeout)
+            self._writer = writer
+            writer.write(p.optneg(self._settings.protocol))
             reply = await self._read(timeout)
             self.negotiated = p.Negotiated.from_reply(reply)
         except (OSError, TimeoutError, p.ProtocolError, asyncio.IncompleteReadError) as e:
@@ -358,7 +359,7 @@ class MilterSession:
         return CONTINUE
 
     async def _ask(self, milter: MilterConnection, command: bytes, packet: bytes, values: dict[str, str]) -> Verdict:
-        if milter.negotiated.skips(command):
+        if milter.negotiated is None or milter.negotiated.skips(command):
             return CONTINUE
         try:
             reply = await milter.send(command, packet, _macro_packet(command, values, milter))

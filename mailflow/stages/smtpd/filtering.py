@@ -25,19 +25,17 @@ from dataclasses import dataclass
 
 from mailflow import status
 from mailflow.config import Config
-from mailflow.filters.edits import edit_header
 from mailflow.filters.greylist import Greylist
-from mailflow.filters.milter import ClientMacros, MilterSession, MilterSettings, Verdict
-from mailflow.filters.scanners import Clamd, Spamd
+from mailflow.filters.milter import ClientMacros, MilterSession, MilterSettings, Verdict, end_of_message
+from mailflow.filters.scanners import Clamd, ScanResult, Spamd
 from mailflow.filters.senderauth import SenderAuth, Verdicts
 from mailflow.content import Content
-from mailflow.message import read_header
 from mailflow.model import Submission
 from mailflow.restriction_vocabulary import STAGES, split_item
 
 log = logging.getLogger("mailflow.smtpd")
 
-HEADER_LIMIT = 1_000_000
+SPAM_STATUS_WIDTH = 76  # X-Spam-Status lines are folded before this column (as SpamAssassin folds them)
 
 
 @dataclass
@@ -157,10 +155,11 @@ class ListenerFilters:
 
     async def auth_verdicts(self, session, envelope) -> Verdicts | None:
         """SPF, DKIM and DMARC of the message (for reject_dmarc_policy and the Authentication-Results header)."""
-        if not self._verify or envelope.content is None:
+        sender_auth = self._services.sender_auth
+        if not self._verify or sender_auth is None or envelope.content is None:
             return None
-        return await self._services.sender_auth.verdicts(session.peer_ip, session.host_name or "",
-                                                          envelope.sender or "", envelope.content)
+        return await sender_auth.verdicts(session.peer_ip, session.host_name or "", envelope.sender or "",
+                                          envelope.content)
 
     async def end_of_message(self, session, submission: Submission, verdicts: Verdicts | None,
                              content_filter: str | None) -> Outcome:
@@ -168,9 +167,14 @@ class ListenerFilters:
         headers = [verdicts.header()] if verdicts is not None and self._header else []
         milters = self._milter_session(session)
         if milters is not None:
-            submission = await self._milters_at_end(milters, submission, outcome)
-            if outcome.refusal is not None or outcome.discard is not None:
+            filtered = await end_of_message(milters, submission)
+            if filtered.action == "discard":
+                outcome.discard = filtered.reason
                 return outcome
+            if filtered.action != "continue":
+                outcome.refusal = filtered.reply
+                return outcome
+            submission, outcome.hold = filtered.submission, filtered.hold
         for scan in (self._clamd, self._spamd):
             await scan(submission.content, outcome, headers)
             if outcome.refusal is not None:
@@ -180,39 +184,6 @@ class ListenerFilters:
         outcome.submission = dataclasses.replace(submission, headers=submission.headers + tuple(headers),
                                                  content_filter=content_filter, overrides=self._overrides)
         return outcome
-
-    async def _milters_at_end(self, milters: MilterSession, submission: Submission, outcome: Outcome) -> Submission:
-        content = submission.content
-        head, _ = read_header(content, HEADER_LIMIT)
-        body = content.after(len(head))
-        blank = 2 if body.read_prefix(2) == b"\r\n" else (1 if body.read_prefix(1) == b"\n" else 0)
-        body_only = body.after(blank)
-        verdict = await milters.end_of_message(head, lambda: body_only.stream())
-        if verdict.action in ("reject", "tempfail"):
-            outcome.refusal = verdict.reply
-            return submission
-        if verdict.action == "discard":
-            outcome.discard = verdict.reason or "milter discard"
-            return submission
-        edits = verdict.edits
-        if edits.quarantine:
-            outcome.hold = edits.quarantine
-        if not edits:
-            return submission
-        new_head = edit_header(head, edits.headers)
-        if edits.body is not None:
-            content = Content((new_head, b"\r\n", *edits.body))
-        else:
-            content = Content((new_head, *body.parts)) if new_head is not head else content
-        envelope = submission.envelope
-        recipients = [r for r in envelope.recipients if f"<{r}>" not in edits.delete_recipients
-                      and r not in edits.delete_recipients]
-        recipients += [a.strip("<>") for a in edits.add_recipients if a.strip("<>")]
-        if recipients != list(envelope.recipients) or edits.sender:
-            envelope = dataclasses.replace(envelope, recipients=tuple(recipients), originals=(), notify=(),
-                                           orcpts=(), sender=(edits.sender[0].strip("<>") if edits.sender
-                                                              else envelope.sender))
-        return dataclasses.replace(submission, content=content, envelope=envelope)
 
     async def _clamd(self, content: Content, outcome: Outcome, headers: list[str]) -> None:
         clamd = self._services.clamd
@@ -246,8 +217,7 @@ class ListenerFilters:
             return
         if not result.scanned:
             return
-        word = "Yes" if result.found else "No"
-        headers.append(f"X-Spam-Status: {word}, score={result.score:.1f} required={result.threshold:.1f}")
+        headers.append(_spam_status(result))
         if not result.found:
             return
         headers.append("X-Spam-Flag: YES")
@@ -255,6 +225,20 @@ class ListenerFilters:
             outcome.refusal = status.SPAM_REJECTED
         elif c.action == "hold":
             outcome.hold = f"spam, score {result.score:.1f}"
+
+
+def _spam_status(result: ScanResult) -> str:
+    """SpamAssassin's X-Spam-Status: the verdict, the score, the threshold and the rules that hit, folded."""
+    lines = [f"X-Spam-Status: {'Yes' if result.found else 'No'}, score={result.score:.1f} "
+             f"required={result.threshold:.1f}"]
+    if result.name:
+        lines[-1] += " tests="
+        for rule in result.name.split(","):
+            if len(lines[-1]) + len(rule) > SPAM_STATUS_WIDTH and not lines[-1].endswith("="):
+                lines.append("")
+            lines[-1] += rule + ","
+        lines[-1] = lines[-1][:-1]
+    return "\r\n\t".join(lines)
 
 
 def _refusal(verdict: Verdict) -> status.Reply | None:

@@ -260,6 +260,8 @@ class SmtpdHandler:
 
     async def _policy_refusal(self, stage: str, facts: Facts, recipients: tuple[str, ...]) -> status.Reply | None:
         """The hook's answer as a refusal, or None when it refuses nothing."""
+        if self._policy is None:
+            return None
         answer = await self._policy.check(stage, facts, recipients)
         if not answer:
             return None

@@ -224,19 +224,18 @@ class ProtocolCore(SMTP):
             closing(self, self.session, self.envelope)
         self.record.ended()
         if self.transcript is not None:
-            self._observe_identity()
+            self._observe_identity(self.transcript)
             self.transcript.ended()
 
-    def _observe_identity(self) -> None:
+    def _observe_identity(self, t: Transcript) -> None:
         """What the transcript says of the client, as known now (after PROXY, XCLIENT, STARTTLS, AUTH)."""
-        t = self.transcript
         t.client, t.helo, t.login = self.session.client, self.session.host_name or "", self.session.login
         t.tls = tls_description(self.session.ssl)
 
     def _observe_queued(self, queue_id: str) -> None:
         """A message of this session was committed as `queue_id` (its 250 is in the transcript)."""
         if self.transcript is not None:
-            self._observe_identity()
+            self._observe_identity(self.transcript)
             self.transcript.queued(queue_id)
 
     def _client_name(self) -> str:

@@ -36,6 +36,7 @@ import ipaddress
 import logging
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from mailflow import address, status
 from mailflow.address import client_ip, in_networks
@@ -47,6 +48,9 @@ from mailflow.restriction_vocabulary import (ACCESS_CHECKS, NEEDS_IO, RCPT_STAGE
 from mailflow.stages.smtpd.policy import PolicyClient, PolicyError
 from mailflow.syntax import is_hostname, is_ipv4
 from mailflow.tables import TableCache, find, split_extension
+
+if TYPE_CHECKING:  # (the filters' libraries load only when a filter is configured)
+    from mailflow.filters.senderauth import Verdicts
 
 log = logging.getLogger("mailflow.smtpd")
 
@@ -95,7 +99,7 @@ class Facts:
     encryption_cipher: str = ""
     marks: Marks = field(default_factory=Marks)
     memo: dict = field(default_factory=dict)  # the session's answers of lookups (client name, SPF), by question
-    auth: object = None  # end_of_data: the message's sender authentication Verdicts (mailflow.filters.senderauth)
+    auth: Verdicts | None = None  # end_of_data: the message's sender authentication verdicts
 
 
 # ---------------------------------------------------------------------------------------------- key orders
@@ -540,7 +544,7 @@ class Restrictions:
         """reject_dmarc_policy (end of data): DMARC failed and the From domain says p=reject (550 5.7.1) or
         p=quarantine (the message is held)."""
         verdicts = facts.auth
-        if verdicts is None or getattr(verdicts, "dmarc", "") != "fail":
+        if verdicts is None or verdicts.dmarc != "fail":
             return None
         if verdicts.dmarc_policy == "reject":
             return status.dmarc_rejected(verdicts.dmarc_domain)

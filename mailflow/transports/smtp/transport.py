@@ -136,7 +136,9 @@ class SmtpTransport:
         policy = await self._table_policy(written, nexthop)
         if policy is not None:
             return Destination(nexthop, written, policy)
-        sts = await self._sts_policy(nexthop) if self._mta_sts is not None and nexthop.mx_lookup else None
+        sts = None
+        if self._mta_sts is not None and nexthop.mx_lookup:
+            sts = await self._sts_policy(self._mta_sts, nexthop)
         if self._default_policy.dane:
             return Destination(nexthop, written, self._default_policy, fallback=sts)
         return Destination(nexthop, written, sts or self._default_policy)
@@ -161,10 +163,10 @@ class SmtpTransport:
             log.warning("TLS policy for %s: %s", written.strip(), e)
             raise LocalProblem("4.7.0", f"client TLS configuration problem: {e}") from None
 
-    async def _sts_policy(self, nexthop: Nexthop) -> TlsPolicy | None:
+    async def _sts_policy(self, mta_sts: MtaSts, nexthop: Nexthop) -> TlsPolicy | None:
         """MTA-STS enforce: verify (trusted chain, the MX host's name) and only the MX hosts listed; testing: the
         level as configured, with what enforce would refuse logged. None without a policy (or mode none)."""
-        sts = await self._mta_sts.policy(nexthop.host)
+        sts = await mta_sts.policy(nexthop.host)
         if sts is None or sts.mode == "none":
             return None
         source = f"MTA-STS {sts.mode}, policy id {sts.id}"

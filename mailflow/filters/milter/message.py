@@ -1,0 +1,126 @@
+"""A message through the milters: the end-of-message step and what the milters asked applied to the Submission,
+for smtpd's milters (smtpd_milters) and for mail that does not come through smtpd (non_smtpd_milters).
+
+    await end_of_message(session, submission) -> Filtered     the header section and the body to every milter of
+                                                  the session; their edits (headers, body, sender, recipients)
+                                                  applied to a new Submission; nothing of the original copied
+    NonSmtpdMilters(specs, settings, myhostname)  Postfix's non_smtpd_milters (pickup: `mailflow sendmail`)
+        await .filter(submission) -> Filtered     one milter session per message, the SMTP events emulated as
+                                                  Postfix's cleanup does: connect from localhost [127.0.0.1], HELO
+                                                  localhost, MAIL, one RCPT per recipient, then the message
+    Filtered(action, submission, reply, reason, hold)   action: continue, reject, tempfail or discard; `hold`:
+                                                  the quarantine reason when the message is to be held
+
+As in Postfix, a milter may refuse emulated connect, HELO, MAIL and end-of-message events (reject: the caller
+returns the message to its sender; tempfail: it tries again later), but refusing an emulated recipient is a
+configuration error: it is logged and the message waits (451 4.3.5 Server configuration error).
+
+Failure behaviour: nothing raises; a milter that cannot be talked to answers with milter_default_action
+(client.py), which shows here as the Filtered action. The session is closed before `filter` returns.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+from mailflow import status
+from mailflow.content import Content
+from mailflow.filters.edits import edit_header
+from mailflow.filters.milter.client import ClientMacros, MilterSession, MilterSettings, Verdict
+from mailflow.message import read_header
+from mailflow.model import Submission
+
+log = logging.getLogger("mailflow.cleanup")
+
+HEADER_LIMIT = 1_000_000  # the most of a header section given to milters (cleanup refuses bigger ones anyway)
+EMULATED_CLIENT = ("localhost", "127.0.0.1")  # who non-smtpd mail comes from, to a milter (as Postfix says)
+
+
+@dataclass(frozen=True)
+class Filtered:
+    action: str  # continue, reject, tempfail, discard
+    submission: Submission
+    reply: status.Reply | None = None  # reject, tempfail
+    reason: str = ""  # for the log: which milter, what it said
+    hold: str | None = None  # continue: queue it on hold (a milter's quarantine), with this reason
+
+
+async def end_of_message(session: MilterSession, submission: Submission) -> Filtered:
+    """See the module doc."""
+    content = submission.content
+    head, _ = read_header(content, HEADER_LIMIT)
+    body = content.after(len(head))
+    blank = 2 if body.read_prefix(2) == b"\r\n" else (1 if body.read_prefix(1) == b"\n" else 0)
+    body_only = body.after(blank)
+    verdict = await session.end_of_message(head, lambda: body_only.stream())
+    if verdict.action in ("reject", "tempfail"):
+        return Filtered(verdict.action, submission, verdict.reply, verdict.reason)
+    if verdict.action == "discard":
+        return Filtered("discard", submission, reason=verdict.reason or "milter discard")
+    edits = verdict.edits
+    hold = edits.quarantine or None
+    if not edits:
+        return Filtered("continue", submission)
+    new_head = edit_header(head, edits.headers)
+    if edits.body is not None:
+        content = Content((new_head, b"\r\n", *edits.body))
+    else:
+        content = Content((new_head, *body.parts)) if new_head is not head else content
+    envelope = submission.envelope
+    recipients = [r for r in envelope.recipients if f"<{r}>" not in edits.delete_recipients
+                  and r not in edits.delete_recipients]
+    recipients += [a.strip("<>") for a in edits.add_recipients if a.strip("<>")]
+    if recipients != list(envelope.recipients) or edits.sender:
+        envelope = dataclasses.replace(envelope, recipients=tuple(recipients), originals=(), notify=(),
+                                       orcpts=(), sender=(edits.sender[0].strip("<>") if edits.sender
+                                                          else envelope.sender))
+    return Filtered("continue", dataclasses.replace(submission, content=content, envelope=envelope), hold=hold)
+
+
+class NonSmtpdMilters:
+    """Postfix's non_smtpd_milters; see the module doc."""
+
+    def __init__(self, specs: tuple[str, ...], settings: MilterSettings, myhostname: str):
+        self._specs = specs
+        self._settings = settings
+        name, addr = EMULATED_CLIENT
+        self._client = ClientMacros(myhostname=myhostname, daemon_name="mailflow", daemon_addr="",
+                                    client_addr=addr, client_name=name, client_port=0)
+
+    async def filter(self, submission: Submission) -> Filtered:
+        session = MilterSession(self._specs, self._settings, self._client)
+        try:
+            return await self._events(session, submission)
+        finally:
+            await session.close()
+
+    async def _events(self, session: MilterSession, submission: Submission) -> Filtered:
+        envelope = submission.envelope
+        hold: str | None = None
+        for event in (lambda: session.helo(EMULATED_CLIENT[0]), lambda: session.mail(envelope.sender, [])):
+            verdict = await event()  # (helo connects first)
+            if verdict.action == "quarantine":
+                hold = verdict.reason or "milter quarantine"
+            elif verdict.action not in ("continue", "accept"):
+                return _stopped(verdict, submission)
+        for recipient in envelope.recipients:
+            verdict = await session.rcpt(recipient)
+            if verdict.action in ("reject", "tempfail"):
+                log.warning("%s: can't reject recipient <%s> in non-smtpd mail: milter configuration error",
+                            verdict.reason or "milter", recipient)
+                return Filtered("tempfail", submission, status.MILTER_CONFIGURATION_ERROR, verdict.reason)
+            if verdict.action == "quarantine":
+                hold = verdict.reason or "milter quarantine"
+            elif verdict.action == "discard":
+                return _stopped(verdict, submission)
+        filtered = await end_of_message(session, submission)
+        if filtered.action == "continue" and hold is not None and filtered.hold is None:
+            return dataclasses.replace(filtered, hold=hold)
+        return filtered
+
+
+def _stopped(verdict: Verdict, submission: Submission) -> Filtered:
+    if verdict.action == "discard":
+        return Filtered("discard", submission, reason=verdict.reason or "milter discard")
+    return Filtered(verdict.action, submission, verdict.reply, verdict.reason)
