@@ -1,5 +1,5 @@
-"""The command line: `mailflow serve | check-config | version | queue … | mailq | table | config | address | auth |
-sendmail`. No logic of its own: each command calls the module that does the work.
+"""The command line: `mailflow serve | reload | health | check-config | version | queue … | mailq | table | config |
+address | auth | sendmail`. No logic of its own: each command calls the module that does the work.
 
 Configuration comes from `--config FILE`, else `$MAILFLOW_CONFIG`, else the embedded defaults. A bad
 configuration prints `mailflow: FILE: KEY: REASON` and exits 2 (common.py holds the one formatter); never a
@@ -17,7 +17,8 @@ submission command (mailflow/sendmail/, docs/sendmail.md); its exit codes are sy
 2 for a bad table spec, 75 (EX_TEMPFAIL) when a lookup fails.
 
 The package: common.py (configuration loading and errors, shared options), server.py (serve, check-config,
-version, config show, address, table query, auth), queue.py (the queue tools), submit.py (sendmail). This file
+version, config show, address, table query, auth), ops.py (reload, health: against a running server),
+queue.py (the queue tools), submit.py (sendmail). This file
 is the command table. Modules only some commands need (the server, the store, the router, smtpd's password
 hashing) are imported inside those commands, so that `sendmail`, run once per message by scripts, starts fast.
 """
@@ -27,7 +28,7 @@ import sys
 
 import typer
 
-from mailflow.cli import queue, server, submit
+from mailflow.cli import ops, queue, server, submit
 from mailflow.sendmail import program_mode
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="mailflow: a mail server in one asyncio process.")
@@ -39,6 +40,8 @@ config_app = typer.Typer(no_args_is_help=True, help="Show the configuration (pos
 auth_app = typer.Typer(no_args_is_help=True, help="AUTH users for smtpd.sasl_user_maps.")
 
 app.command()(server.serve)
+app.command()(ops.reload)
+app.command()(ops.health)
 app.command("check-config")(server.check_config)
 app.command()(server.version)
 app.add_typer(queue_app, name="queue")

@@ -72,6 +72,12 @@ class Cleanup:
         self._hopcount_limit = hopcount_limit
         self._header_size_limit = header_size_limit
 
+    def reconfigure(self, *, myhostname: str, mapper: AddressMapper, hopcount_limit: int,
+                    header_size_limit: int) -> None:
+        """A reload: messages prepared from now on are checked and rewritten with these (the queue ids go on)."""
+        self._myhostname, self._mapper = myhostname, mapper
+        self._hopcount_limit, self._header_size_limit = hopcount_limit, header_size_limit
+
     def new_spool(self, max_size: int | None = None) -> Spool:
         """Where smtpd and pickup write a message as it arrives (the store's spool directory)."""
         return self._store.new_spool(max_size)

@@ -54,6 +54,8 @@ FUNCTION_IMPORTS = {
     ("mailflow.testing", "mailflow.testing.destinations"): "as above",
     ("mailflow.testing", "mailflow.capture.mailbox"): "as above",
     ("mailflow.testing.pytest_plugin", "mailflow.testing.sink"): "as above",
+    ("mailflow.cli.ops", "mailflow.stages.smtpd.frontends"): "only `health` writes a PROXY header; importing it "
+                                                             "loads the whole smtpd package",
     ("mailflow.cli.queue", "mailflow.store"): "only the queue commands open the queue database",
     ("mailflow.cli.queue", "mailflow.queue_tools"): "as above",
 }

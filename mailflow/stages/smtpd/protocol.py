@@ -259,6 +259,27 @@ class ProtocolCore(SMTP):
         self.record.server_hung_up = True
         self._close()
 
+    def shut_down(self) -> None:
+        """The server is stopping: `421 4.3.2 <host> Service shutting down` and the session ends (RFC 5321 3.8).
+        For a session between transactions: one under way would lose its transaction (its client resends it)."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        reply = str(status.shutting_down(self.hostname))
+        self._writer.write(f"{reply}\r\n".encode())
+        if self.transcript is not None:
+            self.transcript.reply(reply)
+        self.hang_up()
+
+    @property
+    def in_transaction(self) -> bool:
+        """MAIL was accepted and the transaction has not ended (with its message queued, RSET or a refusal)."""
+        return self.envelope is not None and bool(self.envelope.mail_from)
+
+    def use_handler(self, handler) -> None:
+        """From now on the hooks are `handler`'s (a reload: the next transaction follows the new rules)."""
+        self.event_handler = handler
+        self._handle_hooks = {name[7:]: getattr(handler, name) for name in hook_names(type(handler))}
+
     # --- replies ------------------------------------------------------------------------------------------
 
     async def push(self, line: Any, *, counts_as_error: bool = True) -> None:
