@@ -13,7 +13,8 @@ the log is written (`log.format`, `log.file`, `log.syslog_name`). Everything els
                                                 puts in force
 
 Failure behaviour: `in_force` validates the result (a new file that, say, drops the certificate a running
-listener needs, when the listener itself cannot change): ConfigError(where, key, reason).
+listener needs, when the listener itself cannot change): ConfigError(where, key, reason), the reason naming the
+settings kept as they run.
 """
 from __future__ import annotations
 
