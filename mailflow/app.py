@@ -23,9 +23,9 @@ of mail, once idle, it gives the memory the burst freed back to the system (`ret
 Reload (`await mf.reload(config)`; SIGHUP and `mailflow reload` in `serve`): like `postfix reload`, the new
 configuration is checked whole (its tables must answer, its certificates load) and built whole (routing tables,
 restrictions, transports, certificates) before any of it is used; a problem raises ConfigError and the
-configuration in force stays. Then cleanup, qmgr, pickup and smtpd take it: new sessions and new transactions
-of open sessions follow the new rules (smtpd.Smtpd.reconfigure), open sessions are not dropped, deliveries under
-way finish with the transports they began with. What only a restart applies (the listeners, the queue, [http],
+configuration in force stays. Then cleanup, qmgr, pickup and smtpd take it: new sessions follow the new rules
+(smtpd.Smtpd.reconfigure), open sessions are not dropped and end under the rules they began with (as Postfix's
+smtpd processes do), deliveries under way finish with the transports they began with. What only a restart applies (the listeners, the queue, [http],
 [dns], where the log goes: mailflow.config.reload) keeps running as it is and is named in the log
 (`warning: reload: smtpd.listen changed; restart to apply`).
 

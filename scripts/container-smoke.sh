@@ -52,7 +52,8 @@ if "${PODMAN[@]}" image exists "$BASE_IMAGE"; then
     took "base image (cached)" "$t"
 else
     command -v debootstrap >/dev/null || die "debootstrap is not installed (.ci/run)"
-    mirror=${MIRROR:-$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -1)}
+    mirror=${MIRROR:-$( (sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/*.sources;
+                         sed -n 's/^deb *\(http[^ ]*\) .*/\1/p' /etc/apt/sources.list) 2>/dev/null | head -1 || true)}
     mirror=${mirror:-http://deb.debian.org/debian}
     debootstrap --variant=minbase --include=python3,python3-venv bookworm "$WORK/rootfs" "$mirror" \
         > "$WORK/debootstrap.log" 2>&1 || { tail -20 "$WORK/debootstrap.log" >&2; die "debootstrap"; }

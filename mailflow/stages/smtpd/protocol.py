@@ -8,7 +8,8 @@ What it owns
   tables of smtp_* verbs and handle_* hooks from a cache: built once per class.
 - The connection: `connection_made` (after STARTTLS the client stays who it was), `eof_received` (input
   already received is answered first), `_session_ended` (once however the session ends, also after a TLS
-  handshake asyncio never reports to connection_lost: frees what it held, logs the disconnect), `hang_up()`.
+  handshake asyncio never reports to connection_lost: frees what it held, logs the disconnect), `hang_up()`,
+  `shut_down()` (421 at a stop), `in_transaction`.
 - Replies: `push()` gives a library-written line its enhanced status code (RFC 2034; not the greeting nor
   HELO/EHLO; a `status.Reply` goes as the catalogue wrote it), counts 4xx/5xx toward the error limits and
   records each command's outcome (sessionlog.SessionLog).
@@ -274,11 +275,6 @@ class ProtocolCore(SMTP):
     def in_transaction(self) -> bool:
         """MAIL was accepted and the transaction has not ended (with its message queued, RSET or a refusal)."""
         return self.envelope is not None and bool(self.envelope.mail_from)
-
-    def use_handler(self, handler) -> None:
-        """From now on the hooks are `handler`'s (a reload: the next transaction follows the new rules)."""
-        self.event_handler = handler
-        self._handle_hooks = {name[7:]: getattr(handler, name) for name in hook_names(type(handler))}
 
     # --- replies ------------------------------------------------------------------------------------------
 

@@ -29,8 +29,9 @@ reload (`reconfigure`): new sessions use the new certificate, sessions already r
 Reload (`reconfigure(config, handler_for)`, two steps: everything is built and read first, and only a reload
 that built completely is put in use): each listener gets its new settings, handler (restrictions and tables),
 AUTH and sender-login tables and certificate; its address, sockets, session slots and per-client counts stay.
-New sessions use all of it; a running session keeps its TLS, AUTH and limits and takes the new handler at its
-next MAIL: a transaction follows, from MAIL to its end, the rules in force at its MAIL.
+New sessions use all of it; a running session goes on, to its end, with what it started with (as a Postfix
+smtpd process finishes its client under the old main.cf), so nothing per session (a milter conversation, the
+handler's state) ever changes hands.
 
 Stop (`stop(grace)`): the listeners close; sessions between transactions get 421 4.3.2 and are closed; a
 session in a transaction may finish it within the grace period.
@@ -127,12 +128,6 @@ class ListenerSession(SmtpSession):
         if self._listener.smtpd.allow_plaintext_auth_on_loopback and is_loopback(ip):
             self._auth_needs_tls = False
         return True
-
-    async def smtp_MAIL(self, arg: str | None) -> None:
-        """A new transaction follows the rules in force now: the listener's handler of the latest reload."""
-        if not self.in_transaction and self.event_handler is not self._listener.handler:
-            self.use_handler(self._listener.handler)
-        await super().smtp_MAIL(arg)
 
     def _session_ended(self) -> None:
         """Give back the per-client count and the session slot, whatever ended the session."""
@@ -248,10 +243,10 @@ class Smtpd:
     def reconfigure(self, config: Config, handler_for: Callable[[Config], SmtpdHandler]) -> Callable[[], None]:
         """A reload: the listeners' settings, handlers, AUTH and sender-login tables and certificates, built from
         `config` as a start would build them (the files read now), but not yet in use. Raises ConfigError (a
-        TlsError for a certificate) and changes nothing then. The function returned puts them in use: new
-        sessions get them all, and a running session its listener's new handler at its next MAIL (its TLS,
-        AUTH and limits stay those of its start). Addresses, roles and max_sessions stay as they are (the
-        caller passes a config that keeps them: mailflow.config.in_force)."""
+        TlsError for a certificate) and changes nothing then. The function returned puts them in use for new
+        sessions; a running session keeps what it started with, to its end (Postfix: an smtpd process serves
+        its client under the configuration it started with). Addresses, roles and max_sessions stay as they
+        are (the caller passes a config that keeps them: mailflow.config.in_force)."""
         fresh = Smtpd(config, handler_for, clock=self._clock, observer=self._observer)
         fresh.auth_failures, fresh._hasher = self.auth_failures, self._hasher  # the server's, whatever the config
         built = [fresh._build_listener(*spec) for spec in fresh._listener_specs()]
