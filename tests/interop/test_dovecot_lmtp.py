@@ -11,6 +11,7 @@ import re
 import pytest
 
 from tests.support import eventually, lmtp_route, queue_becomes, send
+from tests.support.dovecot import stop, wait_for_listeners  # noqa: F401 (imported from here by other interop tests)
 
 pytestmark = pytest.mark.interop
 
