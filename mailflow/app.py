@@ -17,8 +17,23 @@ listener (`[http]`, mailflow.http; `mf.http`). `smtpd_policy` is smtpd's in-proc
 The clock, RNG, resolver and transports can be injected (tests pass fakes or local peers); nothing is
 global, so several instances can run in one process. Without an injected resolver, `build_resolver` makes one
 from `[dns]` (transports and smtpd share it). `serve(config)` runs one until SIGTERM/SIGINT or
-until an injected shutdown trigger fires; SIGHUP reloads the TLS certificates (`reload()`); after each burst
+until an injected shutdown trigger fires; SIGHUP reloads (`reload()`); after each burst
 of mail, once idle, it gives the memory the burst freed back to the system (`return_memory_when_idle`).
+
+Reload (`await mf.reload(config)`; SIGHUP and `mailflow reload` in `serve`): like `postfix reload`, the new
+configuration is checked whole (its tables must answer, its certificates load) and built whole (routing tables,
+restrictions, transports, certificates) before any of it is used; a problem raises ConfigError and the
+configuration in force stays. Then cleanup, qmgr, pickup and smtpd take it: new sessions follow the new rules
+(smtpd.Smtpd.reconfigure), open sessions are not dropped and end under the rules they began with (as Postfix's
+smtpd processes do), deliveries under way finish with the transports they began with. What only a restart applies (the listeners, the queue, [http],
+[dns], where the log goes: mailflow.config.reload) keeps running as it is and is named in the log
+(`warning: reload: smtpd.listen changed; restart to apply`).
+
+Stop (`stop()`, SIGTERM in `serve`): the HTTP listener closes, then smtpd, pickup and qmgr drain together within
+one `shutdown_grace` (the setting, or the constructor's): no new connection nor delivery starts, sessions between
+transactions get 421 4.3.2, transactions and deliveries under way may finish; what is left at the end of the
+grace is cut (nothing acknowledged is lost: a transaction cut before its 250 is resent by its client, a delivery
+cut stays pending). Then the store flushes and closes; `serve` returns (exit status 0).
 """
 from __future__ import annotations
 
@@ -29,13 +44,14 @@ import logging
 import random
 import shutil
 import signal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from mailflow.capture.recorders import Capture
 from mailflow.clock import Clock, SystemClock
-from mailflow.config import Config, DnsConfig
+from mailflow.config import Config, DnsConfig, flat_settings, in_force, restart_needed
 from mailflow.content import Content
 from mailflow.dns import AiodnsResolver
+from mailflow.errors import ConfigError
 from mailflow.logs import MailLog
 from mailflow.filters.content_checks import ContentChecks
 from mailflow.filters.milter import MilterSettings, NonSmtpdMilters
@@ -52,6 +68,7 @@ from mailflow.signing.outbound import OutboundSigning
 from mailflow.stages.smtpd import Smtpd, SmtpdHandler
 from mailflow.stages.smtpd.filtering import FilterServices
 from mailflow.store import Store
+from mailflow.tables.check import table_problems
 from mailflow.transports import build_transports
 
 if TYPE_CHECKING:  # imported when a feature serves HTTP (start-up time)
@@ -114,7 +131,7 @@ def build_resolver(dns: DnsConfig) -> AiodnsResolver:
 
 class Mailflow:
     def __init__(self, config: Config, *, clock: Clock | None = None, rng: random.Random | None = None,
-                 resolver=None, transports: dict | None = None, shutdown_grace: float = 10.0,
+                 resolver=None, transports: dict | None = None, shutdown_grace: float | None = None,
                  capture: Capture | None = None, smtpd_policy=None, session_observer=None):
         self.config = config
         self.clock = clock or SystemClock()
@@ -122,19 +139,24 @@ class Mailflow:
         self._resolver = resolver
         self._own_resolver: AiodnsResolver | None = None  # built here, so closed here
         self._transports = transports
-        self._grace = shutdown_grace
+        self._grace = config.shutdown_grace if shutdown_grace is None else shutdown_grace
         self.store: Store | None = None
         self._lock: QueueLock | None = None
         self.qmgr: QueueManager | None = None
         self.smtpd: Smtpd | None = None
         self.pickup: Pickup | None = None
+        self._cleanup: Cleanup | None = None
+        self._reloading = asyncio.Lock()
         if capture is None and config.sink.enable:
             capture = Capture(config.sink, self.clock)
         self.capture = capture
         self._smtpd_policy = smtpd_policy
         self._session_observer = session_observer or (capture.session_observer if capture else None)
         self.http: HttpServer | None = None  # when a feature serves HTTP
+        self._maillog: MailLog | None = None
         self._filters: FilterServices | None = None
+        # replaced by a reload: sessions begun before it may still use them; closed at the stop
+        self._retired_filters: list[FilterServices] = []
 
     async def start(self) -> None:
         c = self.config
@@ -155,34 +177,54 @@ class Mailflow:
     async def _start_stages(self) -> None:
         assert self.store is not None  # start() opened it
         c = self.config
-        router = Router(c)
-        await router.tables.preload()  # read the table files off the event loop, before anyone asks
+        router = await self._router(c)
         capture = self.capture
         maillog = MailLog(observer=capture.mail_observer if capture else None)
-        outbound = build_outbound_signing(c, router, self._dns_resolver(), self.clock, maillog)
-        checks = ContentChecks(c.checks)
-        await checks.tables.preload()
-        cleanup = Cleanup(self.store, myhostname=c.myhostname, clock=self.clock, rng=self.rng, log=maillog,
-                          on_queued=self._wake_qmgr, mapper=router.mapper, hopcount_limit=c.hopcount_limit,
-                          header_size_limit=c.header_size_limit, outbound=outbound, checks=checks,
-                          content_filter=c.smtpd.content_filter)
-        notices = Notices(cleanup.prepare_notice, myhostname=c.myhostname, config=c.queue)
-        transports = self._build_transports(router, forwarder(cleanup, c.myhostname))
-        self.qmgr = QueueManager(self.store, resolve=router.rewriter.resolve, transports=transports,
-                                 config=c.queue, clock=self.clock, rng=self.rng, log=maillog, notices=notices)
+        self._maillog = maillog
+        self._cleanup = Cleanup(self.store, clock=self.clock, rng=self.rng, log=maillog, on_queued=self._wake_qmgr,
+                                **await self._cleanup_settings(c, router))
+        self.qmgr = QueueManager(self.store, resolve=router.rewriter.resolve,
+                                 transports=self._build_transports(c, router), config=c.queue, clock=self.clock,
+                                 rng=self.rng, log=maillog, notices=self._notices(c))
         await self.qmgr.start()
-        self.pickup = Pickup(c.queue_path, cleanup, myhostname=c.myhostname, clock=self.clock,
+        self.pickup = Pickup(c.queue_path, self._cleanup, myhostname=c.myhostname, clock=self.clock,
                              interval=c.sendmail.pickup_interval, bounce_size_limit=c.queue.bounce_size_limit,
                              size_limit=c.smtpd.message_size_limit, milters=non_smtpd_milters(c))
         await self.pickup.start()
-        resolver = self._dns_resolver()
-        free_space = lambda: shutil.disk_usage(c.queue_path).free  # noqa: E731 (asked at every MAIL)
-        filters = self._filters = FilterServices(c, resolver, self.clock)
-        self.smtpd = Smtpd(c, lambda listener_config: SmtpdHandler(listener_config, router.rewriter, router.mapper,
-                                                                    cleanup, resolver=resolver, free_space=free_space,
-                                                                    policy=self._smtpd_policy, filters=filters),
-                           clock=self.clock, observer=self._session_observer)
+        self._filters = FilterServices(c, self._dns_resolver(), self.clock)
+        self.smtpd = Smtpd(c, self._handler_for(router, self._filters), clock=self.clock,
+                           observer=self._session_observer)
         await self.smtpd.start()
+
+    @staticmethod
+    async def _router(config: Config) -> Router:
+        router = Router(config)
+        await router.tables.preload()  # read the table files off the event loop, before anyone asks
+        return router
+
+    def _notices(self, config: Config) -> Notices:
+        assert self._cleanup is not None
+        return Notices(self._cleanup.prepare_notice, myhostname=config.myhostname, config=config.queue)
+
+    async def _cleanup_settings(self, config: Config, router: Router) -> dict:
+        """What cleanup takes from a configuration (at the start and at a reload): rewriting, limits, the
+        outbound signing, the content checks (their tables read) and the after-queue filter. Raises ConfigError."""
+        assert self._maillog is not None
+        checks = ContentChecks(config.checks)
+        await checks.tables.preload()
+        return dict(myhostname=config.myhostname, mapper=router.mapper, hopcount_limit=config.hopcount_limit,
+                    header_size_limit=config.header_size_limit, checks=checks,
+                    content_filter=config.smtpd.content_filter,
+                    outbound=build_outbound_signing(config, router, self._dns_resolver(), self.clock, self._maillog))
+
+    def _handler_for(self, router: Router, filters: FilterServices):
+        """How smtpd builds each listener's handler (its restrictions) from the listener's effective config."""
+        assert self._cleanup is not None
+        resolver, cleanup, queue = self._dns_resolver(), self._cleanup, self.config.queue_path
+        free_space = lambda: shutil.disk_usage(queue).free  # noqa: E731 (asked at every MAIL)
+        return lambda listener_config: SmtpdHandler(listener_config, router.rewriter, router.mapper, cleanup,
+                                                    resolver=resolver, free_space=free_space,
+                                                    policy=self._smtpd_policy, filters=filters)
 
     async def _start_http(self) -> None:
         """The HTTP listener, when a feature has something to serve: the capture API with [sink] enable."""
@@ -201,10 +243,12 @@ class Mailflow:
         if self.qmgr:
             self.qmgr.wake()
 
-    def _build_transports(self, router, forward) -> dict:
+    def _build_transports(self, config: Config, router: Router) -> dict:
         if self._transports is not None:
             return self._transports
-        return build_transports(self.config, self._dns_resolver(), self.clock, router, forward,
+        assert self._cleanup is not None
+        return build_transports(config, self._dns_resolver(), self.clock, router,
+                                forwarder(self._cleanup, config.myhostname),
                                 mailbox=self.capture.mailbox if self.capture else None)
 
     def _dns_resolver(self):
@@ -214,22 +258,18 @@ class Mailflow:
         return self._resolver or self._own_resolver
 
     async def stop(self) -> None:
-        """Listeners (HTTP, SMTP) and pickup first, then deliveries, then the store. Safe to call twice."""
+        """The HTTP listener, then smtpd, pickup and qmgr drained together within the grace period, then the
+        store. Safe to call twice."""
         if self.http:
             await self.http.stop()
             self.http = None
-        if self.smtpd:
-            await self.smtpd.stop(self._grace)
-            self.smtpd = None
-        if self.pickup:
-            await self.pickup.stop(self._grace)
-            self.pickup = None
-        if self._filters:
-            self._filters.close()
-            self._filters = None
-        if self.qmgr:
-            await self.qmgr.stop(self._grace)
-            self.qmgr = None
+        stages = [stage for stage in (self.smtpd, self.pickup, self.qmgr) if stage is not None]
+        await asyncio.gather(*(stage.stop(self._grace) for stage in stages))
+        self.smtpd = self.pickup = self.qmgr = None
+        for filters in (self._filters, *self._retired_filters):
+            if filters is not None:
+                filters.close()
+        self._filters, self._retired_filters = None, []
         if self._own_resolver:
             await self._own_resolver.close()
             self._own_resolver = None
@@ -240,10 +280,39 @@ class Mailflow:
             self._lock.release()
             self._lock = None
 
-    def reload(self) -> None:
-        """What SIGHUP does: smtpd re-reads its certificates (new sessions use them)."""
-        if self.smtpd:
-            self.smtpd.reload_tls()
+    async def reload(self, config: Config) -> list[str]:
+        """Put `config` in force, as far as a running server can (see the module doc); returns the settings
+        that differ but wait for a restart (each also logged). Raises ConfigError, the configuration in force
+        unchanged. One reload at a time."""
+        async with self._reloading:
+            if not (self.smtpd and self.qmgr and self.pickup and self._cleanup):
+                raise RuntimeError("reload: the server is not running")
+            waiting = restart_needed(self.config, config)
+            config = in_force(self.config, config, "")
+            problems = await asyncio.to_thread(table_problems, flat_settings(config), "")
+            if problems:
+                raise _all_of(problems)
+            router = await self._router(config)
+            cleanup_settings = await self._cleanup_settings(config, router)
+            transports = self._build_transports(config, router)
+            filters = FilterServices(config, self._dns_resolver(), self.clock)
+            use_smtpd = self.smtpd.reconfigure(config, self._handler_for(router, filters))
+            # everything is built: from here on nothing can fail
+            self._cleanup.reconfigure(**cleanup_settings)
+            if self._filters is not None:
+                self._retired_filters.append(self._filters)
+            self._filters = filters
+            self.qmgr.reconfigure(resolve=router.rewriter.resolve, transports=transports, config=config.queue,
+                                  notices=self._notices(config))
+            self.pickup.reconfigure(myhostname=config.myhostname, interval=config.sendmail.pickup_interval,
+                                    bounce_size_limit=config.queue.bounce_size_limit,
+                                    size_limit=config.smtpd.message_size_limit, milters=non_smtpd_milters(config))
+            use_smtpd()
+            self.config = config
+            for key in waiting:
+                log.warning("reload: %s changed; restart to apply", key)
+            log.info("reload: configuration, tables and certificates in force")
+            return waiting
 
     @property
     def idle(self) -> bool:
@@ -263,6 +332,14 @@ class Mailflow:
 
 
 IDLE_TRIM_INTERVAL = 1.0  # seconds between looks at whether the server went idle after moving mail
+
+
+def _all_of(problems: list[ConfigError]) -> ConfigError:
+    """The first problem, saying how many more there are."""
+    first, more = problems[0], len(problems) - 1
+    if not more:
+        return first
+    return ConfigError(first.file, first.key, f"{first.reason} (and {more} more problem{'s' if more > 1 else ''})")
 
 
 def _malloc_trim():
@@ -295,19 +372,50 @@ async def return_memory_when_idle(mf: "Mailflow", interval: float = IDLE_TRIM_IN
             trim(0)
 
 
-async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None) -> None:
-    """Run until SIGTERM/SIGINT (or `shutdown_trigger` is set), then stop gracefully."""
+async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None,
+                reread: Callable[[], Config] | None = None) -> None:
+    """Run until SIGTERM/SIGINT (or `shutdown_trigger` is set), then drain and stop. SIGHUP reloads: `reread()`
+    (run in a worker thread; default: `config` as it is, which re-reads the tables and certificates) gives the
+    configuration to put in force; a refused one is logged and the one in force stays."""
     stop = shutdown_trigger or asyncio.Event()
+    loop = asyncio.get_running_loop()
     if shutdown_trigger is None:
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
     async with Mailflow(config) as mf:
-        if shutdown_trigger is None:  # SIGHUP: re-read TLS certificates; sessions are not dropped
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, mf.reload)
-        trimmer = asyncio.create_task(return_memory_when_idle(mf), name="memory-trim")
+        wanted = asyncio.Event()  # SIGHUPs arriving during a reload make one more reload, not one each
+        if shutdown_trigger is None:
+            loop.add_signal_handler(signal.SIGHUP, wanted.set)
+        helpers = [asyncio.create_task(return_memory_when_idle(mf), name="memory-trim"),
+                   asyncio.create_task(_reloads(mf, wanted, reread or (lambda: config)), name="reload")]
         try:
             await stop.wait()
         finally:
-            trimmer.cancel()
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
         log.info("mailflow stopping")
+
+
+async def _reloads(mf: Mailflow, wanted: asyncio.Event, reread: Callable[[], Config]) -> None:
+    while True:
+        await wanted.wait()
+        wanted.clear()
+        await reload_logged(mf, reread)
+
+
+async def reload_logged(mf: Mailflow, reread: Callable[[], Config]) -> bool:
+    """One reload as SIGHUP asks it: re-read, put in force, log the outcome (the log level at once). False when
+    refused (logged as `error: reload refused … FILE: KEY: REASON`)."""
+    log.info("reload: re-reading the configuration")
+    try:
+        await mf.reload(await asyncio.to_thread(reread))
+    except ConfigError as e:
+        where = ": ".join(part for part in (e.file, e.key, e.reason) if part)
+        log.error("reload refused, the configuration in force stays: %s", where)
+        return False
+    except Exception:  # a bug must not end the server: the configuration in force stays
+        log.exception("reload failed, the configuration in force stays")
+        return False
+    logging.getLogger().setLevel(mf.config.log.level.upper())
+    return True

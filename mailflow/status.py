@@ -297,6 +297,11 @@ def protocol_sync(host: str) -> Reply:
     return Reply(554, "5.5.0", f"{host} Error: SMTP protocol synchronization")
 
 
+def shutting_down(host: str) -> Reply:
+    """The server stops (SIGTERM): said to a session between transactions, which is then closed."""
+    return Reply(421, "4.3.2", f"{host} Service shutting down, closing transmission channel")
+
+
 def session_too_long(host: str) -> Reply:
     """session_time_limit reached; the session is closed after it."""
     return Reply(421, "4.4.2", f"{host} Error: session time limit exceeded")

@@ -8,6 +8,8 @@
 - `mailflow_server(**settings)` starts a real `Mailflow` on the test's loop (port 0) with the config of
   `tests.support.base_settings` overlaid with `settings`; it is stopped after the test.
 - `write_config(path, **settings)` writes the same config as TOML, for tests that run `mailflow serve`.
+- `dovecot`: a private Dovecot (`tests.support.dovecot_instance`: LMTP and IMAP on free ports, users alice and
+  bob of example.test), stopped after the test.
 - `pki`: (trustme CA, a certificate file for localhost and 127.0.0.1, a client SSLContext trusting the CA);
   `users`: a `texthash:` table of scrypt hashes (alice/s3cret, bob/hunter2), cheap to compute.
 """
@@ -29,7 +31,7 @@ from dnslib.server import DNSLogger, DNSServer
 from mailflow.app import Mailflow
 from mailflow.config import config_from_dict
 from mailflow.stages.smtpd.auth import hash_password
-from tests.support import CaptureHandler, CapturePeer, ZoneAuthority, base_settings, merged, to_toml
+from tests.support import CaptureHandler, CapturePeer, ZoneAuthority, base_settings, dovecot_instance, merged, to_toml
 
 
 @pytest.fixture
@@ -83,6 +85,12 @@ async def mailflow_server(tmp_path):
     yield start
     for mf in running:
         await mf.stop()
+
+
+@pytest.fixture
+def dovecot():
+    with dovecot_instance() as server:
+        yield server
 
 
 @pytest.fixture

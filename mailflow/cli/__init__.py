@@ -1,6 +1,6 @@
-"""The command line: `mailflow serve | check-config | version | queue … | mailq | table | config | address | auth |
-account … | dovecot-config | dkim keygen | dns-records | check-deliverability | sendmail`. No logic of its own: each
-command calls the module that does the work.
+"""The command line: `mailflow serve | reload | health | check-config | version | queue … | mailq | table | config |
+address | auth | account … | dovecot-config | dkim keygen | dns-records | check-deliverability | sendmail`. No logic
+of its own: each command calls the module that does the work.
 
 Configuration comes from `--config FILE`, else `$MAILFLOW_CONFIG`, else the embedded defaults. A bad
 configuration prints `mailflow: FILE: KEY: REASON` and exits 2 (common.py holds the one formatter); never a
@@ -18,7 +18,7 @@ submission command (mailflow/sendmail/, docs/sendmail.md); its exit codes are sy
 2 for a bad table spec, 75 (EX_TEMPFAIL) when a lookup fails.
 
 The package: common.py (configuration loading and errors, shared options), server.py (serve, check-config,
-version, config show, address, table query, auth), queue.py (the queue tools), submit.py (sendmail),
+version, config show, address, table query, auth), ops.py (reload, health: against a running server), queue.py (the queue tools), submit.py (sendmail),
 accounts.py (`account …`, the account database, and `dovecot-config`),
 deliverability.py (dkim keygen, dns-records, check-deliverability; docs/deliverability.md). This file
 is the command table. Modules only some commands need (the server, the store, the router, smtpd's password
@@ -30,7 +30,7 @@ import sys
 
 import typer
 
-from mailflow.cli import accounts, deliverability, queue, server, submit
+from mailflow.cli import accounts, deliverability, ops, queue, server, submit
 from mailflow.sendmail import program_mode
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="mailflow: a mail server in one asyncio process.")
@@ -45,6 +45,8 @@ account_app = typer.Typer(no_args_is_help=True, help="The account database: host
 dkim_app = typer.Typer(no_args_is_help=True, help="DKIM keys for dkim.key_table (opendkim-genkey).")
 
 app.command()(server.serve)
+app.command()(ops.reload)
+app.command()(ops.health)
 app.command("check-config")(server.check_config)
 app.command()(server.version)
 app.add_typer(queue_app, name="queue")

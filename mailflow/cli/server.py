@@ -4,7 +4,7 @@ table query, auth hash-password. Each is a plain function; `mailflow.cli` regist
     serve(config, sink)      run until SIGTERM/SIGINT (`--sink` or [sink] enable: as a capture server, its queue
                              in a temporary directory); exit 2 for a configuration problem (the log file, a table
                              spec found while building the stages), 1 when it cannot start (an address taken, the
-                             queue held by another server, named by its pid)
+                             queue held by another server, named by its pid); SIGHUP reloads the same file
     check_config(config)     validate, then read every file-backed table, the DKIM tables and keys and the SRS
                              secrets: exit 2 listing each one that cannot answer (`FILE: KEY: REASON`), else print
                              the listeners
@@ -32,12 +32,13 @@ from mailflow.capture.settings import capture_server
 from mailflow.cli.deliverability import tls_steps
 from mailflow.cli.common import (ConfigOption, config_error_text, config_name, config_path, fail, fail_config,
                                      load)
-from mailflow.config import Config, flat_settings, show_settings
+from mailflow.config import Config, flat_settings, load_config, show_settings
 from mailflow.errors import ConfigError, DeliveryError, LookupRetry
 from mailflow.logs import setup_logging
 from mailflow.queuelock import QueueBusy
-from mailflow.syntax import FILE_TABLE_TYPES, parse_hostport, table_type
+from mailflow.syntax import parse_hostport
 from mailflow.tables import open_table
+from mailflow.tables.check import table_problems as unreadable_tables
 
 
 def serve(config: Optional[str] = ConfigOption,
@@ -47,25 +48,27 @@ def serve(config: Optional[str] = ConfigOption,
     from mailflow.app import serve as run
 
     cfg = load(config)
-    where = config_name(config_path(config))
+    path = config_path(config)
+    where = config_name(path)
     if sink or cfg.sink.enable:
         with tempfile.TemporaryDirectory(prefix="mailflow-sink-") as queue:  # the capture is in memory
             try:
                 cfg = capture_server(cfg, queue)
             except ConfigError as e:
                 fail_config("mailflow", e, where)
-            _serve(run, cfg, where)
+            _serve(run, cfg, where, lambda: capture_server(load_config(path), queue))
         return
-    _serve(run, cfg, where)
+    _serve(run, cfg, where, lambda: load_config(path))
 
 
-def _serve(run, cfg: Config, where: str) -> None:
+def _serve(run, cfg: Config, where: str, reread) -> None:
+    """`reread()`: the configuration a reload (SIGHUP, `mailflow reload`) puts in force, read again."""
     try:
         setup_logging(cfg.log, cfg.myhostname)
     except OSError as e:
         fail_config("mailflow", ConfigError(where, "log.file", f"cannot open {cfg.log.file}: {e.strerror}"))
     try:
-        asyncio.run(run(cfg))
+        asyncio.run(run(cfg, reread=reread))
     except QueueBusy as e:  # another server owns this queue: it was left untouched
         fail("mailflow", f"cannot start: {e}", 1)
     except ConfigError as e:  # found while building the stages (e.g. a lookup table spec)
@@ -102,19 +105,7 @@ def listener_summary(cfg: Config) -> list[tuple[str, int, str]]:
 def table_problems(cfg: Config, where: str) -> list[ConfigError]:
     """One ConfigError(where, setting, reason) for each file-backed table (texthash, regexp, sqlite) that cannot
     answer now."""
-    problems = []
-    for key, specs in flat_settings(cfg).items():
-        # domain lists may hold tables (accounts:PATH#domains)
-        if not key.endswith(("_maps", "_domains")) or not isinstance(specs, (list, tuple)):
-            continue
-        for spec in specs:
-            if table_type(spec) not in FILE_TABLE_TYPES:
-                continue
-            try:
-                open_table(spec, aliases=key == "alias_maps").lookup("mailflow-check-config-probe")
-            except (ConfigError, LookupRetry) as e:
-                problems.append(ConfigError(where, key, e.reason))  # LookupRetry's reason is its text
-    return problems
+    return unreadable_tables(flat_settings(cfg), where)
 
 
 def signing_problems(cfg: Config) -> list[ConfigError]:

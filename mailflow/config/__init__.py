@@ -30,6 +30,7 @@ The package, split by job like Postfix's global/mail_params + postconf (callers 
     main.py       Config (top-level settings and the sections), DEFAULTS, BUILTIN_TRANSPORTS
     load.py       load_config, config_from_dict -> ConfigError(file, key, reason)
     paths.py      resolve_paths
+    reload.py     restart_needed, in_force: what a reload of a running server applies, what waits for a restart
     show.py       flat_settings, format_setting, show_settings (postconf's views)
 
 Layering: this package imports only leaves (mailflow.syntax, restriction_vocabulary, pipe_argv, address,
@@ -49,6 +50,7 @@ from mailflow.config.log import LogConfig
 from mailflow.config.main import BUILTIN_TRANSPORTS, DEFAULTS, Config
 from mailflow.config.paths import resolve_paths
 from mailflow.config.queue import QueueConfig, SendmailConfig
+from mailflow.config.reload import in_force, restart_needed
 from mailflow.config.sink import SinkConfig
 from mailflow.config.show import flat_settings, format_setting, show_settings
 from mailflow.config.smtpd import LISTENER_ROLES, ListenerConfig, SmtpdConfig
@@ -60,6 +62,5 @@ __all__ = [
     "DnsConfig", "Duration", "HttpConfig", "ListenerConfig", "LmtpConfig", "LocalConfig", "LogConfig", "MtaStsConfig",
     "PipeService", "QueueConfig", "Section", "SenderAuthConfig", "SendmailConfig", "SinkConfig", "SmtpConfig",
     "SmtpdConfig", "SpamdConfig", "SrsConfig", "config_from_dict", "flat_settings", "format_setting",
-    "opendkim_dataset",
-    "load_config", "resolve_paths", "show_settings",
+    "in_force", "load_config", "opendkim_dataset", "resolve_paths", "restart_needed", "show_settings",
 ]

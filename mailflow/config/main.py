@@ -16,7 +16,7 @@ from pydantic import Field, PrivateAttr, ValidationInfo, field_validator
 
 from mailflow.address import normalise_domain
 from mailflow.config.accounts import AccountsConfig
-from mailflow.config.base import Networks, Section, TableSpecs
+from mailflow.config.base import Duration, Networks, Section, TableSpecs
 from mailflow.config.filters import (ChecksConfig, ClamdConfig, GreylistConfig,
                                      MilterConfig, SenderAuthConfig, SpamdConfig)
 from mailflow.config.delivery import DnsConfig, LmtpConfig, LocalConfig, PipeService, SmtpConfig
@@ -112,6 +112,10 @@ class Config(Section):
     hopcount_limit: int = Field(50, ge=1)
     header_size_limit: int = Field(102400, ge=1024)
     queue_directory: str = "var"
+    # How long a stopping server (SIGTERM: `docker stop`, systemd, Kubernetes) lets the transactions of open
+    # sessions and the deliveries in flight finish before it cuts them off; keep it below the supervisor's own
+    # grace period (docker stop's is 10 s), or the supervisor kills the process first.
+    shutdown_grace: Duration = Field(8.0, ge=0)
 
     smtpd: SmtpdConfig = SmtpdConfig()
     local: LocalConfig = LocalConfig()

@@ -90,6 +90,16 @@ class Cleanup:
         self._checks = checks if checks is not None and checks.enabled else None
         self._content_filter = content_filter
 
+    def reconfigure(self, *, myhostname: str, mapper: AddressMapper, hopcount_limit: int, header_size_limit: int,
+                    outbound: OutboundSigning | None, checks: ContentChecks | None, content_filter: str) -> None:
+        """A reload: messages prepared from now on are checked, rewritten and signed with these (the queue ids
+        go on)."""
+        self._myhostname, self._mapper = myhostname, mapper
+        self._hopcount_limit, self._header_size_limit = hopcount_limit, header_size_limit
+        self._outbound = outbound
+        self._checks = checks if checks is not None and checks.enabled else None
+        self._content_filter = content_filter
+
     def new_spool(self, max_size: int | None = None) -> Spool:
         """Where smtpd and pickup write a message as it arrives (the store's spool directory)."""
         return self._store.new_spool(max_size)

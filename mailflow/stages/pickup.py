@@ -116,6 +116,12 @@ class Pickup:
     def wake(self) -> None:
         self._wanted.set()
 
+    def reconfigure(self, *, myhostname: str, interval: float, bounce_size_limit: int, size_limit: int,
+                    milters: NonSmtpdMilters | None) -> None:
+        """A reload: the files picked up from now on are handled with these settings."""
+        self._myhostname, self._interval, self._milters = myhostname, interval, milters
+        self._bounce_size_limit, self._size_limit = bounce_size_limit, size_limit
+
     async def _listen(self) -> None:
         self.socket_path.parent.mkdir(mode=PUBLIC_MODE, parents=True, exist_ok=True)
         self.socket_path.unlink(missing_ok=True)  # left by a server that did not stop cleanly

@@ -10,6 +10,7 @@ The package, split by job like Postfix's util/dict_*.c (callers import from here
     search.py   key orders and the search order: find, find_address, find_local, lookup_address, lookup_local,
                 address_keys, local_keys, split_extension (Postfix mail_addr_find, maps_find)
     cache.py    TableCache: each spec opened once; `run` keeps blocking lookups off the event loop; `preload`
+    check.py    table_problems: the file-backed tables of a configuration that cannot answer now
     memory.py   inline:, static:, fail:
     files.py    re-reading a changed file off the loop (Reloading), postmap(1) input lines, texthash:
     regexp.py   regexp: on RE2

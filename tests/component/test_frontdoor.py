@@ -350,14 +350,14 @@ async def test_missing_certificate_stops_the_start_naming_the_file(mailflow_serv
         await mailflow_server(smtpd={"tls_cert_file": str(missing)})
 
 
-async def test_reload_tls_serves_the_rotated_certificate_to_new_sessions(mailflow_server, pki, users, tmp_path):
+async def test_reload_serves_the_rotated_certificate_to_new_sessions(mailflow_server, pki, users, tmp_path):
     ca, cert, ctx = pki
     mf = await mailflow_server(**door(cert, users, {"address": "127.0.0.1:0", "role": "submissions"},
                                       {"address": "127.0.0.1:0", "role": "submission"}))
     ports = [p for _, p in mf.smtp_addresses[1:]]
     old = await SmtpClient.connect(ports[0], tls=ctx)
     ca.issue_cert("localhost", "127.0.0.1", "rotated.test").private_key_and_cert_chain_pem.write_to_path(cert)
-    mf.smtpd.reload_tls()
+    await mf.reload(mf.config)
     new = await SmtpClient.connect(ports[0], tls=ctx)
     assert "rotated.test" in new.peer_names() and "rotated.test" not in old.peer_names()
     assert (await old.cmd("NOOP"))[0] == 250  # the running session was not dropped

@@ -417,3 +417,27 @@ async def test_a_recipient_missing_from_the_report_stays_queued(h):
 async def test_qmgr_waits_through_the_injected_clock(h):
     await h.start()
     await eventually(lambda: h.clock.sleeps, timeout=0.3)
+
+
+# ---------------------------------------------------------------------------------------------- reload
+
+
+async def test_a_reload_sends_new_jobs_to_the_new_transports_and_closes_the_old_after_their_deliveries(h):
+    old = BlockingTransport("smtp")
+    await h.start(transports={"local": h.local, "smtp": old})
+    first = await h.queue("a@remote.test")
+    await eventually(lambda: len(old.requests) == 1, what="the first delivery under way")
+
+    new = RecordingTransport("smtp")
+    config = Config(myhostname=HOST, mydestination=("example.test",))
+    h.qmgr.reconfigure(resolve=Rewriter(config).resolve, transports={"local": h.local, "smtp": new},
+                       config=config.queue, notices=None)
+    second = await h.queue("b@remote.test")
+    await eventually(lambda: len(new.requests) == 1, what="the second message to the new transport")
+    assert [r.queue_id for r in new.requests] == [second]
+    assert not old.closed and not h.local.closed  # a delivery still uses it; local was kept
+
+    old.release.set()
+    await eventually(lambda: queue_is_empty(h), what="the first delivery ended")
+    await eventually(lambda: old.closed, what="the replaced transport closed")
+    assert [r.queue_id for r in old.requests] == [first] and not new.closed and not h.local.closed

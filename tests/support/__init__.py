@@ -12,13 +12,15 @@ are in tests/conftest.py and build on these.
 - servers: `base_settings`, `merged`, `to_toml`, `ServerProcess`, `queue_counts`.
 - content: `big_message`, `spooled`, `maildir_messages`.
 - tools: `require_tool`, `run_tool`; scripts: `script_dir` (shell scripts for command deliveries); postfix:
-  `postfix_instance` (a private Postfix).
+  `postfix_instance` (a private Postfix); dovecot: `dovecot_instance` (a private Dovecot, LMTP and IMAP),
+  `Dovecot`, `lmtp_route`.
 
 Every name is importable from `tests.support` itself.
 """
 from tests.support.clocks import RecordingClock, qmgr_turn
 from tests.support.content import big_message, maildir_messages, spooled
 from tests.support.dialogue import Reply, SmtpClient, rcpt_reply, rcpt_until, send
+from tests.support.dovecot import Dovecot, dovecot_instance, lmtp_route
 from tests.support.peers import CaptureHandler, Captured, CapturePeer, ZoneAuthority, stall_mail
 from tests.support.ports import accepts, free_port
 from tests.support.postfix import postfix_instance
@@ -29,9 +31,10 @@ from tests.support.transports import BlockingTransport, RecordingTransport, Scri
 from tests.support.waiting import ScanWatch, eventually, queue_becomes, sessions_over
 
 __all__ = [
-    "BlockingTransport", "CaptureHandler", "CapturePeer", "Captured", "RecordingClock", "RecordingTransport",
+    "BlockingTransport", "CaptureHandler", "CapturePeer", "Captured", "Dovecot", "RecordingClock", "RecordingTransport",
     "Reply", "ScanWatch", "ScriptDir", "ScriptedTransport", "ServerProcess", "SmtpClient", "ZoneAuthority",
-    "accepts", "always", "base_settings", "big_message", "eventually", "free_port", "maildir_messages", "merged",
+    "accepts", "always", "base_settings", "big_message", "dovecot_instance", "eventually", "free_port",
+    "lmtp_route", "maildir_messages", "merged",
     "postfix_instance", "qmgr_turn", "queue_becomes", "queue_counts", "rcpt_reply", "rcpt_until", "require_tool",
     "run_tool", "script_dir", "send", "sessions_over", "spooled", "stall_mail", "to_toml",
 ]

@@ -57,6 +57,8 @@ FUNCTION_IMPORTS = {
     ("mailflow.cli.server", "mailflow.passwords"): "only `auth hash-password` hashes; argon2-cffi's import alone "
                                                    "costs about 20 ms, and sendmail starts once per message",
     ("mailflow.cli.accounts", "mailflow.accounts.database"): "as above: only `account` changes hash passwords",
+    ("mailflow.cli.ops", "mailflow.stages.smtpd.frontends"): "only `health` writes a PROXY header; importing it "
+                                                             "loads the whole smtpd package",
     ("mailflow.cli.queue", "mailflow.store"): "only the queue commands open the queue database",
     ("mailflow.cli.server", "mailflow.signing.keytables"): "only `check-config` reads the DKIM keys (cryptography)",
     ("mailflow.cli.server", "mailflow.routing.srs"): "only `check-config` reads the SRS secrets",

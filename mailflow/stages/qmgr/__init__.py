@@ -26,6 +26,9 @@ The loop
   mail) is returned: its pending recipients count as bounced. After `delay_warning_time` the sender gets one
   "delayed" notice. A message whose recipients were all recorded before a crash has no pending recipient when it
   is scanned again after the start; its scan finishes it.
+- A reload (`reconfigure`) hands qmgr a new resolver, transports and [queue] settings: what is admitted or
+  started from then on uses them; deliveries under way finish with the transports they began with, which are
+  closed after them.
 - About once a second the destinations' state is written to the store for `mailflow queue destinations`, and
   every `MAINTENANCE_INTERVAL` the store gives free space back (`store.maintain`).
 
@@ -106,6 +109,8 @@ class QueueManager:
         self._in_flight_by_transport: dict[str, int] = {}
         self._tasks: set[asyncio.Task] = set()
         self._deliveries: set[asyncio.Task] = set()
+        self._retired: list = []  # transports a reload replaced, closed once their deliveries end
+        self._retirements: set[asyncio.Task] = set()
         self._wakeup = asyncio.Event()
         self._next_scan = 0.0
         self._next_maintenance = 0.0
@@ -146,10 +151,10 @@ class QueueManager:
             task.cancel()
         await asyncio.gather(*self._deliveries, return_exceptions=True)
         await self._drain(min(grace, RECORD_GRACE))
-        for task in list(self._tasks):
+        for task in list(self._tasks) + list(self._retirements):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for transport in {id(t): t for t in self._transports.values()}.values():
+        await asyncio.gather(*self._tasks, *self._retirements, return_exceptions=True)
+        for transport in _unique([*self._transports.values(), *self._retired]):
             await transport.close()
 
     async def _drain(self, seconds: float) -> None:
@@ -158,6 +163,25 @@ class QueueManager:
         deadline = loop.time() + seconds
         while self._tasks and loop.time() < deadline:
             await asyncio.wait(set(self._tasks), timeout=deadline - loop.time())
+
+    def reconfigure(self, *, resolve: Callable[[str], Resolution], transports: dict, config, notices) -> None:
+        """A reload: messages admitted from now on are resolved by `resolve`, jobs started from now on go to
+        `transports`, new destinations and attempts ending from now on follow `config`. Transports no longer in
+        use are closed once the deliveries already under way end (they may hold cached connections)."""
+        retired = [t for t in _unique(self._transports.values()) if t not in _unique(transports.values())]
+        self._resolve, self._transports, self._config, self._notices = resolve, transports, config, notices
+        if retired:
+            self._retired += retired
+            retiring = asyncio.create_task(self._retire(retired, set(self._deliveries)), name="qmgr-retire")
+            self._retirements.add(retiring)
+            retiring.add_done_callback(self._retirements.discard)
+
+    async def _retire(self, transports: list, deliveries: set[asyncio.Task]) -> None:
+        if deliveries:
+            await asyncio.wait(deliveries)
+        for transport in transports:
+            self._retired.remove(transport)
+            await transport.close()
 
     def wake(self) -> None:
         """New mail is queued: scan soon. Carries no state, but says the store took a commit, so a chore backing
@@ -481,6 +505,11 @@ class QueueManager:
 
 
 _NOTICE_KIND = {Outcome.SENT: "success", Outcome.BOUNCED: "failure"}
+
+
+def _unique(transports) -> list:
+    """Each transport once (smtp and relay are one object)."""
+    return list({id(t): t for t in transports}.values())
 
 
 def _owes_notice(result: RcptResult) -> bool:

@@ -5,7 +5,8 @@ What it owns
   `client_connection_count_limit` at once and `client_connection_rate_limit` new ones per
   `anvil_rate_time_unit` (sliding window; refused attempts count too, as in Postfix). 0 turns a limit off.
   Clients for which `exempt(ip)` is true (mynetworks, as Postfix's smtpd_client_event_limit_exceptions
-  default) are never limited. `release(ip)` when an admitted session ends.
+  default) are never limited. `release(ip)` when an admitted session ends. `adopt_limits(other)`: a reload's
+  limits, the counts kept.
 - `SessionSlots`: the listener's sessions at once (`max_sessions`). A connection beyond it waits, without a
   greeting, for a slot to free (back-pressure, as a Postfix service at its process limit leaves connections in
   the listen queue); when as many are already waiting, it is refused (the caller answers 421 4.3.2).
@@ -34,6 +35,11 @@ class Anvil:
         self._exempt = exempt
         self._sessions: dict[str, int] = {}
         self._connects: dict[str, deque[float]] = {}
+
+    def adopt_limits(self, other: "Anvil") -> None:
+        """A reload: `other`'s limits and exemptions from now on; the counts so far stay."""
+        self._count_limit, self._rate_limit = other._count_limit, other._rate_limit
+        self._time_unit, self._exempt = other._time_unit, other._exempt
 
     def admit(self, ip: str) -> status.Reply | None:
         """None: admitted (and counted; call release later). Else the 421 reply to send."""

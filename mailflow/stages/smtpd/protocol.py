@@ -9,7 +9,8 @@ What it owns
 - The connection: `connection_made` (after STARTTLS the client stays who it was), `eof_received` (input
   already received is answered first), `_session_ended` (once however the session ends, also after a TLS
   handshake asyncio never reports to connection_lost: frees what it held, calls the handler's `handle_CLOSE`
-  hook when it has one, logs the disconnect), `hang_up()`.
+  hook when it has one, logs the disconnect), `hang_up()`,
+  `shut_down()` (421 at a stop), `in_transaction`.
 - Replies: `push()` gives a library-written line its enhanced status code (RFC 2034; not the greeting nor
   HELO/EHLO; a `status.Reply` goes as the catalogue wrote it), counts 4xx/5xx toward the error limits and
   records each command's outcome (sessionlog.SessionLog).
@@ -261,6 +262,22 @@ class ProtocolCore(SMTP):
         """The server ends the session (shutdown): no "lost connection" is logged for it."""
         self.record.server_hung_up = True
         self._close()
+
+    def shut_down(self) -> None:
+        """The server is stopping: `421 4.3.2 <host> Service shutting down` and the session ends (RFC 5321 3.8).
+        For a session between transactions: one under way would lose its transaction (its client resends it)."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        reply = str(status.shutting_down(self.hostname))
+        self._writer.write(f"{reply}\r\n".encode())
+        if self.transcript is not None:
+            self.transcript.reply(reply)
+        self.hang_up()
+
+    @property
+    def in_transaction(self) -> bool:
+        """MAIL was accepted and the transaction has not ended (with its message queued, RSET or a refusal)."""
+        return self.envelope is not None and bool(self.envelope.mail_from)
 
     # --- replies ------------------------------------------------------------------------------------------
 

@@ -24,14 +24,25 @@ authorized_xclient_hosts.
 
 Transcripts (transcript.py): with a session `observer`, every session records its dialogue for it.
 
-TLS: the certificate is read at start (a missing or unreadable file stops the start, naming it) and again by
-`reload_tls()` (SIGHUP): new sessions use the new certificate, sessions already running keep theirs.
+TLS: the certificate is read at start (a missing or unreadable file stops the start, naming it) and again at a
+reload (`reconfigure`): new sessions use the new certificate, sessions already running keep theirs.
+
+Reload (`reconfigure(config, handler_for)`, two steps: everything is built and read first, and only a reload
+that built completely is put in use): each listener gets its new settings, handler (restrictions and tables),
+AUTH and sender-login tables and certificate; its address, sockets, session slots and per-client counts stay.
+New sessions use all of it; a running session goes on, to its end, with what it started with (as a Postfix
+smtpd process finishes its client under the old main.cf), so nothing per session (a milter conversation, the
+handler's state) ever changes hands.
+
+Stop (`stop(grace)`): the listeners close; sessions between transactions get 421 4.3.2 and are closed; a
+session in a transaction may finish it within the grace period.
 """
 from __future__ import annotations
 
 import asyncio
 import ipaddress
 import logging
+import ssl
 from dataclasses import dataclass
 from typing import Callable
 
@@ -46,7 +57,7 @@ from mailflow.stages.smtpd.dovecot_auth import DovecotAuth
 from mailflow.stages.smtpd.frontends import FrontEnds
 from mailflow.stages.smtpd.handler import SmtpdHandler
 from mailflow.stages.smtpd.session import ProtocolLimits, SmtpSession
-from mailflow.stages.smtpd.tls import ServerTls
+from mailflow.stages.smtpd.tls import ServerTls, listener_context
 from mailflow.stages.smtpd.transcript import SessionObserver
 from mailflow.syntax import parse_hostport
 from mailflow.tables import TableCache
@@ -54,6 +65,9 @@ from mailflow.tables import TableCache
 log = logging.getLogger("mailflow.smtpd")
 
 AUTH_HASH_WORKERS = 2  # scrypt threads: an AUTH flood uses at most this many cores
+STOP_POLL = 0.05  # seconds between looks at the sessions of a stopping server
+# What a reload replaces in a running listener (its address, sockets, session slots and counts stay).
+RELOADED = ("config", "handler", "authenticator", "sender_logins", "frontends", "limits")
 
 
 @dataclass
@@ -130,7 +144,8 @@ class ListenerSession(SmtpSession):
 
 
 class Smtpd:
-    """The listeners. `await start()`, `addresses`, `reload_tls()`, `await stop(grace)`."""
+    """The listeners. `await start()`, `addresses`, `reconfigure(config, handler_for)` (a reload),
+    `await stop(grace)`."""
 
     def __init__(self, config: Config, handler_for: Callable[[Config], SmtpdHandler], *, clock: Clock | None = None,
                  observer: SessionObserver | None = None):
@@ -198,6 +213,12 @@ class Smtpd:
             self._tls[key] = ServerTls(*key)
         return self._tls[key]
 
+    def _implicit_tls(self, listener: Listener) -> ssl.SSLContext:
+        """The asyncio server of an implicit-TLS listener keeps its context for good: each handshake is handed
+        the certificate in force for this listener now (after a reload too)."""
+        return listener_context(self._server_tls(listener.smtpd),
+                                lambda: self._server_tls(listener.smtpd).context)
+
     def _session(self, listener: Listener) -> SmtpSession:
         c, smtpd = listener.config, listener.smtpd
         tls = self._server_tls(smtpd) if smtpd.tls_cert_file else None
@@ -230,19 +251,30 @@ class Smtpd:
         self.listeners = [self._build_listener(*spec) for spec in self._listener_specs()]
         await self._tables.preload()  # the user and sender-login tables, read off the event loop
         for listener in self.listeners:
-            ssl = self._server_tls(listener.smtpd).listener_context() if listener.role == "submissions" else None
+            ssl = self._implicit_tls(listener) if listener.role == "submissions" else None
             listener.server = await loop.create_server(lambda li=listener: self._session(li), listener.host,
                                                        listener.port, ssl=ssl)
 
-    def reload_tls(self) -> None:
-        """Re-read every certificate and key (SIGHUP). New sessions use them; running sessions keep theirs.
-        A file that cannot be read is logged and the old certificate stays in use."""
-        for tls in self._tls.values():
-            try:
-                tls.reload()
-                log.info("TLS certificate %s reloaded", tls.cert_file)
-            except Exception as e:
-                log.error("TLS reload failed, keeping the previous certificate: %s", e)
+    def reconfigure(self, config: Config, handler_for: Callable[[Config], SmtpdHandler]) -> Callable[[], None]:
+        """A reload: the listeners' settings, handlers, AUTH and sender-login tables and certificates, built from
+        `config` as a start would build them (the files read now), but not yet in use. Raises ConfigError (a
+        TlsError for a certificate) and changes nothing then. The function returned puts them in use for new
+        sessions; a running session keeps what it started with, to its end (Postfix: an smtpd process serves
+        its client under the configuration it started with). Addresses, roles and max_sessions stay as they
+        are (the caller passes a config that keeps them: mailflow.config.in_force)."""
+        fresh = Smtpd(config, handler_for, clock=self._clock, observer=self._observer)
+        fresh.auth_failures, fresh._hasher = self.auth_failures, self._hasher  # the server's, whatever the config
+        built = [fresh._build_listener(*spec) for spec in fresh._listener_specs()]
+
+        def commit() -> None:
+            self._config, self._handler_for, self._tables, self._tls = config, handler_for, fresh._tables, fresh._tls
+            self._hasher = fresh._hasher
+            for listener, new in zip(self.listeners, built):
+                for name in RELOADED:
+                    setattr(listener, name, getattr(new, name))
+                listener.anvil.adopt_limits(new.anvil)
+
+        return commit
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -257,10 +289,15 @@ class Smtpd:
 
     @property
     def _submitting(self) -> int:
-        return sum(li.handler.submitting for li in self.listeners)
+        """Messages being committed, by every handler in use (a session keeps its own over a reload)."""
+        handlers = {id(h): h for h in [li.handler for li in self.listeners] + [s.event_handler for s in self.sessions]}
+        return sum(h.submitting for h in handlers.values())
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Close the listeners, wait (within `grace`) for messages being committed, close every session.
+        """Drain: close the listeners; a session between transactions gets `421 4.3.2 … shutting down` and is
+        closed, one in a transaction may finish it (up to its 250) within `grace`, and is closed after it; at
+        the end of `grace` whatever is left is cut (a message being committed is waited for first, within
+        `grace` too).
 
         A session cut mid-DATA loses nothing: its client got no 250 and will send the message again.
         """
@@ -269,8 +306,12 @@ class Smtpd:
         for server in servers:
             server.close()
         deadline = loop.time() + grace
-        while self._submitting and loop.time() < deadline:
-            await asyncio.sleep(0.02)
+        while loop.time() < deadline:
+            for session in [s for s in self.sessions if not s.in_transaction]:
+                session.shut_down()
+            if not self.sessions and not self._submitting:
+                break
+            await asyncio.sleep(min(STOP_POLL, max(0.0, deadline - loop.time())))
         for session in list(self.sessions):
             session.hang_up()
         for server in servers:

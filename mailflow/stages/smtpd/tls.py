@@ -2,20 +2,22 @@
 
 What it owns
 - `ServerTls(cert_file, key_file)`: reads the certificate chain and key (Postfix smtpd_tls_cert_file /
-  smtpd_tls_key_file; an empty key file means the key is in the certificate file) into `.context`.
-- `reload()`: builds a new context from the files; new sessions get it, sessions already in TLS keep theirs.
-- `listener_context()`: one context that never changes, for implicit-TLS listeners (the asyncio server holds
-  its context for good); its SNI hook hands each new handshake the current context, so a reload reaches them
-  too. The hook runs whether or not the client sends SNI.
+  smtpd_tls_key_file; an empty key file means the key is in the certificate file) into `.context`. A reload
+  reads the files again into new ServerTls objects (server.Smtpd.reconfigure): new sessions get them, sessions
+  already in TLS keep theirs.
+- `listener_context(tls, current)`: one context that never changes, for implicit-TLS listeners (the asyncio
+  server holds its context for good); its SNI hook hands each new handshake `current()`, the context in force
+  now, so a reload reaches them too. The hook runs whether or not the client sends SNI.
 
 Failure behaviour: a missing, unreadable or mismatched file raises `TlsError` naming the file, at start (so
-`mailflow serve` refuses to start) and at reload (the old context stays in use, the error is logged by the
-caller). Client certificates are not requested.
+`mailflow serve` refuses to start) and at a reload (the reload is refused; the contexts in use stay). Client
+certificates are not requested.
 """
 from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from typing import Callable
 
 from mailflow.errors import ConfigError
 
@@ -47,25 +49,20 @@ def build_context(cert_file: str, key_file: str = "") -> ssl.SSLContext:
 
 
 class ServerTls:
-    """The current server context, swapped whole on reload."""
+    """The context of one certificate and key, read when made."""
 
     def __init__(self, cert_file: str, key_file: str = ""):
         self.cert_file = cert_file
         self.key_file = key_file
         self.context = build_context(cert_file, key_file)
-        self._front: ssl.SSLContext | None = None
 
-    def reload(self) -> None:
-        """Re-read the files; on failure raise TlsError and keep the context in use."""
-        self.context = build_context(self.cert_file, self.key_file)
 
-    def listener_context(self) -> ssl.SSLContext:
-        """A stable context for implicit TLS whose handshakes use the current context (via the SNI hook)."""
-        if self._front is None:
-            front = build_context(self.cert_file, self.key_file)
-            front.sni_callback = self._use_current
-            self._front = front
-        return self._front
+def listener_context(tls: ServerTls, current: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+    """A stable context for implicit TLS whose handshakes use `current()` (via the SNI hook)."""
+    front = build_context(tls.cert_file, tls.key_file)
 
-    def _use_current(self, sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
-        sslobj.context = self.context
+    def use_current(sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
+        sslobj.context = current()
+
+    front.sni_callback = use_current
+    return front

@@ -1,0 +1,46 @@
+"""Draining at stop (SIGTERM): no new connection, idle sessions told 421 4.3.2, a transaction under way may end
+with its 250 within the grace period, what outlasts it is cut without losing anything acknowledged."""
+from __future__ import annotations
+
+import asyncio
+
+from mailflow import status
+from mailflow.app import Mailflow
+from mailflow.config import config_from_dict
+from tests.support import SmtpClient, accepts, base_settings, queue_counts
+
+HOST = "mx.mailflow.test"
+
+
+async def test_stop_lets_a_transaction_end_and_tells_idle_sessions_to_go(mailflow_server, tmp_path):
+    mf = await mailflow_server()
+    port = mf.smtp_addresses[0][1]
+    idle = await SmtpClient.connect(port)
+    await idle.cmd("EHLO client.test")
+    busy = await SmtpClient.connect(port)
+    await busy.envelope()
+    assert (await busy.cmd("DATA")).code == 354
+
+    stopping = asyncio.create_task(mf.stop())
+    assert await idle.reply() == status.shutting_down(HOST)
+    assert await idle.closed()
+    assert not accepts(port)  # no new connection meanwhile
+    await busy.send(b"Subject: late\r\n\r\nbody\r\n.\r\n")
+    queued = await busy.reply()
+    assert queued.text.startswith("250 2.0.0 Ok: queued as"), queued
+    assert await busy.reply() == status.shutting_down(HOST)  # its transaction over, it goes too
+    await asyncio.wait_for(stopping, 1.5)  # well within the grace (2 s): nothing was left to wait for
+    assert queue_counts(tmp_path / "queue" / "queue.db") == {"incoming": 1}
+
+
+async def test_stop_cuts_a_transaction_that_outlasts_the_grace_period(tmp_path):
+    mf = Mailflow(config_from_dict({**base_settings(tmp_path), "shutdown_grace": 0.3}))
+    await mf.start()
+    slow = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    await slow.envelope()  # and nothing more
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await asyncio.wait_for(mf.stop(), 2)
+    assert 0.3 <= loop.time() - started < 1.5
+    assert await slow.closed()  # cut: its client got no 250 and sends the message again later
+    assert queue_counts(tmp_path / "queue" / "queue.db") == {}

@@ -1,0 +1,137 @@
+"""Reload with a real process (`mailflow serve`): SIGHUP and `mailflow reload` put a changed table and a changed
+restriction in force without dropping an open session; a bad configuration is refused naming FILE: KEY: REASON
+and the one in force stays; what only a restart applies is named in the log and left running as it is."""
+from __future__ import annotations
+
+import signal
+import sys
+
+import pytest
+
+from mailflow.config import config_from_dict
+from mailflow.errors import ConfigError
+from tests.support import ServerProcess, SmtpClient, eventually, free_port, rcpt_reply, run_tool
+
+IN_FORCE = "reload: configuration, tables and certificates in force"
+BLOCKED = {"sender_restrictions": ["check_sender_access inline:{blocked@remote.test=REJECT}"]}
+
+
+@pytest.fixture
+def world(tmp_path, write_config):
+    """A server on a fixed port whose recipients are the texthash table `users-1` (alice, bob)."""
+    (tmp_path / "users-1").write_text("alice ok\nbob ok\n")
+    (tmp_path / "users-2").write_text("alice ok\ncarol ok\n")
+    port = free_port()
+    path = tmp_path / "mailflow.toml"
+
+    def configure(users: str = "users-1", **overrides) -> None:
+        smtpd = {"listen": [f"127.0.0.1:{port}"], **overrides.pop("smtpd", {})}
+        write_config(path, local_recipient_maps=[f"texthash:{tmp_path / users}"], smtpd=smtpd, **overrides)
+
+    configure()
+    server = ServerProcess(path, tmp_path / "server.log", port)
+    server.configure = configure
+    yield server
+    server.kill()
+
+
+async def reloaded(server: ServerProcess, count: int, *words: str) -> list[str]:
+    """Wait until the server has logged the outcome of its `count`-th reload; its lines holding `words`."""
+    await eventually(lambda: len(server.log_lines(IN_FORCE)) + len(server.log_lines("reload refused")) >= count,
+                     timeout=10, what=f"reload {count} done")
+    return server.log_lines(*words)
+
+
+async def mailflow_cli(*args: str) -> tuple[int, str]:
+    return await run_tool(sys.executable, "-m", "mailflow", *args, timeout=30)
+
+
+async def test_sighup_applies_a_changed_table_and_restriction_without_dropping_an_open_session(world):
+    await world.start()
+    client = await SmtpClient.connect(world.port)
+    await client.cmd("EHLO client.test")
+    assert (await client.cmd("MAIL FROM:<s@remote.test>")).code == 250
+    assert (await client.cmd("RCPT TO:<bob@local.test>")).code == 250
+
+    world.configure(users="users-2", smtpd=BLOCKED)  # bob leaves, carol comes, blocked@ is refused
+    world.proc.send_signal(signal.SIGHUP)
+    await reloaded(world, 1)
+
+    # the open session keeps working, to its end under the rules it began with (as Postfix's smtpd)
+    assert (await client.cmd("DATA")).code == 354
+    await client.send(b"Subject: before\r\n\r\nbody\r\n.\r\n")
+    assert (await client.reply()).text.startswith("250 2.0.0 Ok: queued as")
+    await client.cmd("MAIL FROM:<blocked@remote.test>")
+    assert (await client.cmd("RCPT TO:<bob@local.test>")).code == 250
+    await client.cmd("QUIT")
+    await client.close()
+    # a new session's transaction follows the new rules: the new restriction and the new table
+    client = await SmtpClient.connect(world.port)
+    await client.cmd("EHLO client.test")
+    await client.cmd("MAIL FROM:<blocked@remote.test>")
+    refused = await client.cmd("RCPT TO:<alice@local.test>")
+    assert refused.code == 554 and "Sender address rejected" in refused.text, refused
+    await client.cmd("RSET")
+    await client.cmd("MAIL FROM:<s@remote.test>")
+    assert (await client.cmd("RCPT TO:<bob@local.test>")).code == 550
+    assert (await client.cmd("RCPT TO:<carol@local.test>")).code == 250
+    await client.close()
+    assert not world.log_lines("restart to apply")
+
+
+async def test_a_bad_configuration_is_refused_and_the_one_in_force_stays(world, tmp_path):
+    await world.start()
+    path = str(world.config_path)
+
+    world.configure(smtpd={"recipient_limit": 0})
+    code, out = await mailflow_cli("reload", "-c", path)  # the command checks first, and signals nothing
+    assert code == 2 and f"{path}: smtpd.recipient_limit: " in out, out
+    world.proc.send_signal(signal.SIGHUP)  # the server checks too
+    [refusal] = await reloaded(world, 1, "reload refused")
+    assert f"error: reload refused, the configuration in force stays: {path}: smtpd.recipient_limit: " in refusal
+
+    world.configure(users="missing")
+    world.proc.send_signal(signal.SIGHUP)
+    [refusal] = await reloaded(world, 2, "missing")
+    assert "local_recipient_maps" in refusal and str(tmp_path / "missing") in refusal, refusal
+
+    assert (await rcpt_reply(world.port, "bob@local.test")).code == 250  # the first configuration, still
+    assert not world.log_lines(IN_FORCE)
+
+
+async def test_mailflow_reload_names_what_waits_for_a_restart_and_applies_the_rest(world, tmp_path):
+    code, out = await mailflow_cli("reload", "-c", str(world.config_path))
+    assert code == 1 and "no server is running on the queue" in out, out
+    await world.start()
+
+    moved = free_port()
+    world.configure(smtpd={"listen": [f"127.0.0.1:{moved}"], **BLOCKED},
+                    queue={"queue_run_delay": "2s", "incoming_backlog_limit": 10})
+    code, out = await mailflow_cli("reload", "-c", str(world.config_path))
+    assert code == 0 and f"(pid {world.proc.pid}) is reloading" in out, out
+    await reloaded(world, 1)
+    waiting = [line.split("warning: ", 1)[1] for line in world.log_lines("restart to apply")]
+    assert waiting == ["reload: smtpd.listen changed; restart to apply",
+                       "reload: queue.incoming_backlog_limit changed; restart to apply"], waiting
+    # the listener stays where it was; the restriction applies there
+    client = await SmtpClient.connect(world.port)
+    await client.cmd("EHLO client.test")
+    await client.cmd("MAIL FROM:<blocked@remote.test>")
+    assert (await client.cmd("RCPT TO:<alice@local.test>")).code == 554
+    await client.close()
+    assert await world.terminate() == 0
+
+
+async def test_a_reload_keeps_a_certificate_that_cannot_be_read(mailflow_server, pki, tmp_path):
+    ca, cert, ctx = pki
+    mf = await mailflow_server(smtpd={"tls_cert_file": cert})
+    broken = config_from_dict({**mf.config.model_dump(), "smtpd": {**mf.config.smtpd.model_dump(),
+                                                                   "tls_cert_file": str(tmp_path / "gone.pem")}})
+    with pytest.raises(ConfigError, match="gone.pem: no such certificate"):
+        await mf.reload(broken)
+    assert mf.config.smtpd.tls_cert_file == cert
+    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    await client.cmd("EHLO client.test")
+    await client.starttls(ctx)  # the certificate in force serves on
+    assert (await client.cmd("NOOP")).code == 250
+    await client.close()

@@ -1,0 +1,62 @@
+"""mailflow.config.reload: which changed settings wait for a restart, and the configuration a reload puts in force."""
+from __future__ import annotations
+
+import pytest
+
+from mailflow.config import ConfigError, config_from_dict, in_force, restart_needed
+
+RUNNING = {
+    "queue_directory": "/var/spool/mailflow",
+    "smtpd": {"listen": ["127.0.0.1:25"], "recipient_limit": 100,
+              "listeners": [{"address": "127.0.0.1:587", "role": "mta", "overrides": {"recipient_limit": 10}}]},
+    "queue": {"queue_run_delay": 60, "incoming_backlog_limit": 5000},
+    "log": {"level": "info", "format": "text"},
+}
+
+
+def config(**changes):
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in RUNNING.items()}
+    for key, value in changes.items():
+        section, _, name = key.partition("__")
+        if name:
+            data.setdefault(section, {})[name] = value
+        else:
+            data[section] = value
+    return config_from_dict(data)
+
+
+def test_nothing_changed_nothing_waits():
+    assert restart_needed(config(), config()) == []
+
+
+def test_what_a_reload_applies_is_not_named():
+    new = config(smtpd__recipient_limit=5, queue__queue_run_delay=5, log__level="debug", relay_domains=["x.test"],
+                 smtpd__listeners=[{"address": "127.0.0.1:587", "role": "mta", "overrides": {"recipient_limit": 1}}])
+    assert restart_needed(config(), new) == []
+    kept = in_force(config(), new, "f.toml")
+    assert (kept.smtpd.recipient_limit, kept.queue.queue_run_delay, kept.log.level) == (5, 5.0, "debug")
+    assert kept.smtpd.listeners[0].overrides == {"recipient_limit": 1}
+
+
+def test_what_waits_for_a_restart_is_named_and_kept_as_it_runs():
+    new = config(queue_directory="/elsewhere", smtpd__listen=["127.0.0.1:2525"], queue__incoming_backlog_limit=9,
+                 log__format="json", dns={"timeout": 1}, http={"listen": ["127.0.0.1:8080"]},
+                 smtpd__listeners=[{"address": "127.0.0.1:588", "role": "mta"}], smtpd__recipient_limit=7)
+    assert sorted(restart_needed(config(), new)) == [
+        "dns.timeout", "http.listen", "log.format", "queue.incoming_backlog_limit", "queue_directory",
+        "smtpd.listen", "smtpd.listeners"]
+    kept = in_force(config(), new, "f.toml")
+    assert kept.queue_directory == "/var/spool/mailflow" and kept.smtpd.listen == ("127.0.0.1:25",)
+    assert kept.queue.incoming_backlog_limit == 5000 and kept.log.format == "text"
+    assert kept.dns.timeout == config().dns.timeout and kept.http.listen == config().http.listen
+    assert [(li.address, li.overrides) for li in kept.smtpd.listeners] == [("127.0.0.1:587", {"recipient_limit": 10})]
+    assert kept.smtpd.recipient_limit == 7  # the rest applies
+
+
+def test_a_new_file_that_cannot_serve_the_running_listeners_is_refused():
+    encrypt = {"address": "127.0.0.1:2587", "role": "mta", "overrides": {"tls_security_level": "encrypt"}}
+    running = config_from_dict({"smtpd": {"listen": [], "tls_cert_file": "/etc/cert.pem", "listeners": [encrypt]}})
+    new = config_from_dict({"smtpd": {"listen": [], "listeners": [{"address": "127.0.0.1:25", "role": "mta"}]}})
+    with pytest.raises(ConfigError, match=r"^f\.toml: smtpd: listener 0 \(127.0.0.1:2587, mta\): needs tls_cert_file "
+                                          r".*\(with smtpd.listeners as running until a restart\)$"):
+        in_force(running, new, "f.toml")
