@@ -14,6 +14,11 @@ queue history (the mail log's observer); with `[sink] enable` it also serves the
 listener (`[http]`, mailflow.http; `mf.http`). `smtpd_policy` is smtpd's in-process policy hook;
 `session_observer` (default: the capture's) gets every SMTP session's transcript (stages.smtpd.transcript).
 
+With `[admin] enable` the server counts (`mf.metrics`, mailflow.metrics: fed by the mail log's and smtpd's
+observers, qmgr's delivery hook and the store's commit hook) and serves the admin listener (`mf.admin`,
+mailflow.admin: /metrics, /healthz, /readyz, the admin API, the queue page), opened before the stages so that
+/healthz answers while the queue is recovered and /readyz says when the server is ready.
+
 The clock, RNG, resolver and transports can be injected (tests pass fakes or local peers); nothing is
 global, so several instances can run in one process. Without an injected resolver, `build_resolver` makes one
 from `[dns]` (transports and smtpd share it). `serve(config)` runs one until SIGTERM/SIGINT or
@@ -29,6 +34,7 @@ import logging
 import random
 import shutil
 import signal
+from typing import TYPE_CHECKING
 
 from mailflow.capture.recorders import Capture
 from mailflow.clock import Clock, SystemClock
@@ -44,8 +50,13 @@ from mailflow.model import ClientInfo, DeliveryRequest, Envelope, Recipient, Sub
 from mailflow.queuelock import QueueLock
 from mailflow.routing.router import Router
 from mailflow.stages.smtpd import Smtpd, SmtpdHandler
+from mailflow.stages.smtpd.transcript import SessionObservers
 from mailflow.store import Store
 from mailflow.transports import build_transports
+
+if TYPE_CHECKING:  # loaded only with [admin] enable (see _start_admin)
+    from mailflow.admin import Admin
+    from mailflow.metrics import Metrics
 
 log = logging.getLogger("mailflow")
 
@@ -93,6 +104,15 @@ class Mailflow:
         self._smtpd_policy = smtpd_policy
         self._session_observer = session_observer or (capture.session_observer if capture else None)
         self.http = None  # mailflow.http.HttpServer, when a feature serves HTTP
+        self.metrics: Metrics | None = None  # with [admin] enable
+        self.admin: Admin | None = None  # with [admin] enable
+        if config.admin.enable:
+            from mailflow.metrics import Metrics
+
+            self.metrics = Metrics(self.clock)
+            self.metrics.watch(self)
+            observers = [o for o in (self._session_observer, self.metrics.sessions) if o is not None]
+            self._session_observer = observers[0] if len(observers) == 1 else SessionObservers(*observers)
 
     async def start(self) -> None:
         c = self.config
@@ -101,6 +121,7 @@ class Mailflow:
             self.store = await Store.open(c.queue_path / "queue.db", batch_limit=c.queue.commit_batch_limit,
                                           backlog_limit=c.queue.incoming_backlog_limit, owner=True)
             await self.store.sweep()  # spool files a crash left behind; nothing is being received yet
+            await self._start_admin()
             await self._start_stages()
             await self._start_http()
         except BaseException:
@@ -116,14 +137,15 @@ class Mailflow:
         router = Router(c)
         await router.tables.preload()  # read the table files off the event loop, before anyone asks
         capture = self.capture
-        maillog = MailLog(observer=capture.mail_observer if capture else None)
+        maillog = MailLog(observer=self._mail_observer())
         cleanup = Cleanup(self.store, myhostname=c.myhostname, clock=self.clock, rng=self.rng, log=maillog,
                           on_queued=self._wake_qmgr, mapper=router.mapper, hopcount_limit=c.hopcount_limit,
                           header_size_limit=c.header_size_limit)
         notices = Notices(cleanup.prepare_notice, myhostname=c.myhostname, config=c.queue)
         transports = self._build_transports(router, forwarder(cleanup, c.myhostname))
         self.qmgr = QueueManager(self.store, resolve=router.rewriter.resolve, transports=transports,
-                                 config=c.queue, clock=self.clock, rng=self.rng, log=maillog, notices=notices)
+                                 config=c.queue, clock=self.clock, rng=self.rng, log=maillog, notices=notices,
+                                 on_delivery=self.metrics.delivered if self.metrics else None)
         await self.qmgr.start()
         self.pickup = Pickup(c.queue_path, cleanup, myhostname=c.myhostname, clock=self.clock,
                              interval=c.sendmail.pickup_interval, bounce_size_limit=c.queue.bounce_size_limit,
@@ -136,6 +158,29 @@ class Mailflow:
                                                                     policy=self._smtpd_policy),
                            clock=self.clock, observer=self._session_observer)
         await self.smtpd.start()
+
+    def _mail_observer(self):
+        """Who hears the mail log's events: the capture's queue histories, the metrics, both or nobody."""
+        observers = [o for o in (self.capture.mail_observer if self.capture else None,
+                                 self.metrics.mail_event if self.metrics else None) if o is not None]
+        if len(observers) < 2:
+            return observers[0] if observers else None
+
+        def both(queue_id: str, event: str, fields: dict) -> None:
+            for observer in observers:
+                observer(queue_id, event, fields)
+        return both
+
+    async def _start_admin(self) -> None:
+        """The admin listener ([admin] enable), and the store's commits counted."""
+        if self.metrics is None:
+            return
+        from mailflow.admin import Admin
+
+        assert self.store is not None
+        self.store.watch_commits(self.metrics.committed)
+        self.admin = Admin(self.config.admin, self, self.metrics)
+        await self.admin.start()
 
     async def _start_http(self) -> None:
         """The HTTP listener, when a feature has something to serve: the capture API with [sink] enable."""
@@ -168,6 +213,9 @@ class Mailflow:
 
     async def stop(self) -> None:
         """Listeners (HTTP, SMTP) and pickup first, then deliveries, then the store. Safe to call twice."""
+        if self.admin:
+            await self.admin.stop()
+            self.admin = None
         if self.http:
             await self.http.stop()
             self.http = None

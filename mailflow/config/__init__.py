@@ -22,6 +22,7 @@ The package, split by job like Postfix's global/mail_params + postconf (callers 
     log.py        LogConfig                                                                    [log]
     http.py       HttpConfig                                                                   [http]
     sink.py       SinkConfig                                                                   [sink]
+    admin.py      AdminConfig, beyond_loopback                                                 [admin]
     main.py       Config (top-level settings and the sections), DEFAULTS, BUILTIN_TRANSPORTS
     load.py       load_config, config_from_dict -> ConfigError(file, key, reason)
     paths.py      resolve_paths
@@ -31,6 +32,7 @@ Layering: this package imports only leaves (mailflow.syntax, restriction_vocabul
 errors and what they import), never a stage, a transport or the routing libraries
 (tests/unit/test_layering.py).
 """
+from mailflow.config.admin import AdminConfig, beyond_loopback
 from mailflow.config.base import Duration, Section
 from mailflow.config.delivery import DnsConfig, LmtpConfig, LocalConfig, PipeService, SmtpConfig
 from mailflow.config.http import HttpConfig
@@ -45,8 +47,8 @@ from mailflow.config.smtpd import LISTENER_ROLES, ListenerConfig, SmtpdConfig
 from mailflow.errors import ConfigError
 
 __all__ = [
-    "BUILTIN_TRANSPORTS", "DEFAULTS", "LISTENER_ROLES", "Config", "ConfigError", "DnsConfig", "Duration",
+    "AdminConfig", "BUILTIN_TRANSPORTS", "DEFAULTS", "LISTENER_ROLES", "Config", "ConfigError", "DnsConfig", "Duration",
     "HttpConfig", "ListenerConfig", "LmtpConfig", "LocalConfig", "LogConfig", "PipeService", "QueueConfig", "Section",
-    "SendmailConfig", "SinkConfig", "SmtpConfig", "SmtpdConfig", "config_from_dict", "flat_settings", "format_setting",
+    "SendmailConfig", "SinkConfig", "SmtpConfig", "SmtpdConfig", "beyond_loopback", "config_from_dict", "flat_settings", "format_setting",
     "load_config", "resolve_paths", "show_settings",
 ]

@@ -15,6 +15,7 @@ from pathlib import Path
 from pydantic import Field, PrivateAttr, ValidationInfo, field_validator
 
 from mailflow.address import normalise_domain
+from mailflow.config.admin import AdminConfig
 from mailflow.config.base import Networks, Section, TableSpecs
 from mailflow.config.delivery import DnsConfig, LmtpConfig, LocalConfig, PipeService, SmtpConfig
 from mailflow.config.http import HttpConfig
@@ -38,7 +39,7 @@ _TRANSPORT_NEXTHOP = re.compile(rf"{_TRANSPORT_NAME.pattern}(:.*)?")  # transpor
 
 
 class Config(Section):
-    """The whole configuration. Section tables: smtpd, local, smtp, lmtp, dns, queue, log, sendmail, http, sink."""
+    """The whole configuration. Section tables: smtpd, local, smtp, lmtp, dns, queue, log, sendmail, http, sink, admin."""
 
     myhostname: str = "localhost"
     # Appended to unqualified addresses (user -> user@myorigin); "" means myhostname. mydomain ("": myhostname
@@ -113,6 +114,7 @@ class Config(Section):
     sendmail: SendmailConfig = SendmailConfig()
     http: HttpConfig = HttpConfig()
     sink: SinkConfig = SinkConfig()
+    admin: AdminConfig = AdminConfig()
     # Delivery to commands: [pipe.NAME] tables (PipeService), each a transport named NAME.
     pipe: dict[str, PipeService] = {}
     # The directory relative paths were taken from (None: as written); set by resolve_paths.
