@@ -23,8 +23,8 @@ Fed by the seams that already exist, never by code added to the path of a messag
         recent                          deque of Delivery, newest last
         await render() -> bytes         the text exposition format
 
-Cost: each feed is a dict lookup and a counter increment (histograms: a bucket search); measured in
-docs/operations.md.
+Cost: each feed is a dict lookup and an integer added (histograms: a bucket search), counted in plain Python
+(`Counts`, `Buckets`) and turned into metric families only when scraped; measured in docs/operations.md.
 
 Failure behaviour: a feed never raises (unknown events and odd values are ignored); a scrape whose store read
 fails still answers, without the queue sizes (the failure is logged).
@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import logging
 import re
+from bisect import bisect_left
 from collections import deque
-from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Iterator, NamedTuple
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from mailflow.clock import Clock
@@ -56,8 +56,7 @@ COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 _DSN = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 
 
-@dataclass(frozen=True)
-class Delivery:
+class Delivery(NamedTuple):
     """One recipient's result as the mail log told it (for the queue page's "last deliveries")."""
 
     time: float
@@ -77,66 +76,111 @@ def dsn_class(dsn: str) -> str:
     return dsn.rsplit(".", 1)[0] if _DSN.fullmatch(dsn) else "other"
 
 
+class Counts:
+    """A counter family as plain integers by label values: the feeds run on the event loop, one at a time, so an
+    increment is a dict update (prometheus_client's Counter takes a lock and checks per increment: measured,
+    several times the cost). Turned into a metric family at scrape time."""
+
+    def __init__(self, name: str, doc: str, labels: tuple[str, ...] = ()):
+        self.name, self.doc, self.labels = name, doc, labels
+        self.values: dict[tuple[str, ...], int] = {} if labels else {(): 0}
+
+    def inc(self, *labels: str) -> None:
+        self.values[labels] = self.values.get(labels, 0) + 1
+
+    def family(self) -> Metric:
+        family = CounterMetricFamily(self.name, self.doc, labels=self.labels)
+        for labels, value in self.values.items():
+            family.add_metric(labels, value)
+        return family
+
+
+class Buckets:
+    """A histogram family the same way: per label values, a count per bucket (the last: above every bound)
+    and the sum."""
+
+    def __init__(self, name: str, doc: str, bounds: tuple[float, ...], labels: tuple[str, ...] = ()):
+        self.name, self.doc, self.bounds, self.labels = name, doc, bounds, labels
+        self.series: dict[tuple[str, ...], list] = {} if labels else {(): self._empty()}
+
+    def _empty(self) -> list:
+        return [0] * (len(self.bounds) + 1) + [0.0]
+
+    def observe(self, value: float, *labels: str) -> None:
+        series = self.series.get(labels)
+        if series is None:
+            series = self.series[labels] = self._empty()
+        series[bisect_left(self.bounds, value)] += 1
+        series[-1] += value
+
+    def family(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
+        for labels, series in self.series.items():
+            cumulative, buckets = 0, []
+            for bound, count in zip((*(str(float(b)) for b in self.bounds), "+Inf"), series[:-1]):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            family.add_metric(labels, buckets, series[-1])
+        return family
+
+
 class SessionCounter(SessionObserver):
     """smtpd's session observer for the metrics: counts, keeps no transcript."""
 
     line_limit = 0
     byte_limit = 0
 
-    def __init__(self, registry: CollectorRegistry):
-        self._sessions = Counter("mailflow_smtpd_sessions", "SMTP sessions accepted (connections)",
-                                 registry=registry)
-        self._replies = Counter("mailflow_smtpd_replies", "SMTP replies sent, by code (final lines only)",
-                                ["code"], registry=registry)
-        self._by_code: dict[str, Any] = {}
+    def __init__(self) -> None:
+        self.sessions = Counts("mailflow_smtpd_sessions", "SMTP sessions accepted (connections)")
+        self.replies = Counts("mailflow_smtpd_replies", "SMTP replies sent, by code (final lines only)", ("code",))
 
     def started(self, transcript: Transcript) -> None:
-        self._sessions.inc()
+        self.sessions.values[()] += 1
 
     def replied(self, transcript: Transcript, line: str) -> None:
         code = line[:3]
-        if line[3:4] == "-" or not code.isdigit():  # a continuation line, or not a reply
-            return
-        child = self._by_code.get(code)
-        if child is None:
-            child = self._by_code[code] = self._replies.labels(code)
-        child.inc()
+        if line[3:4] != "-" and code.isdigit():  # not a continuation line
+            self.replies.inc(code)
 
 
-class Metrics:
+class Metrics(Collector):
     """See the module docstring."""
 
     def __init__(self, clock: Clock):
         self._clock = clock
-        self.registry = r = CollectorRegistry()
-        ProcessCollector(registry=r)
-        self._received = Counter("mailflow_messages_received", "Messages received, by source (smtpd, pickup)",
-                                 ["source"], registry=r)
-        self._queued = Counter("mailflow_messages_queued", "Messages committed to the queue (notices and "
-                               "forwarded copies included)", registry=r)
-        self._removed = Counter("mailflow_messages_removed", "Messages removed from the queue (every recipient "
-                                "done, or deleted)", registry=r)
-        self._notices = Counter("mailflow_notices", "Delivery status notifications queued, by kind (failure, "
-                                "delay, success)", ["kind"], registry=r)
-        self._results = Counter("mailflow_deliveries", "Recipient results, by transport, status (sent, deferred, "
-                                "bounced) and DSN class.subject", ["transport", "status", "dsn_class"], registry=r)
-        self._residence = Histogram("mailflow_queue_residence_seconds", "Time from arrival to a recipient's final "
-                                    "result (sent or bounced)", buckets=RESIDENCE_BUCKETS, registry=r)
-        self._delivery = Histogram("mailflow_delivery_duration_seconds", "Time a delivery agent took for one "
-                                   "delivery (one message, one destination)", ["transport"],
-                                   buckets=DELIVERY_BUCKETS, registry=r)
-        self._batch = Histogram("mailflow_store_commit_batch_requests", "Write requests merged into one store "
-                                "commit", buckets=BATCH_BUCKETS, registry=r)
-        self._commit = Histogram("mailflow_store_commit_seconds", "Store commit latency (one transaction and its "
-                                 "fsync, as the event loop waits for it)", buckets=COMMIT_BUCKETS, registry=r)
-        self._children: dict[tuple, Any] = {}
+        self._received = Counts("mailflow_messages_received", "Messages received, by source (smtpd, pickup)",
+                                ("source",))
+        self._queued = Counts("mailflow_messages_queued", "Messages committed to the queue (notices and forwarded "
+                              "copies included)")
+        self._removed = Counts("mailflow_messages_removed", "Messages removed from the queue (every recipient done, "
+                               "or deleted)")
+        self._notices = Counts("mailflow_notices", "Delivery status notifications queued, by kind (failure, delay, "
+                               "success)", ("kind",))
+        self._results = Counts("mailflow_deliveries", "Recipient results, by transport, status (sent, deferred, "
+                               "bounced) and DSN class.subject", ("transport", "status", "dsn_class"))
+        self._residence = Buckets("mailflow_queue_residence_seconds", "Time from arrival to a recipient's final "
+                                  "result (sent or bounced)", RESIDENCE_BUCKETS)
+        self._delivery = Buckets("mailflow_delivery_duration_seconds", "Time a delivery agent took for one "
+                                 "delivery (one message, one destination)", DELIVERY_BUCKETS, ("transport",))
+        self._batch = Buckets("mailflow_store_commit_batch_requests", "Write requests merged into one store commit",
+                              BATCH_BUCKETS)
+        self._commit = Buckets("mailflow_store_commit_seconds", "Store commit latency (one transaction and its "
+                               "fsync, as the event loop waits for it)", COMMIT_BUCKETS)
         self._events = {"received": self._on_received, "queued": self._on_queued, "removed": self._on_removed,
                         "notice": self._on_notice, "sent": self._on_result, "deferred": self._on_result,
                         "bounced": self._on_result}
-        self.sessions = SessionCounter(r)
+        self.sessions = SessionCounter()
         self.recent: deque[Delivery] = deque(maxlen=RECENT_LIMIT)
         self._state = _ServerState()
-        r.register(self._state)
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        self.registry.register(self)
+        self.registry.register(self._state)
+
+    def collect(self) -> Iterator[Metric]:
+        for counted in (self._received, self._queued, self._removed, self._notices, self._results, self._residence,
+                        self._delivery, self._batch, self._commit, self.sessions.sessions, self.sessions.replies):
+            yield counted.family()
 
     def watch(self, server) -> None:
         """Read `server.store`, `.qmgr` and `.smtpd` at each scrape."""
@@ -153,35 +197,28 @@ class Metrics:
             handler(queue_id, event, fields)
 
     def delivered(self, transport: str, seconds: float) -> None:
-        self._child(self._delivery, transport).observe(seconds)
+        self._delivery.observe(seconds, transport)
 
     def committed(self, requests: int, seconds: float) -> None:
         self._batch.observe(requests)
         self._commit.observe(seconds)
 
-    def _child(self, metric, *labels: str):
-        key = (id(metric), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
-
     def _on_received(self, queue_id: str, event: str, fields: dict) -> None:
-        self._child(self._received, "pickup" if "uid" in fields else "smtpd").inc()
+        self._received.inc("pickup" if "uid" in fields else "smtpd")
 
     def _on_queued(self, queue_id: str, event: str, fields: dict) -> None:
-        self._queued.inc()
+        self._queued.values[()] += 1
 
     def _on_removed(self, queue_id: str, event: str, fields: dict) -> None:
-        self._removed.inc()
+        self._removed.values[()] += 1
 
     def _on_notice(self, queue_id: str, event: str, fields: dict) -> None:
-        self._child(self._notices, str(fields.get("kind", ""))).inc()
+        self._notices.inc(str(fields.get("kind", "")))
 
     def _on_result(self, queue_id: str, status: str, fields: dict) -> None:
         transport = fields.get("transport") or "none"
-        dsn = str(fields.get("dsn", ""))
-        self._child(self._results, transport, status, dsn_class(dsn)).inc()
+        dsn = fields.get("dsn", "")
+        self._results.inc(transport, status, dsn_class(dsn))
         delay = fields.get("delay", 0.0)
         if status != "deferred":
             self._residence.observe(delay)
