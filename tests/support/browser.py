@@ -2,7 +2,7 @@
 
 - `Chromium(profile_dir)`: `await dump_dom(url)` (the DOM after the page's scripts ran: `--dump-dom` with a
   virtual-time budget, so the page's fetches complete first), and `async with chromium.page(url) as page`: a
-  DevTools session on one tab, to act as a user does: `await page.evaluate(js)`, `await page.until(js)` (polls an
+  DevTools session on one tab, the page loaded, to act as a user does: `await page.evaluate(js)`, `await page.until(js)` (polls an
   expression until it is truthy), `await page.click(selector)`, `await page.screenshot(path)`.
 - `keep_artifact(path)`: copies a file (a screenshot) to $MAILFLOW_ARTIFACTS, else to artifacts/ in the
   repository, and returns where it went.
@@ -80,7 +80,8 @@ class Chromium:
                 async with http.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=64 << 20) as ws:
                     page = Page(ws)
                     await page.call("Page.enable")
-                    await page.call("Page.navigate", url=url)
+                    await page.call("Page.navigate", url=url)  # answers when the navigation starts
+                    await page.until(f"location.href === {json.dumps(url)} && document.readyState === 'complete'")
                     yield page
         finally:
             if proc.returncode is None:
