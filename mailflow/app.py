@@ -42,14 +42,19 @@ from mailflow.config import Config, DnsConfig
 from mailflow.content import Content
 from mailflow.dns import AiodnsResolver
 from mailflow.logs import MailLog
+from mailflow.filters.content_checks import ContentChecks
 from mailflow.stages.cleanup import Cleanup
 from mailflow.stages.pickup import Pickup
 from mailflow.stages.qmgr import QueueManager
 from mailflow.stages.qmgr.notices import Notices
-from mailflow.model import ClientInfo, DeliveryRequest, Envelope, Recipient, Submission
+from mailflow.errors import ConfigError
+from mailflow.model import AddressClass, ClientInfo, DeliveryRequest, Envelope, Recipient, Submission
 from mailflow.queuelock import QueueLock
 from mailflow.routing.router import Router
+from mailflow.signing.keytables import keys_from_config
+from mailflow.signing.outbound import OutboundSigning
 from mailflow.stages.smtpd import Smtpd, SmtpdHandler
+from mailflow.stages.smtpd.filtering import FilterServices
 from mailflow.stages.smtpd.transcript import SessionObservers
 from mailflow.store import Store
 from mailflow.transports import build_transports
@@ -72,9 +77,32 @@ def forwarder(cleanup: Cleanup, myhostname: str):
         envelope = Envelope(request.sender if sender is None else sender, addresses, smtputf8=request.smtputf8,
                             body_type=request.body_type, originals=originals)
         client = ClientInfo(addr="127.0.0.1", helo=myhostname, protocol="local")
-        return await cleanup.submit(Submission(envelope, content, client))
+        return await cleanup.submit(Submission(envelope, content, client, forwarded=True))
 
     return forward
+
+
+def build_outbound_signing(config: Config, router: Router, resolver, clock: Clock,
+                           log: MailLog) -> OutboundSigning | None:
+    """cleanup's SRS, ARC and DKIM (mailflow.signing.outbound) from [dkim], [arc] and [srs]; None when all are off,
+    so that cleanup does nothing more than before. Raises ConfigError (a table or key that cannot be read)."""
+    keys = keys_from_config(config.dkim)
+    srs = router.mapper.srs
+    if keys is None and srs is None and not config.arc.enabled:
+        return None
+    arc_key = None
+    if config.arc.enabled:
+        arc_key = keys.named(config.arc.key) if keys is not None else None
+        if arc_key is None or arc_key.algorithm != "rsa-sha256":
+            raise ConfigError(config.dkim.key_table or "(no dkim.key_table)", "arc.key",
+                              f"{config.arc.key!r} is not an RSA key of dkim.key_table (ARC seals with RSA)")
+    remote = (AddressClass.RELAY, AddressClass.DEFAULT)
+    return OutboundSigning(keys=keys if config.dkim.signing_table else None,
+                           sign_forwarded=config.dkim.sign_forwarded, arc_key=arc_key,
+                           authserv_id=config.arc.authserv_id or config.myhostname, srs=srs,
+                           internal_networks=config.mynetworks,
+                           is_remote=lambda addr: router.rewriter.classify(addr) in remote,
+                           resolver=resolver, clock=clock, log=log)
 
 
 def build_resolver(dns: DnsConfig) -> AiodnsResolver:
@@ -104,6 +132,7 @@ class Mailflow:
         self._smtpd_policy = smtpd_policy
         self._session_observer = session_observer or (capture.session_observer if capture else None)
         self.http = None  # mailflow.http.HttpServer, when a feature serves HTTP
+        self._filters: FilterServices | None = None
         self.metrics: Metrics | None = None  # with [admin] enable
         self.admin: Admin | None = None  # with [admin] enable
         if config.admin.enable:
@@ -136,11 +165,14 @@ class Mailflow:
         c = self.config
         router = Router(c)
         await router.tables.preload()  # read the table files off the event loop, before anyone asks
-        capture = self.capture
         maillog = MailLog(observer=self._mail_observer())
+        outbound = build_outbound_signing(c, router, self._dns_resolver(), self.clock, maillog)
+        checks = ContentChecks(c.checks)
+        await checks.tables.preload()
         cleanup = Cleanup(self.store, myhostname=c.myhostname, clock=self.clock, rng=self.rng, log=maillog,
                           on_queued=self._wake_qmgr, mapper=router.mapper, hopcount_limit=c.hopcount_limit,
-                          header_size_limit=c.header_size_limit)
+                          header_size_limit=c.header_size_limit, outbound=outbound, checks=checks,
+                          content_filter=c.smtpd.content_filter)
         notices = Notices(cleanup.prepare_notice, myhostname=c.myhostname, config=c.queue)
         transports = self._build_transports(router, forwarder(cleanup, c.myhostname))
         self.qmgr = QueueManager(self.store, resolve=router.rewriter.resolve, transports=transports,
@@ -153,9 +185,10 @@ class Mailflow:
         await self.pickup.start()
         resolver = self._dns_resolver()
         free_space = lambda: shutil.disk_usage(c.queue_path).free  # noqa: E731 (asked at every MAIL)
+        filters = self._filters = FilterServices(c, resolver, self.clock)
         self.smtpd = Smtpd(c, lambda listener_config: SmtpdHandler(listener_config, router.rewriter, router.mapper,
                                                                     cleanup, resolver=resolver, free_space=free_space,
-                                                                    policy=self._smtpd_policy),
+                                                                    policy=self._smtpd_policy, filters=filters),
                            clock=self.clock, observer=self._session_observer)
         await self.smtpd.start()
 
@@ -225,6 +258,9 @@ class Mailflow:
         if self.pickup:
             await self.pickup.stop(self._grace)
             self.pickup = None
+        if self._filters:
+            self._filters.close()
+            self._filters = None
         if self.qmgr:
             await self.qmgr.stop(self._grace)
             self.qmgr = None

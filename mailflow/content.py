@@ -3,6 +3,7 @@
 What it owns
 - `Content`: one message as an immutable sequence of parts, each bytes in memory or a byte range of a file
   (`FilePart`). Deriving one content from another (`prepend`, `after`) never copies the other's bytes.
+  `before(offset)` likewise; content filters splice edited lines in this way.
   Reading never holds more than `size` (CHUNK) bytes of a file at once:
       chunks(size) -> Iterator[bytes]         sync, for worker threads (maildir, mbox)
       stream(size) -> AsyncIterator[bytes]    async; each file read runs in a worker thread
@@ -105,6 +106,22 @@ class Content:
                         else memoryview(part)[skip:])
                 skip = 0
             parts.append(part)
+        return Content(parts)
+
+    def before(self, offset: int) -> "Content":
+        """The content up to byte `offset` (what `after(offset)` leaves out); nothing is copied."""
+        parts: list[Part] = []
+        left = offset
+        for part in self.parts:
+            if left <= 0:
+                break
+            n = _length(part)
+            if n > left:
+                part = FilePart(part.path, part.offset, left) if isinstance(part, FilePart) \
+                    else memoryview(part)[:left]
+                n = left
+            parts.append(part)
+            left -= n
         return Content(parts)
 
     def read_prefix(self, n: int) -> bytes:

@@ -1,15 +1,23 @@
-"""Name service for delivery: MX and address lookups behind one small protocol.
+"""Name service for delivery and the inbound checks: MX, address, TXT, PTR and TLSA lookups behind one small
+protocol.
 
-Owns: the `Resolver` protocol every component receives through its constructor, the `MX` value, the real
-implementation over aiodns (`AiodnsResolver`) and a dictionary-backed one for unit tests (`StaticResolver`).
+Owns: the `Resolver` protocol every component receives through its constructor, the `MX` and `Tlsa` values, the
+real implementation (`AiodnsResolver`: aiodns for MX/A/AAAA/TXT/PTR; dnspython, against the same name servers,
+for TLSA and the DNSSEC AD bit, which aiodns cannot give) and a dictionary-backed one for tests
+(`StaticResolver`).
 Nothing here is global: build a resolver, pass it in. It takes plain values, not the configuration: this
 module imports nothing of mailflow but `errors` and `syntax`, so the configuration and every component may use it.
 
     MX(preference, host)                      one MX record; host "." is RFC 7505's null MX
     Resolver.mx(domain) -> list[MX]           sorted by preference; [] = the domain exists but has no MX
     Resolver.addresses(host) -> list[str]     A records, then AAAA records, as IP strings; [] = no address
+    Resolver.txt(name) -> list[str]           each TXT record, its strings joined (DKIM keys, SPF, DMARC, MTA-STS)
+    Resolver.ptr(address) -> list[str]        the names of an IP address (reverse DNS)
+    Resolver.tlsa(name) -> TlsaAnswer         TLSA records (RFC 6698) and whether the answer was DNSSEC-validated
+                                              (the AD bit of a validating upstream resolver: DANE trusts only that)
+    Resolver.validated(name, qtype) -> bool   the answer for name/qtype carried the AD bit (an MX RRset for DANE)
     AiodnsResolver(nameservers=…, timeout=…, tries=…) / .close()    (app.py builds it from [dns])
-    StaticResolver(mx={...}, addresses={...})
+    StaticResolver(mx={...}, addresses={...}, txt={...}, ptr={...}, tlsa={...}, secure=(names...))
     is_ip_literal(host) -> bool               an IP literal resolves to itself, without a query
                                               (mailflow.syntax.is_ip_address)
 
@@ -21,12 +29,19 @@ Failure behaviour (a failed lookup is never "not found"):
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import aiodns
 import aiodns.error
+import dns.asyncresolver
+import dns.exception
+import dns.flags
+import dns.nameserver
+import dns.resolver
+import dns.reversename
 import pycares
 
 from mailflow.errors import LookupRetry, PermanentError
@@ -59,10 +74,34 @@ class NotFound(PermanentError):
         self.qtype = qtype
 
 
+@dataclass(frozen=True)
+class Tlsa:
+    """One TLSA record: certificate usage, selector, matching type, association data."""
+
+    usage: int
+    selector: int
+    mtype: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class TlsaAnswer:
+    records: tuple[Tlsa, ...] = ()
+    secure: bool = False  # the answer carried the AD bit
+
+
 class Resolver(Protocol):
     async def mx(self, domain: str) -> list[MX]: ...
 
     async def addresses(self, host: str) -> list[str]: ...
+
+    async def txt(self, name: str) -> list[str]: ...
+
+    async def ptr(self, address: str) -> list[str]: ...
+
+    async def tlsa(self, name: str) -> TlsaAnswer: ...
+
+    async def validated(self, name: str, qtype: str) -> bool: ...
 
 
 def sort_mx(records: list[MX]) -> list[MX]:
@@ -76,11 +115,41 @@ def normalize_name(name: str) -> str:
 
 
 class StaticResolver:
-    """A resolver answering from dictionaries, for unit tests. A name missing from a table raises `NotFound`."""
+    """A resolver answering from dictionaries, for unit tests. A name missing from every table raises `NotFound`;
+    a name in another table answers NODATA ([]). `secure`: the names whose answers carry the AD bit."""
 
-    def __init__(self, mx: dict[str, list[MX]] | None = None, addresses: dict[str, list[str]] | None = None):
+    def __init__(self, mx: dict[str, list[MX]] | None = None, addresses: dict[str, list[str]] | None = None,
+                 txt: dict[str, list[str]] | None = None, ptr: dict[str, list[str]] | None = None,
+                 tlsa: dict[str, list[Tlsa]] | None = None, secure: tuple[str, ...] = ()):
         self._mx = {normalize_name(k): list(v) for k, v in (mx or {}).items()}
         self._addresses = {normalize_name(k): list(v) for k, v in (addresses or {}).items()}
+        self._txt = {normalize_name(k): list(v) for k, v in (txt or {}).items()}
+        self._ptr = {normalize_name(k): list(v) for k, v in (ptr or {}).items()}
+        self._tlsa = {normalize_name(k): tuple(v) for k, v in (tlsa or {}).items()}
+        self._secure = {normalize_name(n) for n in secure}
+
+    def _exists(self, name: str) -> bool:
+        return any(name in table for table in (self._mx, self._addresses, self._txt, self._ptr, self._tlsa))
+
+    async def txt(self, name: str) -> list[str]:
+        key = normalize_name(name)
+        if not self._exists(key):
+            raise NotFound(name, "TXT")
+        return list(self._txt.get(key, ()))
+
+    async def ptr(self, address: str) -> list[str]:
+        if address not in self._ptr:
+            raise NotFound(address, "PTR")
+        return list(self._ptr[address])
+
+    async def tlsa(self, name: str) -> TlsaAnswer:
+        key = normalize_name(name)
+        if not self._exists(key):
+            raise NotFound(name, "TLSA")
+        return TlsaAnswer(self._tlsa.get(key, ()), key in self._secure)
+
+    async def validated(self, name: str, qtype: str) -> bool:
+        return normalize_name(name) in self._secure
 
     async def mx(self, domain: str) -> list[MX]:
         name = normalize_name(domain)
@@ -115,6 +184,7 @@ class AiodnsResolver:
         self._timeout = timeout
         self._tries = tries
         self._channel: aiodns.DNSResolver | None = None
+        self._dnspython: dns.asyncresolver.Resolver | None = None  # TLSA and the AD bit (no loop binding)
 
     async def mx(self, domain: str) -> list[MX]:
         result = await self._query(domain, "MX")
@@ -135,10 +205,56 @@ class AiodnsResolver:
         )
         return merge_address_answers(answers)
 
+    async def txt(self, name: str) -> list[str]:
+        result = await self._query(name, "TXT")
+        return [_text(rec.data.data) for rec in result if rec.type == pycares.QUERY_TYPE_TXT]
+
+    async def ptr(self, address: str) -> list[str]:
+        reverse = dns.reversename.from_address(address).to_text(omit_final_dot=True)
+        result = await self._query(reverse, "PTR")
+        return [normalize_name(rec.data.dname) for rec in result if rec.type == pycares.QUERY_TYPE_PTR]
+
+    async def tlsa(self, name: str) -> TlsaAnswer:
+        answer = await self._dnssec_query(name, "TLSA")
+        if answer is None:
+            return TlsaAnswer((), False)
+        records = tuple(Tlsa(r.usage, r.selector, r.mtype, bytes(r.cert)) for r in answer)
+        return TlsaAnswer(records, bool(answer.response.flags & dns.flags.AD))
+
+    async def validated(self, name: str, qtype: str) -> bool:
+        answer = await self._dnssec_query(name, qtype)
+        return answer is not None and bool(answer.response.flags & dns.flags.AD)
+
     async def close(self) -> None:
         if self._channel is not None:
             channel, self._channel = self._channel, None
             await channel.close()
+
+    async def _dnssec_query(self, name: str, qtype: str):
+        """dnspython, asking for the AD bit (RFC 6840 5.7) with EDNS DO set; None for NODATA. Raises NotFound or
+        LookupRetry."""
+        try:
+            return await self._dnssec_resolver().resolve(dns_name(name), qtype, raise_on_no_answer=True)
+        except dns.resolver.NoAnswer:
+            return None
+        except dns.resolver.NXDOMAIN:
+            raise NotFound(name, qtype) from None
+        except (dns.exception.DNSException, OSError, ValueError) as e:
+            log.debug("lookup %s %s failed: %r", name, qtype, e)
+            raise LookupRetry(f"Name service error for name={name} type={qtype}: {e}") from None
+
+    def _dnssec_resolver(self) -> dns.asyncresolver.Resolver:
+        if self._dnspython is None:
+            resolver = dns.asyncresolver.Resolver(configure=not self._nameservers)
+            if self._nameservers:
+                resolver.nameservers = [dns.nameserver.Do53Nameserver(*split_nameserver(n))
+                                        for n in self._nameservers]
+            resolver.timeout = self._timeout
+            resolver.lifetime = self._timeout * self._tries
+            resolver.flags = dns.flags.RD | dns.flags.AD
+            resolver.use_edns(0, dns.flags.DO, 1232)
+            self._dnspython = resolver
+        return self._dnspython
 
     async def _addresses_of_type(self, host: str, qtype: str, type_code: int) -> list[str]:
         result = await self._query(host, qtype)
@@ -165,6 +281,22 @@ class AiodnsResolver:
                 tries=self._tries,
             )
         return self._channel
+
+
+def split_nameserver(entry: str) -> tuple[str, int]:
+    """ "ip", "ip:port", "[v6]:port" or a bare IPv6 address -> (ip, port)."""
+    entry = entry.strip()
+    if entry.startswith("["):
+        host, _, port = entry[1:].partition("]")
+        return host, int(port.lstrip(":") or 53)
+    if entry.count(":") == 1:
+        host, port = entry.split(":")
+        return host, int(port)
+    return entry, 53
+
+
+def _text(data) -> str:
+    return data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
 
 
 def dns_name(name: str) -> str:

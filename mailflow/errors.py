@@ -5,6 +5,7 @@
 - `TemporaryError(dsn, text, reason)`: try again later (4xx); anything unclassified is treated like this.
 - `PermanentError(dsn, text, reason)`: give up on this recipient (5xx).
 - `MessageTooBig(dsn, text, reason)`: a permanent refusal because a size limit is passed (X.3.4): SMTP says 552.
+- `ContentRejected(dsn, text, reason)`: a content check (header/body checks) refused the message: SMTP says 550.
 - `Overloaded`: too many writes are waiting in the store: answer 451 4.3.1 and let the client retry.
 - `LookupRetry`: a table or DNS lookup failed (not "not found"); callers defer with 4.3.0 / 451.
 - `ConfigError`: a configuration problem, always naming the file, the key and the reason.
@@ -37,6 +38,10 @@ class PermanentError(DeliveryError):
 
 class MessageTooBig(PermanentError):
     """The message (or its header section) is larger than a limit: refused for good, 552 in SMTP."""
+
+
+class ContentRejected(PermanentError):
+    """A content check refused the message (header_checks / body_checks REJECT): 550 in SMTP."""
 
 
 class LookupRetry(TemporaryError):

@@ -130,6 +130,21 @@ class MailLog:
         if self.active:
             self._emit(queue_id, "removed", "removed", service="qmgr")
 
+    def signed(self, queue_id: str, field: str, domain: str, selector: str) -> None:
+        """A DKIM-Signature or ARC set added (OpenDKIM's `DKIM-Signature field added (s=…, d=…)`)."""
+        self._emit(queue_id, "signed", f"{field} field added (s={selector}, d={domain})", service="cleanup",
+                   field=field, domain=domain, selector=selector)
+
+    def sender_rewritten(self, queue_id: str, sender: str, rewritten: str) -> None:
+        """SRS: a forwarded message's sender became an address of this host."""
+        self._emit(queue_id, "srs", f"forwarded: sender <{sender}> rewritten to <{rewritten}>", service="cleanup",
+                   sender=sender, rewritten=rewritten)
+
+    def not_signed(self, queue_id: str, what: str, reason: str) -> None:
+        """A signature or seal this host would have added, left off (the message goes on without it)."""
+        self._emit(queue_id, "not_signed", f"no {what} added: {reason}", service="cleanup", what=what,
+                   reason=reason)
+
     def corrupt(self, queue_id: str, reason: str) -> None:
         if self.active:
             self._emit(queue_id, "corrupt", f"moved to the corrupt queue: {reason}", service="qmgr", reason=reason)

@@ -96,6 +96,13 @@ class Submission:
     content: Content
     client: ClientInfo
     submitter: LocalUser | None = None  # set by pickup only
+    forwarded: bool = False  # a copy local delivery forwards (aliases, .forward): SRS, ARC (mailflow.signing)
+    # The inbound filters' verdicts for cleanup (docs/filtering.md): header fields it prepends below its
+    # Received header (Authentication-Results, spam and virus tags); the after-queue filter for this message
+    # (None: cleanup's, [smtpd] content_filter; "": none); receive_override_options of the listener.
+    headers: tuple[str, ...] = ()
+    content_filter: str | None = None
+    overrides: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,7 @@ class NewMessage:
     envid: str = ""
     ret: str = ""
     queue: str = "incoming"  # "hold": committed on hold (an smtpd HOLD restriction); qmgr leaves it alone
+    content_filter: str = ""  # "transport:nexthop" of the after-queue filter every recipient goes to; "" none
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,7 @@ class QueuedMessage:
     ret: str = ""
     warned: bool = False
     owed: tuple["RcptResult", ...] = ()
+    content_filter: str = ""  # "transport:nexthop": every recipient goes there (the after-queue filter)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ which names can refuse relaying. `mailflow.config` validates every `smtpd.*_rest
 `mailflow.stages.smtpd.restrictions` evaluates the lists with the same words.
 
     STAGES, RCPT_STAGES                  the lists, in evaluation order (client … recipient run at RCPT)
-    WITHOUT_ARGUMENT, WITH_ARGUMENT      the names; ACCESS_CHECKS: check_*_access -> what its keys are made of
+    WITHOUT_ARGUMENT, WITH_ARGUMENT      the names; ACCESS_CHECKS: check_*_access -> what its keys are made of;
+                                         RHSBL_CHECKS: reject_rhsbl_* -> what is looked up; NEEDS_IO: the names
+                                         without argument that look something up (not an access action)
     RELAY_GUARDS                         the names that can refuse relaying (config requires one of them)
     split_item(text) -> (name, argument) the name in lower case, the argument stripped
     check_item(text) -> text stripped    ValueError naming the problem
@@ -37,12 +39,22 @@ WITHOUT_ARGUMENT = (
     "reject_unauth_destination", "defer_unauth_destination", "reject_unlisted_recipient",
     "reject_unknown_recipient_domain", "reject_non_fqdn_sender", "reject_non_fqdn_recipient",
     "reject_non_fqdn_helo_hostname", "reject_invalid_helo_hostname",
+    "reject_unknown_client_hostname", "reject_unknown_reverse_client_hostname", "reject_unknown_sender_domain",
+    "check_greylist", "reject_spf_fail", "reject_dmarc_policy",
 )
+RHSBL_CHECKS = {  # reject_rhsbl_* -> what its query is made of
+    "reject_rhsbl_client": "client", "reject_rhsbl_reverse_client": "reverse_client",
+    "reject_rhsbl_sender": "sender", "reject_rhsbl_helo": "helo", "reject_rhsbl_recipient": "recipient",
+}
 ACCESS_CHECKS = {  # check_*_access -> what its keys are made of
     "check_client_access": "client", "check_helo_access": "helo",
     "check_sender_access": "sender", "check_recipient_access": "recipient",
 }
-WITH_ARGUMENT = tuple(ACCESS_CHECKS) + ("reject_rbl_client", "check_policy_service")
+WITH_ARGUMENT = tuple(ACCESS_CHECKS) + ("reject_rbl_client", "check_policy_service") + tuple(RHSBL_CHECKS)
+# Restrictions that need a filter of [greylist] / [sender_auth] (the lists name them; the sections configure them)
+NEEDS_IO = ("reject_unknown_recipient_domain", "reject_unknown_client_hostname",
+            "reject_unknown_reverse_client_hostname", "reject_unknown_sender_domain", "check_greylist",
+            "reject_spf_fail", "reject_dmarc_policy")
 KNOWN = WITHOUT_ARGUMENT + WITH_ARGUMENT
 RELAY_GUARDS = ("reject_unauth_destination", "defer_unauth_destination", "reject", "defer")
 
@@ -67,10 +79,10 @@ def check_item(text: object) -> str:
         _check_access_table(name, arg)
     if name == "check_policy_service":
         parse_endpoint(arg)
-    if name == "reject_rbl_client":
+    if name == "reject_rbl_client" or name in RHSBL_CHECKS:
         rbl_domain, _, wanted = arg.partition("=")
         if not normalise_domain(rbl_domain) or (wanted and not is_ipv4(wanted)):
-            raise ValueError(f"reject_rbl_client: {arg!r} is not a DNSBL (domain or domain=127.0.0.x)")
+            raise ValueError(f"{name}: {arg!r} is not a DNSBL (domain or domain=127.0.0.x)")
     return text.strip()
 
 

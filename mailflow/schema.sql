@@ -20,7 +20,8 @@ CREATE TABLE IF NOT EXISTS message (
     client       TEXT NOT NULL DEFAULT '',         -- name[addr] of the submitting client
     envid        TEXT NOT NULL DEFAULT '',         -- DSN ENVID (RFC 3461), '' if none
     ret          TEXT NOT NULL DEFAULT '',         -- DSN RET: FULL | HDRS | '' (not given)
-    warned       INTEGER NOT NULL DEFAULT 0        -- 1 once the "delayed" notice went out
+    warned       INTEGER NOT NULL DEFAULT 0,       -- 1 once the "delayed" notice went out
+    filter       TEXT NOT NULL DEFAULT ''          -- transport:nexthop of the after-queue content filter, '' none
 ) WITHOUT ROWID;
 
 CREATE INDEX IF NOT EXISTS message_due ON message (queue, next_attempt);

@@ -11,7 +11,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Callable
 
-from mailflow.errors import DeliveryError, LookupRetry, MessageTooBig, Overloaded, PermanentError
+from mailflow.errors import ContentRejected, DeliveryError, LookupRetry, MessageTooBig, Overloaded, PermanentError
 from mailflow.logs import printable
 
 
@@ -106,6 +106,7 @@ def _store_fault(error: BaseException, address: str) -> Reply:
 
 ERROR_REPLIES: tuple[tuple[type[BaseException], Callable[[BaseException, str], Reply]], ...] = (
     (Overloaded, lambda error, address: QUEUE_FULL),  # the store's write backlog is full: retry soon
+    (ContentRejected, _delivery_error(550)),  # header_checks / body_checks REJECT (Postfix: 550 5.7.1)
     (LookupRetry, _lookup_failed),  # a table or DNS cannot answer now; its text may name a table: not shown
     (MessageTooBig, _delivery_error(552)),  # a size limit (X.3.4)
     (PermanentError, _delivery_error(554)),  # refused for good: a mail loop (5.4.6), ...
@@ -181,9 +182,62 @@ def null_mx(address: str, domain: str) -> Reply:
                                 f"Domain {domain} does not accept mail (nullMX)")
 
 
-def rbl_listed(client_ip: str, rbl_domain: str) -> Reply:
-    """reject_rbl_client (maps_rbl_reject_code 554, Postfix's default_rbl_reply)."""
-    return Reply(554, "5.7.1", f"Service unavailable; Client host [{client_ip}] blocked using {rbl_domain}")
+def rbl_listed(client_ip: str, rbl_domain: str, what: str = "Client host") -> Reply:
+    """reject_rbl_client and reject_rhsbl_* (maps_rbl_reject_code 554, Postfix's default_rbl_reply): `what` is
+    the rbl class ("Client host", "Sender address", "Helo command", "Recipient address"), `client_ip` what was
+    looked up (an address, a host or domain name, an e-mail address)."""
+    return Reply(554, "5.7.1", f"Service unavailable; {what} [{client_ip}] blocked using {rbl_domain}")
+
+
+def unknown_client(client_ip: str, code: int, reverse_only: bool = False) -> Reply:
+    """reject_unknown_client_hostname / reject_unknown_reverse_client_hostname (unknown_client_reject_code):
+    the address has no name, or (not `reverse_only`) that name does not lead back to the address."""
+    what = "reverse hostname" if reverse_only else "hostname"
+    return Reply(code, f"{code // 100}.7.1", f"Client host rejected: cannot find your {what}, [{client_ip}]")
+
+
+def sender_domain_not_found(address: str, code: int) -> Reply:
+    """reject_unknown_sender_domain: no MX and no address (`code`: unknown_address_reject_code)."""
+    return restriction_rejected(code, f"{code // 100}.1.8", address, "Sender address", "Domain not found")
+
+
+def greylisted(address: str) -> Reply:
+    """check_greylist: a triplet seen for the first time, or retried too early."""
+    return restriction_rejected(450, "4.2.0", address, "Recipient address", "Greylisted, try again later")
+
+
+def spf_failed(sender: str, client_ip: str) -> Reply:
+    """reject_spf_fail: the sender's domain does not authorise the client (RFC 7372: 5.7.23)."""
+    return restriction_rejected(550, "5.7.23", sender, "Sender address",
+                                f"SPF validation failed for client [{client_ip}]")
+
+
+def dmarc_rejected(domain: str) -> Reply:
+    """reject_dmarc_policy: DMARC failed and the From domain asks for rejection (p=reject)."""
+    return Reply(550, "5.7.1", f"Message rejected per DMARC policy of {domain}")
+
+
+# ---- content filters (header/body checks, milters, spamd, clamd; docs/filtering.md)
+CONTENT_REJECTED = Reply(550, "5.7.1", "Message content rejected")
+FILTER_UNAVAILABLE = Reply(451, "4.7.1", "Service unavailable - try again later")
+MILTER_REJECTED = Reply(550, "5.7.1", "Command rejected")
+SPAM_REJECTED = Reply(550, "5.7.1", "Message rejected as spam")
+
+
+def virus_found(name: str) -> Reply:
+    return Reply(554, "5.7.1", f"Message rejected: virus found ({printable(name[:100])})")
+
+
+def milter_reply(text: str) -> Reply | None:
+    """A milter's SMFIR_REPLYCODE text (`550 5.7.1 Go away`) as a reply, None when it is not one (RFC 5321
+    4xx/5xx; a missing enhanced code becomes X.7.1 as Postfix writes it)."""
+    code, _, rest = text.strip().partition(" ")
+    if len(code) != 3 or not code.isdigit() or code[0] not in "45":
+        return None
+    first, _, after = rest.partition(" ")
+    if first.count(".") == 2 and first[:1] == code[0] and first.replace(".", "").isdigit():
+        return Reply(int(code), first, printable(after.strip() or "Command rejected"))
+    return Reply(int(code), f"{code[0]}.7.1", printable(rest.strip() or "Command rejected"))
 
 
 # Enhanced codes for replies whose text the SMTP library writes itself, keyed by the basic code.

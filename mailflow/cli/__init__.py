@@ -1,5 +1,6 @@
 """The command line: `mailflow serve | check-config | version | queue … | mailq | table | config | address | auth |
-sendmail`. No logic of its own: each command calls the module that does the work.
+account … | dovecot-config | dkim keygen | dns-records | check-deliverability | sendmail`. No logic of its own: each
+command calls the module that does the work.
 
 Configuration comes from `--config FILE`, else `$MAILFLOW_CONFIG`, else the embedded defaults. A bad
 configuration prints `mailflow: FILE: KEY: REASON` and exits 2 (common.py holds the one formatter); never a
@@ -17,7 +18,9 @@ submission command (mailflow/sendmail/, docs/sendmail.md); its exit codes are sy
 2 for a bad table spec, 75 (EX_TEMPFAIL) when a lookup fails.
 
 The package: common.py (configuration loading and errors, shared options), server.py (serve, check-config,
-version, config show, address, table query, auth), queue.py (the queue tools), submit.py (sendmail). This file
+version, config show, address, table query, auth), queue.py (the queue tools), submit.py (sendmail),
+accounts.py (`account …`, the account database, and `dovecot-config`),
+deliverability.py (dkim keygen, dns-records, check-deliverability; docs/deliverability.md). This file
 is the command table. Modules only some commands need (the server, the store, the router, smtpd's password
 hashing) are imported inside those commands, so that `sendmail`, run once per message by scripts, starts fast.
 """
@@ -27,16 +30,19 @@ import sys
 
 import typer
 
-from mailflow.cli import queue, server, submit
+from mailflow.cli import accounts, deliverability, queue, server, submit
 from mailflow.sendmail import program_mode
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="mailflow: a mail server in one asyncio process.")
 queue_app = typer.Typer(no_args_is_help=True, help="Inspect and change the mail queue (mailq, postsuper, "
                         "postcat, qshape); works with or without a running server.")
 table_app = typer.Typer(no_args_is_help=True, help="Query lookup tables (texthash, inline, static, regexp, "
-                        "sqlite, fail) the way the server sees them, like postmap -q.")
+                        "sqlite, accounts, fail) the way the server sees them, like postmap -q.")
 config_app = typer.Typer(no_args_is_help=True, help="Show the configuration (postconf).")
 auth_app = typer.Typer(no_args_is_help=True, help="AUTH users for smtpd.sasl_user_maps.")
+account_app = typer.Typer(no_args_is_help=True, help="The account database: hosted domains, mailboxes, aliases and "
+                          "sender logins for AUTH, delivery and Dovecot (docs/accounts.md).")
+dkim_app = typer.Typer(no_args_is_help=True, help="DKIM keys for dkim.key_table (opendkim-genkey).")
 
 app.command()(server.serve)
 app.command("check-config")(server.check_config)
@@ -56,6 +62,20 @@ config_app.command("show")(server.config_show)
 app.command("address")(server.address_test)
 app.add_typer(auth_app, name="auth")
 auth_app.command("hash-password")(server.auth_hash_password)
+app.add_typer(account_app, name="account")
+account_app.command("init")(accounts.init)
+for _noun, _verbs in (("domain", ("add", "remove", "list")),
+                      ("user", ("add", "remove", "list", "passwd", "disable", "enable", "quota")),
+                      ("alias", ("add", "remove", "list")), ("sender", ("add", "remove", "list"))):
+    _group = typer.Typer(no_args_is_help=True, help=f"{_noun.capitalize()}s of the account database.")
+    account_app.add_typer(_group, name=_noun)
+    for _verb in _verbs:
+        _group.command(_verb)(getattr(accounts, f"{_noun}_{_verb}"))
+app.command("dovecot-config")(accounts.dovecot_config)
+app.add_typer(dkim_app, name="dkim")
+dkim_app.command("keygen")(deliverability.dkim_keygen)
+app.command("dns-records")(deliverability.dns_records)
+app.command("check-deliverability")(deliverability.check_deliverability)
 app.command("sendmail", add_help_option=False,
             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(submit.sendmail_command)
 

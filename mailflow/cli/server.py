@@ -5,12 +5,14 @@ table query, auth hash-password. Each is a plain function; `mailflow.cli` regist
                              in a temporary directory); exit 2 for a configuration problem (the log file, a table
                              spec found while building the stages), 1 when it cannot start (an address taken, the
                              queue held by another server, named by its pid)
-    check_config(config)     validate, then read every file-backed table: exit 2 listing each one that cannot
-                             answer (`FILE: KEY: REASON`), else print the listeners
+    check_config(config)     validate, then read every file-backed table, the DKIM tables and keys and the SRS
+                             secrets: exit 2 listing each one that cannot answer (`FILE: KEY: REASON`), else print
+                             the listeners
     listener_summary(cfg)    (address, port, role) of every listener
     table_problems(cfg)      a ConfigError (file, setting, reason) per file-backed table that cannot answer now
     config_show(...)         postconf's views (mailflow.config.show_settings)
-    address_test(addresses, config)   how each address is routed (exit 75 when a table cannot answer now)
+    address_test(addresses, config)   how each address is routed, with the TLS policy of each SMTP next hop (exit
+                             75 when a table cannot answer now)
     table_query(spec, keys)  postmap -q: exit 1 nothing found, 2 bad table, 75 a lookup failed
     auth_hash_password(user, stdin)   a scrypt hash for smtpd.sasl_user_maps
 
@@ -27,6 +29,7 @@ import typer
 
 from mailflow import __version__
 from mailflow.capture.settings import capture_server
+from mailflow.cli.deliverability import tls_steps
 from mailflow.cli.common import (ConfigOption, config_error_text, config_name, config_path, fail, fail_config,
                                      load)
 from mailflow.config import Config, flat_settings, show_settings
@@ -76,7 +79,7 @@ def check_config(config: Optional[str] = ConfigOption) -> None:
     Exit 2 on the first bad setting, or after listing every table that cannot be read."""
     cfg = load(config)
     where = config_name(config_path(config))
-    problems = table_problems(cfg, where)
+    problems = table_problems(cfg, where) + signing_problems(cfg)
     for problem in problems:
         typer.echo(config_error_text(problem), err=True)
     if problems:
@@ -101,7 +104,8 @@ def table_problems(cfg: Config, where: str) -> list[ConfigError]:
     answer now."""
     problems = []
     for key, specs in flat_settings(cfg).items():
-        if not key.endswith("_maps") or not isinstance(specs, (list, tuple)):
+        # domain lists may hold tables (accounts:PATH#domains)
+        if not key.endswith(("_maps", "_domains")) or not isinstance(specs, (list, tuple)):
             continue
         for spec in specs:
             if table_type(spec) not in FILE_TABLE_TYPES:
@@ -110,6 +114,20 @@ def table_problems(cfg: Config, where: str) -> list[ConfigError]:
                 open_table(spec, aliases=key == "alias_maps").lookup("mailflow-check-config-probe")
             except (ConfigError, LookupRetry) as e:
                 problems.append(ConfigError(where, key, e.reason))  # LookupRetry's reason is its text
+    return problems
+
+
+def signing_problems(cfg: Config) -> list[ConfigError]:
+    """The DKIM tables and keys, and the SRS secrets, read as the server will read them at start."""
+    from mailflow.routing.srs import srs_from_config
+    from mailflow.signing.keytables import keys_from_config
+
+    problems = []
+    for read in (lambda: keys_from_config(cfg.dkim), lambda: srs_from_config(cfg)):
+        try:
+            read()
+        except ConfigError as e:
+            problems.append(e)
     return problems
 
 
@@ -141,7 +159,8 @@ def address_test(addresses: List[str] = typer.Argument(..., metavar="ADDRESS..."
                  config: Optional[str] = ConfigOption) -> None:
     """How each address would be routed, step by step (like sendmail -bv / exim -bt): the RCPT verdict,
     canonical and virtual alias rewriting, class, transport, next hop, local aliases and .forward, and
-    where forwarded copies go. Exit 75 when a table or file cannot be read now."""
+    where forwarded copies go, and the TLS policy a delivery to each SMTP next hop would use. Exit 75 when a table or
+    file cannot be read now."""
     from mailflow.routing.router import Router
 
     cfg = load(config)
@@ -153,7 +172,7 @@ def address_test(addresses: List[str] = typer.Argument(..., metavar="ADDRESS..."
         if n:
             typer.echo("")
         try:
-            steps = router.explain(addr)
+            steps = tls_steps(cfg, router.explain(addr))
         except DeliveryError as e:
             fail("mailflow address", f"{addr}: {e.dsn} {e.text}", 75)
         for depth, label, text in steps:
@@ -185,7 +204,7 @@ def auth_hash_password(user: Optional[str] = typer.Argument(None, help="print a 
                        stdin: bool = typer.Option(False, "--stdin", help="read the password from standard input")
                        ) -> None:
     """Print a scrypt password hash ($scrypt$n=16384,r=8,p=1$SALT$HASH); asks for the password twice."""
-    from mailflow.stages.smtpd.auth import hash_password
+    from mailflow.passwords import hash_password
 
     if stdin:
         password = sys.stdin.readline().rstrip("\r\n")

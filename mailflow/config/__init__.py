@@ -20,8 +20,13 @@ The package, split by job like Postfix's global/mail_params + postconf (callers 
     delivery.py   LocalConfig, SmtpConfig, LmtpConfig, DnsConfig, PipeService    [local] [smtp] [lmtp] [dns] [pipe.*]
     queue.py      QueueConfig, SendmailConfig                                          [queue] [sendmail]
     log.py        LogConfig                                                                    [log]
+    accounts.py   AccountsConfig                                                               [accounts]
     http.py       HttpConfig                                                                   [http]
     sink.py       SinkConfig                                                                   [sink]
+    deliverability.py  DkimConfig, ArcConfig, SrsConfig, MtaStsConfig, DeliverabilityConfig   [dkim] [arc] [srs]
+                  [mta_sts] [deliverability]
+    filters.py    the inbound filters: [checks] [milter] [spamd] [clamd] [greylist] [sender_auth],
+                  and SmtpdFilterSettings (a listener's milters, content_filter, receive_override_options)
     admin.py      AdminConfig, beyond_loopback                                                 [admin]
     main.py       Config (top-level settings and the sections), DEFAULTS, BUILTIN_TRANSPORTS
     load.py       load_config, config_from_dict -> ConfigError(file, key, reason)
@@ -33,9 +38,14 @@ errors and what they import), never a stage, a transport or the routing librarie
 (tests/unit/test_layering.py).
 """
 from mailflow.config.admin import AdminConfig, beyond_loopback
+from mailflow.config.accounts import AccountsConfig
 from mailflow.config.base import Duration, Section
 from mailflow.config.delivery import DnsConfig, LmtpConfig, LocalConfig, PipeService, SmtpConfig
 from mailflow.config.http import HttpConfig
+from mailflow.config.deliverability import (ArcConfig, DeliverabilityConfig, DkimConfig, MtaStsConfig, SrsConfig,
+                                            opendkim_dataset)
+from mailflow.config.filters import (ChecksConfig, ClamdConfig, GreylistConfig,
+                                     MilterConfig, SenderAuthConfig, SpamdConfig)
 from mailflow.config.load import config_from_dict, load_config
 from mailflow.config.log import LogConfig
 from mailflow.config.main import BUILTIN_TRANSPORTS, DEFAULTS, Config
@@ -47,8 +57,11 @@ from mailflow.config.smtpd import LISTENER_ROLES, ListenerConfig, SmtpdConfig
 from mailflow.errors import ConfigError
 
 __all__ = [
-    "AdminConfig", "BUILTIN_TRANSPORTS", "DEFAULTS", "LISTENER_ROLES", "Config", "ConfigError", "DnsConfig", "Duration",
-    "HttpConfig", "ListenerConfig", "LmtpConfig", "LocalConfig", "LogConfig", "PipeService", "QueueConfig", "Section",
-    "SendmailConfig", "SinkConfig", "SmtpConfig", "SmtpdConfig", "beyond_loopback", "config_from_dict", "flat_settings", "format_setting",
+    "AccountsConfig", "AdminConfig", "ArcConfig", "BUILTIN_TRANSPORTS", "ChecksConfig", "ClamdConfig", "DEFAULTS",
+    "DeliverabilityConfig", "DkimConfig", "GreylistConfig", "LISTENER_ROLES", "MilterConfig", "Config", "ConfigError",
+    "DnsConfig", "Duration", "HttpConfig", "ListenerConfig", "LmtpConfig", "LocalConfig", "LogConfig", "MtaStsConfig",
+    "PipeService", "QueueConfig", "Section", "SenderAuthConfig", "SendmailConfig", "SinkConfig", "SmtpConfig",
+    "SmtpdConfig", "SpamdConfig", "SrsConfig", "beyond_loopback", "config_from_dict", "flat_settings", "format_setting",
+    "opendkim_dataset",
     "load_config", "resolve_paths", "show_settings",
 ]

@@ -73,8 +73,11 @@ class SmtpConfig(Section):
     helo_timeout: Duration = 300.0
     command_timeout: Duration = 300.0
     data_timeout: Duration = 600.0
+    # The name said in EHLO/HELO (smtp_helo_name); "" = myhostname.
+    helo_name: str = ""
     # TLS (smtp_tls_*): the level, per-nexthop overrides, trust anchors ("" = the system's), client certificate.
-    tls_security_level: Literal["none", "may", "encrypt", "verify", "secure"] = "may"
+    # dane / dane-only: the next hop's DNSSEC-validated TLSA records decide (docs/deliverability.md).
+    tls_security_level: Literal["none", "may", "dane", "encrypt", "dane-only", "verify", "secure"] = "may"
     tls_policy_maps: TableSpecs = ()
     tls_ca_file: str = ""
     tls_cert_file: str = ""

@@ -15,15 +15,19 @@ from pathlib import Path
 from pydantic import Field, PrivateAttr, ValidationInfo, field_validator
 
 from mailflow.address import normalise_domain
+from mailflow.config.accounts import AccountsConfig
 from mailflow.config.admin import AdminConfig
 from mailflow.config.base import Networks, Section, TableSpecs
+from mailflow.config.filters import (ChecksConfig, ClamdConfig, GreylistConfig,
+                                     MilterConfig, SenderAuthConfig, SpamdConfig)
 from mailflow.config.delivery import DnsConfig, LmtpConfig, LocalConfig, PipeService, SmtpConfig
+from mailflow.config.deliverability import ArcConfig, DeliverabilityConfig, DkimConfig, MtaStsConfig, SrsConfig
 from mailflow.config.http import HttpConfig
 from mailflow.config.log import LogConfig
 from mailflow.config.queue import QueueConfig, SendmailConfig
 from mailflow.config.sink import SinkConfig
 from mailflow.config.smtpd import SmtpdConfig
-from mailflow.syntax import is_ip_address, parse_hostport
+from mailflow.syntax import check_table_spec, is_ip_address, parse_hostport
 
 
 _DOTTED_DOMAIN = {
@@ -39,7 +43,8 @@ _TRANSPORT_NEXTHOP = re.compile(rf"{_TRANSPORT_NAME.pattern}(:.*)?")  # transpor
 
 
 class Config(Section):
-    """The whole configuration. Section tables: smtpd, local, smtp, lmtp, dns, queue, log, sendmail, http, sink, admin."""
+    """The whole configuration. Section tables: smtpd, local, smtp, lmtp, dns, queue, log, sendmail, http, sink,
+    accounts, dkim, arc, srs, mta_sts, deliverability, admin."""
 
     myhostname: str = "localhost"
     # Appended to unqualified addresses (user -> user@myorigin); "" means myhostname. mydomain ("": myhostname
@@ -70,6 +75,11 @@ class Config(Section):
     virtual_mailbox_maps: TableSpecs = ()
     virtual_mailbox_base: str = "var/vmail"
     virtual_transport: str = "virtual"
+    # Who owns what the virtual transport creates (directories 0700, files 0600): the numeric uid and gid these
+    # tables give for the recipient (Postfix virtual_uid_maps/virtual_gid_maps, e.g. "static:5000"); none:
+    # mailflow's own. Giving files away needs root (or CAP_CHOWN); see docs/accounts.md.
+    virtual_uid_maps: TableSpecs = ()
+    virtual_gid_maps: TableSpecs = ()
     # Quota of a virtual mailbox: the bytes of its messages (new/ and cur/) plus the new one; 0: no limit.
     # virtual_mailbox_limit_maps give per-address limits (bytes). Over quota: bounce 5.2.2, or with
     # virtual_overquota_bounce = false defer 4.2.2 (the names of Postfix's VDA quota patch).
@@ -115,6 +125,20 @@ class Config(Section):
     http: HttpConfig = HttpConfig()
     sink: SinkConfig = SinkConfig()
     admin: AdminConfig = AdminConfig()
+    accounts: AccountsConfig = AccountsConfig()
+    # Deliverability (docs/deliverability.md): DKIM signing, ARC, SRS, MTA-STS, what dns-records publishes.
+    dkim: DkimConfig = DkimConfig()
+    arc: ArcConfig = ArcConfig()
+    srs: SrsConfig = SrsConfig()
+    mta_sts: MtaStsConfig = MtaStsConfig()
+    deliverability: DeliverabilityConfig = DeliverabilityConfig()
+    # Inbound filtering (docs/filtering.md), every layer off by default.
+    checks: ChecksConfig = ChecksConfig()
+    milter: MilterConfig = MilterConfig()
+    spamd: SpamdConfig = SpamdConfig()
+    clamd: ClamdConfig = ClamdConfig()
+    greylist: GreylistConfig = GreylistConfig()
+    sender_auth: SenderAuthConfig = SenderAuthConfig()
     # Delivery to commands: [pipe.NAME] tables (PipeService), each a transport named NAME.
     pipe: dict[str, PipeService] = {}
     # The directory relative paths were taken from (None: as written); set by resolve_paths.
@@ -137,10 +161,15 @@ class Config(Section):
         """Domains are stored normalised (lower case, IDNA A-labels); masquerade_domains also take
         "!host.example.com" (an exception). A ".example.com" entry is refused where Postfix would match it
         against nothing: mydestination and the virtual domain lists are exact lists, and a relay_domains
-        entry already covers its subdomains."""
+        entry already covers its subdomains. The virtual domain lists also take lookup tables (`type:name`,
+        e.g. the account database's `accounts:PATH#domains`), as Postfix's do."""
         marks = ".!" if info.field_name == "masquerade_domains" else ""
+        tables = info.field_name in ("virtual_mailbox_domains", "virtual_alias_domains")
         out = []
         for entry in (d.strip() for d in v if d.strip()):
+            if tables and ":" in entry:
+                out.append(check_table_spec(entry))
+                continue
             if entry.startswith(".") and info.field_name != "masquerade_domains":
                 raise ValueError(_DOTTED_DOMAIN[info.field_name == "relay_domains"].format(entry=entry))
             mark = entry[0] if entry[0] in marks else ""

@@ -1,9 +1,9 @@
 """Relative paths in a configuration are taken from the directory of the file that holds them.
 
 Which settings are paths is told by their names: `*_file`, `*_directory`, `*_base` and `directory` name files
-or directories; the items of `*_maps`, `authorized_submit_users` and `*_restrictions` that are file-backed
-tables (`texthash:`, `regexp:`, `sqlite:`: mailflow.syntax.FILE_TABLE_TYPES) name files; a listener's
-overrides follow the same rule. `local.home_mailbox` is relative to each user's home, not to the file.
+or directories; the items of `*_maps`, `*_domains`, `*_checks`, `authorized_submit_users` and `*_restrictions`
+that are file-backed tables (`texthash:`, `regexp:`, `sqlite:`, `accounts:`: mailflow.syntax.FILE_TABLE_TYPES) name
+files; a listener's overrides follow the same rule. `local.home_mailbox` is relative to each user's home, not to the file.
 
     resolve_paths(config, base) -> Config       every relative path setting taken from `base`; the result
                                                 remembers `base` (show_settings resolves the defaults likewise)
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from mailflow.config.base import Section
+from mailflow.config.deliverability import opendkim_dataset
 from mailflow.config.main import Config
 from mailflow.syntax import FILE_TABLE_TYPES, table_type
 
@@ -54,7 +55,10 @@ def _resolve_section(section: S, base: Path) -> S:
 def _resolve_setting(name: str, value: object, base: Path) -> object:
     if name.endswith(("_file", "_directory", "_base")) or name == "directory":
         return _resolve_path(value, base) if isinstance(value, str) else value
-    if name.endswith("_maps") or name == "authorized_submit_users":
+    if name.endswith("_table") and isinstance(value, str) and value:  # an OpenDKIM data set (dkim.signing_table)
+        kind, path = opendkim_dataset(value)
+        return f"{kind}:{_resolve_path(path, base)}"
+    if name.endswith(("_maps", "_domains", "_checks")) or name == "authorized_submit_users":  # domain lists may hold tables
         return tuple(_resolve_table(v, base) for v in value) if isinstance(value, (tuple, list)) else value
     if name.endswith("_restrictions") and isinstance(value, (tuple, list)):
         return tuple(_resolve_restriction(item, base) for item in value)

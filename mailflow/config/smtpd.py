@@ -16,8 +16,9 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from mailflow.config.base import (Duration, HostPorts, Networks, Restriction, Section, TableSpecs, validation_key,
                                   validation_reason)
+from mailflow.config.filters import SmtpdFilterSettings
 from mailflow.restriction_vocabulary import RELAY_GUARDS, split_item
-from mailflow.syntax import parse_hostport
+from mailflow.syntax import parse_endpoint, parse_hostport
 
 
 # Front door: what a listener role presets before its own overrides (master.cf `-o`); see ListenerConfig.
@@ -44,8 +45,9 @@ class ListenerConfig(Section):
         return v
 
 
-class SmtpdConfig(Section):
-    """The SMTP server (Postfix smtpd)."""
+class SmtpdConfig(SmtpdFilterSettings):
+    """The SMTP server (Postfix smtpd); its filter settings (milters, content_filter, receive_override_options)
+    are declared in filters.py."""
 
     listen: HostPorts = ("127.0.0.1:2525",)
     banner: str = "ESMTP mailflow"
@@ -68,6 +70,12 @@ class SmtpdConfig(Section):
     sasl_auth_enable: bool = False
     sasl_auth_required: bool = False
     sasl_user_maps: TableSpecs = ()
+    # Who checks AUTH passwords (smtpd_sasl_type): "mailflow" (sasl_user_maps) or "dovecot": Dovecot's auth
+    # server at sasl_path (smtpd_sasl_path: a unix socket path, or inet:host:port), which must answer within
+    # sasl_timeout (Postfix: 10s, fixed); a Dovecot that is down or silent gets 454 4.7.0.
+    sasl_type: Literal["mailflow", "dovecot"] = "mailflow"
+    sasl_path: str = ""
+    sasl_timeout: Duration = Field(10.0, gt=0)
     allow_plaintext_auth_on_loopback: bool = False
     # smtpd_sender_login_maps (sender -> logins owning it) and reject_sender_login_mismatch (553 5.7.1).
     sender_login_maps: TableSpecs = ()
@@ -128,6 +136,16 @@ class SmtpdConfig(Section):
                              " (else this server relays for anyone)")
         return self
 
+    @field_validator("sasl_path")
+    @classmethod
+    def _sasl_path(cls, v: str) -> str:
+        if v and not v.startswith("/"):
+            try:
+                parse_endpoint(v)
+            except ValueError:
+                raise ValueError(f"{v!r} is not an auth socket (an absolute path, unix:/path or inet:host:port)")
+        return v
+
     @field_validator("listeners")
     @classmethod
     def _listener_override_keys(cls, v: tuple[ListenerConfig, ...]) -> tuple[ListenerConfig, ...]:
@@ -170,8 +188,10 @@ class SmtpdConfig(Section):
             return "needs tls_cert_file (TLS is required)"
         if self.tls_key_file and not self.tls_cert_file:
             return "tls_key_file needs tls_cert_file"
-        if self.sasl_auth_enable and not self.sasl_user_maps:
+        if self.sasl_auth_enable and self.sasl_type == "mailflow" and not self.sasl_user_maps:
             return "sasl_auth_enable needs sasl_user_maps (the users and their password hashes)"
+        if self.sasl_auth_enable and self.sasl_type == "dovecot" and not self.sasl_path:
+            return "sasl_type \"dovecot\" needs sasl_path (Dovecot's auth socket, or inet:host:port)"
         if self.sasl_auth_required and not self.sasl_auth_enable:
             return "sasl_auth_required needs sasl_auth_enable"
         if self.upstream_proxy_protocol and role == "submissions":

@@ -3,11 +3,14 @@
 What it owns (Postfix cleanup(8), envelope part):
 - `sender(addr)`: qualify (trivial-rewrite), `sender_canonical_maps` then `canonical_maps`, then
   `masquerade_domains`. The null sender "" stays "".
-- `recipient(addr)`: qualify, `recipient_canonical_maps` then `canonical_maps`.
+- `recipient(addr)`: qualify, `recipient_canonical_maps` then `canonical_maps`; with [srs] on, a valid SRS address of
+  the SRS domain (a bounce of forwarded mail coming back) becomes the original sender instead (mailflow.routing.srs,
+  postsrsd's reverse map as a recipient canonical map).
 - `expand(addr) -> [addr, ...]`: `virtual_alias_maps`, for recipients of every domain, recursively.
 - `recipients(rcpts) -> (Recipient, ...)`: `recipient()` then `expand()` for each, duplicates removed (the first
   keeps its place and its original address, for DSN ORCPT), indexes renumbered.
-- `is_mapped(addr)`: a recipient-side table has an entry for it (smtpd then takes it as a known recipient).
+- `is_mapped(addr)`: a recipient-side table has an entry for it, or it is a valid SRS address (smtpd then takes it as
+  a known recipient). `srs`: the Srs codec, or None when [srs] is off (cleanup rewrites forwarded senders with it).
 
 Table semantics (as Postfix's mail_addr_map):
 - Keys are tried as `user+ext@domain`, `user@domain`, `user+ext` and `user` (only for this host's domains:
@@ -37,6 +40,7 @@ from typing import Sequence
 from mailflow import address
 from mailflow.errors import TemporaryError
 from mailflow.model import Recipient
+from mailflow.routing.srs import srs_from_config
 from mailflow.tables import Table, TableCache, find_address, split_extension
 
 log = logging.getLogger("mailflow.cleanup")
@@ -65,6 +69,7 @@ class AddressMapper:
         self._sender_passes = [t for t in (tables.open(config.sender_canonical_maps), canonical) if t]
         self._recipient_passes = [t for t in (tables.open(config.recipient_canonical_maps), canonical) if t]
         self._virtual = tables.open(config.virtual_alias_maps)
+        self.srs = srs_from_config(config)
 
     # -- senders ---------------------------------------------------------------------------------------
     def sender(self, addr: str) -> str:
@@ -90,7 +95,9 @@ class AddressMapper:
 
     # -- recipients ------------------------------------------------------------------------------------
     def recipient(self, addr: str) -> str:
-        return self._canonical(self._rewriter.qualify(addr), self._recipient_passes)
+        qualified = self._rewriter.qualify(addr)
+        original = self.srs.reverse(qualified) if self.srs is not None else None
+        return original if original is not None else self._canonical(qualified, self._recipient_passes)
 
     def recipients(self, rcpts: Sequence[Recipient]) -> tuple[Recipient, ...]:
         out: list[Recipient] = []
@@ -105,6 +112,8 @@ class AddressMapper:
     def is_mapped(self, addr: str) -> bool:
         """recipient_canonical_maps, canonical_maps or virtual_alias_maps have an entry. May raise LookupRetry."""
         qualified = self._rewriter.qualify(addr)
+        if self.srs is not None and self.srs.reverse(qualified) is not None:
+            return True
         return any(self._find(tables, qualified) is not None for tables in self._recipient_passes + [self._virtual])
 
     def expand(self, addr: str) -> list[str]:

@@ -15,7 +15,9 @@ A transport value may carry its own nexthop (`smtp:[10.0.0.1]:587`); otherwise r
 goes to `relayhost` when set, else to the recipient domain (MX lookup). Domain lists match as Postfix's
 do with its default parent_domain_matches_subdomains: mydestination, virtual_alias_domains and
 virtual_mailbox_domains are exact lists (string_list: a subdomain is another domain); an entry of
-relay_domains matches the domain and every subdomain (domain_list, parent style). `qualify` appends
+relay_domains matches the domain and every subdomain (domain_list, parent style). The virtual domain lists
+may also name lookup tables (`DomainList`: a domain a table has as a key is in the list), so classifying an
+address may raise LookupRetry. `qualify` appends
 `@myorigin` to a bare `user` (and, with `append_dot_mydomain`, `.mydomain` to a dotless `user@host`).
 `resolved_address` is trivial-rewrite's resolve loop: while the domain is local and the local part holds
 a `%` (allow_percent_hack), the local domain is dropped and the rightmost `%` becomes `@`
@@ -80,6 +82,18 @@ def domain_in(domain: str, domains: tuple[str, ...], *, parent: bool = False) ->
     return False
 
 
+class DomainList:
+    """An exact domain list that may also hold lookup tables (Postfix's virtual_mailbox_domains = mysql:…): a
+    domain is in it when it is written in it or a table has it as a key. May raise LookupRetry."""
+
+    def __init__(self, entries: tuple[str, ...], tables: TableCache):
+        self._names = tuple(e for e in entries if ":" not in e)
+        self._tables = tables.open([e for e in entries if ":" in e])
+
+    def __contains__(self, domain: str) -> bool:
+        return domain_in(domain, self._names) or any(t.lookup(domain) is not None for t in self._tables)
+
+
 def own_addresses(config) -> frozenset:
     """The IP addresses `user@[address]` may name to be local: the IP listener addresses (a wildcard
     listener stands for the loopback addresses only) and proxy_interfaces. Host names are not resolved."""
@@ -132,6 +146,10 @@ class Rewriter:
         self._virtual_limit_maps = tables.open(config.virtual_mailbox_limit_maps)
         self._local_recipient_maps = tables.open(config.local_recipient_maps)
         self._alias_maps = tables.open(config.alias_maps, aliases=True)
+        self._virtual_alias_domains = DomainList(config.virtual_alias_domains, tables)
+        self._virtual_mailbox_domains = DomainList(config.virtual_mailbox_domains, tables)
+        self._virtual_uid_maps = tables.open(config.virtual_uid_maps)
+        self._virtual_gid_maps = tables.open(config.virtual_gid_maps)
         self._own_addresses = own_addresses(config)
         self.tables = tables
 
@@ -176,9 +194,9 @@ class Rewriter:
         c = self._config
         if self.resolve_local(domain):
             return AddressClass.LOCAL
-        if domain_in(domain, c.virtual_alias_domains):
+        if domain in self._virtual_alias_domains:
             return AddressClass.VIRTUAL_ALIAS
-        if domain_in(domain, c.virtual_mailbox_domains):
+        if domain in self._virtual_mailbox_domains:
             return AddressClass.VIRTUAL_MAILBOX
         if domain_in(domain, c.relay_domains, parent=True):
             return AddressClass.RELAY
@@ -302,6 +320,21 @@ class Rewriter:
         table, key, value = found
         if not value.strip().isdigit():
             raise LookupRetry(f"table {table}: {key}: {value.strip()!r} is not a number of bytes")
+        return int(value)
+
+    def virtual_owner(self, addr: str) -> tuple[int | None, int | None]:
+        """(uid, gid) that virtual_uid_maps / virtual_gid_maps give a virtual mailbox (None where no table does).
+        A value that is not a number counts as a table failure. May raise LookupRetry."""
+        qualified = self.qualify(addr)
+        return (self._owner_id(self._virtual_uid_maps, qualified), self._owner_id(self._virtual_gid_maps, qualified))
+
+    def _owner_id(self, tables: list[Table], addr: str) -> int | None:
+        found = find_address(tables, addr, delimiter=self._config.recipient_delimiter) if tables else None
+        if found is None:
+            return None
+        table, key, value = found
+        if not value.strip().isdigit():
+            raise LookupRetry(f"table {table}: {key}: {value.strip()!r} is not a numeric user or group id")
         return int(value)
 
     def is_known_relay(self, addr: str) -> bool:

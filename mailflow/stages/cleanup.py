@@ -7,13 +7,23 @@ What it does, in order (Postfix cleanup(8)):
 3. rewrites the envelope (`AddressMapper`): the sender through sender_canonical/canonical maps and
    masquerading; each recipient through recipient_canonical/canonical maps and virtual alias expansion,
    duplicates removed, each keeping the address first given as its original (ORCPT);
-4. prepends a Received header (for a local submission "by HOST (mailflow, from userid UID)"); appends
+4. inspects the content (`ContentChecks`: header_checks, mime/nested_header_checks, body_checks, unless the
+   listener's receive_override_options say no_header_body_checks): REJECT refuses it (550 5.7.1), DISCARD
+   drops it (the client is told it was queued), HOLD queues it on hold, FILTER, REDIRECT, IGNORE, PREPEND and
+   REPLACE change what is queued;
+4b. prepends a Received header (for a local submission "by HOST (mailflow, from userid UID)") and under it the
+   header fields smtpd's filters gave (`Submission.headers`: Authentication-Results, spam and virus tags); appends
    Message-ID, Date and From when the message has none (a local user's From carries their full name);
    only the header section is read (at most `header_size_limit` bytes, mailflow.message.read_header): the
    queued content is the new header section followed by the original's body, never copied (a spooled
    body stays in its file, see mailflow.content);
-5. commits message, recipients and content in one group-committed transaction;
-6. logs `received` and `queued`, and wakes qmgr.
+5. when configured (`outbound`, mailflow.signing.outbound): rewrites a forwarded message's sender (SRS), seals
+   it (ARC) and signs this host's mail (DKIM, 8-bit header fields first made RFC 2047 words when the message has
+   no SMTPUTF8, as the SMTP client would send them), the body hash streamed; off, none of it costs anything;
+6. commits message, recipients and content in one group-committed transaction, with the message's after-queue
+   content filter (`Submission.content_filter`, else [smtpd] content_filter; a FILTER action wins);
+7. logs `received` and `queued`, and wakes qmgr.
+Address rewriting is skipped for a listener with receive_override_options no_address_mappings.
 Header addresses are not rewritten (Postfix rewrites them only for mail from this host by default).
 `submit()` returns the queue id only after the commit is on disk: that is when smtpd may say 250.
 Failures (mailflow.errors; the caller logs the error's `reason` and answers by `status.error_reply`):
@@ -35,10 +45,12 @@ from mailflow.clock import Clock
 from mailflow.config import DEFAULTS
 from mailflow.content import Content, Spool
 from mailflow.errors import MessageTooBig, PermanentError, TemporaryError
+from mailflow.filters.content_checks import ContentChecks
 from mailflow.logs import MailLog
 from mailflow.message import header_names, header_value, read_header, rfc5322_date
-from mailflow.model import QueueId, Recipient, Submission
+from mailflow.model import Envelope, QueueId, Recipient, Submission
 from mailflow.routing.addressmap import AddressMapper
+from mailflow.signing.outbound import OutboundSigning
 from mailflow.store import NewMessage, Store
 
 logger = logging.getLogger("mailflow.cleanup")
@@ -61,7 +73,10 @@ class Cleanup:
     def __init__(self, store: Store, *, myhostname: str, clock: Clock, rng, log: MailLog,
                  on_queued: Callable[[], None], mapper: AddressMapper | None = None,
                  hopcount_limit: int = DEFAULTS.hopcount_limit,
-                 header_size_limit: int = DEFAULTS.header_size_limit):
+                 header_size_limit: int = DEFAULTS.header_size_limit, outbound: OutboundSigning | None = None,
+                 checks: ContentChecks | None = None, content_filter: str = DEFAULTS.smtpd.content_filter):
+        """`outbound`: SRS, ARC and DKIM signing (None: off); `checks`: the content inspection (None: off);
+        `content_filter`: the after-queue filter of mail whose submission names none ("" none)."""
         self._store = store
         self._mapper = mapper
         self._myhostname = myhostname
@@ -71,25 +86,58 @@ class Cleanup:
         self._on_queued = on_queued
         self._hopcount_limit = hopcount_limit
         self._header_size_limit = header_size_limit
+        self._outbound = outbound
+        self._checks = checks if checks is not None and checks.enabled else None
+        self._content_filter = content_filter
 
     def new_spool(self, max_size: int | None = None) -> Spool:
         """Where smtpd and pickup write a message as it arrives (the store's spool directory)."""
         return self._store.new_spool(max_size)
 
     async def submit(self, sub: Submission, *, hold: bool = False) -> QueueId:
-        """`hold`: commit it in the hold queue (an smtpd HOLD restriction), where qmgr leaves it alone."""
-        msg = self.prepare(sub) if self._mapper is None else await self._mapper.tables.run(self.prepare, sub)
-        if hold:
-            msg = dataclasses.replace(msg, queue="hold")
+        """`hold`: commit it in the hold queue (an smtpd HOLD restriction), where qmgr leaves it alone. Raises
+        ContentRejected when a content check refuses it; a discarded message gets its queue id, uncommitted."""
+        queue_id = self._ids.next()
+        content_filter = self._content_filter if sub.content_filter is None else sub.content_filter
+        if self._checks is not None and "no_header_body_checks" not in sub.overrides:
+            found = await self._inspect(queue_id, sub)
+            if found.discard is not None:
+                return queue_id
+            hold = hold or found.hold is not None
+            content_filter = found.content_filter or content_filter
+            sub = dataclasses.replace(sub, content=Content((found.head, *found.body.parts)),
+                                      envelope=_redirected(sub.envelope, found.redirect))
+        rewrite = self._mapper is not None and "no_address_mappings" not in sub.overrides
+        if rewrite:
+            msg = await self._mapper.tables.run(self._prepare, sub, queue_id, True)
+        else:
+            msg = self._prepare(sub, queue_id, False)
+        if self._outbound is not None:
+            msg = await self._outbound.apply(msg, sub)
+        if hold or content_filter:
+            msg = dataclasses.replace(msg, queue="hold" if hold else msg.queue, content_filter=content_filter)
         await self._store.insert(msg)
         self.log_queued(msg, sub)
         self._on_queued()
         return msg.queue_id
 
+    async def _inspect(self, queue_id: QueueId, sub: Submission):
+        """The content checks on the header section and body as received (a header section over the limit is
+        left to `prepare`, which refuses it)."""
+        head, complete = read_header(sub.content, self._header_size_limit)
+        if not complete:
+            head = b""
+        env, c = sub.envelope, sub.client
+        describe = (f"from {c.hostname}[{c.addr}]; from=<{env.sender}> to=<{env.recipients[0] if env.recipients else ''}>"
+                    f" proto={c.protocol} helo=<{c.helo}>")
+        return await self._checks.inspect(queue_id, head, sub.content.after(len(head)), describe)
+
     def prepare(self, sub: Submission, *, rewrite: bool = True) -> NewMessage:
         """Everything but the commit: the queue id, the checks, the envelope rewriting and the headers.
         Raises PermanentError (MessageTooBig) or TemporaryError (LookupRetry)."""
-        queue_id = self._ids.next()
+        return self._prepare(sub, self._ids.next(), rewrite)
+
+    def _prepare(self, sub: Submission, queue_id: QueueId, rewrite: bool) -> NewMessage:
         now = self._clock.time()
         head, complete = read_header(sub.content, self._header_size_limit)
         names = header_names(head)
@@ -116,7 +164,8 @@ class Cleanup:
             queue_id=queue_id,
             sender=sender,
             arrival=now,
-            content=Content((self._received(sub, queue_id, now) + head + missing, *rest.parts)),
+            content=Content((self._received(sub, queue_id, now) + _header_lines(sub.headers) + head + missing,
+                             *rest.parts)),
             recipients=recipients,
             smtputf8=sub.envelope.smtputf8,
             body_type=sub.envelope.body_type,
@@ -127,13 +176,14 @@ class Cleanup:
 
     def prepare_notice(self, sub: Submission) -> NewMessage:
         """`prepare` for a notice this host writes: if its recipient cannot be rewritten now, it is queued
-        unrewritten (and logged) rather than lost."""
+        unrewritten (and logged) rather than lost. Signed (DKIM) when the signing table has a key for its From."""
         try:
-            return self.prepare(sub)
+            msg = self.prepare(sub)
         except TemporaryError as e:
             logger.warning("cleanup: notice to %s queued without address rewriting: %s",
                            ", ".join(sub.envelope.recipients), e.reason)
-            return self.prepare(sub, rewrite=False)
+            msg = self.prepare(sub, rewrite=False)
+        return msg if self._outbound is None else self._outbound.sign_notice(msg)
 
     def log_queued(self, msg: NewMessage, sub: Submission | None = None) -> None:
         """The log lines of a committed message, in Postfix's order: who handed it over (smtpd's `client=`,
@@ -189,3 +239,15 @@ def _from_header(sender: str, fullname: str) -> str:
         return "From: " + email.utils.formataddr((name, sender), charset="utf-8")
     except (UnicodeError, ValueError):  # an address formataddr will not take (SMTPUTF8): no name then
         return f"From: <{sender}>"
+
+
+def _header_lines(fields: tuple[str, ...]) -> bytes:
+    """Header fields given by smtpd's filters, each already `Name: value` (folded or not), CRLF-ended."""
+    return "".join(f.rstrip("\r\n") + "\r\n" for f in fields).encode("utf-8") if fields else b""
+
+
+def _redirected(envelope: Envelope, address: str | None) -> Envelope:
+    """A REDIRECT action: every recipient replaced by `address` (their DSN parameters go with them)."""
+    if address is None:
+        return envelope
+    return dataclasses.replace(envelope, recipients=(address,), originals=(), notify=(), orcpts=())

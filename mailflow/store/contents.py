@@ -64,9 +64,9 @@ def insert_ops(messages: Sequence[NewMessage]) -> list[Op]:
             links.append((file.path, m.queue_id))
     return [
         ("INSERT INTO message (id, queue, sender, arrival, next_attempt, size, smtputf8, body_type, client,"
-         " envid, ret) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         " envid, ret, filter) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
          [(m.queue_id, m.queue, m.sender, m.arrival, m.arrival, m.content.size, int(m.smtputf8), m.body_type,
-           m.client, m.envid, m.ret) for m in messages]),
+           m.client, m.envid, m.ret, m.content_filter) for m in messages]),
         ("INSERT INTO recipient (message_id, idx, address, original, notify, orcpt) VALUES (?, ?, ?, ?, ?, ?)",
          [(m.queue_id, r.index, r.address, r.original, r.notify, r.orcpt) for m in messages for r in m.recipients]),
         (LINK_CONTENT, links),

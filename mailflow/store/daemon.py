@@ -207,7 +207,7 @@ class Store(OperatorQueries):
         rows = await self._reader.fetchall(DUE, {"now": now, "limit": limit, "scan_size": SCAN_CONTENT_SIZE,
                                                  "budget": SCAN_CONTENT_BUDGET // 2})
         rows.sort(key=_SCAN_ORDER)
-        fresh = [row for row in rows if row[11] == 0]
+        fresh = [row for row in rows if row[_SIDE_AT] == 0]
         messages, scanned = [], {}
         for row in _alternate(fresh, rows[len(fresh):])[:limit]:
             message = _due_message(row)
@@ -277,7 +277,9 @@ class Store(OperatorQueries):
 
 _RECIPIENT_COLUMNS = "idx, address, original, notify, orcpt, status, dsn, reason, relay"
 _MESSAGE_COLUMNS_LIST = ("id", "sender", "arrival", "size", "smtputf8", "body_type", "attempts", "envid", "ret",
-                         "warned")
+                         "warned", "filter")
+_RECIPIENTS_AT = len(_MESSAGE_COLUMNS_LIST)  # a DUE row: the message's columns, its recipients (JSON), side,
+_SIDE_AT = _RECIPIENTS_AT + 1                # next_attempt, the content row's data and body
 SCAN_CONTENT_SIZE = MEMORY_LIMIT  # bytes: a message kept in its row (this size at most) is read with due()
 SCAN_CONTENT_BUDGET = 8 << 20  # bytes of content read with one due() at the most
 
@@ -305,19 +307,19 @@ LEFT JOIN content c ON m.size <= :scan_size AND m.scanned <= :budget AND c.messa
 """
 
 
-_SCAN_ORDER = operator.itemgetter(11, 12, 0)  # (side, next_attempt, id) of a DUE row
+_SCAN_ORDER = operator.itemgetter(_SIDE_AT, _SIDE_AT + 1, 0)  # (side, next_attempt, id) of a DUE row
 
 
 def _due_message(row: tuple) -> QueuedMessage:
     """A row of DUE as a message: its pending recipients, and the recorded results whose notice is owed."""
     pending: list[Recipient] = []
     owed: list[RcptResult] = []
-    for fields in sorted(json.loads(row[10])):  # by idx
+    for fields in sorted(json.loads(row[_RECIPIENTS_AT])):  # by idx
         if fields[5] == "pending":
             pending.append(Recipient(*fields[:5]))
         else:
             owed.append(_recorded_result(fields))
-    return _queued_message(row[:10], pending, owed)
+    return _queued_message(row[:_RECIPIENTS_AT], pending, owed)
 
 
 def _claim(con: sqlite3.Connection, ids: list[QueueId], now: float) -> list[QueueId]:
@@ -346,9 +348,9 @@ def _record_op(queue_id: QueueId, rows: Sequence[tuple[RcptResult, bool]]) -> Op
 
 
 def _queued_message(row: tuple, recipients, owed) -> QueuedMessage:
-    qid, sender, arrival, size, utf8, body_type, attempts, envid, ret, warned = row
+    qid, sender, arrival, size, utf8, body_type, attempts, envid, ret, warned, content_filter = row
     return QueuedMessage(qid, sender, arrival, size, bool(utf8), body_type, attempts, tuple(recipients),
-                         envid=envid, ret=ret, warned=bool(warned), owed=tuple(owed))
+                         envid=envid, ret=ret, warned=bool(warned), owed=tuple(owed), content_filter=content_filter)
 
 
 def _alternate(first: list, second: list) -> list:

@@ -56,7 +56,7 @@ CONTENT_DIRECTORY = "content"  # beside the database: content files of big messa
 # Pseudo-statements the writer handles itself: link content files in before the transaction, unlink after.
 LINK_CONTENT = "-- link content files"
 DELETE_CONTENT = "DELETE FROM content WHERE message_id = ?"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT = 5.0  # seconds a connection waits for another one's lock before the statement fails
 WAL_KEEP = 4 << 20  # bytes of WAL kept after a checkpoint (journal_size_limit)
 VACUUM_PAGES = 4096  # free pages given back per maintain() call, so one call holds the lock briefly
@@ -427,6 +427,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # results recorded per delivery job: the relay of each recipient and whether its notice is still owed
     2: ("ALTER TABLE recipient ADD COLUMN relay TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE recipient ADD COLUMN notice INTEGER NOT NULL DEFAULT 0"),
+    # the after-queue content filter a message goes to (content_filter, FILTER actions)
+    3: ("ALTER TABLE message ADD COLUMN filter TEXT NOT NULL DEFAULT ''",),
 }
 
 

@@ -14,6 +14,7 @@ The package, split by job like Postfix's util/dict_*.c (callers import from here
     files.py    re-reading a changed file off the loop (Reloading), postmap(1) input lines, texthash:
     regexp.py   regexp: on RE2
     sqlite.py   sqlite: (the one type whose lookup may wait)
+    accounts.py accounts:PATH#MAP, a map of the account database (mailflow.accounts), answers kept per key
 The table types' names are mailflow.syntax.TABLE_TYPES (config validates specs with them).
 
 What a lookup may cost the one event loop (every session and delivery shares it):
@@ -22,6 +23,9 @@ What a lookup may cost the one event loop (every session and delivery shares it)
 - a changed file is re-read and parsed in a worker thread while lookups go on answering from the previous
   contents (Postfix daemons likewise keep a table until they restart); only the very first read of a file
   outside a running loop (the CLI, a test) happens in the caller;
+- accounts answers a key asked before from memory, a new key with one indexed query (microseconds; a lock is
+  waited for only while `mailflow account` commits, at most a second), and looks at whether the database
+  changed at most twice a second;
 - sqlite may wait on the disk or a lock (`blocking = True`): the query is aborted at its deadline wherever it
   runs, and callers on the loop run such lookups through `TableCache.run`, which moves them to a worker thread.
 

@@ -3,7 +3,8 @@
     open_table(spec, *, base_dir=None, clock=time.monotonic, aliases=False) -> Table
 
 `aliases`: a texthash file is in aliases(5) format, as alias_maps files are. File-backed tables (texthash,
-regexp) read their file at the first lookup (or TableCache.preload), not here; sqlite reads its .cf here.
+regexp, accounts) read their file at the first lookup (or TableCache.preload), not here; sqlite reads its .cf
+here. `accounts:PATH#MAP` names a map of the account database (mailflow.tables.accounts).
 Relative paths (the spec's, sqlite's dbpath) are taken from `base_dir` when given, else from the current
 directory.
 
@@ -18,6 +19,7 @@ from typing import Callable
 
 from mailflow.errors import ConfigError
 from mailflow.syntax import TABLE_TYPES, table_type
+from mailflow.tables.accounts import AccountsTable, parse_spec
 from mailflow.tables.base import Table, resolve_path
 from mailflow.tables.files import TexthashTable
 from mailflow.tables.memory import FailTable, open_inline, open_static
@@ -37,7 +39,7 @@ def open_table(spec: str, *, base_dir: Path | None = None, clock: Callable[[], f
         return open_static(spec, name)
     if kind == "fail":
         return FailTable(spec)
-    if kind in ("texthash", "regexp", "sqlite"):
+    if kind in ("texthash", "regexp", "sqlite", "accounts"):
         if not name.strip():
             raise ConfigError("", spec, f"{kind}: needs a file name ({kind}:/path)")
         path = resolve_path(name.strip(), base_dir)
@@ -45,5 +47,8 @@ def open_table(spec: str, *, base_dir: Path | None = None, clock: Callable[[], f
             return TexthashTable(spec, path, clock, aliases=aliases)
         if kind == "regexp":
             return RegexpTable(spec, path, clock)
+        if kind == "accounts":
+            db, map_name = parse_spec(spec, name)
+            return AccountsTable(spec, resolve_path(db, base_dir), map_name, clock)
         return SqliteTable(spec, path, base_dir)
     raise ConfigError("", spec, f"unknown table type {kind!r}; mailflow has {', '.join(TABLE_TYPES)}")

@@ -29,6 +29,7 @@ from mailflow.transports.local.agent import CommandSettings, LocalTransport
 from mailflow.transports.maildir import MaildirTransport, MaildirWriter, virtual_maildirs
 from mailflow.transports.pipe import PipeTransport
 from mailflow.transports.smtp import SmtpTransport
+from mailflow.transports.smtp.mtasts import HttpsPolicyFetcher, MtaSts
 
 
 class Transport(Protocol):
@@ -37,11 +38,21 @@ class Transport(Protocol):
     async def close(self) -> None: ...
 
 
+def build_mta_sts(config, resolver) -> MtaSts | None:
+    """The SMTP client's MTA-STS policy source from [mta_sts] (None when off); the policy fetch trusts what the
+    SMTP client trusts (smtp.tls_ca_file, else the system's CAs)."""
+    if not config.mta_sts.enabled:
+        return None
+    fetcher = HttpsPolicyFetcher(resolver, ca_file=config.smtp.tls_ca_file, timeout=config.mta_sts.fetch_timeout)
+    return MtaSts(resolver, fetcher, cache_size=config.mta_sts.cache_size)
+
+
 def build_transports(config, resolver, clock, router, forward=None, mailbox=None) -> dict[str, Transport]:
     """The transports named in `transport:nexthop` values, by name. `router` gives the local and virtual
     agents their tables; `forward` lets local delivery queue forwarded copies (see transports.local); with a
     capture `mailbox` (mailflow.capture), the `capture` transport keeps messages in it."""
-    smtp = SmtpTransport(config.smtp, resolver=resolver, helo_name=config.myhostname)
+    smtp = SmtpTransport(config.smtp, resolver=resolver, helo_name=config.smtp.helo_name or config.myhostname,
+                         mta_sts=build_mta_sts(config, resolver))
     return {
         **({"capture": CaptureTransport(mailbox)} if mailbox is not None else {}),
         "local": LocalTransport(router.local, local=config.local, writer=MaildirWriter(clock), clock=clock,
@@ -49,7 +60,8 @@ def build_transports(config, resolver, clock, router, forward=None, mailbox=None
                                 allow_min_user=config.allow_min_user),
         "virtual": MaildirTransport(virtual_maildirs(config.virtual_mailbox_base, router.rewriter), clock=clock,
                                     relay="virtual", quota=router.rewriter.virtual_mailbox_limit,
-                                    overquota_bounce=config.virtual_overquota_bounce),
+                                    overquota_bounce=config.virtual_overquota_bounce,
+                                    owner=router.rewriter.virtual_owner, base=config.virtual_mailbox_base),
         "smtp": smtp,
         "relay": smtp,
         "lmtp": LmtpTransport(config.lmtp, helo_name=config.myhostname),

@@ -11,6 +11,11 @@ convention, as Postfix writes it) into `tmp/`, fsync the file, rename it into `n
 is the recipient SENT. The file work runs in a worker thread.
 Quota (`quota(recipient) -> bytes`, 0 = none): the sizes of the files in new/ and cur/ plus the new message
 (counted as queued, with its CRLF line ends: the file is at most that big) may not exceed it; over quota bounces 5.2.2, or defers 4.2.2 when `overquota_bounce` is False.
+Ownership (`owner(recipient) -> (uid, gid)`, Postfix virtual_uid_maps / virtual_gid_maps): directories created
+below `base` (virtual_mailbox_base) are made 0700 and given to that uid and gid, the message file 0600 likewise,
+every directory opened without following a symbolic link; without maps, what is created belongs to mailflow's
+own user (directories 0700, files 0600). Giving a file away needs root (or CAP_CHOWN): otherwise the delivery
+defers 4.2.0 naming the error.
 Failures: an unknown virtual user bounces (5.1.1); a table that cannot answer or a map value mailflow
 cannot use defers (4.3.0 / 4.3.5); an OS error defers (4.2.0: a full disk, a permission the operator can fix).
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
@@ -42,8 +48,9 @@ def virtual_maildirs(base: str | Path, rewriter) -> Locate:
             return None
         if not path.endswith("/"):
             raise TemporaryError("4.3.5", f"virtual_mailbox_maps gives {path!r}: only Maildirs (ending in /) are supported")
-        maildir = (root / path).resolve()
-        if not maildir.is_relative_to(root.resolve()):
+        base = Path(os.path.abspath(root))
+        maildir = Path(os.path.normpath(base / path))  # not resolved: the write opens no symbolic link (Owner)
+        if not maildir.is_relative_to(base):
             raise TemporaryError("4.3.5", f"virtual_mailbox_maps gives {path!r}, outside virtual_mailbox_base")
         return maildir
 
@@ -58,8 +65,8 @@ class MaildirWriter:
         self._host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
         self._seq = count()
 
-    async def write(self, maildir: Path, prefix: bytes, content: Content) -> None:
-        await asyncio.to_thread(_write_maildir_file, maildir, self._unique_name(), prefix, content)
+    async def write(self, maildir: Path, prefix: bytes, content: Content, owner: "Owner | None" = None) -> None:
+        await asyncio.to_thread(_write_maildir_file, maildir, self._unique_name(), prefix, content, owner)
 
     def _unique_name(self) -> str:
         now = self._clock.time()
@@ -86,12 +93,25 @@ def maildir_size(maildir: Path) -> int:
 
 class MaildirTransport:
     def __init__(self, locate: Locate, *, clock: Clock, relay: str = "virtual",
-                 quota: Callable[[str], int] = lambda recipient: 0, overquota_bounce: bool = True):
+                 quota: Callable[[str], int] = lambda recipient: 0, overquota_bounce: bool = True,
+                 owner: Callable[[str], tuple[int | None, int | None]] | None = None, base: str | Path = ""):
+        """`owner(recipient) -> (uid, gid)` (None: mailflow's own) for what is created below `base`."""
         self._locate = locate
         self._relay = relay
         self._writer = MaildirWriter(clock)
         self._quota = quota
         self._overquota_bounce = overquota_bounce
+        self._owner = owner
+        self._base = Path(os.path.abspath(base)) if base else None
+
+    def _owner_of(self, recipient: str) -> "Owner | None":
+        """Raises LookupRetry."""
+        if self._owner is None or self._base is None:
+            return None
+        uid, gid = self._owner(recipient)
+        if uid is None and gid is None:
+            return None
+        return Owner(-1 if uid is None else uid, -1 if gid is None else gid, self._base)
 
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
         results = []
@@ -115,7 +135,7 @@ class MaildirTransport:
             refusal = await self._over_quota(rcpt, maildir, len(prefix) + request.content.size)
             if refusal is not None:
                 return refusal
-            await self._writer.write(maildir, prefix, request.content)
+            await self._writer.write(maildir, prefix, request.content, self._owner_of(rcpt.address))
         except TemporaryError as e:
             return RcptResult(rcpt, Outcome.DEFERRED, e.dsn, e.text, relay=self._relay)
         except OSError as e:
@@ -136,24 +156,74 @@ class MaildirTransport:
         return RcptResult(rcpt, Outcome.DEFERRED, "4.2.2", text, relay=self._relay)
 
 
-def _write_maildir_file(maildir: Path, name: str, prefix: bytes, content: Content) -> None:
-    for sub in ("tmp", "new", "cur"):
-        (maildir / sub).mkdir(parents=True, exist_ok=True)
-    tmp = maildir / "tmp" / name
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def _write_maildir_file(maildir: Path, name: str, prefix: bytes, content: Content,
+                        owner: Owner | None = None) -> None:
+    """The message into tmp/, fsynced, renamed into new/, new/ fsynced. With `owner`, the directories created
+    (from `owner.base` down, through fds that never follow a symbolic link) and the file get that uid and gid."""
+    dir_fd = _open_maildir(maildir, owner)
+    subs: dict[str, int] = {}
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(prefix)
-            for chunk in encode(content.chunks(), ToLf()):
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # never leave a partial message in tmp/
-        raise
-    os.rename(tmp, maildir / "new" / name)
-    dir_fd = os.open(maildir / "new", os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
+        for sub in ("tmp", "new", "cur"):
+            subs[sub] = _subdirectory(dir_fd, sub, owner)
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=subs["tmp"])
+        try:
+            with os.fdopen(fd, "wb") as f:
+                if owner is not None:
+                    os.fchown(f.fileno(), owner.uid, owner.gid)
+                f.write(prefix)
+                for chunk in encode(content.chunks(), ToLf()):
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            os.unlink(name, dir_fd=subs["tmp"])  # never leave a partial message in tmp/
+            raise
+        os.rename(name, name, src_dir_fd=subs["tmp"], dst_dir_fd=subs["new"])
+        os.fsync(subs["new"])
     finally:
-        os.close(dir_fd)
+        for fd in (*subs.values(), dir_fd):
+            os.close(fd)
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who owns what a delivery creates below `base` (-1: leave that id as the process's)."""
+
+    uid: int
+    gid: int
+    base: Path
+
+
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY
+
+
+def _open_maildir(maildir: Path, owner: Owner | None) -> int:
+    """An fd of the Maildir directory, created if missing. Without an owner: as mkdir -p would. With one: each
+    component below `owner.base` is created 0700 and given to the owner, and opened without following a
+    symbolic link, so a link planted in a user's directories cannot send the write elsewhere."""
+    if owner is None or not maildir.is_relative_to(owner.base):
+        maildir.mkdir(parents=True, exist_ok=True)
+        return os.open(maildir, _DIRECTORY)
+    owner.base.mkdir(parents=True, exist_ok=True)
+    fd = os.open(owner.base, _DIRECTORY)
+    try:
+        for part in maildir.relative_to(owner.base).parts:
+            child = _subdirectory(fd, part, owner)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _subdirectory(parent: int, name: str, owner: Owner | None) -> int:
+    """An fd of `parent/name`, made (0700, given to `owner`) when missing; a symbolic link there is an error
+    (ELOOP / ENOTDIR) when there is an owner."""
+    try:
+        os.mkdir(name, 0o700, dir_fd=parent)
+        if owner is not None:
+            os.chown(name, owner.uid, owner.gid, dir_fd=parent, follow_symlinks=False)
+    except FileExistsError:
+        pass
+    return os.open(name, _DIRECTORY | (os.O_NOFOLLOW if owner is not None else 0), dir_fd=parent)

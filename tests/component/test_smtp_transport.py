@@ -711,11 +711,11 @@ async def test_policy_none_turns_tls_off_for_one_nexthop(smtp_peer, ca):
 async def test_unusable_policy_defers_without_connecting():
     unused_port = free_port()
     key = f"[127.0.0.1]:{unused_port}"
-    transport = make_transport(tls_policy_maps=(f"inline:{{ {{{key} = dane}} }}",))
+    transport = make_transport(tls_policy_maps=(f"inline:{{ {{{key} = fingerprint}} }}",))
     report = await deliver(transport, make_request(key))
     result = report.results[0]
     assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.7.0")
-    assert result.text.startswith("client TLS configuration problem: unsupported TLS security level 'dane'")
+    assert result.text.startswith("client TLS configuration problem: unsupported TLS security level 'fingerprint'")
     assert report.site_ok  # our configuration, not the destination
 
 

@@ -17,7 +17,7 @@ def test_defaults():
 
 
 @pytest.mark.parametrize(("smtp", "key", "reason"), [
-    ({"tls_security_level": "dane"}, "smtp.tls_security_level", "Input should be"),
+    ({"tls_security_level": "fingerprint"}, "smtp.tls_security_level", "Input should be"),
     ({"tls_policy_maps": ["hash:/etc/postfix/tls_policy"]}, "smtp.tls_policy_maps", "is not a lookup table"),
     ({"sasl_password_maps": ["/etc/sasl_passwd"]}, "smtp.sasl_password_maps", "is not a lookup table"),
     ({"tls_key_file": "/etc/key.pem"}, "smtp.tls_key_file", "needs tls_cert_file"),

@@ -273,3 +273,12 @@ def test_8bitmime_content_goes_as_it_is_or_is_converted():
     encoders, body = content_encoding(Extensions(), eight)
     assert body is None and [type(e) for e in encoders] == [Downgrade]
     assert content_encoding(Extensions(), request()) == ((), None)
+
+
+def test_8bit_header_fields_are_encoded_only_for_a_peer_without_smtputf8():
+    from mailflow.transports.header_downgrade import HeaderDowngrade
+
+    eight_bit = request(content="Subject: Grüße\r\n\r\nx\r\n".encode())
+    encoders, _ = content_encoding(Extensions(), eight_bit)
+    assert [type(e) for e in encoders] == [HeaderDowngrade]
+    assert content_encoding(EVERYTHING, eight_bit) == ((), None)

@@ -36,7 +36,7 @@ def test_policy_values(value, policy):
 
 @pytest.mark.parametrize(("value", "reason"), [
     ("", "empty"),
-    ("dane", "unsupported TLS security level 'dane'"),
+    ("fingerprint", "unsupported TLS security level .fingerprint."),
     ("fingerprint match=AA:BB", "unsupported TLS security level"),
     ("encrypt protocols=TLSv1.2", "unsupported TLS policy attribute 'protocols=TLSv1.2'"),
     ("encrypt match=x.example", "match= needs level verify or secure"),

@@ -8,7 +8,8 @@ The loop
   survives restarts and operator changes), and at least every `queue_run_delay`. It reads up to
   `active_limit - active` due messages, new and deferred mail alternating, claims them in the store (an atomic
   incoming/deferred -> active; only what was claimed is admitted) and resolves each pending recipient to
-  `(transport, nexthop)` through trivial-rewrite.
+  `(transport, nexthop)` through trivial-rewrite; a message with an after-queue content filter (its
+  `content_filter`, Postfix's) sends every recipient to that `transport:nexthop` instead.
 - Each destination gets one job per message and runs as many at once as its window allows
   (`destination.py`: slow start, throttle on site failure, dead-site memory). `delivery_concurrency_limit`
   caps all deliveries, `transport_concurrency_limit` each transport. A dead destination's jobs are
@@ -283,7 +284,7 @@ class QueueManager:
                 continue
             if res.address != rcpt.address:  # trivial-rewrite's form (the percent hack), as Postfix's qmgr uses it
                 rcpt = dataclasses.replace(rcpt, address=res.address)
-            groups.setdefault((res.transport, res.nexthop), []).append(rcpt)
+            groups.setdefault(_route(message.content_filter, res.transport, res.nexthop), []).append(rcpt)
         active = ActiveMessage(message, jobs_left=len(groups), owed=list(message.owed))
         self._active[message.queue_id] = active
         for (transport, nexthop), rcpts in groups.items():
@@ -522,3 +523,12 @@ def _content_missing(active: ActiveMessage) -> bool:
     """True when the store had no content for the message (a corrupt entry), not when reading it failed."""
     f = active.content
     return f is not None and f.done() and not f.cancelled() and f.exception() is None and f.result() is None
+
+
+def _route(content_filter: str, transport: str, nexthop: str) -> tuple[str, str]:
+    """Where one recipient goes: its own route, or the message's after-queue filter (Postfix content_filter:
+    `transport:nexthop`, the recipient's own next hop when the filter names none)."""
+    if not content_filter:
+        return transport, nexthop
+    filter_transport, _, filter_nexthop = content_filter.partition(":")
+    return filter_transport, filter_nexthop or nexthop

@@ -1,19 +1,21 @@
 """smtpd's AUTH: password hashes, the user table, failure slow-down, and sender-login ownership.
 
 What it owns
-- The password hash format: `$scrypt$n=16384,r=8,p=1$SALT$HASH` (stdlib `hashlib.scrypt`; SALT and HASH in
-  unpadded standard base64; a 16-byte salt and a 32-byte hash). `hash_password()` makes one (the CLI's
-  `mailflow auth hash-password`), `verify_password()` checks one in constant time. Cost parameters above
-  `MAX_N` or `MAX_R`/`MAX_P` are refused (a hostile table entry cannot pin the CPU).
-- `PasswordHasher(workers)`: its own small thread pool for scrypt (never the loop's default executor, which
+- Password hashes are mailflow.passwords' (Argon2id with Dovecot's `{ARGON2ID}` prefix, mailflow's `$scrypt$`);
+  `hash_password`, `parse_hash` and `verify_password` are re-exported here for the callers that know them here.
+- `PasswordHasher(workers)`: its own small thread pool for the checks (never the loop's default executor, which
   mailbox writes use), so an AUTH flood uses at most `workers` cores and delays nothing else. `close()`.
 - `FailureCounter`: failed AUTH attempts per client IP within a sliding window; one per server, shared by all
   listeners; bounded (at most `max_clients` addresses, `per_client` times each; stale ones swept first).
-- `Authenticator`: checks a login and password against `sasl_user_maps` (`user HASH` lines, e.g. texthash).
-  Before hashing, an attempt waits `auth_failure_delay * 2**(failures-1)` (at most `auth_failure_delay_limit`)
-  for the client's recent failures, so a flood is throttled before it costs CPU. A user not in the table costs
-  the same hash (no timing oracle). An AUTH PLAIN authorization identity other than the login is refused
-  (as Cyrus and Dovecot do without proxy rights): 535 5.7.8. Each failure is logged in Postfix's words
+- Two back ends behind one `Backend.verify(login, password, secured=, client_ip=, local_ip=) -> Verdict`
+  (login / failed / unavailable): `TableBackend` (smtpd.sasl_type "mailflow": the hash `sasl_user_maps` hold,
+  `user HASH` lines or the account database, asked through `run`, TableCache.run, so a sqlite table waits in a
+  worker thread) and `DovecotBackend` (sasl_type "dovecot": dovecot_auth.DovecotAuth asks Dovecot's auth server).
+- `Authenticator`: the AUTH check around a back end. Before checking, an attempt waits
+  `auth_failure_delay * 2**(failures-1)` (at most `auth_failure_delay_limit`) for the client's recent
+  failures, so a flood is throttled before it costs CPU. A user not in the table costs the same hash (no timing
+  oracle). An AUTH PLAIN authorization identity other than the login is refused (as Cyrus and Dovecot do
+  without proxy rights): 535 5.7.8. Each failure is logged in Postfix's words
   (`warning: host[ip]: SASL PLAIN authentication failed: …, sasl_username=…`).
 - `SenderLogins.sender_login_mismatch(session, sender)`: Postfix's reject_sender_login_mismatch with
   `sender_login_maps` (sender address or @domain -> logins, separated by commas or spaces): a mismatch when the
@@ -21,22 +23,21 @@ What it owns
   login does not own the sender. The null sender never mismatches. Without maps, a login owns only the
   address equal to it.
 
-Failure behaviour: a table that cannot answer raises nothing here: AUTH answers 454 4.7.0 (try later) and the
-attempt does not count as a failure; `sender_login_mismatch` lets `LookupRetry` through for the caller to
+Failure behaviour: a table that cannot answer, or a Dovecot that is down, silent past its timeout or answers
+`temp`, raises nothing here: AUTH answers 454 4.7.0 (try later), logged with the reason, and the attempt does
+not count as a failure; `sender_login_mismatch` lets `LookupRetry` through for the caller to
 answer 451 4.3.0. Passwords never reach a log line.
 """
 from __future__ import annotations
 
 import asyncio
-import base64
 import concurrent.futures
-import hashlib
-import hmac
 import logging
 import re
-import secrets
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
+from typing import Awaitable, Callable, Protocol, TypeVar
 
 from mailflow import status
 from mailflow.address import client_ip
@@ -44,74 +45,11 @@ from mailflow.clock import Clock
 from mailflow.config import DEFAULTS
 from mailflow.errors import LookupRetry
 from mailflow.logs import SmtpdLog, printable
+from mailflow.passwords import hash_password, parse_hash, verify_password  # noqa: F401 (re-exported)
+from mailflow.stages.smtpd.dovecot_auth import DovecotAuth, Unavailable
 from mailflow.tables import Table, find_address
 
 log = logging.getLogger("mailflow.smtpd")
-
-DEFAULT_N, DEFAULT_R, DEFAULT_P = 16384, 8, 1
-MAX_N, MAX_R, MAX_P = 1 << 20, 32, 16
-SALT_BYTES, HASH_BYTES = 16, 32
-_FORMAT = re.compile(r"\$scrypt\$n=(\d+),r=(\d+),p=(\d+)\$([A-Za-z0-9+/]+)\$([A-Za-z0-9+/]+)")
-
-
-# ---------------------------------------------------------------------------------------------- hashes
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode().rstrip("=")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.b64decode(text + "=" * (-len(text) % 4))
-
-
-def _scrypt(password: bytes, salt: bytes, n: int, r: int, p: int, length: int) -> bytes:
-    return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, dklen=length, maxmem=256 * r * (n + p + 2))
-
-
-def hash_password(password: str | bytes, *, n: int = DEFAULT_N, r: int = DEFAULT_R, p: int = DEFAULT_P,
-                  salt: bytes | None = None) -> str:
-    """`$scrypt$n=N,r=R,p=P$SALT$HASH` for `password` (UTF-8 when a str)."""
-    secret = password.encode() if isinstance(password, str) else password
-    salt = salt if salt is not None else secrets.token_bytes(SALT_BYTES)
-    digest = _scrypt(secret, salt, n, r, p, HASH_BYTES)
-    return f"$scrypt$n={n},r={r},p={p}${_b64(salt)}${_b64(digest)}"
-
-
-@dataclass(frozen=True)
-class ScryptHash:
-    n: int
-    r: int
-    p: int
-    salt: bytes
-    digest: bytes
-
-
-def parse_hash(encoded: str) -> ScryptHash | None:
-    """The parts of a stored hash, or None when it is not one this module accepts."""
-    m = _FORMAT.fullmatch(encoded.strip())
-    if not m:
-        return None
-    n, r, p = (int(g) for g in m.group(1, 2, 3))
-    if n < 2 or n & (n - 1) or n > MAX_N or not 1 <= r <= MAX_R or not 1 <= p <= MAX_P:
-        return None
-    salt, digest = _unb64(m.group(4)), _unb64(m.group(5))
-    if not salt or len(digest) < 16:
-        return None
-    return ScryptHash(n, r, p, salt, digest)
-
-
-_DUMMY = ScryptHash(DEFAULT_N, DEFAULT_R, DEFAULT_P, b"\0" * SALT_BYTES, b"\0" * HASH_BYTES)
-
-
-def verify_password(password: bytes, encoded: str | None) -> bool:
-    """True when `password` matches `encoded`. A missing or malformed hash costs a default-cost hash and is
-    False, so the time taken does not say whether the user exists."""
-    stored = parse_hash(encoded) if encoded else None
-    check = stored or _DUMMY
-    computed = _scrypt(password, check.salt, check.n, check.r, check.p, len(check.digest))
-    return hmac.compare_digest(computed, check.digest) and stored is not None
-
 
 # ---------------------------------------------------------------------------------------------- failures
 
@@ -165,13 +103,19 @@ class FailureCounter:
 
 
 class PasswordHasher:
-    """scrypt checks on a small pool of threads of their own."""
+    """Password checks (passwords.verify_password: Argon2id, scrypt) on a small pool of threads of their own.
+    A user without a usable hash is checked against the last good hash seen (the same cost as a real user of
+    the same table), so the time taken does not say whether the user exists."""
 
     def __init__(self, workers: int = 2):
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mailflow-auth")
+        self._last_seen: str | None = None
 
     async def verify(self, password: bytes, stored: str | None) -> bool:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, verify_password, password, stored)
+        if stored:
+            self._last_seen = stored
+        check = partial(verify_password, password, stored, dummy=self._last_seen)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, check)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -193,19 +137,36 @@ class AuthOutcome:
     reply: status.Reply
 
 
-class Authenticator:
-    """Checks AUTH credentials against the user tables; slows down and logs failures per client IP.
-    `failures` and `hasher` are the server's (shared by its listeners)."""
+@dataclass(frozen=True)
+class Verdict:
+    """A back end's answer: `login` on success (the name the session is logged in as); else `unavailable` is
+    why it could not answer (454, not a failure), or "" for wrong credentials."""
 
-    def __init__(self, tables: list[Table], *, clock: Clock, failures: FailureCounter, hasher: PasswordHasher,
-                 delay: float, delay_limit: float, smtpd_log: SmtpdLog | None = None):
+    login: str | None = None
+    unavailable: str = ""
+
+
+class Backend(Protocol):
+    async def verify(self, login: str, password: bytes, *, secured: bool, client_ip: str,
+                     local_ip: str) -> Verdict: ...
+
+
+T = TypeVar("T")
+Runner = Callable[..., Awaitable[T]]
+
+
+async def _inline(fn: Callable[..., T], *args) -> T:
+    return fn(*args)
+
+
+class TableBackend:
+    """mailflow's own check (smtpd.sasl_type = "mailflow"): the hash sasl_user_maps hold for the login, checked
+    by `hasher`. `run` asks the tables (TableCache.run: off the event loop when a table may block, e.g. sqlite)."""
+
+    def __init__(self, tables: list[Table], hasher: PasswordHasher, run: Runner | None = None):
         self._tables = tables
-        self._clock = clock
-        self._delay = delay
-        self._delay_limit = delay_limit
-        self.failures = failures
         self._hasher = hasher
-        self._log = smtpd_log or SmtpdLog()
+        self._run = run or _inline
 
     def stored_hash(self, login: str) -> str | None:
         """The hash the tables hold for `login` (None: no such user). Raises LookupRetry."""
@@ -215,9 +176,59 @@ class Authenticator:
                 return value.strip()
         return None
 
+    async def verify(self, login: str, password: bytes, *, secured: bool = True, client_ip: str = "",
+                     local_ip: str = "") -> Verdict:
+        try:
+            stored = await self._run(self.stored_hash, login) if _plausible_login(login) else None
+        except LookupRetry as e:
+            return Verdict(unavailable=f"user table: {e.reason}")
+        return Verdict(login) if await self._hasher.verify(password, stored) else Verdict()
+
+
+class DovecotBackend:
+    """smtpd.sasl_type = "dovecot": Dovecot's auth server decides (dovecot_auth.DovecotAuth)."""
+
+    def __init__(self, dovecot: DovecotAuth):
+        self._dovecot = dovecot
+
+    async def verify(self, login: str, password: bytes, *, secured: bool, client_ip: str = "",
+                     local_ip: str = "") -> Verdict:
+        if not _plausible_login(login):
+            return Verdict()
+        try:
+            answer = await self._dovecot.ask(login.encode(), password, secured=secured, client_ip=client_ip,
+                                             local_ip=local_ip)
+        except Unavailable as e:
+            return Verdict(unavailable=f"Dovecot auth server {self._dovecot.endpoint}: {e}")
+        if answer.login is not None:
+            return Verdict(answer.login)
+        if answer.temporary:
+            return Verdict(unavailable=f"Dovecot auth server {self._dovecot.endpoint}: temporary failure"
+                                       + (f": {answer.reason}" if answer.reason else ""))
+        return Verdict()
+
+
+class Authenticator:
+    """Checks AUTH credentials with a back end (TableBackend over `tables` and `hasher` unless `backend` is
+    given); slows down and logs failures per client IP. `failures` and `hasher` are the server's (shared by
+    its listeners)."""
+
+    def __init__(self, tables: list[Table] | None = None, *, clock: Clock, failures: FailureCounter,
+                 hasher: PasswordHasher | None = None, delay: float, delay_limit: float,
+                 smtpd_log: SmtpdLog | None = None, backend: Backend | None = None):
+        if backend is None:
+            assert tables is not None and hasher is not None, "a table back end needs tables and a hasher"
+            backend = TableBackend(tables, hasher)
+        self._backend = backend
+        self._clock = clock
+        self._delay = delay
+        self._delay_limit = delay_limit
+        self.failures = failures
+        self._log = smtpd_log or SmtpdLog()
+
     async def check(self, client_ip: str, mechanism: str, login: bytes, password: bytes, *,
-                    authzid: bytes = b"", client: str = "") -> AuthOutcome:
-        """`client` is `host[ip]` for the log (default `unknown[client_ip]`)."""
+                    authzid: bytes = b"", client: str = "", secured: bool = True, local_ip: str = "") -> AuthOutcome:
+        """`client` is `host[ip]` for the log (default `unknown[client_ip]`); `secured`: the session is on TLS."""
         client = client or f"unknown[{client_ip}]"
         name = login.decode("utf-8", "replace")
         delay = failure_delay(self.failures.recent(client_ip), self._delay, self._delay_limit)
@@ -225,13 +236,13 @@ class Authenticator:
             await self._clock.sleep(delay)  # before the hash: a client that keeps failing costs no more CPU
         if authzid and authzid != login:
             return self._failed(client_ip, client, mechanism, name, "authorization identity differs from login")
-        try:
-            stored = self.stored_hash(name) if _plausible_login(name) else None
-        except LookupRetry as e:
-            log.warning("%s: SASL %s: user table: %s", client, mechanism, e.reason)
+        verdict = await self._backend.verify(name, password, secured=secured, client_ip=client_ip,
+                                             local_ip=local_ip)
+        if verdict.unavailable:
+            log.warning("%s: SASL %s: %s", client, mechanism, verdict.unavailable)
             return AuthOutcome(None, status.AUTH_UNAVAILABLE)
-        if await self._hasher.verify(password, stored):
-            return AuthOutcome(name, status.AUTH_OK)
+        if verdict.login is not None:
+            return AuthOutcome(verdict.login, status.AUTH_OK)
         return self._failed(client_ip, client, mechanism, name, "authentication failure")
 
     def _failed(self, client_ip: str, client: str, mechanism: str, name: str, reason: str) -> AuthOutcome:

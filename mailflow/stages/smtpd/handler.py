@@ -34,6 +34,7 @@ unexpected exception in another hook gets 451 4.3.0 and is logged; the session s
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from typing import Callable, Protocol
@@ -47,6 +48,7 @@ from mailflow.logs import printable
 from mailflow.model import Submission
 from mailflow.routing.addressmap import AddressMapper
 from mailflow.routing.rewrite import Rewriter
+from mailflow.stages.smtpd.filtering import FilterServices
 from mailflow.stages.smtpd.restrictions import Facts, Restrictions
 from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction
 from mailflow.tables import TableCache
@@ -66,20 +68,37 @@ class SmtpdHandler:
 
     def __init__(self, config: Config, rewriter: Rewriter, mapper: AddressMapper, cleanup, *,
                  resolver=None, tables: TableCache | None = None, free_space: Callable[[], int] | None = None,
-                 policy: SmtpdPolicy | None = None):
-        """`free_space()`: bytes free for the queue (None: no space check); `policy`: the in-process hook."""
+                 policy: SmtpdPolicy | None = None, filters: FilterServices | None = None):
+        """`free_space()`: bytes free for the queue (None: no space check); `policy`: the in-process hook;
+        `filters`: the inbound filters (filtering.py), None when none is configured."""
         self._config = config
         self._policy = policy
         self._free_space = free_space
         self._rewriter = rewriter
         self._mapper = mapper
         self._cleanup = cleanup
-        self.restrictions = Restrictions(config, config.smtpd, rewriter, mapper, resolver, tables)
+        self.restrictions = Restrictions(config, config.smtpd, rewriter, mapper, resolver, tables,
+                                         greylist=filters.greylist if filters else None,
+                                         sender_auth=filters.sender_auth if filters else None)
+        self._filters = filters.for_listener(config) if filters is not None else None
+        self._no_recipient_checks = "no_unknown_recipient_checks" in config.smtpd.receive_override_options
         self.submitting = 0  # DATA hand-overs waiting for their commit
         self._instances = itertools.count(1)  # the policy protocol's `instance` attribute: one per message
 
+    async def handle_HELO(self, server, session: SessionState, envelope: Transaction, hostname: str):
+        """Milters are told of HELO (a refusal is HELO's reply); without milters aiosmtpd's default stands."""
+        refusal = await self._filters.helo(session, hostname) if self._filters is not None else None
+        if refusal is not None:
+            return str(refusal)
+        session.host_name = hostname
+        return f"250 {server.hostname}"
+
     async def handle_EHLO(self, server, session: SessionState, envelope: Transaction, hostname: str,
                           responses: list[str]) -> list[str]:
+        if self._filters is not None:
+            refusal = await self._filters.helo(session, hostname)
+            if refusal is not None:
+                return [str(refusal)]
         session.host_name = hostname
         keywords = [r[4:] for r in responses[1:] if r[4:] != "HELP"]
         keywords[1:1] = ["PIPELINING"]
@@ -98,13 +117,10 @@ class SmtpdHandler:
                 return str(status.SMTPUTF8_REQUIRED)
         if self._short_of_space(_declared_size(options)):
             return str(status.INSUFFICIENT_STORAGE)
-        if self._policy is not None:
-            facts = self._facts(session, envelope, "", stage="mail")
-            facts.sender = sender
-            refusal = await self._policy_refusal("mail", facts, ())
-            if refusal is not None:
-                server.log_reject("MAIL", refusal, sender=addr)
-                return str(refusal)
+        refusal = await self._sender_refusal(session, envelope, sender, options)
+        if refusal is not None:
+            server.log_reject("MAIL", refusal, sender=addr)
+            return str(refusal)
         envelope.mail_from = addr
         envelope.mail_options.extend(options)
         return str(status.SENDER_OK)
@@ -126,6 +142,8 @@ class SmtpdHandler:
         refusal = self._rcpt_syntax_refusal(envelope, addr)
         if refusal is None:
             refusal = await self.check_recipient(session, envelope, addr)
+            if refusal is None and self._filters is not None:
+                refusal = await self._filters.rcpt(session, envelope, addr)
             if refusal is not None:
                 server.log_reject("RCPT", refusal, addr)
         if refusal is not None:
@@ -150,7 +168,20 @@ class SmtpdHandler:
             if refusal is not None:
                 return refusal
         refusal = await self.restrictions.check_rcpt(facts)
-        return refusal if refusal is not None else await self._unroutable(addr)
+        if refusal is not None or self._no_recipient_checks:
+            return refusal
+        return await self._unroutable(addr)
+
+    async def _sender_refusal(self, session: SessionState, envelope: Transaction, sender: str,
+                              options: list[str]) -> status.Reply | None:
+        """MAIL FROM's checks beyond syntax and space: the policy hook, then the filters (milters)."""
+        if self._policy is not None:
+            facts = self._facts(session, envelope, "", stage="mail")
+            facts.sender = sender
+            refusal = await self._policy_refusal("mail", facts, ())
+            if refusal is not None:
+                return refusal
+        return await self._filters.mail(session, envelope, sender, options) if self._filters is not None else None
 
     async def _unroutable(self, addr: str) -> status.Reply | None:
         try:
@@ -166,8 +197,10 @@ class SmtpdHandler:
         return not self._config.allow_min_user and address.is_min_user(addr)
 
     async def handle_DATA(self, server, session: SessionState, envelope: Transaction) -> str:
-        """The end of the message: the data and end_of_data lists, then cleanup (or DISCARD / HOLD)."""
-        refusal = await self._content_refusal(session, envelope)
+        """The end of the message: the data and end_of_data lists, the filters (milters, scanners; with
+        sender authentication before the end_of_data list), then cleanup (or DISCARD / HOLD)."""
+        verdicts = await self._filters.auth_verdicts(session, envelope) if self._filters is not None else None
+        refusal = await self._content_refusal(session, envelope, verdicts)
         if refusal is not None:
             server.log_reject("END-OF-MESSAGE", refusal, envelope.single_recipient)
             return str(refusal)
@@ -175,6 +208,16 @@ class SmtpdHandler:
         submission = Submission(envelope=envelope.model_envelope(), content=envelope.content,
                                 client=session.client_info(envelope))
         marks = envelope.marks
+        if self._filters is not None and marks.discard is None:
+            outcome = await self._filters.end_of_message(session, submission, verdicts, marks.filter)
+            if outcome.refusal is not None:
+                server.log_reject("END-OF-MESSAGE", outcome.refusal, envelope.single_recipient)
+                return str(outcome.refusal)
+            marks.discard = marks.discard or outcome.discard
+            marks.hold = marks.hold or outcome.hold
+            submission = outcome.submission or submission
+        elif marks.filter is not None:
+            submission = dataclasses.replace(submission, content_filter=marks.filter)
         if marks.discard is not None:
             return str(self._discard(server, submission, marks.discard))
         self.submitting += 1
@@ -195,8 +238,10 @@ class SmtpdHandler:
                               queue_id=queue_id)
         return str(status.queued(queue_id))
 
-    async def _content_refusal(self, session: SessionState, envelope: Transaction) -> status.Reply | None:
-        """The policy hook, data_restrictions, then end_of_data_restrictions."""
+    async def _content_refusal(self, session: SessionState, envelope: Transaction,
+                               verdicts=None) -> status.Reply | None:
+        """The policy hook, data_restrictions, then end_of_data_restrictions (which see the sender
+        authentication `verdicts`)."""
         if not self.restrictions.check_content and self._policy is None:
             return None
         rcpt = envelope.single_recipient
@@ -210,6 +255,7 @@ class SmtpdHandler:
             return refusal
         facts = self._facts(session, envelope, rcpt, stage="end_of_data")
         facts.size = envelope.content.size if envelope.content is not None else 0
+        facts.auth = verdicts
         return await self.restrictions.check_end_of_data(facts)
 
     async def _policy_refusal(self, stage: str, facts: Facts, recipients: tuple[str, ...]) -> status.Reply | None:
@@ -232,6 +278,11 @@ class SmtpdHandler:
     def new_spool(self, max_size: int | None) -> Spool:
         """Where the session writes DATA/BDAT content as it arrives (cleanup's, i.e. the queue's)."""
         return self._cleanup.new_spool(max_size)
+
+    def handle_CLOSE(self, server, session: SessionState, envelope: Transaction) -> None:
+        """The session ended (protocol.py calls this once): its milter connections are closed."""
+        if self._filters is not None:
+            self._filters.closed(session)
 
     async def handle_exception(self, error: Exception) -> str:
         log.exception("unexpected error in a session", exc_info=error)
@@ -260,6 +311,7 @@ class SmtpdHandler:
             encryption_protocol=cipher[1] if cipher and len(cipher) > 1 else "",
             encryption_cipher=cipher[0] if cipher else "",
             marks=envelope.marks,
+            memo=_bounded(session.memo),
         )
 
 
@@ -268,6 +320,15 @@ HOOK_SUBJECT = {  # what a refusal by the policy hook names, per stage (as restr
     "rcpt": lambda facts: (facts.recipient, "Recipient address"),
     "data": lambda facts: ("END-OF-MESSAGE", "End-of-data"),
 }
+
+
+MEMO_LIMIT = 32  # lookups a session remembers (a client trying many senders starts them again)
+
+
+def _bounded(memo: dict) -> dict:
+    if len(memo) > MEMO_LIMIT:
+        memo.clear()
+    return memo
 
 
 def _log_not_queued(client: str, error: BaseException, reply: status.Reply) -> None:

@@ -8,7 +8,8 @@ What it owns
   tables of smtp_* verbs and handle_* hooks from a cache: built once per class.
 - The connection: `connection_made` (after STARTTLS the client stays who it was), `eof_received` (input
   already received is answered first), `_session_ended` (once however the session ends, also after a TLS
-  handshake asyncio never reports to connection_lost: frees what it held, logs the disconnect), `hang_up()`.
+  handshake asyncio never reports to connection_lost: frees what it held, calls the handler's `handle_CLOSE`
+  hook when it has one, logs the disconnect), `hang_up()`.
 - Replies: `push()` gives a library-written line its enhanced status code (RFC 2034; not the greeting nor
   HELO/EHLO; a `status.Reply` goes as the catalogue wrote it), counts 4xx/5xx toward the error limits and
   records each command's outcome (sessionlog.SessionLog).
@@ -218,6 +219,9 @@ class ProtocolCore(SMTP):
         for transport in (self.transport, self._original_transport):
             if transport is not None and not transport.is_closing():
                 transport.close()
+        closing = self._handle_hooks.get("CLOSE")  # the handler frees what it held for the session
+        if closing is not None:
+            closing(self, self.session, self.envelope)
         self.record.ended()
         if self.transcript is not None:
             self._observe_identity()

@@ -7,6 +7,12 @@ What it owns
   listener may have its own), with their tables and policy clients opened once.
 - `check_rcpt(facts)`, `check_data(facts)`, `check_end_of_data(facts)` -> `Reply | None` (None: go on);
   `check_content`: whether the data and end_of_data lists have anything to evaluate.
+- The lookups of the inbound filters (docs/filtering.md): reject_unknown_client_hostname and
+  reject_unknown_reverse_client_hostname (PTR, then the name's addresses must hold the client's; 450 4.7.1),
+  reject_unknown_sender_domain (450 4.1.8), reject_rhsbl_client/reverse_client/sender/helo/recipient (554 5.7.1),
+  check_greylist (450 4.2.0; mailflow.filters.greylist), reject_spf_fail (550 5.7.23) and, at end of data,
+  reject_dmarc_policy (p=reject: 550 5.7.1; p=quarantine: HOLD). Access FILTER transport:nexthop marks the
+  message for that after-queue filter.
 
 Evaluation (Postfix with smtpd_delay_reject = yes): at RCPT the client, helo, sender, relay and recipient
 lists run in that order; each list stops at its first PERMIT (the next list still runs) or refusal (the
@@ -19,7 +25,9 @@ HOLD marks it to be held and goes on (Postfix). Marks live in `facts.marks`, one
 Failure behaviour: a table that cannot answer or an action mailflow does not know gives
 `451 4.3.5 <name>: X rejected: Server configuration error` (logged); a policy server that cannot be asked
 gives `policy_service_default_action` (451 4.3.5 Server configuration problem); a DNSBL that cannot be
-asked counts as not listed (logged); reject_unknown_recipient_domain with a DNS failure defers (450 4.4.3).
+asked counts as not listed (logged); reject_unknown_recipient_domain with a DNS failure defers (450 4.4.3),
+reject_unknown_client_hostname and reject_unknown_sender_domain too (450); a greylist database fault lets mail
+pass (logged).
 Nothing here raises for a client's input.
 """
 from __future__ import annotations
@@ -34,7 +42,8 @@ from mailflow.address import client_ip, in_networks
 from mailflow.dns import NotFound
 from mailflow.errors import LookupRetry
 from mailflow.model import AddressClass
-from mailflow.restriction_vocabulary import ACCESS_CHECKS, RCPT_STAGES, STAGES, WITHOUT_ARGUMENT, split_item
+from mailflow.restriction_vocabulary import (ACCESS_CHECKS, NEEDS_IO, RCPT_STAGES, RHSBL_CHECKS, STAGES,
+                                             WITHOUT_ARGUMENT, split_item)
 from mailflow.stages.smtpd.policy import PolicyClient, PolicyError
 from mailflow.syntax import is_hostname, is_ipv4
 from mailflow.tables import TableCache, find, split_extension
@@ -58,10 +67,12 @@ _NUMERIC_ACTION = re.compile(r"([45]\d\d)(?:\s+([45]\.\d{1,3}\.\d{1,3}))?(?:\s+(
 
 @dataclass
 class Marks:
-    """What restrictions decided for the whole message: discard or hold it (the logged reason)."""
+    """What restrictions decided for the whole message: discard or hold it (the logged reason), send it to an
+    after-queue filter (an access FILTER action: transport:nexthop)."""
 
     discard: str | None = None
     hold: str | None = None
+    filter: str | None = None
 
 
 @dataclass
@@ -83,6 +94,8 @@ class Facts:
     encryption_protocol: str = ""
     encryption_cipher: str = ""
     marks: Marks = field(default_factory=Marks)
+    memo: dict = field(default_factory=dict)  # the session's answers of lookups (client name, SPF), by question
+    auth: object = None  # end_of_data: the message's sender authentication Verdicts (mailflow.filters.senderauth)
 
 
 # ---------------------------------------------------------------------------------------------- key orders
@@ -161,8 +174,13 @@ def is_valid_helo(name: str) -> bool:
 class Restrictions:
     """The restriction lists of one SmtpdConfig; see the module doc."""
 
-    def __init__(self, config, smtpd, rewriter, mapper, resolver=None, tables: TableCache | None = None):
+    def __init__(self, config, smtpd, rewriter, mapper, resolver=None, tables: TableCache | None = None, *,
+                 greylist=None, sender_auth=None):
+        """`greylist` (mailflow.filters.greylist.Greylist) serves check_greylist, `sender_auth`
+        (mailflow.filters.senderauth.SenderAuth) reject_spf_fail; without them those have no opinion."""
         tables = tables or TableCache()
+        self._greylist = greylist
+        self._sender_auth = sender_auth
         self._config = config
         self._smtpd = smtpd
         self._rewriter = rewriter
@@ -215,7 +233,11 @@ class Restrictions:
 
     async def _evaluate(self, name: str, arg: str, stage: str, facts: Facts):
         """PERMIT, a refusal Reply, or None (no opinion)."""
-        simple = self._simple(name, stage, facts)
+        try:
+            simple = self._simple(name, stage, facts)
+        except LookupRetry as e:  # a domain list's table (virtual_mailbox_domains) cannot answer now
+            log.warning("%s: %s", name, e.reason)
+            return status.error_reply(e, facts.recipient)
         if simple is not _UNHANDLED:
             return simple
         if name in ACCESS_CHECKS:
@@ -228,6 +250,18 @@ class Restrictions:
             return await self._unknown_domain(facts.recipient)
         if name == "reject_unlisted_recipient":
             return await self._unlisted(facts.recipient) if facts.recipient else None
+        if name in RHSBL_CHECKS:
+            return await self._rhsbl(name, arg, facts)
+        if name in ("reject_unknown_client_hostname", "reject_unknown_reverse_client_hostname"):
+            return await self._unknown_client(facts, reverse_only=name == "reject_unknown_reverse_client_hostname")
+        if name == "reject_unknown_sender_domain":
+            return await self._unknown_sender_domain(facts.sender)
+        if name == "check_greylist":
+            return await self._greylisted(facts)
+        if name == "reject_spf_fail":
+            return await self._spf_fail(facts)
+        if name == "reject_dmarc_policy":
+            return self._dmarc_policy(facts)
         raise AssertionError(f"restriction {name!r} has no evaluation")  # check_item lets no such name in
 
     def _simple(self, name: str, stage: str, facts: Facts):
@@ -356,12 +390,15 @@ class Restrictions:
         if upper == "HOLD":
             facts.marks.hold = text or f"{source}: HOLD"
             return None
+        if upper == "FILTER" and ":" in text:
+            facts.marks.filter = text
+            return None
         numeric = _NUMERIC_ACTION.fullmatch(value.strip())
         if numeric:
             code, dsn, reason = numeric.groups()
             dsn = dsn if dsn and dsn[0] == code[0] else f"{code[0]}.7.1"
             return status.restriction_rejected(int(code), dsn, name, what, (reason or "Access denied").strip())
-        if word.lower() in WITHOUT_ARGUMENT and word.lower() != "reject_unknown_recipient_domain" and not text:
+        if word.lower() in WITHOUT_ARGUMENT and word.lower() not in NEEDS_IO and not text:
             return self._simple(word.lower(), stage, facts)  # a restriction named as the action
         log.warning("%s: unknown access action %r", source, value)
         return status.restriction_config_error(name, what)
@@ -382,6 +419,134 @@ class Restrictions:
             return None
         listed = [a for a in answers if is_ipv4(a) and a.startswith("127.") and (not wanted or a == wanted)]
         return status.rbl_listed(facts.client_addr, rbl_domain) if listed else None
+
+    async def _rhsbl(self, name: str, arg: str, facts: Facts):
+        """reject_rhsbl_*: `<domain>.<rbl>` has an address (127.x, or the one asked for) -> 554 5.7.1."""
+        rbl_domain, _, wanted = arg.partition("=")
+        kind = RHSBL_CHECKS[name]
+        if kind == "client":
+            domain, what = await self._verified_client_name(facts), "Client host"
+        elif kind == "reverse_client":
+            domain, what = (await self._client_names(facts) or [""])[0], "Unverified Client host"
+        elif kind == "helo":
+            domain, what = facts.helo, "Helo command"
+        else:
+            addr = facts.sender if kind == "sender" else facts.recipient
+            domain, what = (address.split(addr)[1] if addr else ""), \
+                ("Sender address" if kind == "sender" else "Recipient address")
+        domain = address.normalise_domain(domain or "")
+        if not domain or domain.startswith("[") or self._resolver is None:
+            return None
+        try:
+            answers = await self._resolver.addresses(f"{domain}.{rbl_domain}")
+        except NotFound:
+            return None
+        except LookupRetry as e:
+            log.warning("%s.%s: RHSBL lookup error: %s", domain, rbl_domain, e.reason)
+            return None
+        listed = [a for a in answers if is_ipv4(a) and a.startswith("127.") and (not wanted or a == wanted)]
+        return status.rbl_listed(domain, rbl_domain, what) if listed else None
+
+    async def _client_names(self, facts: Facts) -> list[str] | None:
+        """The client address's PTR names (memoized per session); None when DNS cannot answer now."""
+        key = ("ptr", facts.client_addr)
+        if key not in facts.memo:
+            try:
+                names = await self._resolver.ptr(facts.client_addr) if self._resolver is not None else []
+            except NotFound:
+                names = []
+            except LookupRetry as e:
+                log.warning("%s: reverse lookup error: %s", facts.client_addr, e.reason)
+                return None
+            except ValueError:
+                names = []
+            facts.memo[key] = names[:5]
+        return facts.memo[key]
+
+    async def _verified_client_name(self, facts: Facts) -> str | None:
+        """The client's name whose addresses include the client's address (Postfix's verified client name):
+        "" when there is none, None when DNS cannot tell now."""
+        key = ("verified", facts.client_addr)
+        if key in facts.memo:
+            return facts.memo[key]
+        names = await self._client_names(facts)
+        if names is None:
+            return None
+        found = ""
+        for name in names:
+            try:
+                if facts.client_addr in await self._resolver.addresses(name):
+                    found = name
+                    break
+            except NotFound:
+                continue
+            except LookupRetry as e:
+                log.warning("%s: lookup error: %s", name, e.reason)
+                return None
+        facts.memo[key] = found
+        return found
+
+    async def _unknown_client(self, facts: Facts, *, reverse_only: bool):
+        """reject_unknown_(reverse_)client_hostname: no name for the address (or, unless reverse_only, no name
+        that leads back to it): 450 4.7.1, also when DNS cannot tell now (Postfix)."""
+        if self._resolver is None or client_ip(facts.client_addr) is None:
+            return None
+        if reverse_only:
+            names = await self._client_names(facts)
+            ok = bool(names)
+        else:
+            ok = bool(await self._verified_client_name(facts))
+        return None if ok else status.unknown_client(facts.client_addr, 450, reverse_only)
+
+    async def _unknown_sender_domain(self, sender: str | None):
+        """No MX and no address for the sender's domain (one this host is not final destination for)."""
+        if not sender or self._resolver is None:
+            return None
+        if self._rewriter.classify(sender) not in (AddressClass.DEFAULT, AddressClass.RELAY):
+            return None
+        domain = address.normalise_domain(address.split(self._rewriter.qualify(sender))[1])
+        if not domain or domain.startswith("["):
+            return None
+        code = self._smtpd.unknown_address_reject_code
+        try:
+            records = await self._resolver.mx(domain)
+            if records and not all(r.is_null for r in records) or await self._resolver.addresses(domain):
+                return None
+        except NotFound:
+            return status.sender_domain_not_found(sender, code)
+        except LookupRetry as e:
+            log.warning("MAIL <%s>: %s", sender, e.reason)
+            return status.sender_domain_not_found(sender, 450)
+        return status.sender_domain_not_found(sender, code)
+
+    async def _greylisted(self, facts: Facts):
+        if self._greylist is None or not facts.recipient or facts.sender is None:
+            return None
+        if await self._greylist.check(facts.client_addr, facts.sender, facts.recipient):
+            return None
+        return status.greylisted(facts.recipient)
+
+    async def _spf_fail(self, facts: Facts):
+        """reject_spf_fail: the sender's SPF record says this client may not send for it (550 5.7.23)."""
+        if self._sender_auth is None or facts.sender is None:
+            return None
+        key = ("spf", facts.client_addr, facts.helo, facts.sender)
+        if key not in facts.memo:
+            facts.memo[key] = await self._sender_auth.spf(facts.client_addr, facts.helo, facts.sender)
+        result, _ = facts.memo[key]
+        return status.spf_failed(facts.sender or facts.helo, facts.client_addr) if result == "fail" else None
+
+    def _dmarc_policy(self, facts: Facts):
+        """reject_dmarc_policy (end of data): DMARC failed and the From domain says p=reject (550 5.7.1) or
+        p=quarantine (the message is held)."""
+        verdicts = facts.auth
+        if verdicts is None or getattr(verdicts, "dmarc", "") != "fail":
+            return None
+        if verdicts.dmarc_policy == "reject":
+            return status.dmarc_rejected(verdicts.dmarc_domain)
+        if verdicts.dmarc_policy == "quarantine":
+            facts.marks.hold = f"DMARC policy of {verdicts.dmarc_domain}: quarantine"
+        return None
 
     async def _policy(self, spec: str, stage: str, facts: Facts):
         name, what = self._subject(stage, facts)

@@ -6,7 +6,8 @@ What it owns
   handshake is aiosmtpd's; a handshake that fails or that the client abandons ends the session. The TLS line of
   the log (`log_tls`: "Anonymous TLS connection established from host[ip]: TLSv1.3 with cipher ...").
 - AUTH (RFC 4954) PLAIN and LOGIN, with or without an initial response, checked by the listener's
-  `auth.Authenticator` (`sasl`; None: AUTH is not enabled). Offered and accepted only over TLS unless
+  `auth.Authenticator` (`sasl`; None: AUTH is not enabled; its back end is mailflow's user tables or Dovecot's
+  auth server, told whether the session is on TLS and its addresses). Offered and accepted only over TLS unless
   `auth_require_tls` is false (a submissions listener, or allow_plaintext_auth_on_loopback). The login becomes
   `session.auth_data` (`authenticated`), the mechanism `session.auth_mechanism`. Answers read through the
   strict wire reader (`challenge_auth`).
@@ -109,12 +110,17 @@ class SecureCommands(FrontEndCommands):
             return  # answered already (aborted, bad base64, malformed)
         authzid, login, password = credentials
         outcome = await self._sasl.check(self.session.peer_ip, mechanism, login, password,
-                                         authzid=authzid, client=self.session.client)
+                                         authzid=authzid, client=self.session.client,
+                                         secured=self.session.ssl is not None, local_ip=self._local_ip())
         if outcome.login is not None:
             self.session.authenticated = True
             self.session.auth_data = outcome.login
             self.session.auth_mechanism = mechanism
         await self.push(outcome.reply)
+
+    def _local_ip(self) -> str:
+        sockname = self.transport.get_extra_info("sockname") if self.transport is not None else None
+        return str(sockname[0]) if isinstance(sockname, tuple) and sockname else ""
 
     def _auth_refusal(self, arg: str | None) -> status.Reply | None:
         if self._sasl is None:

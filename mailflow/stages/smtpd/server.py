@@ -13,7 +13,8 @@ SmtpdConfig, its own handler (built by `handler_for(config)` with that config), 
 - submissions: implicit TLS (the handshake comes first), AUTH required before MAIL.
 AUTH (PLAIN, LOGIN; the exchange is secure.py's, the check auth.py's) is offered only over TLS, unless
 `allow_plaintext_auth_on_loopback` and the client is on loopback. The failure table and the hashing threads
-belong to the server: one for all its listeners. With reject_sender_login_mismatch, MAIL FROM an address the
+belong to the server: one for all its listeners; so does the connection to Dovecot's auth server when
+`sasl_type` is "dovecot" (one per `sasl_path`). With reject_sender_login_mismatch, MAIL FROM an address the
 login does not own gets 553 5.7.1 (auth.py). `ListenerSession` adds the admission to the session (session.py):
 it gives back its per-client count and its slot however it ends (`_session_ended`).
 
@@ -39,7 +40,9 @@ from mailflow.address import in_networks
 from mailflow.clock import Clock, SystemClock
 from mailflow.config import Config, SmtpdConfig
 from mailflow.stages.smtpd.anvil import Anvil, SessionSlots
-from mailflow.stages.smtpd.auth import Authenticator, FailureCounter, PasswordHasher, SenderLogins, is_loopback
+from mailflow.stages.smtpd.auth import (Authenticator, Backend, DovecotBackend, FailureCounter, PasswordHasher,
+                                        SenderLogins, TableBackend, is_loopback)
+from mailflow.stages.smtpd.dovecot_auth import DovecotAuth
 from mailflow.stages.smtpd.frontends import FrontEnds
 from mailflow.stages.smtpd.handler import SmtpdHandler
 from mailflow.stages.smtpd.session import ProtocolLimits, SmtpSession
@@ -143,6 +146,7 @@ class Smtpd:
         # threads that compute password hashes (AUTH_HASH_WORKERS of them, created on first use).
         self.auth_failures = FailureCounter(self._clock, config.smtpd.anvil_rate_time_unit)
         self._hasher: PasswordHasher | None = None
+        self._dovecots: dict[str, DovecotAuth] = {}  # sasl_type "dovecot": one connection per auth socket
         self.listeners: list[Listener] = []
         self.sessions: set[SmtpSession] = set()
 
@@ -163,11 +167,9 @@ class Smtpd:
                       exempt=lambda ip: in_networks(ip, networks))
         authenticator = None
         if smtpd.sasl_auth_enable:
-            if self._hasher is None:
-                self._hasher = PasswordHasher(AUTH_HASH_WORKERS)
-            authenticator = Authenticator(self._tables.open(smtpd.sasl_user_maps), clock=self._clock,
-                                          failures=self.auth_failures, hasher=self._hasher,
-                                          delay=smtpd.auth_failure_delay, delay_limit=smtpd.auth_failure_delay_limit)
+            authenticator = Authenticator(backend=self._auth_backend(smtpd), clock=self._clock,
+                                          failures=self.auth_failures, delay=smtpd.auth_failure_delay,
+                                          delay_limit=smtpd.auth_failure_delay_limit)
         sender_logins = None
         if smtpd.reject_sender_login_mismatch:
             sender_logins = SenderLogins(self._tables.open(smtpd.sender_login_maps),
@@ -176,6 +178,18 @@ class Smtpd:
             self._server_tls(smtpd)  # read now: a bad file stops the start
         return Listener(host, port, role, config, self._handler_for(config), anvil, SessionSlots(smtpd.max_sessions),
                         authenticator, sender_logins, FrontEnds.from_config(smtpd), ProtocolLimits.from_config(smtpd))
+
+    def _auth_backend(self, smtpd: SmtpdConfig) -> Backend:
+        """Who checks a listener's AUTH passwords: Dovecot's auth server (one connection per socket, shared by
+        the listeners naming it) or the user tables (with the server's hashing threads)."""
+        if smtpd.sasl_type == "dovecot":
+            if smtpd.sasl_path not in self._dovecots:
+                self._dovecots[smtpd.sasl_path] = DovecotAuth(smtpd.sasl_path, timeout=smtpd.sasl_timeout,
+                                                              clock=self._clock)
+            return DovecotBackend(self._dovecots[smtpd.sasl_path])
+        if self._hasher is None:
+            self._hasher = PasswordHasher(AUTH_HASH_WORKERS)
+        return TableBackend(self._tables.open(smtpd.sasl_user_maps), self._hasher, run=self._tables.run)
 
     def _server_tls(self, smtpd: SmtpdConfig) -> ServerTls:
         """The certificate of these settings, read once per (cert, key) pair. Raises TlsError."""
@@ -214,6 +228,7 @@ class Smtpd:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.listeners = [self._build_listener(*spec) for spec in self._listener_specs()]
+        await self._tables.preload()  # the user and sender-login tables, read off the event loop
         for listener in self.listeners:
             ssl = self._server_tls(listener.smtpd).listener_context() if listener.role == "submissions" else None
             listener.server = await loop.create_server(lambda li=listener: self._session(li), listener.host,
@@ -265,3 +280,6 @@ class Smtpd:
         if self._hasher is not None:
             self._hasher.close()
             self._hasher = None
+        for dovecot in self._dovecots.values():
+            await dovecot.close()
+        self._dovecots.clear()

@@ -46,6 +46,8 @@ class SessionState(_AiosmtpdSession):
     client_name: str  # the client's host name for logs and checks: "unknown" (no reverse lookup), or XCLIENT NAME
     proxied_by: str  # the load balancer's address when a PROXY header named the client, else ""
     auth_mechanism: str  # PLAIN, LOGIN or XCLIENT: the `sasl_method` of the log and of policy requests
+    milters: Any  # the session's milter connections (filters.milter.MilterSession), made at its first event
+    memo: dict  # answers of the session's restriction lookups (client name, SPF), by question; kept small
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         super().__init__(loop)
@@ -53,12 +55,16 @@ class SessionState(_AiosmtpdSession):
         self.client_name = "unknown"
         self.proxied_by = ""
         self.auth_mechanism = ""
+        self.milters = None
+        self.memo = {}
 
     def carry_identity(self, previous: SessionState) -> None:
-        """After STARTTLS: the client stays who PROXY or XCLIENT said it is (HELO and login are not kept)."""
+        """After STARTTLS: the client stays who PROXY or XCLIENT said it is (HELO and login are not kept); its
+        milter connections stay open."""
         self.peer = previous.peer
         self.proxied_by = previous.proxied_by
         self.client_name = previous.client_name
+        self.milters = previous.milters  # the same milter connections (a new HELO follows)
 
     @property
     def peer_ip(self) -> str:

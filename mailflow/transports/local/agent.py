@@ -5,7 +5,9 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
    message's `Delivered-To:` headers so that a forwarding loop bounces (5.4.6).
 2. Mailboxes (`mbox.mailbox_location`): `<maildir_base>/<user>/<home_mailbox>`, a Maildir when home_mailbox ends
    in "/" (the default `Maildir/`), else an mbox file; with home_mailbox "" the file `<mail_spool_directory>/<user>`.
-   Each copy starts with Return-Path and Delivered-To; one copy per user per request, however many of its
+   As root, a Maildir of a local user who is also a system user is created with that user's uid and gid
+   (directories 0700, files 0600), as local(8) writes with the recipient's rights. Each copy starts with
+   Return-Path and Delivered-To; one copy per user per request, however many of its
    recipients lead there (Postfix's duplicate filter). mbox files get a From_ line, mboxrd quoting and the
    `mailbox_delivery_lock` locks (see mailflow.transports.local.mbox).
 3. Forwarded addresses (and the members of an :include: file or of a list with an owner- alias, which local(8)
@@ -30,8 +32,10 @@ a table or file that cannot be read defers (4.3.0); a forward cleanup cannot que
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import pwd
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -47,7 +51,7 @@ from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult,
 from mailflow.transports.local.aliasing import Command, File, Forward, LocalExpander, Mailbox, Refused, is_safe_user
 from mailflow.tables import split_extension
 from mailflow.transports.encode import ToLf, aencode
-from mailflow.transports.maildir import MaildirWriter, mailbox_prefix
+from mailflow.transports.maildir import MaildirWriter, Owner, mailbox_prefix
 from mailflow.transports.local.mbox import append_mbox, mailbox_location, mbox_entry
 from mailflow.transports.pipe import CommandNotRun, command_status, run_command
 
@@ -150,7 +154,7 @@ class LocalTransport:
         prefix = mailbox_prefix(request.sender, leaf.address)
         if kind == "maildir":
             try:
-                await self._writer.write(path, prefix, request.content)
+                await self._writer.write(path, prefix, request.content, await self._owner(leaf.user))
             except OSError as e:
                 return Outcome.DEFERRED, "4.2.0", f"cannot write to maildir {path}: {e.strerror or e}"
             return Outcome.SENT, "2.0.0", f"delivered to maildir {path}"
@@ -160,6 +164,18 @@ class LocalTransport:
         except DeliveryError as e:
             return _failed(e)
         return Outcome.SENT, "2.0.0", f"delivered to mailbox {path}"
+
+    async def _owner(self, user: str) -> Owner | None:
+        """As root, a local user who is also a system user gets a Maildir of its own: what is created below
+        maildir_base belongs to its uid and primary gid (Postfix's local(8) writes with the recipient's rights).
+        Other local users' Maildirs, and everything when mailflow is not root, belong to mailflow's user."""
+        if os.geteuid() != 0:
+            return None
+        try:
+            account = await asyncio.to_thread(pwd.getpwnam, user)
+        except KeyError:
+            return None
+        return Owner(account.pw_uid, account.pw_gid, Path(os.path.abspath(self._local.maildir_base)))
 
     async def _file(self, request: DeliveryRequest, leaf: File) -> Part:
         """A `/file` destination, appended in mbox format under the mailbox locks; `/dev/null` discards. As

@@ -16,7 +16,7 @@ over it; every I/O problem becomes a `SiteFailure` naming the peer and what was 
       await .start_tls(context, server_hostname, timeout)   TLS on the same connection; whatever arrived before
                                                       is dropped (RFC 3207 4.2); raises ssl.SSLError, OSError,
                                                       TimeoutError (the caller decides what they mean)
-      .extensions (what EHLO/LHLO offered) .tls .peercert .cipher
+      .extensions (what EHLO/LHLO offered) .tls .peercert .peercert_der .cipher
       .alive .idle_clean .aborted .uses .transaction_open .opened
       .quit() .abort()                                polite and impolite ends; both idempotent
 
@@ -185,6 +185,12 @@ class Session:
     @property
     def peercert(self) -> dict:
         return self._transport.get_extra_info("peercert") or {}
+
+    @property
+    def peercert_der(self) -> bytes:
+        """The peer's certificate as DER, whether or not it was verified (DANE matches it against TLSA)."""
+        ssl_object = self._transport.get_extra_info("ssl_object")
+        return (ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None) or b""
 
     @property
     def cipher(self) -> tuple:

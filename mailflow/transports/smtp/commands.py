@@ -12,7 +12,9 @@ of the SMTP and LMTP clients (the command side of Postfix smtp_proto).
                                   than the peer's SIZE (5.3.4)
     content_encoding(extensions, request) -> (encoders, BODY parameter or None)   8BITMIME content goes as it is
                                   with BODY=8BITMIME to a peer that offers it, else through `Downgrade` (to 7 bit,
-                                  Postfix's default disable_mime_output_conversion = no)
+                                  Postfix's default disable_mime_output_conversion = no); to a peer without
+                                  SMTPUTF8, a header section with 8-bit bytes through `HeaderDowngrade` (RFC 2047
+                                  words; an ASCII one gets no encoder)
     mail_command(request, extensions, body) -> bytes   `MAIL FROM:<sender>` with SIZE (offered), BODY, SMTPUTF8
                                   (offered, and the message is flagged or needs it), RET and ENVID (DSN offered)
     rcpt_command(recipient, extensions) -> bytes       `RCPT TO:<address>` with ORCPT and NOTIFY (DSN offered)
@@ -31,6 +33,7 @@ from mailflow.errors import PermanentError
 from mailflow.message import HEADER_READ_LIMIT, read_header
 from mailflow.model import DeliveryRequest, Recipient
 from mailflow.transports.downgrade import Downgrade
+from mailflow.transports.header_downgrade import HeaderDowngrade, needs_header_downgrade
 from mailflow.transports.encode import Encoder
 from mailflow.transports.smtp.addr import Peer
 from mailflow.transports.smtp.reply import Reply
@@ -115,11 +118,15 @@ def needs_smtputf8(request: DeliveryRequest) -> bool:
 
 def content_encoding(extensions: Extensions, request: DeliveryRequest) -> tuple[tuple[Encoder, ...], str | None]:
     """See the module docstring."""
+    headers: tuple[Encoder, ...] = ()
+    if needs_header_downgrade(extensions.supports("smtputf8"), request.smtputf8) and \
+            not read_header(request.content, HEADER_READ_LIMIT)[0].isascii():
+        headers = (HeaderDowngrade(),)
     if request.body_type.upper() != "8BITMIME":
-        return (), None
+        return headers, None
     if extensions.supports("8bitmime"):
-        return (), "BODY=8BITMIME"
-    return (Downgrade(),), None
+        return headers, "BODY=8BITMIME"
+    return (*headers, Downgrade()), None
 
 
 def has_unsafe_characters(address: str) -> bool:

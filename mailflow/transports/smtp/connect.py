@@ -7,9 +7,10 @@ and for SMTP STARTTLS as the TLS policy asks and AUTH with the relay's credentia
     await hello(session, helo_name, timeout, lmtp=False)     EHLO (HELO after a 5xx EHLO), or LHLO; sets
                                 `session.extensions`
         a refused greeting, EHLO, HELO or LHLO: SiteFailure "host h[ip] refused to talk to me: 554 ..." (class 4)
-    Destination(nexthop, written, policy)                    one request's next hop, as parsed and as written (the
-                                table key), and its TLS policy
-    SmtpHandshake(config, helo_name, tls, password_tables, tables, clock)
+    Destination(nexthop, written, policy, fallback, mx_secure)   one request's next hop, as parsed and as written (the
+                                table key), its TLS policy, what a `dane` policy falls back to without TLSA records
+                                (MTA-STS's, else may), and whether its MX records were DNSSEC-validated
+    SmtpHandshake(config, helo_name, tls, password_tables, tables, clock, resolver)
       await .open(peer, destination, queue_id) -> Session    a session past the whole SMTP handshake; raises
                                 SiteFailure (try the next peer) or LocalProblem (our side: stop)
 
@@ -19,6 +20,11 @@ credentials for the peer). encrypt and above: not offered -> 4.7.4 "TLS is requi
 h[ip]"; refused -> the reply's code; a failed handshake -> 4.7.5 "Cannot start TLS: handshake failure"; an
 untrusted chain -> 4.7.5 "Server certificate not trusted"; no matching name -> 4.7.5 "Server certificate not
 verified"; TLS unavailable here (unreadable CA or certificate file) -> LocalProblem 4.7.5. After TLS, EHLO again.
+Per peer, before connecting: a dane/dane-only policy becomes the peer's (smtp.dane: its TLSA records, or the
+fallback, or 4.7.5 for dane-only); a certificate that matches none of a DANE peer's TLSA records -> 4.7.5 "Server
+certificate not verified". An MTA-STS policy (smtp.mtasts) names the MX hosts it allows: another host -> 4.7.5
+"MX host h does not match the MTA-STS policy" in enforce mode (the next one is tried), a log line in testing mode,
+which also logs a missing STARTTLS, a failed handshake and a certificate without the host's name.
 AUTH (`sasl_password_maps`): credentials by the peer's host name, then by the next hop as written, looked up
 before connecting (LocalProblem 4.3.0 when a table cannot answer); used only when the peer offers AUTH, PLAIN
 else LOGIN. Without TLS and with `sasl_tls_required` the password is not sent: 4.7.0 "SASL authentication
@@ -35,13 +41,23 @@ from dataclasses import dataclass
 from typing import Callable
 
 from mailflow.config import SmtpConfig
-from mailflow.dns import is_ip_literal
+from mailflow.dns import Resolver, is_ip_literal
 from mailflow.errors import LookupRetry
 from mailflow.tables import Table, TableCache, find
 from mailflow.transports.smtp.addr import Nexthop, Peer, unique
 from mailflow.transports.smtp.chat import CRLF, Session, Wire
 from mailflow.transports.smtp.commands import Extensions
-from mailflow.transports.smtp.tls import TlsContexts, TlsPolicy, TlsUnavailable, certificate_matches, certificate_names
+from mailflow.transports.smtp import dane
+from mailflow.transports.smtp.mtasts import mx_allowed
+from mailflow.transports.smtp.tls import (
+    TlsContexts,
+    TlsPolicy,
+    TlsUnavailable,
+    certificate_matches,
+    certificate_names,
+    der_names,
+    without_dane,
+)
 from mailflow.transports.smtp.trouble import (
     LocalProblem,
     RetryPlaintext,
@@ -102,6 +118,8 @@ class Destination:
     nexthop: Nexthop
     written: str
     policy: TlsPolicy
+    fallback: TlsPolicy | None = None
+    mx_secure: bool = True
 
     @property
     def cache_key(self) -> str:
@@ -124,24 +142,44 @@ class SmtpHandshake:
     password_tables: list[Table]
     tables: TableCache
     clock: Callable[[], float]
+    resolver: Resolver | None = None  # TLSA lookups (dane, dane-only)
 
     async def open(self, peer: Peer, destination: Destination, queue_id: str) -> Session:
         """See the module docstring."""
+        policy = await self.peer_policy(peer, destination)
+        self._check_mx(policy, peer, queue_id)
         credentials = await self._credentials(peer, destination)
         try:
-            return await self._handshake(peer, destination, credentials, queue_id, tls_allowed=True)
+            return await self._handshake(peer, destination, policy, credentials, queue_id, tls_allowed=True)
         except RetryPlaintext:
             log.info("%s: TLS handshake with %s failed; trying again in plaintext", queue_id, peer.relay)
-            return await self._handshake(peer, destination, credentials, queue_id, tls_allowed=False)
+            return await self._handshake(peer, destination, policy, credentials, queue_id, tls_allowed=False)
 
-    async def _handshake(self, peer: Peer, destination: Destination, credentials: Credentials | None,
-                         queue_id: str, tls_allowed: bool) -> Session:
+    async def peer_policy(self, peer: Peer, destination: Destination) -> TlsPolicy:
+        """The destination's policy, or for dane/dane-only what the peer's TLSA records make of it (smtp.dane)."""
+        policy = destination.policy
+        if not policy.dane or self.resolver is None:
+            return policy
+        fallback = destination.fallback or without_dane(policy.level)
+        return await dane.peer_policy(self.resolver, policy, peer.host, peer.port, destination.mx_secure, fallback)
+
+    @staticmethod
+    def _check_mx(policy: TlsPolicy, peer: Peer, queue_id: str) -> None:
+        if policy.mx_patterns is None or mx_allowed(peer.host, policy.mx_patterns):
+            return
+        text = f"MX host {peer.host} does not match the MTA-STS policy ({', '.join(policy.mx_patterns)})"
+        if not policy.testing:
+            raise SiteFailure("4.7.5", text)
+        log.info("%s: MTA-STS testing: %s", queue_id, text)
+
+    async def _handshake(self, peer: Peer, destination: Destination, policy: TlsPolicy,
+                         credentials: Credentials | None, queue_id: str, tls_allowed: bool) -> Session:
         session = await open_session(peer, self.config.connect_timeout, self.clock)
         try:
             await greet(session, self.config.helo_timeout)
             await hello(session, self.helo_name, self.config.helo_timeout)
             if tls_allowed:
-                await self._start_tls(session, destination, credentials, queue_id)
+                await self._start_tls(session, destination, policy, credentials, queue_id)
             if credentials is not None and session.extensions.supports("auth"):
                 await self._authenticate(session, credentials)
             return session
@@ -151,16 +189,17 @@ class SmtpHandshake:
 
     # -- STARTTLS
 
-    async def _start_tls(self, session: Session, destination: Destination, credentials: Credentials | None,
-                         queue_id: str) -> None:
+    async def _start_tls(self, session: Session, destination: Destination, policy: TlsPolicy,
+                         credentials: Credentials | None, queue_id: str) -> None:
         """STARTTLS as the policy asks; on success the session is encrypted and EHLO said again. Raises
         SiteFailure, RetryPlaintext or LocalProblem."""
-        policy, peer = destination.policy, session.peer
+        peer = session.peer
         if policy.level == "none":
             return
         if not session.extensions.supports("starttls"):
             if policy.required:
                 raise SiteFailure("4.7.4", f"TLS is required, but was not offered by host {peer.name}")
+            _testing(policy, queue_id, f"TLS was not offered by host {peer.name}")
             return
         context = self._tls_context(policy)
         if context is None:
@@ -175,7 +214,8 @@ class SmtpHandshake:
                 from None
         except (SiteFailure, OSError, TimeoutError) as e:
             log.debug("%s: TLS handshake with %s: %r", queue_id, peer.relay, e)
-            if policy.level == "may" and credentials is None:
+            _testing(policy, queue_id, f"TLS handshake failure with host {peer.name}")
+            if policy.level in ("may", "dane") and not policy.tlsa and credentials is None:
                 raise RetryPlaintext() from None
             raise SiteFailure("4.7.5", f"Cannot start TLS: handshake failure with host {peer.name}") from None
         if reply.code != 220:  # refused: the session itself is still fine
@@ -184,10 +224,16 @@ class SmtpHandshake:
                                   f"TLS is required, but host {peer.name} refused to start TLS: {reply.one_line}")
             return
         if policy.verifies:
-            self._verify_peer_name(session, destination)
+            self._verify_peer_name(session, destination, policy)
+        elif policy.tlsa:
+            self._verify_tlsa(session, policy)
+        elif policy.testing and not certificate_matches({"subjectAltName": [("DNS", n) for n in
+                                                         der_names(session.peercert_der)]}, ("hostname",), peer.host,
+                                                        destination.nexthop.host):
+            _testing(policy, queue_id, f"the certificate of host {peer.name} does not name {peer.host}")
         cipher = session.cipher
         log.info("%s: %s TLS connection established to %s: %s with cipher %s", queue_id,
-                 "Verified" if policy.verifies else "Untrusted", peer.relay, cipher[1], cipher[0])
+                 "Verified" if policy.verifies or policy.tlsa else "Untrusted", peer.relay, cipher[1], cipher[0])
         await hello(session, self.helo_name, self.config.helo_timeout)
 
     def _tls_context(self, policy: TlsPolicy) -> ssl.SSLContext | None:
@@ -201,9 +247,15 @@ class SmtpHandshake:
             return None
 
     @staticmethod
-    def _verify_peer_name(session: Session, destination: Destination) -> None:
+    def _verify_tlsa(session: Session, policy: TlsPolicy) -> None:
+        if not dane.matches(session.peercert_der, policy.tlsa):
+            raise SiteFailure("4.7.5", f"Server certificate not verified: host {session.peer.name}: no TLSA record "
+                                       f"matches its certificate ({policy.source})")
+
+    @staticmethod
+    def _verify_peer_name(session: Session, destination: Destination, policy: TlsPolicy) -> None:
         certificate, peer = session.peercert, session.peer
-        patterns = destination.policy.match
+        patterns = policy.match
         if not certificate_matches(certificate, patterns, peer.host, destination.nexthop.host):
             names = ", ".join(sum(certificate_names(certificate), [])) or "no name"
             raise SiteFailure("4.7.5", f"Server certificate not verified: host {peer.name} presented {names}, "
@@ -246,3 +298,9 @@ class SmtpHandshake:
         if not reply.positive:
             raise SiteFailure(reply.dsn("4"),
                               f"SASL authentication failed; server {peer.name} said: {reply.one_line}")
+
+
+def _testing(policy: TlsPolicy, queue_id: str, what: str) -> None:
+    """MTA-STS testing mode: what enforce would have refused, logged (RFC 8461 5)."""
+    if policy.testing:
+        log.info("%s: MTA-STS testing: enforce would defer: %s", queue_id, what)

@@ -80,7 +80,7 @@ async def _transaction(
     peer, extensions = session.peer, session.extensions
     encoders, body = content_encoding(extensions, request)
     if encoders:
-        log.debug("%s: %s offers no 8BITMIME: content converted to 7 bit", request.queue_id, peer.relay)
+        log.debug("%s: %s lacks 8BITMIME or SMTPUTF8: content converted to 7 bit", request.queue_id, peer.relay)
     rcpts = [rcpt_command(r, extensions) for r in recipients]
     pipelining = extensions.supports("pipelining")
     mail = mail_command(request, extensions, body)

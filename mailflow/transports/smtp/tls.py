@@ -3,22 +3,28 @@
 Owns what Postfix's smtp_tls_security_level / smtp_tls_policy_maps / smtp_tls_*_cert_match decide; no I/O
 except reading the CA and client certificate files, once, when a context is first needed.
 
-    TlsPolicy(level, match)                     what one destination requires
+    TlsPolicy(level, match, tlsa, mx_patterns, testing, source)   what one destination (or peer) requires
     policy_keys(nexthop_as_written, host)       the smtp_tls_policy_maps lookup keys, in order
     parse_policy(value) -> TlsPolicy            a table value; raises ValueError for an unusable one
     default_policy(level) -> TlsPolicy          the main.cf setting as a policy
+    without_dane(level) -> TlsPolicy            what dane falls back to without TLSA records nor MTA-STS (may)
     TlsContexts(ca_file, cert_file, key_file)   .for_level(level) -> SSLContext; raises TlsUnavailable
     certificate_names(peercert) -> (dns, ip)    the names a certificate carries (SAN, else the CN)
+    der_names(der) -> [dns]                     the DNS names of a DER certificate (one that was not verified)
     certificate_matches(peercert, patterns, hostname, nexthop) -> bool
 
-Levels (increasing): none, may (unverified, plaintext on a failed handshake), encrypt (TLS required,
-unverified), verify (trusted chain and a name match, by default the MX host name: `hostname`), secure
-(trusted chain, by default the next-hop domain or a subdomain: `nexthop:dot-nexthop`). A `[host]` next hop
+Levels (increasing, Postfix's order): none, may (unverified, plaintext on a failed handshake), dane (DANE when the
+peer has usable DNSSEC-validated TLSA records, else may: see smtp.dane), encrypt (TLS required, unverified),
+dane-only (DANE or no delivery), verify (trusted chain and a name match, by default the MX host name: `hostname`),
+secure (trusted chain, by default the next-hop domain or a subdomain: `nexthop:dot-nexthop`). A policy that DANE
+resolved for one peer carries its `tlsa` records: the peer's certificate must match one of them (smtp.dane). An
+MTA-STS policy in enforce mode is `verify` with `mx_patterns` (the MX hosts it allows, smtp.mtasts); in testing
+mode, the level stays and `testing` says to log what enforce would have refused. A `[host]` next hop
 has no MX lookup, so its `hostname` is the host itself. `match=` patterns, separated by colons: `hostname`,
 `nexthop`, `dot-nexthop`, a name (`mx.example.com`) or a suffix (`.example.com`: subdomains only).
-Certificate wildcards (`*.example.com`) stand for exactly one label. The dane, dane-only and fingerprint
-levels and the ciphers/protocols/exclude attributes are not supported: such a value raises ValueError
-("client TLS configuration problem"), never a silent downgrade.
+Certificate wildcards (`*.example.com`) stand for exactly one label. The fingerprint level and the
+ciphers/protocols/exclude attributes are not supported: such a value raises ValueError ("client TLS configuration
+problem"), never a silent downgrade.
 """
 from __future__ import annotations
 
@@ -27,9 +33,12 @@ import re
 import ssl
 from dataclasses import dataclass
 
-from mailflow.dns import is_ip_literal
+from cryptography import x509
 
-LEVELS = ("none", "may", "encrypt", "verify", "secure")
+from mailflow.dns import Tlsa, is_ip_literal
+
+LEVELS = ("none", "may", "dane", "encrypt", "dane-only", "verify", "secure")
+DANE_LEVELS = ("dane", "dane-only")
 DEFAULT_MATCH = {"verify": ("hostname",), "secure": ("nexthop", "dot-nexthop")}
 _SEPARATORS = re.compile(r"[\s,]+")
 
@@ -38,24 +47,51 @@ _SEPARATORS = re.compile(r"[\s,]+")
 class TlsPolicy:
     level: str
     match: tuple[str, ...] = ()
+    tlsa: tuple[Tlsa, ...] = ()  # DANE, resolved for one peer: the certificate must match one of these
+    mx_patterns: tuple[str, ...] | None = None  # MTA-STS: the MX hosts the policy allows (None: any)
+    testing: bool = False  # MTA-STS testing: log what enforce would refuse, deliver as the level says
+    source: str = ""  # where the policy came from, as `mailflow address` and the log say it
 
     @property
     def required(self) -> bool:
-        """TLS or no delivery to that peer (encrypt and above)."""
-        return LEVELS.index(self.level) >= LEVELS.index("encrypt")
+        """TLS or no delivery to that peer (encrypt and above, a DANE peer)."""
+        return LEVELS.index(self.level) >= LEVELS.index("encrypt") or bool(self.tlsa)
 
     @property
     def verifies(self) -> bool:
         """The certificate must be trusted and name the peer (verify, secure)."""
         return self.level in ("verify", "secure")
 
+    @property
+    def dane(self) -> bool:
+        """TLSA records are to be looked up for each peer (dane, dane-only)."""
+        return self.level in DANE_LEVELS
+
+    def describe(self) -> str:
+        """One line: the level, what it checks, and where it came from."""
+        words = [self.level]
+        if self.match and self.verifies:
+            words.append("match=" + ":".join(self.match))
+        if self.mx_patterns is not None:
+            words.append("mx=" + ",".join(self.mx_patterns))
+        if self.tlsa:
+            words.append(f"{len(self.tlsa)} TLSA record{'s' if len(self.tlsa) > 1 else ''}")
+        if self.testing:
+            words.append("(MTA-STS testing: failures are logged)")
+        return " ".join(words) + (f" ({self.source})" if self.source else "")
+
 
 class TlsUnavailable(Exception):
     """A context could not be built (unreadable CA or client certificate file)."""
 
 
-def default_policy(level: str) -> TlsPolicy:
-    return TlsPolicy(level, DEFAULT_MATCH.get(level, ()))
+def default_policy(level: str, source: str = "") -> TlsPolicy:
+    return TlsPolicy(level, DEFAULT_MATCH.get(level, ()), source=source)
+
+
+def without_dane(level: str) -> TlsPolicy:
+    """What dane becomes for a peer without usable TLSA records, when no MTA-STS policy stands in: may."""
+    return default_policy("may", f"{level}: no TLSA records")
 
 
 def policy_keys(nexthop: str, host: str) -> list[str]:
@@ -100,6 +136,7 @@ class TlsContexts:
         self._contexts: dict[bool, ssl.SSLContext] = {}
 
     def for_level(self, level: str) -> ssl.SSLContext:
+        """Verifying for verify and secure; unverified for the others (DANE checks the certificate itself)."""
         verifying = level in ("verify", "secure")
         if verifying not in self._contexts:
             self._contexts[verifying] = self._build(verifying)
@@ -134,6 +171,20 @@ def certificate_names(peercert: dict) -> tuple[list[str], list[str]]:
     if not dns:
         dns = [value for rdn in peercert.get("subject", ()) for key, value in rdn if key == "commonName"]
     return [normal(n) for n in dns], [normal(ip) for ip in ips]
+
+
+def der_names(der: bytes) -> list[str]:
+    """subjectAltName DNS names, else the CN, of a DER certificate; [] when it cannot be read."""
+    try:
+        certificate = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return []
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return [normal(n) for n in names.get_values_for_type(x509.DNSName)]
+    except x509.ExtensionNotFound:
+        return [normal(a.value) for a in certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+                if isinstance(a.value, str)]
 
 
 def certificate_matches(peercert: dict, patterns: tuple[str, ...], hostname: str, nexthop: str) -> bool:

@@ -5,15 +5,20 @@ next hop and find its TLS policy, use a cached session for it when one is idle, 
 open a session with the first that completes the handshake (connect), run the transaction (proto), then cache
 the session (reuse) or QUIT it.
 
-    SmtpTransport(config, *, resolver, helo_name, rng=None, clock=time.monotonic, tables=None)
+    SmtpTransport(config, *, resolver, helo_name, rng=None, clock=time.monotonic, tables=None, mta_sts=None)
     await deliver(request) -> DeliveryReport      one result per recipient, never raises for a delivery problem
     await close()                                 QUITs the cached sessions; no task or timer is left behind
 
+The TLS policy of a next hop (`tls_policy`, also for `mailflow address`): a tls_policy_maps entry; else, for a domain
+next hop (MX lookup) with MTA-STS on (`mta_sts`, smtp.mtasts), the domain's policy in enforce or testing mode; else
+smtp.tls_security_level. With level dane or dane-only, DANE decides per MX host (smtp.dane) and the MTA-STS policy
+is what dane falls back to; the MX records' DNSSEC status is asked once per delivery, only for those levels.
 Table lookups (tls_policy_maps, sasl_password_maps) go through `TableCache.run` (mailflow.tables): Postfix's
 search order, pattern tables asked the full key only, a table that may block in a worker thread.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -36,6 +41,7 @@ from mailflow.transports.smtp.addr import (
 from mailflow.transports.smtp.chat import Session, Timeouts
 from mailflow.transports.smtp.commands import screen_envelope
 from mailflow.transports.smtp.connect import Destination, SmtpHandshake
+from mailflow.transports.smtp.mtasts import MtaSts
 from mailflow.transports.smtp.proto import reset, send_message
 from mailflow.transports.smtp.reuse import SessionCache
 from mailflow.transports.smtp.tls import TlsContexts, TlsPolicy, default_policy, parse_policy, policy_keys
@@ -65,18 +71,21 @@ class SmtpTransport:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         tables: TableCache | None = None,
+        mta_sts: MtaSts | None = None,
     ):
         self._config = config
         self._resolver = resolver
         self._rng = rng if rng is not None else random.Random()
         self._tables = tables or TableCache()
         self._policy_tables: list[Table] = self._tables.open(config.tls_policy_maps)
-        self._default_policy = default_policy(config.tls_security_level)
+        self._default_policy = default_policy(config.tls_security_level, "smtp.tls_security_level")
+        self._mta_sts = mta_sts
         self._timeouts = Timeouts(config.connect_timeout, config.helo_timeout, config.command_timeout,
                                   config.data_timeout)
         self._handshake = SmtpHandshake(
             config=config, helo_name=helo_name, tls=TlsContexts(config.tls_ca_file, config.tls_cert_file, config.tls_key_file),
-            password_tables=self._tables.open(config.sasl_password_maps), tables=self._tables, clock=clock)
+            password_tables=self._tables.open(config.sasl_password_maps), tables=self._tables, clock=clock,
+            resolver=resolver)
         self._cache = SessionCache(config.connection_cache_time_limit, config.connection_reuse_count_limit,
                                    config.connection_reuse_time_limit, clock=clock)
 
@@ -107,6 +116,8 @@ class SmtpTransport:
             return
         try:
             hosts = await exchangers(self._resolver, destination.nexthop, self._rng)
+            if destination.policy.dane and destination.nexthop.mx_lookup:
+                destination = dataclasses.replace(destination, mx_secure=await self._mx_secure(destination))
         except LookupRetry as e:
             text = f"Host or domain name not found. {e.text}"
             outcomes.fail(recipients, SiteFailure("4.4.3", text)).site_failed(text)
@@ -122,22 +133,51 @@ class SmtpTransport:
     async def _destination(self, written: str) -> Destination:
         """Raises ValueError (no usable next hop) or LocalProblem (the TLS policy cannot be had)."""
         nexthop = parse_nexthop(written, self._config.port)
-        return Destination(nexthop, written, await self._tls_policy(written, nexthop))
+        policy = await self._table_policy(written, nexthop)
+        if policy is not None:
+            return Destination(nexthop, written, policy)
+        sts = await self._sts_policy(nexthop) if self._mta_sts is not None and nexthop.mx_lookup else None
+        if self._default_policy.dane:
+            return Destination(nexthop, written, self._default_policy, fallback=sts)
+        return Destination(nexthop, written, sts or self._default_policy)
 
-    async def _tls_policy(self, written: str, nexthop: Nexthop) -> TlsPolicy:
+    async def tls_policy(self, written: str) -> Destination:
+        """The next hop and its TLS policy as a delivery would find them now (`mailflow address`). Raises
+        ValueError or LocalProblem."""
+        return await self._destination(written)
+
+    async def _table_policy(self, written: str, nexthop: Nexthop) -> TlsPolicy | None:
         if not self._policy_tables:
-            return self._default_policy
+            return None
         try:
             found = await self._tables.run(find, self._policy_tables, policy_keys(written, nexthop.host))
         except LookupRetry as e:
             raise LocalProblem("4.3.0", f"TLS policy lookup for {written.strip()}: {e.text}") from None
         if found is None:
-            return self._default_policy
+            return None
         try:
-            return parse_policy(found[2])
+            return dataclasses.replace(parse_policy(found[2]), source=f"tls_policy_maps: {found[1]}")
         except ValueError as e:
             log.warning("TLS policy for %s: %s", written.strip(), e)
             raise LocalProblem("4.7.0", f"client TLS configuration problem: {e}") from None
+
+    async def _sts_policy(self, nexthop: Nexthop) -> TlsPolicy | None:
+        """MTA-STS enforce: verify (trusted chain, the MX host's name) and only the MX hosts listed; testing: the
+        level as configured, with what enforce would refuse logged. None without a policy (or mode none)."""
+        sts = await self._mta_sts.policy(nexthop.host)
+        if sts is None or sts.mode == "none":
+            return None
+        source = f"MTA-STS {sts.mode}, policy id {sts.id}"
+        if sts.mode == "enforce":
+            return TlsPolicy("verify", ("hostname",), mx_patterns=sts.mx, source=source)
+        return dataclasses.replace(self._default_policy, mx_patterns=sts.mx, testing=True, source=source)
+
+    async def _mx_secure(self, destination: Destination) -> bool:
+        """Were the next hop's MX records DNSSEC-validated? A lookup failure counts as no (DANE does not apply)."""
+        try:
+            return await self._resolver.validated(destination.nexthop.host, "MX")
+        except (NotFound, LookupRetry):
+            return False
 
     async def _deliver_on_cached_session(self, destination: Destination, request: DeliveryRequest,
                                          recipients: list[Recipient], outcomes: Outcomes) -> bool:

@@ -1,0 +1,165 @@
+"""The inbound filters' sections (docs/filtering.md), every one off by default.
+
+    ChecksConfig      [checks]        cleanup's content inspection: header_checks, mime_header_checks,
+                                      nested_header_checks, body_checks (regexp tables), body_checks_size_limit
+    MilterConfig      [milter]        the Milter client: milter_default_action, milter_protocol, the timeouts,
+                                      non_smtpd_milters (smtpd's milters are the per-listener `[smtpd] milters`)
+    SpamdConfig       [spamd]         SpamAssassin's spamd: address, timeout, size limit, action, on_failure
+    ClamdConfig       [clamd]         ClamAV's clamd (INSTREAM): address, timeout, size limit, action, on_failure
+    GreylistConfig    [greylist]      check_greylist: delay, lifetimes, whitelists, auto-whitelist, its database
+    SenderAuthConfig  [sender_auth]   SPF, DKIM and DMARC verdicts and the Authentication-Results header
+    SmtpdFilterSettings               [smtpd] settings a listener may override (SmtpdConfig inherits them):
+                                      milters, content_filter (the after-queue filter), receive_override_options
+    RECEIVE_OVERRIDE_OPTIONS, MILTER_ENDPOINT_KINDS
+
+Failure behaviour: a bad value raises ValueError (a ConfigError once loaded).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from mailflow.config.base import Duration, Networks, Section, TableSpecs
+from mailflow.syntax import parse_endpoint, parse_hostport
+
+RECEIVE_OVERRIDE_OPTIONS = ("no_unknown_recipient_checks", "no_address_mappings", "no_header_body_checks",
+                            "no_milters")
+MILTER_ENDPOINT_KINDS = ("inet", "unix")
+
+
+def check_transport_nexthop(value: str) -> str:
+    """`transport:nexthop` (Postfix content_filter / FILTER): a transport name, then an optional next hop."""
+    transport, colon, _ = value.partition(":")
+    if not colon or not transport.strip() or not transport.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"{value!r} is not transport:nexthop (e.g. smtp:[127.0.0.1]:10024)")
+    return value
+
+
+def check_milter(spec: str) -> str:
+    """A milter as Postfix names one: `inet:host:port` or `unix:/path`."""
+    try:
+        parse_endpoint(spec)
+    except ValueError:
+        raise ValueError(f"{spec!r} is not a milter (inet:host:port or unix:/path)") from None
+    return spec
+
+
+class SmtpdFilterSettings(Section):
+    """The filter settings one listener may set for itself (`[[smtpd.listeners]] overrides`), as master.cf -o:
+    the return listener of an after-queue filter sets `content_filter = ""` and
+    `receive_override_options = ["no_header_body_checks", "no_milters", "no_unknown_recipient_checks"]`."""
+
+    # smtpd_milters: inet:host:port or unix:/path, asked in order at every SMTP event.
+    milters: tuple[str, ...] = ()
+    # The after-queue filter (Postfix content_filter), "transport:nexthop" (e.g. "smtp:[127.0.0.1]:10024"):
+    # every message queued goes there instead of its recipients' routes; "" none. [smtpd]'s value also serves
+    # mail submitted with `mailflow sendmail` (pickup), as Postfix's main.cf content_filter does.
+    content_filter: str = ""
+    receive_override_options: tuple[str, ...] = ()
+
+    @field_validator("milters")
+    @classmethod
+    def _milters(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(check_milter(m) for m in v)
+
+    @field_validator("content_filter")
+    @classmethod
+    def _content_filter(cls, v: str) -> str:
+        return check_transport_nexthop(v) if v else v
+
+    @field_validator("receive_override_options")
+    @classmethod
+    def _overrides(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for option in v:
+            if option not in RECEIVE_OVERRIDE_OPTIONS:
+                raise ValueError(f"{option!r}: not one of {', '.join(RECEIVE_OVERRIDE_OPTIONS)}")
+        return v
+
+
+class ChecksConfig(Section):
+    """cleanup's content inspection (Postfix header_checks(5)): regexp tables whose values are actions."""
+
+    header_checks: TableSpecs = ()
+    mime_header_checks: TableSpecs = ()  # MIME headers of the message and of its parts (else header_checks)
+    nested_header_checks: TableSpecs = ()  # headers of attached messages (message/rfc822 parts)
+    body_checks: TableSpecs = ()
+    # Only this many bytes of each body part are given to body_checks (0: none).
+    body_checks_size_limit: int = Field(51200, ge=0)
+
+
+class MilterConfig(Section):
+    """The Milter client (Postfix milter_*). A milter that cannot be reached, times out or breaks the protocol
+    gets `default_action`: tempfail (451 4.7.1 for the client), accept (skip that milter), reject (550 5.7.1)
+    or quarantine (accept and hold)."""
+
+    default_action: Literal["tempfail", "accept", "reject", "quarantine"] = "tempfail"
+    protocol: int = Field(6, ge=2, le=6)
+    connect_timeout: Duration = Field(30.0, gt=0)
+    command_timeout: Duration = Field(30.0, gt=0)
+    content_timeout: Duration = Field(300.0, gt=0)
+    # Milters for mail that does not come in through smtpd (sendmail / pickup).
+    non_smtpd_milters: tuple[str, ...] = ()
+
+    @field_validator("non_smtpd_milters")
+    @classmethod
+    def _milters(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(check_milter(m) for m in v)
+
+
+class _ScannerConfig(Section):
+    address: str = ""  # "" off; "host:port" or "unix:/path"
+    timeout: Duration = Field(30.0, gt=0)
+    # "accept" (fail open: the message goes on unscanned, logged) or "tempfail" (fail closed: 451 4.7.1)
+    on_failure: Literal["accept", "tempfail"] = "accept"
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        if v and not v.startswith("unix:/"):
+            parse_hostport(v)
+        return v
+
+
+class SpamdConfig(_ScannerConfig):
+    """SpamAssassin's spamd (CHECK): spam is tagged (X-Spam-Flag/X-Spam-Status/X-Spam-Score), held or
+    refused (550 5.7.1); messages over `size_limit` are not scanned (spamc's 500 KB)."""
+
+    size_limit: int = Field(512_000, ge=1)
+    action: Literal["tag", "hold", "reject"] = "tag"
+    # Refuse instead at this score or more, whatever `action` says (0: never).
+    reject_score: float = Field(0.0, ge=0)
+
+
+class ClamdConfig(_ScannerConfig):
+    """ClamAV's clamd (INSTREAM): a virus is refused (554 5.7.1), held or tagged (X-Virus-Status);
+    fail-closed by default; messages over `size_limit` (clamd's StreamMaxLength) are not scanned."""
+
+    size_limit: int = Field(25 * 1024 * 1024, ge=1)
+    action: Literal["tag", "hold", "reject"] = "reject"
+    on_failure: Literal["accept", "tempfail"] = "tempfail"
+
+
+class GreylistConfig(Section):
+    """check_greylist (a restriction): a new (client network, sender, recipient) triplet is deferred (450 4.2.0)
+    until `delay` has passed; a retry within `retry_window` after that passes, and a passed triplet stays known
+    for `lifetime`. A client that passed `auto_whitelist_count` times is no longer greylisted."""
+
+    database_file: str = ""  # "" is <queue_directory>/greylist.db
+    delay: Duration = 300.0
+    retry_window: Duration = Field(2 * 86400.0, gt=0)
+    lifetime: Duration = Field(35 * 86400.0, gt=0)
+    ipv4_prefix: int = Field(24, ge=8, le=32)
+    ipv6_prefix: int = Field(64, ge=16, le=128)
+    whitelist_networks: Networks = ()
+    whitelist_domains: tuple[str, ...] = ()  # sender domains (and their subdomains) never greylisted
+    auto_whitelist_count: int = Field(5, ge=0)  # 0: no auto-whitelist
+
+
+class SenderAuthConfig(Section):
+    """SPF, DKIM and DMARC verdicts of mail received by smtpd, written by cleanup as one
+    Authentication-Results header; restrictions reject_spf_fail and reject_dmarc_policy act on them."""
+
+    verify: tuple[Literal["spf", "dkim", "dmarc"], ...] = ()  # () off; DMARC needs SPF and DKIM
+    authserv_id: str = ""  # "" is myhostname
+    timeout: Duration = Field(10.0, gt=0)  # for all the lookups of one message

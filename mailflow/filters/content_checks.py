@@ -1,0 +1,288 @@
+"""cleanup's content inspection: Postfix header_checks(5) and body_checks on regexp (or any) tables.
+
+    ContentChecks(config.checks)                 the tables, opened once; `enabled` is False with none set
+    await checks.inspect(queue_id, head, body, log)  -> Inspection (or raises ContentRejected)
+
+What is matched (Postfix's rules): each logical header of the message (continuation lines joined, line ends
+removed) against header_checks, its MIME headers (Content-*, MIME-Version) and those of every MIME part
+against mime_header_checks, the headers of an attached message (message/rfc822) against
+nested_header_checks (each of these two defaults to header_checks); each body line (without its line end,
+boundaries excluded) against body_checks, for at most `body_checks_size_limit` bytes of each body part. The
+body is read as a stream (mailflow.content: chunk by chunk, file parts in a worker thread); a big one is
+scanned in a worker thread so that the event loop never waits for it.
+
+Actions (the table's value; the first word, any case):
+    REJECT [text]      the message is refused: ContentRejected, 550 5.7.1 text (default "Message content rejected")
+    DISCARD [text]     accepted and dropped (`Inspection.discard`)
+    HOLD [text]        queued on hold (`Inspection.hold`), the inspection goes on
+    WARN [text]        logged, nothing else
+    IGNORE             the header (or body line) is removed
+    PREPEND text       `text` is inserted before the header (or body line)
+    REPLACE text       the header (or body line) is replaced by `text`
+    REDIRECT address   every recipient is replaced by `address`
+    FILTER transport:nexthop   the message goes to that after-queue filter
+    DUNNO, OK          nothing: next line
+An action mailflow does not know is logged and ignored, as Postfix does.
+
+Failure behaviour: a table that cannot answer (LookupRetry) propagates: cleanup does not queue the message
+and smtpd answers 451 4.3.0; the content file being unreadable raises OSError (451 as well).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from dataclasses import dataclass, field
+
+from mailflow.content import Content
+from mailflow.errors import ContentRejected
+from mailflow.message import header_fields
+from mailflow.tables import Table, TableCache
+
+log = logging.getLogger("mailflow.cleanup")
+
+SCAN_INLINE = 256 * 1024  # a body up to this size is scanned on the event loop; a bigger one in a thread
+MAX_LINE = 1 << 20  # a "line" longer than this is matched as this much (a body without line ends)
+_BOUNDARY = re.compile(r'boundary\s*=\s*(?:"([^"]+)"|([^\s;]+))', re.IGNORECASE)
+
+
+@dataclass
+class Inspection:
+    """What the checks decided: the header section and body to queue (edited or as they were), and marks."""
+
+    head: bytes
+    body: Content
+    hold: str | None = None
+    discard: str | None = None
+    redirect: str | None = None
+    content_filter: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Entity:
+    """One MIME entity being read: which header checks apply, its boundary once its headers are known."""
+
+    kind: str  # "message" (the primary), "mime" (a part), "nested" (an attached message's)
+    content_type: str = ""
+    boundary: str | None = None
+
+
+class ContentChecks:
+    """See the module doc."""
+
+    def __init__(self, checks, tables: TableCache | None = None):
+        tables = tables or TableCache()
+        self._header = tables.open(checks.header_checks) if checks.header_checks else []
+        self._mime = tables.open(checks.mime_header_checks) if checks.mime_header_checks else self._header
+        self._nested = tables.open(checks.nested_header_checks) if checks.nested_header_checks else self._header
+        self._body = tables.open(checks.body_checks) if checks.body_checks else []
+        self._limit = checks.body_checks_size_limit
+        self.tables = tables
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._header or self._mime or self._nested or self._body)
+
+    @property
+    def _walks_body(self) -> bool:
+        return bool(self._body or self._mime or self._nested)
+
+    async def inspect(self, queue_id: str, head: bytes, body: Content, describe: str = "") -> Inspection:
+        """`head`: the header section as received; `body`: the rest (starting with the empty line).
+        `describe`: how the log names the message's origin (`from host[ip]; from=<s> to=<r>`)."""
+        result = Inspection(head=head, body=body)
+        result.head = self._check_headers(queue_id, head, self._header, "header", result, describe, top=True)
+        if self._walks_body:
+            if body.in_memory and body.size <= SCAN_INLINE:
+                self._walk_body(queue_id, head, result, describe)
+            else:
+                await asyncio.to_thread(self._walk_body, queue_id, head, result, describe)
+        return result
+
+    # -------------------------------------------------------------------------------- headers
+
+    def _check_headers(self, queue_id: str, head: bytes, tables: list[Table], what: str, result: Inspection,
+                       describe: str, *, top: bool = False) -> bytes:
+        """Every header of `head` through `tables` (MIME headers of the top level through mime_header_checks);
+        the header section, edited if an action said so."""
+        out: list[bytes] = []
+        changed = False
+        for name, lines in header_fields(head):
+            raw = b"".join(lines)
+            if not name:
+                out.append(raw)
+                continue
+            use = self._mime if top and _is_mime_header(name) else tables
+            action = _lookup(use, _logical(raw)) if use else None
+            if action is None:
+                out.append(raw)
+                continue
+            replacement = self._act(queue_id, action, what, _logical(raw), result, describe, editable=True)
+            if replacement is not None:
+                out.extend(replacement)
+                changed = True
+            else:
+                out.append(raw)
+        return b"".join(out) if changed else head
+
+    # -------------------------------------------------------------------------------- body
+
+    def _walk_body(self, queue_id: str, head: bytes, result: Inspection, describe: str) -> None:
+        """Read the body line by line: MIME part headers, nested message headers, body lines."""
+        top = _Entity("message", *_entity_type(head))
+        boundaries: list[str] = [top.boundary] if top.boundary else []
+        state = "nested" if top.content_type == "message/rfc822" else "body"
+        part_headers: list[bytes] = []
+        part_bytes = 0
+        edits: list[tuple[int, int, list[bytes]]] = []  # (offset, length, replacement lines) in the body
+        offset = 0
+        for line in _lines(result.body):
+            length = len(line)
+            text = line.rstrip(b"\r\n")
+            if state in ("mime", "nested"):
+                if text:
+                    part_headers.append(line)
+                else:  # the end of this entity's headers
+                    entity_head = b"".join(part_headers)
+                    tables = self._mime if state == "mime" else self._nested
+                    if tables:
+                        self._check_headers(queue_id, entity_head, tables, "header", result, describe)
+                    content_type, boundary = _entity_type(entity_head)
+                    if boundary:
+                        boundaries.append(boundary)
+                    state = "nested" if content_type == "message/rfc822" else "body"
+                    part_headers, part_bytes = [], 0
+            elif boundaries and text.startswith(b"--") and _closes(text, boundaries):
+                state = "body" if text.endswith(b"--") and _is_close(text, boundaries) else "mime"
+                part_bytes = 0
+            elif offset > 0 or text:  # (the empty line that ends the primary headers is not a body line)
+                if self._body and part_bytes < self._limit:
+                    action = _lookup(self._body, text[:MAX_LINE].decode("utf-8", "replace"))
+                    if action is not None:
+                        lines = self._act(queue_id, action, "body", text.decode("utf-8", "replace"), result,
+                                          describe, editable=True)
+                        if lines is not None:
+                            edits.append((offset, length, lines))
+                part_bytes += length
+            offset += length
+        if edits:
+            result.body = _spliced(result.body, edits)
+
+    # -------------------------------------------------------------------------------- actions
+
+    def _act(self, queue_id: str, value: str, what: str, line: str, result: Inspection, describe: str,
+             *, editable: bool) -> list[bytes] | None:
+        """Carry out one action. Returns replacement lines for an edit (IGNORE: []), else None."""
+        word, _, text = value.strip().partition(" ")
+        word, text = word.upper(), text.strip()
+        shown = line[:200]
+        if word in ("DUNNO", "OK"):
+            return None
+        log.info("%s: %s: %s %s%s%s", queue_id, word.lower() if word != "WARN" else "warning", what, shown,
+                 f"; {describe}" if describe else "", f": {text}" if text else "")
+        if word == "REJECT":
+            raise ContentRejected("5.7.1", text or "Message content rejected", f"{what} {shown}")
+        if word == "DISCARD":
+            result.discard = text or f"{what} {shown}"
+        elif word == "HOLD":
+            result.hold = text or f"{what} {shown}"
+        elif word == "WARN":
+            result.warnings.append(f"{what} {shown}")
+        elif word == "REDIRECT" and text:
+            result.redirect = text
+        elif word == "FILTER" and ":" in text:
+            result.content_filter = text
+        elif word == "IGNORE" and editable:
+            return []
+        elif word in ("PREPEND", "REPLACE") and text and editable:
+            new = text.encode("utf-8") + b"\r\n"
+            return [new] if word == "REPLACE" else [new, _original(line, what)]
+        else:
+            log.warning("%s: unknown %s_checks action %r (ignored)", queue_id, what, value)
+        return None
+
+
+def _original(line: str, what: str) -> bytes:
+    """A matched line as it goes back after a PREPEND (headers are given back folded as one line)."""
+    return line.encode("utf-8") + b"\r\n"
+
+
+def _lookup(tables: list[Table], key: str) -> str | None:
+    for table in tables:
+        value = table.lookup(key)
+        if value is not None:
+            return value
+    return None
+
+
+def _logical(raw: bytes) -> str:
+    """A header field as one line: continuation line ends removed (the folding whitespace stays)."""
+    return raw.replace(b"\r\n", b"").replace(b"\n", b"").decode("utf-8", "replace")
+
+
+def _is_mime_header(name: str) -> bool:
+    return name.startswith("content-") or name == "mime-version"
+
+
+def _entity_type(head: bytes) -> tuple[str, str | None]:
+    """(content type in lower case, multipart boundary or None) of a header section."""
+    for name, lines in header_fields(head):
+        if name == "content-type":
+            value = _logical(b"".join(lines)).partition(":")[2].strip()
+            content_type = value.split(";", 1)[0].strip().lower()
+            found = _BOUNDARY.search(value) if content_type.startswith("multipart/") else None
+            boundary = (found.group(1) or found.group(2)) if found else None
+            return content_type, boundary
+    return "text/plain", None
+
+
+def _closes(text: bytes, boundaries: list[str]) -> bool:
+    """`text` is a delimiter line of one of the open boundaries; the ones opened after it are closed."""
+    for i in range(len(boundaries) - 1, -1, -1):
+        delimiter = b"--" + boundaries[i].encode("utf-8", "replace")
+        if text.startswith(delimiter) and text[len(delimiter):].rstrip(b" \t-") == b"":
+            del boundaries[i + 1:]
+            return True
+    return False
+
+
+def _is_close(text: bytes, boundaries: list[str]) -> bool:
+    """`text` closes the innermost boundary (`--boundary--`): it is popped."""
+    delimiter = b"--" + boundaries[-1].encode("utf-8", "replace") + b"--"
+    if text.rstrip(b" \t") == delimiter:
+        boundaries.pop()
+        return True
+    return False
+
+
+def _lines(content: Content):
+    """The lines of `content` with their line ends, read chunk by chunk (a line longer than MAX_LINE is cut)."""
+    rest = b""
+    for chunk in content.chunks():
+        data = rest + chunk
+        start = 0
+        while True:
+            end = data.find(b"\n", start)
+            if end < 0:
+                break
+            yield data[start:end + 1]
+            start = end + 1
+        rest = data[start:]
+        if len(rest) > MAX_LINE:
+            yield rest
+            rest = b""
+    if rest:
+        yield rest
+
+
+def _spliced(body: Content, edits: list[tuple[int, int, list[bytes]]]) -> Content:
+    """`body` with each (offset, length) replaced by its lines; the untouched ranges are not copied."""
+    parts: list = []
+    position = 0
+    for offset, length, lines in edits:
+        parts.extend(body.after(position).before(offset - position).parts)
+        parts.extend(lines)
+        position = offset + length
+    parts.extend(body.after(position).parts)
+    return Content(parts)

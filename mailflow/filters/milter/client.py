@@ -1,0 +1,444 @@
+"""The Milter client's asyncio edge: one connection to one milter for one SMTP session, and the session that
+asks every milter of a listener in turn (Postfix smtpd_milters).
+
+    MilterSettings.from_config(config.milter)         timeouts, default action, protocol version
+    MilterSession(specs, settings, macros)            one per SMTP session (made at its first event)
+        await connect(client) / helo(name) / mail(sender, options) / rcpt(address) -> Verdict
+        await end_of_message(head, body) -> Verdict (with `edits` for the message)
+        abort()  (the transaction ends without a message)     await close()  (QUIT, then the sockets)
+    Verdict(action, reply, edits, reason)     action: continue, reject, tempfail, discard, quarantine
+    Edits: header changes, sender and recipient changes, a replaced body, as the milters asked at end of message
+
+What a milter says (per Postfix): accept -> it is not asked again for this message; continue -> the next
+milter is asked; reject / tempfail / replycode -> the command (or the message) is refused with that reply
+(550 5.7.1 Command rejected, 451 4.7.1 Service unavailable - try again later, or the milter's own reply);
+discard -> the message is accepted and dropped; quarantine -> it is queued on hold. Progress replies extend
+the deadline. A milter that cannot be reached, that times out (connect_timeout for the connection and the
+negotiation, command_timeout per command, content_timeout for the message) or breaks the protocol is closed
+for the rest of the session and `default_action` answers for it: tempfail (451 4.7.1), reject (550 5.7.1),
+accept (as if it were not configured) or quarantine (hold). Logged once per failure with its endpoint.
+
+Macros (Postfix's defaults): at connect j, {daemon_name}, {daemon_addr}, v, _, {client_addr}, {client_name},
+{client_port}; at HELO {tls_version}, {cipher}, {cipher_bits}; at MAIL {mail_addr}, {auth_type}, {auth_authen};
+at RCPT {rcpt_addr}; and whatever a milter asked for with SETSYMLIST when mailflow knows it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from mailflow import status
+from mailflow.filters.milter import protocol as p
+from mailflow.message import header_fields
+from mailflow.syntax import parse_endpoint
+
+log = logging.getLogger("mailflow.smtpd")
+
+DEFAULT_ACTIONS = ("tempfail", "accept", "reject", "quarantine")
+
+
+@dataclass(frozen=True)
+class MilterSettings:
+    default_action: str
+    protocol: int
+    connect_timeout: float
+    command_timeout: float
+    content_timeout: float
+
+    @classmethod
+    def from_config(cls, milter) -> "MilterSettings":
+        return cls(milter.default_action, milter.protocol, milter.connect_timeout, milter.command_timeout,
+                   milter.content_timeout)
+
+
+@dataclass
+class Edits:
+    """What milters asked at the end of a message, in the order asked."""
+
+    headers: list[tuple[str, int, str, str]] = field(default_factory=list)  # (add|insert|change, index, name, value)
+    sender: tuple[str, str] | None = None  # (address, ESMTP arguments)
+    add_recipients: list[str] = field(default_factory=list)
+    delete_recipients: list[str] = field(default_factory=list)
+    body: list[bytes] | None = None  # a replaced body, chunk by chunk
+    quarantine: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.headers or self.sender or self.add_recipients or self.delete_recipients
+                    or self.body is not None or self.quarantine)
+
+
+@dataclass
+class Verdict:
+    action: str = "continue"  # continue, reject, tempfail, discard, quarantine
+    reply: status.Reply | None = None
+    edits: Edits = field(default_factory=Edits)
+    reason: str = ""
+
+
+CONTINUE = Verdict()
+
+
+class MilterFailed(Exception):
+    """The milter cannot be talked to (down, slow, broken)."""
+
+
+class MilterConnection:
+    """One milter for one SMTP session (one socket, opened at the session's first event)."""
+
+    def __init__(self, spec: str, settings: MilterSettings):
+        self.spec = spec
+        self._settings = settings
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._decoder = p.Decoder()
+        self._replies: list[p.Reply] = []
+        self.negotiated: p.Negotiated | None = None
+        self.failed = False  # closed for the rest of the session (default_action answered for it)
+        self.accepted = False  # said accept: not asked again for this message
+        self.in_message = False  # MAIL was sent and the message not ended
+
+    async def open(self) -> None:
+        kind, host, port = parse_endpoint(self.spec)
+        timeout = self._settings.connect_timeout
+        try:
+            if kind == "unix":
+                opening = asyncio.open_unix_connection(host)
+            else:
+                opening = asyncio.open_connection(host, port)
+            self._reader, self._writer = await asyncio.wait_for(opening, timeout)
+            self._writer.write(p.optneg(self._settings.protocol))
+            reply = await self._read(timeout)
+            self.negotiated = p.Negotiated.from_reply(reply)
+        except (OSError, TimeoutError, p.ProtocolError, asyncio.IncompleteReadError) as e:
+            raise MilterFailed(_why(e)) from None
+
+    async def send(self, command: bytes, packet: bytes, stage_macros: bytes = b"") -> p.Reply | None:
+        """Send one event (with its macros); its reply, or None when the milter asked for none."""
+        assert self._writer is not None and self.negotiated is not None
+        try:
+            if stage_macros:
+                self._writer.write(stage_macros)
+            self._writer.write(packet)
+            if not self.negotiated.answers(command):
+                await asyncio.wait_for(self._writer.drain(), self._settings.command_timeout)
+                return None
+            return await self._read(self._settings.command_timeout)
+        except (OSError, TimeoutError, p.ProtocolError, asyncio.IncompleteReadError) as e:
+            raise MilterFailed(_why(e)) from None
+
+    async def end_of_message(self, events: AsyncIterator[tuple[bytes, bytes]], macros: bytes) -> tuple[p.Reply, Edits]:
+        """DATA, headers, EOH, body chunks (stopped by a SKIP reply), EOB: the final reply and the edits."""
+        assert self._writer is not None and self.negotiated is not None
+        n = self.negotiated
+        edits = Edits()
+        timeout = self._settings.content_timeout
+        skipping = False  # the milter answered a body chunk with SKIP: it wants no more of the body
+        try:
+            async for command, packet in events:
+                if n.skips(command) or (skipping and command == p.BODY):
+                    continue
+                self._writer.write(packet)
+                if n.answers(command):
+                    reply = await self._read(timeout)
+                    skipping = reply.command == p.SKIP
+                    if reply.command not in (p.CONTINUE, p.SKIP):
+                        return reply, edits
+                else:
+                    await asyncio.wait_for(self._writer.drain(), timeout)
+            if macros:
+                self._writer.write(macros)
+            self._writer.write(p.encode(p.BODYEOB))
+            while True:
+                reply = await self._read(timeout)
+                if reply.command in p.FINAL:
+                    return reply, edits
+                _collect(reply, edits)
+        except (OSError, TimeoutError, p.ProtocolError, asyncio.IncompleteReadError) as e:
+            raise MilterFailed(_why(e)) from None
+
+    def write(self, packet: bytes) -> None:
+        """A command without reply (ABORT, QUIT); a failure to send shows at the next command."""
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(packet)
+
+    async def close(self) -> None:
+        if self._writer is None:
+            return
+        writer, self._writer = self._writer, None
+        try:
+            if not writer.is_closing():
+                writer.write(p.encode(p.QUIT))
+            writer.close()
+            await asyncio.wait_for(writer.wait_closed(), 1.0)
+        except (OSError, TimeoutError):
+            pass
+
+    async def _read(self, timeout: float) -> p.Reply:
+        """The next reply that is not PROGRESS (each progress reply restarts the deadline)."""
+        assert self._reader is not None
+        while True:
+            while not self._replies:
+                data = await asyncio.wait_for(self._reader.read(65536), timeout)
+                if not data:
+                    raise p.ProtocolError("the milter closed the connection")
+                self._replies.extend(self._decoder.feed(data))
+            reply = self._replies.pop(0)
+            if reply.command != p.PROGRESS:
+                return reply
+
+
+def _collect(reply: p.Reply, edits: Edits) -> None:
+    """One modification action of an end-of-message reply."""
+    c = reply.command
+    if c == p.ADDHEADER:
+        name, value = (reply.strings() + ["", ""])[:2]
+        edits.headers.append(("add", 0, name, value))
+    elif c in (p.INSHEADER, p.CHGHEADER):
+        index, (name, value) = reply.index_and_strings()[0], (reply.index_and_strings()[1] + ["", ""])[:2]
+        edits.headers.append(("insert" if c == p.INSHEADER else "change", index, name, value))
+    elif c == p.CHGFROM:
+        strings = reply.strings()
+        edits.sender = (strings[0] if strings else "", " ".join(strings[1:]))
+    elif c in (p.ADDRCPT, p.ADDRCPT_PAR):
+        edits.add_recipients.append(reply.text())
+    elif c == p.DELRCPT:
+        edits.delete_recipients.append(reply.text())
+    elif c == p.REPLBODY:
+        edits.body = (edits.body or []) + [reply.payload]
+    elif c == p.QUARANTINE:
+        edits.quarantine = reply.text() or "milter quarantine"
+    else:
+        raise p.ProtocolError(f"unexpected reply {c!r} at end of message")
+
+
+def _why(error: BaseException) -> str:
+    if isinstance(error, TimeoutError):
+        return "timeout"
+    if isinstance(error, asyncio.IncompleteReadError):
+        return "the milter closed the connection"
+    return str(error) or type(error).__name__
+
+
+@dataclass(frozen=True)
+class ClientMacros:
+    """What the connect and HELO macros say of the SMTP session."""
+
+    myhostname: str
+    daemon_name: str
+    daemon_addr: str
+    client_addr: str
+    client_name: str
+    client_port: int
+
+
+class MilterSession:
+    """Every milter of one listener, for one SMTP session. See the module doc."""
+
+    def __init__(self, specs: tuple[str, ...], settings: MilterSettings, client: ClientMacros):
+        self._settings = settings
+        self._client = client
+        self._milters = [MilterConnection(spec, settings) for spec in specs]
+        self._opened = False
+        self._connect_verdict = CONTINUE
+        self._mail_macros: dict[str, str] = {}
+
+    # -------------------------------------------------------------------------------- events
+
+    async def connect(self) -> Verdict:
+        """Open every milter and send the connect event, once per session (later calls give its verdict)."""
+        if self._opened:
+            return self._connect_verdict
+        self._opened = True
+        c = self._client
+        values = {"j": c.myhostname, "{daemon_name}": c.daemon_name, "{daemon_addr}": c.daemon_addr,
+                  "v": "mailflow", "_": f"{c.client_name} [{c.client_addr}]", "{client_addr}": c.client_addr,
+                  "{client_name}": c.client_name, "{client_port}": str(c.client_port)}
+        packet = p.connect(c.client_name, c.client_addr, c.client_port)
+        for milter in self._milters:
+            try:
+                await milter.open()
+            except MilterFailed as e:
+                verdict = self._failed(milter, e)
+                if verdict.action != "continue":
+                    self._connect_verdict = verdict
+                    return verdict
+                continue
+            verdict = await self._ask(milter, p.CONNECT, packet, values)
+            if verdict.action != "continue":
+                self._connect_verdict = verdict
+                return verdict
+        return CONTINUE
+
+    async def helo(self, name: str, tls: dict[str, str] | None = None) -> Verdict:
+        verdict = await self.connect()
+        if verdict.action != "continue":
+            return verdict
+        return await self._each(p.HELO, p.helo(name), dict(tls or {}))
+
+    async def mail(self, sender: str, options: list[str], auth: tuple[str, str] = ("", "")) -> Verdict:
+        verdict = await self.connect()
+        if verdict.action != "continue":
+            return verdict
+        self.abort()  # a transaction that ended without its message
+        for milter in self._milters:
+            milter.accepted = False
+        values = {"{mail_addr}": sender}
+        if auth[1]:
+            values.update({"{auth_type}": auth[0], "{auth_authen}": auth[1]})
+        self._mail_macros = values
+        verdict = await self._each(p.MAIL, p.mail([f"<{sender}>", *options]), values)
+        for milter in self._milters:
+            milter.in_message = not milter.failed
+        return verdict
+
+    async def rcpt(self, address: str) -> Verdict:
+        return await self._each(p.RCPT, p.rcpt([f"<{address}>"]), {"{rcpt_addr}": address})
+
+    async def end_of_message(self, head: bytes, body) -> Verdict:
+        """The message (its header section, then its body: `body()` gives it as a stream, once per milter):
+        the first milter that does not say continue/accept decides; the edits of all of them are gathered."""
+        result = Verdict()
+        for milter in self._milters:
+            if milter.failed:
+                verdict = self._default_action(milter, "earlier failure")
+                if verdict.action not in ("continue", "quarantine"):
+                    return verdict
+                if verdict.action == "quarantine":
+                    result.edits.quarantine = verdict.reason
+                continue
+            if milter.accepted or milter.negotiated is None:
+                continue
+            try:
+                reply, edits = await milter.end_of_message(_events(head, body, milter.negotiated),
+                                                           _macro_packet(p.BODYEOB, {}, milter))
+            except MilterFailed as e:
+                verdict = self._failed(milter, e)
+            else:
+                milter.in_message = False
+                _merge(result.edits, edits)
+                verdict = self._verdict(reply, milter)
+            if verdict.action == "quarantine":
+                result.edits.quarantine = verdict.reason or "milter quarantine"
+                continue
+            if verdict.action not in ("continue", "accept"):
+                verdict.edits = result.edits
+                return verdict
+        if result.edits.quarantine:
+            result.action = "quarantine"
+        return result
+
+    def abort(self) -> None:
+        """The transaction ended without a message: milters in one are told to forget it."""
+        for milter in self._milters:
+            if milter.in_message and not milter.failed:
+                milter.write(p.encode(p.ABORT))
+            milter.in_message = False
+
+    async def close(self) -> None:
+        await asyncio.gather(*(m.close() for m in self._milters))
+
+    # -------------------------------------------------------------------------------- asking
+
+    async def _each(self, command: bytes, packet: bytes, values: dict[str, str]) -> Verdict:
+        for milter in self._milters:
+            if milter.failed:  # its default action answers for it, for the rest of the session (Postfix)
+                verdict = self._default_action(milter, "earlier failure")
+                if verdict.action != "continue":
+                    return verdict
+                continue
+            if milter.accepted or milter.negotiated is None:
+                continue
+            verdict = await self._ask(milter, command, packet, values)
+            if verdict.action == "accept":
+                milter.accepted = True
+            elif verdict.action != "continue":
+                return verdict
+        return CONTINUE
+
+    async def _ask(self, milter: MilterConnection, command: bytes, packet: bytes, values: dict[str, str]) -> Verdict:
+        if milter.negotiated.skips(command):
+            return CONTINUE
+        try:
+            reply = await milter.send(command, packet, _macro_packet(command, values, milter))
+        except MilterFailed as e:
+            return self._failed(milter, e)
+        return CONTINUE if reply is None else self._verdict(reply, milter)
+
+    def _verdict(self, reply: p.Reply, milter: MilterConnection) -> Verdict:
+        c = reply.command
+        if c == p.CONTINUE or c == p.SKIP:
+            return CONTINUE
+        if c == p.ACCEPT:
+            milter.accepted = True
+            return Verdict("accept")
+        if c == p.REJECT:
+            return Verdict("reject", status.MILTER_REJECTED, reason=f"milter {milter.spec}")
+        if c == p.TEMPFAIL:
+            return Verdict("tempfail", status.FILTER_UNAVAILABLE, reason=f"milter {milter.spec}")
+        if c == p.DISCARD:
+            return Verdict("discard", reason=f"milter {milter.spec}")
+        if c == p.REPLYCODE:
+            reply_text = status.milter_reply(reply.text())
+            if reply_text is None:
+                return self._failed(milter, MilterFailed(f"bad reply code {reply.text()!r}"))
+            return Verdict("reject" if reply_text.code >= 500 else "tempfail", reply_text,
+                           reason=f"milter {milter.spec}")
+        if c == p.QUARANTINE:
+            return Verdict("quarantine", reason=reply.text())
+        return self._failed(milter, MilterFailed(f"unexpected reply {c!r}"))
+
+    def _failed(self, milter: MilterConnection, error: MilterFailed) -> Verdict:
+        """A milter that cannot be talked to: closed for this session; `default_action` answers for it."""
+        log.warning("milter %s: %s; milter_default_action %s", milter.spec, error, self._settings.default_action)
+        milter.failed = True
+        asyncio.get_running_loop().create_task(milter.close())
+        return self._default_action(milter, str(error))
+
+    def _default_action(self, milter: MilterConnection, error: str) -> Verdict:
+        action = self._settings.default_action
+        if action == "accept":
+            return CONTINUE
+        if action == "reject":
+            return Verdict("reject", status.MILTER_REJECTED, reason=f"milter {milter.spec}: {error}")
+        if action == "quarantine":
+            return Verdict("quarantine", reason=f"milter {milter.spec}: {error}")
+        return Verdict("tempfail", status.FILTER_UNAVAILABLE, reason=f"milter {milter.spec}: {error}")
+
+
+def _macro_packet(command: bytes, values: dict[str, str], milter: MilterConnection) -> bytes:
+    """The macros of one stage: the ones mailflow sends there, narrowed to what the milter asked for."""
+    wanted = milter.negotiated.macros.get(command) if milter.negotiated else None
+    if wanted is not None:
+        values = {k: v for k, v in values.items() if k.strip("{}") in wanted}
+    return p.macros(command, values) if values else b""
+
+
+def _merge(into: Edits, edits: Edits) -> None:
+    into.headers += edits.headers
+    into.sender = edits.sender or into.sender
+    into.add_recipients += edits.add_recipients
+    into.delete_recipients += edits.delete_recipients
+    into.body = edits.body if edits.body is not None else into.body
+    into.quarantine = edits.quarantine or into.quarantine
+
+
+async def _events(head: bytes, body, negotiated: p.Negotiated):
+    """DATA, each header, EOH, the body in chunks: (command, packet) in order."""
+    yield p.DATA, p.encode(p.DATA)
+    leading_space = bool(negotiated.protocol & p.HDR_LEADSPC)
+    for name, lines in header_fields(head):
+        if not name:
+            continue
+        raw = b"".join(lines).decode("utf-8", "replace")
+        field_name, _, value = raw.partition(":")
+        value = value.rstrip("\r\n").replace("\r\n", "\n")
+        if not leading_space and value.startswith(" "):
+            value = value[1:]
+        yield p.HEADER, p.header(field_name, value)
+    yield p.EOH, p.encode(p.EOH)
+    if body is not None and not negotiated.skips(p.BODY):
+        async for chunk in body():
+            for i in range(0, len(chunk), p.BODY_CHUNK):
+                yield p.BODY, p.encode(p.BODY, chunk[i:i + p.BODY_CHUNK])

@@ -1,0 +1,214 @@
+"""DKIM signatures (RFC 6376, RFC 8463) over a queued message, without holding its body.
+
+    RelaxedBody(hasher)             the relaxed body canonicalization (RFC 6376 3.4.4) fed chunk by chunk:
+                                    feed(bytes), digest() -> the body hash; holds at most a line's trailing white
+                                    space and the count of empty lines seen last (never a line or the body)
+    await body_hash(content, algorithm) -> bytes     the relaxed body hash of a Content, read as a stream
+    header_fields_to_sign(head) -> [name]            dkimpy's RFC 6376 list of the fields present, From once more
+    sign_header_set(head, key, body_hash, now) -> bytes   the `DKIM-Signature:` field (CRLF-terminated)
+    await sign(head, body, key, now) -> bytes        both: the body hash streamed, the header set signed in a
+                                                     worker thread (RSA is CPU work)
+    sign_now(head, body, key, now) -> bytes          the same at once, for a small body held in memory (a notice)
+
+How memory stays bounded: dkimpy canonicalizes and hashes a body it holds whole. Here the body is streamed
+through `RelaxedBody` (64 KB chunks from the queue file for a big message), which computes the same hash (the
+unit tests compare it with dkimpy's on many bodies), and dkimpy is given only the header section: it picks,
+canonicalizes and hashes the header fields and folds the DKIM-Signature field, as its own sign() does; the signature
+itself is made by `cryptography` (OpenSSL: about 1 ms for RSA-2048, where dkimpy's pure-Python RSA takes 30). The signature: relaxed/relaxed, a= rsa-sha256 or
+ed25519-sha256 by the key, d= and s= from the KeyTable, t= from the injected clock, the header fields of dkimpy's
+RFC 6376 list that are present (From, Sender, Reply-To, Subject, Date, Message-ID, To, Cc, MIME-Version,
+Content-*, In-Reply-To, References, List-*), From signed once more than present (oversigned: a second From added
+later breaks the signature).
+Like dkimpy, a bare LF in the body counts as a line end.
+
+Failure behaviour: `dkim.DKIMException` (a header section dkimpy cannot parse, a key it refuses) propagates; the
+caller (cleanup) queues the message unsigned and logs why. OSError from reading a spooled body propagates.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import hashlib
+import re
+
+import dkim
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, utils
+from dkim.canonicalization import CanonicalizationPolicy
+
+from mailflow.content import Content
+from mailflow.signing.keytables import SigningKey
+
+_WSP = re.compile(rb"[\t ]+")
+LONG_LINE = 64 * 1024  # past this, a line without its end yet is hashed up to its trailing white space
+RELAXED = b"relaxed/relaxed"
+
+
+class RelaxedBody:
+    """See the module docstring. Each chunk is canonicalized whole by regular expressions (as dkimpy does a whole
+    body), up to its last line end; what follows it waits for the next chunk."""
+
+    def __init__(self, hasher=None):
+        self._hash = hasher or hashlib.sha256()
+        self._partial = b""  # the current line so far (raw), or its trailing white space once it started
+        self._started = False  # part of the current line is hashed already (so the line is not empty)
+        self._empty = 0  # empty lines held back: trailing ones are dropped
+
+    def feed(self, data: bytes) -> None:
+        if not data:
+            return
+        data = self._partial + data
+        cut = data.rfind(b"\n") + 1
+        self._partial = data[cut:]
+        if cut:
+            self._lines(_canonical(data[:cut]))
+        if len(self._partial) > LONG_LINE:
+            self._spill()
+
+    def digest(self) -> bytes:
+        if self._partial or self._started:  # a last line without its end: given one, its white space kept (dkimpy)
+            self._flush_empty()
+            self._hash.update(_WSP.sub(b" ", self._partial) + b"\r\n")
+            self._partial, self._started = b"", False
+        return self._hash.digest()
+
+    def _lines(self, text: bytes) -> None:
+        """Canonical complete lines: hashed, except a run of empty lines at the end (held: it may be the body's)."""
+        if self._started:  # the rest of a line that was spilled: not an empty line, whatever is left of it
+            end = text.index(b"\r\n") + 2
+            self._hash.update(text[:end])
+            self._started = False
+            text = text[end:]
+        content_end = len(text) - 2  # before the last line end; then before each empty line at the end
+        while content_end >= 2 and text.startswith(b"\r\n", content_end - 2):
+            content_end -= 2
+        if content_end == 0 and text.startswith(b"\r\n"):  # nothing but empty lines
+            self._empty += len(text) // 2
+            return
+        self._flush_empty()
+        self._hash.update(text[:content_end + 2])  # up to the last non-empty line, with its line end
+        self._empty = (len(text) - content_end) // 2 - 1
+
+    def _spill(self) -> None:
+        """A long line still without its end: hash it up to its trailing white space (which may yet end it)."""
+        text = _WSP.sub(b" ", self._partial)
+        keep_cr = text.endswith(b"\r")
+        body = text[:-1] if keep_cr else text
+        certain = body.rstrip(b" ")
+        if not certain:
+            self._partial = text
+            return
+        self._flush_empty()
+        self._hash.update(certain)
+        self._started = True
+        self._partial = body[len(certain):] + (b"\r" if keep_cr else b"")
+
+    def _flush_empty(self) -> None:
+        if self._empty:
+            self._hash.update(b"\r\n" * self._empty)
+            self._empty = 0
+
+
+_LINE_END = re.compile(rb"\r?\n")
+_TRAILING_WSP = re.compile(rb"[\t ]+\r\n")
+_WSP_TO_CHANGE = re.compile(rb"[\t ]{2,}|\t")  # runs that are not already one space
+
+
+def _canonical(lines: bytes) -> bytes:
+    """Complete lines, relaxed: every line end CRLF (a bare LF too, as dkimpy reads a message), white space at line
+    ends removed, other runs of white space made one space (dkimpy's order). Each step runs only when a substring
+    search says it has something to change: most text has no tab, no double space and no trailing space."""
+    if lines.count(b"\n") != lines.count(b"\r\n"):
+        lines = _LINE_END.sub(b"\r\n", lines)
+    if b" \r\n" in lines or b"\t\r\n" in lines:
+        lines = _TRAILING_WSP.sub(b"\r\n", lines)
+    if b"  " in lines or b"\t" in lines:
+        lines = _WSP_TO_CHANGE.sub(b" ", lines)
+    return lines
+
+
+async def body_hash(content: Content, algorithm: str) -> bytes:
+    canonical = RelaxedBody(dkim.HASH_ALGORITHMS[algorithm.encode("ascii")]())
+    async for chunk in content.stream():
+        canonical.feed(chunk)
+    return canonical.digest()
+
+
+class _HeaderSigner(dkim.DKIM):
+    """dkimpy's DKIM given the header section only: dkimpy chooses, canonicalizes and hashes the header fields and
+    folds the field; the body hash comes from RelaxedBody, the signature from `cryptography` (OpenSSL): dkimpy's own
+    pure-Python RSA takes some 30 ms a signature, OpenSSL about one."""
+
+    def sign_with_body_hash(self, key: SigningKey, bh: bytes, now: int) -> bytes:
+        algorithm = key.algorithm.encode("ascii")
+        self.signature_algorithm = algorithm
+        include = tuple(name.lower() for name in self.default_sign_headers())
+        if b"from" not in include:
+            raise dkim.ParameterError("The From header field MUST be signed")
+        fields = [
+            (b"v", b"1"),
+            (b"a", algorithm),
+            (b"c", RELAXED),
+            (b"d", key.domain.encode("ascii")),
+            (b"s", key.selector.encode("ascii")),
+            (b"t", str(now).encode("ascii")),
+            (b"h", b" : ".join(include)),
+            (b"bh", base64.b64encode(bh)),
+            (b"b", b"0" * 60),  # folds b= onto a line of its own, so that the signed field folds the same
+        ]
+        # The header hash covers this field with b= empty (RFC 6376 3.7), folded as dkimpy's gen_header folds it.
+        unsigned = dkim.RE_BTAG.sub(b"\\1", dkim.fold(b"; ".join(b"=".join(f) for f in fields), namelen=len(FIELD)))
+        hasher = hashlib.sha256()
+        policy = CanonicalizationPolicy.from_c_value(RELAXED)
+        self.signed_headers = dkim.hash_headers(hasher, policy, policy.canonicalize_headers(self.headers), include,
+                                                (FIELD, b" " + unsigned), dict(fields))
+        fields[-1] = (b"b", base64.b64encode(_signature(key, hasher.digest())))
+        value = dkim.fold(b"; ".join(b"=".join(f) for f in fields) + b"\r\n", namelen=len(FIELD))
+        return FIELD + b": " + value
+
+
+FIELD = b"DKIM-Signature"
+
+
+def _signature(key: SigningKey, digest: bytes) -> bytes:
+    private = _parsed_key(key.algorithm, key.private)
+    if isinstance(private, ed25519.Ed25519PrivateKey):
+        return private.sign(digest)  # RFC 8463: Ed25519 over the SHA-256 hash
+    return private.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_key(algorithm: str, private: bytes):
+    """The key as `cryptography` signs with it, parsed once (a process has a handful of keys)."""
+    if algorithm == "ed25519-sha256":
+        return ed25519.Ed25519PrivateKey.from_private_bytes(base64.b64decode(private))
+    return serialization.load_pem_private_key(private, password=None)
+
+
+def header_fields_to_sign(head: bytes) -> list[str]:
+    return [name.decode("latin-1") for name in _HeaderSigner(head + b"\r\n").default_sign_headers()]
+
+
+def sign_header_set(head: bytes, key: SigningKey, bh: bytes, now: int) -> bytes:
+    """See the module docstring. `head` is the header section as it will be sent (its final CRLF included)."""
+    return _HeaderSigner(head + b"\r\n").sign_with_body_hash(key, bh, now)
+
+
+async def sign(head: bytes, body: Content, key: SigningKey, now: float) -> bytes:
+    """See the module docstring. `body` is everything after the header section (the empty line first)."""
+    bh = await body_hash(body.after(_blank_line(body)), key.algorithm)
+    return await asyncio.to_thread(sign_header_set, head, key, bh, int(now))
+
+
+def sign_now(head: bytes, body: Content, key: SigningKey, now: float) -> bytes:
+    canonical = RelaxedBody(dkim.HASH_ALGORITHMS[key.algorithm.encode("ascii")]())
+    for chunk in body.after(_blank_line(body)).chunks():
+        canonical.feed(chunk)
+    return sign_header_set(head, key, canonical.digest(), int(now))
+
+
+def _blank_line(body: Content) -> int:
+    """The length of the empty line that separates the header section from the body (0 when there is none)."""
+    start = body.read_prefix(2)
+    return 2 if start == b"\r\n" else 1 if start[:1] == b"\n" else 0

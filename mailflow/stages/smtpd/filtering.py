@@ -1,0 +1,261 @@
+"""smtpd's inbound filters: the policy steps the handler awaits when filters are configured (docs/filtering.md).
+
+    FilterServices(config, resolver, clock)     what all listeners share, each built only when configured:
+                                                the greylist, sender authentication, spamd, clamd, milter settings
+        .for_listener(config) -> ListenerFilters | None     None: no filter applies to that listener
+        .close()
+    ListenerFilters: one listener's steps
+        await helo(session, name) / mail(session, sender, options) / rcpt(session, address) -> Reply | None
+        await auth_verdicts(session, envelope) -> Verdicts | None     (before the end_of_data restrictions)
+        await end_of_message(session, envelope, submission) -> Outcome   milters, clamd, spamd, in that order
+        closed(session)                         the SMTP session ended: its milter connections are closed
+
+With no filter configured the handler holds None and asks nothing: the hot path is unchanged.
+
+Failure behaviour: a milter follows milter_default_action (client.py); a scanner that cannot scan follows its
+section's on_failure (accept: logged, the message goes on unscanned; tempfail: 451 4.7.1). Nothing here raises
+for a client's message.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+from mailflow import status
+from mailflow.config import Config
+from mailflow.filters.edits import edit_header
+from mailflow.filters.greylist import Greylist
+from mailflow.filters.milter import ClientMacros, MilterSession, MilterSettings, Verdict
+from mailflow.filters.scanners import Clamd, Spamd
+from mailflow.filters.senderauth import SenderAuth, Verdicts
+from mailflow.content import Content
+from mailflow.message import read_header
+from mailflow.model import Submission
+from mailflow.restriction_vocabulary import STAGES, split_item
+
+log = logging.getLogger("mailflow.smtpd")
+
+HEADER_LIMIT = 1_000_000
+
+
+@dataclass
+class Outcome:
+    """What the end-of-message filters decided: a refusal, or the submission to queue (edited, tagged) and
+    whether it is discarded or held (the logged reason)."""
+
+    refusal: status.Reply | None = None
+    submission: Submission | None = None
+    discard: str | None = None
+    hold: str | None = None
+
+
+def _uses(config: Config, name: str) -> bool:
+    listeners = [config.smtpd] + [config.smtpd.for_listener(li) for li in config.smtpd.listeners]
+    return any(split_item(item)[0] == name for smtpd in listeners for stage in STAGES
+               for item in getattr(smtpd, f"{stage}_restrictions"))
+
+
+class FilterServices:
+    """See the module doc."""
+
+    def __init__(self, config: Config, resolver, clock):
+        self._config = config
+        self.greylist: Greylist | None = None
+        if _uses(config, "check_greylist"):
+            path = config.greylist.database_file or str(config.queue_path / "greylist.db")
+            self.greylist = Greylist(config.greylist, path, clock)
+        self.sender_auth: SenderAuth | None = None
+        self.dmarc_policy = _uses(config, "reject_dmarc_policy")  # the verdicts are needed without the header
+        if config.sender_auth.verify or _uses(config, "reject_spf_fail") or self.dmarc_policy:
+            self.sender_auth = SenderAuth(config.sender_auth, resolver, authserv_id=config.myhostname,
+                                          also=("dmarc",) if self.dmarc_policy else ())
+        self.spamd = Spamd(config.spamd) if config.spamd.address else None
+        self.clamd = Clamd(config.clamd) if config.clamd.address else None
+        self.milter = MilterSettings.from_config(config.milter)
+
+    def for_listener(self, config: Config) -> ListenerFilters | None:
+        milters = () if "no_milters" in config.smtpd.receive_override_options else config.smtpd.milters
+        own_filter = config.smtpd.content_filter != self._config.smtpd.content_filter  # (else cleanup's default)
+        if not (milters or self.spamd or self.clamd or self.sender_auth or own_filter
+                or config.smtpd.receive_override_options):
+            return None
+        return ListenerFilters(self, config, milters)
+
+    def close(self) -> None:
+        if self.greylist is not None:
+            self.greylist.close()
+        if self.sender_auth is not None:
+            self.sender_auth.close()
+
+
+class ListenerFilters:
+    """One listener's filter steps; see the module doc."""
+
+    def __init__(self, services: FilterServices, config: Config, milters: tuple[str, ...]):
+        self._services = services
+        self._config = config
+        self._milters = milters
+        self._header = bool(config.sender_auth.verify)  # (else the verdicts serve reject_dmarc_policy only)
+        self._verify = services.sender_auth is not None and (self._header or services.dmarc_policy)
+        self._overrides = frozenset(config.smtpd.receive_override_options)
+        self._content_filter = config.smtpd.content_filter
+
+    # -------------------------------------------------------------------------------- milters by stage
+
+    def _milter_session(self, session) -> MilterSession | None:
+        if not self._milters:
+            return None
+        if session.milters is None:
+            peer = session.peer if isinstance(session.peer, tuple) else ("", 0)
+            client = ClientMacros(myhostname=self._config.myhostname, daemon_name="mailflow", daemon_addr="",
+                                  client_addr=session.peer_ip if session.peer_ip != "unknown" else "",
+                                  client_name=session.client_name, client_port=int(peer[1]) if len(peer) > 1 else 0)
+            session.milters = MilterSession(self._milters, self._services.milter, client)
+        return session.milters
+
+    async def helo(self, session, name: str) -> status.Reply | None:
+        milters = self._milter_session(session)
+        if milters is None:
+            return None
+        tls = {}
+        cipher = session.ssl.get("cipher") if isinstance(session.ssl, dict) else None
+        if cipher:
+            tls = {"{cipher}": str(cipher[0]), "{tls_version}": str(cipher[1]), "{cipher_bits}": str(cipher[2])}
+        return _refusal(await milters.helo(name, tls))
+
+    async def mail(self, session, envelope, sender: str, options: list[str]) -> status.Reply | None:
+        milters = self._milter_session(session)
+        if milters is None:
+            return None
+        verdict = await milters.mail(sender, options, (session.auth_mechanism, session.login))
+        self._mark(envelope, verdict)
+        return _refusal(verdict)
+
+    async def rcpt(self, session, envelope, address: str) -> status.Reply | None:
+        milters = self._milter_session(session)
+        if milters is None:
+            return None
+        verdict = await milters.rcpt(address)
+        self._mark(envelope, verdict)
+        return _refusal(verdict)
+
+    @staticmethod
+    def _mark(envelope, verdict: Verdict) -> None:
+        if verdict.action == "discard":
+            envelope.marks.discard = verdict.reason or "milter discard"
+        elif verdict.action == "quarantine":
+            envelope.marks.hold = verdict.reason or "milter quarantine"
+
+    def closed(self, session) -> None:
+        if session.milters is not None:
+            milters, session.milters = session.milters, None
+            asyncio.get_running_loop().create_task(milters.close())
+
+    # -------------------------------------------------------------------------------- the message
+
+    async def auth_verdicts(self, session, envelope) -> Verdicts | None:
+        """SPF, DKIM and DMARC of the message (for reject_dmarc_policy and the Authentication-Results header)."""
+        if not self._verify or envelope.content is None:
+            return None
+        return await self._services.sender_auth.verdicts(session.peer_ip, session.host_name or "",
+                                                          envelope.sender or "", envelope.content)
+
+    async def end_of_message(self, session, submission: Submission, verdicts: Verdicts | None,
+                             content_filter: str | None) -> Outcome:
+        outcome = Outcome()
+        headers = [verdicts.header()] if verdicts is not None and self._header else []
+        milters = self._milter_session(session)
+        if milters is not None:
+            submission = await self._milters_at_end(milters, submission, outcome)
+            if outcome.refusal is not None or outcome.discard is not None:
+                return outcome
+        for scan in (self._clamd, self._spamd):
+            await scan(submission.content, outcome, headers)
+            if outcome.refusal is not None:
+                return outcome
+        if content_filter is None:
+            content_filter = self._content_filter
+        outcome.submission = dataclasses.replace(submission, headers=submission.headers + tuple(headers),
+                                                 content_filter=content_filter, overrides=self._overrides)
+        return outcome
+
+    async def _milters_at_end(self, milters: MilterSession, submission: Submission, outcome: Outcome) -> Submission:
+        content = submission.content
+        head, _ = read_header(content, HEADER_LIMIT)
+        body = content.after(len(head))
+        blank = 2 if body.read_prefix(2) == b"\r\n" else (1 if body.read_prefix(1) == b"\n" else 0)
+        body_only = body.after(blank)
+        verdict = await milters.end_of_message(head, lambda: body_only.stream())
+        if verdict.action in ("reject", "tempfail"):
+            outcome.refusal = verdict.reply
+            return submission
+        if verdict.action == "discard":
+            outcome.discard = verdict.reason or "milter discard"
+            return submission
+        edits = verdict.edits
+        if edits.quarantine:
+            outcome.hold = edits.quarantine
+        if not edits:
+            return submission
+        new_head = edit_header(head, edits.headers)
+        if edits.body is not None:
+            content = Content((new_head, b"\r\n", *edits.body))
+        else:
+            content = Content((new_head, *body.parts)) if new_head is not head else content
+        envelope = submission.envelope
+        recipients = [r for r in envelope.recipients if f"<{r}>" not in edits.delete_recipients
+                      and r not in edits.delete_recipients]
+        recipients += [a.strip("<>") for a in edits.add_recipients if a.strip("<>")]
+        if recipients != list(envelope.recipients) or edits.sender:
+            envelope = dataclasses.replace(envelope, recipients=tuple(recipients), originals=(), notify=(),
+                                           orcpts=(), sender=(edits.sender[0].strip("<>") if edits.sender
+                                                              else envelope.sender))
+        return dataclasses.replace(submission, content=content, envelope=envelope)
+
+    async def _clamd(self, content: Content, outcome: Outcome, headers: list[str]) -> None:
+        clamd = self._services.clamd
+        if clamd is None:
+            return
+        c = self._config.clamd
+        result = await clamd.check(content)
+        if result.failed:
+            log.warning("%s (on_failure %s)", result.failed, c.on_failure)
+            if c.on_failure == "tempfail":
+                outcome.refusal = status.FILTER_UNAVAILABLE
+            return
+        if not result.scanned or not result.found:
+            return
+        if c.action == "reject":
+            outcome.refusal = status.virus_found(result.name)
+        elif c.action == "hold":
+            outcome.hold = f"virus found: {result.name}"
+        headers.append(f"X-Virus-Status: Infected ({result.name})")
+
+    async def _spamd(self, content: Content, outcome: Outcome, headers: list[str]) -> None:
+        spamd = self._services.spamd
+        if spamd is None:
+            return
+        c = self._config.spamd
+        result = await spamd.check(content)
+        if result.failed:
+            log.warning("%s (on_failure %s)", result.failed, c.on_failure)
+            if c.on_failure == "tempfail":
+                outcome.refusal = status.FILTER_UNAVAILABLE
+            return
+        if not result.scanned:
+            return
+        word = "Yes" if result.found else "No"
+        headers.append(f"X-Spam-Status: {word}, score={result.score:.1f} required={result.threshold:.1f}")
+        if not result.found:
+            return
+        headers.append("X-Spam-Flag: YES")
+        if c.action == "reject" or (c.reject_score and result.score >= c.reject_score):
+            outcome.refusal = status.SPAM_REJECTED
+        elif c.action == "hold":
+            outcome.hold = f"spam, score {result.score:.1f}"
+
+
+def _refusal(verdict: Verdict) -> status.Reply | None:
+    return verdict.reply if verdict.action in ("reject", "tempfail") else None

@@ -1,0 +1,98 @@
+"""DANE for SMTP (RFC 7672), as Postfix's `dane` and `dane-only` levels: the peer's TLSA records, when DNSSEC
+validated them, say which certificate it must present.
+
+    tlsa_name(host, port) -> str                 `_25._tcp.mx.example.com`
+    usable(records) -> tuple[Tlsa, ...]          the records SMTP may use: DANE-EE(3) and DANE-TA(2), selector 0
+                                                 (certificate) or 1 (public key), matching 0 (exact), 1 (SHA-256) or 2
+                                                 (SHA-512); PKIX-TA(0)/PKIX-EE(1) are unusable for SMTP (RFC 7672 3.1.3)
+    await peer_policy(resolver, policy, host, port, mx_secure) -> TlsPolicy   for a `dane` or `dane-only` policy
+                                                 and one peer: a policy carrying the usable records (TLS required,
+                                                 the certificate checked against them), or what is left without
+    matches(certificate_der, records) -> bool    the certificate matches a DANE-EE record (names and dates are not
+                                                 checked, RFC 7672 3.1.1)
+
+What decides, per peer (Postfix's order):
+- the MX RRset was not DNSSEC-validated (`mx_secure` False), or the TLSA answer carried no AD bit: no DANE.
+  `dane` then falls back to the destination's MTA-STS policy if it has one, else to `may`; `dane-only` fails
+  (SiteFailure 4.7.5 "no TLSA records", next peer).
+- validated records, none usable: `encrypt` (TLS required, unverified: RFC 7672 2.2), the records named in the log.
+- usable records: TLS required; the certificate must match a DANE-EE record. DANE-TA records need the peer's chain,
+  which Python's ssl module (3.11) does not give: a peer with only DANE-TA records fails verification (4.7.5),
+  never passes unchecked.
+Failure behaviour: a TLSA lookup that fails (SERVFAIL, timeout) is a SiteFailure 4.7.5 for that peer for both
+levels (RFC 7672 2.1.1: a failed lookup is not "no records"); NXDOMAIN / NODATA is "no records".
+"""
+from __future__ import annotations
+
+import hashlib
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from mailflow.dns import NotFound, Resolver, Tlsa
+from mailflow.errors import LookupRetry
+from mailflow.transports.smtp.tls import TlsPolicy
+from mailflow.transports.smtp.trouble import SiteFailure
+
+DANE_TA, DANE_EE = 2, 3
+SELECTORS = (0, 1)
+MATCHING = {0: None, 1: hashlib.sha256, 2: hashlib.sha512}
+
+
+def tlsa_name(host: str, port: int) -> str:
+    return f"_{port}._tcp.{host.rstrip('.')}"
+
+
+def usable(records: tuple[Tlsa, ...]) -> tuple[Tlsa, ...]:
+    return tuple(r for r in records
+                 if r.usage in (DANE_TA, DANE_EE) and r.selector in SELECTORS and r.mtype in MATCHING)
+
+
+async def peer_policy(resolver: Resolver, policy: TlsPolicy, host: str, port: int, mx_secure: bool,
+                      fallback: TlsPolicy) -> TlsPolicy:
+    """See the module docstring. `fallback`: what `dane` becomes without DANE (MTA-STS's policy, else may)."""
+    name = tlsa_name(host, port)
+    records: tuple[Tlsa, ...] = ()
+    secure = False
+    if mx_secure:
+        try:
+            answer = await resolver.tlsa(name)
+            records, secure = answer.records, answer.secure
+        except NotFound:
+            pass
+        except LookupRetry as e:
+            raise SiteFailure("4.7.5", f"TLSA lookup error for {name}: {e.text}") from None
+    if not (secure and records):
+        if policy.level == "dane-only":
+            why = "the MX records are not DNSSEC-validated" if not mx_secure else \
+                "no DNSSEC-validated TLSA records" if records else "no TLSA records"
+            raise SiteFailure("4.7.5", f"DANE is required (dane-only), but {name}: {why}")
+        return fallback
+    found = usable(records)
+    if not found:
+        return TlsPolicy("encrypt", source=f"dane: {name} has no usable TLSA records")
+    return TlsPolicy(policy.level, tlsa=found, source=f"dane: {name}")
+
+
+def _selected(certificate: x509.Certificate, selector: int) -> bytes:
+    if selector == 0:
+        return certificate.public_bytes(serialization.Encoding.DER)
+    return certificate.public_key().public_bytes(serialization.Encoding.DER,
+                                                 serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def matches(certificate_der: bytes, records: tuple[Tlsa, ...]) -> bool:
+    if not certificate_der:
+        return False
+    try:
+        certificate = x509.load_der_x509_certificate(certificate_der)
+    except ValueError:
+        return False
+    for record in records:
+        if record.usage != DANE_EE:
+            continue
+        data = _selected(certificate, record.selector)
+        digest = MATCHING[record.mtype]
+        if (data if digest is None else digest(data).digest()) == record.data:
+            return True
+    return False

@@ -1,0 +1,179 @@
+"""smtpd's Dovecot AUTH back end against scripted auth servers on a unix socket (the real Dovecot is in
+tests/interop/test_accounts_dovecot.py): what it sends, how it reads the answers, and that every fault (down,
+silent, wrong version, no PLAIN, dropped connection) is 454 4.7.0, never a crash or an accepted login."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from mailflow import status
+from mailflow.clock import VirtualClock
+from mailflow.stages.smtpd.auth import Authenticator, DovecotBackend, FailureCounter
+from mailflow.stages.smtpd.dovecot_auth import DovecotAuth, Handshake, HandshakeError, Unavailable, parse_line
+
+HANDSHAKE = b"VERSION\t1\t2\nMECH\tPLAIN\tplaintext\nMECH\tLOGIN\tplaintext\nSPID\t7\nCUID\t1\nCOOKIE\tab\nDONE\n"
+
+
+class FakeAuthServer:
+    """Answers AUTH lines from `users` (login -> password); `hold` makes it answer later, in reverse order."""
+
+    def __init__(self, path: Path, *, handshake: bytes = HANDSHAKE, silent: bool = False):
+        self.path = path
+        self.handshake = handshake
+        self.silent = silent
+        self.users = {"alice@example.test": b"s3cret"}
+        self.temporary: set[str] = set()
+        self.requests: list[dict[str, str]] = []
+        self.hold = 0
+        self._held: list[tuple[asyncio.StreamWriter, bytes]] = []
+        self.connections = 0
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> "FakeAuthServer":
+        self._server = await asyncio.start_unix_server(self._serve, str(self.path))
+        return self
+
+    async def stop(self) -> None:
+        for writer in self._writers:  # as a stopping Dovecot does: its connections end too
+            writer.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self.path.unlink(missing_ok=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.append(writer)
+        if self.silent:
+            await reader.read()
+            return
+        writer.write(self.handshake)
+        while line := await reader.readline():
+            words = line.decode().rstrip("\n").split("\t")
+            if words[0] != "AUTH":
+                continue
+            args = dict(w.partition("=")[::2] for w in words[3:])
+            self.requests.append({"id": words[1], "mech": words[2], **args})
+            _, login, password = base64.b64decode(args["resp"]).split(b"\0")
+            name = login.decode()
+            if name in self.temporary:
+                answer = f"FAIL\t{words[1]}\tuser={name}\ttemp\treason=database down\n"
+            elif self.users.get(name) == password:
+                answer = f"OK\t{words[1]}\tuser={name}\n"
+            else:
+                answer = f"FAIL\t{words[1]}\tuser={name}\n"
+            self._held.append((writer, answer.encode()))
+            if len(self._held) > self.hold:
+                for w, data in reversed(self._held):
+                    w.write(data)
+                self._held.clear()
+            await writer.drain()
+
+
+@pytest.fixture
+async def socket_dir():
+    with tempfile.TemporaryDirectory(prefix="mf-auth-") as d:  # unix socket paths must stay short
+        yield Path(d)
+
+
+def client(path: Path, timeout: float = 2.0) -> DovecotAuth:
+    return DovecotAuth(str(path), timeout=timeout, clock=VirtualClock())
+
+
+async def test_asks_plain_with_the_clients_facts_and_reads_ok_fail_and_temp(socket_dir):
+    server = await FakeAuthServer(socket_dir / "auth").start()
+    server.temporary.add("bob@example.test")
+    dovecot = client(server.path)
+    try:
+        ok = await dovecot.ask(b"alice@example.test", b"s3cret", secured=True, client_ip="192.0.2.1",
+                               local_ip="127.0.0.1")
+        bad = await dovecot.ask(b"alice@example.test", b"wrong", secured=False, client_ip="192.0.2.1")
+        temp = await dovecot.ask(b"bob@example.test", b"x", secured=True)
+    finally:
+        await dovecot.close()
+        await server.stop()
+    assert (ok.login, bad.login, bad.temporary, temp.login, temp.temporary) == (
+        "alice@example.test", None, False, None, True)
+    assert temp.reason == "database down"
+    first, second, _ = server.requests
+    assert (first["mech"], first["service"], first["rip"], first["lip"]) == ("PLAIN", "smtp", "192.0.2.1", "127.0.0.1")
+    assert "secured" in first and "nologin" in first and "secured" not in second
+    assert server.connections == 1  # one connection for every request
+
+
+async def test_requests_in_flight_together_get_their_own_answers(socket_dir):
+    server = await FakeAuthServer(socket_dir / "auth").start()
+    server.users["carol@example.test"] = b"pw2"
+    server.hold = 1  # the second request is answered first
+    dovecot = client(server.path)
+    try:
+        answers = await asyncio.gather(dovecot.ask(b"alice@example.test", b"s3cret", secured=True),
+                                       dovecot.ask(b"carol@example.test", b"pw2", secured=True))
+    finally:
+        await dovecot.close()
+        await server.stop()
+    assert [a.login for a in answers] == ["alice@example.test", "carol@example.test"]
+
+
+async def test_a_down_silent_or_foreign_server_is_unavailable_and_logged_once(socket_dir, caplog):
+    caplog.set_level(logging.ERROR, logger="mailflow.smtpd")
+    missing = client(socket_dir / "nothing-here")
+    for _ in range(3):
+        with pytest.raises(Unavailable):
+            await missing.ask(b"alice@example.test", b"s3cret", secured=True)
+    assert len([r for r in caplog.records if "nothing-here" in r.getMessage()]) == 1  # then once a minute
+
+    silent = await FakeAuthServer(socket_dir / "silent", silent=True).start()
+    slow = client(silent.path, timeout=0.2)
+    with pytest.raises(Unavailable, match="no answer within 0.2s"):
+        await slow.ask(b"alice@example.test", b"s3cret", secured=True)
+    await slow.close()
+    await silent.stop()
+
+    for handshake, reason in ((b"VERSION\t2\t0\nDONE\n", "protocol version 2"),
+                              (b"VERSION\t1\t2\nMECH\tCRAM-MD5\nDONE\n", "no PLAIN mechanism")):
+        foreign = await FakeAuthServer(socket_dir / "foreign", handshake=handshake).start()
+        refused = client(foreign.path)
+        with pytest.raises(Unavailable, match=reason):
+            await refused.ask(b"alice@example.test", b"s3cret", secured=True)
+        await refused.close()
+        await foreign.stop()
+
+
+async def test_a_restarted_server_is_reconnected_and_a_lost_one_is_454_never_a_login(socket_dir):
+    path = socket_dir / "auth"
+    server = await FakeAuthServer(path).start()
+    failures = FailureCounter(VirtualClock(), 60)
+    dovecot = client(path)
+    auth = Authenticator(backend=DovecotBackend(dovecot), clock=VirtualClock(), failures=failures, delay=0,
+                         delay_limit=0)
+    try:
+        assert (await auth.check("192.0.2.1", "LOGIN", b"alice@example.test", b"s3cret")).reply == status.AUTH_OK
+        await server.stop()
+        for _ in range(2):
+            outcome = await auth.check("192.0.2.1", "PLAIN", b"alice@example.test", b"s3cret")
+            assert (outcome.login, outcome.reply) == (None, status.AUTH_UNAVAILABLE)
+        assert failures.recent("192.0.2.1") == 0  # a server fault is not the client's failure
+        server = await FakeAuthServer(path).start()
+        assert (await auth.check("192.0.2.1", "PLAIN", b"alice@example.test", b"wrong")).reply == status.AUTH_FAILED
+        assert failures.recent("192.0.2.1") == 1
+    finally:
+        await dovecot.close()
+        await server.stop()
+
+
+def test_the_protocol_lines():
+    assert parse_line(b"OK\t7\tuser=alice@example.test\t\n").args["user"] == "alice@example.test"
+    fail = parse_line(b"FAIL\t8\tuser=x\ttemp\treason=it broke\n")
+    assert (fail.command, fail.id, "temp" in fail.args, fail.args["reason"]) == ("FAIL", 8, True, "it broke")
+    handshake = Handshake()
+    assert not any(handshake.feed(line + b"\n") for line in HANDSHAKE.split(b"\n")[:-2])
+    assert handshake.feed(b"DONE\n") and handshake.mechanisms == ["PLAIN", "LOGIN"]
+    with pytest.raises(HandshakeError, match="no VERSION"):
+        Handshake().feed(b"DONE\n")

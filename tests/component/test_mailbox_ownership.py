@@ -1,0 +1,82 @@
+"""Who owns delivered mail: virtual_uid_maps / virtual_gid_maps for the virtual transport, the recipient's own uid
+for local(8) users who are system users; directories 0700, files 0600, and a symbolic link planted in a
+mailbox's directories never followed. Running as root is needed to give files away: skipped otherwise."""
+from __future__ import annotations
+
+import os
+import pwd
+
+import pytest
+
+from mailflow.clock import VirtualClock
+from mailflow.config import Config
+from mailflow.content import Content
+from mailflow.model import DeliveryRequest, Outcome, Recipient
+from mailflow.routing.router import Router
+from mailflow.transports import build_transports
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="giving files away needs root")
+
+NOBODY = pwd.getpwnam("nobody")
+CONTENT = b"From: s@remote.test\r\nSubject: owned\r\n\r\nbody\r\n"
+
+
+def request(address: str) -> DeliveryRequest:
+    return DeliveryRequest("Q1", "s@remote.test", (Recipient(0, address, address),), "x", Content.of(CONTENT))
+
+
+def transports(tmp_path, **settings) -> dict:
+    config = Config(mydestination=("local.test",), local_recipient_maps=("inline:{nobody=x, alice=x}",),
+                    virtual_mailbox_domains=("example.test",), virtual_mailbox_base=str(tmp_path / "vmail"),
+                    virtual_mailbox_maps=("inline:{carol@example.test=example.test/carol/Maildir/}",),
+                    local={"maildir_base": str(tmp_path / "mail")}, **settings)
+    return build_transports(config, None, VirtualClock(), Router(config))
+
+
+def owner_and_mode(path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_uid, st.st_gid, st.st_mode & 0o777
+
+
+async def test_virtual_mailboxes_belong_to_the_uid_and_gid_the_maps_give(tmp_path):
+    virtual = transports(tmp_path, virtual_uid_maps=("static:5000",), virtual_gid_maps=("static:5001",))["virtual"]
+    [result] = (await virtual.deliver(request("carol@example.test"))).results
+    assert result.outcome is Outcome.SENT, result
+    maildir = tmp_path / "vmail" / "example.test" / "carol" / "Maildir"
+    [message] = list((maildir / "new").iterdir())
+    assert owner_and_mode(message) == (5000, 5001, 0o600)
+    for directory in (maildir.parent.parent, maildir.parent, maildir, maildir / "tmp", maildir / "cur"):
+        assert owner_and_mode(directory) == (5000, 5001, 0o700), directory
+    assert (tmp_path / "vmail").stat().st_uid == 0  # the base itself stays the operator's
+
+
+async def test_a_symbolic_link_in_a_mailbox_is_never_followed(tmp_path):
+    virtual = transports(tmp_path, virtual_uid_maps=("static:5000",))["virtual"]
+    (tmp_path / "vmail" / "example.test" / "carol").mkdir(parents=True)
+    elsewhere = tmp_path / "vmail" / "example.test" / "dave"  # another mailbox, inside the base
+    elsewhere.mkdir()
+    (tmp_path / "vmail" / "example.test" / "carol" / "Maildir").symlink_to(elsewhere)
+    [result] = (await virtual.deliver(request("carol@example.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.2.0")
+    assert list(elsewhere.iterdir()) == []
+
+
+async def test_a_bad_uid_map_value_defers(tmp_path):
+    virtual = transports(tmp_path, virtual_uid_maps=("static:vmail",))["virtual"]
+    [result] = (await virtual.deliver(request("carol@example.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.3.0")
+    assert "not a numeric user or group id" in result.text
+
+
+async def test_a_local_user_who_is_a_system_user_owns_its_maildir_and_others_stay_mailflows(tmp_path):
+    local = transports(tmp_path)["local"]
+    for user in ("nobody", "alice"):
+        [result] = (await local.deliver(request(f"{user}@local.test"))).results
+        assert result.outcome is Outcome.SENT, result
+    nobody = tmp_path / "mail" / "nobody" / "Maildir"
+    [message] = list((nobody / "new").iterdir())
+    assert owner_and_mode(message) == (NOBODY.pw_uid, NOBODY.pw_gid, 0o600)
+    assert owner_and_mode(nobody) == (NOBODY.pw_uid, NOBODY.pw_gid, 0o700)
+    assert owner_and_mode(nobody.parent)[:2] == (NOBODY.pw_uid, NOBODY.pw_gid)
+    [other] = list((tmp_path / "mail" / "alice" / "Maildir" / "new").iterdir())
+    assert owner_and_mode(other) == (0, 0, 0o600)  # not a system user: mailflow's own

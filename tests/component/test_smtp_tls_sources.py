@@ -1,0 +1,265 @@
+"""The receiver's own TLS policy, with real peers on loopback: MTA-STS (the `_mta-sts` record in the in-process DNS,
+the policy over HTTPS from a trustme-certified server; enforce verifies or defers 4.7.5, testing logs and delivers)
+and DANE (TLSA records with the AD bit; `dane` and `dane-only`; a matching record delivers, a wrong one defers)."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import ssl
+
+import pytest
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from mailflow.config import SmtpConfig
+from mailflow.content import Content
+from mailflow.dns import AiodnsResolver
+from mailflow.model import DeliveryRequest, Outcome, Recipient
+from mailflow.transports.smtp import SmtpTransport
+from mailflow.transports.smtp.mtasts import HttpsPolicyFetcher, MtaSts
+from tests.support.deliverability import PolicyServer, start_zone
+
+MESSAGE = b"From: a@remote.test\r\nTo: b@dest.test\r\nSubject: tls\r\n\r\nhello\r\n"
+
+
+@pytest.fixture
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def zones():
+    stops = []
+
+    def start(text: str, ad: bool = True) -> AiodnsResolver:
+        nameserver, stop = start_zone(text, ad=ad)
+        stops.append(stop)
+        return AiodnsResolver(nameservers=(nameserver,), timeout=2.0, tries=1)
+
+    yield start
+    for stop in stops:
+        stop()
+
+
+def server_tls(ca: trustme.CA, name: str) -> tuple[ssl.SSLContext, bytes]:
+    """A server context with a certificate for `name`, and that certificate's SubjectPublicKeyInfo (DER)."""
+    leaf = ca.issue_cert(name)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    leaf.configure_cert(context)
+    certificate = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes())
+    spki = certificate.public_key().public_bytes(serialization.Encoding.DER,
+                                                 serialization.PublicFormat.SubjectPublicKeyInfo)
+    return context, spki
+
+
+def transport(resolver, port: int, ca_path: str = "", tls: str = "may", mta_sts=None) -> SmtpTransport:
+    config = SmtpConfig(port=port, connect_timeout=2, helo_timeout=2, command_timeout=2, data_timeout=2,
+                        tls_security_level=tls, tls_ca_file=ca_path)
+    return SmtpTransport(config, resolver=resolver, helo_name="client.mailflow.test", mta_sts=mta_sts)
+
+
+async def deliver(t: SmtpTransport, nexthop: str = "dest.test"):
+    request = DeliveryRequest("Q1", "a@remote.test", (Recipient(0, "b@dest.test", "b@dest.test"),), nexthop,
+                              Content.of(MESSAGE))
+    try:
+        report = await asyncio.wait_for(t.deliver(request), 10)
+    finally:
+        await t.close()
+    return report.results[0]
+
+
+def ca_path(ca: trustme.CA, tmp_path) -> str:
+    path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------------- MTA-STS
+
+
+STS_ZONE = """
+dest.test. 300 IN MX 10 mx.dest.test.
+mx.dest.test. 300 IN A 127.0.0.1
+_mta-sts.dest.test. 300 IN TXT "v=STSv1; id=20240101"
+mta-sts.dest.test. 300 IN A 127.0.0.1
+"""
+
+
+def sts_policy(mode: str, mx: str = "mx.dest.test") -> str:
+    return f"version: STSv1\nmode: {mode}\nmx: {mx}\nmax_age: 86400\n"
+
+
+async def sts_setup(zones, smtp_peer, ca, tmp_path, *, mode: str, certificate_name: str = "mx.dest.test",
+                    mx: str = "mx.dest.test", peer_ca: trustme.CA | None = None):
+    resolver = zones(STS_ZONE, ad=False)
+    policy_server = await PolicyServer(ca, "mta-sts.dest.test", sts_policy(mode, mx)).start()
+    context, _ = server_tls(peer_ca or ca, certificate_name)
+    peer = await smtp_peer(tls_context=context)
+    fetcher = HttpsPolicyFetcher(resolver, ca_file=ca_path(ca, tmp_path), timeout=5, port=policy_server.port)
+    sts = MtaSts(resolver, fetcher)
+    return transport(resolver, peer.port, ca_path(ca, tmp_path), mta_sts=sts), peer, policy_server
+
+
+async def test_enforce_with_a_good_certificate_delivers_over_verified_tls(zones, smtp_peer, ca, tmp_path):
+    t, peer, policy_server = await sts_setup(zones, smtp_peer, ca, tmp_path, mode="enforce")
+    result = await deliver(t)
+    assert result.outcome is Outcome.SENT, result.text
+    assert peer.messages[0].tls
+    assert policy_server.requests[0].startswith(b"GET /.well-known/mta-sts.txt HTTP/1.1\r\n")
+    assert b"host: mta-sts.dest.test" in policy_server.requests[0].lower()
+    policy_server.close()
+
+
+@pytest.mark.parametrize(("certificate_name", "untrusted", "why"), [
+    ("other.test", False, "Server certificate not verified"),
+    ("mx.dest.test", True, "Server certificate not trusted"),
+])
+async def test_enforce_with_a_bad_certificate_defers_4_7_5(zones, smtp_peer, ca, tmp_path, certificate_name,
+                                                           untrusted, why):
+    t, peer, policy_server = await sts_setup(zones, smtp_peer, ca, tmp_path, mode="enforce",
+                                             certificate_name=certificate_name,
+                                             peer_ca=trustme.CA() if untrusted else None)
+    result = await deliver(t)
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.7.5")
+    assert why in result.text
+    assert not peer.messages
+    policy_server.close()
+
+
+async def test_enforce_skips_an_mx_host_the_policy_does_not_list(zones, smtp_peer, ca, tmp_path):
+    t, peer, policy_server = await sts_setup(zones, smtp_peer, ca, tmp_path, mode="enforce", mx="*.elsewhere.test")
+    result = await deliver(t)
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.7.5")
+    assert "does not match the MTA-STS policy" in result.text and not peer.messages
+    policy_server.close()
+
+
+async def test_testing_mode_logs_and_delivers(zones, smtp_peer, ca, tmp_path, caplog):
+    t, peer, policy_server = await sts_setup(zones, smtp_peer, ca, tmp_path, mode="testing",
+                                             certificate_name="other.test")
+    with caplog.at_level(logging.INFO, logger="mailflow.smtp"):
+        result = await deliver(t)
+    assert result.outcome is Outcome.SENT and peer.messages[0].tls
+    assert any("MTA-STS testing: enforce would defer" in r.getMessage() and "does not name mx.dest.test"
+               in r.getMessage() for r in caplog.records)
+    policy_server.close()
+
+
+async def test_the_policy_is_cached_while_the_record_id_stays(zones, smtp_peer, ca, tmp_path):
+    resolver = zones(STS_ZONE, ad=False)
+    policy_server = await PolicyServer(ca, "mta-sts.dest.test", sts_policy("enforce")).start()
+    context, _ = server_tls(ca, "mx.dest.test")
+    peer = await smtp_peer(tls_context=context)
+    sts = MtaSts(resolver, HttpsPolicyFetcher(resolver, ca_file=ca_path(ca, tmp_path), port=policy_server.port))
+    for _ in range(3):
+        result = await deliver(transport(resolver, peer.port, ca_path(ca, tmp_path), mta_sts=sts))
+        assert result.outcome is Outcome.SENT
+    assert len(policy_server.requests) == 1
+    policy_server.close()
+
+
+async def test_a_policy_that_cannot_be_fetched_is_no_policy(zones, smtp_peer, ca, tmp_path):
+    resolver = zones(STS_ZONE, ad=False)
+    policy_server = await PolicyServer(ca, "mta-sts.dest.test", sts_policy("enforce"), content_type="text/html").start()
+    context, _ = server_tls(trustme.CA(), "mx.dest.test")  # would fail enforce
+    peer = await smtp_peer(tls_context=context)
+    sts = MtaSts(resolver, HttpsPolicyFetcher(resolver, ca_file=ca_path(ca, tmp_path), port=policy_server.port))
+    result = await deliver(transport(resolver, peer.port, ca_path(ca, tmp_path), mta_sts=sts))
+    assert result.outcome is Outcome.SENT  # as without MTA-STS (RFC 8461 5.1: no valid policy)
+    policy_server.close()
+
+
+# ---------------------------------------------------------------------------------------------------- DANE
+
+
+def dane_zone(port: int, tlsa: str) -> str:
+    return (f"dane.test. 300 IN MX 10 mx.dane.test.\nmx.dane.test. 300 IN A 127.0.0.1\n"
+            + (f"_{port}._tcp.mx.dane.test. 300 IN TLSA {tlsa}\n" if tlsa else ""))
+
+
+async def dane_peer(smtp_peer, ca):
+    context, spki = server_tls(ca, "mx.dane.test")
+    return await smtp_peer(tls_context=context), hashlib.sha256(spki).hexdigest()
+
+
+@pytest.mark.parametrize("level", ["dane", "dane-only"])
+async def test_a_matching_tlsa_record_delivers(zones, smtp_peer, ca, level):
+    peer, digest = await dane_peer(smtp_peer, ca)  # a CA the client does not trust: DANE-EE does not ask
+    resolver = zones(dane_zone(peer.port, f"3 1 1 {digest}"))
+    result = await deliver(transport(resolver, peer.port, tls=level), "dane.test")
+    assert result.outcome is Outcome.SENT, result.text
+    assert peer.messages[0].tls
+
+
+async def test_a_wrong_tlsa_record_defers(zones, smtp_peer, ca):
+    peer, digest = await dane_peer(smtp_peer, ca)
+    resolver = zones(dane_zone(peer.port, f"3 1 1 {'00' * 32}"))
+    result = await deliver(transport(resolver, peer.port, tls="dane"), "dane.test")
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.7.5")
+    assert "no TLSA record matches" in result.text and not peer.messages
+
+
+async def test_a_bracketed_next_hop_uses_the_hosts_tlsa_records(zones, smtp_peer, ca):
+    peer, digest = await dane_peer(smtp_peer, ca)
+    resolver = zones(dane_zone(peer.port, f"3 0 1 {'ab' * 32}"))
+    result = await deliver(transport(resolver, peer.port, tls="dane"), f"[mx.dane.test]:{peer.port}")
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.7.5")
+
+
+async def test_dane_only_without_tlsa_records_defers(zones, smtp_peer, ca):
+    peer, _ = await dane_peer(smtp_peer, ca)
+    resolver = zones(dane_zone(peer.port, ""))
+    result = await deliver(transport(resolver, peer.port, tls="dane-only"), "dane.test")
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.7.5")
+    assert "DANE is required" in result.text and not peer.messages
+
+
+async def test_records_without_dnssec_are_not_used(zones, smtp_peer, ca):
+    """An insecure zone (no AD bit): the wrong record is ignored, `dane` falls back to may and delivers."""
+    peer, _ = await dane_peer(smtp_peer, ca)
+    resolver = zones(dane_zone(peer.port, f"3 1 1 {'00' * 32}"), ad=False)
+    result = await deliver(transport(resolver, peer.port, tls="dane"), "dane.test")
+    assert result.outcome is Outcome.SENT
+
+
+async def test_unusable_records_still_require_tls(zones, smtp_peer, ca):
+    """Only PKIX-EE records (usage 1, unusable for SMTP): TLS is required, unverified (RFC 7672 2.2)."""
+    peer, digest = await dane_peer(smtp_peer, ca)
+    resolver = zones(dane_zone(peer.port, f"1 1 1 {digest}"))
+    result = await deliver(transport(resolver, peer.port, tls="dane"), "dane.test")
+    assert result.outcome is Outcome.SENT and peer.messages[0].tls
+
+
+# ---------------------------------------------------------------------------------------------------- shown
+
+
+async def test_the_policy_a_destination_gets_is_described(zones, ca, tmp_path):
+    resolver = zones(STS_ZONE, ad=False)
+    policy_server = await PolicyServer(ca, "mta-sts.dest.test", sts_policy("enforce")).start()
+    sts = MtaSts(resolver, HttpsPolicyFetcher(resolver, ca_file=ca_path(ca, tmp_path), port=policy_server.port))
+    try:
+        described = (await transport(resolver, 25, mta_sts=sts).tls_policy("dest.test")).policy.describe()
+        bracketed = (await transport(resolver, 25, mta_sts=sts).tls_policy("[mx.dest.test]")).policy.describe()
+    finally:
+        policy_server.close()
+    assert described == "verify match=hostname mx=mx.dest.test (MTA-STS enforce, policy id 20240101)"
+    assert bracketed == "may (smtp.tls_security_level)"  # no MX lookup: no MTA-STS
+
+
+def test_mailflow_address_shows_the_tls_policy_of_each_smtp_next_hop(tmp_path):
+    from typer.testing import CliRunner
+
+    from mailflow.cli import app as cli
+
+    config = tmp_path / "m.toml"
+    config.write_text('relay_domains = ["relay.test", "plain.test"]\n'
+                      'transport_maps = ["inline:{relay.test=smtp:relay.test, plain.test=smtp:[192.0.2.1]}"]\n'
+                      '[smtp]\ntls_security_level = "dane"\n'
+                      'tls_policy_maps = ["inline:{[192.0.2.1]=encrypt}"]\n')
+    result = CliRunner().invoke(cli, ["address", "-c", str(config), "a@relay.test", "b@plain.test"])
+    assert result.exit_code == 0, result.output
+    shown = [line.split(":", 1)[1].strip() for line in result.output.splitlines() if line.strip().startswith("tls:")]
+    assert shown == ["dane (smtp.tls_security_level); per MX host: its TLSA records, else may (dane: no TLSA records)",
+                     "encrypt (tls_policy_maps: [192.0.2.1])"], result.output

@@ -1,0 +1,62 @@
+"""What a receiver scores besides authentication: the HELO name (smtp.helo_name, default myhostname), a Message-ID
+and a Date on every message that leaves (bounces and forwarded copies too), and no 8-bit header bytes in a
+message that did not come with SMTPUTF8."""
+from __future__ import annotations
+
+import email
+import email.policy
+
+from tests.support import eventually, maildir_messages, send
+
+
+def head_of(content: bytes) -> bytes:
+    return content.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0]
+
+
+async def test_helo_is_myhostname_unless_smtp_helo_name_says_otherwise(mailflow_server, smtp_peer):
+    peer = await smtp_peer()
+    mf = await mailflow_server(relayhost=f"[127.0.0.1]:{peer.port}")
+    await send(mf.smtp_addresses[0][1], "s@remote.test", ["x@relay.test"], b"Subject: a\r\n\r\nx\r\n")
+    await eventually(lambda: peer.messages)
+    assert peer.messages[0].helo == "mx.mailflow.test"
+
+    other = await smtp_peer()
+    mf2 = await mailflow_server(relayhost=f"[127.0.0.1]:{other.port}", smtp={"helo_name": "out.mailflow.test"},
+                                queue_directory=str(mf.config.queue_path) + "2")
+    await send(mf2.smtp_addresses[0][1], "s@remote.test", ["x@relay.test"], b"Subject: a\r\n\r\nx\r\n")
+    await eventually(lambda: other.messages)
+    assert other.messages[0].helo == "out.mailflow.test"
+
+
+async def test_a_bounce_carries_message_id_and_date(mailflow_server, smtp_peer, tmp_path):
+    peer = await smtp_peer()
+    peer.handler.rcpt_replies["gone@relay.test"] = "550 5.1.1 no such user"
+    mf = await mailflow_server(relayhost=f"[127.0.0.1]:{peer.port}")
+    await send(mf.smtp_addresses[0][1], "alice@local.test", ["gone@relay.test"], b"Subject: a\r\n\r\nx\r\n")
+    [bounce] = await eventually(lambda: maildir_messages(tmp_path / "mail" / "alice" / "Maildir"))
+    head = head_of(bounce)
+    assert head.count(b"\nMessage-ID: <") == 1 and head.count(b"\nDate: ") == 1, head
+
+
+async def test_a_forwarded_copy_carries_message_id_and_date(mailflow_server, smtp_peer, tmp_path):
+    peer = await smtp_peer()
+    aliases = tmp_path / "aliases"
+    aliases.write_text("team: carol@remote.test\n")
+    mf = await mailflow_server(alias_maps=[f"texthash:{aliases}"], relayhost=f"[127.0.0.1]:{peer.port}")
+    await send(mf.smtp_addresses[0][1], "s@remote.test", ["team@local.test"], b"Subject: bare\r\n\r\nno ids\r\n")
+    [forwarded] = await eventually(lambda: peer.messages)
+    head = b"\n" + head_of(forwarded.content)
+    assert head.count(b"\nMessage-ID: <") == 1 and head.count(b"\nDate: ") == 1, head
+
+
+async def test_8bit_header_fields_without_smtputf8_leave_as_encoded_words(mailflow_server, smtp_peer):
+    peer = await smtp_peer()
+    mf = await mailflow_server(relayhost=f"[127.0.0.1]:{peer.port}")
+    message = "From: José <jose@remote.test>\r\nSubject: Grüße aus Köln\r\n\r\nbody stays as it is: é\r\n"
+    await send(mf.smtp_addresses[0][1], "jose@remote.test", ["x@relay.test"], message.encode("utf-8"))
+    [relayed] = await eventually(lambda: peer.messages)
+    head, body = relayed.content.split(b"\r\n\r\n", 1)
+    assert head.isascii(), head
+    parsed = email.message_from_bytes(relayed.content, policy=email.policy.default)
+    assert (str(parsed["Subject"]), parsed["From"].addresses[0].display_name) == ("Grüße aus Köln", "José")
+    assert body == "body stays as it is: é\r\n".encode("utf-8")

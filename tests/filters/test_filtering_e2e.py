@@ -1,0 +1,273 @@
+"""The inbound filters end to end on a real server: header/body checks in cleanup, the after-queue content
+filter and its return listener, greylisting, SPF/DKIM/DMARC with the in-process DNS, the new restrictions."""
+from __future__ import annotations
+
+import asyncio
+
+import aiosmtplib
+import dkim
+import pytest
+from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from tests.support import eventually, free_port, maildir_messages, queue_becomes, rcpt_reply, send
+
+MESSAGE = b"Subject: hello\r\nFrom: <s@remote.test>\r\n\r\nfirst line\r\nsecond line\r\n"
+
+
+def maildir(tmp_path, user="alice"):
+    return tmp_path / "mail" / user / "Maildir"
+
+
+async def refusal(port: int, sender: str, rcpts: list[str], content: bytes) -> tuple[int, str]:
+    try:
+        await send(port, sender, rcpts, content)
+    except aiosmtplib.SMTPResponseException as e:
+        return e.code, e.message
+    return 250, ""
+
+
+# ---------------------------------------------------------------------------------------------- header/body checks
+
+
+@pytest.fixture
+def checks_file(tmp_path):
+    def write(name: str, text: str) -> str:
+        path = tmp_path / name
+        path.write_text(text)
+        return f"regexp:{path}"
+    return write
+
+
+async def test_header_and_body_checks_reject_hold_discard_and_edit(mailflow_server, tmp_path, checks_file):
+    header = checks_file("header_checks", "/^Subject: .*viagra/ REJECT no pills here\n"
+                                          "/^Subject: hold me/ HOLD\n"
+                                          "/^Subject: drop me/ DISCARD\n"
+                                          "/^X-Secret:/ IGNORE\n"
+                                          "/^Subject: (.*) rewrite/ REPLACE Subject: rewritten $1\n")
+    body = checks_file("body_checks", "/^BAD WORD$/ REJECT\n/^mark me$/ PREPEND X-Marked: yes\n")
+    mf = await mailflow_server(checks={"header_checks": [header], "body_checks": [body]})
+    port = mf.smtp_addresses[0][1]
+    assert await refusal(port, "s@remote.test", ["alice@local.test"],
+                         b"Subject: cheap viagra\r\n\r\nhi\r\n") == (550, "5.7.1 no pills here")
+    assert await refusal(port, "s@remote.test", ["alice@local.test"],
+                         b"Subject: ok\r\n\r\nline\r\nBAD WORD\r\n") == (550, "5.7.1 Message content rejected")
+    await send(port, "s@remote.test", ["alice@local.test"], b"Subject: hold me\r\n\r\nhi\r\n")
+    assert (await queue_becomes(mf.store, {"hold": 1})) == {"hold": 1}
+    _, reply = await send(port, "s@remote.test", ["alice@local.test"], b"Subject: drop me\r\n\r\nhi\r\n")
+    assert reply.startswith("2.0.0 Ok: queued as ")
+    await send(port, "s@remote.test", ["alice@local.test"],
+               b"Subject: please rewrite\r\nX-Secret: 42\r\n\r\nmark me\r\nlast\r\n")
+    files = await eventually(lambda: maildir_messages(maildir(tmp_path)))
+    assert len(files) == 1  # the discarded message never arrives; the held one waits
+    data = files[0]
+    assert b"Subject: rewritten please\n" in data and b"X-Secret" not in data
+    assert data.endswith(b"\n\nX-Marked: yes\nmark me\nlast\n")
+
+
+async def test_mime_part_headers_go_to_mime_header_checks(mailflow_server, tmp_path, checks_file):
+    mime = checks_file("mime_checks", "/^Content-Type: application\\/x-msdownload/ REJECT no executables\n")
+    mf = await mailflow_server(checks={"mime_header_checks": [mime]})
+    message = (b"Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n"
+               b"--b1\r\nContent-Type: text/plain\r\n\r\nhello\r\n"
+               b"--b1\r\nContent-Type: application/x-msdownload\r\n\r\nMZ\r\n--b1--\r\n")
+    assert await refusal(mf.smtp_addresses[0][1], "s@remote.test", ["alice@local.test"], message) == \
+        (550, "5.7.1 no executables")
+
+
+# ---------------------------------------------------------------------------------------------- after-queue filter
+
+
+class PassThroughFilter:
+    """An after-queue content filter as amavisd is one: SMTP in, a header added, SMTP back out."""
+
+    def __init__(self):
+        self.seen = 0
+        self.return_port = 0
+
+    async def handle_DATA(self, server, session, envelope):
+        self.seen += 1
+        content = b"X-Filtered: yes\r\n" + envelope.original_content
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=self.return_port, start_tls=False) as client:
+            await client.sendmail(envelope.mail_from, envelope.rcpt_tos, content)
+        return "250 2.0.0 Ok: filtered"
+
+
+async def test_after_queue_filter_sees_each_message_once_and_it_is_delivered_once(mailflow_server, tmp_path):
+    loop = asyncio.get_running_loop()
+    scanner = PassThroughFilter()
+    server = await loop.create_server(lambda: AiosmtpdSMTP(scanner, hostname="filter.test"), "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        mf = await mailflow_server(smtpd={
+            "listen": ["127.0.0.1:0"], "content_filter": f"smtp:[127.0.0.1]:{port}",
+            "listeners": [{"address": "127.0.0.1:0", "overrides": {
+                "content_filter": "", "receive_override_options": ["no_header_body_checks", "no_milters",
+                                                                   "no_unknown_recipient_checks"]}}]})
+        scanner.return_port = mf.smtpd.listeners[1].server.sockets[0].getsockname()[1]
+        await send(mf.smtp_addresses[0][1], "s@remote.test", ["alice@local.test", "bob@local.test"], MESSAGE)
+        alice = await eventually(lambda: maildir_messages(maildir(tmp_path)))
+        bob = await eventually(lambda: maildir_messages(maildir(tmp_path, "bob")))
+        assert await queue_becomes(mf.store, {}) == {}
+        assert scanner.seen == 1 and len(alice) == 1 and len(bob) == 1
+        assert b"\nX-Filtered: yes\n" in alice[0] and b"\nX-Filtered: yes\n" in bob[0]
+    finally:
+        server.close()
+
+
+async def test_a_filter_that_is_down_defers_the_message(mailflow_server):
+    unused_port = free_port()
+    mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "content_filter": f"smtp:[127.0.0.1]:{unused_port}"})
+    await send(mf.smtp_addresses[0][1], "s@remote.test", ["alice@local.test"], MESSAGE)
+    assert await queue_becomes(mf.store, {"deferred": 1}) == {"deferred": 1}
+
+
+async def test_an_access_filter_action_sends_that_client_to_the_filter(mailflow_server):
+    unused_port = free_port()
+    mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "client_restrictions": [
+        f"check_client_access inline:{{ {{ 127.0.0.1 = FILTER smtp:[127.0.0.1]:{unused_port} }} }}"]})
+    await send(mf.smtp_addresses[0][1], "s@remote.test", ["alice@local.test"], MESSAGE)
+    assert await queue_becomes(mf.store, {"deferred": 1}) == {"deferred": 1}  # (the filter is down)
+
+
+# ---------------------------------------------------------------------------------------------- greylisting
+
+
+async def test_greylisting_defers_the_first_attempt_and_accepts_the_retry(mailflow_server):
+    mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "recipient_restrictions": ["check_greylist"]},
+                               greylist={"delay": "1s"})
+    port = mf.smtp_addresses[0][1]
+    code, text = await rcpt_reply(port, "alice@local.test")
+    assert (code, text) == (450, "450 4.2.0 <alice@local.test>: Recipient address rejected: Greylisted, try again later")
+    assert (await rcpt_reply(port, "alice@local.test"))[0] == 450  # too early: still deferred
+    await asyncio.sleep(1.05)
+    assert (await rcpt_reply(port, "alice@local.test"))[0] == 250
+    assert (await rcpt_reply(port, "alice@local.test"))[0] == 250  # known now
+    assert (await rcpt_reply(port, "bob@local.test"))[0] == 450  # another triplet
+
+
+async def test_greylisting_whitelists_and_auto_whitelists(mailflow_server):
+    mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "recipient_restrictions": ["check_greylist"]},
+                               greylist={"delay": 0, "whitelist_domains": ["friend.test"], "auto_whitelist_count": 1})
+    port = mf.smtp_addresses[0][1]
+    assert (await rcpt_reply(port, "alice@local.test", sender="x@sub.friend.test"))[0] == 250
+    assert (await rcpt_reply(port, "alice@local.test"))[0] == 450
+    assert (await rcpt_reply(port, "alice@local.test"))[0] == 250  # passed once: the client is whitelisted
+    assert (await rcpt_reply(port, "bob@local.test", sender="new@remote.test"))[0] == 250
+
+
+# ---------------------------------------------------------------------------------------------- SPF, DKIM, DMARC
+
+
+def dkim_key() -> tuple[bytes, str]:
+    """(private key PEM, the p= value of its DNS record)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    import base64
+    return private, base64.b64encode(public).decode()
+
+
+def txt(text: str) -> str:
+    return " ".join(f'"{text[i:i + 200]}"' for i in range(0, len(text), 200))
+
+
+@pytest.fixture
+def auth_zone(dns_zone):
+    private, public = dkim_key()
+    zone = f"""
+pass.test. 300 IN TXT "v=spf1 ip4:127.0.0.0/8 -all"
+_dmarc.pass.test. 300 IN TXT "v=DMARC1; p=reject"
+sel1._domainkey.pass.test. 300 IN TXT {txt("v=DKIM1; k=rsa; p=" + public)}
+fail.test. 300 IN TXT "v=spf1 -all"
+_dmarc.fail.test. 300 IN TXT "v=DMARC1; p=reject"
+quarantine.test. 300 IN TXT "v=spf1 -all"
+_dmarc.quarantine.test. 300 IN TXT "v=DMARC1; p=quarantine"
+"""
+    return dns_zone(zone), private
+
+
+def signed(private: bytes, message: bytes) -> bytes:
+    return dkim.sign(message, b"sel1", b"pass.test", private, include_headers=[b"from", b"subject"]) + message
+
+
+def auth_results(data: bytes) -> str:
+    head = data.split(b"\n\n", 1)[0].decode()
+    fields = [f for f in head.replace("\n\t", " ").replace("\n ", " ").split("\n")
+              if f.startswith("Authentication-Results:")]
+    assert len(fields) == 1, head
+    return fields[0]
+
+
+async def test_spf_dkim_and_dmarc_pass_are_reported_by_cleanup(mailflow_server, tmp_path, auth_zone):
+    nameserver, private = auth_zone
+    mf = await mailflow_server(dns={"nameservers": [nameserver], "timeout": "2s", "tries": 1},
+                               sender_auth={"verify": ["spf", "dkim", "dmarc"]})
+    body = b"From: <s@pass.test>\r\nSubject: signed\r\n\r\nsigned body  \r\n\r\n"
+    await send(mf.smtp_addresses[0][1], "s@pass.test", ["alice@local.test"], signed(private, body))
+    data = (await eventually(lambda: maildir_messages(maildir(tmp_path))))[0]
+    ar = auth_results(data)
+    assert ar.startswith("Authentication-Results: mx.mailflow.test; spf=pass smtp.mailfrom=s@pass.test")
+    assert "dkim=pass header.d=pass.test header.s=sel1" in ar and "dmarc=pass header.from=pass.test" in ar
+    assert data.index(b"Authentication-Results:") > data.index(b"Received:")
+
+
+async def test_a_changed_body_fails_dkim_and_dmarc_fails_without_alignment(mailflow_server, tmp_path, auth_zone):
+    nameserver, private = auth_zone
+    mf = await mailflow_server(dns={"nameservers": [nameserver], "timeout": "2s", "tries": 1},
+                               sender_auth={"verify": ["dkim", "dmarc"]})
+    message = signed(private, b"From: <s@pass.test>\r\nSubject: signed\r\n\r\noriginal\r\n")
+    await send(mf.smtp_addresses[0][1], "bounce@other.test", ["alice@local.test"],
+               message.replace(b"original", b"changed!"))
+    ar = auth_results((await eventually(lambda: maildir_messages(maildir(tmp_path))))[0])
+    assert "dkim=fail" in ar and "header.d=pass.test" in ar
+    assert "dmarc=fail header.from=pass.test policy.dmarc=reject" in ar
+
+
+async def test_reject_spf_fail_and_dmarc_policies(mailflow_server, auth_zone):
+    nameserver, _ = auth_zone
+    mf = await mailflow_server(dns={"nameservers": [nameserver], "timeout": "2s", "tries": 1},
+                               smtpd={"listen": ["127.0.0.1:0"], "sender_restrictions": ["reject_spf_fail"],
+                                      "end_of_data_restrictions": ["reject_dmarc_policy"]})
+    port = mf.smtp_addresses[0][1]
+    code, text = await rcpt_reply(port, "alice@local.test", sender="x@fail.test")
+    assert (code, text) == (550, "550 5.7.23 <x@fail.test>: Sender address rejected: SPF validation failed for client "
+                                 "[127.0.0.1]")
+    assert (await rcpt_reply(port, "alice@local.test", sender="x@pass.test"))[0] == 250
+    # SPF passes for pass.test, but the From domain is fail.test: no alignment, p=reject
+    assert await refusal(port, "x@pass.test", ["alice@local.test"], b"From: <a@fail.test>\r\n\r\nhi\r\n") == \
+        (550, "5.7.1 Message rejected per DMARC policy of fail.test")
+    await send(port, "x@pass.test", ["alice@local.test"], b"From: <a@quarantine.test>\r\n\r\nhi\r\n")
+    assert await queue_becomes(mf.store, {"hold": 1}) == {"hold": 1}
+
+
+# ---------------------------------------------------------------------------------------------- DNS restrictions
+
+
+async def test_unknown_client_and_sender_domain_and_rhsbl(mailflow_server, dns_zone):
+    nameserver = dns_zone("""
+known.test. 300 IN MX 10 mx.known.test.
+mx.known.test. 300 IN A 192.0.2.1
+bad.test. 300 IN A 192.0.2.2
+bad.test.dbl.test. 300 IN A 127.0.1.2
+""")
+    mf = await mailflow_server(dns={"nameservers": [nameserver], "timeout": "2s", "tries": 1},
+                               smtpd={"listen": ["127.0.0.1:0"], "sender_restrictions": [
+                                   "reject_unknown_sender_domain", "reject_rhsbl_sender dbl.test"]})
+    port = mf.smtp_addresses[0][1]
+    assert await rcpt_reply(port, "alice@local.test", sender="x@nowhere.test") == \
+        (450, "450 4.1.8 <x@nowhere.test>: Sender address rejected: Domain not found")
+    assert await rcpt_reply(port, "alice@local.test", sender="x@bad.test") == \
+        (554, "554 5.7.1 Service unavailable; Sender address [bad.test] blocked using dbl.test")
+    assert (await rcpt_reply(port, "alice@local.test", sender="x@known.test"))[0] == 250
+
+
+async def test_reject_unknown_client_hostname(mailflow_server, dns_zone):
+    nameserver = dns_zone("0.0.0.127.in-addr.arpa. 300 IN TXT \"nothing here\"\n")
+    mf = await mailflow_server(dns={"nameservers": [nameserver], "timeout": "2s", "tries": 1},
+                               smtpd={"listen": ["127.0.0.1:0"], "client_restrictions": [
+                                   "reject_unknown_reverse_client_hostname"]})
+    assert await rcpt_reply(mf.smtp_addresses[0][1], "alice@local.test") == \
+        (450, "450 4.7.1 Client host rejected: cannot find your reverse hostname, [127.0.0.1]")

@@ -1,0 +1,44 @@
+"""The Milter codec (MTA side) and the header edits milters ask for, without a socket."""
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from mailflow.filters.edits import edit_header
+from mailflow.filters.milter import protocol as p
+
+
+def test_packets_are_length_prefixed_and_nul_terminated():
+    assert p.helo("client.test") == struct.pack("!I", 13) + b"Hclient.test\0"
+    assert p.connect("host.test", "192.0.2.1", 25) == struct.pack("!I", 24) + b"Chost.test\0" + b"4" + \
+        struct.pack("!H", 25) + b"192.0.2.1\0"
+    assert p.connect("unknown", "", 0).endswith(b"unknown\0U")
+    assert p.macros(p.MAIL, {"{mail_addr}": "a@b"}) == p.encode(p.MACRO, b"M{mail_addr}\0a@b\0")
+
+
+def test_decoder_waits_for_whole_packets_and_splits_several():
+    decoder = p.Decoder()
+    data = p.encode(p.CONTINUE) + p.encode(p.ADDHEADER, b"X-A\0v\0")
+    assert decoder.feed(data[:3]) == []
+    replies = decoder.feed(data[3:])
+    assert [r.command for r in replies] == [p.CONTINUE, p.ADDHEADER] and replies[1].strings() == ["X-A", "v"]
+    with pytest.raises(p.ProtocolError):
+        p.Decoder().feed(struct.pack("!I", 0))
+
+
+def test_negotiation_keeps_only_what_was_offered_and_reads_macro_lists():
+    payload = struct.pack("!III", 6, 0xFFFF, 0xFFFFFFFF) + struct.pack("!I", 2) + b"{mail_addr} i\0"
+    n = p.Negotiated.from_reply(p.Reply(p.OPTNEG, payload))
+    assert n.actions == p.OFFERED_ACTIONS and n.protocol == p.OFFERED_PROTOCOL  # rspamd's extra bits dropped
+    assert not n.answers(p.RCPT) and n.skips(p.HELO)
+    assert n.macros[p.MAIL] == ("mail_addr", "i")
+    with pytest.raises(p.ProtocolError):
+        p.Negotiated.from_reply(p.Reply(p.CONTINUE))
+
+
+def test_header_edits_add_insert_change_and_delete():
+    head = b"Subject: a\r\nX-Tag: 1\r\nX-Tag: 2\r\n"
+    edited = edit_header(head, [("add", 0, "X-Added", "yes"), ("insert", 0, "X-First", " lead"),
+                                ("change", 2, "X-Tag", "two"), ("change", 1, "x-tag", "")])
+    assert edited == b"X-First: lead\r\nSubject: a\r\nX-Tag: two\r\nX-Added: yes\r\n"

@@ -1,0 +1,127 @@
+"""MTA-STS policy parsing and the policy cache (mailflow.transports.smtp.mtasts), with a fake fetcher and a
+StaticResolver."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from mailflow.dns import StaticResolver
+from mailflow.errors import LookupRetry
+from mailflow.transports.smtp.mtasts import FetchError, MtaSts, mx_allowed, parse_policy, parse_record
+
+POLICY = "version: STSv1\r\nmode: enforce\r\nmx: mx1.example.test\r\nmx: *.backup.test\r\nmax_age: 86400\r\n"
+
+
+def test_record():
+    assert parse_record(["v=STSv1; id=20240101T00"]) == "20240101T00"
+    assert parse_record(["v=spf1 -all", "v=STSv1;id=abc;"]) == "abc"
+    assert parse_record(["v=STSv1; id=a", "v=STSv1; id=b"]) is None  # two records: none
+    assert parse_record(["v=STSv1; id=not-alnum!"]) is None and parse_record([]) is None
+
+
+def test_policy():
+    policy = parse_policy(POLICY)
+    assert (policy.mode, policy.mx, policy.max_age) == ("enforce", ("mx1.example.test", "*.backup.test"), 86400)
+    assert parse_policy("version: STSv1\nmode: none\nmax_age: 99999999999\n").max_age == 31557600
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("mode: enforce\nmx: a\nmax_age: 1\n", "version"),
+    ("version: STSv1\nmode: strict\nmx: a\nmax_age: 1\n", "mode"),
+    ("version: STSv1\nmode: enforce\nmax_age: 1\n", "no mx"),
+    ("version: STSv1\nmode: enforce\nmx: a\nmax_age: soon\n", "max_age"),
+])
+def test_bad_policies(text, why):
+    with pytest.raises(ValueError, match=why):
+        parse_policy(text)
+
+
+def test_mx_patterns():
+    patterns = ("mx1.example.test", "*.backup.test")
+    assert mx_allowed("MX1.example.test.", patterns) and mx_allowed("a.backup.test", patterns)
+    assert not mx_allowed("a.b.backup.test", patterns) and not mx_allowed("backup.test", patterns)
+
+
+class FakeFetcher:
+    def __init__(self, text=POLICY):
+        self.text, self.calls = text, 0
+
+    async def fetch(self, domain):
+        self.calls += 1
+        await asyncio.sleep(0)
+        if isinstance(self.text, Exception):
+            raise self.text
+        return self.text
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def sts(record="v=STSv1; id=one", fetcher=None, clock=None):
+    resolver = StaticResolver(txt={"_mta-sts.example.test": [record]})
+    fetcher = fetcher or FakeFetcher()
+    return MtaSts(resolver, fetcher, now=clock or Clock(), cache_size=2), resolver, fetcher
+
+
+async def test_cached_until_max_age_and_shared_between_deliveries():
+    clock = Clock()
+    cache, _, fetcher = sts(clock=clock)
+    policies = await asyncio.gather(*(cache.policy("example.test") for _ in range(5)))
+    assert fetcher.calls == 1 and all(p.mode == "enforce" and p.id == "one" for p in policies)
+    clock.now += 86399
+    await cache.policy("example.test")
+    assert fetcher.calls == 1
+    clock.now += 2
+    await cache.policy("example.test")
+    assert fetcher.calls == 2
+
+
+async def test_a_new_id_fetches_again_and_a_failed_fetch_keeps_the_cached_policy():
+    cache, resolver, fetcher = sts()
+    first = await cache.policy("example.test")
+    resolver._txt["_mta-sts.example.test"] = ["v=STSv1; id=two"]
+    fetcher.text = FetchError("down")
+    assert await cache.policy("example.test") == first and fetcher.calls == 2
+    fetcher.text = POLICY.replace("enforce", "testing")
+    assert (await cache.policy("example.test")).mode == "testing"
+
+
+async def test_no_record_means_no_policy_unless_one_is_cached():
+    cache, resolver, _ = sts(record="v=spf1 -all")
+    assert await cache.policy("example.test") is None
+    cache, resolver, _ = sts()
+    cached = await cache.policy("example.test")
+    resolver._txt["_mta-sts.example.test"] = []
+    assert await cache.policy("example.test") == cached  # RFC 8461 5.1: the cached policy stands
+
+
+async def test_a_dns_failure_uses_the_cached_policy():
+    class Flaky(StaticResolver):
+        failing = False
+
+        async def txt(self, name):
+            if self.failing:
+                raise LookupRetry("SERVFAIL")
+            return await super().txt(name)
+
+    resolver = Flaky(txt={"_mta-sts.example.test": ["v=STSv1; id=one"]})
+    cache = MtaSts(resolver, FakeFetcher(), now=Clock())
+    cached = await cache.policy("example.test")
+    resolver.failing = True
+    assert await cache.policy("example.test") == cached
+    assert await MtaSts(resolver, FakeFetcher(), now=Clock()).policy("example.test") is None
+
+
+async def test_the_cache_is_bounded():
+    resolver = StaticResolver(txt={f"_mta-sts.d{i}.test": ["v=STSv1; id=x"] for i in range(5)})
+    fetcher = FakeFetcher()
+    cache = MtaSts(resolver, fetcher, now=Clock(), cache_size=2)
+    for i in range(5):
+        await cache.policy(f"d{i}.test")
+    assert len(cache._cache) == 2
