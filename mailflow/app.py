@@ -59,8 +59,9 @@ from mailflow.stages.smtpd.transcript import SessionObservers
 from mailflow.store import Store
 from mailflow.transports import build_transports
 
-if TYPE_CHECKING:  # loaded only with [admin] enable (see _start_admin)
+if TYPE_CHECKING:  # loaded only when a feature serves HTTP (see _start_admin, _start_http)
     from mailflow.admin import Admin
+    from mailflow.http import HttpServer
     from mailflow.metrics import Metrics
 
 log = logging.getLogger("mailflow")
@@ -131,7 +132,7 @@ class Mailflow:
         self.capture = capture
         self._smtpd_policy = smtpd_policy
         self._session_observer = session_observer or (capture.session_observer if capture else None)
-        self.http = None  # mailflow.http.HttpServer, when a feature serves HTTP
+        self.http: HttpServer | None = None  # when a feature serves HTTP
         self._filters: FilterServices | None = None
         self.metrics: Metrics | None = None  # with [admin] enable
         self.admin: Admin | None = None  # with [admin] enable

@@ -1,5 +1,5 @@
-"""The admin listener (`[admin]`, docs/operations.md): `/metrics`, `/healthz`, `/readyz`, the admin API (api.py) and
-the queue page (page.py), served by the one HTTP layer (mailflow.http) on `[admin] listen`, behind the access
+"""The admin listener (`[admin]`, docs/operations.md): `/metrics`, `/healthz`, `/readyz`, the admin API (api.py, and
+accounts.py for the account database) and the queue page (page.py), served by the one HTTP layer (mailflow.http) on `[admin] listen`, behind the access
 checks of access.py (bearer tokens from `[admin] token_file`; loopback only without them).
 
     Admin(config, server, metrics)
@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 
-from mailflow.admin import api, page
+from mailflow.admin import accounts, api, page
 from mailflow.admin.access import Access, read_tokens
 from mailflow.config import AdminConfig
 from mailflow.http import HttpServer
@@ -42,6 +42,7 @@ class Admin:
             _warn_if_readable(self._config.token_file)
         self._http = HttpServer(self._config.listen, middlewares=[Access(tokens).middleware])
         self._http.add_routes("admin API", api.routes(self._server, self._metrics))
+        self._http.add_routes("accounts API", accounts.routes(self._server))
         self._http.add_routes("queue page", page.routes())
         await self._http.start()
 

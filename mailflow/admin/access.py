@@ -12,9 +12,10 @@ The checks, in order, for every request but OPEN_PATHS (the health probes, which
 - Without tokens (loopback only, AdminConfig refuses anything else): the Host header must name a loopback
   address or localhost, so that a web page in the operator's browser cannot reach the API through a name that
   resolves to 127.0.0.1 (DNS rebinding): 403.
-- A request that changes something (POST, PUT, DELETE) must be JSON (`Content-Type: application/json`, which a
-  cross-site form cannot send without the browser asking first) and, when it has an Origin header, come from
-  this listener's own origin: else 415 or 403.
+- A request that changes something (POST, PUT, DELETE) and has a body (POST always) must be JSON
+  (`Content-Type: application/json`, which a cross-site form cannot send without the browser asking first: a
+  cross-site PUT or DELETE is asked about whatever its body) and, when it has an Origin header, come from this
+  listener's own origin: else 415 or 403.
 
 Failure behaviour: `read_tokens` raises ConfigError(path, "admin.token_file", reason) for a file that cannot be
 read, has no token, or a token shorter than MIN_TOKEN characters.
@@ -123,7 +124,7 @@ class Access:
 
     @staticmethod
     def _check_write(request: web.Request) -> None:
-        if request.content_type != "application/json":
+        if (request.method == "POST" or request.body_exists) and request.content_type != "application/json":
             raise _error(web.HTTPUnsupportedMediaType, "send JSON (Content-Type: application/json)")
         origin = request.headers.get("Origin")
         if origin is not None and urlsplit(origin).netloc != request.host:

@@ -21,6 +21,7 @@ the selections, the actions, the layouts' JSON) on the running server's store. d
     GET  /api/destinations             qmgr's last word on each destination (`mailflow queue destinations --json`)
     GET  /api/deliveries?limit=50      the latest recipient results this server logged, newest first
     GET  /api/config                   every setting (postconf's names), secrets redacted
+    (the account database's endpoints, /api/accounts…, are accounts.py's)
 
 Every change is logged (logger mailflow.admin): who (the token's name and the peer) and what (the action, the
 selection, how many messages).

@@ -213,6 +213,11 @@ class Config(Section):
         return Path(self.queue_directory)
 
     @property
+    def accounts_path(self) -> Path:
+        """The account database: `[accounts] database_file`, else `<queue_directory>/accounts.db`."""
+        return Path(self.accounts.database_file) if self.accounts.database_file else self.queue_path / "accounts.db"
+
+    @property
     def origin(self) -> str:
         """myorigin, defaulting to myhostname."""
         return self.myorigin or self.myhostname

@@ -7,6 +7,7 @@ hour's backoff; local mail goes to Maildirs; `error:` in transport_maps bounces.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 import aiohttp
@@ -226,7 +227,6 @@ async def test_config_show_redacts_secrets(mailflow_server):
     mf = await mailflow_server(admin=ADMIN, smtp={"sasl_password_maps": ["inline:{relay.test=user:hunter2}"]})
     status, text = await get(mf, "/api/config")
     assert status == 200 and "hunter2" not in text
-    import json
     settings = json.loads(text)["settings"]
     assert settings["smtp.sasl_password_maps"] == ["inline:<redacted>"]
     assert settings["myhostname"] == "mx.mailflow.test"
@@ -302,3 +302,53 @@ async def test_admin_is_off_by_default(mailflow_server):
     mf = await mailflow_server()
     assert mf.admin is None and mf.metrics is None
     await asyncio.sleep(0)
+
+
+# ---------------------------------------------------------------------------------------------- accounts
+
+
+async def test_account_endpoints_change_the_account_database(mailflow_server, tmp_path, caplog):
+    import sqlite3
+
+    from mailflow.accounts.database import AccountDatabase
+    from mailflow.passwords import verify_password
+
+    path = tmp_path / "accounts.db"
+    db = AccountDatabase.open(path, create=True)
+    db.add_domain("example.com")
+    db.close()
+    mf = await mailflow_server(admin=ADMIN, accounts={"database_file": str(path)})
+    caplog.set_level(logging.INFO, logger="mailflow.admin")
+
+    def stored_hash(address: str) -> str:
+        with sqlite3.connect(path) as con:
+            return con.execute("SELECT password FROM mailbox WHERE address = ?", (address,)).fetchone()[0]
+
+    status, user = await post(mf, "/api/accounts", {"address": "Ann@Example.com", "password": "correct horse",
+                                                    "quota": "1M"})
+    assert status == 201, user
+    assert (user["address"], user["quota"], user["enabled"]) == ("ann@example.com", 1 << 20, True)
+    assert verify_password(b"correct horse", stored_hash("ann@example.com"))
+    assert (await post(mf, "/api/accounts", {"address": "ann@example.com", "password": "another one"}))[0] == 409
+    status, answer = await post(mf, "/api/accounts", {"address": "bob@example.com", "password": "bob"})
+    assert status == 400 and "refused" in answer["error"]
+    assert (await post(mf, "/api/accounts", {"address": "x@elsewhere.test", "password": "long enough"}))[0] == 409
+    assert (await post(mf, "/api/accounts", {"address": "x@example.com"}))[0] == 400
+
+    status, text = await get(mf, "/api/accounts?domain=example.com")
+    assert status == 200 and [u["address"] for u in json.loads(text)["users"]] == ["ann@example.com"]
+
+    async with aiohttp.ClientSession() as session:
+        async with session.put(base(mf) + "/api/accounts/ann@example.com/password",
+                               json={"password": "battery staple"}) as r:
+            assert r.status == 200 and (await r.json())["password_changed"]
+        assert verify_password(b"battery staple", stored_hash("ann@example.com"))
+        async with session.delete(base(mf) + "/api/accounts/ann@example.com") as r:
+            assert r.status == 200 and (await r.json())["removed"]
+        async with session.delete(base(mf) + "/api/accounts/ann@example.com") as r:
+            assert r.status == 404
+    said = [r.getMessage() for r in caplog.records if r.name == "mailflow.admin"]
+    assert "admin: 127.0.0.1: account add ann@example.com (quota 1048576)" in said
+    assert "admin: 127.0.0.1: account passwd ann@example.com" in said
+    assert "admin: 127.0.0.1: account delete ann@example.com" in said
+    assert not any("horse" in line or "staple" in line for line in said)
