@@ -59,7 +59,7 @@ from mailflow.stages.smtpd.transcript import SessionObservers
 from mailflow.store import Store
 from mailflow.transports import build_transports
 
-if TYPE_CHECKING:  # loaded only when a feature serves HTTP (see _start_admin, _start_http)
+if TYPE_CHECKING:  # imported when a feature serves HTTP (start-up time)
     from mailflow.admin import Admin
     from mailflow.http import HttpServer
     from mailflow.metrics import Metrics

@@ -51,14 +51,15 @@ log = logging.getLogger("mailflow.admin")
 PAGE_LIMIT = 1000  # messages per /api/queue page at most
 DEFAULT_PAGE = 100
 REQUIRES_SELECTION = {"hold", "release", "requeue", "delete"}  # flush alone means every deferred message
-_SECRET = re.compile(r"password|secret|sasl_user_maps")
+# password and SASL user tables, and any setting named for a password or secret (not a `*_file`: a path)
+_SECRET = re.compile(r"(password|sasl_user)_maps$|(password|secret)$")
 REDACTED = "<redacted>"
 _dumps = functools.partial(json.dumps, default=str)  # settings hold paths and the like
 
 
 def redacted(key: str, value: object) -> object:
-    """A setting as `/api/config` shows it: the values of secret settings (passwords, SASL user tables) hidden,
-    except file-backed table specs, which only name a file."""
+    """A setting as `/api/config` shows it: the values of secret settings (password and SASL user tables,
+    `*password`, `*secret`) hidden, except file-backed table specs, which only name a file."""
     if not _SECRET.search(key):
         return value
     if isinstance(value, (list, tuple)):

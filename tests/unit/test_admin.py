@@ -129,3 +129,5 @@ def test_secrets_are_redacted_but_files_named():
     assert redacted("some_password", "hunter2") == "<redacted>"
     assert redacted("some_password", "") == ""
     assert redacted("relayhost", "[mx]:25") == "[mx]:25"
+    assert redacted("accounts.password_min_length", 8) == 8 and redacted("srs.secret_file", "/k") == "/k"
+    assert redacted("milter.secret", "s3cr3t") == "<redacted>"
