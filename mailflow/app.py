@@ -14,6 +14,11 @@ queue history (the mail log's observer); with `[sink] enable` it also serves the
 listener (`[http]`, mailflow.http; `mf.http`). `smtpd_policy` is smtpd's in-process policy hook;
 `session_observer` (default: the capture's) gets every SMTP session's transcript (stages.smtpd.transcript).
 
+With `[admin] enable` the server counts (`mf.metrics`, mailflow.metrics: fed by the mail log's and smtpd's
+observers, qmgr's delivery hook and the store's commit hook) and serves the admin listener (`mf.admin`,
+mailflow.admin: /metrics, /healthz, /readyz, the admin API, the queue page), opened before the stages so that
+/healthz answers while the queue is recovered and /readyz says when the server is ready.
+
 The clock, RNG, resolver and transports can be injected (tests pass fakes or local peers); nothing is
 global, so several instances can run in one process. Without an injected resolver, `build_resolver` makes one
 from `[dns]` (transports and smtpd share it). `serve(config)` runs one until SIGTERM/SIGINT or
@@ -67,12 +72,15 @@ from mailflow.signing.keytables import keys_from_config
 from mailflow.signing.outbound import OutboundSigning
 from mailflow.stages.smtpd import Smtpd, SmtpdHandler
 from mailflow.stages.smtpd.filtering import FilterServices
+from mailflow.stages.smtpd.transcript import SessionObservers
 from mailflow.store import Store
 from mailflow.tables.check import table_problems
 from mailflow.transports import build_transports
 
 if TYPE_CHECKING:  # imported when a feature serves HTTP (start-up time)
+    from mailflow.admin import Admin
     from mailflow.http import HttpServer
+    from mailflow.metrics import Metrics
 
 log = logging.getLogger("mailflow")
 
@@ -157,6 +165,15 @@ class Mailflow:
         self._filters: FilterServices | None = None
         # replaced by a reload: sessions begun before it may still use them; closed at the stop
         self._retired_filters: list[FilterServices] = []
+        self.metrics: Metrics | None = None  # with [admin] enable
+        self.admin: Admin | None = None  # with [admin] enable
+        if config.admin.enable:
+            from mailflow.metrics import Metrics
+
+            self.metrics = Metrics(self.clock)
+            self.metrics.watch(self)
+            observers = [o for o in (self._session_observer, self.metrics.sessions) if o is not None]
+            self._session_observer = observers[0] if len(observers) == 1 else SessionObservers(*observers)
 
     async def start(self) -> None:
         c = self.config
@@ -165,6 +182,7 @@ class Mailflow:
             self.store = await Store.open(c.queue_path / "queue.db", batch_limit=c.queue.commit_batch_limit,
                                           backlog_limit=c.queue.incoming_backlog_limit, owner=True)
             await self.store.sweep()  # spool files a crash left behind; nothing is being received yet
+            await self._start_admin()
             await self._start_stages()
             await self._start_http()
         except BaseException:
@@ -178,14 +196,14 @@ class Mailflow:
         assert self.store is not None  # start() opened it
         c = self.config
         router = await self._router(c)
-        capture = self.capture
-        maillog = MailLog(observer=capture.mail_observer if capture else None)
+        maillog = MailLog(observer=self._mail_observer())
         self._maillog = maillog
         self._cleanup = Cleanup(self.store, clock=self.clock, rng=self.rng, log=maillog, on_queued=self._wake_qmgr,
                                 **await self._cleanup_settings(c, router))
         self.qmgr = QueueManager(self.store, resolve=router.rewriter.resolve,
                                  transports=self._build_transports(c, router), config=c.queue, clock=self.clock,
-                                 rng=self.rng, log=maillog, notices=self._notices(c))
+                                 rng=self.rng, log=maillog, notices=self._notices(c),
+                                 on_delivery=self.metrics.delivered if self.metrics else None)
         await self.qmgr.start()
         self.pickup = Pickup(c.queue_path, self._cleanup, myhostname=c.myhostname, clock=self.clock,
                              interval=c.sendmail.pickup_interval, bounce_size_limit=c.queue.bounce_size_limit,
@@ -226,6 +244,29 @@ class Mailflow:
                                                     resolver=resolver, free_space=free_space,
                                                     policy=self._smtpd_policy, filters=filters)
 
+    def _mail_observer(self):
+        """Who hears the mail log's events: the capture's queue histories, the metrics, both or nobody."""
+        observers = [o for o in (self.capture.mail_observer if self.capture else None,
+                                 self.metrics.mail_event if self.metrics else None) if o is not None]
+        if len(observers) < 2:
+            return observers[0] if observers else None
+
+        def both(queue_id: str, event: str, fields: dict) -> None:
+            for observer in observers:
+                observer(queue_id, event, fields)
+        return both
+
+    async def _start_admin(self) -> None:
+        """The admin listener ([admin] enable), and the store's commits counted."""
+        if self.metrics is None:
+            return
+        from mailflow.admin import Admin
+
+        assert self.store is not None
+        self.store.watch_commits(self.metrics.committed)
+        self.admin = Admin(self.config.admin, self, self.metrics)
+        await self.admin.start()
+
     async def _start_http(self) -> None:
         """The HTTP listener, when a feature has something to serve: the capture API with [sink] enable."""
         if not (self.config.sink.enable and self.capture is not None):
@@ -258,8 +299,11 @@ class Mailflow:
         return self._resolver or self._own_resolver
 
     async def stop(self) -> None:
-        """The HTTP listener, then smtpd, pickup and qmgr drained together within the grace period, then the
-        store. Safe to call twice."""
+        """The listeners (admin, HTTP), then smtpd, pickup and qmgr drained together within the grace period,
+        then the store. Safe to call twice."""
+        if self.admin:
+            await self.admin.stop()
+            self.admin = None
         if self.http:
             await self.http.stop()
             self.http = None

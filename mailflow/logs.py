@@ -8,10 +8,10 @@ What it owns
 - `MailLog`: one method per message event, each line starting with the queue id: client (smtpd's
   `QID: client=host[ip]`, with `sasl_method=, sasl_username=` after AUTH; pickup's `QID: uid=N from=<s>`),
   message-id (cleanup), queued (`from=<s>, size=N, nrcpt=N (queue active)`), sent / deferred / bounced
-  (`to=<r>, relay=…, delay=…, dsn=…, status=… (text)`), notice, removed, corrupt. Nothing else writes to the
-  `mailflow.mail` logger. `MailLog(observer=f)` also hands each event to `f(queue_id, event, fields)` (the
-  capture server's queue histories; metrics), after the line is logged; an observer that raises is logged once
-  per event and changes nothing else.
+  (`to=<r>, relay=…, delay=…, dsn=…, status=… (text)`; the event's fields also name the transport), notice,
+  removed, corrupt. Nothing else writes to the `mailflow.mail` logger. `MailLog(observer=f)` also hands each
+  event to `f(queue_id, event, fields)` (the capture server's queue histories; metrics), after the line is
+  logged; an observer that raises is logged once per event and changes nothing else.
 - `SmtpdLog`: smtpd's session events, in Postfix smtpd's words: `connect from host[ip]`, `disconnect from
   host[ip] ehlo=1 mail=1 … commands=N`, `NOQUEUE: reject: RCPT from host[ip]: 554 5.7.1 …; from=<s> to=<r>
   proto=ESMTP helo=<h>`, `Anonymous TLS connection established from …`, `warning: host[ip]: SASL PLAIN
@@ -117,7 +117,7 @@ class MailLog:
                    f"to=<{to}>{orig}, relay={result.relay}, delay={delay:.2f}, dsn={result.dsn}, "
                    f"status={status} ({result.text})", service=_delivery_service(result.relay),
                    to=to, relay=result.relay, delay=round(delay, 3), dsn=result.dsn, status=status,
-                   reason=result.text)
+                   reason=result.text, transport=result.transport)
 
     def notice(self, queue_id: str, kind: str, notice_id: str) -> None:
         if not self.active:

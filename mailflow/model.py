@@ -183,7 +183,8 @@ class RcptResult:
     """The fate of one recipient after one delivery attempt.
 
     `dsn` is the enhanced status code (RFC 3463), `text` the diagnostic as a human or the remote said it,
-    `relay` where it went (`host[addr]:port`, `local`, `none`). `next_hop_notifies`: accepted by a next hop that
+    `relay` where it went (`host[addr]:port`, `local`, `none`), `transport` by which (qmgr stamps it: the
+    agents do not know the name they run under). `next_hop_notifies`: accepted by a next hop that
     offered DSN and was given the recipient's NOTIFY (RFC 3461 4.1): it sends the notices asked for from now on,
     so no success notice comes from here (Postfix smtp_rcpt_done).
     """
@@ -194,6 +195,7 @@ class RcptResult:
     text: str
     relay: str = "none"
     next_hop_notifies: bool = False
+    transport: str = ""  # the transport whose job it was (set by qmgr; "" when none was chosen)
 
 
 @dataclass(frozen=True)

@@ -47,9 +47,7 @@ PREFIX = "mailflow account"
 def database_path(cfg: Config, option: Optional[str] = None) -> Path:
     if option:
         return Path(option).absolute()
-    if cfg.accounts.database_file:
-        return Path(cfg.accounts.database_file)
-    return cfg.queue_path / "accounts.db"
+    return cfg.accounts_path
 
 
 def _fail(message: str, code: int, as_json: bool) -> NoReturn:

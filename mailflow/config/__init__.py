@@ -27,6 +27,7 @@ The package, split by job like Postfix's global/mail_params + postconf (callers 
                   [mta_sts] [deliverability]
     filters.py    the inbound filters: [checks] [milter] [spamd] [clamd] [greylist] [sender_auth],
                   and SmtpdFilterSettings (a listener's milters, content_filter, receive_override_options)
+    admin.py      AdminConfig, beyond_loopback                                                 [admin]
     main.py       Config (top-level settings and the sections), DEFAULTS, BUILTIN_TRANSPORTS
     load.py       load_config, config_from_dict -> ConfigError(file, key, reason)
     paths.py      resolve_paths
@@ -37,6 +38,7 @@ Layering: this package imports only leaves (mailflow.syntax, restriction_vocabul
 errors and what they import), never a stage, a transport or the routing libraries
 (tests/unit/test_layering.py).
 """
+from mailflow.config.admin import AdminConfig, beyond_loopback
 from mailflow.config.accounts import AccountsConfig
 from mailflow.config.base import Duration, Section
 from mailflow.config.delivery import DnsConfig, LmtpConfig, LocalConfig, PipeService, SmtpConfig
@@ -57,10 +59,11 @@ from mailflow.config.smtpd import LISTENER_ROLES, ListenerConfig, SmtpdConfig
 from mailflow.errors import ConfigError
 
 __all__ = [
-    "AccountsConfig", "ArcConfig", "BUILTIN_TRANSPORTS", "ChecksConfig", "ClamdConfig", "DEFAULTS",
+    "AccountsConfig", "AdminConfig", "ArcConfig", "BUILTIN_TRANSPORTS", "ChecksConfig", "ClamdConfig", "DEFAULTS",
     "DeliverabilityConfig", "DkimConfig", "GreylistConfig", "LISTENER_ROLES", "MilterConfig", "Config", "ConfigError",
     "DnsConfig", "Duration", "HttpConfig", "ListenerConfig", "LmtpConfig", "LocalConfig", "LogConfig", "MtaStsConfig",
     "PipeService", "QueueConfig", "Section", "SenderAuthConfig", "SendmailConfig", "SinkConfig", "SmtpConfig",
-    "SmtpdConfig", "SpamdConfig", "SrsConfig", "config_from_dict", "flat_settings", "format_setting",
-    "in_force", "load_config", "opendkim_dataset", "resolve_paths", "restart_needed", "show_settings",
+    "SmtpdConfig", "SpamdConfig", "SrsConfig", "beyond_loopback", "config_from_dict", "flat_settings",
+    "format_setting", "in_force", "load_config", "opendkim_dataset", "resolve_paths", "restart_needed",
+    "show_settings",
 ]

@@ -16,6 +16,7 @@ from pydantic import Field, PrivateAttr, ValidationInfo, field_validator
 
 from mailflow.address import normalise_domain
 from mailflow.config.accounts import AccountsConfig
+from mailflow.config.admin import AdminConfig
 from mailflow.config.base import Duration, Networks, Section, TableSpecs
 from mailflow.config.filters import (ChecksConfig, ClamdConfig, GreylistConfig,
                                      MilterConfig, SenderAuthConfig, SpamdConfig)
@@ -43,7 +44,7 @@ _TRANSPORT_NEXTHOP = re.compile(rf"{_TRANSPORT_NAME.pattern}(:.*)?")  # transpor
 
 class Config(Section):
     """The whole configuration. Section tables: smtpd, local, smtp, lmtp, dns, queue, log, sendmail, http, sink,
-    accounts, dkim, arc, srs, mta_sts, deliverability."""
+    accounts, dkim, arc, srs, mta_sts, deliverability, admin."""
 
     myhostname: str = "localhost"
     # Appended to unqualified addresses (user -> user@myorigin); "" means myhostname. mydomain ("": myhostname
@@ -127,6 +128,7 @@ class Config(Section):
     sendmail: SendmailConfig = SendmailConfig()
     http: HttpConfig = HttpConfig()
     sink: SinkConfig = SinkConfig()
+    admin: AdminConfig = AdminConfig()
     accounts: AccountsConfig = AccountsConfig()
     # Deliverability (docs/deliverability.md): DKIM signing, ARC, SRS, MTA-STS, what dns-records publishes.
     dkim: DkimConfig = DkimConfig()
@@ -213,6 +215,11 @@ class Config(Section):
     @property
     def queue_path(self) -> Path:
         return Path(self.queue_directory)
+
+    @property
+    def accounts_path(self) -> Path:
+        """The account database: `[accounts] database_file`, else `<queue_directory>/accounts.db`."""
+        return Path(self.accounts.database_file) if self.accounts.database_file else self.queue_path / "accounts.db"
 
     @property
     def origin(self) -> str:

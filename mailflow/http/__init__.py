@@ -1,8 +1,10 @@
 """The one HTTP layer: an aiohttp application on the server's own loop (no thread), serving the routes that the
-features register: the capture API of `[sink]` (mailflow.capture.mailpit) now, the admin API and the queue
-page next. One listener, one set of limits, one place that starts and stops it.
+features register: the capture API of `[sink]` (mailflow.capture.mailpit) on `[http] listen`, the admin API, the
+queue page and /metrics (mailflow.admin) on `[admin] listen`. One implementation, one set of limits, one place
+that starts and stops each listener.
 
-    HttpServer(listen)                      `listen`: "host:port" addresses ([http] listen: loopback by default)
+    HttpServer(listen, middlewares=())      `listen`: "host:port" addresses (loopback by default); `middlewares`:
+                                            aiohttp middlewares run for every request (the admin's access checks)
         add_routes(feature, routes)         a feature's aiohttp route definitions (web.RouteTableDef or a list),
                                             before start(); a path registered twice is refused (ValueError)
         await start()                       binds every address (port 0: an ephemeral one)
@@ -36,9 +38,9 @@ MAX_BODY = 1024 * 1024
 class HttpServer:
     """See the module docstring."""
 
-    def __init__(self, listen: Iterable[str]):
+    def __init__(self, listen: Iterable[str], middlewares: Iterable = ()):
         self._listen = [parse_hostport(item) for item in listen]
-        self._app = web.Application(client_max_size=MAX_BODY)
+        self._app = web.Application(client_max_size=MAX_BODY, middlewares=list(middlewares))
         self._runner: web.AppRunner | None = None
         self._sites: list[web.TCPSite] = []
         self.features: list[str] = []

@@ -15,7 +15,8 @@ Contract
 - `claim(ids, now)` is qmgr's atomic taking of messages: only rows still incoming, or deferred and due, become
   `active`; it returns the ids it took, and qmgr admits only those.
 - `content(id)` returns the Content (its file part read lazily) or None when the row or its file is missing;
-  reads asked for in the same loop turn are one query. `reads` and `commits` count reader and writer hops.
+  reads asked for in the same loop turn are one query. `reads` and `commits` count reader and writer hops;
+  `watch_commits(f)` has `f(requests, seconds)` told of each commit (the metrics).
 - `record_results(queue_id, rows)` marks recipients as each delivery job ends (Postfix's deliver_completed); a
   recipient whose failure/success notice is still owed keeps a flag until `finish()` queues the notices, clears
   the flags and defers or removes the message, all in one transaction. So a stop between the two repeats no
@@ -88,6 +89,10 @@ class Store(OperatorQueries):
     def commits(self) -> int:
         """Write transactions so far (each one writer thread hop)."""
         return self._committer.commits
+
+    def watch_commits(self, on_commit) -> None:
+        """`on_commit(requests, seconds)` is told of each group commit from now on (None: nobody)."""
+        self._committer.on_commit = on_commit
 
     @property
     def reads(self) -> int:

@@ -14,7 +14,8 @@ What it owns
   needs the connection, such as a claim) that arrive while a commit is running are merged into the next
   transaction, so N concurrent sessions cost one fsync, not N. Requests in one batch must be independent: a
   caller waits for its request before sending one that depends on it (every caller does: each write is awaited).
-  Past `backlog_limit` waiting requests, a write that `may_refuse` raises `Overloaded`.
+  Past `backlog_limit` waiting requests, a write that `may_refuse` raises `Overloaded`. `on_commit(requests,
+  seconds)`, when set, is told each commit's size and how long the loop waited for it (the metrics).
 - `BatchLoader`: `load(key)` calls made in the same loop turn become one `fetch_many(keys)` call.
 - The schema: `mailflow/schema.sql` is the one schema; `SCHEMA_VERSION` is its version and `MIGRATIONS` bring an
   older queue to it when the writer opens it (in one transaction under the write lock; a newer file is
@@ -39,6 +40,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence, cast
@@ -288,6 +290,7 @@ class GroupCommitter:
         self._pending: asyncio.Queue[tuple[list[Op], Call | None, asyncio.Future]] = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self.commits = 0
+        self.on_commit: Callable[[int, float], None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="store-writer")
@@ -348,8 +351,11 @@ class GroupCommitter:
         for ops, _ in requests:
             for sql, rows in ops:
                 merged.setdefault(sql, []).extend(rows)
+        started = time.perf_counter()
         results = await self._writer.call(self._writer.transaction, merged, [call for _, call in requests])
         self.commits += 1
+        if self.on_commit is not None:
+            self.on_commit(len(requests), time.perf_counter() - started)
         return results
 
 

@@ -11,12 +11,15 @@ are in tests/conftest.py and build on these.
 - peers: `CapturePeer`, `CaptureHandler`, `Captured`, `stall_mail`, `ZoneAuthority` (in-process SMTP and DNS peers).
 - servers: `base_settings`, `merged`, `to_toml`, `ServerProcess`, `queue_counts`.
 - content: `big_message`, `spooled`, `maildir_messages`.
+- browser: `Chromium` (headless: the DOM after the scripts ran, a DevTools session to click and take screenshots),
+  `keep_artifact` (a screenshot kept where CI collects it).
 - tools: `require_tool`, `run_tool`; scripts: `script_dir` (shell scripts for command deliveries); postfix:
   `postfix_instance` (a private Postfix); dovecot: `dovecot_instance` (a private Dovecot, LMTP and IMAP),
   `Dovecot`, `lmtp_route`.
 
 Every name is importable from `tests.support` itself.
 """
+from tests.support.browser import Chromium, keep_artifact
 from tests.support.clocks import RecordingClock, qmgr_turn
 from tests.support.content import big_message, maildir_messages, spooled
 from tests.support.dialogue import Reply, SmtpClient, rcpt_reply, rcpt_until, send
@@ -31,10 +34,10 @@ from tests.support.transports import BlockingTransport, RecordingTransport, Scri
 from tests.support.waiting import ScanWatch, eventually, queue_becomes, sessions_over
 
 __all__ = [
-    "BlockingTransport", "CaptureHandler", "CapturePeer", "Captured", "Dovecot", "RecordingClock", "RecordingTransport",
-    "Reply", "ScanWatch", "ScriptDir", "ScriptedTransport", "ServerProcess", "SmtpClient", "ZoneAuthority",
-    "accepts", "always", "base_settings", "big_message", "dovecot_instance", "eventually", "free_port",
-    "lmtp_route", "maildir_messages", "merged",
+    "BlockingTransport", "CaptureHandler", "CapturePeer", "Captured", "Chromium", "Dovecot", "RecordingClock",
+    "RecordingTransport", "Reply", "ScanWatch", "ScriptDir", "ScriptedTransport", "ServerProcess", "SmtpClient",
+    "ZoneAuthority", "accepts", "always", "base_settings", "big_message", "dovecot_instance", "eventually", "free_port",
+    "keep_artifact", "lmtp_route", "maildir_messages", "merged",
     "postfix_instance", "qmgr_turn", "queue_becomes", "queue_counts", "rcpt_reply", "rcpt_until", "require_tool",
     "run_tool", "script_dir", "send", "sessions_over", "spooled", "stall_mail", "to_toml",
 ]

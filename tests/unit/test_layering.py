@@ -48,6 +48,9 @@ FUNCTION_IMPORTS = {
     ("mailflow.app", "mailflow.http"): "aiohttp takes a third of a second to import: only a server with an HTTP "
                                        "feature ([sink] enable) loads it, not every `mailflow serve` nor Sink",
     ("mailflow.app", "mailflow.capture.mailpit"): "as above (the capture API's routes are aiohttp handlers)",
+    ("mailflow.app", "mailflow.admin"): "as above: only a server with [admin] enable loads the admin listener",
+    ("mailflow.app", "mailflow.metrics"): "prometheus_client takes a tenth of a second to import: only a server "
+                                          "with [admin] enable counts",
     ("mailflow.testing", "mailflow.testing.sink"): "pytest loads the plugin (mailflow.testing.pytest_plugin) in "
                                                    "every run of every suite in the environment: the server loads "
                                                    "when a test asks for a Sink",

@@ -31,6 +31,8 @@ The loop
   closed after them.
 - About once a second the destinations' state is written to the store for `mailflow queue destinations`, and
   every `MAINTENANCE_INTERVAL` the store gives free space back (`store.maintain`).
+- Each result carries the transport of its job (`RcptResult.transport`, in the mail log's events);
+  `on_delivery(transport, seconds)`, when given, is told how long each delivery agent call took (the metrics).
 
 Failure behaviour
 - A resolver or transport that raises, a content read error, a recipient the agent does not report on:
@@ -92,8 +94,10 @@ class ActiveMessage:
 class QueueManager:
     def __init__(self, store: Store, *, resolve: Callable[[str], Resolution], transports: dict, config,
                  clock: Clock, rng, log: MailLog, notices=None, tick: float = TICK,
-                 backoff: tuple[float, float] = (FIRST_DELAY, MAX_DELAY)):
-        """`backoff`: (first, cap) seconds between tries of a failing store write or chore."""
+                 backoff: tuple[float, float] = (FIRST_DELAY, MAX_DELAY),
+                 on_delivery: Callable[[str, float], None] | None = None):
+        """`backoff`: (first, cap) seconds between tries of a failing store write or chore; `on_delivery`: see
+        the module doc."""
         self._store = store
         self._resolve = resolve
         self._transports = transports
@@ -103,6 +107,7 @@ class QueueManager:
         self._log = log
         self._notices = notices
         self._tick_seconds = tick
+        self._on_delivery = on_delivery
         self._active: dict[str, ActiveMessage] = {}
         self._destinations: dict[tuple[str, str], Destination] = {}
         self._in_flight = 0
@@ -361,9 +366,12 @@ class QueueManager:
     # -- one job ----------------------------------------------------------------------------------
     async def _run_job(self, dest: Destination, job: Job) -> None:
         report = None
+        started = self._clock.time()
         try:
             report = await self._deliver(self._active[job.queue_id], job)
         finally:
+            if self._on_delivery is not None:
+                self._on_delivery(job.transport, self._clock.time() - started)
             self._in_flight -= 1
             self._in_flight_by_transport[job.transport] -= 1
             site_ok = report.site_ok if report is not None else True
@@ -523,15 +531,19 @@ def _expire(pending: list[RcptResult], age: float, lifetime: float) -> list[Rcpt
     """Past its lifetime a message gives up: its pending recipients are returned, with their last reason."""
     if age < lifetime:
         return []
-    return [RcptResult(r.recipient, Outcome.BOUNCED, r.dsn, f"message expired: {r.text}", r.relay) for r in pending]
+    return [RcptResult(r.recipient, Outcome.BOUNCED, r.dsn, f"message expired: {r.text}", r.relay,
+                       transport=r.transport) for r in pending]
 
 
 def _complete(job: Job, report: DeliveryReport) -> list[RcptResult]:
-    """The report's results for this job's recipients; one the agent did not mention stays queued (4.3.0)."""
+    """The report's results for this job's recipients, each marked with the job's transport; one the agent did
+    not mention stays queued (4.3.0)."""
     mine = {r.index: r for r in job.recipients}
-    results = [r for r in report.results if mine.get(r.recipient.index) == r.recipient]
+    t = job.transport
+    results = [RcptResult(r.recipient, r.outcome, r.dsn, r.text, r.relay, r.next_hop_notifies, t)
+               for r in report.results if mine.get(r.recipient.index) == r.recipient]
     told = {r.recipient.index for r in results}
-    results += [RcptResult(r, Outcome.DEFERRED, "4.3.0", "delivery agent reported no result")
+    results += [RcptResult(r, Outcome.DEFERRED, "4.3.0", "delivery agent reported no result", transport=t)
                 for r in job.recipients if r.index not in told]
     return results
 

@@ -8,7 +8,8 @@ a session keeps none and pays one `is None` test per command and reply.
         replied(transcript, line)        one reply line was sent (after the write)
         queued(transcript, queue_id)     a message of the session was committed; the transcript holds its 250
         ended(transcript)                the session is over, however it ended
-        line_limit, byte_limit           how much one transcript keeps
+        line_limit, byte_limit           how much one transcript keeps (0 lines: none, and no work for it)
+    SessionObservers(*observers)  several as one (each told every event; the transcript keeps the most asked)
     Transcript                 one session's record: `client`, `helo`, `tls`, `login` (filled by the session as
                                it learns them), `command(line)`, `reply(line)`, `snapshot()` -> model.SessionTranscript,
                                `hang_up()` (the server ends the session, as at shutdown)
@@ -51,6 +52,32 @@ class SessionObserver:
         pass
 
 
+class SessionObservers(SessionObserver):
+    """Several observers as one (the capture server's and the metrics'): each is told every event, a failing one
+    alone is logged; the transcript keeps the most lines and bytes any of them asks for."""
+
+    def __init__(self, *observers: SessionObserver):
+        self._observers = observers
+        self.line_limit = max(o.line_limit for o in observers)
+        self.byte_limit = max(o.byte_limit for o in observers)
+
+    def started(self, transcript: "Transcript") -> None:
+        for o in self._observers:
+            Transcript._tell(o.started, transcript)
+
+    def replied(self, transcript: "Transcript", line: str) -> None:
+        for o in self._observers:
+            Transcript._tell(o.replied, transcript, line)
+
+    def queued(self, transcript: "Transcript", queue_id: str) -> None:
+        for o in self._observers:
+            Transcript._tell(o.queued, transcript, queue_id)
+
+    def ended(self, transcript: "Transcript") -> None:
+        for o in self._observers:
+            Transcript._tell(o.ended, transcript)
+
+
 class Transcript:
     """One session's record (see the module docstring)."""
 
@@ -66,11 +93,13 @@ class Transcript:
         self._hang_up = hang_up
 
     def command(self, line: bytes) -> None:
-        self._keep("C", _redacted(line.decode("utf-8", "replace")))
+        if self.observer.line_limit:
+            self._keep("C", _redacted(line.decode("utf-8", "replace")))
 
     def reply(self, line: str | bytes) -> None:
         text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
-        self._keep("S", text.rstrip("\r\n"))
+        if self.observer.line_limit:
+            self._keep("S", text.rstrip("\r\n"))
         self._tell(self.observer.replied, self, text)
 
     def snapshot(self) -> SessionTranscript:

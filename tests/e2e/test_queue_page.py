@@ -1,0 +1,66 @@
+"""The queue page in a real browser (Debian's headless Chromium): the queued message appears in the page's DOM,
+its message view shows envelope, headers and history, and the Hold and Release buttons change the queue
+(clicked over the DevTools protocol; the DOM of a reload shows the change).
+A screenshot of the page is kept as a test artefact (tests.support.browser.keep_artifact: $MAILFLOW_ARTIFACTS
+or artifacts/).
+"""
+from __future__ import annotations
+
+import re
+
+from tests.support import Chromium, free_port, keep_artifact, queue_becomes, send
+
+ADMIN = {"enable": True, "listen": ["127.0.0.1:0"]}
+HOUR = {"queue_run_delay": "1h", "minimal_backoff_time": "1h", "maximal_backoff_time": "1h"}
+
+
+async def queued_message(mailflow_server):
+    mf = await mailflow_server(admin=ADMIN, queue=HOUR, relayhost=f"[127.0.0.1]:{free_port()}")
+    refused, reply = await send(mf.smtp_addresses[0][1], "someone@remote.test",
+                                ["alice@local.test", "carol@relay.test"],
+                                b"Subject: seen in a browser\r\n\r\nhello\r\n")
+    assert refused == {}, refused
+    qid = reply.rsplit(" ", 1)[1]
+    await queue_becomes(mf.store, {"deferred": 1})  # alice's copy delivered; carol's waits (the relay is dead)
+    host, port = mf.admin.addresses[0]
+    return mf, qid, f"http://{host}:{port}/"
+
+
+async def test_the_queued_message_appears_and_its_buttons_work(mailflow_server, tmp_path):
+    mf, qid, url = await queued_message(mailflow_server)
+    chromium = Chromium(tmp_path / "chromium")
+
+    dom = await chromium.dump_dom(url)
+    assert re.search(rf'<tr class="pick" data-queue-id="{qid}"><td>{qid}</td><td class="queue-deferred">deferred'
+                     r'</td>', dom), dom
+    assert "<td>carol@relay.test</td>" in dom  # its pending recipient
+    assert re.search(r"<td>relay\.test</td><td class=\"number\">1</td>", dom)  # the queue shape
+    assert "alice@local.test" in dom and 'class="status-sent">sent<' in dom  # the last deliveries
+
+    async with chromium.page(url) as page:
+        await page.until(f"!!document.querySelector('tr[data-queue-id=\"{qid}\"]')")
+        await page.click(f"tr[data-queue-id=\"{qid}\"]")  # opens the message view
+        await page.until("document.getElementById('message').dataset.queue === 'deferred'")
+        headers = await page.evaluate("document.getElementById('headers').textContent")
+        assert "Subject: seen in a browser" in headers and f"with ESMTP id {qid}" in headers
+        assert await page.evaluate("document.querySelectorAll('#history tbody tr').length") == 2
+        shot = await page.screenshot(tmp_path / "queue-page.png")
+        await page.click("button[data-action=hold]")
+        await page.until("document.getElementById('action-result').dataset.action === 'hold'")
+        await page.until("document.getElementById('message').dataset.queue === 'hold'")
+        assert (await mf.store.message_detail(qid)).queue == "hold"
+        await page.click("button[data-action=release]")  # due now: qmgr may be trying it again (active)
+        await page.until("['deferred', 'active'].includes(document.getElementById('message').dataset.queue)")
+        assert (await mf.store.message_detail(qid)).queue in ("deferred", "active")
+        await page.click("button[data-action=hold]")
+        await page.until("document.getElementById('message').dataset.queue === 'hold'")
+        await page.screenshot(tmp_path / "queue-page-held.png")
+    assert (await mf.store.message_detail(qid)).queue == "hold"
+    assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 10_000
+    keep_artifact(shot)
+    keep_artifact(tmp_path / "queue-page-held.png")
+
+    # what a reload of the page shows now: the message on hold, its view deep-linked
+    dom = await chromium.dump_dom(f"{url}#message={qid}")
+    assert f'<section id="message" data-queue="hold">' in dom
+    assert re.search(rf'data-queue-id="{qid}"><td>{qid}</td><td class="queue-hold">hold</td>', dom), dom
