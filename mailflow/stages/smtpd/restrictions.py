@@ -7,9 +7,8 @@ What it owns
   listener may have its own), with their tables and policy clients opened once.
 - `check_rcpt(facts)`, `check_data(facts)`, `check_end_of_data(facts)` -> `Reply | None` (None: go on);
   `check_content`: whether the data and end_of_data lists have anything to evaluate.
-- The lookups of the inbound filters (docs/filtering.md): reject_unknown_client_hostname and
-  reject_unknown_reverse_client_hostname (PTR, then the name's addresses must hold the client's; 450 4.7.1),
-  reject_unknown_sender_domain (450 4.1.8), reject_rhsbl_client/reverse_client/sender/helo/recipient (554 5.7.1),
+- The restrictions that ask the DNS are dns_checks.py's (reject_rbl_client, reject_rhsbl_*, the unknown client
+  name and address domain checks); the inbound filters' (docs/filtering.md):
   check_greylist (450 4.2.0; mailflow.filters.greylist), reject_spf_fail (550 5.7.23) and, at end of data,
   reject_dmarc_policy (p=reject: 550 5.7.1; p=quarantine: HOLD). Access FILTER transport:nexthop marks the
   message for that after-queue filter.
@@ -40,11 +39,11 @@ from typing import TYPE_CHECKING
 
 from mailflow import address, status
 from mailflow.address import client_ip, in_networks
-from mailflow.dns import NotFound
 from mailflow.errors import LookupRetry
 from mailflow.model import AddressClass
 from mailflow.restriction_vocabulary import (ACCESS_CHECKS, NEEDS_IO, RCPT_STAGES, RHSBL_CHECKS, STAGES,
                                              WITHOUT_ARGUMENT, split_item)
+from mailflow.stages.smtpd.dns_checks import DnsChecks
 from mailflow.stages.smtpd.policy import PolicyClient, PolicyError
 from mailflow.syntax import is_hostname, is_ipv4
 from mailflow.tables import TableCache, find, split_extension
@@ -151,16 +150,6 @@ def address_access_keys(addr: str, delimiter: str) -> list[str]:
     return keys
 
 
-def rbl_query_name(client_addr: str, rbl_domain: str) -> str | None:
-    """`4.3.2.1.zen.example` for 1.2.3.4 (nibbles for IPv6); None for a client without an IP address."""
-    ip = client_ip(client_addr)
-    if ip is None:
-        return None
-    labels = str(ip).split(".") if ip.version == 4 else list(ip.exploded.replace(":", ""))
-    reverse = ".".join(reversed(labels))
-    return f"{reverse}.{rbl_domain}"
-
-
 def is_fqdn_address(addr: str) -> bool:
     local, domain = address.split(addr)
     return bool(domain) and (domain.startswith("[") or "." in domain.rstrip("."))
@@ -189,7 +178,7 @@ class Restrictions:
         self._smtpd = smtpd
         self._rewriter = rewriter
         self._mapper = mapper
-        self._resolver = resolver
+        self._dns = DnsChecks(resolver, rewriter, smtpd.unknown_address_reject_code)
         self._lists = {stage: tuple(split_item(i) for i in getattr(smtpd, f"{stage}_restrictions"))
                        for stage in STAGES}
         self._tables = {arg: tables.open([arg]) for items in self._lists.values()
@@ -247,19 +236,19 @@ class Restrictions:
         if name in ACCESS_CHECKS:
             return self._access(ACCESS_CHECKS[name], arg, stage, facts)
         if name == "reject_rbl_client":
-            return await self._rbl(arg, facts)
+            return await self._dns.rbl(arg, facts)
         if name == "check_policy_service":
             return await self._policy(arg, stage, facts)
         if name == "reject_unknown_recipient_domain":
-            return await self._unknown_domain(facts.recipient)
+            return await self._dns.unknown_recipient_domain(facts.recipient)
         if name == "reject_unlisted_recipient":
             return await self._unlisted(facts.recipient) if facts.recipient else None
         if name in RHSBL_CHECKS:
-            return await self._rhsbl(name, arg, facts)
+            return await self._dns.rhsbl(RHSBL_CHECKS[name], arg, facts)
         if name in ("reject_unknown_client_hostname", "reject_unknown_reverse_client_hostname"):
-            return await self._unknown_client(facts, reverse_only=name == "reject_unknown_reverse_client_hostname")
+            return await self._dns.unknown_client(facts, reverse_only=name == "reject_unknown_reverse_client_hostname")
         if name == "reject_unknown_sender_domain":
-            return await self._unknown_sender_domain(facts.sender)
+            return await self._dns.unknown_sender_domain(facts.sender)
         if name == "check_greylist":
             return await self._greylisted(facts)
         if name == "reject_spf_fail":
@@ -321,29 +310,6 @@ class Restrictions:
         except LookupRetry as e:  # the lookup outran its deadline
             log.warning("RCPT <%s>: %s", rcpt, e.reason)
             return status.error_reply(e, rcpt)
-
-    async def _unknown_domain(self, rcpt: str) -> status.Reply | None:
-        """No MX and no address for a domain this host is not final destination for (Postfix)."""
-        if not rcpt or self._resolver is None:
-            return None
-        if self._rewriter.classify(rcpt) not in (AddressClass.DEFAULT, AddressClass.RELAY):
-            return None
-        domain = address.normalise_domain(address.split(self._rewriter.qualify(rcpt))[1])
-        if not domain or domain.startswith("["):
-            return None
-        code = self._smtpd.unknown_address_reject_code
-        try:
-            records = await self._resolver.mx(domain)
-            if any(r.is_null for r in records):
-                return status.null_mx(rcpt, domain)
-            if records or await self._resolver.addresses(domain):
-                return None
-        except NotFound:
-            return status.domain_not_found(rcpt, code)
-        except LookupRetry as e:
-            log.warning("RCPT <%s>: %s", rcpt, e.reason)
-            return status.domain_lookup_deferred(rcpt)
-        return status.domain_not_found(rcpt, code)
 
     # -------------------------------------------------------------------------------- access tables
 
@@ -407,121 +373,7 @@ class Restrictions:
         log.warning("%s: unknown access action %r", source, value)
         return status.restriction_config_error(name, what)
 
-    # -------------------------------------------------------------------------------- DNSBL and policy
-
-    async def _rbl(self, arg: str, facts: Facts):
-        rbl_domain, _, wanted = arg.partition("=")
-        query = rbl_query_name(facts.client_addr, rbl_domain)
-        if query is None or self._resolver is None:
-            return None
-        try:
-            answers = await self._resolver.addresses(query)
-        except NotFound:
-            return None
-        except LookupRetry as e:
-            log.warning("%s: DNSBL lookup error: %s", query, e.reason)
-            return None
-        listed = [a for a in answers if is_ipv4(a) and a.startswith("127.") and (not wanted or a == wanted)]
-        return status.rbl_listed(facts.client_addr, rbl_domain) if listed else None
-
-    async def _rhsbl(self, name: str, arg: str, facts: Facts):
-        """reject_rhsbl_*: `<domain>.<rbl>` has an address (127.x, or the one asked for) -> 554 5.7.1."""
-        rbl_domain, _, wanted = arg.partition("=")
-        kind = RHSBL_CHECKS[name]
-        if kind == "client":
-            domain, what = await self._verified_client_name(facts), "Client host"
-        elif kind == "reverse_client":
-            domain, what = (await self._client_names(facts) or [""])[0], "Unverified Client host"
-        elif kind == "helo":
-            domain, what = facts.helo, "Helo command"
-        else:
-            addr = facts.sender if kind == "sender" else facts.recipient
-            domain, what = (address.split(addr)[1] if addr else ""), \
-                ("Sender address" if kind == "sender" else "Recipient address")
-        domain = address.normalise_domain(domain or "")
-        if not domain or domain.startswith("[") or self._resolver is None:
-            return None
-        try:
-            answers = await self._resolver.addresses(f"{domain}.{rbl_domain}")
-        except NotFound:
-            return None
-        except LookupRetry as e:
-            log.warning("%s.%s: RHSBL lookup error: %s", domain, rbl_domain, e.reason)
-            return None
-        listed = [a for a in answers if is_ipv4(a) and a.startswith("127.") and (not wanted or a == wanted)]
-        return status.rbl_listed(domain, rbl_domain, what) if listed else None
-
-    async def _client_names(self, facts: Facts) -> list[str] | None:
-        """The client address's PTR names (memoized per session); None when DNS cannot answer now."""
-        key = ("ptr", facts.client_addr)
-        if key not in facts.memo:
-            try:
-                names = await self._resolver.ptr(facts.client_addr) if self._resolver is not None else []
-            except NotFound:
-                names = []
-            except LookupRetry as e:
-                log.warning("%s: reverse lookup error: %s", facts.client_addr, e.reason)
-                return None
-            except ValueError:
-                names = []
-            facts.memo[key] = names[:5]
-        return facts.memo[key]
-
-    async def _verified_client_name(self, facts: Facts) -> str | None:
-        """The client's name whose addresses include the client's address (Postfix's verified client name):
-        "" when there is none, None when DNS cannot tell now."""
-        key = ("verified", facts.client_addr)
-        if key in facts.memo:
-            return facts.memo[key]
-        names = await self._client_names(facts)
-        if names is None:
-            return None
-        found = ""
-        for name in names:
-            try:
-                if facts.client_addr in await self._resolver.addresses(name):
-                    found = name
-                    break
-            except NotFound:
-                continue
-            except LookupRetry as e:
-                log.warning("%s: lookup error: %s", name, e.reason)
-                return None
-        facts.memo[key] = found
-        return found
-
-    async def _unknown_client(self, facts: Facts, *, reverse_only: bool):
-        """reject_unknown_(reverse_)client_hostname: no name for the address (or, unless reverse_only, no name
-        that leads back to it): 450 4.7.1, also when DNS cannot tell now (Postfix)."""
-        if self._resolver is None or client_ip(facts.client_addr) is None:
-            return None
-        if reverse_only:
-            names = await self._client_names(facts)
-            ok = bool(names)
-        else:
-            ok = bool(await self._verified_client_name(facts))
-        return None if ok else status.unknown_client(facts.client_addr, 450, reverse_only)
-
-    async def _unknown_sender_domain(self, sender: str | None):
-        """No MX and no address for the sender's domain (one this host is not final destination for)."""
-        if not sender or self._resolver is None:
-            return None
-        if self._rewriter.classify(sender) not in (AddressClass.DEFAULT, AddressClass.RELAY):
-            return None
-        domain = address.normalise_domain(address.split(self._rewriter.qualify(sender))[1])
-        if not domain or domain.startswith("["):
-            return None
-        code = self._smtpd.unknown_address_reject_code
-        try:
-            records = await self._resolver.mx(domain)
-            if records and not all(r.is_null for r in records) or await self._resolver.addresses(domain):
-                return None
-        except NotFound:
-            return status.sender_domain_not_found(sender, code)
-        except LookupRetry as e:
-            log.warning("MAIL <%s>: %s", sender, e.reason)
-            return status.sender_domain_not_found(sender, 450)
-        return status.sender_domain_not_found(sender, code)
+    # -------------------------------------------------------------------------------- filters and policy
 
     async def _greylisted(self, facts: Facts):
         if self._greylist is None or not facts.recipient or facts.sender is None:

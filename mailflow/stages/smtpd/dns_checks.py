@@ -1,0 +1,190 @@
+"""The smtpd restrictions that ask the DNS: reject_rbl_client, reject_rhsbl_client/reverse_client/sender/helo/
+recipient, reject_unknown_client_hostname, reject_unknown_reverse_client_hostname, reject_unknown_sender_domain
+and reject_unknown_recipient_domain (Postfix's postconf(5) meanings). restrictions.py decides when each runs;
+this module asks the resolver and words the answer.
+
+    DnsChecks(resolver, rewriter, unknown_address_reject_code)
+        .rbl(arg, facts), .rhsbl(kind, arg, facts)      554 5.7.1 when listed (127.x, or the answer asked for)
+        .unknown_client(facts, reverse_only=...)         450 4.7.1 without a (verified) name
+        .unknown_sender_domain(sender)                   no MX and no address: unknown_address_reject_code 4.1.8
+        .unknown_recipient_domain(rcpt)                  the same for a recipient (4.1.2); a null MX: 556 5.1.10
+    rbl_query_name(client_addr, rbl_domain) -> str | None
+
+Only domains this host is not final destination for are asked about (address classes relay and default).
+A client's PTR names and its verified name are remembered in the session's `facts.memo`.
+
+Failure behaviour: a DNSBL that cannot be asked counts as not listed (logged); the unknown-name checks defer
+(450) when the DNS cannot tell now, as Postfix's do. Nothing here raises.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from mailflow import address, status
+from mailflow.address import client_ip
+from mailflow.dns import NotFound
+from mailflow.errors import LookupRetry
+from mailflow.model import AddressClass
+from mailflow.syntax import is_ipv4
+
+if TYPE_CHECKING:
+    from mailflow.stages.smtpd.restrictions import Facts
+
+log = logging.getLogger("mailflow.smtpd")
+
+REMOTE = (AddressClass.DEFAULT, AddressClass.RELAY)
+PTR_NAMES_KEPT = 5  # a client's PTR names looked at (Postfix checks a few)
+
+
+def rbl_query_name(client_addr: str, rbl_domain: str) -> str | None:
+    """`4.3.2.1.zen.example` for 1.2.3.4 (nibbles for IPv6); None for a client without an IP address."""
+    ip = client_ip(client_addr)
+    if ip is None:
+        return None
+    labels = str(ip).split(".") if ip.version == 4 else list(ip.exploded.replace(":", ""))
+    reverse = ".".join(reversed(labels))
+    return f"{reverse}.{rbl_domain}"
+
+
+class DnsChecks:
+    """See the module docstring. Without a resolver every check has no opinion (None)."""
+
+    def __init__(self, resolver, rewriter, unknown_address_reject_code: int):
+        self._resolver = resolver
+        self._rewriter = rewriter
+        self._unknown_code = unknown_address_reject_code
+
+    # -------------------------------------------------------------------------------- block lists
+
+    async def rbl(self, arg: str, facts: Facts) -> status.Reply | None:
+        rbl_domain, _, wanted = arg.partition("=")
+        query = rbl_query_name(facts.client_addr, rbl_domain)
+        if query is None or not await self._listed(query, wanted, "DNSBL"):
+            return None
+        return status.rbl_listed(facts.client_addr, rbl_domain)
+
+    async def rhsbl(self, kind: str, arg: str, facts: Facts) -> status.Reply | None:
+        """reject_rhsbl_<kind>: `<domain>.<rbl>` has an address (127.x, or the one asked for) -> 554 5.7.1."""
+        rbl_domain, _, wanted = arg.partition("=")
+        domain, what = await self._rhsbl_subject(kind, facts)
+        domain = address.normalise_domain(domain or "")
+        if not domain or domain.startswith("[") or not await self._listed(f"{domain}.{rbl_domain}", wanted, "RHSBL"):
+            return None
+        return status.rbl_listed(domain, rbl_domain, what)
+
+    async def _rhsbl_subject(self, kind: str, facts: Facts) -> tuple[str | None, str]:
+        if kind == "client":
+            return await self._verified_client_name(facts), "Client host"
+        if kind == "reverse_client":
+            return (await self._client_names(facts) or [""])[0], "Unverified Client host"
+        if kind == "helo":
+            return facts.helo, "Helo command"
+        addr = facts.sender if kind == "sender" else facts.recipient
+        return (address.split(addr)[1] if addr else ""), ("Sender address" if kind == "sender" else "Recipient address")
+
+    async def _listed(self, query: str, wanted: str, kind: str) -> bool:
+        if self._resolver is None:
+            return False
+        try:
+            answers = await self._resolver.addresses(query)
+        except NotFound:
+            return False
+        except LookupRetry as e:
+            log.warning("%s: %s lookup error: %s", query, kind, e.reason)
+            return False
+        return any(is_ipv4(a) and a.startswith("127.") and (not wanted or a == wanted) for a in answers)
+
+    # -------------------------------------------------------------------------------- client names
+
+    async def unknown_client(self, facts: Facts, *, reverse_only: bool) -> status.Reply | None:
+        """reject_unknown_(reverse_)client_hostname: no name for the address (or, unless reverse_only, no name
+        that leads back to it): 450 4.7.1, also when DNS cannot tell now (Postfix)."""
+        if self._resolver is None or client_ip(facts.client_addr) is None:
+            return None
+        if reverse_only:
+            ok = bool(await self._client_names(facts))
+        else:
+            ok = bool(await self._verified_client_name(facts))
+        return None if ok else status.unknown_client(facts.client_addr, 450, reverse_only)
+
+    async def _client_names(self, facts: Facts) -> list[str] | None:
+        """The client address's PTR names (memoized per session); None when DNS cannot answer now."""
+        key = ("ptr", facts.client_addr)
+        if key not in facts.memo:
+            try:
+                names = await self._resolver.ptr(facts.client_addr) if self._resolver is not None else []
+            except (NotFound, ValueError):
+                names = []
+            except LookupRetry as e:
+                log.warning("%s: reverse lookup error: %s", facts.client_addr, e.reason)
+                return None
+            facts.memo[key] = names[:PTR_NAMES_KEPT]
+        return facts.memo[key]
+
+    async def _verified_client_name(self, facts: Facts) -> str | None:
+        """The client's name whose addresses include the client's address (Postfix's verified client name):
+        "" when there is none, None when DNS cannot tell now."""
+        key = ("verified", facts.client_addr)
+        if key in facts.memo:
+            return facts.memo[key]
+        names = await self._client_names(facts)
+        if names is None:
+            return None
+        found = ""
+        for name in names:
+            try:
+                if facts.client_addr in await self._resolver.addresses(name):
+                    found = name
+                    break
+            except NotFound:
+                continue
+            except LookupRetry as e:
+                log.warning("%s: lookup error: %s", name, e.reason)
+                return None
+        facts.memo[key] = found
+        return found
+
+    # -------------------------------------------------------------------------------- address domains
+
+    def _remote_domain(self, addr: str | None) -> str | None:
+        """The domain of an address this host is not final destination for (None: not asked about)."""
+        if not addr or self._resolver is None or self._rewriter.classify(addr) not in REMOTE:
+            return None
+        domain = address.normalise_domain(address.split(self._rewriter.qualify(addr))[1])
+        return None if not domain or domain.startswith("[") else domain
+
+    async def unknown_recipient_domain(self, rcpt: str) -> status.Reply | None:
+        """No MX and no address for the recipient's domain; a null MX refuses it (RFC 7505)."""
+        domain = self._remote_domain(rcpt)
+        if domain is None:
+            return None
+        try:
+            records = await self._resolver.mx(domain)
+            if any(r.is_null for r in records):
+                return status.null_mx(rcpt, domain)
+            if records or await self._resolver.addresses(domain):
+                return None
+        except NotFound:
+            pass
+        except LookupRetry as e:
+            log.warning("RCPT <%s>: %s", rcpt, e.reason)
+            return status.domain_lookup_deferred(rcpt)
+        return status.domain_not_found(rcpt, self._unknown_code)
+
+    async def unknown_sender_domain(self, sender: str | None) -> status.Reply | None:
+        """No MX (a null MX alone counts as none) and no address for the sender's domain."""
+        domain = self._remote_domain(sender)
+        if domain is None:
+            return None
+        assert sender is not None  # (a domain was found in it)
+        try:
+            records = await self._resolver.mx(domain)
+            if records and not all(r.is_null for r in records) or await self._resolver.addresses(domain):
+                return None
+        except NotFound:
+            pass
+        except LookupRetry as e:
+            log.warning("MAIL <%s>: %s", sender, e.reason)
+            return status.sender_domain_not_found(sender, 450)
+        return status.sender_domain_not_found(sender, self._unknown_code)
