@@ -185,18 +185,23 @@ class ListenerFilters:
                                                  content_filter=content_filter, overrides=self._overrides)
         return outcome
 
-    async def _clamd(self, content: Content, outcome: Outcome, headers: list[str]) -> None:
-        clamd = self._services.clamd
-        if clamd is None:
-            return
-        c = self._config.clamd
-        result = await clamd.check(content)
+    async def _scan(self, scanner, on_failure: str, content: Content, outcome: Outcome):
+        """The scanner's result; None when it is off, did not scan, or failed (with on_failure "tempfail" the
+        message is then refused for now: 451 4.7.1)."""
+        if scanner is None:
+            return None
+        result = await scanner.check(content)
         if result.failed:
-            log.warning("%s (on_failure %s)", result.failed, c.on_failure)
-            if c.on_failure == "tempfail":
+            log.warning("%s (on_failure %s)", result.failed, on_failure)
+            if on_failure == "tempfail":
                 outcome.refusal = status.FILTER_UNAVAILABLE
-            return
-        if not result.scanned or not result.found:
+            return None
+        return result if result.scanned else None
+
+    async def _clamd(self, content: Content, outcome: Outcome, headers: list[str]) -> None:
+        c = self._config.clamd
+        result = await self._scan(self._services.clamd, c.on_failure, content, outcome)
+        if result is None or not result.found:
             return
         if c.action == "reject":
             outcome.refusal = status.virus_found(result.name)
@@ -205,17 +210,9 @@ class ListenerFilters:
         headers.append(f"X-Virus-Status: Infected ({result.name})")
 
     async def _spamd(self, content: Content, outcome: Outcome, headers: list[str]) -> None:
-        spamd = self._services.spamd
-        if spamd is None:
-            return
         c = self._config.spamd
-        result = await spamd.check(content)
-        if result.failed:
-            log.warning("%s (on_failure %s)", result.failed, c.on_failure)
-            if c.on_failure == "tempfail":
-                outcome.refusal = status.FILTER_UNAVAILABLE
-            return
-        if not result.scanned:
+        result = await self._scan(self._services.spamd, c.on_failure, content, outcome)
+        if result is None:
             return
         headers.append(_spam_status(result))
         if not result.found:
