@@ -202,14 +202,20 @@ class QueueManager:
         return min(self._tick_seconds, max(0.0, next_scan - self._clock.time()))
 
     async def _idle(self, seconds: float) -> None:
-        """Wait for a wake-up or until `seconds` pass on the injected clock, whichever comes first."""
-        woken = asyncio.ensure_future(self._wakeup.wait())
+        """Wait for a wake-up or until `seconds` pass on the injected clock, whichever comes first: the clock's
+        sleep (one task) rings the wake-up event, which the loop waits on directly."""
+        if self._wakeup.is_set():
+            return
         timer = asyncio.ensure_future(self._clock.sleep(seconds))
+        timer.add_done_callback(self._timer_rang)
         try:
-            await asyncio.wait({woken, timer}, return_when=asyncio.FIRST_COMPLETED)
+            await self._wakeup.wait()
         finally:
-            woken.cancel()
             timer.cancel()
+
+    def _timer_rang(self, timer: asyncio.Future) -> None:
+        if not timer.cancelled():
+            self._wakeup.set()
 
     async def _poll_operators(self) -> None:
         """Notice operator changes: holds and deletes (the generation counter), flush requests."""

@@ -135,7 +135,8 @@ class Wire(asyncio.Protocol):
         if not self._replies and self._error is None:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
-                await asyncio.wait_for(self._waiter, timeout)
+                async with asyncio.timeout(timeout):  # (wait_for costs a second future and a loop turn)
+                    await self._waiter
             finally:
                 self._waiter = None
         if self._replies:
