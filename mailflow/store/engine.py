@@ -212,6 +212,7 @@ class Writer(Connection):
         try:
             con.execute("BEGIN IMMEDIATE")
             try:
+                removed = _content_files(con, merged.get(DELETE_CONTENT, ()))  # before the rows go
                 for sql, rows in merged.items():
                     if rows and sql != LINK_CONTENT:
                         con.executemany(sql, rows)
@@ -224,11 +225,11 @@ class Writer(Connection):
             for path in linked:
                 path.unlink(missing_ok=True)
             raise
-        for (queue_id,) in merged.get(DELETE_CONTENT, ()):
+        for queue_id in removed:
             try:
-                (self._content_dir / queue_id).unlink()
+                os.unlink(os.path.join(self._content_dir, queue_id))
             except FileNotFoundError:
-                pass  # held in the database
+                pass
             except OSError as e:
                 log.error("store: cannot remove content file %s: %s (removed at the next start)", queue_id, e)
         return results
@@ -261,6 +262,18 @@ class Writer(Connection):
         con.executescript(f"PRAGMA incremental_vacuum({VACUUM_PAGES});")
         con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return free - con.execute("PRAGMA freelist_count").fetchone()[0]
+
+
+def _content_files(con: sqlite3.Connection, id_rows: Sequence[tuple]) -> list[str]:
+    """Of the messages in `id_rows` (`(queue id,)`), those whose content has a file (the others' content is all in
+    their rows: no file to remove, no system call to make)."""
+    found: list[str] = []
+    ids = [queue_id for (queue_id,) in id_rows]
+    for chunk in chunks(ids, MAX_VARS):
+        found += [queue_id for (queue_id,) in con.execute(
+            f"SELECT message_id FROM content WHERE file_offset IS NOT NULL AND message_id IN ({marks(len(chunk))})",
+            chunk)]
+    return found
 
 
 def rollback(con: sqlite3.Connection) -> None:
