@@ -294,7 +294,7 @@ class FrontEndCommands(ProtocolCore):
             self._close()
             return False
         try:
-            client = await asyncio.wait_for(read_proxy_header(self._reader), timeout)
+            client = await asyncio.wait_for(read_proxy_header(self.wire), timeout)
         except asyncio.TimeoutError:
             log.warning("unknown[%s]: PROXY header: time limit of %gs exceeded, dropped", balancer, timeout)
             self._close()

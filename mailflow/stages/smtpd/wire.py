@@ -1,7 +1,10 @@
 """smtpd's input side: command lines, DATA and BDAT content read from the client in chunks, strictly.
 
-`Wire` owns the bytes received and not yet consumed (a buffer in front of aiosmtpd's StreamReader). It reads
-64 KB at a time and scans for line ends and the DATA terminator with bytes methods (C speed), not line by line.
+`Wire` owns the bytes received and not yet consumed: the session's protocol feeds it what the transport
+delivers (`feed`, `feed_eof`, `set_exception`; no StreamReader in between, so a byte received is copied once
+into this buffer and once more, unstuffed, into the message's spool). It scans for line ends and the DATA
+terminator with bytes methods (C speed), not line by line. Past HIGH_WATER bytes waiting it pauses the
+transport's reading, and resumes it when a reader needs more: what a client can make the server hold is bounded.
 
 Rules (Postfix smtpd_forbid_bare_newline = reject):
 - A command line ends only at CRLF. A line ended by a bare LF, or holding a bare CR, raises `WireError` with
@@ -21,8 +24,8 @@ Rules (Postfix smtpd_forbid_bare_newline = reject):
   spool; the same bare-newline and NUL rules apply to their content (`ContentCheck`, as Postfix applies
   smtpd_forbid_bare_newline to BDAT).
 
-Every wait for input goes through `progress`, which the session uses to enforce its deadlines. End of input
-raises `ConnectionResetError`.
+Every byte received goes through `progress`, which the session uses to enforce its deadlines. End of input
+raises `ConnectionResetError` (`readexactly`, for a PROXY header: `asyncio.IncompleteReadError`).
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from mailflow.content import Spool
 
 CHUNK = 65536
 PARTIAL_LINE_KEEP = 65536  # a DATA line longer than this is passed on in pieces, never held whole
+HIGH_WATER = 4 * CHUNK  # bytes waiting to be consumed past which the transport stops reading
 TERMINATOR = b"\r\n.\r\n"
 
 
@@ -113,13 +117,42 @@ def refusal(spool: Spool, nul: bool) -> status.Reply | None:
 class Wire:
     """The client's input not yet consumed. One per session; `discard()` after STARTTLS."""
 
-    def __init__(self, reader: asyncio.StreamReader, host: str, progress: Callable[[int], None] | None = None,
-                 *, bare_lf: bool = False):
-        self._reader = reader
+    def __init__(self, host: str, progress: Callable[[int], None] | None = None, *, bare_lf: bool = False,
+                 reading: Callable[[bool], None] | None = None):
+        """`reading(False)` pauses the transport's reading, `reading(True)` resumes it."""
         self._host = host
         self._progress = progress or (lambda n: None)
         self._bare_lf = bare_lf
+        self._reading = reading or (lambda on: None)
         self._buf = bytearray()
+        self._paused = False
+        self._eof = False
+        self._error: BaseException | None = None  # the connection's failure
+        self._waiter: asyncio.Future | None = None
+
+    # -- what the protocol feeds
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+        self._progress(len(data))
+        if len(self._buf) > HIGH_WATER and not self._paused:
+            self._paused = True
+            self._reading(False)
+        self._wake()
+
+    def feed_eof(self, error: BaseException | None = None) -> None:
+        """No more input: the client closed its side, or the connection failed with `error`."""
+        self._eof = True
+        if self._error is None:
+            self._error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- the session's side
 
     def discard(self) -> None:
         """Drop everything received and not yet consumed (plaintext pipelined after STARTTLS, RFC 3207)."""
@@ -127,18 +160,36 @@ class Wire:
 
     def pending(self) -> bool:
         """True when input beyond what was consumed has already arrived (pipelining checks)."""
-        return bool(self._buf) or bool(getattr(self._reader, "_buffer", b""))
+        return bool(self._buf)
 
     def peek(self, limit: int = 100) -> bytes:
         """The first bytes received and not consumed (for the log of a pipelining violation)."""
-        return bytes(self._buf[:limit]) or bytes(getattr(self._reader, "_buffer", b""))[:limit]
+        return bytes(self._buf[:limit])
 
     async def _fill(self) -> None:
-        data = await self._reader.read(CHUNK)
-        if not data:
-            raise ConnectionResetError("client closed the connection")
-        self._progress(len(data))
-        self._buf += data
+        """Wait until more than what the buffer holds now has arrived."""
+        have = len(self._buf)
+        if self._paused:
+            self._paused = False
+            self._reading(True)
+        while len(self._buf) == have:
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                raise ConnectionResetError("client closed the connection")
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+
+    async def readexactly(self, n: int) -> bytes:
+        """Exactly `n` bytes (asyncio.StreamReader's contract, for the PROXY header)."""
+        while len(self._buf) < n:
+            try:
+                await self._fill()
+            except ConnectionError:
+                raise asyncio.IncompleteReadError(bytes(self._buf), n) from None
+        data = bytes(self._buf[:n])
+        del self._buf[:n]
+        return data
 
     def _bare(self, char: str) -> WireError:
         return WireError(status.bare_newline(self._host, char), fatal=True)
