@@ -98,10 +98,12 @@ class Connection:
         self.submit(fn, args, functools.partial(_settle, fut))
         return await fut
 
-    def submit(self, fn: Callable[..., Any], args: tuple, done: Callable[[BaseException | None, Any], None]) -> None:
-        """`fn(*args)` on the connection's thread: one hop; then `done(error, result)` on the running loop."""
+    def submit(self, fn: Callable[..., Any], args: tuple, done: Callable[[BaseException | None, Any], None],
+               loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """`fn(*args)` on the connection's thread: one hop; then `done(error, result)` on `loop` (default: the
+        running one)."""
         self.hops += 1
-        self._calls.put((asyncio.get_running_loop(), done, fn, args))
+        self._calls.put((loop or asyncio.get_running_loop(), done, fn, args))
 
     def _connection(self) -> sqlite3.Connection:
         if self._con is None:
@@ -321,6 +323,7 @@ class GroupCommitter:
         self._busy = False  # a batch is at the writer, or one is about to start
         self._idle: list[asyncio.Future] = []  # stop() waiting for the last batch
         self._retries: set[asyncio.Task] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one the requests come from
         self.commits = 0
 
     async def stop(self) -> None:
@@ -339,7 +342,7 @@ class GroupCommitter:
         return only once it is on disk (else once it is in the WAL: see Writer)."""
         if may_refuse and len(self._waiting) >= self._backlog_limit:
             raise Overloaded()
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._waiting.append((ops, call, durable, fut))
         if not self._busy:
@@ -357,7 +360,8 @@ class GroupCommitter:
             return
         batch = self._waiting[:self._batch_limit]
         del self._waiting[:self._batch_limit]
-        self._writer.submit(self._writer.transaction, _merged(batch), functools.partial(self._committed, batch))
+        self._writer.submit(self._writer.transaction, _merged(batch), functools.partial(self._committed, batch),
+                            self._loop)
 
     def _committed(self, batch: list[Request], error: BaseException | None, results: list | None) -> None:
         """The writer's answer for a batch (on the loop): settle its requests, then go on with the next batch."""

@@ -155,7 +155,7 @@ class ProtocolCore(SMTP):
         self._command_timeout = timeout
         self.record = SessionLog(self._client_name)
         self._wire = Wire(hostname, self._on_input, bare_lf=not self._limits.forbid_bare_newline,
-                          reading=self._reading)
+                          reading=self._reading, loop=self.loop)
         self._replies_sent = 0
         self._in_hello = False  # HELO/EHLO replies carry no enhanced codes (RFC 2034)
         self._errors = 0

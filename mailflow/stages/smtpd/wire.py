@@ -118,9 +118,11 @@ class Wire:
     """The client's input not yet consumed. One per session; `discard()` after STARTTLS."""
 
     def __init__(self, host: str, progress: Callable[[int], None] | None = None, *, bare_lf: bool = False,
-                 reading: Callable[[bool], None] | None = None):
-        """`reading(False)` pauses the transport's reading, `reading(True)` resumes it."""
+                 reading: Callable[[bool], None] | None = None, loop: asyncio.AbstractEventLoop | None = None):
+        """`reading(False)` pauses the transport's reading, `reading(True)` resumes it; `loop`: the session's
+        (asked for at the first wait when not given)."""
         self._host = host
+        self._loop = loop
         self._progress = progress or (lambda n: None)
         self._bare_lf = bare_lf
         self._reading = reading or (lambda on: None)
@@ -177,7 +179,9 @@ class Wire:
                 raise self._error
             if self._eof:
                 raise ConnectionResetError("client closed the connection")
-            self._waiter = asyncio.get_running_loop().create_future()
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._waiter = self._loop.create_future()
             await self._waiter
 
     async def readexactly(self, n: int) -> bytes:

@@ -68,12 +68,14 @@ class Wire(asyncio.Protocol):
         self._waiter: asyncio.Future | None = None
         self._writable: asyncio.Future | None = None  # set while the transport's write buffer is too full
         self._reading_paused = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self._loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         self._parser.receive_data(data)
@@ -133,12 +135,16 @@ class Wire(asyncio.Protocol):
 
     async def reply(self, timeout: float) -> Reply:
         if not self._replies and self._error is None:
-            self._waiter = asyncio.get_running_loop().create_future()
+            # One future and one timer (wait_for adds a future and a loop turn, asyncio.timeout a task lookup)
+            loop = self._loop or asyncio.get_running_loop()
+            self._waiter = waiter = loop.create_future()
+            timer = loop.call_later(timeout, _time_out, waiter) if timeout is not None else None
             try:
-                async with asyncio.timeout(timeout):  # (wait_for costs a second future and a loop turn)
-                    await self._waiter
+                await waiter
             finally:
                 self._waiter = None
+                if timer is not None:
+                    timer.cancel()
         if self._replies:
             reply = self._replies.popleft()
             if self._reading_paused and len(self._replies) < READ_AHEAD // 2 and self.transport is not None:
@@ -157,6 +163,11 @@ class Wire(asyncio.Protocol):
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done() and (self._replies or self._error):
             self._waiter.set_result(None)
+
+
+def _time_out(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 class Session:
