@@ -8,7 +8,7 @@ over it; every I/O problem becomes a `SiteFailure` naming the peer and what was 
 
     Timeouts(connect, helo, command, data)            the limit of each stage of a session, in seconds
     Session(wire, peer, opened)                       (built by connect.open_session)
-      .send(data, activity) .send_many(pieces, activity)   write now
+      .send(data, activity) .send_many(pieces, activity)   write now (a big piece is not copied into a join)
       await .drain(timeout, activity)                 until the peer has taken enough of what was written
       await .reply(timeout, activity) -> Reply        the next reply in order; a 421 closes the session
                                                       (RFC 5321 3.8: what would follow on it is lost)
@@ -38,6 +38,7 @@ from mailflow.transports.smtp.reply import MalformedReply, Reply, ReplyParser
 from mailflow.transports.smtp.trouble import stream_failure
 
 READ_AHEAD = 64  # complete replies waiting to be read before reading pauses
+JOIN_LIMIT = 16384  # send_many joins pieces smaller than this; a bigger one is written as it is (not copied)
 CRLF = b"\r\n"
 LOST = "Connection lost"
 
@@ -209,8 +210,20 @@ class Session:
         self._transport.write(data)
 
     def send_many(self, pieces: list[bytes], activity: str) -> None:
+        """The pieces in order: small neighbours joined into one write, a big piece written as it is (asyncio's
+        writelines would copy it into the join)."""
         self._check_open(activity)
-        self._transport.writelines(pieces)
+        small: list[bytes] = []
+        for piece in pieces:
+            if len(piece) < JOIN_LIMIT:
+                small.append(piece)
+                continue
+            if small:
+                self._transport.write(b"".join(small))
+                small = []
+            self._transport.write(piece)
+        if small:
+            self._transport.write(b"".join(small))
 
     async def drain(self, timeout: float, activity: str) -> None:
         try:
