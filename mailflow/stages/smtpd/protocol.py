@@ -187,11 +187,12 @@ class ProtocolCore(SMTP):
 
     def _reading(self, on: bool) -> None:
         """The wire's flow control: pause or resume reading from the client."""
-        if self.transport is not None and not self.transport.is_closing():
+        transport = self.transport
+        if isinstance(transport, asyncio.ReadTransport) and not transport.is_closing():
             if on:
-                self.transport.resume_reading()
+                transport.resume_reading()
             else:
-                self.transport.pause_reading()
+                transport.pause_reading()
 
     def _reset_transaction(self) -> None:
         """The transaction ends without a message (what RSET does)."""
@@ -239,6 +240,7 @@ class ProtocolCore(SMTP):
     def _observe_identity(self) -> None:
         """What the transcript says of the client, as known now (after PROXY, XCLIENT, STARTTLS, AUTH)."""
         t = self.transcript
+        assert t is not None
         t.client, t.helo, t.login = self.session.client, self.session.host_name or "", self.session.login
         t.tls = tls_description(self.session.ssl)
 
