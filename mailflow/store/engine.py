@@ -360,8 +360,12 @@ class GroupCommitter:
             return
         batch = self._waiting[:self._batch_limit]
         del self._waiting[:self._batch_limit]
-        self._writer.submit(self._writer.transaction, _merged(batch), functools.partial(self._committed, batch),
-                            self._loop)
+        try:
+            args = _merged(batch)
+        except Exception as e:  # a malformed request: its batch fails, the committer goes on
+            self._committed(batch, e, None)
+            return
+        self._writer.submit(self._writer.transaction, args, functools.partial(self._committed, batch), self._loop)
 
     def _committed(self, batch: list[Request], error: BaseException | None, results: list | None) -> None:
         """The writer's answer for a batch (on the loop): settle its requests, then go on with the next batch."""
