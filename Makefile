@@ -8,7 +8,7 @@ STAMP   = $(VENV)/.installed
 BATTERY ?= ../shared/battery
 PYTEST_ARGS ?=
 
-.PHONY: serve test battery bench clean
+.PHONY: serve test battery bench bench-pinned clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -28,6 +28,10 @@ battery: $(STAMP)
 
 bench: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python bench/run.py
+
+# each server on one core (taskset), load generator and sinks on the other: the cost per message alone
+bench-pinned: $(STAMP)
+	PINNED=1 PATH=$(abspath $(BIN)):$$PATH $(BIN)/python bench/run.py
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -13,6 +13,10 @@ Contract:
   left of the overall deadline); runs that no longer fit are recorded as skipped. After a failed run the
   server is reset (empty queue) so left-overs cannot reach the next run's sink; a server that cannot be
   reset or warmed up is dropped and its remaining cells are recorded as skipped with the reason.
+- Each measured run is metered (procstat.Meter on the server's processes, from just before the load starts to
+  the end of the drain window): the server's CPU seconds, context switches and peak memory during the run.
+  A cell's figures per message are the sums over its successful runs divided by their messages (the delta over
+  the cell, the other server's runs excluded), its peak memory the largest of its runs'.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
+from procstat import Meter, Usage
 from smtp_tools import Sink, Tools, run_source
 
 
@@ -43,6 +48,7 @@ class Run:
     extra: int = 0
     duplicates: int = 0
     why: str = ""
+    usage: Usage | None = None  # the server's, during the run (procstat)
 
     @property
     def accept_rate(self) -> float | None:
@@ -72,9 +78,38 @@ class CellResult:
     def e2e_med(self) -> float | None:
         return self.median("e2e_rate")
 
+    @property
+    def usage(self) -> Usage | None:
+        """The server's usage summed over the successful runs (memory: the largest peak); None without one."""
+        metered = [r.usage for r in self.runs if r.ok and r.usage is not None]
+        if not metered:
+            return None
+        total = Usage()
+        for usage in metered:
+            total = total.add(usage)
+        return total
+
+    @property
+    def metered_messages(self) -> int:
+        return sum(r.count for r in self.runs if r.ok and r.usage is not None)
+
+    def per_message(self, attr: str, scale: float = 1.0) -> float | None:
+        """A usage figure (cpu_s, vcs, ivcs) per message over the cell's successful runs, times `scale`."""
+        usage, count = self.usage, self.metered_messages
+        return getattr(usage, attr) * scale / count if usage is not None and count else None
+
+    @property
+    def cpu_ms(self) -> float | None:
+        """Server CPU milliseconds per message."""
+        return self.per_message("cpu_s", 1000.0)
+
     def to_json(self) -> dict:
+        usage = self.usage
         return {"size": self.cell.size, "sessions": self.cell.sessions, "skipped": self.skipped, "note": self.note,
                 "accept_med": self.accept_med, "e2e_med": self.e2e_med,
+                "cpu_ms_per_msg": self.cpu_ms, "vcs_per_msg": self.per_message("vcs"),
+                "ivcs_per_msg": self.per_message("ivcs"),
+                "peak_rss_mb": usage and usage.rss_mb, "peak_pss_mb": usage and usage.pss_mb,
                 "runs": [dict(asdict(r), accept_rate=r.accept_rate, e2e_rate=r.e2e_rate) for r in self.runs]}
 
 
@@ -92,23 +127,34 @@ def time_left(settings: Settings) -> float:
     return settings.deadline - time.monotonic()
 
 
-def one_run(tools: Tools, port: int, sink_port: int, cell: Cell, count: int, timeout: float, drain: float) -> Run:
-    """One measured load through a fresh sink; see the module contract."""
+def one_run(tools: Tools, port: int, sink_port: int, cell: Cell, count: int, timeout: float, drain: float,
+            meter: Meter | None = None) -> Run:
+    """One measured load through a fresh sink; see the module contract. `meter`: the server's, read from just
+    before the load to the end of the drain window (the run's `usage`)."""
     sink = Sink.start(tools, sink_port)
+    if meter is not None:
+        meter.start()
     try:
-        t0 = time.perf_counter()
-        ok, accept_s, why = run_source(tools, port, cell.sessions, cell.size, count, timeout)
-        if not ok:
-            return Run(False, count, delivered=sink.count, why=why)
-        arrived = sink.wait_for(count, timeout - (time.perf_counter() - t0))
-        if arrived is None:
-            return Run(False, count, accept_s=accept_s, delivered=sink.count,
-                       why=f"only {sink.count}/{count} delivered within {timeout:.0f} s")
-        time.sleep(drain)
-        return Run(True, count, accept_s, max(arrived - t0, accept_s), delivered=count,
-                   extra=max(0, sink.count - count), duplicates=sink.duplicates)
+        run = _load(tools, port, sink, cell, count, timeout, drain)
     finally:
+        usage = meter.stop() if meter is not None else None
         sink.stop()
+    run.usage = usage
+    return run
+
+
+def _load(tools: Tools, port: int, sink: Sink, cell: Cell, count: int, timeout: float, drain: float) -> Run:
+    t0 = time.perf_counter()
+    ok, accept_s, why = run_source(tools, port, cell.sessions, cell.size, count, timeout)
+    if not ok:
+        return Run(False, count, delivered=sink.count, why=why)
+    arrived = sink.wait_for(count, timeout - (time.perf_counter() - t0))
+    if arrived is None:
+        return Run(False, count, accept_s=accept_s, delivered=sink.count,
+                   why=f"only {sink.count}/{count} delivered within {timeout:.0f} s")
+    time.sleep(drain)
+    return Run(True, count, accept_s, max(arrived - t0, accept_s), delivered=count,
+               extra=max(0, sink.count - count), duplicates=sink.duplicates)
 
 
 def warm_up(server, tools: Tools, settings: Settings, log) -> None:
@@ -127,8 +173,9 @@ def describe_run(name: str, cell: Cell, index: int, run: Run) -> str:
     if not run.ok:
         return f"{where}: FAILED: {run.why}"
     extra = f", {run.extra} extra deliveries ({run.duplicates} duplicates)" if run.extra or run.duplicates else ""
+    cpu = f", server CPU {run.usage.cpu_s * 1000 / run.count:.2f} ms/msg" if run.usage is not None else ""
     return (f"{where}: accept {run.accept_rate:5.0f}/s ({run.accept_s:.2f} s), "
-            f"e2e {run.e2e_rate:5.0f}/s ({run.e2e_s:.2f} s){extra}")
+            f"e2e {run.e2e_rate:5.0f}/s ({run.e2e_s:.2f} s){cpu}{extra}")
 
 
 @dataclass
@@ -155,7 +202,8 @@ def measure_one(c: Contender, tools: Tools, cell: Cell, index: int, settings: Se
         result.skipped, result.note = True, "overall time budget (BUDGET) used up"
         return
     try:
-        run = one_run(tools, c.server.port, c.server.sink_port, cell, settings.count, budget, settings.drain)
+        run = one_run(tools, c.server.port, c.server.sink_port, cell, settings.count, budget, settings.drain,
+                      Meter(c.server.pid()))
     except RuntimeError as e:  # the sink would not start
         run = Run(False, settings.count, why=str(e))
     result.runs.append(run)

@@ -5,10 +5,16 @@ Contract:
 - Starts Postfix and mailflow (SERVERS drops one), each relaying all mail to its own sink port on 127.0.0.1;
   warms them up; measures every cell (SIZES x SESSIONS) RUNS times with COUNT messages, the runs of the two
   servers interleaved: accept msg/s (until the load generator exits) and end-to-end msg/s (until the sink has
-  all). Medians per cell.
-- Prints progress, a table per server, the mailflow ÷ Postfix ratio table, the JSON path (bench-results/), and
-  as the very LAST line `e2e_ratio_vs_postfix=R` (mailflow e2e ÷ Postfix e2e, 2 KB x 10 sessions, 2 decimals)
-  or `e2e_ratio_vs_postfix=n/a` when either side was not measured (e.g. Postfix not installed).
+  all), medians per cell; and, from /proc over each run (bench/procstat.py), the server's CPU ms, voluntary
+  and involuntary context switches per message and its peak memory (all its processes: Postfix's master and
+  every daemon under it).
+- Prints progress, a table per server, the mailflow ÷ Postfix ratio table (every cell), the JSON path
+  (bench-results/), then `e2e_ratio_vs_postfix=R` (mailflow e2e ÷ Postfix e2e, 2 KB x 10 sessions, 2
+  decimals), the worst cell's name, and as the very LAST line `e2e_ratio_vs_postfix_min=R`: the lowest e2e
+  ratio of all cells. Either is `n/a` when a side has no figure (e.g. Postfix not installed, a cell failed).
+- PINNED=1 (`make bench-pinned`): each server runs on CPU SERVER_CPU only (`taskset -c`, inherited by every
+  process it starts), the harness, load generator and sinks on TOOLS_CPU: the cost per message without the
+  use of a second core by a server's other processes or threads.
 - Without smtp-source/smtp-sink it uses the built-in loadgen.py/capture_sink.py and measures mailflow only.
 - Bounded: each run <= RUN_TIMEOUT s, no new run after BUDGET s; servers are stopped and the temp dir removed
   on every exit path (including Ctrl-C and SIGTERM). Only 127.0.0.1, ports 2500-2599.
@@ -18,6 +24,7 @@ Contract:
 
 Environment (defaults): COUNT=1000 RUNS=3 SESSIONS=1,10,50 SIZES=2000,100000 WARMUP=100 SERVERS=postfix,mailflow
 RUN_TIMEOUT=60 BUDGET=420 DRAIN=1 TOOLS=auto|builtin RESULTS_DIR=bench-results KEEP_TMP=0 MAILFLOW_CMD=(auto)
+PINNED=0 SERVER_CPU=0 TOOLS_CPU=1
 """
 from __future__ import annotations
 
@@ -36,7 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from measure import Cell, CellResult, Settings, measure_all  # noqa: E402
-from report import headline_ratio, ratio_table, server_table, write_json  # noqa: E402
+from report import headline_ratio, ratio_table, server_table, worst_ratio, write_json  # noqa: E402
 from servers import MailflowServer, PostfixServer, ServerError, mailflow_command  # noqa: E402
 from smtp_tools import Tools  # noqa: E402
 
@@ -58,6 +65,9 @@ class Options:
     tools: str
     results_dir: Path
     keep_tmp: bool
+    pinned: bool = False
+    server_cpu: int = 0
+    tools_cpu: int = 1
 
     @classmethod
     def from_env(cls, env=os.environ) -> "Options":
@@ -72,9 +82,27 @@ class Options:
                        warmup=int(env.get("WARMUP", 100)), servers=servers,
                        run_timeout=float(env.get("RUN_TIMEOUT", 60)), budget=float(env.get("BUDGET", 420)),
                        drain=float(env.get("DRAIN", 1)), tools=env.get("TOOLS", "auto"),
-                       results_dir=Path(env.get("RESULTS_DIR", "bench-results")), keep_tmp=env.get("KEEP_TMP") == "1")
+                       results_dir=Path(env.get("RESULTS_DIR", "bench-results")), keep_tmp=env.get("KEEP_TMP") == "1",
+                       pinned=env.get("PINNED", "0") == "1", server_cpu=int(env.get("SERVER_CPU", 0)),
+                       tools_cpu=int(env.get("TOOLS_CPU", 1)))
         except ValueError as e:
             raise SystemExit(f"bad setting in the environment: {e}") from None
+
+    def check_pinning(self) -> None:
+        """PINNED=1 needs taskset and two distinct CPUs this process may use."""
+        if not self.pinned:
+            return
+        usable = os.sched_getaffinity(0)
+        if self.server_cpu == self.tools_cpu or not {self.server_cpu, self.tools_cpu} <= usable:
+            raise SystemExit(f"PINNED=1: SERVER_CPU={self.server_cpu} and TOOLS_CPU={self.tools_cpu} must be two "
+                             f"different CPUs among {sorted(usable)}")
+        if not shutil.which("taskset"):
+            raise SystemExit("PINNED=1 needs taskset (util-linux)")
+
+    @property
+    def server_cpus(self) -> str | None:
+        """The CPU list for the servers' taskset, None when not pinned."""
+        return str(self.server_cpu) if self.pinned else None
 
     def cells(self) -> list[Cell]:
         return [Cell(size, sessions) for size in self.sizes for sessions in self.sessions]
@@ -114,9 +142,20 @@ def postfix_usable(tools: Tools) -> tuple[bool, str]:
     return PostfixServer.available()
 
 
+def cpu_model() -> str:
+    """The CPU's model name as lscpu shows it (from /proc/cpuinfo), or "unknown"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def machine() -> dict:
-    return {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform()}
+    return {"host": platform.node(), "cpus": os.cpu_count(), "cpu_model": cpu_model(),
+            "python": platform.python_version(), "platform": platform.platform()}
 
 
 def summarize_log(path: Path) -> list[str]:
@@ -149,9 +188,10 @@ class Bench:
         self.cleaned = False
 
     def make_server(self, name: str):
+        cpus = self.opts.server_cpus
         if name == "mailflow":
-            return MailflowServer(self.tmp / "mailflow", self.mailflow_port, self.mailflow_sink)
-        return PostfixServer(self.tmp / "postfix", self.postfix_port, self.postfix_sink)
+            return MailflowServer(self.tmp / "mailflow", self.mailflow_port, self.mailflow_sink, cpus)
+        return PostfixServer(self.tmp / "postfix", self.postfix_port, self.postfix_sink, cpus)
 
     def start_server(self, name: str):
         """The started server, or None (the reason goes to problems)."""
@@ -180,7 +220,11 @@ class Bench:
         o = self.opts
         log(f"mailflow bench: COUNT={o.count} RUNS={o.runs} SIZES={o.sizes} SESSIONS={o.sessions} WARMUP={o.warmup} "
             f"RUN_TIMEOUT={o.run_timeout:.0f}s BUDGET={o.budget:.0f}s; tools: {self.tools.describe()}; "
-            f"{os.cpu_count()} CPUs")
+            f"{os.cpu_count()} CPUs ({cpu_model()})")
+        if o.pinned:  # the load generator and the sinks inherit this process's CPU
+            os.sched_setaffinity(0, {o.tools_cpu})
+            log(f"pinned: each server on CPU {o.server_cpu} only; harness, load generator and sinks on CPU "
+                f"{o.tools_cpu}")
         usable, why = postfix_usable(self.tools)
         if "postfix" in o.servers and not usable:
             log(f"Postfix not measured: {why}")
@@ -225,8 +269,8 @@ class Bench:
             shutil.rmtree(self.tmp, ignore_errors=True)
         self.cleaned = True
 
-    def report(self) -> str:
-        """Prints the tables and writes the JSON; returns the headline ratio."""
+    def report(self) -> tuple[str, str, str]:
+        """Prints the tables and writes the JSON; returns the headline ratio, the worst cell and its ratio."""
         mf, pf = self.results.get("mailflow"), self.results.get("postfix")
         for name, results in (("Postfix", pf), ("mailflow", mf)):
             if results:
@@ -241,29 +285,34 @@ class Bench:
         for problem in self.problems:
             log(f"PROBLEM: {problem.splitlines()[0]}")
         ratio = headline_ratio(mf, pf, HEADLINE_CELL)
-        path = write_json(self.opts.results_dir, self.payload(ratio))
+        worst_cell, worst = worst_ratio(mf, pf)
+        path = write_json(self.opts.results_dir, self.payload(ratio, worst_cell, worst))
         log(f"\nresults: {path}")
-        return ratio
+        return ratio, worst_cell, worst
 
-    def payload(self, ratio: str) -> dict:
+    def payload(self, ratio: str, worst_cell: str, worst: str) -> dict:
         o = self.opts
         return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(), "tools": self.tools.describe(),
                 "mailflow_command": mailflow_command(),
                 "settings": {"count": o.count, "runs": o.runs, "sizes": o.sizes, "sessions": o.sessions,
-                             "warmup": o.warmup, "run_timeout": o.run_timeout, "budget": o.budget, "drain": o.drain},
+                             "warmup": o.warmup, "run_timeout": o.run_timeout, "budget": o.budget, "drain": o.drain,
+                             "pinned": {"server_cpu": o.server_cpu, "tools_cpu": o.tools_cpu} if o.pinned else None},
                 "results": {name: {r.cell.key: r.to_json() for r in res} for name, res in self.results.items()},
                 "e2e_ratio_vs_postfix": ratio, "headline_cell": HEADLINE_CELL.key,
+                "e2e_ratio_vs_postfix_min": worst, "worst_cell": worst_cell,
                 "server_state": self.states, "problems": self.problems, "mailflow_log_top": self.mailflow_log}
 
 
 def main() -> int:
     interrupt_on_signals()
-    ratio, status, bench = "n/a", 1, None
+    ratio, worst_cell, worst, status, bench = "n/a", "", "n/a", 1, None
     try:
-        bench = Bench(Options.from_env())
+        opts = Options.from_env()
+        opts.check_pinning()
+        bench = Bench(opts)
         bench.run()
         bench.cleanup()
-        ratio = bench.report()
+        ratio, worst_cell, worst = bench.report()
         status = 1 if bench.problems else 0
     except KeyboardInterrupt:
         log("\ninterrupted: stopping servers and removing the temp dir")
@@ -281,6 +330,9 @@ def main() -> int:
             except KeyboardInterrupt:
                 bench.cleanup()
     print(f"e2e_ratio_vs_postfix={ratio}", flush=True)
+    if worst_cell:
+        print(f"worst cell: {worst_cell}", flush=True)
+    print(f"e2e_ratio_vs_postfix_min={worst}", flush=True)
     return status
 
 

@@ -8,6 +8,10 @@ Contract (both classes):
   failed run, so left-over mail cannot leak into the next cell).
 - `state()` (while running) -> dict of what is worth reporting after the load: messages still queued, and
   for mailflow its RSS and CPU seconds so far. Best effort: a key is missing when it cannot be read.
+- `pid()` (while running) -> the process whose tree is the server (bench/procstat.py meters it): mailflow's
+  process; Postfix's master, whose children are its daemons.
+- `cpus` (constructor, None by default): a CPU list for `taskset -c` (the pinned mode of bench/run.py); the
+  server and every process it starts run only there.
 - Everything lives under the run's temp dir; nothing outside it is written. Only loopback, ports 2500-2599.
 
 MailflowServer writes `config.toml` (the keys bench/README.md lists), runs `mailflow serve --config FILE` with
@@ -64,6 +68,11 @@ def mailflow_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "mailflow"]
 
 
+def pinned(cpus: str | None) -> list[str]:
+    """The command prefix that runs a program on `cpus` only (none when None)."""
+    return ["taskset", "-c", cpus] if cpus else []
+
+
 def process_usage(pid: int) -> dict:
     """RSS (MB) and user+system CPU seconds of a running process, from /proc (Linux)."""
     try:
@@ -86,12 +95,13 @@ def tail(path: Path, lines: int = 15) -> str:
 class MailflowServer:
     name = "mailflow"
 
-    def __init__(self, workdir: Path, port: int, sink_port: int) -> None:
+    def __init__(self, workdir: Path, port: int, sink_port: int, cpus: str | None = None) -> None:
         check_loopback_port(port)
         check_loopback_port(sink_port)
         self.workdir = workdir
         self.port = port
         self.sink_port = sink_port
+        self.cpus = cpus
         self.config_path = workdir / "config.toml"
         self.queue_dir = workdir / "queue"
         self.log_path = workdir / "mailflow.log"
@@ -109,7 +119,7 @@ class MailflowServer:
         log = open(self.log_path, "ab")
         log.write(f"--- bench: start #{self.starts}\n".encode())
         log.flush()
-        cmd = [*mailflow_command(), "serve", "--config", str(self.config_path)]
+        cmd = [*pinned(self.cpus), *mailflow_command(), "serve", "--config", str(self.config_path)]
         try:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          cwd=self.workdir, start_new_session=True)
@@ -136,6 +146,10 @@ class MailflowServer:
     def crashed(self) -> bool:
         return self.proc is not None and self.proc.poll() is not None
 
+    def pid(self) -> int:
+        assert self.proc is not None, "mailflow is not running"
+        return self.proc.pid
+
     def state(self) -> dict:
         out: dict = {}
         if self.proc is not None and self.proc.poll() is None:
@@ -152,12 +166,13 @@ class PostfixServer:
     name = "postfix"
     script = HERE / "postfix_instance.sh"
 
-    def __init__(self, workdir: Path, port: int, sink_port: int) -> None:
+    def __init__(self, workdir: Path, port: int, sink_port: int, cpus: str | None = None) -> None:
         check_loopback_port(port)
         check_loopback_port(sink_port)
         self.workdir = workdir
         self.port = port
         self.sink_port = sink_port
+        self.cpus = cpus
         self.running = False
 
     @staticmethod
@@ -174,8 +189,8 @@ class PostfixServer:
     def _script(self, *args: str) -> subprocess.CompletedProcess:
         env = dict(os.environ, PF_BASE=str(self.workdir), PF_EXTRA=POSTFIX_TIMERS)
         env["PATH"] = env.get("PATH", "") + ":/usr/sbin:/sbin"
-        return subprocess.run(["bash", str(self.script), *args], env=env, capture_output=True, text=True,
-                              timeout=START_TIMEOUT + 30, stdin=subprocess.DEVNULL)
+        return subprocess.run([*pinned(self.cpus), "bash", str(self.script), *args], env=env, capture_output=True,
+                              text=True, timeout=START_TIMEOUT + 30, stdin=subprocess.DEVNULL)
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -205,6 +220,10 @@ class PostfixServer:
 
     def crashed(self) -> bool:
         return False
+
+    def pid(self) -> int:
+        """The master's (its daemons are its children)."""
+        return int((self.workdir / f"pf-relay-{self.port}" / "queue" / "pid" / "master.pid").read_text().strip())
 
     def state(self) -> dict:
         queue = self.workdir / f"pf-relay-{self.port}" / "queue"

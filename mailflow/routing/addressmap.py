@@ -178,6 +178,8 @@ class AddressMapper:
         return None
 
     def _find(self, tables: list[Table], addr: str) -> tuple[str, str, str] | None:
+        if not tables:  # (a setting left empty, the default: no keys to make)
+            return None
         domain = address.split(addr)[1]
         return find_address(tables, addr, delimiter=self._config.recipient_delimiter,
                             local_domain=self._rewriter.is_local_domain(domain))

@@ -39,6 +39,9 @@ checked: relaying is smtpd's decision. `await tables.run(...)` is how an event-l
 mailflow.tables: a blocking table is asked from a worker thread).
 Failures: a table that cannot answer raises `LookupRetry` (smtpd says 451 4.3.0, qmgr defers), never
 "not found".
+A message's recipient is resolved three times (smtpd's RCPT checks, qmgr): the class's answer, a function of
+the (frozen) configuration only, is remembered per address (CLASS_CACHE_SIZE at most, then forgotten whole);
+transport_maps and recipient tables, which a reload may change, are asked every time.
 """
 from __future__ import annotations
 
@@ -58,6 +61,7 @@ status_log = logging.getLogger("mailflow.smtpd")
 # Local parts every local domain accepts at RCPT, listed or not (Postfix check_rcpt_maps): RFC 5321 4.5.1's
 # postmaster, and the senders of bounces, whose replies must not be refused.
 ALWAYS_ACCEPTED = ("postmaster", "mailer-daemon", "double-bounce")
+CLASS_CACHE_SIZE = 4096
 ERROR_TRANSPORT = "error"
 UNKNOWN_IN = {
     AddressClass.LOCAL: "local recipient table",
@@ -151,6 +155,7 @@ class Rewriter:
         self._virtual_uid_maps = tables.open(config.virtual_uid_maps)
         self._virtual_gid_maps = tables.open(config.virtual_gid_maps)
         self._own_addresses = own_addresses(config)
+        self._class_answers: dict[str, Resolution] = {}  # qualified address -> _class_default's answer
         self.tables = tables
 
     def qualify(self, addr: str) -> str:
@@ -219,6 +224,14 @@ class Rewriter:
         return Resolution(res.address_class, transport or res.transport, nexthop or res.nexthop, res.address)
 
     def _class_default(self, qualified: str) -> Resolution:
+        answer = self._class_answers.get(qualified)
+        if answer is None:
+            if len(self._class_answers) >= CLASS_CACHE_SIZE:
+                self._class_answers.clear()
+            answer = self._class_answers[qualified] = self._class_of(qualified)
+        return answer
+
+    def _class_of(self, qualified: str) -> Resolution:
         c = self._config
         klass = self.classify(qualified)
         domain = address.normalise_domain(address.split(qualified)[1])

@@ -11,24 +11,21 @@ Modules
                 version and migrations, maintenance (incremental vacuum, WAL truncation); `store_fault()`.
 - `contents.py` content rows and content files: storing a message's content durably (hard links, fsyncs),
                 reading it back as a `Content`, sweeping files left by a crash.
-- `daemon.py`   `Store` as the server uses it: open/close, insert, claim, record_results, finish, due, content,
+- `daemon.py`   `Store` as the server uses it: open/close, insert, take, claim, record_results, finish, due, content,
                 recover, sweep, maintain, and qmgr's view of the operator tools.
 - `operator.py` the operator API behind `mailflow queue …` (pages, detail, hold/release/requeue/flush/delete,
                 shape, destinations), a part of `Store`.
 
 Thread hops per relayed message (the event loop hands work to a connection's thread and gets the answer back;
-each hop costs about 60 µs of CPU). Counted for 2000 × 2 KB messages, one recipient each, relayed to smtp-sink
-from `smtp-source -s 10` (about 200 qmgr scans):
-- insert: one write request; concurrent ones share a writer hop (group commit).
-- each scan, shared by the messages it takes: the operator poll (`generation`, `flush_requests`: 2 reader hops),
-  `due` (1 reader hop: messages, recipients and the content of the small ones), `claim` (a write request), on
-  a timed scan `next_due_time` (1 reader hop).
+each hop costs about 50 µs of CPU and a few loop turns):
+- insert: one write request; concurrent ones share a writer hop (group commit), the only durable (fsynced)
+  commit on a message's way.
+- each scan, shared by the messages it takes: `take` (one write request: read and claimed together), on a timed
+  scan `next_due_time` (1 reader hop); once a second the operator poll (`operator_counters`, 1 reader hop).
 - content: none for a small message read with its scan; else one reader hop for all asked in one loop turn.
 - results: `finish` (a write request; a message with several jobs also one `record_results` per earlier job).
-Measured (`Store.reads`, `Store.commits`): reader hops were 0.74 per message with aiosqlite (3 per scan for
-`due`, ~480 content reads), now 0.37 (1 per scan; ~50 content reads, for jobs that started after the next
-scan); writer hops stay about 0.5 per message (2.2 write requests per message merged into ~1000 commits).
-Next, with qmgr's help: one hop for the operator poll; scanned content kept for jobs that start later.
+Measured with strace at one session (2 KB, relayed to smtp-sink): per message 3 writer transactions, ~0 reader
+hops, 1.05 fdatasync (was 2.8 with a reader hop for `due` and every commit durable), 39 futex calls (was 61).
 
 Import from here: `from mailflow.store import Store, NewMessage, store_fault, SCHEMA_VERSION`, and the operator
 API's rows (MessageRow, MessageDetail, RecipientRow, ShapeCount, DestinationRow).

@@ -4,7 +4,7 @@ Contract
 - `Store.open(path)` opens (creating, or migrating an older queue) the database and its content directory;
   `close()` finishes every write already submitted, then closes. `owner=True` (the server, holding the queue's
   lock) also converts a queue made before auto_vacuum.
-- `insert(msg)` returns only after the transaction is on disk (`synchronous=FULL`): smtpd may then say 250. A
+- `insert(msg)` returns only after the transaction is on disk (a durable commit): smtpd may then say 250. A
   message with a content file is durable whole: the file is fsynced, linked under its queue id and the
   directory fsynced before the transaction that adds its row commits; a failed commit removes the link.
   Content that is neither in memory nor one file part at the end is first copied into a spool file.
@@ -12,8 +12,10 @@ Contract
 - `due(now, limit)`: up to `limit` messages due, new and deferred mail alternating, with their pending
   recipients and the recorded results whose notice is still owed; in the same reader hop, the content of the
   small ones, which `content()` hands out once each for a message `claim()` then took.
-- `claim(ids, now)` is qmgr's atomic taking of messages: only rows still incoming, or deferred and due, become
-  `active`; it returns the ids it took, and qmgr admits only those.
+- `claim(ids, now)` is an atomic taking of messages: only rows still incoming, or deferred and due, become
+  `active`; it returns the ids it took.
+- `take(now, limit)` is qmgr's scan: `due(now, limit)` and the claim of all of it, in one writer transaction
+  (one hop; nothing can change between the read and the claim). Its content is handed out as due()'s.
 - `content(id)` returns the Content (its file part read lazily) or None when the row or its file is missing;
   reads asked for in the same loop turn are one query. `reads` and `commits` count reader and writer hops;
   `watch_commits(f)` has `f(requests, seconds)` told of each commit (the metrics).
@@ -22,6 +24,13 @@ Contract
   the flags and defers or removes the message, all in one transaction. So a stop between the two repeats no
   delivery and loses no notice. Removing a message (`finish`, `delete_messages`) removes its content file
   after the commit.
+- Durability: what leads to a 250 (`insert`, `insert_many`) is on disk when it returns. What comes after it —
+  claims, results, the end of an attempt (notices included), the destination snapshot, recovery — is committed
+  without waiting for the disk (durable=False: it is in the WAL, so it survives the process being killed, and
+  is on disk with the next durable commit): a power loss can take the latest of those back, so a delivery can
+  be repeated, as with Postfix (whose qmgr does not fsync a queue file after marking recipients done, nor after
+  removing it); mail is never lost, and the order of commits is kept (a later commit never survives an
+  earlier one).
 - `recover()` at start-up moves messages left `active` by a crash back to `incoming`: start-up is recovery (a
   message whose recipients are all done is finished by qmgr's next scan).
 - `sweep()` (at server start, before anything is received) removes temporary spool files and content files
@@ -77,7 +86,6 @@ class Store(OperatorQueries):
             await writer.close()
             raise
         committer = GroupCommitter(writer, batch_limit, backlog_limit)
-        committer.start()
         return cls(writer, reader, committer, path.parent / CONTENT_DIRECTORY)
 
     async def close(self) -> None:
@@ -129,16 +137,23 @@ class Store(OperatorQueries):
     async def claim(self, ids: Sequence[QueueId], now: float) -> list[QueueId]:
         """Take messages for delivery: each of `ids` still incoming, or deferred and due at `now`, becomes active,
         atomically. Returns the ids taken (an operator's hold or delete, or another taker, wins over a stale read)."""
-        taken = await self._committer.write([], call=lambda con: _claim(con, list(ids), now))
+        taken = await self._committer.write([], call=lambda con: _claim(con, list(ids), now), durable=False)
         self._scanned = {qid: self._scanned[qid] for qid in taken if qid in self._scanned}
         return taken
+
+    async def take(self, now: float, limit: int) -> list[QueuedMessage]:
+        """qmgr's scan: what `due(now, limit)` returns, claimed (active) in the same transaction. The content
+        read with it is handed out by `content()` as due()'s."""
+        rows = await self._committer.write([], call=lambda con: _take(con, self._due_params(now, limit), limit, now),
+                                           durable=False)
+        return self._scan_result(rows)
 
     async def record_results(self, queue_id: QueueId, rows: Sequence[tuple[RcptResult, bool]]) -> None:
         """Record what one delivery job did, as soon as it is back: each `(result, notice_owed)` marks its
         recipient sent / bounced, or keeps it pending with its last reason; `notice_owed` flags a recipient whose
         failure or success notice `finish()` must still queue. Only pending recipients change, so recording a
         result twice does no harm."""
-        await self._committer.write([_record_op(queue_id, rows)])
+        await self._committer.write([_record_op(queue_id, rows)], durable=False)
 
     async def finish(self, done: Delivered, notices: Sequence[NewMessage] = (),
                      results: Sequence[RcptResult] = ()) -> None:
@@ -168,10 +183,11 @@ class Store(OperatorQueries):
         if notices:
             ops += insert_ops(notices)
         self._scanned.pop(qid, None)
-        await self._committer.write(ops)
+        await self._committer.write(ops, durable=False)
 
     async def mark_corrupt(self, ids: Sequence[QueueId]) -> None:
-        await self._committer.write([("UPDATE message SET queue = 'corrupt' WHERE id = ?", [(i,) for i in ids])])
+        await self._committer.write([("UPDATE message SET queue = 'corrupt' WHERE id = ?", [(i,) for i in ids])],
+                                    durable=False)
 
     async def maintain(self, *, free_share: float = 0.25, min_free: int = 256) -> int:
         """Give space back after a burst: when at least `min_free` pages and `free_share` of the file are free,
@@ -181,7 +197,8 @@ class Store(OperatorQueries):
     async def recover(self) -> int:
         """Start-up: whatever was active when the process stopped is incoming again. Returns how many."""
         [(n,)] = await self._reader.fetchall("SELECT count(*) FROM message WHERE queue = 'active'")
-        await self._committer.write([("UPDATE message SET queue = 'incoming' WHERE queue = 'active'", [()])])
+        await self._committer.write([("UPDATE message SET queue = 'incoming' WHERE queue = 'active'", [()])],
+                                    durable=False)
         return n
 
     async def save_destinations(self, rows: Sequence[tuple], now: float) -> None:
@@ -191,7 +208,7 @@ class Store(OperatorQueries):
             ("DELETE FROM destination", [()]),
             ("INSERT INTO destination (transport, nexthop, window, in_flight, queued, failures, dead_until,"
              " reason, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [(*row, now) for row in rows]),
-        ])
+        ], durable=False)
 
     # -- reads ----------------------------------------------------------------------------------
     async def due(self, now: float, limit: int) -> list[QueuedMessage]:
@@ -204,12 +221,17 @@ class Store(OperatorQueries):
         `content()` hands it out once, without a read of its own, for a message that `claim()` then took and
         `finish()` has not removed; the rest is dropped at the claim, and what is not asked for by the next
         `due()` then (a later `content()` reads the row)."""
-        rows = await self._reader.fetchall(DUE, {"now": now, "limit": limit, "scan_size": SCAN_CONTENT_SIZE,
-                                                 "budget": SCAN_CONTENT_BUDGET // 2})
-        rows.sort(key=_SCAN_ORDER)
-        fresh = [row for row in rows if row[_SIDE_AT] == 0]
+        rows = await self._reader.fetchall(DUE, self._due_params(now, limit))
+        return self._scan_result(_due_order(rows, limit))
+
+    @staticmethod
+    def _due_params(now: float, limit: int) -> dict:
+        return {"now": now, "limit": limit, "scan_size": SCAN_CONTENT_SIZE, "budget": SCAN_CONTENT_BUDGET // 2}
+
+    def _scan_result(self, rows: list[tuple]) -> list[QueuedMessage]:
+        """DUE rows (in due order) as messages; the content read with them is kept for `content()`."""
         messages, scanned = [], {}
-        for row in _alternate(fresh, rows[len(fresh):])[:limit]:
+        for row in rows:
             message = _due_message(row)
             messages.append(message)
             if row[-2] is not None:
@@ -308,6 +330,21 @@ LEFT JOIN content c ON m.size <= :scan_size AND m.scanned <= :budget AND c.messa
 
 
 _SCAN_ORDER = operator.itemgetter(_SIDE_AT, _SIDE_AT + 1, 0)  # (side, next_attempt, id) of a DUE row
+
+
+def _due_order(rows: list[tuple], limit: int) -> list[tuple]:
+    """DUE rows as due() hands them out: new and deferred mail alternating, each oldest first, `limit` at most."""
+    rows.sort(key=_SCAN_ORDER)
+    fresh = [row for row in rows if row[_SIDE_AT] == 0]
+    return _alternate(fresh, rows[len(fresh):])[:limit]
+
+
+def _take(con: sqlite3.Connection, params: dict, limit: int, now: float) -> list[tuple]:
+    """Inside a transaction: the DUE rows due() would hand out, each claimed (read and claimed under the write
+    lock: nothing can take them in between, so every one is claimed)."""
+    rows = _due_order(con.execute(DUE, params).fetchall(), limit)
+    taken = set(_claim(con, [row[0] for row in rows], now))
+    return [row for row in rows if row[0] in taken]
 
 
 def _due_message(row: tuple) -> QueuedMessage:

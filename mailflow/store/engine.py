@@ -2,20 +2,27 @@
 
 What it owns
 - `Connection`: one sqlite3 connection used only on a thread of its own. `call(fn, *args)` runs `fn(*args)`
-  there: one thread hop, however many statements `fn` runs. `hops` counts them.
-- `Writer`: the one writing connection (WAL, `synchronous=FULL`).
-  `transaction(merged, calls)` is a whole `BEGIN IMMEDIATE; executemany…; calls; COMMIT` in one hop, so the
-  lock is held only while SQLite works (never across event-loop turns, where a stalled loop would hold it
-  against the operator tools). `maintain()` gives free pages back and truncates the WAL after a burst.
+  there: one thread hop, however many statements `fn` runs; `submit(fn, args, done)` the same with a callback
+  called on the loop with (error, result) instead of a future to await. `hops` counts them.
+- `Writer`: the one writing connection (WAL). `transaction(merged, calls, durable)` is a whole
+  `BEGIN IMMEDIATE; executemany…; calls; COMMIT` in one hop, so the lock is held only while SQLite works (never
+  across event-loop turns, where a stalled loop would hold it against the operator tools); a `durable` one
+  returns once it is on disk (`synchronous=FULL`: the WAL is fsynced), another once it is in the WAL
+  (`synchronous=NORMAL`: it survives the process being killed, and reaches the disk with the next durable
+  commit or checkpoint; a power loss can take it back, never a commit made before it).
+  `maintain()` gives free pages back and truncates the WAL after a burst.
 - `Reader`: the query-only connection (WAL lets it read while the writer writes), through aiosqlite: one
   statement per call, each call one hop to aiosqlite's thread (`hops` counts them); a read that needs more
   than one thing asks for it in one statement (Store.due: JSON aggregation and joins).
 - `GroupCommitter`: every write goes through it. Requests (lists of `(sql, rows)`, and optionally a call that
   needs the connection, such as a claim) that arrive while a commit is running are merged into the next
-  transaction, so N concurrent sessions cost one fsync, not N. Requests in one batch must be independent: a
+  transaction, so N concurrent sessions cost one fsync, not N. No task of its own: the first request of an idle
+  committer starts a batch at the end of the loop turn (with every request made in that turn), and the writer's
+  answer settles every request of the batch at once and starts the next batch with those that came meanwhile. Requests in one batch must be independent: a
   caller waits for its request before sending one that depends on it (every caller does: each write is awaited).
-  Past `backlog_limit` waiting requests, a write that `may_refuse` raises `Overloaded`. `on_commit(requests,
-  seconds)`, when set, is told each commit's size and how long the loop waited for it (the metrics).
+  Past `backlog_limit` waiting requests, a write that `may_refuse` raises `Overloaded`. A batch is durable when
+  any of its requests is (`durable=True`, the default). `on_commit(requests,
+  seconds)`, when set, is told each commit's size and how long it took (the metrics).
 - `BatchLoader`: `load(key)` calls made in the same loop turn become one `fetch_many(keys)` call.
 - The schema: `mailflow/schema.sql` is the one schema; `SCHEMA_VERSION` is its version and `MIGRATIONS` bring an
   older queue to it when the writer opens it (in one transaction under the write lock; a newer file is
@@ -35,6 +42,7 @@ Failure behaviour
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import queue
@@ -88,11 +96,16 @@ class Connection:
 
     async def call(self, fn: Callable[..., Any], *args) -> Any:
         """`fn(*args)` on the connection's thread: one hop."""
-        self.hops += 1
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self._calls.put((loop, fut, fn, args))
+        fut = asyncio.get_running_loop().create_future()
+        self.submit(fn, args, functools.partial(_settle, fut))
         return await fut
+
+    def submit(self, fn: Callable[..., Any], args: tuple, done: Callable[[BaseException | None, Any], None],
+               loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """`fn(*args)` on the connection's thread: one hop; then `done(error, result)` on `loop` (default: the
+        running one)."""
+        self.hops += 1
+        self._calls.put((loop or asyncio.get_running_loop(), done, fn, args))
 
     def _connection(self) -> sqlite3.Connection:
         if self._con is None:
@@ -101,13 +114,13 @@ class Connection:
 
     def _serve(self) -> None:
         while (item := self._calls.get()) is not None:
-            loop, fut, fn, args = item
+            loop, done, fn, args = item
             try:
                 result, error = fn(*args), None
             except BaseException as e:  # handed to the caller
                 result, error = None, e
             try:
-                loop.call_soon_threadsafe(_settle, fut, error, result)
+                loop.call_soon_threadsafe(done, error, result)
             except RuntimeError:  # the loop is closed: nobody waits any more
                 pass
 
@@ -171,6 +184,7 @@ class Writer(Connection):
     def __init__(self, path: Path):
         super().__init__(path, "store-writer")
         self._content_dir = path.parent / CONTENT_DIRECTORY
+        self._durable = True  # the connection's synchronous setting: FULL (True) or NORMAL
 
     def open(self, busy_timeout: float, owner: bool) -> None:
         """Open, migrate an older queue, and (`owner`: the caller holds the queue's lock) convert a file made
@@ -189,15 +203,21 @@ class Writer(Connection):
             raise
         self._con = con
 
-    def transaction(self, merged: Mapping[str, list[tuple]], calls: Sequence[Call | None] = ()) -> list:
-        """The statements, then each call (its result in the list returned, None for no call); one commit.
-        Content files are linked in (and the directory fsynced) before it, so a committed row always has its
-        file; they are unlinked again if it fails. Files of removed content go after it."""
+    def transaction(self, merged: Mapping[str, list[tuple]], calls: Sequence[Call | None] = (),
+                    durable: bool = True) -> list:
+        """The statements, then each call (its result in the list returned, None for no call); one commit, on
+        disk when it returns if `durable`. Content files are linked in (and the directory fsynced) before it,
+        so a committed row always has its file; they are unlinked again if it fails. Files of removed content
+        go after it."""
         con = self._connection()
+        if durable != self._durable:  # (outside a transaction: SQLite applies it from the next one)
+            con.execute("PRAGMA synchronous = FULL" if durable else "PRAGMA synchronous = NORMAL")
+            self._durable = durable
         linked = self._link_contents(merged.get(LINK_CONTENT, ()))
         try:
             con.execute("BEGIN IMMEDIATE")
             try:
+                removed = _content_files(con, merged.get(DELETE_CONTENT, ()))  # before the rows go
                 for sql, rows in merged.items():
                     if rows and sql != LINK_CONTENT:
                         con.executemany(sql, rows)
@@ -210,11 +230,11 @@ class Writer(Connection):
             for path in linked:
                 path.unlink(missing_ok=True)
             raise
-        for (queue_id,) in merged.get(DELETE_CONTENT, ()):
+        for queue_id in removed:
             try:
-                (self._content_dir / queue_id).unlink()
+                os.unlink(os.path.join(self._content_dir, queue_id))
             except FileNotFoundError:
-                pass  # held in the database
+                pass
             except OSError as e:
                 log.error("store: cannot remove content file %s: %s (removed at the next start)", queue_id, e)
         return results
@@ -249,6 +269,18 @@ class Writer(Connection):
         return free - con.execute("PRAGMA freelist_count").fetchone()[0]
 
 
+def _content_files(con: sqlite3.Connection, id_rows: Sequence[tuple]) -> list[str]:
+    """Of the messages in `id_rows` (`(queue id,)`), those whose content has a file (the others' content is all in
+    their rows: no file to remove, no system call to make)."""
+    found: list[str] = []
+    ids = [queue_id for (queue_id,) in id_rows]
+    for chunk in chunks(ids, MAX_VARS):
+        found += [queue_id for (queue_id,) in con.execute(
+            f"SELECT message_id FROM content WHERE file_offset IS NOT NULL AND message_id IN ({marks(len(chunk))})",
+            chunk)]
+    return found
+
+
 def rollback(con: sqlite3.Connection) -> None:
     """Undo a failed transaction without hiding why it failed: SQLite has already rolled back after some
     errors (SQLITE_FULL, SQLITE_IOERR), and a second ROLLBACK would raise "cannot rollback - no transaction is
@@ -279,87 +311,113 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
+Request = tuple[list[Op], "Call | None", bool, asyncio.Future]  # ops, call, durable, the caller's future
+
+
 class GroupCommitter:
     """Runs write requests (lists of `(sql, rows)`, and optionally a call that needs the connection, such as an
-    UPDATE … RETURNING) in shared transactions, one commit per batch."""
+    UPDATE … RETURNING) in shared transactions, one commit per batch (see the module doc)."""
 
     def __init__(self, writer: Writer, batch_limit: int, backlog_limit: int):
         self._writer = writer
         self._batch_limit = batch_limit
         self._backlog_limit = backlog_limit
-        self._pending: asyncio.Queue[tuple[list[Op], Call | None, asyncio.Future]] = asyncio.Queue()
-        self._task: asyncio.Task | None = None
+        self._waiting: list[Request] = []  # not yet at the writer
+        self._busy = False  # a batch is at the writer, or one is about to start
+        self._idle: list[asyncio.Future] = []  # stop() waiting for the last batch
+        self._retries: set[asyncio.Task] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one the requests come from
         self.commits = 0
         self.on_commit: Callable[[int, float], None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="store-writer")
+        self._batch_started = 0.0
 
     async def stop(self) -> None:
-        """Finish every request already submitted, then stop."""
-        await self._pending.join()
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        """Finish every request already submitted."""
+        while self._busy:
+            fut = asyncio.get_running_loop().create_future()
+            self._idle.append(fut)
+            await fut
 
     def backlog(self) -> int:
-        return self._pending.qsize()
+        return len(self._waiting)
 
-    async def write(self, ops: list[Op], *, may_refuse: bool = False, call: Call | None = None):
-        """Commit `ops` (and run `call`, whose result is returned) in the next batch's transaction."""
-        if may_refuse and self._pending.qsize() >= self._backlog_limit:
+    async def write(self, ops: list[Op], *, may_refuse: bool = False, call: Call | None = None,
+                    durable: bool = True):
+        """Commit `ops` (and run `call`, whose result is returned) in the next batch's transaction; `durable`:
+        return only once it is on disk (else once it is in the WAL: see Writer)."""
+        if may_refuse and len(self._waiting) >= self._backlog_limit:
             raise Overloaded()
-        fut = asyncio.get_running_loop().create_future()
-        self._pending.put_nowait((ops, call, fut))
+        self._loop = loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._waiting.append((ops, call, durable, fut))
+        if not self._busy:
+            self._busy = True
+            loop.call_soon(self._next_batch)  # at the end of this turn: with every request made in it
         return await fut
 
-    async def _run(self) -> None:
-        while True:
-            batch = [await self._pending.get()]
-            while len(batch) < self._batch_limit and not self._pending.empty():
-                batch.append(self._pending.get_nowait())
-            try:
-                await self._commit(batch)
-            finally:
-                for _ in batch:
-                    self._pending.task_done()
-
-    async def _commit(self, batch: list[tuple[list[Op], Call | None, asyncio.Future]]) -> None:
+    def _next_batch(self) -> None:
+        """Send what is waiting (batch_limit requests at most) to the writer, or become idle."""
+        if not self._waiting:
+            self._busy = False
+            idle, self._idle = self._idle, []
+            for fut in idle:
+                _settle(fut, None)
+            return
+        batch = self._waiting[:self._batch_limit]
+        del self._waiting[:self._batch_limit]
         try:
-            results = await self._run_transaction([(ops, call) for ops, call, _ in batch])
-        except Exception as e:
-            if len(batch) == 1 or store_fault(e):  # the store itself is failing: each alone would fail too
-                for *_, fut in batch:
-                    _settle(fut, e)
-                return
-            # One bad request must not fail the innocent ones that shared its batch: retry each alone.
-            for ops, call, fut in batch:
+            args = _merged(batch)
+        except Exception as e:  # a malformed request: its batch fails, the committer goes on
+            self._committed(batch, e, None)
+            return
+        self._batch_started = time.perf_counter()  # (one batch at a time)
+        self._writer.submit(self._writer.transaction, args, functools.partial(self._committed, batch), self._loop)
+
+    def _committed(self, batch: list[Request], error: BaseException | None, results: list | None) -> None:
+        """The writer's answer for a batch (on the loop): settle its requests, then go on with the next batch."""
+        if error is None:
+            self.commits += 1
+            if self.on_commit is not None:
+                self.on_commit(len(batch), time.perf_counter() - self._batch_started)
+            for (*_, fut), result in zip(batch, results or ()):
+                _settle(fut, None, result)
+        elif len(batch) == 1 or store_fault(error) or not isinstance(error, Exception):
+            for *_, fut in batch:  # the store itself is failing: each alone would fail too
+                _settle(fut, error)
+        else:  # one bad request must not fail the innocent ones that shared its batch: retry each alone
+            task = asyncio.ensure_future(self._one_by_one(batch))
+            self._retries.add(task)
+            task.add_done_callback(self._retries.discard)
+            return
+        self._next_batch()
+
+    async def _one_by_one(self, batch: list[Request]) -> None:
+        try:
+            for request in batch:
+                fut = request[-1]
                 try:
-                    [result] = await self._run_transaction([(ops, call)])
+                    [result] = await self._writer.call(self._writer.transaction, *_merged([request]))
                 except Exception as one:
                     log.error("store: a write failed on its own: %s", one)
                     _settle(fut, one)
                 else:
+                    self.commits += 1
                     _settle(fut, None, result)
-            return
-        for (*_, fut), result in zip(batch, results):
-            _settle(fut, None, result)
-
-    async def _run_transaction(self, requests: list[tuple[list[Op], Call | None]]) -> list:
-        """Every statement's rows from every request, one executemany per statement, then the calls; one commit."""
-        merged: dict[str, list[tuple]] = {}
-        for ops, _ in requests:
-            for sql, rows in ops:
-                merged.setdefault(sql, []).extend(rows)
-        started = time.perf_counter()
-        results = await self._writer.call(self._writer.transaction, merged, [call for _, call in requests])
-        self.commits += 1
-        if self.on_commit is not None:
-            self.on_commit(len(requests), time.perf_counter() - started)
-        return results
+        finally:
+            self._next_batch()
 
 
-def _settle(fut: asyncio.Future, error: Exception | None, result: object = None) -> None:
+def _merged(requests: list[Request]) -> tuple[dict[str, list[tuple]], list, bool]:
+    """Writer.transaction's arguments for requests run together: every statement's rows from every request (one
+    executemany per statement, in order of first appearance), the calls, and durable when any request is."""
+    merged: dict[str, list[tuple]] = {}
+    for ops, *_ in requests:
+        for sql, rows in ops:
+            merged.setdefault(sql, []).extend(rows)
+    return merged, [call for _, call, _, _ in requests], any(durable for _, _, durable, _ in requests)
+
+
+def _settle(fut: asyncio.Future, error: BaseException | None, result: object = None) -> None:
     if fut.done():
         return
     if error is None:

@@ -60,7 +60,8 @@ class SmtpData:
         crlf = data.count(b"\r\n")
         if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
             data = _LINE_ENDINGS.sub(b"\r\n", data)
-        data = data.replace(b"\n.", b"\n..")
+        if b"." in data:  # (memchr: a chunk without dots, such as base64, is not scanned again)
+            data = data.replace(b"\n.", b"\n..")
         if self._line_start and data[:1] == b".":
             data = b"." + data
         self._line_start = data.endswith(b"\n")

@@ -206,19 +206,19 @@ async def test_the_store_locked_by_another_connection_during_delivery(tmp_path):
 async def test_a_failing_scan_backs_off_instead_of_spinning_and_new_mail_retries_it_at_once(s):
     await s.start(backoff=(1.0, 8.0))
     calls = []
-    due = s.store.due
+    take = s.store.take
 
     async def broken(*args):
         calls.append(s.clock.time())
         raise sqlite3.OperationalError("database or disk is full")
 
-    s.store.due = broken
+    s.store.take = broken
     for _ in range(300):  # 30 virtual seconds in small steps: the loop turns every tick
         s.clock.advance(0.1)
         await asyncio.sleep(0.001)
     assert 3 <= len(calls) <= 10, f"{len(calls)} scans in 30 s of a broken store"
     assert s.qmgr._scanning.backing_off
-    s.store.due = due
+    s.store.take = take
     await s.queue("Q1", "b@remote.test")  # a commit: the store works, the scan need not wait out its backoff
     await eventually(lambda: _counts_are(s, {}))  # with the clock standing still
 
@@ -226,20 +226,22 @@ async def test_a_failing_scan_backs_off_instead_of_spinning_and_new_mail_retries
 # ---------------------------------------------------------------------------------------------- claims
 
 
-async def test_a_message_held_between_the_read_and_the_claim_is_not_delivered(s):
+async def test_a_message_held_as_the_scan_begins_is_not_delivered(s):
+    """The scan reads and claims in one transaction: an operator's hold that commits just before it wins."""
     await s.start()
-    due = s.store.due
+    take = s.store.take
+    scans = []
 
     async def racing(*args):
-        found = await due(*args)
-        if found:
-            await s.store.hold_messages([m.queue_id for m in found])  # an operator, at that moment
-        return found
+        await s.store.hold_messages(["Q1"])  # an operator, at that moment
+        scans.append(await take(*args))
+        return scans[-1]
 
-    s.store.due = racing
+    s.store.take = racing
     await s.queue("Q1", "b@remote.test")
-    await eventually(lambda: _counts_are(s, {"hold": 1}))
-    await qmgr_turn(s.qmgr, s.clock)  # the scan that found it is over; its claim took nothing
+    await eventually(lambda: scans)
+    await qmgr_turn(s.qmgr, s.clock)  # the scan that raced the hold is over; it took nothing
+    assert scans[0] == [] and await s.store.counts() == {"hold": 1}
     assert s.smtp.requests == [] and s.qmgr.active_count == 0
 
 

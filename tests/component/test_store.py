@@ -674,6 +674,36 @@ async def test_a_scan_is_one_read_and_hands_out_the_content_of_small_messages_it
     assert await content_of(store, "S1") == b"Subject: S1\r\n\r\nbody\r\n" and store.reads == reads + 2, "once"
 
 
+async def test_take_is_one_write_that_claims_what_is_due_and_hands_out_its_content(store):
+    """qmgr's scan: read and claim in one writer transaction (no reader hop); held or not-yet-due mail stays."""
+    await store.insert_many([new("N1", arrival=T0 + 1), new("N2", arrival=T0 + 2), new("HELD"), new("LATER")])
+    await store.hold_messages(["HELD"])
+    await store.claim(["LATER"], T0)
+    await store.finish(Delivered("LATER", T0 + 300))
+    reads, commits = store.reads, store.commits
+    taken = await store.take(T0 + 10, 10)
+    assert [m.queue_id for m in taken] == ["N1", "N2"]
+    assert (store.reads, store.commits) == (reads, commits + 1)
+    assert await content_of(store, "N1") == b"Subject: N1\r\n\r\nbody\r\n" and store.reads == reads, "read with it"
+    assert await store.counts() == {"active": 2, "hold": 1, "deferred": 1}
+    assert await store.take(T0 + 10, 10) == []  # a second scan takes nothing
+    assert [m.queue_id for m in await store.take(T0 + 300, 1)] == ["LATER"]
+
+
+async def test_non_durable_writes_share_a_batch_with_durable_ones_which_stay_durable(store):
+    """What follows a 250 commits without waiting for the disk; a batch holding an insert is durable."""
+    synchronous = lambda: store._writer._connection().execute("PRAGMA synchronous").fetchone()[0]  # noqa: E731
+    FULL, NORMAL = 2, 1
+    await store.insert(new("Q1"))
+    assert await store._writer.call(synchronous) == FULL
+    await store.take(T0, 10)
+    assert await store._writer.call(synchronous) == NORMAL
+    commits = store.commits
+    await asyncio.gather(store.finish(Delivered("Q1", None)), store.insert(new("Q2")))
+    assert store.commits == commits + 1 and await store._writer.call(synchronous) == FULL
+    assert await store.counts() == {"incoming": 1}
+
+
 async def test_a_scan_reads_content_in_queue_order_up_to_its_budget(store, monkeypatch):
     from mailflow.store import daemon
 

@@ -7,7 +7,7 @@ which something that did not happen never will (an event, not a fixed sleep).
 - `queue_becomes(store, counts)`: the store's per-queue counts reach `counts` (then returns them).
 - `sessions_over(mf)`: every smtpd session of a running Mailflow has ended. Whatever a session queued was
   committed before its reply, so a test that saw a refusal and then this can say "nothing was queued" at once.
-- `ScanWatch(store)`: wraps `store.due` to see qmgr's queue scans; `await watch.scan_after(when)` returns once
+- `ScanWatch(store)`: wraps `store.take` to see qmgr's queue scans; `await watch.scan_after(when)` returns once
   a scan has looked at the queue as of (clock) time `when` or later, and `watch.found` holds the queue id of
   every message a scan brought: a message not among them after such a scan was passed over on purpose (held,
   not yet due), without waiting to see whether a delivery follows.
@@ -64,20 +64,20 @@ async def sessions_over(mf, timeout: float = 5.0) -> None:
 
 
 class ScanWatch:
-    """Sees qmgr's queue scans through the store it reads (`store.due(now, room)` is called once per scan)."""
+    """Sees qmgr's queue scans through the store it reads (`store.take(now, room)` is called once per scan)."""
 
     def __init__(self, store):
         self.times: list[float] = []
         self.found: set[str] = set()
-        due = store.due
+        take = store.take
 
         async def watched(now, *args, **kwargs):
-            found = await due(now, *args, **kwargs)
+            found = await take(now, *args, **kwargs)
             self.found.update(message.queue_id for message in found)
             self.times.append(now)
             return found
 
-        store.due = watched
+        store.take = watched
 
     async def scan_after(self, when: float, timeout: float = 10.0) -> None:
         """Wait for a scan, finished, that looked at the queue as of `when` or later."""

@@ -5,11 +5,12 @@ The loop
   mail behind for want of room (`active_limit`), when an operator tool
   changed the queue (the store's generation counter, polled every second), when the earliest deferred
   message comes due (known from its own deferrals, and from an index lookup at each timed scan, so it
-  survives restarts and operator changes), and at least every `queue_run_delay`. It reads up to
-  `active_limit - active` due messages, new and deferred mail alternating, claims them in the store (an atomic
-  incoming/deferred -> active; only what was claimed is admitted) and resolves each pending recipient to
-  `(transport, nexthop)` through trivial-rewrite; a message with an after-queue content filter (its
-  `content_filter`, Postfix's) sends every recipient to that `transport:nexthop` instead.
+  survives restarts and operator changes), and at least every `queue_run_delay`. It takes up to
+  `active_limit - active` due messages, new and deferred mail alternating (`Store.take`: read and claimed,
+  incoming/deferred -> active, in one transaction: an operator's hold or delete comes before or after, never
+  between) and resolves each pending recipient to `(transport, nexthop)` through trivial-rewrite; a message
+  with an after-queue content filter (its `content_filter`, Postfix's) sends every recipient to that
+  `transport:nexthop` instead.
 - Each destination gets one job per message and runs as many at once as its window allows
   (`destination.py`: slow start, throttle on site failure, dead-site memory). `delivery_concurrency_limit`
   caps all deliveries, `transport_concurrency_limit` each transport. A dead destination's jobs are
@@ -232,14 +233,20 @@ class QueueManager:
         return min(self._tick_seconds, max(0.0, next_scan - self._clock.time()))
 
     async def _idle(self, seconds: float) -> None:
-        """Wait for a wake-up or until `seconds` pass on the injected clock, whichever comes first."""
-        woken = asyncio.ensure_future(self._wakeup.wait())
+        """Wait for a wake-up or until `seconds` pass on the injected clock, whichever comes first: the clock's
+        sleep (one task) rings the wake-up event, which the loop waits on directly."""
+        if self._wakeup.is_set():
+            return
         timer = asyncio.ensure_future(self._clock.sleep(seconds))
+        timer.add_done_callback(self._timer_rang)
         try:
-            await asyncio.wait({woken, timer}, return_when=asyncio.FIRST_COMPLETED)
+            await self._wakeup.wait()
         finally:
-            woken.cancel()
             timer.cancel()
+
+    def _timer_rang(self, timer: asyncio.Future) -> None:
+        if not timer.cancelled():
+            self._wakeup.set()
 
     async def _poll_operators(self) -> None:
         """Notice operator changes: holds and deletes (the generation counter), flush requests."""
@@ -280,14 +287,11 @@ class QueueManager:
     async def _scan(self) -> None:
         now = self._clock.time()
         room = self._config.active_limit - len(self._active)
-        found = await self._store.due(now, room) if room > 0 else []
-        self._room_was_short = room <= 0 or len(found) >= room  # more may be due than there was room for
-        due = [m for m in found if m.queue_id not in self._active]
-        if due:
-            claimed = set(await self._store.claim([m.queue_id for m in due], now))
-            for message in due:
-                if message.queue_id in claimed:  # another taker, or an operator, may have been first
-                    self._admit(message)
+        taken = await self._store.take(now, room) if room > 0 else []
+        self._room_was_short = room <= 0 or len(taken) >= room  # more may be due than there was room for
+        if taken:
+            for message in taken:
+                self._admit(message)
             self._pump()
         if now >= self._next_scan:  # a timed scan: sleep next until the earliest deferred message is due
             next_due = await self._store.next_due_time()  # (an index lookup), at most a queue run

@@ -35,6 +35,7 @@ import logging
 import re
 import struct
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from mailflow import status
 from mailflow.address import in_networks
@@ -66,7 +67,13 @@ class ProxiedClient:
     port: int
 
 
-async def read_proxy_header(reader: asyncio.StreamReader) -> ProxiedClient | None:
+class ExactReader(Protocol):
+    """What the PROXY header is read from: an asyncio.StreamReader, or the session's wire.Wire."""
+
+    async def readexactly(self, n: int) -> bytes: ...
+
+
+async def read_proxy_header(reader: ExactReader) -> ProxiedClient | None:
     """The PROXY header at the start of the connection (v1 or v2). Raises ProxyError."""
     try:
         start = await reader.readexactly(5)
@@ -79,7 +86,7 @@ async def read_proxy_header(reader: asyncio.StreamReader) -> ProxiedClient | Non
     raise ProxyError(f"no PROXY header: the connection starts with {start!r}")
 
 
-async def _read_v1_line(reader: asyncio.StreamReader, start: bytes) -> bytes:
+async def _read_v1_line(reader: ExactReader, start: bytes) -> bytes:
     """Byte by byte through the LF (at most 107 bytes): nothing after the header is consumed."""
     line = bytearray(start)
     while not line.endswith(b"\n"):
@@ -122,7 +129,7 @@ def _v1_port(word: str) -> int:
     return int(word)
 
 
-async def _read_v2(reader: asyncio.StreamReader, start: bytes) -> ProxiedClient | None:
+async def _read_v2(reader: ExactReader, start: bytes) -> ProxiedClient | None:
     head = start + await reader.readexactly(11)  # 12-byte signature, version/command, family, length
     if head[:12] != V2_SIGNATURE:
         raise ProxyError("PROXY v2 header with a wrong signature")
@@ -294,7 +301,7 @@ class FrontEndCommands(ProtocolCore):
             self._close()
             return False
         try:
-            client = await asyncio.wait_for(read_proxy_header(self._reader), timeout)
+            client = await asyncio.wait_for(read_proxy_header(self.wire), timeout)
         except asyncio.TimeoutError:
             log.warning("unknown[%s]: PROXY header: time limit of %gs exceeded, dropped", balancer, timeout)
             self._close()

@@ -6,7 +6,8 @@ What it owns
   `dir`, `inspect.signature`) on every connection, several percent of the server's CPU when each message comes
   on a connection of its own. `ProtocolCore.__init__` sets what aiosmtpd's inherited methods read and takes the
   tables of smtp_* verbs and handle_* hooks from a cache: built once per class.
-- The connection: `connection_made` (after STARTTLS the client stays who it was), `eof_received` (input
+- The connection: `connection_made` (after STARTTLS the client stays who it was), `data_received` (straight into
+  the session's `wire.Wire`, made with the session: no StreamReader copy in between), `eof_received` (input
   already received is answered first), `_session_ended` (once however the session ends, also after a TLS
   handshake asyncio never reports to connection_lost: frees what it held, calls the handler's `handle_CLOSE`
   hook when it has one, logs the disconnect), `hang_up()`,
@@ -34,7 +35,8 @@ aiosmtpd's private names, each used because aiosmtpd offers no other way:
   `_handler_coroutine`, `_handle_hooks`, `_smtp_methods` (set in `__init__`): what `SMTP.__init__` would set
   for the inherited methods that read them (connection_made/lost, STARTTLS, HELO, RSET, NOOP, HELP);
   `AIOSMTPD_STATE` lists them and a test checks aiosmtpd still has them.
-- `_reader`, `_writer`: the connection's streams, kept by aiosmtpd under these names only.
+- `_writer`: the connection's output stream, kept by aiosmtpd under this name only (its `_reader` is made, as
+  StreamReaderProtocol needs one, and never fed).
 - `_original_transport`, `_timeout_handle` (read at the end): a session that ends inside a TLS handshake never
   gets connection_lost, so its socket and timer are closed here.
 - `_reset_timeout` (overridden: one timer per session), `_call_handler_hook`: aiosmtpd's timer and hook call,
@@ -131,8 +133,8 @@ class ProtocolCore(SMTP):
                  decode_data: bool = False, timeout: float = 300, tls_context=None, require_starttls: bool = False,
                  loop: asyncio.AbstractEventLoop | None = None, observer: SessionObserver | None = None):
         self.loop = loop or asyncio.get_running_loop()
-        # The wire reads in chunks: the reader's limit only pauses reading past 2 x CHUNK waiting (aiosmtpd's line
-        # length as the limit paused and resumed the socket, two epoll_ctl calls, for every 2 KB received).
+        # StreamReaderProtocol wants a reader; data_received feeds the session's wire instead (one copy less, and
+        # no reader's pause and resume of the socket).
         asyncio.StreamReaderProtocol.__init__(
             self, asyncio.StreamReader(limit=CHUNK, loop=self.loop),
             client_connected_cb=self._cb_client_connected, loop=self.loop)
@@ -159,7 +161,8 @@ class ProtocolCore(SMTP):
         self._eight_bit = not decode_data
         self._command_timeout = timeout
         self.record = SessionLog(self._client_name)
-        self._wire: Wire | None = None
+        self._wire = Wire(hostname, self._on_input, bare_lf=not self._limits.forbid_bare_newline,
+                          reading=self._reading, loop=self.loop)
         self._replies_sent = 0
         self._in_hello = False  # HELO/EHLO replies carry no enhanced codes (RFC 2034)
         self._errors = 0
@@ -186,9 +189,17 @@ class ProtocolCore(SMTP):
 
     @property
     def wire(self) -> Wire:
-        """The client's input (from the start of the session loop on)."""
-        assert self._wire is not None, "no input before the session runs"
+        """The client's input."""
         return self._wire
+
+    def _reading(self, on: bool) -> None:
+        """The wire's flow control: pause or resume reading from the client."""
+        transport = self.transport
+        if isinstance(transport, asyncio.ReadTransport) and not transport.is_closing():
+            if on:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
 
     def _reset_transaction(self) -> None:
         """The transaction ends without a message (what RSET does)."""
@@ -201,15 +212,18 @@ class ProtocolCore(SMTP):
             self._sessions.add(self)
             super().connection_made(transport)
             return
-        if self._wire is not None:  # STARTTLS done: plaintext pipelined after it never reaches TLS (RFC 3207)
-            self._wire.discard()
+        self._wire.discard()  # STARTTLS done: plaintext pipelined after it never reaches TLS (RFC 3207)
         before = self.session
         super().connection_made(transport)  # aiosmtpd starts a new session
         self.session.carry_identity(before)
 
+    def data_received(self, data: bytes) -> None:
+        self._wire.feed(data)
+
     def connection_lost(self, error: Exception | None) -> None:
         self._sessions.discard(self)
         self.envelope.discard_bdat()
+        self._wire.feed_eof(error)
         super().connection_lost(error)
 
     def _session_ended(self) -> None:
@@ -255,9 +269,10 @@ class ProtocolCore(SMTP):
         """The client closed its sending side: unlike aiosmtpd, do not cancel the session at once; input already
         received is processed and answered (a message whose end arrived is queued and gets its 250), then the
         wire reports the end of input and the session closes. Over TLS, aiosmtpd's handling stands."""
-        if self.session is None or self.session.ssl is not None or self._wire is None:
+        self._wire.feed_eof()
+        if self.session is None or self.session.ssl is not None:
             return super().eof_received()
-        return asyncio.StreamReaderProtocol.eof_received(self)
+        return True  # (the writing side stays open for the answers)
 
     def _close(self) -> None:
         if self.transport is not None:
@@ -382,7 +397,6 @@ class ProtocolCore(SMTP):
 
     async def _serve_client(self) -> None:
         assert self.session is not None
-        self._wire = Wire(self._reader, self.hostname, self._on_input, bare_lf=not self._limits.forbid_bare_newline)
         if self._observer is not None:
             self.transcript = Transcript(self._observer, self.session.client, self.hang_up)
             self.transcript.started()

@@ -8,7 +8,7 @@ over it; every I/O problem becomes a `SiteFailure` naming the peer and what was 
 
     Timeouts(connect, helo, command, data)            the limit of each stage of a session, in seconds
     Session(wire, peer, opened)                       (built by connect.open_session)
-      .send(data, activity) .send_many(pieces, activity)   write now
+      .send(data, activity) .send_many(pieces, activity)   write now (a big piece is not copied into a join)
       await .drain(timeout, activity)                 until the peer has taken enough of what was written
       await .reply(timeout, activity) -> Reply        the next reply in order; a 421 closes the session
                                                       (RFC 5321 3.8: what would follow on it is lost)
@@ -38,6 +38,7 @@ from mailflow.transports.smtp.reply import MalformedReply, Reply, ReplyParser
 from mailflow.transports.smtp.trouble import stream_failure
 
 READ_AHEAD = 64  # complete replies waiting to be read before reading pauses
+JOIN_LIMIT = 16384  # send_many joins pieces smaller than this; a bigger one is written as it is (not copied)
 CRLF = b"\r\n"
 LOST = "Connection lost"
 
@@ -68,12 +69,14 @@ class Wire(asyncio.Protocol):
         self._waiter: asyncio.Future | None = None
         self._writable: asyncio.Future | None = None  # set while the transport's write buffer is too full
         self._reading_paused = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self._loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         self._parser.receive_data(data)
@@ -133,11 +136,16 @@ class Wire(asyncio.Protocol):
 
     async def reply(self, timeout: float) -> Reply:
         if not self._replies and self._error is None:
-            self._waiter = asyncio.get_running_loop().create_future()
+            # One future and one timer (wait_for adds a future and a loop turn, asyncio.timeout a task lookup)
+            loop = self._loop or asyncio.get_running_loop()
+            self._waiter = waiter = loop.create_future()
+            timer = loop.call_later(timeout, _time_out, waiter) if timeout is not None else None
             try:
-                await asyncio.wait_for(self._waiter, timeout)
+                await waiter
             finally:
                 self._waiter = None
+                if timer is not None:
+                    timer.cancel()
         if self._replies:
             reply = self._replies.popleft()
             if self._reading_paused and len(self._replies) < READ_AHEAD // 2 and self.transport is not None:
@@ -156,6 +164,11 @@ class Wire(asyncio.Protocol):
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done() and (self._replies or self._error):
             self._waiter.set_result(None)
+
+
+def _time_out(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 class Session:
@@ -203,8 +216,20 @@ class Session:
         self._transport.write(data)
 
     def send_many(self, pieces: list[bytes], activity: str) -> None:
+        """The pieces in order: small neighbours joined into one write, a big piece written as it is (asyncio's
+        writelines would copy it into the join)."""
         self._check_open(activity)
-        self._transport.writelines(pieces)
+        small: list[bytes] = []
+        for piece in pieces:
+            if len(piece) < JOIN_LIMIT:
+                small.append(piece)
+                continue
+            if small:
+                self._transport.write(b"".join(small))
+                small = []
+            self._transport.write(piece)
+        if small:
+            self._transport.write(b"".join(small))
 
     async def drain(self, timeout: float, activity: str) -> None:
         try:
