@@ -342,12 +342,13 @@ async def test_mail_queued_without_a_wake_up_is_found_by_the_timer(h):
 
 
 async def test_a_deferral_comes_due_without_a_wake_up(h):
-    await h.start(minimal_backoff_time=0.02, maximal_backoff_time=0.02)
+    # a backoff above MIN_RESCAN (a timed scan that overlapped the deferral sleeps at least that long)
+    await h.start(minimal_backoff_time=0.5, maximal_backoff_time=0.5)
     h.smtp.outcomes["b@remote.test"] = (Outcome.DEFERRED, "4.4.1", "later")
     await h.queue("b@remote.test")
     await eventually(lambda: _is(h, {"deferred": 1}))
     del h.smtp.outcomes["b@remote.test"]
-    h.clock.advance(0.03)  # time moves past the jittered retry; nobody calls wake()
+    h.clock.advance(0.6)  # time moves past the jittered retry; nobody calls wake()
     await eventually(lambda: queue_is_empty(h))
     assert len(h.smtp.requests) == 2
 

@@ -51,6 +51,11 @@ Failure behaviour
 - At stop, deliveries in flight get the grace period; those cut off stay pending (their messages stay active and
   are taken again after the next start); results already back are recorded before the store closes.
 - The wake-up event carries no state: a lost wake-up costs at most one tick.
+
+Size: about 570 lines, one class on purpose. The loop, the scheduling and the end of an attempt share one table
+(`_active`, the messages in qmgr's hands), one wake-up and one next-scan time, and every path that changes one
+changes the others (a finish frees room and may move the next scan). What stands alone is already apart: the
+destination windows (`destination.py`), the retry schedule (`backoff.py`) and the notices (`notices.py`).
 """
 from __future__ import annotations
 
@@ -224,25 +229,30 @@ class QueueManager:
             if self._clock.time() >= self._next_maintenance:
                 self._next_maintenance = self._clock.time() + MAINTENANCE_INTERVAL
                 await self._maintenance.run(self._store.maintain)
-            await self._idle(self._idle_seconds())
+            await self._idle(self._idle_until())
 
-    def _idle_seconds(self) -> float:
+    def _idle_until(self) -> float:
+        """The clock time the loop sleeps until: the next scan (or the scan's backoff), at most a tick away."""
         next_scan = self._next_scan
         if self._scanning.backing_off:
             next_scan = max(next_scan, self._scanning.resume_at)
-        return min(self._tick_seconds, max(0.0, next_scan - self._clock.time()))
+        return min(self._clock.time() + self._tick_seconds, next_scan)
 
-    async def _idle(self, seconds: float) -> None:
-        """Wait for a wake-up or until `seconds` pass on the injected clock, whichever comes first: the clock's
-        sleep (one task) rings the wake-up event, which the loop waits on directly."""
+    async def _idle(self, deadline: float) -> None:
+        """Wait for a wake-up or until `deadline` on the injected clock, whichever comes first: the clock's
+        sleep (one task) rings the wake-up event, which the loop waits on directly. The timer measures from
+        the deadline when it starts, not from when it was made: time that passes in between is not added."""
         if self._wakeup.is_set():
             return
-        timer = asyncio.ensure_future(self._clock.sleep(seconds))
+        timer = asyncio.ensure_future(self._sleep_until(deadline))
         timer.add_done_callback(self._timer_rang)
         try:
             await self._wakeup.wait()
         finally:
             timer.cancel()
+
+    async def _sleep_until(self, deadline: float) -> None:
+        await self._clock.sleep(max(0.0, deadline - self._clock.time()))
 
     def _timer_rang(self, timer: asyncio.Future) -> None:
         if not timer.cancelled():
