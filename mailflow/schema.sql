@@ -2,7 +2,7 @@
 -- A message row exists only once its content and recipients are committed with it (one transaction; a content
 -- file is on disk before that transaction commits).
 -- A recipient's row is marked as each delivery job ends; the message row changes at the end of an attempt.
--- Queues made by an older mailflow are brought here by MIGRATIONS (mailflow/store/engine.py); schema_version says
+-- Queues made by an older mailflow are brought here by MIGRATIONS (mailflow/store/schema.py); schema_version says
 -- how far.
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 

@@ -32,7 +32,8 @@ API's rows (MessageRow, MessageDetail, RecipientRow, ShapeCount, DestinationRow)
 """
 from mailflow.model import NewMessage
 from mailflow.store.daemon import Store
-from mailflow.store.engine import SCHEMA_VERSION, store_fault
+from mailflow.store.engine import store_fault
+from mailflow.store.schema import SCHEMA_VERSION
 from mailflow.store.operator import DestinationRow, MessageDetail, MessageRow, RecipientRow, ShapeCount
 
 __all__ = ["DestinationRow", "MessageDetail", "MessageRow", "NewMessage", "RecipientRow", "SCHEMA_VERSION",

@@ -24,10 +24,7 @@ What it owns
   any of its requests is (`durable=True`, the default). `on_commit(requests,
   seconds)`, when set, is told each commit's size and how long it took (the metrics).
 - `BatchLoader`: `load(key)` calls made in the same loop turn become one `fetch_many(keys)` call.
-- The schema: `mailflow/schema.sql` is the one schema; `SCHEMA_VERSION` is its version and `MIGRATIONS` bring an
-  older queue to it when the writer opens it (in one transaction under the write lock; a newer file is
-  refused, naming both versions). A queue made before auto_vacuum is rebuilt once by its server (when that
-  fails, e.g. on a full disk, the server starts anyway and tries again at its next start).
+- Opening the writer brings an older queue to the current schema (`schema.py`).
 - Content files in a transaction: the pseudo-statement `LINK_CONTENT` hard-links `(source file, queue id)`
   rows in as `content/<queue id>` (fsync of the directory) before the transaction, and they are unlinked again
   if it fails; the files of rows deleted by `DELETE_CONTENT` (see `remove_ops`) go after the commit.
@@ -49,13 +46,13 @@ import queue
 import sqlite3
 import threading
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence, cast
 
 import aiosqlite
 
 from mailflow.errors import Overloaded
+from mailflow.store.schema import convert_to_incremental_vacuum, migrate
 
 log = logging.getLogger("mailflow.store")
 
@@ -64,7 +61,6 @@ CONTENT_DIRECTORY = "content"  # beside the database: content files of big messa
 # Pseudo-statements the writer handles itself: link content files in before the transaction, unlink after.
 LINK_CONTENT = "-- link content files"
 DELETE_CONTENT = "DELETE FROM content WHERE message_id = ?"
-SCHEMA_VERSION = 4
 BUSY_TIMEOUT = 5.0  # seconds a connection waits for another one's lock before the statement fails
 WAL_KEEP = 4 << 20  # bytes of WAL kept after a checkpoint (journal_size_limit)
 VACUUM_PAGES = 4096  # free pages given back per maintain() call, so one call holds the lock briefly
@@ -195,9 +191,9 @@ class Writer(Connection):
             con.execute("PRAGMA journal_mode = WAL")
             con.execute("PRAGMA synchronous = FULL")  # a commit is on disk when it returns
             con.execute(f"PRAGMA journal_size_limit = {WAL_KEEP}")
-            _migrate(con)
+            migrate(con)
             if owner and con.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
-                _convert_to_incremental_vacuum(con, self._path)
+                convert_to_incremental_vacuum(con, self._path)
         except BaseException:
             con.close()
             raise
@@ -474,58 +470,3 @@ def chunks(items: Sequence, size: int) -> Iterable[Sequence]:
 def marks(n: int) -> str:
     """`?,?,…` for an IN list of n values."""
     return ",".join("?" * n)
-
-
-# ---------------------------------------------------------------------------------------------- the schema
-
-# Steps for queues made by an older mailflow: MIGRATIONS[v] takes schema version v to v + 1.
-MIGRATIONS: dict[int, tuple[str, ...]] = {
-    # a content row may keep its body apart, or in a file (a v1 `data` stays the whole message)
-    1: ("ALTER TABLE content ADD COLUMN body BLOB",
-        "ALTER TABLE content ADD COLUMN file_offset INTEGER"),
-    # results recorded per delivery job: the relay of each recipient and whether its notice is still owed
-    2: ("ALTER TABLE recipient ADD COLUMN relay TEXT NOT NULL DEFAULT ''",
-        "ALTER TABLE recipient ADD COLUMN notice INTEGER NOT NULL DEFAULT 0"),
-    # the after-queue content filter a message goes to (content_filter, FILTER actions)
-    3: ("ALTER TABLE message ADD COLUMN filter TEXT NOT NULL DEFAULT ''",),
-}
-
-
-def _migrate(con: sqlite3.Connection) -> None:
-    version = _schema_version(con)
-    if version is not None and version > SCHEMA_VERSION:
-        raise sqlite3.DatabaseError(f"queue schema version {version} is newer than this mailflow ({SCHEMA_VERSION})")
-    if version is not None and version < SCHEMA_VERSION:
-        con.execute("BEGIN IMMEDIATE")
-        try:
-            version = _schema_version(con) or version  # again, under the lock: another process may have done it
-            for step in range(version, SCHEMA_VERSION):
-                for sql in MIGRATIONS[step]:
-                    con.execute(sql)
-            con.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
-            con.execute("COMMIT")
-        except BaseException:
-            rollback(con)
-            raise
-        log.info("store: queue schema upgraded from version %d to %d", version, SCHEMA_VERSION)
-    con.executescript(resources.files("mailflow").joinpath("schema.sql").read_text())  # new tables, indexes
-    if version is None:
-        con.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-
-
-def _schema_version(con: sqlite3.Connection) -> int | None:
-    """None for a new file (no schema_version table or no row yet)."""
-    if not con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'").fetchall():
-        return None
-    rows = con.execute("SELECT version FROM schema_version").fetchall()
-    return rows[0][0] if rows else None
-
-
-def _convert_to_incremental_vacuum(con: sqlite3.Connection, path: Path) -> None:
-    """A queue made before auto_vacuum is rebuilt once, by its server. It needs about the file's size free: when
-    that fails (a full disk) the server starts anyway and tries again at its next start."""
-    log.info("store: converting %s to incremental vacuum (once)", path)
-    try:
-        con.execute("VACUUM")
-    except sqlite3.OperationalError as e:
-        log.warning("store: %s stays without incremental vacuum for now: %s", path, e)

@@ -1,0 +1,77 @@
+"""The queue's schema: `mailflow/schema.sql` is the one schema, `SCHEMA_VERSION` its version.
+
+What it owns
+- `migrate(con)`: a new file gets the schema; an older queue is brought to it by `MIGRATIONS` (each step takes
+  version v to v + 1), all steps in one transaction under the write lock, checked again once the lock is held
+  (another process may have done it). Tables and indexes added since are created by `schema.sql` itself
+  (`IF NOT EXISTS`).
+- `convert_to_incremental_vacuum(con, path)`: a queue made before auto_vacuum is rebuilt once, by its server.
+
+Failure behaviour
+- A file of a newer schema is refused, naming both versions (`sqlite3.DatabaseError`); a failed migration is
+  rolled back whole and raised. A conversion that fails (it needs about the file's size free: a full disk) is
+  logged; the server starts anyway and tries again at its next start.
+"""
+from __future__ import annotations
+
+import logging
+import sqlite3
+from importlib import resources
+from pathlib import Path
+
+log = logging.getLogger("mailflow.store")
+
+SCHEMA_VERSION = 4
+
+# Steps for queues made by an older mailflow: MIGRATIONS[v] takes schema version v to v + 1.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # a content row may keep its body apart, or in a file (a v1 `data` stays the whole message)
+    1: ("ALTER TABLE content ADD COLUMN body BLOB",
+        "ALTER TABLE content ADD COLUMN file_offset INTEGER"),
+    # results recorded per delivery job: the relay of each recipient and whether its notice is still owed
+    2: ("ALTER TABLE recipient ADD COLUMN relay TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE recipient ADD COLUMN notice INTEGER NOT NULL DEFAULT 0"),
+    # the after-queue content filter a message goes to (content_filter, FILTER actions)
+    3: ("ALTER TABLE message ADD COLUMN filter TEXT NOT NULL DEFAULT ''",),
+}
+
+
+def migrate(con: sqlite3.Connection) -> None:
+    version = _schema_version(con)
+    if version is not None and version > SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(f"queue schema version {version} is newer than this mailflow ({SCHEMA_VERSION})")
+    if version is not None and version < SCHEMA_VERSION:
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            version = _schema_version(con) or version  # again, under the lock: another process may have done it
+            for step in range(version, SCHEMA_VERSION):
+                for sql in MIGRATIONS[step]:
+                    con.execute(sql)
+            con.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+            con.execute("COMMIT")
+        except BaseException:
+            if con.in_transaction:  # (SQLite has already rolled back after some errors)
+                con.execute("ROLLBACK")
+            raise
+        log.info("store: queue schema upgraded from version %d to %d", version, SCHEMA_VERSION)
+    con.executescript(resources.files("mailflow").joinpath("schema.sql").read_text())  # new tables, indexes
+    if version is None:
+        con.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+
+
+def _schema_version(con: sqlite3.Connection) -> int | None:
+    """None for a new file (no schema_version table or no row yet)."""
+    if not con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'").fetchall():
+        return None
+    rows = con.execute("SELECT version FROM schema_version").fetchall()
+    return rows[0][0] if rows else None
+
+
+def convert_to_incremental_vacuum(con: sqlite3.Connection, path: Path) -> None:
+    """A queue made before auto_vacuum is rebuilt once, by its server. It needs about the file's size free: when
+    that fails (a full disk) the server starts anyway and tries again at its next start."""
+    log.info("store: converting %s to incremental vacuum (once)", path)
+    try:
+        con.execute("VACUUM")
+    except sqlite3.OperationalError as e:
+        log.warning("store: %s stays without incremental vacuum for now: %s", path, e)
