@@ -289,6 +289,9 @@ async def test_forbid_bare_newline_off_still_refuses_a_bare_cr(mailflow_server):
 # ---------------------------------------------------------------------------------------------- MAIL/RCPT syntax
 
 
+LONG_LOCAL = "SRS0=HHHH=TT=sender-domain.example=" + "x" * 60  # 95 octets
+
+
 @pytest.mark.parametrize("command, reply", [
     ("MAIL FROM:<s@remote.test", status.SENDER_SYNTAX),
     ("MAIL FROM:<s@remote.test>junk", status.SENDER_SYNTAX),
@@ -303,6 +306,9 @@ async def test_forbid_bare_newline_off_still_refuses_a_bare_cr(mailflow_server):
     ("MAIL FROM:s@remote.test", status.SENDER_OK),  # Postfix (strict_rfc821_envelope = no) takes it
     ("MAIL FROM: <s@remote.test>", status.SENDER_OK),
     ("MAIL FROM:<s@remote.test.> SIZE=100 BODY=8BITMIME AUTH=<>", status.SENDER_OK),
+    # an SRS / VERP sender longer than RFC 5321's 64-octet local part: Postfix takes it, so must we
+    (f"MAIL FROM:<{LONG_LOCAL}@remote.test>", status.SENDER_OK),
+    ("MAIL FROM:<" + "s" * 250 + "@remote.test>", status.bad_sender_syntax("s" * 250 + "@remote.test")),  # > path
 ])
 async def test_mail_path_syntax(mailflow_server, command, reply):
     mf = await mailflow_server()
@@ -324,6 +330,8 @@ async def test_mail_path_syntax(mailflow_server, command, reply):
     ("RCPT TO:<@hop.test,@other.test:alice@local.test>", status.RCPT_OK),
     ("RCPT TO:alice@local.test", status.RCPT_OK),
     ('RCPT TO:<"a b"@local.test>', status.user_unknown('"a b"@local.test')),
+    (f"RCPT TO:<{LONG_LOCAL}@local.test>", status.user_unknown(f"{LONG_LOCAL}@local.test")),  # syntax passes
+    ("RCPT TO:<" + "a" * 250 + "@local.test>", status.bad_address_syntax("a" * 250 + "@local.test")),
 ])
 async def test_rcpt_path_syntax(mailflow_server, command, reply):
     mf = await mailflow_server()

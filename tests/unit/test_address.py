@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailflow import address
-from mailflow.address import MAX_ADDRESS, MAX_LOCAL, is_utf8, mailbox_syntax_error, normalise_domain, split
+from mailflow.address import MAX_ADDRESS, is_utf8, mailbox_syntax_error, normalise_domain, split
 
 # ---------------------------------------------------------------------------------------------- split
 
@@ -78,7 +78,11 @@ def test_normalise_domain_is_idempotent_and_ascii(domain):
     "用户@例子.广告",
     "δοκιμή@παράδειγμα.δοκιμή",
     "user@bücher.example",
-    "a" * MAX_LOCAL + "@example.com",
+    "a" * 64 + "@example.com",
+    # longer than RFC 5321's 64 octets, as VERP and SRS addresses are: accepted, as Postfix accepts them
+    "a" * 65 + "@example.com",
+    "SRS0=HHHH=TT=sender-domain.example=a.rather.long.local.part@forwarder.example",
+    "ü" * 100 + "@example.com",
 ])
 def test_valid_mailboxes(addr):
     assert mailbox_syntax_error(addr) is None
@@ -106,8 +110,7 @@ def test_trailing_dot_on_the_domain_is_accepted():
     ('"unclosed@example.com', "bad local part"),
     ('"a"b"@example.com', "bad local part"),
     ('"a\\"@example.com', "bad local part"),
-    ("a" * (MAX_LOCAL + 1) + "@example.com", "local part too long"),
-    ("ü" * 33 + "@example.com", "local part too long"),  # 66 octets: the limit counts UTF-8 bytes
+    ("a" * 250 + "@example.com", "address too long"),
     ("user@-example.com", "bad domain"),
     ("user@example-.com", "bad domain"),
     ("user@exa mple.com", "bad domain"),
@@ -187,7 +190,7 @@ def test_c1_control_characters_are_refused(ch):
 
 _ATEXT = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+/=?^_`{|}~-"
 _atoms = st.text(alphabet=_ATEXT, min_size=1, max_size=10)
-_locals = st.lists(_atoms, min_size=1, max_size=4).map(".".join).filter(lambda s: len(s) <= MAX_LOCAL)
+_locals = st.lists(_atoms, min_size=1, max_size=4).map(".".join).filter(lambda s: len(s) <= 64)
 _labels = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
 _domains = st.lists(_labels, min_size=1, max_size=4).map(".".join)
 
