@@ -342,6 +342,15 @@ async def test_rcpt_path_syntax(mailflow_server, command, reply):
     await c.close()
 
 
+async def test_quit_with_an_argument_still_ends_the_session(mailflow_server):
+    # RFC 5321's QUIT takes none, but a client that sends one wants to leave: Postfix says 221 and closes
+    mf = await mailflow_server()
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd("EHLO client.test"))[0] == 250
+    assert await c.cmd("QUIT now") == status.BYE
+    assert await c.closed()
+
+
 async def test_a_trailing_dot_is_dropped_from_the_domain(mailflow_server, tmp_path):
     mf = await mailflow_server()
     c = await SmtpClient.connect(mf.smtp_addresses[0][1])

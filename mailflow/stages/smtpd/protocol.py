@@ -556,11 +556,9 @@ class ProtocolCore(SMTP):
         return LAYER_KEYWORDS
 
     async def smtp_QUIT(self, arg: str | None) -> None:
-        """221, then the session ends (aiosmtpd's QUIT cancels the session's own task to get out of its loop: an
-        exception through every frame, for every message that comes on a connection of its own)."""
-        if arg:
-            await self.push(status.syntax("QUIT"))
-            return
+        """221, then the session ends, arguments or not: a client that wants to leave is let go, as Postfix does
+        (aiosmtpd answers 501 and keeps it; its QUIT also cancels the session's own task to get out of its loop:
+        an exception through every frame, for every message that comes on a connection of its own)."""
         await self.push(status.BYE)
         self._quit = True
         self._close()
