@@ -101,6 +101,8 @@ class SmtpdConfig(SmtpdFilterSettings):
     error_sleep_time: Duration = Field(1.0, ge=0)
     junk_command_limit: int = Field(100, ge=1)
     disable_vrfy_command: bool = True
+    # MAIL, RCPT and DATA before HELO/EHLO: 503 5.5.1 when true (smtpd_helo_required; Postfix's default: no).
+    helo_required: bool = False
     # A session longer than this ends with 421 4.4.2 at its next command (with the per-command deadline, at
     # most `timeout` later); 0: no limit.
     session_time_limit: Duration = Field(3600.0, ge=0)

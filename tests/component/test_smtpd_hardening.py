@@ -342,6 +342,34 @@ async def test_rcpt_path_syntax(mailflow_server, command, reply):
     await c.close()
 
 
+async def test_a_client_that_never_says_hello_is_served_as_postfix_serves_it(mailflow_server, tmp_path):
+    # smtpd_helo_required = no (Postfix's default): MAIL, RCPT and DATA without HELO/EHLO
+    mf = await mailflow_server()
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert await c.cmd("MAIL FROM:<s@remote.test>") == status.SENDER_OK
+    assert await c.cmd("RCPT TO:<alice@local.test>") == status.RCPT_OK
+    assert (await c.cmd("DATA"))[0] == 354
+    assert (await c.cmd(b"Subject: no hello\r\n\r\nbody\r\n."))[0] == 250
+    await c.close()
+    messages = await eventually(lambda: alice_mail(tmp_path))
+    assert b"Subject: no hello" in messages[0]
+
+
+@pytest.mark.parametrize("commands", [
+    ["MAIL FROM:<s@remote.test>"],
+    ["RCPT TO:<alice@local.test>"],
+    ["DATA"],
+])
+async def test_helo_required_refuses_a_transaction_before_hello(mailflow_server, commands):
+    mf = await mailflow_server(smtpd={"helo_required": True})
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    for command in commands:
+        assert await c.cmd(command) == status.NEED_HELO
+    assert (await c.cmd("HELO client.test"))[0] == 250
+    assert await c.cmd("MAIL FROM:<s@remote.test>") == status.SENDER_OK
+    await c.close()
+
+
 async def test_quit_with_an_argument_still_ends_the_session(mailflow_server):
     # RFC 5321's QUIT takes none, but a client that sends one wants to leave: Postfix says 221 and closes
     mf = await mailflow_server()

@@ -147,13 +147,14 @@ async def test_connection_limits_apply_to_the_proxied_client(mailflow_server):
 
 async def test_xclient_from_an_authorized_host_replaces_the_client(mailflow_server):
     mf = await mailflow_server(mynetworks=["192.0.2.0/24"],
-                               smtpd={"listen": ["127.0.0.1:0"], "authorized_xclient_hosts": ["127.0.0.0/8"]})
+                               smtpd={"listen": ["127.0.0.1:0"], "authorized_xclient_hosts": ["127.0.0.0/8"],
+                                      "helo_required": True})  # (to see that XCLIENT forgets the HELO)
     c = await SmtpClient.connect(mf.smtpd.address_of("mta")[1])
     ehlo = await c.cmd("EHLO filter.test")
     assert ehlo.code == 250 and "XCLIENT NAME ADDR PORT PROTO HELO LOGIN" in ehlo.lines
     assert await c.cmd("XCLIENT ADDR=192.0.2.1 NAME=[UNAVAILABLE]") == status.greeting("mx.mailflow.test",
                                                                                        "ESMTP mailflow")
-    assert await c.cmd("MAIL FROM:<s@remote.test>") == (503, "503 5.5.1 Error: send HELO first")  # reset
+    assert await c.cmd("MAIL FROM:<s@remote.test>") == status.NEED_HELO  # reset
     assert await relay_reply(c) == status.RCPT_OK  # 192.0.2.1 is in mynetworks
     assert await c.cmd("XCLIENT ADDR=198.51.100.9") == status.XCLIENT_IN_TRANSACTION
     assert (await c.cmd("RSET"))[0] == 250

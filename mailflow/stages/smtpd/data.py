@@ -103,7 +103,7 @@ class DataCommands(TransactionCommands):
             spool.discard()
 
     def _bdat_refusal(self) -> status.Reply | None:
-        if not self.session.host_name:
+        if not self.session.host_name and self._limits.helo_required:
             return status.NEED_HELO
         if self._login_required and not self.session.authenticated:
             return status.AUTH_REQUIRED

@@ -92,6 +92,7 @@ class ProtocolLimits:
     error_sleep_time: float
     junk_command_limit: int
     disable_vrfy_command: bool
+    helo_required: bool
     session_time_limit: float
     recipient_limit: int
     recipient_overshoot_limit: int
@@ -562,6 +563,15 @@ class ProtocolCore(SMTP):
         await self.push(status.BYE)
         self._quit = True
         self._close()
+
+    async def check_helo_needed(self, helo: str = "HELO") -> bool:
+        """MAIL, RCPT and DATA before HELO/EHLO: refused only with `helo_required` (Postfix's
+        smtpd_helo_required, default no); a client that never said hello is logged and checked as `unknown`.
+        (AUTH always needs EHLO: secure.py.)"""
+        if self.session.host_name or not self._limits.helo_required:
+            return False
+        await self.push(status.NEED_HELO)
+        return True
 
     async def smtp_VRFY(self, arg: str | None) -> None:
         """Off by default (disable_vrfy_command). On, the answer is the same for every address (252): VRFY
