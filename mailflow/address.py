@@ -39,17 +39,18 @@ def parse_path(text: str) -> tuple[str, str]:
     RFC 5321 4.1.2 `Reverse-path / Forward-path`, with what Postfix (smtpd_strict_rfc821_envelope = no) also
     takes: spaces before the path, a path without angle brackets (it ends at the first space outside a quoted
     string), a source route `@a,@b:` (dropped, RFC 5321 C), and one trailing dot on the domain (dropped).
-    `<>` gives "". Refused (PathError): a `<` without its `>`, anything but a space right after the `>`, a
+    `<>` gives "". A tab separates like a space (Postfix splits command words on both).
+    Refused (PathError): a `<` without its `>`, anything but a space or tab right after the `>`, a
     bracket in an unbracketed path, and any address that is not `local-part[@domain]` with a dot-atom or quoted
     local part: an unquoted space, a backslash or another character outside atext, an empty label. Whether a
     domain is required, and UTF-8, are for the caller."""
-    text = text.lstrip(" ")
+    text = text.lstrip(" \t")
     if text.startswith("<"):
         end = _find_unquoted(text, ">", 1)  # the '>' closing the '<' at text[0]
         if end < 0:
             raise PathError("no closing '>'")
         path, rest = text[1:end], text[end + 1:]
-        if rest and not rest.startswith(" "):
+        if rest and rest[0] not in " \t":
             raise PathError("junk after '>'")
     else:
         end = _find_unquoted(text, " ", 0)
@@ -68,7 +69,7 @@ def parse_path(text: str) -> tuple[str, str]:
         if not _LOCAL_RE.fullmatch(local) or (at and not domain):
             raise PathError("malformed local part" if domain or not at else "empty domain")
         path = f"{local}@{domain}" if at else local
-    return path, rest.strip(" ")
+    return path, rest.strip(" \t")
 
 
 def _find_unquoted(text: str, char: str, start: int) -> int:

@@ -370,6 +370,41 @@ async def test_helo_required_refuses_a_transaction_before_hello(mailflow_server,
     await c.close()
 
 
+async def test_an_unqualified_sender_is_taken_and_qualified_like_a_recipient(mailflow_server, tmp_path):
+    # Postfix takes MAIL FROM:<user> and cleanup appends @$myorigin
+    mf = await mailflow_server()
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd("EHLO client.test"))[0] == 250
+    assert await c.cmd("MAIL FROM:<bob>") == status.SENDER_OK
+    assert await c.cmd("RCPT TO:<alice@local.test>") == status.RCPT_OK
+    assert (await c.cmd("DATA"))[0] == 354
+    assert (await c.cmd(MSG + b"."))[0] == 250
+    await c.close()
+    messages = await eventually(lambda: alice_mail(tmp_path))
+    assert messages[0].startswith(f"Return-Path: <bob@{mf.config.origin}>".encode()), messages[0][:200]
+
+
+async def test_starttls_where_it_is_not_offered_is_not_implemented(mailflow_server):
+    mf = await mailflow_server()  # no certificate: STARTTLS is not in the EHLO keywords
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    ehlo = await c.cmd("EHLO client.test")
+    assert ehlo.code == 250 and "STARTTLS" not in ehlo.lines
+    assert await c.cmd("STARTTLS") == status.NOT_IMPLEMENTED
+    assert await c.cmd("MAIL FROM:<s@remote.test>") == status.SENDER_OK  # the session goes on
+    await c.close()
+
+
+async def test_esmtp_parameters_after_helo_are_taken_as_postfix_takes_them(mailflow_server):
+    mf = await mailflow_server()
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd("HELO client.test"))[0] == 250
+    assert await c.cmd("MAIL FROM:<s@remote.test> SIZE=100") == status.SENDER_OK
+    assert await c.cmd("RCPT TO:<alice@local.test>\tNOTIFY=NEVER") == status.RCPT_OK
+    assert (await c.cmd("RSET"))[0] == 250
+    assert await c.cmd("MAIL FROM:<s@remote.test> SIZE=99999999999") == status.SIZE_EXCEEDS_LIMIT  # still checked
+    await c.close()
+
+
 async def test_quit_with_an_argument_still_ends_the_session(mailflow_server):
     # RFC 5321's QUIT takes none, but a client that sends one wants to leave: Postfix says 221 and closes
     mf = await mailflow_server()

@@ -241,6 +241,7 @@ def test_client_ip_unmaps_ipv4_and_in_networks_matches_it():
     ('<"a\\"b"@b.test>', ('"a\\"b"@b.test', "")),
     ("<postmaster>", ("postmaster", "")),
     ("<jörg@bü.test>", ("jörg@bü.test", "")),
+    ("\t<a@b.test>\tNOTIFY=NEVER", ("a@b.test", "NOTIFY=NEVER")),  # a tab separates words, as in Postfix
 ])
 def test_parse_path_accepts_what_postfix_accepts(text, expected):
     assert address.parse_path(text) == expected

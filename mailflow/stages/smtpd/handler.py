@@ -111,7 +111,8 @@ class SmtpdHandler:
                           options: list[str]) -> str:
         sender = "" if addr == NULL_SENDER else addr
         if sender:
-            if address.mailbox_syntax_error(sender) or self._min_user(sender):
+            # an unqualified sender is taken, like a recipient, and qualified by cleanup (Postfix: @$myorigin)
+            if address.mailbox_syntax_error(self._rewriter.qualify(sender)) or self._min_user(sender):
                 return str(status.bad_sender_syntax(sender))
             if address.is_utf8(sender) and "SMTPUTF8" not in options:
                 return str(status.SMTPUTF8_REQUIRED)

@@ -68,12 +68,13 @@ class SecureCommands(FrontEndCommands):
         if self.session.ssl is not None:
             await self.push(status.TLS_ALREADY_ACTIVE)
             return
-        if self.tls_context and self.envelope.mail_from:
+        if not self.tls_context:  # not offered on this listener
+            await self.push(status.NOT_IMPLEMENTED)
+            return
+        if self.envelope.mail_from:
             await self.push(status.TRANSACTION_IN_PROGRESS)
             return
         await super().smtp_STARTTLS(arg)
-        if not self.tls_context:
-            return  # not offered here: aiosmtpd answered
         if self.transport is None or self.transport.is_closing():  # asyncio resolves the handshake as done
             raise ConnectionResetError("the client left during the TLS handshake")
         self.log_tls()

@@ -145,8 +145,4 @@ class TransactionCommands(SecureCommands):
             self.record.lines.illegal_address(self.session.client, command, text)
             await self.push(bad)
             return None
-        words = rest.split()
-        if words and not self.session.extended_smtp:
-            await self.push(status.syntax(usage))
-            return None
-        return addr, words
+        return addr, rest.split()  # parameters after HELO too, as Postfix takes them
