@@ -254,7 +254,10 @@ DEFAULT_ENHANCED = {
 
 
 def with_enhanced_code(line: str) -> str:
-    """Give a library-written reply line (`503 Error: …`) its enhanced status code if it lacks one."""
+    """Give a library-written reply line (`503 Error: …`) its enhanced status code if it lacks one; aiosmtpd's
+    `250 OK` (NOOP, RSET) is written as Postfix writes it."""
+    if line == "250 OK":
+        return "250 2.0.0 Ok"
     if len(line) < 4 or not line[:3].isdigit() or line[3] not in " -":
         return line
     code, sep, rest = line[:3], line[3], line[4:]
@@ -350,7 +353,8 @@ def syntax(usage: str) -> Reply:
 
 
 def bdat_chunk(size: int) -> Reply:
-    return Reply(250, "2.0.0", f"{size} bytes ok")
+    """A BDAT chunk that is not the last, in Postfix's words."""
+    return Reply(250, "2.0.0", f"Ok: {size} bytes")
 
 
 def bad_dsn_parameter(text: str) -> Reply:

@@ -19,7 +19,8 @@ from mailflow.status import DEFAULT_ENHANCED, Reply, dsn_class, with_enhanced_co
     ("502 Error: command \"VRFY\" not implemented", "502 5.5.1 Error: command \"VRFY\" not implemented"),
     ("552 Error: Too much mail data", "552 5.3.4 Error: Too much mail data"),
     ("221 Bye", "221 2.0.0 Bye"),
-    ("250 OK", "250 2.0.0 OK"),
+    ("250 OK", "250 2.0.0 Ok"),  # (NOOP, RSET: Postfix's words)
+    ("250 OK queued", "250 2.0.0 OK queued"),
     ("252 Cannot VRFY user", "252 2.5.0 Cannot VRFY user"),
     ("421 Service unavailable", "421 4.4.2 Service unavailable"),
     ("535 Authentication credentials invalid", "535 5.7.8 Authentication credentials invalid"),
