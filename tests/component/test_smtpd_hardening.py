@@ -405,6 +405,19 @@ async def test_esmtp_parameters_after_helo_are_taken_as_postfix_takes_them(mailf
     await c.close()
 
 
+@pytest.mark.parametrize("rcpt", ["postmaster", "Postmaster", "POSTMASTER"])
+async def test_the_bare_postmaster_is_always_taken(mailflow_server, rcpt):
+    # RFC 5321 4.5.1; Postfix takes it before any restriction. This client is not in mynetworks, and
+    # postmaster@myorigin is not a local domain here: any other recipient there is refused.
+    mf = await mailflow_server(mynetworks=["192.0.2.0/24"])
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd("EHLO client.test"))[0] == 250
+    assert await c.cmd("MAIL FROM:<s@remote.test>") == status.SENDER_OK
+    assert (await c.cmd("RCPT TO:<abuse>"))[0] == 554
+    assert await c.cmd(f"RCPT TO:<{rcpt}>") == status.RCPT_OK
+    await c.close()
+
+
 async def test_quit_with_an_argument_still_ends_the_session(mailflow_server):
     # RFC 5321's QUIT takes none, but a client that sends one wants to leave: Postfix says 221 and closes
     mf = await mailflow_server()

@@ -142,7 +142,10 @@ class SmtpdHandler:
         logs it (`NOQUEUE: reject: RCPT from …`)."""
         refusal = self._rcpt_syntax_refusal(envelope, addr)
         if refusal is None:
-            refusal = await self.check_recipient(session, envelope, addr)
+            # RFC 5321 4.5.1: the bare `postmaster` must be taken, whoever asks; Postfix's smtpd_check_rcpt says
+            # OK to it before any restriction (cleanup qualifies it with @myorigin)
+            if addr.lower() != "postmaster":
+                refusal = await self.check_recipient(session, envelope, addr)
             if refusal is None and self._filters is not None:
                 refusal = await self._filters.rcpt(session, envelope, addr)
             if refusal is not None:
