@@ -32,7 +32,7 @@ _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,255}}$){_LABEL}(?:\.{_LABEL})*\.?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
-TABLE_TYPES = ("texthash", "inline", "static", "regexp", "sqlite", "accounts", "fail")
+TABLE_TYPES = ("texthash", "inline", "static", "regexp", "sqlite", "accounts", "unix", "fail")
 FILE_TABLE_TYPES = ("texthash", "regexp", "sqlite", "accounts")  # the name after the colon is a file
 
 

@@ -4,7 +4,8 @@
 
 `aliases`: a texthash file is in aliases(5) format, as alias_maps files are. File-backed tables (texthash,
 regexp, accounts) read their file at the first lookup (or TableCache.preload), not here; sqlite reads its .cf
-here. `accounts:PATH#MAP` names a map of the account database (mailflow.tables.accounts).
+here. `accounts:PATH#MAP` names a map of the account database (mailflow.tables.accounts); `unix:passwd.byname`
+and `unix:group.byname` the system's users and groups (mailflow.tables.unix).
 Relative paths (the spec's, sqlite's dbpath) are taken from `base_dir` when given, else from the current
 directory.
 
@@ -25,6 +26,7 @@ from mailflow.tables.files import TexthashTable
 from mailflow.tables.memory import FailTable, open_inline, open_static
 from mailflow.tables.regexp import RegexpTable
 from mailflow.tables.sqlite import SqliteTable
+from mailflow.tables.unix import UnixTable
 
 
 def open_table(spec: str, *, base_dir: Path | None = None, clock: Callable[[], float] = time.monotonic,
@@ -39,6 +41,8 @@ def open_table(spec: str, *, base_dir: Path | None = None, clock: Callable[[], f
         return open_static(spec, name)
     if kind == "fail":
         return FailTable(spec)
+    if kind == "unix":
+        return UnixTable(spec, name.strip())
     if kind in ("texthash", "regexp", "sqlite", "accounts"):
         if not name.strip():
             raise ConfigError("", spec, f"{kind}: needs a file name ({kind}:/path)")

@@ -3,6 +3,7 @@ session is a plain `Facts` value. Replies are compared with `mailflow.status`.""
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 
@@ -65,6 +66,18 @@ def test_defaults_refuse_an_unlisted_local_user_even_from_mynetworks():
     assert rcpt(r, "alice@local.test") is None
     assert rcpt(r, "nobody@local.test", client_addr="192.0.2.7") == \
         status.user_unknown("nobody@local.test", "local recipient table")
+
+
+def test_the_systems_users_as_local_recipients():
+    # Postfix's default local_recipient_maps is the passwd file; mailflow's is a table, unix:passwd.byname here
+    import pwd
+    me = pwd.getpwuid(os.getuid()).pw_name.lower()
+    config = config_from_dict({**BASE, "local_recipient_maps": ["unix:passwd.byname"]})
+    rewriter = Rewriter(config)
+    r = Restrictions(config, config.smtpd, rewriter, AddressMapper(config, rewriter), RESOLVER)
+    assert rcpt(r, f"{me}@local.test") is None
+    assert rcpt(r, "no-such-user-here@local.test") == \
+        status.user_unknown("no-such-user-here@local.test", "local recipient table")
 
 
 def test_unlisted_recipients_pass_when_the_check_is_off():

@@ -13,7 +13,7 @@ import pytest
 
 from mailflow.errors import ConfigError, LookupRetry
 from mailflow.tables import TableCache, lookup_address, lookup_local, open_table, split_extension
-from tests.support import eventually
+from tests.support import eventually, require_tool
 
 
 class FakeClock:
@@ -131,7 +131,7 @@ def test_bad_specs(spec):
 def test_unknown_type_names_the_known_ones():
     with pytest.raises(ConfigError) as e:
         open_table("hash:/etc/postfix/virtual")
-    assert e.value.reason == "unknown table type 'hash'; mailflow has texthash, inline, static, regexp, sqlite, accounts, fail"
+    assert e.value.reason == "unknown table type 'hash'; mailflow has texthash, inline, static, regexp, sqlite, accounts, unix, fail"
     assert e.value.key == "hash:/etc/postfix/virtual"
 
 
@@ -511,3 +511,35 @@ async def test_a_changed_file_is_reread_off_the_loop_and_old_contents_answer_mea
     await eventually(lambda: t.lookup("b") == "three", timeout=1)
     assert (t.lookup("a"), t.lookup("b")) == ("two", "three")
     assert reads[0] == loop_thread and len(reads) == 2
+
+
+# ---------------------------------------------------------------------------------------------- unix:
+
+
+def test_unix_passwd_answers_the_entry_as_postmap_does():
+    import pwd
+    me = pwd.getpwuid(os.getuid())
+    t = open_table("unix:passwd.byname")
+    assert t.blocking and t.fixed
+    assert t.lookup(me.pw_name) == (f"{me.pw_name}:{me.pw_passwd}:{me.pw_uid}:{me.pw_gid}:{me.pw_gecos}:"
+                                    f"{me.pw_dir}:{me.pw_shell}")
+    assert t.lookup("no-such-user-here") is None
+    assert t.lookup(f"{me.pw_name}@example.test") is None  # a user name, not an address
+
+
+def test_unix_group_and_an_unknown_map():
+    import grp
+    g = grp.getgrgid(os.getgid())
+    assert open_table("unix:group.byname").lookup(g.gr_name) == f"{g.gr_name}:{g.gr_passwd}:{g.gr_gid}:" + \
+        ",".join(g.gr_mem)
+    with pytest.raises(ConfigError, match="passwd.byname and group.byname"):
+        open_table("unix:shadow.byname")
+
+
+def test_unix_passwd_agrees_with_postfix():
+    import pwd
+    postmap = require_tool("postmap")
+    me = pwd.getpwuid(os.getuid()).pw_name
+    expected = subprocess.run([postmap, "-q", me, "unix:passwd.byname"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    assert open_table("unix:passwd.byname").lookup(me) == expected
