@@ -110,7 +110,7 @@ async def test_bs_scripted_smtp_dialogue(mailflow_server, cfg, tmp_path):
     rc, out, err = await run(cfg(), "-bs", stdin=script)
     assert rc == 0, err
     codes = [line[:3] for line in out.decode().splitlines() if line[3:4] == " "]
-    assert codes == [b"220"[:3].decode(), "250", "250", "250", "250", "250", "250", "250", "354", "250", "502",
+    assert codes == [b"220"[:3].decode(), "250", "250", "250", "250", "250", "250", "250", "354", "250", "500",
                      "221"]
     assert "queued as" in out.decode()
     for user in ("alice", "bob"):

@@ -50,7 +50,7 @@ class DataCommands(TransactionCommands):
             await self.push(status.BDAT_MIXED)
             return
         if not self.envelope.rcpt_tos:
-            await self.push(status.NEED_RCPT)
+            await self.push(self._no_recipients())
             return
         if arg:
             await self.push(status.syntax("DATA"))
@@ -108,9 +108,14 @@ class DataCommands(TransactionCommands):
         if self._login_required and not self.session.authenticated:
             return status.AUTH_REQUIRED
         if not self.envelope.rcpt_tos:
+            refusal = self._no_recipients()
             self._reset_transaction()
-            return status.NEED_RCPT
+            return refusal
         return None
+
+    def _no_recipients(self) -> status.Reply:
+        """DATA or BDAT without an accepted recipient, in Postfix's words: inside a transaction none was valid."""
+        return status.NO_VALID_RECIPIENTS if self.envelope.mail_from else status.NEED_RCPT
 
     async def _skip_chunk(self, size: int) -> None:
         self._content_begins()

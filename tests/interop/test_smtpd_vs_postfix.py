@@ -1,0 +1,85 @@
+"""Differential test: the same SMTP sessions, byte for byte, to a private Postfix and to mailflow configured alike,
+must get the same reply codes, command by command. The sessions are the protocol edges where a client meets the
+server's judgement: order of commands, path syntax as Postfix takes it (unqualified, long local parts, a tab,
+source routes), ESMTP parameters, postmaster, relaying, QUIT and STARTTLS where they are odd.
+
+Not compared, because mailflow differs on purpose (docs/security.md, docs/config.md): VRFY (off by default), bare
+LF/CR and NUL in commands or content (refused), ETRN (not implemented), HELP (answered), UTF-8 (the private
+Postfix runs with smtputf8_enable = no).
+"""
+from __future__ import annotations
+
+import pytest
+
+from tests.support import SmtpClient, postfix_instance
+
+pytestmark = pytest.mark.interop
+
+E, M, R = "EHLO client.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<alice@local.test>"
+CONTENT = b"Subject: probe\r\n\r\nbody\r\n."
+LONG = "SRS0=HHHH=TT=sender-domain.example=" + "x" * 60  # a 95-octet local part
+
+SESSIONS: dict[str, list[str | bytes]] = {
+    "mail before hello": [M, R, "DATA", CONTENT],
+    "EHLO without a name": ["EHLO", "HELO"],
+    "nested MAIL": [E, M, M],
+    "RCPT before MAIL": [E, R],
+    "DATA before RCPT": [E, M, "DATA"],
+    "unknown command": [E, "FOO bar"],
+    "a whole message, then another": [E, M, R, "DATA", CONTENT, M, R, "RSET", "NOOP"],
+    "MAIL without brackets, or a space after the colon": [E, "MAIL FROM:s@remote.test", "RSET",
+                                                         "MAIL FROM: <s@remote.test>"],
+    "unqualified sender and recipient": [E, "MAIL FROM:<bob>", "RCPT TO:<alice>"],
+    "null sender": [E, "MAIL FROM:<>", R],
+    "long local parts": [E, f"MAIL FROM:<{LONG}@remote.test>", f"RCPT TO:<{LONG}@local.test>"],
+    "malformed recipients": [E, M, "RCPT TO:<r@>", "RCPT TO:<a b@local.test>", "RCPT TO:<alice@local.test",
+                             "RCPT TO:<>", "RCPT TO:<@hop.test:alice@local.test>", "RCPT TO:<alice@local.test.>"],
+    "malformed senders": [E, "MAIL FROM:<s@remote.test", "MAIL FROM:<s b@remote.test>", "MAIL FROM:<s@>"],
+    "ESMTP parameters": [E, M + " SIZE=999999999999", M + " BODY=FOO", M + " FOO=bar", M + " SIZE=10 BODY=8BITMIME",
+                         R + " NOTIFY=NEVER,SUCCESS", R + " NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;alice@local.test"],
+    "ESMTP parameters after HELO, a tab before them": ["HELO client.test", M + " SIZE=100",
+                                                       "RCPT TO:<alice@local.test>\tNOTIFY=NEVER"],
+    "relaying and local users": [E, M, "RCPT TO:<x@elsewhere.test>", "RCPT TO:<nobody@local.test>",
+                                 "RCPT TO:<x%elsewhere.test@local.test>", "RCPT TO:<postmaster@local.test>"],
+    "the bare postmaster, any case": [E, M, "RCPT TO:<postmaster>", "RCPT TO:<PostMaster>"],
+    "STARTTLS where it is not offered": [E, "STARTTLS"],
+    "QUIT with an argument": [E, "QUIT now"],
+}
+
+
+async def replay(port: int) -> dict[str, list[int | None]]:
+    """Each session's reply codes (None: the server closed the connection), command by command."""
+    codes: dict[str, list[int | None]] = {}
+    for name, commands in SESSIONS.items():
+        client = await SmtpClient.connect(port)
+        got: list[int | None] = []
+        for command in commands:
+            reply = await client.cmd(command)
+            got.append(reply.code)
+            if reply.code is None or reply.code == 221:
+                break
+        codes[name] = got
+        await client.close()
+    return codes
+
+
+async def test_protocol_edges_match_a_real_postfix(mailflow_server):
+    async with postfix_instance({
+        "myhostname": "pf.test", "mydestination": "local.test", "mynetworks": "192.0.2.0/24",
+        "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+        "local_recipient_maps": "inline:{alice=ok}", "message_size_limit": "10240000",
+        "relayhost": "[127.0.0.1]:9",  # nothing is delivered: the replies are the test
+    }) as pf:
+        postfix = await replay(pf.port)
+    mf = await mailflow_server(mydestination=["local.test"], mynetworks=["192.0.2.0/24"],
+                               local_recipient_maps=["inline:{alice=ok}"], relayhost="[127.0.0.1]:9")
+    mailflow = await replay(mf.smtp_addresses[0][1])
+    assert {name: codes for name, codes in mailflow.items() if codes != postfix[name]} == {}, postfix
+    # the edges themselves, so that a change on both sides cannot pass unnoticed
+    assert postfix["mail before hello"] == [250, 250, 354, 250]
+    assert postfix["long local parts"] == [250, 250, 550]  # past the syntax check: an unknown user
+    assert postfix["unqualified sender and recipient"] == [250, 250, 554]  # alice@$myorigin is not local
+    assert postfix["the bare postmaster, any case"] == [250, 250, 250, 250]
+    assert postfix["relaying and local users"] == [250, 250, 554, 550, 554, 250]
+    assert postfix["STARTTLS where it is not offered"] == [250, 502]
+    assert postfix["QUIT with an argument"] == [250, 221]
