@@ -228,6 +228,10 @@ class SmtpdLog:
         self._emit(logging.INFO, "pipelining", f"improper command pipelining after {after} from {client}: {text}",
                    after=after, client=client, pending=text)
 
+    def non_smtp_command(self, client: str, line: bytes) -> None:
+        text = line[:100].decode("utf-8", "replace")
+        self._emit(logging.WARNING, "non-smtp", f"non-SMTP command from {client}: {text}", client=client, text=text)
+
     def illegal_address(self, client: str, command: str, text: str) -> None:
         self._emit(logging.WARNING, "illegal-address", f"Illegal address syntax from {client} in {command} "
                    f"command: {text[:200]}", client=client, command=command, text=text[:200])

@@ -323,6 +323,8 @@ LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
 BAD_SYNTAX = Reply(500, "5.5.2", "Error: bad syntax")
 BAD_UTF8 = Reply(500, "5.5.2", "Error: bad UTF-8 syntax")
 NOT_RECOGNIZED = Reply(500, "5.5.2", "Error: command not recognized")  # 500, as Postfix (RFC 5321: unrecognized)
+# a line that is not SMTP at all (smtpd_forbid_cmds, a header as a command): the connection is closed after it
+NON_SMTP_COMMAND = Reply(221, "2.7.0", "Error: I can break rules, too. Goodbye.")
 # a command this listener knows but does not offer (STARTTLS without a certificate: Postfix's words)
 NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
 NUL_IN_COMMAND = Reply(500, "5.5.2", "Error: NUL character in command")

@@ -418,6 +418,28 @@ async def test_the_bare_postmaster_is_always_taken(mailflow_server, rcpt):
     await c.close()
 
 
+@pytest.mark.parametrize("line", ["GET / HTTP/1.1", "POST /submit HTTP/1.0", "CONNECT mail.example:25 HTTP/1.1",
+                                  "Subject: content sent after a refused DATA", "X-Header:no-space"])
+async def test_a_line_that_is_not_smtp_ends_the_session(mailflow_server, line, caplog):
+    # Postfix's smtpd_forbid_cmds (CONNECT GET POST) and its rule for a message header sent as a command
+    mf = await mailflow_server()
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd("EHLO client.test"))[0] == 250
+    with caplog.at_level(logging.WARNING, logger="mailflow"):
+        assert await c.cmd(line) == status.NON_SMTP_COMMAND
+        assert await c.closed()
+    assert f"non-SMTP command from localhost[127.0.0.1]: {line}" in caplog.text or \
+        f"non-SMTP command from unknown[127.0.0.1]: {line}" in caplog.text, caplog.text
+
+
+async def test_an_unknown_command_is_not_taken_for_one_that_is_not_smtp(mailflow_server):
+    mf = await mailflow_server()
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert await c.cmd("XYZZY a:b") == status.NOT_RECOGNIZED  # the colon is not in the command word
+    assert await c.cmd("NOOP") == status.OK
+    await c.close()
+
+
 async def test_quit_with_an_argument_still_ends_the_session(mailflow_server):
     # RFC 5321's QUIT takes none, but a client that sends one wants to leave: Postfix says 221 and closes
     mf = await mailflow_server()

@@ -1,7 +1,8 @@
 """Differential test: the same SMTP sessions, byte for byte, to a private Postfix and to mailflow configured alike,
 must get the same reply codes, command by command. The sessions are the protocol edges where a client meets the
 server's judgement: order of commands, path syntax as Postfix takes it (unqualified, long local parts, a tab,
-source routes), ESMTP parameters, postmaster, relaying, QUIT and STARTTLS where they are odd.
+source routes), ESMTP parameters, postmaster, relaying, QUIT and STARTTLS where they are odd, and lines that
+are not SMTP at all (an HTTP request, message content after a refused DATA).
 
 Not compared, because mailflow differs on purpose (docs/security.md, docs/config.md): VRFY (off by default), bare
 LF/CR and NUL in commands or content (refused), ETRN (not implemented), HELP (answered), UTF-8 (the private
@@ -44,6 +45,8 @@ SESSIONS: dict[str, list[str | bytes]] = {
     "the bare postmaster, any case": [E, M, "RCPT TO:<postmaster>", "RCPT TO:<PostMaster>"],
     "STARTTLS where it is not offered": [E, "STARTTLS"],
     "QUIT with an argument": [E, "QUIT now"],
+    "message content after a refused DATA": [E, M, "RCPT TO:<r@>", "DATA", "Subject: probe", "NOOP"],
+    "an HTTP request": ["GET / HTTP/1.1", "Host: mx"],
 }
 
 
@@ -83,3 +86,5 @@ async def test_protocol_edges_match_a_real_postfix(mailflow_server):
     assert postfix["relaying and local users"] == [250, 250, 554, 550, 554, 250]
     assert postfix["STARTTLS where it is not offered"] == [250, 502]
     assert postfix["QUIT with an argument"] == [250, 221]
+    assert postfix["message content after a refused DATA"] == [250, 250, 501, 554, 221]  # not SMTP: hung up
+    assert postfix["an HTTP request"] == [221]

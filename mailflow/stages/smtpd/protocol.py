@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -93,6 +94,7 @@ class ProtocolLimits:
     junk_command_limit: int
     disable_vrfy_command: bool
     helo_required: bool
+    forbid_cmds: tuple[str, ...]
     session_time_limit: float
     recipient_limit: int
     recipient_overshoot_limit: int
@@ -473,12 +475,20 @@ class ProtocolCore(SMTP):
             return
         command_bytes, _, arg_bytes = line.partition(b" ")
         command = command_bytes.upper().decode("ascii")
+        if command not in self._smtp_methods and self._not_smtp(command):
+            self.record.lines.non_smtp_command(self.session.client, line)
+            await self._refuse_and_close(status.NON_SMTP_COMMAND)
+            return
         if self._out_of_sync(command):
             self.record.lines.improper_pipelining(command, self.session.client, self.wire.peek())
             await self._refuse_and_close(status.protocol_sync(self.hostname))
             return
         arg = arg_bytes.strip().decode("utf-8") if arg_bytes.strip() else None
         await self._dispatch(command, arg)
+
+    def _not_smtp(self, command: str) -> bool:
+        """Postfix's smtpd_forbid_cmds, and its rule for a command that looks like a message header."""
+        return command in self._limits.forbid_cmds or _HEADER_NAME.match(command) is not None
 
     def _out_of_sync(self, command: str) -> bool:
         """RFC 2920 pipelining rules (smtpd_forbid_unauth_pipelining): input must not already be waiting after
@@ -600,6 +610,9 @@ def _with_keywords(lines: list[str], keywords: tuple[str, ...]) -> list[str]:
     if len(lines) == 1:  # only the greeting line: it becomes a continuation line
         return [f"250-{last[4:]}", *extra[:-1], f"250 {extra[-1][4:]}"]
     return [*head, *extra, last]
+
+
+_HEADER_NAME = re.compile(r"[!-9;-~]+:")  # RFC 5322 field name, then the colon
 
 
 def _malformed(line: bytes) -> status.Reply | None:
