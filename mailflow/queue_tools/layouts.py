@@ -35,7 +35,9 @@ SHAPE_LABELS = ("T", *(str(m) for m in SHAPE_MINUTES), f"{SHAPE_MINUTES[-1]}+")
 
 
 def mailq_time(ts: float) -> str:
-    return time.strftime("%a %b %d %H:%M:%S", time.localtime(ts))
+    """`Fri Dec  4 06:41:02`: the day of the month padded with a space, as postqueue writes it."""
+    t = time.localtime(ts)
+    return time.strftime("%a %b ", t) + f"{t.tm_mday:2d}" + time.strftime(" %H:%M:%S", t)
 
 
 def mailq_entry(row: MessageRow, recipients: Iterable[RecipientRow]) -> list[str]:

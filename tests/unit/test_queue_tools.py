@@ -107,6 +107,11 @@ def test_mailq_entry_columns_match_postfix(utc):
     assert qt.MAILQ_HEADER == f"{'-Queue ID-':<11} {'--Size--':>7} {'----Arrival Time----':<20} -Sender/Recipient-------"
 
 
+def test_mailq_pads_the_day_with_a_space_as_postqueue_does(utc):
+    assert qt.mailq_time(T0 + 20 * 86400) == "Mon Dec  4 22:13:20"  # (postqueue: "%a %b %e %H:%M:%S")
+    assert qt.mailq_time(T0) == "Tue Nov 14 22:13:20"
+
+
 def test_mailq_marks_active_and_held_and_names_the_null_sender(utc):
     assert qt.mailq_entry(row(queue="active"), [])[0].startswith("0123456789*")
     assert qt.mailq_entry(row(queue="hold"), [])[0].startswith("0123456789!")
