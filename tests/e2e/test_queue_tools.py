@@ -101,7 +101,7 @@ async def test_list_shows_deferred_mail_with_its_reason(dead_relay):
     assert lines[0] == "-Queue ID-  --Size-- ----Arrival Time---- -Sender/Recipient-------"
     entry = next(line for line in lines if line.startswith(qid))
     # postqueue's long-id layout; "*" while an attempt runs
-    assert re.fullmatch(rf"{qid}[ *] +\d+ \w{{3}} \w{{3}} \d\d \d\d:\d\d:\d\d someone@remote\.test", entry), entry
+    assert re.fullmatch(rf"{qid}[ *] +\d+ \w{{3}} \w{{3}} [ \d]\d \d\d:\d\d:\d\d someone@remote\.test", entry), entry
     assert f"({reason})" in out
     assert lines[-1] == "-- 0 Kbytes in 1 Request." and lines[-2] == ""
     recipient = lines[lines.index(next(line for line in lines if line.lstrip().startswith("("))) + 1]
