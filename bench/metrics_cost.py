@@ -25,25 +25,16 @@ import time
 import urllib.request
 from pathlib import Path
 
+from servers import MAILFLOW_CONFIG
+from smtp_tools import wait_listening
+
 ROOT = Path(__file__).resolve().parents[1]
 COUNT = int(os.environ.get("COUNT", 2000))
 RUNS = int(os.environ.get("RUNS", 3))
 SIZE = int(os.environ.get("SIZE", 2000))
 SESSIONS = int(os.environ.get("SESSIONS", 10))
-CONFIG = """\
-myhostname = "bench.mailflow.test"
-mydestination = ["localhost"]
-mynetworks = ["127.0.0.0/8"]
-relayhost = "[127.0.0.1]:{sink}"
-queue_directory = "{queue}"
-[smtpd]
-listen = ["127.0.0.1:{port}"]
-[queue]
-queue_run_delay = "1s"
-minimal_backoff_time = "1s"
-maximal_backoff_time = "2s"
-[log]
-level = "warning"
+# make bench's server configuration, with the admin listener on or off
+CONFIG = MAILFLOW_CONFIG + """\
 [admin]
 enable = {admin}
 listen = ["127.0.0.1:{admin_port}"]
@@ -76,27 +67,22 @@ def wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
 
 
 def one_run(admin: bool, work: Path) -> float:
     """µs of server CPU per message."""
     port, sink_port, admin_port = free_port(), free_port(), free_port()
     config = work / "mailflow.toml"
-    config.write_text(CONFIG.format(sink=sink_port, queue=work / "queue", port=port, admin="true" if admin else "false",
-                                    admin_port=admin_port))
+    config.write_text(CONFIG.format(sink_port=sink_port, queue_dir=work / "queue", port=port,
+                                    admin="true" if admin else "false", admin_port=admin_port))
     user = ["-u", "nobody"] if os.geteuid() == 0 else []
     sink = subprocess.Popen([tool("smtp-sink"), *user, f"127.0.0.1:{sink_port}", "256"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     server = subprocess.Popen([sys.executable, "-m", "mailflow", "serve", "-c", str(config)], cwd=ROOT,
                               stdout=open(work / "mailflow.log", "ab"), stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: listening(port) and listening(sink_port), 30, "the server and the sink listen")
+        if not (wait_listening(port, 30) and wait_listening(sink_port, 30)):
+            raise SystemExit("timed out: the server and the sink listen")
         before = cpu_seconds(server.pid)
         subprocess.run([tool("smtp-source"), "-s", str(SESSIONS), "-l", str(SIZE), "-m", str(COUNT),
                         "-f", "bench@source.test", "-t", "bench@dest.test", f"127.0.0.1:{port}"], check=True,
