@@ -257,7 +257,7 @@ def with_enhanced_code(line: str) -> str:
     """Give a library-written reply line (`503 Error: …`) its enhanced status code if it lacks one; aiosmtpd's
     `250 OK` (NOOP, RSET) is written as Postfix writes it."""
     if line == "250 OK":
-        return "250 2.0.0 Ok"
+        return str(OK)
     if len(line) < 4 or not line[:3].isdigit() or line[3] not in " -":
         return line
     code, sep, rest = line[:3], line[3], line[4:]
@@ -337,6 +337,11 @@ BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT count [LAST]")
 NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
 # DATA or BDAT after MAIL when no recipient was accepted (Postfix: NEED_RCPT only outside a transaction)
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
+
+
+def no_recipients(in_transaction: bool) -> Reply:
+    """DATA or BDAT without an accepted recipient, in Postfix's words: inside a transaction none was valid."""
+    return NO_VALID_RECIPIENTS if in_transaction else NEED_RCPT
 NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
 NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
 NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")

@@ -99,7 +99,7 @@ class StdioSmtp:
 
     def _do_DATA(self, arg: str) -> None:
         if not self._recipients:
-            return self._reply(status.NO_VALID_RECIPIENTS if self._sender is not None else status.NEED_RCPT)
+            return self._reply(status.no_recipients(self._sender is not None))
         assert self._sender is not None  # a recipient needs MAIL first
         self._reply(status.START_DATA)
         lines = self._data_lines()

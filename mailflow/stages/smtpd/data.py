@@ -50,7 +50,7 @@ class DataCommands(TransactionCommands):
             await self.push(status.BDAT_MIXED)
             return
         if not self.envelope.rcpt_tos:
-            await self.push(self._no_recipients())
+            await self.push(status.no_recipients(bool(self.envelope.mail_from)))
             return
         if arg:
             await self.push(status.syntax("DATA"))
@@ -108,14 +108,10 @@ class DataCommands(TransactionCommands):
         if self._login_required and not self.session.authenticated:
             return status.AUTH_REQUIRED
         if not self.envelope.rcpt_tos:
-            refusal = self._no_recipients()
+            refusal = status.no_recipients(bool(self.envelope.mail_from))
             self._reset_transaction()
             return refusal
         return None
-
-    def _no_recipients(self) -> status.Reply:
-        """DATA or BDAT without an accepted recipient, in Postfix's words: inside a transaction none was valid."""
-        return status.NO_VALID_RECIPIENTS if self.envelope.mail_from else status.NEED_RCPT
 
     async def _skip_chunk(self, size: int) -> None:
         self._content_begins()
