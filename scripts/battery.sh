@@ -14,7 +14,17 @@
 # `python` with pytest and trustme on PATH (the venv's).
 set -euo pipefail
 
-BATTERY=$(cd "${BATTERY:-../shared/battery}" && pwd)
+# The battery lives beside the project (../shared/battery). A clone made elsewhere (git clone . /tmp/x/c) looks
+# beside the repository it was cloned from; no battery at all is a failure, not a skip.
+find_battery() {
+    local wanted=${BATTERY:-../shared/battery} origin
+    if [ -d "$wanted" ]; then (cd "$wanted" && pwd); return; fi
+    origin=$(git config --get remote.origin.url 2>/dev/null || true)
+    if [ -n "$origin" ] && [ -d "$origin/$wanted" ]; then (cd "$origin/$wanted" && pwd); return; fi
+    echo "battery.sh: no battery at $wanted (nor beside $origin); set BATTERY=/path/to/battery" >&2
+    return 1
+}
+BATTERY=$(find_battery)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/mailflow-battery.XXXXXX")
 PYTHON=${PYTHON:-python}
 IDLE_TIMEOUT=${IDLE_TIMEOUT:-10}
