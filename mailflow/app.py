@@ -205,6 +205,7 @@ class Mailflow:
                                  rng=self.rng, log=maillog, notices=self._notices(c),
                                  on_delivery=self.metrics.delivered if self.metrics else None)
         await self.qmgr.start()
+        self._cleanup.attach_queue_manager(self.qmgr)
         self.pickup = Pickup(c.queue_path, self._cleanup, myhostname=c.myhostname, clock=self.clock,
                              interval=c.sendmail.pickup_interval, bounce_size_limit=c.queue.bounce_size_limit,
                              size_limit=c.smtpd.message_size_limit, milters=non_smtpd_milters(c))

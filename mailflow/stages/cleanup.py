@@ -22,7 +22,9 @@ What it does, in order (Postfix cleanup(8)):
    no SMTPUTF8, as the SMTP client would send them), the body hash streamed; off, none of it costs anything;
 6. commits message, recipients and content in one group-committed transaction, with the message's after-queue
    content filter (`Submission.content_filter`, else [smtpd] content_filter; a FILTER action wins);
-7. logs `received` and `queued`, and wakes qmgr.
+7. logs `received` and `queued`, and wakes qmgr; or, when a queue manager is attached (`attach_queue_manager`)
+   and has room, commits the message straight into the active queue and hands it over (qmgr `reserve`,
+   `hand_over`, `release`: no scan, no read of what was just written).
 Address rewriting is skipped for a listener with receive_override_options no_address_mappings.
 Header addresses are not rewritten (Postfix rewrites them only for mail from this host by default).
 `submit()` returns the queue id only after the commit is on disk: that is when smtpd may say 250.
@@ -39,7 +41,7 @@ import dataclasses
 import email.utils
 import logging
 import time
-from typing import Callable
+from typing import Callable, Protocol
 
 from mailflow.clock import Clock
 from mailflow.config import DEFAULTS
@@ -54,6 +56,14 @@ from mailflow.signing.outbound import OutboundSigning
 from mailflow.store import NewMessage, Store
 
 logger = logging.getLogger("mailflow.cleanup")
+
+class DirectQueue(Protocol):
+    """The queue manager as cleanup hands new mail to it (mailflow.stages.qmgr)."""
+
+    def reserve(self) -> bool: ...
+    def release(self) -> None: ...
+    def hand_over(self, msg: NewMessage) -> None: ...
+
 
 class QueueIdGenerator:
     """Queue ids like Postfix's: upper-case hex, time-ordered, unique within this process."""
@@ -89,6 +99,11 @@ class Cleanup:
         self._outbound = outbound
         self._checks = checks if checks is not None and checks.enabled else None
         self._content_filter = content_filter
+        self._direct: DirectQueue | None = None
+
+    def attach_queue_manager(self, direct: DirectQueue | None) -> None:
+        """Hand committed mail straight to `direct` when it has room (None: always through the store's scan)."""
+        self._direct = direct
 
     def reconfigure(self, *, myhostname: str, mapper: AddressMapper, hopcount_limit: int, header_size_limit: int,
                     outbound: OutboundSigning | None, checks: ContentChecks | None, content_filter: str) -> None:
@@ -125,10 +140,26 @@ class Cleanup:
             msg = await self._outbound.apply(msg, sub)
         if hold or content_filter:
             msg = dataclasses.replace(msg, queue="hold" if hold else msg.queue, content_filter=content_filter)
-        await self._store.insert(msg)
-        self.log_queued(msg, sub)
-        self._on_queued()
+        await self._commit(msg, sub)
         return msg.queue_id
+
+    async def _commit(self, msg: NewMessage, sub: Submission) -> None:
+        """Insert durably, log, then hand the message to qmgr (committed active) or wake it."""
+        direct = self._direct if msg.queue == "incoming" and self._direct is not None and self._direct.reserve() \
+            else None
+        if direct is not None:
+            msg = dataclasses.replace(msg, queue="active")
+        try:
+            await self._store.insert(msg)
+        except BaseException:
+            if direct is not None:
+                direct.release()
+            raise
+        self.log_queued(msg, sub)
+        if direct is not None:
+            direct.hand_over(msg)
+        else:
+            self._on_queued()
 
     async def _inspect(self, checks: ContentChecks, queue_id: QueueId, sub: Submission) -> Inspection:
         """The content checks on the header section and body as received (a header section over the limit is

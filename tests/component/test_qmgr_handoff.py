@@ -1,0 +1,152 @@
+"""New mail handed from cleanup straight to qmgr: committed in the active queue, scheduled without a scan, its
+content not read back; through the store's scan when qmgr has no room or a commit fails.
+
+A real Store, cleanup and qmgr (attached as `server` attaches them), a blocking scripted transport."""
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from mailflow.clock import VirtualClock
+from mailflow.config import config_from_dict
+from mailflow.content import Content
+from mailflow.logs import MailLog
+from mailflow.model import ClientInfo, Envelope, Outcome, Submission
+from mailflow.routing.rewrite import Rewriter
+from mailflow.stages.cleanup import Cleanup
+from mailflow.stages.qmgr import QueueManager
+from mailflow.store import Store
+from tests.support import BlockingTransport, always, eventually
+
+T0 = 1_700_000_000.0
+
+
+class Host:
+    def __init__(self, tmp_path, active_limit: int = 100):
+        self.config = config_from_dict({"myhostname": "mx.local.test", "mydestination": ["local.test"],
+                                        "queue": {"active_limit": active_limit}})
+        self.tmp_path = tmp_path
+        self.clock = VirtualClock(T0)
+        self.smtp = BlockingTransport("smtp", clock=self.clock, script=always(Outcome.SENT, "2.0.0", "250 ok"))
+
+    async def start(self) -> "Host":
+        self.store = await Store.open(self.tmp_path / "queue.db")
+        self.cleanup = Cleanup(self.store, myhostname="mx.local.test", clock=self.clock, rng=random.Random(1),
+                               log=MailLog(), on_queued=lambda: self.qmgr.wake())
+        self.qmgr = QueueManager(self.store, resolve=Rewriter(self.config).resolve, transports={"smtp": self.smtp},
+                                 config=self.config.queue, clock=self.clock, rng=random.Random(2), log=MailLog(),
+                                 tick=3600.0)
+        await self.qmgr.start()
+        self.cleanup.attach_queue_manager(self.qmgr)
+        return self
+
+    async def stop(self) -> None:
+        self.smtp.release.set()
+        await self.qmgr.stop(grace=1)
+        await self.store.close()
+
+    async def submit(self, n: int) -> str:
+        body = f"Subject: {n}\r\nFrom: <a@local.test>\r\n\r\nbody {n}\r\n".encode()
+        sub = Submission(Envelope("a@local.test", (f"r{n}@remote.test",)), Content.of(body),
+                         ClientInfo("192.0.2.9", helo="client.test"))
+        return await self.cleanup.submit(sub)
+
+
+@pytest.fixture
+async def host(tmp_path):
+    hosts = []
+
+    async def make(**kwargs) -> Host:
+        h = await Host(tmp_path, **kwargs).start()
+        hosts.append(h)
+        return h
+
+    yield make
+    for h in hosts:
+        await h.stop()
+
+
+async def test_new_mail_is_committed_active_and_delivered_without_a_scan(host):
+    h = await host()
+    await asyncio.sleep(0.05)  # qmgr's first scan (of an empty queue) is over
+    commits, reads = h.store.commits, h.store.reads
+    queue_id = await h.submit(1)
+    assert await h.store.counts() == {"active": 1}  # committed straight into the active queue
+    await eventually(lambda: len(h.smtp.calls) == 1)
+    [(_, request)] = h.smtp.calls
+    assert request.queue_id == queue_id and b"body 1" in request.content.to_bytes()
+    assert h.store.commits == commits + 1  # the insert only: no claim or scan transaction
+    h.smtp.release.set()
+    await eventually(lambda: h.qmgr.active_count == 0)
+    assert await h.store.counts() == {}
+    assert h.store.commits == commits + 2  # and the end of the attempt
+    assert h.store.reads == reads + 2  # the two counts() above: the content was not read back
+
+
+async def test_without_room_new_mail_waits_in_the_incoming_queue(host):
+    h = await host(active_limit=1)
+    await asyncio.sleep(0.05)
+    await h.submit(1)
+    await eventually(lambda: len(h.smtp.calls) == 1)
+    await h.submit(2)  # the one place is taken: through the store, for the scan to find
+    assert await h.store.counts() == {"active": 1, "incoming": 1}
+    h.smtp.release.set()
+    await eventually(lambda: len(h.smtp.calls) == 2)
+    await eventually(lambda: h.qmgr.active_count == 0)
+    assert await h.store.counts() == {}
+
+
+async def test_a_failed_commit_gives_its_place_back(host, monkeypatch):
+    h = await host(active_limit=1)
+    await asyncio.sleep(0.05)
+    real_insert = h.store.insert
+
+    async def failing_insert(msg):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(h.store, "insert", failing_insert)
+    with pytest.raises(OSError):
+        await h.submit(1)
+    monkeypatch.setattr(h.store, "insert", real_insert)
+    await h.submit(2)
+    assert await h.store.counts() == {"active": 1}  # the place the failed one had is free again
+    await eventually(lambda: len(h.smtp.calls) == 1)
+
+
+async def test_mail_handed_over_while_operator_changes_are_read_is_not_taken_for_deleted(host, monkeypatch):
+    h = await host()
+    await asyncio.sleep(0.05)
+    real_states = h.store.queue_states
+    handed: list[str] = []
+
+    async def states_while_mail_arrives(ids):
+        found = await real_states(ids)
+        handed.append(await h.submit(2))  # committed and handed over before the answer is used
+        return found
+
+    await h.submit(1)
+    await eventually(lambda: len(h.smtp.calls) == 1)
+    monkeypatch.setattr(h.store, "queue_states", states_while_mail_arrives)
+    await h.qmgr._withdraw_taken_back()  # what an operator's change (the generation counter) starts
+    monkeypatch.setattr(h.store, "queue_states", real_states)
+    assert handed and h.qmgr.active_count == 2
+    await eventually(lambda: len(h.smtp.calls) == 2)
+    h.smtp.release.set()
+    await eventually(lambda: h.qmgr.active_count == 0)
+    assert await h.store.counts() == {}  # both delivered and removed; neither dropped as deleted
+
+
+async def test_mail_committed_after_a_stop_began_waits_in_the_incoming_queue(host):
+    h = await host()
+    await asyncio.sleep(0.05)
+    await h.submit(1)
+    await eventually(lambda: len(h.smtp.calls) == 1)
+    stopping = asyncio.create_task(h.qmgr.stop(grace=5))
+    await asyncio.sleep(0)  # stop() has begun: no job starts any more
+    await h.submit(2)
+    assert await h.store.counts() == {"active": 1, "incoming": 1}  # the next start's scan takes it
+    h.smtp.release.set()
+    await stopping
+    assert len(h.smtp.calls) == 1
