@@ -10,13 +10,17 @@ What it owns
       read_prefix(n) -> bytes                 the first n bytes (header processing: sync, bounded by n)
       to_bytes() -> bytes                     all of it: for tests, tools and content known to be small
   In-memory parts are yielded as they are, without a copy (a view is turned into bytes first).
+  `crlf`: its maker checked that every CR and LF in it is part of a CRLF pair (smtpd's DATA; cleanup keeps it
+  for what it adds); the SMTP client then does not look for line ends to mend. Derived contents (`prepend`,
+  `after`, `before`) do not carry it: False only means "not known".
 - `Spool`: a message as it arrives (smtpd DATA and BDAT, pickup). Up to `memory_limit` bytes (MEMORY_LIMIT)
   stay in memory, so small messages never touch a file; past that everything goes to a temporary file
   `<directory>/.spool-<random>`, written in blocks of FLUSH_SIZE by a worker thread. Past `max_size` bytes it
   only counts (`exceeded`): memory and disk stay bounded whatever a client sends.
       append(data)            sync: copies `data` (which may be a view of the caller's buffer) into the spool
       await drain()           writes the buffer out once it is large enough (call it after append)
-      await finish()          -> Content: everything appended (the store fsyncs what it keeps)
+      await finish(crlf)      -> Content: everything appended (the store fsyncs what it keeps); `crlf`: the
+                              caller checked its line ends (Content.crlf)
       discard()               closes and removes the temporary file; idempotent; always called by the owner
                               (the store keeps a message's file under a name of its own, a hard link)
   A file that cannot be written (a full disk, a permission) does not raise out of `drain`: the spool stops
@@ -64,9 +68,9 @@ def _length(part: Part) -> int:
 class Content:
     """An immutable message: see the module docstring. Equal contents need not compare equal (no __eq__)."""
 
-    __slots__ = ("parts", "size")
+    __slots__ = ("parts", "size", "crlf")
 
-    def __init__(self, parts: Iterable[Part] = ()):
+    def __init__(self, parts: Iterable[Part] = (), *, crlf: bool = False):
         kept, size = [], 0
         for part in parts:
             n = part.length if isinstance(part, FilePart) else len(part)
@@ -75,6 +79,7 @@ class Content:
                 size += n
         self.parts: tuple[Part, ...] = tuple(kept)
         self.size: int = size
+        self.crlf = crlf
 
     @classmethod
     def of(cls, data: bytes) -> "Content":
@@ -179,6 +184,12 @@ def _pread(path: str, size: int, offset: int) -> bytes:
     return data
 
 
+def crlf_only(data: bytes) -> bool:
+    """Every CR and LF in `data` is part of a CRLF pair."""
+    pairs = data.count(b"\r\n")
+    return data.count(b"\n") == pairs and data.count(b"\r") == pairs
+
+
 def is_spool_name(name: str) -> bool:
     return name.startswith(SPOOL_PREFIX)
 
@@ -230,18 +241,19 @@ class Spool:
             self.failure = e
             self._forget()
 
-    async def finish(self) -> Content:
-        """The content appended; raises the write failure if there was one (check `keeping` first)."""
+    async def finish(self, *, crlf: bool = False) -> Content:
+        """The content appended; raises the write failure if there was one (check `keeping` first). `crlf`: the
+        caller checked its line ends (see Content)."""
         if self.failure is not None:
             raise self.failure
         self._closed = True
         if self._fd is None:
-            return Content((memoryview(self._buffer),))
+            return Content((memoryview(self._buffer),), crlf=crlf)
         if self._buffer:
             await self._flush()
         os.close(self._fd)
         self._fd = None
-        return Content((FilePart(str(self._path), 0, self._written),))
+        return Content((FilePart(str(self._path), 0, self._written),), crlf=crlf)
 
     def discard(self) -> None:
         self._closed = True

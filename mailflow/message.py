@@ -43,14 +43,15 @@ FIRST_READ = 8192  # read_header's first step; most header sections fit
 HEADER_READ_LIMIT = 1_000_000  # how much of a header section readers other than cleanup (which refuses more than
 #                                header_size_limit) look at: transports looking for Delivered-To, notices
 
-_HEADER_END = re.compile(rb"\r?\n(?=\r?\n)")
-
-
 def header_end(data: bytes) -> int | None:
     if data.startswith(CRLF) or data.startswith(b"\n"):
         return 0
-    end = _HEADER_END.search(data)
-    return end.end() if end else None
+    # the first line end followed by an empty line: LF CR LF (as queued), or an LF LF before it
+    end = data.find(b"\n\r\n")
+    bare = data.find(b"\n\n", 0, len(data) if end < 0 else end + 1)
+    if bare >= 0:
+        return bare + 1
+    return end + 1 if end >= 0 else None
 
 
 def split_header(content: bytes) -> tuple[bytes, bytes]:

@@ -45,7 +45,7 @@ from typing import Callable, Protocol
 
 from mailflow.clock import Clock
 from mailflow.config import DEFAULTS
-from mailflow.content import Content, Spool
+from mailflow.content import Content, Spool, crlf_only
 from mailflow.errors import MessageTooBig, PermanentError, TemporaryError
 from mailflow.filters.content_checks import ContentChecks, Inspection
 from mailflow.logs import MailLog
@@ -200,12 +200,12 @@ class Cleanup:
             recipients = self._mapper.recipients(recipients)
         fullname = sub.submitter.fullname if sub.submitter else ""
         missing = self._missing_headers(names, queue_id, sender, now, fullname)
+        block = self._received(sub, queue_id, now) + _header_lines(sub.headers) + head + missing
         return NewMessage(
             queue_id=queue_id,
             sender=sender,
             arrival=now,
-            content=Content((self._received(sub, queue_id, now) + _header_lines(sub.headers) + head + missing,
-                             *rest.parts)),
+            content=Content((block, *rest.parts), crlf=sub.content.crlf and crlf_only(block)),
             recipients=recipients,
             smtputf8=sub.envelope.smtputf8,
             body_type=sub.envelope.body_type,

@@ -125,11 +125,15 @@ class Pickup:
     async def _listen(self) -> None:
         self.socket_path.parent.mkdir(mode=PUBLIC_MODE, parents=True, exist_ok=True)
         self.socket_path.unlink(missing_ok=True)  # left by a server that did not stop cleanly
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
+            sock.bind(str(self.socket_path))  # (bound here: not every event loop binds AF_UNIX datagram sockets)
+            sock.setblocking(False)
             self._transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-                lambda: _WakeProtocol(self.wake), local_addr=str(self.socket_path), family=socket.AF_UNIX)
+                lambda: _WakeProtocol(self.wake), sock=sock)
             os.chmod(self.socket_path, SOCKET_MODE)
         except OSError as e:
+            sock.close()
             logger.warning("pickup: cannot listen on %s (%s): sendmail cannot wake it; scanning every %gs",
                            self.socket_path, e, self._interval)
 

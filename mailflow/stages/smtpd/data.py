@@ -63,7 +63,7 @@ class DataCommands(TransactionCommands):
                 why_not = await self.wire.read_data(spool)
             finally:
                 self._content_ends()
-            await self._finish_message(spool, why_not)
+            await self._finish_message(spool, why_not, crlf=True)  # (read_data let no bare CR or LF through)
         finally:
             spool.discard()
 
@@ -98,7 +98,7 @@ class DataCommands(TransactionCommands):
                 self._reset_transaction()
                 await self._refuse_and_close(status.bare_newline(self.hostname, bare))
                 return
-            await self._finish_message(spool, why_not)
+            await self._finish_message(spool, why_not, crlf=self._limits.forbid_bare_newline)
         finally:
             spool.discard()
 
@@ -124,8 +124,9 @@ class DataCommands(TransactionCommands):
         """Where this transaction's content goes (the handler's, i.e. the queue's spool directory)."""
         return self.event_handler.new_spool(self.data_size_limit)
 
-    async def _finish_message(self, spool: Spool, why_not: status.Reply | None) -> None:
-        """Hand complete content to the handler (or refuse it); either way the transaction ends."""
+    async def _finish_message(self, spool: Spool, why_not: status.Reply | None, *, crlf: bool) -> None:
+        """Hand complete content to the handler (or refuse it); either way the transaction ends. `crlf`: its
+        line ends were checked (mailflow.content.Content.crlf)."""
         if why_not is not None:
             if spool.failure is not None:
                 log.error("%s: message not queued: cannot write its spool file: %s", self.session.client,
@@ -133,7 +134,7 @@ class DataCommands(TransactionCommands):
             self._reset_transaction()
             await self.push(why_not)
             return
-        self.envelope.content = self.envelope.original_content = await spool.finish()
+        self.envelope.content = self.envelope.original_content = await spool.finish(crlf=crlf)
         reply = await self._call_handler_hook("DATA")
         queued_as = self.envelope.queued_as
         spool.discard()  # what was queued has the queue's own name for its file by now

@@ -58,7 +58,7 @@ import asyncio
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException
 
@@ -197,8 +197,9 @@ class ProtocolCore(SMTP):
 
     def _reading(self, on: bool) -> None:
         """The wire's flow control: pause or resume reading from the client."""
-        transport = self.transport
-        if isinstance(transport, asyncio.ReadTransport) and not transport.is_closing():
+        # (a stream transport of any event loop: uvloop's are not asyncio.ReadTransport subclasses)
+        transport = cast(asyncio.ReadTransport, self.transport)
+        if transport is not None and not transport.is_closing():
             if on:
                 transport.resume_reading()
             else:

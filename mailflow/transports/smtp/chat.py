@@ -74,8 +74,7 @@ class Wire(asyncio.Protocol):
     # -- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # (a stream transport; uvloop's are not subclasses)
         self._loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:

@@ -170,12 +170,12 @@ async def reset(session: Session, timeout: float) -> bool:
 
 def smtp_data(content: Content, encoders: tuple[Encoder, ...] = ()) -> Iterator[bytes]:
     """See the module docstring."""
-    yield from encode(content.chunks(), *encoders, SmtpData())
+    yield from encode(content.chunks(), *encoders, SmtpData(crlf=content.crlf and not encoders))
     yield b"." + CRLF
 
 
 async def asmtp_data(content: Content, encoders: tuple[Encoder, ...] = ()) -> AsyncIterator[bytes]:
     """See the module docstring."""
-    async for piece in aencode(content.stream(), *encoders, SmtpData()):
+    async for piece in aencode(content.stream(), *encoders, SmtpData(crlf=content.crlf and not encoders)):
         yield piece
     yield b"." + CRLF
