@@ -308,6 +308,15 @@ class ProtocolCore(SMTP):
     async def push(self, line: Any, *, counts_as_error: bool = True) -> None:
         """Send one reply line. A final 4xx/5xx counts toward the error limits (unless `counts_as_error` is
         False) and marks the command being answered as failed in the disconnect statistics."""
+        await self._write(self._reply_bytes(line, counts_as_error))
+
+    async def push_lines(self, lines: list[str]) -> None:
+        """The lines of a multi-line reply (EHLO's), each as `push` sends it, in one write: the client gets one
+        segment rather than one per line."""
+        await self._write(b"".join(self._reply_bytes(line, True) for line in lines))
+
+    def _reply_bytes(self, line: Any, counts_as_error: bool) -> bytes:
+        """One reply line as sent, counted (errors, the disconnect statistics) and in the transcript."""
         if isinstance(line, status.Reply):  # one final line, as the catalogue wrote it
             final, line = line.code, str(line)
         else:
@@ -318,13 +327,16 @@ class ProtocolCore(SMTP):
             self._errors += 1
         self.record.replied(final)
         self._replies_sent += 1
-        # aiosmtpd's push, without its per-line debug record; drained only when the socket did not take it all
-        data = line.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") if isinstance(line, str) else line
-        self._writer.write(data + b"\r\n")
-        if self._writer.transport.get_write_buffer_size():
-            await self._writer.drain()
         if self.transcript is not None:
             self.transcript.reply(line)
+        data = line.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") if isinstance(line, str) else line
+        return data + b"\r\n"
+
+    async def _write(self, data: bytes) -> None:
+        """aiosmtpd's push, without its per-line debug record; drained only when the socket did not take it all."""
+        self._writer.write(data)
+        if self._writer.transport.get_write_buffer_size():
+            await self._writer.drain()
 
     async def _refuse_and_close(self, reply: status.Reply) -> None:
         self.record.server_hung_up = True
@@ -547,8 +559,7 @@ class ProtocolCore(SMTP):
             if edited is MISSING:  # a handler without the hook: aiosmtpd's default
                 self.session.host_name = hostname
                 edited = lines
-            for line in _with_keywords(edited, self._ehlo_keywords()):
-                await self.push(line)
+            await self.push_lines(list(_with_keywords(edited, self._ehlo_keywords())))
         finally:
             self._in_hello = False
 
