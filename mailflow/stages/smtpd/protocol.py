@@ -55,8 +55,11 @@ their own modules (frontends, secure, transaction, data), as are the wire, the s
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import re
+import struct
+import termios
 from dataclasses import dataclass
 from typing import Any, Callable, cast
 
@@ -418,8 +421,9 @@ class ProtocolCore(SMTP):
             self.transcript.started()
         if not await self._before_greeting():
             return
-        await asyncio.sleep(0)  # let input sent before the greeting arrive, so that it is seen as such
-        early = self._wire.pending()
+        early = self._wire.pending() or _input_waiting(self.transport)  # sent before the greeting (Postfix's peek)
+        if early:
+            await asyncio.sleep(0)  # the transport reads it first: a close with input unread would reset the client
         await self.push(status.greeting(self.hostname, self._banner))
         self._greeted_at = self.loop.time()
         if early and self._limits.forbid_unauth_pipelining:
@@ -642,6 +646,18 @@ def _malformed(line: bytes) -> status.Reply | None:
     except UnicodeDecodeError:
         return status.BAD_UTF8
     return None
+
+
+def _input_waiting(transport) -> bool:
+    """Bytes the client sent that the kernel holds and the transport has not read yet (FIONREAD, as Postfix's
+    smtpd peeks before its greeting); False when it cannot tell."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return False
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0] > 0
+    except (OSError, ValueError):
+        return False
 
 
 def _final_code(line) -> int:
