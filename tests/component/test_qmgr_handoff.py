@@ -16,6 +16,7 @@ from mailflow.logs import MailLog
 from mailflow.model import ClientInfo, Envelope, Outcome, Submission
 from mailflow.routing.rewrite import Rewriter
 from mailflow.stages.cleanup import Cleanup
+import mailflow.stages.qmgr as qmgr_module
 from mailflow.stages.qmgr import QueueManager
 from mailflow.store import Store
 from tests.support import BlockingTransport, always, eventually
@@ -47,8 +48,8 @@ class Host:
         await self.qmgr.stop(grace=1)
         await self.store.close()
 
-    async def submit(self, n: int) -> str:
-        body = f"Subject: {n}\r\nFrom: <a@local.test>\r\n\r\nbody {n}\r\n".encode()
+    async def submit(self, n: int, padding: int = 0) -> str:
+        body = f"Subject: {n}\r\nFrom: <a@local.test>\r\n\r\nbody {n}\r\n{'x' * padding}".encode()
         sub = Submission(Envelope("a@local.test", (f"r{n}@remote.test",)), Content.of(body),
                          ClientInfo("192.0.2.9", helo="client.test"))
         return await self.cleanup.submit(sub)
@@ -150,3 +151,22 @@ async def test_mail_committed_after_a_stop_began_waits_in_the_incoming_queue(hos
     h.smtp.release.set()
     await stopping
     assert len(h.smtp.calls) == 1
+
+
+async def test_handed_over_content_kept_in_memory_is_bounded(host, monkeypatch):
+    monkeypatch.setattr(qmgr_module, "HANDOFF_CONTENT_BUDGET", 1500)  # room for one of these messages
+    h = await host()
+    await asyncio.sleep(0.05)
+    reads = h.store.reads
+    await h.submit(1, padding=1000)
+    await h.submit(2, padding=1000)  # over the budget: handed over without its content
+    await eventually(lambda: len(h.smtp.calls) == 2)
+    assert h.store.reads == reads + 1  # the second one's job read its content from the store
+    assert [b"body 1" in r.content.to_bytes() for _, r in h.smtp.calls] == [True, False]
+    assert b"body 2" in h.smtp.calls[1][1].content.to_bytes()
+    h.smtp.release.set()
+    await eventually(lambda: h.qmgr.active_count == 0)
+    reads = h.store.reads
+    await h.submit(3, padding=1000)  # both finished: the budget is free again
+    await eventually(lambda: len(h.smtp.calls) == 3)
+    assert h.store.reads == reads

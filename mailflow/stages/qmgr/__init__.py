@@ -16,7 +16,9 @@ The loop
   failed). A place is given only while there is room and the last scan left nothing due behind for want of it
   (a backlog goes through the scan, which alternates new and deferred mail), never while stopping. At one
   session this saves a writer transaction, a content read and a loop turn per message; a crash before the hand
-  over leaves the message active, and start-up recovery makes it due again.
+  over leaves the message active, and start-up recovery makes it due again. The contents kept this way are
+  bounded (HANDOFF_CONTENT_BUDGET bytes in all, until their messages finish): past that, a message is handed over
+  without its content, which its first job reads from the store.
 - Each destination gets one job per message and runs as many at once as its window allows
   (`destination.py`: slow start, throttle on site failure, dead-site memory). `delivery_concurrency_limit`
   caps all deliveries, `transport_concurrency_limit` each transport. A dead destination's jobs are
@@ -89,6 +91,7 @@ JITTER = 0.1  # retries spread over up to 10 % of their delay, so mail that arri
 MIN_RESCAN = 0.1  # seconds: the soonest a timed scan follows the one before
 MAINTENANCE_INTERVAL = 60.0  # seconds between checks whether the store has space to give back
 RECORD_GRACE = 5.0  # at stop, seconds granted to results already back to be recorded after deliveries are cut off
+HANDOFF_CONTENT_BUDGET = 8 << 20  # bytes of handed-over content kept in memory at once (the scan's budget)
 
 
 @dataclass
@@ -101,6 +104,7 @@ class ActiveMessage:
     finishing: bool = False
     content: asyncio.Future | None = None  # read once however many destinations (a Content: big ones stay in files)
     withdrawn: str = ""  # "hold" or "deleted" when an operator took it back while it was active
+    handed_bytes: int = 0  # its content, handed over by cleanup, counted in qmgr's HANDOFF_CONTENT_BUDGET
 
 
 class QueueManager:
@@ -133,6 +137,7 @@ class QueueManager:
         self._next_maintenance = 0.0
         self._room_was_short = False  # the last scan found as many due messages as it had room for
         self._reserved = 0  # places in the active queue promised to messages cleanup is committing (hand_over)
+        self._handed_bytes = 0  # content kept in memory for handed-over messages not finished yet
         self._next_tick = 0.0  # the tools' counters are read, and the destinations written, once a tick
         self._generation = 0
         self._flushes = 0
@@ -230,12 +235,14 @@ class QueueManager:
         if self._stopping:
             return
         content = None
-        if msg.content.in_memory:
+        if msg.content.in_memory and self._handed_bytes + msg.content.size <= HANDOFF_CONTENT_BUDGET:
             content = asyncio.get_running_loop().create_future()
             content.set_result(msg.content)
+            self._handed_bytes += msg.content.size
         self._admit(QueuedMessage(msg.queue_id, msg.sender, msg.arrival, msg.content.size, msg.smtputf8,
                                   msg.body_type, 0, msg.recipients, envid=msg.envid, ret=msg.ret,
                                   content_filter=msg.content_filter), content)
+        self._active[msg.queue_id].handed_bytes = msg.content.size if content is not None else 0
         self._pump()
 
     @property
@@ -508,6 +515,7 @@ class QueueManager:
                 await self._conclude(active, last)
         finally:
             self._active.pop(msg.queue_id, None)
+            self._handed_bytes -= active.handed_bytes
             if self._room_was_short:  # the last scan left due mail behind for want of room: there is some now
                 self._wakeup.set()
 
