@@ -37,6 +37,7 @@ queued with its recipient as it is (logged) rather than lost.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import email.utils
 import logging
@@ -144,22 +145,30 @@ class Cleanup:
         return msg.queue_id
 
     async def _commit(self, msg: NewMessage, sub: Submission) -> None:
-        """Insert durably, log, then hand the message to qmgr (committed active) or wake it."""
+        """Insert durably, log, then hand the message to qmgr (committed active) or wake it. Shielded: a session
+        cancelled while its commit is under way (the client went) cannot leave a committed message unhanded."""
         direct = self._direct if msg.queue == "incoming" and self._direct is not None and self._direct.reserve() \
             else None
         if direct is not None:
             msg = dataclasses.replace(msg, queue="active")
+        commit = asyncio.ensure_future(self._insert(msg, sub, direct))
+        commit.add_done_callback(_retrieved)  # (its error, if the caller is gone, is not "never retrieved")
+        await asyncio.shield(commit)
+
+    async def _insert(self, msg: NewMessage, sub: Submission, direct: DirectQueue | None) -> None:
         try:
             await self._store.insert(msg)
         except BaseException:
             if direct is not None:
                 direct.release()
             raise
-        self.log_queued(msg, sub)
-        if direct is not None:
-            direct.hand_over(msg)
-        else:
-            self._on_queued()
+        try:
+            self.log_queued(msg, sub)
+        finally:
+            if direct is not None:
+                direct.hand_over(msg)
+            else:
+                self._on_queued()
 
     async def _inspect(self, checks: ContentChecks, queue_id: QueueId, sub: Submission) -> Inspection:
         """The content checks on the header section and body as received (a header section over the limit is
@@ -268,6 +277,11 @@ class Cleanup:
         if "from" not in names:
             added.append(_from_header(sender, fullname) if sender else f"From: MAILER-DAEMON@{self._myhostname}")
         return "".join(line + "\r\n" for line in added).encode("utf-8")
+
+
+def _retrieved(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _from_header(sender: str, fullname: str) -> str:

@@ -170,3 +170,31 @@ async def test_handed_over_content_kept_in_memory_is_bounded(host, monkeypatch):
     await h.submit(3, padding=1000)  # both finished: the budget is free again
     await eventually(lambda: len(h.smtp.calls) == 3)
     assert h.store.reads == reads
+
+
+async def test_a_submission_cancelled_during_its_commit_still_reaches_qmgr(host, monkeypatch):
+    """The client goes while its message is being committed (smtpd's session is cancelled): the commit goes on,
+    and what it committed is handed over, not left active and unscheduled until the next start."""
+    h = await host()
+    await asyncio.sleep(0.05)
+    real_insert = h.store.insert
+    committing = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def slow_insert(msg):
+        committing.set()
+        await go_on.wait()
+        await real_insert(msg)
+
+    monkeypatch.setattr(h.store, "insert", slow_insert)
+    submitting = asyncio.create_task(h.submit(1))
+    await committing.wait()
+    submitting.cancel()
+    await asyncio.sleep(0)
+    go_on.set()
+    with pytest.raises(asyncio.CancelledError):
+        await submitting
+    await eventually(lambda: len(h.smtp.calls) == 1)
+    h.smtp.release.set()
+    await eventually(lambda: h.qmgr.active_count == 0)
+    assert await h.store.counts() == {}
