@@ -166,20 +166,10 @@ class Store(OperatorQueries):
         message becomes `deferred`.
         """
         qid = done.queue_id
-        ops: list[Op] = [_record_op(qid, [(r, False) for r in results])]  # first: the statements below see these
-        if done.expired:
-            ops.append(("UPDATE recipient SET status = 'bounced', dsn = ?, reason = ?, relay = ?, notice = 0"
-                        " WHERE message_id = ? AND idx = ? AND status = 'pending'",
-                        [(r.dsn, r.text, r.relay, qid, r.recipient.index) for r in done.expired]))
-        if done.noticed:
-            ops.append(("UPDATE recipient SET notice = 0 WHERE message_id = ? AND idx = ?",
-                        [(qid, i) for i in done.noticed]))
-        if done.next_attempt is None:
-            ops += remove_ops([(qid,)])
+        if done.next_attempt is None:  # removed: what its recipient rows would have said goes with them
+            ops = remove_ops([(qid,)])
         else:
-            ops.append(("UPDATE message SET queue = 'deferred', next_attempt = ?, attempts = attempts + 1,"
-                        " warned = max(warned, ?) WHERE id = ? AND queue = 'active'",
-                        [(done.next_attempt, int(done.warned), qid)]))
+            ops = _deferral_ops(done, results)
         if notices:
             ops += insert_ops(notices)
         self._scanned.pop(qid, None)
@@ -357,6 +347,24 @@ def _due_message(row: tuple) -> QueuedMessage:
         else:
             owed.append(_recorded_result(fields))
     return _queued_message(row[:_RECIPIENTS_AT], pending, owed)
+
+
+def _deferral_ops(done: Delivered, results: Sequence[RcptResult]) -> list[Op]:
+    """`finish` for a message that stays: the last job's results, the expired and noticed recipients, then the
+    message deferred (if still active)."""
+    qid = done.queue_id
+    ops: list[Op] = [_record_op(qid, [(r, False) for r in results])]  # first: the statements below see these
+    if done.expired:
+        ops.append(("UPDATE recipient SET status = 'bounced', dsn = ?, reason = ?, relay = ?, notice = 0"
+                    " WHERE message_id = ? AND idx = ? AND status = 'pending'",
+                    [(r.dsn, r.text, r.relay, qid, r.recipient.index) for r in done.expired]))
+    if done.noticed:
+        ops.append(("UPDATE recipient SET notice = 0 WHERE message_id = ? AND idx = ?",
+                    [(qid, i) for i in done.noticed]))
+    ops.append(("UPDATE message SET queue = 'deferred', next_attempt = ?, attempts = attempts + 1,"
+                " warned = max(warned, ?) WHERE id = ? AND queue = 'active'",
+                [(done.next_attempt, int(done.warned), qid)]))
+    return ops
 
 
 def _claim(con: sqlite3.Connection, ids: list[QueueId], now: float) -> list[QueueId]:
