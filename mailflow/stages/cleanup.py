@@ -101,6 +101,7 @@ class Cleanup:
         self._checks = checks if checks is not None and checks.enabled else None
         self._content_filter = content_filter
         self._direct: DirectQueue | None = None
+        self._adoptions: set[asyncio.Task] = set()  # interrupted commits being followed (_adopt)
 
     def attach_queue_manager(self, direct: DirectQueue | None) -> None:
         """Hand committed mail straight to `direct` when it has room (None: always through the store's scan)."""
@@ -145,19 +146,18 @@ class Cleanup:
         return msg.queue_id
 
     async def _commit(self, msg: NewMessage, sub: Submission) -> None:
-        """Insert durably, log, then hand the message to qmgr (committed active) or wake it. Shielded: a session
-        cancelled while its commit is under way (the client went) cannot leave a committed message unhanded."""
+        """Insert durably, log, then hand the message to qmgr (committed active) or wake it. The hand-over runs
+        before the caller answers the client (a delivery never starts before smtpd has said 250)."""
         direct = self._direct if msg.queue == "incoming" and self._direct is not None and self._direct.reserve() \
             else None
         if direct is not None:
             msg = dataclasses.replace(msg, queue="active")
-        commit = asyncio.ensure_future(self._insert(msg, sub, direct))
-        commit.add_done_callback(_retrieved)  # (its error, if the caller is gone, is not "never retrieved")
-        await asyncio.shield(commit)
-
-    async def _insert(self, msg: NewMessage, sub: Submission, direct: DirectQueue | None) -> None:
         try:
             await self._store.insert(msg)
+        except asyncio.CancelledError:  # the session went (its client hung up): the write may still commit
+            if direct is not None:
+                self._adopt_later(msg, direct)
+            raise
         except BaseException:
             if direct is not None:
                 direct.release()
@@ -169,6 +169,24 @@ class Cleanup:
                 direct.hand_over(msg)
             else:
                 self._on_queued()
+
+    def _adopt_later(self, msg: NewMessage, direct: DirectQueue) -> None:
+        task = asyncio.ensure_future(self._adopt(msg, direct))
+        self._adoptions.add(task)
+        task.add_done_callback(self._adoptions.discard)
+
+    async def _adopt(self, msg: NewMessage, direct: DirectQueue) -> None:
+        """A commit whose caller was cancelled: once every write submitted before now is settled, the message is
+        handed over if it was committed (and is still active), else its place is given back."""
+        try:
+            state = (await self._store.queue_states_settled([msg.queue_id])).get(msg.queue_id)
+        except Exception as e:  # the store is failing: the message, if committed, is taken at the next start
+            logger.error("%s: cannot tell whether an interrupted commit was made: %s", msg.queue_id, e)
+            state = None
+        if state == "active":
+            direct.hand_over(msg)
+        else:
+            direct.release()
 
     async def _inspect(self, checks: ContentChecks, queue_id: QueueId, sub: Submission) -> Inspection:
         """The content checks on the header section and body as received (a header section over the limit is
@@ -277,11 +295,6 @@ class Cleanup:
         if "from" not in names:
             added.append(_from_header(sender, fullname) if sender else f"From: MAILER-DAEMON@{self._myhostname}")
         return "".join(line + "\r\n" for line in added).encode("utf-8")
-
-
-def _retrieved(task: asyncio.Future) -> None:
-    if not task.cancelled():
-        task.exception()
 
 
 def _from_header(sender: str, fullname: str) -> str:

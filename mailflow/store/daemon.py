@@ -239,6 +239,12 @@ class Store(OperatorQueries):
         scanned = self._scanned.pop(queue_id, None)
         return scanned if scanned is not None else await self._contents.load(queue_id)
 
+    async def queue_states_settled(self, ids: Sequence[QueueId]) -> dict[QueueId, str]:
+        """`queue_states` once every write submitted before this call is settled (committed or failed): an empty
+        write queued behind them is the barrier."""
+        await self._committer.write([], durable=False)
+        return await self.queue_states(ids)
+
     async def queue_states(self, ids: Sequence[QueueId]) -> dict[QueueId, str]:
         """The queue each of `ids` is in now; an id missing from the answer was deleted."""
         out: dict[QueueId, str] = {}

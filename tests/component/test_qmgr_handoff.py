@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 
 import pytest
 
@@ -19,6 +20,7 @@ from mailflow.stages.cleanup import Cleanup
 import mailflow.stages.qmgr as qmgr_module
 from mailflow.stages.qmgr import QueueManager
 from mailflow.store import Store
+from mailflow.store.engine import Writer
 from tests.support import BlockingTransport, always, eventually
 
 T0 = 1_700_000_000.0
@@ -173,28 +175,45 @@ async def test_handed_over_content_kept_in_memory_is_bounded(host, monkeypatch):
 
 
 async def test_a_submission_cancelled_during_its_commit_still_reaches_qmgr(host, monkeypatch):
-    """The client goes while its message is being committed (smtpd's session is cancelled): the commit goes on,
-    and what it committed is handed over, not left active and unscheduled until the next start."""
+    """The client goes while its message is being committed (smtpd's session is cancelled): the commit goes on
+    at the writer, and what it committed is handed over, not left active and unscheduled until the next start."""
     h = await host()
     await asyncio.sleep(0.05)
-    real_insert = h.store.insert
-    committing = asyncio.Event()
-    go_on = asyncio.Event()
+    real_transaction = Writer.transaction
+    at_writer, go_on = threading.Event(), threading.Event()
 
-    async def slow_insert(msg):
-        committing.set()
-        await go_on.wait()
-        await real_insert(msg)
+    def slow_transaction(self, *args, **kwargs):  # (on the writer's thread)
+        at_writer.set()
+        go_on.wait(10)
+        return real_transaction(self, *args, **kwargs)
 
-    monkeypatch.setattr(h.store, "insert", slow_insert)
+    monkeypatch.setattr(Writer, "transaction", slow_transaction)
     submitting = asyncio.create_task(h.submit(1))
-    await committing.wait()
+    await eventually(at_writer.is_set)
     submitting.cancel()
-    await asyncio.sleep(0)
-    go_on.set()
     with pytest.raises(asyncio.CancelledError):
         await submitting
+    go_on.set()
     await eventually(lambda: len(h.smtp.calls) == 1)
     h.smtp.release.set()
     await eventually(lambda: h.qmgr.active_count == 0)
     assert await h.store.counts() == {}
+
+
+async def test_a_submission_cancelled_before_its_commit_gives_its_place_back(host, monkeypatch):
+    h = await host(active_limit=1)
+    await asyncio.sleep(0.05)
+    started = asyncio.Event()
+
+    async def never_committed(msg):
+        started.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(h.store, "insert", never_committed)
+    submitting = asyncio.create_task(h.submit(1))
+    await started.wait()
+    submitting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await submitting
+    monkeypatch.undo()
+    await eventually(lambda: h.qmgr.reserve() and (h.qmgr.release() or True))  # the one place is free again
