@@ -27,6 +27,7 @@ _DOMAIN_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
 # RFC 5321's 64-octet local part is not enforced (Postfix does not either): VERP and SRS addresses, mailflow's own
 # among them, are longer. The whole address is bounded by the 256-octet path, less its angle brackets.
 MAX_ADDRESS = 254
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 controls
 
 
 class PathError(ValueError):
@@ -116,7 +117,7 @@ def mailbox_syntax_error(address: str) -> str | None:
     """None when `address` is `local@domain` per RFC 5321 (RFC 6531 for UTF-8); else the reason."""
     if len(address.encode("utf-8")) > MAX_ADDRESS:
         return "address too long"
-    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in address):
+    if _CONTROL.search(address):
         return "control character in address"
     local, domain = split(address)
     if not domain:
