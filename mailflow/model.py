@@ -132,7 +132,7 @@ class NewMessage:
     client: str = ""
     envid: str = ""
     ret: str = ""
-    queue: str = "incoming"  # "hold": committed on hold (an smtpd HOLD restriction); qmgr leaves it alone
+    queue: str = "incoming"  # "hold": on hold (an smtpd HOLD restriction); "active": handed straight to qmgr
     content_filter: str = ""  # "transport:nexthop" of the after-queue filter every recipient goes to; "" none
 
 

@@ -38,7 +38,8 @@ Contract
 - `maintain()` gives free pages back and truncates the WAL after a burst.
 - qmgr's view of the operator tools: `generation()` (bumped by every change a tool makes), `flush_requests()`,
   both in one read `operator_counters()`,
-  `queue_states(ids)`; and its destination snapshot for them, `save_destinations()`.
+  `queue_states(ids)`; and its destination snapshot for them, `save_destinations()`. `queue_states_settled(ids)`
+  answers once every write submitted before it is settled (cleanup follows an interrupted commit with it).
 Failures raise `sqlite3.Error` with SQLite's own message (engine.py: what a failed batch does to its requests).
 """
 from __future__ import annotations
