@@ -337,11 +337,6 @@ BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT count [LAST]")
 NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
 # DATA or BDAT after MAIL when no recipient was accepted (Postfix: NEED_RCPT only outside a transaction)
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
-
-
-def no_recipients(in_transaction: bool) -> Reply:
-    """DATA or BDAT without an accepted recipient, in Postfix's words: inside a transaction none was valid."""
-    return NO_VALID_RECIPIENTS if in_transaction else NEED_RCPT
 NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
 NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
 NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
@@ -359,6 +354,11 @@ AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Can't decode base64")
 def syntax(usage: str) -> Reply:
     """A command with a malformed argument: `usage` is how it is written ("MAIL FROM:<address>")."""
     return Reply(501, "5.5.4", f"Syntax: {usage}")
+
+
+def no_recipients(in_transaction: bool) -> Reply:
+    """DATA or BDAT without an accepted recipient, in Postfix's words: inside a transaction none was valid."""
+    return NO_VALID_RECIPIENTS if in_transaction else NEED_RCPT
 
 
 def bdat_chunk(size: int) -> Reply:

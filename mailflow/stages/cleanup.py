@@ -58,6 +58,7 @@ from mailflow.store import NewMessage, Store
 
 logger = logging.getLogger("mailflow.cleanup")
 
+
 class DirectQueue(Protocol):
     """The queue manager as cleanup hands new mail to it (mailflow.stages.qmgr)."""
 
@@ -148,8 +149,7 @@ class Cleanup:
     async def _commit(self, msg: NewMessage, sub: Submission) -> None:
         """Insert durably, log, then hand the message to qmgr (committed active) or wake it. The hand-over runs
         before the caller answers the client (a delivery never starts before smtpd has said 250)."""
-        direct = self._direct if msg.queue == "incoming" and self._direct is not None and self._direct.reserve() \
-            else None
+        direct = self._reserve_place(msg)
         if direct is not None:
             msg = dataclasses.replace(msg, queue="active")
         try:
@@ -169,6 +169,13 @@ class Cleanup:
                 direct.hand_over(msg)
             else:
                 self._on_queued()
+
+    def _reserve_place(self, msg: NewMessage) -> DirectQueue | None:
+        """The attached queue manager, holding a place for `msg`, when it can take new mail straight; else None."""
+        direct = self._direct
+        if msg.queue != "incoming" or direct is None or not direct.reserve():
+            return None
+        return direct
 
     def _adopt_later(self, msg: NewMessage, direct: DirectQueue) -> None:
         task = asyncio.ensure_future(self._adopt(msg, direct))

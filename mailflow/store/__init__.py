@@ -31,10 +31,10 @@ Import from here: `from mailflow.store import Store, NewMessage, store_fault, SC
 API's rows (MessageRow, MessageDetail, RecipientRow, ShapeCount, DestinationRow).
 """
 from mailflow.model import NewMessage
-from mailflow.store.daemon import Store
+from mailflow.store.daemon import SCAN_CONTENT_BUDGET, Store
 from mailflow.store.engine import store_fault
 from mailflow.store.schema import SCHEMA_VERSION
 from mailflow.store.operator import DestinationRow, MessageDetail, MessageRow, RecipientRow, ShapeCount
 
-__all__ = ["DestinationRow", "MessageDetail", "MessageRow", "NewMessage", "RecipientRow", "SCHEMA_VERSION",
-           "ShapeCount", "Store", "store_fault"]
+__all__ = ["DestinationRow", "MessageDetail", "MessageRow", "NewMessage", "RecipientRow", "SCAN_CONTENT_BUDGET",
+           "SCHEMA_VERSION", "ShapeCount", "Store", "store_fault"]

@@ -20,6 +20,8 @@ from __future__ import annotations
 import re
 from typing import AsyncIterable, AsyncIterator, Iterable, Iterator, Protocol
 
+from mailflow.content import crlf_only
+
 _LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
 MAX_HOLD = 64  # QuoteLines: past this the held line start can only be a run of '>' (mboxrd): sent on
 
@@ -59,10 +61,8 @@ class SmtpData:
             data, self._cr = data[:-1], True
         if not data:
             return b""
-        if self._mend:
-            crlf = data.count(b"\r\n")
-            if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
-                data = _LINE_ENDINGS.sub(b"\r\n", data)
+        if self._mend and not crlf_only(data):
+            data = _LINE_ENDINGS.sub(b"\r\n", data)
         if b"." in data:  # (memchr: a chunk without dots, such as base64, is not scanned again)
             data = data.replace(b"\n.", b"\n..")
         if self._line_start and data[:1] == b".":

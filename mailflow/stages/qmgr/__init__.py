@@ -82,7 +82,7 @@ from mailflow.model import (Delivered, DeliveryReport, DeliveryRequest, NewMessa
 from mailflow.stages.bounce import wants_notice
 from mailflow.stages.qmgr.backoff import next_attempt
 from mailflow.stages.qmgr.destination import Destination, Job
-from mailflow.store import Store, store_fault
+from mailflow.store import SCAN_CONTENT_BUDGET, Store, store_fault
 
 log = logging.getLogger("mailflow.qmgr")
 
@@ -91,7 +91,7 @@ JITTER = 0.1  # retries spread over up to 10 % of their delay, so mail that arri
 MIN_RESCAN = 0.1  # seconds: the soonest a timed scan follows the one before
 MAINTENANCE_INTERVAL = 60.0  # seconds between checks whether the store has space to give back
 RECORD_GRACE = 5.0  # at stop, seconds granted to results already back to be recorded after deliveries are cut off
-HANDOFF_CONTENT_BUDGET = 8 << 20  # bytes of handed-over content kept in memory at once (the scan's budget)
+HANDOFF_CONTENT_BUDGET = SCAN_CONTENT_BUDGET  # bytes of handed-over content kept in memory at once
 
 
 @dataclass
@@ -234,15 +234,15 @@ class QueueManager:
         self._reserved -= 1
         if self._stopping:
             return
-        content = None
+        content, kept = None, 0
         if msg.content.in_memory and self._handed_bytes + msg.content.size <= HANDOFF_CONTENT_BUDGET:
             content = asyncio.get_running_loop().create_future()
             content.set_result(msg.content)
-            self._handed_bytes += msg.content.size
+            kept = msg.content.size
+            self._handed_bytes += kept
         self._admit(QueuedMessage(msg.queue_id, msg.sender, msg.arrival, msg.content.size, msg.smtputf8,
                                   msg.body_type, 0, msg.recipients, envid=msg.envid, ret=msg.ret,
-                                  content_filter=msg.content_filter), content)
-        self._active[msg.queue_id].handed_bytes = msg.content.size if content is not None else 0
+                                  content_filter=msg.content_filter), content, kept)
         self._pump()
 
     @property
@@ -357,7 +357,7 @@ class QueueManager:
                 later = min(later, max(next_due, now + MIN_RESCAN))  # never 0: no spin on a due backlog
             self._next_scan = later
 
-    def _admit(self, message: QueuedMessage, content: asyncio.Future | None = None) -> None:
+    def _admit(self, message: QueuedMessage, content: asyncio.Future | None = None, handed_bytes: int = 0) -> None:
         groups: dict[tuple[str, str], list] = {}
         unresolved: list[RcptResult] = []
         for rcpt in message.recipients:
@@ -370,7 +370,8 @@ class QueueManager:
             if res.address != rcpt.address:  # trivial-rewrite's form (the percent hack), as Postfix's qmgr uses it
                 rcpt = dataclasses.replace(rcpt, address=res.address)
             groups.setdefault(_route(message.content_filter, res.transport, res.nexthop), []).append(rcpt)
-        active = ActiveMessage(message, jobs_left=len(groups), owed=list(message.owed), content=content)
+        active = ActiveMessage(message, jobs_left=len(groups), owed=list(message.owed), content=content,
+                               handed_bytes=handed_bytes)
         self._active[message.queue_id] = active
         for (transport, nexthop), rcpts in groups.items():
             self._destination(transport, nexthop).jobs.append(Job(message.queue_id, transport, nexthop, tuple(rcpts)))
