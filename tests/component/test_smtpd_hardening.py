@@ -432,6 +432,23 @@ async def test_a_line_that_is_not_smtp_ends_the_session(mailflow_server, line, c
         f"non-SMTP command from unknown[127.0.0.1]: {line}" in caplog.text, caplog.text
 
 
+@pytest.mark.parametrize("ending", [b"BDAT 0 LAST\r\n", b"DATA\r\nSubject: late\r\n\r\nbody\r\n.\r\n"])
+async def test_nothing_sent_after_a_closing_refusal_is_taken(mailflow_server, tmp_path, ending):
+    # The server said goodbye (221, non-SMTP command): what the client had pipelined after it is never read as
+    # commands. It used to be, until the close took effect, so a message completed in that input was queued
+    # although the client never got its 250 (found by the fuzz test).
+    mf = await mailflow_server(smtpd={"forbid_unauth_pipelining": False})
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    await c.envelope()
+    opening = b"BDAT 4\r\nab\r\n" if ending.startswith(b"BDAT") else b""
+    await c.send(opening + b"Subject: f\r\n" + ending + b"NOOP\r\n")
+    said = (await c.rest()).decode()
+    assert said.endswith(f"{status.NON_SMTP_COMMAND}\r\n"), said
+    assert "queued" not in said
+    await asyncio.sleep(0.3)
+    assert await mf.store.counts() == {} and alice_mail(tmp_path) == []
+
+
 async def test_an_unknown_command_is_not_taken_for_one_that_is_not_smtp(mailflow_server):
     mf = await mailflow_server()
     c = await SmtpClient.connect(mf.smtp_addresses[0][1])

@@ -430,7 +430,7 @@ class ProtocolCore(SMTP):
             self.record.lines.improper_pipelining("CONNECT", self.session.client, self._wire.peek())
             await self._refuse_and_close(status.protocol_sync(self.hostname))
             return
-        while self.transport is not None and not self._quit:
+        while self._taking_commands():
             try:
                 if not await self._error_gate():
                     return
@@ -459,6 +459,12 @@ class ProtocolCore(SMTP):
                     log.exception("error in handle_exception")
                     reply = str(status.INTERNAL_ERROR)
                 await self.push(reply)
+
+    def _taking_commands(self) -> bool:
+        """The command loop goes on: no QUIT, and the connection is neither lost nor being closed by the server
+        (after a refusal that ends the session, input the client had already sent is never read as commands: a
+        message completed in it would be queued although its client was told goodbye)."""
+        return self.transport is not None and not self.transport.is_closing() and not self._quit
 
     async def _before_greeting(self) -> bool:
         """What must happen before the greeting; False when the connection was closed. The layers above add
