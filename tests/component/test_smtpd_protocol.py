@@ -61,6 +61,22 @@ async def test_bare_newline_in_data_is_refused_and_nothing_is_queued(mailflow_se
     assert await mf.store.counts() == {} and _alice_mail(tmp_path) == []
 
 
+@pytest.mark.parametrize("command", ["BDAT", "BDAT x", "BDAT 1 FOO", "BDAT -1 LAST", "BDAT 1 LAST extra"])
+async def test_a_malformed_bdat_ends_the_session(mailflow_server, tmp_path, command):
+    # Postfix: 521 and hang up. The chunk's size is unknown, so what follows could only be read as commands:
+    # here a whole transaction that must not be queued.
+    mf, port = await _server(mailflow_server, smtpd={"listen": ["127.0.0.1:0"], "forbid_unauth_pipelining": False})
+    c = await SmtpClient.connect(port)
+    await c.envelope()
+    await c.send(f"{command}\r\n".encode() + b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@local.test>\r\n"
+                 b"DATA\r\nSubject: smuggled\r\n\r\nx\r\n.\r\n")
+    assert await c.reply() == status.BDAT_SYNTAX
+    assert str(status.BDAT_SYNTAX) == "521 5.5.4 Syntax: BDAT count [LAST]"
+    assert await c.rest() == b""
+    await sessions_over(mf)
+    assert await mf.store.counts() == {} and _alice_mail(tmp_path) == []
+
+
 @pytest.mark.parametrize("line", [b"NOOP\n", b"EHLO a\rb\r\n", b"NOOP\r\r\n"])
 async def test_bare_newline_in_a_command_is_refused(mailflow_server, line):
     _, port = await _server(mailflow_server)

@@ -129,7 +129,8 @@ async def test_aiosmtpd_still_has_every_private_name_the_session_sets_for_it(mai
     assert set(AIOSMTPD_STATE) <= set(vars(theirs)), "aiosmtpd renamed what its inherited methods read"
     assert set(AIOSMTPD_STATE) <= set(vars(ours))
     assert set(ours._smtp_methods) >= {"HELO", "EHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "HELP",
-                                        "VRFY", "EXPN", "STARTTLS", "AUTH", "XCLIENT"}
+                                        "VRFY", "STARTTLS", "AUTH", "XCLIENT"}
+    assert "EXPN" not in ours._smtp_methods  # aiosmtpd's is left out: Postfix has none
 
 
 # ---------------------------------------------------------------------------------------------- not queued

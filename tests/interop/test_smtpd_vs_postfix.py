@@ -47,6 +47,10 @@ SESSIONS: dict[str, list[str | bytes]] = {
     "QUIT with an argument": [E, "QUIT now"],
     "message content after a refused DATA": [E, M, "RCPT TO:<r@>", "DATA", "Subject: probe", "NOOP"],
     "an HTTP request": ["GET / HTTP/1.1", "Host: mx"],
+    "tabs and leading blanks around the verb": ["EHLO\tclient.test", "MAIL\tFROM:<s@remote.test>",
+                                                "RCPT\tTO:<alice@local.test>", "NOOP\tx", " NOOP", "\tRSET"],
+    "EXPN and XFORWARD": [E, "EXPN alice", "XFORWARD NAME=spoofed.test"],
+    "a malformed BDAT": [E, M, R, "BDAT x"],  # the chunk's size is unknown: both hang up
 }
 
 
@@ -59,7 +63,7 @@ async def replay(port: int) -> dict[str, list[int | None]]:
         for command in commands:
             reply = await client.cmd(command)
             got.append(reply.code)
-            if reply.code is None or reply.code == 221:
+            if reply.code is None or reply.code in (221, 521):
                 break
         codes[name] = got
         await client.close()
@@ -88,3 +92,6 @@ async def test_protocol_edges_match_a_real_postfix(mailflow_server):
     assert postfix["QUIT with an argument"] == [250, 221]
     assert postfix["message content after a refused DATA"] == [250, 250, 501, 554, 221]  # not SMTP: hung up
     assert postfix["an HTTP request"] == [221]
+    assert postfix["tabs and leading blanks around the verb"] == [250] * 6
+    assert postfix["EXPN and XFORWARD"] == [250, 500, 550]
+    assert postfix["a malformed BDAT"] == [250, 250, 250, 521]

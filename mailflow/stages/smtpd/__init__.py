@@ -6,7 +6,7 @@ What it owns (one module each)
   gracefully; `ListenerSession` adds admission (anvil) to the session.
 - `session.SmtpSession`: the protocol edge, an aiosmtpd `SMTP` subclass built in layers, one module each:
   `protocol` (the connection, replies with enhanced status codes, deadlines, the command loop, pipelining and
-  error-count discipline; HELO/EHLO/VRFY/EXPN), `frontends` (PROXY header, XCLIENT), `secure` (STARTTLS, AUTH,
+  error-count discipline; HELO/EHLO/VRFY), `frontends` (PROXY header, XCLIENT), `secure` (STARTTLS, AUTH,
   sender logins), `transaction` (MAIL, RCPT and their parameters, with `dsn`), `data` (DATA, BDAT). Its input
   goes through `wire` (strict CRLF, chunked DATA and BDAT, size and line limits); its typed state is `state`
   (SessionState per connection, Transaction per message); `sessionlog` counts commands for the disconnect line.

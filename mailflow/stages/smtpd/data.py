@@ -14,7 +14,8 @@ What it owns
 
 Failure behaviour (each refusal a `mailflow.status` reply): before HELO 503 5.5.1; before the login a
 submission needs 530 5.7.0; no recipient 503 5.5.1; DATA with an argument 501 5.5.4; DATA after BDAT 503
-5.5.1; a malformed BDAT 501 5.5.4 (a refused BDAT's chunk is read and dropped, never taken as commands); too
+5.5.1; a malformed BDAT 521 5.5.4 and the session closes, as in Postfix (the size of the chunk that follows is
+unknown, so it could only be read as commands); a refused BDAT's chunk is read and dropped, never taken as commands; too
 big 552 5.3.4, a NUL 554 5.6.0, a spool that cannot be written 451 4.3.1 / 4.3.0 (`status.error_reply`; logged
 once), all after the end of the content; a bare LF or CR in the content 521 5.5.2 and the session closes; the
 message is not queued in any of these cases.
@@ -70,8 +71,9 @@ class DataCommands(TransactionCommands):
     async def smtp_BDAT(self, arg: str | None) -> None:
         """RFC 3030: `BDAT <size> [LAST]`; the chunk follows at once, without dot-stuffing or terminator."""
         parsed = bdat_arguments(arg)
-        if parsed is None:
-            await self.push(status.BDAT_SYNTAX)
+        if parsed is None:  # how many bytes follow is unknown: they must not be read as commands (Postfix: 521)
+            self._reset_transaction()
+            await self._refuse_and_close(status.BDAT_SYNTAX)
             return
         size, last = parsed
         refused = self._bdat_refusal()

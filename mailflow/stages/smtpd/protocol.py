@@ -21,7 +21,8 @@ What it owns
 - The command loop (`_handle_client`): the greeting (input before it is early talk), the error gate
   (session_time_limit, soft and hard error limits), a line through `wire.Wire`, malformed lines, RFC 2920
   pipelining discipline, the STARTTLS requirement, junk commands, dispatch to the `smtp_*` methods.
-- EHLO (the layers' keywords, then the handler's hook), VRFY, EXPN, QUIT; HELO, RSET, NOOP, HELP are aiosmtpd's.
+- EHLO (the layers' keywords, then the handler's hook), VRFY, QUIT; HELO, RSET, NOOP, HELP are aiosmtpd's; its
+  EXPN is left out (an unknown command, as in Postfix).
 - Typed state through aiosmtpd's documented factories: `_create_session()` -> state.SessionState,
   `_create_envelope()` -> state.Transaction (freeing the BDAT content of the one it replaces).
 - The transcript (transcript.py), only when the server has a session observer: each command line and each
@@ -76,7 +77,8 @@ log = logging.getLogger("mailflow.smtpd")
 
 # RFC 2920 section 3.1: these end a command group; input already pending after them is out of sync.
 LAST_IN_GROUP = {"EHLO", "HELO", "DATA", "VRFY", "EXPN", "NOOP", "STARTTLS", "AUTH", "QUIT"}
-JUNK_COMMANDS = {"NOOP", "VRFY", "RSET", "HELP", "EXPN", "ETRN"}
+JUNK_COMMANDS = {"NOOP", "VRFY", "RSET", "HELP", "ETRN"}
+NOT_COMMANDS = {"EXPN"}  # aiosmtpd's, not offered: Postfix has no EXPN (500 5.5.2 command not recognized)
 ALLOWED_BEFORE_STARTTLS = {"NOOP", "EHLO", "STARTTLS", "QUIT"}
 LAYER_KEYWORDS = ("DSN", "CHUNKING")  # EHLO keywords of transaction.py and data.py, in the order offered
 AIOSMTPD_STATE = ("_timeout_duration", "_timeout_handle", "_tls_protocol", "_tls_handshake_okay",
@@ -116,7 +118,8 @@ def command_table(cls: type) -> dict[str, Callable]:
     """The `smtp_*` methods of a session class by verb (functions: called with the session), built once."""
     table = _COMMANDS.get(cls)
     if table is None:
-        table = _COMMANDS[cls] = {name[5:]: getattr(cls, name) for name in dir(cls) if name.startswith("smtp_")}
+        table = _COMMANDS[cls] = {name[5:]: getattr(cls, name) for name in dir(cls)
+                                  if name.startswith("smtp_") and name[5:] not in NOT_COMMANDS}
     return table
 
 
@@ -491,12 +494,13 @@ class ProtocolCore(SMTP):
         line = await self.wire.read_line(self._limits.max_line_length)
         if self.transcript is not None:
             self.transcript.command(line)
-        refusal = _malformed(line)
+        verb = _VERB.match(line)
+        command_bytes, arg_bytes = verb.group(1), line[verb.end():]
+        refusal = _malformed(line, command_bytes)
         if refusal is not None:  # Postfix counts these as unknown commands
             self.record.command(None)
             await self.push(refusal)
             return
-        command_bytes, _, arg_bytes = line.partition(b" ")
         command = command_bytes.upper().decode("ascii")
         if command not in self._smtp_methods and self._not_smtp(command):
             self.record.lines.non_smtp_command(self.session.client, line)
@@ -544,7 +548,7 @@ class ProtocolCore(SMTP):
         self._errors = 0
         self._junk = 0
 
-    # --- HELO, EHLO, VRFY, EXPN -----------------------------------------------------------------------------
+    # --- HELO, EHLO, VRFY -----------------------------------------------------------------------------------
 
     async def smtp_HELO(self, hostname: str) -> None:
         self._in_hello = True
@@ -618,8 +622,6 @@ class ProtocolCore(SMTP):
             return
         await self.push(status.CANNOT_VRFY)  # whatever the argument: no need to parse it
 
-    async def smtp_EXPN(self, arg: str | None) -> None:
-        await self.push(status.EXPN_DISABLED)
 
 
 def _with_keywords(lines: list[str], keywords: tuple[str, ...]) -> list[str]:
@@ -635,17 +637,20 @@ def _with_keywords(lines: list[str], keywords: tuple[str, ...]) -> list[str]:
 
 
 _HEADER_NAME = re.compile(r"[!-9;-~]+:")  # RFC 5322 field name, then the colon
+# The verb: after any leading blanks, up to the first space or tab (Postfix splits a command on both, though
+# RFC 5321 has only SP: `MAIL<TAB>FROM:<a@b>` is a MAIL command to it).
+_VERB = re.compile(rb"[ \t]*([^ \t]*)[ \t]*")
 
 
-def _malformed(line: bytes) -> status.Reply | None:
-    """Why a command line cannot be a command at all (empty, NUL, a non-ASCII verb, invalid UTF-8), or None.
+def _malformed(line: bytes, verb: bytes) -> status.Reply | None:
+    """Why a command line cannot be a command at all (empty, NUL, a non-ASCII `verb`, invalid UTF-8), or None.
     Valid UTF-8 is checked for the whole line, as Postfix does with SMTPUTF8 on: nothing later has to cope
     with undecodable text."""
     if not line:
         return status.BAD_SYNTAX
     if b"\0" in line:
         return status.NUL_IN_COMMAND
-    if not line.partition(b" ")[0].isascii():
+    if not verb.isascii():
         return status.BAD_SYNTAX
     try:
         line.decode("utf-8")

@@ -1,7 +1,7 @@
 """The SMTP protocol edge: `SmtpSession`, one per client connection, built in layers in the order of a dialogue.
 
     protocol.ProtocolCore      the connection, replies, deadlines, the command loop and its discipline;
-                               HELO, EHLO, VRFY, EXPN, QUIT (RSET, NOOP, HELP are aiosmtpd's)
+                               HELO, EHLO, VRFY, QUIT (RSET, NOOP, HELP are aiosmtpd's)
     frontends.FrontEndCommands the PROXY header before the greeting, XCLIENT
     secure.SecureCommands      STARTTLS, AUTH, the sender-login check
     transaction.TransactionCommands  MAIL and RCPT with their parameters (SIZE, BODY, SMTPUTF8, AUTH=, DSN)
