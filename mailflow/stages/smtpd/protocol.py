@@ -494,8 +494,7 @@ class ProtocolCore(SMTP):
         line = await self.wire.read_line(self._limits.max_line_length)
         if self.transcript is not None:
             self.transcript.command(line)
-        verb = _VERB.match(line)
-        command_bytes, arg_bytes = verb.group(1), line[verb.end():]
+        command_bytes, arg_bytes = _verb_and_argument(line)
         refusal = _malformed(line, command_bytes)
         if refusal is not None:  # Postfix counts these as unknown commands
             self.record.command(None)
@@ -640,6 +639,12 @@ _HEADER_NAME = re.compile(r"[!-9;-~]+:")  # RFC 5322 field name, then the colon
 # The verb: after any leading blanks, up to the first space or tab (Postfix splits a command on both, though
 # RFC 5321 has only SP: `MAIL<TAB>FROM:<a@b>` is a MAIL command to it).
 _VERB = re.compile(rb"[ \t]*([^ \t]*)[ \t]*")
+
+
+def _verb_and_argument(line: bytes) -> tuple[bytes, bytes]:
+    """The command line's verb and what follows it (see _VERB)."""
+    match = cast(re.Match, _VERB.match(line))  # every line matches: each part may be empty
+    return match.group(1), line[match.end():]
 
 
 def _malformed(line: bytes, verb: bytes) -> status.Reply | None:
