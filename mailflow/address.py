@@ -22,6 +22,8 @@ _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\x80-\U0010ffff]+"
 _DOT_ATOM = rf"{_ATOM}(?:\.{_ATOM})*"
 _QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\x80-\U0010ffff]|\\[\x20-\x7e])*"'
 _LOCAL_RE = re.compile(rf"(?:{_DOT_ATOM}|{_QUOTED})")
+_DOT_ATOM_RE = re.compile(_DOT_ATOM)
+_QUOTED_PAIR = re.compile(r"\\(.)")
 _LABEL = r"[A-Za-z0-9\x80-\U0010ffff](?:[A-Za-z0-9\-\x80-\U0010ffff]*[A-Za-z0-9\x80-\U0010ffff])?"
 _DOMAIN_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
 # RFC 5321's 64-octet local part is not enforced (Postfix does not either): VERP and SRS addresses, mailflow's own
@@ -40,7 +42,8 @@ def parse_path(text: str) -> tuple[str, str]:
     RFC 5321 4.1.2 `Reverse-path / Forward-path`, with what Postfix (smtpd_strict_rfc821_envelope = no) also
     takes: spaces before the path, a path without angle brackets (it ends at the first space outside a quoted
     string), a source route `@a,@b:` (dropped, RFC 5321 C), and one trailing dot on the domain (dropped).
-    `<>` gives "". A tab separates like a space (Postfix splits command words on both).
+    `<>` gives "". A tab separates like a space (Postfix splits command words on both). Quotes that add nothing
+    are dropped (`"alice"@b` is `alice@b`); a local part that needs them keeps them as written.
     Refused (PathError): a `<` without its `>`, anything but a space or tab right after the `>`, a
     bracket in an unbracketed path, and any address that is not `local-part[@domain]` with a dot-atom or quoted
     local part: an unquoted space, a backslash or another character outside atext, an empty label. Whether a
@@ -69,8 +72,19 @@ def parse_path(text: str) -> tuple[str, str]:
             domain = domain[:-1]
         if not _LOCAL_RE.fullmatch(local) or (at and not domain):
             raise PathError("malformed local part" if domain or not at else "empty domain")
+        local = _without_needless_quotes(local)
         path = f"{local}@{domain}" if at else local
     return path, rest.strip(" \t")
+
+
+def _without_needless_quotes(local: str) -> str:
+    """A quoted local part whose content is a dot-atom is that dot-atom: `"alice"` is `alice` (RFC 5322 3.4.1;
+    Postfix's internal form drops such quotes too, so it is looked up and passed on unquoted)."""
+    if local.startswith('"'):
+        inner = _QUOTED_PAIR.sub(r"\1", local[1:-1])
+        if _DOT_ATOM_RE.fullmatch(inner):
+            return inner
+    return local
 
 
 def _find_unquoted(text: str, char: str, start: int) -> int:

@@ -50,6 +50,7 @@ SESSIONS: dict[str, list[str | bytes]] = {
     "tabs and leading blanks around the verb": ["EHLO\tclient.test", "MAIL\tFROM:<s@remote.test>",
                                                 "RCPT\tTO:<alice@local.test>", "NOOP\tx", " NOOP", "\tRSET"],
     "EXPN and XFORWARD": [E, "EXPN alice", "XFORWARD NAME=spoofed.test"],
+    "needless quotes around a local part": [E, 'MAIL FROM:<"s"@remote.test>', 'RCPT TO:<"alice"@local.test>'],
     "a malformed BDAT": [E, M, R, "BDAT x"],  # the chunk's size is unknown: both hang up
 }
 
@@ -95,3 +96,4 @@ async def test_protocol_edges_match_a_real_postfix(mailflow_server):
     assert postfix["tabs and leading blanks around the verb"] == [250] * 6
     assert postfix["EXPN and XFORWARD"] == [250, 500, 550]
     assert postfix["a malformed BDAT"] == [250, 250, 250, 521]
+    assert postfix["needless quotes around a local part"] == [250, 250, 250]  # alice is a known user

@@ -239,6 +239,9 @@ def test_client_ip_unmaps_ipv4_and_in_networks_matches_it():
     ("<@x.test,@y.test:a@b.test>", ("a@b.test", "")),
     ('<"a b>c"@b.test>', ('"a b>c"@b.test', "")),
     ('<"a\\"b"@b.test>', ('"a\\"b"@b.test', "")),
+    ('<"alice"@b.test>', ("alice@b.test", "")),  # the quotes add nothing: dropped, as Postfix does
+    ('<"a.\\l"@b.test>', ("a.l@b.test", "")),
+    ('<"a..b"@b.test>', ('"a..b"@b.test', "")),  # not a dot-atom: the quotes stay
     ("<postmaster>", ("postmaster", "")),
     ("<jörg@bü.test>", ("jörg@bü.test", "")),
     ("\t<a@b.test>\tNOTIFY=NEVER", ("a@b.test", "NOTIFY=NEVER")),  # a tab separates words, as in Postfix
