@@ -24,8 +24,11 @@ _QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\x80-\U0010ffff]|\\[\x20-\x7e])*"'
 _LOCAL_RE = re.compile(rf"(?:{_DOT_ATOM}|{_QUOTED})")
 _DOT_ATOM_RE = re.compile(_DOT_ATOM)
 _QUOTED_PAIR = re.compile(r"\\(.)")
-_LABEL = r"[A-Za-z0-9\x80-\U0010ffff](?:[A-Za-z0-9\-\x80-\U0010ffff]*[A-Za-z0-9\x80-\U0010ffff])?"
+# A label as Postfix's valid_hostname takes it: letters, digits, hyphens inside, and underscores anywhere (real
+# domains have them, against RFC 952); a domain of digits and dots only is an address without its brackets.
+_LABEL = r"[A-Za-z0-9_\x80-\U0010ffff](?:[A-Za-z0-9\-_\x80-\U0010ffff]*[A-Za-z0-9_\x80-\U0010ffff])?"
 _DOMAIN_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
+_NUMERIC_DOMAIN = re.compile(r"[0-9.]+")
 # RFC 5321's 64-octet local part is not enforced (Postfix does not either): VERP and SRS addresses, mailflow's own
 # among them, are longer. The whole address is bounded by the 256-octet path, less its angle brackets.
 MAX_ADDRESS = 254
@@ -140,7 +143,7 @@ def mailbox_syntax_error(address: str) -> str | None:
         return "bad local part"
     if domain.startswith("["):
         return None if is_address_literal(domain) else "bad domain"
-    if not _DOMAIN_RE.fullmatch(domain) or not _labels_fit(domain):
+    if not _DOMAIN_RE.fullmatch(domain) or not _labels_fit(domain) or _NUMERIC_DOMAIN.fullmatch(domain):
         return "bad domain"
     return None
 

@@ -51,6 +51,7 @@ SESSIONS: dict[str, list[str | bytes]] = {
                                                 "RCPT\tTO:<alice@local.test>", "NOOP\tx", " NOOP", "\tRSET"],
     "EXPN and XFORWARD": [E, "EXPN alice", "XFORWARD NAME=spoofed.test"],
     "needless quotes around a local part": [E, 'MAIL FROM:<"s"@remote.test>', 'RCPT TO:<"alice"@local.test>'],
+    "an underscore in a domain, a domain of digits": [E, M, "RCPT TO:<x@a_b.elsewhere.test>", "RCPT TO:<x@1.2.3.4>"],
     "a malformed BDAT": [E, M, R, "BDAT x"],  # the chunk's size is unknown: both hang up
 }
 
@@ -97,3 +98,4 @@ async def test_protocol_edges_match_a_real_postfix(mailflow_server):
     assert postfix["EXPN and XFORWARD"] == [250, 500, 550]
     assert postfix["a malformed BDAT"] == [250, 250, 250, 521]
     assert postfix["needless quotes around a local part"] == [250, 250, 250]  # alice is a known user
+    assert postfix["an underscore in a domain, a domain of digits"] == [250, 250, 554, 501]  # relaying; syntax
