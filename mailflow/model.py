@@ -103,6 +103,9 @@ class Submission:
     headers: tuple[str, ...] = ()
     content_filter: str | None = None
     overrides: frozenset[str] = frozenset()
+    # cleanup adds the Message-ID, Date and From the message lacks (a local submission, a client in
+    # local_header_rewrite_clients, or always_add_missing_headers); otherwise the headers stay as they came
+    add_missing_headers: bool = True
 
 
 @dataclass(frozen=True)

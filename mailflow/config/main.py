@@ -38,6 +38,7 @@ _DOTTED_DOMAIN = {
 }
 
 BUILTIN_TRANSPORTS = ("local", "virtual", "smtp", "relay", "lmtp", "discard", "error", "capture")
+HEADER_CLIENT_RULES = ("permit_inet_interfaces", "permit_mynetworks", "permit_sasl_authenticated")
 _TRANSPORT_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a transport (built in or [pipe.NAME]) as transport_maps name it
 _TRANSPORT_NEXTHOP = re.compile(rf"{_TRANSPORT_NAME.pattern}(:.*)?")  # transport or transport:nexthop
 
@@ -112,6 +113,13 @@ class Config(Section):
     # (554 5.4.6); a header section larger than header_size_limit bytes is refused (552 5.3.4).
     hopcount_limit: int = Field(50, ge=1)
     header_size_limit: int = Field(102400, ge=1024)
+    # Which SMTP clients' mail gets the headers it lacks (Message-ID, Date, From), as Postfix 2.6+ decides it:
+    # local_header_rewrite_clients (permit_inet_interfaces: a client on this host; permit_mynetworks;
+    # permit_sasl_authenticated). Other clients' mail is passed on as it came (a header added to it can break
+    # a DKIM signature that covers the header's absence), unless always_add_missing_headers. Mail submitted
+    # with sendmail always gets them.
+    local_header_rewrite_clients: tuple[str, ...] = ("permit_inet_interfaces",)
+    always_add_missing_headers: bool = False
     queue_directory: str = "var"
     # How long a stopping server (SIGTERM: `docker stop`, systemd, Kubernetes) lets the transactions of open
     # sessions and the deliveries in flight finish before it cuts them off; keep it below the supervisor's own
@@ -182,6 +190,14 @@ class Config(Section):
                 raise ValueError(f"{entry!r} is not a domain name")
             out.append(mark + normal)
         return tuple(out)
+
+    @field_validator("local_header_rewrite_clients")
+    @classmethod
+    def _header_clients(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for item in v:
+            if item not in HEADER_CLIENT_RULES:
+                raise ValueError(f"{item!r} is not one of {', '.join(HEADER_CLIENT_RULES)}")
+        return v
 
     @field_validator("proxy_interfaces")
     @classmethod

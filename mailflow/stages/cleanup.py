@@ -233,7 +233,7 @@ class Cleanup:
             sender = self._mapper.sender(sender)
             recipients = self._mapper.recipients(recipients)
         fullname = sub.submitter.fullname if sub.submitter else ""
-        missing = self._missing_headers(names, queue_id, sender, now, fullname)
+        missing = self._missing_headers(names, queue_id, sender, now, fullname) if sub.add_missing_headers else b""
         block = self._received(sub, queue_id, now) + _header_lines(sub.headers) + head + missing
         return NewMessage(
             queue_id=queue_id,

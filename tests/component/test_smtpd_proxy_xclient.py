@@ -235,3 +235,38 @@ def test_proxy_protocol_on_an_implicit_tls_listener_is_refused_at_start(tmp_path
                                                           "sasl_user_maps": ["inline:{}"], "listeners": [listener]}})
     with pytest.raises(ConfigError, match="upstream_proxy_protocol cannot work with implicit TLS"):
         config_from_dict(settings)
+
+
+# -------------------------------------------------------------------------------- headers by client
+
+HEADLESS = b"Subject: no origin headers\r\n\r\nbody\r\n"
+
+
+@pytest.mark.parametrize("settings, client, added", [
+    ({}, "192.0.2.1", False),  # a remote client's mail is passed on as it came (Postfix 2.6 and later)
+    ({}, "127.0.0.1", True),  # a client on this host: permit_inet_interfaces, the default
+    ({"always_add_missing_headers": True}, "192.0.2.1", True),
+    ({"local_header_rewrite_clients": ["permit_mynetworks"], "mynetworks": ["192.0.2.0/24"]}, "192.0.2.1", True),
+    ({"local_header_rewrite_clients": ["permit_sasl_authenticated"]}, "192.0.2.1 LOGIN=bob", True),
+    ({"local_header_rewrite_clients": ["permit_mynetworks", "permit_sasl_authenticated"]}, "192.0.2.1", False),
+    ({"local_header_rewrite_clients": []}, "127.0.0.1", False),
+])
+async def test_missing_headers_are_added_only_for_local_header_rewrite_clients(mailflow_server, tmp_path, settings,
+                                                                               client, added):
+    mf = await mailflow_server(**settings, smtpd={"listen": ["127.0.0.1:0"],
+                                                  "authorized_xclient_hosts": ["127.0.0.1/32"]})
+    c = await SmtpClient.connect(mf.smtpd.address_of("mta")[1])
+    assert (await c.cmd("EHLO filter.test"))[0] == 250
+    assert (await c.cmd(f"XCLIENT ADDR={client}"))[0] == 220
+    assert (await c.send_message(HEADLESS))[0] == 250
+    await c.close()
+    mail = await eventually(lambda: maildir_messages(tmp_path / "mail" / "alice" / "Maildir"))
+    head = mail[0].split(b"\n\n")[0]
+    assert f"[{client.split()[0]}])".encode() in head  # the Received header names the client XCLIENT gave
+    for field in (b"\nMessage-ID: <", b"\nDate: ", b"\nFrom: <s@remote.test>"):
+        assert (field in head) == added, head
+
+
+def test_local_header_rewrite_clients_names_the_bad_entry(tmp_path):
+    with pytest.raises(ConfigError, match="local_header_rewrite_clients.*permit_tls_clientcerts"):
+        config_from_dict(merged(base_settings(tmp_path), {"local_header_rewrite_clients": ["permit_tls_clientcerts"]}))

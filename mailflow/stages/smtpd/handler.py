@@ -85,6 +85,22 @@ class SmtpdHandler:
         self.submitting = 0  # DATA hand-overs waiting for their commit
         self._instances = itertools.count(1)  # the policy protocol's `instance` attribute: one per message
 
+    def _adds_missing_headers(self, server, session: SessionState) -> bool:
+        """Whether cleanup adds the headers this client's message lacks: Postfix's always_add_missing_headers,
+        else its local_header_rewrite_clients (the client as PROXY or XCLIENT named it)."""
+        config = self._config
+        if config.always_add_missing_headers:
+            return True
+        ip = session.peer_ip
+        for rule in config.local_header_rewrite_clients:
+            if rule == "permit_inet_interfaces" and _on_this_host(ip, server.transport):
+                return True
+            if rule == "permit_mynetworks" and self.restrictions.trusted(ip):
+                return True
+            if rule == "permit_sasl_authenticated" and session.authenticated:
+                return True
+        return False
+
     async def handle_HELO(self, server, session: SessionState, envelope: Transaction, hostname: str):
         """Milters are told of HELO (a refusal is HELO's reply); without milters aiosmtpd's default stands."""
         refusal = await self._filters.helo(session, hostname) if self._filters is not None else None
@@ -210,7 +226,8 @@ class SmtpdHandler:
             return str(refusal)
         assert envelope.content is not None
         submission = Submission(envelope=envelope.model_envelope(), content=envelope.content,
-                                client=session.client_info(envelope))
+                                client=session.client_info(envelope),
+                                add_missing_headers=self._adds_missing_headers(server, session))
         marks = envelope.marks
         if self._filters is not None and marks.discard is None:
             outcome = await self._filters.end_of_message(session, submission, verdicts, marks.filter)
@@ -368,3 +385,15 @@ def _declared_size(options: list[str]) -> int:
         if name.upper() == "SIZE" and value.isdigit():
             return int(value)
     return 0
+
+
+def _on_this_host(ip: str, transport) -> bool:
+    """Postfix's permit_inet_interfaces: the client is this host (a loopback address, or the address the
+    connection came in on)."""
+    client = address.client_ip(ip)
+    if client is None:
+        return False
+    if client.is_loopback:
+        return True
+    local = transport.get_extra_info("sockname") if transport is not None else None
+    return isinstance(local, tuple) and address.client_ip(str(local[0])) == client
