@@ -2,7 +2,7 @@
 
 What it does, in order (Postfix cleanup(8)):
 1. assigns the queue id;
-2. refuses a message that has looped (more than `hopcount_limit` Received headers): 554 5.4.6, and one whose
+2. refuses a message that has looped (more than `hopcount_limit` Received headers): 554 5.4.0 (Postfix's reply), and one whose
    header section is larger than `header_size_limit` bytes: 552 5.3.4 (a header flood never reaches the queue);
 3. rewrites the envelope (`AddressMapper`): the sender through sender_canonical/canonical maps and
    masquerading; each recipient through recipient_canonical/canonical maps and virtual alias expansion,
@@ -217,7 +217,7 @@ class Cleanup:
         names = header_names(head)
         hops = names.count("received")
         if hops > self._hopcount_limit:
-            raise PermanentError("5.4.6", "Error: too many hops",
+            raise PermanentError("5.4.0", "Error: too many hops",  # (Postfix smtpd says 5.4.0)
                                  f"{hops} Received headers, more than hopcount_limit {self._hopcount_limit}")
         if not complete:
             raise MessageTooBig("5.3.4", "Error: message header size exceeds limit",

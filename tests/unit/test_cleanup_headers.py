@@ -268,7 +268,7 @@ async def test_fifty_received_headers_pass_fifty_one_are_refused(env):
     assert len(env.store.inserted) == 1
     with pytest.raises(PermanentError) as info:
         await env.cleanup.submit(submission(hops + b"\r\nbody\r\n"))
-    assert info.value.dsn == "5.4.6"
+    assert info.value.dsn == "5.4.0"  # Postfix's reply for it (5.4.6 is its forwarding-loop bounce)
     assert "too many hops" in info.value.text
     assert len(env.store.inserted) == 1  # nothing committed
     assert env.woken == 1  # qmgr not woken for the refused message
