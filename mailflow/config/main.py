@@ -110,7 +110,7 @@ class Config(Section):
     # pipe and local bounce it), so that no address reaches a command's argv as an option.
     allow_min_user: bool = False
     # cleanup's limits on a message (Postfix names): more Received headers than hopcount_limit is a mail loop
-    # (554 5.4.6); a header section larger than header_size_limit bytes is refused (552 5.3.4).
+    # (554 5.4.0, Postfix's reply); a header section larger than header_size_limit bytes is refused (552 5.3.4).
     hopcount_limit: int = Field(50, ge=1)
     header_size_limit: int = Field(102400, ge=1024)
     # Which SMTP clients' mail gets the headers it lacks (Message-ID, Date, From), as Postfix 2.6+ decides it:

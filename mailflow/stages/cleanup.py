@@ -29,7 +29,7 @@ Address rewriting is skipped for a listener with receive_override_options no_add
 Header addresses are not rewritten (Postfix rewrites them only for mail from this host by default).
 `submit()` returns the queue id only after the commit is on disk: that is when smtpd may say 250.
 Failures (mailflow.errors; the caller logs the error's `reason` and answers by `status.error_reply`):
-`PermanentError` 5.4.6 for a loop, `MessageTooBig` 5.3.4 for a header section over the limit, `TemporaryError`
+`PermanentError` 5.4.0 for a loop (too many hops), `MessageTooBig` 5.3.4 for a header section over the limit, `TemporaryError`
 when rewriting cannot finish (`LookupRetry` 4.3.0 for a table that cannot answer, 4.6.0 for an alias loop),
 `Overloaded` when the store's backlog is full; any other exception means "not queued" (smtpd answers 451).
 Nothing here logs a refusal: the caller does, once. `prepare_notice` never fails on rewriting: a bounce is

@@ -20,7 +20,7 @@ Postfix's public/pickup FIFO). It scans the maildrop when it starts, on every wa
   and their edits are what is queued; then it awaits `cleanup.submit`; only once cleanup has committed is the
   file removed. A crash between the commit and the unlink delivers the
   message twice after the restart: at-least-once, as in Postfix (a message is never lost);
-- a message cleanup refuses for good (a mail loop 5.4.6, a header section too large 5.3.4) is returned to its
+- a message cleanup refuses for good (a mail loop 5.4.0, a header section too large 5.3.4) is returned to its
   sender as a failure notice (null sender; dropped with a log line when the sender is null itself), as Postfix's
   cleanup bounces for pickup, and its file removed;
 - a temporary failure (a table that cannot answer, a full write backlog, anything unexpected) leaves the file

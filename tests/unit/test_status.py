@@ -127,7 +127,7 @@ def _full_database() -> sqlite3.Error:
     (LookupRetry("table texthash:/etc/mailflow/canonical: cannot read"), status.TEMPORARY_LOOKUP_FAILURE),
     (MessageTooBig("5.3.4", "Error: message header size exceeds limit", "over header_size_limit"),
      Reply(552, "5.3.4", "Error: message header size exceeds limit")),
-    (PermanentError("5.4.6", "Error: too many hops", "51 Received headers"), Reply(554, "5.4.6", "Error: too many hops")),
+    (PermanentError("5.4.0", "Error: too many hops", "51 Received headers"), Reply(554, "5.4.0", "Error: too many hops")),
     (TemporaryError("4.6.0", "Alias expansion error", "<a@b>: loop"), Reply(451, "4.6.0", "Alias expansion error")),
     (OSError(errno.ENOSPC, "No space left on device"), status.QUEUE_FULL),
     (OSError(errno.EIO, "Input/output error"), status.QUEUE_ERROR),
