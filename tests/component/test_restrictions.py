@@ -207,6 +207,11 @@ def test_non_fqdn_and_invalid_helo():
     assert rcpt(r, helo="bad_name!") == status.invalid_helo("bad_name!")
     assert rcpt(r, helo="laptop") == status.non_fqdn_helo("laptop")
     assert rcpt(r, helo="[192.0.2.1]") is None
+    assert rcpt(r, helo="client.example.") is None
+    # a bare address is valid (reject_invalid_helo_hostname) but not fully qualified, as Postfix judges it
+    assert rcpt(r, helo="192.0.2.1") == status.non_fqdn_helo("192.0.2.1")
+    only_fqdn = restrictions(helo_restrictions=["reject_non_fqdn_helo_hostname"])
+    assert rcpt(only_fqdn, helo="bad!name.example") == status.non_fqdn_helo("bad!name.example")
     assert rcpt(r, "alice@localhost", client_addr="192.0.2.7") == \
         status.non_fqdn_address("alice@localhost", "Recipient address")
 

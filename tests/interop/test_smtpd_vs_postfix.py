@@ -56,10 +56,10 @@ SESSIONS: dict[str, list[str | bytes]] = {
 }
 
 
-async def replay(port: int) -> dict[str, list[int | None]]:
+async def replay(port: int, sessions: dict[str, list[str | bytes]] = SESSIONS) -> dict[str, list[int | None]]:
     """Each session's reply codes (None: the server closed the connection), command by command."""
     codes: dict[str, list[int | None]] = {}
-    for name, commands in SESSIONS.items():
+    for name, commands in sessions.items():
         client = await SmtpClient.connect(port)
         got: list[int | None] = []
         for command in commands:
@@ -99,3 +99,45 @@ async def test_protocol_edges_match_a_real_postfix(mailflow_server):
     assert postfix["a malformed BDAT"] == [250, 250, 250, 521]
     assert postfix["needless quotes around a local part"] == [250, 250, 250]  # alice is a known user
     assert postfix["an underscore in a domain, a domain of digits"] == [250, 250, 554, 501]  # relaying; syntax
+
+
+# The restriction lists configured alike (Postfix's smtpd_*_restrictions and mailflow's [smtpd] *_restrictions).
+SENDER_ACCESS = "inline:{spam@remote.test=REJECT, { bad.test = 550 5.7.1 go away }, spam2@=REJECT, ok@remote.test=OK}"
+RCPT_ACCESS = "inline:{deny@local.test=REJECT, { later@local.test = 450 4.2.0 try later }}"
+HELO_CHECKS = ["reject_invalid_helo_hostname", "reject_non_fqdn_helo_hostname"]
+SENDER_CHECKS = ["reject_non_fqdn_sender", f"check_sender_access {SENDER_ACCESS}"]
+RECIPIENT_CHECKS = ["reject_non_fqdn_recipient", f"check_recipient_access {RCPT_ACCESS}"]
+RESTRICTED: dict[str, list[str | bytes]] = {
+    "HELO names": ["EHLO bad_host!", "EHLO localhostonly", M, "RSET", "EHLO 192.0.2.1", M, R, "EHLO [192.0.2.1]", M,
+                   R, "EHLO client.test.", M, R],
+    "a transaction before HELO": [M, R, "DATA"],
+    "sender access": [E, "MAIL FROM:<s@remote>", R, "RSET", "MAIL FROM:<spam@remote.test>", R, "RSET",
+                      "MAIL FROM:<x@sub.bad.test>", R, "RSET", "MAIL FROM:<spam2@other.test>", R, "RSET",
+                      "MAIL FROM:<ok@remote.test>", "RCPT TO:<deny@local.test>", "RSET", "MAIL FROM:<>", R],
+    "recipient access": [E, M, "RCPT TO:<alice@local>", "RCPT TO:<deny@local.test>", "RCPT TO:<later@local.test>",
+                         "RCPT TO:<x@elsewhere.test>", R],
+}
+
+
+async def test_restriction_lists_match_a_real_postfix(mailflow_server):
+    async with postfix_instance({
+        "myhostname": "pf.test", "mydestination": "local.test", "mynetworks": "192.0.2.0/24",
+        "local_recipient_maps": "inline:{alice=ok deny=ok later=ok}", "relayhost": "[127.0.0.1]:9",
+        "smtpd_helo_required": "yes", "smtpd_helo_restrictions": ", ".join(HELO_CHECKS),
+        "smtpd_sender_restrictions": ", ".join(SENDER_CHECKS),
+        "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+        "smtpd_recipient_restrictions": ", ".join(RECIPIENT_CHECKS),
+    }) as pf:
+        postfix = await replay(pf.port, RESTRICTED)
+    mf = await mailflow_server(mydestination=["local.test"], mynetworks=["192.0.2.0/24"],
+                               local_recipient_maps=["inline:{alice=ok deny=ok later=ok}"], relayhost="[127.0.0.1]:9",
+                               smtpd={"helo_required": True, "helo_restrictions": HELO_CHECKS,
+                                      "sender_restrictions": SENDER_CHECKS,
+                                      "relay_restrictions": ["permit_mynetworks", "reject_unauth_destination"],
+                                      "recipient_restrictions": RECIPIENT_CHECKS})
+    mailflow = await replay(mf.smtp_addresses[0][1], RESTRICTED)
+    assert {name: codes for name, codes in mailflow.items() if codes != postfix[name]} == {}, postfix
+    # smtpd_delay_reject: every refusal comes at RCPT
+    assert postfix["HELO names"] == [250, 250, 250, 250, 250, 250, 504, 250, 250, 250, 250, 250, 250]
+    assert postfix["a transaction before HELO"] == [503, 503, 503]
+    assert postfix["recipient access"] == [250, 250, 554, 554, 450, 554, 250]  # alice@local: relaying first

@@ -45,13 +45,13 @@ class DataCommands(TransactionCommands):
     """DATA and BDAT: see the module doc."""
 
     async def smtp_DATA(self, arg: str | None) -> None:
+        if not self.envelope.rcpt_tos:  # Postfix's first answer (no recipient exists without HELO and a login)
+            await self.push(status.no_recipients(bool(self.envelope.mail_from)))
+            return
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
             return
         if self.envelope.bdat is not None:
             await self.push(status.BDAT_MIXED)
-            return
-        if not self.envelope.rcpt_tos:
-            await self.push(status.no_recipients(bool(self.envelope.mail_from)))
             return
         if arg:
             await self.push(status.syntax("DATA"))

@@ -155,6 +155,16 @@ def is_fqdn_address(addr: str) -> bool:
     return bool(domain) and (domain.startswith("[") or "." in domain.rstrip("."))
 
 
+def is_fqdn_helo(name: str) -> bool:
+    """Postfix's reject_non_fqdn_helo_hostname test: an address literal, or a valid host name with a dot that is
+    not all digits (a bare IP address is no fully-qualified host name); one trailing dot does not count."""
+    if name.startswith("["):
+        return True
+    if name.endswith(".") and not name.endswith(".."):
+        name = name[:-1]
+    return "." in name and is_hostname(name) and not name.replace(".", "").isdigit()
+
+
 def is_valid_helo(name: str) -> bool:
     if name.startswith("[") and name.endswith("]"):
         return address.is_address_literal(name)
@@ -280,8 +290,7 @@ class Restrictions:
             return status.non_fqdn_address(rcpt, "Recipient address") if rcpt and not is_fqdn_address(rcpt) else None
         if name == "reject_non_fqdn_helo_hostname":
             helo = facts.helo
-            ok = not helo or (helo.startswith("[") or "." in helo.rstrip("."))
-            return None if ok else status.non_fqdn_helo(helo)
+            return status.non_fqdn_helo(helo) if helo and not is_fqdn_helo(helo) else None
         if name == "reject_invalid_helo_hostname":
             return status.invalid_helo(facts.helo) if facts.helo and not is_valid_helo(facts.helo) else None
         return _UNHANDLED

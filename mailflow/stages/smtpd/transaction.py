@@ -109,13 +109,14 @@ class TransactionCommands(SecureCommands):
 
     async def _arguments(self, arg: str | None, command: str, keyword: str, bad_path: status.Reply,
                          out_of_order: status.Reply | None, parameters: Callable[[list[str]], Any]):
-        """What MAIL and RCPT share: HELO (and a login where required) first, then `out_of_order` if given
-        (MAIL twice, RCPT before MAIL), the path, then its parameter words through `parameters` (which returns
-        a refusal or its values). (address, values), or None when a refusal was sent."""
-        if await self.check_helo_needed() or await self.check_auth_needed(command):
-            return None
+        """What MAIL and RCPT share: `out_of_order` if given (MAIL twice, RCPT before MAIL: Postfix's first
+        answer, and no transaction exists without HELO and a required login), then HELO and the login, the path,
+        then its parameter words through `parameters` (which returns a refusal or its values). (address, values),
+        or None when a refusal was sent."""
         if out_of_order is not None:
             await self.push(out_of_order)
+            return None
+        if await self.check_helo_needed() or await self.check_auth_needed(command):
             return None
         parsed = await self._path_argument(arg, keyword, command, bad_path)
         if parsed is None:
