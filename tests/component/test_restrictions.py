@@ -187,6 +187,42 @@ def test_discard_and_hold_mark_the_message():
     assert asyncio.run(r.check_rcpt(f)) is not None and f.marks.hold  # HOLD goes on to the next item
 
 
+def test_defer_if_permit_and_defer_if_reject_wait_for_the_verdict():
+    # DEFER_IF_PERMIT: a permit (explicit, or the end of the lists) becomes the deferral; a refusal stands
+    table = "check_recipient_access inline:{ {alice@local.test=DEFER_IF_PERMIT not now} }"
+    assert rcpt(restrictions(recipient_restrictions=[table])) == \
+        status.access_deferred("alice@local.test", "Recipient address", "not now")
+    refused = rcpt(restrictions(recipient_restrictions=[table, "reject"]))
+    assert refused is not None and refused.code == 554
+    # DEFER_IF_REJECT: a later refusal becomes 450 with a class 4 code; a permit stands
+    table = "check_recipient_access inline:{alice@local.test=DEFER_IF_REJECT}"
+    assert rcpt(restrictions(recipient_restrictions=[table])) is None
+    deferred = rcpt(restrictions(recipient_restrictions=[table, "reject"]))
+    assert deferred is not None and (deferred.code, deferred.status) == (450, "4.7.1")
+
+
+def test_warn_prepend_and_redirect_go_on_and_mark_the_message(caplog):
+    r = access("inline:{ {alice@local.test=WARN look at this} }")
+    with caplog.at_level("INFO", logger="mailflow"):
+        assert rcpt(r) is None
+    assert "Recipient address triggers WARN action: look at this" in caplog.text
+    r = restrictions(recipient_restrictions=[
+        "check_recipient_access inline:{ {alice@local.test=PREPEND X-Tag: one} }",
+        "check_recipient_access inline:{ {alice@local.test=REDIRECT bob@elsewhere.example} }"])
+    f = facts()
+    assert asyncio.run(r.check_rcpt(f)) is None
+    assert f.marks.prepend == ["X-Tag: one"] and f.marks.redirect == "bob@elsewhere.example"
+    # not a header field, not an address: an action mailflow cannot carry out
+    r = access("inline:{ {alice@local.test=PREPEND no colon}, {b@local.test=REDIRECT not an address} }")
+    assert rcpt(r) == status.restriction_config_error("alice@local.test", "Recipient address")
+    assert rcpt(r, "b@local.test") == status.restriction_config_error("b@local.test", "Recipient address")
+
+
+def test_a_numeric_action_keeps_its_detail_in_the_codes_class():
+    r = access("inline:{ {alice@local.test=450 5.7.0 odd} }")
+    assert rcpt(r) == status.restriction_rejected(450, "4.7.0", "alice@local.test", "Recipient address", "odd")
+
+
 def test_restriction_names_as_actions_and_unknown_actions():
     r = access("inline:{alice@local.test=reject_non_fqdn_sender, b@local.test=FROBNICATE}")
     assert rcpt(r, sender="user") == status.non_fqdn_address("user", "Sender address")
@@ -276,3 +312,23 @@ async def test_policy_server_that_never_answers_times_out():
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_prepend_and_redirect_reach_the_queued_message(mailflow_server, tmp_path):
+    from tests.support import SmtpClient, eventually, maildir_messages
+    mf = await mailflow_server(smtpd={"recipient_restrictions": [
+        "check_recipient_access inline:{ {alice@local.test=PREPEND X-Checked: by an access table} }",
+        "check_sender_access inline:{ {redirected@remote.test=REDIRECT bob@local.test} }"]})
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.send_message(b"Subject: tagged\r\n\r\nbody\r\n"))[0] == 250
+    assert (await c.cmd("MAIL FROM:<redirected@remote.test>"))[0] == 250
+    assert (await c.cmd("RCPT TO:<alice@local.test>"))[0] == 250
+    assert (await c.cmd("DATA"))[0] == 354
+    await c.send(b"Subject: elsewhere\r\n\r\nbody\r\n.\r\n")
+    assert (await c.reply())[0] == 250
+    await c.close()
+    alice = await eventually(lambda: maildir_messages(tmp_path / "mail" / "alice" / "Maildir"))
+    bob = await eventually(lambda: maildir_messages(tmp_path / "mail" / "bob" / "Maildir"))
+    assert len(alice) == 1 and b"\nX-Checked: by an access table\n" in alice[0].split(b"\n\n")[0]
+    assert len(bob) == 1 and b"Subject: elsewhere" in bob[0]  # REDIRECT: bob instead of alice
+    assert b"X-Checked" in bob[0]  # (its RCPT alice@local.test matched the PREPEND table too)

@@ -102,8 +102,13 @@ async def test_protocol_edges_match_a_real_postfix(mailflow_server):
 
 
 # The restriction lists configured alike (Postfix's smtpd_*_restrictions and mailflow's [smtpd] *_restrictions).
-SENDER_ACCESS = "inline:{spam@remote.test=REJECT, { bad.test = 550 5.7.1 go away }, spam2@=REJECT, ok@remote.test=OK}"
-RCPT_ACCESS = "inline:{deny@local.test=REJECT, { later@local.test = 450 4.2.0 try later }}"
+SENDER_ACCESS = ("inline:{spam@remote.test=REJECT, { bad.test = 550 5.7.1 go away }, spam2@=REJECT,"
+                 " ok@remote.test=OK}")
+RCPT_ACCESS = ("inline:{deny@local.test=REJECT, { later@local.test = 450 4.2.0 try later },"
+               " dip@local.test=DEFER_IF_PERMIT, dir@local.test=DEFER_IF_REJECT, { warn@local.test = WARN careful },"
+               " { prep@local.test = PREPEND X-T: y }, { redir@local.test = REDIRECT alice@local.test },"
+               " { odd@local.test = 450 5.7.0 odd }}")
+USERS = "inline:{alice=ok deny=ok later=ok dip=ok dir=ok warn=ok prep=ok redir=ok odd=ok}"
 HELO_CHECKS = ["reject_invalid_helo_hostname", "reject_non_fqdn_helo_hostname"]
 SENDER_CHECKS = ["reject_non_fqdn_sender", f"check_sender_access {SENDER_ACCESS}"]
 RECIPIENT_CHECKS = ["reject_non_fqdn_recipient", f"check_recipient_access {RCPT_ACCESS}"]
@@ -116,21 +121,24 @@ RESTRICTED: dict[str, list[str | bytes]] = {
                       "MAIL FROM:<ok@remote.test>", "RCPT TO:<deny@local.test>", "RSET", "MAIL FROM:<>", R],
     "recipient access": [E, M, "RCPT TO:<alice@local>", "RCPT TO:<deny@local.test>", "RCPT TO:<later@local.test>",
                          "RCPT TO:<x@elsewhere.test>", R],
+    "conditional and marking actions": [E, M, "RCPT TO:<dip@local.test>", "RCPT TO:<dir@local.test>",
+                                        "RCPT TO:<warn@local.test>", "RCPT TO:<prep@local.test>",
+                                        "RCPT TO:<redir@local.test>", "RCPT TO:<odd@local.test>", "DATA", CONTENT],
 }
 
 
 async def test_restriction_lists_match_a_real_postfix(mailflow_server):
     async with postfix_instance({
         "myhostname": "pf.test", "mydestination": "local.test", "mynetworks": "192.0.2.0/24",
-        "local_recipient_maps": "inline:{alice=ok deny=ok later=ok}", "relayhost": "[127.0.0.1]:9",
-        "smtpd_helo_required": "yes", "smtpd_helo_restrictions": ", ".join(HELO_CHECKS),
+        "local_recipient_maps": USERS, "relayhost": "[127.0.0.1]:9", "smtpd_helo_required": "yes",
+        "smtpd_helo_restrictions": ", ".join(HELO_CHECKS),
         "smtpd_sender_restrictions": ", ".join(SENDER_CHECKS),
         "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
         "smtpd_recipient_restrictions": ", ".join(RECIPIENT_CHECKS),
     }) as pf:
         postfix = await replay(pf.port, RESTRICTED)
     mf = await mailflow_server(mydestination=["local.test"], mynetworks=["192.0.2.0/24"],
-                               local_recipient_maps=["inline:{alice=ok deny=ok later=ok}"], relayhost="[127.0.0.1]:9",
+                               local_recipient_maps=[USERS], relayhost="[127.0.0.1]:9",
                                smtpd={"helo_required": True, "helo_restrictions": HELO_CHECKS,
                                       "sender_restrictions": SENDER_CHECKS,
                                       "relay_restrictions": ["permit_mynetworks", "reject_unauth_destination"],
@@ -141,3 +149,4 @@ async def test_restriction_lists_match_a_real_postfix(mailflow_server):
     assert postfix["HELO names"] == [250, 250, 250, 250, 250, 250, 504, 250, 250, 250, 250, 250, 250]
     assert postfix["a transaction before HELO"] == [503, 503, 503]
     assert postfix["recipient access"] == [250, 250, 554, 554, 450, 554, 250]  # alice@local: relaying first
+    assert postfix["conditional and marking actions"] == [250, 250, 450, 250, 250, 250, 250, 450, 354, 250]

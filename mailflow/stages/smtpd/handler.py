@@ -45,7 +45,7 @@ from mailflow.content import Spool
 from mailflow.errors import DeliveryError, LookupRetry, Overloaded
 from mailflow.faults import EXPECTED, describe
 from mailflow.logs import printable
-from mailflow.model import Submission
+from mailflow.model import Envelope, Submission
 from mailflow.routing.addressmap import AddressMapper
 from mailflow.routing.rewrite import Rewriter
 from mailflow.stages.smtpd.filtering import FilterServices
@@ -225,10 +225,11 @@ class SmtpdHandler:
             server.log_reject("END-OF-MESSAGE", refusal, envelope.single_recipient)
             return str(refusal)
         assert envelope.content is not None
-        submission = Submission(envelope=envelope.model_envelope(), content=envelope.content,
-                                client=session.client_info(envelope),
-                                add_missing_headers=self._adds_missing_headers(server, session))
         marks = envelope.marks
+        submission = Submission(envelope=_redirected(envelope.model_envelope(), marks.redirect),
+                                content=envelope.content, client=session.client_info(envelope),
+                                headers=tuple(marks.prepend),
+                                add_missing_headers=self._adds_missing_headers(server, session))
         if self._filters is not None and marks.discard is None:
             outcome = await self._filters.end_of_message(session, submission, verdicts, marks.filter)
             if outcome.refusal is not None:
@@ -397,3 +398,11 @@ def _on_this_host(ip: str, transport) -> bool:
         return True
     local = transport.get_extra_info("sockname") if transport is not None else None
     return isinstance(local, tuple) and address.client_ip(str(local[0])) == client
+
+
+def _redirected(envelope: Envelope, redirect: str | None) -> Envelope:
+    """An access REDIRECT: the message goes to that one address instead of its recipients (Postfix)."""
+    if redirect is None:
+        return envelope
+    log.info("redirect: %s instead of %s", redirect, ", ".join(envelope.recipients))
+    return dataclasses.replace(envelope, recipients=(redirect,), originals=(), notify=(), orcpts=())

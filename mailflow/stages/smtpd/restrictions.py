@@ -19,7 +19,9 @@ answer); an item with nothing to say (DUNNO, or missing facts such as no HELO ye
 Then, unless refused, `reject_unlisted_recipient` is implied (smtpd_reject_unlisted_recipient). The data
 list runs at DATA, the end_of_data list at the end of the message; there only a single recipient is "the
 recipient". Access-table DISCARD permits and marks the message to be discarded (no further checks);
-HOLD marks it to be held and goes on (Postfix). Marks live in `facts.marks`, one per message.
+HOLD, FILTER, PREPEND and REDIRECT mark it and go on; WARN logs and goes on (Postfix). Marks live in
+`facts.marks`, one per message. DEFER_IF_PERMIT and DEFER_IF_REJECT hold for the command that met them
+(`facts`): its verdict, permit or refusal, is turned into a deferral at the end (`_conditional_deferrals`).
 
 Failure behaviour: a table that cannot answer or an action mailflow does not know gives
 `451 4.3.5 <name>: X rejected: Server configuration error` (logged); a policy server that cannot be asked
@@ -62,6 +64,8 @@ SUBJECT = {  # a list's stage -> how its refusals name what they looked at
     "mail": "Sender address",  # (the in-process policy hook's MAIL stage: handler.py)
 }
 PROTOCOL_STATE = {"data": "DATA", "end_of_data": "END-OF-MESSAGE"}
+_COMMAND_OF_STAGE = {"data": "DATA", "end_of_data": "END-OF-MESSAGE"}  # the others run at RCPT
+_HEADER_FIELD = re.compile(r"[!-9;-~]+:[ \t]*[^\r\n]*")  # PREPEND's argument: one header field, unfolded
 _NUMERIC_ACTION = re.compile(r"([45]\d\d)(?:\s+([45]\.\d{1,3}\.\d{1,3}))?(?:\s+(.*))?", re.S)
 
 
@@ -71,11 +75,14 @@ _NUMERIC_ACTION = re.compile(r"([45]\d\d)(?:\s+([45]\.\d{1,3}\.\d{1,3}))?(?:\s+(
 @dataclass
 class Marks:
     """What restrictions decided for the whole message: discard or hold it (the logged reason), send it to an
-    after-queue filter (an access FILTER action: transport:nexthop)."""
+    after-queue filter (an access FILTER action: transport:nexthop), prepend header fields to it, send it to
+    another recipient instead (REDIRECT)."""
 
     discard: str | None = None
     hold: str | None = None
     filter: str | None = None
+    prepend: list[str] = field(default_factory=list)  # access PREPEND: header fields for the message, in order
+    redirect: str | None = None  # access REDIRECT: the one recipient the message goes to instead
 
 
 @dataclass
@@ -99,6 +106,10 @@ class Facts:
     marks: Marks = field(default_factory=Marks)
     memo: dict = field(default_factory=dict)  # the session's answers of lookups (client name, SPF), by question
     auth: Verdicts | None = None  # end_of_data: the message's sender authentication verdicts
+    # DEFER_IF_PERMIT and DEFER_IF_REJECT, for this command only: the reply if the verdict is a permit; whether a
+    # later reject is to be a deferral instead
+    defer_if_permit: status.Reply | None = None
+    defer_if_reject: bool = False
 
 
 # ---------------------------------------------------------------------------------------------- key orders
@@ -198,6 +209,9 @@ class Restrictions:
         self._mynetworks = [ipaddress.ip_network(n, strict=False) for n in config.mynetworks]
 
     async def check_rcpt(self, facts: Facts) -> status.Reply | None:
+        return _conditional_deferrals(await self._rcpt_verdict(facts), facts)
+
+    async def _rcpt_verdict(self, facts: Facts) -> status.Reply | None:
         for stage in RCPT_STAGES:
             if facts.marks.discard is not None:
                 return None
@@ -214,10 +228,14 @@ class Restrictions:
         return bool(self._lists["data"] or self._lists["end_of_data"])
 
     async def check_data(self, facts: Facts) -> status.Reply | None:
-        return None if facts.marks.discard is not None else await self._run("data", facts)
+        if facts.marks.discard is not None:
+            return None
+        return _conditional_deferrals(await self._run("data", facts), facts)
 
     async def check_end_of_data(self, facts: Facts) -> status.Reply | None:
-        return None if facts.marks.discard is not None else await self._run("end_of_data", facts)
+        if facts.marks.discard is not None:
+            return None
+        return _conditional_deferrals(await self._run("end_of_data", facts), facts)
 
     def trusted(self, client_addr: str) -> bool:
         """The client is in mynetworks."""
@@ -372,10 +390,27 @@ class Restrictions:
         if upper == "FILTER" and ":" in text:
             facts.marks.filter = text
             return None
+        if upper == "DEFER_IF_PERMIT":
+            facts.defer_if_permit = facts.defer_if_permit or status.access_deferred(name, what, text)
+            return None
+        if upper == "DEFER_IF_REJECT":
+            facts.defer_if_reject = True
+            return None
+        if upper == "WARN":
+            log.info("NOQUEUE: warn: %s from %s[%s]: <%s>: %s triggers WARN action: %s; from=<%s> to=<%s>",
+                     _COMMAND_OF_STAGE.get(stage, "RCPT"), facts.client_name, facts.client_addr, name, what, text,
+                     facts.sender or "", facts.recipient)
+            return None
+        if upper == "PREPEND" and _HEADER_FIELD.fullmatch(text):
+            facts.marks.prepend.append(text)
+            return None
+        if upper == "REDIRECT" and address.mailbox_syntax_error(text) is None:
+            facts.marks.redirect = text
+            return None
         numeric = _NUMERIC_ACTION.fullmatch(value.strip())
         if numeric:
             code, dsn, reason = numeric.groups()
-            dsn = dsn if dsn and dsn[0] == code[0] else f"{code[0]}.7.1"
+            dsn = code[0] + dsn[1:] if dsn else f"{code[0]}.7.1"  # the code's class wins (Postfix)
             return status.restriction_rejected(int(code), dsn, name, what, (reason or "Access denied").strip())
         if word.lower() in WITHOUT_ARGUMENT and word.lower() not in NEEDS_IO and not text:
             return self._simple(word.lower(), stage, facts)  # a restriction named as the action
@@ -458,3 +493,13 @@ def policy_request(facts: Facts, stage: str) -> dict[str, str]:
         "etrn_domain": "",
         "stress": "",
     }
+
+
+def _conditional_deferrals(verdict: status.Reply | None, facts: Facts) -> status.Reply | None:
+    """Postfix's DEFER_IF_PERMIT (a permit, explicit or at the end of the lists, becomes that deferral) and
+    DEFER_IF_REJECT (a later refusal becomes a deferral: 450 and a class 4 enhanced code)."""
+    if verdict is None:
+        return facts.defer_if_permit
+    if facts.defer_if_reject and verdict.code >= 500:
+        return status.Reply(450, "4" + verdict.status[1:], verdict.text)
+    return verdict
