@@ -332,3 +332,21 @@ async def test_prepend_and_redirect_reach_the_queued_message(mailflow_server, tm
     assert len(alice) == 1 and b"\nX-Checked: by an access table\n" in alice[0].split(b"\n\n")[0]
     assert len(bob) == 1 and b"Subject: elsewhere" in bob[0]  # REDIRECT: bob instead of alice
     assert b"X-Checked" in bob[0]  # (its RCPT alice@local.test matched the PREPEND table too)
+
+
+async def test_bcc_sends_one_more_copy(mailflow_server, tmp_path):
+    from tests.support import SmtpClient, eventually, maildir_messages
+    mf = await mailflow_server(smtpd={"recipient_restrictions": [
+        "check_sender_access inline:{ {watched@remote.test=BCC bob@local.test} }"]})
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd("EHLO client.test"))[0] == 250
+    for sender, subject in (("watched@remote.test", b"copied"), ("other@remote.test", b"not copied")):
+        assert (await c.cmd(f"MAIL FROM:<{sender}>"))[0] == 250
+        assert (await c.cmd("RCPT TO:<alice@local.test> NOTIFY=NEVER"))[0] == 250
+        assert (await c.cmd("DATA"))[0] == 354
+        await c.send(b"Subject: " + subject + b"\r\n\r\nbody\r\n.\r\n")
+        assert (await c.reply())[0] == 250
+    await c.close()
+    alice = await eventually(lambda: len(maildir_messages(tmp_path / "mail" / "alice" / "Maildir")) == 2)
+    bob = await eventually(lambda: maildir_messages(tmp_path / "mail" / "bob" / "Maildir"))
+    assert alice and len(bob) == 1 and b"Subject: copied\n" in bob[0]

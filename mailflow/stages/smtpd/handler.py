@@ -226,7 +226,7 @@ class SmtpdHandler:
             return str(refusal)
         assert envelope.content is not None
         marks = envelope.marks
-        submission = Submission(envelope=_redirected(envelope.model_envelope(), marks.redirect),
+        submission = Submission(envelope=_redirected(envelope.model_envelope(), marks.redirect, marks.bcc),
                                 content=envelope.content, client=session.client_info(envelope),
                                 headers=tuple(marks.prepend),
                                 add_missing_headers=self._adds_missing_headers(server, session))
@@ -400,9 +400,17 @@ def _on_this_host(ip: str, transport) -> bool:
     return isinstance(local, tuple) and address.client_ip(str(local[0])) == client
 
 
-def _redirected(envelope: Envelope, redirect: str | None) -> Envelope:
-    """An access REDIRECT: the message goes to that one address instead of its recipients (Postfix)."""
-    if redirect is None:
-        return envelope
-    log.info("redirect: %s instead of %s", redirect, ", ".join(envelope.recipients))
-    return dataclasses.replace(envelope, recipients=(redirect,), originals=(), notify=(), orcpts=())
+def _redirected(envelope: Envelope, redirect: str | None, bcc: str | None) -> Envelope:
+    """Access REDIRECT: the message goes to that one address instead of its recipients; BCC: a copy goes to one
+    more recipient (Postfix; REDIRECT first, as its cleanup applies them)."""
+    if redirect is not None:
+        log.info("redirect: %s instead of %s", redirect, ", ".join(envelope.recipients))
+        envelope = dataclasses.replace(envelope, recipients=(redirect,), originals=(), notify=(), orcpts=())
+    if bcc is not None and bcc not in envelope.recipients:
+        log.info("bcc: %s", bcc)
+        envelope = dataclasses.replace(
+            envelope, recipients=envelope.recipients + (bcc,),
+            originals=envelope.originals + (bcc,) if envelope.originals else (),
+            notify=envelope.notify + ("",) if envelope.notify else (),
+            orcpts=envelope.orcpts + ("",) if envelope.orcpts else ())
+    return envelope

@@ -19,7 +19,7 @@ answer); an item with nothing to say (DUNNO, or missing facts such as no HELO ye
 Then, unless refused, `reject_unlisted_recipient` is implied (smtpd_reject_unlisted_recipient). The data
 list runs at DATA, the end_of_data list at the end of the message; there only a single recipient is "the
 recipient". Access-table DISCARD permits and marks the message to be discarded (no further checks);
-HOLD, FILTER, PREPEND and REDIRECT mark it and go on; WARN logs and goes on (Postfix). Marks live in
+HOLD, FILTER, PREPEND, REDIRECT and BCC mark it and go on; WARN logs and goes on (Postfix). Marks live in
 `facts.marks`, one per message. DEFER_IF_PERMIT and DEFER_IF_REJECT hold for the command that met them
 (`facts`): its verdict, permit or refusal, is turned into a deferral at the end (`_conditional_deferrals`).
 
@@ -76,13 +76,14 @@ _NUMERIC_ACTION = re.compile(r"([45]\d\d)(?:\s+([45]\.\d{1,3}\.\d{1,3}))?(?:\s+(
 class Marks:
     """What restrictions decided for the whole message: discard or hold it (the logged reason), send it to an
     after-queue filter (an access FILTER action: transport:nexthop), prepend header fields to it, send it to
-    another recipient instead (REDIRECT)."""
+    another recipient instead (REDIRECT) or a copy to one more (BCC)."""
 
     discard: str | None = None
     hold: str | None = None
     filter: str | None = None
     prepend: list[str] = field(default_factory=list)  # access PREPEND: header fields for the message, in order
     redirect: str | None = None  # access REDIRECT: the one recipient the message goes to instead
+    bcc: str | None = None  # access BCC: one more recipient for a copy (the last BCC action wins, as in Postfix)
 
 
 @dataclass
@@ -406,6 +407,9 @@ class Restrictions:
             return None
         if upper == "REDIRECT" and address.mailbox_syntax_error(text) is None:
             facts.marks.redirect = text
+            return None
+        if upper == "BCC" and address.mailbox_syntax_error(text) is None:
+            facts.marks.bcc = text
             return None
         numeric = _NUMERIC_ACTION.fullmatch(value.strip())
         if numeric:
