@@ -14,7 +14,9 @@ At the end of the message (`handle_DATA`) it runs the data list, then the end_of
 `Submission` to cleanup and answers 250 only once cleanup has committed it. The session writes the content
 into `new_spool()` as it arrives; the handler sees it whole, as a mailflow.content.Content
 (`Transaction.content`), never as one bytes object.
-A message marked DISCARD by a restriction is answered 250 and dropped (logged); HOLD is queued on hold.
+A message marked DISCARD by a restriction is answered 250 and dropped (logged); HOLD is queued on hold;
+PREPEND's fields, REDIRECT and BCC change what is handed to cleanup (its headers, its recipients). Cleanup adds
+the Message-ID, Date and From a message lacks only for local_header_rewrite_clients (`_adds_missing_headers`).
 Every policy refusal is logged through the session as Postfix logs it (`NOQUEUE: reject: RCPT from …`). The
 client handed to cleanup names the protocol as the Received header says it (`state.received_protocol`:
 ESMTPSA, UTF8SMTPS, … per RFC 3848 / 6531) and the SASL login for the `client=` log line.
