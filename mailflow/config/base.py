@@ -6,6 +6,7 @@
     TableSpecs               a list of `type:name` lookup tables (mailflow.syntax.check_table_spec)
     Networks                 a list of IP networks ("10.0.0.0/8", "::1/128")
     HostPorts                a list of "host:port" addresses
+    each_one_of(items, allowed)  the items, when each is one of `allowed` (a list of keywords)
     validation_key(err)      one pydantic error's place as the dotted KEY ("smtpd.listen", "pipe.x.argv[0]"; ""
                              for the top level)
     validation_reason(err)   one pydantic error as the REASON of `FILE: KEY: REASON`
@@ -44,6 +45,13 @@ def _networks(items: tuple[str, ...]) -> tuple[str, ...]:
 def _host_ports(items: tuple[str, ...]) -> tuple[str, ...]:
     for item in items:
         parse_hostport(item)
+    return items
+
+
+def each_one_of(items: tuple[str, ...], allowed: tuple[str, ...]) -> tuple[str, ...]:
+    for item in items:
+        if item not in allowed:
+            raise ValueError(f"{item!r}: not one of {', '.join(allowed)}")
     return items
 
 

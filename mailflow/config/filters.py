@@ -20,7 +20,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from mailflow.config.base import Duration, Networks, Section, TableSpecs
+from mailflow.config.base import Duration, Networks, Section, TableSpecs, each_one_of
 from mailflow.syntax import parse_endpoint, parse_hostport
 
 RECEIVE_OVERRIDE_OPTIONS = ("no_unknown_recipient_checks", "no_address_mappings", "no_header_body_checks",
@@ -71,10 +71,7 @@ class SmtpdFilterSettings(Section):
     @field_validator("receive_override_options")
     @classmethod
     def _overrides(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for option in v:
-            if option not in RECEIVE_OVERRIDE_OPTIONS:
-                raise ValueError(f"{option!r}: not one of {', '.join(RECEIVE_OVERRIDE_OPTIONS)}")
-        return v
+        return each_one_of(v, RECEIVE_OVERRIDE_OPTIONS)
 
 
 class ChecksConfig(Section):

@@ -17,7 +17,7 @@ from pydantic import Field, PrivateAttr, ValidationInfo, field_validator
 from mailflow.address import normalise_domain
 from mailflow.config.accounts import AccountsConfig
 from mailflow.config.admin import AdminConfig
-from mailflow.config.base import Duration, Networks, Section, TableSpecs
+from mailflow.config.base import Duration, Networks, Section, TableSpecs, each_one_of
 from mailflow.config.filters import (ChecksConfig, ClamdConfig, GreylistConfig,
                                      MilterConfig, SenderAuthConfig, SpamdConfig)
 from mailflow.config.delivery import DnsConfig, LmtpConfig, LocalConfig, PipeService, SmtpConfig
@@ -194,10 +194,7 @@ class Config(Section):
     @field_validator("local_header_rewrite_clients")
     @classmethod
     def _header_clients(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for item in v:
-            if item not in HEADER_CLIENT_RULES:
-                raise ValueError(f"{item!r} is not one of {', '.join(HEADER_CLIENT_RULES)}")
-        return v
+        return each_one_of(v, HEADER_CLIENT_RULES)
 
     @field_validator("proxy_interfaces")
     @classmethod

@@ -2,8 +2,9 @@
 
 What it does, in order (Postfix cleanup(8)):
 1. assigns the queue id;
-2. refuses a message that has looped (more than `hopcount_limit` Received headers): 554 5.4.0 (Postfix's reply), and one whose
-   header section is larger than `header_size_limit` bytes: 552 5.3.4 (a header flood never reaches the queue);
+2. refuses a message that has looped (more than `hopcount_limit` Received headers): 554 5.4.0 (Postfix's reply),
+   and one whose header section is larger than `header_size_limit` bytes: 552 5.3.4 (a header flood never
+   reaches the queue);
 3. rewrites the envelope (`AddressMapper`): the sender through sender_canonical/canonical maps and
    masquerading; each recipient through recipient_canonical/canonical maps and virtual alias expansion,
    duplicates removed, each keeping the address first given as its original (ORCPT);
@@ -12,8 +13,9 @@ What it does, in order (Postfix cleanup(8)):
    drops it (the client is told it was queued), HOLD queues it on hold, FILTER, REDIRECT, IGNORE, PREPEND and
    REPLACE change what is queued;
 4b. prepends a Received header (for a local submission "by HOST (mailflow, from userid UID)") and under it the
-   header fields smtpd's filters gave (`Submission.headers`: Authentication-Results, spam and virus tags); appends
-   Message-ID, Date and From when the message has none (a local user's From carries their full name);
+   header fields smtpd gave (`Submission.headers`: Authentication-Results, spam and virus tags, access PREPEND);
+   appends Message-ID, Date and From when the message has none and `Submission.add_missing_headers` says so
+   (smtpd: local_header_rewrite_clients; a local user's From carries their full name);
    only the header section is read (at most `header_size_limit` bytes, mailflow.message.read_header): the
    queued content is the new header section followed by the original's body, never copied (a spooled
    body stays in its file, see mailflow.content);
@@ -29,10 +31,10 @@ Address rewriting is skipped for a listener with receive_override_options no_add
 Header addresses are not rewritten (Postfix rewrites them only for mail from this host by default).
 `submit()` returns the queue id only after the commit is on disk: that is when smtpd may say 250.
 Failures (mailflow.errors; the caller logs the error's `reason` and answers by `status.error_reply`):
-`PermanentError` 5.4.0 for a loop (too many hops), `MessageTooBig` 5.3.4 for a header section over the limit, `TemporaryError`
-when rewriting cannot finish (`LookupRetry` 4.3.0 for a table that cannot answer, 4.6.0 for an alias loop),
-`Overloaded` when the store's backlog is full; any other exception means "not queued" (smtpd answers 451).
-Nothing here logs a refusal: the caller does, once. `prepare_notice` never fails on rewriting: a bounce is
+`PermanentError` 5.4.0 for a loop (too many hops), `MessageTooBig` 5.3.4 for a header section over the limit,
+`TemporaryError` when rewriting cannot finish (`LookupRetry` 4.3.0 for a table that cannot answer, 4.6.0 for an
+alias loop), `Overloaded` when the store's backlog is full; any other exception means "not queued" (smtpd answers
+451). Nothing here logs a refusal: the caller does, once. `prepare_notice` never fails on rewriting: a bounce is
 queued with its recipient as it is (logged) rather than lost.
 """
 from __future__ import annotations

@@ -12,13 +12,13 @@ What it owns
   answers; the transaction ends however the message ends, and its spool is discarded (what was queued has the
   queue's own name for its file by then). A message queued (250) resets the error counts.
 
-Failure behaviour (each refusal a `mailflow.status` reply): before HELO 503 5.5.1; before the login a
-submission needs 530 5.7.0; no recipient 503 5.5.1; DATA with an argument 501 5.5.4; DATA after BDAT 503
-5.5.1; a malformed BDAT 521 5.5.4 and the session closes, as in Postfix (the size of the chunk that follows is
-unknown, so it could only be read as commands); a refused BDAT's chunk is read and dropped, never taken as commands; too
-big 552 5.3.4, a NUL 554 5.6.0, a spool that cannot be written 451 4.3.1 / 4.3.0 (`status.error_reply`; logged
-once), all after the end of the content; a bare LF or CR in the content 521 5.5.2 and the session closes; the
-message is not queued in any of these cases.
+Failure behaviour (each refusal a `mailflow.status` reply): before HELO 503 5.5.1; before the login a submission
+needs 530 5.7.0; no recipient 503 5.5.1; DATA with an argument 501 5.5.4; DATA after BDAT 503 5.5.1; a malformed
+BDAT 521 5.5.4 and the session closes, as in Postfix (the size of the chunk that follows is unknown, so it could
+only be read as commands); a refused BDAT's chunk is read and dropped, never taken as commands; too big 552 5.3.4, a
+NUL 554 5.6.0, a spool that cannot be written 451 4.3.1 / 4.3.0 (`status.error_reply`; logged once), all after the
+end of the content; a bare LF or CR in the content 521 5.5.2 and the session closes; the message is not queued in
+any of these cases.
 """
 from __future__ import annotations
 

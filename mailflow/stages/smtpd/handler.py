@@ -260,6 +260,10 @@ class SmtpdHandler:
         if marks.hold is not None:
             server.log_reject("END-OF-MESSAGE", marks.hold, envelope.single_recipient, action="hold",
                               queue_id=queue_id)
+        if marks.redirect is not None:
+            log.info("%s: redirect: %s instead of %s", queue_id, marks.redirect, ", ".join(envelope.rcpt_tos))
+        if marks.bcc is not None:
+            log.info("%s: bcc: %s", queue_id, marks.bcc)
         return str(status.queued(queue_id))
 
     async def _content_refusal(self, session: SessionState, envelope: Transaction,
@@ -406,10 +410,8 @@ def _redirected(envelope: Envelope, redirect: str | None, bcc: str | None) -> En
     """Access REDIRECT: the message goes to that one address instead of its recipients; BCC: a copy goes to one
     more recipient (Postfix; REDIRECT first, as its cleanup applies them)."""
     if redirect is not None:
-        log.info("redirect: %s instead of %s", redirect, ", ".join(envelope.recipients))
         envelope = dataclasses.replace(envelope, recipients=(redirect,), originals=(), notify=(), orcpts=())
     if bcc is not None and bcc not in envelope.recipients:
-        log.info("bcc: %s", bcc)
         envelope = dataclasses.replace(
             envelope, recipients=envelope.recipients + (bcc,),
             originals=envelope.originals + (bcc,) if envelope.originals else (),

@@ -622,7 +622,6 @@ class ProtocolCore(SMTP):
         await self.push(status.CANNOT_VRFY)  # whatever the argument: no need to parse it
 
 
-
 def _with_keywords(lines: list[str], keywords: tuple[str, ...]) -> list[str]:
     """EHLO reply lines with `keywords` added before the last one (each once)."""
     have = {line[4:].split(" ", 1)[0].upper() for line in lines[1:]}

@@ -64,7 +64,6 @@ SUBJECT = {  # a list's stage -> how its refusals name what they looked at
     "mail": "Sender address",  # (the in-process policy hook's MAIL stage: handler.py)
 }
 PROTOCOL_STATE = {"data": "DATA", "end_of_data": "END-OF-MESSAGE"}
-_COMMAND_OF_STAGE = {"data": "DATA", "end_of_data": "END-OF-MESSAGE"}  # the others run at RCPT
 _HEADER_FIELD = re.compile(r"[!-9;-~]+:[ \t]*[^\r\n]*")  # PREPEND's argument: one header field, unfolded
 _NUMERIC_ACTION = re.compile(r"([45]\d\d)(?:\s+([45]\.\d{1,3}\.\d{1,3}))?(?:\s+(.*))?", re.S)
 
@@ -399,7 +398,7 @@ class Restrictions:
             return None
         if upper == "WARN":
             log.info("NOQUEUE: warn: %s from %s[%s]: <%s>: %s triggers WARN action: %s; from=<%s> to=<%s>",
-                     _COMMAND_OF_STAGE.get(stage, "RCPT"), facts.client_name, facts.client_addr, name, what, text,
+                     PROTOCOL_STATE.get(stage, "RCPT"), facts.client_name, facts.client_addr, name, what, text,
                      facts.sender or "", facts.recipient)
             return None
         if upper == "PREPEND" and _HEADER_FIELD.fullmatch(text):
@@ -505,5 +504,5 @@ def _conditional_deferrals(verdict: status.Reply | None, facts: Facts) -> status
     if verdict is None:
         return facts.defer_if_permit
     if facts.defer_if_reject and verdict.code >= 500:
-        return status.Reply(450, "4" + verdict.status[1:], verdict.text)
+        return status.deferred_instead(verdict)
     return verdict
