@@ -18,8 +18,7 @@ Modules
 
 Thread hops per relayed message (the event loop hands work to a connection's thread and gets the answer back;
 each hop costs about 50 µs of CPU and a few loop turns):
-- insert: one write request; concurrent ones share a writer hop (group commit), the only durable (fsynced)
-  commit on a message's way.
+- insert: one write request; concurrent ones share a writer hop (group commit). Every commit is fsynced.
 - each scan, shared by the messages it takes: `take` (one write request: read and claimed together), on a timed
   scan `next_due_time` (1 reader hop); once a second the operator poll (`operator_counters`, 1 reader hop).
 - content: none for a small message read with its scan; else one reader hop for all asked in one loop turn.

@@ -24,13 +24,11 @@ Contract
   the flags and defers or removes the message, all in one transaction. So a stop between the two repeats no
   delivery and loses no notice. Removing a message (`finish`, `delete_messages`) removes its content file
   after the commit.
-- Durability: what leads to a 250 (`insert`, `insert_many`) is on disk when it returns. What comes after it —
-  claims, results, the end of an attempt (notices included), the destination snapshot, recovery — is committed
-  without waiting for the disk (durable=False: it is in the WAL, so it survives the process being killed, and
-  is on disk with the next durable commit): a power loss can take the latest of those back, so a delivery can
-  be repeated, as with Postfix (whose qmgr does not fsync a queue file after marking recipients done, nor after
-  removing it); mail is never lost, and the order of commits is kept (a later commit never survives an
-  earlier one).
+- Durability: every write is on disk when it returns — what leads to a 250 (`insert`, `insert_many`) and what
+  comes after it (claims, results, the end of an attempt with its notices, the destination snapshot,
+  recovery). So each recipient's result is durable as soon as it is recorded: neither a killed process nor a
+  power loss repeats a delivery whose result was recorded (Postfix's qmgr, which does not fsync a queue file
+  after marking recipients done, can), and commits reach the disk in order.
 - `recover()` at start-up moves messages left `active` by a crash back to `incoming`: start-up is recovery (a
   message whose recipients are all done is finished by qmgr's next scan).
 - `sweep()` (at server start, before anything is received) removes temporary spool files and content files
@@ -138,15 +136,14 @@ class Store(OperatorQueries):
     async def claim(self, ids: Sequence[QueueId], now: float) -> list[QueueId]:
         """Take messages for delivery: each of `ids` still incoming, or deferred and due at `now`, becomes active,
         atomically. Returns the ids taken (an operator's hold or delete, or another taker, wins over a stale read)."""
-        taken = await self._committer.write([], call=lambda con: _claim(con, list(ids), now), durable=False)
+        taken = await self._committer.write([], call=lambda con: _claim(con, list(ids), now))
         self._scanned = {qid: self._scanned[qid] for qid in taken if qid in self._scanned}
         return taken
 
     async def take(self, now: float, limit: int) -> list[QueuedMessage]:
         """qmgr's scan: what `due(now, limit)` returns, claimed (active) in the same transaction. The content
         read with it is handed out by `content()` as due()'s."""
-        rows = await self._committer.write([], call=lambda con: _take(con, self._due_params(now, limit), limit, now),
-                                           durable=False)
+        rows = await self._committer.write([], call=lambda con: _take(con, self._due_params(now, limit), limit, now))
         return self._scan_result(rows)
 
     async def record_results(self, queue_id: QueueId, rows: Sequence[tuple[RcptResult, bool]]) -> None:
@@ -154,7 +151,7 @@ class Store(OperatorQueries):
         recipient sent / bounced, or keeps it pending with its last reason; `notice_owed` flags a recipient whose
         failure or success notice `finish()` must still queue. Only pending recipients change, so recording a
         result twice does no harm."""
-        await self._committer.write([_record_op(queue_id, rows)], durable=False)
+        await self._committer.write([_record_op(queue_id, rows)])
 
     async def finish(self, done: Delivered, notices: Sequence[NewMessage] = (),
                      results: Sequence[RcptResult] = ()) -> None:
@@ -174,11 +171,10 @@ class Store(OperatorQueries):
         if notices:
             ops += insert_ops(notices)
         self._scanned.pop(qid, None)
-        await self._committer.write(ops, durable=False)
+        await self._committer.write(ops)
 
     async def mark_corrupt(self, ids: Sequence[QueueId]) -> None:
-        await self._committer.write([("UPDATE message SET queue = 'corrupt' WHERE id = ?", [(i,) for i in ids])],
-                                    durable=False)
+        await self._committer.write([("UPDATE message SET queue = 'corrupt' WHERE id = ?", [(i,) for i in ids])])
 
     async def maintain(self, *, free_share: float = 0.25, min_free: int = 256) -> int:
         """Give space back after a burst: when at least `min_free` pages and `free_share` of the file are free,
@@ -188,8 +184,7 @@ class Store(OperatorQueries):
     async def recover(self) -> int:
         """Start-up: whatever was active when the process stopped is incoming again. Returns how many."""
         [(n,)] = await self._reader.fetchall("SELECT count(*) FROM message WHERE queue = 'active'")
-        await self._committer.write([("UPDATE message SET queue = 'incoming' WHERE queue = 'active'", [()])],
-                                    durable=False)
+        await self._committer.write([("UPDATE message SET queue = 'incoming' WHERE queue = 'active'", [()])])
         return n
 
     async def save_destinations(self, rows: Sequence[tuple], now: float) -> None:
@@ -199,7 +194,7 @@ class Store(OperatorQueries):
             ("DELETE FROM destination", [()]),
             ("INSERT INTO destination (transport, nexthop, window, in_flight, queued, failures, dead_until,"
              " reason, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [(*row, now) for row in rows]),
-        ], durable=False)
+        ])
 
     # -- reads ----------------------------------------------------------------------------------
     async def due(self, now: float, limit: int) -> list[QueuedMessage]:
@@ -243,7 +238,7 @@ class Store(OperatorQueries):
     async def queue_states_settled(self, ids: Sequence[QueueId]) -> dict[QueueId, str]:
         """`queue_states` once every write submitted before this call is settled (committed or failed): an empty
         write queued behind them is the barrier."""
-        await self._committer.write([], durable=False)
+        await self._committer.write([])
         return await self.queue_states(ids)
 
     async def queue_states(self, ids: Sequence[QueueId]) -> dict[QueueId, str]:

@@ -4,12 +4,13 @@ What it owns
 - `Connection`: one sqlite3 connection used only on a thread of its own. `call(fn, *args)` runs `fn(*args)`
   there: one thread hop, however many statements `fn` runs; `submit(fn, args, done)` the same with a callback
   called on the loop with (error, result) instead of a future to await. `hops` counts them.
-- `Writer`: the one writing connection (WAL). `transaction(merged, calls, durable)` is a whole
+- `Writer`: the one writing connection (WAL). `transaction(merged, calls)` is a whole
   `BEGIN IMMEDIATE; executemany…; calls; COMMIT` in one hop, so the lock is held only while SQLite works (never
-  across event-loop turns, where a stalled loop would hold it against the operator tools); a `durable` one
-  returns once it is on disk (`synchronous=FULL`: the WAL is fsynced), another once it is in the WAL
-  (`synchronous=NORMAL`: it survives the process being killed, and reaches the disk with the next durable
-  commit or checkpoint; a power loss can take it back, never a commit made before it).
+  across event-loop turns, where a stalled loop would hold it against the operator tools); it returns once the
+  commit is on disk (`synchronous=FULL`: the WAL is fsynced), every commit alike. (Committing what follows a
+  250 with `synchronous=NORMAL` was tried: switching the setting costs a statement each way, and each statement
+  is a moment the writer waits for the GIL while the loop works; one fsync more per commit was cheaper, at
+  every cell of `make bench` — docs/performance.md, "Fourth pass".)
   `maintain()` gives free pages back and truncates the WAL after a burst.
 - `Reader`: the query-only connection (WAL lets it read while the writer writes), through aiosqlite: one
   statement per call, each call one hop to aiosqlite's thread (`hops` counts them); a read that needs more
@@ -18,11 +19,11 @@ What it owns
   needs the connection, such as a claim) that arrive while a commit is running are merged into the next
   transaction, so N concurrent sessions cost one fsync, not N. No task of its own: the first request of an idle
   committer starts a batch at the end of the loop turn (with every request made in that turn), and the writer's
-  answer settles every request of the batch at once and starts the next batch with those that came meanwhile. Requests in one batch must be independent: a
-  caller waits for its request before sending one that depends on it (every caller does: each write is awaited).
-  Past `backlog_limit` waiting requests, a write that `may_refuse` raises `Overloaded`. A batch is durable when
-  any of its requests is (`durable=True`, the default). `on_commit(requests,
-  seconds)`, when set, is told each commit's size and how long it took (the metrics).
+  answer settles every request of the batch at once and starts the next batch with those that came meanwhile.
+  Requests in one batch must be independent: a caller waits for its request before sending one that depends on
+  it (every caller does: each write is awaited). Past `backlog_limit` waiting requests, a write that
+  `may_refuse` raises `Overloaded`. `on_commit(requests, seconds)`, when set, is told each commit's size and how
+  long it took (the metrics).
 - `BatchLoader`: `load(key)` calls made in the same loop turn become one `fetch_many(keys)` call.
 - Opening the writer brings an older queue to the current schema (`schema.py`).
 - Content files in a transaction: the pseudo-statement `LINK_CONTENT` hard-links `(source file, queue id)`
@@ -180,7 +181,6 @@ class Writer(Connection):
     def __init__(self, path: Path):
         super().__init__(path, "store-writer")
         self._content_dir = path.parent / CONTENT_DIRECTORY
-        self._durable = True  # the connection's synchronous setting: FULL (True) or NORMAL
 
     def open(self, busy_timeout: float, owner: bool) -> None:
         """Open, migrate an older queue, and (`owner`: the caller holds the queue's lock) convert a file made
@@ -199,16 +199,12 @@ class Writer(Connection):
             raise
         self._con = con
 
-    def transaction(self, merged: Mapping[str, list[tuple]], calls: Sequence[Call | None] = (),
-                    durable: bool = True) -> list:
+    def transaction(self, merged: Mapping[str, list[tuple]], calls: Sequence[Call | None] = ()) -> list:
         """The statements, then each call (its result in the list returned, None for no call); one commit, on
-        disk when it returns if `durable`. Content files are linked in (and the directory fsynced) before it,
+        disk when it returns. Content files are linked in (and the directory fsynced) before it,
         so a committed row always has its file; they are unlinked again if it fails. Files of removed content
         go after it."""
         con = self._connection()
-        if durable != self._durable:  # (outside a transaction: SQLite applies it from the next one)
-            con.execute("PRAGMA synchronous = FULL" if durable else "PRAGMA synchronous = NORMAL")
-            self._durable = durable
         linked = self._link_contents(merged.get(LINK_CONTENT, ()))
         try:
             con.execute("BEGIN IMMEDIATE")
@@ -307,7 +303,7 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
-Request = tuple[list[Op], "Call | None", bool, asyncio.Future]  # ops, call, durable, the caller's future
+Request = tuple[list[Op], "Call | None", asyncio.Future]  # ops, call, the caller's future
 
 
 class GroupCommitter:
@@ -337,15 +333,14 @@ class GroupCommitter:
     def backlog(self) -> int:
         return len(self._waiting)
 
-    async def write(self, ops: list[Op], *, may_refuse: bool = False, call: Call | None = None,
-                    durable: bool = True):
-        """Commit `ops` (and run `call`, whose result is returned) in the next batch's transaction; `durable`:
-        return only once it is on disk (else once it is in the WAL: see Writer)."""
+    async def write(self, ops: list[Op], *, may_refuse: bool = False, call: Call | None = None):
+        """Commit `ops` (and run `call`, whose result is returned) in the next batch's transaction; return once
+        it is on disk."""
         if may_refuse and len(self._waiting) >= self._backlog_limit:
             raise Overloaded()
         self._loop = loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._waiting.append((ops, call, durable, fut))
+        self._waiting.append((ops, call, fut))
         if not self._busy:
             self._busy = True
             loop.call_soon(self._next_batch)  # at the end of this turn: with every request made in it
@@ -403,14 +398,14 @@ class GroupCommitter:
             self._next_batch()
 
 
-def _merged(requests: list[Request]) -> tuple[dict[str, list[tuple]], list, bool]:
+def _merged(requests: list[Request]) -> tuple[dict[str, list[tuple]], list]:
     """Writer.transaction's arguments for requests run together: every statement's rows from every request (one
-    executemany per statement, in order of first appearance), the calls, and durable when any request is."""
+    executemany per statement, in order of first appearance) and the calls."""
     merged: dict[str, list[tuple]] = {}
     for ops, *_ in requests:
         for sql, rows in ops:
             merged.setdefault(sql, []).extend(rows)
-    return merged, [call for _, call, _, _ in requests], any(durable for _, _, durable, _ in requests)
+    return merged, [call for _, call, _ in requests]
 
 
 def _settle(fut: asyncio.Future, error: BaseException | None, result: object = None) -> None:

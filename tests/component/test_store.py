@@ -690,14 +690,15 @@ async def test_take_is_one_write_that_claims_what_is_due_and_hands_out_its_conte
     assert [m.queue_id for m in await store.take(T0 + 300, 1)] == ["LATER"]
 
 
-async def test_non_durable_writes_share_a_batch_with_durable_ones_which_stay_durable(store):
-    """What follows a 250 commits without waiting for the disk; a batch holding an insert is durable."""
+async def test_every_commit_is_on_disk_and_concurrent_writes_share_one(store):
+    """What follows a 250 (a scan's claim, the end of an attempt) is fsynced like the insert itself: the
+    connection stays synchronous=FULL; an end of attempt and an insert made together share one commit."""
     synchronous = lambda: store._writer._connection().execute("PRAGMA synchronous").fetchone()[0]  # noqa: E731
-    FULL, NORMAL = 2, 1
+    FULL = 2
     await store.insert(new("Q1"))
     assert await store._writer.call(synchronous) == FULL
     await store.take(T0, 10)
-    assert await store._writer.call(synchronous) == NORMAL
+    assert await store._writer.call(synchronous) == FULL
     commits = store.commits
     await asyncio.gather(store.finish(Delivered("Q1", None)), store.insert(new("Q2")))
     assert store.commits == commits + 1 and await store._writer.call(synchronous) == FULL
