@@ -23,8 +23,9 @@ each hop costs about 50 µs of CPU and a few loop turns):
   scan `next_due_time` (1 reader hop); once a second the operator poll (`operator_counters`, 1 reader hop).
 - content: none for a small message read with its scan; else one reader hop for all asked in one loop turn.
 - results: `finish` (a write request; a message with several jobs also one `record_results` per earlier job).
-Measured with strace at one session (2 KB, relayed to smtp-sink): per message 3 writer transactions, ~0 reader
-hops, 1.05 fdatasync (was 2.8 with a reader hop for `due` and every commit durable), 39 futex calls (was 61).
+Measured with strace at one session (2 KB, relayed to smtp-sink; docs/performance.md, "Fourth pass"): per
+message 2 writer transactions (the insert, the end of the attempt), ~0 reader hops, 2 fdatasync, 21.5 futex calls
+(22.7 when the end of the attempt was committed with synchronous=NORMAL and one fdatasync per message).
 
 Import from here: `from mailflow.store import Store, NewMessage, store_fault, SCHEMA_VERSION`, and the operator
 API's rows (MessageRow, MessageDetail, RecipientRow, ShapeCount, DestinationRow).
