@@ -141,11 +141,14 @@ def mailbox_syntax_error(address: str) -> str | None:
         return "no domain"
     if not _LOCAL_RE.fullmatch(local):
         return "bad local part"
+    return None if is_valid_domain(domain) else "bad domain"
+
+
+def is_valid_domain(domain: str) -> bool:
+    """A domain name as Postfix's valid_hostname takes it (not all digits and dots), or an address literal."""
     if domain.startswith("["):
-        return None if is_address_literal(domain) else "bad domain"
-    if not _DOMAIN_RE.fullmatch(domain) or not _labels_fit(domain) or _NUMERIC_DOMAIN.fullmatch(domain):
-        return "bad domain"
-    return None
+        return is_address_literal(domain)
+    return bool(_DOMAIN_RE.fullmatch(domain)) and _labels_fit(domain) and not _NUMERIC_DOMAIN.fullmatch(domain)
 
 
 def is_address_literal(domain: str) -> bool:

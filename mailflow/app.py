@@ -243,7 +243,17 @@ class Mailflow:
         free_space = lambda: shutil.disk_usage(queue).free  # noqa: E731 (asked at every MAIL)
         return lambda listener_config: SmtpdHandler(listener_config, router.rewriter, router.mapper, cleanup,
                                                     resolver=resolver, free_space=free_space,
-                                                    policy=self._smtpd_policy, filters=filters)
+                                                    policy=self._smtpd_policy, filters=filters,
+                                                    flush_site=self._flush_site)
+
+    async def _flush_site(self, domain: str) -> None:
+        """ETRN: every deferred message with a pending recipient in `domain` is due now (what `mailflow queue
+        flush --to-domain` does); qmgr sees the flush at its next poll of the operator counters."""
+        assert self.store is not None
+        after = ""
+        while ids := await self.store.message_ids(queues=["deferred"], rcpt_domain=domain, after=after, limit=500):
+            await self.store.flush_messages(ids, self.clock.time())
+            after = ids[-1]
 
     def _mail_observer(self):
         """Who hears the mail log's events: the capture's queue histories, the metrics, both or nobody."""

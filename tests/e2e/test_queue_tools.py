@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sqlite3
 import sys
 import time
 
@@ -20,7 +21,8 @@ import pytest
 from mailflow.content import Content
 from mailflow.model import Recipient
 from mailflow.store import NewMessage
-from tests.support import ScanWatch, eventually, free_port, send
+from mailflow import status
+from tests.support import ScanWatch, SmtpClient, eventually, free_port, send
 
 HOUR = {"queue_run_delay": "1h", "minimal_backoff_time": "1h", "maximal_backoff_time": "1h"}
 BUSY = "450 4.2.1 Mailbox busy, try later"
@@ -199,6 +201,46 @@ async def test_flush_makes_deferred_mail_due_now(busy_peer):
     assert (rc, out) == (0, "flush: 1 message\n"), err
     await eventually(lambda: peer.messages, timeout=5, what="flushed mail delivered")
     assert await _gone(mf, qid)
+
+
+async def test_etrn_makes_the_deferred_mail_of_a_relay_domain_due_now(mailflow_server, smtp_peer):
+    """ETRN (RFC 1985) is Postfix's fast flush for relay_domains: that site's deferred mail is retried now, the
+    rest waits for its time; a site that is not a relay domain gets 459."""
+    peer = await smtp_peer()
+    mf = await mailflow_server(relayhost=f"[127.0.0.1]:{peer.port}", mynetworks=["127.0.0.0/8"], queue=HOUR,
+                               relay_domains=["relay.test"])
+    for rcpt in ("late@sub.relay.test", "other@elsewhere.test"):
+        peer.handler.rcpt_replies[rcpt] = BUSY
+    flushed = await submit(mf, "someone@remote.test", ["late@sub.relay.test"])
+    waiting = await submit(mf, "someone@remote.test", ["other@elsewhere.test"])
+    await deferred_reason(mf, flushed)
+    await deferred_reason(mf, waiting)
+    peer.handler.rcpt_replies.clear()
+
+    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert "ETRN" in (await client.cmd("EHLO client.test")).lines
+    assert await client.cmd("ETRN elsewhere.test") == status.etrn_refused("elsewhere.test")
+    assert await client.cmd("ETRN sub.relay.test") == status.ETRN_STARTED
+    await client.close()
+    await eventually(lambda: peer.messages, timeout=5, what="the relay domain's mail delivered")
+    assert await _gone(mf, flushed)
+    assert await queue_state(mf, waiting) == "deferred" and len(peer.messages) == 1
+
+
+async def test_etrn_when_the_queue_cannot_be_changed_says_458_and_the_session_goes_on(mailflow_server):
+    mf = await mailflow_server(relay_domains=["relay.test"], mynetworks=["127.0.0.0/8"])
+
+    async def failing(*args, **kwargs):
+        raise sqlite3.OperationalError("disk I/O error")
+    mf.store.flush_messages = failing
+    later = time.time() + 3600  # (arrival and first attempt: not due, qmgr leaves it deferred)
+    await mf.store.insert(NewMessage("ETRN1", "s@remote.test", later, Content((b"Subject: x\r\n\r\nx\r\n",)),
+                                     (Recipient(0, "r@relay.test", "r@relay.test"),), queue="deferred"))
+    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    await client.cmd("EHLO client.test")
+    assert await client.cmd("ETRN relay.test") == status.ETRN_FAILED
+    assert (await client.cmd("NOOP")).code == 250
+    await client.close()
 
 
 async def test_requeue_makes_deferred_and_held_mail_incoming(busy_peer):

@@ -1,12 +1,12 @@
 """Differential test: the same SMTP sessions, byte for byte, to a private Postfix and to mailflow configured alike,
 must get the same reply codes, command by command. The sessions are the protocol edges where a client meets the
 server's judgement: order of commands, path syntax as Postfix takes it (unqualified, long local parts, a tab,
-source routes), ESMTP parameters, postmaster, relaying, QUIT and STARTTLS where they are odd, and lines that
-are not SMTP at all (an HTTP request, message content after a refused DATA).
+source routes), ESMTP parameters, postmaster, relaying, QUIT and STARTTLS where they are odd, ETRN, and lines
+that are not SMTP at all (an HTTP request, message content after a refused DATA).
 
 Not compared, because mailflow differs on purpose (docs/security.md, docs/config.md): VRFY (off by default), bare
-LF/CR and NUL in commands or content (refused), ETRN (not implemented), HELP (answered), UTF-8 (the private
-Postfix runs with smtputf8_enable = no).
+LF/CR and NUL in commands or content (refused), HELP (answered), UTF-8 (the private Postfix runs with
+smtputf8_enable = no).
 """
 from __future__ import annotations
 
@@ -53,6 +53,9 @@ SESSIONS: dict[str, list[str | bytes]] = {
     "needless quotes around a local part": [E, 'MAIL FROM:<"s"@remote.test>', 'RCPT TO:<"alice"@local.test>'],
     "an underscore in a domain, a domain of digits": [E, M, "RCPT TO:<x@a_b.elsewhere.test>", "RCPT TO:<x@1.2.3.4>"],
     "a malformed BDAT": [E, M, R, "BDAT x"],  # the chunk's size is unknown: both hang up
+    "ETRN": [E, "ETRN", "ETRN elsewhere.test", "ETRN relay.test", "ETRN @relay.test", "ETRN #sub.relay.test",
+             "ETRN local.test", "ETRN bad_host!", "ETRN [192.0.2.1]", "ETRN a b"],
+    "ETRN before HELO, and in a transaction": ["ETRN relay.test", E, M, "ETRN relay.test", "RSET", "ETRN relay.test"],
 }
 
 
@@ -78,10 +81,12 @@ async def test_protocol_edges_match_a_real_postfix(mailflow_server):
         "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
         "local_recipient_maps": "inline:{alice=ok}", "message_size_limit": "10240000",
         "relayhost": "[127.0.0.1]:9",  # nothing is delivered: the replies are the test
+        "relay_domains": "relay.test",  # (ETRN: Postfix's fast_flush_domains is $relay_domains)
     }) as pf:
         postfix = await replay(pf.port)
     mf = await mailflow_server(mydestination=["local.test"], mynetworks=["192.0.2.0/24"],
-                               local_recipient_maps=["inline:{alice=ok}"], relayhost="[127.0.0.1]:9")
+                               local_recipient_maps=["inline:{alice=ok}"], relayhost="[127.0.0.1]:9",
+                               relay_domains=["relay.test"])
     mailflow = await replay(mf.smtp_addresses[0][1])
     assert {name: codes for name, codes in mailflow.items() if codes != postfix[name]} == {}, postfix
     # the edges themselves, so that a change on both sides cannot pass unnoticed
@@ -98,6 +103,8 @@ async def test_protocol_edges_match_a_real_postfix(mailflow_server):
     assert postfix["EXPN and XFORWARD"] == [250, 500, 550]
     assert postfix["a malformed BDAT"] == [250, 250, 250, 521]
     assert postfix["needless quotes around a local part"] == [250, 250, 250]  # alice is a known user
+    assert postfix["ETRN"] == [250, 500, 459, 250, 250, 250, 459, 501, 459, 500]
+    assert postfix["ETRN before HELO, and in a transaction"] == [250, 250, 250, 503, 250, 250]
     assert postfix["an underscore in a domain, a domain of digits"] == [250, 250, 554, 501]  # relaying; syntax
 
 

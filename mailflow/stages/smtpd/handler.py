@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-from typing import Callable, Protocol
+from typing import Awaitable, Callable, Protocol
 
 from mailflow import address, status
 from mailflow.config import Config
@@ -49,7 +49,7 @@ from mailflow.faults import EXPECTED, describe
 from mailflow.logs import printable
 from mailflow.model import Envelope, Submission
 from mailflow.routing.addressmap import AddressMapper
-from mailflow.routing.rewrite import Rewriter
+from mailflow.routing.rewrite import Rewriter, domain_in
 from mailflow.stages.smtpd.filtering import FilterServices
 from mailflow.stages.smtpd.restrictions import Facts, Restrictions
 from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction
@@ -70,12 +70,15 @@ class SmtpdHandler:
 
     def __init__(self, config: Config, rewriter: Rewriter, mapper: AddressMapper, cleanup, *,
                  resolver=None, tables: TableCache | None = None, free_space: Callable[[], int] | None = None,
-                 policy: SmtpdPolicy | None = None, filters: FilterServices | None = None):
+                 policy: SmtpdPolicy | None = None, filters: FilterServices | None = None,
+                 flush_site: Callable[[str], Awaitable[None]] | None = None):
         """`free_space()`: bytes free for the queue (None: no space check); `policy`: the in-process hook;
-        `filters`: the inbound filters (filtering.py), None when none is configured."""
+        `filters`: the inbound filters (filtering.py), None when none is configured; `flush_site(domain)`:
+        retry now the deferred mail for a domain (ETRN; None: ETRN is refused for every site)."""
         self._config = config
         self._policy = policy
         self._free_space = free_space
+        self._flush_site = flush_site
         self._rewriter = rewriter
         self._mapper = mapper
         self._cleanup = cleanup
@@ -124,6 +127,20 @@ class SmtpdHandler:
         lines = [responses[0]] + [f"250-{k}" for k in keywords]
         lines[-1] = "250 " + lines[-1][4:]
         return lines
+
+    async def handle_ETRN(self, server, session: SessionState, envelope: Transaction, site: str) -> str:
+        """RFC 1985: the mail deferred for `site` is retried now, when the site is one of relay_domains or below
+        one (Postfix's default fast_flush_domains); any other site gets 459, logged as Postfix logs it."""
+        domain = address.normalise_domain(site)
+        if self._flush_site is None or not domain_in(domain, self._config.relay_domains, parent=True):
+            log.warning("reject: ETRN %s... from %s", printable(site[:100]), session.client)
+            return str(status.etrn_refused(site))
+        try:
+            await self._flush_site(domain)
+        except Exception as e:  # the store is failing: the client may ask again later
+            log.error("ETRN %s from %s: cannot flush the queue: %s", domain, session.client, e)
+            return str(status.ETRN_FAILED)
+        return str(status.ETRN_STARTED)
 
     async def handle_MAIL(self, server, session: SessionState, envelope: Transaction, addr: str,
                           options: list[str]) -> str:

@@ -66,7 +66,7 @@ from typing import Any, Callable, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException
 
-from mailflow import status
+from mailflow import address, status
 from mailflow.config import DEFAULTS
 from mailflow.stages.smtpd.sessionlog import SessionLog
 from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction
@@ -80,7 +80,8 @@ LAST_IN_GROUP = {"EHLO", "HELO", "DATA", "VRFY", "EXPN", "NOOP", "STARTTLS", "AU
 JUNK_COMMANDS = {"NOOP", "VRFY", "RSET", "HELP", "ETRN"}
 NOT_COMMANDS = {"EXPN"}  # aiosmtpd's, not offered: Postfix has no EXPN (500 5.5.2 command not recognized)
 ALLOWED_BEFORE_STARTTLS = {"NOOP", "EHLO", "STARTTLS", "QUIT"}
-LAYER_KEYWORDS = ("DSN", "CHUNKING")  # EHLO keywords of transaction.py and data.py, in the order offered
+# EHLO keywords of the layers (ETRN here, DSN transaction.py, CHUNKING data.py), in the order offered
+LAYER_KEYWORDS = ("ETRN", "DSN", "CHUNKING")
 AIOSMTPD_STATE = ("_timeout_duration", "_timeout_handle", "_tls_protocol", "_tls_handshake_okay",
                   "_original_transport", "_handler_coroutine", "_handle_hooks", "_smtp_methods")
 
@@ -620,6 +621,26 @@ class ProtocolCore(SMTP):
             await self.push(status.syntax("VRFY <address>"))
             return
         await self.push(status.CANNOT_VRFY)  # whatever the argument: no need to parse it
+
+    async def smtp_ETRN(self, arg: str | None) -> None:
+        """RFC 1985, as Postfix answers it: not inside a transaction, one site (a leading `@` or `#` dropped), a
+        domain name or an address literal; the handler's `handle_ETRN(server, session, envelope, site)` answers
+        the rest (without one: 459 for every site)."""
+        if await self.check_helo_needed("ETRN") or await self.check_auth_needed("ETRN"):
+            return
+        if self.in_transaction:
+            await self.push(status.TRANSACTION_IN_PROGRESS)
+            return
+        words = (arg or "").split()
+        if len(words) != 1:
+            await self.push(status.ETRN_SYNTAX)
+            return
+        site = words[0][1:] if words[0][0] in "@#" else words[0]
+        if not address.is_valid_domain(site):
+            await self.push(status.ETRN_BAD_SITE)
+            return
+        reply = await self._call_handler_hook("ETRN", site)
+        await self.push(status.etrn_refused(site) if reply is MISSING else reply)
 
 
 def _with_keywords(lines: list[str], keywords: tuple[str, ...]) -> list[str]:
