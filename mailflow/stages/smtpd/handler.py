@@ -121,7 +121,7 @@ class SmtpdHandler:
             if refusal is not None:
                 return [str(refusal)]
         session.host_name = hostname
-        keywords = [r[4:] for r in responses[1:] if r[4:] != "HELP"]
+        keywords = [r[4:] for r in responses[1:]]
         keywords[1:1] = ["PIPELINING"]
         keywords.append("ENHANCEDSTATUSCODES")
         lines = [responses[0]] + [f"250-{k}" for k in keywords]

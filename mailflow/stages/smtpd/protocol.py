@@ -21,8 +21,8 @@ What it owns
 - The command loop (`_handle_client`): the greeting (input before it is early talk), the error gate
   (session_time_limit, soft and hard error limits), a line through `wire.Wire`, malformed lines, RFC 2920
   pipelining discipline, the STARTTLS requirement, junk commands, dispatch to the `smtp_*` methods.
-- EHLO (the layers' keywords, then the handler's hook), VRFY, QUIT; HELO, RSET, NOOP, HELP are aiosmtpd's; its
-  EXPN is left out (an unknown command, as in Postfix).
+- EHLO (the layers' keywords, then the handler's hook), VRFY, ETRN, QUIT; HELO, RSET, NOOP are aiosmtpd's; its
+  EXPN and HELP are left out (unknown commands, as in Postfix).
 - Typed state through aiosmtpd's documented factories: `_create_session()` -> state.SessionState,
   `_create_envelope()` -> state.Transaction (freeing the BDAT content of the one it replaces).
 - The transcript (transcript.py), only when the server has a session observer: each command line and each
@@ -34,7 +34,7 @@ aiosmtpd's private names, each used because aiosmtpd offers no other way:
 - `_timeout_cb` (overridden): aiosmtpd's only timeout hook; Postfix's "timeout after X" is logged there.
 - `_timeout_duration`, `_timeout_handle`, `_tls_protocol`, `_tls_handshake_okay`, `_original_transport`,
   `_handler_coroutine`, `_handle_hooks`, `_smtp_methods` (set in `__init__`): what `SMTP.__init__` would set
-  for the inherited methods that read them (connection_made/lost, STARTTLS, HELO, RSET, NOOP, HELP);
+  for the inherited methods that read them (connection_made/lost, STARTTLS, HELO, RSET, NOOP);
   `AIOSMTPD_STATE` lists them and a test checks aiosmtpd still has them.
 - `_writer`: the connection's output stream, kept by aiosmtpd under this name only (its `_reader` is made, as
   StreamReaderProtocol needs one, and never fed).
@@ -77,8 +77,10 @@ log = logging.getLogger("mailflow.smtpd")
 
 # RFC 2920 section 3.1: these end a command group; input already pending after them is out of sync.
 LAST_IN_GROUP = {"EHLO", "HELO", "DATA", "VRFY", "EXPN", "NOOP", "STARTTLS", "AUTH", "QUIT"}
-JUNK_COMMANDS = {"NOOP", "VRFY", "RSET", "HELP", "ETRN"}
-NOT_COMMANDS = {"EXPN"}  # aiosmtpd's, not offered: Postfix has no EXPN (500 5.5.2 command not recognized)
+JUNK_COMMANDS = {"NOOP", "VRFY", "RSET", "ETRN"}
+# aiosmtpd's, not offered: Postfix has neither (500 5.5.2 command not recognized). aiosmtpd's HELP listed only the
+# commands it wrote itself ("HELP NOOP RSET") and refused `HELP MAIL`.
+NOT_COMMANDS = {"EXPN", "HELP"}
 ALLOWED_BEFORE_STARTTLS = {"NOOP", "EHLO", "STARTTLS", "QUIT"}
 # EHLO keywords of the layers (ETRN here, DSN transaction.py, CHUNKING data.py), in the order offered
 LAYER_KEYWORDS = ("ETRN", "DSN", "CHUNKING")
@@ -568,7 +570,8 @@ class ProtocolCore(SMTP):
                 return
             self._reset_transaction()
             self.session.extended_smtp = True
-            lines = [f"250-{self.hostname}", *(f"250-{k}" for k in self._base_keywords()), "250 HELP"]
+            lines = [f"250-{self.hostname}", *(f"250-{k}" for k in self._base_keywords())]
+            lines[-1] = "250 " + lines[-1][4:]
             edited = await self._call_handler_hook("EHLO", hostname, lines)
             if edited is MISSING:  # a handler without the hook: aiosmtpd's default
                 self.session.host_name = hostname

@@ -11,7 +11,7 @@ What it owns
   `auth_require_tls` is false (a submissions listener, or allow_plaintext_auth_on_loopback). The login becomes
   `session.auth_data` (`authenticated`), the mechanism `session.auth_mechanism`. Answers read through the
   strict wire reader (`challenge_auth`).
-- `check_auth_needed`: with `auth_required` (submission), MAIL, RCPT, DATA, BDAT, VRFY and HELP need a login
+- `check_auth_needed`: with `auth_required` (submission), MAIL, RCPT, DATA, BDAT, VRFY and ETRN need a login
   first (530 5.7.0).
 - `_sender_refusal(sender)`: reject_sender_login_mismatch (`sender_logins`: auth.SenderLogins, None: off),
   asked at MAIL before the handler.

@@ -1,7 +1,7 @@
 """The SMTP protocol edge: `SmtpSession`, one per client connection, built in layers in the order of a dialogue.
 
     protocol.ProtocolCore      the connection, replies, deadlines, the command loop and its discipline;
-                               HELO, EHLO, VRFY, QUIT (RSET, NOOP, HELP are aiosmtpd's)
+                               HELO, EHLO, VRFY, ETRN, QUIT (RSET, NOOP are aiosmtpd's)
     frontends.FrontEndCommands the PROXY header before the greeting, XCLIENT
     secure.SecureCommands      STARTTLS, AUTH, the sender-login check
     transaction.TransactionCommands  MAIL and RCPT with their parameters (SIZE, BODY, SMTPUTF8, AUTH=, DSN)
@@ -25,9 +25,9 @@ Failure behaviour (each refusal is a reply from `mailflow.status`; the session n
   past recipient_overshoot_limit.
 - STARTTLS inside TLS: 554 5.5.1; inside a mail transaction: 503 5.5.1.
 - input before the greeting, or pipelined after a command that must end a group (RFC 2920: EHLO, HELO, DATA,
-  VRFY, EXPN, NOOP, STARTTLS, AUTH, HELP), or any pipelining after HELO: 554 5.5.0 and the session closes.
+  VRFY, EXPN, NOOP, STARTTLS, AUTH), or any pipelining after HELO: 554 5.5.0 and the session closes.
 - over `hard_error_limit` errors: 421 4.7.0 and close; over `soft_error_limit` each reply waits
-  `error_sleep_time`; junk commands (NOOP, VRFY, RSET, HELP) beyond `junk_command_limit` count as errors.
+  `error_sleep_time`; junk commands (NOOP, VRFY, RSET, ETRN) beyond `junk_command_limit` count as errors.
 - a command not complete within `timeout` of the previous one, or DATA slower than `min_data_rate` beyond
   `timeout`, closes the session (slowloris); a session older than `session_time_limit` gets 421 4.4.2 at its
   next command.
