@@ -45,7 +45,7 @@ def parse_path(text: str) -> tuple[str, str]:
     RFC 5321 4.1.2 `Reverse-path / Forward-path`, with what Postfix (smtpd_strict_rfc821_envelope = no) also
     takes: spaces before the path, a path without angle brackets (it ends at the first space outside a quoted
     string), a source route `@a,@b:` (dropped, RFC 5321 C), and one trailing dot on the domain (dropped).
-    `<>` gives "". A tab separates like a space (Postfix splits command words on both). Quotes that add nothing
+    `<>` gives "", and so does `<"">`. A tab separates like a space (Postfix splits command words on both). Quotes that add nothing
     are dropped (`"alice"@b` is `alice@b`); a local part that needs them keeps them as written.
     Refused (PathError): a `<` without its `>`, anything but a space or tab right after the `>`, a
     bracket in an unbracketed path, and any address that is not `local-part[@domain]` with a dot-atom or quoted
@@ -76,7 +76,7 @@ def parse_path(text: str) -> tuple[str, str]:
         if not _LOCAL_RE.fullmatch(local) or (at and not domain):
             raise PathError("malformed local part" if domain or not at else "empty domain")
         local = _without_needless_quotes(local)
-        path = f"{local}@{domain}" if at else local
+        path = f"{local}@{domain}" if at else ("" if local == '""' else local)  # `<"">` is `<>`, as in Postfix
     return path, rest.strip(" \t")
 
 

@@ -37,6 +37,9 @@ SESSIONS: dict[str, list[str | bytes]] = {
     "malformed senders": [E, "MAIL FROM:<s@remote.test", "MAIL FROM:<s b@remote.test>", "MAIL FROM:<s@>"],
     "ESMTP parameters": [E, M + " SIZE=999999999999", M + " BODY=FOO", M + " FOO=bar", M + " SIZE=10 BODY=8BITMIME",
                          R + " NOTIFY=NEVER,SUCCESS", R + " NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;alice@local.test"],
+    "DSN parameters Postfix takes though they repeat a word or name no address": [
+        E, M, R + " NOTIFY=SUCCESS,SUCCESS", R + " NOTIFY=never,NEVER", R + " ORCPT=rfc822;", R + " NOTIFY=",
+        R + " NOTIFY=NEVER,SUCCESS"],
     "ESMTP parameters after HELO, a tab before them": ["HELO client.test", M + " SIZE=100",
                                                        "RCPT TO:<alice@local.test>\tNOTIFY=NEVER"],
     "relaying and local users": [E, M, "RCPT TO:<x@elsewhere.test>", "RCPT TO:<nobody@local.test>",
@@ -50,6 +53,7 @@ SESSIONS: dict[str, list[str | bytes]] = {
                                                 "RCPT\tTO:<alice@local.test>", "NOOP\tx", " NOOP", "\tRSET"],
     "EXPN, HELP and XFORWARD": [E, "EXPN alice", "HELP", "HELP MAIL", "XFORWARD NAME=spoofed.test"],
     "needless quotes around a local part": [E, 'MAIL FROM:<"s"@remote.test>', 'RCPT TO:<"alice"@local.test>'],
+    "an empty quoted path": [E, 'MAIL FROM:<"">', 'RCPT TO:<"">', 'RCPT TO:""'],
     "an underscore in a domain, a domain of digits": [E, M, "RCPT TO:<x@a_b.elsewhere.test>", "RCPT TO:<x@1.2.3.4>"],
     "a malformed BDAT": [E, M, R, "BDAT x"],  # the chunk's size is unknown: both hang up
     "ETRN": [E, "ETRN", "ETRN elsewhere.test", "ETRN relay.test", "ETRN @relay.test", "ETRN #sub.relay.test",
@@ -102,6 +106,9 @@ async def test_protocol_edges_match_a_real_postfix(mailflow_server):
     assert postfix["EXPN, HELP and XFORWARD"] == [250, 500, 500, 500, 550]
     assert postfix["a malformed BDAT"] == [250, 250, 250, 521]
     assert postfix["needless quotes around a local part"] == [250, 250, 250]  # alice is a known user
+    assert postfix["an empty quoted path"] == [250, 250, 501, 501]  # the null sender; no recipient
+    assert postfix["DSN parameters Postfix takes though they repeat a word or name no address"] == [
+        250, 250, 250, 250, 250, 501, 501]
     assert postfix["ETRN"] == [250, 500, 459, 250, 250, 250, 459, 501, 459, 500]
     assert postfix["ETRN before HELO, and in a transaction"] == [250, 250, 250, 503, 250, 250]
     assert postfix["an underscore in a domain, a domain of digits"] == [250, 250, 554, 501]  # relaying; syntax

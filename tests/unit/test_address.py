@@ -238,6 +238,8 @@ def test_client_ip_unmaps_ipv4_and_in_networks_matches_it():
     ("<a@b.test>", ("a@b.test", "")),
     ("  <a@b.test> SIZE=10  BODY=8BITMIME", ("a@b.test", "SIZE=10  BODY=8BITMIME")),
     ("<>", ("", "")),
+    ('<""> NOTIFY=NEVER', ("", "NOTIFY=NEVER")),  # an empty quoted string is the empty path, as in Postfix
+    ('<""@b.test>', ('""@b.test', "")),
     ("a@b.test SIZE=10", ("a@b.test", "SIZE=10")),
     ("<a@b.test.>", ("a@b.test", "")),
     ("<@x.test,@y.test:a@b.test>", ("a@b.test", "")),

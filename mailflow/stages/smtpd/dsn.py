@@ -78,22 +78,23 @@ def mail_params(found: dict[str, str]) -> tuple[str, str]:
 
 
 def rcpt_params(found: dict[str, str]) -> tuple[str, str]:
-    """(notify, orcpt) from RCPT's NOTIFY and ORCPT values: notify as an upper-case comma list, orcpt as
-    `type;address` with the xtext decoded; '' for a parameter not given."""
+    """(notify, orcpt) from RCPT's NOTIFY and ORCPT values: notify as an upper-case comma list (a word given
+    twice counts once, as Postfix takes it), orcpt as `type;address` with the xtext decoded; '' for a parameter
+    not given, and for an ORCPT with an empty address (which Postfix takes too: there is nothing to report)."""
     notify = ""
     if "NOTIFY" in found:
-        words = [w.upper() for w in found["NOTIFY"].split(",")]
+        words = list(dict.fromkeys(w.upper() for w in found["NOTIFY"].split(",")))
         if words == ["NEVER"]:
             notify = "NEVER"
-        elif words and all(w in NOTIFY_WORDS for w in words) and len(set(words)) == len(words):
+        elif all(w in NOTIFY_WORDS for w in words):
             notify = ",".join(words)
         else:
             raise DsnError("NOTIFY must be NEVER or a list of SUCCESS, FAILURE, DELAY")
     orcpt = ""
     if "ORCPT" in found:
         addr_type, semi, xtext = found["ORCPT"].partition(";")
-        if not semi or not _ADDR_TYPE.match(addr_type) or not xtext:
+        if not semi or not _ADDR_TYPE.match(addr_type):
             raise DsnError("ORCPT must be addr-type;xtext")
-        orcpt = f"{addr_type.lower()};{xtext_decode(xtext)}"
+        orcpt = f"{addr_type.lower()};{xtext_decode(xtext)}" if xtext else ""
     return notify, orcpt
 
