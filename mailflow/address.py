@@ -45,8 +45,9 @@ def parse_path(text: str) -> tuple[str, str]:
     RFC 5321 4.1.2 `Reverse-path / Forward-path`, with what Postfix (smtpd_strict_rfc821_envelope = no) also
     takes: spaces before the path, a path without angle brackets (it ends at the first space outside a quoted
     string), a source route `@a,@b:` (dropped, RFC 5321 C), and one trailing dot on the domain (dropped).
-    `<>` gives "", and so does `<"">`. A tab separates like a space (Postfix splits command words on both). Quotes that add nothing
-    are dropped (`"alice"@b` is `alice@b`); a local part that needs them keeps them as written.
+    `<>` gives "", and so does `<"">`. A tab separates like a space (Postfix splits command words on both).
+    Quotes that add nothing are dropped (`"alice"@b` is `alice@b`); a local part that needs them keeps them as
+    written.
     Refused (PathError): a `<` without its `>`, anything but a space or tab right after the `>`, a
     bracket in an unbracketed path, and any address that is not `local-part[@domain]` with a dot-atom or quoted
     local part: an unquoted space, a backslash or another character outside atext, an empty label. Whether a
