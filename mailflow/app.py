@@ -155,6 +155,7 @@ class Mailflow:
         self.pickup: Pickup | None = None
         self._cleanup: Cleanup | None = None
         self._reloading = asyncio.Lock()
+        self._site_flushes: dict[str, asyncio.Future] = {}  # ETRN: the flush under way for each site
         if capture is None and config.sink.enable:
             capture = Capture(config.sink, self.clock)
         self.capture = capture
@@ -248,7 +249,21 @@ class Mailflow:
 
     async def _flush_site(self, domain: str) -> None:
         """ETRN: every deferred message with a pending recipient in `domain` is due now (what `mailflow queue
-        flush --to-domain` does); qmgr sees the flush at its next poll of the operator counters."""
+        flush --to-domain` does); qmgr sees the flush at its next poll of the operator counters. An ETRN for a
+        site whose flush is under way joins it, so clients repeating ETRN cost one pass over the queue, and a
+        session that goes away does not stop it."""
+        flush = self._site_flushes.get(domain)
+        if flush is None:
+            flush = self._site_flushes[domain] = asyncio.ensure_future(self._flush_deferred(domain))
+            flush.add_done_callback(lambda done: self._site_flushed(domain, done))
+        await asyncio.shield(flush)
+
+    def _site_flushed(self, domain: str, flush: asyncio.Future) -> None:
+        del self._site_flushes[domain]
+        if not flush.cancelled():
+            flush.exception()  # (each ETRN waiting for it has been told; nobody may be left to ask)
+
+    async def _flush_deferred(self, domain: str) -> None:
         assert self.store is not None
         after = ""
         while ids := await self.store.message_ids(queues=["deferred"], rcpt_domain=domain, after=after, limit=500):
@@ -311,7 +326,7 @@ class Mailflow:
 
     async def stop(self) -> None:
         """The listeners (admin, HTTP), then smtpd, pickup and qmgr drained together within the grace period,
-        then the store. Safe to call twice."""
+        then ETRN's flushes, then the store. Safe to call twice."""
         if self.admin:
             await self.admin.stop()
             self.admin = None
@@ -328,6 +343,10 @@ class Mailflow:
         if self._own_resolver:
             await self._own_resolver.close()
             self._own_resolver = None
+        flushes = list(self._site_flushes.values())  # ETRN's: what they made due so far stays due
+        for flush in flushes:
+            flush.cancel()
+        await asyncio.gather(*flushes, return_exceptions=True)
         if self.store:
             await self.store.close()
             self.store = None

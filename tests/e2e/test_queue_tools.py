@@ -227,6 +227,30 @@ async def test_etrn_makes_the_deferred_mail_of_a_relay_domain_due_now(mailflow_s
     assert await queue_state(mf, waiting) == "deferred" and len(peer.messages) == 1
 
 
+async def test_etrns_for_a_site_whose_flush_is_under_way_join_it(mailflow_server):
+    """Clients repeating ETRN for one site cost one pass over the queue (each still gets its 250)."""
+    mf = await mailflow_server(relay_domains=["relay.test"], mynetworks=["127.0.0.0/8"])
+    passes, release = [], asyncio.Event()
+    selecting = mf.store.message_ids
+
+    async def slow_selection(**selection):
+        passes.append(selection["after"])
+        await release.wait()
+        return await selecting(**selection)
+    mf.store.message_ids = slow_selection
+    clients = [await SmtpClient.connect(mf.smtp_addresses[0][1]) for _ in range(3)]
+    for c in clients:
+        await c.cmd("EHLO client.test")
+    replies = [asyncio.ensure_future(c.cmd("ETRN relay.test")) for c in clients]
+    await eventually(lambda: passes, timeout=5, what="the flush started")
+    await asyncio.sleep(0.2)  # (the other two ETRNs have arrived and are waiting)
+    release.set()
+    assert [await r for r in replies] == [status.ETRN_STARTED] * 3
+    assert passes == [""]  # one pass, which found nothing deferred
+    for c in clients:
+        await c.close()
+
+
 async def test_etrn_when_the_queue_cannot_be_changed_says_458_and_the_session_goes_on(mailflow_server):
     mf = await mailflow_server(relay_domains=["relay.test"], mynetworks=["127.0.0.0/8"])
 
