@@ -146,10 +146,12 @@ def mailbox_syntax_error(address: str) -> str | None:
 
 
 def is_valid_domain(domain: str) -> bool:
-    """A domain name as Postfix's valid_hostname takes it (not all digits and dots), or an address literal."""
+    """A domain name as Postfix's valid_hostname takes it (at most 255 octets, not all digits and dots), or an
+    address literal."""
     if domain.startswith("["):
         return is_address_literal(domain)
-    return bool(_DOMAIN_RE.fullmatch(domain)) and _labels_fit(domain) and not _NUMERIC_DOMAIN.fullmatch(domain)
+    return (len(domain) <= 255 and bool(_DOMAIN_RE.fullmatch(domain)) and _labels_fit(domain)
+            and not _NUMERIC_DOMAIN.fullmatch(domain))
 
 
 def is_address_literal(domain: str) -> bool:

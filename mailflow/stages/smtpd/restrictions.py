@@ -47,7 +47,7 @@ from mailflow.restriction_vocabulary import (ACCESS_CHECKS, NEEDS_IO, RCPT_STAGE
                                              WITHOUT_ARGUMENT, split_item)
 from mailflow.stages.smtpd.dns_checks import DnsChecks
 from mailflow.stages.smtpd.policy import PolicyClient, PolicyError
-from mailflow.syntax import is_hostname, is_ipv4
+from mailflow.syntax import is_ipv4
 from mailflow.tables import TableCache, find, split_extension
 
 if TYPE_CHECKING:  # (the filters' libraries load only when a filter is configured)
@@ -167,19 +167,19 @@ def is_fqdn_address(addr: str) -> bool:
 
 
 def is_fqdn_helo(name: str) -> bool:
-    """Postfix's reject_non_fqdn_helo_hostname test: an address literal, or a valid host name with a dot that is
-    not all digits (a bare IP address is no fully-qualified host name); one trailing dot does not count."""
+    """Postfix's reject_non_fqdn_helo_hostname test: an address literal, or a valid host name with a dot (a bare
+    IP address is no fully-qualified host name); one trailing dot does not count."""
     if name.startswith("["):
         return True
     if name.endswith(".") and not name.endswith(".."):
         name = name[:-1]
-    return "." in name and is_hostname(name) and not name.replace(".", "").isdigit()
+    return "." in name and address.is_valid_domain(name)
 
 
 def is_valid_helo(name: str) -> bool:
-    if name.startswith("[") and name.endswith("]"):
-        return address.is_address_literal(name)
-    return is_hostname(name) and not name.replace(".", "").isdigit() or is_ipv4(name)
+    """Postfix's reject_invalid_helo_hostname test: valid_hostname (underscores taken), an address literal, or
+    a bare IPv4 address."""
+    return address.is_valid_domain(name) or is_ipv4(name)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
