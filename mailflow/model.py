@@ -6,6 +6,7 @@ stream, so a value never holds a big message whole.
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 
@@ -76,6 +77,24 @@ class Envelope:
     orcpts: tuple[str, ...] = ()
     envid: str = ""
     ret: str = ""
+
+    def redirected(self, address: str | None) -> Envelope:
+        """An access or header_checks REDIRECT: every recipient replaced by `address` (their DSN parameters go
+        with them); None: unchanged."""
+        if address is None:
+            return self
+        return dataclasses.replace(self, recipients=(address,), originals=(), notify=(), orcpts=())
+
+    def with_bcc(self, address: str | None) -> Envelope:
+        """An access BCC: one more recipient for a copy, without DSN parameters (None, or one already there:
+        unchanged)."""
+        if address is None or address in self.recipients:
+            return self
+        return dataclasses.replace(
+            self, recipients=self.recipients + (address,),
+            originals=self.originals + (address,) if self.originals else (),
+            notify=self.notify + ("",) if self.notify else (),
+            orcpts=self.orcpts + ("",) if self.orcpts else ())
 
 
 @dataclass(frozen=True)

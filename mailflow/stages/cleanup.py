@@ -53,7 +53,7 @@ from mailflow.errors import MessageTooBig, PermanentError, TemporaryError
 from mailflow.filters.content_checks import ContentChecks, Inspection
 from mailflow.logs import MailLog
 from mailflow.message import header_names, header_value, read_header, rfc5322_date
-from mailflow.model import Envelope, QueueId, Recipient, Submission
+from mailflow.model import QueueId, Recipient, Submission
 from mailflow.routing.addressmap import AddressMapper
 from mailflow.signing.outbound import OutboundSigning
 from mailflow.store import NewMessage, Store
@@ -136,7 +136,7 @@ class Cleanup:
             hold = hold or found.hold is not None
             content_filter = found.content_filter or content_filter
             sub = dataclasses.replace(sub, content=Content((found.head, *found.body.parts)),
-                                      envelope=_redirected(sub.envelope, found.redirect))
+                                      envelope=sub.envelope.redirected(found.redirect))
         if self._mapper is not None and "no_address_mappings" not in sub.overrides:
             msg = await self._mapper.tables.run(self._prepare, sub, queue_id, True)
         else:
@@ -320,10 +320,3 @@ def _from_header(sender: str, fullname: str) -> str:
 def _header_lines(fields: tuple[str, ...]) -> bytes:
     """Header fields given by smtpd's filters, each already `Name: value` (folded or not), CRLF-ended."""
     return "".join(f.rstrip("\r\n") + "\r\n" for f in fields).encode("utf-8") if fields else b""
-
-
-def _redirected(envelope: Envelope, address: str | None) -> Envelope:
-    """A REDIRECT action: every recipient replaced by `address` (their DSN parameters go with them)."""
-    if address is None:
-        return envelope
-    return dataclasses.replace(envelope, recipients=(address,), originals=(), notify=(), orcpts=())

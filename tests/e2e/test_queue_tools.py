@@ -67,6 +67,17 @@ async def deferred_reason(mf, qid: str, timeout: float = 10) -> str:
     return await eventually(reason, timeout=timeout, step=0.05, what=f"{qid} deferred with a reason")
 
 
+async def deferred_mail(mf, peer, rcpts: list[str]) -> list[str]:
+    """One message to each of `rcpts`, each deferred by the peer's 450 (which stays until the caller clears
+    `peer.handler.rcpt_replies`); their queue ids."""
+    for rcpt in rcpts:
+        peer.handler.rcpt_replies[rcpt] = BUSY
+    ids = [await submit(mf, "someone@remote.test", [rcpt]) for rcpt in rcpts]
+    for qid in ids:
+        await deferred_reason(mf, qid)
+    return ids
+
+
 async def queue_state(mf, qid: str) -> str | None:
     detail = await mf.store.message_detail(qid)
     return detail.queue if detail else None
@@ -209,12 +220,7 @@ async def test_etrn_makes_the_deferred_mail_of_a_relay_domain_due_now(mailflow_s
     peer = await smtp_peer()
     mf = await mailflow_server(relayhost=f"[127.0.0.1]:{peer.port}", mynetworks=["127.0.0.0/8"], queue=HOUR,
                                relay_domains=["relay.test"])
-    for rcpt in ("late@sub.relay.test", "other@elsewhere.test"):
-        peer.handler.rcpt_replies[rcpt] = BUSY
-    flushed = await submit(mf, "someone@remote.test", ["late@sub.relay.test"])
-    waiting = await submit(mf, "someone@remote.test", ["other@elsewhere.test"])
-    await deferred_reason(mf, flushed)
-    await deferred_reason(mf, waiting)
+    flushed, waiting = await deferred_mail(mf, peer, ["late@sub.relay.test", "other@elsewhere.test"])
     peer.handler.rcpt_replies.clear()
 
     client = await SmtpClient.connect(mf.smtp_addresses[0][1])
@@ -269,12 +275,7 @@ async def test_etrn_when_the_queue_cannot_be_changed_says_458_and_the_session_go
 
 async def test_requeue_makes_deferred_and_held_mail_incoming(busy_peer):
     mf, config, peer = busy_peer
-    for rcpt in ("one@relay.test", "two@relay.test"):
-        peer.handler.rcpt_replies[rcpt] = BUSY
-    first = await submit(mf, "someone@remote.test", ["one@relay.test"])
-    second = await submit(mf, "someone@remote.test", ["two@relay.test"])
-    await deferred_reason(mf, first)
-    await deferred_reason(mf, second)
+    first, second = await deferred_mail(mf, peer, ["one@relay.test", "two@relay.test"])
     rc, out, _ = await queue(config, "hold", second)
     assert out == "hold: 1 message\n"
 

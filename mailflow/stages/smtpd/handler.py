@@ -47,7 +47,7 @@ from mailflow.content import Spool
 from mailflow.errors import DeliveryError, LookupRetry, Overloaded
 from mailflow.faults import EXPECTED, describe
 from mailflow.logs import printable
-from mailflow.model import Envelope, Submission
+from mailflow.model import Submission
 from mailflow.routing.addressmap import AddressMapper
 from mailflow.routing.rewrite import Rewriter, domain_in
 from mailflow.stages.smtpd.filtering import FilterServices
@@ -245,7 +245,7 @@ class SmtpdHandler:
             return str(refusal)
         assert envelope.content is not None
         marks = envelope.marks
-        submission = Submission(envelope=_redirected(envelope.model_envelope(), marks.redirect, marks.bcc),
+        submission = Submission(envelope=envelope.model_envelope().redirected(marks.redirect).with_bcc(marks.bcc),
                                 content=envelope.content, client=session.client_info(envelope),
                                 headers=tuple(marks.prepend),
                                 add_missing_headers=self._adds_missing_headers(server, session))
@@ -421,17 +421,3 @@ def _on_this_host(ip: str, transport) -> bool:
         return True
     local = transport.get_extra_info("sockname") if transport is not None else None
     return isinstance(local, tuple) and address.client_ip(str(local[0])) == client
-
-
-def _redirected(envelope: Envelope, redirect: str | None, bcc: str | None) -> Envelope:
-    """Access REDIRECT: the message goes to that one address instead of its recipients; BCC: a copy goes to one
-    more recipient (Postfix; REDIRECT first, as its cleanup applies them)."""
-    if redirect is not None:
-        envelope = dataclasses.replace(envelope, recipients=(redirect,), originals=(), notify=(), orcpts=())
-    if bcc is not None and bcc not in envelope.recipients:
-        envelope = dataclasses.replace(
-            envelope, recipients=envelope.recipients + (bcc,),
-            originals=envelope.originals + (bcc,) if envelope.originals else (),
-            notify=envelope.notify + ("",) if envelope.notify else (),
-            orcpts=envelope.orcpts + ("",) if envelope.orcpts else ())
-    return envelope
