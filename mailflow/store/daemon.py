@@ -28,7 +28,9 @@ Contract
   comes after it (claims, results, the end of an attempt with its notices, the destination snapshot,
   recovery). So each recipient's result is durable as soon as it is recorded: neither a killed process nor a
   power loss repeats a delivery whose result was recorded (Postfix's qmgr, which does not fsync a queue file
-  after marking recipients done, can), and commits reach the disk in order.
+  after marking recipients done, can), and commits reach the disk in order. Results (`record_results`,
+  `finish`) may linger: on an idle committer they wait up to engine.LINGER (2 ms) for new mail to share
+  their commit, so a stop in that window repeats the delivery (never loses the mail).
 - `recover()` at start-up moves messages left `active` by a crash back to `incoming`: start-up is recovery (a
   message whose recipients are all done is finished by qmgr's next scan).
 - `sweep()` (at server start, before anything is received) removes temporary spool files and content files
@@ -147,11 +149,11 @@ class Store(OperatorQueries):
         return self._scan_result(rows)
 
     async def record_results(self, queue_id: QueueId, rows: Sequence[tuple[RcptResult, bool]]) -> None:
-        """Record what one delivery job did, as soon as it is back: each `(result, notice_owed)` marks its
+        """Record what one delivery job did, as soon as it is back (lingering: see the module doc): each `(result, notice_owed)` marks its
         recipient sent / bounced, or keeps it pending with its last reason; `notice_owed` flags a recipient whose
         failure or success notice `finish()` must still queue. Only pending recipients change, so recording a
         result twice does no harm."""
-        await self._committer.write([_record_op(queue_id, rows)])
+        await self._committer.write([_record_op(queue_id, rows)], linger=True)
 
     async def finish(self, done: Delivered, notices: Sequence[NewMessage] = (),
                      results: Sequence[RcptResult] = ()) -> None:
@@ -171,7 +173,7 @@ class Store(OperatorQueries):
         if notices:
             ops += insert_ops(notices)
         self._scanned.pop(qid, None)
-        await self._committer.write(ops)
+        await self._committer.write(ops, linger=True)
 
     async def mark_corrupt(self, ids: Sequence[QueueId]) -> None:
         await self._committer.write([("UPDATE message SET queue = 'corrupt' WHERE id = ?", [(i,) for i in ids])])

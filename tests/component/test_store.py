@@ -5,6 +5,7 @@ import asyncio
 import sqlite3
 from importlib import resources
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from mailflow.content import Content
 from mailflow.model import Delivered, Outcome, QueuedMessage, RcptResult, Recipient
 from mailflow.errors import Overloaded
 from mailflow.store import SCHEMA_VERSION, NewMessage, Store
+from mailflow.store.engine import LINGER
 from tests.support import big_message
 
 T0 = 1_700_000_000.0
@@ -703,6 +705,52 @@ async def test_every_commit_is_on_disk_and_concurrent_writes_share_one(store):
     await asyncio.gather(store.finish(Delivered("Q1", None)), store.insert(new("Q2")))
     assert store.commits == commits + 1 and await store._writer.call(synchronous) == FULL
     assert await store.counts() == {"incoming": 1}
+
+
+async def test_a_result_on_an_idle_committer_waits_for_new_mail_and_shares_its_commit(store):
+    """A delivery's result does not wake the writer alone when new mail may follow: the insert that comes
+    within LINGER starts the batch at once and takes the result along (one commit)."""
+    await store.insert(new("Q1"))
+    await store.insert(new("Q2"))
+    await store.claim(["Q1"], T0)
+    commits = store.commits
+    finishing = asyncio.create_task(store.finish(Delivered("Q1", None)))
+    await asyncio.sleep(LINGER / 5)
+    assert store.commits == commits and not finishing.done()  # lingering
+    started = time.monotonic()
+    await store.insert(new("Q3"))
+    assert time.monotonic() - started < LINGER  # the insert did not wait for the linger to end
+    await finishing
+    assert store.commits == commits + 1
+    assert await store.counts() == {"incoming": 2}
+
+
+async def test_a_result_alone_is_committed_when_the_linger_is_over(store):
+    await store.insert(new("Q1"))
+    msg = await only(store)
+    await store.claim(["Q1"], T0)
+    commits = store.commits
+    started = time.monotonic()
+    await record(store, msg, result(msg, 0, Outcome.SENT))
+    assert LINGER * 0.9 <= time.monotonic() - started < 1.0
+    assert store.commits == commits + 1
+    assert [r[1] for r in await store.recipients("Q1")] == ["sent"]
+
+
+async def test_closing_commits_a_lingering_result_at_once(tmp_path):
+    path = tmp_path / "queue.db"
+    store = await Store.open(path)
+    await store.insert(new("Q1"))
+    await store.claim(["Q1"], T0)
+    finishing = asyncio.create_task(store.finish(Delivered("Q1", None)))
+    await asyncio.sleep(0)  # the write is lingering
+    await asyncio.wait_for(store.close(), 5)
+    await asyncio.wait_for(finishing, 5)
+    store = await Store.open(path)
+    try:
+        assert await store.counts() == {}
+    finally:
+        await store.close()
 
 
 async def test_a_scan_reads_content_in_queue_order_up_to_its_budget(store, monkeypatch):
