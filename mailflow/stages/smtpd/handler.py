@@ -397,8 +397,9 @@ def _reason(error: BaseException) -> str:
 
 
 def short_of_space(free: int, minfree: int, size_limit: int, declared: int) -> bool:
-    """Postfix's rule: at least max(queue_minfree, 1.5 x message_size_limit) must stay free, after a declared
-    SIZE too, and a declared SIZE may take at most half of what is free."""
+    """At least max(queue_minfree, 1.5 x message_size_limit) must stay free (Postfix's smtpd_check_queue), after
+    a declared SIZE too, and a declared SIZE may take at most half of what is free (mailflow's addition, as
+    older Postfix did: Postfix 3.7 compares SIZE only with message_size_limit; RFC 1870 allows the 452)."""
     required = max(minfree, size_limit * 3 // 2)
     return free <= required or declared >= free - required or declared >= free / 2
 
