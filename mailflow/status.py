@@ -59,6 +59,7 @@ SENDER_SYNTAX = Reply(501, "5.1.7", "Bad sender address syntax")
 RECIPIENT_SYNTAX = Reply(501, "5.1.3", "Bad recipient address syntax")
 BAD_SIZE_SYNTAX = Reply(501, "5.5.4", "Bad message size syntax")
 SIZE_EXCEEDS_LIMIT = Reply(552, "5.3.4", "Message size exceeds fixed limit")
+SIZE_OVERFLOW = Reply(552, "5.3.4", "Message size exceeds file system imposed limit")  # past OFF_T_MAX
 
 
 def unsupported_option(word: str) -> Reply:
@@ -343,6 +344,7 @@ NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
 # DATA or BDAT after MAIL when no recipient was accepted (Postfix: NEED_RCPT only outside a transaction)
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
 NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
+RCPT_AFTER_BDAT = Reply(503, "5.5.1", "Error: RCPT after BDAT")  # the message's content has begun
 NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
 NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
 CANNOT_VRFY = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")

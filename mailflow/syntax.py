@@ -16,6 +16,8 @@ may use it without an import cycle.
     parse_ip(text) -> IPv4Address | IPv6Address | None
     is_ip_address(text), is_ipv4(text)          an IP address (IPv4 or IPv6) / an IPv4 address, as written
     has_control(text), mask_control(text)       C0 control characters and DEL: present? / each replaced by "?"
+    parse_octet_count(text) -> int | None       an SMTP size (`SIZE=`, `BDAT`): ASCII digits, leading zeros taken;
+                                                None past OFF_T_MAX (ValueError: not digits)
 
 Failure behaviour: the parsers raise `ValueError` with a reason fit for a configuration error (config turns it
 into `FILE: KEY: REASON`); the predicates never raise.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
+OFF_T_MAX = 2**63 - 1  # the largest size Postfix's off_cvt_string takes (a bigger one is an overflow)
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*")
 _HOSTPORT = re.compile(r"\[([^\]]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?")
@@ -123,3 +126,15 @@ def has_control(text: str) -> bool:
 
 def mask_control(text: str, replacement: str = "?") -> str:
     return _CONTROL.sub(replacement, text)
+
+
+def parse_octet_count(text: str) -> int | None:
+    """An SMTP size (RFC 1870 `SIZE=`, RFC 3030 `BDAT`): `1*DIGIT`, leading zeros allowed; None when it
+    exceeds OFF_T_MAX (what Postfix calls a file system imposed limit). ValueError when it is not digits."""
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"not a number: {text!r}")
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(OFF_T_MAX)):  # (also keeps int() away from a huge string)
+        return None
+    value = int(digits)
+    return value if value <= OFF_T_MAX else None

@@ -221,6 +221,16 @@ async def test_ehlo_advertises_dsn_and_chunking_and_vrfy_is_disabled(mailflow_se
     assert await c.cmd("VRFY nobody@local.test") == status.VRFY_DISABLED
 
 
+@pytest.mark.parametrize("limit, offered", [(1000, "SIZE 1000"), (0, "SIZE")])
+async def test_ehlo_offers_size_with_the_limit_or_bare_without_one(mailflow_server, limit, offered):
+    """RFC 1870: SIZE without a number means no fixed maximum (Postfix offers it so with message_size_limit 0)."""
+    _, port = await _server(mailflow_server, smtpd={"message_size_limit": limit})
+    c = await SmtpClient.connect(port)
+    code, text = await c.cmd("EHLO client.test")
+    assert code == 250 and offered in [line[4:] for line in text.splitlines()[1:]]
+    assert (await c.cmd("MAIL FROM:<s@remote.test> SIZE=99999"))[0] == (552 if limit else 250)
+
+
 @pytest.mark.parametrize("command", [
     "MAIL FROM:<s@remote.test> RET=ALL",
     "MAIL FROM:<s@remote.test> ENVID=bad+zz",
@@ -413,15 +423,22 @@ async def test_a_session_past_session_time_limit_ends_at_its_next_command(limite
     assert await c.closed()
 
 
-async def test_soft_error_limit_slows_replies(limited_listener):
-    port = await limited_listener(soft_error_limit=1, hard_error_limit=50, error_sleep_time=0.2)
+async def test_soft_error_limit_slows_every_reply_once_that_many_errors_were_made(limited_listener):
+    """As Postfix (error_count >= smtpd_soft_error_limit): with a limit of 2, the first two errors are answered
+    at once, and the reply after them waits error_sleep_time, whatever the command."""
+    port = await limited_listener(soft_error_limit=2, hard_error_limit=50, error_sleep_time=0.3)
     c = await SmtpClient.connect(port)
     loop = asyncio.get_running_loop()
-    await c.cmd("BOGUS")
-    await c.cmd("BOGUS")
-    t0 = loop.time()
-    assert (await c.cmd("NOOP"))[0] == 250
-    assert loop.time() - t0 >= 0.2
+
+    async def timed(command: str) -> tuple[int | None, float]:
+        t0 = loop.time()
+        code = (await c.cmd(command))[0]
+        return code, loop.time() - t0
+
+    first, second = await timed("BOGUS"), await timed("BOGUS")
+    assert first[0] == second[0] == 500 and first[1] < 0.3 and second[1] < 0.3
+    code, waited = await timed("NOOP")
+    assert code == 250 and waited >= 0.3
 
 
 async def test_junk_commands_beyond_the_limit_count_as_errors(limited_listener):

@@ -51,11 +51,17 @@ SESSIONS: dict[str, list[str | bytes]] = {
     "an HTTP request": ["GET / HTTP/1.1", "Host: mx"],
     "tabs and leading blanks around the verb": ["EHLO\tclient.test", "MAIL\tFROM:<s@remote.test>",
                                                 "RCPT\tTO:<alice@local.test>", "NOOP\tx", " NOOP", "\tRSET"],
-    "EXPN, HELP and XFORWARD": [E, "EXPN alice", "HELP", "HELP MAIL", "XFORWARD NAME=spoofed.test"],
+    "EXPN, HELP and XFORWARD": [E, "EXPN alice", "HELP", "HELP MAIL", "XFORWARD NAME=spoofed.test", "XFORWARD"],
     "needless quotes around a local part": [E, 'MAIL FROM:<"s"@remote.test>', 'RCPT TO:<"alice"@local.test>'],
     "an empty quoted path": [E, 'MAIL FROM:<"">', 'RCPT TO:<"">', 'RCPT TO:""'],
     "an underscore in a domain, a domain of digits": [E, M, "RCPT TO:<x@a_b.elsewhere.test>", "RCPT TO:<x@1.2.3.4>"],
     "a malformed BDAT": [E, M, R, "BDAT x"],  # the chunk's size is unknown: both hang up
+    "MAIL and RCPT with no path after the colon": [E, "MAIL FROM:", "MAIL FROM: ", M, "RCPT TO:", "RCPT TO:\t", R],
+    "RCPT once BDAT content has begun": [E, M, R, b"BDAT 4\r\nab", "RCPT TO:<alice@local.test>",
+                                         b"BDAT 4 LAST\r\nab"],  # (cmd() ends each chunk with its CRLF)
+    "sizes with leading zeros, and past what a file can hold": [
+        E, M + " SIZE=0000000000000000000000100", "RSET", M + " SIZE=99999999999999999999999", M, R,
+        b"BDAT 0000000000000000004 LAST\r\nab"],
     "ETRN": [E, "ETRN", "ETRN elsewhere.test", "ETRN relay.test", "ETRN @relay.test", "ETRN #sub.relay.test",
              "ETRN local.test", "ETRN bad_host!", "ETRN [192.0.2.1]", "ETRN a b"],
     "ETRN before HELO, and in a transaction": ["ETRN relay.test", E, M, "ETRN relay.test", "RSET", "ETRN relay.test"],
@@ -103,8 +109,11 @@ async def test_protocol_edges_match_a_real_postfix(mailflow_server):
     assert postfix["message content after a refused DATA"] == [250, 250, 501, 554, 221]  # not SMTP: hung up
     assert postfix["an HTTP request"] == [221]
     assert postfix["tabs and leading blanks around the verb"] == [250] * 6
-    assert postfix["EXPN, HELP and XFORWARD"] == [250, 500, 500, 500, 550]
+    assert postfix["EXPN, HELP and XFORWARD"] == [250, 500, 500, 500, 550, 501]
     assert postfix["a malformed BDAT"] == [250, 250, 250, 521]
+    assert postfix["MAIL and RCPT with no path after the colon"] == [250, 501, 501, 250, 501, 501, 250]
+    assert postfix["RCPT once BDAT content has begun"] == [250, 250, 250, 250, 503, 250]
+    assert postfix["sizes with leading zeros, and past what a file can hold"] == [250, 250, 250, 552, 250, 250, 250]
     assert postfix["needless quotes around a local part"] == [250, 250, 250]  # alice is a known user
     assert postfix["an empty quoted path"] == [250, 250, 501, 501]  # the null sender; no recipient
     assert postfix["DSN parameters Postfix takes though they repeat a word or name no address"] == [

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 
 from mailflow import status
+from mailflow.syntax import parse_octet_count
 from mailflow.content import Spool
 from mailflow.stages.smtpd.transaction import TransactionCommands
 from mailflow.stages.smtpd.wire import ContentCheck, refusal
@@ -33,12 +34,16 @@ log = logging.getLogger("mailflow.smtpd")
 
 
 def bdat_arguments(arg: str | None) -> tuple[int, bool] | None:
-    """(size, last) of `BDAT <size> [LAST]`, or None when malformed."""
+    """(size, last) of `BDAT <size> [LAST]`, or None when malformed: a size that is not digits, or past
+    OFF_T_MAX (leading zeros are taken, as Postfix takes them)."""
     words = (arg or "").split()
-    if not words or len(words) > 2 or not (words[0].isascii() and words[0].isdigit()) or len(words[0]) > 12 \
-            or (len(words) == 2 and words[1].upper() != "LAST"):
+    if not words or len(words) > 2 or (len(words) == 2 and words[1].upper() != "LAST"):
         return None
-    return int(words[0]), len(words) == 2
+    try:
+        size = parse_octet_count(words[0])
+    except ValueError:
+        return None
+    return None if size is None else (size, len(words) == 2)
 
 
 class DataCommands(TransactionCommands):

@@ -26,7 +26,8 @@ greeting, as Postfix does; so does a connection that ends inside the header, a p
 upstream_proxy_clients, or no header within upstream_proxy_timeout. A bad XCLIENT attribute raises
 `XclientError` with the reply to send (501 5.5.4); XCLIENT from a host not authorized gets 550 5.7.0, inside a
 transaction 503 5.5.1. XFORWARD is not supported: every client gets the 550 5.7.0 Postfix gives a client it
-does not authorize for it (its default), not a 500 that would read as a command Postfix does not know.
+does not authorize for it (its default), not a 500 that would read as a command Postfix does not know; one
+with no attribute gets Postfix's 501 5.5.4 first.
 """
 from __future__ import annotations
 
@@ -320,8 +321,10 @@ class FrontEndCommands(ProtocolCore):
 
     async def smtp_XFORWARD(self, arg: str | None) -> None:
         """Postfix XFORWARD (a content filter passing on the original client's attributes): not supported, so
-        refused as Postfix refuses a client outside smtpd_authorized_xforward_hosts (empty by default)."""
-        await self.push(status.XCLIENT_DENIED)
+        refused as Postfix refuses a client outside smtpd_authorized_xforward_hosts (empty by default), after
+        its own first check: no attribute at all is a syntax error."""
+        await self.push(status.syntax("XFORWARD attribute=value...") if not (arg or "").strip()
+                        else status.XCLIENT_DENIED)
 
     async def smtp_XCLIENT(self, arg: str | None) -> None:
         """Postfix XCLIENT: an authorized front end names the real client; the session starts again."""

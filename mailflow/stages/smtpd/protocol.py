@@ -479,8 +479,9 @@ class ProtocolCore(SMTP):
         return True
 
     async def _error_gate(self) -> bool:
-        """End a session past session_time_limit; tarpit past soft_error_limit, end the session at
-        hard_error_limit (Postfix smtpd error counting)."""
+        """End a session past session_time_limit; tarpit from soft_error_limit errors on (every reply then
+        waits error_sleep_time, as Postfix's smtpd_chat_reply sleeps once error_count >= the soft limit), end
+        the session at hard_error_limit (Postfix smtpd error counting)."""
         limit = self._limits.session_time_limit
         if limit and self.loop.time() - self._greeted_at > limit:
             await self._refuse_and_close(status.session_too_long(self.hostname))
@@ -489,7 +490,7 @@ class ProtocolCore(SMTP):
             self.record.lines.too_many_errors(self.record.where, self.session.client)
             await self._refuse_and_close(status.too_many_errors(self.hostname))
             return False
-        if self._errors > self._limits.soft_error_limit and self._limits.error_sleep_time:
+        if self._errors >= self._limits.soft_error_limit and self._limits.error_sleep_time:
             await asyncio.sleep(self._limits.error_sleep_time)
         return True
 
@@ -582,7 +583,8 @@ class ProtocolCore(SMTP):
 
     def _base_keywords(self) -> list[str]:
         """The EHLO keywords before the handler's hook: the message's, then the security layer's."""
-        keywords = [f"SIZE {self.data_size_limit}"] if self.data_size_limit else []
+        # without a limit, a bare SIZE (RFC 1870: no fixed maximum), as Postfix offers it
+        keywords = [f"SIZE {self.data_size_limit}" if self.data_size_limit else "SIZE"]
         keywords += ["8BITMIME"] if self._eight_bit else []
         keywords += ["SMTPUTF8"] if self.enable_SMTPUTF8 else []
         return keywords + self._security_keywords()

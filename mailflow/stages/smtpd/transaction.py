@@ -8,10 +8,11 @@ What it owns
   (the restriction lists). The DSN parameters of each accepted recipient go to `Transaction.rcpt_dsn`.
 - The DSN keyword of EHLO is offered for these parameters (protocol.LAYER_KEYWORDS).
 
-Failure behaviour (each refusal a `mailflow.status` reply; nothing raises for a client's input): no FROM:/TO:
-501 5.5.4; a malformed path 501 5.1.7 / 5.1.3 (logged as Postfix's "Illegal address syntax"); parameters
+Failure behaviour (each refusal a `mailflow.status` reply; nothing raises for a client's input): no FROM:/TO:,
+or nothing after it, 501 5.5.4; a malformed path 501 5.1.7 / 5.1.3 (logged as Postfix's "Illegal address syntax"); parameters
 without EHLO 501 5.5.4; an unknown parameter 555 5.5.4; a malformed or repeated DSN parameter 501 5.5.4; a bad
-SIZE 501 5.5.4, one over message_size_limit 552 5.3.4; MAIL twice 503 5.5.1; RCPT before MAIL 503 5.5.1; past
+SIZE 501 5.5.4, one over message_size_limit (or past OFF_T_MAX, Postfix's "file system imposed limit") 552
+5.3.4; MAIL twice 503 5.5.1; RCPT before MAIL, or once BDAT content has begun, 503 5.5.1; past
 recipient_limit 452 4.5.3, counted as an error only past recipient_overshoot_limit.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from mailflow import address, status
 from mailflow.stages.smtpd import dsn
 from mailflow.stages.smtpd.secure import SecureCommands
 from mailflow.stages.smtpd.state import NULL_SENDER
+from mailflow.syntax import parse_octet_count
 
 
 def mail_parameters(words: list[str], size_limit: int | None) -> tuple[list[str], str, str] | status.Reply:
@@ -39,11 +41,15 @@ def mail_parameters(words: list[str], size_limit: int | None) -> tuple[list[str]
         if key == "BODY" and upper_value in ("7BIT", "8BITMIME"):
             options.append(f"BODY={upper_value}")
         elif key == "SIZE" and eq:
-            if not (value.isascii() and value.isdigit()) or len(value) > 20:
+            try:
+                size = parse_octet_count(value)
+            except ValueError:
                 return status.BAD_SIZE_SYNTAX
-            if size_limit and int(value) > size_limit:
+            if size is None:
+                return status.SIZE_OVERFLOW
+            if size_limit and size > size_limit:
                 return status.SIZE_EXCEEDS_LIMIT
-            options.append(f"SIZE={int(value)}")
+            options.append(f"SIZE={size}")
         elif key == "SMTPUTF8" and not eq:
             options.append("SMTPUTF8")
         elif key == "AUTH" and eq:
@@ -91,8 +97,8 @@ class TransactionCommands(SecureCommands):
         """`RCPT TO:<address> [NOTIFY=… ORCPT=…]`. Past `recipient_limit` the answer is 452 4.5.3, which
         counts as an error only past `recipient_overshoot_limit` (RFC 5321 4.5.3.1.10: the client may go on
         and send the message to the recipients already accepted)."""
-        taken = await self._arguments(arg, "RCPT", "TO:", status.RECIPIENT_SYNTAX,
-                                      None if self.envelope.mail_from else status.NEED_MAIL, rcpt_parameters)
+        taken = await self._arguments(arg, "RCPT", "TO:", status.RECIPIENT_SYNTAX, self._rcpt_out_of_order(),
+                                      rcpt_parameters)
         if taken is None:
             return
         rcpt, notify_orcpt = taken
@@ -106,6 +112,11 @@ class TransactionCommands(SecureCommands):
         if len(self.envelope.rcpt_tos) > before:
             self.envelope.rcpt_dsn.append(notify_orcpt)
         await self.push(reply)
+
+    def _rcpt_out_of_order(self) -> status.Reply | None:
+        if not self.envelope.mail_from:
+            return status.NEED_MAIL
+        return status.RCPT_AFTER_BDAT if self.envelope.bdat is not None else None
 
     async def _arguments(self, arg: str | None, command: str, keyword: str, bad_path: status.Reply,
                          out_of_order: status.Reply | None, parameters: Callable[[list[str]], Any]):
@@ -130,12 +141,15 @@ class TransactionCommands(SecureCommands):
 
     async def _path_argument(self, arg: str | None, keyword: str, command: str, bad: status.Reply):
         """(address, parameter words) of `FROM:<address> params` or `TO:…`, or None when a refusal was sent:
-        501 5.5.4 usage without the keyword, `bad` (501 5.1.7 / 5.1.3) for a malformed path."""
+        501 5.5.4 usage without the keyword or without a path, `bad` (501 5.1.7 / 5.1.3) for a malformed path."""
         usage = f"{command} {keyword}<address>"
         if not arg or arg[:len(keyword)].upper() != keyword:
             await self.push(status.syntax(usage))
             return None
         text = arg[len(keyword):]
+        if not text.strip(" \t"):  # no path at all (`<>` is one): Postfix's usage reply, for MAIL as for RCPT
+            await self.push(status.syntax(usage))
+            return None
         try:
             addr, rest = address.parse_path(text)
         except address.PathError:

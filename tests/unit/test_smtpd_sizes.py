@@ -1,0 +1,36 @@
+"""Sizes a client declares (RFC 1870 `SIZE=`, RFC 3030 `BDAT`), read as Postfix reads them: any run of ASCII
+digits, leading zeros included, up to what an off_t holds; past it, an overflow rather than a syntax error."""
+import pytest
+
+from mailflow import status
+from mailflow.stages.smtpd.data import bdat_arguments
+from mailflow.stages.smtpd.transaction import mail_parameters
+from mailflow.syntax import OFF_T_MAX, parse_octet_count
+
+
+@pytest.mark.parametrize("text, value", [("0", 0), ("000", 0), ("0000000000000000000000004", 4),
+                                         (str(OFF_T_MAX), OFF_T_MAX), ("0" + str(OFF_T_MAX), OFF_T_MAX),
+                                         (str(OFF_T_MAX + 1), None), ("9" * 40, None), ("1" + "0" * 5000, None)])
+def test_an_octet_count_is_its_value_or_none_past_off_t_max(text, value):
+    assert parse_octet_count(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "-1", "+4", "1e3", "١٢", "4 ", "0x10"])
+def test_an_octet_count_that_is_not_ascii_digits_is_a_value_error(text):
+    with pytest.raises(ValueError):
+        parse_octet_count(text)
+
+
+def test_bdat_takes_leading_zeros_and_refuses_an_overflow_as_malformed():
+    assert bdat_arguments("0000000000004 LAST") == (4, True)
+    assert bdat_arguments("1000000000000") == (10**12, False)
+    assert bdat_arguments("99999999999999999999 LAST") is None
+    assert bdat_arguments("4 last") == (4, True) and bdat_arguments("4 MORE") is None
+
+
+def test_mail_size_past_off_t_max_is_postfixs_file_system_limit_not_a_syntax_error():
+    assert mail_parameters(["SIZE=0000000000000000000000100"], 10240) == (["SIZE=100"], "", "")
+    assert mail_parameters(["SIZE=99999999999999999999999"], 0) == status.SIZE_OVERFLOW
+    assert mail_parameters(["SIZE=99999999999999999999999"], 10240) == status.SIZE_OVERFLOW
+    assert mail_parameters(["SIZE=10241"], 10240) == status.SIZE_EXCEEDS_LIMIT
+    assert mail_parameters(["SIZE=1e3"], 10240) == status.BAD_SIZE_SYNTAX
