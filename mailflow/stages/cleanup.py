@@ -150,7 +150,8 @@ class Cleanup:
 
     async def _commit(self, msg: NewMessage, sub: Submission) -> None:
         """Insert durably, log, then hand the message to qmgr (committed active) or wake it. The hand-over runs
-        before the caller answers the client (a delivery never starts before smtpd has said 250)."""
+        at the loop's next turn, once the caller has answered the client: a delivery never starts before smtpd
+        has said 250, and qmgr's routing of the message is not between the commit and the 250."""
         direct = self._reserve_place(msg)
         if direct is not None:
             msg = dataclasses.replace(msg, queue="active")
@@ -168,7 +169,7 @@ class Cleanup:
             self.log_queued(msg, sub)
         finally:
             if direct is not None:
-                direct.hand_over(msg)
+                asyncio.get_running_loop().call_soon(direct.hand_over, msg)
             else:
                 self._on_queued()
 

@@ -126,7 +126,8 @@ async def test_mail_handed_over_while_operator_changes_are_read_is_not_taken_for
 
     async def states_while_mail_arrives(ids):
         found = await real_states(ids)
-        handed.append(await h.submit(2))  # committed and handed over before the answer is used
+        handed.append(await h.submit(2))  # committed,
+        await asyncio.sleep(0)  # and handed over (at the loop turn after the commit) before the answer is used
         return found
 
     await h.submit(1)
