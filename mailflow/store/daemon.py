@@ -149,10 +149,10 @@ class Store(OperatorQueries):
         return self._scan_result(rows)
 
     async def record_results(self, queue_id: QueueId, rows: Sequence[tuple[RcptResult, bool]]) -> None:
-        """Record what one delivery job did, as soon as it is back (lingering: see the module doc): each `(result, notice_owed)` marks its
-        recipient sent / bounced, or keeps it pending with its last reason; `notice_owed` flags a recipient whose
-        failure or success notice `finish()` must still queue. Only pending recipients change, so recording a
-        result twice does no harm."""
+        """Record what one delivery job did, as soon as it is back (lingering: see the module doc): each
+        `(result, notice_owed)` marks its recipient sent / bounced, or keeps it pending with its last reason;
+        `notice_owed` flags a recipient whose failure or success notice `finish()` must still queue. Only pending
+        recipients change, so recording a result twice does no harm."""
         await self._committer.write([_record_op(queue_id, rows)], linger=True)
 
     async def finish(self, done: Delivered, notices: Sequence[NewMessage] = (),

@@ -25,10 +25,10 @@ from __future__ import annotations
 import logging
 
 from mailflow import status
-from mailflow.syntax import parse_octet_count
 from mailflow.content import Spool
 from mailflow.stages.smtpd.transaction import TransactionCommands
 from mailflow.stages.smtpd.wire import ContentCheck, refusal
+from mailflow.syntax import parse_octet_count
 
 log = logging.getLogger("mailflow.smtpd")
 

@@ -9,11 +9,11 @@ What it owns
 - The DSN keyword of EHLO is offered for these parameters (protocol.LAYER_KEYWORDS).
 
 Failure behaviour (each refusal a `mailflow.status` reply; nothing raises for a client's input): no FROM:/TO:,
-or nothing after it, 501 5.5.4; a malformed path 501 5.1.7 / 5.1.3 (logged as Postfix's "Illegal address syntax"); parameters
-without EHLO 501 5.5.4; an unknown parameter 555 5.5.4; a malformed or repeated DSN parameter 501 5.5.4; a bad
-SIZE 501 5.5.4, one over message_size_limit (or past OFF_T_MAX, Postfix's "file system imposed limit") 552
-5.3.4; MAIL twice 503 5.5.1; RCPT before MAIL, or once BDAT content has begun, 503 5.5.1; past
-recipient_limit 452 4.5.3, counted as an error only past recipient_overshoot_limit.
+or nothing after it, 501 5.5.4; a malformed path 501 5.1.7 / 5.1.3 (logged as Postfix's "Illegal address
+syntax"); parameters without EHLO 501 5.5.4; an unknown parameter 555 5.5.4; a malformed or repeated DSN
+parameter 501 5.5.4; a bad SIZE 501 5.5.4, one over message_size_limit (or past OFF_T_MAX, Postfix's "file
+system imposed limit") 552 5.3.4; MAIL twice 503 5.5.1; RCPT before MAIL, or once BDAT content has begun,
+503 5.5.1; past recipient_limit 452 4.5.3, counted as an error only past recipient_overshoot_limit.
 """
 from __future__ import annotations
 
