@@ -326,6 +326,7 @@ class GroupCommitter:
         self._waiting: list[Request] = []  # not yet at the writer
         self._busy = False  # a batch is at the writer, or one is about to start
         self._lingering: asyncio.TimerHandle | None = None  # idle, with only writes that may linger waiting
+        self._patient: set[asyncio.Future] = set()  # the callers of writes that may linger (settled last)
         self._idle: list[asyncio.Future] = []  # stop() waiting for the last batch
         self._retries: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None  # the one the requests come from
@@ -354,6 +355,8 @@ class GroupCommitter:
         self._loop = loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._waiting.append((ops, call, fut))
+        if linger:
+            self._patient.add(fut)
         if not self._busy:
             if not linger:
                 self._start_batch()
@@ -388,12 +391,15 @@ class GroupCommitter:
         self._writer.submit(self._writer.transaction, args, functools.partial(self._committed, batch), self._loop)
 
     def _committed(self, batch: list[Request], error: BaseException | None, results: list | None) -> None:
-        """The writer's answer for a batch (on the loop): settle its requests, then go on with the next batch."""
+        """The writer's answer for a batch (on the loop): settle its requests (a client waiting for its 250 before
+        a lingering result), then go on with the next batch."""
+        lingered = {fut for *_, fut in batch if fut in self._patient}
+        self._patient -= lingered
         if error is None:
             self.commits += 1
             if self.on_commit is not None:
                 self.on_commit(len(batch), time.perf_counter() - self._batch_started)
-            for (*_, fut), result in zip(batch, results or ()):
+            for (*_, fut), result in sorted(zip(batch, results or ()), key=lambda answered: answered[0][2] in lingered):
                 _settle(fut, None, result)
         elif len(batch) == 1 or store_fault(error) or not isinstance(error, Exception):
             for *_, fut in batch:  # the store itself is failing: each alone would fail too

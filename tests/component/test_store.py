@@ -725,6 +725,21 @@ async def test_a_result_on_an_idle_committer_waits_for_new_mail_and_shares_its_c
     assert await store.counts() == {"incoming": 2}
 
 
+async def test_a_client_waiting_for_its_250_hears_of_the_commit_before_a_lingering_result(store):
+    await store.insert(new("Q1"))
+    await store.claim(["Q1"], T0)
+    resumed: list[str] = []
+
+    async def then(name: str, write) -> None:
+        await write
+        resumed.append(name)
+
+    finishing = asyncio.create_task(then("result", store.finish(Delivered("Q1", None))))
+    await asyncio.sleep(0)  # lingering, first in the batch
+    await asyncio.gather(finishing, then("new mail", store.insert(new("Q2"))))
+    assert resumed == ["new mail", "result"]
+
+
 async def test_a_result_alone_is_committed_when_the_linger_is_over(store):
     await store.insert(new("Q1"))
     msg = await only(store)
