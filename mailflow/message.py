@@ -17,6 +17,7 @@ end in a bare LF is accepted too: a sloppy client's headers still count as heade
                                           than `limit`, its first `limit` bytes and complete=False
     header_lines(head)                    the lines, without their line ends
     header_fields(head)                   (lower-case name, the field's raw lines with continuations) in order
+    without_fields(head, names)           the header section less the fields named (lower-case names)
     header_names(head)                    lower-case names, in order
     header_values(head, name) / header_value(head, name)   unfolded values (every one / the first, or '')
     delivered_to(head) -> frozenset[str]  the addresses of the Delivered-To headers, lower-case (loop detection)
@@ -93,6 +94,10 @@ def header_fields(head: bytes) -> list[tuple[str, list[bytes]]]:
             name, colon, _ = line.partition(b":")
             fields.append((name.strip().decode("latin-1").lower() if colon else "", [line]))
     return fields
+
+
+def without_fields(head: bytes, names: frozenset[str] | set[str]) -> bytes:
+    return b"".join(line for name, lines in header_fields(head) if name not in names for line in lines)
 
 
 def header_names(head: bytes) -> list[str]:

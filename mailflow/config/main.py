@@ -109,10 +109,14 @@ class Config(Section):
     # Postfix allow_min_user: false refuses a sender or recipient beginning with '-' (smtpd: 501 5.1.7 / 5.1.3;
     # pipe and local bounce it), so that no address reaches a command's argv as an option.
     allow_min_user: bool = False
-    # cleanup's limits on a message (Postfix names): more Received headers than hopcount_limit is a mail loop
-    # (554 5.4.0, Postfix's reply); a header section larger than header_size_limit bytes is refused (552 5.3.4).
+    # cleanup's limits on a message (Postfix names): hopcount_limit Received headers, this host's own counted,
+    # is a mail loop (554 5.4.0, Postfix's reply); a header section larger than header_size_limit bytes is
+    # refused (552 5.3.4).
     hopcount_limit: int = Field(50, ge=1)
     header_size_limit: int = Field(102400, ge=1024)
+    # Postfix message_drop_headers: header fields cleanup removes from every message it queues (names, any
+    # case): a Bcc must never reach the recipients, and Return-Path and Content-Length are for the final hop.
+    message_drop_headers: tuple[str, ...] = ("bcc", "content-length", "resent-bcc", "return-path")
     # Which SMTP clients' mail gets the headers it lacks (Message-ID, Date, From), as Postfix 2.6+ decides it:
     # local_header_rewrite_clients (permit_inet_interfaces: a client on this host; permit_mynetworks;
     # permit_sasl_authenticated). Other clients' mail is passed on as it came (a header added to it can break

@@ -2,7 +2,8 @@
 
 What it does, in order (Postfix cleanup(8)):
 1. assigns the queue id;
-2. refuses a message that has looped (more than `hopcount_limit` Received headers): 554 5.4.0 (Postfix's reply),
+2. refuses a message that has looped (`hopcount_limit` Received headers, the one this host adds counted, as
+   Postfix counts): 554 5.4.0 (Postfix's reply),
    and one whose header section is larger than `header_size_limit` bytes: 552 5.3.4 (a header flood never
    reaches the queue);
 3. rewrites the envelope (`AddressMapper`): the sender through sender_canonical/canonical maps and
@@ -12,6 +13,8 @@ What it does, in order (Postfix cleanup(8)):
    listener's receive_override_options say no_header_body_checks): REJECT refuses it (550 5.7.1), DISCARD
    drops it (the client is told it was queued), HOLD queues it on hold, FILTER, REDIRECT, IGNORE, PREPEND and
    REPLACE change what is queued;
+4a. removes the header fields of `message_drop_headers` (Postfix's default: Bcc, Resent-Bcc, Return-Path,
+   Content-Length), so a blind copy's recipients are never shown to the others;
 4b. prepends a Received header (for a local submission "by HOST (mailflow, from userid UID)") and under it the
    header fields smtpd gave (`Submission.headers`: Authentication-Results, spam and virus tags, access PREPEND);
    appends Message-ID, Date and From when the message has none and `Submission.add_missing_headers` says so
@@ -44,7 +47,7 @@ import dataclasses
 import email.utils
 import logging
 import time
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 from mailflow.clock import Clock
 from mailflow.config import DEFAULTS
@@ -52,7 +55,7 @@ from mailflow.content import Content, Spool, crlf_only
 from mailflow.errors import MessageTooBig, PermanentError, TemporaryError
 from mailflow.filters.content_checks import ContentChecks, Inspection
 from mailflow.logs import MailLog
-from mailflow.message import header_names, header_value, read_header, rfc5322_date
+from mailflow.message import header_names, header_value, read_header, rfc5322_date, without_fields
 from mailflow.model import QueueId, Recipient, Submission
 from mailflow.routing.addressmap import AddressMapper
 from mailflow.signing.outbound import OutboundSigning
@@ -87,7 +90,8 @@ class Cleanup:
     def __init__(self, store: Store, *, myhostname: str, clock: Clock, rng, log: MailLog,
                  on_queued: Callable[[], None], mapper: AddressMapper | None = None,
                  hopcount_limit: int = DEFAULTS.hopcount_limit,
-                 header_size_limit: int = DEFAULTS.header_size_limit, outbound: OutboundSigning | None = None,
+                 header_size_limit: int = DEFAULTS.header_size_limit,
+                 drop_headers: Sequence[str] = DEFAULTS.message_drop_headers, outbound: OutboundSigning | None = None,
                  checks: ContentChecks | None = None, content_filter: str = DEFAULTS.smtpd.content_filter):
         """`outbound`: SRS, ARC and DKIM signing (None: off); `checks`: the content inspection (None: off);
         `content_filter`: the after-queue filter of mail whose submission names none ("" none)."""
@@ -100,6 +104,7 @@ class Cleanup:
         self._on_queued = on_queued
         self._hopcount_limit = hopcount_limit
         self._header_size_limit = header_size_limit
+        self._drop_headers = frozenset(name.lower() for name in drop_headers)
         self._outbound = outbound
         self._checks = checks if checks is not None and checks.enabled else None
         self._content_filter = content_filter
@@ -111,11 +116,13 @@ class Cleanup:
         self._direct = direct
 
     def reconfigure(self, *, myhostname: str, mapper: AddressMapper, hopcount_limit: int, header_size_limit: int,
-                    outbound: OutboundSigning | None, checks: ContentChecks | None, content_filter: str) -> None:
+                    drop_headers: Sequence[str], outbound: OutboundSigning | None, checks: ContentChecks | None,
+                    content_filter: str) -> None:
         """A reload: messages prepared from now on are checked, rewritten and signed with these (the queue ids
         go on)."""
         self._myhostname, self._mapper = myhostname, mapper
         self._hopcount_limit, self._header_size_limit = hopcount_limit, header_size_limit
+        self._drop_headers = frozenset(name.lower() for name in drop_headers)
         self._outbound = outbound
         self._checks = checks if checks is not None and checks.enabled else None
         self._content_filter = content_filter
@@ -219,9 +226,10 @@ class Cleanup:
         head, complete = read_header(sub.content, self._header_size_limit)
         names = header_names(head)
         hops = names.count("received")
-        if hops > self._hopcount_limit:
+        if hops + 1 >= self._hopcount_limit:  # with the one this host adds, as Postfix counts
             raise PermanentError("5.4.0", "Error: too many hops",  # (Postfix smtpd says 5.4.0)
-                                 f"{hops} Received headers, more than hopcount_limit {self._hopcount_limit}")
+                                 f"{hops} Received headers (with this host's {hops + 1}, hopcount_limit "
+                                 f"{self._hopcount_limit})")
         if not complete:
             raise MessageTooBig("5.3.4", "Error: message header size exceeds limit",
                                 f"header section larger than header_size_limit {self._header_size_limit}")
@@ -237,6 +245,8 @@ class Cleanup:
             recipients = self._mapper.recipients(recipients)
         fullname = sub.submitter.fullname if sub.submitter else ""
         missing = self._missing_headers(names, queue_id, sender, now, fullname) if sub.add_missing_headers else b""
+        if self._drop_headers.intersection(names):
+            head = without_fields(head, self._drop_headers)
         block = self._received(sub, queue_id, now) + _header_lines(sub.headers) + head + missing
         return NewMessage(
             queue_id=queue_id,
