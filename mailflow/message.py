@@ -4,14 +4,19 @@ One set of helpers, so that cleanup, the transports, bounce, sendmail and the qu
 header section ends. A leaf module: it imports nothing from the stages or the transports.
 
 Content is bytes with CRLF line ends as queued; a header section whose lines (or the empty line that ends it)
-end in a bare LF is accepted too: a sloppy client's headers still count as headers.
+end in a bare LF is accepted too: a sloppy client's headers still count as headers. The header section ends,
+as Postfix's cleanup ends it (is_header), at the empty line or at the first line that is neither a header
+field (`name:`, the name printable ASCII without a colon, blanks allowed before the colon) nor a continuation
+of one; such a line is the first of the body, and cleanup puts the missing empty line before it.
 
     header_end(data) -> int | None        length of the header section at the start of `data` (its final line end
-                                          included) once the empty line ending it is in `data`; 0 when `data`
-                                          starts with the empty line; None when it is not (yet) there
+                                          included) once the line ending it is in `data`; 0 when `data` starts
+                                          with the empty line or with a line that is no header field; None when
+                                          it is not (yet) there
     split_header(content) -> (head, rest) for a complete message: the header section and the rest, which starts
-                                          with the empty line; a message without one is all header section (a
-                                          missing final CRLF is supplied)
+                                          with the empty line, or with the first line that is no header field; a
+                                          message of header fields only is all header section (a missing final
+                                          CRLF is supplied)
     read_header(content, limit) -> (head, complete)   the header section of a `Content` (mailflow.content), read
                                           in growing steps, never more than `limit` + 2 bytes; when it is longer
                                           than `limit`, its first `limit` bytes and complete=False
@@ -44,20 +49,23 @@ FIRST_READ = 8192  # read_header's first step; most header sections fit
 HEADER_READ_LIMIT = 1_000_000  # how much of a header section readers other than cleanup (which refuses more than
 #                                header_size_limit) look at: transports looking for Delivered-To, notices
 
+# header fields (Postfix is_header: a name of printable ASCII but the colon, blanks, the colon) and their
+# continuation lines, each complete (its line end included)
+_FIELDS = re.compile(rb"(?:[!-9;-~]+[ \t]*:[^\n]*\n(?:[ \t][^\n]*\n)*)*")
+_FIELD_START = re.compile(rb"[!-9;-~]+[ \t]*:")
+
+
 def header_end(data: bytes) -> int | None:
-    if data.startswith(CRLF) or data.startswith(b"\n"):
-        return 0
-    # the first line end followed by an empty line: LF CR LF (as queued), or an LF LF before it
-    end = data.find(b"\n\r\n")
-    bare = data.find(b"\n\n", 0, len(data) if end < 0 else end + 1)
-    if bare >= 0:
-        return bare + 1
-    return end + 1 if end >= 0 else None
+    end = _FIELDS.match(data).end()  # type: ignore[union-attr]  # (it matches the empty string at least)
+    return end if data.find(b"\n", end) >= 0 else None  # the complete line after the fields ends them
 
 
 def split_header(content: bytes) -> tuple[bytes, bytes]:
     end = header_end(content)
-    if end is None:
+    if end is None:  # no line ends the header section: the last line lacks its line end
+        end = _FIELDS.match(content).end()  # type: ignore[union-attr]
+        if end < len(content) and not _FIELD_START.match(content, end):
+            return content[:end], content[end:]  # a last line that is no header field is the body
         head = content if content.endswith(b"\n") or not content else content + CRLF
         return head, b""
     return content[:end], content[end:]

@@ -248,6 +248,8 @@ class Cleanup:
         if self._drop_headers.intersection(names):
             head = without_fields(head, self._drop_headers)
         block = self._received(sub, queue_id, now) + _header_lines(sub.headers) + head + missing
+        if rest.size and not rest.read_prefix(2).startswith((b"\r\n", b"\n")):
+            block += b"\r\n"  # the header section ended at a line that is no header field: the body starts there
         return NewMessage(
             queue_id=queue_id,
             sender=sender,

@@ -35,6 +35,14 @@ HOST = "mx.example.test"
     (b"Subject: x\n\r\nbody", b"Subject: x\n", b"\r\nbody"),
     (b"\nbody", b"", b"\nbody"),
     (b"Subject: x\n", b"Subject: x\n", b""),
+    # the header section ends at the first line that is no header field (Postfix's is_header)
+    (b"Subject: x\r\nbody text\r\n\r\nmore\r\n", b"Subject: x\r\n", b"body text\r\n\r\nmore\r\n"),
+    (b"From: a\r\nnot a header line\r\nSubject: late\r\n\r\nb\r\n", b"From: a\r\n",
+     b"not a header line\r\nSubject: late\r\n\r\nb\r\n"),
+    (b"X-Spaced :  v\r\n\r\nb", b"X-Spaced :  v\r\n", b"\r\nb"),
+    (b" leading blank\r\nA: 1\r\n\r\n", b"", b" leading blank\r\nA: 1\r\n\r\n"),
+    (b"From someone@example.test Mon Dec  1\r\nA: 1\r\n", b"", b"From someone@example.test Mon Dec  1\r\nA: 1\r\n"),
+    (b"Subject: x\r\nbody without line end", b"Subject: x\r\n", b"body without line end"),
 ])
 def test_split_header(content, head, rest):
     assert split_header(content) == (head, rest)
@@ -284,6 +292,20 @@ async def test_message_drop_headers_are_removed_with_their_continuations(env, dr
     await env.cleanup.submit(submission(b"Subject: x\r\n" + dropped + b"To: a@example.test\r\n\r\nbody\r\n"))
     head, rest = split_header(env.store.inserted[0].content)
     assert dropped not in head and b"Subject: x\r\nTo: a@example.test\r\n" in head and rest == b"\r\nbody\r\n"
+
+
+@pytest.mark.parametrize("content, head_names, body", [
+    (b"Subject: probe\r\nthis is body text\r\n", ["subject"], b"\r\nthis is body text\r\n"),
+    (b"From: a@example.test\r\nnot a header line\r\nSubject: late\r\n\r\nbody\r\n", ["from"],
+     b"\r\nnot a header line\r\nSubject: late\r\n\r\nbody\r\n"),
+])
+async def test_a_header_section_ended_by_a_line_that_is_no_field_gets_its_empty_line(env, content, head_names, body):
+    """As Postfix: the body starts at the first line that is no header field, the empty line is put before it,
+    and the headers cleanup adds go above it."""
+    await env.cleanup.submit(submission(content))
+    head, rest = split_header(env.store.inserted[0].content)
+    assert header_names(head) == ["received", *head_names, "message-id", "date", *(["from"] * ("from" not in head_names))]
+    assert rest == body
 
 
 async def test_received_lines_in_the_body_do_not_count_as_hops(env):
