@@ -17,7 +17,8 @@ What it does, in order (Postfix cleanup(8)):
    Content-Length), so a blind copy's recipients are never shown to the others;
 4b. prepends a Received header (for a local submission "by HOST (mailflow, from userid UID)") and under it the
    header fields smtpd gave (`Submission.headers`: Authentication-Results, spam and virus tags, access PREPEND);
-   appends Message-ID, Date and From when the message has none and `Submission.add_missing_headers` says so
+   appends Message-ID, Date and From (Resent-Message-ID, Resent-Date, Resent-From for a message with Resent-
+   fields) when the message has none and `Submission.add_missing_headers` says so
    (smtpd: local_header_rewrite_clients; a local user's From carries their full name);
    only the header section is read (at most `header_size_limit` bytes, mailflow.message.read_header): the
    queued content is the new header section followed by the original's body, never copied (a spooled
@@ -308,14 +309,18 @@ class Cleanup:
 
     def _missing_headers(self, names: list[str], queue_id: QueueId, sender: str, now: float,
                          fullname: str = "") -> bytes:
+        """Message-ID, Date and From when the message lacks them; for a resent message (any Resent- field),
+        Resent-Message-ID, Resent-Date and Resent-From instead, as Postfix's cleanup adds them."""
+        resent = "Resent-" if any(name.startswith("resent-") for name in names) else ""
         added = []
-        if "message-id" not in names:
+        if f"{resent}message-id".lower() not in names:
             stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
-            added.append(f"Message-ID: <{stamp}.{queue_id}@{self._myhostname}>")
-        if "date" not in names:
-            added.append(f"Date: {rfc5322_date(now)}")
-        if "from" not in names:
-            added.append(_from_header(sender, fullname) if sender else f"From: MAILER-DAEMON@{self._myhostname}")
+            added.append(f"{resent}Message-ID: <{stamp}.{queue_id}@{self._myhostname}>")
+        if f"{resent}date".lower() not in names:
+            added.append(f"{resent}Date: {rfc5322_date(now)}")
+        if f"{resent}from".lower() not in names:
+            sender_field = _from_header(sender, fullname) if sender else f"From: MAILER-DAEMON@{self._myhostname}"
+            added.append(resent + sender_field)
         return "".join(line + "\r\n" for line in added).encode("utf-8")
 
 

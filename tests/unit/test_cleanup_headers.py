@@ -243,7 +243,6 @@ async def test_submit_adds_message_id_date_and_from_when_missing(env):
     (b"message-id: <x@y>\r\n", {"date", "from"}),
     (b"DATE: Tue, 14 Nov 2023 22:00:00 +0000\r\n", {"message-id", "from"}),
     (b"From: a@b\r\n", {"message-id", "date"}),
-    (b"Resent-Message-ID: <r@y>\r\nResent-From: r@y\r\n", {"message-id", "date", "from"}),
 ])
 async def test_submit_adds_only_what_is_missing(env, present, added):
     await env.cleanup.submit(submission(present + b"\r\nbody\r\n"))
@@ -252,6 +251,19 @@ async def test_submit_adds_only_what_is_missing(env, present, added):
         assert names.count(name) == 1
     original = set(header_names(present))
     assert {n for n in ("message-id", "date", "from") if n not in original} == added
+
+
+@pytest.mark.parametrize("present, added", [
+    (b"Resent-From: r@example.test\r\nResent-To: t@example.test\r\n" + b"From: a@x.test\r\nDate: x\r\n"
+     b"Message-ID: <m@x.test>\r\n", ["resent-message-id", "resent-date"]),
+    (b"Resent-To: t@example.test\r\nSubject: s\r\n", ["resent-message-id", "resent-date", "resent-from"]),
+    (b"Resent-Message-ID: <r@y>\r\nResent-From: r@y\r\n", ["resent-date"]),  # no plain Message-ID, Date, From
+])
+async def test_a_resent_message_gets_the_resent_fields_it_lacks(env, present, added):
+    """As Postfix's cleanup: with Resent- fields, what is missing is the Resent- kind, not Message-ID and Date."""
+    await env.cleanup.submit(submission(present + b"\r\nbody\r\n"))
+    names = header_names(split_header(env.store.inserted[0].content)[0])
+    assert names == ["received", *header_names(present), *added]
 
 
 async def test_null_sender_gets_mailer_daemon_from(env):
