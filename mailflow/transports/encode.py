@@ -5,9 +5,11 @@ end. None holds back more than a few bytes (a CR that a LF may follow, the start
 `From `), so memory stays bounded whatever the message and its line lengths.
 
     ToLf()              CRLF -> LF (mailbox files, commands' input)
-    SmtpData(crlf)      the content of DATA (smtp, lmtp): every line end made CRLF, a leading '.' doubled
-                        (RFC 5321 4.5.2), a final CRLF; the caller sends ".\\r\\n" after it. `crlf`: the
-                        content's line ends are known to be CRLF already (Content.crlf): not looked at again
+    SmtpData(crlf)      the content of DATA (smtp, lmtp): every line end made CRLF, a line longer than
+                        LINE_LIMIT (998) octets broken with CRLF SPACE (Postfix's smtp_line_length_limit; RFC
+                        5321 4.5.3.1.6), a leading '.' doubled (RFC 5321 4.5.2), a final CRLF; the caller sends
+                        ".\\r\\n" after it. `crlf`: the content's line ends are known to be CRLF already
+                        (Content.crlf): not looked at again
     QuoteLines(starts, could_start, mark)   on LF text: `mark` inserted at the start of each line that starts
                         with the regex `starts`; `could_start` fully matches what may still become such a start
     mboxrd_quoting()    `>*From ` lines get one more '>' (mbox files, see mailflow.transports.local.mbox)
@@ -23,6 +25,7 @@ from typing import AsyncIterable, AsyncIterator, Iterable, Iterator, Protocol
 from mailflow.content import crlf_only
 
 _LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
+LINE_LIMIT = 998  # octets of a line sent in DATA, its CRLF not counted (RFC 5321 4.5.3.1.6)
 MAX_HOLD = 64  # QuoteLines: past this the held line start can only be a run of '>' (mboxrd): sent on
 
 
@@ -53,6 +56,7 @@ class SmtpData:
         self._cr = False  # the last chunk ended in CR (a lone one, or the first half of a CRLF)
         self._line_start = True
         self._sent = False
+        self._column = 0  # octets of the line under way (before dot-stuffing)
 
     def feed(self, data: bytes) -> bytes:
         if self._cr:
@@ -63,6 +67,10 @@ class SmtpData:
             return b""
         if self._mend and not crlf_only(data):
             data = _LINE_ENDINGS.sub(b"\r\n", data)
+        if _has_long_line(data, self._column):  # (rare: ~25 us per 100 KB to tell)
+            data = _fold_long_lines(data, self._column)
+        last_end = data.rfind(b"\n")
+        self._column = len(data) - last_end - 1 if last_end >= 0 else self._column + len(data)
         if b"." in data:  # (memchr: a chunk without dots, such as base64, is not scanned again)
             data = data.replace(b"\n.", b"\n..")
         if self._line_start and data[:1] == b".":
@@ -76,6 +84,34 @@ class SmtpData:
             self._cr, self._line_start, self._sent = False, True, True
             return b"\r\n"
         return b"" if self._line_start and self._sent else b"\r\n"
+
+
+def _has_long_line(data: bytes, column: int) -> bool:
+    """Whether a line of CRLF-ended `data` (whose first line already had `column` octets) is longer than
+    LINE_LIMIT: one backward search per LINE_LIMIT octets, for the last line end within reach."""
+    start, reach = 0, LINE_LIMIT + 2 - column  # a line may span LINE_LIMIT octets and its CRLF
+    while start + reach < len(data):
+        end = data.rfind(b"\n", start, start + reach)
+        if end < 0:
+            return True
+        start, reach = end + 1, LINE_LIMIT + 2
+    last_end = data.rfind(b"\n")  # the line still under way at the end of the chunk, so far
+    return len(data) - last_end - 1 + (column if last_end < 0 else 0) > LINE_LIMIT
+
+
+def _fold_long_lines(data: bytes, column: int) -> bytes:
+    """Each line longer than LINE_LIMIT broken into pieces of at most LINE_LIMIT octets, every piece after the
+    first begun with a space: CRLF SPACE inserted, as Postfix's smtp client does."""
+    lines = data.split(b"\n")
+    out = []
+    for i, line in enumerate(lines):
+        complete = i < len(lines) - 1
+        text = line[:-1] if complete and line.endswith(b"\r") else line
+        first = max(LINE_LIMIT - (column if i == 0 else 0), 0)
+        pieces = [text[:first]] + [b" " + text[at:at + LINE_LIMIT - 1]
+                                   for at in range(first, len(text), LINE_LIMIT - 1)]
+        out.append(b"\r\n".join(pieces) + (b"\r" if complete else b""))
+    return b"\n".join(out)
 
 
 class QuoteLines:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import quopri
 import re
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +20,14 @@ def whole_smtp_data(content: bytes) -> bytes:
     content = re.sub(rb"\r\n|\n|\r(?!\n)", b"\r\n", content)
     if not content.endswith(b"\r\n"):
         content += b"\r\n"
-    return re.sub(rb"(?m)^\.", b"..", content)
+    return re.sub(rb"(?m)^\.", b"..", whole_folding(content))
+
+
+def whole_folding(content: bytes) -> bytes:
+    """Postfix's smtp_line_length_limit = 998: a longer line goes out in pieces of 998 octets at most, each after
+    the first begun with a space (CRLF SPACE inserted)."""
+    return b"\r\n".join(b"\r\n".join([line[:998]] + [b" " + line[at:at + 997] for at in range(998, len(line), 997)])
+                         for line in content.split(b"\r\n"))
 
 
 def whole_mboxrd(text: bytes) -> bytes:
@@ -48,6 +56,27 @@ cut_lists = st.lists(st.integers(min_value=0, max_value=10_000), max_size=12)
 @given(contents, cut_lists)
 def test_smtp_data_is_the_whole_rule_whatever_the_chunks(content, cuts):
     assert b"".join(encode(split(content, cuts), SmtpData())) == whole_smtp_data(content)
+
+
+long_pieces = st.sampled_from([b"\r\n", b"\n", b".", b"x", b"y" * 400, b"w" * 997, b"v" * 998, b"u" * 999])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(long_pieces, max_size=30).map(b"".join), cut_lists)
+def test_smtp_data_breaks_lines_over_998_octets_whatever_the_chunks(content, cuts):
+    out = b"".join(encode(split(content, cuts), SmtpData()))
+    assert out == whole_smtp_data(content)
+    assert max(len(line) for line in out.split(b"\r\n")) <= 999  # 998, or 999 when a leading dot was doubled
+
+
+@pytest.mark.parametrize("line, sent", [(b"X-Long: " + b"w" * 1519, [998, 530]), (b"x" * 1500, [998, 503]),
+                                        (b"X-Long2: " + b"a" * 1500, [998, 512])])
+def test_a_long_line_goes_out_as_postfix_sends_it(line, sent):
+    """What Postfix 3.7.11 relayed for the same lines (smtp_line_length_limit = 998): 998 octets, then CRLF SPACE
+    and the rest."""
+    out = b"".join(encode([line + b"\r\n\r\nbody\r\n"], SmtpData(crlf=True)))
+    assert [len(piece) for piece in out.split(b"\r\n")] == [*sent, 0, 4, 0]
+    assert out.replace(b"\r\n ", b"") == line + b"\r\n\r\nbody\r\n"
 
 
 @settings(max_examples=400, deadline=None)
