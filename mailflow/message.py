@@ -55,20 +55,23 @@ _FIELDS = re.compile(rb"(?:[!-9;-~]+[ \t]*:[^\n]*\n(?:[ \t][^\n]*\n)*)*")
 _FIELD_START = re.compile(rb"[!-9;-~]+[ \t]*:")
 
 
+def _fields_end(data: bytes) -> int:
+    """Where the run of complete header fields at the start of `data` ends."""
+    return _FIELDS.match(data).end()  # type: ignore[union-attr]  # (it matches the empty string at least)
+
+
 def header_end(data: bytes) -> int | None:
-    end = _FIELDS.match(data).end()  # type: ignore[union-attr]  # (it matches the empty string at least)
+    end = _fields_end(data)
     return end if data.find(b"\n", end) >= 0 else None  # the complete line after the fields ends them
 
 
 def split_header(content: bytes) -> tuple[bytes, bytes]:
-    end = header_end(content)
-    if end is None:  # no line ends the header section: the last line lacks its line end
-        end = _FIELDS.match(content).end()  # type: ignore[union-attr]
-        if end < len(content) and not _FIELD_START.match(content, end):
-            return content[:end], content[end:]  # a last line that is no header field is the body
-        head = content if content.endswith(b"\n") or not content else content + CRLF
-        return head, b""
-    return content[:end], content[end:]
+    end = _fields_end(content)
+    # ended by a complete line, or by a last line (without its line end) that is no header field: the body
+    if content.find(b"\n", end) >= 0 or (end < len(content) and not _FIELD_START.match(content, end)):
+        return content[:end], content[end:]
+    head = content if content.endswith(b"\n") or not content else content + CRLF  # all header fields
+    return head, b""
 
 
 def read_header(content, limit: int) -> tuple[bytes, bool]:

@@ -26,7 +26,7 @@ Failure behaviour (each refusal is a reply from `mailflow.status`; the session n
 - STARTTLS inside TLS: 554 5.5.1; inside a mail transaction: 503 5.5.1.
 - input before the greeting, or pipelined after a command that must end a group (RFC 2920: EHLO, HELO, DATA,
   VRFY, EXPN, NOOP, STARTTLS, AUTH), or any pipelining after HELO: 554 5.5.0 and the session closes.
-- over `hard_error_limit` errors: 421 4.7.0 and close; over `soft_error_limit` each reply waits
+- over `hard_error_limit` errors: 421 4.7.0 and close; from `soft_error_limit` errors on each reply waits
   `error_sleep_time`; junk commands (NOOP, VRFY, RSET, ETRN) beyond `junk_command_limit` count as errors.
 - a command not complete within `timeout` of the previous one, or DATA slower than `min_data_rate` beyond
   `timeout`, closes the session (slowloris); a session older than `session_time_limit` gets 421 4.4.2 at its
