@@ -125,6 +125,10 @@ class Submission:
     # cleanup adds the Message-ID, Date and From the message lacks (a local submission, a client in
     # local_header_rewrite_clients, or always_add_missing_headers); otherwise the headers stay as they came
     add_missing_headers: bool = True
+    # cleanup rewrites the addresses of the address header fields (From, To, Cc...), an unqualified one getting
+    # @this domain: "" is myorigin (a local submission, a client in local_header_rewrite_clients), another the
+    # remote_header_rewrite_domain of other clients; None leaves them as they came
+    header_rewrite_domain: str | None = ""
 
 
 @dataclass(frozen=True)

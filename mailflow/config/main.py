@@ -123,6 +123,10 @@ class Config(Section):
     # a DKIM signature that covers the header's absence), unless always_add_missing_headers. Mail submitted
     # with sendmail always gets them.
     local_header_rewrite_clients: tuple[str, ...] = ("permit_inet_interfaces",)
+    # The same clients' header addresses are rewritten as their envelope's are (an unqualified address gets
+    # @myorigin; canonical maps, masquerading). Other clients' header addresses are left alone, unless this names
+    # a domain: theirs are then rewritten too, unqualified ones getting @this domain (Postfix's names).
+    remote_header_rewrite_domain: str = ""
     always_add_missing_headers: bool = False
     queue_directory: str = "var"
     # How long a stopping server (SIGTERM: `docker stop`, systemd, Kubernetes) lets the transactions of open
@@ -222,7 +226,7 @@ class Config(Section):
             raise ValueError(f"{v!r} is not transport or transport:nexthop")
         return v
 
-    @field_validator("myorigin", "mydomain")
+    @field_validator("myorigin", "mydomain", "remote_header_rewrite_domain")
     @classmethod
     def _domain(cls, v: str) -> str:
         if v and not normalise_domain(v):

@@ -3,6 +3,9 @@
 What it owns (Postfix cleanup(8), envelope part):
 - `sender(addr)`: qualify (trivial-rewrite), `sender_canonical_maps` then `canonical_maps`, then
   `masquerade_domains`. The null sender "" stays "".
+- `header_sender(addr, origin)`, `header_recipient(addr, origin)`: an address of a header field (cleanup's header
+  rewriting, mailflow.header_addresses): qualified with `origin`, then canonical maps and masquerading (both
+  classes: Postfix's masquerade_classes masquerade header recipients too).
 - `recipient(addr)`: qualify, `recipient_canonical_maps` then `canonical_maps`; with [srs] on, a valid SRS address of
   the SRS domain (a bounce of forwarded mail coming back) becomes the original sender instead (mailflow.routing.srs,
   postsrsd's reverse map as a recipient canonical map).
@@ -92,6 +95,19 @@ class AddressMapper:
             if domain.endswith("." + parent):
                 return addr if keep else f"{local}@{parent}"
         return addr
+
+    # -- header addresses ------------------------------------------------------------------------------
+    def header_sender(self, addr: str, origin: str = "", *, mapped: bool = True) -> str:
+        """An address of a sender header field (From, Sender, Reply-To...): qualified with `origin` (default
+        myorigin), then (`mapped`) as an envelope sender: canonical maps and masquerading."""
+        qualified = self._rewriter.qualify(addr, origin)
+        return self.masquerade(self._canonical(qualified, self._sender_passes)) if mapped else qualified
+
+    def header_recipient(self, addr: str, origin: str = "", *, mapped: bool = True) -> str:
+        """An address of a recipient header field (To, Cc...): qualified, then (`mapped`) through the recipient
+        canonical maps and masquerading (Postfix masquerades header recipients, not envelope ones)."""
+        qualified = self._rewriter.qualify(addr, origin)
+        return self.masquerade(self._canonical(qualified, self._recipient_passes)) if mapped else qualified
 
     # -- recipients ------------------------------------------------------------------------------------
     def recipient(self, addr: str) -> str:

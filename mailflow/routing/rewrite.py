@@ -158,12 +158,13 @@ class Rewriter:
         self._class_answers: dict[str, Resolution] = {}  # qualified address -> _class_default's answer
         self.tables = tables
 
-    def qualify(self, addr: str) -> str:
+    def qualify(self, addr: str, origin: str = "") -> str:
+        """`user` -> `user@origin` (default myorigin); with append_dot_mydomain `user@host` -> `user@host.mydomain`."""
         local, domain = address.split(addr)
         if not addr or addr.endswith("@"):
             return addr  # empty, or no domain after the '@': a syntax error for the caller to report
         if not domain:
-            return f"{addr}@{self._config.origin}"
+            return f"{addr}@{origin or self._config.origin}"
         if self._config.append_dot_mydomain and "." not in domain and not domain.startswith("["):
             return f"{local}@{domain}.{self._config.domain}"
         return addr

@@ -14,7 +14,10 @@ What it does, in order (Postfix cleanup(8)):
    drops it (the client is told it was queued), HOLD queues it on hold, FILTER, REDIRECT, IGNORE, PREPEND and
    REPLACE change what is queued;
 4a. removes the header fields of `message_drop_headers` (Postfix's default: Bcc, Resent-Bcc, Return-Path,
-   Content-Length), so a blind copy's recipients are never shown to the others;
+   Content-Length), so a blind copy's recipients are never shown to the others; rewrites the addresses of the
+   address fields (`Submission.header_rewrite_domain`; mailflow.header_addresses): an unqualified one gets
+   @myorigin (or the remote_header_rewrite_domain), then canonical maps and masquerading by the field's class,
+   as Postfix does for mail from this host (smtpd: local_header_rewrite_clients) and local submissions;
 4b. prepends a Received header (for a local submission "by HOST (mailflow, from userid UID)") and under it the
    header fields smtpd gave (`Submission.headers`: Authentication-Results, spam and virus tags, access PREPEND);
    appends Message-ID, Date and From (Resent-Message-ID, Resent-Date, Resent-From for a message with Resent-
@@ -31,8 +34,8 @@ What it does, in order (Postfix cleanup(8)):
 7. logs `received` and `queued`, and wakes qmgr; or, when a queue manager is attached (`attach_queue_manager`)
    and has room, commits the message straight into the active queue and hands it over (qmgr `reserve`,
    `hand_over`, `release`: no scan, no read of what was just written).
-Address rewriting is skipped for a listener with receive_override_options no_address_mappings.
-Header addresses are not rewritten (Postfix rewrites them only for mail from this host by default).
+Address mapping (canonical, masquerading, virtual) is skipped for a listener with receive_override_options
+no_address_mappings; header addresses are still qualified there, as Postfix does.
 `submit()` returns the queue id only after the commit is on disk: that is when smtpd may say 250.
 Failures (mailflow.errors; the caller logs the error's `reason` and answers by `status.error_reply`):
 `PermanentError` 5.4.0 for a loop (too many hops), `MessageTooBig` 5.3.4 for a header section over the limit,
@@ -55,6 +58,7 @@ from mailflow.config import DEFAULTS
 from mailflow.content import Content, Spool, crlf_only
 from mailflow.errors import MessageTooBig, PermanentError, TemporaryError
 from mailflow.filters.content_checks import ContentChecks, Inspection
+from mailflow.header_addresses import rewrite_address_fields
 from mailflow.logs import MailLog
 from mailflow.message import header_names, header_value, read_header, rfc5322_date, without_fields
 from mailflow.model import QueueId, Recipient, Submission
@@ -248,6 +252,8 @@ class Cleanup:
         missing = self._missing_headers(names, queue_id, sender, now, fullname) if sub.add_missing_headers else b""
         if self._drop_headers.intersection(names):
             head = without_fields(head, self._drop_headers)
+        if sub.header_rewrite_domain is not None and self._mapper is not None:
+            head = self._rewrite_header_addresses(head, sub.header_rewrite_domain, mapped=rewrite)
         block = self._received(sub, queue_id, now) + _header_lines(sub.headers) + head + missing
         if rest.size and not rest.read_prefix(2).startswith((b"\r\n", b"\n")):
             block += b"\r\n"  # the header section ended at a line that is no header field: the body starts there
@@ -263,6 +269,15 @@ class Cleanup:
             envid=env.envid,
             ret=env.ret,
         )
+
+    def _rewrite_header_addresses(self, head: bytes, origin: str, *, mapped: bool) -> bytes:
+        """Postfix's header address rewriting: unqualified addresses get @`origin` ("": myorigin), and (`mapped`)
+        canonical maps and masquerading apply, by the field's class (sender: From, Sender, Reply-To...;
+        recipient: To, Cc...)."""
+        mapper = self._mapper
+        assert mapper is not None
+        return rewrite_address_fields(head, lambda a: mapper.header_sender(a, origin, mapped=mapped),
+                                      lambda a: mapper.header_recipient(a, origin, mapped=mapped))
 
     def prepare_notice(self, sub: Submission) -> NewMessage:
         """`prepare` for a notice this host writes: if its recipient cannot be rewritten now, it is queued

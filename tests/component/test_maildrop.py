@@ -242,6 +242,17 @@ async def test_pickup_delivers_a_dropped_file_on_wake_up_with_local_headers(mail
     assert not (mf.config.queue_path / "maildrop" / name).exists()
 
 
+async def test_a_submission_gets_its_header_addresses_qualified(mailflow_server, tmp_path):
+    mf = await mailflow_server(myorigin="local.test")
+    _drop(mf, b"From: alice\r\nTo: Bob <bob>, carol@x.test\r\nSubject: bob\r\n\r\nbob\r\n")
+    assert wake_pickup(mf.config.queue_path / "public" / "pickup")
+    maildir = tmp_path / "mail" / "bob" / "Maildir"
+    await eventually(lambda: maildir_messages(maildir), timeout=5)
+    text = maildir_messages(maildir)[0].decode()
+    assert "\nFrom: alice@local.test\n" in text and "\nTo: Bob <bob@local.test>, carol@x.test\n" in text
+    assert "\nSubject: bob\n" in text and text.endswith("\n\nbob\n")
+
+
 async def test_corrupt_file_is_set_aside_and_the_next_is_delivered(mailflow_server, tmp_path, caplog):
     mf = await mailflow_server()
     drop = mf.config.queue_path / "maildrop"

@@ -267,6 +267,33 @@ async def test_missing_headers_are_added_only_for_local_header_rewrite_clients(m
         assert (field in head) == added, head
 
 
+UNQUALIFIED = b"From: bob\r\nTo: Alice <alice>, carol@local.test\r\nSubject: bob\r\n\r\nbody\r\n"
+
+
+@pytest.mark.parametrize("settings, client, from_, to", [
+    ({}, "127.0.0.1", b"From: bob@mx.mailflow.test", b"To: Alice <alice@mx.mailflow.test>, carol@local.test"),
+    ({}, "192.0.2.1", b"From: bob", b"To: Alice <alice>, carol@local.test"),  # a remote client's stay as they came
+    ({"remote_header_rewrite_domain": "remote.example"}, "192.0.2.1", b"From: bob@remote.example",
+     b"To: Alice <alice@remote.example>, carol@local.test"),
+    ({"local_header_rewrite_clients": [], "myorigin": "local.test"}, "127.0.0.1", b"From: bob", b"To: Alice <alice>"),
+    ({"myorigin": "local.test", "canonical_maps": ["inline:{bob@local.test=robert@local.test}"]}, "127.0.0.1",
+     b"From: robert@local.test", b"To: Alice <alice@local.test>, carol@local.test"),
+])
+async def test_header_addresses_are_rewritten_for_local_header_rewrite_clients(mailflow_server, tmp_path, settings,
+                                                                              client, from_, to):
+    mf = await mailflow_server(**settings, smtpd={"listen": ["127.0.0.1:0"],
+                                                  "authorized_xclient_hosts": ["127.0.0.1/32"]})
+    c = await SmtpClient.connect(mf.smtpd.address_of("mta")[1])
+    assert (await c.cmd("EHLO filter.test"))[0] == 250
+    assert (await c.cmd(f"XCLIENT ADDR={client}"))[0] == 220
+    assert (await c.send_message(UNQUALIFIED))[0] == 250
+    await c.close()
+    mail = await eventually(lambda: maildir_messages(tmp_path / "mail" / "alice" / "Maildir"))
+    head = mail[0].split(b"\n\n")[0]
+    assert b"\n" + from_ + b"\n" in head and b"\n" + to in head, head
+    assert b"\nSubject: bob" in head  # (not an address field)
+
+
 def test_local_header_rewrite_clients_names_the_bad_entry(tmp_path):
     with pytest.raises(ConfigError, match="local_header_rewrite_clients.*permit_tls_clientcerts"):
         config_from_dict(merged(base_settings(tmp_path), {"local_header_rewrite_clients": ["permit_tls_clientcerts"]}))

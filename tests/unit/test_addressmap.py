@@ -403,3 +403,27 @@ def test_is_mapped_qualifies_the_address():
 def test_is_mapped_table_that_cannot_answer_raises_lookup_retry():
     with pytest.raises(LookupRetry):
         mapper(virtual_alias_maps=("fail:v",)).is_mapped("a@example.test")
+
+
+# -------------------------------------------------------------------------------------- header addresses
+
+def test_header_addresses_are_qualified_with_myorigin_or_the_domain_given():
+    m = mapper(myorigin="example.test")
+    assert m.header_sender("bob") == "bob@example.test"
+    assert m.header_recipient("carol", "remote.example") == "carol@remote.example"
+    assert m.header_sender("") == "" and m.header_recipient("bob@") == "bob@"  # nothing to qualify
+
+
+def test_header_recipients_are_masqueraded_unlike_envelope_recipients(tmp_path):
+    m = mapper(masquerade_domains=("example.test",),
+               recipient_canonical_maps=(table(tmp_path, "rc", "old@example.test new@host.example.test\n"),))
+    assert m.header_recipient("old@example.test") == "new@example.test"  # canonical, then masquerading
+    assert m.recipient("old@example.test") == "new@host.example.test"  # the envelope is not masqueraded
+    assert m.header_sender("a@host.example.test") == "a@example.test"
+
+
+def test_unmapped_header_addresses_are_only_qualified(tmp_path):
+    m = mapper(canonical_maps=(table(tmp_path, "c", "bob@example.test robert@example.test\n"),))
+    assert m.header_sender("bob", mapped=False) == "bob@mx.example.test"
+    assert m.header_sender("bob@example.test", mapped=False) == "bob@example.test"
+    assert m.header_sender("bob@example.test") == "robert@example.test"

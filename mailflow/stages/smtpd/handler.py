@@ -16,7 +16,8 @@ into `new_spool()` as it arrives; the handler sees it whole, as a mailflow.conte
 (`Transaction.content`), never as one bytes object.
 A message marked DISCARD by a restriction is answered 250 and dropped (logged); HOLD is queued on hold;
 PREPEND's fields, REDIRECT and BCC change what is handed to cleanup (its headers, its recipients). Cleanup adds
-the Message-ID, Date and From a message lacks only for local_header_rewrite_clients (`_adds_missing_headers`).
+the Message-ID, Date and From a message lacks, and qualifies its header addresses, only for
+local_header_rewrite_clients (`_header_rewriting`; remote_header_rewrite_domain for other clients' addresses).
 Every policy refusal is logged through the session as Postfix logs it (`NOQUEUE: reject: RCPT from …`). The
 client handed to cleanup names the protocol as the Received header says it (`state.received_protocol`:
 ESMTPSA, UTF8SMTPS, … per RFC 3848 / 6531) and the SASL login for the `client=` log line.
@@ -90,14 +91,20 @@ class SmtpdHandler:
         self.submitting = 0  # DATA hand-overs waiting for their commit
         self._instances = itertools.count(1)  # the policy protocol's `instance` attribute: one per message
 
-    def _adds_missing_headers(self, server, session: SessionState) -> bool:
-        """Whether cleanup adds the headers this client's message lacks: Postfix's always_add_missing_headers,
-        else its local_header_rewrite_clients (the client as PROXY or XCLIENT named it)."""
+    def _header_rewriting(self, server, session: SessionState) -> dict:
+        """What cleanup does to the headers of this client's message (Postfix 2.6+): for a client of
+        local_header_rewrite_clients (as PROXY or XCLIENT named it) it adds the Message-ID, Date and From the
+        message lacks and qualifies its header addresses with myorigin; for another client it adds nothing
+        (unless always_add_missing_headers) and rewrites header addresses only when remote_header_rewrite_domain
+        names a domain to qualify them with."""
         config = self._config
-        if config.always_add_missing_headers:
-            return True
+        local = self._is_local_rewrite_client(server, session)
+        return {"add_missing_headers": local or config.always_add_missing_headers,
+                "header_rewrite_domain": "" if local else config.remote_header_rewrite_domain or None}
+
+    def _is_local_rewrite_client(self, server, session: SessionState) -> bool:
         ip = session.peer_ip
-        for rule in config.local_header_rewrite_clients:
+        for rule in self._config.local_header_rewrite_clients:
             if rule == "permit_inet_interfaces" and _on_this_host(ip, server.transport):
                 return True
             if rule == "permit_mynetworks" and self.restrictions.trusted(ip):
@@ -248,7 +255,7 @@ class SmtpdHandler:
         submission = Submission(envelope=envelope.model_envelope().redirected(marks.redirect).with_bcc(marks.bcc),
                                 content=envelope.content, client=session.client_info(envelope),
                                 headers=tuple(marks.prepend),
-                                add_missing_headers=self._adds_missing_headers(server, session))
+                                **self._header_rewriting(server, session))
         if self._filters is not None and marks.discard is None:
             outcome = await self._filters.end_of_message(session, submission, verdicts, marks.filter)
             if outcome.refusal is not None:

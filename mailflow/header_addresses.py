@@ -1,0 +1,186 @@
+"""The addresses in a message's address header fields, rewritten in place (Postfix cleanup's header address
+rewriting: `user` becomes `user@myorigin`, canonical maps and masquerading apply to header addresses too).
+
+    SENDER_FIELDS, RECIPIENT_FIELDS         the fields of each class, as Postfix's header_opts classes them
+    address_spans(value) -> [(start, end)]  where each mailbox's address is in a field's value (bytes after the
+                                            colon, folding included): inside `<...>` (after a source route)
+                                            when the mailbox has one, else its words; group names, display
+                                            names, comments and `<>` are no addresses
+    rewrite_address_fields(head, sender, recipient) -> bytes
+                                            the header section with every address of a sender field passed
+                                            through `sender` and of a recipient field through `recipient`
+                                            (str -> str); a field none of whose addresses changed stays byte for
+                                            byte, and in one that changed only the addresses do (display names,
+                                            comments and folding stay; Postfix instead writes the field anew)
+
+A leaf module beside mailflow.message. Malformed input never raises: a mailbox whose words are not one address
+(`John Smith`, a comment or blanks between its words, a stray special) is left as it is, and so is a field
+value that is not text.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from mailflow.message import header_fields
+
+# Postfix global/header_opts.c: HDR_OPT_SENDER and HDR_OPT_RECIP (Return-Path, Bcc and Resent-Bcc are usually
+# dropped before this, by message_drop_headers)
+SENDER_FIELDS = frozenset({"disposition-notification-to", "errors-to", "from", "mail-followup-to", "reply-to",
+                           "resent-from", "resent-sender", "return-path", "return-receipt-to", "sender"})
+RECIPIENT_FIELDS = frozenset({"apparently-to", "bcc", "cc", "resent-bcc", "resent-cc", "resent-reply-to",
+                              "resent-to", "to"})
+
+_BLANK = b" \t\r\n"
+_SPECIALS = b",;:<>@"
+_WORD_END = _BLANK + _SPECIALS + b'("['
+
+# The usual field, one plain address bare or in angle brackets: found without the tokenizer (~1 µs, not ~6)
+_ONE_PLAIN = re.compile(rb"[ \t]*(<)?([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+(?:@[A-Za-z0-9.-]+)?)(?(1)>)[ \t]*(?:\r?\n)?")
+
+Token = tuple[str, int, int]  # kind (word, quoted, literal, comment, blank, or the special itself), start, end
+
+
+def _comment_end(value: bytes, start: int) -> int:
+    """The end (exclusive) of the comment opened at `start` (nested comments and backslash escapes skipped);
+    the end of `value` when it is never closed."""
+    depth, i = 0, start
+    while i < len(value):
+        c = value[i]
+        if c == 0x5C:  # backslash
+            i += 2
+            continue
+        if c == 0x28:
+            depth += 1
+        elif c == 0x29:
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return len(value)
+
+
+def _quoted_end(value: bytes, start: int, close: int) -> int:
+    """The end (exclusive) of the quoted string or literal whose content starts at `start`."""
+    i = start
+    while i < len(value):
+        c = value[i]
+        if c == 0x5C:
+            i += 2
+            continue
+        if c == close:
+            return i + 1
+        i += 1
+    return len(value)
+
+
+def _tokens(value: bytes) -> list[Token]:
+    tokens: list[Token] = []
+    i = 0
+    while i < len(value):
+        c = value[i]
+        if c in _BLANK:
+            end = i + 1
+            while end < len(value) and value[end] in _BLANK:
+                end += 1
+            tokens.append(("blank", i, end))
+        elif c == 0x28:  # (
+            end = _comment_end(value, i)
+            tokens.append(("comment", i, end))
+        elif c == 0x22:  # "
+            end = _quoted_end(value, i + 1, 0x22)
+            tokens.append(("quoted", i, end))
+        elif c == 0x5B:  # [
+            end = _quoted_end(value, i + 1, 0x5D)
+            tokens.append(("literal", i, end))
+        elif c in _SPECIALS:
+            end = i + 1
+            tokens.append((chr(c), i, end))
+        else:
+            end = i + 1
+            while end < len(value) and value[end] not in _WORD_END:
+                end += 1
+            tokens.append(("word", i, end))
+        i = end
+    return tokens
+
+
+def _mailboxes(tokens: list[Token]) -> list[list[Token]]:
+    """The tokens of each mailbox: separated by commas, a group's name (up to its colon) and its closing
+    semicolon dropped; inside angle brackets nothing separates."""
+    mailboxes: list[list[Token]] = [[]]
+    angle = False
+    for token in tokens:
+        kind = token[0]
+        if kind == "<":
+            angle = True
+        elif kind == ">":
+            angle = False
+        elif not angle and kind in (",", ";"):
+            mailboxes.append([])
+            continue
+        elif not angle and kind == ":":
+            mailboxes[-1] = []  # a group's display name
+            continue
+        mailboxes[-1].append(token)
+    return [m for m in mailboxes if m]
+
+
+def _address_span(mailbox: list[Token]) -> tuple[int, int] | None:
+    """Where the address of one mailbox is, or None: no address, or words that are not one address."""
+    kinds = [kind for kind, _, _ in mailbox]
+    if "<" in kinds:
+        inside = mailbox[kinds.index("<") + 1:]
+        if ">" not in [kind for kind, _, _ in inside]:
+            return None
+        inside = inside[:[kind for kind, _, _ in inside].index(">")]
+        route_end = max((i for i, (kind, _, _) in enumerate(inside) if kind == ":"), default=-1)
+        words = inside[route_end + 1:]
+    else:
+        words = mailbox
+    significant = [i for i, (kind, _, _) in enumerate(words) if kind not in ("blank", "comment")]
+    if not significant:
+        return None
+    first, last = significant[0], significant[-1]
+    if any(kind not in ("word", "quoted", "literal", "@") for kind, _, _ in words[first:last + 1]):
+        return None  # blanks, comments or specials between the words: not one address
+    return words[first][1], words[last][2]
+
+
+def address_spans(value: bytes) -> list[tuple[int, int]]:
+    plain = _ONE_PLAIN.fullmatch(value)
+    if plain is not None:
+        return [plain.span(2)]
+    return _spans_of_tokens(value)
+
+
+def _spans_of_tokens(value: bytes) -> list[tuple[int, int]]:
+    spans = (_address_span(mailbox) for mailbox in _mailboxes(_tokens(value)))
+    return [span for span in spans if span is not None]
+
+
+def _rewritten_value(value: bytes, rewrite: Callable[[str], str]) -> bytes | None:
+    """The value with its addresses rewritten, or None when none of them changed."""
+    out, done = [], 0
+    for start, end in address_spans(value):
+        old = value[start:end].decode("utf-8", "surrogateescape")
+        new = rewrite(old)
+        if new != old:
+            out += [value[done:start], new.encode("utf-8", "surrogateescape")]
+            done = end
+    return b"".join(out) + value[done:] if out else None
+
+
+def rewrite_address_fields(head: bytes, sender: Callable[[str], str], recipient: Callable[[str], str]) -> bytes:
+    out: list[bytes] = []
+    changed = False
+    for name, lines in header_fields(head):
+        field = b"".join(lines)
+        rewrite = sender if name in SENDER_FIELDS else recipient if name in RECIPIENT_FIELDS else None
+        if rewrite is not None:
+            label, colon, value = field.partition(b":")
+            new_value = _rewritten_value(value, rewrite)
+            if new_value is not None:
+                field, changed = label + colon + new_value, True
+        out.append(field)
+    return b"".join(out) if changed else head

@@ -1,0 +1,86 @@
+"""The addresses of address header fields, found and rewritten in place (mailflow.header_addresses).
+
+Covered: which spans of a field value are addresses (bare, in angle brackets, after a source route, quoted local
+parts, literals; group names, display names, comments, `<>` and malformed mailboxes are not); which fields are
+rewritten and through which class's function; a field rewritten keeps everything but its addresses, and a
+header section with nothing to change comes back as the same object; any bytes at all never raise.
+"""
+from __future__ import annotations
+
+from hypothesis import given, settings, strategies as st
+
+from mailflow.header_addresses import (RECIPIENT_FIELDS, SENDER_FIELDS, _spans_of_tokens, address_spans,
+                                       rewrite_address_fields)
+
+
+def addresses(value: bytes) -> list[bytes]:
+    return [value[start:end] for start, end in address_spans(value)]
+
+
+def qualify(addr: str) -> str:
+    return addr if "@" in addr or not addr else addr + "@example.test"
+
+
+def test_the_address_of_each_mailbox_is_found():
+    assert addresses(b" bob\r\n") == [b"bob"]
+    assert addresses(b" Bob Smith <bob>, carol@x.test (Carol), <dave@y.test>\r\n") == [b"bob", b"carol@x.test",
+                                                                                     b"dave@y.test"]
+    assert addresses(b' "Smith, Bob" <bob@x>, "a b"@c, u@[192.0.2.1]\r\n') == [b"bob@x", b'"a b"@c', b"u@[192.0.2.1]"]
+    assert addresses(b" <@r1.test,@r2.test:u@d.test>\r\n") == [b"u@d.test"]
+    assert addresses(b" friends: a, b@x;, c\r\n") == [b"a", b"b@x", b"c"]  # a group's name is none
+    assert addresses(b" (only (nested) comment) a (x)\r\n\t, b\r\n") == [b"a", b"b"]
+
+
+def test_what_is_not_one_address_is_left_out():
+    assert addresses(b" <>\r\n") == []
+    assert addresses(b" undisclosed-recipients:;\r\n") == []
+    assert addresses(b" John Smith\r\n") == []  # two words: no address to qualify
+    assert addresses(b" a (c) @b\r\n") == []  # a comment inside
+    assert addresses(b" <a@b\r\n") == []  # never closed
+
+
+def test_sender_and_recipient_fields_go_through_their_own_function():
+    head = (b"From: bob\r\nSender: s\r\nReply-To: r\r\nTo: t\r\nCc: c\r\nResent-To: rt\r\nSubject: bob\r\n"
+            b"X-Other: bob\r\n")
+    out = rewrite_address_fields(head, lambda a: f"S.{a}", lambda a: f"R.{a}")
+    assert out == (b"From: S.bob\r\nSender: S.s\r\nReply-To: S.r\r\nTo: R.t\r\nCc: R.c\r\nResent-To: R.rt\r\n"
+                   b"Subject: bob\r\nX-Other: bob\r\n")
+    assert {"from", "sender", "reply-to", "errors-to"} <= SENDER_FIELDS
+    assert {"to", "cc", "resent-to", "apparently-to"} <= RECIPIENT_FIELDS
+
+
+def test_a_rewritten_field_keeps_its_names_comments_and_folding():
+    head = b'to: "Bob" <bob>,\r\n  carol (the boss),\r\n\tdave@x.test\r\nFROM :MAILER-DAEMON (Mail System)\r\n'
+    assert rewrite_address_fields(head, qualify, qualify) == (
+        b'to: "Bob" <bob@example.test>,\r\n  carol@example.test (the boss),\r\n\tdave@x.test\r\n'
+        b"FROM :MAILER-DAEMON@example.test (Mail System)\r\n")
+
+
+def test_nothing_to_change_gives_the_same_header_section_back():
+    head = b"From: bob@x.test\r\nTo: <>\r\nSubject: hi\r\n"
+    assert rewrite_address_fields(head, qualify, qualify) is head
+
+
+def test_8bit_addresses_and_display_names_come_back_as_they_were():
+    head = "From: Jöhn <jöhn>\r\nTo: ünqualified\r\n".encode() + b"Cc: \xff <x>\r\n"
+    assert rewrite_address_fields(head, qualify, qualify) == (
+        "From: Jöhn <jöhn@example.test>\r\nTo: ünqualified@example.test\r\n".encode()
+        + b"Cc: \xff <x@example.test>\r\n")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_any_value_is_scanned_without_error_and_identity_keeps_it(value):
+    for start, end in address_spans(value):
+        assert 0 <= start < end <= len(value)
+    head = b"To:" + value.replace(b"\n", b"\n ") + b"\r\n"
+    assert rewrite_address_fields(head, lambda a: a, lambda a: a) is head
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([b"", b" ", b"\t", b"  "]), st.booleans(),
+       st.from_regex(rb"[a-z0-9.+_-]{1,8}(@[a-z0-9.-]{1,8})?", fullmatch=True),
+       st.sampled_from([b"", b" ", b"\r\n", b" \r\n", b"\n"]))
+def test_the_fast_path_for_one_plain_address_agrees_with_the_tokenizer(lead, angle, addr, end):
+    value = lead + (b"<" + addr + b">" if angle else addr) + end
+    assert address_spans(value) == _spans_of_tokens(value)
