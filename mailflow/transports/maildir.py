@@ -6,9 +6,9 @@ message is never held whole; raises OSError (also when the content's spool file 
 `MaildirTransport(locate, clock=…, relay=…)`: `locate(recipient) -> Path | None` finds the Maildir.
 - `virtual_maildirs(base, rewriter)`: `<virtual_mailbox_base>/<virtual_mailbox_maps value>`; the value must
   end in "/" (Maildir) and stay inside the base.
-Per recipient: write `Return-Path` and `Delivered-To` then the message, with LF line endings (the mailbox
-convention, as Postfix writes it) into `tmp/`, fsync the file, rename it into `new/`, fsync `new/`. Only then
-is the recipient SENT. The file work runs in a worker thread.
+Per recipient: write `Return-Path`, `X-Original-To` and `Delivered-To` then the message, with LF line endings
+(the mailbox convention, as Postfix writes it) into `tmp/`, fsync the file, rename it into `new/`, fsync
+`new/`. Only then is the recipient SENT. The file work runs in a worker thread.
 Quota (`quota(recipient) -> bytes`, 0 = none): the sizes of the files in new/ and cur/ plus the new message
 (counted as queued, with its CRLF line ends: the file is at most that big) may not exceed it; over quota bounces 5.2.2, or defers 4.2.2 when `overquota_bounce` is False.
 Ownership (`owner(recipient) -> (uid, gid)`, Postfix virtual_uid_maps / virtual_gid_maps): directories created
@@ -74,9 +74,12 @@ class MaildirWriter:
         return f"{sec}.M{usec}P{os.getpid()}Q{next(self._seq)}.{self._host}"
 
 
-def mailbox_prefix(sender: str, delivered_to: str) -> bytes:
-    """The lines a mailbox copy starts with (LF line ends, as mailbox files keep them)."""
-    return f"Return-Path: <{sender}>\nDelivered-To: {delivered_to}\n".encode("utf-8")
+def mailbox_prefix(sender: str, delivered_to: str, original: str = "") -> bytes:
+    """The lines a mailbox copy starts with (LF line ends, as mailbox files keep them), in Postfix's order:
+    Return-Path, X-Original-To (`original`: the recipient as the client gave it, before aliases and
+    rewriting; none when empty) and Delivered-To."""
+    original_to = f"X-Original-To: {original}\n" if original else ""
+    return f"Return-Path: <{sender}>\n{original_to}Delivered-To: {delivered_to}\n".encode("utf-8")
 
 
 def maildir_size(maildir: Path) -> int:
@@ -130,7 +133,7 @@ class MaildirTransport:
         if maildir is None:
             return RcptResult(rcpt, Outcome.BOUNCED, "5.1.1", "user unknown in virtual mailbox table",
                               relay=self._relay)
-        prefix = mailbox_prefix(request.sender, rcpt.address)
+        prefix = mailbox_prefix(request.sender, rcpt.address, rcpt.original or rcpt.address)
         try:
             refusal = await self._over_quota(rcpt, maildir, len(prefix) + request.content.size)
             if refusal is not None:

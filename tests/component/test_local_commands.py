@@ -74,8 +74,8 @@ async def test_an_alias_command_gets_local_environment_and_the_message(scripts, 
         "SENDER": "o_brien_co@remote.test", "RECIPIENT": "Run+Tag@Example.test",
         "ORIGINAL_RECIPIENT": "first@elsewhere.test", "LOCAL": "run+tag", "DOMAIN": "example.test",
         "EXTENSION": "tag", "PATH": "/usr/bin:/bin"}
-    assert scripts.read("stdin") == ("Return-Path: <o'brien&co@remote.test>\nDelivered-To: Run+Tag@Example.test\n"
-                                     "From: sender@remote.test\nSubject: hello\n\nline one\n")
+    assert scripts.read("stdin") == ("Return-Path: <o'brien&co@remote.test>\nX-Original-To: first@elsewhere.test\n"
+                                     "Delivered-To: Run+Tag@Example.test\nFrom: sender@remote.test\nSubject: hello\n\nline one\n")
     assert scripts.read("pwd") == "/\n"  # the home does not exist
     expected_uid = pwd.getpwnam("nobody").pw_uid if os.geteuid() == 0 else os.geteuid()
     assert scripts.read("uid") == f"{expected_uid}\n"

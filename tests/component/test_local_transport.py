@@ -1,6 +1,6 @@
 """The local transport (mailflow.transports.local.LocalTransport) with real Maildirs and alias files in tmp_path.
 
-Covered: a mailbox copy (Return-Path, Delivered-To, LF line ends, in Maildir/new); an alias to two users and a
+Covered: a mailbox copy (Return-Path, X-Original-To, Delivered-To, LF line ends, in Maildir/new); an alias to two users and a
 remote address (both Maildirs written, one forwarded copy with Delivered-To prepended, SENT); a Delivered-To
 loop (5.4.6, nothing written); an unknown user (5.1.1); a command target (deferred 4.3.5 before anything is
 written); a refused part next to a delivered one (BOUNCED, the delivered part written); a Maildir that
@@ -77,8 +77,9 @@ def delivered(tmp_path: Path, user: str) -> list[bytes]:
     return [p.read_bytes() for p in sorted(new.iterdir())] if new.is_dir() else []
 
 
-def mailbox_copy(rcpt: str) -> bytes:
-    return (f"Return-Path: <{SENDER}>\nDelivered-To: {rcpt}\n".encode()
+def mailbox_copy(rcpt: str, original: str = "") -> bytes:
+    """A mailbox copy for `rcpt`, reached from `original` (as the client gave it; default `rcpt` itself)."""
+    return (f"Return-Path: <{SENDER}>\nX-Original-To: {original or rcpt}\nDelivered-To: {rcpt}\n".encode()
             + b"From: sender@remote.test\nSubject: hello\n\nline one\nline two\n")
 
 
@@ -86,7 +87,7 @@ async def test_mailbox_delivery_writes_the_maildir(tmp_path):
     report = await transport(tmp_path).deliver(request("alice@example.test"))
     [result] = report.results
     assert (result.outcome, result.dsn, result.relay) == (Outcome.SENT, "2.0.0", "local")
-    assert delivered(tmp_path, "alice") == [mailbox_copy("alice@example.test")]
+    assert delivered(tmp_path, "alice") == [mailbox_copy("alice@example.test", "ALICE@EXAMPLE.TEST")]
     maildir = tmp_path / "mail" / "alice" / "Maildir"
     assert list((maildir / "tmp").iterdir()) == []
     assert (maildir / "cur").is_dir()
@@ -105,8 +106,8 @@ async def test_alias_to_two_users_and_a_remote_address(tmp_path):
     [result] = (await t.deliver(req)).results
     assert result.outcome is Outcome.SENT
     assert "FWD1" in result.text
-    assert delivered(tmp_path, "alice") == [mailbox_copy("alice@example.test")]
-    assert delivered(tmp_path, "bob") == [mailbox_copy("bob@example.test")]
+    assert delivered(tmp_path, "alice") == [mailbox_copy("alice@example.test", "TEAM@EXAMPLE.TEST")]
+    assert delivered(tmp_path, "bob") == [mailbox_copy("bob@example.test", "TEAM@EXAMPLE.TEST")]
     [(fwd_request, fwd_rcpt, addresses, content)] = fwd.calls
     assert fwd_request is req
     assert fwd_rcpt == req.recipients[0]
@@ -211,7 +212,7 @@ async def test_refused_part_bounces_and_delivered_part_is_written(tmp_path):
     [result] = (await t.deliver(request("team@example.test"))).results
     assert (result.outcome, result.dsn) == (Outcome.BOUNCED, "5.1.1")
     assert "nobody@example.test" in result.text
-    assert delivered(tmp_path, "alice") == [mailbox_copy("alice@example.test")]
+    assert delivered(tmp_path, "alice") == [mailbox_copy("alice@example.test", "TEAM@EXAMPLE.TEST")]
 
 
 async def test_maildir_that_cannot_be_written_defers(tmp_path):
@@ -270,7 +271,7 @@ async def test_a_spooled_message_reaches_maildir_mbox_and_forward_byte_exact(tmp
     req = DeliveryRequest("Q1", SENDER, (Recipient(0, "team@example.test", "team@example.test"),), "x", content)
     [result] = (await t.deliver(req)).results
     assert result.outcome is Outcome.SENT
-    prefix = f"Return-Path: <{SENDER}>\nDelivered-To: alice@example.test\n".encode()
+    prefix = mailbox_copy("alice@example.test", "team@example.test").split(b"From: ")[0]
     assert delivered(tmp_path, "alice") == [prefix + data.replace(b"\r\n", b"\n")]
     [(_, _, _, forwarded)] = fwd.calls
     assert forwarded.to_bytes() == b"Delivered-To: team@example.test\r\n" + data
@@ -279,5 +280,5 @@ async def test_a_spooled_message_reaches_maildir_mbox_and_forward_byte_exact(tmp
     await t.deliver(DeliveryRequest("Q2", SENDER, (Recipient(0, "bob@example.test", "bob@example.test"),), "x",
                                     content))
     mbox = (tmp_path / "mail" / "bob" / "Mailbox").read_bytes()
-    text = (prefix.replace(b"alice", b"bob") + data).replace(b"\r\n", b"\n")
+    text = (mailbox_copy("bob@example.test").split(b"From: ")[0] + data).replace(b"\r\n", b"\n")
     assert mbox.split(b"\n", 1)[1] == re.sub(rb"(?m)^(>*From )", rb">\1", text) + b"\n"

@@ -29,7 +29,8 @@ async def test_local_recipient_lands_in_maildir_intact(mailflow_server, tmp_path
     data = files[0]
     head = header_block(data)
     assert data.endswith(b"\n\n" + BODY.replace(b"\r\n", b"\n")), "body not byte-exact (LF on disk)"
-    assert head.startswith(b"Return-Path: <sender@remote.test>\nDelivered-To: alice@local.test\nReceived: from ")
+    assert head.startswith(b"Return-Path: <sender@remote.test>\nX-Original-To: alice@local.test\n"
+                           b"Delivered-To: alice@local.test\nReceived: from ")
     assert f"with ESMTP id {queue_id}".encode() in head
     for name in (b"\nMessage-ID: <", b"\nDate: ", b"\nFrom: <sender@remote.test>", b"\nSubject: skeleton"):
         assert name in head

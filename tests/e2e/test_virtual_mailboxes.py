@@ -17,10 +17,11 @@ async def test_each_virtual_user_lands_in_its_own_maildir(mailflow_server, tmp_p
     port = mf.smtp_addresses[0][1]
     await send(port, "s@remote.test", ["carol@virtual.test", "dave+news@virtual.test"],
                b"Subject: hosted\r\n\r\nfor carol and dave\r\n")
-    for user in ("carol", "dave"):
+    for user, given in (("carol", b"carol"), ("dave", b"dave+news")):
         maildir = tmp_path / "vmail" / "virtual.test" / user
         [data] = await eventually(lambda: maildir_messages(maildir))
-        assert data.startswith(b"Return-Path: <s@remote.test>\nDelivered-To: ")
+        assert data.startswith(b"Return-Path: <s@remote.test>\nX-Original-To: %s@virtual.test\nDelivered-To: "
+                               % given)
         assert data.endswith(b"\n\nfor carol and dave\n")
     assert not (tmp_path / "mail").exists(), "nothing went to the local class"
 
@@ -52,13 +53,13 @@ def test_a_map_value_outside_the_base_or_not_a_maildir_defers(tmp_path):
 
 async def test_a_full_virtual_mailbox_bounces_or_defers(mailflow_server, tmp_path):
     mf = await mailflow_server(virtual_mailbox_domains=["virtual.test"], virtual_mailbox_maps=[MAPS],
-                               virtual_mailbox_base=str(tmp_path / "vmail"), virtual_mailbox_limit=1000,
+                               virtual_mailbox_base=str(tmp_path / "vmail"), virtual_mailbox_limit=1200,
                                virtual_mailbox_limit_maps=["inline:{dave@virtual.test=100000}"])
     port = mf.smtp_addresses[0][1]
     await send(port, "s@remote.test", ["carol@virtual.test"], b"Subject: 1\r\n\r\n" + b"x" * 600 + b"\r\n")
     carol = tmp_path / "vmail" / "virtual.test" / "carol"
     await eventually(lambda: maildir_messages(carol))
-    # the second would take carol past her 1000 bytes; dave's own limit is larger
+    # the second would take carol past her 1200 bytes; dave's own limit is larger
     await send(port, "alice@local.test", ["carol@virtual.test", "dave@virtual.test"],
                b"Subject: 2\r\n\r\n" + b"y" * 600 + b"\r\n")
     await eventually(lambda: maildir_messages(tmp_path / "vmail" / "virtual.test" / "dave"))

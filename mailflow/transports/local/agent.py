@@ -7,8 +7,8 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
    in "/" (the default `Maildir/`), else an mbox file; with home_mailbox "" the file `<mail_spool_directory>/<user>`.
    As root, a Maildir of a local user who is also a system user is created with that user's uid and gid
    (directories 0700, files 0600), as local(8) writes with the recipient's rights. Each copy starts with
-   Return-Path and Delivered-To; one copy per user per request, however many of its
-   recipients lead there (Postfix's duplicate filter). mbox files get a From_ line, mboxrd quoting and the
+   Return-Path, X-Original-To (the recipient as the client gave it) and Delivered-To; one copy per user per
+   request, however many of its recipients lead there (Postfix's duplicate filter). mbox files get a From_ line, mboxrd quoting and the
    `mailbox_delivery_lock` locks (see mailflow.transports.local.mbox).
 3. Forwarded addresses (and the members of an :include: file or of a list with an owner- alias, which local(8)
    resubmits): one new message per recipient and sender, queued through cleanup by `forward(...)`, from the
@@ -17,8 +17,8 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
 4. Commands (allowed ones, see `_command`): `/bin/sh -c command` through pipe's `run_command`, with local(8)'s
    environment (HOME=<maildir_base>/<user>, USER, LOGNAME, SHELL, SENDER, RECIPIENT, ORIGINAL_RECIPIENT, LOCAL,
    DOMAIN, EXTENSION; message context with shell-special characters replaced by '_'), the message with
-   Return-Path and Delivered-To on stdin, in the home (or /), as `default_privs` when mailflow runs as root,
-   killed after `command_time_limit`; exit statuses mapped as pipe(8) does. Without `commands` settings they
+   Return-Path, X-Original-To and Delivered-To on stdin, in the home (or /), as `default_privs` when mailflow
+   runs as root, killed after `command_time_limit`; exit statuses mapped as pipe(8) does. Without `commands` settings they
    defer (4.3.5).
 5. Files (allowed ones): appended in mbox format under the mailbox locks; as root by a forked child running as
    `default_privs`; `/dev/null` accepts and discards.
@@ -121,12 +121,12 @@ class LocalTransport:
         for leaf in leaves:
             if isinstance(leaf, Mailbox):
                 if leaf.user not in filled:
-                    filled[leaf.user] = await self._mailbox(request, leaf)
+                    filled[leaf.user] = await self._mailbox(request, rcpt, leaf)
                 parts.append(filled[leaf.user])
             elif isinstance(leaf, Command):
                 parts.append(await self._command(request, rcpt, leaf))
             elif isinstance(leaf, File):
-                parts.append(await self._file(request, leaf))
+                parts.append(await self._file(request, rcpt, leaf))
             elif isinstance(leaf, Refused):
                 who = "" if leaf.address.lower() == rcpt.address.lower() else f"{leaf.address}: "
                 parts.append((Outcome.BOUNCED, leaf.dsn, who + leaf.text))
@@ -148,10 +148,10 @@ class LocalTransport:
                 return self._result(rcpt, outcome, bad[0][0], "; ".join(t for _, t in bad) + _also(done))
         return self._result(rcpt, Outcome.SENT, "2.0.0", "; ".join(done))
 
-    async def _mailbox(self, request: DeliveryRequest, leaf: Mailbox) -> Part:
+    async def _mailbox(self, request: DeliveryRequest, rcpt: Recipient, leaf: Mailbox) -> Part:
         """The user's Maildir or mbox file (`local.home_mailbox`, `local.mail_spool_directory`)."""
         path, kind = mailbox_location(self._local, leaf.user)
-        prefix = mailbox_prefix(request.sender, leaf.address)
+        prefix = mailbox_prefix(request.sender, leaf.address, rcpt.original or rcpt.address)
         if kind == "maildir":
             try:
                 await self._writer.write(path, prefix, request.content, await self._owner(leaf.user))
@@ -177,14 +177,14 @@ class LocalTransport:
             return None
         return Owner(account.pw_uid, account.pw_gid, Path(os.path.abspath(self._local.maildir_base)))
 
-    async def _file(self, request: DeliveryRequest, leaf: File) -> Part:
+    async def _file(self, request: DeliveryRequest, rcpt: Recipient, leaf: File) -> Part:
         """A `/file` destination, appended in mbox format under the mailbox locks; `/dev/null` discards. As
         root the append runs as `default_privs` in a forked child (Postfix writes files with the alias
         owner's or the user's rights, never root's: a .forward must not reach /etc/passwd)."""
         if leaf.path == os.devnull:
             return Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}"
         entry = mbox_entry(request.content, sender=request.sender, arrival=self._clock.time(),
-                           prepend=mailbox_prefix(request.sender, leaf.address))
+                           prepend=mailbox_prefix(request.sender, leaf.address, rcpt.original or rcpt.address))
         as_user = self._local.default_privs if os.geteuid() == 0 else None
         try:
             await append_mbox(Path(leaf.path), entry, locks=self._local.mailbox_delivery_lock, user=as_user)
@@ -220,7 +220,8 @@ class LocalTransport:
         env = {"HOME": str(home), "SHELL": "/bin/sh",
                **{k: "".join(c if c in _SHELL_SAFE else "_" for c in v) for k, v in context.items()}}
         try:
-            stdin = aencode(request.content.prepend(mailbox_prefix(request.sender, leaf.address)).stream(), ToLf())
+            prefix = mailbox_prefix(request.sender, leaf.address, rcpt.original or rcpt.address)
+            stdin = aencode(request.content.prepend(prefix).stream(), ToLf())
             result = await run_command(["/bin/sh", "-c", leaf.command], stdin=stdin, env=env,
                                        time_limit=settings.time_limit, output_limit=settings.output_limit,
                                        user=settings.default_privs if os.geteuid() == 0 else None,

@@ -1,0 +1,115 @@
+"""Differential tests of what a message looks like once through: the same message to a private Postfix and to
+mailflow configured alike.
+
+- cleanup's header rewriting: from 127.0.0.1 (a client on this host, as local_header_rewrite_clients' default sees
+  it), relayed to a capture peer each, the message must come out with the same addresses in its address fields.
+  The addresses are compared, not the bytes: Postfix writes a rewritten field anew, mailflow changes only its
+  addresses (docs/config.md).
+- a mailbox delivery (virtual(8) Maildir, through a virtual alias): the lines put before the message
+  (Return-Path, X-Original-To, Delivered-To) must be the same.
+"""
+from __future__ import annotations
+
+import email.utils
+import glob
+import os
+import shutil
+import tempfile
+
+import pytest
+
+from mailflow.message import header_values, split_header
+from tests.support import SmtpClient, eventually, postfix_instance
+
+pytestmark = pytest.mark.interop
+
+MESSAGE = (b"From: bob\r\n"
+           b"To: Alice <alice>, carol@relay.test, dave@host.origin.test\r\n"
+           b"Cc: erin (Erin E.),\r\n \"Frank F\" <frank>, undisclosed: gina, <hal@other.test>;\r\n"
+           b"Reply-To: ivan\r\n"
+           b"Sender: <>\r\n"
+           b"Subject: bob and alice\r\n"
+           b"Message-ID: <probe@client.test>\r\n"
+           b"Date: Fri, 04 Dec 2026 12:00:00 +0000\r\n"
+           b"\r\n"
+           b"bob\r\n")
+FIELDS = ("from", "to", "cc", "reply-to", "sender", "subject")
+
+
+async def relay_through(port: int, peer) -> dict[str, list]:
+    """Send MESSAGE through the server on `port`; the address fields of what `peer` received."""
+    c = await SmtpClient.connect(port)
+    assert (await c.cmd("EHLO client.test")).code == 250
+    assert (await c.cmd("MAIL FROM:<bob@client.test>")).code == 250
+    assert (await c.cmd("RCPT TO:<carol@relay.test>")).code == 250
+    assert (await c.cmd("DATA")).code == 354
+    await c.send(MESSAGE + b".\r\n")
+    assert (await c.reply()).code == 250
+    await c.close()
+    await eventually(lambda: peer.messages, timeout=20)
+    head, _ = split_header(peer.messages[0].content.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+    values = {name: header_values(head, name) for name in FIELDS}
+    return {name: [email.utils.getaddresses(values[name])] if name != "subject" else values[name]
+            for name in FIELDS}
+
+
+async def test_header_addresses_are_rewritten_as_a_real_postfix_rewrites_them(mailflow_server, smtp_peer):
+    pf_peer, mf_peer = await smtp_peer(), await smtp_peer()
+    async with postfix_instance({
+        "myhostname": "mx.origin.test", "myorigin": "origin.test", "mydestination": "",
+        "masquerade_domains": "origin.test", "relayhost": f"[127.0.0.1]:{pf_peer.port}",
+    }) as pf:
+        postfix = await relay_through(pf.port, pf_peer)
+    mf = await mailflow_server(myhostname="mx.origin.test", myorigin="origin.test", mydestination=[],
+                               masquerade_domains=["origin.test"], relayhost=f"[127.0.0.1]:{mf_peer.port}")
+    mailflow = await relay_through(mf.smtp_addresses[0][1], mf_peer)
+    assert mailflow == postfix
+    # what both did, so that the same mistake on both sides cannot pass unnoticed
+    assert postfix["from"] == [[("", "bob@origin.test")]]
+    assert [a for _, a in postfix["to"][0]] == ["alice@origin.test", "carol@relay.test", "dave@origin.test"]
+    assert [a for _, a in postfix["cc"][0]][-3:] == ["frank@origin.test", "gina@origin.test", "hal@other.test"]
+    assert postfix["subject"] == ["bob and alice"]
+
+
+async def test_a_mailbox_copy_starts_as_a_real_postfix_starts_it(mailflow_server, tmp_path):
+    async def deliver(port: int) -> None:
+        c = await SmtpClient.connect(port)
+        assert (await c.cmd("EHLO client.test")).code == 250
+        assert (await c.cmd("MAIL FROM:<bob@client.test>")).code == 250
+        assert (await c.cmd("RCPT TO:<team@vdomain.test>")).code == 250
+        assert (await c.cmd("DATA")).code == 354
+        await c.send(b"Subject: hi\r\n\r\nbody\r\n.\r\n")
+        assert (await c.reply()).code == 250
+        await c.close()
+
+    def first_lines(maildir: str) -> list[bytes]:
+        [path] = glob.glob(f"{maildir}/new/*")
+        with open(path, "rb") as f:
+            return f.read().split(b"\nReceived: ")[0].split(b"\n")
+
+    base = tempfile.mkdtemp(prefix="mailflow-vmail-")  # (tmp_path is not traversable by Postfix's virtual user)
+    os.chmod(base, 0o777)
+    try:
+        postfix = await _postfix_virtual_delivery(base, deliver, first_lines)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    mf = await mailflow_server(myhostname="mx.origin.test", mydestination=[],
+                               virtual_mailbox_domains=["vdomain.test"], virtual_mailbox_base=str(tmp_path / "vmail"),
+                               virtual_mailbox_maps=["inline:{alice@vdomain.test=alice/}"],
+                               virtual_alias_maps=["inline:{team@vdomain.test=alice@vdomain.test}"])
+    await deliver(mf.smtp_addresses[0][1])
+    mailflow = await eventually(lambda: glob.glob(f"{tmp_path}/vmail/alice/new/*") and first_lines(
+        f"{tmp_path}/vmail/alice"))
+    assert mailflow == postfix == [b"Return-Path: <bob@client.test>", b"X-Original-To: team@vdomain.test",
+                                   b"Delivered-To: alice@vdomain.test"]
+
+
+async def _postfix_virtual_delivery(base: str, deliver, first_lines) -> list[bytes]:
+    async with postfix_instance({
+        "myhostname": "mx.origin.test", "mydestination": "", "virtual_mailbox_domains": "vdomain.test",
+        "virtual_mailbox_base": base, "virtual_mailbox_maps": "inline:{alice@vdomain.test=alice/}",
+        "virtual_alias_maps": "inline:{team@vdomain.test=alice@vdomain.test}",
+        "virtual_uid_maps": "static:65534", "virtual_gid_maps": "static:65534",
+    }) as pf:
+        await deliver(pf.port)
+        return await eventually(lambda: glob.glob(f"{base}/alice/new/*") and first_lines(f"{base}/alice"))
