@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 from pathlib import Path
 
 import pytest
@@ -74,8 +75,10 @@ async def test_an_alias_command_gets_local_environment_and_the_message(scripts, 
         "SENDER": "o_brien_co@remote.test", "RECIPIENT": "Run+Tag@Example.test",
         "ORIGINAL_RECIPIENT": "first@elsewhere.test", "LOCAL": "run+tag", "DOMAIN": "example.test",
         "EXTENSION": "tag", "PATH": "/usr/bin:/bin"}
-    assert scripts.read("stdin") == ("Return-Path: <o'brien&co@remote.test>\nX-Original-To: first@elsewhere.test\n"
-                                     "Delivered-To: Run+Tag@Example.test\nFrom: sender@remote.test\nSubject: hello\n\nline one\n")
+    from_, stdin = scripts.read("stdin").split("\n", 1)  # local(8)'s From_ line first
+    assert re.fullmatch(r"From o'brien&co@remote\.test  \w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}", from_), from_
+    assert stdin == ("Return-Path: <o'brien&co@remote.test>\nX-Original-To: first@elsewhere.test\n"
+                     "Delivered-To: Run+Tag@Example.test\nFrom: sender@remote.test\nSubject: hello\n\nline one\n")
     assert scripts.read("pwd") == "/\n"  # the home does not exist
     expected_uid = pwd.getpwnam("nobody").pw_uid if os.geteuid() == 0 else os.geteuid()
     assert scripts.read("uid") == f"{expected_uid}\n"

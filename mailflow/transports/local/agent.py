@@ -17,7 +17,7 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
 4. Commands (allowed ones, see `_command`): `/bin/sh -c command` through pipe's `run_command`, with local(8)'s
    environment (HOME=<maildir_base>/<user>, USER, LOGNAME, SHELL, SENDER, RECIPIENT, ORIGINAL_RECIPIENT, LOCAL,
    DOMAIN, EXTENSION; message context with shell-special characters replaced by '_'), the message with
-   Return-Path, X-Original-To and Delivered-To on stdin, in the home (or /), as `default_privs` when mailflow
+   a From_ line, Return-Path, X-Original-To and Delivered-To on stdin (local(8)'s, not quoted as in an mbox), in the home (or /), as `default_privs` when mailflow
    runs as root, killed after `command_time_limit`; exit statuses mapped as pipe(8) does. Without `commands` settings they
    defer (4.3.5).
 5. Files (allowed ones): appended in mbox format under the mailbox locks; as root by a forked child running as
@@ -52,7 +52,7 @@ from mailflow.transports.local.aliasing import Command, File, Forward, LocalExpa
 from mailflow.tables import split_extension
 from mailflow.transports.encode import ToLf, aencode
 from mailflow.transports.maildir import MaildirWriter, Owner, mailbox_prefix
-from mailflow.transports.local.mbox import append_mbox, mailbox_location, mbox_entry
+from mailflow.transports.local.mbox import append_mbox, from_line, mailbox_location, mbox_entry
 from mailflow.transports.pipe import CommandNotRun, command_status, run_command
 
 log = logging.getLogger("mailflow.local")
@@ -220,7 +220,8 @@ class LocalTransport:
         env = {"HOME": str(home), "SHELL": "/bin/sh",
                **{k: "".join(c if c in _SHELL_SAFE else "_" for c in v) for k, v in context.items()}}
         try:
-            prefix = mailbox_prefix(request.sender, leaf.address, rcpt.original or rcpt.address)
+            prefix = from_line(request.sender, self._clock.time()) + mailbox_prefix(
+                request.sender, leaf.address, rcpt.original or rcpt.address)
             stdin = aencode(request.content.prepend(prefix).stream(), ToLf())
             result = await run_command(["/bin/sh", "-c", leaf.command], stdin=stdin, env=env,
                                        time_limit=settings.time_limit, output_limit=settings.output_limit,
