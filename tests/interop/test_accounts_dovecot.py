@@ -227,7 +227,7 @@ async def test_one_account_for_delivery_imap_pop3_and_submission(world, mailflow
     assert (maildir.stat().st_uid, maildir.stat().st_mode & 0o777) == (MAIL_UID, 0o700)
     for fetch in (world.imap_fetch, world.pop3_fetch):
         [mail] = await asyncio.to_thread(fetch, "alice@example.test", "first-password")
-        assert added_headers(mail, MESSAGE) == ["Return-Path", "Delivered-To", "Received"]
+        assert added_headers(mail, MESSAGE) == ["Return-Path", "X-Original-To", "Delivered-To", "Received"]
         [mail] = await asyncio.to_thread(fetch, "bob@example.test", "bobs-password")
         assert added_headers(mail, MESSAGE) == ["Return-Path", "Delivered-To", "Received", "Received"]
 
