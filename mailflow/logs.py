@@ -111,8 +111,9 @@ class MailLog:
         if not self.active:
             return
         status = _RESULT_STATUS[result.outcome]
-        to = result.recipient.address
-        orig = f", orig_to=<{result.recipient.original}>" if result.recipient.original != to else ""
+        named = result.named
+        to = named.address
+        orig = f", orig_to=<{named.original}>" if named.original and named.original != to else ""
         self._emit(queue_id, status,
                    f"to=<{to}>{orig}, relay={result.relay}, delay={delay:.2f}, dsn={result.dsn}, "
                    f"status={status} ({result.text})", service=_delivery_service(result.relay),

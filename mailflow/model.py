@@ -212,7 +212,10 @@ class RcptResult:
     `relay` where it went (`host[addr]:port`, `local`, `none`), `transport` by which (qmgr stamps it: the
     agents do not know the name they run under). `next_hop_notifies`: accepted by a next hop that
     offered DSN and was given the recipient's NOTIFY (RFC 3461 4.1): it sends the notices asked for from now on,
-    so no success notice comes from here (Postfix smtp_rcpt_done).
+    so no success notice comes from here (Postfix smtp_rcpt_done). `expanded`: the address the result is
+    about when the agent expanded the recipient (an alias member that does not exist), '' when it is the
+    recipient itself; logs and notices then name it as Postfix does, "<member> (expanded from <recipient>)"
+    (`named`). It is not stored: a notice made after a restart names the recipient.
     """
 
     recipient: Recipient
@@ -222,6 +225,15 @@ class RcptResult:
     relay: str = "none"
     next_hop_notifies: bool = False
     transport: str = ""  # the transport whose job it was (set by qmgr; "" when none was chosen)
+    expanded: str = ""
+
+    @property
+    def named(self) -> Recipient:
+        """The recipient as logs and notices name it: the expanded address, with the one given as its original."""
+        if not self.expanded:
+            return self.recipient
+        return dataclasses.replace(self.recipient, address=self.expanded,
+                                   original=self.recipient.original or self.recipient.address)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ Auto-Submitted. No I/O and no clock: the caller passes the time, the original co
 
 Decisions:
 - NOTIFY "" (not given) means FAILURE,DELAY (not SUCCESS); NEVER means nothing; otherwise a comma list.
-- The returned original (part 3): the whole message for RET=FULL, and for RET="" in a failure notice, when it is
+- The returned original (part 3), its envelope sender first in a Return-Path field as Postfix returns it: the
+  whole message for RET=FULL, and for RET="" in a failure notice, when it is
   at most `size_limit` bytes (bounce_size_limit); otherwise (RET=HDRS, a delay or success notice without RET, a
   bigger message, or any message when the limit is 0) its header section only (text/rfc822-headers), as
   Postfix's bounce_original does (a truncated message would damage its MIME structure). So a notice is never
@@ -134,7 +135,7 @@ def build_notice(
     global_ = any(not a.isascii() for a in _addresses(sender, recipients))
     size = len(original) if original_size is None else original_size
     full = (ret == "FULL" or (ret == "" and kind == "failure")) and size <= size_limit
-    returned = original if full else split_header(original)[0]
+    returned = _with_return_path(sender, original if full else split_header(original)[0])
     mta = _clean(reporting_mta)
 
     text_part = _text_part(kind, mta, recipients, full, arrival, now, will_retry_until)
@@ -249,6 +250,14 @@ def _status_part(global_: bool, mta: str, queue_id: str, sender: str, arrival: f
     if not body.isascii():
         head.append("Content-Transfer-Encoding: 8bit")
     return (CRLF.join(head) + CRLF + CRLF + body).encode("utf-8")
+
+
+def _with_return_path(sender: str, returned: bytes) -> bytes:
+    """The returned original (or its header section) with the envelope sender in a Return-Path field on top, as
+    Postfix returns it (cleanup removed the one it may have had: message_drop_headers)."""
+    if returned[:12].lower() == b"return-path:":
+        return returned
+    return f"Return-Path: <{_clean(sender)}>{CRLF}".encode("utf-8") + returned
 
 
 def _original_part(kind: str, global_: bool, full: bool, returned: bytes) -> bytes:

@@ -131,7 +131,7 @@ class MaildirTransport:
         except TemporaryError as e:
             return RcptResult(rcpt, Outcome.DEFERRED, e.dsn, e.text, relay=self._relay)
         if maildir is None:
-            return RcptResult(rcpt, Outcome.BOUNCED, "5.1.1", "user unknown in virtual mailbox table",
+            return RcptResult(rcpt, Outcome.BOUNCED, "5.1.1", f'unknown user: "{rcpt.address}"',  # virtual(8)'s
                               relay=self._relay)
         prefix = mailbox_prefix(request.sender, rcpt.address, rcpt.original or rcpt.address)
         try:

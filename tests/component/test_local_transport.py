@@ -211,8 +211,18 @@ async def test_refused_part_bounces_and_delivered_part_is_written(tmp_path):
     t = transport(tmp_path, "team: alice, nobody\n")
     [result] = (await t.deliver(request("team@example.test"))).results
     assert (result.outcome, result.dsn) == (Outcome.BOUNCED, "5.1.1")
-    assert "nobody@example.test" in result.text
+    # reported about the member that does not exist, as Postfix's "<member> (expanded from <recipient>)"
+    assert result.expanded == "nobody@example.test" and "nobody@example.test" not in result.text
+    assert (result.named.address, result.named.original) == ("nobody@example.test", "TEAM@EXAMPLE.TEST")
+    assert "also: delivered to maildir" in result.text
     assert delivered(tmp_path, "alice") == [mailbox_copy("alice@example.test", "TEAM@EXAMPLE.TEST")]
+
+
+async def test_two_missing_members_are_reported_about_the_recipient(tmp_path):
+    t = transport(tmp_path, "team: alice, nobody, ghost\n")
+    [result] = (await t.deliver(request("team@example.test"))).results
+    assert (result.outcome, result.expanded) == (Outcome.BOUNCED, "")
+    assert "nobody@example.test: " in result.text and "ghost@example.test: " in result.text
 
 
 async def test_maildir_that_cannot_be_written_defers(tmp_path):

@@ -41,3 +41,26 @@ async def test_4xx_defers_and_retries_then_5xx_bounces_to_the_sender(mailflow_se
     assert "550 5.1.1 no such user here" in fields["Diagnostic-Code"]
     returned = next(p for p in notice.walk() if p.get_content_type() == "message/rfc822")
     assert b"the original body" in returned.as_bytes()
+
+
+async def test_a_missing_alias_member_is_named_in_the_bounce_and_the_log(mailflow_server, smtp_peer, tmp_path, caplog):
+    """Postfix's local(8): "<ghost@local.test> (expanded from <info@local.test>)", Final-Recipient the member,
+    Original-Recipient the address the sender used; the log line to=<member>, orig_to=<recipient>."""
+    peer = await smtp_peer()
+    aliases = tmp_path / "aliases"
+    aliases.write_text("info: alice, ghost\n")
+    mf = await mailflow_server(alias_maps=[f"texthash:{aliases}"], relayhost=f"[127.0.0.1]:{peer.port}",
+                               myorigin="local.test")
+    caplog.set_level("INFO", logger="mailflow")
+    await send(mf.smtp_addresses[0][1], "sender@relay.test", ["info@local.test"], MESSAGE)
+
+    [bounce] = await eventually(lambda: [m for m in peer.messages if m.mail_from == "<>"], timeout=10)
+    notice = email.message_from_bytes(bounce.content, policy=email.policy.default)
+    text = next(p for p in notice.walk() if p.get_content_type() == "text/plain").get_content()
+    assert '<ghost@local.test> (expanded from <info@local.test>): unknown user: "ghost"' in " ".join(text.split())
+    [fields] = delivery_status(notice)[1:]
+    assert fields["Final-Recipient"] == "rfc822; ghost@local.test"
+    assert fields["Original-Recipient"] == "rfc822; info@local.test"
+    assert (fields["Action"], fields["Status"]) == ("failed", "5.1.1")
+    assert "to=<ghost@local.test>, orig_to=<info@local.test>, relay=local" in caplog.text
+    assert await eventually(lambda: list((tmp_path / "mail" / "alice" / "Maildir" / "new").glob("*")))

@@ -4,8 +4,11 @@ from __future__ import annotations
 import aiosmtplib
 import pytest
 
-from mailflow.transports.maildir import virtual_maildirs
+from mailflow.clock import SystemClock
+from mailflow.content import Content
 from mailflow.errors import TemporaryError
+from mailflow.model import DeliveryRequest, Outcome, Recipient
+from mailflow.transports.maildir import MaildirTransport, virtual_maildirs
 from tests.support import eventually, maildir_messages, queue_becomes, send
 
 MAPS = "inline:{carol@virtual.test=virtual.test/carol/, dave@virtual.test=virtual.test/dave/}"
@@ -76,3 +79,11 @@ async def test_an_over_quota_mailbox_defers_when_configured(mailflow_server, tmp
     await queue_becomes(mf.store, {"deferred": 1})
     [(_, status, dsn, text)] = await mf.store.recipients((await mf.store.due(2e9, 1))[0].queue_id)
     assert (status, dsn) == ("pending", "4.2.2") and "quota 100" in text
+
+
+async def test_a_user_gone_since_rcpt_bounces_as_virtual8_says_it(tmp_path):
+    transport = MaildirTransport(lambda recipient: None, clock=SystemClock())
+    request = DeliveryRequest("Q1", "s@remote.test", (Recipient(0, "ghost@virtual.test", "ghost@virtual.test"),),
+                              "virtual.test", Content.of(b"Subject: x\r\n\r\nbody\r\n"))
+    [result] = (await transport.deliver(request)).results
+    assert (result.outcome, result.dsn, result.text) == (Outcome.BOUNCED, "5.1.1", 'unknown user: "ghost@virtual.test"')

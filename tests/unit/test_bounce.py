@@ -269,8 +269,16 @@ def test_ret_hdrs_returns_only_the_header_section():
     raw = notice(ret="HDRS")
     part = original_part(raw)
     assert part.get_content_type() == "text/rfc822-headers"
-    assert part.get_content() == ORIGINAL.split(b"\r\n\r\n", 1)[0].decode() + "\r\n"
+    # the envelope sender first, as Postfix returns it
+    head = ORIGINAL.split(b"\r\n\r\n", 1)[0].decode()
+    assert part.get_content() == f"Return-Path: <alice@example.test>\r\n{head}\r\n"
     assert b"See you at noon" not in raw
+
+
+def test_the_returned_message_starts_with_its_envelope_sender_once():
+    assert b"Content-Type: message/rfc822\r\n\r\nReturn-Path: <alice@example.test>\r\nFrom: Alice" in notice()
+    with_one = b"Return-Path: <other@example.test>\r\n" + ORIGINAL
+    assert notice(original=with_one).count(b"Return-Path:") == 1
 
 
 def test_default_over_the_size_limit_falls_back_to_headers():

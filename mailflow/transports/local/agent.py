@@ -36,7 +36,7 @@ import asyncio
 import logging
 import os
 import pwd
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -136,7 +136,7 @@ class LocalTransport:
                 by_sender.setdefault(leaf.sender, []).append(leaf.address)
         for sender, addresses in by_sender.items():
             parts.append(await self._forward_copy(request, rcpt, tuple(addresses), sender))
-        return self._combine(rcpt, parts)
+        return _naming_the_member(self._combine(rcpt, parts), rcpt, leaves, parts)
 
     def _combine(self, rcpt: Recipient, parts: list[Part]) -> RcptResult:
         """Deferred if any part must be retried, else bounced if any failed, else sent; texts of the others
@@ -237,6 +237,17 @@ class LocalTransport:
 
     def _result(self, rcpt: Recipient, outcome: Outcome, dsn: str, text: str) -> RcptResult:
         return RcptResult(rcpt, outcome, dsn, text, relay=self._relay)
+
+
+def _naming_the_member(result: RcptResult, rcpt: Recipient, leaves: list, parts: list[Part]) -> RcptResult:
+    """A recipient that bounced only because one alias member does not exist is reported about that member, as
+    Postfix's local(8) does: "<member> (expanded from <recipient>)" in the log and the notice."""
+    members = [leaf for leaf in leaves if isinstance(leaf, Refused) and leaf.address.lower() != rcpt.address.lower()]
+    bounced = [part for part in parts if part[0] is Outcome.BOUNCED]
+    if result.outcome is not Outcome.BOUNCED or len(members) != 1 or len(bounced) != 1:
+        return result
+    member = members[0].address
+    return replace(result, text=result.text.removeprefix(f"{member}: "), expanded=member)
 
 
 def _failed(e: DeliveryError) -> Part:
