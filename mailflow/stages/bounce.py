@@ -63,6 +63,7 @@ _BARE_REPLY = re.compile(r"[2-5]\d\d(?:[ -].*)?")
 _BOUNDARY_UNSAFE = re.compile(r"[^0-9A-Za-z'()+_,\-./:=?]")
 _ID_UNSAFE = re.compile(r"[^0-9A-Za-z!#$%&'*+\-/=?^_`{|}~.]")
 FOLD_WIDTH = 78
+SUCCESSFUL = ("delivered", "relayed", "expanded")  # the actions of a success notice
 LONGEST_WORD = 900  # a word longer than this is cut, so that no line exceeds RFC 5322's 998
 
 
@@ -70,7 +71,8 @@ LONGEST_WORD = 900  # a word longer than this is cut, so that no line exceeds RF
 class NoticeRecipient:
     """What one notice says about one recipient. `action` is RFC 3464's ("failed", "delayed", "delivered",
     "relayed", "expanded"); `status` the enhanced code; `diagnostic` the remote reply or our own reason;
-    `remote_mta` the host name of the MTA that answered, if one did."""
+    `remote_mta` the host name of the MTA that answered, if one did; `relay` where a delivered or relayed copy
+    went (`host[addr]:port`, `local`...), which a success notice names as Postfix's do ("delivery via ...")."""
 
     recipient: Recipient
     action: str
@@ -78,6 +80,7 @@ class NoticeRecipient:
     diagnostic: str
     remote_mta: str = ""
     last_attempt: float | None = None
+    relay: str = ""
 
 
 def wants_notice(recipient: Recipient, kind: str) -> bool:
@@ -201,7 +204,10 @@ def _text_part(kind: str, mta: str, recipients: list[NoticeRecipient], full: boo
         who = f"<{_clean(r.address)}>"
         if r.original and r.original != r.address:
             who += f" (expanded from <{_clean(r.original)}>)"
-        paragraph = f"{who}: {_clean(nr.diagnostic) or _action_words(nr.action)}"
+        said = _clean(nr.diagnostic) or _action_words(nr.action)
+        if nr.action in SUCCESSFUL and nr.relay and nr.relay != "none":
+            said = f"delivery via {_clean(nr.relay)}: {said}"
+        paragraph = f"{who}: {said}"
         lines += textwrap.wrap(paragraph, 76, subsequent_indent="    ", break_long_words=True,
                                break_on_hyphens=False)
         lines.append("")

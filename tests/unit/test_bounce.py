@@ -425,3 +425,14 @@ def test_any_diagnostic_and_address_gives_a_parsable_notice(rows, sender, kind):
     else:
         assert report.get_content_type() == "message/global-delivery-status"
         assert not all(address.isascii() for address, _, _ in rows)
+
+
+def test_a_success_notice_says_where_each_copy_went_as_postfix_does():
+    relayed = NoticeRecipient(BOB, "relayed", "2.0.0", "250 2.0.0 Ok: queued as Q1", remote_mta="mx.remote.test",
+                              relay="mx.remote.test[192.0.2.1]:25")
+    delivered = NoticeRecipient(CAROL, "delivered", "2.0.0", "delivered to maildir", relay="local")
+    text = " ".join(parts(notice([relayed, delivered], kind="success"))[0].get_content().split())  # unwrapped
+    assert "<bob@remote.test>: delivery via mx.remote.test[192.0.2.1]:25: 250 2.0.0 Ok: queued as Q1" in text
+    assert "<carol@other.test>: delivery via local: delivered to maildir" in text
+    failure = parts(notice([refused()]))[0].get_content()
+    assert "delivery via" not in failure

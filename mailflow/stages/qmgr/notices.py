@@ -69,7 +69,8 @@ def _notice_recipient(result: RcptResult, now: float) -> NoticeRecipient:
     action = ACTION[result.outcome]
     if result.outcome is Outcome.SENT and remote:
         action = "relayed"  # handed to an MTA without DSN, which may send no notice itself (RFC 3464 2.3.3)
-    return NoticeRecipient(result.named, action, result.dsn, result.text, remote_mta=remote, last_attempt=now)
+    return NoticeRecipient(result.named, action, result.dsn, result.text, remote_mta=remote, last_attempt=now,
+                           relay=result.relay)
 
 
 class Notices:
