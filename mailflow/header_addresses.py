@@ -14,8 +14,8 @@ rewriting: `user` becomes `user@myorigin`, canonical maps and masquerading apply
                                             comments and folding stay; Postfix instead writes the field anew)
 
 A leaf module beside mailflow.message. Malformed input never raises: a mailbox whose words are not one address
-(`John Smith`, a comment or blanks between its words, a stray special) is left as it is, and so is a field
-value that is not text.
+(`John Smith`, a comment or blanks between its words, a stray special) is left as it is, and so is an address
+that is not UTF-8 (it never reaches a lookup table).
 """
 from __future__ import annotations
 
@@ -163,10 +163,13 @@ def _rewritten_value(value: bytes, rewrite: Callable[[str], str]) -> bytes | Non
     """The value with its addresses rewritten, or None when none of them changed."""
     out, done = [], 0
     for start, end in address_spans(value):
-        old = value[start:end].decode("utf-8", "surrogateescape")
+        try:
+            old = value[start:end].decode("utf-8")
+        except UnicodeDecodeError:  # not text: no table is asked about it
+            continue
         new = rewrite(old)
         if new != old:
-            out += [value[done:start], new.encode("utf-8", "surrogateescape")]
+            out += [value[done:start], new.encode("utf-8")]
             done = end
     return b"".join(out) + value[done:] if out else None
 

@@ -62,10 +62,10 @@ def test_nothing_to_change_gives_the_same_header_section_back():
 
 
 def test_8bit_addresses_and_display_names_come_back_as_they_were():
-    head = "From: Jöhn <jöhn>\r\nTo: ünqualified\r\n".encode() + b"Cc: \xff <x>\r\n"
+    head = "From: Jöhn <jöhn>\r\nTo: ünqualified\r\n".encode() + b"Cc: \xff <x>, <\xff>\r\n"
     assert rewrite_address_fields(head, qualify, qualify) == (
         "From: Jöhn <jöhn@example.test>\r\nTo: ünqualified@example.test\r\n".encode()
-        + b"Cc: \xff <x@example.test>\r\n")
+        + b"Cc: \xff <x@example.test>, <\xff>\r\n")  # an address that is not UTF-8 is left alone
 
 
 @settings(max_examples=300, deadline=None)
