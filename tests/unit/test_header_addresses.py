@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings, strategies as st
 
-from mailflow.header_addresses import (RECIPIENT_FIELDS, SENDER_FIELDS, _spans_of_tokens, address_spans,
+from mailflow.header_addresses import (RECIPIENT_FIELDS, SENDER_FIELDS, TOKEN_LIMIT, _spans_of_tokens, address_spans,
                                        rewrite_address_fields)
 
 
@@ -84,3 +84,12 @@ def test_any_value_is_scanned_without_error_and_identity_keeps_it(value):
 def test_the_fast_path_for_one_plain_address_agrees_with_the_tokenizer(lead, angle, addr, end):
     value = lead + (b"<" + addr + b">" if angle else addr) + end
     assert address_spans(value) == _spans_of_tokens(value)
+
+
+def test_addresses_past_the_token_limit_are_left_as_they_came():
+    value = b" " + b", ".join(b"u%d" % i for i in range(TOKEN_LIMIT)) + b"\r\n"  # 3 tokens an address
+    spans = address_spans(value)
+    assert 0 < len(spans) <= TOKEN_LIMIT // 3
+    out = rewrite_address_fields(b"To:" + value, qualify, qualify)
+    assert out.count(b"@example.test") == len(spans) and out.endswith(b", u%d\r\n" % (TOKEN_LIMIT - 1))
+    assert b"@example.test@" not in out
