@@ -51,6 +51,9 @@ class SmtpdConfig(SmtpdFilterSettings):
 
     listen: HostPorts = ("127.0.0.1:2525",)
     banner: str = "ESMTP mailflow"
+    # Name each client at connect, as Postfix's smtpd_peername_lookup: its address's name in /etc/hosts or its
+    # forward-confirmed PTR name, else "unknown" (logs, Received, check_client_access, the policy service).
+    peername_lookup: bool = True
     message_size_limit: int = Field(10_240_000, ge=0)
     recipient_limit: int = Field(1000, ge=1)
     # 452 answers past recipient_limit count as errors only beyond this many (smtpd_recipient_overshoot_limit).

@@ -21,7 +21,8 @@ import warnings
 import pytest
 
 from mailflow import status
-from tests.support import SmtpClient, eventually, maildir_messages, queue_becomes, script_dir
+from tests.support import (LOOPBACK_CLIENT, LOOPBACK_NAME, SmtpClient, eventually, maildir_messages, queue_becomes,
+                           script_dir)
 
 MSG = b"Subject: t\r\n\r\nbody\r\n"
 
@@ -157,7 +158,7 @@ async def test_utf8_helo_is_kept_and_printed_in_received(mailflow_server, tmp_pa
     assert (await c.send_message(ehlo=False)).code == 250
     await c.close()
     messages = await eventually(lambda: alice_mail(tmp_path))
-    assert "Received: from café.test (unknown [127.0.0.1])".encode() in messages[0]
+    assert f"Received: from café.test ({LOOPBACK_NAME} [127.0.0.1])".encode() in messages[0]
 
 
 # ---------------------------------------------------------------------------------------------- log injection
@@ -430,7 +431,7 @@ async def test_a_line_that_is_not_smtp_ends_the_session(mailflow_server, line, c
         assert await c.cmd(line) == status.NON_SMTP_COMMAND
         assert await c.closed()
     assert f"non-SMTP command from localhost[127.0.0.1]: {line}" in caplog.text or \
-        f"non-SMTP command from unknown[127.0.0.1]: {line}" in caplog.text, caplog.text
+        f"non-SMTP command from {LOOPBACK_CLIENT}: {line}" in caplog.text, caplog.text
 
 
 @pytest.mark.parametrize("ending", [b"BDAT 0 LAST\r\n", b"DATA\r\nSubject: late\r\n\r\nbody\r\n.\r\n"])
@@ -531,7 +532,7 @@ async def test_received_names_the_protocol_as_rfc_3848_says(mailflow_server, tmp
     withs = sorted(m.split(b" with ", 1)[1].split(b" ", 1)[0] for m in messages)
     assert withs == [b"ESMTPS", b"SMTP", b"UTF8SMTPSA"]
     lines = [r.getMessage() for r in caplog.records]
-    assert any(line.startswith("Anonymous TLS connection established from unknown[127.0.0.1]: TLSv1.") and
+    assert any(line.startswith(f"Anonymous TLS connection established from {LOOPBACK_CLIENT}: TLSv1.") and
                " with cipher " in line for line in lines), lines
-    assert any(line.endswith(": client=unknown[127.0.0.1], sasl_method=PLAIN, sasl_username=alice")
+    assert any(line.endswith(f": client={LOOPBACK_CLIENT}, sasl_method=PLAIN, sasl_username=alice")
                for line in lines), lines

@@ -13,7 +13,7 @@ import pytest
 from mailflow.app import Mailflow
 from mailflow.config import config_from_dict
 from mailflow.stages.smtpd.transcript import SessionObserver, Transcript
-from tests.support import base_settings, send
+from tests.support import LOOPBACK_CLIENT, base_settings, send
 
 MESSAGE = b"Subject: hi\r\n\r\nhello\r\n"
 
@@ -82,10 +82,21 @@ async def test_a_session_transcript_is_keyed_to_each_queued_message(server):
     (_, first_id, first), (_, second_id, second) = recorder.events[1:3]
     assert first.lines[-1] == ("S", f"250 2.0.0 Ok: queued as {first_id}")
     assert second.lines[-1] == ("S", f"250 2.0.0 Ok: queued as {second_id}")
-    assert first.helo and first.client == "unknown[127.0.0.1]"
+    assert first.helo and first.client == LOOPBACK_CLIENT
     ended = recorder.events[-1][1]
     assert len(ended.lines) == Recorder.line_limit and ended.omitted > 0  # bounded: the rest is counted
     assert ("C", "RCPT TO:<alice@local.test>") in first.lines
+
+
+async def test_without_peername_lookup_every_client_is_unknown(server, caplog):
+    caplog.set_level("INFO", logger="mailflow")
+    recorder = Recorder()
+    mf = await server(observer=recorder, smtpd={"listen": ["127.0.0.1:0"], "peername_lookup": False})
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=mf.smtp_addresses[0][1]) as client:
+        await client.sendmail("s@remote.test", ["alice@local.test"], MESSAGE)
+    await asyncio.sleep(0.05)
+    assert recorder.events[1][2].client == "unknown[127.0.0.1]"
+    assert "connect from unknown[127.0.0.1]" in caplog.text
 
 
 async def test_no_observer_no_transcript(server):

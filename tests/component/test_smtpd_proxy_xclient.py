@@ -292,6 +292,7 @@ async def test_header_addresses_are_rewritten_for_local_header_rewrite_clients(m
     head = mail[0].split(b"\n\n")[0]
     assert b"\n" + from_ + b"\n" in head and b"\n" + to in head, head
     assert b"\nSubject: bob" in head  # (not an address field)
+    assert f"(unknown [{client}])".encode() in head  # XCLIENT ADDR without NAME: not the front end's name
 
 
 def test_local_header_rewrite_clients_names_the_bad_entry(tmp_path):

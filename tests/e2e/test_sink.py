@@ -17,7 +17,7 @@ import pytest
 
 from mailflow.capture.mailbox import WaitTimeout
 from mailflow.testing import Sink
-
+from tests.support import LOOPBACK_CLIENT
 
 
 def order_mail(to: str = "bob@example.com", subject: str = "Your order") -> EmailMessage:
@@ -51,7 +51,7 @@ async def test_a_message_is_captured_with_its_envelope_content_and_transcript():
     assert said[0].startswith("220 ") and "EHLO" in said[1]
     assert any(line.startswith("MAIL FROM:<bounces@shop.test>") and "RET=HDRS ENVID=order42" in line for line in said)
     assert said[-1] == f"250 2.0.0 Ok: queued as {msg.queue_id}"
-    assert msg.transcript.client == "unknown[127.0.0.1]" and msg.transcript.tls == ""
+    assert msg.transcript.client == LOOPBACK_CLIENT and msg.transcript.tls == ""
     assert [e.event for e in msg.history][:3] == ["received", "message-id", "queued"]
 
 

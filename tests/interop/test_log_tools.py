@@ -15,7 +15,7 @@ import pytest
 from mailflow.config import LogConfig
 from mailflow.logs import setup_logging
 from mailflow.stages.smtpd.auth import hash_password
-from tests.support import SmtpClient, eventually, maildir_messages, require_tool, run_tool
+from tests.support import LOOPBACK_CLIENT, SmtpClient, eventually, maildir_messages, require_tool, run_tool
 
 pytestmark = pytest.mark.interop
 SYSLOG_NAME = "postfix-mailflow"
@@ -62,9 +62,10 @@ async def test_pflogsumm_and_fail2ban_read_the_mail_log(mailflow_server, mail_lo
     await mf.stop()  # the disconnect line is written
 
     text = mail_log.read_text()
-    assert re.search(rf"^\S+ mx\.mailflow\.test {SYSLOG_NAME}/smtpd\[\d+\]: [0-9A-F]+: client=unknown\[127\.0\.0\.1\]$",
+    client = re.escape(LOOPBACK_CLIENT)  # named as Postfix names it: localhost[127.0.0.1], from /etc/hosts
+    assert re.search(rf"^\S+ mx\.mailflow\.test {SYSLOG_NAME}/smtpd\[\d+\]: [0-9A-F]+: client={client}$",
                      text, re.M), text
-    assert re.search(r"disconnect from unknown\[127\.0\.0\.1\] ehlo=1 auth=0/1 mail=1 rcpt=1/3 data=1 quit=1 "
+    assert re.search(rf"disconnect from {client} ehlo=1 auth=0/1 mail=1 rcpt=1/3 data=1 quit=1 "
                      r"commands=5/8$", text, re.M), text
 
     rc, summary = await run_tool(pflogsumm, f"--syslog-name={SYSLOG_NAME}", str(mail_log))

@@ -7,7 +7,7 @@ are in tests/conftest.py and build on these.
   `ScanWatch` (qmgr's scans, to say "passed over" without a fixed sleep).
 - transports: `RecordingTransport`, `ScriptedTransport` (with `always`), `BlockingTransport`: fake delivery agents.
 - clocks: `RecordingClock` (a VirtualClock that records its sleeps), `qmgr_turn` (qmgr has run a whole turn).
-- ports: `free_port`, `accepts`.
+- ports: `free_port`, `accepts`, `LOOPBACK_NAME`, `LOOPBACK_CLIENT` (how smtpd names a client on 127.0.0.1).
 - peers: `CapturePeer`, `CaptureHandler`, `Captured`, `stall_mail`, `ZoneAuthority` (in-process SMTP and DNS peers).
 - servers: `base_settings`, `merged`, `to_toml`, `ServerProcess`, `queue_counts`.
 - content: `big_message`, `spooled`, `maildir_messages`.
@@ -25,7 +25,7 @@ from tests.support.content import big_message, maildir_messages, spooled
 from tests.support.dialogue import Reply, SmtpClient, rcpt_reply, rcpt_until, send
 from tests.support.dovecot import Dovecot, dovecot_instance, lmtp_route
 from tests.support.peers import CaptureHandler, Captured, CapturePeer, ZoneAuthority, stall_mail
-from tests.support.ports import accepts, free_port
+from tests.support.ports import LOOPBACK_CLIENT, LOOPBACK_NAME, accepts, free_port
 from tests.support.postfix import postfix_instance
 from tests.support.scripts import ScriptDir, script_dir
 from tests.support.servers import ServerProcess, base_settings, merged, queue_counts, to_toml
@@ -34,7 +34,7 @@ from tests.support.transports import BlockingTransport, RecordingTransport, Scri
 from tests.support.waiting import ScanWatch, eventually, queue_becomes, sessions_over
 
 __all__ = [
-    "BlockingTransport", "CaptureHandler", "CapturePeer", "Captured", "Chromium", "Dovecot", "RecordingClock",
+    "LOOPBACK_CLIENT", "LOOPBACK_NAME", "BlockingTransport", "CaptureHandler", "CapturePeer", "Captured", "Chromium", "Dovecot", "RecordingClock",
     "RecordingTransport", "Reply", "ScanWatch", "ScriptDir", "ScriptedTransport", "ServerProcess", "SmtpClient",
     "ZoneAuthority", "accepts", "always", "base_settings", "big_message", "dovecot_instance", "eventually", "free_port",
     "keep_artifact", "lmtp_route", "maildir_messages", "merged",

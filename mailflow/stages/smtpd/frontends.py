@@ -238,6 +238,7 @@ def apply_xclient(state: SessionState, attributes: dict[str, str | None]) -> Non
     addr, port = (list(state.peer[:2]) + [0])[:2] if isinstance(state.peer, tuple) else ("unknown", 0)
     if "ADDR" in attributes:
         addr = attributes["ADDR"] or "unknown"
+        state.client_name = "unknown"  # the name found at connect was the front end's (NAME may give one)
     if "PORT" in attributes:
         port = int(attributes["PORT"] or 0)
     state.peer = (addr, port)

@@ -52,6 +52,7 @@ from mailflow.model import Submission
 from mailflow.routing.addressmap import AddressMapper
 from mailflow.routing.rewrite import Rewriter, domain_in
 from mailflow.stages.smtpd.filtering import FilterServices
+from mailflow.stages.smtpd.peername import PeerNames
 from mailflow.stages.smtpd.restrictions import Facts, Restrictions
 from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction
 from mailflow.tables import TableCache
@@ -88,6 +89,7 @@ class SmtpdHandler:
                                          sender_auth=filters.sender_auth if filters else None)
         self._filters = filters.for_listener(config) if filters is not None else None
         self._no_recipient_checks = "no_unknown_recipient_checks" in config.smtpd.receive_override_options
+        self._peer_names = PeerNames(resolver) if config.smtpd.peername_lookup else None
         self.submitting = 0  # DATA hand-overs waiting for their commit
         self._instances = itertools.count(1)  # the policy protocol's `instance` attribute: one per message
 
@@ -332,6 +334,12 @@ class SmtpdHandler:
     def new_spool(self, max_size: int | None) -> Spool:
         """Where the session writes DATA/BDAT content as it arrives (cleanup's, i.e. the queue's)."""
         return self._cleanup.new_spool(max_size)
+
+    async def handle_CONNECT(self, server, session: SessionState, envelope: Transaction) -> None:
+        """A new client (after the PROXY header, if any): its name, as Postfix's smtpd looks it up at connect
+        (peername.py), unless peername_lookup is off."""
+        if self._peer_names is not None:
+            session.client_name = await self._peer_names.name(session.peer_ip)
 
     def handle_CLOSE(self, server, session: SessionState, envelope: Transaction) -> None:
         """The session ended (protocol.py calls this once): its milter connections are closed."""

@@ -473,8 +473,12 @@ class ProtocolCore(SMTP):
         return self.transport is not None and not self.transport.is_closing() and not self._quit
 
     async def _before_greeting(self) -> bool:
-        """What must happen before the greeting; False when the connection was closed. The layers above add
-        the PROXY header (frontends.py) and the admission (server.py)."""
+        """What must happen before the greeting; False when the connection was closed: the handler's CONNECT
+        hook names the client (handler.py), then "connect from" is logged. The layers above add the PROXY header
+        before it (frontends.py) and the admission after it (server.py)."""
+        connected = self._handle_hooks.get("CONNECT")
+        if connected is not None:
+            await connected(self, self.session, self.envelope)
         self.record.connect()
         return True
 

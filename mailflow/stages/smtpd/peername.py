@@ -1,0 +1,134 @@
+"""The client's name at connect, as Postfix's smtpd finds it (smtpd_peername_lookup): the name logs, the Received
+header, check_client_access and the policy service see.
+
+    PeerNames(resolver, hosts_file="/etc/hosts", clock=time.monotonic)
+    await PeerNames.name(ip) -> str     a name of `ip` whose addresses include `ip` (forward-confirmed), else
+                                        "unknown"
+    PeerNames.hosts_name(ip) -> str | None   the hosts file's part of it (no DNS)
+
+The name comes from the hosts file first (as the system's resolver, which Postfix uses, reads it: the first name
+of the first line naming the address; `127.0.0.1` is `localhost` on most hosts), else from DNS: each PTR name
+of the address in turn, the first whose A/AAAA records include the address. The hosts file is read again when
+it changed (looked at no more than once a second).
+
+Failure behaviour: never raises; a name DNS cannot give now (no PTR record, a lookup error or timeout, a name
+that does not lead back to the address) is "unknown", as in Postfix (which then tells the two apart only for
+reject_unknown_client_hostname, a check restrictions.py makes with lookups of its own).
+"""
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+import os
+import time
+from typing import Callable
+
+from mailflow.dns import NotFound
+from mailflow.errors import LookupRetry
+
+log = logging.getLogger("mailflow.smtpd")
+
+UNKNOWN = "unknown"
+HOSTS_FILE = "/etc/hosts"
+HOSTS_RECHECK = 1.0  # seconds between looks at the hosts file's modification time
+PTR_NAMES_TRIED = 5  # PTR names whose addresses are asked, at most (a record set of hundreds is an attack)
+
+
+class PeerNames:
+    def __init__(self, resolver, hosts_file: str = HOSTS_FILE, clock: Callable[[], float] = time.monotonic):
+        self._resolver = resolver
+        self._hosts_file = hosts_file
+        self._clock = clock
+        self._hosts_version: tuple[int, int] | None = None
+        self._hosts_checked = float("-inf")
+        self._names: dict[str, str] = {}  # address -> its first name in the hosts file
+        self._addresses: dict[str, set[str]] = {}  # lower-case name -> its addresses in the hosts file
+
+    async def name(self, ip: str) -> str:
+        address = _normalised(ip)
+        if address is None:
+            return UNKNOWN
+        name = self._hosts_name(address)
+        if name is not None:
+            return name
+        if self._resolver is None:
+            return UNKNOWN
+        return await self._dns_name(address)
+
+    def hosts_name(self, ip: str) -> str | None:
+        """The address's first name in the hosts file, when that name leads back to it there; else None."""
+        address = _normalised(ip)
+        return self._hosts_name(address) if address is not None else None
+
+    def _hosts_name(self, address: str) -> str | None:
+        self._refresh_hosts()
+        name = self._names.get(address)
+        if name is not None and address in self._addresses.get(name.lower(), ()):
+            return name
+        return None
+
+    async def _dns_name(self, address: str) -> str:
+        try:
+            names = await self._resolver.ptr(address)
+            for name in names[:PTR_NAMES_TRIED]:
+                name = name.rstrip(".")
+                if address in {_normalised(a) for a in await self._forward(name)}:
+                    return name
+        except NotFound:  # no PTR record
+            pass
+        except (LookupRetry, ValueError) as e:
+            log.debug("%s: no client name now: %s", address, e)
+        return UNKNOWN
+
+    async def _forward(self, name: str) -> list[str]:
+        try:
+            return await self._resolver.addresses(name)
+        except NotFound:
+            return []
+
+    def _refresh_hosts(self) -> None:
+        now = self._clock()
+        if now - self._hosts_checked < HOSTS_RECHECK:
+            return
+        self._hosts_checked = now
+        try:
+            st = os.stat(self._hosts_file)
+        except OSError:
+            self._names, self._addresses, self._hosts_version = {}, {}, None
+            return
+        version = (st.st_mtime_ns, st.st_size)
+        if version != self._hosts_version:
+            self._names, self._addresses = _read_hosts(self._hosts_file)
+            self._hosts_version = version
+
+
+def _read_hosts(path: str) -> tuple[dict[str, str], dict[str, set[str]]]:
+    names: dict[str, str] = {}
+    addresses: dict[str, set[str]] = {}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.readlines()
+    except OSError as e:
+        log.warning("cannot read %s: %s (client names from DNS only)", path, e)
+        return names, addresses
+    for line in lines:
+        fields = line.split("#", 1)[0].split()
+        address = _normalised(fields[0]) if len(fields) >= 2 else None
+        if address is None:
+            continue
+        names.setdefault(address, fields[1])
+        for name in fields[1:]:
+            addresses.setdefault(name.lower(), set()).add(address)
+    return names, addresses
+
+
+@functools.lru_cache(maxsize=4096)  # (an address parse costs ~2 µs; clients come back)
+def _normalised(ip: str) -> str | None:
+    """The address as ipaddress writes it (an IPv4-mapped IPv6 address as IPv4), or None."""
+    try:
+        address = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return None
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped or address)

@@ -1,0 +1,82 @@
+"""The client's name at connect (mailflow.stages.smtpd.peername.PeerNames), as Postfix's smtpd names it.
+
+Covered: the hosts file first (first name of the first line, only when that name leads back to the address;
+comments, aliases, IPv6, an IPv4-mapped client address), re-read when it changes (at most once per interval);
+then DNS: a PTR name whose addresses include the client's (the first that does), else "unknown" — no PTR, a
+name that does not lead back, a lookup that cannot answer now, an address that is not one.
+"""
+from __future__ import annotations
+
+from mailflow.dns import StaticResolver
+from mailflow.errors import LookupRetry
+from mailflow.stages.smtpd.peername import HOSTS_RECHECK, UNKNOWN, PeerNames
+
+HOSTS = """# a comment
+127.0.0.1   localhost loopback
+127.0.1.1   box.example.test box   # this host
+::1         localhost ip6-localhost
+192.0.2.9   shared.example.test
+192.0.2.10  shared.example.test
+"""
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Failing:
+    async def ptr(self, address: str) -> list[str]:
+        raise LookupRetry("SERVFAIL")
+
+
+def names(tmp_path, resolver=None, text=HOSTS, clock=None) -> PeerNames:
+    hosts = tmp_path / "hosts"
+    hosts.write_text(text)
+    return PeerNames(resolver, str(hosts), clock or Clock())
+
+
+async def test_the_hosts_file_names_an_address_that_its_name_leads_back_to(tmp_path):
+    n = names(tmp_path)
+    assert await n.name("127.0.0.1") == "localhost"
+    assert await n.name("127.0.1.1") == "box.example.test"
+    assert await n.name("::1") == "localhost"
+    assert await n.name("::ffff:127.0.0.1") == "localhost"  # a dual-stack listener's IPv4 client
+    assert await n.name("192.0.2.9") == "shared.example.test" and await n.name("192.0.2.10") == "shared.example.test"
+    assert await n.name("192.0.2.99") == UNKNOWN  # not in the file, no resolver
+    assert await n.name("not an address") == UNKNOWN
+
+
+async def test_a_changed_hosts_file_is_read_again_after_the_interval(tmp_path):
+    clock = Clock()
+    n = names(tmp_path, clock=clock)
+    assert await n.name("192.0.2.99") == UNKNOWN
+    (tmp_path / "hosts").write_text(HOSTS + "192.0.2.99 new.example.test\n")
+    assert await n.name("192.0.2.99") == UNKNOWN  # not looked at again yet
+    clock.now += HOSTS_RECHECK
+    assert await n.name("192.0.2.99") == "new.example.test"
+
+
+async def test_dns_gives_the_first_ptr_name_that_leads_back(tmp_path):
+    resolver = StaticResolver(ptr={"198.51.100.7": ["liar.example.test.", "mail.example.test."]},
+                              addresses={"liar.example.test": ["203.0.113.1"], "mail.example.test": ["198.51.100.7"]})
+    n = names(tmp_path, resolver)
+    assert await n.name("198.51.100.7") == "mail.example.test"
+    assert await n.name("127.0.0.1") == "localhost"  # the hosts file first
+
+
+async def test_no_ptr_a_name_that_does_not_lead_back_or_no_answer_now_is_unknown(tmp_path):
+    resolver = StaticResolver(ptr={"198.51.100.8": ["forged.example.test"]},
+                              addresses={"forged.example.test": ["203.0.113.1"]})
+    n = names(tmp_path, resolver)
+    assert await n.name("198.51.100.8") == UNKNOWN  # forward confirmation fails
+    assert await n.name("198.51.100.9") == UNKNOWN  # no PTR record
+    assert await names(tmp_path, Failing()).name("198.51.100.8") == UNKNOWN
+
+
+async def test_a_missing_hosts_file_leaves_dns(tmp_path):
+    n = PeerNames(None, str(tmp_path / "none"), Clock())
+    assert await n.name("127.0.0.1") == UNKNOWN and n.hosts_name("127.0.0.1") is None
