@@ -3,13 +3,16 @@
 Covered: the hosts file first (first name of the first line, only when that name leads back to the address;
 comments, aliases, IPv6, an IPv4-mapped client address), re-read when it changes (at most once per interval);
 then DNS: a PTR name whose addresses include the client's (the first that does), else "unknown" — no PTR, a
-name that does not lead back, a lookup that cannot answer now, an address that is not one.
+name that does not lead back, a lookup that cannot answer now, an address that is not one, too many lookups
+under way.
 """
 from __future__ import annotations
 
+import asyncio
+
 from mailflow.dns import StaticResolver
 from mailflow.errors import LookupRetry
-from mailflow.stages.smtpd.peername import HOSTS_RECHECK, UNKNOWN, PeerNames
+from mailflow.stages.smtpd.peername import HOSTS_RECHECK, LOOKUPS_IN_FLIGHT, UNKNOWN, PeerNames
 
 HOSTS = """# a comment
 127.0.0.1   localhost loopback
@@ -80,3 +83,30 @@ async def test_no_ptr_a_name_that_does_not_lead_back_or_no_answer_now_is_unknown
 async def test_a_missing_hosts_file_leaves_dns(tmp_path):
     n = PeerNames(None, str(tmp_path / "none"), Clock())
     assert await n.name("127.0.0.1") == UNKNOWN and n.hosts_name("127.0.0.1") is None
+
+
+class Stalled:
+    """A resolver whose PTR lookups wait until released."""
+
+    def __init__(self):
+        self.release = asyncio.Event()
+        self.asked = 0
+
+    async def ptr(self, address: str) -> list[str]:
+        self.asked += 1
+        await self.release.wait()
+        return ["mail.example.test"]
+
+    async def addresses(self, name: str) -> list[str]:
+        return ["198.51.100.7"]
+
+
+async def test_lookups_under_way_are_bounded_and_the_rest_are_unknown_at_once(tmp_path):
+    resolver = Stalled()
+    n = names(tmp_path, resolver)
+    waiting = [asyncio.ensure_future(n.name("198.51.100.7")) for _ in range(LOOKUPS_IN_FLIGHT)]
+    await asyncio.sleep(0)
+    assert await n.name("198.51.100.7") == UNKNOWN and resolver.asked == LOOKUPS_IN_FLIGHT
+    resolver.release.set()
+    assert set(await asyncio.gather(*waiting)) == {"mail.example.test"}
+    assert await n.name("198.51.100.7") == "mail.example.test"  # room again

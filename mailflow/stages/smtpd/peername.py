@@ -12,7 +12,7 @@ of the address in turn, the first whose A/AAAA records include the address. The 
 it changed (looked at no more than once a second).
 
 Failure behaviour: never raises; a name DNS cannot give now (no PTR record, a lookup error or timeout, a name
-that does not lead back to the address) is "unknown", as in Postfix (which then tells the two apart only for
+that does not lead back to the address, LOOKUPS_IN_FLIGHT lookups already under way) is "unknown", as in Postfix (which then tells the two apart only for
 reject_unknown_client_hostname, a check restrictions.py makes with lookups of its own).
 """
 from __future__ import annotations
@@ -33,11 +33,15 @@ UNKNOWN = "unknown"
 HOSTS_FILE = "/etc/hosts"
 HOSTS_RECHECK = 1.0  # seconds between looks at the hosts file's modification time
 PTR_NAMES_TRIED = 5  # PTR names whose addresses are asked, at most (a record set of hundreds is an attack)
+# DNS lookups under way at once, at most; a client that would make one more is "unknown" at once. The lookup
+# comes before the admission (connection limits, session slots), as in Postfix, whose process limit bounds it.
+LOOKUPS_IN_FLIGHT = 100
 
 
 class PeerNames:
     def __init__(self, resolver, hosts_file: str = HOSTS_FILE, clock: Callable[[], float] = time.monotonic):
         self._resolver = resolver
+        self._in_flight = 0
         self._hosts_file = hosts_file
         self._clock = clock
         self._hosts_version: tuple[int, int] | None = None
@@ -52,9 +56,13 @@ class PeerNames:
         name = self._hosts_name(address)
         if name is not None:
             return name
-        if self._resolver is None:
+        if self._resolver is None or self._in_flight >= LOOKUPS_IN_FLIGHT:
             return UNKNOWN
-        return await self._dns_name(address)
+        self._in_flight += 1
+        try:
+            return await self._dns_name(address)
+        finally:
+            self._in_flight -= 1
 
     def hosts_name(self, ip: str) -> str | None:
         """The address's first name in the hosts file, when that name leads back to it there; else None."""
