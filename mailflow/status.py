@@ -382,6 +382,15 @@ def bdat_chunk(size: int) -> Reply:
     return Reply(250, "2.0.0", f"Ok: {size} bytes")
 
 
+# BDAT 0 without LAST (RFC 3030 allows a zero-size chunk only as the last); the transaction has failed: its later
+# chunks are read and discarded, each answered so, until its last one ends it (Postfix's replies)
+NULL_BDAT = Reply(551, "5.7.1", "Null BDAT request")
+
+
+def bdat_discarded(size: int) -> Reply:
+    return Reply(551, "5.0.0", f"Discarded {size} bytes after earlier error")
+
+
 def bad_dsn_parameter(text: str) -> Reply:
     """A malformed or repeated RFC 3461 parameter (RET, ENVID, NOTIFY, ORCPT)."""
     return Reply(501, "5.5.4", f"Error: {text}")

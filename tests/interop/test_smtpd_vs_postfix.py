@@ -59,6 +59,8 @@ SESSIONS: dict[str, list[str | bytes]] = {
     "MAIL and RCPT with no path after the colon": [E, "MAIL FROM:", "MAIL FROM: ", M, "RCPT TO:", "RCPT TO:\t", R],
     "RCPT once BDAT content has begun": [E, M, R, b"BDAT 4\r\nab", "RCPT TO:<alice@local.test>",
                                          b"BDAT 4 LAST\r\nab"],  # (cmd() ends each chunk with its CRLF)
+    "BDAT 0 without LAST, then the rest of that transaction": [E, M, R, "BDAT 0", "NOOP", b"BDAT 3\r\na",
+                                                              b"BDAT 3 LAST\r\na", M, R, b"BDAT 3 LAST\r\na"],
     "sizes with leading zeros, and past what a file can hold": [
         E, M + " SIZE=0000000000000000000000100", "RSET", M + " SIZE=99999999999999999999999", M, R,
         b"BDAT 0000000000000000004 LAST\r\nab"],
@@ -113,6 +115,8 @@ async def test_protocol_edges_match_a_real_postfix(mailflow_server):
     assert postfix["a malformed BDAT"] == [250, 250, 250, 521]
     assert postfix["MAIL and RCPT with no path after the colon"] == [250, 501, 501, 250, 501, 501, 250]
     assert postfix["RCPT once BDAT content has begun"] == [250, 250, 250, 250, 503, 250]
+    assert postfix["BDAT 0 without LAST, then the rest of that transaction"] == [250, 250, 250, 551, 250, 551, 551,
+                                                                                250, 250, 250]
     assert postfix["sizes with leading zeros, and past what a file can hold"] == [250, 250, 250, 552, 250, 250, 250]
     assert postfix["needless quotes around a local part"] == [250, 250, 250]  # alice is a known user
     assert postfix["an empty quoted path"] == [250, 250, 501, 501]  # the null sender; no recipient

@@ -86,6 +86,9 @@ class DataCommands(TransactionCommands):
             await self._skip_chunk(size)  # the chunk is on its way regardless; it must not be read as commands
             await self.push(refused)
             return
+        if self.envelope.bdat_failed or (size == 0 and not last):
+            await self._failed_chunk(size, last)
+            return
         if self.envelope.bdat is None:
             self.envelope.bdat = (self._new_spool(), ContentCheck())
         spool, check = self.envelope.bdat
@@ -119,6 +122,17 @@ class DataCommands(TransactionCommands):
             self._reset_transaction()
             return refusal
         return None
+
+    async def _failed_chunk(self, size: int, last: bool) -> None:
+        """BDAT 0 without LAST fails the transaction (551 5.7.1); its later chunks are read and discarded (551
+        5.0.0) and the last one ends it, as Postfix answers them."""
+        failed_before = self.envelope.bdat_failed
+        await self._skip_chunk(size)
+        self.envelope.discard_bdat()
+        self.envelope.bdat_failed = True
+        if last:
+            self._reset_transaction()
+        await self.push(status.bdat_discarded(size) if failed_before else status.NULL_BDAT)
 
     async def _skip_chunk(self, size: int) -> None:
         self._content_begins()

@@ -24,6 +24,8 @@ Failure behaviour (each refusal is a reply from `mailflow.status`; the session n
   address syntax"); an unknown parameter 555 5.5.4; past recipient_limit 452 4.5.3, counted as an error only
   past recipient_overshoot_limit.
 - STARTTLS inside TLS: 554 5.5.1; inside a mail transaction: 503 5.5.1.
+- BDAT 0 without LAST: 551 5.7.1 Null BDAT request; the transaction has failed: its later chunks are read and
+  discarded (551 5.0.0), the last one ending it (Postfix's replies).
 - input before the greeting, or pipelined after a command that must end a group (RFC 2920: EHLO, HELO, DATA,
   VRFY, EXPN, NOOP, STARTTLS, AUTH), or any pipelining after HELO: 554 5.5.0 and the session closes.
 - over `hard_error_limit` errors: 421 4.7.0 and close; from `soft_error_limit` errors on each reply waits

@@ -112,6 +112,7 @@ class Transaction(_AiosmtpdEnvelope):
     marks: Marks  # what restrictions decided for the whole message (DISCARD / HOLD and why)
     policy_instance: str  # the policy protocol's `instance`, given at the first restriction check ("" before)
     bdat: tuple[Spool, ContentCheck] | None  # (spool, checks) of BDAT content being received; None without BDAT
+    bdat_failed: bool  # a chunk was refused (BDAT 0 without LAST): the rest is discarded until LAST
     queued_as: str  # the queue id the handler committed the message as ("" until then)
 
     def __init__(self) -> None:
@@ -123,6 +124,7 @@ class Transaction(_AiosmtpdEnvelope):
         self.marks = Marks()
         self.policy_instance = ""
         self.bdat = None
+        self.bdat_failed = False
         self.queued_as = ""
 
     @property
