@@ -44,7 +44,7 @@ def parse_path(text: str) -> tuple[str, str]:
 
     RFC 5321 4.1.2 `Reverse-path / Forward-path`, with what Postfix (smtpd_strict_rfc821_envelope = no) also
     takes: spaces before the path, a path without angle brackets (it ends at the first space outside a quoted
-    string), a source route `@a,@b:` (dropped, RFC 5321 C), and one trailing dot on the domain (dropped).
+    string), a path in more than one pair of them (`<<a@b>>`), a source route `@a,@b:` (dropped, RFC 5321 C), and one trailing dot on the domain (dropped).
     `<>` gives "", and so does `<"">`. A tab separates like a space (Postfix splits command words on both).
     Quotes that add nothing are dropped (`"alice"@b` is `alice@b`); a local part that needs them keeps them as
     written.
@@ -54,10 +54,11 @@ def parse_path(text: str) -> tuple[str, str]:
     domain is required, and UTF-8, are for the caller."""
     text = text.lstrip(" \t")
     if text.startswith("<"):
-        end = _find_unquoted(text, ">", 1)  # the '>' closing the '<' at text[0]
-        if end < 0:
+        depth = len(text) - len(text.lstrip("<"))  # `<<a@b>>`: brackets in brackets, taken as Postfix takes them
+        end = _find_unquoted(text, ">", depth)  # the first '>' closing them
+        if end < 0 or text[end:end + depth] != ">" * depth:
             raise PathError("no closing '>'")
-        path, rest = text[1:end], text[end + 1:]
+        path, rest = text[depth:end], text[end + depth:]
         if rest and rest[0] not in " \t":
             raise PathError("junk after '>'")
     else:

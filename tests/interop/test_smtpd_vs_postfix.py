@@ -59,6 +59,8 @@ SESSIONS: dict[str, list[str | bytes]] = {
     "MAIL and RCPT with no path after the colon": [E, "MAIL FROM:", "MAIL FROM: ", M, "RCPT TO:", "RCPT TO:\t", R],
     "RCPT once BDAT content has begun": [E, M, R, b"BDAT 4\r\nab", "RCPT TO:<alice@local.test>",
                                          b"BDAT 4 LAST\r\nab"],  # (cmd() ends each chunk with its CRLF)
+    "an address in two pairs of brackets": [E, "MAIL FROM:<<s@remote.test>>", "RCPT TO:<<alice@local.test>>",
+                                             "RCPT TO:<<alice@local.test>"],
     "BDAT 0 without LAST, then the rest of that transaction": [E, M, R, "BDAT 0", "NOOP", b"BDAT 3\r\na",
                                                               b"BDAT 3 LAST\r\na", M, R, b"BDAT 3 LAST\r\na"],
     "sizes with leading zeros, and past what a file can hold": [
@@ -115,6 +117,7 @@ async def test_protocol_edges_match_a_real_postfix(mailflow_server):
     assert postfix["a malformed BDAT"] == [250, 250, 250, 521]
     assert postfix["MAIL and RCPT with no path after the colon"] == [250, 501, 501, 250, 501, 501, 250]
     assert postfix["RCPT once BDAT content has begun"] == [250, 250, 250, 250, 503, 250]
+    assert postfix["an address in two pairs of brackets"][:3] == [250, 250, 250]
     assert postfix["BDAT 0 without LAST, then the rest of that transaction"] == [250, 250, 250, 551, 250, 551, 551,
                                                                                 250, 250, 250]
     assert postfix["sizes with leading zeros, and past what a file can hold"] == [250, 250, 250, 552, 250, 250, 250]

@@ -251,13 +251,16 @@ def test_client_ip_unmaps_ipv4_and_in_networks_matches_it():
     ("<postmaster>", ("postmaster", "")),
     ("<jörg@bü.test>", ("jörg@bü.test", "")),
     ("\t<a@b.test>\tNOTIFY=NEVER", ("a@b.test", "NOTIFY=NEVER")),  # a tab separates words, as in Postfix
+    ("<<a@b.test>> SIZE=1", ("a@b.test", "SIZE=1")),  # brackets in brackets: Postfix takes them too
+    ('<<"a>b"@b.test>>', ('"a>b"@b.test', "")),
 ])
 def test_parse_path_accepts_what_postfix_accepts(text, expected):
     assert address.parse_path(text) == expected
 
 
 @pytest.mark.parametrize("text", ["<a@b.test", "<a@b.test>x", "<a b@b.test>", "<a\\b@b.test>", "<a,b@b.test>",
-                                  "<a@>", "<a..b@b.test>", "a@b<x>", '<"a@b.test>', "<(c)a@b.test>", "<.a@b.test>"])
+                                  "<a@>", "<a..b@b.test>", "a@b<x>", '<"a@b.test>', "<(c)a@b.test>", "<.a@b.test>",
+                                  "<<a@b.test>", "<a@b.test>>"])
 def test_parse_path_refuses_malformed_paths(text):
     with pytest.raises(address.PathError):
         address.parse_path(text)
