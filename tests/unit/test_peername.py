@@ -110,3 +110,9 @@ async def test_lookups_under_way_are_bounded_and_the_rest_are_unknown_at_once(tm
     resolver.release.set()
     assert set(await asyncio.gather(*waiting)) == {"mail.example.test"}
     assert await n.name("198.51.100.7") == "mail.example.test"  # room again
+
+
+async def test_dns_is_never_asked_about_a_loopback_address(tmp_path):
+    resolver = Stalled()  # would hang
+    n = names(tmp_path, resolver, text="")
+    assert await n.name("127.0.0.1") == UNKNOWN and await n.name("::1") == UNKNOWN and resolver.asked == 0

@@ -8,7 +8,9 @@ header, check_client_access and the policy service see.
 
 The name comes from the hosts file first (as the system's resolver, which Postfix uses, reads it: the first name
 of the first line naming the address; `127.0.0.1` is `localhost` on most hosts), else from DNS: each PTR name
-of the address in turn, the first whose A/AAAA records include the address. The hosts file is read again when
+of the address in turn, the first whose A/AAAA records include the address. DNS is never asked about a
+loopback address (a test suite's sink on a host whose DNS is out of reach must not wait for it at every
+connection). The hosts file is read again when
 it changed (looked at no more than once a second).
 
 Failure behaviour: never raises; a name DNS cannot give now (no PTR record, a lookup error or timeout, a name
@@ -56,7 +58,7 @@ class PeerNames:
         name = self._hosts_name(address)
         if name is not None:
             return name
-        if self._resolver is None or self._in_flight >= LOOKUPS_IN_FLIGHT:
+        if self._resolver is None or self._in_flight >= LOOKUPS_IN_FLIGHT or _is_loopback(address):
             return UNKNOWN
         self._in_flight += 1
         try:
@@ -129,6 +131,10 @@ def _read_hosts(path: str) -> tuple[dict[str, str], dict[str, set[str]]]:
         for name in fields[1:]:
             addresses.setdefault(name.lower(), set()).add(address)
     return names, addresses
+
+
+def _is_loopback(address: str) -> bool:
+    return ipaddress.ip_address(address).is_loopback
 
 
 @functools.lru_cache(maxsize=4096)  # (an address parse costs ~2 µs; clients come back)
