@@ -114,23 +114,6 @@ async def test_nul_in_content_is_refused_and_the_session_goes_on(mailflow_server
     assert await mf.store.counts() == {} and _alice_mail(tmp_path) == []
 
 
-async def test_bdat_0_without_last_fails_the_transaction_as_postfix_does(mailflow_server, tmp_path):
-    mf, port = await _server(mailflow_server)
-    c = await SmtpClient.connect(port)
-    await c.envelope()
-    await c.send(b"BDAT 0\r\n")
-    assert (await c.reply()).text == str(status.NULL_BDAT) == "551 5.7.1 Null BDAT request"
-    await c.send(b"BDAT 5\r\nQUIT\r")  # read and discarded, never taken for a command
-    assert (await c.reply()).text == "551 5.0.0 Discarded 5 bytes after earlier error"
-    await c.send(b"BDAT 4 LAST\r\nab\r\n")  # the last chunk ends the failed transaction
-    assert (await c.reply())[0] == 551
-    assert (await c.cmd("RCPT TO:<alice@local.test>"))[0] == 503  # no transaction any more
-    await c.send_message(rcpt="alice@local.test")  # the next one is whole again
-    await c.close()
-    await sessions_over(mf)
-    assert len(await eventually(lambda: _alice_mail(tmp_path))) == 1
-
-
 async def test_message_over_size_limit_is_552_after_the_terminator(mailflow_server, tmp_path):
     mf, port = await _server(mailflow_server, smtpd={"listen": ["127.0.0.1:0"], "message_size_limit": 10_000})
     c = await SmtpClient.connect(port)

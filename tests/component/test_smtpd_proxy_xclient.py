@@ -242,6 +242,19 @@ def test_proxy_protocol_on_an_implicit_tls_listener_is_refused_at_start(tmp_path
 HEADLESS = b"Subject: no origin headers\r\n\r\nbody\r\n"
 
 
+async def delivered_head(mailflow_server, tmp_path, settings: dict, client: str, message: bytes) -> bytes:
+    """The header section alice's Maildir got for `message`, sent as the client XCLIENT ADDR=`client` names."""
+    mf = await mailflow_server(**settings, smtpd={"listen": ["127.0.0.1:0"],
+                                                  "authorized_xclient_hosts": ["127.0.0.1/32"]})
+    c = await SmtpClient.connect(mf.smtpd.address_of("mta")[1])
+    assert (await c.cmd("EHLO filter.test"))[0] == 250
+    assert (await c.cmd(f"XCLIENT ADDR={client}"))[0] == 220
+    assert (await c.send_message(message))[0] == 250
+    await c.close()
+    mail = await eventually(lambda: maildir_messages(tmp_path / "mail" / "alice" / "Maildir"))
+    return mail[0].split(b"\n\n")[0]
+
+
 @pytest.mark.parametrize("settings, client, added", [
     ({}, "192.0.2.1", False),  # a remote client's mail is passed on as it came (Postfix 2.6 and later)
     ({}, "127.0.0.1", True),  # a client on this host: permit_inet_interfaces, the default
@@ -253,15 +266,7 @@ HEADLESS = b"Subject: no origin headers\r\n\r\nbody\r\n"
 ])
 async def test_missing_headers_are_added_only_for_local_header_rewrite_clients(mailflow_server, tmp_path, settings,
                                                                                client, added):
-    mf = await mailflow_server(**settings, smtpd={"listen": ["127.0.0.1:0"],
-                                                  "authorized_xclient_hosts": ["127.0.0.1/32"]})
-    c = await SmtpClient.connect(mf.smtpd.address_of("mta")[1])
-    assert (await c.cmd("EHLO filter.test"))[0] == 250
-    assert (await c.cmd(f"XCLIENT ADDR={client}"))[0] == 220
-    assert (await c.send_message(HEADLESS))[0] == 250
-    await c.close()
-    mail = await eventually(lambda: maildir_messages(tmp_path / "mail" / "alice" / "Maildir"))
-    head = mail[0].split(b"\n\n")[0]
+    head = await delivered_head(mailflow_server, tmp_path, settings, client, HEADLESS)
     assert f"[{client.split()[0]}])".encode() in head  # the Received header names the client XCLIENT gave
     for field in (b"\nMessage-ID: <", b"\nDate: ", b"\nFrom: <s@remote.test>"):
         assert (field in head) == added, head
@@ -281,15 +286,7 @@ UNQUALIFIED = b"From: bob\r\nTo: Alice <alice>, carol@local.test\r\nSubject: bob
 ])
 async def test_header_addresses_are_rewritten_for_local_header_rewrite_clients(mailflow_server, tmp_path, settings,
                                                                               client, from_, to):
-    mf = await mailflow_server(**settings, smtpd={"listen": ["127.0.0.1:0"],
-                                                  "authorized_xclient_hosts": ["127.0.0.1/32"]})
-    c = await SmtpClient.connect(mf.smtpd.address_of("mta")[1])
-    assert (await c.cmd("EHLO filter.test"))[0] == 250
-    assert (await c.cmd(f"XCLIENT ADDR={client}"))[0] == 220
-    assert (await c.send_message(UNQUALIFIED))[0] == 250
-    await c.close()
-    mail = await eventually(lambda: maildir_messages(tmp_path / "mail" / "alice" / "Maildir"))
-    head = mail[0].split(b"\n\n")[0]
+    head = await delivered_head(mailflow_server, tmp_path, settings, client, UNQUALIFIED)
     assert b"\n" + from_ + b"\n" in head and b"\n" + to in head, head
     assert b"\nSubject: bob" in head  # (not an address field)
     assert f"(unknown [{client}])".encode() in head  # XCLIENT ADDR without NAME: not the front end's name
