@@ -20,6 +20,9 @@ module imports nothing of mailflow but `errors` and `syntax`, so the configurati
     StaticResolver(mx={...}, addresses={...}, txt={...}, ptr={...}, tlsa={...}, secure=(names...))
     is_ip_literal(host) -> bool               an IP literal resolves to itself, without a query
                                               (mailflow.syntax.is_ip_address)
+    await ptr_names(resolver, address)        its PTR names, at most PTR_NAMES_KEPT; [] for none
+    await confirmed_name(resolver, address, names)   the first of `names` whose addresses include `address`
+                                              (Postfix's verified client name); "" for none
 
 Failure behaviour (a failed lookup is never "not found"):
 - the name does not exist (NXDOMAIN)                     -> raise `NotFound` (permanent, 5.1.2)
@@ -102,6 +105,30 @@ class Resolver(Protocol):
     async def tlsa(self, name: str) -> TlsaAnswer: ...
 
     async def validated(self, name: str, qtype: str) -> bool: ...
+
+
+PTR_NAMES_KEPT = 5  # an address's PTR names looked at (Postfix checks a few; hundreds would be an attack)
+
+
+async def ptr_names(resolver: Resolver, address: str) -> list[str]:
+    """The PTR names of `address` (the first PTR_NAMES_KEPT); [] when it has none or is no address. Raises
+    LookupRetry when DNS cannot answer now."""
+    try:
+        return (await resolver.ptr(address))[:PTR_NAMES_KEPT]
+    except (NotFound, ValueError):
+        return []
+
+
+async def confirmed_name(resolver: Resolver, address: str, names: list[str]) -> str:
+    """The first of `names` whose A/AAAA records include `address`, the name that leads back to it; "" when
+    none does. Raises LookupRetry when DNS cannot tell now."""
+    for name in names:
+        try:
+            if address in await resolver.addresses(name):
+                return name
+        except NotFound:
+            continue
+    return ""
 
 
 def sort_mx(records: list[MX]) -> list[MX]:

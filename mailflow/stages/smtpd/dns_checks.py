@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from mailflow import address, status
 from mailflow.address import client_ip
-from mailflow.dns import NotFound
+from mailflow.dns import NotFound, confirmed_name, ptr_names
 from mailflow.errors import LookupRetry
 from mailflow.model import AddressClass
 from mailflow.syntax import is_ipv4
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("mailflow.smtpd")
 
 REMOTE = (AddressClass.DEFAULT, AddressClass.RELAY)
-PTR_NAMES_KEPT = 5  # a client's PTR names looked at (Postfix checks a few)
 
 
 def rbl_query_name(client_addr: str, rbl_domain: str) -> str | None:
@@ -113,13 +112,11 @@ class DnsChecks:
         key = ("ptr", facts.client_addr)
         if key not in facts.memo:
             try:
-                names = await self._resolver.ptr(facts.client_addr) if self._resolver is not None else []
-            except (NotFound, ValueError):
-                names = []
+                names = await ptr_names(self._resolver, facts.client_addr) if self._resolver is not None else []
             except LookupRetry as e:
                 log.warning("%s: reverse lookup error: %s", facts.client_addr, e.reason)
                 return None
-            facts.memo[key] = names[:PTR_NAMES_KEPT]
+            facts.memo[key] = names
         return facts.memo[key]
 
     async def _verified_client_name(self, facts: Facts) -> str | None:
@@ -131,17 +128,11 @@ class DnsChecks:
         names = await self._client_names(facts)
         if names is None:
             return None
-        found = ""
-        for name in names:
-            try:
-                if facts.client_addr in await self._resolver.addresses(name):
-                    found = name
-                    break
-            except NotFound:
-                continue
-            except LookupRetry as e:
-                log.warning("%s: lookup error: %s", name, e.reason)
-                return None
+        try:
+            found = await confirmed_name(self._resolver, facts.client_addr, names)
+        except LookupRetry as e:
+            log.warning("%s: lookup error: %s", facts.client_addr, e.reason)
+            return None
         facts.memo[key] = found
         return found
 

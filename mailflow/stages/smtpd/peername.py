@@ -7,15 +7,16 @@ header, check_client_access and the policy service see.
     PeerNames.hosts_name(ip) -> str | None   the hosts file's part of it (no DNS)
 
 The name comes from the hosts file first (as the system's resolver, which Postfix uses, reads it: the first name
-of the first line naming the address; `127.0.0.1` is `localhost` on most hosts), else from DNS: each PTR name
-of the address in turn, the first whose A/AAAA records include the address. DNS is never asked about a
-loopback address (a test suite's sink on a host whose DNS is out of reach must not wait for it at every
-connection). The hosts file is read again when
-it changed (looked at no more than once a second).
+of the first line naming the address; `127.0.0.1` is `localhost` on most hosts), else from DNS: the first PTR
+name whose A/AAAA records include the address (mailflow.dns.confirmed_name, as reject_unknown_client_hostname
+asks it). DNS is never asked about a loopback address (a test suite's sink on a host whose DNS is out of reach
+must not wait for it at every connection). The hosts file is read again when it changed (looked at no more
+than once a second).
 
 Failure behaviour: never raises; a name DNS cannot give now (no PTR record, a lookup error or timeout, a name
-that does not lead back to the address, LOOKUPS_IN_FLIGHT lookups already under way) is "unknown", as in Postfix (which then tells the two apart only for
-reject_unknown_client_hostname, a check restrictions.py makes with lookups of its own).
+that does not lead back to the address, LOOKUPS_IN_FLIGHT lookups already under way) is "unknown", as in
+Postfix (which then tells the two apart only for reject_unknown_client_hostname, a check restrictions.py makes
+with lookups of its own).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import os
 import time
 from typing import Callable
 
-from mailflow.dns import NotFound
+from mailflow.dns import confirmed_name, ptr_names
 from mailflow.errors import LookupRetry
 
 log = logging.getLogger("mailflow.smtpd")
@@ -34,7 +35,6 @@ log = logging.getLogger("mailflow.smtpd")
 UNKNOWN = "unknown"
 HOSTS_FILE = "/etc/hosts"
 HOSTS_RECHECK = 1.0  # seconds between looks at the hosts file's modification time
-PTR_NAMES_TRIED = 5  # PTR names whose addresses are asked, at most (a record set of hundreds is an attack)
 # DNS lookups under way at once, at most; a client that would make one more is "unknown" at once. The lookup
 # comes before the admission (connection limits, session slots), as in Postfix, whose process limit bounds it.
 LOOKUPS_IN_FLIGHT = 100
@@ -80,22 +80,11 @@ class PeerNames:
 
     async def _dns_name(self, address: str) -> str:
         try:
-            names = await self._resolver.ptr(address)
-            for name in names[:PTR_NAMES_TRIED]:
-                name = name.rstrip(".")
-                if address in {_normalised(a) for a in await self._forward(name)}:
-                    return name
-        except NotFound:  # no PTR record
-            pass
-        except (LookupRetry, ValueError) as e:
+            name = await confirmed_name(self._resolver, address, await ptr_names(self._resolver, address))
+        except LookupRetry as e:
             log.debug("%s: no client name now: %s", address, e)
-        return UNKNOWN
-
-    async def _forward(self, name: str) -> list[str]:
-        try:
-            return await self._resolver.addresses(name)
-        except NotFound:
-            return []
+            return UNKNOWN
+        return name.rstrip(".") or UNKNOWN
 
     def _refresh_hosts(self) -> None:
         now = self._clock()
