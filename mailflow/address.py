@@ -44,7 +44,8 @@ def parse_path(text: str) -> tuple[str, str]:
 
     RFC 5321 4.1.2 `Reverse-path / Forward-path`, with what Postfix (smtpd_strict_rfc821_envelope = no) also
     takes: spaces before the path, a path without angle brackets (it ends at the first space outside a quoted
-    string), a path in more than one pair of them (`<<a@b>>`), a source route `@a,@b:` (dropped, RFC 5321 C), and one trailing dot on the domain (dropped).
+    string), a path in more than one pair of them (`<<a@b>>`), a source route `@a,@b:` (dropped, RFC 5321 C),
+    and one trailing dot on the domain (dropped).
     `<>` gives "", and so does `<"">`. A tab separates like a space (Postfix splits command words on both).
     Quotes that add nothing are dropped (`"alice"@b` is `alice@b`); a local part that needs them keeps them as
     written.

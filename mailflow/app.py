@@ -233,7 +233,8 @@ class Mailflow:
         checks = ContentChecks(config.checks)
         await checks.tables.preload()
         return dict(myhostname=config.myhostname, mapper=router.mapper, hopcount_limit=config.hopcount_limit,
-                    header_size_limit=config.header_size_limit, drop_headers=config.message_drop_headers, checks=checks,
+                    header_size_limit=config.header_size_limit, drop_headers=config.message_drop_headers,
+                    checks=checks,
                     content_filter=config.smtpd.content_filter,
                     outbound=build_outbound_signing(config, router, self._dns_resolver(), self.clock, self._maillog))
 

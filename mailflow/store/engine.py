@@ -56,7 +56,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence, cast
+from typing import Any, Awaitable, Callable, Iterable, Mapping, NamedTuple, Sequence, cast
 
 import aiosqlite
 
@@ -311,7 +311,15 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
-Request = tuple[list[Op], "Call | None", asyncio.Future]  # ops, call, the caller's future
+class Request(NamedTuple):
+    """One write waiting for its batch."""
+
+    ops: list[Op]
+    call: "Call | None"
+    fut: asyncio.Future  # the caller's
+    patient: bool  # a write that may linger: settled after those whose callers wait (a client's 250)
+
+
 LINGER = 0.002  # seconds a write that may linger waits, on an idle committer, for one that may not
 
 
@@ -326,7 +334,6 @@ class GroupCommitter:
         self._waiting: list[Request] = []  # not yet at the writer
         self._busy = False  # a batch is at the writer, or one is about to start
         self._lingering: asyncio.TimerHandle | None = None  # idle, with only writes that may linger waiting
-        self._patient: set[asyncio.Future] = set()  # the callers of writes that may linger (settled last)
         self._idle: list[asyncio.Future] = []  # stop() waiting for the last batch
         self._retries: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None  # the one the requests come from
@@ -354,9 +361,7 @@ class GroupCommitter:
             raise Overloaded()
         self._loop = loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._waiting.append((ops, call, fut))
-        if linger:
-            self._patient.add(fut)
+        self._waiting.append(Request(ops, call, fut, linger))
         if not self._busy:
             if not linger:
                 self._start_batch()
@@ -393,17 +398,15 @@ class GroupCommitter:
     def _committed(self, batch: list[Request], error: BaseException | None, results: list | None) -> None:
         """The writer's answer for a batch (on the loop): settle its requests (a client waiting for its 250 before
         a lingering result), then go on with the next batch."""
-        lingered = {fut for *_, fut in batch if fut in self._patient}
-        self._patient -= lingered
         if error is None:
             self.commits += 1
             if self.on_commit is not None:
                 self.on_commit(len(batch), time.perf_counter() - self._batch_started)
-            for (*_, fut), result in sorted(zip(batch, results or ()), key=lambda answered: answered[0][2] in lingered):
-                _settle(fut, None, result)
+            for request, result in sorted(zip(batch, results or ()), key=lambda answered: answered[0].patient):
+                _settle(request.fut, None, result)
         elif len(batch) == 1 or store_fault(error) or not isinstance(error, Exception):
-            for *_, fut in batch:  # the store itself is failing: each alone would fail too
-                _settle(fut, error)
+            for request in batch:  # the store itself is failing: each alone would fail too
+                _settle(request.fut, error)
         else:  # one bad request must not fail the innocent ones that shared its batch: retry each alone
             task = asyncio.ensure_future(self._one_by_one(batch))
             self._retries.add(task)
@@ -414,7 +417,7 @@ class GroupCommitter:
     async def _one_by_one(self, batch: list[Request]) -> None:
         try:
             for request in batch:
-                fut = request[-1]
+                fut = request.fut
                 try:
                     [result] = await self._writer.call(self._writer.transaction, *_merged([request]))
                 except Exception as one:
@@ -431,10 +434,10 @@ def _merged(requests: list[Request]) -> tuple[dict[str, list[tuple]], list]:
     """Writer.transaction's arguments for requests run together: every statement's rows from every request (one
     executemany per statement, in order of first appearance) and the calls."""
     merged: dict[str, list[tuple]] = {}
-    for ops, *_ in requests:
-        for sql, rows in ops:
+    for request in requests:
+        for sql, rows in request.ops:
             merged.setdefault(sql, []).extend(rows)
-    return merged, [call for _, call, _ in requests]
+    return merged, [request.call for request in requests]
 
 
 def _settle(fut: asyncio.Future, error: BaseException | None, result: object = None) -> None:

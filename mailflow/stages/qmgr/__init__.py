@@ -603,7 +603,8 @@ def _complete(job: Job, report: DeliveryReport) -> list[RcptResult]:
     not mention stays queued (4.3.0)."""
     mine = {r.index: r for r in job.recipients}
     t = job.transport
-    results = [dataclasses.replace(r, transport=t) for r in report.results if mine.get(r.recipient.index) == r.recipient]
+    results = [dataclasses.replace(r, transport=t) for r in report.results
+               if mine.get(r.recipient.index) == r.recipient]
     told = {r.recipient.index for r in results}
     results += [RcptResult(r, Outcome.DEFERRED, "4.3.0", "delivery agent reported no result", transport=t)
                 for r in job.recipients if r.index not in told]

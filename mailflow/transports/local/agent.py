@@ -8,8 +8,8 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
    As root, a Maildir of a local user who is also a system user is created with that user's uid and gid
    (directories 0700, files 0600), as local(8) writes with the recipient's rights. Each copy starts with
    Return-Path, X-Original-To (the recipient as the client gave it) and Delivered-To; one copy per user per
-   request, however many of its recipients lead there (Postfix's duplicate filter). mbox files get a From_ line, mboxrd quoting and the
-   `mailbox_delivery_lock` locks (see mailflow.transports.local.mbox).
+   request, however many of its recipients lead there (Postfix's duplicate filter). mbox files get a From_
+   line, mboxrd quoting and the `mailbox_delivery_lock` locks (see mailflow.transports.local.mbox).
 3. Forwarded addresses (and the members of an :include: file or of a list with an owner- alias, which local(8)
    resubmits): one new message per recipient and sender, queued through cleanup by `forward(...)`, from the
    message's sender, or from the list's owner when an owner- alias names one; `Delivered-To: <recipient>`
@@ -17,9 +17,9 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
 4. Commands (allowed ones, see `_command`): `/bin/sh -c command` through pipe's `run_command`, with local(8)'s
    environment (HOME=<maildir_base>/<user>, USER, LOGNAME, SHELL, SENDER, RECIPIENT, ORIGINAL_RECIPIENT, LOCAL,
    DOMAIN, EXTENSION; message context with shell-special characters replaced by '_'), the message with
-   a From_ line, Return-Path, X-Original-To and Delivered-To on stdin (local(8)'s, not quoted as in an mbox), in the home (or /), as `default_privs` when mailflow
-   runs as root, killed after `command_time_limit`; exit statuses mapped as pipe(8) does. Without `commands` settings they
-   defer (4.3.5).
+   a From_ line, Return-Path, X-Original-To and Delivered-To on stdin (local(8)'s, not quoted as in an mbox),
+   in the home (or /), as `default_privs` when mailflow runs as root, killed after `command_time_limit`; exit
+   statuses mapped as pipe(8) does. Without `commands` settings they defer (4.3.5).
 5. Files (allowed ones): appended in mbox format under the mailbox locks; as root by a forked child running as
    `default_privs`; `/dev/null` accepts and discards.
 The recipient's result: deferred if any part must be retried (a retry repeats the parts already done, as
