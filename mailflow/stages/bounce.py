@@ -24,6 +24,8 @@ Decisions:
   "host H said: <reply> (in reply to X command)" / "host H refused to talk to me: <reply>", or is a bare reply
   ("250 2.0.0 Ok") from a named `remote_mta`; only the reply itself goes into the field. Anything else is our own
   reason: `X-Mailflow; <text>`. Remote-MTA appears whenever `remote_mta` is given.
+- Original-Recipient: the ORCPT the client gave, else the address as the client first gave it (rewritten or
+  expanded here or not), as Postfix always reports one.
 - Any control character (CR, LF, TAB, NUL, ...) in a diagnostic, an address or an id becomes a space, and runs of
   white space collapse, so no value can add a header line or a field group. Long values are folded at spaces.
 - A notice about an address with non-ASCII characters (SMTPUTF8 mail) uses message/global-delivery-status with
@@ -235,8 +237,9 @@ def _status_part(global_: bool, mta: str, queue_id: str, sender: str, arrival: f
         group = [f"Final-Recipient: {_address_field(nr.recipient.address, global_)}"]
         if nr.recipient.orcpt:
             group.append(f"Original-Recipient: {value(nr.recipient.orcpt)}")
-        elif nr.recipient.original and nr.recipient.original.lower() != nr.recipient.address.lower():
-            # rewritten or expanded here: name the address the sender used, as Postfix does
+        elif nr.recipient.original:
+            # the address the sender used, rewritten or expanded here or not: Postfix "always reports an
+            # Original-Recipient field, because it is more useful and more consistent" (bounce_notify_util.c)
             group.append(f"Original-Recipient: {_address_field(nr.recipient.original, global_)}")
         group.append(f"Action: {nr.action}")
         group.append(f"Status: {_status(nr)}")
