@@ -27,11 +27,12 @@ final reply `data_timeout`.
 What each recipient gets, beyond smtp's (2xx SENT, 4xx DEFERRED, 5xx BOUNCED, with the server's words):
 - nexthop unparsable / host name not found         DEFERRED 4.3.5 / 4.4.3, site_ok=False
 - cannot connect                                   DEFERRED 4.4.1, site_ok=False
-- greeting or LHLO refused                         DEFERRED (the reply's code as 4.x.x), site_ok=False
+- greeting or LHLO refused                         DEFERRED (the reply's code as 4.x.x), site_ok=False; a 5xx to
+                                                   LHLO from the last address BOUNCED with its code (Postfix lmtp)
 - connection lost, timed out, malformed reply      those without a final answer DEFERRED 4.4.2 (4.5.0 for a malformed
                                                    reply), site_ok=False; answers already read stand
 
-`relay` is `host[ip]:port` (TCP) or `helo_name[/path]` (UNIX socket), "none" when no session was opened.
+`relay` is `host[ip]:port` (TCP) or `helo_name[/path]` (UNIX socket), "none" when no connection was made.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ from mailflow.transports.smtp.chat import Session, Timeouts
 from mailflow.transports.smtp.commands import screen_envelope
 from mailflow.transports.smtp.connect import greet, hello, open_session
 from mailflow.transports.smtp.proto import send_message
-from mailflow.transports.smtp.trouble import Outcomes, SiteFailure
+from mailflow.transports.smtp.trouble import Outcomes, SiteFailure, record_unreachable
 
 log = logging.getLogger("mailflow.lmtp")
 
@@ -86,7 +87,7 @@ class LmtpTransport:
         try:
             session = await self._open(nexthop)
         except SiteFailure as e:
-            outcomes.fail(recipients, e).site_failed(e.text)
+            record_unreachable(outcomes, recipients, e, [])
             return
         try:
             await send_message(session, request, recipients, outcomes, self._timeouts, lmtp=True)
@@ -111,6 +112,9 @@ class LmtpTransport:
         try:
             await greet(session, self._timeouts.helo)
             await hello(session, self._helo_name, self._timeouts.helo, lmtp=True)
+        except SiteFailure as e:
+            session.abort()
+            raise e.at(peer.relay) from None
         except BaseException:
             session.abort()
             raise

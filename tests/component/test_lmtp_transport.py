@@ -434,6 +434,28 @@ async def test_refused_greeting_defers_and_fails_the_site():
     assert not report.site_ok
 
 
+async def test_a_5xx_to_lhlo_bounces_with_the_reply_naming_the_peer():
+    """A hard refusal of LHLO by the only address: bounced with its reply, as Postfix's lmtp does at the final
+    server; the server answered, so the site is not failed."""
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 lmtp.test LMTP\r\n")
+        await reader.readline()
+        writer.write(b"550 5.7.1 not for you\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{port}"))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert outcomes(report) == [("b@example.test", Outcome.BOUNCED, "5.7.1")]
+    assert report.results[0].text == "host 127.0.0.1[127.0.0.1] refused to talk to me: 550 5.7.1 not for you"
+    assert report.results[0].relay == f"127.0.0.1[127.0.0.1]:{port}" and report.site_ok
+
+
 async def test_bad_nexthop_defers_as_configuration_error():
     report = await deliver(make_transport(), make_request("unix:"))
     assert outcomes(report) == [("b@example.test", Outcome.DEFERRED, "4.3.5")]

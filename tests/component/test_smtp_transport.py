@@ -744,14 +744,46 @@ async def test_may_continues_in_plaintext_when_starttls_is_refused(scripted_peer
     assert peer.connections == 1 and "STARTTLS" in peer.commands
 
 
-async def test_encrypt_refused_starttls_defers_with_the_reply(scripted_peer):
+async def test_encrypt_refused_starttls_by_the_last_peer_bounces_with_the_reply(scripted_peer):
+    """A 5xx to STARTTLS when TLS is required is a hard error of that peer: with no other peer left the mail
+    bounces with it (Postfix smtp_site_fail at the final server); the peer is the recipient's relay."""
     peer, port = await scripted_peer(extensions=("STARTTLS",))
     report = await deliver(make_transport(tls="encrypt"), make_request(f"[127.0.0.1]:{port}"))
     result = report.results[0]
-    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.5.2")
+    assert (result.outcome, result.dsn, result.relay) == (Outcome.BOUNCED, "5.5.2", f"127.0.0.1[127.0.0.1]:{port}")
     assert result.text == ("TLS is required, but host 127.0.0.1[127.0.0.1] refused to start TLS: "
                            "502 5.5.2 Error: command not recognized")
-    assert peer.messages == []
+    assert report.site_ok and peer.messages == []
+
+
+async def test_a_5xx_to_helo_bounces_only_at_the_last_peer(smtp_peer, dns_zone):
+    """EHLO and HELO refused with 5xx: the next MX is tried (class 4 while one is left); from the last one tried
+    it bounces (Postfix's smtp_bulk_fail: a hard error at the final server)."""
+    refusing = await asyncio.start_server(refuse_helo, "127.0.0.2", 0)
+    port = refusing.sockets[0].getsockname()[1]
+    good = await smtp_peer("127.0.0.3", port)
+    try:
+        zone = mx_zone("example.test. 300 IN MX 10 mx1.example.test.", "example.test. 300 IN MX 20 mx2.example.test.",
+                       "mx1.example.test. 300 IN A 127.0.0.2", "mx2.example.test. 300 IN A 127.0.0.3",
+                       "only.test. 300 IN MX 10 mx1.example.test.")
+        resolver = AiodnsResolver(nameservers=(dns_zone(zone),), timeout=1.0, tries=1)
+        report = await deliver(make_transport(resolver, port=port), make_request("example.test"))
+        assert report.results[0].outcome is Outcome.SENT and len(good.messages) == 1
+        report = await deliver(make_transport(resolver, port=port), make_request("only.test"))
+        result = report.results[0]
+        assert (result.outcome, result.dsn, result.relay) == (Outcome.BOUNCED, "5.5.4",
+                                                              f"mx1.example.test[127.0.0.2]:{port}")
+        assert result.text == "host mx1.example.test[127.0.0.2] refused to talk to me: 501 5.5.4 not you"
+        assert report.site_ok
+    finally:
+        refusing.close()
+
+
+async def refuse_helo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"220 refusing.test ESMTP\r\n")
+    while line := await reader.readline():
+        writer.write(b"500 5.5.1 no\r\n" if line.startswith(b"EHLO") else b"501 5.5.4 not you\r\n")
+    writer.close()
 
 
 async def test_client_certificate_is_presented_when_configured(smtp_peer, ca, tmp_path):

@@ -42,8 +42,10 @@ What each recipient gets:
 - no MX host (or the [host]) has an address         BOUNCED 5.4.4
 - DNS failure                                       DEFERRED 4.4.3, site_ok=False
 - no peer could be talked to                        DEFERRED (4.4.1 connect, 4.4.2 timeout/lost, 4.5.0 a malformed
-                                                    reply, 4.7.x TLS/AUTH, ...), naming the last peer tried,
-                                                    site_ok=False
+                                                    reply, 4.7.x TLS/AUTH, ...), naming the last peer tried (its
+                                                    relay too, once connected), site_ok=False
+- the last peer refused EHLO/HELO with 5xx          BOUNCED with its reply (Postfix: a hard error at the final
+  (or STARTTLS, when TLS is required)               server); a 5xx greeting only defers (smtp_skip_5xx_greeting)
 - connection lost, timed out or garbled during the  those without a final answer DEFERRED 4.4.2 (4.5.0 garbled),
   dialogue                                          site_ok=False; the text names the stage ("... timed out while
                                                     sending RCPT TO")
@@ -66,7 +68,7 @@ command_timeout (STARTTLS, AUTH, MAIL, each RCPT, DATA, RSET), data_timeout (the
 The envelope is sent exactly as queued (no re-parsing); the content as it is, dot-stuffed, ending in CRLF,
 streamed from the queue chunk by chunk: a big message is never held whole, and the SIZE given and checked is the
 queued size (as Postfix's). A small message goes out in one write.
-`relay` is `host[ip]:port`, or "none" before any session.
+`relay` is `host[ip]:port`, or "none" before any connection.
 """
 from mailflow.transports.smtp.transport import SmtpTransport
 

@@ -6,19 +6,21 @@ and for SMTP STARTTLS as the TLS policy asks and AUTH with the relay's credentia
     await greet(session, timeout)                            the greeting must be 2xx
     await hello(session, helo_name, timeout, lmtp=False)     EHLO (HELO after a 5xx EHLO), or LHLO; sets
                                 `session.extensions`
-        a refused greeting, EHLO, HELO or LHLO: SiteFailure "host h[ip] refused to talk to me: 554 ..." (class 4)
+        a refused greeting, EHLO, HELO or LHLO: SiteFailure "host h[ip] refused to talk to me: 554 ..." (class 4;
+        a 5xx to EHLO/HELO/LHLO is `hard`: it bounces when no other peer is left, as with Postfix)
     Destination(nexthop, written, policy, fallback, mx_secure)   one request's next hop, as parsed and as written (the
                                 table key), its TLS policy, what a `dane` policy falls back to without TLSA records
                                 (MTA-STS's, else may), and whether its MX records were DNSSEC-validated
     SmtpHandshake(config, helo_name, tls, password_tables, tables, clock, resolver)
       await .open(peer, destination, queue_id) -> Session    a session past the whole SMTP handshake; raises
-                                SiteFailure (try the next peer) or LocalProblem (our side: stop)
+                                SiteFailure (try the next peer; once connected, its `relay` names the peer) or
+                                LocalProblem (our side: stop)
 
 TLS (levels in smtp.tls): none never says STARTTLS. may: STARTTLS when offered, unverified; a refused STARTTLS
 goes on in plaintext on the same session, a failed handshake connects again in plaintext (not when there are AUTH
 credentials for the peer). encrypt and above: not offered -> 4.7.4 "TLS is required, but was not offered by host
-h[ip]"; refused -> the reply's code; a failed handshake -> 4.7.5 "Cannot start TLS: handshake failure"; an
-untrusted chain -> 4.7.5 "Server certificate not trusted"; no matching name -> 4.7.5 "Server certificate not
+h[ip]"; refused -> the reply's code (a 5xx is hard: it bounces at the last peer); a failed handshake -> 4.7.5
+"Cannot start TLS: handshake failure"; an untrusted chain -> 4.7.5 "Server certificate not trusted"; no matching name -> 4.7.5 "Server certificate not
 verified"; TLS unavailable here (unreadable CA or certificate file) -> LocalProblem 4.7.5. After TLS, EHLO again.
 Per peer, before connecting: a dane/dane-only policy becomes the peer's (smtp.dane: its TLSA records, or the
 fallback, or 4.7.5 for dane-only); a certificate that matches none of a DANE peer's TLSA records -> 4.7.5 "Server
@@ -92,7 +94,7 @@ async def open_session(peer: Peer, timeout: float, clock: Callable[[], float]) -
 async def greet(session: Session, timeout: float) -> None:
     greeting = await session.reply(timeout, GREETING)
     if not greeting.positive:
-        raise refused_to_talk(session.peer, greeting)
+        raise refused_to_talk(session.peer, greeting, greeting=True)
 
 
 async def hello(session: Session, helo_name: str, timeout: float, *, lmtp: bool = False) -> None:
@@ -183,6 +185,9 @@ class SmtpHandshake:
             if credentials is not None and session.extensions.supports("auth"):
                 await self._authenticate(session, credentials)
             return session
+        except SiteFailure as e:
+            session.abort()
+            raise e.at(peer.relay) from None
         except BaseException:
             session.abort()
             raise
@@ -221,7 +226,8 @@ class SmtpHandshake:
         if reply.code != 220:  # refused: the session itself is still fine
             if policy.required:
                 raise SiteFailure(reply.dsn("4"),
-                                  f"TLS is required, but host {peer.name} refused to start TLS: {reply.one_line}")
+                                  f"TLS is required, but host {peer.name} refused to start TLS: {reply.one_line}",
+                                  hard=reply.code // 100 == 5)
             return
         if policy.verifies:
             self._verify_peer_name(session, destination, policy)

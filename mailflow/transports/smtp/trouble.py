@@ -3,10 +3,14 @@ of failures and the mapping of replies and failures to per-recipient results and
 
 Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a bounce and the log show):
 
-    SiteFailure(dsn, text)      TemporaryError: this peer could not be talked to (connect, greeting, EHLO/LHLO,
+    SiteFailure(dsn, text, relay="none", hard=False)
+                                TemporaryError: this peer could not be talked to (connect, greeting, EHLO/LHLO,
                                 STARTTLS, AUTH, a lost, timed-out or garbled dialogue). While opening a session
                                 the next peer is tried; during a transaction the recipients still without an
-                                answer are deferred and the site counts as failed. Always class 4.
+                                answer are deferred and the site counts as failed. Always class 4; `relay` names
+                                the peer once connected (Postfix logs relay=host[ip]:port then, "none" before).
+                                `hard`: a 5xx refusal of EHLO, HELO, LHLO or STARTTLS (when TLS is required),
+                                which bounces when no other peer is left (`at_last_peer`, Postfix's final server)
     LocalProblem(dsn, text)     TemporaryError: our side cannot go on (a table that cannot answer, an unusable TLS
                                 policy, no TLS engine); another peer would not help, the site is not blamed.
     RetryPlaintext, StaleSession   control flow, not failures: connect again without TLS (level may); a cached
@@ -15,7 +19,8 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
     stream_failure(peer, activity, error) -> SiteFailure   "lost connection with h[ip] while sending RCPT TO",
                                 "conversation with h[ip] timed out while ...", "host h[ip] sent a malformed reply
                                 while ...: why" (4.4.2, 4.4.2, 4.5.0), as Postfix's smtp_stream_except words them
-    refused_to_talk(peer, reply) -> SiteFailure            a refused greeting, EHLO, HELO or LHLO
+    refused_to_talk(peer, reply, greeting=False) -> SiteFailure   a refused greeting, EHLO, HELO or LHLO; a 5xx is
+                                hard but for the greeting's (smtp_skip_5xx_greeting)
     os_reason(error) -> str     "Connection refused", "Connection timed out", ...
 
     Outcomes()                  results by recipient and the site verdict, filled as a delivery goes:
@@ -27,8 +32,9 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
                                 enhanced code, else x.0.0
     unexpected_data_reply(reply) -> Reply   a DATA reply that is neither 354 nor a refusal, as a 451 4.5.0
     record_unreachable(outcomes, recipients, peer_failure, dns_failures)
-                                no peer took a session: a peer failure or a DNS failure defers (site failed); only
-                                DNS's "no such host" for every host bounces
+                                no peer took a session: a peer failure or a DNS failure defers (site failed); DNS's
+                                "no such host" for every host bounces, and so does the last peer's 5xx refusal
+                                (a hard SiteFailure; the site is not failed: it answered)
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from mailflow.errors import DeliveryError, TemporaryError
+from mailflow.errors import DeliveryError, PermanentError, TemporaryError
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
 from mailflow.transports.smtp.addr import Peer
 from mailflow.transports.smtp.reply import MalformedReply, Reply
@@ -45,8 +51,19 @@ from mailflow.transports.smtp.reply import MalformedReply, Reply
 class SiteFailure(TemporaryError):
     """See the module docstring."""
 
-    def __init__(self, dsn: str, text: str):
+    def __init__(self, dsn: str, text: str, *, relay: str = "none", hard: bool = False):
         super().__init__("4" + dsn[1:], text)
+        self.relay = relay  # the peer's host[ip]:port once a connection was made
+        self.hard = hard  # a 5xx refusal: final at the last peer (class 4 while others are left)
+
+    def at(self, relay: str) -> "SiteFailure":
+        """The same failure, of a peer a connection was made to."""
+        return SiteFailure(self.dsn, self.text, relay=relay, hard=self.hard)
+
+    def at_last_peer(self) -> DeliveryError:
+        """What the recipients get when no other peer is left: a 5xx refusal bounces with its own class, as
+        Postfix's smtp_bulk_fail does at the final server; anything else defers."""
+        return PermanentError("5" + self.dsn[1:], self.text) if self.hard else self
 
 
 class LocalProblem(TemporaryError):
@@ -66,14 +83,18 @@ class StaleSession(Exception):
 
 def stream_failure(peer: Peer, activity: str, error: BaseException) -> SiteFailure:
     if isinstance(error, TimeoutError):
-        return SiteFailure("4.4.2", f"conversation with {peer.name} timed out while {activity}")
+        return SiteFailure("4.4.2", f"conversation with {peer.name} timed out while {activity}", relay=peer.relay)
     if isinstance(error, MalformedReply):
-        return SiteFailure("4.5.0", f"host {peer.name} sent a malformed reply while {activity}: {error}")
-    return SiteFailure("4.4.2", f"lost connection with {peer.name} while {activity}")
+        return SiteFailure("4.5.0", f"host {peer.name} sent a malformed reply while {activity}: {error}",
+                           relay=peer.relay)
+    return SiteFailure("4.4.2", f"lost connection with {peer.name} while {activity}", relay=peer.relay)
 
 
-def refused_to_talk(peer: Peer, reply: Reply) -> SiteFailure:
-    return SiteFailure(reply.dsn("4"), f"host {peer.name} refused to talk to me: {reply.one_line}")
+def refused_to_talk(peer: Peer, reply: Reply, *, greeting: bool = False) -> SiteFailure:
+    """A refused greeting, EHLO, HELO or LHLO. A 5xx one is hard, but for the greeting (Postfix's
+    smtp_skip_5xx_greeting = yes: a server that greets with 5xx is skipped, as if it had said 4xx)."""
+    return SiteFailure(reply.dsn("4"), f"host {peer.name} refused to talk to me: {reply.one_line}",
+                       relay=peer.relay, hard=reply.code // 100 == 5 and not greeting)
 
 
 def os_reason(error: BaseException | None) -> str:
@@ -153,8 +174,16 @@ def record_unreachable(
     peer_failure: DeliveryError | None,
     dns_failures: list[DeliveryError],
 ) -> None:
-    """No peer took a session. A peer we could not talk to or a DNS failure defers; only DNS 'no' bounces."""
+    """No peer took a session. A peer we could not talk to or a DNS failure defers; DNS 'no' bounces, and so
+    does a 5xx refusal of the last peer tried (the recipients name it as their relay, as for any failure after a
+    connection was made)."""
     temporary_dns = [f for f in dns_failures if not f.permanent]
+    if isinstance(peer_failure, SiteFailure):
+        final = peer_failure.at_last_peer()
+        outcomes.fail(recipients, final, peer_failure.relay)
+        if not final.permanent:
+            outcomes.site_failed(final.text)
+        return
     if peer_failure is not None:
         failure = peer_failure
     elif temporary_dns:

@@ -1,0 +1,246 @@
+"""Differential test of the outbound side: a private Postfix and mailflow, configured alike, each relay one message
+per scenario to the same scripted peer on 127.0.0.1 (a peer that refuses, hangs up or answers oddly), and must end
+each recipient the same way: the status and enhanced code they log (`to=<r>, relay=…, dsn=…, status=… (text)`,
+the text word for word), and the RFC 3464 fields of the notice the sender gets (Action, Status, Remote-MTA,
+Diagnostic-Code, Original-Recipient).
+
+Each scenario is a domain of its own (`transport_maps`: `<scenario>.test` -> `smtp:[127.0.0.1]:<its peer>`); the
+sender's domain goes to a capturing peer, one per server, which receives the notices.
+"""
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import aiosmtplib
+import pytest
+
+from tests.support import eventually, postfix_instance
+
+pytestmark = pytest.mark.interop
+
+CLOSE = b""  # a script's answer that hangs up instead of replying
+EHLO = b"250-peer.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SIZE 10240000\r\n250 ENHANCEDSTATUSCODES\r\n"
+SENDER = "alice@sender.test"
+Answer = bytes | Callable[[str], bytes]
+
+
+@dataclass
+class ScriptedPeer:
+    """An SMTP peer that answers each command as its script says (the default: accept everything). A script maps
+    "greeting", "EHLO", "HELO", "MAIL", "RCPT" (bytes, or a function of the recipient address), "DATA" and "DOT"
+    (the reply after the content) to the reply to send; CLOSE hangs up instead."""
+
+    script: dict[str, Answer]
+    port: int = 0
+    server: asyncio.AbstractServer | None = None
+    sessions: list[list[bytes]] = field(default_factory=list)
+
+    async def start(self) -> "ScriptedPeer":
+        self.server = await asyncio.start_server(self._session, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    def _answer(self, what: str, default: bytes, argument: str = "") -> bytes:
+        answer = self.script.get(what, default)
+        return answer(argument) if callable(answer) else answer
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heard: list[bytes] = []
+        self.sessions.append(heard)
+
+        async def say(reply: bytes) -> bool:
+            if reply == CLOSE:
+                return False
+            writer.write(reply)
+            await writer.drain()
+            return True
+
+        try:
+            if not await say(self._answer("greeting", b"220 peer.test ESMTP\r\n")):
+                return
+            while line := await reader.readline():
+                heard.append(line)
+                verb = line[:4].upper().decode("ascii", "replace")
+                if verb == "QUIT":
+                    await say(b"221 2.0.0 Bye\r\n")
+                    return
+                if verb == "DATA":
+                    reply = self._answer("DATA", b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                    if not await say(reply):
+                        return
+                    if reply.startswith(b"354"):
+                        while (content := await reader.readline()) not in (b".\r\n", b""):
+                            pass
+                        if not await say(self._answer("DOT", b"250 2.0.0 Ok: queued as X1\r\n")):
+                            return
+                    continue
+                address = line.decode("utf-8", "replace").partition("<")[2].partition(">")[0]
+                defaults = {"EHLO": EHLO, "HELO": b"250 peer.test\r\n", "MAIL": b"250 2.1.0 Ok\r\n",
+                            "RCPT": b"250 2.1.5 Ok\r\n", "RSET": b"250 2.0.0 Ok\r\n"}
+                if not await say(self._answer(verb, defaults.get(verb, b"502 5.5.2 Error\r\n"), address)):
+                    return
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+
+@dataclass
+class Scenario:
+    script: dict[str, Answer]
+    recipients: tuple[str, ...] = ("a",)
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+LOG_LINE = re.compile(r"to=<([^>]*)>, (?:orig_to=<[^>]*>, )?relay=([^,]*), .*?dsn=([0-9.]+), status=(\w+) \((.*)\)$")
+
+
+def outcomes(log: str) -> dict[str, tuple[str, str, str, str]]:
+    """(relay, dsn, status, text) by recipient, from mail log lines in Postfix's format (the last line wins)."""
+    out = {}
+    for line in log.splitlines():
+        m = LOG_LINE.search(line)
+        if m and not m.group(1).endswith("@sender.test"):
+            out[m.group(1)] = m.group(2, 3, 4, 5)
+    return out
+
+
+DSN_FIELDS = ("Action", "Status", "Remote-MTA", "Diagnostic-Code", "Original-Recipient")
+
+
+def notice_fields(messages) -> dict[str, dict[str, str]]:
+    """The per-recipient RFC 3464 fields of the notices received, by Final-Recipient address; white space
+    removed from the values (line folding is each server's own)."""
+    out = {}
+    for captured in messages:
+        notice = email.message_from_bytes(captured.content, policy=email.policy.default)
+        for part in notice.walk():
+            if part.get_content_type() != "message/delivery-status":
+                continue
+            for group in part.get_payload()[1:]:
+                final = "".join(str(group["Final-Recipient"]).split()).removeprefix("rfc822;")
+                out[final] = {name: "".join(str(group[name]).split()) if group[name] else None
+                              for name in DSN_FIELDS}
+    return out
+
+
+class MailLogLines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+async def relay_one_each(port: int, scenarios: dict[str, Scenario]) -> None:
+    for name, scenario in scenarios.items():
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10) as client:
+            await client.ehlo()
+            await client.mail(SENDER)
+            for r in scenario.recipients:
+                await client.rcpt(f"{r}@{name}.test")
+            await client.data(f"From: {SENDER}\r\nSubject: {name}\r\n\r\nhello\r\n".encode())
+
+
+async def run_both(mailflow_server, smtp_peer, scenarios: dict[str, Scenario], *, postfix: dict | None = None,
+                   queue: dict | None = None):
+    """Both servers relay one message per scenario. Returns ((postfix outcomes, postfix notices), (mailflow's…))
+    once every recipient has an outcome on both sides and every failure its notice."""
+    peers = {name: await ScriptedPeer(s.script).start() for name, s in scenarios.items()}
+    pf_notices, mf_notices = await smtp_peer(), await smtp_peer()
+    routes = [f"{name}.test=smtp:[127.0.0.1]:{peer.port}" for name, peer in peers.items()]
+    everyone = {f"{r}@{name}.test" for name, s in scenarios.items() for r in s.recipients}
+    log = MailLogLines()
+    mail_logger = logging.getLogger("mailflow.mail")
+    level = mail_logger.level
+    mail_logger.addHandler(log)
+    mail_logger.setLevel(logging.INFO)
+    try:
+        async with postfix_instance({
+            "myhostname": "pf.test", "mydestination": "", "delay_warning_time": "0", **(postfix or {}),
+            "transport_maps": "inline:{" + ", ".join([f"sender.test=smtp:[127.0.0.1]:{pf_notices.port}", *routes])
+                              + "}",
+        }) as pf:
+            mf = await mailflow_server(
+                mynetworks=["127.0.0.0/8"], smtp={"tls_security_level": "none"},
+                transport_maps=["inline:{" + ", ".join([f"sender.test=smtp:[127.0.0.1]:{mf_notices.port}", *routes])
+                                + "}"],
+                queue={"queue_run_delay": "300s", "minimal_backoff_time": "300s", "maximal_backoff_time": "300s",
+                       **(queue or {})})
+            await asyncio.gather(relay_one_each(pf.port, scenarios),
+                                 relay_one_each(mf.smtp_addresses[0][1], scenarios))
+
+            def done(log_text: str, notices) -> bool:
+                ended = outcomes(log_text)
+                failed = {r for r, (_, _, status, _) in ended.items() if status in ("bounced", "expired")}
+                return set(ended) >= everyone and set(notice_fields(notices.messages)) >= failed
+
+            await eventually(lambda: done(pf.maillog, pf_notices) or None, timeout=15,
+                             what="Postfix ended every recipient")
+            await eventually(lambda: done("\n".join(log.lines), mf_notices) or None, timeout=15,
+                             what="mailflow ended every recipient")
+            await asyncio.sleep(0.3)  # (a notice that would still come for a deferred recipient)
+            return ((outcomes(pf.maillog), notice_fields(pf_notices.messages)),
+                    (outcomes("\n".join(log.lines)), notice_fields(mf_notices.messages)))
+    finally:
+        mail_logger.removeHandler(log)
+        mail_logger.setLevel(level)
+        for peer in peers.values():
+            await peer.stop()
+
+
+# ------------------------------------------------------------------------------------------------ scenarios
+
+
+def some_full(address: str) -> bytes:
+    return b"452 4.5.3 Too many recipients\r\n" if address.startswith("b@") else b"250 2.1.5 Ok\r\n"
+
+
+REFUSALS = {
+    "greeting-554": Scenario({"greeting": b"554 5.7.1 go away\r\n"}),  # smtp_skip_5xx_greeting: deferred
+    "greeting-421": Scenario({"greeting": b"421 4.3.2 busy\r\n"}),
+    "greeting-lost": Scenario({"greeting": CLOSE}),
+    "ehlo-refused": Scenario({"EHLO": b"502 5.5.2 Error: command not recognized\r\n"}),  # HELO then
+    "helo-refused": Scenario({"EHLO": b"500 5.5.1 no\r\n", "HELO": b"501 5.5.4 not you\r\n"}),
+    "ehlo-421": Scenario({"EHLO": b"421 4.7.0 go away\r\n"}),
+    "mail-421": Scenario({"MAIL": b"421 4.3.2 shutting down\r\n"}),
+    "mail-553": Scenario({"MAIL": b"553 5.1.8 sender rejected\r\n"}),
+    "rcpt-some-452": Scenario({"RCPT": some_full}, ("a", "b", "c")),
+    "rcpt-552": Scenario({"RCPT": b"552 5.2.2 Mailbox full\r\n"}),
+    "rcpt-no-code": Scenario({"RCPT": b"550 no such user here\r\n"}),
+    "rcpt-lost": Scenario({"RCPT": CLOSE}),
+    "data-554": Scenario({"DATA": b"554 5.5.1 no valid recipients\r\n"}, ("a", "b")),
+    "dot-554": Scenario({"DOT": b"554 5.7.1 rejected as spam\r\n"}, ("a", "b")),
+    "dot-lost": Scenario({"DOT": CLOSE}),
+}
+
+
+async def test_refusals_and_lost_sessions_end_as_with_postfix(mailflow_server, smtp_peer):
+    (pf_ended, pf_notices), (mf_ended, mf_notices) = await run_both(mailflow_server, smtp_peer, REFUSALS)
+    assert {r: got for r, got in mf_ended.items() if got != pf_ended.get(r)} == {}, pf_ended
+    assert {r: got for r, got in mf_notices.items() if got != pf_notices.get(r)} == {}, pf_notices
+    assert set(mf_notices) == set(pf_notices)
+    # the edges themselves, so that a change on both sides cannot pass unnoticed
+    port = re.escape(pf_ended["a@helo-refused.test"][0].rpartition(":")[2])
+    assert pf_ended["a@helo-refused.test"][1:] == (
+        "5.5.4", "bounced", "host 127.0.0.1[127.0.0.1] refused to talk to me: 501 5.5.4 not you")
+    assert re.fullmatch(rf"127\.0\.0\.1\[127\.0\.0\.1\]:{port}", pf_ended["a@helo-refused.test"][0])
+    assert pf_ended["a@greeting-554.test"][1:3] == ("4.7.1", "deferred")
+    assert pf_notices["a@helo-refused.test"] == {
+        "Action": "failed", "Status": "5.5.4", "Remote-MTA": "dns;127.0.0.1", "Diagnostic-Code": "smtp;5015.5.4notyou",
+        "Original-Recipient": "rfc822;a@helo-refused.test"}
+    assert [status for _, _, status, _ in (pf_ended[f"{r}@rcpt-some-452.test"] for r in "abc")] == [
+        "sent", "deferred", "sent"]
