@@ -23,7 +23,10 @@ Decisions:
 - Diagnostic-Code: `smtp; <reply>` when the diagnostic carries a remote SMTP reply, in the transports' wording
   "host H said: <reply> (in reply to X command)" / "host H refused to talk to me: <reply>", or is a bare reply
   ("250 2.0.0 Ok") from a named `remote_mta`; only the reply itself goes into the field. Anything else is our own
-  reason: `X-Mailflow; <text>`. Remote-MTA appears whenever `remote_mta` is given.
+  reason: `X-Mailflow; <text>`. Remote-MTA appears with an `smtp` Diagnostic-Code only (`remote_mta` given): a
+  reason of our own about a peer (a lost connection, its SIZE, no SMTPUTF8) names none, as with Postfix (its
+  dsb_formal names an MTA only with that MTA's reply). A recipient returned for its age ("message expired: "
+  before its last reason, from qmgr) gets that last reason in the field, as Postfix returns one.
 - Original-Recipient: the ORCPT the client gave, else the address as the client first gave it (rewritten or
   expanded here or not), as Postfix always reports one.
 - Any control character (CR, LF, TAB, NUL, ...) in a diagnostic, an address or an id becomes a space, and runs of
@@ -58,6 +61,7 @@ SUBJECTS = {
 _RETURNED = {"failure": "Undelivered", "delay": "Delayed", "success": "Delivered"}
 _DEFAULT_STATUS = {"failed": "5.0.0", "delayed": "4.0.0"}  # others: 2.0.0
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+EXPIRED = "message expired: "  # what qmgr puts before the last reason of a recipient returned for its age
 _REMOTE_REPLY = re.compile(
     r"host \S+ (?:said|refused to talk to me): (?P<reply>[2-5]\d\d(?:[ -].*?)?)(?: \(in reply to [^()]* command\))?"
 )
@@ -243,9 +247,9 @@ def _status_part(global_: bool, mta: str, queue_id: str, sender: str, arrival: f
             group.append(f"Original-Recipient: {_address_field(nr.recipient.original, global_)}")
         group.append(f"Action: {nr.action}")
         group.append(f"Status: {_status(nr)}")
-        if nr.remote_mta:
-            group.append(f"Remote-MTA: dns; {value(nr.remote_mta)}")
         diagnostic_type, diagnostic = _diagnostic_code(nr)
+        if nr.remote_mta and diagnostic_type == "smtp":
+            group.append(f"Remote-MTA: dns; {value(nr.remote_mta)}")
         if diagnostic:
             group.append(f"Diagnostic-Code: {diagnostic_type}; {value(diagnostic)}")
         if nr.last_attempt is not None:
@@ -287,8 +291,9 @@ def _original_part(kind: str, global_: bool, full: bool, returned: bytes) -> byt
 
 
 def _diagnostic_code(nr: NoticeRecipient) -> tuple[str, str]:
-    """('smtp', the reply) when the diagnostic is a remote SMTP reply, else ('X-Mailflow', our reason)."""
-    text = _clean(nr.diagnostic)
+    """('smtp', the reply) when the diagnostic is a remote SMTP reply, else ('X-Mailflow', our reason); for a
+    recipient returned for its age, the last reason (the human part says it expired)."""
+    text = _clean(nr.diagnostic).removeprefix(EXPIRED)
     remote = _REMOTE_REPLY.fullmatch(text)
     if remote:
         return "smtp", remote["reply"]

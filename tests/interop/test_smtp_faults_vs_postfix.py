@@ -156,9 +156,10 @@ async def relay_one_each(port: int, scenarios: dict[str, Scenario]) -> None:
 
 
 async def run_both(mailflow_server, smtp_peer, scenarios: dict[str, Scenario], *, postfix: dict | None = None,
-                   queue: dict | None = None):
+                   queue: dict | None = None, notice_for_all: bool = False):
     """Both servers relay one message per scenario. Returns ((postfix outcomes, postfix notices), (mailflow's…))
-    once every recipient has an outcome on both sides and every failure its notice."""
+    once every recipient has an outcome on both sides and every failure its notice (`notice_for_all`: every
+    recipient that was not sent)."""
     peers = {name: await ScriptedPeer(s.script).start() for name, s in scenarios.items()}
     pf_notices, mf_notices = await smtp_peer(), await smtp_peer()
     routes = [f"{name}.test=smtp:[127.0.0.1]:{peer.port}" for name, peer in peers.items()]
@@ -185,7 +186,8 @@ async def run_both(mailflow_server, smtp_peer, scenarios: dict[str, Scenario], *
 
             def done(log_text: str, notices) -> bool:
                 ended = outcomes(log_text)
-                failed = {r for r, (_, _, status, _) in ended.items() if status in ("bounced", "expired")}
+                failed = {r for r, (_, _, status, _) in ended.items()
+                          if status == "bounced" or (notice_for_all and status != "sent")}
                 return set(ended) >= everyone and set(notice_fields(notices.messages)) >= failed
 
             await eventually(lambda: done(pf.maillog, pf_notices) or None, timeout=15,
@@ -244,3 +246,32 @@ async def test_refusals_and_lost_sessions_end_as_with_postfix(mailflow_server, s
         "Original-Recipient": "rfc822;a@helo-refused.test"}
     assert [status for _, _, status, _ in (pf_ended[f"{r}@rcpt-some-452.test"] for r in "abc")] == [
         "sent", "deferred", "sent"]
+
+
+EXPIRING = {
+    "greeting-554": Scenario({"greeting": b"554 5.7.1 go away\r\n"}),
+    "rcpt-450": Scenario({"RCPT": b"450 4.2.0 greylisted, come back later\r\n"}),
+    "rcpt-some-452": Scenario({"RCPT": some_full}, ("a", "b")),
+    "dot-451": Scenario({"DOT": b"451 4.3.0 try again\r\n"}),
+    "dot-lost": Scenario({"DOT": CLOSE}),
+    "small-size": Scenario({"EHLO": b"250-peer.test\r\n250 SIZE 100\r\n"}),  # our own reason: no Remote-MTA
+}
+
+
+async def test_returned_for_its_age_the_notice_quotes_the_last_reply_as_postfix_does(mailflow_server, smtp_peer):
+    """maximal_queue_lifetime = 0: the first deferral returns the message. Postfix's notice gives each recipient
+    the reply it last got (Diagnostic-Code smtp; …, with Remote-MTA), and its own reasons (a lost connection, a
+    size limit) without a Remote-MTA."""
+    (_, pf_notices), (_, mf_notices) = await run_both(
+        mailflow_server, smtp_peer, EXPIRING, notice_for_all=True,
+        postfix={"maximal_queue_lifetime": "0", "bounce_queue_lifetime": "0"},
+        queue={"maximal_queue_lifetime": "0s", "bounce_queue_lifetime": "0s"})
+    size = re.compile(r"messagesize\d+exceeds")  # (the two servers' messages differ in size)
+    for fields in (*pf_notices.values(), *mf_notices.values()):
+        ours = (fields["Diagnostic-Code"] or "").replace("X-Postfix;", "X-Mailflow;")  # each names itself
+        fields["Diagnostic-Code"] = size.sub("messagesizeNexceeds", ours)
+    assert set(mf_notices) == set(pf_notices) == {"a@rcpt-some-452.test"} ^ {
+        f"{r}@{name}.test" for name, s in EXPIRING.items() for r in s.recipients}
+    assert {r: got for r, got in mf_notices.items() if got != pf_notices[r]} == {}, pf_notices
+    assert pf_notices["a@dot-451.test"]["Diagnostic-Code"] == "smtp;4514.3.0tryagain"
+    assert pf_notices["a@dot-lost.test"]["Remote-MTA"] is None

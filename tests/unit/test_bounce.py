@@ -177,11 +177,21 @@ def test_two_recipient_failure_report():
 
 
 def test_reply_that_is_not_from_a_remote_is_our_own_diagnostic():
-    """A local reason stays X-Mailflow even when a remote was talked to (e.g. it lacks SMTPUTF8)."""
+    """A local reason stays X-Mailflow even when a remote was talked to (e.g. it lacks SMTPUTF8), and then names
+    no Remote-MTA: the remote said nothing of it (Postfix's notice has none either)."""
     reason = "SMTPUTF8 is required, but was not offered by host mx.remote.test[192.0.2.1]"
     nr = NoticeRecipient(BOB, "failed", "5.6.7", reason, remote_mta="mx.remote.test")
     _, bob = status_groups(notice([nr]))
     assert bob["Diagnostic-Code"] == f"X-Mailflow; {reason}"
+    assert "Remote-MTA" not in bob
+
+
+def test_an_expired_recipient_is_returned_with_the_remote_reply_it_last_got():
+    """As Postfix returns a recipient whose message expired: its last deferral's reply, typed smtp."""
+    reason = "message expired: host mx.remote.test[192.0.2.1] said: 451 4.3.0 try again (in reply to RCPT TO command)"
+    nr = NoticeRecipient(BOB, "failed", "4.3.0", reason, remote_mta="mx.remote.test")
+    _, bob = status_groups(notice([nr]))
+    assert bob["Diagnostic-Code"] == "smtp; 451 4.3.0 try again"
     assert bob["Remote-MTA"] == "dns; mx.remote.test"
 
 

@@ -79,7 +79,7 @@ from mailflow.faults import FIRST_DELAY, MAX_DELAY, Guard, Retrier
 from mailflow.logs import MailLog
 from mailflow.model import (Delivered, DeliveryReport, DeliveryRequest, NewMessage, Outcome, QueuedMessage,
                             RcptResult, Resolution)
-from mailflow.stages.bounce import wants_notice
+from mailflow.stages.bounce import EXPIRED, wants_notice
 from mailflow.stages.qmgr.backoff import next_attempt
 from mailflow.stages.qmgr.destination import Destination, Job
 from mailflow.store import SCAN_CONTENT_BUDGET, Store, store_fault
@@ -594,7 +594,7 @@ def _expire(pending: list[RcptResult], age: float, lifetime: float) -> list[Rcpt
     """Past its lifetime a message gives up: its pending recipients are returned, with their last reason."""
     if age < lifetime:
         return []
-    return [RcptResult(r.recipient, Outcome.BOUNCED, r.dsn, f"message expired: {r.text}", r.relay,
+    return [RcptResult(r.recipient, Outcome.BOUNCED, r.dsn, f"{EXPIRED}{r.text}", r.relay,
                        transport=r.transport) for r in pending]
 
 
