@@ -227,6 +227,10 @@ REFUSALS = {
     "data-554": Scenario({"DATA": b"554 5.5.1 no valid recipients\r\n"}, ("a", "b")),
     "dot-554": Scenario({"DOT": b"554 5.7.1 rejected as spam\r\n"}, ("a", "b")),
     "dot-lost": Scenario({"DOT": CLOSE}),
+    "rcpt-multi-line": Scenario({"RCPT": b"550-5.1.1 The email account that you tried to reach does not exist.\r\n"
+                                         b"550-5.1.1 Please try double-checking the address.\r\n"
+                                         b"550 5.1.1 https://support.example/?p=NoSuchUser x\r\n"}),
+    "rcpt-codes-change": Scenario({"RCPT": b"250-first\r\n550 5.1.1 second\r\n"}),  # the last line's code
 }
 
 

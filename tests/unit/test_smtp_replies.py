@@ -70,7 +70,7 @@ def test_lmtp_final_replies_are_one_reply_per_recipient():
             b"550 5.1.1 <c@x.test> User doesn't exist\r\n")
     got = replies(data)
     assert [(r.code, r.dsn()) for r in got] == [(250, "2.0.0"), (452, "4.2.2"), (550, "5.1.1")]
-    assert got[1].one_line == "452 4.2.2 <b@x.test> Mailbox is full"
+    assert got[1].one_line == "452-4.2.2 <b@x.test> Mailbox is 452 4.2.2 full"  # as Postfix logs it
 
 
 @pytest.mark.parametrize("garbage", [
@@ -78,11 +78,23 @@ def test_lmtp_final_replies_are_one_reply_per_recipient():
     [b"25\r\n"],  # too short
     [b"2x0 ok\r\n"],  # not digits
     [b"250_ok\r\n"],  # neither space nor hyphen after the code
-    [b"250-a\r\n", b"550 b\r\n"],  # the code changes within one reply
 ])
 def test_bad_codes_are_malformed(garbage):
     with pytest.raises(MalformedReply):
         replies(*garbage)
+
+
+def test_a_reply_whose_codes_change_takes_its_last_lines_code_as_postfix_does():
+    [reply] = replies(b"250-first\r\n550 5.1.1 second\r\n")
+    assert (reply.code, reply.dsn(), reply.one_line) == (550, "5.1.1", "250-first 550 5.1.1 second")
+
+
+def test_a_multi_line_reply_reads_as_postfix_writes_it():
+    [reply] = replies(b"550-5.1.1 The account does not exist.\r\n550-5.1.1 Please try\r\n"
+                      b"550 5.1.1 https://support.example/?p=NoSuchUser x\r\n")
+    assert reply.one_line == ("550-5.1.1 The account does not exist. 550-5.1.1 Please try "
+                              "550 5.1.1 https://support.example/?p=NoSuchUser x")
+    assert reply.message.splitlines()[1] == "5.1.1 Please try" and reply == Reply(550, reply.message)
 
 
 def test_an_overlong_line_is_malformed_even_before_it_ends():
@@ -115,7 +127,8 @@ def test_reply_codes_and_one_line():
     assert Reply(354, "go ahead").dsn() == "4.0.0"
     assert Reply(421, "4.3.2 bye").dsn("4") == "4.3.2"
     assert Reply(999, "what").dsn() == "4.0.0"
-    assert Reply(250, "2.0.0 first\n2.0.0 second").one_line == "250 2.0.0 first second"
+    assert Reply(250, "2.0.0 first\n2.0.0 second").one_line == "250-2.0.0 first 250 2.0.0 second"
+    assert Reply(550, "first\n5.7.1 second").dsn() == "5.7.1"  # the last line's, as Postfix takes it
 
 
 # ---------------------------------------------------------------------------------------------- the wire

@@ -9,14 +9,18 @@ may send as a reply. No I/O, no clock: `chat` feeds it what the connection recei
                                       raises MalformedReply (the parser is then of no further use)
       .buffered -> bool               bytes received and not yet returned as a reply
       .clear()                        forget what is buffered (STARTTLS: nothing sent before TLS counts)
-    Reply(code, message)              `message`: the text of every line, code and separator removed, each line
-                                      stripped, joined by "\\n"
+    Reply(code, message, wire=())     `message`: the text of every line, code and separator removed, each line
+                                      stripped, joined by "\\n"; `wire`: the lines of a multi-line reply as
+                                      received (codes and separators kept; not compared)
       .positive .lines .one_line .dsn(reply_class=None)
 
 Rules (RFC 5321 4.2): a line is three digits, then a space, a hyphen or nothing, then text, ending in LF (a CR
-before it is dropped). `ddd-` continues the reply; the lines of one reply carry the same code. Any three digits
-are taken as a code: what an odd code means is for the caller (`trouble.reply_outcome`). Text is UTF-8; bytes
-that are not become U+FFFD, so a diagnostic is always a valid string.
+before it is dropped). `ddd-` continues the reply. The code of a reply is its last line's, as Postfix's
+smtp_chat_resp reads it: lines whose codes differ ("250-first" then "550 5.1.1 second") are one reply with the
+last code, not garbage. Any three digits are taken as a code: what an odd code means is for the caller
+(`trouble.reply_outcome`). Text is UTF-8; bytes that are not become U+FFFD, so a diagnostic is always a valid
+string. `one_line` is the reply as Postfix logs and reports it: every line as received, joined by spaces
+("550-5.1.1 The account does not exist. 550 5.1.1 https://…"); the enhanced code is the last line's.
 
 Limits, here and nowhere else: a line of at most MAX_LINE_LENGTH bytes (its line end included), a reply of at
 most MAX_REPLY_LINES lines and MAX_REPLY_LENGTH bytes. Past any of them the reply is malformed: a server that
@@ -25,7 +29,7 @@ sends that much is misbehaving, and reading on would let it use our memory.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MAX_LINE_LENGTH = 8192  # bytes in one reply line, line end included (RFC 5321 4.5.3.1.5 allows 512)
 MAX_REPLY_LINES = 1000  # lines in one reply
@@ -35,7 +39,7 @@ _ENHANCED_CODE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 
 
 class MalformedReply(Exception):
-    """What the server sent is not a reply: a bad line, codes that change within a reply, a reply too long."""
+    """What the server sent is not a reply: a bad line, a reply too long."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class Reply:
 
     code: int
     message: str
+    wire: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def positive(self) -> bool:
@@ -55,21 +60,21 @@ class Reply:
 
     @property
     def one_line(self) -> str:
-        """`250 2.0.0 Ok` from a possibly multi-line reply, the repeated enhanced codes of later lines dropped."""
-        lines = [line.strip() for line in self.message.splitlines() if line.strip()] or [""]
-        first, rest = lines[0], lines[1:]
-        match = _ENHANCED_CODE.match(first)
-        if match:
-            rest = [line.removeprefix(match.group(0)).strip() for line in rest]
-        return " ".join([str(self.code), first, *rest]).strip()
+        """The reply on one line as Postfix writes it: `250 2.0.0 Ok`; a multi-line reply's lines as received,
+        joined by spaces (`550-5.1.1 first 550 5.1.1 second`)."""
+        if self.wire:
+            return " ".join(self.wire)
+        lines = self.lines
+        return " ".join([*(f"{self.code}-{line}".strip() for line in lines[:-1]),
+                         f"{self.code} {lines[-1]}".strip()])
 
     def dsn(self, reply_class: str | None = None) -> str:
-        """The reply's enhanced code with the class of the reply (or `reply_class`), else x.0.0; a 3xx or odd
-        code counts as class 4 (temporary)."""
+        """The enhanced code of the reply's last line with the class of the reply (or `reply_class`), else x.0.0;
+        a 3xx or odd code counts as class 4 (temporary)."""
         wanted = reply_class or (str(self.code)[0] if 200 <= self.code < 600 else "4")
         if wanted == "3":
             wanted = "4"
-        match = _ENHANCED_CODE.match(self.message.strip())
+        match = _ENHANCED_CODE.match(self.lines[-1].strip())
         if match:
             return f"{wanted}.{match.group(2)}.{match.group(3)}"
         return f"{wanted}.0.0"
@@ -80,8 +85,9 @@ class ReplyParser:
 
     def __init__(self) -> None:
         self._buffer = bytearray()
-        self._code = -1  # of the reply being read; -1 between replies
+        self._reading = False  # between the lines of a multi-line reply
         self._texts: list[str] = []
+        self._wire: list[str] = []
         self._length = 0
 
     @property
@@ -93,7 +99,7 @@ class ReplyParser:
 
     def clear(self) -> None:
         self._buffer.clear()
-        self._code, self._texts, self._length = -1, [], 0
+        self._reading, self._texts, self._wire, self._length = False, [], [], 0
 
     def next_reply(self) -> Reply | None:
         buffer = self._buffer
@@ -115,18 +121,17 @@ class ReplyParser:
             raise MalformedReply(f"not a reply line: {bytes(line[:80])!r}")
         code = int(line[:3])
         text = line[4:].strip().decode("utf-8", "replace")
-        if self._code == -1 and separator != b"-":  # a reply of one line: most of them
+        if not self._reading and separator != b"-":  # a reply of one line: most of them
             return Reply(code, text)
-        if self._code not in (-1, code):
-            raise MalformedReply(f"reply code changed from {self._code} to {code} within one reply")
-        self._code = code
+        self._reading = True
         self._texts.append(text)
+        self._wire.append(line.decode("utf-8", "replace").strip())
         self._length += length
         if self._length > MAX_REPLY_LENGTH:
             raise MalformedReply(f"reply too long (over {MAX_REPLY_LENGTH} bytes)")
-        if separator != b"-":
-            reply = Reply(code, "\n".join(self._texts))
-            self._code, self._texts, self._length = -1, [], 0
+        if separator != b"-":  # the last line, whose code is the reply's (Postfix smtp_chat_resp)
+            reply = Reply(code, "\n".join(self._texts), tuple(self._wire))
+            self._reading, self._texts, self._wire, self._length = False, [], [], 0
             return reply
         if len(self._texts) >= MAX_REPLY_LINES:
             raise MalformedReply(f"reply too long (over {MAX_REPLY_LINES} lines)")
