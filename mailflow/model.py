@@ -196,6 +196,8 @@ class DeliveryRequest:
     arrival: float = 0.0
     envid: str = ""  # RFC 3461 ENVID and RET of the message, passed on to a next hop that offers DSN
     ret: str = ""
+    queued_for: float | None = None  # seconds since arrival when this attempt began (Postfix's "preactive
+    # delay"); None when not known: an agent then takes the message as one that has been waiting
 
 
 class Outcome(enum.Enum):

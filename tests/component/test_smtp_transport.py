@@ -36,12 +36,13 @@ CONTENT = (
 
 
 def make_transport(resolver=None, port: int = 25, tls: str = "none", timeout: float = 2.0, rng=None,
-                   **settings) -> SmtpTransport:
+                   plaintext_after: float = 0.0, **settings) -> SmtpTransport:
     config = SmtpConfig(
         port=port, connect_timeout=timeout, helo_timeout=timeout, command_timeout=timeout, data_timeout=timeout,
         tls_security_level=tls, **settings,
     )
-    return SmtpTransport(config, resolver=resolver or StaticResolver(), helo_name=HELO, rng=rng)
+    return SmtpTransport(config, resolver=resolver or StaticResolver(), helo_name=HELO, rng=rng,
+                         plaintext_after=plaintext_after)
 
 
 def make_request(nexthop: str, *recipients: str, sender: str = "a@remote.test", content: bytes = CONTENT, **kw):
@@ -728,12 +729,27 @@ async def test_may_falls_back_to_plaintext_when_the_handshake_fails(counted_peer
     assert peer.connections == 2  # the failed TLS attempt, then plaintext
 
 
+async def test_may_sends_new_mail_in_plaintext_only_once_it_has_waited_the_minimal_backoff(counted_peer):
+    """Postfix's PLAINTEXT_FALLBACK_OK_AFTER_STARTTLS_FAILURE: a failed handshake defers mail queued for less
+    than minimal_backoff_time (4.7.5, the peer's relay); its retry, later, goes in plaintext."""
+    peer = await counted_peer(tls_context=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    nexthop = f"[127.0.0.1]:{peer.port}"
+    report = await deliver(make_transport(tls="may", plaintext_after=300), make_request(nexthop, queued_for=1.5))
+    result = report.results[0]
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.7.5")
+    assert result.text == "Cannot start TLS: handshake failure"
+    assert result.relay == f"127.0.0.1[127.0.0.1]:{peer.port}" and not report.site_ok
+    assert (peer.connections, peer.messages) == (1, [])
+    report = await deliver(make_transport(tls="may", plaintext_after=300), make_request(nexthop, queued_for=300))
+    assert report.results[0].outcome is Outcome.SENT and [m.tls for m in peer.messages] == [False]
+
+
 async def test_encrypt_handshake_failure_defers_4_7_5(counted_peer):
     peer = await counted_peer(tls_context=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     report = await deliver(make_transport(tls="encrypt"), make_request(f"[127.0.0.1]:{peer.port}"))
     result = report.results[0]
     assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.7.5")
-    assert result.text == "Cannot start TLS: handshake failure with host 127.0.0.1[127.0.0.1]"
+    assert result.text == "Cannot start TLS: handshake failure"  # Postfix's words (relay= names the peer)
     assert (peer.connections, peer.messages) == (1, [])
 
 

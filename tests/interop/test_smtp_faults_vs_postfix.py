@@ -25,6 +25,7 @@ from tests.support import eventually, postfix_instance
 pytestmark = pytest.mark.interop
 
 CLOSE = b""  # a script's answer that hangs up instead of replying
+THEN_CLOSE = b"<then close>"  # at the end of an answer: hang up after sending it
 EHLO = b"250-peer.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SIZE 10240000\r\n250 ENHANCEDSTATUSCODES\r\n"
 SENDER = "alice@sender.test"
 Answer = bytes | Callable[[str], bytes]
@@ -34,7 +35,7 @@ Answer = bytes | Callable[[str], bytes]
 class ScriptedPeer:
     """An SMTP peer that answers each command as its script says (the default: accept everything). A script maps
     "greeting", "EHLO", "HELO", "MAIL", "RCPT" (bytes, or a function of the recipient address), "DATA" and "DOT"
-    (the reply after the content) to the reply to send; CLOSE hangs up instead."""
+    (the reply after the content) to the reply to send; CLOSE hangs up instead, THEN_CLOSE after it."""
 
     script: dict[str, Answer]
     port: int = 0
@@ -59,18 +60,16 @@ class ScriptedPeer:
         self.sessions.append(heard)
 
         async def say(reply: bytes) -> bool:
-            if reply == CLOSE:
-                return False
-            writer.write(reply)
+            writer.write(reply.removesuffix(THEN_CLOSE))
             await writer.drain()
-            return True
+            return reply != CLOSE and not reply.endswith(THEN_CLOSE)
 
         try:
             if not await say(self._answer("greeting", b"220 peer.test ESMTP\r\n")):
                 return
             while line := await reader.readline():
                 heard.append(line)
-                verb = line[:4].upper().decode("ascii", "replace")
+                verb = line.split()[0].upper().decode("ascii", "replace") if line.split() else ""
                 if verb == "QUIT":
                     await say(b"221 2.0.0 Bye\r\n")
                     return
@@ -99,6 +98,7 @@ class ScriptedPeer:
 class Scenario:
     script: dict[str, Answer]
     recipients: tuple[str, ...] = ("a",)
+    tls: bool = False  # TLS level may for this peer (else none)
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -163,6 +163,8 @@ async def run_both(mailflow_server, smtp_peer, scenarios: dict[str, Scenario], *
     peers = {name: await ScriptedPeer(s.script).start() for name, s in scenarios.items()}
     pf_notices, mf_notices = await smtp_peer(), await smtp_peer()
     routes = [f"{name}.test=smtp:[127.0.0.1]:{peer.port}" for name, peer in peers.items()]
+    tls = ", ".join(f"[127.0.0.1]:{peers[name].port}=may" for name, s in scenarios.items() if s.tls)
+    tls_maps = {"smtp_tls_policy_maps": f"inline:{{{tls}}}"} if tls else {}
     everyone = {f"{r}@{name}.test" for name, s in scenarios.items() for r in s.recipients}
     log = MailLogLines()
     mail_logger = logging.getLogger("mailflow.mail")
@@ -171,12 +173,14 @@ async def run_both(mailflow_server, smtp_peer, scenarios: dict[str, Scenario], *
     mail_logger.setLevel(logging.INFO)
     try:
         async with postfix_instance({
-            "myhostname": "pf.test", "mydestination": "", "delay_warning_time": "0", **(postfix or {}),
+            "myhostname": "pf.test", "mydestination": "", "delay_warning_time": "0", **tls_maps,
+            **(postfix or {}),
             "transport_maps": "inline:{" + ", ".join([f"sender.test=smtp:[127.0.0.1]:{pf_notices.port}", *routes])
                               + "}",
         }) as pf:
             mf = await mailflow_server(
-                mynetworks=["127.0.0.0/8"], smtp={"tls_security_level": "none"},
+                mynetworks=["127.0.0.0/8"], smtp={"tls_security_level": "none",
+                                                        "tls_policy_maps": list(tls_maps.values())},
                 transport_maps=["inline:{" + ", ".join([f"sender.test=smtp:[127.0.0.1]:{mf_notices.port}", *routes])
                                 + "}"],
                 queue={"queue_run_delay": "300s", "minimal_backoff_time": "300s", "maximal_backoff_time": "300s",
@@ -231,6 +235,11 @@ REFUSALS = {
                                          b"550-5.1.1 Please try double-checking the address.\r\n"
                                          b"550 5.1.1 https://support.example/?p=NoSuchUser x\r\n"}),
     "rcpt-codes-change": Scenario({"RCPT": b"250-first\r\n550 5.1.1 second\r\n"}),  # the last line's code
+    # at level may, new mail is not sent in plaintext when the TLS handshake fails (only once it has waited)
+    "starttls-broken": Scenario({"EHLO": b"250-peer.test\r\n250 STARTTLS\r\n",
+                                 "STARTTLS": b"220 2.0.0 Go\r\n" + THEN_CLOSE}, tls=True),
+    "starttls-refused": Scenario({"EHLO": b"250-peer.test\r\n250 STARTTLS\r\n",
+                                  "STARTTLS": b"454 4.7.0 TLS not available\r\n"}, tls=True),
 }
 
 
@@ -250,6 +259,7 @@ async def test_refusals_and_lost_sessions_end_as_with_postfix(mailflow_server, s
         "Original-Recipient": "rfc822;a@helo-refused.test"}
     assert [status for _, _, status, _ in (pf_ended[f"{r}@rcpt-some-452.test"] for r in "abc")] == [
         "sent", "deferred", "sent"]
+    assert pf_ended["a@starttls-broken.test"][1:] == ("4.7.5", "deferred", "Cannot start TLS: handshake failure")
 
 
 EXPIRING = {

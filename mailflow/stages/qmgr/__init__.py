@@ -461,7 +461,8 @@ class QueueManager:
         if content is None:
             return DeliveryReport.uniform(job.recipients, Outcome.DEFERRED, "4.3.0", "queue file content missing")
         request = DeliveryRequest(msg.queue_id, msg.sender, job.recipients, job.nexthop, content,
-                                  msg.smtputf8, msg.body_type, msg.arrival, envid=msg.envid, ret=msg.ret)
+                                  msg.smtputf8, msg.body_type, msg.arrival, envid=msg.envid, ret=msg.ret,
+                                  queued_for=max(0.0, self._clock.time() - msg.arrival))
         try:
             return await transport.deliver(request)
         except asyncio.CancelledError:

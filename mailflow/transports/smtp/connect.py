@@ -11,14 +11,18 @@ and for SMTP STARTTLS as the TLS policy asks and AUTH with the relay's credentia
     Destination(nexthop, written, policy, fallback, mx_secure)   one request's next hop, as parsed and as written (the
                                 table key), its TLS policy, what a `dane` policy falls back to without TLSA records
                                 (MTA-STS's, else may), and whether its MX records were DNSSEC-validated
-    SmtpHandshake(config, helo_name, tls, password_tables, tables, clock, resolver)
-      await .open(peer, destination, queue_id) -> Session    a session past the whole SMTP handshake; raises
+    SmtpHandshake(config, helo_name, tls, password_tables, tables, clock, resolver, plaintext_after)
+      await .open(peer, destination, queue_id, queued_for=None) -> Session   a session past the whole SMTP
+                                handshake (`queued_for`: the message's time in the queue, None: long); raises
                                 SiteFailure (try the next peer; once connected, its `relay` names the peer) or
                                 LocalProblem (our side: stop)
 
 TLS (levels in smtp.tls): none never says STARTTLS. may: STARTTLS when offered, unverified; a refused STARTTLS
-goes on in plaintext on the same session, a failed handshake connects again in plaintext (not when there are AUTH
-credentials for the peer). encrypt and above: not offered -> 4.7.4 "TLS is required, but was not offered by host
+goes on in plaintext on the same session; a failed handshake connects again in plaintext when the message has been
+queued for `plaintext_after` seconds (the minimal backoff time) and there are no AUTH credentials for the peer,
+else it fails that peer with 4.7.5 "Cannot start TLS: handshake failure" (Postfix's
+PLAINTEXT_FALLBACK_OK_AFTER_STARTTLS_FAILURE: new mail is not sent in plaintext at the first TLS trouble).
+encrypt and above: not offered -> 4.7.4 "TLS is required, but was not offered by host
 h[ip]"; refused -> the reply's code (a 5xx is hard: it bounces at the last peer); a failed handshake -> 4.7.5
 "Cannot start TLS: handshake failure"; an untrusted chain -> 4.7.5 "Server certificate not trusted"; no matching name -> 4.7.5 "Server certificate not
 verified"; TLS unavailable here (unreadable CA or certificate file) -> LocalProblem 4.7.5. After TLS, EHLO again.
@@ -145,14 +149,18 @@ class SmtpHandshake:
     tables: TableCache
     clock: Callable[[], float]
     resolver: Resolver | None = None  # TLSA lookups (dane, dane-only)
+    plaintext_after: float = 0.0  # a failed TLS handshake at level may: plaintext for mail queued this long
 
-    async def open(self, peer: Peer, destination: Destination, queue_id: str) -> Session:
+    async def open(self, peer: Peer, destination: Destination, queue_id: str,
+                   queued_for: float | None = None) -> Session:
         """See the module docstring."""
         policy = await self.peer_policy(peer, destination)
         self._check_mx(policy, peer, queue_id)
         credentials = await self._credentials(peer, destination)
+        fallback = queued_for is None or queued_for >= self.plaintext_after
         try:
-            return await self._handshake(peer, destination, policy, credentials, queue_id, tls_allowed=True)
+            return await self._handshake(peer, destination, policy, credentials, queue_id, tls_allowed=True,
+                                         fallback=fallback)
         except RetryPlaintext:
             log.info("%s: TLS handshake with %s failed; trying again in plaintext", queue_id, peer.relay)
             return await self._handshake(peer, destination, policy, credentials, queue_id, tls_allowed=False)
@@ -175,13 +183,14 @@ class SmtpHandshake:
         log.info("%s: MTA-STS testing: %s", queue_id, text)
 
     async def _handshake(self, peer: Peer, destination: Destination, policy: TlsPolicy,
-                         credentials: Credentials | None, queue_id: str, tls_allowed: bool) -> Session:
+                         credentials: Credentials | None, queue_id: str, tls_allowed: bool,
+                         fallback: bool = False) -> Session:
         session = await open_session(peer, self.config.connect_timeout, self.clock)
         try:
             await greet(session, self.config.helo_timeout)
             await hello(session, self.helo_name, self.config.helo_timeout)
             if tls_allowed:
-                await self._start_tls(session, destination, policy, credentials, queue_id)
+                await self._start_tls(session, destination, policy, credentials, queue_id, fallback)
             if credentials is not None and session.extensions.supports("auth"):
                 await self._authenticate(session, credentials)
             return session
@@ -195,9 +204,9 @@ class SmtpHandshake:
     # -- STARTTLS
 
     async def _start_tls(self, session: Session, destination: Destination, policy: TlsPolicy,
-                         credentials: Credentials | None, queue_id: str) -> None:
+                         credentials: Credentials | None, queue_id: str, fallback: bool) -> None:
         """STARTTLS as the policy asks; on success the session is encrypted and EHLO said again. Raises
-        SiteFailure, RetryPlaintext or LocalProblem."""
+        SiteFailure, RetryPlaintext (`fallback`: the message may go in plaintext) or LocalProblem."""
         peer = session.peer
         if policy.level == "none":
             return
@@ -220,9 +229,9 @@ class SmtpHandshake:
         except (SiteFailure, OSError, TimeoutError) as e:
             log.debug("%s: TLS handshake with %s: %r", queue_id, peer.relay, e)
             _testing(policy, queue_id, f"TLS handshake failure with host {peer.name}")
-            if policy.level in ("may", "dane") and not policy.tlsa and credentials is None:
+            if policy.level in ("may", "dane") and not policy.tlsa and credentials is None and fallback:
                 raise RetryPlaintext() from None
-            raise SiteFailure("4.7.5", f"Cannot start TLS: handshake failure with host {peer.name}") from None
+            raise SiteFailure("4.7.5", "Cannot start TLS: handshake failure") from None
         if reply.code != 220:  # refused: the session itself is still fine
             if policy.required:
                 raise SiteFailure(reply.dsn("4"),

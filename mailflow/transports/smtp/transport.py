@@ -5,8 +5,12 @@ next hop and find its TLS policy, use a cached session for it when one is idle, 
 open a session with the first that completes the handshake (connect), run the transaction (proto), then cache
 the session (reuse) or QUIT it.
 
-    SmtpTransport(config, *, resolver, helo_name, rng=None, clock=time.monotonic, tables=None, mta_sts=None)
+    SmtpTransport(config, *, resolver, helo_name, rng=None, clock=time.monotonic, tables=None, mta_sts=None,
+                  plaintext_after=0.0)
     await deliver(request) -> DeliveryReport      one result per recipient, never raises for a delivery problem
+`plaintext_after` (qmgr's minimal_backoff_time, as Postfix's var_min_backoff_time): at TLS level may, a failed
+handshake goes on in plaintext only for a message queued at least this long (`request.queued_for`); new mail is
+deferred 4.7.5 instead (see connect).
     await close()                                 QUITs the cached sessions; no task or timer is left behind
 
 The TLS policy of a next hop (`tls_policy`, also for `mailflow address`): a tls_policy_maps entry; else, for a domain
@@ -72,6 +76,7 @@ class SmtpTransport:
         clock: Callable[[], float] = time.monotonic,
         tables: TableCache | None = None,
         mta_sts: MtaSts | None = None,
+        plaintext_after: float = 0.0,
     ):
         self._config = config
         self._resolver = resolver
@@ -85,7 +90,7 @@ class SmtpTransport:
         self._handshake = SmtpHandshake(
             config=config, helo_name=helo_name, tls=TlsContexts(config.tls_ca_file, config.tls_cert_file, config.tls_key_file),
             password_tables=self._tables.open(config.sasl_password_maps), tables=self._tables, clock=clock,
-            resolver=resolver)
+            resolver=resolver, plaintext_after=plaintext_after)
         self._cache = SessionCache(config.connection_cache_time_limit, config.connection_reuse_count_limit,
                                    config.connection_reuse_time_limit, clock=clock)
 
@@ -215,7 +220,7 @@ class SmtpTransport:
             for address in unique(addresses):
                 peer = Peer(host, address, destination.nexthop.port)
                 try:
-                    session = await self._handshake.open(peer, destination, request.queue_id)
+                    session = await self._handshake.open(peer, destination, request.queue_id, request.queued_for)
                 except SiteFailure as e:
                     log.info("%s: %s", request.queue_id, e.text)
                     peer_failure = e
