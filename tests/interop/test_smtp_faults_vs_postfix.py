@@ -104,7 +104,8 @@ class Scenario:
 # ------------------------------------------------------------------------------------------------ the run
 
 
-LOG_LINE = re.compile(r"to=<([^>]*)>, (?:orig_to=<[^>]*>, )?relay=([^,]*), .*?dsn=([0-9.]+), status=(\w+) \((.*)\)$")
+LOG_LINE = re.compile(r"to=<([^>]*)>, (?:orig_to=<[^>]*>, )?relay=([^,]*), .*?dsn=([0-9.]+), status=(\w+) \((.*?)\)?$")
+# (Postfix's log cuts a line at 2048 characters, closing parenthesis and all)
 
 
 def outcomes(log: str) -> dict[str, tuple[str, str, str, str]]:
@@ -289,3 +290,20 @@ async def test_returned_for_its_age_the_notice_quotes_the_last_reply_as_postfix_
     assert {r: got for r, got in mf_notices.items() if got != pf_notices[r]} == {}, pf_notices
     assert pf_notices["a@dot-451.test"]["Diagnostic-Code"] == "smtp;4514.3.0tryagain"
     assert pf_notices["a@dot-lost.test"]["Remote-MTA"] is None
+
+
+LONG_LINES = {
+    "rcpt-3000": Scenario({"RCPT": b"550 5.1.1 " + b"y" * 3000 + b"\r\n"}),
+    "rcpt-20000": Scenario({"RCPT": b"550 5.1.1 " + b"z" * 20000 + b"\r\n"}),
+    "dot-multi-long": Scenario({"DOT": b"554-5.7.1 " + b"w" * 3000 + b"\r\n554 5.7.1 rejected\r\n"}),
+}
+
+
+async def test_a_reply_line_past_the_line_limit_is_cut_not_refused_as_postfix_does(mailflow_server, smtp_peer):
+    """Postfix keeps the first line_length_limit (2048) bytes of a reply line and reads past the rest: a long
+    refusal bounces with its own code, its beginning the diagnostic. (Postfix's log cuts the text itself.)"""
+    (pf_ended, pf_notices), (mf_ended, mf_notices) = await run_both(mailflow_server, smtp_peer, LONG_LINES)
+    assert {r: got[:3] for r, got in mf_ended.items()} == {r: got[:3] for r, got in pf_ended.items()}
+    assert mf_notices == pf_notices
+    assert pf_ended["a@rcpt-20000.test"][1:3] == ("5.1.1", "bounced")
+    assert pf_notices["a@rcpt-20000.test"]["Diagnostic-Code"] == "smtp;5505.1.1" + "z" * (2048 - 10)

@@ -9,9 +9,9 @@ may send as a reply. No I/O, no clock: `chat` feeds it what the connection recei
                                       raises MalformedReply (the parser is then of no further use)
       .buffered -> bool               bytes received and not yet returned as a reply
       .clear()                        forget what is buffered (STARTTLS: nothing sent before TLS counts)
-    Reply(code, message, wire=())     `message`: the text of every line, code and separator removed, each line
-                                      stripped, joined by "\\n"; `wire`: the lines of a multi-line reply as
-                                      received (codes and separators kept; not compared)
+    Reply(code, message, wire=())     `message`: the text of every line (but see Limits), code and separator
+                                      removed, each line stripped, joined by "\\n"; `wire`: the lines of a
+                                      multi-line reply as received (codes and separators kept; not compared)
       .positive .lines .one_line .dsn(reply_class=None)
 
 Rules (RFC 5321 4.2): a line is three digits, then a space, a hyphen or nothing, then text, ending in LF (a CR
@@ -22,16 +22,19 @@ last code, not garbage. Any three digits are taken as a code: what an odd code m
 string. `one_line` is the reply as Postfix logs and reports it: every line as received, joined by spaces
 ("550-5.1.1 The account does not exist. 550 5.1.1 https://…"); the enhanced code is the last line's.
 
-Limits, here and nowhere else: a line of at most MAX_LINE_LENGTH bytes (its line end included), a reply of at
-most MAX_REPLY_LINES lines and MAX_REPLY_LENGTH bytes. Past any of them the reply is malformed: a server that
-sends that much is misbehaving, and reading on would let it use our memory.
+Limits, here and nowhere else: of a line longer than MAX_LINE_LENGTH bytes the first MAX_LINE_LENGTH are kept and
+the rest is read and dropped up to its line end, as Postfix's smtp_get does (line_length_limit = 2048): a long
+refusal still refuses, with its beginning as the diagnostic, and nothing unbounded is held. Of a multi-line reply
+the lines are kept while those kept so far are shorter than MAX_LINE_LENGTH in all (Postfix's smtp_chat_resp):
+`wire` and `one_line` end there; `message` has the last line too, for its enhanced code. A reply of more than
+MAX_REPLY_LINES lines or MAX_REPLY_LENGTH bytes is malformed: a server that sends that much is misbehaving.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 
-MAX_LINE_LENGTH = 8192  # bytes in one reply line, line end included (RFC 5321 4.5.3.1.5 allows 512)
+MAX_LINE_LENGTH = 2048  # bytes of a reply line that are kept (Postfix line_length_limit; RFC 5321 allows 512)
 MAX_REPLY_LINES = 1000  # lines in one reply
 MAX_REPLY_LENGTH = 64 * 1024  # bytes in one reply, every line included
 
@@ -86,9 +89,12 @@ class ReplyParser:
     def __init__(self) -> None:
         self._buffer = bytearray()
         self._reading = False  # between the lines of a multi-line reply
+        self._skipping = False  # dropping the rest of an overlong line, up to its line end
         self._texts: list[str] = []
         self._wire: list[str] = []
-        self._length = 0
+        self._length = 0  # bytes of the reply read
+        self._kept = 0  # bytes of its lines kept (`wire`)
+        self._count = 0  # its lines read but the last
 
     @property
     def buffered(self) -> bool:
@@ -99,21 +105,34 @@ class ReplyParser:
 
     def clear(self) -> None:
         self._buffer.clear()
-        self._reading, self._texts, self._wire, self._length = False, [], [], 0
+        self._reading, self._texts, self._wire, self._length, self._kept, self._count = False, [], [], 0, 0, 0
+        self._skipping = False
 
     def next_reply(self) -> Reply | None:
         buffer = self._buffer
-        while (end := buffer.find(b"\n", 0, MAX_LINE_LENGTH)) != -1:
-            line = buffer[:end]
-            del buffer[:end + 1]
+        while True:
+            if self._skipping:  # the rest of an overlong line
+                end = buffer.find(b"\n")
+                if end == -1:
+                    buffer.clear()
+                    return None
+                del buffer[:end + 1]
+                self._skipping = False
+            end = buffer.find(b"\n", 0, MAX_LINE_LENGTH + 1)
+            if end != -1:
+                line = buffer[:end]
+                del buffer[:end + 1]
+            elif len(buffer) > MAX_LINE_LENGTH:  # keep its beginning, drop the rest
+                line = buffer[:MAX_LINE_LENGTH]
+                del buffer[:MAX_LINE_LENGTH]
+                self._skipping = True
+            else:
+                return None
             if line.endswith(b"\r"):
                 line = line.rstrip(b"\r")
-            reply = self._line(line, end + 1)
+            reply = self._line(line, len(line))
             if reply is not None:
                 return reply
-        if len(buffer) >= MAX_LINE_LENGTH:
-            raise MalformedReply(f"reply line too long (over {MAX_LINE_LENGTH} bytes)")
-        return None
 
     def _line(self, line: bytearray, length: int) -> Reply | None:
         separator: bytes | bytearray = line[3:4]  # a bytearray equals the bytes it holds
@@ -124,15 +143,21 @@ class ReplyParser:
         if not self._reading and separator != b"-":  # a reply of one line: most of them
             return Reply(code, text)
         self._reading = True
-        self._texts.append(text)
-        self._wire.append(line.decode("utf-8", "replace").strip())
+        last = separator != b"-"
+        if self._kept < MAX_LINE_LENGTH:  # the text of a long reply stops there, as Postfix's (smtp_chat_resp)
+            self._texts.append(text)
+            self._wire.append(line.decode("utf-8", "replace").strip())
+            self._kept += len(line) + 1
+        elif last:
+            self._texts.append(text)  # (for its enhanced code; the text as written stays cut)
         self._length += length
         if self._length > MAX_REPLY_LENGTH:
             raise MalformedReply(f"reply too long (over {MAX_REPLY_LENGTH} bytes)")
-        if separator != b"-":  # the last line, whose code is the reply's (Postfix smtp_chat_resp)
+        if last:  # the last line, whose code is the reply's (Postfix smtp_chat_resp)
             reply = Reply(code, "\n".join(self._texts), tuple(self._wire))
-            self._reading, self._texts, self._wire, self._length = False, [], [], 0
+            self._reading, self._texts, self._wire, self._length, self._kept, self._count = False, [], [], 0, 0, 0
             return reply
-        if len(self._texts) >= MAX_REPLY_LINES:
+        self._count += 1
+        if self._count >= MAX_REPLY_LINES:
             raise MalformedReply(f"reply too long (over {MAX_REPLY_LINES} lines)")
         return None
