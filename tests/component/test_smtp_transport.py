@@ -795,6 +795,30 @@ async def test_a_5xx_to_helo_bounces_only_at_the_last_peer(smtp_peer, dns_zone):
         refusing.close()
 
 
+async def test_a_refused_greeting_or_helo_is_followed_by_quit_as_postfix_says_it():
+    heard: list[bytes] = []
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"554 5.7.1 go away\r\n" if not heard else b"220 peer.test\r\n")
+        heard.append(b"(greeting)")
+        while line := await reader.readline():
+            heard.append(line)
+            writer.write(b"550 5.7.1 no\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        for _ in range(2):  # a 554 greeting; then EHLO and HELO refused
+            report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{port}"))
+            assert report.results[0].outcome is not Outcome.SENT
+        await eventually(lambda: heard.count(b"QUIT\r\n") == 2, timeout=2)
+    finally:
+        server.close()
+    assert heard == [b"(greeting)", b"QUIT\r\n", b"(greeting)", b"EHLO client.mailflow.test\r\n",
+                     b"HELO client.mailflow.test\r\n", b"QUIT\r\n"]
+
+
 async def refuse_helo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     writer.write(b"220 refusing.test ESMTP\r\n")
     while line := await reader.readline():

@@ -5,7 +5,7 @@ and for SMTP STARTTLS as the TLS policy asks and AUTH with the relay's credentia
                                 `timeout`; SiteFailure 4.4.1 "connect to h[ip]:port: Connection refused" (or timed out)
     await greet(session, timeout)                            the greeting must be 2xx
     await hello(session, helo_name, timeout, lmtp=False)     EHLO (HELO after a 5xx EHLO), or LHLO; sets
-                                `session.extensions`
+                                `session.extensions`; after a refusal, QUIT (as Postfix says it) and close
         a refused greeting, EHLO, HELO or LHLO: SiteFailure "host h[ip] refused to talk to me: 554 ..." (class 4;
         a 5xx to EHLO/HELO/LHLO is `hard`: it bounces when no other peer is left, as with Postfix)
     Destination(nexthop, written, policy, fallback, mx_secure)   one request's next hop, as parsed and as written (the
@@ -98,6 +98,7 @@ async def open_session(peer: Peer, timeout: float, clock: Callable[[], float]) -
 async def greet(session: Session, timeout: float) -> None:
     greeting = await session.reply(timeout, GREETING)
     if not greeting.positive:
+        session.quit()  # (not after a 421: that closed the session already)
         raise refused_to_talk(session.peer, greeting, greeting=True)
 
 
@@ -113,6 +114,7 @@ async def hello(session: Session, helo_name: str, timeout: float, *, lmtp: bool 
                 session.extensions = Extensions()
                 return
     if not reply.positive:
+        session.quit()
         raise refused_to_talk(session.peer, reply)
     session.extensions = Extensions.from_reply(reply)
 
