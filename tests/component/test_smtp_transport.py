@@ -191,6 +191,65 @@ async def test_dead_first_mx_falls_back_to_second(smtp_peer, dns_zone):
     assert len(peer.messages) == 1
 
 
+async def test_a_temporary_refusal_by_a_peer_that_is_not_the_last_leaves_the_recipient_to_the_next(
+        smtp_peer, dns_zone):
+    """Postfix's smtp_rcpt_fail / smtp_mesg_fail: a soft error at a server that is not the final one keeps the
+    recipient for the next (greylisted at MX 10, taken by MX 20); a 5xx is final wherever it comes from; the
+    second session is the last (smtp_mx_session_limit = 2)."""
+    primary = await smtp_peer("127.0.0.2")
+    backup = await smtp_peer("127.0.0.3", primary.port)
+    third = await smtp_peer("127.0.0.4", primary.port)
+    primary.handler.rcpt_replies = {"grey@example.test": "450 4.2.0 greylisted", "gone@example.test": "550 5.1.1 no",
+                                    "later@example.test": "451 4.3.0 later"}
+    backup.handler.rcpt_replies = {"later@example.test": "452 4.3.1 full"}
+    nameserver = dns_zone(mx_zone(
+        "example.test. 300 IN MX 10 mx1.example.test.", "example.test. 300 IN MX 20 mx2.example.test.",
+        "example.test. 300 IN MX 30 mx3.example.test.", "mx1.example.test. 300 IN A 127.0.0.2",
+        "mx2.example.test. 300 IN A 127.0.0.3", "mx3.example.test. 300 IN A 127.0.0.4",
+    ))
+    resolver = AiodnsResolver(nameservers=(nameserver,), timeout=1.0, tries=1)
+    try:
+        report = await deliver(make_transport(resolver, port=primary.port), make_request(
+            "example.test", "ok@example.test", "grey@example.test", "gone@example.test", "later@example.test"))
+    finally:
+        await resolver.close()
+    got = {r.recipient.address: (r.outcome, r.dsn, r.relay.partition("[")[0]) for r in report.results}
+    assert got == {
+        "ok@example.test": (Outcome.SENT, "2.0.0", "mx1.example.test"),
+        "grey@example.test": (Outcome.SENT, "2.0.0", "mx2.example.test"),
+        "gone@example.test": (Outcome.BOUNCED, "5.1.1", "mx1.example.test"),
+        "later@example.test": (Outcome.DEFERRED, "4.3.1", "mx2.example.test"),  # the second session is the last
+    }
+    assert [m.rcpt_tos for m in primary.messages + backup.messages] == [
+        ["ok@example.test"], ["grey@example.test"]]
+    assert third.messages == [] and report.site_ok
+
+
+async def test_a_temporary_failure_whose_next_peer_cannot_be_reached_gets_that_peers_failure(smtp_peer, dns_zone):
+    """As Postfix's left-over recipients: the last reason is the unreachable backup's; with no backup at all,
+    the reply of the only peer stands."""
+    primary = await smtp_peer("127.0.0.2")
+    primary.handler.mail_reply = "451 4.3.0 try later"
+    nameserver = dns_zone(mx_zone(
+        "example.test. 300 IN MX 10 mx1.example.test.", "example.test. 300 IN MX 20 mx2.example.test.",
+        "mx1.example.test. 300 IN A 127.0.0.2", "mx2.example.test. 300 IN A 127.0.0.3",  # nothing there
+        "single.test. 300 IN MX 10 mx1.example.test.",
+    ))
+    resolver = AiodnsResolver(nameservers=(nameserver,), timeout=1.0, tries=1)
+    try:
+        both = await deliver(make_transport(resolver, port=primary.port), make_request("example.test"))
+        single = await deliver(make_transport(resolver, port=primary.port), make_request("single.test"))
+    finally:
+        await resolver.close()
+    [r] = both.results
+    assert (r.outcome, r.dsn, r.relay) == (Outcome.DEFERRED, "4.4.1", "none")
+    assert r.text == f"connect to mx2.example.test[127.0.0.3]:{primary.port}: Connection refused"
+    assert not both.site_ok
+    [r] = single.results
+    assert (r.outcome, r.dsn) == (Outcome.DEFERRED, "4.3.0") and single.site_ok
+    assert r.text == "host mx1.example.test[127.0.0.2] said: 451 4.3.0 try later (in reply to MAIL FROM command)"
+
+
 async def test_lower_preference_is_tried_first(smtp_peer, dns_zone):
     backup = await smtp_peer("127.0.0.1")
     primary = await smtp_peer("127.0.0.2", backup.port)

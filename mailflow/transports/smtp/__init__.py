@@ -27,7 +27,11 @@ Nexthop forms (Postfix semantics):
 
 Which peer: the next MX host / address is tried when connecting fails or times out, or when the greeting, EHLO,
 STARTTLS (as the TLS policy requires it) or AUTH fails. The first peer that completes the handshake gets the
-message, whatever it answers afterwards. A cached session for the next hop is used before any of that; one that
+message; a temporary failure there (a 4xx reply, a lost or timed-out dialogue) leaves the recipients it concerns
+to the next peer, as Postfix's smtp_rcpt_fail/smtp_mesg_fail do before the final server, for at most
+MX_SESSION_LIMIT (2) sessions per delivery (smtp_mx_session_limit); if no later peer takes a session they get
+its failure (none tried: the first session's answers stand). A 5xx is final wherever it comes from.
+A cached session for the next hop is used before any of that; one that
 turns out dead before MAIL FROM is answered is dropped and the delivery goes on a fresh connection, counting
 no failure. After a delivery the session is cached (RSET first only when a transaction is still open: a finished
 DATA leaves the server in its initial state) for connection_cache_time_limit; QUIT is sent without waiting for

@@ -3,7 +3,8 @@
 Owns the order of things (the package docstring says what each recipient gets): screen the envelope, parse the
 next hop and find its TLS policy, use a cached session for it when one is idle, else find the peers (addr) and
 open a session with the first that completes the handshake (connect), run the transaction (proto), then cache
-the session (reuse) or QUIT it.
+the session (reuse) or QUIT it; recipients a session deferred go on to the next peer while sessions remain
+(MX_SESSION_LIMIT: see the package docstring).
 
     SmtpTransport(config, *, resolver, helo_name, rng=None, clock=time.monotonic, tables=None, mta_sts=None,
                   plaintext_after=0.0)
@@ -31,7 +32,7 @@ from typing import Callable
 from mailflow.config import SmtpConfig
 from mailflow.dns import NotFound, Resolver
 from mailflow.errors import DeliveryError, LookupRetry, PermanentError, TemporaryError
-from mailflow.model import DeliveryReport, DeliveryRequest, Recipient
+from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, Recipient
 from mailflow.tables import Table, TableCache, find
 from mailflow.transports.smtp.addr import (
     Nexthop,
@@ -61,6 +62,9 @@ log = logging.getLogger("mailflow.smtp")
 
 # A peer slow to answer RSET (before a session is cached) must not hold the results back long.
 RSET_TIMEOUT = 20.0  # Postfix smtp_rset_timeout
+# Sessions (completed handshakes) per delivery: a temporary failure in one that is not the last of them leaves
+# its recipients for the next peer (Postfix smtp_mx_session_limit).
+MX_SESSION_LIMIT = 2
 
 
 class SmtpTransport:
@@ -209,6 +213,8 @@ class SmtpTransport:
                                           outcomes: Outcomes) -> None:
         peer_failure: DeliveryError | None = None
         dns_failures: list[DeliveryError] = []
+        sessions = 0
+        kept: Outcomes | None = None  # temporary failures of a session that may not be the last
         for host in hosts:
             try:
                 addresses = await self._resolver.addresses(host)
@@ -225,14 +231,24 @@ class SmtpTransport:
                     log.info("%s: %s", request.queue_id, e.text)
                     peer_failure = e
                     continue
+                sessions += 1
                 try:
                     await send_message(session, request, recipients, outcomes, self._timeouts)
                 except BaseException:
                     session.abort()
                     raise
                 await self._release(session, destination)
-                return
-        record_unreachable(outcomes, recipients, peer_failure, dns_failures)
+                deferred = [r for r in recipients if outcomes.results[r].outcome is Outcome.DEFERRED]
+                if not deferred or sessions >= MX_SESSION_LIMIT:
+                    return
+                # Postfix: a soft error at a server that is not the final one: the next one gets these recipients
+                kept, recipients, peer_failure = outcomes.take_back(deferred), deferred, None
+                for r in deferred:
+                    log.info("%s: %s", request.queue_id, kept.results[r].text)
+        if kept is not None and peer_failure is None:
+            outcomes.restore(kept)  # that session was the last after all
+            return
+        record_unreachable(outcomes, recipients, peer_failure, [] if kept is not None else dns_failures)
 
     async def _release(self, session: Session, destination: Destination) -> None:
         """Cache the session for the next message to this next hop (RSET first when a transaction is still

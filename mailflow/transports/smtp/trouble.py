@@ -26,6 +26,8 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
     Outcomes()                  results by recipient and the site verdict, filled as a delivery goes:
       .fail(recipients, error, relay)   BOUNCED for a permanent error, else DEFERRED, with its code and text
       .update(results) .pending(recipients) .site_failed(reason) .report(request) -> DeliveryReport
+      .take_back(recipients) -> Outcomes, .restore(taken)   a temporary failure at a peer that was not the last:
+                                the recipients go to the next peer; what they got stands if none takes a session
     reply_results(recipients, reply, peer, command, next_hop_notifies=False) -> {recipient: RcptResult}
                                 2xx SENT with the reply; 4xx DEFERRED, 5xx BOUNCED, odd codes DEFERRED, with
                                 "host h[ip] said: 550 5.1.1 ... (in reply to RCPT TO command)"; the reply's
@@ -131,6 +133,19 @@ class Outcomes:
     def site_failed(self, reason: str) -> "Outcomes":
         self.site_ok, self.site_reason = False, reason
         return self
+
+    def take_back(self, recipients: Iterable[Recipient]) -> "Outcomes":
+        """Forget the results of `recipients` and the site verdict (their peer was not the last: the next one
+        tries them); returns what is forgotten, for `restore`."""
+        taken = Outcomes({r: self.results.pop(r) for r in recipients}, self.site_ok, self.site_reason)
+        self.site_ok, self.site_reason = True, ""
+        return taken
+
+    def restore(self, taken: "Outcomes") -> None:
+        """The results `take_back` forgot stand after all (no later peer took a session)."""
+        self.results.update(taken.results)
+        if not taken.site_ok:
+            self.site_failed(taken.site_reason)
 
     def report(self, request: DeliveryRequest) -> DeliveryReport:
         return DeliveryReport(
