@@ -22,15 +22,16 @@ goes on in plaintext on the same session; a failed handshake connects again in p
 queued for `plaintext_after` seconds (the minimal backoff time) and there are no AUTH credentials for the peer,
 else it fails that peer with 4.7.5 "Cannot start TLS: handshake failure" (Postfix's
 PLAINTEXT_FALLBACK_OK_AFTER_STARTTLS_FAILURE: new mail is not sent in plaintext at the first TLS trouble).
-encrypt and above: not offered -> 4.7.4 "TLS is required, but was not offered by host
-h[ip]"; refused -> the reply's code (a 5xx is hard: it bounces at the last peer); a failed handshake -> 4.7.5
-"Cannot start TLS: handshake failure"; an untrusted chain -> 4.7.5 "Server certificate not trusted"; no matching name -> 4.7.5 "Server certificate not
-verified"; TLS unavailable here (unreadable CA or certificate file) -> LocalProblem 4.7.5. After TLS, EHLO again.
-Per peer, before connecting: a dane/dane-only policy becomes the peer's (smtp.dane: its TLSA records, or the
-fallback, or 4.7.5 for dane-only); a certificate that matches none of a DANE peer's TLSA records -> 4.7.5 "Server
-certificate not verified". An MTA-STS policy (smtp.mtasts) names the MX hosts it allows: another host -> 4.7.5
-"MX host h does not match the MTA-STS policy" in enforce mode (the next one is tried), a log line in testing mode,
-which also logs a missing STARTTLS, a failed handshake and a certificate without the host's name.
+encrypt and above: not offered -> 4.7.4 "TLS is required, but was not offered by host h[ip]"; refused -> the
+reply's code (a 5xx is hard: it bounces at the last peer); a failed handshake -> 4.7.5 "Cannot start TLS:
+handshake failure"; an untrusted chain -> 4.7.5 "Server certificate not trusted"; no matching name -> 4.7.5
+"Server certificate not verified"; TLS unavailable here (unreadable CA or certificate file) -> LocalProblem 4.7.5.
+After TLS, EHLO again. Per peer, before connecting: a dane/dane-only policy becomes the peer's (smtp.dane: its
+TLSA records, or the fallback, or 4.7.5 for dane-only); a certificate that matches none of a DANE peer's TLSA
+records -> 4.7.5 "Server certificate not verified". An MTA-STS policy (smtp.mtasts) names the MX hosts it allows:
+another host -> 4.7.5 "MX host h does not match the MTA-STS policy" in enforce mode (the next one is tried), a
+log line in testing mode, which also logs a missing STARTTLS, a failed handshake and a certificate without the
+host's name.
 AUTH (`sasl_password_maps`): credentials by the peer's host name, then by the next hop as written, looked up
 before connecting (LocalProblem 4.3.0 when a table cannot answer); used only when the peer offers AUTH, PLAIN
 else LOGIN. Without TLS and with `sasl_tls_required` the password is not sent: 4.7.0 "SASL authentication
