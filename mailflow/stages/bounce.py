@@ -63,6 +63,7 @@ _DEFAULT_STATUS = {"failed": "5.0.0", "delayed": "4.0.0"}  # others: 2.0.0
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 EXPIRED = "message expired: "  # what qmgr puts before the last reason of a recipient returned for its age
 _REMOTE_REPLY = re.compile(
+    r"(?:Protocol error: )?"  # (a reply where another was due, as Postfix's smtp client words it)
     r"host \S+ (?:said|refused to talk to me): (?P<reply>[2-5]\d\d(?:[ -].*?)?)(?: \(in reply to [^()]* command\))?"
 )
 _BARE_REPLY = re.compile(r"[2-5]\d\d(?:[ -].*)?")

@@ -236,6 +236,8 @@ REFUSALS = {
                                          b"550-5.1.1 Please try double-checking the address.\r\n"
                                          b"550 5.1.1 https://support.example/?p=NoSuchUser x\r\n"}),
     "rcpt-codes-change": Scenario({"RCPT": b"250-first\r\n550 5.1.1 second\r\n"}),  # the last line's code
+    "rcpt-354": Scenario({"RCPT": b"354 what\r\n"}),  # a protocol error: 5.5.0
+    "data-250": Scenario({"DATA": b"250 2.0.0 done already\r\n"}),  # "Protocol error: host ... said: 250 ..."
     # at level may, new mail is not sent in plaintext when the TLS handshake fails (only once it has waited)
     "starttls-broken": Scenario({"EHLO": b"250-peer.test\r\n250 STARTTLS\r\n",
                                  "STARTTLS": b"220 2.0.0 Go\r\n" + THEN_CLOSE}, tls=True),
@@ -261,6 +263,7 @@ async def test_refusals_and_lost_sessions_end_as_with_postfix(mailflow_server, s
     assert [status for _, _, status, _ in (pf_ended[f"{r}@rcpt-some-452.test"] for r in "abc")] == [
         "sent", "deferred", "sent"]
     assert pf_ended["a@starttls-broken.test"][1:] == ("4.7.5", "deferred", "Cannot start TLS: handshake failure")
+    assert pf_ended["a@data-250.test"][1:3] == ("5.5.0", "bounced")
 
 
 EXPIRING = {

@@ -131,9 +131,10 @@ def test_reply_codes_and_one_line():
     assert Reply(550, "no such user").dsn() == "5.0.0"
     assert Reply(250, "2.1.5 Ok").dsn() == "2.1.5"
     assert Reply(550, "4.2.2 odd class").dsn() == "5.2.2"  # the reply's class wins
-    assert Reply(354, "go ahead").dsn() == "4.0.0"
+    assert Reply(354, "go ahead").dsn() == "5.5.0"  # where 2xx, 4xx or 5xx was due: Postfix's protocol error
+    assert Reply(354, "go ahead").dsn("4") == "4.5.0"
     assert Reply(421, "4.3.2 bye").dsn("4") == "4.3.2"
-    assert Reply(999, "what").dsn() == "4.0.0"
+    assert Reply(999, "what").dsn() == "5.5.0"
     assert Reply(250, "2.0.0 first\n2.0.0 second").one_line == "250-2.0.0 first 250 2.0.0 second"
     assert Reply(550, "first\n5.7.1 second").dsn() == "5.7.1"  # the last line's, as Postfix takes it
 

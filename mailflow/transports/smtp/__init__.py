@@ -41,6 +41,8 @@ What each recipient gets:
 - accepted after end of DATA                        SENT, the remote's reply ("250 2.0.0 Ok: queued as X")
 - refused RCPT / MAIL / DATA / end of DATA          5xx BOUNCED, 4xx DEFERRED, with "host h[ip] said: ... (in reply
                                                     to X command)"; a reply without an enhanced code gets x.0.0
+- a code that is not 2xx/4xx/5xx where one was due  BOUNCED 5.5.0 (a 2xx to DATA: "Protocol error: host h[ip]
+  (354 to RCPT), a 2xx to DATA                      said: 250 ..."), as Postfix's smtp client takes them
 - domain does not exist (NXDOMAIN)                  BOUNCED 5.1.2
 - null MX (RFC 7505)                                BOUNCED 5.1.10
 - no MX host (or the [host]) has an address         BOUNCED 5.4.4

@@ -33,7 +33,7 @@ from mailflow.transports.smtp.trouble import (
     SiteFailure,
     StaleSession,
     reply_results,
-    unexpected_data_reply,
+    unexpected_reply_results,
 )
 
 log = logging.getLogger("mailflow.smtp")
@@ -115,8 +115,11 @@ async def _transaction(
     if not pipelining:
         session.send(b"DATA" + CRLF, DATA)
     reply = await session.reply(timeouts.command, DATA)
-    if reply.code != 354:
-        outcomes.update(reply_results(accepted, unexpected_data_reply(reply), peer, "DATA"))
+    if reply.positive:  # the server thinks the message is over before it began: Postfix's protocol error
+        outcomes.update(unexpected_reply_results(accepted, reply, peer, "DATA"))
+        return
+    if reply.code // 100 != 3:  # any 3xx lets the content go, as with Postfix
+        outcomes.update(reply_results(accepted, reply, peer, "DATA"))
         return
     await _send_body(session, request.content, encoders, timeouts.data)
     notifies = extensions.supports("dsn")
@@ -132,7 +135,7 @@ async def _abandon_pipelined(session: Session, rcpt_replies: int, timeout: float
     try:
         for _ in range(rcpt_replies):
             await session.reply(timeout, RCPT)
-        if (await session.reply(timeout, DATA)).code == 354:
+        if (await session.reply(timeout, DATA)).code // 100 == 3:
             session.send(b"." + CRLF, END_OF_DATA)
             await session.reply(timeout, END_OF_DATA)
             session.transaction_open = False

@@ -18,9 +18,9 @@ Rules (RFC 5321 4.2): a line is three digits, then a space, a hyphen or nothing,
 before it is dropped). `ddd-` continues the reply. The code of a reply is its last line's, as Postfix's
 smtp_chat_resp reads it: lines whose codes differ ("250-first" then "550 5.1.1 second") are one reply with the
 last code, not garbage. Any three digits are taken as a code: what an odd code means is for the caller
-(`trouble.reply_outcome`). Text is UTF-8; bytes that are not become U+FFFD, so a diagnostic is always a valid
-string. `one_line` is the reply as Postfix logs and reports it: every line as received, joined by spaces
-("550-5.1.1 The account does not exist. 550 5.1.1 https://…"); the enhanced code is the last line's.
+(`trouble.reply_outcome`; its enhanced code is 5.5.0). Text is UTF-8; bytes that are not become U+FFFD, so a
+diagnostic is always a valid string. `one_line` is the reply as Postfix logs and reports it: every line as
+received, joined by spaces ("550-5.1.1 The account does not exist. 550 5.1.1 https://…"); the enhanced code is the last line's.
 
 Limits, here and nowhere else: of a line longer than MAX_LINE_LENGTH bytes the first MAX_LINE_LENGTH are kept and
 the rest is read and dropped up to its line end, as Postfix's smtp_get does (line_length_limit = 2048): a long
@@ -73,10 +73,11 @@ class Reply:
 
     def dsn(self, reply_class: str | None = None) -> str:
         """The enhanced code of the reply's last line with the class of the reply (or `reply_class`), else x.0.0;
-        a 3xx or odd code counts as class 4 (temporary)."""
-        wanted = reply_class or (str(self.code)[0] if 200 <= self.code < 600 else "4")
-        if wanted == "3":
-            wanted = "4"
+        a code that is neither 2xx, 4xx nor 5xx is a protocol error: 5.5.0 (x.5.0), as Postfix's smtp_chat_resp
+        makes it."""
+        if not (200 <= self.code < 300 or 400 <= self.code < 600):
+            return f"{reply_class or '5'}.5.0"
+        wanted = reply_class or str(self.code)[0]
         match = _ENHANCED_CODE.match(self.lines[-1].strip())
         if match:
             return f"{wanted}.{match.group(2)}.{match.group(3)}"

@@ -29,10 +29,12 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
       .take_back(recipients) -> Outcomes, .restore(taken)   a temporary failure at a peer that was not the last:
                                 the recipients go to the next peer; what they got stands if none takes a session
     reply_results(recipients, reply, peer, command, next_hop_notifies=False) -> {recipient: RcptResult}
-                                2xx SENT with the reply; 4xx DEFERRED, 5xx BOUNCED, odd codes DEFERRED, with
-                                "host h[ip] said: 550 5.1.1 ... (in reply to RCPT TO command)"; the reply's
-                                enhanced code, else x.0.0
-    unexpected_data_reply(reply) -> Reply   a DATA reply that is neither 354 nor a refusal, as a 451 4.5.0
+                                2xx SENT with the reply; 4xx DEFERRED, 5xx BOUNCED, with "host h[ip] said: 550
+                                5.1.1 ... (in reply to RCPT TO command)"; the reply's enhanced code, else x.0.0.
+                                Any other code (3xx to RCPT, 1xx, 6xx) is a protocol error: BOUNCED 5.5.0, as
+                                Postfix's smtp_chat_resp and smtp_rcpt_fail make it
+    unexpected_reply_results(recipients, reply, peer, command)   a 2xx to DATA: BOUNCED 5.5.0, "Protocol error:
+                                host h[ip] said: 250 ... (in reply to DATA command)" (Postfix vsmtp_fill_dsn)
     record_unreachable(outcomes, recipients, peer_failure, dns_failures)
                                 no peer took a session: a peer failure or a DNS failure defers (site failed); DNS's
                                 "no such host" for every host bounces, and so does the last peer's 5xx refusal
@@ -156,9 +158,9 @@ class Outcomes:
 def reply_outcome(code: int) -> Outcome:
     if 200 <= code < 300:
         return Outcome.SENT
-    if 500 <= code < 600:
-        return Outcome.BOUNCED
-    return Outcome.DEFERRED  # 4xx, and anything odd: temporary by default
+    if 400 <= code < 500:
+        return Outcome.DEFERRED
+    return Outcome.BOUNCED  # 5xx, and any other code where 2xx was due: a protocol error (5.5.0), as Postfix
 
 
 def reply_results(
@@ -176,11 +178,12 @@ def reply_results(
     return {r: RcptResult(r, outcome, dsn, text, peer.relay, next_hop_notifies=notifies) for r in recipients}
 
 
-def unexpected_data_reply(reply: Reply) -> Reply:
-    """The reply to DATA when it is not 354; an odd positive one counts as a temporary refusal."""
-    if 200 <= reply.code < 400:
-        return Reply(451, f"4.5.0 unexpected reply to DATA: {reply.code} {reply.message}")
-    return reply
+def unexpected_reply_results(recipients: Iterable[Recipient], reply: Reply, peer: Peer,
+                             command: str) -> dict[Recipient, RcptResult]:
+    """A positive reply where another was due (2xx to DATA): Postfix's "Protocol error: host h[ip] said: 250 ...
+    (in reply to DATA command)", bounced 5.5.0."""
+    text = f"Protocol error: host {peer.name} said: {reply.one_line} (in reply to {command} command)"
+    return {r: RcptResult(r, Outcome.BOUNCED, "5.5.0", text, peer.relay) for r in recipients}
 
 
 def record_unreachable(
