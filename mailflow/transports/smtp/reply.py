@@ -20,7 +20,8 @@ smtp_chat_resp reads it: lines whose codes differ ("250-first" then "550 5.1.1 s
 last code, not garbage. Any three digits are taken as a code: what an odd code means is for the caller
 (`trouble.reply_outcome`; its enhanced code is 5.5.0). Text is UTF-8; bytes that are not become U+FFFD, so a
 diagnostic is always a valid string. `one_line` is the reply as Postfix logs and reports it: every line as
-received, joined by spaces ("550-5.1.1 The account does not exist. 550 5.1.1 https://…"); the enhanced code is the last line's.
+received, joined by spaces ("550-5.1.1 The account does not exist. 550 5.1.1 https://…"); the enhanced code
+is the last line's.
 
 Limits, here and nowhere else: of a line longer than MAX_LINE_LENGTH bytes the first MAX_LINE_LENGTH are kept and
 the rest is read and dropped up to its line end, as Postfix's smtp_get does (line_length_limit = 2048): a long
