@@ -4,8 +4,12 @@ each recipient the same way: the status and enhanced code they log (`to=<r>, rel
 the text word for word), and the RFC 3464 fields of the notice the sender gets (Action, Status, Remote-MTA,
 Diagnostic-Code, Original-Recipient).
 
-Each scenario is a domain of its own (`transport_maps`: `<scenario>.test` -> `smtp:[127.0.0.1]:<its peer>`); the
-sender's domain goes to a capturing peer, one per server, which receives the notices.
+Each scenario is a domain of its own (`transport_maps`: `<scenario>.test` -> `smtp:[127.0.0.1]:<its peer>`, or the
+lmtp transport of each to an LMTP peer); the sender's domain goes to a capturing peer, one per server, which
+receives the notices. Compared alike since: refusals at every stage, with and without enhanced codes, multi-line
+and mixed-code replies, 421s, lost connections, 452 for some recipients, 3xx/2xx where they are protocol errors,
+STARTTLS refused or broken, a peer without DSN given NOTIFY=SUCCESS, LMTP's per-recipient replies; with
+maximal_queue_lifetime = 0, the notice of a recipient returned for its age; reply lines past 2048 bytes.
 """
 from __future__ import annotations
 
@@ -84,7 +88,7 @@ class ScriptedPeer:
                             return
                     continue
                 address = line.decode("utf-8", "replace").partition("<")[2].partition(">")[0]
-                defaults = {"EHLO": EHLO, "HELO": b"250 peer.test\r\n", "MAIL": b"250 2.1.0 Ok\r\n",
+                defaults = {"EHLO": EHLO, "LHLO": EHLO, "HELO": b"250 peer.test\r\n", "MAIL": b"250 2.1.0 Ok\r\n",
                             "RCPT": b"250 2.1.5 Ok\r\n", "RSET": b"250 2.0.0 Ok\r\n"}
                 if not await say(self._answer(verb, defaults.get(verb, b"502 5.5.2 Error\r\n"), address)):
                     return
@@ -99,6 +103,8 @@ class Scenario:
     script: dict[str, Answer]
     recipients: tuple[str, ...] = ("a",)
     tls: bool = False  # TLS level may for this peer (else none)
+    lmtp: bool = False  # the peer is an LMTP server: Postfix's lmtp(8) and mailflow's lmtp transport
+    notify: str = ""  # the RCPTs' NOTIFY parameter
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -152,7 +158,7 @@ async def relay_one_each(port: int, scenarios: dict[str, Scenario]) -> None:
             await client.ehlo()
             await client.mail(SENDER)
             for r in scenario.recipients:
-                await client.rcpt(f"{r}@{name}.test")
+                await client.rcpt(f"{r}@{name}.test", options=[f"NOTIFY={scenario.notify}"] if scenario.notify else [])
             await client.data(f"From: {SENDER}\r\nSubject: {name}\r\n\r\nhello\r\n".encode())
 
 
@@ -163,7 +169,10 @@ async def run_both(mailflow_server, smtp_peer, scenarios: dict[str, Scenario], *
     recipient that was not sent)."""
     peers = {name: await ScriptedPeer(s.script).start() for name, s in scenarios.items()}
     pf_notices, mf_notices = await smtp_peer(), await smtp_peer()
-    routes = [f"{name}.test=smtp:[127.0.0.1]:{peer.port}" for name, peer in peers.items()]
+    pf_routes = [f"{name}.test=lmtp:inet:127.0.0.1:{peer.port}" if scenarios[name].lmtp
+                 else f"{name}.test=smtp:[127.0.0.1]:{peer.port}" for name, peer in peers.items()]
+    mf_routes = [f"{name}.test={'lmtp' if scenarios[name].lmtp else 'smtp'}:[127.0.0.1]:{peer.port}"
+                 for name, peer in peers.items()]
     tls = ", ".join(f"[127.0.0.1]:{peers[name].port}=may" for name, s in scenarios.items() if s.tls)
     tls_maps = {"smtp_tls_policy_maps": f"inline:{{{tls}}}"} if tls else {}
     everyone = {f"{r}@{name}.test" for name, s in scenarios.items() for r in s.recipients}
@@ -176,13 +185,13 @@ async def run_both(mailflow_server, smtp_peer, scenarios: dict[str, Scenario], *
         async with postfix_instance({
             "myhostname": "pf.test", "mydestination": "", "delay_warning_time": "0", **tls_maps,
             **(postfix or {}),
-            "transport_maps": "inline:{" + ", ".join([f"sender.test=smtp:[127.0.0.1]:{pf_notices.port}", *routes])
+            "transport_maps": "inline:{" + ", ".join([f"sender.test=smtp:[127.0.0.1]:{pf_notices.port}", *pf_routes])
                               + "}",
         }) as pf:
             mf = await mailflow_server(
                 mynetworks=["127.0.0.0/8"], smtp={"tls_security_level": "none",
                                                         "tls_policy_maps": list(tls_maps.values())},
-                transport_maps=["inline:{" + ", ".join([f"sender.test=smtp:[127.0.0.1]:{mf_notices.port}", *routes])
+                transport_maps=["inline:{" + ", ".join([f"sender.test=smtp:[127.0.0.1]:{mf_notices.port}", *mf_routes])
                                 + "}"],
                 queue={"queue_run_delay": "300s", "minimal_backoff_time": "300s", "maximal_backoff_time": "300s",
                        **(queue or {})})
@@ -238,6 +247,13 @@ REFUSALS = {
     "rcpt-codes-change": Scenario({"RCPT": b"250-first\r\n550 5.1.1 second\r\n"}),  # the last line's code
     "rcpt-354": Scenario({"RCPT": b"354 what\r\n"}),  # a protocol error: 5.5.0
     "data-250": Scenario({"DATA": b"250 2.0.0 done already\r\n"}),  # "Protocol error: host ... said: 250 ..."
+    # a peer without DSN: a NOTIFY=SUCCESS recipient gets a "relayed" notice from here
+    "no-dsn-notify": Scenario({}, ("a", "b"), notify="SUCCESS,FAILURE"),
+    # LMTP: one reply per accepted recipient after the content; a lost connection defers those unanswered
+    "lmtp-each": Scenario({"RCPT": lambda a: b"550 5.1.1 unknown\r\n" if a.startswith("d@") else b"250 2.1.5 Ok\r\n",
+                           "DOT": b"250 2.0.0 a saved\r\n452 4.2.2 b over quota\r\n550 5.7.1 c refused\r\n"},
+                          ("a", "b", "c", "d"), lmtp=True),
+    "lmtp-lost": Scenario({"DOT": b"250 2.0.0 a saved\r\n" + THEN_CLOSE}, ("a", "b"), lmtp=True),
     # at level may, new mail is not sent in plaintext when the TLS handshake fails (only once it has waited)
     "starttls-broken": Scenario({"EHLO": b"250-peer.test\r\n250 STARTTLS\r\n",
                                  "STARTTLS": b"220 2.0.0 Go\r\n" + THEN_CLOSE}, tls=True),
@@ -264,6 +280,9 @@ async def test_refusals_and_lost_sessions_end_as_with_postfix(mailflow_server, s
         "sent", "deferred", "sent"]
     assert pf_ended["a@starttls-broken.test"][1:] == ("4.7.5", "deferred", "Cannot start TLS: handshake failure")
     assert pf_ended["a@data-250.test"][1:3] == ("5.5.0", "bounced")
+    assert pf_notices["a@no-dsn-notify.test"]["Action"] == "relayed"
+    assert [pf_ended[f"{r}@lmtp-each.test"][2] for r in "abcd"] == ["sent", "deferred", "bounced", "bounced"]
+    assert [pf_ended[f"{r}@lmtp-lost.test"][2] for r in "ab"] == ["sent", "deferred"]
 
 
 EXPIRING = {
