@@ -225,6 +225,29 @@ async def test_a_temporary_refusal_by_a_peer_that_is_not_the_last_leaves_the_rec
     assert third.messages == [] and report.site_ok
 
 
+async def test_what_a_cached_session_defers_goes_on_to_the_next_peer(smtp_peer, dns_zone):
+    """The cached session is the delivery's first: a greylisting refusal there sends the recipient to MX 20."""
+    primary = await smtp_peer("127.0.0.2")
+    backup = await smtp_peer("127.0.0.3", primary.port)
+    primary.handler.rcpt_replies = {"grey@example.test": "450 4.2.0 greylisted"}
+    nameserver = dns_zone(mx_zone(
+        "example.test. 300 IN MX 10 mx1.example.test.", "example.test. 300 IN MX 20 mx2.example.test.",
+        "mx1.example.test. 300 IN A 127.0.0.2", "mx2.example.test. 300 IN A 127.0.0.3",
+    ))
+    resolver = AiodnsResolver(nameservers=(nameserver,), timeout=1.0, tries=1)
+    transport = make_transport(resolver, port=primary.port)
+    try:
+        first = await transport.deliver(make_request("example.test", "ok@example.test"))
+        second = await transport.deliver(make_request("example.test", "grey@example.test"))
+    finally:
+        await transport.close()
+        await resolver.close()
+    assert [r.relay.partition("[")[0] for r in first.results + second.results] == [
+        "mx1.example.test", "mx2.example.test"]
+    assert second.results[0].outcome is Outcome.SENT and second.site_ok
+    assert [m.rcpt_tos for m in backup.messages] == [["grey@example.test"]]
+
+
 async def test_a_temporary_failure_whose_next_peer_cannot_be_reached_gets_that_peers_failure(smtp_peer, dns_zone):
     """As Postfix's left-over recipients: the last reason is the unreachable backup's; with no backup at all,
     the reply of the only peer stands."""

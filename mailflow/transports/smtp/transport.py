@@ -121,21 +121,31 @@ class SmtpTransport:
         except LocalProblem as e:
             outcomes.fail(recipients, e)
             return
-        if await self._deliver_on_cached_session(destination, request, recipients, outcomes):
-            return
+        cached = await self._deliver_on_cached_session(destination, request, recipients, outcomes)
+        kept: Outcomes | None = None
+        if cached is not None:  # a session like any other: what it deferred goes on to the next peer
+            recipients = [r for r in recipients if outcomes.results[r].outcome is Outcome.DEFERRED]
+            if not recipients or MX_SESSION_LIMIT <= 1:
+                return
+            kept = outcomes.take_back(recipients)
+            for r in recipients:
+                log.info("%s: %s", request.queue_id, kept.results[r].text)
         try:
             hosts = await exchangers(self._resolver, destination.nexthop, self._rng)
             if destination.policy.dane and destination.nexthop.mx_lookup:
                 destination = dataclasses.replace(destination, mx_secure=await self._mx_secure(destination))
-        except LookupRetry as e:
-            text = f"Host or domain name not found. {e.text}"
-            outcomes.fail(recipients, SiteFailure("4.4.3", text)).site_failed(text)
-            return
-        except PermanentError as e:  # NotFound (5.1.2), null MX (5.1.10)
-            outcomes.fail(recipients, e)
+        except (LookupRetry, PermanentError) as e:
+            if kept is not None:
+                outcomes.restore(kept)
+            elif isinstance(e, LookupRetry):
+                text = f"Host or domain name not found. {e.text}"
+                outcomes.fail(recipients, SiteFailure("4.4.3", text)).site_failed(text)
+            else:  # NotFound (5.1.2), null MX (5.1.10)
+                outcomes.fail(recipients, e)
             return
         try:
-            await self._deliver_to_first_reachable(hosts, destination, request, recipients, outcomes)
+            await self._deliver_to_first_reachable(hosts, destination, request, recipients, outcomes,
+                                                   kept=kept, used=cached)
         except LocalProblem as e:
             outcomes.fail(outcomes.pending(recipients), e)
 
@@ -191,8 +201,9 @@ class SmtpTransport:
             return False
 
     async def _deliver_on_cached_session(self, destination: Destination, request: DeliveryRequest,
-                                         recipients: list[Recipient], outcomes: Outcomes) -> bool:
-        """Deliver over a cached session when one is idle for this next hop; False when none could be used."""
+                                         recipients: list[Recipient], outcomes: Outcomes) -> Peer | None:
+        """Deliver over a cached session when one is idle for this next hop: its peer; None when none could be
+        used."""
         while (session := self._cache.take(destination.cache_key)) is not None:
             try:
                 await send_message(session, request, recipients, outcomes, self._timeouts, reused=True)
@@ -205,16 +216,18 @@ class SmtpTransport:
                 session.abort()
                 raise
             await self._release(session, destination)
-            return True
-        return False
+            return session.peer
+        return None
 
     async def _deliver_to_first_reachable(self, hosts: list[str], destination: Destination,
                                           request: DeliveryRequest, recipients: list[Recipient],
-                                          outcomes: Outcomes) -> None:
+                                          outcomes: Outcomes, *, kept: Outcomes | None = None,
+                                          used: Peer | None = None) -> None:
+        """`kept`: what a cached session with `used` deferred (that peer is not tried again)."""
         peer_failure: DeliveryError | None = None
         dns_failures: list[DeliveryError] = []
-        sessions = 0
-        kept: Outcomes | None = None  # temporary failures of a session that may not be the last
+        sessions = 0 if kept is None else 1
+        # `kept`: temporary failures of a session that may not be the last
         for host in hosts:
             try:
                 addresses = await self._resolver.addresses(host)
@@ -225,6 +238,8 @@ class SmtpTransport:
                 dns_failures.append(no_address_failure(host))
             for address in unique(addresses):
                 peer = Peer(host, address, destination.nexthop.port)
+                if peer == used:
+                    continue
                 try:
                     session = await self._handshake.open(peer, destination, request.queue_id, request.queued_for)
                 except SiteFailure as e:
