@@ -28,7 +28,7 @@ What each recipient gets, beyond smtp's (2xx SENT, 4xx DEFERRED, 5xx BOUNCED, wi
 - nexthop unparsable / host name not found         DEFERRED 4.3.5 / 4.4.3, site_ok=False
 - cannot connect                                   DEFERRED 4.4.1, site_ok=False
 - greeting or LHLO refused                         DEFERRED (the reply's code as 4.x.x), site_ok=False; a 5xx to
-                                                   LHLO from the last address BOUNCED with its code (Postfix lmtp)
+                                                   LHLO BOUNCED with its code, no other address tried (Postfix)
 - connection lost, timed out, malformed reply      those without a final answer DEFERRED 4.4.2 (4.5.0 for a malformed
                                                    reply), site_ok=False; answers already read stand
 
@@ -104,6 +104,8 @@ class LmtpTransport:
                 return await self._handshake(peer)
             except SiteFailure as e:
                 failure = e
+                if e.hard:  # a 5xx to LHLO: the mail bounces with it, as Postfix's lmtp
+                    break
         assert failure is not None  # _peers never returns an empty list
         raise failure
 

@@ -50,8 +50,9 @@ What each recipient gets:
 - no peer could be talked to                        DEFERRED (4.4.1 connect, 4.4.2 timeout/lost, 4.5.0 a malformed
                                                     reply, 4.7.x TLS/AUTH, ...), naming the last peer tried (its
                                                     relay too, once connected), site_ok=False
-- the last peer refused EHLO/HELO with 5xx          BOUNCED with its reply (Postfix: a hard error at the final
-  (or STARTTLS, when TLS is required)               server); a 5xx greeting only defers (smtp_skip_5xx_greeting)
+- a peer refused EHLO/HELO with 5xx                BOUNCED with its reply, no other peer tried (Postfix bounces a
+  (or STARTTLS, when TLS is required)               hard error at once); a 5xx greeting is skipped like a 4xx
+                                                    (smtp_skip_5xx_greeting: the next peer, else DEFERRED)
 - connection lost, timed out or garbled during the  those without a final answer DEFERRED 4.4.2 (4.5.0 garbled),
   dialogue                                          site_ok=False; the text names the stage ("... timed out while
                                                     sending RCPT TO")

@@ -7,7 +7,7 @@ and for SMTP STARTTLS as the TLS policy asks and AUTH with the relay's credentia
     await hello(session, helo_name, timeout, lmtp=False)     EHLO (HELO after a 5xx EHLO), or LHLO; sets
                                 `session.extensions`; after a refusal, QUIT (as Postfix says it) and close
         a refused greeting, EHLO, HELO or LHLO: SiteFailure "host h[ip] refused to talk to me: 554 ..." (class 4;
-        a 5xx to EHLO/HELO/LHLO is `hard`: it bounces when no other peer is left, as with Postfix)
+        a 5xx to EHLO/HELO/LHLO is `hard`: the mail bounces with it, no other peer is tried, as with Postfix)
     Destination(nexthop, written, policy, fallback, mx_secure)   one request's next hop, as parsed and as written (the
                                 table key), its TLS policy, what a `dane` policy falls back to without TLSA records
                                 (MTA-STS's, else may), and whether its MX records were DNSSEC-validated
@@ -23,7 +23,7 @@ queued for `plaintext_after` seconds (the minimal backoff time) and there are no
 else it fails that peer with 4.7.5 "Cannot start TLS: handshake failure" (Postfix's
 PLAINTEXT_FALLBACK_OK_AFTER_STARTTLS_FAILURE: new mail is not sent in plaintext at the first TLS trouble).
 encrypt and above: not offered -> 4.7.4 "TLS is required, but was not offered by host h[ip]"; refused -> the
-reply's code (a 5xx is hard: it bounces at the last peer); a failed handshake -> 4.7.5 "Cannot start TLS:
+reply's code (a 5xx is hard: the mail bounces); a failed handshake -> 4.7.5 "Cannot start TLS:
 handshake failure"; an untrusted chain -> 4.7.5 "Server certificate not trusted"; no matching name -> 4.7.5
 "Server certificate not verified"; TLS unavailable here (unreadable CA or certificate file) -> LocalProblem 4.7.5.
 After TLS, EHLO again. Per peer, before connecting: a dane/dane-only policy becomes the peer's (smtp.dane: its

@@ -245,6 +245,9 @@ class SmtpTransport:
                 except SiteFailure as e:
                     log.info("%s: %s", request.queue_id, e.text)
                     peer_failure = e
+                    if e.hard:  # a 5xx: Postfix bounces at once (only a 5xx greeting is skipped)
+                        record_unreachable(outcomes, recipients, e, [])
+                        return
                     continue
                 sessions += 1
                 try:

@@ -9,8 +9,10 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
                                 the next peer is tried; during a transaction the recipients still without an
                                 answer are deferred and the site counts as failed. Always class 4; `relay` names
                                 the peer once connected (Postfix logs relay=host[ip]:port then, "none" before).
-                                `hard`: a 5xx refusal of EHLO, HELO, LHLO or STARTTLS (when TLS is required),
-                                which bounces when no other peer is left (`at_last_peer`, Postfix's final server)
+                                `hard`: a 5xx refusal of EHLO, HELO, LHLO or STARTTLS (when TLS is required):
+                                the mail bounces with it and no other peer is tried (`final`: Postfix's
+                                smtp_bulk_fail bounces a hard error wherever it comes from; only a 5xx greeting
+                                is skipped like a 4xx, smtp_skip_5xx_greeting)
     LocalProblem(dsn, text)     TemporaryError: our side cannot go on (a table that cannot answer, an unusable TLS
                                 policy, no TLS engine); another peer would not help, the site is not blamed.
     RetryPlaintext, StaleSession   control flow, not failures: connect again without TLS (level may); a cached
@@ -37,8 +39,8 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
                                 host h[ip] said: 250 ... (in reply to DATA command)" (Postfix vsmtp_fill_dsn)
     record_unreachable(outcomes, recipients, peer_failure, dns_failures)
                                 no peer took a session: a peer failure or a DNS failure defers (site failed); DNS's
-                                "no such host" for every host bounces, and so does the last peer's 5xx refusal
-                                (a hard SiteFailure; the site is not failed: it answered)
+                                "no such host" for every host bounces, and so does a peer's 5xx refusal (a hard
+                                SiteFailure, which ends the search; the site is not failed: it answered)
 """
 from __future__ import annotations
 
@@ -58,15 +60,15 @@ class SiteFailure(TemporaryError):
     def __init__(self, dsn: str, text: str, *, relay: str = "none", hard: bool = False):
         super().__init__("4" + dsn[1:], text)
         self.relay = relay  # the peer's host[ip]:port once a connection was made
-        self.hard = hard  # a 5xx refusal: final at the last peer (class 4 while others are left)
+        self.hard = hard  # a 5xx refusal: the mail bounces with it, no other peer is tried
 
     def at(self, relay: str) -> "SiteFailure":
         """The same failure, of a peer a connection was made to."""
         return SiteFailure(self.dsn, self.text, relay=relay, hard=self.hard)
 
-    def at_last_peer(self) -> DeliveryError:
-        """What the recipients get when no other peer is left: a 5xx refusal bounces with its own class, as
-        Postfix's smtp_bulk_fail does at the final server; anything else defers."""
+    def final(self) -> DeliveryError:
+        """What the recipients get: a 5xx refusal bounces with its own class, as Postfix's smtp_bulk_fail does
+        (a hard error is not retried elsewhere); anything else defers."""
         return PermanentError("5" + self.dsn[1:], self.text) if self.hard else self
 
 
@@ -193,11 +195,11 @@ def record_unreachable(
     dns_failures: list[DeliveryError],
 ) -> None:
     """No peer took a session. A peer we could not talk to or a DNS failure defers; DNS 'no' bounces, and so
-    does a 5xx refusal of the last peer tried (the recipients name it as their relay, as for any failure after a
+    does a 5xx refusal (the recipients name the peer as their relay, as for any failure after a
     connection was made)."""
     temporary_dns = [f for f in dns_failures if not f.permanent]
     if isinstance(peer_failure, SiteFailure):
-        final = peer_failure.at_last_peer()
+        final = peer_failure.final()
         outcomes.fail(recipients, final, peer_failure.relay)
         if not final.permanent:
             outcomes.site_failed(final.text)
