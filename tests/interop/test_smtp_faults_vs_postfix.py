@@ -232,6 +232,8 @@ REFUSALS = {
     "ehlo-refused": Scenario({"EHLO": b"502 5.5.2 Error: command not recognized\r\n"}),  # HELO then
     "helo-refused": Scenario({"EHLO": b"500 5.5.1 no\r\n", "HELO": b"501 5.5.4 not you\r\n"}),
     "ehlo-421": Scenario({"EHLO": b"421 4.7.0 go away\r\n"}),
+    "ehlo-451": Scenario({"EHLO": b"451 4.3.0 later\r\n"}),  # any refusal but 421: HELO then
+    "ehlo-550-helo-451": Scenario({"EHLO": b"550 no\r\n", "HELO": b"451 4.3.0 later\r\n"}),
     "mail-421": Scenario({"MAIL": b"421 4.3.2 shutting down\r\n"}),
     "mail-553": Scenario({"MAIL": b"553 5.1.8 sender rejected\r\n"}),
     "rcpt-some-452": Scenario({"RCPT": some_full}, ("a", "b", "c")),

@@ -4,7 +4,7 @@ and for SMTP STARTTLS as the TLS policy asks and AUTH with the relay's credentia
     await open_session(peer, timeout, clock) -> Session     TCP, or a UNIX-domain socket (port 0), within
                                 `timeout`; SiteFailure 4.4.1 "connect to h[ip]:port: Connection refused" (or timed out)
     await greet(session, timeout)                            the greeting must be 2xx
-    await hello(session, helo_name, timeout, lmtp=False)     EHLO (HELO after a 5xx EHLO), or LHLO; sets
+    await hello(session, helo_name, timeout, lmtp=False)     EHLO (HELO after a refused EHLO but 421), or LHLO; sets
                                 `session.extensions`; after a refusal, QUIT (as Postfix says it) and close
         a refused greeting, EHLO, HELO or LHLO: SiteFailure "host h[ip] refused to talk to me: 554 ..." (class 4;
         a 5xx to EHLO/HELO/LHLO is `hard`: the mail bounces with it, no other peer is tried, as with Postfix)
@@ -109,7 +109,8 @@ async def hello(session: Session, helo_name: str, timeout: float, *, lmtp: bool 
         reply = await session.command(b"LHLO " + name + CRLF, timeout, "performing the LHLO handshake")
     else:
         reply = await session.command(b"EHLO " + name + CRLF, timeout, "performing the EHLO handshake")
-        if reply.code >= 500 and session.alive:  # RFC 5321 4.1.4: an old server; HELO offers nothing
+        # RFC 5321 4.1.4: an old server; HELO offers nothing. Postfix says HELO after any refusal but 421.
+        if not reply.positive and reply.code != 421 and session.alive:
             reply = await session.command(b"HELO " + name + CRLF, timeout, "performing the EHLO handshake")
             if reply.positive:
                 session.extensions = Extensions()
