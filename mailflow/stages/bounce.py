@@ -21,7 +21,8 @@ Decisions:
   when `original_size` <= size_limit, else at least its header section), never a big message whole. The
   original is copied byte for byte.
 - Diagnostic-Code: `smtp; <reply>` when the diagnostic carries a remote SMTP reply, in the transports' wording
-  "host H said: <reply> (in reply to X command)" / "host H refused to talk to me: <reply>", or is a bare reply
+  "host H said: <reply> (in reply to X command)" / "host H refused to talk to me: <reply>" (or to start TLS, or
+  the SASL refusal "server H said: <reply>"), or is a bare reply
   ("250 2.0.0 Ok") from a named `remote_mta`; only the reply itself goes into the field. Anything else is our own
   reason: `X-Mailflow; <text>`. Remote-MTA appears with an `smtp` Diagnostic-Code only (`remote_mta` given): a
   reason of our own about a peer (a lost connection, its SIZE, no SMTPUTF8) names none, as with Postfix (its
@@ -64,7 +65,9 @@ _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 EXPIRED = "message expired: "  # what qmgr puts before the last reason of a recipient returned for its age
 _REMOTE_REPLY = re.compile(
     r"(?:Protocol error: )?"  # (a reply where another was due, as Postfix's smtp client words it)
-    r"host \S+ (?:said|refused to talk to me): (?P<reply>[2-5]\d\d(?:[ -].*?)?)(?: \(in reply to [^()]* command\))?"
+    r"(?:host \S+ (?:said|refused to talk to me)|TLS is required, but host \S+ refused to start TLS"
+    r"|SASL authentication failed; server \S+ said): "
+    r"(?P<reply>[2-5]\d\d(?:[ -].*?)?)(?: \(in reply to [^()]* command\))?"
 )
 _BARE_REPLY = re.compile(r"[2-5]\d\d(?:[ -].*)?")
 _BOUNDARY_UNSAFE = re.compile(r"[^0-9A-Za-z'()+_,\-./:=?]")

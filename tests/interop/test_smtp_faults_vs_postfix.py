@@ -102,7 +102,7 @@ class ScriptedPeer:
 class Scenario:
     script: dict[str, Answer]
     recipients: tuple[str, ...] = ("a",)
-    tls: bool = False  # TLS level may for this peer (else none)
+    tls: str = ""  # the TLS level for this peer (else none)
     lmtp: bool = False  # the peer is an LMTP server: Postfix's lmtp(8) and mailflow's lmtp transport
     notify: str = ""  # the RCPTs' NOTIFY parameter
 
@@ -173,7 +173,7 @@ async def run_both(mailflow_server, smtp_peer, scenarios: dict[str, Scenario], *
                  else f"{name}.test=smtp:[127.0.0.1]:{peer.port}" for name, peer in peers.items()]
     mf_routes = [f"{name}.test={'lmtp' if scenarios[name].lmtp else 'smtp'}:[127.0.0.1]:{peer.port}"
                  for name, peer in peers.items()]
-    tls = ", ".join(f"[127.0.0.1]:{peers[name].port}=may" for name, s in scenarios.items() if s.tls)
+    tls = ", ".join(f"[127.0.0.1]:{peers[name].port}={s.tls}" for name, s in scenarios.items() if s.tls)
     tls_maps = {"smtp_tls_policy_maps": f"inline:{{{tls}}}"} if tls else {}
     everyone = {f"{r}@{name}.test" for name, s in scenarios.items() for r in s.recipients}
     log = MailLogLines()
@@ -258,9 +258,14 @@ REFUSALS = {
     "lmtp-lost": Scenario({"DOT": b"250 2.0.0 a saved\r\n" + THEN_CLOSE}, ("a", "b"), lmtp=True),
     # at level may, new mail is not sent in plaintext when the TLS handshake fails (only once it has waited)
     "starttls-broken": Scenario({"EHLO": b"250-peer.test\r\n250 STARTTLS\r\n",
-                                 "STARTTLS": b"220 2.0.0 Go\r\n" + THEN_CLOSE}, tls=True),
+                                 "STARTTLS": b"220 2.0.0 Go\r\n" + THEN_CLOSE}, tls="may"),
     "starttls-refused": Scenario({"EHLO": b"250-peer.test\r\n250 STARTTLS\r\n",
-                                  "STARTTLS": b"454 4.7.0 TLS not available\r\n"}, tls=True),
+                                  "STARTTLS": b"454 4.7.0 TLS not available\r\n"}, tls="may"),
+    "starttls-required-502": Scenario({"EHLO": b"250-peer.test\r\n250 STARTTLS\r\n",
+                                       "STARTTLS": b"502 5.5.1 not now\r\n"}, tls="encrypt"),  # a hard error
+    "starttls-required-454": Scenario({"EHLO": b"250-peer.test\r\n250 STARTTLS\r\n",
+                                       "STARTTLS": b"454 4.7.0 TLS not available\r\n"}, tls="encrypt"),
+    "starttls-required-missing": Scenario({}, tls="encrypt"),  # 4.7.4
 }
 
 

@@ -186,6 +186,16 @@ def test_reply_that_is_not_from_a_remote_is_our_own_diagnostic():
     assert "Remote-MTA" not in bob
 
 
+@pytest.mark.parametrize("diagnostic", [
+    "TLS is required, but host mx.remote.test[192.0.2.1] refused to start TLS: 502 5.5.1 not now",
+    "SASL authentication failed; server mx.remote.test[192.0.2.1] said: 502 5.5.1 not now",
+    "Protocol error: host mx.remote.test[192.0.2.1] said: 502 5.5.1 not now (in reply to DATA command)",
+])
+def test_the_smtp_clients_other_wordings_of_a_remote_reply_type_it_smtp(diagnostic):
+    _, bob = status_groups(notice([NoticeRecipient(BOB, "failed", "5.5.1", diagnostic, remote_mta="mx.remote.test")]))
+    assert (bob["Diagnostic-Code"], bob["Remote-MTA"]) == ("smtp; 502 5.5.1 not now", "dns; mx.remote.test")
+
+
 def test_an_expired_recipient_is_returned_with_the_remote_reply_it_last_got():
     """As Postfix returns a recipient whose message expired: its last deferral's reply, typed smtp."""
     reason = "message expired: host mx.remote.test[192.0.2.1] said: 451 4.3.0 try again (in reply to RCPT TO command)"
