@@ -11,10 +11,11 @@ import email
 import re
 import email.policy
 import socket
+import threading
 
 import pytest
 
-from mailflow import status
+from mailflow import content as content_module, status
 from mailflow.config import DEFAULTS
 from mailflow.stages.smtpd.session import ProtocolLimits, SmtpSession
 from tests.support import SmtpClient, big_message, eventually, maildir_messages, sessions_over
@@ -389,6 +390,39 @@ async def test_a_client_gone_in_the_middle_of_big_content_leaves_no_spool_file(m
         await c.close()
         await eventually(lambda: not _spool_files(mf), timeout=5)
     assert await mf.store.counts() == {}
+
+
+@pytest.mark.parametrize("forbid_bare_newline", [True, False])
+@pytest.mark.parametrize("text", [(b"y" * 998 + b"\r\n") * 400 + b"last line", b"L" * 400_000],
+                         ids=["lines", "long-line"])
+async def test_the_end_of_data_arriving_while_the_spool_writes_is_not_left_waiting(
+        mailflow_server, tmp_path, monkeypatch, forbid_bare_newline, text):
+    """The terminator can arrive while the DATA reader waits for its spool file's write (a thread): it must be
+    looked at then, not only after more input that the client, waiting for its reply, never sends."""
+    writing, release = threading.Event(), threading.Event()
+    write_all = content_module._write_all
+
+    def held_write(fd, data):  # the spool's first write waits until the test has sent the terminator
+        if not writing.is_set():
+            writing.set()
+            release.wait(10)
+        write_all(fd, data)
+
+    monkeypatch.setattr(content_module, "_write_all", held_write)
+    mf, port = await _server(mailflow_server, smtpd={"forbid_bare_newline": forbid_bare_newline})
+    c = await SmtpClient.connect(port)
+    await c.envelope()
+    assert (await c.cmd("DATA"))[0] == 354
+    body = b"Subject: t\r\n\r\n" + text
+    await c.send(body)
+    assert await asyncio.to_thread(writing.wait, 10)  # the reader waits for the write
+    await c.send(b"\r\n.\r\n")
+    await asyncio.sleep(0.2)  # the terminator is in the server's input buffer
+    release.set()
+    code, reply = await c.reply(timeout=5)
+    assert code == 250, reply
+    msgs = await eventually(lambda: _alice_mail(tmp_path))
+    assert msgs[0].endswith(lf(body.split(b"\r\n\r\n", 1)[1]) + b"\n")
 
 
 # --- error limits (a listener with a fast tarpit, on a running mailflow's handler) ----------------------------

@@ -20,6 +20,9 @@ Rules (Postfix smtpd_forbid_bare_newline = reject):
   the message refused (554 5.6.0) once its end has been read. Content beyond the spool's `max_size` is counted
   but not kept, and refused (552 5.3.4) after the terminator; a spool file that cannot be written makes it
   refused with 451 4.3.0 (4.3.1 for a full disk) after the terminator: memory and disk stay bounded.
+  The spool's writes are awaited, and input arrives meanwhile: a reader waits for more input only when it has
+  looked at everything the buffer holds (a terminator that came during a write is found then, not left waiting
+  for input its client, waiting for the reply, never sends).
 - BDAT chunks are read as exactly n bytes (RFC 3030: no dot-stuffing, no terminator) into the transaction's
   spool; the same bare-newline and NUL rules apply to their content (`ContentCheck`, as Postfix applies
   smtpd_forbid_bare_newline to BDAT).
@@ -243,12 +246,13 @@ class Wire:
             buf = self._buf
             last_lf = buf.rfind(b"\n")
             if last_lf < 0:
-                if len(buf) > PARTIAL_LINE_KEEP:
-                    nul = self._take_partial_line(spool, at_line_start) or nul
-                    at_line_start = False
-                    await spool.drain()
-                await self._fill()
-                continue
+                if len(buf) <= PARTIAL_LINE_KEEP:
+                    await self._fill()
+                    continue
+                nul = self._take_partial_line(spool, at_line_start) or nul
+                at_line_start = False
+                await spool.drain()
+                continue  # (input that arrived during the drain is looked at before waiting for more)
             end = last_lf + 1  # complete lines only
             stop, consumed = self._unstuff_into(spool, end, at_line_start)
             self._check_line_ends(stop)  # (a failure ends the session: what went into the spool is dropped)
@@ -258,7 +262,6 @@ class Wire:
             if consumed != end or stop != end:
                 return refusal(spool, nul)
             at_line_start = True
-            await self._fill()
 
     async def _read_data_normalised(self, spool: Spool) -> status.Reply | None:
         """`read_data` in bare_lf mode: complete lines normalised to CRLF before unstuffing, while the
@@ -269,12 +272,13 @@ class Wire:
         while True:
             last_lf = self._buf.rfind(b"\n")
             if last_lf < 0:
-                if len(self._buf) > PARTIAL_LINE_KEEP:
-                    nul = self._take_partial_line(spool, bool(lead)) or nul
-                    lead = b""
-                    await spool.drain()
-                await self._fill()
-                continue
+                if len(self._buf) <= PARTIAL_LINE_KEEP:
+                    await self._fill()
+                    continue
+                nul = self._take_partial_line(spool, bool(lead)) or nul
+                lead = b""
+                await spool.drain()
+                continue  # (as in read_data)
             region = bytes(self._buf[:last_lf + 1])
             scan = lead + region
             end = scan.find(TERMINATOR)  # in the bytes as sent: only CRLF "." CRLF ends DATA
@@ -289,7 +293,6 @@ class Wire:
             if end >= 0:
                 return refusal(spool, nul)
             lead = b"\r\n" if region.endswith(b"\r\n") else b"\n"
-            await self._fill()
 
     def _normalised(self, scan: bytes, lead: bytes) -> bytes:
         """Complete lines (after `lead`) with every line end made CRLF, checked for a bare CR, unstuffed."""
