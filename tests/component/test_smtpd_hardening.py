@@ -88,6 +88,20 @@ async def test_starttls_inside_a_transaction_is_refused(mailflow_server, pki):
     await c.close()
 
 
+async def test_starttls_after_the_client_closed_its_side_ends_the_session_at_once(mailflow_server, pki):
+    """The client's end of input is read before its pipelined STARTTLS is (here the tarpit's sleep lets it in
+    first): no handshake can follow, so the session ends then, not after asyncio's 60 s handshake timeout."""
+    _, cert, _ = pki
+    mf = await mailflow_server(smtpd={"tls_cert_file": cert, "forbid_unauth_pipelining": False,
+                                      "soft_error_limit": 1, "error_sleep_time": "0.3s"})
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    await c.send(b"EHLO client.test\r\nNOT-A-COMMAND\r\nSTARTTLS\r\n")
+    c.writer.write_eof()
+    replies = await c.rest(timeout=10)  # the session ends (before the fix: only after 60 s)
+    assert b"500 5.5.2" in replies
+    await eventually(lambda: not mf.smtpd.sessions, timeout=2)
+
+
 # ---------------------------------------------------------------------------------------------- allow_min_user
 
 

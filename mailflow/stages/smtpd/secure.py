@@ -3,8 +3,9 @@
 What it owns
 - STARTTLS (RFC 3207): offered when the listener has a certificate and TLS is not up yet; refused inside TLS
   (554 5.5.1, as Postfix) and inside a mail transaction (503 5.5.1: the handshake would reset it). The
-  handshake is aiosmtpd's; a handshake that fails or that the client abandons ends the session. The TLS line of
-  the log (`log_tls`: "Anonymous TLS connection established from host[ip]: TLSv1.3 with cipher ...").
+  handshake is aiosmtpd's; a handshake that fails or that the client abandons ends the session, and so does a
+  STARTTLS read once the client has closed its side (no handshake can follow; asyncio would wait 60 s). The
+  TLS line of the log (`log_tls`: "Anonymous TLS connection established from host[ip]: TLSv1.3 with cipher ...").
 - AUTH (RFC 4954) PLAIN and LOGIN, with or without an initial response, checked by the listener's
   `auth.Authenticator` (`sasl`; None: AUTH is not enabled; its back end is mailflow's user tables or Dovecot's
   auth server, told whether the session is on TLS and its addresses). Offered and accepted only over TLS unless
@@ -61,7 +62,8 @@ class SecureCommands(FrontEndCommands):
 
     async def smtp_STARTTLS(self, arg: str | None) -> None:
         """RFC 3207, refused inside TLS (554 5.5.1, as Postfix) and inside a mail transaction (503 5.5.1: the
-        handshake would reset it). A handshake that fails or that the client abandons ends the session."""
+        handshake would reset it). A handshake that fails or that the client abandons ends the session, as does
+        a STARTTLS read after the client closed its side (no handshake can follow it)."""
         if arg:
             await self.push(status.syntax("STARTTLS"))
             return
@@ -74,6 +76,8 @@ class SecureCommands(FrontEndCommands):
         if self.envelope.mail_from:
             await self.push(status.TRANSACTION_IN_PROGRESS)
             return
+        if self.wire.ended:  # the client closed its side: no handshake can come (asyncio would wait 60 s for it)
+            raise ConnectionResetError("the client left before the TLS handshake")
         await super().smtp_STARTTLS(arg)
         if self.transport is None or self.transport.is_closing():  # asyncio resolves the handshake as done
             raise ConnectionResetError("the client left during the TLS handshake")

@@ -167,6 +167,11 @@ class Wire:
         """True when input beyond what was consumed has already arrived (pipelining checks)."""
         return bool(self._buf)
 
+    @property
+    def ended(self) -> bool:
+        """No more input will come: the client closed its side, or the connection failed."""
+        return self._eof or self._error is not None
+
     def peek(self, limit: int = 100) -> bytes:
         """The first bytes received and not consumed (for the log of a pipelining violation)."""
         return bytes(self._buf[:limit])
