@@ -175,6 +175,24 @@ async def test_utf8_helo_is_kept_and_printed_in_received(mailflow_server, tmp_pa
     assert f"Received: from café.test ({LOOPBACK_NAME} [127.0.0.1])".encode() in messages[0]
 
 
+@pytest.mark.parametrize("command, helo", [
+    ("EHLO", "evil.test (trusted.example [192.0.2.1])"),  # a forged comment
+    ("HELO", "a\x01b\x7fc\x1b[31m<x@y>;\"q\"\\"),  # controls and the characters Postfix neuters
+])
+async def test_the_helo_name_cannot_forge_the_received_header(mailflow_server, tmp_path, command, helo):
+    """As Postfix keeps a HELO name (printable(), then neuter() of ` <>()\\";@`): what the Received header
+    says of the client cannot be forged by the name, nor carry control characters."""
+    mf = await mailflow_server()
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd(f"{command} {helo}"))[0] == 250
+    assert (await c.send_message(ehlo=False)).code == 250
+    await c.close()
+    messages = await eventually(lambda: alice_mail(tmp_path))
+    received = messages[0].split(b"\n\tby ", 1)[0].decode()
+    expected = "".join("?" if not ch.isprintable() or ch in ' <>()\\";@' else ch for ch in helo)
+    assert received.endswith(f"Received: from {expected} ({LOOPBACK_NAME} [127.0.0.1])")
+
+
 # ---------------------------------------------------------------------------------------------- log injection
 
 HOSTILE = "evil\x1b[2J\x08\u0085\u2028.test"

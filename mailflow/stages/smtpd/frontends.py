@@ -43,7 +43,7 @@ from mailflow import status
 from mailflow.address import in_networks
 from mailflow.logs import printable
 from mailflow.stages.smtpd.protocol import ProtocolCore
-from mailflow.stages.smtpd.state import SessionState
+from mailflow.stages.smtpd.state import SessionState, helo_name
 from mailflow.syntax import is_hostname
 
 log = logging.getLogger("mailflow.smtpd")
@@ -245,7 +245,7 @@ def apply_xclient(state: SessionState, attributes: dict[str, str | None]) -> Non
     if "NAME" in attributes:
         state.client_name = attributes["NAME"] or "unknown"
     if "HELO" in attributes:
-        state.host_name = attributes["HELO"]
+        state.host_name = helo_name(attributes["HELO"]) if attributes["HELO"] is not None else None
     if "PROTO" in attributes:
         state.extended_smtp = attributes["PROTO"] == "ESMTP"
     if "LOGIN" in attributes:

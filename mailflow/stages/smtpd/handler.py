@@ -54,7 +54,7 @@ from mailflow.routing.rewrite import Rewriter, domain_in
 from mailflow.stages.smtpd.filtering import FilterServices
 from mailflow.stages.smtpd.peername import PeerNames
 from mailflow.stages.smtpd.restrictions import Facts, Restrictions
-from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction
+from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction, helo_name
 from mailflow.tables import TableCache
 
 log = logging.getLogger("mailflow.smtpd")
@@ -120,7 +120,7 @@ class SmtpdHandler:
         refusal = await self._filters.helo(session, hostname) if self._filters is not None else None
         if refusal is not None:
             return str(refusal)
-        session.host_name = hostname
+        session.host_name = helo_name(hostname)
         return f"250 {server.hostname}"
 
     async def handle_EHLO(self, server, session: SessionState, envelope: Transaction, hostname: str,
@@ -129,7 +129,7 @@ class SmtpdHandler:
             refusal = await self._filters.helo(session, hostname)
             if refusal is not None:
                 return [str(refusal)]
-        session.host_name = hostname
+        session.host_name = helo_name(hostname)
         keywords = [r[4:] for r in responses[1:]]
         keywords[1:1] = ["PIPELINING"]
         keywords.append("ENHANCEDSTATUSCODES")

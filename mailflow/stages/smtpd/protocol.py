@@ -69,7 +69,7 @@ from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException
 from mailflow import address, status
 from mailflow.config import DEFAULTS
 from mailflow.stages.smtpd.sessionlog import SessionLog
-from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction
+from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction, helo_name
 from mailflow.stages.smtpd.transcript import SessionObserver, Transcript, tls_description
 from mailflow.stages.smtpd.wire import CHUNK, Wire, WireError
 
@@ -579,7 +579,7 @@ class ProtocolCore(SMTP):
             lines[-1] = "250 " + lines[-1][4:]
             edited = await self._call_handler_hook("EHLO", hostname, lines)
             if edited is MISSING:  # a handler without the hook: aiosmtpd's default
-                self.session.host_name = hostname
+                self.session.host_name = helo_name(hostname)
                 edited = lines
             await self.push_lines(list(_with_keywords(edited, self._ehlo_keywords())))
         finally:

@@ -11,7 +11,7 @@ read directly (never `getattr(..., default)`).
   RSET, STARTTLS and XCLIENT, and after each message whatever its outcome: so RSET clears exactly the fields of
   `Transaction` and none of `SessionState`. `discard_bdat()` frees a BDAT spool it still holds.
 - The values that travel on (mailflow.model): `Transaction.model_envelope()`, `SessionState.client_info()`,
-  `received_protocol(session, transaction)`.
+  `received_protocol(session, transaction)`; `helo_name()`: a HELO name as the session keeps it.
 
 Failure behaviour: plain data and pure conversions; nothing here does I/O or raises for a client's input.
 """
@@ -24,13 +24,22 @@ from aiosmtpd.smtp import Envelope as _AiosmtpdEnvelope
 from aiosmtpd.smtp import Session as _AiosmtpdSession
 
 from mailflow.content import Content, Spool
-from mailflow.logs import client_name
+from mailflow.logs import client_name, printable
 from mailflow.model import ClientInfo, Envelope
 from mailflow.stages.smtpd.auth import login_of
 from mailflow.stages.smtpd.restrictions import Marks
 from mailflow.stages.smtpd.wire import ContentCheck
 
 NULL_SENDER = "<>"  # how aiosmtpd spells MAIL FROM:<> in `mail_from`
+_NEUTERED = str.maketrans({c: "?" for c in ' <>()\\";@'})  # Postfix smtpd's NEUTER_CHARACTERS
+
+
+def helo_name(text: str) -> str:
+    """A HELO/EHLO (or XCLIENT HELO) name as the session keeps it, as Postfix keeps it: printable(), then the
+    characters of ` <>()\\";@` made `?`. It is written into the Received header (`from NAME (host [ip])`),
+    whose comment it must not forge, and into the logs and policy requests. The checks of the HELO command
+    itself (milters) see it as sent."""
+    return printable(text).translate(_NEUTERED)
 
 
 class SessionState(_AiosmtpdSession):
@@ -38,7 +47,7 @@ class SessionState(_AiosmtpdSession):
 
     peer: Any  # (ip, port) of the client: the real one after a PROXY header or XCLIENT, not the socket's
     ssl: dict[str, Any] | None  # None before TLS; then "ssl_object" and "cipher" (name, version, bits)
-    host_name: str | None  # the HELO/EHLO name; None before one
+    host_name: str | None  # the HELO/EHLO name (`helo_name`: printable, neutered); None before one
     extended_smtp: bool  # the client said EHLO (ESMTP), not HELO
     authenticated: bool  # a login succeeded (AUTH, or XCLIENT LOGIN)
     auth_data: Any  # that login name (str) while authenticated, else None
