@@ -40,6 +40,8 @@ SESSIONS: dict[str, list[str | bytes]] = {
     "DSN parameters Postfix takes though they repeat a word or name no address": [
         E, M, R + " NOTIFY=SUCCESS,SUCCESS", R + " NOTIFY=never,NEVER", R + " ORCPT=rfc822;", R + " NOTIFY=",
         R + " NOTIFY=NEVER,SUCCESS"],
+    "an ENVID that is not printable ASCII once decoded": [E, M + " ENVID=a+0D+0Ab", M + " ENVID=caf+C3+A9",
+                                                         M + " ENVID=a+20b+7E"],
     "ESMTP parameters after HELO, a tab before them": ["HELO client.test", M + " SIZE=100",
                                                        "RCPT TO:<alice@local.test>\tNOTIFY=NEVER"],
     "relaying and local users": [E, M, "RCPT TO:<x@elsewhere.test>", "RCPT TO:<nobody@local.test>",
@@ -115,6 +117,7 @@ async def test_protocol_edges_match_a_real_postfix(mailflow_server):
     assert postfix["tabs and leading blanks around the verb"] == [250] * 6
     assert postfix["EXPN, HELP and XFORWARD"] == [250, 500, 500, 500, 550, 501]
     assert postfix["a malformed BDAT"] == [250, 250, 250, 521]
+    assert postfix["an ENVID that is not printable ASCII once decoded"] == [250, 501, 501, 250]
     assert postfix["MAIL and RCPT with no path after the colon"] == [250, 501, 501, 250, 501, 501, 250]
     assert postfix["RCPT once BDAT content has begun"] == [250, 250, 250, 250, 503, 250]
     assert postfix["an address in two pairs of brackets"][:3] == [250, 250, 250]

@@ -65,7 +65,8 @@ def xtext_decode(text: str) -> str:
 
 
 def mail_params(found: dict[str, str]) -> tuple[str, str]:
-    """(ret, envid) from MAIL's RET and ENVID values; '' for a parameter not given."""
+    """(ret, envid) from MAIL's RET and ENVID values; '' for a parameter not given. An ENVID must decode to
+    printable US-ASCII (RFC 3461 4.4; Postfix refuses the others too): it is written into notices' headers."""
     ret = found.get("RET", "").upper()
     if ret and ret not in ("FULL", "HDRS"):
         raise DsnError("RET must be FULL or HDRS")
@@ -74,6 +75,8 @@ def mail_params(found: dict[str, str]) -> tuple[str, str]:
         if len(found["ENVID"]) > ENVID_MAX:
             raise DsnError("ENVID too long")
         envid = xtext_decode(found["ENVID"])
+        if not all(" " <= c <= "~" for c in envid):  # RFC 3461 4.4, Postfix's allprint(): no CR LF for a notice
+            raise DsnError("ENVID must be printable ASCII")
     return ret, envid
 
 
