@@ -13,8 +13,9 @@ Functions
   `temporaries`, which the caller discards after the commit).
 - `insert_ops(messages)`: the statements that add new messages (message, recipient, content rows, and the
   `LINK_CONTENT` pseudo-statement that links their files in before the transaction).
-- `content_of(queue_id, data, body, file_offset, content_dir)`: a row as a Content (its file part read
-  lazily); None when its file is missing (logged: a corrupt entry). `row_content(data, body)`: one without a
+- `content_of(queue_id, data, body, file_offset, content_dir, size)`: a row as a Content (its file part read
+  lazily); None when its file is missing or its length disagrees with the message's size (logged: a corrupt
+  entry). `row_content(data, body)`: one without a
   file.
 - `sweep(content_dir, kept)`: remove temporary spool files and content files whose row is gone.
 """
@@ -75,17 +76,23 @@ def insert_ops(messages: Sequence[NewMessage]) -> list[Op]:
 
 
 def content_of(queue_id: str, data: bytes, body: bytes | None, file_offset: int | None,
-               content_dir: Path) -> Content | None:
-    """A content row as a Content; None (logged) when its file is missing."""
+               content_dir: Path, size: int | None = None) -> Content | None:
+    """A content row as a Content; None (logged) when its file is missing, or is not as long as the message's
+    `size` (its row's) says: a file cut short or grown is damaged, never delivered as if it were the message."""
     if file_offset is None:
         return row_content(data, body)
     path = content_dir / queue_id
     try:
-        size = os.stat(path).st_size
+        file_size = os.stat(path).st_size
     except FileNotFoundError:
         log.error("%s: content file %s is missing", queue_id, path)
         return None
-    return Content((*_row_parts(data, body), FilePart(str(path), file_offset, size - file_offset)))
+    parts = _row_parts(data, body)
+    if size is not None and sum(map(len, parts)) + file_size - file_offset != size:
+        log.error("%s: content file %s has %d bytes, %d expected", queue_id, path, file_size,
+                  size - sum(map(len, parts)) + file_offset)
+        return None
+    return Content((*parts, FilePart(str(path), file_offset, file_size - file_offset)))
 
 
 def row_content(data: bytes, body: bytes | None) -> Content:

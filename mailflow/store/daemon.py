@@ -16,7 +16,8 @@ Contract
   `active`; it returns the ids it took.
 - `take(now, limit)` is qmgr's scan: `due(now, limit)` and the claim of all of it, in one writer transaction
   (one hop; nothing can change between the read and the claim). Its content is handed out as due()'s.
-- `content(id)` returns the Content (its file part read lazily) or None when the row or its file is missing;
+- `content(id)` returns the Content (its file part read lazily) or None when the row or its file is missing, or
+  the file is not as long as the message's size says (damaged: qmgr moves it to corrupt);
   reads asked for in the same loop turn are one query. `reads` and `commits` count reader and writer hops;
   `watch_commits(f)` has `f(requests, seconds)` told of each commit (the metrics).
 - `record_results(queue_id, rows)` marks recipients as each delivery job ends (Postfix's deliver_completed); a
@@ -281,11 +282,11 @@ class Store(OperatorQueries):
 
     async def _fetch_contents(self, ids: Sequence[QueueId]) -> dict[QueueId, Content]:
         rows = await self._reader.fetchall(
-            f"SELECT message_id, data, body, file_offset FROM content WHERE message_id IN ({marks(len(ids))})",
-            tuple(ids))
+            "SELECT c.message_id, c.data, c.body, c.file_offset, m.size FROM content c"
+            f" LEFT JOIN message m ON m.id = c.message_id WHERE c.message_id IN ({marks(len(ids))})", tuple(ids))
         out = {}
-        for qid, data, body, file_offset in rows:
-            content = content_of(qid, data, body, file_offset, self.content_dir)
+        for qid, data, body, file_offset, size in rows:
+            content = content_of(qid, data, body, file_offset, self.content_dir, size)
             if content is not None:
                 out[qid] = content
         return out

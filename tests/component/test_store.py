@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from importlib import resources
 import threading
@@ -512,6 +513,22 @@ async def test_a_deleted_message_loses_its_file_and_a_missing_file_reads_as_miss
     assert spool_files(store) == ["Q2"]
     (store.content_dir / "Q2").unlink()
     assert await store.content("Q2") is None
+
+
+async def test_a_truncated_or_grown_content_file_reads_as_missing_not_as_a_shorter_message(store):
+    """A content file cut short (a file system repaired after a crash, a full disk elsewhere, an operator) or
+    grown must not be delivered as if it were the message: it reads as missing, so qmgr moves it to corrupt
+    (Postfix: a queue file without its end record is corrupt)."""
+    data = big_message()
+    for qid in ("Q1", "Q2", "Q3"):
+        msg, spool = await spooled_message(store, qid, data)
+        await store.insert(msg)
+        spool.discard()
+    os.truncate(store.content_dir / "Q1", len(data) // 2)
+    os.truncate(store.content_dir / "Q2", 10)  # shorter than the header section the row keeps
+    with open(store.content_dir / "Q3", "ab") as f:
+        f.write(b"junk\r\n")
+    assert [await store.content(q) for q in ("Q1", "Q2", "Q3")] == [None, None, None]
 
 
 async def test_a_failed_insert_never_takes_another_messages_file(store):
