@@ -314,6 +314,38 @@ async def test_a_message_held_while_waiting_for_its_destination_is_not_delivered
     assert status == "pending"
 
 
+async def test_a_message_held_while_active_past_its_lifetime_stays_held_and_bounces_nothing(sim):
+    """An operator's hold wins over the queue lifetime: a message held while in delivery (or waiting for its
+    destination) is not returned to its sender as expired at the end of that attempt; it stays on hold."""
+    s = await sim(initial_destination_concurrency=1, default_destination_concurrency_limit=1,
+                  maximal_queue_lifetime=HOUR)
+    first, second, release = await one_in_flight_one_waiting(s, (Outcome.DEFERRED, "4.4.1", "try later"))
+    await s.store.hold_messages([first, second])
+    s.clock.advance(DAY)  # the tick notices the holds; both messages are past their lifetime
+    await eventually(lambda: waiting(s, "far.test") == (1, 0))
+    release.set()
+    await s.run_until(s.clock.now + 60, stop=lambda: not s.qmgr.busy and s.qmgr.active_count == 0)
+    assert [req.queue_id for _, req in s.smtp.calls] == [first], "no bounce was sent"
+    assert await s.store.counts() == {"hold": 2}
+    for queue_id in (first, second):
+        [(_, status, _, _)] = await s.store.recipients(queue_id)
+        assert status == "pending"
+
+
+async def test_a_hold_that_qmgr_has_not_polled_yet_still_keeps_an_expired_message_from_bouncing(sim):
+    s = await sim(maximal_queue_lifetime=HOUR)  # the tick (a day) never comes: the hold is not noticed
+    s.smtp.release.clear()
+    s.smtp.script = always(Outcome.DEFERRED, "4.4.1", "try later")
+    queue_id = await s.submit("a@remote.test", "one@far.test")
+    await eventually(lambda: waiting(s, "far.test") == (1, 0))
+    await s.store.hold_messages([queue_id])
+    s.clock.advance(2 * HOUR)
+    s.smtp.release.set()
+    await s.run_until(s.clock.now + 60, stop=lambda: not s.qmgr.busy and s.qmgr.active_count == 0)
+    assert [req.queue_id for _, req in s.smtp.calls] == [queue_id], "no bounce was sent"
+    assert await s.store.counts() == {"hold": 1}
+
+
 async def test_a_message_deleted_while_active_is_neither_delivered_nor_called_corrupt(sim, caplog):
     s = await sim(initial_destination_concurrency=1, default_destination_concurrency_limit=1)
     first, second, release = await one_in_flight_one_waiting(s, (Outcome.BOUNCED, "5.1.1", "gone"))

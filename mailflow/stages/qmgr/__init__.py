@@ -48,7 +48,9 @@ Failure behaviour
   that recipient is deferred (4.3.0), never lost. Unknown transport: deferred 4.3.5. Missing content:
   the message goes to the corrupt queue.
 - A message an operator holds or deletes while it is active: its jobs not yet started are dropped at the
-  next tick (held: its recipients stay pending; deleted: nothing is recorded); one in flight finishes.
+  next tick (held: its recipients stay pending; deleted: nothing is recorded); one in flight finishes. A held
+  message is never expired nor warned about at the end of that attempt (its lifetime is checked against the
+  store's state first): it stays on hold until released.
   `mailflow queue flush` also revives dead destinations, like `postqueue -f`.
 - A record that fails is retried while the server runs (`faults.Retrier`): the results wait in memory and the
   message stays in qmgr's hands, so nothing is forgotten and nothing is delivered again because a write failed.
@@ -528,10 +530,13 @@ class QueueManager:
         q = self._config
         lifetime = q.bounce_queue_lifetime if not msg.sender else q.maximal_queue_lifetime
         pending = [r for r in active.attempt + last if r.outcome is Outcome.DEFERRED]
-        expired = _expire(pending, now - msg.arrival, lifetime)
+        held = active.withdrawn == "hold"  # the operator's hold wins: nothing expires, nobody is told
+        expired = [] if held else _expire(pending, now - msg.arrival, lifetime)
+        if expired and not await self._still_active(msg):  # held or deleted meanwhile, before a poll saw it
+            held, expired = True, []
         if expired:
             pending = []
-        warn = bool(pending and q.delay_warning_time and not msg.warned
+        warn = bool(pending and not held and q.delay_warning_time and not msg.warned
                     and now - msg.arrival >= q.delay_warning_time)
         retry_at = None
         if pending:
@@ -551,6 +556,10 @@ class QueueManager:
         if retry_at is not None and retry_at < self._next_scan:
             self._next_scan = retry_at
             self._wakeup.set()  # the loop sleeps until the scan it knew of: it must look again
+
+    async def _still_active(self, msg: QueuedMessage) -> bool:
+        states = await self._writes.run(lambda: self._store.queue_states([msg.queue_id]))
+        return states.get(msg.queue_id) == "active"
 
     async def _still_queued(self, msg: QueuedMessage) -> bool:
         return msg.queue_id in await self._writes.run(lambda: self._store.queue_states([msg.queue_id]))
