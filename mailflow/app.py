@@ -6,7 +6,9 @@
     # unlock the queue
 
 One server per queue: start() takes the queue's lock (queuelock.py) before anything touches the store, and
-raises `QueueBusy` naming the running server's pid when another one holds it.
+raises `QueueBusy` naming the running server's pid when another one holds it. A queue database that another
+process keeps locked delays the start (logged) for up to START_LOCK_WAIT seconds; any other store error at the start
+raises sqlite3.Error (`mailflow serve` says it in one line and exits 1).
 
 With `[sink] enable` (or an injected `capture`, mailflow.capture.recorders.Capture) the server keeps what the
 `capture` transport delivers, records each session's transcript (smtpd's session observer) and each message's
@@ -49,6 +51,7 @@ import logging
 import random
 import shutil
 import signal
+import sqlite3
 from typing import TYPE_CHECKING, Callable
 
 from mailflow.capture.recorders import Capture
@@ -83,6 +86,12 @@ if TYPE_CHECKING:  # imported when a feature serves HTTP (start-up time)
     from mailflow.metrics import Metrics
 
 log = logging.getLogger("mailflow")
+
+START_LOCK_WAIT = 60.0  # seconds a start waits for a queue database another process keeps locked
+
+
+def _locked(error: sqlite3.OperationalError) -> bool:
+    return "locked" in str(error) or "busy" in str(error)
 
 
 def non_smtpd_milters(config: Config) -> NonSmtpdMilters | None:
@@ -180,8 +189,7 @@ class Mailflow:
         c = self.config
         self._lock = QueueLock.acquire(c.queue_path)  # before the store: a second server touches nothing
         try:
-            self.store = await Store.open(c.queue_path / "queue.db", batch_limit=c.queue.commit_batch_limit,
-                                          backlog_limit=c.queue.incoming_backlog_limit, owner=True)
+            self.store = await self._open_store(c)
             await self.store.sweep()  # spool files a crash left behind; nothing is being received yet
             await self._start_admin()
             await self._start_stages()
@@ -192,6 +200,23 @@ class Mailflow:
         log.info("mailflow started: listening on %s, queue %s",
                  ", ".join(f"{h}:{p}" for h, p in self.smtp_addresses + (self.http.addresses if self.http else [])),
                  c.queue_path)
+
+    async def _open_store(self, c: Config) -> Store:
+        """The queue, opened (and migrated) as its owner. While another process keeps the database locked past
+        the busy timeout (an operator's long change, a backup), the start waits, logged, up to START_LOCK_WAIT
+        seconds; then, or on any other store error, it fails (sqlite3.Error)."""
+        path = c.queue_path / "queue.db"
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + START_LOCK_WAIT
+        while True:
+            try:
+                return await Store.open(path, batch_limit=c.queue.commit_batch_limit,
+                                        backlog_limit=c.queue.incoming_backlog_limit, owner=True)
+            except sqlite3.OperationalError as e:
+                if not _locked(e) or loop.time() >= give_up:
+                    raise
+                log.warning("cannot open the queue %s yet: %s (another process holds it); waiting", path, e)
+                await asyncio.sleep(1.0)
 
     async def _start_stages(self) -> None:
         assert self.store is not None  # start() opened it

@@ -21,6 +21,7 @@ Failure behaviour: configuration problems through `common.fail_config`; never a 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import sys
 import tempfile
 from typing import List, Optional
@@ -75,6 +76,8 @@ def _serve(run, cfg: Config, where: str, reread) -> None:
         fail_config("mailflow", e, where)
     except OSError as e:  # typically: the listen address is taken or not ours
         fail("mailflow", f"cannot start: {e}", 1)
+    except sqlite3.Error as e:  # the queue database cannot be opened: damaged, locked too long, unreadable
+        fail("mailflow", f"cannot start: the queue database {cfg.queue_path / 'queue.db'}: {e}", 1)
 
 
 def check_config(config: Optional[str] = ConfigOption) -> None:

@@ -160,6 +160,44 @@ async def test_the_queue_locked_by_another_process_for_45s_loses_and_repeats_not
     assert not srv.log_lines("Traceback") and len(srv.log_lines("not queued")) <= 1
 
 
+async def test_a_queue_database_locked_at_start_delays_the_start_and_nothing_is_lost(servers, smtp_peer, tmp_path):
+    """Another process keeps the database locked past the busy timeout (5 s) while the server starts: the
+    server waits for it (logged, no traceback), then recovers and delivers what was queued before."""
+    peer_port = free_port()  # nothing listens at first: the message stays queued
+    port = free_port()
+    srv = servers(config(tmp_path / "mailflow.toml", tmp_path, port, relayhost=f"[127.0.0.1]:{peer_port}"), port)
+    await srv.start()
+    await send(srv.port, "s@remote.test", ["r@relay.test"], message("before-the-lock"))
+    srv.kill()
+
+    db = tmp_path / "queue" / "queue.db"
+    holder = sqlite3.connect(db, timeout=30, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        starting = asyncio.ensure_future(srv.start())
+        await asyncio.sleep(6.5)
+        assert srv.proc.poll() is None, srv.log_path.read_text()[-2000:]
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    await starting
+    peer = await smtp_peer(port=peer_port)
+    await eventually(lambda: len(peer.messages) == 1, timeout=10)
+    assert srv.log_lines("database is locked") and not srv.log_lines("Traceback")
+
+
+async def test_a_queue_database_that_is_not_a_database_stops_the_start_with_one_line(tmp_path):
+    port = free_port()
+    (tmp_path / "queue").mkdir()
+    (tmp_path / "queue" / "queue.db").write_bytes(b"this is not an SQLite file\n" * 100)
+    done = subprocess.run([sys.executable, "-m", "mailflow", "serve", "-c",
+                           str(config(tmp_path / "mailflow.toml", tmp_path, port))],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and "│" not in done.stderr, done.stderr
+    assert "queue.db" in done.stderr and "not a database" in done.stderr, done.stderr
+
+
 # ---------------------------------------------------------------------------------------------- the disk full
 
 
