@@ -36,7 +36,9 @@ What it owns
 - Opening the writer brings an older queue to the current schema (`schema.py`).
 - Content files in a transaction: the pseudo-statement `LINK_CONTENT` hard-links `(source file, queue id)`
   rows in as `content/<queue id>` (fsync of the directory) before the transaction, and they are unlinked again
-  if it fails; the files of rows deleted by `DELETE_CONTENT` (see `remove_ops`) go after the commit.
+  if it fails; the files of rows deleted by `DELETE_CONTENT` (see `remove_ops`) go after the commit. A source
+  file that is gone (a session whose client hung up discarded its spool while its insert waited) raises
+  `ContentVanished`: only that insert fails, the others of its batch are retried alone and commit.
 
 Failure behaviour
 - Failures raise `sqlite3.Error` with SQLite's own message; nothing is half-written, because each batch is one
@@ -82,6 +84,11 @@ def store_fault(error: BaseException) -> bool:
     """True for a fault of the whole store (busy or locked, disk full, I/O error, read-only, cannot open) rather
     than of one request (a constraint, a bad statement): retrying anything before it clears is useless."""
     return isinstance(error, (sqlite3.OperationalError, OSError)) or type(error) is sqlite3.DatabaseError
+
+
+class ContentVanished(Exception):
+    """A content file to link in was removed before its transaction (its session went away and discarded it):
+    the fault of that request alone, so its batch is retried request by request (not a store fault)."""
 
 
 class Connection:
@@ -245,7 +252,12 @@ class Writer(Connection):
         try:
             for source, queue_id in rows:
                 target = self._content_dir / queue_id
-                os.link(source, target)  # FileExistsError: the name is another message's; never replaced
+                try:
+                    os.link(source, target)  # FileExistsError: the name is another message's; never replaced
+                except FileNotFoundError as e:
+                    if os.path.exists(source):  # (the content directory is gone: the store's own fault)
+                        raise
+                    raise ContentVanished(f"{queue_id}: its content file {source} is gone") from e
                 linked.append(target)
             if linked:
                 fsync_path(self._content_dir)

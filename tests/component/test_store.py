@@ -531,6 +531,32 @@ async def test_a_truncated_or_grown_content_file_reads_as_missing_not_as_a_short
     assert [await store.content(q) for q in ("Q1", "Q2", "Q3")] == [None, None, None]
 
 
+async def test_a_spool_file_gone_before_its_batch_fails_only_its_own_insert(store, monkeypatch):
+    """A session whose client hung up discards its spool file while its insert waits for the next batch: only
+    that insert fails; the message sharing its batch is committed (a vanished file is not a store fault)."""
+    gone, spool1 = await spooled_message(store, "Q1", big_message())
+    kept, spool2 = await spooled_message(store, "Q2", big_message(seed=2))
+    committer = store._committer
+    real = committer.write
+    arrived: list[int] = []
+    both = asyncio.Event()
+
+    async def write(ops, **kw):  # both inserts join one batch
+        arrived.append(1)
+        if len(arrived) == 2:
+            spool1.discard()  # the cancelled session's finally, before the writer links the file in
+            both.set()
+        await both.wait()
+        return await real(ops, **kw)
+
+    monkeypatch.setattr(committer, "write", write)
+    results = await asyncio.gather(store.insert(gone), store.insert(kept), return_exceptions=True)
+    assert isinstance(results[0], Exception) and results[1] is None, results
+    spool2.discard()
+    assert await store.counts() == {"incoming": 1}
+    assert spool_files(store) == ["Q2"]
+
+
 async def test_a_failed_insert_never_takes_another_messages_file(store):
     msg, spool = await spooled_message(store, "Q1", big_message())
     await store.insert(msg)
