@@ -1,7 +1,8 @@
 """One server per queue: an exclusive lock on `<queue_directory>/mailflow.pid` (Postfix's master.pid).
 
 - `QueueLock.acquire(directory) -> QueueLock`: creates the directory if needed, takes an exclusive `flock` on
-  the pid file without waiting and writes this process's pid into it. Raises `QueueBusy` (naming the pid that
+  the directory and on the pid file without waiting and writes this process's pid into it (the directory's lock
+  holds even when the pid file is removed under a running server). Raises `QueueBusy` (naming the pid that
   holds it) when another server runs on this queue, OSError when the directory or file cannot be made.
   `release()` gives it back (the file stays; the next server overwrites it). The lock belongs to the open
   file, so two servers in one process also exclude each other, and a crashed server's lock goes with it.
@@ -33,8 +34,9 @@ class QueueBusy(Exception):
 
 
 class QueueLock:
-    def __init__(self, fd: int, path: Path):
+    def __init__(self, fd: int, path: Path, directory_fd: int | None = None):
         self._fd: int | None = fd
+        self._directory_fd = directory_fd
         self.path = path
 
     @classmethod
@@ -42,21 +44,32 @@ class QueueLock:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        # The directory itself is locked first: a pid file removed under a running server (a tmp reaper, an
+        # operator) must not let a second one in, nor have it write a pid file before it is refused.
+        directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = None
         try:
+            if not _try_flock(directory_fd, fcntl.LOCK_EX):
+                raise QueueBusy(directory, _read_pid(path))
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
             if not _try_flock(fd, fcntl.LOCK_EX):
                 raise QueueBusy(directory, _read_pid(path))
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         except BaseException:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
+            os.close(directory_fd)
             raise
-        return cls(fd, path)
+        return cls(fd, path, directory_fd)
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the file drops the flock
             self._fd = None
+        if self._directory_fd is not None:
+            os.close(self._directory_fd)
+            self._directory_fd = None
 
 
 def queue_owner(directory: Path) -> int | None:

@@ -31,3 +31,16 @@ def test_a_dead_holder_leaves_no_lock_behind(tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
     assert (queue / LOCK_NAME).exists() and queue_owner(queue) is None
     QueueLock.acquire(queue).release()
+
+
+def test_a_removed_pid_file_does_not_let_a_second_server_in(tmp_path):
+    """Someone cleans up the pid file (a tmp reaper, an operator): the queue stays owned; the second server is
+    refused (naming nobody it cannot know) and writes no pid file of its own."""
+    queue = tmp_path / "queue"
+    lock = QueueLock.acquire(queue)
+    (queue / LOCK_NAME).unlink()
+    with pytest.raises(QueueBusy):
+        QueueLock.acquire(queue)
+    assert not (queue / LOCK_NAME).exists()
+    lock.release()
+    QueueLock.acquire(queue).release()
