@@ -4,14 +4,19 @@
                                                                 @domain
     local_keys(local_part, *, delimiter)                       aliases(5): user+ext, user
     split_extension(local, delimiter) -> (user, extension)
-    find(tables, keys) -> (table name, key, value) | None      every table asked one key before the next key;
-                                                                pattern tables (`fixed = False`) the first only
+    find(tables, keys, full=(0,)) -> (table name, key, value) | None
+                                                               every table asked one key before the next key;
+                                                               pattern tables (`fixed = False`) only the keys at
+                                                               the indices `full` (Postfix's FULL lookups: the
+                                                               first key, and for check_client_access the address)
     find_address / find_local (several tables), lookup_address / lookup_local (one table: (key, value) | None)
 
 `delimiter` is the configuration's recipient_delimiter, always passed (its default lives in mailflow.config).
 `LookupRetry` from a table propagates.
 """
 from __future__ import annotations
+
+from typing import Collection
 
 from mailflow.tables.base import Table
 
@@ -39,13 +44,14 @@ def local_keys(local_part: str, *, delimiter: str) -> list[str]:
     return [local_part, user] if ext else [local_part]
 
 
-def find(tables: list[Table], keys: list[str]) -> tuple[str, str, str] | None:
+def find(tables: list[Table], keys: list[str], full: Collection[int] = (0,)) -> tuple[str, str, str] | None:
     """(table name, key, value) for the first key any table answers: every table is asked one key before the
-    next key is tried (Postfix maps_find). Pattern tables (`fixed = False`) are asked the first key only.
+    next key is tried (Postfix maps_find). Pattern tables (`fixed = False`) are asked only the keys whose
+    indices are in `full` (Postfix's FULL as against PARTIAL lookups; the first key unless told).
     LookupRetry propagates."""
     for i, key in enumerate(keys):
         for table in tables:
-            if i and not table.fixed:
+            if i not in full and not table.fixed:
                 continue
             value = table.lookup(key)
             if value is not None:

@@ -14,7 +14,8 @@ from mailflow.errors import ConfigError
 from mailflow.routing.addressmap import AddressMapper
 from mailflow.routing.rewrite import Rewriter
 from mailflow.stages.smtpd.policy import PolicyClient, PolicyError, encode_request
-from mailflow.stages.smtpd.restrictions import Facts, Restrictions, address_access_keys, client_keys, domain_keys
+from mailflow.stages.smtpd.restrictions import (Facts, Restrictions, address_access_keys, client_full_keys,
+                                                client_keys, domain_keys)
 from tests.support import free_port
 
 OUTSIDER = "203.0.113.9"
@@ -118,6 +119,7 @@ def test_lists_that_cannot_refuse_relaying_are_refused_at_start():
 
 
 def test_client_keys_are_the_address_and_its_network_prefixes():
+    assert client_full_keys("host.example.com") == (0, 3) and client_full_keys("unknown") == (0, 0)
     assert client_keys("192.168.1.7", "unknown") == ["192.168.1.7", "192.168.1", "192.168", "192"]
     assert client_keys("192.168.1.7", "host.example.com")[:3] == ["host.example.com", "example.com", "com"]
     assert client_keys("2001:db8::1", "unknown")[:3] == ["2001:db8::1", "2001:db8:0:0:0:0:0", "2001:db8:0:0:0:0"]
@@ -125,7 +127,7 @@ def test_client_keys_are_the_address_and_its_network_prefixes():
 
 def test_address_keys_follow_access5():
     assert address_access_keys("u+tag@mail.example.com", "+") == [
-        "u+tag@mail.example.com", "u@mail.example.com", "@mail.example.com",
+        "u+tag@mail.example.com", "u@mail.example.com",  # no @domain: access(5) has none
         "mail.example.com", "example.com", "com", "u+tag@", "u@"]
     assert address_access_keys("", "+") == ["<>"]
     assert domain_keys("a.b.c.") == ["a.b.c", "b.c", "c"]
@@ -154,7 +156,7 @@ def test_access_actions_reject_defer_and_numeric_codes():
 
 def test_ok_ends_the_list_and_dunno_goes_on():
     r = restrictions(recipient_restrictions=["check_recipient_access inline:{alice@local.test=DUNNO, "
-                                             "@local.test=OK}", "reject"])
+                                             "local.test=OK}", "reject"])
     assert rcpt(r, "alice@local.test") == status.access_denied("alice@local.test", "Recipient address")
     r = restrictions(recipient_restrictions=["check_recipient_access inline:{local.test=OK}", "reject"])
     assert rcpt(r, "alice@local.test") is None

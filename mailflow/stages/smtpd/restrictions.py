@@ -139,9 +139,17 @@ def client_keys(addr: str, hostname: str) -> list[str]:
     return keys
 
 
+def client_full_keys(hostname: str) -> tuple[int, int]:
+    """The indices of `client_keys` that pattern tables (regexp) are asked: the name and the address (Postfix's
+    check_client_access asks both as FULL lookups; their parent domains and networks as PARTIAL ones, which
+    only fixed-string tables answer). So a pattern on the address matches a client that has a name too."""
+    return 0, len(domain_keys(hostname)) if hostname and hostname != "unknown" else 0
+
+
 def address_access_keys(addr: str, delimiter: str) -> list[str]:
-    """check_sender/recipient_access (access(5)): user+ext@domain, user@domain, @domain, domain and its parents,
-    user+ext@, user@. The null sender is `<>`."""
+    """check_sender/recipient_access (access(5)): user+ext@domain, user@domain, domain and its parents,
+    user+ext@, user@. The null sender is `<>`. No `@domain` key: that is the virtual(5) and canonical(5) form,
+    which Postfix's access maps never ask (a table shared with those must list the domain itself)."""
     if not addr:
         return [NULL_SENDER_KEY]
     local, at, domain = addr.rpartition("@")
@@ -153,7 +161,6 @@ def address_access_keys(addr: str, delimiter: str) -> list[str]:
         keys.append(f"{local}@{domain}")
         if ext:
             keys.append(f"{user}@{domain}")
-        keys.append(f"@{domain}")
         keys += domain_keys(domain)
     keys.append(f"{local}@")
     if ext:
@@ -344,8 +351,9 @@ class Restrictions:
         keys, name, what = self._access_keys(kind, facts)
         if keys is None:
             return None
+        full = client_full_keys(facts.client_name) if kind == "client" else (0,)
         try:
-            found = find(self._tables[spec], keys)
+            found = find(self._tables[spec], keys, full)
         except LookupRetry as e:
             log.warning("%s lookup error for %r: %s", spec, keys[0] if keys else "", e.reason)
             return status.restriction_config_error(name, what)

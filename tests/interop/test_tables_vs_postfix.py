@@ -1,0 +1,78 @@
+"""Differential tests of lookup tables against a real Postfix: the key orders of the access maps
+(check_recipient_access, check_sender_access, check_client_access) seen through SMTP replies, and `mailflow table
+query` beside `postmap -q` for the same table specs and files.
+
+Each access table key answers with its own text, so a reply tells which key matched, not only that one did."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.support import SmtpClient, postfix_instance, require_tool
+
+pytestmark = pytest.mark.interop
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# access(5) keys of every form; each answers with its own reason
+RCPT_ACCESS = ("inline:{ {full+ext@acc.test = REJECT full}, {bare@acc.test = REJECT bare}, {@at.test = REJECT at},"
+               " {parent.test = REJECT parent}, {.dotted.test = REJECT dotted}, {who@ = REJECT user-at},"
+               " {ext+e@ = REJECT ext-at}, {base@ = REJECT base-at}, {com = REJECT tld} }")
+RCPT_REGEXP = "/^re-domain\\.test$/ REJECT regexp-domain\n/^whole@re\\.test$/ REJECT regexp-address\n"
+CLIENT_REGEXP = "/^127\\.0\\.0\\.1$/ REJECT regexp-client-address\n"
+PROBES = ["full+ext@acc.test", "bare+x@acc.test", "bare@acc.test", "x@at.test", "x@sub.at.test", "x@parent.test",
+          "x@sub.parent.test", "x@dotted.test", "x@sub.dotted.test", "who@any.test", "who+x@any.test",
+          "ext+e@any.test", "base+b@any.test", "x@example.com", "whole@re.test", "x@re-domain.test",
+          "x@sub.re-domain.test", "FULL+EXT@ACC.TEST", "x@PARENT.TEST", "nobody@none.test"]
+
+
+def readable_folder() -> Path:
+    """A folder for table files under the system temp dir (pytest's tmp_path is not traversable by `postfix`)."""
+    folder = Path(tempfile.mkdtemp(prefix="mailflow-tables-"))
+    os.chmod(folder, 0o755)
+    return folder
+
+
+async def rcpt_replies(port: int) -> dict[str, str]:
+    """The RCPT reply per probe, without the enhanced status code (Postfix and mailflow word them alike)."""
+    replies = {}
+    client = await SmtpClient.connect(port)
+    await client.cmd("EHLO client.test")
+    await client.cmd("MAIL FROM:<s@remote.test>")
+    for rcpt in PROBES:
+        reply = await client.cmd(f"RCPT TO:<{rcpt}>")
+        replies[rcpt] = f"{reply.code} {reply.text.rpartition(': ')[2]}" if reply.code != 250 else "250"
+    await client.close()
+    return replies
+
+
+async def test_access_map_key_orders_match_a_real_postfix(mailflow_server):
+    folder = readable_folder()
+    (folder / "rcpt.regexp").write_text(RCPT_REGEXP)
+    (folder / "client.regexp").write_text(CLIENT_REGEXP)
+    restrictions = [f"check_recipient_access {RCPT_ACCESS}", f"check_recipient_access regexp:{folder}/rcpt.regexp",
+                    f"check_client_access regexp:{folder}/client.regexp"]
+    async with postfix_instance({
+        "myhostname": "pf.test", "mydestination": "", "relayhost": "[127.0.0.1]:9", "recipient_delimiter": "+",
+        "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+        "smtpd_recipient_restrictions": ", ".join(restrictions),
+    }) as pf:
+        postfix = await rcpt_replies(pf.port)
+    mf = await mailflow_server(mydestination=[], relayhost="[127.0.0.1]:9", mynetworks=["127.0.0.0/8"],
+                               smtpd={"relay_restrictions": ["permit_mynetworks", "reject_unauth_destination"],
+                                      "recipient_restrictions": restrictions})
+    mailflow = await rcpt_replies(mf.smtp_addresses[0][1])
+    shutil.rmtree(folder)
+    diff = {p: (postfix[p], mailflow[p]) for p in PROBES if postfix[p] != mailflow[p]}
+    assert diff == {}, postfix
+    # the edges themselves, so that a change on both sides cannot pass unnoticed
+    assert postfix["x@at.test"] == "554 regexp-client-address"  # no @domain key in access(5)
+    assert postfix["x@sub.dotted.test"] == "554 regexp-client-address"  # parent style: .domain is never asked
+    assert postfix["x@re-domain.test"] == "554 regexp-client-address"  # a regexp is asked the whole address only
+    assert postfix["who+x@any.test"] == "554 user-at" and postfix["x@sub.parent.test"] == "554 parent"
