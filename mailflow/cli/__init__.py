@@ -14,7 +14,8 @@ A command line that does not say which messages exits 2; an unknown queue id for
 `mailflow sendmail …` (also `sendmail`, `mailq`, `newaliases` through links) is the Sendmail-compatible local
 submission command (mailflow/sendmail/, docs/sendmail.md); its exit codes are sysexits values.
 
-`mailflow table query TYPE:NAME KEY…` answers like `postmap -q` (mailflow.tables): exit 1 when nothing is found,
+`mailflow table query TYPE:NAME KEY…` answers like `postmap -q` (mailflow.tables; `-` reads the keys from standard
+input, as `postmap -q -` does): exit 1 when nothing is found,
 2 for a bad table spec, 75 (EX_TEMPFAIL) when a lookup fails.
 
 The package: common.py (configuration loading and errors, shared options), server.py (serve, check-config,

@@ -13,7 +13,8 @@ table query, auth hash-password. Each is a plain function; `mailflow.cli` regist
     config_show(...)         postconf's views (mailflow.config.show_settings)
     address_test(addresses, config)   how each address is routed, with the TLS policy of each SMTP next hop (exit
                              75 when a table cannot answer now)
-    table_query(spec, keys)  postmap -q: exit 1 nothing found, 2 bad table, 75 a lookup failed
+    table_query(spec, keys)  postmap -q (`-`: the keys from standard input): exit 1 nothing found, 2 bad
+                             table, 75 a lookup failed
     auth_hash_password(user, stdin)   a scrypt hash for smtpd.sasl_user_maps
 
 Failure behaviour: configuration problems through `common.fail_config`; never a traceback.
@@ -174,13 +175,18 @@ def address_test(addresses: List[str] = typer.Argument(..., metavar="ADDRESS..."
 
 
 def table_query(spec: str = typer.Argument(..., metavar="TYPE:NAME", help="the table, e.g. texthash:/etc/virtual"),
-                keys: List[str] = typer.Argument(..., metavar="KEY", help="keys to look up, as given")) -> None:
-    """Print each key's value (key<TAB>value when several keys). Exit 1 when none is found, 2 for a bad
-    table, 75 (EX_TEMPFAIL) when a lookup fails."""
+                keys: List[str] = typer.Argument(..., metavar="KEY", help="keys to look up, as given; - reads "
+                                                 "them from standard input, one a line")) -> None:
+    """Print each key's value (key<TAB>value when several keys, or with `-`, which reads the keys from standard
+    input, one a line, as `postmap -q - TABLE` does). Exit 1 when none is found, 2 for a bad table, 75
+    (EX_TEMPFAIL) when a lookup fails."""
     try:
         table = open_table(spec)
     except ConfigError as e:
         fail_config("mailflow table query", e)
+    several = len(keys) > 1 or keys == ["-"]
+    if keys == ["-"]:
+        keys = [line.removesuffix("\n") for line in sys.stdin]
     found = 0
     for key in keys:
         try:
@@ -189,7 +195,7 @@ def table_query(spec: str = typer.Argument(..., metavar="TYPE:NAME", help="the t
             fail("mailflow table query", f"{key}: lookup failed: {e.text}", 75)
         if value is not None:
             found += 1
-            typer.echo(f"{key}\t{value}" if len(keys) > 1 else value)
+            typer.echo(f"{key}\t{value}" if several else value)
     if not found:
         raise typer.Exit(1)
 

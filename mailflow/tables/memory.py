@@ -1,7 +1,8 @@
 """The tables that live in the spec itself: `inline:`, `static:`, `fail:`.
 
 - `inline:{ key=value, { key = text with spaces } }`: elements separated by whitespace or commas; keys folded to
-  lower case; the first of duplicate keys wins.
+  lower case; the last of duplicate keys wins (as in Postfix's inline:, unlike its file tables, where the first
+  does).
 - `static:value`, `static:{ value with spaces }`: every key answers the value.
 - `fail:name`: every lookup raises LookupRetry (a deliberate failure, for tests and for disabling a map).
 
@@ -35,7 +36,7 @@ def _parse_inline(spec: str, name: str) -> dict[str, str]:
         if not eq or not key:
             raise ConfigError("", spec, f"inline: {element!r} is not key=value (braces allow spaces: "
                                         "{ key = text with spaces })")
-        table.setdefault(key.lower(), value)
+        table[key.lower()] = value  # the last wins, as in Postfix
     return table
 
 

@@ -76,3 +76,47 @@ async def test_access_map_key_orders_match_a_real_postfix(mailflow_server):
     assert postfix["x@sub.dotted.test"] == "554 regexp-client-address"  # parent style: .domain is never asked
     assert postfix["x@re-domain.test"] == "554 regexp-client-address"  # a regexp is asked the whole address only
     assert postfix["who+x@any.test"] == "554 user-at" and postfix["x@sub.parent.test"] == "554 parent"
+
+
+# (file name or None, file text, spec with {file} for the file's path, keys): what `postmap -q` answers for each
+TEXTHASH = ("# a comment\nAlice  first\nalice second\nbob\tvalue with  spaces  \n  # an indented comment\n"
+            "carol one\n  two\ndave\n continued\nUPPER@Example.COM up\nkey#1 v#1\n")
+REGEXP = ("/^(.*)@example\\.com$/ user=$1 braced=${1} dollar=$$\n/^UPPER/ insensitive\n/^lower/i sensitive\n"
+          "!/@/ no-at\nif /@if\\.test$/\n/^a/ a-in-if\n!/^b/ not-b-in-if\nendif\n/^(a)|(b)c$/ g1=$1 g2=$2\n"
+          "|^pipe| other delimiter\n/^cont$/ first\n  second\n")
+QUERIES = [
+    ("texthash", TEXTHASH, "texthash:{file}", ["alice", "ALICE", "bob", "carol", "dave", "upper@example.com",
+                                               "Upper@EXAMPLE.com", "key#1", "nothing", "alice "]),
+    ("regexp", REGEXP, "regexp:{file}", ["joe@example.com", "JOE@EXAMPLE.COM", "uppercase", "lower", "LOWER",
+                                         "plain", "a@if.test", "b@if.test", "c@if.test", "a@x.test", "bc@x.test",
+                                         "pipe@x.test", "cont"]),
+    (None, "", "inline:{a=1, A=2, {b = x y}, {c = }, {d = p=q}}", ["a", "A", "b", "c", "d", "e"]),
+    (None, "", "inline:{ {e=f,g} h=i }", ["e", "h"]),
+    (None, "", "static:{ hello world }", ["any", ""]),
+]
+
+
+def mailflow_query(*args: str, stdin: str = "") -> tuple[int, str]:
+    done = subprocess.run([sys.executable, "-m", "mailflow", "table", "query", *args], input=stdin,
+                          capture_output=True, text=True, cwd=ROOT, timeout=30)
+    return done.returncode, done.stdout
+
+
+def postmap_query(*args: str, stdin: str = "") -> tuple[int, str]:
+    done = subprocess.run([require_tool("postmap"), "-q", *args], input=stdin, capture_output=True, text=True,
+                          timeout=30)
+    return done.returncode, done.stdout
+
+
+@pytest.mark.parametrize("name, text, spec, keys", QUERIES, ids=[q[2].partition(":")[0] + str(i)
+                                                                   for i, q in enumerate(QUERIES)])
+def test_table_query_answers_as_postmap_q_does(tmp_path, name, text, spec, keys):
+    if name:
+        (tmp_path / name).write_text(text)
+    spec = spec.replace("{file}", str(tmp_path / name)) if name else spec
+    postfix = {key: postmap_query(key, spec) for key in keys}
+    mailflow = {key: mailflow_query(spec, key) for key in keys}
+    assert {k: (postfix[k], mailflow[k]) for k in keys if postfix[k] != mailflow[k]} == {}
+    # several keys from standard input (`postmap -q - table`): key TAB value for each found, in order
+    stdin = "".join(f"{key}\n" for key in keys)
+    assert mailflow_query(spec, "-", stdin=stdin) == postmap_query("-", spec, stdin=stdin)

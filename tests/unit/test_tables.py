@@ -391,6 +391,16 @@ def test_cli_query_several_keys_prints_key_tab_value():
     assert (result.returncode, result.stdout) == (0, "a\t1\nb\t2\n")
 
 
+def test_cli_query_dash_reads_the_keys_from_stdin_as_postmap_q_dash():
+    result = subprocess.run([sys.executable, "-m", "mailflow", "table", "query", "inline:{a=1, b=2}", "-"],
+                            input="a\nx\nb\n", capture_output=True, text=True, timeout=30)
+    assert (result.returncode, result.stdout) == (0, "a\t1\nb\t2\n")  # key TAB value even for one key
+
+
+def test_inline_last_of_duplicate_keys_wins_as_in_postfix():
+    assert open_table("inline:{a=1, A=2}").lookup("a") == "2"
+
+
 def test_cli_query_nothing_found_exits_1():
     result = mailflow("table", "query", "inline:{a=1}", "x", "y")
     assert (result.returncode, result.stdout) == (1, "")
