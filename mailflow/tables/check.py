@@ -4,15 +4,18 @@ and what a reload (`mailflow reload`, SIGHUP) refuses to put in force.
     table_problems(settings, where) -> [ConfigError]    `settings`: `key -> value`, as mailflow.config.flat_settings
                                                         gives them; one ConfigError(where, key, reason) for each
                                                         texthash, regexp, sqlite or accounts table of a `*_maps`,
-                                                        `*_domains` or `*_checks` setting that
-                                                        cannot answer now (missing, unreadable, a bad line or
-                                                        .cf file, a database that does not open)
+                                                        `*_domains`, `*_checks` or `authorized_submit_users`
+                                                        setting, or named in a `*_restrictions` item
+                                                        (`check_sender_access texthash:/path`, a listener's
+                                                        overrides too), that cannot answer now (missing,
+                                                        unreadable, a bad line or .cf file, a database that does
+                                                        not open)
 
 Reads each file in the caller (a server calls it in a worker thread). Never raises for a table's problem.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Iterator, Mapping
 
 from mailflow.errors import ConfigError, LookupRetry
 from mailflow.syntax import FILE_TABLE_TYPES, table_type
@@ -23,15 +26,32 @@ PROBE_KEY = "mailflow-check-config-probe"
 
 def table_problems(settings: Mapping[str, object], where: str) -> list[ConfigError]:
     problems = []
-    for key, specs in settings.items():
+    for key, spec, aliases in _file_tables(settings):
+        try:
+            open_table(spec, aliases=aliases).lookup(PROBE_KEY)
+        except (ConfigError, LookupRetry) as e:
+            problems.append(ConfigError(where, key, e.reason))  # LookupRetry's reason is its text
+    return problems
+
+
+def _file_tables(settings: Mapping[str, object], prefix: str = "") -> Iterator[tuple[str, str, bool]]:
+    """(setting, spec, aliases) for each file-backed table the settings name."""
+    for key, value in settings.items():
+        if key == "smtpd.listeners" and isinstance(value, (list, tuple)):
+            for i, listener in enumerate(value):
+                overrides = listener.get("overrides") if isinstance(listener, dict) else None
+                if isinstance(overrides, dict):
+                    yield from _file_tables(overrides, f"smtpd.listeners[{i}].overrides.")
+            continue
+        if not isinstance(value, (list, tuple)):
+            continue
         # domain lists may hold tables (accounts:PATH#domains); content checks are tables too
-        if not key.endswith(("_maps", "_domains", "_checks")) or not isinstance(specs, (list, tuple)):
+        if key.endswith(("_maps", "_domains", "_checks", "authorized_submit_users")):
+            specs = [v for v in value if isinstance(v, str)]
+        elif key.endswith("_restrictions"):  # check_client_access texthash:/path, ...
+            specs = [word for item in value if isinstance(item, str) for word in item.split()]
+        else:
             continue
         for spec in specs:
-            if table_type(spec) not in FILE_TABLE_TYPES:
-                continue
-            try:
-                open_table(spec, aliases=key == "alias_maps").lookup(PROBE_KEY)
-            except (ConfigError, LookupRetry) as e:
-                problems.append(ConfigError(where, key, e.reason))  # LookupRetry's reason is its text
-    return problems
+            if table_type(spec) in FILE_TABLE_TYPES:
+                yield prefix + key, spec, key == "alias_maps"

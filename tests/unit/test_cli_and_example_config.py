@@ -82,6 +82,24 @@ def test_check_config_reads_every_table_file_and_names_the_bad_line(tmp_path):
     assert mailflow("check-config", "--config", str(cfg)).returncode == 0
 
 
+def test_check_config_reads_the_tables_of_restriction_lists_and_submit_users(tmp_path):
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(f'[smtpd]\nrecipient_restrictions = ["permit_mynetworks", "check_recipient_access texthash:access"]\n'
+                   f'[sendmail]\nauthorized_submit_users = ["texthash:{tmp_path}/users"]\n'
+                   f'[[smtpd.listeners]]\naddress = "127.0.0.1:0"\nrole = "mta"\n[smtpd.listeners.overrides]\n'
+                   f'client_restrictions = ["check_client_access regexp:client"]\n')
+    result = mailflow("check-config", "--config", str(cfg))
+    assert result.returncode == 2, result.stdout
+    assert f"smtpd.recipient_restrictions: table texthash:{tmp_path}/access: cannot read" in result.stderr
+    assert f"sendmail.authorized_submit_users: table texthash:{tmp_path}/users: cannot read" in result.stderr
+    assert f"smtpd.listeners[0].overrides.client_restrictions: table regexp:{tmp_path}/client: cannot read" \
+        in result.stderr
+    (tmp_path / "access").write_text("bad.test REJECT\n")
+    (tmp_path / "users").write_text("root ok\n")
+    (tmp_path / "client").write_text("/^192\\.0\\.2\\./ REJECT\n")
+    assert mailflow("check-config", "--config", str(cfg)).returncode == 0
+
+
 def test_serve_refuses_a_bad_config_before_starting(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[smtpd]\nlisten = ['127.0.0.1']\nbogus = 1\n")
