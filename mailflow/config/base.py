@@ -4,7 +4,9 @@
     Duration                 seconds, from a number or "30s", "5m", "1h", "5d", "1w" (mailflow.syntax)
     Restriction              one smtpd restriction list item, checked against mailflow.restriction_vocabulary
     TableSpecs               a list of `type:name` lookup tables (mailflow.syntax.check_table_spec)
-    Networks                 a list of IP networks ("10.0.0.0/8", "::1/128")
+    Networks                 a list of IP networks ("10.0.0.0/8", "::1/128"; Postfix's "[::1]/128" is taken, the
+                             brackets dropped); host bits set ("10.0.0.1/8") or a netmask ("/255.0.0.0") are
+                             refused, as Postfix refuses them (it fails every lookup of such a list)
     HostPorts                a list of "host:port" addresses
     each_one_of(items, allowed)  the items, when each is one of `allowed` (a list of keywords)
     validation_key(err)      one pydantic error's place as the dotted KEY ("smtpd.listen", "pipe.x.argv[0]"; ""
@@ -37,9 +39,26 @@ def _table_specs(specs: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _networks(items: tuple[str, ...]) -> tuple[str, ...]:
-    for item in items:
-        ipaddress.ip_network(item, strict=False)
-    return items
+    return tuple(_network(item) for item in items)
+
+
+def _network(item: str) -> str:
+    """One network as Postfix's mynetworks takes it: `addr`, `addr/len`, `[addr]`, `[addr]/len`."""
+    address, slash, length = item.strip().partition("/")
+    if address.startswith("[") and address.endswith("]"):
+        address = address[1:-1]
+    if slash and not length.isdigit():
+        raise ValueError(f"bad mask value in {item!r} (a prefix length: 10.0.0.0/8, 2001:db8::/32)")
+    text = f"{address}{slash}{length}"
+    try:
+        ipaddress.ip_network(text, strict=True)
+    except ValueError as e:
+        network = ipaddress.ip_network(text, strict=False)  # ValueError again: not a network at all
+        if network.prefixlen != int(length or network.max_prefixlen):
+            raise e
+        raise ValueError(f"non-null host address bits in {item!r}, perhaps you should use {str(network)!r} "
+                         "instead") from None
+    return text
 
 
 def _host_ports(items: tuple[str, ...]) -> tuple[str, ...]:

@@ -89,6 +89,12 @@ def test_unknown_key_names_file_key_and_reason(tmp_path, text, key):
     ("[smtpd]\ntimeout = true\n", "smtpd.timeout", "duration"),
     ("mynetworks = ['300.0.0.0/8']\n", "mynetworks", "300.0.0.0/8"),
     ("mynetworks = ['not a network']\n", "mynetworks", "not a network"),
+    # Postfix fails every lookup of such a list (451 4.3.0 at each relay check); mailflow refuses it at once
+    ("mynetworks = ['10.0.0.1/8']\n", "mynetworks",
+     "non-null host address bits in '10.0.0.1/8', perhaps you should use '10.0.0.0/8' instead"),
+    ("mynetworks = ['2001:db8::1/64']\n", "mynetworks", "perhaps you should use '2001:db8::/64' instead"),
+    ("mynetworks = ['127.0.0.0/255.0.0.0']\n", "mynetworks", "bad mask value"),
+    ("[greylist]\nwhitelist_networks = ['192.0.2.1/24']\n", "greylist.whitelist_networks", "host address bits"),
     ("[smtpd]\nlisten = ['127.0.0.1']\n", "smtpd.listen", "needs a port"),
     ("[smtpd]\nlisten = ['127.0.0.1:99999']\n", "smtpd.listen", "port out of range"),
     ("[smtpd]\nlisten = ['a:b:c']\n", "smtpd.listen", "not host:port"),
@@ -210,6 +216,12 @@ def test_equal_backoff_times_are_accepted():
 def test_minimal_backoff_above_the_default_maximal_is_refused(tmp_path):
     err = config_error(write(tmp_path, "[queue]\nminimal_backoff_time = '2h'\n"))
     assert err.key.startswith("queue.")
+
+
+def test_networks_in_brackets_are_taken_as_postfix_writes_them(tmp_path):
+    # Debian's main.cf: mynetworks = 127.0.0.0/8 [::ffff:127.0.0.0]/104 [::1]/128
+    path = write(tmp_path, "mynetworks = ['127.0.0.0/8', '[::ffff:127.0.0.0]/104', '[::1]/128', '[192.0.2.7]']\n")
+    assert load_config(path).mynetworks == ("127.0.0.0/8", "::ffff:127.0.0.0/104", "::1/128", "192.0.2.7")
 
 
 def test_domain_lists_are_idna_normalised(tmp_path):
