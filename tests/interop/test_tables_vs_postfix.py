@@ -6,6 +6,7 @@ Each access table key answers with its own text, so a reply tells which key matc
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import SmtpClient, postfix_instance, require_tool
+from tests.interop.test_dsn_pass_on import smtp_sink
+from tests.support import SmtpClient, eventually, postfix_instance, require_tool
 
 pytestmark = pytest.mark.interop
 
@@ -39,16 +41,18 @@ def readable_folder() -> Path:
     return folder
 
 
-async def rcpt_replies(port: int) -> dict[str, str]:
-    """The RCPT reply per probe, without the enhanced status code (Postfix and mailflow word them alike)."""
+async def rcpt_replies(port: int, probes: list[str] = PROBES) -> dict[str, str]:
+    """The RCPT reply per probe, without the enhanced status code (Postfix and mailflow word them alike). Five
+    probes a session: both servers slow down a session past its tenth error (smtpd_soft_error_limit)."""
     replies = {}
-    client = await SmtpClient.connect(port)
-    await client.cmd("EHLO client.test")
-    await client.cmd("MAIL FROM:<s@remote.test>")
-    for rcpt in PROBES:
-        reply = await client.cmd(f"RCPT TO:<{rcpt}>")
-        replies[rcpt] = f"{reply.code} {reply.text.rpartition(': ')[2]}" if reply.code != 250 else "250"
-    await client.close()
+    for start in range(0, len(probes), 5):
+        client = await SmtpClient.connect(port)
+        await client.cmd("EHLO client.test")
+        await client.cmd("MAIL FROM:<s@remote.test>")
+        for rcpt in probes[start:start + 5]:
+            reply = await client.cmd(f"RCPT TO:<{rcpt}>")
+            replies[rcpt] = f"{reply.code} {reply.text.rpartition(': ')[2]}" if reply.code != 250 else "250"
+        await client.close()
     return replies
 
 
@@ -120,3 +124,89 @@ def test_table_query_answers_as_postmap_q_does(tmp_path, name, text, spec, keys)
     # several keys from standard input (`postmap -q - table`): key TAB value for each found, in order
     stdin = "".join(f"{key}\n" for key in keys)
     assert mailflow_query(spec, "-", stdin=stdin) == postmap_query("-", spec, stdin=stdin)
+
+
+# transport(5) keys of every form, each to the error transport with its own text, so that the RCPT reply (both
+# refuse an address whose transport is error: at RCPT) tells which key matched
+TRANSPORT = ("inline:{ {full+ext@t.test = error:5.1.1 full}, {bare@t.test = error:5.1.1 bare},"
+             " {t.test = error:5.1.1 domain}, {.parent.test = error:5.1.1 dot-parent},"
+             " {plain.test = error:5.1.1 plain}, {who@ = error:5.1.1 user-at}, {* = error:5.1.1 star} }")
+TRANSPORT_REGEXP = "/^re\\.test$/ error:5.1.1 regexp-domain\n/^whole@rr\\.test$/ error:5.1.1 regexp-address\n"
+TRANSPORT_PROBES = ["full+ext@t.test", "bare+x@t.test", "other@t.test", "x@sub.t.test", "x@parent.test",
+                    "x@sub.parent.test", "x@plain.test", "x@sub.plain.test", "who@any.test", "x@re.test",
+                    "whole@rr.test", "x@elsewhere.test", "FULL+EXT@T.TEST", "x@T.Test"]
+
+
+async def test_transport_map_key_orders_match_a_real_postfix(mailflow_server):
+    folder = readable_folder()
+    (folder / "transport.regexp").write_text(TRANSPORT_REGEXP)
+    maps = [TRANSPORT, f"regexp:{folder}/transport.regexp"]
+    async with postfix_instance({
+        "myhostname": "pf.test", "mydestination": "", "relayhost": "[127.0.0.1]:9", "recipient_delimiter": "+",
+        "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+        "transport_maps": ", ".join(maps),
+    }) as pf:
+        postfix = await rcpt_replies(pf.port, TRANSPORT_PROBES)
+    mf = await mailflow_server(mydestination=[], relayhost="[127.0.0.1]:9", mynetworks=["127.0.0.0/8"],
+                               transport_maps=maps)
+    mailflow = await rcpt_replies(mf.smtp_addresses[0][1], TRANSPORT_PROBES)
+    shutil.rmtree(folder)
+    diff = {p: (postfix[p], mailflow[p]) for p in TRANSPORT_PROBES if postfix[p] != mailflow[p]}
+    assert diff == {}, postfix
+    # the edges themselves: no parent matching without a dot, no user@ key, a regexp asked the address only
+    assert postfix["x@sub.plain.test"] == postfix["x@re.test"] == postfix["who@any.test"] == "550 star"
+    assert postfix["x@sub.parent.test"] == "550 dot-parent" and postfix["bare+x@t.test"] == "550 bare"
+
+
+# virtual(5) keys of every form (mail_addr_find): the final RCPT TO at the next hop tells which matched, and what
+# became of the extension (propagate_unmatched_extensions)
+VIRTUAL = ("inline:{ {full+ext@v.test = a1@dest.test}, {bare@v.test = a2@dest.test}, {@v.test = catch@dest.test},"
+           " {luser = a3@dest.test}, {@dom2.test = @dest2.test}, {Mixed@V2.Test = a4@dest.test} }")
+VIRTUAL_REGEXP = "/^re-(.*)@r\\.test$/ $1@dest.test\n"
+VIRTUAL_PROBES = ["full+ext@v.test", "full+other@v.test", "bare+tag@v.test", "other@v.test", "other+tag@v.test",
+                  "luser@local.test", "luser+x@local.test", "luser@v2.test", "u@dom2.test", "u+x@dom2.test",
+                  "re-joe@r.test", "re-joe+x@r.test", "mixed@v2.test", "FULL+EXT@V.TEST"]
+
+
+async def final_addresses(port: int, probes: list[str], dump: Path, expect: int) -> dict[str, list[str]]:
+    """Each probe sent alone (its index in the Subject); the RCPT TO addresses it reached the next hop with."""
+    for i, rcpt in enumerate(probes):
+        client = await SmtpClient.connect(port)
+        for command in ("EHLO client.test", "MAIL FROM:<s@remote.test>", f"RCPT TO:<{rcpt}>", "DATA"):
+            reply = await client.cmd(command)
+            assert reply.code in (250, 354), (rcpt, reply)
+        await client.cmd(f"Subject: probe-{i}\r\n\r\nx\r\n.")
+        await client.close()
+
+    def arrived() -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        text = dump.read_text(errors="replace") if dump.exists() else ""
+        for message in text.split("X-Client-Addr:")[1:]:
+            subject = re.search(r"^Subject: probe-(\d+)", message, re.MULTILINE)
+            if subject:
+                out.setdefault(probes[int(subject.group(1))], []).extend(
+                    re.findall(r"^X-Rcpt-Args: <(.*?)>", message, re.MULTILINE))
+        return out
+    return await eventually(lambda: len(arrived()) == expect and arrived(), timeout=20)
+
+
+async def test_virtual_alias_key_orders_match_a_real_postfix(mailflow_server):
+    folder = readable_folder()
+    (folder / "virtual.regexp").write_text(VIRTUAL_REGEXP)
+    maps = [VIRTUAL, f"regexp:{folder}/virtual.regexp"]
+    async with smtp_sink() as (pf_sink, pf_dump), smtp_sink() as (mf_sink, mf_dump):
+        async with postfix_instance({
+            "myhostname": "pf.test", "mydestination": "local.test", "relayhost": f"[127.0.0.1]:{pf_sink}",
+            "recipient_delimiter": "+", "local_recipient_maps": "", "virtual_alias_maps": ", ".join(maps),
+            "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+        }) as pf:
+            postfix = await final_addresses(pf.port, VIRTUAL_PROBES, pf_dump, len(VIRTUAL_PROBES))
+        mf = await mailflow_server(mydestination=["local.test"], relayhost=f"[127.0.0.1]:{mf_sink}",
+                                   mynetworks=["127.0.0.0/8"], local_recipient_maps=[], virtual_alias_maps=maps)
+        mailflow = await final_addresses(mf.smtp_addresses[0][1], VIRTUAL_PROBES, mf_dump, len(VIRTUAL_PROBES))
+    shutil.rmtree(folder)
+    diff = {p: (postfix[p], mailflow[p]) for p in VIRTUAL_PROBES if postfix[p] != mailflow[p]}
+    assert diff == {}, postfix
+    # the edges themselves: the user key only for a local domain; an @domain match carries no extension
+    assert postfix["luser+x@local.test"] == ["a3+x@dest.test"] and postfix["luser@v2.test"] == ["luser@v2.test"]
+    assert postfix["other+tag@v.test"] == ["catch@dest.test"] and postfix["u+x@dom2.test"] == ["u+x@dest2.test"]
