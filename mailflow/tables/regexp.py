@@ -44,7 +44,7 @@ def _parse_regexp(source: str) -> tuple[list[_Rule | None], Any]:
             open_ifs.pop().end = len(rules)
             rules.append(None)  # the endif itself: nothing to do
             continue
-        is_if = re.match(r"if\s", line, re.IGNORECASE) is not None
+        is_if = re.match(r"if(?![a-z0-9])", line, re.IGNORECASE) is not None  # `if/x/` too, as Postfix reads it
         text = line[2:].lstrip() if is_if else line
         regex, negate, rest = _parse_pattern(number, text)
         if is_if:

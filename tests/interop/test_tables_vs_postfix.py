@@ -87,13 +87,14 @@ TEXTHASH = ("# a comment\nAlice  first\nalice second\nbob\tvalue with  spaces  \
             "carol one\n  two\ndave\n continued\nUPPER@Example.COM up\nkey#1 v#1\n")
 REGEXP = ("/^(.*)@example\\.com$/ user=$1 braced=${1} dollar=$$\n/^UPPER/ insensitive\n/^lower/i sensitive\n"
           "!/@/ no-at\nif /@if\\.test$/\n/^a/ a-in-if\n!/^b/ not-b-in-if\nendif\n/^(a)|(b)c$/ g1=$1 g2=$2\n"
-          "|^pipe| other delimiter\n/^cont$/ first\n  second\n")
+          "|^pipe| other delimiter\n/^cont$/ first\n  second\nIF/@nospace\\.test$/\n/./ after-if-without-space\n"
+          "ENDIF\n")
 QUERIES = [
     ("texthash", TEXTHASH, "texthash:{file}", ["alice", "ALICE", "bob", "carol", "dave", "upper@example.com",
                                                "Upper@EXAMPLE.com", "key#1", "nothing", "alice "]),
     ("regexp", REGEXP, "regexp:{file}", ["joe@example.com", "JOE@EXAMPLE.COM", "uppercase", "lower", "LOWER",
                                          "plain", "a@if.test", "b@if.test", "c@if.test", "a@x.test", "bc@x.test",
-                                         "pipe@x.test", "cont"]),
+                                         "pipe@x.test", "cont", "x@nospace.test"]),
     (None, "", "inline:{a=1, A=2, {b = x y}, {c = }, {d = p=q}}", ["a", "A", "b", "c", "d", "e"]),
     (None, "", "inline:{ {e=f,g} h=i }", ["e", "h"]),
     (None, "", "static:{ hello world }", ["any", ""]),
