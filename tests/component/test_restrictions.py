@@ -119,10 +119,10 @@ def test_lists_that_cannot_refuse_relaying_are_refused_at_start():
 
 
 def test_client_keys_are_the_address_and_its_network_prefixes():
-    assert client_full_keys("host.example.com") == (0, 3) and client_full_keys("unknown") == (0, 0)
-    assert client_keys("192.168.1.7", "unknown") == ["192.168.1.7", "192.168.1", "192.168", "192"]
+    assert client_full_keys("host.example.com") == (0, 3) and client_full_keys("unknown") == (0, 1)
+    assert client_keys("192.168.1.7", "unknown") == ["unknown", "192.168.1.7", "192.168.1", "192.168", "192"]
     assert client_keys("192.168.1.7", "host.example.com")[:3] == ["host.example.com", "example.com", "com"]
-    assert client_keys("2001:db8::1", "unknown")[:3] == ["2001:db8::1", "2001:db8:0:0:0:0:0", "2001:db8:0:0:0:0"]
+    assert client_keys("2001:db8::1", "")[:3] == ["2001:db8::1", "2001:db8:0:0:0:0:0", "2001:db8:0:0:0:0"]
 
 
 def test_address_keys_follow_access5():

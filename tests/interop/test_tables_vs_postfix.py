@@ -211,3 +211,53 @@ async def test_virtual_alias_key_orders_match_a_real_postfix(mailflow_server):
     # the edges themselves: the user key only for a local domain; an @domain match carries no extension
     assert postfix["luser+x@local.test"] == ["a3+x@dest.test"] and postfix["luser@v2.test"] == ["luser@v2.test"]
     assert postfix["other+tag@v.test"] == ["catch@dest.test"] and postfix["u+x@dom2.test"] == ["u+x@dest2.test"]
+
+
+# check_client_access: the client's name and address given by XCLIENT, so that any name and address can be probed
+CLIENT_ACCESS = ("inline:{ {unknown = REJECT name-unknown}, {host.client.test = REJECT host},"
+                 " {client2.test = REJECT parent}, {192.0.2.5 = REJECT ip}, {198.51.100 = REJECT net24},"
+                 " {2001:db8::5 = REJECT ip6}, {2001:db8:1 = REJECT net6} }")
+NAMED_CLIENT_REGEXP = "/^192\\.0\\.2\\.6$/ REJECT regexp-ip\n/^regexp\\.client\\.test$/ REJECT regexp-name\n"
+CLIENT_PROBES = [("[UNAVAILABLE]", "203.0.113.9"), ("host.client.test", "203.0.113.9"),
+                 ("a.client2.test", "203.0.113.9"), ("HOST.Client.Test", "203.0.113.9"), ("other.test", "192.0.2.5"),
+                 ("other.test", "198.51.100.7"), ("[UNAVAILABLE]", "IPV6:2001:db8::5"),
+                 ("[UNAVAILABLE]", "IPV6:2001:db8:1::7"), ("other.test", "192.0.2.6"),
+                 ("regexp.client.test", "203.0.113.9"), ("sub.regexp.client.test", "203.0.113.9"),
+                 ("other.test", "203.0.113.9")]
+
+
+async def client_replies(port: int) -> dict[str, str]:
+    replies = {}
+    for name, addr in CLIENT_PROBES:
+        client = await SmtpClient.connect(port)
+        await client.cmd("EHLO client.test")
+        greeting = await client.cmd(f"XCLIENT NAME={name} ADDR={addr}")
+        assert greeting.code == 220, greeting
+        await client.cmd("EHLO client.test")
+        await client.cmd("MAIL FROM:<s@remote.test>")
+        reply = await client.cmd("RCPT TO:<x@relay.test>")
+        replies[f"{name} {addr}"] = f"{reply.code} {reply.text.rpartition(': ')[2]}" if reply.code != 250 else "250"
+        await client.close()
+    return replies
+
+
+async def test_client_access_keys_match_a_real_postfix(mailflow_server):
+    folder = readable_folder()
+    (folder / "client.regexp").write_text(NAMED_CLIENT_REGEXP)
+    checks = [f"check_client_access {CLIENT_ACCESS}", f"check_client_access regexp:{folder}/client.regexp"]
+    async with postfix_instance({
+        "myhostname": "pf.test", "mydestination": "", "relayhost": "[127.0.0.1]:9", "relay_domains": "relay.test",
+        "smtpd_authorized_xclient_hosts": "127.0.0.0/8", "inet_protocols": "all",
+        "smtpd_relay_restrictions": "reject_unauth_destination", "smtpd_client_restrictions": ", ".join(checks),
+    }) as pf:
+        postfix = await client_replies(pf.port)
+    mf = await mailflow_server(mydestination=[], relayhost="[127.0.0.1]:9", relay_domains=["relay.test"],
+                               smtpd={"authorized_xclient_hosts": ["127.0.0.0/8"], "client_restrictions": checks,
+                                      "relay_restrictions": ["reject_unauth_destination"]})
+    mailflow = await client_replies(mf.smtp_addresses[0][1])
+    shutil.rmtree(folder)
+    assert {p: (postfix[p], mailflow[p]) for p in postfix if postfix[p] != mailflow[p]} == {}, postfix
+    # the edges themselves: a client without a name is looked up as `unknown`; a regexp is asked the address
+    assert postfix["[UNAVAILABLE] 203.0.113.9"] == "554 name-unknown" and postfix["other.test 192.0.2.6"] == \
+        "554 regexp-ip"
+    assert postfix["sub.regexp.client.test 203.0.113.9"] == "250"  # a regexp is not asked the parent domains

@@ -123,9 +123,9 @@ def domain_keys(name: str) -> list[str]:
 
 
 def client_keys(addr: str, hostname: str) -> list[str]:
-    """check_client_access: the hostname and its parents (when known), the address, its network prefixes
-    (`192.168.1`, `192.168`, `192` / `2001:db8:0:0:0:0:0`, …)."""
-    keys = domain_keys(hostname) if hostname and hostname != "unknown" else []
+    """check_client_access: the hostname and its parents (a client without a name is `unknown`, a key Postfix
+    asks too), the address, its network prefixes (`192.168.1`, `192.168`, `192` / `2001:db8:0:0:0:0:0`, …)."""
+    keys = domain_keys(hostname) if hostname else []
     ip = client_ip(addr)
     if ip is None:
         return keys + ([addr] if addr else [])
@@ -143,7 +143,7 @@ def client_full_keys(hostname: str) -> tuple[int, int]:
     """The indices of `client_keys` that pattern tables (regexp) are asked: the name and the address (Postfix's
     check_client_access asks both as FULL lookups; their parent domains and networks as PARTIAL ones, which
     only fixed-string tables answer). So a pattern on the address matches a client that has a name too."""
-    return 0, len(domain_keys(hostname)) if hostname and hostname != "unknown" else 0
+    return 0, len(domain_keys(hostname)) if hostname else 0
 
 
 def address_access_keys(addr: str, delimiter: str) -> list[str]:
