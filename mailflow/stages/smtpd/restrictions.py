@@ -362,7 +362,6 @@ class Restrictions:
         return self.action(found[2], name, what, facts, source=spec, stage=stage)
 
     def _access_keys(self, kind: str, facts: Facts) -> tuple[list[str] | None, str, str]:
-        delimiter = self._config.recipient_delimiter
         if kind == "client":
             return (client_keys(facts.client_addr, facts.client_name),
                     f"{facts.client_name}[{facts.client_addr}]", "Client host")
@@ -371,10 +370,16 @@ class Restrictions:
         if kind == "sender":
             if facts.sender is None:
                 return None, "", ""
-            return address_access_keys(facts.sender, delimiter), facts.sender, "Sender address"
+            return self._address_keys(facts.sender), facts.sender, "Sender address"
         if not facts.recipient:
             return None, "", ""
-        return address_access_keys(facts.recipient, delimiter), facts.recipient, "Recipient address"
+        return self._address_keys(facts.recipient), facts.recipient, "Recipient address"
+
+    def _address_keys(self, addr: str) -> list[str]:
+        """The access keys of the address as Postfix's check_mail_access resolves it first: qualified (`user` is
+        `user@myorigin`), the percent hack applied while the domain is local; the null sender stays `<>`."""
+        resolved = self._rewriter.resolved_address(addr) if addr else addr
+        return address_access_keys(resolved, self._config.recipient_delimiter)
 
     def action(self, value: str, name: str, what: str, facts: Facts, *, source: str, stage: str):
         """An access(5) action (a table's value or a policy server's answer): PERMIT, a Reply or None."""
