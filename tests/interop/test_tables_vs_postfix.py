@@ -33,7 +33,7 @@ PROBES = ["full+ext@acc.test", "bare+x@acc.test", "bare@acc.test", "x@at.test", 
           "x@sub.parent.test", "x@dotted.test", "x@sub.dotted.test", "who@any.test", "who+x@any.test",
           "ext+e@any.test", "base+b@any.test", "x@example.com", "whole@re.test", "x@re-domain.test",
           "x@sub.re-domain.test", "FULL+EXT@ACC.TEST", "x@PARENT.TEST", "nobody@none.test", "unqualified",
-          "who"]
+          "who", "x%parent.test@local.test", "x%none.test@local.test"]
 
 
 def readable_folder() -> Path:
@@ -65,13 +65,14 @@ async def test_access_map_key_orders_match_a_real_postfix(mailflow_server):
     restrictions = [f"check_recipient_access {RCPT_ACCESS}", f"check_recipient_access regexp:{folder}/rcpt.regexp",
                     f"check_client_access regexp:{folder}/client.regexp"]
     async with postfix_instance({
-        "myhostname": "pf.test", "myorigin": "origin.test", "mydestination": "", "relayhost": "[127.0.0.1]:9",
+        "myhostname": "pf.test", "myorigin": "origin.test", "mydestination": "local.test", "local_recipient_maps": "",
+        "relayhost": "[127.0.0.1]:9",
         "recipient_delimiter": "+", "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
         "smtpd_recipient_restrictions": ", ".join(restrictions),
     }) as pf:
         postfix = await rcpt_replies(pf.port)
-    mf = await mailflow_server(mydestination=[], myorigin="origin.test", relayhost="[127.0.0.1]:9",
-                               mynetworks=["127.0.0.0/8"],
+    mf = await mailflow_server(mydestination=["local.test"], local_recipient_maps=[], myorigin="origin.test",
+                               relayhost="[127.0.0.1]:9", mynetworks=["127.0.0.0/8"],
                                smtpd={"relay_restrictions": ["permit_mynetworks", "reject_unauth_destination"],
                                       "recipient_restrictions": restrictions})
     mailflow = await rcpt_replies(mf.smtp_addresses[0][1])
@@ -84,6 +85,7 @@ async def test_access_map_key_orders_match_a_real_postfix(mailflow_server):
     assert postfix["x@re-domain.test"] == "554 regexp-client-address"  # a regexp is asked the whole address only
     assert postfix["who+x@any.test"] == "554 user-at" and postfix["x@sub.parent.test"] == "554 parent"
     assert postfix["who"] == "554 origin"  # looked up as who@myorigin: its domain comes before who@
+    assert postfix["x%parent.test@local.test"] == "554 parent"  # ... and with the percent hack applied
 
 
 # (file name or None, file text, spec with {file} for the file's path, keys): what `postmap -q` answers for each
