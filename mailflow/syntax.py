@@ -11,6 +11,8 @@ may use it without an import cycle.
                                                 those whose name is a file
     table_type(spec) -> str                     the type of a "type:name" spec, in lower case ("" without a colon)
     check_table_spec(spec) -> spec              "type:name" with a type of TABLE_TYPES (any case)
+    table_type_hint(kind) -> str                for a Postfix type mailflow lacks (hash:, pcre:, cidr:, proxy:),
+                                                what to write instead
     is_hostname(name)                           RFC 1123 letters-digits-hyphen labels, at most 255 characters,
                                                 one trailing dot allowed
     parse_ip(text) -> IPv4Address | IPv6Address | None
@@ -90,10 +92,30 @@ def table_type(spec: str) -> str:
     return kind.strip().lower() if colon else ""
 
 
+# Postfix table types a migrated configuration may name, and what to write in mailflow instead
+POSTFIX_TYPE_HINTS = {
+    **dict.fromkeys(("hash", "btree", "lmdb", "cdb", "dbm", "sdbm"),
+                    "name the source file as texthash:FILE (it is read as it is, no postmap needed)"),
+    "pcre": "write it as regexp:FILE (RE2 syntax: no back-references or look-around)",
+    "cidr": "cidr tables are not implemented: list the networks in mynetworks, or match the address in a "
+            "regexp: table",
+    "proxy": "drop the proxy: prefix (mailflow reads the table itself)",
+}
+
+
+def table_type_hint(kind: str) -> str:
+    """For a Postfix table type mailflow does not have, what to write instead (with a leading "; "), else ""."""
+    hint = POSTFIX_TYPE_HINTS.get(kind)
+    return f"; {hint}" if hint else ""
+
+
 def check_table_spec(spec: str) -> str:
-    """`spec` when it is `type:name` with a known type (in any case); else ValueError naming the types."""
-    if table_type(spec) not in TABLE_TYPES:
-        raise ValueError(f"{spec!r} is not a lookup table (type:name with type one of {', '.join(TABLE_TYPES)})")
+    """`spec` when it is `type:name` with a known type (in any case); else ValueError naming the types (and, for
+    a Postfix type such as hash:, what to write instead)."""
+    kind = table_type(spec)
+    if kind not in TABLE_TYPES:
+        raise ValueError(f"{spec!r} is not a lookup table (type:name with type one of {', '.join(TABLE_TYPES)})"
+                         + table_type_hint(kind))
     return spec
 
 

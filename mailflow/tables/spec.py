@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from mailflow.errors import ConfigError
-from mailflow.syntax import TABLE_TYPES, table_type
+from mailflow.syntax import TABLE_TYPES, table_type, table_type_hint
 from mailflow.tables.accounts import AccountsTable, parse_spec
 from mailflow.tables.base import Table, resolve_path
 from mailflow.tables.files import TexthashTable
@@ -55,4 +55,5 @@ def open_table(spec: str, *, base_dir: Path | None = None, clock: Callable[[], f
             db, map_name = parse_spec(spec, name)
             return AccountsTable(spec, resolve_path(db, base_dir), map_name, clock)
         return SqliteTable(spec, path, base_dir)
-    raise ConfigError("", spec, f"unknown table type {kind!r}; mailflow has {', '.join(TABLE_TYPES)}")
+    raise ConfigError("", spec, f"unknown table type {kind!r}; mailflow has {', '.join(TABLE_TYPES)}"
+                                + table_type_hint(kind))

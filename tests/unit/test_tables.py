@@ -131,7 +131,9 @@ def test_bad_specs(spec):
 def test_unknown_type_names_the_known_ones():
     with pytest.raises(ConfigError) as e:
         open_table("hash:/etc/postfix/virtual")
-    assert e.value.reason == "unknown table type 'hash'; mailflow has texthash, inline, static, regexp, sqlite, accounts, unix, fail"
+    assert e.value.reason == ("unknown table type 'hash'; mailflow has texthash, inline, static, regexp, sqlite, "
+                              "accounts, unix, fail; name the source file as texthash:FILE (it is read as it is, "
+                              "no postmap needed)")
     assert e.value.key == "hash:/etc/postfix/virtual"
 
 
