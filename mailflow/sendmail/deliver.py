@@ -18,7 +18,7 @@ from mailflow.errors import LookupRetry
 from mailflow.maildrop import MaildropError
 from mailflow.sendmail.identity import Identity, current_identity, may_submit
 from mailflow.sendmail.options import Options, UsageError
-from mailflow.sendmail.reading import clean_address, header_recipients, read_message, without_bcc
+from mailflow.sendmail.reading import clean_address, clean_recipient, header_recipients, read_message, without_bcc
 from mailflow.sendmail.stdio_smtp import StdioSmtp
 from mailflow.sendmail.submitter import Submitter
 
@@ -50,7 +50,7 @@ def _deliver(opts: Options, config: Config, stdin: BinaryIO, stderr: TextIO, sub
     origin = config.origin
     if not opts.extract and not opts.recipients:
         raise UsageError("no recipients: name them on the command line or use -t")
-    recipients = [clean_address(r, origin) for arg in opts.recipients for r in arg.split(",") if r.strip()]
+    recipients = [clean_recipient(r, origin) for arg in opts.recipients for r in arg.split(",") if r.strip()]
     me = submitter.identity
     sender = clean_address(opts.sender, origin) if opts.sender is not None else f"{me.login}@{origin}"
     problem = submitter.sender_problem(sender)
@@ -59,7 +59,7 @@ def _deliver(opts: Options, config: Config, stdin: BinaryIO, stderr: TextIO, sub
         return os.EX_NOPERM
     head, rest = submitter.split(read_message(stdin, opts.ignore_dots))
     if opts.extract:
-        recipients += [clean_address(r, origin) for r in header_recipients(head)]
+        recipients += [clean_recipient(r, origin) for r in header_recipients(head)]
     if not recipients:
         raise UsageError("no recipient addresses found in the message header (-t)")
     try:

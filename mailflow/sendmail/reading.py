@@ -2,6 +2,7 @@
 header section (for -t and Bcc), streamed so that a big message is never held whole.
 
     clean_address(value, origin) -> address        `<a@b>` -> `a@b`; a bare local part gets @myorigin
+    clean_recipient(value, origin) -> address      the same, but "" and "<>" (the null address) are refused
     read_message(stream, ignore_dots) -> lines     CRLF line ends; a lone "." ends the input unless ignore_dots;
                                                    a leading mbox "From " line is dropped; a line longer than
                                                    LINE_PIECE comes in pieces
@@ -10,7 +11,8 @@ header section (for -t and Bcc), streamed so that a big message is never held wh
     without_bcc(header) -> header                  Bcc and Resent-Bcc removed
 
 Failure behaviour: `clean_address` raises UsageError for an address with spaces, brackets or control
-characters; the rest never raise.
+characters (`clean_recipient` also for an empty one: a maildrop file must name real recipients, else pickup
+sets it aside as corrupt after sendmail said it was stored); the rest never raise.
 """
 from __future__ import annotations
 
@@ -33,6 +35,14 @@ def clean_address(value: str, origin: str) -> str:
         raise UsageError(f"{value!r}: bad address syntax")
     if address and "@" not in address:
         address = f"{address}@{origin}"
+    return address
+
+
+def clean_recipient(value: str, origin: str) -> str:
+    """clean_address for a recipient: the null address `<>` (or an empty one) is a usage error."""
+    address = clean_address(value, origin)
+    if not address:
+        raise UsageError(f"{value!r}: bad address syntax: an empty recipient address")
     return address
 
 

@@ -18,7 +18,7 @@ from mailflow import status
 from mailflow.maildrop import MaildropError
 from mailflow.message import CRLF
 from mailflow.sendmail.options import Options, UsageError
-from mailflow.sendmail.reading import clean_address, without_bcc
+from mailflow.sendmail.reading import clean_address, clean_recipient, without_bcc
 from mailflow.sendmail.submitter import Submitter
 
 
@@ -92,7 +92,7 @@ class StdioSmtp:
         if not address:
             return self._reply(status.syntax("RCPT TO:<address>"))
         try:
-            self._recipients.append(clean_address(address, self._sub.config.origin))
+            self._recipients.append(clean_recipient(address, self._sub.config.origin))
         except UsageError:
             return self._reply(status.bad_address_syntax(address))
         self._reply(status.RCPT_OK)

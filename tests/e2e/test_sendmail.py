@@ -175,6 +175,18 @@ async def test_no_recipients_is_a_usage_error(cfg):
     assert rc == 64
 
 
+async def test_an_empty_recipient_is_refused_not_stored_for_pickup_to_set_aside(cfg, tmp_path):
+    """`sendmail '<>'` (or `RCPT TO:< >` under -bs) must not exit 0 with a maildrop file pickup can only call
+    corrupt: the null address is no recipient."""
+    config = cfg()
+    for arg in ("<>", "< >"):
+        rc, _, err = await run(config, arg, stdin=b"Subject: x\n\nbody\n")
+        assert rc == 64 and "bad address syntax" in err
+    rc, out, _ = await run(config, "-bs", stdin=b"HELO x\r\nMAIL FROM:<>\r\nRCPT TO:< >\r\nQUIT\r\n")
+    assert b"\r\n501 " in out or b"\r\n553 " in out
+    assert maildrop_names(tmp_path / "queue" / "maildrop") == []
+
+
 async def test_a_queue_directory_that_does_not_exist_is_refused_naming_it(write_config, tmp_path):
     """A wrong configuration (or a relative path taken from the wrong place) must not strand mail where no server
     looks: nothing is stored, exit 73."""
