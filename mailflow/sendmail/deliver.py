@@ -18,7 +18,8 @@ from mailflow.errors import LookupRetry
 from mailflow.maildrop import MaildropError
 from mailflow.sendmail.identity import Identity, current_identity, may_submit
 from mailflow.sendmail.options import Options, UsageError
-from mailflow.sendmail.reading import clean_address, clean_recipient, header_recipients, read_message, without_bcc
+from mailflow.sendmail.reading import (clean_address, clean_recipient, header_recipients, read_message,
+                                       text_of_argument, without_bcc)
 from mailflow.sendmail.stdio_smtp import StdioSmtp
 from mailflow.sendmail.submitter import Submitter
 
@@ -33,7 +34,8 @@ def run(opts: Options, config: Config, stdin: BinaryIO, stdout: BinaryIO, stderr
         if not may_submit(me.login, config.sendmail.authorized_submit_users):
             say(f"user {me.login} (uid {me.uid}) is not allowed to submit mail (authorized_submit_users)")
             return os.EX_NOPERM
-        fullname = opts.fullname if opts.fullname is not None else os.environ.get("NAME") or me.gecos
+        fullname = text_of_argument(opts.fullname if opts.fullname is not None
+                                    else os.environ.get("NAME") or me.gecos)
         submitter = Submitter(config, me, fullname, say)
         if opts.mode == "smtp":
             return StdioSmtp(stdin, stdout, submitter, opts).run()

@@ -3,6 +3,7 @@ header section (for -t and Bcc), streamed so that a big message is never held wh
 
     clean_address(value, origin) -> address        `<a@b>` -> `a@b`; a bare local part gets @myorigin
     clean_recipient(value, origin) -> address      the same, but "" and "<>" (the null address) are refused
+    text_of_argument(value) -> text                -F, $NAME, GECOS: bytes that are not UTF-8 become U+FFFD
     read_message(stream, ignore_dots) -> lines     CRLF line ends; a lone "." ends the input unless ignore_dots;
                                                    a leading mbox "From " line is dropped; a line longer than
                                                    LINE_PIECE comes in pieces
@@ -10,8 +11,8 @@ header section (for -t and Bcc), streamed so that a big message is never held wh
     header_recipients(header) -> addresses         -t: To, Cc, Bcc (Resent-* when any Resent- header is present)
     without_bcc(header) -> header                  Bcc and Resent-Bcc removed
 
-Failure behaviour: `clean_address` raises UsageError for an address with spaces, brackets or control
-characters (`clean_recipient` also for an empty one: a maildrop file must name real recipients, else pickup
+Failure behaviour: `clean_address` raises UsageError for an address with spaces, brackets, control
+characters or bytes that are not UTF-8 (`clean_recipient` also for an empty one: a maildrop file must name real recipients, else pickup
 sets it aside as corrupt after sendmail said it was stored); the rest never raise.
 """
 from __future__ import annotations
@@ -33,9 +34,25 @@ def clean_address(value: str, origin: str) -> str:
         address = address[1:-1].strip()
     if any(c in address for c in "<>\r\n\0") or any(c.isspace() for c in address):
         raise UsageError(f"{value!r}: bad address syntax")
+    if not _is_utf8(address):  # bytes of the command line that are not UTF-8 (they cannot be stored)
+        raise UsageError(f"{value!r}: bad address syntax: not UTF-8")
     if address and "@" not in address:
         address = f"{address}@{origin}"
     return address
+
+
+def text_of_argument(value: str) -> str:
+    """A command-line or environment value (-F, $NAME, GECOS) as storable text: bytes that are not UTF-8
+    (Python's surrogate escapes) become U+FFFD."""
+    return value if _is_utf8(value) else value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _is_utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def clean_recipient(value: str, origin: str) -> str:

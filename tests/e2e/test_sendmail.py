@@ -187,6 +187,21 @@ async def test_an_empty_recipient_is_refused_not_stored_for_pickup_to_set_aside(
     assert maildrop_names(tmp_path / "queue" / "maildrop") == []
 
 
+async def test_bytes_that_are_not_utf8_on_the_command_line_are_a_usage_error_or_replaced(cfg, tmp_path):
+    """A recipient or -f with a byte that is not UTF-8 is bad address syntax (64), not a traceback (exit 1);
+    such a byte in -F or $NAME becomes U+FFFD in the stored full name."""
+    config = cfg()
+    bad = os.fsdecode(b"b\xffob@local.test")
+    for args in ((bad,), ("-f", bad, "bob@local.test")):
+        rc, _, err = await run(config, *args, stdin=b"Subject: x\n\nbody\n")
+        assert rc == 64 and "bad address syntax" in err and "Traceback" not in err
+    assert maildrop_names(tmp_path / "queue" / "maildrop") == []
+    rc, _, err = await run(config, "-F", os.fsdecode(b"N\xffame"), "bob@local.test", stdin=b"\nbody\n")
+    assert rc == 0, err
+    [name] = maildrop_names(tmp_path / "queue" / "maildrop")
+    assert '"fullname": "N\ufffdame"' in (tmp_path / "queue" / "maildrop" / name).read_text("utf-8")
+
+
 async def test_a_queue_directory_that_does_not_exist_is_refused_naming_it(write_config, tmp_path):
     """A wrong configuration (or a relative path taken from the wrong place) must not strand mail where no server
     looks: nothing is stored, exit 73."""
