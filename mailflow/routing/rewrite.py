@@ -23,7 +23,10 @@ address may raise LookupRetry. `qualify` appends
 a `%` (allow_percent_hack), the local domain is dropped and the rightmost `%` becomes `@`
 (`user%example.org@here` -> `user@example.org`, which then routes, and is relay-checked, as that address).
 
-`transport_maps` (transport(5)) override the class's choice, except for the virtual alias class. Search
+An address with nothing after its '@' (`bob@`, which only a local submission, an alias or a .forward can
+give) resolves to `error:5.1.3 bad address syntax`: it bounces at once, as Postfix's trivial-rewrite flags it
+and its qmgr bounces it, instead of waiting for a next hop that cannot exist.
+`transport_maps` (transport(5)) override the class's choice, except for the virtual alias class and a bad address. Search
 order: the address, the address without its extension, the domain, each parent domain as `.parent`, then `*`;
 every table is asked one key before the next. A value `:nexthop` keeps the class's transport; `transport:`
 (no nexthop) sends to the recipient domain, relayhost or not (transport(5)).
@@ -56,6 +59,7 @@ from mailflow.tables import Table, TableCache, find, find_address, find_local, s
 from mailflow.transports.error import parse_error_nexthop
 
 VIRTUAL_ALIAS_TRANSPORT = "error:5.1.1 User unknown in virtual alias table"
+BAD_SYNTAX_TRANSPORT = "error:5.1.3 bad address syntax"  # an address with nothing after its '@' (`bob@`)
 status_log = logging.getLogger("mailflow.smtpd")
 
 # Local parts every local domain accepts at RCPT, listed or not (Postfix check_rcpt_maps): RFC 5321 4.5.1's
@@ -214,7 +218,7 @@ class Rewriter:
         relayhost is set; a nexthop without a transport (`:[gw]`) keeps the class's transport.
         May raise LookupRetry."""
         res = self._class_default(self.resolved_address(addr))
-        if res.address_class is AddressClass.VIRTUAL_ALIAS:
+        if res.address_class is AddressClass.VIRTUAL_ALIAS or not address.split(res.address)[1]:
             return res
         match = self._transport_override(res.address)
         if match is None:
@@ -236,6 +240,8 @@ class Rewriter:
         c = self._config
         klass = self.classify(qualified)
         domain = address.normalise_domain(address.split(qualified)[1])
+        if not domain:  # `bob@` (from sendmail, an alias, a .forward): Postfix's qmgr bounces it 5.1.3
+            return Resolution(klass, *split_transport(BAD_SYNTAX_TRANSPORT), qualified)
         if klass is AddressClass.LOCAL:
             transport, nexthop = split_transport(c.local_transport)
             return Resolution(klass, transport, nexthop or c.myhostname, qualified)

@@ -251,6 +251,17 @@ async def test_N_never_and_success(mailflow_server, cfg, tmp_path):
     assert len(inbox(tmp_path, "alice")) == 1  # the bounce NOTIFY=NEVER asked not to get
 
 
+async def test_a_recipient_with_nothing_after_the_at_bounces_at_once_as_bad_syntax(mailflow_server, cfg, tmp_path):
+    """`sendmail bob@`: Postfix takes it (exit 0) and bounces it at once, 5.1.3 bad address syntax; it used to be
+    deferred, "bad SMTP nexthop", until the queue lifetime ran out."""
+    mf = await mailflow_server()
+    rc, _, err = await run(cfg(), "-f", "alice@local.test", "bob@", stdin=b"Subject: lost\n\nx\n")
+    assert rc == 0, err
+    [notice] = await delivered(tmp_path, "alice", timeout=3)
+    assert b"Status: 5.1.3" in notice and b"bad address syntax" in notice
+    await queue_becomes(mf.store, {})
+
+
 async def test_v_reports_the_maildrop_file(cfg):
     rc, _, err = await run(cfg(), "-v", "bob@local.test", stdin=b"\nx\n")
     assert rc == 0 and "queued as maildrop/" in err
