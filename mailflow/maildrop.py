@@ -22,7 +22,8 @@ byte count of what follows, so a truncated file is caught) and `flags` (a list o
   anything else, such as a full disk); a failed write leaves no file behind.
 - `read_maildrop(path) -> MaildropMessage`: validates the envelope line and that exactly `size` bytes follow
   (without reading them); raises `CorruptMaildrop(reason)` for anything that is not a complete, well-formed
-  file (pickup moves such a file aside). The file's owner is returned as `owner_uid`; pickup trusts it over
+  file (pickup moves such a file aside), never blocks on a FIFO nor fails otherwise on a hostile envelope line
+  (JSON nested too deep is corrupt too); OSError when the file cannot be opened. The file's owner is returned as `owner_uid`; pickup trusts it over
   the `uid` the file claims. `maildrop_content(path, message)` is the content as a mailflow.content.Content.
 - `maildrop_names(directory)`: the finished files, oldest first (temporary names start with ".").
 - `wake_pickup(socket_path)`: one byte to the running server's pickup socket; a missing socket (no server)
@@ -165,19 +166,20 @@ def _fsync_directory(directory: Path) -> None:
 
 def read_maildrop(path: Path) -> MaildropMessage:
     try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise CorruptMaildrop("not a regular file")
-            first = f.readline(HEADER_LIMIT)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the caller (pickup's event loop)
     except IsADirectoryError:
         raise CorruptMaildrop("not a regular file") from None
+    with open(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptMaildrop("not a regular file")
+        first = f.readline(HEADER_LIMIT)
     if not first.endswith(b"\n"):
         raise CorruptMaildrop("no envelope line (empty, truncated or not a maildrop file)")
     try:
         header = json.loads(first)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CorruptMaildrop(f"envelope line is not JSON: {e}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # (RecursionError: arrays nested too deep)
+        raise CorruptMaildrop(f"envelope line is not JSON: {str(e)[:200]}") from None
     return _message(header, st.st_size - len(first), len(first), st.st_uid)
 
 

@@ -5,6 +5,8 @@ import dataclasses
 import io
 import os
 import stat
+import threading
+import time
 
 import pytest
 
@@ -264,6 +266,32 @@ async def test_corrupt_file_is_set_aside_and_the_next_is_delivered(mailflow_serv
     assert (mf.config.queue_path / "corrupt" / "00000000000000BAD").exists()
     assert maildrop_names(drop) == []
     assert any("00000000000000BAD: corrupt" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_fifo_or_a_deeply_nested_envelope_is_set_aside_and_does_not_stop_pickup(mailflow_server, tmp_path):
+    """A FIFO in the maildrop used to block pickup's open (and the whole event loop) for good; JSON nested too
+    deep raised RecursionError, which backed every scan off at that file: the mail behind it never left."""
+    mf = await mailflow_server()
+    drop = mf.config.queue_path / "maildrop"
+    fifo = drop / "00000000000000FIFO"
+    os.mkfifo(fifo)
+    (drop / "00000000000000DEEP").write_bytes(b"[" * 200_000 + b"\n")
+    _drop(mf)
+    mf.pickup.wake()
+    released = threading.Event()
+
+    def release_a_blocked_reader() -> None:  # so that a regression fails here instead of hanging the test run
+        time.sleep(2)
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # succeeds only while a reader has it open
+            released.set()
+        except OSError:
+            pass
+
+    threading.Thread(target=release_a_blocked_reader, daemon=True).start()
+    await eventually(lambda: maildir_messages(tmp_path / "mail" / "bob" / "Maildir"), timeout=5)
+    assert sorted(os.listdir(mf.config.queue_path / "corrupt")) == ["00000000000000DEEP", "00000000000000FIFO"]
+    assert maildrop_names(drop) == [] and not released.is_set()
 
 
 async def test_a_file_owned_by_another_user_than_it_claims_is_corrupt(mailflow_server):
