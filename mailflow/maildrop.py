@@ -24,7 +24,8 @@ byte count of what follows, so a truncated file is caught) and `flags` (a list o
   (without reading them); raises `CorruptMaildrop(reason)` for anything that is not a complete, well-formed
   file (pickup moves such a file aside), never blocks on a FIFO nor fails otherwise on a hostile envelope line
   (JSON nested too deep is corrupt too); OSError when the file cannot be opened. The file's owner is returned
-  as `owner_uid`; pickup trusts it over the `uid` the file claims. `maildrop_content(path, message)` is the content as a mailflow.content.Content.
+  as `owner_uid`; pickup trusts it over the `uid` the file claims. `maildrop_content(path, message)` is the
+  content as a mailflow.content.Content.
 - `maildrop_names(directory)`: the finished files, oldest first (temporary names start with ".").
 - `wake_pickup(socket_path)`: one byte to the running server's pickup socket; a missing socket (no server)
   is not an error.

@@ -12,8 +12,8 @@ header section (for -t and Bcc), streamed so that a big message is never held wh
     without_bcc(header) -> header                  Bcc and Resent-Bcc removed
 
 Failure behaviour: `clean_address` raises UsageError for an address with spaces, brackets, control
-characters or bytes that are not UTF-8 (`clean_recipient` also for an empty one: a maildrop file must name real recipients, else pickup
-sets it aside as corrupt after sendmail said it was stored); the rest never raise.
+characters or bytes that are not UTF-8 (`clean_recipient` also for an empty one: a maildrop file must name
+real recipients, else pickup sets it aside as corrupt after sendmail said it was stored); the rest never raise.
 """
 from __future__ import annotations
 
