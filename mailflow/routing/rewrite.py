@@ -28,8 +28,8 @@ give) resolves to `error:5.1.3 bad address syntax`: it bounces at once, as Postf
 and its qmgr bounces it, instead of waiting for a next hop that cannot exist.
 `transport_maps` (transport(5)) override the class's choice, except for the virtual alias class and a bad
 address. Search order: the address, the address without its extension, the domain, each parent domain as
-`.parent`, then `*`; every table is asked one key before the next. A value `:nexthop` keeps the class's transport; `transport:`
-(no nexthop) sends to the recipient domain, relayhost or not (transport(5)).
+`.parent`, then `*`; every table is asked one key before the next. A value `:nexthop` keeps the class's
+transport; `transport:` (no nexthop) sends to the recipient domain, relayhost or not (transport(5)).
 `recipient_known(addr, klass)` answers whether the class's recipient tables list an address (`UNKNOWN_IN`
 names the table for the 550 reply): local_recipient_maps/alias_maps, nothing for virtual alias domains
 (cleanup's mapper answers for those), virtual_mailbox_maps, relay_recipient_maps (empty: anyone).
