@@ -5,13 +5,17 @@
 Exit codes (sysexits): 0; 64 EX_USAGE (no recipients, bad address); 65 EX_DATAERR (bigger than
 `message_size_limit`: "message file too big"); 77 EX_NOPERM (not in `authorized_submit_users`, or a sender
 `local_login_sender_maps` does not allow); 73 EX_CANTCREAT / 75 EX_TEMPFAIL when the message cannot be stored
-(and 75 when a table cannot answer). Every failure prints one line on stderr.
+(and 75 when a table cannot answer). Every failure prints one line on stderr. SIGTERM or SIGHUP before the
+message is stored removes its unfinished file and ends the process by that signal (nothing is left behind).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
-from typing import BinaryIO, TextIO
+import signal
+import threading
+from typing import BinaryIO, Iterator, TextIO
 
 from mailflow.config import Config
 from mailflow.errors import LookupRetry
@@ -23,9 +27,53 @@ from mailflow.sendmail.reading import (clean_address, clean_recipient, header_re
 from mailflow.sendmail.stdio_smtp import StdioSmtp
 from mailflow.sendmail.submitter import Submitter
 
+CLEANUP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # (SIGINT already raises KeyboardInterrupt)
+
+
+class Signalled(BaseException):
+    """A signal arrived while the message was being read or written (its file is removed on the way out)."""
+
+    def __init__(self, number: int):
+        super().__init__(number)
+        self.number = number
+
+
 def run(opts: Options, config: Config, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO,
         identity: Identity | None = None) -> int:
-    """deliver or -bs; returns the exit code."""
+    """deliver or -bs; returns the exit code. SIGTERM or SIGHUP while a message is being stored removes its
+    unfinished maildrop file, as Postfix's postdrop does, then ends the process by that signal."""
+    with _cleanup_on_signals() as caught:
+        try:
+            return _run(opts, config, stdin, stdout, stderr, identity)
+        except Signalled as e:
+            caught.append(e.number)
+    stderr.flush()
+    os.kill(os.getpid(), caught[0])  # the default action again: the caller sees the signal
+    return os.EX_TEMPFAIL  # (not reached for a signal whose default ends the process)
+
+
+@contextlib.contextmanager
+def _cleanup_on_signals() -> Iterator[list[int]]:
+    """While inside, CLEANUP_SIGNALS raise Signalled (so that write_maildrop removes its temporary file); on the
+    way out the previous handlers are back. Outside the main thread (signals cannot be caught there) nothing."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def handler(number: int, frame) -> None:
+        raise Signalled(number)
+
+    previous = {number: signal.signal(number, handler) for number in CLEANUP_SIGNALS}
+    try:
+        yield caught
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
+def _run(opts: Options, config: Config, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO,
+         identity: Identity | None) -> int:
     me = identity or current_identity()
     say = lambda text: stderr.write(f"sendmail: {text}\n")  # noqa: E731
     for note in opts.notes if opts.verbose else ():

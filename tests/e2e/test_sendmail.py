@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -200,6 +201,25 @@ async def test_bytes_that_are_not_utf8_on_the_command_line_are_a_usage_error_or_
     assert rc == 0, err
     [name] = maildrop_names(tmp_path / "queue" / "maildrop")
     assert '"fullname": "N\ufffdame"' in (tmp_path / "queue" / "maildrop" / name).read_text("utf-8")
+
+
+async def test_sendmail_terminated_mid_message_leaves_no_file_in_the_maildrop(cfg, tmp_path):
+    """SIGTERM (or SIGHUP) while the message is read: the unfinished hidden file is removed, as Postfix's postdrop
+    removes its own; it used to stay in maildrop/ for ever."""
+    config = cfg()
+    drop = tmp_path / "queue" / "maildrop"
+    for number in (signal.SIGTERM, signal.SIGHUP):
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "mailflow", "sendmail", "-C", str(config),
+                                                    "bob@local.test", stdin=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.PIPE)
+        assert proc.stdin is not None
+        proc.stdin.write(b"Subject: half\n\n" + b"x" * 100_000 + b"\n")
+        await proc.stdin.drain()
+        await eventually(lambda: drop.is_dir() and os.listdir(drop), timeout=10)  # being written
+        proc.send_signal(number)
+        await asyncio.wait_for(proc.wait(), 10)
+        assert proc.returncode == -number
+        assert os.listdir(drop) == []
 
 
 async def test_a_queue_directory_that_does_not_exist_is_refused_naming_it(write_config, tmp_path):
