@@ -27,6 +27,8 @@ byte count of what follows, so a truncated file is caught) and `flags` (a list o
   as `owner_uid`; pickup trusts it over the `uid` the file claims. `maildrop_content(path, message)` is the
   content as a mailflow.content.Content.
 - `maildrop_names(directory)`: the finished files, oldest first (temporary names start with ".").
+- `remove_stale_temporaries(directory, now, age=STALE_AGE) -> names`: removes the temporary files of writers that
+  died (SIGKILL, a crash) and were not touched for `age` seconds (Postfix's postsuper -p purges such files).
 - `wake_pickup(socket_path)`: one byte to the running server's pickup socket; a missing socket (no server)
   is not an error.
 Nothing here needs a running server.
@@ -51,6 +53,7 @@ VERSION = 1
 FILE_MODE = 0o600
 DIRECTORY_MODE = 0o700
 HEADER_LIMIT = 1_000_000  # bytes of the JSON line: far above any real envelope, below "read it all to find out"
+STALE_AGE = 86400.0  # a temporary maildrop file not written to for a day: its writer is gone
 SIZE_ROOM = 10 ** 15 - 1  # the envelope line is first written with this size, then completed in place
 
 
@@ -230,6 +233,25 @@ def maildrop_names(directory: Path) -> list[str]:
         return sorted(n for n in os.listdir(directory) if not n.startswith("."))
     except FileNotFoundError:
         return []
+
+
+def remove_stale_temporaries(directory: Path, now: float, age: float = STALE_AGE) -> list[str]:
+    """The temporary files (".tmp.NAME") last modified more than `age` seconds before `now`, removed; their
+    names. Errors are ignored: the next call tries again."""
+    removed = []
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(".tmp.")]
+    except OSError:
+        return []
+    for name in names:
+        path = Path(directory) / name
+        try:
+            if now - os.lstat(path).st_mtime > age:
+                path.unlink()
+                removed.append(name)
+        except OSError:
+            pass
+    return removed
 
 
 def wake_pickup(socket_path: Path) -> bool:

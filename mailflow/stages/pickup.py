@@ -28,6 +28,8 @@ Postfix's public/pickup FIFO). It scans the maildrop when it starts, on every wa
 - a fault of the queue itself (the store locked, the disk full: `store_fault`) ends the scan: the files stay,
   and the scans back off (0.5 s doubling to 10 s; wake-ups do not cut the wait short), logged once a minute
   with a count (`faults.Guard`), until a scan gets through.
+The hidden temporary files of sendmail processes that died writing them (SIGKILL, a crash) and were not
+touched for a day are removed at each scan, logged (Postfix's postsuper -p purges such leftovers).
 A socket that cannot be bound (e.g. a path longer than the UNIX limit) is logged; the periodic scan still runs.
 """
 from __future__ import annotations
@@ -36,6 +38,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 
 from mailflow.clock import Clock
@@ -44,7 +47,8 @@ from mailflow.content import Content, Truncated
 from mailflow.errors import DeliveryError, MessageTooBig, PermanentError, TemporaryError
 from mailflow.faults import Guard
 from mailflow.filters.milter import NonSmtpdMilters
-from mailflow.maildrop import CorruptMaildrop, MaildropMessage, maildrop_content, maildrop_names, read_maildrop
+from mailflow.maildrop import (CorruptMaildrop, MaildropMessage, maildrop_content, maildrop_names, read_maildrop,
+                               remove_stale_temporaries)
 from mailflow.message import quoted_original
 from mailflow.model import ClientInfo, Envelope, LocalUser, Recipient, Submission
 from mailflow.stages.bounce import NoticeRecipient, build_notice, notice_is_8bit, wants_notice
@@ -152,7 +156,10 @@ class Pickup:
                 return
             await self._scans.run(self.scan)  # anything it raises backs the scans off; the files stay
     async def scan(self) -> int:
-        """One pass over the maildrop; returns how many files were handed to cleanup."""
+        """One pass over the maildrop; returns how many files were handed to cleanup. First, the temporary
+        files of sendmail processes that died writing them (not touched for a day) are removed."""
+        for name in remove_stale_temporaries(self.maildrop, time.time()):  # (file times are wall-clock times)
+            logger.warning("pickup: maildrop/%s: removed: an unfinished file left by a sendmail that died", name)
         done = 0
         for name in maildrop_names(self.maildrop):
             if self._closing:

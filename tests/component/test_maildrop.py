@@ -294,6 +294,16 @@ async def test_a_fifo_or_a_deeply_nested_envelope_is_set_aside_and_does_not_stop
     assert maildrop_names(drop) == [] and not released.is_set()
 
 
+async def test_a_temporary_file_left_by_a_dead_sendmail_is_removed_after_a_day(mailflow_server):
+    mf = await mailflow_server()
+    drop = mf.config.queue_path / "maildrop"
+    for name, age in ((".tmp.OLD", 2 * 86400), (".tmp.NEW", 3600)):
+        (drop / name).write_bytes(b"      \nhalf a mess")
+        os.utime(drop / name, (time.time() - age, time.time() - age))
+    await mf.pickup.scan()
+    assert sorted(os.listdir(drop)) == [".tmp.NEW"]
+
+
 async def test_a_file_owned_by_another_user_than_it_claims_is_corrupt(mailflow_server):
     if os.geteuid() != 0:
         pytest.skip("needs root to give the file another owner")
