@@ -18,8 +18,9 @@ byte count of what follows, so a truncated file is caught) and `flags` (a list o
   body type: 8BITMIME when a byte is not ASCII) and completed in place at the end (JSON allows the spaces that
   pad it). The file is mode 0600; the directory is created 0700 when missing. Raises `MaildropError` (with
   `.code`, a sysexits value: 65 EX_DATAERR when the content exceeds `size_limit` bytes (0: no limit) -
-  reading stops there; 73 EX_CANTCREAT when the directory cannot be created or written; 75 EX_TEMPFAIL for
-  anything else, such as a full disk); a failed write leaves no file behind.
+  reading stops there; 64 EX_USAGE when the envelope line would exceed HEADER_LIMIT (hundreds of thousands
+  of recipients), before the content is read or a file created; 73 EX_CANTCREAT when the directory cannot be
+  created or written; 75 EX_TEMPFAIL for anything else, such as a full disk); a failed write leaves no file.
 - `read_maildrop(path) -> MaildropMessage`: validates the envelope line and that exactly `size` bytes follow
   (without reading them); raises `CorruptMaildrop(reason)` for anything that is not a complete, well-formed
   file (pickup moves such a file aside), never blocks on a FIFO nor fails otherwise on a hostile envelope line
@@ -52,7 +53,9 @@ from mailflow.content import Content, FilePart
 VERSION = 1
 FILE_MODE = 0o600
 DIRECTORY_MODE = 0o700
-HEADER_LIMIT = 1_000_000  # bytes of the JSON line: far above any real envelope, below "read it all to find out"
+# bytes of the JSON line, written and read: room for every recipient a command line can hold (Linux: 2 MB of
+# arguments by default) and then some, yet a bound on what pickup reads to find out
+HEADER_LIMIT = 16_000_000
 STALE_AGE = 86400.0  # a temporary maildrop file not written to for a day: its writer is gone
 SIZE_ROOM = 10 ** 15 - 1  # the envelope line is first written with this size, then completed in place
 
@@ -107,6 +110,10 @@ def new_name(now: float) -> str:
 def write_maildrop(directory: Path, message: MaildropMessage, chunks: Iterable[bytes], *,
                    size_limit: int = 0) -> str:
     directory = Path(directory)
+    room = len(envelope_line(dataclasses.replace(message, size=SIZE_ROOM, body_type="8BITMIME"))) - 1
+    if room >= HEADER_LIMIT:  # read_maildrop would take the file for corrupt
+        raise MaildropError(f"too many recipients ({len(message.recipients)}): the envelope would be {room} bytes, "
+                            f"more than {HEADER_LIMIT}", os.EX_USAGE)
     _ensure_directory(directory)
     name = new_name(time.time())
     temp = directory / f".tmp.{name}"
@@ -117,7 +124,7 @@ def write_maildrop(directory: Path, message: MaildropMessage, chunks: Iterable[b
     try:
         try:
             with os.fdopen(fd, "wb") as f:
-                _write_message(f, message, chunks, size_limit)
+                _write_message(f, message, chunks, size_limit, room)
                 os.fsync(f.fileno())
             os.rename(temp, directory / name)
             _fsync_directory(directory)
@@ -129,10 +136,9 @@ def write_maildrop(directory: Path, message: MaildropMessage, chunks: Iterable[b
     return name
 
 
-def _write_message(f, message: MaildropMessage, chunks: Iterable[bytes], size_limit: int) -> None:
-    """The envelope line (with room for what is known only at the end), the content, the line completed."""
+def _write_message(f, message: MaildropMessage, chunks: Iterable[bytes], size_limit: int, room: int) -> None:
+    """The envelope line (`room` bytes, for what is known only at the end), the content, the line completed."""
     detect = not message.body_type
-    room = len(envelope_line(dataclasses.replace(message, size=SIZE_ROOM, body_type="8BITMIME"))) - 1
     f.write(b" " * room + b"\n")
     size, ascii_only = 0, True
     for chunk in chunks:

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from mailflow import maildrop
 from mailflow.config import config_from_dict
 from mailflow.maildrop import (CorruptMaildrop, MaildropError, MaildropMessage, maildrop_content, maildrop_names,
                                read_maildrop, wake_pickup, write_maildrop)
@@ -91,6 +92,20 @@ def test_truncated_content_is_corrupt(tmp_path):
     (tmp_path / name).write_bytes(data[:-3])
     with pytest.raises(CorruptMaildrop, match="truncated"):
         read_maildrop(tmp_path / name)
+
+
+def test_forty_thousand_recipients_read_back_and_an_envelope_over_the_limit_is_refused(tmp_path, monkeypatch):
+    """An envelope line longer than read_maildrop reads used to be written (sendmail exit 0), then set aside by
+    pickup as corrupt: 40,000 recipients on a command line were silently lost."""
+    many = dataclasses.replace(MESSAGE, recipients=tuple(f"user{i}@some-longer-domain.example.org"
+                                                         for i in range(40_000)))
+    name = drop(tmp_path, many)
+    assert len(read_maildrop(tmp_path / name).recipients) == 40_000
+    monkeypatch.setattr(maildrop, "HEADER_LIMIT", 100_000)
+    with pytest.raises(MaildropError) as info:
+        drop(tmp_path / "other", many)
+    assert info.value.code == 64 and "too many recipients (40000)" in str(info.value)
+    assert not (tmp_path / "other").exists()
 
 
 def test_unwritable_maildrop_is_cantcreat(tmp_path):
