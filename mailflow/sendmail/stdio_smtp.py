@@ -5,7 +5,8 @@
 HELO, EHLO, MAIL, RCPT, DATA, RSET, NOOP, VRFY, QUIT; each message goes to the maildrop through the Submitter.
 Pipelining works since input is read line by line. Every reply comes from mailflow.status (the greeting and the
 EHLO lines are the only plain strings). DATA is streamed like standard input in deliver mode; too big is
-`552 5.3.4`; input ending mid-message stores nothing.
+`552 5.3.4`; input ending mid-message stores nothing. Past `[smtpd] recipient_limit` recipients RCPT is
+answered `452 4.5.3 Error: too many recipients` (Postfix runs smtpd under -bs, with its limit).
 """
 from __future__ import annotations
 
@@ -91,6 +92,8 @@ class StdioSmtp:
         address = _path(arg, "TO")
         if not address:
             return self._reply(status.syntax("RCPT TO:<address>"))
+        if len(self._recipients) >= self._sub.config.smtpd.recipient_limit:  # as Postfix's smtpd under -bs
+            return self._reply(status.TOO_MANY_RECIPIENTS)
         try:
             self._recipients.append(clean_recipient(address, self._sub.config.origin))
         except UsageError:

@@ -222,6 +222,13 @@ async def test_sendmail_terminated_mid_message_leaves_no_file_in_the_maildrop(cf
         assert os.listdir(drop) == []
 
 
+async def test_bs_refuses_recipients_past_the_recipient_limit(cfg, tmp_path):
+    config = cfg(smtpd={"listen": ["127.0.0.1:0"], "recipient_limit": 2})
+    rcpts = b"".join(b"RCPT TO:<u%d@local.test>\r\n" % i for i in range(3))
+    rc, out, _ = await run(config, "-bs", stdin=b"HELO x\r\nMAIL FROM:<>\r\n" + rcpts + b"QUIT\r\n")
+    assert rc == 0 and out.count(b"250 2.1.5") == 2 and b"452 4.5.3 Error: too many recipients" in out
+
+
 async def test_a_queue_directory_that_does_not_exist_is_refused_naming_it(write_config, tmp_path):
     """A wrong configuration (or a relative path taken from the wrong place) must not strand mail where no server
     looks: nothing is stored, exit 73."""
