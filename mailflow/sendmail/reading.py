@@ -4,7 +4,8 @@ header section (for -t and Bcc), streamed so that a big message is never held wh
     clean_address(value, origin) -> address        `<a@b>` -> `a@b`; a bare local part gets @myorigin
     clean_recipient(value, origin) -> address      the same, but "" and "<>" (the null address) are refused
     text_of_argument(value) -> text                -F, $NAME, GECOS: bytes that are not UTF-8 become U+FFFD
-    read_message(stream, ignore_dots) -> lines     CRLF line ends; a lone "." ends the input unless ignore_dots;
+    read_message(stream, ignore_dots) -> lines     CRLF line ends; a lone "." (its line end or not) ends the input
+                                                   unless ignore_dots;
                                                    a leading mbox "From " line is dropped; a line longer than
                                                    LINE_PIECE comes in pieces
     split_input(lines, limit) -> (header section, the rest)
@@ -65,7 +66,8 @@ def clean_recipient(value: str, origin: str) -> str:
 
 def read_message(stream: BinaryIO, ignore_dots: bool) -> Iterator[bytes]:
     """The message from standard input, as lines ending in CRLF (a line longer than LINE_PIECE comes in pieces,
-    the last ending in CRLF); a lone "." ends it unless `ignore_dots`; a leading mbox "From " line is dropped."""
+    the last ending in CRLF); a lone "." ends it unless `ignore_dots` (also as the last line without a line end,
+    as Postfix's sendmail takes it); a leading mbox "From " line is dropped."""
     first, at_start, skipping, carry = True, True, False, b""
     while raw := stream.readline(LINE_PIECE):
         complete = raw.endswith(b"\n")
@@ -76,8 +78,8 @@ def read_message(stream: BinaryIO, ignore_dots: bool) -> Iterator[bytes]:
         if at_start:
             if first and data.startswith(b"From "):  # an mbox separator, not a header (Postfix drops it too)
                 skipping = True
-            elif complete and not ignore_dots and data.rstrip(b"\r\n") == b".":
-                return
+            elif not ignore_dots and data.rstrip(b"\r\n") == b"." and (complete or len(raw) < LINE_PIECE):
+                return  # (a short piece without its line end is the last line: "." at the very end counts too)
         first = False
         if not skipping:
             yield data.rstrip(b"\r\n") + CRLF if complete else data

@@ -172,6 +172,14 @@ def test_lone_dot_ends_input_unless_i():
     assert message(text, ignore_dots=True) == b"Subject: s\r\n\r\nline\r\n.\r\nafter\r\n"
 
 
+def test_a_lone_dot_as_the_last_line_without_its_line_end_ends_input_too():
+    """Postfix's sendmail drops a final "." that has no line end (checked against a private Postfix 3.7); it
+    used to stay in the body as a line of its own."""
+    assert message(b"Subject: s\n\nbody\n.", ignore_dots=False) == b"Subject: s\r\n\r\nbody\r\n"
+    assert message(b"Subject: s\n\nbody\n.", ignore_dots=True) == b"Subject: s\r\n\r\nbody\r\n.\r\n"
+    assert message(b"Subject: s\n\nbody\n.x", ignore_dots=False) == b"Subject: s\r\n\r\nbody\r\n.x\r\n"
+
+
 def message(text: bytes, ignore_dots: bool) -> bytes:
     return b"".join(read_message(io.BytesIO(text), ignore_dots))
 
