@@ -17,11 +17,14 @@ every directory opened without following a symbolic link; without maps, what is 
 own user (directories 0700, files 0600). Giving a file away needs root (or CAP_CHOWN): otherwise the delivery
 defers 4.2.0 naming the error.
 Failures: an unknown virtual user bounces (5.1.1); a table that cannot answer or a map value mailflow
-cannot use defers (4.3.0 / 4.3.5); an OS error defers (4.2.0: a full disk, a permission the operator can fix).
+cannot use defers (4.3.0 / 4.3.5); an OS error defers (4.2.0: a full disk, a permission the operator can fix),
+except a file system quota or file size limit (EDQUOT, EFBIG): a full mailbox, 5.2.2 as Postfix says (4.2.2 when
+`overquota_bounce` is False) - `write_failure(maildir, error)` is that mapping, which local(8)'s Maildirs share.
 """
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 from dataclasses import dataclass
@@ -72,6 +75,17 @@ class MaildirWriter:
         now = self._clock.time()
         sec, usec = int(now), int((now % 1) * 1_000_000)
         return f"{sec}.M{usec}P{os.getpid()}Q{next(self._seq)}.{self._host}"
+
+
+def write_failure(maildir: Path, e: OSError, *, bounce_full: bool = True) -> tuple[Outcome, str, str]:
+    """What an OS error writing `maildir` means for the recipient, as Postfix's mbox_dsn maps it: a quota or the
+    file size limit (EDQUOT, EFBIG) is a full mailbox, 5.2.2 (deferred 4.2.2 when not `bounce_full`); anything
+    else defers 4.2.0 (a full disk, a permission the operator can fix)."""
+    reason = e.strerror or str(e)
+    if e.errno in (errno.EDQUOT, errno.EFBIG):
+        text = f"mailbox {maildir} is full: {reason}"
+        return (Outcome.BOUNCED, "5.2.2", text) if bounce_full else (Outcome.DEFERRED, "4.2.2", text)
+    return Outcome.DEFERRED, "4.2.0", f"cannot write to maildir {maildir}: {reason}"
 
 
 def mailbox_prefix(sender: str, delivered_to: str, original: str = "") -> bytes:
@@ -142,8 +156,8 @@ class MaildirTransport:
         except TemporaryError as e:
             return RcptResult(rcpt, Outcome.DEFERRED, e.dsn, e.text, relay=self._relay)
         except OSError as e:
-            return RcptResult(rcpt, Outcome.DEFERRED, "4.2.0", f"cannot write to maildir {maildir}: {e.strerror}",
-                              relay=self._relay)
+            outcome, dsn, text = write_failure(maildir, e, bounce_full=self._overquota_bounce)
+            return RcptResult(rcpt, outcome, dsn, text, relay=self._relay)
         return RcptResult(rcpt, Outcome.SENT, "2.0.0", f"delivered to maildir {maildir}", relay=self._relay)
 
     async def _over_quota(self, rcpt: Recipient, maildir: Path, size: int) -> RcptResult | None:

@@ -10,6 +10,7 @@ signature of mailflow.app's `forwarder`.
 """
 from __future__ import annotations
 
+import errno
 import re
 
 import os
@@ -231,6 +232,22 @@ async def test_maildir_that_cannot_be_written_defers(tmp_path):
     (home / "Maildir").write_text("not a directory")
     [result] = (await transport(tmp_path).deliver(request("alice@example.test"))).results
     assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.2.0")
+
+
+@pytest.mark.parametrize("error, outcome, dsn", [
+    (errno.EDQUOT, Outcome.BOUNCED, "5.2.2"), (errno.EFBIG, Outcome.BOUNCED, "5.2.2"),
+    (errno.ENOSPC, Outcome.DEFERRED, "4.2.0"), (errno.EIO, Outcome.DEFERRED, "4.2.0"),
+])
+async def test_a_maildir_over_its_file_system_quota_bounces_mailbox_full(tmp_path, monkeypatch, error, outcome, dsn):
+    """Postfix's local(8) maps EDQUOT and EFBIG to 5.2.2 (mbox_dsn) and bounces, as mailflow's own mbox delivery
+    does; a Maildir write used to defer 4.2.0 for them, retrying until the queue lifetime ran out."""
+    async def full(self, maildir, prefix, content, owner=None):
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(MaildirWriter, "write", full)
+    [result] = (await transport(tmp_path).deliver(request("alice@example.test"))).results
+    assert (result.outcome, result.dsn) == (outcome, dsn)
+    assert ("is full" in result.text) == (outcome is Outcome.BOUNCED)
 
 
 async def test_forward_that_fails_defers(tmp_path):

@@ -26,7 +26,8 @@ The recipient's result: deferred if any part must be retried (a retry repeats th
 local(8) does); else bounced when a part was refused (unknown user, loop, restricted command, a command's
 permanent failure), the rest being delivered; else sent, naming every destination.
 
-Failures: never raises for a delivery problem; an OS error writing a Maildir defers (4.2.0); an mbox or file
+Failures: never raises for a delivery problem; an OS error writing a Maildir defers (4.2.0), but a quota or
+the file size limit (EDQUOT, EFBIG) bounces 5.2.2 mailbox full, as Postfix's local(8) does; an mbox or file
 append that fails defers or bounces as mailflow.transports.local.mbox says (busy 4.2.0, full 5.2.2, a symlink 5.2.0);
 a table or file that cannot be read defers (4.3.0); a forward cleanup cannot queue defers (4.3.0).
 """
@@ -51,7 +52,7 @@ from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult,
 from mailflow.transports.local.aliasing import Command, File, Forward, LocalExpander, Mailbox, Refused, is_safe_user
 from mailflow.tables import split_extension
 from mailflow.transports.encode import ToLf, aencode
-from mailflow.transports.maildir import MaildirWriter, Owner, mailbox_prefix
+from mailflow.transports.maildir import MaildirWriter, Owner, mailbox_prefix, write_failure
 from mailflow.transports.local.mbox import append_mbox, from_line, mailbox_location, mbox_entry
 from mailflow.transports.pipe import CommandNotRun, command_status, run_command
 
@@ -156,7 +157,7 @@ class LocalTransport:
             try:
                 await self._writer.write(path, prefix, request.content, await self._owner(leaf.user))
             except OSError as e:
-                return Outcome.DEFERRED, "4.2.0", f"cannot write to maildir {path}: {e.strerror or e}"
+                return write_failure(path, e)
             return Outcome.SENT, "2.0.0", f"delivered to maildir {path}"
         entry = mbox_entry(request.content, sender=request.sender, arrival=self._clock.time(), prepend=prefix)
         try:
