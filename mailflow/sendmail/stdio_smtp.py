@@ -26,7 +26,8 @@ from mailflow.sendmail.submitter import Submitter
 class StdioSmtp:
     """`sendmail -bs`: an SMTP server on standard input/output for scripts (Postfix runs smtpd there).
     HELO, EHLO, MAIL, RCPT, DATA, RSET, NOOP, VRFY, QUIT; each message goes to the maildrop. Pipelining works
-    since input is read line by line. Returns 0 at QUIT or end of input."""
+    since input is read line by line. Returns 0 at QUIT, at the end of input, or when the client stops reading
+    the replies (a broken pipe: quietly, no traceback)."""
 
     LINE_LIMIT = 65536
 
@@ -48,6 +49,13 @@ class StdioSmtp:
         self._out.flush()
 
     def run(self) -> int:
+        try:
+            return self._session()
+        except BrokenPipeError:  # the client stopped reading: the session is over (what was stored stays stored)
+            _discard_output(self._out)
+            return 0
+
+    def _session(self) -> int:
         self._reply(f"220 {self._host} ESMTP mailflow (sendmail -bs)")
         while True:
             line = self._in.readline(self.LINE_LIMIT)
@@ -158,6 +166,17 @@ class StdioSmtp:
 
 class _EndOfInput(Exception):
     """-bs: standard input ended in the middle of DATA."""
+
+
+def _discard_output(out: BinaryIO) -> None:
+    """After a broken pipe: what is still buffered for `out` goes nowhere, so that the interpreter's last flush
+    does not fail with a traceback."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a file descriptor (a test's BytesIO): nothing to do
+        pass
 
 
 def _path(arg: str, keyword: str) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -227,6 +228,17 @@ async def test_bs_refuses_recipients_past_the_recipient_limit(cfg, tmp_path):
     rcpts = b"".join(b"RCPT TO:<u%d@local.test>\r\n" % i for i in range(3))
     rc, out, _ = await run(config, "-bs", stdin=b"HELO x\r\nMAIL FROM:<>\r\n" + rcpts + b"QUIT\r\n")
     assert rc == 0 and out.count(b"250 2.1.5") == 2 and b"452 4.5.3 Error: too many recipients" in out
+
+
+def test_bs_ends_quietly_when_the_client_stops_reading_the_replies(cfg):
+    """A script that closes its end of sendmail -bs's standard output: no BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "mailflow", "sendmail", "-C", str(cfg()), "-bs"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdin is not None
+    assert proc.stdout.read(3) == b"220"
+    proc.stdout.close()
+    _, err = proc.communicate(b"HELO x\r\n" + b"NOOP\r\n" * 2000 + b"QUIT\r\n", timeout=20)
+    assert proc.returncode == 0 and b"Traceback" not in err and b"Exception" not in err, err
 
 
 async def test_a_queue_directory_that_does_not_exist_is_refused_naming_it(write_config, tmp_path):
