@@ -6,7 +6,8 @@ queue flush and address commands.
                                           and -bs (other modes keep the command's own code)
     sendmail_command(ctx)                 the typer command (Sendmail's option syntax passes through untouched)
 
-Failure behaviour: a usage error prints the usage and returns 64 (EX_USAGE); nothing raises.
+Failure behaviour: a usage error prints the usage and returns 64 (EX_USAGE); nothing raises. A closed standard
+input, output or error is opened on /dev/null first (Postfix's sendmail does the same).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def sendmail_command(ctx: typer.Context) -> None:
 
 
 def run_sendmail(args: list[str]) -> int:
+    _standard_streams()
     try:
         opts = sm.parse_args(args)
     except sm.UsageError as e:
@@ -53,6 +55,22 @@ def run_sendmail(args: list[str]) -> int:
     except typer.Exit as e:
         return os.EX_CONFIG if e.exit_code == 2 and opts.mode in ("deliver", "smtp") else e.exit_code
     return 0
+
+
+def _standard_streams() -> None:
+    """A closed standard input, output or error (cron jobs and daemons run so) is /dev/null, as Postfix's
+    sendmail makes it: closed input is an empty message, not a traceback."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        if getattr(sys, name) is not None:
+            continue
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # (the lowest free descriptor: `fd` when those below are open)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        setattr(sys, name, open(fd, mode, closefd=False))
 
 
 def _newaliases(cfg: Config, config: str | None) -> int:

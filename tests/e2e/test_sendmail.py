@@ -241,6 +241,18 @@ def test_bs_ends_quietly_when_the_client_stops_reading_the_replies(cfg):
     assert proc.returncode == 0 and b"Traceback" not in err and b"Exception" not in err, err
 
 
+def test_closed_standard_streams_are_dev_null(cfg, tmp_path):
+    """Run with standard input (or error) closed, as cron jobs and daemons may: an empty message is queued (and
+    an error is reported nowhere, with its exit code), as Postfix's sendmail does; it was a traceback."""
+    command = [sys.executable, "-m", "mailflow", "sendmail", "-C", str(cfg())]
+    closing = ["sh", "-c", 'exec "$@" <&-', "sh"]  # the shell closes standard input, then runs the command
+    done = subprocess.run(closing + command + ["bob@local.test"], stderr=subprocess.PIPE, timeout=20)
+    assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr
+    assert len(maildrop_names(tmp_path / "queue" / "maildrop")) == 1
+    closing[2] = 'exec "$@" <&- 2>&-'
+    assert subprocess.run(closing + command + ["a b@local.test"], timeout=20).returncode == 64
+
+
 async def test_a_queue_directory_that_does_not_exist_is_refused_naming_it(write_config, tmp_path):
     """A wrong configuration (or a relative path taken from the wrong place) must not strand mail where no server
     looks: nothing is stored, exit 73."""
