@@ -23,7 +23,8 @@ byte count of what follows, so a truncated file is caught) and `flags` (a list o
   created or written; 75 EX_TEMPFAIL for anything else, such as a full disk); a failed write leaves no file.
 - `read_maildrop(path) -> MaildropMessage`: validates the envelope line and that exactly `size` bytes follow
   (without reading them); raises `CorruptMaildrop(reason)` for anything that is not a complete, well-formed
-  file (pickup moves such a file aside), never blocks on a FIFO nor fails otherwise on a hostile envelope line
+  file (pickup moves such a file aside; `notify`, `ret`, `envid` and `body_type` must be values sendmail's -N,
+  -R, -V and -B can give), never blocks on a FIFO nor fails otherwise on a hostile envelope line
   (JSON nested too deep is corrupt too); OSError when the file cannot be opened. The file's owner is returned
   as `owner_uid`; pickup trusts it over the `uid` the file claims. `maildrop_content(path, message)` is the
   content as a mailflow.content.Content.
@@ -220,12 +221,29 @@ def _message(header: object, available: int, offset: int, owner: int) -> Maildro
         if key in header:
             _expect(header, key, kind)
             optional[key] = header[key]
+    _check_dsn_fields(optional)
     flags = header.get("flags", [])
     if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
         raise CorruptMaildrop("flags: must be a list of words")
     return MaildropMessage(sender=header["sender"], recipients=tuple(recipients), uid=header["uid"],
                            user=header["user"], flags=tuple(flags), size=header["size"], offset=offset,
                            owner_uid=owner, **optional)
+
+
+def _check_dsn_fields(fields: dict) -> None:
+    """The values sendmail's -N, -R, -V and -B can give, nothing else: they reach the queue and the DSN notices
+    (an ENVID with a line break would be a header of its own there)."""
+    notify = fields.get("notify", "")
+    words = notify.split(",") if notify else []
+    if not (words == ["NEVER"] or all(w in ("SUCCESS", "FAILURE", "DELAY") for w in words)):
+        raise CorruptMaildrop(f"notify: {notify[:80]!r} is no RFC 3461 NOTIFY value")
+    if fields.get("ret", "") not in ("", "FULL", "HDRS"):
+        raise CorruptMaildrop("ret: must be FULL or HDRS")
+    envid = fields.get("envid", "")
+    if not all(33 <= ord(c) <= 126 and c not in "+=" for c in envid):  # (what sendmail -V takes)
+        raise CorruptMaildrop("envid: not an RFC 3461 ENVID")
+    if fields.get("body_type", "7BIT") not in ("", "7BIT", "8BITMIME"):
+        raise CorruptMaildrop("body_type: must be 7BIT or 8BITMIME")
 
 
 def _expect(header: dict, key: str, kind) -> None:

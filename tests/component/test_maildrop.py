@@ -78,6 +78,14 @@ def test_names_sort_in_submission_order(tmp_path):
     (b'{"version": 1, "sender": "a@b", "recipients": ["c@d"], "uid": "1", "user": "a", "size": 0}\n', "uid"),
     (b'{"version": 1, "sender": "a@b", "recipients": ["c\\r\\nX: y"], "uid": 1, "user": "a", "size": 0}\n',
      "control character"),
+    (b'{"version": 1, "sender": "a@b", "recipients": ["c@d"], "uid": 1, "user": "a", "size": 0, '
+     b'"envid": "x\\r\\nX-Injected: y"}\n', "envid"),
+    (b'{"version": 1, "sender": "a@b", "recipients": ["c@d"], "uid": 1, "user": "a", "size": 0, '
+     b'"notify": "SUCCESS,SOMETIMES"}\n', "notify"),
+    (b'{"version": 1, "sender": "a@b", "recipients": ["c@d"], "uid": 1, "user": "a", "size": 0, "ret": "ALL"}\n',
+     "ret"),
+    (b'{"version": 1, "sender": "a@b", "recipients": ["c@d"], "uid": 1, "user": "a", "size": 0, '
+     b'"body_type": "BINARYMIME"}\n', "body_type"),
 ])
 def test_malformed_files_are_corrupt(tmp_path, raw, reason):
     path = tmp_path / "F1"
