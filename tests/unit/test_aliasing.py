@@ -260,6 +260,14 @@ def test_a_list_with_an_owner_alias_resubmits_from_the_owner(tmp_path):
     assert e.expand("plain@example.test") == [mailbox("alice"), Forward("dave@remote.test")]
 
 
+def test_an_include_file_that_includes_itself_is_read_once(tmp_path):
+    """local(8) skips an :include: file it has expanded already (its duplicate filter); a file that includes
+    itself used to nest to INCLUDE_DEPTH and defer 4.6.0 at every attempt."""
+    inc = tmp_path / "list.include"
+    inc.write_text(f"bob@remote.test\n:include:{inc}\n")
+    assert expander(tmp_path, f"list: :include:{inc}\n").expand("list@example.test") == [Forward("bob@remote.test")]
+
+
 def test_missing_include_file_is_4_3_0(tmp_path):
     e = expander(tmp_path, f"list: :include:{tmp_path / 'missing'}\n")
     with pytest.raises(TemporaryError) as excinfo:

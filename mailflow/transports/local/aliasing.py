@@ -30,8 +30,9 @@ Rules, as local(8):
 Commands and files are allowed only from the sources in `allow_mail_to_commands` / `allow_mail_to_files`
 ("alias", "forward", "include"); otherwise the leaf is Refused with 5.7.1. Nothing a client sends can become
 a command or file: those come only from alias values and files on this host.
-Duplicate leaves are dropped (one mailbox per user; addresses compared without case). At most EXPANSION_LIMIT
-leaves and INCLUDE_DEPTH nested :include: files.
+Duplicate leaves are dropped (one mailbox per user; addresses compared without case); an :include: file met
+again in the same expansion (one that includes itself, two that include each other) adds nothing, as local(8)'s
+duplicate filter skips it. At most EXPANSION_LIMIT leaves and INCLUDE_DEPTH nested :include: files.
 
 Failures: `LookupRetry` (4.3.0) when a table cannot answer; `TemporaryError` 4.3.0 when a .forward or
 :include: file cannot be read, 4.3.5 when one (or an alias value) has bad syntax, 4.6.0 beyond the limits. The
@@ -123,6 +124,7 @@ class _Expansion:
     def __init__(self, delivered_to: frozenset[str]):
         self.delivered_to = delivered_to
         self.forwards_done: set[str] = set()
+        self.includes_done: set[str] = set()
         self.leaves: list[Leaf] = []
         self.keys: set[tuple] = set()
 
@@ -269,6 +271,9 @@ class LocalExpander:
             state.add(Refused(leaf.address, "5.7.1", f"mail to {kind} is restricted"))
 
     def _include(self, state: _Expansion, owner: str, path: str, origin: "_Origin", depth: int) -> None:
+        if path in state.includes_done:
+            return  # read once per expansion, as local(8)'s duplicate filter does: a file including itself ends
+        state.includes_done.add(path)
         if depth >= INCLUDE_DEPTH:
             raise TemporaryError("4.6.0", f":include: files nested deeper than {INCLUDE_DEPTH} ({path})")
         text = self._read(Path(path))
