@@ -18,10 +18,10 @@ real recipients, else pickup sets it aside as corrupt after sendmail said it was
 """
 from __future__ import annotations
 
-import email.utils
 import itertools
 from typing import BinaryIO, Iterable, Iterator
 
+from mailflow.header_addresses import address_spans
 from mailflow.message import CRLF, header_fields, split_header
 from mailflow.sendmail.options import UsageError
 
@@ -107,16 +107,18 @@ def split_input(lines: Iterable[bytes], limit: int) -> tuple[bytes, Iterator[byt
 
 
 def header_recipients(content: bytes) -> list[str]:
-    """-t: the addresses of To, Cc and Bcc (Resent-To/-Cc/-Bcc when any Resent- header is present)."""
+    """-t: the addresses of To, Cc and Bcc (Resent-To/-Cc/-Bcc when any Resent- header is present), found as
+    cleanup finds header addresses (mailflow.header_addresses): a mailbox with `<...>` is that address only, as
+    Postfix takes it (`To: a@x <b@y>` is b@y alone); group names, display names and comments are none."""
     fields = header_fields(split_header(content)[0])
     resent = any(name.startswith("resent-") for name, _ in fields)
     wanted = ("resent-to", "resent-cc", "resent-bcc") if resent else ("to", "cc", "bcc")
-    values = []
+    found = []
     for name, field_lines in fields:
         if name in wanted:
-            text = b"".join(field_lines).decode("utf-8", "replace")
-            values.append(" ".join(text.split(":", 1)[1].split()))
-    return [addr for _, addr in email.utils.getaddresses(values) if addr]
+            value = b"".join(field_lines).split(b":", 1)[1]
+            found += [value[start:end].decode("utf-8", "replace") for start, end in address_spans(value)]
+    return found
 
 
 def without_bcc(content: bytes) -> bytes:

@@ -222,6 +222,13 @@ def test_header_recipients_and_bcc_removal():
                                     b"Bcc: not a header\r\n")
 
 
+def test_a_display_name_that_looks_like_an_address_is_no_recipient():
+    """`To: a@x <b@y>` goes to b@y alone with Postfix's sendmail -t (checked against a private Postfix 3.7); the
+    phrase was taken for a second recipient."""
+    content = b"To: a@x.test <b@y.test>, \"c@x.test\" <d@y.test>\r\nCc: team: e@y.test (f@x.test);\r\n\r\n"
+    assert header_recipients(content) == ["b@y.test", "d@y.test", "e@y.test"]
+
+
 def test_resent_headers_take_precedence():
     content = b"Resent-To: r@x.test\r\nResent-Bcc: rb@x.test\r\nTo: orig@x.test\r\n\r\n"
     assert header_recipients(content) == ["r@x.test", "rb@x.test"]
