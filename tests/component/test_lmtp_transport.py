@@ -155,6 +155,17 @@ async def deliver(transport: LmtpTransport, request: DeliveryRequest):
         await transport.close()
 
 
+async def deliver_to_script(script, timeout: float = 2.0):
+    """One delivery to a scripted server on 127.0.0.1 (`script(reader, writer)` per connection): (report, port)."""
+    server = await asyncio.start_server(script, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        return await deliver(make_transport(timeout=timeout), make_request(f"[127.0.0.1]:{port}")), port
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 def outcomes(report) -> list[tuple[str, Outcome, str]]:
     return [(r.recipient.address, r.outcome, r.dsn) for r in report.results]
 
@@ -377,13 +388,7 @@ async def test_silent_server_after_greeting_times_out_at_lhlo():
         await reader.read()  # until the client gives up
         writer.close()
 
-    server = await asyncio.start_server(greet_then_listen, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        report = await deliver(make_transport(timeout=0.3), make_request(f"[127.0.0.1]:{port}"))
-    finally:
-        server.close()
-        await server.wait_closed()
+    report, _ = await deliver_to_script(greet_then_listen, timeout=0.3)
     assert outcomes(report) == [("b@example.test", Outcome.DEFERRED, "4.4.2")]
     assert report.results[0].text == ("conversation with 127.0.0.1[127.0.0.1] timed out while performing the LHLO "
                                       "handshake")
@@ -404,13 +409,7 @@ async def test_connection_closed_before_final_replies_defers():
                 writer.write(b"250 2.1.0 Ok\r\n")
         writer.close()
 
-    server = await asyncio.start_server(close_after_data, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{port}"))
-    finally:
-        server.close()
-        await server.wait_closed()
+    report, _ = await deliver_to_script(close_after_data)
     assert outcomes(report) == [("b@example.test", Outcome.DEFERRED, "4.4.2")]
     assert report.results[0].text.startswith("lost connection with 127.0.0.1[127.0.0.1] while sending end of data")
     assert not report.site_ok
@@ -422,13 +421,7 @@ async def test_refused_greeting_defers_and_fails_the_site():
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{port}"))
-    finally:
-        server.close()
-        await server.wait_closed()
+    report, _ = await deliver_to_script(refuse)
     assert outcomes(report) == [("b@example.test", Outcome.DEFERRED, "4.3.2")]
     assert report.results[0].text == "host 127.0.0.1[127.0.0.1] refused to talk to me: 554 5.3.2 no service today"
     assert not report.site_ok
@@ -444,13 +437,7 @@ async def test_a_5xx_to_lhlo_bounces_with_the_reply_naming_the_peer():
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{port}"))
-    finally:
-        server.close()
-        await server.wait_closed()
+    report, port = await deliver_to_script(refuse)
     assert outcomes(report) == [("b@example.test", Outcome.BOUNCED, "5.7.1")]
     assert report.results[0].text == "host 127.0.0.1[127.0.0.1] refused to talk to me: 550 5.7.1 not for you"
     assert report.results[0].relay == f"127.0.0.1[127.0.0.1]:{port}" and report.site_ok
