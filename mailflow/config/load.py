@@ -6,7 +6,8 @@
     config_from_dict(data, name, base=None)      validate a parsed document; with `base`, resolve its paths
 
 Failure behaviour: a missing or unreadable file, bad TOML or a bad value raise `ConfigError(file, key, reason)`
-with the dotted key of the first problem ("smtpd.listen", "pipe.x.argv[0]") and a count of the others.
+with the dotted key of the first problem ("smtpd.listen", "pipe.x.argv[0]") and a count of the others. A NUL
+character in any value is refused before validation: no setting can hold one (a path with it cannot be opened).
 """
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ def load_config(path: str | Path | None = None) -> Config:
 
 def config_from_dict(data: dict, name: str = "<config>", base: Path | None = None) -> Config:
     """Validate `data`; with `base`, relative paths are taken from that directory (else kept as written)."""
+    nul = _key_with_nul(data)
+    if nul is not None:
+        raise ConfigError(name, nul, "contains a NUL character")
     try:
         config = Config.model_validate(data)
     except ValidationError as e:
@@ -52,3 +56,23 @@ def config_from_dict(data: dict, name: str = "<config>", base: Path | None = Non
             reason += f" (and {more} more problem{'s' if more > 1 else ''})"
         raise ConfigError(name, key, reason) from None
     return config if base is None else resolve_paths(config, base)
+
+
+def _key_with_nul(value: object, key: str = "") -> str | None:
+    """The dotted key of the first string (key or value) in `value` that holds a NUL character, else None."""
+    if isinstance(value, str):
+        return key or "(top level)" if "\0" in value else None
+    if isinstance(value, dict):
+        for name, item in value.items():
+            inner = f"{key}.{name}" if key else str(name)
+            if "\0" in str(name):
+                return inner
+            found = _key_with_nul(item, inner)
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _key_with_nul(item, f"{key}[{index}]")
+            if found is not None:
+                return found
+    return None

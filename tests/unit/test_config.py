@@ -102,6 +102,8 @@ def test_unknown_key_names_file_key_and_reason(tmp_path, text, key):
     ("default_transport = 'no spaces allowed'\n", "default_transport", "transport"),
     ("[queue]\nactive_limit = 0\n", "queue.active_limit", "greater than or equal to 1"),
     ("[log]\nformat = 'xml'\n", "log.format", "json"),
+    ('[dkim]\nkey_table = "keys\\u0000x"\n', "dkim.key_table", "contains a NUL character"),
+    ('[pipe.x]\nargv = ["/bin/cat", "a\\u0000"]\n', "pipe.x.argv[1]", "contains a NUL character"),
 ])
 def test_bad_value_names_file_key_and_reason(tmp_path, text, key, words):
     path = write(tmp_path, text)
