@@ -6,11 +6,14 @@
     config_from_dict(data, name, base=None)      validate a parsed document; with `base`, resolve its paths
 
 Failure behaviour: a missing or unreadable file, bad TOML or a bad value raise `ConfigError(file, key, reason)`
-with the dotted key of the first problem ("smtpd.listen", "pipe.x.argv[0]") and a count of the others. A NUL
-character in any value is refused before validation: no setting can hold one (a path with it cannot be opened).
+with the dotted key of the first problem ("smtpd.listen", "pipe.x.argv[0]") and a count of the others. Before
+validation, a NUL character is refused in any value (a path with it cannot be opened), and a line break or any
+other control character but TAB in any value except a pipe command's arguments (a banner, a HELO name or an
+address with one would inject a line into SMTP or into a header; Postfix's main.cf cannot express one).
 """
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -42,9 +45,9 @@ def load_config(path: str | Path | None = None) -> Config:
 
 def config_from_dict(data: dict, name: str = "<config>", base: Path | None = None) -> Config:
     """Validate `data`; with `base`, relative paths are taken from that directory (else kept as written)."""
-    nul = _key_with_nul(data)
-    if nul is not None:
-        raise ConfigError(name, nul, "contains a NUL character")
+    refusal = _control_character(data)
+    if refusal is not None:
+        raise ConfigError(name, *refusal)
     try:
         config = Config.model_validate(data)
     except ValidationError as e:
@@ -58,21 +61,30 @@ def config_from_dict(data: dict, name: str = "<config>", base: Path | None = Non
     return config if base is None else resolve_paths(config, base)
 
 
-def _key_with_nul(value: object, key: str = "") -> str | None:
-    """The dotted key of the first string (key or value) in `value` that holds a NUL character, else None."""
+ARGUMENTS = re.compile(r"pipe\.[^.]+\.argv\[\d+\]")  # may hold a line break: `sh -c` with a script
+CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _control_character(value: object, key: str = "") -> tuple[str, str] | None:
+    """(dotted key, reason) of the first string (key or value) in `value` that holds a character no setting can
+    hold (see the module docstring), else None."""
     if isinstance(value, str):
-        return key or "(top level)" if "\0" in value else None
+        if "\0" in value:
+            return key or "(top level)", "contains a NUL character"
+        if CONTROL.search(value) and not ARGUMENTS.fullmatch(key):
+            return key or "(top level)", "contains a line break or another control character"
+        return None
+    items: list[tuple[str, object]] = []
     if isinstance(value, dict):
         for name, item in value.items():
             inner = f"{key}.{name}" if key else str(name)
-            if "\0" in str(name):
-                return inner
-            found = _key_with_nul(item, inner)
-            if found is not None:
-                return found
-    if isinstance(value, list):
-        for index, item in enumerate(value):
-            found = _key_with_nul(item, f"{key}[{index}]")
-            if found is not None:
-                return found
+            if CONTROL.search(str(name)):
+                return inner, "contains a line break or another control character"
+            items.append((inner, item))
+    elif isinstance(value, list):
+        items = [(f"{key}[{index}]", item) for index, item in enumerate(value)]
+    for inner, item in items:
+        found = _control_character(item, inner)
+        if found is not None:
+            return found
     return None

@@ -104,6 +104,9 @@ def test_unknown_key_names_file_key_and_reason(tmp_path, text, key):
     ("[log]\nformat = 'xml'\n", "log.format", "json"),
     ('[dkim]\nkey_table = "keys\\u0000x"\n', "dkim.key_table", "contains a NUL character"),
     ('[pipe.x]\nargv = ["/bin/cat", "a\\u0000"]\n', "pipe.x.argv[1]", "contains a NUL character"),
+    ('[smtpd]\nbanner = "ESMTP\\r\\n250 forged"\n', "smtpd.banner", "line break or another control character"),
+    ('[smtp]\nhelo_name = "a\\nMAIL FROM:<x>"\n', "smtp.helo_name", "line break"),
+    ('[queue]\ndouble_bounce_recipient = "pm\\u001b"\n', "queue.double_bounce_recipient", "control character"),
 ])
 def test_bad_value_names_file_key_and_reason(tmp_path, text, key, words):
     path = write(tmp_path, text)
@@ -112,6 +115,11 @@ def test_bad_value_names_file_key_and_reason(tmp_path, text, key, words):
     assert err.key == key
     assert words in err.reason
     assert str(err).startswith(f"{path}: {key}: ")
+
+
+def test_a_pipe_command_argument_may_hold_a_line_break(tmp_path):
+    config = load_config(write(tmp_path, '[pipe.x]\nargv = ["/bin/sh", "-c", "read line\\ncat"]\n'))
+    assert config.pipe["x"].argv[2] == "read line\ncat"
 
 
 def test_several_problems_are_counted(tmp_path):
