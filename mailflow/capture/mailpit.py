@@ -154,7 +154,7 @@ def _int(request: web.Request, name: str, default: int, low: int = 0) -> int:
 
 async def _body(request: web.Request) -> dict:
     """JSON (Mailpit's), or form fields (`ids` repeated); {} for an empty body."""
-    if not request.can_read_body:
+    if not request.body_exists:
         return {}
     if request.content_type == "application/json":
         try:

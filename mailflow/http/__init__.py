@@ -3,7 +3,8 @@ features register: the capture API of `[sink]` (mailflow.capture.mailpit) on `[h
 queue page and /metrics (mailflow.admin) on `[admin] listen`. One implementation, one set of limits, one place
 that starts and stops each listener.
 
-    HttpServer(listen, middlewares=())      `listen`: "host:port" addresses (loopback by default); `middlewares`:
+    HttpServer(listen, middlewares=(), read_timeout=READ_TIMEOUT)
+                                            `listen`: "host:port" addresses (loopback by default); `middlewares`:
                                             aiohttp middlewares run for every request (the admin's access checks)
         add_routes(feature, routes)         a feature's aiohttp route definitions (web.RouteTableDef or a list),
                                             before start(); a path registered twice is refused (ValueError)
@@ -15,32 +16,62 @@ that starts and stops each listener.
 Loaded only by what serves HTTP (aiohttp takes a third of a second to import): `Mailflow` imports it when a
 feature is enabled.
 
-Limits: request bodies up to MAX_BODY bytes (413 beyond); no access log (a client must not be able to fill
-the log); a handler that raises gets 500 and one logged traceback (aiohttp's).
+Limits (a slow or hostile client holds a connection for a bounded time and costs no more than these):
+request bodies up to MAX_BODY bytes (413 beyond, at once when Content-Length says so); READ_TIMEOUT seconds
+(Mailpit's ReadTimeout) for a request's line and headers, counted from the connection or the end of the previous
+response (the connection is then closed: an idle keep-alive one too), and again for its body (408: the body is
+read whole before the handler runs, which has it from request.read(), .json() or a urlencoded .post(), not as a
+stream: `can_read_body` is then false, `body_exists` still true); no access
+log, and a client's broken request (a bad request line, headers over aiohttp's limits, a body cut short, a
+peer gone mid-response) is logged in one line at debug: a client must not be able to fill the log. A handler
+that raises gets 500 and one logged traceback (aiohttp's).
 
 Failure behaviour: `start` raises OSError when an address cannot be bound (the caller stops the server);
 `stop` never raises.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Iterable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from mailflow.syntax import parse_hostport
 
 log = logging.getLogger("mailflow.http")
 
 MAX_BODY = 1024 * 1024
+READ_TIMEOUT = 30.0
+
+
+class _ServerLog(logging.LoggerAdapter):
+    """aiohttp's server logger: a request the client broke (HttpProcessingError: aiohttp's 400 for a bad
+    request line or headers; a connection lost mid-request or mid-response) is one line at debug, without a
+    traceback; anything else (a handler that raised) keeps aiohttp's logged traceback."""
+
+    def exception(self, msg, *args, exc_info=True, **kwargs) -> None:
+        if isinstance(exc_info, (HttpProcessingError, ConnectionError)):
+            self.debug(msg + ": %s", *args, " ".join(str(exc_info).split())[:200])
+            return
+        super().exception(msg, *args, exc_info=exc_info, **kwargs)
+
+
+def _closing(error: web.HTTPException) -> web.HTTPException:
+    """`error` with `Connection: close`: answered at once, the connection closed after aiohttp's lingering
+    time (what the client still sends is read and dropped, so that it reads the answer)."""
+    error.force_close()
+    return error
 
 
 class HttpServer:
     """See the module docstring."""
 
-    def __init__(self, listen: Iterable[str], middlewares: Iterable = ()):
+    def __init__(self, listen: Iterable[str], middlewares: Iterable = (), read_timeout: float = READ_TIMEOUT):
         self._listen = [parse_hostport(item) for item in listen]
-        self._app = web.Application(client_max_size=MAX_BODY, middlewares=list(middlewares))
+        self._read_timeout = read_timeout
+        self._app = web.Application(client_max_size=MAX_BODY, middlewares=[*middlewares, self._read_body])
         self._runner: web.AppRunner | None = None
         self._sites: list[web.TCPSite] = []
         self.features: list[str] = []
@@ -54,13 +85,30 @@ class HttpServer:
             raise ValueError(f"{feature}: {e}") from None
         self.features.append(feature)
 
+    @web.middleware
+    async def _read_body(self, request: web.Request, handler):
+        """The body read whole before the handler runs (request.read() keeps it for .json() and .post()),
+        within READ_TIMEOUT; after the features' middlewares (the admin's access checks), so that a client that
+        may not ask sends nothing the server waits for."""
+        if request.can_read_body:
+            if (request.content_length or 0) > MAX_BODY:
+                raise _closing(web.HTTPRequestEntityTooLarge(MAX_BODY, request.content_length or 0))
+            try:
+                async with asyncio.timeout(self._read_timeout):
+                    await request.read()
+            except TimeoutError:
+                raise _closing(web.HTTPRequestTimeout(
+                    text=f"the body did not come within {self._read_timeout:g}s")) from None
+        return await handler(request)
+
     @property
     def app(self) -> web.Application:
         """The application, for a feature that keeps state in it (`app[key]`) or adds a cleanup."""
         return self._app
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False,
+                                     keepalive_timeout=self._read_timeout, logger=_ServerLog(log, {}))
         await self._runner.setup()
         try:
             for host, port in self._listen:

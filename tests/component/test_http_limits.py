@@ -1,0 +1,89 @@
+"""The one HTTP layer (mailflow.http) against hostile clients, over raw sockets: a slow client is cut off after
+the read timeout, an oversized body is refused at once, other clients are answered meanwhile, and a broken
+request is answered 400 and logged in one line at debug, never with a traceback."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from aiohttp import web
+
+from mailflow.http import MAX_BODY, HttpServer
+
+READ_TIMEOUT = 0.3
+
+
+@pytest.fixture
+async def server():
+    http = HttpServer(["127.0.0.1:0"], read_timeout=READ_TIMEOUT)
+    table = web.RouteTableDef()
+
+    @table.get("/hello")
+    async def hello(request):
+        return web.Response(text="hi")
+
+    @table.put("/echo")
+    async def echo(request):
+        return web.Response(body=await request.read())
+
+    http.add_routes("test", table)
+    await http.start()
+    try:
+        yield http.addresses[0]
+    finally:
+        await http.stop()
+
+
+async def exchange(address, data: bytes, *, limit: float = 5.0, first_line: bool = False) -> bytes:
+    """Sends `data`; what the server said until it closed (or its first line), within `limit` seconds."""
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        writer.write(data)
+        return await asyncio.wait_for(reader.readline() if first_line else reader.read(), limit)
+    finally:
+        writer.close()
+
+
+async def test_slow_clients_are_cut_off_and_others_are_answered(server):
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    slow = [asyncio.ensure_future(exchange(server, b"GET /hello HTTP/1.1\r\nHost: x\r\nX-Slow: a"))
+            for _ in range(20)]  # headers never finished
+    idle = asyncio.ensure_future(exchange(server, b""))  # says nothing
+    body = asyncio.ensure_future(exchange(server, b"PUT /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc",
+                                          first_line=True))
+    await asyncio.sleep(0.05)
+    answer = await exchange(server, b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", limit=1)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"hi")
+    assert all(reply == b"" for reply in await asyncio.gather(*slow, idle))  # closed, not left open
+    assert (await body).startswith(b"HTTP/1.1 408")
+    assert loop.time() - started < 3
+
+
+async def test_an_oversized_body_is_refused_before_it_comes(server):
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    answer = await exchange(server, b"PUT /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n{" % (MAX_BODY + 1),
+                            limit=1, first_line=True)
+    assert answer.startswith(b"HTTP/1.1 413") and loop.time() - started < 1
+    chunked = b"PUT /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    answer = await exchange(server, chunked + b"5\r\nhello\r\n0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"hello")
+
+
+async def test_broken_requests_get_400_and_one_debug_line(server, caplog):
+    caplog.set_level(logging.DEBUG)
+    for request in [b"GET /hello HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 9000 + b"\r\n\r\n",
+                    b"GET /hello HTTP/9.9\r\nHost: x\r\n\r\n",
+                    b"PUT /echo HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+                    b"GET /hello HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X%d: a\r\n" % i for i in range(200)) + b"\r\n"]:
+        assert (await exchange(server, request)).startswith(b"HTTP/1.0 400"), request[:40]
+    reader, writer = await asyncio.open_connection(*server)  # gone in the middle of its body
+    writer.write(b"PUT /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.transport.abort()
+    await asyncio.sleep(0.1)
+    assert [r for r in caplog.records if r.levelno > logging.DEBUG or r.exc_info] == []
+    assert sum("Error handling request" in r.getMessage() for r in caplog.records) >= 4
