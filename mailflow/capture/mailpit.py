@@ -7,7 +7,8 @@ session and queue history). docs/testing.md lists every endpoint.
 Mailpit's endpoints (its JSON field names and shapes; IDs are mailflow's queue ids):
     GET    /api/v1/info                       version, message counts, runtime statistics
     GET    /api/v1/messages?start=&limit=     summaries, newest first (limit 50 by default)
-    PUT    /api/v1/messages                   mark read or unread: {"IDs": [...], "Read": true} (all without IDs)
+    PUT    /api/v1/messages                   mark read or unread: {"IDs": [...], "Read": true}, or {"Search":
+                                              query, "Read": true}; all without either
     DELETE /api/v1/messages                   {"IDs": [...]}; without IDs every message
     GET    /api/v1/message/{ID}               the message ("latest": the newest); marks it read
     GET    /api/v1/message/{ID}/raw           its bytes as queued
@@ -22,17 +23,22 @@ mailflow's:
                                               submitted it (client, HELO, TLS, login, every command and reply)
                                               and its queue history (each attempt and result)
 
-Request bodies are JSON (Mailpit's) or form fields (`ids`, as some clients send them).
+Request bodies are JSON (Mailpit's: read as JSON whatever the Content-Type, field names in any case, as Go's
+decoder matches them) or urlencoded form fields (`ids`, as some clients send them). Unlike Mailpit, a DELETE
+whose body is not a JSON object (or whose IDs are not a list of strings) is 400, not "delete everything".
 
-Failure behaviour: an unknown ID is 404 ("Message not found"); a bad parameter is 400 with the reason; a wait
+Failure behaviour: an unknown ID is 404 ("Message not found"); a bad parameter or body is 400 with the reason
+(text/plain, as Mailpit's), a multipart body 415; a wait
 beyond `waiters_limit` concurrent ones is 503; `timeout` is capped at `wait_time_limit`.
 """
 from __future__ import annotations
 
 import email.utils
+import json
 import os
 import time
 from datetime import datetime, timezone
+from urllib.parse import parse_qsl
 
 from aiohttp import web
 
@@ -153,23 +159,53 @@ def _int(request: web.Request, name: str, default: int, low: int = 0) -> int:
 
 
 async def _body(request: web.Request) -> dict:
-    """JSON (Mailpit's), or form fields (`ids` repeated); {} for an empty body."""
-    if not request.body_exists:
+    """The request's fields by lower-case name (Go's JSON decoder matches Mailpit's field names ignoring case):
+    a JSON object whatever the Content-Type says (as Mailpit reads it), or urlencoded form fields (`ids`
+    repeated, as some clients send them); {} for an empty body. 400 for anything else."""
+    body = await request.read()
+    if not body.strip():
         return {}
-    if request.content_type == "application/json":
-        try:
-            data = await request.json()
-        except ValueError:
-            raise web.HTTPBadRequest(text="the body is not JSON") from None
-        return data if isinstance(data, dict) else {}
-    form = await request.post()
-    out: dict = {key: form.getall(key) for key in form.keys()}
-    return {("IDs" if key.lower() == "ids" else key): (value if key.lower() == "ids" else value[-1])
-            for key, value in out.items()}
+    if request.content_type == "application/x-www-form-urlencoded":
+        fields: dict = {}
+        for key, value in parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True):
+            fields.setdefault(key.lower(), []).append(value)
+        if "read" in fields:
+            fields["read"] = [fields["read"][-1].strip().lower() in ("1", "true", "yes", "on")]
+        return {key: (value if key == "ids" else value[-1]) for key, value in fields.items()}
+    if request.content_type == "multipart/form-data":
+        raise web.HTTPUnsupportedMediaType(text="send JSON, or urlencoded form fields")
+    try:
+        data = json.loads(body)
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError
+        raise web.HTTPBadRequest(text="the body is not JSON") from None
+    if not isinstance(data, dict):
+        raise web.HTTPBadRequest(text='the body is a JSON object: {"IDs": [...], ...}')
+    return {str(key).lower(): value for key, value in data.items()}
 
 
-def _truth(value) -> bool:
-    return value is True or str(value).strip().lower() in ("1", "true", "yes", "on")
+def _ids(data: dict) -> list[str]:
+    ids = data.get("ids")
+    if ids is None:
+        return []
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise web.HTTPBadRequest(text="IDs: a list of message IDs")
+    return ids
+
+
+def _read(data: dict) -> bool:
+    value = data.get("read")
+    if value is None:  # absent, or null
+        return False
+    if not isinstance(value, bool):
+        raise web.HTTPBadRequest(text="Read: true or false")
+    return value
+
+
+def _search(data: dict) -> str:
+    value = data.get("search")
+    if value is not None and not isinstance(value, str):
+        raise web.HTTPBadRequest(text="Search: a search query")
+    return (value or "").strip()
 
 
 def routes(capture: Capture, *, waiters_limit: int, wait_time_limit: float) -> web.RouteTableDef:
@@ -208,19 +244,25 @@ def routes(capture: Capture, *, waiters_limit: int, wait_time_limit: float) -> w
 
     @table.put("/api/v1/messages")
     async def mark(request: web.Request) -> web.Response:
+        if not request.body_exists:
+            raise web.HTTPBadRequest(text='a JSON body: {"IDs": [...], "Read": true}')
         data = await _body(request)
-        ids = data.get("IDs") or [m.id for m in mailbox.messages]
-        for ident in ids:
-            message = mailbox.get(str(ident))
-            if message is not None:
-                message.read = _truth(data.get("Read", False))
+        ids, query, read = _ids(data), _search(data), _read(data)
+        if ids and query:
+            raise web.HTTPBadRequest(text="You may specify either IDs or a search query, not both")
+        if query:
+            targets = matching(query)
+        else:
+            targets = [m for m in map(mailbox.get, ids) if m is not None] if ids else mailbox.messages
+        for message in targets:
+            message.read = read
         return web.Response(text="ok")
 
     @table.delete("/api/v1/messages")
     async def delete(request: web.Request) -> web.Response:
-        ids = (await _body(request)).get("IDs") or []
+        ids = _ids(await _body(request))
         if ids:
-            mailbox.delete(str(i) for i in ids)
+            mailbox.delete(ids)
         else:
             mailbox.clear()
         return web.Response(text="ok")

@@ -182,3 +182,37 @@ async def test_waits_are_bounded_in_number_and_time():
         response = await first
         assert response.status == 408 and loop.time() - started < 2  # capped at wait_time_limit
         response.release()
+
+
+async def test_request_bodies_are_read_as_mailpit_reads_them(api):
+    sink, http = api
+    first, second = sink.messages
+    # JSON whatever the Content-Type (a browser's fetch() sends text/plain), field names in any case (Go's decoder)
+    async with http.put("/api/v1/messages", data=f'{{"ids": ["{first.id}"], "read": true}}',
+                        headers={"Content-Type": "text/plain;charset=UTF-8"}) as response:
+        assert (response.status, await response.text()) == (200, "ok")
+    assert (first.read, second.read) == (True, False)
+    async with http.put("/api/v1/messages", json={"Search": "subject:second", "Read": True}) as response:
+        assert response.status == 200
+    async with http.put("/api/v1/messages", json={"IDs": [first.id], "Search": "x", "Read": False}) as response:
+        assert response.status == 400
+    assert (first.read, second.read) == (True, True)
+    async with http.delete("/api/v1/messages", data=f'{{"IDs": ["{second.id}"]}}') as response:  # no Content-Type
+        assert response.status == 200
+    assert sink.messages == [first]
+
+
+async def test_bodies_of_the_wrong_shape_are_refused_and_change_nothing(api):
+    sink, http = api
+    json_type = {"Content-Type": "application/json"}
+    for method, body, headers, status in [
+            ("PUT", b"", {}, 400), ("PUT", b"[]", json_type, 400), ("PUT", b'{"IDs": "abc", "Read": true}', {}, 400),
+            ("PUT", b'{"IDs": [1, 2], "Read": true}', {}, 400), ("PUT", b'{"Read": "yes please"}', {}, 400),
+            ("PUT", b'{"Search": 5, "Read": true}', {}, 400), ("PUT", b'{"Read": tru', {}, 400),
+            ("PUT", b'\xff{"Read": true}', {"Content-Type": "application/json; charset=bogus"}, 400),
+            ("PUT", b"--x--junk", {"Content-Type": "multipart/form-data; boundary=x"}, 415),
+            ("DELETE", b"[]", {}, 400), ("DELETE", b'{"IDs": {"a": 1}}', json_type, 400),
+            ("DELETE", b'{"IDs": "' + sink.messages[0].id.encode() + b'"}', json_type, 400)]:
+        async with http.request(method, "/api/v1/messages", data=body, headers=headers) as response:
+            assert response.status == status, (method, body, await response.text())
+    assert len(sink.messages) == 2 and not any(m.read for m in sink.messages)
