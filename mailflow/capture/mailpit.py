@@ -13,7 +13,8 @@ Mailpit's endpoints (its JSON field names and shapes; IDs are mailflow's queue i
     GET    /api/v1/message/{ID}               the message ("latest": the newest); marks it read
     GET    /api/v1/message/{ID}/raw           its bytes as queued
     GET    /api/v1/message/{ID}/headers       {"Name": ["value", ...]}
-    GET    /api/v1/message/{ID}/part/{PartID} an attachment or inline part, decoded
+    GET    /api/v1/message/{ID}/part/{PartID} an attachment or inline part, decoded (Content-Disposition: inline,
+                                              its file name percent-encoded, as Mailpit's)
     GET    /api/v1/search?query=&start=&limit=   summaries of the messages matching (capture.search)
     DELETE /api/v1/search?query=              deletes them
 mailflow's:
@@ -38,7 +39,7 @@ import json
 import os
 import time
 from datetime import datetime, timezone
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote
 
 from aiohttp import web
 
@@ -135,6 +136,12 @@ def history(message: CapturedMessage) -> dict:
 def _canonical(name: str) -> str:
     """Go's canonical header key, as Mailpit returns them: `message-id` -> `Message-Id`."""
     return "-".join(word[:1].upper() + word[1:].lower() for word in name.split("-"))
+
+
+def _disposition(item: mime.Attachment) -> str:
+    """Mailpit's: inline, the file name (else the Content-ID) percent-encoded as Go's url.PathEscape does, so
+    that a name with quotes, line breaks or non-ASCII letters stays one well-formed ASCII header."""
+    return f'inline; filename="{quote(item.filename or item.content_id, safe="$&+:=@")}"'
 
 
 def listing(messages: list[CapturedMessage], everything: list[CapturedMessage], start: int, limit: int) -> dict:
@@ -289,9 +296,8 @@ def routes(capture: Capture, *, waiters_limit: int, wait_time_limit: float) -> w
         found = find(request)
         for item in found.attachments + found.inline:
             if item.part_id == request.match_info["part"]:
-                disposition = {"Content-Disposition": f'attachment; filename="{item.filename}"'} if item.filename \
-                    else {}
-                return web.Response(body=item.data, content_type=item.content_type, headers=disposition)
+                return web.Response(body=item.data, content_type=item.content_type,
+                                    headers={"Content-Disposition": _disposition(item)})
         raise web.HTTPNotFound(text="Attachment not found")
 
     @table.get("/api/v1/message/{id}/history")

@@ -216,3 +216,26 @@ async def test_bodies_of_the_wrong_shape_are_refused_and_change_nothing(api):
         async with http.request(method, "/api/v1/messages", data=body, headers=headers) as response:
             assert response.status == status, (method, body, await response.text())
     assert len(sink.messages) == 2 and not any(m.read for m in sink.messages)
+
+
+async def test_a_part_is_served_with_mailpits_disposition_whatever_its_file_name(api):
+    sink, http = api
+    raw = ("From: a@shop.test\r\nTo: b@example.com\r\nSubject: parts\r\nMIME-Version: 1.0\r\n"
+           "Content-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\nContent-Type: text/plain\r\n\r\nhi\r\n"
+           "--B\r\nContent-Type: application/octet-stream\r\n"
+           "Content-Disposition: attachment; filename*=utf-8''a%0D%0AX-Evil%3A%201%22.txt\r\n\r\nAAA\r\n"
+           "--B\r\nContent-Type: application/pdf\r\n"
+           "Content-Disposition: attachment; filename*=utf-8''%C3%A9t%C3%A9.pdf\r\n\r\nBBB\r\n"
+           "--B\r\nContent-Type: image/png\r\nContent-ID: <logo@shop.test>\r\n"
+           "Content-Disposition: inline\r\n\r\nCCC\r\n"
+           "--B--\r\n")
+    async with aiosmtplib.SMTP(hostname=sink.host, port=sink.port) as client:
+        await client.sendmail("a@shop.test", ["b@example.com"], raw)
+    [message] = await sink.wait_for(subject="parts")
+    shown = []
+    for part in ("2", "3", "4"):
+        async with http.get(f"/api/v1/message/{message.id}/part/{part}") as response:
+            shown.append((response.status, response.headers["Content-Disposition"], await response.read()))
+    assert shown == [(200, 'inline; filename="a%0D%0AX-Evil:%201%22.txt"', b"AAA"),
+                     (200, 'inline; filename="%C3%A9t%C3%A9.pdf"', b"BBB"),
+                     (200, 'inline; filename="logo@shop.test"', b"CCC")]
