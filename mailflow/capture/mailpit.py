@@ -6,11 +6,13 @@ session and queue history). docs/testing.md lists every endpoint.
 
 Mailpit's endpoints (its JSON field names and shapes; IDs are mailflow's queue ids):
     GET    /api/v1/info                       version, message counts, runtime statistics
-    GET    /api/v1/messages?start=&limit=     summaries, newest first (limit 50 by default)
+    GET    /livez, /readyz                    200, empty (the probes of Mailpit's container)
+    GET    /api/v1/messages?start=&limit=     summaries, newest first (limit 50 by default, 0 for all)
     PUT    /api/v1/messages                   mark read or unread: {"IDs": [...], "Read": true}, or {"Search":
                                               query, "Read": true}; all without either
     DELETE /api/v1/messages                   {"IDs": [...]}; without IDs every message
-    GET    /api/v1/message/{ID}               the message ("latest": the newest); marks it read
+    GET    /api/v1/message/{ID}               the message ("latest": the newest, `?query=` the newest that a search
+                                              finds, for every /message/latest/... endpoint); marks it read
     GET    /api/v1/message/{ID}/raw           its bytes as queued
     GET    /api/v1/message/{ID}/headers       {"Name": ["value", ...]}
     GET    /api/v1/message/{ID}/part/{PartID} an attachment or inline part, decoded (Content-Disposition: inline,
@@ -146,7 +148,7 @@ def _disposition(item: mime.Attachment) -> str:
 
 def listing(messages: list[CapturedMessage], everything: list[CapturedMessage], start: int, limit: int) -> dict:
     newest_first = list(reversed(messages))
-    page = newest_first[start:start + limit]
+    page = newest_first[start:start + limit] if limit else newest_first[start:]  # 0: all (Mailpit's)
     return {"total": len(everything), "unread": sum(not m.read for m in everything), "count": len(page),
             "messages_count": len(messages), "messages_unread": sum(not m.read for m in messages),
             "start": start, "tags": [], "messages": [summary(m) for m in page]}
@@ -223,8 +225,13 @@ def routes(capture: Capture, *, waiters_limit: int, wait_time_limit: float) -> w
     waiting = {"now": 0}
 
     def find(request: web.Request) -> CapturedMessage:
-        ident = request.match_info["id"]
-        message = mailbox.latest() if ident == "latest" else mailbox.get(ident)
+        ident, query = request.match_info["id"], request.query.get("query", "").strip()
+        if ident != "latest":
+            message = mailbox.get(ident)
+        elif query:  # Mailpit's: the newest message the search finds
+            message = next(reversed(matching(query)), None)
+        else:
+            message = mailbox.latest()
         if message is None:
             raise web.HTTPNotFound(text="Message not found")
         return message
@@ -232,6 +239,11 @@ def routes(capture: Capture, *, waiters_limit: int, wait_time_limit: float) -> w
     def matching(query: str) -> list[CapturedMessage]:
         terms = search.parse(query)
         return [m for m in mailbox.messages if search.matches(terms, m)]
+
+    @table.get("/livez")
+    @table.get("/readyz")  # the listener opens once smtpd listens (Mailflow.start) and closes before it stops
+    async def probe(request: web.Request) -> web.Response:
+        return web.Response()
 
     @table.get("/api/v1/info")
     async def info(request: web.Request) -> web.Response:
@@ -247,7 +259,7 @@ def routes(capture: Capture, *, waiters_limit: int, wait_time_limit: float) -> w
     async def messages(request: web.Request) -> web.Response:
         everything = mailbox.messages
         return web.json_response(listing(everything, everything, _int(request, "start", 0),
-                                         _int(request, "limit", DEFAULT_LIMIT, 1)))
+                                         _int(request, "limit", DEFAULT_LIMIT)))
 
     @table.put("/api/v1/messages")
     async def mark(request: web.Request) -> web.Response:
@@ -310,7 +322,7 @@ def routes(capture: Capture, *, waiters_limit: int, wait_time_limit: float) -> w
         if not query:
             raise web.HTTPBadRequest(text="Error: no search query")
         return web.json_response(listing(matching(query), mailbox.messages, _int(request, "start", 0),
-                                         _int(request, "limit", DEFAULT_LIMIT, 1)))
+                                         _int(request, "limit", DEFAULT_LIMIT)))
 
     @table.delete("/api/v1/search")
     async def delete_found(request: web.Request) -> web.Response:

@@ -239,3 +239,22 @@ async def test_a_part_is_served_with_mailpits_disposition_whatever_its_file_name
     assert shown == [(200, 'inline; filename="a%0D%0AX-Evil:%201%22.txt"', b"AAA"),
                      (200, 'inline; filename="%C3%A9t%C3%A9.pdf"', b"BBB"),
                      (200, 'inline; filename="logo@shop.test"', b"CCC")]
+
+
+async def test_latest_with_a_query_limit_zero_and_the_probes_as_mailpit(api):
+    sink, http = api
+    first, second = sink.messages
+    for path in ("/api/v1/message/latest?query=subject:first", "/api/v1/message/latest/headers?query=subject:first"):
+        async with http.get(path) as response:
+            assert response.status == 200
+            assert "First" in await response.text(), path
+    async with http.get("/api/v1/message/latest/raw?query=subject:nothing") as response:
+        assert (response.status, await response.text()) == (404, "Message not found")
+    async with http.get("/api/v1/message/latest/raw") as response:
+        assert await response.read() == second.raw
+    assert len((await get_json(http, "/api/v1/messages?limit=0"))["messages"]) == 2  # 0: all
+    assert [m["Subject"] for m in (await get_json(http, "/api/v1/search?query=shop&limit=0&start=1"))["messages"]] \
+        == ["First"]
+    for probe in ("/livez", "/readyz"):
+        async with http.get(probe) as response:
+            assert (response.status, await response.read()) == (200, b"")
