@@ -40,7 +40,7 @@ class Admin:
         if self._config.token_file:
             tokens = read_tokens(self._config.token_file)
             _warn_if_readable(self._config.token_file)
-        self._http = HttpServer(self._config.listen, middlewares=[Access(tokens).middleware])
+        self._http = HttpServer(self._config.listen, middlewares=[api.json_errors, Access(tokens).middleware])
         self._http.add_routes("admin API", api.routes(self._server, self._metrics))
         self._http.add_routes("accounts API", accounts.routes(self._server))
         self._http.add_routes("queue page", page.routes())

@@ -27,7 +27,8 @@ Every change is logged (logger mailflow.admin): who (the token's name and the pe
 selection, how many messages).
 
 Failure behaviour: a bad selection or parameter is 400 with the reason ({"error": ...}); an unknown action or
-queue id 404; the store not open (starting, stopping) 503.
+queue id 404; the store not open (starting, stopping) 503; aiohttp's own refusals (unknown path, method not
+allowed, body too large or too slow) in the same JSON shape (`json_errors`, the listener's outer middleware).
 """
 from __future__ import annotations
 
@@ -77,6 +78,23 @@ def _redacted_item(value: object) -> object:
 
 def _error(status: type[web.HTTPException], text: str) -> web.HTTPException:
     return status(text=json.dumps({"error": text}), content_type="application/json")
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler):
+    """aiohttp's own refusals (no such path 404, method 405 with its Allow, body 413 or 408) in the API's shape,
+    {"error": ...}, as the handlers' own; their headers (Allow, Connection) kept."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400 or e.content_type == "application/json":
+            raise
+        headers = {k: v for k, v in e.headers.items() if k.lower() not in ("content-type", "content-length")}
+        response = web.json_response({"error": e.text or e.reason}, status=e.status, reason=e.reason,
+                                     headers=headers)
+        if e.keep_alive is False:
+            response.force_close()
+        return response
 
 
 def _selection(request_args: dict, *, required: bool) -> qt.Selection:

@@ -280,6 +280,27 @@ async def test_a_server_with_an_unusable_token_file_does_not_start(mailflow_serv
         await mailflow_server(admin={**ADMIN, "token_file": str(tmp_path / "missing")})
 
 
+async def test_every_refusal_is_json_and_hostile_bodies_change_nothing(mailflow_server):
+    mf = await mailflow_server(admin=ADMIN, queue=HOUR, relayhost=f"[127.0.0.1]:{free_port()}")
+    qid = await submit(mf, "alice@local.test", ["carol@relay.test"])
+    await queue_becomes(mf.store, {"deferred": 1})
+    json_type = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as session:
+        for method, path, body, status in [
+                ("GET", "/api/nothing", None, 404), ("GET", "/api/queue/../../etc/passwd", None, 404),
+                ("GET", "/api/queue/..%2F..%2Fetc%2Fpasswd", None, 400), ("PUT", "/api/queue/delete", b"{}", 405),
+                ("POST", "/api/queue/delete", b"{\"ids\": [", 400), ("POST", "/api/queue/delete", b"[]", 400),
+                ("POST", "/api/queue/delete", b'{"ids": [1]}', 400), ("POST", "/api/queue/delete", b'{"ids": {}}', 400),
+                ("POST", "/api/queue/delete", b"{" + b" " * (1024 * 1024) + b"}", 413)]:
+            async with session.request(method, base(mf) + path, data=body, headers=json_type,
+                                       skip_auto_headers=["Content-Type"] if body is None else ()) as r:
+                assert (r.status, r.content_type) == (status, "application/json"), (method, path, await r.text())
+                assert (await r.json())["error"]
+                if status == 405:
+                    assert r.headers["Allow"] == "GET,HEAD,POST"
+    assert (await mf.store.message_detail(qid)) is not None
+
+
 async def test_loopback_without_tokens_refuses_other_names_and_cross_site_writes(mailflow_server):
     mf = await mailflow_server(admin=ADMIN, queue=HOUR, relayhost=f"[127.0.0.1]:{free_port()}")
     qid = await submit(mf, "alice@local.test", ["carol@relay.test"])
