@@ -14,7 +14,8 @@ are in tests/conftest.py and build on these.
 - browser: `Chromium` (headless: the DOM after the scripts ran, a DevTools session to click and take screenshots),
   `keep_artifact` (a screenshot kept where CI collects it).
 - tools: `require_tool`, `run_tool`; scripts: `script_dir` (shell scripts for command deliveries); postfix:
-  `postfix_instance` (a private Postfix); dovecot: `dovecot_instance` (a private Dovecot, LMTP and IMAP),
+  `postfix_instance` (a private Postfix); milters: `scripted_milter` (the filter side of the Milter protocol,
+  told what to answer; import it from tests.support.milters); dovecot: `dovecot_instance` (a private Dovecot, LMTP and IMAP),
   `Dovecot`, `lmtp_route`.
 
 Every name is importable from `tests.support` itself.

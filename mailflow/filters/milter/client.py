@@ -13,7 +13,9 @@ What a milter says (per Postfix): accept -> it is not asked again for this messa
 milter is asked; reject / tempfail / replycode -> the command (or the message) is refused with that reply
 (550 5.7.1 Command rejected, 451 4.7.1 Service unavailable - try again later, or the milter's own reply);
 discard -> the message is accepted and dropped; quarantine -> it is queued on hold. Progress replies extend
-the deadline. A milter that cannot be reached, that times out (connect_timeout for the connection and the
+the deadline. A reply to connect or HELO holds for the whole SMTP session (Postfix's milter8): accept -> the
+milter is not asked again; reject / tempfail -> HELO is still answered 250, and that reply answers every later
+MAIL; discard is not allowed there (logged, it means continue). A milter that cannot be reached, that times out (connect_timeout for the connection and the
 negotiation, command_timeout per command, content_timeout for the message) or breaks the protocol is closed
 for the rest of the session and `default_action` answers for it: tempfail (451 4.7.1), reject (550 5.7.1),
 accept (as if it were not configured) or quarantine (hold). Logged once per failure with its endpoint.
@@ -97,6 +99,7 @@ class MilterConnection:
         self.negotiated: p.Negotiated | None = None
         self.failed = False  # closed for the rest of the session (default_action answered for it)
         self.accepted = False  # said accept: not asked again for this message
+        self.session_verdict: Verdict | None = None  # said accept/reject/tempfail at connect or HELO: for good
         self.in_message = False  # MAIL was sent and the message not ended
 
     async def open(self) -> None:
@@ -242,15 +245,15 @@ class MilterSession:
         self._client = client
         self._milters = [MilterConnection(spec, settings) for spec in specs]
         self._opened = False
-        self._connect_verdict = CONTINUE
         self._mail_macros: dict[str, str] = {}
 
     # -------------------------------------------------------------------------------- events
 
     async def connect(self) -> Verdict:
-        """Open every milter and send the connect event, once per session (later calls give its verdict)."""
+        """Open every milter and send the connect event, once per session (later calls: continue; what a milter
+        said at connect answers for it at each later event)."""
         if self._opened:
-            return self._connect_verdict
+            return CONTINUE
         self._opened = True
         c = self._client
         values = {"j": c.myhostname, "{daemon_name}": c.daemon_name, "{daemon_addr}": c.daemon_addr,
@@ -263,12 +266,10 @@ class MilterSession:
             except MilterFailed as e:
                 verdict = self._failed(milter, e)
                 if verdict.action != "continue":
-                    self._connect_verdict = verdict
                     return verdict
                 continue
             verdict = await self._ask(milter, p.CONNECT, packet, values)
-            if verdict.action != "continue":
-                self._connect_verdict = verdict
+            if verdict.action in ("reject", "tempfail"):
                 return verdict
         return CONTINUE
 
@@ -291,7 +292,7 @@ class MilterSession:
         self._mail_macros = values
         verdict = await self._each(p.MAIL, p.mail([f"<{sender}>", *options]), values)
         for milter in self._milters:
-            milter.in_message = not milter.failed
+            milter.in_message = not milter.failed and milter.session_verdict is None
         return verdict
 
     async def rcpt(self, address: str) -> Verdict:
@@ -309,7 +310,7 @@ class MilterSession:
                 if verdict.action == "quarantine":
                     result.edits.quarantine = verdict.reason
                 continue
-            if milter.accepted or milter.negotiated is None:
+            if milter.accepted or milter.negotiated is None or milter.session_verdict is not None:
                 continue
             try:
                 reply, edits = await milter.end_of_message(_events(head, body, milter.negotiated),
@@ -349,6 +350,10 @@ class MilterSession:
                 if verdict.action != "continue":
                     return verdict
                 continue
+            if milter.session_verdict is not None:  # it answered connect or HELO for the whole session
+                if milter.session_verdict.action != "continue":
+                    return milter.session_verdict
+                continue
             if milter.accepted or milter.negotiated is None:
                 continue
             verdict = await self._ask(milter, command, packet, values)
@@ -365,7 +370,20 @@ class MilterSession:
             reply = await milter.send(command, packet, _macro_packet(command, values, milter))
         except MilterFailed as e:
             return self._failed(milter, e)
-        return CONTINUE if reply is None else self._verdict(reply, milter)
+        verdict = CONTINUE if reply is None else self._verdict(reply, milter)
+        return self._for_session(milter, verdict) if command in (p.CONNECT, p.HELO) else verdict
+
+    @staticmethod
+    def _for_session(milter: MilterConnection, verdict: Verdict) -> Verdict:
+        """A reply to connect or HELO (Postfix's milter8): accept, reject and tempfail hold for the rest of the
+        SMTP session (the milter is not asked again; a refusal answers every later MAIL), and discard is not
+        allowed there (logged; it means continue)."""
+        if verdict.action == "discard":
+            log.warning("milter %s: DISCARD action is not allowed for connect or helo", milter.spec)
+            return CONTINUE
+        if verdict.action in ("accept", "reject", "tempfail"):
+            milter.session_verdict = CONTINUE if verdict.action == "accept" else verdict
+        return verdict
 
     def _verdict(self, reply: p.Reply, milter: MilterConnection) -> Verdict:
         c = reply.command

@@ -5,7 +5,8 @@
         .for_listener(config) -> ListenerFilters | None     None: no filter applies to that listener
         .close()
     ListenerFilters: one listener's steps
-        await helo(session, name) / mail(session, sender, options) / rcpt(session, address) -> Reply | None
+        await helo(session, name)             milters told of HELO (a refusal answers the next MAIL)
+        await mail(session, sender, options) / rcpt(session, address) -> Reply | None
         await auth_verdicts(session, envelope) -> Verdicts | None     (before the end_of_data restrictions)
         await end_of_message(session, envelope, submission) -> Outcome   milters, clamd, spamd, in that order
         closed(session)                         the SMTP session ended: its milter connections are closed
@@ -113,15 +114,17 @@ class ListenerFilters:
             session.milters = MilterSession(self._milters, self._services.milter, client)
         return session.milters
 
-    async def helo(self, session, name: str) -> status.Reply | None:
+    async def helo(self, session, name: str) -> None:
+        """Milters are told of HELO; what they say is never HELO's reply (Postfix): a refusal at connect or HELO
+        answers every later MAIL of the session (client.py)."""
         milters = self._milter_session(session)
         if milters is None:
-            return None
+            return
         tls = {}
         cipher = session.ssl.get("cipher") if isinstance(session.ssl, dict) else None
         if cipher:
             tls = {"{cipher}": str(cipher[0]), "{tls_version}": str(cipher[1]), "{cipher_bits}": str(cipher[2])}
-        return _refusal(await milters.helo(name, tls))
+        await milters.helo(name, tls)
 
     async def mail(self, session, envelope, sender: str, options: list[str]) -> status.Reply | None:
         milters = self._milter_session(session)

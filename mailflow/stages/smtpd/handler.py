@@ -116,19 +116,17 @@ class SmtpdHandler:
         return False
 
     async def handle_HELO(self, server, session: SessionState, envelope: Transaction, hostname: str):
-        """Milters are told of HELO (a refusal is HELO's reply); without milters aiosmtpd's default stands."""
-        refusal = await self._filters.helo(session, hostname) if self._filters is not None else None
-        if refusal is not None:
-            return str(refusal)
+        """Milters are told of HELO (what they say answers MAIL, as in Postfix); without milters aiosmtpd's default
+        stands."""
+        if self._filters is not None:
+            await self._filters.helo(session, hostname)
         session.host_name = helo_name(hostname)
         return f"250 {server.hostname}"
 
     async def handle_EHLO(self, server, session: SessionState, envelope: Transaction, hostname: str,
                           responses: list[str]) -> list[str]:
         if self._filters is not None:
-            refusal = await self._filters.helo(session, hostname)
-            if refusal is not None:
-                return [str(refusal)]
+            await self._filters.helo(session, hostname)
         session.host_name = helo_name(hostname)
         keywords = [r[4:] for r in responses[1:]]
         keywords[1:1] = ["PIPELINING"]

@@ -1,0 +1,83 @@
+"""mailflow's milter client against a scripted milter (tests/support/milters.py) that misbehaves on purpose: what
+the SMTP client is told, compared with what Postfix's smtpd tells it with the same milter (observed with a
+private Postfix 3.7 and smtpd_milters; the replies are Postfix's milter8.c and smtpd.c)."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+
+from mailflow import status
+from tests.support import SmtpClient, eventually, maildir_messages
+from tests.support.milters import replycode, reply, scripted_milter
+
+MESSAGE = b"From: <s@remote.test>\r\nSubject: scripted\r\nX-Old: 1\r\n\r\nline one\r\n"
+
+
+@pytest.fixture
+async def milter_server(mailflow_server):
+    """A mailflow whose listener asks one scripted milter (short timeouts); yields (milter, smtp port)."""
+    async def start(script=None, negotiation=None, **milter_settings):
+        milter = await stack.enter_async_context(scripted_milter(script, negotiation))
+        settings = {"command_timeout": "2s", "content_timeout": "2s", "connect_timeout": "2s", **milter_settings}
+        mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "milters": [milter.spec]}, milter=settings)
+        return milter, mf.smtp_addresses[0][1]
+
+    async with contextlib.AsyncExitStack() as stack:
+        yield start
+
+
+async def test_a_refusal_at_helo_answers_every_mail_and_not_helo(milter_server):
+    """Postfix: the milter's reject at HELO leaves EHLO its 250; MAIL gets 550 5.7.1 Command rejected, and so
+    does every later MAIL of the session (the milter is not asked again)."""
+    milter, port = await milter_server({b"H": reply(b"r")})
+    client = await SmtpClient.connect(port)
+    ehlo = await client.cmd("EHLO client.test")
+    assert ehlo.code == 250 and ehlo.lines[-1] == "ENHANCEDSTATUSCODES", ehlo
+    assert await client.cmd("MAIL FROM:<s@remote.test>") == status.MILTER_REJECTED
+    assert (await client.cmd("RSET")).code == 250
+    assert await client.cmd("MAIL FROM:<s@remote.test>") == status.MILTER_REJECTED
+    await client.close()
+    assert b"M" not in milter.commands(0)
+
+
+@pytest.mark.parametrize("script", [{b"C": reply(b"t")}, {b"C": replycode("450 4.7.1 not now")}])
+async def test_a_tempfail_at_connect_answers_mail_for_the_session(milter_server, script):
+    _, port = await milter_server(script)
+    client = await SmtpClient.connect(port)
+    assert (await client.cmd("HELO client.test")).code == 250
+    first, second = await client.cmd("MAIL FROM:<s@remote.test>"), None
+    await client.cmd("RSET")
+    second = await client.cmd("MAIL FROM:<s@remote.test>")
+    await client.close()
+    assert first == second and first.code in (450, 451), (first, second)
+
+
+async def test_discard_at_connect_is_not_allowed_and_the_mail_is_delivered(milter_server, tmp_path, caplog):
+    """Postfix: `DISCARD action is not allowed for connect or helo` (logged); the messages are queued."""
+    _, port = await milter_server({b"C": reply(b"d")})
+    client = await SmtpClient.connect(port)
+    assert (await client.send_message(MESSAGE)).code == 250
+    await client.close()
+    await eventually(lambda: maildir_messages(tmp_path / "mail" / "alice" / "Maildir"))
+    assert any("DISCARD action is not allowed for connect or helo" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_milter_that_breaks_the_negotiation_leaves_ehlo_alone(milter_server):
+    """Postfix: the milter is closed, EHLO is answered in full, and milter_default_action answers MAIL."""
+    _, port = await milter_server(negotiation=reply(b"c"))
+    client = await SmtpClient.connect(port)
+    ehlo = await client.cmd("EHLO client.test")
+    assert ehlo.code == 250 and ehlo.lines[-1] == "ENHANCEDSTATUSCODES", ehlo
+    assert await client.cmd("MAIL FROM:<s@remote.test>") == status.FILTER_UNAVAILABLE
+    await client.close()
+
+
+async def test_an_accept_at_connect_silences_that_milter_only(mailflow_server):
+    async with scripted_milter({b"C": reply(b"a")}) as first, scripted_milter({b"M": reply(b"r")}) as second:
+        mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "milters": [first.spec, second.spec]})
+        client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+        assert (await client.cmd("EHLO client.test")).code == 250
+        assert await client.cmd("MAIL FROM:<s@remote.test>") == status.MILTER_REJECTED
+        await client.close()
+        assert b"H" not in first.commands(0) and b"M" in second.commands(0)
