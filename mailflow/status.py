@@ -7,6 +7,7 @@ table from an error (mailflow.errors, a store or spool fault) to its reply.
 from __future__ import annotations
 
 import errno
+import re
 import sqlite3
 from dataclasses import dataclass
 from typing import Callable
@@ -20,9 +21,11 @@ class Reply:
     code: int
     status: str
     text: str
+    preceding: tuple[str, ...] = ()  # a multi-line reply's lines before the last, after their "ddd-" (a milter's)
 
     def __str__(self) -> str:
-        return f"{self.code} {self.status} {self.text}" if self.status else f"{self.code} {self.text}"
+        last = f"{self.code} {self.status} {self.text}" if self.status else f"{self.code} {self.text}"
+        return "".join(f"{self.code}-{line}\r\n" for line in self.preceding) + last
 
     @property
     def is_ok(self) -> bool:
@@ -227,6 +230,9 @@ def dmarc_rejected(domain: str) -> Reply:
 CONTENT_REJECTED = Reply(550, "5.7.1", "Message content rejected")
 FILTER_UNAVAILABLE = Reply(451, "4.7.1", "Service unavailable - try again later")
 MILTER_REJECTED = Reply(550, "5.7.1", "Command rejected")
+MILTER_UNAVAILABLE = Reply(550, "5.5.0", "Service unavailable")  # milter_default_action = reject (Postfix's milter8)
+# a milter whose own reply (SMFIR_REPLYCODE) is malformed: closed, as Postfix's milter8 does for a configuration error
+MILTER_CONFIGURATION_PROBLEM = Reply(451, "4.3.5", "Server configuration problem - try again later")
 # a non_smtpd_milter refused a recipient of mail that came by sendmail (Postfix: a configuration error; it waits)
 MILTER_CONFIGURATION_ERROR = Reply(451, "4.3.5", "Server configuration error")
 SPAM_REJECTED = Reply(550, "5.7.1", "Message rejected as spam")
@@ -237,15 +243,30 @@ def virus_found(name: str) -> Reply:
 
 
 def milter_reply(text: str) -> Reply | None:
-    """A milter's SMFIR_REPLYCODE text (`550 5.7.1 Go away`) as a reply, None when it is not one (RFC 5321
-    4xx/5xx; a missing enhanced code becomes X.7.1 as Postfix writes it)."""
-    code, _, rest = text.strip().partition(" ")
+    """A milter's SMFIR_REPLYCODE text (`550 5.7.1 Go away`; a multi-line one's lines joined by CRLF) as a reply;
+    None when it is malformed as Postfix's milter8 judges it (a code that is not 4xx/5xx, no space or `-` after
+    it, an enhanced code of another class than the code), or lines that do not share the code and end with one
+    final line. As in Postfix, `%%` is `%` and another `%` is dropped (sendmail takes the text as a format).
+    A missing enhanced code becomes X.7.1 (RFC 2034: every reply carries one; Postfix sends the line as is)."""
+    lines = re.sub(r"%(.?)", r"\1", text, flags=re.DOTALL).split("\r\n")
+    code = lines[-1][:3]
     if len(code) != 3 or not code.isdigit() or code[0] not in "45":
         return None
-    first, _, after = rest.partition(" ")
-    if first.count(".") == 2 and first[:1] == code[0] and first.replace(".", "").isdigit():
-        return Reply(int(code), first, printable(after.strip() or "Command rejected"))
-    return Reply(int(code), f"{code[0]}.7.1", printable(rest.strip() or "Command rejected"))
+    parts = []
+    for n, line in enumerate(lines):
+        final = n == len(lines) - 1
+        if line[:3] != code or line[3:4] != (" " if final else "-"):
+            return None
+        rest = line[4:].strip()
+        if rest[:1].isdigit() and rest[0] != code[0]:
+            return None
+        first, _, after = rest.partition(" ")
+        if first.count(".") == 2 and first.replace(".", "").isdigit():
+            parts.append((first, printable(after.strip() or "Command rejected")))
+        else:
+            parts.append((f"{code[0]}.7.1", printable(rest or "Command rejected")))
+    (enhanced, last) = parts.pop()
+    return Reply(int(code), enhanced, last, tuple(f"{e} {t}" for e, t in parts))
 
 
 # Enhanced codes for replies whose text the SMTP library writes itself, keyed by the basic code.

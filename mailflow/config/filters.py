@@ -87,7 +87,7 @@ class ChecksConfig(Section):
 
 class MilterConfig(Section):
     """The Milter client (Postfix milter_*). A milter that cannot be reached, times out or breaks the protocol
-    gets `default_action`: tempfail (451 4.7.1 for the client), accept (skip that milter), reject (550 5.7.1)
+    gets `default_action`: tempfail (451 4.7.1 for the client), accept (skip that milter), reject (550 5.5.0)
     or quarantine (accept and hold)."""
 
     default_action: Literal["tempfail", "accept", "reject", "quarantine"] = "tempfail"

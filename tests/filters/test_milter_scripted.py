@@ -4,6 +4,7 @@ private Postfix 3.7 and smtpd_milters; the replies are Postfix's milter8.c and s
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import pytest
 
@@ -81,3 +82,38 @@ async def test_an_accept_at_connect_silences_that_milter_only(mailflow_server):
         assert await client.cmd("MAIL FROM:<s@remote.test>") == status.MILTER_REJECTED
         await client.close()
         assert b"H" not in first.commands(0) and b"M" in second.commands(0)
+
+
+async def test_a_multi_line_reply_of_the_milter_is_sent_as_it_is(milter_server, caplog):
+    caplog.set_level(logging.INFO, logger="mailflow")
+    _, port = await milter_server({b"R": replycode("550-5.7.1 first line\r\n550 5.7.1 second 100%% sure")})
+    client = await SmtpClient.connect(port)
+    assert (await client.cmd("EHLO client.test")).code == 250
+    assert (await client.cmd("MAIL FROM:<s@remote.test>")).code == 250
+    assert await client.cmd("RCPT TO:<alice@local.test>") == (550, "550-5.7.1 first line\n550 5.7.1 second 100% sure")
+    await client.close()
+    assert any("reject: RCPT from" in r.getMessage() and "550-5.7.1 first line??550 5.7.1 second" in r.getMessage()
+               for r in caplog.records)
+
+
+@pytest.mark.parametrize("text", ["450 5.7.1 the other class", "550", "250 2.0.0 fine", "999 9.9.9 what",
+                                  "550-5.7.1 no last line"])
+async def test_a_malformed_reply_of_the_milter_is_a_configuration_problem(milter_server, text):
+    """Postfix: `malformed reply` logged, the milter closed, 451 4.3.5 for this command and the next MAIL."""
+    milter, port = await milter_server({b"R": replycode(text)}, default_action="reject")
+    client = await SmtpClient.connect(port)
+    assert (await client.cmd("EHLO client.test")).code == 250
+    assert (await client.cmd("MAIL FROM:<s@remote.test>")).code == 250
+    assert await client.cmd("RCPT TO:<alice@local.test>") == status.MILTER_CONFIGURATION_PROBLEM
+    assert (await client.cmd("RSET")).code == 250
+    assert await client.cmd("MAIL FROM:<s@remote.test>") == status.MILTER_CONFIGURATION_PROBLEM
+    await client.close()
+    assert len(milter.sessions) == 1
+
+
+async def test_the_reject_default_action_is_service_unavailable(milter_server):
+    _, port = await milter_server({b"M": reply(b"Z")}, default_action="reject")
+    client = await SmtpClient.connect(port)
+    assert (await client.cmd("EHLO client.test")).code == 250
+    assert await client.cmd("MAIL FROM:<s@remote.test>") == (550, "550 5.5.0 Service unavailable")
+    await client.close()

@@ -15,10 +15,12 @@ milter is asked; reject / tempfail / replycode -> the command (or the message) i
 discard -> the message is accepted and dropped; quarantine -> it is queued on hold. Progress replies extend
 the deadline. A reply to connect or HELO holds for the whole SMTP session (Postfix's milter8): accept -> the
 milter is not asked again; reject / tempfail -> HELO is still answered 250, and that reply answers every later
-MAIL; discard is not allowed there (logged, it means continue). A milter that cannot be reached, that times out (connect_timeout for the connection and the
-negotiation, command_timeout per command, content_timeout for the message) or breaks the protocol is closed
-for the rest of the session and `default_action` answers for it: tempfail (451 4.7.1), reject (550 5.7.1),
-accept (as if it were not configured) or quarantine (hold). Logged once per failure with its endpoint.
+MAIL; discard is not allowed there (logged, it means continue). A milter that cannot be reached, that times
+out (connect_timeout for the connection and the negotiation, command_timeout per command, content_timeout for
+the message) or breaks the protocol is closed for the rest of the session and `default_action` answers for it:
+tempfail (451 4.7.1), reject (550 5.5.0 Service unavailable), accept (as if it were not configured) or
+quarantine (hold); one whose own reply is malformed (status.milter_reply) is closed as misconfigured: 451 4.3.5
+Server configuration problem unless the action is accept or quarantine. Logged once per failure.
 
 Macros (Postfix's defaults): at connect j, {daemon_name}, {daemon_addr}, v, _, {client_addr}, {client_name},
 {client_port}; at HELO {tls_version}, {cipher}, {cipher_bits}; at MAIL {mail_addr}, {auth_type}, {auth_authen};
@@ -99,7 +101,9 @@ class MilterConnection:
         self.negotiated: p.Negotiated | None = None
         self.failed = False  # closed for the rest of the session (default_action answered for it)
         self.accepted = False  # said accept: not asked again for this message
-        self.session_verdict: Verdict | None = None  # said accept/reject/tempfail at connect or HELO: for good
+        # what answers for it for the rest of the session: its accept/reject/tempfail at connect or HELO, or
+        # after a failure its default action
+        self.session_verdict: Verdict | None = None
         self.in_message = False  # MAIL was sent and the message not ended
 
     async def open(self) -> None:
@@ -292,7 +296,7 @@ class MilterSession:
         self._mail_macros = values
         verdict = await self._each(p.MAIL, p.mail([f"<{sender}>", *options]), values)
         for milter in self._milters:
-            milter.in_message = not milter.failed and milter.session_verdict is None
+            milter.in_message = milter.session_verdict is None
         return verdict
 
     async def rcpt(self, address: str) -> Verdict:
@@ -303,14 +307,14 @@ class MilterSession:
         the first milter that does not say continue/accept decides; the edits of all of them are gathered."""
         result = Verdict()
         for milter in self._milters:
-            if milter.failed:
-                verdict = self._default_action(milter, "earlier failure")
-                if verdict.action not in ("continue", "quarantine"):
-                    return verdict
-                if verdict.action == "quarantine":
-                    result.edits.quarantine = verdict.reason
+            standing = milter.session_verdict  # it failed (its default action), or answered connect or HELO
+            if standing is not None:
+                if standing.action == "quarantine":
+                    result.edits.quarantine = standing.reason
+                elif standing.action != "continue":
+                    return standing
                 continue
-            if milter.accepted or milter.negotiated is None or milter.session_verdict is not None:
+            if milter.accepted or milter.negotiated is None:
                 continue
             try:
                 reply, edits = await milter.end_of_message(_events(head, body, milter.negotiated),
@@ -345,14 +349,12 @@ class MilterSession:
 
     async def _each(self, command: bytes, packet: bytes, values: dict[str, str]) -> Verdict:
         for milter in self._milters:
-            if milter.failed:  # its default action answers for it, for the rest of the session (Postfix)
-                verdict = self._default_action(milter, "earlier failure")
-                if verdict.action != "continue":
-                    return verdict
-                continue
-            if milter.session_verdict is not None:  # it answered connect or HELO for the whole session
-                if milter.session_verdict.action != "continue":
-                    return milter.session_verdict
+            # it failed (its default action answers for it) or answered connect or HELO: for the rest of the
+            # session (Postfix)
+            standing = milter.session_verdict
+            if standing is not None:
+                if standing.action != "continue":
+                    return standing
                 continue
             if milter.accepted or milter.negotiated is None:
                 continue
@@ -400,30 +402,36 @@ class MilterSession:
             return Verdict("discard", reason=f"milter {milter.spec}")
         if c == p.REPLYCODE:
             reply_text = status.milter_reply(reply.text())
-            if reply_text is None:
-                return self._failed(milter, MilterFailed(f"bad reply code {reply.text()!r}"))
+            if reply_text is None:  # Postfix: a configuration error
+                return self._failed(milter, MilterFailed(f"malformed reply: {reply.text()!r}"), configuration=True)
             return Verdict("reject" if reply_text.code >= 500 else "tempfail", reply_text,
                            reason=f"milter {milter.spec}")
         if c == p.QUARANTINE:
             return Verdict("quarantine", reason=reply.text())
         return self._failed(milter, MilterFailed(f"unexpected reply {c!r}"))
 
-    def _failed(self, milter: MilterConnection, error: MilterFailed) -> Verdict:
-        """A milter that cannot be talked to: closed for this session; `default_action` answers for it."""
+    def _failed(self, milter: MilterConnection, error: MilterFailed, configuration: bool = False) -> Verdict:
+        """A milter that cannot be talked to, or that is misconfigured (`configuration`: a malformed reply of its
+        own): closed for this session; `default_action` answers for it from now on."""
         log.warning("milter %s: %s; milter_default_action %s", milter.spec, error, self._settings.default_action)
         milter.failed = True
         asyncio.get_running_loop().create_task(milter.close())
-        return self._default_action(milter, str(error))
+        milter.session_verdict = self._default_action(milter, str(error), configuration)
+        return milter.session_verdict
 
-    def _default_action(self, milter: MilterConnection, error: str) -> Verdict:
-        action = self._settings.default_action
+    def _default_action(self, milter: MilterConnection, error: str, configuration: bool) -> Verdict:
+        """Postfix's milter8_comm_error and milter8_conf_error: accept, quarantine, else a reply (a configuration
+        error is 451 4.3.5 whatever the action)."""
+        action, reason = self._settings.default_action, f"milter {milter.spec}: {error}"
         if action == "accept":
             return CONTINUE
-        if action == "reject":
-            return Verdict("reject", status.MILTER_REJECTED, reason=f"milter {milter.spec}: {error}")
         if action == "quarantine":
-            return Verdict("quarantine", reason=f"milter {milter.spec}: {error}")
-        return Verdict("tempfail", status.FILTER_UNAVAILABLE, reason=f"milter {milter.spec}: {error}")
+            return Verdict("quarantine", reason=reason)
+        if configuration:
+            return Verdict("tempfail", status.MILTER_CONFIGURATION_PROBLEM, reason=reason)
+        if action == "reject":
+            return Verdict("reject", status.MILTER_UNAVAILABLE, reason=reason)
+        return Verdict("tempfail", status.FILTER_UNAVAILABLE, reason=reason)
 
 
 def _macro_packet(command: bytes, values: dict[str, str], milter: MilterConnection) -> bytes:
