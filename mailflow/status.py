@@ -230,6 +230,7 @@ def dmarc_rejected(domain: str) -> Reply:
 CONTENT_REJECTED = Reply(550, "5.7.1", "Message content rejected")
 FILTER_UNAVAILABLE = Reply(451, "4.7.1", "Service unavailable - try again later")
 MILTER_REJECTED = Reply(550, "5.7.1", "Command rejected")
+MILTER_SHUTDOWN = Reply(421, "4.7.0", "Server closing connection")  # a milter's SMFIR_SHUTDOWN (Postfix's smtpd)
 MILTER_UNAVAILABLE = Reply(550, "5.5.0", "Service unavailable")  # milter_default_action = reject (Postfix's milter8)
 # a milter whose own reply (SMFIR_REPLYCODE) is malformed: closed, as Postfix's milter8 does for a configuration error
 MILTER_CONFIGURATION_PROBLEM = Reply(451, "4.3.5", "Server configuration problem - try again later")

@@ -117,3 +117,16 @@ async def test_the_reject_default_action_is_service_unavailable(milter_server):
     assert (await client.cmd("EHLO client.test")).code == 250
     assert await client.cmd("MAIL FROM:<s@remote.test>") == (550, "550 5.5.0 Service unavailable")
     await client.close()
+
+
+@pytest.mark.parametrize("answer, expected", [(reply(b"4"), status.MILTER_SHUTDOWN),
+                                              (replycode("421 4.7.0 bye now"), (421, "421 4.7.0 bye now"))],
+                         ids=["shutdown", "replycode 421"])
+async def test_shutdown_or_a_421_of_the_milter_ends_the_session(milter_server, answer, expected):
+    """Postfix: 421 to the command, then the connection is closed (observed; smtpd.c)."""
+    _, port = await milter_server({b"R": answer})
+    client = await SmtpClient.connect(port)
+    assert (await client.cmd("EHLO client.test")).code == 250
+    assert (await client.cmd("MAIL FROM:<s@remote.test>")).code == 250
+    assert await client.cmd("RCPT TO:<alice@local.test>") == expected
+    assert await client.closed()

@@ -12,6 +12,7 @@ asks every milter of a listener in turn (Postfix smtpd_milters).
 What a milter says (per Postfix): accept -> it is not asked again for this message; continue -> the next
 milter is asked; reject / tempfail / replycode -> the command (or the message) is refused with that reply
 (550 5.7.1 Command rejected, 451 4.7.1 Service unavailable - try again later, or the milter's own reply);
+shutdown -> 421 4.7.0 Server closing connection (smtpd closes the session after any 421);
 discard -> the message is accepted and dropped; quarantine -> it is queued on hold. Progress replies extend
 the deadline. A reply to connect or HELO holds for the whole SMTP session (Postfix's milter8): accept -> the
 milter is not asked again; reject / tempfail -> HELO is still answered 250, and that reply answers every later
@@ -408,6 +409,9 @@ class MilterSession:
                            reason=f"milter {milter.spec}")
         if c == p.QUARANTINE:
             return Verdict("quarantine", reason=reply.text())
+        if c == p.SHUTDOWN:  # Postfix: 421, and the milter answers so for the rest of the session
+            milter.session_verdict = Verdict("tempfail", status.MILTER_SHUTDOWN, reason=f"milter {milter.spec}")
+            return milter.session_verdict
         return self._failed(milter, MilterFailed(f"unexpected reply {c!r}"))
 
     def _failed(self, milter: MilterConnection, error: MilterFailed, configuration: bool = False) -> Verdict:

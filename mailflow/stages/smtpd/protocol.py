@@ -14,7 +14,8 @@ What it owns
   `shut_down()` (421 at a stop), `in_transaction`.
 - Replies: `push()` gives a library-written line its enhanced status code (RFC 2034; not the greeting nor
   HELO/EHLO; a `status.Reply` goes as the catalogue wrote it), counts 4xx/5xx toward the error limits and
-  records each command's outcome (sessionlog.SessionLog).
+  records each command's outcome (sessionlog.SessionLog). A 421 after the greeting ends the session (RFC 5321
+  3.8; Postfix disconnects after a 421 from a milter or an access table).
 - Deadlines: a command within `timeout` of the previous one; DATA/BDAT content at `min_data_rate`. One loop
   timer per session: a new deadline is a float stored; the timer, when it fires before the deadline, sets
   itself again for what is left (not a TimerHandle made and cancelled per command).
@@ -316,8 +317,12 @@ class ProtocolCore(SMTP):
 
     async def push(self, line: Any, *, counts_as_error: bool = True) -> None:
         """Send one reply line. A final 4xx/5xx counts toward the error limits (unless `counts_as_error` is
-        False) and marks the command being answered as failed in the disconnect statistics."""
-        await self._write(self._reply_bytes(line, counts_as_error))
+        False) and marks the command being answered as failed in the disconnect statistics. After a 421 (not the
+        greeting) the server closes the connection."""
+        data = self._reply_bytes(line, counts_as_error)
+        await self._write(data)
+        if data[:4] == b"421 " and self._replies_sent > 1:
+            self.hang_up()
 
     async def push_lines(self, lines: list[str]) -> None:
         """The lines of a multi-line reply (EHLO's), each as `push` sends it, in one write: the client gets one
