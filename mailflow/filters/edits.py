@@ -2,7 +2,9 @@
 
     edit_header(head, edits) -> bytes     `head`: a header section (CRLF lines, without the empty line that
                                           ends it); edits: (add|insert|change, index, name, value) in order
-    field_line(name, value) -> bytes      one header field as queued (a value's line ends become CRLF)
+    field_line(name, value) -> bytes      one header field as queued (a value's line ends become CRLF, each
+                                          line after one a continuation: TAB-indented unless it is)
+    is_field_name(name) -> bool           RFC 5322: printable ASCII but the colon, at least one character
 
 Rules (libmilter's): add appends; insert puts the field at position `index` (0: first); change replaces the
 `index`-th (1-based) field of that name, and an empty value deletes it; a change of a field that is not there
@@ -18,9 +20,16 @@ from mailflow.message import header_fields
 
 
 def field_line(name: str, value: str) -> bytes:
-    value = value.replace("\r\n", "\n").replace("\n", "\r\n")
+    lines = value.replace("\r\n", "\n").split("\n")
+    # a line break the milter put in the value continues the field: a line not folded is given a TAB (as
+    # Postfix's cleanup does), so a value can never end the field and start another one
+    value = "\r\n".join([lines[0]] + [line if line[:1] in (" ", "\t") else "\t" + line for line in lines[1:]])
     separator = ":" if value[:1] in (" ", "\t") else ": "
     return f"{name}{separator}{value}\r\n".encode("utf-8", "surrogateescape")
+
+
+def is_field_name(name: str) -> bool:
+    return bool(name) and all(33 <= ord(c) <= 126 and c != ":" for c in name)
 
 
 def edit_header(head: bytes, edits: list[tuple[str, int, str, str]]) -> bytes:

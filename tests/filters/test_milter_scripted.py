@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import struct
 
 import pytest
 
@@ -130,3 +131,27 @@ async def test_shutdown_or_a_421_of_the_milter_ends_the_session(milter_server, a
     assert (await client.cmd("MAIL FROM:<s@remote.test>")).code == 250
     assert await client.cmd("RCPT TO:<alice@local.test>") == expected
     assert await client.closed()
+
+
+def header_edit(command: bytes, name: str, value: bytes, index: int | None = None) -> bytes:
+    """SMFIR_ADDHEADER (no index), SMFIR_INSHEADER or SMFIR_CHGHEADER."""
+    position = struct.pack("!I", index) if index is not None else b""
+    return reply(command, position + name.encode() + b"\0" + value + b"\0")
+
+
+async def test_header_edits_cannot_break_the_header_section(milter_server, tmp_path, caplog):
+    """A line break in a value continues the field (Postfix indents the next line with a TAB); a name that is not
+    one is ignored and logged (Postfix writes `X Bad: v`, which ends mailflow's header section: a deliberate
+    difference, docs/filtering.md)."""
+    edits = [header_edit(b"h", "X-Injected", b"a\r\nBcc: victim@remote.test"), header_edit(b"h", "X-Lf", b"a\nb"),
+             header_edit(b"h", "X Bad", b"v"), header_edit(b"h", "", b"v"), header_edit(b"m", "X-Old", b"two", 1)]
+    _, port = await milter_server({b"E": b"".join(edits) + reply(b"c")})
+    client = await SmtpClient.connect(port)
+    assert (await client.send_message(MESSAGE)).code == 250
+    await client.close()
+    [data] = await eventually(lambda: maildir_messages(tmp_path / "mail" / "alice" / "Maildir"))
+    head, body = data.split(b"\n\n", 1)
+    assert b"\nX-Injected: a\n\tBcc: victim@remote.test\n" in head and b"\nX-Lf: a\n\tb\n" in head
+    assert b"\nX-Old: two\n" in head and b"X Bad" not in data and b"\n: v" not in data
+    assert body == b"line one\n"
+    assert sum("is not one: edit ignored" in r.getMessage() for r in caplog.records) == 2

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from mailflow import status
+from mailflow.filters.edits import is_field_name
 from mailflow.filters.milter import protocol as p
 from mailflow.message import header_fields
 from mailflow.syntax import parse_endpoint
@@ -163,7 +164,7 @@ class MilterConnection:
                 reply = await self._read(timeout)
                 if reply.command in p.FINAL:
                     return reply, edits
-                _collect(reply, edits)
+                _collect(reply, edits, self.spec)
         except (OSError, TimeoutError, p.ProtocolError, asyncio.IncompleteReadError) as e:
             raise MilterFailed(_why(e)) from None
 
@@ -198,15 +199,17 @@ class MilterConnection:
                 return reply
 
 
-def _collect(reply: p.Reply, edits: Edits) -> None:
+def _collect(reply: p.Reply, edits: Edits, spec: str) -> None:
     """One modification action of an end-of-message reply."""
     c = reply.command
-    if c == p.ADDHEADER:
-        name, value = (reply.strings() + ["", ""])[:2]
-        edits.headers.append(("add", 0, name, value))
-    elif c in (p.INSHEADER, p.CHGHEADER):
-        index, (name, value) = reply.index_and_strings()[0], (reply.index_and_strings()[1] + ["", ""])[:2]
-        edits.headers.append(("insert" if c == p.INSHEADER else "change", index, name, value))
+    if c in (p.ADDHEADER, p.INSHEADER, p.CHGHEADER):
+        index, strings = reply.index_and_strings() if c != p.ADDHEADER else (0, reply.strings())
+        name, value = (strings + ["", ""])[:2]
+        if not is_field_name(name):  # (Postfix writes it, and a name with a space ends the header section)
+            log.warning("milter %s: header name %r is not one: edit ignored", spec, name[:100])
+            return
+        kind = {p.ADDHEADER: "add", p.INSHEADER: "insert", p.CHGHEADER: "change"}[c]
+        edits.headers.append((kind, index, name, value))
     elif c == p.CHGFROM:
         strings = reply.strings()
         edits.sender = (strings[0] if strings else "", " ".join(strings[1:]))
