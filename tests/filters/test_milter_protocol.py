@@ -25,6 +25,8 @@ def test_decoder_waits_for_whole_packets_and_splits_several():
     assert [r.command for r in replies] == [p.CONTINUE, p.ADDHEADER] and replies[1].strings() == ["X-A", "v"]
     with pytest.raises(p.ProtocolError):
         p.Decoder().feed(struct.pack("!I", 0))
+    with pytest.raises(p.ProtocolError):  # a reply that carries no data, with data (Postfix: a protocol error)
+        p.Decoder().feed(p.encode(p.CONTINUE, b"junk"))
 
 
 def test_negotiation_keeps_only_what_was_offered_and_reads_macro_lists():

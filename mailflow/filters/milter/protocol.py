@@ -10,8 +10,8 @@ tool that waits for a reply after every step), so it is written here.
     Negotiated.from_reply(reply, offered) -> what the milter asked: which events to skip, which get no reply
     Reply(command, payload); `.text()`, `.strings()`, `.index_and_strings()`
 
-Failure behaviour: `ProtocolError` for a packet that cannot be one (too long, empty) or a negotiation that
-cannot work; the caller treats it like a milter that is down (milter_default_action).
+Failure behaviour: `ProtocolError` for a packet that cannot be one (too long, empty, a reply that takes no data
+with data) or a negotiation that cannot work; the caller treats it like a milter that is down (milter_default_action).
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ ADDRCPT, DELRCPT, ADDRCPT_PAR, SHUTDOWN, ACCEPT, REPLBODY, CONTINUE, DISCARD, CH
         b"s", b"t", b"y")
 MODIFICATIONS = (ADDRCPT, DELRCPT, ADDRCPT_PAR, REPLBODY, CHGFROM, ADDHEADER, INSHEADER, CHGHEADER, QUARANTINE)
 FINAL = (ACCEPT, CONTINUE, DISCARD, REJECT, TEMPFAIL, REPLYCODE, SKIP, SHUTDOWN, CONNFAIL)
+BARE = (ACCEPT, CONTINUE, DISCARD, REJECT, TEMPFAIL, SKIP, SHUTDOWN, PROGRESS)  # replies that carry no data
 
 # actions the milter may take (SMFIF_*): all of them
 OFFERED_ACTIONS = 0x1FF
@@ -137,6 +138,8 @@ class Decoder:
             if len(self._buffer) < 4 + length:
                 break
             packet, self._buffer = self._buffer[4:4 + length], self._buffer[4 + length:]
+            if packet[:1] in BARE and length > 1:  # (Postfix: "reply ... was followed by N data bytes")
+                raise ProtocolError(f"reply {packet[:1]!r} followed by {length - 1} data bytes")
             replies.append(Reply(packet[:1], packet[1:]))
         return replies
 
