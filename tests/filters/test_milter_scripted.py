@@ -3,6 +3,7 @@ the SMTP client is told, compared with what Postfix's smtpd tells it with the sa
 private Postfix 3.7 and smtpd_milters; the replies are Postfix's milter8.c and smtpd.c)."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import struct
@@ -11,7 +12,7 @@ import pytest
 
 from mailflow import status
 from tests.support import SmtpClient, eventually, maildir_messages
-from tests.support.milters import replycode, reply, scripted_milter
+from tests.support.milters import HANG, replycode, reply, scripted_milter
 
 MESSAGE = b"From: <s@remote.test>\r\nSubject: scripted\r\nX-Old: 1\r\n\r\nline one\r\n"
 
@@ -155,3 +156,19 @@ async def test_header_edits_cannot_break_the_header_section(milter_server, tmp_p
     assert b"\nX-Old: two\n" in head and b"X Bad" not in data and b"\n: v" not in data
     assert body == b"line one\n"
     assert sum("is not one: edit ignored" in r.getMessage() for r in caplog.records) == 2
+
+
+async def test_a_milter_that_hangs_in_one_session_does_not_hold_another(milter_server):
+    """The first session's milter never answers RCPT: that session waits for command_timeout (then 451 4.7.1,
+    Postfix's default action), while a second session meanwhile is served in full."""
+    _, port = await milter_server({b"R": lambda session, _: HANG if session == 0 else reply(b"c")})
+    stuck, other = await SmtpClient.connect(port), await SmtpClient.connect(port)
+    await stuck.cmd("EHLO client.test")
+    await stuck.cmd("MAIL FROM:<s@remote.test>")
+    waiting = asyncio.create_task(stuck.cmd("RCPT TO:<alice@local.test>"))
+    started = asyncio.get_running_loop().time()
+    assert (await other.send_message(MESSAGE)).code == 250
+    assert asyncio.get_running_loop().time() - started < 1.5 and not waiting.done()
+    assert await waiting == status.FILTER_UNAVAILABLE
+    await stuck.close()
+    await other.close()
