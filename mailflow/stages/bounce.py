@@ -12,11 +12,11 @@ Auto-Submitted. No I/O and no clock: the caller passes the time, the original co
 
 Decisions:
 - NOTIFY "" (not given) means FAILURE,DELAY (not SUCCESS); NEVER means nothing; otherwise a comma list.
-- The returned original (part 3), its envelope sender first in a Return-Path field as Postfix returns it: the
-  whole message for RET=FULL, and for RET="" in a failure notice, when it is
-  at most `size_limit` bytes (bounce_size_limit); otherwise (RET=HDRS, a delay or success notice without RET, a
-  bigger message, or any message when the limit is 0) its header section only (text/rfc822-headers), as
-  Postfix's bounce_original does (a truncated message would damage its MIME structure). So a notice is never
+- The returned original (part 3), its envelope sender first in a Return-Path field as Postfix returns it: in a
+  failure notice without RET=HDRS, the whole message when it is at most `size_limit` bytes (bounce_size_limit);
+  otherwise (RET=HDRS, a bigger message, any message when the limit is 0, and every delay or success notice,
+  whatever RET says, as Postfix's defer and trace services return DSN_RET_HDRS) its header section only
+  (text/rfc822-headers), as Postfix's bounce_original does (a truncated message would damage its MIME structure). So a notice is never
   bigger than the limit plus a header section: callers pass `original` read accordingly (the whole message
   when `original_size` <= size_limit, else at least its header section), never a big message whole. The
   original is copied byte for byte.
@@ -59,7 +59,7 @@ SUBJECTS = {
     "delay": "Delayed Mail (still being retried)",
     "success": "Successful Mail Delivery Report",
 }
-_RETURNED = {"failure": "Undelivered", "delay": "Delayed", "success": "Delivered"}
+_RETURNED = {"failure": "Undelivered ", "delay": "Undelivered ", "success": ""}  # bounce_original's descriptions
 _DEFAULT_STATUS = {"failed": "5.0.0", "delayed": "4.0.0"}  # others: 2.0.0
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 EXPIRED = "message expired: "  # what qmgr puts before the last reason of a recipient returned for its age
@@ -147,7 +147,7 @@ def build_notice(
 
     global_ = any(not a.isascii() for a in _addresses(sender, recipients))
     size = len(original) if original_size is None else original_size
-    full = (ret == "FULL" or (ret == "" and kind == "failure")) and size <= size_limit
+    full = kind == "failure" and ret != "HDRS" and size <= size_limit
     returned = _with_return_path(sender, original if full else split_header(original)[0])
     mta = _clean(reporting_mta)
 
@@ -281,10 +281,10 @@ def _original_part(kind: str, global_: bool, full: bool, returned: bytes) -> byt
     """Part 3: the original message, or its header section, byte for byte."""
     if full:
         content_type = "message/global" if global_ else "message/rfc822"
-        description = f"{_RETURNED[kind]} Message"
+        description = f"{_RETURNED[kind]}Message"
     else:
         content_type = "message/global-headers" if global_ else "text/rfc822-headers"
-        description = f"{_RETURNED[kind]} Message Headers"
+        description = f"{_RETURNED[kind]}Message Headers"
     head = [f"Content-Description: {description}", f"Content-Type: {content_type}"]
     if not returned.isascii():
         head.append("Content-Transfer-Encoding: 8bit")

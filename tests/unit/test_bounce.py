@@ -263,13 +263,23 @@ def test_default_returns_the_whole_message():
 
 
 def test_ret_full_returns_the_original_byte_exact():
-    raw = notice(ret="FULL", kind="delay")  # RET=FULL: whole also in a delay notice
+    raw = notice(ret="FULL")
     part = original_part(raw)
     assert part.get_content_type() == "message/rfc822"
     inner = part.get_payload()[0]
     assert inner["Subject"] == "lunch"
     assert inner.get_payload() == ORIGINAL.split(b"\r\n\r\n", 1)[1].decode()
     assert ORIGINAL in raw
+
+
+@pytest.mark.parametrize("kind, action, description", [
+    ("delay", "delayed", "Undelivered Message Headers"), ("success", "delivered", "Message Headers")])
+def test_delay_and_success_notices_return_the_header_section_even_with_ret_full(kind, action, description):
+    """As Postfix's defer and trace services (DSN_RET_HDRS whatever RET says)."""
+    raw = notice([NoticeRecipient(CAROL, action, "", "x")], kind=kind, ret="FULL")
+    part = original_part(raw)
+    assert (part["Content-Description"], part.get_content_type()) == (description, "text/rfc822-headers")
+    assert b"See you at noon" not in raw
 
 
 def test_ret_full_over_the_size_limit_returns_the_header_section_as_postfix_does():

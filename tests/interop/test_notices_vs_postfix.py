@@ -1,0 +1,125 @@
+"""Differential test of the notices themselves (bounce(8)'s failure, delay and success reports): a private Postfix
+and mailflow, configured alike, relay the same messages to the same scripted peer and send their notices to a
+capturing peer each; the two notices of each message must agree part by part once each server's own names (host
+name, queue id, dates, boundary, X-Postfix-/X-Mailflow- fields) are set aside.
+
+test_smtp_faults_vs_postfix.py compares the per-recipient fields of failure notices over many peer faults; this
+file compares the rest of a notice: which part of the original comes back, the human part word for word, the
+postmaster copy of a double bounce.
+"""
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import re
+from dataclasses import dataclass, field
+
+import aiosmtplib
+import pytest
+
+from tests.interop.test_smtp_faults_vs_postfix import ScriptedPeer
+from tests.support import eventually, postfix_instance
+
+pytestmark = pytest.mark.interop
+
+SENDER = "alice@sender.test"
+PF_HOST, MF_HOST = "pf.test", "mx.mailflow.test"
+
+
+def refuse_b(address: str) -> bytes:
+    return b"550 5.1.1 no such user here\r\n" if address.startswith("b@") else b"250 2.1.5 Ok\r\n"
+
+
+def defer_d(address: str) -> bytes:
+    return b"450 4.2.0 mailbox busy, come back later\r\n" if address.startswith("d@") else refuse_b(address)
+
+
+@dataclass
+class Send:
+    """One message: its Subject names it (and finds its notices); RCPT options per recipient (at peer.test)."""
+
+    subject: str
+    rcpts: dict[str, list[str]]
+    mail_options: list[str] = field(default_factory=list)
+    sender: str = SENDER
+
+
+async def send(port: int, message: Send) -> None:
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10) as client:
+        await client.ehlo()
+        await client.mail(message.sender, options=message.mail_options)
+        for local, options in message.rcpts.items():
+            await client.rcpt(f"{local}@peer.test", options=options)
+        await client.data(f"From: {message.sender or 'x@sender.test'}\r\nTo: a@peer.test\r\n"
+                          f"Subject: {message.subject}\r\n\r\nthe body\r\n".encode())
+
+
+def by_subject(captured) -> dict[str, list[email.message.EmailMessage]]:
+    """The notices received, by the Subject of the message each returns (in its third part)."""
+    out: dict[str, list] = {}
+    for c in captured:
+        subject = re.search(rb"\r\nSubject: (case-[\w-]+)\r\n", c.content)
+        notice = email.message_from_bytes(c.content, policy=email.policy.default)
+        notice.envelope = (c.mail_from, c.rcpt_tos)
+        out.setdefault(subject.group(1).decode() if subject else "?", []).append(notice)
+    return out
+
+
+async def notices_of_both(mailflow_server, smtp_peer, script: dict, messages: list[Send], expected: int, *,
+                          postfix: dict | None = None, queue: dict | None = None, settle: float = 0.5):
+    """Both servers relay `messages` to one scripted peer (peer.test) and return their notices to a capturing
+    peer each (sender.test): ({subject: [Postfix's notices]}, {subject: [mailflow's]}) once each has `expected`."""
+    peer = await ScriptedPeer(script).start()
+    pf_sink, mf_sink = await smtp_peer(), await smtp_peer()
+    try:
+        async with postfix_instance({
+            "myhostname": PF_HOST, "mydestination": "", "delay_warning_time": "0", **(postfix or {}),
+            "transport_maps": f"inline:{{sender.test=smtp:[127.0.0.1]:{pf_sink.port}, "
+                              f"peer.test=smtp:[127.0.0.1]:{peer.port}}}",
+        }) as pf:
+            mf = await mailflow_server(
+                myhostname=MF_HOST, mynetworks=["127.0.0.0/8"], smtp={"tls_security_level": "none"},
+                transport_maps=[f"inline:{{sender.test=smtp:[127.0.0.1]:{mf_sink.port}, "
+                                f"peer.test=smtp:[127.0.0.1]:{peer.port}}}"],
+                queue={"queue_run_delay": "300s", "minimal_backoff_time": "300s", "maximal_backoff_time": "300s",
+                       **(queue or {})})
+            for message in messages:
+                await asyncio.gather(send(pf.port, message), send(mf.smtp_addresses[0][1], message))
+            await eventually(lambda: len(pf_sink.messages) >= expected, timeout=15,
+                             what=f"Postfix sent {expected} notice(s)")
+            await eventually(lambda: len(mf_sink.messages) >= expected, timeout=15,
+                             what=f"mailflow sent {expected} notice(s)")
+            await asyncio.sleep(settle)  # (a notice too many would come now)
+            return by_subject(pf_sink.messages), by_subject(mf_sink.messages)
+    finally:
+        await peer.stop()
+
+
+def returned(notice) -> tuple[str, str, list[str]]:
+    """The third part: its description, its type, and the header names it holds (Return-Path first)."""
+    part = list(notice.iter_parts())[2]
+    if part.get_content_type() in ("message/rfc822", "message/global"):
+        inner = part.get_payload()[0]
+        names = [name.lower() for name in inner.keys()] + (["(body)"] if inner.get_payload() else [])
+    else:
+        names = [line.split(":")[0].lower() for line in part.get_content().splitlines() if line and line[0] not in " \t"]
+    return part["Content-Description"], part.get_content_type(), names
+
+
+async def test_success_and_delay_notices_return_the_header_section_even_with_ret_full(mailflow_server, smtp_peer):
+    """Postfix's trace (success) and defer (delay) services return the original's headers whatever RET says
+    (bounce_trace_service.c, bounce_warn_service.c: DSN_RET_HDRS); only a failure honours RET=FULL."""
+    full = ["RET=FULL"]
+    messages = [Send("case-success", {"a": ["NOTIFY=SUCCESS"]}, full),
+                Send("case-delay", {"d": ["NOTIFY=DELAY"]}, full),
+                Send("case-failure", {"b": ["NOTIFY=FAILURE"]}, full)]
+    quick = {"delay_warning_time": "1s", "minimal_backoff_time": "1s", "maximal_backoff_time": "1s",
+             "queue_run_delay": "1s"}
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {"RCPT": defer_d}, messages, 3, postfix=quick,
+                                   queue={k: v for k, v in quick.items() if k != "queue_run_delay"})
+    assert {s: [returned(n) for n in ns] for s, ns in mf.items()} == {
+        s: [returned(n) for n in ns] for s, ns in pf.items()}
+    assert [returned(n)[:2] for n in pf["case-success"]] == [("Message Headers", "text/rfc822-headers")]
+    assert [returned(n)[:2] for n in pf["case-delay"]] == [("Undelivered Message Headers", "text/rfc822-headers")]
+    assert [returned(n)[:2] for n in pf["case-failure"]] == [("Undelivered Message", "message/rfc822")]
