@@ -20,6 +20,10 @@ Decisions:
   bigger than the limit plus a header section: callers pass `original` read accordingly (the whole message
   when `original_size` <= size_limit, else at least its header section), never a big message whole. The
   original is copied byte for byte.
+- The human part (part 1) is Postfix's built-in template for the kind, word for word (a delay notice: "more than
+  N hour(s)" from delay_warning_time, "N day(s) old" from the queue lifetime), then a paragraph per recipient,
+  `<address>: <reason>`, wrapped at 79 columns as Postfix's line_wrap (a word is never split unless it is longer
+  than a line may be).
 - Diagnostic-Code: `smtp; <reply>` when the diagnostic carries a remote SMTP reply, in the transports' wording
   "host H said: <reply> (in reply to X command)" / "host H refused to talk to me: <reply>" (or to start TLS, or
   the SASL refusal "server H said: <reply>"), or is a bare reply
@@ -59,6 +63,20 @@ SUBJECTS = {
     "delay": "Delayed Mail (still being retried)",
     "success": "Successful Mail Delivery Report",
 }
+_TEMPLATES = {  # Postfix's built-in failure, delay and success templates, between the greeting and the sign-off
+    "failure": ["I'm sorry to have to inform you that your message could not",
+                "be delivered to one or more recipients. It's attached below."],
+    "delay": ["#" * 68,
+              "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #",
+              "#" * 68,
+              "",
+              "Your message could not be delivered for more than {hours} hour(s).",
+              "It will be retried until it is {days} day(s) old."],
+    "success": ["Your message was successfully delivered to the destination(s)",
+                "listed below. If the message was delivered to mailbox you will",
+                "receive no further notifications. Otherwise you may still receive",
+                "notifications of mail delivery errors from other systems."],
+}
 _RETURNED = {"failure": "Undelivered ", "delay": "Undelivered ", "success": ""}  # bounce_original's descriptions
 _DEFAULT_STATUS = {"failed": "5.0.0", "delayed": "4.0.0"}  # others: 2.0.0
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
@@ -73,6 +91,7 @@ _BARE_REPLY = re.compile(r"[2-5]\d\d(?:[ -].*)?")
 _BOUNDARY_UNSAFE = re.compile(r"[^0-9A-Za-z'()+_,\-./:=?]")
 _ID_UNSAFE = re.compile(r"[^0-9A-Za-z!#$%&'*+\-/=?^_`{|}~.]")
 FOLD_WIDTH = 78
+TEXT_WIDTH = 79  # the human part's lines, as Postfix's bounce_print_wrap
 SUCCESSFUL = ("delivered", "relayed", "expanded")  # the actions of a success notice
 LONGEST_WORD = 900  # a word longer than this is cut, so that no line exceeds RFC 5322's 998
 
@@ -128,11 +147,14 @@ def build_notice(
     size_limit: int = DEFAULTS.queue.bounce_size_limit,
     to: str | None = None,
     original_size: int | None = None,
+    delay_warning_time: float = DEFAULTS.queue.delay_warning_time,
 ) -> bytes:
     """The notice about `recipients` of message `queue_id` (sent by `sender`), as a complete RFC 5322 message.
 
     It is addressed to `to`, by default the original `sender`; a double bounce passes the postmaster here.
-    `original_size` is the original message's size when `original` is only its beginning.
+    `original_size` is the original message's size when `original` is only its beginning. A delay notice
+    says, as Postfix's, that the message waited more than `delay_warning_time` (in hours) and will be retried
+    until it is (`will_retry_until` - `arrival`) days old.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown notice kind {kind!r}")
@@ -151,7 +173,7 @@ def build_notice(
     returned = _with_return_path(sender, original if full else split_header(original)[0])
     mta = _clean(reporting_mta)
 
-    text_part = _text_part(kind, mta, recipients, full, arrival, now, will_retry_until)
+    text_part = _text_part(kind, mta, recipients, delay_warning_time, arrival, will_retry_until)
     status_part = _status_part(global_, mta, queue_id, sender, arrival, envid, recipients, will_retry_until)
     original_part = _original_part(kind, global_, full, returned)
     parts = [text_part, status_part, original_part]
@@ -182,33 +204,19 @@ def build_notice(
 # ---------------------------------------------------------------------------------------------------- the parts
 
 
-def _text_part(kind: str, mta: str, recipients: list[NoticeRecipient], full: bool, arrival: float, now: float,
+def _text_part(kind: str, mta: str, recipients: list[NoticeRecipient], delay_warning_time: float, arrival: float,
                will_retry_until: float | None) -> bytes:
-    """Part 1: what happened, for a human, one paragraph per recipient."""
+    """Part 1: what happened, for a human: Postfix's built-in template for the kind (bounce_templates.c), then
+    one paragraph per recipient, wrapped as Postfix's line_wrap does (79 columns, continuation indent 4)."""
+    lifetime = (will_retry_until - arrival) if will_retry_until is not None else 0.0
     lines = [f"This is the mail system at host {mta}.", ""]
-    what = "It is attached below." if full else "Its header section is attached below."
-    if kind == "failure":
-        lines += ["I'm sorry to have to inform you that your message could not",
-                  f"be delivered to one or more recipients. {what}"]
-    elif kind == "delay":
-        lines += ["#" * 68,
-                  "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #",
-                  "#" * 68,
-                  "",
-                  f"Your message could not be delivered for {_duration(now - arrival)} to the",
-                  "recipients listed below."]
-        if will_retry_until is not None:
-            lines.append(f"It will be retried until {rfc5322_date(will_retry_until)}.")
-        lines.append(what)
-    else:
-        lines += ["Your message was delivered to the destination(s) listed below.",
-                  "If it went to a mailbox, you will receive no further notices. Otherwise",
-                  "other systems may still report delivery problems to you."]
+    lines += [line.format(hours=int(delay_warning_time // 3600), days=int(max(0.0, lifetime) // 86400))
+              for line in _TEMPLATES[kind]]
     if kind != "success":
         lines += ["", "For further assistance, please send mail to postmaster.", "",
                   "If you do so, please include this problem report. You can",
                   "delete your own text from the attached returned message."]
-    lines += ["", "                   The mail system", ""]
+    lines += ["", "                   The mail system"]
     for nr in recipients:
         r = nr.recipient
         who = f"<{_clean(r.address)}>"
@@ -217,10 +225,9 @@ def _text_part(kind: str, mta: str, recipients: list[NoticeRecipient], full: boo
         said = _clean(nr.diagnostic) or _action_words(nr.action)
         if nr.action in SUCCESSFUL and nr.relay and nr.relay != "none":
             said = f"delivery via {_clean(nr.relay)}: {said}"
-        paragraph = f"{who}: {said}"
-        lines += textwrap.wrap(paragraph, 76, subsequent_indent="    ", break_long_words=True,
-                               break_on_hyphens=False)
         lines.append("")
+        lines += textwrap.wrap(_cut_long_words(f"{who}: {said}"), TEXT_WIDTH, subsequent_indent="    ",
+                               break_long_words=False, break_on_hyphens=False)
     body = CRLF.join(lines) + CRLF
     ascii_ = body.isascii()
     head = [
@@ -344,6 +351,12 @@ def _ascii(value: str) -> str:
     return value.encode("ascii", "replace").decode("ascii")
 
 
+def _cut_long_words(text: str) -> str:
+    """`text` with each word longer than LONGEST_WORD cut into pieces (a space between): a line stays under 998."""
+    words = text.split(" ")
+    return " ".join(" ".join(w[i:i + LONGEST_WORD] for i in range(0, len(w), LONGEST_WORD)) or w for w in words)
+
+
 def _fold(field: str) -> str:
     """`Name: value` folded before spaces so that lines stay near FOLD_WIDTH (RFC 5322 2.2.3)."""
     words = []
@@ -359,15 +372,6 @@ def _fold(field: str) -> str:
         else:
             lines[-1] += " " + word
     return CRLF.join(lines)
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 2 * 3600:
-        return f"{seconds // 60} minute(s)"
-    if seconds < 2 * 86400:
-        return f"{seconds // 3600} hour(s)"
-    return f"{seconds // 86400} day(s)"
 
 
 def _boundary(queue_id: str, notice_id: str, parts: list[bytes]) -> str:

@@ -27,12 +27,14 @@ SENDER = "alice@sender.test"
 PF_HOST, MF_HOST = "pf.test", "mx.mailflow.test"
 
 
-def refuse_b(address: str) -> bytes:
-    return b"550 5.1.1 no such user here\r\n" if address.startswith("b@") else b"250 2.1.5 Ok\r\n"
+QUICK = {"delay_warning_time": "1s", "minimal_backoff_time": "1s", "maximal_backoff_time": "1s"}  # both alike
+LONG_REPLY = b"550 5.7.1 " + b" ".join(b"policy%d" % n for n in range(40)) + b" https://example.test/" + b"x" * 90
 
 
-def defer_d(address: str) -> bytes:
-    return b"450 4.2.0 mailbox busy, come back later\r\n" if address.startswith("d@") else refuse_b(address)
+def rcpt_reply(address: str) -> bytes:
+    """The peer's RCPT replies: b@ refused, bb@ refused at length, d@ deferred, anyone else accepted."""
+    replies = {"b": b"550 5.1.1 no such user here", "bb": LONG_REPLY, "d": b"450 4.2.0 mailbox busy, come back later"}
+    return replies.get(address.partition("@")[0], b"250 2.1.5 Ok") + b"\r\n"
 
 
 @dataclass
@@ -75,13 +77,13 @@ async def notices_of_both(mailflow_server, smtp_peer, script: dict, messages: li
     try:
         async with postfix_instance({
             "myhostname": PF_HOST, "mydestination": "", "delay_warning_time": "0", **(postfix or {}),
-            "transport_maps": f"inline:{{sender.test=smtp:[127.0.0.1]:{pf_sink.port}, "
-                              f"peer.test=smtp:[127.0.0.1]:{peer.port}}}",
+            "transport_maps": (f"inline:{{sender.test=smtp:[127.0.0.1]:{pf_sink.port}, "
+                               f"peer.test=smtp:[127.0.0.1]:{peer.port}}}"),
         }) as pf:
             mf = await mailflow_server(
                 myhostname=MF_HOST, mynetworks=["127.0.0.0/8"], smtp={"tls_security_level": "none"},
-                transport_maps=[f"inline:{{sender.test=smtp:[127.0.0.1]:{mf_sink.port}, "
-                                f"peer.test=smtp:[127.0.0.1]:{peer.port}}}"],
+                transport_maps=[(f"inline:{{sender.test=smtp:[127.0.0.1]:{mf_sink.port}, "
+                                 f"peer.test=smtp:[127.0.0.1]:{peer.port}}}")],
                 queue={"queue_run_delay": "300s", "minimal_backoff_time": "300s", "maximal_backoff_time": "300s",
                        **(queue or {})})
             for message in messages:
@@ -101,7 +103,7 @@ def returned(notice) -> tuple[str, str, list[str]]:
     part = list(notice.iter_parts())[2]
     if part.get_content_type() in ("message/rfc822", "message/global"):
         inner = part.get_payload()[0]
-        names = [name.lower() for name in inner.keys()] + (["(body)"] if inner.get_payload() else [])
+        names = [name.lower() for name in inner] + (["(body)"] if inner.get_payload() else [])
     else:
         names = [line.split(":")[0].lower() for line in part.get_content().splitlines() if line and line[0] not in " \t"]
     return part["Content-Description"], part.get_content_type(), names
@@ -114,12 +116,33 @@ async def test_success_and_delay_notices_return_the_header_section_even_with_ret
     messages = [Send("case-success", {"a": ["NOTIFY=SUCCESS"]}, full),
                 Send("case-delay", {"d": ["NOTIFY=DELAY"]}, full),
                 Send("case-failure", {"b": ["NOTIFY=FAILURE"]}, full)]
-    quick = {"delay_warning_time": "1s", "minimal_backoff_time": "1s", "maximal_backoff_time": "1s",
-             "queue_run_delay": "1s"}
-    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {"RCPT": defer_d}, messages, 3, postfix=quick,
-                                   queue={k: v for k, v in quick.items() if k != "queue_run_delay"})
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {"RCPT": rcpt_reply}, messages, 3,
+                                   postfix={**QUICK, "queue_run_delay": "1s"}, queue=QUICK)
     assert {s: [returned(n) for n in ns] for s, ns in mf.items()} == {
         s: [returned(n) for n in ns] for s, ns in pf.items()}
     assert [returned(n)[:2] for n in pf["case-success"]] == [("Message Headers", "text/rfc822-headers")]
     assert [returned(n)[:2] for n in pf["case-delay"]] == [("Undelivered Message Headers", "text/rfc822-headers")]
     assert [returned(n)[:2] for n in pf["case-failure"]] == [("Undelivered Message", "message/rfc822")]
+
+
+def human_part(notice) -> str:
+    """The first part's text, the server's host name set aside."""
+    text = next(notice.iter_parts()).get_content().replace("\r\n", "\n")
+    return text.replace(PF_HOST, "HOST").replace(MF_HOST, "HOST")
+
+
+async def test_the_human_part_is_postfixs_word_for_word(mailflow_server, smtp_peer):
+    """Postfix's built-in failure, delay and success templates, then `<address>: reason` per recipient wrapped
+    at 79 columns with a 4-space indent (line_wrap: a long word is not split), each after a blank line."""
+    messages = [Send("case-failure", {"b": [], "bb": [], "a": []}),
+                Send("case-delay", {"d": ["NOTIFY=DELAY"]}),
+                Send("case-success", {"a": ["NOTIFY=SUCCESS"]})]
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {"RCPT": rcpt_reply}, messages, 3,
+                                   postfix={**QUICK, "queue_run_delay": "1s"}, queue=QUICK)
+    assert {s: [human_part(n) for n in ns] for s, ns in mf.items()} == {
+        s: [human_part(n) for n in ns] for s, ns in pf.items()}
+    [failure], [delay], [success] = pf["case-failure"], pf["case-delay"], pf["case-success"]
+    assert "be delivered to one or more recipients. It's attached below." in human_part(failure)
+    assert "    https://example.test/" + "x" * 90 + "\n" in human_part(failure)
+    assert "for more than 0 hour(s).\nIt will be retried until it is 5 day(s) old." in human_part(delay)
+    assert "Your message was successfully delivered to the destination(s)" in human_part(success)

@@ -95,7 +95,7 @@ class Notices:
                 original_size=original.size, reporting_mta=self._myhostname, now=now,
                 will_retry_until=retry_until if notice.kind == "delay" else None,
                 notice_id=f"{message.queue_id}.{notice.kind}.{int(now)}", size_limit=c.bounce_size_limit,
-                to=notice.to,
+                to=notice.to, delay_warning_time=c.delay_warning_time,
             )
             addresses = [notice.sender, notice.to] + [r.recipient.address for r in notice.recipients]
             envelope = Envelope(notice.sender, (notice.to,), smtputf8=not all(a.isascii() for a in addresses),
