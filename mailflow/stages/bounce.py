@@ -242,11 +242,11 @@ def _status_part(global_: bool, mta: str, queue_id: str, sender: str, arrival: f
                  recipients: list[NoticeRecipient], will_retry_until: float | None) -> bytes:
     """Part 2: RFC 3464 per-message fields, then one field group per recipient."""
     value = _clean if global_ else (lambda s: _ascii(_clean(s)))
-    per_message = [f"Reporting-MTA: dns; {mta}", f"X-Mailflow-Queue-ID: {value(queue_id)}",
-                   f"X-Mailflow-Sender: {_address_field(sender, global_)}"]
+    per_message = [f"Reporting-MTA: dns; {mta}"]  # in the order of Postfix's bounce_header_dsn
     if envid:
         per_message.append(f"Original-Envelope-Id: {value(envid)}")
-    per_message.append(f"Arrival-Date: {rfc5322_date(arrival)}")
+    per_message += [f"X-Mailflow-Queue-ID: {value(queue_id)}", f"X-Mailflow-Sender: {_address_field(sender, global_)}",
+                    f"Arrival-Date: {rfc5322_date(arrival)}"]
     groups = [per_message]
     for nr in recipients:
         group = [f"Final-Recipient: {_address_field(nr.recipient.address, global_)}"]

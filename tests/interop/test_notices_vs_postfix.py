@@ -146,3 +146,38 @@ async def test_the_human_part_is_postfixs_word_for_word(mailflow_server, smtp_pe
     assert "    https://example.test/" + "x" * 90 + "\n" in human_part(failure)
     assert "for more than 0 hour(s).\nIt will be retried until it is 5 day(s) old." in human_part(delay)
     assert "Your message was successfully delivered to the destination(s)" in human_part(success)
+
+
+SERVER_OWN = ("Reporting-MTA", "X-Mailflow-Queue-ID", "Arrival-Date", "Will-Retry-Until")  # (dates: each its form)
+
+
+def report(notice) -> list[list[tuple[str, str]]]:
+    """The delivery report's field groups: (name, value without white space) in order; X-Postfix- named as
+    X-Mailflow-, the values each server gives itself left out, and mailflow's Last-Attempt-Date (Postfix has
+    it disabled) dropped."""
+    part = list(notice.iter_parts())[1]
+    groups = []
+    for group in part.get_payload():
+        fields = []
+        for name, value in group.items():
+            name = name.replace("X-Postfix-", "X-Mailflow-")
+            if name != "Last-Attempt-Date":
+                fields.append((name, "" if name in SERVER_OWN else "".join(str(value).split())))
+        groups.append(fields)
+    return groups
+
+
+async def test_the_delivery_report_has_postfixs_fields_in_postfixs_order(mailflow_server, smtp_peer):
+    """bounce_header_dsn: Reporting-MTA, Original-Envelope-Id, X-Postfix-Queue-ID, X-Postfix-Sender, Arrival-Date;
+    then per recipient Final-Recipient, Original-Recipient, Action, Status, Remote-MTA, Diagnostic-Code (and
+    Will-Retry-Until in a delay notice)."""
+    messages = [Send("case-failure", {"b": ["ORCPT=rfc822;B+2Bone@orig.test"], "bb": []}, ["ENVID=env+2B1"]),
+                Send("case-delay", {"d": ["NOTIFY=DELAY"]}, ["ENVID=env2"]),
+                Send("case-success", {"a": ["NOTIFY=SUCCESS"]})]
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {"RCPT": rcpt_reply}, messages, 3,
+                                   postfix={**QUICK, "queue_run_delay": "1s"}, queue=QUICK)
+    assert {s: [report(n) for n in ns] for s, ns in mf.items()} == {s: [report(n) for n in ns] for s, ns in pf.items()}
+    [failure] = pf["case-failure"]
+    assert [name for name, _ in report(failure)[0]] == [
+        "Reporting-MTA", "Original-Envelope-Id", "X-Mailflow-Queue-ID", "X-Mailflow-Sender", "Arrival-Date"]
+    assert ("Original-Recipient", "rfc822;B+one@orig.test") in report(failure)[1]

@@ -249,6 +249,8 @@ def test_delay_notice_reports_delayed_and_when_retries_end():
 def test_envid_appears_only_when_given():
     assert "Original-Envelope-Id" not in status_groups(notice())[0]
     assert status_groups(notice(envid="QQ314159"))[0]["Original-Envelope-Id"] == "QQ314159"
+    assert list(status_groups(notice(envid="QQ314159"))[0].keys()) == [  # Postfix's order
+        "Reporting-MTA", "Original-Envelope-Id", "X-Mailflow-Queue-ID", "X-Mailflow-Sender", "Arrival-Date"]
 
 
 # ---------------------------------------------------------------------------------------------- the original
