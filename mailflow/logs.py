@@ -75,10 +75,11 @@ class MailLog:
         for an event."""
         return self._observer is not None or self._log.isEnabledFor(logging.INFO)
 
-    def _emit(self, queue_id: str, event: str, line: str, *, service: str, **fields) -> None:
+    def _emit(self, queue_id: str, event: str, line: str, *, service: str, level: int = logging.INFO,
+              **fields) -> None:
         fields = {k: printable(v) if isinstance(v, str) else v for k, v in fields.items()}
-        self._log.info("%s: %s", queue_id, printable(line),
-                       extra={"queue_id": queue_id, "event": event, "fields": fields, "service": service})
+        self._log.log(level, "%s: %s", queue_id, printable(line),
+                      extra={"queue_id": queue_id, "event": event, "fields": fields, "service": service})
         if self._observer is not None:
             try:
                 self._observer(queue_id, event, fields)
@@ -120,12 +121,19 @@ class MailLog:
                    to=to, relay=result.relay, delay=round(delay, 3), dsn=result.dsn, status=status,
                    reason=result.text, transport=result.transport)
 
-    def notice(self, queue_id: str, kind: str, notice_id: str) -> None:
+    def notice(self, queue_id: str, kind: str, notice_id: str, *, postmaster: bool = False) -> None:
+        """A notice queued: to the sender, or (a double bounce) the postmaster copy."""
         if not self.active:
             return
         what = {"failure": "non-delivery", "delay": "delay", "success": "delivery status"}.get(kind, kind)
-        self._emit(queue_id, "notice", f"sender {what} notification: {notice_id}", service="bounce", kind=kind,
+        to = "postmaster" if postmaster else "sender"
+        self._emit(queue_id, "notice", f"{to} {what} notification: {notice_id}", service="bounce", kind=kind,
                    notice_id=notice_id)
+
+    def notice_discarded(self, queue_id: str) -> None:
+        """A double bounce that bounced: dropped, never a triple bounce."""
+        self._emit(queue_id, "notice-discarded", "undeliverable postmaster notification discarded",
+                   service="bounce", level=logging.WARNING)
 
     def removed(self, queue_id: str) -> None:
         if self.active:

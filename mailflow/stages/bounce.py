@@ -6,8 +6,9 @@ Auto-Submitted. No I/O and no clock: the caller passes the time, the original co
 
     NoticeRecipient(recipient, action, status, diagnostic, remote_mta="", last_attempt=None)
     wants_notice(recipient, kind) -> bool      does this recipient's NOTIFY ask for a "failure"/"delay"/"success"
-    build_notice(*, kind, queue_id, ..., to=None) -> bytes   the complete notice (CRLF), queued with the null
-                                               sender; `to` (default: the original sender) is its To: address
+    build_notice(*, kind, queue_id, ..., to=None, postmaster_copy=False) -> bytes   the complete notice (CRLF);
+                                               `to` (default: the original sender) is its To: address; a
+                                               postmaster copy is a double bounce (Postfix's layout for one)
     notice_is_8bit(notice) -> bool             whether the notice needs BODY=8BITMIME
 
 Decisions:
@@ -24,6 +25,10 @@ Decisions:
   N hour(s)" from delay_warning_time, "N day(s) old" from the queue lifetime), then a paragraph per recipient,
   `<address>: <reason>`, wrapped at 79 columns as Postfix's line_wrap (a word is never split unless it is longer
   than a line may be).
+- A postmaster copy (a failed bounce, sent to double_bounce_recipient) is laid out as Postfix's: Subject
+  "Postmaster Copy: Undelivered Mail", Auto-Submitted: auto-generated, no template text (only the recipient
+  paragraphs), the whole original (within the size limit) whatever RET said. A null sender is named
+  MAILER-DAEMON@<reporting MTA> in its sender field and Return-Path, as Postfix's bounce(8) names it.
 - Diagnostic-Code: `smtp; <reply>` when the diagnostic carries a remote SMTP reply, in the transports' wording
   "host H said: <reply> (in reply to X command)" / "host H refused to talk to me: <reply>" (or to start TLS, or
   the SASL refusal "server H said: <reply>"), or is a bare reply
@@ -63,6 +68,7 @@ SUBJECTS = {
     "delay": "Delayed Mail (still being retried)",
     "success": "Successful Mail Delivery Report",
 }
+POSTMASTER_SUBJECTS = {"failure": "Postmaster Copy: Undelivered Mail", "delay": "Postmaster Warning: Delayed Mail"}
 _TEMPLATES = {  # Postfix's built-in failure, delay and success templates, between the greeting and the sign-off
     "failure": ["I'm sorry to have to inform you that your message could not",
                 "be delivered to one or more recipients. It's attached below."],
@@ -148,13 +154,15 @@ def build_notice(
     to: str | None = None,
     original_size: int | None = None,
     delay_warning_time: float = DEFAULTS.queue.delay_warning_time,
+    postmaster_copy: bool = False,
 ) -> bytes:
     """The notice about `recipients` of message `queue_id` (sent by `sender`), as a complete RFC 5322 message.
 
     It is addressed to `to`, by default the original `sender`; a double bounce passes the postmaster here.
     `original_size` is the original message's size when `original` is only its beginning. A delay notice
     says, as Postfix's, that the message waited more than `delay_warning_time` (in hours) and will be retried
-    until it is (`will_retry_until` - `arrival`) days old.
+    until it is (`will_retry_until` - `arrival`) days old. A `postmaster_copy` (a double bounce) is Postfix's:
+    its own subject, Auto-Submitted: auto-generated, no template text, the whole original whatever RET said.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown notice kind {kind!r}")
@@ -169,12 +177,15 @@ def build_notice(
 
     global_ = any(not a.isascii() for a in _addresses(sender, recipients))
     size = len(original) if original_size is None else original_size
-    full = kind == "failure" and ret != "HDRS" and size <= size_limit
-    returned = _with_return_path(sender, original if full else split_header(original)[0])
+    if postmaster_copy and kind not in POSTMASTER_SUBJECTS:
+        raise ValueError(f"no postmaster copy of a {kind} notice")
+    full = kind == "failure" and (ret != "HDRS" or postmaster_copy) and size <= size_limit
     mta = _clean(reporting_mta)
+    named_sender = sender or f"MAILER-DAEMON@{mta}"  # the null sender, as Postfix's bounce(8) names it
+    returned = _with_return_path(named_sender, original if full else split_header(original)[0])
 
-    text_part = _text_part(kind, mta, recipients, delay_warning_time, arrival, will_retry_until)
-    status_part = _status_part(global_, mta, queue_id, sender, arrival, envid, recipients, will_retry_until)
+    text_part = _text_part(kind, mta, recipients, delay_warning_time, arrival, will_retry_until, postmaster_copy)
+    status_part = _status_part(global_, mta, queue_id, named_sender, arrival, envid, recipients, will_retry_until)
     original_part = _original_part(kind, global_, full, returned)
     parts = [text_part, status_part, original_part]
     boundary = _boundary(queue_id, notice_id, parts)
@@ -184,10 +195,10 @@ def build_notice(
     header = [
         f"From: Mail Delivery System <MAILER-DAEMON@{mta}>",
         f"To: <{_clean(to_address)}>",
-        f"Subject: {SUBJECTS[kind]}",
+        f"Subject: {(POSTMASTER_SUBJECTS if postmaster_copy else SUBJECTS)[kind]}",
         f"Date: {rfc5322_date(now)}",
         f"Message-ID: <{_ID_UNSAFE.sub('-', _clean(notice_id)) or 'notice'}@{mta}>",
-        "Auto-Submitted: auto-replied",
+        f"Auto-Submitted: {'auto-generated' if postmaster_copy else 'auto-replied'}",
         "MIME-Version: 1.0",
         f'Content-Type: multipart/report; report-type=delivery-status;{CRLF}\tboundary="{boundary}"',
         f"Content-Transfer-Encoding: {'8bit' if eight_bit else '7bit'}",
@@ -205,18 +216,11 @@ def build_notice(
 
 
 def _text_part(kind: str, mta: str, recipients: list[NoticeRecipient], delay_warning_time: float, arrival: float,
-               will_retry_until: float | None) -> bytes:
-    """Part 1: what happened, for a human: Postfix's built-in template for the kind (bounce_templates.c), then
-    one paragraph per recipient, wrapped as Postfix's line_wrap does (79 columns, continuation indent 4)."""
-    lifetime = (will_retry_until - arrival) if will_retry_until is not None else 0.0
-    lines = [f"This is the mail system at host {mta}.", ""]
-    lines += [line.format(hours=int(delay_warning_time // 3600), days=int(max(0.0, lifetime) // 86400))
-              for line in _TEMPLATES[kind]]
-    if kind != "success":
-        lines += ["", "For further assistance, please send mail to postmaster.", "",
-                  "If you do so, please include this problem report. You can",
-                  "delete your own text from the attached returned message."]
-    lines += ["", "                   The mail system"]
+               will_retry_until: float | None, postmaster_copy: bool) -> bytes:
+    """Part 1: what happened, for a human: Postfix's built-in template for the kind (bounce_templates.c; none in
+    a postmaster copy), then one paragraph per recipient, wrapped as Postfix's line_wrap does (79 columns,
+    continuation indent 4)."""
+    lines = [] if postmaster_copy else _template(kind, mta, delay_warning_time, arrival, will_retry_until)
     for nr in recipients:
         r = nr.recipient
         who = f"<{_clean(r.address)}>"
@@ -236,6 +240,19 @@ def _text_part(kind: str, mta: str, recipients: list[NoticeRecipient], delay_war
         f"Content-Transfer-Encoding: {'7bit' if ascii_ else '8bit'}",
     ]
     return (CRLF.join(head) + CRLF + CRLF + body).encode("utf-8")
+
+
+def _template(kind: str, mta: str, delay_warning_time: float, arrival: float,
+              will_retry_until: float | None) -> list[str]:
+    lifetime = (will_retry_until - arrival) if will_retry_until is not None else 0.0
+    lines = [f"This is the mail system at host {mta}.", ""]
+    lines += [line.format(hours=int(delay_warning_time // 3600), days=int(max(0.0, lifetime) // 86400))
+              for line in _TEMPLATES[kind]]
+    if kind != "success":
+        lines += ["", "For further assistance, please send mail to postmaster.", "",
+                  "If you do so, please include this problem report. You can",
+                  "delete your own text from the attached returned message."]
+    return [*lines, "", "                   The mail system"]
 
 
 def _status_part(global_: bool, mta: str, queue_id: str, sender: str, arrival: float, envid: str,

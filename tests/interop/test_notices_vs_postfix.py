@@ -69,9 +69,11 @@ def by_subject(captured) -> dict[str, list[email.message.EmailMessage]]:
 
 
 async def notices_of_both(mailflow_server, smtp_peer, script: dict, messages: list[Send], expected: int, *,
-                          postfix: dict | None = None, queue: dict | None = None, settle: float = 0.5):
+                          postfix: dict | None = None, queue: dict | None = None, settle: float = 0.5,
+                          postfix_logs: str = ""):
     """Both servers relay `messages` to one scripted peer (peer.test) and return their notices to a capturing
-    peer each (sender.test): ({subject: [Postfix's notices]}, {subject: [mailflow's]}) once each has `expected`."""
+    peer each (sender.test): ({subject: [Postfix's notices]}, {subject: [mailflow's]}) once each has `expected`
+    (and Postfix's mail log has a line that matches `postfix_logs`)."""
     peer = await ScriptedPeer(script).start()
     pf_sink, mf_sink = await smtp_peer(), await smtp_peer()
     try:
@@ -92,6 +94,8 @@ async def notices_of_both(mailflow_server, smtp_peer, script: dict, messages: li
                              what=f"Postfix sent {expected} notice(s)")
             await eventually(lambda: len(mf_sink.messages) >= expected, timeout=15,
                              what=f"mailflow sent {expected} notice(s)")
+            await eventually(lambda: re.search(postfix_logs, pf.maillog, re.MULTILINE), timeout=15,
+                             what=f"Postfix logged {postfix_logs!r}")
             await asyncio.sleep(settle)  # (a notice too many would come now)
             return by_subject(pf_sink.messages), by_subject(mf_sink.messages)
     finally:
@@ -153,7 +157,7 @@ SERVER_OWN = ("Reporting-MTA", "X-Mailflow-Queue-ID", "Arrival-Date", "Will-Retr
 
 def report(notice) -> list[list[tuple[str, str]]]:
     """The delivery report's field groups: (name, value without white space) in order; X-Postfix- named as
-    X-Mailflow-, the values each server gives itself left out, and mailflow's Last-Attempt-Date (Postfix has
+    X-Mailflow-, the values each server gives itself left out (its host name as HOST), and mailflow's Last-Attempt-Date (Postfix has
     it disabled) dropped."""
     part = list(notice.iter_parts())[1]
     groups = []
@@ -162,7 +166,8 @@ def report(notice) -> list[list[tuple[str, str]]]:
         for name, value in group.items():
             name = name.replace("X-Postfix-", "X-Mailflow-")
             if name != "Last-Attempt-Date":
-                fields.append((name, "" if name in SERVER_OWN else "".join(str(value).split())))
+                value = "" if name in SERVER_OWN else "".join(str(value).split())
+                fields.append((name, value.replace(PF_HOST, "HOST").replace(MF_HOST, "HOST")))
         groups.append(fields)
     return groups
 
@@ -181,3 +186,49 @@ async def test_the_delivery_report_has_postfixs_fields_in_postfixs_order(mailflo
     assert [name for name, _ in report(failure)[0]] == [
         "Reporting-MTA", "Original-Envelope-Id", "X-Mailflow-Queue-ID", "X-Mailflow-Sender", "Arrival-Date"]
     assert ("Original-Recipient", "rfc822;B+one@orig.test") in report(failure)[1]
+
+
+async def test_a_double_bounce_is_postfixs_postmaster_copy(mailflow_server, smtp_peer, caplog):
+    """A bounce that cannot be returned (its own sender is null) goes to 2bounce_notice_recipient (Postfix: with
+    notify_classes = 2bounce) from double-bounce@myhostname: Postfix's postmaster copy, with its own subject,
+    Auto-Submitted: auto-generated, no template text, RET=HDRS overridden, the null sender named
+    MAILER-DAEMON@myhostname; logged as a "postmaster non-delivery notification"."""
+    caplog.set_level("INFO", logger="mailflow")
+    messages = [Send("case-double", {"b": []}, ["RET=HDRS"], sender="")]
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {"RCPT": rcpt_reply}, messages, 1,
+                                   postfix={"notify_classes": "2bounce", "2bounce_notice_recipient": "pm@sender.test"},
+                                   queue={"double_bounce_recipient": "pm@sender.test"})
+
+    def shape(notice) -> tuple:
+        envelope = (notice.envelope[0].replace(PF_HOST, "HOST").replace(MF_HOST, "HOST"), notice.envelope[1])
+        head = {name: notice[name].replace(PF_HOST, "HOST").replace(MF_HOST, "HOST")
+                for name in ("From", "Subject", "Auto-Submitted")}
+        return_path = re.search(r"^Return-Path: (.*)$", list(notice.iter_parts())[2].as_string(), re.MULTILINE)
+        return (envelope, head, human_part(notice), report(notice), returned(notice),
+                return_path and return_path.group(1).replace(PF_HOST, "HOST").replace(MF_HOST, "HOST"))
+
+    assert [shape(n) for n in mf["case-double"]] == [shape(n) for n in pf["case-double"]]
+    [copy] = pf["case-double"]
+    assert copy.envelope == ("double-bounce@pf.test", ["pm@sender.test"])
+    assert (copy["Subject"], copy["Auto-Submitted"]) == ("Postmaster Copy: Undelivered Mail", "auto-generated")
+    assert ("X-Mailflow-Sender", "rfc822;MAILER-DAEMON@HOST") in report(copy)[0]
+    assert re.search(r": postmaster non-delivery notification: \w+$", caplog.text, re.MULTILINE)
+
+
+async def test_a_double_bounce_that_bounces_is_discarded_with_postfixs_warning(mailflow_server, smtp_peer, caplog):
+    """No triple bounce: bounce(8) logs "warning: ID: undeliverable postmaster notification discarded"."""
+    caplog.set_level("INFO", logger="mailflow")
+    messages = [Send("case-triple", {"b": []}, sender="")]
+    pf, mf = await notices_of_both(
+        mailflow_server, smtp_peer, {"RCPT": rcpt_reply}, messages, 0,
+        postfix={"notify_classes": "2bounce", "2bounce_notice_recipient": "b@peer.test"},
+        queue={"double_bounce_recipient": "b@peer.test"},
+        postfix_logs=r"bounce\[\d+\]: warning: \w+: undeliverable postmaster notification discarded$")
+    assert pf == mf == {}
+
+    def warned() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+    await eventually(warned, timeout=5)
+    assert [w.split(": ", 1)[1] for w in warned()] == ["undeliverable postmaster notification discarded"]
+    assert "postmaster non-delivery notification" in caplog.text

@@ -470,3 +470,18 @@ def test_a_success_notice_says_where_each_copy_went_as_postfix_does():
     assert "<carol@other.test>: delivery via local: delivered to maildir" in text
     failure = parts(notice([refused()]))[0].get_content()
     assert "delivery via" not in failure
+
+
+def test_a_postmaster_copy_is_laid_out_as_postfixs():
+    """A double bounce: Postfix's postmaster copy (its subject, auto-generated, no template text, the whole
+    original even for RET=HDRS, the null sender named MAILER-DAEMON@host)."""
+    raw = notice([refused()], sender="", to="postmaster@mx.example.test", ret="HDRS", postmaster_copy=True)
+    message = parse(raw)
+    assert (message["Subject"], message["Auto-Submitted"]) == ("Postmaster Copy: Undelivered Mail", "auto-generated")
+    text, _, original = parts(raw)
+    assert text.get_content().startswith("\r\n<bob@remote.test>: host mx.remote.test")
+    assert status_groups(raw)[0]["X-Mailflow-Sender"] == f"rfc822; MAILER-DAEMON@{MTA}"
+    assert original.get_content_type() == "message/rfc822"
+    assert f"Return-Path: <MAILER-DAEMON@{MTA}>\r\n".encode() + ORIGINAL in raw
+    with pytest.raises(ValueError):
+        notice([refused()], kind="success", postmaster_copy=True)

@@ -578,8 +578,10 @@ class QueueManager:
     def _log_end(self, msg: QueuedMessage, results, notices, retry_at, now: float) -> None:
         for result in results:
             self._log.result(msg.queue_id, result, now - msg.arrival)
+        if self._notices is not None and self._notices.discards(msg, results):
+            self._log.notice_discarded(msg.queue_id)
         for notice, queued in notices:
-            self._log.notice(msg.queue_id, notice.kind, queued.queue_id)
+            self._log.notice(msg.queue_id, notice.kind, queued.queue_id, postmaster=notice.postmaster_copy)
             self._log.queued(queued.queue_id, queued.sender, queued.content.size, len(queued.recipients))
         if retry_at is None:
             self._log.removed(msg.queue_id)

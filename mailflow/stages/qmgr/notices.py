@@ -8,8 +8,9 @@ Rules (Postfix bounce(8) and RFC 3461):
   (Postfix smtp_rcpt_done). The action is "relayed" when an MTA without DSN took it (RFC 3464 2.3.3: it may
   send no notice), "delivered" when a local agent did.
 A notice goes to the envelope sender with the null sender. A message with the null sender is itself a
-notice: its failures go to `double_bounce_recipient` (postmaster by default) from `double-bounce@myhostname`,
-or nowhere when that setting is empty; a double bounce that fails is dropped. So a bounce never bounces,
+notice: its failures go to `double_bounce_recipient` (postmaster by default) from `double-bounce@myhostname`, as
+a postmaster copy, or nowhere when that setting is empty; a double bounce that fails is dropped (`discarded`, which
+qmgr logs as Postfix's bounce(8) does). So a bounce never bounces,
 and no notice is sent about a delay or a success of a notice.
 `Notices.for_attempt()` returns ready-to-commit `NewMessage`s (made by cleanup's `prepare`), which qmgr
 commits in the same transaction as the results, so a crash can lose neither. Of the original it reads at
@@ -39,6 +40,11 @@ class Notice:
     to: str
     recipients: tuple[NoticeRecipient, ...]
 
+    @property
+    def postmaster_copy(self) -> bool:
+        """A double bounce (from the double-bounce sender): Postfix's postmaster copy."""
+        return bool(self.sender)
+
 
 def plan(message: QueuedMessage, results: list[RcptResult], *, warn_delay: bool, myhostname: str,
          double_bounce_recipient: str, now: float) -> list[Notice]:
@@ -63,6 +69,12 @@ def plan(message: QueuedMessage, results: list[RcptResult], *, warn_delay: bool,
     return notices
 
 
+def discarded(message: QueuedMessage, results: list[RcptResult], *, myhostname: str) -> bool:
+    """Whether these results bounce a double bounce, which is dropped (Postfix's bounce(8) logs "undeliverable
+    postmaster notification discarded")."""
+    return message.sender == f"double-bounce@{myhostname}" and any(r.outcome is Outcome.BOUNCED for r in results)
+
+
 def _notice_recipient(result: RcptResult, now: float) -> NoticeRecipient:
     # a remote MTA is named host[ip]:port; local agents (local, virtual, pipe services, discard) are not
     remote = result.relay.split("[", 1)[0] if "[" in result.relay else ""
@@ -81,6 +93,9 @@ class Notices:
         self._myhostname = myhostname
         self._config = config
 
+    def discards(self, message: QueuedMessage, results: list[RcptResult]) -> bool:
+        return discarded(message, results, myhostname=self._myhostname)
+
     def for_attempt(self, message: QueuedMessage, results: list[RcptResult], *, original: Content, now: float,
                     warn_delay: bool, retry_until: float) -> list[tuple[Notice, NewMessage]]:
         c = self._config
@@ -95,7 +110,7 @@ class Notices:
                 original_size=original.size, reporting_mta=self._myhostname, now=now,
                 will_retry_until=retry_until if notice.kind == "delay" else None,
                 notice_id=f"{message.queue_id}.{notice.kind}.{int(now)}", size_limit=c.bounce_size_limit,
-                to=notice.to, delay_warning_time=c.delay_warning_time,
+                to=notice.to, delay_warning_time=c.delay_warning_time, postmaster_copy=notice.postmaster_copy,
             )
             addresses = [notice.sender, notice.to] + [r.recipient.address for r in notice.recipients]
             envelope = Envelope(notice.sender, (notice.to,), smtputf8=not all(a.isascii() for a in addresses),
