@@ -36,7 +36,8 @@ Decisions:
   reason: `X-Mailflow; <text>`. Remote-MTA appears with an `smtp` Diagnostic-Code only (`remote_mta` given): a
   reason of our own about a peer (a lost connection, its SIZE, no SMTPUTF8) names none, as with Postfix (its
   dsb_formal names an MTA only with that MTA's reply). A recipient returned for its age ("message expired: "
-  before its last reason, from qmgr) gets that last reason in the field, as Postfix returns one.
+  before its last reason, from qmgr) gets that last reason in the field and in the human part, as Postfix
+  returns one.
 - Original-Recipient: the ORCPT the client gave, else the address as the client first gave it (rewritten or
   expanded here or not), as Postfix always reports one.
 - Any control character (CR, LF, TAB, NUL, ...) in a diagnostic, an address or an id becomes a space, and runs of
@@ -226,7 +227,7 @@ def _text_part(kind: str, mta: str, recipients: list[NoticeRecipient], delay_war
         who = f"<{_clean(r.address)}>"
         if r.original and r.original != r.address:
             who += f" (expanded from <{_clean(r.original)}>)"
-        said = _clean(nr.diagnostic) or _action_words(nr.action)
+        said = _clean(nr.diagnostic).removeprefix(EXPIRED) or _action_words(nr.action)  # (Postfix: the last reason)
         if nr.action in SUCCESSFUL and nr.relay and nr.relay != "none":
             said = f"delivery via {_clean(nr.relay)}: {said}"
         lines.append("")
@@ -320,7 +321,7 @@ def _original_part(kind: str, global_: bool, full: bool, returned: bytes) -> byt
 
 def _diagnostic_code(nr: NoticeRecipient) -> tuple[str, str]:
     """('smtp', the reply) when the diagnostic is a remote SMTP reply, else ('X-Mailflow', our reason); for a
-    recipient returned for its age, the last reason (the human part says it expired)."""
+    recipient returned for its age, the last reason (as the human part gives it, like Postfix's)."""
     text = _clean(nr.diagnostic).removeprefix(EXPIRED)
     remote = _REMOTE_REPLY.fullmatch(text)
     if remote:

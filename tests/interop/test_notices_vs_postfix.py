@@ -232,3 +232,16 @@ async def test_a_double_bounce_that_bounces_is_discarded_with_postfixs_warning(m
     await eventually(warned, timeout=5)
     assert [w.split(": ", 1)[1] for w in warned()] == ["undeliverable postmaster notification discarded"]
     assert "postmaster non-delivery notification" in caplog.text
+
+
+async def test_a_message_returned_for_its_age_gives_its_last_reason_as_postfix_does(mailflow_server, smtp_peer):
+    """maximal_queue_lifetime = 0: the first deferral returns the message; Postfix's notice gives the recipient's
+    last reason as it was, in the human part as in the report."""
+    messages = [Send("case-expired", {"d": []})]
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {"RCPT": rcpt_reply}, messages, 1,
+                                   postfix={"maximal_queue_lifetime": "0", "bounce_queue_lifetime": "0"},
+                                   queue={"maximal_queue_lifetime": "0s", "bounce_queue_lifetime": "0s"})
+    assert [(human_part(n), report(n)) for n in mf["case-expired"]] == [
+        (human_part(n), report(n)) for n in pf["case-expired"]]
+    assert "\n<d@peer.test>: host 127.0.0.1[127.0.0.1] said: 450 4.2.0 mailbox busy," in human_part(
+        pf["case-expired"][0])

@@ -203,6 +203,8 @@ def test_an_expired_recipient_is_returned_with_the_remote_reply_it_last_got():
     _, bob = status_groups(notice([nr]))
     assert bob["Diagnostic-Code"] == "smtp; 451 4.3.0 try again"
     assert bob["Remote-MTA"] == "dns; mx.remote.test"
+    text = " ".join(parts(notice([nr]))[0].get_content().split())
+    assert f"<bob@remote.test>: {reason.removeprefix('message expired: ')}" in text  # the last reason, as Postfix
 
 
 def test_reply_code_without_a_remote_is_our_own_diagnostic():
