@@ -42,8 +42,9 @@ Decisions:
   expanded here or not), as Postfix always reports one.
 - Any control character (CR, LF, TAB, NUL, ...) in a diagnostic, an address or an id becomes a space, and runs of
   white space collapse, so no value can add a header line or a field group. Long values are folded at spaces.
-- A notice about an address with non-ASCII characters (SMTPUTF8 mail) uses message/global-delivery-status with
-  the "utf-8" address type and message/global (or message/global-headers) for the original, RFC 6533. Otherwise
+- A notice about SMTPUTF8 mail (`smtputf8`: the client asked for it, as Postfix decides; or an address with
+  non-ASCII characters) uses message/global-delivery-status, the "utf-8" address type for a non-ASCII address,
+  and message/global (or message/global-headers) for the original, whose headers may be UTF-8: RFC 6533. Otherwise
   the delivery-status part is ASCII: non-ASCII characters in its values become "?".
 - Non-ASCII bytes anywhere (original content, a UTF-8 diagnostic in the text part) make the notice 8-bit: such
   parts say Content-Transfer-Encoding: 8bit, and `notice_is_8bit` tells the caller to send BODY=8BITMIME.
@@ -156,6 +157,7 @@ def build_notice(
     original_size: int | None = None,
     delay_warning_time: float = DEFAULTS.queue.delay_warning_time,
     postmaster_copy: bool = False,
+    smtputf8: bool = False,
 ) -> bytes:
     """The notice about `recipients` of message `queue_id` (sent by `sender`), as a complete RFC 5322 message.
 
@@ -164,6 +166,7 @@ def build_notice(
     says, as Postfix's, that the message waited more than `delay_warning_time` (in hours) and will be retried
     until it is (`will_retry_until` - `arrival`) days old. A `postmaster_copy` (a double bounce) is Postfix's:
     its own subject, Auto-Submitted: auto-generated, no template text, the whole original whatever RET said.
+    `smtputf8`: the original was SMTPUTF8 mail (its headers may be UTF-8), reported with the global types.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown notice kind {kind!r}")
@@ -176,7 +179,7 @@ def build_notice(
         if nr.action not in ACTIONS:
             raise ValueError(f"unknown action {nr.action!r}")
 
-    global_ = any(not a.isascii() for a in _addresses(sender, recipients))
+    global_ = smtputf8 or any(not a.isascii() for a in _addresses(sender, recipients))
     size = len(original) if original_size is None else original_size
     if postmaster_copy and kind not in POSTMASTER_SUBJECTS:
         raise ValueError(f"no postmaster copy of a {kind} notice")

@@ -45,6 +45,7 @@ class Send:
     rcpts: dict[str, list[str]]
     mail_options: list[str] = field(default_factory=list)
     sender: str = SENDER
+    header: str = ""  # one more header line (UTF-8 for SMTPUTF8 mail)
 
 
 async def send(port: int, message: Send) -> None:
@@ -53,7 +54,8 @@ async def send(port: int, message: Send) -> None:
         await client.mail(message.sender, options=message.mail_options)
         for local, options in message.rcpts.items():
             await client.rcpt(f"{local}@peer.test", options=options)
-        await client.data(f"From: {message.sender or 'x@sender.test'}\r\nTo: a@peer.test\r\n"
+        extra = f"{message.header}\r\n" if message.header else ""
+        await client.data(f"From: {message.sender or 'x@sender.test'}\r\nTo: a@peer.test\r\n{extra}"
                           f"Subject: {message.subject}\r\n\r\nthe body\r\n".encode())
 
 
@@ -64,6 +66,7 @@ def by_subject(captured) -> dict[str, list[email.message.EmailMessage]]:
         subject = re.search(rb"\r\nSubject: (case-[\w-]+)\r\n", c.content)
         notice = email.message_from_bytes(c.content, policy=email.policy.default)
         notice.envelope = (c.mail_from, c.rcpt_tos)
+        notice.mail_options, notice.raw = c.mail_options, c.content
         out.setdefault(subject.group(1).decode() if subject else "?", []).append(notice)
     return out
 
@@ -75,7 +78,7 @@ async def notices_of_both(mailflow_server, smtp_peer, script: dict, messages: li
     peer each (sender.test): ({subject: [Postfix's notices]}, {subject: [mailflow's]}) once each has `expected`
     (and Postfix's mail log has a line that matches `postfix_logs`)."""
     peer = await ScriptedPeer(script).start()
-    pf_sink, mf_sink = await smtp_peer(), await smtp_peer()
+    pf_sink, mf_sink = await smtp_peer(enable_SMTPUTF8=True), await smtp_peer(enable_SMTPUTF8=True)
     try:
         async with postfix_instance({
             "myhostname": PF_HOST, "mydestination": "", "delay_warning_time": "0", **(postfix or {}),
@@ -159,11 +162,14 @@ def report(notice) -> list[list[tuple[str, str]]]:
     """The delivery report's field groups: (name, value without white space) in order; X-Postfix- named as
     X-Mailflow-, the values each server gives itself left out (its host name as HOST), and mailflow's Last-Attempt-Date (Postfix has
     it disabled) dropped."""
-    part = list(notice.iter_parts())[1]
+    # read from the bytes: the stdlib does not parse message/global-delivery-status
+    part = notice.raw.split(b"\r\n--" + notice.get_boundary().encode())[2]
+    body = part.split(b"\r\n\r\n", 1)[1].decode("utf-8")
     groups = []
-    for group in part.get_payload():
+    for block in body.strip("\r\n").split("\r\n\r\n"):
         fields = []
-        for name, value in group.items():
+        for line in re.sub(r"\r\n[ \t]+", " ", block).split("\r\n"):
+            name, _, value = line.partition(":")
             name = name.replace("X-Postfix-", "X-Mailflow-")
             if name != "Last-Attempt-Date":
                 value = "" if name in SERVER_OWN else "".join(str(value).split())
@@ -245,3 +251,18 @@ async def test_a_message_returned_for_its_age_gives_its_last_reason_as_postfix_d
         (human_part(n), report(n)) for n in pf["case-expired"]]
     assert "\n<d@peer.test>: host 127.0.0.1[127.0.0.1] said: 450 4.2.0 mailbox busy," in human_part(
         pf["case-expired"][0])
+
+
+async def test_smtputf8_mail_with_ascii_addresses_comes_back_in_the_global_types(mailflow_server, smtp_peer):
+    """Postfix reports on mail that asked for SMTPUTF8 with message/global-delivery-status and returns it as
+    message/global (RFC 6533: its headers may be UTF-8, which message/rfc822 may not hold), sending the notice
+    with SMTPUTF8, even when every address is ASCII."""
+    messages = [Send("case-utf8", {"a": []}, ["SMTPUTF8", "BODY=8BITMIME"], header="Comments: caf\u00e9 cr\u00e8me")]
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {}, messages, 1, postfix={"smtputf8_enable": "yes"})
+
+    def shape(notice) -> tuple:
+        return ("SMTPUTF8" in notice.mail_options, [p.get_content_type() for p in notice.iter_parts()],
+                [(name, value) for name, value in report(notice)[1] if name != "Diagnostic-Code"])
+
+    assert [shape(n) for n in mf["case-utf8"]] == [shape(n) for n in pf["case-utf8"]]
+    assert shape(pf["case-utf8"][0])[:2] == (True, ["text/plain", "message/global-delivery-status", "message/global"])

@@ -396,6 +396,17 @@ def test_utf8_address_uses_the_global_types():
     assert notice_is_8bit(raw)
 
 
+def test_smtputf8_mail_with_ascii_addresses_uses_the_global_types_too():
+    """As Postfix, for mail that asked for SMTPUTF8: its headers may be UTF-8, which message/rfc822 may not hold."""
+    original = "Subject: caf\u00e9\r\n\r\nbody\r\n".encode()
+    raw = notice([refused()], original=original, smtputf8=True)
+    _, report, returned = parts(raw)
+    assert (report.get_content_type(), returned.get_content_type()) == (
+        "message/global-delivery-status", "message/global")
+    assert raw_status_groups(raw)[1]["Final-Recipient"] == "rfc822; bob@remote.test"  # an ASCII address
+    assert parts(notice([refused()], original=original))[2].get_content_type() == "message/rfc822"
+
+
 def test_utf8_address_with_headers_only_uses_message_global_headers():
     jose = Recipient(0, "jos\u00e9@ejemplo.test", "jos\u00e9@ejemplo.test")
     raw = notice([NoticeRecipient(jose, "failed", "5.1.1", "no")], ret="HDRS")

@@ -111,9 +111,11 @@ class Notices:
                 will_retry_until=retry_until if notice.kind == "delay" else None,
                 notice_id=f"{message.queue_id}.{notice.kind}.{int(now)}", size_limit=c.bounce_size_limit,
                 to=notice.to, delay_warning_time=c.delay_warning_time, postmaster_copy=notice.postmaster_copy,
+                smtputf8=message.smtputf8,
             )
             addresses = [notice.sender, notice.to] + [r.recipient.address for r in notice.recipients]
-            envelope = Envelope(notice.sender, (notice.to,), smtputf8=not all(a.isascii() for a in addresses),
+            smtputf8 = message.smtputf8 or not all(a.isascii() for a in addresses)  # (Postfix: as the original)
+            envelope = Envelope(notice.sender, (notice.to,), smtputf8=smtputf8,
                                 body_type="8BITMIME" if notice_is_8bit(content) else "7BIT")
             client = ClientInfo(addr="127.0.0.1", helo=self._myhostname, protocol="local")
             out.append((notice, self._prepare(Submission(envelope, Content.of(content), client))))
