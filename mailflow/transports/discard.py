@@ -1,4 +1,7 @@
-"""discard: report every recipient delivered without sending anything (Postfix discard(8)); logged by qmgr."""
+"""discard: report every recipient delivered without sending anything (Postfix discard(8)); logged by qmgr.
+
+The reason logged and given in a success notice is the next hop as it is (`discard:reason`; the recipient's
+domain when the transport names none), as discard(8) reports it."""
 from __future__ import annotations
 
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome
@@ -6,7 +9,7 @@ from mailflow.model import DeliveryReport, DeliveryRequest, Outcome
 
 class DiscardTransport:
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
-        reason = f"discarded{': ' + request.nexthop if request.nexthop else ''}"
+        reason = request.nexthop or "discarded"
         return DeliveryReport.uniform(request.recipients, Outcome.SENT, "2.0.0", reason, relay="none")
 
     async def close(self) -> None:

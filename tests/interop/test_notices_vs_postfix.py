@@ -27,6 +27,7 @@ SENDER = "alice@sender.test"
 PF_HOST, MF_HOST = "pf.test", "mx.mailflow.test"
 
 
+DISCARDS = "discard.test=discard:, gone.test=discard:gone-away"  # discard(8), without and with a next hop
 QUICK = {"delay_warning_time": "1s", "minimal_backoff_time": "1s", "maximal_backoff_time": "1s"}  # both alike
 LONG_REPLY = b"550 5.7.1 " + b" ".join(b"policy%d" % n for n in range(40)) + b" https://example.test/" + b"x" * 90
 
@@ -39,7 +40,8 @@ def rcpt_reply(address: str) -> bytes:
 
 @dataclass
 class Send:
-    """One message: its Subject names it (and finds its notices); RCPT options per recipient (at peer.test)."""
+    """One message: its Subject names it (and finds its notices); RCPT options per recipient (a local part at
+    peer.test, or a whole address)."""
 
     subject: str
     rcpts: dict[str, list[str]]
@@ -53,7 +55,7 @@ async def send(port: int, message: Send) -> None:
         await client.ehlo()
         await client.mail(message.sender, options=message.mail_options)
         for local, options in message.rcpts.items():
-            await client.rcpt(f"{local}@peer.test", options=options)
+            await client.rcpt(local if "@" in local else f"{local}@peer.test", options=options)
         extra = f"{message.header}\r\n" if message.header else ""
         await client.data(f"From: {message.sender or 'x@sender.test'}\r\nTo: a@peer.test\r\n{extra}"
                           f"Subject: {message.subject}\r\n\r\nthe body\r\n".encode())
@@ -83,12 +85,12 @@ async def notices_of_both(mailflow_server, smtp_peer, script: dict, messages: li
         async with postfix_instance({
             "myhostname": PF_HOST, "mydestination": "", "delay_warning_time": "0", **(postfix or {}),
             "transport_maps": (f"inline:{{sender.test=smtp:[127.0.0.1]:{pf_sink.port}, "
-                               f"peer.test=smtp:[127.0.0.1]:{peer.port}}}"),
+                               f"peer.test=smtp:[127.0.0.1]:{peer.port}, {DISCARDS}}}"),
         }) as pf:
             mf = await mailflow_server(
                 myhostname=MF_HOST, mynetworks=["127.0.0.0/8"], smtp={"tls_security_level": "none"},
                 transport_maps=[(f"inline:{{sender.test=smtp:[127.0.0.1]:{mf_sink.port}, "
-                                 f"peer.test=smtp:[127.0.0.1]:{peer.port}}}")],
+                                 f"peer.test=smtp:[127.0.0.1]:{peer.port}, {DISCARDS}}}")],
                 queue={"queue_run_delay": "300s", "minimal_backoff_time": "300s", "maximal_backoff_time": "300s",
                        **(queue or {})})
             for message in messages:
@@ -159,8 +161,8 @@ SERVER_OWN = ("Reporting-MTA", "X-Mailflow-Queue-ID", "Arrival-Date", "Will-Retr
 
 
 def report(notice) -> list[list[tuple[str, str]]]:
-    """The delivery report's field groups: (name, value without white space) in order; X-Postfix- named as
-    X-Mailflow-, the values each server gives itself left out (its host name as HOST), and mailflow's Last-Attempt-Date (Postfix has
+    """The delivery report's field groups: (name, value without white space) in order; X-Postfix(-) named as
+    X-Mailflow(-), the values each server gives itself left out (its host name as HOST), and mailflow's Last-Attempt-Date (Postfix has
     it disabled) dropped."""
     # read from the bytes: the stdlib does not parse message/global-delivery-status
     part = notice.raw.split(b"\r\n--" + notice.get_boundary().encode())[2]
@@ -172,7 +174,7 @@ def report(notice) -> list[list[tuple[str, str]]]:
             name, _, value = line.partition(":")
             name = name.replace("X-Postfix-", "X-Mailflow-")
             if name != "Last-Attempt-Date":
-                value = "" if name in SERVER_OWN else "".join(str(value).split())
+                value = "" if name in SERVER_OWN else "".join(value.split()).replace("X-Postfix;", "X-Mailflow;")
                 fields.append((name, value.replace(PF_HOST, "HOST").replace(MF_HOST, "HOST")))
         groups.append(fields)
     return groups
@@ -266,3 +268,13 @@ async def test_smtputf8_mail_with_ascii_addresses_comes_back_in_the_global_types
 
     assert [shape(n) for n in mf["case-utf8"]] == [shape(n) for n in pf["case-utf8"]]
     assert shape(pf["case-utf8"][0])[:2] == (True, ["text/plain", "message/global-delivery-status", "message/global"])
+
+
+async def test_a_discarded_recipients_success_notice_gives_the_next_hop_as_postfixs_discard(mailflow_server, smtp_peer):
+    """discard(8) reports each recipient delivered with its next hop as the reason (the domain when the transport
+    names none): "<a@discard.test>: discard.test", "Diagnostic-Code: X-Postfix; discard.test"."""
+    messages = [Send("case-discard", {"a@discard.test": ["NOTIFY=SUCCESS"], "b@gone.test": ["NOTIFY=SUCCESS"]})]
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {}, messages, 1)
+    assert [(human_part(n), report(n)) for n in mf["case-discard"]] == [
+        (human_part(n), report(n)) for n in pf["case-discard"]]
+    assert "\n<a@discard.test>: discard.test\n\n<b@gone.test>: gone-away\n" in human_part(pf["case-discard"][0])
