@@ -5,9 +5,9 @@ table query, auth hash-password. Each is a plain function; `mailflow.cli` regist
                              in a temporary directory); exit 2 for a configuration problem (the log file, a table
                              spec found while building the stages), 1 when it cannot start (an address taken, the
                              queue held by another server, named by its pid); SIGHUP reloads the same file
-    check_config(config)     validate, then read every file-backed table, the DKIM tables and keys and the SRS
-                             secrets: exit 2 listing each one that cannot answer (`FILE: KEY: REASON`), else print
-                             the listeners
+    check_config(config)     validate, then read every file-backed table, the DKIM tables and keys, the SRS
+                             secrets and each listener's certificate and key: exit 2 listing each one that cannot
+                             be used (`FILE: KEY: REASON`), else print the listeners
     listener_summary(cfg)    (address, port, role) of every listener
     table_problems(cfg)      a ConfigError (file, setting, reason) per file-backed table that cannot answer now
     config_show(...)         postconf's views (mailflow.config.show_settings)
@@ -82,11 +82,12 @@ def _serve(run, cfg: Config, where: str, reread) -> None:
 
 
 def check_config(config: Optional[str] = ConfigOption) -> None:
-    """Validate the configuration and read every file-backed lookup table it names (like `postfix check`).
-    Exit 2 on the first bad setting, or after listing every table that cannot be read."""
+    """Validate the configuration and read every file-backed lookup table, DKIM key and listener certificate it
+    names (like `postfix check`). Exit 2 on the first bad setting, or after listing every file that cannot be
+    used."""
     cfg = load(config)
     where = config_name(config_path(config))
-    problems = table_problems(cfg, where) + signing_problems(cfg)
+    problems = table_problems(cfg, where) + signing_problems(cfg) + certificate_problems(cfg, where)
     for problem in problems:
         typer.echo(config_error_text(problem), err=True)
     if problems:
@@ -110,6 +111,24 @@ def table_problems(cfg: Config, where: str) -> list[ConfigError]:
     """One ConfigError(where, setting, reason) for each file-backed table (texthash, regexp, sqlite) that cannot
     answer now."""
     return unreadable_tables(flat_settings(cfg), where)
+
+
+def certificate_problems(cfg: Config, where: str) -> list[ConfigError]:
+    """Each listener's certificate and key, read as `serve` reads them at start (where one that cannot be used
+    stops the start): one ConfigError per unusable pair."""
+    from mailflow.stages.smtpd.tls import TlsError, build_context
+
+    smtpd = cfg.smtpd
+    pairs = {(smtpd.tls_cert_file, smtpd.tls_key_file): None} if smtpd.listen else {}
+    pairs.update({(s.tls_cert_file, s.tls_key_file): None for s in map(smtpd.for_listener, smtpd.listeners)})
+    problems = []
+    for cert, key in pairs:
+        if cert:
+            try:
+                build_context(cert, key)
+            except TlsError as e:
+                problems.append(ConfigError(where, e.key, e.reason))
+    return problems
 
 
 def signing_problems(cfg: Config) -> list[ConfigError]:

@@ -35,10 +35,9 @@ def test_every_doc_the_example_config_names_exists_with_the_named_section():
             assert re.search(rf"^#+ {re.escape(section)}$", (ROOT / doc).read_text(), re.MULTILINE), (doc, section)
 
 
-def test_check_config_names_every_listener_with_its_role(tmp_path):
+def test_check_config_names_every_listener_with_its_role(tmp_path, pki):
     cfg = tmp_path / "m.toml"
-    cert = tmp_path / "cert.pem"
-    cert.write_text("")
+    _, cert, _ = pki
     cfg.write_text('[smtpd]\nlisten = ["127.0.0.1:2525", "[::1]:2525"]\nsasl_user_maps = ["inline:{a=b}"]\n'
                    f'tls_cert_file = "{cert}"\n'
                    '[[smtpd.listeners]]\naddress = "0.0.0.0:587"\nrole = "submission"\n'
@@ -98,6 +97,20 @@ def test_check_config_reads_the_tables_of_restriction_lists_and_submit_users(tmp
     (tmp_path / "users").write_text("root ok\n")
     (tmp_path / "client").write_text("/^192\\.0\\.2\\./ REJECT\n")
     assert mailflow("check-config", "--config", str(cfg)).returncode == 0
+
+
+def test_check_config_reads_each_listeners_certificate_as_serve_does(tmp_path):
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('[smtpd]\ntls_cert_file = "missing.pem"\n[[smtpd.listeners]]\naddress = "127.0.0.1:0"\n'
+                   'role = "submissions"\n[smtpd.listeners.overrides]\ntls_cert_file = "other.pem"\n'
+                   'sasl_user_maps = ["inline:{a=b}"]\n')
+    (tmp_path / "other.pem").write_text("not a certificate\n")
+    result = mailflow("check-config", "--config", str(cfg))
+    assert result.returncode == 2, result.stdout
+    assert f"{cfg}: smtpd.tls_cert_file: {tmp_path}/missing.pem: no such certificate or key file" in result.stderr
+    assert f"{tmp_path}/other.pem: not a usable certificate and key" in result.stderr
+    served = mailflow("serve", "--config", str(cfg))
+    assert served.returncode == 2 and "missing.pem: no such certificate or key file" in served.stderr
 
 
 def test_serve_refuses_a_bad_config_before_starting(tmp_path):
