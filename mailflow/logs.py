@@ -8,8 +8,8 @@ What it owns
 - `MailLog`: one method per message event, each line starting with the queue id: client (smtpd's
   `QID: client=host[ip]`, with `sasl_method=, sasl_username=` after AUTH; pickup's `QID: uid=N from=<s>`),
   message-id (cleanup), queued (`from=<s>, size=N, nrcpt=N (queue active)`), sent / deferred / bounced
-  (`to=<r>, relay=…, delay=…, dsn=…, status=… (text)`; the event's fields also name the transport), notice,
-  removed, corrupt. Nothing else writes to the `mailflow.mail` logger. `MailLog(observer=f)` also hands each
+  (`to=<r>, relay=…, delay=…, dsn=…, status=… (text)`; the event's fields also name the transport), expired
+  (qmgr's `from=<s>, status=expired, returned to sender`), notice, removed, corrupt. Nothing else writes to the `mailflow.mail` logger. `MailLog(observer=f)` also hands each
   event to `f(queue_id, event, fields)` (the capture server's queue histories; metrics), after the line is
   logged; an observer that raises is logged once per event and changes nothing else.
 - `SmtpdLog`: smtpd's session events, in Postfix smtpd's words: `connect from host[ip]`, `disconnect from
@@ -120,6 +120,12 @@ class MailLog:
                    f"status={status} ({result.text})", service=_delivery_service(result.relay),
                    to=to, relay=result.relay, delay=round(delay, 3), dsn=result.dsn, status=status,
                    reason=result.text, transport=result.transport)
+
+    def expired(self, queue_id: str, sender: str) -> None:
+        """A message past its queue lifetime: its pending recipients are returned to the sender (Postfix qmgr)."""
+        if self.active:
+            self._emit(queue_id, "expired", f"from=<{sender}>, status=expired, returned to sender", service="qmgr",
+                       sender=sender, status="expired")
 
     def notice(self, queue_id: str, kind: str, notice_id: str, *, postmaster: bool = False) -> None:
         """A notice queued: to the sender, or (a double bounce) the postmaster copy."""

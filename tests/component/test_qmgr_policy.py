@@ -7,6 +7,7 @@ The qmgr runs with a real Store, cleanup and notices, and scripted transports (t
 from __future__ import annotations
 
 import asyncio
+import logging
 import email
 import email.policy
 import random
@@ -207,6 +208,16 @@ async def test_null_sender_mail_expires_after_the_bounce_lifetime(sim):
     await s.run_until(T0 + 3 * HOUR)
     assert s.smtp.calls[-1][0] - T0 < 2 * HOUR
     assert await s.store.counts() == {}
+
+
+async def test_expiry_is_logged_once_as_postfix_qmgr_logs_it(sim, caplog):
+    s = await sim(maximal_queue_lifetime=HOUR, double_bounce_recipient="")
+    s.smtp.script = always(Outcome.DEFERRED, "4.4.1", "timed out")
+    queue_id = await s.submit("a@remote.test", "x@far.test", "y@far.test")
+    with caplog.at_level(logging.INFO, logger="mailflow.mail"):
+        await s.run_until(T0 + 3 * HOUR)
+    lines = [r.getMessage() for r in caplog.records if r.name == "mailflow.mail"]
+    assert lines.count(f"{queue_id}: from=<a@remote.test>, status=expired, returned to sender") == 1, lines
 
 
 # ------------------------------------------------------------------------------ destinations

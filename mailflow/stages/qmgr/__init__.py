@@ -550,7 +550,7 @@ class QueueManager:
         await self._writes.run(lambda: self._store.finish(done, [n for _, n in notices], results=last),
                                f"{msg.queue_id}: recording the end of the attempt")
         logged = [r for r in last if not (expired and r.outcome is Outcome.DEFERRED)] + expired
-        self._log_end(msg, logged, notices, retry_at, now)
+        self._log_end(msg, logged, notices, retry_at, now, expired=bool(expired))
         if notices:  # new mail queued with the end of the attempt: the next scan takes it
             self._wakeup.set()
         if retry_at is not None and retry_at < self._next_scan:
@@ -575,9 +575,14 @@ class QueueManager:
         return self._notices.for_attempt(active.message, results, original=original, now=now, warn_delay=warn,
                                          retry_until=retry_until)
 
-    def _log_end(self, msg: QueuedMessage, results, notices, retry_at, now: float) -> None:
+    def _log_end(self, msg: QueuedMessage, results, notices, retry_at, now: float, *, expired: bool) -> None:
+        """The results (those returned for their age as bounced, "message expired: …": the metrics and the
+        capture histories count them as final), then for a message past its lifetime Postfix's qmgr line,
+        `from=<s>, status=expired, returned to sender`, which log tools count as returned."""
         for result in results:
             self._log.result(msg.queue_id, result, now - msg.arrival)
+        if expired:
+            self._log.expired(msg.queue_id, msg.sender)
         if self._notices is not None and self._notices.discards(msg, results):
             self._log.notice_discarded(msg.queue_id)
         for notice, queued in notices:
