@@ -172,3 +172,16 @@ async def test_a_milter_that_hangs_in_one_session_does_not_hold_another(milter_s
     assert await waiting == status.FILTER_UNAVAILABLE
     await stuck.close()
     await other.close()
+
+
+async def test_connect_macros_name_this_server_as_postfix_does(milter_server):
+    """Postfix's defaults: {daemon_name} is $myhostname (milter_macro_daemon_name), {daemon_addr} the server
+    address the client connected to."""
+    milter, port = await milter_server()
+    client = await SmtpClient.connect(port)
+    await client.cmd("EHLO client.test")
+    await client.cmd("MAIL FROM:<s@remote.test>")
+    await client.close()
+    [connect] = milter.macros(b"C")
+    assert connect["{daemon_addr}"] == "127.0.0.1"
+    assert connect["{daemon_name}"] == connect["j"] != "mailflow"

@@ -85,7 +85,7 @@ class NonSmtpdMilters:
         self._specs = specs
         self._settings = settings
         name, addr = EMULATED_CLIENT
-        self._client = ClientMacros(myhostname=myhostname, daemon_name="mailflow", daemon_addr="",
+        self._client = ClientMacros(myhostname=myhostname, daemon_name=myhostname, daemon_addr="",
                                     client_addr=addr, client_name=name, client_port=0)
 
     async def filter(self, submission: Submission) -> Filtered:

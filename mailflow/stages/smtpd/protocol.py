@@ -225,6 +225,9 @@ class ProtocolCore(SMTP):
         if self.transport is None:  # the connection
             self._sessions.add(self)
             super().connection_made(transport)
+            sockname = transport.get_extra_info("sockname")
+            if isinstance(sockname, tuple) and sockname:
+                self.session.server_ip = str(sockname[0])
             return
         self._wire.discard()  # STARTTLS done: plaintext pipelined after it never reaches TLS (RFC 3207)
         before = self.session

@@ -116,16 +116,13 @@ class SecureCommands(FrontEndCommands):
         authzid, login, password = credentials
         outcome = await self._sasl.check(self.session.peer_ip, mechanism, login, password,
                                          authzid=authzid, client=self.session.client,
-                                         secured=self.session.ssl is not None, local_ip=self._local_ip())
+                                         secured=self.session.ssl is not None, local_ip=self.session.server_ip)
         if outcome.login is not None:
             self.session.authenticated = True
             self.session.auth_data = outcome.login
             self.session.auth_mechanism = mechanism
         await self.push(outcome.reply)
 
-    def _local_ip(self) -> str:
-        sockname = self.transport.get_extra_info("sockname") if self.transport is not None else None
-        return str(sockname[0]) if isinstance(sockname, tuple) and sockname else ""
 
     def _auth_refusal(self, arg: str | None) -> status.Reply | None:
         if self._sasl is None:

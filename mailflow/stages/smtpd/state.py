@@ -46,6 +46,7 @@ class SessionState(_AiosmtpdSession):
     """The client of one connection. aiosmtpd's fields first, as mailflow uses them, then mailflow's."""
 
     peer: Any  # (ip, port) of the client: the real one after a PROXY header or XCLIENT, not the socket's
+    server_ip: str  # the address of this server the client connected to ("" when unknown)
     ssl: dict[str, Any] | None  # None before TLS; then "ssl_object" and "cipher" (name, version, bits)
     host_name: str | None  # the HELO/EHLO name (`helo_name`: printable, neutered); None before one
     extended_smtp: bool  # the client said EHLO (ESMTP), not HELO
@@ -61,6 +62,7 @@ class SessionState(_AiosmtpdSession):
     def __init__(self, loop: asyncio.AbstractEventLoop):
         super().__init__(loop)
         self.authenticated = False
+        self.server_ip = ""
         self.client_name = "unknown"
         self.proxied_by = ""
         self.auth_mechanism = ""
@@ -71,6 +73,7 @@ class SessionState(_AiosmtpdSession):
         """After STARTTLS: the client stays who PROXY or XCLIENT said it is (HELO and login are not kept); its
         milter connections stay open."""
         self.peer = previous.peer
+        self.server_ip = previous.server_ip
         self.proxied_by = previous.proxied_by
         self.client_name = previous.client_name
         self.milters = previous.milters  # the same milter connections (a new HELO follows)
