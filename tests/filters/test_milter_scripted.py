@@ -185,3 +185,19 @@ async def test_connect_macros_name_this_server_as_postfix_does(milter_server):
     [connect] = milter.macros(b"C")
     assert connect["{daemon_addr}"] == "127.0.0.1"
     assert connect["{daemon_name}"] == connect["j"] != "mailflow"
+
+
+async def test_a_sender_or_recipient_that_is_not_an_address_is_ignored_and_logged(milter_server, tmp_path, caplog):
+    """CHGFROM and ADDRCPT take what MAIL FROM and RCPT TO would; anything else is ignored with a warning (Postfix
+    makes an address of anything, `not an address` becoming `not@$myorigin`). A good one is still added."""
+    edits = [reply(b"e", b"<a b@remote.test>\0"), reply(b"+", b"not an address\0"),
+             reply(b"+", b"<bob\x01@local.test>\0"), reply(b"2", b"<x@bad_domain..test>\0NOTIFY=NEVER\0"),
+             reply(b"+", b"<bob@local.test>\0")]
+    _, port = await milter_server({b"E": b"".join(edits) + reply(b"c")})
+    client = await SmtpClient.connect(port)
+    assert (await client.send_message(MESSAGE)).code == 250
+    await client.close()
+    for user in ("alice", "bob"):
+        [data] = await eventually(lambda: maildir_messages(tmp_path / "mail" / user / "Maildir"))
+        assert data.startswith(b"Return-Path: <s@remote.test>\n"), data[:200]
+    assert sum("is not an address: edit ignored" in r.getMessage() for r in caplog.records) == 4

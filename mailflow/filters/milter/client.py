@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from mailflow import status
+from mailflow.address import PathError, mailbox_syntax_error, parse_path, split
 from mailflow.filters.edits import is_field_name
 from mailflow.filters.milter import protocol as p
 from mailflow.message import header_fields
@@ -212,9 +213,18 @@ def _collect(reply: p.Reply, edits: Edits, spec: str) -> None:
         edits.headers.append((kind, index, name, value))
     elif c == p.CHGFROM:
         strings = reply.strings()
-        edits.sender = (strings[0] if strings else "", " ".join(strings[1:]))
+        sender = _envelope_address(strings[0] if strings else "")
+        if sender is None:
+            log.warning("milter %s: new sender %r is not an address: edit ignored", spec, strings[:1])
+            return
+        edits.sender = (f"<{sender}>", " ".join(strings[1:]))
     elif c in (p.ADDRCPT, p.ADDRCPT_PAR):
-        edits.add_recipients.append(reply.text())
+        strings = reply.strings()
+        recipient = _envelope_address(strings[0] if strings else "")
+        if not recipient:
+            log.warning("milter %s: added recipient %r is not an address: edit ignored", spec, strings[:1])
+            return
+        edits.add_recipients.append(f"<{recipient}>")
     elif c == p.DELRCPT:
         edits.delete_recipients.append(reply.text())
     elif c == p.REPLBODY:
@@ -223,6 +233,22 @@ def _collect(reply: p.Reply, edits: Edits, spec: str) -> None:
         edits.quarantine = reply.text() or "milter quarantine"
     else:
         raise p.ProtocolError(f"unexpected reply {c!r} at end of message")
+
+
+def _envelope_address(text: str) -> str | None:
+    """The address a milter's CHGFROM or ADDRCPT names ("" for `<>`), or None when it is not one: a path as
+    MAIL FROM and RCPT TO take it, nothing after it, no control character, a valid domain when it has one.
+    (Postfix makes something of anything, `not an address` becoming `not@$myorigin`; a milter's typo should not
+    become a recipient.)"""
+    try:
+        address, rest = parse_path(text)
+    except PathError:
+        return None
+    if rest:
+        return None
+    if address and mailbox_syntax_error(address if split(address)[1] else f"{address}@localhost"):
+        return None  # too long, a control character, a bad domain
+    return address
 
 
 def _why(error: BaseException) -> str:
