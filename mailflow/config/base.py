@@ -1,6 +1,6 @@
 """What every configuration section is made of: the frozen base model and the value types shared by sections.
 
-    Section                  pydantic base: frozen, unknown keys rejected
+    Section                  pydantic base: frozen, unknown keys rejected, no integer beyond 64 bits
     Duration                 seconds, from a number or "30s", "5m", "1h", "5d", "1w" (mailflow.syntax)
     Restriction              one smtpd restriction list item, checked against mailflow.restriction_vocabulary
     TableSpecs               a list of `type:name` lookup tables (mailflow.syntax.check_table_spec)
@@ -21,15 +21,28 @@ from __future__ import annotations
 import ipaddress
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, field_validator
 from pydantic_core import ErrorDetails
 
 from mailflow.restriction_vocabulary import check_item
 from mailflow.syntax import check_table_spec, parse_duration, parse_hostport
 
 
+MAX_INT = 2**63 - 1
+
+
 class Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @field_validator("*")
+    @classmethod
+    def _within_64_bits(cls, value):
+        """A number given as a string ("999999999999999999999") is taken as an int without limit; no setting
+        needs more than SQLite and the OS take (a signed 64-bit integer), and past it a limit breaks the code
+        that uses it, not the start."""
+        if isinstance(value, int) and not isinstance(value, bool) and not -MAX_INT <= value <= MAX_INT:
+            raise ValueError(f"{value} is too large (at most {MAX_INT})")
+        return value
 
 
 def _table_specs(specs: tuple[str, ...]) -> tuple[str, ...]:

@@ -102,6 +102,7 @@ def test_unknown_key_names_file_key_and_reason(tmp_path, text, key):
     ("default_transport = 'no spaces allowed'\n", "default_transport", "transport"),
     ("[queue]\nactive_limit = 0\n", "queue.active_limit", "greater than or equal to 1"),
     ("[log]\nformat = 'xml'\n", "log.format", "json"),
+    ("[queue]\nactive_limit = '999999999999999999999'\n", "queue.active_limit", "too large (at most 92233"),
     ('[dkim]\nkey_table = "keys\\u0000x"\n', "dkim.key_table", "contains a NUL character"),
     ('[pipe.x]\nargv = ["/bin/cat", "a\\u0000"]\n', "pipe.x.argv[1]", "contains a NUL character"),
     ('[smtpd]\nbanner = "ESMTP\\r\\n250 forged"\n', "smtpd.banner", "line break or another control character"),
