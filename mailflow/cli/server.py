@@ -6,8 +6,8 @@ table query, auth hash-password. Each is a plain function; `mailflow.cli` regist
                              spec found while building the stages), 1 when it cannot start (an address taken, the
                              queue held by another server, named by its pid); SIGHUP reloads the same file
     check_config(config)     validate, then read every file-backed table, the DKIM tables and keys, the SRS
-                             secrets and each listener's certificate and key: exit 2 listing each one that cannot
-                             be used (`FILE: KEY: REASON`), else print the listeners
+                             secrets and each listener's certificate and key, and the log file's place: exit 2
+                             listing each one that cannot be used (`FILE: KEY: REASON`), else print the listeners
     listener_summary(cfg)    (address, port, role) of every listener
     table_problems(cfg)      a ConfigError (file, setting, reason) per file-backed table that cannot answer now
     config_show(...)         postconf's views (mailflow.config.show_settings)
@@ -22,9 +22,11 @@ Failure behaviour: configuration problems through `common.fail_config`; never a 
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import sys
 import tempfile
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -83,11 +85,12 @@ def _serve(run, cfg: Config, where: str, reread) -> None:
 
 def check_config(config: Optional[str] = ConfigOption) -> None:
     """Validate the configuration and read every file-backed lookup table, DKIM key and listener certificate it
-    names (like `postfix check`). Exit 2 on the first bad setting, or after listing every file that cannot be
+    names, and see that the log file can be written (like `postfix check`). Exit 2 on the first bad setting, or after listing every file that cannot be
     used."""
     cfg = load(config)
     where = config_name(config_path(config))
-    problems = table_problems(cfg, where) + signing_problems(cfg) + certificate_problems(cfg, where)
+    problems = (table_problems(cfg, where) + signing_problems(cfg) + certificate_problems(cfg, where)
+                + log_file_problems(cfg, where))
     for problem in problems:
         typer.echo(config_error_text(problem), err=True)
     if problems:
@@ -111,6 +114,15 @@ def table_problems(cfg: Config, where: str) -> list[ConfigError]:
     """One ConfigError(where, setting, reason) for each file-backed table (texthash, regexp, sqlite) that cannot
     answer now."""
     return unreadable_tables(flat_settings(cfg), where)
+
+
+def log_file_problems(cfg: Config, where: str) -> list[ConfigError]:
+    """`log.file` when `serve` could not open it for appending (the file, else its directory, not writable)."""
+    path = Path(cfg.log.file) if cfg.log.file else None
+    if path is None or os.access(path, os.W_OK) or (not path.exists() and os.access(path.parent, os.W_OK | os.X_OK)):
+        return []
+    reason = "permission denied" if path.exists() or path.parent.is_dir() else "no such directory"
+    return [ConfigError(where, "log.file", f"cannot open {path}: {reason}")]
 
 
 def certificate_problems(cfg: Config, where: str) -> list[ConfigError]:

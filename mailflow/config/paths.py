@@ -1,7 +1,7 @@
 """Relative paths in a configuration are taken from the directory of the file that holds them.
 
-Which settings are paths is told by their names: `*_file`, `*_directory`, `*_base` and `directory` name files
-or directories; the items of `*_maps`, `*_domains`, `*_checks`, `authorized_submit_users` and `*_restrictions`
+Which settings are paths is told by their names: `*_file`, `*_directory`, `*_base`, `directory` and `file` (the
+log's) name files or directories; the items of `*_maps`, `*_domains`, `*_checks`, `authorized_submit_users` and `*_restrictions`
 that are file-backed tables (`texthash:`, `regexp:`, `sqlite:`, `accounts:`: mailflow.syntax.FILE_TABLE_TYPES) name
 files; a listener's overrides follow the same rule. `local.home_mailbox` is relative to each user's home, not to the file.
 
@@ -53,7 +53,7 @@ def _resolve_section(section: S, base: Path) -> S:
 
 
 def _resolve_setting(name: str, value: object, base: Path) -> object:
-    if name.endswith(("_file", "_directory", "_base")) or name == "directory":
+    if name.endswith(("_file", "_directory", "_base")) or name in ("directory", "file"):
         return _resolve_path(value, base) if isinstance(value, str) else value
     if name.endswith("_table") and isinstance(value, str) and value:  # an OpenDKIM data set (dkim.signing_table)
         kind, path = opendkim_dataset(value)

@@ -113,6 +113,17 @@ def test_check_config_reads_each_listeners_certificate_as_serve_does(tmp_path):
     assert served.returncode == 2 and "missing.pem: no such certificate or key file" in served.stderr
 
 
+def test_check_config_sees_a_log_file_that_serve_could_not_open(tmp_path):
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('[log]\nfile = "no/such/dir/mail.log"\n')
+    result = mailflow("check-config", "--config", str(cfg))
+    assert result.returncode == 2, result.stdout
+    assert f"{cfg}: log.file: cannot open {tmp_path}/no/such/dir/mail.log: no such directory" in result.stderr
+    assert mailflow("serve", "--config", str(cfg)).returncode == 2
+    (tmp_path / "no/such/dir").mkdir(parents=True)
+    assert mailflow("check-config", "--config", str(cfg)).returncode == 0
+
+
 def test_serve_refuses_a_bad_config_before_starting(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[smtpd]\nlisten = ['127.0.0.1']\nbogus = 1\n")
