@@ -568,3 +568,21 @@ async def test_received_names_the_protocol_as_rfc_3848_says(mailflow_server, tmp
                " with cipher " in line for line in lines), lines
     assert any(line.endswith(f": client={LOOPBACK_CLIENT}, sasl_method=PLAIN, sasl_username=alice")
                for line in lines), lines
+
+
+async def test_auth_pipelined_with_mail_is_taken_as_postfix_takes_it(mailflow_server, users):
+    # Postfix's smtpd does not count AUTH among the commands that end a pipelined group (smtpd.c's command
+    # table): a client sending `AUTH PLAIN <response>` and MAIL in one write gets 235 and 250, not 554
+    mf = await mailflow_server(**auth_door(users))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd("EHLO client.test"))[0] == 250
+    await c.send(b"AUTH PLAIN " + b64(b"\0alice\0s3cret").encode() + b"\r\nMAIL FROM:<alice@local.test>\r\n")
+    assert await c.reply() == status.AUTH_OK
+    assert (await c.reply())[0] == 250
+    await c.close()
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])  # LOGIN with its user name in the same write
+    assert (await c.cmd("EHLO client.test"))[0] == 250
+    await c.send(b"AUTH LOGIN\r\n" + b64(b"bob").encode() + b"\r\n")
+    assert [await c.reply() for _ in range(2)] == [(334, "334 " + b64(b"Username:")), (334, "334 " + b64(b"Password:"))]
+    assert await c.cmd(b64(b"hunter2")) == status.AUTH_OK
+    await c.close()
