@@ -586,3 +586,18 @@ async def test_auth_pipelined_with_mail_is_taken_as_postfix_takes_it(mailflow_se
     assert [await c.reply() for _ in range(2)] == [(334, "334 " + b64(b"Username:")), (334, "334 " + b64(b"Password:"))]
     assert await c.cmd(b64(b"hunter2")) == status.AUTH_OK
     await c.close()
+
+
+async def test_auth_before_starttls_is_not_enabled_as_in_postfix(mailflow_server, users, pki):
+    # Postfix with smtpd_tls_auth_only = yes has no SASL before TLS: AUTH sent anyway gets 503 5.5.1 "Error:
+    # authentication not enabled", the reply AUTH gets where it is off (not RFC 4954's historical 538 5.7.11)
+    _, cert, ctx = pki
+    mf = await mailflow_server(smtpd={"tls_cert_file": cert, "sasl_auth_enable": True, "sasl_user_maps": [users]})
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert "AUTH" not in (await c.cmd("EHLO client.test")).text
+    assert await c.cmd("AUTH PLAIN " + b64(b"\0alice\0s3cret")) == status.AUTH_NOT_ENABLED
+    assert await c.cmd("AUTH LOGIN") == status.AUTH_NOT_ENABLED
+    await c.starttls(ctx)
+    assert "AUTH LOGIN PLAIN" in (await c.cmd("EHLO client.test")).text
+    assert await c.cmd("AUTH PLAIN " + b64(b"\0alice\0s3cret")) == status.AUTH_OK
+    await c.close()

@@ -17,9 +17,9 @@ What it owns
 - `_sender_refusal(sender)`: reject_sender_login_mismatch (`sender_logins`: auth.SenderLogins, None: off),
   asked at MAIL before the handler.
 
-Failure behaviour: every refusal is a `mailflow.status` reply: AUTH not enabled 503 5.5.1, before EHLO 503
-5.5.1, without TLS 538 5.7.11, twice 503 5.5.1, inside a transaction 503 5.5.1, a bad mechanism 504 5.5.4, bad
-base64 501 5.5.2, `*` 501 5.7.0, a malformed PLAIN blob 501 5.5.2, wrong credentials 535 5.7.8 (slowed down
+Failure behaviour: every refusal is a `mailflow.status` reply: AUTH not enabled, or without TLS where TLS is
+required, 503 5.5.1 (as Postfix with smtpd_tls_auth_only), before EHLO 503 5.5.1, twice 503 5.5.1, inside a
+transaction 503 5.5.1, a bad mechanism 504 5.5.4, bad base64 501 5.5.2, `*` 501 5.7.0, a malformed PLAIN blob 501 5.5.2, wrong credentials 535 5.7.8 (slowed down
 and logged by the Authenticator), a user table that cannot answer 454 4.7.0; a sender the login does not own
 553 5.7.1, a login table that cannot answer 451 4.3.0.
 """
@@ -125,12 +125,10 @@ class SecureCommands(FrontEndCommands):
 
 
     def _auth_refusal(self, arg: str | None) -> status.Reply | None:
-        if self._sasl is None:
-            return status.AUTH_NOT_ENABLED
+        if self._sasl is None or (self._auth_needs_tls and self.session.ssl is None):
+            return status.AUTH_NOT_ENABLED  # Postfix with smtpd_tls_auth_only has no SASL before TLS
         if not self.session.host_name or not self.session.extended_smtp:
             return status.NEED_EHLO
-        if self._auth_needs_tls and self.session.ssl is None:
-            return status.AUTH_ENCRYPTION_REQUIRED
         if self.session.authenticated:
             return status.ALREADY_AUTHENTICATED
         if self.envelope.mail_from:
