@@ -15,8 +15,8 @@ What it owns
 - `SmtpdLog`: smtpd's session events, in Postfix smtpd's words: `connect from host[ip]`, `disconnect from
   host[ip] ehlo=1 mail=1 … commands=N`, `NOQUEUE: reject: RCPT from host[ip]: 554 5.7.1 …; from=<s> to=<r>
   proto=ESMTP helo=<h>`, `Anonymous TLS connection established from …`, `warning: host[ip]: SASL PLAIN
-  authentication failed: …`, `too many errors after CMD from …`, `improper command pipelining after CMD from …`,
-  `warning: Illegal address syntax from … in CMD command: …`.
+  authentication failed: …` (and `… authentication aborted`), `too many errors after CMD from …`, `improper
+  command pipelining after CMD from …`, `warning: Illegal address syntax from … in CMD command: …`.
 - `setup_logging(log_config, hostname)`: `[log] format = "text"` writes syslog-style lines,
   `TIMESTAMP HOST SYSLOG_NAME/SERVICE[PID]: [warning: ]TEXT` (RFC 3339 time, `syslog_name` default
   "postfix-mailflow", the service being the stage: smtpd, cleanup, qmgr, smtp, local, pipe, pickup, master…);
@@ -229,6 +229,10 @@ class SmtpdLog:
         self._emit(logging.WARNING, "auth-failed",
                    f"{client}: SASL {mechanism} authentication failed: {reason}{user}",
                    client=client, mechanism=mechanism, reason=reason, sasl_username=username)
+
+    def auth_aborted(self, client: str, mechanism: str) -> None:
+        self._emit(logging.WARNING, "auth-aborted", f"{client}: SASL {mechanism} authentication aborted",
+                   client=client, mechanism=mechanism)
 
     def too_many_errors(self, after: str, client: str) -> None:
         if not self.active:

@@ -601,3 +601,19 @@ async def test_auth_before_starttls_is_not_enabled_as_in_postfix(mailflow_server
     assert "AUTH LOGIN PLAIN" in (await c.cmd("EHLO client.test")).text
     assert await c.cmd("AUTH PLAIN " + b64(b"\0alice\0s3cret")) == status.AUTH_OK
     await c.close()
+
+
+async def test_an_aborted_auth_is_answered_and_logged_in_postfixs_words(mailflow_server, users, caplog):
+    # Postfix (smtpd_sasl_glue.c): "501 5.7.0 Authentication aborted" and "warning: host[ip]: SASL LOGIN
+    # authentication aborted"; the abort is not a failed login
+    mf = await mailflow_server(**auth_door(users))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd("EHLO client.test"))[0] == 250
+    assert (await c.cmd("AUTH LOGIN"))[0] == 334
+    assert await c.cmd("*") == (501, "501 5.7.0 Authentication aborted")
+    assert (await c.cmd("AUTH PLAIN " + b64(b"\0alice\0s3cret")))[0] == 235
+    await c.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "mailflow.smtpd"]
+    assert f"{LOOPBACK_CLIENT}: SASL LOGIN authentication aborted" in lines, lines
+    assert not [line for line in lines if "authentication failed" in line]
+    assert mf.smtpd.auth_failures.recent("127.0.0.1") == 0

@@ -19,7 +19,7 @@ What it owns
 
 Failure behaviour: every refusal is a `mailflow.status` reply: AUTH not enabled, or without TLS where TLS is
 required, 503 5.5.1 (as Postfix with smtpd_tls_auth_only), before EHLO 503 5.5.1, twice 503 5.5.1, inside a
-transaction 503 5.5.1, a bad mechanism 504 5.5.4, bad base64 501 5.5.2, `*` 501 5.7.0, a malformed PLAIN blob 501 5.5.2, wrong credentials 535 5.7.8 (slowed down
+transaction 503 5.5.1, a bad mechanism 504 5.5.4, bad base64 501 5.5.2, `*` 501 5.7.0 (logged as Postfix logs it), a malformed PLAIN blob 501 5.5.2, wrong credentials 535 5.7.8 (slowed down
 and logged by the Authenticator), a user table that cannot answer 454 4.7.0; a sender the login does not own
 553 5.7.1, a login table that cannot answer 451 4.3.0.
 """
@@ -51,6 +51,7 @@ class SecureCommands(FrontEndCommands):
         self._sender_logins = sender_logins
         self._login_required = auth_required
         self._auth_needs_tls = auth_require_tls
+        self._auth_mechanism = ""
 
     def _security_keywords(self) -> list[str]:
         keywords = ["STARTTLS"] if self.tls_context and self.session.ssl is None else []
@@ -109,6 +110,7 @@ class SecureCommands(FrontEndCommands):
         assert arg is not None and self._sasl is not None
         words = arg.split()
         mechanism, initial = words[0].upper(), (words[1] if len(words) == 2 else None)
+        self._auth_mechanism = mechanism  # for the log line of an abort
         exchange = self._plain_exchange if mechanism == "PLAIN" else self._login_exchange
         credentials = await exchange(initial)
         if credentials is None:
@@ -181,6 +183,7 @@ class SecureCommands(FrontEndCommands):
         await self.push(b"334 " + (base64.b64encode(raw) if encode_to_b64 else raw))
         blob = (await self.wire.read_line(self._limits.max_line_length)).strip()
         if blob == b"*":
+            self.record.lines.auth_aborted(self.session.client, self._auth_mechanism)
             await self.push(status.AUTH_ABORTED)
             return MISSING
         try:
