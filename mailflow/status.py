@@ -377,6 +377,7 @@ TLS_ALREADY_ACTIVE = Reply(554, "5.5.1", "Error: TLS already active")
 TRANSACTION_IN_PROGRESS = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
 AUTH_ABORTED = Reply(501, "5.7.0", "Authentication aborted")
 AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Can't decode base64")
+AUTH_RESPONSE_TOO_LONG = Reply(500, "5.5.6", "SASL response limit exceeded")
 # ETRN (RFC 1985), in Postfix's words, with enhanced codes
 ETRN_SYNTAX = Reply(500, "5.5.4", "Syntax: ETRN domain")
 ETRN_BAD_SITE = Reply(501, "5.5.4", "Error: invalid parameter syntax")

@@ -617,3 +617,19 @@ async def test_an_aborted_auth_is_answered_and_logged_in_postfixs_words(mailflow
     assert f"{LOOPBACK_CLIENT}: SASL LOGIN authentication aborted" in lines, lines
     assert not [line for line in lines if "authentication failed" in line]
     assert mf.smtpd.auth_failures.recent("127.0.0.1") == 0
+
+
+async def test_auth_answers_are_bounded_by_postfixs_sasl_response_limit(mailflow_server, users):
+    # Postfix reads an answer to a 334 up to smtpd_sasl_response_limit (12288) bytes, past the command line
+    # limit; a longer one is skipped and answered "500 5.5.6 SASL response limit exceeded", the session goes on
+    mf = await mailflow_server(**auth_door(users, auth_failure_delay=0))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd("EHLO client.test"))[0] == 250
+    assert (await c.cmd("AUTH PLAIN"))[0] == 334
+    assert await c.cmd(b64(b"\0alice\0" + b"x" * 6000)) == status.AUTH_FAILED  # 8000 bytes: read and checked
+    assert (await c.cmd("AUTH PLAIN"))[0] == 334
+    assert await c.cmd("A" * 12289) == (500, "500 5.5.6 SASL response limit exceeded")
+    assert (await c.cmd("NOOP"))[0] == 250
+    assert (await c.cmd("AUTH LOGIN " + b64(b"alice")))[0] == 334
+    assert await c.cmd(b64(b"s3cret")) == status.AUTH_OK
+    await c.close()

@@ -11,7 +11,8 @@ What it owns
   auth server, told whether the session is on TLS and its addresses). Offered and accepted only over TLS unless
   `auth_require_tls` is false (a submissions listener, or allow_plaintext_auth_on_loopback). The login becomes
   `session.auth_data` (`authenticated`), the mechanism `session.auth_mechanism`. Answers read through the
-  strict wire reader (`challenge_auth`).
+  strict wire reader (`challenge_auth`), each at most SASL_RESPONSE_LIMIT bytes (Postfix's
+  smtpd_sasl_response_limit; longer: 500 5.5.6 and the AUTH ends, the session goes on).
 - `check_auth_needed`: with `auth_required` (submission), MAIL, RCPT, DATA, BDAT, VRFY and ETRN need a login
   first (530 5.7.0).
 - `_sender_refusal(sender)`: reject_sender_login_mismatch (`sender_logins`: auth.SenderLogins, None: off),
@@ -35,10 +36,12 @@ from mailflow import status
 from mailflow.errors import LookupRetry
 from mailflow.stages.smtpd.auth import Authenticator, SenderLogins, login_of
 from mailflow.stages.smtpd.frontends import FrontEndCommands
+from mailflow.stages.smtpd.wire import WireError
 
 log = logging.getLogger("mailflow.smtpd")
 
 MECHANISMS = ("LOGIN", "PLAIN")
+SASL_RESPONSE_LIMIT = 12288  # bytes of one answer to a 334 challenge, CRLF not counted (smtpd_sasl_response_limit)
 
 
 class SecureCommands(FrontEndCommands):
@@ -181,7 +184,13 @@ class SecureCommands(FrontEndCommands):
         """aiosmtpd's AUTH challenge, reading the answer through the strict wire reader."""
         raw = challenge.encode() if isinstance(challenge, str) else challenge
         await self.push(b"334 " + (base64.b64encode(raw) if encode_to_b64 else raw))
-        blob = (await self.wire.read_line(self._limits.max_line_length)).strip()
+        try:
+            blob = (await self.wire.read_line(SASL_RESPONSE_LIMIT + 2)).strip()
+        except WireError as e:
+            if e.reply != status.LINE_TOO_LONG:
+                raise
+            await self.push(status.AUTH_RESPONSE_TOO_LONG)  # the rest of the line was skipped
+            return MISSING
         if blob == b"*":
             self.record.lines.auth_aborted(self.session.client, self._auth_mechanism)
             await self.push(status.AUTH_ABORTED)
