@@ -633,3 +633,19 @@ async def test_auth_answers_are_bounded_by_postfixs_sasl_response_limit(mailflow
     assert (await c.cmd("AUTH LOGIN " + b64(b"alice")))[0] == 334
     assert await c.cmd(b64(b"s3cret")) == status.AUTH_OK
     await c.close()
+
+
+async def test_base64_with_padding_it_does_not_need_is_refused(mailflow_server, users):
+    # Dovecot (behind Postfix) refuses `<blob>=` as "Invalid base64 data"; RFC 4954 says 501 for a response
+    # that is not base64. Python's decoder alone took it, and the login with it.
+    mf = await mailflow_server(**auth_door(users))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd("EHLO client.test"))[0] == 250
+    good = b64(b"\0bob\0hunter2")  # 12 bytes: 16 characters, no padding
+    assert await c.cmd("AUTH PLAIN " + good + "=") == status.AUTH_BAD_BASE64
+    assert (await c.cmd("AUTH PLAIN"))[0] == 334
+    assert await c.cmd(good + "==") == status.AUTH_BAD_BASE64
+    assert await c.cmd("AUTH LOGIN " + b64(b"alice")) == (334, "334 " + b64(b"Password:"))
+    assert await c.cmd(b64(b"s3cret") + "=") == status.AUTH_BAD_BASE64
+    assert await c.cmd("AUTH PLAIN " + good) == status.AUTH_OK
+    await c.close()

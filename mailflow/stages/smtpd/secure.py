@@ -44,6 +44,18 @@ MECHANISMS = ("LOGIN", "PLAIN")
 SASL_RESPONSE_LIMIT = 12288  # bytes of one answer to a 334 challenge, CRLF not counted (smtpd_sasl_response_limit)
 
 
+def decode_base64(blob: bytes) -> bytes | None:
+    """RFC 4648 base64 as Dovecot and Cyrus read it, or None: only the alphabet, padding only at the end and only
+    as much as the last quantum needs (Python's decoder takes `YWJj=` and `YWJj==` for `abc`)."""
+    data = blob.rstrip(b"=")
+    if len(blob) - len(data) != -len(data) % 4:
+        return None
+    try:
+        return base64.b64decode(blob, validate=True)
+    except binascii.Error:
+        return None
+
+
 class SecureCommands(FrontEndCommands):
     """STARTTLS and AUTH: see the module doc."""
 
@@ -174,11 +186,10 @@ class SecureCommands(FrontEndCommands):
             return None if answer is MISSING else answer
         if initial == "=":
             return b""
-        try:
-            return base64.b64decode(initial, validate=True)
-        except binascii.Error:
+        decoded = decode_base64(initial.encode())
+        if decoded is None:
             await self.push(status.AUTH_BAD_BASE64)
-            return None
+        return decoded
 
     async def challenge_auth(self, challenge, encode_to_b64: bool = True, log_client_response: bool = False):
         """aiosmtpd's AUTH challenge, reading the answer through the strict wire reader."""
@@ -195,11 +206,11 @@ class SecureCommands(FrontEndCommands):
             self.record.lines.auth_aborted(self.session.client, self._auth_mechanism)
             await self.push(status.AUTH_ABORTED)
             return MISSING
-        try:
-            return base64.b64decode(blob, validate=True)
-        except binascii.Error:
+        decoded = decode_base64(blob)
+        if decoded is None:
             await self.push(status.AUTH_BAD_BASE64)
             return MISSING
+        return decoded
 
     # --- who may send as whom -----------------------------------------------------------------------------
 
