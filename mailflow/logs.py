@@ -225,9 +225,9 @@ class SmtpdLog:
                    f"cipher {cipher} ({bits}/{bits} bits)", client=client, version=version, cipher=cipher)
 
     def auth_failed(self, client: str, mechanism: str, reason: str, username: str = "") -> None:
-        user = f", sasl_username={username}" if username else ""
-        self._emit(logging.WARNING, "auth-failed",
-                   f"{client}: SASL {mechanism} authentication failed: {reason}{user}",
+        self._emit(logging.WARNING, "auth-failed",  # Postfix: "(unavailable)" when there is no user name
+                   f"{client}: SASL {mechanism} authentication failed: {reason}, "
+                   f"sasl_username={username or '(unavailable)'}",
                    client=client, mechanism=mechanism, reason=reason, sasl_username=username)
 
     def auth_aborted(self, client: str, mechanism: str) -> None:

@@ -427,7 +427,6 @@ AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Error: authentication not enabled")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Error: already authenticated")
 AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
-AUTH_MALFORMED = Reply(501, "5.5.2", "Can't split auth value")
 NEED_EHLO = Reply(503, "5.5.1", "Error: send EHLO first")
 SERVER_BUSY = Reply(421, "4.3.2", "Error: too many sessions, try again later")
 

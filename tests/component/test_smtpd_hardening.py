@@ -649,3 +649,17 @@ async def test_base64_with_padding_it_does_not_need_is_refused(mailflow_server, 
     assert await c.cmd(b64(b"s3cret") + "=") == status.AUTH_BAD_BASE64
     assert await c.cmd("AUTH PLAIN " + good) == status.AUTH_OK
     await c.close()
+
+
+@pytest.mark.parametrize("response", ["=", b64(b"alice\0s3cret"), b64(b"\0\0s3cret"), b64(b"\0alice\0s3cret\0x")])
+async def test_a_malformed_plain_message_is_a_failed_login(mailflow_server, users, caplog, response):
+    # Dovecot behind Postfix: 535 5.7.8 and "SASL PLAIN authentication failed: ..., sasl_username=(unavailable)"
+    # (a line fail2ban counts), not a 501 that neither slows the client down nor reaches the log
+    mf = await mailflow_server(**auth_door(users, auth_failure_delay=0))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd("EHLO client.test"))[0] == 250
+    assert await c.cmd("AUTH PLAIN " + response) == status.AUTH_FAILED
+    await c.close()
+    assert mf.smtpd.auth_failures.recent("127.0.0.1") == 1
+    assert f"{LOOPBACK_CLIENT}: SASL PLAIN authentication failed: authentication failure, " \
+           "sasl_username=(unavailable)" in [r.getMessage() for r in caplog.records], caplog.text

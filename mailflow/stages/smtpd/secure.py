@@ -20,9 +20,10 @@ What it owns
 
 Failure behaviour: every refusal is a `mailflow.status` reply: AUTH not enabled, or without TLS where TLS is
 required, 503 5.5.1 (as Postfix with smtpd_tls_auth_only), before EHLO 503 5.5.1, twice 503 5.5.1, inside a
-transaction 503 5.5.1, a bad mechanism 504 5.5.4, bad base64 501 5.5.2, `*` 501 5.7.0 (logged as Postfix logs it), a malformed PLAIN blob 501 5.5.2, wrong credentials 535 5.7.8 (slowed down
-and logged by the Authenticator), a user table that cannot answer 454 4.7.0; a sender the login does not own
-553 5.7.1, a login table that cannot answer 451 4.3.0.
+transaction 503 5.5.1, a bad mechanism 504 5.5.4, bad base64 501 5.5.2, `*` 501 5.7.0 (logged as Postfix
+logs it), wrong credentials or a malformed PLAIN message 535 5.7.8 (slowed down and logged by the
+Authenticator), a user table that cannot answer 454 4.7.0; a sender the login does not own 553 5.7.1, a login
+table that cannot answer 451 4.3.0.
 """
 from __future__ import annotations
 
@@ -158,14 +159,15 @@ class SecureCommands(FrontEndCommands):
         return None
 
     async def _plain_exchange(self, initial: str | None):
-        """RFC 4616: (authzid, login, password) from `authzid NUL login NUL password`, or None (answered)."""
+        """RFC 4616: (authzid, login, password) from `authzid NUL login NUL password`, or None (answered). A
+        message of another shape (`=`, no NUL, an empty login) is wrong credentials with no login, as Dovecot and
+        Cyrus answer it behind Postfix: 535, slowed down, counted and logged."""
         blob = await self._auth_response(initial, "")
         if blob is None:
             return None
         parts = blob.split(b"\0")
         if len(parts) != 3 or not parts[1]:
-            await self.push(status.AUTH_MALFORMED)
-            return None
+            return b"", b"", b""
         return parts[0], parts[1], parts[2]
 
     async def _login_exchange(self, initial: str | None):
