@@ -663,3 +663,16 @@ async def test_a_malformed_plain_message_is_a_failed_login(mailflow_server, user
     assert mf.smtpd.auth_failures.recent("127.0.0.1") == 1
     assert f"{LOOPBACK_CLIENT}: SASL PLAIN authentication failed: authentication failure, " \
            "sasl_username=(unavailable)" in [r.getMessage() for r in caplog.records], caplog.text
+
+
+async def test_auth_inside_a_transaction_is_refused_as_such_even_when_logged_in(mailflow_server, users):
+    # Postfix's smtpd_sasl_auth_cmd checks the transaction before the login: "503 5.5.1 Error: MAIL transaction
+    # in progress" also for a client already logged in
+    mf = await mailflow_server(**auth_door(users))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd("EHLO client.test"))[0] == 250
+    assert await c.cmd("AUTH PLAIN " + b64(b"\0alice\0s3cret")) == status.AUTH_OK
+    assert await c.cmd("AUTH PLAIN " + b64(b"\0alice\0s3cret")) == status.ALREADY_AUTHENTICATED
+    assert (await c.cmd("MAIL FROM:<alice@local.test>"))[0] == 250
+    assert await c.cmd("AUTH PLAIN " + b64(b"\0alice\0s3cret")) == status.TRANSACTION_IN_PROGRESS
+    await c.close()

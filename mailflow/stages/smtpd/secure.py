@@ -147,10 +147,10 @@ class SecureCommands(FrontEndCommands):
             return status.AUTH_NOT_ENABLED  # Postfix with smtpd_tls_auth_only has no SASL before TLS
         if not self.session.host_name or not self.session.extended_smtp:
             return status.NEED_EHLO
+        if self.envelope.mail_from:  # before "already authenticated", as Postfix checks them
+            return status.TRANSACTION_IN_PROGRESS
         if self.session.authenticated:
             return status.ALREADY_AUTHENTICATED
-        if self.envelope.mail_from:
-            return status.TRANSACTION_IN_PROGRESS
         words = (arg or "").split()
         if not 1 <= len(words) <= 2:
             return status.syntax("AUTH mechanism")
