@@ -676,3 +676,16 @@ async def test_auth_inside_a_transaction_is_refused_as_such_even_when_logged_in(
     assert (await c.cmd("MAIL FROM:<alice@local.test>"))[0] == 250
     assert await c.cmd("AUTH PLAIN " + b64(b"\0alice\0s3cret")) == status.TRANSACTION_IN_PROGRESS
     await c.close()
+
+
+async def test_a_client_silent_after_auth_is_told_timeout_exceeded(mailflow_server, users, caplog):
+    # Postfix's smtpd, at smtpd_timeout: "421 4.4.2 <host> Error: timeout exceeded", then it closes the session
+    # and logs "timeout after AUTH from host[ip]"
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    mf = await mailflow_server(**auth_door(users, timeout="1s"))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd("EHLO client.test"))[0] == 250
+    assert (await c.cmd("AUTH PLAIN"))[0] == 334
+    assert await c.reply(timeout=5) == status.session_timeout(mf.config.myhostname)
+    assert await c.closed()
+    assert f"timeout after AUTH from {LOOPBACK_CLIENT}" in [r.getMessage() for r in caplog.records], caplog.text

@@ -32,7 +32,8 @@ What it owns
 aiosmtpd's private names, each used because aiosmtpd offers no other way:
 - `_handle_client` (overridden): aiosmtpd's command loop reads line by line and knows neither strict CRLF,
   pipelining discipline, deadlines nor BDAT; it is the one place a session's input is read.
-- `_timeout_cb` (overridden): aiosmtpd's only timeout hook; Postfix's "timeout after X" is logged there.
+- `_timeout_cb` (overridden): aiosmtpd's only timeout hook; Postfix's "timeout after X" is logged there and its
+  `421 4.4.2 <host> Error: timeout exceeded` written before the connection is closed.
 - `_timeout_duration`, `_timeout_handle`, `_tls_protocol`, `_tls_handshake_okay`, `_original_transport`,
   `_handler_coroutine`, `_handle_hooks`, `_smtp_methods` (set in `__init__`): what `SMTP.__init__` would set
   for the inherited methods that read them (connection_made/lost, STARTTLS, HELO, RSET, NOOP);
@@ -281,6 +282,8 @@ class ProtocolCore(SMTP):
 
     def _timeout_cb(self) -> None:
         self.record.timed_out()
+        if self.transport is not None and not self.transport.is_closing():  # as Postfix says it, then closes
+            self._writer.write(self._reply_bytes(status.session_timeout(self.hostname), False))
         super()._timeout_cb()
 
     def eof_received(self) -> bool | None:
