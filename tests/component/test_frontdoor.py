@@ -324,6 +324,27 @@ async def test_max_sessions_holds_the_greeting_until_a_slot_frees(mailflow_serve
         await c.close()
 
 
+async def test_implicit_tls_clients_that_never_start_the_handshake_hold_session_slots(mailflow_server, pki, users):
+    """On 465 the handshake comes after the admission: silent connections take the listener's slots and its
+    waiting places like any session, and the next one is refused at once (asyncio would keep each open for its
+    60 s handshake timeout, beyond every limit). A TLS client is served once a slot frees."""
+    _, cert, ctx = pki
+    mf = await mailflow_server(**door(cert, users, {"address": "127.0.0.1:0", "role": "submissions",
+                                                    "overrides": {"max_sessions": 2}}))
+    port = mf.smtpd.address_of("submissions")[1]
+    silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]  # 2 sessions, 2 waiting
+    listener = mf.smtpd.listeners[-1]
+    await eventually(lambda: listener.slots.waiting == 2)
+    refused, _ = await asyncio.open_connection("127.0.0.1", port)
+    assert (await asyncio.wait_for(refused.read(), 5)).startswith(b"421 ")  # and closed
+    for _, writer in silent[:3]:
+        writer.close()
+    c = await SmtpClient.connect(port, tls=ctx)
+    assert "AUTH" in await ehlo(c)
+    await c.close()
+    silent[3][1].close()
+
+
 # ---------------------------------------------------------------------------------------------- config, TLS
 
 

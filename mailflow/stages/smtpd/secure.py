@@ -3,9 +3,11 @@
 What it owns
 - STARTTLS (RFC 3207): offered when the listener has a certificate and TLS is not up yet; refused inside TLS
   (554 5.5.1, as Postfix) and inside a mail transaction (503 5.5.1: the handshake would reset it). The
-  handshake is aiosmtpd's; a handshake that fails or that the client abandons ends the session, and so does a
-  STARTTLS read once the client has closed its side (no handshake can follow; asyncio would wait 60 s). The
-  TLS line of the log (`log_tls`: "Anonymous TLS connection established from host[ip]: TLSv1.3 with cipher ...").
+  handshake (`start_tls(context)`, aiosmtpd's way: asyncio's SSL layer put between the socket and the session,
+  which the layer then tells of the connection again) also serves a submissions listener, where it comes
+  first; a handshake that fails or that the client abandons ends the session, and so does a STARTTLS read
+  once the client has closed its side (no handshake can follow; asyncio would wait 60 s). The TLS line of the
+  log (`log_tls`: "Anonymous TLS connection established from host[ip]: TLSv1.3 with cipher ...").
 - AUTH (RFC 4954) PLAIN and LOGIN, with or without an initial response, checked by the listener's
   `auth.Authenticator` (`sasl`; None: AUTH is not enabled; its back end is mailflow's user tables or Dovecot's
   auth server, told whether the session is on TLS and its addresses). Offered and accepted only over TLS unless
@@ -27,11 +29,15 @@ table that cannot answer 451 4.3.0.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
+import ssl
+from asyncio import sslproto
+from typing import cast
 
-from aiosmtpd.smtp import MISSING
+from aiosmtpd.smtp import MISSING, TLSSetupException
 
 from mailflow import status
 from mailflow.errors import LookupRetry
@@ -95,10 +101,28 @@ class SecureCommands(FrontEndCommands):
             return
         if self.wire.ended:  # the client closed its side: no handshake can come (asyncio would wait 60 s for it)
             raise ConnectionResetError("the client left before the TLS handshake")
-        await super().smtp_STARTTLS(arg)
+        await self.push(status.READY_FOR_TLS)
+        await self.start_tls(self.tls_context)
+        self.log_tls()
+
+    async def start_tls(self, context: ssl.SSLContext) -> None:
+        """The TLS handshake on this connection, as the server; returns once it is done, the session then on the
+        TLS transport (the layer calls `connection_made` with it: a new SMTP session, the client's identity
+        kept). TLSSetupException when it fails, ConnectionResetError when the client leaves during it."""
+        waiter = self.loop.create_future()
+        self._tls_protocol = sslproto.SSLProtocol(self.loop, self, context, waiter, server_side=True)
+        socket_transport = cast(asyncio.Transport, self.transport)
+        self._original_transport = socket_transport
+        socket_transport.set_protocol(self._tls_protocol)
+        self.transport = self._tls_protocol._app_transport
+        self._tls_protocol.connection_made(socket_transport)
+        socket_transport.resume_reading()  # (paused by a submissions listener until its admission)
+        try:
+            await waiter
+        except Exception as error:
+            raise TLSSetupException() from error
         if self.transport is None or self.transport.is_closing():  # asyncio resolves the handshake as done
             raise ConnectionResetError("the client left during the TLS handshake")
-        self.log_tls()
 
     def log_tls(self) -> None:
         """`Anonymous TLS connection established from host[ip]: TLSv1.3 with cipher … (256/256 bits)`."""

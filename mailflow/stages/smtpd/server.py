@@ -10,7 +10,9 @@ SmtpdConfig, its own handler (built by `handler_for(config)` with that config), 
   AUTH only when sasl_auth_enable, and only after STARTTLS.
 - submission: STARTTLS required before anything but EHLO/NOOP/QUIT (530 5.7.0), AUTH required before MAIL
   (530 5.7.0).
-- submissions: implicit TLS (the handshake comes first), AUTH required before MAIL.
+- submissions: implicit TLS (the handshake comes first, once the connection is admitted: a client that never
+  starts it holds a session slot, so max_sessions and the per-client limits bound such clients too), AUTH
+  required before MAIL.
 AUTH (PLAIN, LOGIN; the exchange is secure.py's, the check auth.py's) is offered only over TLS, unless
 `allow_plaintext_auth_on_loopback` and the client is on loopback. The failure table and the hashing threads
 belong to the server: one for all its listeners; so does the connection to Dovecot's auth server when
@@ -40,11 +42,14 @@ session in a transaction may finish it within the grace period.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import ssl
 from dataclasses import dataclass
 from typing import Callable
+
+from aiosmtpd.smtp import TLSSetupException
 
 from mailflow import status
 from mailflow.address import in_networks
@@ -57,7 +62,7 @@ from mailflow.stages.smtpd.dovecot_auth import DovecotAuth
 from mailflow.stages.smtpd.frontends import FrontEnds
 from mailflow.stages.smtpd.handler import SmtpdHandler
 from mailflow.stages.smtpd.session import ProtocolLimits, SmtpSession
-from mailflow.stages.smtpd.tls import ServerTls, listener_context
+from mailflow.stages.smtpd.tls import ServerTls
 from mailflow.stages.smtpd.transcript import SessionObserver
 from mailflow.syntax import parse_hostport
 from mailflow.tables import TableCache
@@ -96,11 +101,18 @@ class ListenerSession(SmtpSession):
     """A session of one listener: the admission (connection limits and the session cap) before the greeting,
     TLS from the first byte on a submissions listener, plaintext AUTH on loopback when allowed."""
 
-    def __init__(self, handler, *, listener: Listener, **kwargs):
+    def __init__(self, handler, *, listener: Listener, implicit_tls: ssl.SSLContext | None = None, **kwargs):
         super().__init__(handler, **kwargs)
         self._listener = listener
+        self._implicit_tls = implicit_tls  # a submissions listener's certificate: TLS from the first byte
         self._admitted_ip: str | None = None
         self._has_slot = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        connecting = self.transport is None
+        super().connection_made(transport)
+        if connecting and self._implicit_tls is not None:
+            transport.pause_reading()  # type: ignore[attr-defined]  # the handshake waits for the admission
 
     async def _before_greeting(self) -> bool:
         """After the PROXY header (if any: the limits apply to the real client it names), the admission."""
@@ -124,9 +136,12 @@ class ListenerSession(SmtpSession):
             await self._refuse_and_close(status.SERVER_BUSY)
             return False
         self._has_slot = True
-        if self._listener.role == "submissions" and self.transport is not None:
-            self.session.ssl = {"ssl_object": self.transport.get_extra_info("ssl_object"),
-                                "cipher": self.transport.get_extra_info("cipher")}
+        if self._implicit_tls is not None:
+            try:
+                await self.start_tls(self._implicit_tls)
+            except (TLSSetupException, ConnectionError):
+                self._close()
+                return False
             self.log_tls()
         if self._listener.smtpd.allow_plaintext_auth_on_loopback and is_loopback(ip):
             self._auth_needs_tls = False
@@ -213,19 +228,15 @@ class Smtpd:
             self._tls[key] = ServerTls(*key)
         return self._tls[key]
 
-    def _implicit_tls(self, listener: Listener) -> ssl.SSLContext:
-        """The asyncio server of an implicit-TLS listener keeps its context for good: each handshake is handed
-        the certificate in force for this listener now (after a reload too)."""
-        return listener_context(self._server_tls(listener.smtpd),
-                                lambda: self._server_tls(listener.smtpd).context)
-
     def _session(self, listener: Listener) -> SmtpSession:
         c, smtpd = listener.config, listener.smtpd
         tls = self._server_tls(smtpd) if smtpd.tls_cert_file else None
-        starttls = tls is not None and listener.role != "submissions" and smtpd.tls_security_level != "none"
+        implicit = listener.role == "submissions"
+        starttls = tls is not None and not implicit and smtpd.tls_security_level != "none"
         return ListenerSession(
             listener.handler,
             listener=listener,
+            implicit_tls=tls.context if tls is not None and implicit else None,
             sessions=self.sessions,
             protocol=listener.limits,
             frontends=listener.frontends,
@@ -251,9 +262,8 @@ class Smtpd:
         self.listeners = [self._build_listener(*spec) for spec in self._listener_specs()]
         await self._tables.preload()  # the user and sender-login tables, read off the event loop
         for listener in self.listeners:
-            ssl = self._implicit_tls(listener) if listener.role == "submissions" else None
-            listener.server = await loop.create_server(lambda li=listener: self._session(li), listener.host,
-                                                       listener.port, ssl=ssl)
+            listener.server = await loop.create_server(functools.partial(self._session, listener), listener.host,
+                                                       listener.port)
 
     def reconfigure(self, config: Config, handler_for: Callable[[Config], SmtpdHandler]) -> Callable[[], None]:
         """A reload: the listeners' settings, handlers, AUTH and sender-login tables and certificates, built from

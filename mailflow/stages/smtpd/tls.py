@@ -5,9 +5,6 @@ What it owns
   smtpd_tls_key_file; an empty key file means the key is in the certificate file) into `.context`. A reload
   reads the files again into new ServerTls objects (server.Smtpd.reconfigure): new sessions get them, sessions
   already in TLS keep theirs.
-- `listener_context(tls, current)`: one context that never changes, for implicit-TLS listeners (the asyncio
-  server holds its context for good); its SNI hook hands each new handshake `current()`, the context in force
-  now, so a reload reaches them too. The hook runs whether or not the client sends SNI.
 
 Failure behaviour: a missing, unreadable or mismatched file raises `TlsError` naming the file, at start (so
 `mailflow serve` refuses to start) and at a reload (the reload is refused; the contexts in use stay). Client
@@ -17,7 +14,6 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
-from typing import Callable
 
 from mailflow.errors import ConfigError
 
@@ -56,13 +52,3 @@ class ServerTls:
         self.key_file = key_file
         self.context = build_context(cert_file, key_file)
 
-
-def listener_context(tls: ServerTls, current: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
-    """A stable context for implicit TLS whose handshakes use `current()` (via the SNI hook)."""
-    front = build_context(tls.cert_file, tls.key_file)
-
-    def use_current(sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
-        sslobj.context = current()
-
-    front.sni_callback = use_current
-    return front
