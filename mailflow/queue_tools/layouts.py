@@ -26,7 +26,9 @@ from mailflow.queue_tools.selection import NULL_SENDER, Selection, pages
 from mailflow.store import DestinationRow, MessageDetail, MessageRow, RecipientRow, ShapeCount
 from mailflow.transports.encode import ToLf, encode
 
-MAILQ_HEADER = "-Queue ID-  --Size-- ----Arrival Time---- -Sender/Recipient-------"
+# postqueue's headings ("%-11s %7s %-20s %s" for short queue ids, "%-17s %8s %-19s %s" for long ones such as ours)
+MAILQ_HEADER = "----Queue ID----- --Size-- ---Arrival Time---- --Sender/Recipient------"
+MAILQ_SHORT_HEADER = "-Queue ID-  --Size-- ----Arrival Time---- -Sender/Recipient-------"
 SHAPE_MINUTES = (5, 10, 20, 40, 80, 160, 320, 640, 1280)  # qshape's default: -t 5 -b 10
 SHAPE_LABELS = ("T", *(str(m) for m in SHAPE_MINUTES), f"{SHAPE_MINUTES[-1]}+")
 
@@ -64,6 +66,11 @@ def mailq_entry(row: MessageRow, recipients: Iterable[RecipientRow]) -> list[str
     return lines
 
 
+def mailq_header(queue_id: str) -> str:
+    """postqueue's headings for the layout `mailq_entry` gives this queue id."""
+    return MAILQ_SHORT_HEADER if len(queue_id) < 11 else MAILQ_HEADER
+
+
 def mailq_footer(total_bytes: int, count: int) -> str:
     return f"-- {total_bytes // 1024} Kbytes in {count} Request{'' if count == 1 else 's'}."
 
@@ -74,7 +81,7 @@ async def write_mailq(store, out: IO[str], queues: Sequence[str], selection: Sel
     async for page in pages(store, queues, selection, now, ids_only=False):
         rcpts = await store.recipients_of([row.queue_id for row in page], pending_only=True)
         for row in page:
-            out.write(MAILQ_HEADER + "\n" if count == 0 else "\n")
+            out.write(mailq_header(row.queue_id) + "\n" if count == 0 else "\n")
             out.write("\n".join(mailq_entry(row, rcpts.get(row.queue_id, ()))) + "\n")
             count += 1
             total += row.size

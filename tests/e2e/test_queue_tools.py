@@ -111,7 +111,7 @@ async def test_list_shows_deferred_mail_with_its_reason(dead_relay):
     rc, out, err = await queue(config, "list")
     assert rc == 0, err
     lines = out.splitlines()
-    assert lines[0] == "-Queue ID-  --Size-- ----Arrival Time---- -Sender/Recipient-------"
+    assert lines[0] == "----Queue ID----- --Size-- ---Arrival Time---- --Sender/Recipient------"
     entry = next(line for line in lines if line.startswith(qid))
     # postqueue's long-id layout; "*" while an attempt runs
     assert re.fullmatch(rf"{qid}[ *] +\d+ \w{{3}} \w{{3}} [ \d]\d \d\d:\d\d:\d\d someone@remote\.test", entry), entry

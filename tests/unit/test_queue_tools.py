@@ -104,7 +104,8 @@ def test_mailq_entry_columns_match_postfix(utc):
     assert lines == ["0123456789     1234 Tue Nov 14 22:13:20  s@remote.test",
                      " " * 41 + "bob@relay.test"]
     # postqueue prints its header with "%-11s %7s %-20s %s", so it sits one column right of the data
-    assert qt.MAILQ_HEADER == f"{'-Queue ID-':<11} {'--Size--':>7} {'----Arrival Time----':<20} -Sender/Recipient-------"
+    assert qt.mailq_header("0123456789") == qt.MAILQ_SHORT_HEADER == (
+        f"{'-Queue ID-':<11} {'--Size--':>7} {'----Arrival Time----':<20} -Sender/Recipient-------")
 
 
 def test_mailq_pads_the_day_with_a_space_as_postqueue_does(utc):
@@ -122,6 +123,10 @@ def test_long_queue_ids_push_the_columns_and_recipients_follow_the_sender(utc):
     first, second = qt.mailq_entry(row(qid="18A2B3C4D5E6F7A8", queue="active"), [rcpt("bob@relay.test")])
     assert first == "18A2B3C4D5E6F7A8*     1234 Tue Nov 14 22:13:20 s@remote.test"  # postqueue's long-id layout
     assert first.index("s@remote.test") == second.index("bob@relay.test") == 47
+    # and its own headings ("%-17s %8s %-19s %s"), as postqueue prints them with enable_long_queue_ids
+    assert qt.mailq_header("18A2B3C4D5E6F7A8") == qt.MAILQ_HEADER == (
+        "----Queue ID----- --Size-- ---Arrival Time---- --Sender/Recipient------")
+    assert qt.MAILQ_HEADER.index("--Sender") == 47
 
 
 def test_reasons_group_recipients_like_postfix():

@@ -1,0 +1,101 @@
+"""Differential test of the operator's queue listing: a private Postfix (long queue ids, like mailflow's) and mailflow
+take the same mail, relayed to the same closed port on 127.0.0.1 (so it is deferred, "Connection refused") and one
+message held by an smtpd HOLD restriction; then what a script parsing `postqueue -p` sees must be what it sees in
+`mailflow mailq`: the heading line, the columns, the `!` mark, the null sender, the reason lines, the recipients and
+the footer.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+
+import pytest
+
+from tests.support import eventually, free_port, postfix_instance, send
+
+pytestmark = pytest.mark.interop
+
+HOUR = {"queue_run_delay": "1h", "minimal_backoff_time": "1h", "maximal_backoff_time": "1h"}
+MAIL = [("alice@src.test", ["bob@dest.test", "carol@dest.test"]),
+        ("", ["notice@dest.test"]),
+        ("dave@src.test", ["held@dest.test"])]
+BODY = b"Subject: queue tools\r\n\r\nhello\r\n"
+
+
+async def submit(port: int) -> None:
+    for sender, rcpts in MAIL:
+        refused, _ = await send(port, sender, rcpts, BODY)
+        assert refused == {}
+
+
+async def mailflow_cli(config, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mailflow", *args, "-c", str(config), stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    return proc.returncode, out.decode(), err.decode()
+
+
+def tried(messages: list[dict]) -> bool:
+    """Every message not on hold has been tried: each of its recipients has a reason."""
+    return len(messages) == len(MAIL) and all(
+        m["queue_name"] == "hold" or (m["queue_name"] == "deferred" and all(r.get("delay_reason")
+                                                                            for r in m["recipients"]))
+        for m in messages)
+
+
+def entries(mailq: str) -> tuple[str, dict[str, list[str]], str]:
+    """(heading, {sender: the entry's lines with the first one's id, size and time checked and taken out}, footer)
+    after checking the columns of postqueue's long-id layout ("%-17s %8ld %19.19s %s")."""
+    lines = mailq.splitlines()
+    heading, footer = lines[0], lines[-1]
+    by_sender = {}
+    for block in "\n".join(lines[1:-1]).strip("\n").split("\n\n"):
+        first, *rest = block.split("\n")
+        assert re.fullmatch(r"[0-9A-Za-z]{12,16}[*!]? *", first[:18]), first
+        assert re.fullmatch(r" *\d+ ", first[18:27]) and first[26:27] == " ", first
+        assert re.fullmatch(r"\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d ", first[27:47]), first
+        mark = first[:17].rstrip()[-1] if first[:17].rstrip()[-1] in "*!" else ""
+        by_sender[first[47:]] = [mark, *rest]
+    return heading, by_sender, footer
+
+
+async def test_mailq_reads_like_postqueue_p(mailflow_server, write_config, tmp_path):
+    closed = free_port()
+    postfix_cf = {"relayhost": f"[127.0.0.1]:{closed}", "enable_long_queue_ids": "yes",
+                  "smtpd_recipient_restrictions":
+                      "check_recipient_access inline:{held@dest.test=HOLD}, permit_mynetworks, reject"}
+    settings = {"relayhost": f"[127.0.0.1]:{closed}", "mynetworks": ["127.0.0.0/8"], "queue": HOUR,
+                "smtpd": {"recipient_restrictions": ["check_recipient_access inline:{held@dest.test=HOLD}"]}}
+    async with postfix_instance(postfix_cf) as pf:
+        mf = await mailflow_server(**settings)
+        config = write_config(tmp_path / "mailflow.toml", **settings)
+        await submit(pf.port)
+        await submit(mf.smtp_addresses[0][1])
+
+        def postfix_tried():
+            return tried([json.loads(line) for line in pf.run("postqueue", "-j").stdout.decode().splitlines()])
+
+        async def mailflow_tried():
+            rc, out, _ = await mailflow_cli(config, "queue", "list", "--json")
+            return rc == 0 and tried([{"queue_name": m["queue"], "recipients": [
+                {"delay_reason": r["reason"]} for r in m["recipients"]]} for m in json.loads(out)])
+
+        await eventually(postfix_tried, timeout=15, step=0.2, what="Postfix tried its mail")
+        await eventually(mailflow_tried, timeout=15, step=0.2, what="mailflow tried its mail")
+
+        expected = pf.run("postqueue", "-p")
+        rc, out, err = await mailflow_cli(config, "mailq")
+        assert (rc, err) == (expected.returncode, "")
+        postfix_heading, postfix_entries, postfix_footer = entries(expected.stdout.decode())
+        heading, listed, footer = entries(out)
+        assert heading == postfix_heading
+        assert listed == postfix_entries
+        assert re.fullmatch(r"-- \d+ Kbytes in 3 Requests\.", footer) and footer == postfix_footer
+
+        pf.run("postsuper", "-d", "ALL").check_returncode()
+        assert pf.run("postqueue", "-p").stdout.decode() == "Mail queue is empty\n"
+        await mailflow_cli(config, "queue", "delete", "ALL")
+        assert await mailflow_cli(config, "mailq") == (0, "Mail queue is empty\n", "")
