@@ -46,7 +46,8 @@ def mailq_entry(row: MessageRow, recipients: Iterable[RecipientRow]) -> list[str
     """One message in Postfix's mailq layout (postqueue's formats: `%-11s %7ld %20.20s %s` for short ids,
     `%-17s %8ld %19.19s %s` for long ones such as ours; recipients indented to the sender's column).
     `recipients`: its pending ones. They are grouped under their last reason (shown once, right-aligned like
-    Postfix); those without a reason come last."""
+    Postfix); those without a reason come last, under `(reason unavailable)` when others have one (postqueue's
+    words, so they are not read as sharing the reason above them)."""
     qid = row.queue_id
     mark = {"active": "*", "hold": "!"}.get(row.queue, " ")
     who = printable(row.sender) if row.sender else NULL_SENDER
@@ -60,8 +61,9 @@ def mailq_entry(row: MessageRow, recipients: Iterable[RecipientRow]) -> list[str
         groups.setdefault(printable(rcpt.reason), []).append(printable(rcpt.address))
     lines = [first]
     for reason, addresses in sorted(groups.items(), key=lambda kv: not kv[0]):
-        if reason:
-            lines.append(f"{'':>{max(0, 76 - len(reason))}}({reason})")
+        shown = reason or ("reason unavailable" if len(lines) > 1 else "")
+        if shown:
+            lines.append(f"{'':>{max(0, 76 - len(shown))}}({shown})")
         lines.extend(indent + a for a in addresses)
     return lines
 

@@ -135,8 +135,11 @@ def test_reasons_group_recipients_like_postfix():
     lines = qt.mailq_entry(row(), [rcpt("a@x", refused), rcpt("plain@x"), rcpt("b@x", refused), rcpt("c@x", long)])
     pad = " " * 41
     assert lines[1:] == [f"{'':>{76 - len(refused)}}({refused})", pad + "a@x", pad + "b@x",
-                         f"({long})", pad + "c@x", pad + "plain@x"]
+                         f"({long})", pad + "c@x", " " * 58 + "(reason unavailable)", pad + "plain@x"]
     assert len(lines[1]) == 78  # short reasons end at column 78
+    # (postqueue's showq_compat.c: "(reason unavailable)" when the previous recipient had a reason and this one
+    # has none, so it is not read as sharing that reason; no line when no recipient has one)
+    assert qt.mailq_entry(row(), [rcpt("plain@x"), rcpt("other@x")])[1:] == [pad + "plain@x", pad + "other@x"]
 
 
 def test_control_characters_are_not_printed():
