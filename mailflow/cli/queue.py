@@ -2,7 +2,7 @@
 whether or not `serve` runs (the work is in mailflow/queue_tools.py). Each command is a plain function;
 `mailflow.cli` registers them.
 
-    queue_list / mailq                   Postfix mailq layout (or JSON)
+    queue_list / mailq                   Postfix mailq layout (or postqueue -j, or JSON)
     queue_show                           one message like postcat -q
     action_command(name, help, required) flush, hold, release, requeue, delete (postqueue -f, postsuper -h/-H/-r/-d)
     queue_shape                          qshape
@@ -33,6 +33,8 @@ ToDomainOption = typer.Option(None, "--to-domain", metavar="DOMAIN",
                               help="only mail with a pending recipient in this domain")
 OlderThanOption = typer.Option(None, "--older-than", metavar="DURATION",
                                help="only mail that arrived longer ago than this (30m, 1h, 2d)")
+PostqueueJsonOption = typer.Option(False, "-j", "--postqueue-json",
+                                   help="postqueue -j: a JSON object a line with Postfix's field names")
 QueuesOption = typer.Option(None, "--queue", metavar="Q[,Q…]",
                             help="queues to list (default incoming,active,deferred,hold; corrupt, or all)")
 
@@ -91,16 +93,20 @@ def _queues(command: str, value: str) -> tuple[str, ...]:
         _fail(command, str(e), 2)
 
 
-def list_queue(command, ids, config, as_json, queue, sender, to_domain, older_than) -> None:
+def list_queue(command, ids, config, as_json, queue, sender, to_domain, older_than, *,
+               postqueue_json: bool = False) -> None:
     from mailflow import queue_tools as qt
 
     selection = _selection(command, ids, sender, to_domain, older_than, required=False)
     queues = _queues(command, queue) if queue else qt.LISTED_QUEUES
+    if as_json and postqueue_json:
+        _fail(command, "give --json or -j, not both", 2)
 
     async def work(store):
         now = time.time()
-        if as_json:
-            await qt.write_list_json(store, sys.stdout, queues, selection, now)
+        if as_json or postqueue_json:
+            write = qt.write_list_json if as_json else qt.write_postqueue_json
+            await write(store, sys.stdout, queues, selection, now)
             return
         await qt.write_mailq(store, sys.stdout, queues, selection, now)
         corrupt = (await store.counts()).get("corrupt", 0) if "corrupt" not in queues else 0
@@ -111,20 +117,21 @@ def list_queue(command, ids, config, as_json, queue, sender, to_domain, older_th
 
 
 def queue_list(ids: Optional[List[str]] = IdsArgument, config: Optional[str] = ConfigOption,
-               as_json: bool = JsonOption, queue: Optional[str] = QueuesOption,
+               as_json: bool = JsonOption, postqueue_json: bool = PostqueueJsonOption,
+               queue: Optional[str] = QueuesOption,
                sender: Optional[str] = FromOption, to_domain: Optional[str] = ToDomainOption,
                older_than: Optional[str] = OlderThanOption) -> None:
     """The queue in Postfix mailq layout: * active, ! on hold; each pending recipient under its last reason."""
-    list_queue("list", ids, config, as_json, queue, sender, to_domain, older_than)
+    list_queue("list", ids, config, as_json, queue, sender, to_domain, older_than, postqueue_json=postqueue_json)
 
 
 def mailq(ids: Optional[List[str]] = IdsArgument, config: Optional[str] = ConfigOption,
-          as_json: bool = JsonOption,
+          as_json: bool = JsonOption, postqueue_json: bool = PostqueueJsonOption,
           queue: Optional[str] = typer.Option(None, "--queue", metavar="Q[,Q…]", help="queues to list"),
           sender: Optional[str] = FromOption, to_domain: Optional[str] = ToDomainOption,
           older_than: Optional[str] = OlderThanOption) -> None:
     """Same as `mailflow queue list`."""
-    list_queue("list", ids, config, as_json, queue, sender, to_domain, older_than)
+    list_queue("list", ids, config, as_json, queue, sender, to_domain, older_than, postqueue_json=postqueue_json)
 
 
 def queue_show(queue_id: str = typer.Argument(..., metavar="QUEUE_ID"), config: Optional[str] = ConfigOption,

@@ -1,7 +1,8 @@
 """The reports of `mailflow queue …`: Postfix's mailq, postcat and qshape layouts, and qmgr's destinations.
 
 - mailq: `write_mailq` (Postfix's layout, a page of CHUNK messages in memory at a time; `mailq_entry`,
-  `mailq_footer`) and `write_list_json` (one JSON array, streamed, every recipient with its status).
+  `mailq_footer`), `write_postqueue_json` (postqueue -j: a JSON object a line, Postfix's names) and
+  `write_list_json` (one JSON array, streamed, every recipient with its status).
 - postcat: `write_show` (envelope, recipients, headers and body in `*** … ***` sections, like postcat -q) and
   `write_show_json`; the body is streamed from the queue (`message_text`), never held whole.
 - qshape: `shape_rows` (the store's counts -> TOTAL and the top domains), `format_shape`, `shape_json`.
@@ -96,6 +97,27 @@ def entry_json(row: MessageRow, recipients: Iterable[RecipientRow]) -> dict:
             "sender": row.sender, "attempts": row.attempts, "next_attempt": row.next_attempt,
             "recipients": [{"address": r.address, "status": r.status, "dsn": r.dsn, "reason": r.reason}
                            for r in recipients]}
+
+
+def entry_postqueue_json(row: MessageRow, recipients: Iterable[RecipientRow]) -> dict:
+    """One message as `postqueue -j` gives it (showq_json.c): its pending recipients, `delay_reason` only when
+    there is one, the null sender as MAILER-DAEMON, whole seconds. mailflow has no forced expiry."""
+    return {"queue_name": row.queue, "queue_id": row.queue_id, "arrival_time": int(row.arrival),
+            "message_size": row.size, "forced_expire": False, "sender": row.sender or NULL_SENDER,
+            "recipients": [{"address": r.address, **({"delay_reason": r.reason} if r.reason else {})}
+                           for r in recipients]}
+
+
+async def write_postqueue_json(store, out: IO[str], queues: Sequence[str], selection: Selection,
+                               now: float) -> int:
+    """`postqueue -j`: one JSON object a line, a message each, streamed; nothing for an empty queue."""
+    count = 0
+    async for page in pages(store, queues, selection, now, ids_only=False):
+        rcpts = await store.recipients_of([row.queue_id for row in page], pending_only=True)
+        for row in page:
+            out.write(json.dumps(entry_postqueue_json(row, rcpts.get(row.queue_id, ()))) + "\n")
+            count += 1
+    return count
 
 
 async def write_list_json(store, out: IO[str], queues: Sequence[str], selection: Selection, now: float) -> int:

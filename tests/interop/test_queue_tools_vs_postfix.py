@@ -2,7 +2,8 @@
 take the same mail, relayed to the same closed port on 127.0.0.1 (so it is deferred, "Connection refused") and one
 message held by an smtpd HOLD restriction; then what a script parsing `postqueue -p` sees must be what it sees in
 `mailflow mailq`: the heading line, the columns, the `!` mark, the null sender, the reason lines, the recipients and
-the footer.
+the footer; and what a script reading `postqueue -j` sees in `mailflow mailq -j`: the same field names, order and
+types, the same values but for the queue id, the arrival time and the size.
 """
 from __future__ import annotations
 
@@ -95,7 +96,23 @@ async def test_mailq_reads_like_postqueue_p(mailflow_server, write_config, tmp_p
         assert listed == postfix_entries
         assert re.fullmatch(r"-- \d+ Kbytes in 3 Requests\.", footer) and footer == postfix_footer
 
+        expected = pf.run("postqueue", "-j")
+        rc, out, err = await mailflow_cli(config, "mailq", "-j")
+        assert (rc, err) == (expected.returncode, "")
+        assert postqueue_json(out) == postqueue_json(expected.stdout.decode())
+
         pf.run("postsuper", "-d", "ALL").check_returncode()
         assert pf.run("postqueue", "-p").stdout.decode() == "Mail queue is empty\n"
         await mailflow_cli(config, "queue", "delete", "ALL")
         assert await mailflow_cli(config, "mailq") == (0, "Mail queue is empty\n", "")
+        assert pf.run("postqueue", "-j").stdout == b""
+        assert await mailflow_cli(config, "mailq", "-j") == (0, "", "")
+
+
+def postqueue_json(text: str) -> dict[str, tuple]:
+    """postqueue -j's lines -> {sender: (its keys in order, each value's type, the values that must agree)}."""
+    assert text.endswith("}\n") and "\n\n" not in text
+    objects = [json.loads(line) for line in text.splitlines()]
+    return {m["sender"]: (list(m), [type(v).__name__ for v in m.values()],
+                          {k: v for k, v in m.items() if k not in ("queue_id", "arrival_time", "message_size")})
+            for m in objects}

@@ -160,6 +160,15 @@ def test_entry_json_has_every_recipient_with_its_status():
                                    {"address": "b@x", "status": "sent", "dsn": "2.0.0", "reason": ""}]}
 
 
+def test_postqueue_json_has_postfix_names_and_types():
+    item = qt.entry_postqueue_json(row(arrival=T0 + 0.75, sender=""), [rcpt("a@x", "busy"), rcpt("b@x")])
+    # postqueue -j (Postfix 3.7): whole seconds, the null sender named, delay_reason only when there is one
+    assert json.dumps(item) == (
+        '{"queue_name": "deferred", "queue_id": "0123456789", "arrival_time": 1700000000, "message_size": 1234, '
+        '"forced_expire": false, "sender": "MAILER-DAEMON", '
+        '"recipients": [{"address": "a@x", "delay_reason": "busy"}, {"address": "b@x"}]}')
+
+
 # ---------------------------------------------------------------------------------------------- show
 
 
