@@ -9,8 +9,8 @@ whether or not `serve` runs (the work is in mailflow/queue_tools.py). Each comma
     queue_destinations                   qmgr's last word on each destination
     list_queue(...), act(...)            the same for sendmail's -bp and -q
 
-Failure behaviour: a command line that does not say which messages exits 2; an unknown queue id for `show`
-exits 1; no queue database exits 1 naming the path; `mailq | head` closing the pipe is not an error.
+Failure behaviour: a command line that does not say which messages exits 2; a token that is no queue id is a
+warning and is skipped (postsuper's way; for `show` it exits 2); an unknown queue id for `show` exits 1; no queue database exits 1 naming the path; `mailq | head` closing the pipe is not an error.
 """
 from __future__ import annotations
 
@@ -75,11 +75,15 @@ def _tools(command: str, config: Optional[str], work) -> None:
 
 
 def _selection(command: str, ids, sender, to_domain, older_than, *, required: bool):
+    """The selection; a token that is no queue id is a warning on stderr and is skipped, as with postsuper."""
     from mailflow.queue_tools import SelectionError, parse_selection
+
+    def invalid(message: str) -> None:
+        typer.echo(f"mailflow queue {command}: warning: {message}", err=True)
 
     try:
         return parse_selection(ids or [], sender=sender, to_domain=to_domain, older_than=older_than,
-                               stdin=sys.stdin, required=required)
+                               stdin=sys.stdin, required=required, invalid=invalid)
     except SelectionError as e:
         _fail(command, str(e), 2)
 

@@ -3,7 +3,8 @@
 - `parse_selection(args, sender=, to_domain=, older_than=, stdin=, required=)`: queue ids, `ALL`, `-` (ids on
   stdin, as `postsuper -d -` reads them) and the selectors `--from`, `--to-domain`, `--older-than`, combined
   with AND, into a `Selection`. A bare selection is refused unless `required=False` (a bare `mailflow queue
-  delete` must not mean everything).
+  delete` must not mean everything). With `invalid=`, a token that is no queue id is reported to it and
+  skipped (postsuper's "warning: invalid mail queue id"), else it is an error.
 - `parse_queues('incoming,deferred' | 'all')`, `clean_id(token)` (a trailing `*` or `!` from mailq dropped).
 - `pages(store, queues, selection, now, ids_only=)`: the selected messages in id order, a page (CHUNK) at a
   time: `MessageRow`s, or ids.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import IO, AsyncIterator, Sequence
+from typing import IO, AsyncIterator, Callable, Iterator, Sequence
 
 from mailflow.address import normalise_domain
 from mailflow.syntax import parse_duration
@@ -82,10 +83,13 @@ def parse_age(value: str) -> float:
 
 
 def parse_selection(args: Sequence[str], *, sender: str | None = None, to_domain: str | None = None,
-                    older_than: str | None = None, stdin: IO[str] | None = None, required: bool = True) -> Selection:
+                    older_than: str | None = None, stdin: IO[str] | None = None, required: bool = True,
+                    invalid: Callable[[str], None] | None = None) -> Selection:
     """Queue ids, `ALL` or `-` (ids from `stdin`, one or more a line) plus selectors -> a Selection.
 
     `required`: refuse an empty selection (a bare `mailflow queue delete` must not mean everything).
+    `invalid`: given, a token that is no queue id is passed to it (as a message) and skipped, as postsuper
+    warns and goes on; else it raises SelectionError. The ids named stay a selection even if none is left.
     """
     everything = "ALL" in args
     tokens = [a for a in args if a not in ("ALL", "-")]
@@ -95,7 +99,7 @@ def parse_selection(args: Sequence[str], *, sender: str | None = None, to_domain
         tokens += [t for line in stdin for t in line.split()]
     if everything and tokens:
         raise SelectionError("give either queue ids or ALL, not both")
-    ids = tuple(dict.fromkeys(clean_id(t) for t in tokens)) if tokens or "-" in args else None
+    ids = tuple(dict.fromkeys(_valid_ids(tokens, invalid))) if tokens or "-" in args else None
     selection = Selection(
         ids=ids,
         sender=None if sender is None else parse_sender(sender),
@@ -106,6 +110,16 @@ def parse_selection(args: Sequence[str], *, sender: str | None = None, to_domain
         raise SelectionError("say which messages: queue ids, ALL, '-' (ids on stdin), "
                              "or a selector (--from, --to-domain, --older-than)")
     return selection
+
+
+def _valid_ids(tokens: Sequence[str], invalid: Callable[[str], None] | None) -> Iterator[str]:
+    for token in tokens:
+        try:
+            yield clean_id(token)
+        except SelectionError as e:
+            if invalid is None:
+                raise
+            invalid(str(e))
 
 
 def parse_queues(value: str) -> tuple[str, ...]:

@@ -307,6 +307,27 @@ async def test_delete_removes_messages_by_id_and_from_stdin(dead_relay):
     assert await mf.store.counts() == {}
 
 
+async def test_a_token_that_is_no_queue_id_is_skipped_with_a_warning(dead_relay):
+    """As `postsuper -d -` does ("warning: invalid mail queue id"): the ids that are ids are still acted on, so
+    a pipeline that lets a stray word through does not stop the whole change; the word is never used as a path
+    or in a query, and is shown escaped."""
+    mf, config, _ = dead_relay
+    first = await submit(mf, "someone@remote.test", ["bob@relay.test"])
+    second = await submit(mf, "someone@remote.test", ["carol@relay.test"])
+    hostile = f"{first}\n../../etc/passwd\n$(touch /tmp/x);\n\x1b[2J\n".encode()
+    rc, out, err = await queue(config, "hold", "-", stdin=hostile)
+    assert (rc, out) == (0, "hold: 1 message\n")
+    assert err.splitlines() == ["mailflow queue hold: warning: '../../etc/passwd' is not a queue id",
+                                "mailflow queue hold: warning: '$(touch' is not a queue id",
+                                "mailflow queue hold: warning: '/tmp/x);' is not a queue id",
+                                "mailflow queue hold: warning: '\\x1b[2J' is not a queue id"]
+    rc, out, err = await queue(config, "delete", "a;b", second)
+    assert (rc, out, err) == (0, "delete: 1 message\n", "mailflow queue delete: warning: 'a;b' is not a queue id\n")
+    rc, out, _ = await queue(config, "release", "-", stdin=b"../x\n")  # nothing named is left: nothing selected
+    assert (rc, out) == (0, "release: 0 messages\n")
+    assert await queue_state(mf, first) == "hold" and await queue_state(mf, second) is None
+
+
 async def test_a_bare_change_is_refused(dead_relay):
     mf, config, _ = dead_relay
     qid = await submit(mf, "someone@remote.test", ["bob@relay.test"])

@@ -35,6 +35,10 @@ def test_ids_are_cleaned_deduplicated_and_checked():
     assert sel.ids == ("ABC123", "DEF456") and not sel.everything
     with pytest.raises(qt.SelectionError, match="'x-y' is not a queue id"):
         qt.parse_selection(["x-y"])
+    warnings: list[str] = []
+    sel = qt.parse_selection(["x-y", "ABC123", "../z"], invalid=warnings.append)
+    assert sel.ids == ("ABC123",) and warnings == ["'x-y' is not a queue id", "'../z' is not a queue id"]
+    assert qt.parse_selection(["x-y"], invalid=warnings.append).ids == ()  # never everything
 
 
 def test_all_means_any_id_and_cannot_mix_with_ids():
