@@ -191,8 +191,9 @@ def action_command(name: str, help_text: str, required: bool):
 
 
 def queue_shape(config: Optional[str] = ConfigOption,
-                queue: str = typer.Option("incoming,active,deferred", "--queue", metavar="Q[,Q…]",
-                                          help="queues to count (incoming, active, deferred, hold, corrupt; all)"),
+                queue: str = typer.Option("incoming,active", "--queue", metavar="Q[,Q…]",
+                                          help="queues to count, like qshape's (default incoming,active; deferred, "
+                                               "hold, corrupt; all)"),
                 top: int = typer.Option(20, "--top", min=0, help="how many domains to show (0: all)"),
                 as_json: bool = JsonOption) -> None:
     """Pending recipients by domain and age in minutes, like qshape: T is the total, each column counts ages

@@ -389,7 +389,9 @@ async def test_selectors_pick_the_right_subset(mixed):
 
 async def test_shape_counts_pending_recipients_by_domain_and_age(mixed):
     mf, config, ids = mixed
-    rc, out, err = await queue(config, "shape")
+    rc, out, err = await queue(config, "shape")  # qshape's default: the incoming and active queues
+    assert rc == 0 and out.splitlines()[1].split() == ["TOTAL"] + ["0"] * 11, err
+    rc, out, err = await queue(config, "shape", "--queue", "deferred")
     assert rc == 0, err
     lines = out.splitlines()
     assert lines[0].split() == ["T", "5", "10", "20", "40", "80", "160", "320", "640", "1280", "1280+"]
@@ -399,7 +401,7 @@ async def test_shape_counts_pending_recipients_by_domain_and_age(mixed):
     assert rows["a.example"] == [2, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0]
     assert lines.index(next(line for line in lines if "b.example" in line)) == 2  # sorted by total
 
-    rc, out, _ = await queue(config, "shape", "--json", "--top", "1")
+    rc, out, _ = await queue(config, "shape", "--json", "--top", "1", "--queue", "deferred")
     shape = json.loads(out)
     assert shape["total"]["total"] == 5 and [d["domain"] for d in shape["domains"]] == ["b.example"]
 

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.interop
 HOUR = {"queue_run_delay": "1h", "minimal_backoff_time": "1h", "maximal_backoff_time": "1h"}
 MAIL = [("alice@src.test", ["bob@dest.test", "carol@dest.test"]),
         ("", ["notice@dest.test"]),
-        ("dave@src.test", ["held@dest.test"])]
+        ("dave@src.test", ["held@dest.test"]),
+        ("list@src.test", [f"member@d{n:02}.test" for n in range(1, 23)])]  # more domains than a screen's 20
 BODY = b"Subject: queue tools\r\n\r\nhello\r\n"
 
 
@@ -63,7 +64,10 @@ def entries(mailq: str) -> tuple[str, dict[str, list[str]], str]:
     return heading, by_sender, footer
 
 
-async def test_mailq_reads_like_postqueue_p(mailflow_server, write_config, tmp_path):
+@pytest.fixture
+async def twins(mailflow_server, write_config, tmp_path):
+    """A private Postfix and mailflow, each holding MAIL, tried (deferred) or held: (the Postfix, mailflow's
+    configuration file)."""
     closed = free_port()
     postfix_cf = {"relayhost": f"[127.0.0.1]:{closed}", "enable_long_queue_ids": "yes",
                   "smtpd_recipient_restrictions":
@@ -86,27 +90,31 @@ async def test_mailq_reads_like_postqueue_p(mailflow_server, write_config, tmp_p
 
         await eventually(postfix_tried, timeout=15, step=0.2, what="Postfix tried its mail")
         await eventually(mailflow_tried, timeout=15, step=0.2, what="mailflow tried its mail")
+        yield pf, config
 
-        expected = pf.run("postqueue", "-p")
-        rc, out, err = await mailflow_cli(config, "mailq")
-        assert (rc, err) == (expected.returncode, "")
-        postfix_heading, postfix_entries, postfix_footer = entries(expected.stdout.decode())
-        heading, listed, footer = entries(out)
-        assert heading == postfix_heading
-        assert listed == postfix_entries
-        assert re.fullmatch(r"-- \d+ Kbytes in 3 Requests\.", footer) and footer == postfix_footer
 
-        expected = pf.run("postqueue", "-j")
-        rc, out, err = await mailflow_cli(config, "mailq", "-j")
-        assert (rc, err) == (expected.returncode, "")
-        assert postqueue_json(out) == postqueue_json(expected.stdout.decode())
+async def test_mailq_reads_like_postqueue_p(twins):
+    pf, config = twins
+    expected = pf.run("postqueue", "-p")
+    rc, out, err = await mailflow_cli(config, "mailq")
+    assert (rc, err) == (expected.returncode, "")
+    postfix_heading, postfix_entries, postfix_footer = entries(expected.stdout.decode())
+    heading, listed, footer = entries(out)
+    assert heading == postfix_heading
+    assert listed == postfix_entries
+    assert re.fullmatch(r"-- \d+ Kbytes in 4 Requests\.", footer) and footer == postfix_footer
 
-        pf.run("postsuper", "-d", "ALL").check_returncode()
-        assert pf.run("postqueue", "-p").stdout.decode() == "Mail queue is empty\n"
-        await mailflow_cli(config, "queue", "delete", "ALL")
-        assert await mailflow_cli(config, "mailq") == (0, "Mail queue is empty\n", "")
-        assert pf.run("postqueue", "-j").stdout == b""
-        assert await mailflow_cli(config, "mailq", "-j") == (0, "", "")
+    expected = pf.run("postqueue", "-j")
+    rc, out, err = await mailflow_cli(config, "mailq", "-j")
+    assert (rc, err) == (expected.returncode, "")
+    assert postqueue_json(out) == postqueue_json(expected.stdout.decode())
+
+    pf.run("postsuper", "-d", "ALL").check_returncode()
+    assert pf.run("postqueue", "-p").stdout.decode() == "Mail queue is empty\n"
+    await mailflow_cli(config, "queue", "delete", "ALL")
+    assert await mailflow_cli(config, "mailq") == (0, "Mail queue is empty\n", "")
+    assert pf.run("postqueue", "-j").stdout == b""
+    assert await mailflow_cli(config, "mailq", "-j") == (0, "", "")
 
 
 def postqueue_json(text: str) -> dict[str, tuple]:
@@ -116,3 +124,19 @@ def postqueue_json(text: str) -> dict[str, tuple]:
     return {m["sender"]: (list(m), [type(v).__name__ for v in m.values()],
                           {k: v for k, v in m.items() if k not in ("queue_id", "arrival_time", "message_size")})
             for m in objects}
+
+
+async def test_shape_reads_like_qshape(twins):
+    pf, config = twins
+    for queues in ([], ["hold"]):
+        expected = pf.run("qshape", *queues)
+        rc, out, err = await mailflow_cli(config, "queue", "shape", *(["--queue", *queues] if queues else []))
+        assert (rc, err) == (expected.returncode, "")
+        assert shape_table(out) == shape_table(expected.stdout.decode()), queues
+
+
+def shape_table(text: str) -> tuple[list[str], set[str]]:
+    """qshape's table: (the heading and TOTAL lines, the domain lines; the order among equal totals is Perl's hash
+    order)."""
+    lines = text.splitlines()
+    return lines[:2], set(lines[2:])
