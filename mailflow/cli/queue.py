@@ -194,17 +194,20 @@ def queue_shape(config: Optional[str] = ConfigOption,
                 queue: str = typer.Option("incoming,active", "--queue", metavar="Q[,Q…]",
                                           help="queues to count, like qshape's (default incoming,active; deferred, "
                                                "hold, corrupt; all)"),
-                top: int = typer.Option(20, "--top", min=0, help="how many domains to show (0: all)"),
+                top: Optional[int] = typer.Option(None, "--top", "-n", min=0,
+                                                  help="how many domains to show (0: all; default, as qshape: "
+                                                       "20 on a terminal, else all)"),
                 as_json: bool = JsonOption) -> None:
     """Pending recipients by domain and age in minutes, like qshape: T is the total, each column counts ages
     below its label."""
     from mailflow import queue_tools as qt
 
     queues = _queues("shape", queue)
+    shown = top if top is not None else 20 if sys.stdout.isatty() else 0
 
     async def work(store):
         counts = await store.shape_counts(queues, time.time(), qt.shape_limits())
-        total, domains = qt.shape_rows(counts, top)
+        total, domains = qt.shape_rows(counts, shown)
         if as_json:
             sys.stdout.write(json.dumps(qt.shape_json(queues, total, domains), indent=2) + "\n")
         else:

@@ -128,7 +128,7 @@ def postqueue_json(text: str) -> dict[str, tuple]:
 
 async def test_shape_reads_like_qshape(twins):
     pf, config = twins
-    for queues in ([], ["hold"]):
+    for queues in ([], ["deferred"], ["hold"]):
         expected = pf.run("qshape", *queues)
         rc, out, err = await mailflow_cli(config, "queue", "shape", *(["--queue", *queues] if queues else []))
         assert (rc, err) == (expected.returncode, "")
