@@ -197,6 +197,8 @@ def queue_shape(config: Optional[str] = ConfigOption,
                 top: Optional[int] = typer.Option(None, "--top", "-n", min=0,
                                                   help="how many domains to show (0: all; default, as qshape: "
                                                        "20 on a terminal, else all)"),
+                senders: bool = typer.Option(False, "--senders", "-s",
+                                             help="messages by sender domain instead, like qshape -s"),
                 as_json: bool = JsonOption) -> None:
     """Pending recipients by domain and age in minutes, like qshape: T is the total, each column counts ages
     below its label."""
@@ -206,7 +208,7 @@ def queue_shape(config: Optional[str] = ConfigOption,
     shown = top if top is not None else 20 if sys.stdout.isatty() else 0
 
     async def work(store):
-        counts = await store.shape_counts(queues, time.time(), qt.shape_limits())
+        counts = await store.shape_counts(queues, time.time(), qt.shape_limits(), senders=senders)
         total, domains = qt.shape_rows(counts, shown)
         if as_json:
             sys.stdout.write(json.dumps(qt.shape_json(queues, total, domains), indent=2) + "\n")

@@ -177,17 +177,22 @@ class OperatorQueries:
     async def _tool_write(self, sql: str, rows: list[tuple], *more: Op) -> None:
         await self._committer.write([(sql, rows), *more, (BUMP_GENERATION, [()])])
 
-    async def shape_counts(self, queues: Sequence[str], now: float, limits: Sequence[float]
-                           ) -> list[ShapeCount]:
-        """Pending recipients per (recipient domain, age bucket), counted in SQL. Bucket i (1-based) holds
-        ages below limits[i-1] seconds; bucket len(limits)+1 the rest."""
+    async def shape_counts(self, queues: Sequence[str], now: float, limits: Sequence[float], *,
+                           senders: bool = False) -> list[ShapeCount]:
+        """Pending recipients per (recipient domain, age bucket), counted in SQL; with `senders`, messages per
+        (sender domain, age bucket), as qshape -s. Bucket i (1-based) holds ages below limits[i-1] seconds;
+        bucket len(limits)+1 the rest. The null sender's domain is ''."""
         cases = " ".join(f"WHEN ? - m.arrival < ? THEN {i}" for i in range(1, len(limits) + 1))
         case_params = [p for limit in limits for p in (now, limit)]
+        if senders:
+            address, source = "m.sender", "FROM message m WHERE"
+        else:
+            address, source = "r.address", ("FROM message m JOIN recipient r ON r.message_id = m.id"
+                                             " WHERE r.status = 'pending' AND")
         rows = await self._reader.fetchall(
-            f"SELECT {_RCPT_DOMAIN.format(a='r.address')} AS domain,"
+            f"SELECT {_RCPT_DOMAIN.format(a=address)} AS domain,"
             f" CASE {cases} ELSE {len(limits) + 1} END AS bucket, count(*)"
-            f" FROM message m JOIN recipient r ON r.message_id = m.id"
-            f" WHERE m.queue IN ({marks(len(queues))}) AND r.status = 'pending' GROUP BY domain, bucket",
+            f" {source} m.queue IN ({marks(len(queues))}) GROUP BY domain, bucket",
             (*case_params, *queues))
         return [ShapeCount(*r) for r in rows]
 

@@ -128,11 +128,13 @@ def postqueue_json(text: str) -> dict[str, tuple]:
 
 async def test_shape_reads_like_qshape(twins):
     pf, config = twins
-    for queues in ([], ["deferred"], ["hold"]):
-        expected = pf.run("qshape", *queues)
-        rc, out, err = await mailflow_cli(config, "queue", "shape", *(["--queue", *queues] if queues else []))
+    for options, queues in (([], []), ([], ["deferred"]), ([], ["hold"]), (["-s"], ["deferred"]),
+                            (["-s"], ["deferred,hold"])):
+        expected = pf.run("qshape", *options, *(queues[0].split(",") if queues else []))
+        rc, out, err = await mailflow_cli(config, "queue", "shape", *options,
+                                          *(["--queue", *queues] if queues else []))
         assert (rc, err) == (expected.returncode, "")
-        assert shape_table(out) == shape_table(expected.stdout.decode()), queues
+        assert shape_table(out) == shape_table(expected.stdout.decode()), (options, queues)
 
 
 def shape_table(text: str) -> tuple[list[str], set[str]]:

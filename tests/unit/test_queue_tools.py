@@ -424,6 +424,19 @@ async def test_shape_counts_pending_recipients_only(store):
     assert total[0] == 1 and domains == [("x.test", [1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0])]
 
 
+async def test_shape_by_sender_counts_messages_by_the_sender_domain(store):
+    now = time.time()
+    await store.insert(new("S1", now, ["a@x.test", "b@y.test"], sender="Alice@Src.Example"))
+    await store.insert(new("S2", now - 600, ["c@x.test"], sender="bob@src.example"))
+    await store.insert(new("S3", now, ["d@x.test"], sender=""))
+    counts = await store.shape_counts(qt.QUEUES, now, qt.shape_limits(), senders=True)
+    total, domains = qt.shape_rows(counts, 0)
+    # qshape -s: a message each, not a recipient each; the null sender is MAILER-DAEMON
+    assert total[:4] == [3, 2, 0, 1]
+    assert domains == [("src.example", [2, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0]),
+                       ("MAILER-DAEMON", [1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0])]
+
+
 def test_show_prints_client_strings_printable(utc):
     hostile = detail(sender="s\x1b[2J@x", client="c\u2028[192.0.2.9]", envid="id\x08\u0085")
     text = show_text(hostile, [rcpt("r\x1b@x", original="")], b"Subject: \x1b[31mred\r\n\r\nb\x07\tx\r\n",
