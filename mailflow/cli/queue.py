@@ -9,7 +9,8 @@ whether or not `serve` runs (the work is in mailflow/queue_tools.py). Each comma
     queue_destinations                   qmgr's last word on each destination
     list_queue(...), act(...)            the same for sendmail's -bp and -q
 
-Failure behaviour: a command line that does not say which messages exits 2; a token that is no queue id is a
+Failure behaviour: a queue database error (say, locked by another process for longer than the store's busy
+timeout) is one line on stderr and exit 1; a command line that does not say which messages exits 2; a token that is no queue id is a
 warning and is skipped (postsuper's way; for `show` it exits 2); an unknown queue id for `show` exits 1; no queue database exits 1 naming the path; `mailq | head` closing the pipe is not an error.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -72,6 +74,10 @@ def _tools(command: str, config: Optional[str], work) -> None:
         asyncio.run(run())
     except BrokenPipeError:  # `mailflow mailq | head`: the reader has gone; that is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except sqlite3.Error as e:  # locked longer than the busy timeout, damaged, unreadable: a line, no traceback
+        changes = {name for name, *_ in ACTION_COMMANDS}
+        done = " (a change stops there; the chunks done before it stay done)" if command in changes else ""
+        _fail(command, f"the queue database {db}: {e}{done}", 1)
 
 
 def _selection(command: str, ids, sender, to_domain, older_than, *, required: bool):
