@@ -151,6 +151,8 @@ def describe(selection: qt.Selection) -> str:
         parts.append(f"to_domain={selection.rcpt_domain}")
     if selection.older_than is not None:
         parts.append(f"older_than={selection.older_than:g}s")
+    if selection.queues is not None:
+        parts.append(f"queues={','.join(selection.queues)}")
     return " ".join(parts) or "ALL"
 
 

@@ -108,7 +108,7 @@ def list_queue(command, ids, config, as_json, queue, sender, to_domain, older_th
     from mailflow import queue_tools as qt
 
     selection = _selection(command, ids, sender, to_domain, older_than, required=False)
-    queues = _queues(command, queue) if queue else qt.LISTED_QUEUES
+    queues = selection.within(_queues(command, queue) if queue else qt.LISTED_QUEUES)
     if as_json and postqueue_json:
         _fail(command, "give --json or -j, not both", 2)
 

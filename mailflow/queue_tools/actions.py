@@ -62,13 +62,16 @@ async def apply(store, action: Action, selection: Selection, now: float, err: IO
     """Apply `action` to the selection, `chunk` ids per transaction. Returns (how many messages it took,
     the explicitly named ids that were not in one of its queues)."""
     change = getattr(store, action.method)
+    sources = selection.within(action.sources)
+    if not sources:  # e.g. `release ALL deferred`: release takes held mail only
+        return 0, list(selection.ids or ())
     if selection.ids is not None:
         total = len(selection.ids)
     else:
-        total = await store.count_messages(queues=action.sources, **selection.filters(now))
+        total = await store.count_messages(queues=sources, **selection.filters(now))
     progress = Progress(err, action.name, total) if total > progress_over else None
     done, seen = 0, set()
-    async for ids in pages(store, action.sources, selection, now, ids_only=True, size=chunk):
+    async for ids in pages(store, sources, selection, now, ids_only=True, size=chunk):
         await (change(ids, now) if action.needs_now else change(ids))
         done += len(ids)
         if selection.ids is not None:

@@ -1,8 +1,8 @@
 """Which messages an operator means: queue names, queue ids and selectors, and the walk over what they select.
 
-- `parse_selection(args, sender=, to_domain=, older_than=, stdin=, required=)`: queue ids, `ALL`, `-` (ids on
-  stdin, as `postsuper -d -` reads them) and the selectors `--from`, `--to-domain`, `--older-than`, combined
-  with AND, into a `Selection`. A bare selection is refused unless `required=False` (a bare `mailflow queue
+- `parse_selection(args, sender=, to_domain=, older_than=, stdin=, required=)`: queue ids, `ALL` (`ALL deferred`:
+  only those queues, as postsuper takes it), `-` (ids on stdin, as `postsuper -d -` reads them) and the
+  selectors `--from`, `--to-domain`, `--older-than`, combined with AND, into a `Selection`. A bare selection is refused unless `required=False` (a bare `mailflow queue
   delete` must not mean everything). With `invalid=`, a token that is no queue id is reported to it and
   skipped (postsuper's "warning: invalid mail queue id"), else it is an error.
 - `parse_queues('incoming,deferred' | 'all')`, `clean_id(token)` (a trailing `*` or `!` from mailq dropped).
@@ -38,10 +38,16 @@ class Selection:
     sender: str | None = None  # '' is the null sender
     rcpt_domain: str | None = None
     older_than: float | None = None  # seconds
+    queues: tuple[str, ...] | None = None  # postsuper's `ALL deferred`: only these queues (None: any)
 
     @property
     def everything(self) -> bool:
-        return self.ids is None and self.sender is None and self.rcpt_domain is None and self.older_than is None
+        return (self.ids is None and self.sender is None and self.rcpt_domain is None and self.older_than is None
+                and self.queues is None)
+
+    def within(self, queues: Sequence[str]) -> tuple[str, ...]:
+        """Those of `queues` the selection allows."""
+        return tuple(q for q in queues if self.queues is None or q in self.queues)
 
     def filters(self, now: float) -> dict:
         """The selectors as the store's keyword arguments."""
@@ -85,7 +91,8 @@ def parse_age(value: str) -> float:
 def parse_selection(args: Sequence[str], *, sender: str | None = None, to_domain: str | None = None,
                     older_than: str | None = None, stdin: IO[str] | None = None, required: bool = True,
                     invalid: Callable[[str], None] | None = None) -> Selection:
-    """Queue ids, `ALL` or `-` (ids from `stdin`, one or more a line) plus selectors -> a Selection.
+    """Queue ids, `ALL` (optionally followed by queue names, like `postsuper -d ALL deferred`) or `-` (ids from
+    `stdin`, one or more a line) plus selectors -> a Selection.
 
     `required`: refuse an empty selection (a bare `mailflow queue delete` must not mean everything).
     `invalid`: given, a token that is no queue id is passed to it (as a message) and skipped, as postsuper
@@ -93,6 +100,9 @@ def parse_selection(args: Sequence[str], *, sender: str | None = None, to_domain
     """
     everything = "ALL" in args
     tokens = [a for a in args if a not in ("ALL", "-")]
+    queues = None
+    if everything and tokens and all(t.lower() in QUEUES for t in tokens):  # `ALL deferred`, as postsuper takes it
+        queues, tokens = parse_queues(",".join(tokens)), []
     if "-" in args:
         if stdin is None:
             raise SelectionError("'-' reads queue ids from standard input, but there is none")
@@ -105,6 +115,7 @@ def parse_selection(args: Sequence[str], *, sender: str | None = None, to_domain
         sender=None if sender is None else parse_sender(sender),
         rcpt_domain=None if to_domain is None else parse_domain(to_domain),
         older_than=None if older_than is None else parse_age(older_than),
+        queues=queues,
     )
     if required and selection.everything and not everything:
         raise SelectionError("say which messages: queue ids, ALL, '-' (ids on stdin), "

@@ -273,6 +273,18 @@ async def test_etrn_when_the_queue_cannot_be_changed_says_458_and_the_session_go
     await client.close()
 
 
+async def test_all_followed_by_a_queue_name_takes_that_queue_only(busy_peer):
+    """`postsuper -d ALL deferred`, `postsuper -H ALL deferred` (nothing: only held mail is released)."""
+    mf, config, peer = busy_peer
+    kept, gone = await deferred_mail(mf, peer, ["keep@relay.test", "drop@relay.test"])
+    assert (await queue(config, "hold", kept))[1] == "hold: 1 message\n"
+    assert await queue(config, "release", "ALL", "deferred") == (0, "release: 0 messages\n", "")
+    assert await queue(config, "delete", "ALL", "deferred") == (0, "delete: 1 message\n", "")
+    assert await queue_state(mf, gone) is None and await queue_state(mf, kept) == "hold"
+    rc, out, _ = await cli(config, "mailq", "ALL", "hold")
+    assert f"{kept}!" in out and out.endswith("-- 0 Kbytes in 1 Request.\n")
+
+
 async def test_requeue_makes_deferred_and_held_mail_incoming(busy_peer):
     mf, config, peer = busy_peer
     first, second = await deferred_mail(mf, peer, ["one@relay.test", "two@relay.test"])

@@ -45,6 +45,16 @@ def test_all_means_any_id_and_cannot_mix_with_ids():
     assert qt.parse_selection(["ALL"]) == qt.Selection()
     with pytest.raises(qt.SelectionError, match="not both"):
         qt.parse_selection(["ALL", "ABC"])
+    with pytest.raises(qt.SelectionError, match="not both"):
+        qt.parse_selection(["ALL", "deferred", "ABC"])
+
+
+def test_all_followed_by_queue_names_is_all_of_those_queues_as_postsuper_takes_it():
+    sel = qt.parse_selection(["ALL", "Deferred", "hold"])
+    assert sel == qt.Selection(queues=("deferred", "hold")) and not sel.everything
+    assert sel.within(qt.ACTIONS["delete"].sources) == ("deferred", "hold")
+    assert sel.within(qt.ACTIONS["release"].sources) == ("hold",)
+    assert qt.Selection().within(("incoming", "hold")) == ("incoming", "hold")
 
 
 def test_a_bare_selection_is_refused_unless_optional():
