@@ -10,8 +10,9 @@ whether or not `serve` runs (the work is in mailflow/queue_tools.py). Each comma
     list_queue(...), act(...)            the same for sendmail's -bp and -q
 
 Failure behaviour: a queue database error (say, locked by another process for longer than the store's busy
-timeout) is one line on stderr and exit 1; a command line that does not say which messages exits 2; a token that is no queue id is a
-warning and is skipped (postsuper's way; for `show` it exits 2); an unknown queue id for `show` exits 1; no queue database exits 1 naming the path; `mailq | head` closing the pipe is not an error.
+timeout) is one line on stderr and exit 1; a command line that does not say which messages exits 2; a token
+that is no queue id is a warning and is skipped (postsuper's way; for `show` it exits 2); an unknown queue id
+for `show` exits 1; no queue database exits 1 naming the path; `mailq | head` closing the pipe is not an error.
 """
 from __future__ import annotations
 

@@ -2,9 +2,10 @@
 
 - `parse_selection(args, sender=, to_domain=, older_than=, stdin=, required=)`: queue ids, `ALL` (`ALL deferred`:
   only those queues, as postsuper takes it), `-` (ids on stdin, as `postsuper -d -` reads them) and the
-  selectors `--from`, `--to-domain`, `--older-than`, combined with AND, into a `Selection`. A bare selection is refused unless `required=False` (a bare `mailflow queue
-  delete` must not mean everything). With `invalid=`, a token that is no queue id is reported to it and
-  skipped (postsuper's "warning: invalid mail queue id"), else it is an error.
+  selectors `--from`, `--to-domain`, `--older-than`, combined with AND, into a `Selection`. A bare selection
+  is refused unless `required=False` (a bare `mailflow queue delete` must not mean everything). With
+  `invalid=`, a token that is no queue id is reported to it and skipped (postsuper's "warning: invalid mail
+  queue id"), else it is an error.
 - `parse_queues('incoming,deferred' | 'all')`, `clean_id(token)` (a trailing `*` or `!` from mailq dropped).
 - `pages(store, queues, selection, now, ids_only=)`: the selected messages in id order, a page (CHUNK) at a
   time: `MessageRow`s, or ids.
