@@ -25,11 +25,11 @@ def request(address: str) -> DeliveryRequest:
     return DeliveryRequest("Q1", "s@remote.test", (Recipient(0, address, address),), "x", Content.of(CONTENT))
 
 
-def transports(tmp_path, **settings) -> dict:
+def transports(tmp_path, local: dict | None = None, **settings) -> dict:
     config = Config(mydestination=("local.test",), local_recipient_maps=("inline:{nobody=x, alice=x}",),
                     virtual_mailbox_domains=("example.test",), virtual_mailbox_base=str(tmp_path / "vmail"),
                     virtual_mailbox_maps=("inline:{carol@example.test=example.test/carol/Maildir/}",),
-                    local={"maildir_base": str(tmp_path / "mail")}, **settings)
+                    local={"maildir_base": str(tmp_path / "mail"), **(local or {})}, **settings)
     return build_transports(config, None, VirtualClock(), Router(config))
 
 
@@ -80,3 +80,21 @@ async def test_a_local_user_who_is_a_system_user_owns_its_maildir_and_others_sta
     assert owner_and_mode(nobody.parent)[:2] == (NOBODY.pw_uid, NOBODY.pw_gid)
     [other] = list((tmp_path / "mail" / "alice" / "Maildir" / "new").iterdir())
     assert owner_and_mode(other) == (0, 0, 0o600)  # not a system user: mailflow's own
+
+
+async def test_a_system_users_mbox_is_created_as_theirs_and_one_another_uid_owns_is_not_written(tmp_path):
+    spool = tmp_path / "spool"
+    local = transports(tmp_path, local={"home_mailbox": "", "mail_spool_directory": str(spool)})["local"]
+    [result] = (await local.deliver(request("nobody@local.test"))).results
+    assert result.outcome is Outcome.SENT, result
+    assert owner_and_mode(spool / "nobody") == (NOBODY.pw_uid, NOBODY.pw_gid, 0o600)  # as local(8) chowns it
+
+    os.chown(spool / "nobody", 0, 0)  # now another uid's file: Postfix's strict_mailbox_ownership defers
+    before = (spool / "nobody").read_bytes()
+    [result] = (await local.deliver(request("nobody@local.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.2.0"), result
+    assert result.text == f"destination {spool / 'nobody'} is not owned by recipient"
+    assert (spool / "nobody").read_bytes() == before
+
+    [result] = (await local.deliver(request("alice@local.test"))).results  # not a system user: mailflow's own
+    assert result.outcome is Outcome.SENT and owner_and_mode(spool / "alice") == (0, 0, 0o600)

@@ -6,9 +6,10 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
 2. Mailboxes (`mbox.mailbox_location`): `<maildir_base>/<user>/<home_mailbox>`, a Maildir when home_mailbox ends
    in "/" (the default `Maildir/`), else an mbox file; with home_mailbox "" the file `<mail_spool_directory>/<user>`.
    As root, a Maildir of a local user who is also a system user is created with that user's uid and gid
-   (directories 0700, files 0600), as local(8) writes with the recipient's rights. Each copy starts with
-   Return-Path, X-Original-To (the recipient as the client gave it) and Delivered-To; one copy per user per
-   request, however many of its recipients lead there (Postfix's duplicate filter). mbox files get a From_
+   (directories 0700, files 0600), as local(8) writes with the recipient's rights; such a user's mbox file is
+   created as theirs, and one that another uid owns defers 4.2.0 (Postfix's strict_mailbox_ownership). Each
+   copy starts with Return-Path, X-Original-To (the recipient as the client gave it) and Delivered-To; one copy
+   per user per request, however many of its recipients lead there (Postfix's duplicate filter). mbox files get a From_
    line, mboxrd quoting and the `mailbox_delivery_lock` locks (see mailflow.transports.local.mbox).
 3. Forwarded addresses (and the members of an :include: file or of a list with an owner- alias, which local(8)
    resubmits): one new message per recipient and sender, queued through cleanup by `forward(...)`, from the
@@ -153,15 +154,17 @@ class LocalTransport:
         """The user's Maildir or mbox file (`local.home_mailbox`, `local.mail_spool_directory`)."""
         path, kind = mailbox_location(self._local, leaf.user)
         prefix = mailbox_prefix(request.sender, leaf.address, rcpt.original or rcpt.address)
+        owner = await self._owner(leaf.user)
         if kind == "maildir":
             try:
-                await self._writer.write(path, prefix, request.content, await self._owner(leaf.user))
+                await self._writer.write(path, prefix, request.content, owner)
             except OSError as e:
                 return write_failure(path, e)
             return Outcome.SENT, "2.0.0", f"delivered to maildir {path}"
         entry = mbox_entry(request.content, sender=request.sender, arrival=self._clock.time(), prepend=prefix)
         try:
-            await append_mbox(path, entry, locks=self._local.mailbox_delivery_lock)
+            await append_mbox(path, entry, locks=self._local.mailbox_delivery_lock,
+                              owner=None if owner is None else (owner.uid, owner.gid))
         except DeliveryError as e:
             return _failed(e)
         return Outcome.SENT, "2.0.0", f"delivered to mailbox {path}"

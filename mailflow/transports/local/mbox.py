@@ -40,6 +40,8 @@ Failures (exceptions from mailflow.errors, with Postfix's mbox_open/mbox_dsn as 
   hard link: PermanentError 5.2.0. Postfix's safe_open refuses these (bar root-owned symlinks, a Solaris
   exception we do not need) and local(8) bounces them with 5.2.0: the mailbox is unusable until someone
   fixes it, and following a link someone planted is how mail gets written over another file;
+- with `owner`, a mailbox another uid owns: TemporaryError 4.2.0 "destination … is not owned by recipient",
+  Postfix's strict_mailbox_ownership text (someone must fix the owner; meanwhile the mail waits);
 - EDQUOT / EFBIG (a quota or the file size limit): PermanentError 5.2.2 "mailbox full", as Postfix does;
 - ENOSPC: TemporaryError 4.3.1 (mail system full, RFC 3463); Postfix says 4.3.0;
 - any other OS error: TemporaryError 4.2.0 naming the path (a permission or a disk the operator can fix).
@@ -156,14 +158,17 @@ def _quote_local_part(address: str) -> str:
 async def append_mbox(path: Path, entry: bytes | Iterable[bytes], *,
                       locks: tuple[LockStyle, ...] = DEFAULTS.local.mailbox_delivery_lock,
                       lock_timeout: float = DEFAULT_LOCK_TIMEOUT, stale_lock_time: float = STALE_LOCK_TIME,
-                      user: str | None = None) -> None:
+                      user: str | None = None, owner: tuple[int, int] | None = None) -> None:
     """Append `entry` (from format_mbox_entry) to the mbox file at `path`, durably, under `locks` (taken in
     that order), or raise a DeliveryError (TemporaryError / PermanentError, see the module docstring). The
     mailbox never keeps part of an entry. With `user` (mailflow running as root) the whole append runs in a
-    forked child with that user's uid, gid and groups, so the file system checks that user's rights."""
+    forked child with that user's uid, gid and groups, so the file system checks that user's rights.
+    With `owner` (uid, gid: the recipient's, mailflow running as root) a mailbox created here is given to it,
+    and an existing one that another uid owns is not written: TemporaryError 4.2.0 (Postfix's
+    strict_mailbox_ownership)."""
     if len(set(locks)) != len(locks) or not set(locks) <= set(_LOCK_STYLES):
         raise ValueError(f"lock styles {locks!r}: each of {', '.join(_LOCK_STYLES)} at most once")
-    args = (Path(path), entry, tuple(locks), lock_timeout, stale_lock_time)
+    args = (Path(path), entry, tuple(locks), lock_timeout, stale_lock_time, owner)
     if user is None:
         await asyncio.to_thread(_append, *args)
     else:
@@ -207,10 +212,10 @@ def _append_as(user: str, *args) -> None:
 
 
 def _append(path: Path, entry: bytes | Iterable[bytes], locks: tuple[LockStyle, ...], lock_timeout: float,
-            stale_lock_time: float) -> None:
+            stale_lock_time: float, owner: tuple[int, int] | None = None) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = _open_mailbox(path)
+        fd = _open_mailbox(path, owner)
         dotlocked = False
         try:
             deadline = time.monotonic() + lock_timeout
@@ -232,12 +237,37 @@ def _append(path: Path, entry: bytes | Iterable[bytes], locks: tuple[LockStyle, 
         raise _os_error(path, e, "update") from None
 
 
-def _open_mailbox(path: Path) -> int:
-    """The mailbox opened for appending, created 0600 if missing; never through a symlink, never a directory,
-    a special file or a file with other hard links. O_NONBLOCK keeps a FIFO planted there from hanging us."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+def _open_mailbox(path: Path, owner: tuple[int, int] | None = None) -> int:
+    """The mailbox opened for appending, created 0600 if missing (and given to `owner`); never through a
+    symlink, never a directory, a special file, a file with other hard links or, with `owner`, a file another
+    uid owns. O_NONBLOCK keeps a FIFO planted there from hanging us."""
+    fd, created = _open_or_create(path)
     try:
-        fd = os.open(path, flags, 0o600)
+        if created and owner is not None:
+            os.fchown(fd, *owner)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise PermanentError("5.2.0", f"mailbox {path} is not a regular file")
+        if st.st_nlink != 1:
+            raise PermanentError("5.2.0", f"mailbox {path} has {st.st_nlink} hard links")
+        if owner is not None and st.st_uid != owner[0]:
+            log.warning("mailbox %s belongs to uid %d, not to its recipient's uid %d: not written",
+                        path, st.st_uid, owner[0])
+            raise TemporaryError("4.2.0", f"destination {path} is not owned by recipient")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_or_create(path: Path) -> tuple[int, bool]:
+    """(fd, whether this call created the file)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        try:
+            return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600), True
+        except FileExistsError:
+            return os.open(path, flags), False
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise PermanentError("5.2.0", f"mailbox {path} is a symbolic link: not followed") from None
@@ -246,16 +276,6 @@ def _open_mailbox(path: Path) -> int:
         if e.errno == errno.ENXIO:  # a FIFO without a reader
             raise PermanentError("5.2.0", f"mailbox {path} is not a regular file") from None
         raise
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise PermanentError("5.2.0", f"mailbox {path} is not a regular file")
-        if st.st_nlink != 1:
-            raise PermanentError("5.2.0", f"mailbox {path} has {st.st_nlink} hard links")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def _take_kernel_lock(fd: int, style: LockStyle, path: Path, deadline: float, timeout: float) -> None:
