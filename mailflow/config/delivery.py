@@ -35,6 +35,9 @@ class LocalConfig(Section):
     mail_spool_directory: str = "var/spool/mail"
     # How an mbox file is locked, in this order (Postfix mailbox_delivery_lock).
     mailbox_delivery_lock: tuple[Literal["fcntl", "flock", "dotlock"], ...] = ("fcntl", "dotlock")
+    # The largest an mbox file, a /file destination or a Maildir message file may grow, in bytes; 0 = no limit
+    # (Postfix mailbox_size_limit). A delivery past it bounces 5.2.2.
+    mailbox_size_limit: int = Field(51_200_000, ge=0)
 
     @field_validator("home_mailbox")
     @classmethod

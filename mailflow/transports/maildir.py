@@ -68,8 +68,11 @@ class MaildirWriter:
         self._host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
         self._seq = count()
 
-    async def write(self, maildir: Path, prefix: bytes, content: Content, owner: "Owner | None" = None) -> None:
-        await asyncio.to_thread(_write_maildir_file, maildir, self._unique_name(), prefix, content, owner)
+    async def write(self, maildir: Path, prefix: bytes, content: Content, owner: "Owner | None" = None,
+                    size_limit: int = 0) -> None:
+        """`size_limit` (bytes, 0 = none; local's mailbox_size_limit): a bigger file raises OSError EFBIG."""
+        await asyncio.to_thread(_write_maildir_file, maildir, self._unique_name(), prefix, content, owner,
+                                size_limit)
 
     def _unique_name(self) -> str:
         now = self._clock.time()
@@ -174,7 +177,7 @@ class MaildirTransport:
 
 
 def _write_maildir_file(maildir: Path, name: str, prefix: bytes, content: Content,
-                        owner: Owner | None = None) -> None:
+                        owner: Owner | None = None, size_limit: int = 0) -> None:
     """The message into tmp/, fsynced, renamed into new/, new/ fsynced. With `owner`, the directories created
     (from `owner.base` down, through fds that never follow a symbolic link) and the file get that uid and gid."""
     dir_fd = _open_maildir(maildir, owner)
@@ -188,7 +191,11 @@ def _write_maildir_file(maildir: Path, name: str, prefix: bytes, content: Conten
                 if owner is not None:
                     os.fchown(f.fileno(), owner.uid, owner.gid)
                 f.write(prefix)
+                written = len(prefix)
                 for chunk in encode(content.chunks(), ToLf()):
+                    written += len(chunk)
+                    if size_limit and written > size_limit:
+                        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
                     f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())

@@ -208,6 +208,25 @@ async def test_home_mailbox_as_an_mbox_file(tmp_path):
     assert mbox.startswith(b"From sender@remote.test  ") and mbox.endswith(b"line two\n\n")
 
 
+async def test_a_delivery_past_mailbox_size_limit_bounces_5_2_2_and_the_file_keeps_what_it_had(tmp_path, public_dir):
+    """Postfix's mailbox_size_limit is a file size limit on local(8): the mbox file, /file destination or Maildir
+    file a delivery would make bigger is not written ("5.2.2 ... File too large"), what was there stays."""
+    archive = public_dir / "archive.mbox"
+    t = transport(tmp_path, f"keep: {archive}\n", home_mailbox="Mailbox", mailbox_size_limit=400)
+    mbox = tmp_path / "mail" / "alice" / "Mailbox"
+    for path, rcpt in ((mbox, "alice@example.test"), (archive, "keep@example.test")):
+        [result] = (await t.deliver(request(rcpt))).results
+        assert result.outcome is Outcome.SENT and 200 < len(first := path.read_bytes()) <= 400, result
+        [result] = (await t.deliver(request(rcpt))).results
+        assert (result.outcome, result.dsn) == (Outcome.BOUNCED, "5.2.2"), result
+        assert result.text == f"mailbox {path} is full: File too large"
+        assert path.read_bytes() == first
+    maildirs = transport(tmp_path, mailbox_size_limit=100)
+    [result] = (await maildirs.deliver(request("bob@example.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.BOUNCED, "5.2.2"), result
+    assert delivered(tmp_path, "bob") == [] and list((tmp_path / "mail" / "bob" / "Maildir" / "tmp").iterdir()) == []
+
+
 async def test_refused_part_bounces_and_delivered_part_is_written(tmp_path):
     t = transport(tmp_path, "team: alice, nobody\n")
     [result] = (await t.deliver(request("team@example.test"))).results
@@ -241,7 +260,7 @@ async def test_maildir_that_cannot_be_written_defers(tmp_path):
 async def test_a_maildir_over_its_file_system_quota_bounces_mailbox_full(tmp_path, monkeypatch, error, outcome, dsn):
     """Postfix's local(8) maps EDQUOT and EFBIG to 5.2.2 (mbox_dsn) and bounces, as mailflow's own mbox delivery
     does; a Maildir write used to defer 4.2.0 for them, retrying until the queue lifetime ran out."""
-    async def full(self, maildir, prefix, content, owner=None):
+    async def full(self, maildir, prefix, content, owner=None, size_limit=0):
         raise OSError(error, os.strerror(error))
 
     monkeypatch.setattr(MaildirWriter, "write", full)

@@ -28,7 +28,8 @@ local(8) does); else bounced when a part was refused (unknown user, loop, restri
 permanent failure), the rest being delivered; else sent, naming every destination.
 
 Failures: never raises for a delivery problem; an OS error writing a Maildir defers (4.2.0), but a quota or
-the file size limit (EDQUOT, EFBIG) bounces 5.2.2 mailbox full, as Postfix's local(8) does; an mbox or file
+the file size limit (EDQUOT, EFBIG; `local.mailbox_size_limit` for each mbox file, /file destination and
+Maildir file) bounces 5.2.2 mailbox full, as Postfix's local(8) does; an mbox or file
 append that fails defers or bounces as mailflow.transports.local.mbox says (busy 4.2.0, full 5.2.2, a symlink 5.2.0);
 a table or file that cannot be read defers (4.3.0); a forward cleanup cannot queue defers (4.3.0).
 """
@@ -157,14 +158,15 @@ class LocalTransport:
         owner = await self._owner(leaf.user)
         if kind == "maildir":
             try:
-                await self._writer.write(path, prefix, request.content, owner)
+                await self._writer.write(path, prefix, request.content, owner, self._local.mailbox_size_limit)
             except OSError as e:
                 return write_failure(path, e)
             return Outcome.SENT, "2.0.0", f"delivered to maildir {path}"
         entry = mbox_entry(request.content, sender=request.sender, arrival=self._clock.time(), prepend=prefix)
         try:
             await append_mbox(path, entry, locks=self._local.mailbox_delivery_lock,
-                              owner=None if owner is None else (owner.uid, owner.gid))
+                              owner=None if owner is None else (owner.uid, owner.gid),
+                              size_limit=self._local.mailbox_size_limit)
         except DeliveryError as e:
             return _failed(e)
         return Outcome.SENT, "2.0.0", f"delivered to mailbox {path}"
@@ -191,7 +193,8 @@ class LocalTransport:
                            prepend=mailbox_prefix(request.sender, leaf.address, rcpt.original or rcpt.address))
         as_user = self._local.default_privs if os.geteuid() == 0 else None
         try:
-            await append_mbox(Path(leaf.path), entry, locks=self._local.mailbox_delivery_lock, user=as_user)
+            await append_mbox(Path(leaf.path), entry, locks=self._local.mailbox_delivery_lock, user=as_user,
+                              size_limit=self._local.mailbox_size_limit)
         except DeliveryError as e:
             return _failed(e)
         return Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}"

@@ -42,7 +42,8 @@ Failures (exceptions from mailflow.errors, with Postfix's mbox_open/mbox_dsn as 
   fixes it, and following a link someone planted is how mail gets written over another file;
 - with `owner`, a mailbox another uid owns: TemporaryError 4.2.0 "destination … is not owned by recipient",
   Postfix's strict_mailbox_ownership text (someone must fix the owner; meanwhile the mail waits);
-- EDQUOT / EFBIG (a quota or the file size limit): PermanentError 5.2.2 "mailbox full", as Postfix does;
+- EDQUOT / EFBIG (a quota or the file size limit; `size_limit` too): PermanentError 5.2.2 "mailbox full", as
+  Postfix does;
 - ENOSPC: TemporaryError 4.3.1 (mail system full, RFC 3463); Postfix says 4.3.0;
 - any other OS error: TemporaryError 4.2.0 naming the path (a permission or a disk the operator can fix).
 """
@@ -158,17 +159,18 @@ def _quote_local_part(address: str) -> str:
 async def append_mbox(path: Path, entry: bytes | Iterable[bytes], *,
                       locks: tuple[LockStyle, ...] = DEFAULTS.local.mailbox_delivery_lock,
                       lock_timeout: float = DEFAULT_LOCK_TIMEOUT, stale_lock_time: float = STALE_LOCK_TIME,
-                      user: str | None = None, owner: tuple[int, int] | None = None) -> None:
+                      user: str | None = None, owner: tuple[int, int] | None = None, size_limit: int = 0) -> None:
     """Append `entry` (from format_mbox_entry) to the mbox file at `path`, durably, under `locks` (taken in
     that order), or raise a DeliveryError (TemporaryError / PermanentError, see the module docstring). The
     mailbox never keeps part of an entry. With `user` (mailflow running as root) the whole append runs in a
     forked child with that user's uid, gid and groups, so the file system checks that user's rights.
     With `owner` (uid, gid: the recipient's, mailflow running as root) a mailbox created here is given to it,
     and an existing one that another uid owns is not written: TemporaryError 4.2.0 (Postfix's
-    strict_mailbox_ownership)."""
+    strict_mailbox_ownership). With `size_limit` (bytes, Postfix mailbox_size_limit) an entry that would make
+    the file bigger is not kept: PermanentError 5.2.2, as the EFBIG Postfix's file size limit gives."""
     if len(set(locks)) != len(locks) or not set(locks) <= set(_LOCK_STYLES):
         raise ValueError(f"lock styles {locks!r}: each of {', '.join(_LOCK_STYLES)} at most once")
-    args = (Path(path), entry, tuple(locks), lock_timeout, stale_lock_time, owner)
+    args = (Path(path), entry, tuple(locks), lock_timeout, stale_lock_time, owner, size_limit)
     if user is None:
         await asyncio.to_thread(_append, *args)
     else:
@@ -212,7 +214,7 @@ def _append_as(user: str, *args) -> None:
 
 
 def _append(path: Path, entry: bytes | Iterable[bytes], locks: tuple[LockStyle, ...], lock_timeout: float,
-            stale_lock_time: float, owner: tuple[int, int] | None = None) -> None:
+            stale_lock_time: float, owner: tuple[int, int] | None = None, size_limit: int = 0) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = _open_mailbox(path, owner)
@@ -226,7 +228,7 @@ def _append(path: Path, entry: bytes | Iterable[bytes], locks: tuple[LockStyle, 
                 else:
                     _take_kernel_lock(fd, style, path, deadline, lock_timeout)
             _check_still_the_mailbox(fd, path)
-            _write_or_roll_back(fd, path, entry)
+            _write_or_roll_back(fd, path, entry, size_limit)
         finally:
             os.close(fd)  # releases the fcntl/flock locks
             if dotlocked:
@@ -365,10 +367,14 @@ def _check_still_the_mailbox(fd: int, path: Path) -> None:
         raise TemporaryError("4.2.0", f"mailbox {path} was removed or replaced while being locked")
 
 
-def _write_or_roll_back(fd: int, path: Path, entry: bytes | Iterable[bytes]) -> None:
+def _write_or_roll_back(fd: int, path: Path, entry: bytes | Iterable[bytes], size_limit: int = 0) -> None:
     size = os.fstat(fd).st_size
     try:
+        end = size
         for chunk in (entry,) if isinstance(entry, bytes) else entry:
+            end += len(chunk)
+            if size_limit and end > size_limit:  # what RLIMIT_FSIZE does to Postfix's write
+                raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
             rest = memoryview(chunk)
             while rest:
                 rest = rest[os.write(fd, rest):]
