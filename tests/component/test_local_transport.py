@@ -284,6 +284,25 @@ async def test_unreadable_forward_file_defers(tmp_path):
     assert delivered(tmp_path, "bob") == []
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root switches to default_privs")
+async def test_as_root_an_include_file_named_in_a_forward_is_read_with_default_privs_only(tmp_path, public_dir):
+    """Postfix reads a .forward's :include: file with the user's rights ("cannot open include file ...:
+    Permission denied"); read as root, a file only root may read came back line by line in the defer text."""
+    (public_dir / "secret").write_text("root:$6$SECRET:19000:0:99999:7:::\n")
+    (public_dir / "secret").chmod(0o600)
+    (public_dir / "team").write_text("carol@remote.test\n")
+    home = tmp_path / "mail" / "bob"
+    home.mkdir(parents=True)
+    (home / ".forward").write_text(f":include:{public_dir / 'secret'}\n")
+    t = transport(tmp_path, forward=(fwd := FakeForward()))
+    [result] = (await t.deliver(request("bob@example.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.3.0"), result
+    assert "Permission denied" in result.text and "SECRET" not in result.text
+    (home / ".forward").write_text(f":include:{public_dir / 'team'}\n")  # one nobody may read
+    [result] = (await t.deliver(request("bob@example.test"))).results
+    assert result.outcome is Outcome.SENT and [c[2] for c in fwd.calls] == [("carol@remote.test",)], result
+
+
 async def test_local_part_with_a_path_is_not_written_outside_maildir_base(tmp_path):
     outside = tmp_path / "outside"
     await transport(tmp_path, anyone_is_local=True).deliver(request(f"{outside}@example.test"))

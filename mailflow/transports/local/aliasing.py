@@ -27,6 +27,9 @@ Rules, as local(8):
    `\\user` mean the mailbox; every other address, local or not, becomes a Forward (a new message, so that
    virtual aliases apply and a loop between users ends at Delivered-To).
 5. Otherwise the user's mailbox.
+An :include: file named in a .forward (or in a file it includes) is read, when mailflow runs as root, by a
+forked child running as `local.default_privs`, never as root (Postfix reads it with the user's rights): a
+.forward cannot show a file only root may read (its lines would come back in the defer text).
 Commands and files are allowed only from the sources in `allow_mail_to_commands` / `allow_mail_to_files`
 ("alias", "forward", "include"); otherwise the leaf is Refused with 5.7.1. Nothing a client sends can become
 a command or file: those come only from alias values and files on this host.
@@ -40,6 +43,8 @@ caller defers the recipient; the administrator or the user can fix the file.
 """
 from __future__ import annotations
 
+import os
+import pwd
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Union
@@ -101,6 +106,51 @@ def read_small_file(path: Path) -> str | None:
         raise TemporaryError("4.3.0", f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
+def read_small_file_as(path: Path, user: str) -> str | None:
+    """`read_small_file` with `user`'s uid, gid and groups, in a child forked for it (this process stays root);
+    the child sends back "F" and the bytes, "N" for no such file, or "E" and the error."""
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise TemporaryError("4.3.0", f"cannot read {path} as {user}: no such user") from None
+    if pw.pw_uid == 0:
+        raise TemporaryError("4.3.0", f"refusing to read {path} as {user}: uid 0")
+    groups = os.getgrouplist(user, pw.pw_gid)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: switch identity, read, report, exit
+        os.close(read_end)
+        try:
+            os.setgroups(groups)
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+            report = b"F" + path.read_bytes()
+        except FileNotFoundError:
+            report = b"N"
+        except BaseException as e:  # noqa: BLE001 - the child must always exit here
+            report = b"E" + str(getattr(e, "strerror", None) or e).encode("utf-8", "replace")
+        try:
+            view = memoryview(report)
+            while view:
+                view = view[os.write(write_end, view):]
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        report = f.read()
+    os.waitpid(pid, 0)
+    kind, data = report[:1], report[1:]
+    if kind == b"N":
+        return None
+    if kind != b"F":
+        reason = data.decode("utf-8", "replace") if kind == b"E" else "the reading process failed"
+        raise TemporaryError("4.3.0", f"cannot read {path} as {user}: {reason}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TemporaryError("4.3.0", f"cannot read {path}: {e}") from None
+
+
 @dataclass(frozen=True)
 class _Origin:
     """Where an address came from: the alias name or .forward owner (`name`) whose expansion named it, the
@@ -156,10 +206,12 @@ def is_safe_user(user: str) -> bool:
 
 
 class LocalExpander:
-    def __init__(self, config, rewriter, *, read_file: Callable[[Path], str | None] = read_small_file):
+    def __init__(self, config, rewriter, *, read_file: Callable[[Path], str | None] = read_small_file,
+                 read_file_as: Callable[[Path, str], str | None] = read_small_file_as):
         self._config = config
         self._rewriter = rewriter
         self._read = read_file
+        self._read_as = read_file_as
         self.tables = rewriter.tables  # `await expander.tables.run(...)` on the event loop
 
     def home(self, user: str) -> Path:
@@ -276,7 +328,10 @@ class LocalExpander:
         state.includes_done.add(path)
         if depth >= INCLUDE_DEPTH:
             raise TemporaryError("4.6.0", f":include: files nested deeper than {INCLUDE_DEPTH} ({path})")
-        text = self._read(Path(path))
+        if origin.kind == "forward" and os.geteuid() == 0:  # never root's rights for what a user names
+            text = self._read_as(Path(path), self._config.local.default_privs)
+        else:
+            text = self._read(Path(path))
         if text is None:
             raise TemporaryError("4.3.0", f"cannot read :include: file {path}: no such file")
         included = _Origin(origin.name, origin.kind, "include", origin.path, origin.address, origin.owner, True)
