@@ -6,7 +6,8 @@ mailflow configured alike.
   The addresses are compared, not the bytes: Postfix writes a rewritten field anew, mailflow changes only its
   addresses (docs/config.md).
 - a mailbox delivery (virtual(8) Maildir, through a virtual alias): the lines put before the message
-  (Return-Path, X-Original-To, Delivered-To) must be the same.
+  (Return-Path, X-Original-To, Delivered-To) must be the same; and local(8)'s mbox entry for an alias's member
+  (From_ line, those lines, From quoting, the blank line after it).
 """
 from __future__ import annotations
 
@@ -113,3 +114,55 @@ async def _postfix_virtual_delivery(base: str, deliver, first_lines) -> list[byt
     }) as pf:
         await deliver(pf.port)
         return await eventually(lambda: glob.glob(f"{base}/alice/new/*") and first_lines(f"{base}/alice"))
+
+
+async def test_an_alias_members_mbox_entry_is_written_as_a_real_postfix_writes_it(mailflow_server, tmp_path):
+    """local(8) to an mbox in the mail spool: the From_ line (sender, two spaces; MAILER-DAEMON for <>), the
+    lines put before the message (Delivered-To: the recipient local(8) was given, the alias, not its member),
+    a body `From ` line quoted, and the blank line that ends each entry."""
+    async def deliver(port: int) -> None:
+        for sender, body in (("bob@client.test", b"From here\r\nlast\r\n"), ("", b"null sender\r\n")):
+            c = await SmtpClient.connect(port)
+            assert (await c.cmd("EHLO client.test")).code == 250
+            assert (await c.cmd(f"MAIL FROM:<{sender}>")).code == 250
+            assert (await c.cmd("RCPT TO:<team@origin.test>")).code == 250
+            assert (await c.cmd("DATA")).code == 354
+            await c.send(b"Subject: hi\r\n\r\n" + body + b".\r\n")
+            assert (await c.reply()).code == 250
+            await c.close()
+
+    def entries(path: str) -> list[list[bytes]] | None:
+        """Each entry's From_ line without its date, its first three header lines and its body, once both
+        entries are there."""
+        text = open(path, "rb").read() if os.path.exists(path) else b""
+        found = [e for e in text.split(b"\n\nFrom ") if e]
+        if len(found) < 2 or not text.endswith(b"\n\n"):
+            return None
+        out = []
+        for entry in found:
+            lines = entry.removeprefix(b"From ").split(b"\n")
+            body = entry.split(b"\n\n", 1)[1].rstrip(b"\n").split(b"\n")
+            out.append([lines[0].split(b"  ")[0], *lines[1:4], *body])
+        return sorted(out)  # (the two may be delivered in either order)
+
+    spool = tempfile.mkdtemp(prefix="mailflow-spool-")  # (tmp_path is not traversable by the recipient)
+    os.chmod(spool, 0o1777)
+    try:
+        async with postfix_instance({
+            "myhostname": "mx.origin.test", "myorigin": "origin.test", "mydestination": "origin.test",
+            "alias_maps": "inline:{team=nobody}", "mail_spool_directory": spool, "home_mailbox": "",
+        }) as pf:
+            await deliver(pf.port)
+            postfix = await eventually(lambda: entries(f"{spool}/nobody"), timeout=20)
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
+    mf = await mailflow_server(myhostname="mx.origin.test", myorigin="origin.test", mydestination=["origin.test"],
+                               alias_maps=["inline:{team=nobody}"], local_recipient_maps=["inline:{nobody=x}"],
+                               local={"home_mailbox": "", "mail_spool_directory": str(tmp_path / "spool")})
+    await deliver(mf.smtp_addresses[0][1])
+    mailflow = await eventually(lambda: entries(f"{tmp_path}/spool/nobody"))
+    assert mailflow == postfix == [
+        [b"MAILER-DAEMON", b"Return-Path: <>", b"X-Original-To: team@origin.test",
+         b"Delivered-To: team@origin.test", b"null sender"],
+        [b"bob@client.test", b"Return-Path: <bob@client.test>", b"X-Original-To: team@origin.test",
+         b"Delivered-To: team@origin.test", b">From here", b"last"]]

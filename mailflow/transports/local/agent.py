@@ -8,7 +8,8 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
    As root, a Maildir of a local user who is also a system user is created with that user's uid and gid
    (directories 0700, files 0600), as local(8) writes with the recipient's rights; such a user's mbox file is
    created as theirs, and one that another uid owns defers 4.2.0 (Postfix's strict_mailbox_ownership). Each
-   copy starts with Return-Path, X-Original-To (the recipient as the client gave it) and Delivered-To; one copy
+   copy starts with Return-Path, X-Original-To (the recipient as the client gave it) and Delivered-To (the
+   recipient of the request, as local(8)'s: an alias's address in its members' copies, files and commands); one copy
    per user per request, however many of its recipients lead there (Postfix's duplicate filter). mbox files get a From_
    line, mboxrd quoting and the `mailbox_delivery_lock` locks (see mailflow.transports.local.mbox).
 3. Forwarded addresses (and the members of an :include: file or of a list with an owner- alias, which local(8)
@@ -154,7 +155,7 @@ class LocalTransport:
     async def _mailbox(self, request: DeliveryRequest, rcpt: Recipient, leaf: Mailbox) -> Part:
         """The user's Maildir or mbox file (`local.home_mailbox`, `local.mail_spool_directory`)."""
         path, kind = mailbox_location(self._local, leaf.user)
-        prefix = mailbox_prefix(request.sender, leaf.address, rcpt.original or rcpt.address)
+        prefix = mailbox_prefix(request.sender, rcpt.address, rcpt.original or rcpt.address)
         owner = await self._owner(leaf.user)
         if kind == "maildir":
             try:
@@ -190,7 +191,7 @@ class LocalTransport:
         if leaf.path == os.devnull:
             return Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}"
         entry = mbox_entry(request.content, sender=request.sender, arrival=self._clock.time(),
-                           prepend=mailbox_prefix(request.sender, leaf.address, rcpt.original or rcpt.address))
+                           prepend=mailbox_prefix(request.sender, rcpt.address, rcpt.original or rcpt.address))
         as_user = self._local.default_privs if os.geteuid() == 0 else None
         try:
             await append_mbox(Path(leaf.path), entry, locks=self._local.mailbox_delivery_lock, user=as_user,
@@ -228,7 +229,7 @@ class LocalTransport:
                **{k: "".join(c if c in _SHELL_SAFE else "_" for c in v) for k, v in context.items()}}
         try:
             prefix = from_line(request.sender, self._clock.time()) + mailbox_prefix(
-                request.sender, leaf.address, rcpt.original or rcpt.address)
+                request.sender, rcpt.address, rcpt.original or rcpt.address)
             stdin = aencode(request.content.prepend(prefix).stream(), ToLf())
             result = await run_command(["/bin/sh", "-c", leaf.command], stdin=stdin, env=env,
                                        time_limit=settings.time_limit, output_limit=settings.output_limit,
