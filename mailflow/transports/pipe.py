@@ -1,14 +1,15 @@
 """pipe: delivery to external commands (Postfix pipe(8)), and the command runner that local(8) shares.
 
 Runner (used by pipe services and by local's `|command` destinations):
-- `run_command(argv, *, stdin, env, time_limit, output_limit, user=None, cwd=None) -> CommandResult`: runs argv
-  directly (a shell only when argv is ["/bin/sh", "-c", cmd]) in a new session, with exactly `env` plus
+- `run_command(argv, *, stdin, env, time_limit, output_limit, user=None, cwd=None, umask=None) -> CommandResult`:
+  runs argv directly (a shell only when argv is ["/bin/sh", "-c", cmd]) in a new session, with exactly `env` plus
   PATH=/usr/bin:/bin, feeds it `stdin` (bytes, or an async iterable of chunks written one at a time as the
   command reads them: a big message is never held whole; a command may exit without reading: fine), keeps the first
   `output_limit` bytes of its merged stdout+stderr and drains the rest, and kills its whole process group at
   the time limit (or when the delivery is cancelled). `user`: as root, run as that user (its groups too);
-  not as root, only our own user. Raises `CommandNotRun` when it cannot start the command (unknown user,
-  no privilege to switch, root requested, exec or chdir failed): callers defer with 4.3.0.
+  not as root, only our own user. `umask`: the command's (None: mailflow's own). Raises `CommandNotRun` when it
+  cannot start the command (unknown user, no privilege to switch, root requested, exec or chdir failed): callers
+  defer with 4.3.0.
 - `command_status(result, command) -> (Outcome, dsn, text)`: Postfix's rules. Exit 0: SENT 2.0.0. Output that
   begins with a 4.X.X/5.X.X enhanced status code: that code and text. A <sysexits.h> code: its table entry
   (EX_TEMPFAIL 75 and EX_OSERR 71 defer 4.3.0; the others bounce, e.g. EX_NOUSER 67 5.1.1, EX_CONFIG 78
@@ -114,11 +115,14 @@ def _identity(user: str | None) -> _Identity | None:
 
 
 async def run_command(argv: list[str], *, stdin: bytes | AsyncIterable[bytes], env: dict[str, str],
-                      time_limit: float, output_limit: int, user: str | None = None, cwd=None) -> CommandResult:
+                      time_limit: float, output_limit: int, user: str | None = None, cwd=None,
+                      umask: int | None = None) -> CommandResult:
     """Run argv to completion or to the time limit; see the module docstring. Raises CommandNotRun."""
     who = _identity(user)
     switch: dict[str, Any] = {} if who is None else {"user": who.uid, "group": who.gid,
                                                      "extra_groups": list(who.groups)}
+    if umask is not None:
+        switch["umask"] = umask
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,

@@ -2,7 +2,7 @@
 
 Covered: an alias command gets local(8)'s environment (exactly those variables, shell-special characters in
 message context replaced by '_'), the message with Return-Path and Delivered-To on stdin, `/` as working
-directory when the home does not exist, and (as root) default_privs' identity; a .forward command runs in the
+directory when the home does not exist, umask 077, and (as root) default_privs' identity; a .forward command runs in the
 user's home; mailbox and command parts combine: a command exiting 75 defers the recipient (the mailbox
 written), 67 bounces it 5.1.1, success names both parts; command_time_limit defers 4.3.0.
 """
@@ -26,7 +26,7 @@ from mailflow.transports.maildir import MaildirWriter
 from tests.support import script_dir
 
 CONTENT = b"From: sender@remote.test\r\nSubject: hello\r\n\r\nline one\r\n"
-RECORD = 'env > {out}/env\ncat > {out}/stdin\npwd > {out}/pwd\nid -u > {out}/uid\n'
+RECORD = 'env > {out}/env\ncat > {out}/stdin\npwd > {out}/pwd\nid -u > {out}/uid\numask > {out}/umask\n'
 
 
 @pytest.fixture
@@ -82,6 +82,7 @@ async def test_an_alias_command_gets_local_environment_and_the_message(scripts, 
     assert scripts.read("pwd") == "/\n"  # the home does not exist
     expected_uid = pwd.getpwnam("nobody").pw_uid if os.geteuid() == 0 else os.geteuid()
     assert scripts.read("uid") == f"{expected_uid}\n"
+    assert scripts.read("umask") == "0077\n"  # what it creates is its own alone, as under Postfix's local(8)
 
 
 async def test_a_forward_command_runs_in_the_users_home(scripts):

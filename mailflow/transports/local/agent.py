@@ -20,7 +20,8 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
    environment (HOME=<maildir_base>/<user>, USER, LOGNAME, SHELL, SENDER, RECIPIENT, ORIGINAL_RECIPIENT, LOCAL,
    DOMAIN, EXTENSION; message context with shell-special characters replaced by '_'), the message with
    a From_ line, Return-Path, X-Original-To and Delivered-To on stdin (local(8)'s, not quoted as in an mbox),
-   in the home (or /), as `default_privs` when mailflow runs as root, killed after `command_time_limit`; exit
+   in the home (or /), with umask 077 (what a command creates is its user's alone, as under Postfix's
+   local(8)), as `default_privs` when mailflow runs as root, killed after `command_time_limit`; exit
    statuses mapped as pipe(8) does. Without `commands` settings they defer (4.3.5).
 5. Files (allowed ones): appended in mbox format under the mailbox locks; as root by a forked child running as
    `default_privs`; `/dev/null` accepts and discards.
@@ -234,7 +235,7 @@ class LocalTransport:
             result = await run_command(["/bin/sh", "-c", leaf.command], stdin=stdin, env=env,
                                        time_limit=settings.time_limit, output_limit=settings.output_limit,
                                        user=settings.default_privs if os.geteuid() == 0 else None,
-                                       cwd=home if home.is_dir() else "/")
+                                       cwd=home if home.is_dir() else "/", umask=0o077)
         except CommandNotRun as e:
             log.warning("%s: command %r for %s not run: %s", request.queue_id, leaf.command, leaf.address, e.text)
             return Outcome.DEFERRED, "4.3.0", e.text
