@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
-from mailflow.config import Config, load_config, resolve_paths
+from mailflow.config import Config, flat_settings, load_config, resolve_paths
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -16,6 +17,18 @@ def mailflow(*args: str) -> subprocess.CompletedProcess:
 
 def test_example_config_loads_and_states_the_defaults():
     assert load_config(ROOT / "config.toml") == resolve_paths(Config(), ROOT)  # its relative paths from its directory
+
+
+def test_example_config_states_every_setting():
+    """config.toml is the annotated list of every setting: one that only the code knows is undocumented."""
+    def keys(table, prefix=""):
+        for key, value in table.items():
+            yield prefix + key
+            if isinstance(value, dict):
+                yield from keys(value, f"{prefix}{key}.")
+
+    stated = set(keys(tomllib.loads((ROOT / "config.toml").read_text())))
+    assert [name for name in flat_settings(Config()) if name not in stated] == []
 
 
 def test_check_config_accepts_the_example():
