@@ -303,6 +303,24 @@ async def test_implicit_mx_uses_the_domain_address(smtp_peer, dns_zone):
     assert report.results[0].relay == f"implicit.test[127.0.0.1]:{peer.port}"
 
 
+async def test_an_mx_host_that_is_a_cname_is_followed(smtp_peer, dns_zone):
+    """Postfix tolerates an MX target that is an alias (RFC 5321 5.1 forbids it, real zones have it); the peer keeps
+    the MX host's name."""
+    peer = await smtp_peer()
+    nameserver = dns_zone(mx_zone(
+        "example.test. 300 IN MX 10 alias.example.test.",
+        "alias.example.test. 300 IN CNAME real.example.test.",
+        "real.example.test. 300 IN A 127.0.0.1",
+    ))
+    resolver = AiodnsResolver(nameservers=(nameserver,), timeout=1.0, tries=1)
+    try:
+        report = await deliver(make_transport(resolver), make_request(f"example.test:{peer.port}"))
+    finally:
+        await resolver.close()
+    assert report.results[0].outcome is Outcome.SENT
+    assert report.results[0].relay == f"alias.example.test[127.0.0.1]:{peer.port}"
+
+
 async def test_bad_greeting_on_first_mx_falls_back_to_second(smtp_peer):
     peer = await smtp_peer("127.0.0.1")
 

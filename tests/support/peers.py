@@ -7,14 +7,14 @@
   `peer.handler.stalled` counts the MAIL commands that waited.
 - `ZoneAuthority(zone_text, servfail=())`: a dnslib resolver answering authoritatively from zone text (started by
   the `dns_zone` fixture): NODATA for a name in the zone without records of the asked type, NXDOMAIN for a name
-  not in it, SERVFAIL for the names in `servfail`.
+  not in it, SERVFAIL for the names in `servfail`; a CNAME is followed as a recursive resolver follows it.
 """
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
 
-from dnslib import RCODE, RR
+from dnslib import QTYPE, RCODE, RR
 from dnslib.server import BaseResolver
 
 
@@ -115,7 +115,20 @@ class ZoneAuthority(BaseResolver):
         elif qname not in self.names:
             reply.header.rcode = RCODE.NXDOMAIN
         else:
-            for rr in self.records:
-                if str(rr.rname).lower() == qname and rr.rtype == request.q.qtype:
-                    reply.add_answer(rr)
+            self._answer(reply, qname, request.q.qtype)
         return reply
+
+    def _answer(self, reply, qname: str, qtype: int) -> None:
+        """The records of qname/qtype; through CNAMEs as a recursive resolver gives them (the chain, then the
+        target's records), at most 8 deep."""
+        for _ in range(8):
+            found = [rr for rr in self.records if str(rr.rname).lower() == qname and rr.rtype == qtype]
+            aliases = [rr for rr in self.records if str(rr.rname).lower() == qname and rr.rtype == QTYPE.CNAME]
+            for rr in found or aliases[:1]:
+                reply.add_answer(rr)
+            if found or not aliases:
+                return
+            qname = str(aliases[0].rdata.label).lower()
+            if qname not in self.names:
+                reply.header.rcode = RCODE.NXDOMAIN
+                return
