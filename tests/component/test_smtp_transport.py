@@ -371,6 +371,23 @@ async def test_null_mx_bounces_every_recipient_with_5_1_10(dns_zone):
     assert "nullmx.test does not accept mail" in report.results[0].text
 
 
+async def test_a_null_mx_beside_other_mx_records_still_bounces_without_connecting(smtp_peer, dns_zone):
+    """RFC 7505 3: a null MX MUST be the only MX; Postfix's dns_lookup takes any "." in the RRset as a null MX."""
+    peer = await smtp_peer()
+    nameserver = dns_zone(mx_zone(
+        "mixed.test. 300 IN MX 0 .", "mixed.test. 300 IN MX 10 mx.mixed.test.", "mx.mixed.test. 300 IN A 127.0.0.1",
+    ))
+    resolver = AiodnsResolver(nameservers=(nameserver,), timeout=1.0, tries=1)
+    try:
+        report = await deliver(make_transport(resolver), make_request(f"mixed.test:{peer.port}", "a@mixed.test"))
+    finally:
+        await resolver.close()
+    [result] = report.results
+    assert (result.outcome, result.dsn) == (Outcome.BOUNCED, "5.1.10")
+    assert result.text == "Domain mixed.test does not accept mail (nullMX)"
+    assert peer.messages == []
+
+
 async def test_nxdomain_bounces_with_5_1_2(dns_zone):
     nameserver = dns_zone(mx_zone("example.test. 300 IN A 127.0.0.1"))
     resolver = AiodnsResolver(nameservers=(nameserver,), timeout=1.0, tries=1)

@@ -11,7 +11,8 @@ One next-hop parser and one peer type for the SMTP and LMTP clients. The resolve
                                   socket's path and `relay` is the name alone
     await exchangers(resolver, nexthop, rng) -> [host]   the hosts to try, in order: MX hosts by preference, ties
                                   shuffled with `rng` (RFC 5321 5.1); no MX record: the domain itself (implicit MX);
-                                  raises NotFound (5.1.2), PermanentError 5.1.10 (null MX, RFC 7505), LookupRetry
+                                  raises NotFound (5.1.2), PermanentError 5.1.10 (null MX, RFC 7505: a "." among
+                                  the records, even beside others, as Postfix takes the RRset), LookupRetry
     order_exchangers(records, rng) -> [MX]
     host_lookup_failure(error) / no_address_failure(host) -> DeliveryError   an MX host without usable addresses:
                                   5.4.4 when DNS says no, 4.4.3 when DNS failed
@@ -80,9 +81,9 @@ async def exchangers(resolver: Resolver, nexthop: Nexthop, rng: random.Random) -
     records = await resolver.mx(nexthop.host)
     if not records:
         return [nexthop.host]  # implicit MX (RFC 5321 5.1)
-    if len(records) == 1 and records[0].is_null:
+    if any(r.is_null for r in records):  # with other records too, as Postfix's dns_lookup takes the RRset
         raise PermanentError("5.1.10", f"Domain {nexthop.host} does not accept mail (nullMX)")
-    return unique(r.host for r in order_exchangers(records, rng) if not r.is_null)
+    return unique(r.host for r in order_exchangers(records, rng))
 
 
 def order_exchangers(records: list[MX], rng: random.Random) -> list[MX]:
