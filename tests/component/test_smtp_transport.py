@@ -388,7 +388,9 @@ async def test_a_null_mx_beside_other_mx_records_still_bounces_without_connectin
     assert peer.messages == []
 
 
-async def test_nxdomain_bounces_with_5_1_2(dns_zone):
+async def test_nxdomain_bounces_with_5_4_4_as_postfix(dns_zone):
+    """Postfix's smtp_domain_addr: an MX lookup that finds no such name goes on to the name's addresses
+    (smtp_host_addr), whose "Host not found" bounces with 5.4.4."""
     nameserver = dns_zone(mx_zone("example.test. 300 IN A 127.0.0.1"))
     resolver = AiodnsResolver(nameservers=(nameserver,), timeout=1.0, tries=1)
     try:
@@ -396,8 +398,10 @@ async def test_nxdomain_bounces_with_5_1_2(dns_zone):
     finally:
         await resolver.close()
     result = report.results[0]
-    assert (result.outcome, result.dsn) == (Outcome.BOUNCED, "5.1.2")
-    assert "Host or domain name not found" in result.text
+    assert (result.outcome, result.dsn, result.relay) == (Outcome.BOUNCED, "5.4.4", "none")
+    assert result.text == ("Host or domain name not found. Name service error for name=nowhere.test type=A: "
+                           "Host not found")
+    assert report.site_ok
 
 
 async def test_dns_failure_defers_with_site_not_ok(dns_zone):

@@ -43,9 +43,9 @@ What each recipient gets:
                                                     to X command)"; a reply without an enhanced code gets x.0.0
 - a code that is not 2xx/4xx/5xx where one was due  BOUNCED 5.5.0 (a 2xx to DATA: "Protocol error: host h[ip]
   (354 to RCPT), a 2xx to DATA                      said: 250 ..."), as Postfix's smtp client takes them
-- domain does not exist (NXDOMAIN)                  BOUNCED 5.1.2
 - null MX (RFC 7505)                                BOUNCED 5.1.10
-- no MX host (or the [host]) has an address         BOUNCED 5.4.4
+- domain does not exist (NXDOMAIN), no MX host (or  BOUNCED 5.4.4 "Host or domain name not found. Name service
+  the [host]) has an address                        error for name=h type=A: Host not found" (as Postfix)
 - DNS failure                                       DEFERRED 4.4.3, site_ok=False
 - no peer could be talked to                        DEFERRED (4.4.1 connect, 4.4.2 timeout/lost, 4.5.0 a malformed
                                                     reply, 4.7.x TLS/AUTH, ...), naming the last peer tried (its

@@ -10,9 +10,11 @@ One next-hop parser and one peer type for the SMTP and LMTP clients. The resolve
                                   "host[address]:port" as the log says it; port 0: `address` is a UNIX-domain
                                   socket's path and `relay` is the name alone
     await exchangers(resolver, nexthop, rng) -> [host]   the hosts to try, in order: MX hosts by preference, ties
-                                  shuffled with `rng` (RFC 5321 5.1); no MX record: the domain itself (implicit MX);
-                                  raises NotFound (5.1.2), PermanentError 5.1.10 (null MX, RFC 7505: a "." among
-                                  the records, even beside others, as Postfix takes the RRset), LookupRetry
+                                  shuffled with `rng` (RFC 5321 5.1); no MX record, or no such name: the domain
+                                  itself (implicit MX; its address lookup says "not found", 5.4.4, as Postfix's
+                                  smtp_host_addr after an MX lookup's NXDOMAIN); raises PermanentError 5.1.10
+                                  (null MX, RFC 7505: a "." among the records, even beside others, as Postfix
+                                  takes the RRset), LookupRetry
     order_exchangers(records, rng) -> [MX]
     host_lookup_failure(error) / no_address_failure(host) -> DeliveryError   an MX host without usable addresses:
                                   5.4.4 when DNS says no, 4.4.3 when DNS failed
@@ -78,7 +80,10 @@ async def exchangers(resolver: Resolver, nexthop: Nexthop, rng: random.Random) -
     """See the module docstring."""
     if not nexthop.mx_lookup:
         return [nexthop.host]
-    records = await resolver.mx(nexthop.host)
+    try:
+        records = await resolver.mx(nexthop.host)
+    except NotFound:  # Postfix looks the name up as a host then: its "not found" bounces 5.4.4
+        records = []
     if not records:
         return [nexthop.host]  # implicit MX (RFC 5321 5.1)
     if any(r.is_null for r in records):  # with other records too, as Postfix's dns_lookup takes the RRset

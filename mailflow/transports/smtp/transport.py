@@ -140,7 +140,7 @@ class SmtpTransport:
             elif isinstance(e, LookupRetry):
                 text = f"Host or domain name not found. {e.text}"
                 outcomes.fail(recipients, SiteFailure("4.4.3", text)).site_failed(text)
-            else:  # NotFound (5.1.2), null MX (5.1.10)
+            else:  # null MX (5.1.10)
                 outcomes.fail(recipients, e)
             return
         try:
