@@ -518,6 +518,46 @@ async def test_connection_refused_everywhere_defers_with_site_not_ok():
     assert report.site_reason == text
 
 
+class CountingResolver(StaticResolver):
+    """A StaticResolver that counts its address lookups."""
+
+    lookups = 0
+
+    async def addresses(self, host: str) -> list[str]:
+        self.lookups += 1
+        return await super().addresses(host)
+
+
+async def test_a_huge_mx_set_is_tried_for_five_addresses_and_looked_up_for_at_most_100_hosts():
+    """Postfix's smtp_mx_address_limit (5 addresses per delivery) and dns_rr_list_limit (100 records): 1000 MX
+    records make neither 1000 connections nor 1000 lookups."""
+    connections = []
+
+    async def busy(reader, writer):
+        connections.append(1)
+        writer.write(b"421 4.3.2 busy\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(busy, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    hosts = [f"mx{i}.example.test" for i in range(1000)]
+    reachable = CountingResolver(mx={"example.test": [MX(10, h) for h in hosts]},
+                                 addresses={h: ["127.0.0.1"] for h in hosts})
+    unknown = CountingResolver(mx={"example.test": [MX(10, h) for h in hosts]})  # no MX host exists
+    try:
+        busy_report = await deliver(make_transport(reachable), make_request(f"example.test:{port}"))
+        unknown_report = await deliver(make_transport(unknown), make_request(f"example.test:{port}"))
+    finally:
+        server.close()
+    assert (len(connections), reachable.lookups) == (5, 5)
+    [r] = busy_report.results
+    assert (r.outcome, r.dsn) == (Outcome.DEFERRED, "4.3.2")
+    assert r.text.endswith("[127.0.0.1] refused to talk to me: 421 4.3.2 busy")
+    assert unknown.lookups == 100
+    assert (unknown_report.results[0].outcome, unknown_report.results[0].dsn) == (Outcome.BOUNCED, "5.4.4")
+
+
 async def test_silent_peer_times_out_and_defers():
     async def silent(reader, writer):
         await reader.read()  # never greets; returns when the client gives up

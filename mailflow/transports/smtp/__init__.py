@@ -26,7 +26,8 @@ Nexthop forms (Postfix semantics):
   `port` (default `config.port`).
 
 Which peer: the next MX host / address is tried when connecting fails or times out, or when the greeting, EHLO,
-STARTTLS (as the TLS policy requires it) or AUTH fails. The first peer that completes the handshake gets the
+STARTTLS (as the TLS policy requires it) or AUTH fails, for at most MX_ADDRESS_LIMIT (5) addresses per delivery
+(smtp_mx_address_limit) of the first 100 MX hosts. The first peer that completes the handshake gets the
 message; a temporary failure there (a 4xx reply, a lost or timed-out dialogue) leaves the recipients it concerns
 to the next peer, as Postfix's smtp_rcpt_fail/smtp_mesg_fail do before the final server, for at most
 MX_SESSION_LIMIT (2) sessions per delivery (smtp_mx_session_limit); if no later peer takes a session they get

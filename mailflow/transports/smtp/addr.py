@@ -14,7 +14,7 @@ One next-hop parser and one peer type for the SMTP and LMTP clients. The resolve
                                   itself (implicit MX; its address lookup says "not found", 5.4.4, as Postfix's
                                   smtp_host_addr after an MX lookup's NXDOMAIN); raises PermanentError 5.1.10
                                   (null MX, RFC 7505: a "." among the records, even beside others, as Postfix
-                                  takes the RRset), LookupRetry
+                                  takes the RRset), LookupRetry; at most MX_HOST_LIMIT (100) hosts
     order_exchangers(records, rng) -> [MX]
     host_lookup_failure(error) / no_address_failure(host) -> DeliveryError   an MX host without usable addresses:
                                   5.4.4 when DNS says no, 4.4.3 when DNS failed
@@ -30,6 +30,10 @@ from itertools import groupby
 from mailflow.syntax import parse_hostport
 from mailflow.dns import MX, NotFound, Resolver
 from mailflow.errors import DeliveryError, LookupRetry, PermanentError, TemporaryError
+
+
+# MX hosts kept of one MX set, the most preferred (Postfix's dns_rr_list_limit keeps 100 records of an answer).
+MX_HOST_LIMIT = 100
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,7 @@ async def exchangers(resolver: Resolver, nexthop: Nexthop, rng: random.Random) -
         return [nexthop.host]  # implicit MX (RFC 5321 5.1)
     if any(r.is_null for r in records):  # with other records too, as Postfix's dns_lookup takes the RRset
         raise PermanentError("5.1.10", f"Domain {nexthop.host} does not accept mail (nullMX)")
-    return unique(r.host for r in order_exchangers(records, rng))
+    return unique(r.host for r in order_exchangers(records, rng))[:MX_HOST_LIMIT]
 
 
 def order_exchangers(records: list[MX], rng: random.Random) -> list[MX]:

@@ -4,7 +4,8 @@ Owns the order of things (the package docstring says what each recipient gets): 
 next hop and find its TLS policy, use a cached session for it when one is idle, else find the peers (addr) and
 open a session with the first that completes the handshake (connect), run the transaction (proto), then cache
 the session (reuse) or QUIT it; recipients a session deferred go on to the next peer while sessions remain
-(MX_SESSION_LIMIT: see the package docstring).
+(MX_SESSION_LIMIT: see the package docstring). At most MX_ADDRESS_LIMIT (5) addresses are tried per delivery, a
+cached session's counting (Postfix smtp_mx_address_limit), however many MX hosts and addresses DNS gives.
 
     SmtpTransport(config, *, resolver, helo_name, rng=None, clock=time.monotonic, tables=None, mta_sts=None,
                   plaintext_after=0.0)
@@ -27,7 +28,8 @@ import dataclasses
 import logging
 import random
 import time
-from typing import Callable
+from contextlib import aclosing
+from typing import AsyncGenerator, Callable
 
 from mailflow.config import SmtpConfig
 from mailflow.dns import NotFound, Resolver
@@ -65,6 +67,8 @@ RSET_TIMEOUT = 20.0  # Postfix smtp_rset_timeout
 # Sessions (completed handshakes) per delivery: a temporary failure in one that is not the last of them leaves
 # its recipients for the next peer (Postfix smtp_mx_session_limit).
 MX_SESSION_LIMIT = 2
+# Addresses tried per delivery, whatever the size of the MX set (Postfix smtp_mx_address_limit).
+MX_ADDRESS_LIMIT = 5
 
 
 class SmtpTransport:
@@ -228,18 +232,8 @@ class SmtpTransport:
         dns_failures: list[DeliveryError] = []
         sessions = 0 if kept is None else 1
         # `kept`: temporary failures of a session that may not be the last
-        for host in hosts:
-            try:
-                addresses = await self._resolver.addresses(host)
-            except (NotFound, LookupRetry) as e:
-                dns_failures.append(host_lookup_failure(e))
-                continue
-            if not addresses:
-                dns_failures.append(no_address_failure(host))
-            for address in unique(addresses):
-                peer = Peer(host, address, destination.nexthop.port)
-                if peer == used:
-                    continue
+        async with aclosing(self._peers(hosts, destination.nexthop.port, used, dns_failures)) as peers:
+            async for peer in peers:
                 try:
                     session = await self._handshake.open(peer, destination, request.queue_id, request.queued_for)
                 except SiteFailure as e:
@@ -267,6 +261,30 @@ class SmtpTransport:
             outcomes.restore(kept)  # that session was the last after all
             return
         record_unreachable(outcomes, recipients, peer_failure, [] if kept is not None else dns_failures)
+
+    async def _peers(self, hosts: list[str], port: int, used: Peer | None,
+                     dns_failures: list[DeliveryError]) -> AsyncGenerator[Peer, None]:
+        """The addresses of `hosts`, in order, looked up as they are needed: at most MX_ADDRESS_LIMIT, a cached
+        session's peer (`used`, not tried again) counting as one. Lookup failures are added to `dns_failures`."""
+        tried = 0 if used is None else 1
+        for host in hosts:
+            if tried >= MX_ADDRESS_LIMIT:
+                return
+            try:
+                addresses = await self._resolver.addresses(host)
+            except (NotFound, LookupRetry) as e:
+                dns_failures.append(host_lookup_failure(e))
+                continue
+            if not addresses:
+                dns_failures.append(no_address_failure(host))
+            for address in unique(addresses):
+                peer = Peer(host, address, port)
+                if peer == used:
+                    continue
+                if tried >= MX_ADDRESS_LIMIT:
+                    return
+                tried += 1
+                yield peer
 
     async def _release(self, session: Session, destination: Destination) -> None:
         """Cache the session for the next message to this next hop (RSET first when a transaction is still
