@@ -103,6 +103,16 @@ async def test_bracketed_name_is_not_looked_up_as_mx(smtp_peer):
     assert report.results[0].relay == f"relay.test[127.0.0.1]:{peer.port}"
 
 
+async def test_an_ipv6_literal_nexthop_with_its_tag_is_the_address(smtp_peer):
+    """transport_maps `smtp:[IPv6:::1]:port` (and user@[IPv6:::1]'s next hop): the tag goes, as Postfix's host_port
+    drops it; no DNS lookup."""
+    peer = await smtp_peer("::1")
+    report = await deliver(make_transport(), make_request(f"[IPv6:::1]:{peer.port}"))
+    assert (report.results[0].outcome, report.results[0].relay) == (Outcome.SENT, f"::1[::1]:{peer.port}")
+    bad = await deliver(make_transport(), make_request("[IPv6:127.0.0.1]"))
+    assert (bad.results[0].outcome, bad.results[0].dsn) == (Outcome.DEFERRED, "4.3.5")
+
+
 async def test_seven_bit_message_is_sent_without_body_parameter(smtp_peer):
     peer = await smtp_peer()
     await deliver(make_transport(), make_request(f"[127.0.0.1]:{peer.port}", content=b"Subject: x\r\n\r\nhi\r\n"))

@@ -3,7 +3,8 @@
 One next-hop parser and one peer type for the SMTP and LMTP clients. The resolver and the RNG are arguments.
 
     parse_nexthop(written, default_port, lmtp=False) -> Nexthop     raises ValueError for an unusable next hop
-        smtp: `[host]:port`, `[host]` (no MX lookup), `domain:port`, `domain` (MX lookup)
+        smtp: `[host]:port`, `[host]` (no MX lookup), `domain:port`, `domain` (MX lookup); an address in
+              brackets may carry RFC 5321's `IPv6:` tag (`[IPv6:2001:db8::1]:25`), as Postfix's host_port takes it
         lmtp: `[host]:port`, `host:port`, `[host]`, `host`, optionally after `inet:` (never an MX lookup), or
               `unix:/path` (a UNIX-domain socket); the port defaults to `default_port`
     Peer(host, address, port)     one address of one host: `name` "host[address]" as diagnostics say it, `relay`
@@ -27,8 +28,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import groupby
 
-from mailflow.syntax import parse_hostport
-from mailflow.dns import MX, NotFound, Resolver
+from mailflow.syntax import is_ipv4, parse_hostport
+from mailflow.dns import MX, NotFound, Resolver, is_ip_literal
 from mailflow.errors import DeliveryError, LookupRetry, PermanentError, TemporaryError
 
 
@@ -75,6 +76,10 @@ def parse_nexthop(written: str, default_port: int, *, lmtp: bool = False) -> Nex
         value = value.removeprefix("inet:")
     host, port = parse_hostport(value, default_port)
     host = host.strip().rstrip(".").lower()
+    if value.startswith("[") and host.startswith("ipv6:"):  # RFC 5321 4.1.3's tag, dropped as Postfix's host_port
+        host = host.removeprefix("ipv6:")
+        if not is_ip_literal(host) or is_ipv4(host):
+            raise ValueError(f"{written!r}: malformed IPv6 address")
     if not host:
         raise ValueError(f"{written!r} names no host")
     return Nexthop(host, port, mx_lookup=not lmtp and not value.startswith("["))
