@@ -1,7 +1,8 @@
 """`[smtpd]`: the SMTP server (Postfix smtpd) and its listeners (`[[smtpd.listeners]]`, like master.cf lines).
 
     SmtpdConfig                   every smtpd setting; `for_listener(listener)` gives one listener's effective
-                                  settings (these, then its role's presets, then its `overrides`)
+                                  settings (these, then its role's presets, then its `overrides`); `ports`
+                                  the listeners' TCP ports
     ListenerConfig                one listener: address, role (mta, submission, submissions), overrides
     LISTENER_ROLES                what each role presets
 
@@ -181,6 +182,11 @@ class SmtpdConfig(SmtpdFilterSettings):
             if problem:
                 raise ValueError(f"listener {index} ({listener.address}, {listener.role}): {problem}")
         return self
+
+    @property
+    def ports(self) -> frozenset[int]:
+        """The TCP ports of the listeners (`listen` and `listeners`) as configured; 0 is any free port."""
+        return frozenset(parse_hostport(a)[1] for a in (*self.listen, *(x.address for x in self.listeners)))
 
     def for_listener(self, listener: ListenerConfig) -> "SmtpdConfig":
         """The effective settings of one listener: these, then its role's presets, then its overrides."""

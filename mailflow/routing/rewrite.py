@@ -19,7 +19,8 @@ relay_domains matches the domain and every subdomain (domain_list, parent style)
 may also name lookup tables (`DomainList`: a domain a table has as a key is in the list), so classifying an
 address may raise LookupRetry. `qualify` appends
 `@myorigin` to a bare `user` (and, with `append_dot_mydomain`, `.mydomain` to a dotless `user@host`).
-`resolved_address` is trivial-rewrite's resolve loop: while the domain is local and the local part holds
+`own_addresses` are this server's IP addresses as `own_addresses(config)` finds them (the SMTP client's loop
+detection takes them as itself). `resolved_address` is trivial-rewrite's resolve loop: while the domain is local and the local part holds
 a `%` (allow_percent_hack), the local domain is dropped and the rightmost `%` becomes `@`
 (`user%example.org@here` -> `user@example.org`, which then routes, and is relay-checked, as that address).
 
@@ -161,6 +162,11 @@ class Rewriter:
         self._own_addresses = own_addresses(config)
         self._class_answers: dict[str, Resolution] = {}  # qualified address -> _class_default's answer
         self.tables = tables
+
+    @property
+    def own_addresses(self) -> frozenset:
+        """This server's own IP addresses (`own_addresses`): local as `[ip]`, and a loop for the SMTP client."""
+        return self._own_addresses
 
     def qualify(self, addr: str, origin: str = "") -> str:
         """`user` -> `user@origin` (default myorigin); with append_dot_mydomain `user@host` -> `user@host.mydomain`."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import quopri
 
 import asyncio
+import ipaddress
 import random
 import ssl
 from dataclasses import dataclass
@@ -13,10 +14,13 @@ import trustme
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 from aiosmtpd.smtp import AuthResult
 
-from mailflow.config import SmtpConfig
+from mailflow.clock import VirtualClock
+from mailflow.config import Config, SmtpConfig
 from mailflow.dns import MX, AiodnsResolver, StaticResolver
 from mailflow.content import Content
 from mailflow.model import DeliveryRequest, Outcome, Recipient
+from mailflow.routing.router import Router
+from mailflow.transports import build_transports
 from mailflow.transports.smtp import SmtpTransport
 from mailflow.transports.smtp.addr import order_exchangers
 from tests.support import CaptureHandler, big_message, eventually, free_port, spooled
@@ -36,13 +40,14 @@ CONTENT = (
 
 
 def make_transport(resolver=None, port: int = 25, tls: str = "none", timeout: float = 2.0, rng=None,
-                   plaintext_after: float = 0.0, **settings) -> SmtpTransport:
+                   plaintext_after: float = 0.0, own_addresses: frozenset = frozenset(),
+                   own_ports: frozenset = frozenset(), **settings) -> SmtpTransport:
     config = SmtpConfig(
         port=port, connect_timeout=timeout, helo_timeout=timeout, command_timeout=timeout, data_timeout=timeout,
         tls_security_level=tls, **settings,
     )
     return SmtpTransport(config, resolver=resolver or StaticResolver(), helo_name=HELO, rng=rng,
-                         plaintext_after=plaintext_after)
+                         plaintext_after=plaintext_after, own_addresses=own_addresses, own_ports=own_ports)
 
 
 def make_request(nexthop: str, *recipients: str, sender: str = "a@remote.test", content: bytes = CONTENT, **kw):
@@ -424,6 +429,81 @@ async def test_dns_failure_defers_with_site_not_ok(dns_zone):
     result = report.results[0]
     assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.4.3")
     assert not report.site_ok
+
+
+# ---------------------------------------------------------------------------------------------------- loops
+
+
+@pytest.fixture
+async def own_and_others(smtp_peer):
+    """This server at 127.0.0.1 and two other MX hosts (127.0.0.2, 127.0.0.3), all listening on one port, the
+    one this server's smtpd listens on (Postfix's loop detection is about port 25 only)."""
+    me = await smtp_peer("127.0.0.1")
+    others = [await smtp_peer(f"127.0.0.{n}", me.port) for n in (2, 3)]
+    return me, others
+
+
+def loop_transport(port: int, seed: int = 3, **mx: list[MX]) -> SmtpTransport:
+    addresses = {"me.test": ["127.0.0.1"], "other.test": ["127.0.0.2"], "third.test": ["127.0.0.3"]}
+    resolver = StaticResolver(mx={**mx, "ghost.test": []}, addresses=addresses)
+    return make_transport(resolver, port=port, rng=random.Random(seed),
+                          own_addresses=frozenset({ipaddress.ip_address("127.0.0.1")}), own_ports=frozenset({port}))
+
+
+@pytest.mark.parametrize("records", [
+    [MX(10, "me.test"), MX(20, "other.test")],
+    [MX(10, "other.test"), MX(10, "me.test")],  # an equal preference is no better (RFC 5321 5.1)
+])
+async def test_mail_for_a_domain_whose_best_mx_is_this_server_bounces_as_a_loop(own_and_others, records):
+    """Postfix's smtp_domain_addr: "mail for X loops back to myself", 5.4.6, and no MX host is tried."""
+    me, others = own_and_others
+    for seed in range(4):  # whichever of equal preferences comes first
+        report = await deliver(loop_transport(me.port, seed, **{"example.test": records}), make_request("example.test"))
+        [r] = report.results
+        assert (r.outcome, r.dsn, r.text) == (Outcome.BOUNCED, "5.4.6", "mail for example.test loops back to myself")
+    assert me.messages == others[0].messages == []
+
+
+async def test_as_a_backup_mx_only_better_mx_hosts_are_tried(own_and_others):
+    """Postfix's smtp_truncate_self: hosts at or after this server's preference are dropped; when no better one has
+    an address, "unable to find primary relay", 4.4.4."""
+    me, (other, third) = own_and_others
+    other.handler.mail_reply = "451 4.3.0 later"
+    records = [MX(10, "other.test"), MX(20, "me.test"), MX(30, "third.test")]
+    deferred = await deliver(loop_transport(me.port, **{"example.test": records}), make_request("example.test"))
+    assert (deferred.results[0].outcome, deferred.results[0].dsn) == (Outcome.DEFERRED, "4.3.0")
+    assert third.messages == [] and me.messages == []
+    other.handler.mail_reply = None
+    sent = await deliver(loop_transport(me.port, **{"example.test": records}), make_request("example.test"))
+    assert sent.results[0].relay == f"other.test[127.0.0.2]:{me.port}"
+    no_primary = await deliver(loop_transport(me.port, **{"example.test": [MX(10, "ghost.test"), MX(20, "me.test")]}),
+                               make_request("example.test"))
+    [r] = no_primary.results
+    assert (r.outcome, r.dsn, r.text) == (Outcome.DEFERRED, "4.4.4", "unable to find primary relay for example.test")
+
+
+async def test_a_bracketed_next_hop_that_is_this_server_is_a_loop_but_another_port_is_not(own_and_others, smtp_peer):
+    """Postfix's smtp_host_addr checks [host] too, on the SMTP port only: a content filter listening on this host
+    at another port is no loop."""
+    me, _ = own_and_others
+    loop = await deliver(loop_transport(me.port), make_request("[127.0.0.1]"))
+    assert (loop.results[0].dsn, loop.results[0].text) == ("5.4.6", "mail for 127.0.0.1 loops back to myself")
+    content_filter = await smtp_peer("127.0.0.1")
+    filtered = await deliver(loop_transport(me.port), make_request(f"[127.0.0.1]:{content_filter.port}"))
+    assert filtered.results[0].outcome is Outcome.SENT and len(content_filter.messages) == 1
+
+
+async def test_the_smtp_transport_takes_smtpds_listeners_as_itself(smtp_peer):
+    """Wired from the configuration: smtpd's listener addresses and ports (here the peer stands in for it)."""
+    peer = await smtp_peer("127.0.0.1")
+    config = Config(smtpd={"listen": [f"127.0.0.1:{peer.port}"]}, smtp={"port": peer.port})
+    smtp = build_transports(config, StaticResolver(), VirtualClock(), Router(config))["smtp"]
+    report = await deliver(smtp, make_request("[127.0.0.1]"))
+    assert report.results[0].dsn == "5.4.6" and peer.messages == []
+    elsewhere = Config(smtpd={"listen": ["127.0.0.1:0"]}, smtp={"port": peer.port})  # its port is not this one
+    smtp = build_transports(elsewhere, StaticResolver(), VirtualClock(), Router(elsewhere))["smtp"]
+    report = await deliver(smtp, make_request("[127.0.0.1]"))
+    assert report.results[0].outcome is Outcome.SENT and len(peer.messages) == 1
 
 
 # ---------------------------------------------------------------------------------------------------- refusals

@@ -45,6 +45,8 @@ What each recipient gets:
 - a code that is not 2xx/4xx/5xx where one was due  BOUNCED 5.5.0 (a 2xx to DATA: "Protocol error: host h[ip]
   (354 to RCPT), a 2xx to DATA                      said: 250 ..."), as Postfix's smtp client takes them
 - null MX (RFC 7505)                                BOUNCED 5.1.10
+- this server (own_addresses, on one of own_ports)  BOUNCED 5.4.6 "mail for X loops back to myself"; only
+  is the best MX (or the [host])                    better MX hosts, without addresses: DEFERRED 4.4.4
 - domain does not exist (NXDOMAIN), no MX host (or  BOUNCED 5.4.4 "Host or domain name not found. Name service
   the [host]) has an address                        error for name=h type=A: Host not found" (as Postfix)
 - DNS failure                                       DEFERRED 4.4.3, site_ok=False

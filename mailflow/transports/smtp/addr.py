@@ -10,12 +10,13 @@ One next-hop parser and one peer type for the SMTP and LMTP clients. The resolve
     Peer(host, address, port)     one address of one host: `name` "host[address]" as diagnostics say it, `relay`
                                   "host[address]:port" as the log says it; port 0: `address` is a UNIX-domain
                                   socket's path and `relay` is the name alone
-    await exchangers(resolver, nexthop, rng) -> [host]   the hosts to try, in order: MX hosts by preference, ties
+    await exchangers(resolver, nexthop, rng) -> [MX]     the hosts to try, in order: MX hosts by preference, ties
                                   shuffled with `rng` (RFC 5321 5.1); no MX record, or no such name: the domain
                                   itself (implicit MX; its address lookup says "not found", 5.4.4, as Postfix's
                                   smtp_host_addr after an MX lookup's NXDOMAIN); raises PermanentError 5.1.10
                                   (null MX, RFC 7505: a "." among the records, even beside others, as Postfix
-                                  takes the RRset), LookupRetry; at most MX_HOST_LIMIT (100) hosts
+                                  takes the RRset), LookupRetry; at most MX_HOST_LIMIT (100) hosts, each once;
+                                  a [host] next hop or an implicit MX is the one host at preference 0
     order_exchangers(records, rng) -> [MX]
     host_lookup_failure(error) / no_address_failure(host) -> DeliveryError   an MX host without usable addresses:
                                   5.4.4 when DNS says no, 4.4.3 when DNS failed
@@ -85,19 +86,22 @@ def parse_nexthop(written: str, default_port: int, *, lmtp: bool = False) -> Nex
     return Nexthop(host, port, mx_lookup=not lmtp and not value.startswith("["))
 
 
-async def exchangers(resolver: Resolver, nexthop: Nexthop, rng: random.Random) -> list[str]:
+async def exchangers(resolver: Resolver, nexthop: Nexthop, rng: random.Random) -> list[MX]:
     """See the module docstring."""
     if not nexthop.mx_lookup:
-        return [nexthop.host]
+        return [MX(0, nexthop.host)]
     try:
         records = await resolver.mx(nexthop.host)
     except NotFound:  # Postfix looks the name up as a host then: its "not found" bounces 5.4.4
         records = []
     if not records:
-        return [nexthop.host]  # implicit MX (RFC 5321 5.1)
+        return [MX(0, nexthop.host)]  # implicit MX (RFC 5321 5.1)
     if any(r.is_null for r in records):  # with other records too, as Postfix's dns_lookup takes the RRset
         raise PermanentError("5.1.10", f"Domain {nexthop.host} does not accept mail (nullMX)")
-    return unique(r.host for r in order_exchangers(records, rng))[:MX_HOST_LIMIT]
+    hosts: dict[str, MX] = {}
+    for record in order_exchangers(records, rng):
+        hosts.setdefault(record.host, record)  # a host listed twice keeps its best preference
+    return list(hosts.values())[:MX_HOST_LIMIT]
 
 
 def order_exchangers(records: list[MX], rng: random.Random) -> list[MX]:

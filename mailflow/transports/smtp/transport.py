@@ -6,9 +6,13 @@ open a session with the first that completes the handshake (connect), run the tr
 the session (reuse) or QUIT it; recipients a session deferred go on to the next peer while sessions remain
 (MX_SESSION_LIMIT: see the package docstring). At most MX_ADDRESS_LIMIT (5) addresses are tried per delivery, a
 cached session's counting (Postfix smtp_mx_address_limit), however many MX hosts and addresses DNS gives.
+`own_addresses` (ipaddress values: mailflow.routing.rewrite.own_addresses) and `own_ports` (smtpd's listener
+ports) are this server: Postfix's loop detection, for a next hop on one of those ports, bounces a destination
+whose best MX host (or whose [host]) has one of those addresses with 5.4.6 "mail for X loops back to myself";
+MX hosts no better than this server are not tried (`_without_myself`).
 
     SmtpTransport(config, *, resolver, helo_name, rng=None, clock=time.monotonic, tables=None, mta_sts=None,
-                  plaintext_after=0.0)
+                  plaintext_after=0.0, own_addresses=frozenset(), own_ports=frozenset())
     await deliver(request) -> DeliveryReport      one result per recipient, never raises for a delivery problem
 `plaintext_after` (qmgr's minimal_backoff_time, as Postfix's var_min_backoff_time): at TLS level may, a failed
 handshake goes on in plaintext only for a message queued at least this long (`request.queued_for`); new mail is
@@ -25,14 +29,15 @@ search order, pattern tables asked the full key only, a table that may block in 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import random
 import time
 from contextlib import aclosing
-from typing import AsyncGenerator, Callable
+from typing import AsyncGenerator, Callable, Sequence
 
 from mailflow.config import SmtpConfig
-from mailflow.dns import NotFound, Resolver
+from mailflow.dns import MX, NotFound, Resolver
 from mailflow.errors import DeliveryError, LookupRetry, PermanentError, TemporaryError
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, Recipient
 from mailflow.tables import Table, TableCache, find
@@ -69,6 +74,7 @@ RSET_TIMEOUT = 20.0  # Postfix smtp_rset_timeout
 MX_SESSION_LIMIT = 2
 # Addresses tried per delivery, whatever the size of the MX set (Postfix smtp_mx_address_limit).
 MX_ADDRESS_LIMIT = 5
+Candidate = tuple[MX, list[str] | None]  # an MX host and its addresses, None: not looked up yet
 
 
 class SmtpTransport:
@@ -85,8 +91,12 @@ class SmtpTransport:
         tables: TableCache | None = None,
         mta_sts: MtaSts | None = None,
         plaintext_after: float = 0.0,
+        own_addresses: frozenset = frozenset(),
+        own_ports: frozenset[int] = frozenset(),
     ):
         self._config = config
+        self._own_addresses = own_addresses
+        self._own_ports = own_ports
         self._resolver = resolver
         self._rng = rng if rng is not None else random.Random()
         self._tables = tables or TableCache()
@@ -134,22 +144,26 @@ class SmtpTransport:
             kept = outcomes.take_back(recipients)
             for r in recipients:
                 log.info("%s: %s", request.queue_id, kept.results[r].text)
+        dns_failures: list[DeliveryError] = []
         try:
             hosts = await exchangers(self._resolver, destination.nexthop, self._rng)
             if destination.policy.dane and destination.nexthop.mx_lookup:
                 destination = dataclasses.replace(destination, mx_secure=await self._mx_secure(destination))
-        except (LookupRetry, PermanentError) as e:
+            candidates = await self._without_myself(hosts, destination.nexthop, dns_failures)
+        except (LookupRetry, DeliveryError) as e:
             if kept is not None:
                 outcomes.restore(kept)
             elif isinstance(e, LookupRetry):
                 text = f"Host or domain name not found. {e.text}"
                 outcomes.fail(recipients, SiteFailure("4.4.3", text)).site_failed(text)
-            else:  # null MX (5.1.10)
+            elif e.permanent:  # null MX (5.1.10), mail for the destination loops back to myself (5.4.6)
                 outcomes.fail(recipients, e)
+            else:  # unable to find primary relay (4.4.4)
+                outcomes.fail(recipients, e).site_failed(e.text)
             return
         try:
-            await self._deliver_to_first_reachable(hosts, destination, request, recipients, outcomes,
-                                                   kept=kept, used=cached)
+            await self._deliver_to_first_reachable(candidates, destination, request, recipients, outcomes,
+                                                   dns_failures, kept=kept, used=cached)
         except LocalProblem as e:
             outcomes.fail(outcomes.pending(recipients), e)
 
@@ -223,16 +237,16 @@ class SmtpTransport:
             return session.peer
         return None
 
-    async def _deliver_to_first_reachable(self, hosts: list[str], destination: Destination,
+    async def _deliver_to_first_reachable(self, candidates: Sequence[Candidate], destination: Destination,
                                           request: DeliveryRequest, recipients: list[Recipient],
-                                          outcomes: Outcomes, *, kept: Outcomes | None = None,
-                                          used: Peer | None = None) -> None:
-        """`kept`: what a cached session with `used` deferred (that peer is not tried again)."""
+                                          outcomes: Outcomes, dns_failures: list[DeliveryError], *,
+                                          kept: Outcomes | None = None, used: Peer | None = None) -> None:
+        """`kept`: what a cached session with `used` deferred (that peer is not tried again). `dns_failures`:
+        those of looking up `candidates` so far."""
         peer_failure: DeliveryError | None = None
-        dns_failures: list[DeliveryError] = []
         sessions = 0 if kept is None else 1
         # `kept`: temporary failures of a session that may not be the last
-        async with aclosing(self._peers(hosts, destination.nexthop.port, used, dns_failures)) as peers:
+        async with aclosing(self._peers(candidates, destination.nexthop.port, used, dns_failures)) as peers:
             async for peer in peers:
                 try:
                     session = await self._handshake.open(peer, destination, request.queue_id, request.queued_for)
@@ -262,22 +276,57 @@ class SmtpTransport:
             return
         record_unreachable(outcomes, recipients, peer_failure, [] if kept is not None else dns_failures)
 
-    async def _peers(self, hosts: list[str], port: int, used: Peer | None,
+    async def _without_myself(self, hosts: list[MX], nexthop: Nexthop,
+                              dns_failures: list[DeliveryError]) -> Sequence[Candidate]:
+        """The hosts to try, each with its addresses when they had to be looked up here (None: later, as needed).
+        When the next hop's port is one this server listens on (Postfix: port 25, so that a content filter on
+        127.0.0.1:10025 is no loop), Postfix's loop detection (smtp_find_self, smtp_truncate_self, RFC 5321
+        5.1): every host is looked up, and the hosts at or after the preference of the first one with one of
+        this server's addresses are dropped. Raises PermanentError 5.4.6 "mail for
+        X loops back to myself" when this server is (one of) the best, TemporaryError 4.4.4 "unable to find
+        primary relay for X" when only better hosts without an address are left."""
+        if not self._own_addresses or nexthop.port not in self._own_ports:
+            return [(mx, None) for mx in hosts]
+        found = [(mx, await self._addresses(mx.host, dns_failures)) for mx in hosts]
+        mine = next((mx.preference for mx, addresses in found if any(self._is_mine(a) for a in addresses)), None)
+        if mine is None:
+            return found
+        better = [(mx, addresses) for mx, addresses in found if mx.preference < mine]
+        if any(addresses for _, addresses in better):
+            return better
+        if better:
+            raise TemporaryError("4.4.4", f"unable to find primary relay for {nexthop.host}")
+        raise PermanentError("5.4.6", f"mail for {nexthop.host} loops back to myself")
+
+    def _is_mine(self, address: str) -> bool:
+        try:
+            return ipaddress.ip_address(address) in self._own_addresses
+        except ValueError:
+            return False
+
+    async def _addresses(self, host: str, dns_failures: list[DeliveryError]) -> list[str]:
+        """The host's addresses, each once; [] with the reason added to `dns_failures` when it has none."""
+        try:
+            addresses = unique(await self._resolver.addresses(host))
+        except (NotFound, LookupRetry) as e:
+            dns_failures.append(host_lookup_failure(e))
+            return []
+        if not addresses:
+            dns_failures.append(no_address_failure(host))
+        return addresses
+
+    async def _peers(self, candidates: Sequence[Candidate], port: int, used: Peer | None,
                      dns_failures: list[DeliveryError]) -> AsyncGenerator[Peer, None]:
-        """The addresses of `hosts`, in order, looked up as they are needed: at most MX_ADDRESS_LIMIT, a cached
-        session's peer (`used`, not tried again) counting as one. Lookup failures are added to `dns_failures`."""
+        """The addresses of the candidates, in order, looked up as they are needed: at most MX_ADDRESS_LIMIT, a
+        cached session's peer (`used`, not tried again) counting as one. Lookup failures are added to
+        `dns_failures`."""
         tried = 0 if used is None else 1
-        for host in hosts:
+        for mx, known in candidates:
             if tried >= MX_ADDRESS_LIMIT:
                 return
-            try:
-                addresses = await self._resolver.addresses(host)
-            except (NotFound, LookupRetry) as e:
-                dns_failures.append(host_lookup_failure(e))
-                continue
-            if not addresses:
-                dns_failures.append(no_address_failure(host))
-            for address in unique(addresses):
+            host = mx.host
+            addresses = known if known is not None else await self._addresses(host, dns_failures)
+            for address in addresses:
                 peer = Peer(host, address, port)
                 if peer == used:
                     continue
