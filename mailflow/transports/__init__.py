@@ -53,7 +53,8 @@ def build_transports(config, resolver, clock, router, forward=None, mailbox=None
     capture `mailbox` (mailflow.capture), the `capture` transport keeps messages in it."""
     smtp = SmtpTransport(config.smtp, resolver=resolver, helo_name=config.smtp.helo_name or config.myhostname,
                          mta_sts=build_mta_sts(config, resolver), plaintext_after=config.queue.minimal_backoff_time,
-                         own_addresses=router.rewriter.own_addresses, own_ports=config.smtpd.ports)
+                         own_addresses=router.rewriter.own_addresses, own_ports=config.smtpd.ports,
+                         relayhost=config.relayhost)
     return {
         **({"capture": CaptureTransport(mailbox)} if mailbox is not None else {}),
         "local": LocalTransport(router.local, local=config.local, writer=MaildirWriter(clock), clock=clock,

@@ -9,10 +9,11 @@ cached session's counting (Postfix smtp_mx_address_limit), however many MX hosts
 `own_addresses` (ipaddress values: mailflow.routing.rewrite.own_addresses) and `own_ports` (smtpd's listener
 ports) are this server: Postfix's loop detection, for a next hop on one of those ports, bounces a destination
 whose best MX host (or whose [host]) has one of those addresses with 5.4.6 "mail for X loops back to myself";
-MX hosts no better than this server are not tried (`_without_myself`).
+MX hosts no better than this server are not tried (`_without_myself`). A request whose next hop is `relayhost`
+(as written) defers 4.3.5 where DNS or the loop check would bounce it: a configuration problem, as Postfix.
 
     SmtpTransport(config, *, resolver, helo_name, rng=None, clock=time.monotonic, tables=None, mta_sts=None,
-                  plaintext_after=0.0, own_addresses=frozenset(), own_ports=frozenset())
+                  plaintext_after=0.0, own_addresses=frozenset(), own_ports=frozenset(), relayhost="")
     await deliver(request) -> DeliveryReport      one result per recipient, never raises for a delivery problem
 `plaintext_after` (qmgr's minimal_backoff_time, as Postfix's var_min_backoff_time): at TLS level may, a failed
 handshake goes on in plaintext only for a message queued at least this long (`request.queued_for`); new mail is
@@ -93,8 +94,10 @@ class SmtpTransport:
         plaintext_after: float = 0.0,
         own_addresses: frozenset = frozenset(),
         own_ports: frozenset[int] = frozenset(),
+        relayhost: str = "",
     ):
         self._config = config
+        self._relayhost = relayhost
         self._own_addresses = own_addresses
         self._own_ports = own_ports
         self._resolver = resolver
@@ -157,7 +160,7 @@ class SmtpTransport:
                 text = f"Host or domain name not found. {e.text}"
                 outcomes.fail(recipients, SiteFailure("4.4.3", text)).site_failed(text)
             elif e.permanent:  # null MX (5.1.10), mail for the destination loops back to myself (5.4.6)
-                outcomes.fail(recipients, e)
+                outcomes.fail(recipients, self._unless_relayhost(request, e))
             else:  # unable to find primary relay (4.4.4)
                 outcomes.fail(recipients, e).site_failed(e.text)
             return
@@ -274,7 +277,16 @@ class SmtpTransport:
         if kept is not None and peer_failure is None:
             outcomes.restore(kept)  # that session was the last after all
             return
+        dns_failures = [self._unless_relayhost(request, f) for f in dns_failures]
         record_unreachable(outcomes, recipients, peer_failure, [] if kept is not None else dns_failures)
+
+    def _unless_relayhost(self, request: DeliveryRequest, error: DeliveryError) -> DeliveryError:
+        """A permanent DNS or loop failure of the relayhost is a configuration problem: deferred 4.3.5 with the
+        same text, as Postfix's smtp_connect_inet does, instead of bouncing every message relayed."""
+        if not error.permanent or not self._relayhost or request.nexthop != self._relayhost:
+            return error
+        log.warning("%s: relayhost configuration problem: %s", request.queue_id, error.text)
+        return TemporaryError("4.3.5", error.text)
 
     async def _without_myself(self, hosts: list[MX], nexthop: Nexthop,
                               dns_failures: list[DeliveryError]) -> Sequence[Candidate]:
