@@ -375,6 +375,23 @@ def test_equal_preferences_are_shuffled_by_the_injected_rng():
     assert order_exchangers(records, random.Random(7)) == order_exchangers(records, random.Random(7))
 
 
+async def test_the_addresses_of_one_host_are_tried_in_random_order(smtp_peer):
+    """Postfix's smtp_randomize_addresses (default yes): a host with several addresses does not load the first."""
+    first = await smtp_peer("127.0.0.2")
+    for n in (3, 4):
+        await smtp_peer(f"127.0.0.{n}", first.port)
+    resolver = StaticResolver(addresses={"mx.example.test": ["127.0.0.2", "127.0.0.3", "127.0.0.4"]})
+    relays = []
+    for seed in range(8):
+        report = await deliver(make_transport(resolver, port=first.port, rng=random.Random(seed)),
+                               make_request("[mx.example.test]"))
+        relays.append(report.results[0].relay)
+    assert len(set(relays)) > 1
+    again = await deliver(make_transport(resolver, port=first.port, rng=random.Random(0)),
+                          make_request("[mx.example.test]"))
+    assert again.results[0].relay == relays[0]
+
+
 async def test_null_mx_bounces_every_recipient_with_5_1_10(dns_zone):
     nameserver = dns_zone(mx_zone("nullmx.test. 300 IN MX 0 ."))
     resolver = AiodnsResolver(nameservers=(nameserver,), timeout=1.0, tries=1)

@@ -22,7 +22,8 @@ The content is streamed through mailflow.transports.encode (dot-stuffing) and do
 Nexthop forms (Postfix semantics):
 - `[host]` or `[host]:port`  no MX lookup; connect to host's addresses (port defaults to `config.port`).
 - `domain` or `domain:port`  MX lookup of domain: by preference, ties shuffled with the injected RNG; no MX record
-  means the domain itself (implicit MX). Each MX host's addresses (A, then AAAA) are tried in order, all on
+  means the domain itself (implicit MX). Each MX host's addresses (A and AAAA) are tried in random order (the
+  injected RNG; Postfix's smtp_randomize_addresses, smtp_address_preference = any), all on
   `port` (default `config.port`).
 
 Which peer: the next MX host / address is tried when connecting fails or times out, or when the greeting, EHLO,

@@ -317,7 +317,8 @@ class SmtpTransport:
             return False
 
     async def _addresses(self, host: str, dns_failures: list[DeliveryError]) -> list[str]:
-        """The host's addresses, each once; [] with the reason added to `dns_failures` when it has none."""
+        """The host's addresses, each once, shuffled (Postfix's smtp_randomize_addresses = yes: the load spreads
+        over a host's addresses); [] with the reason added to `dns_failures` when it has none."""
         try:
             addresses = unique(await self._resolver.addresses(host))
         except (NotFound, LookupRetry) as e:
@@ -325,6 +326,7 @@ class SmtpTransport:
             return []
         if not addresses:
             dns_failures.append(no_address_failure(host))
+        self._rng.shuffle(addresses)
         return addresses
 
     async def _peers(self, candidates: Sequence[Candidate], port: int, used: Peer | None,
