@@ -59,9 +59,9 @@ def config_from_dict(data: dict, name: str = "<config>", base: Path | None = Non
             reason += f" (and {more} more problem{'s' if more > 1 else ''})"
         raise ConfigError(name, key, reason) from None
     mailbox, message = config.local.mailbox_size_limit, config.smtpd.message_size_limit
-    if mailbox and (not message or mailbox < message):  # Postfix refuses it too: no message could be delivered
+    if mailbox and message and mailbox < message:  # Postfix's local(8) refuses to start
         raise ConfigError(name, "local.mailbox_size_limit", f"{mailbox} is smaller than smtpd.message_size_limit "
-                          f"({message or 'no limit'}): a mailbox could not take the largest message")
+                          f"({message}): a mailbox could not take the largest message")
     return config if base is None else resolve_paths(config, base)
 
 
