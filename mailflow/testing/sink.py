@@ -31,7 +31,8 @@ the Sink sets: `queue_directory` (its temporary directory), the listeners' addre
 
 Failure behaviour: a bad setting raises mailflow.config.ConfigError at start; `wait_for` raises
 mailflow.capture.mailbox.WaitTimeout (an AssertionError that lists what did arrive); `advance` without
-virtual_time raises RuntimeError; `settle` raises TimeoutError after `timeout` seconds.
+virtual_time raises RuntimeError; `settle` raises TimeoutError after `timeout` seconds; `start` on a running
+Sink raises RuntimeError (a stopped one may be started again: a new queue and mailbox, the same faults).
 """
 from __future__ import annotations
 
@@ -97,6 +98,8 @@ class Sink:
     # -- lifecycle ------------------------------------------------------------------------------------------
 
     async def start(self) -> "Sink":
+        if self.directory is not None:  # a second server would be left running, unreachable, at stop()
+            raise RuntimeError("the Sink is running already: stop() it before starting it again")
         root = self._temporary_root or _fast_temporary_directory()
         self.directory = Path(tempfile.mkdtemp(prefix="mailflow-sink-", dir=root))
         try:

@@ -9,7 +9,8 @@ Every call runs on the Sink's loop (so it never races the server); the blocking 
 timeout plus a margin. A FakeDestination or a Rule it returns may be scripted from the calling thread.
 
 Failure behaviour: what the Sink raises is raised in the caller (a failed start, WaitTimeout, ...); `stop`
-(and leaving the `with`) stops the server, then the loop, and joins the thread.
+(and leaving the `with`) stops the server, then the loop, and joins the thread; `start` on a running one
+raises RuntimeError.
 """
 from __future__ import annotations
 
@@ -37,10 +38,17 @@ class ThreadedSink:
     # -- lifecycle ------------------------------------------------------------------------------------------
 
     def start(self) -> "ThreadedSink":
+        if self._thread is not None:  # a second loop and server would be left running, unreachable, at stop()
+            raise RuntimeError("the Sink is running already: stop() it before starting it again")
         started: Future = Future()
         self._thread = threading.Thread(target=self._run, args=(started,), name="mailflow-sink", daemon=True)
         self._thread.start()
-        started.result(START_TIMEOUT)  # re-raises a failed start
+        try:
+            started.result(START_TIMEOUT)  # re-raises a failed start
+        except BaseException:
+            self._thread.join(START_TIMEOUT)
+            self._thread = None
+            raise
         return self
 
     def _run(self, started: Future) -> None:

@@ -10,6 +10,7 @@ import re
 import smtplib
 import tempfile
 import ssl
+import threading
 from email.message import EmailMessage
 
 import aiosmtplib
@@ -194,6 +195,29 @@ async def test_stop_removes_the_queue_directory_and_the_listener():
     assert not directory.exists()
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", port)
+
+
+async def test_starting_a_running_sink_is_refused_and_a_stopped_one_starts_again():
+    """A second start() used to start a second server over the first: the first was never stopped (its port
+    open, its store's threads keeping the interpreter from exiting)."""
+    sink = Sink()
+    await sink.start()
+    first = sink.port
+    with pytest.raises(RuntimeError, match="running already"):
+        await sink.start()
+    assert sink.port == first
+    await sink.stop()
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", first)
+    async with sink:
+        await aiosmtplib.send(b"Subject: again\r\n\r\nx\r\n", sender="a@shop.test", recipients=["b@example.com"],
+                              hostname=sink.host, port=sink.port)
+        [msg] = await sink.wait_for(subject="again")
+    threaded = Sink.threaded()
+    with threaded:
+        with pytest.raises(RuntimeError, match="running already"):
+            threaded.start()
+    assert "mailflow-sink" not in [t.name for t in threading.enumerate()]
 
 
 def test_threaded_sink_for_synchronous_code():
