@@ -8,7 +8,8 @@ mechanisms only.
         drop(times)                          the next `times` sessions are hung up right after the 354 to DATA
         clear()
     SinkObserver         the Sink's session observer: the capture's transcripts, and the hang-up of `drop`
-                         (a server ending a session, as at shutdown: transcript.Transcript.hang_up)
+                         (a server ending a session, as at shutdown: transcript.Transcript.hang_up) once the
+                         354 is written
     Rule                 one reject/defer rule: stage, code, text, sender and rcpt patterns, times, `used`
 
 Patterns are addresses compared without case, or globs (`*@example.com`). At "data" a rcpt pattern matches
@@ -138,4 +139,5 @@ class SinkObserver(TranscriptBook):
 
     def replied(self, transcript: Transcript, line: str) -> None:
         if line.startswith("354") and self._faults.take_drop():
-            transcript.hang_up()
+            # Observers hear of a reply just before it is written: hanging up now would lose the 354 itself.
+            asyncio.get_running_loop().call_soon(transcript.hang_up)

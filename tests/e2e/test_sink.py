@@ -150,6 +150,17 @@ async def test_slow_replies():
 async def test_drop_mid_data_loses_nothing_queued():
     async with Sink() as sink:
         sink.drop()
+        reader, writer = await asyncio.open_connection(sink.host, sink.port)
+        await reader.readline()
+        writer.write(b"EHLO client.test\r\n")
+        for _ in range(20):  # EHLO's reply, to its last line
+            if (await asyncio.wait_for(reader.readline(), 5)).startswith(b"250 "):
+                break
+        writer.write(b"MAIL FROM:<a@shop.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")  # PIPELINING
+        said = await asyncio.wait_for(reader.read(), 5)  # until the server hangs up
+        writer.close()
+        assert said.endswith(b"250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n")  # its 354 first
+        sink.drop()
         with pytest.raises(aiosmtplib.SMTPException):
             async with aiosmtplib.SMTP(hostname=sink.host, port=sink.port) as client:
                 await client.sendmail("a@shop.test", ["b@example.com"], b"Subject: cut\r\n\r\n" + b"x" * 100_000)

@@ -5,7 +5,7 @@ a session keeps none and pays one `is None` test per command and reply.
 
     SessionObserver            what a consumer implements (the methods here do nothing):
         started(transcript)              a connection was accepted (before the greeting)
-        replied(transcript, line)        one reply line was sent (after the write)
+        replied(transcript, line)        one reply line is sent (told just before the write)
         queued(transcript, queue_id)     a message of the session was committed; the transcript holds its 250
         ended(transcript)                the session is over, however it ended
         line_limit, byte_limit           how much one transcript keeps (0 lines: none, and no work for it)
