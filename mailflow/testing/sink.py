@@ -31,12 +31,14 @@ the Sink sets: `queue_directory` (its temporary directory), the listeners' addre
 
 Failure behaviour: a bad setting raises mailflow.config.ConfigError at start; `wait_for` raises
 mailflow.capture.mailbox.WaitTimeout (an AssertionError that lists what did arrive); `advance` without
-virtual_time raises RuntimeError; `settle` raises TimeoutError after `timeout` seconds; `start` on a running
-Sink raises RuntimeError (a stopped one may be started again: a new queue and mailbox, the same faults).
+virtual_time raises RuntimeError, by a negative or infinite span ValueError (the clock never goes back);
+`settle` raises TimeoutError after `timeout` seconds; `start` on a running Sink raises RuntimeError (a stopped
+one may be started again: a new queue and mailbox, the same faults).
 """
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import random
 import re
@@ -326,7 +328,10 @@ class Sink:
         retry, delay notice and expiry in the span happens as it would have (without waiting for it)."""
         if not isinstance(self.clock, VirtualClock):
             raise RuntimeError("advance() needs Sink(virtual_time=True)")
-        target = self.clock.now + seconds + 60 * minutes + 3600 * hours + 86400 * days
+        span = seconds + 60 * minutes + 3600 * hours + 86400 * days
+        if not math.isfinite(span) or span < 0:
+            raise ValueError(f"advance() takes a finite span, not {span:g} seconds: the clock never goes back")
+        target = self.clock.now + span
         await self.settle()
         while self.clock.now < target:
             due = await self._queue[0].next_due_time()

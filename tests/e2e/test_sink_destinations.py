@@ -124,3 +124,15 @@ def _delivered_id(dest) -> str:
 def _queue_ids(sink: Sink) -> list[str]:
     """Queue ids the mail log spoke of, in order of their first event (the Sink's history recorder)."""
     return list(sink.server.capture.history._events)
+
+
+async def test_the_virtual_clock_never_goes_back():
+    """A negative span used to be a silent no-op, and an infinite one set the server's clock to inf."""
+    async with Sink(virtual_time=True) as sink:
+        now = sink.clock.time()
+        for span in ({"seconds": -5}, {"hours": -1}, {"seconds": float("inf")}, {"seconds": float("nan")}):
+            with pytest.raises(ValueError, match="never goes back"):
+                await sink.advance(**span)
+        assert sink.clock.time() == now
+        await sink.advance(minutes=1)
+        assert sink.clock.time() == now + 60
