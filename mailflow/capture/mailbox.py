@@ -5,6 +5,7 @@
         messages -> [CapturedMessage]   get(id) -> CapturedMessage | None   latest()
         delete(ids) / clear()           accepted, accepted_bytes, deleted (counts since the start)
         await wait(criteria, count, timeout) -> [CapturedMessage]    at least `count` matching messages
+        close()                         no more messages will come (the embedded Sink stopped): waits end
     CapturedEnvelope     what the server was told: sender, recipients, and per recipient the address first given
                          and the DSN parameters (NOTIFY, ORCPT); ENVID, RET; SMTPUTF8, BODY
     CapturedMessage      envelope, raw bytes, `message` (parsed, email.policy.default), queue id, `transcript`
@@ -17,7 +18,8 @@
 Bounded: past `max_messages` or `max_bytes` the oldest messages are dropped (counted as deleted). Waiting
 costs nothing while nothing arrives: each `add` wakes the waiters once.
 
-Failure behaviour: `wait` raises WaitTimeout after `timeout` seconds (loop time, not the injected clock).
+Failure behaviour: `wait` raises WaitTimeout after `timeout` seconds (loop time, not the injected clock), and
+RuntimeError at once when the mailbox is closed, or closes, before enough messages match (the same report).
 """
 from __future__ import annotations
 
@@ -174,8 +176,9 @@ class WaitTimeout(AssertionError):
 
 
 def timeout_report(criteria: Criteria, count: int, timeout: float, found: list[CapturedMessage],
-                   arrived: list[CapturedMessage]) -> str:
-    lines = [f"waited {timeout:g}s for {count} message{'s' if count != 1 else ''} ({criteria.describe()}): "
+                   arrived: list[CapturedMessage], *, waited: str = "") -> str:
+    waited = waited or f"waited {timeout:g}s"
+    lines = [f"{waited} for {count} message{'s' if count != 1 else ''} ({criteria.describe()}): "
              f"{len(found)} matched; {len(arrived)} arrived:"]
     lines += [f"  {i}. {m.describe()}" for i, m in enumerate(arrived, 1)] or ["  (none)"]
     return "\n".join(lines)
@@ -195,6 +198,7 @@ class Mailbox:
         self._bytes = 0
         self._sequence = 0
         self._arrived = asyncio.Event()
+        self._closed = False
         self.accepted = 0
         self.accepted_bytes = 0
         self.deleted = 0
@@ -236,6 +240,10 @@ class Mailbox:
     def clear(self) -> None:
         self.delete(list(self._messages))
 
+    def close(self) -> None:
+        self._closed = True
+        self._arrived.set()
+
     def _remove(self, ident: str) -> None:
         message = self._messages.pop(ident)
         self._bytes -= len(message.raw)
@@ -250,6 +258,9 @@ class Mailbox:
             found = [m for m in self._messages.values() if criteria.matches(m)]
             if len(found) >= count:
                 return found
+            if self._closed:
+                raise RuntimeError(timeout_report(criteria, count, timeout, found, self.messages,
+                                                  waited="the server stopped: no more messages will come; waited"))
             left = deadline - loop.time()
             if left <= 0:
                 raise WaitTimeout(timeout_report(criteria, count, timeout, found, self.messages))

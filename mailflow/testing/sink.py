@@ -29,8 +29,11 @@ the Sink sets: `queue_directory` (its temporary directory), the listeners' addre
                    there is one (tmpfs: a test's queue needs no durability and its fsyncs cost nothing there),
                    else the system's temporary directory
 
+After `stop` what was captured stays readable (`messages`, `search`, `transcript`, `history`).
+
 Failure behaviour: a bad setting raises mailflow.config.ConfigError at start; `wait_for` raises
-mailflow.capture.mailbox.WaitTimeout (an AssertionError that lists what did arrive); `advance` without
+mailflow.capture.mailbox.WaitTimeout (an AssertionError that lists what did arrive), and RuntimeError at once
+when the Sink stops (or has stopped) before enough messages match; `advance` without
 virtual_time raises RuntimeError, by a negative or infinite span ValueError (the clock never goes back);
 `settle` raises TimeoutError after `timeout` seconds; `start` on a running Sink raises RuntimeError (a stopped
 one may be started again: a new queue and mailbox, the same faults).
@@ -126,6 +129,8 @@ class Sink:
     async def stop(self) -> None:
         if self.server is not None:
             await self.server.stop()
+            if self.server.capture is not None:  # what it holds stays readable; waits end at once
+                self.server.capture.mailbox.close()
         if self._destinations is not None:
             await self._destinations.stop()
             self._destinations = None

@@ -8,6 +8,9 @@
 Every call runs on the Sink's loop (so it never races the server); the blocking ones wait at most their own
 timeout plus a margin. A FakeDestination or a Rule it returns may be scripted from the calling thread.
 
+After `stop` what the Sink captured stays readable (`messages`, `search`, ...); the waiting calls (`wait_for`,
+`settle`, `advance`) raise RuntimeError, as they do before `start`.
+
 Failure behaviour: what the Sink raises is raised in the caller (a failed start, WaitTimeout, ...); `stop`
 (and leaving the `with`) stops the server, then the loop, and joins the thread; `start` on a running one
 raises RuntimeError.
@@ -93,19 +96,29 @@ class ThreadedSink:
 
     @property
     def _running_loop(self) -> asyncio.AbstractEventLoop:
-        if self._loop is None:
+        if self._loop is None or self._loop.is_closed():
             raise RuntimeError("the Sink is not running (start() it, or use `with`)")
         return self._loop
 
     def _call(self, function, *args, **kwargs):
-        """`function(*args, **kwargs)` on the Sink's loop; its result here."""
+        """`function(*args, **kwargs)` on the Sink's loop; its result here. Once the Sink has stopped, here
+        (its loop is gone, nothing races it): what it captured stays readable, as the Sink's does."""
+        if self.sink is not None and self._loop is not None and self._loop.is_closed():
+            return function(*args, **kwargs)
+
         async def call():
             return function(*args, **kwargs)
 
-        return asyncio.run_coroutine_threadsafe(call(), self._running_loop).result(START_TIMEOUT)
+        loop = self._running_loop
+        return asyncio.run_coroutine_threadsafe(call(), loop).result(START_TIMEOUT)
 
-    def _wait(self, coroutine, timeout: float):
-        return asyncio.run_coroutine_threadsafe(coroutine, self._running_loop).result(timeout + MARGIN)
+    def _submit(self, make_coroutine: Callable[[], Any]) -> Future:
+        """The coroutine made by `make_coroutine`, run on the Sink's loop (made only once that loop is there)."""
+        loop = self._running_loop
+        return asyncio.run_coroutine_threadsafe(make_coroutine(), loop)
+
+    def _wait(self, make_coroutine: Callable[[], Any], timeout: float):
+        return self._submit(make_coroutine).result(timeout + MARGIN)
 
     # -- the Sink's API -------------------------------------------------------------------------------------
 
@@ -154,11 +167,10 @@ class ThreadedSink:
         return self._call(self._sink.history, queue_id)
 
     def wait_for(self, *, timeout: float = 5.0, **criteria) -> list:
-        return self._wait(self._sink.wait_for(timeout=timeout, **criteria), timeout)
+        return self._wait(lambda: self._sink.wait_for(timeout=timeout, **criteria), timeout)
 
     async def wait_for_async(self, *, timeout: float = 5.0, **criteria) -> list:
-        future = asyncio.run_coroutine_threadsafe(self._sink.wait_for(timeout=timeout, **criteria), self._running_loop)
-        return await asyncio.wrap_future(future)
+        return await asyncio.wrap_future(self._submit(lambda: self._sink.wait_for(timeout=timeout, **criteria)))
 
     def reject(self, **rule):
         return self._call(self._sink.reject, **rule)
@@ -189,7 +201,7 @@ class ThreadedSink:
         return self._call(self._sink.destination, domain)
 
     def settle(self, timeout: float = 30.0) -> None:
-        self._wait(self._sink.settle(timeout), timeout)
+        self._wait(lambda: self._sink.settle(timeout), timeout)
 
     def advance(self, seconds: float = 0, **span) -> None:
-        self._wait(self._sink.advance(seconds, **span), 300.0)
+        self._wait(lambda: self._sink.advance(seconds, **span), 300.0)

@@ -231,6 +231,37 @@ async def test_starting_a_running_sink_is_refused_and_a_stopped_one_starts_again
     assert "mailflow-sink" not in [t.name for t in threading.enumerate()]
 
 
+async def test_after_stop_the_messages_stay_and_a_wait_ends_at_once():
+    """A wait_for still waiting at stop (or called after it) used to wait out its whole timeout for mail that
+    could no longer come, and then blame the mail."""
+    sink = Sink()
+    await sink.start()
+    await aiosmtplib.send(b"Subject: kept\r\n\r\nx\r\n", sender="a@shop.test", recipients=["b@example.com"],
+                          hostname=sink.host, port=sink.port)
+    await sink.wait_for(subject="kept")
+    waiting = asyncio.create_task(sink.wait_for(subject="never", timeout=30))
+    await asyncio.sleep(0.01)
+    await asyncio.wait_for(sink.stop(), 5)
+    with pytest.raises(RuntimeError, match=r"the server stopped: .*waited for 1 message .*1 arrived"):
+        await asyncio.wait_for(waiting, 1)
+    assert [m.subject for m in sink.messages] == ["kept"] == [m.subject for m in sink.search("subject:kept")]
+    assert len(await sink.wait_for(subject="kept")) == 1
+    with pytest.raises(RuntimeError, match="the server stopped"):
+        await asyncio.wait_for(sink.wait_for(subject="never", timeout=30), 1)
+
+
+def test_a_stopped_threaded_sink_keeps_its_messages_and_says_it_is_not_running():
+    """It used to say 'Event loop is closed' (and warn of a coroutine never awaited) for every call."""
+    sink = Sink.threaded()
+    with sink:
+        with smtplib.SMTP(sink.host, sink.port) as client:
+            client.sendmail("a@shop.test", ["b@example.com"], "Subject: kept\r\n\r\nx\r\n")
+        sink.wait_for(subject="kept")
+    assert [m.subject for m in sink.messages] == ["kept"]
+    with pytest.raises(RuntimeError, match="the Sink is not running"):
+        sink.wait_for(subject="kept")
+
+
 def test_threaded_sink_for_synchronous_code():
     with Sink.threaded() as sink:
         with smtplib.SMTP(sink.host, sink.port) as client:  # the port accepts as soon as start() returns
