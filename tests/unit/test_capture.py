@@ -81,6 +81,12 @@ def test_criteria():
     assert not Criteria(match=lambda m: False).matches(msg)
 
 
+def test_a_wait_for_the_null_sender_says_so():
+    """sender="" (a bounce's <>) used to be reported as "any message" when the wait timed out."""
+    assert Criteria(sender="").describe() == "sender=''"
+    assert Criteria().describe() == "any message"
+
+
 # ---------------------------------------------------------------------------------------------- mime
 
 
