@@ -152,6 +152,18 @@ class Criteria:
     subject: str | re.Pattern | None = None
     match: Callable[[CapturedMessage], bool] | None = None
 
+    def __post_init__(self) -> None:
+        """A criterion of the wrong type is a TypeError here, not an AttributeError at the first message (or a
+        wait that times out when none comes)."""
+        for name in ("to", "sender"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name}= takes one address or glob (a str), not {type(value).__name__}")
+        if self.subject is not None and not isinstance(self.subject, (str, re.Pattern)):
+            raise TypeError(f"subject= takes a str or a compiled regex, not {type(self.subject).__name__}")
+        if self.match is not None and not callable(self.match):
+            raise TypeError(f"match= takes a callable, not {type(self.match).__name__}")
+
     def matches(self, message: CapturedMessage) -> bool:
         if self.to is not None and not any(_address_matches(self.to, r) for r in message.recipients):
             return False

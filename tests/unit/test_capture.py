@@ -81,6 +81,14 @@ def test_criteria():
     assert not Criteria(match=lambda m: False).matches(msg)
 
 
+async def test_a_criterion_of_the_wrong_type_is_refused_at_once():
+    """to=[...] used to wait out its timeout when nothing came, and raise AttributeError at the first message."""
+    box = mailbox()
+    for wrong in ({"to": ["a@x.test", "b@x.test"]}, {"sender": b"a@x.test"}, {"subject": b"Hi"}, {"match": 1}):
+        with pytest.raises(TypeError, match=f"{next(iter(wrong))}= takes"):
+            await box.wait(Criteria(**wrong), 1, timeout=0.5)
+
+
 def test_a_wait_for_the_null_sender_says_so():
     """sender="" (a bounce's <>) used to be reported as "any message" when the wait timed out."""
     assert Criteria(sender="").describe() == "sender=''"
