@@ -6,6 +6,7 @@ mechanisms only.
         reject(...) / defer(...) -> Rule     a refusal at MAIL, RCPT or the end of DATA, `times` times or always
         slow(seconds)                        each MAIL, RCPT and end-of-DATA reply comes that much later
         drop(times)                          the next `times` sessions are hung up right after the 354 to DATA
+                                             (a message sent with BDAT gets no 354: neither dropped nor counted)
         clear()
     SinkObserver         the Sink's session observer: the capture's transcripts, and the hang-up of `drop`
                          (a server ending a session, as at shutdown: transcript.Transcript.hang_up) once the
