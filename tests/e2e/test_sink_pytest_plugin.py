@@ -97,3 +97,36 @@ def test_without_pytest_asyncio(project):
     project.makepyfile(test_sync=SYNC_TESTS)
     result = project.runpytest("-p", "no:cacheprovider", "-p", "no:asyncio")
     result.assert_outcomes(passed=4)
+
+
+LOOP_SCOPE_TESTS = '''
+import asyncio, pytest, aiosmtplib
+
+async def send_and_wait(sink, subject):
+    async with aiosmtplib.SMTP(hostname=sink.host, port=sink.port, timeout=3) as client:
+        await client.sendmail("app@shop.test", ["bob@example.com"], f"Subject: {subject}\\r\\n\\r\\nhi\\r\\n")
+    [msg] = await sink.wait_for(timeout=3)
+    assert msg.subject == subject
+
+async def test_function_loop(mailflow_sink):
+    await send_and_wait(mailflow_sink, "function")
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_module_loop(mailflow_sink):
+    await send_and_wait(mailflow_sink, "module")
+
+class TestOnTheClassLoop:
+    pytestmark = pytest.mark.asyncio(loop_scope="class")
+
+    async def test_class_loop(self, mailflow_sink):
+        await send_and_wait(mailflow_sink, "class")
+'''
+
+
+def test_the_sink_runs_on_the_tests_loop_whatever_the_loop_scopes(project):
+    """The Sink's fixture used to run on the loop of asyncio_default_fixture_loop_scope (here the session's), not
+    on the test's: the test's client then waited for a server whose loop was not running, until its timeout."""
+    project.makeini("[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = session\n")
+    project.makepyfile(test_loops=LOOP_SCOPE_TESTS)
+    result = project.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
