@@ -24,7 +24,7 @@ the Sink sets: `queue_directory` (its temporary directory), the listeners' addre
                    made for the Sink (`ca_pem`, `ca_file`); None: no TLS
     users          {login: password}: AUTH required (PLAIN, LOGIN; over plaintext on loopback unless `tls`)
     http_api       serve the capture API (Mailpit's API v1 subset, docs/testing.md) at `http_url`
-    shutdown_grace seconds deliveries in flight get at stop
+    shutdown_grace seconds deliveries in flight, and sessions in a transaction, get at stop (then they are cut)
     temporary_root where the temporary directory (queue, certificate, users) is made: by default /dev/shm when
                    there is one (tmpfs: a test's queue needs no durability and its fsyncs cost nothing there),
                    else the system's temporary directory
