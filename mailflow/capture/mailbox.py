@@ -135,15 +135,18 @@ class CapturedMessage:
 
 
 def _address_matches(pattern: str, address: str) -> bool:
+    """The address itself, or a glob of `*` and `?`; a `[` is itself (an address literal, `a@[192.0.2.1]`), not
+    a character class."""
     pattern, address = pattern.lower(), address.lower()
-    if any(c in pattern for c in "*?["):
-        return fnmatch.fnmatchcase(address, pattern)
+    if "*" in pattern or "?" in pattern:
+        return fnmatch.fnmatchcase(address, pattern.replace("[", "[[]"))
     return pattern == address
 
 
 @dataclass(frozen=True)
 class Criteria:
-    """`to`: an envelope recipient equals it (case-insensitive) or matches it as a glob (`*@example.com`);
+    """`to`: an envelope recipient equals it (case-insensitive) or matches it as a glob (`*@example.com`; `*` and
+    `?` only, so that `*@[192.0.2.1]` is an address literal);
     `sender`: the envelope sender, alike; `subject`: a string the Subject contains, or a compiled regex it
     matches; `match`: any callable on a CapturedMessage. Unset criteria match everything."""
 

@@ -13,7 +13,8 @@ mechanisms only.
                          354 is written
     Rule                 one reject/defer rule: stage, code, text, sender and rcpt patterns, times, `used`
 
-Patterns are addresses compared without case, or globs (`*@example.com`). At "data" a rcpt pattern matches
+Patterns are addresses compared without case, or globs of `*` and `?` (`*@example.com`; `[` is itself, as in an
+address literal). At "data" a rcpt pattern matches
 when any recipient of the message does.
 
 Failure behaviour: a bad rule (a 4xx code for reject, a recipient pattern at MAIL, an unknown stage) raises
@@ -38,7 +39,9 @@ def _matches(pattern: str | None, address: str) -> bool:
     if pattern is None:
         return True
     pattern, address = pattern.lower(), address.lower()
-    return fnmatch.fnmatchcase(address, pattern) if any(c in pattern for c in "*?[") else pattern == address
+    if "*" in pattern or "?" in pattern:  # a `[` is itself: an address literal (a@[192.0.2.1]), not a class
+        return fnmatch.fnmatchcase(address, pattern.replace("[", "[[]"))
+    return pattern == address
 
 
 @dataclass

@@ -81,6 +81,18 @@ def test_criteria():
     assert not Criteria(match=lambda m: False).matches(msg)
 
 
+async def test_an_address_literal_matches_itself_not_as_a_character_class():
+    """`y@[127.0.0.1]` has a `[`, so it was taken as a glob whose [127.0.0.1] matches one character: waiting
+    for, or refusing, an address-literal recipient never matched it."""
+    msg = add(mailbox(), rcpts=("postmaster@[127.0.0.1]",))
+    assert Criteria(to="postmaster@[127.0.0.1]").matches(msg) and Criteria(to="*@[127.0.0.1]").matches(msg)
+    assert not Criteria(to="postmaster@[127.0.0.2]").matches(msg)
+    faults = InboundFaults()
+    faults.reject(rcpt="*@[127.0.0.1]")
+    facts = Facts("127.0.0.1", sender="a@x.test", recipient="postmaster@[127.0.0.1]")
+    assert await faults.check("rcpt", facts, ()) is not None
+
+
 async def test_a_criterion_of_the_wrong_type_is_refused_at_once():
     """to=[...] used to wait out its timeout when nothing came, and raise AttributeError at the first message."""
     box = mailbox()
