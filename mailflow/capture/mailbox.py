@@ -180,7 +180,8 @@ class Criteria:
         return self.match is None or bool(self.match(message))
 
     def describe(self) -> str:
-        said = [f"to={self.to!r}" if self.to is not None else "", f"sender={self.sender!r}" if self.sender is not None else "",
+        said = [f"to={self.to!r}" if self.to is not None else "",
+                f"sender={self.sender!r}" if self.sender is not None else "",
                 f"subject={getattr(self.subject, 'pattern', self.subject)!r}" if self.subject is not None else "",
                 f"match={getattr(self.match, '__name__', 'callable')}" if self.match is not None else ""]
         return " ".join(s for s in said if s) or "any message"
