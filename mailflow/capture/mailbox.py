@@ -13,7 +13,8 @@
                          over SMTP or no transcripts are kept), `history` (the queue's events for its queue id,
                          as they are now), and helpers: subject, text, html, attachments, inline, links, header()
     Criteria(to, sender, subject, match)   which messages a wait or a test wants (see `matches`)
-    WaitTimeout          (an AssertionError) raised by `wait`: its text lists what did arrive
+    WaitTimeout          (an AssertionError) raised by `wait`: its text counts what did arrive and lists the
+                         newest REPORT_LIMIT of those messages
 
 Bounded: past `max_messages` or `max_bytes` the oldest messages are dropped (counted as deleted). Waiting
 costs nothing while nothing arrives: each `add` wakes the waiters once.
@@ -187,16 +188,23 @@ class Criteria:
         return " ".join(s for s in said if s) or "any message"
 
 
+REPORT_LIMIT = 50  # messages a failed wait lists (the newest): a test's failure stays readable
+
+
 class WaitTimeout(AssertionError):
     """The messages waited for did not arrive in time; the text lists those that did."""
 
 
 def timeout_report(criteria: Criteria, count: int, timeout: float, found: list[CapturedMessage],
-                   arrived: list[CapturedMessage], *, waited: str = "") -> str:
+                   arrived: list[CapturedMessage], *, waited: str = "", limit: int | None = None) -> str:
+    """What a wait that failed saw: the counts, and each message that arrived (the newest `limit` of them)."""
     waited = waited or f"waited {timeout:g}s"
     lines = [f"{waited} for {count} message{'s' if count != 1 else ''} ({criteria.describe()}): "
              f"{len(found)} matched; {len(arrived)} arrived:"]
-    lines += [f"  {i}. {m.describe()}" for i, m in enumerate(arrived, 1)] or ["  (none)"]
+    skipped = max(0, len(arrived) - limit) if limit is not None else 0
+    if skipped:
+        lines.append(f"  ({skipped} older not listed)")
+    lines += [f"  {i}. {m.describe()}" for i, m in enumerate(arrived[skipped:], skipped + 1)] or ["  (none)"]
     return "\n".join(lines)
 
 
@@ -275,11 +283,11 @@ class Mailbox:
             if len(found) >= count:
                 return found
             if self._closed:
-                raise RuntimeError(timeout_report(criteria, count, timeout, found, self.messages,
+                raise RuntimeError(timeout_report(criteria, count, timeout, found, self.messages, limit=REPORT_LIMIT,
                                                   waited="the server stopped: no more messages will come; waited"))
             left = deadline - loop.time()
             if left <= 0:
-                raise WaitTimeout(timeout_report(criteria, count, timeout, found, self.messages))
+                raise WaitTimeout(timeout_report(criteria, count, timeout, found, self.messages, limit=REPORT_LIMIT))
             try:
                 await asyncio.wait_for(self._arrived.wait(), left)
             except TimeoutError:

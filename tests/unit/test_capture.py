@@ -72,6 +72,19 @@ async def test_wait_returns_when_enough_arrive_and_reports_what_did():
     assert isinstance(failure.value, AssertionError)
 
 
+async def test_a_failed_wait_lists_the_newest_messages_and_counts_them_all():
+    """A wait that failed on a Sink shared by a whole suite used to list every message it held (1000 lines)."""
+    box = mailbox(max_messages=200)
+    for n in range(120):
+        add(box, f"n{n}", queue_id=f"Q{n}")
+    with pytest.raises(WaitTimeout) as failure:
+        await box.wait(Criteria(to="nobody@example.com"), 1, timeout=0.01)
+    lines = str(failure.value).splitlines()
+    assert lines[0].endswith("0 matched; 120 arrived:") and lines[1] == "  (70 older not listed)"
+    assert lines[2].startswith("  71. ") and "'n70'" in lines[2] and lines[-1].startswith("  120. ")
+    assert len(lines) == 52
+
+
 def test_criteria():
     msg = add(mailbox(), "Your Order 42", rcpts=("Bob@Example.com", "x@y.test"))
     assert Criteria(to="bob@example.com").matches(msg) and Criteria(to="*@y.test").matches(msg)
