@@ -44,7 +44,6 @@ caller defers the recipient; the administrator or the user can fix the file.
 from __future__ import annotations
 
 import os
-import pwd
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Union
@@ -55,6 +54,7 @@ from mailflow.aliases import (AddressTarget, AliasSyntaxError, CommandTarget, Fi
 from mailflow.errors import TemporaryError
 from mailflow.model import AddressClass
 from mailflow.tables import split_extension
+from mailflow.transports.local.asuser import call_as
 
 EXPANSION_LIMIT = 1000
 INCLUDE_DEPTH = 10
@@ -107,48 +107,22 @@ def read_small_file(path: Path) -> str | None:
 
 
 def read_small_file_as(path: Path, user: str) -> str | None:
-    """`read_small_file` with `user`'s uid, gid and groups, in a child forked for it (this process stays root);
-    the child sends back "F" and the bytes, "N" for no such file, or "E" and the error."""
-    try:
-        pw = pwd.getpwnam(user)
-    except KeyError:
-        raise TemporaryError("4.3.0", f"cannot read {path} as {user}: no such user") from None
-    if pw.pw_uid == 0:
-        raise TemporaryError("4.3.0", f"refusing to read {path} as {user}: uid 0")
-    groups = os.getgrouplist(user, pw.pw_gid)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: switch identity, read, report, exit
-        os.close(read_end)
-        try:
-            os.setgroups(groups)
-            os.setgid(pw.pw_gid)
-            os.setuid(pw.pw_uid)
-            report = b"F" + path.read_bytes()
-        except FileNotFoundError:
-            report = b"N"
-        except BaseException as e:  # noqa: BLE001 - the child must always exit here
-            report = b"E" + str(getattr(e, "strerror", None) or e).encode("utf-8", "replace")
-        try:
-            view = memoryview(report)
-            while view:
-                view = view[os.write(write_end, view):]
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as f:
-        report = f.read()
-    os.waitpid(pid, 0)
-    kind, data = report[:1], report[1:]
-    if kind == b"N":
+    """`read_small_file` with `user`'s rights (asuser.call_as: a child forked for it; this process stays root)."""
+    data = call_as(user, f"read {path}", _file_or_nothing, path)
+    if data[:1] == b"N":
         return None
-    if kind != b"F":
-        reason = data.decode("utf-8", "replace") if kind == b"E" else "the reading process failed"
-        raise TemporaryError("4.3.0", f"cannot read {path} as {user}: {reason}")
     try:
-        return data.decode("utf-8")
+        return data[1:].decode("utf-8")
     except UnicodeDecodeError as e:
         raise TemporaryError("4.3.0", f"cannot read {path}: {e}") from None
+
+
+def _file_or_nothing(path: Path) -> bytes:
+    """"F" and the file's bytes, "N" when there is no such file."""
+    try:
+        return b"F" + path.read_bytes()
+    except FileNotFoundError:
+        return b"N"
 
 
 @dataclass(frozen=True)

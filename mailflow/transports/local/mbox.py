@@ -54,7 +54,6 @@ import errno
 import fcntl
 import logging
 import os
-import pwd
 import re
 import stat
 import struct
@@ -67,6 +66,7 @@ from mailflow.content import Content
 from mailflow.errors import DeliveryError, PermanentError, TemporaryError
 from mailflow.syntax import mask_control
 from mailflow.transports.encode import FinalNewline, ToLf, encode, mboxrd_quoting
+from mailflow.transports.local.asuser import call_as
 
 log = logging.getLogger("mailflow.mbox")
 
@@ -178,39 +178,14 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes], *,
 
 
 def _append_as(user: str, *args) -> None:
-    """`_append` in a child process forked from this worker thread, as `user`. The child does nothing but
-    switch identity, append and exit: it touches no lock another thread of this process could hold. Its
-    DeliveryError comes back over a pipe ("P|T dsn text")."""
-    try:
-        pw = pwd.getpwnam(user)
-    except KeyError:
-        raise TemporaryError("4.3.0", f"cannot write as {user}: no such user") from None
-    if pw.pw_uid == 0:
-        raise TemporaryError("4.3.0", f"refusing to write as {user}: uid 0")
-    groups = os.getgrouplist(user, pw.pw_gid)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child
-        os.close(read_end)
-        status, report = 0, b""
-        try:
-            os.setgroups(groups)
-            os.setgid(pw.pw_gid)
-            os.setuid(pw.pw_uid)
-            _append(*args)
-        except DeliveryError as e:
-            status, report = 1, f"{'P' if e.permanent else 'T'} {e.dsn} {e.text}".encode("utf-8", "replace")
-        except BaseException as e:  # noqa: BLE001 - the child must always exit here
-            status, report = 1, f"T 4.3.0 cannot write as {user}: {e}".encode("utf-8", "replace")
-        os.write(write_end, report[:4096])
-        os._exit(status)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as f:
-        report = f.read()
-    os.waitpid(pid, 0)
-    if report:
-        kind, dsn, text = report.decode("utf-8", "replace").split(" ", 2)
-        raise (PermanentError if kind == "P" else TemporaryError)(dsn, text)
+    """`_append` with `user`'s rights, in a child process forked from this worker thread (asuser.call_as); its
+    DeliveryError comes back as itself."""
+    call_as(user, "write", _appended, *args)
+
+
+def _appended(*args) -> bytes:
+    _append(*args)
+    return b""
 
 
 def _append(path: Path, entry: bytes | Iterable[bytes], locks: tuple[LockStyle, ...], lock_timeout: float,

@@ -1,0 +1,72 @@
+"""Work done with another user's rights, without this process ever changing identity.
+
+    call_as(user, doing, fn, *args) -> bytes    fn(*args) in a child forked for it, running with `user`'s uid, gid
+                                                and groups; its bytes come back over a pipe
+
+The child switches identity, calls `fn`, writes what it returned (or the error it raised) to the pipe and
+exits; it touches nothing else, so no lock another thread of this process holds can matter to it. Call it from a
+worker thread (asyncio.to_thread): the parent blocks until the child is done.
+
+Failure behaviour: `TemporaryError` 4.3.0 when `user` does not exist or is root (`refusing to DOING as USER: uid
+0`), or when `fn` raised anything but a DeliveryError (`cannot DOING as USER: reason`); a DeliveryError raised by
+`fn` is raised again here with its permanence, status and text.
+"""
+from __future__ import annotations
+
+import os
+import pwd
+from typing import Callable
+
+from mailflow.errors import DeliveryError, PermanentError, TemporaryError
+
+RESULT, DELIVERY_ERROR, OTHER_ERROR = b"R", b"D", b"E"
+
+
+def call_as(user: str, doing: str, fn: Callable[..., bytes], *args) -> bytes:
+    """See the module docstring."""
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise TemporaryError("4.3.0", f"cannot {doing} as {user}: no such user") from None
+    if pw.pw_uid == 0:
+        raise TemporaryError("4.3.0", f"refusing to {doing} as {user}: uid 0")
+    groups = os.getgrouplist(user, pw.pw_gid)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: switch identity, call, report, exit
+        os.close(read_end)
+        _report_and_exit(write_end, lambda: _switched(groups, pw.pw_gid, pw.pw_uid, fn, args))
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        report = f.read()
+    os.waitpid(pid, 0)
+    kind, data = report[:1], report[1:]
+    if kind == RESULT:
+        return data
+    if kind == DELIVERY_ERROR:
+        permanence, dsn, text = data.decode("utf-8", "replace").split(" ", 2)
+        raise (PermanentError if permanence == "P" else TemporaryError)(dsn, text)
+    reason = data.decode("utf-8", "replace") if kind == OTHER_ERROR else "the child process failed"
+    raise TemporaryError("4.3.0", f"cannot {doing} as {user}: {reason}")
+
+
+def _switched(groups: list[int], gid: int, uid: int, fn: Callable[..., bytes], args: tuple) -> bytes:
+    os.setgroups(groups)
+    os.setgid(gid)
+    os.setuid(uid)
+    return fn(*args)
+
+
+def _report_and_exit(fd: int, work: Callable[[], bytes]) -> None:
+    try:
+        report = RESULT + work()
+    except DeliveryError as e:
+        report = DELIVERY_ERROR + f"{'P' if e.permanent else 'T'} {e.dsn} {e.text}".encode("utf-8", "replace")
+    except BaseException as e:  # noqa: BLE001 - the child must always exit here
+        report = OTHER_ERROR + str(getattr(e, "strerror", None) or e).encode("utf-8", "replace")
+    try:
+        view = memoryview(report)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os._exit(0)
