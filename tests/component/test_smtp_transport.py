@@ -59,6 +59,21 @@ def mx_zone(*lines: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+@pytest.fixture
+async def zone_resolver(dns_zone):
+    """`zone_resolver(*records, servfail=())`: a resolver asking an in-process DNS server that holds `records`
+    (servfail: names it answers SERVFAIL for); closed at the end of the test."""
+    made: list[AiodnsResolver] = []
+
+    def make(*records: str, servfail: tuple[str, ...] = ()) -> AiodnsResolver:
+        made.append(AiodnsResolver(nameservers=(dns_zone(mx_zone(*records), servfail),), timeout=1.0, tries=1))
+        return made[-1]
+
+    yield make
+    for resolver in made:
+        await resolver.close()
+
+
 async def deliver(transport: SmtpTransport, request: DeliveryRequest):
     try:
         return await asyncio.wait_for(transport.deliver(request), 5)
@@ -187,19 +202,15 @@ async def test_starttls_is_used_when_offered_and_level_is_may(smtp_peer):
 # ---------------------------------------------------------------------------------------------------- MX routing
 
 
-async def test_dead_first_mx_falls_back_to_second(smtp_peer, dns_zone):
+async def test_dead_first_mx_falls_back_to_second(smtp_peer, zone_resolver):
     peer = await smtp_peer("127.0.0.1")  # nothing listens on 127.0.0.2 at this port
-    nameserver = dns_zone(mx_zone(
+    resolver = zone_resolver(
         "example.test. 300 IN MX 10 mx1.example.test.",
         "example.test. 300 IN MX 20 mx2.example.test.",
         "mx1.example.test. 300 IN A 127.0.0.2",
         "mx2.example.test. 300 IN A 127.0.0.1",
-    ))
-    resolver = AiodnsResolver(nameservers=(nameserver,), timeout=1.0, tries=1)
-    try:
-        report = await deliver(make_transport(resolver), make_request(f"example.test:{peer.port}"))
-    finally:
-        await resolver.close()
+    )
+    report = await deliver(make_transport(resolver), make_request(f"example.test:{peer.port}"))
     assert report.site_ok
     assert report.results[0].outcome is Outcome.SENT
     assert report.results[0].relay == f"mx2.example.test[127.0.0.1]:{peer.port}"
@@ -207,7 +218,7 @@ async def test_dead_first_mx_falls_back_to_second(smtp_peer, dns_zone):
 
 
 async def test_a_temporary_refusal_by_a_peer_that_is_not_the_last_leaves_the_recipient_to_the_next(
-        smtp_peer, dns_zone):
+        smtp_peer, zone_resolver):
     """Postfix's smtp_rcpt_fail / smtp_mesg_fail: a soft error at a server that is not the final one keeps the
     recipient for the next (greylisted at MX 10, taken by MX 20); a 5xx is final wherever it comes from; the
     second session is the last (smtp_mx_session_limit = 2)."""
@@ -217,17 +228,13 @@ async def test_a_temporary_refusal_by_a_peer_that_is_not_the_last_leaves_the_rec
     primary.handler.rcpt_replies = {"grey@example.test": "450 4.2.0 greylisted", "gone@example.test": "550 5.1.1 no",
                                     "later@example.test": "451 4.3.0 later"}
     backup.handler.rcpt_replies = {"later@example.test": "452 4.3.1 full"}
-    nameserver = dns_zone(mx_zone(
+    resolver = zone_resolver(
         "example.test. 300 IN MX 10 mx1.example.test.", "example.test. 300 IN MX 20 mx2.example.test.",
         "example.test. 300 IN MX 30 mx3.example.test.", "mx1.example.test. 300 IN A 127.0.0.2",
         "mx2.example.test. 300 IN A 127.0.0.3", "mx3.example.test. 300 IN A 127.0.0.4",
-    ))
-    resolver = AiodnsResolver(nameservers=(nameserver,), timeout=1.0, tries=1)
-    try:
-        report = await deliver(make_transport(resolver, port=primary.port), make_request(
-            "example.test", "ok@example.test", "grey@example.test", "gone@example.test", "later@example.test"))
-    finally:
-        await resolver.close()
+    )
+    report = await deliver(make_transport(resolver, port=primary.port), make_request(
+        "example.test", "ok@example.test", "grey@example.test", "gone@example.test", "later@example.test"))
     got = {r.recipient.address: (r.outcome, r.dsn, r.relay.partition("[")[0]) for r in report.results}
     assert got == {
         "ok@example.test": (Outcome.SENT, "2.0.0", "mx1.example.test"),
@@ -240,45 +247,39 @@ async def test_a_temporary_refusal_by_a_peer_that_is_not_the_last_leaves_the_rec
     assert third.messages == [] and report.site_ok
 
 
-async def test_what_a_cached_session_defers_goes_on_to_the_next_peer(smtp_peer, dns_zone):
+async def test_what_a_cached_session_defers_goes_on_to_the_next_peer(smtp_peer, zone_resolver):
     """The cached session is the delivery's first: a greylisting refusal there sends the recipient to MX 20."""
     primary = await smtp_peer("127.0.0.2")
     backup = await smtp_peer("127.0.0.3", primary.port)
     primary.handler.rcpt_replies = {"grey@example.test": "450 4.2.0 greylisted"}
-    nameserver = dns_zone(mx_zone(
+    resolver = zone_resolver(
         "example.test. 300 IN MX 10 mx1.example.test.", "example.test. 300 IN MX 20 mx2.example.test.",
         "mx1.example.test. 300 IN A 127.0.0.2", "mx2.example.test. 300 IN A 127.0.0.3",
-    ))
-    resolver = AiodnsResolver(nameservers=(nameserver,), timeout=1.0, tries=1)
+    )
     transport = make_transport(resolver, port=primary.port)
     try:
         first = await transport.deliver(make_request("example.test", "ok@example.test"))
         second = await transport.deliver(make_request("example.test", "grey@example.test"))
     finally:
         await transport.close()
-        await resolver.close()
     assert [r.relay.partition("[")[0] for r in first.results + second.results] == [
         "mx1.example.test", "mx2.example.test"]
     assert second.results[0].outcome is Outcome.SENT and second.site_ok
     assert [m.rcpt_tos for m in backup.messages] == [["grey@example.test"]]
 
 
-async def test_a_temporary_failure_whose_next_peer_cannot_be_reached_gets_that_peers_failure(smtp_peer, dns_zone):
+async def test_a_temporary_failure_whose_next_peer_cannot_be_reached_gets_that_peers_failure(smtp_peer, zone_resolver):
     """As Postfix's left-over recipients: the last reason is the unreachable backup's; with no backup at all,
     the reply of the only peer stands."""
     primary = await smtp_peer("127.0.0.2")
     primary.handler.mail_reply = "451 4.3.0 try later"
-    nameserver = dns_zone(mx_zone(
+    resolver = zone_resolver(
         "example.test. 300 IN MX 10 mx1.example.test.", "example.test. 300 IN MX 20 mx2.example.test.",
         "mx1.example.test. 300 IN A 127.0.0.2", "mx2.example.test. 300 IN A 127.0.0.3",  # nothing there
         "single.test. 300 IN MX 10 mx1.example.test.",
-    ))
-    resolver = AiodnsResolver(nameservers=(nameserver,), timeout=1.0, tries=1)
-    try:
-        both = await deliver(make_transport(resolver, port=primary.port), make_request("example.test"))
-        single = await deliver(make_transport(resolver, port=primary.port), make_request("single.test"))
-    finally:
-        await resolver.close()
+    )
+    both = await deliver(make_transport(resolver, port=primary.port), make_request("example.test"))
+    single = await deliver(make_transport(resolver, port=primary.port), make_request("single.test"))
     [r] = both.results
     assert (r.outcome, r.dsn, r.relay) == (Outcome.DEFERRED, "4.4.1", "none")
     assert r.text == f"connect to mx2.example.test[127.0.0.3]:{primary.port}: Connection refused"
@@ -288,50 +289,38 @@ async def test_a_temporary_failure_whose_next_peer_cannot_be_reached_gets_that_p
     assert r.text == "host mx1.example.test[127.0.0.2] said: 451 4.3.0 try later (in reply to MAIL FROM command)"
 
 
-async def test_lower_preference_is_tried_first(smtp_peer, dns_zone):
+async def test_lower_preference_is_tried_first(smtp_peer, zone_resolver):
     backup = await smtp_peer("127.0.0.1")
     primary = await smtp_peer("127.0.0.2", backup.port)
-    nameserver = dns_zone(mx_zone(
+    resolver = zone_resolver(
         "example.test. 300 IN MX 20 backup.example.test.",
         "example.test. 300 IN MX 10 primary.example.test.",
         "backup.example.test. 300 IN A 127.0.0.1",
         "primary.example.test. 300 IN A 127.0.0.2",
-    ))
-    resolver = AiodnsResolver(nameservers=(nameserver,), timeout=1.0, tries=1)
-    try:
-        report = await deliver(make_transport(resolver), make_request(f"example.test:{backup.port}"))
-    finally:
-        await resolver.close()
+    )
+    report = await deliver(make_transport(resolver), make_request(f"example.test:{backup.port}"))
     assert report.results[0].relay == f"primary.example.test[127.0.0.2]:{backup.port}"
     assert (len(primary.messages), len(backup.messages)) == (1, 0)
 
 
-async def test_implicit_mx_uses_the_domain_address(smtp_peer, dns_zone):
+async def test_implicit_mx_uses_the_domain_address(smtp_peer, zone_resolver):
     peer = await smtp_peer()
-    nameserver = dns_zone(mx_zone("implicit.test. 300 IN A 127.0.0.1"))
-    resolver = AiodnsResolver(nameservers=(nameserver,), timeout=1.0, tries=1)
-    try:
-        report = await deliver(make_transport(resolver), make_request(f"implicit.test:{peer.port}"))
-    finally:
-        await resolver.close()
+    resolver = zone_resolver("implicit.test. 300 IN A 127.0.0.1")
+    report = await deliver(make_transport(resolver), make_request(f"implicit.test:{peer.port}"))
     assert report.results[0].outcome is Outcome.SENT
     assert report.results[0].relay == f"implicit.test[127.0.0.1]:{peer.port}"
 
 
-async def test_an_mx_host_that_is_a_cname_is_followed(smtp_peer, dns_zone):
+async def test_an_mx_host_that_is_a_cname_is_followed(smtp_peer, zone_resolver):
     """Postfix tolerates an MX target that is an alias (RFC 5321 5.1 forbids it, real zones have it); the peer keeps
     the MX host's name."""
     peer = await smtp_peer()
-    nameserver = dns_zone(mx_zone(
+    resolver = zone_resolver(
         "example.test. 300 IN MX 10 alias.example.test.",
         "alias.example.test. 300 IN CNAME real.example.test.",
         "real.example.test. 300 IN A 127.0.0.1",
-    ))
-    resolver = AiodnsResolver(nameservers=(nameserver,), timeout=1.0, tries=1)
-    try:
-        report = await deliver(make_transport(resolver), make_request(f"example.test:{peer.port}"))
-    finally:
-        await resolver.close()
+    )
+    report = await deliver(make_transport(resolver), make_request(f"example.test:{peer.port}"))
     assert report.results[0].outcome is Outcome.SENT
     assert report.results[0].relay == f"alias.example.test[127.0.0.1]:{peer.port}"
 
@@ -392,43 +381,31 @@ async def test_the_addresses_of_one_host_are_tried_in_random_order(smtp_peer):
     assert again.results[0].relay == relays[0]
 
 
-async def test_null_mx_bounces_every_recipient_with_5_1_10(dns_zone):
-    nameserver = dns_zone(mx_zone("nullmx.test. 300 IN MX 0 ."))
-    resolver = AiodnsResolver(nameservers=(nameserver,), timeout=1.0, tries=1)
-    try:
-        report = await deliver(make_transport(resolver), make_request("nullmx.test", "a@nullmx.test", "b@nullmx.test"))
-    finally:
-        await resolver.close()
+async def test_null_mx_bounces_every_recipient_with_5_1_10(zone_resolver):
+    resolver = zone_resolver("nullmx.test. 300 IN MX 0 .")
+    report = await deliver(make_transport(resolver), make_request("nullmx.test", "a@nullmx.test", "b@nullmx.test"))
     assert [(r.outcome, r.dsn) for r in report.results] == [(Outcome.BOUNCED, "5.1.10")] * 2
     assert "nullmx.test does not accept mail" in report.results[0].text
 
 
-async def test_a_null_mx_beside_other_mx_records_still_bounces_without_connecting(smtp_peer, dns_zone):
+async def test_a_null_mx_beside_other_mx_records_still_bounces_without_connecting(smtp_peer, zone_resolver):
     """RFC 7505 3: a null MX MUST be the only MX; Postfix's dns_lookup takes any "." in the RRset as a null MX."""
     peer = await smtp_peer()
-    nameserver = dns_zone(mx_zone(
+    resolver = zone_resolver(
         "mixed.test. 300 IN MX 0 .", "mixed.test. 300 IN MX 10 mx.mixed.test.", "mx.mixed.test. 300 IN A 127.0.0.1",
-    ))
-    resolver = AiodnsResolver(nameservers=(nameserver,), timeout=1.0, tries=1)
-    try:
-        report = await deliver(make_transport(resolver), make_request(f"mixed.test:{peer.port}", "a@mixed.test"))
-    finally:
-        await resolver.close()
+    )
+    report = await deliver(make_transport(resolver), make_request(f"mixed.test:{peer.port}", "a@mixed.test"))
     [result] = report.results
     assert (result.outcome, result.dsn) == (Outcome.BOUNCED, "5.1.10")
     assert result.text == "Domain mixed.test does not accept mail (nullMX)"
     assert peer.messages == []
 
 
-async def test_nxdomain_bounces_with_5_4_4_as_postfix(dns_zone):
+async def test_nxdomain_bounces_with_5_4_4_as_postfix(zone_resolver):
     """Postfix's smtp_domain_addr: an MX lookup that finds no such name goes on to the name's addresses
     (smtp_host_addr), whose "Host not found" bounces with 5.4.4."""
-    nameserver = dns_zone(mx_zone("example.test. 300 IN A 127.0.0.1"))
-    resolver = AiodnsResolver(nameservers=(nameserver,), timeout=1.0, tries=1)
-    try:
-        report = await deliver(make_transport(resolver), make_request("nowhere.test", "x@nowhere.test"))
-    finally:
-        await resolver.close()
+    resolver = zone_resolver("example.test. 300 IN A 127.0.0.1")
+    report = await deliver(make_transport(resolver), make_request("nowhere.test", "x@nowhere.test"))
     result = report.results[0]
     assert (result.outcome, result.dsn, result.relay) == (Outcome.BOUNCED, "5.4.4", "none")
     assert result.text == ("Host or domain name not found. Name service error for name=nowhere.test type=A: "
@@ -436,13 +413,9 @@ async def test_nxdomain_bounces_with_5_4_4_as_postfix(dns_zone):
     assert report.site_ok
 
 
-async def test_dns_failure_defers_with_site_not_ok(dns_zone):
-    nameserver = dns_zone(mx_zone("example.test. 300 IN A 127.0.0.1"), servfail=("broken.test",))
-    resolver = AiodnsResolver(nameservers=(nameserver,), timeout=1.0, tries=1)
-    try:
-        report = await deliver(make_transport(resolver), make_request("broken.test", "x@broken.test"))
-    finally:
-        await resolver.close()
+async def test_dns_failure_defers_with_site_not_ok(zone_resolver):
+    resolver = zone_resolver("example.test. 300 IN A 127.0.0.1", servfail=("broken.test",))
+    report = await deliver(make_transport(resolver), make_request("broken.test", "x@broken.test"))
     result = report.results[0]
     assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.4.3")
     assert not report.site_ok
@@ -1058,16 +1031,16 @@ async def test_encrypt_refused_starttls_by_the_last_peer_bounces_with_the_reply(
     assert report.site_ok and peer.messages == []
 
 
-async def test_a_5xx_to_helo_bounces_at_once_and_no_other_peer_is_tried(smtp_peer, dns_zone):
+async def test_a_5xx_to_helo_bounces_at_once_and_no_other_peer_is_tried(smtp_peer, zone_resolver):
     """EHLO and HELO refused with 5xx: the mail bounces with that reply, MX 20 is not tried (Postfix's
     smtp_bulk_fail bounces a hard error wherever it comes from); a 5xx greeting is skipped like a 4xx."""
     refusing = await asyncio.start_server(refuse_helo, "127.0.0.2", 0)
     port = refusing.sockets[0].getsockname()[1]
     good = await smtp_peer("127.0.0.3", port)
     try:
-        zone = mx_zone("example.test. 300 IN MX 10 mx1.example.test.", "example.test. 300 IN MX 20 mx2.example.test.",
-                       "mx1.example.test. 300 IN A 127.0.0.2", "mx2.example.test. 300 IN A 127.0.0.3")
-        resolver = AiodnsResolver(nameservers=(dns_zone(zone),), timeout=1.0, tries=1)
+        resolver = zone_resolver("example.test. 300 IN MX 10 mx1.example.test.",
+                                 "example.test. 300 IN MX 20 mx2.example.test.",
+                                 "mx1.example.test. 300 IN A 127.0.0.2", "mx2.example.test. 300 IN A 127.0.0.3")
         report = await deliver(make_transport(resolver, port=port), make_request("example.test"))
         result = report.results[0]
         assert (result.outcome, result.dsn, result.relay) == (Outcome.BOUNCED, "5.5.4",
