@@ -10,7 +10,8 @@ the selections, the actions, the layouts' JSON) on the running server's store. d
     GET  /api/queue                    messages (as `mailflow queue list --json`): ?queue=incoming,deferred|all
                                        &ids=A,B&from=&to_domain=&older_than=1h&after=ID&limit=100 (at most
                                        1000); {"messages": [...], "next": ID of the last one when more may follow}
-    GET  /api/queue/shape              qshape (as `mailflow queue shape --json`): ?queue=&top=20
+    GET  /api/queue/shape              qshape (as `mailflow queue shape --json`; by default the incoming, active
+                                       and deferred queues, the backlog the queue page shows): ?queue=&top=20
     GET  /api/queue/{id}               envelope, recipients, header section and history (what this server
                                        logged of it lately); 404 when it is not queued
     GET  /api/queue/{id}/raw           the message as queued (message/rfc822, streamed)
