@@ -213,16 +213,15 @@ def _collect(reply: p.Reply, edits: Edits, spec: str) -> None:
         edits.headers.append((kind, index, name, value))
     elif c == p.CHGFROM:
         strings = reply.strings()
-        sender = _envelope_address(strings[0] if strings else "")
+        sender = _envelope_address(reply.text())
         if sender is None:
-            log.warning("milter %s: new sender %r is not an address: edit ignored", spec, strings[:1])
+            log.warning("milter %s: new sender %r is not an address: edit ignored", spec, reply.text()[:100])
             return
         edits.sender = (f"<{sender}>", " ".join(strings[1:]))
     elif c in (p.ADDRCPT, p.ADDRCPT_PAR):
-        strings = reply.strings()
-        recipient = _envelope_address(strings[0] if strings else "")
+        recipient = _envelope_address(reply.text())
         if not recipient:
-            log.warning("milter %s: added recipient %r is not an address: edit ignored", spec, strings[:1])
+            log.warning("milter %s: added recipient %r is not an address: edit ignored", spec, reply.text()[:100])
             return
         edits.add_recipients.append(f"<{recipient}>")
     elif c == p.DELRCPT:
