@@ -176,14 +176,12 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def read_maildrop(path: Path) -> MaildropMessage:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the caller (pickup's event loop)
-    except IsADirectoryError:
-        raise CorruptMaildrop("not a regular file") from None
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the caller (pickup's event loop)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):  # (a directory opens too, and open() below would refuse it, fd unclosed)
+        os.close(fd)
+        raise CorruptMaildrop("not a regular file")
     with open(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise CorruptMaildrop("not a regular file")
         first = f.readline(HEADER_LIMIT)
     if not first.endswith(b"\n"):
         raise CorruptMaildrop("no envelope line (empty, truncated or not a maildrop file)")

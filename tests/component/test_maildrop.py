@@ -332,6 +332,15 @@ async def test_a_fifo_or_a_deeply_nested_envelope_is_set_aside_and_does_not_stop
     assert maildrop_names(drop) == [] and not released.is_set()
 
 
+def test_a_directory_in_the_maildrop_is_corrupt_and_holds_no_descriptor(tmp_path):
+    (tmp_path / "00000000000000DIRX").mkdir()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(CorruptMaildrop, match="not a regular file"):
+            read_maildrop(tmp_path / "00000000000000DIRX")
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 async def test_a_temporary_file_left_by_a_dead_sendmail_is_removed_after_a_day(mailflow_server):
     mf = await mailflow_server()
     drop = mf.config.queue_path / "maildrop"
