@@ -29,6 +29,7 @@ search order, pattern tables asked the full key only, a table that may block in 
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import ipaddress
 import logging
@@ -293,13 +294,16 @@ class SmtpTransport:
         """The hosts to try, each with its addresses when they had to be looked up here (None: later, as needed).
         When the next hop's port is one this server listens on (Postfix: port 25, so that a content filter on
         127.0.0.1:10025 is no loop), Postfix's loop detection (smtp_find_self, smtp_truncate_self, RFC 5321
-        5.1): every host is looked up, and the hosts at or after the preference of the first one with one of
+        5.1): every host is looked up (all at once: a slow lower MX does not hold up the rest), and the hosts at or after the preference of the first one with one of
         this server's addresses are dropped. Raises PermanentError 5.4.6 "mail for
         X loops back to myself" when this server is (one of) the best, TemporaryError 4.4.4 "unable to find
         primary relay for X" when only better hosts without an address are left."""
         if not self._own_addresses or nexthop.port not in self._own_ports:
             return [(mx, None) for mx in hosts]
-        found = [(mx, await self._addresses(mx.host, dns_failures)) for mx in hosts]
+        failures: list[list[DeliveryError]] = [[] for _ in hosts]  # kept in host order, whichever answers first
+        looked_up = await asyncio.gather(*(self._addresses(mx.host, f) for mx, f in zip(hosts, failures)))
+        dns_failures.extend(failure for host_failures in failures for failure in host_failures)
+        found = list(zip(hosts, looked_up))
         mine = next((mx.preference for mx, addresses in found if any(self._is_mine(a) for a in addresses)), None)
         if mine is None:
             return found
