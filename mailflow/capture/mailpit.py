@@ -47,7 +47,7 @@ from aiohttp import web
 
 from mailflow import __version__
 from mailflow.capture import mime, search
-from mailflow.capture.mailbox import CapturedMessage, Criteria, WaitTimeout, timeout_report
+from mailflow.capture.mailbox import REPORT_LIMIT, CapturedMessage, Criteria, WaitTimeout, timeout_report
 from mailflow.capture.recorders import Capture
 
 DEFAULT_LIMIT = 50
@@ -347,7 +347,7 @@ def routes(capture: Capture, *, waiters_limit: int, wait_time_limit: float) -> w
         except WaitTimeout:
             everything = mailbox.messages
             found = [m for m in everything if criteria.matches(m)]
-            report = timeout_report(Criteria(), count, timeout, found, everything)
+            report = timeout_report(Criteria(), count, timeout, found, everything, limit=REPORT_LIMIT)
             body = {"error": f"query {query!r}: " + report, **listing(found, everything, 0, len(found) or 1)}
             return web.json_response(body, status=408)
         finally:
