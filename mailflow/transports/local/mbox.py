@@ -227,9 +227,7 @@ def _open_mailbox(path: Path, owner: tuple[int, int] | None = None) -> int:
             raise PermanentError("5.2.0", f"mailbox {path} is not a regular file")
         if st.st_nlink != 1:
             raise PermanentError("5.2.0", f"mailbox {path} has {st.st_nlink} hard links")
-        if owner is not None and st.st_uid != owner[0]:
-            log.warning("mailbox %s belongs to uid %d, not to its recipient's uid %d: not written",
-                        path, st.st_uid, owner[0])
+        if owner is not None and st.st_uid != owner[0]:  # (qmgr logs the deferral, with the queue id)
             raise TemporaryError("4.2.0", f"destination {path} is not owned by recipient")
     except BaseException:
         os.close(fd)
