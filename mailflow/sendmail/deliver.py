@@ -54,8 +54,8 @@ def run(opts: Options, config: Config, stdin: BinaryIO, stdout: BinaryIO, stderr
 
 @contextlib.contextmanager
 def _cleanup_on_signals() -> Iterator[list[int]]:
-    """While inside, CLEANUP_SIGNALS raise Signalled (so that write_maildrop removes its temporary file); on the
-    way out the previous handlers are back. Outside the main thread (signals cannot be caught there) nothing."""
+    """While inside, CLEANUP_SIGNALS not ignored by the caller raise Signalled (so that write_maildrop removes its
+    temporary file); on the way out the previous handlers are back. Outside the main thread (signals cannot be caught there) nothing."""
     caught: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield caught
@@ -64,7 +64,9 @@ def _cleanup_on_signals() -> Iterator[list[int]]:
     def handler(number: int, frame) -> None:
         raise Signalled(number)
 
-    previous = {number: signal.signal(number, handler) for number in CLEANUP_SIGNALS}
+    # A signal the caller ignores (SIGHUP under nohup) stays ignored, as Postfix's postdrop leaves it.
+    previous = {number: signal.signal(number, handler) for number in CLEANUP_SIGNALS
+                if signal.getsignal(number) is not signal.SIG_IGN}
     try:
         yield caught
     finally:

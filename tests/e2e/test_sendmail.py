@@ -223,6 +223,24 @@ async def test_sendmail_terminated_mid_message_leaves_no_file_in_the_maildrop(cf
         assert os.listdir(drop) == []
 
 
+async def test_sendmail_under_nohup_ignores_a_hangup_and_stores_the_message(cfg, tmp_path):
+    """A SIGHUP the caller ignores (nohup) stays ignored, as with Postfix's postdrop: the message is stored."""
+    drop = tmp_path / "queue" / "maildrop"
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "mailflow", "sendmail", "-C", str(cfg()),
+                                                "bob@local.test", stdin=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE,
+                                                preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    assert proc.stdin is not None
+    proc.stdin.write(b"Subject: nohup\n\n" + b"x" * 100_000 + b"\n")
+    await proc.stdin.drain()
+    await eventually(lambda: drop.is_dir() and os.listdir(drop), timeout=10)  # being written
+    proc.send_signal(signal.SIGHUP)
+    proc.stdin.close()
+    await asyncio.wait_for(proc.wait(), 10)
+    assert proc.returncode == 0
+    assert len(maildrop_names(drop)) == 1
+
+
 async def test_bs_refuses_recipients_past_the_recipient_limit(cfg, tmp_path):
     config = cfg(smtpd={"listen": ["127.0.0.1:0"], "recipient_limit": 2})
     rcpts = b"".join(b"RCPT TO:<u%d@local.test>\r\n" % i for i in range(3))
