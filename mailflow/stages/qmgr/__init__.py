@@ -510,7 +510,7 @@ class QueueManager:
         """The end of the attempt; `last`: the results of the job that ended it, not recorded yet."""
         msg = active.message
         try:
-            if active.withdrawn == "deleted" or (_content_missing(active) and not await self._still_queued(msg)):
+            if active.withdrawn == "deleted" or (_content_missing(active) and await self._queue_state(msg) is None):
                 self._log.removed(msg.queue_id)  # by an operator; nothing left to record
             elif _content_missing(active):
                 await self._writes.run(lambda: self._store.mark_corrupt([msg.queue_id]))
@@ -532,7 +532,7 @@ class QueueManager:
         pending = [r for r in active.attempt + last if r.outcome is Outcome.DEFERRED]
         held = active.withdrawn == "hold"  # the operator's hold wins: nothing expires, nobody is told
         expired = [] if held else _expire(pending, now - msg.arrival, lifetime)
-        if expired and not await self._still_active(msg):  # held or deleted meanwhile, before a poll saw it
+        if expired and await self._queue_state(msg) != "active":  # held or deleted meanwhile, before a poll saw it
             held, expired = True, []
         if expired:
             pending = []
@@ -557,12 +557,10 @@ class QueueManager:
             self._next_scan = retry_at
             self._wakeup.set()  # the loop sleeps until the scan it knew of: it must look again
 
-    async def _still_active(self, msg: QueuedMessage) -> bool:
+    async def _queue_state(self, msg: QueuedMessage) -> str | None:
+        """The message's queue now (an operator may have held or deleted it meanwhile); None: gone."""
         states = await self._writes.run(lambda: self._store.queue_states([msg.queue_id]))
-        return states.get(msg.queue_id) == "active"
-
-    async def _still_queued(self, msg: QueuedMessage) -> bool:
-        return msg.queue_id in await self._writes.run(lambda: self._store.queue_states([msg.queue_id]))
+        return states.get(msg.queue_id)
 
     async def _make_notices(self, active: ActiveMessage, results: list[RcptResult], now: float, warn: bool,
                             retry_until: float):
