@@ -171,7 +171,7 @@ class Pickup:
     async def _pick(self, name: str) -> bool:
         path = self.maildrop / name
         try:
-            message = read_maildrop(path)
+            message = await asyncio.to_thread(read_maildrop, path)  # an envelope line may be 16 MB of JSON
             self._check_owner(message)
         except FileNotFoundError:
             return False  # taken by another scan or removed by an operator
