@@ -91,7 +91,9 @@ START_LOCK_WAIT = 60.0  # seconds a start waits for a queue database another pro
 
 
 def _locked(error: sqlite3.OperationalError) -> bool:
-    return "locked" in str(error) or "busy" in str(error)
+    """Another connection holds the database (SQLITE_BUSY or SQLITE_LOCKED, extended codes included)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def non_smtpd_milters(config: Config) -> NonSmtpdMilters | None:
