@@ -48,8 +48,7 @@ class Notice:
 
 def plan(message: QueuedMessage, results: list[RcptResult], *, warn_delay: bool, myhostname: str,
          double_bounce_recipient: str, now: float) -> list[Notice]:
-    double_bounce_sender = f"double-bounce@{myhostname}"
-    if message.sender == double_bounce_sender:
+    if _is_double_bounce(message, myhostname):
         return []  # a failed double bounce is dropped
     wanted = [("failure", Outcome.BOUNCED), ("success", Outcome.SENT)]
     if warn_delay:
@@ -65,14 +64,22 @@ def plan(message: QueuedMessage, results: list[RcptResult], *, warn_delay: bool,
             notices.append(Notice(kind, "", message.sender, chosen))
         elif kind == "failure" and double_bounce_recipient:
             to = double_bounce_recipient if "@" in double_bounce_recipient else f"{double_bounce_recipient}@{myhostname}"
-            notices.append(Notice(kind, double_bounce_sender, to, chosen))
+            notices.append(Notice(kind, _double_bounce_sender(myhostname), to, chosen))
     return notices
 
 
 def discarded(message: QueuedMessage, results: list[RcptResult], *, myhostname: str) -> bool:
     """Whether these results bounce a double bounce, which is dropped (Postfix's bounce(8) logs "undeliverable
     postmaster notification discarded")."""
-    return message.sender == f"double-bounce@{myhostname}" and any(r.outcome is Outcome.BOUNCED for r in results)
+    return _is_double_bounce(message, myhostname) and any(r.outcome is Outcome.BOUNCED for r in results)
+
+
+def _double_bounce_sender(myhostname: str) -> str:
+    return f"double-bounce@{myhostname}"
+
+
+def _is_double_bounce(message: QueuedMessage, myhostname: str) -> bool:
+    return message.sender == _double_bounce_sender(myhostname)
 
 
 def _notice_recipient(result: RcptResult, now: float) -> NoticeRecipient:
