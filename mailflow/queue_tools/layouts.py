@@ -18,7 +18,7 @@ import codecs
 import dataclasses
 import json
 import time
-from typing import IO, Iterable, Iterator, Sequence
+from typing import IO, AsyncIterator, Iterable, Iterator, Sequence
 
 from mailflow.content import Content
 from mailflow.logs import printable
@@ -78,16 +78,24 @@ def mailq_footer(total_bytes: int, count: int) -> str:
     return f"-- {total_bytes // 1024} Kbytes in {count} Request{'' if count == 1 else 's'}."
 
 
+async def _entries(store, queues: Sequence[str], selection: Selection, now: float, *,
+                   pending_only: bool) -> AsyncIterator[tuple[MessageRow, Sequence[RecipientRow]]]:
+    """Each selected message with its recipients (only those still pending, with `pending_only`), a page of
+    CHUNK messages and their recipients in memory at a time."""
+    async for page in pages(store, queues, selection, now, ids_only=False):
+        rcpts = await store.recipients_of([row.queue_id for row in page], pending_only=pending_only)
+        for row in page:
+            yield row, rcpts.get(row.queue_id, ())
+
+
 async def write_mailq(store, out: IO[str], queues: Sequence[str], selection: Selection, now: float) -> int:
     """Stream the queue in mailq layout, one page of CHUNK messages in memory at a time. Returns the count."""
     count = total = 0
-    async for page in pages(store, queues, selection, now, ids_only=False):
-        rcpts = await store.recipients_of([row.queue_id for row in page], pending_only=True)
-        for row in page:
-            out.write(mailq_header(row.queue_id) + "\n" if count == 0 else "\n")
-            out.write("\n".join(mailq_entry(row, rcpts.get(row.queue_id, ()))) + "\n")
-            count += 1
-            total += row.size
+    async for row, recipients in _entries(store, queues, selection, now, pending_only=True):
+        out.write(mailq_header(row.queue_id) + "\n" if count == 0 else "\n")
+        out.write("\n".join(mailq_entry(row, recipients)) + "\n")
+        count += 1
+        total += row.size
     out.write("\n" + mailq_footer(total, count) + "\n" if count else "Mail queue is empty\n")
     return count
 
@@ -112,11 +120,9 @@ async def write_postqueue_json(store, out: IO[str], queues: Sequence[str], selec
                                now: float) -> int:
     """`postqueue -j`: one JSON object a line, a message each, streamed; nothing for an empty queue."""
     count = 0
-    async for page in pages(store, queues, selection, now, ids_only=False):
-        rcpts = await store.recipients_of([row.queue_id for row in page], pending_only=True)
-        for row in page:
-            out.write(json.dumps(entry_postqueue_json(row, rcpts.get(row.queue_id, ()))) + "\n")
-            count += 1
+    async for row, recipients in _entries(store, queues, selection, now, pending_only=True):
+        out.write(json.dumps(entry_postqueue_json(row, recipients)) + "\n")
+        count += 1
     return count
 
 
@@ -124,11 +130,9 @@ async def write_list_json(store, out: IO[str], queues: Sequence[str], selection:
     """One JSON array, streamed: every recipient of each message with its status (sent ones too)."""
     count = 0
     out.write("[")
-    async for page in pages(store, queues, selection, now, ids_only=False):
-        rcpts = await store.recipients_of([row.queue_id for row in page])
-        for row in page:
-            out.write(("\n" if count == 0 else ",\n") + json.dumps(entry_json(row, rcpts.get(row.queue_id, ()))))
-            count += 1
+    async for row, recipients in _entries(store, queues, selection, now, pending_only=False):
+        out.write(("\n" if count == 0 else ",\n") + json.dumps(entry_json(row, recipients)))
+        count += 1
     out.write("\n]\n" if count else "]\n")
     return count
 
