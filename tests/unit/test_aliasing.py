@@ -15,7 +15,8 @@ import pytest
 
 from mailflow.config import Config
 from mailflow.errors import TemporaryError
-from mailflow.transports.local.aliasing import Command, File, Forward, LocalExpander, Mailbox, Refused
+from mailflow.transports.local.aliasing import (SMALL_FILE_LIMIT, Command, File, Forward, LocalExpander, Mailbox,
+                                               Refused, read_small_file)
 from mailflow.routing.rewrite import Rewriter
 
 USERS = ("alice", "bob", "carol")
@@ -324,3 +325,13 @@ def test_local_part_with_a_path_does_not_reach_outside_maildir_base(tmp_path):
     (outside / ".forward").write_text("stolen@remote.test\n")
     leaves = expander(tmp_path, local_recipient_maps=()).expand(f"{outside}@example.test")
     assert Forward("stolen@remote.test") not in leaves
+
+
+def test_a_forward_or_include_file_is_read_up_to_a_bound(tmp_path):
+    """A .forward may name :include:/dev/zero or a huge file: reading stops past SMALL_FILE_LIMIT (4.3.0)."""
+    small = tmp_path / "small"
+    small.write_text("alice\n")
+    assert read_small_file(small) == "alice\n"
+    with pytest.raises(TemporaryError, match="larger than"):
+        read_small_file(Path("/dev/zero"))
+    assert SMALL_FILE_LIMIT >= 100_000

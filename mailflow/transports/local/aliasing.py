@@ -35,7 +35,8 @@ Commands and files are allowed only from the sources in `allow_mail_to_commands`
 a command or file: those come only from alias values and files on this host.
 Duplicate leaves are dropped (one mailbox per user; addresses compared without case); an :include: file met
 again in the same expansion (one that includes itself, two that include each other) adds nothing, as local(8)'s
-duplicate filter skips it. At most EXPANSION_LIMIT leaves and INCLUDE_DEPTH nested :include: files.
+duplicate filter skips it. At most EXPANSION_LIMIT leaves, INCLUDE_DEPTH nested :include: files and SMALL_FILE_LIMIT
+bytes of each file.
 
 Failures: `LookupRetry` (4.3.0) when a table cannot answer; `TemporaryError` 4.3.0 when a .forward or
 :include: file cannot be read, 4.3.5 when one (or an alias value) has bad syntax, 4.6.0 beyond the limits. The
@@ -57,6 +58,7 @@ from mailflow.tables import split_extension
 from mailflow.transports.local.asuser import call_as
 
 EXPANSION_LIMIT = 1000
+SMALL_FILE_LIMIT = 1_000_000  # bytes of a .forward or :include: file read at most
 INCLUDE_DEPTH = 10
 
 
@@ -97,13 +99,18 @@ Leaf = Union[Mailbox, Forward, Command, File, Refused]
 
 
 def read_small_file(path: Path) -> str | None:
-    """The file's text, None when it does not exist. Raises TemporaryError when it cannot be read."""
+    """The file's text, None when it does not exist. Raises TemporaryError when it cannot be read, or when it is
+    larger than SMALL_FILE_LIMIT (a .forward naming :include:/dev/zero must not fill memory)."""
     try:
-        return path.read_text(encoding="utf-8")
+        with path.open(encoding="utf-8") as f:
+            text = f.read(SMALL_FILE_LIMIT + 1)
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as e:
         raise TemporaryError("4.3.0", f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if len(text) > SMALL_FILE_LIMIT:
+        raise TemporaryError("4.3.0", f"cannot read {path}: larger than {SMALL_FILE_LIMIT} bytes")
+    return text
 
 
 def read_small_file_as(path: Path, user: str) -> str | None:
@@ -111,6 +118,8 @@ def read_small_file_as(path: Path, user: str) -> str | None:
     data = call_as(user, f"read {path}", _file_or_nothing, path)
     if data[:1] == b"N":
         return None
+    if len(data) > SMALL_FILE_LIMIT + 1:
+        raise TemporaryError("4.3.0", f"cannot read {path}: larger than {SMALL_FILE_LIMIT} bytes")
     try:
         return data[1:].decode("utf-8")
     except UnicodeDecodeError as e:
@@ -120,7 +129,8 @@ def read_small_file_as(path: Path, user: str) -> str | None:
 def _file_or_nothing(path: Path) -> bytes:
     """"F" and the file's bytes, "N" when there is no such file."""
     try:
-        return b"F" + path.read_bytes()
+        with path.open("rb") as f:
+            return b"F" + f.read(SMALL_FILE_LIMIT + 1)
     except FileNotFoundError:
         return b"N"
 
