@@ -168,7 +168,11 @@ class Reader:
         self.hops = 0  # statements run (each one thread hop)
 
     async def open(self, busy_timeout: float) -> None:
-        db = await aiosqlite.connect(self._path, isolation_level=None)
+        pending = aiosqlite.connect(self._path, isolation_level=None)
+        # aiosqlite's thread is not a daemon: a loop that ends without close() (an embedding test that never
+        # stops its Sink) would hang the interpreter at exit. A daemon, like the writer's thread.
+        pending._thread.daemon = True
+        db = await pending
         try:
             await db.executescript(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}; PRAGMA query_only = ON;")
         except BaseException:

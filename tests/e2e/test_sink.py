@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import re
 import smtplib
+import subprocess
+import sys
 import tempfile
 import ssl
 import threading
@@ -305,3 +307,14 @@ def test_a_bad_setting_fails_the_start_naming_it():
             pass
     with pytest.raises(ValueError, match="tls="):
         Sink(tls="always")
+
+
+def test_a_sink_never_stopped_does_not_hang_the_interpreter_at_exit():
+    """A test that forgets to stop its Sink must not leave the Python process unable to exit (the store's
+    reader thread kept it alive)."""
+    script = ("import asyncio\nfrom mailflow.testing import Sink\n"
+              "kept = []\nasync def main():\n    kept.append(await Sink().start())\n"
+              "asyncio.run(main())\nprint('exiting', flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "exiting\n"
