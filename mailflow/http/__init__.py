@@ -17,6 +17,8 @@ Loaded only by what serves HTTP (aiohttp takes a third of a second to import): `
 feature is enabled.
 
 Limits (a slow or hostile client holds a connection for a bounded time and costs no more than these):
+at most MAX_CONNECTIONS open connections per server (all its addresses together): one more is answered 503 and
+closed at once, with one warning per BUSY_LOG_INTERVAL while it lasts;
 request bodies up to MAX_BODY bytes (413 beyond, at once when Content-Length says so); READ_TIMEOUT seconds
 (Mailpit's ReadTimeout) for a request's line and headers, counted from the connection or the end of the previous
 response (the connection is then closed: an idle keep-alive one too), and again for its body (408: the body is
@@ -33,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Iterable
+from typing import Callable, Iterable
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -44,6 +46,10 @@ log = logging.getLogger("mailflow.http")
 
 MAX_BODY = 1024 * 1024
 READ_TIMEOUT = 30.0
+MAX_CONNECTIONS = 256
+BUSY_LOG_INTERVAL = 60.0
+BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 21\r\n"
+                 b"Connection: close\r\n\r\ntoo many connections\n")
 
 
 class _ServerLog(logging.LoggerAdapter):
@@ -65,12 +71,40 @@ def _closing(error: web.HTTPException) -> web.HTTPException:
     return error
 
 
+class _Busy(asyncio.Protocol):
+    """A connection past the limit: 503, closed."""
+
+    def connection_made(self, transport) -> None:
+        transport.write(BUSY_RESPONSE)
+        transport.close()
+
+
+class _CappedSite(web.TCPSite):
+    """aiohttp's TCPSite, its listener's protocol factory asking `admit()` first (aiohttp offers no hook: this
+    repeats TCPSite.start with the factory wrapped)."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, admit: Callable[[], bool]):
+        super().__init__(runner, host, port)
+        self._admit = admit
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        admit = self._admit
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: server() if admit() else _Busy(), self._host, self._port, backlog=self._backlog)
+
+
 class HttpServer:
     """See the module docstring."""
 
-    def __init__(self, listen: Iterable[str], middlewares: Iterable = (), read_timeout: float = READ_TIMEOUT):
+    def __init__(self, listen: Iterable[str], middlewares: Iterable = (), read_timeout: float = READ_TIMEOUT,
+                 max_connections: int = MAX_CONNECTIONS):
         self._listen = [parse_hostport(item) for item in listen]
         self._read_timeout = read_timeout
+        self._max_connections = max_connections
+        self._busy_logged_at: float | None = None
         self._app = web.Application(client_max_size=MAX_BODY, middlewares=[*middlewares, self._read_body])
         self._runner: web.AppRunner | None = None
         self._sites: list[web.TCPSite] = []
@@ -112,7 +146,7 @@ class HttpServer:
         await self._runner.setup()
         try:
             for host, port in self._listen:
-                site = web.TCPSite(self._runner, host, port)
+                site = _CappedSite(self._runner, host, port, self._admit)
                 await site.start()
                 self._sites.append(site)
         except BaseException:
@@ -120,6 +154,18 @@ class HttpServer:
             raise
         log.info("HTTP listening on %s for %s", ", ".join(f"{h}:{p}" for h, p in self.addresses),
                  ", ".join(self.features) or "nothing")
+
+    def _admit(self) -> bool:
+        """May one more connection in? (A burst accepted in one loop turn may pass the limit by that burst: a
+        connection counts once aiohttp has it, at the loop's next turn.)"""
+        server = self._runner.server if self._runner is not None else None
+        if server is None or len(server.connections) < self._max_connections:
+            return True
+        now = asyncio.get_running_loop().time()
+        if self._busy_logged_at is None or now - self._busy_logged_at >= BUSY_LOG_INTERVAL:
+            self._busy_logged_at = now
+            log.warning("HTTP: %d connections open, the limit: refusing more (503)", self._max_connections)
+        return False
 
     @property
     def addresses(self) -> list[tuple[str, int]]:

@@ -87,3 +87,36 @@ async def test_broken_requests_get_400_and_one_debug_line(server, caplog):
     await asyncio.sleep(0.1)
     assert [r for r in caplog.records if r.levelno > logging.DEBUG or r.exc_info] == []
     assert sum("Error handling request" in r.getMessage() for r in caplog.records) >= 4
+
+
+async def test_connections_past_the_limit_get_503_and_one_warning(caplog):
+    """Each connection is limited in time, and their number too: past the limit a new one is answered 503 at
+    once and closed, logged once; a connection that closes makes room again."""
+    caplog.set_level(logging.WARNING, logger="mailflow.http")
+    http = HttpServer(["127.0.0.1:0"], read_timeout=5, max_connections=3)
+    table = web.RouteTableDef()
+
+    @table.get("/hello")
+    async def hello(request):
+        return web.Response(text="hi")
+
+    http.add_routes("test", table)
+    await http.start()
+    held = []
+    try:
+        for _ in range(3):
+            held.append(await asyncio.open_connection(*http.addresses[0]))
+        await asyncio.sleep(0.05)  # aiohttp counts a connection at the loop's next turn
+        request = b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        for _ in range(5):
+            assert (await exchange(http.addresses[0], request)).startswith(b"HTTP/1.1 503")
+        assert [r.getMessage() for r in caplog.records] == [
+            "HTTP: 3 connections open, the limit: refusing more (503)"]
+        reader, writer = held.pop()
+        writer.close()
+        await asyncio.sleep(0.05)
+        assert (await exchange(http.addresses[0], request)).endswith(b"hi")
+    finally:
+        for _, writer in held:
+            writer.close()
+        await http.stop()
