@@ -30,13 +30,21 @@ def test_decoder_waits_for_whole_packets_and_splits_several():
 
 
 def test_negotiation_keeps_only_what_was_offered_and_reads_macro_lists():
-    payload = struct.pack("!III", 6, 0xFFFF, 0xFFFFFFFF) + struct.pack("!I", 2) + b"{mail_addr} i\0"
+    payload = struct.pack("!III", 6, 0x1FF, 0xFFFFFFFF) + struct.pack("!I", 2) + b"{mail_addr} i\0"
     n = p.Negotiated.from_reply(p.Reply(p.OPTNEG, payload))
     assert n.actions == p.OFFERED_ACTIONS and n.protocol == p.OFFERED_PROTOCOL  # rspamd's extra bits dropped
     assert not n.answers(p.RCPT) and n.skips(p.HELO)
     assert n.macros[p.MAIL] == ("mail_addr", "i")
     with pytest.raises(p.ProtocolError):
         p.Negotiated.from_reply(p.Reply(p.CONTINUE))
+
+
+def test_a_milter_asking_for_actions_not_offered_is_refused_as_postfix_does():
+    """Postfix's "request mask conflict": the milter is not used (milter_default_action applies), rather than
+    being let on with fewer rights than it asked for."""
+    payload = struct.pack("!III", 6, p.OFFERED_ACTIONS | 0x400, 0)
+    with pytest.raises(p.ProtocolError, match="request mask 0x5ff conflict with MTA request mask 0x1ff"):
+        p.Negotiated.from_reply(p.Reply(p.OPTNEG, payload))
 
 
 def test_header_edits_add_insert_change_and_delete():

@@ -168,8 +168,10 @@ class Negotiated:
             names, _, rest = rest[4:].partition(b"\0")
             if stage in MACRO_STAGES:
                 wanted[MACRO_STAGES[stage]] = tuple(n.strip(b"{}").decode("ascii", "replace") for n in names.split())
-        # a milter may answer with bits that were not offered (rspamd does): only what was offered counts
-        return cls(version, actions & OFFERED_ACTIONS, protocol & offered_protocol, wanted)
+        if actions & ~OFFERED_ACTIONS:  # Postfix: "request mask conflict", the milter is not used
+            raise ProtocolError(f"request mask {actions:#x} conflict with MTA request mask {OFFERED_ACTIONS:#x}")
+        # a milter may answer with protocol bits that were not offered (rspamd does): only what was offered counts
+        return cls(version, actions, protocol & offered_protocol, wanted)
 
     def skips(self, command: bytes) -> bool:
         return bool(self.protocol & STEPS[command][0])
