@@ -17,7 +17,8 @@ every directory opened without following a symbolic link; without maps, what is 
 own user (directories 0700, files 0600). Giving a file away needs root (or CAP_CHOWN): otherwise the delivery
 defers 4.2.0 naming the error.
 Failures: an unknown virtual user bounces (5.1.1); a table that cannot answer or a map value mailflow
-cannot use defers (4.3.0 / 4.3.5); an OS error defers (4.2.0: a full disk, a permission the operator can fix),
+cannot use defers (4.3.0 / 4.3.5); an OS error defers (4.2.0: a permission the operator can fix; a full disk
+4.3.0, as Postfix's mbox_dsn),
 except a file system quota or file size limit (EDQUOT, EFBIG): a full mailbox, 5.2.2 as Postfix says (4.2.2 when
 `overquota_bounce` is False) - `write_failure(maildir, error)` is that mapping, which local(8)'s Maildirs share.
 """
@@ -82,13 +83,15 @@ class MaildirWriter:
 
 def write_failure(maildir: Path, e: OSError, *, bounce_full: bool = True) -> tuple[Outcome, str, str]:
     """What an OS error writing `maildir` means for the recipient, as Postfix's mbox_dsn maps it: a quota or the
-    file size limit (EDQUOT, EFBIG) is a full mailbox, 5.2.2 (deferred 4.2.2 when not `bounce_full`); anything
-    else defers 4.2.0 (a full disk, a permission the operator can fix)."""
+    file size limit (EDQUOT, EFBIG) is a full mailbox, 5.2.2 (deferred 4.2.2 when not `bounce_full`); a full
+    disk (ENOSPC) defers 4.3.0; anything else defers 4.2.0 (a permission the operator can fix; Postfix bounces
+    it 5.2.0)."""
     reason = e.strerror or str(e)
     if e.errno in (errno.EDQUOT, errno.EFBIG):
         text = f"mailbox {maildir} is full: {reason}"
         return (Outcome.BOUNCED, "5.2.2", text) if bounce_full else (Outcome.DEFERRED, "4.2.2", text)
-    return Outcome.DEFERRED, "4.2.0", f"cannot write to maildir {maildir}: {reason}"
+    dsn = "4.3.0" if e.errno == errno.ENOSPC else "4.2.0"
+    return Outcome.DEFERRED, dsn, f"cannot write to maildir {maildir}: {reason}"
 
 
 def mailbox_prefix(sender: str, delivered_to: str, original: str = "") -> bytes:

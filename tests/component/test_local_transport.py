@@ -256,7 +256,7 @@ async def test_maildir_that_cannot_be_written_defers(tmp_path):
 
 @pytest.mark.parametrize("error, outcome, dsn", [
     (errno.EDQUOT, Outcome.BOUNCED, "5.2.2"), (errno.EFBIG, Outcome.BOUNCED, "5.2.2"),
-    (errno.ENOSPC, Outcome.DEFERRED, "4.2.0"), (errno.EIO, Outcome.DEFERRED, "4.2.0"),
+    (errno.ENOSPC, Outcome.DEFERRED, "4.3.0"), (errno.EIO, Outcome.DEFERRED, "4.2.0"),
 ])
 async def test_a_maildir_over_its_file_system_quota_bounces_mailbox_full(tmp_path, monkeypatch, error, outcome, dsn):
     """Postfix's local(8) maps EDQUOT and EFBIG to 5.2.2 (mbox_dsn) and bounces, as mailflow's own mbox delivery

@@ -44,7 +44,7 @@ Failures (exceptions from mailflow.errors, with Postfix's mbox_open/mbox_dsn as 
   Postfix's strict_mailbox_ownership text (someone must fix the owner; meanwhile the mail waits);
 - EDQUOT / EFBIG (a quota or the file size limit; `size_limit` too): PermanentError 5.2.2 "mailbox full", as
   Postfix does;
-- ENOSPC: TemporaryError 4.3.1 (mail system full, RFC 3463); Postfix says 4.3.0;
+- ENOSPC: TemporaryError 4.3.0, as Postfix's mbox_dsn says (the Maildir writer the same);
 - any other OS error: TemporaryError 4.2.0 naming the path (a permission or a disk the operator can fix).
 """
 from __future__ import annotations
@@ -373,6 +373,6 @@ def _os_error(path: Path, e: OSError, doing: str) -> DeliveryError:
     if e.errno in (errno.EDQUOT, errno.EFBIG):
         return PermanentError("5.2.2", f"mailbox {path} is full: {reason}")
     if e.errno == errno.ENOSPC:
-        return TemporaryError("4.3.1", f"cannot {doing} mailbox {path}: {reason}")
+        return TemporaryError("4.3.0", f"cannot {doing} mailbox {path}: {reason}")
     return TemporaryError("4.2.0", f"cannot {doing} mailbox {path}: {reason}")
 
