@@ -206,7 +206,8 @@ class Writer(Connection):
         before auto_vacuum, which needs the database to itself."""
         con = self._connect(busy_timeout)
         try:
-            con.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect when the file is created
+            if con.execute("PRAGMA page_count").fetchone()[0] == 0:  # a new file: the setting takes effect now
+                con.execute("PRAGMA auto_vacuum = INCREMENTAL")  # (on a file in use it waits for the write lock)
             con.execute("PRAGMA journal_mode = WAL")
             con.execute("PRAGMA synchronous = FULL")  # a commit is on disk when it returns
             con.execute(f"PRAGMA journal_size_limit = {WAL_KEEP}")

@@ -72,6 +72,7 @@ def convert_to_incremental_vacuum(con: sqlite3.Connection, path: Path) -> None:
     that fails (a full disk) the server starts anyway and tries again at its next start."""
     log.info("store: converting %s to incremental vacuum (once)", path)
     try:
+        con.execute("PRAGMA auto_vacuum = INCREMENTAL")  # the VACUUM makes it so
         con.execute("VACUUM")
     except sqlite3.OperationalError as e:
         log.warning("store: %s stays without incremental vacuum for now: %s", path, e)
