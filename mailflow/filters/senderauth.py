@@ -18,10 +18,11 @@ authheaders ships.
 
 Failure behaviour: nothing raises for a message or a DNS answer. A lookup that fails is `temperror`; a broken
 record or signature `permerror`/`fail` (RFC 7208/6376 words); all of one message's lookups are bounded by
-`timeout` (then temperror).
+`timeout` (then temperror): SPF and the DKIM keys are looked up at once, DMARC gets what is left.
 """
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import email.utils
 import importlib.resources
@@ -106,17 +107,33 @@ class SenderAuth:
 
     async def verdicts(self, client_ip: str, helo: str, sender: str, content: Content,
                        spf_result: tuple[str, str] | None = None) -> Verdicts:
+        """SPF and DKIM at once (each within `timeout`), then DMARC within what is left of it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
         head, _ = read_header(content, HEADER_LIMIT)
         found: dict = {"authserv_id": self.authserv_id}
-        if "spf" in self._verify:
-            result, domain = spf_result or await self.spf(client_ip, helo, sender)
-            found.update(spf=result, spf_mailfrom=sender if sender else "", spf_helo="" if sender else helo)
-        if "dkim" in self._verify:
-            found["dkim"] = await verify_dkim(head, content.after(len(head)), self._resolver, self._timeout)
+        for part in await asyncio.gather(self._spf_verdict(client_ip, helo, sender, spf_result),
+                                         self._dkim_verdict(head, content)):
+            found.update(part)
         if "dmarc" in self._verify:
-            found.update(await self._dmarc(head, sender or f"postmaster@{helo}", found.get("spf", ""),
-                                           found.get("dkim") or ()))
+            try:
+                found.update(await asyncio.wait_for(self._dmarc(head, sender or f"postmaster@{helo}",
+                                                                found.get("spf", ""), found.get("dkim") or ()),
+                                                    max(deadline - loop.time(), 0)))
+            except TimeoutError:
+                found["dmarc"] = "temperror"
         return Verdicts(**found)
+
+    async def _spf_verdict(self, client_ip: str, helo: str, sender: str, known: tuple[str, str] | None) -> dict:
+        if "spf" not in self._verify:
+            return {}
+        result, _ = known or await self.spf(client_ip, helo, sender)
+        return {"spf": result, "spf_mailfrom": sender if sender else "", "spf_helo": "" if sender else helo}
+
+    async def _dkim_verdict(self, head: bytes, content: Content) -> dict:
+        if "dkim" not in self._verify:
+            return {}
+        return {"dkim": await verify_dkim(head, content.after(len(head)), self._resolver, self._timeout)}
 
     # -------------------------------------------------------------------------------- DMARC
 

@@ -14,7 +14,8 @@ canonicalization, which inbound verification (mailflow.filters.senderauth) uses 
     sign_now(head, body, key, now) -> bytes          the same at once, for a small body held in memory (a notice)
     await verify(head, body, resolver, timeout) -> (DkimResult, ...)   each DKIM-Signature of a message (at most
                                     MAX_SIGNATURES), the body hashed as it streams, once per (canonicalization,
-                                    algorithm, l=), the keys through the Resolver: smtpd's verdicts and the ARC seal
+                                    algorithm, l=), the keys through the Resolver, looked up at once (all within
+                                    `timeout`): smtpd's verdicts and the ARC seal
     DkimResult(result, domain, selector, reason)     result: pass, fail, temperror, permerror
 
 How memory stays bounded: dkimpy canonicalizes and hashes a body it holds whole. Here the body is streamed
@@ -302,8 +303,10 @@ async def verify(head: bytes, body: Content, resolver: Resolver, timeout: float)
     await feed_body(body, list(hashers.values()))
     digests = {key: h.digest() for key, h in hashers.items()}
     message = (head if head.endswith(b"\n") else head + b"\r\n") + b"\r\n"
-    return tuple([await _verify_one(message, index, sig, digests, resolver, timeout)
-                  for index, sig in enumerate(signatures)])
+    # at once: the key lookups of one message share the one `timeout` (one after another, each signature of a
+    # slow domain would add its own)
+    return tuple(await asyncio.gather(*(_verify_one(message, index, sig, digests, resolver, timeout)
+                                        for index, sig in enumerate(signatures))))
 
 
 async def _verify_one(message: bytes, index: int, sig: dict[bytes, bytes] | None,

@@ -1,0 +1,41 @@
+"""Sender authentication verdicts (mailflow.filters.senderauth: SPF, DKIM, DMARC) over a StaticResolver: what each
+verdict is for hostile or unusual records, and the one `timeout` that bounds a message's lookups."""
+from __future__ import annotations
+
+import asyncio
+
+from mailflow.config import SenderAuthConfig
+from mailflow.content import Content
+from mailflow.dns import StaticResolver
+from mailflow.filters.senderauth import SenderAuth
+
+MESSAGE = b"From: a@slow.test\r\nSubject: hi\r\n\r\nbody\r\n"
+
+
+def signature(selector: str) -> bytes:
+    return (f"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=slow.test; s={selector}; h=from:subject;\r\n"
+            f" bh=AAAA; b=AAAA\r\n").encode()
+
+
+class SlowResolver(StaticResolver):
+    """Every TXT question of a name under slow.test waits 5 s (a name server that drops them)."""
+
+    async def txt(self, name: str) -> list[str]:
+        if name.rstrip(".").endswith("slow.test"):
+            await asyncio.sleep(5)
+        return await super().txt(name)
+
+
+async def test_a_message_with_many_slow_keys_takes_one_timeout_not_one_each():
+    auth = SenderAuth(SenderAuthConfig(verify=("spf", "dkim", "dmarc"), timeout=0.5), SlowResolver(),
+                      authserv_id="mx.test")
+    content = Content.of(b"".join(signature(f"s{i}") for i in range(5)) + MESSAGE)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        verdicts = await auth.verdicts("192.0.2.1", "client.test", "a@slow.test", content)
+    finally:
+        auth.close()
+    assert loop.time() - started < 1.2  # SPF, five keys and DMARC: one timeout (0.5 s), not seven
+    assert verdicts.spf == "temperror" and verdicts.dmarc == "temperror"
+    assert [r.result for r in verdicts.dkim or ()] == ["temperror"] * 5
