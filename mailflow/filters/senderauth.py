@@ -1,10 +1,11 @@
 """Sender authentication verdicts: SPF (pyspf), DKIM verification (mailflow.signing.dkim.verify), DMARC (RFC 7489),
 and the Authentication-Results header (authres) that cleanup writes.
 
-    SenderAuth(config.sender_auth, resolver, authserv_id=…, also=())
+    SenderAuth(config.sender_auth, resolver, authserv_id=…, also=(), rng=None)
     await auth.spf(client_ip, helo, sender) -> (result, domain)          one SPF evaluation
     await auth.verdicts(client_ip, helo, sender, content, spf=None) -> Verdicts
     Verdicts.header() -> "Authentication-Results: …"    Verdicts.dmarc_policy: what a failing From domain asks
+                                                          (p= or sp=, one step milder outside its pct= sample)
     auth.close()
 
 Every lookup goes through mailflow's `Resolver` (mailflow.dns: txt, mx, addresses, ptr): tests serve the
@@ -14,7 +15,8 @@ that spool files use). DKIM is mailflow.signing.dkim.verify (the one verifier, s
 checks the signature over the header section, the body hash is computed while the body streams (a big message is
 never loaded whole). DMARC policy discovery and alignment are
 written here (they are a few lines), with the organizational domain from the Public Suffix List that
-authheaders ships.
+authheaders ships. A record's pct= is kept as RFC 7489 6.6.4 says: a message outside the sample (drawn with `rng`)
+gets the next policy down (reject -> quarantine -> none).
 
 Failure behaviour: nothing raises for a message or a DNS answer. A lookup that fails is `temperror`; a broken
 record or signature `permerror`/`fail` (RFC 7208/6376 words); all of one message's lookups are bounded by
@@ -26,6 +28,7 @@ import asyncio
 import concurrent.futures
 import email.utils
 import importlib.resources
+import random
 from dataclasses import dataclass
 
 import authres
@@ -55,7 +58,7 @@ class Verdicts:
     dkim: tuple[DkimResult, ...] | None = None  # None not evaluated; () no signature
     dmarc: str = ""  # "" not evaluated; else pass, fail, none, temperror, permerror
     dmarc_domain: str = ""
-    dmarc_policy: str = ""  # the policy of a failing domain: none, quarantine, reject
+    dmarc_policy: str = ""  # the policy of a failing domain (after pct=): none, quarantine, reject
 
     def header(self) -> str:
         results: list = []
@@ -76,8 +79,11 @@ class Verdicts:
 class SenderAuth:
     """See the module doc."""
 
-    def __init__(self, config, resolver, *, authserv_id: str, also: tuple[str, ...] = ()):
-        """`also`: verdicts needed besides config.verify (reject_dmarc_policy needs "dmarc")."""
+    def __init__(self, config, resolver, *, authserv_id: str, also: tuple[str, ...] = (),
+                 rng: random.Random | None = None):
+        """`also`: verdicts needed besides config.verify (reject_dmarc_policy needs "dmarc"); `rng` draws
+        the messages a DMARC pct= samples."""
+        self._rng = rng if rng is not None else random.Random()
         self._verify = set(config.verify) | set(also)
         if "dmarc" in self._verify:
             self._verify |= {"spf", "dkim"}
@@ -153,12 +159,24 @@ class SenderAuth:
         if record is None:
             return {"dmarc": "none", "dmarc_domain": domain}
         policy = record.get("sp", record.get("p", "none")) if subdomain else record.get("p", "none")
+        policy = self._sampled(policy, record.get("pct", "100"))
         aligned = self._aligned
         spf_ok = spf_result == "pass" and aligned(split_address(mail_from)[1], domain, record.get("aspf", "r"))
         dkim_ok = any(r.result == "pass" and aligned(r.domain, domain, record.get("adkim", "r")) for r in dkim_results)
         verdict = "pass" if spf_ok or dkim_ok else "fail"
         return {"dmarc": verdict, "dmarc_domain": domain, "dmarc_policy": policy if policy in
                 ("none", "quarantine", "reject") else "none"}
+
+    def _sampled(self, policy: str, pct: str) -> str:
+        """The policy for this message: a message outside the pct= sample gets the next one down (RFC 7489
+        6.6.4); a pct= that is not 0 to 100 is ignored (100)."""
+        try:
+            percent = int(pct)
+        except ValueError:
+            return policy
+        if not 0 <= percent < 100 or self._rng.randrange(100) < percent:
+            return policy
+        return {"reject": "quarantine", "quarantine": "none"}.get(policy, policy)
 
     def _aligned(self, other: str, domain: str, mode: str) -> bool:
         other = other.lower().rstrip(".")

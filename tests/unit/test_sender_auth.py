@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from mailflow.config import SenderAuthConfig
 from mailflow.content import Content
 from mailflow.dns import StaticResolver
@@ -39,3 +41,35 @@ async def test_a_message_with_many_slow_keys_takes_one_timeout_not_one_each():
     assert loop.time() - started < 1.2  # SPF, five keys and DMARC: one timeout (0.5 s), not seven
     assert verdicts.spf == "temperror" and verdicts.dmarc == "temperror"
     assert [r.result for r in verdicts.dkim or ()] == ["temperror"] * 5
+
+
+class Draw:
+    """An rng whose randrange gives `value` (the message's place in a DMARC pct= sample)."""
+
+    def __init__(self, value: int):
+        self.value = value
+
+    def randrange(self, stop: int) -> int:
+        return self.value
+
+
+@pytest.mark.parametrize(("record", "draw", "policy"), [
+    ("v=DMARC1; p=reject", 99, "reject"),
+    ("v=DMARC1; p=reject; pct=100", 99, "reject"),
+    ("v=DMARC1; p=reject; pct=0", 0, "quarantine"),  # outside the sample: the next policy down (RFC 7489 6.6.4)
+    ("v=DMARC1; p=quarantine; pct=0", 0, "none"),
+    ("v=DMARC1; p=reject; pct=25", 24, "reject"),
+    ("v=DMARC1; p=reject; pct=25", 25, "quarantine"),
+    ("v=DMARC1; p=none; pct=0", 0, "none"),
+    ("v=DMARC1; p=reject; pct=abc", 99, "reject"),  # not a percentage: ignored
+])
+async def test_the_dmarc_policy_applies_to_its_pct_sample(record, draw, policy):
+    resolver = StaticResolver(txt={"sample.test": ["v=spf1 -all"], "_dmarc.sample.test": [record]})
+    auth = SenderAuth(SenderAuthConfig(verify=("dmarc",)), resolver, authserv_id="mx.test", rng=Draw(draw))
+    try:
+        verdicts = await auth.verdicts("192.0.2.1", "client.test", "a@sample.test",
+                                       Content.of(b"From: a@sample.test\r\n\r\nbody\r\n"))
+    finally:
+        auth.close()
+    assert (verdicts.spf, verdicts.dmarc, verdicts.dmarc_policy) == ("fail", "fail", policy)
+    assert f"policy.dmarc={policy}" in verdicts.header()
