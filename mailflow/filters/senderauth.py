@@ -16,7 +16,8 @@ checks the signature over the header section, the body hash is computed while th
 never loaded whole). DMARC policy discovery and alignment are
 written here (they are a few lines), with the organizational domain from the Public Suffix List that
 authheaders ships. A record's pct= is kept as RFC 7489 6.6.4 says: a message outside the sample (drawn with `rng`)
-gets the next policy down (reject -> quarantine -> none).
+gets the next policy down (reject -> quarantine -> none); a record without a valid p= is p=none when it asks for
+reports (rua=), else no policy (RFC 7489 6.6.3), and the organizational domain's record is not asked then.
 
 Failure behaviour: nothing raises for a message or a DNS answer. A lookup that fails is `temperror`; a broken
 record or signature `permerror`/`fail` (RFC 7208/6376 words); all of one message's lookups are bounded by
@@ -156,16 +157,15 @@ class SenderAuth:
                 record, subdomain = await self._dmarc_record(org), True
         except LookupRetry:
             return {"dmarc": "temperror", "dmarc_domain": domain}
-        if record is None:
+        policy = _policy(record, subdomain) if record is not None else None
+        if record is None or policy is None:
             return {"dmarc": "none", "dmarc_domain": domain}
-        policy = record.get("sp", record.get("p", "none")) if subdomain else record.get("p", "none")
         policy = self._sampled(policy, record.get("pct", "100"))
         aligned = self._aligned
         spf_ok = spf_result == "pass" and aligned(split_address(mail_from)[1], domain, record.get("aspf", "r"))
         dkim_ok = any(r.result == "pass" and aligned(r.domain, domain, record.get("adkim", "r")) for r in dkim_results)
         verdict = "pass" if spf_ok or dkim_ok else "fail"
-        return {"dmarc": verdict, "dmarc_domain": domain, "dmarc_policy": policy if policy in
-                ("none", "quarantine", "reject") else "none"}
+        return {"dmarc": verdict, "dmarc_domain": domain, "dmarc_policy": policy}
 
     def _sampled(self, policy: str, pct: str) -> str:
         """The policy for this message: a message outside the pct= sample gets the next one down (RFC 7489
@@ -193,19 +193,35 @@ class SenderAuth:
         return ".".join(labels[-(suffix.count(".") + 2):])
 
     async def _dmarc_record(self, domain: str) -> dict | None:
+        """The tags of the domain's DMARC record; None when it has none, {} when it has more than one (a record
+        that asks for nothing: RFC 7489 6.6.3 ends the discovery there, without a policy)."""
         try:
             records = await self._resolver.txt(f"_dmarc.{domain}")
         except NotFound:
             return None
         found = [r for r in records if r.startswith("v=DMARC1")]
         if len(found) != 1:
-            return None  # none, or more than one: no policy (RFC 7489 6.6.3)
+            return {} if found else None
         tags = {}
         for item in found[0].split(";"):
             name, eq, value = item.partition("=")
             if eq:
                 tags[name.strip().lower()] = value.strip().lower()
-        return tags if "p" in tags else None
+        return tags
+
+
+POLICIES = ("none", "quarantine", "reject")
+
+
+def _policy(record: dict, subdomain: bool) -> str | None:
+    """What a record asks for: p=, or sp= (else p=) for a subdomain of the domain it was found at. A record
+    without a valid p= (or with an invalid sp=) is p=none if it asks for reports (rua=), else no policy: None
+    (RFC 7489 6.6.3). Either way it is the record: the organizational domain's is not asked then."""
+    p = record.get("p", "")
+    sp = record.get("sp", p)
+    if p not in POLICIES or sp not in POLICIES:
+        return "none" if record.get("rua") else None
+    return sp if subdomain else p
 
 
 def _from_domain(value: str) -> str:

@@ -73,3 +73,24 @@ async def test_the_dmarc_policy_applies_to_its_pct_sample(record, draw, policy):
         auth.close()
     assert (verdicts.spf, verdicts.dmarc, verdicts.dmarc_policy) == ("fail", "fail", policy)
     assert f"policy.dmarc={policy}" in verdicts.header()
+
+
+@pytest.mark.parametrize(("records", "verdict", "policy"), [
+    ({"_dmarc.sub.org.test": ["v=DMARC1; p=none"]}, "fail", "none"),
+    ({}, "fail", "reject"),  # no record of its own: the organizational domain's sp= (else p=)
+    ({"_dmarc.sub.org.test": ["v=DMARC1; rua=mailto:reports@org.test"]}, "fail", "none"),  # reports only: p=none
+    ({"_dmarc.sub.org.test": ["v=DMARC1; p=bogus; rua=mailto:reports@org.test"]}, "fail", "none"),
+    ({"_dmarc.sub.org.test": ["v=DMARC1; fo=1"]}, "none", ""),  # no valid p=, no rua=: no DMARC for this mail
+    ({"_dmarc.sub.org.test": ["v=DMARC1; p=reject; sp=bogus"]}, "none", ""),
+    ({"_dmarc.sub.org.test": ["v=DMARC1; p=none", "v=DMARC1; p=none"]}, "none", ""),  # two: no DMARC either
+])
+async def test_a_subdomains_own_record_is_its_policy_even_without_a_valid_p(records, verdict, policy):
+    resolver = StaticResolver(txt={"sub.org.test": ["v=spf1 -all"], "_dmarc.org.test": ["v=DMARC1; p=reject"],
+                                   **records})
+    auth = SenderAuth(SenderAuthConfig(verify=("dmarc",)), resolver, authserv_id="mx.test")
+    try:
+        verdicts = await auth.verdicts("192.0.2.1", "client.test", "a@sub.org.test",
+                                       Content.of(b"From: a@sub.org.test\r\n\r\nbody\r\n"))
+    finally:
+        auth.close()
+    assert (verdicts.dmarc, verdicts.dmarc_domain, verdicts.dmarc_policy) == (verdict, "sub.org.test", policy)
