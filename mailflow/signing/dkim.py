@@ -35,8 +35,9 @@ hash BodyHash computed while the body streamed.
 
 Failure behaviour: signing: `dkim.DKIMException` (a header section dkimpy cannot parse, a key it refuses) propagates;
 the caller (cleanup) queues the message unsigned and logs why. Verifying raises nothing for a message or an answer:
-a key that cannot be fetched within `timeout` is temperror, a broken signature permerror or fail. OSError from
-reading a spooled body propagates.
+a key that cannot be fetched within `timeout` is temperror; a signature that cannot be checked (a tag missing or
+malformed, an unknown a=, x= past, t= to come) permerror, as OpenDKIM reports it; a key that is missing or unusable,
+or a body or header section that is not the one signed, fail. OSError from reading a spooled body propagates.
 """
 from __future__ import annotations
 
@@ -331,11 +332,16 @@ async def _verify_one(message: bytes, index: int, sig: dict[bytes, bytes] | None
         ok = await asyncio.wait_for(verifier.verify(idx=index, dnsfunc=key_record), timeout)
     except (LookupRetry, TimeoutError):
         return DkimResult("temperror", domain, selector, "key lookup failed")
-    except dkim.ValidationError as e:
-        return DkimResult("fail", domain, selector, str(e)[:80])
-    except dkim.DKIMException as e:
+    except BodyHashMismatch as e:
+        return DkimResult("fail", domain, selector, str(e))
+    except dkim.DKIMException as e:  # (dkimpy's ValidationError too: a tag missing or bad, x= past, t= to come)
         return DkimResult("permerror", domain, selector, str(e)[:80])
     return DkimResult("pass" if ok else "fail", domain, selector, "" if ok else "signature verification failed")
+
+
+class BodyHashMismatch(dkim.ValidationError):
+    """The body is not the one signed (a fail, where dkimpy's own ValidationErrors are a signature that cannot be
+    checked: permerror)."""
 
 
 class _StreamedBodyDKIM(dkim.asyncsupport.DKIM):
@@ -350,7 +356,7 @@ class _StreamedBodyDKIM(dkim.asyncsupport.DKIM):
         except (ValueError, TypeError) as e:
             raise dkim.MessageFormatError(str(e)) from None
         if self.body_hash is None or self.body_hash != expected:
-            raise dkim.ValidationError("body hash mismatch")
+            raise BodyHashMismatch("body hash mismatch")
         return super().verify_sig_process({k: v for k, v in sig.items() if k != b"bh"}, include_headers,
                                           sig_header, dnsfunc)
 
