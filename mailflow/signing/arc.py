@@ -8,7 +8,8 @@
                                   the Resolver beforehand (at most MAX_KEYS), as the sync lookup dkimpy calls
 
 What the seal attests: DKIM (each DKIM-Signature verified by mailflow.signing.dkim.verify, the verifier smtpd's
-verdicts use; dkim=none without one) and the ARC chain already on the message (arc=none/pass/fail: the seal's cv=). SPF is not evaluated by this host, so it is not claimed.
+verdicts use; dkim=none without one) and the ARC chain already on the message (arc=none/pass/fail: the seal's cv=).
+SPF, which cannot be checked from the message itself, is not claimed.
 Only messages held in memory are sealed (mailflow.content's MEMORY_LIMIT, 256 KB): dkimpy hashes a body it
 holds whole, and sealing must not make a big forwarded message a big allocation. The caller forwards a larger
 one unsealed and logs it. dkimpy's arc_sign signs with RSA only.
