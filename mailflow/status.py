@@ -138,14 +138,24 @@ def restriction_rejected(code: int, dsn: str, name: str, what: str, text: str) -
     return Reply(code, dsn, f"<{name}>: {what} rejected: {text}")
 
 
-def access_denied(name: str, what: str, text: str = "") -> Reply:
+def access_denied(name: str, what: str, text: str = "", dsn: str = "5.7.1") -> Reply:
     """`reject` or an access table's REJECT (access_map_reject_code 554)."""
-    return restriction_rejected(554, "5.7.1", name, what, text or "Access denied")
+    return restriction_rejected(554, dsn, name, what, text or "Access denied")
 
 
-def access_deferred(name: str, what: str, text: str = "") -> Reply:
-    """`defer` or an access table's DEFER (access_map_defer_code 450)."""
-    return restriction_rejected(450, "4.7.1", name, what, text or "Try again later")
+def access_deferred(name: str, what: str, text: str = "", dsn: str = "4.7.1") -> Reply:
+    """An access table's (or policy server's) DEFER (access_map_defer_code 450; Postfix's text without one)."""
+    return restriction_rejected(450, dsn, name, what, text or "Access denied")
+
+
+def conditional_deferral(name: str, what: str, text: str = "", dsn: str = "4.7.1") -> Reply:
+    """DEFER_IF_PERMIT / DEFER_IF_REJECT: the deferral that replaces the command's verdict (Postfix's text)."""
+    return restriction_rejected(450, dsn, name, what, text or "Service unavailable")
+
+
+def rule_deferred(name: str, what: str) -> Reply:
+    """The `defer` restriction."""
+    return restriction_rejected(450, "4.7.1", name, what, "Try again later")
 
 
 def deferred_instead(refusal: Reply) -> Reply:

@@ -66,6 +66,7 @@ SUBJECT = {  # a list's stage -> how its refusals name what they looked at
 PROTOCOL_STATE = {"data": "DATA", "end_of_data": "END-OF-MESSAGE"}
 _HEADER_FIELD = re.compile(r"[!-9;-~]+:[ \t]*[^\r\n]*")  # PREPEND's argument: one header field, unfolded
 _NUMERIC_ACTION = re.compile(r"([45]\d\d)(?:\s+([45]\.\d{1,3}\.\d{1,3}))?(?:\s+(.*))?", re.S)
+_LEADING_DSN = re.compile(r"([245])(\.\d{1,3}\.\d{1,3})(?:\s+|$)")  # Postfix's dsn_split: `5.1.2 text`
 
 
 # ---------------------------------------------------------------------------------------------- facts
@@ -299,7 +300,7 @@ class Restrictions:
             return PERMIT
         if name in ("reject", "defer"):
             who, what = self._subject(stage, facts)
-            return status.access_denied(who, what) if name == "reject" else status.access_deferred(who, what)
+            return status.access_denied(who, what) if name == "reject" else status.rule_deferred(who, what)
         if name == "permit_mynetworks":
             return PERMIT if self.trusted(facts.client_addr) else None
         if name == "permit_sasl_authenticated":
@@ -391,9 +392,9 @@ class Restrictions:
         if upper == "DUNNO":
             return None
         if upper == "REJECT":
-            return status.access_denied(name, what, text)
+            return status.access_denied(name, what, *split_dsn(text, "5.7.1"))
         if upper == "DEFER":
-            return status.access_deferred(name, what, text)
+            return status.access_deferred(name, what, *split_dsn(text, "4.7.1"))
         if upper == "DISCARD":
             facts.marks.discard = text or f"{source}: DISCARD"
             return PERMIT
@@ -404,7 +405,8 @@ class Restrictions:
             facts.marks.filter = text
             return None
         if upper == "DEFER_IF_PERMIT":
-            facts.defer_if_permit = facts.defer_if_permit or status.access_deferred(name, what, text)
+            facts.defer_if_permit = facts.defer_if_permit or status.conditional_deferral(
+                name, what, *split_dsn(text, "4.7.1"))
             return None
         if upper == "DEFER_IF_REJECT":
             facts.defer_if_reject = True
@@ -509,6 +511,15 @@ def policy_request(facts: Facts, stage: str) -> dict[str, str]:
         "etrn_domain": "",
         "stress": "",
     }
+
+
+def split_dsn(text: str, default: str) -> tuple[str, str]:
+    """(text, enhanced code) of an action's text: an enhanced code at its start is the reply's, in the class of
+    `default` (Postfix's dsn_split and its class fix: `REJECT 4.1.2 text` is 5.1.2), else `default`."""
+    found = _LEADING_DSN.match(text)
+    if found is None:
+        return text, default
+    return text[found.end():], default[0] + found.group(2)
 
 
 def _conditional_deferrals(verdict: status.Reply | None, facts: Facts) -> status.Reply | None:
