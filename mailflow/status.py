@@ -158,11 +158,6 @@ def rule_deferred(name: str, what: str) -> Reply:
     return restriction_rejected(450, "4.7.1", name, what, "Try again later")
 
 
-def deferred_instead(refusal: Reply) -> Reply:
-    """A refusal turned into a deferral (DEFER_IF_REJECT): 450, the enhanced code's class 4, the same text."""
-    return Reply(450, "4" + refusal.status[1:], refusal.text)
-
-
 def restriction_config_error(name: str, what: str) -> Reply:
     """A table that cannot answer, or an action mailflow does not know: the client retries later."""
     return restriction_rejected(451, "4.3.5", name, what, "Server configuration error")

@@ -23,6 +23,8 @@ ANSWERS = {  # the recipient's local part -> what the policy server answers for 
     "defer-without-text": "DEFER",
     "postgrey": "DEFER_IF_PERMIT 4.2.0 Greylisted, see http://postgrey.schweikert.ch/help/local.test.html",
     "defer-if-permit-without-text": "DEFER_IF_PERMIT",
+    "unknown-defer-if-reject": "DEFER_IF_REJECT 4.2.0 soft",  # (unknown-*: no such user, a later refusal)
+    "unknown-defer-if-reject-without-text": "DEFER_IF_REJECT",
 }
 
 
@@ -75,7 +77,7 @@ async def replies(port: int) -> dict[str, str]:
 
 
 async def test_policy_answers_give_the_replies_postfix_gives(mailflow_server):
-    users = ",".join(f"{local}=ok" for local in ANSWERS)
+    users = ",".join(f"{local}=ok" for local in ANSWERS if not local.startswith("unknown-"))
     async with ScriptedPolicy() as spec:
         async with postfix_instance({
             "myhostname": "pf.test", "mydestination": "local.test", "local_recipient_maps": f"inline:{{{users}}}",
@@ -92,3 +94,5 @@ async def test_policy_answers_give_the_replies_postfix_gives(mailflow_server):
     assert postfix["postgrey"] == ("450 4.2.0 <postgrey@local.test>: Recipient address rejected: Greylisted, see "
                                    "http://postgrey.schweikert.ch/help/local.test.html")
     assert postfix["defer-without-text"].endswith(": Recipient address rejected: Access denied")
+    assert postfix["unknown-defer-if-reject"] == \
+        "450 4.2.0 <unknown-defer-if-reject@local.test>: Recipient address rejected: soft"

@@ -107,10 +107,10 @@ class Facts:
     marks: Marks = field(default_factory=Marks)
     memo: dict = field(default_factory=dict)  # the session's answers of lookups (client name, SPF), by question
     auth: Verdicts | None = None  # end_of_data: the message's sender authentication verdicts
-    # DEFER_IF_PERMIT and DEFER_IF_REJECT, for this command only: the reply if the verdict is a permit; whether a
-    # later reject is to be a deferral instead
+    # DEFER_IF_PERMIT and DEFER_IF_REJECT, for this command only: the reply if the verdict is a permit; the reply
+    # if it is a 5xx refusal
     defer_if_permit: status.Reply | None = None
-    defer_if_reject: bool = False
+    defer_if_reject: status.Reply | None = None
 
 
 # ---------------------------------------------------------------------------------------------- key orders
@@ -409,7 +409,8 @@ class Restrictions:
                 name, what, *split_dsn(text, "4.7.1"))
             return None
         if upper == "DEFER_IF_REJECT":
-            facts.defer_if_reject = True
+            facts.defer_if_reject = facts.defer_if_reject or status.conditional_deferral(
+                name, what, *split_dsn(text, "4.7.1"))
             return None
         if upper == "WARN":
             log.info("NOQUEUE: warn: %s from %s[%s]: <%s>: %s triggers WARN action: %s; from=<%s> to=<%s>",
@@ -524,9 +525,9 @@ def split_dsn(text: str, default: str) -> tuple[str, str]:
 
 def _conditional_deferrals(verdict: status.Reply | None, facts: Facts) -> status.Reply | None:
     """Postfix's DEFER_IF_PERMIT (a permit, explicit or at the end of the lists, becomes that deferral) and
-    DEFER_IF_REJECT (a later refusal becomes a deferral: 450 and a class 4 enhanced code)."""
+    DEFER_IF_REJECT (a later 5xx refusal becomes DEFER_IF_REJECT's own deferral, its text and code)."""
     if verdict is None:
         return facts.defer_if_permit
-    if facts.defer_if_reject and verdict.code >= 500:
-        return status.deferred_instead(verdict)
+    if facts.defer_if_reject is not None and verdict.code >= 500:
+        return facts.defer_if_reject
     return verdict
