@@ -25,6 +25,7 @@ ANSWERS = {  # the recipient's local part -> what the policy server answers for 
     "defer-if-permit-without-text": "DEFER_IF_PERMIT",
     "unknown-defer-if-reject": "DEFER_IF_REJECT 4.2.0 soft",  # (unknown-*: no such user, a later refusal)
     "unknown-defer-if-reject-without-text": "DEFER_IF_REJECT",
+    "unknown-postgrey": "DEFER_IF_PERMIT 4.2.0 Greylisted, see http://postgrey.schweikert.ch/help/local.test.html",
 }
 
 
@@ -96,3 +97,4 @@ async def test_policy_answers_give_the_replies_postfix_gives(mailflow_server):
     assert postfix["defer-without-text"].endswith(": Recipient address rejected: Access denied")
     assert postfix["unknown-defer-if-reject"] == \
         "450 4.2.0 <unknown-defer-if-reject@local.test>: Recipient address rejected: soft"
+    assert postfix["unknown-postgrey"].startswith("450 4.2.0 ")  # before the implied unknown-user check

@@ -16,12 +16,13 @@ What it owns
 Evaluation (Postfix with smtpd_delay_reject = yes): at RCPT the client, helo, sender, relay and recipient
 lists run in that order; each list stops at its first PERMIT (the next list still runs) or refusal (the
 answer); an item with nothing to say (DUNNO, or missing facts such as no HELO yet) passes to the next.
-Then, unless refused, `reject_unlisted_recipient` is implied (smtpd_reject_unlisted_recipient). The data
-list runs at DATA, the end_of_data list at the end of the message; there only a single recipient is "the
-recipient". Access-table DISCARD permits and marks the message to be discarded (no further checks);
-HOLD, FILTER, PREPEND, REDIRECT and BCC mark it and go on; WARN logs and goes on (Postfix). Marks live in
-`facts.marks`, one per message. DEFER_IF_PERMIT and DEFER_IF_REJECT hold for the command that met them
-(`facts`): its verdict, permit or refusal, is turned into a deferral at the end (`_conditional_deferrals`).
+Then, unless refused or deferred (DEFER_IF_PERMIT), `reject_unlisted_recipient` is implied
+(smtpd_reject_unlisted_recipient). The data list runs at DATA, the end_of_data list at the end of the message;
+there only a single recipient is "the recipient". Access-table DISCARD permits and marks the message to be
+discarded (no further checks); HOLD, FILTER, PREPEND, REDIRECT and BCC mark it and go on; WARN logs and goes
+on (Postfix). Marks live in `facts.marks`, one per message. DEFER_IF_PERMIT and DEFER_IF_REJECT hold for the
+command that met them (`facts`): its verdict, permit or refusal, is turned into a deferral at the end
+(`_conditional_deferrals`).
 
 Failure behaviour: a table that cannot answer or an action mailflow does not know gives
 `451 4.3.5 <name>: X rejected: Server configuration error` (logged); a policy server that cannot be asked
@@ -217,7 +218,12 @@ class Restrictions:
         self._mynetworks = [ipaddress.ip_network(n, strict=False) for n in config.mynetworks]
 
     async def check_rcpt(self, facts: Facts) -> status.Reply | None:
-        return _conditional_deferrals(await self._rcpt_verdict(facts), facts)
+        """The lists' verdict (DEFER_IF_PERMIT applied), then the implied unknown-user check, as Postfix runs
+        smtpd_check_rcptmap after smtpd_check_rcpt: a deferral from the lists comes before it."""
+        verdict = _conditional_deferrals(await self._rcpt_verdict(facts), facts)
+        if verdict is None and self._smtpd.reject_unlisted_recipient and facts.marks.discard is None:
+            return _conditional_deferrals(await self._unlisted(facts.recipient), facts)
+        return verdict
 
     async def _rcpt_verdict(self, facts: Facts) -> status.Reply | None:
         for stage in RCPT_STAGES:
@@ -226,8 +232,6 @@ class Restrictions:
             reply = await self._run(stage, facts)
             if reply is not None:
                 return reply
-        if self._smtpd.reject_unlisted_recipient and facts.marks.discard is None:
-            return await self._unlisted(facts.recipient)
         return None
 
     @property
