@@ -8,6 +8,7 @@ policy connection reuse.
 from __future__ import annotations
 
 import asyncio
+from typing import Self
 
 import pytest
 
@@ -34,10 +35,12 @@ class ScriptedPolicy:
 
     def __init__(self):
         self.requests: list[dict[str, str]] = []
+        self.spec = ""  # inet:127.0.0.1:PORT once started
 
-    async def __aenter__(self) -> str:
+    async def __aenter__(self) -> Self:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"inet:127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        self.spec = f"inet:127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
 
     async def __aexit__(self, *exc) -> None:
         self._server.close()
@@ -79,14 +82,14 @@ async def replies(port: int) -> dict[str, str]:
 
 async def test_policy_answers_give_the_replies_postfix_gives(mailflow_server):
     users = ",".join(f"{local}=ok" for local in ANSWERS if not local.startswith("unknown-"))
-    async with ScriptedPolicy() as spec:
+    async with ScriptedPolicy() as policy:
         async with postfix_instance({
             "myhostname": "pf.test", "mydestination": "local.test", "local_recipient_maps": f"inline:{{{users}}}",
-            "smtpd_recipient_restrictions": f"check_policy_service {spec}", "smtpd_policy_service_timeout": "5s",
+            "smtpd_recipient_restrictions": f"check_policy_service {policy.spec}",
         }) as pf:
             postfix = await replies(pf.port)
         mf = await mailflow_server(local_recipient_maps=[f"inline:{{{users}}}"],
-                                   smtpd={"recipient_restrictions": [f"check_policy_service {spec}"]})
+                                   smtpd={"recipient_restrictions": [f"check_policy_service {policy.spec}"]})
         mailflow = await replies(mf.smtp_addresses[0][1])
     assert {local: reply for local, reply in mailflow.items() if reply != postfix[local]} == {}, postfix
     # the answers themselves, so that a change on both sides cannot pass unnoticed
@@ -98,3 +101,37 @@ async def test_policy_answers_give_the_replies_postfix_gives(mailflow_server):
     assert postfix["unknown-defer-if-reject"] == \
         "450 4.2.0 <unknown-defer-if-reject@local.test>: Recipient address rejected: soft"
     assert postfix["unknown-postgrey"].startswith("450 4.2.0 ")  # before the implied unknown-user check
+
+
+COMPARED = ("request", "protocol_state", "protocol_name", "helo_name", "sender", "recipient", "recipient_count",
+            "client_address", "size", "sasl_method", "sasl_username", "encryption_protocol", "etrn_domain")
+
+
+async def one_message(port: int) -> None:
+    client = await SmtpClient.connect(port)
+    for command in ("EHLO client.test", "MAIL FROM:<s@remote.test> SIZE=100", "RCPT TO:<alice@local.test>",
+                    "RCPT TO:<bob@local.test>", "DATA"):
+        assert (await client.cmd(command)).code in (250, 354), command
+    assert (await client.cmd(b"Subject: t\r\n\r\nbody\r\n.")).code == 250
+    await client.close()
+
+
+async def test_the_requests_carry_the_attributes_postfix_sends(mailflow_server):
+    """Each RCPT's and the DATA request's attributes, and one `instance` for the message's requests."""
+    users = "inline:{alice=ok, bob=ok}"
+    lists = {"recipient_restrictions": "check_policy_service", "data_restrictions": "check_policy_service"}
+    async with ScriptedPolicy() as policy:
+        async with postfix_instance({
+            "myhostname": "pf.test", "mydestination": "local.test", "local_recipient_maps": users,
+            "relayhost": "[127.0.0.1]:9", **{f"smtpd_{name}": f"{item} {policy.spec}" for name, item in lists.items()},
+        }) as pf:
+            await one_message(pf.port)
+        postfix, policy.requests[:] = list(policy.requests), []
+        mf = await mailflow_server(local_recipient_maps=[users], relayhost="[127.0.0.1]:9",
+                                   smtpd={name: [f"{item} {policy.spec}"] for name, item in lists.items()})
+        await one_message(mf.smtp_addresses[0][1])
+        mailflow = policy.requests
+    assert [{k: r.get(k) for k in COMPARED} for r in mailflow] == [{k: r.get(k) for k in COMPARED} for r in postfix]
+    assert [r["protocol_state"] for r in postfix] == ["RCPT", "RCPT", "DATA"]
+    assert [r["recipient_count"] for r in postfix] == ["0", "0", "2"]  # non-zero only from DATA on
+    assert len({r["instance"] for r in mailflow}) == 1 and mailflow[0]["instance"]

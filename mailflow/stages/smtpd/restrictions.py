@@ -498,7 +498,7 @@ def policy_request(facts: Facts, stage: str) -> dict[str, str]:
         "queue_id": "",
         "sender": facts.sender or "",
         "recipient": facts.recipient,
-        "recipient_count": str(facts.recipient_count),
+        "recipient_count": str(facts.recipient_count if stage in PROTOCOL_STATE else 0),  # Postfix: 0 before DATA
         "client_address": facts.client_addr,
         "client_name": facts.client_name,
         "reverse_client_name": facts.client_name,
