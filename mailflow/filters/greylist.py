@@ -15,7 +15,7 @@ The database is opened (created) by the greylist's one worker thread; every ques
 there, so the event loop never waits for the disk (synchronous=NORMAL: a crash may forget the last triplets,
 which costs one more delay, never a message).
 
-Failure behaviour: a database that cannot be read or written lets the mail pass (logged once per minute):
+Failure behaviour: a database that cannot be made, read or written lets the mail pass (logged once per minute):
 greylisting fails open, it never holds up mail on its own fault.
 """
 from __future__ import annotations
@@ -68,7 +68,7 @@ class Greylist:
         try:
             return await loop.run_in_executor(self._pool, self._check, network, sender.lower(), recipient.lower(),
                                               self._clock.time())
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OSError) as e:  # OSError: its folder cannot be made
             if time.monotonic() - self._failed_at > 60:
                 self._failed_at = time.monotonic()
                 log.error("greylist %s: %s (mail passes ungreylisted)", self._path, e)

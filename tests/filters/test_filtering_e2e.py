@@ -156,6 +156,19 @@ async def test_greylisting_whitelists_and_auto_whitelists(mailflow_server):
     assert (await rcpt_reply(port, "bob@local.test", sender="new@remote.test"))[0] == 250
 
 
+async def test_a_greylist_database_that_cannot_be_made_lets_mail_pass(mailflow_server, tmp_path, caplog):
+    (tmp_path / "a-file").write_text("")  # its folder cannot be made: the path goes through a file
+    mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "recipient_restrictions": ["check_greylist"]},
+                               greylist={"database_file": str(tmp_path / "a-file" / "greylist.db")})
+    port = mf.smtp_addresses[0][1]
+    with caplog.at_level("ERROR", logger="mailflow"):
+        assert (await rcpt_reply(port, "alice@local.test"))[0] == 250
+        assert (await rcpt_reply(port, "bob@local.test"))[0] == 250
+    logged = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(logged) == 1 and "mail passes ungreylisted" in logged[0].getMessage()  # once, no traceback
+    assert logged[0].exc_info is None
+
+
 # ---------------------------------------------------------------------------------------------- SPF, DKIM, DMARC
 
 
