@@ -8,8 +8,9 @@ The rule (postgrey's): the triplet (client network: the address within `ipv4_pre
 recipient) seen for the first time is deferred; a retry after `delay` and within `retry_window` of the first
 attempt passes, and the triplet then passes for `lifetime` after its last use; a retry too late starts again.
 Never greylisted: clients in `whitelist_networks`, senders of `whitelist_domains` (and their subdomains), and a
-client network that passed `auto_whitelist_count` times (0: off). Rows unused for `lifetime` are removed now
-and then.
+client network that passed `auto_whitelist_count` times (0: off). Rows unused for `lifetime`, and triplets
+that never passed and can no longer pass (past `delay` + `retry_window`), are removed now and then, so a flood
+of one-off triplets is kept for days, not for `lifetime`.
 
 The database is opened (created) by the greylist's one worker thread; every question is one short transaction
 there, so the event loop never waits for the disk (synchronous=NORMAL: a crash may forget the last triplets,
@@ -107,6 +108,9 @@ class Greylist:
         try:
             if self._checks % SWEEP_EVERY == 0:
                 db.execute("DELETE FROM triplet WHERE last_seen < ?", (now - c.lifetime,))
+                # never passed and too old to pass: a retry starts again anyway (postgrey's maintenance)
+                db.execute("DELETE FROM triplet WHERE passed = 0 AND first_seen < ?",
+                           (now - c.delay - c.retry_window,))
                 db.execute("DELETE FROM client WHERE last_seen < ?", (now - c.lifetime,))
             passed = self._decide(db, network, sender, recipient, now)
             db.execute("COMMIT")
