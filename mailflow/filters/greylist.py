@@ -8,9 +8,9 @@ The rule (postgrey's): the triplet (client network: the address within `ipv4_pre
 recipient) seen for the first time is deferred; a retry after `delay` and within `retry_window` of the first
 attempt passes, and the triplet then passes for `lifetime` after its last use; a retry too late starts again.
 Never greylisted: clients in `whitelist_networks`, senders of `whitelist_domains` (and their subdomains), and a
-client network that passed `auto_whitelist_count` times (0: off). Rows unused for `lifetime`, and triplets
-that never passed and can no longer pass (past `delay` + `retry_window`), are removed now and then, so a flood
-of one-off triplets is kept for days, not for `lifetime`.
+client network that passed `auto_whitelist_count` times (0: off; as postgrey, one pass an hour counts). Rows
+unused for `lifetime`, and triplets that never passed and can no longer pass (past `delay` + `retry_window`),
+are removed now and then, so a flood of one-off triplets is kept for days, not for `lifetime`.
 
 The database is opened (created) by the greylist's one worker thread; every question is one short transaction
 there, so the event loop never waits for the disk (synchronous=NORMAL: a crash may forget the last triplets,
@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS client (
     network TEXT PRIMARY KEY, passes INTEGER NOT NULL, last_seen REAL NOT NULL) WITHOUT ROWID;
 """
 SWEEP_EVERY = 1000  # checks between removals of old rows
+AUTO_WHITELIST_EVERY = 3600.0  # a client's passes count for auto-whitelisting once an hour at most (postgrey)
 
 
 class Greylist:
@@ -139,7 +140,8 @@ class Greylist:
                 db.execute("UPDATE triplet SET last_seen = ?, passed = 1 WHERE network = ? AND sender = ? AND"
                            " recipient = ?", (now, *key))
                 db.execute("INSERT INTO client (network, passes, last_seen) VALUES (?, 1, ?) ON CONFLICT (network)"
-                           " DO UPDATE SET passes = passes + 1, last_seen = excluded.last_seen", (network, now))
+                           " DO UPDATE SET passes = passes + 1, last_seen = excluded.last_seen"
+                           " WHERE excluded.last_seen >= client.last_seen + ?", (network, now, AUTO_WHITELIST_EVERY))
                 return True
             if not passed and now - first_seen < c.delay:
                 return False  # too early: the first attempt's time stands

@@ -31,3 +31,25 @@ async def test_triplets_that_never_passed_go_once_their_retry_window_is_over(tmp
         assert rows(path) == 100
     finally:
         grey.close()
+
+
+async def test_auto_whitelisting_counts_one_pass_an_hour(tmp_path):
+    """postgrey's --auto-whitelist-clients: 'only one attempt per hour counts', so a client retrying many
+    triplets at once (a bot that learnt to retry) is not whitelisted after one round."""
+    clock = VirtualClock()
+    grey = Greylist(GreylistConfig(delay=60, auto_whitelist_count=2), tmp_path / "greylist.db", clock)
+
+    async def passes(sender: str) -> bool:
+        return await grey.check("192.0.2.7", sender, "alice@local.test")
+
+    try:
+        for n in range(3):
+            assert not await passes(f"s{n}@remote.test")
+        clock.advance(61)
+        assert await passes("s0@remote.test") and await passes("s1@remote.test")  # two passes, the same hour
+        assert not await passes("new@remote.test")  # counted once: not whitelisted yet
+        clock.advance(3600)
+        assert await passes("s2@remote.test")  # a pass an hour later counts
+        assert await passes("another@remote.test")  # whitelisted
+    finally:
+        grey.close()
