@@ -8,6 +8,7 @@ import aiosmtplib
 import pytest
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 
+from mailflow import status
 from mailflow.signing import keygen
 from tests.support import eventually, free_port, maildir_messages, queue_becomes, rcpt_reply, send
 from tests.support.deliverability import dkim_signed, make_key
@@ -154,6 +155,17 @@ async def test_greylisting_whitelists_and_auto_whitelists(mailflow_server):
     assert (await rcpt_reply(port, "alice@local.test"))[0] == 450
     assert (await rcpt_reply(port, "alice@local.test"))[0] == 250  # passed once: the client is whitelisted
     assert (await rcpt_reply(port, "bob@local.test", sender="new@remote.test"))[0] == 250
+
+
+async def test_greylisting_defers_only_what_would_be_accepted(mailflow_server):
+    """postgrey answers DEFER_IF_PERMIT: a later refusal of the same recipient is the answer, not 450."""
+    mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "recipient_restrictions": [
+        "check_greylist", "check_recipient_access inline:{ {bob@local.test=REJECT no mail for bob} }"]},
+        greylist={"delay": "1h"})
+    port = mf.smtp_addresses[0][1]
+    assert await rcpt_reply(port, "bob@local.test") == status.access_denied("bob@local.test", "Recipient address",
+                                                                            "no mail for bob")
+    assert await rcpt_reply(port, "alice@local.test") == status.greylisted("alice@local.test")
 
 
 async def test_a_greylist_database_that_cannot_be_made_lets_mail_pass(mailflow_server, tmp_path, caplog):

@@ -9,9 +9,9 @@ What it owns
   `check_content`: whether the data and end_of_data lists have anything to evaluate.
 - The restrictions that ask the DNS are dns_checks.py's (reject_rbl_client, reject_rhsbl_*, the unknown client
   name and address domain checks); the inbound filters' (docs/filtering.md):
-  check_greylist (450 4.2.0; mailflow.filters.greylist), reject_spf_fail (550 5.7.23) and, at end of data,
-  reject_dmarc_policy (p=reject: 550 5.7.1; p=quarantine: HOLD). Access FILTER transport:nexthop marks the
-  message for that after-queue filter.
+  check_greylist (450 4.2.0 as a DEFER_IF_PERMIT, postgrey's answer; mailflow.filters.greylist),
+  reject_spf_fail (550 5.7.23) and, at end of data, reject_dmarc_policy (p=reject: 550 5.7.1; p=quarantine:
+  HOLD). Access FILTER transport:nexthop marks the message for that after-queue filter.
 
 Evaluation (Postfix with smtpd_delay_reject = yes): at RCPT the client, helo, sender, relay and recipient
 lists run in that order; each list stops at its first PERMIT (the next list still runs) or refusal (the
@@ -443,11 +443,11 @@ class Restrictions:
     # -------------------------------------------------------------------------------- filters and policy
 
     async def _greylisted(self, facts: Facts):
-        if self._greylist is None or not facts.recipient or facts.sender is None:
-            return None
-        if await self._greylist.check(facts.client_addr, facts.sender, facts.recipient):
-            return None
-        return status.greylisted(facts.recipient)
+        """No opinion of its own: a triplet to greylist is postgrey's answer, DEFER_IF_PERMIT (a later refusal of
+        the recipient still wins)."""
+        if self._greylist is not None and facts.recipient and facts.sender is not None and \
+                not await self._greylist.check(facts.client_addr, facts.sender, facts.recipient):
+            facts.defer_if_permit = facts.defer_if_permit or status.greylisted(facts.recipient)
 
     async def _spf_fail(self, facts: Facts):
         """reject_spf_fail: the sender's SPF record says this client may not send for it (550 5.7.23)."""
