@@ -154,8 +154,8 @@ def conditional_deferral(name: str, what: str, text: str = "", dsn: str = "4.7.1
 
 
 def rule_deferred(name: str, what: str) -> Reply:
-    """The `defer` restriction."""
-    return restriction_rejected(450, "4.7.1", name, what, "Try again later")
+    """The `defer` restriction (Postfix: defer_code 450, 4.3.2)."""
+    return restriction_rejected(450, "4.3.2", name, what, "Try again later")
 
 
 def restriction_config_error(name: str, what: str) -> Reply:

@@ -140,6 +140,12 @@ def access(spec: str, stage: str = "recipient", kind: str = "recipient"):
     return restrictions(**{f"{stage}_restrictions": [f"check_{kind}_access {spec}"]})
 
 
+def test_the_defer_restriction_says_what_postfix_says():
+    # Postfix 3.7.11, smtpd_recipient_restrictions = defer (defer_code 450, its own enhanced code 4.3.2)
+    assert str(rcpt(restrictions(recipient_restrictions=["defer"]))) == \
+        "450 4.3.2 <alice@local.test>: Recipient address rejected: Try again later"
+
+
 def test_access_actions_reject_defer_and_numeric_codes():
     table = ("inline:{ {spam@remote.example=REJECT go away}, defer@remote.example=DEFER,"
              " {n1@remote.example=550 no such luck}, {n2@remote.example=450 4.2.0 busy} }")
