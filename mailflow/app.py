@@ -24,8 +24,8 @@ mailflow.admin: /metrics, /healthz, /readyz, the admin API, the queue page), ope
 The clock, RNG, resolver and transports can be injected (tests pass fakes or local peers); nothing is
 global, so several instances can run in one process. Without an injected resolver, `build_resolver` makes one
 from `[dns]` (transports and smtpd share it). `serve(config)` runs one until SIGTERM/SIGINT or
-until an injected shutdown trigger fires; SIGHUP reloads (`reload()`); after each burst
-of mail, once idle, it gives the memory the burst freed back to the system (`return_memory_when_idle`).
+until an injected shutdown trigger fires; SIGHUP reloads (`reload()`; one during the start, once it runs); after
+each burst of mail, once idle, it gives the memory the burst freed back to the system (`return_memory_when_idle`).
 
 Reload (`await mf.reload(config)`; SIGHUP and `mailflow reload` in `serve`): like `postfix reload`, the new
 configuration is checked whole (its tables must answer, its certificates load) and built whole (routing tables,
@@ -481,13 +481,15 @@ async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None,
     configuration to put in force; a refused one is logged and the one in force stays."""
     stop = shutdown_trigger or asyncio.Event()
     loop = asyncio.get_running_loop()
+    # SIGHUPs arriving during a reload make one more reload, not one each. Caught from before the start (which
+    # can wait for the queue's database): SIGHUP's default action would end the server; one that comes during
+    # the start is a reload once it runs, as Postfix's master takes SIGHUP from its start.
+    wanted = asyncio.Event()
     if shutdown_trigger is None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, wanted.set)
     async with Mailflow(config) as mf:
-        wanted = asyncio.Event()  # SIGHUPs arriving during a reload make one more reload, not one each
-        if shutdown_trigger is None:
-            loop.add_signal_handler(signal.SIGHUP, wanted.set)
         helpers = [asyncio.create_task(return_memory_when_idle(mf), name="memory-trim"),
                    asyncio.create_task(_reloads(mf, wanted, reread or (lambda: config)), name="reload")]
         try:

@@ -3,14 +3,16 @@ restriction in force without dropping an open session; a bad configuration is re
 and the one in force stays; what only a restart applies is named in the log and left running as it is."""
 from __future__ import annotations
 
+import asyncio
 import signal
+import sqlite3
 import sys
 
 import pytest
 
 from mailflow.config import config_from_dict
 from mailflow.errors import ConfigError
-from tests.support import ServerProcess, SmtpClient, eventually, free_port, rcpt_reply, run_tool
+from tests.support import ServerProcess, SmtpClient, accepts, eventually, free_port, rcpt_reply, run_tool
 
 IN_FORCE = "reload: configuration, tables and certificates in force"
 BLOCKED = {"sender_restrictions": ["check_sender_access inline:{blocked@remote.test=REJECT}"]}
@@ -135,3 +137,29 @@ async def test_a_reload_keeps_a_certificate_that_cannot_be_read(mailflow_server,
     await client.starttls(ctx)  # the certificate in force serves on
     assert (await client.cmd("NOOP")).code == 250
     await client.close()
+
+
+async def test_sighup_while_the_server_starts_is_a_reload_once_it_runs(world, tmp_path):
+    """The start can wait for the queue's database (another process holds it); `mailflow reload` meanwhile finds
+    the server's pid in the lock file and signals it: the server must not die of it (SIGHUP's default action),
+    as Postfix's master takes SIGHUP from its start."""
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    holder = sqlite3.connect(queue / "queue.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # the server's start waits for it
+    try:
+        world.launch()
+        lock = queue / "mailflow.pid"
+        await eventually(lambda: lock.exists() and lock.read_text().strip() == str(world.proc.pid), timeout=15,
+                         what="the server holds the queue's lock (its start has begun)")
+        code, out = await mailflow_cli("reload", "-c", str(world.config_path))
+        assert code == 0, out
+        await asyncio.sleep(0.3)  # the signal is delivered while the start still waits
+        assert world.proc.poll() is None, world.log_path.read_text()
+    finally:
+        holder.rollback()
+        holder.close()
+    await eventually(lambda: accepts(world.port), timeout=15, what="the server listens")
+    await reloaded(world, 1)
+    assert (await rcpt_reply(world.port, "bob@local.test")).code == 250
+    assert await world.terminate() == 0

@@ -3,8 +3,8 @@
 - `base_settings(tmp_path)`: the test config: local domain local.test with users alice and bob, Maildirs under
   tmp_path/mail, relay domain relay.test, no trusted networks, fast retries, a DNS server that answers nothing.
   `merged(base, overrides)` overlays settings (one level deep); `to_toml(settings)` writes them as TOML.
-- `ServerProcess(config, log, port)`: `python -m mailflow serve -c CONFIG` as a child process (start, terminate,
-  kill, CPU seconds, log lines); `queue_counts(db)` reads a queue database read-only beside a running server.
+- `ServerProcess(config, log, port)`: `python -m mailflow serve -c CONFIG` as a child process (launch, start,
+  terminate, kill, CPU seconds, log lines); `queue_counts(db)` reads a queue database read-only beside a running server.
 """
 from __future__ import annotations
 
@@ -65,12 +65,16 @@ class ServerProcess:
         self.cwd = cwd or Path.cwd()
         self.proc: subprocess.Popen | None = None
 
-    async def start(self) -> None:
+    def launch(self) -> None:
+        """Start the process, without waiting for it to listen."""
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "mailflow", "serve", "-c", str(self.config_path)],
                                      stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd,
                                      env={**os.environ, "PYTHONPATH": str(ROOT)})
         log.close()
+
+    async def start(self) -> None:
+        self.launch()
         try:
             await eventually(lambda: accepts(self.port), timeout=15, step=0.05)
         except AssertionError:
