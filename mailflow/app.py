@@ -32,9 +32,10 @@ configuration is checked whole (its tables must answer, its certificates load) a
 restrictions, transports, certificates) before any of it is used; a problem raises ConfigError and the
 configuration in force stays. Then cleanup, qmgr, pickup and smtpd take it: new sessions follow the new rules
 (smtpd.Smtpd.reconfigure), open sessions are not dropped and end under the rules they began with (as Postfix's
-smtpd processes do), deliveries under way finish with the transports they began with. What only a restart applies (the listeners, the queue, [http],
-[dns], where the log goes: mailflow.config.reload) keeps running as it is and is named in the log
-(`warning: reload: smtpd.listen changed; restart to apply`).
+smtpd processes do; the inbound filters a reload replaces are closed at a later reload once no open session uses
+them), deliveries under way finish with the transports they began with. What only a restart applies (the
+listeners, the queue, [http], [dns], where the log goes: mailflow.config.reload) keeps running as it is and is
+named in the log (`warning: reload: smtpd.listen changed; restart to apply`).
 
 Stop (`stop()`, SIGTERM in `serve`): the HTTP listener closes, then smtpd, pickup and qmgr drain together within
 one `shutdown_grace` (the setting, or the constructor's): no new connection nor delivery starts, sessions between
@@ -175,7 +176,8 @@ class Mailflow:
         self.http: HttpServer | None = None  # when a feature serves HTTP
         self._maillog: MailLog | None = None
         self._filters: FilterServices | None = None
-        # replaced by a reload: sessions begun before it may still use them; closed at the stop
+        # replaced by a reload: sessions begun before it may still use them; closed at a later reload once no
+        # open session does, or at the stop
         self._retired_filters: list[FilterServices] = []
         self.metrics: Metrics | None = None  # with [admin] enable
         self.admin: Admin | None = None  # with [admin] enable
@@ -410,11 +412,22 @@ class Mailflow:
                                     bounce_size_limit=config.queue.bounce_size_limit,
                                     size_limit=config.smtpd.message_size_limit, milters=non_smtpd_milters(config))
             use_smtpd()
+            self._close_unused_filters()
             self.config = config
             for key in waiting:
                 log.warning("reload: %s changed; restart to apply", key)
             log.info("reload: configuration, tables and certificates in force")
             return waiting
+
+    def _close_unused_filters(self) -> None:
+        """Close the filters earlier reloads replaced that no open session uses any more: each holds threads
+        and, with greylisting, a database connection; kept until the stop, every reload would add its own."""
+        assert self.smtpd is not None
+        in_use = {id(handler.filter_services) for handler in self.smtpd.handlers_in_use()}
+        unused = [filters for filters in self._retired_filters if id(filters) not in in_use]
+        self._retired_filters = [filters for filters in self._retired_filters if id(filters) in in_use]
+        for filters in unused:
+            filters.close()
 
     @property
     def idle(self) -> bool:

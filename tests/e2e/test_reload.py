@@ -7,6 +7,7 @@ import asyncio
 import signal
 import sqlite3
 import sys
+import threading
 
 import pytest
 
@@ -163,3 +164,25 @@ async def test_sighup_while_the_server_starts_is_a_reload_once_it_runs(world, tm
     await reloaded(world, 1)
     assert (await rcpt_reply(world.port, "bob@local.test")).code == 250
     assert await world.terminate() == 0
+
+
+def greylist_threads() -> int:
+    return sum(thread.name.startswith("greylist") for thread in threading.enumerate())
+
+
+async def test_reloads_close_the_filters_they_replaced_once_no_open_session_uses_them(mailflow_server):
+    """Each reload builds the inbound filters anew (the greylist: a thread and a database connection). Those it
+    replaced serve the sessions begun before it, then are closed: a server reloaded every few minutes for months
+    (or a burst of SIGHUPs) must not keep one set per reload."""
+    before = greylist_threads()
+    mf = await mailflow_server(smtpd={"recipient_restrictions": ["check_greylist"]}, greylist={"delay": "1h"})
+    port = mf.smtp_addresses[0][1]
+    held = await SmtpClient.connect(port)  # open across every reload: it keeps the filters it began with
+    await held.cmd("EHLO client.test")
+    for _ in range(10):
+        assert (await rcpt_reply(port, "alice@local.test")).code == 450  # the greylist in force answers
+        await mf.reload(mf.config)
+    await held.cmd("MAIL FROM:<s@remote.test>")
+    assert (await held.cmd("RCPT TO:<alice@local.test>")).code == 450  # its own greylist still answers
+    await held.close()
+    assert greylist_threads() - before <= 2  # the held session's and the one in force (10 without the closing)

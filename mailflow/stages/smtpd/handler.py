@@ -87,6 +87,7 @@ class SmtpdHandler:
         self.restrictions = Restrictions(config, config.smtpd, rewriter, mapper, resolver, tables,
                                          greylist=filters.greylist if filters else None,
                                          sender_auth=filters.sender_auth if filters else None)
+        self.filter_services = filters  # the server's shared filters this handler uses (a reload retires them)
         self._filters = filters.for_listener(config) if filters is not None else None
         self._no_recipient_checks = "no_unknown_recipient_checks" in config.smtpd.receive_override_options
         self._peer_names = PeerNames(resolver) if config.smtpd.peername_lookup else None

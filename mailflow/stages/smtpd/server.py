@@ -160,7 +160,7 @@ class ListenerSession(SmtpSession):
 
 class Smtpd:
     """The listeners. `await start()`, `addresses`, `reconfigure(config, handler_for)` (a reload),
-    `await stop(grace)`."""
+    `handlers_in_use()`, `await stop(grace)`."""
 
     def __init__(self, config: Config, handler_for: Callable[[Config], SmtpdHandler], *, clock: Clock | None = None,
                  observer: SessionObserver | None = None):
@@ -297,11 +297,16 @@ class Smtpd:
                 return li.server.sockets[0].getsockname()[:2]
         raise LookupError(f"no {role} listener")
 
+    def handlers_in_use(self) -> list[SmtpdHandler]:
+        """The handlers of the listeners and of the open sessions (a session keeps its own over a reload), once
+        each."""
+        handlers = {id(h): h for h in [li.handler for li in self.listeners] + [s.event_handler for s in self.sessions]}
+        return list(handlers.values())
+
     @property
     def _submitting(self) -> int:
-        """Messages being committed, by every handler in use (a session keeps its own over a reload)."""
-        handlers = {id(h): h for h in [li.handler for li in self.listeners] + [s.event_handler for s in self.sessions]}
-        return sum(h.submitting for h in handlers.values())
+        """Messages being committed, by every handler in use."""
+        return sum(h.submitting for h in self.handlers_in_use())
 
     async def stop(self, grace: float = 10.0) -> None:
         """Drain: close the listeners; a session between transactions gets `421 4.3.2 … shutting down` and is
