@@ -7,7 +7,7 @@ import asyncio
 from mailflow import status
 from mailflow.app import Mailflow
 from mailflow.config import config_from_dict
-from tests.support import SmtpClient, accepts, base_settings, queue_counts
+from tests.support import SmtpClient, accepts, base_settings, eventually, queue_counts
 
 HOST = "mx.mailflow.test"
 
@@ -30,6 +30,27 @@ async def test_stop_lets_a_transaction_end_and_tells_idle_sessions_to_go(mailflo
     assert queued.text.startswith("250 2.0.0 Ok: queued as"), queued
     assert await busy.reply() == status.shutting_down(HOST)  # its transaction over, it goes too
     await asyncio.wait_for(stopping, 1.5)  # well within the grace (2 s): nothing was left to wait for
+    assert queue_counts(tmp_path / "queue" / "queue.db") == {"incoming": 1}
+
+
+async def test_a_transaction_ended_during_the_stop_is_the_sessions_last(mailflow_server, tmp_path):
+    """A client whose message ends during the drain gets its 250, then 421: the next MAIL it sends at once (it
+    need not wait for the server's next look) starts no transaction, so busy clients cannot hold the stop to the
+    end of its grace period and be cut there in the middle of a message."""
+    mf = await mailflow_server()
+    port = mf.smtp_addresses[0][1]
+    busy = await SmtpClient.connect(port)
+    await busy.envelope()
+    assert (await busy.cmd("DATA")).code == 354
+
+    stopping = asyncio.create_task(mf.stop())
+    await eventually(lambda: not accepts(port), what="the stop has begun")
+    await busy.send(b"Subject: late\r\n\r\nbody\r\n.\r\nMAIL FROM:<s@remote.test>\r\n")
+    queued = await busy.reply()
+    assert queued.text.startswith("250 2.0.0 Ok: queued as"), queued
+    assert await busy.reply() == status.shutting_down(HOST)  # not 250 to the MAIL
+    assert await busy.closed()
+    await asyncio.wait_for(stopping, 1.5)  # well within the grace (2 s)
     assert queue_counts(tmp_path / "queue" / "queue.db") == {"incoming": 1}
 
 

@@ -11,7 +11,7 @@ What it owns
   already received is answered first), `_session_ended` (once however the session ends, also after a TLS
   handshake asyncio never reports to connection_lost: frees what it held, calls the handler's `handle_CLOSE`
   hook when it has one, logs the disconnect), `hang_up()`,
-  `shut_down()` (421 at a stop), `in_transaction`.
+  `shut_down()` (421 at a stop; after the transaction under way), `in_transaction`.
 - Replies: `push()` gives a library-written line its enhanced status code (RFC 2034; not the greeting nor
   HELO/EHLO; a `status.Reply` goes as the catalogue wrote it), counts 4xx/5xx toward the error limits and
   records each command's outcome (sessionlog.SessionLog). A 421 after the greeting ends the session (RFC 5321
@@ -189,6 +189,7 @@ class ProtocolCore(SMTP):
         self._timer_at: float | None = None  # when the pending timer fires; None when none is pending
         self._ended = False
         self._quit = False  # QUIT answered: the command loop ends
+        self._stopping = False  # the server stops: once no transaction is under way, 421 and the end
         self._observer = observer
         self.transcript: Transcript | None = None  # only with an observer (transcript.py)
 
@@ -306,8 +307,10 @@ class ProtocolCore(SMTP):
 
     def shut_down(self) -> None:
         """The server is stopping: `421 4.3.2 <host> Service shutting down` and the session ends (RFC 5321 3.8).
-        For a session between transactions: one under way would lose its transaction (its client resends it)."""
-        if self.transport is None or self.transport.is_closing():
+        A session in a transaction may end it first (else its client would send the message again): the 421
+        comes after, at the latest as the answer to its next command, which starts nothing."""
+        self._stopping = True
+        if self.in_transaction or self.transport is None or self.transport.is_closing():
             return
         reply = str(status.shutting_down(self.hostname))
         self._writer.write(f"{reply}\r\n".encode())
@@ -512,6 +515,9 @@ class ProtocolCore(SMTP):
 
     async def _one_command(self) -> None:
         line = await self.wire.read_line(self._limits.max_line_length)
+        if self._stopping and not self.in_transaction:  # its transaction ended during the stop: no other begins
+            self.shut_down()
+            return
         if self.transcript is not None:
             self.transcript.command(line)
         command_bytes, arg_bytes = _verb_and_argument(line)

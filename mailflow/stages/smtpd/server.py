@@ -322,8 +322,8 @@ class Smtpd:
             server.close()
         deadline = loop.time() + grace
         while loop.time() < deadline:
-            for session in [s for s in self.sessions if not s.in_transaction]:
-                session.shut_down()
+            for session in list(self.sessions):
+                session.shut_down()  # (one in a transaction: once it ends)
             if not self.sessions and not self._submitting:
                 break
             await asyncio.sleep(min(STOP_POLL, max(0.0, deadline - loop.time())))
