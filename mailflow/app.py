@@ -488,10 +488,11 @@ async def return_memory_when_idle(mf: "Mailflow", interval: float = IDLE_TRIM_IN
 
 
 async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None,
-                reread: Callable[[], Config] | None = None) -> None:
+                reread: Callable[[], Config] | None = None, where: str = "") -> None:
     """Run until SIGTERM/SIGINT (or `shutdown_trigger` is set), then drain and stop. SIGHUP reloads: `reread()`
     (run in a worker thread; default: `config` as it is, which re-reads the tables and certificates) gives the
-    configuration to put in force; a refused one is logged and the one in force stays."""
+    configuration to put in force; a refused one is logged and the one in force stays. `where`: the
+    configuration's file, named in a refusal whose problem lies in a file it names (a table, a certificate)."""
     stop = shutdown_trigger or asyncio.Event()
     loop = asyncio.get_running_loop()
     # SIGHUPs arriving during a reload make one more reload, not one each. Caught from before the start (which
@@ -504,7 +505,7 @@ async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None,
         loop.add_signal_handler(signal.SIGHUP, wanted.set)
     async with Mailflow(config) as mf:
         helpers = [asyncio.create_task(return_memory_when_idle(mf), name="memory-trim"),
-                   asyncio.create_task(_reloads(mf, wanted, reread or (lambda: config)), name="reload")]
+                   asyncio.create_task(_reloads(mf, wanted, reread or (lambda: config), where), name="reload")]
         try:
             await stop.wait()
         finally:
@@ -514,22 +515,23 @@ async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None,
         log.info("mailflow stopping")
 
 
-async def _reloads(mf: Mailflow, wanted: asyncio.Event, reread: Callable[[], Config]) -> None:
+async def _reloads(mf: Mailflow, wanted: asyncio.Event, reread: Callable[[], Config], where: str) -> None:
     while True:
         await wanted.wait()
         wanted.clear()
-        await reload_logged(mf, reread)
+        await reload_logged(mf, reread, where)
 
 
-async def reload_logged(mf: Mailflow, reread: Callable[[], Config]) -> bool:
+async def reload_logged(mf: Mailflow, reread: Callable[[], Config], where: str = "") -> bool:
     """One reload as SIGHUP asks it: re-read, put in force, log the outcome (the log level at once). False when
-    refused (logged as `error: reload refused … FILE: KEY: REASON`)."""
+    refused (logged as `error: reload refused … FILE: KEY: REASON`, FILE being `where` when the problem does not
+    name the configuration's file itself, as check-config and serve say it)."""
     log.info("reload: re-reading the configuration")
     try:
         await mf.reload(await asyncio.to_thread(reread))
     except ConfigError as e:
-        where = ": ".join(part for part in (e.file, e.key, e.reason) if part)
-        log.error("reload refused, the configuration in force stays: %s", where)
+        log.error("reload refused, the configuration in force stays: %s",
+                  ": ".join(part for part in (e.file or where, e.key, e.reason) if part))
         return False
     except Exception:  # a bug must not end the server: the configuration in force stays
         log.exception("reload failed, the configuration in force stays")

@@ -72,7 +72,7 @@ def _serve(run, cfg: Config, where: str, reread) -> None:
     except OSError as e:
         fail_config("mailflow", ConfigError(where, "log.file", f"cannot open {cfg.log.file}: {e.strerror}"))
     try:
-        asyncio.run(run(cfg, reread=reread))
+        asyncio.run(run(cfg, reread=reread, where=where))
     except QueueBusy as e:  # another server owns this queue: it was left untouched
         fail("mailflow", f"cannot start: {e}", 1)
     except ConfigError as e:  # found while building the stages (e.g. a lookup table spec)
