@@ -49,6 +49,24 @@ class ClientInfo:
 
 
 @dataclass(frozen=True)
+class ClientAttributes:
+    """The client attributes Postfix keeps with a queued message (its queue file's client_name, client_address,
+    client_port, helo_name, protocol_name, sasl_method, sasl_username, sasl_sender) and hands its delivery agents
+    (local(8)'s CLIENT_* and SASL_* environment, pipe(8)'s ${client_*} and ${sasl_*} macros). "" when not known:
+    mail submitted with sendmail and mail made here (notices) have none; a copy local delivery forwards keeps
+    all but the port (Postfix's local/forward.c)."""
+
+    name: str = ""  # the client's host name, "unknown" without a verified one
+    address: str = ""  # its IP address, an IPv6 one as "IPv6:..." (Postfix's rfc_addr)
+    port: str = ""
+    helo: str = ""  # the HELO/EHLO name as smtpd keeps it (printable, neutered)
+    protocol: str = ""  # SMTP or ESMTP: RFC 3848's S and A suffixes are for the Received header only
+    sasl_method: str = ""  # when the client authenticated
+    sasl_username: str = ""
+    sasl_sender: str = ""  # MAIL FROM's AUTH= value as given ("" for AUTH=<>), whoever sent it
+
+
+@dataclass(frozen=True)
 class SessionTranscript:
     """What one SMTP session said, as smtpd's transcript facility recorded it up to a moment (a message queued,
     the end of the session): the client, its HELO name, TLS (protocol and cipher, "" without), the AUTH login,
@@ -115,6 +133,7 @@ class Submission:
     content: Content
     client: ClientInfo
     submitter: LocalUser | None = None  # set by pickup only
+    client_attributes: ClientAttributes = ClientAttributes()  # kept with the message for the delivery agents
     forwarded: bool = False  # a copy local delivery forwards (aliases, .forward): SRS, ARC (mailflow.signing)
     # The inbound filters' verdicts for cleanup (docs/filtering.md): header fields it prepends below its
     # Received header (Authentication-Results, spam and virus tags); the after-queue filter for this message
@@ -160,6 +179,7 @@ class NewMessage:
     ret: str = ""
     queue: str = "incoming"  # "hold": on hold (an smtpd HOLD restriction); "active": handed straight to qmgr
     content_filter: str = ""  # "transport:nexthop" of the after-queue filter every recipient goes to; "" none
+    client_attributes: ClientAttributes = ClientAttributes()
 
 
 @dataclass(frozen=True)
@@ -180,6 +200,7 @@ class QueuedMessage:
     warned: bool = False
     owed: tuple["RcptResult", ...] = ()
     content_filter: str = ""  # "transport:nexthop": every recipient goes there (the after-queue filter)
+    client_attributes: ClientAttributes = ClientAttributes()
 
 
 @dataclass(frozen=True)
@@ -198,6 +219,7 @@ class DeliveryRequest:
     ret: str = ""
     queued_for: float | None = None  # seconds since arrival when this attempt began (Postfix's "preactive
     # delay"); None when not known: an agent then takes the message as one that has been waiting
+    client_attributes: ClientAttributes = ClientAttributes()  # who submitted the message (pipe and local use it)
 
 
 class Outcome(enum.Enum):

@@ -6,7 +6,9 @@ A leaf (standard library only): `mailflow.config` checks a service's argv and fl
 argv macros: `${name}`, `$name` or `$(name)`; `$$` is a literal `$`. Each value becomes part of one argv
 element, never a shell word. Per recipient: ${recipient}, ${original_recipient}, ${user}, ${extension},
 ${mailbox}, ${domain} (an element holding one of them is repeated once per recipient); per request:
-${sender}, ${nexthop}, ${queue_id}, ${size}. Postfix's client and SASL macros are not known here.
+${sender}, ${nexthop}, ${queue_id}, ${size}, and the client who submitted the message (`CLIENT_MACROS`:
+${client_address}, ${client_helo}, ${client_hostname}, ${client_port}, ${client_protocol}, ${sasl_method},
+${sasl_sender}, ${sasl_username}; empty when not known, as for mail submitted with sendmail).
 Flags: a subset of pipe(8)'s, `PIPE_FLAGS` (their meaning is in mailflow.transports.pipe).
 
     parse_argv_element(element) -> ArgTemplate   ('--to=', Macro('recipient')) for '--to=${recipient}'
@@ -25,7 +27,9 @@ from dataclasses import dataclass
 from typing import Iterable
 
 PER_RECIPIENT_MACROS = ("recipient", "original_recipient", "user", "extension", "mailbox", "domain")
-PER_REQUEST_MACROS = ("sender", "nexthop", "queue_id", "size")
+CLIENT_MACROS = ("client_address", "client_helo", "client_hostname", "client_port", "client_protocol",
+                 "sasl_method", "sasl_sender", "sasl_username")
+PER_REQUEST_MACROS = ("sender", "nexthop", "queue_id", "size", *CLIENT_MACROS)
 PIPE_FLAGS = "BDFORhqu.>"
 _MACRO = re.compile(r"\$(?:\{([^}]*)\}|\(([^)]*)\)|([A-Za-z0-9_]+)|(\$))")
 

@@ -21,7 +21,16 @@ CREATE TABLE IF NOT EXISTS message (
     envid        TEXT NOT NULL DEFAULT '',         -- DSN ENVID (RFC 3461), '' if none
     ret          TEXT NOT NULL DEFAULT '',         -- DSN RET: FULL | HDRS | '' (not given)
     warned       INTEGER NOT NULL DEFAULT 0,       -- 1 once the "delayed" notice went out
-    filter       TEXT NOT NULL DEFAULT ''          -- transport:nexthop of the after-queue content filter, '' none
+    filter       TEXT NOT NULL DEFAULT '',         -- transport:nexthop of the after-queue content filter, '' none
+    -- the client attributes of Postfix's queue file, for the delivery agents ('' unknown: local submission)
+    client_name    TEXT NOT NULL DEFAULT '',       -- host name ('unknown' without a verified one)
+    client_address TEXT NOT NULL DEFAULT '',       -- IP address (IPv6 ones as 'IPv6:...')
+    client_port    TEXT NOT NULL DEFAULT '',
+    helo_name      TEXT NOT NULL DEFAULT '',
+    protocol_name  TEXT NOT NULL DEFAULT '',       -- SMTP | ESMTP
+    sasl_method    TEXT NOT NULL DEFAULT '',
+    sasl_username  TEXT NOT NULL DEFAULT '',
+    sasl_sender    TEXT NOT NULL DEFAULT ''        -- MAIL FROM's AUTH= value
 ) WITHOUT ROWID;
 
 CREATE INDEX IF NOT EXISTS message_due ON message (queue, next_attempt);

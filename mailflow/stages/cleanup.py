@@ -30,7 +30,8 @@ What it does, in order (Postfix cleanup(8)):
    it (ARC) and signs this host's mail (DKIM, 8-bit header fields first made RFC 2047 words when the message has
    no SMTPUTF8, as the SMTP client would send them), the body hash streamed; off, none of it costs anything;
 6. commits message, recipients and content in one group-committed transaction, with the message's after-queue
-   content filter (`Submission.content_filter`, else [smtpd] content_filter; a FILTER action wins);
+   content filter (`Submission.content_filter`, else [smtpd] content_filter; a FILTER action wins) and the
+   client attributes the delivery agents get (`Submission.client_attributes`, as given);
 7. logs `received` and `queued`, and wakes qmgr; or, when a queue manager is attached (`attach_queue_manager`)
    and has room, commits the message straight into the active queue and hands it over (qmgr `reserve`,
    `hand_over`, `release`: no scan, no read of what was just written).
@@ -268,6 +269,7 @@ class Cleanup:
             client=f"{sub.client.hostname}[{sub.client.addr}]",
             envid=env.envid,
             ret=env.ret,
+            client_attributes=sub.client_attributes,
         )
 
     def _rewrite_header_addresses(self, head: bytes, origin: str, *, mapped: bool) -> bytes:

@@ -12,7 +12,8 @@ Functions
   if any, last, whole, in content/, fsynced); anything else is first copied into a new spool file (added to
   `temporaries`, which the caller discards after the commit).
 - `insert_ops(messages)`: the statements that add new messages (message, recipient, content rows, and the
-  `LINK_CONTENT` pseudo-statement that links their files in before the transaction).
+  `LINK_CONTENT` pseudo-statement that links their files in before the transaction); a message row holds its
+  client attributes in `CLIENT_COLUMNS` (`client_values`).
 - `content_of(queue_id, data, body, file_offset, content_dir, size)`: a row as a Content (its file part read
   lazily); None when its file is missing or its length disagrees with the message's size (logged: a corrupt
   entry). `row_content(data, body)`: one without a
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from mailflow.content import Content, FilePart, Spool, is_spool_name
-from mailflow.model import NewMessage
+from mailflow.model import ClientAttributes, NewMessage
 from mailflow.store.engine import LINK_CONTENT, Op, fsync_path
 
 log = logging.getLogger("mailflow.store")
@@ -56,6 +57,15 @@ async def storable(msg: NewMessage, content_dir: Path, temporaries: list[Spool])
     return msg
 
 
+# The message row's columns of its ClientAttributes, in the order of `client_values`.
+CLIENT_COLUMNS = ("client_name", "client_address", "client_port", "helo_name", "protocol_name", "sasl_method",
+                  "sasl_username", "sasl_sender")
+
+
+def client_values(c: ClientAttributes) -> tuple[str, ...]:
+    return c.name, c.address, c.port, c.helo, c.protocol, c.sasl_method, c.sasl_username, c.sasl_sender
+
+
 def insert_ops(messages: Sequence[NewMessage]) -> list[Op]:
     content_rows, links = [], []
     for m in messages:
@@ -65,9 +75,9 @@ def insert_ops(messages: Sequence[NewMessage]) -> list[Op]:
             links.append((file.path, m.queue_id))
     return [
         ("INSERT INTO message (id, queue, sender, arrival, next_attempt, size, smtputf8, body_type, client,"
-         " envid, ret, filter) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         f" envid, ret, filter, {', '.join(CLIENT_COLUMNS)}) VALUES ({', '.join('?' * (12 + len(CLIENT_COLUMNS)))})",
          [(m.queue_id, m.queue, m.sender, m.arrival, m.arrival, m.content.size, int(m.smtputf8), m.body_type,
-           m.client, m.envid, m.ret, m.content_filter) for m in messages]),
+           m.client, m.envid, m.ret, m.content_filter, *client_values(m.client_attributes)) for m in messages]),
         ("INSERT INTO recipient (message_id, idx, address, original, notify, orcpt) VALUES (?, ?, ?, ?, ?, ?)",
          [(m.queue_id, r.index, r.address, r.original, r.notify, r.orcpt) for m in messages for r in m.recipients]),
         (LINK_CONTENT, links),

@@ -10,8 +10,8 @@ Contract
   Content that is neither in memory nor one file part at the end is first copied into a spool file.
   `insert` may raise `Overloaded` (the write backlog is over its limit); `insert_many` (bulk loads) never does.
 - `due(now, limit)`: up to `limit` messages due, new and deferred mail alternating, with their pending
-  recipients and the recorded results whose notice is still owed; in the same reader hop, the content of the
-  small ones, which `content()` hands out once each for a message `claim()` then took.
+  recipients, the recorded results whose notice is still owed and their client attributes; in the same reader
+  hop, the content of the small ones, which `content()` hands out once each for a message `claim()` then took.
 - `claim(ids, now)` is an atomic taking of messages: only rows still incoming, or deferred and due, become
   `active`; it returns the ids it took.
 - `take(now, limit)` is qmgr's scan: `due(now, limit)` and the claim of all of it, in one writer transaction
@@ -53,8 +53,9 @@ from typing import Sequence
 
 from mailflow.config import DEFAULTS
 from mailflow.content import MEMORY_LIMIT, Content, Spool
-from mailflow.model import Delivered, NewMessage, Outcome, QueuedMessage, QueueId, RcptResult, Recipient
-from mailflow.store.contents import content_of, insert_ops, row_content, storable, sweep
+from mailflow.model import (ClientAttributes, Delivered, NewMessage, Outcome, QueuedMessage, QueueId, RcptResult,
+                            Recipient)
+from mailflow.store.contents import CLIENT_COLUMNS, content_of, insert_ops, row_content, storable, sweep
 from mailflow.store.engine import (BUSY_TIMEOUT, CONTENT_DIRECTORY, MAX_VARS, BatchLoader, GroupCommitter, Op,
                                    Reader, Writer, chunks, marks, remove_ops)
 from mailflow.store.operator import OperatorQueries
@@ -294,7 +295,7 @@ class Store(OperatorQueries):
 
 _RECIPIENT_COLUMNS = "idx, address, original, notify, orcpt, status, dsn, reason, relay"
 _MESSAGE_COLUMNS_LIST = ("id", "sender", "arrival", "size", "smtputf8", "body_type", "attempts", "envid", "ret",
-                         "warned", "filter")
+                         "warned", "filter", *CLIENT_COLUMNS)
 _RECIPIENTS_AT = len(_MESSAGE_COLUMNS_LIST)  # a DUE row: the message's columns, its recipients (JSON), side,
 _SIDE_AT = _RECIPIENTS_AT + 1                # next_attempt, the content row's data and body
 SCAN_CONTENT_SIZE = MEMORY_LIMIT  # bytes: a message kept in its row (this size at most) is read with due()
@@ -398,9 +399,10 @@ def _record_op(queue_id: QueueId, rows: Sequence[tuple[RcptResult, bool]]) -> Op
 
 
 def _queued_message(row: tuple, recipients, owed) -> QueuedMessage:
-    qid, sender, arrival, size, utf8, body_type, attempts, envid, ret, warned, content_filter = row
+    qid, sender, arrival, size, utf8, body_type, attempts, envid, ret, warned, content_filter = row[:11]
     return QueuedMessage(qid, sender, arrival, size, bool(utf8), body_type, attempts, tuple(recipients),
-                         envid=envid, ret=ret, warned=bool(warned), owed=tuple(owed), content_filter=content_filter)
+                         envid=envid, ret=ret, warned=bool(warned), owed=tuple(owed), content_filter=content_filter,
+                         client_attributes=ClientAttributes(*row[11:]))
 
 
 def _alternate(first: list, second: list) -> list:

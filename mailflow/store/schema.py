@@ -21,7 +21,7 @@ from pathlib import Path
 
 log = logging.getLogger("mailflow.store")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Steps for queues made by an older mailflow: MIGRATIONS[v] takes schema version v to v + 1.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -33,6 +33,10 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE recipient ADD COLUMN notice INTEGER NOT NULL DEFAULT 0"),
     # the after-queue content filter a message goes to (content_filter, FILTER actions)
     3: ("ALTER TABLE message ADD COLUMN filter TEXT NOT NULL DEFAULT ''",),
+    # the client attributes Postfix keeps with a message, for the delivery agents ('' for mail queued before)
+    4: tuple(f"ALTER TABLE message ADD COLUMN {column} TEXT NOT NULL DEFAULT ''" for column in (
+        "client_name", "client_address", "client_port", "helo_name", "protocol_name", "sasl_method",
+        "sasl_username", "sasl_sender")),
 }
 
 

@@ -28,8 +28,10 @@ Runner (used by pipe services and by local's `|command` destinations):
    every recipient of that run.
 argv macros (their grammar is `mailflow.pipe_argv`; each value one argv element, never a shell): per recipient
 ${recipient}, ${original_recipient}, ${user}, ${extension}, ${mailbox}, ${domain}; per request ${sender} (null
-sender: `null_sender`, default MAILER-DAEMON), ${nexthop}, ${queue_id}, ${size}. Postfix's client and SASL
-macros are unknown here: a config error, like any unknown macro.
+sender: `null_sender`, default MAILER-DAEMON), ${nexthop}, ${queue_id}, ${size}, and the message's client
+attributes (`DeliveryRequest.client_attributes`): ${client_address}, ${client_helo}, ${client_hostname},
+${client_port}, ${client_protocol} (SMTP or ESMTP), ${sasl_method}, ${sasl_sender}, ${sasl_username}, each
+"" when not known (mail submitted with sendmail, notices), as Postfix's pipe(8) passes them.
 Flags (stdin, `command_input`, is the message with LF line endings, as Postfix pipe writes it, converted chunk
 by chunk as the command reads it): F a "From sender date" line,
 R Return-Path:, O X-Original-To:, D Delivered-To: (in that order); ">" quotes lines starting "From ", "."
@@ -380,8 +382,12 @@ class PipeTransport:
         sender = request.sender or s.null_sender
         if sender and request.sender and "q" in s.flags:
             sender = _address_value(sender, "q")
+        c = request.client_attributes
         return {"sender": sender, "nexthop": request.nexthop.lower() if "h" in s.flags else request.nexthop,
-                "queue_id": request.queue_id, "size": str(request.content.size)}
+                "queue_id": request.queue_id, "size": str(request.content.size),
+                "client_address": c.address, "client_helo": c.helo, "client_hostname": c.name,
+                "client_port": c.port, "client_protocol": c.protocol, "sasl_method": c.sasl_method,
+                "sasl_sender": c.sasl_sender, "sasl_username": c.sasl_username}
 
     def _min_user(self, value: str) -> bool:
         return not self._allow_min_user and value.startswith("-")

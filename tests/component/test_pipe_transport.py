@@ -243,7 +243,7 @@ async def test_the_identity_is_nobody_as_root_and_switching_needs_root(scripts):
 
 @pytest.mark.parametrize("service, key, reason", [
     ({"argv": ["bin/filter"]}, "pipe.filt.argv", "absolute path"),
-    ({"argv": ["/bin/filter", "${client_address}"]}, "pipe.filt.argv", "unknown macro ${client_address}"),
+    ({"argv": ["/bin/filter", "${client_name}"]}, "pipe.filt.argv", "unknown macro ${client_name}"),
     ({"argv": ["/bin/filter", "5$"]}, "pipe.filt.argv", "starts no macro"),
     ({"argv": ["/bin/filter"], "flags": "DX"}, "pipe.filt.flags", "unknown flag 'X'"),
     ({"argv": ["/bin/filter"], "user": "root"}, "pipe.filt.user", "never run as root"),

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from mailflow.content import Content
-from mailflow.model import Delivered, Outcome, QueuedMessage, RcptResult, Recipient
+from mailflow.model import ClientAttributes, Delivered, Outcome, QueuedMessage, RcptResult, Recipient
 from mailflow.errors import Overloaded
 from mailflow.store import SCHEMA_VERSION, NewMessage, Store
 from mailflow.store.engine import LINGER
+from mailflow.store.schema import MIGRATIONS
 from tests.support import big_message
 
 T0 = 1_700_000_000.0
@@ -697,6 +698,30 @@ async def test_a_queue_made_by_the_previous_version_is_migrated_and_converted(tm
         assert db.execute("PRAGMA auto_vacuum").fetchone() == (2,)  # rebuilt once for incremental vacuum
         assert db.execute("SELECT status, notice FROM recipient ORDER BY idx").fetchall() == [("sent", 0),
                                                                                             ("bounced", 1)]
+
+
+async def test_a_queue_of_schema_4_upgrades_its_messages_keeping_empty_client_attributes(tmp_path):
+    """The client attributes (Postfix's client_name ... sasl_sender) are message columns added by a migration:
+    mail queued before has them empty, as a Postfix queue file without them; new mail keeps them."""
+    path = tmp_path / "queue.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(V1_SCHEMA)
+        for step in (1, 2, 3):
+            for sql in MIGRATIONS[step]:
+                db.execute(sql)
+        db.execute("UPDATE schema_version SET version = 4")
+    attributes = ClientAttributes("mail.example.test", "IPv6:2001:db8::1", "4242", "helo.example.test", "ESMTP",
+                                  "PLAIN", "alice", "list+2Bowner@example.test")
+    store = await Store.open(path)
+    try:
+        await store.recover()
+        await store.insert(new("NEW1", arrival=T0 + 1, client_attributes=attributes))
+        taken = {m.queue_id: m.client_attributes for m in await store.take(T0 + 1, 10)}
+        assert taken == {"OLD1": ClientAttributes(), "NEW1": attributes}
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
 
 
 # ---------------------------------------------------------------------------------------------- thread hops

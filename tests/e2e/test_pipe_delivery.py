@@ -1,14 +1,17 @@
 """Command delivery through a real mailflow: a [pipe.NAME] service chosen by transport_maps, and a `|command`
 alias in alias_maps. A script exiting 75 leaves the message deferred; 67 bounces it to the sender (captured
-by the SMTP peer behind relayhost)."""
+by the SMTP peer behind relayhost). The client and SASL macros name the client that submitted the message
+(values as a private Postfix 3.7's pipe(8) gave for the same dialogues)."""
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
 
 import pytest
 
-from tests.support import eventually, queue_becomes, script_dir, send
+from mailflow.stages.smtpd.auth import hash_password
+from tests.support import SmtpClient, eventually, queue_becomes, script_dir, send
 
 MESSAGE = b"Subject: to a command\r\nMessage-ID: <pipe-1@remote.test>\r\n\r\nbody line\r\n.leading dot\r\n"
 RECORD = 'printf "%s\\n" "$@" > {out}/argv\ncat > {out}/stdin\nenv > {out}/env\n'
@@ -86,3 +89,50 @@ async def test_exit_67_from_an_alias_command_bounces_to_the_sender(mailflow_serv
         "rfc822; members@local.test", "failed", "5.1.1")
     assert "user unknown. Command output: no such list member" in " ".join(fields["Diagnostic-Code"].split())
     await queue_becomes(mf.store, {})
+
+
+CLIENT_MACROS = ["${client_address}", "${client_helo}", "${client_hostname}", "${client_port}", "${client_protocol}",
+                 "${sasl_method}", "${sasl_sender}", "${sasl_username}"]
+
+
+async def test_the_pipe_macros_name_the_client_that_submitted_the_message(mailflow_server, scripts, pki, tmp_path):
+    """Postfix pipe(8)'s client and SASL macros, from the attributes smtpd kept with each message: an authenticated
+    ESMTP submission over STARTTLS (protocol ESMTP: RFC 3848's SA is the Received header's), its AUTH= sender as
+    given; a HELO client without a login (protocol SMTP, no SASL values)."""
+    _, cert, client_tls = pki
+    (tmp_path / "users").write_text(f"alice {hash_password('s3cret', n=1024)}\n")
+    s = scripts.script("client.sh", f'printf "%s|" "$@" >> {scripts.out}/argv\necho >> {scripts.out}/argv\n')
+    mf = await mailflow_server(relay_domains=["relay.test", "pipe.test"], transport_maps=["inline:{pipe.test=filt:}"],
+                               pipe={"filt": {"argv": [str(s), *CLIENT_MACROS]}},
+                               smtpd={"tls_cert_file": cert, "sasl_user_maps": [f"texthash:{tmp_path / 'users'}"],
+                                      "auth_failure_delay": 0,
+                                      "listeners": [{"address": "127.0.0.1:0", "role": "submission"}]})
+    client = await SmtpClient.connect(mf.smtpd.address_of("submission")[1])
+    try:
+        assert (await client.cmd("EHLO first.client.test")).code == 250
+        await client.starttls(client_tls)
+        assert (await client.cmd("EHLO client.test")).code == 250
+        assert (await client.cmd("AUTH PLAIN " + base64.b64encode(b"\0alice\0s3cret").decode())).code == 235
+        await client.envelope("one@pipe.test", mail_params=" AUTH=list+2Bowner@local.test", sender="alice@local.test",
+                              ehlo=False)
+        assert (await client.cmd("DATA")).code == 354
+        assert (await client.cmd(b"Subject: who\r\n\r\nbody\r\n.")).code == 250
+        submission_port = client.writer.get_extra_info("sockname")[1]
+    finally:
+        await client.close()
+    await queue_becomes(mf.store, {})
+    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    try:
+        assert (await client.cmd("HELO old(client)")).code == 250
+        await client.envelope("two@pipe.test", ehlo=False)
+        assert (await client.cmd("DATA")).code == 354
+        assert (await client.cmd(b"Subject: who\r\n\r\nbody\r\n.")).code == 250
+        smtp_port = client.writer.get_extra_info("sockname")[1]
+    finally:
+        await client.close()
+
+    await queue_becomes(mf.store, {})
+    assert scripts.read("argv").splitlines() == [
+        f"127.0.0.1|client.test|localhost|{submission_port}|ESMTP|PLAIN|list+2Bowner@local.test|alice|",
+        f"127.0.0.1|old?client?|localhost|{smtp_port}|SMTP||||"]  # the HELO name as smtpd keeps it (neutered)
+

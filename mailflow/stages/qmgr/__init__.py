@@ -244,7 +244,8 @@ class QueueManager:
             self._handed_bytes += kept
         self._admit(QueuedMessage(msg.queue_id, msg.sender, msg.arrival, msg.content.size, msg.smtputf8,
                                   msg.body_type, 0, msg.recipients, envid=msg.envid, ret=msg.ret,
-                                  content_filter=msg.content_filter), content, kept)
+                                  content_filter=msg.content_filter, client_attributes=msg.client_attributes),
+                    content, kept)
         self._pump()
 
     @property
@@ -464,7 +465,8 @@ class QueueManager:
             return DeliveryReport.uniform(job.recipients, Outcome.DEFERRED, "4.3.0", "queue file content missing")
         request = DeliveryRequest(msg.queue_id, msg.sender, job.recipients, job.nexthop, content,
                                   msg.smtputf8, msg.body_type, msg.arrival, envid=msg.envid, ret=msg.ret,
-                                  queued_for=max(0.0, self._clock.time() - msg.arrival))
+                                  queued_for=max(0.0, self._clock.time() - msg.arrival),
+                                  client_attributes=msg.client_attributes)
         try:
             return await transport.deliver(request)
         except asyncio.CancelledError:

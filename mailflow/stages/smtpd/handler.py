@@ -20,7 +20,9 @@ the Message-ID, Date and From a message lacks, and qualifies its header addresse
 local_header_rewrite_clients (`_header_rewriting`; remote_header_rewrite_domain for other clients' addresses).
 Every policy refusal is logged through the session as Postfix logs it (`NOQUEUE: reject: RCPT from …`). The
 client handed to cleanup names the protocol as the Received header says it (`state.received_protocol`:
-ESMTPSA, UTF8SMTPS, … per RFC 3848 / 6531) and the SASL login for the `client=` log line.
+ESMTPSA, UTF8SMTPS, … per RFC 3848 / 6531) and the SASL login for the `client=` log line; the client attributes
+kept with the message for the delivery agents (`state.SessionState.client_attributes`) name it SMTP or ESMTP, as
+Postfix's protocol_name does.
 
 An in-process policy hook (`policy`, an `SmtpdPolicy`: Postfix's policy delegation without the socket, for
 an application that embeds mailflow) is asked first at MAIL (stage "mail"), at each RCPT ("rcpt") and at the
@@ -255,7 +257,7 @@ class SmtpdHandler:
         marks = envelope.marks
         submission = Submission(envelope=envelope.model_envelope().redirected(marks.redirect).with_bcc(marks.bcc),
                                 content=envelope.content, client=session.client_info(envelope),
-                                headers=tuple(marks.prepend),
+                                client_attributes=session.client_attributes(envelope), headers=tuple(marks.prepend),
                                 **self._header_rewriting(server, session))
         if self._filters is not None and marks.discard is None:
             outcome = await self._filters.end_of_message(session, submission, verdicts, marks.filter)

@@ -11,6 +11,7 @@ read directly (never `getattr(..., default)`).
   RSET, STARTTLS and XCLIENT, and after each message whatever its outcome: so RSET clears exactly the fields of
   `Transaction` and none of `SessionState`. `discard_bdat()` frees a BDAT spool it still holds.
 - The values that travel on (mailflow.model): `Transaction.model_envelope()`, `SessionState.client_info()`,
+  `SessionState.client_attributes(transaction)` (kept with the message for the delivery agents),
   `received_protocol(session, transaction)`; `helo_name()`: a HELO name as the session keeps it.
 
 Failure behaviour: plain data and pure conversions; nothing here does I/O or raises for a client's input.
@@ -25,7 +26,7 @@ from aiosmtpd.smtp import Session as _AiosmtpdSession
 
 from mailflow.content import Content, Spool
 from mailflow.logs import client_name, printable
-from mailflow.model import ClientInfo, Envelope
+from mailflow.model import ClientAttributes, ClientInfo, Envelope
 from mailflow.stages.smtpd.auth import login_of
 from mailflow.stages.smtpd.restrictions import Marks
 from mailflow.stages.smtpd.wire import ContentCheck
@@ -106,6 +107,18 @@ class SessionState(_AiosmtpdSession):
                           protocol=received_protocol(self, transaction), hostname=self.client_name,
                           sasl_method=self.auth_mechanism if login else "", sasl_username=login)
 
+    def client_attributes(self, transaction: Transaction) -> ClientAttributes:
+        """The client as Postfix's smtpd records it in the queue file for the delivery agents: the address in
+        its RFC 5321 form ("IPv6:" before an IPv6 one), the protocol SMTP or ESMTP, the login and AUTH= sender."""
+        ip = self.peer_ip
+        peer = self.peer
+        login = self.login
+        return ClientAttributes(name=self.client_name, address=f"IPv6:{ip}" if ":" in ip else ip,
+                                port=str(peer[1]) if isinstance(peer, tuple) and len(peer) > 1 else "unknown",
+                                helo=self.host_name or "", protocol=self.protocol,
+                                sasl_method=self.auth_mechanism if login else "", sasl_username=login,
+                                sasl_sender=transaction.auth_sender)
+
 
 class Transaction(_AiosmtpdEnvelope):
     """One mail transaction. aiosmtpd's fields first, as mailflow uses them, then mailflow's."""
@@ -119,6 +132,7 @@ class Transaction(_AiosmtpdEnvelope):
     original_content: Content | None  # type: ignore[assignment]  # the same Content
     dsn_ret: str  # RFC 3461 RET: FULL, HDRS or ""
     dsn_envid: str  # RFC 3461 ENVID, xtext-decoded ("" when not given)
+    auth_sender: str  # MAIL's AUTH= value as given, printable ("" for AUTH=<> or none): Postfix's sasl_sender
     rcpt_dsn: list[tuple[str, str]]  # one (NOTIFY, ORCPT) per accepted recipient, in the order of rcpt_tos
     overshoot: int  # recipients refused for recipient_limit (errors only past recipient_overshoot_limit)
     marks: Marks  # what restrictions decided for the whole message (DISCARD / HOLD and why)
@@ -131,6 +145,7 @@ class Transaction(_AiosmtpdEnvelope):
         super().__init__()
         self.dsn_ret = ""
         self.dsn_envid = ""
+        self.auth_sender = ""
         self.rcpt_dsn = []
         self.overshoot = 0
         self.marks = Marks()

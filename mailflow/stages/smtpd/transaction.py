@@ -2,8 +2,9 @@
 
 What it owns
 - `smtp_MAIL`: `MAIL FROM:<address> [params]` (RFC 5321 4.1.1.2): the path syntax of `address.parse_path`,
-  its parameters (`mail_parameters`: SIZE, BODY, SMTPUTF8, AUTH= (RFC 4954: accepted, not trusted), RET and
-  ENVID (RFC 3461, checked by dsn.py)), the sender-login check, then the handler's `handle_MAIL`.
+  its parameters (`mail_parameters`: SIZE, BODY, SMTPUTF8, AUTH= (RFC 4954: accepted, not trusted; kept as the
+  message's sasl_sender, as Postfix keeps it), RET and ENVID (RFC 3461, checked by dsn.py)), the sender-login
+  check, then the handler's `handle_MAIL`.
 - `smtp_RCPT`: `RCPT TO:<address> [NOTIFY=… ORCPT=…]`, the recipient limit, then the handler's `handle_RCPT`
   (the restriction lists). The DSN parameters of each accepted recipient go to `Transaction.rcpt_dsn`.
 - The DSN keyword of EHLO is offered for these parameters (protocol.LAYER_KEYWORDS).
@@ -20,21 +21,23 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from mailflow import address, status
+from mailflow.logs import printable
 from mailflow.stages.smtpd import dsn
 from mailflow.stages.smtpd.secure import SecureCommands
 from mailflow.stages.smtpd.state import NULL_SENDER
 from mailflow.syntax import parse_octet_count
 
 
-def mail_parameters(words: list[str], size_limit: int | None) -> tuple[list[str], str, str] | status.Reply:
-    """(options for the handler, RET, ENVID) of MAIL's parameter words, or the refusal. Options are upper
-    case: `BODY=8BITMIME`, `SIZE=n`, `SMTPUTF8`."""
+def mail_parameters(words: list[str], size_limit: int | None) -> tuple[list[str], str, str, str] | status.Reply:
+    """(options for the handler, RET, ENVID, AUTH) of MAIL's parameter words, or the refusal. Options are upper
+    case: `BODY=8BITMIME`, `SIZE=n`, `SMTPUTF8`. AUTH is the AUTH= value as given (printable; "" for `<>` or
+    none), which Postfix keeps as the message's sasl_sender."""
     try:
         found, others = dsn.split_params(words, dsn.MAIL_KEYS)
         ret, envid = dsn.mail_params(found)
     except dsn.DsnError as e:
         return status.bad_dsn_parameter(str(e))
-    options = []
+    options, auth = [], ""
     for word in others:
         key, eq, value = word.partition("=")
         key, upper_value = key.upper(), value.upper()
@@ -52,11 +55,11 @@ def mail_parameters(words: list[str], size_limit: int | None) -> tuple[list[str]
             options.append(f"SIZE={size}")
         elif key == "SMTPUTF8" and not eq:
             options.append("SMTPUTF8")
-        elif key == "AUTH" and eq:
-            continue  # RFC 4954 section 5: accepted from anyone, trusted from no one
+        elif key == "AUTH" and eq:  # RFC 4954 section 5: accepted from anyone, trusted from no one
+            auth = "" if value == "<>" else printable(value)
         else:
             return status.unsupported_option(word)
-    return options, ret, envid
+    return options, ret, envid, auth
 
 
 def rcpt_parameters(words: list[str]) -> tuple[str, str] | status.Reply:
@@ -81,7 +84,7 @@ class TransactionCommands(SecureCommands):
                                       lambda words: mail_parameters(words, self.data_size_limit))
         if taken is None:
             return
-        sender, (options, ret, envid) = taken
+        sender, (options, ret, envid, auth) = taken
         self.envelope.smtp_utf8 = "SMTPUTF8" in options
         refusal = self._sender_refusal(sender or NULL_SENDER)
         if refusal is not None:
@@ -91,6 +94,7 @@ class TransactionCommands(SecureCommands):
         reply = await self._call_handler_hook("MAIL", sender or NULL_SENDER, options)
         if self.envelope.mail_from:
             self.envelope.dsn_ret, self.envelope.dsn_envid = ret, envid
+            self.envelope.auth_sender = auth
         await self.push(reply)
 
     async def smtp_RCPT(self, arg: str | None) -> None:
