@@ -1,7 +1,8 @@
 """Command delivery through a real mailflow: a [pipe.NAME] service chosen by transport_maps, and a `|command`
 alias in alias_maps. A script exiting 75 leaves the message deferred; 67 bounces it to the sender (captured
-by the SMTP peer behind relayhost). The client and SASL macros name the client that submitted the message
-(values as a private Postfix 3.7's pipe(8) gave for the same dialogues)."""
+by the SMTP peer behind relayhost). The client and SASL macros, and a .forward command's CLIENT_* and SASL_*
+variables, name the client that submitted the message (values as a private Postfix 3.7's pipe(8) and local(8)
+gave for the same dialogues)."""
 from __future__ import annotations
 
 import base64
@@ -135,4 +136,27 @@ async def test_the_pipe_macros_name_the_client_that_submitted_the_message(mailfl
     assert scripts.read("argv").splitlines() == [
         f"127.0.0.1|client.test|localhost|{submission_port}|ESMTP|PLAIN|list+2Bowner@local.test|alice|",
         f"127.0.0.1|old?client?|localhost|{smtp_port}|SMTP||||"]  # the HELO name as smtpd keeps it (neutered)
+
+async def test_a_forward_command_gets_the_client_environment_of_local(mailflow_server, scripts, tmp_path):
+    """local(8)'s CLIENT_* and SASL_* variables: those the message's client attributes know (no login here, so no
+    SASL_METHOD or SASL_USERNAME; AUTH= is kept from anyone, as Postfix keeps it), with local(8)'s character
+    filter (the HELO name's '?' become '_')."""
+    s = scripts.script("env.sh", f"env > {scripts.out}/env\n")
+    (tmp_path / "mail" / "bob").mkdir(parents=True)
+    (tmp_path / "mail" / "bob" / ".forward").write_text(f"|{s}\n")
+    mf = await mailflow_server()
+    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    try:
+        await client.cmd("EHLO odd(name)")
+        await client.envelope("bob@local.test", mail_params=" AUTH=list+2Bowner@local.test", ehlo=False)
+        assert (await client.cmd("DATA")).code == 354
+        assert (await client.cmd(b"Subject: who\r\n\r\nbody\r\n.")).code == 250
+    finally:
+        await client.close()
+
+    await queue_becomes(mf.store, {})
+    env = dict(line.split("=", 1) for line in scripts.read("env").splitlines() if "=" in line)
+    assert {k: v for k, v in env.items() if k.startswith(("CLIENT_", "SASL_"))} == {
+        "CLIENT_ADDRESS": "127.0.0.1", "CLIENT_HELO": "odd_name_", "CLIENT_HOSTNAME": "localhost",
+        "CLIENT_PROTOCOL": "ESMTP", "SASL_SENDER": "list+2Bowner@local.test"}
 

@@ -18,7 +18,9 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
    prepended; each new recipient keeping the original one (ORCPT) unless the sender changed.
 4. Commands (allowed ones, see `_command`): `/bin/sh -c command` through pipe's `run_command`, with local(8)'s
    environment (HOME=<maildir_base>/<user>, USER, LOGNAME, SHELL, SENDER, RECIPIENT, ORIGINAL_RECIPIENT, LOCAL,
-   DOMAIN, EXTENSION; message context with shell-special characters replaced by '_'), the message with
+   DOMAIN, EXTENSION, and those of CLIENT_HOSTNAME, CLIENT_ADDRESS, CLIENT_HELO, CLIENT_PROTOCOL, SASL_METHOD,
+   SASL_SENDER, SASL_USERNAME the message's client attributes know; message context with shell-special
+   characters replaced by '_'), the message with
    a From_ line, Return-Path, X-Original-To and Delivered-To on stdin (local(8)'s, not quoted as in an mbox),
    in the home (or /), with umask 077 (what a command creates is its user's alone, as under Postfix's
    local(8)), as `default_privs` when mailflow runs as root, killed after `command_time_limit`; exit
@@ -52,7 +54,7 @@ from mailflow.config import DEFAULTS, LocalConfig
 from mailflow.errors import DeliveryError
 from mailflow.content import Content
 from mailflow.message import HEADER_READ_LIMIT, delivered_to, read_header
-from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
+from mailflow.model import ClientAttributes, DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
 from mailflow.transports.local.aliasing import Command, File, Forward, LocalExpander, Mailbox, Refused, is_safe_user
 from mailflow.tables import split_extension
 from mailflow.transports.encode import ToLf, aencode
@@ -225,7 +227,7 @@ class LocalTransport:
         home = Path(os.path.abspath(Path(self._local.maildir_base) / user)) if is_safe_user(user) else Path("/")
         context = {"USER": user, "LOGNAME": user, "SENDER": request.sender, "RECIPIENT": leaf.address,
                    "ORIGINAL_RECIPIENT": rcpt.original or rcpt.address, "LOCAL": local.lower(),
-                   "DOMAIN": domain.lower(), "EXTENSION": ext[1:]}
+                   "DOMAIN": domain.lower(), "EXTENSION": ext[1:], **_client_environment(request.client_attributes)}
         env = {"HOME": str(home), "SHELL": "/bin/sh",
                **{k: "".join(c if c in _SHELL_SAFE else "_" for c in v) for k, v in context.items()}}
         try:
@@ -257,6 +259,14 @@ def _naming_the_member(result: RcptResult, rcpt: Recipient, leaves: list, parts:
         return result
     member = members[0].address
     return replace(result, text=result.text.removeprefix(f"{member}: "), expanded=member)
+
+
+def _client_environment(c: ClientAttributes) -> dict[str, str]:
+    """local(8)'s CLIENT_* and SASL_* variables: those of the message's client attributes that are known."""
+    named = {"CLIENT_HOSTNAME": c.name, "CLIENT_ADDRESS": c.address, "CLIENT_HELO": c.helo,
+             "CLIENT_PROTOCOL": c.protocol, "SASL_METHOD": c.sasl_method, "SASL_SENDER": c.sasl_sender,
+             "SASL_USERNAME": c.sasl_username}
+    return {name: value for name, value in named.items() if value}
 
 
 def _failed(e: DeliveryError) -> Part:
