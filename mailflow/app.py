@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import dataclasses
 import logging
 import random
 import shutil
@@ -107,7 +108,8 @@ def non_smtpd_milters(config: Config) -> NonSmtpdMilters | None:
 
 def forwarder(cleanup: Cleanup, myhostname: str):
     """How local delivery queues a forwarded copy: a new message through cleanup, from the same sender (each new
-    recipient keeping the original recipient, ORCPT) or from a mailing list's owner."""
+    recipient keeping the original recipient, ORCPT) or from a mailing list's owner, with the original's client
+    attributes but its port (what Postfix's local(8) passes on, forward.c)."""
 
     async def forward(request: DeliveryRequest, rcpt: Recipient, addresses: tuple[str, ...], content: Content,
                       sender: str | None = None) -> str:
@@ -116,7 +118,9 @@ def forwarder(cleanup: Cleanup, myhostname: str):
         envelope = Envelope(request.sender if sender is None else sender, addresses, smtputf8=request.smtputf8,
                             body_type=request.body_type, originals=originals)
         client = ClientInfo(addr="127.0.0.1", helo=myhostname, protocol="local")
-        return await cleanup.submit(Submission(envelope, content, client, forwarded=True))
+        attributes = dataclasses.replace(request.client_attributes, port="")
+        return await cleanup.submit(Submission(envelope, content, client, forwarded=True,
+                                               client_attributes=attributes))
 
     return forward
 

@@ -160,3 +160,21 @@ async def test_a_forward_command_gets_the_client_environment_of_local(mailflow_s
         "CLIENT_ADDRESS": "127.0.0.1", "CLIENT_HELO": "odd_name_", "CLIENT_HOSTNAME": "localhost",
         "CLIENT_PROTOCOL": "ESMTP", "SASL_SENDER": "list+2Bowner@local.test"}
 
+async def test_a_forwarded_copy_keeps_the_client_attributes_but_the_port(mailflow_server, scripts, tmp_path):
+    """An alias forwarding to a pipe service: the new message carries the original's client attributes, all
+    but its port, as Postfix's local(8) passes them to cleanup (forward.c)."""
+    s = scripts.script("client.sh", f'printf "%s|" "$@" >> {scripts.out}/argv\necho >> {scripts.out}/argv\n')
+    (tmp_path / "aliases").write_text("fwd: one@pipe.test\n")
+    mf = await mailflow_server(relay_domains=["relay.test", "pipe.test"], transport_maps=["inline:{pipe.test=filt:}"],
+                               alias_maps=[f"texthash:{tmp_path / 'aliases'}"],
+                               pipe={"filt": {"argv": [str(s), *CLIENT_MACROS]}})
+    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    try:
+        await client.envelope("fwd@local.test", mail_params=" AUTH=<>")
+        assert (await client.cmd("DATA")).code == 354
+        assert (await client.cmd(b"Subject: who\r\n\r\nbody\r\n.")).code == 250
+    finally:
+        await client.close()
+
+    await queue_becomes(mf.store, {})
+    assert scripts.read("argv").splitlines() == ["127.0.0.1|client.test|localhost||ESMTP||||"]

@@ -15,7 +15,8 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
 3. Forwarded addresses (and the members of an :include: file or of a list with an owner- alias, which local(8)
    resubmits): one new message per recipient and sender, queued through cleanup by `forward(...)`, from the
    message's sender, or from the list's owner when an owner- alias names one; `Delivered-To: <recipient>`
-   prepended; each new recipient keeping the original one (ORCPT) unless the sender changed.
+   prepended; each new recipient keeping the original one (ORCPT) unless the sender changed; the message's
+   client attributes go with it but the port (`app.forwarder`, as Postfix's local(8) forward.c).
 4. Commands (allowed ones, see `_command`): `/bin/sh -c command` through pipe's `run_command`, with local(8)'s
    environment (HOME=<maildir_base>/<user>, USER, LOGNAME, SHELL, SENDER, RECIPIENT, ORIGINAL_RECIPIENT, LOCAL,
    DOMAIN, EXTENSION, and those of CLIENT_HOSTNAME, CLIENT_ADDRESS, CLIENT_HELO, CLIENT_PROTOCOL, SASL_METHOD,
