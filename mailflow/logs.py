@@ -6,7 +6,8 @@ What it owns
   printable characters stay: mailflow always speaks SMTPUTF8). Every client-supplied string that reaches a log
   line or a tool's output goes through it; the formatters apply it to every line once more.
 - `MailLog`: one method per message event, each line starting with the queue id: client (smtpd's
-  `QID: client=host[ip]`, with `sasl_method=, sasl_username=` after AUTH; pickup's `QID: uid=N from=<s>`),
+  `QID: client=host[ip]`, with `sasl_method=, sasl_username=` after AUTH, `sasl_sender=` after MAIL's AUTH=;
+  pickup's `QID: uid=N from=<s>`),
   message-id (cleanup), queued (`from=<s>, size=N, nrcpt=N (queue active)`), sent / deferred / bounced
   (`to=<r>, relay=…, delay=…, dsn=…, status=… (text)`; the event's fields also name the transport), expired
   (qmgr's `from=<s>, status=expired, returned to sender`), notice, removed, corrupt. Nothing else writes to the `mailflow.mail` logger. `MailLog(observer=f)` also hands each
@@ -86,13 +87,16 @@ class MailLog:
             except Exception:
                 logging.getLogger("mailflow").exception("%s: mail event observer failed", queue_id)
 
-    def received(self, queue_id: str, client: str, *, sasl_method: str = "", sasl_username: str = "") -> None:
-        """smtpd accepted a message from `client` (`host[ip]`), logged before cleanup's and qmgr's lines."""
+    def received(self, queue_id: str, client: str, *, sasl_method: str = "", sasl_username: str = "",
+                 sasl_sender: str = "") -> None:
+        """smtpd accepted a message from `client` (`host[ip]`), logged before cleanup's and qmgr's lines; with
+        the login after AUTH, and MAIL's AUTH= sender when given (Postfix's `sasl_sender=`)."""
         if not self.active:
             return
         sasl = f", sasl_method={sasl_method}, sasl_username={sasl_username}" if sasl_username else ""
+        sasl += f", sasl_sender={sasl_sender}" if sasl_sender else ""
         self._emit(queue_id, "received", f"client={client}{sasl}", service="smtpd", client=client,
-                   sasl_method=sasl_method, sasl_username=sasl_username)
+                   sasl_method=sasl_method, sasl_username=sasl_username, sasl_sender=sasl_sender)
 
     def picked_up(self, queue_id: str, uid: int, sender: str) -> None:
         """pickup took a message submitted by local user `uid` (`mailflow sendmail`)."""

@@ -304,7 +304,8 @@ class Cleanup:
         elif sub is None or sub.client.protocol != "local":
             client = sub.client if sub is not None else None
             self._log.received(msg.queue_id, msg.client, sasl_method=client.sasl_method if client else "",
-                               sasl_username=client.sasl_username if client else "")
+                               sasl_username=client.sasl_username if client else "",
+                               sasl_sender=msg.client_attributes.sasl_sender)
         self._log.message_id(msg.queue_id, header_value(head, "message-id"))
         self._log.queued(msg.queue_id, msg.sender, msg.content.size, len(msg.recipients))
 
