@@ -63,6 +63,7 @@ RECIPIENT_SYNTAX = Reply(501, "5.1.3", "Bad recipient address syntax")
 BAD_SIZE_SYNTAX = Reply(501, "5.5.4", "Bad message size syntax")
 SIZE_EXCEEDS_LIMIT = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 SIZE_OVERFLOW = Reply(552, "5.3.4", "Message size exceeds file system imposed limit")  # past OFF_T_MAX
+MULTIPLE_AUTH = Reply(503, "5.5.4", "Error: multiple AUTH= options")  # an AUTH= after one naming a sender
 
 
 def unsupported_option(word: str) -> Reply:

@@ -339,6 +339,10 @@ LONG_LOCAL = "SRS0=HHHH=TT=sender-domain.example=" + "x" * 60  # 95 octets
     ("MAIL FROM:s@remote.test", status.SENDER_OK),  # Postfix (strict_rfc821_envelope = no) takes it
     ("MAIL FROM: <s@remote.test>", status.SENDER_OK),
     ("MAIL FROM:<s@remote.test.> SIZE=100 BODY=8BITMIME AUTH=<>", status.SENDER_OK),
+    # a second AUTH= once one named a sender (as a private Postfix 3.7 answered; one after AUTH=<> is taken)
+    ("MAIL FROM:<s@remote.test> AUTH=a@x.test AUTH=b@x.test", status.MULTIPLE_AUTH),
+    ("MAIL FROM:<s@remote.test> AUTH=a@x.test AUTH=<>", status.MULTIPLE_AUTH),
+    ("MAIL FROM:<s@remote.test> AUTH=<> AUTH=b@x.test", status.SENDER_OK),
     # an SRS / VERP sender longer than RFC 5321's 64-octet local part: Postfix takes it, so must we
     (f"MAIL FROM:<{LONG_LOCAL}@remote.test>", status.SENDER_OK),
     ("MAIL FROM:<" + "s" * 250 + "@remote.test>", status.bad_sender_syntax("s" * 250 + "@remote.test")),  # > path

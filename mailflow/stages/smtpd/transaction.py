@@ -13,8 +13,9 @@ Failure behaviour (each refusal a `mailflow.status` reply; nothing raises for a 
 or nothing after it, 501 5.5.4; a malformed path 501 5.1.7 / 5.1.3 (logged as Postfix's "Illegal address
 syntax"); parameters without EHLO 501 5.5.4; an unknown parameter 555 5.5.4; a malformed or repeated DSN
 parameter 501 5.5.4; a bad SIZE 501 5.5.4, one over message_size_limit (or past OFF_T_MAX, Postfix's "file
-system imposed limit") 552 5.3.4; MAIL twice 503 5.5.1; RCPT before MAIL, or once BDAT content has begun,
-503 5.5.1; past recipient_limit 452 4.5.3, counted as an error only past recipient_overshoot_limit.
+system imposed limit") 552 5.3.4; AUTH= after one that named a sender 503 5.5.4; MAIL twice 503 5.5.1; RCPT
+before MAIL, or once BDAT content has begun, 503 5.5.1; past recipient_limit 452 4.5.3, counted as an error only
+past recipient_overshoot_limit.
 """
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ def mail_parameters(words: list[str], size_limit: int | None) -> tuple[list[str]
         elif key == "SMTPUTF8" and not eq:
             options.append("SMTPUTF8")
         elif key == "AUTH" and eq:  # RFC 4954 section 5: accepted from anyone, trusted from no one
+            if auth:  # Postfix refuses a second AUTH= once one named a sender (one after AUTH=<> is taken)
+                return status.MULTIPLE_AUTH
             auth = "" if value == "<>" else printable(value)
         else:
             return status.unsupported_option(word)
