@@ -178,3 +178,26 @@ async def test_a_forwarded_copy_keeps_the_client_attributes_but_the_port(mailflo
 
     await queue_becomes(mf.store, {})
     assert scripts.read("argv").splitlines() == ["127.0.0.1|client.test|localhost||ESMTP||||"]
+
+
+async def test_an_xclient_client_is_the_one_the_pipe_macros_name(mailflow_server, scripts):
+    """XCLIENT names the client (Postfix's smtpd replaces its client attributes with XCLIENT's): an IPv6 address
+    is given in its RFC 5321 form, "IPv6:..." (Postfix's rfc_addr), and an XCLIENT LOGIN's method is XCLIENT."""
+    s = scripts.script("client.sh", f'printf "%s|" "$@" >> {scripts.out}/argv\necho >> {scripts.out}/argv\n')
+    mf = await mailflow_server(relay_domains=["relay.test", "pipe.test"], transport_maps=["inline:{pipe.test=filt:}"],
+                               pipe={"filt": {"argv": [str(s), *CLIENT_MACROS]}},
+                               smtpd={"authorized_xclient_hosts": ["127.0.0.0/8"]})
+    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    try:
+        assert (await client.cmd("EHLO front.test")).code == 250
+        assert (await client.cmd("XCLIENT NAME=mail.example.test ADDR=IPV6:2001:db8::7 PORT=4242 "
+                                 "HELO=relay.example.test PROTO=ESMTP LOGIN=carol")).code == 220
+        await client.envelope("one@pipe.test", ehlo=False)
+        assert (await client.cmd("DATA")).code == 354
+        assert (await client.cmd(b"Subject: who\r\n\r\nbody\r\n.")).code == 250
+    finally:
+        await client.close()
+
+    await queue_becomes(mf.store, {})
+    assert scripts.read("argv").splitlines() == [
+        "IPv6:2001:db8::7|relay.example.test|mail.example.test|4242|ESMTP|XCLIENT||carol|"]
