@@ -62,6 +62,11 @@ CLIENT_COLUMNS = ("client_name", "client_address", "client_port", "helo_name", "
                   "sasl_username", "sasl_sender")
 
 
+_INSERT_MESSAGE = ("INSERT INTO message (id, queue, sender, arrival, next_attempt, size, smtputf8, body_type, client,"
+                   f" envid, ret, filter, {', '.join(CLIENT_COLUMNS)})"
+                   f" VALUES ({', '.join('?' * (12 + len(CLIENT_COLUMNS)))})")
+
+
 def client_values(c: ClientAttributes) -> tuple[str, ...]:
     return c.name, c.address, c.port, c.helo, c.protocol, c.sasl_method, c.sasl_username, c.sasl_sender
 
@@ -74,8 +79,7 @@ def insert_ops(messages: Sequence[NewMessage]) -> list[Op]:
         if file is not None:
             links.append((file.path, m.queue_id))
     return [
-        ("INSERT INTO message (id, queue, sender, arrival, next_attempt, size, smtputf8, body_type, client,"
-         f" envid, ret, filter, {', '.join(CLIENT_COLUMNS)}) VALUES ({', '.join('?' * (12 + len(CLIENT_COLUMNS)))})",
+        (_INSERT_MESSAGE,
          [(m.queue_id, m.queue, m.sender, m.arrival, m.arrival, m.content.size, int(m.smtputf8), m.body_type,
            m.client, m.envid, m.ret, m.content_filter, *client_values(m.client_attributes)) for m in messages]),
         ("INSERT INTO recipient (message_id, idx, address, original, notify, orcpt) VALUES (?, ?, ?, ?, ?, ?)",
