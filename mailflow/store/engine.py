@@ -203,9 +203,14 @@ class Writer(Connection):
 
     def open(self, busy_timeout: float, owner: bool) -> None:
         """Open, migrate an older queue, and (`owner`: the caller holds the queue's lock) convert a file made
-        before auto_vacuum, which needs the database to itself."""
+        before auto_vacuum, which needs the database to itself. The owner (the server) also takes the write lock
+        once, so that a database another process keeps locked fails the open (the server's start waits and
+        tries again) rather than its first write; the operator tools take it only to change something."""
         con = self._connect(busy_timeout)
         try:
+            if owner:
+                con.execute("BEGIN IMMEDIATE")
+                con.execute("COMMIT")
             if con.execute("PRAGMA page_count").fetchone()[0] == 0:  # a new file: the setting takes effect now
                 con.execute("PRAGMA auto_vacuum = INCREMENTAL")  # (on a file in use it waits for the write lock)
             con.execute("PRAGMA journal_mode = WAL")
