@@ -220,10 +220,20 @@ def test_warn_prepend_and_redirect_go_on_and_mark_the_message(caplog):
     f = facts()
     assert asyncio.run(r.check_rcpt(f)) is None
     assert f.marks.prepend == ["X-Tag: one"] and f.marks.redirect == "bob@elsewhere.example"
-    # not a header field, not an address: an action mailflow cannot carry out
-    r = access("inline:{ {alice@local.test=PREPEND no colon}, {b@local.test=REDIRECT not an address} }")
-    assert rcpt(r) == status.restriction_config_error("alice@local.test", "Recipient address")
-    assert rcpt(r, "b@local.test") == status.restriction_config_error("b@local.test", "Recipient address")
+
+
+
+def test_marking_actions_without_their_argument_are_ignored_as_postfix_ignores_them(caplog):
+    """Postfix's check_table_result warns and goes on (DUNNO); the next item decides."""
+    values = {"a": "PREPEND no colon", "b": "REDIRECT not an address", "c": "BCC", "d": "FILTER smtp"}
+    table = "inline:{ %s }" % ", ".join(f"{{{local}@local.test={value}}}" for local, value in values.items())
+    r = restrictions(recipient_restrictions=[f"check_recipient_access {table}", "reject"])
+    with caplog.at_level("WARNING", logger="mailflow"):
+        for local in values:
+            f = facts(f"{local}@local.test")
+            assert asyncio.run(r.check_rcpt(f)) == status.access_denied(f"{local}@local.test", "Recipient address")
+            assert (f.marks.prepend, f.marks.redirect, f.marks.bcc, f.marks.filter) == ([], None, None, None)
+    assert "access action PREPEND 'no colon' requires header: text; ignored" in caplog.text
 
 
 def test_a_numeric_action_keeps_its_detail_in_the_codes_class():

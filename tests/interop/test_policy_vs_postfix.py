@@ -28,12 +28,25 @@ ANSWERS = {  # the recipient's local part -> what the policy server answers for 
     "unknown-defer-if-reject-without-text": "DEFER_IF_REJECT",
     "unknown-postgrey": "DEFER_IF_PERMIT 4.2.0 Greylisted, see http://postgrey.schweikert.ch/help/local.test.html",
 }
+MALFORMED = {  # answers Postfix warns about and takes as DUNNO (the next item, `reject`, decides), or as OK
+    "prepend-without-header": "PREPEND",
+    "prepend-not-a-header": "PREPEND not a header",
+    "redirect-without-address": "REDIRECT",
+    "redirect-not-an-address": "REDIRECT nobody",
+    "bcc-without-address": "BCC",
+    "bcc-not-an-address": "BCC nobody",
+    "filter-without-value": "FILTER",
+    "filter-without-nexthop": "FILTER smtp",
+    "empty": "",  # "has empty value": OK
+    "blank": "   ",
+}
 
 
 class ScriptedPolicy:
     """SMTPD_POLICY_README's server side: answers each request by the recipient's local part (DUNNO else)."""
 
-    def __init__(self):
+    def __init__(self, answers: dict[str, str] = ANSWERS):
+        self.answers = answers
         self.requests: list[dict[str, str]] = []
         self.spec = ""  # inet:127.0.0.1:PORT once started
 
@@ -50,7 +63,7 @@ class ScriptedPolicy:
             while request := await self._request(reader):
                 self.requests.append(request)
                 local = request.get("recipient", "").partition("@")[0]
-                writer.write(f"action={ANSWERS.get(local, 'DUNNO')}\n\n".encode())
+                writer.write(f"action={self.answers.get(local, 'DUNNO')}\n\n".encode())
                 await writer.drain()
         except ConnectionError:
             pass
@@ -69,9 +82,9 @@ class ScriptedPolicy:
         return request
 
 
-async def replies(port: int) -> dict[str, str]:
+async def replies(port: int, answers: dict[str, str] = ANSWERS) -> dict[str, str]:
     got = {}
-    for local in ANSWERS:
+    for local in answers:
         client = await SmtpClient.connect(port)
         assert (await client.cmd("EHLO client.test")).code == 250
         assert (await client.cmd("MAIL FROM:<s@remote.test>")).code == 250
@@ -101,6 +114,23 @@ async def test_policy_answers_give_the_replies_postfix_gives(mailflow_server):
     assert postfix["unknown-defer-if-reject"] == \
         "450 4.2.0 <unknown-defer-if-reject@local.test>: Recipient address rejected: soft"
     assert postfix["unknown-postgrey"].startswith("450 4.2.0 ")  # before the implied unknown-user check
+
+
+async def test_malformed_answers_are_taken_as_postfix_takes_them(mailflow_server):
+    users = ",".join(f"{local}=ok" for local in MALFORMED)
+    async with ScriptedPolicy(MALFORMED) as policy:
+        async with postfix_instance({
+            "myhostname": "pf.test", "mydestination": "local.test", "local_recipient_maps": f"inline:{{{users}}}",
+            "smtpd_recipient_restrictions": f"check_policy_service {policy.spec}, reject",
+        }) as pf:
+            postfix = await replies(pf.port, MALFORMED)
+        mf = await mailflow_server(local_recipient_maps=[f"inline:{{{users}}}"], smtpd={
+            "recipient_restrictions": [f"check_policy_service {policy.spec}", "reject"]})
+        mailflow = await replies(mf.smtp_addresses[0][1], MALFORMED)
+    assert {local: reply for local, reply in mailflow.items() if reply != postfix[local]} == {}, postfix
+    assert postfix["prepend-not-a-header"] == \
+        "554 5.7.1 <prepend-not-a-header@local.test>: Recipient address rejected: Access denied"
+    assert postfix["empty"] == postfix["blank"] == "250 2.1.5 Ok"
 
 
 COMPARED = ("request", "protocol_state", "protocol_name", "helo_name", "sender", "recipient", "recipient_count",

@@ -35,10 +35,11 @@ def _one_line(value: object) -> str:
 
 
 def parse_reply(lines: list[str]) -> str:
-    """The `action` attribute of a reply; PolicyError when there is none."""
+    """The `action` attribute of a reply (empty if its value is: Postfix takes that as OK); PolicyError when there
+    is none."""
     for line in lines:
         name, eq, value = line.partition("=")
-        if eq and name.strip() == "action" and value.strip():
+        if eq and name.strip() == "action":
             return value.strip()
     raise PolicyError("reply without an action")
 

@@ -25,9 +25,10 @@ command that met them (`facts`): its verdict, permit or refusal, is turned into 
 (`_conditional_deferrals`).
 
 Failure behaviour: a table that cannot answer or an action mailflow does not know gives
-`451 4.3.5 <name>: X rejected: Server configuration error` (logged); a policy server that cannot be asked
-gives `policy_service_default_action` (451 4.3.5 Server configuration problem); a DNSBL that cannot be
-asked counts as not listed (logged); reject_unknown_recipient_domain with a DNS failure defers (450 4.4.3),
+`451 4.3.5 <name>: X rejected: Server configuration error` (logged); a FILTER, PREPEND, REDIRECT or BCC
+without the argument it takes is ignored and an empty action is OK (both logged; Postfix); a policy server that
+cannot be asked gives `policy_service_default_action` (451 4.3.5 Server configuration problem); a DNSBL that
+cannot be asked counts as not listed (logged); reject_unknown_recipient_domain with a DNS failure defers (450 4.4.3),
 reject_unknown_client_hostname and reject_unknown_sender_domain too (450); a greylist database fault lets mail
 pass (logged).
 Nothing here raises for a client's input.
@@ -405,9 +406,6 @@ class Restrictions:
         if upper == "HOLD":
             facts.marks.hold = text or f"{source}: HOLD"
             return None
-        if upper == "FILTER" and ":" in text:
-            facts.marks.filter = text
-            return None
         if upper == "DEFER_IF_PERMIT":
             facts.defer_if_permit = facts.defer_if_permit or status.conditional_deferral(
                 name, what, *split_dsn(text, "4.7.1"))
@@ -421,15 +419,11 @@ class Restrictions:
                      PROTOCOL_STATE.get(stage, "RCPT"), facts.client_name, facts.client_addr, name, what, text,
                      facts.sender or "", facts.recipient)
             return None
-        if upper == "PREPEND" and _HEADER_FIELD.fullmatch(text):
-            facts.marks.prepend.append(text)
-            return None
-        if upper == "REDIRECT" and address.mailbox_syntax_error(text) is None:
-            facts.marks.redirect = text
-            return None
-        if upper == "BCC" and address.mailbox_syntax_error(text) is None:
-            facts.marks.bcc = text
-            return None
+        if upper in _MARK_NEEDS:
+            return _mark(upper, text, facts.marks, source)
+        if not upper:  # Postfix: "entry ... has empty value", an OK from the days when an empty value meant OK
+            log.warning("%s: access action has empty value; taken as OK", source)
+            return PERMIT
         numeric = _NUMERIC_ACTION.fullmatch(value.strip())
         if numeric:
             code, dsn, reason = numeric.groups()
@@ -486,6 +480,23 @@ class Restrictions:
 
 
 _UNHANDLED = object()
+_MARK_NEEDS = {"FILTER": "transport:destination", "PREPEND": "header: text", "REDIRECT": "user@domain target",
+               "BCC": "user@domain target"}
+
+
+def _mark(word: str, text: str, marks: Marks, source: str) -> None:
+    """FILTER, PREPEND, REDIRECT, BCC mark the message and go on. An argument that is not what the action takes is
+    logged and the action ignored (DUNNO), as Postfix's check_table_result does; Postfix takes any REDIRECT or
+    BCC argument with an `@`, mailflow only a valid address."""
+    if word == "FILTER" and ":" in text:
+        marks.filter = text
+    elif word == "PREPEND" and _HEADER_FIELD.fullmatch(text):
+        marks.prepend.append(text)
+    elif word in ("REDIRECT", "BCC") and address.mailbox_syntax_error(text) is None:
+        setattr(marks, word.lower(), text)
+    else:
+        log.warning("%s: access action %s %r requires %s; ignored", source, word, text, _MARK_NEEDS[word])
+    return None
 
 
 def policy_request(facts: Facts, stage: str) -> dict[str, str]:
