@@ -135,6 +135,7 @@ class SmtpdConfig(SmtpdFilterSettings):
     unknown_address_reject_code: int = Field(450, ge=400, le=599)
     policy_service_timeout: Duration = Field(100.0, gt=0)
     policy_service_default_action: str = "451 4.3.5 Server configuration problem"
+    policy_service_policy_context: str = ""  # the requests' policy_context attribute
 
     @model_validator(mode="after")
     def _relay_guarded(self) -> "SmtpdConfig":

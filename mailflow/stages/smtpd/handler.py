@@ -360,6 +360,9 @@ class SmtpdHandler:
         cipher = session.ssl.get("cipher") if isinstance(session.ssl, dict) else None
         return Facts(
             client_addr=session.peer_ip,
+            client_port=session.peer_port,
+            server_addr=session.server_ip,
+            server_port=session.server_port,
             client_name=session.client_name,
             helo=session.host_name or "",
             sender=envelope.sender,

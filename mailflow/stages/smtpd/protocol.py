@@ -230,7 +230,7 @@ class ProtocolCore(SMTP):
             super().connection_made(transport)
             sockname = transport.get_extra_info("sockname")
             if isinstance(sockname, tuple) and sockname:
-                self.session.server_ip = str(sockname[0])
+                self.session.server_ip, self.session.server_port = str(sockname[0]), int(sockname[1])
             return
         self._wire.discard()  # STARTTLS done: plaintext pipelined after it never reaches TLS (RFC 3207)
         before = self.session

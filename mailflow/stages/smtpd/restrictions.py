@@ -93,6 +93,9 @@ class Facts:
     """What a restriction may look at. `sender` None: no MAIL yet; "" the null sender."""
 
     client_addr: str
+    client_port: int = 0
+    server_addr: str = ""  # the address and port of this server the client connected to
+    server_port: int = 0
     client_name: str = "unknown"
     helo: str = ""
     sender: str | None = None
@@ -468,7 +471,8 @@ class Restrictions:
     async def _policy(self, spec: str, stage: str, facts: Facts):
         name, what = self._subject(stage, facts)
         try:
-            answer = await self._policies[spec].query(policy_request(facts, stage))
+            request = policy_request(facts, stage, self._smtpd.policy_service_policy_context)
+            answer = await self._policies[spec].query(request)
         except PolicyError as e:
             log.warning("policy service %s: %s", spec, e)
             return self._policy_default(name, what, facts, spec, stage)
@@ -499,8 +503,9 @@ def _mark(word: str, text: str, marks: Marks, source: str) -> None:
     return None
 
 
-def policy_request(facts: Facts, stage: str) -> dict[str, str]:
-    """The SMTPD_POLICY_README attributes mailflow knows; the others are sent empty."""
+def policy_request(facts: Facts, stage: str, context: str = "") -> dict[str, str]:
+    """The SMTPD_POLICY_README attributes mailflow knows; the others are sent empty. queue_id is always empty:
+    cleanup gives the message its id at the end of DATA (Postfix: from the RCPT after the first accepted one)."""
     return {
         "request": "smtpd_access_policy",
         "protocol_state": PROTOCOL_STATE.get(stage, "RCPT"),
@@ -512,7 +517,10 @@ def policy_request(facts: Facts, stage: str) -> dict[str, str]:
         "recipient_count": str(facts.recipient_count if stage in PROTOCOL_STATE else 0),  # Postfix: 0 before DATA
         "client_address": facts.client_addr,
         "client_name": facts.client_name,
+        "client_port": str(facts.client_port),
         "reverse_client_name": facts.client_name,
+        "server_address": facts.server_addr,
+        "server_port": str(facts.server_port),
         "instance": facts.instance,
         "sasl_method": facts.sasl_method,
         "sasl_username": facts.sasl_username,
@@ -521,11 +529,13 @@ def policy_request(facts: Facts, stage: str) -> dict[str, str]:
         "ccert_subject": "",
         "ccert_issuer": "",
         "ccert_fingerprint": "",
+        "ccert_pubkey_fingerprint": "",
         "encryption_protocol": facts.encryption_protocol,
         "encryption_cipher": facts.encryption_cipher,
         "encryption_keysize": "0",
         "etrn_domain": "",
         "stress": "",
+        "policy_context": context,
     }
 
 

@@ -48,6 +48,7 @@ class SessionState(_AiosmtpdSession):
 
     peer: Any  # (ip, port) of the client: the real one after a PROXY header or XCLIENT, not the socket's
     server_ip: str  # the address of this server the client connected to ("" when unknown)
+    server_port: int  # and its port (0 when unknown)
     ssl: dict[str, Any] | None  # None before TLS; then "ssl_object" and "cipher" (name, version, bits)
     host_name: str | None  # the HELO/EHLO name (`helo_name`: printable, neutered); None before one
     extended_smtp: bool  # the client said EHLO (ESMTP), not HELO
@@ -64,6 +65,7 @@ class SessionState(_AiosmtpdSession):
         super().__init__(loop)
         self.authenticated = False
         self.server_ip = ""
+        self.server_port = 0
         self.client_name = "unknown"
         self.proxied_by = ""
         self.auth_mechanism = ""
@@ -75,6 +77,7 @@ class SessionState(_AiosmtpdSession):
         milter connections stay open."""
         self.peer = previous.peer
         self.server_ip = previous.server_ip
+        self.server_port = previous.server_port
         self.proxied_by = previous.proxied_by
         self.client_name = previous.client_name
         self.milters = previous.milters  # the same milter connections (a new HELO follows)
@@ -83,6 +86,11 @@ class SessionState(_AiosmtpdSession):
     def peer_ip(self) -> str:
         peer = self.peer
         return str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+
+    @property
+    def peer_port(self) -> int:
+        peer = self.peer
+        return int(peer[1]) if isinstance(peer, tuple) and len(peer) > 1 else 0
 
     @property
     def client(self) -> str:
