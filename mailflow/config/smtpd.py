@@ -136,6 +136,9 @@ class SmtpdConfig(SmtpdFilterSettings):
     policy_service_timeout: Duration = Field(100.0, gt=0)
     policy_service_default_action: str = "451 4.3.5 Server configuration problem"
     policy_service_policy_context: str = ""  # the requests' policy_context attribute
+    policy_service_max_idle: Duration = Field(300.0, gt=0)  # an unused kept connection is closed after this
+    policy_service_max_ttl: Duration = Field(1000.0, gt=0)  # any connection is closed this long after its opening
+    policy_service_request_limit: int = Field(0, ge=0)  # queries per connection (0: no limit)
 
     @model_validator(mode="after")
     def _relay_guarded(self) -> "SmtpdConfig":

@@ -2,8 +2,7 @@
 Postfix and behind mailflow, configured alike; each of the server's answers must give the same RCPT reply.
 
 Not compared, because mailflow differs on purpose (docs/security.md): an answer Postfix cannot carry out
-(`451 4.3.5 <rcpt>: Recipient address rejected: Server configuration error`, Postfix without the prefix), and
-policy connection reuse.
+(`451 4.3.5 <rcpt>: Recipient address rejected: Server configuration error`, Postfix without the prefix).
 """
 from __future__ import annotations
 
@@ -48,6 +47,7 @@ class ScriptedPolicy:
     def __init__(self, answers: dict[str, str] = ANSWERS):
         self.answers = answers
         self.requests: list[dict[str, str]] = []
+        self.connections = 0  # accepted so far
         self.spec = ""  # inet:127.0.0.1:PORT once started
 
     async def __aenter__(self) -> Self:
@@ -59,6 +59,7 @@ class ScriptedPolicy:
         self._server.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         try:
             while request := await self._request(reader):
                 self.requests.append(request)
@@ -101,10 +102,14 @@ async def test_policy_answers_give_the_replies_postfix_gives(mailflow_server):
             "smtpd_recipient_restrictions": f"check_policy_service {policy.spec}",
         }) as pf:
             postfix = await replies(pf.port)
+        connections = {"postfix": policy.connections}
         mf = await mailflow_server(local_recipient_maps=[f"inline:{{{users}}}"],
                                    smtpd={"recipient_restrictions": [f"check_policy_service {policy.spec}"]})
         mailflow = await replies(mf.smtp_addresses[0][1])
+        connections["mailflow"] = policy.connections - connections["postfix"]
     assert {local: reply for local, reply in mailflow.items() if reply != postfix[local]} == {}, postfix
+    # one session after another: a kept connection serves them all (Postfix: one per smtpd process)
+    assert connections["mailflow"] == 1 <= connections["postfix"] < len(ANSWERS), connections
     # the answers themselves, so that a change on both sides cannot pass unnoticed
     assert postfix["reject-with-code-of-the-wrong-class"] == \
         "554 5.1.2 <reject-with-code-of-the-wrong-class@local.test>: Recipient address rejected: wrong class"

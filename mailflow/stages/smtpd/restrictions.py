@@ -6,7 +6,8 @@ What it owns
 - `Restrictions(config, smtpd, rewriter, mapper, resolver, tables)`: the lists of one `SmtpdConfig` (a
   listener may have its own), with their tables and policy clients opened once.
 - `check_rcpt(facts)`, `check_data(facts)`, `check_end_of_data(facts)` -> `Reply | None` (None: go on);
-  `check_content`: whether the data and end_of_data lists have anything to evaluate.
+  `check_content`: whether the data and end_of_data lists have anything to evaluate; `close()`: the policy
+  services' kept connections (policy.py) are closed.
 - The restrictions that ask the DNS are dns_checks.py's (reject_rbl_client, reject_rhsbl_*, the unknown client
   name and address domain checks); the inbound filters' (docs/filtering.md):
   check_greylist (450 4.2.0 as a DEFER_IF_PERMIT, postgrey's answer; mailflow.filters.greylist),
@@ -217,8 +218,10 @@ class Restrictions:
                        for stage in STAGES}
         self._tables = {arg: tables.open([arg]) for items in self._lists.values()
                         for name, arg in items if name in ACCESS_CHECKS}
-        self._policies = {arg: PolicyClient(arg, smtpd.policy_service_timeout) for items in self._lists.values()
-                          for name, arg in items if name == "check_policy_service"}
+        self._policies = {arg: PolicyClient(arg, smtpd.policy_service_timeout, max_idle=smtpd.policy_service_max_idle,
+                                            max_ttl=smtpd.policy_service_max_ttl,
+                                            request_limit=smtpd.policy_service_request_limit)
+                          for items in self._lists.values() for name, arg in items if name == "check_policy_service"}
         self._mynetworks = [ipaddress.ip_network(n, strict=False) for n in config.mynetworks]
 
     async def check_rcpt(self, facts: Facts) -> status.Reply | None:
@@ -252,6 +255,11 @@ class Restrictions:
         if facts.marks.discard is not None:
             return None
         return _conditional_deferrals(await self._run("end_of_data", facts), facts)
+
+    def close(self) -> None:
+        """The policy services' kept connections are closed (a reload replaced these lists, or the server stops)."""
+        for client in self._policies.values():
+            client.close()
 
     def trusted(self, client_addr: str) -> bool:
         """The client is in mynetworks."""

@@ -34,10 +34,11 @@ that built completely is put in use): each listener gets its new settings, handl
 AUTH and sender-login tables and certificate; its address, sockets, session slots and per-client counts stay.
 New sessions use all of it; a running session goes on, to its end, with what it started with (as a Postfix
 smtpd process finishes its client under the old main.cf), so nothing per session (a milter conversation, the
-handler's state) ever changes hands.
+handler's state) ever changes hands. The replaced handlers' kept policy service connections are closed (a
+running session that asks again uses a connection of its own for it).
 
 Stop (`stop(grace)`): the listeners close; sessions between transactions get 421 4.3.2 and are closed; a
-session in a transaction may finish it within the grace period.
+session in a transaction may finish it within the grace period; then the kept policy connections are closed.
 """
 from __future__ import annotations
 
@@ -280,6 +281,7 @@ class Smtpd:
             self._config, self._handler_for, self._tables, self._tls = config, handler_for, fresh._tables, fresh._tls
             self._hasher = fresh._hasher
             for listener, new in zip(self.listeners, built):
+                listener.handler.restrictions.close()  # its kept policy connections (its sessions may go on)
                 for name in RELOADED:
                     setattr(listener, name, getattr(new, name))
                 listener.anvil.adopt_limits(new.anvil)
@@ -333,6 +335,7 @@ class Smtpd:
             await server.wait_closed()
         for li in self.listeners:
             li.server = None
+            li.handler.restrictions.close()
         if self._hasher is not None:
             self._hasher.close()
             self._hasher = None
