@@ -442,3 +442,78 @@ async def test_a_reload_sends_new_jobs_to_the_new_transports_and_closes_the_old_
     await eventually(lambda: queue_is_empty(h), what="the first delivery ended")
     await eventually(lambda: old.closed, what="the replaced transport closed")
     assert [r.queue_id for r in old.requests] == [first] and not new.closed and not h.local.closed
+
+
+def relaying(relayhost: str, **queue) -> tuple:
+    """The routing and the [queue] settings of a configuration that relays everything else to `relayhost`."""
+    config = Config(myhostname=HOST, mydestination=("example.test",), relayhost=relayhost,
+                    queue={"minimal_backoff_time": MIN_BACKOFF, "maximal_backoff_time": 4000, **queue})
+    return Rewriter(config).resolve, config.queue
+
+
+def reload_to(h: Harness, relayhost: str, transports: dict, **queue) -> None:
+    resolve, config = relaying(relayhost, **queue)
+    h.qmgr.reconfigure(resolve=resolve, transports=transports, config=config, notices=None)
+
+
+async def test_a_reload_reroutes_the_jobs_waiting_for_a_window_and_lets_the_one_in_flight_end_once(h):
+    """As Postfix's qmgr, restarted by `postfix reload`, resolves its active queue again with the new main.cf."""
+    blocking = BlockingTransport("smtp")
+    transports = {"local": h.local, "smtp": blocking}
+    resolve, _ = relaying("[old.test]")
+    await h.start(transports=transports, resolve=resolve, default_destination_concurrency_limit=1)
+    first, *waiting = [await h.queue(f"u{i}@remote.test") for i in range(3)]
+    await eventually(lambda: blocking.in_flight == 1, what="the first delivery under way")
+    await qmgr_turn(h.qmgr, h.clock)
+    assert h.qmgr.active_count == 3  # two wait for the old relay's window
+
+    reload_to(h, "[new.test]", transports, default_destination_concurrency_limit=1)
+    await eventually(lambda: blocking.in_flight == 2, what="a waiting message started to the new relay")
+    blocking.release.set()
+    await eventually(lambda: queue_is_empty(h), what="every message delivered")
+    went = sorted((r.queue_id, r.nexthop) for r in blocking.requests)
+    assert went == [(first, "[old.test]")] + [(qid, "[new.test]") for qid in waiting], went
+
+
+async def test_many_messages_waiting_are_rerouted_by_a_reload_each_once(h):
+    blocking = BlockingTransport("smtp")
+    transports = {"local": h.local, "smtp": blocking}
+    resolve, _ = relaying("[old.test]")
+    await h.start(transports=transports, resolve=resolve, default_destination_concurrency_limit=1)
+    queued = await asyncio.gather(*(h.queue(f"u{i}@remote.test", f"v{i}@example.test") for i in range(200)))
+    await eventually(lambda: h.qmgr.active_count == 200 and len(h.local.requests) == 200, timeout=20,
+                     what="every message taken, its local recipient delivered")
+    assert len(blocking.requests) == 1  # the old relay's window holds the rest
+
+    reload_to(h, "[new.test]", transports)
+    blocking.release.set()
+    await eventually(lambda: queue_is_empty(h), timeout=20, what="every message delivered")
+    relayed = sorted((r.queue_id, r.nexthop, tuple(addresses(r))) for r in blocking.requests)
+    assert [qid for qid, *_ in relayed] == sorted(queued)  # each message relayed, once
+    assert sum(nexthop == "[old.test]" for _, nexthop, _ in relayed) == 1
+    assert all(rcpts == (f"u{int(qid[1:]) - 1}@remote.test",) for qid, _, rcpts in relayed)
+    assert sorted(r.queue_id for r in h.local.requests) == sorted(queued)  # the local ones were not repeated
+
+
+async def test_a_reload_whose_routing_cannot_answer_defers_the_waiting_recipients_and_strands_nothing(h):
+    blocking = BlockingTransport("smtp")
+    transports = {"local": h.local, "smtp": blocking}
+    resolve, _ = relaying("[old.test]")
+    await h.start(transports=transports, resolve=resolve, default_destination_concurrency_limit=1)
+    first, unresolved, routed = [await h.queue(f"u{i}@remote.test") for i in range(3)]
+    await eventually(lambda: blocking.in_flight == 1 and h.qmgr.active_count == 3, what="two waiting")
+
+    new, _ = relaying("[new.test]")
+
+    def failing(address: str):
+        if address == "u1@remote.test":
+            raise LookupRetry("transport_maps: table is locked")
+        return new(address)
+
+    h.qmgr.reconfigure(resolve=failing, transports=transports, config=relaying("[new.test]")[1], notices=None)
+    await eventually(lambda: _is(h, {"active": 2, "deferred": 1}), what="the unresolved one deferred")
+    assert [(a, dsn) for a, _, dsn, *_ in await h.store.recipients(unresolved)] == [("u1@remote.test", "4.3.0")]
+    blocking.release.set()
+    await eventually(lambda: _is(h, {"deferred": 1}), what="the others delivered")
+    assert sorted((r.queue_id, r.nexthop) for r in blocking.requests) == [(first, "[old.test]"), (routed, "[new.test]")]
+

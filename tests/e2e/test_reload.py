@@ -13,7 +13,8 @@ import pytest
 
 from mailflow.config import config_from_dict
 from mailflow.errors import ConfigError
-from tests.support import ServerProcess, SmtpClient, accepts, eventually, free_port, rcpt_reply, run_tool
+from tests.support import (ServerProcess, SmtpClient, accepts, eventually, free_port, queue_becomes, rcpt_reply,
+                           run_tool, send, stall_mail)
 
 IN_FORCE = "reload: configuration, tables and certificates in force"
 BLOCKED = {"sender_restrictions": ["check_sender_access inline:{blocked@remote.test=REJECT}"]}
@@ -187,3 +188,27 @@ async def test_reloads_close_the_filters_they_replaced_once_no_open_session_uses
     assert (await held.cmd("RCPT TO:<alice@local.test>")).code == 450  # its own greylist still answers
     await held.close()
     assert greylist_threads() - before <= 2  # the held session's and the one in force (10 without the closing)
+
+
+@pytest.mark.parametrize("change", [
+    lambda port: {"relayhost": f"[127.0.0.1]:{port}"},
+    lambda port: {"transport_maps": [f"inline:{{relay.test=smtp:[127.0.0.1]:{port}}}"]},
+], ids=["relayhost", "transport_maps"])
+async def test_mail_waiting_behind_a_busy_relay_goes_to_the_new_next_hop_once(mailflow_server, smtp_peer, change):
+    """`postfix reload` restarts qmgr, which resolves its active queue again with the new main.cf: mail waiting for
+    the old relay's concurrency goes to the new next hop, once; the delivery in flight ends once where it began."""
+    old, new = await smtp_peer(), await smtp_peer()
+    gate = stall_mail(old)
+    mf = await mailflow_server(relayhost=f"[127.0.0.1]:{old.port}", queue={"default_destination_concurrency_limit": 1})
+    port = mf.smtp_addresses[0][1]
+    for i in range(3):
+        await send(port, "s@remote.test", [f"u{i}@relay.test"], f"Subject: m{i}\r\n\r\nbody\r\n".encode())
+    await eventually(lambda: old.handler.stalled == 1 and mf.qmgr.active_count == 3,
+                     what="the first message in flight to the old relay, two waiting for its window")
+
+    await mf.reload(config_from_dict({**mf.config.model_dump(), **change(new.port)}))
+    await eventually(lambda: len(new.messages) == 2, what="the waiting messages relayed to the new next hop")
+    gate.set()
+    await queue_becomes(mf.store, {})
+    assert sorted(m.rcpt_tos for m in new.messages) == [["u1@relay.test"], ["u2@relay.test"]]
+    assert [m.rcpt_tos for m in old.messages] == [["u0@relay.test"]] and old.handler.stalled == 1

@@ -37,7 +37,11 @@ The loop
   is scanned again after the start; its scan finishes it.
 - A reload (`reconfigure`) hands qmgr a new resolver, transports and [queue] settings: what is admitted or
   started from then on uses them; deliveries under way finish with the transports they began with, which are
-  closed after them.
+  closed after them. The jobs not started yet are taken back from their destinations and their recipients
+  resolved again (`_reroute`), as Postfix's qmgr, restarted by `postfix reload`, reads its active queue again:
+  mail waiting for a window goes where the new routing sends it. The messages stay in hand (no store write, the
+  active queue's size and handed-over content unchanged) and a delivery in flight is not touched, so no recipient
+  is lost or delivered twice; deferred mail keeps its next attempt (a reload is no flush).
 - About once a second the destinations' state is written to the store for `mailflow queue destinations`, and
   every `MAINTENANCE_INTERVAL` the store gives free space back (`store.maintain`).
 - Each result carries the transport of its job (`RcptResult.transport`, in the mail log's events);
@@ -62,7 +66,7 @@ Failure behaviour
   are taken again after the next start); results already back are recorded before the store closes.
 - The wake-up event carries no state: a lost wake-up costs at most one tick.
 
-Size: about 570 lines, one class on purpose. The loop, the scheduling and the end of an attempt share one table
+Size: about 680 lines, one class on purpose. The loop, the scheduling and the end of an attempt share one table
 (`_active`, the messages in qmgr's hands), one wake-up and one next-scan time, and every path that changes one
 changes the others (a finish frees room and may move the next scan). What stands alone is already apart: the
 destination windows (`destination.py`), the retry schedule (`backoff.py`) and the notices (`notices.py`).
@@ -80,7 +84,7 @@ from mailflow.content import Content
 from mailflow.faults import FIRST_DELAY, MAX_DELAY, Guard, Retrier
 from mailflow.logs import MailLog
 from mailflow.model import (Delivered, DeliveryReport, DeliveryRequest, NewMessage, Outcome, QueuedMessage,
-                            RcptResult, Resolution)
+                            RcptResult, Recipient, Resolution)
 from mailflow.stages.bounce import EXPIRED, wants_notice
 from mailflow.stages.qmgr.backoff import next_attempt
 from mailflow.stages.qmgr.destination import Destination, Job
@@ -190,11 +194,14 @@ class QueueManager:
             await asyncio.wait(set(self._tasks), timeout=deadline - loop.time())
 
     def reconfigure(self, *, resolve: Callable[[str], Resolution], transports: dict, config, notices) -> None:
-        """A reload: messages admitted from now on are resolved by `resolve`, jobs started from now on go to
-        `transports`, new destinations and attempts ending from now on follow `config`. Transports no longer in
-        use are closed once the deliveries already under way end (they may hold cached connections)."""
+        """A reload: the recipients of every job not started yet, and of messages admitted from now on, are
+        resolved by `resolve` (`_reroute`); jobs started from now on go to `transports`, new destinations and
+        attempts ending from now on follow `config`. Transports no longer in use are closed once the deliveries
+        already under way end (they may hold cached connections)."""
         retired = [t for t in _unique(self._transports.values()) if t not in _unique(transports.values())]
         self._resolve, self._transports, self._config, self._notices = resolve, transports, config, notices
+        self._reroute()
+        self._pump()
         if retired:
             self._retired += retired
             retiring = asyncio.create_task(self._retire(retired, set(self._deliveries)), name="qmgr-retire")
@@ -361,9 +368,21 @@ class QueueManager:
             self._next_scan = later
 
     def _admit(self, message: QueuedMessage, content: asyncio.Future | None = None, handed_bytes: int = 0) -> None:
-        groups: dict[tuple[str, str], list] = {}
+        groups, unresolved = self._routes(message, message.recipients)
+        active = ActiveMessage(message, jobs_left=len(groups), owed=list(message.owed), content=content,
+                               handed_bytes=handed_bytes)
+        self._active[message.queue_id] = active
+        self._queue_jobs(message.queue_id, groups)
+        # nothing to deliver (every recipient was done before a stop, or none resolved): the attempt ends now
+        self._results_in(active, unresolved)
+
+    def _routes(self, message: QueuedMessage, recipients) -> tuple[dict[tuple[str, str], list[Recipient]],
+                                                                   list[RcptResult]]:
+        """The recipients by `(transport, nexthop)` through trivial-rewrite, each in the form it resolved to; those
+        whose lookup failed, deferred."""
+        groups: dict[tuple[str, str], list[Recipient]] = {}
         unresolved: list[RcptResult] = []
-        for rcpt in message.recipients:
+        for rcpt in recipients:
             try:
                 res = self._resolve(rcpt.address)
             except Exception as e:  # a table or DNS lookup failed: not "not found", so try again later
@@ -373,13 +392,29 @@ class QueueManager:
             if res.address != rcpt.address:  # trivial-rewrite's form (the percent hack), as Postfix's qmgr uses it
                 rcpt = dataclasses.replace(rcpt, address=res.address)
             groups.setdefault(_route(message.content_filter, res.transport, res.nexthop), []).append(rcpt)
-        active = ActiveMessage(message, jobs_left=len(groups), owed=list(message.owed), content=content,
-                               handed_bytes=handed_bytes)
-        self._active[message.queue_id] = active
+        return groups, unresolved
+
+    def _queue_jobs(self, queue_id: str, groups: dict[tuple[str, str], list[Recipient]]) -> None:
         for (transport, nexthop), rcpts in groups.items():
-            self._destination(transport, nexthop).jobs.append(Job(message.queue_id, transport, nexthop, tuple(rcpts)))
-        # nothing to deliver (every recipient was done before a stop, or none resolved): the attempt ends now
-        self._results_in(active, unresolved)
+            self._destination(transport, nexthop).jobs.append(Job(queue_id, transport, nexthop, tuple(rcpts)))
+
+    def _reroute(self) -> None:
+        """A reload: every job not started yet is taken back and its recipients resolved again by the new routing
+        (from their queued form, not the one they resolved to), as Postfix's qmgr, restarted by `postfix reload`,
+        reads its active queue again. Deliveries in flight are left alone; the messages stay in hand, in the order
+        they were taken."""
+        waiting: dict[str, list[Job]] = {}
+        for dest in self._destinations.values():
+            for job in dest.drain():
+                waiting.setdefault(job.queue_id, []).append(job)
+        for queue_id in [queue_id for queue_id in self._active if queue_id in waiting]:
+            active, jobs = self._active[queue_id], waiting[queue_id]
+            queued = {rcpt.index: rcpt for rcpt in active.message.recipients}
+            groups, unresolved = self._routes(active.message, [queued[r.index] for job in jobs for r in job.recipients])
+            active.jobs_left += len(groups) - len(jobs)
+            self._queue_jobs(queue_id, groups)
+            if unresolved:
+                self._results_in(active, unresolved)
 
     def _destination(self, transport: str, nexthop: str) -> Destination:
         key = (transport, nexthop)
