@@ -19,7 +19,8 @@ from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, Recipient
 from mailflow.stages.qmgr import QueueManager
 from mailflow.routing.rewrite import Rewriter
 from mailflow.store import NewMessage, Store
-from tests.support import BlockingTransport, RecordingClock, RecordingTransport, eventually, qmgr_turn
+from tests.support import (BlockingTransport, RecordingClock, RecordingTransport, ScriptedTransport, always,
+                           eventually, qmgr_turn)
 
 T0 = 1_700_000_000.0
 HOST = "mx.example.test"
@@ -517,3 +518,40 @@ async def test_a_reload_whose_routing_cannot_answer_defers_the_waiting_recipient
     await eventually(lambda: _is(h, {"deferred": 1}), what="the others delivered")
     assert sorted((r.queue_id, r.nexthop) for r in blocking.requests) == [(first, "[old.test]"), (routed, "[new.test]")]
 
+
+async def test_a_reload_forgets_dead_destinations_as_postfix_qmgr_restart_does(h):
+    failing = ScriptedTransport(h.clock, always(Outcome.DEFERRED, "4.4.1", "connect to old.test: refused", False))
+    transports = {"local": h.local, "smtp": failing}
+    resolve, _ = relaying("[old.test]")
+    await h.start(transports=transports, resolve=resolve, initial_destination_concurrency=1)
+    await h.queue("a@remote.test")
+    await eventually(lambda: _is(h, {"deferred": 1}), what="the first message deferred")
+    await h.queue("b@remote.test")  # the destination is dead: deferred without an attempt
+    await eventually(lambda: _is(h, {"deferred": 2}), what="the second message deferred")
+    assert len(failing.requests) == 1
+
+    reload_to(h, "[old.test]", transports, initial_destination_concurrency=1)
+    await qmgr_turn(h.qmgr, h.clock)
+    assert len(failing.requests) == 1  # the deferred ones keep their next attempt: a reload is no flush
+    third = await h.queue("c@remote.test")
+    await eventually(lambda: len(failing.requests) == 2, what="the destination tried again")
+    assert failing.requests[-1].queue_id == third
+    await eventually(lambda: _is(h, {"deferred": 3}), what="the third message deferred")
+
+
+async def test_a_reload_puts_the_new_destination_concurrency_in_force_where_mail_waits(h):
+    blocking = BlockingTransport("smtp")
+    transports = {"local": h.local, "smtp": blocking}
+    resolve, _ = relaying("[relay.test]")
+    await h.start(transports=transports, resolve=resolve, default_destination_concurrency_limit=1)
+    for i in range(5):
+        await h.queue(f"u{i}@remote.test")
+    await eventually(lambda: blocking.in_flight == 1 and h.qmgr.active_count == 5, what="four waiting")
+
+    reload_to(h, "[relay.test]", transports, default_destination_concurrency_limit=3)
+    await eventually(lambda: blocking.in_flight == 3, what="the new limit in force")
+    await qmgr_turn(h.qmgr, h.clock)
+    assert blocking.in_flight == 3  # the one in flight counts against the new window
+    blocking.release.set()
+    await eventually(lambda: queue_is_empty(h), what="every message delivered")
+    assert len(blocking.requests) == 5 and blocking.max_in_flight == 3

@@ -107,3 +107,24 @@ def test_a_late_report_from_before_death_changes_nothing():
         d.take()
         d.done(False, "refused", T0, DEAD_TIME)
     assert d.done(True, "", T0, DEAD_TIME) == [] and d.is_dead(T0)
+
+
+def test_a_restart_forgets_what_was_learned_and_keeps_the_jobs_and_deliveries_in_flight():
+    d = dest(initial=5, limit=20)
+    for _ in range(10):
+        run_one(d, True)
+    assert d.window > 5  # it grew
+    d.jobs.append(job(9))
+    d.take()  # one in flight
+    for _ in range(20):
+        if d.is_dead(T0):
+            break
+        run_one(d, False)
+    assert d.is_dead(T0) and d.failures
+    d.jobs.extend(job(n) for n in range(4))
+
+    d.restart(initial=2, limit=3, cohort_limit=2)
+    assert not d.is_dead(T0)
+    assert (d.window, d.failures, d.reason, d.in_flight, len(d.jobs)) == (2, 0, "", 1, 4)
+    d.take()
+    assert not d.can_start(T0)  # the delivery from before the restart counts against the new window

@@ -41,7 +41,10 @@ The loop
   resolved again (`_reroute`), as Postfix's qmgr, restarted by `postfix reload`, reads its active queue again:
   mail waiting for a window goes where the new routing sends it. The messages stay in hand (no store write, the
   active queue's size and handed-over content unchanged) and a delivery in flight is not touched, so no recipient
-  is lost or delivered twice; deferred mail keeps its next attempt (a reload is no flush).
+  is lost or delivered twice; deferred mail keeps its next attempt (a reload is no flush). Every destination
+  starts over under the new settings, as in Postfix's new qmgr: dead ones are alive again (the reload may have
+  fixed what failed: a password, a TLS setting), windows start again at the initial concurrency; deliveries in
+  flight still count against them.
 - About once a second the destinations' state is written to the store for `mailflow queue destinations`, and
   every `MAINTENANCE_INTERVAL` the store gives free space back (`store.maintain`).
 - Each result carries the transport of its job (`RcptResult.transport`, in the mail log's events);
@@ -195,11 +198,14 @@ class QueueManager:
 
     def reconfigure(self, *, resolve: Callable[[str], Resolution], transports: dict, config, notices) -> None:
         """A reload: the recipients of every job not started yet, and of messages admitted from now on, are
-        resolved by `resolve` (`_reroute`); jobs started from now on go to `transports`, new destinations and
-        attempts ending from now on follow `config`. Transports no longer in use are closed once the deliveries
-        already under way end (they may hold cached connections)."""
+        resolved by `resolve` (`_reroute`); jobs started from now on go to `transports`; every destination starts
+        over under `config` (dead ones are alive again), and attempts ending from now on follow it. Transports no
+        longer in use are closed once the deliveries already under way end (they may hold cached connections)."""
         retired = [t for t in _unique(self._transports.values()) if t not in _unique(transports.values())]
         self._resolve, self._transports, self._config, self._notices = resolve, transports, config, notices
+        for dest in self._destinations.values():
+            dest.restart(config.initial_destination_concurrency, config.default_destination_concurrency_limit,
+                         config.destination_concurrency_failed_cohort_limit)
         self._reroute()
         self._pump()
         if retired:

@@ -11,6 +11,9 @@ Postfix's feedback-driven concurrency (qmgr_queue.c, SCHEDULER_README), with its
   its queued jobs are handed back to be deferred without a connection attempt.
 - Once `dead_until` has passed, the destination is alive again with its initial window (the first
   delivery then probes the site).
+- A reload `restart`s it under the new settings: what it learned (window, failures, dead timer) is forgotten, as
+  Postfix's qmgr, restarted by `postfix reload`, starts with no destination memory; its deliveries in flight
+  still count against the new window.
 Per-recipient outcomes never reach this object: only the site verdict moves the window.
 """
 from __future__ import annotations
@@ -88,6 +91,14 @@ class Destination:
         """Alive again now (an operator flushed the queue), whatever the dead timer said."""
         if self.dead_until:
             self._revive()
+
+    def restart(self, initial: int, limit: int, cohort_limit: int) -> None:
+        """Start over under new settings (a reload), as the new qmgr process of a Postfix reload does: alive,
+        at the initial window, nothing learned or counted; its queued jobs and deliveries in flight stay."""
+        self.initial, self.limit, self.cohort_limit = initial, limit, cohort_limit
+        self._revive()
+        self.failures = 0
+        self.reason = ""
 
     def withdraw(self, queue_id: str) -> list[Job]:
         """Take out the queued jobs of one message (an operator held or deleted it)."""
