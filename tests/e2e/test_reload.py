@@ -8,13 +8,14 @@ import signal
 import sqlite3
 import sys
 import threading
+import time
 
 import pytest
 
 from mailflow.config import config_from_dict
 from mailflow.errors import ConfigError
-from tests.support import (ServerProcess, SmtpClient, accepts, eventually, free_port, queue_becomes, rcpt_reply,
-                           run_tool, send, stall_mail)
+from tests.support import (ScanWatch, ServerProcess, SmtpClient, accepts, eventually, free_port, queue_becomes,
+                           rcpt_reply, run_tool, send, stall_mail)
 
 IN_FORCE = "reload: configuration, tables and certificates in force"
 BLOCKED = {"sender_restrictions": ["check_sender_access inline:{blocked@remote.test=REJECT}"]}
@@ -212,3 +213,29 @@ async def test_mail_waiting_behind_a_busy_relay_goes_to_the_new_next_hop_once(ma
     await queue_becomes(mf.store, {})
     assert sorted(m.rcpt_tos for m in new.messages) == [["u1@relay.test"], ["u2@relay.test"]]
     assert [m.rcpt_tos for m in old.messages] == [["u0@relay.test"]] and old.handler.stalled == 1
+
+
+async def test_mail_deferred_behind_a_dead_relay_keeps_its_retry_time_then_goes_to_the_new_relayhost(
+        mailflow_server, smtp_peer):
+    """`postfix reload` leaves the deferred queue alone: mail deferred behind a dead relay is not made due by a
+    reload; when it is due (here by an operator's flush) it goes where the new configuration sends it, once."""
+    new = await smtp_peer()
+    mf = await mailflow_server(relayhost=f"[127.0.0.1]:{free_port()}",
+                               queue={"minimal_backoff_time": "1h", "maximal_backoff_time": "1h"})
+    _, reply = await send(mf.smtp_addresses[0][1], "s@remote.test", ["u@relay.test"], b"Subject: x\r\n\r\nx\r\n")
+    qid = reply.rsplit(" ", 1)[1]
+
+    async def deferred():
+        detail = await mf.store.message_detail(qid)
+        return detail if detail and detail.queue == "deferred" else None
+
+    retry_at = (await eventually(deferred, what="the message deferred behind the dead relay")).next_attempt
+    await mf.reload(config_from_dict({**mf.config.model_dump(), "relayhost": f"[127.0.0.1]:{new.port}"}))
+    scans = ScanWatch(mf.store)
+    await scans.scan_after(time.time())  # a queue run after the reload passed it over
+    assert qid not in scans.found and new.messages == []
+    assert (await mf.store.message_detail(qid)).next_attempt == retry_at
+
+    await mf.store.flush_messages([qid], time.time())
+    await queue_becomes(mf.store, {})
+    assert [m.rcpt_tos for m in new.messages] == [["u@relay.test"]]
