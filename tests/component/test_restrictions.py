@@ -236,6 +236,19 @@ def test_marking_actions_without_their_argument_are_ignored_as_postfix_ignores_t
     assert "access action PREPEND 'no colon' requires header: text; ignored" in caplog.text
 
 
+def test_prepend_at_the_end_of_data_is_ignored_and_an_all_digit_action_is_ok(caplog):
+    """Postfix's check_table_result: PREPEND must come before the end of data (warned, DUNNO); an all-digit
+    value (a POP-before-SMTP time stamp) is OK."""
+    r = access("inline:{ {s@remote.example=PREPEND X-Late: yes} }", stage="end_of_data", kind="sender")
+    f = facts()
+    with caplog.at_level("WARNING", logger="mailflow"):
+        assert asyncio.run(r.check_end_of_data(f)) is None
+    assert f.marks.prepend == [] and "PREPEND must be used before end_of_data_restrictions" in caplog.text
+    r = restrictions(recipient_restrictions=["check_recipient_access inline:{alice@local.test=1733366400}",
+                                             "reject"])
+    assert rcpt(r) is None
+
+
 def test_a_numeric_action_keeps_its_detail_in_the_codes_class():
     r = access("inline:{ {alice@local.test=450 5.7.0 odd} }")
     assert rcpt(r) == status.restriction_rejected(450, "4.7.0", "alice@local.test", "Recipient address", "odd")

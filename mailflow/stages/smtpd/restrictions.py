@@ -20,7 +20,8 @@ answer); an item with nothing to say (DUNNO, or missing facts such as no HELO ye
 Then, unless refused or deferred (DEFER_IF_PERMIT), `reject_unlisted_recipient` is implied
 (smtpd_reject_unlisted_recipient). The data list runs at DATA, the end_of_data list at the end of the message;
 there only a single recipient is "the recipient". Access-table DISCARD permits and marks the message to be
-discarded (no further checks); HOLD, FILTER, PREPEND, REDIRECT and BCC mark it and go on; WARN logs and goes
+discarded (no further checks); HOLD, FILTER, PREPEND (not at the end of data: ignored), REDIRECT and BCC mark it
+and go on; an all-digit value is OK; WARN logs and goes
 on (Postfix). Marks live in `facts.marks`, one per message. DEFER_IF_PERMIT and DEFER_IF_REJECT hold for the
 command that met them (`facts`): its verdict, permit or refusal, is turned into a deferral at the end
 (`_conditional_deferrals`).
@@ -430,8 +431,13 @@ class Restrictions:
                      PROTOCOL_STATE.get(stage, "RCPT"), facts.client_name, facts.client_addr, name, what, text,
                      facts.sender or "", facts.recipient)
             return None
+        if upper == "PREPEND" and stage == "end_of_data":  # the header section has been received
+            log.warning("%s: access action PREPEND must be used before end_of_data_restrictions; ignored", source)
+            return None
         if upper in _MARK_NEEDS:
             return _mark(upper, text, facts.marks, source)
+        if value.strip().isascii() and value.strip().isdigit():  # Postfix: a time stamp some POP-before-SMTP
+            return PERMIT  # schemes write: OK
         if not upper:  # Postfix: "entry ... has empty value", an OK from the days when an empty value meant OK
             log.warning("%s: access action has empty value; taken as OK", source)
             return PERMIT
