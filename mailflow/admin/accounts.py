@@ -28,6 +28,7 @@ from aiohttp import web
 from mailflow.accounts.database import (EX_INPUT, EX_TEMPFAIL, AccountDatabase, AccountError, check_password,
                                         parse_size)
 from mailflow.admin.access import who
+from mailflow.admin.api import json_body
 
 log = logging.getLogger("mailflow.admin")
 T = TypeVar("T")
@@ -48,10 +49,7 @@ def _refusal(e: AccountError) -> web.HTTPException:
 
 
 async def _body(request: web.Request, *names: str) -> dict:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise _error(web.HTTPBadRequest, "the body is not JSON") from None
+    body = await json_body(request)
     if not isinstance(body, dict):
         raise _error(web.HTTPBadRequest, "the body is a JSON object")
     for name in names:

@@ -22,14 +22,16 @@ the selections, the actions, the layouts' JSON) on the running server's store. d
     GET  /api/destinations             qmgr's last word on each destination (`mailflow queue destinations --json`)
     GET  /api/deliveries?limit=50      the latest recipient results this server logged, newest first
     GET  /api/config                   every setting (postconf's names), secrets redacted
+    json_body(request)                 a request's JSON body, or 400 (accounts.py's endpoints use it too)
     (the account database's endpoints, /api/accounts…, are accounts.py's)
 
 Every change is logged (logger mailflow.admin): who (the token's name and the peer) and what (the action, the
 selection, how many messages).
 
-Failure behaviour: a bad selection or parameter is 400 with the reason ({"error": ...}); an unknown action or
-queue id 404; the store not open (starting, stopping) 503; aiohttp's own refusals (unknown path, method not
-allowed, body too large or too slow) in the same JSON shape (`json_errors`, the listener's outer middleware).
+Failure behaviour: a bad selection, parameter or body (`json_body`) is 400 with the reason ({"error": ...}); an
+unknown action or queue id 404; the store not open (starting, stopping) 503; aiohttp's own refusals (unknown
+path, method not allowed, body too large or too slow) in the same JSON shape (`json_errors`, the listener's outer
+middleware).
 """
 from __future__ import annotations
 
@@ -96,6 +98,21 @@ async def json_errors(request: web.Request, handler):
         if e.keep_alive is False:
             response.force_close()
         return response
+
+
+async def json_body(request: web.Request) -> object:
+    """The request's body as JSON; 400 for a body Python's parser cannot take (not JSON, not in the charset its
+    Content-Type names or an unknown one, nested deeper than the parser's recursion limit) and for a lone
+    surrogate ("\\ud800"), which is no character: the store, a log line or a hash could not encode it."""
+    try:
+        body = await request.json()
+    except (ValueError, LookupError, RecursionError):
+        raise _error(web.HTTPBadRequest, "the body is not JSON") from None
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise _error(web.HTTPBadRequest, "the body holds a lone surrogate (\\ud800-\\udfff): not text") from None
+    return body
 
 
 def _selection(request_args: dict, *, required: bool) -> qt.Selection:
@@ -269,10 +286,7 @@ def routes(server, metrics: Metrics) -> web.RouteTableDef:
         action = qt.ACTIONS.get(name)
         if action is None:
             raise _error(web.HTTPNotFound, f"no action {name!r} (use {', '.join(qt.ACTIONS)})")
-        try:
-            body = await request.json()
-        except ValueError:
-            raise _error(web.HTTPBadRequest, "the body is not JSON") from None
+        body = await json_body(request)
         if not isinstance(body, dict):
             raise _error(web.HTTPBadRequest, "the body is a JSON object: {\"ids\": [...], ...}")
         selection = _selection(body, required=name in REQUIRES_SELECTION)

@@ -280,12 +280,25 @@ async def test_a_server_with_an_unusable_token_file_does_not_start(mailflow_serv
         await mailflow_server(admin={**ADMIN, "token_file": str(tmp_path / "missing")})
 
 
-async def test_every_refusal_is_json_and_hostile_bodies_change_nothing(mailflow_server):
+async def test_every_refusal_is_json_and_hostile_bodies_change_nothing(mailflow_server, caplog):
     mf = await mailflow_server(admin=ADMIN, queue=HOUR, relayhost=f"[127.0.0.1]:{free_port()}")
     qid = await submit(mf, "alice@local.test", ["carol@relay.test"])
     await queue_becomes(mf.store, {"deferred": 1})
     json_type = {"Content-Type": "application/json"}
     async with aiohttp.ClientSession() as session:
+        # bodies Python's JSON parser cannot take: nested past its recursion limit, in a charset it does not know,
+        # with a lone surrogate (which no store query, log line or password hash can encode)
+        for path, body, content_type in [
+                ("/api/queue/delete", b"[" * 100_000, "application/json"),
+                ("/api/accounts", b'{"address": ' * 50_000, "application/json"),
+                ("/api/queue/delete", b'{"ids": ["ALL"]}', "application/json; charset=no-such-charset"),
+                ("/api/queue/delete", b'{"ids": ["ALL"], "from": "\\ud800"}', "application/json"),
+                ("/api/accounts", b'{"address": "a@example.com", "password": "\\udc80 long enough"}',
+                 "application/json")]:
+            async with session.post(base(mf) + path, data=body, headers={"Content-Type": content_type}) as r:
+                assert (r.status, r.content_type) == (400, "application/json"), (path, await r.text())
+                assert (await r.json())["error"].startswith("the body ")
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
         for method, path, body, status in [
                 ("GET", "/api/nothing", None, 404), ("GET", "/api/queue/../../etc/passwd", None, 404),
                 ("GET", "/api/queue/..%2F..%2Fetc%2Fpasswd", None, 400), ("PUT", "/api/queue/delete", b"{}", 405),
