@@ -28,10 +28,10 @@ the selections, the actions, the layouts' JSON) on the running server's store. d
 Every change is logged (logger mailflow.admin): who (the token's name and the peer) and what (the action, the
 selection, how many messages).
 
-Failure behaviour: a bad selection, parameter or body (`json_body`) is 400 with the reason ({"error": ...}); an
-unknown action or queue id 404; the store not open (starting, stopping) 503; aiohttp's own refusals (unknown
-path, method not allowed, body too large or too slow) in the same JSON shape (`json_errors`, the listener's outer
-middleware).
+Failure behaviour: a bad selection, parameter or body (`json_body`) is 400 with the reason ({"error": ...}), and
+so is a field or query parameter a request does not take, or one given twice; an unknown action or queue id
+404; the store not open (starting, stopping) 503; aiohttp's own refusals (unknown path, method not allowed, body
+too large or too slow) in the same JSON shape (`json_errors`, the listener's outer middleware).
 """
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ import io
 import json
 import logging
 import re
+from typing import Iterable, Sequence
 
 from aiohttp import web
 
@@ -54,6 +55,7 @@ log = logging.getLogger("mailflow.admin")
 
 PAGE_LIMIT = 1000  # messages per /api/queue page at most
 DEFAULT_PAGE = 100
+SELECTORS = ("ids", "from", "to_domain", "older_than")  # an action's fields, and /api/queue's filters
 REQUIRES_SELECTION = {"hold", "release", "requeue", "delete"}  # flush alone means every deferred message
 # password and SASL user tables, and any setting named for a password or secret (not a `*_file`: a path)
 _SECRET = re.compile(r"(password|sasl_user)_maps$|(password|secret)$")
@@ -115,6 +117,24 @@ async def json_body(request: web.Request) -> object:
     return body
 
 
+def _known(names: Iterable[str], allowed: Sequence[str]) -> None:
+    """400 for a field a request does not take: a misspelt selector ("form", "to_domian") must not be dropped,
+    which would widen the selection (`{"ids": ["ALL"], "form": "x@y"}` deleting everything), as `mailflow queue`
+    refuses an unknown option."""
+    unknown = sorted(set(names) - set(allowed))
+    if unknown:
+        raise _error(web.HTTPBadRequest, f"unknown field {unknown[0]!r} (use {', '.join(allowed)})")
+
+
+def _query(request: web.Request, *allowed: str) -> dict[str, str]:
+    """The query's parameters: 400 for an unknown one, or one given twice (which of them would count?)."""
+    _known(request.query.keys(), allowed)
+    for name in allowed:
+        if len(request.query.getall(name, ())) > 1:
+            raise _error(web.HTTPBadRequest, f"{name}: given more than once")
+    return dict(request.query)
+
+
 def _selection(request_args: dict, *, required: bool) -> qt.Selection:
     """`mailflow queue`'s selection from the API's fields (`ids` a list, or a comma/space separated string)."""
     ids = request_args.get("ids") or []
@@ -144,8 +164,8 @@ def _queues(value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
         raise _error(web.HTTPBadRequest, str(e)) from None
 
 
-def _int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    value = request.query.get(name)
+def _int(args: dict[str, str], name: str, default: int, low: int, high: int) -> int:
+    value = args.get(name)
     if value is None:
         return default
     try:
@@ -220,10 +240,11 @@ def routes(server, metrics: Metrics) -> web.RouteTableDef:
 
     @table.get("/api/queue")
     async def queue_list(request: web.Request) -> web.Response:
-        selection = _selection(dict(request.query), required=False)
-        queues = _queues(request.query.get("queue"), qt.LISTED_QUEUES)
-        limit = _int(request, "limit", DEFAULT_PAGE, 1, PAGE_LIMIT)
-        after = request.query.get("after", "")
+        args = _query(request, *SELECTORS, "queue", "after", "limit")
+        selection = _selection(args, required=False)
+        queues = _queues(args.get("queue"), qt.LISTED_QUEUES)
+        limit = _int(args, "limit", DEFAULT_PAGE, 1, PAGE_LIMIT)
+        after = args.get("after", "")
         now = server.clock.time()
         s = store()
         if selection.ids is not None:  # at most 500 ids at once, as the tools' pages
@@ -237,8 +258,9 @@ def routes(server, metrics: Metrics) -> web.RouteTableDef:
 
     @table.get("/api/queue/shape")
     async def queue_shape(request: web.Request) -> web.Response:
-        queues = _queues(request.query.get("queue"), ("incoming", "active", "deferred"))
-        top = _int(request, "top", 20, 0, 10000)
+        args = _query(request, "queue", "top")
+        queues = _queues(args.get("queue"), ("incoming", "active", "deferred"))
+        top = _int(args, "top", 20, 0, 10000)
         counts = await store().shape_counts(queues, server.clock.time(), qt.shape_limits())
         total, domains = qt.shape_rows(counts, top)
         return web.json_response(qt.shape_json(queues, total, domains))
@@ -289,6 +311,7 @@ def routes(server, metrics: Metrics) -> web.RouteTableDef:
         body = await json_body(request)
         if not isinstance(body, dict):
             raise _error(web.HTTPBadRequest, "the body is a JSON object: {\"ids\": [...], ...}")
+        _known(body, SELECTORS)
         selection = _selection(body, required=name in REQUIRES_SELECTION)
         done, missed = await qt.apply(store(), action, selection, server.clock.time(), io.StringIO())
         log.info("admin: %s: %s %s: %s%s", who(request), name, describe(selection), qt.plural(done, "message"),
@@ -301,7 +324,7 @@ def routes(server, metrics: Metrics) -> web.RouteTableDef:
 
     @table.get("/api/deliveries")
     async def deliveries(request: web.Request) -> web.Response:
-        limit = _int(request, "limit", 50, 1, metrics.recent.maxlen or 1)
+        limit = _int(_query(request, "limit"), "limit", 50, 1, metrics.recent.maxlen or 1)
         latest = list(metrics.recent)[-limit:][::-1]
         return web.json_response([{"time": d.time, "queue_id": d.queue_id, "recipient": d.recipient,
                                    "transport": d.transport, "relay": d.relay, "status": d.status, "dsn": d.dsn,

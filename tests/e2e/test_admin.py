@@ -220,6 +220,16 @@ async def test_queue_list_show_shape_and_refusals(mailflow_server):
     assert (await get(mf, "/api/queue?older_than=soon"))[0] == 400
     status, answer = await post(mf, "/api/queue/delete", {})  # a bare delete does not mean everything
     assert status == 400 and "say which messages" in answer["error"]
+    # a misspelt selector is refused, not dropped (dropped, this would delete every message)
+    status, answer = await post(mf, "/api/queue/delete", {"ids": ["ALL"], "form": "nobody@x.test"})
+    assert status == 400 and "unknown field 'form'" in answer["error"]
+    assert (await post(mf, "/api/queue/hold", {"to_domian": "relay.test"}))[0] == 400
+    for query in ("to_domian=x.test", "from=a@x.test&from=b@x.test", "limit=5&limit=6", "queue=hold&queue=nosuch"):
+        status, text = await get(mf, "/api/queue?" + query)
+        assert status == 400 and json.loads(text)["error"], query
+    assert (await get(mf, "/api/queue/shape?tops=5"))[0] == 400
+    assert (await get(mf, "/api/deliveries?limit=1&limit=2"))[0] == 400
+    assert (await mf.store.message_detail(qid)).queue == "deferred"
     assert (await post(mf, "/api/queue/explode", {"ids": [qid]}))[0] == 404
 
 
