@@ -44,6 +44,7 @@ class Admin:
         self._http.add_routes("admin API", api.routes(self._server, self._metrics))
         self._http.add_routes("accounts API", accounts.routes(self._server))
         self._http.add_routes("queue page", page.routes())
+        self._http.app.on_response_prepare.append(page.security_headers)
         await self._http.start()
 
     @property

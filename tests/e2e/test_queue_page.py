@@ -1,12 +1,15 @@
 """The queue page in a real browser (Debian's headless Chromium): the queued message appears in the page's DOM,
 its message view shows envelope, headers and history, and the Hold and Release buttons change the queue
-(clicked over the DevTools protocol; the DOM of a reload shows the change).
+(clicked over the DevTools protocol; the DOM of a reload shows the change). Every answer of the listener carries
+the browser's security headers (nosniff, no framing, no Referer; no script at all in the API's answers).
 A screenshot of the page is kept as a test artefact (tests.support.browser.keep_artifact: $MAILFLOW_ARTIFACTS
 or artifacts/).
 """
 from __future__ import annotations
 
 import re
+
+import aiohttp
 
 from tests.support import Chromium, free_port, keep_artifact, queue_becomes, send
 
@@ -64,3 +67,25 @@ async def test_the_queued_message_appears_and_its_buttons_work(mailflow_server, 
     dom = await chromium.dump_dom(f"{url}#message={qid}")
     assert f'<section id="message" data-queue="hold">' in dom
     assert re.search(rf'data-queue-id="{qid}"><td>{qid}</td><td class="queue-hold">hold</td>', dom), dom
+
+
+async def test_every_answer_carries_the_security_headers(mailflow_server):
+    mf, qid, url = await queued_message(mailflow_server)
+    page_policy = "default-src 'self'; base-uri 'none'; frame-ancestors 'none'"
+    data_policy = "default-src 'none'; frame-ancestors 'none'; sandbox"
+    async with aiohttp.ClientSession() as session:
+        for path, status, policy in [("", 200, page_policy), ("queue.js", 200, page_policy),
+                                     ("api/summary", 200, data_policy), (f"api/queue/{qid}", 200, data_policy),
+                                     (f"api/queue/{qid}/raw", 200, data_policy), ("metrics", 200, data_policy),
+                                     ("api/queue/NOSUCHID", 404, data_policy), ("nothing", 404, data_policy)]:
+            async with session.get(url + path) as r:
+                await r.read()
+                assert r.status == status, path
+                assert r.headers.get("Content-Security-Policy") == policy, (path, r.headers)
+                assert r.headers.get("X-Content-Type-Options") == "nosniff", path
+                assert r.headers.get("X-Frame-Options") == "DENY", path
+                assert r.headers.get("Referrer-Policy") == "no-referrer", path
+        # the refusal of a cross-site write, raised before any handler, too
+        cross_site = {"Origin": "http://x.test"}
+        async with session.post(url + "api/queue/delete", json={"ids": [qid]}, headers=cross_site) as r:
+            assert r.status == 403 and r.headers.get("X-Content-Type-Options") == "nosniff"
