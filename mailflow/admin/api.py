@@ -14,7 +14,8 @@ the selections, the actions, the layouts' JSON) on the running server's store. d
                                        and deferred queues, the backlog the queue page shows): ?queue=&top=20
     GET  /api/queue/{id}               envelope, recipients, header section and history (what this server
                                        logged of it lately); 404 when it is not queued
-    GET  /api/queue/{id}/raw           the message as queued (message/rfc822, streamed)
+    GET  /api/queue/{id}/raw           the message as queued (message/rfc822, streamed; cut off if the message
+                                       leaves the queue while it is sent)
     POST /api/queue/{action}           hold, release, requeue, delete, flush (postsuper/postqueue -f) with
                                        `mailflow queue ACTION`'s selection as JSON: {"ids": ["A", "B"] or
                                        ["ALL"], "from": "<>", "to_domain": "example.com", "older_than": "1h"}
@@ -177,6 +178,36 @@ def _int(args: dict[str, str], name: str, default: int, low: int, high: int) -> 
     return number
 
 
+def _gone(qid: str) -> web.HTTPException:
+    return _error(web.HTTPNotFound, f"{qid}: no longer queued (it left the queue while it was read)")
+
+
+async def _send_content(request: web.Request, qid: str, content) -> web.StreamResponse:
+    """A queued message as the answer (message/rfc822), streamed. Its file may go while it is read (the message
+    delivered or deleted meanwhile): before the first byte that is a 404; after, the connection is cut, since an
+    answer that ends normally would pass a truncated message for the whole one (one line in the log, not a
+    traceback: a ConnectionError is what mailflow.http logs at debug)."""
+    response = web.StreamResponse(headers={"Content-Type": "message/rfc822"})
+    chunks = content.stream()
+    while True:
+        try:
+            chunk = await anext(chunks)
+        except StopAsyncIteration:
+            break
+        except OSError as e:
+            if not response.prepared:
+                raise _gone(qid) from None
+            log.info("%s: the message left the queue while /raw sent it: %s", qid, e.strerror or e)
+            raise ConnectionResetError(f"{qid}: left the queue mid-answer") from None
+        if not response.prepared:
+            await response.prepare(request)
+        await response.write(chunk)
+    if not response.prepared:
+        await response.prepare(request)
+    await response.write_eof()
+    return response
+
+
 def describe(selection: qt.Selection) -> str:
     """A selection in the log's words: `ids=A,B from=<s> to_domain=d older_than=3600s` or `ALL`."""
     parts = []
@@ -281,7 +312,10 @@ def routes(server, metrics: Metrics) -> web.RouteTableDef:
         s = store()
         recipients = (await s.recipients_of([qid])).get(qid, [])
         out = io.StringIO()
-        qt.write_show_json(out, detail, recipients, await s.content(qid), headers_only=True)
+        try:
+            qt.write_show_json(out, detail, recipients, await s.content(qid), headers_only=True)
+        except OSError:  # its file went after the lookup: delivered or deleted meanwhile
+            raise _gone(qid) from None
         shown = json.loads(out.getvalue())
         del shown["body"]
         shown["history"] = [{"time": d.time, "recipient": d.recipient, "status": d.status, "dsn": d.dsn,
@@ -295,12 +329,7 @@ def routes(server, metrics: Metrics) -> web.RouteTableDef:
         content = await store().content(qid)
         if content is None:
             raise _error(web.HTTPNotFound, f"{qid}: its content is missing (a corrupt entry)")
-        response = web.StreamResponse(headers={"Content-Type": "message/rfc822"})
-        await response.prepare(request)
-        async for chunk in content.stream():
-            await response.write(chunk)
-        await response.write_eof()
-        return response
+        return await _send_content(request, qid, content)
 
     @table.post("/api/queue/{action}")
     async def queue_action(request: web.Request) -> web.Response:

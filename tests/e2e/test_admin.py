@@ -233,6 +233,35 @@ async def test_queue_list_show_shape_and_refusals(mailflow_server):
     assert (await post(mf, "/api/queue/explode", {"ids": [qid]}))[0] == 404
 
 
+async def test_a_message_that_leaves_the_queue_while_it_is_read(mailflow_server, monkeypatch, caplog):
+    """Delivered or deleted between the lookup and the read of its file (a message over 256 KB lives in one):
+    /api/queue/ID is a 404, and /raw, its answer begun, is cut off rather than ended as if complete."""
+    mf = await mailflow_server(admin=ADMIN, queue=HOUR, relayhost=f"[127.0.0.1]:{free_port()}")
+    big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 400
+    ids = []
+    for _ in range(2):
+        refused, reply = await send(mf.smtp_addresses[0][1], "alice@local.test", ["carol@relay.test"], big)
+        ids.append(reply.rsplit(" ", 1)[1])
+    await queue_becomes(mf.store, {"deferred": 2})
+    looked_up = mf.store.content
+
+    async def then_deleted(qid: str):
+        content = await looked_up(qid)
+        assert (await post(mf, "/api/queue/delete", {"ids": [qid]}))[1]["messages"] == 1  # another operator
+        return content
+
+    monkeypatch.setattr(mf.store, "content", then_deleted)
+    caplog.set_level(logging.INFO)
+    status, text = await get(mf, f"/api/queue/{ids[0]}")
+    assert status == 404 and "no longer queued" in json.loads(text)["error"]
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await get(mf, f"/api/queue/{ids[1]}/raw")
+    assert await mf.store.counts() == {}
+    assert any(r.getMessage().startswith(f"{ids[1]}: the message left the queue while /raw sent it")
+               for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 async def test_config_show_redacts_secrets(mailflow_server):
     mf = await mailflow_server(admin=ADMIN, smtp={"sasl_password_maps": ["inline:{relay.test=user:hunter2}"]})
     status, text = await get(mf, "/api/config")
