@@ -25,8 +25,9 @@ response (the connection is then closed: an idle keep-alive one too), and again 
 read whole before the handler runs, which has it from request.read(), .json() or a urlencoded .post(), not as a
 stream: `can_read_body` is then false, `body_exists` still true); no access
 log, and a client's broken request (a bad request line, headers over aiohttp's limits, a body cut short, a
-peer gone mid-response) is logged in one line at debug: a client must not be able to fill the log. A handler
-that raises gets 500 and one logged traceback (aiohttp's).
+peer gone mid-response) is logged in one line at debug: a client must not be able to fill the log; a
+credential in the header line aiohttp quotes is not logged. A handler that raises gets 500 and one logged
+traceback (aiohttp's).
 
 Failure behaviour: `start` raises OSError when an address cannot be bound (the caller stops the server);
 `stop` never raises.
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Callable, Iterable
 
 from aiohttp import web
@@ -52,14 +54,25 @@ BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\
                  b"Connection: close\r\n\r\ntoo many connections\n")
 
 
+# credentials in the header line aiohttp quotes when it refuses one (a bad character, a line too long)
+_CREDENTIALS = re.compile(r"(?i)\b(bearer|basic)(\s+)[^\s'\"]+")
+
+
+def _broken(error: BaseException) -> str:
+    """What the log says of a broken request: aiohttp's reason on one line, at most 200 characters, without the
+    credentials of the header line it may quote (`Authorization: Bearer <token>\\x01`)."""
+    return _CREDENTIALS.sub(r"\1\2<redacted>", " ".join(str(error).split()))[:200]
+
+
 class _ServerLog(logging.LoggerAdapter):
     """aiohttp's server logger: a request the client broke (HttpProcessingError: aiohttp's 400 for a bad
     request line or headers; a connection lost mid-request or mid-response) is one line at debug, without a
-    traceback; anything else (a handler that raised) keeps aiohttp's logged traceback."""
+    traceback and without credentials (`_broken`); anything else (a handler that raised) keeps aiohttp's logged
+    traceback."""
 
     def exception(self, msg, *args, exc_info=True, **kwargs) -> None:
         if isinstance(exc_info, (HttpProcessingError, ConnectionError)):
-            self.debug(msg + ": %s", *args, " ".join(str(exc_info).split())[:200])
+            self.debug(msg + ": %s", *args, _broken(exc_info))
             return
         super().exception(msg, *args, exc_info=exc_info, **kwargs)
 
