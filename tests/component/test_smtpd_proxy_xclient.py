@@ -84,10 +84,25 @@ async def test_proxy_v2_header_names_the_client_and_received_shows_it(mailflow_s
     assert b"127.0.0.1" not in messages[0].split(b"\r\n\r\n")[0]
 
 
-async def test_proxy_unknown_keeps_the_real_peer(mailflow_server):
-    mf = await mailflow_server(**proxy_settings())
-    c = await SmtpClient.connect(proxy_port(mf), first=b"PROXY UNKNOWN\r\n")
-    assert (await relay_reply(c))[0] == 554  # 127.0.0.1 is not in mynetworks
+async def test_proxy_v2_local_keeps_the_balancer_as_the_client(mailflow_server):
+    """HAProxy's health check (check-send-proxy) sends LOCAL: the balancer itself is the client, as in Postfix."""
+    mf = await mailflow_server(**{**proxy_settings(), "mynetworks": ["127.0.0.0/8"]})
+    c = await SmtpClient.connect(proxy_port(mf), first=b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00")
+    assert await relay_reply(c) == status.RCPT_OK
+    await c.close()
+
+
+@pytest.mark.parametrize("header", [
+    b"PROXY UNKNOWN\r\n",
+    b"PROXY UNKNOWN 192.0.2.10 203.0.113.1 40000 25\r\n",
+    b"\r\n\r\n\x00\r\nQUIT\n\x21\x00\x00\x00",  # v2 PROXY, family UNSPEC
+])
+async def test_a_proxied_client_without_an_address_is_refused(mailflow_server, header):
+    """Postfix's haproxy_srvr refuses these: a proxied client would get the balancer's address, here in
+    mynetworks, and relay through it."""
+    mf = await mailflow_server(**{**proxy_settings(), "mynetworks": ["127.0.0.0/8"]})
+    c = await SmtpClient.connect(proxy_port(mf), first=header, greet=False)
+    assert await c.rest() == b""  # closed without a word
     await c.close()
 
 

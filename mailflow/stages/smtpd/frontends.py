@@ -5,7 +5,9 @@ command (Postfix XCLIENT_README).
 What it owns
 - Reading and checking the bytes: `read_proxy_header(reader)` reads exactly the header and not one byte more
   (what the client sends next stays for the SMTP reader) and returns the real client (`ProxiedClient`), or None
-  when the header says to keep the connection's own peer (v1 `PROXY UNKNOWN`, v2 LOCAL or UNSPEC).
+  when the header says to keep the connection's own peer (v2 LOCAL: the balancer's own health check). As in
+  Postfix's haproxy_srvr, a header that proxies a client it cannot name (v1 `PROXY UNKNOWN`, v2 PROXY with the
+  UNSPEC family) is refused: the client would get the balancer's address, and with it mynetworks.
   `parse_xclient(arg)` turns `NAME=... ADDR=...` into checked values; `apply_xclient(state, attributes)` makes
   them the session's client.
 - `FrontEnds.from_config(smtpd)`: a listener's trusted front ends (upstream_proxy_*, authorized_xclient_hosts).
@@ -50,7 +52,7 @@ log = logging.getLogger("mailflow.smtpd")
 
 V1_MAX = 107  # the longest v1 header, CRLF included (proxy-protocol.txt section 2.1)
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
-V2_TCP4, V2_TCP6, V2_UNSPEC = 0x11, 0x21, 0x00
+V2_TCP4, V2_TCP6 = 0x11, 0x21
 
 XCLIENT_ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "LOGIN")
 XCLIENT_KEYWORD = "XCLIENT NAME ADDR PORT PROTO HELO LOGIN"  # offered to authorized_xclient_hosts only
@@ -105,8 +107,6 @@ def _parse_v1(line: bytes) -> ProxiedClient | None:
         words = line.decode("ascii").split(" ")
     except UnicodeDecodeError:
         raise ProxyError("PROXY v1 header with non-ASCII bytes") from None
-    if len(words) >= 2 and words[1] == "UNKNOWN":
-        return None
     if len(words) != 6 or words[1] not in ("TCP4", "TCP6"):
         raise ProxyError(f"malformed PROXY v1 header {line[:V1_MAX]!r}")
     version = 4 if words[1] == "TCP4" else 6
@@ -144,8 +144,6 @@ async def _read_v2(reader: ExactReader, start: bytes) -> ProxiedClient | None:
         return None
     if command != 1:
         raise ProxyError(f"PROXY v2 header with command {command}")
-    if family == V2_UNSPEC:
-        return None
     if family == V2_TCP4 and length >= 12:
         return ProxiedClient(str(ipaddress.IPv4Address(body[0:4])), struct.unpack("!H", body[8:10])[0])
     if family == V2_TCP6 and length >= 36:
