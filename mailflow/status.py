@@ -349,6 +349,12 @@ def too_many_errors(host: str) -> Reply:
     return Reply(421, "4.7.0", f"{host} Error: too many errors")
 
 
+def proxy_failed(host: str) -> Reply:
+    """In place of the greeting when a PROXY header is missing, malformed or late (Postfix's answer when its
+    upstream proxy handshake fails); the connection is closed after it."""
+    return Reply(421, "4.3.0", f"{host} Server local error")
+
+
 def session_timeout(host: str) -> Reply:
     return Reply(421, "4.4.2", f"{host} Error: timeout exceeded")
 

@@ -102,14 +102,16 @@ async def test_a_proxied_client_without_an_address_is_refused(mailflow_server, h
     mynetworks, and relay through it."""
     mf = await mailflow_server(**{**proxy_settings(), "mynetworks": ["127.0.0.0/8"]})
     c = await SmtpClient.connect(proxy_port(mf), first=header, greet=False)
-    assert await c.rest() == b""  # closed without a word
+    assert await c.reply() == status.proxy_failed("mx.mailflow.test")  # Postfix's answer, then it hangs up
+    assert await c.rest() == b""
     await c.close()
 
 
 async def test_proxy_header_from_a_peer_outside_upstream_proxy_clients_is_dropped(mailflow_server):
     mf = await mailflow_server(**proxy_settings(upstream_proxy_clients=["192.0.2.0/24"]))
     c = await SmtpClient.connect(proxy_port(mf), first=v1("192.0.2.10"), greet=False)
-    assert await c.rest() == b""  # closed without a word
+    assert await c.reply() == status.proxy_failed("mx.mailflow.test")  # Postfix's answer, then it hangs up
+    assert await c.rest() == b""
     await c.close()
 
 
@@ -122,20 +124,26 @@ async def test_proxy_header_from_a_peer_outside_upstream_proxy_clients_is_droppe
     b"PROXY TCP4 " + b"1" * 120 + b"\r\n",                        # longer than 107 bytes
     b"EHLO client.test\r\n",                                     # no header at all
     b"\r\n\r\n\x00\r\nQUIT\n\x21\x31\x00\x00",                    # v2, UDP
+    b"\r\n\r\n\x00\r\nQUIT\n\x11\x11\x00\x0c" + bytes(12),          # v2 header of version 1
+    b"\r\n\r\n\x00\r\nQUIT\n\x22\x11\x00\x0c" + bytes(12),          # v2, command 2
+    b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x08" + bytes(8),           # v2, TCP4 address field too short
+    b"\r\n\r\n\x01\r\nQUIT\n\x21\x11\x00\x0c" + bytes(12),          # v2, wrong signature
 ])
-async def test_malformed_or_missing_proxy_header_closes_without_greeting(mailflow_server, header):
+async def test_malformed_or_missing_proxy_header_gets_421_instead_of_the_greeting(mailflow_server, header):
     mf = await mailflow_server(**proxy_settings())
     c = await SmtpClient.connect(proxy_port(mf), first=header, greet=False)
-    assert await c.rest() == b""  # closed without a word
+    assert await c.reply() == status.proxy_failed("mx.mailflow.test")  # Postfix's answer, then it hangs up
+    assert await c.rest() == b""
     await c.close()
 
 
-async def test_proxy_header_timeout_closes_without_greeting(mailflow_server):
+async def test_proxy_header_timeout_gets_421_instead_of_the_greeting(mailflow_server):
     mf = await mailflow_server(**proxy_settings())
     loop = asyncio.get_running_loop()
     started = loop.time()
     c = await SmtpClient.connect(proxy_port(mf), first=b"PROXY TCP4 192.0.2.10", greet=False)  # and then nothing
-    assert await c.rest() == b""  # closed without a word
+    assert await c.reply() == status.proxy_failed("mx.mailflow.test")  # Postfix's answer, then it hangs up
+    assert await c.rest() == b""
     waited = loop.time() - started
     assert PROXY_TIMEOUT * 0.8 <= waited < PROXY_TIMEOUT + 2
     await c.close()

@@ -23,13 +23,13 @@ that the peer is a trusted balancer; it reads a v1 header up to its line limit b
 maximum; and the client it names stays in `session.proxy_data`, not `session.peer`, where admission, the
 restrictions and the logs look.
 
-Failure behaviour: a malformed header raises `ProxyError`; the session logs a warning and closes without a
-greeting, as Postfix does; so does a connection that ends inside the header, a peer outside
-upstream_proxy_clients, or no header within upstream_proxy_timeout. A bad XCLIENT attribute raises
-`XclientError` with the reply to send (501 5.5.4); XCLIENT from a host not authorized gets 550 5.7.0, inside a
-transaction 503 5.5.1. XFORWARD is not supported: every client gets the 550 5.7.0 Postfix gives a client it
-does not authorize for it (its default), not a 500 that would read as a command Postfix does not know; one
-with no attribute gets Postfix's 501 5.5.4 first.
+Failure behaviour: a malformed header raises `ProxyError`; the session logs a warning, answers `421 4.3.0
+<host> Server local error` instead of a greeting and closes, as Postfix's smtpd does; so does a connection
+that ends inside the header, a peer outside upstream_proxy_clients, or no header within upstream_proxy_timeout.
+A bad XCLIENT attribute raises `XclientError` with the reply to send (501 5.5.4); XCLIENT from a host not
+authorized gets 550 5.7.0, inside a transaction 503 5.5.1. XFORWARD is not supported: every client gets the
+550 5.7.0 Postfix gives a client it does not authorize for it (its default), not a 500 that would read as a
+command Postfix does not know; one with no attribute gets Postfix's 501 5.5.4 first.
 """
 from __future__ import annotations
 
@@ -299,17 +299,17 @@ class FrontEndCommands(ProtocolCore):
         balancer = self.session.peer_ip
         if not in_networks(balancer, self._frontends.proxy_clients):
             log.warning("connect from unknown[%s] dropped: not an upstream_proxy_clients address", balancer)
-            self._close()
+            await self._proxy_failed()
             return False
         try:
             client = await asyncio.wait_for(read_proxy_header(self.wire), timeout)
         except asyncio.TimeoutError:
             log.warning("unknown[%s]: PROXY header: time limit of %gs exceeded, dropped", balancer, timeout)
-            self._close()
+            await self._proxy_failed()
             return False
         except ProxyError as e:
             log.warning("unknown[%s]: %s, dropped", balancer, e)
-            self._close()
+            await self._proxy_failed()
             return False
         if client is not None:
             self.session.peer = (client.addr, client.port)
@@ -317,6 +317,13 @@ class FrontEndCommands(ProtocolCore):
         log.debug("[%s]:%s via upstream proxy [%s]", self.session.peer_ip,
                   self.session.peer[1] if len(self.session.peer) > 1 else "?", balancer)
         return True
+
+    async def _proxy_failed(self) -> None:
+        """No client to serve: Postfix's smtpd answers `421 4.3.0 <host> Server local error` (SMTPD_FLAG_HANGUP)
+        in place of the greeting and hangs up, so that a client that does reach the port learns to retry."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        await self._refuse_and_close(status.proxy_failed(self.hostname))
 
     async def smtp_XFORWARD(self, arg: str | None) -> None:
         """Postfix XFORWARD (a content filter passing on the original client's attributes): not supported, so

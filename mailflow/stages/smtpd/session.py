@@ -35,9 +35,10 @@ Failure behaviour (each refusal is a reply from `mailflow.status`; the session n
   next command.
 - trusted front ends (`frontends.py`): with upstream_proxy_protocol "haproxy" the PROXY header is read before
   the greeting and its client becomes the session's peer; a peer outside upstream_proxy_clients, a malformed
-  header or none within upstream_proxy_timeout: a warning is logged and the connection closes without a
-  greeting. XCLIENT from authorized_xclient_hosts (judged on the client as it was at the greeting) replaces
-  the client's attributes and starts the session again with a new 220; from others 550 5.7.0.
+  header or none within upstream_proxy_timeout: a warning is logged and the connection gets 421 4.3.0 in
+  place of the greeting, then closes (Postfix). XCLIENT from authorized_xclient_hosts (judged on the client as
+  it was at the greeting) replaces the client's attributes and starts the session again with a new 220; from
+  others 550 5.7.0.
 """
 from __future__ import annotations
 
