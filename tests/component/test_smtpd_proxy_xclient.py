@@ -8,6 +8,7 @@ client the header names from there may relay; the load balancer itself (127.0.0.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import struct
 
@@ -82,6 +83,22 @@ async def test_proxy_v2_header_names_the_client_and_received_shows_it(mailflow_s
     messages = await eventually(lambda: maildir_messages(maildir))
     assert b"(unknown [192.0.2.44])" in messages[0]
     assert b"127.0.0.1" not in messages[0].split(b"\r\n\r\n")[0]
+
+
+@pytest.mark.parametrize("header", [
+    v1("::ffff:192.0.2.10", family="TCP6", dst="::ffff:203.0.113.1"),
+    b"\r\n\r\n\x00\r\nQUIT\n\x21\x21\x00\x24" + bytes(10) + b"\xff\xff" + socket.inet_aton("192.0.2.10")
+    + bytes(10) + b"\xff\xff" + socket.inet_aton("203.0.113.1") + struct.pack("!HH", 40000, 25),
+])
+async def test_an_ipv4_mapped_client_is_an_ipv4_client(mailflow_server, caplog, header):
+    """A dual-stack balancer names an IPv4 client `::ffff:192.0.2.10`; Postfix's haproxy_srvr makes it
+    192.0.2.10 (normalize_v4mapped_sockaddr), for the logs, the Received header and the policy service."""
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    mf = await mailflow_server(**proxy_settings())
+    c = await SmtpClient.connect(proxy_port(mf), first=header)
+    assert await relay_reply(c) == status.RCPT_OK
+    await c.close()
+    assert any(r.getMessage() == "connect from unknown[192.0.2.10]" for r in caplog.records)
 
 
 async def test_proxy_v2_local_keeps_the_balancer_as_the_client(mailflow_server):

@@ -122,7 +122,14 @@ def _v1_address(word: str, version: int) -> str:
         raise ProxyError(f"PROXY v1 header: {word!r} is not an address") from None
     if addr.version != version or "%" in word:
         raise ProxyError(f"PROXY v1 header: {word!r} is not an IPv{version} address")
-    return str(addr)
+    return _canonical(addr)
+
+
+def _canonical(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """The address as Postfix writes it: an IPv4-mapped IPv6 address (`::ffff:192.0.2.1`, what a dual-stack
+    balancer names an IPv4 client with) as IPv4, so that mynetworks, the logs and the limits see `192.0.2.1`."""
+    mapped = addr.ipv4_mapped if isinstance(addr, ipaddress.IPv6Address) else None
+    return str(mapped or addr)
 
 
 def _v1_port(word: str) -> int:
@@ -147,7 +154,7 @@ async def _read_v2(reader: ExactReader, start: bytes) -> ProxiedClient | None:
     if family == V2_TCP4 and length >= 12:
         return ProxiedClient(str(ipaddress.IPv4Address(body[0:4])), struct.unpack("!H", body[8:10])[0])
     if family == V2_TCP6 and length >= 36:
-        return ProxiedClient(str(ipaddress.IPv6Address(body[0:16])), struct.unpack("!H", body[32:34])[0])
+        return ProxiedClient(_canonical(ipaddress.IPv6Address(body[0:16])), struct.unpack("!H", body[32:34])[0])
     raise ProxyError(f"PROXY v2 header of unsupported family/protocol {family:#04x} (or too short)")
 
 
