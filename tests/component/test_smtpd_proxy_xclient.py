@@ -145,12 +145,25 @@ async def test_proxy_header_from_a_peer_outside_upstream_proxy_clients_is_droppe
     b"\r\n\r\n\x00\r\nQUIT\n\x22\x11\x00\x0c" + bytes(12),          # v2, command 2
     b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x08" + bytes(8),           # v2, TCP4 address field too short
     b"\r\n\r\n\x01\r\nQUIT\n\x21\x11\x00\x0c" + bytes(12),          # v2, wrong signature
+    b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x02\x09" + bytes(521),         # v2 of 537 bytes: longer than Postfix takes
 ])
 async def test_malformed_or_missing_proxy_header_gets_421_instead_of_the_greeting(mailflow_server, header):
     mf = await mailflow_server(**proxy_settings())
     c = await SmtpClient.connect(proxy_port(mf), first=header, greet=False)
     assert await c.reply() == status.proxy_failed("mx.mailflow.test")  # Postfix's answer, then it hangs up
     assert await c.rest() == b""
+    await c.close()
+
+
+async def test_proxy_v2_tlvs_are_skipped(mailflow_server):
+    """TLVs (here ALPN and a 500-byte NOOP, 536 bytes in all: Postfix's maximum) are read and ignored."""
+    tlvs = b"\x01\x00\x04smtp" + b"\x04\x01\xf2" + bytes(498)  # PP2_TYPE_ALPN, PP2_TYPE_NOOP
+    header = v2_tcp4("192.0.2.10", 40000)
+    header = header[:14] + struct.pack("!H", 12 + len(tlvs)) + header[16:] + tlvs
+    assert len(header) == 536
+    mf = await mailflow_server(**proxy_settings())
+    c = await SmtpClient.connect(proxy_port(mf), first=header)
+    assert await relay_reply(c) == status.RCPT_OK  # 192.0.2.10: in mynetworks
     await c.close()
 
 

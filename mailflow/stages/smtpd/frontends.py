@@ -52,6 +52,7 @@ log = logging.getLogger("mailflow.smtpd")
 
 V1_MAX = 107  # the longest v1 header, CRLF included (proxy-protocol.txt section 2.1)
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+V2_MAX = 536  # the longest v2 header taken, TLVs included: Postfix's HAPROXY_HEADER_MAX_LEN (haproxy_srvr.h)
 V2_TCP4, V2_TCP6 = 0x11, 0x21
 
 XCLIENT_ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "LOGIN")
@@ -143,9 +144,11 @@ async def _read_v2(reader: ExactReader, start: bytes) -> ProxiedClient | None:
     if head[:12] != V2_SIGNATURE:
         raise ProxyError("PROXY v2 header with a wrong signature")
     version_command, family, length = head[12], head[13], struct.unpack("!H", head[14:16])[0]
-    body = await reader.readexactly(length)
     if version_command >> 4 != 2:
         raise ProxyError(f"PROXY v2 header of version {version_command >> 4}")
+    if 16 + length > V2_MAX:
+        raise ProxyError(f"PROXY v2 header of {16 + length} bytes, longer than {V2_MAX}")
+    body = await reader.readexactly(length)
     command = version_command & 0x0F
     if command == 0:  # LOCAL: the balancer's own connection (health check)
         return None
