@@ -187,6 +187,22 @@ async def test_connect_macros_name_this_server_as_postfix_does(milter_server):
     assert connect["{daemon_name}"] == connect["j"] != "mailflow"
 
 
+async def test_behind_a_proxy_the_daemon_macros_name_the_address_the_client_connected_to(mailflow_server):
+    """Postfix's smtpd_milter_eval: {daemon_addr} and {daemon_port} are dest_addr and dest_port, which a PROXY
+    header sets to its destination (smtpd_haproxy.c), not the balancer's connection."""
+    async with scripted_milter() as milter:
+        mf = await mailflow_server(smtpd={"listen": [], "milters": [milter.spec], "listeners": [
+            {"address": "127.0.0.1:0", "role": "mta", "overrides": {"upstream_proxy_protocol": "haproxy"}}]})
+        header = b"PROXY TCP4 192.0.2.10 203.0.113.5 40001 2525\r\n"
+        client = await SmtpClient.connect(mf.smtp_addresses[0][1], first=header)
+        await client.cmd("EHLO client.test")
+        await client.cmd("MAIL FROM:<s@remote.test>")
+        await client.close()
+        [connect] = milter.macros(b"C")
+    assert (connect["{daemon_addr}"], connect["{daemon_port}"]) == ("203.0.113.5", "2525")
+    assert (connect["{client_addr}"], connect["{client_port}"]) == ("192.0.2.10", "40001")
+
+
 async def test_a_sender_or_recipient_that_is_not_an_address_is_ignored_and_logged(milter_server, tmp_path, caplog):
     """CHGFROM and ADDRCPT take what MAIL FROM and RCPT TO would; anything else is ignored with a warning (Postfix
     makes an address of anything, `not an address` becoming `not@$myorigin`). A good one is still added."""

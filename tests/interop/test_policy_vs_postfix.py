@@ -182,3 +182,34 @@ async def test_the_requests_carry_the_attributes_postfix_sends(mailflow_server):
     assert [r["protocol_state"] for r in postfix] == ["RCPT", "RCPT", "DATA"]
     assert [r["recipient_count"] for r in postfix] == ["0", "0", "2"]  # non-zero only from DATA on
     assert len({r["instance"] for r in mailflow}) == 1 and mailflow[0]["instance"]
+
+
+async def test_behind_a_proxy_the_header_names_client_and_server(mailflow_server):
+    """Behind a balancer (smtpd_upstream_proxy_protocol = haproxy), Postfix's policy requests carry the client
+    the PROXY header names (client_address, client_port) and the address that client connected to, the
+    header's destination (server_address, server_port), not the balancer's connection."""
+    header = b"PROXY TCP4 192.0.2.10 203.0.113.5 40001 2525\r\n"
+    async with ScriptedPolicy() as policy:
+        async with postfix_instance({
+            "myhostname": "pf.test", "mydestination": "local.test", "local_recipient_maps": "inline:{alice=ok}",
+            "smtpd_upstream_proxy_protocol": "haproxy",
+            "smtpd_recipient_restrictions": f"check_policy_service {policy.spec}",
+        }) as pf:
+            await rcpt_behind(pf.port, header)
+        mf = await mailflow_server(local_recipient_maps=["inline:{alice=ok}"], smtpd={
+            "listen": [], "recipient_restrictions": [f"check_policy_service {policy.spec}"],
+            "listeners": [{"address": "127.0.0.1:0", "role": "mta",
+                           "overrides": {"upstream_proxy_protocol": "haproxy"}}]})
+        await rcpt_behind(mf.smtp_addresses[0][1], header)
+    attributes = ("client_address", "client_port", "server_address", "server_port")
+    postfix, mailflow = ({k: r[k] for k in attributes} for r in policy.requests)
+    assert postfix == {"client_address": "192.0.2.10", "client_port": "40001", "server_address": "203.0.113.5",
+                       "server_port": "2525"}
+    assert mailflow == postfix
+
+
+async def rcpt_behind(port: int, header: bytes) -> None:
+    client = await SmtpClient.connect(port, first=header)
+    for command in ("EHLO client.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<alice@local.test>"):
+        assert (await client.cmd(command)).code == 250, command
+    await client.close()

@@ -24,8 +24,10 @@ quarantine (hold); one whose own reply is malformed (status.milter_reply) is clo
 Server configuration problem unless the action is accept or quarantine. Logged once per failure.
 
 Macros (Postfix's defaults): at connect j, {daemon_name}, {daemon_addr}, v, _, {client_addr}, {client_name},
-{client_port}; at HELO {tls_version}, {cipher}, {cipher_bits}; at MAIL {mail_addr}, {auth_type}, {auth_authen};
-at RCPT {rcpt_addr}; and whatever a milter asked for with SETSYMLIST when mailflow knows it.
+{client_port}, {daemon_port} (the server's address and port: behind a PROXY header the ones it names; no
+{daemon_port} for non_smtpd_milters); at HELO {tls_version}, {cipher}, {cipher_bits}; at MAIL {mail_addr},
+{auth_type}, {auth_authen}; at RCPT {rcpt_addr}; and whatever a milter asked for with SETSYMLIST when mailflow
+knows it.
 """
 from __future__ import annotations
 
@@ -265,6 +267,7 @@ class ClientMacros:
     myhostname: str
     daemon_name: str
     daemon_addr: str
+    daemon_port: int
     client_addr: str
     client_name: str
     client_port: int
@@ -289,7 +292,8 @@ class MilterSession:
             return CONTINUE
         self._opened = True
         c = self._client
-        values = {"j": c.myhostname, "{daemon_name}": c.daemon_name, "{daemon_addr}": c.daemon_addr,
+        port = {"{daemon_port}": str(c.daemon_port)} if c.daemon_port else {}
+        values = {"j": c.myhostname, "{daemon_name}": c.daemon_name, "{daemon_addr}": c.daemon_addr, **port,
                   "v": "mailflow", "_": f"{c.client_name} [{c.client_addr}]", "{client_addr}": c.client_addr,
                   "{client_name}": c.client_name, "{client_port}": str(c.client_port)}
         packet = p.connect(c.client_name, c.client_addr, c.client_port)

@@ -13,7 +13,8 @@ What it owns
 - `FrontEnds.from_config(smtpd)`: a listener's trusted front ends (upstream_proxy_*, authorized_xclient_hosts).
 - `FrontEndCommands`, the session layer above protocol.ProtocolCore: with upstream_proxy_protocol "haproxy"
   the PROXY header is read before the greeting (and before the admission, so that limits, mynetworks and logs
-  see the real client) and its client becomes `session.peer` (`session.proxied_by` the balancer); XCLIENT is
+  see the real client) and its client becomes `session.peer` (`session.proxied_by` the balancer), the address
+  it connected to `session.server_ip`/`server_port` (as Postfix's dest_addr/dest_port); XCLIENT is
   offered to and taken from authorized_xclient_hosts only (judged on the client as it was at the greeting),
   and starts the session again with a new 220.
 
@@ -66,10 +67,13 @@ class ProxyError(Exception):
 
 @dataclass(frozen=True)
 class ProxiedClient:
-    """The real client as the load balancer saw it."""
+    """The real client as the load balancer saw it, and the address it connected to (the balancer's front end:
+    what Postfix takes as the server's address for the policy service and the milters)."""
 
     addr: str
     port: int
+    server_addr: str
+    server_port: int
 
 
 class ExactReader(Protocol):
@@ -111,9 +115,9 @@ def _parse_v1(line: bytes) -> ProxiedClient | None:
     if len(words) != 6 or words[1] not in ("TCP4", "TCP6"):
         raise ProxyError(f"malformed PROXY v1 header {line[:V1_MAX]!r}")
     version = 4 if words[1] == "TCP4" else 6
-    src, _dst = (_v1_address(w, version) for w in words[2:4])
-    src_port, _dst_port = (_v1_port(w) for w in words[4:6])
-    return ProxiedClient(src, src_port)
+    src, dst = (_v1_address(w, version) for w in words[2:4])
+    src_port, dst_port = (_v1_port(w) for w in words[4:6])
+    return ProxiedClient(src, src_port, dst, dst_port)
 
 
 def _v1_address(word: str, version: int) -> str:
@@ -155,10 +159,16 @@ async def _read_v2(reader: ExactReader, start: bytes) -> ProxiedClient | None:
     if command != 1:
         raise ProxyError(f"PROXY v2 header with command {command}")
     if family == V2_TCP4 and length >= 12:
-        return ProxiedClient(str(ipaddress.IPv4Address(body[0:4])), struct.unpack("!H", body[8:10])[0])
+        return _v2_client(ipaddress.IPv4Address(body[0:4]), ipaddress.IPv4Address(body[4:8]), body[8:12])
     if family == V2_TCP6 and length >= 36:
-        return ProxiedClient(_canonical(ipaddress.IPv6Address(body[0:16])), struct.unpack("!H", body[32:34])[0])
+        return _v2_client(ipaddress.IPv6Address(body[0:16]), ipaddress.IPv6Address(body[16:32]), body[32:36])
     raise ProxyError(f"PROXY v2 header of unsupported family/protocol {family:#04x} (or too short)")
+
+
+def _v2_client(src: ipaddress.IPv4Address | ipaddress.IPv6Address, dst: ipaddress.IPv4Address | ipaddress.IPv6Address,
+               ports: bytes) -> ProxiedClient:
+    src_port, dst_port = struct.unpack("!HH", ports)
+    return ProxiedClient(_canonical(src), src_port, _canonical(dst), dst_port)
 
 
 # -------------------------------------------------------------------------------- XCLIENT
@@ -323,6 +333,7 @@ class FrontEndCommands(ProtocolCore):
             return False
         if client is not None:
             self.session.peer = (client.addr, client.port)
+            self.session.server_ip, self.session.server_port = client.server_addr, client.server_port
             self.session.proxied_by = balancer
         log.debug("[%s]:%s via upstream proxy [%s]", self.session.peer_ip,
                   self.session.peer[1] if len(self.session.peer) > 1 else "?", balancer)

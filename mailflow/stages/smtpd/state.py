@@ -47,8 +47,8 @@ class SessionState(_AiosmtpdSession):
     """The client of one connection. aiosmtpd's fields first, as mailflow uses them, then mailflow's."""
 
     peer: Any  # (ip, port) of the client: the real one after a PROXY header or XCLIENT, not the socket's
-    server_ip: str  # the address of this server the client connected to ("" when unknown)
-    server_port: int  # and its port (0 when unknown)
+    server_ip: str  # the address of this server the client connected to ("" when unknown); behind a PROXY
+    server_port: int  # header the one it names (the balancer's front end), as Postfix; the port (0 when unknown)
     ssl: dict[str, Any] | None  # None before TLS; then "ssl_object" and "cipher" (name, version, bits)
     host_name: str | None  # the HELO/EHLO name (`helo_name`: printable, neutered); None before one
     extended_smtp: bool  # the client said EHLO (ESMTP), not HELO
