@@ -167,6 +167,22 @@ async def test_proxy_v2_tlvs_are_skipped(mailflow_server):
     await c.close()
 
 
+async def test_a_tcp_health_check_is_no_warning_but_a_cut_header_is(mailflow_server, caplog):
+    """A prober that connects and closes at once (a TCP check) is logged at info level, not as a warning at each
+    check as Postfix's "haproxy read: EOF" (docs/security.md); a header cut short is still a warning."""
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    mf = await mailflow_server(**proxy_settings())
+    for first in (b"", b"PROXY TCP4 192.0.2.10"):
+        _, writer = await asyncio.open_connection("127.0.0.1", proxy_port(mf))
+        writer.write(first)
+        writer.close()
+        await writer.wait_closed()
+    await eventually(lambda: len([r for r in caplog.records if "PROXY header" in r.getMessage()]) == 2)
+    levels = {r.getMessage(): r.levelname for r in caplog.records if "PROXY header" in r.getMessage()}
+    assert levels == {"unknown[127.0.0.1]: closed before the PROXY header": "INFO",
+                      "unknown[127.0.0.1]: connection closed inside the PROXY header, dropped": "WARNING"}
+
+
 async def test_proxy_header_timeout_gets_421_instead_of_the_greeting(mailflow_server):
     mf = await mailflow_server(**proxy_settings())
     loop = asyncio.get_running_loop()

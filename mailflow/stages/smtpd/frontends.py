@@ -27,6 +27,7 @@ restrictions and the logs look.
 Failure behaviour: a malformed header raises `ProxyError`; the session logs a warning, answers `421 4.3.0
 <host> Server local error` instead of a greeting and closes, as Postfix's smtpd does; so does a connection
 that ends inside the header, a peer outside upstream_proxy_clients, or no header within upstream_proxy_timeout.
+A connection that closes before its first byte (a TCP health check) is logged at info level only.
 A bad XCLIENT attribute raises `XclientError` with the reply to send (501 5.5.4); XCLIENT from a host not
 authorized gets 550 5.7.0, inside a transaction 503 5.5.1. XFORWARD is not supported: every client gets the
 550 5.7.0 Postfix gives a client it does not authorize for it (its default), not a 500 that would read as a
@@ -65,6 +66,10 @@ class ProxyError(Exception):
     """A PROXY header that is missing, malformed or unsupported; the text says why (for the log)."""
 
 
+class NoProxyHeader(ProxyError):
+    """The connection closed before its first byte: a TCP health check (connect, then close), not a bad header."""
+
+
 @dataclass(frozen=True)
 class ProxiedClient:
     """The real client as the load balancer saw it, and the address it connected to (the balancer's front end:
@@ -86,6 +91,11 @@ async def read_proxy_header(reader: ExactReader) -> ProxiedClient | None:
     """The PROXY header at the start of the connection (v1 or v2). Raises ProxyError."""
     try:
         start = await reader.readexactly(5)
+    except asyncio.IncompleteReadError as e:
+        if not e.partial:
+            raise NoProxyHeader("connection closed before the PROXY header") from None
+        raise ProxyError("connection closed inside the PROXY header") from None
+    try:
         if start == b"PROXY":
             return _parse_v1(await _read_v1_line(reader, start))
         if start == V2_SIGNATURE[:5]:
@@ -326,6 +336,9 @@ class FrontEndCommands(ProtocolCore):
         except asyncio.TimeoutError:
             log.warning("unknown[%s]: PROXY header: time limit of %gs exceeded, dropped", balancer, timeout)
             await self._proxy_failed()
+            return False
+        except NoProxyHeader:  # a TCP health check: no warning each time (Postfix warns "haproxy read: EOF")
+            log.info("unknown[%s]: closed before the PROXY header", balancer)
             return False
         except ProxyError as e:
             log.warning("unknown[%s]: %s, dropped", balancer, e)
