@@ -185,7 +185,7 @@ async def _body(request: web.Request) -> dict:
         raise web.HTTPUnsupportedMediaType(text="send JSON, or urlencoded form fields")
     try:
         data = json.loads(body)
-    except ValueError:  # UnicodeDecodeError and JSONDecodeError
+    except (ValueError, RecursionError):  # UnicodeDecodeError, JSONDecodeError; nested deeper than the parser goes
         raise web.HTTPBadRequest(text="the body is not JSON") from None
     if not isinstance(data, dict):
         raise web.HTTPBadRequest(text='the body is a JSON object: {"IDs": [...], ...}')

@@ -211,6 +211,7 @@ async def test_bodies_of_the_wrong_shape_are_refused_and_change_nothing(api):
             ("PUT", b'{"Search": 5, "Read": true}', {}, 400), ("PUT", b'{"Read": tru', {}, 400),
             ("PUT", b'\xff{"Read": true}', {"Content-Type": "application/json; charset=bogus"}, 400),
             ("PUT", b"--x--junk", {"Content-Type": "multipart/form-data; boundary=x"}, 415),
+            ("PUT", b"[" * 100_000, json_type, 400),  # deeper than the JSON parser goes: no 500, no traceback
             ("DELETE", b"[]", {}, 400), ("DELETE", b'{"IDs": {"a": 1}}', json_type, 400),
             ("DELETE", b'{"IDs": "' + sink.messages[0].id.encode() + b'"}', json_type, 400)]:
         async with http.request(method, "/api/v1/messages", data=body, headers=headers) as response:
