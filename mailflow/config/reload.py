@@ -1,12 +1,12 @@
 """What a reload (SIGHUP, `mailflow reload`) may change in a running server, and what waits for a restart.
 
 Postfix's `postfix reload` makes every daemon re-read main.cf, except what only the master holds (its listening
-sockets) and what a daemon cannot let go of while it runs. mailflow's equivalents, which a reload leaves as they
-run (RESTART_SETTINGS): the listeners (`smtpd.listen`, the address and role of each `[[smtpd.listeners]]` entry,
-`smtpd.max_sessions`), the queue (`queue_directory`, the store's `queue.commit_batch_limit` and
-`queue.incoming_backlog_limit`), the HTTP listeners (`[http]`, `[sink]`, `[admin]`:
-its address and tokens), the resolver (`[dns]`) and where and how
-the log is written (`log.format`, `log.file`, `log.syslog_name`). Everything else applies.
+sockets) and what a daemon cannot let go of while it runs; the master applies a changed process limit (so
+`smtpd.max_sessions` applies too). mailflow's equivalents, which a reload leaves as they run (RESTART_SETTINGS):
+the listeners (`smtpd.listen`, the address and role of each `[[smtpd.listeners]]` entry), the queue
+(`queue_directory`, the store's `queue.commit_batch_limit` and `queue.incoming_backlog_limit`), the HTTP listeners
+(`[http]`, `[sink]`, `[admin]`: its address and tokens), the resolver (`[dns]`) and where and how the log is
+written (`log.format`, `log.file`, `log.syslog_name`). Everything else applies.
 
     restart_needed(running, new) -> [key]       the settings that differ and that only a restart applies, as
                                                 `mailflow config show` names them
@@ -25,9 +25,8 @@ from mailflow.config.show import flat_settings
 from mailflow.errors import ConfigError
 
 # Settings (a section name covers every key in it) that a running server keeps until it restarts.
-RESTART_SETTINGS = ("queue_directory", "smtpd.listen", "smtpd.max_sessions", "queue.commit_batch_limit",
-                    "queue.incoming_backlog_limit", "http", "sink", "admin", "dns", "log.format", "log.file",
-                    "log.syslog_name")
+RESTART_SETTINGS = ("queue_directory", "smtpd.listen", "queue.commit_batch_limit", "queue.incoming_backlog_limit",
+                    "http", "sink", "admin", "dns", "log.format", "log.file", "log.syslog_name")
 LISTENERS = "smtpd.listeners"  # its addresses and roles wait for a restart; its overrides apply
 
 

@@ -239,3 +239,33 @@ async def test_mail_deferred_behind_a_dead_relay_keeps_its_retry_time_then_goes_
     await mf.store.flush_messages([qid], time.time())
     await queue_becomes(mf.store, {})
     assert [m.rcpt_tos for m in new.messages] == [["u@relay.test"]]
+
+
+async def test_a_reload_applies_max_sessions_to_new_connections_and_cuts_no_session(world):
+    """As Postfix's master applies a changed process limit at a reload: above a lowered limit the sessions go on
+    and new connections wait for them to end; a raised one admits those waiting at once."""
+    world.configure(smtpd={"max_sessions": 2})
+    await world.start()
+    first, second = await SmtpClient.connect(world.port), await SmtpClient.connect(world.port)
+    world.configure(smtpd={"max_sessions": 1})
+    world.proc.send_signal(signal.SIGHUP)
+    await reloaded(world, 1)
+
+    assert [(await c.cmd("NOOP")).code for c in (first, second)] == [250, 250]  # not cut
+    third = await SmtpClient.connect(world.port, greet=False)
+    third_greeted = asyncio.ensure_future(third.reply())
+    await first.cmd("QUIT")
+    await first.close()
+    await eventually(lambda: world.log_lines("disconnect from"), what="the first session ended")
+    assert (await second.cmd("NOOP")).code == 250
+    assert not third_greeted.done()  # one session open: the new limit
+    await second.cmd("QUIT")
+    assert (await third_greeted).code == 220
+
+    fourth = await SmtpClient.connect(world.port, greet=False)  # waits for the third
+    fourth_greeted = asyncio.ensure_future(fourth.reply())
+    world.configure(smtpd={"max_sessions": 3})
+    world.proc.send_signal(signal.SIGHUP)
+    assert (await fourth_greeted).code == 220  # admitted by the reload, the third still open
+    for client in (second, third, fourth):
+        await client.close()

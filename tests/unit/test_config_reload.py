@@ -31,10 +31,12 @@ def test_nothing_changed_nothing_waits():
 
 def test_what_a_reload_applies_is_not_named():
     new = config(smtpd__recipient_limit=5, queue__queue_run_delay=5, log__level="debug", relay_domains=["x.test"],
-                 smtpd__listeners=[{"address": "127.0.0.1:587", "role": "mta", "overrides": {"recipient_limit": 1}}])
+                 smtpd__listeners=[{"address": "127.0.0.1:587", "role": "mta", "overrides": {"recipient_limit": 1}}],
+                 smtpd__max_sessions=7)
     assert restart_needed(config(), new) == []
     kept = in_force(config(), new, "f.toml")
     assert (kept.smtpd.recipient_limit, kept.queue.queue_run_delay, kept.log.level) == (5, 5.0, "debug")
+    assert kept.smtpd.max_sessions == 7  # master.cf's process limit: `postfix reload` applies it
     assert kept.smtpd.listeners[0].overrides == {"recipient_limit": 1}
 
 

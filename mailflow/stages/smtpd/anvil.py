@@ -10,6 +10,7 @@ What it owns
 - `SessionSlots`: the listener's sessions at once (`max_sessions`). A connection beyond it waits, without a
   greeting, for a slot to free (back-pressure, as a Postfix service at its process limit leaves connections in
   the listen queue); when as many are already waiting, it is refused (the caller answers 421 4.3.2).
+  `resize(limit)`: a reload's limit, for new connections; the sessions above a lowered one are not cut.
 
 Failure behaviour: pure bookkeeping, no I/O; a refusal is the `status.Reply` the caller sends before closing.
 """
@@ -85,23 +86,51 @@ class Anvil:
 
 
 class SessionSlots:
-    """At most `limit` sessions at once; up to `limit` more wait for a slot; beyond that, refused."""
+    """At most `limit` sessions at once; up to `limit` more wait for a slot; beyond that, refused. A reload's
+    `resize(limit)` applies to the connections to come: sessions above a lowered limit go on, and until enough
+    of them end a new connection waits; a raised limit admits those waiting at once (Postfix's master applies a
+    changed process limit at a reload)."""
 
     def __init__(self, limit: int):
         self._limit = limit
-        self._free = asyncio.Semaphore(limit)
-        self.waiting = 0
+        self._held = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
 
     async def acquire(self) -> bool:
         """Wait for a slot; False (at once) when `limit` connections are already waiting."""
-        if self._free.locked() and self.waiting >= self._limit:
+        if self._held < self._limit and not self._waiters:
+            self._held += 1
+            return True
+        if len(self._waiters) >= self._limit:
             return False
-        self.waiting += 1
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
         try:
-            await self._free.acquire()
-        finally:
-            self.waiting -= 1
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():  # handed a slot just as it was cancelled: give it back
+                self.release()
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise
         return True
 
     def release(self) -> None:
-        self._free.release()
+        self._held -= 1
+        self._hand_over()
+
+    def resize(self, limit: int) -> None:
+        self._limit = limit
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        """The free slots to the connections waiting, first come first served."""
+        while self._waiters and self._held < self._limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():  # (a cancelled one: its connection went away)
+                self._held += 1
+                waiter.set_result(None)

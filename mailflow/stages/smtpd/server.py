@@ -31,7 +31,8 @@ reload (`reconfigure`): new sessions use the new certificate, sessions already r
 
 Reload (`reconfigure(config, handler_for)`, two steps: everything is built and read first, and only a reload
 that built completely is put in use): each listener gets its new settings, handler (restrictions and tables),
-AUTH and sender-login tables and certificate; its address, sockets, session slots and per-client counts stay.
+AUTH and sender-login tables, certificate and session limit (max_sessions: a lowered one cuts no session, new
+connections wait until enough end); its address, sockets, session slots and per-client counts stay.
 New sessions use all of it; a running session goes on, to its end, with what it started with (as a Postfix
 smtpd process finishes its client under the old main.cf), so nothing per session (a milter conversation, the
 handler's state) ever changes hands. The replaced handlers' kept policy service connections are closed (a
@@ -271,8 +272,8 @@ class Smtpd:
         `config` as a start would build them (the files read now), but not yet in use. Raises ConfigError (a
         TlsError for a certificate) and changes nothing then. The function returned puts them in use for new
         sessions; a running session keeps what it started with, to its end (Postfix: an smtpd process serves
-        its client under the configuration it started with). Addresses, roles and max_sessions stay as they
-        are (the caller passes a config that keeps them: mailflow.config.in_force)."""
+        its client under the configuration it started with). Addresses and roles stay as they are (the caller
+        passes a config that keeps them: mailflow.config.in_force)."""
         fresh = Smtpd(config, handler_for, clock=self._clock, observer=self._observer)
         fresh.auth_failures, fresh._hasher = self.auth_failures, self._hasher  # the server's, whatever the config
         built = [fresh._build_listener(*spec) for spec in fresh._listener_specs()]
@@ -285,6 +286,7 @@ class Smtpd:
                 for name in RELOADED:
                     setattr(listener, name, getattr(new, name))
                 listener.anvil.adopt_limits(new.anvil)
+                listener.slots.resize(new.smtpd.max_sessions)
 
         return commit
 
