@@ -33,9 +33,12 @@ restrictions, transports, certificates) before any of it is used; a problem rais
 configuration in force stays. Then cleanup, qmgr, pickup and smtpd take it: new sessions follow the new rules
 (smtpd.Smtpd.reconfigure), open sessions are not dropped and end under the rules they began with (as Postfix's
 smtpd processes do; the inbound filters a reload replaces are closed at a later reload once no open session uses
-them), deliveries under way finish with the transports they began with. What only a restart applies (the
-listeners, the queue, [http], [dns], where the log goes: mailflow.config.reload) keeps running as it is and is
-named in the log (`warning: reload: smtpd.listen changed; restart to apply`).
+them), deliveries under way finish with the transports they began with. The SMTP listeners change as `postfix
+reload` changes master.cf's services: a new address is bound (and listening) while the reload is built, so one
+that cannot be bound refuses the reload (ConfigError naming its key); an address kept keeps its socket; one
+removed stops listening, its open sessions going on. What only a restart applies (the queue, the HTTP listeners
+[http] and [admin], [dns], where the log goes: mailflow.config.reload) keeps running as it is and is named in the
+log (`warning: reload: queue.incoming_backlog_limit changed; restart to apply`).
 
 Stop (`stop()`, SIGTERM in `serve`): the HTTP listener closes, then smtpd, pickup and qmgr drain together within
 one `shutdown_grace` (the setting, or the constructor's): no new connection nor delivery starts, sessions between
@@ -404,7 +407,7 @@ class Mailflow:
             cleanup_settings = await self._cleanup_settings(config, router)
             transports = self._build_transports(config, router)
             filters = FilterServices(config, self._dns_resolver(), self.clock)
-            use_smtpd = self.smtpd.reconfigure(config, self._handler_for(router, filters))
+            use_smtpd = await self.smtpd.reconfigure(config, self._handler_for(router, filters))  # binds new addresses
             # everything is built: from here on nothing can fail
             self._cleanup.reconfigure(**cleanup_settings)
             if self._filters is not None:
@@ -415,7 +418,7 @@ class Mailflow:
             self.pickup.reconfigure(myhostname=config.myhostname, interval=config.sendmail.pickup_interval,
                                     bounce_size_limit=config.queue.bounce_size_limit,
                                     size_limit=config.smtpd.message_size_limit, milters=non_smtpd_milters(config))
-            use_smtpd()
+            await use_smtpd()
             self._close_unused_filters()
             self.config = config
             for key in waiting:

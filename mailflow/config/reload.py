@@ -1,21 +1,21 @@
 """What a reload (SIGHUP, `mailflow reload`) may change in a running server, and what waits for a restart.
 
-Postfix's `postfix reload` makes every daemon re-read main.cf, except what only the master holds (its listening
-sockets) and what a daemon cannot let go of while it runs; the master applies a changed process limit (so
-`smtpd.max_sessions` applies too). mailflow's equivalents, which a reload leaves as they run (RESTART_SETTINGS):
-the listeners (`smtpd.listen`, the address and role of each `[[smtpd.listeners]]` entry), the queue
-(`queue_directory`, the store's `queue.commit_batch_limit` and `queue.incoming_backlog_limit`), the HTTP listeners
-(`[http]`, `[sink]`, `[admin]`: its address and tokens), the resolver (`[dns]`) and where and how the log is
-written (`log.format`, `log.file`, `log.syslog_name`). Everything else applies.
+Postfix's `postfix reload` makes every daemon re-read main.cf and the master re-read master.cf (a service added
+listens, one removed stops, a changed one keeps its socket and runs new processes with its new -o settings and
+process limit), except what a daemon cannot let go of while it runs. So a reload applies the SMTP listeners too
+(`smtpd.listen`, `[[smtpd.listeners]]`, `smtpd.max_sessions`: mailflow.stages.smtpd.server). mailflow's settings
+that a reload leaves as they run (RESTART_SETTINGS): the queue (`queue_directory`, the store's
+`queue.commit_batch_limit` and `queue.incoming_backlog_limit`), the HTTP listeners (`[http]`, `[sink]`, `[admin]`:
+its address and tokens), the resolver (`[dns]`) and where and how the log is written (`log.format`, `log.file`,
+`log.syslog_name`). Everything else applies.
 
     restart_needed(running, new) -> [key]       the settings that differ and that only a restart applies, as
                                                 `mailflow config show` names them
     in_force(running, new, where) -> Config     `new` with those settings as they run: the configuration a reload
                                                 puts in force
 
-Failure behaviour: `in_force` validates the result (a new file that, say, drops the certificate a running
-listener needs, when the listener itself cannot change): ConfigError(where, key, reason), the reason naming the
-settings kept as they run.
+Failure behaviour: `in_force` validates the result (a new file that is valid only with the settings it keeps as
+they run changed): ConfigError(where, key, reason), the reason naming the settings kept as they run.
 """
 from __future__ import annotations
 
@@ -25,18 +25,13 @@ from mailflow.config.show import flat_settings
 from mailflow.errors import ConfigError
 
 # Settings (a section name covers every key in it) that a running server keeps until it restarts.
-RESTART_SETTINGS = ("queue_directory", "smtpd.listen", "queue.commit_batch_limit", "queue.incoming_backlog_limit",
-                    "http", "sink", "admin", "dns", "log.format", "log.file", "log.syslog_name")
-LISTENERS = "smtpd.listeners"  # its addresses and roles wait for a restart; its overrides apply
+RESTART_SETTINGS = ("queue_directory", "queue.commit_batch_limit", "queue.incoming_backlog_limit", "http", "sink",
+                    "admin", "dns", "log.format", "log.file", "log.syslog_name")
 
 
 def restart_needed(running: Config, new: Config) -> list[str]:
     old_settings, new_settings = flat_settings(running), flat_settings(new)
-    changed = [key for key in new_settings
-               if _waits(key) and new_settings[key] != old_settings.get(key)]
-    if _listener_addresses(running) != _listener_addresses(new):
-        changed.append(LISTENERS)
-    return changed
+    return [key for key in new_settings if _waits(key) and new_settings[key] != old_settings.get(key)]
 
 
 def in_force(running: Config, new: Config, where: str) -> Config:
@@ -48,8 +43,6 @@ def in_force(running: Config, new: Config, where: str) -> Config:
             data[section][name] = old[section][name]
         else:
             data[section] = old[section]
-    if _listener_addresses(running) != _listener_addresses(new):
-        data["smtpd"]["listeners"] = old["smtpd"]["listeners"]
     try:
         return config_from_dict(data, where, base=new._base)
     except ConfigError as e:
@@ -61,7 +54,3 @@ def in_force(running: Config, new: Config, where: str) -> Config:
 
 def _waits(key: str) -> bool:
     return any(key == setting or key.startswith(setting + ".") for setting in RESTART_SETTINGS)
-
-
-def _listener_addresses(config: Config) -> list[tuple[str, str]]:
-    return [(listener.address, listener.role) for listener in config.smtpd.listeners]

@@ -1,10 +1,13 @@
 """Reload with a real process (`mailflow serve`): SIGHUP and `mailflow reload` put a changed table and a changed
 restriction in force without dropping an open session; a bad configuration is refused naming FILE: KEY: REASON
-and the one in force stays; what only a restart applies is named in the log and left running as it is."""
+and the one in force stays; what only a restart applies is named in the log and left running as it is; the SMTP
+listeners change as `postfix reload` changes master.cf's services."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import socket
 import sqlite3
 import sys
 import threading
@@ -12,10 +15,11 @@ import time
 
 import pytest
 
+from mailflow import status
 from mailflow.config import config_from_dict
 from mailflow.errors import ConfigError
-from tests.support import (ScanWatch, ServerProcess, SmtpClient, accepts, eventually, free_port, queue_becomes,
-                           rcpt_reply, run_tool, send, stall_mail)
+from tests.support import (ScanWatch, ServerProcess, SmtpClient, accepts, eventually, free_port, maildir_messages,
+                           queue_becomes, rcpt_reply, run_tool, send, stall_mail)
 
 IN_FORCE = "reload: configuration, tables and certificates in force"
 BLOCKED = {"sender_restrictions": ["check_sender_access inline:{blocked@remote.test=REJECT}"]}
@@ -117,10 +121,10 @@ async def test_mailflow_reload_names_what_waits_for_a_restart_and_applies_the_re
     assert code == 0 and f"(pid {world.proc.pid}) is reloading" in out, out
     await reloaded(world, 1)
     waiting = [line.split("warning: ", 1)[1] for line in world.log_lines("restart to apply")]
-    assert waiting == ["reload: smtpd.listen changed; restart to apply",
-                       "reload: queue.incoming_backlog_limit changed; restart to apply"], waiting
-    # the listener stays where it was; the restriction applies there
-    client = await SmtpClient.connect(world.port)
+    assert waiting == ["reload: queue.incoming_backlog_limit changed; restart to apply"], waiting
+    # the listener moved (as a master.cf service's address does at `postfix reload`); the restriction applies there
+    assert not accepts(world.port)
+    client = await SmtpClient.connect(moved)
     await client.cmd("EHLO client.test")
     await client.cmd("MAIL FROM:<blocked@remote.test>")
     assert (await client.cmd("RCPT TO:<alice@local.test>")).code == 554
@@ -241,6 +245,69 @@ async def test_mail_deferred_behind_a_dead_relay_keeps_its_retry_time_then_goes_
     assert [m.rcpt_tos for m in new.messages] == [["u@relay.test"]]
 
 
+def inbox(tmp_path, user: str) -> list[bytes]:
+    return maildir_messages(tmp_path / "mail" / user / "Maildir")
+
+
+async def test_a_reload_listens_on_added_addresses_stops_on_removed_ones_and_changes_roles(world, pki, users,
+                                                                                          tmp_path):
+    """`postfix reload` re-reads master.cf: a service added listens, one removed stops listening while its smtpd
+    processes finish their sessions, one changed (its -o settings: submission's TLS and AUTH requirements) serves
+    new connections its new way on the same socket. Nothing acknowledged is lost."""
+    _, cert, _ = pki
+    removed, changed, added = free_port(), free_port(), free_port()
+    door = {"tls_cert_file": cert, "sasl_user_maps": [users]}
+    world.configure(smtpd={**door, "listeners": [{"address": f"127.0.0.1:{removed}"},
+                                                 {"address": f"127.0.0.1:{changed}"}]})
+    await world.start()
+    leaving = await SmtpClient.connect(removed)
+    await leaving.envelope("bob@local.test")
+    staying = await SmtpClient.connect(changed)
+    assert (await staying.cmd("EHLO client.test")).code == 250
+
+    world.configure(smtpd={**door, "listeners": [{"address": f"127.0.0.1:{changed}", "role": "submission"},
+                                                 {"address": f"127.0.0.1:{added}"}]})
+    world.proc.send_signal(signal.SIGHUP)
+    await reloaded(world, 1)
+
+    assert (await rcpt_reply(added, "alice@local.test")).code == 250
+    assert not accepts(removed)
+    fresh = await SmtpClient.connect(changed)
+    assert (await fresh.cmd("EHLO client.test")).code == 250
+    assert await fresh.cmd("MAIL FROM:<s@remote.test>") == status.STARTTLS_FIRST  # a submission listener now
+    await fresh.close()
+    # the sessions open before go on as they began: the mta role, the removed listener
+    assert (await staying.cmd("MAIL FROM:<s@remote.test>")).code == 250
+    assert (await leaving.cmd("DATA")).code == 354
+    await leaving.send(b"Subject: by the removed listener\r\n\r\nbody\r\n.\r\n")
+    assert (await leaving.reply()).text.startswith("250 2.0.0 Ok: queued as")
+    for client in (staying, leaving):
+        await client.close()
+    await eventually(lambda: len(inbox(tmp_path, "bob")) == 1, what="the message of the removed listener delivered")
+    assert world.log_lines(f"reload: listening on 127.0.0.1:{added} (mta)")
+    assert world.log_lines(f"reload: no longer listening on 127.0.0.1:{removed} (mta)")
+    assert not world.log_lines("restart to apply")
+
+
+async def test_an_address_that_cannot_be_listened_on_refuses_the_whole_reload(world):
+    await world.start()
+    free, taken = free_port(), free_port()
+    new = {**BLOCKED, "listeners": [{"address": f"127.0.0.1:{free}"}, {"address": f"127.0.0.1:{taken}"}]}
+    with socket.create_server(("127.0.0.1", taken)):  # another program listens there
+        world.configure(smtpd=new)
+        world.proc.send_signal(signal.SIGHUP)
+        [refusal] = await reloaded(world, 1, "reload refused")
+        assert refusal.endswith(f"error: reload refused, the configuration in force stays: {world.config_path}: "
+                                f"smtpd.listeners[1].address: cannot listen on 127.0.0.1:{taken}: Address already in "
+                                "use"), refusal
+        assert not accepts(free)  # nothing of it applies: the address bound for it is let go again
+        assert (await rcpt_reply(world.port, "alice@local.test", sender="blocked@remote.test")).code == 250
+    world.proc.send_signal(signal.SIGHUP)  # once the address is free, the same file is put in force
+    await reloaded(world, 2)
+    for port in (world.port, free, taken):
+        assert (await rcpt_reply(port, "alice@local.test", sender="blocked@remote.test")).code == 554
+
+
 async def test_a_reload_applies_max_sessions_to_new_connections_and_cuts_no_session(world):
     """As Postfix's master applies a changed process limit at a reload: above a lowered limit the sessions go on
     and new connections wait for them to end; a raised one admits those waiting at once."""
@@ -269,3 +336,57 @@ async def test_a_reload_applies_max_sessions_to_new_connections_and_cuts_no_sess
     assert (await fourth_greeted).code == 220  # admitted by the reload, the third still open
     for client in (second, third, fourth):
         await client.close()
+
+
+async def test_a_reload_storm_drops_no_connection_loses_no_mail_and_leaks_no_socket(world, tmp_path):
+    """SIGHUPs while clients connect and send: the address kept across every reload keeps its socket (connections
+    waiting in the kernel's queue are served, none refused or reset), every 250 is delivered, and the sockets of
+    a listener added and removed again are closed (the server's descriptors come back to their number)."""
+    extra = free_port()
+    configs = [{}, {"smtpd": {"max_sessions": 50, "listeners": [{"address": f"127.0.0.1:{extra}"}]}}]
+    await world.start()
+
+    def descriptors() -> int:
+        return len(os.listdir(f"/proc/{world.proc.pid}/fd"))
+
+    async def one_message(port: int) -> int:
+        client = await SmtpClient.connect(port)
+        reply = await client.send_message(rcpt="alice@local.test")
+        await client.cmd("QUIT")
+        await client.close()
+        return reply.code
+
+    assert await one_message(world.port) == 250  # what the server opens once (its first delivery) is open
+    await eventually(lambda: len(inbox(tmp_path, "alice")) == 1)
+    reloads = 0
+    for config in configs:  # and what a reload opens once
+        world.configure(**config)
+        world.proc.send_signal(signal.SIGHUP)
+        reloads += 1
+        await reloaded(world, reloads)
+    before = descriptors()
+    storm_over = asyncio.Event()
+
+    async def knocking() -> int:
+        """Connections all along, each of which must be greeted (a refused or reset one raises)."""
+        for greeted in range(5000):
+            if storm_over.is_set():
+                return greeted
+            client = await SmtpClient.connect(world.port)
+            await client.close()
+        return 5000
+
+    knockers = [asyncio.ensure_future(knocking()) for _ in range(4)]
+    codes = []
+    for i in range(10):
+        world.configure(**configs[i % 2])
+        world.proc.send_signal(signal.SIGHUP)
+        reloads += 1
+        codes += await asyncio.gather(*(one_message(world.port) for _ in range(5)))
+        await reloaded(world, reloads)
+    storm_over.set()
+    assert all(await asyncio.gather(*knockers))
+    assert codes == [250] * 50
+    assert not world.log_lines("reload refused")
+    await eventually(lambda: len(inbox(tmp_path, "alice")) == 51, what="every message acknowledged delivered")
+    await eventually(lambda: descriptors() <= before, what=f"the server's descriptors back to {before}")

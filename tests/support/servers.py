@@ -2,7 +2,8 @@
 
 - `base_settings(tmp_path)`: the test config: local domain local.test with users alice and bob, Maildirs under
   tmp_path/mail, relay domain relay.test, no trusted networks, fast retries, a DNS server that answers nothing.
-  `merged(base, overrides)` overlays settings (one level deep); `to_toml(settings)` writes them as TOML.
+  `merged(base, overrides)` overlays settings (one level deep); `to_toml(settings)` writes them as TOML (lists of
+  tables, such as `smtpd.listeners`, as arrays of inline tables).
 - `ServerProcess(config, log, port)`: `python -m mailflow serve -c CONFIG` as a child process (launch, start,
   terminate, kill, CPU seconds, log lines); `queue_counts(db)` reads a queue database read-only beside a running server.
 """
@@ -50,11 +51,21 @@ def merged(base: dict, overrides: dict) -> dict:
 
 
 def to_toml(settings: dict) -> str:
-    """Enough TOML for these settings: scalars and lists of strings (json strings are TOML strings)."""
-    top = [f"{k} = {json.dumps(v)}" for k, v in settings.items() if not isinstance(v, dict)]
-    tables = [f"\n[{k}]\n" + "\n".join(f"{kk} = {json.dumps(vv)}" for kk, vv in v.items())
+    """Enough TOML for these settings: scalars, lists and inline tables (json strings are TOML strings), in
+    top-level tables one level deep."""
+    top = [f"{k} = {toml_value(v)}" for k, v in settings.items() if not isinstance(v, dict)]
+    tables = [f"\n[{k}]\n" + "\n".join(f"{kk} = {toml_value(vv)}" for kk, vv in v.items())
               for k, v in settings.items() if isinstance(v, dict)]
     return "\n".join(top) + "\n" + "\n".join(tables) + "\n"
+
+
+def toml_value(value) -> str:
+    """A TOML value: a list as an array, a dict as an inline table (`[{address = "…", role = "mta"}]`)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value)
 
 
 class ServerProcess:

@@ -2,7 +2,8 @@
 
 What it owns (one module each)
 - `server.Smtpd`: the listeners (`smtpd.listen` = MTA role; `[[smtpd.listeners]]` with roles mta, submission,
-  submissions and per-listener `overrides` as master.cf -o), started on the running loop and stopped
+  submissions and per-listener `overrides` as master.cf -o), started on the running loop, changed by a reload
+  as `postfix reload` changes master.cf's services (added, removed, changed on the same socket) and stopped
   gracefully; `ListenerSession` adds admission (anvil) to the session.
 - `session.SmtpSession`: the protocol edge, an aiosmtpd `SMTP` subclass built in layers, one module each:
   `protocol` (the connection, replies with enhanced status codes, deadlines, the command loop, pipelining and

@@ -29,14 +29,20 @@ Transcripts (transcript.py): with a session `observer`, every session records it
 TLS: the certificate is read at start (a missing or unreadable file stops the start, naming it) and again at a
 reload (`reconfigure`): new sessions use the new certificate, sessions already running keep theirs.
 
-Reload (`reconfigure(config, handler_for)`, two steps: everything is built and read first, and only a reload
-that built completely is put in use): each listener gets its new settings, handler (restrictions and tables),
-AUTH and sender-login tables, certificate and session limit (max_sessions: a lowered one cuts no session, new
-connections wait until enough end); its address, sockets, session slots and per-client counts stay.
-New sessions use all of it; a running session goes on, to its end, with what it started with (as a Postfix
-smtpd process finishes its client under the old main.cf), so nothing per session (a milter conversation, the
-handler's state) ever changes hands. The replaced handlers' kept policy service connections are closed (a
-running session that asks again uses a connection of its own for it).
+Reload (`await reconfigure(config, handler_for)`, two steps: everything is built and read first, new addresses
+bound and listening, and only a reload that built completely is put in use, as Postfix's master applies master.cf
+at `postfix reload`): a listener is identified by its configured address (host:port, as master.cf names a
+service by its endpoint). One that stays keeps its socket (no connection waiting in the kernel's queue is
+lost), session slots and per-client counts, and gets its new role, settings, handler (restrictions and tables),
+AUTH and sender-login tables, certificate and limits (a lowered max_sessions cuts no session: new connections
+wait until enough end). An address added is listened on; one that cannot be bound refuses the whole reload
+(ConfigError naming its key: `smtpd.listeners[1].address: cannot listen on 127.0.0.1:587: Address already in
+use`), the listeners bound for it closed again. An address removed stops listening; its open sessions go on.
+New sessions use the new listeners; a running session goes on, to its end, with what it started with (its
+role too, as a Postfix smtpd process finishes its client under the old main.cf and master.cf), so nothing per
+session (a milter conversation, the handler's state) ever changes hands, and it counts against the limits of
+the listener it came in by. The replaced handlers' kept policy service connections are closed (a running
+session that asks again uses a connection of its own for it).
 
 Stop (`stop(grace)`): the listeners close; sessions between transactions get 421 4.3.2 and are closed; a
 session in a transaction may finish it within the grace period; then the kept policy connections are closed.
@@ -47,9 +53,11 @@ import asyncio
 import functools
 import ipaddress
 import logging
+import os
+import socket
 import ssl
 from dataclasses import dataclass
-from typing import Callable
+from typing import Awaitable, Callable
 
 from aiosmtpd.smtp import TLSSetupException
 
@@ -57,6 +65,7 @@ from mailflow import status
 from mailflow.address import in_networks
 from mailflow.clock import Clock, SystemClock
 from mailflow.config import Config, SmtpdConfig
+from mailflow.errors import ConfigError
 from mailflow.stages.smtpd.anvil import Anvil, SessionSlots
 from mailflow.stages.smtpd.auth import (Authenticator, Backend, DovecotBackend, FailureCounter, PasswordHasher,
                                         SenderLogins, TableBackend, is_loopback)
@@ -73,8 +82,9 @@ log = logging.getLogger("mailflow.smtpd")
 
 AUTH_HASH_WORKERS = 2  # scrypt threads: an AUTH flood uses at most this many cores
 STOP_POLL = 0.05  # seconds between looks at the sessions of a stopping server
-# What a reload replaces in a running listener (its address, sockets, session slots and counts stay).
-RELOADED = ("config", "handler", "authenticator", "sender_logins", "frontends", "limits")
+LISTEN_BACKLOG = 100  # connections the kernel queues for a listener (asyncio's create_server default)
+# What a reload replaces in a running listener (its address, socket, session slots and counts stay).
+RELOADED = ("role", "config", "handler", "authenticator", "sender_logins", "frontends", "limits")
 
 
 @dataclass
@@ -92,6 +102,7 @@ class Listener:
     sender_logins: SenderLogins | None
     frontends: FrontEnds
     limits: ProtocolLimits  # of every session of this listener: made once, not at each connection
+    setting: str = ""  # the configuration key that names it ("smtpd.listen[0]", "smtpd.listeners[1].address")
     server: asyncio.base_events.Server | None = None
 
     @property
@@ -184,13 +195,14 @@ class Smtpd:
 
     # -------------------------------------------------------------------------------- building
 
-    def _listener_specs(self) -> list[tuple[str, str, SmtpdConfig]]:
+    def _listener_specs(self) -> list[tuple[str, str, SmtpdConfig, str]]:
         smtpd = self._config.smtpd
-        specs = [(item, "mta", smtpd) for item in smtpd.listen]
-        specs += [(spec.address, spec.role, smtpd.for_listener(spec)) for spec in smtpd.listeners]
+        specs = [(item, "mta", smtpd, f"smtpd.listen[{i}]") for i, item in enumerate(smtpd.listen)]
+        specs += [(spec.address, spec.role, smtpd.for_listener(spec), f"smtpd.listeners[{i}].address")
+                  for i, spec in enumerate(smtpd.listeners)]
         return specs
 
-    def _build_listener(self, address: str, role: str, smtpd: SmtpdConfig) -> Listener:
+    def _build_listener(self, address: str, role: str, smtpd: SmtpdConfig, setting: str) -> Listener:
         host, port = parse_hostport(address)
         config = self._config if smtpd is self._config.smtpd else self._config.model_copy(update={"smtpd": smtpd})
         networks = [ipaddress.ip_network(n, strict=False) for n in self._config.mynetworks]
@@ -209,7 +221,8 @@ class Smtpd:
         if smtpd.tls_cert_file:
             self._server_tls(smtpd)  # read now: a bad file stops the start
         return Listener(host, port, role, config, self._handler_for(config), anvil, SessionSlots(smtpd.max_sessions),
-                        authenticator, sender_logins, FrontEnds.from_config(smtpd), ProtocolLimits.from_config(smtpd))
+                        authenticator, sender_logins, FrontEnds.from_config(smtpd), ProtocolLimits.from_config(smtpd),
+                        setting)
 
     def _auth_backend(self, smtpd: SmtpdConfig) -> Backend:
         """Who checks a listener's AUTH passwords: Dovecot's auth server (one connection per socket, shared by
@@ -267,28 +280,70 @@ class Smtpd:
             listener.server = await loop.create_server(functools.partial(self._session, listener), listener.host,
                                                        listener.port)
 
-    def reconfigure(self, config: Config, handler_for: Callable[[Config], SmtpdHandler]) -> Callable[[], None]:
-        """A reload: the listeners' settings, handlers, AUTH and sender-login tables and certificates, built from
-        `config` as a start would build them (the files read now), but not yet in use. Raises ConfigError (a
-        TlsError for a certificate) and changes nothing then. The function returned puts them in use for new
-        sessions; a running session keeps what it started with, to its end (Postfix: an smtpd process serves
-        its client under the configuration it started with). Addresses and roles stay as they are (the caller
-        passes a config that keeps them: mailflow.config.in_force)."""
+    async def reconfigure(self, config: Config,
+                          handler_for: Callable[[Config], SmtpdHandler]) -> Callable[[], Awaitable[None]]:
+        """A reload, as `postfix reload` applies master.cf: the listeners of `config`, built as a start would
+        build them (the files read now, the new addresses bound and listening: their connections wait in the
+        kernel's queue), but not yet in use. Raises ConfigError (a TlsError for a certificate; an address that
+        cannot be bound, named by its key) and changes nothing then. The function returned puts them in use:
+
+        - a listener whose address was already listened on keeps its socket (nothing queued in the kernel is
+          lost), its session slots and per-client counts; its role, settings, handler, AUTH and sender-login
+          tables, certificate and limits are the new ones for new connections;
+        - a new address is served from then on;
+        - an address gone stops listening; its open sessions go on to their end.
+
+        A running session keeps what it started with, to its end (Postfix: an smtpd process serves its client
+        under the configuration it started with)."""
         fresh = Smtpd(config, handler_for, clock=self._clock, observer=self._observer)
         fresh.auth_failures, fresh._hasher = self.auth_failures, self._hasher  # the server's, whatever the config
         built = [fresh._build_listener(*spec) for spec in fresh._listener_specs()]
+        pairs, gone = _continued(self.listeners, built)
+        added = [new for running, new in pairs if running is None]
+        await self._listen(added)
 
-        def commit() -> None:
+        async def commit() -> None:
             self._config, self._handler_for, self._tables, self._tls = config, handler_for, fresh._tables, fresh._tls
             self._hasher = fresh._hasher
-            for listener, new in zip(self.listeners, built):
-                listener.handler.restrictions.close()  # its kept policy connections (its sessions may go on)
-                for name in RELOADED:
-                    setattr(listener, name, getattr(new, name))
-                listener.anvil.adopt_limits(new.anvil)
-                listener.slots.resize(new.smtpd.max_sessions)
+            for listener in gone:
+                self._close_listener(listener)
+            self.listeners = [new if running is None else _renewed(running, new) for running, new in pairs]
+            for listener in added:
+                assert listener.server is not None  # bound by _listen
+                await listener.server.start_serving()
+                log.info("reload: listening on %s (%s)", _bound(listener), listener.role)
 
         return commit
+
+    async def _listen(self, listeners: list[Listener]) -> None:
+        """Bind each listener's address and listen there, without serving yet. Raises ConfigError naming the
+        first address that cannot be used; none stays bound then."""
+        loop = asyncio.get_running_loop()
+        failed = None
+        try:
+            for failed in listeners:
+                failed.server = await loop.create_server(functools.partial(self._session, failed), failed.host,
+                                                         failed.port, start_serving=False)
+                # listen now, on a duplicate of the descriptor (asyncio's socket wrapper has no listen): connections
+                # queue from here on, and another listener of this reload on the same address cannot bind
+                for sock in failed.server.sockets:
+                    with socket.fromfd(sock.fileno(), sock.family, sock.type) as same:
+                        same.listen(LISTEN_BACKLOG)
+        except BaseException as e:  # (cancelled too: what was bound is let go)
+            for listener in listeners:
+                if listener.server is not None:
+                    listener.server.close()
+                    listener.server = None
+            if not isinstance(e, OSError) or failed is None:
+                raise
+            raise ConfigError("", failed.setting, f"cannot listen on {failed.host}:{failed.port}: {_why(e)}") from None
+
+    def _close_listener(self, listener: Listener) -> None:
+        """Stop accepting on a listener a reload removed; its open sessions go on."""
+        if listener.server is not None:
+            log.info("reload: no longer listening on %s (%s)", _bound(listener), listener.role)
+            listener.server.close()
+        listener.handler.restrictions.close()  # its kept policy connections (its sessions may go on)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -344,3 +399,46 @@ class Smtpd:
         for dovecot in self._dovecots.values():
             await dovecot.close()
         self._dovecots.clear()
+
+
+def _continued(running: list[Listener], built: list[Listener]) -> tuple[list[tuple[Listener | None, Listener]],
+                                                                        list[Listener]]:
+    """Each listener a reload built, with the running one it continues (or None: a new address), and the running
+    ones it does not continue. A listener continues the one with the same configured address (host and port; the
+    same role first, then any), as Postfix's master identifies a master.cf service by its endpoint."""
+    left = list(running)
+    found: dict[int, Listener] = {}
+    for same_role in (True, False):
+        for index, new in enumerate(built):
+            if index in found:
+                continue
+            match = next((old for old in left if (old.host, old.port) == (new.host, new.port)
+                          and (old.role == new.role or not same_role)), None)
+            if match is not None:
+                found[index] = match
+                left.remove(match)
+    return [(found.get(index), new) for index, new in enumerate(built)], left
+
+
+def _renewed(running: Listener, new: Listener) -> Listener:
+    """`running` (its socket, slots and counts) with what a reload replaces taken from `new`."""
+    running.handler.restrictions.close()  # its kept policy connections (its sessions may go on)
+    for name in RELOADED:
+        setattr(running, name, getattr(new, name))
+    running.anvil.adopt_limits(new.anvil)
+    running.slots.resize(new.smtpd.max_sessions)
+    return running
+
+
+def _bound(listener: Listener) -> str:
+    """Where a listener listens: its socket's address (the port given to a port 0)."""
+    sockets = listener.server.sockets if listener.server is not None else ()
+    host, port = sockets[0].getsockname()[:2] if sockets else (listener.host, listener.port)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _why(error: OSError) -> str:
+    """An address's bind error in the system's words ("Address already in use", "Permission denied")."""
+    if error.errno and error.errno > 0:
+        return os.strerror(error.errno)
+    return error.strerror or str(error)
