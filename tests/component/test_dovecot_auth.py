@@ -15,6 +15,7 @@ from mailflow import status
 from mailflow.clock import VirtualClock
 from mailflow.stages.smtpd.auth import Authenticator, DovecotBackend, FailureCounter
 from mailflow.stages.smtpd.dovecot_auth import DovecotAuth, Handshake, HandshakeError, Unavailable, parse_line
+from tests.support import SmtpClient, eventually
 
 HANDSHAKE = b"VERSION\t1\t2\nMECH\tPLAIN\tplaintext\nMECH\tLOGIN\tplaintext\nSPID\t7\nCUID\t1\nCOOKIE\tab\nDONE\n"
 
@@ -32,6 +33,7 @@ class FakeAuthServer:
         self.hold = 0
         self._held: list[tuple[asyncio.StreamWriter, bytes]] = []
         self.connections = 0
+        self.ended = 0  # connections the client closed
         self._writers: list[asyncio.StreamWriter] = []
         self._server: asyncio.base_events.Server | None = None
 
@@ -74,6 +76,7 @@ class FakeAuthServer:
                     w.write(data)
                 self._held.clear()
             await writer.drain()
+        self.ended += 1
 
 
 @pytest.fixture
@@ -177,3 +180,26 @@ def test_the_protocol_lines():
     assert handshake.feed(b"DONE\n") and handshake.mechanisms == ["PLAIN", "LOGIN"]
     with pytest.raises(HandshakeError, match="no VERSION"):
         Handshake().feed(b"DONE\n")
+
+
+async def test_reloads_share_the_connection_to_the_auth_server_and_the_stop_closes_it(mailflow_server, socket_dir):
+    """Each reload built its listeners a DovecotAuth of their own, never closed (not even at the stop): a server
+    reloaded often kept one more connection to Dovecot's auth server per reload. One connection per auth socket
+    serves every reload, as it serves every listener, and the stop closes it."""
+    server = await FakeAuthServer(socket_dir / "auth").start()
+    try:
+        mf = await mailflow_server(smtpd={"sasl_auth_enable": True, "sasl_type": "dovecot",
+                                          "sasl_path": str(server.path), "allow_plaintext_auth_on_loopback": True})
+        port = mf.smtp_addresses[0][1]
+        for _ in range(5):
+            await mf.reload(mf.config)
+            c = await SmtpClient.connect(port)
+            assert (await c.cmd("EHLO client.test")).code == 250
+            login = base64.b64encode(b"\0alice@example.test\0s3cret").decode()
+            assert (await c.cmd(f"AUTH PLAIN {login}")).code == 235
+            await c.close()
+        assert server.connections == 1
+        await mf.stop()
+        await eventually(lambda: server.ended == 1, what="the connection to the auth server closed at the stop")
+    finally:
+        await server.stop()

@@ -15,10 +15,10 @@ SmtpdConfig, its own handler (built by `handler_for(config)` with that config), 
   required before MAIL.
 AUTH (PLAIN, LOGIN; the exchange is secure.py's, the check auth.py's) is offered only over TLS, unless
 `allow_plaintext_auth_on_loopback` and the client is on loopback. The failure table and the hashing threads
-belong to the server: one for all its listeners; so does the connection to Dovecot's auth server when
-`sasl_type` is "dovecot" (one per `sasl_path`). With reject_sender_login_mismatch, MAIL FROM an address the
-login does not own gets 553 5.7.1 (auth.py). `ListenerSession` adds the admission to the session (session.py):
-it gives back its per-client count and its slot however it ends (`_session_ended`).
+belong to the server: one for all its listeners and every reload; so does the connection to Dovecot's auth
+server when `sasl_type` is "dovecot" (one per `sasl_path`, closed at the stop). With reject_sender_login_mismatch,
+MAIL FROM an address the login does not own gets 553 5.7.1 (auth.py). `ListenerSession` adds the admission to the
+session (session.py): it gives back its per-client count and its slot however it ends (`_session_ended`).
 
 Trusted front ends (frontends.py): with upstream_proxy_protocol "haproxy" the PROXY header is read
 before the admission, so that connection limits, mynetworks and logs see the real client; XCLIENT from
@@ -189,7 +189,8 @@ class Smtpd:
         # threads that compute password hashes (AUTH_HASH_WORKERS of them, created on first use).
         self.auth_failures = FailureCounter(self._clock, config.smtpd.anvil_rate_time_unit)
         self._hasher: PasswordHasher | None = None
-        self._dovecots: dict[str, DovecotAuth] = {}  # sasl_type "dovecot": one connection per auth socket
+        # sasl_type "dovecot": one connection per auth socket (and timeout), the server's: every reload uses it
+        self._dovecots: dict[tuple[str, float], DovecotAuth] = {}
         self.listeners: list[Listener] = []
         self.sessions: set[SmtpSession] = set()
 
@@ -228,10 +229,10 @@ class Smtpd:
         """Who checks a listener's AUTH passwords: Dovecot's auth server (one connection per socket, shared by
         the listeners naming it) or the user tables (with the server's hashing threads)."""
         if smtpd.sasl_type == "dovecot":
-            if smtpd.sasl_path not in self._dovecots:
-                self._dovecots[smtpd.sasl_path] = DovecotAuth(smtpd.sasl_path, timeout=smtpd.sasl_timeout,
-                                                              clock=self._clock)
-            return DovecotBackend(self._dovecots[smtpd.sasl_path])
+            key = (smtpd.sasl_path, smtpd.sasl_timeout)
+            if key not in self._dovecots:
+                self._dovecots[key] = DovecotAuth(smtpd.sasl_path, timeout=smtpd.sasl_timeout, clock=self._clock)
+            return DovecotBackend(self._dovecots[key])
         if self._hasher is None:
             self._hasher = PasswordHasher(AUTH_HASH_WORKERS)
         return TableBackend(self._tables.open(smtpd.sasl_user_maps), self._hasher, run=self._tables.run)
@@ -296,7 +297,8 @@ class Smtpd:
         A running session keeps what it started with, to its end (Postfix: an smtpd process serves its client
         under the configuration it started with)."""
         fresh = Smtpd(config, handler_for, clock=self._clock, observer=self._observer)
-        fresh.auth_failures, fresh._hasher = self.auth_failures, self._hasher  # the server's, whatever the config
+        # the server's, whatever the config: the AUTH failures, the hashing threads, the auth server connections
+        fresh.auth_failures, fresh._hasher, fresh._dovecots = self.auth_failures, self._hasher, self._dovecots
         built = [fresh._build_listener(*spec) for spec in fresh._listener_specs()]
         pairs, gone = _continued(self.listeners, built)
         added = [new for running, new in pairs if running is None]
