@@ -1478,6 +1478,20 @@ async def test_8bitmime_is_converted_to_quoted_printable_for_a_peer_without_it(s
     assert text_part.get_payload(decode=True) == "Le café est prêt.\r\n.".encode()  # its last CRLF: the boundary's
 
 
+async def test_a_peer_offering_smtputf8_without_8bitmime_gets_8bit_content_as_it_is(scripted_peer, caplog):
+    """RFC 6531 3.1: a server that offers SMTPUTF8 takes 8-bit content. Postfix's smtp_proto (Fix 20140706) takes
+    such a server as offering 8BITMIME, logs it, and sends BODY=8BITMIME with the content unconverted."""
+    peer, port = await scripted_peer(extensions=("SMTPUTF8", "ENHANCEDSTATUSCODES"))
+    with caplog.at_level("INFO"):
+        report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{port}", content=EIGHT_BIT_MIME,
+                                                               body_type="8BITMIME"))
+    assert report.results[0].outcome is Outcome.SENT
+    [mail] = [c for c in peer.commands if c.startswith("MAIL")]
+    assert mail.endswith(" BODY=8BITMIME")
+    assert peer.messages[0] == EIGHT_BIT_MIME.replace(b"\r\n.\r\n", b"\r\n..\r\n")  # (as sent: dot-stuffed)
+    assert "host 127.0.0.1[127.0.0.1] offers SMTPUTF8 support, but not 8BITMIME" in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------------- big messages
 
 async def test_a_spooled_message_is_streamed_dot_stuffed_and_arrives_byte_exact(smtp_peer, tmp_path):

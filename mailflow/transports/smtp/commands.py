@@ -4,6 +4,7 @@ of the SMTP and LMTP clients (the command side of Postfix smtp_proto).
     Extensions.from_reply(reply) -> Extensions   what an EHLO or LHLO reply offers: lower-case keywords and their
                                   parameters, AUTH methods (also in the old `AUTH=` form)
       .supports(keyword) .size_limit (0: none advertised) .auth_methods
+      .with_8bitmime()           the same with 8BITMIME: for a server that offers SMTPUTF8 without it (connect.hello)
     screen_envelope(request) -> (Outcomes, sendable recipients)   an address with CR, LF, NUL or another control
                                   character never reaches the wire: a bad sender bounces every recipient (5.1.7),
                                   a bad recipient bounces itself (5.1.3)
@@ -71,6 +72,14 @@ class Extensions:
 
     def supports(self, keyword: str) -> bool:
         return keyword.lower() in self.keywords
+
+    def smtputf8_without_8bitmime(self) -> bool:
+        return self.supports("smtputf8") and not self.supports("8bitmime")
+
+    def with_8bitmime(self) -> "Extensions":
+        """These extensions and 8BITMIME: what a server that offers SMTPUTF8 takes (RFC 6531 3.1 requires it to
+        offer 8BITMIME too; Postfix's smtp_proto assumes it when it is missing, rather than convert the content)."""
+        return Extensions({**self.keywords, "8bitmime": ""}, self.auth_methods)
 
     @property
     def size_limit(self) -> int:

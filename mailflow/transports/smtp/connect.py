@@ -5,7 +5,9 @@ and for SMTP STARTTLS as the TLS policy asks and AUTH with the relay's credentia
                                 `timeout`; SiteFailure 4.4.1 "connect to h[ip]:port: Connection refused" (or timed out)
     await greet(session, timeout)                            the greeting must be 2xx
     await hello(session, helo_name, timeout, lmtp=False)     EHLO (HELO after a refused EHLO but 421), or LHLO; sets
-                                `session.extensions`; after a refusal, QUIT (as Postfix says it) and close
+                                `session.extensions` (a server that offers SMTPUTF8 but not 8BITMIME is taken as
+                                offering both, as Postfix does, logged); after a refusal, QUIT (as Postfix says it)
+                                and close
         a refused greeting, EHLO, HELO or LHLO: SiteFailure "host h[ip] refused to talk to me: 554 ..." (class 4;
         a 5xx to EHLO/HELO/LHLO is `hard`: the mail bounces with it, no other peer is tried, as with Postfix)
     Destination(nexthop, written, policy, fallback, mx_secure)   one request's next hop, as parsed and as written (the
@@ -118,7 +120,11 @@ async def hello(session: Session, helo_name: str, timeout: float, *, lmtp: bool 
     if not reply.positive:
         session.quit()
         raise refused_to_talk(session.peer, reply)
-    session.extensions = Extensions.from_reply(reply)
+    extensions = Extensions.from_reply(reply)
+    if extensions.smtputf8_without_8bitmime():  # Postfix: "Our primary mission is to deliver mail"
+        log.info("host %s offers SMTPUTF8 support, but not 8BITMIME", session.peer.name)
+        extensions = extensions.with_8bitmime()
+    session.extensions = extensions
 
 
 @dataclass(frozen=True)
