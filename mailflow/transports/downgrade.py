@@ -4,10 +4,11 @@ default, `disable_mime_output_conversion = no`), as its mime_state module does i
     Downgrade()                 an encoder (see mailflow.transports.encode): feed(chunk) -> bytes, flush() -> bytes
     downgrade_8bit(content: bytes) -> bytes     the same over a whole message (tests, small content)
 
-- An entity labelled `Content-Transfer-Encoding: 8bit` gets its body encoded as quoted-printable and the
-  label changed to `quoted-printable`.
+- An entity labelled `Content-Transfer-Encoding: 8bit` or `binary` (any case, comments ignored: Postfix's
+  mime_state reads the label as a token and counts binary in the 8-bit domain) gets its body encoded as
+  quoted-printable and the label changed to `quoted-printable`.
 - multipart/* and message/rfc822 entities are descended into (parts split on their boundary); when they
-  claim 8bit themselves, their label becomes 7bit.
+  claim 8bit or binary themselves, their label becomes 7bit.
 - Everything else passes byte for byte: headers (8-bit bytes in headers stay: MIME has no body encoding
   for them, and Postfix sends them as they are), bodies without an 8bit label (a non-MIME message with
   8-bit text is sent as it is, as Postfix does), boundaries, preambles and epilogues.
@@ -31,6 +32,7 @@ MAX_DEPTH = 20
 MAX_HEADER = 102400
 MAX_LINE = 65536
 _CTE = b"content-transfer-encoding"
+_8BIT_DOMAIN = ("8bit", "binary")
 
 
 @dataclass
@@ -174,7 +176,7 @@ class Downgrade:
         """The header section is complete: relabel it if need be, and decide how its body goes."""
         info = parse_headers(self._headers, self._default_type)
         content_type = info.get_content_type()
-        label = str(info.get("content-transfer-encoding", "")).strip().lower()
+        eight_bit = transfer_encoding(str(info.get("content-transfer-encoding", ""))) in _8BIT_DOMAIN
         boundary = info.get_boundary() if content_type.startswith("multipart/") else None
         relabel = None
         mode = "pass"
@@ -182,10 +184,10 @@ class Downgrade:
             delimiter = b"--" + boundary.encode("ascii", "replace")
             child = "message/rfc822" if content_type == "multipart/digest" else "text/plain"
             self._multiparts.append(_Multipart(delimiter, delimiter + b"--", child, self._depth))
-            relabel = b"7bit" if label == "8bit" else None
+            relabel = b"7bit" if eight_bit else None
         elif content_type == "message/rfc822":
-            relabel = b"7bit" if label == "8bit" else None
-        elif label == "8bit":
+            relabel = b"7bit" if eight_bit else None
+        elif eight_bit:
             relabel, mode = b"quoted-printable", "qp"
         headers = relabelled(self._headers, relabel) if relabel is not None else self._headers
         out.extend(headers)
@@ -209,6 +211,20 @@ class Downgrade:
         # No line end (yet): encode as if one followed, so that soft breaks use the body's line end.
         encoded = binascii.b2a_qp(data + self._eol, istext=True)[:-len(self._eol)]
         out.append(encoded + b"=" + self._eol if soft_break else encoded)
+
+
+def transfer_encoding(value: str) -> str:
+    """A Content-Transfer-Encoding field's mechanism, lower case, without its RFC 822 comments."""
+    depth, kept = 0, []
+    for c in value:
+        if c == "(":
+            depth += 1
+        elif c == ")" and depth:
+            depth -= 1
+        elif not depth:
+            kept.append(c)
+    words = "".join(kept).split()
+    return words[0].lower() if words else ""
 
 
 def parse_headers(header_lines: list[bytes], default_type: str) -> Message:

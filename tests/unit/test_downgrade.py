@@ -24,6 +24,19 @@ def test_a_folded_label_is_replaced_whole():
                                        b"=E9\r\n")
 
 
+def test_a_binary_label_and_a_label_with_a_comment_are_8bit_too():
+    """Postfix's mime_state reads the label as a token (comments skipped) and puts binary in the 8-bit domain:
+    a private Postfix 3.7.11 relaying to a peer without 8BITMIME converts both."""
+    binary = b"Content-Transfer-Encoding: BINARY\r\n\r\nbin \xc3\xa4\r\n"
+    commented = b"Content-Transfer-Encoding: 8bit (raw\r\n (text))\r\n\r\ncm \xc3\xa4\r\n"
+    multipart = (b"Content-Type: multipart/mixed; boundary=b\r\nContent-Transfer-Encoding: binary\r\n\r\n"
+                 b"--b\r\n\r\nx\r\n--b--\r\n")
+    assert [downgrade_8bit(m) for m in (binary, commented, multipart)] == [
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\nbin =C3=A4\r\n",
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\ncm =C3=A4\r\n",
+        multipart.replace(b"binary", b"7bit")]
+
+
 def test_unlabelled_and_7bit_content_passes_byte_for_byte():
     unlabelled = b"Subject: caf\xc3\xa9\r\n\r\ncaf\xc3\xa9\r\n"  # Postfix sends these as they are
     seven_bit = b"Content-Transfer-Encoding: 7bit\r\n\r\nplain\r\n"
