@@ -1478,6 +1478,21 @@ async def test_8bitmime_is_converted_to_quoted_printable_for_a_peer_without_it(s
     assert text_part.get_payload(decode=True) == "Le café est prêt.\r\n.".encode()  # its last CRLF: the boundary's
 
 
+async def test_content_labelled_8bit_is_converted_for_a_peer_without_8bitmime_whatever_body_the_client_gave(
+        scripted_peer):
+    """A client that said BODY=7BIT, or nothing, about a message with a part labelled 8bit: Postfix's cleanup marks
+    it 8-bit by that label (auto_8bit_enc_hdr), and its smtp client converts it for a peer without 8BITMIME (seen
+    with a private Postfix 3.7.11); mailflow sent the 8-bit bytes to the 7-bit peer as they were."""
+    peer, port = await scripted_peer(extensions=("ENHANCEDSTATUSCODES",))
+    for body_type in ("7BIT", ""):
+        report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{port}", content=EIGHT_BIT_MIME,
+                                                               body_type=body_type))
+        assert report.results[0].outcome is Outcome.SENT
+    for received in peer.messages:
+        assert received.isascii()
+        assert b"Content-Transfer-Encoding: quoted-printable\r\n\r\nLe caf=C3=A9 est pr=C3=AAt.\r\n" in received
+
+
 async def test_a_peer_offering_smtputf8_without_8bitmime_gets_8bit_content_as_it_is(scripted_peer, caplog):
     """RFC 6531 3.1: a server that offers SMTPUTF8 takes 8-bit content. Postfix's smtp_proto (Fix 20140706) takes
     such a server as offering 8BITMIME, logs it, and sends BODY=8BITMIME with the content unconverted."""
