@@ -1493,6 +1493,21 @@ async def test_content_labelled_8bit_is_converted_for_a_peer_without_8bitmime_wh
         assert b"Content-Transfer-Encoding: quoted-printable\r\n\r\nLe caf=C3=A9 est pr=C3=AAt.\r\n" in received
 
 
+async def test_size_is_not_announced_for_content_that_is_converted_on_the_way(scripted_peer):
+    """The size of converted content is not the size queued: Postfix's smtp_proto ("Don't announce SIZE if we're
+    going to MIME downgrade") leaves SIZE out then, as a private Postfix 3.7.11 did to a peer without 8BITMIME."""
+    converting, port = await scripted_peer(extensions=("SIZE 10240000",))
+    taking, port_8bit = await scripted_peer(extensions=("SIZE 10240000", "8BITMIME"))
+    for port_ in (port, port_8bit):
+        report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{port_}", content=EIGHT_BIT_MIME,
+                                                               body_type="8BITMIME"))
+        assert report.results[0].outcome is Outcome.SENT
+    [mail] = [c for c in converting.commands if c.startswith("MAIL")]
+    assert mail == "MAIL FROM:<a@remote.test>"
+    [mail] = [c for c in taking.commands if c.startswith("MAIL")]
+    assert mail == f"MAIL FROM:<a@remote.test> SIZE={len(EIGHT_BIT_MIME)} BODY=8BITMIME"
+
+
 async def test_a_peer_offering_smtputf8_without_8bitmime_gets_8bit_content_as_it_is(scripted_peer, caplog):
     """RFC 6531 3.1: a server that offers SMTPUTF8 takes 8-bit content. Postfix's smtp_proto (Fix 20140706) takes
     such a server as offering 8BITMIME, logs it, and sends BODY=8BITMIME with the content unconverted."""

@@ -18,8 +18,10 @@ of the SMTP and LMTP clients (the command side of Postfix smtp_proto).
                                   = no, with its cleanup's auto_8bit_enc_hdr); to a peer without
                                   SMTPUTF8, a header section with 8-bit bytes through `HeaderDowngrade` (RFC 2047
                                   words; an ASCII one gets no encoder)
-    mail_command(request, extensions, body) -> bytes   `MAIL FROM:<sender>` with SIZE (offered), BODY, SMTPUTF8
-                                  (offered, and the message is flagged or needs it), RET and ENVID (DSN offered)
+    mail_command(request, extensions, body, converted=False) -> bytes   `MAIL FROM:<sender>` with SIZE (offered, and
+                                  the content goes unconverted: Postfix announces no SIZE when it converts), BODY,
+                                  SMTPUTF8 (offered, and the message is flagged or needs it), RET and ENVID (DSN
+                                  offered)
     rcpt_command(recipient, extensions) -> bytes       `RCPT TO:<address>` with ORCPT and NOTIFY (DSN offered)
     needs_smtputf8(request) -> bool                    UTF-8 in the envelope, or in the headers of a message whose
                                   client asked for SMTPUTF8
@@ -152,10 +154,11 @@ def printable(address: str) -> str:
 # ---------------------------------------------------------------------------------------------------- commands
 
 
-def mail_command(request: DeliveryRequest, extensions: Extensions, body: str | None = None) -> bytes:
+def mail_command(request: DeliveryRequest, extensions: Extensions, body: str | None = None, *,
+                 converted: bool = False) -> bytes:
     """See the module docstring."""
     params = []
-    if extensions.supports("size"):
+    if extensions.supports("size") and not converted:
         params.append(f"SIZE={request.content.size}".encode("ascii"))
     if body:
         params.append(body.encode("ascii"))

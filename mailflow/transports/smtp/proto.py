@@ -83,7 +83,7 @@ async def _transaction(
         log.debug("%s: %s lacks 8BITMIME or SMTPUTF8: content converted to 7 bit", request.queue_id, peer.relay)
     rcpts = [rcpt_command(r, extensions) for r in recipients]
     pipelining = extensions.supports("pipelining")
-    mail = mail_command(request, extensions, body)
+    mail = mail_command(request, extensions, body, converted=bool(encoders))
     try:
         session.send(b"".join([mail, *rcpts, b"DATA" + CRLF]) if pipelining else mail, MAIL)
         reply = await session.reply(timeouts.command, MAIL)
