@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+import unicodedata
 
 from mailflow.syntax import parse_ip
 
@@ -29,6 +30,7 @@ _QUOTED_PAIR = re.compile(r"\\(.)")
 _LABEL = r"[A-Za-z0-9_\x80-\U0010ffff](?:[A-Za-z0-9\-_\x80-\U0010ffff]*[A-Za-z0-9_\x80-\U0010ffff])?"
 _DOMAIN_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
 _NUMERIC_DOMAIN = re.compile(r"[0-9.]+")
+_A_LABELS = re.compile(rb"[A-Za-z0-9_\-.]+")  # (the codec maps U+3002 and its kin to dots: more labels)
 # RFC 5321's 64-octet local part is not enforced (Postfix does not either): VERP and SRS addresses, mailflow's own
 # among them, are longer. The whole address is bounded by the 256-octet path, less its angle brackets.
 MAX_ADDRESS = 254
@@ -174,15 +176,29 @@ def is_address_literal(domain: str) -> bool:
 
 
 def _labels_fit(domain: str) -> bool:
-    """Each label at most 63 octets, counted in its ASCII (A-label) form (RFC 1035 2.3.4)."""
+    """Each label at most 63 octets, counted in its ASCII (A-label) form (RFC 1035 2.3.4); a label that is not ASCII
+    must have one (`_converts`)."""
     for label in domain.rstrip(".").split("."):
         try:
-            encoded = label.encode("ascii") if label.isascii() else label.encode("idna")
+            encoded = label.encode("ascii") if label.isascii() else _converts(label)
         except UnicodeError:
             return False
         if not 0 < len(encoded) <= 63:
             return False
     return True
+
+
+def _converts(label: str) -> bytes:
+    """The A-label of a U-label, refused (UnicodeError) where Postfix's midna_domain_to_ascii (UTS 46, then
+    valid_hostname) refuses it and Python's IDNA 2003 codec would not: a leading combining mark, hyphens in the
+    third and fourth places, a result that is not letters, digits, hyphens and underscores (U+3000 maps to a
+    space)."""
+    if unicodedata.category(label[0]).startswith("M") or label[2:4] == "--":
+        raise UnicodeError("not a U-label")
+    encoded = label.encode("idna")
+    if not _A_LABELS.fullmatch(encoded):
+        raise UnicodeError("not a host name")
+    return encoded
 
 
 def is_utf8(address: str) -> bool:

@@ -158,6 +158,19 @@ def test_domain_label_longer_than_63_octets_is_refused():
     assert mailbox_syntax_error("user@" + "a" * 63 + ".com.") is None
 
 
+@pytest.mark.parametrize("domain", ["\u0301x.example", "ab--\u00fc.example", "x\u3000y.example"])
+def test_a_u_label_without_an_a_label_is_refused(domain):
+    """A private Postfix 3.7.11 (smtputf8_enable = yes) answers RCPT TO with such a domain 501 5.1.3: UTS 46 refuses
+    a leading combining mark and hyphens in places 3 and 4, and U+3000 maps to a space, no host name."""
+    assert mailbox_syntax_error(f"user@{domain}") == "bad domain"
+
+
+@pytest.mark.parametrize("domain", ["b\u00fccher.example", "\u2603.example", "\uff21\u00fc.example",
+                                    "\u00fc\u3002example", "ex_\u00e4.example"])
+def test_u_labels_that_postfix_takes_are_taken(domain):
+    assert mailbox_syntax_error(f"user@{domain}") is None
+
+
 def test_utf8_label_length_counts_its_a_label():
     assert mailbox_syntax_error("user@" + "ü" * 55 + ".de") is None  # 110 UTF-8 octets, A-label of 61
     assert mailbox_syntax_error("user@" + "ü" * 58 + ".de") == "bad domain"  # A-label over 63
