@@ -75,7 +75,7 @@ def lookup_failed(address: str) -> Reply:
     return Reply(451, "4.3.0", f"<{address}>: Temporary lookup failure")
 
 
-SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "Must declare SMTPUTF8 to send UTF-8 addresses")
+SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")  # Postfix's words
 INTERNAL_ERROR = Reply(451, "4.3.0", "Error: internal error, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
 QUEUE_FULL = Reply(451, "4.3.1", "Error: queue file write error, try again later")
