@@ -738,15 +738,20 @@ async def counted_peer():
 class ScriptedPeer:
     """A line-level SMTP server for what aiosmtpd cannot be told to do: offer PIPELINING and prove it is used
     (`hold_mail_reply`: MAIL is answered only once every RCPT of the transaction has arrived, so a client that
-    waits for each reply never gets one), stay silent at one command (`silent_at`), refuse by address."""
+    waits for each reply never gets one), stay silent at one command (`silent_at`), refuse by address, refuse
+    the end of data (`dot_replies`, one per message, then 250) and keep a refused transaction open until RSET
+    (`refusal_keeps_transaction`: aiosmtpd does when its DATA handler fails)."""
 
     def __init__(self, extensions=("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"), *, hold_mail_reply=0,
-                 silent_at: str = "", mail_reply="250 2.1.0 Ok", rcpt_replies=None):
+                 silent_at: str = "", mail_reply="250 2.1.0 Ok", rcpt_replies=None, dot_replies=(),
+                 refusal_keeps_transaction=False):
         self.extensions = extensions
         self.hold_mail_reply = hold_mail_reply
         self.silent_at = silent_at
         self.mail_reply = mail_reply
         self.rcpt_replies = rcpt_replies or {}
+        self.dot_replies = list(dot_replies)
+        self.refusal_keeps_transaction = refusal_keeps_transaction
         self.commands: list[str] = []
         self.messages: list[bytes] = []
         self.connections = 0
@@ -773,6 +778,7 @@ class ScriptedPeer:
         self._writers.append(writer)
         held: list[bytes] = []
         accepted: int | None = None  # recipients accepted in the transaction; None: no MAIL yet
+        stuck = False  # a refused transaction kept open (refusal_keeps_transaction) until RSET
         try:
             writer.write(b"220 scripted.test ESMTP\r\n")
             while line := await reader.readline():
@@ -785,6 +791,8 @@ class ScriptedPeer:
                 if verb == "EHLO":
                     lines = ["scripted.test", *self.extensions, "HELP"]
                     writer.write("".join(f"250-{x}\r\n" for x in lines[:-1]).encode() + f"250 {lines[-1]}\r\n".encode())
+                elif verb == "MAIL" and stuck:
+                    writer.write(b"503 5.5.1 Error: nested MAIL command\r\n")
                 elif verb == "MAIL":
                     accepted = 0 if self.mail_reply.startswith("2") else None
                     held = [self.mail_reply.encode() + b"\r\n"]
@@ -817,9 +825,11 @@ class ScriptedPeer:
                     if self.silent_at == "END OF DATA":
                         await reader.read()
                         return
-                    writer.write(b"250 2.0.0 Ok: queued\r\n")
+                    reply = self.dot_replies.pop(0) if self.dot_replies else "250 2.0.0 Ok: queued"
+                    stuck = self.refusal_keeps_transaction and not reply.startswith("2")
+                    writer.write(reply.encode() + b"\r\n")
                 elif verb == "RSET":
-                    accepted = None
+                    accepted, stuck = None, False
                     writer.write(b"250 2.0.0 Ok\r\n")
                 elif verb == "QUIT":
                     writer.write(b"221 2.0.0 Bye\r\n")
@@ -1338,6 +1348,17 @@ async def test_rset_after_an_unfinished_transaction_before_reuse(scripted_peer):
     assert [r.results[0].outcome for r in reports] == [Outcome.BOUNCED, Outcome.SENT]
     assert peer.connections == 1
     assert peer.commands.count("RSET") == 1  # after the refused RCPT only; a finished DATA needs none
+
+
+async def test_rset_after_a_refused_end_of_data_before_reuse(scripted_peer):
+    """A refused end of data leaves the peer's state to doubt (aiosmtpd keeps the transaction when its handler
+    fails): RSET before the session is reused, as Postfix probes a cached session with RSET, or the next
+    message's MAIL would get 503 and bounce."""
+    peer, port = await scripted_peer(dot_replies=["554 5.7.1 no thanks"], refusal_keeps_transaction=True)
+    reports = await deliver_several(make_transport(), make_request(f"[127.0.0.1]:{port}", "a@example.test"),
+                                    make_request(f"[127.0.0.1]:{port}", "b@example.test"))
+    assert [r.results[0].outcome for r in reports] == [Outcome.BOUNCED, Outcome.SENT]
+    assert peer.connections == 1 and peer.commands.count("RSET") == 1
 
 
 # ---------------------------------------------------------------------------------------------------- PIPELINING

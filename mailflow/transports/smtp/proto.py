@@ -4,7 +4,8 @@
         every recipient ends with a result in `outcomes`; a lost, timed-out or garbled dialogue defers those still
         without an answer (relay: the peer) and fails the site. A `reused` (cached) session that dies before MAIL
         FROM is answered raises StaleSession instead and leaves `outcomes` untouched.
-    await reset(session, timeout) -> bool      RSET (a transaction is still open and the session is to be cached)
+    await reset(session, timeout) -> bool      RSET (a transaction is still open, or its end of data was refused,
+                                               and the session is to be cached)
     smtp_data(content, encoders) / asmtp_data(content, encoders)   the content as DATA: through `encoders`,
         dot-stuffed, then the terminator; from memory / a spool file read chunk by chunk
 
@@ -123,10 +124,14 @@ async def _transaction(
         return
     await _send_body(session, request.content, encoders, timeouts.data)
     notifies = extensions.supports("dsn")
+    refused = False
     for answered in ([r] for r in accepted) if lmtp else [accepted]:
         reply = await session.reply(timeouts.data, END_OF_DATA)
+        refused = refused or not reply.positive
         outcomes.update(reply_results(answered, reply, peer, "end of DATA", next_hop_notifies=notifies))
-    session.transaction_open = False
+    # after a refusal the peer's state is in doubt (aiosmtpd keeps the transaction when its handler fails): the
+    # session is RSET before it is reused, as Postfix probes every cached session with RSET
+    session.transaction_open = refused
 
 
 async def _abandon_pipelined(session: Session, rcpt_replies: int, timeout: float) -> None:
