@@ -2,7 +2,8 @@
 
 What it owns (Postfix cleanup(8), envelope part):
 - `sender(addr)`: qualify (trivial-rewrite), `sender_canonical_maps` then `canonical_maps`, then
-  `masquerade_domains`. The null sender "" stays "".
+  `masquerade_domains`. The null sender "" stays "", and `MAILER-DAEMON@myorigin` (or `MAILER-DAEMON`, any case)
+  becomes it before any table is asked, as Postfix's cleanup_addr_sender makes it (bounces sent as that address).
 - `header_sender(addr, origin)`, `header_recipient(addr, origin)`: an address of a header field (cleanup's header
   rewriting, mailflow.header_addresses): qualified with `origin`, then canonical maps and masquerading (both
   classes: Postfix's masquerade_classes masquerade header recipients too).
@@ -49,6 +50,7 @@ from mailflow.tables import Table, TableCache, find_address, split_extension
 log = logging.getLogger("mailflow.cleanup")
 
 CANONICAL_RECURSION_LIMIT = 10
+MAILER_DAEMON = "MAILER-DAEMON"  # @myorigin, as an envelope sender: the null sender (Postfix MAIL_ADDR_MAIL_DAEMON)
 _LIST_ITEM = re.compile(r'(?:"(?:\\.|[^"\\])*"|[^,\s"])+')
 
 
@@ -76,9 +78,10 @@ class AddressMapper:
 
     # -- senders ---------------------------------------------------------------------------------------
     def sender(self, addr: str) -> str:
-        if not addr:
-            return addr
-        return self.masquerade(self._canonical(self._rewriter.qualify(addr), self._sender_passes))
+        qualified = self._rewriter.qualify(addr)
+        if not qualified or qualified.lower() == f"{MAILER_DAEMON}@{self._config.origin}".lower():
+            return ""
+        return self.masquerade(self._canonical(qualified, self._sender_passes))
 
     def masquerade(self, addr: str) -> str:
         """`user@host.example.com` -> `user@example.com` when example.com is in masquerade_domains; the first

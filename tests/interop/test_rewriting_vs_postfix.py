@@ -7,9 +7,10 @@ header fields (addresses only: Postfix writes a rewritten field anew, mailflow c
 The probes: sender_canonical_maps, recipient_canonical_maps and canonical_maps together (which is asked first, which
 applies to which class of address, envelope and header), `@domain` and `user` keys, an unmatched +extension carried
 onto a canonical or virtual result, regexp tables (case-insensitive, `$1` keeping the address's case), a
-multi-valued canonical entry (the first address), masquerade_domains with a `!` entry and masquerade_exceptions
-(header recipients masqueraded, envelope recipients not), virtual_alias_maps (one-to-many with duplicates, an
-alias in its own expansion, `user@domain` before `@domain`, a loop, the recursion and expansion limits: 451 4.6.0).
+multi-valued canonical entry (the first address), the sender MAILER-DAEMON@myorigin (the null sender),
+masquerade_domains with a `!` entry and masquerade_exceptions (header recipients masqueraded, envelope recipients
+not), virtual_alias_maps (one-to-many with duplicates, an alias in its own expansion, `user@domain` before
+`@domain`, a loop, the recursion and expansion limits: 451 4.6.0).
 
 Every message carries its own From: the From each server adds to a message without one is written differently
 (Postfix `From: address`, mailflow `From: <address>`), which is not what this test is about.
@@ -65,6 +66,8 @@ PROBES = [
     ("s@remote.test", ["loopa@v.test"], "From: s@remote.test\r\n"),
     ("s@remote.test", ["c1@v.test"], "From: s@remote.test\r\n"),
     ("s@remote.test", ["big@v.test"], "From: s@remote.test\r\n"),
+    ("MAILER-DAEMON@origin.test", ["a@x.test"], "From: s@remote.test\r\n"),
+    ("MAILER-DAEMON", ["a@x.test"], "From: s@remote.test\r\n"),
 ]
 FIELDS = ("From", "To", "Cc", "Reply-To")
 
@@ -141,3 +144,4 @@ async def test_address_rewriting_matches_a_real_postfix(mailflow_server):
     assert postfix[9][1][1] == ["<r@host.example.test> ORCPT=rfc822;r@host.example.test"]  # envelope: not masqueraded
     assert postfix[12][1][1] == ["<a@d.test> ORCPT=rfc822;list@v.test", "<b@d.test> ORCPT=rfc822;list@v.test"]
     assert [postfix[i][0] for i in (16, 17, 18)] == [451, 451, 451]  # a loop, too deep, too many
+    assert postfix[19][1][0] == postfix[20][1][0] == [""]  # MAILER-DAEMON@myorigin: the null sender, not mapped

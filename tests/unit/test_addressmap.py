@@ -54,6 +54,14 @@ def test_null_sender_stays_null(tmp_path):
     assert m.sender("") == ""
 
 
+def test_mailer_daemon_at_myorigin_is_the_null_sender(tmp_path):
+    # Postfix cleanup_addr_sender: before the canonical maps, which are then not asked
+    m = mapper(myorigin="origin.test", canonical_maps=(inline({"mailer-daemon": "md@x.test"}),))
+    assert m.sender("MAILER-DAEMON@origin.test") == m.sender("mailer-daemon") == ""
+    assert m.sender("Mailer-Daemon@ORIGIN.test") == ""
+    assert m.sender("mailer-daemon@example.test") == "md@x.test"  # another of this host's domains: mapped
+
+
 def test_unqualified_sender_gets_myorigin():
     assert mapper(myorigin="example.test").sender("alice") == "alice@example.test"
 
