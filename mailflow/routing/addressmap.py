@@ -31,8 +31,9 @@ Table semantics (as Postfix's mail_addr_map):
   that comes back through others is a loop.
 
 Failures (the message is not accepted; smtpd answers 451, as Postfix does): `LookupRetry` (4.3.0) when a table
-cannot answer; `TemporaryError("4.6.0", "Alias expansion error")` for a loop, more nesting than
-`virtual_alias_recursion_limit`, more addresses than `virtual_alias_expansion_limit`, or a canonical chain that
+cannot answer; `TemporaryError("4.6.0", "Alias expansion error")` for a loop, an address still to be looked up
+after `virtual_alias_recursion_limit` nested lookups (as Postfix's cleanup_map1n counts: a chain of exactly that
+many rewrites is refused too), more addresses than `virtual_alias_expansion_limit`, or a canonical chain that
 does not settle; its `reason` names the address and why, for the log of whoever refuses the message.
 """
 from __future__ import annotations
@@ -150,11 +151,11 @@ class AddressMapper:
                 current = expansion[i]
                 if current.lower() in chain:
                     raise expansion_error(addr, f"virtual alias loop: {' -> '.join(chain)} -> {current}")
+                if len(chain) >= c.virtual_alias_recursion_limit:  # before the lookup, whatever it would answer
+                    raise expansion_error(addr, f"virtual_alias_maps nesting reaches {len(chain)} lookups")
                 results = self._map(current, [self._virtual])
                 if results is None:
                     break
-                if len(chain) >= c.virtual_alias_recursion_limit:
-                    raise expansion_error(addr, f"virtual_alias_maps nesting deeper than {len(chain)}")
                 chain.append(current.lower())
                 if any(r.lower() == current.lower() for r in results):
                     final.add(current.lower())

@@ -68,6 +68,7 @@ PROBES = [
     ("s@remote.test", ["big@v.test"], "From: s@remote.test\r\n"),
     ("MAILER-DAEMON@origin.test", ["a@x.test"], "From: s@remote.test\r\n"),
     ("MAILER-DAEMON", ["a@x.test"], "From: s@remote.test\r\n"),
+    ("s@remote.test", ["c2@v.test"], "From: s@remote.test\r\n"),
 ]
 FIELDS = ("From", "To", "Cc", "Reply-To")
 
@@ -145,3 +146,4 @@ async def test_address_rewriting_matches_a_real_postfix(mailflow_server):
     assert postfix[12][1][1] == ["<a@d.test> ORCPT=rfc822;list@v.test", "<b@d.test> ORCPT=rfc822;list@v.test"]
     assert [postfix[i][0] for i in (16, 17, 18)] == [451, 451, 451]  # a loop, too deep, too many
     assert postfix[19][1][0] == postfix[20][1][0] == [""]  # MAILER-DAEMON@myorigin: the null sender, not mapped
+    assert postfix[21][0] == 451  # c2 -> c3 -> c4 -> c5: as many rewrites as the limit, and c5 still to look up
