@@ -18,7 +18,8 @@ virtual_mailbox_domains are exact lists (string_list: a subdomain is another dom
 relay_domains matches the domain and every subdomain (domain_list, parent style). The virtual domain lists
 may also name lookup tables (`DomainList`: a domain a table has as a key is in the list), so classifying an
 address may raise LookupRetry. `qualify` appends
-`@myorigin` to a bare `user` (and, with `append_dot_mydomain`, `.mydomain` to a dotless `user@host`).
+`@myorigin` to a bare `user` (and, with `append_dot_mydomain`, `.mydomain` to a dotless `user@host`); an address
+without '@' that holds a `%` has its rightmost `%` made the '@' instead (allow_percent_hack, Postfix's rewrite).
 `own_addresses` are this server's IP addresses as `own_addresses(config)` finds them (the SMTP client's loop
 detection takes them as itself). `resolved_address` is trivial-rewrite's resolve loop: while the domain is local and the local part holds
 a `%` (allow_percent_hack), the local domain is dropped and the rightmost `%` becomes `@`
@@ -169,10 +170,14 @@ class Rewriter:
         return self._own_addresses
 
     def qualify(self, addr: str, origin: str = "") -> str:
-        """`user` -> `user@origin` (default myorigin); with append_dot_mydomain `user@host` -> `user@host.mydomain`."""
+        """`user` -> `user@origin` (default myorigin), but `user%domain` -> `user@domain` (allow_percent_hack); with
+        append_dot_mydomain `user@host` -> `user@host.mydomain` (Postfix's rewrite_tree)."""
         local, domain = address.split(addr)
         if not addr or addr.endswith("@"):
             return addr  # empty, or no domain after the '@': a syntax error for the caller to report
+        if not domain and self._config.allow_percent_hack and "%" in addr and not addr.startswith('"'):
+            user, _, via = addr.rpartition("%")
+            return self.qualify(f"{user}@{via}", origin)  # (`user%` is `user@`: returned as it is, above)
         if not domain:
             return f"{addr}@{origin or self._config.origin}"
         if self._config.append_dot_mydomain and "." not in domain and not domain.startswith("["):

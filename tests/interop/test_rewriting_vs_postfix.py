@@ -7,7 +7,8 @@ header fields (addresses only: Postfix writes a rewritten field anew, mailflow c
 The probes: sender_canonical_maps, recipient_canonical_maps and canonical_maps together (which is asked first, which
 applies to which class of address, envelope and header), `@domain` and `user` keys, an unmatched +extension carried
 onto a canonical or virtual result, regexp tables (case-insensitive, `$1` keeping the address's case), a
-multi-valued canonical entry (the first address), the sender MAILER-DAEMON@myorigin (the null sender),
+multi-valued canonical entry (the first address), the sender MAILER-DAEMON@myorigin (the null sender), `user%domain`
+(the percent hack of an address without '@': `user@domain`, not `user%domain@myorigin`),
 masquerade_domains with a `!` entry and masquerade_exceptions (header recipients masqueraded, envelope recipients
 not), virtual_alias_maps (one-to-many with duplicates, an alias in its own expansion, `user@domain` before
 `@domain`, a loop, the recursion and expansion limits: 451 4.6.0).
@@ -69,6 +70,7 @@ PROBES = [
     ("MAILER-DAEMON@origin.test", ["a@x.test"], "From: s@remote.test\r\n"),
     ("MAILER-DAEMON", ["a@x.test"], "From: s@remote.test\r\n"),
     ("s@remote.test", ["c2@v.test"], "From: s@remote.test\r\n"),
+    ("user%y.test", ["joe%y.test"], "From: s@remote.test\r\nTo: user%y.test, a%b@y.test\r\n"),
 ]
 FIELDS = ("From", "To", "Cc", "Reply-To")
 
@@ -147,3 +149,5 @@ async def test_address_rewriting_matches_a_real_postfix(mailflow_server):
     assert [postfix[i][0] for i in (16, 17, 18)] == [451, 451, 451]  # a loop, too deep, too many
     assert postfix[19][1][0] == postfix[20][1][0] == [""]  # MAILER-DAEMON@myorigin: the null sender, not mapped
     assert postfix[21][0] == 451  # c2 -> c3 -> c4 -> c5: as many rewrites as the limit, and c5 still to look up
+    assert postfix[22][1][:2] == (["user@y.test"], ["<joe@y.test> ORCPT=rfc822;joe%y.test"])  # the percent hack
+    assert postfix[22][1][2]["To"] == ["user@y.test", "a%b@y.test"]  # ... of an address without '@' only

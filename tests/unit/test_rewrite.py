@@ -87,9 +87,18 @@ def test_resolution_keeps_the_address_as_given_but_qualified():
     ("user@example.test", "user@example.test"),
     ('"a@b"@remote.test', '"a@b"@remote.test'),
     ("", ""),  # the null sender stays null
+    # the percent hack of an address without '@' (Postfix rewrite_tree): the rightmost '%' becomes it
+    ("user%remote.test", "user@remote.test"),
+    ("a%b%remote", "a%b@remote"),
+    ("user%", "user@"),  # no domain: left for the caller's syntax check
+    ('"a%b"', '"a%b"@mx.example.test'),
 ])
 def test_qualify(addr, qualified):
     assert rewriter().qualify(addr) == qualified
+
+
+def test_qualify_without_the_percent_hack():
+    assert rewriter(allow_percent_hack=False).qualify("user%remote.test") == "user%remote.test@mx.example.test"
 
 
 @pytest.mark.parametrize("value, expected", [
