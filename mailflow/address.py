@@ -1,6 +1,8 @@
 """Pure address handling: split, normalise domains, check RFC 5321 syntax. No I/O, no config (a leaf).
 
 - `split(addr) -> (local, domain)`: at the last '@'; domain "" for an unqualified address.
+- `tidy(addr)`: needless quotes and one trailing dot dropped (`"joe"@x.test.` is `joe@x.test`), as Postfix's
+  trivial-rewrite does to every address.
 - `normalise_domain(d)`: lower case, no trailing dot, IDNA A-label for matching ("" if it cannot be).
 - `mailbox_syntax_error(addr) -> str | None`: why an address is not an RFC 5321 mailbox (None if it is).
 - `parse_path(text) -> (address, rest)`: the address of a MAIL FROM / RCPT TO argument and the parameters
@@ -83,6 +85,20 @@ def parse_path(text: str) -> tuple[str, str]:
         local = _without_needless_quotes(local)
         path = f"{local}@{domain}" if at else ("" if local == '""' else local)  # `<"">` is `<>`, as in Postfix
     return path, rest.strip(" \t")
+
+
+def tidy(addr: str) -> str:
+    """`"joe"@x.test.` -> `joe@x.test`: quotes that add nothing dropped from the local part, and one trailing dot
+    from the domain (not from `x..` or a domain that is only a dot), as Postfix's trivial-rewrite tidies every
+    address it rewrites (quote_822_local, rewrite_tree). Anything else is returned as it is."""
+    local, at, domain = addr.rpartition("@")
+    if not at:
+        local, domain = addr, ""
+    if domain.endswith(".") and len(domain) > 1 and not domain.endswith(".."):
+        domain = domain[:-1]
+    if len(local) > 1 and local.startswith('"') and local.endswith('"'):
+        local = _without_needless_quotes(local)
+    return f"{local}@{domain}" if at else local
 
 
 def _without_needless_quotes(local: str) -> str:

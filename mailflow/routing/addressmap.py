@@ -5,7 +5,8 @@ What it owns (Postfix cleanup(8), envelope part):
   `masquerade_domains`. The null sender "" stays "", and `MAILER-DAEMON@myorigin` (or `MAILER-DAEMON`, any case)
   becomes it before any table is asked, as Postfix's cleanup_addr_sender makes it (bounces sent as that address).
 - `header_sender(addr, origin)`, `header_recipient(addr, origin)`: an address of a header field (cleanup's header
-  rewriting, mailflow.header_addresses): qualified with `origin`, then canonical maps and masquerading (both
+  rewriting, mailflow.header_addresses): tidied (`"joe"@x.test.` is `joe@x.test`) and qualified with `origin` by
+  trivial-rewrite's `qualify`, then canonical maps and masquerading (both
   classes: Postfix's masquerade_classes masquerade header recipients too).
 - `recipient(addr)`: qualify, `recipient_canonical_maps` then `canonical_maps`; with [srs] on, a valid SRS address of
   the SRS domain (a bounce of forwarded mail coming back) becomes the original sender instead (mailflow.routing.srs,

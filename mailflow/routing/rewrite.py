@@ -17,7 +17,7 @@ do with its default parent_domain_matches_subdomains: mydestination, virtual_ali
 virtual_mailbox_domains are exact lists (string_list: a subdomain is another domain); an entry of
 relay_domains matches the domain and every subdomain (domain_list, parent style). The virtual domain lists
 may also name lookup tables (`DomainList`: a domain a table has as a key is in the list), so classifying an
-address may raise LookupRetry. `qualify` appends
+address may raise LookupRetry. `qualify` tidies an address (needless quotes, a trailing dot) and appends
 `@myorigin` to a bare `user` (and, with `append_dot_mydomain`, `.mydomain` to a dotless `user@host`); an address
 without '@' that holds a `%` has its rightmost `%` made the '@' instead (allow_percent_hack, Postfix's rewrite).
 `own_addresses` are this server's IP addresses as `own_addresses(config)` finds them (the SMTP client's loop
@@ -171,11 +171,15 @@ class Rewriter:
 
     def qualify(self, addr: str, origin: str = "") -> str:
         """`user` -> `user@origin` (default myorigin), but `user%domain` -> `user@domain` (allow_percent_hack); with
-        append_dot_mydomain `user@host` -> `user@host.mydomain` (Postfix's rewrite_tree)."""
+        append_dot_mydomain `user@host` -> `user@host.mydomain` (Postfix's rewrite_tree). Tidied first
+        (`address.tidy`: `"joe"@x.test.` is `joe@x.test`), as Postfix's rewrite does; an envelope address from
+        smtpd is tidy already, one from a header, an alias or a table may not be."""
+        quoted = addr.startswith('"')  # (a '%' in quotes is no percent hack, quotes that add nothing or not)
+        addr = address.tidy(addr)
         local, domain = address.split(addr)
         if not addr or addr.endswith("@"):
             return addr  # empty, or no domain after the '@': a syntax error for the caller to report
-        if not domain and self._config.allow_percent_hack and "%" in addr and not addr.startswith('"'):
+        if not domain and self._config.allow_percent_hack and "%" in addr and not quoted:
             user, _, via = addr.rpartition("%")
             return self.qualify(f"{user}@{via}", origin)  # (`user%` is `user@`: returned as it is, above)
         if not domain:

@@ -8,7 +8,8 @@ The probes: sender_canonical_maps, recipient_canonical_maps and canonical_maps t
 applies to which class of address, envelope and header), `@domain` and `user` keys, an unmatched +extension carried
 onto a canonical or virtual result, regexp tables (case-insensitive, `$1` keeping the address's case), a
 multi-valued canonical entry (the first address), the sender MAILER-DAEMON@myorigin (the null sender), `user%domain`
-(the percent hack of an address without '@': `user@domain`, not `user%domain@myorigin`),
+(the percent hack of an address without '@': `user@domain`, not `user%domain@myorigin`), header addresses with
+needless quotes or a trailing dot (tidied before the tables are asked: `"joe"@x.test.` is `joe@x.test`),
 masquerade_domains with a `!` entry and masquerade_exceptions (header recipients masqueraded, envelope recipients
 not), virtual_alias_maps (one-to-many with duplicates, an alias in its own expansion, `user@domain` before
 `@domain`, a loop, the recursion and expansion limits: 451 4.6.0).
@@ -71,6 +72,7 @@ PROBES = [
     ("MAILER-DAEMON", ["a@x.test"], "From: s@remote.test\r\n"),
     ("s@remote.test", ["c2@v.test"], "From: s@remote.test\r\n"),
     ("user%y.test", ["joe%y.test"], "From: s@remote.test\r\nTo: user%y.test, a%b@y.test\r\n"),
+    ("s@remote.test", ["r@x.test"], 'From: "both"@x.test, ext@x.test., <"j.k"@x.test.>\r\nTo: "w"@local.test.\r\n'),
 ]
 FIELDS = ("From", "To", "Cc", "Reply-To")
 
@@ -151,3 +153,5 @@ async def test_address_rewriting_matches_a_real_postfix(mailflow_server):
     assert postfix[21][0] == 451  # c2 -> c3 -> c4 -> c5: as many rewrites as the limit, and c5 still to look up
     assert postfix[22][1][:2] == (["user@y.test"], ["<joe@y.test> ORCPT=rfc822;joe%y.test"])  # the percent hack
     assert postfix[22][1][2]["To"] == ["user@y.test", "a%b@y.test"]  # ... of an address without '@' only
+    assert postfix[23][1][2]["From"] == ["sender-common@x.test", "ext-out@y.test", "j.k@x.test"]  # tidied, mapped
+    assert postfix[23][1][2]["To"] == ["w@local.test"]

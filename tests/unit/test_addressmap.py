@@ -438,3 +438,11 @@ def test_unmapped_header_addresses_are_only_qualified(tmp_path):
     assert m.header_sender("bob", mapped=False) == "bob@mx.example.test"
     assert m.header_sender("bob@example.test", mapped=False) == "bob@example.test"
     assert m.header_sender("bob@example.test") == "robert@example.test"
+
+
+def test_header_addresses_are_tidied_before_the_tables_are_asked(tmp_path):
+    # as Postfix's rewrite tidies them: a header's "joe"@x.test. is looked up, and written, as joe@x.test
+    m = mapper(canonical_maps=(inline({"joe@x.test": "joe.smith@x.test"}),))
+    assert m.header_sender('"joe"@x.test.') == m.header_recipient("joe@x.test.") == "joe.smith@x.test"
+    assert m.header_recipient('"j.k"@x.test.', mapped=False) == "j.k@x.test"
+    assert m.header_sender('"a b"@x.test.') == '"a b"@x.test'  # quotes that are needed stay

@@ -78,7 +78,7 @@ def test_mydestination_wins_over_relay_domains():
 
 def test_resolution_keeps_the_address_as_given_but_qualified():
     rw = rewriter()
-    assert rw.resolve("User@Remote.TEST.").address == "User@Remote.TEST."
+    assert rw.resolve("User@Remote.TEST.").address == "User@Remote.TEST"  # (a trailing dot goes, as in Postfix)
     assert rw.resolve("user").address == "user@mx.example.test"
 
 
@@ -91,7 +91,13 @@ def test_resolution_keeps_the_address_as_given_but_qualified():
     ("user%remote.test", "user@remote.test"),
     ("a%b%remote", "a%b@remote"),
     ("user%", "user@"),  # no domain: left for the caller's syntax check
-    ('"a%b"', '"a%b"@mx.example.test'),
+    ('"a%b"', 'a%b@mx.example.test'),  # a quoted '%' is none (the quotes, which add nothing, go)
+    # tidied as Postfix's rewrite tidies: quotes that add nothing, one trailing dot
+    ('"joe"@remote.test.', "joe@remote.test"),
+    ('"j.k"', "j.k@mx.example.test"),
+    ('"a b"@remote.test.', '"a b"@remote.test'),
+    ("user@remote..", "user@remote.."),  # not a trailing dot: an empty label, for the syntax check
+    ("user@.", "user@."),
 ])
 def test_qualify(addr, qualified):
     assert rewriter().qualify(addr) == qualified
