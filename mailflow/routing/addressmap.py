@@ -35,7 +35,8 @@ Failures (the message is not accepted; smtpd answers 451, as Postfix does): `Loo
 cannot answer; `TemporaryError("4.6.0", "Alias expansion error")` for a loop, an address still to be looked up
 after `virtual_alias_recursion_limit` nested lookups (as Postfix's cleanup_map1n counts: a chain of exactly that
 many rewrites is refused too), more addresses than `virtual_alias_expansion_limit`, or a canonical chain that
-does not settle; its `reason` names the address and why, for the log of whoever refuses the message.
+does not settle (Postfix only logs that one, and goes on with the address reached: a deliberate difference,
+docs/config.md); its `reason` names the address and why, for the log of whoever refuses the message.
 """
 from __future__ import annotations
 
