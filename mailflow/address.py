@@ -3,6 +3,7 @@
 - `split(addr) -> (local, domain)`: at the last '@'; domain "" for an unqualified address.
 - `tidy(addr)`: needless quotes and one trailing dot dropped (`"joe"@x.test.` is `joe@x.test`), as Postfix's
   trivial-rewrite does to every address.
+- `unquoted_local(local)`, `quoted_local(local)`: a quoted local part's content; a local part quoted if it must be.
 - `normalise_domain(d)`: lower case, no trailing dot, IDNA A-label for matching ("" if it cannot be).
 - `mailbox_syntax_error(addr) -> str | None`: why an address is not an RFC 5321 mailbox (None if it is).
 - `parse_path(text) -> (address, rest)`: the address of a MAIL FROM / RCPT TO argument and the parameters
@@ -99,6 +100,20 @@ def tidy(addr: str) -> str:
     if len(local) > 1 and local.startswith('"') and local.endswith('"'):
         local = _without_needless_quotes(local)
     return f"{local}@{domain}" if at else local
+
+
+def unquoted_local(local: str) -> str | None:
+    """The content of a quoted local part (`"a@b"` -> `a@b`, quoted pairs undone); None when it is not one."""
+    if len(local) > 1 and local.startswith('"') and local.endswith('"'):
+        return _QUOTED_PAIR.sub(r"\1", local[1:-1])
+    return None
+
+
+def quoted_local(local: str) -> str:
+    """A local part as an address writes it: as it is when it is a dot-atom, else in quotes (quote_822_local)."""
+    if _DOT_ATOM_RE.fullmatch(local):
+        return local
+    return '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _without_needless_quotes(local: str) -> str:

@@ -23,7 +23,10 @@ without '@' that holds a `%` has its rightmost `%` made the '@' instead (allow_p
 `own_addresses` are this server's IP addresses as `own_addresses(config)` finds them (the SMTP client's loop
 detection takes them as itself). `resolved_address` is trivial-rewrite's resolve loop: while the domain is local and the local part holds
 a `%` (allow_percent_hack), the local domain is dropped and the rightmost `%` becomes `@`
-(`user%example.org@here` -> `user@example.org`, which then routes, and is relay-checked, as that address).
+(`user%example.org@here` -> `user@example.org`, which then routes, and is relay-checked, as that address); a
+quoted local part is opened to look for them, as Postfix's resolve_dequoted_address (default yes) does:
+`"user@example.org"@here` is `user@example.org` too, not a local user of that name that a next hop could
+take apart (no relaying through the quotes).
 
 An address with nothing after its '@' (`bob@`, which only a local submission, an alias or a .forward can
 give) resolves to `error:5.1.3 bad address syntax`: it bounces at once, as Postfix's trivial-rewrite flags it
@@ -202,17 +205,31 @@ class Rewriter:
         return ip is not None and ip in self._own_addresses
 
     def resolved_address(self, addr: str) -> str:
-        """The address qualified, then with the percent hack applied while its domain is local (see the module
-        doc). An address that is not `local@domain` comes back qualified only."""
+        """The address qualified, then, while its domain is local, that domain dropped when the local part holds
+        a routing operator (see the module doc). An address that is not `local@domain` comes back qualified
+        only."""
         current = self.qualify(addr)
         for _ in range(len(current)):
             local, at, domain = current.rpartition("@")
-            if not (at and self._config.allow_percent_hack and "%" in local and not local.startswith('"')
-                    and self.resolve_local(address.normalise_domain(domain))):
+            routed = self._routed_local_part(local) if at else None
+            if routed is None or not self.resolve_local(address.normalise_domain(domain)):
                 return current
-            user, _, via = local.rpartition("%")
-            current = f"{user}@{via}"
+            current = self.qualify(routed)
         return current
+
+    def _routed_local_part(self, local: str) -> str | None:
+        """The address a local part stands for by its routing operator, or None: `user%domain` (allow_percent_hack)
+        is `user@domain`; a quoted one is opened (Postfix's resolve_dequoted_address, on by default), so
+        `"user@domain"` is `user@domain` (and `"user%domain"` too) rather than a local user of that name."""
+        inner = address.unquoted_local(local)
+        text = local if inner is None else inner
+        if inner is not None and "@" in inner:
+            user, _, via = inner.rpartition("@")
+        elif self._config.allow_percent_hack and "%" in text:
+            user, _, via = text.rpartition("%")
+        else:
+            return None
+        return f"{address.quoted_local(user) if inner is not None else user}@{via}"
 
     def classify(self, addr: str) -> AddressClass:
         domain = address.normalise_domain(address.split(self.resolved_address(addr))[1])

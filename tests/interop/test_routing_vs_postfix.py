@@ -2,8 +2,8 @@
 must get the same RCPT reply class and end up at the same final addresses. Both servers hand every message
 (local ones too: local_transport is smtp to the sink) to an smtp-sink, whose dump shows the RCPT TO each
 recipient went out with. The probes are the routing edges a Postfix admin would notice: own address literals,
-exact versus parent-style domain lists, postmaster, the error transport at RCPT, the percent hack, and a
-second `@domain` virtual alias result."""
+exact versus parent-style domain lists, postmaster, the error transport at RCPT, the percent hack (in a quoted
+local part too), and a second `@domain` virtual alias result."""
 from __future__ import annotations
 
 import re
@@ -22,6 +22,8 @@ PROBES = [
     "postmaster@local.test",  # not in local_recipient_maps: taken anyway
     "dave%remote.test@local.test",  # the percent hack makes it remote: relay denied
     "alice%localhost@local.test",  # ... or local again
+    '"dave@remote.test"@local.test',  # a quoted local part is opened (resolve_dequoted_address): relay denied
+    '"alice@localhost"@local.test',  # ... or local again
     "alice@[127.0.0.1]",  # an address of this server: local
     "x@sub.relay.test",  # relay_domains covers subdomains
     "x@sub.local.test",  # mydestination does not
@@ -86,3 +88,5 @@ async def test_routing_edges_match_a_real_postfix(mailflow_server):
     assert postfix_codes["dave%remote.test@local.test"] == 554
     assert postfix_went["info@local.test"] == {"bob@relay.test", '""@relay.test'}
     assert postfix_went["alice%localhost@local.test"] == {"alice@localhost"}
+    assert postfix_codes['"dave@remote.test"@local.test'] == 554
+    assert postfix_went['"alice@localhost"@local.test'] == {"alice@localhost"}

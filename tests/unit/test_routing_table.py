@@ -351,6 +351,12 @@ CASES = [
     case("percent-hack-not-for-remote-domains", {}, "a%b.test@remote.test", [smtp("a%b.test@remote.test")]),
     case("percent-hack-off", {"allow_percent_hack": False}, "dave%remote.test@local.test",
          [unknown("dave%remote.test@local.test", "dave%remote.test")]),
+    # ... and a quoted local part is opened to look for '@' or '%' (Postfix's resolve_dequoted_address = yes)
+    case("quoted-at-remote", {}, '"dave@remote.test"@local.test', [smtp("dave@remote.test")]),
+    case("quoted-at-local", {}, '"alice@localhost"@local.test', [mailbox("alice@localhost")]),
+    case("quoted-percent-remote", {}, '"dave%remote.test"@local.test', [smtp("dave@remote.test")]),
+    case("quoted-at-keeps-needed-quotes", {}, '"a b@remote.test"@local.test', [smtp('"a b"@remote.test')]),
+    case("quoted-at-not-for-remote-domains", {}, '"a@b.test"@remote.test', [smtp('"a@b.test"@remote.test')]),
 
     # -- default class and relayhost ------------------------------------------------------------------
     case("default-mx", {}, "dave@remote.test", [smtp("dave@remote.test")]),
