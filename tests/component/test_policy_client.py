@@ -4,17 +4,17 @@ max_ttl, request_limit, a server that closes, the single retry, close()."""
 from __future__ import annotations
 
 import asyncio
-from typing import Self
 
 import pytest
 
 from mailflow.stages.smtpd.policy import PolicyClient, PolicyError
 from tests.support import SmtpClient, eventually
+from tests.support.policy import PolicyServer, read_request
 
 REQUEST = {"request": "smtpd_access_policy", "recipient": "alice@local.test"}
 
 
-class CountingPolicy:
+class CountingPolicy(PolicyServer):
     """Answers `action=DUNNO` after `delay`. Misbehaving: `close_after` answers on a connection, it is closed at
     once; `unanswered_after` answers, it is closed when the next request comes, unanswered; `stray`: a line
     after each reply; `only_first_answers`: connections after the first close at their first request."""
@@ -28,21 +28,13 @@ class CountingPolicy:
         self.most_open = 0
         self.requests = 0  # answered
 
-    async def __aenter__(self) -> Self:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.spec = f"inet:127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self._server.close()
-
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         number, self.open = self.connections, self.open + 1
         self.most_open = max(self.most_open, self.open)
         try:
             for answered in range(1, 1000):  # requests on one connection
-                if not await self._request(reader):
+                if await read_request(reader) is None:
                     break
                 if (self.only_first_answers and number > 1) or answered - 1 == self.unanswered_after:
                     break  # closed, unanswered
@@ -57,14 +49,6 @@ class CountingPolicy:
         finally:
             self.open -= 1
             writer.close()
-
-    @staticmethod
-    async def _request(reader: asyncio.StreamReader) -> bool:
-        for _ in range(100):  # attributes of one request
-            line = await reader.readline()
-            if line in (b"", b"\n"):
-                return line == b"\n"
-        return False
 
 
 async def test_one_connection_serves_query_after_query():

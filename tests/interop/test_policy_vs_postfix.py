@@ -7,11 +7,11 @@ Not compared, because mailflow differs on purpose (docs/security.md): an answer 
 from __future__ import annotations
 
 import asyncio
-from typing import Self
 
 import pytest
 
 from tests.support import SmtpClient, postfix_instance
+from tests.support.policy import PolicyServer, read_request
 
 pytestmark = pytest.mark.interop
 
@@ -41,27 +41,18 @@ MALFORMED = {  # answers Postfix warns about and takes as DUNNO (the next item, 
 }
 
 
-class ScriptedPolicy:
+class ScriptedPolicy(PolicyServer):
     """SMTPD_POLICY_README's server side: answers each request by the recipient's local part (DUNNO else)."""
 
     def __init__(self, answers: dict[str, str] = ANSWERS):
         self.answers = answers
         self.requests: list[dict[str, str]] = []
         self.connections = 0  # accepted so far
-        self.spec = ""  # inet:127.0.0.1:PORT once started
-
-    async def __aenter__(self) -> Self:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.spec = f"inet:127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self._server.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         try:
-            while request := await self._request(reader):
+            while request := await read_request(reader):
                 self.requests.append(request)
                 local = request.get("recipient", "").partition("@")[0]
                 writer.write(f"action={self.answers.get(local, 'DUNNO')}\n\n".encode())
@@ -70,17 +61,6 @@ class ScriptedPolicy:
             pass
         finally:
             writer.close()
-
-    @staticmethod
-    async def _request(reader: asyncio.StreamReader) -> dict[str, str]:
-        request: dict[str, str] = {}
-        for _ in range(100):  # attributes in one request (Postfix 3.7 sends 29)
-            line = (await reader.readline()).decode().rstrip("\n")
-            if not line:
-                break
-            name, _, value = line.partition("=")
-            request[name] = value
-        return request
 
 
 async def replies(port: int, answers: dict[str, str] = ANSWERS) -> dict[str, str]:

@@ -16,7 +16,8 @@ are in tests/conftest.py and build on these.
 - tools: `require_tool`, `run_tool`; scripts: `script_dir` (shell scripts for command deliveries); postfix:
   `postfix_instance` (a private Postfix); milters: `scripted_milter` (the filter side of the Milter protocol,
   told what to answer; import it from tests.support.milters); dovecot: `dovecot_instance` (a private Dovecot, LMTP and IMAP),
-  `Dovecot`, `lmtp_route`.
+  `Dovecot`, `lmtp_route`; policy: `PolicyServer`, `read_request` (the server side of the policy protocol; import
+  them from tests.support.policy).
 
 Every name is importable from `tests.support` itself.
 """
