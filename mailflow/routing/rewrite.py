@@ -30,7 +30,9 @@ take apart (no relaying through the quotes).
 
 An address with nothing after its '@' (`bob@`, which only a local submission, an alias or a .forward can
 give) resolves to `error:5.1.3 bad address syntax`: it bounces at once, as Postfix's trivial-rewrite flags it
-and its qmgr bounces it, instead of waiting for a next hop that cannot exist.
+and its qmgr bounces it, instead of waiting for a next hop that cannot exist. So does one beginning with '-'
+unless `allow_min_user` (`sendmail -- -oQ@example.org`, an alias, a .forward), whatever its class or transport:
+Postfix's resolve puts that check where no transport can bypass it (an option to some command further on).
 `transport_maps` (transport(5)) override the class's choice, except for the virtual alias class and a bad
 address. Search order: the address, the address without its extension, the domain, each parent domain as
 `.parent`, then `*`; every table is asked one key before the next. A value `:nexthop` keeps the class's
@@ -64,7 +66,7 @@ from mailflow.tables import Table, TableCache, find, find_address, find_local, s
 from mailflow.transports.error import parse_error_nexthop
 
 VIRTUAL_ALIAS_TRANSPORT = "error:5.1.1 User unknown in virtual alias table"
-BAD_SYNTAX_TRANSPORT = "error:5.1.3 bad address syntax"  # an address with nothing after its '@' (`bob@`)
+BAD_SYNTAX_TRANSPORT = "error:5.1.3 bad address syntax"  # nothing after its '@' (`bob@`), or a leading '-'
 status_log = logging.getLogger("mailflow.smtpd")
 
 # Local parts every local domain accepts at RCPT, listed or not (Postfix check_rcpt_maps): RFC 5321 4.5.1's
@@ -250,7 +252,7 @@ class Rewriter:
         relayhost is set; a nexthop without a transport (`:[gw]`) keeps the class's transport.
         May raise LookupRetry."""
         res = self._class_default(self.resolved_address(addr))
-        if res.address_class is AddressClass.VIRTUAL_ALIAS or not address.split(res.address)[1]:
+        if res.address_class is AddressClass.VIRTUAL_ALIAS or self._bad_syntax(res.address):
             return res
         match = self._transport_override(res.address)
         if match is None:
@@ -259,6 +261,10 @@ class Rewriter:
         if transport and not nexthop:
             nexthop = address.normalise_domain(address.split(res.address)[1])
         return Resolution(res.address_class, transport or res.transport, nexthop or res.nexthop, res.address)
+
+    def _bad_syntax(self, qualified: str) -> bool:
+        """Nothing after the '@', or (allow_min_user off) a leading '-': Postfix's resolve flags both an error."""
+        return not address.split(qualified)[1] or (not self._config.allow_min_user and address.is_min_user(qualified))
 
     def _class_default(self, qualified: str) -> Resolution:
         answer = self._class_answers.get(qualified)
@@ -272,7 +278,7 @@ class Rewriter:
         c = self._config
         klass = self.classify(qualified)
         domain = address.normalise_domain(address.split(qualified)[1])
-        if not domain:  # `bob@` (from sendmail, an alias, a .forward): Postfix's qmgr bounces it 5.1.3
+        if self._bad_syntax(qualified):  # `bob@`, `-x@y` (sendmail, an alias, a .forward): Postfix bounces it 5.1.3
             return Resolution(klass, *split_transport(BAD_SYNTAX_TRANSPORT), qualified)
         if klass is AddressClass.LOCAL:
             transport, nexthop = split_transport(c.local_transport)

@@ -331,6 +331,21 @@ async def test_a_recipient_with_nothing_after_the_at_bounces_at_once_as_bad_synt
     await queue_becomes(mf.store, {})
 
 
+async def test_a_recipient_beginning_with_a_dash_bounces_whatever_its_transport(mailflow_server, smtp_peer, cfg,
+                                                                                 tmp_path):
+    """`sendmail -- -oQ@relay.test`: Postfix takes it (exit 0) and bounces it, 5.1.3 bad address syntax, because
+    its trivial-rewrite flags an address beginning with '-' (allow_min_user = no) whatever the transport; mailflow
+    used to relay it to the next hop, which may hand it to a command as an option."""
+    peer = await smtp_peer()
+    mf = await mailflow_server(relayhost=f"[127.0.0.1]:{peer.port}")
+    rc, _, err = await run(cfg(), "-f", "alice@local.test", "--", "-oQ@relay.test", stdin=b"Subject: dash\n\nx\n")
+    assert rc == 0, err
+    [notice] = await delivered(tmp_path, "alice", timeout=3)
+    assert b"Status: 5.1.3" in notice and b"bad address syntax" in notice and b"<-oQ@relay.test>" in notice
+    await queue_becomes(mf.store, {})
+    assert peer.messages == []
+
+
 async def test_v_reports_the_maildrop_file(cfg):
     rc, _, err = await run(cfg(), "-v", "bob@local.test", stdin=b"\nx\n")
     assert rc == 0 and "queued as maildrop/" in err
