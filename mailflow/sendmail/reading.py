@@ -12,13 +12,15 @@ header section (for -t and Bcc), streamed so that a big message is never held wh
     header_recipients(header) -> addresses         -t: To, Cc, Bcc (Resent-* when any Resent- header is present)
     without_bcc(header) -> header                  Bcc and Resent-Bcc removed
 
-Failure behaviour: `clean_address` raises UsageError for an address with spaces, brackets, control
-characters or bytes that are not UTF-8 (`clean_recipient` also for an empty one: a maildrop file must name
-real recipients, else pickup sets it aside as corrupt after sendmail said it was stored); the rest never raise.
+Failure behaviour: `clean_address` raises UsageError for an address with spaces or brackets (outside a quoted
+local part: `"john smith"@example.org` is an address, as Postfix takes it), CR, LF, NUL or bytes that are not
+UTF-8 (`clean_recipient` also for an empty one: a maildrop file must name real recipients, else pickup sets it
+aside as corrupt after sendmail said it was stored); the rest never raise.
 """
 from __future__ import annotations
 
 import itertools
+import re
 from typing import BinaryIO, Iterable, Iterator
 
 from mailflow.header_addresses import address_spans
@@ -26,6 +28,7 @@ from mailflow.message import CRLF, header_fields, split_header
 from mailflow.sendmail.options import UsageError
 
 LINE_PIECE = 65536  # standard input is read a line at a time, a longer line in pieces of this size
+_QUOTED_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
 def clean_address(value: str, origin: str) -> str:
@@ -33,7 +36,8 @@ def clean_address(value: str, origin: str) -> str:
     address = value.strip()
     if address.startswith("<") and address.endswith(">"):
         address = address[1:-1].strip()
-    if any(c in address for c in "<>\r\n\0") or any(c.isspace() for c in address):
+    outside = _QUOTED_STRING.sub('""', address)  # `"john smith"@x` is an address: its quoted string may hold these
+    if any(c in address for c in "\r\n\0") or any(c in "<>" or c.isspace() for c in outside):
         raise UsageError(f"{value!r}: bad address syntax")
     if not _is_utf8(address):  # bytes of the command line that are not UTF-8 (they cannot be stored)
         raise UsageError(f"{value!r}: bad address syntax: not UTF-8")

@@ -104,6 +104,18 @@ async def test_t_adds_command_line_recipients(mailflow_server, cfg, tmp_path):
     assert await delivered(tmp_path, "alice") and await delivered(tmp_path, "bob")
 
 
+async def test_t_takes_a_quoted_local_part_with_a_space(mailflow_server, smtp_peer, cfg):
+    """`To: "john smith"@relay.test` is a valid address: Postfix's sendmail -t sends to it; mailflow used to refuse
+    the whole message (exit 64, bad address syntax)."""
+    peer = await smtp_peer()
+    mf = await mailflow_server(relayhost=f"[127.0.0.1]:{peer.port}")
+    rc, _, err = await run(cfg(), "-t", stdin=b'To: "john smith"@relay.test, b@relay.test\nSubject: q\n\nx\n')
+    assert rc == 0, err
+    await eventually(lambda: len(peer.messages) == 1, timeout=3)
+    assert sorted(peer.messages[0].rcpt_tos) == ['"john smith"@relay.test', "b@relay.test"]
+    await queue_becomes(mf.store, {})
+
+
 async def test_bs_scripted_smtp_dialogue(mailflow_server, cfg, tmp_path):
     await mailflow_server()
     script = (b"EHLO script.test\r\nMAIL FROM:<>\r\nRSET\r\nNOOP\r\nMAIL FROM:<root@mx.mailflow.test>\r\n"
