@@ -6,6 +6,9 @@ rewriting: `user` becomes `user@myorigin`, canonical maps and masquerading apply
                                             colon, folding included): inside `<...>` (after a source route)
                                             when the mailbox has one, else its words; group names, display
                                             names, comments and `<>` are no addresses
+    mailbox_spans(value) -> [(start, end) | None]
+                                            the same, one item per mailbox: None for a mailbox that is not one
+                                            address
     rewrite_address_fields(head, sender, recipient) -> bytes
                                             the header section with every address of a sender field passed
                                             through `sender` and of a recipient field through `recipient`
@@ -157,6 +160,12 @@ def address_spans(value: bytes) -> list[tuple[int, int]]:
     if plain is not None:
         return [plain.span(2)]
     return _spans_of_tokens(value)
+
+
+def mailbox_spans(value: bytes) -> list[tuple[int, int] | None]:
+    """Where the address of each mailbox of `value` is, None for one that is not one address (a command-line
+    recipient list, where nothing may be dropped unsaid)."""
+    return [_address_span(mailbox) for mailbox in _mailboxes(_tokens(value))]
 
 
 def _spans_of_tokens(value: bytes) -> list[tuple[int, int]]:

@@ -3,6 +3,10 @@ header section (for -t and Bcc), streamed so that a big message is never held wh
 
     clean_address(value, origin) -> address        `<a@b>` -> `a@b`; a bare local part gets @myorigin
     clean_recipient(value, origin) -> address      the same, but "" and "<>" (the null address) are refused
+    argument_recipients(value, origin) -> addresses
+                                                   a command-line argument as an address list, as Postfix's
+                                                   sendmail parses it: `a@x, b@y`, `Joe <joe@x>`, `"a,b"@x`,
+                                                   `a@x (comment)`
     text_of_argument(value) -> text                -F, $NAME, GECOS: bytes that are not UTF-8 become U+FFFD
     read_message(stream, ignore_dots) -> lines     CRLF line ends; a lone "." (its line end or not) ends the input
                                                    unless ignore_dots;
@@ -15,7 +19,8 @@ header section (for -t and Bcc), streamed so that a big message is never held wh
 Failure behaviour: `clean_address` raises UsageError for an address with spaces or brackets (outside a quoted
 local part: `"john smith"@example.org` is an address, as Postfix takes it), CR, LF, NUL or bytes that are not
 UTF-8 (`clean_recipient` also for an empty one: a maildrop file must name real recipients, else pickup sets it
-aside as corrupt after sendmail said it was stored); the rest never raise.
+aside as corrupt after sendmail said it was stored; `argument_recipients` also for a mailbox of the list that is
+not one address: none is dropped unsaid); the rest never raise.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ import itertools
 import re
 from typing import BinaryIO, Iterable, Iterator
 
-from mailflow.header_addresses import address_spans
+from mailflow.header_addresses import address_spans, mailbox_spans
 from mailflow.message import CRLF, header_fields, split_header
 from mailflow.sendmail.options import UsageError
 
@@ -66,6 +71,19 @@ def clean_recipient(value: str, origin: str) -> str:
     if not address:
         raise UsageError(f"{value!r}: bad address syntax: an empty recipient address")
     return address
+
+
+def argument_recipients(value: str, origin: str) -> list[str]:
+    """A command-line recipient argument as the address list Postfix's sendmail parses it as (`a@x, b@y`,
+    `Joe <joe@x>`, `"a,b"@x`, comments dropped), each through clean_recipient; a mailbox of the list that is not
+    one address is a UsageError."""
+    raw = value.encode("utf-8", "surrogateescape")
+    found = []
+    for span in mailbox_spans(raw):
+        if span is None:
+            raise UsageError(f"{value!r}: bad address syntax")
+        found.append(clean_recipient(raw[span[0]:span[1]].decode("utf-8", "surrogateescape"), origin))
+    return found
 
 
 def read_message(stream: BinaryIO, ignore_dots: bool) -> Iterator[bytes]:

@@ -116,6 +116,23 @@ async def test_t_takes_a_quoted_local_part_with_a_space(mailflow_server, smtp_pe
     await queue_becomes(mf.store, {})
 
 
+async def test_a_command_line_recipient_is_an_address_list(mailflow_server, smtp_peer, cfg):
+    """Postfix's sendmail parses each recipient argument as an RFC 822 address list: `Joe <joe@x>` is joe@x,
+    `x@y (comment)` is x@y, and `"a,b"@x` is one address. mailflow refused the first two (exit 64) and split the
+    third at its comma, sending to two made-up addresses."""
+    peer = await smtp_peer()
+    mf = await mailflow_server(relayhost=f"[127.0.0.1]:{peer.port}")
+    rc, _, err = await run(cfg(), "Joe User <joe@relay.test>", '"a,b"@relay.test', "c@relay.test (comment), d",
+                           stdin=b"Subject: list\n\nx\n")
+    assert rc == 0, err
+    await eventually(lambda: len(peer.messages) == 1, timeout=3)
+    assert sorted(peer.messages[0].rcpt_tos) == ['"a,b"@relay.test', "c@relay.test", "d@mx.mailflow.test",
+                                                 "joe@relay.test"]
+    await queue_becomes(mf.store, {})
+    rc, _, err = await run(cfg(), "a@relay.test, b c@relay.test", stdin=b"Subject: list\n\nx\n")
+    assert rc == 64 and "'a@relay.test, b c@relay.test': bad address syntax" in err  # none dropped unsaid
+
+
 async def test_bs_scripted_smtp_dialogue(mailflow_server, cfg, tmp_path):
     await mailflow_server()
     script = (b"EHLO script.test\r\nMAIL FROM:<>\r\nRSET\r\nNOOP\r\nMAIL FROM:<root@mx.mailflow.test>\r\n"
