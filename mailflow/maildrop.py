@@ -238,7 +238,7 @@ def _check_dsn_fields(fields: dict) -> None:
     if fields.get("ret", "") not in ("", "FULL", "HDRS"):
         raise CorruptMaildrop("ret: must be FULL or HDRS")
     envid = fields.get("envid", "")
-    if not all(33 <= ord(c) <= 126 and c not in "+=" for c in envid):  # (what sendmail -V takes)
+    if len(envid) > 100 or not all(32 <= ord(c) <= 126 for c in envid):  # (what sendmail -V takes: printable)
         raise CorruptMaildrop("envid: not an RFC 3461 ENVID")
     if fields.get("body_type", "7BIT") not in ("", "7BIT", "8BITMIME"):
         raise CorruptMaildrop("body_type: must be 7BIT or 8BITMIME")

@@ -6,7 +6,8 @@ queue flush and address commands.
                                           and -bs (other modes keep the command's own code)
     sendmail_command(ctx)                 the typer command (Sendmail's option syntax passes through untouched)
 
-Failure behaviour: a usage error prints the usage and returns 64 (EX_USAGE); nothing raises. A closed standard
+Failure behaviour: a usage error prints the usage and returns 64 (EX_USAGE); nothing raises. The warnings of
+parse_args (a bad -N, -R or -V value, ignored) are printed on standard error first, in every mode. A closed standard
 input, output or error is opened on /dev/null first (Postfix's sendmail does the same).
 """
 from __future__ import annotations
@@ -34,6 +35,8 @@ def run_sendmail(args: list[str]) -> int:
     except sm.UsageError as e:
         typer.echo(f"sendmail: {e}\n{sm.USAGE}", err=True)
         return os.EX_USAGE
+    for warning in opts.warnings:
+        typer.echo(f"sendmail: warning: {warning}", err=True)
     if opts.mode == "help":
         typer.echo(sm.HELP)
         return 0

@@ -12,8 +12,10 @@ Modes: deliver (default, `-bm`), `-bs` SMTP on stdin/stdout, `-bp` mailq, `-bv` 
 `-p`, `-G`, `-U`, `-n`, `-m`, `-c`, …) are accepted and ignored, as Postfix does; an unknown letter is ignored
 with a note (shown under `-v`).
 
-Failure behaviour: `UsageError` (exit 64, EX_USAGE) for a missing argument, an unsupported mode or a bad -N,
--R, -V or -B value.
+Failure behaviour: `UsageError` (exit 64, EX_USAGE) for a missing argument, an unsupported mode or a bad -B
+value. A bad -N or -R value, or a -V value that is not printable ASCII or longer than 100 characters, is ignored
+with a warning in `Options.warnings` (the caller prints them, -v or not), as Postfix's sendmail does: the mail
+still goes.
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ class Options:
     flush_site: str = ""  # -qRsite
     recipients: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # ignored options, shown with -v
+    warnings: list[str] = field(default_factory=list)  # bad -N, -R, -V values, ignored: always shown
 
 
 def parse_args(argv: list[str]) -> Options:
@@ -110,16 +113,8 @@ def _apply(opts: Options, letter: str, value: str) -> None:
         opts.fullname = value
     elif letter == "C":
         opts.config = value
-    elif letter == "N":
-        opts.notify = parse_notify(value)
-    elif letter == "R":
-        if value.lower() not in ("full", "hdrs"):
-            raise UsageError(f"-R {value}: use full or hdrs")
-        opts.ret = value.upper()
-    elif letter == "V":
-        if not value or not value.isascii() or any(c.isspace() or c in "+=" or ord(c) < 33 for c in value):
-            raise UsageError(f"-V {value!r}: not a valid envelope id")
-        opts.envid = value
+    elif letter in "NRV":
+        _dsn_option(opts, letter, value)
     elif letter == "B":
         if value.upper() not in ("7BIT", "8BITMIME"):
             raise UsageError(f"-B {value}: use 7BIT or 8BITMIME")
@@ -141,6 +136,28 @@ def _apply(opts: Options, letter: str, value: str) -> None:
         opts.notes.append(f"-{letter}{value} ignored")
     else:
         opts.notes.append(f"-{letter}: unknown option, ignored")
+
+
+def _dsn_option(opts: Options, letter: str, value: str) -> None:
+    """-N, -R, -V: a bad value is ignored with a warning (and clears an earlier one), as Postfix's sendmail does,
+    rather than losing the mail. An envelope id is any printable ASCII (the SMTP client writes it as xtext)."""
+    if letter == "N":
+        try:
+            opts.notify = parse_notify(value)
+        except UsageError:
+            opts.notify = ""
+            opts.warnings.append("bad -N option value -- ignored")
+    elif letter == "R":
+        good = value.lower() in ("full", "hdrs")
+        opts.ret = value.upper() if good else ""
+        if not good:
+            opts.warnings.append("bad -R option value -- ignored")
+    elif len(value) > 100:
+        opts.warnings.append("too long -V option value -- ignored")
+    elif not all(" " <= c <= "~" for c in value):
+        opts.warnings.append("bad syntax in -V option value -- ignored")
+    else:
+        opts.envid = value
 
 
 def _mode(opts: Options, value: str) -> None:

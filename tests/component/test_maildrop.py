@@ -157,8 +157,7 @@ def test_sendmail_only_options_are_ignored_with_a_note():
 
 
 @pytest.mark.parametrize("argv, problem", [
-    (["-N", "sometimes"], "-N"), (["-f"], "requires an argument"), (["-bd"], "daemon"), (["-bz"], "unsupported"),
-    (["-R", "most"], "-R"), (["-B", "binary"], "-B"),
+    (["-f"], "requires an argument"), (["-bd"], "daemon"), (["-bz"], "unsupported"), (["-B", "binary"], "-B"),
 ])
 def test_bad_options_are_usage_errors(argv, problem):
     with pytest.raises(UsageError, match=problem):
@@ -167,8 +166,17 @@ def test_bad_options_are_usage_errors(argv, problem):
 
 def test_notify_never_alone():
     assert parse_args(["-N", "never"]).notify == "NEVER"
-    with pytest.raises(UsageError):
-        parse_args(["-N", "never,success"])
+    o = parse_args(["-N", "success", "-N", "never,success"])
+    assert o.notify == "" and o.warnings == ["bad -N option value -- ignored"]
+
+
+def test_bad_dsn_values_are_ignored_with_a_warning_as_postfix_does():
+    o = parse_args(["-N", "sometimes", "-R", "most", "-V", "x" * 101, "a@b"])
+    assert (o.notify, o.ret, o.envid) == ("", "", "")
+    assert o.warnings == ["bad -N option value -- ignored", "bad -R option value -- ignored",
+                          "too long -V option value -- ignored"]
+    assert parse_args(["-V", "caf\u00e9"]).warnings == ["bad syntax in -V option value -- ignored"]
+    assert parse_args(["-V", "a b+c=d"]).envid == "a b+c=d"  # printable ASCII: written as xtext on the wire
 
 
 # ---------------------------------------------------------------------------------------------- the message

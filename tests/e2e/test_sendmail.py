@@ -349,6 +349,19 @@ async def test_N_never_and_success(mailflow_server, cfg, tmp_path):
     assert len(inbox(tmp_path, "alice")) == 1  # the bounce NOTIFY=NEVER asked not to get
 
 
+async def test_bad_dsn_option_values_are_warned_about_and_the_mail_still_goes(mailflow_server, cfg, tmp_path):
+    """Postfix's sendmail warns about a bad -N or -R value ("bad -N option value -- ignored") and sends the mail;
+    mailflow exited 64 and the mail was lost. An ENVID of printable ASCII with spaces is taken, as Postfix does."""
+    await mailflow_server()
+    rc, _, err = await run(cfg(), "-N", "sometimes", "-R", "most", "-V", "batch 7", "alice@local.test",
+                           stdin=b"Subject: dsn typo\n\nx\n")
+    assert rc == 0, err
+    assert err.splitlines() == ["sendmail: warning: bad -N option value -- ignored",
+                                "sendmail: warning: bad -R option value -- ignored"]
+    [message] = await delivered(tmp_path, "alice")
+    assert b"Subject: dsn typo" in message
+
+
 async def test_a_recipient_with_nothing_after_the_at_bounces_at_once_as_bad_syntax(mailflow_server, cfg, tmp_path):
     """`sendmail bob@`: Postfix takes it (exit 0) and bounces it at once, 5.1.3 bad address syntax; it used to be
     deferred, "bad SMTP nexthop", until the queue lifetime ran out."""
