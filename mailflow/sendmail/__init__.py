@@ -13,10 +13,11 @@ says the mail waits in the maildrop until one starts (exit 0: it is stored, as w
   modes are mailflow.cli's commands. Exit codes are sysexits values (deliver.py lists them).
 - Message handling (reading.py): standard input is streamed into the maildrop file, never held whole: only the
   header section is kept (at most `header_size_limit` bytes; past that the rest goes on as it is), for -t and
-  Bcc. Line ends become CRLF; without `-i` a line holding a lone "." ends the input; a leading mbox "From " line
-  is dropped; `-t` adds the To/Cc/Bcc addresses (Resent-To/Cc/Bcc when the message has Resent- headers) to those
-  of the command line; Bcc and Resent-Bcc headers are removed from every message. `-bs` DATA is streamed the
-  same way; too big is `552 5.3.4`.
+  Bcc. Line ends become CRLF, and a CR inside a line a space (as Postfix stores it: never a line end); without
+  `-i` a line holding a lone "." ends the input; a leading mbox "From " line is dropped; `-t` adds the To/Cc/Bcc
+  addresses (Resent-To/Cc/Bcc when the message has Resent- headers) to those of the command line; Bcc and
+  Resent-Bcc headers are removed from every message. `-bs` DATA is streamed the same way; too big is
+  `552 5.3.4`.
 - Identity (identity.py): the uid and login name of the process (`os.getuid()`); the sender is login@myorigin
   unless `-f`/`-r` names one this login may use; the full name is `-F`, else $NAME, else the passwd GECOS field.
 - submitter.py: the maildrop file and the wake-up, for one identity.

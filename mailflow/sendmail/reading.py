@@ -9,7 +9,7 @@ header section (for -t and Bcc), streamed so that a big message is never held wh
                                                    `a@x (comment)`
     text_of_argument(value) -> text                -F, $NAME, GECOS: bytes that are not UTF-8 become U+FFFD
     read_message(stream, ignore_dots) -> lines     CRLF line ends; a lone "." (its line end or not) ends the input
-                                                   unless ignore_dots;
+                                                   unless ignore_dots; a CR inside a line becomes a space;
                                                    a leading mbox "From " line is dropped; a line longer than
                                                    LINE_PIECE comes in pieces
     split_input(lines, limit) -> (header section, the rest)
@@ -89,7 +89,8 @@ def argument_recipients(value: str, origin: str) -> list[str]:
 def read_message(stream: BinaryIO, ignore_dots: bool) -> Iterator[bytes]:
     """The message from standard input, as lines ending in CRLF (a line longer than LINE_PIECE comes in pieces,
     the last ending in CRLF); a lone "." ends it unless `ignore_dots` (also as the last line without a line end,
-    as Postfix's sendmail takes it); a leading mbox "From " line is dropped."""
+    as Postfix's sendmail takes it); a leading mbox "From " line is dropped. A CR that is not part of the line end
+    becomes a space (lone_cr_as_space), as with Postfix."""
     first, at_start, skipping, carry = True, True, False, b""
     while raw := stream.readline(LINE_PIECE):
         complete = raw.endswith(b"\n")
@@ -104,11 +105,18 @@ def read_message(stream: BinaryIO, ignore_dots: bool) -> Iterator[bytes]:
                 return  # (a short piece without its line end is the last line: "." at the very end counts too)
         first = False
         if not skipping:
-            yield data.rstrip(b"\r\n") + CRLF if complete else data
+            yield lone_cr_as_space(data.rstrip(b"\r\n")) + CRLF if complete else lone_cr_as_space(data)
         skipping = skipping and not complete
         at_start = complete
     if not at_start and not skipping:  # the last line had no line end
         yield CRLF
+
+
+def lone_cr_as_space(line: bytes) -> bytes:
+    """A line (its line end removed) with each CR made a space, as Postfix's local submission stores it: a lone CR
+    is no line end here, yet header parsing and the next hop would take it for one (`Subject: x\rBcc: y` under
+    -t would add a recipient, `\r\r` would end the header section early)."""
+    return line.replace(b"\r", b" ")
 
 
 def split_input(lines: Iterable[bytes], limit: int) -> tuple[bytes, Iterator[bytes]]:

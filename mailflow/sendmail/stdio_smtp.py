@@ -4,7 +4,8 @@
 
 HELO, EHLO, MAIL, RCPT, DATA, RSET, NOOP, VRFY, QUIT; each message goes to the maildrop through the Submitter.
 Pipelining works since input is read line by line. Every reply comes from mailflow.status (the greeting and the
-EHLO lines are the only plain strings). DATA is streamed like standard input in deliver mode; too big is
+EHLO lines are the only plain strings). DATA is streamed like standard input in deliver mode (a CR inside a
+line becomes a space); too big is
 `552 5.3.4`; input ending mid-message stores nothing. Past `[smtpd] recipient_limit` recipients RCPT is
 answered `452 4.5.3 Error: too many recipients` (Postfix runs smtpd under -bs, with its limit).
 """
@@ -19,7 +20,7 @@ from mailflow import status
 from mailflow.maildrop import MaildropError
 from mailflow.message import CRLF
 from mailflow.sendmail.options import Options, UsageError
-from mailflow.sendmail.reading import clean_address, clean_recipient, without_bcc
+from mailflow.sendmail.reading import clean_address, clean_recipient, lone_cr_as_space, without_bcc
 from mailflow.sendmail.submitter import Submitter
 
 
@@ -134,7 +135,7 @@ class StdioSmtp:
             raw = self._in.readline(self.LINE_LIMIT)
             if not raw:
                 raise _EndOfInput()
-            line = raw.rstrip(b"\r\n")
+            line = lone_cr_as_space(raw.rstrip(b"\r\n"))
             if line == b".":
                 return
             yield (line[1:] if line.startswith(b".") else line) + CRLF

@@ -133,6 +133,26 @@ async def test_a_command_line_recipient_is_an_address_list(mailflow_server, smtp
     assert rc == 64 and "'a@relay.test, b c@relay.test': bad address syntax" in err  # none dropped unsaid
 
 
+async def test_a_cr_inside_a_line_becomes_a_space_and_never_a_line_end(mailflow_server, smtp_peer, cfg):
+    """Postfix stores a CR that is not part of a line end as a space (seen in its mbox and at its next hop:
+    `Subject: hi Bcc: c@relay.test`). mailflow kept it, so -t took `Bcc: c@relay.test` for a header and added a
+    recipient, and the next hop saw CR CR as the end of the header section (mailflow's From landed in the body)."""
+    peer = await smtp_peer()
+    mf = await mailflow_server(relayhost=f"[127.0.0.1]:{peer.port}")
+    rc, _, err = await run(cfg(), "-t", stdin=b"To: a@relay.test\nSubject: hi\rBcc: c@relay.test\n\nbody\r\r.\rend\n")
+    assert rc == 0, err
+    rc, out, err = await run(cfg(), "-bs", stdin=b"HELO x\r\nMAIL FROM:<>\r\nRCPT TO:<b@relay.test>\r\nDATA\r\n"
+                                                b"Subject: bs\r\rX: y\r\n\r\nx\r\n.\r\nQUIT\r\n")
+    assert rc == 0 and b"250 2.0.0 Ok: queued" in out, (out, err)
+    await eventually(lambda: len(peer.messages) == 2, timeout=3)
+    by_rcpt = {tuple(m.rcpt_tos): m.content for m in peer.messages}
+    head, _, body = by_rcpt[("a@relay.test",)].partition(b"\r\n\r\n")
+    assert b"\r\nSubject: hi Bcc: c@relay.test\r\n" in head and b"\r\nFrom: " in head
+    assert body == b"body  . end\r\n"
+    assert b"\r\nSubject: bs  X: y\r\n" in by_rcpt[("b@relay.test",)].partition(b"\r\n\r\n")[0]
+    await queue_becomes(mf.store, {})
+
+
 async def test_bs_scripted_smtp_dialogue(mailflow_server, cfg, tmp_path):
     await mailflow_server()
     script = (b"EHLO script.test\r\nMAIL FROM:<>\r\nRSET\r\nNOOP\r\nMAIL FROM:<root@mx.mailflow.test>\r\n"
