@@ -2,6 +2,9 @@
 local_login_sender_maps).
 
     current_identity() -> Identity                    the process's uid, login name and GECOS full name
+    gecos_full_name(gecos, login) -> str              the full name in a GECOS field, as Postfix's fullname() reads
+                                                      it: up to the first ',', ';' or '%', each '&' the login
+                                                      name capitalized
     may_submit(login, items) -> bool                  authorized_submit_users: the first item that matches decides
     may_use_sender(login, sender, config) -> bool     login@myorigin always; else the first table that knows the
                                                       login decides (patterns: "*", "<>", "@domain", an address,
@@ -31,9 +34,16 @@ def current_identity() -> Identity:
     uid = os.getuid()
     try:
         entry = pwd.getpwuid(uid)
-        return Identity(uid, entry.pw_name, entry.pw_gecos.split(",", 1)[0].strip())
+        return Identity(uid, entry.pw_name, gecos_full_name(entry.pw_gecos, entry.pw_name))
     except KeyError:  # a uid without a passwd entry (containers): named by its number
         return Identity(uid, f"uid{uid}", "")
+
+
+def gecos_full_name(gecos: str, login: str) -> str:
+    """The full name in a GECOS field as Postfix's fullname() takes it: up to the first ',', ';' or '%', and each
+    '&' is the login name with its first letter capitalized (`&,Room 4` for login `bob` is `Bob`)."""
+    name = re.split("[,;%]", gecos, maxsplit=1)[0]
+    return name.replace("&", login[:1].upper() + login[1:]).strip()
 
 
 def may_submit(login: str, items: tuple[str, ...]) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import pwd
 import stat
 import threading
 import time
@@ -16,6 +17,7 @@ from mailflow.maildrop import (CorruptMaildrop, MaildropError, MaildropMessage, 
                                read_maildrop, wake_pickup, write_maildrop)
 from mailflow.sendmail import (LINE_PIECE, UsageError, header_recipients, may_submit, may_use_sender, parse_args,
                                read_message, split_input, without_bcc)
+from mailflow.sendmail import identity
 from tests.support import big_message, eventually, maildir_messages
 
 MESSAGE = MaildropMessage(sender="alice@local.test", recipients=("bob@local.test",), uid=1000, user="alice",
@@ -244,6 +246,17 @@ def test_resent_headers_take_precedence():
 
 
 # ---------------------------------------------------------------------------------------------- who may
+
+
+@pytest.mark.parametrize("gecos, name", [
+    ("Bob Smith,Room 4,555-1234", "Bob Smith"), ("& Smith;ext 12", "Bob Smith"), ("Backup %robot", "Backup"),
+])
+def test_the_gecos_full_name_is_read_as_postfix_reads_it(monkeypatch, gecos, name):
+    """Postfix's fullname() (global/fullname.c): the GECOS field up to the first ',', ';' or '%', each '&' the
+    login name capitalized. mailflow stopped only at ',' and left '&' as it was (`From: & Smith <bob@...>`)."""
+    entry = pwd.struct_passwd(("bob", "x", 1000, 1000, gecos, "/home/bob", "/bin/sh"))
+    monkeypatch.setattr(identity.pwd, "getpwuid", lambda uid: entry)
+    assert identity.current_identity().gecos == name
 
 
 def test_authorized_submit_users():
