@@ -22,7 +22,7 @@ from mailflow.errors import LookupRetry
 from mailflow.maildrop import MaildropError
 from mailflow.sendmail.identity import Identity, current_identity, may_submit
 from mailflow.sendmail.options import Options, UsageError
-from mailflow.sendmail.reading import (argument_recipients, clean_address, clean_recipient, header_recipients,
+from mailflow.sendmail.reading import (argument_recipients, argument_sender, clean_recipient, header_recipients,
                                        read_message, text_of_argument, without_bcc)
 from mailflow.sendmail.stdio_smtp import StdioSmtp
 from mailflow.sendmail.submitter import Submitter
@@ -104,7 +104,7 @@ def _deliver(opts: Options, config: Config, stdin: BinaryIO, stderr: TextIO, sub
         raise UsageError("no recipients: name them on the command line or use -t")
     recipients = [address for arg in opts.recipients for address in argument_recipients(arg, origin)]
     me = submitter.identity
-    sender = clean_address(opts.sender, origin) if opts.sender is not None else f"{me.login}@{origin}"
+    sender = argument_sender(opts.sender, origin, say) if opts.sender is not None else f"{me.login}@{origin}"
     problem = submitter.sender_problem(sender)
     if problem:
         say(problem)

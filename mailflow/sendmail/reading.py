@@ -3,6 +3,9 @@ header section (for -t and Bcc), streamed so that a big message is never held wh
 
     clean_address(value, origin) -> address        `<a@b>` -> `a@b`; a bare local part gets @myorigin
     clean_recipient(value, origin) -> address      the same, but "" and "<>" (the null address) are refused
+    argument_sender(value, origin, warn) -> address
+                                                   -f/-r as Postfix's sendmail parses it: the first address of the
+                                                   list (`Joe <joe@x>`, `joe@x (Joe)`), `warn` told of any more
     argument_recipients(value, origin) -> addresses
                                                    a command-line argument as an address list, as Postfix's
                                                    sendmail parses it: `a@x, b@y`, `Joe <joe@x>`, `"a,b"@x`,
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from typing import BinaryIO, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 from mailflow.header_addresses import address_spans, mailbox_spans
 from mailflow.message import CRLF, header_fields, split_header
@@ -71,6 +74,18 @@ def clean_recipient(value: str, origin: str) -> str:
     if not address:
         raise UsageError(f"{value!r}: bad address syntax: an empty recipient address")
     return address
+
+
+def argument_sender(value: str, origin: str, warn: Callable[[str], object]) -> str:
+    """-f/-r as Postfix's sendmail parses it: the address of the first mailbox (`Joe <joe@x>` and `joe@x (Joe)` are
+    joe@x; "" and `<>` the null sender); `warn` is told when the value holds more than one."""
+    raw = value.encode("utf-8", "surrogateescape")
+    spans = mailbox_spans(raw)
+    if not spans or spans[0] is None:
+        return clean_address(value, origin)  # the null sender, or a usage error
+    if len(spans) > 1:
+        warn(f"warning: -f option specified malformed sender: {value}")
+    return clean_address(raw[spans[0][0]:spans[0][1]].decode("utf-8", "surrogateescape"), origin)
 
 
 def argument_recipients(value: str, origin: str) -> list[str]:

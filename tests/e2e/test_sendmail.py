@@ -196,6 +196,21 @@ async def test_f_and_F_set_the_sender_and_the_from_header(mailflow_server, cfg, 
     assert b"From: Alice Liddell <alice@local.test>" in message
 
 
+async def test_f_takes_the_address_of_a_mailbox_as_postfix_parses_it(mailflow_server, cfg, tmp_path):
+    """Postfix's sendmail parses -f as an address list and takes the first address: `Joe <joe@x>` and
+    `joe@x (Joe)` are joe@x (more than one: a warning, the first). mailflow exited 64, bad address syntax."""
+    await mailflow_server()
+    rc, _, err = await run(cfg(), "-f", "Alice <alice@local.test>", "bob@local.test", stdin=b"Subject: 1\n\nx\n")
+    assert rc == 0 and err == "", err
+    rc, _, err = await run(cfg(), "-r", "alice@local.test (Alice), carol@local.test", "bob@local.test",
+                           stdin=b"Subject: 2\n\nx\n")
+    assert rc == 0, err
+    assert err == ("sendmail: warning: -f option specified malformed sender: alice@local.test (Alice), "
+                   "carol@local.test\n")
+    messages = await delivered(tmp_path, "bob", count=2)
+    assert all(b"Return-Path: <alice@local.test>\n" in m for m in messages)
+
+
 async def test_r_is_f(mailflow_server, cfg, tmp_path):
     await mailflow_server()
     assert (await run(cfg(), "-r", "alice@local.test", "bob@local.test", stdin=b"\nx\n"))[0] == 0
