@@ -170,7 +170,8 @@ def queue_show(queue_id: str = typer.Argument(..., metavar="QUEUE_ID"), config: 
     _tools("show", config, work)
 
 
-def act(name: str, ids, config, sender, to_domain, older_than, *, required: bool = True) -> None:
+def act(name: str, ids, config, sender, to_domain, older_than, *, required: bool = True, quiet: bool = False) -> None:
+    """`quiet`: no count on stdout (sendmail -q, silent as Postfix's, which cron runs and would mail each output)."""
     from mailflow import queue_tools as qt
 
     action = qt.ACTIONS[name]
@@ -180,7 +181,8 @@ def act(name: str, ids, config, sender, to_domain, older_than, *, required: bool
         done, missed = await qt.apply(store, action, selection, time.time(), sys.stderr)
         for qid in missed:
             typer.echo(f"mailflow queue {name}: {qid}: not in the {qt.either(action.sources)} queue", err=True)
-        typer.echo(f"{name}: {qt.plural(done, 'message')}")
+        if not quiet:
+            typer.echo(f"{name}: {qt.plural(done, 'message')}")
 
     _tools(name, config, work)
 

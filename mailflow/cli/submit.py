@@ -45,7 +45,7 @@ def run_sendmail(args: list[str]) -> int:
         if opts.mode == "mailq":
             list_queue("list", None, config, False, None, None, None, None)
         elif opts.mode == "flush":
-            act("flush", None, config, None, opts.flush_site or None, None, required=False)
+            act("flush", None, config, None, opts.flush_site or None, None, required=False, quiet=True)
         elif opts.mode == "verify":
             if not opts.recipients:
                 typer.echo(f"sendmail: -bv needs addresses\n{sm.USAGE}", err=True)
