@@ -328,7 +328,8 @@ class Cleanup:
     def _missing_headers(self, names: list[str], queue_id: QueueId, sender: str, now: float,
                          fullname: str = "") -> bytes:
         """Message-ID, Date and From when the message lacks them; for a resent message (any Resent- field),
-        Resent-Message-ID, Resent-Date and Resent-From instead, as Postfix's cleanup adds them."""
+        Resent-Message-ID, Resent-Date and Resent-From instead, as Postfix's cleanup adds them (From: the sender
+        as it is, `MAILER-DAEMON` for the null sender)."""
         resent = "Resent-" if any(name.startswith("resent-") for name in names) else ""
         added = []
         if f"{resent}message-id".lower() not in names:
@@ -337,20 +338,20 @@ class Cleanup:
         if f"{resent}date".lower() not in names:
             added.append(f"{resent}Date: {rfc5322_date(now)}")
         if f"{resent}from".lower() not in names:
-            sender_field = _from_header(sender, fullname) if sender else f"From: MAILER-DAEMON@{self._myhostname}"
-            added.append(resent + sender_field)
+            added.append(resent + (_from_header(sender, fullname) if sender else "From: MAILER-DAEMON"))
         return "".join(line + "\r\n" for line in added).encode("utf-8")
 
 
 def _from_header(sender: str, fullname: str) -> str:
-    """`From: <sender>`, or `From: Full Name <sender>` for a local user (RFC 2047 encoded when not ASCII)."""
+    """`From: sender`, or `From: Full Name <sender>` for a local user (RFC 2047 encoded when not ASCII), as
+    Postfix's cleanup writes them (header_from_format = standard)."""
     name = " ".join("".join(ch if ch.isprintable() else " " for ch in fullname).split())  # no control characters
     if not name:
-        return f"From: <{sender}>"
+        return f"From: {sender}"
     try:
         return "From: " + email.utils.formataddr((name, sender), charset="utf-8")
     except (UnicodeError, ValueError):  # an address formataddr will not take (SMTPUTF8): no name then
-        return f"From: <{sender}>"
+        return f"From: {sender}"
 
 
 def _header_lines(fields: tuple[str, ...]) -> bytes:

@@ -17,8 +17,8 @@ not), virtual_alias_maps (one-to-many with duplicates, an alias in its own expan
 One difference is deliberate (docs/config.md) and asserted as one: canonical_maps that never settle (a loop) are
 refused with 451 4.6.0; Postfix logs "message not accepted" yet accepts the message.
 
-Every message carries its own From: the From each server adds to a message without one is written differently
-(Postfix `From: address`, mailflow `From: <address>`), which is not what this test is about.
+Every message carries its own From: the From each server adds to a message without one is
+test_added_headers_vs_postfix.py's subject, not this test's.
 """
 from __future__ import annotations
 

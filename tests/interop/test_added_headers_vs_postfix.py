@@ -1,0 +1,99 @@
+"""Differential test of what cleanup adds to a message that lacks it, against a real Postfix 3.7: the same messages
+to a private Postfix and to mailflow configured alike, each relaying to its own smtp-sink, from an SMTP client on
+this host (local_header_rewrite_clients' default) and from each one's own sendmail (a local submission).
+
+What is compared per message: the names of the header fields below the Received header (in order, without case:
+Postfix writes `Message-Id`), the From or Resent-From added (Postfix's `From: address`; `From: MAILER-DAEMON` for
+the null sender, unqualified; a local user's full name before the address), the form of the Message-ID added
+(`<YYYYMMDDhhmmss.QUEUEID@myhostname>`). The dates themselves are not compared (Postfix pads the day with a space
+and adds the zone's name as a comment).
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mailflow.message import header_names, header_value, split_header
+from tests.interop.test_dsn_pass_on import smtp_sink
+from tests.support import SmtpClient, eventually, postfix_instance
+
+pytestmark = pytest.mark.interop
+
+COMMON = {"myhostname": "mx.origin.test", "myorigin": "origin.test"}
+# (envelope sender, header fields) sent over SMTP; each is one message to r@x.test
+SMTP_PROBES = [
+    ("s@remote.test", "Subject: probe-0\r\n"),
+    ("", "Subject: probe-1\r\n"),
+    ("s@remote.test", "Subject: probe-2\r\nResent-To: t@x.test\r\nFrom: a@b.test\r\n"),
+]
+# (sendmail arguments, message) submitted locally
+LOCAL_PROBES = [
+    (["-f", "s@remote.test", "r@x.test"], b"Subject: probe-3\n\nx\n"),
+    (["-f", "", "r@x.test"], b"Subject: probe-4\n\nx\n"),
+]
+ADDED = ("from", "resent-from")
+
+
+async def send_probes(port: int) -> None:
+    for sender, head in SMTP_PROBES:
+        client = await SmtpClient.connect(port)
+        assert (await client.cmd("EHLO client.test")).code == 250
+        assert (await client.cmd(f"MAIL FROM:<{sender}>")).code == 250
+        assert (await client.cmd("RCPT TO:<r@x.test>")).code == 250
+        assert (await client.cmd("DATA")).code == 354
+        assert (await client.cmd(f"{head}\r\nx\r\n.")).code == 250
+        await client.close()
+
+
+def submit_locally(sendmail: list[str]) -> None:
+    for args, message in LOCAL_PROBES:
+        done = subprocess.run([*sendmail, *args], input=message, capture_output=True, timeout=20)
+        assert done.returncode == 0, done.stderr
+
+
+def arrivals(dump: Path) -> dict[int, tuple]:
+    """Per probe: (header names below this host's Received, the From/Resent-From added, the Message-ID's form)."""
+    out = {}
+    text = dump.read_text(errors="replace") if dump.exists() else ""
+    for message in text.split("X-Client-Addr:")[1:]:
+        subject = re.search(r"^Subject: probe-(\d+)", message, re.MULTILINE)
+        if not subject:
+            continue
+        head, _ = split_header(message.split("\n", 5)[5].replace("\n", "\r\n").encode())
+        names = header_names(head)
+        ids = [header_value(head, n) for n in ("message-id", "resent-message-id") if header_value(head, n)]
+        form = [re.sub(r"^<\d{14}\.[0-9A-F]+@", "<STAMP.QUEUEID@", i) for i in ids]
+        out[int(subject.group(1))] = (names[names.index("received", 1) + 1:],
+                                      {n: header_value(head, n) for n in ADDED if header_value(head, n)}, form)
+    return out
+
+
+async def run(port: int, dump: Path, sendmail: list[str]) -> dict[int, tuple]:
+    await send_probes(port)
+    submit_locally(sendmail)
+    count = len(SMTP_PROBES) + len(LOCAL_PROBES)
+    return await eventually(lambda: len(arrivals(dump)) == count
+                            and arrivals(dump), timeout=20)
+
+
+async def test_missing_header_fields_are_added_as_a_real_postfix_adds_them(mailflow_server, write_config, tmp_path):
+    async with smtp_sink() as (pf_sink, pf_dump), smtp_sink() as (mf_sink, mf_dump):
+        async with postfix_instance({**COMMON, "relayhost": f"[127.0.0.1]:{pf_sink}"}) as pf:
+            postfix = await run(pf.port, pf_dump, ["sendmail", "-C", str(pf.etc)])
+        settings = {**COMMON, "relayhost": f"[127.0.0.1]:{mf_sink}", "relay_domains": ["x.test"]}
+        mf = await mailflow_server(**settings)
+        config = write_config(tmp_path / "mailflow.toml", **settings)
+        mailflow = await run(mf.smtp_addresses[0][1], mf_dump, [sys.executable, "-m", "mailflow", "sendmail", "-C",
+                                                                str(config)])
+    assert mailflow == postfix
+    # what both did, so that the same change on both sides cannot pass unnoticed
+    assert postfix[0] == (["subject", "message-id", "date", "from"], {"from": "s@remote.test"},
+                          ["<STAMP.QUEUEID@mx.origin.test>"])
+    assert postfix[1][1] == postfix[4][1] == {"from": "MAILER-DAEMON"}
+    assert postfix[2][:2] == (["subject", "resent-to", "from", "resent-message-id", "resent-date", "resent-from"],
+                              {"from": "a@b.test", "resent-from": "s@remote.test"})
+    assert postfix[3][1] == {"from": "root <s@remote.test>"}
