@@ -5,8 +5,8 @@ this host (local_header_rewrite_clients' default) and from each one's own sendma
 What is compared per message: the names of the header fields below the Received header (in order, without case:
 Postfix writes `Message-Id`), the From or Resent-From added (Postfix's `From: address`; `From: MAILER-DAEMON` for
 the null sender, unqualified; a local user's full name before the address), the form of the Message-ID added
-(`<YYYYMMDDhhmmss.QUEUEID@myhostname>`). The dates themselves are not compared (Postfix pads the day with a space
-and adds the zone's name as a comment).
+(`<YYYYMMDDhhmmss.QUEUEID@myhostname>`), and whether the Received header has a `for` clause. The dates themselves
+are not compared (Postfix pads the day with a space and adds the zone's name as a comment).
 """
 from __future__ import annotations
 
@@ -55,8 +55,9 @@ def submit_locally(sendmail: list[str]) -> None:
         assert done.returncode == 0, done.stderr
 
 
-def arrivals(dump: Path) -> dict[int, tuple]:
-    """Per probe: (header names below this host's Received, the From/Resent-From added, the Message-ID's form)."""
+def arrivals(dump: Path, hostname: str = COMMON["myhostname"]) -> dict[int, tuple]:
+    """Per probe: (header names below this host's Received, the From/Resent-From added, the Message-ID's form,
+    whether this host's Received has a `for` clause)."""
     out = {}
     text = dump.read_text(errors="replace") if dump.exists() else ""
     for message in text.split("X-Client-Addr:")[1:]:
@@ -65,10 +66,13 @@ def arrivals(dump: Path) -> dict[int, tuple]:
             continue
         head, _ = split_header(message.split("\n", 5)[5].replace("\n", "\r\n").encode())
         names = header_names(head)
+        received = re.findall(r"^Received: (.*(?:\n[ \t].*)*)", message, re.MULTILINE)
+        ours = [v for v in received if f"by {hostname} " in v][0]
         ids = [header_value(head, n) for n in ("message-id", "resent-message-id") if header_value(head, n)]
         form = [re.sub(r"^<\d{14}\.[0-9A-F]+@", "<STAMP.QUEUEID@", i) for i in ids]
         out[int(subject.group(1))] = (names[names.index("received", 1) + 1:],
-                                      {n: header_value(head, n) for n in ADDED if header_value(head, n)}, form)
+                                      {n: header_value(head, n) for n in ADDED if header_value(head, n)}, form,
+                                      "\n\tfor <" in ours or " for <" in ours)
     return out
 
 
@@ -92,8 +96,9 @@ async def test_missing_header_fields_are_added_as_a_real_postfix_adds_them(mailf
     assert mailflow == postfix
     # what both did, so that the same change on both sides cannot pass unnoticed
     assert postfix[0] == (["subject", "message-id", "date", "from"], {"from": "s@remote.test"},
-                          ["<STAMP.QUEUEID@mx.origin.test>"])
+                          ["<STAMP.QUEUEID@mx.origin.test>"], True)
     assert postfix[1][1] == postfix[4][1] == {"from": "MAILER-DAEMON"}
     assert postfix[2][:2] == (["subject", "resent-to", "from", "resent-message-id", "resent-date", "resent-from"],
                               {"from": "a@b.test", "resent-from": "s@remote.test"})
     assert postfix[3][1] == {"from": "root <s@remote.test>"}
+    assert not postfix[3][3] and not postfix[4][3]  # pickup's Received names no recipient (it may be a Bcc)
