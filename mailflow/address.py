@@ -3,11 +3,13 @@
 - `split(addr) -> (local, domain)`: at the last '@'; domain "" for an unqualified address.
 - `tidy(addr)`: needless quotes and one trailing dot dropped (`"joe"@x.test.` is `joe@x.test`), as Postfix's
   trivial-rewrite does to every address.
-- `unquoted_local(local)`, `quoted_local(local)`: a quoted local part's content; a local part quoted if it must be.
+- `unquoted_local(local)`, `quoted_local(local)`: a quoted local part's content; a local part quoted if it must be;
+  `requoted(addr)`: an address whose local part is quoted only if it must be, its domain untouched.
 - `normalise_domain(d)`: lower case, no trailing dot, IDNA A-label for matching ("" if it cannot be).
 - `mailbox_syntax_error(addr) -> str | None`: why an address is not an RFC 5321 mailbox (None if it is).
 - `parse_path(text) -> (address, rest)`: the address of a MAIL FROM / RCPT TO argument and the parameters
-  after it; raises `PathError` (see its doc for what is accepted, as Postfix accepts it).
+  after it; raises `PathError` (see its doc for what is accepted, as Postfix accepts it); `parse_written_path`
+  also gives the address as the client wrote it (Postfix's original recipient: quotes, trailing dot kept).
 - `is_min_user(addr)`: the address begins with '-' (Postfix allow_min_user: such an address could reach a
   command's argv as an option).
 - `client_ip(text) -> IPv4Address | IPv6Address | None`: a client's IP address, IPv4-mapped IPv6 as IPv4;
@@ -45,7 +47,15 @@ class PathError(ValueError):
 
 
 def parse_path(text: str) -> tuple[str, str]:
-    """(address, what follows it) for the argument of `MAIL FROM:` or `RCPT TO:` (the keyword removed).
+    """(address, what follows it) for the argument of `MAIL FROM:` or `RCPT TO:`: `parse_written_path`'s."""
+    addr, _, rest = parse_written_path(text)
+    return addr, rest
+
+
+def parse_written_path(text: str) -> tuple[str, str, str]:
+    """(address, the address as written, what follows it) for the argument of `MAIL FROM:` or `RCPT TO:` (the
+    keyword removed). The address as written is the path without its angle brackets, its source route, quotes,
+    trailing dot and case as the client wrote them (Postfix's original recipient).
 
     RFC 5321 4.1.2 `Reverse-path / Forward-path`, with what Postfix (smtpd_strict_rfc821_envelope = no) also
     takes: spaces before the path, a path without angle brackets (it ends at the first space outside a quoted
@@ -73,6 +83,7 @@ def parse_path(text: str) -> tuple[str, str]:
         path, rest = text[:end], text[end:]
         if "<" in path or ">" in path:
             raise PathError("unbalanced '<' or '>'")
+    written = path
     if path.startswith("@") and ":" in path:
         path = path[path.index(":") + 1:]
     if path:
@@ -85,7 +96,7 @@ def parse_path(text: str) -> tuple[str, str]:
             raise PathError("malformed local part" if domain or not at else "empty domain")
         local = _without_needless_quotes(local)
         path = f"{local}@{domain}" if at else ("" if local == '""' else local)  # `<"">` is `<>`, as in Postfix
-    return path, rest.strip(" \t")
+    return path, written, rest.strip(" \t")
 
 
 def tidy(addr: str) -> str:
@@ -114,6 +125,13 @@ def quoted_local(local: str) -> str:
     if _DOT_ATOM_RE.fullmatch(local):
         return local
     return '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def requoted(addr: str) -> str:
+    """`addr` with its local part in quotes only if it needs them, its domain as it is (`"Team"@X.Test.` is
+    `Team@X.Test.`): the original recipient as Postfix's delivery agents write it in X-Original-To."""
+    local, at, domain = addr.rpartition("@")
+    return f"{_without_needless_quotes(local)}@{domain}" if at else _without_needless_quotes(addr)
 
 
 def _without_needless_quotes(local: str) -> str:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from typing import Callable
 
+from mailflow import address
 from mailflow.clock import Clock
 from mailflow.content import Content
 from mailflow.errors import TemporaryError
@@ -97,8 +98,8 @@ def write_failure(maildir: Path, e: OSError, *, bounce_full: bool = True) -> tup
 def mailbox_prefix(sender: str, delivered_to: str, original: str = "") -> bytes:
     """The lines a mailbox copy starts with (LF line ends, as mailbox files keep them), in Postfix's order:
     Return-Path, X-Original-To (`original`: the recipient as the client gave it, before aliases and
-    rewriting; none when empty) and Delivered-To."""
-    original_to = f"X-Original-To: {original}\n" if original else ""
+    rewriting, its needless quotes dropped as Postfix drops them; none when empty) and Delivered-To."""
+    original_to = f"X-Original-To: {address.requoted(original)}\n" if original else ""
     return f"Return-Path: <{sender}>\n{original_to}Delivered-To: {delivered_to}\n".encode("utf-8")
 
 

@@ -271,6 +271,21 @@ def test_parse_path_accepts_what_postfix_accepts(text, expected):
     assert address.parse_path(text) == expected
 
 
+@pytest.mark.parametrize("text, expected", [
+    ('<"joe"@X.Test.> NOTIFY=NEVER', ("joe@X.Test", '"joe"@X.Test.', "NOTIFY=NEVER")),
+    ("<@relay.test:Route@x.test>", ("Route@x.test", "@relay.test:Route@x.test", "")),
+    ("<<a@b.test.>>", ("a@b.test", "a@b.test.", "")),
+])
+def test_parse_written_path_gives_the_address_as_the_client_wrote_it(text, expected):
+    """Postfix's original recipient (checked against Postfix 3.7's ORCPT): brackets off, the rest as written."""
+    assert address.parse_written_path(text) == expected
+
+
+def test_requoted_keeps_only_the_quotes_needed():
+    assert address.requoted('"Team"@VDomain.Test.') == "Team@VDomain.Test."  # Postfix's X-Original-To
+    assert address.requoted('"a b"@x.test') == '"a b"@x.test' and address.requoted('"joe"') == "joe"
+
+
 @pytest.mark.parametrize("text", ["<a@b.test", "<a@b.test>x", "<a b@b.test>", "<a\\b@b.test>", "<a,b@b.test>",
                                   "<a@>", "<a..b@b.test>", "a@b<x>", '<"a@b.test>', "<(c)a@b.test>", "<.a@b.test>",
                                   "<<a@b.test>", "<a@b.test>>"])

@@ -142,6 +142,7 @@ class Transaction(_AiosmtpdEnvelope):
     dsn_envid: str  # RFC 3461 ENVID, xtext-decoded ("" when not given)
     auth_sender: str  # MAIL's AUTH= value as given, printable ("" for AUTH=<> or none): Postfix's sasl_sender
     rcpt_dsn: list[tuple[str, str]]  # one (NOTIFY, ORCPT) per accepted recipient, in the order of rcpt_tos
+    rcpt_written: list[str]  # one per accepted recipient: its address as the client wrote it (the original)
     overshoot: int  # recipients refused for recipient_limit (errors only past recipient_overshoot_limit)
     marks: Marks  # what restrictions decided for the whole message (DISCARD / HOLD and why)
     policy_instance: str  # the policy protocol's `instance`, given at the first restriction check ("" before)
@@ -155,6 +156,7 @@ class Transaction(_AiosmtpdEnvelope):
         self.dsn_envid = ""
         self.auth_sender = ""
         self.rcpt_dsn = []
+        self.rcpt_written = []
         self.overshoot = 0
         self.marks = Marks()
         self.policy_instance = ""
@@ -181,12 +183,15 @@ class Transaction(_AiosmtpdEnvelope):
             self.bdat = None
 
     def model_envelope(self) -> Envelope:
-        """The envelope that travels to cleanup, DSN parameters included only when the client gave some."""
+        """The envelope that travels to cleanup, DSN parameters included only when the client gave some, and the
+        originals only when one was written otherwise than it is taken."""
         body = "8BITMIME" if "BODY=8BITMIME" in self.mail_options else "7BIT"
         dsn: dict = {"envid": self.dsn_envid, "ret": self.dsn_ret}
         if any(n or o for n, o in self.rcpt_dsn) and len(self.rcpt_dsn) == len(self.rcpt_tos):
             dsn["notify"] = tuple(n for n, _ in self.rcpt_dsn)
             dsn["orcpts"] = tuple(o for _, o in self.rcpt_dsn)
+        if self.rcpt_written != self.rcpt_tos and len(self.rcpt_written) == len(self.rcpt_tos):
+            dsn["originals"] = tuple(self.rcpt_written)
         return Envelope(self.sender or "", tuple(self.rcpt_tos), smtputf8=self.smtp_utf8, body_type=body, **dsn)
 
 

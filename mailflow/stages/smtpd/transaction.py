@@ -6,7 +6,9 @@ What it owns
   message's sasl_sender, as Postfix keeps it), RET and ENVID (RFC 3461, checked by dsn.py)), the sender-login
   check, then the handler's `handle_MAIL`.
 - `smtp_RCPT`: `RCPT TO:<address> [NOTIFY=… ORCPT=…]`, the recipient limit, then the handler's `handle_RCPT`
-  (the restriction lists). The DSN parameters of each accepted recipient go to `Transaction.rcpt_dsn`.
+  (the restriction lists). The DSN parameters of each accepted recipient go to `Transaction.rcpt_dsn`, and the
+  address as the client wrote it (quotes, trailing dot and case kept: Postfix's original recipient, for ORCPT,
+  X-Original-To and DSN Original-Recipient) to `Transaction.rcpt_written`.
 - The DSN keyword of EHLO is offered for these parameters (protocol.LAYER_KEYWORDS).
 
 Failure behaviour (each refusal a `mailflow.status` reply; nothing raises for a client's input): no FROM:/TO:,
@@ -87,7 +89,7 @@ class TransactionCommands(SecureCommands):
                                       lambda words: mail_parameters(words, self.data_size_limit))
         if taken is None:
             return
-        sender, (options, ret, envid, auth) = taken
+        sender, (options, ret, envid, auth), _ = taken
         self.envelope.smtp_utf8 = "SMTPUTF8" in options
         refusal = self._sender_refusal(sender or NULL_SENDER)
         if refusal is not None:
@@ -108,7 +110,7 @@ class TransactionCommands(SecureCommands):
                                       rcpt_parameters)
         if taken is None:
             return
-        rcpt, notify_orcpt = taken
+        rcpt, notify_orcpt, written = taken
         if len(self.envelope.rcpt_tos) >= self._limits.recipient_limit:
             self.envelope.overshoot += 1
             await self.push(status.TOO_MANY_RECIPIENTS,
@@ -118,6 +120,7 @@ class TransactionCommands(SecureCommands):
         reply = await self._call_handler_hook("RCPT", rcpt, [])
         if len(self.envelope.rcpt_tos) > before:
             self.envelope.rcpt_dsn.append(notify_orcpt)
+            self.envelope.rcpt_written.append(written)
         await self.push(reply)
 
     def _rcpt_out_of_order(self) -> status.Reply | None:
@@ -139,15 +142,16 @@ class TransactionCommands(SecureCommands):
         parsed = await self._path_argument(arg, keyword, command, bad_path)
         if parsed is None:
             return None
-        addr, words = parsed
+        addr, written, words = parsed
         values = parameters(words)
         if isinstance(values, status.Reply):
             await self.push(values)
             return None
-        return addr, values
+        return addr, values, written
 
     async def _path_argument(self, arg: str | None, keyword: str, command: str, bad: status.Reply):
-        """(address, parameter words) of `FROM:<address> params` or `TO:…`, or None when a refusal was sent:
+        """(address, address as written, parameter words) of `FROM:<address> params` or `TO:…`, or None when a
+        refusal was sent:
         501 5.5.4 usage without the keyword or without a path, `bad` (501 5.1.7 / 5.1.3) for a malformed path."""
         usage = f"{command} {keyword}<address>"
         if not arg or arg[:len(keyword)].upper() != keyword:
@@ -158,7 +162,7 @@ class TransactionCommands(SecureCommands):
             await self.push(status.syntax(usage))
             return None
         try:
-            addr, rest = address.parse_path(text)
+            addr, written, rest = address.parse_written_path(text)
         except address.PathError:
             self.record.lines.illegal_address(self.session.client, command, text)
             await self.push(bad)
@@ -167,4 +171,4 @@ class TransactionCommands(SecureCommands):
             self.record.lines.illegal_address(self.session.client, command, text)
             await self.push(bad)
             return None
-        return addr, rest.split()  # parameters after HELO too, as Postfix takes them
+        return addr, written, rest.split()  # parameters after HELO too, as Postfix takes them

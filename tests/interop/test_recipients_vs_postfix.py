@@ -1,0 +1,110 @@
+"""Differential test of recipient bookkeeping against a real Postfix 3.7: the same transactions to a private Postfix
+and to mailflow configured alike, each relaying to its own smtp-sink. What is compared per message: the recipients
+the sink saw, each with the ORCPT and NOTIFY it went out with.
+
+The probes: the original recipient is the address as the client wrote it (quotes, trailing dot, case, a source
+route: Postfix's cleanup keeps it for ORCPT, X-Original-To and a DSN's Original-Recipient), while the address
+itself is tidied.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.interop.test_content_vs_postfix import _postfix_virtual_delivery
+from tests.interop.test_dsn_pass_on import smtp_sink
+from tests.support import SmtpClient, eventually, postfix_instance
+
+pytestmark = pytest.mark.interop
+
+COMMON = {"myhostname": "mx.origin.test", "myorigin": "origin.test"}
+VIRTUAL = "inline:{ {list@v.test = a@x.test, b@x.test} }"
+# per message: the paths of its RCPT commands
+PROBES = [
+    ['<"joe"@X.Test.>'],
+    ["<Ann@X.TEST.>", '<"b.c"@x.test>', '<"b c"@x.test>', "<@relay.test:route@x.test>"],
+]
+
+
+async def send_probes(port: int) -> None:
+    for i, rcpts in enumerate(PROBES):
+        client = await SmtpClient.connect(port)
+        assert (await client.cmd("EHLO client.test")).code == 250
+        assert (await client.cmd("MAIL FROM:<s@remote.test>")).code == 250
+        for rcpt in rcpts:
+            assert (await client.cmd(f"RCPT TO:{rcpt}")).code == 250, rcpt
+        assert (await client.cmd("DATA")).code == 354
+        assert (await client.cmd(f"From: s@remote.test\r\nSubject: probe-{i}\r\n\r\nx\r\n.")).code == 250
+        await client.close()
+
+
+def arrivals(dump: Path) -> dict[int, list[str]]:
+    """Per probe: the sorted RCPT arguments (address, ORCPT, NOTIFY) the sink was given."""
+    out = {}
+    text = dump.read_text(errors="replace") if dump.exists() else ""
+    for message in text.split("X-Client-Addr:")[1:]:
+        subject = re.search(r"^Subject: probe-(\d+)", message, re.MULTILINE)
+        if subject:
+            out[int(subject.group(1))] = sorted(re.findall(r"^X-Rcpt-Args: (.*)$", message, re.MULTILINE))
+    return out
+
+
+async def run(port: int, dump: Path) -> dict[int, list[str]]:
+    await send_probes(port)
+    return await eventually(lambda: len(arrivals(dump)) == len(PROBES) and arrivals(dump), timeout=20)
+
+
+async def test_recipients_go_on_as_a_real_postfix_sends_them(mailflow_server):
+    async with smtp_sink() as (pf_sink, pf_dump), smtp_sink() as (mf_sink, mf_dump):
+        async with postfix_instance({**COMMON, "relayhost": f"[127.0.0.1]:{pf_sink}", "virtual_alias_maps": VIRTUAL,
+                                     "relay_domains": "x.test"}) as pf:
+            postfix = await run(pf.port, pf_dump)
+        mf = await mailflow_server(**COMMON, relayhost=f"[127.0.0.1]:{mf_sink}", virtual_alias_maps=[VIRTUAL],
+                                   relay_domains=["x.test"], mynetworks=["127.0.0.0/8"])
+        mailflow = await run(mf.smtp_addresses[0][1], mf_dump)
+    assert mailflow == postfix
+    # what both did, so that the same change on both sides cannot pass unnoticed
+    assert postfix[0] == ['<joe@X.Test> ORCPT=rfc822;"joe"@X.Test.']
+    assert postfix[1] == ['<"b c"@x.test> ORCPT=rfc822;"b+20c"@x.test', "<Ann@X.TEST> ORCPT=rfc822;Ann@X.TEST.",
+                          '<b.c@x.test> ORCPT=rfc822;"b.c"@x.test', "<route@x.test> ORCPT=rfc822;@relay.test:route@x.test"]
+
+
+async def test_x_original_to_is_the_recipient_as_written_as_in_a_real_postfix(mailflow_server, tmp_path):
+    """virtual(8) Maildir delivery through a virtual alias: X-Original-To is the RCPT address as the client wrote
+    it (case, trailing dot), but for quotes that add nothing; Delivered-To the alias's member."""
+    async def deliver(port: int) -> None:
+        c = await SmtpClient.connect(port)
+        assert (await c.cmd("EHLO client.test")).code == 250
+        assert (await c.cmd("MAIL FROM:<bob@client.test>")).code == 250
+        assert (await c.cmd('RCPT TO:<"Team"@VDomain.Test.>')).code == 250
+        assert (await c.cmd("DATA")).code == 354
+        assert (await c.cmd("Subject: hi\r\n\r\nbody\r\n.")).code == 250
+        await c.close()
+
+    def first_lines(maildir: str) -> list[bytes]:
+        [path] = glob.glob(f"{maildir}/new/*")
+        with open(path, "rb") as f:
+            return f.read().split(b"\nReceived: ")[0].split(b"\n")
+
+    base = tempfile.mkdtemp(prefix="mailflow-vmail-")  # (tmp_path is not traversable by Postfix's virtual user)
+    os.chmod(base, 0o777)
+    try:
+        postfix = await _postfix_virtual_delivery(base, deliver, first_lines)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    mf = await mailflow_server(myhostname="mx.origin.test", mydestination=[],
+                               virtual_mailbox_domains=["vdomain.test"], virtual_mailbox_base=str(tmp_path / "vmail"),
+                               virtual_mailbox_maps=["inline:{alice@vdomain.test=alice/}"],
+                               virtual_alias_maps=["inline:{team@vdomain.test=alice@vdomain.test}"])
+    await deliver(mf.smtp_addresses[0][1])
+    mailflow = await eventually(lambda: glob.glob(f"{tmp_path}/vmail/alice/new/*") and first_lines(
+        f"{tmp_path}/vmail/alice"))
+    assert mailflow == postfix
+    assert postfix == [b"Return-Path: <bob@client.test>", b"X-Original-To: Team@VDomain.Test.",
+                       b"Delivered-To: alice@vdomain.test"]
