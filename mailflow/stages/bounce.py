@@ -58,6 +58,7 @@ import textwrap
 import unicodedata
 from dataclasses import dataclass
 
+from mailflow import address
 from mailflow.config import DEFAULTS
 from mailflow.message import rfc5322_date, split_header
 from mailflow.model import Recipient
@@ -228,8 +229,9 @@ def _text_part(kind: str, mta: str, recipients: list[NoticeRecipient], delay_war
     for nr in recipients:
         r = nr.recipient
         who = f"<{_clean(r.address)}>"
-        if r.original and r.original != r.address:
-            who += f" (expanded from <{_clean(r.original)}>)"
+        original = address.requoted(r.original)  # (needless quotes dropped, as Postfix writes it)
+        if original and original != r.address:
+            who += f" (expanded from <{_clean(original)}>)"
         said = _clean(nr.diagnostic).removeprefix(EXPIRED) or _action_words(nr.action)  # (Postfix: the last reason)
         if nr.action in SUCCESSFUL and nr.relay and nr.relay != "none":
             said = f"delivery via {_clean(nr.relay)}: {said}"

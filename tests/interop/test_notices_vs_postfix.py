@@ -278,3 +278,16 @@ async def test_a_discarded_recipients_success_notice_gives_the_next_hop_as_postf
     assert [(human_part(n), report(n)) for n in mf["case-discard"]] == [
         (human_part(n), report(n)) for n in pf["case-discard"]]
     assert "\n<a@discard.test>: discard.test\n\n<b@gone.test>: gone-away\n" in human_part(pf["case-discard"][0])
+
+
+async def test_a_notice_names_the_recipient_as_the_client_wrote_it_as_postfixs_does(mailflow_server, smtp_peer):
+    """The original recipient is the RCPT address as written: Original-Recipient gives it as it is, the human part
+    ("expanded from") without the quotes that add nothing, and not at all when that is the address itself."""
+    messages = [Send("case-written", {'"b"@Peer.Test.': [], '"bb"@peer.test': []})]
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {"RCPT": rcpt_reply}, messages, 1)
+    assert [(human_part(n), report(n)) for n in mf["case-written"]] == [
+        (human_part(n), report(n)) for n in pf["case-written"]]
+    text = human_part(pf["case-written"][0])
+    assert "\n<b@Peer.Test> (expanded from <b@Peer.Test.>): " in text and "\n<bb@peer.test>: " in text
+    assert [g[1] for g in report(pf["case-written"][0])[1:]] == [("Original-Recipient", 'rfc822;"b"@Peer.Test.'),
+                                                                 ("Original-Recipient", 'rfc822;"bb"@peer.test')]
