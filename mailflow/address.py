@@ -4,7 +4,7 @@
 - `tidy(addr)`: needless quotes and one trailing dot dropped (`"joe"@x.test.` is `joe@x.test`), as Postfix's
   trivial-rewrite does to every address.
 - `unquoted_local(local)`, `quoted_local(local)`: a quoted local part's content; a local part quoted if it must be;
-  `requoted(addr)`: an address whose local part is quoted only if it must be, its domain untouched.
+  `shown_original(addr)`: an original recipient as Postfix shows it (route and needless quotes dropped).
 - `normalise_domain(d)`: lower case, no trailing dot, IDNA A-label for matching ("" if it cannot be).
 - `mailbox_syntax_error(addr) -> str | None`: why an address is not an RFC 5321 mailbox (None if it is).
 - `parse_path(text) -> (address, rest)`: the address of a MAIL FROM / RCPT TO argument and the parameters
@@ -127,9 +127,12 @@ def quoted_local(local: str) -> str:
     return '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def requoted(addr: str) -> str:
-    """`addr` with its local part in quotes only if it needs them, its domain as it is (`"Team"@X.Test.` is
-    `Team@X.Test.`): the original recipient as Postfix's delivery agents write it in X-Original-To."""
+def shown_original(addr: str) -> str:
+    """An original recipient (the RCPT address as written) as Postfix shows it in X-Original-To, a notice's
+    "expanded from" and the log's orig_to: a source route dropped, the local part in quotes only if it needs them,
+    the domain as it is (`"Team"@X.Test.` is `Team@X.Test.`). ORCPT and Original-Recipient keep it as written."""
+    if addr.startswith("@") and ":" in addr:
+        addr = addr[addr.index(":") + 1:]
     local, at, domain = addr.rpartition("@")
     return f"{_without_needless_quotes(local)}@{domain}" if at else _without_needless_quotes(addr)
 

@@ -37,6 +37,7 @@ import sys
 import time
 from datetime import datetime
 
+from mailflow import address
 from mailflow.config import LogConfig
 from mailflow.model import Outcome, RcptResult
 
@@ -118,7 +119,8 @@ class MailLog:
         status = _RESULT_STATUS[result.outcome]
         named = result.named
         to = named.address
-        orig = f", orig_to=<{named.original}>" if named.original and named.original != to else ""
+        original = address.shown_original(named.original)  # (as Postfix logs it: without quotes that add nothing)
+        orig = f", orig_to=<{original}>" if original and original != to else ""
         self._emit(queue_id, status,
                    f"to=<{to}>{orig}, relay={result.relay}, delay={delay:.2f}, dsn={result.dsn}, "
                    f"status={status} ({result.text})", service=_delivery_service(result.relay),

@@ -229,7 +229,7 @@ def _text_part(kind: str, mta: str, recipients: list[NoticeRecipient], delay_war
     for nr in recipients:
         r = nr.recipient
         who = f"<{_clean(r.address)}>"
-        original = address.requoted(r.original)  # (needless quotes dropped, as Postfix writes it)
+        original = address.shown_original(r.original)  # (needless quotes dropped, as Postfix writes it)
         if original and original != r.address:
             who += f" (expanded from <{_clean(original)}>)"
         said = _clean(nr.diagnostic).removeprefix(EXPIRED) or _action_words(nr.action)  # (Postfix: the last reason)

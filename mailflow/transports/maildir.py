@@ -99,7 +99,7 @@ def mailbox_prefix(sender: str, delivered_to: str, original: str = "") -> bytes:
     """The lines a mailbox copy starts with (LF line ends, as mailbox files keep them), in Postfix's order:
     Return-Path, X-Original-To (`original`: the recipient as the client gave it, before aliases and
     rewriting, its needless quotes dropped as Postfix drops them; none when empty) and Delivered-To."""
-    original_to = f"X-Original-To: {address.requoted(original)}\n" if original else ""
+    original_to = f"X-Original-To: {address.shown_original(original)}\n" if original else ""
     return f"Return-Path: <{sender}>\n{original_to}Delivered-To: {delivered_to}\n".encode("utf-8")
 
 

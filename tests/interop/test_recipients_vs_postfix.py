@@ -1,6 +1,6 @@
 """Differential test of recipient bookkeeping against a real Postfix 3.7: the same transactions to a private Postfix
 and to mailflow configured alike, each relaying to its own smtp-sink. What is compared per message: the recipients
-the sink saw, each with the ORCPT and NOTIFY it went out with.
+the sink saw, each with the ORCPT and NOTIFY it went out with; and the to=/orig_to= of each delivery's log line.
 
 The probes: the original recipient is the address as the client wrote it (quotes, trailing dot, case, a source
 route: Postfix's cleanup keeps it for ORCPT, X-Original-To and a DSN's Original-Recipient), while the address
@@ -60,15 +60,25 @@ async def run(port: int, dump: Path) -> dict[int, list[str]]:
     return await eventually(lambda: len(arrivals(dump)) == len(PROBES) and arrivals(dump), timeout=20)
 
 
-async def test_recipients_go_on_as_a_real_postfix_sends_them(mailflow_server):
+def logged(log: str) -> list[tuple[str, str]]:
+    """The (to, orig_to) of each delivery line of a mail log, sorted."""
+    return sorted(re.findall(r" to=<([^>]*)>(?:, orig_to=<([^>]*)>)?, relay=", log))
+
+
+async def test_recipients_go_on_as_a_real_postfix_sends_them(mailflow_server, caplog):
+    caplog.set_level("INFO")
     async with smtp_sink() as (pf_sink, pf_dump), smtp_sink() as (mf_sink, mf_dump):
         async with postfix_instance({**COMMON, "relayhost": f"[127.0.0.1]:{pf_sink}", "virtual_alias_maps": VIRTUAL,
                                      "relay_domains": "x.test"}) as pf:
             postfix = await run(pf.port, pf_dump)
+            postfix_log = await eventually(lambda: len(logged(pf.maillog)) == 5 and logged(pf.maillog))
         mf = await mailflow_server(**COMMON, relayhost=f"[127.0.0.1]:{mf_sink}", virtual_alias_maps=[VIRTUAL],
                                    relay_domains=["x.test"], mynetworks=["127.0.0.0/8"])
         mailflow = await run(mf.smtp_addresses[0][1], mf_dump)
+        mailflow_log = await eventually(lambda: len(logged(caplog.text)) == 5 and logged(caplog.text))
     assert mailflow == postfix
+    assert mailflow_log == postfix_log
+    assert ("joe@X.Test", "joe@X.Test.") in postfix_log and ('"b c"@x.test', "") in postfix_log
     # what both did, so that the same change on both sides cannot pass unnoticed
     assert postfix[0] == ['<joe@X.Test> ORCPT=rfc822;"joe"@X.Test.']
     assert postfix[1] == ['<"b c"@x.test> ORCPT=rfc822;"b+20c"@x.test', "<Ann@X.TEST> ORCPT=rfc822;Ann@X.TEST.",

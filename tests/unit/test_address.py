@@ -281,9 +281,10 @@ def test_parse_written_path_gives_the_address_as_the_client_wrote_it(text, expec
     assert address.parse_written_path(text) == expected
 
 
-def test_requoted_keeps_only_the_quotes_needed():
-    assert address.requoted('"Team"@VDomain.Test.') == "Team@VDomain.Test."  # Postfix's X-Original-To
-    assert address.requoted('"a b"@x.test') == '"a b"@x.test' and address.requoted('"joe"') == "joe"
+def test_an_original_recipient_is_shown_as_postfix_shows_it():
+    assert address.shown_original('"Team"@VDomain.Test.') == "Team@VDomain.Test."  # Postfix's X-Original-To
+    assert address.shown_original('"a b"@x.test') == '"a b"@x.test' and address.shown_original('"joe"') == "joe"
+    assert address.shown_original("@relay.test:route@x.test") == "route@x.test"  # (Postfix logs no orig_to)
 
 
 @pytest.mark.parametrize("text", ["<a@b.test", "<a@b.test>x", "<a b@b.test>", "<a\\b@b.test>", "<a,b@b.test>",
