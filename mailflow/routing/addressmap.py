@@ -13,7 +13,11 @@ What it owns (Postfix cleanup(8), envelope part):
   postsrsd's reverse map as a recipient canonical map).
 - `expand(addr) -> [addr, ...]`: `virtual_alias_maps`, for recipients of every domain, recursively.
 - `recipients(rcpts) -> (Recipient, ...)`: `recipient()` then `expand()` for each, duplicates removed (the first
-  keeps its place and its original address, for DSN ORCPT), indexes renumbered.
+  keeps its place and its original address, for DSN ORCPT), indexes renumbered. A duplicate is what Postfix's
+  cleanup_out_recipient takes for one (its been_here key, without case): the same address with the same NOTIFY
+  (as a set of words), ORCPT (the RCPT address as written when none was given) and original recipient. For the
+  members of an alias of more than one address, SUCCESS does not count in that NOTIFY, as Postfix turns it off
+  for them (it reports the alias "expanded" itself; mailflow does not, so their NOTIFY goes on as it was).
 - `is_mapped(addr)`: a recipient-side table has an entry for it, or it is a valid SRS address (smtpd then takes it as
   a known recipient). `srs`: the Srs codec, or None when [srs] is off (cleanup rewrites forwarded senders with it).
 
@@ -123,11 +127,13 @@ class AddressMapper:
 
     def recipients(self, rcpts: Sequence[Recipient]) -> tuple[Recipient, ...]:
         out: list[Recipient] = []
-        seen: set[str] = set()
+        seen: set[tuple[str, ...]] = set()
         for rcpt in rcpts:
-            for final in self.expand(self.recipient(rcpt.address)):
-                if final.lower() not in seen:
-                    seen.add(final.lower())
+            finals = self.expand(self.recipient(rcpt.address))
+            for final in finals:
+                key = _duplicate_key(final, rcpt, expanded=len(finals) > 1)
+                if key not in seen:
+                    seen.add(key)
                     out.append(Recipient(len(out), final, rcpt.original, rcpt.notify, rcpt.orcpt))
         return tuple(out)
 
@@ -221,3 +227,12 @@ class AddressMapper:
             result_local, result_domain = address.split(result)
             result = f"{result_local}{ext}@{result_domain}"
         return result
+
+
+def _duplicate_key(final: str, rcpt: Recipient, *, expanded: bool) -> tuple[str, ...]:
+    """What makes `final` (a result of `rcpt`) a duplicate of an earlier recipient, as Postfix's cleanup keys it."""
+    notify = set(rcpt.notify.upper().split(",")) - {""}
+    if expanded and "SUCCESS" in notify:
+        notify = (notify - {"SUCCESS"}) or {"NEVER"}
+    orcpt = rcpt.orcpt or f"rfc822;{rcpt.original}"
+    return (final.lower(), ",".join(sorted(notify)), orcpt.lower(), address.shown_original(rcpt.original).lower())

@@ -348,16 +348,24 @@ def test_expand_first_table_with_an_answer_wins(tmp_path):
 
 
 def test_recipients_removes_duplicates_and_keeps_each_origin(tmp_path):
+    """A duplicate as Postfix's cleanup keys it: the same address (any case), NOTIFY, ORCPT and original; for an
+    alias's members SUCCESS does not count (Postfix turns it off for them)."""
     m = virtual(tmp_path,
                 "list@example.test a@x.test, b@x.test\n"
-                "team@example.test B@X.test, c@x.test\n")
+                "team@example.test B@X.test, c@x.test, b@x.test\n")
     rcpts = (Recipient(3, "list@example.test", "List@Example.test", "SUCCESS,FAILURE", "rfc822;List@Example.test"),
+             Recipient(4, "list@example.test", "list@example.test", "FAILURE", "rfc822;LIST@example.test"),
              Recipient(7, "team@example.test", "team@example.test", "NEVER", ""),
-             Recipient(9, "a@x.test", "a@x.test"))
+             Recipient(9, "a@x.test", "a@x.test"),
+             Recipient(10, "A@x.test", "A@x.test"),
+             Recipient(11, "a@x.test", "a@x.test", "SUCCESS"))
     assert m.recipients(rcpts) == (
         Recipient(0, "a@x.test", "List@Example.test", "SUCCESS,FAILURE", "rfc822;List@Example.test"),
         Recipient(1, "b@x.test", "List@Example.test", "SUCCESS,FAILURE", "rfc822;List@Example.test"),
-        Recipient(2, "c@x.test", "team@example.test", "NEVER", ""),
+        Recipient(2, "B@X.test", "team@example.test", "NEVER", ""),
+        Recipient(3, "c@x.test", "team@example.test", "NEVER", ""),
+        Recipient(4, "a@x.test", "a@x.test"),
+        Recipient(5, "a@x.test", "a@x.test", "SUCCESS"),
     )
 
 
