@@ -364,7 +364,7 @@ class PipeTransport:
                            [recipient_values(r, s.flags, self._delimiter) for r in batch])
         first = batch[0]
         stdin = command_input(request.content, sender=request.sender, flags=s.flags, recipient=first.address,
-                              original=first.original or first.address, now=self._now())
+                              original=address.shown_original(first.original or first.address), now=self._now())
         log.debug("%s: %s: running %s", request.queue_id, self._name, argv)
         try:
             result = await run_command(argv, stdin=stdin, env={}, time_limit=s.time_limit,
