@@ -18,8 +18,9 @@ What it does, in order (Postfix cleanup(8)):
    address fields (`Submission.header_rewrite_domain`; mailflow.header_addresses): an unqualified one gets
    @myorigin (or the remote_header_rewrite_domain), then canonical maps and masquerading by the field's class,
    as Postfix does for mail from this host (smtpd: local_header_rewrite_clients) and local submissions;
-4b. prepends a Received header (for a local submission "by HOST (mailflow, from userid UID)", without Postfix
-   smtpd's `for <recipient>`, as Postfix's pickup writes it) and under it the
+4b. prepends a Received header (for a local submission "by HOST (mailflow, from userid UID)", for a notice "by
+   HOST (mailflow)", both without smtpd's `for <recipient>`, as Postfix's pickup and bounce write them) and
+   under it the
    header fields smtpd gave (`Submission.headers`: Authentication-Results, spam and virus tags, access PREPEND);
    appends Message-ID, Date and From (Resent-Message-ID, Resent-Date, Resent-From for a message with Resent-
    fields) when the message has none and `Submission.add_missing_headers` says so
@@ -317,7 +318,11 @@ class Cleanup:
             # Postfix's pickup) no recipient: a sendmail -t recipient may be a Bcc
             return (f"Received: by {self._myhostname} (mailflow, from userid {sub.submitter.uid})\r\n"
                     f"\tid {queue_id}; {rfc5322_date(now)}\r\n").encode("utf-8")
-        if c.protocol == "local":  # made here (a notice): no client to name
+        if c.protocol == "local" and not sub.forwarded:  # a notice made here: no client to name, and no recipient
+            # (Postfix's bounce(8) names none)
+            return (f"Received: by {self._myhostname} (mailflow)\r\n"
+                    f"\tid {queue_id}; {rfc5322_date(now)}\r\n").encode("utf-8")
+        if c.protocol == "local":  # a forwarded copy: no client to name
             return (f"Received: by {self._myhostname} (mailflow) id {queue_id}{for_clause};\r\n"
                     f"\t{rfc5322_date(now)}\r\n").encode("utf-8")
         text = (

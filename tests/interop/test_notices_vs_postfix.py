@@ -291,3 +291,17 @@ async def test_a_notice_names_the_recipient_as_the_client_wrote_it_as_postfixs_d
     assert "\n<b@Peer.Test> (expanded from <b@Peer.Test.>): " in text and "\n<bb@peer.test>: " in text
     assert [g[1] for g in report(pf["case-written"][0])[1:]] == [("Original-Recipient", 'rfc822;"b"@Peer.Test.'),
                                                                  ("Original-Recipient", 'rfc822;"bb"@peer.test')]
+
+
+async def test_a_notices_received_header_names_no_recipient_as_postfixs_does(mailflow_server, smtp_peer):
+    """bounce(8)'s Received: `by HOST (Postfix)`, the queue id and the date, no `for <sender>`."""
+    messages = [Send("case-received", {"b": []})]
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {"RCPT": rcpt_reply}, messages, 1)
+
+    def received(notice) -> list[str]:
+        head = notice.raw.split(b"\r\n\r\n", 1)[0].decode()
+        return [re.sub(r"\S+; .*", "ID; DATE", v.replace(PF_HOST, "HOST").replace(MF_HOST, "HOST")
+                       .replace("Postfix", "MTA").replace("mailflow", "MTA"))
+                for v in re.findall(r"^Received: ([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)", head, re.MULTILINE)]
+
+    assert received(mf["case-received"][0]) == received(pf["case-received"][0]) == ["by HOST (MTA)\r\n\tid ID; DATE"]
