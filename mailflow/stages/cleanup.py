@@ -62,6 +62,7 @@ from mailflow.content import Content, Spool, crlf_only
 from mailflow.errors import MessageTooBig, PermanentError, TemporaryError
 from mailflow.filters.content_checks import ContentChecks, Inspection
 from mailflow.header_addresses import rewrite_address_fields
+from mailflow.address import shown_original
 from mailflow.logs import MailLog
 from mailflow.message import header_names, header_value, read_header, rfc5322_date, without_fields
 from mailflow.model import QueueId, Recipient, Submission
@@ -313,7 +314,9 @@ class Cleanup:
 
     def _received(self, sub: Submission, queue_id: QueueId, now: float) -> bytes:
         c = sub.client
-        for_clause = f"\r\n\tfor <{sub.envelope.recipients[0]}>" if len(sub.envelope.recipients) == 1 else ""
+        env = sub.envelope  # one recipient: named as the client wrote it, as Postfix's smtpd names it
+        for_clause = f"\r\n\tfor <{shown_original((env.originals or env.recipients)[0])}>" \
+            if len(env.recipients) == 1 else ""
         if sub.submitter is not None:  # mailflow sendmail, via pickup: name the user like Postfix does, and (as
             # Postfix's pickup) no recipient: a sendmail -t recipient may be a Bcc
             return (f"Received: by {self._myhostname} (mailflow, from userid {sub.submitter.uid})\r\n"
