@@ -275,7 +275,7 @@ def recipient_values(rcpt: Recipient, flags: str, delimiter: str) -> dict[str, s
     if "u" in flags:
         local, user, ext = local.lower(), user.lower(), ext.lower()
     return {"recipient": _address_value(rcpt.address, flags),
-            "original_recipient": _address_value(rcpt.original or rcpt.address, flags),
+            "original_recipient": _address_value(address.shown_original(rcpt.original or rcpt.address), flags),
             "user": user, "extension": ext[1:], "mailbox": local,
             "domain": domain.lower() if "h" in flags else domain}
 

@@ -67,17 +67,17 @@ async def test_an_alias_command_gets_local_environment_and_the_message(scripts, 
     s = scripts.script("record.sh", RECORD.format(out=scripts.out))
     t = transport(tmp_path, f'run: "|{s} --flag"\n')
     [result] = (await t.deliver(request("Run+Tag@Example.test", sender="o'brien&co@remote.test",
-                                        original="first@elsewhere.test"))).results
+                                        original='"first"@Elsewhere.test.'))).results
     assert (result.outcome, result.dsn) == (Outcome.SENT, "2.0.0")
     assert result.text == f"delivered to command: {s} --flag"
     assert environment(scripts.read("env")) == {
         "HOME": str(tmp_path / "mail" / "run"), "SHELL": "/bin/sh", "USER": "run", "LOGNAME": "run",
         "SENDER": "o_brien_co@remote.test", "RECIPIENT": "Run+Tag@Example.test",
-        "ORIGINAL_RECIPIENT": "first@elsewhere.test", "LOCAL": "run+tag", "DOMAIN": "example.test",
+        "ORIGINAL_RECIPIENT": "first@Elsewhere.test.", "LOCAL": "run+tag", "DOMAIN": "example.test",
         "EXTENSION": "tag", "PATH": "/usr/bin:/bin"}
     from_, stdin = scripts.read("stdin").split("\n", 1)  # local(8)'s From_ line first
     assert re.fullmatch(r"From o'brien&co@remote\.test  \w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}", from_), from_
-    assert stdin == ("Return-Path: <o'brien&co@remote.test>\nX-Original-To: first@elsewhere.test\n"
+    assert stdin == ("Return-Path: <o'brien&co@remote.test>\nX-Original-To: first@Elsewhere.test.\n"
                      "Delivered-To: Run+Tag@Example.test\nFrom: sender@remote.test\nSubject: hello\n\nline one\n")
     assert scripts.read("pwd") == "/\n"  # the home does not exist
     expected_uid = pwd.getpwnam("nobody").pw_uid if os.geteuid() == 0 else os.geteuid()

@@ -227,7 +227,7 @@ class LocalTransport:
         user, ext = split_extension(local.lower(), settings.recipient_delimiter)
         home = Path(os.path.abspath(Path(self._local.maildir_base) / user)) if is_safe_user(user) else Path("/")
         context = {"USER": user, "LOGNAME": user, "SENDER": request.sender, "RECIPIENT": leaf.address,
-                   "ORIGINAL_RECIPIENT": rcpt.original or rcpt.address, "LOCAL": local.lower(),
+                   "ORIGINAL_RECIPIENT": address.shown_original(rcpt.original or rcpt.address), "LOCAL": local.lower(),
                    "DOMAIN": domain.lower(), "EXTENSION": ext[1:], **_client_environment(request.client_attributes)}
         env = {"HOME": str(home), "SHELL": "/bin/sh",
                **{k: "".join(c if c in _SHELL_SAFE else "_" for c in v) for k, v in context.items()}}
