@@ -112,7 +112,8 @@ async def test_recipients_go_on_as_a_real_postfix_sends_them(mailflow_server, ca
     # what both did, so that the same change on both sides cannot pass unnoticed
     assert postfix[0] == ['<joe@X.Test> ORCPT=rfc822;"joe"@X.Test.', "for <joe@X.Test.>"]
     assert postfix[1] == ['<"b c"@x.test> ORCPT=rfc822;"b+20c"@x.test', "<Ann@X.TEST> ORCPT=rfc822;Ann@X.TEST.",
-                          '<b.c@x.test> ORCPT=rfc822;"b.c"@x.test', "<route@x.test> ORCPT=rfc822;@relay.test:route@x.test"]
+                          '<b.c@x.test> ORCPT=rfc822;"b.c"@x.test',
+                          "<route@x.test> ORCPT=rfc822;@relay.test:route@x.test"]
 
 
 async def test_x_original_to_is_the_recipient_as_written_as_in_a_real_postfix(mailflow_server, tmp_path):
