@@ -72,7 +72,6 @@ from mailflow.stages.cleanup import Cleanup
 from mailflow.stages.pickup import Pickup
 from mailflow.stages.qmgr import QueueManager
 from mailflow.stages.qmgr.notices import Notices
-from mailflow.errors import ConfigError
 from mailflow.model import AddressClass, ClientInfo, DeliveryRequest, Envelope, Recipient, Submission
 from mailflow.queuelock import QueueLock
 from mailflow.routing.router import Router

@@ -32,7 +32,6 @@ Failure behaviour (a failed lookup is never "not found"):
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from dataclasses import dataclass
 from typing import Protocol, Sequence

@@ -175,7 +175,7 @@ async def test_a_policy_that_cannot_be_fetched_is_no_policy(zones, smtp_peer, ca
 
 
 def dane_zone(port: int, tlsa: str) -> str:
-    return (f"dane.test. 300 IN MX 10 mx.dane.test.\nmx.dane.test. 300 IN A 127.0.0.1\n"
+    return ("dane.test. 300 IN MX 10 mx.dane.test.\nmx.dane.test. 300 IN A 127.0.0.1\n"
             + (f"_{port}._tcp.mx.dane.test. 300 IN TLSA {tlsa}\n" if tlsa else ""))
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from importlib import resources
 import threading
 import time
 from pathlib import Path

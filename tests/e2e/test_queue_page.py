@@ -68,7 +68,7 @@ async def test_the_queued_message_appears_and_its_buttons_work(mailflow_server, 
 
     # what a reload of the page shows now: the message on hold, its view deep-linked
     dom = await chromium.dump_dom(f"{url}#message={qid}")
-    assert f'<section id="message" data-queue="hold">' in dom
+    assert '<section id="message" data-queue="hold">' in dom
     assert re.search(rf'data-queue-id="{qid}"><td>{qid}</td><td class="queue-hold">hold</td>', dom), dom
 
 

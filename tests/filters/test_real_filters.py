@@ -3,7 +3,6 @@
 spamd, ClamAV's clamd with a signature the test writes."""
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 

@@ -82,7 +82,7 @@ class ScriptedPeer:
                     if not await say(reply):
                         return
                     if reply.startswith(b"354"):
-                        while (content := await reader.readline()) not in (b".\r\n", b""):
+                        while await reader.readline() not in (b".\r\n", b""):
                             pass
                         if not await say(self._answer("DOT", b"250 2.0.0 Ok: queued as X1\r\n")):
                             return

@@ -29,7 +29,7 @@ import dkim
 import dns.message
 import dns.query
 import dns.rdatatype
-from dnslib import RCODE, RR
+from dnslib import RCODE
 from dnslib.server import DNSLogger, DNSServer
 
 from mailflow.signing import keygen

@@ -53,7 +53,6 @@ from mailflow import address
 from mailflow.clock import Clock
 from mailflow.config import DEFAULTS, LocalConfig
 from mailflow.errors import DeliveryError
-from mailflow.content import Content
 from mailflow.message import HEADER_READ_LIMIT, delivered_to, read_header
 from mailflow.model import ClientAttributes, DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
 from mailflow.transports.local.aliasing import Command, File, Forward, LocalExpander, Mailbox, Refused, is_safe_user
