@@ -10,16 +10,12 @@ the same copies go out.
 """
 from __future__ import annotations
 
-import glob
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.interop.test_content_vs_postfix import _postfix_virtual_delivery
+from tests.interop.test_content_vs_postfix import virtual_alias_copies
 from tests.interop.test_dsn_pass_on import smtp_sink
 from tests.support import SmtpClient, eventually, postfix_instance
 
@@ -119,33 +115,7 @@ async def test_recipients_go_on_as_a_real_postfix_sends_them(mailflow_server, ca
 async def test_x_original_to_is_the_recipient_as_written_as_in_a_real_postfix(mailflow_server, tmp_path):
     """virtual(8) Maildir delivery through a virtual alias: X-Original-To is the RCPT address as the client wrote
     it (case, trailing dot), but for quotes that add nothing; Delivered-To the alias's member."""
-    async def deliver(port: int) -> None:
-        c = await SmtpClient.connect(port)
-        assert (await c.cmd("EHLO client.test")).code == 250
-        assert (await c.cmd("MAIL FROM:<bob@client.test>")).code == 250
-        assert (await c.cmd('RCPT TO:<"Team"@VDomain.Test.>')).code == 250
-        assert (await c.cmd("DATA")).code == 354
-        assert (await c.cmd("Subject: hi\r\n\r\nbody\r\n.")).code == 250
-        await c.close()
-
-    def first_lines(maildir: str) -> list[bytes]:
-        [path] = glob.glob(f"{maildir}/new/*")
-        with open(path, "rb") as f:
-            return f.read().split(b"\nReceived: ")[0].split(b"\n")
-
-    base = tempfile.mkdtemp(prefix="mailflow-vmail-")  # (tmp_path is not traversable by Postfix's virtual user)
-    os.chmod(base, 0o777)
-    try:
-        postfix = await _postfix_virtual_delivery(base, deliver, first_lines)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-    mf = await mailflow_server(myhostname="mx.origin.test", mydestination=[],
-                               virtual_mailbox_domains=["vdomain.test"], virtual_mailbox_base=str(tmp_path / "vmail"),
-                               virtual_mailbox_maps=["inline:{alice@vdomain.test=alice/}"],
-                               virtual_alias_maps=["inline:{team@vdomain.test=alice@vdomain.test}"])
-    await deliver(mf.smtp_addresses[0][1])
-    mailflow = await eventually(lambda: glob.glob(f"{tmp_path}/vmail/alice/new/*") and first_lines(
-        f"{tmp_path}/vmail/alice"))
+    postfix, mailflow = await virtual_alias_copies(mailflow_server, tmp_path, '"Team"@VDomain.Test.')
     assert mailflow == postfix
     assert postfix == [b"Return-Path: <bob@client.test>", b"X-Original-To: Team@VDomain.Test.",
                        b"Delivered-To: alice@vdomain.test"]
