@@ -164,8 +164,10 @@ def address_spans(value: bytes) -> list[tuple[int, int]]:
 
 def mailbox_spans(value: bytes) -> list[tuple[int, int] | None]:
     """Where the address of each mailbox of `value` is, None for one that is not one address (a command-line
-    recipient list, where nothing may be dropped unsaid)."""
-    return [_address_span(mailbox) for mailbox in _mailboxes(_tokens(value))]
+    recipient list, where nothing may be dropped unsaid: a value past TOKEN_LIMIT ends with a None too)."""
+    tokens = _tokens(value)
+    spans = [_address_span(mailbox) for mailbox in _mailboxes(tokens)]
+    return spans + [None] if tokens and tokens[-1][2] < len(value) else spans
 
 
 def _spans_of_tokens(value: bytes) -> list[tuple[int, int]]:
