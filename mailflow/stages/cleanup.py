@@ -314,9 +314,10 @@ class Cleanup:
 
     def _received(self, sub: Submission, queue_id: QueueId, now: float) -> bytes:
         c = sub.client
-        env = sub.envelope  # one recipient: named as the client wrote it, as Postfix's smtpd names it
-        for_clause = f"\r\n\tfor <{shown_original((env.originals or env.recipients)[0])}>" \
-            if len(env.recipients) == 1 else ""
+        env = sub.envelope  # one recipient: named as the client wrote it, as Postfix's smtpd names it (a forwarded
+        # copy's originals are the recipient before the forward: it names its target)
+        named = env.recipients if sub.forwarded or not env.originals else env.originals
+        for_clause = f"\r\n\tfor <{shown_original(named[0])}>" if len(env.recipients) == 1 else ""
         if sub.submitter is not None:  # mailflow sendmail, via pickup: name the user like Postfix does, and (as
             # Postfix's pickup) no recipient: a sendmail -t recipient may be a Bcc
             return (f"Received: by {self._myhostname} (mailflow, from userid {sub.submitter.uid})\r\n"
