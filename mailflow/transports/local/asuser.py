@@ -39,8 +39,10 @@ def call_as(user: str, doing: str, fn: Callable[..., bytes], *args) -> bytes:
     os.close(write_end)
     with os.fdopen(read_end, "rb") as f:
         report = f.read()
-    os.waitpid(pid, 0)
+    _, status = os.waitpid(pid, 0)
     kind, data = report[:1], report[1:]
+    if os.waitstatus_to_exitcode(status) != 0:  # killed while it wrote: its report may be cut short
+        kind = b""
     if kind == RESULT:
         return data
     if kind == DELIVERY_ERROR:
