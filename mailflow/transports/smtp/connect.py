@@ -4,10 +4,11 @@ and for SMTP STARTTLS as the TLS policy asks and AUTH with the relay's credentia
     await open_session(peer, timeout, clock) -> Session     TCP, or a UNIX-domain socket (port 0), within
                                 `timeout`; SiteFailure 4.4.1 "connect to h[ip]:port: Connection refused" (or timed out)
     await greet(session, timeout)                            the greeting must be 2xx
-    await hello(session, helo_name, timeout, lmtp=False)     EHLO (HELO after a refused EHLO but 421), or LHLO; sets
+    await hello(session, helo_name, timeout, lmtp=False, queue_id="")
+                                EHLO (HELO after a refused EHLO but 421), or LHLO; sets
                                 `session.extensions` (a server that offers SMTPUTF8 but not 8BITMIME is taken as
-                                offering both, as Postfix does, logged); after a refusal, QUIT (as Postfix says it)
-                                and close
+                                offering both, as Postfix does, logged with `queue_id`); after a refusal, QUIT (as
+                                Postfix says it) and close
         a refused greeting, EHLO, HELO or LHLO: SiteFailure "host h[ip] refused to talk to me: 554 ..." (class 4;
         a 5xx to EHLO/HELO/LHLO is `hard`: the mail bounces with it, no other peer is tried, as with Postfix)
     Destination(nexthop, written, policy, fallback, mx_secure)   one request's next hop, as parsed and as written (the
@@ -105,7 +106,7 @@ async def greet(session: Session, timeout: float) -> None:
         raise refused_to_talk(session.peer, greeting, greeting=True)
 
 
-async def hello(session: Session, helo_name: str, timeout: float, *, lmtp: bool = False) -> None:
+async def hello(session: Session, helo_name: str, timeout: float, *, lmtp: bool = False, queue_id: str = "") -> None:
     name = helo_name.encode("ascii", "replace")
     if lmtp:
         reply = await session.command(b"LHLO " + name + CRLF, timeout, "performing the LHLO handshake")
@@ -122,7 +123,7 @@ async def hello(session: Session, helo_name: str, timeout: float, *, lmtp: bool 
         raise refused_to_talk(session.peer, reply)
     extensions = Extensions.from_reply(reply)
     if extensions.smtputf8_without_8bitmime():  # Postfix: "Our primary mission is to deliver mail"
-        log.info("host %s offers SMTPUTF8 support, but not 8BITMIME", session.peer.name)
+        log.info("%s: host %s offers SMTPUTF8 support, but not 8BITMIME", queue_id, session.peer.name)
         extensions = extensions.with_8bitmime()
     session.extensions = extensions
 
@@ -198,7 +199,7 @@ class SmtpHandshake:
         session = await open_session(peer, self.config.connect_timeout, self.clock)
         try:
             await greet(session, self.config.helo_timeout)
-            await hello(session, self.helo_name, self.config.helo_timeout)
+            await hello(session, self.helo_name, self.config.helo_timeout, queue_id=queue_id)
             if tls_allowed:
                 await self._start_tls(session, destination, policy, credentials, queue_id, fallback)
             if credentials is not None and session.extensions.supports("auth"):
@@ -259,7 +260,7 @@ class SmtpHandshake:
         cipher = session.cipher
         log.info("%s: %s TLS connection established to %s: %s with cipher %s", queue_id,
                  "Verified" if policy.verifies or policy.tlsa else "Untrusted", peer.relay, cipher[1], cipher[0])
-        await hello(session, self.helo_name, self.config.helo_timeout)
+        await hello(session, self.helo_name, self.config.helo_timeout, queue_id=queue_id)
 
     def _tls_context(self, policy: TlsPolicy) -> ssl.SSLContext | None:
         """The context for the level; None (plaintext) at level may when TLS cannot be set up here."""
