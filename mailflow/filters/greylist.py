@@ -108,10 +108,10 @@ class Greylist:
         db.execute("BEGIN IMMEDIATE")
         try:
             if self._checks % SWEEP_EVERY == 0:
-                db.execute("DELETE FROM triplet WHERE last_seen < ?", (now - c.lifetime,))
-                # never passed and too old to pass: a retry starts again anyway (postgrey's maintenance)
-                db.execute("DELETE FROM triplet WHERE passed = 0 AND first_seen < ?",
-                           (now - c.delay - c.retry_window,))
+                # unused for `lifetime`, or never passed and too old to pass (a retry starts again anyway:
+                # postgrey's maintenance); one scan of the table
+                db.execute("DELETE FROM triplet WHERE last_seen < ? OR (passed = 0 AND first_seen < ?)",
+                           (now - c.lifetime, now - c.delay - c.retry_window))
                 db.execute("DELETE FROM client WHERE last_seen < ?", (now - c.lifetime,))
             passed = self._decide(db, network, sender, recipient, now)
             db.execute("COMMIT")
