@@ -362,7 +362,12 @@ class Mailflow:
 
     async def stop(self) -> None:
         """The listeners (admin, HTTP), then smtpd, pickup and qmgr drained together within the grace period,
-        then ETRN's flushes, then the store. Safe to call twice."""
+        then ETRN's flushes, then the store. Safe to call twice. A reload under way ends first (one that has
+        bound new addresses must not put them in use, or leave them open, after the stop)."""
+        async with self._reloading:
+            await self._stop()
+
+    async def _stop(self) -> None:
         if self.admin:
             await self.admin.stop()
             self.admin = None
