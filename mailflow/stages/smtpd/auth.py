@@ -188,8 +188,9 @@ class TableBackend:
 class DovecotBackend:
     """smtpd.sasl_type = "dovecot": Dovecot's auth server decides (dovecot_auth.DovecotAuth)."""
 
-    def __init__(self, dovecot: DovecotAuth):
+    def __init__(self, dovecot: DovecotAuth, timeout: float | None = None):
         self._dovecot = dovecot
+        self._timeout = timeout  # this listener's sasl_timeout (None: the connection's)
 
     async def verify(self, login: str, password: bytes, *, secured: bool, client_ip: str = "",
                      local_ip: str = "") -> Verdict:
@@ -197,7 +198,7 @@ class DovecotBackend:
             return Verdict()
         try:
             answer = await self._dovecot.ask(login.encode(), password, secured=secured, client_ip=client_ip,
-                                             local_ip=local_ip)
+                                             local_ip=local_ip, timeout=self._timeout)
         except Unavailable as e:
             return Verdict(unavailable=f"Dovecot auth server {self._dovecot.endpoint}: {e}")
         if answer.login is not None:

@@ -148,13 +148,15 @@ class DovecotAuth:
         self._reader_task: asyncio.Task | None = None
 
     async def ask(self, login: bytes, password: bytes, *, secured: bool, client_ip: str = "",
-                  local_ip: str = "") -> Answer:
-        """Dovecot's answer to `login`/`password`. Raises Unavailable (already logged)."""
+                  local_ip: str = "", timeout: float | None = None) -> Answer:
+        """Dovecot's answer to `login`/`password` within `timeout` (the connection's own when None: listeners
+        with their own sasl_timeout share one connection). Raises Unavailable (already logged)."""
+        limit = self._timeout if timeout is None else timeout
         try:
-            answer = await asyncio.wait_for(self._ask(login, password, secured, client_ip, local_ip), self._timeout)
+            answer = await asyncio.wait_for(self._ask(login, password, secured, client_ip, local_ip), limit)
         except TimeoutError:  # (an OSError: first)
             await self._drop()
-            error = TimeoutError(f"no answer within {self._timeout:g}s")
+            error = TimeoutError(f"no answer within {limit:g}s")
             self._faults.failed(error)
             raise Unavailable(str(error)) from None
         except (OSError, EOFError, HandshakeError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,

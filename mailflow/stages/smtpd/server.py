@@ -189,8 +189,8 @@ class Smtpd:
         # threads that compute password hashes (AUTH_HASH_WORKERS of them, created on first use).
         self.auth_failures = FailureCounter(self._clock, config.smtpd.anvil_rate_time_unit)
         self._hasher: PasswordHasher | None = None
-        # sasl_type "dovecot": one connection per auth socket (and timeout), the server's: every reload uses it
-        self._dovecots: dict[tuple[str, float], DovecotAuth] = {}
+        # sasl_type "dovecot": one connection per auth socket, the server's: every reload uses it
+        self._dovecots: dict[str, DovecotAuth] = {}
         self.listeners: list[Listener] = []
         self.sessions: set[SmtpSession] = set()
 
@@ -229,10 +229,10 @@ class Smtpd:
         """Who checks a listener's AUTH passwords: Dovecot's auth server (one connection per socket, shared by
         the listeners naming it) or the user tables (with the server's hashing threads)."""
         if smtpd.sasl_type == "dovecot":
-            key = (smtpd.sasl_path, smtpd.sasl_timeout)
-            if key not in self._dovecots:
-                self._dovecots[key] = DovecotAuth(smtpd.sasl_path, timeout=smtpd.sasl_timeout, clock=self._clock)
-            return DovecotBackend(self._dovecots[key])
+            if smtpd.sasl_path not in self._dovecots:
+                self._dovecots[smtpd.sasl_path] = DovecotAuth(smtpd.sasl_path, timeout=smtpd.sasl_timeout,
+                                                              clock=self._clock)
+            return DovecotBackend(self._dovecots[smtpd.sasl_path], smtpd.sasl_timeout)
         if self._hasher is None:
             self._hasher = PasswordHasher(AUTH_HASH_WORKERS)
         return TableBackend(self._tables.open(smtpd.sasl_user_maps), self._hasher, run=self._tables.run)
@@ -298,7 +298,9 @@ class Smtpd:
         under the configuration it started with)."""
         fresh = Smtpd(config, handler_for, clock=self._clock, observer=self._observer)
         # the server's, whatever the config: the AUTH failures, the hashing threads, the auth server connections
-        fresh.auth_failures, fresh._hasher, fresh._dovecots = self.auth_failures, self._hasher, self._dovecots
+        # (the auth server connections copied: a refused reload leaves the running server's as they are; one it
+        # added connects only when asked, so a refused reload opens none)
+        fresh.auth_failures, fresh._hasher, fresh._dovecots = self.auth_failures, self._hasher, dict(self._dovecots)
         built = [fresh._build_listener(*spec) for spec in fresh._listener_specs()]
         pairs, gone = _continued(self.listeners, built)
         added = [new for running, new in pairs if running is None]
@@ -306,7 +308,7 @@ class Smtpd:
 
         async def commit() -> None:
             self._config, self._handler_for, self._tables, self._tls = config, handler_for, fresh._tables, fresh._tls
-            self._hasher = fresh._hasher
+            self._hasher, self._dovecots = fresh._hasher, fresh._dovecots
             for listener in gone:
                 self._close_listener(listener)
             self.listeners = [new if running is None else _renewed(running, new) for running, new in pairs]
