@@ -135,7 +135,7 @@ class CapturedMessage:
         return f"<{self.sender}> -> {to}: {self.subject!r} (queue id {self.queue_id})"
 
 
-def _address_matches(pattern: str, address: str) -> bool:
+def address_matches(pattern: str, address: str) -> bool:
     """The address itself, or a glob of `*` and `?`; a `[` is itself (an address literal, `a@[192.0.2.1]`), not
     a character class."""
     pattern, address = pattern.lower(), address.lower()
@@ -169,9 +169,9 @@ class Criteria:
             raise TypeError(f"match= takes a callable, not {type(self.match).__name__}")
 
     def matches(self, message: CapturedMessage) -> bool:
-        if self.to is not None and not any(_address_matches(self.to, r) for r in message.recipients):
+        if self.to is not None and not any(address_matches(self.to, r) for r in message.recipients):
             return False
-        if self.sender is not None and not _address_matches(self.sender, message.sender):
+        if self.sender is not None and not address_matches(self.sender, message.sender):
             return False
         if isinstance(self.subject, re.Pattern):
             if not self.subject.search(message.subject):

@@ -23,10 +23,10 @@ ValueError when it is made.
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import re
 from dataclasses import dataclass
 
+from mailflow.capture.mailbox import address_matches
 from mailflow.capture.recorders import TranscriptBook
 from mailflow.stages.smtpd.restrictions import Facts
 from mailflow.stages.smtpd.transcript import Transcript
@@ -36,12 +36,8 @@ _DSN = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(\s|$)")
 
 
 def _matches(pattern: str | None, address: str) -> bool:
-    if pattern is None:
-        return True
-    pattern, address = pattern.lower(), address.lower()
-    if "*" in pattern or "?" in pattern:  # a `[` is itself: an address literal (a@[192.0.2.1]), not a class
-        return fnmatch.fnmatchcase(address, pattern.replace("[", "[[]"))
-    return pattern == address
+    """No pattern matches everything; else as the capture's criteria match (the address, or a `*`/`?` glob)."""
+    return pattern is None or address_matches(pattern, address)
 
 
 @dataclass
