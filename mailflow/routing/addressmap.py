@@ -130,8 +130,9 @@ class AddressMapper:
         seen: set[tuple[str, ...]] = set()
         for rcpt in rcpts:
             finals = self.expand(self.recipient(rcpt.address))
+            rcpt_key = _duplicate_key(rcpt, expanded=len(finals) > 1)  # (once per recipient, not per address)
             for final in finals:
-                key = _duplicate_key(final, rcpt, expanded=len(finals) > 1)
+                key = (final.lower(), *rcpt_key)
                 if key not in seen:
                     seen.add(key)
                     out.append(Recipient(len(out), final, rcpt.original, rcpt.notify, rcpt.orcpt))
@@ -229,10 +230,11 @@ class AddressMapper:
         return result
 
 
-def _duplicate_key(final: str, rcpt: Recipient, *, expanded: bool) -> tuple[str, ...]:
-    """What makes `final` (a result of `rcpt`) a duplicate of an earlier recipient, as Postfix's cleanup keys it."""
+def _duplicate_key(rcpt: Recipient, *, expanded: bool) -> tuple[str, ...]:
+    """What, with the final address, makes a result of `rcpt` a duplicate of an earlier recipient, as Postfix's
+    cleanup keys it."""
     notify = set(rcpt.notify.upper().split(",")) - {""}
     if expanded and "SUCCESS" in notify:
         notify = (notify - {"SUCCESS"}) or {"NEVER"}
     orcpt = rcpt.orcpt or f"rfc822;{rcpt.original}"
-    return (final.lower(), ",".join(sorted(notify)), orcpt.lower(), address.shown_original(rcpt.original).lower())
+    return ",".join(sorted(notify)), orcpt.lower(), address.shown_original(rcpt.original).lower()
