@@ -100,6 +100,10 @@ class SessionSlots:
     def waiting(self) -> int:
         return len(self._waiters)
 
+    @property
+    def limit(self) -> int:
+        return self._limit
+
     async def acquire(self) -> bool:
         """Wait for a slot; False (at once) when `limit` connections are already waiting."""
         if self._held < self._limit and not self._waiters:

@@ -116,7 +116,9 @@ class ListenerSession(SmtpSession):
 
     def __init__(self, handler, *, listener: Listener, implicit_tls: ssl.SSLContext | None = None, **kwargs):
         super().__init__(handler, **kwargs)
-        self._listener = listener
+        self._listener = listener  # its admission (anvil, slots) stays across reloads
+        # what a reload may change on the listener, as this session started with it (it keeps that to its end)
+        self._role, self._smtpd = listener.role, listener.smtpd
         self._implicit_tls = implicit_tls  # a submissions listener's certificate: TLS from the first byte
         self._admitted_ip: str | None = None
         self._has_slot = False
@@ -139,13 +141,13 @@ class ListenerSession(SmtpSession):
             self.record.lines.limit_exceeded("Connection rate" if rate else "Connection concurrency",
                                              anvil.rate(ip) if rate else anvil.sessions(ip) + 1,
                                              self.session.client,
-                                             "smtp" if self._listener.role == "mta" else self._listener.role)
+                                             "smtp" if self._role == "mta" else self._role)
             await self._refuse_and_close(refusal)
             return False
         self._admitted_ip = ip
         if not await self._listener.slots.acquire():
             log.warning("%s: refused: %d sessions and as many waiting", self.session.client,
-                        self._listener.smtpd.max_sessions)
+                        self._listener.slots.limit)
             await self._refuse_and_close(status.SERVER_BUSY)
             return False
         self._has_slot = True
@@ -156,7 +158,7 @@ class ListenerSession(SmtpSession):
                 self._close()
                 return False
             self.log_tls()
-        if self._listener.smtpd.allow_plaintext_auth_on_loopback and is_loopback(ip):
+        if self._smtpd.allow_plaintext_auth_on_loopback and is_loopback(ip):
             self._auth_needs_tls = False
         return True
 
