@@ -106,7 +106,8 @@ class _CappedSite(web.TCPSite):
         assert server is not None
         admit = self._admit
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: server() if admit() else _Busy(), self._host, self._port, backlog=self._backlog)
+            lambda: server() if admit() else _Busy(), self._host, self._port, ssl=self._ssl_context,
+            backlog=self._backlog, reuse_address=self._reuse_address, reuse_port=self._reuse_port)
 
 
 class HttpServer:
