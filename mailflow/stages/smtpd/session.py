@@ -36,7 +36,8 @@ Failure behaviour (each refusal is a reply from `mailflow.status`; the session n
 - trusted front ends (`frontends.py`): with upstream_proxy_protocol "haproxy" the PROXY header is read before
   the greeting and its client becomes the session's peer; a peer outside upstream_proxy_clients, a malformed
   header or none within upstream_proxy_timeout: a warning is logged and the connection gets 421 4.3.0 in
-  place of the greeting, then closes (Postfix). XCLIENT from authorized_xclient_hosts (judged on the client as
+  place of the greeting, then closes (Postfix); a connection that closes before sending any byte (a health
+  check) is logged at info and gets nothing. XCLIENT from authorized_xclient_hosts (judged on the client as
   it was at the greeting) replaces the client's attributes and starts the session again with a new 220; from
   others 550 5.7.0.
 """
