@@ -3,7 +3,8 @@
 Covered: an alias command gets local(8)'s environment (exactly those variables, shell-special characters in
 message context replaced by '_'), the message with Return-Path and Delivered-To on stdin, `/` as working
 directory when the home does not exist, umask 077, and (as root) default_privs' identity; a .forward command runs in the
-user's home; mailbox and command parts combine: a command exiting 75 defers the recipient (the mailbox
+user's home, and (as root) a system user's .forward is opened, and its commands, files and :include: files run, are
+written and read, with that user's rights; mailbox and command parts combine: a command exiting 75 defers the recipient (the mailbox
 written), 67 bounces it 5.1.1, success names both parts; command_time_limit defers 4.3.0.
 """
 from __future__ import annotations
@@ -35,16 +36,18 @@ def scripts():
         yield d
 
 
-def transport(base: Path, aliases: str, time_limit: float = 10.0) -> LocalTransport:
-    """Local users alice and bob in example.test; homes under `base`/mail; `aliases` an aliases(5) file."""
-    (base / "users").write_text("alice x\nbob x\n")
+def transport(base: Path, aliases: str, time_limit: float = 10.0, default_privs: str = "nobody",
+              **local) -> LocalTransport:
+    """Local users alice, bob and nobody (a system user) in example.test; homes under `base`/mail; `aliases` an
+    aliases(5) file; `local`: more [local] settings."""
+    (base / "users").write_text("alice x\nbob x\nnobody x\n")
     (base / "aliases").write_text(aliases)
     config = Config(myhostname="mx.example.test", myorigin="example.test", mydestination=("example.test",),
-                    local_recipient_maps=(f"texthash:{base / 'users'}",),
-                    alias_maps=(f"texthash:{base / 'aliases'}",), local={"maildir_base": str(base / "mail")})
+                    local_recipient_maps=(f"texthash:{base / 'users'}",), alias_maps=(f"texthash:{base / 'aliases'}",),
+                    local={"maildir_base": str(base / "mail"), "default_privs": default_privs, **local})
     return LocalTransport(LocalExpander(config, Rewriter(config)), local=config.local,
                           writer=MaildirWriter(VirtualClock()), clock=VirtualClock(),
-                          commands=CommandSettings(time_limit=time_limit, recipient_delimiter="+"))
+                          commands=CommandSettings(default_privs, time_limit=time_limit, recipient_delimiter="+"))
 
 
 def request(rcpt: str, sender: str = "sender@remote.test", original: str = "") -> DeliveryRequest:
@@ -95,6 +98,52 @@ async def test_a_forward_command_runs_in_the_users_home(scripts):
     assert (result.outcome, result.dsn) == (Outcome.SENT, "2.0.0")
     assert scripts.read("pwd") == f"{home}\n" and environment(scripts.read("env"))["HOME"] == str(home)
     assert len(maildir(scripts.path, "bob")) == 1 and "delivered to maildir" in result.text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root switches users")
+async def test_as_root_a_system_users_forward_runs_its_commands_and_files_with_that_users_rights(scripts):
+    """local(8)'s delivery rights: what a system user's .forward names (directly or through an :include: file)
+    runs and is written as that user, and the :include: file is read as that user; an alias command runs as
+    default_privs (daemon here, so that the two differ)."""
+    s = scripts.script("record.sh", RECORD.format(out=scripts.out))
+    who = scripts.script("who.sh", f"cat > /dev/null; touch {scripts.out}/ran-as-$(id -u)\n")
+    nobody = pwd.getpwnam("nobody")
+    home = scripts.path / "mail" / "nobody"
+    home.mkdir(parents=True)
+    own = scripts.path / "own"  # only nobody may read it: read as root or daemon, the include would fail
+    own.write_text(f"|{who}\n")
+    own.chmod(0o600)
+    (home / ".forward").write_text(f"|{s}\n{scripts.out}/kept\n:include:{own}\n")
+    for path in (home, home / ".forward", own):
+        os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    t = transport(scripts.path, f"run: |{who}\n", default_privs="daemon",
+                  allow_mail_to_commands=("alias", "forward", "include"))
+    [result] = (await t.deliver(request("nobody@example.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.SENT, "2.0.0"), result
+    assert scripts.read("uid") == f"{nobody.pw_uid}\n"
+    assert (scripts.out / "kept").stat().st_uid == nobody.pw_uid
+    assert sorted(p.name for p in scripts.out.glob("ran-as-*")) == [f"ran-as-{nobody.pw_uid}"]
+    [result] = (await t.deliver(request("run@example.test"))).results
+    assert result.outcome is Outcome.SENT, result
+    assert sorted(p.name for p in scripts.out.glob("ran-as-*")) == sorted(
+        [f"ran-as-{nobody.pw_uid}", f"ran-as-{pwd.getpwnam('daemon').pw_uid}"])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root switches users")
+async def test_as_root_a_system_users_forward_is_opened_with_that_users_rights(scripts):
+    """A hard link to a file only root may read passes Postfix's owner check (root owns it), but opened as the
+    user it cannot be read: the mailbox gets the mail, and no line of the file comes back anywhere."""
+    secret = scripts.path / "secret"
+    secret.write_text("root@remote.test\n")
+    secret.chmod(0o600)
+    home = scripts.path / "mail" / "nobody"
+    home.mkdir(parents=True)
+    os.chown(home, pwd.getpwnam("nobody").pw_uid, 0)
+    os.link(secret, home / ".forward")
+    [result] = (await transport(scripts.path, "").deliver(request("nobody@example.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.SENT, "2.0.0"), result
+    assert "delivered to maildir" in result.text and "remote.test" not in result.text
+    assert len(maildir(scripts.path, "nobody")) == 1
 
 
 async def test_a_command_exiting_75_defers_the_recipient_after_the_mailbox_is_written(scripts, tmp_path):

@@ -278,8 +278,18 @@ async def test_forward_that_fails_defers(tmp_path):
     assert len(fwd.calls) == 1
 
 
-async def test_unreadable_forward_file_defers(tmp_path):
+async def test_a_forward_local8_would_not_use_is_logged_with_the_queue_id_and_the_mailbox_gets_the_mail(
+        tmp_path, caplog):
     (tmp_path / "mail" / "bob" / ".forward").mkdir(parents=True)
+    [result] = (await transport(tmp_path).deliver(request("bob@example.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.SENT, "2.0.0")
+    assert len(delivered(tmp_path, "bob")) == 1
+    assert f"Q1: file {tmp_path / 'mail' / 'bob' / '.forward'} is not a regular file" in caplog.messages
+
+
+async def test_a_forward_that_cannot_be_read_defers(tmp_path):
+    (tmp_path / "mail" / "bob").mkdir(parents=True)
+    (tmp_path / "mail" / "bob" / ".forward").write_bytes(b"\xff\xfe not text\n")
     [result] = (await transport(tmp_path).deliver(request("bob@example.test"))).results
     assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.3.0")
     assert delivered(tmp_path, "bob") == []

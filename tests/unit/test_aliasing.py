@@ -4,11 +4,13 @@ Covered: alias_maps (aliases(5) texthash files and inline tables): several users
 loops falling through to the mailbox, `\\user`, remote addresses becoming Forward; unknown users (5.1.1);
 .forward files under `<maildir_base>/<user>/` (`\\user`, remote addresses, `.forward+ext` preferred, empty
 file); commands and files allowed from aliases by default, refused (5.7.1) from :include: unless allowed;
-Delivered-To loops (5.4.6); an unreadable .forward (4.3.0); bad syntax in .forward or an alias value (4.3.5);
-duplicate leaves.
+Delivered-To loops (5.4.6); a .forward local(8) passes over with a warning (not a regular file, a symbolic
+link, a FIFO, world-writable, another owner, hard-linked when read as root) and one that is not UTF-8 (4.3.0); bad
+syntax in .forward or an alias value (4.3.5); duplicate leaves.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -185,8 +187,62 @@ def test_empty_forward_delivers_to_the_mailbox(tmp_path):
     assert e.expand("carol@example.test") == [mailbox("carol")]
 
 
-def test_unreadable_forward_is_4_3_0(tmp_path):
-    (tmp_path / "mail" / "bob" / ".forward").mkdir(parents=True)  # a directory: reading it fails as root too
+def passed_over(tmp_path: Path, user: str = "bob") -> list[str]:
+    """Expand `user`, expecting its mailbox alone; the warnings given."""
+    warnings: list[str] = []
+    assert expander(tmp_path).expand(f"{user}@example.test", warn=warnings.append) == [mailbox(user)]
+    return warnings
+
+
+def test_a_forward_that_is_not_a_regular_file_is_passed_over_with_a_warning(tmp_path):
+    """local(8): "file ... is not a regular file", and the mailbox. A symbolic link is not followed (it could
+    lead a .forward to a file its user may not read), a FIFO does not hold the delivery."""
+    home = tmp_path / "mail" / "bob"
+    (home / ".forward").mkdir(parents=True)
+    assert passed_over(tmp_path) == [f"file {home / '.forward'} is not a regular file"]
+    (home / ".forward").rmdir()
+    (tmp_path / "elsewhere").write_text("stolen@remote.test\n")
+    (home / ".forward").symlink_to(tmp_path / "elsewhere")
+    assert passed_over(tmp_path) == [f"file {home / '.forward'} is not a regular file"]
+    (home / ".forward").unlink()
+    os.mkfifo(home / ".forward")
+    assert passed_over(tmp_path) == [f"file {home / '.forward'} is not a regular file"]
+
+
+def test_the_first_forward_that_exists_is_the_one_used_even_when_passed_over(tmp_path):
+    forward_file(tmp_path, "bob", "plain@remote.test\n")
+    (tmp_path / "mail" / "bob" / ".forward+lists").mkdir()
+    warnings: list[str] = []
+    assert expander(tmp_path).expand("bob+lists@example.test", warn=warnings.append) == [
+        mailbox("bob", "bob+lists@example.test")]
+    assert len(warnings) == 1 and "not a regular file" in warnings[0]
+
+
+def test_a_world_writable_forward_is_passed_over(tmp_path):
+    path = forward_file(tmp_path, "bob", "stolen@remote.test\n")
+    path.chmod(0o666)
+    assert passed_over(tmp_path) == [f"file {path} is world writable"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file away needs root")
+def test_a_forward_owned_by_someone_else_is_passed_over(tmp_path):
+    path = forward_file(tmp_path, "bob", "stolen@remote.test\n")
+    os.chown(path, 12345, 12345)
+    assert passed_over(tmp_path) == [f"file {path} has bad owner uid 12345"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root reads as another user")
+def test_as_root_a_hard_linked_forward_of_a_user_without_an_account_is_passed_over(tmp_path):
+    """Read as root (bob has no system account), a hard link could show any root file of the file system."""
+    secret = tmp_path / "secret"
+    secret.write_text("root@remote.test\n")
+    (tmp_path / "mail" / "bob").mkdir(parents=True)
+    os.link(secret, tmp_path / "mail" / "bob" / ".forward")
+    assert passed_over(tmp_path) == [f"file {tmp_path / 'mail' / 'bob' / '.forward'} has 2 links"]
+
+
+def test_a_forward_that_is_not_utf8_is_4_3_0(tmp_path):
+    forward_file(tmp_path, "bob", "").write_bytes(b"caf\xe9@remote.test\n")
     with pytest.raises(TemporaryError) as excinfo:
         expander(tmp_path).expand("bob@example.test")
     assert temporary(excinfo, "4.3.0")

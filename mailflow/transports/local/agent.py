@@ -24,10 +24,11 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
    characters replaced by '_'), the message with
    a From_ line, Return-Path, X-Original-To and Delivered-To on stdin (local(8)'s, not quoted as in an mbox),
    in the home (or /), with umask 077 (what a command creates is its user's alone, as under Postfix's
-   local(8)), as `default_privs` when mailflow runs as root, killed after `command_time_limit`; exit
-   statuses mapped as pipe(8) does. Without `commands` settings they defer (4.3.5).
+   local(8)), when mailflow runs as root as the leaf's `rights` (the system user whose .forward named it) or
+   else `default_privs`, killed after `command_time_limit`; exit statuses mapped as pipe(8) does. Without
+   `commands` settings they defer (4.3.5).
 5. Files (allowed ones): appended in mbox format under the mailbox locks; as root by a forked child running as
-   `default_privs`; `/dev/null` accepts and discards.
+   the leaf's `rights` or else `default_privs`; `/dev/null` accepts and discards.
 The recipient's result: deferred if any part must be retried (a retry repeats the parts already done, as
 local(8) does); else bounced when a part was refused (unknown user, loop, restricted command, a command's
 permanent failure), the rest being delivered; else sent, naming every destination.
@@ -121,7 +122,9 @@ class LocalTransport:
         if not self._allow_min_user and rcpt.address.startswith("-"):  # Postfix allow_min_user = no
             return self._result(rcpt, Outcome.BOUNCED, "5.1.3", "bad recipient address syntax: begins with '-'")
         try:
-            leaves = await self._expander.tables.run(partial(self._expander.expand, rcpt.address, delivered_to=seen))
+            warn = partial(log.warning, "%s: %s", request.queue_id)
+            leaves = await self._expander.tables.run(partial(self._expander.expand, rcpt.address, delivered_to=seen,
+                                                             warn=warn))
         except DeliveryError as e:
             return self._result(rcpt, Outcome.DEFERRED, e.dsn, e.text)
         parts = []
@@ -189,13 +192,13 @@ class LocalTransport:
 
     async def _file(self, request: DeliveryRequest, rcpt: Recipient, leaf: File) -> Part:
         """A `/file` destination, appended in mbox format under the mailbox locks; `/dev/null` discards. As
-        root the append runs as `default_privs` in a forked child (Postfix writes files with the alias
-        owner's or the user's rights, never root's: a .forward must not reach /etc/passwd)."""
+        root the append runs in a forked child as the .forward's user or `default_privs` (Postfix writes files
+        with the alias owner's or the user's rights, never root's: a .forward must not reach /etc/passwd)."""
         if leaf.path == os.devnull:
             return Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}"
         entry = mbox_entry(request.content, sender=request.sender, arrival=self._clock.time(),
                            prepend=mailbox_prefix(request.sender, rcpt.address, rcpt.original or rcpt.address))
-        as_user = self._local.default_privs if os.geteuid() == 0 else None
+        as_user = (leaf.rights or self._local.default_privs) if os.geteuid() == 0 else None
         try:
             await append_mbox(Path(leaf.path), entry, locks=self._local.mailbox_delivery_lock, user=as_user,
                               size_limit=self._local.mailbox_size_limit)
@@ -236,7 +239,7 @@ class LocalTransport:
             stdin = aencode(request.content.prepend(prefix).stream(), ToLf())
             result = await run_command(["/bin/sh", "-c", leaf.command], stdin=stdin, env=env,
                                        time_limit=settings.time_limit, output_limit=settings.output_limit,
-                                       user=settings.default_privs if os.geteuid() == 0 else None,
+                                       user=(leaf.rights or settings.default_privs) if os.geteuid() == 0 else None,
                                        cwd=home if home.is_dir() else "/", umask=0o077)
         except CommandNotRun as e:
             log.warning("%s: command %r for %s not run: %s", request.queue_id, leaf.command, leaf.address, e.text)

@@ -5,7 +5,8 @@ what to do with it:
 - `Mailbox(user, address)`: write the user's Maildir (`address` goes into Delivered-To).
 - `Forward(address, sender)`: leaves local delivery; the local agent queues it as a new message, from `sender`
   when set (the owner of a mailing list), else from the message's sender.
-- `Command(command, address, source)` / `File(path, address, source)`: run a command / append to a file.
+- `Command(command, address, source, rights)` / `File(path, address, source, rights)`: run a command / append
+  to a file, as the system user `rights` (None: default_privs when mailflow is root; see "Whose rights").
 - `Refused(address, dsn, text)`: cannot be delivered (unknown user, forwarding loop, restricted command).
 
 Rules, as local(8):
@@ -27,9 +28,15 @@ Rules, as local(8):
    `\\user` mean the mailbox; every other address, local or not, becomes a Forward (a new message, so that
    virtual aliases apply and a loop between users ends at Delivered-To).
 5. Otherwise the user's mailbox.
-An :include: file named in a .forward (or in a file it includes) is read, when mailflow runs as root, by a
-forked child running as `local.default_privs`, never as root (Postfix reads it with the user's rights): a
-.forward cannot show a file only root may read (its lines would come back in the defer text).
+Whose rights (local(8)'s "delivery rights"): when mailflow runs as root and the user is also a system user
+(not root), its .forward is opened as that user, by a forked child (asuser.call_as), and the commands, files and
+:include: files the .forward names (directly or through an :include:) carry that user in `rights`: they run and
+are read as the user. Otherwise `rights` is None: as root they use `local.default_privs`, never root. The first
+.forward name that exists is the one used; as local(8), it is ignored with a warning, and the user gets the
+mailbox, when it is not a regular file (a symbolic link is not followed), has an owner other than root and the
+user (mailflow's own user when it is not root; and root only, not hard-linked, for a user with no system
+account, read as root), is world-writable, or cannot be opened for lack of permission. So a .forward cannot show
+a file its user may not read: its lines would come back in the defer text.
 Commands and files are allowed only from the sources in `allow_mail_to_commands` / `allow_mail_to_files`
 ("alias", "forward", "include"); otherwise the leaf is Refused with 5.7.1. Nothing a client sends can become
 a command or file: those come only from alias values and files on this host.
@@ -44,8 +51,13 @@ caller defers the recipient; the administrator or the user can fix the file.
 """
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import pwd
+import stat
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Union
 
@@ -56,6 +68,8 @@ from mailflow.errors import TemporaryError
 from mailflow.model import AddressClass
 from mailflow.tables import split_extension
 from mailflow.transports.local.asuser import call_as
+
+log = logging.getLogger("mailflow.local")
 
 EXPANSION_LIMIT = 1000
 SMALL_FILE_LIMIT = 1_000_000  # bytes of a .forward or :include: file read at most
@@ -79,6 +93,7 @@ class Command:
     command: str
     address: str
     source: str
+    rights: str | None = None  # the system user it runs as (a .forward's owner); None: default_privs as root
 
 
 @dataclass(frozen=True)
@@ -86,6 +101,7 @@ class File:
     path: str
     address: str
     source: str
+    rights: str | None = None  # the system user it is written as; None: default_privs as root
 
 
 @dataclass(frozen=True)
@@ -116,12 +132,15 @@ def read_small_file(path: Path) -> str | None:
 def read_small_file_as(path: Path, user: str) -> str | None:
     """`read_small_file` with `user`'s rights (asuser.call_as: a child forked for it; this process stays root)."""
     data = call_as(user, f"read {path}", _file_or_nothing, path)
-    if data[:1] == b"N":
-        return None
-    if len(data) > SMALL_FILE_LIMIT + 1:
+    return None if data[:1] == b"N" else _small_text(path, data[1:])
+
+
+def _small_text(path: Path, data: bytes) -> str:
+    """A small file's bytes as text; TemporaryError 4.3.0 past SMALL_FILE_LIMIT or when they are not UTF-8."""
+    if len(data) > SMALL_FILE_LIMIT:
         raise TemporaryError("4.3.0", f"cannot read {path}: larger than {SMALL_FILE_LIMIT} bytes")
     try:
-        return data[1:].decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise TemporaryError("4.3.0", f"cannot read {path}: {e}") from None
 
@@ -135,13 +154,72 @@ def _file_or_nothing(path: Path) -> bytes:
         return b"N"
 
 
+def read_forward(path: Path, owners: tuple[int, ...], single_link: bool = False) -> bytes:
+    """A .forward, with the rights of the caller (in a child: asuser.call_as): "F" and its bytes; "N" when it does
+    not exist; "I" and a warning when it exists but local(8) would not use it (not a regular file, a symbolic link
+    included; owned by a uid not in `owners`; world-writable; more than one link with `single_link`; cannot be
+    opened for lack of permission). Raises OSError when it cannot be read for another reason."""
+    try:  # O_NONBLOCK: a FIFO planted there opens at once and is refused below, instead of holding the delivery
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return b"N"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"Ifile {path} is not a regular file".encode()
+        if e.errno in (errno.EACCES, errno.EPERM):
+            return f"Icannot open file {path}: {e.strerror}".encode()
+        raise
+    try:
+        problem = _forward_problem(os.fstat(fd), owners, single_link)
+        if problem:
+            return f"Ifile {path} {problem}".encode()
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return b"F" + f.read(SMALL_FILE_LIMIT + 1)
+    finally:
+        os.close(fd)
+
+
+def _forward_problem(st: os.stat_result, owners: tuple[int, ...], single_link: bool) -> str:
+    """Why local(8) would pass over a .forward with this status ("" when it would not)."""
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if st.st_uid not in owners:
+        return f"has bad owner uid {st.st_uid}"
+    if st.st_mode & stat.S_IWOTH:
+        return "is world writable"
+    if single_link and st.st_nlink > 1:
+        return f"has {st.st_nlink} links"
+    return ""
+
+
+def forward_reader(user: str) -> tuple[str | None, Callable[[Path], bytes]]:
+    """Whose rights a user's .forward carries (see "Whose rights"), and how to read it: as root, a system user's
+    own rights in a child forked only when the file is there; root's for a user with no system account (only
+    root's own single-link files); mailflow's own user's when it is not root."""
+    if os.geteuid() != 0:
+        return None, partial(read_forward, owners=(0, os.geteuid()))
+    try:
+        uid = pwd.getpwnam(user).pw_uid
+    except KeyError:
+        uid = 0
+    if uid == 0:
+        return None, partial(read_forward, owners=(0,), single_link=True)
+
+    def as_user(path: Path) -> bytes:
+        if not os.path.lexists(path):
+            return b"N"
+        return call_as(user, f"read {path}", read_forward, path, (0, uid))
+    return user, as_user
+
+
 @dataclass(frozen=True)
 class _Origin:
     """Where an address came from: the alias name or .forward owner (`name`) whose expansion named it, the
     kind of that expansion ("alias" or "forward"), the source for allow_mail_to_* ("alias", "forward",
     "include"), the alias names above it (`path`), and the address that was expanded. `owner`: the sender of
     what this expansion sends on (an owner- alias's address); `resubmit`: local users it reaches get a new
-    message instead of a delivery here (a mailing list with an owner, or an :include: file)."""
+    message instead of a delivery here (a mailing list with an owner, or an :include: file); `rights`: the system
+    user whose rights its commands, files and :include: files use (a .forward's owner), None: default_privs."""
 
     name: str | None = None
     kind: str = "alias"
@@ -150,13 +228,15 @@ class _Origin:
     address: str | None = None
     owner: str | None = None
     resubmit: bool = False
+    rights: str | None = None
 
 
 class _Expansion:
     """The state of one recipient's expansion: what was seen, what came out."""
 
-    def __init__(self, delivered_to: frozenset[str]):
+    def __init__(self, delivered_to: frozenset[str], warn: Callable[[str], None]):
         self.delivered_to = delivered_to
+        self.warn = warn
         self.forwards_done: set[str] = set()
         self.includes_done: set[str] = set()
         self.leaves: list[Leaf] = []
@@ -178,9 +258,9 @@ def _identity(leaf: Leaf) -> tuple:
     if isinstance(leaf, Forward):
         return "forward", leaf.address.lower(), leaf.sender
     if isinstance(leaf, Command):
-        return "command", leaf.command
+        return "command", leaf.rights, leaf.command
     if isinstance(leaf, File):
-        return "file", leaf.path
+        return "file", leaf.rights, leaf.path
     return "refused", leaf.address.lower(), leaf.dsn, leaf.text
 
 
@@ -201,8 +281,10 @@ class LocalExpander:
     def home(self, user: str) -> Path:
         return Path(self._config.local.maildir_base) / user
 
-    def expand(self, addr: str, *, delivered_to: frozenset[str] = frozenset()) -> list[Leaf]:
-        state = _Expansion(frozenset(a.lower() for a in delivered_to))
+    def expand(self, addr: str, *, delivered_to: frozenset[str] = frozenset(),
+               warn: Callable[[str], None] = log.warning) -> list[Leaf]:
+        """`warn(text)`: told of what local(8) logs as a warning and passes over (an ignored .forward)."""
+        state = _Expansion(frozenset(a.lower() for a in delivered_to), warn)
         self._visit(state, self._rewriter.qualify(addr), _Origin())
         return state.leaves
 
@@ -224,12 +306,12 @@ class LocalExpander:
             return
         if user in state.forwards_done:
             return  # its .forward was expanded already: nothing more for this user
-        forward = self._forward_file(user, ext)
+        rights, forward = self._forward_file(state, user, ext)
         if forward is None:
             self._mailbox(state, user, addr)
             return
         state.forwards_done.add(user)
-        self._targets(state, addr, forward, _Origin(user, "forward", "forward", origin.path, addr))
+        self._targets(state, addr, forward, _Origin(user, "forward", "forward", origin.path, addr, rights=rights))
 
     def _alias(self, state: _Expansion, addr: str, found: tuple[str, str, str], origin: "_Origin") -> None:
         table, key, value = found
@@ -247,15 +329,23 @@ class LocalExpander:
         self._targets(state, addr, targets,
                       _Origin(name, "alias", "alias", origin.path + (name,), addr, owner, resubmit))
 
-    def _forward_file(self, user: str, ext: str) -> tuple[Target, ...] | None:
-        names = ([f".forward{ext}"] if ext else []) + [".forward"]
-        for name in names:
+    def _forward_file(self, state: _Expansion, user: str, ext: str) -> tuple[str | None, tuple[Target, ...] | None]:
+        """The rights the user's .forward carries and what it names; None for the mailbox (no .forward, an empty
+        one, or one local(8) ignores)."""
+        rights, read = forward_reader(user)
+        for name in ([f".forward{ext}"] if ext else []) + [".forward"]:
             path = self.home(user) / name
-            text = self._read(path)
-            if text is not None:
-                targets = self._parse(parse_forward, text, path)
-                return targets or None  # an empty .forward delivers to the mailbox
-        return None
+            try:
+                found = read(path)
+            except OSError as e:
+                raise TemporaryError("4.3.0", f"cannot read {path}: {e.strerror or e}") from None
+            if found[:1] == b"I":
+                state.warn(found[1:].decode("utf-8", "replace"))
+                return rights, None
+            if found[:1] == b"F":
+                targets = self._parse(parse_forward, _small_text(path, found[1:]), path)
+                return rights, targets or None  # an empty .forward delivers to the mailbox
+        return rights, None
 
     def _targets(self, state: _Expansion, owner: str, targets, origin: "_Origin", depth: int = 0) -> None:
         domain = address.split(owner)[1]
@@ -265,10 +355,10 @@ class LocalExpander:
             elif isinstance(target, MailboxTarget):
                 self._mailbox(state, target.user.lower(), f"{target.user}@{domain}")
             elif isinstance(target, CommandTarget):
-                self._privileged(state, Command(target.command, owner, origin.source),
+                self._privileged(state, Command(target.command, owner, origin.source, origin.rights),
                                  self._config.local.allow_mail_to_commands, "command")
             elif isinstance(target, FileTarget):
-                self._privileged(state, File(target.path, owner, origin.source),
+                self._privileged(state, File(target.path, owner, origin.source, origin.rights),
                                  self._config.local.allow_mail_to_files, "file")
             elif isinstance(target, IncludeTarget):
                 self._include(state, owner, target.path, origin, depth)
@@ -313,12 +403,13 @@ class LocalExpander:
         if depth >= INCLUDE_DEPTH:
             raise TemporaryError("4.6.0", f":include: files nested deeper than {INCLUDE_DEPTH} ({path})")
         if origin.kind == "forward" and os.geteuid() == 0:  # never root's rights for what a user names
-            text = self._read_as(Path(path), self._config.local.default_privs)
+            text = self._read_as(Path(path), origin.rights or self._config.local.default_privs)
         else:
             text = self._read(Path(path))
         if text is None:
             raise TemporaryError("4.3.0", f"cannot read :include: file {path}: no such file")
-        included = _Origin(origin.name, origin.kind, "include", origin.path, origin.address, origin.owner, True)
+        included = _Origin(origin.name, origin.kind, "include", origin.path, origin.address, origin.owner, True,
+                           origin.rights)
         self._targets(state, owner, self._parse(parse_include, text, Path(path)), included, depth + 1)
 
     @staticmethod
