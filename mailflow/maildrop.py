@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Iterable
 
 from mailflow.content import Content, FilePart
+from mailflow.syntax import ENVID_MAX, is_printable_ascii
 
 VERSION = 1
 FILE_MODE = 0o600
@@ -238,7 +239,7 @@ def _check_dsn_fields(fields: dict) -> None:
     if fields.get("ret", "") not in ("", "FULL", "HDRS"):
         raise CorruptMaildrop("ret: must be FULL or HDRS")
     envid = fields.get("envid", "")
-    if len(envid) > 100 or not all(32 <= ord(c) <= 126 for c in envid):  # (what sendmail -V takes: printable)
+    if len(envid) > ENVID_MAX or not is_printable_ascii(envid):  # (what sendmail -V takes)
         raise CorruptMaildrop("envid: not an RFC 3461 ENVID")
     if fields.get("body_type", "7BIT") not in ("", "7BIT", "8BITMIME"):
         raise CorruptMaildrop("body_type: must be 7BIT or 8BITMIME")

@@ -20,6 +20,8 @@ may use it without an import cycle.
     has_control(text), mask_control(text)       C0 control characters and DEL: present? / each replaced by "?"
     parse_octet_count(text) -> int | None       an SMTP size (`SIZE=`, `BDAT`): ASCII digits, leading zeros taken;
                                                 None past OFF_T_MAX (ValueError: not digits)
+    ENVID_MAX, is_printable_ascii(text)         RFC 3461's ENVID length bound; printable US-ASCII only (space to
+                                                '~': what an ENVID must be, being written into notices' headers)
 
 Failure behaviour: the parsers raise `ValueError` with a reason fit for a configuration error (config turns it
 into `FILE: KEY: REASON`); the predicates never raise.
@@ -29,6 +31,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
+ENVID_MAX = 100  # RFC 3461 section 4.4: characters of an ENVID
 OFF_T_MAX = 2**63 - 1  # the largest size Postfix's off_cvt_string takes (a bigger one is an overflow)
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*")
@@ -148,6 +151,11 @@ def has_control(text: str) -> bool:
 
 def mask_control(text: str, replacement: str = "?") -> str:
     return _CONTROL.sub(replacement, text)
+
+
+def is_printable_ascii(text: str) -> bool:
+    """Only space to '~' (Postfix's allprint()): no line break or control character can reach a header."""
+    return all(" " <= c <= "~" for c in text)
 
 
 def parse_octet_count(text: str) -> int | None:

@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mailflow.syntax import ENVID_MAX, is_printable_ascii
+
 WITH_ARGUMENT = set("ABCFLNORVXbfhoprq")  # letters whose value is the rest of the word or the next word
 OPTIONAL_ARGUMENT = {"q"}  # -q alone is valid: its value may only be attached (-q30m, -qRsite)
 IGNORED = set("46AGLOUXchmnpx")  # Sendmail options with no meaning here (Postfix ignores them too)
@@ -152,9 +154,9 @@ def _dsn_option(opts: Options, letter: str, value: str) -> None:
         opts.ret = value.upper() if good else ""
         if not good:
             opts.warnings.append("bad -R option value -- ignored")
-    elif len(value) > 100:
+    elif len(value) > ENVID_MAX:
         opts.warnings.append("too long -V option value -- ignored")
-    elif not all(" " <= c <= "~" for c in value):
+    elif not is_printable_ascii(value):
         opts.warnings.append("bad syntax in -V option value -- ignored")
     else:
         opts.envid = value

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import re
 
+from mailflow.syntax import ENVID_MAX, is_printable_ascii
+
 MAIL_KEYS = ("RET", "ENVID")
 RCPT_KEYS = ("NOTIFY", "ORCPT")
 NOTIFY_WORDS = {"SUCCESS", "FAILURE", "DELAY"}
-ENVID_MAX = 100  # RFC 3461 section 4.4
 _XCHAR = re.compile(rb"[\x21-\x2a\x2c-\x3c\x3e-\x7e]")
 _ADDR_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
 
@@ -75,7 +76,7 @@ def mail_params(found: dict[str, str]) -> tuple[str, str]:
         if len(found["ENVID"]) > ENVID_MAX:
             raise DsnError("ENVID too long")
         envid = xtext_decode(found["ENVID"])
-        if not all(" " <= c <= "~" for c in envid):  # RFC 3461 4.4, Postfix's allprint(): no CR LF for a notice
+        if not is_printable_ascii(envid):  # RFC 3461 4.4, Postfix's allprint(): no CR LF for a notice
             raise DsnError("ENVID must be printable ASCII")
     return ret, envid
 
