@@ -107,11 +107,10 @@ class ListenerFilters:
         if not self._milters:
             return None
         if session.milters is None:
-            peer = session.peer if isinstance(session.peer, tuple) else ("", 0)
             client = ClientMacros(myhostname=self._config.myhostname, daemon_name=self._config.myhostname,
                                   daemon_addr=session.server_ip, daemon_port=session.server_port,
                                   client_addr=session.peer_ip if session.peer_ip != "unknown" else "",
-                                  client_name=session.client_name, client_port=int(peer[1]) if len(peer) > 1 else 0)
+                                  client_name=session.client_name, client_port=session.peer_port)
             session.milters = MilterSession(self._milters, self._services.milter, client)
         return session.milters
 

@@ -119,10 +119,9 @@ class SessionState(_AiosmtpdSession):
         """The client as Postfix's smtpd records it in the queue file for the delivery agents: the address in
         its RFC 5321 form ("IPv6:" before an IPv6 one), the protocol SMTP or ESMTP, the login and AUTH= sender."""
         ip = self.peer_ip
-        peer = self.peer
         login = self.login
         return ClientAttributes(name=self.client_name, address=f"IPv6:{ip}" if ":" in ip else ip,
-                                port=str(peer[1]) if isinstance(peer, tuple) and len(peer) > 1 else "unknown",
+                                port=str(self.peer_port or "unknown"),
                                 helo=self.host_name or "", protocol=self.protocol,
                                 sasl_method=self.auth_mechanism if login else "", sasl_username=login,
                                 sasl_sender=transaction.auth_sender)
