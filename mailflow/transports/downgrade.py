@@ -6,7 +6,10 @@ default, `disable_mime_output_conversion = no`), as its mime_state module does i
 
 - An entity labelled `Content-Transfer-Encoding: 8bit` or `binary` (any case, comments ignored: Postfix's
   mime_state reads the label as a token and counts binary in the 8-bit domain) gets its body encoded as
-  quoted-printable and the label changed to `quoted-printable`.
+  quoted-printable and the label changed to `quoted-printable`, byte for byte as mime_state_downgrade writes it:
+  `=XX` for '=', control characters but tab, and bytes past '~'; a space or tab ending a line as `=20`/`=09`;
+  a soft line break (`=` and the body's line end) as soon as an output line holds more than QP_SOFT_LIMIT
+  characters and more of the line follows (lines of 74 to 76 characters with the `=`).
 - multipart/* and message/rfc822 entities are descended into (parts split on their boundary); when they
   claim 8bit or binary themselves, their label becomes 7bit.
 - Everything else passes byte for byte: headers (8-bit bytes in headers stay: MIME has no body encoding
@@ -17,12 +20,12 @@ default, `disable_mime_output_conversion = no`), as its mime_state module does i
 It streams, like Postfix's mime_state: the content goes through line by line (runs of body lines at once),
 keeping only the header section of the entity being read (at most MAX_HEADER bytes: a longer one, and its
 body, pass through unchanged) and a partial line (at most MAX_LINE bytes: a longer line is handled in pieces;
-in a quoted-printable body each piece ends with a soft line break). A boundary line is recognised only at the
+in a quoted-printable body the encoded line goes on across the pieces, as Postfix's continues across records). A boundary line is recognised only at the
 start of a line; the boundary of an outer multipart ends the inner parts, as the boundaries nest.
 """
 from __future__ import annotations
 
-import binascii
+import re
 from dataclasses import dataclass
 from email.message import Message
 from email.parser import BytesHeaderParser
@@ -33,6 +36,8 @@ MAX_HEADER = 102400
 MAX_LINE = 65536
 _CTE = b"content-transfer-encoding"
 _8BIT_DOMAIN = ("8bit", "binary")
+QP_SOFT_LIMIT = 72  # mime_state.c: a soft line break once the output line is longer than this and more follows
+_QP_ESCAPED = re.compile(rb"[\x00-\x08\x0a-\x1f=\x7f-\xff]")
 
 
 @dataclass
@@ -61,6 +66,7 @@ class Downgrade:
         self._default_type = "text/plain"
         self._depth = 0
         self._eol = b"\r\n"  # the quoted-printable body's line end, from its first line
+        self._qp_open = b""  # the encoded start of an output line whose input line goes on (a very long line)
 
     def feed(self, data: bytes) -> bytes:
         if self._partial:
@@ -72,8 +78,9 @@ class Downgrade:
             pos = self._lines(data, pos, end, out)
         if end < len(data):
             self._partial = data[end:]
-            if len(self._partial) > MAX_LINE:
-                piece, self._partial = self._partial, b""
+            if len(self._partial) > MAX_LINE:  # (a CR at its end waits: it may be the line's end)
+                cut = len(self._partial) - self._partial.endswith(b"\r")
+                piece, self._partial = self._partial[:cut], self._partial[cut:]
                 self._piece(piece, out)
         return b"".join(out)
 
@@ -85,6 +92,8 @@ class Downgrade:
                 self._headers.append(piece)
             else:
                 self._body(piece, out)
+        if self._qp_open:  # a long line whose pieces all came: its end
+            out.append(self._qp_line(b"", more=False))
         if self._mode == "headers":
             self._end_headers(out, body_follows=False)
         return b"".join(out)
@@ -154,7 +163,7 @@ class Downgrade:
         if self._mode == "headers":  # a header line this long: the section is not kept
             self._overflow(piece, out)
         else:
-            self._body(piece, out, soft_break=True)
+            self._body(piece, out, more=True)
         self._mid_line = True
 
     # -- entities
@@ -198,19 +207,58 @@ class Downgrade:
         self._headers, self._header_size = [], 0
         self._mode = mode
 
-    def _body(self, data: bytes, out: list[bytes], *, soft_break: bool = False) -> None:
+    def _body(self, data: bytes, out: list[bytes], *, more: bool = False) -> None:
+        """Body lines (`more`: the start of a line that goes on; else its end, or the body's unended last line)."""
         if self._mode != "qp":
             out.append(data)
             return
-        if not self._eol:  # like b2a_qp over a whole body: its first line end decides
+        if not self._eol:  # the body's first line end decides the soft breaks' (LF alone: LF)
             nl = data.find(b"\n")
             self._eol = b"\n" if nl == 0 or (nl > 0 and data[nl - 1] != 0x0D) else b"\r\n"
-        if data.endswith(b"\n"):
-            out.append(binascii.b2a_qp(data, istext=True))
-            return
-        # No line end (yet): encode as if one followed, so that soft breaks use the body's line end.
-        encoded = binascii.b2a_qp(data + self._eol, istext=True)[:-len(self._eol)]
-        out.append(encoded + b"=" + self._eol if soft_break else encoded)
+        *lines, last = data.split(b"\n")
+        for line in lines:
+            crlf = line.endswith(b"\r")
+            out.append(self._qp_line(line[:-1] if crlf else line, more=False) + (b"\r\n" if crlf else b"\n"))
+        if last:
+            out.append(self._qp_line(last, more=more))
+
+    def _qp_line(self, text: bytes, *, more: bool) -> bytes:
+        """One input line (or, with `more`, the start of one) as Postfix's mime_state_downgrade encodes it."""
+        encoded = self._qp_open + _QP_ESCAPED.sub(_qp_escape, text)
+        self._qp_open = b""
+        pieces = []
+        start = 0
+        while len(encoded) - start > QP_SOFT_LIMIT + 1:
+            end = _qp_break(encoded, start)
+            if end >= len(encoded):
+                break
+            pieces.append(encoded[start:end] + b"=" + self._eol)
+            start = end
+        rest = encoded[start:]
+        if more:  # whether a soft break follows depends on what comes
+            self._qp_open = rest
+            return b"".join(pieces)
+        if rest[-1:] in (b" ", b"\t"):
+            rest = rest[:-1] + _qp_escape_byte(rest[-1])
+        return b"".join(pieces) + rest
+
+
+def _qp_break(encoded: bytes, start: int) -> int:
+    """Where Postfix's output line that starts at `start` ends: it takes characters while it holds at most
+    QP_SOFT_LIMIT, so it ends with the character, or the `=XX` triplet, at offset QP_SOFT_LIMIT."""
+    limit = start + QP_SOFT_LIMIT
+    for back in (0, 1, 2):  # a triplet starting at the limit, or one or two before it, is kept whole
+        if encoded[limit - back:limit - back + 1] == b"=":
+            return limit - back + 3
+    return limit + 1
+
+
+def _qp_escape(match: re.Match) -> bytes:
+    return _qp_escape_byte(match.group()[0])
+
+
+def _qp_escape_byte(byte: int) -> bytes:
+    return b"=%02X" % byte
 
 
 def transfer_encoding(value: str) -> str:

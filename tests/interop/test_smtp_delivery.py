@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.support import accepts, eventually, free_port, queue_becomes, require_tool, run_tool, send
+from tests.support import (accepts, eventually, free_port, postfix_instance, queue_becomes, require_tool,
+                           run_tool, send)
 
 pytestmark = pytest.mark.interop
 
@@ -211,6 +212,37 @@ async def test_8bitmime_is_converted_for_a_sink_without_8bitmime(mailflow_server
     assert b"Content-Transfer-Encoding: quoted-printable\n" in dumped  # smtp-sink's dump has LF line ends
     assert dumped.endswith(b"\n\nGr=C3=BC=C3=9Fe\n\n")  # and an empty line after each message
     assert b"BODY=8BITMIME" not in dumped
+
+
+QP_PROBE = ("x" * 71 + "\u00e9" + "tail",  # a triplet across Postfix's soft-break point, at each offset
+            "x" * 70 + "\u00e9" + "tail", "x" * 72 + "\u00e9" + "tail", "x" * 69 + "=" + "y" * 10,
+            "x" * 73, "x" * 74, "y" * 72 + " ", "y" * 73 + " ", "z" * 80 + "\t", "\u00e9" * 200,
+            "a = b \t mixed\u00e8 " * 40, "w" * 3000, "", "last \u00fc")
+
+
+async def test_8bit_conversion_writes_quoted_printable_as_a_real_postfix_does(mailflow_server, sink):
+    """Soft line breaks where Postfix's mime_state puts them (after 73 characters, a triplet kept whole, a
+    long line's pieces joined), trailing blanks encoded: the same bytes from both, to smtp-sinks without
+    8BITMIME."""
+    body = "\r\n".join(QP_PROBE).encode() + b"\r\n"
+    content = (b"Subject: qp\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+               b"Content-Transfer-Encoding: 8bit\r\n\r\n" + body)
+    dumps = []
+    for relay in ("postfix", "mailflow"):
+        remote = await sink(port := free_port(), "-8")
+        if relay == "postfix":
+            async with postfix_instance({"relayhost": f"[127.0.0.1]:{port}", "mynetworks": "127.0.0.0/8"}) as pf:
+                await send(pf.port, "someone@remote.test", ["user@dest.test"], content, mail_options=["BODY=8BITMIME"])
+                dumps.append(await eventually(remote.dumped, timeout=20))
+        else:
+            mf = await mailflow_server(mynetworks=["127.0.0.0/8"], relayhost=f"[127.0.0.1]:{port}",
+                                       smtp={"tls_security_level": "none"})
+            await send(mf.smtp_addresses[0][1], "someone@remote.test", ["user@dest.test"], content,
+                       mail_options=["BODY=8BITMIME"])
+            dumps.append(await eventually(remote.dumped, timeout=20))
+    postfix, mailflow = (dump.split(b"\n\n", 1)[1] for dump in dumps)
+    assert mailflow == postfix
+    assert b"x" * 71 + b"=C3=\n=A9tail" in postfix and b"y" * 72 + b"=20\n" in postfix  # what both did
 
 
 async def test_auth_to_smtp_sink_as_a_relay(mailflow_server, sink):

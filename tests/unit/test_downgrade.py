@@ -7,7 +7,7 @@ import email.policy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailflow.transports.downgrade import downgrade_8bit
+from mailflow.transports.downgrade import Downgrade, downgrade_8bit
 
 
 def test_a_single_part_labelled_8bit_becomes_quoted_printable():
@@ -89,3 +89,40 @@ def test_conversion_is_7bit_and_decodes_to_the_original_text(lines):
     assert all(len(line) <= 78 for line in converted.split(b"\r\n"))
     parsed = email.message_from_bytes(converted, policy=email.policy.compat32)
     assert parsed.get_payload(decode=True) == body
+
+
+def postfix_qp(line: bytes) -> bytes:
+    """mime_state_downgrade's loop, character by character, for one line (without its line end)."""
+    out, current = [], b""
+    for byte in line:
+        if len(current) > 72:
+            out.append(current + b"=")
+            current = b""
+        current += b"=%02X" % byte if (byte < 32 and byte != 9) or byte == 61 or byte > 126 else bytes([byte])
+    if current[-1:] in (b" ", b"\t"):
+        current = current[:-1] + b"=%02X" % current[-1]
+    return b"\r\n".join(out + [current])
+
+
+HEAD = b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+QP_HEAD = HEAD.replace(b"8bit", b"quoted-printable")
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([b"a", b"a", b"a", b" ", b"\t", b"=", b"\xc3\xa9", b"\x00", b"\x7f", b"~"]),
+                         min_size=60, max_size=200).map(b"".join), max_size=6))
+def test_lines_break_where_postfixs_mime_state_breaks_them(lines):
+    body = b"".join(line + b"\r\n" for line in lines)
+    assert downgrade_8bit(HEAD + body) == QP_HEAD + b"".join(postfix_qp(line) + b"\r\n" for line in lines)
+
+
+def test_a_line_longer_than_the_line_buffer_is_encoded_as_one_line_whatever_the_chunks():
+    """Past MAX_LINE a line is passed on in pieces; the soft breaks still fall where one pass over it puts them,
+    also when a CR LF is split between two chunks."""
+    line = ("ab\u00e9 = " * 30_000).encode()
+    expected = QP_HEAD + postfix_qp(line) + b"\r\nend\r\n"
+    for chunk in (len(line) + 200, 65_537, 4096, 1000):
+        message = HEAD + line + b"\r\nend\r\n"
+        converter = Downgrade()
+        converted = b"".join(converter.feed(message[i:i + chunk]) for i in range(0, len(message), chunk))
+        assert converted + converter.flush() == expected, chunk
