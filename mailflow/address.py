@@ -6,6 +6,8 @@
 - `unquoted_local(local)`, `quoted_local(local)`: a quoted local part's content; a local part quoted if it must be;
   `shown_original(addr)`: an original recipient as Postfix shows it (route and needless quotes dropped).
 - `normalise_domain(d)`: lower case, no trailing dot, IDNA A-label for matching ("" if it cannot be).
+- `ascii_domain(d)`: a domain's A-label form as Postfix's midna_domain_to_ascii makes it (UTS 46 without
+  transitional mapping: `straße.test` is `xn--strae-oqa.test`, not `strasse.test`); UnicodeError when it has none.
 - `mailbox_syntax_error(addr) -> str | None`: why an address is not an RFC 5321 mailbox (None if it is).
 - `parse_path(text) -> (address, rest)`: the address of a MAIL FROM / RCPT TO argument and the parameters
   after it; raises `PathError` (see its doc for what is accepted, as Postfix accepts it); `parse_written_path`
@@ -21,6 +23,8 @@ import functools
 import ipaddress
 import re
 import unicodedata
+
+import idna
 
 from mailflow.syntax import parse_ip
 
@@ -182,9 +186,32 @@ def normalise_domain(domain: str) -> str:
     if d.startswith("[") or d.isascii():
         return d
     try:
-        return d.encode("idna").decode("ascii")
+        return ascii_domain(d)
     except UnicodeError:
         return ""
+
+
+_DEVIATIONS = frozenset("\u00df\u03c2\u200c\u200d")  # UTS 46's deviation characters: ß, final sigma, ZWNJ, ZWJ
+
+
+def ascii_domain(domain: str) -> str:
+    """See the module docstring. Python's IDNA 2003 codec maps the deviation characters away (ß to ss, ς to σ),
+    so a label holding one is converted by the idna package without transitional processing, as Postfix's
+    default (enable_idna2003_compatibility = no); every other label as before, by the codec."""
+    if domain.isascii():
+        return domain
+    labels = domain.split(".")
+    if "" in labels[:-1]:
+        raise UnicodeError("empty label")
+    return ".".join(_ascii_label(label) for label in labels)
+
+
+def _ascii_label(label: str) -> str:
+    if label.isascii():
+        return label
+    if _DEVIATIONS.intersection(label):
+        return idna.encode(label, uts46=True, transitional=False).decode("ascii")  # IDNAError is a UnicodeError
+    return label.encode("idna").decode("ascii")
 
 
 def mailbox_syntax_error(address: str) -> str | None:
@@ -247,7 +274,7 @@ def _converts(label: str) -> bytes:
     space)."""
     if unicodedata.category(label[0]).startswith("M") or label[2:4] == "--":
         raise UnicodeError("not a U-label")
-    encoded = label.encode("idna")
+    encoded = _ascii_label(label).encode("ascii")
     if not _A_LABELS.fullmatch(encoded):
         raise UnicodeError("not a host name")
     return encoded

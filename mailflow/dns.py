@@ -46,6 +46,7 @@ import dns.resolver
 import dns.reversename
 import pycares
 
+from mailflow.address import ascii_domain
 from mailflow.errors import LookupRetry, PermanentError
 from mailflow.syntax import is_ip_address as is_ip_literal
 
@@ -330,7 +331,7 @@ def dns_name(name: str) -> str:
     if name.isascii():
         return name
     try:
-        return name.encode("idna").decode("ascii")
+        return ascii_domain(name)
     except UnicodeError:
         return name  # c-ares rejects it, and the error becomes a LookupRetry
 

@@ -38,6 +38,11 @@ def test_split(addr, expected):
     ("[10.0.0.1]", "[10.0.0.1]"),
     ("", ""),
     ("a..bücher", ""),  # cannot be IDNA-encoded: "" rather than an exception
+    # UTS 46 without transitional mapping, as Postfix (enable_idna2003_compatibility = no): ß and final sigma are
+    # kept, not mapped to "ss" and "σ", which name other domains
+    ("Straße.example", "xn--strae-oqa.example"),
+    ("faß.bücher.example", "xn--fa-hia.xn--bcher-kva.example"),
+    ("λόγος.example", "xn--oxapnm1c.example"),
 ])
 def test_normalise_domain(domain, expected):
     assert normalise_domain(domain) == expected
