@@ -30,6 +30,7 @@ import concurrent.futures
 import email.utils
 import importlib.resources
 import random
+import re
 from dataclasses import dataclass
 
 import authres
@@ -199,7 +200,7 @@ class SenderAuth:
             records = await self._resolver.txt(f"_dmarc.{domain}")
         except NotFound:
             return None
-        found = [r for r in records if r.startswith("v=DMARC1")]
+        found = [r for r in records if _DMARC_VERSION.match(r)]
         if len(found) != 1:
             return {} if found else None
         tags = {}
@@ -211,6 +212,8 @@ class SenderAuth:
 
 
 POLICIES = ("none", "quarantine", "reject")
+# RFC 7489 6.4: the record's first tag; "v" in any case, blanks around "=", the value "DMARC1" exactly
+_DMARC_VERSION = re.compile(r"[vV][ \t]*=[ \t]*DMARC1[ \t]*(?:;|$)")
 
 
 def _policy(record: dict, subdomain: bool) -> str | None:

@@ -83,6 +83,10 @@ async def test_the_dmarc_policy_applies_to_its_pct_sample(record, draw, policy):
     ({"_dmarc.sub.org.test": ["v=DMARC1; fo=1"]}, "none", ""),  # no valid p=, no rua=: no DMARC for this mail
     ({"_dmarc.sub.org.test": ["v=DMARC1; p=reject; sp=bogus"]}, "none", ""),
     ({"_dmarc.sub.org.test": ["v=DMARC1; p=none", "v=DMARC1; p=none"]}, "none", ""),  # two: no DMARC either
+    # RFC 7489 6.4's version tag: "v" in any case and blanks around "=" are the record; any other value is not
+    ({"_dmarc.sub.org.test": ["V = DMARC1 ; p=none"]}, "fail", "none"),
+    ({"_dmarc.sub.org.test": ["v=DMARC1"]}, "none", ""),
+    ({"_dmarc.sub.org.test": ["v=DMARC10; p=none", "v=dmarc1; p=none"]}, "fail", "reject"),
 ])
 async def test_a_subdomains_own_record_is_its_policy_even_without_a_valid_p(records, verdict, policy):
     resolver = StaticResolver(txt={"sub.org.test": ["v=spf1 -all"], "_dmarc.org.test": ["v=DMARC1; p=reject"],
