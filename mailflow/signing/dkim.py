@@ -36,13 +36,15 @@ hash BodyHash computed while the body streamed.
 Failure behaviour: signing: `dkim.DKIMException` (a header section dkimpy cannot parse, a key it refuses) propagates;
 the caller (cleanup) queues the message unsigned and logs why. Verifying raises nothing for a message or an answer:
 a key that cannot be fetched within `timeout` is temperror; a signature that cannot be checked (a tag missing or
-malformed, an unknown a=, x= past, t= to come) permerror, as OpenDKIM reports it; a key that is missing or unusable,
-or a body or header section that is not the one signed, fail. OSError from reading a spooled body propagates.
+malformed, an unknown a=, x= past, t= to come) or whose key record holds key material that cannot be decoded
+(p= not base64, or not a key) permerror, as OpenDKIM reports it; a key that is missing, revoked (p= empty) or of an
+unknown type or version, or a body or header section that is not the one signed, fail. OSError from reading a spooled body propagates.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import functools
 import hashlib
 import logging
@@ -54,6 +56,7 @@ import dkim.asyncsupport
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, utils
 from dkim.canonicalization import CanonicalizationPolicy
+from dkim.crypto import UnparsableKeyError
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from mailflow.content import Content
@@ -344,11 +347,34 @@ class BodyHashMismatch(dkim.ValidationError):
     checked: permerror)."""
 
 
+class UnreadableKey(dkim.DKIMException):
+    """The key record's p= is not base64 or not a key: the signature cannot be checked (permerror, as OpenDKIM)."""
+
+
+_REVOKED = re.compile(rb"(?:^|;)[ \t]*p[ \t]*=[ \t]*(?:;|$)")  # RFC 6376 3.6.1: an empty p= is a revoked key
+
+
 class _StreamedBodyDKIM(dkim.asyncsupport.DKIM):
     """dkimpy's verifier, given the header section only: the body hash (bh=) is checked against the one computed
     while the body streamed, then dkimpy checks the signature over the headers."""
 
     body_hash: bytes | None = None
+
+    async def verify_sig(self, sig, include_headers, sig_header, dnsfunc):
+        """dkimpy's, but for key material that cannot be decoded (UnreadableKey): dkimpy takes it as a failed
+        signature, or lets base64's error out."""
+        name = sig[b"s"] + b"._domainkey." + sig[b"d"] + b"."
+        record = await dnsfunc(name, timeout=self.timeout)
+        try:
+            self.pk, self.keysize, self.ktag, self.seqtlsrpt = dkim.evaluate_pk(name, record)
+        except (binascii.Error, ValueError) as e:
+            raise UnreadableKey(f"public key is not base64: {e}") from None
+        except dkim.KeyFormatError as e:
+            if isinstance(e.__context__, (UnparsableKeyError, TypeError)) and not _REVOKED.search(record or b""):
+                raise UnreadableKey("public key cannot be parsed") from None
+            self.logger.info("%s", e)
+            return False
+        return self.verify_sig_process(sig, include_headers, sig_header, dnsfunc)
 
     def verify_sig_process(self, sig, include_headers, sig_header, dnsfunc):
         try:

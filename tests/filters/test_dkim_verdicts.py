@@ -50,3 +50,25 @@ async def test_a_signatures_verdict_is_opendkims(signed_and_record, tmp_path, ca
     assert [r.result for r in results] == [expected]
     opendkim = re.search(r"dkim=(\w+)", opendkim_verdict(message, {KEY_NAME: record}, tmp_path / "opendkim"))
     assert opendkim and opendkim.group(1) == expected  # (a permerror may name no header.d)
+
+
+@pytest.mark.parametrize(("case", "record", "expected"), [
+    ("a revoked key (p= empty)", lambda r: re.sub(r"p=[^;]*", "p=", r), "fail"),
+    ("a key that is not base64", lambda r: re.sub(r"p=[^;]*", "p=@@not-a-key@@", r), "permerror"),
+    ("base64 that is not a key", lambda r: re.sub(r"p=[^;]*", "p=aGVsbG8gd29ybGQ=", r), "permerror"),
+    ("an unknown key type", lambda r: r.replace("k=rsa", "k=dsa"), "fail"),
+    ("an unknown key version", lambda r: r.replace("v=DKIM1", "v=DKIM2"), "fail"),
+])
+async def test_a_key_record_that_cannot_be_used_gets_opendkims_verdict(signed_and_record, tmp_path, case, record,
+                                                                       expected):
+    """A hostile key record never raises out of verify (a p= that is not base64 did), and gets OpenDKIM's
+    verdict: key material that cannot be decoded is permerror, a key refused for what it says is fail."""
+    signed, good = signed_and_record
+    edited = record(good)
+    assert edited != good
+    content = Content.of(signed)
+    head, _ = read_header(content, 1_000_000)
+    results = await verify(head, content.after(len(head)), StaticResolver(txt={KEY_NAME: [edited]}), timeout=5)
+    assert [r.result for r in results] == [expected]
+    opendkim = re.search(r"dkim=(\w+)", opendkim_verdict(signed, {KEY_NAME: edited}, tmp_path / "opendkim"))
+    assert opendkim and opendkim.group(1) == expected
