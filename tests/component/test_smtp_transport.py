@@ -496,6 +496,49 @@ async def test_the_smtp_transport_takes_smtpds_listeners_as_itself(smtp_peer):
     assert report.results[0].outcome is Outcome.SENT and len(peer.messages) == 1
 
 
+class ConcurrencyResolver(StaticResolver):
+    """A StaticResolver that records the hosts whose addresses are asked for and the most lookups at once."""
+
+    def __init__(self, **tables):
+        super().__init__(**tables)
+        self.asked: list[str] = []
+        self.running = self.most = 0
+
+    async def addresses(self, host: str) -> list[str]:
+        self.asked.append(host)
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await asyncio.sleep(0)
+            return await super().addresses(host)
+        finally:
+            self.running -= 1
+
+
+async def test_looking_for_this_server_among_the_mx_hosts_goes_by_preference_and_stops_early(own_and_others):
+    """Postfix's smtp_find_self and smtp_truncate_self drop the hosts at and after this server's preference, so
+    the loop check looks them up group by group: none after the group with this server, none once
+    smtp_mx_address_limit addresses are known, and never a hostile MX set's hundred at once."""
+    me, (other, _) = own_and_others
+    crowd = [f"h{i}.test" for i in range(100)]
+    addresses = {"me.test": ["127.0.0.1"], "other.test": ["127.0.0.2"], **{h: ["127.0.0.3"] for h in crowd}}
+    own = dict(own_addresses=frozenset({ipaddress.ip_address("127.0.0.1")}), own_ports=frozenset({me.port}))
+    backup = ConcurrencyResolver(mx={"example.test": [MX(10, "other.test"), MX(20, "me.test")]
+                                     + [MX(30, h) for h in crowd]}, addresses=addresses)
+    sent = await deliver(make_transport(backup, port=me.port, **own), make_request("example.test"))
+    assert sent.results[0].relay == f"other.test[127.0.0.2]:{me.port}"
+    assert backup.asked == ["other.test", "me.test"]
+    enough = ConcurrencyResolver(mx={"example.test": [MX(10 + i, h) for i, h in enumerate(crowd)]},
+                                 addresses=addresses)
+    await deliver(make_transport(enough, port=me.port, **own), make_request("example.test"))
+    assert enough.asked == crowd[:5]
+    hostile = ConcurrencyResolver(mx={"example.test": [MX(10, h) for h in crowd] + [MX(10, "me.test")]},
+                                  addresses=addresses)
+    [r] = (await deliver(make_transport(hostile, port=me.port, **own), make_request("example.test"))).results
+    assert (r.dsn, r.text) == ("5.4.6", "mail for example.test loops back to myself")
+    assert hostile.most <= 5
+
+
 async def test_a_relayhost_that_does_not_resolve_or_loops_defers_4_3_5_as_postfix():
     """Postfix's smtp_connect_inet: a hard error before any session with the relayhost is a configuration problem
     (deferred 4.3.5, the diagnostic kept); the same next hop that is not the relayhost bounces."""

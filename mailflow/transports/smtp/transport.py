@@ -36,6 +36,7 @@ import logging
 import random
 import time
 from contextlib import aclosing
+from itertools import groupby
 from typing import AsyncGenerator, Callable, Sequence
 
 from mailflow.config import SmtpConfig
@@ -76,6 +77,8 @@ RSET_TIMEOUT = 20.0  # Postfix smtp_rset_timeout
 MX_SESSION_LIMIT = 2
 # Addresses tried per delivery, whatever the size of the MX set (Postfix smtp_mx_address_limit).
 MX_ADDRESS_LIMIT = 5
+# Address lookups at once while the loop check looks for this server among MX hosts of one preference.
+LOOKUP_BATCH = MX_ADDRESS_LIMIT
 Candidate = tuple[MX, list[str] | None]  # an MX host and its addresses, None: not looked up yet
 
 
@@ -294,25 +297,42 @@ class SmtpTransport:
         """The hosts to try, each with its addresses when they had to be looked up here (None: later, as needed).
         When the next hop's port is one this server listens on (Postfix: port 25, so that a content filter on
         127.0.0.1:10025 is no loop), Postfix's loop detection (smtp_find_self, smtp_truncate_self, RFC 5321
-        5.1): every host is looked up (all at once: a slow lower MX does not hold up the rest), and the hosts at or after the preference of the first one with one of
-        this server's addresses are dropped. Raises PermanentError 5.4.6 "mail for
-        X loops back to myself" when this server is (one of) the best, TemporaryError 4.4.4 "unable to find
-        primary relay for X" when only better hosts without an address are left."""
+        5.1): the hosts at or after the preference of the first one with one of this server's addresses are
+        dropped. They are looked up one preference at a time (LOOKUP_BATCH at once, so a slow host does not hold
+        up the others of its group and a hostile MX set never makes a hundred lookups at once), up to the group
+        with this server, or up to the group that makes MX_ADDRESS_LIMIT addresses: later hosts would be dropped
+        or never reached. Raises PermanentError 5.4.6 "mail for X loops back to myself" when this server is
+        (one of) the best, TemporaryError 4.4.4 "unable to find primary relay for X" when only better hosts
+        without an address are left."""
         if not self._own_addresses or nexthop.port not in self._own_ports:
             return [(mx, None) for mx in hosts]
-        failures: list[list[DeliveryError]] = [[] for _ in hosts]  # kept in host order, whichever answers first
-        looked_up = await asyncio.gather(*(self._addresses(mx.host, f) for mx, f in zip(hosts, failures)))
-        dns_failures.extend(failure for host_failures in failures for failure in host_failures)
-        found = list(zip(hosts, looked_up))
-        mine = next((mx.preference for mx, addresses in found if any(self._is_mine(a) for a in addresses)), None)
-        if mine is None:
-            return found
-        better = [(mx, addresses) for mx, addresses in found if mx.preference < mine]
-        if any(addresses for _, addresses in better):
+        better: list[tuple[MX, list[str]]] = []
+        found_myself = False
+        for _, group in groupby(hosts, key=lambda mx: mx.preference):
+            found = await self._look_up_all(list(group), dns_failures)
+            found_myself = any(self._is_mine(a) for _, addresses in found for a in addresses)
+            if found_myself:
+                break
+            better.extend(found)
+            if sum(len(addresses) for _, addresses in better) >= MX_ADDRESS_LIMIT:
+                break
+        if not found_myself or any(addresses for _, addresses in better):
             return better
         if better:
             raise TemporaryError("4.4.4", f"unable to find primary relay for {nexthop.host}")
         raise PermanentError("5.4.6", f"mail for {nexthop.host} loops back to myself")
+
+    async def _look_up_all(self, hosts: list[MX], dns_failures: list[DeliveryError]) -> list[tuple[MX, list[str]]]:
+        """Each host with its addresses, LOOKUP_BATCH lookups at once; failures added to `dns_failures` in host
+        order, whichever answers first."""
+        found: list[tuple[MX, list[str]]] = []
+        for start in range(0, len(hosts), LOOKUP_BATCH):
+            batch = hosts[start:start + LOOKUP_BATCH]
+            failures: list[list[DeliveryError]] = [[] for _ in batch]
+            looked_up = await asyncio.gather(*(self._addresses(mx.host, f) for mx, f in zip(batch, failures)))
+            dns_failures.extend(failure for host_failures in failures for failure in host_failures)
+            found.extend(zip(batch, looked_up))
+        return found
 
     def _is_mine(self, address: str) -> bool:
         try:
