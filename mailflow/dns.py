@@ -26,7 +26,9 @@ module imports nothing of mailflow but `errors` and `syntax`, so the configurati
 
 Failure behaviour (a failed lookup is never "not found"):
 - the name does not exist (NXDOMAIN)                     -> raise `NotFound` (permanent, 5.1.2)
-- SERVFAIL, REFUSED, timeout, no server, anything else   -> raise `mailflow.errors.LookupRetry` (temporary)
+- SERVFAIL, REFUSED, timeout, no server, anything else   -> raise `mailflow.errors.LookupRetry` (temporary); its text
+  "Name service error for name=N type=T: why", `why` as Postfix words TRY_AGAIN ("Host not found, try again")
+  for a SERVFAIL, a timeout or no server, else c-ares's reason
 - the name exists without records of the type (NODATA)   -> an empty list
 """
 from __future__ import annotations
@@ -53,6 +55,10 @@ from mailflow.syntax import is_ip_address as is_ip_literal
 log = logging.getLogger("mailflow.dns")
 
 NULL_MX_HOST = "."
+# What Postfix's dns_lookup says for the resolver's TRY_AGAIN (dns_strerror), which is what a SERVFAIL, a timeout
+# and a name server that cannot be reached come to.
+TRY_AGAIN = "Host not found, try again"
+TRY_AGAIN_CODES = frozenset({aiodns.error.ARES_ESERVFAIL, aiodns.error.ARES_ETIMEOUT, aiodns.error.ARES_ECONNREFUSED})
 
 
 @dataclass(frozen=True)
@@ -337,7 +343,8 @@ def dns_name(name: str) -> str:
 
 
 def classify_dns_error(error: aiodns.error.DNSError, name: str, qtype: str) -> list:
-    """NODATA -> [] (returned); NXDOMAIN -> NotFound; everything else -> LookupRetry."""
+    """NODATA -> [] (returned); NXDOMAIN -> NotFound; everything else -> LookupRetry, a SERVFAIL, a timeout or
+    no server in Postfix's words (TRY_AGAIN)."""
     code = error.args[0] if error.args else None
     if code == aiodns.error.ARES_ENODATA:
         return []
@@ -345,6 +352,8 @@ def classify_dns_error(error: aiodns.error.DNSError, name: str, qtype: str) -> l
         raise NotFound(name, qtype) from None
     reason = error.args[1] if len(error.args) > 1 else repr(error)
     log.debug("lookup %s %s failed: %s", name, qtype, reason)
+    if code in TRY_AGAIN_CODES:
+        reason = TRY_AGAIN
     raise LookupRetry(f"Name service error for name={name} type={qtype}: {reason}") from None
 
 

@@ -6,6 +6,7 @@ import quopri
 import asyncio
 import ipaddress
 import random
+import socket
 import ssl
 from dataclasses import dataclass
 
@@ -419,6 +420,25 @@ async def test_dns_failure_defers_with_site_not_ok(zone_resolver):
     result = report.results[0]
     assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.4.3")
     assert not report.site_ok
+
+
+async def test_a_servfail_or_a_silent_name_server_is_worded_as_postfix(zone_resolver):
+    """Postfix's dns_query reports the resolver's TRY_AGAIN (a SERVFAIL, a timeout) in dns_strerror's words."""
+    servfail = zone_resolver("example.test. 300 IN A 127.0.0.1", servfail=("broken.test",))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        timeout = AiodnsResolver(nameservers=(f"127.0.0.1:{silent.getsockname()[1]}",), timeout=0.2, tries=1)
+        try:
+            results = [(await deliver(make_transport(resolver), make_request(nexthop))).results[0]
+                       for resolver, nexthop in ((servfail, "broken.test"), (timeout, "silent.test"))]
+        finally:
+            await timeout.close()
+    assert [(r.outcome, r.dsn, r.text) for r in results] == [
+        (Outcome.DEFERRED, "4.4.3",
+         "Host or domain name not found. Name service error for name=broken.test type=MX: Host not found, try again"),
+        (Outcome.DEFERRED, "4.4.3",
+         "Host or domain name not found. Name service error for name=silent.test type=MX: Host not found, try again"),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------- loops
