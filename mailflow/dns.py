@@ -10,7 +10,8 @@ module imports nothing of mailflow but `errors` and `syntax`, so the configurati
 
     MX(preference, host)                      one MX record; host "." is RFC 7505's null MX
     Resolver.mx(domain) -> list[MX]           sorted by preference; [] = the domain exists but has no MX
-    Resolver.addresses(host) -> list[str]     A records, then AAAA records, as IP strings; [] = no address
+    Resolver.addresses(host) -> list[str]     A records, then AAAA records, as IP strings; [] = no address; a
+                                              failure of both names AAAA (the last asked, as Postfix reports it)
     Resolver.txt(name) -> list[str]           each TXT record, its strings joined (DKIM keys, SPF, DMARC, MTA-STS)
     Resolver.ptr(address) -> list[str]        the names of an IP address (reverse DNS)
     Resolver.tlsa(name) -> TlsaAnswer         TLSA records (RFC 6698) and whether the answer was DNSSEC-validated
@@ -200,7 +201,7 @@ class StaticResolver:
             return list(self._addresses[name])
         if name in self._mx:
             return []  # the name exists (it has MX records) but no address
-        raise NotFound(host, "A")
+        raise NotFound(host, "AAAA")  # the last of the A and AAAA lookups, as AiodnsResolver
 
 
 class AiodnsResolver:
@@ -358,17 +359,13 @@ def classify_dns_error(error: aiodns.error.DNSError, name: str, qtype: str) -> l
 
 
 def merge_address_answers(answers: Sequence[object]) -> list[str]:
-    """A then AAAA. Any address wins; else a temporary failure wins over NotFound; else no address at all."""
+    """A then AAAA. Any address wins; else a temporary failure wins over NotFound; else no address at all. Of
+    two equal failures the last (AAAA's) is raised, as Postfix's dns_lookup_rv reports the last of equals."""
     found = [addr for answer in answers if isinstance(answer, list) for addr in answer]
     if found:
         return found
-    for answer in answers:
-        if isinstance(answer, LookupRetry):
-            raise answer
-    for answer in answers:
-        if isinstance(answer, NotFound):
-            raise answer
-    for answer in answers:
-        if isinstance(answer, BaseException):
-            raise answer
+    for kind in (LookupRetry, NotFound, BaseException):
+        for answer in reversed(answers):
+            if isinstance(answer, kind):
+                raise answer
     return []

@@ -291,7 +291,7 @@ class FakeDns:
             return [host]
         found = self._find(host)
         if found is None:
-            raise NotFound(host, "A")
+            raise NotFound(host, "AAAA")
         return [found.lookup()]
 
 

@@ -404,14 +404,21 @@ async def test_a_null_mx_beside_other_mx_records_still_bounces_without_connectin
 
 async def test_nxdomain_bounces_with_5_4_4_as_postfix(zone_resolver):
     """Postfix's smtp_domain_addr: an MX lookup that finds no such name goes on to the name's addresses
-    (smtp_host_addr), whose "Host not found" bounces with 5.4.4."""
-    resolver = zone_resolver("example.test. 300 IN A 127.0.0.1")
+    (smtp_host_addr), whose "Host not found" bounces with 5.4.4. Of its A and AAAA lookups (inet_protocols = all,
+    Postfix's default) dns_lookup_rv reports the last of equal failures: AAAA's, also for a name without either."""
+    resolver = zone_resolver("example.test. 300 IN A 127.0.0.1", "bare.test. 300 IN MX 10 txt.test.",
+                             'txt.test. 300 IN TXT "no address"')
     report = await deliver(make_transport(resolver), make_request("nowhere.test", "x@nowhere.test"))
     result = report.results[0]
     assert (result.outcome, result.dsn, result.relay) == (Outcome.BOUNCED, "5.4.4", "none")
-    assert result.text == ("Host or domain name not found. Name service error for name=nowhere.test type=A: "
+    assert result.text == ("Host or domain name not found. Name service error for name=nowhere.test type=AAAA: "
                            "Host not found")
     assert report.site_ok
+    [bare] = (await deliver(make_transport(resolver), make_request("bare.test", "x@bare.test"))).results
+    assert (bare.outcome, bare.dsn, bare.text) == (
+        Outcome.BOUNCED, "5.4.4",
+        "Host or domain name not found. Name service error for name=txt.test type=AAAA: "
+        "Host found but no data record of requested type")
 
 
 async def test_dns_failure_defers_with_site_not_ok(zone_resolver):
@@ -566,7 +573,7 @@ async def test_a_relayhost_that_does_not_resolve_or_loops_defers_4_3_5_as_postfi
                     mydestination=("local.test",))
     resolver = StaticResolver(addresses={"me.test": ["127.0.0.1"]})
     smtp = build_transports(config, resolver, VirtualClock(), Router(config))["smtp"]
-    text = "Host or domain name not found. Name service error for name=relay.test type=A: Host not found"
+    text = "Host or domain name not found. Name service error for name=relay.test type=AAAA: Host not found"
     [r] = (await deliver(smtp, make_request("[relay.test]"))).results
     assert (r.outcome, r.dsn, r.text) == (Outcome.DEFERRED, "4.3.5", text)
     [r] = (await deliver(smtp, make_request("[relay.test]:2526"))).results  # not the relayhost as written

@@ -49,7 +49,7 @@ What each recipient gets:
 - this server (own_addresses, on one of own_ports)  BOUNCED 5.4.6 "mail for X loops back to myself"; only
   is the best MX (or the [host])                    better MX hosts, without addresses: DEFERRED 4.4.4
 - domain does not exist (NXDOMAIN), no MX host (or  BOUNCED 5.4.4 "Host or domain name not found. Name service
-  the [host]) has an address                        error for name=h type=A: Host not found" (as Postfix)
+  the [host]) has an address                        error for name=h type=AAAA: Host not found" (as Postfix)
 - DNS failure                                       DEFERRED 4.4.3, site_ok=False
 - no peer could be talked to                        DEFERRED (4.4.1 connect, 4.4.2 timeout/lost, 4.5.0 a malformed
                                                     reply, 4.7.x TLS/AUTH, ...), naming the last peer tried (its

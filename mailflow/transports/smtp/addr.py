@@ -123,7 +123,7 @@ def host_lookup_failure(error: NotFound | LookupRetry) -> DeliveryError:
 def no_address_failure(host: str) -> DeliveryError:
     return PermanentError(
         "5.4.4",
-        f"Host or domain name not found. Name service error for name={host} type=A: "
+        f"Host or domain name not found. Name service error for name={host} type=AAAA: "
         "Host found but no data record of requested type",
     )
 
