@@ -429,6 +429,22 @@ async def test_dns_failure_defers_with_site_not_ok(zone_resolver):
     assert not report.site_ok
 
 
+async def test_mx_hosts_without_addresses_give_the_last_lookups_words_deferred_after_a_dns_failure(zone_resolver):
+    """Postfix's smtp_addr_one: the last host lookup's text stands, and after a temporary failure a later "not
+    found" is soft too (4.4.4): one MX host whose DNS failed may have an address after all."""
+    resolver = zone_resolver("soft-first.test. 300 IN MX 10 broken.test.", "soft-first.test. 300 IN MX 20 gone.test.",
+                             "soft-last.test. 300 IN MX 10 gone.test.", "soft-last.test. 300 IN MX 20 broken.test.",
+                             servfail=("broken.test",))
+    results = [(await deliver(make_transport(resolver), make_request(nexthop))).results[0]
+               for nexthop in ("soft-first.test", "soft-last.test")]
+    assert [(r.outcome, r.dsn, r.text) for r in results] == [
+        (Outcome.DEFERRED, "4.4.4",
+         "Host or domain name not found. Name service error for name=gone.test type=AAAA: Host not found"),
+        (Outcome.DEFERRED, "4.4.3",
+         "Host or domain name not found. Name service error for name=broken.test type=AAAA: Host not found, try again"),
+    ]
+
+
 async def test_a_servfail_or_a_silent_name_server_is_worded_as_postfix(zone_resolver):
     """Postfix's dns_query reports the resolver's TRY_AGAIN (a SERVFAIL, a timeout) in dns_strerror's words."""
     servfail = zone_resolver("example.test. 300 IN A 127.0.0.1", servfail=("broken.test",))

@@ -40,7 +40,8 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
     record_unreachable(outcomes, recipients, peer_failure, dns_failures)
                                 no peer took a session: a peer failure or a DNS failure defers (site failed); DNS's
                                 "no such host" for every host bounces, and so does a peer's 5xx refusal (a hard
-                                SiteFailure, which ends the search; the site is not failed: it answered)
+                                SiteFailure, which ends the search; the site is not failed: it answered); the
+                                last DNS failure's text, deferred 4.4.4 when a "no" came after a DNS failure
 """
 from __future__ import annotations
 
@@ -196,8 +197,8 @@ def record_unreachable(
 ) -> None:
     """No peer took a session. A peer we could not talk to or a DNS failure defers; DNS 'no' bounces, and so
     does a 5xx refusal (the recipients name the peer as their relay, as for any failure after a
-    connection was made)."""
-    temporary_dns = [f for f in dns_failures if not f.permanent]
+    connection was made). Of the DNS failures the last one's text stands, deferred (4.4.4 for a "no") once one
+    was temporary: Postfix's smtp_addr_one, where a soft error dominates past and future hard ones."""
     if isinstance(peer_failure, SiteFailure):
         final = peer_failure.final()
         outcomes.fail(recipients, final, peer_failure.relay)
@@ -206,11 +207,13 @@ def record_unreachable(
         return
     if peer_failure is not None:
         failure = peer_failure
-    elif temporary_dns:
-        failure = temporary_dns[-1]
     elif dns_failures:
-        outcomes.fail(recipients, dns_failures[-1])
-        return
+        failure = dns_failures[-1]
+        if failure.permanent and all(f.permanent for f in dns_failures):
+            outcomes.fail(recipients, failure)
+            return
+        if failure.permanent:
+            failure = TemporaryError("4" + failure.dsn[1:], failure.text)
     else:
         failure = TemporaryError("4.4.3", "no SMTP server to try")
     outcomes.fail(recipients, failure).site_failed(failure.text)
