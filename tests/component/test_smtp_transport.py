@@ -584,20 +584,24 @@ async def test_looking_for_this_server_among_the_mx_hosts_goes_by_preference_and
 
 async def test_a_relayhost_that_does_not_resolve_or_loops_defers_4_3_5_as_postfix():
     """Postfix's smtp_connect_inet: a hard error before any session with the relayhost is a configuration problem
-    (deferred 4.3.5, the diagnostic kept); the same next hop that is not the relayhost bounces."""
+    (deferred 4.3.5, the diagnostic kept); the same next hop that is not the relayhost bounces. Deferred, it
+    throttles the destination as any failure before a session does (smtp_connect's smtp_sess_fail)."""
     config = Config(relayhost="[relay.test]", smtpd={"listen": ["127.0.0.1:2525"]}, smtp={"port": 2525},
                     mydestination=("local.test",))
     resolver = StaticResolver(addresses={"me.test": ["127.0.0.1"]})
     smtp = build_transports(config, resolver, VirtualClock(), Router(config))["smtp"]
     text = "Host or domain name not found. Name service error for name=relay.test type=AAAA: Host not found"
-    [r] = (await deliver(smtp, make_request("[relay.test]"))).results
-    assert (r.outcome, r.dsn, r.text) == (Outcome.DEFERRED, "4.3.5", text)
-    [r] = (await deliver(smtp, make_request("[relay.test]:2526"))).results  # not the relayhost as written
-    assert (r.outcome, r.dsn) == (Outcome.BOUNCED, "5.4.4")
+    report = await deliver(smtp, make_request("[relay.test]"))
+    [r] = report.results
+    assert (r.outcome, r.dsn, r.text, report.site_ok) == (Outcome.DEFERRED, "4.3.5", text, False)
+    report = await deliver(smtp, make_request("[relay.test]:2526"))  # not the relayhost as written
+    assert (report.results[0].outcome, report.results[0].dsn, report.site_ok) == (Outcome.BOUNCED, "5.4.4", True)
     looping = Config(relayhost="me.test", smtpd={"listen": ["127.0.0.1:2525"]}, smtp={"port": 2525})
     smtp = build_transports(looping, resolver, VirtualClock(), Router(looping))["smtp"]
-    [r] = (await deliver(smtp, make_request("me.test"))).results
-    assert (r.outcome, r.dsn, r.text) == (Outcome.DEFERRED, "4.3.5", "mail for me.test loops back to myself")
+    report = await deliver(smtp, make_request("me.test"))
+    [r] = report.results
+    assert (r.outcome, r.dsn, r.text, report.site_ok) == (
+        Outcome.DEFERRED, "4.3.5", "mail for me.test loops back to myself", False)
 
 
 # ---------------------------------------------------------------------------------------------------- refusals

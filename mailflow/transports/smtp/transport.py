@@ -10,7 +10,8 @@ cached session's counting (Postfix smtp_mx_address_limit), however many MX hosts
 ports) are this server: Postfix's loop detection, for a next hop on one of those ports, bounces a destination
 whose best MX host (or whose [host]) has one of those addresses with 5.4.6 "mail for X loops back to myself";
 MX hosts no better than this server are not tried (`_without_myself`). A request whose next hop is `relayhost`
-(as written) defers 4.3.5 where DNS or the loop check would bounce it: a configuration problem, as Postfix.
+(as written) defers 4.3.5 where DNS or the loop check would bounce it: a configuration problem, as Postfix
+(and, deferred, a site failure).
 
     SmtpTransport(config, *, resolver, helo_name, rng=None, clock=time.monotonic, tables=None, mta_sts=None,
                   plaintext_after=0.0, own_addresses=frozenset(), own_ports=frozenset(), relayhost="")
@@ -163,10 +164,11 @@ class SmtpTransport:
             elif isinstance(e, LookupRetry):
                 text = f"Host or domain name not found. {e.text}"
                 outcomes.fail(recipients, SiteFailure("4.4.3", text)).site_failed(text)
-            elif e.permanent:  # null MX (5.1.10), mail for the destination loops back to myself (5.4.6)
-                outcomes.fail(recipients, self._unless_relayhost(request, e))
-            else:  # unable to find primary relay (4.4.4)
-                outcomes.fail(recipients, e).site_failed(e.text)
+            else:  # null MX (5.1.10), loops back to myself (5.4.6), unable to find primary relay (4.4.4)
+                failure = self._unless_relayhost(request, e)
+                outcomes.fail(recipients, failure)
+                if not failure.permanent:  # deferred: the destination is throttled, as Postfix's smtp_sess_fail
+                    outcomes.site_failed(failure.text)
             return
         try:
             await self._deliver_to_first_reachable(candidates, destination, request, recipients, outcomes,
