@@ -5,6 +5,7 @@ import quopri
 
 import asyncio
 import ipaddress
+import logging
 import random
 import socket
 import ssl
@@ -602,6 +603,21 @@ async def test_a_relayhost_that_does_not_resolve_or_loops_defers_4_3_5_as_postfi
     [r] = report.results
     assert (r.outcome, r.dsn, r.text, report.site_ok) == (
         Outcome.DEFERRED, "4.3.5", "mail for me.test loops back to myself", False)
+
+
+async def test_a_relayhost_whose_mx_hosts_did_not_resolve_after_a_dns_failure_is_no_configuration_problem(
+        zone_resolver, caplog):
+    """Postfix makes the relayhost's error 4.3.5 only when it is hard; a "not found" after a DNS failure is soft
+    (4.4.4) and stays as it is, with no configuration warning."""
+    resolver = zone_resolver("relay.test. 300 IN MX 10 broken.test.", "relay.test. 300 IN MX 20 gone.test.",
+                             servfail=("broken.test",))
+    smtp = SmtpTransport(SmtpConfig(), resolver=resolver, helo_name=HELO, relayhost="relay.test")
+    with caplog.at_level(logging.WARNING, "mailflow.smtp"):
+        [r] = (await deliver(smtp, make_request("relay.test"))).results
+    assert (r.outcome, r.dsn, r.text) == (
+        Outcome.DEFERRED, "4.4.4",
+        "Host or domain name not found. Name service error for name=gone.test type=AAAA: Host not found")
+    assert "relayhost configuration problem" not in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------------- refusals

@@ -283,7 +283,9 @@ class SmtpTransport:
         if kept is not None and peer_failure is None:
             outcomes.restore(kept)  # that session was the last after all
             return
-        dns_failures = [self._unless_relayhost(request, f) for f in dns_failures]
+        # Postfix's relayhost rule is for a hard result: a peer's failure or a soft DNS failure makes it soft
+        if peer_failure is None and dns_failures and all(f.permanent for f in dns_failures):
+            dns_failures = [*dns_failures[:-1], self._unless_relayhost(request, dns_failures[-1])]
         record_unreachable(outcomes, recipients, peer_failure, [] if kept is not None else dns_failures)
 
     def _unless_relayhost(self, request: DeliveryRequest, error: DeliveryError) -> DeliveryError:
