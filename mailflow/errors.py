@@ -9,11 +9,26 @@
 - `Overloaded`: too many writes are waiting in the store: answer 451 4.3.1 and let the client retry.
 - `LookupRetry`: a table or DNS lookup failed (not "not found"); callers defer with 4.3.0 / 451.
 - `ConfigError`: a configuration problem, always naming the file, the key and the reason.
+- `os_reason(error) -> str`: an OS error in the system's words ("Connection refused", "Address already in use";
+  "Connection timed out" for a timeout), as Postfix's %m prints them.
 
 What an SMTP client is answered for each of these is one table, `mailflow.status.error_reply`: nothing else
 picks a reply code from an error's class, dsn or text.
 """
 from __future__ import annotations
+
+import os
+
+
+def os_reason(error: BaseException | None) -> str:
+    """See the module docstring; anything else by its text (else its class name)."""
+    if isinstance(error, TimeoutError):
+        return "Connection timed out"
+    if isinstance(error, OSError) and error.errno and error.errno > 0:
+        return os.strerror(error.errno)
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__
 
 
 class DeliveryError(Exception):

@@ -53,7 +53,6 @@ import asyncio
 import functools
 import ipaddress
 import logging
-import os
 import socket
 import ssl
 from dataclasses import dataclass
@@ -65,7 +64,7 @@ from mailflow import status
 from mailflow.address import in_networks
 from mailflow.clock import Clock, SystemClock
 from mailflow.config import Config, SmtpdConfig
-from mailflow.errors import ConfigError
+from mailflow.errors import ConfigError, os_reason
 from mailflow.stages.smtpd.anvil import Anvil, SessionSlots
 from mailflow.stages.smtpd.auth import (Authenticator, Backend, DovecotBackend, FailureCounter, PasswordHasher,
                                         SenderLogins, TableBackend, is_loopback)
@@ -342,7 +341,7 @@ class Smtpd:
                     listener.server = None
             if not isinstance(e, OSError) or failed is None:
                 raise
-            raise ConfigError("", failed.setting, f"cannot listen on {failed.host}:{failed.port}: {_why(e)}") from None
+            raise ConfigError("", failed.setting, f"cannot listen on {failed.host}:{failed.port}: {os_reason(e)}") from None
 
     def _close_listener(self, listener: Listener) -> None:
         """Stop accepting on a listener a reload removed; its open sessions go on."""
@@ -443,8 +442,3 @@ def _bound(listener: Listener) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _why(error: OSError) -> str:
-    """An address's bind error in the system's words ("Address already in use", "Permission denied")."""
-    if error.errno and error.errno > 0:
-        return os.strerror(error.errno)
-    return error.strerror or str(error)

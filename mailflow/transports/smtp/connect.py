@@ -52,7 +52,7 @@ from typing import Callable
 
 from mailflow.config import SmtpConfig
 from mailflow.dns import Resolver, is_ip_literal
-from mailflow.errors import LookupRetry
+from mailflow.errors import LookupRetry, os_reason
 from mailflow.tables import Table, TableCache, find
 from mailflow.transports.smtp.addr import Nexthop, Peer, unique
 from mailflow.transports.smtp.chat import CRLF, Session, Wire
@@ -72,7 +72,6 @@ from mailflow.transports.smtp.trouble import (
     LocalProblem,
     RetryPlaintext,
     SiteFailure,
-    os_reason,
     refused_to_talk,
 )
 

@@ -23,7 +23,6 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
                                 while ...: why" (4.4.2, 4.4.2, 4.5.0), as Postfix's smtp_stream_except words them
     refused_to_talk(peer, reply, greeting=False) -> SiteFailure   a refused greeting, EHLO, HELO or LHLO; a 5xx is
                                 hard but for the greeting's (smtp_skip_5xx_greeting)
-    os_reason(error) -> str     "Connection refused", "Connection timed out", ...
 
     Outcomes()                  results by recipient and the site verdict, filled as a delivery goes:
       .fail(recipients, error, relay)   BOUNCED for a permanent error, else DEFERRED, with its code and text
@@ -45,7 +44,6 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -102,14 +100,6 @@ def refused_to_talk(peer: Peer, reply: Reply, *, greeting: bool = False) -> Site
     smtp_skip_5xx_greeting = yes: a server that greets with 5xx is skipped, as if it had said 4xx)."""
     return SiteFailure(reply.dsn("4"), f"host {peer.name} refused to talk to me: {reply.one_line}",
                        relay=peer.relay, hard=reply.code // 100 == 5 and not greeting)
-
-
-def os_reason(error: BaseException | None) -> str:
-    if isinstance(error, TimeoutError):
-        return "Connection timed out"
-    if isinstance(error, OSError) and error.errno:
-        return os.strerror(error.errno)
-    return str(error) or type(error).__name__
 
 
 # ---------------------------------------------------------------------------------------------------- results
