@@ -444,12 +444,9 @@ NEED_EHLO = Reply(503, "5.5.1", "Error: send EHLO first")
 SERVER_BUSY = Reply(421, "4.3.2", "Error: too many sessions, try again later")
 
 
-def too_many_connections(ip: str) -> Reply:
-    return Reply(421, "4.7.0", f"Error: too many connections from {ip}")
-
-
-def connection_rate_exceeded(ip: str) -> Reply:
-    return Reply(421, "4.7.0", f"Error: too many connections from {ip}, try again later")
+def too_many_connections(host: str, ip: str) -> Reply:
+    """In place of the greeting past a per-client connection count or rate limit (Postfix's one text for both)."""
+    return Reply(421, "4.7.0", f"{host} Error: too many connections from {ip}")
 
 
 def sender_login_mismatch(sender: str, login: str | None) -> Reply:

@@ -252,13 +252,13 @@ def test_anvil_count_and_rate_limits():
     clock = VirtualClock()
     anvil = Anvil(count_limit=2, rate_limit=0, time_unit=60, clock=clock)
     assert anvil.admit("192.0.2.1") is None and anvil.admit("192.0.2.1") is None
-    assert anvil.admit("192.0.2.1") == status.too_many_connections("192.0.2.1")
+    assert anvil.admit("192.0.2.1") == ("Connection concurrency", 3)
     assert anvil.admit("192.0.2.9") is None
     anvil.release("192.0.2.1")
     assert anvil.admit("192.0.2.1") is None
     rate = Anvil(count_limit=0, rate_limit=3, time_unit=60, clock=clock,
                  exempt=lambda ip: ip == "127.0.0.1")
-    assert [rate.admit("192.0.2.1") for _ in range(4)][-1].code == 421
+    assert [rate.admit("192.0.2.1") for _ in range(4)] == [None, None, None, ("Connection rate", 4)]
     assert all(rate.admit("127.0.0.1") is None for _ in range(10))
     clock.advance(60)
     assert rate.admit("192.0.2.1") is None
@@ -280,7 +280,7 @@ async def test_per_client_connection_limit_answers_421(mailflow_server):
     port = mf.smtp_addresses[0][1]
     first, second, third = [await SmtpClient.connect(port, greet=False) for _ in range(3)]
     assert (await first.reply())[0] == 220 and (await second.reply())[0] == 220
-    assert await third.reply() == status.too_many_connections("127.0.0.1")
+    assert await third.reply() == status.too_many_connections("mx.mailflow.test", "127.0.0.1")
     assert (await third.reply())[0] is None  # closed
     await first.cmd("QUIT")
     fourth = await SmtpClient.connect(port)  # greeted: 220

@@ -207,7 +207,7 @@ async def test_connection_limits_apply_to_the_proxied_client(mailflow_server):
     first = await SmtpClient.connect(port, first=v1("198.51.100.1"))
     other = await SmtpClient.connect(port, first=v1("198.51.100.2"))  # same balancer, another client: admitted
     again = await SmtpClient.connect(port, first=v1("198.51.100.1"), greet=False)
-    assert await again.reply() == status.too_many_connections("198.51.100.1")
+    assert await again.reply() == status.too_many_connections("mx.mailflow.test", "198.51.100.1")
     for c in (first, other, again):
         await c.close()
 

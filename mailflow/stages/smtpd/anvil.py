@@ -3,7 +3,8 @@
 What it owns
 - `Anvil.admit(ip)`: counts a new connection of client `ip` and says whether it may have a session: at most
   `client_connection_count_limit` at once and `client_connection_rate_limit` new ones per
-  `anvil_rate_time_unit` (sliding window; refused attempts count too, as in Postfix). 0 turns a limit off.
+  `anvil_rate_time_unit` (sliding window; refused attempts count too, as in Postfix). 0 turns a limit off. A
+  refusal names the limit and the count, as Postfix's warning does; the caller logs it and answers 421.
   Clients for which `exempt(ip)` is true (mynetworks, as Postfix's smtpd_client_event_limit_exceptions
   default) are never limited. `release(ip)` when an admitted session ends. `adopt_limits(other)`: a reload's
   limits, the counts kept.
@@ -12,18 +13,26 @@ What it owns
   the listen queue); when as many are already waiting, it is refused (the caller answers 421 4.3.2).
   `resize(limit)`: a reload's limit, for new connections; the sessions above a lowered one are not cut.
 
-Failure behaviour: pure bookkeeping, no I/O; a refusal is the `status.Reply` the caller sends before closing.
+Failure behaviour: pure bookkeeping, no I/O; a refusal is a `Refusal` (the caller logs it, sends the 421 and
+closes).
 """
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Callable
+from typing import Callable, NamedTuple
 
-from mailflow import status
 from mailflow.clock import Clock
 
 STALE_SWEEP_SIZE = 10_000  # clients remembered for the rate before stale ones are swept
+
+
+class Refusal(NamedTuple):
+    """Why a connection was refused, in Postfix's words: `limit` ("Connection concurrency", "Connection rate")
+    and the client's `number` of connections (at once, or in the time unit) with this one."""
+
+    limit: str
+    number: int
 
 
 class Anvil:
@@ -42,14 +51,14 @@ class Anvil:
         self._count_limit, self._rate_limit = other._count_limit, other._rate_limit
         self._time_unit, self._exempt = other._time_unit, other._exempt
 
-    def admit(self, ip: str) -> status.Reply | None:
-        """None: admitted (and counted; call release later). Else the 421 reply to send."""
+    def admit(self, ip: str) -> Refusal | None:
+        """None: admitted (and counted; call release later). Else why not."""
         if self._exempt(ip):
             return None
         if self._rate_limit and self._rate_exceeded(ip):
-            return status.connection_rate_exceeded(ip)
+            return Refusal("Connection rate", self.rate(ip))
         if self._count_limit and self._sessions.get(ip, 0) >= self._count_limit:
-            return status.too_many_connections(ip)
+            return Refusal("Connection concurrency", self._sessions[ip] + 1)
         self._sessions[ip] = self._sessions.get(ip, 0) + 1
         return None
 

@@ -133,15 +133,11 @@ class ListenerSession(SmtpSession):
         if not await super()._before_greeting():
             return False
         ip = self.session.peer_ip
-        anvil = self._listener.anvil
-        refusal = anvil.admit(ip)
+        refusal = self._listener.anvil.admit(ip)
         if refusal is not None:
-            rate = refusal == status.connection_rate_exceeded(ip)
-            self.record.lines.limit_exceeded("Connection rate" if rate else "Connection concurrency",
-                                             anvil.rate(ip) if rate else anvil.sessions(ip) + 1,
-                                             self.session.client,
+            self.record.lines.limit_exceeded(refusal.limit, refusal.number, self.session.client,
                                              "smtp" if self._role == "mta" else self._role)
-            await self._refuse_and_close(refusal)
+            await self._refuse_and_close(status.too_many_connections(self.hostname, ip))
             return False
         self._admitted_ip = ip
         if not await self._listener.slots.acquire():

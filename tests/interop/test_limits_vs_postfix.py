@@ -1,0 +1,94 @@
+"""Differential test: smtpd's abuse limits and timeouts against a private Postfix configured alike (low limits,
+so that each comparison takes seconds). Compared: the reply (code, enhanced code, text word for word, the host
+name normalised), when it comes, and what is logged.
+"""
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+
+from tests.support import LOOPBACK_CLIENT, SmtpClient, accepts, eventually, postfix_instance
+
+pytestmark = pytest.mark.interop
+
+PF_HOST, MF_HOST = "pf.test", "mx.mailflow.test"
+# 127.0.0.1 must not be exempt from the limits on either side: mynetworks (Postfix's default
+# smtpd_client_event_limit_exceptions, mailflow's exemption) does not hold it
+NETWORKS = "192.0.2.0/24"
+
+
+def same_host(text: str) -> str:
+    return text.replace(PF_HOST, "HOST").replace(MF_HOST, "HOST")
+
+
+async def greeting(port: int) -> SmtpClient | str:
+    """A connection and its first reply: the client when it is a greeting, else the reply's text (hosts
+    normalised) after the server closed the connection."""
+    c = await SmtpClient.connect(port, greet=False)
+    reply = await c.reply()
+    if reply.code == 220:
+        return c
+    assert await c.closed(), reply
+    await c.close()
+    return same_host(reply.text)
+
+
+async def leave(c: SmtpClient) -> None:
+    """QUIT and wait for the server's close: the session's count is given back before the next connection."""
+    assert (await c.cmd("QUIT")).code == 221
+    assert await c.closed()
+    await c.close()
+
+
+async def connection_limits(port: int) -> list[str]:
+    """Count limit 2, rate limit 5 per time unit. The first connection of the time unit is the readiness probe
+    (postfix_instance's, `accepts` for mailflow)."""
+    seen = []
+    held = [await greeting(port) for _ in range(3)]
+    seen += ["220" if isinstance(c, SmtpClient) else c for c in held]
+    for c in held[:2]:
+        assert isinstance(c, SmtpClient)
+        await leave(c)
+    for _ in range(2):  # the 5th and 6th connections of the time unit
+        c = await greeting(port)
+        seen.append("220" if isinstance(c, SmtpClient) else c)
+        if isinstance(c, SmtpClient):
+            await leave(c)
+    return seen
+
+
+LIMITS_PF = {"smtpd_client_connection_count_limit": "2", "smtpd_client_connection_rate_limit": "5",
+             "anvil_rate_time_unit": "60s"}
+LIMITS_MF = {"client_connection_count_limit": 2, "client_connection_rate_limit": 5, "anvil_rate_time_unit": "60s"}
+
+
+def pf_warnings(maillog: str) -> list[str]:
+    """Postfix's anvil warnings (the service named as master.cf names it: smtp for the usual one)."""
+    return [re.sub(r"for service \S+$", "for service smtp", line.split("warning: ", 1)[1])
+            for line in maillog.splitlines() if "warning: " in line and "limit exceeded" in line]
+
+
+def mf_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and "limit exceeded" in r.getMessage()]
+
+
+async def test_connection_limits_match_a_real_postfix(mailflow_server, caplog):
+    caplog.set_level(logging.INFO)
+    async with postfix_instance({"myhostname": PF_HOST, "mynetworks": NETWORKS, **LIMITS_PF}) as pf:
+        postfix = await connection_limits(pf.port)
+        await eventually(lambda: len(pf_warnings(pf.maillog)) >= 2, timeout=5, what="Postfix's anvil warnings")
+        pf_log = pf.maillog
+    mf = await mailflow_server(mynetworks=[NETWORKS], smtpd=LIMITS_MF)
+    port = mf.smtp_addresses[0][1]
+    assert accepts(port)
+    mailflow = await connection_limits(port)
+    assert mailflow == postfix
+    assert mf_warnings(caplog) == pf_warnings(pf_log)
+    # the replies themselves, so that a change on both sides cannot pass unnoticed
+    refused = "421 4.7.0 HOST Error: too many connections from 127.0.0.1"
+    assert postfix == ["220", "220", refused, "220", refused]
+    assert pf_warnings(pf_log) == [f"Connection concurrency limit exceeded: 3 from {LOOPBACK_CLIENT} for service smtp",
+                                   f"Connection rate limit exceeded: 6 from {LOOPBACK_CLIENT} for service smtp"]
