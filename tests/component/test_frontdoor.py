@@ -260,8 +260,21 @@ def test_anvil_count_and_rate_limits():
                  exempt=lambda ip: ip == "127.0.0.1")
     assert [rate.admit("192.0.2.1") for _ in range(4)] == [None, None, None, ("Connection rate", 4)]
     assert all(rate.admit("127.0.0.1") is None for _ in range(10))
-    clock.advance(60)
+    clock.advance(61)
     assert rate.admit("192.0.2.1") is None
+
+
+def test_anvil_rate_starts_again_a_time_unit_after_the_first_connection():
+    """As Postfix's anvil counts: per time unit from the client's first connection, refused attempts included;
+    a client that keeps retrying is admitted again once its time unit is over (a sliding window kept it out)."""
+    clock = VirtualClock()
+    anvil = Anvil(count_limit=0, rate_limit=2, time_unit=60, clock=clock)
+    admitted = []
+    for _ in range(8):
+        admitted.append(anvil.admit("192.0.2.1") is None)
+        clock.advance(10)
+    assert admitted == [True, True, False, False, False, False, False, True]
+    assert anvil.rate("192.0.2.1") == 1
 
 
 async def test_session_slots_wait_then_refuse():

@@ -3,7 +3,10 @@
 What it owns
 - `Anvil.admit(ip)`: counts a new connection of client `ip` and says whether it may have a session: at most
   `client_connection_count_limit` at once and `client_connection_rate_limit` new ones per
-  `anvil_rate_time_unit` (sliding window; refused attempts count too, as in Postfix). 0 turns a limit off. A
+  `anvil_rate_time_unit`. 0 turns a limit off. The rate is counted as Postfix's anvil counts it: from a client's
+  first connection, for one time unit, then from zero again at its next connection (not a sliding window);
+  refused attempts count too, so a client that keeps retrying is refused until its time unit is over, then
+  admitted again for `client_connection_rate_limit` connections. A
   refusal names the limit and the count, as Postfix's warning does; the caller logs it and answers 421.
   Clients for which `exempt(ip)` is true (mynetworks, as Postfix's smtpd_client_event_limit_exceptions
   default) are never limited. `release(ip)` when an admitted session ends. `adopt_limits(other)`: a reload's
@@ -24,7 +27,7 @@ from typing import Callable, NamedTuple
 
 from mailflow.clock import Clock
 
-STALE_SWEEP_SIZE = 10_000  # clients remembered for the rate before stale ones are swept
+STALE_SWEEP_SIZE = 10_000  # clients remembered for the rate before those whose time unit is over are swept
 
 
 class Refusal(NamedTuple):
@@ -44,7 +47,7 @@ class Anvil:
         self._clock = clock
         self._exempt = exempt
         self._sessions: dict[str, int] = {}
-        self._connects: dict[str, deque[float]] = {}
+        self._windows: dict[str, tuple[float, int]] = {}  # per client: when its time unit began, connections since
 
     def adopt_limits(self, other: "Anvil") -> None:
         """A reload: `other`'s limits and exemptions from now on; the counts so far stay."""
@@ -73,25 +76,29 @@ class Anvil:
         return self._sessions.get(ip, 0)
 
     def rate(self, ip: str) -> int:
-        """Connections of `ip` counted in the current window (refused ones included)."""
-        return len(self._connects.get(ip, ()))
+        """Connections of `ip` counted in its current time unit (refused ones included); 0 once it is over."""
+        start, count = self._windows.get(ip, (0.0, 0))
+        return count if not self._over(start, self._clock.time()) else 0
 
     def _rate_exceeded(self, ip: str) -> bool:
+        """Count a connection of `ip`; True when it passes the rate limit (anvil.c's ANVIL_REMOTE_INCR_RATE: the
+        count starts again at the first connection after the time unit)."""
         now = self._clock.time()
-        times = self._connects.setdefault(ip, deque())
-        while times and times[0] <= now - self._time_unit:
-            times.popleft()
-        times.append(now)
-        while len(times) > self._rate_limit + 1:  # only whether the limit is passed matters
-            times.popleft()
-        if len(self._connects) > STALE_SWEEP_SIZE:
+        start, count = self._windows.get(ip, (now, 0))
+        if self._over(start, now):
+            start, count = now, 0
+        elif ip not in self._windows and len(self._windows) >= STALE_SWEEP_SIZE:
             self._forget_stale(now)
-        return len(times) > self._rate_limit
+        self._windows[ip] = (start, count + 1)
+        return count + 1 > self._rate_limit
+
+    def _over(self, start: float, now: float) -> bool:
+        return start + self._time_unit < now
 
     def _forget_stale(self, now: float) -> None:
-        """Drop clients with no connection inside the window (bounds memory under many client IPs)."""
-        for ip in [ip for ip, times in self._connects.items() if times[-1] <= now - self._time_unit]:
-            del self._connects[ip]
+        """Drop clients whose time unit is over (bounds memory under many client IPs)."""
+        for ip in [ip for ip, (start, _) in self._windows.items() if self._over(start, now)]:
+            del self._windows[ip]
 
 
 class SessionSlots:
