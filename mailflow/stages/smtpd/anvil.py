@@ -7,7 +7,8 @@ What it owns
   first connection, for one time unit, then from zero again at its next connection (not a sliding window);
   refused attempts count too, so a client that keeps retrying is refused until its time unit is over, then
   admitted again for `client_connection_rate_limit` connections. A
-  refusal names the limit and the count, as Postfix's warning does; the caller logs it and answers 421.
+  refusal names the limit and the count, as Postfix's warning does (past both, the concurrency: Postfix checks
+  it first); the caller logs it and answers 421.
   Clients for which `exempt(ip)` is true (mynetworks, as Postfix's smtpd_client_event_limit_exceptions
   default) are never limited. `release(ip)` when an admitted session ends. `adopt_limits(other)`: a reload's
   limits, the counts kept.
@@ -58,10 +59,11 @@ class Anvil:
         """None: admitted (and counted; call release later). Else why not."""
         if self._exempt(ip):
             return None
-        if self._rate_limit and self._rate_exceeded(ip):
-            return Refusal("Connection rate", self.rate(ip))
-        if self._count_limit and self._sessions.get(ip, 0) >= self._count_limit:
+        too_fast = self._rate_limit and self._rate_exceeded(ip)  # (counted whichever limit refuses it)
+        if self._count_limit and self._sessions.get(ip, 0) >= self._count_limit:  # named first, as Postfix does
             return Refusal("Connection concurrency", self._sessions[ip] + 1)
+        if too_fast:
+            return Refusal("Connection rate", self.rate(ip))
         self._sessions[ip] = self._sessions.get(ip, 0) + 1
         return None
 
