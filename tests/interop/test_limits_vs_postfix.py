@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from tests.support import LOOPBACK_CLIENT, SmtpClient, accepts, eventually, postfix_instance
+from tests.support import LOOPBACK_CLIENT, SmtpClient, accepts, eventually, postfix_instance, sessions_over
 
 pytestmark = pytest.mark.interop
 
@@ -116,3 +116,72 @@ async def test_connection_limits_match_a_real_postfix(mailflow_server, caplog):
     # past both limits, Postfix names the concurrency: it checks the count first
     assert pf_warnings(pf_log) == [f"Connection {what} limit exceeded: {n} from {LOOPBACK_CLIENT} for service smtp"
                                    for what, n in [("concurrency", 3), ("concurrency", 3), ("rate", 7)]]
+
+
+BODY_SO_FAR = b"Subject: slow\r\n\r\nbody"  # then the client stalls
+
+
+async def stall(port: int, stage: str) -> str:
+    """smtpd_timeout of 1 s: the client stalls (or, for "lost", goes away) at `stage`; the server's last reply."""
+    c = await SmtpClient.connect(port)
+    assert (await c.cmd("EHLO client.test")).code == 250
+    if stage != "command":
+        await c.envelope(ehlo=False)
+    if stage in ("data", "lost in data", "message", "lost after message"):
+        assert (await c.cmd("DATA")).code == 354
+        await c.send(BODY_SO_FAR)
+    if stage in ("message", "lost after message"):
+        assert (await c.cmd(b"\r\n.")).code == 250
+    if stage == "bdat":
+        await c.send(b"BDAT 6\r\nab\r\ncd")
+        assert (await c.reply()).code == 250
+        await c.send(b"BDAT 100\r\nef")
+    if stage.startswith("lost"):
+        await c.close()
+        return "closed"
+    reply = await c.reply(timeout=5)
+    assert await c.closed()
+    await c.close()
+    return same_host(reply.text)
+
+
+STAGES = ("command", "data", "message", "bdat", "lost in data", "lost after message")
+
+
+async def timeouts(port: int) -> list[str]:
+    return [await stall(port, stage) for stage in STAGES]
+
+
+def pf_timeouts(maillog: str) -> list[str]:
+    return [line.split("]: ", 1)[1] for line in maillog.splitlines()  # (not the readiness probe's CONNECT)
+            if "smtpd[" in line and re.search(r"]: (timeout|lost connection) after (?!CONNECT)", line)]
+
+
+def mf_timeouts(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if re.match(r"(timeout|lost connection) after", r.getMessage())]
+
+
+def bdat_bytes(lines: list[str]) -> list[str]:
+    """The lines with BDAT's byte count as N: Postfix's counts its buffers (the command line's too)."""
+    return [re.sub(r"BDAT \(\d+ bytes\)", "BDAT (N bytes)", line) for line in lines]
+
+
+async def test_timeouts_match_a_real_postfix(mailflow_server, caplog):
+    caplog.set_level(logging.INFO)
+    async with postfix_instance({"myhostname": PF_HOST, "mynetworks": NETWORKS, "mydestination": "local.test",
+                                 "local_recipient_maps": "inline:{alice=ok}", "smtpd_timeout": "1s"}) as pf:
+        postfix = await timeouts(pf.port)
+        await eventually(lambda: len(pf_timeouts(pf.maillog)) >= 5, timeout=5, what="Postfix's timeout lines")
+        pf_log = pf.maillog
+    mf = await mailflow_server(mynetworks=[NETWORKS], smtpd={"timeout": "1s"})
+    mailflow = await timeouts(mf.smtp_addresses[0][1])
+    await sessions_over(mf)
+    assert mailflow == postfix
+    assert bdat_bytes(mf_timeouts(caplog)) == bdat_bytes(pf_timeouts(pf_log))
+    # Postfix's own, so that a change on both sides cannot pass unnoticed: the same 421 wherever the client
+    # stalls; the byte count of DATA content (its complete lines); no line for a connection lost once the
+    # message was answered
+    assert postfix == ["421 4.4.2 HOST Error: timeout exceeded"] * 4 + ["closed"] * 2
+    assert bdat_bytes(pf_timeouts(pf_log)) == [f"{what} from {LOOPBACK_CLIENT}" for what in [
+        "timeout after EHLO", "timeout after DATA (17 bytes)", "timeout after END-OF-MESSAGE",
+        "timeout after BDAT (N bytes)", "lost connection after DATA (17 bytes)"]]

@@ -65,10 +65,12 @@ class DataCommands(TransactionCommands):
         spool = self._new_spool()
         try:
             self._content_begins()
+            self.record.content("DATA", lambda: spool.size)
             try:
                 why_not = await self.wire.read_data(spool)
             finally:
                 self._content_ends()
+            self.record.message_ended()
             await self._finish_message(spool, why_not, crlf=True)  # (read_data let no bare CR or LF through)
         finally:
             spool.discard()
@@ -93,6 +95,7 @@ class DataCommands(TransactionCommands):
             self.envelope.bdat = (self._new_spool(), ContentCheck())
         spool, check = self.envelope.bdat
         self._content_begins()
+        self.record.content("BDAT", lambda: spool.size)
         try:
             await self.wire.read_chunk(size, spool, check)
         finally:
@@ -100,6 +103,7 @@ class DataCommands(TransactionCommands):
         if not last:
             await self.push(status.bdat_chunk(size))
             return
+        self.record.message_ended()
         self.envelope.bdat = None  # the spool is this method's now
         try:
             why_not = refusal(spool, check.nul)

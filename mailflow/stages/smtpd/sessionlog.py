@@ -5,9 +5,13 @@ What it owns
   when a line is written. `connect()` ("connect from host[ip]"); `command(verb)` counts a command
   (`None`: one Postfix counts as "unknown") and remembers it as where the session is (Postfix's "... after
   RCPT from ..."); `replied(code)` records the outcome of the command being answered (a final reply: 4xx and
-  5xx count as failed; 334 and 354 are not final); `timed_out()`; `ended()` at the end of the
-  session, however it ended: "lost connection after X" unless the client said QUIT or the server hung up, then
-  "disconnect from host[ip] ehlo=1 mail=1 ... commands=N".
+  5xx count as failed; 334 and 354 are not final); `content(verb, size)` while DATA or BDAT content is read
+  (`size()`: its bytes so far) and `message_ended()` once its end was read, until the next command;
+  `timed_out()`; `ended()` at the end of the session, however it ended: "lost connection after X" unless the
+  client said QUIT or the server hung up, then "disconnect from host[ip] ehlo=1 mail=1 ... commands=N". X is
+  as Postfix writes it: the last command, `DATA (N bytes)` / `BDAT (N bytes)` in message content (the bytes of
+  content received), `END-OF-MESSAGE` after it (a connection lost there is not logged: the message was
+  answered).
 - `lines`: the `logs.SmtpdLog` through which the session writes its other events (reject, TLS, pipelining...).
 - `server_hung_up`: set when the server ended the session (a refusal, a timeout, a shutdown): no "lost
   connection" line then.
@@ -17,6 +21,8 @@ Failure behaviour: bookkeeping and log lines only; nothing raises.
 from __future__ import annotations
 
 from typing import Callable
+
+END_OF_MESSAGE = "END-OF-MESSAGE"  # Postfix's "where" once the content's end was read
 
 from mailflow.logs import COMMAND_ORDER, SmtpdLog
 
@@ -33,6 +39,8 @@ class SessionLog:
         self.where = "CONNECT"  # the last command received
         self.counts: dict[str, list[int]] = {}  # Postfix's per-command [succeeded, total]
         self._pending: str | None = None  # counted; its final reply not sent yet
+        self._content: tuple[str, Callable[[], int]] | None = None  # in DATA/BDAT content: the verb, its bytes
+        self._message_ended = False
 
     def connect(self) -> None:
         self.connected = True
@@ -44,8 +52,26 @@ class SessionLog:
         name = _COUNTED.get(verb, "unknown") if verb is not None else "unknown"
         self.counts.setdefault(name, [0, 0])[1] += 1
         self._pending = name
+        self._content, self._message_ended = None, False
         if name != "unknown":
             self.where = verb  # type: ignore[assignment]
+
+    def content(self, verb: str, size: Callable[[], int]) -> None:
+        """DATA or BDAT content is being read; `size()`: its bytes so far (BDAT: every chunk's)."""
+        self._content = (verb, size)
+
+    def message_ended(self) -> None:
+        """The end of the message content was read."""
+        self._content, self._message_ended = None, True
+
+    def _after(self) -> str:
+        """Where the session is, in Postfix's words for its "timeout after" and "lost connection after" lines."""
+        if self._message_ended:
+            return END_OF_MESSAGE
+        if self._content is not None:
+            verb, size = self._content
+            return f"{verb} ({size()} bytes)"
+        return self.where
 
     def replied(self, code: int) -> None:
         """A reply line was sent; `code` 0 for a continuation line."""
@@ -55,13 +81,13 @@ class SessionLog:
 
     def timed_out(self) -> None:
         if self.connected and not self.server_hung_up and self.lines.active:
-            self.lines.timeout(self.where, self._client())
+            self.lines.timeout(self._after(), self._client())
         self.server_hung_up = True
 
     def ended(self) -> None:
         if not self.connected or not self.lines.active:
             return
         client = self._client()
-        if not self.server_hung_up and "quit" not in self.counts:
-            self.lines.lost_connection(self.where, client)
+        if not self.server_hung_up and "quit" not in self.counts and not self._message_ended:
+            self.lines.lost_connection(self._after(), client)
         self.lines.disconnect(client, self.counts)
