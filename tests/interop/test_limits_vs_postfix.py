@@ -1,6 +1,11 @@
 """Differential test: smtpd's abuse limits and timeouts against a private Postfix configured alike (low limits,
 so that each comparison takes seconds). Compared: the reply (code, enhanced code, text word for word, the host
-name normalised), when it comes, and what is logged.
+name normalised), when it comes, and what is logged: the per-client connection count and rate (anvil, the time
+unit included) and smtpd_timeout between commands, in DATA and BDAT content and after the message.
+
+Not compared: smtpd_client_message_rate_limit, _recipient_rate_limit, _new_tls_session_rate_limit and
+_auth_rate_limit (mailflow has none of them); line_length_limit and header_size_limit, where mailflow differs
+on purpose (docs/security.md, docs/config.md: a long command line is refused, a big header refused).
 """
 from __future__ import annotations
 
