@@ -254,6 +254,24 @@ def test_a_numeric_action_keeps_its_detail_in_the_codes_class():
     assert rcpt(r) == status.restriction_rejected(450, "4.7.0", "alice@local.test", "Recipient address", "odd")
 
 
+def test_an_address_status_is_fitted_to_what_is_refused():
+    """Postfix's smtpd_dsn_fix (checked against Postfix 3.7.11): one entry refusing a sender, a recipient or a
+    client says X.1.8 for the sender, X.1.2 for the recipient and X.0.0 for the client; other statuses stay."""
+    table = "inline:{ {s@remote.example=REJECT 5.1.2 bad}, {alice@local.test=451 4.1.8 later}, " \
+            "{203.0.113=DEFER_IF_PERMIT 4.1.1 maybe}, {t@remote.example=REJECT 5.7.2 policy} }"
+    r = restrictions(client_restrictions=[f"check_client_access {table}"],
+                     sender_restrictions=[f"check_sender_access {table}"],
+                     recipient_restrictions=[f"check_recipient_access {table}"])
+    assert rcpt(r, sender="s@remote.example") == \
+        status.restriction_rejected(554, "5.1.8", "s@remote.example", "Sender address", "bad")
+    assert rcpt(r, sender="t@remote.example") == \
+        status.restriction_rejected(554, "5.7.2", "t@remote.example", "Sender address", "policy")
+    assert rcpt(r, "alice@local.test", sender="other@remote.example") == \
+        status.restriction_rejected(451, "4.1.2", "alice@local.test", "Recipient address", "later")
+    r = access(table, stage="client", kind="client")
+    assert rcpt(r) == status.conditional_deferral(f"unknown[{OUTSIDER}]", "Client host", "maybe", "4.0.0")
+
+
 def test_restriction_names_as_actions_and_unknown_actions():
     r = access("inline:{alice@local.test=reject_non_fqdn_sender, b@local.test=FROBNICATE}")
     assert rcpt(r, sender="user") == status.non_fqdn_address("user", "Sender address")

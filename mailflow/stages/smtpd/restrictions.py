@@ -24,7 +24,7 @@ discarded (no further checks); HOLD, FILTER, PREPEND (not at the end of data: ig
 and go on; an all-digit value is OK; WARN logs and goes
 on (Postfix). Marks live in `facts.marks`, one per message. DEFER_IF_PERMIT and DEFER_IF_REJECT hold for the
 command that met them (`facts`): its verdict, permit or refusal, is turned into a deferral at the end
-(`_conditional_deferrals`).
+(`_conditional_deferrals`). An enhanced status code an action gives is fitted to what it refuses (`dsn_fix`).
 
 Failure behaviour: a table that cannot answer or an action mailflow does not know gives
 `451 4.3.5 <name>: X rejected: Server configuration error` (logged); a FILTER, PREPEND, REDIRECT or BCC
@@ -409,9 +409,9 @@ class Restrictions:
         if upper == "DUNNO":
             return None
         if upper == "REJECT":
-            return status.access_denied(name, what, *split_dsn(text, "5.7.1"))
+            return status.access_denied(name, what, *split_dsn(text, "5.7.1", what))
         if upper == "DEFER":
-            return status.access_deferred(name, what, *split_dsn(text, "4.7.1"))
+            return status.access_deferred(name, what, *split_dsn(text, "4.7.1", what))
         if upper == "DISCARD":
             facts.marks.discard = text or f"{source}: DISCARD"
             return PERMIT
@@ -420,11 +420,11 @@ class Restrictions:
             return None
         if upper == "DEFER_IF_PERMIT":
             facts.defer_if_permit = facts.defer_if_permit or status.conditional_deferral(
-                name, what, *split_dsn(text, "4.7.1"))
+                name, what, *split_dsn(text, "4.7.1", what))
             return None
         if upper == "DEFER_IF_REJECT":
             facts.defer_if_reject = facts.defer_if_reject or status.conditional_deferral(
-                name, what, *split_dsn(text, "4.7.1"))
+                name, what, *split_dsn(text, "4.7.1", what))
             return None
         if upper == "WARN":
             log.info("NOQUEUE: warn: %s from %s[%s]: <%s>: %s triggers WARN action: %s; from=<%s> to=<%s>",
@@ -444,7 +444,7 @@ class Restrictions:
         numeric = _NUMERIC_ACTION.fullmatch(value.strip())
         if numeric:
             code, dsn, reason = numeric.groups()
-            dsn = code[0] + dsn[1:] if dsn else f"{code[0]}.7.1"  # the code's class wins (Postfix)
+            dsn = dsn_fix(code[0] + dsn[1:] if dsn else f"{code[0]}.7.1", what)  # the code's class wins (Postfix)
             return status.restriction_rejected(int(code), dsn, name, what, (reason or "Access denied").strip())
         if word.lower() in WITHOUT_ARGUMENT and word.lower() not in NEEDS_IO and not text:
             return self._simple(word.lower(), stage, facts)  # a restriction named as the action
@@ -553,13 +553,39 @@ def policy_request(facts: Facts, stage: str, context: str = "") -> dict[str, str
     }
 
 
-def split_dsn(text: str, default: str) -> tuple[str, str]:
+def split_dsn(text: str, default: str, what: str) -> tuple[str, str]:
     """(text, enhanced code) of an action's text: an enhanced code at its start is the reply's, in the class of
-    `default` (Postfix's dsn_split and its class fix: `REJECT 4.1.2 text` is 5.1.2), else `default`."""
+    `default` (Postfix's dsn_split and its class fix: `REJECT 4.1.2 text` is 5.1.2), else `default`; then
+    fitted to what is refused (`dsn_fix`)."""
     found = _LEADING_DSN.match(text)
     if found is None:
         return text, default
-    return text[found.end():], default[0] + found.group(2)
+    return text[found.end():], dsn_fix(default[0] + found.group(2), what)
+
+
+# Postfix's smtpd_dsn_fix map: an address status's last digit -> what it becomes for a sender, for a recipient
+_SENDER_DSN = {"1": "1.7", "2": "1.8", "3": "1.7", "4": "1.7", "5": "1.0", "6": "1.7", "7": "1.7", "8": "1.8"}
+_RECIPIENT_DSN = {"1": "1.1", "2": "1.2", "3": "1.3", "4": "1.4", "5": "1.5", "6": "1.6", "7": "1.3", "8": "1.2"}
+
+
+def dsn_fix(dsn: str, what: str) -> str:
+    """Postfix's smtpd_dsn_fix: one access entry may refuse senders, recipients, clients and HELO names alike,
+    so an address status (X.1.Y) is made to fit what is refused: a recipient's for a sender (`5.1.2` bad
+    destination system is `5.1.8` bad sender's system), a sender's for a recipient, and `X.0.0` for what is not
+    an address (client, HELO, DATA). Other statuses are kept."""
+    klass, _, rest = dsn.partition(".")
+    subject, _, detail = rest.partition(".")
+    if subject != "1":
+        return dsn
+    if what == SUBJECT["sender"]:
+        fixed = f"{klass}.{_SENDER_DSN.get(detail, '1.0')}"
+    elif what == SUBJECT["recipient"]:
+        fixed = f"{klass}.{_RECIPIENT_DSN.get(detail, '1.0')}"
+    else:
+        fixed = f"{klass}.0.0"
+    if fixed != dsn:
+        log.info("mapping DSN status %s into %s status %s", dsn, what, fixed)
+    return fixed
 
 
 def _conditional_deferrals(verdict: status.Reply | None, facts: Facts) -> status.Reply | None:

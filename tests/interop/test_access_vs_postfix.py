@@ -1,0 +1,167 @@
+"""Differential tests of access(5) tables against a private Postfix 3.7: the same table behind
+check_client_access, check_helo_access, check_sender_access and check_recipient_access of both servers,
+configured alike; each action must give the same reply (code, enhanced code and text, word for word) and do the
+same to the message (delivered, held, discarded, redirected, filtered, a header prepended).
+
+One Postfix instance serves the module; each test runs its sessions against it, then against a mailflow.
+
+Not compared, because mailflow differs on purpose (docs/security.md): an action neither server knows
+(`451 4.3.5 <x>: ... rejected: Server configuration error`, Postfix without the prefix), and the log lines of
+HOLD, DISCARD, REDIRECT, BCC and FILTER (Postfix logs them at the command, mailflow with the queue id at the end
+of the message).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sqlite3
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.support import SmtpClient, eventually, free_port, postfix_instance
+
+pytestmark = pytest.mark.interop
+
+ACTIONS = {  # a probe's name -> the action its table entry answers with
+    "ok": "OK", "digits": "1234567890", "dunno": "DUNNO", "reject": "REJECT", "reject-text": "REJECT go away",
+    "reject-dsn": "REJECT 5.1.2 bad system", "reject-4dsn": "REJECT 4.1.1 wrong class",
+    "reject-other-dsn": "REJECT 5.7.2 not an address status", "r4nn": "450 try later", "r5nn": "550 no thanks",
+    "r5nn-dsn": "553 5.1.3 bad syntax", "r4nn-dsn": "451 4.1.8 not now", "r4nn-wrong": "450 5.7.2 wrong class",
+    "r5nn-only": "550", "defer": "DEFER", "defer-text": "DEFER come back", "defer-dsn": "DEFER 4.1.1 later",
+    "defer-if-permit": "DEFER_IF_PERMIT 4.1.2 maybe", "lower-reject": "reject lower", "hold": "HOLD held text",
+    "discard": "DISCARD dropped text", "warn": "WARN careful", "filter": "FILTER smtp:[127.0.0.1]:{filter}",
+    "redirect": "REDIRECT other@relay.test", "bcc": "BCC copy@relay.test", "prepend": "PREPEND X-Access: yes",
+    "mynetworks": "permit_mynetworks",
+}
+NOT_DELIVERED = ("hold", "discard")
+KINDS = ("client", "helo", "sender", "recipient")
+
+
+def table_text(filter_port: int) -> str:
+    """One entry per probe and kind: the client 192.0.2.N (through XCLIENT), the HELO name N.helo.test, the
+    sender N@sender.test, the recipient N@relay.test."""
+    lines = []
+    for n, (name, action) in enumerate(ACTIONS.items(), start=1):
+        action = action.format(filter=filter_port)
+        lines += [f"192.0.2.{n} {action}", f"{name}.helo.test {action}", f"{name}@sender.test {action}",
+                  f"{name}@relay.test {action}"]
+    return "\n".join(lines) + "\n"
+
+
+def probe_session(kind: str, n: int, name: str) -> list[str]:
+    helo = f"{name}.helo.test" if kind == "helo" else "client.test"
+    sender = f"{name}@sender.test" if kind == "sender" else "s@remote.test"
+    rcpt = f"{name}@relay.test" if kind == "recipient" else "plain@relay.test"
+    xclient = [f"XCLIENT ADDR=192.0.2.{n} NAME=[UNAVAILABLE]"] if kind == "client" else []
+    return ["EHLO client.test", *xclient, f"EHLO {helo}", f"MAIL FROM:<{sender}>", f"RCPT TO:<{rcpt}>"]
+
+
+async def run_sessions(port: int) -> dict[str, list[str]]:
+    """Each probe's session: the replies from MAIL on (the queue id masked), then its message if RCPT got 250."""
+    got = {}
+    for kind in KINDS:
+        for n, name in enumerate(ACTIONS, start=1):
+            client = await SmtpClient.connect(port)
+            replies = [await client.cmd(command) for command in probe_session(kind, n, name)][-2:]
+            if replies[-1].code == 250:
+                assert (await client.cmd("DATA")).code == 354
+                content = f"Subject: {kind} {name}\r\n\r\nbody\r\n.".encode()
+                queued = await client.cmd(content)
+                replies.append(queued.code if queued.code != 250 else 250)
+            got[f"{kind} {name}"] = [r if isinstance(r, int) else r.text for r in replies]
+            await client.close()
+    return got
+
+
+def delivered(*peers) -> dict[str, tuple]:
+    """Subject -> (which peer, the recipients, the X- header fields) of every message the peers got."""
+    out = {}
+    for which, peer in enumerate(peers):
+        for message in peer.messages:
+            head = message.content.split(b"\r\n\r\n")[0].decode()
+            subject = next(line for line in head.splitlines() if line.startswith("Subject: "))[9:]
+            out[subject] = (which, sorted(message.rcpt_tos), [l for l in head.splitlines() if l.startswith("X-")])
+    return out
+
+
+def expected_deliveries(replies: dict[str, list]) -> int:
+    return sum(1 for probe, r in replies.items() if r[-1] == 250 and probe.split()[1] not in NOT_DELIVERED)
+
+
+def postfix_held(pf) -> list[tuple[str, list[str]]]:
+    lines = pf.run("postqueue", "-j").stdout.decode().splitlines()
+    return sorted((m["sender"], sorted(r["address"] for r in m["recipients"]))
+                  for m in map(json.loads, lines) if m["queue_name"] == "hold")
+
+
+def mailflow_held(db: Path) -> list[tuple[str, list[str]]]:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        rows = con.execute("SELECT m.id, m.sender, r.address FROM message m JOIN recipient r ON r.message_id = m.id "
+                           "WHERE m.queue = 'hold'").fetchall()
+    finally:
+        con.close()
+    held: dict[str, tuple[str, list[str]]] = {}
+    for queue_id, sender, rcpt in rows:
+        held.setdefault(queue_id, (sender, []))[1].append(rcpt)
+    return sorted((sender, sorted(rcpts)) for sender, rcpts in held.values())
+
+
+@pytest.fixture(scope="module")
+def postfix():
+    """One private Postfix for the module: access tables in every list, relaying relay.test to a peer on
+    `ports["relay"]`, FILTER actions to one on `ports["filter"]` (each test listens on them while it runs)."""
+    folder = Path(tempfile.mkdtemp(prefix="mailflow-access-"))
+    os.chmod(folder, 0o755)
+    ports = {"relay": free_port(), "filter": free_port()}
+    (folder / "access").write_text(table_text(ports["filter"]))
+    instance = postfix_instance({
+        "myhostname": "pf.test", "mydestination": "local.test", "relay_domains": "relay.test",
+        "relayhost": f"[127.0.0.1]:{ports['relay']}", "notify_classes": "",
+        "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
+        "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+        **{f"smtpd_{kind}_restrictions": f"check_{kind}_access texthash:{folder}/access" for kind in KINDS},
+    })
+    loop = asyncio.new_event_loop()
+    pf = loop.run_until_complete(instance.__aenter__())
+    try:
+        yield pf, ports
+    finally:
+        loop.run_until_complete(instance.__aexit__(None, None, None))
+        loop.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def test_access_actions_reply_and_act_as_postfix_does(postfix, mailflow_server, smtp_peer, tmp_path):
+    pf, ports = postfix
+    pf_relay, pf_filter = await smtp_peer(port=ports["relay"]), await smtp_peer(port=ports["filter"])
+    pf_replies = await run_sessions(pf.port)
+    await eventually(lambda: len(delivered(pf_relay, pf_filter)) >= expected_deliveries(pf_replies), timeout=20)
+    pf_fates, pf_held = delivered(pf_relay, pf_filter), postfix_held(pf)
+
+    mf_relay, mf_filter = await smtp_peer(), await smtp_peer()
+    (tmp_path / "access").write_text(table_text(mf_filter.port))
+    mf = await mailflow_server(mydestination=["local.test"], relayhost=f"[127.0.0.1]:{mf_relay.port}",
+                               mynetworks=["127.0.0.0/8"], smtpd={
+        "authorized_xclient_hosts": ["127.0.0.0/8"],
+        "relay_restrictions": ["permit_mynetworks", "reject_unauth_destination"],
+        **{f"{kind}_restrictions": [f"check_{kind}_access texthash:{tmp_path}/access"] for kind in KINDS}})
+    mf_replies = await run_sessions(mf.smtp_addresses[0][1])
+    await eventually(lambda: len(delivered(mf_relay, mf_filter)) >= expected_deliveries(mf_replies), timeout=20)
+
+    assert {p: (pf_replies[p], mf_replies[p]) for p in pf_replies if pf_replies[p] != mf_replies[p]} == {}
+    assert delivered(mf_relay, mf_filter) == pf_fates
+    assert mailflow_held(tmp_path / "queue" / "queue.db") == pf_held
+    # what Postfix did, so that the same mistake on both sides cannot pass unnoticed
+    assert pf_replies["sender reject-dsn"][1] == \
+        "554 5.1.8 <reject-dsn@sender.test>: Sender address rejected: bad system"  # smtpd_dsn_fix
+    assert pf_replies["helo reject-dsn"][1] == "554 5.0.0 <reject-dsn.helo.test>: Helo command rejected: bad system"
+    assert pf_replies["client r4nn-dsn"][1] == \
+        "451 4.0.0 <unknown[192.0.2.12]>: Client host rejected: not now"
+    assert pf_replies["recipient r4nn-dsn"][1] == "451 4.1.2 <r4nn-dsn@relay.test>: Recipient address rejected: not now"
+    assert pf_fates["recipient prepend"] == (0, ["prepend@relay.test"], ["X-Access: yes"])
+    assert len(pf_held) == 4
