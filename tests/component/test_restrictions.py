@@ -213,7 +213,8 @@ def test_warn_prepend_and_redirect_go_on_and_mark_the_message(caplog):
     r = access("inline:{ {alice@local.test=WARN look at this} }")
     with caplog.at_level("INFO", logger="mailflow"):
         assert rcpt(r) is None
-    assert "Recipient address triggers WARN action: look at this" in caplog.text
+    assert "NOQUEUE: warn: RCPT from unknown[203.0.113.9]: look at this; from=<s@remote.example> " \
+        "to=<alice@local.test> proto=ESMTP helo=<client.remote.example>" in caplog.text
     r = restrictions(recipient_restrictions=[
         "check_recipient_access inline:{ {alice@local.test=PREPEND X-Tag: one} }",
         "check_recipient_access inline:{ {alice@local.test=REDIRECT bob@elsewhere.example} }"])

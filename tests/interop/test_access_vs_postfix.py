@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -136,7 +137,14 @@ def postfix():
         shutil.rmtree(folder, ignore_errors=True)
 
 
-async def test_access_actions_reply_and_act_as_postfix_does(postfix, mailflow_server, smtp_peer, tmp_path):
+def logged(lines, *actions: str) -> list[str]:
+    """The log lines of these access actions (`NOQUEUE: warn: RCPT from ...`), without syslog's prefix."""
+    return sorted(line.split("]: ", 1)[-1] if "/smtpd[" in line else line for line in lines
+                  if any(f"NOQUEUE: {action}: " in line for action in actions))
+
+
+async def test_access_actions_reply_and_act_as_postfix_does(postfix, mailflow_server, smtp_peer, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
     pf, ports = postfix
     pf_relay, pf_filter = await smtp_peer(port=ports["relay"]), await smtp_peer(port=ports["filter"])
     pf_replies = await run_sessions(pf.port)
@@ -156,6 +164,8 @@ async def test_access_actions_reply_and_act_as_postfix_does(postfix, mailflow_se
     assert {p: (pf_replies[p], mf_replies[p]) for p in pf_replies if pf_replies[p] != mf_replies[p]} == {}
     assert delivered(mf_relay, mf_filter) == pf_fates
     assert mailflow_held(tmp_path / "queue" / "queue.db") == pf_held
+    pf_logged = logged(pf.maillog.splitlines(), "warn")
+    assert logged((r.getMessage() for r in caplog.records), "warn") == pf_logged
     # what Postfix did, so that the same mistake on both sides cannot pass unnoticed
     assert pf_replies["sender reject-dsn"][1] == \
         "554 5.1.8 <reject-dsn@sender.test>: Sender address rejected: bad system"  # smtpd_dsn_fix
@@ -165,3 +175,5 @@ async def test_access_actions_reply_and_act_as_postfix_does(postfix, mailflow_se
     assert pf_replies["recipient r4nn-dsn"][1] == "451 4.1.2 <r4nn-dsn@relay.test>: Recipient address rejected: not now"
     assert pf_fates["recipient prepend"] == (0, ["prepend@relay.test"], ["X-Access: yes"])
     assert len(pf_held) == 4
+    assert "NOQUEUE: warn: RCPT from unknown[192.0.2.22]: careful; from=<s@remote.test> to=<plain@relay.test> " \
+        "proto=ESMTP helo=<client.test>" in pf_logged

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING
 from mailflow import address, status
 from mailflow.address import client_ip, in_networks
 from mailflow.errors import LookupRetry
+from mailflow.logs import SmtpdLog
 from mailflow.model import AddressClass
 from mailflow.restriction_vocabulary import (ACCESS_CHECKS, NEEDS_IO, RCPT_STAGES, RHSBL_CHECKS, STAGES,
                                              WITHOUT_ARGUMENT, split_item)
@@ -224,6 +225,7 @@ class Restrictions:
                                             request_limit=smtpd.policy_service_request_limit)
                           for items in self._lists.values() for name, arg in items if name == "check_policy_service"}
         self._mynetworks = [ipaddress.ip_network(n, strict=False) for n in config.mynetworks]
+        self._lines = SmtpdLog()  # WARN's log line
 
     async def check_rcpt(self, facts: Facts) -> status.Reply | None:
         """The lists' verdict (DEFER_IF_PERMIT applied), then the implied unknown-user check, as Postfix runs
@@ -427,9 +429,9 @@ class Restrictions:
                 name, what, *split_dsn(text, "4.7.1", what))
             return None
         if upper == "WARN":
-            log.info("NOQUEUE: warn: %s from %s[%s]: <%s>: %s triggers WARN action: %s; from=<%s> to=<%s>",
-                     PROTOCOL_STATE.get(stage, "RCPT"), facts.client_name, facts.client_addr, name, what, text,
-                     facts.sender or "", facts.recipient)
+            self._lines.reject(PROTOCOL_STATE.get(stage, "RCPT"), f"{facts.client_name}[{facts.client_addr}]", text,
+                               sender=facts.sender, recipient=facts.recipient, protocol=facts.protocol,
+                               helo=facts.helo, action="warn")  # Postfix's log_whatsup: the text alone
             return None
         if upper == "PREPEND" and stage == "end_of_data":  # the header section has been received
             log.warning("%s: access action PREPEND must be used before end_of_data_restrictions; ignored", source)
