@@ -213,8 +213,8 @@ class SmtpdLog:
     def reject(self, stage: str, client: str, reply: str, *, sender: str | None, recipient: str = "",
                protocol: str = "ESMTP", helo: str = "", action: str = "reject", queue_id: str = "NOQUEUE") -> None:
         """A refusal at MAIL, RCPT, DATA or END-OF-MESSAGE (`action` "reject"), a message a restriction
-        held or discarded (`action` "hold" / "discard", with its queue id), or an access WARN (`action` "warn",
-        `reply` its text): Postfix's log_whatsup."""
+        held or discarded (`action` "hold" / "discard", with its queue id), or an access WARN or INFO (`action`
+        "warn" / "info", `reply` its text): Postfix's log_whatsup."""
         if not self.active:
             return
         envelope = "" if sender is None else f"from=<{sender}> "

@@ -210,11 +210,12 @@ def test_defer_if_permit_and_defer_if_reject_wait_for_the_verdict():
 
 
 def test_warn_prepend_and_redirect_go_on_and_mark_the_message(caplog):
-    r = access("inline:{ {alice@local.test=WARN look at this} }")
+    r = access("inline:{ {alice@local.test=WARN look at this}, {bob@local.test=INFO just so} }")
     with caplog.at_level("INFO", logger="mailflow"):
-        assert rcpt(r) is None
+        assert rcpt(r) is None and rcpt(r, "bob@local.test") == status.user_unknown("bob@local.test")
     assert "NOQUEUE: warn: RCPT from unknown[203.0.113.9]: look at this; from=<s@remote.example> " \
         "to=<alice@local.test> proto=ESMTP helo=<client.remote.example>" in caplog.text
+    assert "NOQUEUE: info: RCPT from unknown[203.0.113.9]: just so; from=<s@remote.example> " in caplog.text
     r = restrictions(recipient_restrictions=[
         "check_recipient_access inline:{ {alice@local.test=PREPEND X-Tag: one} }",
         "check_recipient_access inline:{ {alice@local.test=REDIRECT bob@elsewhere.example} }"])

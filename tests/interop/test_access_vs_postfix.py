@@ -36,7 +36,7 @@ ACTIONS = {  # a probe's name -> the action its table entry answers with
     "defer-if-permit": "DEFER_IF_PERMIT 4.1.2 maybe", "lower-reject": "reject lower", "hold": "HOLD held text",
     "discard": "DISCARD dropped text", "warn": "WARN careful", "filter": "FILTER smtp:[127.0.0.1]:{filter}",
     "redirect": "REDIRECT other@relay.test", "bcc": "BCC copy@relay.test", "prepend": "PREPEND X-Access: yes",
-    "mynetworks": "permit_mynetworks",
+    "mynetworks": "permit_mynetworks", "info": "INFO for the log",
 }
 NOT_DELIVERED = ("hold", "discard")
 KINDS = ("client", "helo", "sender", "recipient")
@@ -164,8 +164,8 @@ async def test_access_actions_reply_and_act_as_postfix_does(postfix, mailflow_se
     assert {p: (pf_replies[p], mf_replies[p]) for p in pf_replies if pf_replies[p] != mf_replies[p]} == {}
     assert delivered(mf_relay, mf_filter) == pf_fates
     assert mailflow_held(tmp_path / "queue" / "queue.db") == pf_held
-    pf_logged = logged(pf.maillog.splitlines(), "warn")
-    assert logged((r.getMessage() for r in caplog.records), "warn") == pf_logged
+    pf_logged = logged(pf.maillog.splitlines(), "warn", "info")
+    assert logged((r.getMessage() for r in caplog.records), "warn", "info") == pf_logged
     # what Postfix did, so that the same mistake on both sides cannot pass unnoticed
     assert pf_replies["sender reject-dsn"][1] == \
         "554 5.1.8 <reject-dsn@sender.test>: Sender address rejected: bad system"  # smtpd_dsn_fix
@@ -177,3 +177,4 @@ async def test_access_actions_reply_and_act_as_postfix_does(postfix, mailflow_se
     assert len(pf_held) == 4
     assert "NOQUEUE: warn: RCPT from unknown[192.0.2.22]: careful; from=<s@remote.test> to=<plain@relay.test> " \
         "proto=ESMTP helo=<client.test>" in pf_logged
+    assert pf_replies["recipient info"][1] == "250 2.1.5 Ok" and len(pf_logged) == 8

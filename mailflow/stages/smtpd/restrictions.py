@@ -21,7 +21,7 @@ Then, unless refused or deferred (DEFER_IF_PERMIT), `reject_unlisted_recipient` 
 (smtpd_reject_unlisted_recipient). The data list runs at DATA, the end_of_data list at the end of the message;
 there only a single recipient is "the recipient". Access-table DISCARD permits and marks the message to be
 discarded (no further checks); HOLD, FILTER, PREPEND (not at the end of data: ignored), REDIRECT and BCC mark it
-and go on; an all-digit value is OK; WARN logs and goes
+and go on; an all-digit value is OK; WARN and INFO log and go
 on (Postfix). Marks live in `facts.marks`, one per message. DEFER_IF_PERMIT and DEFER_IF_REJECT hold for the
 command that met them (`facts`): its verdict, permit or refusal, is turned into a deferral at the end
 (`_conditional_deferrals`). An enhanced status code an action gives is fitted to what it refuses (`dsn_fix`).
@@ -225,7 +225,7 @@ class Restrictions:
                                             request_limit=smtpd.policy_service_request_limit)
                           for items in self._lists.values() for name, arg in items if name == "check_policy_service"}
         self._mynetworks = [ipaddress.ip_network(n, strict=False) for n in config.mynetworks]
-        self._lines = SmtpdLog()  # WARN's log line
+        self._lines = SmtpdLog()  # WARN's and INFO's log lines
 
     async def check_rcpt(self, facts: Facts) -> status.Reply | None:
         """The lists' verdict (DEFER_IF_PERMIT applied), then the implied unknown-user check, as Postfix runs
@@ -428,10 +428,10 @@ class Restrictions:
             facts.defer_if_reject = facts.defer_if_reject or status.conditional_deferral(
                 name, what, *split_dsn(text, "4.7.1", what))
             return None
-        if upper == "WARN":
+        if upper in ("WARN", "INFO"):
             self._lines.reject(PROTOCOL_STATE.get(stage, "RCPT"), f"{facts.client_name}[{facts.client_addr}]", text,
                                sender=facts.sender, recipient=facts.recipient, protocol=facts.protocol,
-                               helo=facts.helo, action="warn")  # Postfix's log_whatsup: the text alone
+                               helo=facts.helo, action=upper.lower())  # Postfix's log_whatsup: the text alone
             return None
         if upper == "PREPEND" and stage == "end_of_data":  # the header section has been received
             log.warning("%s: access action PREPEND must be used before end_of_data_restrictions; ignored", source)
