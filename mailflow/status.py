@@ -233,7 +233,7 @@ def dmarc_rejected(domain: str) -> Reply:
 
 
 # ---- content filters (header/body checks, milters, spamd, clamd; docs/filtering.md)
-CONTENT_REJECTED = Reply(550, "5.7.1", "Message content rejected")
+CONTENT_REJECTED = Reply(550, "5.7.1", "message content rejected")  # header/body checks REJECT (Postfix's cleanup)
 FILTER_UNAVAILABLE = Reply(451, "4.7.1", "Service unavailable - try again later")
 MILTER_REJECTED = Reply(550, "5.7.1", "Command rejected")
 MILTER_SHUTDOWN = Reply(421, "4.7.0", "Server closing connection")  # a milter's SMFIR_SHUTDOWN (Postfix's smtpd)

@@ -12,7 +12,8 @@ body is read as a stream (mailflow.content: chunk by chunk, file parts in a work
 scanned in a worker thread so that the event loop never waits for it.
 
 Actions (the table's value; the first word, any case):
-    REJECT [text]      the message is refused: ContentRejected, 550 5.7.1 text (default "Message content rejected")
+    REJECT [text]      the message is refused: ContentRejected, 550 5.7.1 text (default "message content rejected");
+                       a text starting with an enhanced code gives that code, a 4.X.Y one defers: TemporaryError, 451
     DISCARD [text]     accepted and dropped (`Inspection.discard`)
     HOLD [text]        queued on hold (`Inspection.hold`), the inspection goes on
     WARN [text]        logged, nothing else
@@ -24,8 +25,9 @@ Actions (the table's value; the first word, any case):
     DUNNO, OK          nothing: next line
 An action mailflow does not know is logged and ignored, as Postfix does.
 
-Failure behaviour: a table that cannot answer (LookupRetry) propagates: cleanup does not queue the message
-and smtpd answers 451 4.3.0; the content file being unreadable raises OSError (451 as well).
+Failure behaviour: a REJECT raises ContentRejected (or TemporaryError); a table that cannot answer (LookupRetry)
+propagates: cleanup does not queue the message and smtpd answers 451 4.3.0; the content file being unreadable
+raises OSError (451 as well).
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ import re
 from dataclasses import dataclass, field
 
 from mailflow.content import Content
-from mailflow.errors import ContentRejected
+from mailflow import status
+from mailflow.errors import ContentRejected, DeliveryError, TemporaryError
 from mailflow.message import header_fields
 from mailflow.tables import Table, TableCache
 
@@ -43,6 +46,7 @@ log = logging.getLogger("mailflow.cleanup")
 
 SCAN_INLINE = 256 * 1024  # a body up to this size is scanned on the event loop; a bigger one in a thread
 MAX_LINE = 1 << 20  # a "line" longer than this is matched as this much (a body without line ends)
+_LEADING_DSN = re.compile(r"([245]\.\d{1,3}\.\d{1,3})(?:\s+|$)")  # REJECT 4.7.1 text (Postfix's dsn_split)
 _BOUNDARY = re.compile(r'boundary\s*=\s*(?:"([^"]+)"|([^\s;]+))', re.IGNORECASE)
 
 
@@ -182,7 +186,7 @@ class ContentChecks:
         log.info("%s: %s: %s %s%s%s", queue_id, word.lower() if word != "WARN" else "warning", what, shown,
                  f"; {describe}" if describe else "", f": {text}" if text else "")
         if word == "REJECT":
-            raise ContentRejected("5.7.1", text or "Message content rejected", f"{what} {shown}")
+            raise _rejection(text, f"{what} {shown}")
         if word == "DISCARD":
             result.discard = text or f"{what} {shown}"
         elif word == "HOLD":
@@ -201,6 +205,19 @@ class ContentChecks:
         else:
             log.warning("%s: unknown %s_checks action %r (ignored)", queue_id, what, value)
         return None
+
+
+def _rejection(text: str, reason: str) -> DeliveryError:
+    """REJECT's refusal, as Postfix's cleanup makes it (dsn_prepend): an enhanced code starting `text` is the
+    reply's, and one of class 4 defers the message (451) instead of refusing it (550); no text: 5.7.1 message
+    content rejected."""
+    if not text:
+        return ContentRejected(status.CONTENT_REJECTED.status, status.CONTENT_REJECTED.text, reason)
+    found = _LEADING_DSN.match(text)
+    dsn, text = (found.group(1), text[found.end():]) if found else ("5.7.1", text)
+    if dsn[0] == "5":
+        return ContentRejected(dsn, text, reason)
+    return TemporaryError("4" + dsn[1:], text, reason)  # (Postfix: a class 2 code is made a 4, with a warning)
 
 
 def _original(line: str, what: str) -> bytes:

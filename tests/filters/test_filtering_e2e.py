@@ -52,7 +52,7 @@ async def test_header_and_body_checks_reject_hold_discard_and_edit(mailflow_serv
     assert await refusal(port, "s@remote.test", ["alice@local.test"],
                          b"Subject: cheap viagra\r\n\r\nhi\r\n") == (550, "5.7.1 no pills here")
     assert await refusal(port, "s@remote.test", ["alice@local.test"],
-                         b"Subject: ok\r\n\r\nline\r\nBAD WORD\r\n") == (550, "5.7.1 Message content rejected")
+                         b"Subject: ok\r\n\r\nline\r\nBAD WORD\r\n") == (550, "5.7.1 message content rejected")
     await send(port, "s@remote.test", ["alice@local.test"], b"Subject: hold me\r\n\r\nhi\r\n")
     assert (await queue_becomes(mf.store, {"hold": 1})) == {"hold": 1}
     _, reply = await send(port, "s@remote.test", ["alice@local.test"], b"Subject: drop me\r\n\r\nhi\r\n")

@@ -94,7 +94,9 @@ def expected_deliveries(replies: dict[str, list]) -> int:
 
 
 def postfix_held(pf) -> list[tuple[str, list[str]]]:
+    """(sender, recipients) of each message in the hold queue, which is emptied for the next test."""
     lines = pf.run("postqueue", "-j").stdout.decode().splitlines()
+    pf.run("postsuper", "-d", "ALL", "hold")
     return sorted((m["sender"], sorted(r["address"] for r in m["recipients"]))
                   for m in map(json.loads, lines) if m["queue_name"] == "hold")
 
@@ -112,6 +114,43 @@ def mailflow_held(db: Path) -> list[tuple[str, list[str]]]:
     return sorted((sender, sorted(rcpts)) for sender, rcpts in held.values())
 
 
+HEADER_CHECKS = """\
+/^Subject: hc-reject$/ REJECT header says no
+/^Subject: hc-reject-plain$/ REJECT
+/^Subject: hc-reject-dsn$/ REJECT 5.7.9 with a code
+/^Subject: hc-reject-4dsn$/ REJECT 4.7.9 come back
+/^Subject: hc-warn$/ WARN watch it
+/^Subject: hc-info$/ INFO noted
+/^Subject: hc-hold$/ HOLD held by header
+/^Subject: hc-discard$/ DISCARD dropped by header
+/^Subject: hc-redirect$/ REDIRECT other@relay.test
+/^Subject: hc-filter$/ FILTER smtp:[127.0.0.1]:{filter}
+/^Subject: hc-bcc$/ BCC copy@relay.test
+/^Subject: hc-prepend$/ PREPEND X-Prepended: yes
+/^Subject: hc-prepend-bad$/ PREPEND not a header
+/^Subject: hc-replace$/ REPLACE X-Replaced: yes
+/^Subject: hc-replace-bad$/ REPLACE not a header
+/^X-Drop:/ IGNORE
+/^Subject: hc-dunno$/ DUNNO
+/^X-Folded: a b$/ REJECT folded matched unfolded
+/^X-Folded: a$/ REJECT folded matched first line
+if /^Subject: hc-if/
+/-inner$/ REJECT inside if
+endif
+/^subject: HC-CASE$/ REJECT case-insensitive
+/^Content-Type: application\\/x-bad/ REJECT mime part header
+/^X-Nested: bad/ REJECT nested header
+"""
+BODY_CHECKS = """\
+/^body-reject$/ REJECT body says no
+/^body-replace$/ REPLACE replaced line
+/^body-prepend$/ PREPEND prepended line
+/^body-ignore$/ IGNORE
+/^Ym9keS1iYXNlNjQ=$/ REJECT base64 seen
+/^body-warn$/ WARN body watch
+"""
+
+
 @pytest.fixture(scope="module")
 def postfix():
     """One private Postfix for the module: access tables in every list, relaying relay.test to a peer on
@@ -120,10 +159,13 @@ def postfix():
     os.chmod(folder, 0o755)
     ports = {"relay": free_port(), "filter": free_port()}
     (folder / "access").write_text(table_text(ports["filter"]))
+    (folder / "header").write_text(HEADER_CHECKS.replace("{filter}", str(ports["filter"])))
+    (folder / "body").write_text(BODY_CHECKS)
     instance = postfix_instance({
         "myhostname": "pf.test", "mydestination": "local.test", "relay_domains": "relay.test",
         "relayhost": f"[127.0.0.1]:{ports['relay']}", "notify_classes": "",
         "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
+        "header_checks": f"regexp:{folder}/header", "body_checks": f"regexp:{folder}/body",
         "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
         **{f"smtpd_{kind}_restrictions": f"check_{kind}_access texthash:{folder}/access" for kind in KINDS},
     })
@@ -178,3 +220,75 @@ async def test_access_actions_reply_and_act_as_postfix_does(postfix, mailflow_se
     assert "NOQUEUE: warn: RCPT from unknown[192.0.2.22]: careful; from=<s@remote.test> to=<plain@relay.test> " \
         "proto=ESMTP helo=<client.test>" in pf_logged
     assert pf_replies["recipient info"][1] == "250 2.1.5 Ok" and len(pf_logged) == 8
+
+
+CONTENT = {  # a message's name -> its header fields and body
+    **{name: (f"Subject: {name}\r\n", "body\r\n") for name in (
+        "hc-reject", "hc-reject-plain", "hc-reject-dsn", "hc-reject-4dsn", "hc-warn", "hc-info", "hc-hold",
+        "hc-discard", "hc-redirect", "hc-filter", "hc-prepend", "hc-replace", "hc-dunno", "hc-if-inner",
+        "HC-CASE")},
+    "ignore": ("Subject: ignore\r\nX-Drop: me\r\nX-Keep: me\r\n", "body\r\n"),
+    "mime-part": ("Subject: mime-part\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=XX\r\n",
+                  "--XX\r\nContent-Type: text/plain\r\n\r\nfirst\r\n--XX\r\nContent-Type: application/x-bad\r\n"
+                  "\r\nsecond\r\n--XX--\r\n"),
+    "body-reject": ("Subject: body-reject\r\n", "first\r\nbody-reject\r\n"),
+    "body-edits": ("Subject: body-edits\r\n", "body-replace\r\nbody-prepend\r\nbody-ignore\r\nbody-warn\r\nend\r\n"),
+    "base64": ("Subject: base64\r\nMIME-Version: 1.0\r\nContent-Type: text/plain\r\n"
+               "Content-Transfer-Encoding: base64\r\n", "Ym9keS1iYXNlNjQ=\r\n"),
+}
+
+
+CONTENT_NOT_DELIVERED = ("hc-hold", "hc-discard")
+
+
+async def send_contents(port: int) -> dict[str, str]:
+    """Each message's reply at the end of DATA (the queue id masked)."""
+    got = {}
+    for name, (head, body) in CONTENT.items():
+        client = await SmtpClient.connect(port)
+        for command in ("EHLO client.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<plain@relay.test>", "DATA"):
+            await client.cmd(command)
+        reply = await client.cmd(f"{head}\r\n{body}.".encode())
+        got[name] = "250 queued" if reply.code == 250 else reply.text
+        await client.close()
+    return got
+
+
+def copies(*peers) -> dict[str, tuple]:
+    """Subject -> (which peer, recipients, the header fields but those each server adds, the body)."""
+    out = {}
+    for which, peer in enumerate(peers):
+        for message in peer.messages:
+            head, _, body = message.content.decode().replace("\r\n", "\n").partition("\n\n")
+            fields = [f for f in head.replace("\n ", " ").replace("\n\t", " ").split("\n")
+                      if not f.split(":")[0].lower() in ("received", "message-id", "date", "from", "to")]
+            subject = next((f for f in fields if f.startswith("Subject: ")), "Subject: ?")[9:]
+            out[subject] = (which, sorted(message.rcpt_tos), fields, body)
+    return out
+
+
+async def test_header_and_body_checks_act_as_postfixs_do(postfix, mailflow_server, smtp_peer, tmp_path):
+    pf, ports = postfix
+    pf_relay, pf_filter = await smtp_peer(port=ports["relay"]), await smtp_peer(port=ports["filter"])
+    pf_replies = await send_contents(pf.port)
+    expected = sum(reply == "250 queued" for reply in pf_replies.values()) - len(CONTENT_NOT_DELIVERED)
+    pf_copies = await eventually(lambda: len(copies(pf_relay, pf_filter)) == expected and copies(pf_relay, pf_filter),
+                                 timeout=20)
+    pf_held = postfix_held(pf)
+
+    mf_relay, mf_filter = await smtp_peer(), await smtp_peer()
+    (tmp_path / "header").write_text(HEADER_CHECKS.replace("{filter}", str(mf_filter.port)))
+    (tmp_path / "body").write_text(BODY_CHECKS)
+    mf = await mailflow_server(mydestination=["local.test"], relayhost=f"[127.0.0.1]:{mf_relay.port}",
+                               mynetworks=["127.0.0.0/8"], checks={
+        "header_checks": [f"regexp:{tmp_path}/header"], "body_checks": [f"regexp:{tmp_path}/body"]})
+    mf_replies = await send_contents(mf.smtp_addresses[0][1])
+    mf_copies = await eventually(lambda: len(copies(mf_relay, mf_filter)) == expected and copies(mf_relay, mf_filter),
+                                 timeout=20)
+
+    assert {k: (pf_replies[k], mf_replies[k]) for k in pf_replies if pf_replies[k] != mf_replies[k]} == {}
+    assert mf_copies == pf_copies
+    assert mailflow_held(tmp_path / "queue" / "queue.db") == pf_held
+    # what Postfix did, so that the same mistake on both sides cannot pass unnoticed
+    assert (pf_replies["hc-reject-plain"], pf_replies["hc-reject-dsn"], pf_replies["hc-reject-4dsn"]) == \
+        ("550 5.7.1 message content rejected", "550 5.7.9 with a code", "451 4.7.9 come back")
