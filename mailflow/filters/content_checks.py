@@ -20,6 +20,7 @@ Actions (the table's value; the first word, any case):
     IGNORE             the header (or body line) is removed
     PREPEND text       `text` is inserted before the header (or body line)
     REPLACE text       the header (or body line) is replaced by `text`
+                       (for a header, `text` must be a header field: otherwise logged and ignored, as Postfix)
     REDIRECT address   every recipient is replaced by `address`
     FILTER transport:nexthop   the message goes to that after-queue filter
     DUNNO, OK          nothing: next line
@@ -47,6 +48,7 @@ log = logging.getLogger("mailflow.cleanup")
 SCAN_INLINE = 256 * 1024  # a body up to this size is scanned on the event loop; a bigger one in a thread
 MAX_LINE = 1 << 20  # a "line" longer than this is matched as this much (a body without line ends)
 _LEADING_DSN = re.compile(r"([245]\.\d{1,3}\.\d{1,3})(?:\s+|$)")  # REJECT 4.7.1 text (Postfix's dsn_split)
+_HEADER_FIELD = re.compile(r"[!-9;-~]+[ \t]*:.*", re.S)  # a header's PREPEND or REPLACE text (Postfix's is_header)
 _BOUNDARY = re.compile(r'boundary\s*=\s*(?:"([^"]+)"|([^\s;]+))', re.IGNORECASE)
 
 
@@ -199,6 +201,9 @@ class ContentChecks:
             result.content_filter = text
         elif word == "IGNORE" and editable:
             return []
+        elif word in ("PREPEND", "REPLACE") and what == "header" and not _HEADER_FIELD.fullmatch(text):
+            log.warning("%s: bad %s header text %r in header_checks -- need \"headername: headervalue\" (ignored)",
+                        queue_id, word, text)  # Postfix: a line that is no header field would end the section
         elif word in ("PREPEND", "REPLACE") and text and editable:
             new = text.encode("utf-8") + b"\r\n"
             return [new] if word == "REPLACE" else [new, _original(line, what)]

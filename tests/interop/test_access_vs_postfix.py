@@ -225,8 +225,8 @@ async def test_access_actions_reply_and_act_as_postfix_does(postfix, mailflow_se
 CONTENT = {  # a message's name -> its header fields and body
     **{name: (f"Subject: {name}\r\n", "body\r\n") for name in (
         "hc-reject", "hc-reject-plain", "hc-reject-dsn", "hc-reject-4dsn", "hc-warn", "hc-info", "hc-hold",
-        "hc-discard", "hc-redirect", "hc-filter", "hc-prepend", "hc-replace", "hc-dunno", "hc-if-inner",
-        "HC-CASE")},
+        "hc-discard", "hc-redirect", "hc-filter", "hc-prepend", "hc-prepend-bad", "hc-replace", "hc-replace-bad",
+        "hc-dunno", "hc-if-inner", "HC-CASE")},
     "ignore": ("Subject: ignore\r\nX-Drop: me\r\nX-Keep: me\r\n", "body\r\n"),
     "mime-part": ("Subject: mime-part\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=XX\r\n",
                   "--XX\r\nContent-Type: text/plain\r\n\r\nfirst\r\n--XX\r\nContent-Type: application/x-bad\r\n"
@@ -292,3 +292,5 @@ async def test_header_and_body_checks_act_as_postfixs_do(postfix, mailflow_serve
     # what Postfix did, so that the same mistake on both sides cannot pass unnoticed
     assert (pf_replies["hc-reject-plain"], pf_replies["hc-reject-dsn"], pf_replies["hc-reject-4dsn"]) == \
         ("550 5.7.1 message content rejected", "550 5.7.9 with a code", "451 4.7.9 come back")
+    assert [pf_copies[name][2] for name in ("hc-prepend-bad", "hc-replace-bad")] == \
+        [["Subject: hc-prepend-bad"], ["Subject: hc-replace-bad"]]  # a text that is no header field: ignored
