@@ -146,6 +146,9 @@ class ContentChecks:
         for line in _lines(result.body):
             length = len(line)
             text = line.rstrip(b"\r\n")
+            if offset == 0 and not text:  # the empty line that ends the primary headers: no entity's, no body line
+                offset += length
+                continue
             if state in ("mime", "nested"):
                 if text:
                     part_headers.append(line)
@@ -162,7 +165,7 @@ class ContentChecks:
             elif boundaries and text.startswith(b"--") and _closes(text, boundaries):
                 state = "body" if text.endswith(b"--") and _is_close(text, boundaries) else "mime"
                 part_bytes = 0
-            elif offset > 0 or text:  # (the empty line that ends the primary headers is not a body line)
+            else:
                 if self._body and part_bytes < self._limit:
                     action = _lookup(self._body, text[:MAX_LINE].decode("utf-8", "replace"))
                     if action is not None:

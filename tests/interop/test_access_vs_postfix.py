@@ -231,6 +231,8 @@ CONTENT = {  # a message's name -> its header fields and body
     "mime-part": ("Subject: mime-part\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=XX\r\n",
                   "--XX\r\nContent-Type: text/plain\r\n\r\nfirst\r\n--XX\r\nContent-Type: application/x-bad\r\n"
                   "\r\nsecond\r\n--XX--\r\n"),
+    "nested": ("Subject: nested\r\nMIME-Version: 1.0\r\nContent-Type: message/rfc822\r\n",
+               "X-Nested: bad\r\nSubject: inner\r\n\r\ninner body\r\n"),
     "body-reject": ("Subject: body-reject\r\n", "first\r\nbody-reject\r\n"),
     "body-edits": ("Subject: body-edits\r\n", "body-replace\r\nbody-prepend\r\nbody-ignore\r\nbody-warn\r\nend\r\n"),
     "base64": ("Subject: base64\r\nMIME-Version: 1.0\r\nContent-Type: text/plain\r\n"
@@ -272,7 +274,7 @@ async def test_header_and_body_checks_act_as_postfixs_do(postfix, mailflow_serve
     pf_relay, pf_filter = await smtp_peer(port=ports["relay"]), await smtp_peer(port=ports["filter"])
     pf_replies = await send_contents(pf.port)
     expected = sum(reply == "250 queued" for reply in pf_replies.values()) - len(CONTENT_NOT_DELIVERED)
-    pf_copies = await eventually(lambda: len(copies(pf_relay, pf_filter)) == expected and copies(pf_relay, pf_filter),
+    pf_copies = await eventually(lambda: len(copies(pf_relay, pf_filter)) >= expected and copies(pf_relay, pf_filter),
                                  timeout=20)
     pf_held = postfix_held(pf)
 
@@ -283,7 +285,7 @@ async def test_header_and_body_checks_act_as_postfixs_do(postfix, mailflow_serve
                                mynetworks=["127.0.0.0/8"], checks={
         "header_checks": [f"regexp:{tmp_path}/header"], "body_checks": [f"regexp:{tmp_path}/body"]})
     mf_replies = await send_contents(mf.smtp_addresses[0][1])
-    mf_copies = await eventually(lambda: len(copies(mf_relay, mf_filter)) == expected and copies(mf_relay, mf_filter),
+    mf_copies = await eventually(lambda: len(copies(mf_relay, mf_filter)) >= expected and copies(mf_relay, mf_filter),
                                  timeout=20)
 
     assert {k: (pf_replies[k], mf_replies[k]) for k in pf_replies if pf_replies[k] != mf_replies[k]} == {}
@@ -292,5 +294,6 @@ async def test_header_and_body_checks_act_as_postfixs_do(postfix, mailflow_serve
     # what Postfix did, so that the same mistake on both sides cannot pass unnoticed
     assert (pf_replies["hc-reject-plain"], pf_replies["hc-reject-dsn"], pf_replies["hc-reject-4dsn"]) == \
         ("550 5.7.1 message content rejected", "550 5.7.9 with a code", "451 4.7.9 come back")
+    assert pf_replies["nested"] == "550 5.7.1 nested header"  # an attached message's headers: nested_header_checks
     assert [pf_copies[name][2] for name in ("hc-prepend-bad", "hc-replace-bad")] == \
         [["Subject: hc-prepend-bad"], ["Subject: hc-replace-bad"]]  # a text that is no header field: ignored
