@@ -182,16 +182,32 @@ class ContentChecks:
 
     def _act(self, queue_id: str, value: str, what: str, line: str, result: Inspection, describe: str,
              *, editable: bool) -> list[bytes] | None:
-        """Carry out one action. Returns replacement lines for an edit (IGNORE: []), else None."""
+        """Carry out one action. Returns replacement lines for an edit (IGNORE: []), else None. Each action but
+        DUNNO, OK and IGNORE is logged as Postfix's cleanup logs it: `QID: reject: header Subject: x from
+        host[ip]; from=<s> to=<r> proto=ESMTP helo=<h>: 5.7.1 text`."""
         word, _, text = value.strip().partition(" ")
         word, text = word.upper(), text.strip()
         shown = line[:200]
         if word in ("DUNNO", "OK"):
             return None
+        if word == "IGNORE" and editable:
+            return []
+        if word in ("PREPEND", "REPLACE") and what == "header" and text and not _HEADER_FIELD.fullmatch(text):
+            log.warning("%s: bad %s header text %r in header_checks -- need \"headername: headervalue\" (ignored)",
+                        queue_id, word, text)  # Postfix: a line that is no header field would end the section
+            return None
+        rejection = _rejection(text, f"{what} {shown}") if word == "REJECT" else None
+        logged = f"{rejection.dsn} {rejection.text}" if rejection is not None else text
         log.info("%s: %s: %s %s%s%s", queue_id, word.lower() if word != "WARN" else "warning", what, shown,
-                 f"; {describe}" if describe else "", f": {text}" if text else "")
-        if word == "REJECT":
-            raise _rejection(text, f"{what} {shown}")
+                 f" {describe}" if describe else "", f": {logged}" if logged else "")
+        if rejection is not None:
+            raise rejection
+        return self._carry_out(queue_id, word, text, value, what, line, result, editable=editable)
+
+    @staticmethod
+    def _carry_out(queue_id: str, word: str, text: str, value: str, what: str, line: str, result: Inspection,
+                   *, editable: bool) -> list[bytes] | None:
+        shown = line[:200]
         if word == "DISCARD":
             result.discard = text or f"{what} {shown}"
         elif word == "HOLD":
@@ -202,11 +218,6 @@ class ContentChecks:
             result.redirect = text
         elif word == "FILTER" and ":" in text:
             result.content_filter = text
-        elif word == "IGNORE" and editable:
-            return []
-        elif word in ("PREPEND", "REPLACE") and what == "header" and not _HEADER_FIELD.fullmatch(text):
-            log.warning("%s: bad %s header text %r in header_checks -- need \"headername: headervalue\" (ignored)",
-                        queue_id, word, text)  # Postfix: a line that is no header field would end the section
         elif word in ("PREPEND", "REPLACE") and text and editable:
             new = text.encode("utf-8") + b"\r\n"
             return [new] if word == "REPLACE" else [new, _original(line, what)]

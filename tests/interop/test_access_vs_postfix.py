@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import shutil
 import sqlite3
 import tempfile
@@ -269,7 +270,15 @@ def copies(*peers) -> dict[str, tuple]:
     return out
 
 
-async def test_header_and_body_checks_act_as_postfixs_do(postfix, mailflow_server, smtp_peer, tmp_path):
+def cleanup_logged(lines, filter_port: int) -> list[str]:
+    """The actions' log lines (`QID: reject: header ...`), the queue id and syslog's prefix left out."""
+    found = (re.match(r"(?:.*/cleanup\[\d+\]: )?[0-9A-F]+: ((?:reject|warning|info|hold|discard|redirect|filter|bcc"
+                      r"|prepend|replace|ignore): (?:header|body) .*)", line) for line in lines)
+    return sorted(m.group(1).replace(str(filter_port), "{filter}") for m in found if m)
+
+
+async def test_header_and_body_checks_act_as_postfixs_do(postfix, mailflow_server, smtp_peer, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="mailflow.cleanup")
     pf, ports = postfix
     pf_relay, pf_filter = await smtp_peer(port=ports["relay"]), await smtp_peer(port=ports["filter"])
     pf_replies = await send_contents(pf.port)
@@ -291,7 +300,11 @@ async def test_header_and_body_checks_act_as_postfixs_do(postfix, mailflow_serve
     assert {k: (pf_replies[k], mf_replies[k]) for k in pf_replies if pf_replies[k] != mf_replies[k]} == {}
     assert mf_copies == pf_copies
     assert mailflow_held(tmp_path / "queue" / "queue.db") == pf_held
+    pf_logged = cleanup_logged(pf.maillog.splitlines(), ports["filter"])
+    assert cleanup_logged((r.getMessage() for r in caplog.records), mf_filter.port) == pf_logged
     # what Postfix did, so that the same mistake on both sides cannot pass unnoticed
+    assert "reject: header Subject: hc-reject-plain from localhost[127.0.0.1]; from=<s@remote.test> " \
+        "to=<plain@relay.test> proto=ESMTP helo=<client.test>: 5.7.1 message content rejected" in pf_logged
     assert (pf_replies["hc-reject-plain"], pf_replies["hc-reject-dsn"], pf_replies["hc-reject-4dsn"]) == \
         ("550 5.7.1 message content rejected", "550 5.7.9 with a code", "451 4.7.9 come back")
     assert pf_replies["nested"] == "550 5.7.1 nested header"  # an attached message's headers: nested_header_checks
