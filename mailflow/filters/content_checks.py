@@ -17,6 +17,7 @@ Actions (the table's value; the first word, any case):
     DISCARD [text]     accepted and dropped (`Inspection.discard`)
     HOLD [text]        queued on hold (`Inspection.hold`), the inspection goes on
     WARN [text]        logged, nothing else
+    INFO [text]        the same, logged with `info:` (Postfix 3.2)
     IGNORE             the header (or body line) is removed
     PREPEND text       `text` is inserted before the header (or body line)
     REPLACE text       the header (or body line) is replaced by `text`
@@ -214,6 +215,8 @@ class ContentChecks:
             result.hold = text or f"{what} {shown}"
         elif word == "WARN":
             result.warnings.append(f"{what} {shown}")
+        elif word == "INFO":
+            pass  # logged, as WARN is, with `info:`
         elif word == "REDIRECT" and text:
             result.redirect = text
         elif word == "FILTER" and ":" in text:

@@ -302,6 +302,8 @@ async def test_header_and_body_checks_act_as_postfixs_do(postfix, mailflow_serve
     assert mailflow_held(tmp_path / "queue" / "queue.db") == pf_held
     pf_logged = cleanup_logged(pf.maillog.splitlines(), ports["filter"])
     assert cleanup_logged((r.getMessage() for r in caplog.records), mf_filter.port) == pf_logged
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "unknown" in r.getMessage()] \
+        == []  # INFO is known
     # what Postfix did, so that the same mistake on both sides cannot pass unnoticed
     assert "reject: header Subject: hc-reject-plain from localhost[127.0.0.1]; from=<s@remote.test> " \
         "to=<plain@relay.test> proto=ESMTP helo=<client.test>: 5.7.1 message content rejected" in pf_logged
