@@ -1,14 +1,18 @@
-"""Differential tests of access(5) tables against a private Postfix 3.7: the same table behind
-check_client_access, check_helo_access, check_sender_access and check_recipient_access of both servers,
-configured alike; each action must give the same reply (code, enhanced code and text, word for word) and do the
-same to the message (delivered, held, discarded, redirected, filtered, a header prepended).
+"""Differential tests of access(5) tables and header/body checks against a private Postfix 3.7, both servers
+configured alike:
+- the same access table behind check_client_access, check_helo_access, check_sender_access and
+  check_recipient_access: each action must give the same reply (code, enhanced code and text, word for word),
+  do the same to the message (delivered, held, discarded, redirected, filtered, a header prepended) and log
+  WARN and INFO alike; and the key forms the tables test (test_tables_vs_postfix.py) leaves out;
+- the same header_checks and body_checks (regexp): the reply at the end of DATA, the delivered copy, the hold
+  queue and cleanup's log lines.
 
 One Postfix instance serves the module; each test runs its sessions against it, then against a mailflow.
 
-Not compared, because mailflow differs on purpose (docs/security.md): an action neither server knows
-(`451 4.3.5 <x>: ... rejected: Server configuration error`, Postfix without the prefix), and the log lines of
-HOLD, DISCARD, REDIRECT, BCC and FILTER (Postfix logs them at the command, mailflow with the queue id at the end
-of the message).
+Not compared, because mailflow differs on purpose (docs/security.md, docs/filtering.md): an access action
+neither server knows (`451 4.3.5 <x>: ... rejected: Server configuration error`, Postfix without the prefix);
+the log lines of access HOLD, DISCARD, REDIRECT, BCC and FILTER (Postfix logs them at the command, mailflow with
+the queue id at the end of the message); a HELO name with a trailing dot (checked below as the difference it is).
 """
 from __future__ import annotations
 
@@ -51,6 +55,7 @@ def table_text(filter_port: int) -> str:
         action = action.format(filter=filter_port)
         lines += [f"192.0.2.{n} {action}", f"{name}.helo.test {action}", f"{name}@sender.test {action}",
                   f"{name}@relay.test {action}"]
+    lines += ["<> REJECT null sender", "user@ REJECT user at", "sub.parent.test OK", "parent.test REJECT parent"]
     return "\n".join(lines) + "\n"
 
 
@@ -312,3 +317,49 @@ async def test_header_and_body_checks_act_as_postfixs_do(postfix, mailflow_serve
     assert pf_replies["nested"] == "550 5.7.1 nested header"  # an attached message's headers: nested_header_checks
     assert [pf_copies[name][2] for name in ("hc-prepend-bad", "hc-replace-bad")] == \
         [["Subject: hc-prepend-bad"], ["Subject: hc-replace-bad"]]  # a text that is no header field: ignored
+
+
+KEY_SESSIONS = {  # what the client sends -> (HELO name, sender, recipient)
+    "null sender": ("client.test", "", "plain@relay.test"),  # smtpd_null_access_lookup_key: <>
+    "upper-case sender": ("client.test", "REJECT-TEXT@SENDER.TEST", "plain@relay.test"),
+    "user@ of any domain": ("client.test", "user@elsewhere.test", "plain@relay.test"),
+    "a parent's subdomain listed OK": ("client.test", "x@a.sub.parent.test", "plain@relay.test"),
+    "a parent": ("client.test", "x@a.parent.test", "plain@relay.test"),
+    "HELO an address literal": ("[127.0.0.1]", "s@remote.test", "plain@relay.test"),
+    "upper-case HELO": ("REJECT-TEXT.HELO.TEST", "s@remote.test", "plain@relay.test"),
+}
+TRAILING_DOT = ("reject-text.helo.test.", "s@remote.test", "plain@relay.test")  # (docs/security.md)
+
+
+async def key_replies(port: int, sessions=KEY_SESSIONS) -> dict[str, str]:
+    """The MAIL and RCPT replies of each session."""
+    got = {}
+    for name, (helo, sender, rcpt) in sessions.items():
+        client = await SmtpClient.connect(port)
+        await client.cmd(f"EHLO {helo}")
+        mail = await client.cmd(f"MAIL FROM:<{sender}>")
+        got[name] = f"{mail.text} | {(await client.cmd(f'RCPT TO:<{rcpt}>')).text}"
+        await client.close()
+    return got
+
+
+async def test_access_keys_are_the_ones_postfix_asks(postfix, mailflow_server, tmp_path):
+    """The key forms tests/interop/test_tables_vs_postfix.py leaves out: the null sender, case, user@, a
+    parent domain below an OK entry, a HELO name that is an address literal."""
+    pf, _ = postfix
+    pf_replies = await key_replies(pf.port)
+    (tmp_path / "access").write_text(table_text(9))
+    mf = await mailflow_server(mydestination=["local.test"], relayhost="[127.0.0.1]:9", mynetworks=["127.0.0.0/8"],
+                               smtpd={"relay_restrictions": ["permit_mynetworks", "reject_unauth_destination"],
+                                      **{f"{kind}_restrictions": [f"check_{kind}_access texthash:{tmp_path}/access"]
+                                         for kind in KINDS}})
+    mf_replies = await key_replies(mf.smtp_addresses[0][1])
+    assert {k: (pf_replies[k], mf_replies[k]) for k in pf_replies if pf_replies[k] != mf_replies[k]} == {}
+    assert pf_replies["null sender"] == "250 2.1.0 Ok | 554 5.7.1 <>: Sender address rejected: null sender"
+    assert pf_replies["user@ of any domain"].endswith("Sender address rejected: user at")
+    assert pf_replies["a parent's subdomain listed OK"].endswith("250 2.1.5 Ok")
+    # deliberate: a HELO name's trailing dot is not a way around its entry (Postfix looks the name up with it)
+    pf_dot = await key_replies(pf.port, {"dot": TRAILING_DOT})
+    mf_dot = await key_replies(mf.smtp_addresses[0][1], {"dot": TRAILING_DOT})
+    assert (pf_dot["dot"], mf_dot["dot"]) == ("250 2.1.0 Ok | 250 2.1.5 Ok", "250 2.1.0 Ok | 554 5.7.1 "
+                                              "<reject-text.helo.test.>: Helo command rejected: go away")
