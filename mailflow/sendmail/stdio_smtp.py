@@ -3,6 +3,9 @@
     StdioSmtp(reader, writer, submitter, opts).run() -> 0
 
 HELO, EHLO, MAIL, RCPT, DATA, RSET, NOOP, VRFY, QUIT; each message goes to the maildrop through the Submitter.
+EHLO offers PIPELINING, SIZE (`[smtpd] message_size_limit`), 8BITMIME and ENHANCEDSTATUSCODES; a MAIL whose
+SIZE= is past the limit is answered `552 5.3.4`, as Postfix's smtpd under -bs answers it (other MAIL and RCPT
+parameters are ignored: 8-bit content is found by its bytes).
 Pipelining works since input is read line by line. Every reply comes from mailflow.status (the greeting and the
 EHLO lines are the only plain strings). DATA is streamed like standard input in deliver mode (a CR inside a
 line becomes a space); too big is
@@ -77,7 +80,9 @@ class StdioSmtp:
         if not arg:
             return self._reply(status.syntax("EHLO hostname"))
         self._reset()
-        for line in (f"250-{self._host}", "250-PIPELINING", "250-8BITMIME", "250 ENHANCEDSTATUSCODES"):
+        limit = self._sub.config.smtpd.message_size_limit
+        for line in (f"250-{self._host}", "250-PIPELINING", f"250-SIZE {limit}" if limit else "250-SIZE",
+                     "250-8BITMIME", "250 ENHANCEDSTATUSCODES"):
             self._reply(line)
 
     def _do_MAIL(self, arg: str) -> None:
@@ -86,6 +91,10 @@ class StdioSmtp:
         address = _path(arg, "FROM")
         if address is None:
             return self._reply(status.syntax("MAIL FROM:<address>"))
+        declared = re.search(r"\sSIZE=(\d{1,20})(?:\s|$)", arg, re.IGNORECASE)
+        limit = self._sub.config.smtpd.message_size_limit
+        if declared and limit and int(declared.group(1)) > limit:
+            return self._reply(status.SIZE_EXCEEDS_LIMIT)
         try:
             sender = clean_address(address, self._sub.config.origin) if address else ""
         except UsageError:

@@ -169,6 +169,15 @@ async def test_bs_scripted_smtp_dialogue(mailflow_server, cfg, tmp_path):
         assert b"\n.dot-stuffed line\n" in message
 
 
+async def test_bs_offers_size_and_refuses_a_message_declared_too_big(cfg):
+    """Postfix's smtpd under -bs offers SIZE with message_size_limit and answers a bigger SIZE= at MAIL."""
+    config = cfg(smtpd={"listen": ["127.0.0.1:0"], "message_size_limit": 1000})
+    rc, out, _ = await run(config, "-bs", stdin=b"EHLO x\r\nMAIL FROM:<> SIZE=1001\r\nMAIL FROM:<> SIZE=1000\r\n"
+                                              b"QUIT\r\n")
+    assert rc == 0 and b"\r\n250-SIZE 1000\r\n" in out
+    assert b"552 5.3.4 Message size exceeds fixed limit\r\n250 2.1.0" in out
+
+
 async def test_bs_refuses_a_sender_the_user_may_not_use(cfg, tmp_path):
     config = cfg(sendmail={"local_login_sender_maps": ["inline:{nobody-else=*}"]})
     rc, out, _ = await run(config, "-bs", stdin=b"HELO x\r\nMAIL FROM:<ceo@bank.test>\r\nQUIT\r\n")
