@@ -274,7 +274,8 @@ class SmtpdLog:
                    after=after, client=client)
 
     def limit_exceeded(self, what: str, count: int, client: str, service: str) -> None:
-        """anvil: `what` is "Connection rate" or "Connection concurrency" (Postfix's words)."""
+        """anvil: `what` is "Connection rate", "Connection concurrency" or an event's (anvil.EVENT_LIMITS: "Message
+        delivery request rate"...), Postfix's words."""
         self._emit(logging.WARNING, "limit", f"{what} limit exceeded: {count} from {client} for service "
                    f"{service}", what=what, count=count, client=client, service_name=service)
 

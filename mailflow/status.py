@@ -449,6 +449,14 @@ def too_many_connections(host: str, ip: str) -> Reply:
     return Reply(421, "4.7.0", f"{host} Error: too many connections from {ip}")
 
 
+EVENT_RATE_TEXTS = {"mail": "too much mail"}  # what a client did too often (anvil.EVENT_LIMITS), Postfix's words
+
+
+def event_rate_exceeded(event: str, ip: str) -> Reply:
+    """Past a per-client event rate limit: the MAIL command refused, the session goes on (Postfix's reply)."""
+    return Reply(450, "4.7.1", f"Error: {EVENT_RATE_TEXTS[event]} from {ip}")
+
+
 def sender_login_mismatch(sender: str, login: str | None) -> Reply:
     """reject_sender_login_mismatch (Postfix: 553 5.7.1 … not owned by user …)."""
     who = f"not owned by user {login}" if login else "not logged in"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 
 import pytest
 
@@ -15,12 +16,13 @@ from mailflow import status
 from mailflow.clock import VirtualClock
 from mailflow.config import config_from_dict
 from mailflow.errors import ConfigError
+from mailflow.stages.smtpd import anvil as anvil_module
 from mailflow.stages.smtpd.anvil import Anvil, SessionSlots
 from mailflow.stages.smtpd.auth import (Authenticator, FailureCounter, PasswordHasher, SenderLogins, failure_delay,
                                         hash_password, parse_hash, verify_password)
 from mailflow.stages.smtpd.tls import TlsError
 from mailflow.tables import InlineTable
-from tests.support import SmtpClient, eventually, merged
+from tests.support import LOOPBACK_CLIENT, SmtpClient, eventually, merged
 
 FAST = {"n": 1024, "r": 8, "p": 1}  # a cheap hash for tests; the format is the same
 
@@ -277,6 +279,48 @@ def test_anvil_rate_starts_again_a_time_unit_after_the_first_connection():
     assert anvil.rate("192.0.2.1") == 1
 
 
+def test_anvil_counts_mail_per_time_unit_refused_ones_too():
+    """Postfix's smtpd_client_message_rate_limit: MAIL commands per time unit, those refused counted too; 0 is no
+    limit and counts nothing; exempt clients are not counted."""
+    clock = VirtualClock()
+    anvil = Anvil(count_limit=0, rate_limit=0, time_unit=60, clock=clock, count_events=True,
+                  exempt=lambda ip: ip == "127.0.0.1")
+    assert anvil.admit("192.0.2.1") is None
+    assert [anvil.event("mail", "192.0.2.1", 2) for _ in range(4)] == [
+        None, None, ("Message delivery request rate", 3), ("Message delivery request rate", 4)]
+    clock.advance(59)
+    assert anvil.event("mail", "192.0.2.1", 2) == ("Message delivery request rate", 5)
+    clock.advance(2)  # the unit that began with the connection is over: every count starts again
+    assert anvil.event("mail", "192.0.2.1", 2) is None
+    assert anvil.event("mail", "192.0.2.2", 0) is None and anvil.rate("192.0.2.2") == 0  # no limit: not counted
+    assert all(anvil.event("mail", "127.0.0.1", 1) is None for _ in range(5))
+
+
+def test_anvil_events_share_the_time_unit_of_the_connection():
+    """One time unit per client for all its counts, begun by its connection when that came first (anvil.c): a
+    MAIL 50 s into the unit and one 11 s later are in two units, where a unit begun at the first MAIL would hold
+    both."""
+    clock = VirtualClock()
+    anvil = Anvil(count_limit=50, rate_limit=0, time_unit=60, clock=clock, count_events=True)
+    assert anvil.admit("192.0.2.1") is None
+    clock.advance(50)
+    assert anvil.event("mail", "192.0.2.1", 1) is None
+    clock.advance(11)
+    assert anvil.event("mail", "192.0.2.1", 1) is None
+    assert anvil.event("mail", "192.0.2.1", 1) == ("Message delivery request rate", 2)
+
+
+def test_anvil_memory_stays_bounded_under_many_clients(monkeypatch):
+    """One record per client, dropped once its time unit is over when the table is full."""
+    monkeypatch.setattr(anvil_module, "STALE_SWEEP_SIZE", 100)
+    clock = VirtualClock()
+    anvil = Anvil(count_limit=0, rate_limit=0, time_unit=60, clock=clock, count_events=True)
+    for i in range(1000):
+        anvil.event("mail", f"10.0.{i // 250}.{i % 250}", 5)
+        clock.advance(1)
+    assert len(anvil._windows) <= 100
+
+
 async def test_session_slots_wait_then_refuse():
     slots = SessionSlots(1)
     assert await slots.acquire()
@@ -319,6 +363,22 @@ async def test_connection_rate_limit(mailflow_server):
         codes.append((await c.reply())[0])
         await c.close()
     assert codes == [220, 220, 421]
+
+
+async def test_message_rate_limit_refuses_mail_and_the_session_goes_on(mailflow_server, caplog):
+    caplog.set_level(logging.INFO)
+    mf = await mailflow_server(smtpd={"client_message_rate_limit": 2})
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    await ehlo(c)
+    replies = [await c.cmd(line) for line in ("MAIL FROM:<a@remote.test>", "RSET", "MAIL FROM:<bad",
+                                                "MAIL FROM:<a@remote.test>", "MAIL FROM:")]
+    assert [r.code for r in replies] == [250, 250, 501, 450, 501]  # the malformed one counted, not the usage
+    assert replies[3] == status.event_rate_exceeded("mail", "127.0.0.1")
+    assert replies[3].text == "450 4.7.1 Error: too much mail from 127.0.0.1"
+    assert (await c.cmd("NOOP")).code == 250
+    assert [r.getMessage() for r in caplog.records if "limit exceeded" in r.getMessage()] == [
+        f"Message delivery request rate limit exceeded: 3 from {LOOPBACK_CLIENT} for service smtp"]
+    await c.close()
 
 
 async def test_max_sessions_holds_the_greeting_until_a_slot_frees(mailflow_server):

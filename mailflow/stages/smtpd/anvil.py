@@ -1,4 +1,4 @@
-"""smtpd's connection limits (Postfix anvil(8) and master.cf maxproc), one set per listener.
+"""smtpd's per-client limits (Postfix anvil(8) and master.cf maxproc), one set per listener.
 
 What it owns
 - `Anvil.admit(ip)`: counts a new connection of client `ip` and says whether it may have a session: at most
@@ -12,13 +12,20 @@ What it owns
   Clients for which `exempt(ip)` is true (mynetworks, as Postfix's smtpd_client_event_limit_exceptions
   default) are never limited. `release(ip)` when an admitted session ends. `adopt_limits(other)`: a reload's
   limits, the counts kept.
+- `Anvil.event(kind, ip, limit)`: counts one of a session's events, "mail" (MAIL), against the session's `limit`
+  (0: not counted, as Postfix's smtpd asks anvil only for a limit it has); a `Refusal` once the client has more
+  than `limit` in its time unit. All of a client's counts share one time unit (anvil.c's ANVIL_REMOTE: the first
+  event after the last unit, a connection included, starts the next one and sets every count to zero), so when
+  `count_events` is set its connections are counted in it too, rate limit or not.
+  Memory: one record per client (a start time and its counts, changed in place); past STALE_SWEEP_SIZE clients,
+  those whose time unit is over are dropped when a new one comes.
 - `SessionSlots`: the listener's sessions at once (`max_sessions`). A connection beyond it waits, without a
   greeting, for a slot to free (back-pressure, as a Postfix service at its process limit leaves connections in
   the listen queue); when as many are already waiting, it is refused (the caller answers 421 4.3.2).
   `resize(limit)`: a reload's limit, for new connections; the sessions above a lowered one are not cut.
 
-Failure behaviour: pure bookkeeping, no I/O; a refusal is a `Refusal` (the caller logs it, sends the 421 and
-closes).
+Failure behaviour: pure bookkeeping, no I/O; a refusal is a `Refusal` (the caller logs it and answers: 421 and
+close for a connection, 450 4.7.1 for an event).
 """
 from __future__ import annotations
 
@@ -29,41 +36,72 @@ from typing import Callable, NamedTuple
 from mailflow.clock import Clock
 
 STALE_SWEEP_SIZE = 10_000  # clients remembered for the rate before those whose time unit is over are swept
+# A session's events counted per client and time unit, with the words of Postfix's anvil warnings for them
+EVENT_LIMITS = {"mail": "Message delivery request rate"}
+_COUNTED = ("connect", *EVENT_LIMITS)  # the counts of a _Window, in this order
 
 
 class Refusal(NamedTuple):
-    """Why a connection was refused, in Postfix's words: `limit` ("Connection concurrency", "Connection rate")
-    and the client's `number` of connections (at once, or in the time unit) with this one."""
+    """Why a connection or an event was refused, in Postfix's words: `limit` ("Connection concurrency",
+    "Connection rate", or one of EVENT_LIMITS) and the client's `number` (of connections at once, or of such
+    events in the time unit) with this one."""
 
     limit: str
     number: int
 
 
+class _Window:
+    """One client's time unit: when it began and its counts since (connections, then EVENT_LIMITS' events)."""
+
+    __slots__ = ("start", "counts")
+
+    def __init__(self, start: float):
+        self.start = start
+        self.counts = [0] * len(_COUNTED)
+
+    def add(self, kind: str, now: float, time_unit: float) -> int:
+        """Count one `kind` at `now` (every count from zero once the unit is over); the count with it."""
+        if self.start + time_unit < now:
+            self.start = now
+            self.counts[:] = [0] * len(_COUNTED)
+        index = _COUNTED.index(kind)
+        self.counts[index] += 1
+        return self.counts[index]
+
+    def current(self, kind: str, now: float, time_unit: float) -> int:
+        return 0 if self.start + time_unit < now else self.counts[_COUNTED.index(kind)]
+
+
 class Anvil:
     def __init__(self, *, count_limit: int, rate_limit: int, time_unit: float, clock: Clock,
-                 exempt: Callable[[str], bool] = lambda ip: False):
+                 exempt: Callable[[str], bool] = lambda ip: False, count_events: bool = False):
+        """`count_events`: the listener limits some session event (EVENT_LIMITS), so connections are counted in
+        every client's time unit even without a rate limit."""
         self._count_limit = count_limit
         self._rate_limit = rate_limit
         self._time_unit = time_unit
         self._clock = clock
         self._exempt = exempt
+        self._count_events = count_events
         self._sessions: dict[str, int] = {}
-        self._windows: dict[str, tuple[float, int]] = {}  # per client: when its time unit began, connections since
+        self._windows: dict[str, _Window] = {}  # per client: its time unit and its counts in it
 
     def adopt_limits(self, other: "Anvil") -> None:
         """A reload: `other`'s limits and exemptions from now on; the counts so far stay."""
         self._count_limit, self._rate_limit = other._count_limit, other._rate_limit
         self._time_unit, self._exempt = other._time_unit, other._exempt
+        self._count_events = other._count_events
 
     def admit(self, ip: str) -> Refusal | None:
         """None: admitted (and counted; call release later). Else why not."""
         if self._exempt(ip):
             return None
-        too_fast = self._rate_limit and self._rate_exceeded(ip)  # (counted whichever limit refuses it)
+        rate = self._add(ip, "connect") if self._rate_limit or self._count_events else 0
+        too_fast = self._rate_limit and rate > self._rate_limit  # (counted whichever limit refuses it)
         if self._count_limit and self._sessions.get(ip, 0) >= self._count_limit:  # named first, as Postfix does
             return Refusal("Connection concurrency", self._sessions[ip] + 1)
         if too_fast:
-            return Refusal("Connection rate", self.rate(ip))
+            return Refusal("Connection rate", rate)
         self._sessions[ip] = self._sessions.get(ip, 0) + 1
         return None
 
@@ -79,27 +117,34 @@ class Anvil:
 
     def rate(self, ip: str) -> int:
         """Connections of `ip` counted in its current time unit (refused ones included); 0 once it is over."""
-        start, count = self._windows.get(ip, (0.0, 0))
-        return count if not self._over(start, self._clock.time()) else 0
+        return self._current(ip, "connect")
 
-    def _rate_exceeded(self, ip: str) -> bool:
-        """Count a connection of `ip`; True when it passes the rate limit (anvil.c's ANVIL_REMOTE_INCR_RATE: the
-        count starts again at the first connection after the time unit)."""
+    def event(self, kind: str, ip: str, limit: int) -> Refusal | None:
+        """Count event `kind` (a key of EVENT_LIMITS) of `ip`, unless `limit` is 0 or `ip` exempt; a Refusal
+        when it makes more than `limit` in the client's time unit (refused ones count too, as in Postfix)."""
+        if not limit or self._exempt(ip):
+            return None
+        count = self._add(ip, kind)
+        return Refusal(EVENT_LIMITS[kind], count) if count > limit else None
+
+    def _add(self, ip: str, kind: str) -> int:
+        """Count one `kind` of `ip` (anvil.c's ANVIL_REMOTE_INCR_RATE: every count starts again at the first event
+        after the time unit); its count in the unit with this one."""
         now = self._clock.time()
-        start, count = self._windows.get(ip, (now, 0))
-        if self._over(start, now):
-            start, count = now, 0
-        elif ip not in self._windows and len(self._windows) >= STALE_SWEEP_SIZE:
-            self._forget_stale(now)
-        self._windows[ip] = (start, count + 1)
-        return count + 1 > self._rate_limit
+        window = self._windows.get(ip)
+        if window is None:
+            if len(self._windows) >= STALE_SWEEP_SIZE:
+                self._forget_stale(now)
+            window = self._windows[ip] = _Window(now)
+        return window.add(kind, now, self._time_unit)
 
-    def _over(self, start: float, now: float) -> bool:
-        return start + self._time_unit < now
+    def _current(self, ip: str, kind: str) -> int:
+        window = self._windows.get(ip)
+        return window.current(kind, self._clock.time(), self._time_unit) if window is not None else 0
 
     def _forget_stale(self, now: float) -> None:
         """Drop clients whose time unit is over (bounds memory under many client IPs)."""
-        for ip in [ip for ip, (start, _) in self._windows.items() if self._over(start, now)]:
+        for ip in [ip for ip, window in self._windows.items() if window.start + self._time_unit < now]:
             del self._windows[ip]
 
 

@@ -636,6 +636,19 @@ class ProtocolCore(SMTP):
         await self.push(status.NEED_HELO)
         return True
 
+    def _rate_exceeded(self, event: str) -> bool:
+        """Count one of the session's per-client events (anvil.EVENT_LIMITS) and say whether its client is past
+        that event's rate limit (logged then). Here nothing is limited: server.ListenerSession counts."""
+        return False
+
+    async def refused_for_rate(self, event: str) -> bool:
+        """Count `event`; past its per-client rate limit, `450 4.7.1 Error: too much mail from IP` (its event's
+        words) and True: the command is refused and the session goes on, as in Postfix."""
+        if not self._rate_exceeded(event):
+            return False
+        await self.push(status.event_rate_exceeded(event, self.session.peer_ip))
+        return True
+
     async def smtp_VRFY(self, arg: str | None) -> None:
         """Off by default (disable_vrfy_command). On, the answer is the same for every address (252): VRFY
         never tells which users exist."""

@@ -18,7 +18,9 @@ AUTH (PLAIN, LOGIN; the exchange is secure.py's, the check auth.py's) is offered
 belong to the server: one for all its listeners and every reload; so does the connection to Dovecot's auth
 server when `sasl_type` is "dovecot" (one per `sasl_path`, closed at the stop). With reject_sender_login_mismatch,
 MAIL FROM an address the login does not own gets 553 5.7.1 (auth.py). `ListenerSession` adds the admission to the
-session (session.py): it gives back its per-client count and its slot however it ends (`_session_ended`).
+session (session.py): it gives back its per-client count and its slot however it ends (`_session_ended`). It also
+counts the session's per-client events (MAIL: client_message_rate_limit) in its listener's anvil, with the limits
+it started with.
 
 Trusted front ends (frontends.py): with upstream_proxy_protocol "haproxy" the PROXY header is read
 before the admission, so that connection limits, mynetworks and logs see the real client; XCLIENT from
@@ -84,6 +86,8 @@ STOP_POLL = 0.05  # seconds between looks at the sessions of a stopping server
 LISTEN_BACKLOG = 100  # connections the kernel queues for a listener (asyncio's create_server default)
 # What a reload replaces in a running listener (its address, socket, session slots and counts stay).
 RELOADED = ("role", "config", "handler", "authenticator", "sender_logins", "frontends", "limits")
+# The [smtpd] setting that limits each per-client event (anvil.EVENT_LIMITS) per anvil_rate_time_unit
+EVENT_LIMIT_SETTINGS = {"mail": "client_message_rate_limit"}
 
 
 @dataclass
@@ -135,8 +139,7 @@ class ListenerSession(SmtpSession):
         ip = self.session.peer_ip
         refusal = self._listener.anvil.admit(ip)
         if refusal is not None:
-            self.record.lines.limit_exceeded(refusal.limit, refusal.number, self.session.client,
-                                             "smtp" if self._role == "mta" else self._role)
+            self.record.lines.limit_exceeded(refusal.limit, refusal.number, self.session.client, self._service)
             await self._refuse_and_close(status.too_many_connections(self.hostname, ip))
             return False
         self._admitted_ip = ip
@@ -155,6 +158,24 @@ class ListenerSession(SmtpSession):
             self.log_tls()
         if self._smtpd.allow_plaintext_auth_on_loopback and is_loopback(ip):
             self._auth_needs_tls = False
+        return True
+
+    @property
+    def _service(self) -> str:
+        """The service a limit's warning names, as master.cf names Postfix's: smtp, submission, submissions."""
+        return "smtp" if self._role == "mta" else self._role
+
+    def _rate_exceeded(self, event: str) -> bool:
+        """Count `event` for the client as named now (after XCLIENT, the one it names) against the limit this
+        session started with (EVENT_LIMIT_SETTINGS); past it, Postfix's anvil warning. Exempt, as in Postfix:
+        mynetworks (the anvil's exemption) and authorized XCLIENT hosts."""
+        ip = self.session.peer_ip
+        if in_networks(ip, self._frontends.xclient_hosts):
+            return False
+        refusal = self._listener.anvil.event(event, ip, getattr(self._smtpd, EVENT_LIMIT_SETTINGS[event]))
+        if refusal is None:
+            return False
+        self.record.lines.limit_exceeded(refusal.limit, refusal.number, self.session.client, self._service)
         return True
 
     def _session_ended(self) -> None:
@@ -206,7 +227,8 @@ class Smtpd:
         networks = [ipaddress.ip_network(n, strict=False) for n in self._config.mynetworks]
         anvil = Anvil(count_limit=smtpd.client_connection_count_limit, rate_limit=smtpd.client_connection_rate_limit,
                       time_unit=smtpd.anvil_rate_time_unit, clock=self._clock,
-                      exempt=lambda ip: in_networks(ip, networks))
+                      exempt=lambda ip: in_networks(ip, networks),
+                      count_events=any(getattr(smtpd, setting) for setting in EVENT_LIMIT_SETTINGS.values()))
         authenticator = None
         if smtpd.sasl_auth_enable:
             authenticator = Authenticator(backend=self._auth_backend(smtpd), clock=self._clock,
