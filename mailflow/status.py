@@ -449,11 +449,13 @@ def too_many_connections(host: str, ip: str) -> Reply:
     return Reply(421, "4.7.0", f"{host} Error: too many connections from {ip}")
 
 
-EVENT_RATE_TEXTS = {"mail": "too much mail"}  # what a client did too often (anvil.EVENT_LIMITS), Postfix's words
+# what a client did too often (anvil.EVENT_LIMITS), in Postfix's words
+EVENT_RATE_TEXTS = {"mail": "too much mail", "rcpt": "too many recipients"}
 
 
 def event_rate_exceeded(event: str, ip: str) -> Reply:
-    """Past a per-client event rate limit: the MAIL command refused, the session goes on (Postfix's reply)."""
+    """Past a per-client event rate limit: the command (MAIL, RCPT, VRFY) refused, the session goes on (Postfix's
+    reply)."""
     return Reply(450, "4.7.1", f"Error: {EVENT_RATE_TEXTS[event]} from {ip}")
 
 

@@ -310,6 +310,13 @@ def test_anvil_events_share_the_time_unit_of_the_connection():
     assert anvil.event("mail", "192.0.2.1", 1) == ("Message delivery request rate", 2)
 
 
+def test_anvil_counts_each_event_apart():
+    clock = VirtualClock()
+    anvil = Anvil(count_limit=0, rate_limit=0, time_unit=60, clock=clock, count_events=True)
+    assert [anvil.event("rcpt", "192.0.2.1", 2) for _ in range(3)] == [None, None, ("Recipient address rate", 3)]
+    assert anvil.event("mail", "192.0.2.1", 1) is None  # its own count
+
+
 def test_anvil_memory_stays_bounded_under_many_clients(monkeypatch):
     """One record per client, dropped once its time unit is over when the table is full."""
     monkeypatch.setattr(anvil_module, "STALE_SWEEP_SIZE", 100)
@@ -378,6 +385,22 @@ async def test_message_rate_limit_refuses_mail_and_the_session_goes_on(mailflow_
     assert (await c.cmd("NOOP")).code == 250
     assert [r.getMessage() for r in caplog.records if "limit exceeded" in r.getMessage()] == [
         f"Message delivery request rate limit exceeded: 3 from {LOOPBACK_CLIENT} for service smtp"]
+    await c.close()
+
+
+async def test_recipient_rate_limit_counts_refused_recipients_and_vrfy(mailflow_server, caplog):
+    caplog.set_level(logging.INFO)
+    mf = await mailflow_server(smtpd={"client_recipient_rate_limit": 3, "recipient_limit": 1,
+                                      "disable_vrfy_command": False})
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    await ehlo(c)
+    replies = [await c.cmd(line) for line in ("MAIL FROM:<a@remote.test>", "RCPT TO:<alice@local.test>",
+                                                "RCPT TO:<bob@local.test>", "VRFY bob", "RCPT TO:<alice@local.test>",
+                                                "NOOP")]
+    assert [r.code for r in replies] == [250, 250, 452, 252, 450, 250]  # past recipient_limit: counted all the same
+    assert replies[4].text == "450 4.7.1 Error: too many recipients from 127.0.0.1"
+    assert [r.getMessage() for r in caplog.records if "limit exceeded" in r.getMessage()] == [
+        f"Recipient address rate limit exceeded: 4 from {LOOPBACK_CLIENT} for service smtp"]
     await c.close()
 
 

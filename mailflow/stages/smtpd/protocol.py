@@ -651,7 +651,8 @@ class ProtocolCore(SMTP):
 
     async def smtp_VRFY(self, arg: str | None) -> None:
         """Off by default (disable_vrfy_command). On, the answer is the same for every address (252): VRFY
-        never tells which users exist."""
+        never tells which users exist. It counts toward the client's recipient rate, as in Postfix (450 4.7.1
+        past it)."""
         if self._limits.disable_vrfy_command:
             await self.push(status.VRFY_DISABLED)
             return
@@ -659,6 +660,8 @@ class ProtocolCore(SMTP):
             return
         if not arg:
             await self.push(status.syntax("VRFY <address>"))
+            return
+        if await self.refused_for_rate("rcpt"):
             return
         await self.push(status.CANNOT_VRFY)  # whatever the argument: no need to parse it
 

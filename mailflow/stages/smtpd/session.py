@@ -22,7 +22,7 @@ Failure behaviour (each refusal is a reply from `mailflow.status`; the session n
 - a command line that is not valid UTF-8: 500 5.5.2 Error: bad UTF-8 syntax (Postfix with SMTPUTF8).
 - MAIL/RCPT: no FROM:/TO: 501 5.5.4; a malformed path 501 5.1.7 / 5.1.3 (logged as Postfix's "Illegal
   address syntax"); an unknown parameter 555 5.5.4; past recipient_limit 452 4.5.3, counted as an error only
-  past recipient_overshoot_limit; past the client's message rate (anvil) 450 4.7.1.
+  past recipient_overshoot_limit; past the client's message or recipient rate (anvil) 450 4.7.1.
 - STARTTLS inside TLS: 554 5.5.1; inside a mail transaction: 503 5.5.1.
 - BDAT 0 without LAST: 551 5.7.1 Null BDAT request; the transaction has failed: its later chunks are read and
   discarded (551 5.0.0), the last one ending it (Postfix's replies).

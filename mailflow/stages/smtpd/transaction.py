@@ -7,19 +7,21 @@ What it owns
   its parameters (`mail_parameters`: SIZE, BODY, SMTPUTF8, AUTH= (RFC 4954: accepted, not trusted; kept as the
   message's sasl_sender, as Postfix keeps it), RET and ENVID (RFC 3461, checked by dsn.py)), the sender-login
   check, then the handler's `handle_MAIL`.
-- `smtp_RCPT`: `RCPT TO:<address> [NOTIFY=… ORCPT=…]`, the recipient limit, then the handler's `handle_RCPT`
-  (the restriction lists). The DSN parameters of each accepted recipient go to `Transaction.rcpt_dsn`, and the
-  address as the client wrote it (quotes, trailing dot and case kept: Postfix's original recipient, for ORCPT,
-  X-Original-To and DSN Original-Recipient) to `Transaction.rcpt_written`.
+- `smtp_RCPT`: `RCPT TO:<address> [NOTIFY=… ORCPT=…]`: once its usage is right, the client's recipient rate
+  (client_recipient_rate_limit, as MAIL's: so a RCPT refused later counts too, as in Postfix), the recipient
+  limit, then the handler's `handle_RCPT` (the restriction lists). The DSN parameters of each accepted
+  recipient go to `Transaction.rcpt_dsn`, and the address as the client wrote it (quotes, trailing dot and case
+  kept: Postfix's original recipient, for ORCPT, X-Original-To and DSN Original-Recipient) to
+  `Transaction.rcpt_written`.
 - The DSN keyword of EHLO is offered for these parameters (protocol.LAYER_KEYWORDS).
 
 Failure behaviour (each refusal a `mailflow.status` reply; nothing raises for a client's input): no FROM:/TO:,
-or nothing after it, 501 5.5.4; past the client's message rate 450 4.7.1 (logged; the session goes on); a
-malformed path 501 5.1.7 / 5.1.3 (logged as Postfix's "Illegal address syntax"); parameters without EHLO 501
-5.5.4; an unknown parameter 555 5.5.4; a malformed or repeated DSN parameter 501 5.5.4; a bad SIZE 501 5.5.4,
-one over message_size_limit (or past OFF_T_MAX, Postfix's "file system imposed limit") 552 5.3.4; AUTH= after
-one that named a sender 503 5.5.4; MAIL twice 503 5.5.1; RCPT before MAIL, or once BDAT content has begun, 503
-5.5.1; past recipient_limit 452 4.5.3, counted as an error only past recipient_overshoot_limit.
+or nothing after it, 501 5.5.4; past the client's message or recipient rate 450 4.7.1 (logged; the session
+goes on); a malformed path 501 5.1.7 / 5.1.3 (logged as Postfix's "Illegal address syntax"); parameters without
+EHLO 501 5.5.4; an unknown parameter 555 5.5.4; a malformed or repeated DSN parameter 501 5.5.4; a bad SIZE 501
+5.5.4, one over message_size_limit (or past OFF_T_MAX, Postfix's "file system imposed limit") 552 5.3.4; AUTH=
+after one that named a sender 503 5.5.4; MAIL twice 503 5.5.1; RCPT before MAIL, or once BDAT content has
+begun, 503 5.5.1; past recipient_limit 452 4.5.3, counted as an error only past recipient_overshoot_limit.
 """
 from __future__ import annotations
 
@@ -154,9 +156,9 @@ class TransactionCommands(SecureCommands):
     async def _path_argument(self, arg: str | None, keyword: str, command: str, bad: status.Reply):
         """(address, address as written, parameter words) of `FROM:<address> params` or `TO:…`, or None when a
         refusal was sent:
-        501 5.5.4 usage without the keyword or without a path, then the client's MAIL rate counted (450 4.7.1
-        past its limit: a malformed path counts too, as in Postfix), `bad` (501 5.1.7 / 5.1.3) for a malformed
-        path."""
+        501 5.5.4 usage without the keyword or without a path, then the client's MAIL or RCPT rate counted (450
+        4.7.1 past its limit: a malformed path counts too, as in Postfix), `bad` (501 5.1.7 / 5.1.3) for a
+        malformed path."""
         usage = f"{command} {keyword}<address>"
         if not arg or arg[:len(keyword)].upper() != keyword:
             await self.push(status.syntax(usage))
@@ -165,7 +167,7 @@ class TransactionCommands(SecureCommands):
         if not text.strip(" \t"):  # no path at all (`<>` is one): Postfix's usage reply, for MAIL as for RCPT
             await self.push(status.syntax(usage))
             return None
-        if command == "MAIL" and await self.refused_for_rate("mail"):  # counted where Postfix counts it
+        if await self.refused_for_rate(command.lower()):  # "mail" or "rcpt", counted where Postfix counts them
             return None
         try:
             addr, written, rest = address.parse_written_path(text)
