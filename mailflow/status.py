@@ -450,11 +450,11 @@ def too_many_connections(host: str, ip: str) -> Reply:
 
 
 # what a client did too often (anvil.EVENT_LIMITS), in Postfix's words
-EVENT_RATE_TEXTS = {"mail": "too much mail", "rcpt": "too many recipients"}
+EVENT_RATE_TEXTS = {"mail": "too much mail", "rcpt": "too many recipients", "auth": "too many AUTH commands"}
 
 
 def event_rate_exceeded(event: str, ip: str) -> Reply:
-    """Past a per-client event rate limit: the command (MAIL, RCPT, VRFY) refused, the session goes on (Postfix's
+    """Past a per-client event rate limit: the command (MAIL, RCPT, VRFY, AUTH) refused, the session goes on (Postfix's
     reply)."""
     return Reply(450, "4.7.1", f"Error: {EVENT_RATE_TEXTS[event]} from {ip}")
 

@@ -123,6 +123,24 @@ async def test_plaintext_auth_only_on_loopback_when_allowed(mailflow_server, pki
     await c.close()
 
 
+async def test_auth_rate_limit_counts_every_auth_command(mailflow_server, pki, users, caplog):
+    """Failed logins and refused AUTH commands count; past the limit even the right password gets 450 4.7.1, and
+    the session goes on (Postfix's smtpd_client_auth_rate_limit)."""
+    caplog.set_level(logging.INFO)
+    _, cert, _ = pki
+    mf = await mailflow_server(**door(cert, users, sasl_auth_enable=True, allow_plaintext_auth_on_loopback=True,
+                                      client_auth_rate_limit=2))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    await ehlo(c)
+    replies = [await c.cmd(line) for line in ("AUTH PLAIN " + b64(b"\0alice\0wrong"), "AUTH CRAM-MD5",
+                                                "AUTH PLAIN " + b64(b"\0alice\0s3cret"), "NOOP")]
+    assert [r.code for r in replies] == [535, 504, 450, 250]
+    assert replies[2].text == "450 4.7.1 Error: too many AUTH commands from 127.0.0.1"
+    assert [r.getMessage() for r in caplog.records if "limit exceeded" in r.getMessage()] == [
+        f"AUTH command rate limit exceeded: 3 from {LOOPBACK_CLIENT} for service smtp"]
+    await c.close()
+
+
 async def test_listener_overrides_apply_to_that_listener_only(mailflow_server):
     mf = await mailflow_server(smtpd={"listeners": [
         {"address": "127.0.0.1:0", "overrides": {"recipient_limit": 1, "banner": "ESMTP other"}}]})

@@ -1,11 +1,12 @@
 """Differential test: smtpd's abuse limits and timeouts against a private Postfix configured alike (low limits,
 so that each comparison takes seconds). Compared: the reply (code, enhanced code, text word for word, the host
 name normalised), when it comes, and what is logged: the per-client connection count and rate (anvil, the time
-unit included), the per-client message and recipient rates (which MAIL, RCPT and VRFY commands count) and
-smtpd_timeout between commands, in DATA and BDAT content and after the message.
+unit included), the per-client message, recipient and AUTH rates (which MAIL, RCPT, VRFY and AUTH commands
+count) and smtpd_timeout between commands, in DATA and BDAT content and after the message.
 
-Not compared: smtpd_client_new_tls_session_rate_limit and _auth_rate_limit (mailflow has neither); line_length_limit and header_size_limit, where mailflow differs on purpose (docs/security.md,
-docs/config.md: a long command line is refused, a big header refused).
+Not compared: smtpd_client_new_tls_session_rate_limit (mailflow has none); line_length_limit and header_size_limit,
+where mailflow differs on purpose (docs/security.md, docs/config.md: a long command line is refused, a big header
+refused).
 """
 from __future__ import annotations
 
@@ -123,19 +124,21 @@ async def test_connection_limits_match_a_real_postfix(mailflow_server, caplog):
                                    for what, n in [("concurrency", 3), ("concurrency", 3), ("rate", 7)]]
 
 
-EVENT_LIMITS = {"message": 2, "recipient": 3}  # smtpd_client_<name>_rate_limit (Postfix), client_<name>_rate_limit (mailflow)
+# smtpd_client_<name>_rate_limit (Postfix), client_<name>_rate_limit (mailflow)
+EVENT_LIMITS = {"message": 2, "recipient": 3, "auth": 2}
 
 
 async def events(port: int) -> list[str]:
     """Per-client event limits within one time unit: each command and its reply (hosts normalised). A refused
     command still counts (an unknown user, a malformed path); the usage error comes before the count; VRFY
-    counts as a recipient."""
+    counts as a recipient; an AUTH refused because AUTH is not offered counts."""
     c = await SmtpClient.connect(port)
     assert (await c.cmd("EHLO client.test")).code == 250
     seen = []
     for line in ["MAIL FROM:<s@remote.test>", "RCPT TO:<alice@local.test>", "RCPT TO:<carol@local.test>",
                  "RCPT TO:<bad", "RCPT TO:<alice@local.test>", "RCPT TO:", "VRFY alice@local.test", "RSET",
-                 "MAIL FROM:<bad", "MAIL FROM:<s@remote.test>", "MAIL FROM:", "NOOP"]:
+                 "MAIL FROM:<bad", "MAIL FROM:<s@remote.test>", "MAIL FROM:", "AUTH PLAIN", "AUTH", "AUTH PLAIN",
+                 "NOOP"]:
         seen.append(f"{line} -> {same_host((await c.cmd(line)).text)}")
     await leave(c)
     return seen
@@ -145,11 +148,13 @@ async def test_event_limits_match_a_real_postfix(mailflow_server, caplog):
     caplog.set_level(logging.INFO)
     limits = {f"smtpd_client_{name}_rate_limit": str(n) for name, n in EVENT_LIMITS.items()}
     async with postfix_instance({"myhostname": PF_HOST, "mynetworks": NETWORKS, "mydestination": "local.test",
-                                 "local_recipient_maps": "inline:{alice=ok}", **limits}) as pf:
+                                 "local_recipient_maps": "inline:{alice=ok}", "smtpd_error_sleep_time": "0",
+                                 **limits}) as pf:
         postfix = await events(pf.port)
-        await eventually(lambda: len(pf_warnings(pf.maillog)) >= 3, timeout=5, what="Postfix's anvil warnings")
+        await eventually(lambda: len(pf_warnings(pf.maillog)) >= 4, timeout=5, what="Postfix's anvil warnings")
         pf_log = pf.maillog
     mf = await mailflow_server(mynetworks=[NETWORKS], smtpd={"disable_vrfy_command": False,  # Postfix's default
+                                                             "error_sleep_time": 0,  # past 10 errors: no tarpit
                                                              **{f"client_{name}_rate_limit": n
                                                                 for name, n in EVENT_LIMITS.items()}})
     assert accepts(mf.smtp_addresses[0][1])  # a connection first, as Postfix's readiness probe
@@ -159,9 +164,10 @@ async def test_event_limits_match_a_real_postfix(mailflow_server, caplog):
     # Postfix's own, so that a change on both sides cannot pass unnoticed
     assert "MAIL FROM:<s@remote.test> -> 450 4.7.1 Error: too much mail from 127.0.0.1" in postfix
     assert "VRFY alice@local.test -> 450 4.7.1 Error: too many recipients from 127.0.0.1" in postfix
+    assert postfix[-2] == "AUTH PLAIN -> 450 4.7.1 Error: too many AUTH commands from 127.0.0.1"
     assert pf_warnings(pf_log) == [f"{what} rate limit exceeded: {n} from {LOOPBACK_CLIENT} for service smtp"
                                    for what, n in [("Recipient address", 4), ("Recipient address", 5),
-                                                   ("Message delivery request", 3)]]
+                                                   ("Message delivery request", 3), ("AUTH command", 3)]]
 
 
 BODY_SO_FAR = b"Subject: slow\r\n\r\nbody"  # then the client stalls

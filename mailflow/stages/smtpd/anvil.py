@@ -12,12 +12,11 @@ What it owns
   Clients for which `exempt(ip)` is true (mynetworks, as Postfix's smtpd_client_event_limit_exceptions
   default) are never limited. `release(ip)` when an admitted session ends. `adopt_limits(other)`: a reload's
   limits, the counts kept.
-- `Anvil.event(kind, ip, limit)`: counts one of a session's events, "mail" (MAIL) or "rcpt" (RCPT, VRFY),
-  against the session's `limit` (0: not counted, as Postfix's smtpd asks anvil only for a limit it has); a
-  `Refusal` once the client has more than `limit` in its time unit. All of a client's counts share one time
-  unit (anvil.c's ANVIL_REMOTE: the first event after the last unit, a connection included, starts the next one
-  and sets every count to zero), so when `count_events` is set its connections are counted in it too, rate
-  limit or not.
+- `Anvil.event(kind, ip, limit)`: counts one of a session's events, "mail" (MAIL), "rcpt" (RCPT, VRFY) or "auth"
+  (AUTH), against the session's `limit` (0: not counted, as Postfix's smtpd asks anvil only for a limit it has); a
+  `Refusal` once the client has more than `limit` in its time unit. All of a client's counts share one time unit
+  (anvil.c's ANVIL_REMOTE: the first event after the last unit, a connection included, starts the next one and sets
+  every count to zero), so when `count_events` is set its connections are counted in it too, rate limit or not.
   Memory: one record per client (a start time and its counts, changed in place); past STALE_SWEEP_SIZE clients,
   those whose time unit is over are dropped when a new one comes.
 - `SessionSlots`: the listener's sessions at once (`max_sessions`). A connection beyond it waits, without a
@@ -38,7 +37,8 @@ from mailflow.clock import Clock
 
 STALE_SWEEP_SIZE = 10_000  # clients remembered for the rate before those whose time unit is over are swept
 # A session's events counted per client and time unit, with the words of Postfix's anvil warnings for them
-EVENT_LIMITS = {"mail": "Message delivery request rate", "rcpt": "Recipient address rate"}
+EVENT_LIMITS = {"mail": "Message delivery request rate", "rcpt": "Recipient address rate",
+                "auth": "AUTH command rate"}
 _COUNTED = ("connect", *EVENT_LIMITS)  # the counts of a _Window, in this order
 
 

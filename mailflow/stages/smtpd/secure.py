@@ -15,6 +15,8 @@ What it owns
   `session.auth_data` (`authenticated`), the mechanism `session.auth_mechanism`. Answers read through the
   strict wire reader (`challenge_auth`), each at most SASL_RESPONSE_LIMIT bytes (Postfix's
   smtpd_sasl_response_limit; longer: 500 5.5.6 and the AUTH ends, the session goes on).
+- Every AUTH command, before any other check, counts toward the client's AUTH rate (client_auth_rate_limit:
+  the listener's anvil, as Postfix's smtpd_client_auth_rate_limit); past it 450 4.7.1, the session goes on.
 - `check_auth_needed`: with `auth_required` (submission), MAIL, RCPT, DATA, BDAT, VRFY and ETRN need a login
   first (530 5.7.0).
 - `_sender_refusal(sender)`: reject_sender_login_mismatch (`sender_logins`: auth.SenderLogins, None: off),
@@ -142,7 +144,10 @@ class SecureCommands(FrontEndCommands):
 
     async def smtp_AUTH(self, arg: str | None) -> None:
         """RFC 4954 AUTH PLAIN and LOGIN (with or without an initial response), checked by the listener's
-        Authenticator; the login becomes `session.auth_data`, the mechanism `session.auth_mechanism`."""
+        Authenticator; the login becomes `session.auth_data`, the mechanism `session.auth_mechanism`. Every AUTH
+        command counts toward the client's AUTH rate first, as in Postfix."""
+        if await self.refused_for_rate("auth"):
+            return
         refusal = self._auth_refusal(arg)
         if refusal is not None:
             await self.push(refusal)

@@ -20,7 +20,7 @@ server when `sasl_type` is "dovecot" (one per `sasl_path`, closed at the stop). 
 MAIL FROM an address the login does not own gets 553 5.7.1 (auth.py). `ListenerSession` adds the admission to the
 session (session.py): it gives back its per-client count and its slot however it ends (`_session_ended`). It also
 counts the session's per-client events (MAIL: client_message_rate_limit; RCPT and VRFY:
-client_recipient_rate_limit) in its listener's anvil, with the limits it started with.
+client_recipient_rate_limit; AUTH: client_auth_rate_limit) in its listener's anvil, with the limits it started with.
 
 Trusted front ends (frontends.py): with upstream_proxy_protocol "haproxy" the PROXY header is read
 before the admission, so that connection limits, mynetworks and logs see the real client; XCLIENT from
@@ -87,7 +87,8 @@ LISTEN_BACKLOG = 100  # connections the kernel queues for a listener (asyncio's 
 # What a reload replaces in a running listener (its address, socket, session slots and counts stay).
 RELOADED = ("role", "config", "handler", "authenticator", "sender_logins", "frontends", "limits")
 # The [smtpd] setting that limits each per-client event (anvil.EVENT_LIMITS) per anvil_rate_time_unit
-EVENT_LIMIT_SETTINGS = {"mail": "client_message_rate_limit", "rcpt": "client_recipient_rate_limit"}
+EVENT_LIMIT_SETTINGS = {"mail": "client_message_rate_limit", "rcpt": "client_recipient_rate_limit",
+                        "auth": "client_auth_rate_limit"}
 
 
 @dataclass
