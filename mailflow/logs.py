@@ -273,6 +273,12 @@ class SmtpdLog:
         self._emit(logging.INFO, "lost-connection", f"lost connection after {after} from {client}",
                    after=after, client=client)
 
+    def tls_refused(self, request: str, client: str, service: str) -> None:
+        """A handshake refused to a client past its new TLS session rate: `request` is "STARTTLS request" or "TLS
+        service request" (implicit TLS), Postfix's words."""
+        self._emit(logging.WARNING, "limit", f"Refusing {request} from {client} for service {service}",
+                   client=client, service_name=service)
+
     def limit_exceeded(self, what: str, count: int, client: str, service: str) -> None:
         """anvil: `what` is "Connection rate", "Connection concurrency" or an event's (anvil.EVENT_LIMITS: "Message
         delivery request rate"...), Postfix's words."""

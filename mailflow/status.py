@@ -459,6 +459,17 @@ def event_rate_exceeded(event: str, ip: str) -> Reply:
     return Reply(450, "4.7.1", f"Error: {EVENT_RATE_TEXTS[event]} from {ip}")
 
 
+def too_many_new_tls_sessions(host: str, client: str) -> Reply:
+    """Over the TLS just made, past the client's new TLS session rate: the session ends (Postfix names the client
+    `host[ip]` here)."""
+    return Reply(421, "4.7.0", f"{host} Error: too many new TLS sessions from {client}")
+
+
+def starttls_refused(client: str) -> Reply:
+    """STARTTLS from a client already past its new TLS session rate: no handshake, the session goes on."""
+    return Reply(454, "4.7.0", f"Error: too many new TLS sessions from {client}")
+
+
 def sender_login_mismatch(sender: str, login: str | None) -> Reply:
     """reject_sender_login_mismatch (Postfix: 553 5.7.1 … not owned by user …)."""
     who = f"not owned by user {login}" if login else "not logged in"

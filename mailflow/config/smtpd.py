@@ -92,10 +92,11 @@ class SmtpdConfig(SmtpdFilterSettings):
     client_connection_count_limit: int = Field(50, ge=0)
     client_connection_rate_limit: int = Field(0, ge=0)
     # and per anvil_rate_time_unit per client IP: MAIL commands, RCPT (and VRFY) commands, AUTH commands (0: no
-    # limit; beyond: 450 4.7.1)
+    # limit; beyond: 450 4.7.1), TLS handshakes that resume no session (beyond: 421 4.7.0, then STARTTLS 454 4.7.0)
     client_message_rate_limit: int = Field(0, ge=0)
     client_recipient_rate_limit: int = Field(0, ge=0)
     client_auth_rate_limit: int = Field(0, ge=0)
+    client_new_tls_session_rate_limit: int = Field(0, ge=0)
     anvil_rate_time_unit: Duration = Field(60.0, gt=0)
     max_sessions: int = Field(100, ge=1)
     # Protocol (docs/security.md): bare LF/CR refused with 521 and a disconnect

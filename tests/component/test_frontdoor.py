@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import socket
+import ssl
 
 import pytest
 
@@ -22,7 +24,7 @@ from mailflow.stages.smtpd.auth import (Authenticator, FailureCounter, PasswordH
                                         hash_password, parse_hash, verify_password)
 from mailflow.stages.smtpd.tls import TlsError
 from mailflow.tables import InlineTable
-from tests.support import LOOPBACK_CLIENT, SmtpClient, eventually, merged
+from tests.support import LOOPBACK_CLIENT, SmtpClient, eventually, merged, sessions_over
 
 FAST = {"n": 1024, "r": 8, "p": 1}  # a cheap hash for tests; the format is the same
 
@@ -457,6 +459,109 @@ async def test_implicit_tls_clients_that_never_start_the_handshake_hold_session_
     assert "AUTH" in await ehlo(c)
     await c.close()
     silent[3][1].close()
+
+
+def limit_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if "limit exceeded" in r.getMessage() or r.getMessage().startswith("Refusing ")]
+
+
+async def test_new_tls_session_rate_limit_with_starttls(mailflow_server, pki, users, caplog):
+    """Postfix's smtpd_client_new_tls_session_rate_limit: the handshake past the limit is answered with 421 over the
+    new TLS and the session ends; after it, STARTTLS gets 454 without a handshake and the session goes on."""
+    caplog.set_level(logging.INFO)
+    _, cert, ctx = pki
+    mf = await mailflow_server(**door(cert, users, client_new_tls_session_rate_limit=1))
+    port = mf.smtp_addresses[0][1]
+    first = await SmtpClient.connect(port)
+    await ehlo(first)
+    await first.starttls(ctx)
+    await ehlo(first)
+    await first.close()
+    second = await SmtpClient.connect(port)
+    await ehlo(second)
+    await second.starttls(ctx)
+    assert await second.reply() == status.too_many_new_tls_sessions("mx.mailflow.test", LOOPBACK_CLIENT)
+    assert await second.closed()
+    await second.close()
+    third = await SmtpClient.connect(port)
+    await ehlo(third)
+    assert await third.cmd("STARTTLS") == status.starttls_refused(LOOPBACK_CLIENT)
+    assert (await third.cmd("NOOP")).code == 250
+    await third.close()
+    assert limit_warnings(caplog) == [f"New TLS session rate limit exceeded: 2 from {LOOPBACK_CLIENT} for service smtp",
+                                      f"Refusing STARTTLS request from {LOOPBACK_CLIENT} for service smtp"]
+
+
+async def test_a_failed_handshake_counts_as_a_new_tls_session(mailflow_server, pki, users):
+    """As in Postfix (the CPU was spent all the same)."""
+    _, cert, ctx = pki
+    mf = await mailflow_server(**door(cert, users, client_new_tls_session_rate_limit=1))
+    port = mf.smtp_addresses[0][1]
+    failed = await SmtpClient.connect(port)
+    await ehlo(failed)
+    assert (await failed.cmd("STARTTLS")).code == 220
+    await failed.send(b"not a TLS ClientHello" * 10)
+    assert await failed.closed()
+    await failed.close()
+    await sessions_over(mf)
+    second = await SmtpClient.connect(port)
+    await ehlo(second)
+    await second.starttls(ctx)
+    assert (await second.reply()).code == 421
+    await second.close()
+
+
+async def test_new_tls_session_rate_limit_with_implicit_tls(mailflow_server, pki, users, caplog):
+    """On a submissions listener the same 421 comes in place of the greeting; after it the connection is closed
+    before any handshake, without a word, as Postfix refuses a wrapper-mode client."""
+    caplog.set_level(logging.INFO)
+    _, cert, ctx = pki
+    mf = await mailflow_server(**door(cert, users, {"address": "127.0.0.1:0", "role": "submissions",
+                                                    "overrides": {"client_new_tls_session_rate_limit": 1}}))
+    port = mf.smtpd.address_of("submissions")[1]
+    first = await SmtpClient.connect(port, tls=ctx)
+    await first.close()
+    second = await SmtpClient.connect(port, tls=ctx, greet=False)
+    assert await second.reply() == status.too_many_new_tls_sessions("mx.mailflow.test", LOOPBACK_CLIENT)
+    assert await second.closed()
+    await second.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed before the handshake
+    writer.close()
+    assert limit_warnings(caplog) == [
+        f"New TLS session rate limit exceeded: 2 from {LOOPBACK_CLIENT} for service submissions",
+        f"Refusing TLS service request from {LOOPBACK_CLIENT} for service submissions"]
+
+
+def starttls_session(port: int, ctx: ssl.SSLContext,
+                     session: ssl.SSLSession | None) -> tuple[ssl.SSLSession, bool, str]:
+    """A blocking STARTTLS session (asyncio's start_tls cannot resume a TLS session): (its TLS session, whether it
+    was resumed, the first reply over TLS to EHLO). Bounded by socket timeouts."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        reader = raw.makefile("rb")
+        reader.readline()
+        raw.sendall(b"EHLO client.test\r\n")
+        while reader.readline()[3:4] == b"-":
+            pass
+        raw.sendall(b"STARTTLS\r\n")
+        assert reader.readline().startswith(b"220 ")
+        with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+            tls.sendall(b"EHLO client.test\r\n")
+            first = tls.makefile("rb").readline().decode()
+            return tls.session, tls.session_reused, first
+
+
+async def test_resumed_tls_sessions_are_not_new_ones(mailflow_server, pki, users):
+    _, cert, ctx = pki
+    mf = await mailflow_server(**door(cert, users, client_new_tls_session_rate_limit=1))
+    port = mf.smtp_addresses[0][1]
+    session, reused, first = await asyncio.to_thread(starttls_session, port, ctx, None)
+    assert not reused and first.startswith("250")
+    _, reused, first = await asyncio.to_thread(starttls_session, port, ctx, session)
+    assert reused and first.startswith("250")  # not counted
+    _, reused, first = await asyncio.to_thread(starttls_session, port, ctx, None)
+    assert not reused and first.startswith("421 4.7.0")  # the second new one
 
 
 # ---------------------------------------------------------------------------------------------- config, TLS

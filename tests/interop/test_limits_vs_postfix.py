@@ -2,17 +2,20 @@
 so that each comparison takes seconds). Compared: the reply (code, enhanced code, text word for word, the host
 name normalised), when it comes, and what is logged: the per-client connection count and rate (anvil, the time
 unit included), the per-client message, recipient and AUTH rates (which MAIL, RCPT, VRFY and AUTH commands
-count) and smtpd_timeout between commands, in DATA and BDAT content and after the message.
+count), the new TLS session rate with STARTTLS and smtpd_timeout between commands, in DATA and BDAT content and
+after the message.
 
-Not compared: smtpd_client_new_tls_session_rate_limit (mailflow has none); line_length_limit and header_size_limit,
-where mailflow differs on purpose (docs/security.md, docs/config.md: a long command line is refused, a big header
-refused).
+Not compared: the new TLS session rate with implicit TLS (the private Postfix has no wrapper-mode service;
+tests/component/test_frontdoor.py covers mailflow's), resumed TLS sessions (likewise); line_length_limit and
+header_size_limit, where mailflow differs on purpose (docs/security.md, docs/config.md: a long command line is
+refused, a big header refused).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import re
+import ssl
 
 import pytest
 
@@ -91,15 +94,18 @@ LIMITS_PF = {"smtpd_client_connection_count_limit": "2", "smtpd_client_connectio
 LIMITS_MF = {"client_connection_count_limit": 2, "client_connection_rate_limit": 5, "anvil_rate_time_unit": f"{UNIT}s"}
 
 
+def anvil_warning(text: str) -> bool:
+    return "limit exceeded" in text or text.startswith("Refusing ")
+
+
 def pf_warnings(maillog: str) -> list[str]:
     """Postfix's anvil warnings (the service named as master.cf names it: smtp for the usual one)."""
     return [re.sub(r"for service \S+$", "for service smtp", line.split("warning: ", 1)[1])
-            for line in maillog.splitlines() if "warning: " in line and "limit exceeded" in line]
+            for line in maillog.splitlines() if "warning: " in line and anvil_warning(line.split("warning: ", 1)[1])]
 
 
 def mf_warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.levelno == logging.WARNING and "limit exceeded" in r.getMessage()]
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and anvil_warning(r.getMessage())]
 
 
 async def test_connection_limits_match_a_real_postfix(mailflow_server, caplog):
@@ -125,7 +131,7 @@ async def test_connection_limits_match_a_real_postfix(mailflow_server, caplog):
 
 
 # smtpd_client_<name>_rate_limit (Postfix), client_<name>_rate_limit (mailflow)
-EVENT_LIMITS = {"message": 2, "recipient": 3, "auth": 2}
+EVENT_LIMITS = {"message": 2, "recipient": 3, "auth": 2, "new_tls_session": 1}
 
 
 async def events(port: int) -> list[str]:
@@ -144,30 +150,62 @@ async def events(port: int) -> list[str]:
     return seen
 
 
-async def test_event_limits_match_a_real_postfix(mailflow_server, caplog):
+async def tls_sessions(port: int, ctx: ssl.SSLContext) -> list[str]:
+    """Three sessions with STARTTLS: the reply to it, then the first reply over TLS (the server speaks first only
+    to refuse; else the code of EHLO's), or after a refused STARTTLS the reply to NOOP."""
+    seen = []
+    for _ in range(3):
+        c = await SmtpClient.connect(port)
+        assert (await c.cmd("EHLO client.test")).code == 250
+        reply = await c.cmd("STARTTLS")
+        seen.append(f"STARTTLS -> {same_host(reply.text)}")
+        if reply.code == 220:
+            await c.writer.start_tls(ctx, server_hostname="localhost")
+            try:
+                seen.append(f"first over TLS: {same_host((await c.reply(timeout=0.5)).text)}")
+            except asyncio.TimeoutError:
+                seen.append(f"EHLO over TLS -> {(await c.cmd('EHLO client.test')).code}")
+        else:
+            seen.append(f"NOOP -> {(await c.cmd('NOOP')).text}")
+        await c.close()
+    return seen
+
+
+async def test_event_limits_match_a_real_postfix(mailflow_server, caplog, pki):
     caplog.set_level(logging.INFO)
+    _, cert, ctx = pki
     limits = {f"smtpd_client_{name}_rate_limit": str(n) for name, n in EVENT_LIMITS.items()}
     async with postfix_instance({"myhostname": PF_HOST, "mynetworks": NETWORKS, "mydestination": "local.test",
                                  "local_recipient_maps": "inline:{alice=ok}", "smtpd_error_sleep_time": "0",
-                                 **limits}) as pf:
-        postfix = await events(pf.port)
-        await eventually(lambda: len(pf_warnings(pf.maillog)) >= 4, timeout=5, what="Postfix's anvil warnings")
+                                 "smtpd_tls_cert_file": cert, "smtpd_tls_key_file": cert,
+                                 "smtpd_tls_security_level": "may", **limits}) as pf:
+        postfix = await events(pf.port) + await tls_sessions(pf.port, ctx)
+        await eventually(lambda: len(pf_warnings(pf.maillog)) >= 6, timeout=5, what="Postfix's anvil warnings")
         pf_log = pf.maillog
     mf = await mailflow_server(mynetworks=[NETWORKS], smtpd={"disable_vrfy_command": False,  # Postfix's default
                                                              "error_sleep_time": 0,  # past 10 errors: no tarpit
+                                                             "tls_cert_file": cert,
                                                              **{f"client_{name}_rate_limit": n
                                                                 for name, n in EVENT_LIMITS.items()}})
-    assert accepts(mf.smtp_addresses[0][1])  # a connection first, as Postfix's readiness probe
-    mailflow = await events(mf.smtp_addresses[0][1])
+    port = mf.smtp_addresses[0][1]
+    assert accepts(port)  # a connection first, as Postfix's readiness probe
+    mailflow = await events(port) + await tls_sessions(port, ctx)
     assert mailflow == postfix
     assert mf_warnings(caplog) == pf_warnings(pf_log)
     # Postfix's own, so that a change on both sides cannot pass unnoticed
     assert "MAIL FROM:<s@remote.test> -> 450 4.7.1 Error: too much mail from 127.0.0.1" in postfix
     assert "VRFY alice@local.test -> 450 4.7.1 Error: too many recipients from 127.0.0.1" in postfix
-    assert postfix[-2] == "AUTH PLAIN -> 450 4.7.1 Error: too many AUTH commands from 127.0.0.1"
+    assert "AUTH PLAIN -> 450 4.7.1 Error: too many AUTH commands from 127.0.0.1" in postfix
+    ready = "STARTTLS -> 220 2.0.0 Ready to start TLS"
+    assert postfix[-6:] == [ready, "EHLO over TLS -> 250", ready,  # the 2nd handshake is one too many, then none
+                            f"first over TLS: 421 4.7.0 HOST Error: too many new TLS sessions from {LOOPBACK_CLIENT}",
+                            f"STARTTLS -> 454 4.7.0 Error: too many new TLS sessions from {LOOPBACK_CLIENT}",
+                            "NOOP -> 250 2.0.0 Ok"]
     assert pf_warnings(pf_log) == [f"{what} rate limit exceeded: {n} from {LOOPBACK_CLIENT} for service smtp"
                                    for what, n in [("Recipient address", 4), ("Recipient address", 5),
-                                                   ("Message delivery request", 3), ("AUTH command", 3)]]
+                                                   ("Message delivery request", 3), ("AUTH command", 3),
+                                                   ("New TLS session", 2)]] + [
+        f"Refusing STARTTLS request from {LOOPBACK_CLIENT} for service smtp"]
 
 
 BODY_SO_FAR = b"Subject: slow\r\n\r\nbody"  # then the client stalls

@@ -12,11 +12,13 @@ What it owns
   Clients for which `exempt(ip)` is true (mynetworks, as Postfix's smtpd_client_event_limit_exceptions
   default) are never limited. `release(ip)` when an admitted session ends. `adopt_limits(other)`: a reload's
   limits, the counts kept.
-- `Anvil.event(kind, ip, limit)`: counts one of a session's events, "mail" (MAIL), "rcpt" (RCPT, VRFY) or "auth"
-  (AUTH), against the session's `limit` (0: not counted, as Postfix's smtpd asks anvil only for a limit it has); a
-  `Refusal` once the client has more than `limit` in its time unit. All of a client's counts share one time unit
-  (anvil.c's ANVIL_REMOTE: the first event after the last unit, a connection included, starts the next one and sets
-  every count to zero), so when `count_events` is set its connections are counted in it too, rate limit or not.
+- `Anvil.event(kind, ip, limit)`: counts one of a session's events, "mail" (MAIL), "rcpt" (RCPT, VRFY), "auth"
+  (AUTH) or "newtls" (a TLS handshake that did not resume a session, a failed one too), against the session's
+  `limit` (0: not counted, as Postfix's smtpd asks anvil only for a limit it has); a `Refusal` once the client has
+  more than `limit` in its time unit. All of a client's counts share one time unit (anvil.c's ANVIL_REMOTE: the
+  first event after the last unit, a connection included, starts the next one and sets every count to zero), so when
+  `count_events` is set its connections are counted in it too, rate limit or not. `new_tls_over(ip, limit)` only
+  looks (Postfix's newtls_stat, asked before a handshake).
   Memory: one record per client (a start time and its counts, changed in place); past STALE_SWEEP_SIZE clients,
   those whose time unit is over are dropped when a new one comes.
 - `SessionSlots`: the listener's sessions at once (`max_sessions`). A connection beyond it waits, without a
@@ -25,7 +27,7 @@ What it owns
   `resize(limit)`: a reload's limit, for new connections; the sessions above a lowered one are not cut.
 
 Failure behaviour: pure bookkeeping, no I/O; a refusal is a `Refusal` (the caller logs it and answers: 421 and
-close for a connection, 450 4.7.1 for an event).
+close for a connection or a new TLS session, 450 4.7.1 for the other events).
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from mailflow.clock import Clock
 STALE_SWEEP_SIZE = 10_000  # clients remembered for the rate before those whose time unit is over are swept
 # A session's events counted per client and time unit, with the words of Postfix's anvil warnings for them
 EVENT_LIMITS = {"mail": "Message delivery request rate", "rcpt": "Recipient address rate",
-                "auth": "AUTH command rate"}
+                "auth": "AUTH command rate", "newtls": "New TLS session rate"}
 _COUNTED = ("connect", *EVENT_LIMITS)  # the counts of a _Window, in this order
 
 
@@ -127,6 +129,10 @@ class Anvil:
             return None
         count = self._add(ip, kind)
         return Refusal(EVENT_LIMITS[kind], count) if count > limit else None
+
+    def new_tls_over(self, ip: str, limit: int) -> bool:
+        """`ip` has had more than `limit` new TLS sessions in its time unit (0: no limit); nothing is counted."""
+        return bool(limit) and not self._exempt(ip) and self._current(ip, "newtls") > limit
 
     def _add(self, ip: str, kind: str) -> int:
         """Count one `kind` of `ip` (anvil.c's ANVIL_REMOTE_INCR_RATE: every count starts again at the first event

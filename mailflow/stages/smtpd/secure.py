@@ -17,6 +17,10 @@ What it owns
   smtpd_sasl_response_limit; longer: 500 5.5.6 and the AUTH ends, the session goes on).
 - Every AUTH command, before any other check, counts toward the client's AUTH rate (client_auth_rate_limit:
   the listener's anvil, as Postfix's smtpd_client_auth_rate_limit); past it 450 4.7.1, the session goes on.
+- The client's new TLS session rate (client_new_tls_session_rate_limit, counted by the listener's anvil as
+  Postfix's smtpd_client_new_tls_session_rate_limit: every handshake that resumes no session, failed ones
+  too): `tls_session` answers the one past the limit with 421 4.7.0 over the new TLS and ends the session;
+  a STARTTLS after it gets 454 4.7.0 and no handshake (the session goes on).
 - `check_auth_needed`: with `auth_required` (submission), MAIL, RCPT, DATA, BDAT, VRFY and ETRN need a login
   first (530 5.7.0).
 - `_sender_refusal(sender)`: reject_sender_login_mismatch (`sender_logins`: auth.SenderLogins, None: off),
@@ -27,7 +31,8 @@ required, 503 5.5.1 (as Postfix with smtpd_tls_auth_only), before EHLO 503 5.5.1
 transaction 503 5.5.1, a bad mechanism 504 5.5.4, bad base64 501 5.5.2, `*` 501 5.7.0 (logged as Postfix
 logs it), wrong credentials or a malformed PLAIN message 535 5.7.8 (slowed down and logged by the
 Authenticator), a user table that cannot answer 454 4.7.0; a sender the login does not own 553 5.7.1, a login
-table that cannot answer 451 4.3.0.
+table that cannot answer 451 4.3.0. Past the client's AUTH rate 450 4.7.1; past its new TLS session rate 421
+4.7.0 after the handshake (the session ends), then 454 4.7.0 to STARTTLS.
 """
 from __future__ import annotations
 
@@ -103,9 +108,33 @@ class SecureCommands(FrontEndCommands):
             return
         if self.wire.ended:  # the client closed its side: no handshake can come (asyncio would wait 60 s for it)
             raise ConnectionResetError("the client left before the TLS handshake")
+        if self._new_tls_refused("STARTTLS request"):
+            await self.push(status.starttls_refused(self.session.client))
+            return
         await self.push(status.READY_FOR_TLS)
-        await self.start_tls(self.tls_context)
+        await self.tls_session(self.tls_context)
+
+    def _new_tls_refused(self, request: str) -> bool:
+        """Before a handshake: the client is past its new TLS session rate (logged then). Here nothing is limited:
+        server.ListenerSession asks the listener's anvil."""
+        return False
+
+    async def tls_session(self, context: ssl.SSLContext) -> bool:
+        """The handshake (`start_tls`, whose exceptions pass through) and its log line, then the client's new TLS
+        session rate, as Postfix counts it: every handshake that did not resume a session, a failed one too.
+        Past the limit, `421 4.7.0 <host> Error: too many new TLS sessions from host[ip]` over the new TLS and
+        the session ends: False."""
+        try:
+            await self.start_tls(context)
+        except (TLSSetupException, ConnectionError):
+            self._rate_exceeded("newtls")  # (logged; no reply can be sent)
+            raise
         self.log_tls()
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
+        if (ssl_object is not None and ssl_object.session_reused) or not self._rate_exceeded("newtls"):
+            return True
+        await self._refuse_and_close(status.too_many_new_tls_sessions(self.hostname, self.session.client))
+        return False
 
     async def start_tls(self, context: ssl.SSLContext) -> None:
         """The TLS handshake on this connection, as the server; returns once it is done, the session then on the

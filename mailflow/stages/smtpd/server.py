@@ -20,7 +20,8 @@ server when `sasl_type` is "dovecot" (one per `sasl_path`, closed at the stop). 
 MAIL FROM an address the login does not own gets 553 5.7.1 (auth.py). `ListenerSession` adds the admission to the
 session (session.py): it gives back its per-client count and its slot however it ends (`_session_ended`). It also
 counts the session's per-client events (MAIL: client_message_rate_limit; RCPT and VRFY:
-client_recipient_rate_limit; AUTH: client_auth_rate_limit) in its listener's anvil, with the limits it started with.
+client_recipient_rate_limit; AUTH: client_auth_rate_limit; TLS handshakes: client_new_tls_session_rate_limit) in
+its listener's anvil, with the limits it started with.
 
 Trusted front ends (frontends.py): with upstream_proxy_protocol "haproxy" the PROXY header is read
 before the admission, so that connection limits, mynetworks and logs see the real client; XCLIENT from
@@ -88,7 +89,7 @@ LISTEN_BACKLOG = 100  # connections the kernel queues for a listener (asyncio's 
 RELOADED = ("role", "config", "handler", "authenticator", "sender_logins", "frontends", "limits")
 # The [smtpd] setting that limits each per-client event (anvil.EVENT_LIMITS) per anvil_rate_time_unit
 EVENT_LIMIT_SETTINGS = {"mail": "client_message_rate_limit", "rcpt": "client_recipient_rate_limit",
-                        "auth": "client_auth_rate_limit"}
+                        "auth": "client_auth_rate_limit", "newtls": "client_new_tls_session_rate_limit"}
 
 
 @dataclass
@@ -134,8 +135,13 @@ class ListenerSession(SmtpSession):
             transport.pause_reading()  # type: ignore[attr-defined]  # the handshake waits for the admission
 
     async def _before_greeting(self) -> bool:
-        """After the PROXY header (if any: the limits apply to the real client it names), the admission."""
+        """After the PROXY header (if any: the limits apply to the real client it names), the admission. On a
+        submissions listener, a client already past its new TLS session rate is closed first, without a word
+        (as Postfix refuses a wrapper-mode client before its handshake)."""
         if not await super()._before_greeting():
+            return False
+        if self._implicit_tls is not None and self._new_tls_refused("TLS service request"):
+            self.hang_up()
             return False
         ip = self.session.peer_ip
         refusal = self._listener.anvil.admit(ip)
@@ -152,11 +158,11 @@ class ListenerSession(SmtpSession):
         self._has_slot = True
         if self._implicit_tls is not None:
             try:
-                await self.start_tls(self._implicit_tls)
+                if not await self.tls_session(self._implicit_tls):
+                    return False
             except (TLSSetupException, ConnectionError):
                 self._close()
                 return False
-            self.log_tls()
         if self._smtpd.allow_plaintext_auth_on_loopback and is_loopback(ip):
             self._auth_needs_tls = False
         return True
@@ -177,6 +183,16 @@ class ListenerSession(SmtpSession):
         if refusal is None:
             return False
         self.record.lines.limit_exceeded(refusal.limit, refusal.number, self.session.client, self._service)
+        return True
+
+    def _new_tls_refused(self, request: str) -> bool:
+        """Before a handshake: the client already has more new TLS sessions than this session's limit in its time
+        unit (nothing counted; exempt as in `_rate_exceeded`); logged then, in Postfix's words."""
+        ip = self.session.peer_ip
+        limit = self._smtpd.client_new_tls_session_rate_limit
+        if in_networks(ip, self._frontends.xclient_hosts) or not self._listener.anvil.new_tls_over(ip, limit):
+            return False
+        self.record.lines.tls_refused(request, self.session.client, self._service)
         return True
 
     def _session_ended(self) -> None:
