@@ -10,8 +10,14 @@ which names can refuse relaying. `mailflow.config` validates every `smtpd.*_rest
                                          RHSBL_CHECKS: reject_rhsbl_* -> what is looked up; NEEDS_IO: the names
                                          without argument that look something up (not an access action)
     RELAY_GUARDS                         the names that can refuse relaying (config requires one of them)
+    ACCESS_ACTIONS                       the words an access table's value starts with that are actions, not
+                                         restriction names (a restriction class may not be called so)
     split_item(text) -> (name, argument) the name in lower case, the argument stripped
-    check_item(text) -> text stripped    ValueError naming the problem
+    check_item(text, classes) -> text stripped   ValueError naming the problem; a name in `classes` (the
+                                         restriction classes, smtpd_restriction_classes) is an item too
+    check_classes(classes)               ValueError for a bad class name, or classes that name each other in a
+                                         loop (check_item refuses an undefined one)
+    expand(items, classes) -> names      the names of a list with its classes' items, recursively
 
 Why this module is a leaf outside `mailflow/stages/smtpd/`: importing any module under that package runs the
 package's `__init__`, which imports the whole SMTP server (aiosmtpd, the session, the handler). The
@@ -21,10 +27,13 @@ weaken what `from mailflow.stages.smtpd import Smtpd` promises and would need an
 `syntax` (table specs, endpoints, IPv4), `address` (domain names) and `tables` (an inline or static table is
 parsed now, so that its syntax error shows at start rather than at the first lookup).
 
-Failure behaviour: `check_item` raises ValueError with a reason fit for `FILE: KEY: REASON`; nothing else
-raises.
+Failure behaviour: `check_item` and `check_classes` raise ValueError with a reason fit for `FILE: KEY: REASON`;
+nothing else raises.
 """
 from __future__ import annotations
+
+import re
+from typing import Iterable, Mapping
 
 from mailflow.address import normalise_domain
 from mailflow.errors import ConfigError
@@ -57,6 +66,9 @@ NEEDS_IO = ("reject_unknown_recipient_domain", "reject_unknown_client_hostname",
             "reject_spf_fail", "reject_dmarc_policy")
 KNOWN = WITHOUT_ARGUMENT + WITH_ARGUMENT
 RELAY_GUARDS = ("reject_unauth_destination", "defer_unauth_destination", "reject", "defer")
+ACCESS_ACTIONS = ("ok", "dunno", "reject", "defer", "defer_if_permit", "defer_if_reject", "discard", "hold",
+                  "filter", "prepend", "redirect", "bcc", "warn", "info")
+_CLASS_NAME = re.compile(r"[a-z0-9_][a-z0-9_.-]*")  # a main.cf parameter name, as Postfix's class names are
 
 
 def split_item(text: str) -> tuple[str, str]:
@@ -64,11 +76,16 @@ def split_item(text: str) -> tuple[str, str]:
     return name.lower(), arg.strip()
 
 
-def check_item(text: object) -> str:
-    """Validate one list item (config calls this); returns it stripped, raises ValueError naming the problem."""
+def check_item(text: object, classes: Iterable[str] = ()) -> str:
+    """Validate one list item (config calls this); returns it stripped, raises ValueError naming the problem.
+    A name in `classes` (restriction class names, lower case) is an item without argument."""
     if not isinstance(text, str):
         raise ValueError("each restriction is a string: 'name' or 'name argument'")
     name, arg = split_item(text)
+    if name in classes and name not in KNOWN:
+        if arg:
+            raise ValueError(f"restriction class {name!r} takes no argument (got {arg!r})")
+        return text.strip()
     if name not in KNOWN:
         raise ValueError(f"unknown restriction {name!r}" if name else "empty restriction")
     if name in WITHOUT_ARGUMENT and arg:
@@ -84,6 +101,40 @@ def check_item(text: object) -> str:
         if not normalise_domain(rbl_domain) or (wanted and not is_ipv4(wanted)):
             raise ValueError(f"{name}: {arg!r} is not a DNSBL (domain or domain=127.0.0.x)")
     return text.strip()
+
+
+def check_classes(classes: Mapping[str, Iterable[str]]) -> None:
+    """The restriction classes (name -> items, each item already checked by check_item with these names): a name
+    must be a word that is neither a restriction nor an access action, and no class may reach itself through
+    the classes it names (Postfix's smtpd would recurse until it crashes)."""
+    for name in classes:
+        if not _CLASS_NAME.fullmatch(name):
+            raise ValueError(f"{name!r}: a restriction class name is a word of letters, digits, '_', '.' and '-'")
+        if name in KNOWN or name in ACCESS_ACTIONS:
+            raise ValueError(f"{name!r}: a restriction class cannot have the name of a restriction or an access "
+                             "action")
+    for name in classes:
+        _refuse_loop([name], classes)
+
+
+def _refuse_loop(path: list[str], classes: Mapping[str, Iterable[str]]) -> None:
+    for item in classes[path[-1]]:
+        word = split_item(item)[0]
+        if word not in classes:
+            continue
+        if word in path:
+            raise ValueError(f"{path[0]}: the restriction classes loop: {' -> '.join(path + [word])}")
+        _refuse_loop(path + [word], classes)
+
+
+def expand(items: Iterable[str], classes: Mapping[str, Iterable[str]]) -> list[str]:
+    """The names of `items`, each class replaced by the names of its own items (recursively; no loops: config
+    refused them)."""
+    names = []
+    for item in items:
+        name = split_item(item)[0]
+        names += expand(classes[name], classes) if name in classes else [name]
+    return names
 
 
 def _check_access_table(name: str, spec: str) -> None:

@@ -3,6 +3,9 @@
     Section                  pydantic base: frozen, unknown keys rejected, no integer beyond 64 bits
     Duration                 seconds, from a number or "30s", "5m", "1h", "5d", "1w" (mailflow.syntax)
     Restriction              one smtpd restriction list item, checked against mailflow.restriction_vocabulary
+                             (a name of the section's `restriction_classes`, validated before it, is one too)
+    RestrictionClasses       smtpd's restriction classes: name (any case, kept in lower case) -> list of items, as
+                             a FrozenMap (a read-only, hashable dict: a section stays immutable and hashable)
     TableSpecs               a list of `type:name` lookup tables (mailflow.syntax.check_table_spec)
     Networks                 a list of IP networks ("10.0.0.0/8", "::1/128"; Postfix's "[::1]/128" is taken, the
                              brackets dropped); host bits set ("10.0.0.1/8") or a netmask ("/255.0.0.0") are
@@ -21,10 +24,10 @@ from __future__ import annotations
 import ipaddress
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationInfo, field_validator
 from pydantic_core import ErrorDetails
 
-from mailflow.restriction_vocabulary import check_item
+from mailflow.restriction_vocabulary import check_classes, check_item
 from mailflow.syntax import check_table_spec, parse_duration, parse_hostport
 
 
@@ -74,6 +77,47 @@ def _network(item: str) -> str:
     return text
 
 
+class FrozenMap(dict):
+    """A dict that cannot be changed in place and can be hashed, for a table-valued setting of a frozen section."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(self.items()))
+
+    def _read_only(self, *args, **kwargs):
+        raise TypeError("a configuration setting cannot be changed in place")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _read_only
+
+
+def _restriction(item: object, info: ValidationInfo) -> str:
+    return check_item(item, info.data.get("restriction_classes") or ())
+
+
+def _restriction_classes(value: object) -> dict[str, tuple[str, ...]]:
+    """name -> items; the names in lower case (a list item's name is matched in lower case), each item checked
+    with every class name allowed, then the classes as a whole (names, references, loops)."""
+    if not isinstance(value, dict):
+        raise ValueError("a table of restriction classes: name = [\"restriction\", ...]")
+    classes: dict[str, tuple[str, ...]] = {}
+    for name, items in value.items():
+        key = str(name).lower()
+        if key in classes:
+            raise ValueError(f"{name!r}: restriction class defined twice (names are compared in any case)")
+        if not isinstance(items, (list, tuple)) or not items:
+            raise ValueError(f"{name!r}: a restriction class is a non-empty list of restrictions")
+        classes[key] = tuple(items)
+    for key, items in classes.items():
+        checked = []
+        for index, item in enumerate(items):
+            try:
+                checked.append(check_item(item, classes))
+            except ValueError as e:
+                raise ValueError(f"{key}[{index}]: {e}") from None
+        classes[key] = tuple(checked)
+    check_classes(classes)
+    return classes
+
+
 def _host_ports(items: tuple[str, ...]) -> tuple[str, ...]:
     for item in items:
         parse_hostport(item)
@@ -88,7 +132,9 @@ def each_one_of(items: tuple[str, ...], allowed: tuple[str, ...]) -> tuple[str, 
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
-Restriction = Annotated[str, BeforeValidator(check_item)]
+Restriction = Annotated[str, BeforeValidator(_restriction)]
+RestrictionClasses = Annotated[dict[str, tuple[str, ...]], BeforeValidator(_restriction_classes),
+                               AfterValidator(FrozenMap)]
 # Checked as a whole (not item by item), so that an error names the setting, not `setting[0]`.
 TableSpecs = Annotated[tuple[str, ...], AfterValidator(_table_specs)]
 Networks = Annotated[tuple[str, ...], AfterValidator(_networks)]

@@ -62,6 +62,8 @@ def _resolve_setting(name: str, value: object, base: Path) -> object:
         return tuple(_resolve_table(v, base) for v in value) if isinstance(value, (tuple, list)) else value
     if name.endswith("_restrictions") and isinstance(value, (tuple, list)):
         return tuple(_resolve_restriction(item, base) for item in value)
+    if name == "restriction_classes" and isinstance(value, dict):
+        return type(value)({k: tuple(_resolve_restriction(item, base) for item in v) for k, v in value.items()})
     return value
 
 

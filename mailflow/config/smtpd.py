@@ -15,10 +15,10 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from mailflow.config.base import (Duration, HostPorts, Networks, Restriction, Section, TableSpecs, validation_key,
-                                  validation_reason)
+from mailflow.config.base import (Duration, FrozenMap, HostPorts, Networks, Restriction, RestrictionClasses, Section,
+                                  TableSpecs, validation_key, validation_reason)
 from mailflow.config.filters import SmtpdFilterSettings
-from mailflow.restriction_vocabulary import RELAY_GUARDS, split_item
+from mailflow.restriction_vocabulary import RELAY_GUARDS, expand
 from mailflow.syntax import parse_endpoint, parse_hostport
 
 
@@ -129,6 +129,9 @@ class SmtpdConfig(SmtpdFilterSettings):
     # Restrictions (docs/security.md): smtpd_*_restrictions, each an ordered list of "name" or
     # "name argument" items, evaluated at RCPT (client, helo, sender, relay, recipient; smtpd_delay_reject = yes),
     # at DATA and at the end of the message. relay_restrictions refuses relaying with 554 (Postfix defers: 454).
+    # restriction_classes (smtpd_restriction_classes): `name = ["item", ...]`; a name is an item of any list,
+    # of another class, or an access table's value. Declared before the lists, which are checked against it.
+    restriction_classes: RestrictionClasses = FrozenMap()
     client_restrictions: tuple[Restriction, ...] = ()
     helo_restrictions: tuple[Restriction, ...] = ()
     sender_restrictions: tuple[Restriction, ...] = ()
@@ -150,7 +153,7 @@ class SmtpdConfig(SmtpdFilterSettings):
     def _relay_guarded(self) -> "SmtpdConfig":
         """Like Postfix, refuse to start when neither list can refuse relaying."""
         items = self.relay_restrictions + self.recipient_restrictions
-        if not {split_item(item)[0] for item in items} & set(RELAY_GUARDS):
+        if not set(expand(items, self.restriction_classes)) & set(RELAY_GUARDS):
             raise ValueError(f"relay_restrictions or recipient_restrictions must hold one of {', '.join(RELAY_GUARDS)}"
                              " (else this server relays for anyone)")
         return self

@@ -5,7 +5,8 @@ and what a reload (`mailflow reload`, SIGHUP) refuses to put in force.
                                                         gives them; one ConfigError(where, key, reason) for each
                                                         texthash, regexp, sqlite or accounts table of a `*_maps`,
                                                         `*_domains`, `*_checks` or `authorized_submit_users`
-                                                        setting, or named in a `*_restrictions` item
+                                                        setting, or named in a `*_restrictions` item or a
+                                                        restriction class's
                                                         (`check_sender_access texthash:/path`, a listener's
                                                         overrides too), that cannot answer now (missing,
                                                         unreadable, a bad line or .cf file, a database that does
@@ -43,10 +44,13 @@ def _file_tables(settings: Mapping[str, object], prefix: str = "") -> Iterator[t
                 if isinstance(overrides, dict):
                     yield from _file_tables(overrides, f"smtpd.listeners[{i}].overrides.")
             continue
-        if not isinstance(value, (list, tuple)):
+        if key.endswith("restriction_classes") and isinstance(value, dict):  # name -> a list of restrictions
+            specs = [word for items in value.values() if isinstance(items, (list, tuple))
+                     for item in items if isinstance(item, str) for word in item.split()]
+        elif not isinstance(value, (list, tuple)):
             continue
         # domain lists may hold tables (accounts:PATH#domains); content checks are tables too
-        if key.endswith(("_maps", "_domains", "_checks", "authorized_submit_users")):
+        elif key.endswith(("_maps", "_domains", "_checks", "authorized_submit_users")):
             specs = [v for v in value if isinstance(v, str)]
         elif key.endswith("_restrictions"):  # check_client_access texthash:/path, ...
             specs = [word for item in value if isinstance(item, str) for word in item.split()]

@@ -108,6 +108,47 @@ def test_a_misconfigured_list_fails_naming_the_list_and_the_item(items, reason):
     assert str(info.value).startswith(f"main.toml: smtpd.recipient_restrictions{reason}")
 
 
+@pytest.mark.parametrize("smtpd, reason", [
+    ({"recipient_restrictions": ["strict"]}, "smtpd.recipient_restrictions[0]: unknown restriction 'strict'"),
+    ({"restriction_classes": {"a": ["permit", "b"], "b": ["c"], "c": ["a"]}},
+     "smtpd.restriction_classes: a: the restriction classes loop: a -> b -> c -> a"),
+    ({"restriction_classes": {"a": ["nope"]}}, "smtpd.restriction_classes: a[0]: unknown restriction 'nope'"),
+    ({"restriction_classes": {"Hold": ["permit"]}},
+     "smtpd.restriction_classes: 'hold': a restriction class cannot have the name of a restriction or an access "
+     "action"),
+    ({"restriction_classes": {"a": []}}, "smtpd.restriction_classes: 'a': a restriction class is a non-empty list"),
+    ({"restriction_classes": {"a": ["permit"]}, "client_restrictions": ["a b"]},
+     "smtpd.client_restrictions[0]: restriction class 'a' takes no argument"),
+])
+def test_restriction_classes_are_checked_at_start(smtpd, reason):
+    """An undefined class is a configuration error, and so is a loop of classes (Postfix 3.7.11's smtpd dies of
+    it at start, signal 11: master logs `bad command startup -- throttling`)."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"smtpd": smtpd}, "main.toml")
+    assert str(info.value).startswith(f"main.toml: {reason}")
+
+
+def test_a_restriction_class_runs_its_list_as_one_item():
+    classes = {"Trusted": ["permit_mynetworks", "check_sender_access inline:{vip@remote.example=OK}"],
+               "strict": ["reject_non_fqdn_sender", "trusted"]}
+    r = restrictions(restriction_classes=classes, recipient_restrictions=["STRICT", "reject"])
+    assert rcpt(r, client_addr="192.0.2.1") is None  # the class's permit ends the list
+    assert rcpt(r, sender="vip@remote.example") is None
+    assert rcpt(r, sender="user") == status.non_fqdn_address("user", "Sender address")
+    assert rcpt(r) == status.access_denied("alice@local.test", "Recipient address")
+    r = restrictions(restriction_classes=classes, relay_restrictions=["trusted", "reject_unauth_destination"])
+    assert rcpt(r, "x@elsewhere.example", client_addr="192.0.2.1") is None
+    assert rcpt(r, "x@elsewhere.example") == status.relay_denied("x@elsewhere.example")
+
+
+def test_a_restriction_class_can_guard_the_relay():
+    config_from_dict({"smtpd": {"restriction_classes": {"guard": ["permit_mynetworks", "reject_unauth_destination"]},
+                                "relay_restrictions": ["guard"]}})
+    with pytest.raises(ConfigError):
+        config_from_dict({"smtpd": {"restriction_classes": {"open": ["permit_mynetworks"]},
+                                    "relay_restrictions": ["open"]}})
+
+
 def test_lists_that_cannot_refuse_relaying_are_refused_at_start():
     with pytest.raises(ConfigError) as info:
         config_from_dict({"smtpd": {"relay_restrictions": ["permit_mynetworks"]}}, "main.toml")
@@ -278,6 +319,22 @@ def test_restriction_names_as_actions_and_unknown_actions():
     r = access("inline:{alice@local.test=reject_non_fqdn_sender, b@local.test=FROBNICATE}")
     assert rcpt(r, sender="user") == status.non_fqdn_address("user", "Sender address")
     assert rcpt(r, "b@local.test") == status.restriction_config_error("b@local.test", "Recipient address")
+
+
+def test_access_values_name_restriction_classes_and_lists(caplog):
+    classes = {"strict": ["reject_non_fqdn_sender", "reject"], "loop": ["check_sender_access inline:{x@y.test=loop}"]}
+    table = ("inline:{ alice@local.test=strict, {b@relay.test=permit_mynetworks, reject}, c@relay.test=undefined,"
+             " d@relay.test=loop, e@relay.test=check_client_access:texthash:/x, f@relay.test=reject_rbl_client }")
+    r = restrictions(restriction_classes=classes, recipient_restrictions=[f"check_recipient_access {table}"])
+    assert rcpt(r, sender="user") == status.non_fqdn_address("user", "Sender address")
+    assert rcpt(r) == status.access_denied("alice@local.test", "Recipient address")
+    assert rcpt(r, "b@relay.test", client_addr="192.0.2.1") is None
+    assert rcpt(r, "b@relay.test") == status.access_denied("b@relay.test", "Recipient address")
+    for bad in ("c", "e", "f"):  # undefined, a lookup table (Postfix: name a class instead), an argument missing
+        assert rcpt(r, f"{bad}@relay.test") == status.restriction_config_error(f"{bad}@relay.test", "Recipient address")
+    assert rcpt(r, "d@relay.test", sender="x@y.test") == \
+        status.restriction_config_error("x@y.test", "Sender address")  # (the loop, cut after 100 levels)
+    assert "causes unreasonable recursion" in caplog.text
 
 
 def test_a_table_that_cannot_answer_defers():

@@ -147,6 +147,12 @@ async def test_greylisting_defers_the_first_attempt_and_accepts_the_retry(mailfl
     assert (await rcpt_reply(port, "bob@local.test"))[0] == 450  # another triplet
 
 
+async def test_greylisting_in_a_restriction_class_is_served(mailflow_server):
+    mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "restriction_classes": {"grey": ["check_greylist"]},
+                                      "recipient_restrictions": ["grey"]})
+    assert (await rcpt_reply(mf.smtp_addresses[0][1], "alice@local.test"))[0] == 450
+
+
 async def test_greylisting_whitelists_and_auto_whitelists(mailflow_server):
     mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "recipient_restrictions": ["check_greylist"]},
                                greylist={"delay": 0, "whitelist_domains": ["friend.test"], "auto_whitelist_count": 1})

@@ -5,7 +5,8 @@ configured alike:
   do the same to the message (delivered, held, discarded, redirected, filtered, a header prepended) and log
   WARN and INFO alike; and the key forms the tables test (test_tables_vs_postfix.py) leaves out;
 - the same header_checks and body_checks (regexp): the reply at the end of DATA, the delivered copy, the hold
-  queue and cleanup's log lines.
+  queue and cleanup's log lines;
+- the same restriction classes (smtpd_restriction_classes), named in a list and as access table values.
 
 One Postfix instance serves the module; each test runs its sessions against it, then against a mailflow.
 
@@ -157,6 +158,28 @@ BODY_CHECKS = """\
 """
 
 
+CLASSES = {  # smtpd_restriction_classes; `{folder}`: where the tables are
+    "rcpt_class": "check_sender_access texthash:{folder}/classes", "permit_class": "permit",
+    "reject_class": "reject", "strict_class": "reject_non_fqdn_helo_hostname",
+    "nested_class": "strict_class, permit_class", "loop_class": "check_sender_access texthash:{folder}/classes",
+}
+CLASS_TABLE = {  # the sender -> its entry in `classes`, which rcpt_class looks up
+    "permit": "permit_class", "strict": "strict_class", "nested": "nested_class", "reject": "reject_class",
+    "list": "reject_non_fqdn_helo_hostname defer", "loop": "loop_class", "undefined": "no_such_class",
+    "table": "check_helo_access texthash:/nonexistent",
+}
+AFTER_TABLE = "permit@class.test REJECT after the class\nnested@class.test REJECT after the class\n" \
+    "strict@class.test REJECT after the class\n"  # asked after rcpt_class: reached only if it had no opinion
+CLASS_SESSIONS = [(sender, helo) for sender in CLASS_TABLE for helo in ("client.test", "client")]
+
+
+def write_class_tables(folder: Path) -> dict[str, str]:
+    """The classes' tables in `folder`; the classes, naming those tables."""
+    (folder / "classes").write_text("".join(f"{s}@class.test {v}\n" for s, v in CLASS_TABLE.items()))
+    (folder / "after").write_text(AFTER_TABLE)
+    return {name: value.replace("{folder}", str(folder)) for name, value in CLASSES.items()}
+
+
 @pytest.fixture(scope="module")
 def postfix():
     """One private Postfix for the module: access tables in every list, relaying relay.test to a peer on
@@ -167,6 +190,7 @@ def postfix():
     (folder / "access").write_text(table_text(ports["filter"]))
     (folder / "header").write_text(HEADER_CHECKS.replace("{filter}", str(ports["filter"])))
     (folder / "body").write_text(BODY_CHECKS)
+    classes = write_class_tables(folder)
     instance = postfix_instance({
         "myhostname": "pf.test", "mydestination": "local.test", "relay_domains": "relay.test",
         "relayhost": f"[127.0.0.1]:{ports['relay']}", "notify_classes": "",
@@ -174,6 +198,9 @@ def postfix():
         "header_checks": f"regexp:{folder}/header", "body_checks": f"regexp:{folder}/body",
         "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
         **{f"smtpd_{kind}_restrictions": f"check_{kind}_access texthash:{folder}/access" for kind in KINDS},
+        "smtpd_recipient_restrictions": f"check_recipient_access texthash:{folder}/access, rcpt_class, "
+                                        f"check_sender_access texthash:{folder}/after",
+        "smtpd_restriction_classes": ", ".join(classes), **classes,
     })
     loop = asyncio.new_event_loop()
     pf = loop.run_until_complete(instance.__aenter__())
@@ -363,3 +390,43 @@ async def test_access_keys_are_the_ones_postfix_asks(postfix, mailflow_server, t
     mf_dot = await key_replies(mf.smtp_addresses[0][1], {"dot": TRAILING_DOT})
     assert (pf_dot["dot"], mf_dot["dot"]) == ("250 2.1.0 Ok | 250 2.1.5 Ok", "250 2.1.0 Ok | 554 5.7.1 "
                                               "<reject-text.helo.test.>: Helo command rejected: go away")
+
+
+async def class_replies(port: int) -> dict[str, str]:
+    """The RCPT reply of each (sender, HELO name) of CLASS_SESSIONS; Server configuration error's text left out
+    (mailflow names what it refuses before it, a deliberate difference: docs/security.md)."""
+    got = {}
+    for sender, helo in CLASS_SESSIONS:
+        client = await SmtpClient.connect(port)
+        await client.cmd(f"EHLO {helo}")
+        await client.cmd(f"MAIL FROM:<{sender}@class.test>")
+        text = (await client.cmd("RCPT TO:<plain@relay.test>")).text
+        got[f"{sender} {helo}"] = "451 4.3.5 Server configuration error" if text.startswith("451 4.3.5 ") else text
+        await client.close()
+    return got
+
+
+async def test_restriction_classes_run_as_postfixs_do(postfix, mailflow_server, tmp_path):
+    """A class named in a list runs its list as one item (its permit ends the list); a class as an access value,
+    nested classes, a value that is a list of restrictions (a `reject` there names what the table was asked
+    about); an undefined class, a lookup table or a loop through a table as the value: 451 4.3.5."""
+    pf, _ = postfix
+    pf_replies = await class_replies(pf.port)
+    mf = await mailflow_server(mydestination=["local.test"], relayhost="[127.0.0.1]:9", mynetworks=["127.0.0.0/8"],
+                               smtpd={"relay_restrictions": ["permit_mynetworks", "reject_unauth_destination"],
+                                      "restriction_classes": {name: [item.strip() for item in value.split(",")]
+                                                              for name, value in write_class_tables(tmp_path).items()},
+                                      "recipient_restrictions": ["rcpt_class",
+                                                                 f"check_sender_access texthash:{tmp_path}/after"]})
+    mf_replies = await class_replies(mf.smtp_addresses[0][1])
+    assert {k: (pf_replies[k], mf_replies[k]) for k in pf_replies if pf_replies[k] != mf_replies[k]} == {}
+    # what Postfix did, so that the same mistake on both sides cannot pass unnoticed
+    assert (pf_replies["permit client.test"], pf_replies["nested client.test"]) == ("250 2.1.5 Ok", "250 2.1.5 Ok")
+    assert pf_replies["strict client.test"] == \
+        "554 5.7.1 <strict@class.test>: Sender address rejected: after the class"
+    assert pf_replies["nested client"] == "504 5.5.2 <client>: Helo command rejected: need fully-qualified hostname"
+    assert pf_replies["reject client.test"] == "554 5.7.1 <reject@class.test>: Sender address rejected: Access denied"
+    assert pf_replies["list client.test"] == \
+        "450 4.3.2 <list@class.test>: Sender address rejected: Try again later"
+    assert {pf_replies[f"{s} client.test"] for s in ("loop", "undefined", "table")} == \
+        {"451 4.3.5 Server configuration error"}

@@ -97,6 +97,7 @@ def test_check_config_reads_every_table_file_and_names_the_bad_line(tmp_path):
 def test_check_config_reads_the_tables_of_restriction_lists_and_submit_users(tmp_path):
     cfg = tmp_path / "m.toml"
     cfg.write_text(f'[smtpd]\nrecipient_restrictions = ["permit_mynetworks", "check_recipient_access texthash:access"]\n'
+                   f'[smtpd.restriction_classes]\nstrict = ["check_sender_access texthash:senders", "reject"]\n'
                    f'[sendmail]\nauthorized_submit_users = ["texthash:{tmp_path}/users"]\n'
                    f'[[smtpd.listeners]]\naddress = "127.0.0.1:0"\nrole = "mta"\n[smtpd.listeners.overrides]\n'
                    f'client_restrictions = ["check_client_access regexp:client"]\n')
@@ -104,10 +105,12 @@ def test_check_config_reads_the_tables_of_restriction_lists_and_submit_users(tmp
     assert result.returncode == 2, result.stdout
     assert f"smtpd.recipient_restrictions: table texthash:{tmp_path}/access: cannot read" in result.stderr
     assert f"sendmail.authorized_submit_users: table texthash:{tmp_path}/users: cannot read" in result.stderr
+    assert f"smtpd.restriction_classes: table texthash:{tmp_path}/senders: cannot read" in result.stderr
     assert f"smtpd.listeners[0].overrides.client_restrictions: table regexp:{tmp_path}/client: cannot read" \
         in result.stderr
     (tmp_path / "access").write_text("bad.test REJECT\n")
     (tmp_path / "users").write_text("root ok\n")
+    (tmp_path / "senders").write_text("bad@bad.test REJECT\n")
     (tmp_path / "client").write_text("/^192\\.0\\.2\\./ REJECT\n")
     assert mailflow("check-config", "--config", str(cfg)).returncode == 0
 

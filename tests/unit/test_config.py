@@ -276,6 +276,7 @@ transport_maps = ["regexp:maps/transport.re"]
 [smtpd]
 tls_cert_file = "tls/cert.pem"
 recipient_restrictions = ["check_recipient_access texthash:access", "reject_unauth_destination"]
+restriction_classes = { strict = ["check_sender_access texthash:senders", "reject"] }
 listeners = [{ address = "127.0.0.1:587", role = "submission", overrides = { tls_cert_file = "sub.pem", sasl_user_maps = ["texthash:users"] } }]
 [local]
 maildir_base = "/var/mail"
@@ -290,6 +291,7 @@ authorized_submit_users = ["texthash:submitters", "root", "!guest"]
     assert c.smtpd.tls_cert_file == f"{etc}/tls/cert.pem"
     assert c.smtpd.recipient_restrictions == (f"check_recipient_access texthash:{etc}/access",
                                               "reject_unauth_destination")
+    assert c.smtpd.restriction_classes == {"strict": (f"check_sender_access texthash:{etc}/senders", "reject")}
     assert c.smtpd.listeners[0].overrides == {"tls_cert_file": f"{etc}/sub.pem",
                                               "sasl_user_maps": (f"texthash:{etc}/users",)}
     assert c.local.maildir_base == "/var/mail"  # absolute: as written

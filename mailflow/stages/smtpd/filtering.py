@@ -52,8 +52,10 @@ class Outcome:
 
 def _uses(config: Config, name: str) -> bool:
     listeners = [config.smtpd] + [config.smtpd.for_listener(li) for li in config.smtpd.listeners]
-    return any(split_item(item)[0] == name for smtpd in listeners for stage in STAGES
-               for item in getattr(smtpd, f"{stage}_restrictions"))
+    return any(split_item(item)[0] == name for smtpd in listeners
+               for items in (*(getattr(smtpd, f"{stage}_restrictions") for stage in STAGES),
+                             *smtpd.restriction_classes.values())
+               for item in items)
 
 
 class FilterServices:

@@ -321,7 +321,7 @@ class SmtpdHandler:
         if not answer:
             return None
         name, what = HOOK_SUBJECT[stage](facts)
-        verdict = self.restrictions.action(answer, name, what, facts, source="policy hook", stage=stage)
+        verdict = await self.restrictions.action(answer, name, what, facts, source="policy hook", stage=stage)
         return verdict if isinstance(verdict, status.Reply) else None
 
     def _discard(self, server, submission: Submission, reason: str) -> status.Reply:

@@ -19,14 +19,18 @@ lists run in that order; each list stops at its first PERMIT (the next list stil
 answer); an item with nothing to say (DUNNO, or missing facts such as no HELO yet) passes to the next.
 Then, unless refused or deferred (DEFER_IF_PERMIT), `reject_unlisted_recipient` is implied
 (smtpd_reject_unlisted_recipient). The data list runs at DATA, the end_of_data list at the end of the message;
-there only a single recipient is "the recipient". Access-table DISCARD permits and marks the message to be
-discarded (no further checks); HOLD, FILTER, PREPEND (not at the end of data: ignored), REDIRECT and BCC mark it
-and go on; an all-digit value is OK; WARN and INFO log and go
-on (Postfix). Marks live in `facts.marks`, one per message. DEFER_IF_PERMIT and DEFER_IF_REJECT hold for the
-command that met them (`facts`): its verdict, permit or refusal, is turned into a deferral at the end
-(`_conditional_deferrals`). An enhanced status code an action gives is fitted to what it refuses (`dsn_fix`).
+there only a single recipient is "the recipient". A restriction class (`[smtpd] restriction_classes`,
+smtpd_restriction_classes) named in a list runs its own list as one item: its PERMIT or refusal is the item's.
+An access value that is no action is a list of restrictions and classes, run the same way (Postfix's
+check_table_result), its `reject` naming what the table was asked about. Access-table DISCARD permits and
+marks the message to be discarded (no further checks); HOLD, FILTER, PREPEND (not at the end of data: ignored),
+REDIRECT and BCC mark it and go on; an all-digit value is OK; WARN and INFO log and go on (Postfix). Marks
+live in `facts.marks`, one per message. DEFER_IF_PERMIT and DEFER_IF_REJECT hold for the command that met
+them (`facts`): its verdict, permit or refusal, is turned into a deferral at the end (`_conditional_deferrals`).
+An enhanced status code an action gives is fitted to what it refuses (`dsn_fix`).
 
-Failure behaviour: a table that cannot answer or an action mailflow does not know gives
+Failure behaviour: a table that cannot answer or an action mailflow does not know (an access value naming an
+undefined class or a lookup table, or lists nested deeper than MAX_DEPTH: a loop through tables) gives
 `451 4.3.5 <name>: X rejected: Server configuration error` (logged); a FILTER, PREPEND, REDIRECT or BCC
 without the argument it takes is ignored and an empty action is OK (both logged; Postfix); a policy server that
 cannot be asked gives `policy_service_default_action` (451 4.3.5 Server configuration problem); a DNSBL that
@@ -48,8 +52,8 @@ from mailflow.address import client_ip, in_networks
 from mailflow.errors import LookupRetry
 from mailflow.logs import SmtpdLog
 from mailflow.model import AddressClass
-from mailflow.restriction_vocabulary import (ACCESS_CHECKS, NEEDS_IO, RCPT_STAGES, RHSBL_CHECKS, STAGES,
-                                             WITHOUT_ARGUMENT, split_item)
+from mailflow.restriction_vocabulary import (ACCESS_CHECKS, KNOWN, RCPT_STAGES, RHSBL_CHECKS, STAGES, WITH_ARGUMENT,
+                                             check_item, split_item)
 from mailflow.stages.smtpd.dns_checks import DnsChecks
 from mailflow.stages.smtpd.policy import PolicyClient, PolicyError
 from mailflow.syntax import is_ipv4
@@ -68,6 +72,7 @@ SUBJECT = {  # a list's stage -> how its refusals name what they looked at
     "data": "Data command", "end_of_data": "End-of-data",
     "mail": "Sender address",  # (the in-process policy hook's MAIL stage: handler.py)
 }
+MAX_DEPTH = 100  # lists within lists (classes, access values) beyond which a table's value is refused (Postfix's)
 PROTOCOL_STATE = {"data": "DATA", "end_of_data": "END-OF-MESSAGE"}
 _HEADER_FIELD = re.compile(r"[!-9;-~]+:[ \t]*[^\r\n]*")  # PREPEND's argument: one header field, unfolded
 _NUMERIC_ACTION = re.compile(r"([45]\d\d)(?:\s+([45]\.\d{1,3}\.\d{1,3}))?(?:\s+(.*))?", re.S)
@@ -119,6 +124,7 @@ class Facts:
     # if it is a 5xx refusal
     defer_if_permit: status.Reply | None = None
     defer_if_reject: status.Reply | None = None
+    depth: int = 0  # how many lists (a stage's, restriction classes', access values') are being evaluated
 
 
 # ---------------------------------------------------------------------------------------------- key orders
@@ -218,12 +224,13 @@ class Restrictions:
         self._dns = DnsChecks(resolver, rewriter, smtpd.unknown_address_reject_code)
         self._lists = {stage: tuple(split_item(i) for i in getattr(smtpd, f"{stage}_restrictions"))
                        for stage in STAGES}
-        self._tables = {arg: tables.open([arg]) for items in self._lists.values()
-                        for name, arg in items if name in ACCESS_CHECKS}
+        self._classes = {name: tuple(split_item(i) for i in items) for name, items in smtpd.restriction_classes.items()}
+        every = (*self._lists.values(), *self._classes.values())
+        self._tables = {arg: tables.open([arg]) for items in every for name, arg in items if name in ACCESS_CHECKS}
         self._policies = {arg: PolicyClient(arg, smtpd.policy_service_timeout, max_idle=smtpd.policy_service_max_idle,
                                             max_ttl=smtpd.policy_service_max_ttl,
                                             request_limit=smtpd.policy_service_request_limit)
-                          for items in self._lists.values() for name, arg in items if name == "check_policy_service"}
+                          for items in every for name, arg in items if name == "check_policy_service"}
         self._mynetworks = [ipaddress.ip_network(n, strict=False) for n in config.mynetworks]
         self._lines = SmtpdLog()  # WARN's and INFO's log lines
 
@@ -269,31 +276,43 @@ class Restrictions:
         return in_networks(client_addr, self._mynetworks)
 
     async def _run(self, stage: str, facts: Facts) -> status.Reply | None:
-        for name, arg in self._lists[stage]:
-            answer = await self._evaluate(name, arg, stage, facts)
-            if answer == PERMIT:
-                return None
-            if isinstance(answer, status.Reply):
-                return answer  # the session logs it (NOQUEUE: reject: ...)
-            if facts.marks.discard is not None:
-                return None
-        return None
+        answer = await self._run_items(self._lists[stage], stage, facts)
+        return answer if isinstance(answer, status.Reply) else None  # the session logs it (NOQUEUE: reject: ...)
 
-    async def _evaluate(self, name: str, arg: str, stage: str, facts: Facts):
-        """PERMIT, a refusal Reply, or None (no opinion)."""
+    async def _run_items(self, items: tuple[tuple[str, str], ...], stage: str, facts: Facts,
+                         subject: tuple[str, str] | None = None):
+        """One list (a stage's, a restriction class's, an access table's value): PERMIT, a Reply, or None when no
+        item had an opinion. `subject`: what `reject` and `defer` name (default: the stage's; in an access table's
+        value, what the table was asked about, as Postfix's generic_checks is given it)."""
+        facts.depth += 1
         try:
-            simple = self._simple(name, stage, facts)
+            for name, arg in items:
+                answer = await self._evaluate(name, arg, stage, facts, subject)
+                if answer == PERMIT or isinstance(answer, status.Reply):
+                    return answer
+                if facts.marks.discard is not None:
+                    return None
+            return None
+        finally:
+            facts.depth -= 1
+
+    async def _evaluate(self, name: str, arg: str, stage: str, facts: Facts, subject: tuple[str, str] | None = None):
+        """PERMIT, a refusal Reply, or None (no opinion)."""
+        if name in self._classes and name not in KNOWN:  # a restriction class: its list, as one item
+            return await self._run_items(self._classes[name], stage, facts, subject)
+        try:
+            simple = self._simple(name, stage, facts, subject)
         except LookupRetry as e:  # a domain list's table (virtual_mailbox_domains) cannot answer now
             log.warning("%s: %s", name, e.reason)
             return status.error_reply(e, facts.recipient)
         if simple is not _UNHANDLED:
             return simple
         if name in ACCESS_CHECKS:
-            return self._access(ACCESS_CHECKS[name], arg, stage, facts)
+            return await self._access(ACCESS_CHECKS[name], arg, stage, facts)
         if name == "reject_rbl_client":
             return await self._dns.rbl(arg, facts)
         if name == "check_policy_service":
-            return await self._policy(arg, stage, facts)
+            return await self._policy(arg, stage, facts, subject)
         if name == "reject_unknown_recipient_domain":
             return await self._dns.unknown_recipient_domain(facts.recipient)
         if name == "reject_unlisted_recipient":
@@ -312,13 +331,13 @@ class Restrictions:
             return self._dmarc_policy(facts)
         raise AssertionError(f"restriction {name!r} has no evaluation")  # check_item lets no such name in
 
-    def _simple(self, name: str, stage: str, facts: Facts):
+    def _simple(self, name: str, stage: str, facts: Facts, subject: tuple[str, str] | None = None):
         """The restrictions that need no I/O; _UNHANDLED for the others."""
         rcpt = facts.recipient
         if name == "permit":
             return PERMIT
         if name in ("reject", "defer"):
-            who, what = self._subject(stage, facts)
+            who, what = subject or self._subject(stage, facts)
             return status.access_denied(who, what) if name == "reject" else status.rule_deferred(who, what)
         if name == "permit_mynetworks":
             return PERMIT if self.trusted(facts.client_addr) else None
@@ -367,7 +386,7 @@ class Restrictions:
 
     # -------------------------------------------------------------------------------- access tables
 
-    def _access(self, kind: str, spec: str, stage: str, facts: Facts):
+    async def _access(self, kind: str, spec: str, stage: str, facts: Facts):
         keys, name, what = self._access_keys(kind, facts)
         if keys is None:
             return None
@@ -379,7 +398,7 @@ class Restrictions:
             return status.restriction_config_error(name, what)
         if found is None:
             return None
-        return self.action(found[2], name, what, facts, source=spec, stage=stage)
+        return await self.action(found[2], name, what, facts, source=spec, stage=stage)
 
     def _access_keys(self, kind: str, facts: Facts) -> tuple[list[str] | None, str, str]:
         if kind == "client":
@@ -401,8 +420,9 @@ class Restrictions:
         resolved = self._rewriter.resolved_address(addr) if addr else addr
         return address_access_keys(resolved, self._config.recipient_delimiter)
 
-    def action(self, value: str, name: str, what: str, facts: Facts, *, source: str, stage: str):
-        """An access(5) action (a table's value or a policy server's answer): PERMIT, a Reply or None."""
+    async def action(self, value: str, name: str, what: str, facts: Facts, *, source: str, stage: str):
+        """An access(5) action (a table's value or a policy server's answer): PERMIT, a Reply or None. A value
+        that is no action is a list of restrictions and restriction classes, evaluated (`_value_list`)."""
         word, _, text = value.strip().partition(" ")
         text = text.strip()
         upper = word.upper()
@@ -448,10 +468,35 @@ class Restrictions:
             code, dsn, reason = numeric.groups()
             dsn = dsn_fix(code[0] + dsn[1:] if dsn else f"{code[0]}.7.1", what)  # the code's class wins (Postfix)
             return status.restriction_rejected(int(code), dsn, name, what, (reason or "Access denied").strip())
-        if word.lower() in WITHOUT_ARGUMENT and word.lower() not in NEEDS_IO and not text:
-            return self._simple(word.lower(), stage, facts)  # a restriction named as the action
-        log.warning("%s: unknown access action %r", source, value)
-        return status.restriction_config_error(name, what)
+        items = self._value_list(value, source, facts)
+        if items is None:
+            return status.restriction_config_error(name, what)
+        return await self._run_items(items, stage, facts, (name, what))
+
+    def _value_list(self, value: str, source: str, facts: Facts) -> tuple[tuple[str, str], ...] | None:
+        """An access value that is no action, as Postfix's check_table_result takes it: restriction names and
+        restriction classes, separated by spaces or commas (`permit_mynetworks, reject`, `my_class`). None (logged;
+        the caller answers 451 4.3.5) for a name neither restriction nor class, for a lookup table (Postfix:
+        "define a restriction class and specify its name instead") and for a loop through the tables (deeper
+        than Postfix's 100 levels)."""
+        if ":" in value:
+            log.warning("%s: access table entry %r names a lookup table; name a restriction class instead", source,
+                        value)
+            return None
+        if facts.depth > MAX_DEPTH:
+            log.warning("%s: access table entry %r causes unreasonable recursion", source, value)
+            return None
+        words = value.replace(",", " ").split()
+        items = []
+        while words:
+            word = words.pop(0)
+            item = f"{word} {words.pop(0)}" if word.lower() in WITH_ARGUMENT and words else word
+            try:
+                items.append(split_item(check_item(item, self._classes)))
+            except ValueError as e:
+                log.warning("%s: unknown access action %r: %s", source, value, e)
+                return None
+        return tuple(items)
 
     # -------------------------------------------------------------------------------- filters and policy
 
@@ -484,19 +529,19 @@ class Restrictions:
             facts.marks.hold = f"DMARC policy of {verdicts.dmarc_domain}: quarantine"
         return None
 
-    async def _policy(self, spec: str, stage: str, facts: Facts):
-        name, what = self._subject(stage, facts)
+    async def _policy(self, spec: str, stage: str, facts: Facts, subject: tuple[str, str] | None = None):
+        name, what = subject or self._subject(stage, facts)
         try:
             request = policy_request(facts, stage, self._smtpd.policy_service_policy_context)
             answer = await self._policies[spec].query(request)
         except PolicyError as e:
             log.warning("policy service %s: %s", spec, e)
-            return self._policy_default(name, what, facts, spec, stage)
-        return self.action(answer, name, what, facts, source=spec, stage=stage)
+            return await self._policy_default(name, what, facts, spec, stage)
+        return await self.action(answer, name, what, facts, source=spec, stage=stage)
 
-    def _policy_default(self, name: str, what: str, facts: Facts, spec: str, stage: str):
+    async def _policy_default(self, name: str, what: str, facts: Facts, spec: str, stage: str):
         """policy_service_default_action, an access(5) action (Postfix: 451 4.3.5 Server configuration problem)."""
-        return self.action(self._smtpd.policy_service_default_action, name, what, facts, source=spec, stage=stage)
+        return await self.action(self._smtpd.policy_service_default_action, name, what, facts, source=spec, stage=stage)
 
 
 _UNHANDLED = object()
