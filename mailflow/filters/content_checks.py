@@ -14,18 +14,22 @@ scanned in a worker thread so that the event loop never waits for it.
 Actions (the table's value; the first word, any case):
     REJECT [text]      the message is refused: ContentRejected, 550 5.7.1 text (default "message content rejected");
                        a text starting with an enhanced code gives that code, a 4.X.Y one defers: TemporaryError, 451
-    DISCARD [text]     accepted and dropped (`Inspection.discard`)
-    HOLD [text]        queued on hold (`Inspection.hold`), the inspection goes on
+    DISCARD [text]     accepted and dropped (`Inspection.discard`); the inspection stops
+    HOLD [text]        queued on hold (`Inspection.hold`), the inspection goes on (a second HOLD: nothing)
     WARN [text]        logged, nothing else
     INFO [text]        the same, logged with `info:` (Postfix 3.2)
     IGNORE             the header (or body line) is removed
     PREPEND text       `text` is inserted before the header (or body line)
     REPLACE text       the header (or body line) is replaced by `text`
                        (for a header, `text` must be a header field: otherwise logged and ignored, as Postfix)
-    REDIRECT address   every recipient is replaced by `address`
+    REDIRECT address   every recipient is replaced by `address`; the inspection stops
+    BCC address        one more recipient (`Inspection.bcc`, each BCC kept; Postfix 3.0); not an address: ignored
+    PASS [text]        the inspection stops (Postfix 3.2)
     FILTER transport:nexthop   the message goes to that after-queue filter
     DUNNO, OK          nothing: next line
-An action mailflow does not know is logged and ignored, as Postfix does.
+An action mailflow does not know is logged and ignored, as Postfix does. Where the inspection stops (REJECT,
+DISCARD, REDIRECT, PASS: Postfix's cleanup clears CLEANUP_FLAG_FILTER) no later header, MIME header, nested
+header or body line is looked up; edits made before stay.
 
 Failure behaviour: a REJECT raises ContentRejected (or TemporaryError); a table that cannot answer (LookupRetry)
 propagates: cleanup does not queue the message and smtpd answers 451 4.3.0; the content file being unreadable
@@ -39,7 +43,7 @@ import re
 from dataclasses import dataclass, field
 
 from mailflow.content import Content
-from mailflow import status
+from mailflow import address, status
 from mailflow.errors import ContentRejected, DeliveryError, TemporaryError
 from mailflow.message import header_fields
 from mailflow.tables import Table, TableCache
@@ -64,6 +68,8 @@ class Inspection:
     redirect: str | None = None
     content_filter: str | None = None
     warnings: list[str] = field(default_factory=list)
+    bcc: list[str] = field(default_factory=list)  # recipients BCC actions add, in order
+    stopped: bool = False  # DISCARD, REDIRECT or PASS: nothing more is looked up
 
 
 @dataclass
@@ -100,7 +106,7 @@ class ContentChecks:
         `describe`: how the log names the message's origin (`from host[ip]; from=<s> to=<r>`)."""
         result = Inspection(head=head, body=body)
         result.head = self._check_headers(queue_id, head, self._header, "header", result, describe, top=True)
-        if self._walks_body:
+        if self._walks_body and not result.stopped:
             if body.in_memory and body.size <= SCAN_INLINE:
                 self._walk_body(queue_id, head, result, describe)
             else:
@@ -121,7 +127,7 @@ class ContentChecks:
                 out.append(raw)
                 continue
             use = self._mime if top and _is_mime_header(name) else tables
-            action = _lookup(use, _logical(raw)) if use else None
+            action = _lookup(use, _logical(raw)) if use and not result.stopped else None
             if action is None:
                 out.append(raw)
                 continue
@@ -167,7 +173,7 @@ class ContentChecks:
                 state = "body" if text.endswith(b"--") and _is_close(text, boundaries) else "mime"
                 part_bytes = 0
             else:
-                if self._body and part_bytes < self._limit:
+                if self._body and part_bytes < self._limit and not result.stopped:
                     action = _lookup(self._body, text[:MAX_LINE].decode("utf-8", "replace"))
                     if action is not None:
                         lines = self._act(queue_id, action, "body", text.decode("utf-8", "replace"), result,
@@ -193,6 +199,11 @@ class ContentChecks:
             return None
         if word == "IGNORE" and editable:
             return []
+        if word == "HOLD" and result.hold is not None:  # Postfix: only the first HOLD is taken (and logged)
+            return None
+        if word == "BCC" and address.mailbox_syntax_error(text) is not None:
+            log.warning("%s: bad BCC address %r in %s_checks -- need user@domain (ignored)", queue_id, text, what)
+            return None
         if word in ("PREPEND", "REPLACE") and what == "header" and text and not _HEADER_FIELD.fullmatch(text):
             log.warning("%s: bad %s header text %r in header_checks -- need \"headername: headervalue\" (ignored)",
                         queue_id, word, text)  # Postfix: a line that is no header field would end the section
@@ -211,6 +222,11 @@ class ContentChecks:
         shown = line[:200]
         if word == "DISCARD":
             result.discard = text or f"{what} {shown}"
+            result.stopped = True
+        elif word == "PASS":
+            result.stopped = True
+        elif word == "BCC":
+            result.bcc.append(text)
         elif word == "HOLD":
             result.hold = text or f"{what} {shown}"
         elif word == "WARN":
@@ -219,6 +235,7 @@ class ContentChecks:
             pass  # logged, as WARN is, with `info:`
         elif word == "REDIRECT" and text:
             result.redirect = text
+            result.stopped = True
         elif word == "FILTER" and ":" in text:
             result.content_filter = text
         elif word in ("PREPEND", "REPLACE") and text and editable:

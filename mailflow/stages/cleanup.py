@@ -11,8 +11,8 @@ What it does, in order (Postfix cleanup(8)):
    duplicates removed, each keeping the address first given as its original (ORCPT);
 4. inspects the content (`ContentChecks`: header_checks, mime/nested_header_checks, body_checks, unless the
    listener's receive_override_options say no_header_body_checks): REJECT refuses it (550 5.7.1), DISCARD
-   drops it (the client is told it was queued), HOLD queues it on hold, FILTER, REDIRECT, IGNORE, PREPEND and
-   REPLACE change what is queued;
+   drops it (the client is told it was queued), HOLD queues it on hold, FILTER, REDIRECT, BCC, IGNORE, PREPEND
+   and REPLACE change what is queued;
 4a. removes the header fields of `message_drop_headers` (Postfix's default: Bcc, Resent-Bcc, Return-Path,
    Content-Length), so a blind copy's recipients are never shown to the others; rewrites the addresses of the
    address fields (`Submission.header_rewrite_domain`; mailflow.header_addresses): an unqualified one gets
@@ -65,7 +65,7 @@ from mailflow.header_addresses import rewrite_address_fields
 from mailflow.address import shown_original
 from mailflow.logs import MailLog
 from mailflow.message import header_names, header_value, read_header, rfc5322_date, without_fields
-from mailflow.model import QueueId, Recipient, Submission
+from mailflow.model import Envelope, QueueId, Recipient, Submission
 from mailflow.routing.addressmap import AddressMapper
 from mailflow.signing.outbound import OutboundSigning
 from mailflow.store import NewMessage, Store
@@ -152,7 +152,7 @@ class Cleanup:
             hold = hold or found.hold is not None
             content_filter = found.content_filter or content_filter
             sub = dataclasses.replace(sub, content=Content((found.head, *found.body.parts)),
-                                      envelope=sub.envelope.redirected(found.redirect))
+                                      envelope=_with_bccs(sub.envelope, found.bcc).redirected(found.redirect))
         if self._mapper is not None and "no_address_mappings" not in sub.overrides:
             msg = await self._mapper.tables.run(self._prepare, sub, queue_id, True)
         else:
@@ -363,6 +363,14 @@ def _from_header(sender: str, fullname: str) -> str:
         return "From: " + email.utils.formataddr((name, sender), charset="utf-8")
     except (UnicodeError, ValueError):  # an address formataddr will not take (SMTPUTF8): no name then
         return f"From: {sender}"
+
+
+def _with_bccs(envelope: Envelope, bccs: list[str]) -> Envelope:
+    """A header/body check's BCC recipients added (before a REDIRECT, which then takes them too, as Postfix's
+    redirect record takes every recipient)."""
+    for bcc in bccs:
+        envelope = envelope.with_bcc(bcc)
+    return envelope
 
 
 def _header_lines(fields: tuple[str, ...]) -> bytes:

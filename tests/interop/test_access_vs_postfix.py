@@ -147,6 +147,15 @@ endif
 /^subject: HC-CASE$/ REJECT case-insensitive
 /^Content-Type: application\\/x-bad/ REJECT mime part header
 /^X-Nested: bad/ REJECT nested header
+/^X-Action: discard$/ DISCARD stop here
+/^X-Action: redirect$/ REDIRECT other@relay.test
+/^X-Action: pass$/ PASS trusted
+/^X-Action: hold$/ HOLD first hold
+/^X-Action: hold2$/ HOLD second hold
+/^X-Then: reject$/ REJECT after the stop
+/^X-Bcc: 1$/ BCC copy1@relay.test
+/^X-Bcc: 2$/ BCC copy2@relay.test
+/^X-Bcc: bad$/ BCC not-an-address
 """
 BODY_CHECKS = """\
 /^body-reject$/ REJECT body says no
@@ -155,6 +164,7 @@ BODY_CHECKS = """\
 /^body-ignore$/ IGNORE
 /^Ym9keS1iYXNlNjQ=$/ REJECT base64 seen
 /^body-warn$/ WARN body watch
+/^body-after-stop$/ REJECT body after the stop
 """
 
 
@@ -270,10 +280,17 @@ CONTENT = {  # a message's name -> its header fields and body
     "body-edits": ("Subject: body-edits\r\n", "body-replace\r\nbody-prepend\r\nbody-ignore\r\nbody-warn\r\nend\r\n"),
     "base64": ("Subject: base64\r\nMIME-Version: 1.0\r\nContent-Type: text/plain\r\n"
                "Content-Transfer-Encoding: base64\r\n", "Ym9keS1iYXNlNjQ=\r\n"),
+    # DISCARD, REDIRECT and PASS stop the checks: a later header or body line is not looked up
+    **{f"{action}-stops": (f"Subject: {action}-stops\r\nX-Action: {action}\r\nX-Then: reject\r\n",
+                           "body-after-stop\r\n") for action in ("discard", "redirect", "pass")},
+    "two-holds": ("Subject: two-holds\r\nX-Action: hold\r\nX-Action: hold2\r\n", "body\r\n"),  # the first only
+    "bccs": ("Subject: bccs\r\nX-Bcc: 1\r\nX-Bcc: 2\r\nX-Bcc: 1\r\nX-Bcc: bad\r\n", "body\r\n"),
+    "bcc-then-redirect": ("Subject: bcc-then-redirect\r\nX-Bcc: 1\r\nX-Action: redirect\r\n", "body\r\n"),
+    "bcc-then-reject": ("Subject: bcc-then-reject\r\nX-Bcc: 2\r\nX-Then: reject\r\n", "body\r\n"),
 }
 
 
-CONTENT_NOT_DELIVERED = ("hc-hold", "hc-discard")
+CONTENT_NOT_DELIVERED = ("hc-hold", "hc-discard", "discard-stops", "two-holds")
 
 
 async def send_contents(port: int) -> dict[str, str]:
@@ -326,10 +343,10 @@ async def test_header_and_body_checks_act_as_postfixs_do(postfix, mailflow_serve
                                mynetworks=["127.0.0.0/8"], checks={
         "header_checks": [f"regexp:{tmp_path}/header"], "body_checks": [f"regexp:{tmp_path}/body"]})
     mf_replies = await send_contents(mf.smtp_addresses[0][1])
+    assert {k: (pf_replies[k], mf_replies[k]) for k in pf_replies if pf_replies[k] != mf_replies[k]} == {}
     mf_copies = await eventually(lambda: len(copies(mf_relay, mf_filter)) >= expected and copies(mf_relay, mf_filter),
                                  timeout=20)
 
-    assert {k: (pf_replies[k], mf_replies[k]) for k in pf_replies if pf_replies[k] != mf_replies[k]} == {}
     assert mf_copies == pf_copies
     assert mailflow_held(tmp_path / "queue" / "queue.db") == pf_held
     pf_logged = cleanup_logged(pf.maillog.splitlines(), ports["filter"])
@@ -344,6 +361,11 @@ async def test_header_and_body_checks_act_as_postfixs_do(postfix, mailflow_serve
     assert pf_replies["nested"] == "550 5.7.1 nested header"  # an attached message's headers: nested_header_checks
     assert [pf_copies[name][2] for name in ("hc-prepend-bad", "hc-replace-bad")] == \
         [["Subject: hc-prepend-bad"], ["Subject: hc-replace-bad"]]  # a text that is no header field: ignored
+    assert [pf_copies[name][1] for name in ("redirect-stops", "pass-stops", "bccs", "bcc-then-redirect")] == \
+        [["other@relay.test"], ["plain@relay.test"], ["copy1@relay.test", "copy2@relay.test", "plain@relay.test"],
+         ["other@relay.test"]]
+    assert pf_replies["discard-stops"] == "250 queued" and "discard-stops" not in pf_copies
+    assert len([line for line in pf_logged if line.startswith("hold: header X-Action")]) == 1
 
 
 KEY_SESSIONS = {  # what the client sends -> (HELO name, sender, recipient)
