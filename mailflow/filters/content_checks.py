@@ -3,9 +3,10 @@
     ContentChecks(config.checks)                 the tables, opened once; `enabled` is False with none set
     await checks.inspect(queue_id, head, body, log)  -> Inspection (or raises ContentRejected)
 
-What is matched (Postfix's rules): each logical header of the message (continuation lines joined, line ends
-removed) against header_checks, its MIME headers (Content-*, MIME-Version) and those of every MIME part
-against mime_header_checks, the headers of an attached message (message/rfc822) against
+What is matched (Postfix's rules): each logical header of the message, its lines joined by their line breaks
+(`X-Folded: a\\n b`, as Postfix's cleanup keeps them, CR dropped; no line end after the last) against
+header_checks (a regexp table is asked with `lookup_lines`: `.` matches the break, as in POSIX regexec), its
+MIME headers (Content-*, MIME-Version) and those of every MIME part against mime_header_checks, the headers of an attached message (message/rfc822) against
 nested_header_checks (each of these two defaults to header_checks); each body line (without its line end,
 boundaries excluded) against body_checks, for at most `body_checks_size_limit` bytes of each body part. The
 body is read as a stream (mailflow.content: chunk by chunk, file parts in a worker thread); a big one is
@@ -127,11 +128,12 @@ class ContentChecks:
                 out.append(raw)
                 continue
             use = self._mime if top and _is_mime_header(name) else tables
-            action = _lookup(use, _logical(raw)) if use and not result.stopped else None
+            key = _header_key(raw)
+            action = _lookup(use, key, lines=True) if use and not result.stopped else None
             if action is None:
                 out.append(raw)
                 continue
-            replacement = self._act(queue_id, action, what, _logical(raw), result, describe, editable=True)
+            replacement = self._act(queue_id, action, what, key, result, describe, editable=True, original=raw)
             if replacement is not None:
                 out.extend(replacement)
                 changed = True
@@ -188,7 +190,7 @@ class ContentChecks:
     # -------------------------------------------------------------------------------- actions
 
     def _act(self, queue_id: str, value: str, what: str, line: str, result: Inspection, describe: str,
-             *, editable: bool) -> list[bytes] | None:
+             *, editable: bool, original: bytes | None = None) -> list[bytes] | None:
         """Carry out one action. Returns replacement lines for an edit (IGNORE: []), else None. Each action but
         DUNNO, OK and IGNORE is logged as Postfix's cleanup logs it: `QID: reject: header Subject: x from
         host[ip]; from=<s> to=<r> proto=ESMTP helo=<h>: 5.7.1 text`."""
@@ -214,11 +216,11 @@ class ContentChecks:
                  f" {describe}" if describe else "", f": {logged}" if logged else "")
         if rejection is not None:
             raise rejection
-        return self._carry_out(queue_id, word, text, value, what, line, result, editable=editable)
+        return self._carry_out(queue_id, word, text, value, what, line, result, editable=editable, original=original)
 
     @staticmethod
     def _carry_out(queue_id: str, word: str, text: str, value: str, what: str, line: str, result: Inspection,
-                   *, editable: bool) -> list[bytes] | None:
+                   *, editable: bool, original: bytes | None = None) -> list[bytes] | None:
         shown = line[:200]
         if word == "DISCARD":
             result.discard = text or f"{what} {shown}"
@@ -240,7 +242,7 @@ class ContentChecks:
             result.content_filter = text
         elif word in ("PREPEND", "REPLACE") and text and editable:
             new = text.encode("utf-8") + b"\r\n"
-            return [new] if word == "REPLACE" else [new, _original(line, what)]
+            return [new] if word == "REPLACE" else [new, original if original is not None else _original(line)]
         else:
             log.warning("%s: unknown %s_checks action %r (ignored)", queue_id, what, value)
         return None
@@ -259,17 +261,25 @@ def _rejection(text: str, reason: str) -> DeliveryError:
     return TemporaryError("4" + dsn[1:], text, reason)  # (Postfix: a class 2 code is made a 4, with a warning)
 
 
-def _original(line: str, what: str) -> bytes:
-    """A matched line as it goes back after a PREPEND (headers are given back folded as one line)."""
+def _original(line: str) -> bytes:
+    """A matched body line as it goes back after a PREPEND (a header goes back as it came, folded)."""
     return line.encode("utf-8") + b"\r\n"
 
 
-def _lookup(tables: list[Table], key: str) -> str | None:
+def _lookup(tables: list[Table], key: str, *, lines: bool = False) -> str | None:
+    """The first table's answer; `lines`: `key` may hold line breaks (a folded header), asked of a regexp table
+    with `lookup_lines`."""
     for table in tables:
-        value = table.lookup(key)
+        lookup_lines = getattr(table, "lookup_lines", None) if lines else None
+        value = lookup_lines(key) if lookup_lines is not None else table.lookup(key)
         if value is not None:
             return value
     return None
+
+
+def _header_key(raw: bytes) -> str:
+    """A header field as header_checks match it (Postfix's cleanup): its lines joined by LF, no final line end."""
+    return raw.replace(b"\r\n", b"\n").removesuffix(b"\n").decode("utf-8", "replace")
 
 
 def _logical(raw: bytes) -> str:

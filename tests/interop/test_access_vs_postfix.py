@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from mailflow.logs import printable
 from tests.support import SmtpClient, eventually, free_port, postfix_instance
 
 pytestmark = pytest.mark.interop
@@ -141,6 +142,9 @@ HEADER_CHECKS = """\
 /^Subject: hc-dunno$/ DUNNO
 /^X-Folded: a b$/ REJECT folded matched unfolded
 /^X-Folded: a$/ REJECT folded matched first line
+/^X-Dot: a..b$/ REJECT dot matched the break
+/^ second$/m WARN a line of a folded header
+/^X-Fold-Prepend: a/ PREPEND X-Before: folded
 if /^Subject: hc-if/
 /-inner$/ REJECT inside if
 endif
@@ -286,6 +290,11 @@ CONTENT = {  # a message's name -> its header fields and body
     "two-holds": ("Subject: two-holds\r\nX-Action: hold\r\nX-Action: hold2\r\n", "body\r\n"),  # the first only
     "bccs": ("Subject: bccs\r\nX-Bcc: 1\r\nX-Bcc: 2\r\nX-Bcc: 1\r\nX-Bcc: bad\r\n", "body\r\n"),
     "bcc-then-redirect": ("Subject: bcc-then-redirect\r\nX-Bcc: 1\r\nX-Action: redirect\r\n", "body\r\n"),
+    # a folded header is matched with its line breaks kept (POSIX regexec: `.` matches one, unless the m flag)
+    "folded-space": ("Subject: folded-space\r\nX-Folded: a\r\n b\r\n", "body\r\n"),
+    "folded-dot": ("Subject: folded-dot\r\nX-Dot: a\r\n\tb\r\n", "body\r\n"),
+    "folded-m": ("Subject: folded-m\r\nX-Multi: first\r\n second\r\n", "body\r\n"),
+    "folded-prepend": ("Subject: folded-prepend\r\nX-Fold-Prepend: a\r\n b\r\n", "body\r\n"),
     "bcc-then-reject": ("Subject: bcc-then-reject\r\nX-Bcc: 2\r\nX-Then: reject\r\n", "body\r\n"),
 }
 
@@ -320,9 +329,10 @@ def copies(*peers) -> dict[str, tuple]:
 
 
 def cleanup_logged(lines, filter_port: int) -> list[str]:
-    """The actions' log lines (`QID: reject: header ...`), the queue id and syslog's prefix left out."""
+    """The actions' log lines (`QID: reject: header ...`), the queue id and syslog's prefix left out; made printable
+    as mailflow's log formatter writes them (a folded header's line break is `?`, as in Postfix's log)."""
     found = (re.match(r"(?:.*/cleanup\[\d+\]: )?[0-9A-F]+: ((?:reject|warning|info|hold|discard|redirect|filter|bcc"
-                      r"|prepend|replace|ignore): (?:header|body) .*)", line) for line in lines)
+                      r"|prepend|replace|ignore): (?:header|body) .*)", printable(line)) for line in lines)
     return sorted(m.group(1).replace(str(filter_port), "{filter}") for m in found if m)
 
 
@@ -366,6 +376,8 @@ async def test_header_and_body_checks_act_as_postfixs_do(postfix, mailflow_serve
          ["other@relay.test"]]
     assert pf_replies["discard-stops"] == "250 queued" and "discard-stops" not in pf_copies
     assert len([line for line in pf_logged if line.startswith("hold: header X-Action")]) == 1
+    assert (pf_replies["folded-space"], pf_replies["folded-dot"]) == ("250 queued", "550 5.7.1 dot matched the break")
+    assert any(line.startswith("warning: header X-Multi: first? second from ") for line in pf_logged)
 
 
 KEY_SESSIONS = {  # what the client sends -> (HELO name, sender, recipient)
