@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mailflow.content import Content
@@ -103,16 +104,18 @@ class Envelope:
             return self
         return dataclasses.replace(self, recipients=(address,), originals=(), notify=(), orcpts=())
 
-    def with_bcc(self, address: str | None) -> Envelope:
-        """An access BCC: one more recipient for a copy, without DSN parameters (None, or one already there:
-        unchanged)."""
-        if address is None or address in self.recipients:
-            return self
-        return dataclasses.replace(
-            self, recipients=self.recipients + (address,),
-            originals=self.originals + (address,) if self.originals else (),
-            notify=self.notify + ("",) if self.notify else (),
-            orcpts=self.orcpts + ("",) if self.orcpts else ())
+    def with_bcc(self, addresses: Iterable[str]) -> Envelope:
+        """BCC actions (access tables, header/body checks): one more recipient for a copy each, without DSN
+        parameters; one already there is not added again."""
+        envelope = self
+        for address in addresses:
+            if address not in envelope.recipients:
+                envelope = dataclasses.replace(
+                    envelope, recipients=envelope.recipients + (address,),
+                    originals=envelope.originals + (address,) if envelope.originals else (),
+                    notify=envelope.notify + ("",) if envelope.notify else (),
+                    orcpts=envelope.orcpts + ("",) if envelope.orcpts else ())
+        return envelope
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ from mailflow.header_addresses import rewrite_address_fields
 from mailflow.address import shown_original
 from mailflow.logs import MailLog
 from mailflow.message import header_names, header_value, read_header, rfc5322_date, without_fields
-from mailflow.model import Envelope, QueueId, Recipient, Submission
+from mailflow.model import QueueId, Recipient, Submission
 from mailflow.routing.addressmap import AddressMapper
 from mailflow.signing.outbound import OutboundSigning
 from mailflow.store import NewMessage, Store
@@ -152,7 +152,7 @@ class Cleanup:
             hold = hold or found.hold is not None
             content_filter = found.content_filter or content_filter
             sub = dataclasses.replace(sub, content=Content((found.head, *found.body.parts)),
-                                      envelope=_with_bccs(sub.envelope, found.bcc).redirected(found.redirect))
+                                      envelope=sub.envelope.with_bcc(found.bcc).redirected(found.redirect))
         if self._mapper is not None and "no_address_mappings" not in sub.overrides:
             msg = await self._mapper.tables.run(self._prepare, sub, queue_id, True)
         else:
@@ -364,13 +364,6 @@ def _from_header(sender: str, fullname: str) -> str:
     except (UnicodeError, ValueError):  # an address formataddr will not take (SMTPUTF8): no name then
         return f"From: {sender}"
 
-
-def _with_bccs(envelope: Envelope, bccs: list[str]) -> Envelope:
-    """A header/body check's BCC recipients added (before a REDIRECT, which then takes them too, as Postfix's
-    redirect record takes every recipient)."""
-    for bcc in bccs:
-        envelope = envelope.with_bcc(bcc)
-    return envelope
 
 
 def _header_lines(fields: tuple[str, ...]) -> bytes:

@@ -275,7 +275,7 @@ def test_marking_actions_without_their_argument_are_ignored_as_postfix_ignores_t
         for local in values:
             f = facts(f"{local}@local.test")
             assert asyncio.run(r.check_rcpt(f)) == status.access_denied(f"{local}@local.test", "Recipient address")
-            assert (f.marks.prepend, f.marks.redirect, f.marks.bcc, f.marks.filter) == ([], None, None, None)
+            assert (f.marks.prepend, f.marks.redirect, f.marks.bcc, f.marks.filter) == ([], None, [], None)
     assert "access action PREPEND 'no colon' requires header: text; ignored" in caplog.text
 
 
@@ -458,3 +458,24 @@ async def test_bcc_sends_one_more_copy(mailflow_server, tmp_path):
     alice = await eventually(lambda: len(maildir_messages(tmp_path / "mail" / "alice" / "Maildir")) == 2)
     bob = await eventually(lambda: maildir_messages(tmp_path / "mail" / "bob" / "Maildir"))
     assert alice and len(bob) == 1 and b"Subject: copied\n" in bob[0]
+
+
+async def test_every_bcc_of_a_transaction_gets_its_copy(mailflow_server, tmp_path):
+    """Postfix 3.2 and later keep each access BCC (smtpd_check.c's saved_bcc is a list): a sender entry and a
+    recipient entry each add their recipient; one named twice gets one copy."""
+    from tests.support import SmtpClient, eventually, maildir_messages
+    mf = await mailflow_server(local_recipient_maps=["inline:{alice=ok, bob=ok, carol=ok}"], smtpd={
+        "recipient_restrictions": ["check_sender_access inline:{ {watched@remote.test=BCC bob@local.test} }",
+                                   "check_recipient_access inline:{ {alice@local.test=BCC carol@local.test} }",
+                                   "check_recipient_access inline:{ {alice@local.test=BCC bob@local.test} }"]})
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd("EHLO client.test"))[0] == 250
+    assert (await c.cmd("MAIL FROM:<watched@remote.test>"))[0] == 250
+    assert (await c.cmd("RCPT TO:<alice@local.test>"))[0] == 250
+    assert (await c.cmd("DATA"))[0] == 354
+    await c.send(b"Subject: copied twice\r\n\r\nbody\r\n.\r\n")
+    assert (await c.reply())[0] == 250
+    await c.close()
+    copies = {user: await eventually(lambda u=user: maildir_messages(tmp_path / "mail" / u / "Maildir"))
+              for user in ("alice", "bob", "carol")}
+    assert {user: len(found) for user, found in copies.items()} == {"alice": 1, "bob": 1, "carol": 1}

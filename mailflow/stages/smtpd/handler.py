@@ -289,8 +289,8 @@ class SmtpdHandler:
                               queue_id=queue_id)
         if marks.redirect is not None:
             log.info("%s: redirect: %s instead of %s", queue_id, marks.redirect, ", ".join(envelope.rcpt_tos))
-        if marks.bcc is not None:
-            log.info("%s: bcc: %s", queue_id, marks.bcc)
+        for bcc in marks.bcc:
+            log.info("%s: bcc: %s", queue_id, bcc)
         return str(status.queued(queue_id))
 
     async def _content_refusal(self, session: SessionState, envelope: Transaction,

@@ -93,7 +93,7 @@ class Marks:
     filter: str | None = None
     prepend: list[str] = field(default_factory=list)  # access PREPEND: header fields for the message, in order
     redirect: str | None = None  # access REDIRECT: the one recipient the message goes to instead
-    bcc: str | None = None  # access BCC: one more recipient for a copy (the last BCC action wins, as in Postfix)
+    bcc: list[str] = field(default_factory=list)  # access BCC: more recipients for a copy, each BCC kept (Postfix 3.2+)
 
 
 @dataclass
@@ -557,8 +557,10 @@ def _mark(word: str, text: str, marks: Marks, source: str) -> None:
         marks.filter = text
     elif word == "PREPEND" and _HEADER_FIELD.fullmatch(text):
         marks.prepend.append(text)
-    elif word in ("REDIRECT", "BCC") and address.mailbox_syntax_error(text) is None:
-        setattr(marks, word.lower(), text)
+    elif word == "REDIRECT" and address.mailbox_syntax_error(text) is None:
+        marks.redirect = text
+    elif word == "BCC" and address.mailbox_syntax_error(text) is None:
+        marks.bcc.append(text)
     else:
         log.warning("%s: access action %s %r requires %s; ignored", source, word, text, _MARK_NEEDS[word])
     return None
