@@ -78,7 +78,7 @@ async def test_submission_requires_starttls_then_auth_then_accepts(mailflow_serv
     assert (await c.cmd("AUTH PLAIN " + b64(b"\0alice\0s3cret")))[0] == 530
     await c.starttls(ctx)
     text = await ehlo(c)
-    assert "AUTH LOGIN PLAIN" in text and "STARTTLS" not in text
+    assert "AUTH PLAIN LOGIN" in text and "STARTTLS" not in text
     assert await c.cmd("MAIL FROM:<alice@local.test>") == status.AUTH_REQUIRED
     assert await c.cmd("AUTH PLAIN " + b64(b"\0alice\0wrong")) == status.AUTH_FAILED
     assert (await c.cmd("AUTH PLAIN " + b64(b"\0alice\0s3cret")))[0] == 235

@@ -615,7 +615,7 @@ async def test_auth_before_starttls_is_not_enabled_as_in_postfix(mailflow_server
     assert await c.cmd("AUTH PLAIN " + b64(b"\0alice\0s3cret")) == status.AUTH_NOT_ENABLED
     assert await c.cmd("AUTH LOGIN") == status.AUTH_NOT_ENABLED
     await c.starttls(ctx)
-    assert "AUTH LOGIN PLAIN" in (await c.cmd("EHLO client.test")).text
+    assert "AUTH PLAIN LOGIN" in (await c.cmd("EHLO client.test")).text
     assert await c.cmd("AUTH PLAIN " + b64(b"\0alice\0s3cret")) == status.AUTH_OK
     await c.close()
 

@@ -5,6 +5,7 @@ is never touched (../shared/docs/RECIPES.md, section 2).
         dovecot.lmtp_port, dovecot.imap_port
         dovecot.fetch_all(user)              # every message of the user's INBOX (imaplib, RFC822, CRLF)
         dovecot.log                          # its log so far
+        dovecot.auth_socket                  # its auth server's client socket (SASL for Postfix and mailflow)
         dovecot.pause() / dovecot.resume()   # SIGSTOP / SIGCONT the whole instance: a mailbox store that stalls
     lmtp_route(dovecot, **more)              # transport_maps sending example.test (and `more`) to its LMTP
 
@@ -43,6 +44,7 @@ state_dir = {root}/state
 log_path = {root}/dovecot.log
 info_log_path = {root}/dovecot.log
 ssl = no
+auth_failure_delay = 0
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 mail_location = maildir:{root}/mail/%d/%n/Maildir
@@ -71,6 +73,16 @@ service lmtp {{
     port = {lmtp_port}
   }}
 }}
+service auth {{
+  unix_listener auth-sasl {{
+    mode = 0666
+  }}
+}}
+service anvil {{
+  unix_listener anvil-auth-penalty {{
+    mode = 0
+  }}
+}}
 """
 
 
@@ -89,6 +101,11 @@ class Dovecot:
     def resume(self) -> None:
         assert self.proc is not None
         os.killpg(self.proc.pid, signal.SIGCONT)
+
+    @property
+    def auth_socket(self) -> Path:
+        """The auth server's client socket (mode 0666: Postfix's smtpd, as the postfix user, and mailflow ask it)."""
+        return self.root / "run" / "auth-sasl"
 
     @property
     def log(self) -> str:

@@ -54,7 +54,7 @@ from mailflow.stages.smtpd.wire import WireError
 
 log = logging.getLogger("mailflow.smtpd")
 
-MECHANISMS = ("LOGIN", "PLAIN")
+MECHANISMS = ("PLAIN", "LOGIN")  # offered in this order, as Postfix with Dovecot (auth_mechanisms = plain login)
 SASL_RESPONSE_LIMIT = 12288  # bytes of one answer to a 334 challenge, CRLF not counted (smtpd_sasl_response_limit)
 
 

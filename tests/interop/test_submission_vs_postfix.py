@@ -1,0 +1,167 @@
+"""Differential test of submission: the same STARTTLS and AUTH dialogues, byte for byte, to a private Postfix with
+Dovecot SASL and to mailflow asking the same Dovecot, must get the same replies (code, enhanced code and text),
+command by command.
+
+Postfix runs as a submission service is set up (smtpd_tls_security_level = encrypt, smtpd_tls_auth_only = yes,
+smtpd_sasl_auth_enable = yes, smtpd_sasl_type = dovecot), mailflow with a `submission` listener whose
+sasl_type is "dovecot" (sasl_auth_required off, as Postfix's MAIL needs no login: relaying does). One private
+Dovecot (its auth socket, mode 0666, for both) and one private Postfix per module; Dovecot's auth penalty is off,
+so failures cost no seconds.
+
+Compared after leaving out what differs on purpose (docs/security.md): the server's name, queue ids, the EHLO
+keywords' order, VRFY (off in mailflow) and SMTPUTF8 (the private Postfix runs with smtputf8_enable = no), and
+the reason Postfix adds to a 535 (`Error: authentication failed: (reason unavailable)`: mailflow tells the
+client none).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import re
+import shutil
+import ssl
+import tempfile
+from pathlib import Path
+
+import pytest
+import trustme
+
+from tests.support import SmtpClient, dovecot_instance, postfix_instance
+
+pytestmark = pytest.mark.interop
+
+ALICE = "alice@example.test"  # tests/support/dovecot.py's users
+ALICE_PLAIN = "AUTH PLAIN " + base64.b64encode(f"\0{ALICE}\0alicepw".encode()).decode()
+ELSEWHERE = "RCPT TO:<x@elsewhere.test>"
+NOT_COMPARED_KEYWORDS = {"VRFY", "SMTPUTF8"}
+
+SESSIONS: dict[str, list[str | bytes]] = {
+    "before STARTTLS": ["EHLO c.test", ALICE_PLAIN, "MAIL FROM:<s@remote.test>", "RCPT TO:<alice@local.test>",
+                        "RSET", "NOOP", "STARTTLS now"],
+    "EHLO before and after STARTTLS, then STARTTLS again": ["EHLO c.test", "STARTTLS", "EHLO c.test", "STARTTLS",
+                                                            "STARTTLS now"],
+}
+
+
+def b64(data: str) -> str:
+    return base64.b64encode(data.encode()).decode()
+
+
+def compared(reply: str) -> str:
+    """A reply as compared: the server's name and queue ids out; EHLO's keywords sorted, less the ones that
+    differ on purpose; a 535's reason out."""
+    lines = reply.split("\n")
+    if len(lines) > 1 and lines[0].startswith("250-"):
+        keywords = sorted({line[4:] for line in lines[1:]} - NOT_COMPARED_KEYWORDS)
+        return "250 EHLO " + " | ".join(keywords)
+    reply = re.sub(r"^(250 |221 2\.0\.0 |554 5\.5\.0 )\S+\.test\b", r"\1HOST", reply)
+    reply = re.sub(r"queued as [0-9A-F]+", "queued as QID", reply)
+    return re.sub(r"^(535 5\.7\.8 Error: authentication failed): .*", r"\1", reply)
+
+
+async def dialogue(port: int, tls: ssl.SSLContext, commands: list[str | bytes]) -> list[str]:
+    """Each command's reply as compared (a STARTTLS answered 220 is followed by the handshake); "closed" when the
+    server hung up."""
+    client = await SmtpClient.connect(port)
+    got = []
+    try:
+        for command in commands:
+            reply = await client.cmd(command)
+            got.append(compared(reply.text) if reply.code is not None else "closed")
+            if reply.code is None or reply.code == 221:
+                break
+            if command == "STARTTLS" and reply.code == 220:
+                await client.writer.start_tls(tls, server_hostname="localhost")
+    finally:
+        await client.close()
+    return got
+
+
+async def replay(port: int, tls: ssl.SSLContext, sessions: dict[str, list[str | bytes]]) -> dict[str, list[str]]:
+    return {name: await dialogue(port, tls, commands) for name, commands in sessions.items()}
+
+
+def differences(postfix: dict[str, list[str]], mailflow: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Per session, the first reply that differs: `command: Postfix's reply != mailflow's`."""
+    found = {}
+    for name, commands in SESSIONS.items():
+        padding = ["-"] * len(commands)
+        for command, theirs, ours in zip(commands, postfix[name] + padding, mailflow[name] + padding):
+            if theirs != ours:
+                found[name] = [f"{command!r}: {theirs!r} != {ours!r}"]
+                break
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- the peers
+
+
+@pytest.fixture(scope="module")
+def pki():
+    """A certificate for localhost in a folder Postfix can read, and a client context that trusts it."""
+    root = Path(tempfile.mkdtemp(prefix="mailflow-pki-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert.private_key_pem.write_to_path(str(root / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(root / "cert.pem"))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    yield root, context
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def sasl_dovecot():
+    with dovecot_instance() as dovecot:
+        yield dovecot
+
+
+@pytest.fixture(scope="module")
+def postfix(pki, sasl_dovecot):
+    """The private Postfix, started and stopped outside the tests' event loops (it is a process of its own)."""
+    root, _ = pki
+    instance = postfix_instance({
+        "myhostname": "pf.test", "mydestination": "local.test", "mynetworks": "192.0.2.0/24",
+        "local_recipient_maps": "inline:{alice=ok}", "relayhost": "[127.0.0.1]:9",
+        "smtpd_tls_cert_file": str(root / "cert.pem"), "smtpd_tls_key_file": str(root / "key.pem"),
+        "smtpd_tls_security_level": "encrypt", "smtpd_tls_auth_only": "yes", "smtpd_forbid_unauth_pipelining": "yes",
+        "smtpd_sasl_auth_enable": "yes", "smtpd_sasl_type": "dovecot", "smtpd_sasl_path": str(sasl_dovecot.auth_socket),
+        "smtpd_relay_restrictions": "permit_sasl_authenticated, reject_unauth_destination",
+    })
+    loop = asyncio.new_event_loop()  # one loop for the start and the stop (the instance is an async generator's)
+    try:
+        yield loop.run_until_complete(instance.__aenter__())
+    finally:
+        loop.run_until_complete(instance.__aexit__(None, None, None))
+        loop.close()
+
+
+@pytest.fixture
+async def submission(mailflow_server, pki, sasl_dovecot):
+    """mailflow's submission listener asking the same Dovecot; its port."""
+    root, _ = pki
+    mf = await mailflow_server(mydestination=["local.test"], local_recipient_maps=["inline:{alice=ok}"],
+                               relayhost="[127.0.0.1]:9", smtpd={
+                                   "tls_cert_file": str(root / "cert.pem"), "tls_key_file": str(root / "key.pem"),
+                                   "auth_failure_delay": 0,
+                                   "listeners": [{"address": "127.0.0.1:0", "role": "submission", "overrides": {
+                                       "sasl_type": "dovecot", "sasl_path": str(sasl_dovecot.auth_socket),
+                                       "sasl_auth_required": False}}]})
+    return mf.smtpd.address_of("submission")[1]
+
+
+# ---------------------------------------------------------------------------------------------- the tests
+
+
+async def test_starttls_on_a_submission_listener_matches_postfix(postfix, submission, pki):
+    _, tls = pki
+    expected = await replay(postfix.port, tls, SESSIONS)
+    got = await replay(submission, tls, SESSIONS)
+    assert differences(expected, got) == {}
+    # the edges themselves, so that a change on both sides cannot pass unnoticed
+    assert expected["before STARTTLS"][1:] == ["530 5.7.0 Must issue a STARTTLS command first"] * 4 + [
+        "250 2.0.0 Ok", "501 5.5.4 Syntax: STARTTLS"]
+    before, after = expected["EHLO before and after STARTTLS, then STARTTLS again"][0:3:2]
+    assert "STARTTLS" in before and "AUTH" not in before and "STARTTLS" not in after and "AUTH PLAIN LOGIN" in after
