@@ -41,6 +41,8 @@ SESSIONS: dict[str, list[str | bytes]] = {
                         "RSET", "NOOP", "STARTTLS now"],
     "EHLO before and after STARTTLS, then STARTTLS again": ["EHLO c.test", "STARTTLS", "EHLO c.test", "STARTTLS",
                                                             "STARTTLS now"],
+    "HELO, then STARTTLS": ["HELO c.test", "STARTTLS", "HELO c.test", "NOOP"],
+    "XCLIENT from a client not authorized for it, before STARTTLS": ["EHLO c.test", "XCLIENT NAME=spoofed.test"],
 }
 
 
@@ -163,5 +165,9 @@ async def test_starttls_on_a_submission_listener_matches_postfix(postfix, submis
     # the edges themselves, so that a change on both sides cannot pass unnoticed
     assert expected["before STARTTLS"][1:] == ["530 5.7.0 Must issue a STARTTLS command first"] * 4 + [
         "250 2.0.0 Ok", "501 5.5.4 Syntax: STARTTLS"]
+    assert expected["HELO, then STARTTLS"] == ["250 HOST", "220 2.0.0 Ready to start TLS", "250 HOST",
+                                               "250 2.0.0 Ok"]
+    assert expected["XCLIENT from a client not authorized for it, before STARTTLS"][1] == \
+        "550 5.7.0 Error: insufficient authorization"
     before, after = expected["EHLO before and after STARTTLS, then STARTTLS again"][0:3:2]
     assert "STARTTLS" in before and "AUTH" not in before and "STARTTLS" not in after and "AUTH PLAIN LOGIN" in after

@@ -84,7 +84,9 @@ JUNK_COMMANDS = {"NOOP", "VRFY", "RSET", "ETRN"}
 # aiosmtpd's, not offered: Postfix has neither (500 5.5.2 command not recognized). aiosmtpd's HELP listed only the
 # commands it wrote itself ("HELP NOOP RSET") and refused `HELP MAIL`.
 NOT_COMMANDS = {"EXPN", "HELP"}
-ALLOWED_BEFORE_STARTTLS = {"NOOP", "EHLO", "STARTTLS", "QUIT"}
+# Where TLS is required (smtpd_tls_security_level = encrypt), what a client may say before STARTTLS: Postfix's
+# SMTPD_CMD_FLAG_PRE_TLS commands (smtpd.c). HELO too: a client that greets with it may then say STARTTLS.
+ALLOWED_BEFORE_STARTTLS = {"HELO", "EHLO", "XCLIENT", "STARTTLS", "NOOP", "QUIT"}
 # EHLO keywords of the layers (ETRN here, DSN transaction.py, CHUNKING data.py), in the order offered
 LAYER_KEYWORDS = ("ETRN", "DSN", "CHUNKING")
 AIOSMTPD_STATE = ("_timeout_duration", "_timeout_handle", "_tls_protocol", "_tls_handshake_okay",
