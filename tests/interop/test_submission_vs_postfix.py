@@ -38,7 +38,7 @@ NOT_COMPARED_KEYWORDS = {"VRFY", "SMTPUTF8"}
 
 SESSIONS: dict[str, list[str | bytes]] = {
     "before STARTTLS": ["EHLO c.test", ALICE_PLAIN, "MAIL FROM:<s@remote.test>", "RCPT TO:<alice@local.test>",
-                        "RSET", "NOOP", "STARTTLS now"],
+                        "RSET", "NOOP", "STARTTLS now", "FOO", "HELP"],
     "EHLO before and after STARTTLS, then STARTTLS again": ["EHLO c.test", "STARTTLS", "EHLO c.test", "STARTTLS",
                                                             "STARTTLS now"],
     "HELO, then STARTTLS": ["HELO c.test", "STARTTLS", "HELO c.test", "NOOP"],
@@ -164,7 +164,7 @@ async def test_starttls_on_a_submission_listener_matches_postfix(postfix, submis
     assert differences(expected, got) == {}
     # the edges themselves, so that a change on both sides cannot pass unnoticed
     assert expected["before STARTTLS"][1:] == ["530 5.7.0 Must issue a STARTTLS command first"] * 4 + [
-        "250 2.0.0 Ok", "501 5.5.4 Syntax: STARTTLS"]
+        "250 2.0.0 Ok", "501 5.5.4 Syntax: STARTTLS"] + ["500 5.5.2 Error: command not recognized"] * 2
     assert expected["HELO, then STARTTLS"] == ["250 HOST", "220 2.0.0 Ready to start TLS", "250 HOST",
                                                "250 2.0.0 Ok"]
     assert expected["XCLIENT from a client not authorized for it, before STARTTLS"][1] == \

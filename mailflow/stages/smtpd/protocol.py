@@ -556,12 +556,12 @@ class ProtocolCore(SMTP):
     async def _dispatch(self, command: str, arg: str | None) -> None:
         method = self._smtp_methods.get(command)
         self.record.command(command if method is not None else None)
-        if self.require_starttls and self.session.ssl is None and command not in ALLOWED_BEFORE_STARTTLS:
-            await self.push(status.STARTTLS_FIRST)
-            return
-        if method is None:
+        if method is None:  # before the STARTTLS requirement, as Postfix answers an unknown command
             log.debug("%s: unrecognised command %.20r", self.session.client, command)
             await self.push(status.NOT_RECOGNIZED)
+            return
+        if self.require_starttls and self.session.ssl is None and command not in ALLOWED_BEFORE_STARTTLS:
+            await self.push(status.STARTTLS_FIRST)
             return
         if command in JUNK_COMMANDS and not self.envelope.mail_from:
             self._junk += 1
