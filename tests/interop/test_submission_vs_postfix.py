@@ -27,12 +27,17 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.support import SmtpClient, dovecot_instance, postfix_instance
+from tests.support import Reply, SmtpClient, dovecot_instance, postfix_instance
 
 pytestmark = pytest.mark.interop
 
+
+def b64(data: str) -> str:
+    return base64.b64encode(data.encode()).decode()
+
+
 ALICE = "alice@example.test"  # tests/support/dovecot.py's users
-ALICE_PLAIN = "AUTH PLAIN " + base64.b64encode(f"\0{ALICE}\0alicepw".encode()).decode()
+ALICE_PLAIN = "AUTH PLAIN " + b64(f"\0{ALICE}\0alicepw")
 ELSEWHERE = "RCPT TO:<x@elsewhere.test>"
 NOT_COMPARED_KEYWORDS = {"VRFY", "SMTPUTF8"}
 
@@ -44,10 +49,32 @@ SESSIONS: dict[str, list[str | bytes]] = {
     "HELO, then STARTTLS": ["HELO c.test", "STARTTLS", "HELO c.test", "NOOP"],
     "XCLIENT from a client not authorized for it, before STARTTLS": ["EHLO c.test", "XCLIENT NAME=spoofed.test"],
 }
-
-
-def b64(data: str) -> str:
-    return base64.b64encode(data.encode()).decode()
+TLS = ["EHLO c.test", "STARTTLS", "EHLO c.test"]
+AUTH_SESSIONS: dict[str, list[str | bytes]] = {
+    "AUTH PLAIN with an initial response, twice, then relaying": [
+        *TLS, ALICE_PLAIN, ALICE_PLAIN, "MAIL FROM:<alice@example.test>", "AUTH LOGIN", ELSEWHERE, "RSET"],
+    "AUTH PLAIN without one": [*TLS, "AUTH PLAIN", b64(f"\0{ALICE}\0alicepw"), "MAIL FROM:<alice@example.test>"],
+    "AUTH LOGIN with and without an initial response": [
+        *TLS, "AUTH LOGIN", b64(ALICE), b64("nope"), "AUTH LOGIN " + b64(ALICE), b64("alicepw"), ELSEWHERE],
+    "wrong passwords, an unknown user, an empty answer": [
+        *TLS, "AUTH PLAIN " + b64(f"\0{ALICE}\0nope"), "AUTH PLAIN " + b64("\0nobody@example.test\0x"),
+        "AUTH PLAIN", "", "AUTH PLAIN " + b64(f"\0{ALICE}\0"), "AUTH PLAIN " + b64("\0\0alicepw"), "AUTH PLAIN =",
+        "AUTH LOGIN " + b64(ALICE), "", ELSEWHERE, "NOOP"],
+    "an authorization identity": [*TLS, "AUTH PLAIN " + b64(f"bob@example.test\0{ALICE}\0alicepw"),
+                                  "AUTH PLAIN " + b64(f"{ALICE}\0{ALICE}\0alicepw")],
+    "* cancels": [*TLS, "AUTH PLAIN", "*", "AUTH LOGIN", "*", "AUTH LOGIN", b64(ALICE), "*", "NOOP"],
+    "the mechanism's name in lower case, no mechanism, too many words": [
+        *TLS, "AUTH", "AUTH PLAIN a b", "AUTH plain " + b64(f"\0{ALICE}\0alicepw")],
+    "AUTH inside a transaction": [*TLS, "MAIL FROM:<s@remote.test>", ALICE_PLAIN, "RSET", ALICE_PLAIN],
+    "an answer past smtpd_sasl_response_limit": [*TLS, "AUTH PLAIN", "A" * 13000, "NOOP", ALICE_PLAIN],
+    "relaying without AUTH": [*TLS, "MAIL FROM:<s@remote.test>", ELSEWHERE, "RCPT TO:<alice@local.test>"],
+    "MAIL's AUTH= parameter": [
+        *TLS, "MAIL FROM:<s@remote.test> AUTH=<s@remote.test>", "RSET", ALICE_PLAIN,
+        "MAIL FROM:<alice@example.test> AUTH=<alice@example.test>", "RSET", "MAIL FROM:<alice@example.test> AUTH=<>",
+        "RSET", "MAIL FROM:<alice@example.test> AUTH=alice+40example.test", "RSET",
+        "MAIL FROM:<alice@example.test> AUTH=<> AUTH=<alice@example.test>", "RSET",
+        "MAIL FROM:<alice@example.test> AUTH=<a@example.test> AUTH=<>"],
+}
 
 
 def compared(reply: str) -> str:
@@ -63,17 +90,21 @@ def compared(reply: str) -> str:
 
 
 async def dialogue(port: int, tls: ssl.SSLContext, commands: list[str | bytes]) -> list[str]:
-    """Each command's reply as compared (a STARTTLS answered 220 is followed by the handshake); "closed" when the
-    server hung up."""
+    """Each command's reply as compared (a STARTTLS answered 220 is followed by the handshake, also when more
+    was pipelined after it); "closed" when the server hung up."""
     client = await SmtpClient.connect(port)
     got = []
     try:
         for command in commands:
-            reply = await client.cmd(command)
+            try:
+                reply = await client.cmd(command)
+            except (ConnectionResetError, BrokenPipeError):
+                reply = Reply(None, "")
             got.append(compared(reply.text) if reply.code is not None else "closed")
             if reply.code is None or reply.code == 221:
                 break
-            if command == "STARTTLS" and reply.code == 220:
+            line = command.encode() if isinstance(command, str) else command
+            if line.split(b"\r\n")[0] == b"STARTTLS" and reply.code == 220:  # (what was pipelined: never answered)
                 await client.writer.start_tls(tls, server_hostname="localhost")
     finally:
         await client.close()
@@ -84,10 +115,11 @@ async def replay(port: int, tls: ssl.SSLContext, sessions: dict[str, list[str | 
     return {name: await dialogue(port, tls, commands) for name, commands in sessions.items()}
 
 
-def differences(postfix: dict[str, list[str]], mailflow: dict[str, list[str]]) -> dict[str, list[str]]:
+def differences(sessions: dict[str, list[str | bytes]], postfix: dict[str, list[str]],
+                mailflow: dict[str, list[str]]) -> dict[str, list[str]]:
     """Per session, the first reply that differs: `command: Postfix's reply != mailflow's`."""
     found = {}
-    for name, commands in SESSIONS.items():
+    for name, commands in sessions.items():
         padding = ["-"] * len(commands)
         for command, theirs, ours in zip(commands, postfix[name] + padding, mailflow[name] + padding):
             if theirs != ours:
@@ -161,7 +193,7 @@ async def test_starttls_on_a_submission_listener_matches_postfix(postfix, submis
     _, tls = pki
     expected = await replay(postfix.port, tls, SESSIONS)
     got = await replay(submission, tls, SESSIONS)
-    assert differences(expected, got) == {}
+    assert differences(SESSIONS, expected, got) == {}
     # the edges themselves, so that a change on both sides cannot pass unnoticed
     assert expected["before STARTTLS"][1:] == ["530 5.7.0 Must issue a STARTTLS command first"] * 4 + [
         "250 2.0.0 Ok", "501 5.5.4 Syntax: STARTTLS"] + ["500 5.5.2 Error: command not recognized"] * 2
@@ -171,3 +203,23 @@ async def test_starttls_on_a_submission_listener_matches_postfix(postfix, submis
         "550 5.7.0 Error: insufficient authorization"
     before, after = expected["EHLO before and after STARTTLS, then STARTTLS again"][0:3:2]
     assert "STARTTLS" in before and "AUTH" not in before and "STARTTLS" not in after and "AUTH PLAIN LOGIN" in after
+
+
+async def test_auth_matches_postfix_with_dovecot_sasl(postfix, submission, pki):
+    _, tls = pki
+    expected = await replay(postfix.port, tls, AUTH_SESSIONS)
+    got = await replay(submission, tls, AUTH_SESSIONS)
+    assert differences(AUTH_SESSIONS, expected, got) == {}
+    # the edges themselves
+    assert expected["AUTH PLAIN with an initial response, twice, then relaying"][3:] == [
+        "235 2.7.0 Authentication successful", "503 5.5.1 Error: already authenticated", "250 2.1.0 Ok",
+        "503 5.5.1 Error: MAIL transaction in progress", "250 2.1.5 Ok", "250 2.0.0 Ok"]
+    assert expected["* cancels"][3:] == ["334 ", "501 5.7.0 Authentication aborted", "334 VXNlcm5hbWU6",
+                                         "501 5.7.0 Authentication aborted", "334 VXNlcm5hbWU6", "334 UGFzc3dvcmQ6",
+                                         "501 5.7.0 Authentication aborted", "250 2.0.0 Ok"]
+    assert expected["an answer past smtpd_sasl_response_limit"][4:] == [
+        "500 5.5.6 SASL response limit exceeded", "250 2.0.0 Ok", "235 2.7.0 Authentication successful"]
+    assert expected["an authorization identity"][3:] == ["535 5.7.8 Error: authentication failed",
+                                                         "235 2.7.0 Authentication successful"]
+    assert expected["relaying without AUTH"][4] == "554 5.7.1 <x@elsewhere.test>: Relay access denied"
+    assert expected["MAIL's AUTH= parameter"][-1] == "503 5.5.4 Error: multiple AUTH= options"
