@@ -48,6 +48,9 @@ SESSIONS: dict[str, list[str | bytes]] = {
                                                             "STARTTLS now"],
     "HELO, then STARTTLS": ["HELO c.test", "STARTTLS", "HELO c.test", "NOOP"],
     "XCLIENT from a client not authorized for it, before STARTTLS": ["EHLO c.test", "XCLIENT NAME=spoofed.test"],
+    "a command pipelined after STARTTLS (RFC 3207 command injection)": ["EHLO c.test", b"STARTTLS\r\nRSET", "NOOP"],
+    "AUTH pipelined after STARTTLS": ["EHLO c.test", b"STARTTLS\r\n" + ALICE_PLAIN.encode(), "EHLO c.test",
+                                      ALICE_PLAIN],
 }
 TLS = ["EHLO c.test", "STARTTLS", "EHLO c.test"]
 AUTH_SESSIONS: dict[str, list[str | bytes]] = {
@@ -201,6 +204,8 @@ async def test_starttls_on_a_submission_listener_matches_postfix(postfix, submis
                                                "250 2.0.0 Ok"]
     assert expected["XCLIENT from a client not authorized for it, before STARTTLS"][1] == \
         "550 5.7.0 Error: insufficient authorization"
+    assert expected["a command pipelined after STARTTLS (RFC 3207 command injection)"][1:] == [
+        "220 2.0.0 Ready to start TLS", "250 2.0.0 Ok"]  # the RSET is never answered
     before, after = expected["EHLO before and after STARTTLS, then STARTTLS again"][0:3:2]
     assert "STARTTLS" in before and "AUTH" not in before and "STARTTLS" not in after and "AUTH PLAIN LOGIN" in after
 

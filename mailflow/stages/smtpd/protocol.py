@@ -78,8 +78,9 @@ from mailflow.stages.smtpd.wire import CHUNK, Wire, WireError
 log = logging.getLogger("mailflow.smtpd")
 
 # RFC 2920 section 3.1: these end a command group; input already pending after them is out of sync. Not AUTH:
-# Postfix's command table does not flag it, and clients pipeline `AUTH PLAIN <response>` with MAIL.
-LAST_IN_GROUP = {"EHLO", "HELO", "DATA", "VRFY", "EXPN", "NOOP", "STARTTLS", "QUIT"}
+# Postfix's command table does not flag it, and clients pipeline `AUTH PLAIN <response>` with MAIL. Nor STARTTLS,
+# which Postfix does not flag either: what is pipelined after it is discarded unread once TLS is up (RFC 3207).
+LAST_IN_GROUP = {"EHLO", "HELO", "DATA", "VRFY", "EXPN", "NOOP", "QUIT"}
 JUNK_COMMANDS = {"NOOP", "VRFY", "RSET", "ETRN"}
 # aiosmtpd's, not offered: Postfix has neither (500 5.5.2 command not recognized). aiosmtpd's HELP listed only the
 # commands it wrote itself ("HELP NOOP RSET") and refused `HELP MAIL`.
