@@ -29,6 +29,7 @@ class FakeAuthServer:
         self.silent = silent
         self.users = {"alice@example.test": b"s3cret"}
         self.temporary: set[str] = set()
+        self.reasons: dict[str, str] = {}  # login -> the reason= of its FAIL
         self.requests: list[dict[str, str]] = []
         self.hold = 0
         self._held: list[tuple[asyncio.StreamWriter, bytes]] = []
@@ -69,7 +70,8 @@ class FakeAuthServer:
             elif self.users.get(name) == password:
                 answer = f"OK\t{words[1]}\tuser={name}\n"
             else:
-                answer = f"FAIL\t{words[1]}\tuser={name}\n"
+                reason = f"\treason={self.reasons[name]}" if name in self.reasons else ""
+                answer = f"FAIL\t{words[1]}\tuser={name}{reason}\n"
             self._held.append((writer, answer.encode()))
             if len(self._held) > self.hold:
                 for w, data in reversed(self._held):
@@ -108,6 +110,27 @@ async def test_asks_plain_with_the_clients_facts_and_reads_ok_fail_and_temp(sock
     assert (first["mech"], first["service"], first["rip"], first["lip"]) == ("PLAIN", "smtp", "192.0.2.1", "127.0.0.1")
     assert "secured" in first and "nologin" in first and "secured" not in second
     assert server.connections == 1  # one connection for every request
+
+
+async def test_a_failure_is_logged_with_dovecots_reason_as_postfix_logs_it(socket_dir, caplog):
+    """Postfix with Dovecot SASL logs Dovecot's reason= (else "(reason unavailable)"), where the Cyrus words
+    "authentication failure" were logged and Dovecot's reason was lost."""
+    server = await FakeAuthServer(socket_dir / "auth").start()
+    server.reasons["alice@example.test"] = "Account disabled"
+    dovecot = client(server.path)
+    clock = VirtualClock()
+    sasl = Authenticator(clock=clock, failures=FailureCounter(clock, 60), delay=0, delay_limit=0,
+                         backend=DovecotBackend(dovecot))
+    try:
+        with caplog.at_level(logging.WARNING, logger="mailflow.smtpd"):
+            for login in (b"alice@example.test", b"bob@example.test"):
+                assert (await sasl.check("192.0.2.1", "PLAIN", login, b"wrong")).reply == status.AUTH_FAILED
+    finally:
+        await dovecot.close()
+        await server.stop()
+    assert [r.getMessage() for r in caplog.records] == [
+        "unknown[192.0.2.1]: SASL PLAIN authentication failed: Account disabled, sasl_username=alice@example.test",
+        "unknown[192.0.2.1]: SASL PLAIN authentication failed: (reason unavailable), sasl_username=bob@example.test"]
 
 
 async def test_requests_in_flight_together_get_their_own_answers(socket_dir):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import re
 import shutil
@@ -27,7 +28,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.support import Reply, SmtpClient, dovecot_instance, postfix_instance
+from tests.support import Reply, SmtpClient, dovecot_instance, eventually, postfix_instance
 
 pytestmark = pytest.mark.interop
 
@@ -118,6 +119,22 @@ async def replay(port: int, tls: ssl.SSLContext, sessions: dict[str, list[str | 
     return {name: await dialogue(port, tls, commands) for name, commands in sessions.items()}
 
 
+def sasl_lines(lines: list[str]) -> list[str]:
+    """smtpd's log lines about SASL as compared: the failures and aborts, the client= line, the disconnect line
+    (queue ids out)."""
+    wanted = [line for line in lines if " SASL " in line or ": client=" in line or line.startswith("disconnect ")]
+    return [re.sub(r"^[0-9A-F]+: client=", "QID: client=", line) for line in wanted]
+
+
+def received(header_section: str) -> str:
+    """The first Received header field, unfolded, without the server's name, queue id and date."""
+    found = re.search(r"^Received: (.*?)\n(?=\S)", header_section.replace("\r\n", "\n"), re.S | re.M)
+    assert found, header_section
+    field = " ".join(found.group(1).split())
+    field = re.sub(r" by \S+ \(\w+\) ", " by HOST ", field)
+    return re.sub(r" id [0-9A-F]+ (.*); .*", r" id QID \1", field)
+
+
 def differences(sessions: dict[str, list[str | bytes]], postfix: dict[str, list[str]],
                 mailflow: dict[str, list[str]]) -> dict[str, list[str]]:
     """Per session, the first reply that differs: `command: Postfix's reply != mailflow's`."""
@@ -175,18 +192,21 @@ def postfix(pki, sasl_dovecot):
         loop.close()
 
 
-@pytest.fixture
-async def submission(mailflow_server, pki, sasl_dovecot):
-    """mailflow's submission listener asking the same Dovecot; its port."""
-    root, _ = pki
+async def start_submission(mailflow_server, pki_root: Path, dovecot, relayhost: str = "[127.0.0.1]:9") -> int:
+    """mailflow with a submission listener asking `dovecot`; its port."""
     mf = await mailflow_server(mydestination=["local.test"], local_recipient_maps=["inline:{alice=ok}"],
-                               relayhost="[127.0.0.1]:9", smtpd={
-                                   "tls_cert_file": str(root / "cert.pem"), "tls_key_file": str(root / "key.pem"),
-                                   "auth_failure_delay": 0,
+                               relayhost=relayhost, smtpd={
+                                   "tls_cert_file": str(pki_root / "cert.pem"),
+                                   "tls_key_file": str(pki_root / "key.pem"), "auth_failure_delay": 0,
                                    "listeners": [{"address": "127.0.0.1:0", "role": "submission", "overrides": {
-                                       "sasl_type": "dovecot", "sasl_path": str(sasl_dovecot.auth_socket),
+                                       "sasl_type": "dovecot", "sasl_path": str(dovecot.auth_socket),
                                        "sasl_auth_required": False}}]})
     return mf.smtpd.address_of("submission")[1]
+
+
+@pytest.fixture
+async def submission(mailflow_server, pki, sasl_dovecot):
+    return await start_submission(mailflow_server, pki[0], sasl_dovecot)
 
 
 # ---------------------------------------------------------------------------------------------- the tests
@@ -228,3 +248,40 @@ async def test_auth_matches_postfix_with_dovecot_sasl(postfix, submission, pki):
                                                          "235 2.7.0 Authentication successful"]
     assert expected["relaying without AUTH"][4] == "554 5.7.1 <x@elsewhere.test>: Relay access denied"
     assert expected["MAIL's AUTH= parameter"][-1] == "503 5.5.4 Error: multiple AUTH= options"
+
+
+
+SUBMITTED = [*TLS, "AUTH PLAIN " + b64(f"\0{ALICE}\0nope"), "AUTH LOGIN", "*", ALICE_PLAIN,
+             "MAIL FROM:<alice@example.test> AUTH=<alice@example.test>", ELSEWHERE, "DATA",
+             "Subject: submitted\r\n\r\nhi\r\n.", "QUIT"]
+
+
+async def test_the_log_lines_and_the_received_header_match_postfix(postfix, pki, sasl_dovecot, mailflow_server,
+                                                                    smtp_peer, caplog):
+    """What fail2ban, pflogsumm and people read: the failure and abort warnings, `client=… sasl_method=PLAIN,
+    sasl_username=…, sasl_sender=…`, the disconnect line's counts; and `with ESMTPSA` in the Received header,
+    without `(Authenticated sender: …)` (Postfix's smtpd_sasl_authenticated_header = no)."""
+    caplog.set_level(logging.INFO, logger="mailflow")
+    root, tls = pki
+    start = len(postfix.maillog)
+    assert (await dialogue(postfix.port, tls, SUBMITTED))[-2:] == ["250 2.0.0 Ok: queued as QID", "221 2.0.0 Bye"]
+    text = await eventually(lambda: "disconnect from" in postfix.maillog[start:] and postfix.maillog[start:])
+    theirs = [line.split("]: ", 1)[1] for line in text.splitlines() if "/smtpd[" in line]
+    [queue_id] = re.findall(r"([0-9A-F]+): client=", text)
+    their_header = postfix.run("postcat", "-hq", queue_id).stdout.decode()
+
+    peer = await smtp_peer()
+    port = await start_submission(mailflow_server, root, sasl_dovecot, relayhost=f"[127.0.0.1]:{peer.port}")
+    assert (await dialogue(port, tls, SUBMITTED))[-2:] == ["250 2.0.0 Ok: queued as QID", "221 2.0.0 Bye"]
+    [message] = await eventually(lambda: peer.messages)
+    await eventually(lambda: any(r.getMessage().startswith("disconnect from") for r in caplog.records))
+    ours = [("warning: " if r.levelno == logging.WARNING else "") + r.getMessage() for r in caplog.records]
+
+    assert sasl_lines(ours) == sasl_lines(theirs)
+    assert sasl_lines(theirs) == [
+        f"warning: localhost[127.0.0.1]: SASL PLAIN authentication failed: (reason unavailable), sasl_username={ALICE}",
+        "warning: localhost[127.0.0.1]: SASL LOGIN authentication aborted",
+        f"QID: client=localhost[127.0.0.1], sasl_method=PLAIN, sasl_username={ALICE}, sasl_sender=<{ALICE}>",
+        "disconnect from localhost[127.0.0.1] ehlo=2 starttls=1 auth=1/3 mail=1 rcpt=1 data=1 quit=1 commands=8/10"]
+    assert received(message.content.decode()) == received(their_header) == (
+        "from c.test (localhost [127.0.0.1]) by HOST with ESMTPSA id QID for <x@elsewhere.test>")

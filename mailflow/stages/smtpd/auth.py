@@ -16,7 +16,8 @@ What it owns
   failures, so a flood is throttled before it costs CPU. A user not in the table costs the same hash (no timing
   oracle). An AUTH PLAIN authorization identity other than the login is refused (as Cyrus and Dovecot do
   without proxy rights): 535 5.7.8. Each failure is logged in Postfix's words
-  (`warning: host[ip]: SASL PLAIN authentication failed: …, sasl_username=…`).
+  (`warning: host[ip]: SASL PLAIN authentication failed: REASON, sasl_username=…`; the reason is Cyrus's
+  `authentication failure` for the tables, Dovecot's or `(reason unavailable)` for Dovecot, as Postfix logs them).
 - `SenderLogins.sender_login_mismatch(session, sender)`: Postfix's reject_sender_login_mismatch with
   `sender_login_maps` (sender address or @domain -> logins, separated by commas or spaces): a mismatch when the
   maps name owners and the client is not logged in as one of them, or when the client is logged in and its
@@ -50,6 +51,8 @@ from mailflow.stages.smtpd.dovecot_auth import DovecotAuth, Unavailable
 from mailflow.tables import Table, find_address
 
 log = logging.getLogger("mailflow.smtpd")
+
+NO_DOVECOT_REASON = "(reason unavailable)"  # Postfix's words for a Dovecot FAIL without reason= (smtpd_sasl_glue.c)
 
 # ---------------------------------------------------------------------------------------------- failures
 
@@ -140,10 +143,12 @@ class AuthOutcome:
 @dataclass(frozen=True)
 class Verdict:
     """A back end's answer: `login` on success (the name the session is logged in as); else `unavailable` is
-    why it could not answer (454, not a failure), or "" for wrong credentials."""
+    why it could not answer (454, not a failure), or "" for wrong credentials, and then `reason` the words of
+    the failure's log line ("": Cyrus's `authentication failure`, as Postfix with Cyrus SASL logs it)."""
 
     login: str | None = None
     unavailable: str = ""
+    reason: str = ""
 
 
 class Backend(Protocol):
@@ -186,7 +191,8 @@ class TableBackend:
 
 
 class DovecotBackend:
-    """smtpd.sasl_type = "dovecot": Dovecot's auth server decides (dovecot_auth.DovecotAuth)."""
+    """smtpd.sasl_type = "dovecot": Dovecot's auth server decides (dovecot_auth.DovecotAuth). A failure's reason
+    for the log is Dovecot's, else `(reason unavailable)`, as Postfix logs it with Dovecot SASL."""
 
     def __init__(self, dovecot: DovecotAuth, timeout: float | None = None):
         self._dovecot = dovecot
@@ -195,7 +201,7 @@ class DovecotBackend:
     async def verify(self, login: str, password: bytes, *, secured: bool, client_ip: str = "",
                      local_ip: str = "") -> Verdict:
         if not _plausible_login(login):
-            return Verdict()
+            return Verdict(reason=NO_DOVECOT_REASON)
         try:
             answer = await self._dovecot.ask(login.encode(), password, secured=secured, client_ip=client_ip,
                                              local_ip=local_ip, timeout=self._timeout)
@@ -206,7 +212,7 @@ class DovecotBackend:
         if answer.temporary:
             return Verdict(unavailable=f"Dovecot auth server {self._dovecot.endpoint}: temporary failure"
                                        + (f": {answer.reason}" if answer.reason else ""))
-        return Verdict()
+        return Verdict(reason=answer.reason or NO_DOVECOT_REASON)
 
 
 class Authenticator:
@@ -244,7 +250,7 @@ class Authenticator:
             return AuthOutcome(None, status.AUTH_UNAVAILABLE)
         if verdict.login is not None:
             return AuthOutcome(verdict.login, status.AUTH_OK)
-        return self._failed(client_ip, client, mechanism, name, "authentication failure")
+        return self._failed(client_ip, client, mechanism, name, verdict.reason or "authentication failure")
 
     def _failed(self, client_ip: str, client: str, mechanism: str, name: str, reason: str) -> AuthOutcome:
         self.failures.record(client_ip)
