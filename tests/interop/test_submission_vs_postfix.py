@@ -4,9 +4,10 @@ command by command.
 
 Postfix runs as a submission service is set up (smtpd_tls_security_level = encrypt, smtpd_tls_auth_only = yes,
 smtpd_sasl_auth_enable = yes, smtpd_sasl_type = dovecot), mailflow with a `submission` listener whose
-sasl_type is "dovecot" (sasl_auth_required off, as Postfix's MAIL needs no login: relaying does). One private
-Dovecot (its auth socket, mode 0666, for both) and one private Postfix per module; Dovecot's auth penalty is off,
-so failures cost no seconds.
+sasl_type is "dovecot", and again with its own sasl_user_maps holding the same users (sasl_auth_required off, as
+Postfix's MAIL needs no login: relaying does). One private Dovecot (its auth socket, mode 0666, for both) and one
+private Postfix per module; Dovecot's auth penalty is off, so failures cost no seconds. The log lines and the
+Received header are compared too, and the deliberate differences are checked to be what docs/security.md says.
 
 Compared after leaving out what differs on purpose (docs/security.md): the server's name, queue ids, the EHLO
 keywords' order, VRFY (off in mailflow) and SMTPUTF8 (the private Postfix runs with smtputf8_enable = no), and
@@ -28,7 +29,9 @@ from pathlib import Path
 import pytest
 import trustme
 
+from mailflow.passwords import hash_password
 from tests.support import Reply, SmtpClient, dovecot_instance, eventually, postfix_instance
+from tests.support.dovecot import USERS
 
 pytestmark = pytest.mark.interop
 
@@ -93,9 +96,9 @@ def compared(reply: str) -> str:
     return re.sub(r"^(535 5\.7\.8 Error: authentication failed): .*", r"\1", reply)
 
 
-async def dialogue(port: int, tls: ssl.SSLContext, commands: list[str | bytes]) -> list[str]:
-    """Each command's reply as compared (a STARTTLS answered 220 is followed by the handshake, also when more
-    was pipelined after it); "closed" when the server hung up."""
+async def dialogue(port: int, tls: ssl.SSLContext, commands: list[str | bytes], *, as_is: bool = False) -> list[str]:
+    """Each command's reply as compared (`as_is`: as sent; a STARTTLS answered 220 is followed by the handshake,
+    also when more was pipelined after it); "closed" when the server hung up."""
     client = await SmtpClient.connect(port)
     got = []
     try:
@@ -104,7 +107,7 @@ async def dialogue(port: int, tls: ssl.SSLContext, commands: list[str | bytes]) 
                 reply = await client.cmd(command)
             except (ConnectionResetError, BrokenPipeError):
                 reply = Reply(None, "")
-            got.append(compared(reply.text) if reply.code is not None else "closed")
+            got.append("closed" if reply.code is None else reply.text if as_is else compared(reply.text))
             if reply.code is None or reply.code == 221:
                 break
             line = command.encode() if isinstance(command, str) else command
@@ -192,21 +195,28 @@ def postfix(pki, sasl_dovecot):
         loop.close()
 
 
-async def start_submission(mailflow_server, pki_root: Path, dovecot, relayhost: str = "[127.0.0.1]:9") -> int:
-    """mailflow with a submission listener asking `dovecot`; its port."""
+async def start_submission(mailflow_server, pki_root: Path, dovecot, relayhost: str = "[127.0.0.1]:9",
+                           sasl: dict | None = None) -> int:
+    """mailflow with a submission listener asking `dovecot` (or with the `sasl` settings given); its port."""
+    sasl = sasl or {"sasl_type": "dovecot", "sasl_path": str(dovecot.auth_socket)}
     mf = await mailflow_server(mydestination=["local.test"], local_recipient_maps=["inline:{alice=ok}"],
                                relayhost=relayhost, smtpd={
                                    "tls_cert_file": str(pki_root / "cert.pem"),
                                    "tls_key_file": str(pki_root / "key.pem"), "auth_failure_delay": 0,
-                                   "listeners": [{"address": "127.0.0.1:0", "role": "submission", "overrides": {
-                                       "sasl_type": "dovecot", "sasl_path": str(dovecot.auth_socket),
-                                       "sasl_auth_required": False}}]})
+                                   "listeners": [{"address": "127.0.0.1:0", "role": "submission",
+                                                  "overrides": {**sasl, "sasl_auth_required": False}}]})
     return mf.smtpd.address_of("submission")[1]
 
 
-@pytest.fixture
-async def submission(mailflow_server, pki, sasl_dovecot):
-    return await start_submission(mailflow_server, pki[0], sasl_dovecot)
+@pytest.fixture(params=["dovecot", "sasl_user_maps"])
+async def submission(request, mailflow_server, pki, sasl_dovecot, tmp_path):
+    """mailflow asking the same Dovecot, or checking the same users itself (sasl_user_maps)."""
+    sasl = None
+    if request.param == "sasl_user_maps":
+        (tmp_path / "users").write_text("".join(f"{user} {hash_password(password, n=1024)}\n"
+                                                for user, password in USERS.items()))
+        sasl = {"sasl_user_maps": [f"texthash:{tmp_path / 'users'}"]}
+    return await start_submission(mailflow_server, pki[0], sasl_dovecot, sasl=sasl)
 
 
 # ---------------------------------------------------------------------------------------------- the tests
@@ -285,3 +295,27 @@ async def test_the_log_lines_and_the_received_header_match_postfix(postfix, pki,
         "disconnect from localhost[127.0.0.1] ehlo=2 starttls=1 auth=1/3 mail=1 rcpt=1 data=1 quit=1 commands=8/10"]
     assert received(message.content.decode()) == received(their_header) == (
         "from c.test (localhost [127.0.0.1]) by HOST with ESMTPSA id QID for <x@elsewhere.test>")
+
+
+# docs/security.md's deliberate differences from Postfix with Dovecot SASL: the last command's reply from each
+DELIBERATE = {
+    "a mechanism other than PLAIN and LOGIN": (
+        [*TLS, "AUTH CRAM-MD5"], "535 5.7.8 Error: authentication failed: Invalid authentication mechanism",
+        "504 5.5.4 Unrecognized authentication type"),
+    "a response that is not base64": (
+        [*TLS, "AUTH PLAIN %%%"], "535 5.7.8 Error: authentication failed: Invalid base64 data in initial response",
+        "501 5.5.2 Can't decode base64"),
+    "wrong credentials": ([*TLS, "AUTH PLAIN " + b64(f"\0{ALICE}\0nope")],
+                          "535 5.7.8 Error: authentication failed: (reason unavailable)",
+                          "535 5.7.8 Error: authentication failed"),
+    "AUTH after STARTTLS without a new EHLO": (["EHLO c.test", "STARTTLS", ALICE_PLAIN],
+                                               "235 2.7.0 Authentication successful",
+                                               "503 5.5.1 Error: send EHLO first"),
+}
+
+
+async def test_the_documented_differences_are_as_documented(postfix, submission, pki):
+    _, tls = pki
+    for name, (commands, theirs, ours) in DELIBERATE.items():
+        assert [(await dialogue(port, tls, commands, as_is=True))[-1] for port in (postfix.port, submission)] == [
+            theirs, ours], name
