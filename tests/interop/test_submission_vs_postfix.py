@@ -319,3 +319,25 @@ async def test_the_documented_differences_are_as_documented(postfix, submission,
     for name, (commands, theirs, ours) in DELIBERATE.items():
         assert [(await dialogue(port, tls, commands, as_is=True))[-1] for port in (postfix.port, submission)] == [
             theirs, ours], name
+
+
+LOST = {"a command refused for want of STARTTLS": ["EHLO c.test", "MAIL FROM:<s@remote.test>"]}
+
+
+async def test_the_lost_connection_line_names_the_command_postfix_names(postfix, submission, pki, caplog):
+    """`lost connection after CMD` (and `too many errors after CMD`) names the last command Postfix got past its
+    checks: not one refused for want of STARTTLS."""
+    caplog.set_level(logging.INFO, logger="mailflow")
+    _, tls = pki
+    start = len(postfix.maillog)
+    for commands in LOST.values():
+        await dialogue(postfix.port, tls, commands)
+        await dialogue(submission, tls, commands)
+
+    def lost(lines: list[str]) -> list[str]:  # (not the line of the probe that saw Postfix listen)
+        return [line.split("lost connection ", 1)[1] for line in lines
+                if "lost connection " in line and "after CONNECT" not in line]
+
+    theirs = await eventually(lambda: len(found := lost(postfix.maillog[start:].splitlines())) == len(LOST) and found)
+    ours = await eventually(lambda: len(found := lost([r.getMessage() for r in caplog.records])) == len(LOST) and found)
+    assert ours == theirs == ["after EHLO from localhost[127.0.0.1]"]

@@ -556,12 +556,14 @@ class ProtocolCore(SMTP):
 
     async def _dispatch(self, command: str, arg: str | None) -> None:
         method = self._smtp_methods.get(command)
+        where = self.record.where
         self.record.command(command if method is not None else None)
         if method is None:  # before the STARTTLS requirement, as Postfix answers an unknown command
             log.debug("%s: unrecognised command %.20r", self.session.client, command)
             await self.push(status.NOT_RECOGNIZED)
             return
         if self.require_starttls and self.session.ssl is None and command not in ALLOWED_BEFORE_STARTTLS:
+            self.record.where = where  # counted; "lost connection after" names the last one past here (smtpd.c)
             await self.push(status.STARTTLS_FIRST)
             return
         if command in JUNK_COMMANDS and not self.envelope.mail_from:
