@@ -321,12 +321,13 @@ async def test_the_documented_differences_are_as_documented(postfix, submission,
             theirs, ours], name
 
 
-LOST = {"a command refused for want of STARTTLS": ["EHLO c.test", "MAIL FROM:<s@remote.test>"]}
+LOST = {"a command refused for want of STARTTLS": ["EHLO c.test", "MAIL FROM:<s@remote.test>"],
+        "an unknown command": ["EHLO c.test", "FOO"]}
 
 
 async def test_the_lost_connection_line_names_the_command_postfix_names(postfix, submission, pki, caplog):
     """`lost connection after CMD` (and `too many errors after CMD`) names the last command Postfix got past its
-    checks: not one refused for want of STARTTLS."""
+    checks: not one refused for want of STARTTLS; UNKNOWN after one it does not know."""
     caplog.set_level(logging.INFO, logger="mailflow")
     _, tls = pki
     start = len(postfix.maillog)
@@ -340,4 +341,4 @@ async def test_the_lost_connection_line_names_the_command_postfix_names(postfix,
 
     theirs = await eventually(lambda: len(found := lost(postfix.maillog[start:].splitlines())) == len(LOST) and found)
     ours = await eventually(lambda: len(found := lost([r.getMessage() for r in caplog.records])) == len(LOST) and found)
-    assert ours == theirs == ["after EHLO from localhost[127.0.0.1]"]
+    assert ours == theirs == ["after EHLO from localhost[127.0.0.1]", "after UNKNOWN from localhost[127.0.0.1]"]

@@ -4,8 +4,9 @@ What it owns
 - `SessionLog(client, smtpd_log)`: `client()` names the client (host[ip]) as known at the time, asked only
   when a line is written. `connect()` ("connect from host[ip]"); `command(verb)` counts a command
   (`None`: one Postfix counts as "unknown") and remembers it as where the session is (Postfix's "... after
-  RCPT from ..."); `replied(code)` records the outcome of the command being answered (a final reply: 4xx and
-  5xx count as failed; 334 and 354 are not final); `content(verb, size)` while DATA or BDAT content is read
+  RCPT from ...", "after UNKNOWN" for an unknown one); `replied(code)` records the outcome of the command being
+  answered (a final reply: 4xx and 5xx count as failed; 334 and 354 are not final); `content(verb, size)` while
+  DATA or BDAT content is read
   (`size()`: its bytes so far) and `message_ended()` once its end was read, until the next command;
   `timed_out()`; `ended()` at the end of the session, however it ended: "lost connection after X" unless the
   client said QUIT or the server hung up, then "disconnect from host[ip] ehlo=1 mail=1 ... commands=N". X is
@@ -53,8 +54,7 @@ class SessionLog:
         self.counts.setdefault(name, [0, 0])[1] += 1
         self._pending = name
         self._content, self._message_ended = None, False
-        if name != "unknown":
-            self.where = verb  # type: ignore[assignment]
+        self.where = verb if verb is not None and name != "unknown" else "UNKNOWN"  # (Postfix's words)
 
     def content(self, verb: str, size: Callable[[], int]) -> None:
         """DATA or BDAT content is being read; `size()`: its bytes so far (BDAT: every chunk's)."""
