@@ -338,14 +338,27 @@ def test_anvil_counts_each_event_apart():
 
 
 def test_anvil_memory_stays_bounded_under_many_clients(monkeypatch):
-    """One record per client, dropped once its time unit is over when the table is full."""
+    """One record per client, dropped once its time unit is over when the table is full (about 60 live here: the
+    table never holds more than twice those, nor fewer than STALE_SWEEP_SIZE before a sweep)."""
     monkeypatch.setattr(anvil_module, "STALE_SWEEP_SIZE", 100)
     clock = VirtualClock()
     anvil = Anvil(count_limit=0, rate_limit=0, time_unit=60, clock=clock, count_events=True)
     for i in range(1000):
         anvil.event("mail", f"10.0.{i // 250}.{i % 250}", 5)
         clock.advance(1)
-    assert len(anvil._windows) <= 100
+    assert len(anvil._windows) <= 2 * 61
+
+
+def test_many_live_clients_cost_one_sweep_per_doubling_not_one_per_connection(monkeypatch):
+    """Clients all inside their time unit cannot be swept: the next sweep waits until the table has doubled."""
+    monkeypatch.setattr(anvil_module, "STALE_SWEEP_SIZE", 100)
+    anvil = Anvil(count_limit=0, rate_limit=0, time_unit=60, clock=VirtualClock(), count_events=True)
+    sweeps = []
+    forget = anvil._forget_stale
+    monkeypatch.setattr(anvil, "_forget_stale", lambda now: (sweeps.append(now), forget(now)))
+    for i in range(1000):
+        anvil.event("mail", f"10.0.{i // 250}.{i % 250}", 5)
+    assert len(anvil._windows) == 1000 and len(sweeps) == 4  # at 100, 200, 400 and 800 clients
 
 
 async def test_session_slots_wait_then_refuse():

@@ -20,7 +20,8 @@ What it owns
   `count_events` is set its connections are counted in it too, rate limit or not. `new_tls_over(ip, limit)` only
   looks (Postfix's newtls_stat, asked before a handshake).
   Memory: one record per client (a start time and its counts, changed in place); past STALE_SWEEP_SIZE clients,
-  those whose time unit is over are dropped when a new one comes.
+  those whose time unit is over are dropped when a new one comes, and the next sweep waits until the table has
+  doubled (so many clients live at once cost one scan per doubling, not one per connection).
 - `SessionSlots`: the listener's sessions at once (`max_sessions`). A connection beyond it waits, without a
   greeting, for a slot to free (back-pressure, as a Postfix service at its process limit leaves connections in
   the listen queue); when as many are already waiting, it is refused (the caller answers 421 4.3.2).
@@ -38,10 +39,19 @@ from typing import Callable, NamedTuple
 from mailflow.clock import Clock
 
 STALE_SWEEP_SIZE = 10_000  # clients remembered for the rate before those whose time unit is over are swept
-# A session's events counted per client and time unit, with the words of Postfix's anvil warnings for them
-EVENT_LIMITS = {"mail": "Message delivery request rate", "rcpt": "Recipient address rate",
-                "auth": "AUTH command rate", "newtls": "New TLS session rate"}
-_COUNTED = ("connect", *EVENT_LIMITS)  # the counts of a _Window, in this order
+
+
+class EventLimit(NamedTuple):
+    setting: str  # the [smtpd] setting that limits the event per anvil_rate_time_unit
+    words: str  # what Postfix's anvil warning calls it
+
+
+# A session's events counted per client and time unit
+EVENT_LIMITS = {"mail": EventLimit("client_message_rate_limit", "Message delivery request rate"),
+                "rcpt": EventLimit("client_recipient_rate_limit", "Recipient address rate"),
+                "auth": EventLimit("client_auth_rate_limit", "AUTH command rate"),
+                "newtls": EventLimit("client_new_tls_session_rate_limit", "New TLS session rate")}
+_INDEX = {kind: i for i, kind in enumerate(("connect", *EVENT_LIMITS))}  # where a _Window keeps each count
 
 
 class Refusal(NamedTuple):
@@ -60,19 +70,19 @@ class _Window:
 
     def __init__(self, start: float):
         self.start = start
-        self.counts = [0] * len(_COUNTED)
+        self.counts = [0] * len(_INDEX)
 
     def add(self, kind: str, now: float, time_unit: float) -> int:
         """Count one `kind` at `now` (every count from zero once the unit is over); the count with it."""
         if self.start + time_unit < now:
             self.start = now
-            self.counts[:] = [0] * len(_COUNTED)
-        index = _COUNTED.index(kind)
+            self.counts[:] = [0] * len(_INDEX)
+        index = _INDEX[kind]
         self.counts[index] += 1
         return self.counts[index]
 
     def current(self, kind: str, now: float, time_unit: float) -> int:
-        return 0 if self.start + time_unit < now else self.counts[_COUNTED.index(kind)]
+        return 0 if self.start + time_unit < now else self.counts[_INDEX[kind]]
 
 
 class Anvil:
@@ -88,6 +98,7 @@ class Anvil:
         self._count_events = count_events
         self._sessions: dict[str, int] = {}
         self._windows: dict[str, _Window] = {}  # per client: its time unit and its counts in it
+        self._sweep_at = STALE_SWEEP_SIZE  # clients in _windows at which stale ones are swept next
 
     def adopt_limits(self, other: "Anvil") -> None:
         """A reload: `other`'s limits and exemptions from now on; the counts so far stay."""
@@ -119,7 +130,8 @@ class Anvil:
         return self._sessions.get(ip, 0)
 
     def rate(self, ip: str) -> int:
-        """Connections of `ip` counted in its current time unit (refused ones included); 0 once it is over."""
+        """Connections of `ip` counted in its current time unit (refused ones included); 0 once it is over (for
+        the operator's view and the tests: the limits count with `admit`)."""
         return self._current(ip, "connect")
 
     def event(self, kind: str, ip: str, limit: int) -> Refusal | None:
@@ -128,7 +140,7 @@ class Anvil:
         if not limit or self._exempt(ip):
             return None
         count = self._add(ip, kind)
-        return Refusal(EVENT_LIMITS[kind], count) if count > limit else None
+        return Refusal(EVENT_LIMITS[kind].words, count) if count > limit else None
 
     def new_tls_over(self, ip: str, limit: int) -> bool:
         """`ip` has had more than `limit` new TLS sessions in its time unit (0: no limit); nothing is counted."""
@@ -140,8 +152,9 @@ class Anvil:
         now = self._clock.time()
         window = self._windows.get(ip)
         if window is None:
-            if len(self._windows) >= STALE_SWEEP_SIZE:
+            if len(self._windows) >= self._sweep_at:
                 self._forget_stale(now)
+                self._sweep_at = max(STALE_SWEEP_SIZE, 2 * len(self._windows))
             window = self._windows[ip] = _Window(now)
         return window.add(kind, now, self._time_unit)
 

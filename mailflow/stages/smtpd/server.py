@@ -68,7 +68,7 @@ from mailflow.address import in_networks
 from mailflow.clock import Clock, SystemClock
 from mailflow.config import Config, SmtpdConfig
 from mailflow.errors import ConfigError, os_reason
-from mailflow.stages.smtpd.anvil import Anvil, SessionSlots
+from mailflow.stages.smtpd.anvil import EVENT_LIMITS, Anvil, SessionSlots
 from mailflow.stages.smtpd.auth import (Authenticator, Backend, DovecotBackend, FailureCounter, PasswordHasher,
                                         SenderLogins, TableBackend, is_loopback)
 from mailflow.stages.smtpd.dovecot_auth import DovecotAuth
@@ -87,9 +87,6 @@ STOP_POLL = 0.05  # seconds between looks at the sessions of a stopping server
 LISTEN_BACKLOG = 100  # connections the kernel queues for a listener (asyncio's create_server default)
 # What a reload replaces in a running listener (its address, socket, session slots and counts stay).
 RELOADED = ("role", "config", "handler", "authenticator", "sender_logins", "frontends", "limits")
-# The [smtpd] setting that limits each per-client event (anvil.EVENT_LIMITS) per anvil_rate_time_unit
-EVENT_LIMIT_SETTINGS = {"mail": "client_message_rate_limit", "rcpt": "client_recipient_rate_limit",
-                        "auth": "client_auth_rate_limit", "newtls": "client_new_tls_session_rate_limit"}
 
 
 @dataclass
@@ -174,12 +171,13 @@ class ListenerSession(SmtpSession):
 
     def _rate_exceeded(self, event: str) -> bool:
         """Count `event` for the client as named now (after XCLIENT, the one it names) against the limit this
-        session started with (EVENT_LIMIT_SETTINGS); past it, Postfix's anvil warning. Exempt, as in Postfix:
+        session started with (anvil.EVENT_LIMITS); past it, Postfix's anvil warning. Exempt, as in Postfix:
         mynetworks (the anvil's exemption) and authorized XCLIENT hosts."""
+        limit = getattr(self._smtpd, EVENT_LIMITS[event].setting)
         ip = self.session.peer_ip
-        if in_networks(ip, self._frontends.xclient_hosts):
+        if not limit or in_networks(ip, self._frontends.xclient_hosts):
             return False
-        refusal = self._listener.anvil.event(event, ip, getattr(self._smtpd, EVENT_LIMIT_SETTINGS[event]))
+        refusal = self._listener.anvil.event(event, ip, limit)
         if refusal is None:
             return False
         self.record.lines.limit_exceeded(refusal.limit, refusal.number, self.session.client, self._service)
@@ -190,7 +188,9 @@ class ListenerSession(SmtpSession):
         unit (nothing counted; exempt as in `_rate_exceeded`); logged then, in Postfix's words."""
         ip = self.session.peer_ip
         limit = self._smtpd.client_new_tls_session_rate_limit
-        if in_networks(ip, self._frontends.xclient_hosts) or not self._listener.anvil.new_tls_over(ip, limit):
+        if not limit or in_networks(ip, self._frontends.xclient_hosts):
+            return False
+        if not self._listener.anvil.new_tls_over(ip, limit):
             return False
         self.record.lines.tls_refused(request, self.session.client, self._service)
         return True
@@ -245,7 +245,7 @@ class Smtpd:
         anvil = Anvil(count_limit=smtpd.client_connection_count_limit, rate_limit=smtpd.client_connection_rate_limit,
                       time_unit=smtpd.anvil_rate_time_unit, clock=self._clock,
                       exempt=lambda ip: in_networks(ip, networks),
-                      count_events=any(getattr(smtpd, setting) for setting in EVENT_LIMIT_SETTINGS.values()))
+                      count_events=any(getattr(smtpd, e.setting) for e in EVENT_LIMITS.values()))
         authenticator = None
         if smtpd.sasl_auth_enable:
             authenticator = Authenticator(backend=self._auth_backend(smtpd), clock=self._clock,
