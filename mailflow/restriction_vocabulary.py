@@ -7,8 +7,8 @@ which names can refuse relaying. `mailflow.config` validates every `smtpd.*_rest
 
     STAGES, RCPT_STAGES                  the lists, in evaluation order (client … recipient run at RCPT)
     WITHOUT_ARGUMENT, WITH_ARGUMENT      the names; ACCESS_CHECKS: check_*_access -> what its keys are made of;
-                                         RHSBL_CHECKS: reject_rhsbl_* -> what is looked up; NEEDS_IO: the names
-                                         without argument that look something up (not an access action)
+                                         RHSBL_CHECKS: reject_rhsbl_* -> what is looked up; NEEDS_FILTER: the
+                                         names that need a filter a restriction list must name to set it up
     RELAY_GUARDS                         the names that can refuse relaying (config requires one of them)
     ACCESS_ACTIONS                       the words an access table's value starts with that are actions, not
                                          restriction names (a restriction class may not be called so)
@@ -17,7 +17,7 @@ which names can refuse relaying. `mailflow.config` validates every `smtpd.*_rest
                                          restriction classes, smtpd_restriction_classes) is an item too
     check_classes(classes)               ValueError for a bad class name, or classes that name each other in a
                                          loop (check_item refuses an undefined one)
-    expand(items, classes) -> names      the names of a list with its classes' items, recursively
+    expand(items, classes) -> names      the names of a list and of its classes' items, recursively (a set)
 
 Why this module is a leaf outside `mailflow/stages/smtpd/`: importing any module under that package runs the
 package's `__init__`, which imports the whole SMTP server (aiosmtpd, the session, the handler). The
@@ -60,10 +60,9 @@ ACCESS_CHECKS = {  # check_*_access -> what its keys are made of
     "check_sender_access": "sender", "check_recipient_access": "recipient",
 }
 WITH_ARGUMENT = tuple(ACCESS_CHECKS) + ("reject_rbl_client", "check_policy_service") + tuple(RHSBL_CHECKS)
-# Restrictions that need a filter of [greylist] / [sender_auth] (the lists name them; the sections configure them)
-NEEDS_IO = ("reject_unknown_recipient_domain", "reject_unknown_client_hostname",
-            "reject_unknown_reverse_client_hostname", "reject_unknown_sender_domain", "check_greylist",
-            "reject_spf_fail", "reject_dmarc_policy")
+# Restrictions that need a filter of [greylist] / [sender_auth], set up when a list (or a class it names) names
+# them: one named only in an access table's value has none
+NEEDS_FILTER = ("check_greylist", "reject_spf_fail", "reject_dmarc_policy")
 KNOWN = WITHOUT_ARGUMENT + WITH_ARGUMENT
 RELAY_GUARDS = ("reject_unauth_destination", "defer_unauth_destination", "reject", "defer")
 ACCESS_ACTIONS = ("ok", "dunno", "reject", "defer", "defer_if_permit", "defer_if_reject", "discard", "hold",
@@ -113,27 +112,35 @@ def check_classes(classes: Mapping[str, Iterable[str]]) -> None:
         if name in KNOWN or name in ACCESS_ACTIONS:
             raise ValueError(f"{name!r}: a restriction class cannot have the name of a restriction or an access "
                              "action")
+    free: set[str] = set()  # classes found to reach no loop (each is walked once, however often it is named)
     for name in classes:
-        _refuse_loop([name], classes)
+        _refuse_loop([name], classes, free)
 
 
-def _refuse_loop(path: list[str], classes: Mapping[str, Iterable[str]]) -> None:
+def _refuse_loop(path: list[str], classes: Mapping[str, Iterable[str]], free: set[str]) -> None:
     for item in classes[path[-1]]:
         word = split_item(item)[0]
-        if word not in classes:
+        if word not in classes or word in free:
             continue
         if word in path:
             raise ValueError(f"{path[0]}: the restriction classes loop: {' -> '.join(path + [word])}")
-        _refuse_loop(path + [word], classes)
+        _refuse_loop(path + [word], classes, free)
+    free.add(path[-1])
 
 
-def expand(items: Iterable[str], classes: Mapping[str, Iterable[str]]) -> list[str]:
-    """The names of `items`, each class replaced by the names of its own items (recursively; no loops: config
-    refused them)."""
-    names = []
-    for item in items:
-        name = split_item(item)[0]
-        names += expand(classes[name], classes) if name in classes else [name]
+def expand(items: Iterable[str], classes: Mapping[str, Iterable[str]]) -> set[str]:
+    """The names of `items` and of the items of the classes they name, recursively (no loops: config refused
+    them; each class is walked once)."""
+    names: set[str] = set()
+    seen: set[str] = set()
+    todo = list(items)
+    while todo:
+        name = split_item(todo.pop())[0]
+        if name not in classes:
+            names.add(name)
+        elif name not in seen:
+            seen.add(name)
+            todo += classes[name]
     return names
 
 

@@ -81,12 +81,12 @@ class FrozenMap(dict):
     """A dict that cannot be changed in place and can be hashed, for a table-valued setting of a frozen section."""
 
     def __hash__(self) -> int:  # type: ignore[override]
-        return hash(tuple(self.items()))
+        return hash(frozenset(self.items()))  # (equal maps hash alike, whatever their order)
 
     def _read_only(self, *args, **kwargs):
         raise TypeError("a configuration setting cannot be changed in place")
 
-    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _read_only
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _read_only
 
 
 def _restriction(item: object, info: ValidationInfo) -> str:

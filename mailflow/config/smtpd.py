@@ -153,7 +153,7 @@ class SmtpdConfig(SmtpdFilterSettings):
     def _relay_guarded(self) -> "SmtpdConfig":
         """Like Postfix, refuse to start when neither list can refuse relaying."""
         items = self.relay_restrictions + self.recipient_restrictions
-        if not set(expand(items, self.restriction_classes)) & set(RELAY_GUARDS):
+        if not expand(items, self.restriction_classes) & set(RELAY_GUARDS):
             raise ValueError(f"relay_restrictions or recipient_restrictions must hold one of {', '.join(RELAY_GUARDS)}"
                              " (else this server relays for anyone)")
         return self

@@ -141,6 +141,23 @@ def test_a_restriction_class_runs_its_list_as_one_item():
     assert rcpt(r, "x@elsewhere.example") == status.relay_denied("x@elsewhere.example")
 
 
+def test_greylisting_named_only_in_an_access_value_is_a_configuration_error(caplog):
+    """check_greylist (and SPF, DMARC) get their filter set up when a list or a class names them; named only in a
+    table's value there is none: 451 4.3.5 and a warning, not a silent "no opinion"."""
+    r = restrictions(recipient_restrictions=["check_sender_access inline:{ {s@remote.example=check_greylist} }",
+                                             "permit"])
+    assert rcpt(r) == status.restriction_config_error("s@remote.example", "Sender address")
+    assert "check_greylist is not set up" in caplog.text
+
+
+def test_classes_that_name_each_other_many_times_are_checked_in_linear_time():
+    """Each class naming the next twice: walking every path would take 2**40 steps."""
+    classes = {f"c{i}": [f"c{i + 1}", f"c{i + 1}"] for i in range(40)} | {"c40": ["permit"]}
+    config = config_from_dict({**BASE, "smtpd": {"restriction_classes": classes,
+                                                 "relay_restrictions": ["c0", "reject_unauth_destination"]}})
+    assert len(config.smtpd.restriction_classes) == 41
+
+
 def test_a_restriction_class_can_guard_the_relay():
     config_from_dict({"smtpd": {"restriction_classes": {"guard": ["permit_mynetworks", "reject_unauth_destination"]},
                                 "relay_restrictions": ["guard"]}})

@@ -52,8 +52,8 @@ from mailflow.address import client_ip, in_networks
 from mailflow.errors import LookupRetry
 from mailflow.logs import SmtpdLog
 from mailflow.model import AddressClass
-from mailflow.restriction_vocabulary import (ACCESS_CHECKS, KNOWN, RCPT_STAGES, RHSBL_CHECKS, STAGES, WITH_ARGUMENT,
-                                             check_item, split_item)
+from mailflow.restriction_vocabulary import (ACCESS_CHECKS, KNOWN, NEEDS_FILTER, RCPT_STAGES, RHSBL_CHECKS, STAGES,
+                                             WITH_ARGUMENT, check_item, split_item)
 from mailflow.stages.smtpd.dns_checks import DnsChecks
 from mailflow.stages.smtpd.policy import PolicyClient, PolicyError
 from mailflow.syntax import is_ipv4
@@ -73,6 +73,7 @@ SUBJECT = {  # a list's stage -> how its refusals name what they looked at
     "mail": "Sender address",  # (the in-process policy hook's MAIL stage: handler.py)
 }
 MAX_DEPTH = 100  # lists within lists (classes, access values) beyond which a table's value is refused (Postfix's)
+VALUE_LIST_CACHE = 1000  # access values kept read as lists (the table is emptied when full)
 PROTOCOL_STATE = {"data": "DATA", "end_of_data": "END-OF-MESSAGE"}
 _HEADER_FIELD = re.compile(r"[!-9;-~]+:[ \t]*[^\r\n]*")  # PREPEND's argument: one header field, unfolded
 _NUMERIC_ACTION = re.compile(r"([45]\d\d)(?:\s+([45]\.\d{1,3}\.\d{1,3}))?(?:\s+(.*))?", re.S)
@@ -233,6 +234,7 @@ class Restrictions:
                           for items in every for name, arg in items if name == "check_policy_service"}
         self._mynetworks = [ipaddress.ip_network(n, strict=False) for n in config.mynetworks]
         self._lines = SmtpdLog()  # WARN's and INFO's log lines
+        self._value_lists: dict[str, tuple[tuple[str, str], ...]] = {}  # access values read as lists, by value
 
     async def check_rcpt(self, facts: Facts) -> status.Reply | None:
         """The lists' verdict (DEFER_IF_PERMIT applied), then the implied unknown-user check, as Postfix runs
@@ -486,17 +488,36 @@ class Restrictions:
         if facts.depth > MAX_DEPTH:
             log.warning("%s: access table entry %r causes unreasonable recursion", source, value)
             return None
-        words = value.replace(",", " ").split()
-        items = []
-        while words:
-            word = words.pop(0)
-            item = f"{word} {words.pop(0)}" if word.lower() in WITH_ARGUMENT and words else word
+        known = self._value_lists.get(value)
+        if known is None:
             try:
-                items.append(split_item(check_item(item, self._classes)))
+                known = self._read_value_list(value)
             except ValueError as e:
                 log.warning("%s: unknown access action %r: %s", source, value, e)
                 return None
+            if len(self._value_lists) >= VALUE_LIST_CACHE:
+                self._value_lists.clear()
+            self._value_lists[value] = known
+        return known
+
+    def _read_value_list(self, value: str) -> tuple[tuple[str, str], ...]:
+        """The items of an access value read as a list; ValueError for a word neither restriction nor class, and
+        for a restriction whose filter no list set up (greylisting, SPF, DMARC named only in a table)."""
+        words = value.replace(",", " ").split()
+        items = []
+        i = 0
+        while i < len(words):
+            word = words[i]
+            takes_argument = word.lower() in WITH_ARGUMENT and i + 1 < len(words)
+            item = split_item(check_item(f"{word} {words[i + 1]}" if takes_argument else word, self._classes))
+            if item[0] in NEEDS_FILTER and not self._has_filter(item[0]):
+                raise ValueError(f"{item[0]} is not set up: name it in a restriction list or class")
+            items.append(item)
+            i += 2 if takes_argument else 1
         return tuple(items)
+
+    def _has_filter(self, name: str) -> bool:
+        return (self._greylist if name == "check_greylist" else self._sender_auth) is not None
 
     # -------------------------------------------------------------------------------- filters and policy
 
@@ -560,7 +581,8 @@ def _mark(word: str, text: str, marks: Marks, source: str) -> None:
     elif word == "REDIRECT" and address.mailbox_syntax_error(text) is None:
         marks.redirect = text
     elif word == "BCC" and address.mailbox_syntax_error(text) is None:
-        marks.bcc.append(text)
+        if text not in marks.bcc:  # (a sender's entry answers at every RCPT: one copy, one log line)
+            marks.bcc.append(text)
     else:
         log.warning("%s: access action %s %r requires %s; ignored", source, word, text, _MARK_NEEDS[word])
     return None
