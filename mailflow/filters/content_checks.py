@@ -153,6 +153,8 @@ class ContentChecks:
         edits: list[tuple[int, int, list[bytes]]] = []  # (offset, length, replacement lines) in the body
         offset = 0
         for line in _lines(result.body):
+            if result.stopped:  # nothing more is looked up: the rest of the body need not be read
+                break
             length = len(line)
             text = line.rstrip(b"\r\n")
             if offset == 0 and not text:  # the empty line that ends the primary headers: no entity's, no body line
@@ -175,7 +177,7 @@ class ContentChecks:
                 state = "body" if text.endswith(b"--") and _is_close(text, boundaries) else "mime"
                 part_bytes = 0
             else:
-                if self._body and part_bytes < self._limit and not result.stopped:
+                if self._body and part_bytes < self._limit:
                     action = _lookup(self._body, text[:MAX_LINE].decode("utf-8", "replace"))
                     if action is not None:
                         lines = self._act(queue_id, action, "body", text.decode("utf-8", "replace"), result,
@@ -241,7 +243,9 @@ class ContentChecks:
         elif word == "FILTER" and ":" in text:
             result.content_filter = text
         elif word in ("PREPEND", "REPLACE") and text and editable:
-            new = text.encode("utf-8") + b"\r\n"
+            # ($N of a folded header may hold its line breaks, each followed by the folding blank: CR LF there,
+            # never an empty line, which would end the header section)
+            new = text.rstrip("\n").replace("\n", "\r\n").encode("utf-8") + b"\r\n"
             return [new] if word == "REPLACE" else [new, original if original is not None else _original(line)]
         else:
             log.warning("%s: unknown %s_checks action %r (ignored)", queue_id, what, value)

@@ -1,0 +1,57 @@
+"""cleanup's header/body checks (mailflow.filters.content_checks.ContentChecks) on regexp tables, without a server:
+the edits a REPLACE or PREPEND makes, BCC, the actions that stop the checks, REJECT's enhanced code. The same
+actions are compared with a real Postfix in tests/interop/test_access_vs_postfix.py."""
+from __future__ import annotations
+
+import pytest
+
+from mailflow.config.filters import ChecksConfig
+from mailflow.content import Content
+from mailflow.errors import ContentRejected, TemporaryError
+from mailflow.filters.content_checks import ContentChecks
+
+
+def checks(tmp_path, header: str = "", body: str = "") -> ContentChecks:
+    settings = {}
+    for name, rules in (("header_checks", header), ("body_checks", body)):
+        if rules:
+            (tmp_path / name).write_text(rules)
+            settings[name] = (f"regexp:{tmp_path / name}",)
+    return ContentChecks(ChecksConfig(**settings))
+
+
+async def inspect(c: ContentChecks, head: bytes, body: bytes = b"\r\nbody\r\n"):
+    return await c.inspect("Q1", head, Content.of(body))
+
+
+async def test_a_replace_of_a_folded_header_keeps_crlf_line_ends_and_the_header_section(tmp_path):
+    """$1 of a folded header holds its line break: it goes back as CR LF and a folding blank, and a capture that
+    ends with the break does not end the header section with an empty line."""
+    c = checks(tmp_path, header="/^Subject: (.*)$/ REPLACE Subject: [ext] $1\n/^X-End: (a.)/ REPLACE X-End: $1\n")
+    result = await inspect(c, b"Subject: first\r\n second\r\nX-End: a\r\n b\r\nTo: x@y.test\r\n")
+    assert result.head == b"Subject: [ext] first\r\n second\r\nX-End: a\r\nTo: x@y.test\r\n"
+
+
+async def test_every_bcc_is_kept_and_discard_stops_the_checks(tmp_path):
+    c = checks(tmp_path, header="/^X-A:/ BCC a@copy.test\n/^X-B:/ BCC b@copy.test\n/^X-Stop:/ DISCARD\n"
+                                "/^X-Late:/ REJECT too late\n", body="/secret/ REJECT body seen\n")
+    result = await inspect(c, b"X-A: 1\r\nX-B: 1\r\nX-Stop: 1\r\nX-Late: 1\r\n", b"\r\nsecret\r\n")
+    assert result.bcc == ["a@copy.test", "b@copy.test"] and result.discard and result.stopped
+
+
+@pytest.mark.parametrize("rule, error, dsn, text", [
+    ("REJECT", ContentRejected, "5.7.1", "message content rejected"),
+    ("REJECT 5.7.9 not here", ContentRejected, "5.7.9", "not here"),
+    ("REJECT 4.7.9 come back", TemporaryError, "4.7.9", "come back"),
+])
+async def test_reject_takes_the_enhanced_code_its_text_starts_with(tmp_path, rule, error, dsn, text):
+    c = checks(tmp_path, header=f"/^Subject:/ {rule}\n")
+    with pytest.raises(error) as info:
+        await inspect(c, b"Subject: x\r\n")
+    assert (info.value.dsn, info.value.text) == (dsn, text)
+
+
+async def test_a_prepend_that_is_no_header_field_is_ignored(tmp_path):
+    c = checks(tmp_path, header="/^Subject:/ PREPEND not a header\n")
+    head = b"Subject: x\r\n"
+    assert (await inspect(c, head)).head == head
