@@ -5,7 +5,7 @@
 
 What is matched (Postfix's rules): each logical header of the message, its lines joined by their line breaks
 (`X-Folded: a\\n b`, as Postfix's cleanup keeps them, CR dropped; no line end after the last) against
-header_checks (a regexp table is asked with `lookup_lines`: `.` matches the break, as in POSIX regexec), its
+header_checks (in a regexp table `.` matches the break, as in POSIX regexec), its
 MIME headers (Content-*, MIME-Version) and those of every MIME part against mime_header_checks, the headers of an attached message (message/rfc822) against
 nested_header_checks (each of these two defaults to header_checks); each body line (without its line end,
 boundaries excluded) against body_checks, for at most `body_checks_size_limit` bytes of each body part. The
@@ -129,7 +129,7 @@ class ContentChecks:
                 continue
             use = self._mime if top and _is_mime_header(name) else tables
             key = _header_key(raw)
-            action = _lookup(use, key, lines=True) if use and not result.stopped else None
+            action = _lookup(use, key) if use and not result.stopped else None
             if action is None:
                 out.append(raw)
                 continue
@@ -270,12 +270,10 @@ def _original(line: str) -> bytes:
     return line.encode("utf-8") + b"\r\n"
 
 
-def _lookup(tables: list[Table], key: str, *, lines: bool = False) -> str | None:
-    """The first table's answer; `lines`: `key` may hold line breaks (a folded header), asked of a regexp table
-    with `lookup_lines`."""
+def _lookup(tables: list[Table], key: str) -> str | None:
+    """The first table's answer (a folded header's key holds its line breaks: a regexp table's `.` matches them)."""
     for table in tables:
-        lookup_lines = getattr(table, "lookup_lines", None) if lines else None
-        value = lookup_lines(key) if lookup_lines is not None else table.lookup(key)
+        value = table.lookup(key)
         if value is not None:
             return value
     return None

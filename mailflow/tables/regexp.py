@@ -4,12 +4,9 @@
 in results; flags `i` (toggles case-insensitive, on by default) and `m` (multi-line). Patterns are RE2 syntax (a
 superset of POSIX ERE without back-references), matched leftmost-longest as POSIX regexec does. The key is
 matched as it is (`fixed = False`: `find` asks the full key only). Reloaded like texthash (files.Reloading).
-
-`lookup_lines(key)`: for a key that may hold line breaks (header_checks: a folded header with its breaks kept,
-as Postfix's cleanup gives it), matched as Postfix's regexp table matches it with POSIX regexec: `.` matches a
-line break too, unless the rule has the `m` flag (REG_NEWLINE). The rules are compiled a second time for it, on
-the first such lookup of each version of the file; `lookup` and its patterns are not changed by it (a key
-without a line break is answered alike by both).
+A key may hold line breaks (header_checks: a folded header with its breaks kept, as Postfix's cleanup gives it):
+`.` matches a break too, unless the rule has the `m` flag (REG_NEWLINE), as in Postfix's POSIX regexec; a key
+without a break is answered alike either way.
 
 Cost: linear in the key, no backtracking (`/^(a+)+$/` against `aaaa…b` answers at once); one RE2 set pass over
 all of a file's rules tells which match (about 5 us for a 20-rule miss), then only the answering rule is
@@ -31,32 +28,16 @@ from mailflow.tables.files import Reloading, logical_lines
 class _Rule:
     """One regexp_table line: a match rule (result set) or an `if` (end = index of its endif)."""
 
-    def __init__(self, regex, negate: bool, result: str | None, source: tuple[int, str, bool, bool]):
+    def __init__(self, regex, negate: bool, result: str | None):
         self.regex, self.negate, self.result, self.end = regex, negate, result, 0
         self.set_index = -1  # its pattern's index in the file's prefilter set
-        self.source = source  # (line number, pattern, ignore_case, multi_line): to compile it again (lines=True)
 
 
 class _Rules:
-    """A file's rules (None for an endif) and their prefilter set; `for_lines()` the same rules compiled for keys
-    with line breaks (made once, on first use)."""
+    """A file's rules (None for an endif) and their prefilter set."""
 
     def __init__(self, rules: list[_Rule | None], prefilter):
         self.rules, self.prefilter = rules, prefilter
-        self._for_lines: _Rules | None = None
-
-    def for_lines(self) -> "_Rules":
-        if self._for_lines is None:
-            rules: list[_Rule | None] = []
-            for rule in self.rules:
-                if rule is None:
-                    rules.append(None)
-                    continue
-                again = _Rule(_compile(*rule.source, lines=True), rule.negate, rule.result, rule.source)
-                again.end = rule.end
-                rules.append(again)
-            self._for_lines = _Rules(rules, _prefilter(rules))
-        return self._for_lines
 
 
 _SUBST = re.compile(r"\$(?:(\d)|\{(\d+)\}|\((\d+)\)|(\$))")
@@ -75,11 +56,11 @@ def _parse_regexp(source: str) -> _Rules:
             continue
         is_if = re.match(r"if(?![a-z0-9])", line, re.IGNORECASE) is not None  # `if/x/` too, as Postfix reads it
         text = line[2:].lstrip() if is_if else line
-        regex, negate, rest, origin = _parse_pattern(number, text)
+        regex, negate, rest = _parse_pattern(number, text)
         if is_if:
             if rest:
                 raise ValueError(f"line {number}: text after the 'if' pattern")
-            opened = _Rule(regex, negate, None, origin)
+            opened = _Rule(regex, negate, None)
             open_ifs.append(opened)
             rules.append(opened)
             continue
@@ -93,7 +74,7 @@ def _parse_regexp(source: str) -> _Rules:
                 raise ValueError(f"line {number}: ${group} in the result of a negated (!) pattern")
             if int(group) > regex.groups:
                 raise ValueError(f"line {number}: ${group} but the pattern has {regex.groups} group(s)")
-        rules.append(_Rule(regex, negate, rest, origin))
+        rules.append(_Rule(regex, negate, rest))
     if open_ifs:
         raise ValueError("if without endif at the end of the file")
     return _Rules(rules, _prefilter(rules))
@@ -114,7 +95,7 @@ def _prefilter(rules: list):
     return patterns
 
 
-def _parse_pattern(number: int, text: str) -> tuple[Any, bool, str, tuple[int, str, bool, bool]]:
+def _parse_pattern(number: int, text: str) -> tuple[Any, bool, str]:
     negate = text.startswith("!")
     if negate:
         text = text[1:].lstrip()
@@ -140,8 +121,7 @@ def _parse_pattern(number: int, text: str) -> tuple[Any, bool, str, tuple[int, s
             multi_line = not multi_line
         else:
             raise ValueError(f"line {number}: unknown or unsupported flag {flag!r} (mailflow has i, m)")
-    source = (number, "".join(pattern), ignore_case, multi_line)
-    return _compile(*source), negate, text[flags_end:].strip(), source
+    return _compile(number, "".join(pattern), ignore_case, multi_line), negate, text[flags_end:].strip()
 
 
 def _options(*, ignore_case: bool) -> "re2.Options":
@@ -152,12 +132,11 @@ def _options(*, ignore_case: bool) -> "re2.Options":
     return options
 
 
-def _compile(number: int, pattern: str, ignore_case: bool, multi_line: bool, *, lines: bool = False):
+def _compile(number: int, pattern: str, ignore_case: bool, multi_line: bool):
     """An RE2 pattern: linear-time matching (no backtracking), POSIX leftmost-longest semantics. The flags
-    are written into the pattern, so that the prefilter set (one options object for all) sees them too.
-    `lines`: for keys with line breaks, `.` matches one (RE2's `s`) as in POSIX regexec without REG_NEWLINE,
-    which the `m` flag asks for."""
-    flags = ("i" if ignore_case else "") + ("m" if multi_line else "s" if lines else "")
+    are written into the pattern, so that the prefilter set (one options object for all) sees them too: `.`
+    matches a line break (RE2's `s`) as in POSIX regexec without REG_NEWLINE, which the `m` flag asks for."""
+    flags = ("i" if ignore_case else "") + ("m" if multi_line else "s")
     try:
         return re2.compile((f"(?{flags})" if flags else "") + pattern, _options(ignore_case=False))
     except re2.error as e:
@@ -186,10 +165,6 @@ class RegexpTable:
 
     def lookup(self, key: str) -> str | None:
         return _lookup(self._file.current(), key)
-
-    def lookup_lines(self, key: str) -> str | None:
-        """`key` may hold line breaks (a folded header): see the module doc."""
-        return _lookup(self._file.current().for_lines(), key)
 
 
 def _lookup(parsed: _Rules, key: str) -> str | None:
