@@ -22,6 +22,7 @@ of one; such a line is the first of the body, and cleanup puts the missing empty
                                           than `limit`, its first `limit` bytes and complete=False
     header_lines(head)                    the lines, without their line ends
     header_fields(head)                   (lower-case name, the field's raw lines with continuations) in order
+    starts_header_field(text) -> bool     a header field's start, a name and a colon (Postfix's is_header)
     without_fields(head, names)           the header section less the fields named (lower-case names)
     header_names(head)                    lower-case names, in order
     header_values(head, name) / header_value(head, name)   unfolded values (every one / the first, or '')
@@ -53,6 +54,11 @@ HEADER_READ_LIMIT = 1_000_000  # how much of a header section readers other than
 # continuation lines, each complete (its line end included)
 _FIELDS = re.compile(rb"(?:[!-9;-~]+[ \t]*:[^\n]*\n(?:[ \t][^\n]*\n)*)*")
 _FIELD_START = re.compile(rb"[!-9;-~]+[ \t]*:")
+
+
+def starts_header_field(text: str) -> bool:
+    """`text` starts as a header field does, a name and a colon (Postfix's is_header)."""
+    return bool(_FIELD_START.match(text.encode("utf-8", "replace")))
 
 
 def _fields_end(data: bytes) -> int:

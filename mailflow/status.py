@@ -2,7 +2,8 @@
 
 Texts are generic and meant for clients: they name the address and the rule, never a config detail.
 Every reply smtpd sends is built here; tests compare against these values. `error_reply(error)` is the one
-table from an error (mailflow.errors, a store or spool fault) to its reply.
+table from an error (mailflow.errors, a store or spool fault) to its reply. `split_leading_dsn(text)`: the
+enhanced code an action's text (access table, policy answer, header check) starts with, as Postfix's dsn_split.
 """
 from __future__ import annotations
 
@@ -30,6 +31,15 @@ class Reply:
     @property
     def is_ok(self) -> bool:
         return 200 <= self.code < 400
+
+
+_LEADING_DSN = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?:\s+|$)")
+
+
+def split_leading_dsn(text: str) -> tuple[str | None, str]:
+    """(the enhanced status code `text` starts with, the text after it and its blanks); (None, text) without one."""
+    found = _LEADING_DSN.match(text)
+    return (found.group().rstrip(), text[found.end():]) if found else (None, text)
 
 
 SENDER_OK = Reply(250, "2.1.0", "Ok")

@@ -46,15 +46,13 @@ from dataclasses import dataclass, field
 from mailflow.content import Content
 from mailflow import address, status
 from mailflow.errors import ContentRejected, DeliveryError, TemporaryError
-from mailflow.message import header_fields
+from mailflow.message import header_fields, starts_header_field
 from mailflow.tables import Table, TableCache
 
 log = logging.getLogger("mailflow.cleanup")
 
 SCAN_INLINE = 256 * 1024  # a body up to this size is scanned on the event loop; a bigger one in a thread
 MAX_LINE = 1 << 20  # a "line" longer than this is matched as this much (a body without line ends)
-_LEADING_DSN = re.compile(r"([245]\.\d{1,3}\.\d{1,3})(?:\s+|$)")  # REJECT 4.7.1 text (Postfix's dsn_split)
-_HEADER_FIELD = re.compile(r"[!-9;-~]+[ \t]*:.*", re.S)  # a header's PREPEND or REPLACE text (Postfix's is_header)
 _BOUNDARY = re.compile(r'boundary\s*=\s*(?:"([^"]+)"|([^\s;]+))', re.IGNORECASE)
 
 
@@ -208,7 +206,7 @@ class ContentChecks:
         if word == "BCC" and address.mailbox_syntax_error(text) is not None:
             log.warning("%s: bad BCC address %r in %s_checks -- need user@domain (ignored)", queue_id, text, what)
             return None
-        if word in ("PREPEND", "REPLACE") and what == "header" and text and not _HEADER_FIELD.fullmatch(text):
+        if word in ("PREPEND", "REPLACE") and what == "header" and text and not starts_header_field(text):
             log.warning("%s: bad %s header text %r in header_checks -- need \"headername: headervalue\" (ignored)",
                         queue_id, word, text)  # Postfix: a line that is no header field would end the section
             return None
@@ -258,8 +256,8 @@ def _rejection(text: str, reason: str) -> DeliveryError:
     content rejected."""
     if not text:
         return ContentRejected(status.CONTENT_REJECTED.status, status.CONTENT_REJECTED.text, reason)
-    found = _LEADING_DSN.match(text)
-    dsn, text = (found.group(1), text[found.end():]) if found else ("5.7.1", text)
+    leading, text = status.split_leading_dsn(text)
+    dsn = leading or "5.7.1"
     if dsn[0] == "5":
         return ContentRejected(dsn, text, reason)
     return TemporaryError("4" + dsn[1:], text, reason)  # (Postfix: a class 2 code is made a 4, with a warning)

@@ -77,7 +77,6 @@ VALUE_LIST_CACHE = 1000  # access values kept read as lists (the table is emptie
 PROTOCOL_STATE = {"data": "DATA", "end_of_data": "END-OF-MESSAGE"}
 _HEADER_FIELD = re.compile(r"[!-9;-~]+:[ \t]*[^\r\n]*")  # PREPEND's argument: one header field, unfolded
 _NUMERIC_ACTION = re.compile(r"([45]\d\d)(?:\s+([45]\.\d{1,3}\.\d{1,3}))?(?:\s+(.*))?", re.S)
-_LEADING_DSN = re.compile(r"([245])(\.\d{1,3}\.\d{1,3})(?:\s+|$)")  # Postfix's dsn_split: `5.1.2 text`
 
 
 # ---------------------------------------------------------------------------------------------- facts
@@ -628,10 +627,8 @@ def split_dsn(text: str, default: str, what: str) -> tuple[str, str]:
     """(text, enhanced code) of an action's text: an enhanced code at its start is the reply's, in the class of
     `default` (Postfix's dsn_split and its class fix: `REJECT 4.1.2 text` is 5.1.2), else `default`; then
     fitted to what is refused (`dsn_fix`)."""
-    found = _LEADING_DSN.match(text)
-    if found is None:
-        return text, default
-    return text[found.end():], dsn_fix(default[0] + found.group(2), what)
+    dsn, rest = status.split_leading_dsn(text)
+    return (text, default) if dsn is None else (rest, dsn_fix(default[0] + dsn[1:], what))
 
 
 # Postfix's smtpd_dsn_fix map: an address status's last digit -> what it becomes for a sender, for a recipient
