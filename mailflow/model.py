@@ -107,15 +107,15 @@ class Envelope:
     def with_bcc(self, addresses: Iterable[str]) -> Envelope:
         """BCC actions (access tables, header/body checks): one more recipient for a copy each, without DSN
         parameters; one already there is not added again."""
-        envelope = self
-        for address in addresses:
-            if address not in envelope.recipients:
-                envelope = dataclasses.replace(
-                    envelope, recipients=envelope.recipients + (address,),
-                    originals=envelope.originals + (address,) if envelope.originals else (),
-                    notify=envelope.notify + ("",) if envelope.notify else (),
-                    orcpts=envelope.orcpts + ("",) if envelope.orcpts else ())
-        return envelope
+        present = set(self.recipients)
+        added = tuple(a for a in dict.fromkeys(addresses) if a not in present)
+        if not added:
+            return self
+        return dataclasses.replace(
+            self, recipients=self.recipients + added,
+            originals=self.originals + added if self.originals else (),
+            notify=self.notify + ("",) * len(added) if self.notify else (),
+            orcpts=self.orcpts + ("",) * len(added) if self.orcpts else ())
 
 
 @dataclass(frozen=True)

@@ -255,7 +255,7 @@ class SmtpdHandler:
             return str(refusal)
         assert envelope.content is not None
         marks = envelope.marks
-        submission = Submission(envelope=envelope.model_envelope().redirected(marks.redirect).with_bcc(marks.bcc),
+        submission = Submission(envelope=envelope.model_envelope().with_bcc(marks.bcc).redirected(marks.redirect),
                                 content=envelope.content, client=session.client_info(envelope),
                                 client_attributes=session.client_attributes(envelope), headers=tuple(marks.prepend),
                                 **self._header_rewriting(server, session))
