@@ -351,7 +351,12 @@ class UnreadableKey(dkim.DKIMException):
     """The key record's p= is not base64 or not a key: the signature cannot be checked (permerror, as OpenDKIM)."""
 
 
-_REVOKED = re.compile(rb"(?:^|;)[ \t]*p[ \t]*=[ \t]*(?:;|$)")  # RFC 6376 3.6.1: an empty p= is a revoked key
+def _revoked(record: bytes | None) -> bool:
+    """RFC 6376 3.6.1: an empty p= is a revoked key (a fail, where key material that cannot be decoded is not)."""
+    try:
+        return parse_tag_value(record or b"").get(b"p", b"x") == b""
+    except InvalidTagValueList:
+        return False
 
 
 class _StreamedBodyDKIM(dkim.asyncsupport.DKIM):
@@ -370,7 +375,7 @@ class _StreamedBodyDKIM(dkim.asyncsupport.DKIM):
         except (binascii.Error, ValueError) as e:
             raise UnreadableKey(f"public key is not base64: {e}") from None
         except dkim.KeyFormatError as e:
-            if isinstance(e.__context__, (UnparsableKeyError, TypeError)) and not _REVOKED.search(record or b""):
+            if isinstance(e.__context__, (UnparsableKeyError, TypeError, ValueError)) and not _revoked(record):
                 raise UnreadableKey("public key cannot be parsed") from None
             self.logger.info("%s", e)
             return False
