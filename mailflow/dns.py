@@ -6,7 +6,8 @@ real implementation (`AiodnsResolver`: aiodns for MX/A/AAAA/TXT/PTR; dnspython, 
 for TLSA and the DNSSEC AD bit, which aiodns cannot give) and a dictionary-backed one for tests
 (`StaticResolver`).
 Nothing here is global: build a resolver, pass it in. It takes plain values, not the configuration: this
-module imports nothing of mailflow but `errors` and `syntax`, so the configuration and every component may use it.
+module imports nothing of mailflow but `errors`, `syntax` and `address` (leaves), so the configuration and every
+component may use it.
 
     MX(preference, host)                      one MX record; host "." is RFC 7505's null MX
     Resolver.mx(domain) -> list[MX]           sorted by preference; [] = the domain exists but has no MX

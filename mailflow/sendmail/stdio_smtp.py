@@ -25,6 +25,7 @@ from mailflow.message import CRLF
 from mailflow.sendmail.options import Options, UsageError
 from mailflow.sendmail.reading import clean_address, clean_recipient, lone_cr_as_space, without_bcc
 from mailflow.sendmail.submitter import Submitter
+from mailflow.syntax import parse_octet_count
 
 
 class StdioSmtp:
@@ -91,9 +92,7 @@ class StdioSmtp:
         address = _path(arg, "FROM")
         if address is None:
             return self._reply(status.syntax("MAIL FROM:<address>"))
-        declared = re.search(r"\sSIZE=(\d{1,20})(?:\s|$)", arg, re.IGNORECASE)
-        limit = self._sub.config.smtpd.message_size_limit
-        if declared and limit and int(declared.group(1)) > limit:
+        if self._declared_too_big(arg):
             return self._reply(status.SIZE_EXCEEDS_LIMIT)
         try:
             sender = clean_address(address, self._sub.config.origin) if address else ""
@@ -103,6 +102,19 @@ class StdioSmtp:
             return self._reply(status.sender_login_mismatch(sender, self._sub.identity.login))
         self._sender = sender
         self._reply(status.SENDER_OK)
+
+    def _declared_too_big(self, arg: str) -> bool:
+        """MAIL's SIZE= is past message_size_limit (or past any size: parse_octet_count's None, as smtpd reads it)."""
+        limit = self._sub.config.smtpd.message_size_limit
+        for word in arg.split()[1:]:
+            name, _, value = word.partition("=")
+            if name.upper() == "SIZE" and limit:
+                try:
+                    size = parse_octet_count(value)
+                except ValueError:
+                    return False  # (a malformed SIZE: the parameters are not otherwise checked here)
+                return size is None or size > limit
+        return False
 
     def _do_RCPT(self, arg: str) -> None:
         if self._sender is None:
