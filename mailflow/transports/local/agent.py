@@ -57,6 +57,7 @@ from mailflow.errors import DeliveryError
 from mailflow.message import HEADER_READ_LIMIT, delivered_to, read_header
 from mailflow.model import ClientAttributes, DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
 from mailflow.transports.local.aliasing import Command, File, Forward, LocalExpander, Mailbox, Refused, is_safe_user
+from mailflow.transports.local.asuser import rights_for
 from mailflow.tables import split_extension
 from mailflow.transports.encode import ToLf, aencode
 from mailflow.transports.maildir import MaildirWriter, Owner, mailbox_prefix, write_failure
@@ -198,7 +199,7 @@ class LocalTransport:
             return Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}"
         entry = mbox_entry(request.content, sender=request.sender, arrival=self._clock.time(),
                            prepend=mailbox_prefix(request.sender, rcpt.address, rcpt.original or rcpt.address))
-        as_user = (leaf.rights or self._local.default_privs) if os.geteuid() == 0 else None
+        as_user = rights_for(leaf.rights, self._local.default_privs)
         try:
             await append_mbox(Path(leaf.path), entry, locks=self._local.mailbox_delivery_lock, user=as_user,
                               size_limit=self._local.mailbox_size_limit)
@@ -239,7 +240,7 @@ class LocalTransport:
             stdin = aencode(request.content.prepend(prefix).stream(), ToLf())
             result = await run_command(["/bin/sh", "-c", leaf.command], stdin=stdin, env=env,
                                        time_limit=settings.time_limit, output_limit=settings.output_limit,
-                                       user=(leaf.rights or settings.default_privs) if os.geteuid() == 0 else None,
+                                       user=rights_for(leaf.rights, settings.default_privs),
                                        cwd=home if home.is_dir() else "/", umask=0o077)
         except CommandNotRun as e:
             log.warning("%s: command %r for %s not run: %s", request.queue_id, leaf.command, leaf.address, e.text)

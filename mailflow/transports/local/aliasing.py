@@ -67,7 +67,7 @@ from mailflow.aliases import (AddressTarget, AliasSyntaxError, CommandTarget, Fi
 from mailflow.errors import TemporaryError
 from mailflow.model import AddressClass
 from mailflow.tables import split_extension
-from mailflow.transports.local.asuser import call_as
+from mailflow.transports.local.asuser import call_as, rights_for
 
 log = logging.getLogger("mailflow.local")
 
@@ -270,12 +270,9 @@ def is_safe_user(user: str) -> bool:
 
 
 class LocalExpander:
-    def __init__(self, config, rewriter, *, read_file: Callable[[Path], str | None] = read_small_file,
-                 read_file_as: Callable[[Path, str], str | None] = read_small_file_as):
+    def __init__(self, config, rewriter):
         self._config = config
         self._rewriter = rewriter
-        self._read = read_file
-        self._read_as = read_file_as
         self.tables = rewriter.tables  # `await expander.tables.run(...)` on the event loop
 
     def home(self, user: str) -> Path:
@@ -402,10 +399,11 @@ class LocalExpander:
         state.includes_done.add(path)
         if depth >= INCLUDE_DEPTH:
             raise TemporaryError("4.6.0", f":include: files nested deeper than {INCLUDE_DEPTH} ({path})")
-        if origin.kind == "forward" and os.geteuid() == 0:  # never root's rights for what a user names
-            text = self._read_as(Path(path), origin.rights or self._config.local.default_privs)
+        as_user = rights_for(origin.rights, self._config.local.default_privs) if origin.kind == "forward" else None
+        if as_user is not None:  # never root's rights for what a user names
+            text = read_small_file_as(Path(path), as_user)
         else:
-            text = self._read(Path(path))
+            text = read_small_file(Path(path))
         if text is None:
             raise TemporaryError("4.3.0", f"cannot read :include: file {path}: no such file")
         included = _Origin(origin.name, origin.kind, "include", origin.path, origin.address, origin.owner, True,

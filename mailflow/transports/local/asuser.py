@@ -2,6 +2,9 @@
 
     call_as(user, doing, fn, *args) -> bytes    fn(*args) in a child forked for it, running with `user`'s uid, gid
                                                 and groups; its bytes come back over a pipe
+    rights_for(rights, default_privs) -> str | None   whose rights a command, file or :include: of local delivery
+                                                uses: as root `rights` (a .forward's system user) or else
+                                                `default_privs`, never root's; not as root, None (mailflow's own)
 
 The child switches identity, calls `fn`, writes what it returned (or the error it raised) to the pipe and
 exits; it touches nothing else, so no lock another thread of this process holds can matter to it. Call it from a
@@ -20,6 +23,11 @@ from typing import Callable
 from mailflow.errors import DeliveryError, PermanentError, TemporaryError
 
 RESULT, DELIVERY_ERROR, OTHER_ERROR = b"R", b"D", b"E"
+
+
+def rights_for(rights: str | None, default_privs: str) -> str | None:
+    """See the module docstring."""
+    return (rights or default_privs) if os.geteuid() == 0 else None
 
 
 def call_as(user: str, doing: str, fn: Callable[..., bytes], *args) -> bytes:
