@@ -37,6 +37,7 @@ import logging
 import random
 import time
 from contextlib import aclosing
+from functools import partial
 from itertools import groupby
 from typing import AsyncGenerator, Callable, Sequence
 
@@ -284,9 +285,8 @@ class SmtpTransport:
             outcomes.restore(kept)  # that session was the last after all
             return
         # Postfix's relayhost rule is for a hard result: a peer's failure or a soft DNS failure makes it soft
-        if peer_failure is None and dns_failures and all(f.permanent for f in dns_failures):
-            dns_failures = [*dns_failures[:-1], self._unless_relayhost(request, dns_failures[-1])]
-        record_unreachable(outcomes, recipients, peer_failure, [] if kept is not None else dns_failures)
+        record_unreachable(outcomes, recipients, peer_failure, [] if kept is not None else dns_failures,
+                           hard=partial(self._unless_relayhost, request))
 
     def _unless_relayhost(self, request: DeliveryRequest, error: DeliveryError) -> DeliveryError:
         """A permanent DNS or loop failure of the relayhost is a configuration problem: deferred 4.3.5 with the

@@ -44,7 +44,7 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from mailflow.errors import DeliveryError, PermanentError, TemporaryError
@@ -184,11 +184,13 @@ def record_unreachable(
     recipients: list[Recipient],
     peer_failure: DeliveryError | None,
     dns_failures: list[DeliveryError],
+    hard: Callable[[DeliveryError], DeliveryError] = lambda error: error,
 ) -> None:
     """No peer took a session. A peer we could not talk to or a DNS failure defers; DNS 'no' bounces, and so
     does a 5xx refusal (the recipients name the peer as their relay, as for any failure after a
     connection was made). Of the DNS failures the last one's text stands, deferred (4.4.4 for a "no") once one
-    was temporary: Postfix's smtp_addr_one, where a soft error dominates past and future hard ones."""
+    was temporary: Postfix's smtp_addr_one, where a soft error dominates past and future hard ones. `hard`
+    may turn the DNS failures' bounce into something else (the relayhost's 4.3.5), deferred then."""
     if isinstance(peer_failure, SiteFailure):
         final = peer_failure.final()
         outcomes.fail(recipients, final, peer_failure.relay)
@@ -200,7 +202,10 @@ def record_unreachable(
     elif dns_failures:
         failure = dns_failures[-1]
         if failure.permanent and all(f.permanent for f in dns_failures):
+            failure = hard(failure)
             outcomes.fail(recipients, failure)
+            if not failure.permanent:
+                outcomes.site_failed(failure.text)
             return
         if failure.permanent:
             failure = TemporaryError("4" + failure.dsn[1:], failure.text)
