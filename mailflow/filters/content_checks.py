@@ -131,7 +131,7 @@ class ContentChecks:
             if action is None:
                 out.append(raw)
                 continue
-            replacement = self._act(queue_id, action, what, key, result, describe, editable=True, original=raw)
+            replacement = self._act(queue_id, action, what, key, result, describe, original=raw)
             if replacement is not None:
                 out.extend(replacement)
                 changed = True
@@ -179,7 +179,7 @@ class ContentChecks:
                     action = _lookup(self._body, text[:MAX_LINE].decode("utf-8", "replace"))
                     if action is not None:
                         lines = self._act(queue_id, action, "body", text.decode("utf-8", "replace"), result,
-                                          describe, editable=True)
+                                          describe)
                         if lines is not None:
                             edits.append((offset, length, lines))
                 part_bytes += length
@@ -190,7 +190,7 @@ class ContentChecks:
     # -------------------------------------------------------------------------------- actions
 
     def _act(self, queue_id: str, value: str, what: str, line: str, result: Inspection, describe: str,
-             *, editable: bool, original: bytes | None = None) -> list[bytes] | None:
+             *, original: bytes | None = None) -> list[bytes] | None:
         """Carry out one action. Returns replacement lines for an edit (IGNORE: []), else None. Each action but
         DUNNO, OK and IGNORE is logged as Postfix's cleanup logs it: `QID: reject: header Subject: x from
         host[ip]; from=<s> to=<r> proto=ESMTP helo=<h>: 5.7.1 text`."""
@@ -199,7 +199,7 @@ class ContentChecks:
         shown = line[:200]
         if word in ("DUNNO", "OK"):
             return None
-        if word == "IGNORE" and editable:
+        if word == "IGNORE":
             return []
         if word == "HOLD" and result.hold is not None:  # Postfix: only the first HOLD is taken (and logged)
             return None
@@ -216,11 +216,11 @@ class ContentChecks:
                  f" {describe}" if describe else "", f": {logged}" if logged else "")
         if rejection is not None:
             raise rejection
-        return self._carry_out(queue_id, word, text, value, what, line, result, editable=editable, original=original)
+        return self._carry_out(queue_id, word, text, value, what, line, result, original=original)
 
     @staticmethod
     def _carry_out(queue_id: str, word: str, text: str, value: str, what: str, line: str, result: Inspection,
-                   *, editable: bool, original: bytes | None = None) -> list[bytes] | None:
+                   *, original: bytes | None = None) -> list[bytes] | None:
         shown = line[:200]
         if word == "DISCARD":
             result.discard = text or f"{what} {shown}"
@@ -240,7 +240,7 @@ class ContentChecks:
             result.stopped = True
         elif word == "FILTER" and ":" in text:
             result.content_filter = text
-        elif word in ("PREPEND", "REPLACE") and text and editable:
+        elif word in ("PREPEND", "REPLACE") and text:
             # ($N of a folded header may hold its line breaks, each followed by the folding blank: CR LF there,
             # never an empty line, which would end the header section)
             new = text.rstrip("\n").replace("\n", "\r\n").encode("utf-8") + b"\r\n"

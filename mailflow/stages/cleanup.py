@@ -365,7 +365,6 @@ def _from_header(sender: str, fullname: str) -> str:
         return f"From: {sender}"
 
 
-
 def _header_lines(fields: tuple[str, ...]) -> bytes:
     """Header fields given by smtpd's filters, each already `Name: value` (folded or not), CRLF-ended."""
     return "".join(f.rstrip("\r\n") + "\r\n" for f in fields).encode("utf-8") if fields else b""

@@ -556,14 +556,15 @@ class ProtocolCore(SMTP):
 
     async def _dispatch(self, command: str, arg: str | None) -> None:
         method = self._smtp_methods.get(command)
-        where = self.record.where
-        self.record.command(command if method is not None else None)
-        if method is None:  # before the STARTTLS requirement, as Postfix answers an unknown command
+        # (an unknown command is answered before the STARTTLS requirement, as Postfix answers it)
+        needs_tls = method is not None and self.require_starttls and self.session.ssl is None and \
+            command not in ALLOWED_BEFORE_STARTTLS
+        self.record.command(command if method is not None else None, moves_where=not needs_tls)
+        if method is None:
             log.debug("%s: unrecognised command %.20r", self.session.client, command)
             await self.push(status.NOT_RECOGNIZED)
             return
-        if self.require_starttls and self.session.ssl is None and command not in ALLOWED_BEFORE_STARTTLS:
-            self.record.where = where  # counted; "lost connection after" names the last one past here (smtpd.c)
+        if needs_tls:
             await self.push(status.STARTTLS_FIRST)
             return
         if command in JUNK_COMMANDS and not self.envelope.mail_from:

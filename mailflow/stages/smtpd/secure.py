@@ -129,8 +129,7 @@ class SecureCommands(FrontEndCommands):
         except (TLSSetupException, ConnectionError):
             self._rate_exceeded("newtls")  # (logged; no reply can be sent)
             raise
-        self.log_tls()
-        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
+        ssl_object = self.log_tls()
         if (ssl_object is not None and ssl_object.session_reused) or not self._rate_exceeded("newtls"):
             return True
         await self._refuse_and_close(status.too_many_new_tls_sessions(self.hostname, self.session.client))
@@ -155,13 +154,15 @@ class SecureCommands(FrontEndCommands):
         if self.transport is None or self.transport.is_closing():  # asyncio resolves the handshake as done
             raise ConnectionResetError("the client left during the TLS handshake")
 
-    def log_tls(self) -> None:
-        """`Anonymous TLS connection established from host[ip]: TLSv1.3 with cipher … (256/256 bits)`."""
+    def log_tls(self) -> ssl.SSLObject | None:
+        """`Anonymous TLS connection established from host[ip]: TLSv1.3 with cipher … (256/256 bits)`; the
+        connection's SSL object (None without TLS)."""
         ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
         if ssl_object is None:
-            return
+            return None
         name, version, bits = ssl_object.cipher() or ("", "", 0)
         self.record.lines.tls_established(self.session.client, ssl_object.version() or version, name, bits or 0)
+        return ssl_object
 
     # --- AUTH ---------------------------------------------------------------------------------------------
 

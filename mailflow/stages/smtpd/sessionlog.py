@@ -23,10 +23,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-END_OF_MESSAGE = "END-OF-MESSAGE"  # Postfix's "where" once the content's end was read
-
 from mailflow.logs import COMMAND_ORDER, SmtpdLog
 
+END_OF_MESSAGE = "END-OF-MESSAGE"  # Postfix's "where" once the content's end was read
 NOT_FINAL = (334, 354)  # replies that continue the command they answer
 _COUNTED = {name.upper(): name for name in COMMAND_ORDER if name != "unknown"}  # verb -> its name in the log
 
@@ -48,13 +47,16 @@ class SessionLog:
         if self.lines.active:
             self.lines.connect(self._client())
 
-    def command(self, verb: str | None) -> None:
-        """One more command; `verb` (upper case) None or one Postfix does not count by name: "unknown"."""
+    def command(self, verb: str | None, *, moves_where: bool = True) -> None:
+        """One more command; `verb` (upper case) None or one Postfix does not count by name: "unknown".
+        `moves_where` False: counted, but not where the session is (a command refused for want of STARTTLS:
+        Postfix's "lost connection after" names the last one that got past that check)."""
         name = _COUNTED.get(verb, "unknown") if verb is not None else "unknown"
         self.counts.setdefault(name, [0, 0])[1] += 1
         self._pending = name
-        self._content, self._message_ended = None, False
-        self.where = verb if verb is not None and name != "unknown" else "UNKNOWN"  # (Postfix's words)
+        if moves_where:
+            self._content, self._message_ended = None, False
+            self.where = verb if verb is not None and name != "unknown" else "UNKNOWN"  # (Postfix's words)
 
     def content(self, verb: str, size: Callable[[], int]) -> None:
         """DATA or BDAT content is being read; `size()`: its bytes so far (BDAT: every chunk's)."""
