@@ -1,7 +1,8 @@
 """cleanup: turns an accepted Submission into a queued message, durably.
 
 What it does, in order (Postfix cleanup(8)):
-1. assigns the queue id;
+1. assigns the queue id, and logs smtpd's `QID: client=` at once (Postfix logs it when the queue file is made,
+   so a message the checks below refuse or drop is still counted as received, as pflogsumm counts Postfix's);
 2. refuses a message that has looped (`hopcount_limit` Received headers, the one this host adds counted, as
    Postfix counts): 554 5.4.0 (Postfix's reply),
    and one whose header section is larger than `header_size_limit` bytes: 552 5.3.4 (a header flood never
@@ -34,7 +35,7 @@ What it does, in order (Postfix cleanup(8)):
 6. commits message, recipients and content in one group-committed transaction, with the message's after-queue
    content filter (`Submission.content_filter`, else [smtpd] content_filter; a FILTER action wins) and the
    client attributes the delivery agents get (`Submission.client_attributes`, as given);
-7. logs `received` and `queued`, and wakes qmgr; or, when a queue manager is attached (`attach_queue_manager`)
+7. logs pickup's `uid=`, `message-id=` and `queued`, and wakes qmgr; or, when a queue manager is attached (`attach_queue_manager`)
    and has room, commits the message straight into the active queue and hands it over (qmgr `reserve`,
    `hand_over`, `release`: no scan, no read of what was just written).
 Address mapping (canonical, masquerading, virtual) is skipped for a listener with receive_override_options
@@ -144,6 +145,7 @@ class Cleanup:
         """`hold`: commit it in the hold queue (an smtpd HOLD restriction), where qmgr leaves it alone. Raises
         ContentRejected when a content check refuses it; a discarded message gets its queue id, uncommitted."""
         queue_id = self._ids.next()
+        self._log_client(queue_id, sub)
         content_filter = self._content_filter if sub.content_filter is None else sub.content_filter
         if self._checks is not None and "no_header_body_checks" not in sub.overrides:
             found = await self._inspect(self._checks, queue_id, sub)
@@ -228,7 +230,18 @@ class Cleanup:
     def prepare(self, sub: Submission, *, rewrite: bool = True) -> NewMessage:
         """Everything but the commit: the queue id, the checks, the envelope rewriting and the headers.
         Raises PermanentError (MessageTooBig) or TemporaryError (LookupRetry)."""
-        return self._prepare(sub, self._ids.next(), rewrite)
+        queue_id = self._ids.next()
+        self._log_client(queue_id, sub)
+        return self._prepare(sub, queue_id, rewrite)
+
+    def _log_client(self, queue_id: QueueId, sub: Submission) -> None:
+        """smtpd's `QID: client=` as soon as the message has its queue id, before any check can refuse or drop it:
+        Postfix logs it when the queue file is made (the first accepted RCPT), so pflogsumm counts a message
+        rejected or discarded by the content checks as received too. None for pickup's and mail made here."""
+        c = sub.client
+        if sub.submitter is None and c.protocol != "local":
+            self._log.received(queue_id, f"{c.hostname}[{c.addr}]", sasl_method=c.sasl_method,
+                               sasl_username=c.sasl_username, sasl_sender=sub.client_attributes.sasl_sender)
 
     def _prepare(self, sub: Submission, queue_id: QueueId, rewrite: bool) -> NewMessage:
         now = self._clock.time()
@@ -296,19 +309,14 @@ class Cleanup:
         return msg if self._outbound is None else self._outbound.sign_notice(msg)
 
     def log_queued(self, msg: NewMessage, sub: Submission | None = None) -> None:
-        """The log lines of a committed message, in Postfix's order: who handed it over (smtpd's `client=`,
-        pickup's `uid=`; none for mail made here), its Message-ID, then qmgr's `from=` line."""
+        """The log lines of a committed message, in Postfix's order: pickup's `uid=` (smtpd's `client=` came with
+        the queue id), its Message-ID, then qmgr's `from=` line."""
         if not self._log.active:
             return
         head = msg.content.parts[0]  # the header section as prepare() wrote it
         assert isinstance(head, bytes)
         if sub is not None and sub.submitter is not None:
             self._log.picked_up(msg.queue_id, sub.submitter.uid, msg.sender)
-        elif sub is None or sub.client.protocol != "local":
-            client = sub.client if sub is not None else None
-            self._log.received(msg.queue_id, msg.client, sasl_method=client.sasl_method if client else "",
-                               sasl_username=client.sasl_username if client else "",
-                               sasl_sender=msg.client_attributes.sasl_sender)
         self._log.message_id(msg.queue_id, header_value(head, "message-id"))
         self._log.queued(msg.queue_id, msg.sender, msg.content.size, len(msg.recipients))
 

@@ -1,0 +1,185 @@
+"""Differential test of the mail log as pflogsumm and fail2ban read it: the same traffic through a private Postfix
+3.7 and through mailflow (its `[log] format = "text"` log in a file, as test_log_tools.py sets it up), then the
+lines each writes compared (queue ids, pids, dates and host names masked) and what the tools make of each log:
+pflogsumm's totals and tables, and the bans fail2ban-regex finds with the stock `postfix` filter in each mode.
+
+Traffic: a message relayed to a capture peer with a relay refusal and an unknown user beside it; one deferred
+(peer 4xx) that expires at once (queue lifetime 0) and one bounced (peer 5xx), each returning a notice; a HELO
+name and a sender refused; header_checks REJECT, HOLD and DISCARD; too many errors, a timeout and a lost
+connection.
+
+Not compared: pflogsumm's deferred and bounced totals (mailflow logs the last attempt of a message that expires
+as `status=bounced (message expired: …)`, Postfix as `status=deferred`), bytes and sender tables (each server's
+own header fields make the sizes differ).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from mailflow.config import LogConfig
+from mailflow.logs import setup_logging
+from tests.interop.test_smtp_faults_vs_postfix import ScriptedPeer
+from tests.support import SmtpClient, eventually, postfix_instance, require_tool, run_tool
+
+pytestmark = pytest.mark.interop
+
+SYSLOG_NAME = "postfix-mailflow"
+PF_HOST, MF_HOST = "pf.test", "mx.mailflow.test"
+HEADER_CHECKS = "/^Subject: hc-reject/ REJECT\n/^Subject: hc-hold/ HOLD\n/^Subject: hc-discard/ DISCARD\n"
+F2B_MODES = ("normal", "more", "aggressive", "auth", "ddos", "rbl", "errors")
+
+
+def peer_rcpt(address: str) -> bytes:
+    """The relay peer: def@ deferred, bnc@ refused, anyone else accepted."""
+    replies = {"def": b"450 4.2.0 mailbox busy", "bnc": b"550 5.1.1 no such user here"}
+    return replies.get(address.strip("<>").partition("@")[0], b"250 2.1.5 Ok") + b"\r\n"
+
+
+async def message(port: int, rcpts: list[str], subject: str, *, helo: str = "client.test",
+                  sender: str = "s@sender.test") -> list[int | None]:
+    """One session: the codes of MAIL, each RCPT, and DATA's end (when a recipient was accepted)."""
+    c = await SmtpClient.connect(port)
+    codes = [(await c.cmd(f"EHLO {helo}")).code, (await c.cmd(f"MAIL FROM:<{sender}>")).code]
+    codes += [(await c.cmd(f"RCPT TO:<{rcpt}>")).code for rcpt in rcpts]
+    if 250 in codes[2:]:
+        assert (await c.cmd("DATA")).code == 354
+        body = f"From: {sender}\r\nTo: {rcpts[0]}\r\nSubject: {subject}\r\n\r\n" + "x" * 500 + "\r\n."
+        codes.append((await c.cmd(body)).code)
+    assert (await c.cmd("QUIT")).code == 221
+    await c.close()
+    return codes
+
+
+async def errors(port: int) -> None:
+    """Unknown commands until the server hangs up (smtpd_hard_error_limit 3)."""
+    c = await SmtpClient.connect(port)
+    for _ in range(5):
+        try:
+            if (await c.cmd("FOO")).code is None:
+                break
+        except ConnectionError:
+            break
+    await c.close()
+
+
+async def timeout(port: int) -> None:
+    c = await SmtpClient.connect(port)
+    assert (await c.cmd("EHLO client.test")).code == 250
+    assert await c.closed(timeout=10)
+    await c.close()
+
+
+async def lost(port: int) -> None:
+    c = await SmtpClient.connect(port)
+    assert (await c.cmd("EHLO client.test")).code == 250
+    assert (await c.cmd("MAIL FROM:<s@sender.test>")).code == 250
+    await c.close()
+
+
+async def traffic(port: int) -> list:
+    """Every session, one after the other; what the server answered."""
+    got = [await message(port, ["ok@relay.test", "x@elsewhere.test", "nobody@relay.test"], "delivered"),
+           await message(port, ["def@relay.test"], "deferred"),
+           await message(port, ["bnc@relay.test"], "bounced"),
+           await message(port, ["ok@relay.test"], "bad helo", helo="bad_host!"),
+           await message(port, ["ok@relay.test"], "bad sender", sender="bad@sender.test"),
+           await message(port, ["ok@relay.test"], "hc-reject"),
+           await message(port, ["ok@relay.test"], "hc-hold"),
+           await message(port, ["ok@relay.test"], "hc-discard")]
+    await errors(port)
+    await lost(port)
+    await timeout(port)
+    return got
+
+
+@pytest.fixture
+def mail_log(tmp_path):
+    """mailflow's logging set up as `mailflow serve` does with `[log] file`, put back afterwards."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    path = tmp_path / "mail.log"
+    setup_logging(LogConfig(file=str(path), syslog_name=SYSLOG_NAME), MF_HOST)
+    yield path
+    for handler in root.handlers:
+        handler.close()
+    root.handlers[:], level = saved
+    root.setLevel(level)
+
+
+async def test_the_tools_read_both_logs_alike(mailflow_server, mail_log, tmp_path):
+    pflogsumm, fail2ban_regex = require_tool("pflogsumm"), require_tool("fail2ban-regex")
+    peer, sink = await ScriptedPeer({"RCPT": peer_rcpt}).start(), await ScriptedPeer({}).start()
+    folder = Path(tempfile.mkdtemp(prefix="mailflow-log-"))
+    os.chmod(folder, 0o755)
+    (folder / "header").write_text(HEADER_CHECKS)
+    transports = f"inline:{{relay.test=smtp:[127.0.0.1]:{peer.port}, sender.test=smtp:[127.0.0.1]:{sink.port}}}"
+    known = "inline:{ok@relay.test=ok, def@relay.test=ok, bnc@relay.test=ok}"
+    access = "inline:{bad@sender.test=REJECT}"
+    try:
+        async with postfix_instance({
+            "myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "mydestination": "", "relay_domains": "relay.test",
+            "relay_recipient_maps": known, "transport_maps": transports, "header_checks": f"regexp:{folder}/header",
+            "maximal_queue_lifetime": "0", "bounce_queue_lifetime": "0", "queue_run_delay": "1s",
+            "smtpd_helo_restrictions": "reject_invalid_helo_hostname",
+            "smtpd_sender_restrictions": f"check_sender_access {access}",
+            "smtpd_relay_restrictions": "reject_unauth_destination", "mynetworks": "192.0.2.0/24",
+            "smtpd_hard_error_limit": "3", "smtpd_error_sleep_time": "0", "smtpd_timeout": "2s",
+            "notify_classes": "",
+        }) as pf:
+            await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the probe that saw it listen
+            started = len(pf.maillog)
+            pf_replies = await traffic(pf.port)
+            await eventually(lambda: pf.maillog.count(": removed") >= 5, timeout=20)
+            pf_log = pf.maillog[started:]
+        mf = await mailflow_server(
+            myhostname=MF_HOST, mydestination=[], relay_domains=["relay.test"], relay_recipient_maps=[known],
+            transport_maps=[transports], mynetworks=["192.0.2.0/24"], smtp={"tls_security_level": "none"},
+            checks={"header_checks": [f"regexp:{folder}/header"]},
+            queue={"maximal_queue_lifetime": "0s", "bounce_queue_lifetime": "0s"},
+            smtpd={"helo_restrictions": ["reject_invalid_helo_hostname"],
+                   "sender_restrictions": [f"check_sender_access {access}"],
+                   "hard_error_limit": 3, "error_sleep_time": 0, "timeout": "2s"})
+        mf_replies = await traffic(mf.smtp_addresses[0][1])
+        await eventually(lambda: mail_log.read_text().count(": removed") >= 5, timeout=20)
+        await mf.stop()
+        mf_log = mail_log.read_text()
+    finally:
+        await peer.stop()
+        await sink.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+    assert mf_replies == pf_replies
+    pf_file, mf_file = tmp_path / "pf.log", tmp_path / "mf.log"
+    pf_file.write_text(pf_log)
+    mf_file.write_text(mf_log)
+    pf_sum, mf_sum = await summary(pflogsumm, pf_file), await summary(pflogsumm, mf_file)
+    assert {k: mf_sum[k] for k in COMPARED} == {k: pf_sum[k] for k in COMPARED}, (pf_log, mf_log)
+    assert pf_sum["received"] == 6 and pf_sum["rejected"] == 5  # (the traffic did what it is meant to)
+    for mode in F2B_MODES:
+        assert await bans(fail2ban_regex, mf_file, mode) == await bans(fail2ban_regex, pf_file, mode), mode
+
+
+COMPARED = ("received", "delivered", "rejected", "held", "discarded")
+
+
+async def summary(pflogsumm: str, log: Path) -> dict[str, int]:
+    """pflogsumm's grand totals: name -> count."""
+    rc, out = await run_tool(pflogsumm, f"--syslog-name={SYSLOG_NAME}", str(log))
+    assert rc == 0, out
+    return {name: int(count) for count, name in re.findall(r"^\s+(\d+)\s+(\w+)", out.split("Per-Hour")[0], re.M)}
+
+
+async def bans(fail2ban_regex: str, log: Path, mode: str) -> list[str]:
+    """What fail2ban's stock postfix filter in `mode` matches: the lines, their prefix and queue ids masked."""
+    rc, out = await run_tool(fail2ban_regex, "--print-all-matched", str(log), f"postfix[mode={mode}]")
+    assert rc == 0, out
+    matched = [re.sub(r"^.*?postfix-mailflow/\w+\[\d+\]: ", "", line[4:]) for line in out.splitlines()
+               if line.startswith("|  ") and SYSLOG_NAME in line]
+    return sorted(re.sub(r"^([0-9A-F]+|NOQUEUE): ", "QID: ", line) for line in matched)
