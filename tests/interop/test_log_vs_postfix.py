@@ -159,21 +159,30 @@ async def test_the_tools_read_both_logs_alike(mailflow_server, mail_log, tmp_pat
     pf_file, mf_file = tmp_path / "pf.log", tmp_path / "mf.log"
     pf_file.write_text(pf_log)
     mf_file.write_text(mf_log)
-    pf_sum, mf_sum = await summary(pflogsumm, pf_file), await summary(pflogsumm, mf_file)
+    (pf_sum, pf_sections), (mf_sum, mf_sections) = await summary(pflogsumm, pf_file), await summary(pflogsumm, mf_file)
     assert {k: mf_sum[k] for k in COMPARED} == {k: pf_sum[k] for k in COMPARED}, (pf_log, mf_log)
     assert pf_sum["received"] == 6 and pf_sum["rejected"] == 5  # (the traffic did what it is meant to)
+    assert {k: mf_sections[k] for k in SECTIONS} == {k: pf_sections[k] for k in SECTIONS}, (pf_log, mf_log)
     for mode in F2B_MODES:
         assert await bans(fail2ban_regex, mf_file, mode) == await bans(fail2ban_regex, pf_file, mode), mode
 
 
 COMPARED = ("received", "delivered", "rejected", "held", "discarded")
+SECTIONS = ("message reject detail", "message reject warning detail", "message hold detail", "message discard detail",
+            "Warnings", "Fatal Errors", "Panics")
 
 
-async def summary(pflogsumm: str, log: Path) -> dict[str, int]:
-    """pflogsumm's grand totals: name -> count."""
+async def summary(pflogsumm: str, log: Path) -> tuple[dict[str, int], dict[str, str]]:
+    """pflogsumm's grand totals (name -> count) and its sections (title -> text: "none", or the lines under
+    the title's underline)."""
     rc, out = await run_tool(pflogsumm, f"--syslog-name={SYSLOG_NAME}", str(log))
     assert rc == 0, out
-    return {name: int(count) for count, name in re.findall(r"^\s+(\d+)\s+(\w+)", out.split("Per-Hour")[0], re.M)}
+    totals = {name: int(count) for count, name in re.findall(r"^\s+(\d+)\s+(\w+)", out.split("Per-Hour")[0], re.M)}
+    sections = dict(re.findall(r"^(\S[^\n:]*?)(?:: (none)|\n-+\n)", out, re.M))
+    for title in sections:
+        if not sections[title]:
+            sections[title] = re.search(rf"^{re.escape(title)}\n-+\n(.*?)(?:\n\n|\Z)", out, re.M | re.S).group(1)
+    return totals, sections
 
 
 async def bans(fail2ban_regex: str, log: Path, mode: str) -> list[str]:

@@ -34,7 +34,7 @@ Failure behaviour: every refusal is an SMTP reply from `mailflow.status`. A mess
 is not queued; its reply comes from the one table `status.error_reply` (a cleanup refusal its own code and
 text, 451 4.3.1 for a full backlog or disk, 451 4.3.0 for a store fault or anything else) and one line is
 logged with the error's reason (mailflow.errors: the reason may name a table or a file, the reply never
-does), with a traceback only for an error that is not a store, I/O or delivery error (a probable bug). An
+does; a content check's REJECT is the line cleanup logs), with a traceback only for an error that is not a store, I/O or delivery error (a probable bug). An
 unexpected exception in another hook gets 451 4.3.0 and is logged; the session stays usable.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ from typing import Awaitable, Callable, Protocol
 from mailflow import address, status
 from mailflow.config import Config
 from mailflow.content import Spool
-from mailflow.errors import DeliveryError, LookupRetry, Overloaded
+from mailflow.errors import ContentRejected, DeliveryError, LookupRetry, Overloaded
 from mailflow.faults import EXPECTED, describe
 from mailflow.logs import printable
 from mailflow.model import Submission
@@ -400,7 +400,10 @@ def _bounded(memo: dict) -> dict:
 def _log_not_queued(client: str, error: BaseException, reply: status.Reply) -> None:
     """One line for a message from `client` (host[ip]) that was not queued: the error's reason (never shown to
     the client) and the reply; a traceback only for what is not a refusal, a full backlog nor a store or I/O
-    fault (a probable bug)."""
+    fault (a probable bug). None for a content check's REJECT: cleanup logged it (`QID: reject: header …`), the one
+    line Postfix writes for it (a second one, a warning, would be counted in pflogsumm's warnings)."""
+    if isinstance(error, ContentRejected):
+        return
     if isinstance(error, (DeliveryError, Overloaded)):
         log.warning("message from %s not queued: %s (%s)", client, _reason(error), reply)
     elif isinstance(error, EXPECTED):
