@@ -270,6 +270,25 @@ async def test_what_a_cached_session_defers_goes_on_to_the_next_peer(smtp_peer, 
     assert [m.rcpt_tos for m in backup.messages] == [["grey@example.test"]]
 
 
+async def test_a_soft_error_is_logged_on_its_own_line_only_when_another_peer_is_tried(smtp_peer, zone_resolver, caplog):
+    """Postfix's smtp_rcpt_fail logs `QID: host ... said: 4xx ...` for a server that is not the final one (the
+    recipient goes on to the next); at the final server the result line is the only one."""
+    primary = await smtp_peer("127.0.0.2")
+    backup = await smtp_peer("127.0.0.3", primary.port)
+    primary.handler.rcpt_replies = {"grey@example.test": "450 4.2.0 greylisted"}
+    resolver = zone_resolver(
+        "example.test. 300 IN MX 10 mx1.example.test.", "example.test. 300 IN MX 20 mx2.example.test.",
+        "mx1.example.test. 300 IN A 127.0.0.2", "mx2.example.test. 300 IN A 127.0.0.3",
+        "single.test. 300 IN MX 10 mx1.example.test.",
+    )
+    with caplog.at_level(logging.INFO, "mailflow.smtp"):
+        await deliver(make_transport(resolver, port=primary.port), make_request("example.test", "grey@example.test"))
+        await deliver(make_transport(resolver, port=primary.port), make_request("single.test", "grey@example.test"))
+    assert [r.getMessage() for r in caplog.records if "said:" in r.getMessage()] == [
+        "Q1: host mx1.example.test[127.0.0.2] said: 450 4.2.0 greylisted (in reply to RCPT TO command)"]
+    assert [m.rcpt_tos for m in backup.messages] == [["grey@example.test"]]
+
+
 async def test_a_temporary_failure_whose_next_peer_cannot_be_reached_gets_that_peers_failure(smtp_peer, zone_resolver):
     """As Postfix's left-over recipients: the last reason is the unreachable backup's; with no backup at all,
     the reply of the only peer stands."""

@@ -163,6 +163,7 @@ async def test_the_tools_read_both_logs_alike(mailflow_server, mail_log, tmp_pat
     assert {k: mf_sum[k] for k in COMPARED} == {k: pf_sum[k] for k in COMPARED}, (pf_log, mf_log)
     assert pf_sum["received"] == 6 and pf_sum["rejected"] == 5  # (the traffic did what it is meant to)
     assert {k: mf_sections[k] for k in SECTIONS} == {k: pf_sections[k] for k in SECTIONS}, (pf_log, mf_log)
+    assert agent_lines(mf_log, "smtp") == agent_lines(pf_log, "smtp")
     for mode in F2B_MODES:
         assert await bans(fail2ban_regex, mf_file, mode) == await bans(fail2ban_regex, pf_file, mode), mode
 
@@ -170,6 +171,15 @@ async def test_the_tools_read_both_logs_alike(mailflow_server, mail_log, tmp_pat
 COMPARED = ("received", "delivered", "rejected", "held", "discarded")
 SECTIONS = ("message reject detail", "message reject warning detail", "message hold detail", "message discard detail",
             "Warnings", "Fatal Errors", "Panics")
+
+
+def agent_lines(log: str, service: str) -> list[str]:
+    """A service's lines, without their prefix, queue ids, delays and each peer's port, and apart from the
+    result lines' status and text (not compared: see the module docstring): `to=<r>, relay=..., dsn=...`."""
+    lines = re.findall(rf"{SYSLOG_NAME}/{service}\[\d+\]: (.*)$", log, re.M)
+    lines = [re.sub(r"\b[0-9A-F]{10,16}\b", "QID", line) for line in lines]
+    lines = [re.sub(r"\]:\d+, delay=.*?dsn=", "], dsn=", line) for line in lines]
+    return sorted(re.sub(r"(dsn=[\d.]+), status=.*", r"\1", line) for line in lines)
 
 
 async def summary(pflogsumm: str, log: Path) -> tuple[dict[str, int], dict[str, str]]:

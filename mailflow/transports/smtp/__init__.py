@@ -32,7 +32,9 @@ STARTTLS (as the TLS policy requires it) or AUTH fails, for at most MX_ADDRESS_L
 message; a temporary failure there (a 4xx reply, a lost or timed-out dialogue) leaves the recipients it concerns
 to the next peer, as Postfix's smtp_rcpt_fail/smtp_mesg_fail do before the final server, for at most
 MX_SESSION_LIMIT (2) sessions per delivery (smtp_mx_session_limit); if no later peer takes a session they get
-its failure (none tried: the first session's answers stand). A 5xx is final wherever it comes from.
+its failure (none tried: the first session's answers stand). A 5xx is final wherever it comes from. Each reason
+left to the next peer is logged (`QID: host ... said: 4xx ...`, Postfix's line for a server that is not the final
+one) when that peer is tried, so the session that turns out to be the last logs only its results.
 A cached session for the next hop is used before any of that; one that
 turns out dead before MAIL FROM is answered is dropped and the delivery goes on a fresh connection, counting
 no failure. After a delivery the session is cached (RSET first only when a transaction is still open: a finished

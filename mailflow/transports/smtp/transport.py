@@ -151,8 +151,6 @@ class SmtpTransport:
             if not recipients or MX_SESSION_LIMIT <= 1:
                 return
             kept = outcomes.take_back(recipients)
-            for r in recipients:
-                log.info("%s: %s", request.queue_id, kept.results[r].text)
         dns_failures: list[DeliveryError] = []
         try:
             hosts = await exchangers(self._resolver, destination.nexthop, self._rng)
@@ -255,9 +253,15 @@ class SmtpTransport:
         those of looking up `candidates` so far."""
         peer_failure: DeliveryError | None = None
         sessions = 0 if kept is None else 1
-        # `kept`: temporary failures of a session that may not be the last
+        # `kept`: temporary failures of a session that may not be the last; `unlogged`: the same, logged (as
+        # Postfix logs a non-final server's soft errors) once another peer is tried, i.e. it was not the last
+        unlogged = kept
         async with aclosing(self._peers(candidates, destination.nexthop.port, used, dns_failures)) as peers:
             async for peer in peers:
+                if unlogged is not None:
+                    for r in recipients:
+                        log.info("%s: %s", request.queue_id, unlogged.results[r].text)
+                    unlogged = None
                 try:
                     session = await self._handshake.open(peer, destination, request.queue_id, request.queued_for)
                 except SiteFailure as e:
@@ -279,8 +283,7 @@ class SmtpTransport:
                     return
                 # Postfix: a soft error at a server that is not the final one: the next one gets these recipients
                 kept, recipients, peer_failure = outcomes.take_back(deferred), deferred, None
-                for r in deferred:
-                    log.info("%s: %s", request.queue_id, kept.results[r].text)
+                unlogged = kept
         if kept is not None and peer_failure is None:
             outcomes.restore(kept)  # that session was the last after all
             return
