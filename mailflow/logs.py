@@ -10,7 +10,9 @@ What it owns
   pickup's `QID: uid=N from=<s>`),
   message-id (cleanup), queued (`from=<s>, size=N, nrcpt=N (queue active)`), sent / deferred / bounced
   (`to=<r>, relay=…, delay=…, dsn=…, status=… (text)`; the event's fields also name the transport), expired
-  (qmgr's `from=<s>, status=expired, returned to sender`), notice, removed, corrupt. Nothing else writes to the `mailflow.mail` logger. `MailLog(observer=f)` also hands each
+  (qmgr's `from=<s>, status=expired, returned to sender`, after the attempt's `status=deferred` lines: the
+  recipients it returns, `bounced` "message expired: …", go to the observer only, as Postfix logs no line for
+  them), notice, removed, corrupt. Nothing else writes to the `mailflow.mail` logger. `MailLog(observer=f)` also hands each
   event to `f(queue_id, event, fields)` (the capture server's queue histories; metrics), after the line is
   logged; an observer that raises is logged once per event and changes nothing else.
 - `SmtpdLog`: smtpd's session events, in Postfix smtpd's words: `connect from host[ip]`, `disconnect from
@@ -78,10 +80,11 @@ class MailLog:
         return self._observer is not None or self._log.isEnabledFor(logging.INFO)
 
     def _emit(self, queue_id: str, event: str, line: str, *, service: str, level: int = logging.INFO,
-              **fields) -> None:
+              logged: bool = True, **fields) -> None:
         fields = {k: printable(v) if isinstance(v, str) else v for k, v in fields.items()}
-        self._log.log(level, "%s: %s", queue_id, printable(line),
-                      extra={"queue_id": queue_id, "event": event, "fields": fields, "service": service})
+        if logged:
+            self._log.log(level, "%s: %s", queue_id, printable(line),
+                          extra={"queue_id": queue_id, "event": event, "fields": fields, "service": service})
         if self._observer is not None:
             try:
                 self._observer(queue_id, event, fields)
@@ -113,8 +116,11 @@ class MailLog:
             self._emit(queue_id, "queued", f"from=<{sender}>, size={size}, nrcpt={nrcpt} (queue active)",
                        service="qmgr", sender=sender, size=size, nrcpt=nrcpt)
 
-    def result(self, queue_id: str, result: RcptResult, delay: float) -> None:
-        if not self.active:
+    def result(self, queue_id: str, result: RcptResult, delay: float, *, logged: bool = True) -> None:
+        """One recipient's result line; with `logged` false the observer alone is told (a recipient returned for
+        its age: Postfix logs the attempt's `status=deferred` line and qmgr's `status=expired` line, no
+        `status=bounced`, and pflogsumm counts those)."""
+        if not (self.active if logged else self._observer is not None):
             return
         status = _RESULT_STATUS[result.outcome]
         named = result.named
@@ -124,7 +130,7 @@ class MailLog:
         self._emit(queue_id, status,
                    f"to=<{to}>{orig}, relay={result.relay}, delay={delay:.2f}, dsn={result.dsn}, "
                    f"status={status} ({result.text})", service=_delivery_service(result.relay),
-                   to=to, relay=result.relay, delay=round(delay, 3), dsn=result.dsn, status=status,
+                   logged=logged, to=to, relay=result.relay, delay=round(delay, 3), dsn=result.dsn, status=status,
                    reason=result.text, transport=result.transport)
 
     def expired(self, queue_id: str, sender: str) -> None:

@@ -592,8 +592,7 @@ class QueueManager:
                          noticed=tuple(r.recipient.index for r in active.owed))
         await self._writes.run(lambda: self._store.finish(done, [n for _, n in notices], results=last),
                                f"{msg.queue_id}: recording the end of the attempt")
-        logged = [r for r in last if not (expired and r.outcome is Outcome.DEFERRED)] + expired
-        self._log_end(msg, logged, notices, retry_at, now, expired=bool(expired))
+        self._log_end(msg, last, notices, retry_at, now, expired=expired)
         if notices:  # new mail queued with the end of the attempt: the next scan takes it
             self._wakeup.set()
         if retry_at is not None and retry_at < self._next_scan:
@@ -616,15 +615,19 @@ class QueueManager:
         return self._notices.for_attempt(active.message, results, original=original, now=now, warn_delay=warn,
                                          retry_until=retry_until)
 
-    def _log_end(self, msg: QueuedMessage, results, notices, retry_at, now: float, *, expired: bool) -> None:
-        """The results (those returned for their age as bounced, "message expired: …": the metrics and the
-        capture histories count them as final), then for a message past its lifetime Postfix's qmgr line,
-        `from=<s>, status=expired, returned to sender`, which log tools count as returned."""
+    def _log_end(self, msg: QueuedMessage, results, notices, retry_at, now: float, *,
+                 expired: list[RcptResult]) -> None:
+        """The results as the agents gave them (deferred ones too, as Postfix logs them), then for a message past
+        its lifetime Postfix's qmgr line, `from=<s>, status=expired, returned to sender`, which log tools count as
+        returned; the recipients it returns (bounced, "message expired: …": the metrics and the capture histories
+        count them as final) are told to the observers without a line of their own, as Postfix writes none."""
         for result in results:
             self._log.result(msg.queue_id, result, now - msg.arrival)
         if expired:
             self._log.expired(msg.queue_id, msg.sender)
-        if self._notices is not None and self._notices.discards(msg, results):
+        for result in expired:
+            self._log.result(msg.queue_id, result, now - msg.arrival, logged=False)
+        if self._notices is not None and self._notices.discards(msg, [*results, *expired]):
             self._log.notice_discarded(msg.queue_id)
         for notice, queued in notices:
             self._log.notice(msg.queue_id, notice.kind, queued.queue_id, postmaster=notice.postmaster_copy)
