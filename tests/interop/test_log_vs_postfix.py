@@ -164,6 +164,7 @@ async def test_the_tools_read_both_logs_alike(mailflow_server, mail_log, tmp_pat
     assert pf_sum["received"] == 6 and pf_sum["rejected"] == 5  # (the traffic did what it is meant to)
     assert {k: mf_sections[k] for k in SECTIONS} == {k: pf_sections[k] for k in SECTIONS}, (pf_log, mf_log)
     assert agent_lines(mf_log, "smtp") == agent_lines(pf_log, "smtp")
+    assert agent_lines(mf_log, "cleanup") == agent_lines(pf_log, "cleanup")
     assert agent_lines(mf_log, "qmgr").count("QID: from=<s@sender.test>, status=expired, returned to sender") == 1
     for mode in F2B_MODES:
         assert await bans(fail2ban_regex, mf_file, mode) == await bans(fail2ban_regex, pf_file, mode), mode
@@ -177,7 +178,8 @@ SECTIONS = ("message deferral detail", "message bounce detail (by relay)", "mess
 def agent_lines(log: str, service: str) -> list[str]:
     """A service's lines, without their prefix, queue ids and delays."""
     lines = re.findall(rf"{SYSLOG_NAME}/{service}\[\d+\]: (.*)$", log, re.M)
-    lines = [re.sub(r"\b[0-9A-F]{10,16}\b", "QID", line) for line in lines]
+    lines = [re.sub(r"\b[0-9A-F]{10,16}\b", "QID", re.sub(r"message-id=<.*>$", "message-id=<ID>", line))
+             for line in lines]
     return sorted(re.sub(r", delay=.*?dsn=", ", dsn=", line) for line in lines)
 
 

@@ -32,7 +32,9 @@ The loop
   clears the flags, and removes the message or defers it to
   `now + clamp(age, minimal_backoff_time, maximal_backoff_time)` plus up to 10 % jitter, all in one
   transaction. A message still pending after `maximal_queue_lifetime` (`bounce_queue_lifetime` for null-sender
-  mail) is returned: its pending recipients count as bounced. After `delay_warning_time` the sender gets one
+  mail) is returned: its pending recipients count as bounced (the log, as Postfix's, has the attempt's
+  `status=deferred` lines and one `status=expired, returned to sender`). Each notice queued is logged as
+  Postfix's are: its `message-id=`, the `sender non-delivery notification: QID` line, its `from=<>` line. After `delay_warning_time` the sender gets one
   "delayed" notice. A message whose recipients were all recorded before a crash has no pending recipient when it
   is scanned again after the start; its scan finishes it.
 - A reload (`reconfigure`) hands qmgr a new resolver, transports and [queue] settings: what is admitted or
@@ -86,6 +88,7 @@ from mailflow.clock import Clock
 from mailflow.content import Content
 from mailflow.faults import FIRST_DELAY, MAX_DELAY, Guard, Retrier
 from mailflow.logs import MailLog
+from mailflow.message import header_value
 from mailflow.model import (Delivered, DeliveryReport, DeliveryRequest, NewMessage, Outcome, QueuedMessage,
                             RcptResult, Recipient, Resolution)
 from mailflow.stages.bounce import EXPIRED, wants_notice
@@ -629,7 +632,10 @@ class QueueManager:
             self._log.result(msg.queue_id, result, now - msg.arrival, logged=False)
         if self._notices is not None and self._notices.discards(msg, [*results, *expired]):
             self._log.notice_discarded(msg.queue_id)
-        for notice, queued in notices:
+        for notice, queued in notices:  # (cleanup's message-id line first, as Postfix's bounce(8) has it written)
+            head = queued.content.parts[0]
+            if self._log.active and isinstance(head, bytes):
+                self._log.message_id(queued.queue_id, header_value(head, "message-id"))
             self._log.notice(msg.queue_id, notice.kind, queued.queue_id, postmaster=notice.postmaster_copy)
             self._log.queued(queued.queue_id, queued.sender, queued.content.size, len(queued.recipients))
         if retry_at is None:
