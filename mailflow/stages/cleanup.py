@@ -35,9 +35,9 @@ What it does, in order (Postfix cleanup(8)):
 6. commits message, recipients and content in one group-committed transaction, with the message's after-queue
    content filter (`Submission.content_filter`, else [smtpd] content_filter; a FILTER action wins) and the
    client attributes the delivery agents get (`Submission.client_attributes`, as given);
-7. logs pickup's `uid=`, `message-id=` and `queued`, and wakes qmgr; or, when a queue manager is attached (`attach_queue_manager`)
-   and has room, commits the message straight into the active queue and hands it over (qmgr `reserve`,
-   `hand_over`, `release`: no scan, no read of what was just written).
+7. logs pickup's `uid=`, `message-id=` and `queued`, and wakes qmgr; or, when a queue manager is attached
+   (`attach_queue_manager`) and has room, commits the message straight into the active queue and hands it over
+   (qmgr `reserve`, `hand_over`, `release`: no scan, no read of what was just written).
 Address mapping (canonical, masquerading, virtual) is skipped for a listener with receive_override_options
 no_address_mappings; header addresses are still qualified there, as Postfix does.
 `submit()` returns the queue id only after the commit is on disk: that is when smtpd may say 250.

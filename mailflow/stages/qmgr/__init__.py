@@ -34,7 +34,8 @@ The loop
   transaction. A message still pending after `maximal_queue_lifetime` (`bounce_queue_lifetime` for null-sender
   mail) is returned: its pending recipients count as bounced (the log, as Postfix's, has the attempt's
   `status=deferred` lines and one `status=expired, returned to sender`). Each notice queued is logged as
-  Postfix's are: its `message-id=`, the `sender non-delivery notification: QID` line, its `from=<>` line. After `delay_warning_time` the sender gets one
+  Postfix's are: its `message-id=`, the `sender non-delivery notification: QID` line, its `from=<>` line.
+  After `delay_warning_time` the sender gets one
   "delayed" notice. A message whose recipients were all recorded before a crash has no pending recipient when it
   is scanned again after the start; its scan finishes it.
 - A reload (`reconfigure`) hands qmgr a new resolver, transports and [queue] settings: what is admitted or

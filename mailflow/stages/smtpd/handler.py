@@ -34,7 +34,8 @@ Failure behaviour: every refusal is an SMTP reply from `mailflow.status`. A mess
 is not queued; its reply comes from the one table `status.error_reply` (a cleanup refusal its own code and
 text, 451 4.3.1 for a full backlog or disk, 451 4.3.0 for a store fault or anything else) and one line is
 logged with the error's reason (mailflow.errors: the reason may name a table or a file, the reply never
-does; a content check's REJECT is the line cleanup logs), with a traceback only for an error that is not a store, I/O or delivery error (a probable bug). An
+does; a content check's REJECT is the line cleanup logs), with a traceback only for an error that is not a
+store, I/O or delivery error (a probable bug). An
 unexpected exception in another hook gets 451 4.3.0 and is logged; the session stays usable.
 """
 from __future__ import annotations
