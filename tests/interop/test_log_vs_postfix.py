@@ -6,13 +6,25 @@ pflogsumm's totals and tables, and the bans fail2ban-regex finds with the stock 
 Traffic: a message relayed to a capture peer with a relay refusal and an unknown user beside it; one deferred
 (peer 4xx) that expires at once (queue lifetime 0) and one bounced (peer 5xx), each returning a notice; a HELO
 name and a sender refused; header_checks REJECT, HOLD and DISCARD; too many errors, a timeout and a lost
-connection.
+connection. Then, against one private Dovecot answering both servers' AUTH, failed and aborted logins.
 
-Not compared: pflogsumm's bytes and sender tables (each server's own header fields make the sizes differ).
+Compared: pflogsumm's totals (received, delivered, deferred, bounced, rejected, held, discarded) and its
+deferral, bounce, reject, hold, discard, warning, fatal and panic sections; fail2ban's matched lines in every mode
+of the stock `postfix` filter; the lines of smtp and cleanup. Not compared:
+- pflogsumm's bytes and per-sender/recipient tables: each server's own header fields make the sizes differ, and
+  mailflow logs qmgr's `from=<s>, size=N, nrcpt=N (queue active)` for a message it puts on hold at once, where
+  Postfix writes that line only when the message is released into the active queue (so mailflow counts a held
+  message's size and sender once more);
+- `NOQUEUE: reject: RCPT …` after an accepted recipient, where Postfix names the queue id (mailflow gives it at
+  the end of DATA, docs/security.md): pflogsumm and fail2ban count both alike (the bans are compared with the
+  queue id masked);
+- `improper command pipelining after CONNECT`: whether input sent with the connection is seen before the greeting
+  is a race for both servers.
 """
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import re
@@ -25,7 +37,7 @@ import pytest
 from mailflow.config import LogConfig
 from mailflow.logs import setup_logging
 from tests.interop.test_smtp_faults_vs_postfix import ScriptedPeer
-from tests.support import SmtpClient, eventually, postfix_instance, require_tool, run_tool
+from tests.support import SmtpClient, dovecot_instance, eventually, postfix_instance, require_tool, run_tool
 
 pytestmark = pytest.mark.interop
 
@@ -166,12 +178,14 @@ async def test_the_tools_read_both_logs_alike(mailflow_server, mail_log, tmp_pat
     assert agent_lines(mf_log, "smtp") == agent_lines(pf_log, "smtp")
     assert agent_lines(mf_log, "cleanup") == agent_lines(pf_log, "cleanup")
     assert agent_lines(mf_log, "qmgr").count("QID: from=<s@sender.test>, status=expired, returned to sender") == 1
-    for mode in F2B_MODES:
-        assert await bans(fail2ban_regex, mf_file, mode) == await bans(fail2ban_regex, pf_file, mode), mode
+    found = {mode: await bans(fail2ban_regex, pf_file, mode) for mode in F2B_MODES}
+    assert {mode: await bans(fail2ban_regex, mf_file, mode) for mode in F2B_MODES} == found
+    assert (len(found["normal"]), len(found["aggressive"])) == (3, 4)  # (what Postfix's log gives)
 
 
 COMPARED = ("received", "delivered", "deferred", "bounced", "rejected", "held", "discarded")
-SECTIONS = ("message deferral detail", "message bounce detail (by relay)", "message reject detail", "message reject warning detail", "message hold detail", "message discard detail",
+SECTIONS = ("message deferral detail", "message bounce detail (by relay)", "message reject detail",
+            "message reject warning detail", "message hold detail", "message discard detail",
             "Warnings", "Fatal Errors", "Panics")
 
 
@@ -200,6 +214,49 @@ async def bans(fail2ban_regex: str, log: Path, mode: str) -> list[str]:
     """What fail2ban's stock postfix filter in `mode` matches: the lines, their prefix and queue ids masked."""
     rc, out = await run_tool(fail2ban_regex, "--print-all-matched", str(log), f"postfix[mode={mode}]")
     assert rc == 0, out
-    matched = [re.sub(r"^.*?postfix-mailflow/\w+\[\d+\]: ", "", line[4:]) for line in out.splitlines()
-               if line.startswith("|  ") and SYSLOG_NAME in line]
+    section = out.partition("|- Matched line(s):\n")[2].partition("\n`-")[0]  # (not the missed lines after it)
+    matched = [re.sub(r"^.*?postfix-mailflow/\w+\[\d+\]: ", "", line[4:]) for line in section.splitlines()]
     return sorted(re.sub(r"^([0-9A-F]+|NOQUEUE): ", "QID: ", line) for line in matched)
+
+
+async def auth_failures(port: int) -> list[int | None]:
+    """Two failed logins (PLAIN, then LOGIN) and an aborted one, in one session; the codes."""
+    c = await SmtpClient.connect(port)
+    codes = [(await c.cmd("EHLO client.test")).code]
+    plain = base64.b64encode(b"\0alice@example.test\0wrong").decode()
+    codes.append((await c.cmd(f"AUTH PLAIN {plain}")).code)
+    codes.append((await c.cmd("AUTH LOGIN " + base64.b64encode(b"bob@example.test").decode())).code)
+    codes.append((await c.cmd(base64.b64encode(b"wrong").decode())).code)
+    codes.append((await c.cmd("AUTH LOGIN")).code)
+    codes.append((await c.cmd("*")).code)
+    codes.append((await c.cmd("QUIT")).code)
+    await c.close()
+    return codes
+
+
+async def test_fail2ban_finds_the_same_sasl_failures_in_both_logs(mailflow_server, mail_log, tmp_path):
+    """The same Dovecot answers both servers' AUTH (plaintext on loopback: Postfix's smtpd_tls_auth_only = no)."""
+    fail2ban_regex = require_tool("fail2ban-regex")
+    with dovecot_instance() as dovecot:
+        async with postfix_instance({
+            "myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "mydestination": "", "smtpd_sasl_auth_enable": "yes",
+            "smtpd_sasl_type": "dovecot", "smtpd_sasl_path": str(dovecot.auth_socket),
+        }) as pf:
+            await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the probe that saw it listen
+            started = len(pf.maillog)
+            pf_replies = await auth_failures(pf.port)
+            await eventually(lambda: pf.maillog.count(": disconnect from") == 2, timeout=10)
+            pf_log = pf.maillog[started:]
+        mf = await mailflow_server(myhostname=MF_HOST, smtpd={
+            "sasl_auth_enable": True, "sasl_type": "dovecot", "sasl_path": str(dovecot.auth_socket),
+            "allow_plaintext_auth_on_loopback": True, "auth_failure_delay": 0})
+        mf_replies = await auth_failures(mf.smtp_addresses[0][1])
+        await mf.stop()
+        mf_log = mail_log.read_text()
+    pf_file, mf_file = tmp_path / "pf.log", tmp_path / "mf.log"
+    pf_file.write_text(pf_log)
+    mf_file.write_text(mf_log)
+    assert mf_replies == pf_replies == [250, 535, 334, 535, 334, 501, 221]
+    found = {mode: await bans(fail2ban_regex, pf_file, mode) for mode in F2B_MODES}
+    assert {mode: await bans(fail2ban_regex, mf_file, mode) for mode in F2B_MODES} == found
+    assert len(found["auth"]) == 2  # (what Postfix's log gives)
