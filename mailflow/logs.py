@@ -19,7 +19,8 @@ What it owns
   host[ip] ehlo=1 mail=1 … commands=N`, `NOQUEUE: reject: RCPT from host[ip]: 554 5.7.1 …; from=<s> to=<r>
   proto=ESMTP helo=<h>`, `Anonymous TLS connection established from …`, `warning: host[ip]: SASL PLAIN
   authentication failed: …` (and `… authentication aborted`), `too many errors after CMD from …`, `improper
-  command pipelining after CMD from …`, `warning: Illegal address syntax from … in CMD command: …`.
+  command pipelining after CMD from …: <input>` (the input as Postfix's escape(3) writes it: `\\r\\n`),
+  `warning: Illegal address syntax from … in CMD command: …`.
 - `setup_logging(log_config, hostname)`: `[log] format = "text"` writes syslog-style lines,
   `TIMESTAMP HOST SYSLOG_NAME/SERVICE[PID]: [warning: ]TEXT` (RFC 3339 time, `syslog_name` default
   "postfix-mailflow", the service being the stage: smtpd, cleanup, qmgr, smtp, local, pipe, pickup, master…);
@@ -60,6 +61,15 @@ def printable(text: object, replacement: str = "?") -> str:
     if s.isprintable():
         return s
     return "".join(c if c.isprintable() else replacement for c in s)
+
+
+_ESCAPES = {7: "\\a", 8: "\\b", 9: "\\t", 10: "\\n", 11: "\\v", 12: "\\f", 13: "\\r", 92: "\\\\"}
+
+
+def escaped(data: bytes) -> str:
+    """Postfix's escape(3), which smtpd applies to the input it quotes: printable ASCII as it is (a backslash
+    doubled), \\r \\n \\t … for those controls, \\ooo (octal) for any other byte."""
+    return "".join(_ESCAPES.get(b) or (chr(b) if 32 <= b < 127 else f"\\{b:03o}") for b in data)
 
 
 def client_name(hostname: str, addr: str) -> str:
@@ -256,7 +266,7 @@ class SmtpdLog:
     def improper_pipelining(self, after: str, client: str, pending: bytes) -> None:
         if not self.active:
             return
-        text = pending[:100].decode("utf-8", "replace")
+        text = escaped(pending[:100])  # (as Postfix quotes it: `MAIL FROM:<a@b>\\r\\n`)
         self._emit(logging.INFO, "pipelining", f"improper command pipelining after {after} from {client}: {text}",
                    after=after, client=client, pending=text)
 

@@ -5,8 +5,8 @@ pflogsumm's totals and tables, and the bans fail2ban-regex finds with the stock 
 
 Traffic: a message relayed to a capture peer with a relay refusal and an unknown user beside it; one deferred
 (peer 4xx) that expires at once (queue lifetime 0) and one bounced (peer 5xx), each returning a notice; a HELO
-name and a sender refused; header_checks REJECT, HOLD and DISCARD; too many errors, a timeout and a lost
-connection. Then, against one private Dovecot answering both servers' AUTH, failed and aborted logins.
+name and a sender refused; header_checks REJECT, HOLD and DISCARD; too many errors, improper pipelining after
+HELO, a timeout and a lost connection. Then, against one private Dovecot answering both servers' AUTH, failed and aborted logins.
 
 Compared: pflogsumm's totals (received, delivered, deferred, bounced, rejected, held, discarded) and its
 deferral, bounce, reject, hold, discard, warning, fatal and panic sections; fail2ban's matched lines in every mode
@@ -80,6 +80,14 @@ async def errors(port: int) -> None:
     await c.close()
 
 
+async def pipelining(port: int) -> None:
+    """MAIL sent with HELO, before its reply (smtpd_forbid_unauth_pipelining: after HELO nothing may be)."""
+    c = await SmtpClient.connect(port)
+    await c.send(b"HELO client.test\r\nMAIL FROM:<s@sender.test>\r\n")
+    assert await c.closed()
+    await c.close()
+
+
 async def timeout(port: int) -> None:
     c = await SmtpClient.connect(port)
     assert (await c.cmd("EHLO client.test")).code == 250
@@ -105,6 +113,7 @@ async def traffic(port: int) -> list:
            await message(port, ["ok@relay.test"], "hc-hold"),
            await message(port, ["ok@relay.test"], "hc-discard")]
     await errors(port)
+    await pipelining(port)
     await lost(port)
     await timeout(port)
     return got
@@ -142,7 +151,7 @@ async def test_the_tools_read_both_logs_alike(mailflow_server, mail_log, tmp_pat
             "smtpd_sender_restrictions": f"check_sender_access {access}",
             "smtpd_relay_restrictions": "reject_unauth_destination", "mynetworks": "192.0.2.0/24",
             "smtpd_hard_error_limit": "3", "smtpd_error_sleep_time": "0", "smtpd_timeout": "2s",
-            "notify_classes": "",
+            "notify_classes": "", "smtpd_forbid_unauth_pipelining": "yes",
         }) as pf:
             await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the probe that saw it listen
             started = len(pf.maillog)
@@ -177,10 +186,12 @@ async def test_the_tools_read_both_logs_alike(mailflow_server, mail_log, tmp_pat
     assert {k: mf_sections[k] for k in SECTIONS} == {k: pf_sections[k] for k in SECTIONS}, (pf_log, mf_log)
     assert agent_lines(mf_log, "smtp") == agent_lines(pf_log, "smtp")
     assert agent_lines(mf_log, "cleanup") == agent_lines(pf_log, "cleanup")
+    assert [line for line in agent_lines(mf_log, "smtpd") if "pipelining" in line] == [
+        line for line in agent_lines(pf_log, "smtpd") if "pipelining" in line]
     assert agent_lines(mf_log, "qmgr").count("QID: from=<s@sender.test>, status=expired, returned to sender") == 1
     found = {mode: await bans(fail2ban_regex, pf_file, mode) for mode in F2B_MODES}
     assert {mode: await bans(fail2ban_regex, mf_file, mode) for mode in F2B_MODES} == found
-    assert (len(found["normal"]), len(found["aggressive"])) == (3, 4)  # (what Postfix's log gives)
+    assert (len(found["normal"]), len(found["aggressive"])) == (4, 5)  # (what Postfix's log gives)
 
 
 COMPARED = ("received", "delivered", "deferred", "bounced", "rejected", "held", "discarded")

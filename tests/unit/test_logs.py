@@ -6,8 +6,8 @@ import logging
 import re
 
 from mailflow.config import LogConfig
-from mailflow.logs import (JsonFormatter, MailLog, SmtpdLog, SyslogFormatter, command_stats, printable, service_of,
-                           setup_logging)
+from mailflow.logs import (JsonFormatter, MailLog, SmtpdLog, SyslogFormatter, command_stats, escaped, printable,
+                           service_of, setup_logging)
 
 
 def test_printable_replaces_what_a_terminal_would_obey():
@@ -90,3 +90,8 @@ def test_setup_logging_writes_the_named_file(tmp_path):
             handler.close()
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+
+
+def test_quoted_input_is_escaped_as_postfix_escape_3_writes_it():
+    assert escaped(b"MAIL FROM:<a@b>\r\n") == "MAIL FROM:<a@b>\\r\\n"
+    assert escaped(b"a\\b\t\x00\x1b\x7f\xc3\xa9") == "a\\\\b\\t\\000\\033\\177\\303\\251"
