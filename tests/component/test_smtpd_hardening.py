@@ -487,6 +487,21 @@ async def test_nothing_sent_after_a_closing_refusal_is_taken(mailflow_server, tm
     assert await mf.store.counts() == {} and alice_mail(tmp_path) == []
 
 
+async def test_improper_pipelining_is_logged_once_even_when_it_is_not_refused(mailflow_server, caplog):
+    # Postfix's smtpd_flag_ill_pipelining logs the first violation of a session whatever
+    # smtpd_forbid_unauth_pipelining says (which only decides the 554): fail2ban's postfix filter bans on it
+    mf = await mailflow_server(smtpd={"forbid_unauth_pipelining": False})
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    await c.send(b"HELO client.test\r\nMAIL FROM:<a@remote.test>\r\n")
+    assert [(await c.reply()).code, (await c.reply()).code] == [250, 250]
+    await c.send(b"RSET\r\nNOOP\r\n")
+    assert [(await c.reply()).code, (await c.reply()).code] == [250, 250]
+    await c.close()
+    lines = [r.getMessage() for r in caplog.records if "improper command pipelining" in r.getMessage()]
+    assert lines == [f"improper command pipelining after HELO from {LOOPBACK_CLIENT}: MAIL FROM:<a@remote.test>\\r\\n"]
+
+
 async def test_an_unknown_command_is_not_taken_for_one_that_is_not_smtp(mailflow_server):
     mf = await mailflow_server()
     c = await SmtpClient.connect(mf.smtp_addresses[0][1])

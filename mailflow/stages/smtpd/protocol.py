@@ -185,6 +185,7 @@ class ProtocolCore(SMTP):
         self._in_hello = False  # HELO/EHLO replies carry no enhanced codes (RFC 2034)
         self._errors = 0
         self._junk = 0
+        self._ill_pipelining = False  # logged once a session, refused or not (Postfix's SMTPD_FLAG_ILL_PIPELINING)
         self._greeted_at = 0.0
         self._data_started: float | None = None  # loop time DATA/BDAT content began, for the rate deadline
         self._data_bytes = 0
@@ -450,8 +451,7 @@ class ProtocolCore(SMTP):
             await asyncio.sleep(0)  # the transport reads it first: a close with input unread would reset the client
         await self.push(status.greeting(self.hostname, self._banner))
         self._greeted_at = self.loop.time()
-        if early and self._limits.forbid_unauth_pipelining:
-            self.record.lines.improper_pipelining("CONNECT", self.session.client, self._wire.peek())
+        if early and self._flag_ill_pipelining("CONNECT", self._wire.peek()):
             await self._refuse_and_close(status.protocol_sync(self.hostname))
             return
         while self._taking_commands():
@@ -534,8 +534,7 @@ class ProtocolCore(SMTP):
             self.record.lines.non_smtp_command(self.session.client, line)
             await self._refuse_and_close(status.NON_SMTP_COMMAND)
             return
-        if self._out_of_sync(command):
-            self.record.lines.improper_pipelining(command, self.session.client, self.wire.peek())
+        if self._out_of_sync(command) and self._flag_ill_pipelining(command, self.wire.peek()):
             await self._refuse_and_close(status.protocol_sync(self.hostname))
             return
         arg = arg_bytes.strip().decode("utf-8") if arg_bytes.strip() else None
@@ -545,10 +544,20 @@ class ProtocolCore(SMTP):
         """Postfix's smtpd_forbid_cmds, and its rule for a command that looks like a message header."""
         return command in self._limits.forbid_cmds or _HEADER_NAME.match(command) is not None
 
+    def _flag_ill_pipelining(self, after: str, pending: bytes) -> bool:
+        """A pipelining violation: logged the first time in a session whether or not it is refused (Postfix's
+        smtpd_flag_ill_pipelining, which fail2ban's filter matches); True when it is to be refused
+        (smtpd_forbid_unauth_pipelining)."""
+        if not self._ill_pipelining:
+            self._ill_pipelining = True
+            self.record.lines.improper_pipelining(after, self.session.client, pending)
+        return self._limits.forbid_unauth_pipelining
+
     def _out_of_sync(self, command: str) -> bool:
         """RFC 2920 pipelining rules (smtpd_forbid_unauth_pipelining): input must not already be waiting after
-        a command that ends a group, nor after any command of a client that did not say EHLO."""
-        if not self._limits.forbid_unauth_pipelining or not self.wire.pending():
+        a command that ends a group, nor after any command of a client that did not say EHLO. Not asked again once
+        a violation is logged (Postfix)."""
+        if self._ill_pipelining or not self.wire.pending():
             return False
         if command == "QUIT":
             return False
