@@ -12,9 +12,9 @@ What it owns
   (`to=<r>, relay=…, delay=…, dsn=…, status=… (text)`; the event's fields also name the transport), expired
   (qmgr's `from=<s>, status=expired, returned to sender`, after the attempt's `status=deferred` lines: the
   recipients it returns, `bounced` "message expired: …", go to the observer only, as Postfix logs no line for
-  them), notice, removed, corrupt. Nothing else writes to the `mailflow.mail` logger. `MailLog(observer=f)` also hands each
-  event to `f(queue_id, event, fields)` (the capture server's queue histories; metrics), after the line is
-  logged; an observer that raises is logged once per event and changes nothing else.
+  them), notice, removed, corrupt. Nothing else writes to the `mailflow.mail` logger. `MailLog(observer=f)`
+  also hands each event to `f(queue_id, event, fields)` (the capture server's queue histories; metrics), after
+  the line is logged; an observer that raises is logged once per event and changes nothing else.
 - `SmtpdLog`: smtpd's session events, in Postfix smtpd's words: `connect from host[ip]`, `disconnect from
   host[ip] ehlo=1 mail=1 … commands=N`, `NOQUEUE: reject: RCPT from host[ip]: 554 5.7.1 …; from=<s> to=<r>
   proto=ESMTP helo=<h>`, `Anonymous TLS connection established from …`, `warning: host[ip]: SASL PLAIN
