@@ -23,7 +23,6 @@ of the stock `postfix` filter; the lines of smtp and cleanup. Not compared:
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import logging
