@@ -249,15 +249,22 @@ async def test_a_temporary_refusal_by_a_peer_that_is_not_the_last_leaves_the_rec
     assert third.messages == [] and report.site_ok
 
 
-async def test_what_a_cached_session_defers_goes_on_to_the_next_peer(smtp_peer, zone_resolver):
-    """The cached session is the delivery's first: a greylisting refusal there sends the recipient to MX 20."""
+async def greylisting_primary(smtp_peer, zone_resolver, *more_records: str):
+    """MX 10 at 127.0.0.2, which answers grey@example.test 450, and MX 20 at 127.0.0.3: (primary, backup,
+    a resolver for example.test and `more_records`)."""
     primary = await smtp_peer("127.0.0.2")
     backup = await smtp_peer("127.0.0.3", primary.port)
     primary.handler.rcpt_replies = {"grey@example.test": "450 4.2.0 greylisted"}
     resolver = zone_resolver(
         "example.test. 300 IN MX 10 mx1.example.test.", "example.test. 300 IN MX 20 mx2.example.test.",
-        "mx1.example.test. 300 IN A 127.0.0.2", "mx2.example.test. 300 IN A 127.0.0.3",
+        "mx1.example.test. 300 IN A 127.0.0.2", "mx2.example.test. 300 IN A 127.0.0.3", *more_records,
     )
+    return primary, backup, resolver
+
+
+async def test_what_a_cached_session_defers_goes_on_to_the_next_peer(smtp_peer, zone_resolver):
+    """The cached session is the delivery's first: a greylisting refusal there sends the recipient to MX 20."""
+    primary, backup, resolver = await greylisting_primary(smtp_peer, zone_resolver)
     transport = make_transport(resolver, port=primary.port)
     try:
         first = await transport.deliver(make_request("example.test", "ok@example.test"))
@@ -273,14 +280,8 @@ async def test_what_a_cached_session_defers_goes_on_to_the_next_peer(smtp_peer, 
 async def test_a_soft_error_is_logged_on_its_own_line_only_when_another_peer_is_tried(smtp_peer, zone_resolver, caplog):
     """Postfix's smtp_rcpt_fail logs `QID: host ... said: 4xx ...` for a server that is not the final one (the
     recipient goes on to the next); at the final server the result line is the only one."""
-    primary = await smtp_peer("127.0.0.2")
-    backup = await smtp_peer("127.0.0.3", primary.port)
-    primary.handler.rcpt_replies = {"grey@example.test": "450 4.2.0 greylisted"}
-    resolver = zone_resolver(
-        "example.test. 300 IN MX 10 mx1.example.test.", "example.test. 300 IN MX 20 mx2.example.test.",
-        "mx1.example.test. 300 IN A 127.0.0.2", "mx2.example.test. 300 IN A 127.0.0.3",
-        "single.test. 300 IN MX 10 mx1.example.test.",
-    )
+    primary, backup, resolver = await greylisting_primary(smtp_peer, zone_resolver,
+                                                          "single.test. 300 IN MX 10 mx1.example.test.")
     with caplog.at_level(logging.INFO, "mailflow.smtp"):
         await deliver(make_transport(resolver, port=primary.port), make_request("example.test", "grey@example.test"))
         await deliver(make_transport(resolver, port=primary.port), make_request("single.test", "grey@example.test"))

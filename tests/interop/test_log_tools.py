@@ -7,34 +7,17 @@ Traffic: one message accepted and delivered, one relay refusal, one unknown user
 from __future__ import annotations
 
 import base64
-import logging
 import re
 
 import pytest
 
-from mailflow.config import LogConfig
-from mailflow.logs import setup_logging
 from mailflow.stages.smtpd.auth import hash_password
 from tests.support import LOOPBACK_CLIENT, SmtpClient, eventually, maildir_messages, require_tool, run_tool
+from tests.support.maillog import SYSLOG_NAME
 
 pytestmark = pytest.mark.interop
-SYSLOG_NAME = "postfix-mailflow"
 
 
-
-
-@pytest.fixture
-def mail_log(tmp_path):
-    """mailflow's logging set up as `mailflow serve` does with `[log] file`, put back afterwards."""
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    path = tmp_path / "mail.log"
-    setup_logging(LogConfig(file=str(path), syslog_name=SYSLOG_NAME), "mx.mailflow.test")
-    yield path
-    for handler in root.handlers:
-        handler.close()
-    root.handlers[:], level = saved
-    root.setLevel(level)
 
 
 async def test_pflogsumm_and_fail2ban_read_the_mail_log(mailflow_server, mail_log, tmp_path):

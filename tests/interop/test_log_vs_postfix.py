@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import logging
 import os
 import re
 import shutil
@@ -34,14 +33,12 @@ from pathlib import Path
 
 import pytest
 
-from mailflow.config import LogConfig
-from mailflow.logs import setup_logging
 from tests.interop.test_smtp_faults_vs_postfix import ScriptedPeer
 from tests.support import SmtpClient, dovecot_instance, eventually, postfix_instance, require_tool, run_tool
+from tests.support.maillog import SYSLOG_NAME
 
 pytestmark = pytest.mark.interop
 
-SYSLOG_NAME = "postfix-mailflow"
 PF_HOST, MF_HOST = "pf.test", "mx.mailflow.test"
 HEADER_CHECKS = "/^Subject: hc-reject/ REJECT\n/^Subject: hc-hold/ HOLD\n/^Subject: hc-discard/ DISCARD\n"
 F2B_MODES = ("normal", "more", "aggressive", "auth", "ddos", "rbl", "errors")
@@ -134,20 +131,6 @@ async def traffic(port: int) -> list:
     await lost(port)
     await timeout(port)
     return got
-
-
-@pytest.fixture
-def mail_log(tmp_path):
-    """mailflow's logging set up as `mailflow serve` does with `[log] file`, put back afterwards."""
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    path = tmp_path / "mail.log"
-    setup_logging(LogConfig(file=str(path), syslog_name=SYSLOG_NAME), MF_HOST)
-    yield path
-    for handler in root.handlers:
-        handler.close()
-    root.handlers[:], level = saved
-    root.setLevel(level)
 
 
 async def test_the_tools_read_both_logs_alike(mailflow_server, mail_log, tmp_path):
