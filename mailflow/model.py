@@ -48,6 +48,11 @@ class ClientInfo:
     sasl_method: str = ""  # AUTH mechanism and login, when the client authenticated
     sasl_username: str = ""
 
+    @property
+    def named(self) -> str:
+        """`host[addr]`, as the queue records the client and the log names it."""
+        return f"{self.hostname}[{self.addr}]"
+
 
 @dataclass(frozen=True)
 class ClientAttributes:

@@ -223,7 +223,7 @@ class Cleanup:
         if not complete:
             head = b""
         env, c = sub.envelope, sub.client
-        describe = (f"from {c.hostname}[{c.addr}]; from=<{env.sender}> to=<{env.recipients[0] if env.recipients else ''}>"
+        describe = (f"from {c.named}; from=<{env.sender}> to=<{env.recipients[0] if env.recipients else ''}>"
                     f" proto={c.protocol} helo=<{c.helo}>")
         return await checks.inspect(queue_id, head, sub.content.after(len(head)), describe)
 
@@ -240,7 +240,7 @@ class Cleanup:
         rejected or discarded by the content checks as received too. None for pickup's and mail made here."""
         c = sub.client
         if sub.submitter is None and c.protocol != "local":
-            self._log.received(queue_id, f"{c.hostname}[{c.addr}]", sasl_method=c.sasl_method,
+            self._log.received(queue_id, c.named, sasl_method=c.sasl_method,
                                sasl_username=c.sasl_username, sasl_sender=sub.client_attributes.sasl_sender)
 
     def _prepare(self, sub: Submission, queue_id: QueueId, rewrite: bool) -> NewMessage:
@@ -282,7 +282,7 @@ class Cleanup:
             recipients=recipients,
             smtputf8=sub.envelope.smtputf8,
             body_type=sub.envelope.body_type,
-            client=f"{sub.client.hostname}[{sub.client.addr}]",
+            client=sub.client.named,
             envid=env.envid,
             ret=env.ret,
             client_attributes=sub.client_attributes,
