@@ -174,8 +174,10 @@ class ListenerSession(SmtpSession):
         session started with (anvil.EVENT_LIMITS); past it, Postfix's anvil warning. Exempt, as in Postfix:
         mynetworks (the anvil's exemption) and authorized XCLIENT hosts."""
         limit = getattr(self._smtpd, EVENT_LIMITS[event].setting)
+        if not limit:
+            return False
         ip = self.session.peer_ip
-        if not limit or in_networks(ip, self._frontends.xclient_hosts):
+        if in_networks(ip, self._frontends.xclient_hosts):
             return False
         refusal = self._listener.anvil.event(event, ip, limit)
         if refusal is None:
