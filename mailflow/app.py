@@ -195,6 +195,12 @@ class Mailflow:
             observers = [o for o in (self._session_observer, self.metrics.sessions) if o is not None]
             self._session_observer = observers[0] if len(observers) == 1 else SessionObservers(*observers)
 
+    @property
+    def mail_log(self) -> MailLog | None:
+        """The server's mail log (its observers hear every event), once the stages are built; the admin API's
+        queue actions write postsuper's lines to it."""
+        return self._maillog
+
     async def start(self) -> None:
         c = self.config
         self._lock = QueueLock.acquire(c.queue_path)  # before the store: a second server touches nothing

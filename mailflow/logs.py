@@ -12,7 +12,10 @@ What it owns
   (`to=<r>, relay=…, delay=…, dsn=…, status=… (text)`; the event's fields also name the transport), expired
   (qmgr's `from=<s>, status=expired, returned to sender`, after the attempt's `status=deferred` lines: the
   recipients it returns, `bounced` "message expired: …", go to the observer only, as Postfix logs no line for
-  them), notice, removed, corrupt. Nothing else writes to the `mailflow.mail` logger. `MailLog(observer=f)`
+  them), notice, removed, corrupt; and postsuper's, for what an operator did (`operator`: `QID: removed`,
+  `placed on hold`, `released from hold`, `requeued`; `operator_total`: `Deleted: N messages`… without a queue
+  id), written by the queue tools (mailflow.queue_tools.apply) in the server for the admin API and in the
+  command's own process (`tool_mail_log`). Nothing else writes to the `mailflow.mail` logger. `MailLog(observer=f)`
   also hands each event to `f(queue_id, event, fields)` (the capture server's queue histories; metrics), after
   the line is logged; an observer that raises is logged once per event and changes nothing else.
 - `SmtpdLog`: smtpd's session events, in Postfix smtpd's words: `connect from host[ip]`, `disconnect from
@@ -26,12 +29,16 @@ What it owns
   "postfix-mailflow", the service being the stage: smtpd, cleanup, qmgr, smtp, local, pipe, pickup, master…);
   `"json"` writes one JSON object per line with `event` and the fields. `[log] file` writes to a file
   (reopened when logrotate moves it) instead of stderr.
+- `tool_mail_log(log_config, hostname)`: the MailLog of a command that runs beside the server (`mailflow queue
+  hold` …): the same `[log] file` and format, lines with the command's own pid, as Postfix's postsuper writes to
+  maillog_file; none with no `[log] file` (the server's stderr is no place another process can write to).
 
 Failure behaviour: logging never raises into the caller (the logging module's rule); a line is never split by
 client input (line ends and other controls are replaced).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import logging.handlers
@@ -39,6 +46,7 @@ import os
 import sys
 import time
 from datetime import datetime
+from typing import Iterator
 
 from mailflow import address
 from mailflow.config import LogConfig
@@ -52,6 +60,11 @@ COMMAND_ORDER = ("helo", "ehlo", "xclient", "xforward", "starttls", "auth", "mai
 _SERVICE_ALIASES = {"mail": "qmgr", "mbox": "local", "store": "qmgr", "addressmap": "cleanup"}
 _LEVEL_PREFIX = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "fatal: "}
 _SMTPD_LOGGER = logging.getLogger(SMTPD_LOGGER)  # every session's SmtpdLog writes here (one lookup, not one a session)
+# postsuper's words (src/postsuper/postsuper.c): action -> (the line of each message, its summary's name), and the
+# event a line is for a MailLog observer (a deletion is "removed", as qmgr's)
+POSTSUPER = {"delete": ("removed", "Deleted"), "hold": ("placed on hold", "Placed on hold"),
+             "release": ("released from hold", "Released from hold"), "requeue": ("requeued", "Requeued")}
+_POSTSUPER_EVENT = {"delete": "removed", "hold": "held", "release": "released", "requeue": "requeued"}
 
 
 def printable(text: object, replacement: str = "?") -> str:
@@ -166,6 +179,19 @@ class MailLog:
     def removed(self, queue_id: str) -> None:
         if self.active:
             self._emit(queue_id, "removed", "removed", service="qmgr")
+
+    def operator(self, queue_id: str, action: str) -> None:
+        """postsuper's line for one message an operator's `action` (a key of POSTSUPER) took."""
+        if self.active:
+            self._emit(queue_id, _POSTSUPER_EVENT[action], POSTSUPER[action][0], service="postsuper", action=action)
+
+    def operator_total(self, action: str, count: int) -> None:
+        """postsuper's summary of one command, `Deleted: 2 messages` (a line without a queue id, as postsuper's)."""
+        if self.active:
+            name = POSTSUPER[action][1]
+            self._log.info("%s: %d message%s", name, count, "" if count == 1 else "s",
+                           extra={"event": "postsuper", "fields": {"action": action, "messages": count},
+                                  "service": "postsuper"})
 
     def signed(self, queue_id: str, field: str, domain: str, selector: str) -> None:
         """A DKIM-Signature or ARC set added (OpenDKIM's `DKIM-Signature field added (s=…, d=…)`)."""
@@ -369,18 +395,40 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
-def setup_logging(log_config: LogConfig, hostname: str) -> None:
-    """Root logging from a `LogConfig` (level, format, syslog_name, file); stderr when no file is named."""
-    level = log_config.level
-    fmt = log_config.format
+def _handler(log_config: LogConfig, hostname: str) -> logging.Handler:
+    """Where a `LogConfig` writes (its file, else stderr), in its format. Raises OSError (the file)."""
     path = log_config.file
     handler: logging.Handler
     handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8") if path else logging.StreamHandler(sys.stderr)
-    if fmt == "json":
+    if log_config.format == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(SyslogFormatter(hostname, log_config.syslog_name))
+    return handler
+
+
+def setup_logging(log_config: LogConfig, hostname: str) -> None:
+    """Root logging from a `LogConfig` (level, format, syslog_name, file); stderr when no file is named."""
+    handler = _handler(log_config, hostname)
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    root.setLevel(log_config.level.upper())
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's own per-command chatter
+
+
+@contextlib.contextmanager
+def tool_mail_log(log_config: LogConfig, hostname: str) -> Iterator[MailLog]:
+    """The mail log of a command beside the server (see the module doc): its lines go to `[log] file` in the
+    server's format; with no file it writes nothing. Raises OSError when the file cannot be opened."""
+    logger = logging.Logger(MAIL_LOGGER)  # this command's own, outside logging's registry: no global state
+    handler = _handler(log_config, hostname) if log_config.file else None
+    if handler is None:
+        logger.disabled = True
+    else:
+        logger.addHandler(handler)
+        logger.setLevel(log_config.level.upper())
+    try:
+        yield MailLog(logger)
+    finally:
+        if handler is not None:
+            handler.close()

@@ -27,7 +27,8 @@ the selections, the actions, the layouts' JSON) on the running server's store. d
     (the account database's endpoints, /api/accounts…, are accounts.py's)
 
 Every change is logged (logger mailflow.admin): who (the token's name and the peer) and what (the action, the
-selection, how many messages).
+selection, how many messages); and, through the server's mail log (`server.mail_log`), what postsuper logs of it
+(queue_tools.apply): the same lines as `mailflow queue ACTION` writes.
 
 Failure behaviour: a bad selection, parameter or body (`json_body`) is 400 with the reason ({"error": ...}), and
 so is a field or query parameter a request does not take, or one given twice; an unknown action or queue id
@@ -49,6 +50,7 @@ from mailflow import __version__
 from mailflow import queue_tools as qt
 from mailflow.admin.access import who
 from mailflow.config import flat_settings
+from mailflow.logs import MailLog
 from mailflow.metrics import Metrics
 from mailflow.syntax import FILE_TABLE_TYPES, table_type
 
@@ -238,7 +240,7 @@ def readiness(server) -> str:
 
 def routes(server, metrics: Metrics) -> web.RouteTableDef:
     """`server`: the running Mailflow (read at each request: `config`, `clock`, `store`, `qmgr`, `smtpd`,
-    `smtp_addresses`)."""
+    `smtp_addresses`, `mail_log`)."""
     table = web.RouteTableDef()
 
     def store():
@@ -342,7 +344,8 @@ def routes(server, metrics: Metrics) -> web.RouteTableDef:
             raise _error(web.HTTPBadRequest, "the body is a JSON object: {\"ids\": [...], ...}")
         _known(body, SELECTORS)
         selection = _selection(body, required=name in REQUIRES_SELECTION)
-        done, missed = await qt.apply(store(), action, selection, server.clock.time(), io.StringIO())
+        done, missed = await qt.apply(store(), action, selection, server.clock.time(), io.StringIO(),
+                                      log=server.mail_log or MailLog())  # (before the stages: no observers yet)
         log.info("admin: %s: %s %s: %s%s", who(request), name, describe(selection), qt.plural(done, "message"),
                  f" (not in the {qt.either(action.sources)} queue: {', '.join(missed)})" if missed else "")
         return web.json_response({"action": name, "messages": done, "missed": missed})

@@ -9,6 +9,9 @@ whether or not `serve` runs (the work is in mailflow/queue_tools.py). Each comma
     queue_destinations                   qmgr's last word on each destination
     list_queue(...), act(...)            the same for sendmail's -bp and -q
 
+A change (hold, release, requeue, delete) writes postsuper's lines to the configured `[log] file` (queue_tools.apply,
+logs.tool_mail_log); a log file that cannot be opened is a warning on stderr, and the change is made.
+
 Failure behaviour: a queue database error (say, locked by another process for longer than the store's busy
 timeout) is one line on stderr and exit 1; a command line that does not say which messages exits 2; a token
 that is no queue id is a warning and is skipped (postsuper's way; for `show` it exits 2); an unknown queue id
@@ -17,6 +20,7 @@ for `show` exits 1; no queue database exits 1 naming the path; `mailq | head` cl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sqlite3
@@ -28,6 +32,8 @@ from typing import List, NoReturn, Optional
 import typer
 
 from mailflow.cli.common import ConfigOption, JsonOption, fail, load
+from mailflow.config import Config
+from mailflow.logs import POSTSUPER, MailLog, tool_mail_log
 
 IdsArgument = typer.Argument(None, metavar="QUEUE_ID|ALL|-",
                              help="queue ids, ALL, or - to read ids from standard input")
@@ -56,11 +62,12 @@ def _fail(command: str, message: str, code: int) -> NoReturn:
     fail(f"mailflow queue {command}", message, code)
 
 
-def _tools(command: str, config: Optional[str], work) -> None:
-    """Open the configured queue database, run `work(store)` on a fresh loop, close the store."""
+def _tools(command: str, config: Optional[str], work, *, cfg: Optional[Config] = None) -> None:
+    """Open the configured queue database, run `work(store)` on a fresh loop, close the store. `cfg`: the
+    configuration when the caller has loaded it already."""
     from mailflow.store import Store
 
-    db = Path(load(config).queue_path) / "queue.db"
+    db = Path((cfg or load(config)).queue_path) / "queue.db"
     if not db.exists():
         _fail(command, f"no queue database at {db} (check queue_directory in the configuration)", 1)
 
@@ -176,15 +183,29 @@ def act(name: str, ids, config, sender, to_domain, older_than, *, required: bool
 
     action = qt.ACTIONS[name]
     selection = _selection(name, ids, sender, to_domain, older_than, required=required)
+    cfg = load(config)
+    with contextlib.ExitStack() as opened:
+        log = _mail_log(name, cfg, opened) if name in POSTSUPER else None  # (flush logs nothing)
 
-    async def work(store):
-        done, missed = await qt.apply(store, action, selection, time.time(), sys.stderr)
-        for qid in missed:
-            typer.echo(f"mailflow queue {name}: {qid}: not in the {qt.either(action.sources)} queue", err=True)
-        if not quiet:
-            typer.echo(f"{name}: {qt.plural(done, 'message')}")
+        async def work(store):
+            done, missed = await qt.apply(store, action, selection, time.time(), sys.stderr, log=log)
+            for qid in missed:
+                typer.echo(f"mailflow queue {name}: {qid}: not in the {qt.either(action.sources)} queue", err=True)
+            if not quiet:
+                typer.echo(f"{name}: {qt.plural(done, 'message')}")
 
-    _tools(name, config, work)
+        _tools(name, config, work, cfg=cfg)
+
+
+def _mail_log(command: str, cfg: Config, opened: contextlib.ExitStack) -> Optional[MailLog]:
+    """The configured mail log for postsuper's lines (mailflow.logs.tool_mail_log), closed with `opened`. One that
+    cannot be opened is a warning: the change goes on, unlogged."""
+    try:
+        return opened.enter_context(tool_mail_log(cfg.log, cfg.myhostname))
+    except OSError as e:
+        typer.echo(f"mailflow queue {command}: warning: cannot write the mail log {cfg.log.file}: {e.strerror}",
+                   err=True)
+        return None
 
 
 def action_command(name: str, help_text: str, required: bool):

@@ -2,10 +2,14 @@
 
 - `ACTIONS` (hold, release, requeue, delete, flush): which queues each applies to and the Store method that
   does it.
-- `apply(store, action, selection, now, err)` walks the selection in chunks of CHUNK ids, one store
+- `apply(store, action, selection, now, err, log=)` walks the selection in chunks of CHUNK ids, one store
   transaction each (the store bumps the generation counter in it, so a running qmgr rescans), with progress
   on stderr (`Progress`) past PROGRESS_OVER messages. It returns how many messages it took and the explicitly
   named ids that were not in one of its queues; a store error propagates (chunks already done stay done).
+  With `log` (a MailLog: the server's for the admin API, `logs.tool_mail_log` for the command line) it writes
+  what postsuper logs: a line for each message a chunk took (`QID: removed`…; none for a bare `ALL`, as
+  postsuper's mass operations), then the summary (`Deleted: N messages`…; none when a store error stops it,
+  as postsuper ends at a fatal error); flush logs nothing, as postqueue -f.
 - `either(names)`, `plural(n, word)`: the words the CLI reports with.
 """
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import IO, Sequence
 
+from mailflow.logs import POSTSUPER, MailLog
 from mailflow.queue_tools.selection import CHUNK, QUEUES, Selection, pages
 
 PROGRESS_OVER = 3000  # messages; a bigger operation reports progress on stderr
@@ -58,9 +63,21 @@ class Progress:
 
 
 async def apply(store, action: Action, selection: Selection, now: float, err: IO[str], *,
-                chunk: int = CHUNK, progress_over: int = PROGRESS_OVER) -> tuple[int, list[str]]:
-    """Apply `action` to the selection, `chunk` ids per transaction. Returns (how many messages it took,
-    the explicitly named ids that were not in one of its queues)."""
+                log: MailLog | None = None, chunk: int = CHUNK,
+                progress_over: int = PROGRESS_OVER) -> tuple[int, list[str]]:
+    """Apply `action` to the selection, `chunk` ids per transaction, logged to `log` as postsuper logs. Returns
+    (how many messages it took, the explicitly named ids that were not in one of its queues)."""
+    logged = log if action.name in POSTSUPER else None
+    done, missed = await _walk(store, action, selection, now, err, None if selection.mass else logged,
+                               chunk=chunk, progress_over=progress_over)
+    if logged is not None:
+        logged.operator_total(action.name, done)
+    return done, missed
+
+
+async def _walk(store, action: Action, selection: Selection, now: float, err: IO[str], each: MailLog | None, *,
+                chunk: int, progress_over: int) -> tuple[int, list[str]]:
+    """`apply` without its summary: `each` logs each message a chunk took."""
     change = getattr(store, action.method)
     sources = selection.within(action.sources)
     if not sources:  # e.g. `release ALL deferred`: release takes held mail only
@@ -74,6 +91,9 @@ async def apply(store, action: Action, selection: Selection, now: float, err: IO
     async for ids in pages(store, sources, selection, now, ids_only=True, size=chunk):
         await (change(ids, now) if action.needs_now else change(ids))
         done += len(ids)
+        if each is not None:
+            for qid in ids:
+                each.operator(qid, action.name)
         if selection.ids is not None:
             seen.update(ids)
         if progress:

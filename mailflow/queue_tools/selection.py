@@ -46,6 +46,11 @@ class Selection:
         return (self.ids is None and self.sender is None and self.rcpt_domain is None and self.older_than is None
                 and self.queues is None)
 
+    @property
+    def mass(self) -> bool:
+        """postsuper's mass operation: `ALL` (with queue names or not), no id, no selector."""
+        return self.ids is None and self.sender is None and self.rcpt_domain is None and self.older_than is None
+
     def within(self, queues: Sequence[str]) -> tuple[str, ...]:
         """Those of `queues` the selection allows."""
         return tuple(q for q in queues if self.queues is None or q in self.queues)

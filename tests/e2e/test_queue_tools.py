@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import sqlite3
 import sys
 import time
 
+import aiohttp
 import pytest
 
 from mailflow.content import Content
@@ -23,6 +25,7 @@ from mailflow.model import Recipient
 from mailflow.store import NewMessage
 from mailflow import status
 from tests.support import ScanWatch, SmtpClient, eventually, free_port, send
+from tests.support.maillog import mail_log_file
 
 HOUR = {"queue_run_delay": "1h", "minimal_backoff_time": "1h", "maximal_backoff_time": "1h"}
 BUSY = "450 4.2.1 Mailbox busy, try later"
@@ -349,6 +352,43 @@ async def test_a_bare_change_is_refused(dead_relay):
     rc, _, err = await queue(config, "delete", "--older-than", "soon")
     assert rc == 2 and "--older-than" in err
     assert await queue_state(mf, qid) is not None
+
+
+async def test_changes_log_postsupers_lines_from_the_command_and_from_the_admin_api_alike(
+        mailflow_server, write_config, tmp_path):
+    """Postfix's postsuper logs `QID: placed on hold`, `released from hold`, `requeued`, `removed` for each
+    message it is named, then `Placed on hold: N messages`… (a mass `ALL` only that); pflogsumm readers and
+    admins grep for them. The command writes them to `[log] file` with its own pid, the admin API through the
+    server's mail log: the same lines."""
+    log_file = tmp_path / "mail.log"
+    settings = {"relayhost": f"[127.0.0.1]:{free_port()}", "queue": HOUR, "admin": {"enable": True,
+                "listen": ["127.0.0.1:0"]}}
+    config = write_config(tmp_path / "mailflow.toml", log={"file": str(log_file)}, **settings)
+    with mail_log_file(log_file):
+        mf = await mailflow_server(**settings)
+        by_cli, by_api = await submit(mf, "a@remote.test", ["bob@relay.test"]), await submit(
+            mf, "b@remote.test", ["carol@relay.test"])
+        for qid in (by_cli, by_api):
+            await deferred_reason(mf, qid)
+        admin = "http://%s:%d/api/queue/" % mf.admin.addresses[0]
+        async with aiohttp.ClientSession() as http:
+            for action in ("hold", "release", "hold", "requeue", "delete"):
+                rc, out, err = await queue(config, action, by_cli)
+                assert (rc, out) == (0, f"{action}: 1 message\n"), err
+                async with http.post(admin + action, json={"ids": [by_api]}) as answer:
+                    assert (await answer.json())["messages"] == 1
+        rc, out, _ = await queue(config, "delete", "ALL")
+        await mf.stop()
+    lines = re.findall(r"^\S+ mx\.mailflow\.test postfix-mailflow/postsuper\[(\d+)\]: (.*)$", log_file.read_text(),
+                       re.M)
+    server = [line for pid, line in lines if int(pid) == os.getpid()]
+    tools = [line for pid, line in lines if int(pid) != os.getpid()]
+    assert [line.replace(by_api, "QID") for line in server] == [
+        line.replace(by_cli, "QID") for line in tools[:-1]] == [
+        "QID: placed on hold", "Placed on hold: 1 message", "QID: released from hold", "Released from hold: 1 message",
+        "QID: placed on hold", "Placed on hold: 1 message", "QID: requeued", "Requeued: 1 message",
+        "QID: removed", "Deleted: 1 message"]
+    assert tools[-1] == "Deleted: 0 messages"  # `ALL`: the summary alone, as postsuper's mass operations
 
 
 async def test_a_queue_database_locked_past_the_busy_timeout_is_one_line_and_exit_1(write_config, tmp_path):
