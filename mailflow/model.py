@@ -209,6 +209,7 @@ class QueuedMessage:
     owed: tuple["RcptResult", ...] = ()
     content_filter: str = ""  # "transport:nexthop": every recipient goes there (the after-queue filter)
     client_attributes: ClientAttributes = ClientAttributes()
+    from_logged: bool = True  # False: held on arrival, qmgr's `from=` line not logged yet (qmgr logs it on taking it)
 
 
 @dataclass(frozen=True)

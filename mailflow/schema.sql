@@ -30,7 +30,10 @@ CREATE TABLE IF NOT EXISTS message (
     protocol_name  TEXT NOT NULL DEFAULT '',       -- SMTP | ESMTP
     sasl_method    TEXT NOT NULL DEFAULT '',
     sasl_username  TEXT NOT NULL DEFAULT '',
-    sasl_sender    TEXT NOT NULL DEFAULT ''        -- MAIL FROM's AUTH= value
+    sasl_sender    TEXT NOT NULL DEFAULT '',       -- MAIL FROM's AUTH= value
+    -- 0: qmgr's `from=<s>, size=N, nrcpt=N (queue active)` line is still to be logged: a message put on hold as it
+    -- arrived gets it when it first enters the active queue, as Postfix's qmgr writes it (1 from then on)
+    from_logged    INTEGER NOT NULL DEFAULT 1
 ) WITHOUT ROWID;
 
 CREATE INDEX IF NOT EXISTS message_due ON message (queue, next_attempt);

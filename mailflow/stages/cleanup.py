@@ -35,7 +35,8 @@ What it does, in order (Postfix cleanup(8)):
 6. commits message, recipients and content in one group-committed transaction, with the message's after-queue
    content filter (`Submission.content_filter`, else [smtpd] content_filter; a FILTER action wins) and the
    client attributes the delivery agents get (`Submission.client_attributes`, as given);
-7. logs pickup's `uid=`, `message-id=` and `queued`, and wakes qmgr; or, when a queue manager is attached
+7. logs pickup's `uid=`, `message-id=` and `queued` (qmgr's `from=` line: not for a message put on hold, which
+   gets it from qmgr when released, as in Postfix), and wakes qmgr; or, when a queue manager is attached
    (`attach_queue_manager`) and has room, commits the message straight into the active queue and hands it over
    (qmgr `reserve`, `hand_over`, `release`: no scan, no read of what was just written).
 Address mapping (canonical, masquerading, virtual) is skipped for a listener with receive_override_options
@@ -310,7 +311,8 @@ class Cleanup:
 
     def log_queued(self, msg: NewMessage, sub: Submission | None = None) -> None:
         """The log lines of a committed message, in Postfix's order: pickup's `uid=` (smtpd's `client=` came with
-        the queue id), its Message-ID, then qmgr's `from=` line."""
+        the queue id), its Message-ID, then qmgr's `from=` line; not for a message put on hold, which Postfix's qmgr
+        never opened: qmgr logs that line when it first takes the message (released, requeued)."""
         if not self._log.active:
             return
         head = msg.content.parts[0]  # the header section as prepare() wrote it
@@ -318,7 +320,8 @@ class Cleanup:
         if sub is not None and sub.submitter is not None:
             self._log.picked_up(msg.queue_id, sub.submitter.uid, msg.sender)
         self._log.message_id(msg.queue_id, header_value(head, "message-id"))
-        self._log.queued(msg.queue_id, msg.sender, msg.content.size, len(msg.recipients))
+        if msg.queue != "hold":
+            self._log.queued(msg.queue_id, msg.sender, msg.content.size, len(msg.recipients))
 
     def _received(self, sub: Submission, queue_id: QueueId, now: float) -> bytes:
         c = sub.client

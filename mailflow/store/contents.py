@@ -63,8 +63,8 @@ CLIENT_COLUMNS = ("client_name", "client_address", "client_port", "helo_name", "
 
 
 _INSERT_MESSAGE = ("INSERT INTO message (id, queue, sender, arrival, next_attempt, size, smtputf8, body_type, client,"
-                   f" envid, ret, filter, {', '.join(CLIENT_COLUMNS)})"
-                   f" VALUES ({', '.join('?' * (12 + len(CLIENT_COLUMNS)))})")
+                   f" envid, ret, filter, from_logged, {', '.join(CLIENT_COLUMNS)})"
+                   f" VALUES ({', '.join('?' * (13 + len(CLIENT_COLUMNS)))})")
 
 
 def client_values(c: ClientAttributes) -> tuple[str, ...]:
@@ -81,7 +81,8 @@ def insert_ops(messages: Sequence[NewMessage]) -> list[Op]:
     return [
         (_INSERT_MESSAGE,
          [(m.queue_id, m.queue, m.sender, m.arrival, m.arrival, m.content.size, int(m.smtputf8), m.body_type,
-           m.client, m.envid, m.ret, m.content_filter, *client_values(m.client_attributes)) for m in messages]),
+           m.client, m.envid, m.ret, m.content_filter, int(m.queue != "hold"), *client_values(m.client_attributes))
+          for m in messages]),
         ("INSERT INTO recipient (message_id, idx, address, original, notify, orcpt) VALUES (?, ?, ?, ?, ?, ?)",
          [(m.queue_id, r.index, r.address, r.original, r.notify, r.orcpt) for m in messages for r in m.recipients]),
         (LINK_CONTENT, links),

@@ -295,7 +295,7 @@ class Store(OperatorQueries):
 
 _RECIPIENT_COLUMNS = "idx, address, original, notify, orcpt, status, dsn, reason, relay"
 _MESSAGE_COLUMNS_LIST = ("id", "sender", "arrival", "size", "smtputf8", "body_type", "attempts", "envid", "ret",
-                         "warned", "filter", *CLIENT_COLUMNS)
+                         "warned", "filter", "from_logged", *CLIENT_COLUMNS)
 _RECIPIENTS_AT = len(_MESSAGE_COLUMNS_LIST)  # a DUE row: the message's columns, its recipients (JSON), side,
 _SIDE_AT = _RECIPIENTS_AT + 1                # next_attempt, the content row's data and body
 SCAN_CONTENT_SIZE = MEMORY_LIMIT  # bytes: a message kept in its row (this size at most) is read with due()
@@ -376,7 +376,7 @@ def _deferral_ops(done: Delivered, results: Sequence[RcptResult]) -> list[Op]:
 def _claim(con: sqlite3.Connection, ids: list[QueueId], now: float) -> list[QueueId]:
     """incoming, or deferred and due -> active (inside a transaction); the ids that moved. One statement per id:
     cheaper than an IN list with RETURNING, and each row count says whether that id was taken."""
-    sql = ("UPDATE message SET queue = 'active' WHERE id = ?"
+    sql = ("UPDATE message SET queue = 'active', from_logged = 1 WHERE id = ?"
            " AND (queue = 'incoming' OR (queue = 'deferred' AND next_attempt <= ?))")
     return [qid for qid in ids if con.execute(sql, (qid, now)).rowcount == 1]
 
@@ -399,10 +399,10 @@ def _record_op(queue_id: QueueId, rows: Sequence[tuple[RcptResult, bool]]) -> Op
 
 
 def _queued_message(row: tuple, recipients, owed) -> QueuedMessage:
-    qid, sender, arrival, size, utf8, body_type, attempts, envid, ret, warned, content_filter = row[:11]
+    qid, sender, arrival, size, utf8, body_type, attempts, envid, ret, warned, content_filter, from_logged = row[:12]
     return QueuedMessage(qid, sender, arrival, size, bool(utf8), body_type, attempts, tuple(recipients),
                          envid=envid, ret=ret, warned=bool(warned), owed=tuple(owed), content_filter=content_filter,
-                         client_attributes=ClientAttributes(*row[11:]))
+                         client_attributes=ClientAttributes(*row[12:]), from_logged=bool(from_logged))
 
 
 def _alternate(first: list, second: list) -> list:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 log = logging.getLogger("mailflow.store")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Steps for queues made by an older mailflow: MIGRATIONS[v] takes schema version v to v + 1.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -37,6 +37,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     4: tuple(f"ALTER TABLE message ADD COLUMN {column} TEXT NOT NULL DEFAULT ''" for column in (
         "client_name", "client_address", "client_port", "helo_name", "protocol_name", "sasl_method",
         "sasl_username", "sasl_sender")),
+    # whether qmgr's from= line is logged yet (a message held on arrival gets it when it enters the active queue)
+    5: ("ALTER TABLE message ADD COLUMN from_logged INTEGER NOT NULL DEFAULT 1",),
 }
 
 

@@ -3,6 +3,9 @@ by an in-process DNS server, and HOLD/DISCARD actions carried to the queue."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
+import time
 
 import aiosmtplib
 
@@ -116,6 +119,31 @@ async def test_hold_puts_the_message_on_hold_and_discard_drops_it(mailflow_serve
     assert await mf.store.counts() == {"hold": 1}
     assert maildir_messages(tmp_path / "mail" / "alice" / "Maildir") == []
     assert maildir_messages(tmp_path / "mail" / "bob" / "Maildir") == []
+
+
+async def test_a_message_held_on_arrival_gets_qmgrs_from_line_when_it_is_released(mailflow_server, tmp_path, caplog):
+    """Postfix's qmgr writes `QID: from=<s>, size=N, nrcpt=N (queue active)` when a message enters the active queue:
+    for one held on arrival, once it is released (postsuper -H), never if it is deleted. pflogsumm counts a sender
+    and its bytes from that line."""
+    caplog.set_level(logging.INFO, logger="mailflow.mail")
+    mf = await mailflow_server(smtpd={"sender_restrictions": ["check_sender_access inline:{held@remote.test=HOLD}"]})
+    refused, reply = await send(mf.smtp_addresses[0][1], "held@remote.test", ["alice@local.test"], MESSAGE)
+    assert refused == {} and reply.startswith("2.0.0 Ok: queued as ")
+    qid = reply.rsplit(" ", 1)[1]
+    await queue_becomes(mf.store, {"hold": 1}, timeout=3)
+
+    def lines() -> list[str]:  # (qmgr's, cleanup's and the delivery agents': the mail events of this message)
+        return [r.getMessage().removeprefix(f"{qid}: ") for r in caplog.records
+                if r.name == "mailflow.mail" and r.getMessage().startswith(qid)]
+
+    assert [line.partition("=")[0] for line in lines()] == ["client", "message-id"]
+    await mf.store.release_messages([qid], time.time())  # what `mailflow queue release` does
+    await queue_becomes(mf.store, {}, timeout=5)
+    after = lines()[2:]
+    assert [line.partition(",")[0] for line in after] == ["from=<held@remote.test>", "to=<alice@local.test>",
+                                                          "removed"]
+    assert re.fullmatch(r"from=<held@remote\.test>, size=\d+, nrcpt=1 \(queue active\)", after[0])
+    assert len(maildir_messages(tmp_path / "mail" / "alice" / "Maildir")) == 1
 
 
 async def test_data_restrictions_refuse_the_message(mailflow_server):

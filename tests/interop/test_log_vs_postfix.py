@@ -8,13 +8,17 @@ Traffic: a message relayed to a capture peer with a relay refusal and an unknown
 name and a sender refused; header_checks REJECT, HOLD and DISCARD; too many errors, improper pipelining after
 HELO, a timeout and a lost connection; failed and aborted logins (one private Dovecot answers both servers' AUTH).
 
-Compared: pflogsumm's totals (received, delivered, deferred, bounced, rejected, held, discarded) and its
+The second test puts two messages on hold as they arrive (header_checks HOLD) and has the tools release one
+(postsuper -H, `mailflow queue release`: it is then delivered) and delete the other (postsuper -d, `mailflow
+queue delete`): each message's lines in order (postsuper's, and qmgr's `from=` only once the message enters the
+active queue), postsuper's summaries and pflogsumm's counts (received, held, delivered, senders, recipients) are
+the same for both logs.
+
+Compared by the first: pflogsumm's totals (received, delivered, deferred, bounced, rejected, held, discarded) and its
 deferral, bounce, reject, hold, discard, warning, fatal and panic sections; fail2ban's matched lines in every mode
 of the stock `postfix` filter; the lines of smtp and cleanup. Not compared:
-- pflogsumm's bytes and per-sender/recipient tables: each server's own header fields make the sizes differ, and
-  mailflow logs qmgr's `from=<s>, size=N, nrcpt=N (queue active)` for a message it puts on hold at once, where
-  Postfix writes that line only when the message is released into the active queue (so mailflow counts a held
-  message's size and sender once more);
+- pflogsumm's bytes and per-sender/recipient tables here: each server's own header fields make the sizes differ
+  (the second test compares the per-sender and per-recipient counts);
 - `NOQUEUE: reject: RCPT …` after an accepted recipient, where Postfix names the queue id (mailflow gives it at
   the end of DATA, docs/security.md): pflogsumm and fail2ban count both alike (the bans are compared with the
   queue id masked);
@@ -28,6 +32,7 @@ import contextlib
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -237,3 +242,89 @@ async def bans(fail2ban_regex: str, log: Path, mode: str) -> list[str]:
     matched = [re.sub(r"^.*?postfix-mailflow/\w+\[\d+\]: ", "", line[4:]) for line in section.splitlines()]
     return sorted(re.sub(r"^([0-9A-F]+|NOQUEUE): ", "QID: ", line) for line in matched)
 
+
+
+# ---------------------------------------------------------------------------------------- held mail, postsuper
+
+HOLD_CHECKS = "/^Subject: hc-hold/ HOLD\n"
+
+
+async def held_pair(port: int) -> list[list[int | None]]:
+    """Two messages header_checks put on hold: the first is to be released, the second deleted."""
+    return [await message(port, ["ok@relay.test"], "hc-hold release", sender="kept@sender.test"),
+            await message(port, ["ok@relay.test"], "hc-hold delete", sender="dropped@other.test")]
+
+
+def message_lines(log: str, qid: str) -> list[str]:
+    """What the log says of one message, in order: `service: line`, its queue id, Message-ID, size, delays masked."""
+    lines = re.findall(rf"{SYSLOG_NAME}/(\w+)\[\d+\]: {qid}: (.*)$", log, re.M)
+    return [f"{service}: " + re.sub(r"size=\d+", "size=N", re.sub(r", delay=.*?dsn=", ", dsn=", re.sub(
+        r"message-id=<.*>$", "message-id=<ID>", line))) for service, line in lines]
+
+
+def held_ids(log: str) -> list[str]:
+    return re.findall(r"\b([0-9A-F]{10,16}): hold: header Subject: hc-hold", log)
+
+
+async def test_held_mail_released_or_deleted_is_logged_as_postfix_logs_it(mailflow_server, mail_log, write_config,
+                                                                          tmp_path):
+    """Held on arrival (header_checks HOLD), then released and delivered, or deleted: the same lines in the same
+    order for each message (postsuper's, and qmgr's `from=` only once the message enters the active queue), the
+    same postsuper summaries, and pflogsumm counts the same: received, held, delivered, and senders (the one
+    deleted is no sender it counts)."""
+    pflogsumm = require_tool("pflogsumm")
+    peer = await ScriptedPeer({}).start()
+    folder = Path(tempfile.mkdtemp(prefix="mailflow-log-"))
+    os.chmod(folder, 0o755)
+    (folder / "header").write_text(HOLD_CHECKS)
+    transports = f"inline:{{relay.test=smtp:[127.0.0.1]:{peer.port}}}"
+    try:
+        async with postfix_instance({
+            "myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "mydestination": "", "relay_domains": "relay.test",
+            "transport_maps": transports, "header_checks": f"regexp:{folder}/header", "queue_run_delay": "1s",
+            "notify_classes": "",
+        }) as pf:
+            await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the probe that saw it listen
+            started = len(pf.maillog)
+            pf_replies = await held_pair(pf.port)
+            await eventually(lambda: len(held_ids(pf.maillog)) == 2, timeout=10)
+            released, deleted = held_ids(pf.maillog[started:])
+            for flag, qid in (("-H", released), ("-d", deleted)):
+                assert pf.run("postsuper", flag, qid).returncode == 0
+            await eventually(lambda: f"{released}: removed" in pf.maillog, timeout=10)
+            pf_log = pf.maillog[started:]
+            pf_ids = released, deleted
+        settings = dict(myhostname=MF_HOST, mydestination=[], relay_domains=["relay.test"],
+                        transport_maps=[transports], smtp={"tls_security_level": "none"},
+                        checks={"header_checks": [f"regexp:{folder}/header"]})
+        mf = await mailflow_server(**settings)
+        config = write_config(tmp_path / "mailflow.toml", log={"file": str(mail_log)}, **settings)
+        mf_replies = await held_pair(mf.smtp_addresses[0][1])
+        released, deleted = held_ids(mail_log.read_text())
+        for action, qid in (("release", released), ("delete", deleted)):
+            rc, out = await run_tool(sys.executable, "-m", "mailflow", "queue", action, qid, "-c", str(config))
+            assert rc == 0, out
+        await eventually(lambda: f"qmgr[{os.getpid()}]: {released}: removed" in mail_log.read_text(), timeout=10)
+        await mf.stop()
+        mf_log = mail_log.read_text()
+        mf_ids = released, deleted
+    finally:
+        await peer.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+    assert mf_replies == pf_replies
+    for pf_id, mf_id in zip(pf_ids, mf_ids):
+        assert message_lines(mf_log, mf_id) == message_lines(pf_log, pf_id), (pf_log, mf_log)
+    assert message_lines(pf_log, pf_ids[0])[3:5] == [
+        "postsuper: released from hold", "qmgr: from=<kept@sender.test>, size=N, nrcpt=1 (queue active)"]
+    assert agent_lines(mf_log, "postsuper") == agent_lines(pf_log, "postsuper")
+    pf_file, mf_file = tmp_path / "pf.log", tmp_path / "mf.log"
+    pf_file.write_text(pf_log)
+    mf_file.write_text(mf_log)
+    (pf_sum, pf_sections), (mf_sum, mf_sections) = await summary(pflogsumm, pf_file), await summary(pflogsumm, mf_file)
+    assert {k: mf_sum[k] for k in HELD_COMPARED} == {k: pf_sum[k] for k in HELD_COMPARED}, (pf_log, mf_log)
+    assert (pf_sum["received"], pf_sum["held"], pf_sum["delivered"], pf_sum["senders"]) == (2, 2, 1, 1)
+    assert {k: mf_sections[k] for k in HELD_SECTIONS} == {k: pf_sections[k] for k in HELD_SECTIONS}
+
+
+HELD_COMPARED = ("received", "delivered", "held", "discarded", "senders", "sending", "recipients", "recipient")
+HELD_SECTIONS = ("message hold detail", "Senders by message count", "Recipients by message count")

@@ -10,7 +10,8 @@ The loop
   incoming/deferred -> active, in one transaction: an operator's hold or delete comes before or after, never
   between) and resolves each pending recipient to `(transport, nexthop)` through trivial-rewrite; a message
   with an after-queue content filter (its `content_filter`, Postfix's) sends every recipient to that
-  `transport:nexthop` instead.
+  `transport:nexthop` instead. A message put on hold as it arrived gets qmgr's `from=<s>, size=N, nrcpt=N (queue
+  active)` line when it is first taken (Postfix writes it then; cleanup writes it for the others).
 - New mail can skip the scan: cleanup `reserve()`s a place in the active queue, commits the message straight
   into it (queue 'active'), and `hand_over()`s it with its content still in memory (`release()` when the commit
   failed). A place is given only while there is room and the last scan left nothing due behind for want of it
@@ -368,6 +369,8 @@ class QueueManager:
         self._room_was_short = room <= 0 or len(taken) >= room  # more may be due than there was room for
         if taken:
             for message in taken:
+                if not message.from_logged:  # held on arrival: it enters the active queue now (Postfix's opened())
+                    self._log.queued(message.queue_id, message.sender, message.size, len(message.recipients))
                 self._admit(message)
             self._pump()
         if now >= self._next_scan:  # a timed scan: sleep next until the earliest deferred message is due
