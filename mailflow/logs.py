@@ -8,7 +8,8 @@ What it owns
 - `MailLog`: one method per message event, each line starting with the queue id: client (smtpd's
   `QID: client=host[ip]`, with `sasl_method=, sasl_username=` after AUTH, `sasl_sender=` after MAIL's AUTH=;
   pickup's `QID: uid=N from=<s>`),
-  message-id (cleanup), queued (`from=<s>, size=N, nrcpt=N (queue active)`), sent / deferred / bounced
+  message-id (cleanup), queued (`from=<s>, size=N, nrcpt=N (queue active)`; `opened` for a message held on
+  arrival, when qmgr first takes it), sent / deferred / bounced
   (`to=<r>, relay=…, delay=…, dsn=…, status=… (text)`; the event's fields also name the transport), expired
   (qmgr's `from=<s>, status=expired, returned to sender`, after the attempt's `status=deferred` lines: the
   recipients it returns, `bounced` "message expired: …", go to the observer only, as Postfix logs no line for
@@ -134,10 +135,22 @@ class MailLog:
         if self.active:
             self._emit(queue_id, "message-id", f"message-id={message_id}", service="cleanup", message_id=message_id)
 
-    def queued(self, queue_id: str, sender: str, size: int, nrcpt: int) -> None:
+    def queued(self, queue_id: str, sender: str, size: int, nrcpt: int, *, logged: bool = True) -> None:
+        """The message is in the queue: qmgr's `from=<s>, size=N, nrcpt=N (queue active)`. Not `logged` for a
+        message put on hold as it arrived (the observer alone is told): qmgr logs the line when it first takes
+        that message (`opened`), as Postfix's qmgr does."""
+        if self.active if logged else self._observer is not None:
+            self._active_line(queue_id, "queued", sender, size, nrcpt, logged=logged)
+
+    def opened(self, queue_id: str, sender: str, size: int, nrcpt: int) -> None:
+        """qmgr's `from=` line for a message held on arrival, when it first enters the active queue; an event of
+        its own, since the message was `queued` when it arrived (the metrics count it once)."""
         if self.active:
-            self._emit(queue_id, "queued", f"from=<{sender}>, size={size}, nrcpt={nrcpt} (queue active)",
-                       service="qmgr", sender=sender, size=size, nrcpt=nrcpt)
+            self._active_line(queue_id, "opened", sender, size, nrcpt)
+
+    def _active_line(self, queue_id: str, event: str, sender: str, size: int, nrcpt: int, logged: bool = True) -> None:
+        self._emit(queue_id, event, f"from=<{sender}>, size={size}, nrcpt={nrcpt} (queue active)", service="qmgr",
+                   logged=logged, sender=sender, size=size, nrcpt=nrcpt)
 
     def result(self, queue_id: str, result: RcptResult, delay: float, *, logged: bool = True) -> None:
         """One recipient's result line; with `logged` false the observer alone is told (a recipient returned for

@@ -312,7 +312,8 @@ class Cleanup:
     def log_queued(self, msg: NewMessage, sub: Submission | None = None) -> None:
         """The log lines of a committed message, in Postfix's order: pickup's `uid=` (smtpd's `client=` came with
         the queue id), its Message-ID, then qmgr's `from=` line; not for a message put on hold, which Postfix's qmgr
-        never opened: qmgr logs that line when it first takes the message (released, requeued)."""
+        never opened: qmgr logs that line when it first takes the message (released, requeued), and the observer
+        alone hears of it now."""
         if not self._log.active:
             return
         head = msg.content.parts[0]  # the header section as prepare() wrote it
@@ -320,8 +321,7 @@ class Cleanup:
         if sub is not None and sub.submitter is not None:
             self._log.picked_up(msg.queue_id, sub.submitter.uid, msg.sender)
         self._log.message_id(msg.queue_id, header_value(head, "message-id"))
-        if msg.queue != "hold":
-            self._log.queued(msg.queue_id, msg.sender, msg.content.size, len(msg.recipients))
+        self._log.queued(msg.queue_id, msg.sender, msg.content.size, len(msg.recipients), logged=msg.queue != "hold")
 
     def _received(self, sub: Submission, queue_id: QueueId, now: float) -> bytes:
         c = sub.client

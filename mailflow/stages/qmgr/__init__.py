@@ -370,7 +370,7 @@ class QueueManager:
         if taken:
             for message in taken:
                 if not message.from_logged:  # held on arrival: it enters the active queue now (Postfix's opened())
-                    self._log.queued(message.queue_id, message.sender, message.size, len(message.recipients))
+                    self._log.opened(message.queue_id, message.sender, message.size, len(message.recipients))
                 self._admit(message)
             self._pump()
         if now >= self._next_scan:  # a timed scan: sleep next until the earliest deferred message is due
