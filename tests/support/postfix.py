@@ -1,6 +1,7 @@
 """A private, throwaway Postfix instance for interop tests (never the default one, never port 25).
 
     async with postfix_instance(main_cf={...}) as pf:   # smtpd on 127.0.0.1:pf.port
+                                                         # master_cf="...": service lines added to master.cf
         pf.run("postqueue", "-p")                        # a tool pointed at this instance with -c
         await pf.queue_empty()                           # bounded wait until its queue is empty
         pf.maillog                                       # its log so far
@@ -84,7 +85,7 @@ class PostfixInstance:
         except (OSError, ValueError):
             return None
 
-    async def start(self, main_cf: dict[str, str]) -> None:
+    async def start(self, main_cf: dict[str, str], master_cf: str = "") -> None:
         for sub in ("etc", "queue", "data"):
             (self.root / sub).mkdir(parents=True)
         shutil.chown(self.root / "data", "postfix")
@@ -92,7 +93,7 @@ class PostfixInstance:
         master, n = re.subn(r"^smtp\s+inet\s+n\s+-\s+\S+", f"127.0.0.1:{self.port} inet n - n", master, count=1,
                             flags=re.MULTILINE)
         assert n == 1, "no smtpd line in /etc/postfix/master.cf"
-        (self.etc / "master.cf").write_text(master)
+        (self.etc / "master.cf").write_text(master + master_cf)
         settings = {**BASE_MAIN_CF, "queue_directory": str(self.root / "queue"),
                     "data_directory": str(self.root / "data"), "maillog_file": str(self.root / "maillog"),
                     "multi_instance_name": f"mailflow-test-{self.port}", **main_cf}
@@ -117,13 +118,13 @@ class PostfixInstance:
 
 
 @contextlib.asynccontextmanager
-async def postfix_instance(main_cf: dict[str, str] | None = None):
+async def postfix_instance(main_cf: dict[str, str] | None = None, master_cf: str = ""):
     require_postfix()
     root = Path(tempfile.mkdtemp(prefix="mailflow-pf-"))
     os.chmod(root, 0o755)
     pf = PostfixInstance(root, free_port())
     try:
-        await pf.start(main_cf or {})
+        await pf.start(main_cf or {}, master_cf)
         yield pf
     finally:
         await pf.stop()
