@@ -226,7 +226,7 @@ def command_status(result: CommandResult, command: str) -> tuple[Outcome, str, s
     if result.timed_out:
         return Outcome.DEFERRED, "4.3.0", f'command time limit exceeded: "{command}"{output}'
     if result.signal is not None:
-        return Outcome.DEFERRED, "4.3.0", f'command died with signal {result.signal}: "{command}"{output}'
+        return Outcome.DEFERRED, "4.3.0", f'Command died with signal {result.signal}: "{command}"{output}'
     code = result.exit_code
     if code == 0:
         return Outcome.SENT, "2.0.0", said
@@ -238,7 +238,7 @@ def command_status(result: CommandResult, command: str) -> tuple[Outcome, str, s
     if code in SYSEXITS:
         dsn, meaning = SYSEXITS[code]
         return _failure(dsn), dsn, meaning + output
-    return Outcome.BOUNCED, "5.3.0", f'command died with status {code}: "{command}"{output}'
+    return Outcome.BOUNCED, "5.3.0", f'Command died with status {code}: "{command}"{output}'
 
 
 def _failure(dsn: str) -> Outcome:

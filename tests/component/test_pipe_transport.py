@@ -77,7 +77,7 @@ async def test_an_exit_status_outside_sysexits_bounces_5_3_0(scripts):
     s = scripts.script("one.sh", "echo oops\nexit 1\n")
     [result] = (await pipe([str(s)]).deliver(request("a@pipe.test"))).results
     assert outcome(result) == (Outcome.BOUNCED, "5.3.0")
-    assert result.text == f'command died with status 1: "{s}". Command output: oops'
+    assert result.text == f'Command died with status 1: "{s}". Command output: oops'
 
 
 async def test_an_enhanced_status_code_in_the_output_takes_precedence(scripts):
@@ -89,7 +89,7 @@ async def test_an_enhanced_status_code_in_the_output_takes_precedence(scripts):
 async def test_a_signal_defers(scripts):
     s = scripts.script("killed.sh", "kill -9 $$\n")
     [result] = (await pipe([str(s)]).deliver(request("a@pipe.test"))).results
-    assert outcome(result) == (Outcome.DEFERRED, "4.3.0") and result.text.startswith("command died with signal 9")
+    assert outcome(result) == (Outcome.DEFERRED, "4.3.0") and result.text.startswith("Command died with signal 9")
 
 
 async def test_a_missing_command_defers(scripts):

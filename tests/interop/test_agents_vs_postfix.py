@@ -71,7 +71,7 @@ ROUTES = {"pipe.test": "phead", "multi.test": "pmulti", "quote.test": "pquote", 
           "slow.test": "pslow", "noread.test": "pnoread", "small.test": "psmall"}
 TRANSPORT_MAPS = "inline:{ " + ", ".join(f"{{{d}={s}:}}" for d, s in ROUTES.items()) + ", {sender.test=discard:} }"
 VIRTUAL_MAPS = "inline:{ {a@virt.test=a/}, {b@virt.test=b/} }"
-STATUS_CASES = ("x0", "x75")
+STATUS_CASES = ("x0", "x2", "x75", "xsig")
 
 BODY = (b"Subject: agents\r\nMessage-ID: <agents-1@client.test>\r\n\r\nFrom the start\r\n..dot line\r\n"
         b">From quoted\r\nlast\r\n")
@@ -245,6 +245,9 @@ def runs(tmp_path_factory) -> dict[str, Run]:
                 shutil.chown(vmail / side, NOBODY, NOBODY)
             postfix = asyncio.run(run_postfix(scripts, d.out, vmail / "pf"))
             mailflow = asyncio.run(run_mailflow(scripts, d.out, vmail / "mf", tmp_path_factory.mktemp("agents")))
+            for run in (postfix, mailflow):  # the scripts' folder, in the texts that name a command
+                run.results = {rcpt: (*result[:3], result[3].replace(str(d.path), "SCRIPTS"))
+                               for rcpt, result in run.results.items()}
     finally:
         shutil.rmtree(vmail, ignore_errors=True)
     return {"postfix": postfix, "mailflow": mailflow}
@@ -295,6 +298,8 @@ def test_pipe_delivery_results_match_postfix(runs):
     for domain in ("pipe.test", "multi.test", "status.test", "noread.test", "small.test"):
         assert results(mailflow, domain) == results(postfix, domain), domain
     assert postfix.results["x75@status.test"] == ("pstatus", "4.3.0", "deferred", "temporary failure")
+    assert postfix.results["x2@status.test"][1:] == (
+        "5.3.0", "bounced", 'Command died with status 2: "SCRIPTS/status.sh". Command output: oops')
     assert postfix.results["a@noread.test"] == ("pnoread", "2.0.0", "sent", "delivered via pnoread service")
     assert postfix.results["big@small.test"] == ("psmall", "5.2.3", "bounced", "message too large")
 
