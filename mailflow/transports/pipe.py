@@ -13,8 +13,8 @@ Runner (used by pipe services and by local's `|command` destinations):
 - `command_status(result, command) -> (Outcome, dsn, text)`: Postfix's rules. Exit 0: SENT 2.0.0. Output that
   begins with a 4.X.X/5.X.X enhanced status code: that code and text. A <sysexits.h> code: its table entry
   (EX_TEMPFAIL 75 and EX_OSERR 71 defer 4.3.0; the others bounce, e.g. EX_NOUSER 67 5.1.1, EX_CONFIG 78
-  5.3.5). Any other status: BOUNCED 5.3.0. A signal or the time limit: DEFERRED 4.3.0. The text carries the
-  command's output (trimmed, one line, printable).
+  5.3.5). Any other status: BOUNCED 5.3.0. A signal: DEFERRED 4.3.0. The time limit: BOUNCED 5.3.0, as
+  Postfix's pipe_command() bounces it. The text carries the command's output (trimmed, one line, printable).
 
 `PipeTransport(service, name=…)`: one `[pipe.NAME]` service. Per request:
 1. size_limit exceeded: every recipient bounces 5.2.3. A sender with control characters: every recipient
@@ -224,7 +224,7 @@ def command_status(result: CommandResult, command: str) -> tuple[Outcome, str, s
     said = printable_output(result.output)
     output = f". Command output: {said}" if said else ""
     if result.timed_out:
-        return Outcome.DEFERRED, "4.3.0", f'command time limit exceeded: "{command}"{output}'
+        return Outcome.BOUNCED, "5.3.0", f'Command time limit exceeded: "{command}"{output}'
     if result.signal is not None:
         return Outcome.DEFERRED, "4.3.0", f'Command died with signal {result.signal}: "{command}"{output}'
     code = result.exit_code

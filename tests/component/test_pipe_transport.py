@@ -2,7 +2,7 @@
 
 Covered: exit 0 (stdin is the message with LF line ends, SENT naming the service) / 75 (deferred 4.3.0 with the
 output) / 67 (bounced 5.1.1) / 1 (bounced 5.3.0) / output starting with an enhanced status code; the time
-limit (deferred, the whole process group killed, partial output kept); a huge output (kept up to
+limit (bounced, the whole process group killed, partial output kept); a huge output (kept up to
 output_limit, the rest drained, no deadlock); a command that reads only part of a large message; a signal; a
 missing command; argv macros, ${recipient} with 3 recipients in one run; flags D R F O (one run per
 recipient), > . B, the D loop check; control characters in an address; the environment is exactly PATH (and
@@ -108,13 +108,13 @@ def alive(pid: int) -> bool:
     return True
 
 
-async def test_the_time_limit_kills_the_whole_process_group_and_defers(scripts):
+async def test_the_time_limit_kills_the_whole_process_group_and_bounces(scripts):
     s = scripts.script("slow.sh", f"sleep 30 &\necho $! > {scripts.out}/child\necho started\nsleep 30\n")
     started = time.monotonic()
     [result] = (await pipe([str(s)], time_limit=0.5).deliver(request("a@pipe.test"))).results
     assert time.monotonic() - started < 5
-    assert outcome(result) == (Outcome.DEFERRED, "4.3.0")
-    assert result.text == f'command time limit exceeded: "{s}". Command output: started'
+    assert outcome(result) == (Outcome.BOUNCED, "5.3.0")
+    assert result.text == f'Command time limit exceeded: "{s}". Command output: started'
     child = int(scripts.read("child"))
     # SIGKILL is sent; the kernel may take a moment to reap
     await eventually(lambda: not alive(child), timeout=2, what="the background child is gone")

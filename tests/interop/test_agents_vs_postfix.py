@@ -81,6 +81,7 @@ TRAFFIC: list[tuple[str, list[str], bytes]] = [
     (S, ["Ann+Ext@pipe.test"], BODY),
     (S, ["one@multi.test", "two@multi.test"], BODY),
     *[(S, [f"{case}@status.test"], BODY) for case in STATUS_CASES],
+    (S, ["xslow@slow.test"], BODY),
     (S, ["a@noread.test"], BIG),
     (S, ["big@small.test"], BODY),
     (S, ["a@virt.test", "b@virt.test", "ghost@virt.test"], BODY),
@@ -295,11 +296,13 @@ def test_pipe_environment_is_path_as_in_postfix(runs):
 
 def test_pipe_delivery_results_match_postfix(runs):
     postfix, mailflow = runs["postfix"], runs["mailflow"]
-    for domain in ("pipe.test", "multi.test", "status.test", "noread.test", "small.test"):
+    for domain in ("pipe.test", "multi.test", "status.test", "slow.test", "noread.test", "small.test"):
         assert results(mailflow, domain) == results(postfix, domain), domain
     assert postfix.results["x75@status.test"] == ("pstatus", "4.3.0", "deferred", "temporary failure")
     assert postfix.results["x2@status.test"][1:] == (
         "5.3.0", "bounced", 'Command died with status 2: "SCRIPTS/status.sh". Command output: oops')
+    assert postfix.results["xslow@slow.test"] == (
+        "pslow", "5.3.0", "bounced", 'Command time limit exceeded: "SCRIPTS/status.sh"')
     assert postfix.results["a@noread.test"] == ("pnoread", "2.0.0", "sent", "delivered via pnoread service")
     assert postfix.results["big@small.test"] == ("psmall", "5.2.3", "bounced", "message too large")
 
