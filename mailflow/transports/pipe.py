@@ -14,7 +14,8 @@ Runner (used by pipe services and by local's `|command` destinations):
   begins with a 4.X.X/5.X.X enhanced status code: that code and text. A <sysexits.h> code: its table entry
   (EX_TEMPFAIL 75 and EX_OSERR 71 defer 4.3.0; the others bounce, e.g. EX_NOUSER 67 5.1.1, EX_CONFIG 78
   5.3.5). Any other status: BOUNCED 5.3.0. A signal: DEFERRED 4.3.0. The time limit: BOUNCED 5.3.0, as
-  Postfix's pipe_command() bounces it. The text carries the command's output (trimmed, one line, printable).
+  Postfix's pipe_command() bounces it. The text carries the command's output as Postfix quotes it (one line:
+  tabs and newlines made spaces, other unprintable characters '_', nothing trimmed).
 
 `PipeTransport(service, name=…)`: one `[pipe.NAME]` service. Per request:
 1. size_limit exceeded: every recipient bounces 5.2.3. A sender with control characters: every recipient
@@ -213,14 +214,14 @@ _STATUS_IN_OUTPUT = re.compile(r"([45])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
 
 
 def printable_output(output: str) -> str:
-    """Command output as one diagnostic line: whitespace runs become one space, other control characters '_'."""
-    flat = re.sub(r"[\t\n\r\f\v ]+", " ", output).strip()
-    return "".join(c if c.isprintable() else "_" for c in flat)
+    """Command output as one diagnostic line, cleaned as Postfix's pipe_command() cleans it: each tab and newline
+    becomes a space, any other character that is not printable '_'; nothing is trimmed or collapsed."""
+    return "".join(" " if c in "\t\n" else c if c.isprintable() else "_" for c in output)
 
 
 def command_status(result: CommandResult, command: str) -> tuple[Outcome, str, str]:
     """(outcome, enhanced status code, diagnostic) for a finished command, by Postfix's rules. For SENT the
-    text is the command's output (possibly empty): the caller words the success."""
+    text is the command's output without trailing blanks (possibly empty): the caller words the success."""
     said = printable_output(result.output)
     output = f". Command output: {said}" if said else ""
     if result.timed_out:
@@ -229,11 +230,11 @@ def command_status(result: CommandResult, command: str) -> tuple[Outcome, str, s
         return Outcome.DEFERRED, "4.3.0", f'Command died with signal {result.signal}: "{command}"{output}'
     code = result.exit_code
     if code == 0:
-        return Outcome.SENT, "2.0.0", said
+        return Outcome.SENT, "2.0.0", said.rstrip()
     status = _STATUS_IN_OUTPUT.match(said)
     if status:
         dsn = ".".join(status.groups())
-        text = said[status.end():].strip() or f'command failed with status {code}: "{command}"'
+        text = said[status.end():] or f'command failed with status {code}: "{command}"'
         return _failure(dsn), dsn, text
     if code in SYSEXITS:
         dsn, meaning = SYSEXITS[code]

@@ -70,7 +70,7 @@ async def test_exit_75_leaves_the_message_deferred(mailflow_server, scripts):
     [message] = await mf.store.due(2e9, 10)
     [(rcpt, status, dsn, reason)] = await mf.store.recipients(message.queue_id)
     assert (rcpt, status, dsn) == ("one@pipe.test", "pending", "4.3.0")
-    assert reason == "temporary failure. Command output: try later"
+    assert reason == "temporary failure. Command output: try later "
 
 
 async def test_exit_67_from_an_alias_command_bounces_to_the_sender(mailflow_server, smtp_peer, scripts, tmp_path):

@@ -71,7 +71,7 @@ ROUTES = {"pipe.test": "phead", "multi.test": "pmulti", "quote.test": "pquote", 
           "slow.test": "pslow", "noread.test": "pnoread", "small.test": "psmall"}
 TRANSPORT_MAPS = "inline:{ " + ", ".join(f"{{{d}={s}:}}" for d, s in ROUTES.items()) + ", {sender.test=discard:} }"
 VIRTUAL_MAPS = "inline:{ {a@virt.test=a/}, {b@virt.test=b/} }"
-STATUS_CASES = ("x0", "x2", "x75", "xsig")
+STATUS_CASES = ("x0", "x1", "x2", "x67", "x75", "x78", "xdsn", "xdsn4", "xsig")
 
 BODY = (b"Subject: agents\r\nMessage-ID: <agents-1@client.test>\r\n\r\nFrom the start\r\n..dot line\r\n"
         b">From quoted\r\nlast\r\n")
@@ -299,6 +299,10 @@ def test_pipe_delivery_results_match_postfix(runs):
     for domain in ("pipe.test", "multi.test", "status.test", "slow.test", "noread.test", "small.test"):
         assert results(mailflow, domain) == results(postfix, domain), domain
     assert postfix.results["x75@status.test"] == ("pstatus", "4.3.0", "deferred", "temporary failure")
+    assert postfix.results["x67@status.test"] == ("pstatus", "5.1.1", "bounced",
+                                                  "user unknown. Command output: no such mailbox ")
+    assert postfix.results["x1@status.test"][3].endswith(". Command output: line one  line two_ _end   ")
+    assert postfix.results["xdsn@status.test"] == ("pstatus", "5.7.1", "bounced", "go away now ")
     assert postfix.results["x2@status.test"][1:] == (
         "5.3.0", "bounced", 'Command died with status 2: "SCRIPTS/status.sh". Command output: oops')
     assert postfix.results["xslow@slow.test"] == (

@@ -156,7 +156,7 @@ class LocalTransport:
         for outcome in (Outcome.DEFERRED, Outcome.BOUNCED):
             bad = [(dsn, text) for o, dsn, text in parts if o is outcome]
             if bad:
-                return self._result(rcpt, outcome, bad[0][0], "; ".join(t for _, t in bad) + _also(done))
+                return self._result(rcpt, outcome, bad[0][0], _also("; ".join(t for _, t in bad), done))
         return self._result(rcpt, Outcome.SENT, "2.0.0", "; ".join(done))
 
     async def _mailbox(self, request: DeliveryRequest, rcpt: Recipient, leaf: Mailbox) -> Part:
@@ -277,5 +277,6 @@ def _failed(e: DeliveryError) -> Part:
     return (Outcome.BOUNCED if e.permanent else Outcome.DEFERRED), e.dsn, e.text
 
 
-def _also(done: list[str]) -> str:
-    return f" (also: {'; '.join(done)})" if done else ""
+def _also(text: str, done: list[str]) -> str:
+    """`text`, then the parts done in "(also: …)" (a command's output may end in a blank: not before that)."""
+    return f"{text.rstrip()} (also: {'; '.join(done)})" if done else text
