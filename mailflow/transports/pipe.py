@@ -34,10 +34,11 @@ attributes (`DeliveryRequest.client_attributes`): ${client_address}, ${client_he
 ${client_port}, ${client_protocol} (SMTP or ESMTP), ${sasl_method}, ${sasl_sender}, ${sasl_username}, each
 "" when not known (mail submitted with sendmail, notices), as Postfix's pipe(8) passes them.
 Flags (stdin, `command_input`, is the message with LF line endings, as Postfix pipe writes it, converted chunk
-by chunk as the command reads it): F a "From sender date" line,
-R Return-Path:, O X-Original-To:, D Delivered-To: (in that order); ">" quotes lines starting "From ", "."
-doubles a leading dot, B appends a blank line; h folds ${domain}/${nexthop} and recipient domains to lower
-case, u folds recipient local parts, q quotes address local parts RFC 5322-style.
+by chunk as the command reads it): F a "From sender date" line, R Return-Path: (for the null sender both name
+`null_sender`, as Postfix's pipe(8) writes them; From_ says MAILER-DAEMON when that is empty), O X-Original-To:,
+D Delivered-To: (in that order); ">" quotes lines starting "From ", "." doubles a leading dot, B appends a blank
+line; h folds ${domain}/${nexthop} and recipient domains to lower case, u folds recipient local parts, q quotes
+address local parts RFC 5322-style.
 Identity: `user`, or when empty mailflow's own user (`nobody` when mailflow runs as root). Working directory:
 `directory`, or "/". Environment: PATH only (Postfix's export_environment is not copied).
 Never raises for a delivery problem; results carry relay=NAME.
@@ -364,7 +365,8 @@ class PipeTransport:
         argv = expand_argv(self._templates, self._request_values(request),
                            [recipient_values(r, s.flags, self._delimiter) for r in batch])
         first = batch[0]
-        stdin = command_input(request.content, sender=request.sender, flags=s.flags, recipient=first.address,
+        stdin = command_input(request.content, sender=request.sender or s.null_sender, flags=s.flags,
+                              recipient=first.address,
                               original=address.shown_original(first.original or first.address), now=self._now())
         log.debug("%s: %s: running %s", request.queue_id, self._name, argv)
         try:

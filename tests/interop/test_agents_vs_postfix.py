@@ -79,6 +79,7 @@ BIG = BODY + b"0123456789" * 7 + b"\r\n" * 3000  # more than a pipe holds: the c
 S = "s@sender.test"
 TRAFFIC: list[tuple[str, list[str], bytes]] = [
     (S, ["Ann+Ext@pipe.test"], BODY),
+    ("", ["bob@pipe.test"], BODY),
     (S, ["one@multi.test", "two@multi.test"], BODY),
     *[(S, [f"{case}@status.test"], BODY) for case in STATUS_CASES],
     (S, ["xslow@slow.test"], BODY),
@@ -265,6 +266,8 @@ def test_pipe_argv_macros_match_postfix(runs):
     postfix, mailflow = runs["postfix"].records, runs["mailflow"].records
     assert [r["args"] for r in mailflow["phead"]] == [r["args"] for r in postfix["phead"]]
     # the edges themselves, so that a change on both sides cannot pass unnoticed
+    assert postfix["phead"][0]["args"][1:9] == ["MAILER-DAEMON", "bob@pipe.test", "bob@pipe.test", "bob", "",
+                                                "pipe.test", "pipe.test", "bob"]
     assert ["s@sender.test", "Ann+Ext@pipe.test", "Ann+Ext@pipe.test", "Ann", "Ext"] in [
         r["args"][1:6] for r in postfix["phead"]]
 
@@ -273,17 +276,17 @@ def test_pipe_recipients_share_a_run_as_in_postfix(runs):
     postfix, mailflow = runs["postfix"].records, runs["mailflow"].records
     assert [r["args"] for r in mailflow["pmulti"]] == [r["args"] for r in postfix["pmulti"]] == [
         ["pmulti", "one@multi.test", "two@multi.test"]]
-    assert len(mailflow["phead"]) == len(postfix["phead"]) == 1
+    assert len(mailflow["phead"]) == len(postfix["phead"]) == 2
 
 
 def test_pipe_stdin_matches_postfix(runs):
     postfix, mailflow = runs["postfix"].records, runs["mailflow"].records
     for service in ("phead", "pmulti"):
         assert [r["stdin"] for r in mailflow[service]] == [r["stdin"] for r in postfix[service]], service
-    ann = next(r["stdin"] for r in postfix["phead"] if "Ann+Ext@pipe.test" in r["args"])
-    assert ann.startswith("From s@sender.test  DATE\nReturn-Path: <s@sender.test>\n"
-                          "X-Original-To: Ann+Ext@pipe.test\nDelivered-To: Ann+Ext@pipe.test\nSubject: agents\n")
-    assert ann.endswith("\n\n>From the start\n..dot line\n>From quoted\nlast\n\n")  # flags > . and B
+    bob = next(r["stdin"] for r in postfix["phead"] if "bob@pipe.test" in r["args"])
+    assert bob.startswith("From MAILER-DAEMON  DATE\nReturn-Path: <MAILER-DAEMON>\nX-Original-To: bob@pipe.test\n"
+                          "Delivered-To: bob@pipe.test\nSubject: agents\n")
+    assert bob.endswith("\n\n>From the start\n..dot line\n>From quoted\nlast\n\n")  # flags > . and B
 
 
 def test_pipe_environment_is_path_as_in_postfix(runs):
