@@ -38,7 +38,9 @@ by chunk as the command reads it): F a "From sender date" line, R Return-Path: (
 `null_sender`, as Postfix's pipe(8) writes them; From_ says MAILER-DAEMON when that is empty), O X-Original-To:,
 D Delivered-To: (in that order); ">" quotes lines starting "From ", "." doubles a leading dot, B appends a blank
 line; h folds ${domain}/${nexthop} and recipient domains to lower case, u folds recipient local parts, q quotes
-address local parts RFC 5322-style.
+address local parts RFC 5322-style. Address values are the internal form, as Postfix's queue keeps addresses: a
+quoted local part without its quotes (`"a b"@x.test` is ${recipient} `a b@x.test`, ${user} `a b`; with q
+`"a b"@x.test` again).
 Identity: `user`, or when empty mailflow's own user (`nobody` when mailflow runs as root). Working directory:
 `directory`, or "/". Environment: PATH only (Postfix's export_environment is not copied).
 Never raises for a delivery problem; results carry relay=NAME.
@@ -259,6 +261,16 @@ def quote_local(local: str) -> str:
     return '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def internal_form(addr: str) -> str:
+    """An address as Postfix's queue keeps it, which pipe(8) expands: a quoted local part without its quotes
+    (`"a b"@x.test` is `a b@x.test`); flag q quotes it again."""
+    local, at, domain = addr.rpartition("@")
+    bare = address.unquoted_local(local if at else addr)
+    if bare is None:
+        return addr
+    return f"{bare}@{domain}" if at else bare
+
+
 def _address_value(addr: str, flags: str) -> str:
     local, domain = address.split(addr)
     if "u" in flags:
@@ -271,13 +283,14 @@ def _address_value(addr: str, flags: str) -> str:
 
 
 def recipient_values(rcpt: Recipient, flags: str, delimiter: str) -> dict[str, str]:
-    """The per-recipient macro values of one recipient."""
-    local, domain = address.split(rcpt.address)
+    """The per-recipient macro values of one recipient, from its internal form (as Postfix's pipe(8))."""
+    addr = internal_form(rcpt.address)
+    local, domain = address.split(addr)
     user, ext = split_extension(local, delimiter)
     if "u" in flags:
         local, user, ext = local.lower(), user.lower(), ext.lower()
-    return {"recipient": _address_value(rcpt.address, flags),
-            "original_recipient": _address_value(address.shown_original(rcpt.original or rcpt.address), flags),
+    original = internal_form(address.shown_original(rcpt.original or rcpt.address))
+    return {"recipient": _address_value(addr, flags), "original_recipient": _address_value(original, flags),
             "user": user, "extension": ext[1:], "mailbox": local,
             "domain": domain.lower() if "h" in flags else domain}
 
@@ -382,7 +395,7 @@ class PipeTransport:
 
     def _request_values(self, request: DeliveryRequest) -> dict[str, str]:
         s = self._service
-        sender = request.sender or s.null_sender
+        sender = internal_form(request.sender) or s.null_sender
         if sender and request.sender and "q" in s.flags:
             sender = _address_value(sender, "q")
         c = request.client_attributes

@@ -80,7 +80,9 @@ S = "s@sender.test"
 TRAFFIC: list[tuple[str, list[str], bytes]] = [
     (S, ["Ann+Ext@pipe.test"], BODY),
     ("", ["bob@pipe.test"], BODY),
+    (S, ['"C D+x"@pipe.test'], BODY),
     (S, ["one@multi.test", "two@multi.test"], BODY),
+    ('"S x"@Sender.test', ['"A B+X"@Quote.Test', "Up+Ext@QUOTE.test"], BODY),
     *[(S, [f"{case}@status.test"], BODY) for case in STATUS_CASES],
     (S, ["xslow@slow.test"], BODY),
     (S, ["a@noread.test"], BIG),
@@ -264,24 +266,31 @@ def results(run: Run, domain: str) -> dict[str, tuple[str, str, str, str]]:
 
 def test_pipe_argv_macros_match_postfix(runs):
     postfix, mailflow = runs["postfix"].records, runs["mailflow"].records
-    assert [r["args"] for r in mailflow["phead"]] == [r["args"] for r in postfix["phead"]]
+    for service in ("phead", "pquote"):
+        assert [r["args"] for r in mailflow[service]] == [r["args"] for r in postfix[service]]
     # the edges themselves, so that a change on both sides cannot pass unnoticed
     assert postfix["phead"][0]["args"][1:9] == ["MAILER-DAEMON", "bob@pipe.test", "bob@pipe.test", "bob", "",
                                                 "pipe.test", "pipe.test", "bob"]
     assert ["s@sender.test", "Ann+Ext@pipe.test", "Ann+Ext@pipe.test", "Ann", "Ext"] in [
         r["args"][1:6] for r in postfix["phead"]]
+    # a quoted local part in its internal form; flag q quotes it again
+    assert ["s@sender.test", "C D+x@pipe.test", "C D+x@pipe.test", "C D", "x"] in [
+        r["args"][1:6] for r in postfix["phead"]]
+    assert [r["args"][1:9] for r in postfix["pquote"]] == [[
+        '"S x"@Sender.test', '"a b+x"@quote.test', "up+ext@quote.test", '"a b+x"@quote.test', "up+ext@quote.test",
+        "a b", "up", "x"]]
 
 
 def test_pipe_recipients_share_a_run_as_in_postfix(runs):
     postfix, mailflow = runs["postfix"].records, runs["mailflow"].records
     assert [r["args"] for r in mailflow["pmulti"]] == [r["args"] for r in postfix["pmulti"]] == [
         ["pmulti", "one@multi.test", "two@multi.test"]]
-    assert len(mailflow["phead"]) == len(postfix["phead"]) == 2
+    assert len(mailflow["phead"]) == len(postfix["phead"]) == 3  # flags D and O: one recipient per run
 
 
 def test_pipe_stdin_matches_postfix(runs):
     postfix, mailflow = runs["postfix"].records, runs["mailflow"].records
-    for service in ("phead", "pmulti"):
+    for service in ("phead", "pmulti", "pquote"):
         assert [r["stdin"] for r in mailflow[service]] == [r["stdin"] for r in postfix[service]], service
     bob = next(r["stdin"] for r in postfix["phead"] if "bob@pipe.test" in r["args"])
     assert bob.startswith("From MAILER-DAEMON  DATE\nReturn-Path: <MAILER-DAEMON>\nX-Original-To: bob@pipe.test\n"
@@ -299,7 +308,7 @@ def test_pipe_environment_is_path_as_in_postfix(runs):
 
 def test_pipe_delivery_results_match_postfix(runs):
     postfix, mailflow = runs["postfix"], runs["mailflow"]
-    for domain in ("pipe.test", "multi.test", "status.test", "slow.test", "noread.test", "small.test"):
+    for domain in ("pipe.test", "multi.test", "quote.test", "status.test", "slow.test", "noread.test", "small.test"):
         assert results(mailflow, domain) == results(postfix, domain), domain
     assert postfix.results["x75@status.test"] == ("pstatus", "4.3.0", "deferred", "temporary failure")
     assert postfix.results["x67@status.test"] == ("pstatus", "5.1.1", "bounced",
