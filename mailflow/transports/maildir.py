@@ -11,6 +11,7 @@ Per recipient: write `Return-Path`, `X-Original-To` and `Delivered-To` then the 
 `new/`. Only then is the recipient SENT. The file work runs in a worker thread.
 Quota (`quota(recipient) -> bytes`, 0 = none): the sizes of the files in new/ and cur/ plus the new message
 (counted as queued, with its CRLF line ends: the file is at most that big) may not exceed it; over quota bounces 5.2.2, or defers 4.2.2 when `overquota_bounce` is False.
+Success reads "delivered to maildir", as virtual(8) logs it (the path is not named).
 Ownership (`owner(recipient) -> (uid, gid)`, Postfix virtual_uid_maps / virtual_gid_maps): directories created
 below `base` (virtual_mailbox_base) are made 0700 and given to that uid and gid, the message file 0600 likewise,
 every directory opened without following a symbolic link; without maps, what is created belongs to mailflow's
@@ -165,7 +166,7 @@ class MaildirTransport:
         except OSError as e:
             outcome, dsn, text = write_failure(maildir, e, bounce_full=self._overquota_bounce)
             return RcptResult(rcpt, outcome, dsn, text, relay=self._relay)
-        return RcptResult(rcpt, Outcome.SENT, "2.0.0", f"delivered to maildir {maildir}", relay=self._relay)
+        return RcptResult(rcpt, Outcome.SENT, "2.0.0", "delivered to maildir", relay=self._relay)  # virtual(8)'s
 
     async def _over_quota(self, rcpt: Recipient, maildir: Path, size: int) -> RcptResult | None:
         quota = self._quota(rcpt.address)  # LookupRetry propagates

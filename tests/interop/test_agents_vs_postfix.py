@@ -332,6 +332,8 @@ def test_virtual_maildir_delivery_matches_postfix(runs):
     assert mailflow.replies[-1] == postfix.replies[-1] == [
         "250 2.1.5 Ok", "250 2.1.5 Ok",
         "550 5.1.1 <ghost@virt.test>: Recipient address rejected: User unknown in virtual mailbox table"]
+    assert results(mailflow, "virt.test") == results(postfix, "virt.test") == {
+        f"{u}@virt.test": ("virtual", "2.0.0", "sent", "delivered to maildir") for u in "ab"}
     [(text, uid, gid, mode)] = postfix.maildirs["a"]
     assert text.startswith("Return-Path: <s@sender.test>\nX-Original-To: a@virt.test\nDelivered-To: a@virt.test\n")
     assert (uid, gid, mode) == (NOBODY, NOBODY, 0o600)
