@@ -156,6 +156,9 @@ class Submission:
     # @this domain: "" is myorigin (a local submission, a client in local_header_rewrite_clients), another the
     # remote_header_rewrite_domain of other clients; None leaves them as they came
     header_rewrite_domain: str | None = ""
+    # the queue id smtpd took at the first accepted recipient (Cleanup.begin), which cleanup gives the message;
+    # "" for the others: cleanup takes one
+    queue_id: QueueId = ""
 
 
 @dataclass(frozen=True)

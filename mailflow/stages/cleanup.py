@@ -3,6 +3,8 @@
 What it does, in order (Postfix cleanup(8)):
 1. assigns the queue id, and logs smtpd's `QID: client=` at once (Postfix logs it when the queue file is made,
    so a message the checks below refuse or drop is still counted as received, as pflogsumm counts Postfix's);
+   a message from smtpd comes with its id (`Submission.queue_id`): smtpd took it, and logged `client=`, at the
+   first accepted recipient (`begin`: Postfix's smtpd opens its queue file there), so cleanup takes none;
 2. refuses a message that has looped (`hopcount_limit` Received headers, the one this host adds counted, as
    Postfix counts): 554 5.4.0 (Postfix's reply),
    and one whose header section is larger than `header_size_limit` bytes: 552 5.3.4 (a header flood never
@@ -67,7 +69,7 @@ from mailflow.header_addresses import rewrite_address_fields
 from mailflow.address import shown_original
 from mailflow.logs import MailLog
 from mailflow.message import header_names, header_value, read_header, rfc5322_date, without_fields
-from mailflow.model import QueueId, Recipient, Submission
+from mailflow.model import ClientInfo, QueueId, Recipient, Submission
 from mailflow.routing.addressmap import AddressMapper
 from mailflow.signing.outbound import OutboundSigning
 from mailflow.store import NewMessage, Store
@@ -138,6 +140,15 @@ class Cleanup:
         self._checks = checks if checks is not None and checks.enabled else None
         self._content_filter = content_filter
 
+    def begin(self, client: ClientInfo, sasl_sender: str = "") -> QueueId:
+        """The queue id of a message smtpd is receiving, taken at its first accepted recipient (Postfix's smtpd
+        opens its queue file there), and smtpd's `QID: client=` line. Nothing is written: a transaction that ends
+        without a message simply never uses its id. The message comes back with it (`Submission.queue_id`)."""
+        queue_id = self._ids.next()
+        self._log.received(queue_id, client.named, sasl_method=client.sasl_method,
+                           sasl_username=client.sasl_username, sasl_sender=sasl_sender)
+        return queue_id
+
     def new_spool(self, max_size: int | None = None) -> Spool:
         """Where smtpd and pickup write a message as it arrives (the store's spool directory)."""
         return self._store.new_spool(max_size)
@@ -145,8 +156,7 @@ class Cleanup:
     async def submit(self, sub: Submission, *, hold: bool = False) -> QueueId:
         """`hold`: commit it in the hold queue (an smtpd HOLD restriction), where qmgr leaves it alone. Raises
         ContentRejected when a content check refuses it; a discarded message gets its queue id, uncommitted."""
-        queue_id = self._ids.next()
-        self._log_client(queue_id, sub)
+        queue_id = self._queue_id(sub)
         content_filter = self._content_filter if sub.content_filter is None else sub.content_filter
         if self._checks is not None and "no_header_body_checks" not in sub.overrides:
             found = await self._inspect(self._checks, queue_id, sub)
@@ -231,18 +241,19 @@ class Cleanup:
     def prepare(self, sub: Submission, *, rewrite: bool = True) -> NewMessage:
         """Everything but the commit: the queue id, the checks, the envelope rewriting and the headers.
         Raises PermanentError (MessageTooBig) or TemporaryError (LookupRetry)."""
-        queue_id = self._ids.next()
-        self._log_client(queue_id, sub)
-        return self._prepare(sub, queue_id, rewrite)
+        return self._prepare(sub, self._queue_id(sub), rewrite)
 
-    def _log_client(self, queue_id: QueueId, sub: Submission) -> None:
-        """smtpd's `QID: client=` as soon as the message has its queue id, before any check can refuse or drop it:
-        Postfix logs it when the queue file is made (the first accepted RCPT), so pflogsumm counts a message
-        rejected or discarded by the content checks as received too. None for pickup's and mail made here."""
+    def _queue_id(self, sub: Submission) -> QueueId:
+        """The id smtpd took for the message (`begin`), else a new one, with smtpd's `QID: client=` for a client's
+        message at once, before any check can refuse or drop it: Postfix logs it when the queue file is made, so
+        pflogsumm counts a message rejected or discarded by the content checks as received too. None for
+        pickup's and mail made here."""
+        if sub.queue_id:
+            return sub.queue_id
         c = sub.client
         if sub.submitter is None and c.protocol != "local":
-            self._log.received(queue_id, c.named, sasl_method=c.sasl_method,
-                               sasl_username=c.sasl_username, sasl_sender=sub.client_attributes.sasl_sender)
+            return self.begin(c, sub.client_attributes.sasl_sender)
+        return self._ids.next()
 
     def _prepare(self, sub: Submission, queue_id: QueueId, rewrite: bool) -> NewMessage:
         now = self._clock.time()

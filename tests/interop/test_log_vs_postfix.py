@@ -7,8 +7,10 @@ Traffic: a message relayed to a capture peer with a relay refusal and an unknown
 (peer 4xx) that expires at once (queue lifetime 0) and one bounced (peer 5xx), each returning a notice; a HELO
 name and a sender refused; header_checks REJECT, HOLD and DISCARD; too many errors, improper pipelining after
 HELO, a timeout and a lost connection; failed and aborted logins (one private Dovecot answers both servers' AUTH).
+A second test compares, word for word, smtpd's lines that name a transaction (`client=`, refusals, an access
+WARN): NOQUEUE until its first accepted recipient, its queue id from there on, as Postfix's smtpd names it.
 
-The second test puts two messages on hold as they arrive (header_checks HOLD) and has the tools release one
+A third test puts two messages on hold as they arrive (header_checks HOLD) and has the tools release one
 (postsuper -H, `mailflow queue release`: it is then delivered) and delete the other (postsuper -d, `mailflow
 queue delete`): each message's lines in order (postsuper's, and qmgr's `from=` only once the message enters the
 active queue), postsuper's summaries and pflogsumm's counts (received, held, delivered, senders, recipients) are
@@ -18,10 +20,7 @@ Compared by the first: pflogsumm's totals (received, delivered, deferred, bounce
 deferral, bounce, reject, hold, discard, warning, fatal and panic sections; fail2ban's matched lines in every mode
 of the stock `postfix` filter; the lines of smtp and cleanup. Not compared:
 - pflogsumm's bytes and per-sender/recipient tables here: each server's own header fields make the sizes differ
-  (the second test compares the per-sender and per-recipient counts);
-- `NOQUEUE: reject: RCPT …` after an accepted recipient, where Postfix names the queue id (mailflow gives it at
-  the end of DATA, docs/security.md): pflogsumm and fail2ban count both alike (the bans are compared with the
-  queue id masked);
+  (the third test compares the per-sender and per-recipient counts);
 - `improper command pipelining after CONNECT`: whether input sent with the connection is seen before the greeting
   is a race for both servers.
 """
@@ -328,3 +327,76 @@ async def test_held_mail_released_or_deleted_is_logged_as_postfix_logs_it(mailfl
 
 HELD_COMPARED = ("received", "delivered", "held", "discarded", "senders", "sending", "recipients", "recipient")
 HELD_SECTIONS = ("message hold detail", "Senders by message count", "Recipients by message count")
+
+
+# ---------------------------------------------------------------------------------------------- the queue id
+
+
+async def refusals_around_an_accepted_recipient(port: int) -> tuple[list[str], str]:
+    """Refusals before, after and without an accepted recipient, an access WARN after one, a refusal at the end
+    of the message and a queued message: the replies from MAIL on, queue ids masked; the queued message's id."""
+    c = await SmtpClient.connect(port)
+    replies = [await c.cmd(command) for command in (
+        "EHLO client.test", "MAIL FROM:<s@sender.test>", "RCPT TO:<x@elsewhere.test>", "RCPT TO:<ok@relay.test>",
+        "RCPT TO:<x@elsewhere.test>", "RCPT TO:<nobody@relay.test>", "RCPT TO:<warn@relay.test>", "RSET",
+        "MAIL FROM:<s@sender.test>", "RCPT TO:<nobody@relay.test>", "RSET",
+        "MAIL FROM:<eod@sender.test>", "RCPT TO:<ok@relay.test>", "DATA", "Subject: refused\r\n\r\nx\r\n.", "RSET",
+        "MAIL FROM:<s@sender.test>", "RCPT TO:<ok@relay.test>", "DATA", "Subject: queued\r\n\r\nx\r\n.", "QUIT")]
+    await c.close()
+    queued_as = replies[-2].text.rpartition(" ")[2]
+    return [re.sub(r"\b[0-9A-F]{10,16}\b", "QID", r.text) for r in replies[1:]], queued_as
+
+
+def transaction_lines(log: str) -> list[str]:
+    """smtpd's lines that name a transaction (`client=`, `reject:`, `warn:`), in order, a queue id masked as QID
+    (NOQUEUE stays); each QID checked to be the one the transaction's `client=` line named."""
+    lines = [line for line in re.findall(rf"{SYSLOG_NAME}/smtpd\[\d+\]: (.*)$", log, re.M)
+             if re.match(r"\S+: (client=|reject:|warn:)", line)]
+    current = None
+    for line in lines:
+        queue_id = line.partition(":")[0]
+        if line.startswith(f"{queue_id}: client="):
+            current = queue_id
+        elif queue_id != "NOQUEUE":
+            assert queue_id == current, lines
+    return [re.sub(r"^[0-9A-F]{10,16}:", "QID:", line) for line in lines]
+
+
+async def test_a_transaction_is_named_by_its_queue_id_from_its_first_accepted_recipient(mailflow_server, mail_log):
+    """Postfix's smtpd opens its queue file at the first accepted RCPT: from there on the transaction's log lines
+    (refusals, access WARN, the end of the message) carry its queue id, `QID: client=` comes there, and a
+    transaction reset before taking a recipient is NOQUEUE again."""
+    sink = await ScriptedPeer({}).start()
+    known = "inline:{ok@relay.test=ok, warn@relay.test=ok}"
+    warn = "inline:{ {warn@relay.test=WARN careful} }"
+    eod = "inline:{ {eod@sender.test=REJECT no end} }"
+    transports = f"inline:{{relay.test=smtp:[127.0.0.1]:{sink.port}}}"
+    try:
+        async with postfix_instance({
+            "myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "mydestination": "", "relay_domains": "relay.test",
+            "relay_recipient_maps": known, "transport_maps": transports, "mynetworks": "192.0.2.0/24",
+            "smtpd_relay_restrictions": "reject_unauth_destination",
+            "smtpd_recipient_restrictions": f"check_recipient_access {warn}",
+            "smtpd_end_of_data_restrictions": f"check_sender_access {eod}", "smtpd_error_sleep_time": "0",
+        }) as pf:
+            await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the probe that saw it listen
+            started = len(pf.maillog)
+            pf_replies = await refusals_around_an_accepted_recipient(pf.port)
+            await eventually(lambda: "disconnect from" in pf.maillog[started:], timeout=10)
+            pf_log = pf.maillog[started:]
+        mf = await mailflow_server(
+            myhostname=MF_HOST, mydestination=[], relay_domains=["relay.test"], relay_recipient_maps=[known],
+            transport_maps=[transports], mynetworks=["192.0.2.0/24"], smtp={"tls_security_level": "none"},
+            smtpd={"recipient_restrictions": [f"check_recipient_access {warn}"],
+                   "end_of_data_restrictions": [f"check_sender_access {eod}"], "error_sleep_time": 0})
+        mf_replies = await refusals_around_an_accepted_recipient(mf.smtp_addresses[0][1])
+        await eventually(lambda: "disconnect from" in mail_log.read_text(), timeout=10)
+        mf_log = mail_log.read_text()
+    finally:
+        await sink.stop()
+    assert mf_replies[0] == pf_replies[0]
+    assert transaction_lines(mf_log) == transaction_lines(pf_log), (pf_log, mf_log)
+    assert [line.partition(":")[0] for line in transaction_lines(pf_log)] == [
+        "NOQUEUE", "QID", "QID", "QID", "QID", "NOQUEUE", "QID", "QID", "QID"]  # (what the traffic is meant to do)
+    assert f"{mf_replies[1]}: client=localhost[127.0.0.1]" in mf_log  # the id the 250 named, as Postfix's does
+    assert f"{pf_replies[1]}: client=localhost[127.0.0.1]" in pf_log

@@ -18,7 +18,10 @@ A message marked DISCARD by a restriction is answered 250 and dropped (logged); 
 PREPEND's fields, REDIRECT and BCC change what is handed to cleanup (its headers, its recipients). Cleanup adds
 the Message-ID, Date and From a message lacks, and qualifies its header addresses, only for
 local_header_rewrite_clients (`_header_rewriting`; remote_header_rewrite_domain for other clients' addresses).
-Every policy refusal is logged through the session as Postfix logs it (`NOQUEUE: reject: RCPT from …`). The
+Every policy refusal is logged through the session as Postfix logs it (`NOQUEUE: reject: RCPT from …`, the
+transaction's queue id for NOQUEUE once it has one). At the first accepted recipient the transaction takes its
+queue id from cleanup (`Cleanup.begin`, which logs `QID: client=`), as Postfix's smtpd opens its queue file
+there; the message is committed under it (`Submission.queue_id`), and a discarded one is answered with it. The
 client handed to cleanup names the protocol as the Received header says it (`state.received_protocol`:
 ESMTPSA, UTF8SMTPS, … per RFC 3848 / 6531) and the SASL login for the `client=` log line; the client attributes
 kept with the message for the delivery agents (`state.SessionState.client_attributes`) name it SMTP or ESMTP, as
@@ -185,7 +188,8 @@ class SmtpdHandler:
     async def handle_RCPT(self, server, session: SessionState, envelope: Transaction, addr: str,
                           options: list[str]) -> str:
         """The session has checked the path syntax and the recipient limit. A policy refusal is logged as Postfix
-        logs it (`NOQUEUE: reject: RCPT from …`)."""
+        logs it (`NOQUEUE: reject: RCPT from …`). The first recipient accepted gives the transaction its queue
+        id."""
         refusal = self._rcpt_syntax_refusal(envelope, addr)
         if refusal is None:
             # RFC 5321 4.5.1: the bare `postmaster` must be taken, whoever asks; Postfix's smtpd_check_rcpt says
@@ -198,6 +202,8 @@ class SmtpdHandler:
                 server.log_reject("RCPT", refusal, addr)
         if refusal is not None:
             return str(refusal)
+        if not envelope.queue_id:  # Postfix's smtpd opens its queue file here: `QID: client=` is logged
+            envelope.queue_id = self._cleanup.begin(session.client_info(envelope), envelope.auth_sender)
         envelope.rcpt_tos.append(addr)
         envelope.rcpt_options.extend(options)
         return str(status.RCPT_OK)
@@ -259,7 +265,7 @@ class SmtpdHandler:
         submission = Submission(envelope=envelope.model_envelope().with_bcc(marks.bcc).redirected(marks.redirect),
                                 content=envelope.content, client=session.client_info(envelope),
                                 client_attributes=session.client_attributes(envelope), headers=tuple(marks.prepend),
-                                **self._header_rewriting(server, session))
+                                queue_id=envelope.queue_id, **self._header_rewriting(server, session))
         if self._filters is not None and marks.discard is None:
             outcome = await self._filters.end_of_message(session, submission, verdicts, marks.filter)
             if outcome.refusal is not None:
@@ -286,8 +292,7 @@ class SmtpdHandler:
         finally:
             self.submitting -= 1
         if marks.hold is not None:
-            server.log_reject("END-OF-MESSAGE", marks.hold, envelope.single_recipient, action="hold",
-                              queue_id=queue_id)
+            server.log_reject("END-OF-MESSAGE", marks.hold, envelope.single_recipient, action="hold")
         if marks.redirect is not None:
             log.info("%s: redirect: %s instead of %s", queue_id, marks.redirect, ", ".join(envelope.rcpt_tos))
         for bcc in marks.bcc:
@@ -326,11 +331,11 @@ class SmtpdHandler:
         return verdict if isinstance(verdict, status.Reply) else None
 
     def _discard(self, server, submission: Submission, reason: str) -> status.Reply:
-        """Accepted and dropped (Postfix DISCARD): the client is told it was queued; the log says why."""
-        queue_id = self._cleanup.prepare(submission).queue_id
+        """Accepted and dropped (Postfix DISCARD): the client is told it was queued, under the queue id the
+        transaction took at its first recipient; the log says why."""
+        queue_id = submission.queue_id
         recipients = submission.envelope.recipients
-        server.log_reject("END-OF-MESSAGE", reason, recipients[0] if len(recipients) == 1 else "",
-                          action="discard", queue_id=queue_id)
+        server.log_reject("END-OF-MESSAGE", reason, recipients[0] if len(recipients) == 1 else "", action="discard")
         return status.queued(queue_id)
 
     def new_spool(self, max_size: int | None) -> Spool:
@@ -375,6 +380,7 @@ class SmtpdHandler:
             protocol=session.protocol,
             size=_declared_size(envelope.mail_options),
             instance=envelope.policy_instance,
+            queue_id=envelope.queue_id,
             encryption_protocol=cipher[1] if cipher and len(cipher) > 1 else "",
             encryption_cipher=cipher[0] if cipher else "",
             marks=envelope.marks,

@@ -374,17 +374,17 @@ class ProtocolCore(SMTP):
             self._close()
 
     def log_reject(self, stage: str, reply, recipient: str = "", *, action: str = "reject",
-                   queue_id: str = "NOQUEUE", sender: str | None = None) -> None:
-        """`NOQUEUE: reject: STAGE from host[ip]: reply; from=<s> to=<r> proto=… helo=<…>` (Postfix's form;
-        `action` hold or discard with the message's queue id for those restriction actions; `sender` the one
-        refused at MAIL, else the transaction's)."""
+                   sender: str | None = None) -> None:
+        """`QID: reject: STAGE from host[ip]: reply; from=<s> to=<r> proto=… helo=<…>` (Postfix's form: QID the
+        transaction's queue id, taken at its first accepted recipient, `NOQUEUE` before; `action` hold or discard
+        for those restriction actions; `sender` the one refused at MAIL, else the transaction's)."""
         if sender is None:
             sender = self.envelope.sender
         elif sender == NULL_SENDER:
             sender = ""
         self.record.lines.reject(stage, self.session.client, str(reply), sender=sender, recipient=recipient,
                                  protocol=self.session.protocol, helo=self.session.host_name or "",
-                                 action=action, queue_id=queue_id)
+                                 action=action, queue_id=self.envelope.queue_id or "NOQUEUE")
 
     # --- deadlines ----------------------------------------------------------------------------------------
 

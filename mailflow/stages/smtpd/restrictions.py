@@ -115,6 +115,7 @@ class Facts:
     protocol: str = "ESMTP"
     size: int = 0
     instance: str = ""
+    queue_id: str = ""  # the transaction's, from its first accepted recipient on ("" before)
     encryption_protocol: str = ""
     encryption_cipher: str = ""
     marks: Marks = field(default_factory=Marks)
@@ -452,7 +453,8 @@ class Restrictions:
         if upper in ("WARN", "INFO"):
             self._lines.reject(PROTOCOL_STATE.get(stage, "RCPT"), f"{facts.client_name}[{facts.client_addr}]", text,
                                sender=facts.sender, recipient=facts.recipient, protocol=facts.protocol,
-                               helo=facts.helo, action=upper.lower())  # Postfix's log_whatsup: the text alone
+                               helo=facts.helo, action=upper.lower(),  # Postfix's log_whatsup: the text alone
+                               queue_id=facts.queue_id or "NOQUEUE")
             return None
         if upper == "PREPEND" and stage == "end_of_data":  # the header section has been received
             log.warning("%s: access action PREPEND must be used before end_of_data_restrictions; ignored", source)

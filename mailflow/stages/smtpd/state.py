@@ -147,6 +147,8 @@ class Transaction(_AiosmtpdEnvelope):
     policy_instance: str  # the policy protocol's `instance`, given at the first restriction check ("" before)
     bdat: tuple[Spool, ContentCheck] | None  # (spool, checks) of BDAT content being received; None without BDAT
     bdat_failed: bool  # a chunk was refused (BDAT 0 without LAST): the rest is discarded until LAST
+    queue_id: str  # the message's queue id, taken at the first accepted recipient (Postfix: its queue file is
+    # opened there); "" before. It names the transaction in the log, policy requests and milter macros
     queued_as: str  # the queue id the handler committed the message as ("" until then)
 
     def __init__(self) -> None:
@@ -161,6 +163,7 @@ class Transaction(_AiosmtpdEnvelope):
         self.policy_instance = ""
         self.bdat = None
         self.bdat_failed = False
+        self.queue_id = ""
         self.queued_as = ""
 
     @property
