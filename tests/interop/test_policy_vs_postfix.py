@@ -123,16 +123,17 @@ COMPARED = ("request", "protocol_state", "protocol_name", "helo_name", "sender",
             "server_address", "policy_context")
 
 
-async def one_message(port: int) -> int:
-    """The message's session; the client's port."""
+async def one_message(port: int) -> tuple[int, str]:
+    """The message's session; the client's port and the queue id the 250 named."""
     client = await SmtpClient.connect(port)
     client_port = client.writer.get_extra_info("sockname")[1]
     for command in ("EHLO client.test", "MAIL FROM:<s@remote.test> SIZE=100", "RCPT TO:<alice@local.test>",
                     "RCPT TO:<bob@local.test>", "DATA"):
         assert (await client.cmd(command)).code in (250, 354), command
-    assert (await client.cmd(b"Subject: t\r\n\r\nbody\r\n.")).code == 250
+    queued = await client.cmd(b"Subject: t\r\n\r\nbody\r\n.")
+    assert queued.code == 250
     await client.close()
-    return client_port
+    return client_port, queued.text.rpartition(" ")[2]
 
 
 async def test_the_requests_carry_the_attributes_postfix_sends(mailflow_server):
@@ -145,20 +146,24 @@ async def test_the_requests_carry_the_attributes_postfix_sends(mailflow_server):
             "relayhost": "[127.0.0.1]:9", **{f"smtpd_{name}": f"{item} {policy.spec}" for name, item in lists.items()},
             "smtpd_policy_service_policy_context": "submission",
         }) as pf:
-            ports = {"postfix": (await one_message(pf.port), pf.port)}
+            client_port, queued_as = await one_message(pf.port)
+            ports, queue_ids = {"postfix": (client_port, pf.port)}, {"postfix": queued_as}
         postfix, policy.requests[:] = list(policy.requests), []
         mf = await mailflow_server(local_recipient_maps=[users], relayhost="[127.0.0.1]:9", smtpd={
             **{name: [f"{item} {policy.spec}"] for name, item in lists.items()},
             "policy_service_policy_context": "submission"})
-        ports["mailflow"] = (await one_message(mf.smtp_addresses[0][1]), mf.smtp_addresses[0][1])
+        client_port, queue_ids["mailflow"] = await one_message(mf.smtp_addresses[0][1])
+        ports["mailflow"] = (client_port, mf.smtp_addresses[0][1])
         mailflow = policy.requests
     assert [{k: r.get(k) for k in COMPARED} for r in mailflow] == [{k: r.get(k) for k in COMPARED} for r in postfix]
-    assert set(postfix[0]) - set(mailflow[0]) == set()  # every attribute Postfix sends (queue_id empty: below)
+    assert set(postfix[0]) - set(mailflow[0]) == set()  # every attribute Postfix sends
     assert len(postfix[0]) == 29 and postfix[0]["policy_context"] == "submission"
     for side, requests in (("postfix", postfix), ("mailflow", mailflow)):  # each session's own ports
         assert {(r["client_port"], r["server_port"]) for r in requests} == {tuple(map(str, ports[side]))}, side
-    # queue_id: Postfix's from the second RCPT on; mailflow's never (docs/security.md says why)
-    assert postfix[0]["queue_id"] == "" and postfix[1]["queue_id"] == postfix[2]["queue_id"] != ""
+    # queue_id: from the RCPT after the first accepted one on (Postfix opens its queue file at that one), the id
+    # the message is queued as
+    for side, requests in (("postfix", postfix), ("mailflow", mailflow)):
+        assert [r["queue_id"] for r in requests] == ["", queue_ids[side], queue_ids[side]], side
     assert [r["protocol_state"] for r in postfix] == ["RCPT", "RCPT", "DATA"]
     assert [r["recipient_count"] for r in postfix] == ["0", "0", "2"]  # non-zero only from DATA on
     assert len({r["instance"] for r in mailflow}) == 1 and mailflow[0]["instance"]

@@ -590,14 +590,14 @@ def _mark(word: str, text: str, marks: Marks, source: str) -> None:
 
 
 def policy_request(facts: Facts, stage: str, context: str = "") -> dict[str, str]:
-    """The SMTPD_POLICY_README attributes mailflow knows; the others are sent empty. queue_id is always empty:
-    cleanup gives the message its id at the end of DATA (Postfix: from the RCPT after the first accepted one)."""
+    """The SMTPD_POLICY_README attributes mailflow knows; the others are sent empty. queue_id is the transaction's,
+    as Postfix sends it: empty until its first recipient was accepted (the RCPT after that one on)."""
     return {
         "request": "smtpd_access_policy",
         "protocol_state": PROTOCOL_STATE.get(stage, "RCPT"),
         "protocol_name": facts.protocol,
         "helo_name": facts.helo,
-        "queue_id": "",
+        "queue_id": facts.queue_id,
         "sender": facts.sender or "",
         "recipient": facts.recipient,
         "recipient_count": str(facts.recipient_count if stage in PROTOCOL_STATE else 0),  # Postfix: 0 before DATA
