@@ -3,8 +3,8 @@ asks every milter of a listener in turn (Postfix smtpd_milters).
 
     MilterSettings.from_config(config.milter)         timeouts, default action, protocol version
     MilterSession(specs, settings, macros)            one per SMTP session (made at its first event)
-        await connect(client) / helo(name) / mail(sender, options) / rcpt(address) -> Verdict
-        await end_of_message(head, body) -> Verdict (with `edits` for the message)
+        await connect(client) / helo(name) / mail(sender, options) / rcpt(address, queue_id) -> Verdict
+        await end_of_message(head, body, queue_id) -> Verdict (with `edits` for the message)
         abort()  (the transaction ends without a message)     await close()  (QUIT, then the sockets)
     Verdict(action, reply, edits, reason)     action: continue, reject, tempfail, discard, quarantine
     Edits: header changes, sender and recipient changes, a replaced body, as the milters asked at end of message
@@ -26,8 +26,10 @@ Server configuration problem unless the action is accept or quarantine. Logged o
 Macros (Postfix's defaults): at connect j, {daemon_name}, {daemon_addr}, v, _, {client_addr}, {client_name},
 {client_port}, {daemon_port} (the server's address and port: behind a PROXY header the ones it names; no
 {daemon_port} for non_smtpd_milters); at HELO {tls_version}, {cipher}, {cipher_bits}; at MAIL {mail_addr},
-{auth_type}, {auth_authen}; at RCPT {rcpt_addr}; and whatever a milter asked for with SETSYMLIST when mailflow
-knows it.
+{auth_type}, {auth_authen}; at RCPT i (the queue id, once the transaction has one: from the RCPT after its first
+accepted one, as Postfix's smtpd has it) and {rcpt_addr}; i with DATA, each header, end of headers, each body
+chunk and end of message (Postfix's milter8 sends the end-of-header macros with each header, the end-of-data ones
+with each body chunk); and whatever a milter asked for with SETSYMLIST when mailflow knows it.
 """
 from __future__ import annotations
 
@@ -141,8 +143,10 @@ class MilterConnection:
         except (OSError, TimeoutError, p.ProtocolError, asyncio.IncompleteReadError) as e:
             raise MilterFailed(_why(e)) from None
 
-    async def end_of_message(self, events: AsyncIterator[tuple[bytes, bytes]], macros: bytes) -> tuple[p.Reply, Edits]:
-        """DATA, headers, EOH, body chunks (stopped by a SKIP reply), EOB: the final reply and the edits."""
+    async def end_of_message(self, events: AsyncIterator[tuple[bytes, bytes]],
+                             macros: dict[bytes, bytes]) -> tuple[p.Reply, Edits]:
+        """DATA, headers, EOH, body chunks (stopped by a SKIP reply), EOB, each after its `macros` packet (by
+        command; none when absent): the final reply and the edits."""
         assert self._writer is not None and self.negotiated is not None
         n = self.negotiated
         edits = Edits()
@@ -152,7 +156,7 @@ class MilterConnection:
             async for command, packet in events:
                 if n.skips(command) or (skipping and command == p.BODY):
                     continue
-                self._writer.write(packet)
+                self._writer.write(macros.get(command, b"") + packet)
                 if n.answers(command):
                     reply = await self._read(timeout)
                     skipping = reply.command == p.SKIP
@@ -160,9 +164,7 @@ class MilterConnection:
                         return reply, edits
                 else:
                     await asyncio.wait_for(self._writer.drain(), timeout)
-            if macros:
-                self._writer.write(macros)
-            self._writer.write(p.encode(p.BODYEOB))
+            self._writer.write(macros.get(p.BODYEOB, b"") + p.encode(p.BODYEOB))
             while True:
                 reply = await self._read(timeout)
                 if reply.command in p.FINAL:
@@ -332,12 +334,14 @@ class MilterSession:
             milter.in_message = milter.session_verdict is None
         return verdict
 
-    async def rcpt(self, address: str) -> Verdict:
-        return await self._each(p.RCPT, p.rcpt([f"<{address}>"]), {"{rcpt_addr}": address})
+    async def rcpt(self, address: str, queue_id: str = "") -> Verdict:
+        """`queue_id`: the transaction's ("" before its first accepted recipient), the `i` macro."""
+        return await self._each(p.RCPT, p.rcpt([f"<{address}>"]), {**_i(queue_id), "{rcpt_addr}": address})
 
-    async def end_of_message(self, head: bytes, body) -> Verdict:
+    async def end_of_message(self, head: bytes, body, queue_id: str = "") -> Verdict:
         """The message (its header section, then its body: `body()` gives it as a stream, once per milter):
-        the first milter that does not say continue/accept decides; the edits of all of them are gathered."""
+        the first milter that does not say continue/accept decides; the edits of all of them are gathered.
+        `queue_id`: the message's (the `i` macro of its events), "" when it has none yet."""
         result = Verdict()
         for milter in self._milters:
             standing = milter.session_verdict  # it failed (its default action), or answered connect or HELO
@@ -351,7 +355,7 @@ class MilterSession:
                 continue
             try:
                 reply, edits = await milter.end_of_message(_events(head, body, milter.negotiated),
-                                                           _macro_packet(p.BODYEOB, {}, milter))
+                                                           _message_macros(_i(queue_id), milter))
             except MilterFailed as e:
                 verdict = self._failed(milter, e)
             else:
@@ -470,9 +474,25 @@ class MilterSession:
         return Verdict("tempfail", status.FILTER_UNAVAILABLE, reason=reason)
 
 
-def _macro_packet(command: bytes, values: dict[str, str], milter: MilterConnection) -> bytes:
-    """The macros of one stage: the ones mailflow sends there, narrowed to what the milter asked for."""
-    wanted = milter.negotiated.macros.get(command) if milter.negotiated else None
+# the macro stage whose macros each message event carries (Postfix's milter8: the end-of-header macros with each
+# header, the end-of-data ones with each body chunk)
+MESSAGE_MACRO_STAGES = {p.DATA: p.DATA, p.HEADER: p.EOH, p.EOH: p.EOH, p.BODY: p.BODYEOB, p.BODYEOB: p.BODYEOB}
+
+
+def _i(queue_id: str) -> dict[str, str]:
+    """The `i` macro (the queue id), when there is one."""
+    return {"i": queue_id} if queue_id else {}
+
+
+def _message_macros(values: dict[str, str], milter: MilterConnection) -> dict[bytes, bytes]:
+    """The macro packet sent before each message event, by event (empty: none)."""
+    return {event: _macro_packet(event, values, milter, stage) for event, stage in MESSAGE_MACRO_STAGES.items()}
+
+
+def _macro_packet(command: bytes, values: dict[str, str], milter: MilterConnection, stage: bytes = b"") -> bytes:
+    """The macros of one event: the ones mailflow sends there, narrowed to what the milter asked for at its
+    `stage` (by default the event's own)."""
+    wanted = milter.negotiated.macros.get(stage or command) if milter.negotiated else None
     if wanted is not None:
         values = {k: v for k, v in values.items() if k.strip("{}") in wanted}
     return p.macros(command, values) if values else b""

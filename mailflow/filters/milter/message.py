@@ -53,7 +53,7 @@ async def end_of_message(session: MilterSession, submission: Submission) -> Filt
     body = content.after(len(head))
     blank = 2 if body.read_prefix(2) == b"\r\n" else (1 if body.read_prefix(1) == b"\n" else 0)
     body_only = body.after(blank)
-    verdict = await session.end_of_message(head, lambda: body_only.stream())
+    verdict = await session.end_of_message(head, lambda: body_only.stream(), submission.queue_id)
     if verdict.action in ("reject", "tempfail"):
         return Filtered(verdict.action, submission, verdict.reply, verdict.reason)
     if verdict.action == "discard":

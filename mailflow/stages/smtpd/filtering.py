@@ -140,7 +140,7 @@ class ListenerFilters:
         milters = self._milter_session(session)
         if milters is None:
             return None
-        verdict = await milters.rcpt(address)
+        verdict = await milters.rcpt(address, envelope.queue_id)
         self._mark(envelope, verdict)
         return _refusal(verdict)
 
