@@ -89,6 +89,7 @@ async def test_mailbox_delivery_writes_the_maildir(tmp_path):
     report = await transport(tmp_path).deliver(request("alice@example.test"))
     [result] = report.results
     assert (result.outcome, result.dsn, result.relay) == (Outcome.SENT, "2.0.0", "local")
+    assert result.text == "delivered to maildir"  # local(8)'s words, the path not named
     assert delivered(tmp_path, "alice") == [mailbox_copy("alice@example.test", "ALICE@EXAMPLE.TEST")]
     maildir = tmp_path / "mail" / "alice" / "Maildir"
     assert list((maildir / "tmp").iterdir()) == []
@@ -204,7 +205,7 @@ async def test_as_root_a_file_target_is_written_with_default_privs_only(tmp_path
 async def test_home_mailbox_as_an_mbox_file(tmp_path):
     t = transport(tmp_path, home_mailbox="Mailbox")
     [result] = (await t.deliver(request("alice@example.test"))).results
-    assert result.outcome is Outcome.SENT, result.text
+    assert (result.outcome, result.text) == (Outcome.SENT, "delivered to mailbox")
     mbox = (tmp_path / "mail" / "alice" / "Mailbox").read_bytes()
     assert mbox.startswith(b"From sender@remote.test  ") and mbox.endswith(b"line two\n\n")
 

@@ -169,7 +169,7 @@ class LocalTransport:
                 await self._writer.write(path, prefix, request.content, owner, self._local.mailbox_size_limit)
             except OSError as e:
                 return write_failure(path, e)
-            return Outcome.SENT, "2.0.0", f"delivered to maildir {path}"
+            return Outcome.SENT, "2.0.0", "delivered to maildir"  # local(8)'s words: the path is not named
         entry = mbox_entry(request.content, sender=request.sender, arrival=self._clock.time(), prepend=prefix)
         try:
             await append_mbox(path, entry, locks=self._local.mailbox_delivery_lock,
@@ -177,7 +177,7 @@ class LocalTransport:
                               size_limit=self._local.mailbox_size_limit)
         except DeliveryError as e:
             return _failed(e)
-        return Outcome.SENT, "2.0.0", f"delivered to mailbox {path}"
+        return Outcome.SENT, "2.0.0", "delivered to mailbox"
 
     async def _owner(self, user: str) -> Owner | None:
         """As root, a local user who is also a system user gets a Maildir of its own: what is created below
