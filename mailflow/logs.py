@@ -21,10 +21,11 @@ What it owns
   the line is logged; an observer that raises is logged once per event and changes nothing else.
 - `SmtpdLog`: smtpd's session events, in Postfix smtpd's words: `connect from host[ip]`, `disconnect from
   host[ip] ehlo=1 mail=1 … commands=N`, `NOQUEUE: reject: RCPT from host[ip]: 554 5.7.1 …; from=<s> to=<r>
-  proto=ESMTP helo=<h>`, `Anonymous TLS connection established from …`, `warning: host[ip]: SASL PLAIN
-  authentication failed: …` (and `… authentication aborted`), `too many errors after CMD from …`, `improper
-  command pipelining after CMD from …: <input>` (the input as Postfix's escape(3) writes it: `\\r\\n`),
-  `warning: Illegal address syntax from … in CMD command: …`.
+  proto=ESMTP helo=<h>` (`hold:`, `discard:`, `redirect:`, `bcc:`, `filter:`, `warn:`, `info:` alike),
+  `Anonymous TLS connection established from …`, `warning: host[ip]: SASL PLAIN authentication failed: …` (and
+  `… authentication aborted`), `too many errors after CMD from …`, `improper command pipelining after CMD from
+  …: <input>` (the input as Postfix's escape(3) writes it: `\\r\\n`), `warning: Illegal address syntax from …
+  in CMD command: …`.
 - `setup_logging(log_config, hostname)`: `[log] format = "text"` writes syslog-style lines,
   `TIMESTAMP HOST SYSLOG_NAME/SERVICE[PID]: [warning: ]TEXT` (RFC 3339 time, `syslog_name` default
   "postfix-mailflow", the service being the stage: smtpd, cleanup, qmgr, smtp, local, pipe, pickup, master…);
@@ -267,9 +268,10 @@ class SmtpdLog:
 
     def reject(self, stage: str, client: str, reply: str, *, sender: str | None, recipient: str = "",
                protocol: str = "ESMTP", helo: str = "", action: str = "reject", queue_id: str = "NOQUEUE") -> None:
-        """A refusal at MAIL, RCPT, DATA or END-OF-MESSAGE (`action` "reject"), a message a restriction
-        held or discarded (`action` "hold" / "discard", with its queue id), or an access WARN or INFO (`action`
-        "warn" / "info", `reply` its text): Postfix's log_whatsup."""
+        """A refusal at MAIL, RCPT, DATA or END-OF-MESSAGE (`action` "reject"), an access action where it was met
+        (`action` "hold", "discard", "redirect", "bcc", "filter", `reply` its text: `<s@d>: Sender address
+        triggers HOLD action`), a message a filter held or discarded (with its queue id), or an access WARN or
+        INFO (`action` "warn" / "info", `reply` its text): Postfix's log_whatsup."""
         if not self.active:
             return
         envelope = "" if sender is None else f"from=<{sender}> "

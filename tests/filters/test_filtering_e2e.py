@@ -238,7 +238,8 @@ async def test_a_changed_body_fails_dkim_and_dmarc_fails_without_alignment(mailf
     assert "dmarc=fail header.from=pass.test policy.dmarc=reject" in ar
 
 
-async def test_reject_spf_fail_and_dmarc_policies(mailflow_server, auth_zone):
+async def test_reject_spf_fail_and_dmarc_policies(mailflow_server, auth_zone, caplog):
+    caplog.set_level("INFO", logger="mailflow.smtpd")
     nameserver, _ = auth_zone
     mf = await mailflow_server(dns={"nameservers": [nameserver], "timeout": "2s", "tries": 1},
                                smtpd={"listen": ["127.0.0.1:0"], "sender_restrictions": ["reject_spf_fail"],
@@ -253,6 +254,11 @@ async def test_reject_spf_fail_and_dmarc_policies(mailflow_server, auth_zone):
         (550, "5.7.1 Message rejected per DMARC policy of fail.test")
     await send(port, "x@pass.test", ["alice@local.test"], b"From: <a@quarantine.test>\r\n\r\nhi\r\n")
     assert await queue_becomes(mf.store, {"hold": 1}) == {"hold": 1}
+    # (no access action: the hold is logged where it is decided, at the end of the message, once)
+    held = [r.getMessage() for r in caplog.records if ": hold: " in r.getMessage()]
+    assert [line.partition(": ")[2] for line in held] == [
+        "hold: END-OF-MESSAGE from localhost[127.0.0.1]: DMARC policy of quarantine.test: quarantine; "
+        "from=<x@pass.test> to=<alice@local.test> proto=ESMTP helo=<localhost>"]
 
 
 # ---------------------------------------------------------------------------------------------- DNS restrictions

@@ -3,7 +3,8 @@ configured alike:
 - the same access table behind check_client_access, check_helo_access, check_sender_access and
   check_recipient_access: each action must give the same reply (code, enhanced code and text, word for word),
   do the same to the message (delivered, held, discarded, redirected, filtered, a header prepended) and log
-  WARN and INFO alike; and the key forms the tables test (test_tables_vs_postfix.py) leaves out;
+  WARN, INFO, HOLD, DISCARD, REDIRECT, BCC and FILTER alike (at the RCPT, word for word); and the key forms the
+  tables test (test_tables_vs_postfix.py) leaves out;
 - the same header_checks and body_checks (regexp): the reply at the end of DATA, the delivered copy, the hold
   queue and cleanup's log lines;
 - the same restriction classes (smtpd_restriction_classes), named in a list and as access table values.
@@ -12,8 +13,7 @@ One Postfix instance serves the module; each test runs its sessions against it, 
 
 Not compared, because mailflow differs on purpose (docs/security.md, docs/filtering.md): an access action
 neither server knows (`451 4.3.5 <x>: ... rejected: Server configuration error`, Postfix without the prefix);
-the log lines of access HOLD, DISCARD, REDIRECT, BCC and FILTER (Postfix logs them at the command, mailflow with
-the queue id at the end of the message); a HELO name with a trailing dot (checked below as the difference it is).
+a HELO name with a trailing dot (checked below as the difference it is).
 """
 from __future__ import annotations
 
@@ -226,10 +226,14 @@ def postfix():
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def logged(lines, *actions: str) -> list[str]:
-    """The log lines of these access actions (`NOQUEUE: warn: RCPT from ...`), without syslog's prefix."""
-    return sorted(line.split("]: ", 1)[-1] if "/smtpd[" in line else line for line in lines
-                  if any(f"NOQUEUE: {action}: " in line for action in actions))
+LOGGED = ("warn", "info", "hold", "discard", "redirect", "bcc", "filter")  # the actions smtpd logs
+
+
+def logged(lines, *actions: str, filter_port: int = 0) -> list[str]:
+    """The log lines of these access actions (`NOQUEUE: warn: RCPT from ...`), without syslog's prefix, the FILTER
+    actions' port as `{filter}`."""
+    return sorted((line.split("]: ", 1)[-1] if "/smtpd[" in line else line).replace(f":{filter_port};", ":{filter};")
+                  for line in lines if any(f"NOQUEUE: {action}: " in line for action in actions))
 
 
 async def test_access_actions_reply_and_act_as_postfix_does(postfix, mailflow_server, smtp_peer, tmp_path, caplog):
@@ -253,8 +257,8 @@ async def test_access_actions_reply_and_act_as_postfix_does(postfix, mailflow_se
     assert {p: (pf_replies[p], mf_replies[p]) for p in pf_replies if pf_replies[p] != mf_replies[p]} == {}
     assert delivered(mf_relay, mf_filter) == pf_fates
     assert mailflow_held(tmp_path / "queue" / "queue.db") == pf_held
-    pf_logged = logged(pf.maillog.splitlines(), "warn", "info")
-    assert logged((r.getMessage() for r in caplog.records), "warn", "info") == pf_logged
+    pf_logged = logged(pf.maillog.splitlines(), *LOGGED, filter_port=ports["filter"])
+    assert logged((r.getMessage() for r in caplog.records), *LOGGED, filter_port=mf_filter.port) == pf_logged
     # what Postfix did, so that the same mistake on both sides cannot pass unnoticed
     assert pf_replies["sender reject-dsn"][1] == \
         "554 5.1.8 <reject-dsn@sender.test>: Sender address rejected: bad system"  # smtpd_dsn_fix
@@ -266,7 +270,12 @@ async def test_access_actions_reply_and_act_as_postfix_does(postfix, mailflow_se
     assert len(pf_held) == 4
     assert "NOQUEUE: warn: RCPT from unknown[192.0.2.22]: careful; from=<s@remote.test> to=<plain@relay.test> " \
         "proto=ESMTP helo=<client.test>" in pf_logged
-    assert pf_replies["recipient info"][1] == "250 2.1.5 Ok" and len(pf_logged) == 8
+    assert "NOQUEUE: hold: RCPT from unknown[192.0.2.20]: <unknown[192.0.2.20]>: Client host held text; " \
+        "from=<s@remote.test> to=<plain@relay.test> proto=ESMTP helo=<client.test>" in pf_logged
+    assert "NOQUEUE: filter: RCPT from localhost[127.0.0.1]: <filter@relay.test>: Recipient address triggers " \
+        "FILTER smtp:[127.0.0.1]:{filter}; from=<s@remote.test> to=<filter@relay.test> proto=ESMTP " \
+        "helo=<client.test>" in pf_logged
+    assert pf_replies["recipient info"][1] == "250 2.1.5 Ok" and len(pf_logged) == 8 + 4 * 5
 
 
 CONTENT = {  # a message's name -> its header fields and body

@@ -5,7 +5,8 @@ pflogsumm's totals and tables, and the bans fail2ban-regex finds with the stock 
 
 Traffic: a message relayed to a capture peer with a relay refusal and an unknown user beside it; one deferred
 (peer 4xx) that expires at once (queue lifetime 0) and one bounced (peer 5xx), each returning a notice; a HELO
-name and a sender refused; header_checks REJECT, HOLD and DISCARD; too many errors, improper pipelining after
+name and a sender refused; header_checks REJECT, HOLD and DISCARD; an access HOLD (the message has two
+recipients: Postfix logs it once) and DISCARD; too many errors, improper pipelining after
 HELO, a timeout and a lost connection; failed and aborted logins (one private Dovecot answers both servers' AUTH).
 A second test compares, word for word, smtpd's lines that name a transaction (`client=`, refusals, an access
 WARN): NOQUEUE until its first accepted recipient, its queue id from there on, as Postfix's smtpd names it.
@@ -15,6 +16,10 @@ A third test puts two messages on hold as they arrive (header_checks HOLD) and h
 queue delete`): each message's lines in order (postsuper's, and qmgr's `from=` only once the message enters the
 active queue), postsuper's summaries and pflogsumm's counts (received, held, delivered, senders, recipients) are
 the same for both logs.
+
+A fourth test compares, word for word, smtpd's lines for the access actions HOLD, DISCARD, REDIRECT, BCC and FILTER
+(access tables, a restriction class, a policy service; at RCPT and in end_of_data_restrictions): logged at the
+command that met them, HOLD once per message, NOQUEUE until the transaction has its queue id.
 
 Compared by the first: pflogsumm's totals (received, delivered, deferred, bounced, rejected, held, discarded) and its
 deferral, bounce, reject, hold, discard, warning, fatal and panic sections; fail2ban's matched lines in every mode
@@ -37,6 +42,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.interop.test_policy_vs_postfix import ScriptedPolicy
 from tests.interop.test_smtp_faults_vs_postfix import ScriptedPeer
 from tests.support import SmtpClient, dovecot_instance, eventually, postfix_instance, require_tool, run_tool
 from tests.support.maillog import SYSLOG_NAME
@@ -128,7 +134,9 @@ async def traffic(port: int) -> list:
            await message(port, ["ok@relay.test"], "bad sender", sender="bad@sender.test"),
            await message(port, ["ok@relay.test"], "hc-reject"),
            await message(port, ["ok@relay.test"], "hc-hold"),
-           await message(port, ["ok@relay.test"], "hc-discard")]
+           await message(port, ["ok@relay.test"], "hc-discard"),
+           await message(port, ["ok@relay.test", "def@relay.test"], "access hold", sender="hold@sender.test"),
+           await message(port, ["ok@relay.test"], "access discard", sender="discard@sender.test")]
     await errors(port)
     await pipelining(port)
     got.append(await auth_failures(port))
@@ -145,7 +153,7 @@ async def test_the_tools_read_both_logs_alike(mailflow_server, mail_log, tmp_pat
     (folder / "header").write_text(HEADER_CHECKS)
     transports = f"inline:{{relay.test=smtp:[127.0.0.1]:{peer.port}, sender.test=smtp:[127.0.0.1]:{sink.port}}}"
     known = "inline:{ok@relay.test=ok, def@relay.test=ok, bnc@relay.test=ok}"
-    access = "inline:{bad@sender.test=REJECT}"
+    access = "inline:{bad@sender.test=REJECT, hold@sender.test=HOLD, discard@sender.test=DISCARD}"
     dovecot = contextlib.ExitStack()  # one Dovecot answers both servers' AUTH (plaintext on loopback)
     try:
         auth_socket = str(dovecot.enter_context(dovecot_instance()).auth_socket)
@@ -192,7 +200,8 @@ async def test_the_tools_read_both_logs_alike(mailflow_server, mail_log, tmp_pat
     mf_file.write_text(mf_log)
     (pf_sum, pf_sections), (mf_sum, mf_sections) = await summary(pflogsumm, pf_file), await summary(pflogsumm, mf_file)
     assert {k: mf_sum[k] for k in COMPARED} == {k: pf_sum[k] for k in COMPARED}, (pf_log, mf_log)
-    assert pf_sum["received"] == 6 and pf_sum["rejected"] == 5  # (the traffic did what it is meant to)
+    assert pf_sum["received"] == 8 and pf_sum["rejected"] == 5  # (the traffic did what it is meant to)
+    assert (pf_sum["held"], pf_sum["discarded"]) == (2, 2)  # header_checks' and access tables', each once
     assert {k: mf_sections[k] for k in SECTIONS} == {k: pf_sections[k] for k in SECTIONS}, (pf_log, mf_log)
     assert agent_lines(mf_log, "smtp") == agent_lines(pf_log, "smtp")
     assert agent_lines(mf_log, "cleanup") == agent_lines(pf_log, "cleanup")
@@ -348,10 +357,11 @@ async def refusals_around_an_accepted_recipient(port: int) -> tuple[list[str], s
 
 
 def transaction_lines(log: str) -> list[str]:
-    """smtpd's lines that name a transaction (`client=`, `reject:`, `warn:`), in order, a queue id masked as QID
-    (NOQUEUE stays); each QID checked to be the one the transaction's `client=` line named."""
+    """smtpd's lines that name a transaction (`client=`, `reject:`, `warn:`, the access actions' `hold:`, `discard:`,
+    `redirect:`, `bcc:`, `filter:`), in order, a queue id masked as QID (NOQUEUE stays); each QID checked to be the
+    one the transaction's `client=` line named."""
     lines = [line for line in re.findall(rf"{SYSLOG_NAME}/smtpd\[\d+\]: (.*)$", log, re.M)
-             if re.match(r"\S+: (client=|reject:|warn:)", line)]
+             if re.match(r"\S+: (client=|reject:|warn:|hold:|discard:|redirect:|bcc:|filter:)", line)]
     current = None
     for line in lines:
         queue_id = line.partition(":")[0]
@@ -400,3 +410,92 @@ async def test_a_transaction_is_named_by_its_queue_id_from_its_first_accepted_re
         "NOQUEUE", "QID", "QID", "QID", "QID", "NOQUEUE", "QID", "QID", "QID"]  # (what the traffic is meant to do)
     assert f"{mf_replies[1]}: client=localhost[127.0.0.1]" in mf_log  # the id the 250 named, as Postfix's does
     assert f"{pf_replies[1]}: client=localhost[127.0.0.1]" in pf_log
+
+
+# ---------------------------------------------------------------------------------------------- access actions
+
+SENDER_ACTIONS = "inline:{ {hold@sender.test=HOLD}, {bcc@sender.test=BCC copy@relay.test}, " \
+    "{redirect@sender.test=REDIRECT other@relay.test}, {filter@sender.test=FILTER smtp:[127.0.0.1]:{port}}, " \
+    "{cls@sender.test=held_class} }"
+RECIPIENT_ACTIONS = "inline:{ {hold@relay.test=HOLD held text}, {bcc@relay.test=BCC copy@relay.test}, " \
+    "{discard@relay.test=DISCARD} }"
+END_OF_DATA_ACTIONS = "inline:{ {eodhold@sender.test=HOLD held at the end}, {eoddiscard@sender.test=DISCARD} }"
+POLICY_ANSWERS = {"phold": "HOLD held by policy", "pbcc": "BCC pcopy@relay.test"}  # by the recipient's local part
+TRANSACTIONS = (  # (sender, recipients) of each transaction of one session, each ended with DATA when one is taken
+    ("hold@sender.test", ["x@elsewhere.test", "a@relay.test", "b@relay.test"]),  # held at a refused RCPT, once
+    ("bcc@sender.test", ["a@relay.test", "b@relay.test"]),  # at every RCPT: NOQUEUE, then the queue id
+    ("redirect@sender.test", ["a@relay.test", "b@relay.test"]),
+    ("filter@sender.test", ["a@relay.test"]),
+    ("cls@sender.test", ["a@relay.test"]),  # a restriction class's HOLD
+    ("s@sender.test", ["a@relay.test", "hold@relay.test", "bcc@relay.test", "discard@relay.test", "b@relay.test"]),
+    ("s@sender.test", ["phold@relay.test", "pbcc@relay.test"]),  # a policy service's answers
+    ("eodhold@sender.test", ["a@relay.test"]),  # end_of_data_restrictions: END-OF-MESSAGE
+    ("eoddiscard@sender.test", ["a@relay.test", "b@relay.test"]),
+)
+
+
+async def access_actions(port: int) -> list[int | None]:
+    """TRANSACTIONS in one session, RSET between them; the reply codes."""
+    c = await SmtpClient.connect(port)
+    codes = [(await c.cmd("EHLO client.test")).code]
+    for sender, rcpts in TRANSACTIONS:
+        codes.append((await c.cmd(f"MAIL FROM:<{sender}>")).code)
+        codes += [(await c.cmd(f"RCPT TO:<{rcpt}>")).code for rcpt in rcpts]
+        if 250 in codes[-len(rcpts):]:
+            assert (await c.cmd("DATA")).code == 354
+            codes.append((await c.cmd("Subject: access action\r\n\r\nx\r\n.")).code)
+        codes.append((await c.cmd("RSET")).code)
+    assert (await c.cmd("QUIT")).code == 221
+    await c.close()
+    return codes
+
+
+async def test_access_actions_are_logged_where_postfix_logs_them(mailflow_server, mail_log):
+    """Postfix's smtpd logs an access table's (a restriction class's, a policy service's) HOLD, DISCARD, REDIRECT,
+    BCC and FILTER when it meets the action, at the command (check_table_result): `NOQUEUE: hold: RCPT from …:
+    <hold@sender.test>: Sender address triggers HOLD action; from=<…> to=<…> …`, the queue id once the transaction
+    has one; HOLD once per message and DISCARD once (the checks stop), the others each time they are met; in
+    end_of_data_restrictions at END-OF-MESSAGE. Nothing more at the end of the message."""
+    sink = await ScriptedPeer({}).start()
+    transports = f"inline:{{relay.test=smtp:[127.0.0.1]:{sink.port}}}"
+    senders = SENDER_ACTIONS.replace("{port}", str(sink.port))
+    classes = {"held_class": [f"check_sender_access inline:{{ {{cls@sender.test=HOLD class held}} }}"]}
+    try:
+        async with ScriptedPolicy(POLICY_ANSWERS) as policy:
+            lists = {"sender": [f"check_sender_access {senders}"],
+                     "recipient": [f"check_recipient_access {RECIPIENT_ACTIONS}",
+                                   f"check_policy_service {policy.spec}"],
+                     "end_of_data": [f"check_sender_access {END_OF_DATA_ACTIONS}"]}
+            async with postfix_instance({
+                "myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "mydestination": "", "relay_domains": "relay.test",
+                "transport_maps": transports, "mynetworks": "192.0.2.0/24",
+                "smtpd_relay_restrictions": "reject_unauth_destination", "smtpd_error_sleep_time": "0",
+                "smtpd_restriction_classes": "held_class", **{k: ", ".join(v) for k, v in classes.items()},
+                **{f"smtpd_{stage}_restrictions": ", ".join(items) for stage, items in lists.items()},
+            }) as pf:
+                await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the probe that saw it listen
+                started = len(pf.maillog)
+                pf_replies = await access_actions(pf.port)
+                await eventually(lambda: "disconnect from" in pf.maillog[started:], timeout=10)
+                pf_log = pf.maillog[started:]
+            mf = await mailflow_server(
+                myhostname=MF_HOST, mydestination=[], relay_domains=["relay.test"], transport_maps=[transports],
+                mynetworks=["192.0.2.0/24"], smtp={"tls_security_level": "none"},
+                smtpd={"error_sleep_time": 0, "restriction_classes": classes,
+                       **{f"{stage}_restrictions": items for stage, items in lists.items()}})
+            mf_replies = await access_actions(mf.smtp_addresses[0][1])
+            await eventually(lambda: "disconnect from" in mail_log.read_text(), timeout=10)
+            mf_log = mail_log.read_text()
+    finally:
+        await sink.stop()
+    assert mf_replies == pf_replies
+    assert transaction_lines(mf_log) == transaction_lines(pf_log), (pf_log, mf_log)
+    # what Postfix logged, so that the same mistake on both sides cannot pass unnoticed
+    pf_lines = transaction_lines(pf_log)
+    assert pf_lines[0] == "NOQUEUE: hold: RCPT from localhost[127.0.0.1]: <hold@sender.test>: Sender address " \
+        "triggers HOLD action; from=<hold@sender.test> to=<x@elsewhere.test> proto=ESMTP helo=<client.test>"
+    assert [line.partition(" from ")[0] for line in pf_lines if " client=" not in line] == [
+        "NOQUEUE: hold: RCPT", "NOQUEUE: reject: RCPT", "NOQUEUE: bcc: RCPT", "QID: bcc: RCPT",
+        "NOQUEUE: redirect: RCPT", "QID: redirect: RCPT", "NOQUEUE: filter: RCPT", "NOQUEUE: hold: RCPT",
+        "QID: hold: RCPT", "QID: bcc: RCPT", "QID: discard: RCPT", "NOQUEUE: hold: RCPT", "QID: bcc: RCPT",
+        "QID: hold: END-OF-MESSAGE", "QID: discard: END-OF-MESSAGE"]

@@ -14,8 +14,10 @@ At the end of the message (`handle_DATA`) it runs the data list, then the end_of
 `Submission` to cleanup and answers 250 only once cleanup has committed it. The session writes the content
 into `new_spool()` as it arrives; the handler sees it whole, as a mailflow.content.Content
 (`Transaction.content`), never as one bytes object.
-A message marked DISCARD by a restriction is answered 250 and dropped (logged); HOLD is queued on hold;
-PREPEND's fields, REDIRECT and BCC change what is handed to cleanup (its headers, its recipients). Cleanup adds
+A message marked DISCARD by a restriction is answered 250 and dropped; HOLD is queued on hold (an access
+action's line was logged where the restrictions met it; a filter's hold or discard, a milter's, DMARC's or a
+scanner's, is logged here: `QID: hold: END-OF-MESSAGE from …`); PREPEND's fields, REDIRECT and BCC change
+what is handed to cleanup (its headers, its recipients). Cleanup adds
 the Message-ID, Date and From a message lacks, and qualifies its header addresses, only for
 local_header_rewrite_clients (`_header_rewriting`; remote_header_rewrite_domain for other clients' addresses).
 Every policy refusal is logged through the session as Postfix logs it (`NOQUEUE: reject: RCPT from …`, the
@@ -59,7 +61,7 @@ from mailflow.routing.addressmap import AddressMapper
 from mailflow.routing.rewrite import Rewriter, domain_in
 from mailflow.stages.smtpd.filtering import FilterServices
 from mailflow.stages.smtpd.peername import PeerNames
-from mailflow.stages.smtpd.restrictions import Facts, Restrictions
+from mailflow.stages.smtpd.restrictions import Facts, Marks, Restrictions
 from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction, helo_name
 from mailflow.tables import TableCache
 
@@ -277,7 +279,7 @@ class SmtpdHandler:
         elif marks.filter is not None:
             submission = dataclasses.replace(submission, content_filter=marks.filter)
         if marks.discard is not None:
-            return str(self._discard(server, submission, marks.discard))
+            return str(self._discard(server, submission, marks))
         self.submitting += 1
         try:
             if marks.hold is not None:
@@ -291,12 +293,8 @@ class SmtpdHandler:
             return str(reply)
         finally:
             self.submitting -= 1
-        if marks.hold is not None:
+        if marks.hold is not None and "hold" not in marks.logged:  # (an access HOLD's line is logged where met)
             server.log_reject("END-OF-MESSAGE", marks.hold, envelope.single_recipient, action="hold")
-        if marks.redirect is not None:
-            log.info("%s: redirect: %s instead of %s", queue_id, marks.redirect, ", ".join(envelope.rcpt_tos))
-        for bcc in marks.bcc:
-            log.info("%s: bcc: %s", queue_id, bcc)
         return str(status.queued(queue_id))
 
     async def _content_refusal(self, session: SessionState, envelope: Transaction,
@@ -330,13 +328,15 @@ class SmtpdHandler:
         verdict = await self.restrictions.action(answer, name, what, facts, source="policy hook", stage=stage)
         return verdict if isinstance(verdict, status.Reply) else None
 
-    def _discard(self, server, submission: Submission, reason: str) -> status.Reply:
+    def _discard(self, server, submission: Submission, marks: Marks) -> status.Reply:
         """Accepted and dropped (Postfix DISCARD): the client is told it was queued, under the queue id the
-        transaction took at its first recipient; the log says why."""
-        queue_id = submission.queue_id
+        transaction took at its first recipient; the log says why (an access DISCARD's line is logged where the
+        restrictions met it)."""
         recipients = submission.envelope.recipients
-        server.log_reject("END-OF-MESSAGE", reason, recipients[0] if len(recipients) == 1 else "", action="discard")
-        return status.queued(queue_id)
+        if "discard" not in marks.logged:
+            server.log_reject("END-OF-MESSAGE", marks.discard, recipients[0] if len(recipients) == 1 else "",
+                              action="discard")
+        return status.queued(submission.queue_id)
 
     def new_spool(self, max_size: int | None) -> Spool:
         """Where the session writes DATA/BDAT content as it arrives (cleanup's, i.e. the queue's)."""

@@ -377,7 +377,7 @@ class ProtocolCore(SMTP):
                    sender: str | None = None) -> None:
         """`QID: reject: STAGE from host[ip]: reply; from=<s> to=<r> proto=… helo=<…>` (Postfix's form: QID the
         transaction's queue id, taken at its first accepted recipient, `NOQUEUE` before; `action` hold or discard
-        for those restriction actions; `sender` the one refused at MAIL, else the transaction's)."""
+        for a message a filter held or discarded; `sender` the one refused at MAIL, else the transaction's)."""
         if sender is None:
             sender = self.envelope.sender
         elif sender == NULL_SENDER:

@@ -24,10 +24,14 @@ smtpd_restriction_classes) named in a list runs its own list as one item: its PE
 An access value that is no action is a list of restrictions and classes, run the same way (Postfix's
 check_table_result), its `reject` naming what the table was asked about. Access-table DISCARD permits and
 marks the message to be discarded (no further checks); HOLD, FILTER, PREPEND (not at the end of data: ignored),
-REDIRECT and BCC mark it and go on; an all-digit value is OK; WARN and INFO log and go on (Postfix). Marks
-live in `facts.marks`, one per message. DEFER_IF_PERMIT and DEFER_IF_REJECT hold for the command that met
-them (`facts`): its verdict, permit or refusal, is turned into a deferral at the end (`_conditional_deferrals`).
-An enhanced status code an action gives is fitted to what it refuses (`dsn_fix`).
+REDIRECT and BCC mark it and go on; an all-digit value is OK; WARN and INFO log and go on (Postfix). DISCARD,
+HOLD, FILTER, REDIRECT and BCC are logged where they are met, as Postfix's check_table_result logs them
+(`NOQUEUE: hold: RCPT from host[ip]: <s@d>: Sender address triggers HOLD action; from=<…> to=<…> …`, the
+transaction's queue id once it has one): HOLD once per message, the others each time. Marks live in
+`facts.marks`, one per message (`marks.logged`: those whose line is written). DEFER_IF_PERMIT and
+DEFER_IF_REJECT hold for the command that met them (`facts`): its verdict, permit or refusal, is turned into a
+deferral at the end (`_conditional_deferrals`). An enhanced status code an action gives is fitted to what it
+refuses (`dsn_fix`).
 
 Failure behaviour: a table that cannot answer or an action mailflow does not know (an access value naming an
 undefined class or a lookup table, or lists nested deeper than MAX_DEPTH: a loop through tables) gives
@@ -94,6 +98,7 @@ class Marks:
     prepend: list[str] = field(default_factory=list)  # access PREPEND: header fields for the message, in order
     redirect: str | None = None  # access REDIRECT: the one recipient the message goes to instead
     bcc: list[str] = field(default_factory=list)  # access BCC: more recipients for a copy, each BCC kept (Postfix 3.2+)
+    logged: set[str] = field(default_factory=set)  # "hold", "discard": logged where met (an access action's)
 
 
 @dataclass
@@ -437,10 +442,15 @@ class Restrictions:
         if upper == "DEFER":
             return status.access_deferred(name, what, *split_dsn(text, "4.7.1", what))
         if upper == "DISCARD":
+            self._whatsup("discard", _triggered(upper, name, what, text), facts, stage)
             facts.marks.discard = text or f"{source}: DISCARD"
+            facts.marks.logged.add("discard")
             return PERMIT
         if upper == "HOLD":
-            facts.marks.hold = text or f"{source}: HOLD"
+            if facts.marks.hold is None:  # Postfix: a held message's next HOLD is not logged
+                self._whatsup("hold", _triggered(upper, name, what, text), facts, stage)
+                facts.marks.hold = text or f"{source}: HOLD"
+                facts.marks.logged.add("hold")
             return None
         if upper == "DEFER_IF_PERMIT":
             facts.defer_if_permit = facts.defer_if_permit or status.conditional_deferral(
@@ -451,16 +461,15 @@ class Restrictions:
                 name, what, *split_dsn(text, "4.7.1", what))
             return None
         if upper in ("WARN", "INFO"):
-            self._lines.reject(PROTOCOL_STATE.get(stage, "RCPT"), f"{facts.client_name}[{facts.client_addr}]", text,
-                               sender=facts.sender, recipient=facts.recipient, protocol=facts.protocol,
-                               helo=facts.helo, action=upper.lower(),  # Postfix's log_whatsup: the text alone
-                               queue_id=facts.queue_id or "NOQUEUE")
+            self._whatsup(upper.lower(), text, facts, stage)  # Postfix's log_whatsup: the text alone
             return None
         if upper == "PREPEND" and stage == "end_of_data":  # the header section has been received
             log.warning("%s: access action PREPEND must be used before end_of_data_restrictions; ignored", source)
             return None
         if upper in _MARK_NEEDS:
-            return _mark(upper, text, facts.marks, source)
+            if _mark(upper, text, facts.marks, source) and upper != "PREPEND":
+                self._whatsup(upper.lower(), _triggered(upper, name, what, text), facts, stage)
+            return None
         if value.strip().isascii() and value.strip().isdigit():  # Postfix: a time stamp some POP-before-SMTP
             return PERMIT  # schemes write: OK
         if not upper:  # Postfix: "entry ... has empty value", an OK from the days when an empty value meant OK
@@ -475,6 +484,13 @@ class Restrictions:
         if items is None:
             return status.restriction_config_error(name, what)
         return await self._run_items(items, stage, facts, (name, what))
+
+    def _whatsup(self, action: str, text: str, facts: Facts, stage: str) -> None:
+        """Postfix's log_whatsup: `QID: action: RCPT from host[ip]: text; from=<s> to=<r> proto=… helo=<…>`, at the
+        command that met the action, NOQUEUE before the transaction has its queue id."""
+        self._lines.reject(PROTOCOL_STATE.get(stage, "RCPT"), f"{facts.client_name}[{facts.client_addr}]", text,
+                           sender=facts.sender, recipient=facts.recipient, protocol=facts.protocol,
+                           helo=facts.helo, action=action, queue_id=facts.queue_id or "NOQUEUE")
 
     def _value_list(self, value: str, source: str, facts: Facts) -> tuple[tuple[str, str], ...] | None:
         """An access value that is no action, as Postfix's check_table_result takes it: restriction names and
@@ -571,10 +587,10 @@ _MARK_NEEDS = {"FILTER": "transport:destination", "PREPEND": "header: text", "RE
                "BCC": "user@domain target"}
 
 
-def _mark(word: str, text: str, marks: Marks, source: str) -> None:
-    """FILTER, PREPEND, REDIRECT, BCC mark the message and go on. An argument that is not what the action takes is
-    logged and the action ignored (DUNNO), as Postfix's check_table_result does; Postfix takes any REDIRECT or
-    BCC argument with an `@`, mailflow only a valid address."""
+def _mark(word: str, text: str, marks: Marks, source: str) -> bool:
+    """FILTER, PREPEND, REDIRECT, BCC mark the message and go on (True). An argument that is not what the action
+    takes is logged and the action ignored (False: DUNNO), as Postfix's check_table_result does; Postfix takes
+    any REDIRECT or BCC argument with an `@`, mailflow only a valid address."""
     if word == "FILTER" and ":" in text:
         marks.filter = text
     elif word == "PREPEND" and _HEADER_FIELD.fullmatch(text):
@@ -582,11 +598,20 @@ def _mark(word: str, text: str, marks: Marks, source: str) -> None:
     elif word == "REDIRECT" and address.mailbox_syntax_error(text) is None:
         marks.redirect = text
     elif word == "BCC" and address.mailbox_syntax_error(text) is None:
-        if text not in marks.bcc:  # (a sender's entry answers at every RCPT: one copy, one log line)
+        if text not in marks.bcc:  # (a sender's entry answers at every RCPT: one copy)
             marks.bcc.append(text)
     else:
         log.warning("%s: access action %s %r requires %s; ignored", source, word, text, _MARK_NEEDS[word])
-    return None
+        return False
+    return True
+
+
+def _triggered(word: str, name: str, what: str, text: str) -> str:
+    """What Postfix's check_table_result logs for HOLD, DISCARD, REDIRECT, BCC and FILTER: `<name>: what text`,
+    `triggers HOLD action` (DISCARD) without a text, `triggers REDIRECT addr` (BCC, FILTER)."""
+    if word in ("HOLD", "DISCARD"):
+        return f"<{name}>: {what} {text or f'triggers {word} action'}"
+    return f"<{name}>: {what} triggers {word} {text}"
 
 
 def policy_request(facts: Facts, stage: str, context: str = "") -> dict[str, str]:
