@@ -221,11 +221,12 @@ SECTIONS = ("message deferral detail", "message bounce detail (by relay)", "mess
 
 
 def agent_lines(log: str, service: str) -> list[str]:
-    """A service's lines, without their prefix, queue ids and delays."""
+    """A service's lines, without their prefix, queue ids, delays and connection reuse (whether Postfix's smtp
+    finds a cached connection is a matter of timing)."""
     lines = re.findall(rf"{SYSLOG_NAME}/{service}\[\d+\]: (.*)$", log, re.M)
     lines = [re.sub(r"\b[0-9A-F]{10,16}\b", "QID", re.sub(r"message-id=<.*>$", "message-id=<ID>", line))
              for line in lines]
-    return sorted(re.sub(r", delay=.*?dsn=", ", dsn=", line) for line in lines)
+    return sorted(re.sub(r"(, conn_use=\d+)?, delay=.*?dsn=", ", dsn=", line) for line in lines)
 
 
 async def summary(pflogsumm: str, log: Path) -> tuple[dict[str, int], dict[str, str]]:
