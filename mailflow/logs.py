@@ -9,8 +9,10 @@ What it owns
   `QID: client=host[ip]`, with `sasl_method=, sasl_username=` after AUTH, `sasl_sender=` after MAIL's AUTH=;
   pickup's `QID: uid=N from=<s>`),
   message-id (cleanup), queued (`from=<s>, size=N, nrcpt=N (queue active)`; `opened` for a message held on
-  arrival, when qmgr first takes it), sent / deferred / bounced
-  (`to=<r>, relay=…, delay=…, dsn=…, status=… (text)`; the event's fields also name the transport), expired
+  arrival, when qmgr first takes it), sent / deferred / bounced (Postfix's log_adhoc: `to=<r>[, orig_to=<o>],
+  relay=…, delay=T, delays=a/b/c/d, dsn=…, status=… (text)`, the times as `format_tv` writes
+  them, `delays` as `log_delays` computes them from the result's stamps; the event's fields also name the
+  transport, and carry the times as numbers), expired
   (qmgr's `from=<s>, status=expired, returned to sender`, after the attempt's `status=deferred` lines: the
   recipients it returns, `bounced` "message expired: …", go to the observer only, as Postfix logs no line for
   them), notice, removed, corrupt; and postsuper's, for what an operator did (`operator`: `QID: removed`,
@@ -52,7 +54,7 @@ from typing import Iterator
 
 from mailflow import address
 from mailflow.config import LogConfig
-from mailflow.model import Outcome, RcptResult
+from mailflow.model import ConnStats, MsgStats, Outcome, RcptResult
 
 MAIL_LOGGER = "mailflow.mail"
 SMTPD_LOGGER = "mailflow.smtpd"
@@ -153,10 +155,11 @@ class MailLog:
         self._emit(queue_id, event, f"from=<{sender}>, size={size}, nrcpt={nrcpt} (queue active)", service="qmgr",
                    logged=logged, sender=sender, size=size, nrcpt=nrcpt)
 
-    def result(self, queue_id: str, result: RcptResult, delay: float, *, logged: bool = True) -> None:
-        """One recipient's result line; with `logged` false the observer alone is told (a recipient returned for
-        its age: Postfix logs the attempt's `status=deferred` line and qmgr's `status=expired` line, no
-        `status=bounced`, and pflogsumm counts those)."""
+    def result(self, queue_id: str, result: RcptResult, stats: MsgStats, now: float, *, logged: bool = True) -> None:
+        """One recipient's result line, its times from `stats` (`result.stats`, else the attempt's) and
+        `result.conn`, `now` the time of the line; with `logged` false the observer alone is told (a recipient
+        returned for its age: Postfix logs the attempt's `status=deferred` line and qmgr's `status=expired` line,
+        no `status=bounced`, and pflogsumm counts those)."""
         if not (self.active if logged else self._observer is not None):
             return
         status = _RESULT_STATUS[result.outcome]
@@ -164,11 +167,14 @@ class MailLog:
         to = named.address
         original = address.shown_original(named.original)  # (as Postfix logs it: without quotes that add nothing)
         orig = f", orig_to=<{original}>" if original and original != to else ""
+        delay, delays = log_delays(stats, result.conn, now)
+        shown = "/".join(format_tv(d) for d in delays)
         self._emit(queue_id, status,
-                   f"to=<{to}>{orig}, relay={result.relay}, delay={delay:.2f}, dsn={result.dsn}, "
-                   f"status={status} ({result.text})", service=_delivery_service(result.relay),
-                   logged=logged, to=to, relay=result.relay, delay=round(delay, 3), dsn=result.dsn, status=status,
-                   reason=result.text, transport=result.transport)
+                   f"to=<{to}>{orig}, relay={result.relay}, delay={format_tv(delay)}, delays={shown}, "
+                   f"dsn={result.dsn}, status={status} ({result.text})", service=_delivery_service(result.relay),
+                   logged=logged, to=to, relay=result.relay, delay=round(delay, 3),
+                   delays=[round(d, 3) for d in delays], dsn=result.dsn, status=status, reason=result.text,
+                   transport=result.transport)
 
     def expired(self, queue_id: str, sender: str) -> None:
         """A message past its queue lifetime: its pending recipients are returned to the sender (Postfix qmgr)."""
@@ -228,6 +234,41 @@ class MailLog:
 
 
 _RESULT_STATUS = {Outcome.SENT: "sent", Outcome.DEFERRED: "deferred", Outcome.BOUNCED: "bounced"}
+
+
+def log_delays(stats: MsgStats, conn: ConnStats | None, now: float) -> tuple[float, tuple[float, float, float, float]]:
+    """`delay` and `delays` (a, b, c, d) as Postfix's log_adhoc computes them: from arrival to the end (the
+    agent's `done`, else `now`); a: before the active queue (arrival to this attempt's entry into it), b: in it
+    (to the hand-off to a delivery agent; to the end when there was none), c: connection set-up (to the session
+    ready for MAIL FROM; 0 without a session), d: transmission (from the set-up, else the hand-off, to the end).
+    A difference below zero (a clock stepped back) counts as zero."""
+    end = stats.done or now
+    delay = max(0.0, end - stats.arrival)
+    active, handoff = stats.active, stats.handoff
+    if not active:
+        return delay, (delay, 0.0, 0.0, 0.0)
+    before = max(0.0, active - stats.arrival)
+    if not handoff:
+        return delay, (before, max(0.0, end - active), 0.0, 0.0)
+    setup = conn.setup_done if conn is not None else 0.0
+    connected = max(0.0, setup - handoff) if setup else 0.0
+    return delay, (before, max(0.0, handoff - active), connected, max(0.0, end - (setup or handoff)))
+
+
+def format_tv(seconds: float) -> str:
+    """A time as Postfix's format_tv writes `delay=` and `delays=` (two significant digits, a resolution of 10 ms:
+    delay_logging_resolution_limit = 2): `0`, `0.01`, `0.12`, `1.2`, `12`, `123`; trailing zeros dropped. Below
+    zero counts as zero. (Its arithmetic on whole microseconds: below 1 s hundredths, below 10 s tenths, then
+    seconds, each rounded half up at that resolution, the resolution chosen before the rounding.)"""
+    usec = round(seconds * 1_000_000)
+    if usec < 995_000:  # 0 s, rounded to hundredths (from 0.995 s that is 1)
+        if usec < 5_000:
+            return "0"
+        return f"0.{(usec + 5_000) // 10_000:02d}".rstrip("0")
+    if usec < 10_000_000:  # whole seconds 0 to 9, rounded to tenths (9.95 s is 10)
+        tenths = (usec + 50_000) // 100_000
+        return str(tenths // 10) if tenths % 10 == 0 else f"{tenths // 10}.{tenths % 10}"
+    return str((usec + 500_000) // 1_000_000)
 
 
 def _delivery_service(relay: str) -> str:

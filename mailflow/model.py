@@ -10,6 +10,7 @@ import dataclasses
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from mailflow.content import Content
 
@@ -240,6 +241,24 @@ class Outcome(enum.Enum):
     BOUNCED = "bounced"
 
 
+class MsgStats(NamedTuple):
+    """When one recipient's delivery attempt passed each stage, on qmgr's clock (Postfix's MSG_STATS,
+    src/global/msg_stats.h), for the `delay=` and `delays=` of its log line; 0.0 where a stage was not reached.
+    qmgr stamps it once per job: one tuple shared by the job's results."""
+
+    arrival: float  # the message arrived (Postfix: incoming queue entry)
+    active: float = 0.0  # it entered the active queue for this attempt (qmgr took it)
+    handoff: float = 0.0  # qmgr handed the job to its delivery agent; 0.0: no agent (qmgr deferred it itself)
+    done: float = 0.0  # the agent gave its results; 0.0: the time of the log line
+
+
+class ConnStats(NamedTuple):
+    """An SMTP or LMTP client's part of MSG_STATS for one transaction: when its session was set up (greeting,
+    EHLO, TLS, AUTH done: MAIL FROM goes next), on qmgr's clock. One tuple per transaction."""
+
+    setup_done: float
+
+
 @dataclass(frozen=True)
 class RcptResult:
     """The fate of one recipient after one delivery attempt.
@@ -251,7 +270,9 @@ class RcptResult:
     so no success notice comes from here (Postfix smtp_rcpt_done). `expanded`: the address the result is
     about when the agent expanded the recipient (an alias member that does not exist), '' when it is the
     recipient itself; logs and notices then name it as Postfix does, "<member> (expanded from <recipient>)"
-    (`named`). It is not stored: a notice made after a restart names the recipient.
+    (`named`). It is not stored: a notice made after a restart names the recipient. `conn`: the SMTP or LMTP
+    session the result came from, when one was set up; `stats`: the stages of the attempt, stamped by qmgr (None:
+    the attempt's own, qmgr's log line falls back to them). Neither is stored.
     """
 
     recipient: Recipient
@@ -262,6 +283,8 @@ class RcptResult:
     next_hop_notifies: bool = False
     transport: str = ""  # the transport whose job it was (set by qmgr; "" when none was chosen)
     expanded: str = ""
+    conn: ConnStats | None = None
+    stats: MsgStats | None = None
 
     @property
     def named(self) -> Recipient:

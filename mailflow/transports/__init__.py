@@ -54,7 +54,7 @@ def build_transports(config, resolver, clock, router, forward=None, mailbox=None
     smtp = SmtpTransport(config.smtp, resolver=resolver, helo_name=config.smtp.helo_name or config.myhostname,
                          mta_sts=build_mta_sts(config, resolver), plaintext_after=config.queue.minimal_backoff_time,
                          own_addresses=router.rewriter.own_addresses, own_ports=config.smtpd.ports,
-                         relayhost=config.relayhost)
+                         relayhost=config.relayhost, now=clock.time)
     return {
         **({"capture": CaptureTransport(mailbox)} if mailbox is not None else {}),
         "local": LocalTransport(router.local, local=config.local, writer=MaildirWriter(clock), clock=clock,
@@ -66,7 +66,7 @@ def build_transports(config, resolver, clock, router, forward=None, mailbox=None
                                     owner=router.rewriter.virtual_owner, base=config.virtual_mailbox_base),
         "smtp": smtp,
         "relay": smtp,
-        "lmtp": LmtpTransport(config.lmtp, helo_name=config.myhostname),
+        "lmtp": LmtpTransport(config.lmtp, helo_name=config.myhostname, now=clock.time),
         "discard": DiscardTransport(),
         "error": ErrorTransport(),
         # [pipe.NAME] services; config validation keeps their names off the built-in ones above.

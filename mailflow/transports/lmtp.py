@@ -7,7 +7,7 @@ end of DATA, reads one reply per accepted recipient, in RCPT order (RFC 2033 4.2
 no connection cache: every session ends with its message (QUIT, not waiting for the reply, as Postfix's
 lmtp_skip_quit_response = yes).
 
-    LmtpTransport(config, *, helo_name, clock=time.monotonic)
+    LmtpTransport(config, *, helo_name, clock=time.monotonic, now=time.time)   (`now`: qmgr's clock, as smtp's)
     await deliver(request) -> DeliveryReport      one result per recipient, never raises for a delivery problem
     await close()                                 nothing cached
 
@@ -59,8 +59,10 @@ log = logging.getLogger("mailflow.lmtp")
 class LmtpTransport:
     """Delivers each request over a fresh LMTP session to its next hop (see the module docstring)."""
 
-    def __init__(self, config: LmtpConfig, *, helo_name: str, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, config: LmtpConfig, *, helo_name: str, clock: Callable[[], float] = time.monotonic,
+                 now: Callable[[], float] = time.time):
         self._config = config
+        self._now = now
         self._helo_name = helo_name
         self._clock = clock
         self._timeouts = Timeouts(config.connect_timeout, config.command_timeout, config.command_timeout,
@@ -90,7 +92,7 @@ class LmtpTransport:
             record_unreachable(outcomes, recipients, e, [])
             return
         try:
-            await send_message(session, request, recipients, outcomes, self._timeouts, lmtp=True)
+            await send_message(session, request, recipients, outcomes, self._timeouts, self._now, lmtp=True)
         except BaseException:
             session.abort()
             raise

@@ -60,14 +60,15 @@ class Harness:
             self.store.content = counting
         return self.store
 
-    async def start(self, transports: dict | None = None, resolve=None, **queue) -> QueueManager:
+    async def start(self, transports: dict | None = None, resolve=None, log: MailLog | None = None,
+                    **queue) -> QueueManager:
         config = Config(myhostname=HOST, mydestination=("example.test",),
                         queue={"minimal_backoff_time": MIN_BACKOFF, "maximal_backoff_time": 4000, **queue})
         await self.open_store()
         self.qmgr = QueueManager(
             self.store, resolve=resolve or Rewriter(config).resolve,
             transports=transports if transports is not None else {"local": self.local, "smtp": self.smtp},
-            config=config.queue, clock=self.clock, rng=random.Random(0), log=MailLog())
+            config=config.queue, clock=self.clock, rng=random.Random(0), log=log or MailLog())
         await self.qmgr.start()
         return self.qmgr
 
@@ -352,6 +353,31 @@ async def test_a_deferral_comes_due_without_a_wake_up(h):
     h.clock.advance(0.6)  # time moves past the jittered retry; nobody calls wake()
     await eventually(lambda: queue_is_empty(h))
     assert len(h.smtp.requests) == 2
+
+
+async def test_the_log_times_each_stage_of_an_attempt_as_postfix_does(h):
+    """delay= and delays=a/b/c/d as Postfix's: a is the time before the active queue, from arrival to this
+    attempt's entry into it (on a retry: all the time the message waited), b the wait there for a delivery agent,
+    d the agent's work; delay runs from arrival to the agent's end, not to the line's later record."""
+    events: list[dict] = []
+    results = MailLog(observer=lambda queue_id, event, fields: events.append(fields) if "delays" in fields else None)
+
+    class TwoSeconds(RecordingTransport):
+        async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
+            h.clock.advance(2.0)
+            return await super().deliver(request)
+
+    smtp = TwoSeconds("smtp")
+    smtp.outcomes["b@remote.test"] = (Outcome.DEFERRED, "4.4.1", "later")
+    await h.start(transports={"smtp": smtp, "local": h.local}, log=results)
+    await h.queue("b@remote.test", arrival=T0 - 100)  # arrived 100 s ago, taken now
+    await eventually(lambda: _is(h, {"deferred": 1}))
+    del smtp.outcomes["b@remote.test"]
+    h.clock.advance(MIN_BACKOFF * 1.2)  # past the jittered retry
+    await eventually(lambda: queue_is_empty(h))
+    waited = 100 + 2 + MIN_BACKOFF * 1.2  # until the retry entered the active queue
+    assert [(e["status"], e["delay"], e["delays"]) for e in events] == [
+        ("deferred", 102.0, [100.0, 0.0, 0.0, 2.0]), ("sent", waited + 2, [waited, 0.0, 0.0, 2.0])]
 
 
 async def test_stop_closes_each_transport_once(h):

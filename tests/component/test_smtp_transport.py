@@ -9,6 +9,7 @@ import logging
 import random
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -20,7 +21,7 @@ from mailflow.clock import VirtualClock
 from mailflow.config import Config, SmtpConfig
 from mailflow.dns import MX, AiodnsResolver, StaticResolver
 from mailflow.content import Content
-from mailflow.model import DeliveryRequest, Outcome, Recipient
+from mailflow.model import ConnStats, DeliveryRequest, Outcome, Recipient
 from mailflow.routing.router import Router
 from mailflow.transports import build_transports
 from mailflow.transports.smtp import SmtpTransport
@@ -43,13 +44,13 @@ CONTENT = (
 
 def make_transport(resolver=None, port: int = 25, tls: str = "none", timeout: float = 2.0, rng=None,
                    plaintext_after: float = 0.0, own_addresses: frozenset = frozenset(),
-                   own_ports: frozenset = frozenset(), **settings) -> SmtpTransport:
+                   own_ports: frozenset = frozenset(), now=time.time, **settings) -> SmtpTransport:
     config = SmtpConfig(
         port=port, connect_timeout=timeout, helo_timeout=timeout, command_timeout=timeout, data_timeout=timeout,
         tls_security_level=tls, **settings,
     )
     return SmtpTransport(config, resolver=resolver or StaticResolver(), helo_name=HELO, rng=rng,
-                         plaintext_after=plaintext_after, own_addresses=own_addresses, own_ports=own_ports)
+                         plaintext_after=plaintext_after, own_addresses=own_addresses, own_ports=own_ports, now=now)
 
 
 def make_request(nexthop: str, *recipients: str, sender: str = "a@remote.test", content: bytes = CONTENT, **kw):
@@ -1398,6 +1399,22 @@ async def test_reuse_count_limit_bounds_the_uses_of_one_connection(counted_peer)
                                     *(make_request(nexthop) for _ in range(5)))
     assert all(r.results[0].outcome is Outcome.SENT for r in reports)
     assert peer.connections == 3  # limit N: each connection is used N+1 times
+
+
+async def test_a_transaction_s_results_carry_its_session_set_up_time(counted_peer):
+    """Postfix's conn_setup_done, for the log's `delays=` (c, d): the time on the clock given (qmgr's) as MAIL
+    FROM goes out, for a new connection and a reused one; nothing without a session."""
+    peer = await counted_peer()
+    nexthop = f"[127.0.0.1]:{peer.port}"
+    ticks = iter(range(100, 110))
+    transport = make_transport(connection_reuse_count_limit=1, now=lambda: float(next(ticks)))
+    reports = await deliver_several(transport, *(make_request(nexthop, "a@example.test", "b@example.test")
+                                                 for _ in range(3)))
+    assert [[(r.outcome, r.conn) for r in report.results] for report in reports] == [
+        [(Outcome.SENT, ConnStats(100.0))] * 2, [(Outcome.SENT, ConnStats(101.0))] * 2,
+        [(Outcome.SENT, ConnStats(102.0))] * 2]  # (the limit: a new connection for the third)
+    refused = await deliver(make_transport(), make_request(f"[127.0.0.1]:{free_port()}"))
+    assert [(r.outcome, r.conn) for r in refused.results] == [(Outcome.DEFERRED, None)]
 
 
 async def test_idle_session_is_closed_after_the_cache_time_limit(counted_peer):

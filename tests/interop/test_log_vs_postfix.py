@@ -44,7 +44,8 @@ import pytest
 
 from tests.interop.test_policy_vs_postfix import ScriptedPolicy
 from tests.interop.test_smtp_faults_vs_postfix import ScriptedPeer
-from tests.support import SmtpClient, dovecot_instance, eventually, postfix_instance, require_tool, run_tool
+from tests.support import (SmtpClient, dovecot_instance, eventually, postfix_instance, require_tool, run_tool,
+                           script_dir)
 from tests.support.maillog import SYSLOG_NAME
 
 pytestmark = pytest.mark.interop
@@ -505,3 +506,92 @@ async def test_access_actions_are_logged_where_postfix_logs_them(mailflow_server
         "QID: hold: END-OF-MESSAGE", "QID: discard: END-OF-MESSAGE"]
     # deliberate (docs/security.md): the sender's BCC met at two RCPTs is one copy; Postfix lists it twice
     assert (BCC_QUEUED.search(pf_log).group(1), BCC_QUEUED.search(mf_log).group(1)) == ("4", "3")
+
+
+# ---------------------------------------------------------------------------------------------- a delivery line
+
+DELIVERIES = [["alice@local.test"], ["fwd@local.test"], ["ok@relay.test", "ok2@relay.test"], ["def@def.test"],
+              ["bnc@bnc.test"], ["p@pipe.test"], ["later@later.test"]]
+LINES = {"later@later.test": 2}  # deferred, then sent on the retry; one line each for the others
+# What Postfix's format_tv writes for `delay=` and each of `delays=` (two significant digits, 10 ms resolution):
+# 0, 0.01…0.99 without a trailing zero, 1…9.9 with one decimal at most, whole seconds from 10
+TIME = re.compile(r"0|0\.\d?[1-9]|[1-9](?:\.[1-9])?|[1-9]\d+")
+
+
+def delivery_lines(log: str) -> dict[str, list[str]]:
+    """Each recipient's result lines in order, `service: to=<r>, …` (no prefix, no queue id), by the address
+    the client gave (orig_to when there is one), in lower case."""
+    found: dict[str, list[str]] = {}
+    for service, line in re.findall(rf"{SYSLOG_NAME}/(\w+)\[\d+\]: [0-9A-F]+: (to=<.*)$", log, re.M):
+        given = re.match(r"to=<([^>]*)>(?:, orig_to=<([^>]*)>)?", line)
+        found.setdefault((given[2] or given[1]).lower(), []).append(f"{service}: {line}")
+    return found
+
+
+def timed(line: str) -> str:
+    """The line with each time of `delay=` and `delays=` masked as T when it is written as format_tv writes it
+    (left as it is, in <…?>, when not)."""
+    def mask(m: re.Match) -> str:
+        return m[1] + "/".join("T" if TIME.fullmatch(v) else f"<{v}?>" for v in m[2].split("/"))
+    return re.sub(r"\b(delays?=)([^,]*)", mask, line)
+
+
+async def deliveries(port: int, read_log) -> dict[str, list[str]]:
+    """DELIVERIES one message after the other, each once the one before has its lines (so that what runs at once
+    or reuses a connection is the same for both servers); the lines LINES asks of each recipient."""
+    for rcpts in DELIVERIES:
+        await message(port, rcpts, "timed")
+        await eventually(lambda: set(rcpts) <= set(delivery_lines(read_log())), timeout=10)
+    await eventually(lambda: len(delivery_lines(read_log())["later@later.test"]) >= 2, timeout=20)
+    return {rcpt: lines[:LINES.get(rcpt, 1)] for rcpt, lines in delivery_lines(read_log()).items()
+            if rcpt != "s@sender.test"}  # (not the bounce notice: Postfix's discard(8) is mailflow's qmgr line)
+
+
+async def test_a_delivery_line_has_postfix_fields_and_time_formats(mailflow_server, mail_log):
+    """Postfix's log_adhoc line, `to=<r>[, orig_to=<o>], relay=…, delay=T, delays=a/b/c/d, dsn=…, status=…
+    (text)`, compared word for word, the times masked only as to their value (each must be written as format_tv
+    writes it): local delivery (an alias to a file, and through a virtual alias: orig_to), a relayed message with
+    two recipients, a deferral (450), a bounce (550), a pipe service, and a message deferred then sent on its
+    retry, whose delay and `a` count the time it waited."""
+    attempts = {"later": 0}
+
+    def later(address: str) -> bytes:
+        attempts["later"] += 1
+        return b"450 4.2.0 try later\r\n" if attempts["later"] == 1 else b"250 2.1.5 Ok\r\n"
+
+    peers = {name: await ScriptedPeer(script).start() for name, script in (
+        ("relay", {}), ("def", {"RCPT": b"450 4.2.0 mailbox busy\r\n"}),
+        ("bnc", {"RCPT": b"550 5.1.1 no such user here\r\n"}), ("later", {"RCPT": later}))}
+    routes = ", ".join(f"{{{name}.test=smtp:[127.0.0.1]:{peer.port}}}" for name, peer in peers.items())
+    transports = f"inline:{{ {routes}, {{pipe.test=pdel:}}, {{sender.test=discard:}} }}"
+    aliases, virtual = "inline:{ {alice=/dev/null} }", "inline:{ {fwd@local.test=alice@local.test} }"
+    relayed = [f"{name}.test" for name in peers] + ["pipe.test"]
+    try:
+        with script_dir() as d:
+            command = d.script("deliver.sh", "cat > /dev/null\n")
+            async with postfix_instance({
+                "myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "mydestination": "local.test",
+                "relay_domains": ", ".join(relayed), "transport_maps": transports, "alias_maps": aliases,
+                "virtual_alias_maps": virtual, "queue_run_delay": "1s", "minimal_backoff_time": "1s",
+                "maximal_backoff_time": "2s",
+            }, master_cf=f"pdel unix - n n - - pipe user=nobody argv={command}\n") as pf:
+                await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the probe that saw it listen
+                started = len(pf.maillog)
+                pf_lines = await deliveries(pf.port, lambda: pf.maillog[started:])
+            attempts["later"] = 0
+            mf = await mailflow_server(
+                myhostname=MF_HOST, mydestination=["local.test"], relay_domains=relayed, transport_maps=[transports],
+                alias_maps=[aliases], virtual_alias_maps=[virtual], local_recipient_maps=[],
+                smtp={"tls_security_level": "none"},
+                pipe={"pdel": {"argv": [str(command)], "user": "nobody"}})
+            mf_lines = await deliveries(mf.smtp_addresses[0][1], mail_log.read_text)
+    finally:
+        for peer in peers.values():
+            await peer.stop()
+    assert {r: [timed(line) for line in lines] for r, lines in mf_lines.items()} == {
+        r: [timed(line) for line in lines] for r, lines in pf_lines.items()}, (pf_lines, mf_lines)
+    assert pf_lines["p@pipe.test"][0].startswith("pipe: to=<p@pipe.test>, relay=pdel, delay=")
+    assert all("delays=T/T/T/T" in timed(line) for lines in pf_lines.values() for line in lines)
+    for lines in (pf_lines, mf_lines):  # the retry: its delay and `a` are the time it waited in the queue
+        waited = re.search(r", delay=([\d.]+), delays=([\d.]+)/", lines["later@later.test"][1])
+        assert waited and float(waited[1]) >= 1 and float(waited[2]) >= 1, lines["later@later.test"]

@@ -1,13 +1,17 @@
-"""mailflow.logs: printable(), the Postfix-style syslog layout, the JSON layout, the disconnect statistics."""
+"""mailflow.logs: printable(), the Postfix-style syslog layout, the JSON layout, the disconnect statistics, the
+delivery line's times."""
 from __future__ import annotations
 
 import json
 import logging
 import re
 
+import pytest
+
 from mailflow.config import LogConfig
-from mailflow.logs import (JsonFormatter, MailLog, SmtpdLog, SyslogFormatter, command_stats, escaped, printable,
-                           service_of, setup_logging)
+from mailflow.logs import (JsonFormatter, MailLog, SmtpdLog, SyslogFormatter, command_stats, escaped, format_tv,
+                           log_delays, printable, service_of, setup_logging)
+from mailflow.model import ConnStats, MsgStats, Outcome, RcptResult, Recipient
 
 
 def test_printable_replaces_what_a_terminal_would_obey():
@@ -95,3 +99,48 @@ def test_setup_logging_writes_the_named_file(tmp_path):
 def test_quoted_input_is_escaped_as_postfix_escape_3_writes_it():
     assert escaped(b"MAIL FROM:<a@b>\r\n") == "MAIL FROM:<a@b>\\r\\n"
     assert escaped(b"a\\b\t\x00\x1b\x7f\xc3\xa9") == "a\\\\b\\t\\000\\033\\177\\303\\251"
+
+
+# Postfix's format_tv(buf, sec, usec, 2, 2) (src/util/format_tv.c, as log_adhoc calls it): two significant digits, a
+# resolution of 10 ms, rounded half up at the resolution, trailing zeros dropped; whole seconds from 10 s.
+@pytest.mark.parametrize("seconds, shown", [
+    (0.0, "0"), (0.004999, "0"), (0.005, "0.01"), (0.01, "0.01"), (0.0149, "0.01"), (0.1, "0.1"), (0.104, "0.1"),
+    (0.105, "0.11"), (0.12, "0.12"), (0.994, "0.99"), (0.995, "1"), (1.0, "1"), (1.04, "1"), (1.05, "1.1"),
+    (1.23, "1.2"), (9.94, "9.9"), (9.95, "10"), (12.3, "12"), (12.5, "13"), (99.5, "100"), (3600.2, "3600"),
+    (-0.5, "0"),
+])
+def test_times_are_written_as_postfix_format_tv_writes_them(seconds, shown):
+    assert format_tv(seconds) == shown
+
+
+def test_delays_are_computed_as_postfix_log_adhoc_does():
+    stats = MsgStats(arrival=100.0, active=101.0, handoff=101.5, done=104.0)
+    # an SMTP session: a before the active queue, b in it, c the set-up, d the transmission; `done` ends them
+    assert log_delays(stats, ConnStats(102.25), now=110.0) == (4.0, (1.0, 0.5, 0.75, 1.75))
+    assert log_delays(stats, None, now=110.0) == (4.0, (1.0, 0.5, 0.0, 2.5))  # no session: d from the hand-off
+    assert log_delays(stats._replace(done=0.0), None, now=110.0) == (10.0, (1.0, 0.5, 0.0, 8.5))  # the line's time
+    # qmgr deferred it itself (no agent had it): b up to the line; none of it reached qmgr: all of it is a
+    assert log_delays(MsgStats(100.0, 101.0), None, now=103.0) == (3.0, (1.0, 2.0, 0.0, 0.0))
+    assert log_delays(MsgStats(100.0), None, now=103.0) == (3.0, (3.0, 0.0, 0.0, 0.0))
+    # a clock that stepped back counts as zero, never as a negative time
+    assert log_delays(MsgStats(100.0, 99.0, 98.0, 97.0), ConnStats(98.5), now=0.0) == (0.0, (0.0, 0.0, 0.5, 0.0))
+
+
+def test_a_delivery_line_has_postfix_log_adhoc_fields_in_its_order():
+    logger, captured = records("test.logs.mail")
+    log = MailLog(logger)
+    rcpt = Recipient(0, "bob@example.test", "bob@example.test")
+    stats = MsgStats(arrival=100.0, active=100.004, handoff=100.13, done=101.37)
+    log.result("Q1", RcptResult(rcpt, Outcome.SENT, "2.0.0", "250 2.0.0 Ok", "mx.example.test[192.0.2.5]:25",
+                                conn=ConnStats(100.2), stats=stats), stats, now=200.0)
+    assert captured[0].getMessage() == (
+        "Q1: to=<bob@example.test>, relay=mx.example.test[192.0.2.5]:25, delay=1.4, delays=0/0.13/0.07/1.2, "
+        "dsn=2.0.0, status=sent (250 2.0.0 Ok)")
+    fields = json.loads(JsonFormatter().format(captured[0]))
+    assert (fields["delay"], fields["delays"]) == (1.37, [0.004, 0.126, 0.07, 1.17])
+    # qmgr's own deferral, without an agent: the time of the line ends it
+    log.result("Q2", RcptResult(rcpt, Outcome.DEFERRED, "4.3.0", "address resolver failure"), MsgStats(100.0, 160.0),
+               now=3700.0)
+    assert captured[1].getMessage() == ("Q2: to=<bob@example.test>, relay=none, delay=3600, delays=60/3540/0/0, "
+                                        "dsn=4.3.0, status=deferred (address resolver failure)")
+

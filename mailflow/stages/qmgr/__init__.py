@@ -51,7 +51,9 @@ The loop
   flight still count against them.
 - About once a second the destinations' state is written to the store for `mailflow queue destinations`, and
   every `MAINTENANCE_INTERVAL` the store gives free space back (`store.maintain`).
-- Each result carries the transport of its job (`RcptResult.transport`, in the mail log's events);
+- Each result carries the transport of its job (`RcptResult.transport`, in the mail log's events) and its times
+  (`RcptResult.stats`, one MsgStats per job: the message's arrival, its entry into the active queue for this
+  attempt, the hand-off to the agent and the agent's end), from which its line's `delay=` and `delays=` are made;
   `on_delivery(transport, seconds)`, when given, is told how long each delivery agent call took (the metrics).
 
 Failure behaviour
@@ -73,7 +75,7 @@ Failure behaviour
   are taken again after the next start); results already back are recorded before the store closes.
 - The wake-up event carries no state: a lost wake-up costs at most one tick.
 
-Size: about 680 lines, one class on purpose. The loop, the scheduling and the end of an attempt share one table
+Size: about 700 lines, one class on purpose. The loop, the scheduling and the end of an attempt share one table
 (`_active`, the messages in qmgr's hands), one wake-up and one next-scan time, and every path that changes one
 changes the others (a finish frees room and may move the next scan). What stands alone is already apart: the
 destination windows (`destination.py`), the retry schedule (`backoff.py`) and the notices (`notices.py`).
@@ -91,8 +93,8 @@ from mailflow.content import Content
 from mailflow.faults import FIRST_DELAY, MAX_DELAY, Guard, Retrier
 from mailflow.logs import MailLog
 from mailflow.message import header_value
-from mailflow.model import (Delivered, DeliveryReport, DeliveryRequest, NewMessage, Outcome, QueuedMessage,
-                            RcptResult, Recipient, Resolution)
+from mailflow.model import (Delivered, DeliveryReport, DeliveryRequest, MsgStats, NewMessage, Outcome,
+                            QueuedMessage, RcptResult, Recipient, Resolution)
 from mailflow.stages.bounce import EXPIRED, wants_notice
 from mailflow.stages.qmgr.backoff import next_attempt
 from mailflow.stages.qmgr.destination import Destination, Job
@@ -112,6 +114,7 @@ HANDOFF_CONTENT_BUDGET = SCAN_CONTENT_BUDGET  # bytes of handed-over content kep
 class ActiveMessage:
     message: QueuedMessage
     jobs_left: int
+    stats: MsgStats  # its arrival and this attempt's entry into the active queue (the log's delays a and b)
     attempt: list[RcptResult] = field(default_factory=list)  # this attempt's results, recorded
     owed: list[RcptResult] = field(default_factory=list)  # recorded results whose notice is not queued yet
     recording: int = 0  # result batches being written
@@ -263,7 +266,7 @@ class QueueManager:
         self._admit(QueuedMessage(msg.queue_id, msg.sender, msg.arrival, msg.content.size, msg.smtputf8,
                                   msg.body_type, 0, msg.recipients, envid=msg.envid, ret=msg.ret,
                                   content_filter=msg.content_filter, client_attributes=msg.client_attributes),
-                    content, kept)
+                    self._clock.time(), content, kept)
         self._pump()
 
     @property
@@ -371,7 +374,7 @@ class QueueManager:
             for message in taken:
                 if not message.from_logged:  # held on arrival: it enters the active queue now (Postfix's opened())
                     self._log.opened(message.queue_id, message.sender, message.size, len(message.recipients))
-                self._admit(message)
+                self._admit(message, now)
             self._pump()
         if now >= self._next_scan:  # a timed scan: sleep next until the earliest deferred message is due
             next_due = await self._store.next_due_time()  # (an index lookup), at most a queue run
@@ -380,10 +383,12 @@ class QueueManager:
                 later = min(later, max(next_due, now + MIN_RESCAN))  # never 0: no spin on a due backlog
             self._next_scan = later
 
-    def _admit(self, message: QueuedMessage, content: asyncio.Future | None = None, handed_bytes: int = 0) -> None:
+    def _admit(self, message: QueuedMessage, now: float, content: asyncio.Future | None = None,
+               handed_bytes: int = 0) -> None:
+        """`message` enters the active queue at `now`."""
         groups, unresolved = self._routes(message, message.recipients)
-        active = ActiveMessage(message, jobs_left=len(groups), owed=list(message.owed), content=content,
-                               handed_bytes=handed_bytes)
+        active = ActiveMessage(message, jobs_left=len(groups), stats=MsgStats(message.arrival, now),
+                               owed=list(message.owed), content=content, handed_bytes=handed_bytes)
         self._active[message.queue_id] = active
         self._queue_jobs(message.queue_id, groups)
         # nothing to deliver (every recipient was done before a stop, or none resolved): the attempt ends now
@@ -479,24 +484,28 @@ class QueueManager:
     # -- one job ----------------------------------------------------------------------------------
     async def _run_job(self, dest: Destination, job: Job) -> None:
         report = None
-        started = self._clock.time()
+        started = self._clock.time()  # the hand-off to the delivery agent
         try:
             report = await self._deliver(self._active[job.queue_id], job)
         finally:
+            ended = self._clock.time()
             if self._on_delivery is not None:
-                self._on_delivery(job.transport, self._clock.time() - started)
+                self._on_delivery(job.transport, ended - started)
             self._in_flight -= 1
             self._in_flight_by_transport[job.transport] -= 1
             site_ok = report.site_ok if report is not None else True
             reason = report.site_reason if report is not None else ""
-            self._suspend(dest, dest.done(site_ok, reason, self._clock.time(), self._config.minimal_backoff_time))
-        self._job_done(job, report)
+            self._suspend(dest, dest.done(site_ok, reason, ended, self._config.minimal_backoff_time))
+        self._job_done(job, report, started, ended)
         self._pump()
 
-    def _job_done(self, job: Job, report: DeliveryReport) -> None:
+    def _job_done(self, job: Job, report: DeliveryReport, handoff: float = 0.0, done: float = 0.0) -> None:
+        """A job's report: from its delivery agent, handed the job at `handoff`, back at `done`; or qmgr's own
+        (0.0: no agent had it)."""
         active = self._active[job.queue_id]
         active.jobs_left -= 1
-        self._results_in(active, _complete(job, report))
+        stats = active.stats._replace(handoff=handoff, done=done) if handoff else active.stats
+        self._results_in(active, _complete(job, report, stats))
 
     async def _deliver(self, active: ActiveMessage, job: Job) -> DeliveryReport:
         msg = active.message
@@ -550,7 +559,7 @@ class QueueManager:
             active.recording -= 1
         now = self._clock.time()
         for result in results:
-            self._log.result(msg.queue_id, result, now - msg.arrival)
+            self._log.result(msg.queue_id, result, result.stats or active.stats, now)
         active.attempt.extend(results)
         active.owed.extend(r for r, owed in rows if owed)
         self._results_in(active, [])  # the last record of a finished attempt ends it
@@ -599,7 +608,7 @@ class QueueManager:
                          noticed=tuple(r.recipient.index for r in active.owed))
         await self._writes.run(lambda: self._store.finish(done, [n for _, n in notices], results=last),
                                f"{msg.queue_id}: recording the end of the attempt")
-        self._log_end(msg, last, notices, retry_at, now, expired=expired)
+        self._log_end(active, last, notices, retry_at, now, expired=expired)
         if notices:  # new mail queued with the end of the attempt: the next scan takes it
             self._wakeup.set()
         if retry_at is not None and retry_at < self._next_scan:
@@ -622,18 +631,19 @@ class QueueManager:
         return self._notices.for_attempt(active.message, results, original=original, now=now, warn_delay=warn,
                                          retry_until=retry_until)
 
-    def _log_end(self, msg: QueuedMessage, results, notices, retry_at, now: float, *,
+    def _log_end(self, active: ActiveMessage, results, notices, retry_at, now: float, *,
                  expired: list[RcptResult]) -> None:
         """The results as the agents gave them (deferred ones too, as Postfix logs them), then for a message past
         its lifetime Postfix's qmgr line, `from=<s>, status=expired, returned to sender`, which log tools count as
         returned; the recipients it returns (bounced, "message expired: …": the metrics and the capture histories
         count them as final) are told to the observers without a line of their own, as Postfix writes none."""
+        msg = active.message
         for result in results:
-            self._log.result(msg.queue_id, result, now - msg.arrival)
+            self._log.result(msg.queue_id, result, result.stats or active.stats, now)
         if expired:
             self._log.expired(msg.queue_id, msg.sender)
         for result in expired:
-            self._log.result(msg.queue_id, result, now - msg.arrival, logged=False)
+            self._log.result(msg.queue_id, result, active.stats, now, logged=False)
         if self._notices is not None and self._notices.discards(msg, [*results, *expired]):
             self._log.notice_discarded(msg.queue_id)
         for notice, queued in notices:  # (cleanup's message-id line first, as Postfix's bounce(8) has it written)
@@ -669,16 +679,16 @@ def _expire(pending: list[RcptResult], age: float, lifetime: float) -> list[Rcpt
                        transport=r.transport) for r in pending]
 
 
-def _complete(job: Job, report: DeliveryReport) -> list[RcptResult]:
-    """The report's results for this job's recipients, each marked with the job's transport; one the agent did
-    not mention stays queued (4.3.0)."""
+def _complete(job: Job, report: DeliveryReport, stats: MsgStats) -> list[RcptResult]:
+    """The report's results for this job's recipients, each marked with the job's transport and `stats`; one the
+    agent did not mention stays queued (4.3.0)."""
     mine = {r.index: r for r in job.recipients}
     t = job.transport
-    results = [dataclasses.replace(r, transport=t) for r in report.results
+    results = [dataclasses.replace(r, transport=t, stats=stats) for r in report.results
                if mine.get(r.recipient.index) == r.recipient]
     told = {r.recipient.index for r in results}
-    results += [RcptResult(r, Outcome.DEFERRED, "4.3.0", "delivery agent reported no result", transport=t)
-                for r in job.recipients if r.index not in told]
+    results += [RcptResult(r, Outcome.DEFERRED, "4.3.0", "delivery agent reported no result", transport=t,
+                           stats=stats) for r in job.recipients if r.index not in told]
     return results
 
 

@@ -1,9 +1,11 @@
 """One mail transaction on an open session (Postfix smtp_proto's smtp_xfer), for SMTP and LMTP alike.
 
-    await send_message(session, request, recipients, outcomes, timeouts, reused=False, lmtp=False)
+    await send_message(session, request, recipients, outcomes, timeouts, now, reused=False, lmtp=False)
         every recipient ends with a result in `outcomes`; a lost, timed-out or garbled dialogue defers those still
         without an answer (relay: the peer) and fails the site. A `reused` (cached) session that dies before MAIL
-        FROM is answered raises StaleSession instead and leaves `outcomes` untouched.
+        FROM is answered raises StaleSession instead and leaves `outcomes` untouched. The results of the
+        transaction carry its ConnStats: `now()` (qmgr's clock) as MAIL FROM is sent (Postfix's conn_setup_done,
+        for the log's `delays=`).
     await reset(session, timeout) -> bool      RSET (a transaction is still open, or its end of data was refused,
                                                and the session is to be cached)
     smtp_data(content, encoders) / asmtp_data(content, encoders)   the content as DATA: through `encoders`,
@@ -22,10 +24,10 @@ Limits: MAIL, each RCPT and DATA `command`; the content and the reply (each repl
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from mailflow.content import CHUNK, Content
-from mailflow.model import DeliveryRequest, Recipient
+from mailflow.model import ConnStats, DeliveryRequest, Recipient
 from mailflow.transports.encode import Encoder, SmtpData, aencode, encode
 from mailflow.transports.smtp.chat import CRLF, Session, Timeouts
 from mailflow.transports.smtp.commands import cannot_take, content_encoding, mail_command, rcpt_command
@@ -53,6 +55,7 @@ async def send_message(
     recipients: list[Recipient],
     outcomes: Outcomes,
     timeouts: Timeouts,
+    now: Callable[[], float],
     *,
     reused: bool = False,
     lmtp: bool = False,
@@ -63,10 +66,11 @@ async def send_message(
         outcomes.fail(recipients, refusal, session.peer.relay)
         return
     session.uses += 1
+    conn = ConnStats(now())
     try:
-        await _transaction(session, request, recipients, outcomes, timeouts, reused, lmtp)
+        await _transaction(session, request, recipients, outcomes, timeouts, reused, lmtp, conn)
     except SiteFailure as e:
-        outcomes.fail(outcomes.pending(recipients), e, session.peer.relay).site_failed(e.text)
+        outcomes.fail(outcomes.pending(recipients), e, session.peer.relay, conn).site_failed(e.text)
 
 
 async def _transaction(
@@ -77,6 +81,7 @@ async def _transaction(
     timeouts: Timeouts,
     reused: bool,
     lmtp: bool,
+    conn: ConnStats,
 ) -> None:
     peer, extensions = session.peer, session.extensions
     encoders, body = content_encoding(extensions, request)
@@ -95,7 +100,7 @@ async def _transaction(
     if reused and reply.code == 421:
         raise StaleSession()
     if not reply.positive:
-        outcomes.update(reply_results(recipients, reply, peer, "MAIL FROM"))
+        outcomes.update(reply_results(recipients, reply, peer, "MAIL FROM", conn=conn))
         if pipelining:
             await _abandon_pipelined(session, len(rcpts), timeouts.command)
         return
@@ -108,7 +113,7 @@ async def _transaction(
         if reply.positive:
             accepted.append(r)
         else:
-            outcomes.update(reply_results([r], reply, peer, "RCPT TO"))
+            outcomes.update(reply_results([r], reply, peer, "RCPT TO", conn=conn))
     if not accepted:
         if pipelining:
             await _abandon_pipelined(session, 0, timeouts.command)
@@ -117,10 +122,10 @@ async def _transaction(
         session.send(b"DATA" + CRLF, DATA)
     reply = await session.reply(timeouts.command, DATA)
     if reply.positive:  # the server thinks the message is over before it began: Postfix's protocol error
-        outcomes.update(unexpected_reply_results(accepted, reply, peer, "DATA"))
+        outcomes.update(unexpected_reply_results(accepted, reply, peer, "DATA", conn))
         return
     if reply.code // 100 != 3:  # any 3xx lets the content go, as with Postfix
-        outcomes.update(reply_results(accepted, reply, peer, "DATA"))
+        outcomes.update(reply_results(accepted, reply, peer, "DATA", conn=conn))
         return
     await _send_body(session, request.content, encoders, timeouts.data)
     notifies = extensions.supports("dsn")
@@ -128,7 +133,8 @@ async def _transaction(
     for answered in ([r] for r in accepted) if lmtp else [accepted]:
         reply = await session.reply(timeouts.data, END_OF_DATA)
         refused = refused or not reply.positive
-        outcomes.update(reply_results(answered, reply, peer, "end of DATA", next_hop_notifies=notifies))
+        outcomes.update(reply_results(answered, reply, peer, "end of DATA", next_hop_notifies=notifies,
+                                      conn=conn))
     # after a refusal the peer's state is in doubt (aiosmtpd keeps the transaction when its handler fails): the
     # session is RSET before it is reused, as Postfix probes every cached session with RSET
     session.transaction_open = refused

@@ -14,8 +14,10 @@ MX hosts no better than this server are not tried (`_without_myself`). A request
 (and, deferred, a site failure).
 
     SmtpTransport(config, *, resolver, helo_name, rng=None, clock=time.monotonic, tables=None, mta_sts=None,
-                  plaintext_after=0.0, own_addresses=frozenset(), own_ports=frozenset(), relayhost="")
+                  plaintext_after=0.0, own_addresses=frozenset(), own_ports=frozenset(), relayhost="",
+                  now=time.time)
     await deliver(request) -> DeliveryReport      one result per recipient, never raises for a delivery problem
+`now`: qmgr's clock, for the time each transaction's session was set up (proto's ConnStats; the log's delays).
 `plaintext_after` (qmgr's minimal_backoff_time, as Postfix's var_min_backoff_time): at TLS level may, a failed
 handshake goes on in plaintext only for a message queued at least this long (`request.queued_for`); new mail is
 deferred 4.7.5 instead (see connect).
@@ -101,8 +103,10 @@ class SmtpTransport:
         own_addresses: frozenset = frozenset(),
         own_ports: frozenset[int] = frozenset(),
         relayhost: str = "",
+        now: Callable[[], float] = time.time,
     ):
         self._config = config
+        self._now = now
         self._relayhost = relayhost
         self._own_addresses = own_addresses
         self._own_ports = own_ports
@@ -232,7 +236,7 @@ class SmtpTransport:
         used."""
         while (session := self._cache.take(destination.cache_key)) is not None:
             try:
-                await send_message(session, request, recipients, outcomes, self._timeouts, reused=True)
+                await send_message(session, request, recipients, outcomes, self._timeouts, self._now, reused=True)
             except StaleSession:
                 log.debug("%s: cached session with %s is gone; using a new one", request.queue_id,
                           session.peer.relay)
@@ -273,7 +277,7 @@ class SmtpTransport:
                     continue
                 sessions += 1
                 try:
-                    await send_message(session, request, recipients, outcomes, self._timeouts)
+                    await send_message(session, request, recipients, outcomes, self._timeouts, self._now)
                 except BaseException:
                     session.abort()
                     raise
