@@ -10,7 +10,7 @@ What it owns
   pickup's `QID: uid=N from=<s>`),
   message-id (cleanup), queued (`from=<s>, size=N, nrcpt=N (queue active)`; `opened` for a message held on
   arrival, when qmgr first takes it), sent / deferred / bounced (Postfix's log_adhoc: `to=<r>[, orig_to=<o>],
-  relay=…, delay=T, delays=a/b/c/d, dsn=…, status=… (text)`, the times as `format_tv` writes
+  relay=…[, conn_use=N], delay=T, delays=a/b/c/d, dsn=…, status=… (text)`, the times as `format_tv` writes
   them, `delays` as `log_delays` computes them from the result's stamps; the event's fields also name the
   transport, and carry the times as numbers), expired
   (qmgr's `from=<s>, status=expired, returned to sender`, after the attempt's `status=deferred` lines: the
@@ -167,12 +167,14 @@ class MailLog:
         to = named.address
         original = address.shown_original(named.original)  # (as Postfix logs it: without quotes that add nothing)
         orig = f", orig_to=<{original}>" if original and original != to else ""
+        use = result.conn.use if result.conn is not None else 0
+        reuse = f", conn_use={use}" if use > 1 else ""
         delay, delays = log_delays(stats, result.conn, now)
         shown = "/".join(format_tv(d) for d in delays)
         self._emit(queue_id, status,
-                   f"to=<{to}>{orig}, relay={result.relay}, delay={format_tv(delay)}, delays={shown}, "
+                   f"to=<{to}>{orig}, relay={result.relay}{reuse}, delay={format_tv(delay)}, delays={shown}, "
                    f"dsn={result.dsn}, status={status} ({result.text})", service=_delivery_service(result.relay),
-                   logged=logged, to=to, relay=result.relay, delay=round(delay, 3),
+                   logged=logged, to=to, relay=result.relay, conn_use=use, delay=round(delay, 3),
                    delays=[round(d, 3) for d in delays], dsn=result.dsn, status=status, reason=result.text,
                    transport=result.transport)
 

@@ -254,9 +254,11 @@ class MsgStats(NamedTuple):
 
 class ConnStats(NamedTuple):
     """An SMTP or LMTP client's part of MSG_STATS for one transaction: when its session was set up (greeting,
-    EHLO, TLS, AUTH done: MAIL FROM goes next), on qmgr's clock. One tuple per transaction."""
+    EHLO, TLS, AUTH done: MAIL FROM goes next), on qmgr's clock, and which use of its connection the transaction
+    was (1: a new connection; Postfix logs `conn_use=` from 2). One tuple per transaction."""
 
     setup_done: float
+    use: int = 1
 
 
 @dataclass(frozen=True)

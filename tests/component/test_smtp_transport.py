@@ -1401,9 +1401,10 @@ async def test_reuse_count_limit_bounds_the_uses_of_one_connection(counted_peer)
     assert peer.connections == 3  # limit N: each connection is used N+1 times
 
 
-async def test_a_transaction_s_results_carry_its_session_set_up_time(counted_peer):
-    """Postfix's conn_setup_done, for the log's `delays=` (c, d): the time on the clock given (qmgr's) as MAIL
-    FROM goes out, for a new connection and a reused one; nothing without a session."""
+async def test_a_transaction_s_results_carry_its_session_set_up_time_and_use(counted_peer):
+    """Postfix's conn_setup_done and reuse_count, for the log's `delays=` (c, d) and `conn_use=`: the time on the
+    clock given (qmgr's) as MAIL FROM goes out, and which use of its connection the transaction was; nothing
+    without a session."""
     peer = await counted_peer()
     nexthop = f"[127.0.0.1]:{peer.port}"
     ticks = iter(range(100, 110))
@@ -1411,8 +1412,8 @@ async def test_a_transaction_s_results_carry_its_session_set_up_time(counted_pee
     reports = await deliver_several(transport, *(make_request(nexthop, "a@example.test", "b@example.test")
                                                  for _ in range(3)))
     assert [[(r.outcome, r.conn) for r in report.results] for report in reports] == [
-        [(Outcome.SENT, ConnStats(100.0))] * 2, [(Outcome.SENT, ConnStats(101.0))] * 2,
-        [(Outcome.SENT, ConnStats(102.0))] * 2]  # (the limit: a new connection for the third)
+        [(Outcome.SENT, ConnStats(100.0, 1))] * 2, [(Outcome.SENT, ConnStats(101.0, 2))] * 2,
+        [(Outcome.SENT, ConnStats(102.0, 1))] * 2]  # (the limit: a new connection for the third)
     refused = await deliver(make_transport(), make_request(f"[127.0.0.1]:{free_port()}"))
     assert [(r.outcome, r.conn) for r in refused.results] == [(Outcome.DEFERRED, None)]
 

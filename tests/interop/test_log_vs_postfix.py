@@ -31,6 +31,7 @@ of the stock `postfix` filter; the lines of smtp and cleanup. Not compared:
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import os
@@ -176,9 +177,10 @@ async def test_the_tools_read_both_logs_alike(mailflow_server, mail_log, tmp_pat
             await eventually(lambda: pf.maillog.count(": disconnect from") == pf.maillog.count(": connect from"),
                              timeout=10)  # the last session's disconnect line
             pf_log = pf.maillog[started:]
-        mf = await mailflow_server(
+        mf = await mailflow_server(  # (no connection cache: Postfix's caches on demand, for a backlog, none here)
             myhostname=MF_HOST, mydestination=[], relay_domains=["relay.test"], relay_recipient_maps=[known],
-            transport_maps=[transports], mynetworks=["192.0.2.0/24"], smtp={"tls_security_level": "none"},
+            transport_maps=[transports], mynetworks=["192.0.2.0/24"],
+            smtp={"tls_security_level": "none", "connection_cache_time_limit": "0s"},
             checks={"header_checks": [f"regexp:{folder}/header"]},
             queue={"maximal_queue_lifetime": "0s", "bounce_queue_lifetime": "0s"},
             smtpd={"helo_restrictions": ["reject_invalid_helo_hostname"],
@@ -510,9 +512,12 @@ async def test_access_actions_are_logged_where_postfix_logs_them(mailflow_server
 
 # ---------------------------------------------------------------------------------------------- a delivery line
 
-DELIVERIES = [["alice@local.test"], ["fwd@local.test"], ["ok@relay.test", "ok2@relay.test"], ["def@def.test"],
-              ["bnc@bnc.test"], ["p@pipe.test"], ["later@later.test"]]
+DELIVERIES = [["alice@local.test"], ["fwd@local.test"], ["ok@relay.test", "ok2@relay.test"], ["ok3@relay.test"],
+              ["def@def.test"], ["bnc@bnc.test"], ["p@pipe.test"], ["later@later.test"]]
 LINES = {"later@later.test": 2}  # deferred, then sent on the retry; one line each for the others
+# Postfix's smtp(8) puts its session in the connection cache after it has logged the results: the next message to
+# the same place waits a moment, or it would race for it (mailflow's cache holds it 0.8 s here)
+PAUSE = {"ok3@relay.test": 0.2}
 # What Postfix's format_tv writes for `delay=` and each of `delays=` (two significant digits, 10 ms resolution):
 # 0, 0.01…0.99 without a trailing zero, 1…9.9 with one decimal at most, whole seconds from 10
 TIME = re.compile(r"0|0\.\d?[1-9]|[1-9](?:\.[1-9])?|[1-9]\d+")
@@ -540,6 +545,7 @@ async def deliveries(port: int, read_log) -> dict[str, list[str]]:
     """DELIVERIES one message after the other, each once the one before has its lines (so that what runs at once
     or reuses a connection is the same for both servers); the lines LINES asks of each recipient."""
     for rcpts in DELIVERIES:
+        await asyncio.sleep(PAUSE.get(rcpts[0], 0))
         await message(port, rcpts, "timed")
         await eventually(lambda: set(rcpts) <= set(delivery_lines(read_log())), timeout=10)
     await eventually(lambda: len(delivery_lines(read_log())["later@later.test"]) >= 2, timeout=20)
@@ -548,21 +554,26 @@ async def deliveries(port: int, read_log) -> dict[str, list[str]]:
 
 
 async def test_a_delivery_line_has_postfix_fields_and_time_formats(mailflow_server, mail_log):
-    """Postfix's log_adhoc line, `to=<r>[, orig_to=<o>], relay=…, delay=T, delays=a/b/c/d, dsn=…, status=…
-    (text)`, compared word for word, the times masked only as to their value (each must be written as format_tv
-    writes it): local delivery (an alias to a file, and through a virtual alias: orig_to), a relayed message with
-    two recipients, a deferral (450), a bounce (550), a pipe service, and a message deferred then sent on its
-    retry, whose delay and `a` count the time it waited."""
+    """Postfix's log_adhoc line, `to=<r>[, orig_to=<o>], relay=…[, conn_use=N], delay=T, delays=a/b/c/d, dsn=…,
+    status=… (text)`, compared word for word, the times masked only as to their value (each must be written as
+    format_tv writes it): local delivery (an alias to a file, and through a virtual alias: orig_to), a relayed
+    message with two recipients and the next one over the same connection (conn_use), a deferral (450), a bounce
+    (550), a pipe service, and a message deferred then sent on its retry, whose delay and `a` count the time it
+    waited. Postfix caches the relay's connection (smtp_connection_cache_destinations names its address,
+    127.0.0.2, which no other peer has); mailflow caches every session, for 0.8 s here, so that the retry, a
+    second later, takes a new one in both."""
     attempts = {"later": 0}
 
     def later(address: str) -> bytes:
         attempts["later"] += 1
         return b"450 4.2.0 try later\r\n" if attempts["later"] == 1 else b"250 2.1.5 Ok\r\n"
 
-    peers = {name: await ScriptedPeer(script).start() for name, script in (
+    hosts = {"relay": "127.0.0.2"}
+    peers = {name: await ScriptedPeer(script).start(hosts.get(name, "127.0.0.1")) for name, script in (
         ("relay", {}), ("def", {"RCPT": b"450 4.2.0 mailbox busy\r\n"}),
         ("bnc", {"RCPT": b"550 5.1.1 no such user here\r\n"}), ("later", {"RCPT": later}))}
-    routes = ", ".join(f"{{{name}.test=smtp:[127.0.0.1]:{peer.port}}}" for name, peer in peers.items())
+    routes = ", ".join(f"{{{name}.test=smtp:[{hosts.get(name, '127.0.0.1')}]:{peer.port}}}"
+                       for name, peer in peers.items())
     transports = f"inline:{{ {routes}, {{pipe.test=pdel:}}, {{sender.test=discard:}} }}"
     aliases, virtual = "inline:{ {alice=/dev/null} }", "inline:{ {fwd@local.test=alice@local.test} }"
     relayed = [f"{name}.test" for name in peers] + ["pipe.test"]
@@ -573,7 +584,7 @@ async def test_a_delivery_line_has_postfix_fields_and_time_formats(mailflow_serv
                 "myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "mydestination": "local.test",
                 "relay_domains": ", ".join(relayed), "transport_maps": transports, "alias_maps": aliases,
                 "virtual_alias_maps": virtual, "queue_run_delay": "1s", "minimal_backoff_time": "1s",
-                "maximal_backoff_time": "2s",
+                "maximal_backoff_time": "2s", "smtp_connection_cache_destinations": "127.0.0.2",
             }, master_cf=f"pdel unix - n n - - pipe user=nobody argv={command}\n") as pf:
                 await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the probe that saw it listen
                 started = len(pf.maillog)
@@ -582,7 +593,7 @@ async def test_a_delivery_line_has_postfix_fields_and_time_formats(mailflow_serv
             mf = await mailflow_server(
                 myhostname=MF_HOST, mydestination=["local.test"], relay_domains=relayed, transport_maps=[transports],
                 alias_maps=[aliases], virtual_alias_maps=[virtual], local_recipient_maps=[],
-                smtp={"tls_security_level": "none"},
+                smtp={"tls_security_level": "none", "connection_cache_time_limit": "0.8s"},
                 pipe={"pdel": {"argv": [str(command)], "user": "nobody"}})
             mf_lines = await deliveries(mf.smtp_addresses[0][1], mail_log.read_text)
     finally:
@@ -591,6 +602,7 @@ async def test_a_delivery_line_has_postfix_fields_and_time_formats(mailflow_serv
     assert {r: [timed(line) for line in lines] for r, lines in mf_lines.items()} == {
         r: [timed(line) for line in lines] for r, lines in pf_lines.items()}, (pf_lines, mf_lines)
     assert pf_lines["p@pipe.test"][0].startswith("pipe: to=<p@pipe.test>, relay=pdel, delay=")
+    assert ", conn_use=2, delay=" in pf_lines["ok3@relay.test"][0]
     assert all("delays=T/T/T/T" in timed(line) for lines in pf_lines.values() for line in lines)
     for lines in (pf_lines, mf_lines):  # the retry: its delay and `a` are the time it waited in the queue
         waited = re.search(r", delay=([\d.]+), delays=([\d.]+)/", lines["later@later.test"][1])

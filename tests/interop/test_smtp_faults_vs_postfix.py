@@ -46,8 +46,8 @@ class ScriptedPeer:
     server: asyncio.AbstractServer | None = None
     sessions: list[list[bytes]] = field(default_factory=list)
 
-    async def start(self) -> "ScriptedPeer":
-        self.server = await asyncio.start_server(self._session, "127.0.0.1", 0)
+    async def start(self, host: str = "127.0.0.1") -> "ScriptedPeer":
+        self.server = await asyncio.start_server(self._session, host, 0)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 

@@ -144,3 +144,17 @@ def test_a_delivery_line_has_postfix_log_adhoc_fields_in_its_order():
     assert captured[1].getMessage() == ("Q2: to=<bob@example.test>, relay=none, delay=3600, delays=60/3540/0/0, "
                                         "dsn=4.3.0, status=deferred (address resolver failure)")
 
+
+def test_conn_use_counts_the_uses_of_a_reused_connection():
+    """Postfix's `conn_use=N` after relay= from a connection's second use on (its reuse_count + 1)."""
+    logger, captured = records("test.logs.conn_use")
+    log = MailLog(logger)
+    stats = MsgStats(100.0, 100.0, 100.0, 100.5)
+    for conn in (ConnStats(100.2, 1), ConnStats(100.2, 3), None):
+        log.result("Q1", RcptResult(Recipient(0, "b@x.test", "b@x.test"), Outcome.SENT, "2.0.0", "250 Ok",
+                                    "mx.x.test[192.0.2.5]:25", conn=conn), stats, now=101.0)
+    assert [r.getMessage().partition(", delay=")[0] for r in captured] == [
+        "Q1: to=<b@x.test>, relay=mx.x.test[192.0.2.5]:25",
+        "Q1: to=<b@x.test>, relay=mx.x.test[192.0.2.5]:25, conn_use=3",
+        "Q1: to=<b@x.test>, relay=mx.x.test[192.0.2.5]:25"]
+    assert [json.loads(JsonFormatter().format(r))["conn_use"] for r in captured] == [1, 3, 0]

@@ -4,8 +4,8 @@
         every recipient ends with a result in `outcomes`; a lost, timed-out or garbled dialogue defers those still
         without an answer (relay: the peer) and fails the site. A `reused` (cached) session that dies before MAIL
         FROM is answered raises StaleSession instead and leaves `outcomes` untouched. The results of the
-        transaction carry its ConnStats: `now()` (qmgr's clock) as MAIL FROM is sent (Postfix's conn_setup_done,
-        for the log's `delays=`).
+        transaction carry its ConnStats: `now()` (qmgr's clock) as MAIL FROM is sent, and the session's use count
+        (Postfix's conn_setup_done and reuse_count, for the log's `delays=` and `conn_use=`).
     await reset(session, timeout) -> bool      RSET (a transaction is still open, or its end of data was refused,
                                                and the session is to be cached)
     smtp_data(content, encoders) / asmtp_data(content, encoders)   the content as DATA: through `encoders`,
@@ -66,7 +66,7 @@ async def send_message(
         outcomes.fail(recipients, refusal, session.peer.relay)
         return
     session.uses += 1
-    conn = ConnStats(now())
+    conn = ConnStats(now(), session.uses)
     try:
         await _transaction(session, request, recipients, outcomes, timeouts, reused, lmtp, conn)
     except SiteFailure as e:
