@@ -166,7 +166,9 @@ class MailLog:
         named = result.named
         to = named.address
         original = address.shown_original(named.original)  # (as Postfix logs it: without quotes that add nothing)
-        orig = f", orig_to=<{original}>" if original and original != to else ""
+        if not original or original.casefold() == to.casefold():  # (Postfix compares them with strcasecmp_utf8)
+            original = ""
+        orig = f", orig_to=<{original}>" if original else ""
         use = result.conn.use if result.conn is not None else 0
         reuse = f", conn_use={use}" if use > 1 else ""
         delay, delays = log_delays(stats, result.conn, now)
@@ -174,7 +176,7 @@ class MailLog:
         self._emit(queue_id, status,
                    f"to=<{to}>{orig}, relay={result.relay}{reuse}, delay={format_tv(delay)}, delays={shown}, "
                    f"dsn={result.dsn}, status={status} ({result.text})", service=_delivery_service(result.relay),
-                   logged=logged, to=to, relay=result.relay, conn_use=use, delay=round(delay, 3),
+                   logged=logged, to=to, orig_to=original, relay=result.relay, conn_use=use, delay=round(delay, 3),
                    delays=[round(d, 3) for d in delays], dsn=result.dsn, status=status, reason=result.text,
                    transport=result.transport)
 

@@ -512,8 +512,8 @@ async def test_access_actions_are_logged_where_postfix_logs_them(mailflow_server
 
 # ---------------------------------------------------------------------------------------------- a delivery line
 
-DELIVERIES = [["alice@local.test"], ["fwd@local.test"], ["ok@relay.test", "ok2@relay.test"], ["ok3@relay.test"],
-              ["def@def.test"], ["bnc@bnc.test"], ["p@pipe.test"], ["later@later.test"]]
+DELIVERIES = [["alice@local.test"], ["fwd@local.test"], ["mixed@local.test"], ["ok@relay.test", "ok2@relay.test"],
+              ["ok3@relay.test"], ["def@def.test"], ["bnc@bnc.test"], ["p@pipe.test"], ["later@later.test"]]
 LINES = {"later@later.test": 2}  # deferred, then sent on the retry; one line each for the others
 # Postfix's smtp(8) puts its session in the connection cache after it has logged the results: the next message to
 # the same place waits a moment, or it would race for it (mailflow's cache holds it 0.8 s here)
@@ -556,12 +556,12 @@ async def deliveries(port: int, read_log) -> dict[str, list[str]]:
 async def test_a_delivery_line_has_postfix_fields_and_time_formats(mailflow_server, mail_log):
     """Postfix's log_adhoc line, `to=<r>[, orig_to=<o>], relay=…[, conn_use=N], delay=T, delays=a/b/c/d, dsn=…,
     status=… (text)`, compared word for word, the times masked only as to their value (each must be written as
-    format_tv writes it): local delivery (an alias to a file, and through a virtual alias: orig_to), a relayed
-    message with two recipients and the next one over the same connection (conn_use), a deferral (450), a bounce
-    (550), a pipe service, and a message deferred then sent on its retry, whose delay and `a` count the time it
-    waited. Postfix caches the relay's connection (smtp_connection_cache_destinations names its address,
-    127.0.0.2, which no other peer has); mailflow caches every session, for 0.8 s here, so that the retry, a
-    second later, takes a new one in both."""
+    format_tv writes it): local delivery (an alias to a file, and through virtual aliases: orig_to, none where the
+    alias only changes the case), a relayed message with two recipients and the next one over the same
+    connection (conn_use), a deferral (450), a bounce (550), a pipe service, and a message deferred then sent on
+    its retry, whose delay and `a` count the time it waited. Postfix caches the relay's connection
+    (smtp_connection_cache_destinations names its address, 127.0.0.2, which no other peer has); mailflow caches
+    every session, for 0.8 s here, so that the retry, a second later, takes a new one in both."""
     attempts = {"later": 0}
 
     def later(address: str) -> bytes:
@@ -575,7 +575,8 @@ async def test_a_delivery_line_has_postfix_fields_and_time_formats(mailflow_serv
     routes = ", ".join(f"{{{name}.test=smtp:[{hosts.get(name, '127.0.0.1')}]:{peer.port}}}"
                        for name, peer in peers.items())
     transports = f"inline:{{ {routes}, {{pipe.test=pdel:}}, {{sender.test=discard:}} }}"
-    aliases, virtual = "inline:{ {alice=/dev/null} }", "inline:{ {fwd@local.test=alice@local.test} }"
+    aliases = "inline:{ {alice=/dev/null}, {mixed=/dev/null} }"
+    virtual = "inline:{ {fwd@local.test=alice@local.test}, {mixed@local.test=Mixed@local.test} }"
     relayed = [f"{name}.test" for name in peers] + ["pipe.test"]
     try:
         with script_dir() as d:
@@ -603,6 +604,7 @@ async def test_a_delivery_line_has_postfix_fields_and_time_formats(mailflow_serv
         r: [timed(line) for line in lines] for r, lines in pf_lines.items()}, (pf_lines, mf_lines)
     assert pf_lines["p@pipe.test"][0].startswith("pipe: to=<p@pipe.test>, relay=pdel, delay=")
     assert ", conn_use=2, delay=" in pf_lines["ok3@relay.test"][0]
+    assert pf_lines["mixed@local.test"][0].startswith("local: to=<Mixed@local.test>, relay=local, delay=")
     assert all("delays=T/T/T/T" in timed(line) for lines in pf_lines.values() for line in lines)
     for lines in (pf_lines, mf_lines):  # the retry: its delay and `a` are the time it waited in the queue
         waited = re.search(r", delay=([\d.]+), delays=([\d.]+)/", lines["later@later.test"][1])

@@ -158,3 +158,16 @@ def test_conn_use_counts_the_uses_of_a_reused_connection():
         "Q1: to=<b@x.test>, relay=mx.x.test[192.0.2.5]:25, conn_use=3",
         "Q1: to=<b@x.test>, relay=mx.x.test[192.0.2.5]:25"]
     assert [json.loads(JsonFormatter().format(r))["conn_use"] for r in captured] == [1, 3, 0]
+
+
+def test_orig_to_is_left_out_when_it_differs_only_in_case():
+    """Postfix's log_adhoc compares the two with strcasecmp_utf8: a table that gave the address another case
+    (a virtual alias `bob@x.test -> Bob@x.test`) adds no orig_to."""
+    logger, captured = records("test.logs.orig_to")
+    log = MailLog(logger)
+    for address, original in (("Bob@x.test", "bob@X.test"), ("bob@x.test", "fwd@x.test"), ("bob@x.test", "")):
+        log.result("Q1", RcptResult(Recipient(0, address, original), Outcome.SENT, "2.0.0", "ok", "local"),
+                   MsgStats(100.0), now=100.0)
+    assert [r.getMessage().partition(", relay=")[0] for r in captured] == [
+        "Q1: to=<Bob@x.test>", "Q1: to=<bob@x.test>, orig_to=<fwd@x.test>", "Q1: to=<bob@x.test>"]
+    assert [json.loads(JsonFormatter().format(r))["orig_to"] for r in captured] == ["", "fwd@x.test", ""]
