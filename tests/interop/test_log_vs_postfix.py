@@ -19,7 +19,9 @@ the same for both logs.
 
 A fourth test compares, word for word, smtpd's lines for the access actions HOLD, DISCARD, REDIRECT, BCC and FILTER
 (access tables, a restriction class, a policy service; at RCPT and in end_of_data_restrictions): logged at the
-command that met them, HOLD once per message, NOQUEUE until the transaction has its queue id.
+command that met them, HOLD once per message, NOQUEUE until the transaction has its queue id. A fifth compares
+the delivery lines (`to=`, `orig_to=`, `relay=`, `conn_use=`, `delay=`, `delays=`, `dsn=`, `status=`) field for
+field, each time's value masked but its form kept (Postfix's format_tv).
 
 Compared by the first: pflogsumm's totals (received, delivered, deferred, bounced, rejected, held, discarded) and its
 deferral, bounce, reject, hold, discard, warning, fatal and panic sections; fail2ban's matched lines in every mode
