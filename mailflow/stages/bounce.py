@@ -33,7 +33,9 @@ Decisions:
   "host H said: <reply> (in reply to X command)" / "host H refused to talk to me: <reply>" (or to start TLS, or
   the SASL refusal "server H said: <reply>"), or is a bare reply
   ("250 2.0.0 Ok") from a named `remote_mta`; only the reply itself goes into the field. Anything else is our own
-  reason: `X-Mailflow; <text>`. Remote-MTA appears with an `smtp` Diagnostic-Code only (`remote_mta` given): a
+  reason: `X-Mailflow; <text>`, for a success through an agent (`relay` not "none") `X-Mailflow; delivery via
+  <relay>: <text>` as in the human part (Postfix's trace_append puts the relay in the reason). Remote-MTA
+  appears with an `smtp` Diagnostic-Code only (`remote_mta` given): a
   reason of our own about a peer (a lost connection, its SIZE, no SMTPUTF8) names none, as with Postfix (its
   dsb_formal names an MTA only with that MTA's reply). A recipient returned for its age ("message expired: "
   before its last reason, from qmgr) gets that last reason in the field and in the human part, as Postfix
@@ -232,9 +234,7 @@ def _text_part(kind: str, mta: str, recipients: list[NoticeRecipient], delay_war
         original = address.shown_original(r.original)  # (needless quotes dropped, as Postfix writes it)
         if original and original != r.address:
             who += f" (expanded from <{_clean(original)}>)"
-        said = _clean(nr.diagnostic).removeprefix(EXPIRED) or _action_words(nr.action)  # (Postfix: the last reason)
-        if nr.action in SUCCESSFUL and nr.relay and nr.relay != "none":
-            said = f"delivery via {_clean(nr.relay)}: {said}"
+        said = _via(nr, _clean(nr.diagnostic).removeprefix(EXPIRED) or _action_words(nr.action))  # (the last reason)
         lines.append("")
         lines += textwrap.wrap(_cut_long_words(f"{who}: {said}"), TEXT_WIDTH, subsequent_indent="    ",
                                break_long_words=False, break_on_hyphens=False)
@@ -333,7 +333,15 @@ def _diagnostic_code(nr: NoticeRecipient) -> tuple[str, str]:
         return "smtp", remote["reply"]
     if nr.remote_mta and _BARE_REPLY.fullmatch(text):
         return "smtp", text
-    return "X-Mailflow", text
+    return "X-Mailflow", _via(nr, text)
+
+
+def _via(nr: NoticeRecipient, said: str) -> str:
+    """A success's reason as Postfix's trace_append() hands it to bounce(8): after "delivery via RELAY: " unless
+    the relay is "none" (discard(8), an expansion without one)."""
+    if nr.action in SUCCESSFUL and nr.relay and nr.relay != "none":
+        return f"delivery via {_clean(nr.relay)}: {said}"
+    return said
 
 
 def _status(nr: NoticeRecipient) -> str:

@@ -13,7 +13,10 @@ import asyncio
 import email
 import email.policy
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiosmtplib
 import pytest
@@ -25,6 +28,7 @@ pytestmark = pytest.mark.interop
 
 SENDER = "alice@sender.test"
 PF_HOST, MF_HOST = "pf.test", "mx.mailflow.test"
+NOBODY = 65534
 
 
 DISCARDS = "discard.test=discard:, gone.test=discard:gone-away"  # discard(8), without and with a next hop
@@ -75,10 +79,11 @@ def by_subject(captured) -> dict[str, list[email.message.EmailMessage]]:
 
 async def notices_of_both(mailflow_server, smtp_peer, script: dict, messages: list[Send], expected: int, *,
                           postfix: dict | None = None, queue: dict | None = None, settle: float = 0.5,
-                          postfix_logs: str = ""):
+                          postfix_logs: str = "", settings: dict | None = None):
     """Both servers relay `messages` to one scripted peer (peer.test) and return their notices to a capturing
     peer each (sender.test): ({subject: [Postfix's notices]}, {subject: [mailflow's]}) once each has `expected`
-    (and Postfix's mail log has a line that matches `postfix_logs`)."""
+    (and Postfix's mail log has a line that matches `postfix_logs`). `settings`: more of mailflow's, set as
+    `postfix` sets Postfix's."""
     peer = await ScriptedPeer(script).start()
     pf_sink, mf_sink = await smtp_peer(enable_SMTPUTF8=True), await smtp_peer(enable_SMTPUTF8=True)
     try:
@@ -92,7 +97,7 @@ async def notices_of_both(mailflow_server, smtp_peer, script: dict, messages: li
                 transport_maps=[(f"inline:{{sender.test=smtp:[127.0.0.1]:{mf_sink.port}, "
                                  f"peer.test=smtp:[127.0.0.1]:{peer.port}, {DISCARDS}}}")],
                 queue={"queue_run_delay": "300s", "minimal_backoff_time": "300s", "maximal_backoff_time": "300s",
-                       **(queue or {})})
+                       **(queue or {})}, **(settings or {}))
             for message in messages:
                 await asyncio.gather(send(pf.port, message), send(mf.smtp_addresses[0][1], message))
             await eventually(lambda: len(pf_sink.messages) >= expected, timeout=15,
@@ -305,3 +310,27 @@ async def test_a_notices_received_header_names_no_recipient_as_postfixs_does(mai
                 for v in re.findall(r"^Received: ([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)", head, re.MULTILINE)]
 
     assert received(mf["case-received"][0]) == received(pf["case-received"][0]) == ["by HOST (MTA)\r\n\tid ID; DATE"]
+
+
+async def test_a_success_notice_names_the_agent_in_its_diagnostic_code_as_postfixs(mailflow_server, smtp_peer):
+    """A success reported by a delivery agent (not a remote SMTP reply) reads "delivery via AGENT: text" in
+    Diagnostic-Code as in the human part: Postfix's trace_append() prefixes the reason it hands bounce(8)'s trace
+    service with the relay ("none": no prefix, as for discard(8))."""
+    vmail = Path(tempfile.mkdtemp(prefix="mailflow-vmail-"))  # (pytest's tmp_path: not for the postfix user)
+    try:
+        vmail.chmod(0o755)
+        for side in ("pf", "mf"):
+            (vmail / side).mkdir()
+            shutil.chown(vmail / side, NOBODY, NOBODY)
+        virtual = {"virtual_mailbox_domains": "virt.test", "virtual_mailbox_maps": "inline:{a@virt.test=a/}",
+                   "virtual_uid_maps": f"static:{NOBODY}", "virtual_gid_maps": f"static:{NOBODY}"}
+        messages = [Send("case-virtual", {"a@virt.test": ["NOTIFY=SUCCESS"]})]
+        pf, mf = await notices_of_both(
+            mailflow_server, smtp_peer, {}, messages, 1,
+            postfix={**virtual, "virtual_mailbox_base": str(vmail / "pf")},
+            settings={**{k: [v] for k, v in virtual.items()}, "virtual_mailbox_base": str(vmail / "mf")})
+    finally:
+        shutil.rmtree(vmail, ignore_errors=True)
+    assert [(human_part(n), report(n)) for n in mf["case-virtual"]] == [
+        (human_part(n), report(n)) for n in pf["case-virtual"]]
+    assert ("Diagnostic-Code", "X-Mailflow;deliveryviavirtual:deliveredtomaildir") in report(pf["case-virtual"][0])[1]
