@@ -272,9 +272,11 @@ class RcptResult:
     so no success notice comes from here (Postfix smtp_rcpt_done). `expanded`: the address the result is
     about when the agent expanded the recipient (an alias member that does not exist), '' when it is the
     recipient itself; logs and notices then name it as Postfix does, "<member> (expanded from <recipient>)"
-    (`named`). It is not stored: a notice made after a restart names the recipient. `conn`: the SMTP or LMTP
-    session the result came from, when one was set up; `stats`: the stages of the attempt, stamped by qmgr (None:
-    the attempt's own, qmgr's log line falls back to them). Neither is stored.
+    (`named`). It is not stored: a notice made after a restart names the recipient. `relayed`: a success
+    handed to a gateway that may send no notice of its own (RFC 3464 2.3.3), as a pipe(8) service without
+    flag X: a success notice says `Action: relayed` (as for an MTA without DSN, which its relay shows).
+    `conn`: the SMTP or LMTP session the result came from, when one was set up; `stats`: the stages of the
+    attempt, stamped by qmgr (None: the attempt's own, qmgr's log line falls back to them). Neither is stored.
     """
 
     recipient: Recipient
@@ -285,6 +287,7 @@ class RcptResult:
     next_hop_notifies: bool = False
     transport: str = ""  # the transport whose job it was (set by qmgr; "" when none was chosen)
     expanded: str = ""
+    relayed: bool = False
     conn: ConnStats | None = None
     stats: MsgStats | None = None
 

@@ -9,7 +9,7 @@ ${mailbox}, ${domain} (an element holding one of them is repeated once per recip
 ${sender}, ${nexthop}, ${queue_id}, ${size}, and the client who submitted the message (`CLIENT_MACROS`:
 ${client_address}, ${client_helo}, ${client_hostname}, ${client_port}, ${client_protocol}, ${sasl_method},
 ${sasl_sender}, ${sasl_username}; empty when not known, as for mail submitted with sendmail).
-Flags: a subset of pipe(8)'s, `PIPE_FLAGS` (their meaning is in mailflow.transports.pipe).
+Flags: pipe(8)'s, `PIPE_FLAGS` (their meaning is in mailflow.transports.pipe).
 
     parse_argv_element(element) -> ArgTemplate   ('--to=', Macro('recipient')) for '--to=${recipient}'
     parse_argv(argv) -> tuple[ArgTemplate, ...]
@@ -30,7 +30,7 @@ PER_RECIPIENT_MACROS = ("recipient", "original_recipient", "user", "extension", 
 CLIENT_MACROS = ("client_address", "client_helo", "client_hostname", "client_port", "client_protocol",
                  "sasl_method", "sasl_sender", "sasl_username")
 PER_REQUEST_MACROS = ("sender", "nexthop", "queue_id", "size", *CLIENT_MACROS)
-PIPE_FLAGS = "BDFORhqu.>"
+PIPE_FLAGS = "BDFORXhqu.>"
 _MACRO = re.compile(r"\$(?:\{([^}]*)\}|\(([^)]*)\)|([A-Za-z0-9_]+)|(\$))")
 
 

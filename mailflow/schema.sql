@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS recipient (
     reason     TEXT NOT NULL DEFAULT '',           -- last diagnostic (deferral reason, bounce text)
     relay      TEXT NOT NULL DEFAULT '',           -- where the last attempt went: host[addr]:port, local, none
     notice     INTEGER NOT NULL DEFAULT 0,         -- 1: sent or bounced, its success/failure notice not yet queued
+    relayed    INTEGER NOT NULL DEFAULT 0,         -- 1: sent to a gateway (a pipe service without flag X)
     PRIMARY KEY (message_id, idx)
 ) WITHOUT ROWID;
 

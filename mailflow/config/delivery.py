@@ -130,7 +130,7 @@ class PipeService(Section):
     time_limit: Duration = Field(1000.0, gt=0)
     # Bytes of command output kept for the diagnostic; the rest is read and dropped.
     output_limit: int = Field(2048, ge=1)
-    # A subset of Postfix's pipe flags: B D F O R h q u . >
+    # Postfix's pipe flags: B D F O R X h q u . >
     flags: str = ""
     # Larger messages bounce (5.2.3) without running the command; 0: no limit.
     size_limit: int = Field(0, ge=0)

@@ -293,7 +293,7 @@ class Store(OperatorQueries):
         return out
 
 
-_RECIPIENT_COLUMNS = "idx, address, original, notify, orcpt, status, dsn, reason, relay"
+_RECIPIENT_COLUMNS = "idx, address, original, notify, orcpt, status, dsn, reason, relay, relayed"
 _MESSAGE_COLUMNS_LIST = ("id", "sender", "arrival", "size", "smtputf8", "body_type", "attempts", "envid", "ret",
                          "warned", "filter", "from_logged", *CLIENT_COLUMNS)
 _RECIPIENTS_AT = len(_MESSAGE_COLUMNS_LIST)  # a DUE row: the message's columns, its recipients (JSON), side,
@@ -386,16 +386,18 @@ _OUTCOME = {status: outcome for outcome, status in _STATUS.items()}
 
 
 def _recorded_result(row) -> RcptResult:
-    idx, address, original, notify, orcpt, status, dsn, reason, relay = row
-    return RcptResult(Recipient(idx, address, original, notify, orcpt), _OUTCOME[status], dsn, reason, relay)
+    idx, address, original, notify, orcpt, status, dsn, reason, relay, relayed = row
+    return RcptResult(Recipient(idx, address, original, notify, orcpt), _OUTCOME[status], dsn, reason, relay,
+                      relayed=bool(relayed))
 
 
 def _record_op(queue_id: QueueId, rows: Sequence[tuple[RcptResult, bool]]) -> Op:
     """Recipients' results; only pending rows change, so a result recorded twice does no harm. Every write that
     holds it holds it first (statements merge in order of first appearance in a batch)."""
-    return ("UPDATE recipient SET status = ?, dsn = ?, reason = ?, relay = ?, notice = ?"
+    return ("UPDATE recipient SET status = ?, dsn = ?, reason = ?, relay = ?, notice = ?, relayed = ?"
             " WHERE message_id = ? AND idx = ? AND status = 'pending'",
-            [(_STATUS[r.outcome], r.dsn, r.text, r.relay, int(owed), queue_id, r.recipient.index) for r, owed in rows])
+            [(_STATUS[r.outcome], r.dsn, r.text, r.relay, int(owed), int(r.relayed), queue_id, r.recipient.index)
+             for r, owed in rows])
 
 
 def _queued_message(row: tuple, recipients, owed) -> QueuedMessage:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 log = logging.getLogger("mailflow.store")
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # Steps for queues made by an older mailflow: MIGRATIONS[v] takes schema version v to v + 1.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -39,6 +39,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "sasl_username", "sasl_sender")),
     # whether qmgr's from= line is logged yet (a message held on arrival gets it when it enters the active queue)
     5: ("ALTER TABLE message ADD COLUMN from_logged INTEGER NOT NULL DEFAULT 1",),
+    # whether a recipient sent went to a gateway, for the action of its success notice owed (RcptResult.relayed)
+    6: ("ALTER TABLE recipient ADD COLUMN relayed INTEGER NOT NULL DEFAULT 0",),
 }
 
 

@@ -37,10 +37,11 @@ Flags (stdin, `command_input`, is the message with LF line endings, as Postfix p
 by chunk as the command reads it): F a "From sender date" line, R Return-Path: (for the null sender both name
 `null_sender`, as Postfix's pipe(8) writes them; From_ says MAILER-DAEMON when that is empty), O X-Original-To:,
 D Delivered-To: (in that order); ">" quotes lines starting "From ", "." doubles a leading dot, B appends a blank
-line; h folds ${domain}/${nexthop} and recipient domains to lower case, u folds recipient local parts, q quotes
-address local parts RFC 5322-style. Address values are the internal form, as Postfix's queue keeps addresses: a
-quoted local part without its quotes (`"a b"@x.test` is ${recipient} `a b@x.test`, ${user} `a b`; with q
-`"a b"@x.test` again).
+line; X says the command does final delivery: a success is `delivered`, else `relayed` (`RcptResult.relayed`: the
+action a success notice gives, as Postfix's pipe(8) treats its command as a gateway); h folds ${domain}/${nexthop}
+and recipient domains to lower case, u folds recipient local parts, q quotes address local parts RFC 5322-style.
+Address values are the internal form, as Postfix's queue keeps addresses: a quoted local part without its quotes
+(`"a b"@x.test` is ${recipient} `a b@x.test`, ${user} `a b`; with q `"a b"@x.test` again).
 Identity: `user`, or when empty mailflow's own user (`nobody` when mailflow runs as root). Working directory:
 `directory`, or "/". Environment: PATH only (Postfix's export_environment is not copied).
 Never raises for a delivery problem; results carry relay=NAME.
@@ -391,6 +392,8 @@ class PipeTransport:
         outcome, dsn, text = command_status(result, argv[0])
         if outcome is Outcome.SENT:
             text = f"delivered via {self._name} service" + (f" ({text[:100]})" if text else "")
+            relayed = "X" not in s.flags  # the command is a gateway unless it does final delivery (flag X)
+            return [RcptResult(r, outcome, dsn, text, relay=self._name, relayed=relayed) for r in batch]
         return [self._result(r, outcome, dsn, text) for r in batch]
 
     def _request_values(self, request: DeliveryRequest) -> dict[str, str]:

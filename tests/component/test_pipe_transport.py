@@ -248,7 +248,7 @@ async def test_the_identity_is_nobody_as_root_and_switching_needs_root(scripts):
     ({"argv": ["bin/filter"]}, "pipe.filt.argv", "absolute path"),
     ({"argv": ["/bin/filter", "${client_name}"]}, "pipe.filt.argv", "unknown macro ${client_name}"),
     ({"argv": ["/bin/filter", "5$"]}, "pipe.filt.argv", "starts no macro"),
-    ({"argv": ["/bin/filter"], "flags": "DX"}, "pipe.filt.flags", "unknown flag 'X'"),
+    ({"argv": ["/bin/filter"], "flags": "DZ"}, "pipe.filt.flags", "unknown flag 'Z'"),
     ({"argv": ["/bin/filter"], "user": "root"}, "pipe.filt.user", "never run as root"),
     ({}, "pipe.filt.argv", "Field required"),
 ])

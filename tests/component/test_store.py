@@ -235,6 +235,20 @@ async def test_owed_notices_are_kept_until_finish_queues_them(store):
     assert await store.recipients("Q1") == []
 
 
+async def test_an_owed_success_notice_keeps_whether_the_recipient_was_relayed(store):
+    """A success handed to a gateway (a pipe service without flag X) owes a notice saying `relayed`: the row keeps
+    that across a stop, as Postfix's trace service keeps the action it was given."""
+    await store.insert(new("Q1", "x@example.test", "y@example.test"))
+    msg = await only(store)
+    await store.claim(["Q1"], T0)
+    relayed = RcptResult(msg.recipients[0], Outcome.SENT, "2.0.0", "delivered via gate service", "gate", relayed=True)
+    delivered = RcptResult(msg.recipients[1], Outcome.SENT, "2.0.0", "delivered via final service", "final")
+    await record(store, msg, relayed, delivered, owed=True)
+    assert await store.recover() == 1  # a stop before the end of the attempt
+    [again] = await store.due(T0, 10)
+    assert again.owed == (relayed, delivered)
+
+
 async def test_finish_can_record_the_last_jobs_results_in_the_same_transaction(store):
     await store.insert(new("Q1", "x@example.test", "y@example.test"))
     msg = await only(store)

@@ -12,7 +12,8 @@ Not compared, differences docs/config.md and docs/transports.md describe:
   working directory (Postfix: the queue directory; mailflow: `directory`, else /);
 - flag D or O with several recipients in one request (Postfix defers 4.3.5 unless
   NAME_destination_recipient_limit = 1; mailflow runs the command once per recipient): here one per request;
-- flag X, eol=, user=NAME:GROUP and chroot= (not implemented: a config error);
+- eol=, user=NAME:GROUP and chroot= (not implemented: a config error); flag X changes only a success notice's
+  Action (test_notices_vs_postfix compares it);
 - virtual_mailbox_limit (Postfix: the size of one file, at least message_size_limit; mailflow: a Maildir quota, as
   the VDA patch), mbox files under virtual_mailbox_base (mailflow writes Maildirs only), virtual_minimum_uid;
 - how much command output a log line keeps (Postfix's logger cuts lines near 2 KB; mailflow's output_limit).

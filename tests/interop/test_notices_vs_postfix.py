@@ -79,23 +79,26 @@ def by_subject(captured) -> dict[str, list[email.message.EmailMessage]]:
 
 async def notices_of_both(mailflow_server, smtp_peer, script: dict, messages: list[Send], expected: int, *,
                           postfix: dict | None = None, queue: dict | None = None, settle: float = 0.5,
-                          postfix_logs: str = "", settings: dict | None = None):
+                          postfix_logs: str = "", settings: dict | None = None, routes: str = "",
+                          master_cf: str = ""):
     """Both servers relay `messages` to one scripted peer (peer.test) and return their notices to a capturing
     peer each (sender.test): ({subject: [Postfix's notices]}, {subject: [mailflow's]}) once each has `expected`
     (and Postfix's mail log has a line that matches `postfix_logs`). `settings`: more of mailflow's, set as
-    `postfix` sets Postfix's."""
+    `postfix` sets Postfix's; `routes`: more transport_maps entries, to services Postfix's `master_cf` and
+    mailflow's `settings` define alike."""
     peer = await ScriptedPeer(script).start()
     pf_sink, mf_sink = await smtp_peer(enable_SMTPUTF8=True), await smtp_peer(enable_SMTPUTF8=True)
+    routes = f"{DISCARDS}, {routes}" if routes else DISCARDS
     try:
         async with postfix_instance({
             "myhostname": PF_HOST, "mydestination": "", "delay_warning_time": "0", **(postfix or {}),
             "transport_maps": (f"inline:{{sender.test=smtp:[127.0.0.1]:{pf_sink.port}, "
-                               f"peer.test=smtp:[127.0.0.1]:{peer.port}, {DISCARDS}}}"),
-        }) as pf:
+                               f"peer.test=smtp:[127.0.0.1]:{peer.port}, {routes}}}"),
+        }, master_cf=master_cf) as pf:
             mf = await mailflow_server(
                 myhostname=MF_HOST, mynetworks=["127.0.0.0/8"], smtp={"tls_security_level": "none"},
                 transport_maps=[(f"inline:{{sender.test=smtp:[127.0.0.1]:{mf_sink.port}, "
-                                 f"peer.test=smtp:[127.0.0.1]:{peer.port}, {DISCARDS}}}")],
+                                 f"peer.test=smtp:[127.0.0.1]:{peer.port}, {routes}}}")],
                 queue={"queue_run_delay": "300s", "minimal_backoff_time": "300s", "maximal_backoff_time": "300s",
                        **(queue or {})}, **(settings or {}))
             for message in messages:
@@ -334,3 +337,22 @@ async def test_a_success_notice_names_the_agent_in_its_diagnostic_code_as_postfi
     assert [(human_part(n), report(n)) for n in mf["case-virtual"]] == [
         (human_part(n), report(n)) for n in pf["case-virtual"]]
     assert ("Diagnostic-Code", "X-Mailflow;deliveryviavirtual:deliveredtomaildir") in report(pf["case-virtual"][0])[1]
+
+
+async def test_a_pipe_services_success_is_relayed_unless_flag_x_says_final_delivery(mailflow_server, smtp_peer):
+    """pipe(8) treats its command as a gateway: a success notice says `Action: relayed` unless the service has
+    flags=X (final delivery), then `delivered`; the text is "delivery via NAME: delivered via NAME service" with
+    the command's output (pipe.c, deliver_message: PIPE_OPT_FINAL_DELIVERY)."""
+    echo = ["/bin/echo", "all", "fine"]
+    master_cf = "".join(f"{name} unix - n n - - pipe {flags}user=nobody argv={' '.join(echo)}\n"
+                        for name, flags in (("pgate", ""), ("pfinal", "flags=X ")))
+    pipe = {"pgate": {"argv": echo, "user": "nobody"}, "pfinal": {"argv": echo, "user": "nobody", "flags": "X"}}
+    messages = [Send("case-gate", {"a@gate.test": ["NOTIFY=SUCCESS"]}),
+                Send("case-final", {"b@final.test": ["NOTIFY=SUCCESS"]})]  # (one notice would list them as they end)
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {}, messages, 2, master_cf=master_cf,
+                                   settings={"pipe": pipe}, routes="gate.test=pgate:, final.test=pfinal:")
+    assert {s: [(human_part(n), report(n)) for n in ns] for s, ns in mf.items()} == {
+        s: [(human_part(n), report(n)) for n in ns] for s, ns in pf.items()}
+    [gate], [final] = pf["case-gate"], pf["case-final"]
+    assert "\n<a@gate.test>: delivery via pgate: delivered via pgate service (all fine)\n" in human_part(gate)
+    assert [dict(group)["Action"] for group in (report(gate)[1], report(final)[1])] == ["relayed", "delivered"]

@@ -6,7 +6,8 @@ Rules (Postfix bounce(8) and RFC 3461):
 - success: recipients delivered this attempt whose NOTIFY explicitly asks for SUCCESS, unless a next hop that
   offered DSN took the recipient with its NOTIFY (`RcptResult.next_hop_notifies`): that hop reports success
   (Postfix smtp_rcpt_done). The action is "relayed" when an MTA without DSN took it (RFC 3464 2.3.3: it may
-  send no notice), "delivered" when a local agent did.
+  send no notice) or the agent says it handed the message on (`RcptResult.relayed`: a pipe service without flag
+  X, as Postfix's pipe(8)), "delivered" when a local agent did.
 A notice goes to the envelope sender with the null sender. A message with the null sender is itself a
 notice: its failures go to `double_bounce_recipient` (postmaster by default) from `double-bounce@myhostname`, as
 a postmaster copy, or nowhere when that setting is empty; a double bounce that fails is dropped (`discarded`, which
@@ -86,8 +87,8 @@ def _notice_recipient(result: RcptResult, now: float) -> NoticeRecipient:
     # a remote MTA is named host[ip]:port; local agents (local, virtual, pipe services, discard) are not
     remote = result.relay.split("[", 1)[0] if "[" in result.relay else ""
     action = ACTION[result.outcome]
-    if result.outcome is Outcome.SENT and remote:
-        action = "relayed"  # handed to an MTA without DSN, which may send no notice itself (RFC 3464 2.3.3)
+    if result.outcome is Outcome.SENT and (remote or result.relayed):
+        action = "relayed"  # handed to an MTA without DSN or a gateway, which may send no notice (RFC 3464 2.3.3)
     return NoticeRecipient(result.named, action, result.dsn, result.text, remote_mta=remote, last_attempt=now,
                            relay=result.relay)
 
