@@ -23,6 +23,9 @@ command that met them, HOLD once per message, NOQUEUE until the transaction has 
 the delivery lines (`to=`, `orig_to=`, `relay=`, `conn_use=`, `delay=`, `delays=`, `dsn=`, `status=`) field for
 field, each time's value masked but its form kept (Postfix's format_tv).
 
+A sixth test has a scripted milter discard or quarantine at MAIL, RCPT and the end of the message: smtpd's and
+cleanup's `milter-discard` / `milter-hold` lines word for word, and pflogsumm's held and discarded counts.
+
 Compared by the first: pflogsumm's totals (received, delivered, deferred, bounced, rejected, held, discarded) and its
 deferral, bounce, reject, hold, discard, warning, fatal and panic sections; fail2ban's matched lines in every mode
 of the stock `postfix` filter; the lines of smtp and cleanup. Not compared:
@@ -50,11 +53,13 @@ from tests.interop.test_smtp_faults_vs_postfix import ScriptedPeer
 from tests.support import (SmtpClient, dovecot_instance, eventually, postfix_instance, require_tool, run_tool,
                            script_dir)
 from tests.support.maillog import SYSLOG_NAME
+from tests.support.milters import optneg, reply, scripted_milter
 
 pytestmark = pytest.mark.interop
 
 PF_HOST, MF_HOST = "pf.test", "mx.mailflow.test"
 HEADER_CHECKS = "/^Subject: hc-reject/ REJECT\n/^Subject: hc-hold/ HOLD\n/^Subject: hc-discard/ DISCARD\n"
+NODATA = 0x200  # SMFIP_NODATA: the milter is not sent DATA
 F2B_MODES = ("normal", "more", "aggressive", "auth", "ddos", "rbl", "errors")
 
 
@@ -611,3 +616,109 @@ async def test_a_delivery_line_has_postfix_fields_and_time_formats(mailflow_serv
     for lines in (pf_lines, mf_lines):  # the retry: its delay and `a` are the time it waited in the queue
         waited = re.search(r", delay=([\d.]+), delays=([\d.]+)/", lines["later@later.test"][1])
         assert waited and float(waited[1]) >= 1 and float(waited[2]) >= 1, lines["later@later.test"]
+
+
+# ---------------------------------------------------------------------------------------------- milter actions
+
+MILTER_TRANSACTIONS = (  # (sender, recipients, subject): one session each (one milter connection each, as Postfix)
+    ("mdiscard@sender.test", ["a@relay.test"], "plain"),  # DISCARD at MAIL
+    ("s@sender.test", ["a@relay.test", "rhold@relay.test"], "plain"),  # quarantine at RCPT: QID
+    ("s@sender.test", ["rdiscard@relay.test", "b@relay.test"], "plain"),  # DISCARD at the first RCPT: NOQUEUE
+    ("s@sender.test", ["a@relay.test", "b@relay.test"], "ehold"),  # quarantine at the end of the message
+    ("s@sender.test", ["a@relay.test"], "ediscard"),  # DISCARD at the end of the message
+)
+
+
+def milter_script(milter_of: list) -> dict:
+    """The scripted milter's answers: by the MAIL or RCPT address's local part, and at the end of the message by
+    the Subject it was shown (`milter_of[0]`: the milter, whose sessions hold what it was shown)."""
+    def quarantine() -> bytes:
+        return reply(b"q", b"held by the milter\0") + reply(b"c")  # (a quarantine is not final: the reply follows)
+
+    def by_address(actions: dict):
+        return lambda _, payload: actions.get(payload.split(b"\0")[0].strip(b"<>").partition(b"@")[0], reply(b"c"))
+
+    def end(number: int, _: bytes) -> bytes:
+        seen = b"".join(payload for command, payload in milter_of[0].sessions[number] if command == b"L")
+        return quarantine() if b"ehold" in seen else reply(b"d") if b"ediscard" in seen else reply(b"c")
+
+    return {b"M": by_address({b"mdiscard": reply(b"d")}),
+            b"R": by_address({b"rhold": quarantine(), b"rdiscard": reply(b"d")}), b"E": end}
+
+
+async def milter_traffic(port: int) -> list[int | None]:
+    codes: list[int | None] = []
+    for sender, rcpts, subject in MILTER_TRANSACTIONS:
+        c = await SmtpClient.connect(port)
+        codes += [(await c.cmd("EHLO client.test")).code, (await c.cmd(f"MAIL FROM:<{sender}>")).code]
+        codes += [(await c.cmd(f"RCPT TO:<{rcpt}>")).code for rcpt in rcpts]
+        assert (await c.cmd("DATA")).code == 354
+        codes.append((await c.cmd(f"Subject: {subject}\r\n\r\nx\r\n.")).code)
+        assert (await c.cmd("QUIT")).code == 221
+        await c.close()
+    return codes
+
+
+def milter_lines(log: str) -> list[str]:
+    """The milter-hold and milter-discard lines, as `service: line` with queue ids masked as QID; of a message's
+    milter-hold lines only the first (Postfix 3.7 logs one more at each later command: docs/filtering.md)."""
+    found, held = [], set()
+    for service, qid, action, rest in re.findall(
+            rf"{SYSLOG_NAME}/(\w+)\[\d+\]: (\w+): (milter-hold|milter-discard): (.*)$", log, re.M):
+        if action == "milter-hold" and qid in held:
+            continue
+        held.add(qid)
+        found.append(f"{service}: {'NOQUEUE' if qid == 'NOQUEUE' else 'QID'}: {action}: {rest}")
+    return found
+
+
+async def test_milter_hold_and_discard_are_logged_as_postfix_logs_them(mailflow_server, mail_log, tmp_path):
+    """A milter's DISCARD or quarantine: Postfix's smtpd logs it at MAIL or RCPT (check_milter_reply:
+    `NOQUEUE: milter-discard: MAIL from …: milter triggers DISCARD action; from=<…> proto=ESMTP helo=<…>`), its
+    cleanup at the end of the message (cleanup_milter_apply: `QID: milter-hold: END-OF-MESSAGE from …: milter
+    triggers HOLD action; from=<…> to=<the last recipient> …`), the milter's reason not said (3.7); pflogsumm
+    counts cleanup's as held and discarded, smtpd's not."""
+    pflogsumm = require_tool("pflogsumm")
+    sink = await ScriptedPeer({}).start()
+    transports = f"inline:{{relay.test=smtp:[127.0.0.1]:{sink.port}}}"
+    milter_of: list = []
+    try:
+        async with scripted_milter(milter_script(milter_of), optneg(protocol=NODATA)) as milter:
+            milter_of.append(milter)
+            async with postfix_instance({
+                "myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "mydestination": "", "relay_domains": "relay.test",
+                "transport_maps": transports, "smtpd_milters": milter.spec,
+            }) as pf:
+                await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the probe that saw it listen
+                started = len(pf.maillog)
+                pf_replies = await milter_traffic(pf.port)
+                await eventually(lambda: pf.maillog[started:].count("disconnect from") == len(MILTER_TRANSACTIONS),
+                                 timeout=10)
+                pf_log = pf.maillog[started:]
+            mf = await mailflow_server(
+                myhostname=MF_HOST, mydestination=[], relay_domains=["relay.test"], transport_maps=[transports],
+                smtp={"tls_security_level": "none"}, smtpd={"milters": [milter.spec]})
+            mf_replies = await milter_traffic(mf.smtp_addresses[0][1])
+            await eventually(lambda: mail_log.read_text().count("disconnect from") == len(MILTER_TRANSACTIONS),
+                             timeout=10)
+            mf_log = mail_log.read_text()
+    finally:
+        await sink.stop()
+    assert mf_replies == pf_replies
+    assert milter_lines(mf_log) == milter_lines(pf_log), (pf_log, mf_log)
+    # what Postfix logged, so that the same mistake on both sides cannot pass unnoticed
+    assert [line.partition(" from ")[0] for line in milter_lines(pf_log)] == [
+        "smtpd: NOQUEUE: milter-discard: MAIL", "smtpd: QID: milter-hold: RCPT", "smtpd: NOQUEUE: milter-discard: RCPT",
+        "cleanup: QID: milter-hold: END-OF-MESSAGE", "cleanup: QID: milter-discard: END-OF-MESSAGE"]
+    assert "milter triggers HOLD action; from=<s@sender.test> to=<b@relay.test> proto=ESMTP helo=<client.test>" in \
+        milter_lines(pf_log)[3]
+    assert re.search(r"milter-hold: DATA from .*to=<a@relay\.test>", pf_log)  # 3.7's repeat (docs/filtering.md)
+    pf_file, mf_file = tmp_path / "pf.log", tmp_path / "mf.log"
+    pf_file.write_text(pf_log)
+    mf_file.write_text(mf_log)
+    (pf_sum, pf_sections), (mf_sum, mf_sections) = await summary(pflogsumm, pf_file), await summary(pflogsumm, mf_file)
+    counted = ("received", "delivered", "held", "discarded")
+    assert {k: mf_sum[k] for k in counted} == {k: pf_sum[k] for k in counted}, (pf_log, mf_log)
+    assert (pf_sum["held"], pf_sum["discarded"]) == (1, 1)  # cleanup's lines only
+    details = ("message hold detail", "message discard detail")
+    assert {k: mf_sections[k] for k in details} == {k: pf_sections[k] for k in details}

@@ -8,8 +8,15 @@
         await helo(session, name)             milters told of HELO (a refusal answers the next MAIL)
         await mail(session, sender, options) / rcpt(session, address) -> Reply | None
         await auth_verdicts(session, envelope) -> Verdicts | None     (before the end_of_data restrictions)
-        await end_of_message(session, envelope, submission) -> Outcome   milters, clamd, spamd, in that order
+        await end_of_message(session, submission, verdicts, marks) -> Outcome   milters, clamd, spamd, in order
         closed(session)                         the SMTP session ended: its milter connections are closed
+
+A milter's DISCARD or quarantine (HOLD) is logged where it is met, in Postfix's words: at MAIL or RCPT as its
+smtpd logs it (`NOQUEUE: milter-discard: RCPT from host[ip]: milter triggers DISCARD action; from=<s> to=<r>
+proto=ESMTP helo=<h>`, the queue id once the transaction has one), at the end of the message as its cleanup logs
+it (`QID: milter-hold: END-OF-MESSAGE from host[ip]: milter triggers HOLD action; from=<s> to=<the last
+recipient> proto=ESMTP helo=<h>`, service cleanup); once per message (a message held already is not held again:
+Postfix 3.10's rule, docs/filtering.md). After a DISCARD no milter is asked anything more about the message.
 
 With no filter configured the handler holds None and asks nothing: the hot path is unchanged.
 
@@ -31,10 +38,16 @@ from mailflow.filters.milter import ClientMacros, MilterSession, MilterSettings,
 from mailflow.filters.scanners import Clamd, ScanResult, Spamd
 from mailflow.filters.senderauth import SenderAuth, Verdicts
 from mailflow.content import Content
+from mailflow.logs import SmtpdLog
 from mailflow.model import Submission
 from mailflow.restriction_vocabulary import STAGES, split_item
 
 log = logging.getLogger("mailflow.smtpd")
+cleanup_log = logging.getLogger("mailflow.cleanup")  # a milter's verdict on the message: Postfix's cleanup says it
+
+# a milter verdict that marks the message -> (Postfix's log action, its text)
+MILTER_TRIGGERS = {"discard": ("milter-discard", "milter triggers DISCARD action"),
+                   "quarantine": ("milter-hold", "milter triggers HOLD action")}
 
 SPAM_STATUS_WIDTH = 76  # X-Spam-Status lines are folded before this column (as SpamAssassin folds them)
 
@@ -102,6 +115,7 @@ class ListenerFilters:
         self._verify = services.sender_auth is not None and (self._header or services.dmarc_policy)
         self._overrides = frozenset(config.smtpd.receive_override_options)
         self._content_filter = config.smtpd.content_filter
+        self._lines = SmtpdLog()
 
     # -------------------------------------------------------------------------------- milters by stage
 
@@ -133,23 +147,33 @@ class ListenerFilters:
         if milters is None:
             return None
         verdict = await milters.mail(sender, options, (session.auth_mechanism, session.login))
-        self._mark(envelope, verdict)
+        self._mark(session, envelope, verdict, "MAIL", sender)
         return _refusal(verdict)
 
     async def rcpt(self, session, envelope, address: str) -> status.Reply | None:
         milters = self._milter_session(session)
-        if milters is None:
+        if milters is None or envelope.marks.discard is not None:  # (Postfix: no milter event after a DISCARD)
             return None
         verdict = await milters.rcpt(address, envelope.queue_id)
-        self._mark(envelope, verdict)
+        self._mark(session, envelope, verdict, "RCPT", envelope.sender, address)
         return _refusal(verdict)
 
-    @staticmethod
-    def _mark(envelope, verdict: Verdict) -> None:
-        if verdict.action == "discard":
-            envelope.marks.discard = verdict.reason or "milter discard"
-        elif verdict.action == "quarantine":
-            envelope.marks.hold = verdict.reason or "milter quarantine"
+    def _mark(self, session, envelope, verdict: Verdict, stage: str, sender: str, recipient: str = "") -> None:
+        """A milter's DISCARD or quarantine at MAIL or RCPT: the message is marked, and it is logged there as
+        Postfix's smtpd logs it, once."""
+        marks = envelope.marks
+        if verdict.action == "discard" and marks.discard is None:
+            marks.discard = verdict.reason or "milter discard"
+            marks.logged.add("discard")
+        elif verdict.action == "quarantine" and marks.hold is None:
+            marks.hold = verdict.reason or "milter quarantine"
+            marks.logged.add("hold")
+        else:
+            return
+        action, text = MILTER_TRIGGERS[verdict.action]
+        self._lines.reject(stage, session.client, text, sender=sender, recipient=recipient,
+                           protocol=session.protocol, helo=session.host_name or "", action=action,
+                           queue_id=envelope.queue_id or "NOQUEUE")
 
     def closed(self, session) -> None:
         if session.milters is not None:
@@ -166,8 +190,9 @@ class ListenerFilters:
         return await sender_auth.verdicts(session.peer_ip, session.host_name or "", envelope.sender or "",
                                           envelope.content)
 
-    async def end_of_message(self, session, submission: Submission, verdicts: Verdicts | None,
-                             content_filter: str | None) -> Outcome:
+    async def end_of_message(self, session, submission: Submission, verdicts: Verdicts | None, marks) -> Outcome:
+        """`marks`: the transaction's (restrictions.Marks): its FILTER, whether it is held already, and what was
+        logged of it (a milter's DISCARD or HOLD here is, as Postfix's cleanup logs it)."""
         outcome = Outcome()
         headers = [verdicts.header()] if verdicts is not None and self._header else []
         milters = self._milter_session(session)
@@ -175,17 +200,19 @@ class ListenerFilters:
             filtered = await end_of_message(milters, submission)
             if filtered.action == "discard":
                 outcome.discard = filtered.reason
+                _cleanup_line(session, submission, "discard", marks)
                 return outcome
             if filtered.action != "continue":
                 outcome.refusal = filtered.reply
                 return outcome
             submission, outcome.hold = filtered.submission, filtered.hold
+            if filtered.hold is not None and marks.hold is None:
+                _cleanup_line(session, submission, "quarantine", marks)
         for scan in (self._clamd, self._spamd):
             await scan(submission.content, outcome, headers)
             if outcome.refusal is not None:
                 return outcome
-        if content_filter is None:
-            content_filter = self._content_filter
+        content_filter = marks.filter if marks.filter is not None else self._content_filter
         outcome.submission = dataclasses.replace(submission, headers=submission.headers + tuple(headers),
                                                  content_filter=content_filter, overrides=self._overrides)
         return outcome
@@ -241,6 +268,18 @@ def _spam_status(result: ScanResult) -> str:
             lines[-1] += rule + ","
         lines[-1] = lines[-1][:-1]
     return "\r\n\t".join(lines)
+
+
+def _cleanup_line(session, submission: Submission, verdict: str, marks) -> None:
+    """Postfix's cleanup_milter_apply line for a milter's DISCARD or HOLD at the end of the message: the sender,
+    the last recipient (cleanup's last recipient record), the protocol and HELO name."""
+    marks.logged.add("discard" if verdict == "discard" else "hold")
+    action, text = MILTER_TRIGGERS[verdict]
+    envelope = submission.envelope
+    to = f" to=<{envelope.recipients[-1]}>" if envelope.recipients else ""
+    helo = f" helo=<{session.host_name}>" if session.host_name else ""
+    cleanup_log.info("%s: %s: END-OF-MESSAGE from %s: %s; from=<%s>%s proto=%s%s", submission.queue_id, action,
+                     session.client, text, envelope.sender, to, session.protocol, helo)
 
 
 def _refusal(verdict: Verdict) -> status.Reply | None:

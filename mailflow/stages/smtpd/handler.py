@@ -269,7 +269,7 @@ class SmtpdHandler:
                                 client_attributes=session.client_attributes(envelope), headers=tuple(marks.prepend),
                                 queue_id=envelope.queue_id, **self._header_rewriting(server, session))
         if self._filters is not None and marks.discard is None:
-            outcome = await self._filters.end_of_message(session, submission, verdicts, marks.filter)
+            outcome = await self._filters.end_of_message(session, submission, verdicts, marks)
             if outcome.refusal is not None:
                 server.log_reject("END-OF-MESSAGE", outcome.refusal, envelope.single_recipient)
                 return str(outcome.refusal)
