@@ -11,7 +11,7 @@ import struct
 import pytest
 
 from mailflow import status
-from tests.support import SmtpClient, eventually, maildir_messages
+from tests.support import SmtpClient, eventually, maildir_messages, queue_becomes
 from tests.support.milters import HANG, replycode, reply, scripted_milter
 
 MESSAGE = b"From: <s@remote.test>\r\nSubject: scripted\r\nX-Old: 1\r\n\r\nline one\r\n"
@@ -217,3 +217,25 @@ async def test_a_sender_or_recipient_that_is_not_an_address_is_ignored_and_logge
         [data] = await eventually(lambda: maildir_messages(tmp_path / "mail" / user / "Maildir"))
         assert data.startswith(b"Return-Path: <s@remote.test>\n"), data[:200]
     assert sum("is not an address: edit ignored" in r.getMessage() for r in caplog.records) == 4
+
+
+async def test_a_quarantine_is_followed_by_the_events_own_reply(mailflow_server):
+    """A milter's quarantine is no final reply (Postfix's milter8 reads on): the event's answer follows it. Here a
+    quarantine at the first RCPT, then continue; a reject at the second: the first recipient is taken, the second
+    refused, and the message is held. Read as final, every later reply of the session was one event late."""
+    def at_rcpt(session: int, payload: bytes) -> bytes:
+        if b"<alice@" in payload:
+            return reply(b"q", b"suspicious\0") + reply(b"c")
+        return reply(b"r")
+
+    async with scripted_milter({b"R": at_rcpt}) as milter:
+        mf = await mailflow_server(smtpd={"milters": [milter.spec]}, milter={"command_timeout": "2s"})
+        client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+        await client.cmd("EHLO client.test")
+        assert (await client.cmd("MAIL FROM:<s@remote.test>")).code == 250
+        assert (await client.cmd("RCPT TO:<alice@local.test>")).code == 250
+        assert await client.cmd("RCPT TO:<bob@local.test>") == status.MILTER_REJECTED
+        assert (await client.cmd("DATA")).code == 354
+        assert (await client.cmd(MESSAGE.decode() + ".")).code == 250
+        await client.close()
+        await queue_becomes(mf.store, {"hold": 1})

@@ -13,8 +13,9 @@ What a milter says (per Postfix): accept -> it is not asked again for this messa
 milter is asked; reject / tempfail / replycode -> the command (or the message) is refused with that reply
 (550 5.7.1 Command rejected, 451 4.7.1 Service unavailable - try again later, or the milter's own reply);
 shutdown -> 421 4.7.0 Server closing connection (smtpd closes the session after any 421);
-discard -> the message is accepted and dropped; quarantine -> it is queued on hold. Progress replies extend
-the deadline. A reply to connect or HELO holds for the whole SMTP session (Postfix's milter8): accept -> the
+discard -> the message is accepted and dropped; quarantine -> it is queued on hold. A quarantine is no
+final reply: the event's own reply follows it (continue: the message is held and the session goes on; a
+refusal wins), as Postfix's milter8 reads on. Progress replies extend the deadline. A reply to connect or HELO holds for the whole SMTP session (Postfix's milter8): accept -> the
 milter is not asked again; reject / tempfail -> HELO is still answered 250, and that reply answers every later
 MAIL; discard is not allowed there (logged, it means continue). A milter that cannot be reached, that times
 out (connect_timeout for the connection and the negotiation, command_timeout per command, content_timeout for
@@ -129,8 +130,10 @@ class MilterConnection:
         except (OSError, TimeoutError, p.ProtocolError, asyncio.IncompleteReadError) as e:
             raise MilterFailed(_why(e)) from None
 
-    async def send(self, command: bytes, packet: bytes, stage_macros: bytes = b"") -> p.Reply | None:
-        """Send one event (with its macros); its reply, or None when the milter asked for none."""
+    async def send(self, command: bytes, packet: bytes,
+                   stage_macros: bytes = b"") -> tuple[p.Reply, str | None] | None:
+        """Send one event (with its macros); its reply and the reason of a quarantine before it (`_event_reply`),
+        or None when the milter asked for none."""
         assert self._writer is not None and self.negotiated is not None
         try:
             if stage_macros:
@@ -139,7 +142,7 @@ class MilterConnection:
             if not self.negotiated.answers(command):
                 await asyncio.wait_for(self._writer.drain(), self._settings.command_timeout)
                 return None
-            return await self._read(self._settings.command_timeout)
+            return await self._event_reply(self._settings.command_timeout)
         except (OSError, TimeoutError, p.ProtocolError, asyncio.IncompleteReadError) as e:
             raise MilterFailed(_why(e)) from None
 
@@ -158,7 +161,8 @@ class MilterConnection:
                     continue
                 self._writer.write(macros.get(command, b"") + packet)
                 if n.answers(command):
-                    reply = await self._read(timeout)
+                    reply, held = await self._event_reply(timeout)
+                    edits.quarantine = held or edits.quarantine
                     skipping = reply.command == p.SKIP
                     if reply.command not in (p.CONTINUE, p.SKIP):
                         return reply, edits
@@ -189,6 +193,15 @@ class MilterConnection:
             await asyncio.wait_for(writer.wait_closed(), 1.0)
         except (OSError, TimeoutError):
             pass
+
+    async def _event_reply(self, timeout: float) -> tuple[p.Reply, str | None]:
+        """An event's final reply, read past the quarantines before it (each one's reason kept: the last)."""
+        held = None
+        while True:
+            reply = await self._read(timeout)
+            if reply.command != p.QUARANTINE:
+                return reply, held
+            held = reply.text() or "milter quarantine"
 
     async def _read(self, timeout: float) -> p.Reply:
         """The next reply that is not PROGRESS (each progress reply restarts the deadline)."""
@@ -406,10 +419,12 @@ class MilterSession:
         if milter.negotiated is None or milter.negotiated.skips(command):
             return CONTINUE
         try:
-            reply = await milter.send(command, packet, _macro_packet(command, values, milter))
+            answer = await milter.send(command, packet, _macro_packet(command, values, milter))
         except MilterFailed as e:
             return self._failed(milter, e)
-        verdict = CONTINUE if reply is None else self._verdict(reply, milter)
+        verdict = CONTINUE if answer is None else self._verdict(answer[0], milter)
+        if answer is not None and answer[1] is not None and verdict.action in ("continue", "accept"):
+            verdict = Verdict("quarantine", reason=answer[1])  # (held; a refusal after it wins, as in Postfix)
         return self._for_session(milter, verdict) if command in (p.CONNECT, p.HELO) else verdict
 
     @staticmethod
@@ -443,8 +458,6 @@ class MilterSession:
                 return self._failed(milter, MilterFailed(f"malformed reply: {reply.text()!r}"), configuration=True)
             return Verdict("reject" if reply_text.code >= 500 else "tempfail", reply_text,
                            reason=f"milter {milter.spec}")
-        if c == p.QUARANTINE:
-            return Verdict("quarantine", reason=reply.text())
         if c == p.SHUTDOWN:  # Postfix: 421, and the milter answers so for the rest of the session
             milter.session_verdict = Verdict("tempfail", status.MILTER_SHUTDOWN, reason=f"milter {milter.spec}")
             return milter.session_verdict
