@@ -155,9 +155,11 @@ class MailLog:
         self._emit(queue_id, event, f"from=<{sender}>, size={size}, nrcpt={nrcpt} (queue active)", service="qmgr",
                    logged=logged, sender=sender, size=size, nrcpt=nrcpt)
 
-    def result(self, queue_id: str, result: RcptResult, stats: MsgStats, now: float, *, logged: bool = True) -> None:
+    def result(self, queue_id: str, result: RcptResult, stats: MsgStats, now: float, *, program: str = "qmgr",
+               logged: bool = True) -> None:
         """One recipient's result line, its times from `stats` (`result.stats`, else the attempt's) and
-        `result.conn`, `now` the time of the line; with `logged` false the observer alone is told (a recipient
+        `result.conn`, `now` the time of the line, under `program` (the delivery agent's, `Transport.program`;
+        qmgr for a result qmgr made); with `logged` false the observer alone is told (a recipient
         returned for its age: Postfix logs the attempt's `status=deferred` line and qmgr's `status=expired` line,
         no `status=bounced`, and pflogsumm counts those)."""
         if not (self.active if logged else self._observer is not None):
@@ -175,7 +177,7 @@ class MailLog:
         shown = "/".join(format_tv(d) for d in delays)
         self._emit(queue_id, status,
                    f"to=<{to}>{orig}, relay={result.relay}{reuse}, delay={format_tv(delay)}, delays={shown}, "
-                   f"dsn={result.dsn}, status={status} ({result.text})", service=_delivery_service(result.relay),
+                   f"dsn={result.dsn}, status={status} ({result.text})", service=program,
                    logged=logged, to=to, orig_to=original, relay=result.relay, conn_use=use, delay=round(delay, 3),
                    delays=[round(d, 3) for d in delays], dsn=result.dsn, status=status, reason=result.text,
                    transport=result.transport)
@@ -273,15 +275,6 @@ def format_tv(seconds: float) -> str:
         tenths = (usec + 50_000) // 100_000
         return str(tenths // 10) if tenths % 10 == 0 else f"{tenths // 10}.{tenths % 10}"
     return str((usec + 500_000) // 1_000_000)
-
-
-def _delivery_service(relay: str) -> str:
-    """Which Postfix delivery agent a result line is attributed to (pflogsumm counts any)."""
-    if "[" in relay:
-        return "smtp"
-    if relay in ("local", "virtual", "error", "discard", "capture", "none"):
-        return "qmgr" if relay == "none" else relay
-    return "pipe"
 
 
 class SmtpdLog:

@@ -15,6 +15,9 @@ Contract of a transport (postfix's delivery agents; chasquid's Courier; maddy's 
   in a worker thread) and transforms it chunk by chunk (`encode.py`), never holding a big message whole; its
   size is `request.content.size`.
 - `close` releases cached connections; qmgr calls it once at shutdown.
+- `program`: the Postfix program the agent stands for (smtp, lmtp, local, virtual, pipe, error, discard): the
+  mail log writes its result lines under that name, as Postfix's agents log their own (`postfix/smtp[pid]: …
+  relay=none … (connect to …)`), and pflogsumm groups deferrals by it.
 """
 from __future__ import annotations
 
@@ -33,6 +36,8 @@ from mailflow.transports.smtp.mtasts import HttpsPolicyFetcher, MtaSts
 
 
 class Transport(Protocol):
+    program: str  # the Postfix delivery agent whose name its result lines are logged under (smtp, local, pipe…)
+
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport: ...
 
     async def close(self) -> None: ...

@@ -17,6 +17,8 @@ from mailflow.model import DeliveryReport, DeliveryRequest, Outcome
 
 
 class CaptureTransport:
+    program = "capture"  # the Postfix delivery agent whose name its result lines are logged under
+
     def __init__(self, mailbox: Mailbox):
         self._mailbox = mailbox
 

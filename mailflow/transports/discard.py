@@ -8,6 +8,8 @@ from mailflow.model import DeliveryReport, DeliveryRequest, Outcome
 
 
 class DiscardTransport:
+    program = "discard"  # the Postfix delivery agent whose name its result lines are logged under
+
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
         reason = request.nexthop or "discarded"
         return DeliveryReport.uniform(request.recipients, Outcome.SENT, "2.0.0", reason, relay="none")

@@ -26,6 +26,8 @@ def parse_error_nexthop(nexthop: str) -> tuple[Outcome, str, str]:
 
 
 class ErrorTransport:
+    program = "error"  # the Postfix delivery agent whose name its result lines are logged under
+
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
         outcome, dsn, text = parse_error_nexthop(request.nexthop)
         return DeliveryReport.uniform(request.recipients, outcome, dsn, text, relay="none")

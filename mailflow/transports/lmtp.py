@@ -59,6 +59,8 @@ log = logging.getLogger("mailflow.lmtp")
 class LmtpTransport:
     """Delivers each request over a fresh LMTP session to its next hop (see the module docstring)."""
 
+    program = "lmtp"  # the Postfix delivery agent whose name its result lines are logged under
+
     def __init__(self, config: LmtpConfig, *, helo_name: str, clock: Callable[[], float] = time.monotonic,
                  now: Callable[[], float] = time.time):
         self._config = config

@@ -117,6 +117,8 @@ def maildir_size(maildir: Path) -> int:
 
 
 class MaildirTransport:
+    program = "virtual"  # the Postfix delivery agent whose name its result lines are logged under
+
     def __init__(self, locate: Locate, *, clock: Clock, relay: str = "virtual",
                  quota: Callable[[str], int] = lambda recipient: 0, overquota_bounce: bool = True,
                  owner: Callable[[str], tuple[int | None, int | None]] | None = None, base: str | Path = ""):

@@ -330,6 +330,8 @@ def command_input(content: Content, *, sender: str, flags: str, recipient: str =
 
 
 class PipeTransport:
+    program = "pipe"  # the Postfix delivery agent whose name its result lines are logged under
+
     def __init__(self, service: PipeService, *, name: str, recipient_delimiter: str = DEFAULTS.recipient_delimiter,
                  now: Callable[[], float] = time.time, allow_min_user: bool = False):
         self._service = service

@@ -50,7 +50,7 @@ import pytest
 
 from tests.interop.test_policy_vs_postfix import ScriptedPolicy
 from tests.interop.test_smtp_faults_vs_postfix import ScriptedPeer
-from tests.support import (SmtpClient, dovecot_instance, eventually, postfix_instance, require_tool, run_tool,
+from tests.support import (SmtpClient, dovecot_instance, eventually, free_port, postfix_instance, require_tool, run_tool,
                            script_dir)
 from tests.support.maillog import SYSLOG_NAME
 from tests.support.milters import optneg, reply, scripted_milter
@@ -520,7 +520,8 @@ async def test_access_actions_are_logged_where_postfix_logs_them(mailflow_server
 # ---------------------------------------------------------------------------------------------- a delivery line
 
 DELIVERIES = [["alice@local.test"], ["fwd@local.test"], ["mixed@local.test"], ["ok@relay.test", "ok2@relay.test"],
-              ["ok3@relay.test"], ["def@def.test"], ["bnc@bnc.test"], ["p@pipe.test"], ["later@later.test"]]
+              ["ok3@relay.test"], ["def@def.test"], ["bnc@bnc.test"], ["p@pipe.test"], ["ref@refused.test"],
+              ["dis@dis.test"], ["later@later.test"]]
 LINES = {"later@later.test": 2}  # deferred, then sent on the retry; one line each for the others
 # Postfix's smtp(8) puts its session in the connection cache after it has logged the results: the next message to
 # the same place waits a moment, or it would race for it (mailflow's cache holds it 0.8 s here)
@@ -556,8 +557,7 @@ async def deliveries(port: int, read_log) -> dict[str, list[str]]:
         await message(port, rcpts, "timed")
         await eventually(lambda: set(rcpts) <= set(delivery_lines(read_log())), timeout=10)
     await eventually(lambda: len(delivery_lines(read_log())["later@later.test"]) >= 2, timeout=20)
-    return {rcpt: lines[:LINES.get(rcpt, 1)] for rcpt, lines in delivery_lines(read_log()).items()
-            if rcpt != "s@sender.test"}  # (not the bounce notice: Postfix's discard(8) is mailflow's qmgr line)
+    return {rcpt: lines[:LINES.get(rcpt, 1)] for rcpt, lines in delivery_lines(read_log()).items()}
 
 
 async def test_a_delivery_line_has_postfix_fields_and_time_formats(mailflow_server, mail_log):
@@ -566,7 +566,9 @@ async def test_a_delivery_line_has_postfix_fields_and_time_formats(mailflow_serv
     format_tv writes it): local delivery (an alias to a file, and through virtual aliases: orig_to, none where the
     alias only changes the case), a relayed message with two recipients and the next one over the same
     connection (conn_use), a deferral (450), a bounce (550), a pipe service, and a message deferred then sent on
-    its retry, whose delay and `a` count the time it waited. Postfix caches the relay's connection
+    its retry, whose delay and `a` count the time it waited; and the program each line is written as: the
+    delivery agent's, also where it reached no peer (a refused connection: smtp; discard:), as pflogsumm
+    groups deferrals by it. Postfix caches the relay's connection
     (smtp_connection_cache_destinations names its address, 127.0.0.2, which no other peer has); mailflow caches
     every session, for 0.8 s here, so that the retry, a second later, takes a new one in both."""
     attempts = {"later": 0}
@@ -581,10 +583,11 @@ async def test_a_delivery_line_has_postfix_fields_and_time_formats(mailflow_serv
         ("bnc", {"RCPT": b"550 5.1.1 no such user here\r\n"}), ("later", {"RCPT": later}))}
     routes = ", ".join(f"{{{name}.test=smtp:[{hosts.get(name, '127.0.0.1')}]:{peer.port}}}"
                        for name, peer in peers.items())
-    transports = f"inline:{{ {routes}, {{pipe.test=pdel:}}, {{sender.test=discard:}} }}"
+    transports = (f"inline:{{ {routes}, {{pipe.test=pdel:}}, {{sender.test=discard:}}, {{dis.test=discard:dropped}}, "
+                  f"{{refused.test=smtp:[127.0.0.1]:{free_port()}}} }}")
     aliases = "inline:{ {alice=/dev/null}, {mixed=/dev/null} }"
     virtual = "inline:{ {fwd@local.test=alice@local.test}, {mixed@local.test=Mixed@local.test} }"
-    relayed = [f"{name}.test" for name in peers] + ["pipe.test"]
+    relayed = [f"{name}.test" for name in peers] + ["pipe.test", "refused.test", "dis.test"]
     try:
         with script_dir() as d:
             command = d.script("deliver.sh", "cat > /dev/null\n")
@@ -611,6 +614,8 @@ async def test_a_delivery_line_has_postfix_fields_and_time_formats(mailflow_serv
         r: [timed(line) for line in lines] for r, lines in pf_lines.items()}, (pf_lines, mf_lines)
     assert pf_lines["p@pipe.test"][0].startswith("pipe: to=<p@pipe.test>, relay=pdel, delay=")
     assert ", conn_use=2, delay=" in pf_lines["ok3@relay.test"][0]
+    assert [pf_lines[r][0].partition(":")[0] for r in ("ref@refused.test", "dis@dis.test")] == [
+        "smtp", "discard"]  # (relay=none, each under its agent's name)
     assert pf_lines["mixed@local.test"][0].startswith("local: to=<Mixed@local.test>, relay=local, delay=")
     assert all("delays=T/T/T/T" in timed(line) for lines in pf_lines.values() for line in lines)
     for lines in (pf_lines, mf_lines):  # the retry: its delay and `a` are the time it waited in the queue

@@ -32,6 +32,7 @@ class RecordingTransport:
 
     def __init__(self, name: str = "smtp", *, relay: str | None = None, clock=None):
         self.name = name
+        self.program = name  # (Transport.program: the agent its result lines are logged as)
         self.relay = relay or name
         self.clock = clock
         self.requests: list[DeliveryRequest] = []

@@ -499,6 +499,12 @@ class QueueManager:
         self._job_done(job, report, started, ended)
         self._pump()
 
+    def _program(self, result: RcptResult) -> str:
+        """The program a result's line is logged as: its delivery agent's (Postfix's agents log their own results),
+        qmgr for one qmgr made itself (no agent had the job: suspended destination, no transport)."""
+        transport = self._transports.get(result.transport) if result.stats and result.stats.handoff else None
+        return transport.program if transport is not None else "qmgr"
+
     def _job_done(self, job: Job, report: DeliveryReport, handoff: float = 0.0, done: float = 0.0) -> None:
         """A job's report: from its delivery agent, handed the job at `handoff`, back at `done`; or qmgr's own
         (0.0: no agent had it)."""
@@ -559,7 +565,7 @@ class QueueManager:
             active.recording -= 1
         now = self._clock.time()
         for result in results:
-            self._log.result(msg.queue_id, result, result.stats or active.stats, now)
+            self._log.result(msg.queue_id, result, result.stats or active.stats, now, program=self._program(result))
         active.attempt.extend(results)
         active.owed.extend(r for r, owed in rows if owed)
         self._results_in(active, [])  # the last record of a finished attempt ends it
@@ -639,7 +645,7 @@ class QueueManager:
         count them as final) are told to the observers without a line of their own, as Postfix writes none."""
         msg = active.message
         for result in results:
-            self._log.result(msg.queue_id, result, result.stats or active.stats, now)
+            self._log.result(msg.queue_id, result, result.stats or active.stats, now, program=self._program(result))
         if expired:
             self._log.expired(msg.queue_id, msg.sender)
         for result in expired:

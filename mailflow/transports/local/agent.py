@@ -95,6 +95,8 @@ Part = tuple[Outcome, str, str]  # what one destination of a recipient got: outc
 
 
 class LocalTransport:
+    program = "local"  # the Postfix delivery agent whose name its result lines are logged under
+
     def __init__(self, expander: LocalExpander, *, local: LocalConfig, writer: MaildirWriter, clock: Clock,
                  forward: ForwardFn | None = None, relay: str = "local", commands: CommandSettings | None = None,
                  allow_min_user: bool = False):

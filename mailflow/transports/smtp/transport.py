@@ -89,6 +89,8 @@ Candidate = tuple[MX, list[str] | None]  # an MX host and its addresses, None: n
 class SmtpTransport:
     """See the module docstring."""
 
+    program = "smtp"  # the Postfix delivery agent whose name its result lines are logged under
+
     def __init__(
         self,
         config: SmtpConfig,
