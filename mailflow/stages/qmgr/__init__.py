@@ -61,8 +61,8 @@ Failure behaviour
   that recipient is deferred (4.3.0), never lost. Unknown transport: deferred 4.3.5. Missing content:
   the message goes to the corrupt queue.
 - A message an operator holds or deletes while it is active: its jobs not yet started are dropped at the
-  next tick (held: its recipients stay pending; deleted: nothing is recorded); one in flight finishes. A held
-  message is never expired nor warned about at the end of that attempt (its lifetime is checked against the
+  next tick (held: its recipients stay pending; deleted: nothing is recorded or logged, as the queue tool
+  logged postsuper's `removed`); one in flight finishes. A held message is never expired nor warned about at the end of that attempt (its lifetime is checked against the
   store's state first): it stays on hold until released.
   `mailflow queue flush` also revives dead destinations, like `postqueue -f`.
 - A record that fails is retried while the server runs (`faults.Retrier`): the results wait in memory and the
@@ -576,8 +576,8 @@ class QueueManager:
         msg = active.message
         try:
             if active.withdrawn == "deleted" or (_content_missing(active) and await self._queue_state(msg) is None):
-                self._log.removed(msg.queue_id)  # by an operator; nothing left to record
-            elif _content_missing(active):
+                return  # deleted by an operator: nothing to record; the queue tool logged postsuper's `removed`
+            if _content_missing(active):
                 await self._writes.run(lambda: self._store.mark_corrupt([msg.queue_id]))
                 self._log.corrupt(msg.queue_id, "content missing")
             else:
