@@ -62,8 +62,9 @@ Failure behaviour
   the message goes to the corrupt queue.
 - A message an operator holds or deletes while it is active: its jobs not yet started are dropped at the
   next tick (held: its recipients stay pending; deleted: nothing is recorded or logged, as the queue tool
-  logged postsuper's `removed`); one in flight finishes. A held message is never expired nor warned about at the end of that attempt (its lifetime is checked against the
-  store's state first): it stays on hold until released.
+  logged postsuper's `removed`); one in flight finishes. A held message is never expired nor warned about at
+  the end of that attempt (its lifetime is checked against the store's state first): it stays on hold until
+  released.
   `mailflow queue flush` also revives dead destinations, like `postqueue -f`.
 - A record that fails is retried while the server runs (`faults.Retrier`): the results wait in memory and the
   message stays in qmgr's hands, so nothing is forgotten and nothing is delivered again because a write failed.
