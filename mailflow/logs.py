@@ -280,8 +280,10 @@ def format_tv(seconds: float) -> str:
 class SmtpdLog:
     """smtpd's session events (see the module doc). `client` is always `host[ip]` (see `client_name`)."""
 
-    def __init__(self, logger: logging.Logger | None = None):
+    def __init__(self, logger: logging.Logger | None = None, service: str = "smtpd"):
+        """`service`: the program the lines are written as (cleanup for its end-of-message milter lines)."""
         self._log = logger or _SMTPD_LOGGER
+        self._service = service
 
     @property
     def active(self) -> bool:
@@ -290,7 +292,7 @@ class SmtpdLog:
 
     def _emit(self, level: int, event: str, line: str, **fields) -> None:
         fields = {k: printable(v) if isinstance(v, str) else v for k, v in fields.items()}
-        self._log.log(level, "%s", printable(line), extra={"event": event, "fields": fields, "service": "smtpd"})
+        self._log.log(level, "%s", printable(line), extra={"event": event, "fields": fields, "service": self._service})
 
     def connect(self, client: str) -> None:
         if not self.active:
@@ -305,13 +307,15 @@ class SmtpdLog:
                    commands={k: v[:] for k, v in counts.items()})
 
     def reject(self, stage: str, client: str, reply: str, *, sender: str | None, recipient: str = "",
-               protocol: str = "ESMTP", helo: str = "", action: str = "reject", queue_id: str = "NOQUEUE") -> None:
+               protocol: str = "ESMTP", helo: str = "", action: str = "reject", queue_id: str = "") -> None:
         """A refusal at MAIL, RCPT, DATA or END-OF-MESSAGE (`action` "reject"), an access action where it was met
         (`action` "hold", "discard", "redirect", "bcc", "filter", `reply` its text: `<s@d>: Sender address
         triggers HOLD action`), a message a filter held or discarded (with its queue id), or an access WARN or
-        INFO (`action` "warn" / "info", `reply` its text): Postfix's log_whatsup."""
+        INFO (`action` "warn" / "info", `reply` its text): Postfix's log_whatsup, named by `queue_id`, the
+        transaction's, NOQUEUE before it has one."""
         if not self.active:
             return
+        queue_id = queue_id or "NOQUEUE"
         envelope = "" if sender is None else f"from=<{sender}> "
         envelope += f"to=<{recipient}> " if recipient else ""
         helo_part = f" helo=<{helo}>" if helo else ""

@@ -471,7 +471,7 @@ async def test_access_actions_are_logged_where_postfix_logs_them(mailflow_server
     sink = await ScriptedPeer({}).start()
     transports = f"inline:{{relay.test=smtp:[127.0.0.1]:{sink.port}}}"
     senders = SENDER_ACTIONS.replace("{port}", str(sink.port))
-    classes = {"held_class": [f"check_sender_access inline:{{ {{cls@sender.test=HOLD class held}} }}"]}
+    classes = {"held_class": ["check_sender_access inline:{ {cls@sender.test=HOLD class held} }"]}
     try:
         async with ScriptedPolicy(POLICY_ANSWERS) as policy:
             lists = {"sender": [f"check_sender_access {senders}"],

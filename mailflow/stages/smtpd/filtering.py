@@ -116,6 +116,7 @@ class ListenerFilters:
         self._overrides = frozenset(config.smtpd.receive_override_options)
         self._content_filter = config.smtpd.content_filter
         self._lines = SmtpdLog()
+        self._cleanup_lines = SmtpdLog(cleanup_log, service="cleanup")
 
     # -------------------------------------------------------------------------------- milters by stage
 
@@ -144,7 +145,7 @@ class ListenerFilters:
 
     async def mail(self, session, envelope, sender: str, options: list[str]) -> status.Reply | None:
         milters = self._milter_session(session)
-        if milters is None:
+        if milters is None or envelope.marks.discard is not None:  # (a policy hook's DISCARD at MAIL came first)
             return None
         verdict = await milters.mail(sender, options, (session.auth_mechanism, session.login))
         self._mark(session, envelope, verdict, "MAIL", sender)
@@ -164,16 +165,26 @@ class ListenerFilters:
         marks = envelope.marks
         if verdict.action == "discard" and marks.discard is None:
             marks.discard = verdict.reason or "milter discard"
-            marks.logged.add("discard")
         elif verdict.action == "quarantine" and marks.hold is None:
             marks.hold = verdict.reason or "milter quarantine"
-            marks.logged.add("hold")
+            marks.hold_logged = True
         else:
             return
         action, text = MILTER_TRIGGERS[verdict.action]
         self._lines.reject(stage, session.client, text, sender=sender, recipient=recipient,
                            protocol=session.protocol, helo=session.host_name or "", action=action,
-                           queue_id=envelope.queue_id or "NOQUEUE")
+                           queue_id=envelope.queue_id)
+
+    def _cleanup_line(self, session, submission: Submission, verdict: str, marks) -> None:
+        """Postfix's cleanup_milter_apply line for a milter's DISCARD or HOLD at the end of the message: the
+        sender, the last recipient (cleanup's last recipient record), the protocol and HELO name."""
+        marks.hold_logged = marks.hold_logged or verdict == "quarantine"
+        action, text = MILTER_TRIGGERS[verdict]
+        envelope = submission.envelope
+        self._cleanup_lines.reject("END-OF-MESSAGE", session.client, text, sender=envelope.sender,
+                                   recipient=envelope.recipients[-1] if envelope.recipients else "",
+                                   protocol=session.protocol, helo=session.host_name or "", action=action,
+                                   queue_id=submission.queue_id)
 
     def closed(self, session) -> None:
         if session.milters is not None:
@@ -200,14 +211,14 @@ class ListenerFilters:
             filtered = await end_of_message(milters, submission)
             if filtered.action == "discard":
                 outcome.discard = filtered.reason
-                _cleanup_line(session, submission, "discard", marks)
+                self._cleanup_line(session, submission, "discard", marks)
                 return outcome
             if filtered.action != "continue":
                 outcome.refusal = filtered.reply
                 return outcome
             submission, outcome.hold = filtered.submission, filtered.hold
             if filtered.hold is not None and marks.hold is None:
-                _cleanup_line(session, submission, "quarantine", marks)
+                self._cleanup_line(session, submission, "quarantine", marks)
         for scan in (self._clamd, self._spamd):
             await scan(submission.content, outcome, headers)
             if outcome.refusal is not None:
@@ -268,18 +279,6 @@ def _spam_status(result: ScanResult) -> str:
             lines[-1] += rule + ","
         lines[-1] = lines[-1][:-1]
     return "\r\n\t".join(lines)
-
-
-def _cleanup_line(session, submission: Submission, verdict: str, marks) -> None:
-    """Postfix's cleanup_milter_apply line for a milter's DISCARD or HOLD at the end of the message: the sender,
-    the last recipient (cleanup's last recipient record), the protocol and HELO name."""
-    marks.logged.add("discard" if verdict == "discard" else "hold")
-    action, text = MILTER_TRIGGERS[verdict]
-    envelope = submission.envelope
-    to = f" to=<{envelope.recipients[-1]}>" if envelope.recipients else ""
-    helo = f" helo=<{session.host_name}>" if session.host_name else ""
-    cleanup_log.info("%s: %s: END-OF-MESSAGE from %s: %s; from=<%s>%s proto=%s%s", submission.queue_id, action,
-                     session.client, text, envelope.sender, to, session.protocol, helo)
 
 
 def _refusal(verdict: Verdict) -> status.Reply | None:

@@ -14,11 +14,11 @@ At the end of the message (`handle_DATA`) it runs the data list, then the end_of
 `Submission` to cleanup and answers 250 only once cleanup has committed it. The session writes the content
 into `new_spool()` as it arrives; the handler sees it whole, as a mailflow.content.Content
 (`Transaction.content`), never as one bytes object.
-A message marked DISCARD by a restriction is answered 250 and dropped; HOLD is queued on hold (an access
-action's line was logged where the restrictions met it; a filter's hold or discard, a milter's, DMARC's or a
-scanner's, is logged here: `QID: hold: END-OF-MESSAGE from …`); PREPEND's fields, REDIRECT and BCC change
-what is handed to cleanup (its headers, its recipients). Cleanup adds
-the Message-ID, Date and From a message lacks, and qualifies its header addresses, only for
+A message marked DISCARD is answered 250 and dropped (its line was logged where the DISCARD was met: an access
+action, a policy answer, a milter); HOLD is queued on hold (an access action's or a milter's line was logged
+where it was met; DMARC's or a scanner's is logged here: `QID: hold: END-OF-MESSAGE from …`); PREPEND's
+fields, REDIRECT and BCC change what is handed to cleanup (its headers, its recipients). Cleanup adds the
+Message-ID, Date and From a message lacks, and qualifies its header addresses, only for
 local_header_rewrite_clients (`_header_rewriting`; remote_header_rewrite_domain for other clients' addresses).
 Every policy refusal is logged through the session as Postfix logs it (`NOQUEUE: reject: RCPT from …`, the
 transaction's queue id for NOQUEUE once it has one). At the first accepted recipient the transaction takes its
@@ -61,7 +61,7 @@ from mailflow.routing.addressmap import AddressMapper
 from mailflow.routing.rewrite import Rewriter, domain_in
 from mailflow.stages.smtpd.filtering import FilterServices
 from mailflow.stages.smtpd.peername import PeerNames
-from mailflow.stages.smtpd.restrictions import Facts, Marks, Restrictions
+from mailflow.stages.smtpd.restrictions import Facts, Restrictions
 from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction, helo_name
 from mailflow.tables import TableCache
 
@@ -279,7 +279,7 @@ class SmtpdHandler:
         elif marks.filter is not None:
             submission = dataclasses.replace(submission, content_filter=marks.filter)
         if marks.discard is not None:
-            return str(self._discard(server, submission, marks))
+            return str(self._discard(submission))
         self.submitting += 1
         try:
             if marks.hold is not None:
@@ -293,7 +293,7 @@ class SmtpdHandler:
             return str(reply)
         finally:
             self.submitting -= 1
-        if marks.hold is not None and "hold" not in marks.logged:  # (an access HOLD's line is logged where met)
+        if marks.hold is not None and not marks.hold_logged:  # (an access HOLD's line is logged where met)
             server.log_reject("END-OF-MESSAGE", marks.hold, envelope.single_recipient, action="hold")
         return str(status.queued(queue_id))
 
@@ -328,14 +328,10 @@ class SmtpdHandler:
         verdict = await self.restrictions.action(answer, name, what, facts, source="policy hook", stage=stage)
         return verdict if isinstance(verdict, status.Reply) else None
 
-    def _discard(self, server, submission: Submission, marks: Marks) -> status.Reply:
+    @staticmethod
+    def _discard(submission: Submission) -> status.Reply:
         """Accepted and dropped (Postfix DISCARD): the client is told it was queued, under the queue id the
-        transaction took at its first recipient; the log says why (an access DISCARD's line is logged where the
-        restrictions met it)."""
-        recipients = submission.envelope.recipients
-        if "discard" not in marks.logged:
-            server.log_reject("END-OF-MESSAGE", marks.discard, recipients[0] if len(recipients) == 1 else "",
-                              action="discard")
+        transaction took at its first recipient (the DISCARD's line was logged where it was met)."""
         return status.queued(submission.queue_id)
 
     def new_spool(self, max_size: int | None) -> Spool:

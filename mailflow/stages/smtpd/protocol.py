@@ -384,7 +384,7 @@ class ProtocolCore(SMTP):
             sender = ""
         self.record.lines.reject(stage, self.session.client, str(reply), sender=sender, recipient=recipient,
                                  protocol=self.session.protocol, helo=self.session.host_name or "",
-                                 action=action, queue_id=self.envelope.queue_id or "NOQUEUE")
+                                 action=action, queue_id=self.envelope.queue_id)
 
     # --- deadlines ----------------------------------------------------------------------------------------
 

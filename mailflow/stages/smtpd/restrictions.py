@@ -28,7 +28,7 @@ REDIRECT and BCC mark it and go on; an all-digit value is OK; WARN and INFO log 
 HOLD, FILTER, REDIRECT and BCC are logged where they are met, as Postfix's check_table_result logs them
 (`NOQUEUE: hold: RCPT from host[ip]: <s@d>: Sender address triggers HOLD action; from=<…> to=<…> …`, the
 transaction's queue id once it has one): HOLD once per message, the others each time. Marks live in
-`facts.marks`, one per message (`marks.logged`: those whose line is written). DEFER_IF_PERMIT and
+`facts.marks`, one per message (`marks.hold_logged`: the hold's line is written). DEFER_IF_PERMIT and
 DEFER_IF_REJECT hold for the command that met them (`facts`): its verdict, permit or refusal, is turned into a
 deferral at the end (`_conditional_deferrals`). An enhanced status code an action gives is fitted to what it
 refuses (`dsn_fix`).
@@ -98,7 +98,7 @@ class Marks:
     prepend: list[str] = field(default_factory=list)  # access PREPEND: header fields for the message, in order
     redirect: str | None = None  # access REDIRECT: the one recipient the message goes to instead
     bcc: list[str] = field(default_factory=list)  # access BCC: more recipients for a copy, each BCC kept (Postfix 3.2+)
-    logged: set[str] = field(default_factory=set)  # "hold", "discard": logged where met (an access action's)
+    hold_logged: bool = False  # the hold's line was written where it was met (an access action's, a milter's)
 
 
 @dataclass
@@ -444,13 +444,12 @@ class Restrictions:
         if upper == "DISCARD":
             self._whatsup("discard", _triggered(upper, name, what, text), facts, stage)
             facts.marks.discard = text or f"{source}: DISCARD"
-            facts.marks.logged.add("discard")
             return PERMIT
         if upper == "HOLD":
             if facts.marks.hold is None:  # Postfix: a held message's next HOLD is not logged
                 self._whatsup("hold", _triggered(upper, name, what, text), facts, stage)
                 facts.marks.hold = text or f"{source}: HOLD"
-                facts.marks.logged.add("hold")
+                facts.marks.hold_logged = True
             return None
         if upper == "DEFER_IF_PERMIT":
             facts.defer_if_permit = facts.defer_if_permit or status.conditional_deferral(
@@ -490,7 +489,7 @@ class Restrictions:
         command that met the action, NOQUEUE before the transaction has its queue id."""
         self._lines.reject(PROTOCOL_STATE.get(stage, "RCPT"), f"{facts.client_name}[{facts.client_addr}]", text,
                            sender=facts.sender, recipient=facts.recipient, protocol=facts.protocol,
-                           helo=facts.helo, action=action, queue_id=facts.queue_id or "NOQUEUE")
+                           helo=facts.helo, action=action, queue_id=facts.queue_id)
 
     def _value_list(self, value: str, source: str, facts: Facts) -> tuple[tuple[str, str], ...] | None:
         """An access value that is no action, as Postfix's check_table_result takes it: restriction names and
