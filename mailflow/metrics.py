@@ -148,8 +148,9 @@ class Metrics(Collector):
 
     def __init__(self, clock: Clock):
         self._clock = clock
-        self._received = Counts("mailflow_messages_received", "Messages received, by source (smtpd, pickup)",
-                                ("source",))
+        self._received = Counts("mailflow_messages_received",
+                                "Messages received, by source (smtpd, pickup); smtpd's at a transaction's first "
+                                "accepted recipient, as pflogsumm counts Postfix's client= lines", ("source",))
         self._queued = Counts("mailflow_messages_queued", "Messages committed to the queue (notices and forwarded "
                               "copies included)")
         self._removed = Counts("mailflow_messages_removed", "Messages removed from the queue (every recipient done, "
