@@ -159,7 +159,9 @@ class MilterConnection:
             async for command, packet in events:
                 if n.skips(command) or (skipping and command == p.BODY):
                     continue
-                self._writer.write(macros.get(command, b"") + packet)
+                if command in macros:  # (two writes: a body chunk is not copied to be joined to its macros)
+                    self._writer.write(macros[command])
+                self._writer.write(packet)
                 if n.answers(command):
                     reply, held = await self._event_reply(timeout)
                     edits.quarantine = held or edits.quarantine
