@@ -62,12 +62,11 @@ def _fail(command: str, message: str, code: int) -> NoReturn:
     fail(f"mailflow queue {command}", message, code)
 
 
-def _tools(command: str, config: Optional[str], work, *, cfg: Optional[Config] = None) -> None:
-    """Open the configured queue database, run `work(store)` on a fresh loop, close the store. `cfg`: the
-    configuration when the caller has loaded it already."""
+def _tools(command: str, cfg: Config, work) -> None:
+    """Open the configured queue database, run `work(store)` on a fresh loop, close the store."""
     from mailflow.store import Store
 
-    db = Path((cfg or load(config)).queue_path) / "queue.db"
+    db = Path(cfg.queue_path) / "queue.db"
     if not db.exists():
         _fail(command, f"no queue database at {db} (check queue_directory in the configuration)", 1)
 
@@ -131,7 +130,7 @@ def list_queue(command, ids, config, as_json, queue, sender, to_domain, older_th
         if corrupt:
             typer.echo(f"mailflow: {qt.plural(corrupt, 'corrupt message')} not shown (--queue corrupt)", err=True)
 
-    _tools(command, config, work)
+    _tools(command, load(config), work)
 
 
 def queue_list(ids: Optional[List[str]] = IdsArgument, config: Optional[str] = ConfigOption,
@@ -174,7 +173,7 @@ def queue_show(queue_id: str = typer.Argument(..., metavar="QUEUE_ID"), config: 
         else:
             qt.write_show(sys.stdout, detail, recipients, content, headers_only, time.time())
 
-    _tools("show", config, work)
+    _tools("show", load(config), work)
 
 
 def act(name: str, ids, config, sender, to_domain, older_than, *, required: bool = True, quiet: bool = False) -> None:
@@ -184,17 +183,17 @@ def act(name: str, ids, config, sender, to_domain, older_than, *, required: bool
     action = qt.ACTIONS[name]
     selection = _selection(name, ids, sender, to_domain, older_than, required=required)
     cfg = load(config)
-    with contextlib.ExitStack() as opened:
-        log = _mail_log(name, cfg, opened) if name in POSTSUPER else None  # (flush logs nothing)
 
-        async def work(store):
+    async def work(store):
+        with contextlib.ExitStack() as opened:  # (opened once the queue is known to be there)
+            log = _mail_log(name, cfg, opened) if name in POSTSUPER else None  # (flush logs nothing)
             done, missed = await qt.apply(store, action, selection, time.time(), sys.stderr, log=log)
-            for qid in missed:
-                typer.echo(f"mailflow queue {name}: {qid}: not in the {qt.either(action.sources)} queue", err=True)
-            if not quiet:
-                typer.echo(f"{name}: {qt.plural(done, 'message')}")
+        for qid in missed:
+            typer.echo(f"mailflow queue {name}: {qid}: not in the {qt.either(action.sources)} queue", err=True)
+        if not quiet:
+            typer.echo(f"{name}: {qt.plural(done, 'message')}")
 
-        _tools(name, config, work, cfg=cfg)
+    _tools(name, cfg, work)
 
 
 def _mail_log(command: str, cfg: Config, opened: contextlib.ExitStack) -> Optional[MailLog]:
@@ -245,7 +244,7 @@ def queue_shape(config: Optional[str] = ConfigOption,
         else:
             sys.stdout.write(qt.format_shape(total, domains))
 
-    _tools("shape", config, work)
+    _tools("shape", load(config), work)
 
 
 def queue_destinations(config: Optional[str] = ConfigOption, as_json: bool = JsonOption) -> None:
@@ -261,4 +260,4 @@ def queue_destinations(config: Optional[str] = ConfigOption, as_json: bool = Jso
         else:
             sys.stdout.write(qt.format_destinations(rows, time.time()))
 
-    _tools("destinations", config, work)
+    _tools("destinations", load(config), work)

@@ -43,8 +43,7 @@ class Selection:
 
     @property
     def everything(self) -> bool:
-        return (self.ids is None and self.sender is None and self.rcpt_domain is None and self.older_than is None
-                and self.queues is None)
+        return self.mass and self.queues is None
 
     @property
     def mass(self) -> bool:
