@@ -368,7 +368,8 @@ async def test_changes_log_postsupers_lines_from_the_command_and_from_the_admin_
         mf = await mailflow_server(**settings)
         by_cli, by_api = await submit(mf, "a@remote.test", ["bob@relay.test"]), await submit(
             mf, "b@remote.test", ["carol@relay.test"])
-        for qid in (by_cli, by_api):
+        left = await submit(mf, "c@remote.test", ["dave@relay.test"])  # for `delete ALL`
+        for qid in (by_cli, by_api, left):
             await deferred_reason(mf, qid)
         admin = "http://%s:%d/api/queue/" % mf.admin.addresses[0]
         async with aiohttp.ClientSession() as http:
@@ -377,7 +378,8 @@ async def test_changes_log_postsupers_lines_from_the_command_and_from_the_admin_
                 assert (rc, out) == (0, f"{action}: 1 message\n"), err
                 async with http.post(admin + action, json={"ids": [by_api]}) as answer:
                     assert (await answer.json())["messages"] == 1
-        rc, out, _ = await queue(config, "delete", "ALL")
+        rc, out, err = await queue(config, "delete", "ALL")
+        assert (rc, out) == (0, "delete: 1 message\n"), err
         await mf.stop()
     lines = re.findall(r"^\S+ mx\.mailflow\.test postfix-mailflow/postsuper\[(\d+)\]: (.*)$", log_file.read_text(),
                        re.M)
@@ -388,7 +390,8 @@ async def test_changes_log_postsupers_lines_from_the_command_and_from_the_admin_
         "QID: placed on hold", "Placed on hold: 1 message", "QID: released from hold", "Released from hold: 1 message",
         "QID: placed on hold", "Placed on hold: 1 message", "QID: requeued", "Requeued: 1 message",
         "QID: removed", "Deleted: 1 message"]
-    assert tools[-1] == "Deleted: 0 messages"  # `ALL`: the summary alone, as postsuper's mass operations
+    assert tools[-1] == "Deleted: 1 message"  # `ALL`: the summary alone, as postsuper's mass operations
+    assert not [line for line in tools if line.startswith(left)]
 
 
 async def test_a_queue_database_locked_past_the_busy_timeout_is_one_line_and_exit_1(write_config, tmp_path):
