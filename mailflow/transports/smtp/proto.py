@@ -67,10 +67,12 @@ async def send_message(
         return
     session.uses += 1
     conn = ConnStats(now(), session.uses)
+    todo = outcomes.pending(recipients)
     try:
-        await _transaction(session, request, recipients, outcomes, timeouts, reused, lmtp, conn)
+        await _transaction(session, request, recipients, outcomes, timeouts, reused, lmtp)
     except SiteFailure as e:
-        outcomes.fail(outcomes.pending(recipients), e, session.peer.relay, conn).site_failed(e.text)
+        outcomes.fail(outcomes.pending(recipients), e, session.peer.relay).site_failed(e.text)
+    outcomes.stamp(todo, conn)  # not reached on StaleSession: `outcomes` stays untouched
 
 
 async def _transaction(
@@ -81,7 +83,6 @@ async def _transaction(
     timeouts: Timeouts,
     reused: bool,
     lmtp: bool,
-    conn: ConnStats,
 ) -> None:
     peer, extensions = session.peer, session.extensions
     encoders, body = content_encoding(extensions, request)
@@ -100,7 +101,7 @@ async def _transaction(
     if reused and reply.code == 421:
         raise StaleSession()
     if not reply.positive:
-        outcomes.update(reply_results(recipients, reply, peer, "MAIL FROM", conn=conn))
+        outcomes.update(reply_results(recipients, reply, peer, "MAIL FROM"))
         if pipelining:
             await _abandon_pipelined(session, len(rcpts), timeouts.command)
         return
@@ -113,7 +114,7 @@ async def _transaction(
         if reply.positive:
             accepted.append(r)
         else:
-            outcomes.update(reply_results([r], reply, peer, "RCPT TO", conn=conn))
+            outcomes.update(reply_results([r], reply, peer, "RCPT TO"))
     if not accepted:
         if pipelining:
             await _abandon_pipelined(session, 0, timeouts.command)
@@ -122,10 +123,10 @@ async def _transaction(
         session.send(b"DATA" + CRLF, DATA)
     reply = await session.reply(timeouts.command, DATA)
     if reply.positive:  # the server thinks the message is over before it began: Postfix's protocol error
-        outcomes.update(unexpected_reply_results(accepted, reply, peer, "DATA", conn))
+        outcomes.update(unexpected_reply_results(accepted, reply, peer, "DATA"))
         return
     if reply.code // 100 != 3:  # any 3xx lets the content go, as with Postfix
-        outcomes.update(reply_results(accepted, reply, peer, "DATA", conn=conn))
+        outcomes.update(reply_results(accepted, reply, peer, "DATA"))
         return
     await _send_body(session, request.content, encoders, timeouts.data)
     notifies = extensions.supports("dsn")
@@ -133,8 +134,7 @@ async def _transaction(
     for answered in ([r] for r in accepted) if lmtp else [accepted]:
         reply = await session.reply(timeouts.data, END_OF_DATA)
         refused = refused or not reply.positive
-        outcomes.update(reply_results(answered, reply, peer, "end of DATA", next_hop_notifies=notifies,
-                                      conn=conn))
+        outcomes.update(reply_results(answered, reply, peer, "end of DATA", next_hop_notifies=notifies))
     # after a refusal the peer's state is in doubt (aiosmtpd keeps the transaction when its handler fails): the
     # session is RSET before it is reused, as Postfix probes every cached session with RSET
     session.transaction_open = refused

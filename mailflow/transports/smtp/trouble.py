@@ -25,17 +25,17 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
                                 hard but for the greeting's (smtp_skip_5xx_greeting)
 
     Outcomes()                  results by recipient and the site verdict, filled as a delivery goes:
-      .fail(recipients, error, relay, conn=None)   BOUNCED for a permanent error, else DEFERRED, with its code and
-                                text (`conn`: the transaction's ConnStats, once a session was set up for it)
+      .fail(recipients, error, relay)   BOUNCED for a permanent error, else DEFERRED, with its code and text
       .update(results) .pending(recipients) .site_failed(reason) .report(request) -> DeliveryReport
+      .stamp(recipients, conn)  their results carry `conn`, the ConnStats of the transaction that gave them
       .take_back(recipients) -> Outcomes, .restore(taken)   a temporary failure at a peer that was not the last:
                                 the recipients go to the next peer; what they got stands if none takes a session
-    reply_results(recipients, reply, peer, command, next_hop_notifies=False, conn=None) -> {recipient: RcptResult}
+    reply_results(recipients, reply, peer, command, next_hop_notifies=False) -> {recipient: RcptResult}
                                 2xx SENT with the reply; 4xx DEFERRED, 5xx BOUNCED, with "host h[ip] said: 550
                                 5.1.1 ... (in reply to RCPT TO command)"; the reply's enhanced code, else x.0.0.
                                 Any other code (3xx to RCPT, 1xx, 6xx) is a protocol error: BOUNCED 5.5.0, as
                                 Postfix's smtp_chat_resp and smtp_rcpt_fail make it
-    unexpected_reply_results(recipients, reply, peer, command, conn)   a 2xx to DATA: BOUNCED 5.5.0, "Protocol error:
+    unexpected_reply_results(recipients, reply, peer, command)   a 2xx to DATA: BOUNCED 5.5.0, "Protocol error:
                                 host h[ip] said: 250 ... (in reply to DATA command)" (Postfix vsmtp_fill_dsn)
     record_unreachable(outcomes, recipients, peer_failure, dns_failures)
                                 no peer took a session: a peer failure or a DNS failure defers (site failed); DNS's
@@ -46,7 +46,7 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mailflow.errors import DeliveryError, PermanentError, TemporaryError
 from mailflow.model import ConnStats, DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
@@ -114,11 +114,10 @@ class Outcomes:
     site_ok: bool = True
     site_reason: str = ""
 
-    def fail(self, recipients: Iterable[Recipient], error: DeliveryError, relay: str = "none",
-             conn: ConnStats | None = None) -> "Outcomes":
+    def fail(self, recipients: Iterable[Recipient], error: DeliveryError, relay: str = "none") -> "Outcomes":
         outcome = Outcome.BOUNCED if error.permanent else Outcome.DEFERRED
         for r in recipients:
-            self.results[r] = RcptResult(r, outcome, error.dsn, error.text, relay, conn=conn)
+            self.results[r] = RcptResult(r, outcome, error.dsn, error.text, relay)
         return self
 
     def update(self, results: dict[Recipient, RcptResult]) -> None:
@@ -126,6 +125,11 @@ class Outcomes:
 
     def pending(self, recipients: Iterable[Recipient]) -> list[Recipient]:
         return [r for r in recipients if r not in self.results]
+
+    def stamp(self, recipients: Iterable[Recipient], conn: ConnStats) -> None:
+        for r in recipients:
+            if r in self.results:
+                self.results[r] = replace(self.results[r], conn=conn)
 
     def site_failed(self, reason: str) -> "Outcomes":
         self.site_ok, self.site_reason = False, reason
@@ -159,11 +163,10 @@ def reply_outcome(code: int) -> Outcome:
 
 
 def reply_results(
-    recipients: Iterable[Recipient], reply: Reply, peer: Peer, command: str, *, next_hop_notifies: bool = False,
-    conn: ConnStats | None = None,
+    recipients: Iterable[Recipient], reply: Reply, peer: Peer, command: str, *, next_hop_notifies: bool = False
 ) -> dict[Recipient, RcptResult]:
     """The same reply for each of `recipients`. `next_hop_notifies`: the peer offered DSN and got the DSN
-    parameters (marks the SENT results); `conn`: the transaction's ConnStats."""
+    parameters (marks the SENT results)."""
     outcome = reply_outcome(reply.code)
     if outcome is Outcome.SENT:
         text = reply.one_line
@@ -171,16 +174,15 @@ def reply_results(
         text = f"host {peer.name} said: {reply.one_line} (in reply to {command} command)"
     notifies = next_hop_notifies and outcome is Outcome.SENT
     dsn = reply.dsn()
-    return {r: RcptResult(r, outcome, dsn, text, peer.relay, next_hop_notifies=notifies, conn=conn)
-            for r in recipients}
+    return {r: RcptResult(r, outcome, dsn, text, peer.relay, next_hop_notifies=notifies) for r in recipients}
 
 
-def unexpected_reply_results(recipients: Iterable[Recipient], reply: Reply, peer: Peer, command: str,
-                             conn: ConnStats | None = None) -> dict[Recipient, RcptResult]:
+def unexpected_reply_results(recipients: Iterable[Recipient], reply: Reply, peer: Peer,
+                             command: str) -> dict[Recipient, RcptResult]:
     """A positive reply where another was due (2xx to DATA): Postfix's "Protocol error: host h[ip] said: 250 ...
     (in reply to DATA command)", bounced 5.5.0."""
     text = f"Protocol error: host {peer.name} said: {reply.one_line} (in reply to {command} command)"
-    return {r: RcptResult(r, Outcome.BOUNCED, "5.5.0", text, peer.relay, conn=conn) for r in recipients}
+    return {r: RcptResult(r, Outcome.BOUNCED, "5.5.0", text, peer.relay) for r in recipients}
 
 
 def record_unreachable(
