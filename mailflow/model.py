@@ -276,7 +276,8 @@ class RcptResult:
     handed to a gateway that may send no notice of its own (RFC 3464 2.3.3), as a pipe(8) service without
     flag X: a success notice says `Action: relayed` (as for an MTA without DSN, which its relay shows).
     `conn`: the SMTP or LMTP session the result came from, when one was set up; `stats`: the stages of the
-    attempt, stamped by qmgr (None: the attempt's own, qmgr's log line falls back to them). Neither is stored.
+    attempt, stamped by qmgr when an agent had the job (None: none had it, qmgr's log line falls back to the
+    attempt's own). Neither is stored.
     """
 
     recipient: Recipient

@@ -52,8 +52,9 @@ The loop
 - About once a second the destinations' state is written to the store for `mailflow queue destinations`, and
   every `MAINTENANCE_INTERVAL` the store gives free space back (`store.maintain`).
 - Each result carries the transport of its job (`RcptResult.transport`, in the mail log's events) and its times
-  (`RcptResult.stats`, one MsgStats per job: the message's arrival, its entry into the active queue for this
-  attempt, the hand-off to the agent and the agent's end), from which its line's `delay=` and `delays=` are made;
+  (`RcptResult.stats`, one MsgStats per job an agent had: the message's arrival, its entry into the active queue
+  for this attempt, the hand-off to the agent and the agent's end; None for one qmgr answered itself, timed by
+  the attempt's), from which its line's `delay=` and `delays=` are made;
   `on_delivery(transport, seconds)`, when given, is told how long each delivery agent call took (the metrics).
 
 Failure behaviour
@@ -503,7 +504,7 @@ class QueueManager:
     def _program(self, result: RcptResult) -> str:
         """The program a result's line is logged as: its delivery agent's (Postfix's agents log their own results),
         qmgr for one qmgr made itself (no agent had the job: suspended destination, no transport)."""
-        transport = self._transports.get(result.transport) if result.stats and result.stats.handoff else None
+        transport = self._transports.get(result.transport) if result.stats is not None else None
         return transport.program if transport is not None else "qmgr"
 
     def _job_done(self, job: Job, report: DeliveryReport, handoff: float = 0.0, done: float = 0.0) -> None:
@@ -511,7 +512,7 @@ class QueueManager:
         (0.0: no agent had it)."""
         active = self._active[job.queue_id]
         active.jobs_left -= 1
-        stats = active.stats._replace(handoff=handoff, done=done) if handoff else active.stats
+        stats = active.stats._replace(handoff=handoff, done=done) if handoff else None
         self._results_in(active, _complete(job, report, stats))
 
     async def _deliver(self, active: ActiveMessage, job: Job) -> DeliveryReport:
@@ -686,12 +687,12 @@ def _expire(pending: list[RcptResult], age: float, lifetime: float) -> list[Rcpt
                        transport=r.transport) for r in pending]
 
 
-def _complete(job: Job, report: DeliveryReport, stats: MsgStats) -> list[RcptResult]:
-    """The report's results for this job's recipients, each marked with the job's transport and `stats`; one the
-    agent did not mention stays queued (4.3.0)."""
+def _complete(job: Job, report: DeliveryReport, stats: MsgStats | None) -> list[RcptResult]:
+    """The report's results for this job's recipients, each marked with the job's transport and `stats` (None: no
+    agent had the job, they keep none); one the agent did not mention stays queued (4.3.0)."""
     mine = {r.index: r for r in job.recipients}
     t = job.transport
-    results = [dataclasses.replace(r, transport=t, stats=stats) for r in report.results
+    results = [dataclasses.replace(r, transport=t, stats=r.stats if stats is None else stats) for r in report.results
                if mine.get(r.recipient.index) == r.recipient]
     told = {r.recipient.index for r in results}
     results += [RcptResult(r, Outcome.DEFERRED, "4.3.0", "delivery agent reported no result", transport=t,
