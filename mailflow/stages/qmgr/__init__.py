@@ -565,9 +565,7 @@ class QueueManager:
                                    f"{msg.queue_id}: recording delivery results")
         finally:
             active.recording -= 1
-        now = self._clock.time()
-        for result in results:
-            self._log.result(msg.queue_id, result, result.stats or active.stats, now, program=self._program(result))
+        self._log_results(active, results, self._clock.time())
         active.attempt.extend(results)
         active.owed.extend(r for r, owed in rows if owed)
         self._results_in(active, [])  # the last record of a finished attempt ends it
@@ -646,8 +644,7 @@ class QueueManager:
         returned; the recipients it returns (bounced, "message expired: …": the metrics and the capture histories
         count them as final) are told to the observers without a line of their own, as Postfix writes none."""
         msg = active.message
-        for result in results:
-            self._log.result(msg.queue_id, result, result.stats or active.stats, now, program=self._program(result))
+        self._log_results(active, results, now)
         if expired:
             self._log.expired(msg.queue_id, msg.sender)
         for result in expired:
@@ -662,6 +659,12 @@ class QueueManager:
             self._log.queued(queued.queue_id, queued.sender, queued.content.size, len(queued.recipients))
         if retry_at is None:
             self._log.removed(msg.queue_id)
+
+    def _log_results(self, active: ActiveMessage, results: list[RcptResult], now: float) -> None:
+        """Each result's line, timed by its job's stats (the attempt's when no agent had the job)."""
+        for result in results:
+            self._log.result(active.message.queue_id, result, result.stats or active.stats, now,
+                             program=self._program(result))
 
 
 _NOTICE_KIND = {Outcome.SENT: "success", Outcome.BOUNCED: "failure"}
