@@ -395,7 +395,7 @@ class PipeTransport:
         if outcome is Outcome.SENT:
             text = f"delivered via {self._name} service" + (f" ({text[:100]})" if text else "")
             relayed = "X" not in s.flags  # the command is a gateway unless it does final delivery (flag X)
-            return [RcptResult(r, outcome, dsn, text, relay=self._name, relayed=relayed) for r in batch]
+            return [self._result(r, outcome, dsn, text, relayed=relayed) for r in batch]
         return [self._result(r, outcome, dsn, text) for r in batch]
 
     def _request_values(self, request: DeliveryRequest) -> dict[str, str]:
@@ -422,5 +422,5 @@ class PipeTransport:
     def _delivered_to(request: DeliveryRequest) -> frozenset[str]:
         return delivered_to(read_header(request.content, HEADER_READ_LIMIT)[0])
 
-    def _result(self, rcpt: Recipient, outcome: Outcome, dsn: str, text: str) -> RcptResult:
-        return RcptResult(rcpt, outcome, dsn, text, relay=self._name)
+    def _result(self, rcpt: Recipient, outcome: Outcome, dsn: str, text: str, *, relayed: bool = False) -> RcptResult:
+        return RcptResult(rcpt, outcome, dsn, text, relay=self._name, relayed=relayed)
