@@ -4,7 +4,8 @@
 - `tidy(addr)`: needless quotes and one trailing dot dropped (`"joe"@x.test.` is `joe@x.test`), as Postfix's
   trivial-rewrite does to every address.
 - `unquoted_local(local)`, `quoted_local(local)`: a quoted local part's content; a local part quoted if it must be;
-  `shown_original(addr)`: an original recipient as Postfix shows it (route and needless quotes dropped).
+  `shown_original(addr)`: an original recipient as Postfix shows it (route and needless quotes dropped);
+  `internal_form(addr)`: an address as Postfix's queue keeps it (a quoted local part without its quotes).
 - `normalise_domain(d)`: lower case, no trailing dot, IDNA A-label for matching ("" if it cannot be).
 - `ascii_domain(d)`: a domain's A-label form as Postfix's midna_domain_to_ascii makes it (UTS 46 without
   transitional mapping: `straße.test` is `xn--strae-oqa.test`, not `strasse.test`); UnicodeError when it has none.
@@ -122,6 +123,16 @@ def unquoted_local(local: str) -> str | None:
     if len(local) > 1 and local.startswith('"') and local.endswith('"'):
         return _QUOTED_PAIR.sub(r"\1", local[1:-1])
     return None
+
+
+def internal_form(addr: str) -> str:
+    """An address as Postfix's queue keeps it, which pipe(8) expands: a quoted local part without its quotes
+    (`"a b"@x.test` is `a b@x.test`); pipe's flag q quotes it again."""
+    local, at, domain = addr.rpartition("@")
+    bare = unquoted_local(local if at else addr)
+    if bare is None:
+        return addr
+    return f"{bare}@{domain}" if at else bare
 
 
 def quoted_local(local: str) -> str:

@@ -262,16 +262,6 @@ def quote_local(local: str) -> str:
     return '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def internal_form(addr: str) -> str:
-    """An address as Postfix's queue keeps it, which pipe(8) expands: a quoted local part without its quotes
-    (`"a b"@x.test` is `a b@x.test`); flag q quotes it again."""
-    local, at, domain = addr.rpartition("@")
-    bare = address.unquoted_local(local if at else addr)
-    if bare is None:
-        return addr
-    return f"{bare}@{domain}" if at else bare
-
-
 def _address_value(addr: str, flags: str) -> str:
     local, domain = address.split(addr)
     if "u" in flags:
@@ -285,12 +275,12 @@ def _address_value(addr: str, flags: str) -> str:
 
 def recipient_values(rcpt: Recipient, flags: str, delimiter: str) -> dict[str, str]:
     """The per-recipient macro values of one recipient, from its internal form (as Postfix's pipe(8))."""
-    addr = internal_form(rcpt.address)
+    addr = address.internal_form(rcpt.address)
     local, domain = address.split(addr)
     user, ext = split_extension(local, delimiter)
     if "u" in flags:
         local, user, ext = local.lower(), user.lower(), ext.lower()
-    original = internal_form(address.shown_original(rcpt.original or rcpt.address))
+    original = address.internal_form(address.shown_original(rcpt.original or rcpt.address))
     return {"recipient": _address_value(addr, flags), "original_recipient": _address_value(original, flags),
             "user": user, "extension": ext[1:], "mailbox": local,
             "domain": domain.lower() if "h" in flags else domain}
@@ -400,7 +390,7 @@ class PipeTransport:
 
     def _request_values(self, request: DeliveryRequest) -> dict[str, str]:
         s = self._service
-        sender = internal_form(request.sender) or s.null_sender
+        sender = address.internal_form(request.sender) or s.null_sender
         if sender and request.sender and "q" in s.flags:
             sender = _address_value(sender, "q")
         c = request.client_attributes
