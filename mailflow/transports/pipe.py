@@ -345,11 +345,12 @@ class PipeTransport:
         results: dict[int, RcptResult] = {}
         ready = []
         seen = self._delivered_to(request) if "D" in s.flags else frozenset()
+        values = {r.index: recipient_values(r, s.flags, self._delimiter) for r in request.recipients}
         for rcpt in request.recipients:
             if has_control(rcpt.address) or has_control(rcpt.original):
                 results[rcpt.index] = self._result(rcpt, Outcome.BOUNCED, "5.1.3",
                                                    "bad recipient address syntax: control characters")
-            elif any(self._min_user(v) for v in recipient_values(rcpt, s.flags, self._delimiter).values()):
+            elif any(self._min_user(v) for v in values[rcpt.index].values()):
                 results[rcpt.index] = self._result(rcpt, Outcome.BOUNCED, "5.1.3",
                                                    "bad recipient address syntax: begins with '-'")
             elif rcpt.address.lower() in seen:
@@ -359,17 +360,18 @@ class PipeTransport:
                 ready.append(rcpt)
         one_each = "D" in s.flags or "O" in s.flags
         for batch in ([[r] for r in ready] if one_each else [ready] if ready else []):
-            for result in await self._run_batch(request, batch):
+            for result in await self._run_batch(request, batch, values):
                 results[result.recipient.index] = result
         return DeliveryReport(tuple(results[r.index] for r in request.recipients))
 
     async def close(self) -> None:
         pass
 
-    async def _run_batch(self, request: DeliveryRequest, batch: list[Recipient]) -> list[RcptResult]:
+    async def _run_batch(self, request: DeliveryRequest, batch: list[Recipient],
+                         values: dict[int, dict[str, str]]) -> list[RcptResult]:
+        """One run of the command for `batch`; `values`: the per-recipient macro values, by recipient index."""
         s = self._service
-        argv = expand_argv(self._templates, self._request_values(request),
-                           [recipient_values(r, s.flags, self._delimiter) for r in batch])
+        argv = expand_argv(self._templates, self._request_values(request), [values[r.index] for r in batch])
         first = batch[0]
         stdin = command_input(request.content, sender=request.sender or s.null_sender, flags=s.flags,
                               recipient=first.address,
