@@ -62,9 +62,11 @@ CLIENT_COLUMNS = ("client_name", "client_address", "client_port", "helo_name", "
                   "sasl_username", "sasl_sender")
 
 
-_INSERT_MESSAGE = ("INSERT INTO message (id, queue, sender, arrival, next_attempt, size, smtputf8, body_type, client,"
-                   f" envid, ret, filter, from_logged, {', '.join(CLIENT_COLUMNS)})"
-                   f" VALUES ({', '.join('?' * (13 + len(CLIENT_COLUMNS)))})")
+# The columns a new message row is written with, in the order of `insert_ops`'s values.
+_INSERT_COLUMNS = ("id", "queue", "sender", "arrival", "next_attempt", "size", "smtputf8", "body_type", "client",
+                   "envid", "ret", "filter", "from_logged", *CLIENT_COLUMNS)
+_INSERT_MESSAGE = (f"INSERT INTO message ({', '.join(_INSERT_COLUMNS)})"
+                   f" VALUES ({', '.join('?' * len(_INSERT_COLUMNS))})")
 
 
 def client_values(c: ClientAttributes) -> tuple[str, ...]:
