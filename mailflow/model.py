@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from mailflow.content import Content
@@ -289,8 +289,8 @@ class RcptResult:
     transport: str = ""  # the transport whose job it was (set by qmgr; "" when none was chosen)
     expanded: str = ""
     relayed: bool = False
-    conn: ConnStats | None = None
-    stats: MsgStats | None = None
+    conn: ConnStats | None = field(default=None, compare=False, repr=False)
+    stats: MsgStats | None = field(default=None, compare=False, repr=False)
 
     @property
     def named(self) -> Recipient:

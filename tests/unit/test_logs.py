@@ -2,6 +2,7 @@
 delivery line's times."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -158,6 +159,14 @@ def test_conn_use_counts_the_uses_of_a_reused_connection():
         "Q1: to=<b@x.test>, relay=mx.x.test[192.0.2.5]:25, conn_use=3",
         "Q1: to=<b@x.test>, relay=mx.x.test[192.0.2.5]:25"]
     assert [json.loads(JsonFormatter().format(r))["conn_use"] for r in captured] == [1, 3, 0]
+
+
+def test_a_results_times_are_not_part_of_what_it_is():
+    """`conn` and `stats` are not stored (model.py): they take no part in a result's equality, hash or repr."""
+    plain = RcptResult(Recipient(0, "b@x.test", "b@x.test"), Outcome.SENT, "2.0.0", "250 Ok", "mx.x.test[192.0.2.5]:25")
+    timed = dataclasses.replace(plain, conn=ConnStats(100.2, 2), stats=MsgStats(100.0, 100.0, 100.1, 100.5))
+    assert timed == plain and hash(timed) == hash(plain)
+    assert repr(timed) == repr(plain)
 
 
 def test_orig_to_is_left_out_when_it_differs_only_in_case():
