@@ -234,7 +234,7 @@ def _text_part(kind: str, mta: str, recipients: list[NoticeRecipient], delay_war
         original = address.shown_original(r.original)  # (needless quotes dropped, as Postfix writes it)
         if original and original != r.address:
             who += f" (expanded from <{_clean(original)}>)"
-        said = _via(nr, _clean(nr.diagnostic).removeprefix(EXPIRED) or _action_words(nr.action))  # (the last reason)
+        said = _via(nr, _reason(nr) or _action_words(nr.action))
         lines.append("")
         lines += textwrap.wrap(_cut_long_words(f"{who}: {said}"), TEXT_WIDTH, subsequent_indent="    ",
                                break_long_words=False, break_on_hyphens=False)
@@ -327,13 +327,19 @@ def _original_part(kind: str, global_: bool, full: bool, returned: bytes) -> byt
 def _diagnostic_code(nr: NoticeRecipient) -> tuple[str, str]:
     """('smtp', the reply) when the diagnostic is a remote SMTP reply, else ('X-Mailflow', our reason); for a
     recipient returned for its age, the last reason (as the human part gives it, like Postfix's)."""
-    text = _clean(nr.diagnostic).removeprefix(EXPIRED)
+    text = _reason(nr)
     remote = _REMOTE_REPLY.fullmatch(text)
     if remote:
         return "smtp", remote["reply"]
     if nr.remote_mta and _BARE_REPLY.fullmatch(text):
         return "smtp", text
     return "X-Mailflow", _via(nr, text)
+
+
+def _reason(nr: NoticeRecipient) -> str:
+    """The recipient's diagnostic as both parts give it: cleaned, and for one returned for its age the last reason
+    (qmgr's "message expired: " dropped)."""
+    return _clean(nr.diagnostic).removeprefix(EXPIRED)
 
 
 def _via(nr: NoticeRecipient, said: str) -> str:
