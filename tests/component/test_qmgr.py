@@ -355,29 +355,60 @@ async def test_a_deferral_comes_due_without_a_wake_up(h):
     assert len(h.smtp.requests) == 2
 
 
+class TwoSeconds(RecordingTransport):
+    """A delivery agent whose every delivery takes two seconds of `clock`."""
+
+    async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
+        self.clock.advance(2.0)
+        return await super().deliver(request)
+
+
+def timed_lines(events: list[dict]):
+    """A MailLog observer keeping the fields of each result line (those with `delays`) in `events`."""
+    return lambda queue_id, event, fields: events.append(fields) if "delays" in fields else None
+
+
 async def test_the_log_times_each_stage_of_an_attempt_as_postfix_does(h):
     """delay= and delays=a/b/c/d as Postfix's: a is the time before the active queue, from arrival to this
-    attempt's entry into it (on a retry: all the time the message waited), b the wait there for a delivery agent,
-    d the agent's work; delay runs from arrival to the agent's end, not to the line's later record."""
+    attempt's entry into it (on a retry: all the time the message waited), d the agent's work; delay runs from
+    arrival to the agent's end, not to the line's later record: the job that ends first is recorded by itself,
+    and its line (here a second later, the other job's agent between) still ends where its agent ended."""
     events: list[dict] = []
-    results = MailLog(observer=lambda queue_id, event, fields: events.append(fields) if "delays" in fields else None)
+    await h.open_store()
+    record = h.store.record_results
 
-    class TwoSeconds(RecordingTransport):
-        async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
-            h.clock.advance(2.0)
-            return await super().deliver(request)
+    async def slow_record(*args, **kwargs):
+        h.clock.advance(1.0)
+        return await record(*args, **kwargs)
 
-    smtp = TwoSeconds("smtp")
+    h.store.record_results = slow_record
+    smtp = TwoSeconds("smtp", clock=h.clock)
     smtp.outcomes["b@remote.test"] = (Outcome.DEFERRED, "4.4.1", "later")
-    await h.start(transports={"smtp": smtp, "local": h.local}, log=results)
-    await h.queue("b@remote.test", arrival=T0 - 100)  # arrived 100 s ago, taken now
+    await h.start(transports={"smtp": smtp, "local": h.local}, log=MailLog(observer=timed_lines(events)))
+    await h.queue("a@example.test", "b@remote.test", arrival=T0 - 100)  # arrived 100 s ago, taken now
     await eventually(lambda: _is(h, {"deferred": 1}))
     del smtp.outcomes["b@remote.test"]
     h.clock.advance(MIN_BACKOFF * 1.2)  # past the jittered retry
+    waited = h.clock.now - (T0 - 100)  # until the retry entered the active queue
     await eventually(lambda: queue_is_empty(h))
-    waited = 100 + 2 + MIN_BACKOFF * 1.2  # until the retry entered the active queue
-    assert [(e["status"], e["delay"], e["delays"]) for e in events] == [
-        ("deferred", 102.0, [100.0, 0.0, 0.0, 2.0]), ("sent", waited + 2, [waited, 0.0, 0.0, 2.0])]
+    assert [(e["to"], e["status"], e["delay"], e["delays"]) for e in events] == [
+        ("a@example.test", "sent", 100.0, [100.0, 0.0, 0.0, 0.0]),
+        ("b@remote.test", "deferred", 102.0, [100.0, 0.0, 0.0, 2.0]),
+        ("b@remote.test", "sent", waited + 2, [waited, 0.0, 0.0, 2.0])]
+
+
+async def test_the_wait_for_a_delivery_agent_is_the_log_lines_b(h):
+    """delays=a/b/c/d's b: the time from the entry into the active queue to the hand-off to a delivery agent,
+    here a job held behind its destination's concurrency of 1 while the first one's agent works."""
+    events: list[dict] = []
+    await h.open_store()
+    await h.queue("b@remote.test", arrival=T0 - 100, wake=False)
+    await h.queue("c@remote.test", arrival=T0 - 100, wake=False)  # both taken by the first scan
+    await h.start(transports={"smtp": TwoSeconds("smtp", clock=h.clock), "local": h.local},
+                  log=MailLog(observer=timed_lines(events)), default_destination_concurrency_limit=1)
+    await eventually(lambda: queue_is_empty(h))
+    assert [(e["to"], e["delay"], e["delays"]) for e in events] == [
+        ("b@remote.test", 102.0, [100.0, 0.0, 0.0, 2.0]), ("c@remote.test", 104.0, [100.0, 2.0, 0.0, 2.0])]
 
 
 async def test_stop_closes_each_transport_once(h):
