@@ -5,9 +5,9 @@ output) / 67 (bounced 5.1.1) / 1 (bounced 5.3.0) / output starting with an enhan
 limit (bounced, the whole process group killed, partial output kept); a huge output (kept up to
 output_limit, the rest drained, no deadlock); a command that reads only part of a large message; a signal; a
 missing command; argv macros, ${recipient} with 3 recipients in one run; flags D R F O (one run per
-recipient), > . B, the D loop check; control characters in an address; the environment is exactly PATH (and
-what run_command is given); the identity (as root: `nobody`; not root: a refusal to switch); size_limit;
-config errors naming the key.
+recipient), > . B, the D loop check, X (without it a success is relayed); control characters in an address; the
+environment is exactly PATH (and what run_command is given); the identity (as root: `nobody`; not root: a
+refusal to switch); size_limit; config errors naming the key.
 """
 from __future__ import annotations
 
@@ -58,6 +58,16 @@ async def test_exit_0_delivers_the_message_on_stdin_with_lf_line_ends(scripts):
     assert outcome(result) == (Outcome.SENT, "2.0.0")
     assert result.text == "delivered via filt service (queued fine)" and result.relay == "filt"
     assert scripts.read("stdin") == LF_CONTENT.decode()
+
+
+async def test_a_success_is_relayed_unless_the_service_has_flag_x(scripts):
+    """Postfix's pipe(8) takes its command for a gateway (its success notice says `relayed`) unless flag X says
+    the command does final delivery (`delivered`)."""
+    s = scripts.script("ok.sh", "exit 0\n")
+    [gateway] = (await pipe([str(s)]).deliver(request("a@pipe.test"))).results
+    [final] = (await pipe([str(s)], flags="X").deliver(request("a@pipe.test"))).results
+    assert (outcome(gateway), gateway.relayed) == ((Outcome.SENT, "2.0.0"), True)
+    assert (outcome(final), final.relayed) == ((Outcome.SENT, "2.0.0"), False)
 
 
 async def test_exit_75_defers_with_the_command_output(scripts):

@@ -11,6 +11,7 @@ import logging
 import email
 import email.policy
 import random
+import re
 
 import pytest
 
@@ -380,6 +381,26 @@ def test_success_notices_say_relayed_only_for_a_remote_mta():
     for relay in ("local", "virtual", "mlmmj", "none"):  # local agents and pipe services deliver, they do not relay
         here = _notice_recipient(RcptResult(rcpt, Outcome.SENT, "2.0.0", "done", relay), 0)
         assert (here.action, here.remote_mta) == ("delivered", ""), relay
+
+
+def test_a_gateways_success_notice_says_action_relayed():
+    """A success its agent marks relayed (a pipe(8) service without flag X: a gateway that may send no notice of
+    its own, RFC 3464 2.3.3) is `Action: relayed` in its notice, though its relay is a local service's name."""
+    from mailflow.model import QueuedMessage
+    from mailflow.stages.bounce import build_notice
+
+    rcpt = Recipient(0, "a@example.test", "a@example.test", notify="SUCCESS")
+    message = QueuedMessage("Q1", "s@example.org", 0.0, 10, False, "7BIT", 1, (rcpt,))
+    actions = []
+    for relayed in (True, False):
+        result = RcptResult(rcpt, Outcome.SENT, "2.0.0", "delivered via mlmmj service", "mlmmj", relayed=relayed)
+        [notice] = plan(message, [result], warn_delay=False, myhostname="mx.test", double_bounce_recipient="pm",
+                        now=0.0)
+        raw = build_notice(kind=notice.kind, queue_id="Q1", sender=message.sender, arrival=0.0, envid="", ret="",
+                           recipients=list(notice.recipients), original=b"Subject: s\r\n\r\nbody\r\n",
+                           reporting_mta="mx.test", now=0.0, notice_id="Q1.success")
+        actions.append(re.findall(rb"^Action: (\w+)\r$", raw, re.M))
+    assert actions == [[b"relayed"], [b"delivered"]]
 
 
 def test_no_success_notice_when_the_next_hop_offered_dsn_and_took_notify():
