@@ -472,6 +472,19 @@ async def test_a_hold_made_during_delivery_stands(store):
     assert await store.counts() == {"hold": 1}
 
 
+async def test_a_message_held_on_arrival_is_taken_once_with_its_from_line_not_logged(store):
+    """qmgr logs the `from=` line of a message held on arrival when it first enters the active queue (Postfix's
+    opened()): the first take() after the release says it is not logged yet, any later one that it is."""
+    await store.insert(new("Q1", queue="hold"))
+    assert await store.take(T0, 10) == []  # held: not due
+    await store.release_messages(["Q1"], T0)
+    [first] = await store.take(T0, 10)
+    await store.finish(Delivered("Q1", T0 + 300))
+    await store.requeue_messages(["Q1"], T0)
+    [second] = await store.take(T0, 10)
+    assert (first.queue_id, first.from_logged, second.queue_id, second.from_logged) == ("Q1", False, "Q1", True)
+
+
 async def test_due_alternates_new_and_deferred_mail(store):
     for i in range(3):
         await store.insert(new(f"OLD{i}", arrival=T0 - 100 + i))
