@@ -480,19 +480,14 @@ async def test_bcc_sends_one_more_copy(mailflow_server, tmp_path):
 async def test_every_bcc_of_a_transaction_gets_its_copy(mailflow_server, tmp_path):
     """Postfix 3.2 and later keep each access BCC (smtpd_check.c's saved_bcc is a list): a sender entry and a
     recipient entry each add their recipient; one named twice gets one copy."""
-    from tests.support import SmtpClient, eventually, maildir_messages
+    from tests.support import eventually, maildir_messages, send
     mf = await mailflow_server(local_recipient_maps=["inline:{alice=ok, bob=ok, carol=ok}"], smtpd={
         "recipient_restrictions": ["check_sender_access inline:{ {watched@remote.test=BCC bob@local.test} }",
                                    "check_recipient_access inline:{ {alice@local.test=BCC carol@local.test} }",
                                    "check_recipient_access inline:{ {alice@local.test=BCC bob@local.test} }"]})
-    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
-    assert (await c.cmd("EHLO client.test"))[0] == 250
-    assert (await c.cmd("MAIL FROM:<watched@remote.test>"))[0] == 250
-    assert (await c.cmd("RCPT TO:<alice@local.test>"))[0] == 250
-    assert (await c.cmd("DATA"))[0] == 354
-    await c.send(b"Subject: copied twice\r\n\r\nbody\r\n.\r\n")
-    assert (await c.reply())[0] == 250
-    await c.close()
+    refused, reply = await send(mf.smtp_addresses[0][1], "watched@remote.test", ["alice@local.test"],
+                                b"Subject: copied twice\r\n\r\nbody\r\n")
+    assert refused == {} and reply.startswith("2.0.0 Ok: queued as "), reply
     copies = {user: await eventually(lambda u=user: maildir_messages(tmp_path / "mail" / u / "Maildir"))
               for user in ("alice", "bob", "carol")}
     assert {user: len(found) for user, found in copies.items()} == {"alice": 1, "bob": 1, "carol": 1}
@@ -501,18 +496,13 @@ async def test_every_bcc_of_a_transaction_gets_its_copy(mailflow_server, tmp_pat
 async def test_a_redirect_takes_the_bcc_copies_too(mailflow_server, tmp_path):
     """Postfix's qmgr sends every recipient of a message with a REDIRECT record to the redirect address, the
     recipients an access BCC added included: one copy, to the redirect target."""
-    from tests.support import SmtpClient, eventually, maildir_messages
+    from tests.support import eventually, maildir_messages, send
     mf = await mailflow_server(local_recipient_maps=["inline:{alice=ok, bob=ok, carol=ok}"], smtpd={
         "recipient_restrictions": ["check_sender_access inline:{ {watched@remote.test=BCC bob@local.test} }",
                                    "check_recipient_access inline:{ {alice@local.test=REDIRECT carol@local.test} }"]})
-    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
-    assert (await c.cmd("EHLO client.test"))[0] == 250
-    assert (await c.cmd("MAIL FROM:<watched@remote.test>"))[0] == 250
-    assert (await c.cmd("RCPT TO:<alice@local.test>"))[0] == 250
-    assert (await c.cmd("DATA"))[0] == 354
-    await c.send(b"Subject: redirected\r\n\r\nbody\r\n.\r\n")
-    assert (await c.reply())[0] == 250
-    await c.close()
+    refused, reply = await send(mf.smtp_addresses[0][1], "watched@remote.test", ["alice@local.test"],
+                                b"Subject: redirected\r\n\r\nbody\r\n")
+    assert refused == {} and reply.startswith("2.0.0 Ok: queued as "), reply
     assert len(await eventually(lambda: maildir_messages(tmp_path / "mail" / "carol" / "Maildir"))) == 1
     await mf.stop()
     assert [maildir_messages(tmp_path / "mail" / u / "Maildir") for u in ("alice", "bob")] == [[], []]
