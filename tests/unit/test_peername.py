@@ -116,3 +116,28 @@ async def test_dns_is_never_asked_about_a_loopback_address(tmp_path):
     resolver = Stalled()  # would hang
     n = names(tmp_path, resolver, text="")
     assert await n.name("127.0.0.1") == UNKNOWN and await n.name("::1") == UNKNOWN and resolver.asked == 0
+
+
+async def test_a_hosts_file_that_cannot_be_read_for_a_while_keeps_the_names_and_is_read_again(tmp_path, monkeypatch,
+                                                                                            caplog):
+    """No descriptor left when the changed file is looked at: the names read last stay, one warning, and the file is
+    read at the next look once it can be (a passing shortage must not leave the server on DNS names for good)."""
+    clock = Clock()
+    n = names(tmp_path, clock=clock)
+    assert await n.name("127.0.0.1") == "localhost"
+    (tmp_path / "hosts").write_text(HOSTS + "192.0.2.99 new.example.test\n")
+    real_open = open
+
+    def out_of_descriptors(path, *args, **kwargs):
+        if str(path) == str(tmp_path / "hosts"):
+            raise OSError(24, "Too many open files")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", out_of_descriptors)
+    for _ in range(3):
+        clock.now += HOSTS_RECHECK
+        assert await n.name("127.0.0.1") == "localhost"  # the names read before
+    assert len([r for r in caplog.records if "cannot read" in r.getMessage()]) == 1
+    monkeypatch.setattr("builtins.open", real_open)
+    clock.now += HOSTS_RECHECK
+    assert await n.name("192.0.2.99") == "new.example.test"

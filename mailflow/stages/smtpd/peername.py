@@ -11,7 +11,8 @@ of the first line naming the address; `127.0.0.1` is `localhost` on most hosts),
 name whose A/AAAA records include the address (mailflow.dns.confirmed_name, as reject_unknown_client_hostname
 asks it). DNS is never asked about a loopback address (a test suite's sink on a host whose DNS is out of reach
 must not wait for it at every connection). The hosts file is read again when it changed (looked at no more
-than once a second).
+than once a second); when it cannot be read then (no file descriptor left, say), the names read last stay in use
+and it is tried again at the next look (one warning until it is read).
 
 Failure behaviour: never raises; a name DNS cannot give now (no PTR record, a lookup error or timeout, a name
 that does not lead back to the address, LOOKUPS_IN_FLIGHT lookups already under way) is "unknown", as in
@@ -48,6 +49,7 @@ class PeerNames:
         self._clock = clock
         self._hosts_version: tuple[int, int] | None = None
         self._hosts_checked = float("-inf")
+        self._hosts_unreadable = False  # logged once until it is read again
         self._names: dict[str, str] = {}  # address -> its first name in the hosts file
         self._addresses: dict[str, set[str]] = {}  # lower-case name -> its addresses in the hosts file
 
@@ -97,20 +99,24 @@ class PeerNames:
             self._names, self._addresses, self._hosts_version = {}, {}, None
             return
         version = (st.st_mtime_ns, st.st_size)
-        if version != self._hosts_version:
-            self._names, self._addresses = _read_hosts(self._hosts_file)
-            self._hosts_version = version
+        if version == self._hosts_version:
+            return
+        try:
+            with open(self._hosts_file, encoding="utf-8", errors="replace") as f:
+                lines = f.readlines()
+        except OSError as e:  # (no descriptor left, say): the names read last kept, tried again at the next look
+            if not self._hosts_unreadable:
+                log.warning("cannot read %s: %s (trying again each %gs)", self._hosts_file, e, HOSTS_RECHECK)
+            self._hosts_unreadable = True
+            return
+        self._hosts_unreadable = False
+        self._names, self._addresses = _parse_hosts(lines)
+        self._hosts_version = version
 
 
-def _read_hosts(path: str) -> tuple[dict[str, str], dict[str, set[str]]]:
+def _parse_hosts(lines: list[str]) -> tuple[dict[str, str], dict[str, set[str]]]:
     names: dict[str, str] = {}
     addresses: dict[str, set[str]] = {}
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            lines = f.readlines()
-    except OSError as e:
-        log.warning("cannot read %s: %s (client names from DNS only)", path, e)
-        return names, addresses
     for line in lines:
         fields = line.split("#", 1)[0].split()
         address = _normalised(fields[0]) if len(fields) >= 2 else None
