@@ -42,6 +42,7 @@ from typing import Callable, Iterable
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from mailflow.listening import listen
 from mailflow.syntax import parse_hostport
 
 log = logging.getLogger("mailflow.http")
@@ -94,7 +95,7 @@ class _Busy(asyncio.Protocol):
 
 class _CappedSite(web.TCPSite):
     """aiohttp's TCPSite, its listener's protocol factory asking `admit()` first (aiohttp offers no hook: this
-    repeats TCPSite.start with the factory wrapped)."""
+    repeats TCPSite.start with the factory wrapped), on mailflow.listening's sockets."""
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, admit: Callable[[], bool]):
         super().__init__(runner, host, port)
@@ -105,9 +106,9 @@ class _CappedSite(web.TCPSite):
         server = self._runner.server
         assert server is not None
         admit = self._admit
-        self._server = await asyncio.get_running_loop().create_server(
-            lambda: server() if admit() else _Busy(), self._host, self._port, ssl=self._ssl_context,
-            backlog=self._backlog, reuse_address=self._reuse_address, reuse_port=self._reuse_port)
+        # mailflow.listening's accept loop, not asyncio's: out of file descriptors, it pauses and logs once
+        self._server = await listen(lambda: server() if admit() else _Busy(), self._host, self._port, logger=log,
+                                    ssl=self._ssl_context, backlog=self._backlog)
 
 
 class HttpServer:

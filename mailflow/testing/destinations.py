@@ -31,6 +31,7 @@ Failure behaviour: `add` raises OSError when no loopback address is free on the 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 from dataclasses import dataclass
@@ -38,6 +39,9 @@ from dataclasses import dataclass
 from aiosmtpd.smtp import SMTP
 
 from mailflow.dns import MX, NotFound, is_ip_literal, normalize_name
+from mailflow.listening import Listening, serve_socket
+
+log = logging.getLogger("mailflow.testing")
 
 REFUSING_ADDRESS = "127.0.0.2"
 FIRST_HOST = 3
@@ -126,7 +130,7 @@ class FakeDestination:
         self.messages: list[Received] = []
         self.connections = 0
         self.transactions = 0
-        self.starting: asyncio.Task | None = None  # the peer's server, being started
+        self.listening: Listening | None = None  # the peer's server
         self.sessions: set["PeerSession"] = set()
 
     def answers(self, code: int, text: str = "", at: str = "rcpt") -> Script:
@@ -317,9 +321,7 @@ class Destinations:
         sock = self._listening_socket()
         destination = FakeDestination(domain, sock.getsockname()[0])
         self._by_domain[domain] = destination
-        loop = asyncio.get_running_loop()
-        # The socket listens already: a client connecting before the task below runs waits in the backlog.
-        destination.starting = loop.create_task(loop.create_server(lambda: PeerSession(destination), sock=sock))
+        destination.listening = serve_socket(sock, lambda: PeerSession(destination), logger=log)
         return destination
 
     def _listening_socket(self) -> socket.socket:
@@ -341,9 +343,8 @@ class Destinations:
         for destination in self._by_domain.values():
             for session in list(destination.sessions):
                 session.close()
-            if destination.starting is None:
+            if destination.listening is None:
                 continue
-            server = await destination.starting
-            server.close()
-            await server.wait_closed()
+            destination.listening.close()
+            await destination.listening.wait_closed()
         self._refusing.close()

@@ -1,6 +1,6 @@
 """Faults of the world against a real `mailflow serve`: a second server on the same queue, the queue database
-locked by another process for 45 s, the queue's file system full, and `mailflow sendmail` run from another
-directory with a relative queue_directory.
+locked by another process for 45 s, the queue's file system full, no file descriptor left, and `mailflow
+sendmail` run from another directory with a relative queue_directory.
 
 The tmpfs test mounts a small file system (it needs root: it skips otherwise, and fails when
 MAILFLOW_REQUIRE_TOOLS=1). Times are bounded; the CPU and log volume of a server facing a fault are measured.
@@ -76,6 +76,35 @@ async def test_a_second_server_on_the_same_queue_exits_naming_the_first_and_touc
     gate.set()
     await eventually(lambda: queue_counts(db) == {}, timeout=10)
     assert len(peer.messages) == 1
+
+
+# ---------------------------------------------------------------------------------------------- descriptors
+
+
+async def test_out_of_file_descriptors_the_server_pauses_accepting_warns_once_and_recovers(servers, tmp_path):
+    """More clients than descriptors (a limit of 48, 90 connections held): accepting pauses while none is left,
+    with one warning and no busy loop (asyncio's own accept loop logged a traceback per try and multiplied its
+    retries: tens of thousands of lines a second), and the server serves again once clients leave."""
+    port = free_port()
+    server = servers(config(tmp_path / "c.toml", tmp_path, port), port, nofile=48)
+    await server.start()
+    held = []
+    try:
+        for _ in range(90):  # (the listen queue holds 100: each connect succeeds)
+            held.append((await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5))[1])
+        await eventually(lambda: server.log_lines("cannot accept connections"), timeout=10)
+        cpu = server.cpu_seconds()
+        await asyncio.sleep(2)
+        assert server.cpu_seconds() - cpu < 0.5, "the server spun while out of descriptors"
+    finally:
+        for writer in held:
+            writer.close()
+    assert len(server.log_lines("cannot accept connections")) == 1, server.log_lines("cannot accept")
+    await eventually(lambda: server.log_lines("accepting connections again"), timeout=10)
+    await send(port, "s@remote.test", ["alice@local.test"], message("after"))
+    await eventually(lambda: len(maildir_messages(tmp_path / "mail" / "alice" / "Maildir")) == 1, timeout=10)
+    assert len(server.log_path.read_text().splitlines()) < 600, "the log grew with the failed accepts"
+    assert "Traceback" not in server.log_path.read_text()
 
 
 # ---------------------------------------------------------------------------------------------- sendmail

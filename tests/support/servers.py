@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import sqlite3
 import subprocess
@@ -71,9 +72,11 @@ def toml_value(value) -> str:
 class ServerProcess:
     """`python -m mailflow serve -c CONFIG` as a child process, its output appended to `log_path`."""
 
-    def __init__(self, config_path, log_path, port: int, cwd: Path | None = None):
+    def __init__(self, config_path, log_path, port: int, cwd: Path | None = None, nofile: int | None = None):
+        """`nofile`: the process's file descriptor limit, soft and hard (None: this process's)."""
         self.config_path, self.log_path, self.port = config_path, log_path, port
         self.cwd = cwd or Path.cwd()
+        self.nofile = nofile
         self.proc: subprocess.Popen | None = None
 
     def launch(self) -> None:
@@ -81,8 +84,12 @@ class ServerProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "mailflow", "serve", "-c", str(self.config_path)],
                                      stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)}, preexec_fn=self._limits)
         log.close()
+
+    def _limits(self) -> None:
+        if self.nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     async def start(self) -> None:
         self.launch()

@@ -56,7 +56,6 @@ import asyncio
 import functools
 import ipaddress
 import logging
-import socket
 import ssl
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -68,6 +67,7 @@ from mailflow.address import in_networks
 from mailflow.clock import Clock, SystemClock
 from mailflow.config import Config, SmtpdConfig
 from mailflow.errors import ConfigError, os_reason
+from mailflow.listening import Listening, listen
 from mailflow.stages.smtpd.anvil import EVENT_LIMITS, Anvil, SessionSlots
 from mailflow.stages.smtpd.auth import (Authenticator, Backend, DovecotBackend, FailureCounter, PasswordHasher,
                                         SenderLogins, TableBackend, is_loopback)
@@ -84,7 +84,6 @@ log = logging.getLogger("mailflow.smtpd")
 
 AUTH_HASH_WORKERS = 2  # scrypt threads: an AUTH flood uses at most this many cores
 STOP_POLL = 0.05  # seconds between looks at the sessions of a stopping server
-LISTEN_BACKLOG = 100  # connections the kernel queues for a listener (asyncio's create_server default)
 # What a reload replaces in a running listener (its address, socket, session slots and counts stay).
 RELOADED = ("role", "config", "handler", "authenticator", "sender_logins", "frontends", "limits")
 
@@ -105,7 +104,7 @@ class Listener:
     frontends: FrontEnds
     limits: ProtocolLimits  # of every session of this listener: made once, not at each connection
     setting: str = ""  # the configuration key that names it ("smtpd.listen[0]", "smtpd.listeners[1].address")
-    server: asyncio.base_events.Server | None = None
+    server: Listening | None = None
 
     @property
     def smtpd(self) -> SmtpdConfig:
@@ -312,12 +311,11 @@ class Smtpd:
     # -------------------------------------------------------------------------------- running
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         self.listeners = [self._build_listener(*spec) for spec in self._listener_specs()]
         await self._tables.preload()  # the user and sender-login tables, read off the event loop
         for listener in self.listeners:
-            listener.server = await loop.create_server(functools.partial(self._session, listener), listener.host,
-                                                       listener.port)
+            listener.server = await listen(functools.partial(self._session, listener), listener.host, listener.port,
+                                           logger=log)
 
     async def reconfigure(self, config: Config,
                           handler_for: Callable[[Config], SmtpdHandler]) -> Callable[[], Awaitable[None]]:
@@ -360,17 +358,13 @@ class Smtpd:
     async def _listen(self, listeners: list[Listener]) -> None:
         """Bind each listener's address and listen there, without serving yet. Raises ConfigError naming the
         first address that cannot be used; none stays bound then."""
-        loop = asyncio.get_running_loop()
         failed = None
         try:
             for failed in listeners:
-                failed.server = await loop.create_server(functools.partial(self._session, failed), failed.host,
-                                                         failed.port, start_serving=False)
-                # listen now, on a duplicate of the descriptor (asyncio's socket wrapper has no listen): connections
-                # queue from here on, and another listener of this reload on the same address cannot bind
-                for sock in failed.server.sockets:
-                    with socket.fromfd(sock.fileno(), sock.family, sock.type) as same:
-                        same.listen(LISTEN_BACKLOG)
+                # listening from here on (connections queue in the kernel), so that another listener of this reload
+                # on the same address cannot bind
+                failed.server = await listen(functools.partial(self._session, failed), failed.host, failed.port,
+                                             logger=log, start_serving=False)
         except BaseException as e:  # (cancelled too: what was bound is let go)
             for listener in listeners:
                 if listener.server is not None:
