@@ -4,7 +4,8 @@ table query, auth hash-password. Each is a plain function; `mailflow.cli` regist
     serve(config, sink)      run until SIGTERM/SIGINT (`--sink` or [sink] enable: as a capture server, its queue
                              in a temporary directory); exit 2 for a configuration problem (the log file, a table
                              spec found while building the stages), 1 when it cannot start (an address taken, the
-                             queue held by another server, named by its pid); SIGHUP reloads the same file
+                             queue held by another server, named by its pid); SIGHUP reloads the same file; the
+                             file descriptor limit raised to the hard limit first (`ensure_descriptors`)
     check_config(config)     validate, then read every file-backed table, the DKIM tables and keys, the SRS
                              secrets and each listener's certificate and key, and the log file's place: exit 2
                              listing each one that cannot be used (`FILE: KEY: REASON`), else print the listeners
@@ -22,7 +23,9 @@ Failure behaviour: configuration problems through `common.fail_config`; never a 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import resource
 import sqlite3
 import sys
 import tempfile
@@ -71,6 +74,7 @@ def _serve(run, cfg: Config, where: str, reread) -> None:
         setup_logging(cfg.log, cfg.myhostname)
     except OSError as e:
         fail_config("mailflow", ConfigError(where, "log.file", f"cannot open {cfg.log.file}: {e.strerror}"))
+    ensure_descriptors(cfg)
     try:
         asyncio.run(run(cfg, reread=reread, where=where))
     except QueueBusy as e:  # another server owns this queue: it was left untouched
@@ -81,6 +85,38 @@ def _serve(run, cfg: Config, where: str, reread) -> None:
         fail("mailflow", f"cannot start: {e}", 1)
     except sqlite3.Error as e:  # the queue database cannot be opened: damaged, locked too long, unreadable
         fail("mailflow", f"cannot start: the queue database {cfg.queue_path / 'queue.db'}: {e}", 1)
+
+
+DESCRIPTOR_RESERVE = 64  # the queue database, the log, tables, DNS, the admin server, a reload's new listeners
+NOFILE_CEILING = 1 << 20  # the soft limit asked for when the hard one is unlimited (Linux's default nr_open)
+
+
+def descriptors_needed(cfg: Config) -> int:
+    """What the configuration can hold open at once: each listener's sessions and as many waiting for a slot,
+    two per delivery (its connection or file, and its content) and a reserve."""
+    listeners = [cfg.smtpd] * len(cfg.smtpd.listen) + [cfg.smtpd.for_listener(spec) for spec in cfg.smtpd.listeners]
+    return (sum(2 * smtpd.max_sessions for smtpd in listeners) + 2 * cfg.queue.delivery_concurrency_limit
+            + DESCRIPTOR_RESERVE)
+
+
+def ensure_descriptors(cfg: Config) -> None:
+    """The process's file descriptor limit raised to its hard limit (as Go's runtime raises it for chasquid and
+    maddy; the soft limit is often 1024 where the hard one is far higher), with a warning when even that is below
+    what the configuration can hold open. Out of descriptors, the server goes on: the listeners pause accepting
+    (mailflow.listening) and deliveries are deferred."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = NOFILE_CEILING if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    needed = descriptors_needed(cfg)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        logging.getLogger("mailflow").warning(
+            "the file descriptor limit (%d) is below the %d this configuration can use (smtpd max_sessions, "
+            "queue delivery_concurrency_limit); connections wait in the kernel's queue when it runs out", soft, needed)
 
 
 def check_config(config: Optional[str] = ConfigOption) -> None:

@@ -172,3 +172,24 @@ def test_config_show_named_settings_and_unknown_names(tmp_path):
     assert result.stdout.splitlines() == ['smtpd.listen = ["127.0.0.1:2525"]', 'myhostname = "localhost"']
     bad = mailflow("config", "show", "no_such_setting")
     assert bad.returncode == 2 and "unknown setting: no_such_setting" in bad.stderr
+
+
+def test_serve_raises_the_descriptor_limit_to_the_hard_one_and_warns_when_it_is_too_low():
+    """A soft limit of 64 under a hard one of 4096 (a shell's 1024 under a service manager's 524288, say) would cut
+    the server off at a few dozen sessions: serve takes the hard one; a configuration needing more than even that
+    is warned about at the start."""
+    script = """
+import logging, resource, sys
+from mailflow.cli.server import descriptors_needed, ensure_descriptors
+from mailflow.config import Config
+logging.basicConfig(stream=sys.stdout, format="%(levelname)s %(message)s")
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, int(sys.argv[1])))
+cfg = Config.model_validate({"smtpd": {"max_sessions": 2000}})
+ensure_descriptors(cfg)
+print("soft", resource.getrlimit(resource.RLIMIT_NOFILE)[0], "needed", descriptors_needed(cfg))
+"""
+    tight = subprocess.run([sys.executable, "-c", script, "4096"], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert "soft 4096 needed" in tight.stdout, tight.stdout + tight.stderr
+    assert "WARNING the file descriptor limit (4096) is below the 4264" in tight.stdout  # 2*2000 + 2*100 + 64
+    ample = subprocess.run([sys.executable, "-c", script, "10000"], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert "soft 10000" in ample.stdout and "WARNING" not in ample.stdout, ample.stdout + ample.stderr
