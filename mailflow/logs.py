@@ -146,8 +146,9 @@ class MailLog:
             self._active_line(queue_id, "queued", sender, size, nrcpt, logged=logged)
 
     def opened(self, queue_id: str, sender: str, size: int, nrcpt: int) -> None:
-        """qmgr's `from=` line for a message held on arrival, when it first enters the active queue; an event of
-        its own, since the message was `queued` when it arrived (the metrics count it once)."""
+        """qmgr's `from=` line for a message entering the active queue again (a retry, a release, a restart) or for
+        the first time after it was held on arrival; an event of its own, since the message was `queued` when it
+        arrived (the metrics count it once)."""
         if self.active:
             self._active_line(queue_id, "opened", sender, size, nrcpt)
 

@@ -214,6 +214,7 @@ class QueuedMessage:
     content_filter: str = ""  # "transport:nexthop": every recipient goes there (the after-queue filter)
     client_attributes: ClientAttributes = ClientAttributes()
     from_logged: bool = True  # False: held on arrival, qmgr's `from=` line not logged yet (qmgr logs it on taking it)
+    nrcpt: int = 0  # its recipients when it was queued, done ones included (qmgr's `nrcpt=`); 0: len(recipients)
 
 
 @dataclass(frozen=True)

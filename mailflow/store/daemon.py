@@ -296,8 +296,9 @@ class Store(OperatorQueries):
 _RECIPIENT_COLUMNS = "idx, address, original, notify, orcpt, status, dsn, reason, relay, relayed"
 _MESSAGE_COLUMNS_LIST = ("id", "sender", "arrival", "size", "smtputf8", "body_type", "attempts", "envid", "ret",
                          "warned", "filter", "from_logged", *CLIENT_COLUMNS)
-_RECIPIENTS_AT = len(_MESSAGE_COLUMNS_LIST)  # a DUE row: the message's columns, its recipients (JSON), side,
-_SIDE_AT = _RECIPIENTS_AT + 1                # next_attempt, the content row's data and body
+_RECIPIENTS_AT = len(_MESSAGE_COLUMNS_LIST)  # a DUE row: the message's columns, its recipients (JSON), how many
+_NRCPT_AT = _RECIPIENTS_AT + 1               # it had in all, side, next_attempt, the content row's data and body
+_SIDE_AT = _NRCPT_AT + 1
 SCAN_CONTENT_SIZE = MEMORY_LIMIT  # bytes: a message kept in its row (this size at most) is read with due()
 SCAN_CONTENT_BUDGET = 8 << 20  # bytes of content read with one due() at the most
 
@@ -305,12 +306,14 @@ SCAN_CONTENT_BUDGET = 8 << 20  # bytes of content read with one due() at the mos
 # due(): up to :limit new and up to :limit due deferred messages (each an index range scan on (queue,
 # next_attempt)), each with its recipients still to do (pending, or with a notice owed) as a JSON array, and the
 # content of those kept in their rows (up to :scan_size each), each side in its own order until :budget bytes
-# (the content rows of the others are not even read). Rows come in any order: `side` (0 new, 1 deferred) and
-# `next_attempt` order them; due() alternates the two sides.
+# (the content rows of the others are not even read), and its count of recipients, done ones included (qmgr's
+# `nrcpt=`). Rows come in any order: `side` (0 new, 1 deferred) and `next_attempt` order them; due() alternates the
+# two sides.
 DUE = f"""
 SELECT {', '.join(_MESSAGE_COLUMNS_LIST)},
        (SELECT json_group_array(json_array({_RECIPIENT_COLUMNS})) FROM recipient
         WHERE message_id = m.id AND (status = 'pending' OR notice = 1)),
+       (SELECT count(*) FROM recipient WHERE message_id = m.id),
        side, next_attempt, c.data, c.body
 FROM (SELECT *, 0 AS side, sum(CASE WHEN size <= :scan_size THEN size ELSE 0 END)
                            OVER (ORDER BY next_attempt ROWS UNBOUNDED PRECEDING) AS scanned
@@ -352,7 +355,7 @@ def _due_message(row: tuple) -> QueuedMessage:
             pending.append(Recipient(*fields[:5]))
         else:
             owed.append(_recorded_result(fields))
-    return _queued_message(row[:_RECIPIENTS_AT], pending, owed)
+    return _queued_message(row[:_RECIPIENTS_AT], pending, owed, row[_NRCPT_AT])
 
 
 def _deferral_ops(done: Delivered, results: Sequence[RcptResult]) -> list[Op]:
@@ -400,11 +403,11 @@ def _record_op(queue_id: QueueId, rows: Sequence[tuple[RcptResult, bool]]) -> Op
              for r, owed in rows])
 
 
-def _queued_message(row: tuple, recipients, owed) -> QueuedMessage:
+def _queued_message(row: tuple, recipients, owed, nrcpt: int) -> QueuedMessage:
     qid, sender, arrival, size, utf8, body_type, attempts, envid, ret, warned, content_filter, from_logged = row[:12]
     return QueuedMessage(qid, sender, arrival, size, bool(utf8), body_type, attempts, tuple(recipients),
                          envid=envid, ret=ret, warned=bool(warned), owed=tuple(owed), content_filter=content_filter,
-                         client_attributes=ClientAttributes(*row[12:]), from_logged=bool(from_logged))
+                         client_attributes=ClientAttributes(*row[12:]), from_logged=bool(from_logged), nrcpt=nrcpt)
 
 
 def _alternate(first: list, second: list) -> list:

@@ -61,7 +61,7 @@ async def test_insert_then_due_returns_it_with_recipients(store):
     msg = await only(store)
     assert msg == QueuedMessage("Q1", "a@remote.test", T0, len(b"Subject: Q1\r\n\r\nbody\r\n"), True, "8BITMIME", 0,
                                 (Recipient(0, "x@example.test", "X@EXAMPLE.TEST"),
-                                 Recipient(1, "y@example.test", "Y@EXAMPLE.TEST")))
+                                 Recipient(1, "y@example.test", "Y@EXAMPLE.TEST")), nrcpt=2)
     assert await store.counts() == {"incoming": 1}
     assert await content_of(store, "Q1") == b"Subject: Q1\r\n\r\nbody\r\n"
     assert await store.recipients("Q1") == [("x@example.test", "pending", "", ""), ("y@example.test", "pending", "", "")]

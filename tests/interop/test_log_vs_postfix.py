@@ -521,8 +521,8 @@ async def test_access_actions_are_logged_where_postfix_logs_them(mailflow_server
 
 DELIVERIES = [["alice@local.test"], ["fwd@local.test"], ["mixed@local.test"], ["ok@relay.test", "ok2@relay.test"],
               ["ok3@relay.test"], ["def@def.test"], ["bnc@bnc.test"], ["p@pipe.test"], ["ref@refused.test"],
-              ["dis@dis.test"], ["later@later.test"]]
-LINES = {"later@later.test": 2}  # deferred, then sent on the retry; one line each for the others
+              ["dis@dis.test"], ["later@later.test", "alice@local.test"]]
+LINES = {"later@later.test": 2}  # deferred, then sent on the retry; one line each for the others (alice's first)
 # Postfix's smtp(8) puts its session in the connection cache after it has logged the results: the next message to
 # the same place waits a moment, or it would race for it (mailflow's cache holds it 0.8 s here)
 PAUSE = {"ok3@relay.test": 0.2}
@@ -600,6 +600,7 @@ async def test_a_delivery_line_has_postfix_fields_and_time_formats(mailflow_serv
                 await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the probe that saw it listen
                 started = len(pf.maillog)
                 pf_lines = await deliveries(pf.port, lambda: pf.maillog[started:])
+                pf_log = pf.maillog[started:]
             attempts["later"] = 0
             mf = await mailflow_server(
                 myhostname=MF_HOST, mydestination=["local.test"], relay_domains=relayed, transport_maps=[transports],
@@ -621,6 +622,16 @@ async def test_a_delivery_line_has_postfix_fields_and_time_formats(mailflow_serv
     for lines in (pf_lines, mf_lines):  # the retry: its delay and `a` are the time it waited in the queue
         waited = re.search(r", delay=([\d.]+), delays=([\d.]+)/", lines["later@later.test"][1])
         assert waited and float(waited[1]) >= 1 and float(waited[2]) >= 1, lines["later@later.test"]
+    # qmgr's `from=` line each time the message enters the active queue, the retry too, `nrcpt=` counting the
+    # recipient already delivered
+    assert activations(mail_log.read_text(), "later@later.test") == activations(pf_log, "later@later.test") == [
+        "nrcpt=2 (queue active)"] * 2
+
+
+def activations(log: str, rcpt: str) -> list[str]:
+    """The `nrcpt=…` end of each of qmgr's `from=` lines for the message to `rcpt`."""
+    queue_id = re.search(rf"([0-9A-F]+): to=<{re.escape(rcpt)}>", log)[1]
+    return re.findall(rf"qmgr\[\d+\]: {queue_id}: from=<[^>]*>, size=\d+, (nrcpt=\d+ \(queue active\))", log)
 
 
 # ---------------------------------------------------------------------------------------------- milter actions

@@ -374,8 +374,7 @@ class QueueManager:
         self._room_was_short = room <= 0 or len(taken) >= room  # more may be due than there was room for
         if taken:
             for message in taken:
-                if not message.from_logged:  # held on arrival: it enters the active queue now (Postfix's opened())
-                    self._log.opened(message.queue_id, message.sender, message.size, len(message.recipients))
+                self._log_opened(message)
                 self._admit(message, now)
             self._pump()
         if now >= self._next_scan:  # a timed scan: sleep next until the earliest deferred message is due
@@ -384,6 +383,13 @@ class QueueManager:
             if next_due is not None and len(self._active) < self._config.active_limit:
                 later = min(later, max(next_due, now + MIN_RESCAN))  # never 0: no spin on a due backlog
             self._next_scan = later
+
+    def _log_opened(self, message: QueuedMessage) -> None:
+        """qmgr's `from=` line each time a message enters the active queue, as Postfix's opened() (a retry, a
+        release, a restart's recovery), but for the first time of one cleanup logged it for as it was queued."""
+        if message.from_logged and not message.attempts:
+            return
+        self._log.opened(message.queue_id, message.sender, message.size, message.nrcpt or len(message.recipients))
 
     def _admit(self, message: QueuedMessage, now: float, content: asyncio.Future | None = None,
                handed_bytes: int = 0) -> None:
