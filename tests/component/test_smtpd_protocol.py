@@ -537,6 +537,27 @@ async def test_slow_data_trickle_is_cut_by_the_data_rate(limited_listener):
     assert took is not None and took < 1.5
 
 
+async def test_a_pipelined_burst_of_commands_gives_the_rest_of_the_server_its_turns(mailflow_server):
+    """A thousand RCPTs in one write (RFC 2920) are answered from the input buffer without waiting for the client:
+    the session hands the loop back every few dozen, so other sessions, deliveries and timers are not held up
+    for the whole burst (Postfix's smtpd processes share only the CPU)."""
+    mf, port = await _server(mailflow_server)
+    c = await SmtpClient.connect(port)
+    assert (await c.cmd("EHLO client.test")).code == 250
+    assert (await c.cmd("MAIL FROM:<s@remote.test>")).code == 250
+    session = next(iter(mf.smtpd.sessions))
+    await c.send(b"RCPT TO:<alice@local.test>\r\n" * 1000)
+    taken, most_in_one_turn = 0, 0
+    for _ in range(20_000):  # a loop turn each
+        now = len(session.envelope.rcpt_tos)
+        taken, most_in_one_turn = now, max(most_in_one_turn, now - taken)
+        if taken == 1000:
+            break
+        await asyncio.sleep(0)
+    assert taken == 1000
+    assert most_in_one_turn <= 64, f"{most_in_one_turn} commands answered in one turn of the loop"
+
+
 async def test_one_sessions_failure_does_not_touch_another_sessions_mail(mailflow_server, tmp_path):
     _, port = await _server(mailflow_server)
     good, bad = await SmtpClient.connect(port), await SmtpClient.connect(port)

@@ -21,7 +21,10 @@ What it owns
   itself again for what is left (not a TimerHandle made and cancelled per command).
 - The command loop (`_handle_client`): the greeting (input before it is early talk), the error gate
   (session_time_limit, soft and hard error limits), a line through `wire.Wire`, malformed lines, RFC 2920
-  pipelining discipline, the STARTTLS requirement, junk commands, dispatch to the `smtp_*` methods.
+  pipelining discipline, the STARTTLS requirement, junk commands, dispatch to the `smtp_*` methods. Commands
+  that had already arrived (pipelined) are answered without any wait for input, so every PIPELINED_TURN of them
+  in a row the session hands the loop back (`asyncio.sleep(0)`): one client's burst (a thousand RCPTs, BDAT
+  chunks) holds up the other sessions, deliveries and timers for a few dozen commands, not for all of them.
 - EHLO (the layers' keywords, then the handler's hook), VRFY, ETRN, QUIT; HELO, RSET, NOOP are aiosmtpd's; its
   EXPN and HELP are left out (unknown commands, as in Postfix).
 - Typed state through aiosmtpd's documented factories: `_create_session()` -> state.SessionState,
@@ -90,6 +93,7 @@ NOT_COMMANDS = {"EXPN", "HELP"}
 ALLOWED_BEFORE_STARTTLS = {"HELO", "EHLO", "XCLIENT", "STARTTLS", "NOOP", "QUIT"}
 # EHLO keywords of the layers (ETRN here, DSN transaction.py, CHUNKING data.py), in the order offered
 LAYER_KEYWORDS = ("ETRN", "DSN", "CHUNKING")
+PIPELINED_TURN = 32  # commands answered from input already received before the session hands the loop back
 AIOSMTPD_STATE = ("_timeout_duration", "_timeout_handle", "_tls_protocol", "_tls_handshake_okay",
                   "_original_transport", "_handler_coroutine", "_handle_hooks", "_smtp_methods")
 
@@ -185,6 +189,7 @@ class ProtocolCore(SMTP):
         self._in_hello = False  # HELO/EHLO replies carry no enhanced codes (RFC 2034)
         self._errors = 0
         self._junk = 0
+        self._in_a_row = 0  # commands answered since the session last waited for input or handed the loop back
         self._ill_pipelining = False  # logged once a session, refused or not (Postfix's SMTPD_FLAG_ILL_PIPELINING)
         self._greeted_at = 0.0
         self._data_started: float | None = None  # loop time DATA/BDAT content began, for the rate deadline
@@ -459,6 +464,7 @@ class ProtocolCore(SMTP):
                 if not await self._error_gate():
                     return
                 await self._one_command()
+                await self._take_turns()
             except asyncio.CancelledError:
                 self._writer.close()
                 raise
@@ -483,6 +489,17 @@ class ProtocolCore(SMTP):
                     log.exception("error in handle_exception")
                     reply = str(status.INTERNAL_ERROR)
                 await self.push(reply)
+
+    async def _take_turns(self) -> None:
+        """After a command: when the next one has already arrived, no wait for input gives the loop to anyone else,
+        so the session hands it back every PIPELINED_TURN such commands in a row."""
+        if not self._wire.pending():
+            self._in_a_row = 0  # (the next command is waited for)
+            return
+        self._in_a_row += 1
+        if self._in_a_row >= PIPELINED_TURN:
+            self._in_a_row = 0
+            await asyncio.sleep(0)
 
     def _taking_commands(self) -> bool:
         """The command loop goes on: no QUIT, and the connection is neither lost nor being closed by the server
