@@ -31,6 +31,9 @@ What it does, in order (Postfix cleanup(8)):
    only the header section is read (at most `header_size_limit` bytes, mailflow.message.read_header): the
    queued content is the new header section followed by the original's body, never copied (a spooled
    body stays in its file, see mailflow.content);
+4c. marks the message 8BITMIME when a header section in it (its own, a MIME part's, an attached message's) says
+   `Content-Transfer-Encoding: 8bit` or `binary`, whatever BODY the client gave (Postfix's auto_8bit_enc_hdr;
+   mailflow.transports.downgrade.labelled_8bit: the content is read for it only when it has those words);
 5. when configured (`outbound`, mailflow.signing.outbound): rewrites a forwarded message's sender (SRS), seals
    it (ARC) and signs this host's mail (DKIM, 8-bit header fields first made RFC 2047 words when the message has
    no SMTPUTF8, as the SMTP client would send them), the body hash streamed; off, none of it costs anything;
@@ -73,6 +76,7 @@ from mailflow.model import ClientInfo, QueueId, Recipient, Submission
 from mailflow.routing.addressmap import AddressMapper
 from mailflow.signing.outbound import OutboundSigning
 from mailflow.store import NewMessage, Store
+from mailflow.transports.downgrade import labelled_8bit
 
 logger = logging.getLogger("mailflow.cleanup")
 
@@ -170,6 +174,8 @@ class Cleanup:
             msg = await self._mapper.tables.run(self._prepare, sub, queue_id, True)
         else:
             msg = self._prepare(sub, queue_id, False)
+        if msg.body_type != "8BITMIME" and await labelled_8bit(msg.content):
+            msg = dataclasses.replace(msg, body_type="8BITMIME")
         if self._outbound is not None:
             msg = await self._outbound.apply(msg, sub)
         if hold or content_filter:

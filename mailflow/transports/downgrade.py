@@ -3,6 +3,9 @@ default, `disable_mime_output_conversion = no`), as its mime_state module does i
 
     Downgrade()                 an encoder (see mailflow.transports.encode): feed(chunk) -> bytes, flush() -> bytes
     downgrade_8bit(content: bytes) -> bytes     the same over a whole message (tests, small content)
+    await labelled_8bit(content: Content) -> bool   whether a header section (the message's, a part's, an attached
+                                message's) labels its entity 8bit or binary: what Postfix's cleanup marks 8BITMIME
+                                (auto_8bit_enc_hdr), read as this module reads the label (see below)
 
 - An entity labelled `Content-Transfer-Encoding: 8bit` or `binary` (any case, comments ignored: Postfix's
   mime_state reads the label as a token and counts binary in the 8-bit domain) gets its body encoded as
@@ -16,6 +19,11 @@ default, `disable_mime_output_conversion = no`), as its mime_state module does i
   for them, and Postfix sends them as they are), bodies without an 8bit label (a non-MIME message with
   8-bit text is sent as it is, as Postfix does), boundaries, preambles and epilogues.
 - Nesting deeper than MAX_DEPTH is passed through unchanged. Never raises for bad MIME.
+
+`labelled_8bit` reads the label as the conversion does (its first word, comments ignored), where Postfix's cleanup
+compares the whole value: a label `8bit (comment)` marks the message here, so that every message the conversion
+would change is marked (docs/transports.md). It stops at the first such label; a message without the words
+`Content-Transfer-Encoding` anywhere is not parsed at all.
 
 It streams, like Postfix's mime_state: the content goes through line by line (runs of body lines at once),
 keeping only the header section of the entity being read (at most MAX_HEADER bytes: a longer one, and its
@@ -31,6 +39,8 @@ from email.message import Message
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
+from mailflow.content import Content
+
 MAX_DEPTH = 20
 MAX_HEADER = 102400
 MAX_LINE = 65536
@@ -38,6 +48,7 @@ _CTE = b"content-transfer-encoding"
 _8BIT_DOMAIN = ("8bit", "binary")
 QP_SOFT_LIMIT = 72  # mime_state.c: a soft line break once the output line is longer than this and more follows
 _QP_ESCAPED = re.compile(rb"[\x00-\x08\x0a-\x1f=\x7f-\xff]")
+_LABEL_NAME = re.compile(_CTE, re.IGNORECASE)
 
 
 @dataclass
@@ -53,8 +64,30 @@ def downgrade_8bit(content: bytes) -> bytes:
     return converter.feed(content) + converter.flush()
 
 
-class Downgrade:
+async def labelled_8bit(content: Content) -> bool:
     """See the module docstring."""
+    if not await _names_a_label(content):
+        return False
+    converter = Downgrade()
+    async for chunk in content.stream():
+        converter.feed(chunk)
+        if converter.relabelled:
+            return True
+    converter.flush()
+    return converter.relabelled
+
+
+async def _names_a_label(content: Content) -> bool:
+    tail = b""
+    async for chunk in content.stream():
+        if _LABEL_NAME.search(tail + chunk[:len(_CTE)]) or _LABEL_NAME.search(chunk):
+            return True
+        tail = chunk[-len(_CTE):]
+    return False
+
+
+class Downgrade:
+    """See the module docstring. `relabelled`: an entity's 8bit or binary label was changed."""
 
     def __init__(self) -> None:
         self._partial = b""  # the start of a line whose end has not arrived
@@ -67,6 +100,7 @@ class Downgrade:
         self._depth = 0
         self._eol = b"\r\n"  # the quoted-printable body's line end, from its first line
         self._qp_open = b""  # the encoded start of an output line whose input line goes on (a very long line)
+        self.relabelled = False
 
     def feed(self, data: bytes) -> bytes:
         if self._partial:
@@ -198,7 +232,9 @@ class Downgrade:
             relabel = b"7bit" if eight_bit else None
         elif eight_bit:
             relabel, mode = b"quoted-printable", "qp"
-        headers = relabelled(self._headers, relabel) if relabel is not None else self._headers
+        headers = self._headers
+        if relabel is not None:
+            headers, self.relabelled = relabelled(headers, relabel), True
         out.extend(headers)
         self._eol = b""
         if content_type == "message/rfc822" and not boundary and body_follows:

@@ -7,7 +7,8 @@ import email.policy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailflow.transports.downgrade import Downgrade, downgrade_8bit
+from mailflow.content import Content
+from mailflow.transports.downgrade import Downgrade, downgrade_8bit, labelled_8bit
 
 
 def test_a_single_part_labelled_8bit_becomes_quoted_printable():
@@ -16,6 +17,18 @@ def test_a_single_part_labelled_8bit_becomes_quoted_printable():
     assert downgrade_8bit(message) == (b"Subject: x\r\nContent-Type: text/plain; charset=utf-8\r\n"
                                        b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
                                        b"na=C3=AFve =3D yes=20\r\n")
+
+
+async def test_only_a_label_in_a_header_section_marks_a_message_8bit():
+    """cleanup's marking reads the MIME structure as the conversion does: the words in a body are no label, a
+    part's label is, and so is one split across the chunks the content is read in."""
+    part = b"--b\r\nContent-Transfer-Encoding: 8bit\r\n\r\nx\r\n--b--\r\n"
+    multipart = b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+    assert not await labelled_8bit(Content((b"Subject: x\r\n\r\nContent-Transfer-Encoding: 8bit\r\n",)))
+    assert not await labelled_8bit(Content((b"Content-Transfer-Encoding: base64\r\n\r\nx\r\n",)))
+    assert await labelled_8bit(Content((multipart, part)))
+    assert await labelled_8bit(Content((multipart + part[:12], part[12:])))
+    assert await labelled_8bit(Content((b"Content-Transfer-Encoding: 8bit (labelled)\r\n\r\nx\r\n",)))
 
 
 def test_a_folded_label_is_replaced_whole():

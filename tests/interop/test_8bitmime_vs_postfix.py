@@ -1,0 +1,167 @@
+"""Differential test of 8-bit content on the way through: the same messages relayed by a private Postfix (3.7, its
+default smtputf8_enable = yes) and by mailflow, each to two smtp-sinks (one offering 8BITMIME, one started with -8;
+neither offers SMTPUTF8), must reach them with the same MAIL FROM parameters and the same bytes below the relay's
+own Received header.
+
+What decides it in Postfix: smtpd records BODY=8BITMIME or BODY=7BIT as the message's encoding (none when the client
+gave no BODY), sendmail -B likewise; cleanup makes it 8bit when a header section (the message's or a MIME part's)
+says `Content-Transfer-Encoding: 8bit` or `binary` (auto_8bit_enc_hdr); smtp(8) sends BODY=8BITMIME or BODY=7BIT
+to a peer that offers 8BITMIME, and to one that does not converts the parts labelled 8bit to quoted-printable
+unless the encoding is 7bit. 8-bit bytes alone mark nothing.
+
+Documented differences, compared as such: header fields with 8-bit bytes go to a peer without SMTPUTF8 as RFC 2047
+encoded words (docs/deliverability.md, "Outbound hygiene"; Postfix sends the bytes), so those fields are compared
+decoded.
+"""
+from __future__ import annotations
+
+import email.header
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.interop.test_dsn_pass_on import smtp_sink
+from tests.support import SmtpClient, eventually, postfix_instance
+
+pytestmark = pytest.mark.interop
+
+COMMON = {"myhostname": "mx.origin.test", "myorigin": "origin.test"}
+HEAD = (b"From: s@remote.test\r\nTo: r@eight.test\r\nDate: Fri, 04 Dec 2026 12:00:00 +0000\r\n"
+        b"Message-ID: <probe@client.test>\r\nSubject: probe: %s\r\n")
+MIME = b"MIME-Version: 1.0\r\n"
+TEXT = b"Content-Type: text/plain; charset=utf-8\r\n"
+NESTED = (MIME + b"Content-Type: multipart/mixed; boundary=\"b1\"\r\n\r\npreamble\r\n--b1\r\n" + TEXT
+          + b"\r\nfirst part\r\n--b1\r\nContent-Type: multipart/alternative; boundary=\"b2\"\r\n\r\n--b2\r\n" + TEXT
+          + b"Content-Transfer-Encoding: 8bit\r\n\r\nnested, %s\r\n--b2--\r\n--b1--\r\n")
+UMLAUTS = b"Gr\xc3\xbc\xc3\x9fe"
+LABELLED = MIME + TEXT + b"Content-Transfer-Encoding: 8bit\r\n\r\n"
+# name: (MAIL FROM parameters, what follows the probe's first header fields), sent over SMTP to both peers
+SMTP_PROBES: dict[str, tuple[str, bytes]] = {
+    "7-bit, no BODY": ("", b"\r\nall 7-bit\r\n"),
+    "BODY=8BITMIME, 7-bit": (" BODY=8BITMIME", b"\r\ndeclared, all 7-bit\r\n"),
+    "undeclared 8-bit body": ("", b"\r\nundeclared " + UMLAUTS + b"\r\n"),
+    "undeclared 8-bit header": ("", b"X-Note: " + UMLAUTS + b"\r\n\r\nundeclared, in a header\r\n"),
+    "labelled 8bit, 7-bit": ("", LABELLED + b"labelled, 7-bit\r\n"),
+    "labelled 8bit in a nested part, 7-bit": ("", NESTED % b"7-bit"),
+    "labelled binary": ("", LABELLED.replace(b"8bit", b"binary") + b"binary " + UMLAUTS + b"\r\n"),
+    "BODY=7BIT, labelled 8BIT": (" BODY=7BIT", LABELLED.replace(b"8bit", b"8BIT") + UMLAUTS + b"\r\n"),
+    "BODY=8BITMIME, labelled in a nested part": (" BODY=8BITMIME", NESTED % UMLAUTS),
+}
+# name: (sendmail options, what follows the first header fields), submitted with each one's own sendmail
+LOCAL_PROBES: dict[str, tuple[list[str], bytes]] = {
+    "sendmail, 7-bit": ([], b"\nfrom sendmail, all 7-bit\n"),
+}
+# name: (sender, MAIL FROM parameters, what follows the first header fields), to a recipient whose delivery fails
+# (a third smtp-sink refuses every RCPT); the notice goes to the sender's peer
+BOUNCED: dict[str, tuple[str, str, bytes]] = {}
+ROUTES = "inline:{{eight.test=smtp:[127.0.0.1]:{}, seven.test=smtp:[127.0.0.1]:{}, gone.test=smtp:[127.0.0.1]:{}}}"
+
+
+def probe(name: str, rest: bytes) -> bytes:
+    return HEAD % name.encode() + rest
+
+
+async def send_probes(port: int) -> None:
+    messages = [(name, "s@remote.test", params, ["r@eight.test", "r@seven.test"], rest)
+                for name, (params, rest) in SMTP_PROBES.items()]
+    messages += [(name, sender, params, ["x@gone.test"], rest) for name, (sender, params, rest) in BOUNCED.items()]
+    for name, sender, params, rcpts, rest in messages:
+        c = await SmtpClient.connect(port)
+        assert (await c.cmd("EHLO client.test")).code == 250
+        assert (await c.cmd(f"MAIL FROM:<{sender}>{params}")).code == 250
+        for rcpt in rcpts:
+            assert (await c.cmd(f"RCPT TO:<{rcpt}>")).code == 250
+        assert (await c.cmd("DATA")).code == 354
+        await c.send(probe(name, rest) + b".\r\n")
+        assert (await c.reply()).code == 250, name
+        await c.close()
+
+
+def submit_locally(sendmail: list[str]) -> None:
+    for name, (options, rest) in LOCAL_PROBES.items():
+        message = probe(name, rest.replace(b"\n", b"\r\n")).replace(b"\r\n", b"\n")
+        done = subprocess.run([*sendmail, *options, "-f", "s@remote.test", "r@eight.test", "r@seven.test"],
+                              input=message, capture_output=True, timeout=20)
+        assert done.returncode == 0, done.stderr
+
+
+def arrivals(dump: Path) -> dict[str, tuple]:
+    """Per probe: MAIL FROM's arguments after the address, and the message below the relay's Received header with
+    encoded words decoded; for a notice: the arguments, the Content-Transfer-Encoding labels in it (in order) and
+    whether it is all 7-bit."""
+    out: dict[str, tuple] = {}
+    data = dump.read_bytes() if dump.exists() else b""
+    for record in data.split(b"X-Client-Addr: ")[1:]:
+        mail_args = re.search(rb"^X-Mail-Args: <[^>]*>(.*)$", record, re.MULTILINE)
+        found = re.search(rb"^Subject: probe: (.*)$", record, re.MULTILINE)
+        if not (mail_args and found):
+            continue
+        args = mail_args.group(1).decode().strip()
+        if record.find(b"\nSubject: probe: ") > record.find(b"\n\n"):  # the probe's notice
+            labels = re.findall(rb"^Content-Transfer-Encoding: (.*)$", record, re.MULTILINE | re.IGNORECASE)
+            out[found.group(1).decode()] = (args, [label.decode() for label in labels], record.isascii())
+        else:
+            out[found.group(1).decode()] = (args, decoded_fields(below_received(record, 2)))
+    return out
+
+
+def below_received(record: bytes, count: int) -> bytes:
+    """What follows the first `count` Received fields (the sink's and the relay's)."""
+    message = record.split(b"\nReceived: ", 1)[1]
+    for _ in range(count):
+        message = message.split(b"\n", 1)[1]
+        while message[:1] in (b" ", b"\t"):
+            message = message.split(b"\n", 1)[1]
+        message = message.removeprefix(b"Received: ")
+    return message
+
+
+def decoded_fields(message: bytes) -> bytes:
+    head, sep, body = message.partition(b"\n\n")
+    fields = [str(email.header.make_header(email.header.decode_header(line.decode()))).encode()
+              if b"=?" in line else line for line in head.split(b"\n")]
+    return b"\n".join(fields) + sep + body
+
+
+async def run(port: int, dumps: tuple[Path, Path], sendmail: list[str]) -> dict[str, dict]:
+    await send_probes(port)
+    submit_locally(sendmail)
+    count = len(SMTP_PROBES) + len(LOCAL_PROBES)
+    eight = count + sum(sender.endswith("eight.test") for sender, _, _ in BOUNCED.values())
+    seven = count + sum(sender.endswith("seven.test") for sender, _, _ in BOUNCED.values())
+    return await eventually(lambda: len(arrivals(dumps[0])) == eight and len(arrivals(dumps[1])) == seven
+                            and {"eight": arrivals(dumps[0]), "seven": arrivals(dumps[1])}, timeout=30)
+
+
+async def relay_both(mailflow_server, write_config, tmp_path) -> tuple[dict, dict]:
+    """Every probe through a private Postfix and through mailflow: what each one's two peers got."""
+    async with smtp_sink() as (pf8, pf8_dump), smtp_sink("-8") as (pf7, pf7_dump), \
+            smtp_sink() as (mf8, mf8_dump), smtp_sink("-8") as (mf7, mf7_dump), \
+            smtp_sink("-f", "RCPT") as (gone, _):
+        async with postfix_instance({**COMMON, "smtputf8_enable": "yes", "mydestination": "",
+                                     "transport_maps": ROUTES.format(pf8, pf7, gone)}) as pf:
+            postfix = await run(pf.port, (pf8_dump, pf7_dump), ["sendmail", "-C", str(pf.etc)])
+        settings = {**COMMON, "mydestination": [], "mynetworks": ["127.0.0.0/8"],
+                    "relay_domains": ["eight.test", "seven.test", "gone.test"],
+                    "transport_maps": [ROUTES.format(mf8, mf7, gone)], "smtp": {"tls_security_level": "none"}}
+        mf = await mailflow_server(**settings)
+        config = write_config(tmp_path / "mailflow.toml", **settings)
+        mailflow = await run(mf.smtp_addresses[0][1], (mf8_dump, mf7_dump),
+                             [sys.executable, "-m", "mailflow", "sendmail", "-C", str(config)])
+    return postfix, mailflow
+
+
+async def test_8bit_content_reaches_peers_as_a_real_postfix_sends_it(mailflow_server, write_config, tmp_path):
+    postfix, mailflow = await relay_both(mailflow_server, write_config, tmp_path)
+    for peer in ("eight", "seven"):
+        for name in [*SMTP_PROBES, *LOCAL_PROBES]:
+            assert mailflow[peer][name] == postfix[peer][name], (peer, name)
+    # what Postfix did, so that the same mistake on both sides cannot pass unnoticed
+    eight = {name: args for name, (args, _) in postfix["eight"].items()}
+    assert eight["7-bit, no BODY"] == eight["undeclared 8-bit body"] == ""
+    assert eight["labelled 8bit in a nested part, 7-bit"] == eight["BODY=7BIT, labelled 8BIT"] == "BODY=8BITMIME"
+    assert b"Content-Transfer-Encoding: quoted-printable\n\nGr=C3=BC=C3=9Fe\n" in postfix["seven"][
+        "BODY=7BIT, labelled 8BIT"][1]
