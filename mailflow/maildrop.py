@@ -85,7 +85,7 @@ class MaildropMessage:
     notify: str = ""
     ret: str = ""
     envid: str = ""
-    body_type: str = "7BIT"
+    body_type: str = ""
     flags: tuple[str, ...] = ()
     size: int = 0  # bytes of content (set when written)
     offset: int = field(default=0, compare=False)  # where the content starts in the file (set by read_maildrop)
@@ -150,7 +150,7 @@ def _write_message(f, message: MaildropMessage, chunks: Iterable[bytes], size_li
                                 os.EX_DATAERR)
         ascii_only = ascii_only and chunk.isascii()
         f.write(chunk)
-    body_type = ("7BIT" if ascii_only else "8BITMIME") if detect else message.body_type
+    body_type = ("" if ascii_only else "8BITMIME") if detect else message.body_type
     f.flush()
     os.pwrite(f.fileno(), envelope_line(dataclasses.replace(message, size=size, body_type=body_type), room), 0)
 
@@ -241,7 +241,7 @@ def _check_dsn_fields(fields: dict) -> None:
     envid = fields.get("envid", "")
     if len(envid) > ENVID_MAX or not is_printable_ascii(envid):  # (what sendmail -V takes)
         raise CorruptMaildrop("envid: not an RFC 3461 ENVID")
-    if fields.get("body_type", "7BIT") not in ("", "7BIT", "8BITMIME"):
+    if fields.get("body_type", "") not in ("", "7BIT", "8BITMIME"):
         raise CorruptMaildrop("body_type: must be 7BIT or 8BITMIME")
 
 

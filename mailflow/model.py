@@ -95,7 +95,7 @@ class Envelope:
     sender: str
     recipients: tuple[str, ...]
     smtputf8: bool = False
-    body_type: str = "7BIT"
+    body_type: str = ""  # BODY as given (8BITMIME or 7BIT; "" none) or marked by cleanup
     originals: tuple[str, ...] = ()  # per recipient, the address first given (ORCPT); () means the same
     # RFC 3461 DSN parameters: per recipient NOTIFY and ORCPT (() means none given), per message ENVID and RET.
     notify: tuple[str, ...] = ()
@@ -185,7 +185,7 @@ class NewMessage:
     content: Content
     recipients: tuple[Recipient, ...]
     smtputf8: bool = False
-    body_type: str = "7BIT"
+    body_type: str = ""  # BODY as given (8BITMIME or 7BIT; "" none) or marked by cleanup
     client: str = ""
     envid: str = ""
     ret: str = ""
@@ -227,7 +227,7 @@ class DeliveryRequest:
     nexthop: str
     content: Content
     smtputf8: bool = False
-    body_type: str = "7BIT"
+    body_type: str = ""  # BODY as given (8BITMIME or 7BIT; "" none) or marked by cleanup
     arrival: float = 0.0
     envid: str = ""  # RFC 3461 ENVID and RET of the message, passed on to a next hop that offers DSN
     ret: str = ""

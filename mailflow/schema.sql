@@ -16,7 +16,7 @@ CREATE TABLE IF NOT EXISTS message (
     attempts     INTEGER NOT NULL DEFAULT 0,
     size         INTEGER NOT NULL,                 -- bytes of content
     smtputf8     INTEGER NOT NULL DEFAULT 0,
-    body_type    TEXT NOT NULL DEFAULT '7BIT',     -- 7BIT | 8BITMIME
+    body_type    TEXT NOT NULL DEFAULT '',         -- 8BITMIME | 7BIT (BODY=7BIT given) | ''
     client       TEXT NOT NULL DEFAULT '',         -- name[addr] of the submitting client
     envid        TEXT NOT NULL DEFAULT '',         -- DSN ENVID (RFC 3461), '' if none
     ret          TEXT NOT NULL DEFAULT '',         -- DSN RET: FULL | HDRS | '' (not given)

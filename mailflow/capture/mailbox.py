@@ -49,7 +49,7 @@ class CapturedEnvelope:
     envid: str = ""
     ret: str = ""
     smtputf8: bool = False
-    body_type: str = "7BIT"
+    body_type: str = ""
 
 
 @dataclass(frozen=True)

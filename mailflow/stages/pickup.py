@@ -299,7 +299,7 @@ class Pickup:
                               original_size=content.size, reporting_mta=self._myhostname, now=now,
                               notice_id=f"{name}.pickup", size_limit=self._bounce_size_limit)
         envelope = Envelope("", (m.sender,), smtputf8=not m.sender.isascii(),
-                            body_type="8BITMIME" if notice_is_8bit(notice) else "7BIT")
+                            body_type="8BITMIME" if notice_is_8bit(notice) else "")
         client = ClientInfo(addr="127.0.0.1", helo=self._myhostname, protocol="local")
         try:
             queue_id = await self._cleanup.submit(Submission(envelope, Content.of(notice), client))

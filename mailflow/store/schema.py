@@ -21,7 +21,7 @@ from pathlib import Path
 
 log = logging.getLogger("mailflow.store")
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 # Steps for queues made by an older mailflow: MIGRATIONS[v] takes schema version v to v + 1.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -41,6 +41,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     5: ("ALTER TABLE message ADD COLUMN from_logged INTEGER NOT NULL DEFAULT 1",),
     # whether a recipient sent went to a gateway, for the action of its success notice owed (RcptResult.relayed)
     6: ("ALTER TABLE recipient ADD COLUMN relayed INTEGER NOT NULL DEFAULT 0",),
+    # 7BIT now means BODY=7BIT was given (the SMTP client passes it on); before, it meant that or no BODY at all
+    7: ("UPDATE message SET body_type = '' WHERE body_type = '7BIT'",),
 }
 
 

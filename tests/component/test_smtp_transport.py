@@ -1645,17 +1645,31 @@ async def test_8bitmime_is_converted_to_quoted_printable_for_a_peer_without_it(s
 
 async def test_content_labelled_8bit_is_converted_for_a_peer_without_8bitmime_whatever_body_the_client_gave(
         scripted_peer):
-    """A client that said BODY=7BIT, or nothing, about a message with a part labelled 8bit: Postfix's cleanup marks
-    it 8-bit by that label (auto_8bit_enc_hdr), and its smtp client converts it for a peer without 8BITMIME (seen
-    with a private Postfix 3.7.11); mailflow sent the 8-bit bytes to the 7-bit peer as they were."""
+    """A client that said nothing about a message with a part labelled 8bit: Postfix's smtp client converts it for
+    a peer without 8BITMIME (seen with a private Postfix 3.7.11); mailflow sent the 8-bit bytes to the 7-bit peer
+    as they were. (One that said BODY=7BIT: cleanup marks it 8BITMIME by the label, as Postfix's does.)"""
     peer, port = await scripted_peer(extensions=("ENHANCEDSTATUSCODES",))
-    for body_type in ("7BIT", ""):
-        report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{port}", content=EIGHT_BIT_MIME,
-                                                               body_type=body_type))
+    report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{port}", content=EIGHT_BIT_MIME))
+    assert report.results[0].outcome is Outcome.SENT
+    [received] = peer.messages
+    assert received.isascii()
+    assert b"Content-Transfer-Encoding: quoted-printable\r\n\r\nLe caf=C3=A9 est pr=C3=AAt.\r\n" in received
+
+
+async def test_a_message_said_7bit_goes_with_body_7bit_and_unconverted(scripted_peer):
+    """Postfix's smtp_proto passes BODY=7BIT on to a peer that offers 8BITMIME and converts nothing for one that
+    does not (SMTP_MIME_DOWNGRADE: not for encoding 7bit); SIZE is announced to both."""
+    content = b"Subject: x\r\n\r\nsaid 7BIT, caf\xc3\xa9\r\n"
+    plain, port = await scripted_peer(extensions=("SIZE 10240000",))
+    taking, port_8bit = await scripted_peer(extensions=("SIZE 10240000", "8BITMIME"))
+    for port_ in (port, port_8bit):
+        report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{port_}", content=content,
+                                                               body_type="7BIT"))
         assert report.results[0].outcome is Outcome.SENT
-    for received in peer.messages:
-        assert received.isascii()
-        assert b"Content-Transfer-Encoding: quoted-printable\r\n\r\nLe caf=C3=A9 est pr=C3=AAt.\r\n" in received
+    assert [c for c in plain.commands if c.startswith("MAIL")] == [f"MAIL FROM:<a@remote.test> SIZE={len(content)}"]
+    assert [c for c in taking.commands if c.startswith("MAIL")] == [
+        f"MAIL FROM:<a@remote.test> SIZE={len(content)} BODY=7BIT"]
+    assert plain.messages == taking.messages == [content]
 
 
 async def test_size_is_not_announced_for_content_that_is_converted_on_the_way(scripted_peer):

@@ -47,6 +47,7 @@ SMTP_PROBES: dict[str, tuple[str, bytes]] = {
     "labelled 8bit, 7-bit": ("", LABELLED + b"labelled, 7-bit\r\n"),
     "labelled 8bit in a nested part, 7-bit": ("", NESTED % b"7-bit"),
     "labelled binary": ("", LABELLED.replace(b"8bit", b"binary") + b"binary " + UMLAUTS + b"\r\n"),
+    "BODY=7BIT, 8-bit body": (" BODY=7BIT", b"\r\nsaid 7BIT, " + UMLAUTS + b"\r\n"),
     "BODY=7BIT, labelled 8BIT": (" BODY=7BIT", LABELLED.replace(b"8bit", b"8BIT") + UMLAUTS + b"\r\n"),
     "BODY=8BITMIME, labelled in a nested part": (" BODY=8BITMIME", NESTED % UMLAUTS),
 }
@@ -163,5 +164,6 @@ async def test_8bit_content_reaches_peers_as_a_real_postfix_sends_it(mailflow_se
     eight = {name: args for name, (args, _) in postfix["eight"].items()}
     assert eight["7-bit, no BODY"] == eight["undeclared 8-bit body"] == ""
     assert eight["labelled 8bit in a nested part, 7-bit"] == eight["BODY=7BIT, labelled 8BIT"] == "BODY=8BITMIME"
+    assert eight["BODY=7BIT, 8-bit body"] == "BODY=7BIT"
     assert b"Content-Transfer-Encoding: quoted-printable\n\nGr=C3=BC=C3=9Fe\n" in postfix["seven"][
         "BODY=7BIT, labelled 8BIT"][1]

@@ -124,7 +124,7 @@ class Notices:
             addresses = [notice.sender, notice.to] + [r.recipient.address for r in notice.recipients]
             smtputf8 = message.smtputf8 or not all(a.isascii() for a in addresses)  # (Postfix: as the original)
             envelope = Envelope(notice.sender, (notice.to,), smtputf8=smtputf8,
-                                body_type="8BITMIME" if notice_is_8bit(content) else "7BIT")
+                                body_type="8BITMIME" if notice_is_8bit(content) else "")
             client = ClientInfo(addr="127.0.0.1", helo=self._myhostname, protocol="local")
             out.append((notice, self._prepare(Submission(envelope, Content.of(content), client))))
         return out

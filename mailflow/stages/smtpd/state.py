@@ -187,7 +187,7 @@ class Transaction(_AiosmtpdEnvelope):
     def model_envelope(self) -> Envelope:
         """The envelope that travels to cleanup, DSN parameters included only when the client gave some, and the
         originals only when one was written otherwise than it is taken."""
-        body = "8BITMIME" if "BODY=8BITMIME" in self.mail_options else "7BIT"
+        body = next((o[5:] for o in self.mail_options if o.startswith("BODY=")), "")
         dsn: dict = {"envid": self.dsn_envid, "ret": self.dsn_ret}
         if any(n or o for n, o in self.rcpt_dsn) and len(self.rcpt_dsn) == len(self.rcpt_tos):
             dsn["notify"] = tuple(n for n, _ in self.rcpt_dsn)

@@ -72,9 +72,10 @@ DSN (RFC 3461): to a peer that offers DSN, MAIL carries RET and ENVID (xtext) an
 client's, else `rfc822;<the address first given>`), as Postfix's smtp(8) does; its accepted recipients are marked
 `next_hop_notifies`, so qmgr sends no success notice of its own (the peer does what NOTIFY asks). To a peer without
 DSN nothing is passed on, and a NOTIFY=SUCCESS recipient gets a "relayed" notice from here.
-8BITMIME: a message received as 8BITMIME goes with BODY=8BITMIME to a peer that offers it; to one that does
-not, it is converted (Postfix's default, disable_mime_output_conversion = no): parts labelled 8bit become
-quoted-printable (see downgrade). Time limits: connect_timeout (TCP), helo_timeout (greeting, EHLO/HELO),
+8BITMIME: a message received as 8BITMIME (or marked so by cleanup) goes with BODY=8BITMIME to a peer that offers
+it, one received with BODY=7BIT with BODY=7BIT; to a peer without it, every message but one received as 7BIT is
+converted (Postfix's default, disable_mime_output_conversion = no): parts labelled 8bit become quoted-printable
+(see downgrade). Time limits: connect_timeout (TCP), helo_timeout (greeting, EHLO/HELO),
 command_timeout (STARTTLS, AUTH, MAIL, each RCPT, DATA, RSET), data_timeout (the content and the reply after it).
 
 `site_ok` is False only when the destination could not be talked to; refusals and bounces keep it True.

@@ -11,11 +11,11 @@ of the SMTP and LMTP clients (the command side of Postfix smtp_proto).
     cannot_take(extensions, peer, request) -> PermanentError | None   a reason to bounce before MAIL FROM: the
                                   message needs SMTPUTF8 and the peer does not offer it (5.6.7), or it is bigger
                                   than the peer's SIZE (5.3.4)
-    content_encoding(extensions, request) -> (encoders, BODY parameter or None)   8BITMIME content goes as it is
-                                  with BODY=8BITMIME to a peer that offers it; to a peer without 8BITMIME every
-                                  message goes through `Downgrade` (entities labelled 8bit to 7 bit, whether the
-                                  client said BODY=8BITMIME or not: Postfix's default disable_mime_output_conversion
-                                  = no, with its cleanup's auto_8bit_enc_hdr); to a peer without
+    content_encoding(extensions, request) -> (encoders, BODY parameter or None)   the content goes as it is to a
+                                  peer that offers 8BITMIME, with BODY=8BITMIME or BODY=7BIT as the message says
+                                  (none when it says neither), as Postfix's smtp_proto; to a peer without 8BITMIME
+                                  every message but one said 7BIT goes through `Downgrade` (entities labelled 8bit
+                                  to 7 bit: Postfix's default disable_mime_output_conversion = no); to a peer without
                                   SMTPUTF8, a header section with 8-bit bytes through `HeaderDowngrade` (RFC 2047
                                   words; an ASCII one gets no encoder)
     mail_command(request, extensions, body, converted=False) -> bytes   `MAIL FROM:<sender>` with SIZE (offered, and
@@ -135,10 +135,11 @@ def content_encoding(extensions: Extensions, request: DeliveryRequest) -> tuple[
     if needs_header_downgrade(extensions.supports("smtputf8"), request.smtputf8) and \
             not read_header(request.content, HEADER_READ_LIMIT)[0].isascii():
         headers = (HeaderDowngrade(),)
+    body = request.body_type.upper()
     if extensions.supports("8bitmime"):
-        return headers, "BODY=8BITMIME" if request.body_type.upper() == "8BITMIME" else None
-    # Every message, whatever BODY the client gave: an entity labelled 8bit is 8-bit content all the same (Postfix's
-    # cleanup marks such mail 8BITMIME, auto_8bit_enc_hdr); one without such a label passes unchanged.
+        return headers, f"BODY={body}" if body in ("8BITMIME", "7BIT") else None
+    if body == "7BIT":  # (cleanup marked any message with an entity labelled 8bit 8BITMIME)
+        return headers, None
     return (*headers, Downgrade()), None
 
 
