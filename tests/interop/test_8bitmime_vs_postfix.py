@@ -11,7 +11,10 @@ unless the encoding is 7bit. 8-bit bytes alone mark nothing.
 
 Documented differences, compared as such: header fields with 8-bit bytes go to a peer without SMTPUTF8 as RFC 2047
 encoded words (docs/deliverability.md, "Outbound hygiene"; Postfix sends the bytes), so those fields are compared
-decoded.
+decoded; sendmail without -B declares 8-bit content 8BITMIME (docs/sendmail.md; Postfix's declares nothing); a
+notice is labelled 8bit only where it has 8-bit bytes (docs/queue.md; Postfix with smtputf8_enable = yes labels
+every notice 8bit, and so sends it BODY=8BITMIME), so notices are compared by their top label, the labels of the
+returned message, MAIL FROM's parameters and whether the peer got 7-bit content.
 """
 from __future__ import annotations
 
@@ -54,10 +57,16 @@ SMTP_PROBES: dict[str, tuple[str, bytes]] = {
 # name: (sendmail options, what follows the first header fields), submitted with each one's own sendmail
 LOCAL_PROBES: dict[str, tuple[list[str], bytes]] = {
     "sendmail, 7-bit": ([], b"\nfrom sendmail, all 7-bit\n"),
+    "sendmail, 8-bit": ([], b"\nfrom sendmail, " + UMLAUTS + b"\n"),
+    "sendmail -B 7BIT, 8-bit": (["-B", "7BIT"], b"\nfrom sendmail -B 7BIT, " + UMLAUTS + b"\n"),
 }
 # name: (sender, MAIL FROM parameters, what follows the first header fields), to a recipient whose delivery fails
 # (a third smtp-sink refuses every RCPT); the notice goes to the sender's peer
-BOUNCED: dict[str, tuple[str, str, bytes]] = {}
+BOUNCED: dict[str, tuple[str, str, bytes]] = {
+    "returned 8-bit, to eight": ("s@eight.test", " BODY=8BITMIME", LABELLED + b"returned " + UMLAUTS + b"\r\n"),
+    "returned 8-bit, to seven": ("s@seven.test", " BODY=8BITMIME", LABELLED + b"returned " + UMLAUTS + b"\r\n"),
+    "returned 7-bit": ("s@eight.test", "", b"\r\nreturned, all 7-bit\r\n"),
+}
 ROUTES = "inline:{{eight.test=smtp:[127.0.0.1]:{}, seven.test=smtp:[127.0.0.1]:{}, gone.test=smtp:[127.0.0.1]:{}}}"
 
 
@@ -157,13 +166,25 @@ async def relay_both(mailflow_server, write_config, tmp_path) -> tuple[dict, dic
 
 async def test_8bit_content_reaches_peers_as_a_real_postfix_sends_it(mailflow_server, write_config, tmp_path):
     postfix, mailflow = await relay_both(mailflow_server, write_config, tmp_path)
+    sendmail_8bit = postfix["eight"].pop("sendmail, 8-bit"), mailflow["eight"].pop("sendmail, 8-bit")
+    assert (sendmail_8bit[0][0], sendmail_8bit[1][0]) == ("", "BODY=8BITMIME")  # (documented)
+    assert sendmail_8bit[0][1] == sendmail_8bit[1][1]
     for peer in ("eight", "seven"):
         for name in [*SMTP_PROBES, *LOCAL_PROBES]:
-            assert mailflow[peer][name] == postfix[peer][name], (peer, name)
+            if name in postfix[peer]:
+                assert mailflow[peer][name] == postfix[peer][name], (peer, name)
+    for peer, name in (("eight", "returned 8-bit, to eight"), ("seven", "returned 8-bit, to seven")):
+        (pf_args, pf_labels, pf_ascii), (mf_args, mf_labels, mf_ascii) = postfix[peer][name], mailflow[peer][name]
+        assert (mf_args, mf_labels[0], mf_labels[-2:], mf_ascii) == (pf_args, pf_labels[0], pf_labels[-2:], pf_ascii)
+    assert postfix["eight"]["returned 8-bit, to eight"][0] == "BODY=8BITMIME"
+    assert postfix["seven"]["returned 8-bit, to seven"][1:] == (["7bit", "quoted-printable", "7bit",
+                                                                 "quoted-printable"], True)
+    assert postfix["eight"]["returned 7-bit"][:2] == ("BODY=8BITMIME", ["8bit"] * 3)  # (documented)
+    assert mailflow["eight"]["returned 7-bit"][:2] == ("", ["7bit", "7bit"])
     # what Postfix did, so that the same mistake on both sides cannot pass unnoticed
-    eight = {name: args for name, (args, _) in postfix["eight"].items()}
+    eight = {name: arrived[0] for name, arrived in postfix["eight"].items()}
     assert eight["7-bit, no BODY"] == eight["undeclared 8-bit body"] == ""
     assert eight["labelled 8bit in a nested part, 7-bit"] == eight["BODY=7BIT, labelled 8BIT"] == "BODY=8BITMIME"
-    assert eight["BODY=7BIT, 8-bit body"] == "BODY=7BIT"
+    assert eight["BODY=7BIT, 8-bit body"] == eight["sendmail -B 7BIT, 8-bit"] == "BODY=7BIT"
     assert b"Content-Transfer-Encoding: quoted-printable\n\nGr=C3=BC=C3=9Fe\n" in postfix["seven"][
         "BODY=7BIT, labelled 8BIT"][1]
