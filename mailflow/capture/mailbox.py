@@ -288,7 +288,8 @@ class Mailbox:
             left = deadline - loop.time()
             if left <= 0:
                 raise WaitTimeout(timeout_report(criteria, count, timeout, found, self.messages, limit=REPORT_LIMIT))
-            try:
-                await asyncio.wait_for(self._arrived.wait(), left)
+            try:  # (not wait_for: in 3.11 it swallows a cancellation that comes as a message arrives)
+                async with asyncio.timeout(left):
+                    await self._arrived.wait()
             except TimeoutError:
                 pass

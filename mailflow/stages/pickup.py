@@ -147,9 +147,10 @@ class Pickup:
             event, timeout = self._wanted, self._interval
             if self._scans.backing_off:
                 event, timeout = self._stopping, max(0.0, self._scans.resume_at - self._clock.time())
-            try:
-                await asyncio.wait_for(event.wait(), timeout)
-            except asyncio.TimeoutError:
+            try:  # (not wait_for: in 3.11 it swallows a cancellation that comes as the event is set)
+                async with asyncio.timeout(timeout):
+                    await event.wait()
+            except TimeoutError:
                 pass
             self._wanted.clear()
             if self._closing:

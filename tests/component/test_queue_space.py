@@ -128,3 +128,18 @@ async def test_pickup_backs_off_while_the_store_fails_and_loses_nothing(tmp_path
         assert os.listdir(tmp_path / "maildrop") == []
     finally:
         await pickup.stop(grace=1)
+
+
+async def test_pickup_ends_when_cancelled_as_it_is_woken(tmp_path):
+    """A cancellation that comes in the same loop turn as a wake-up ends pickup's task (asyncio.run cancels every
+    task at its end: a Sink never stopped left the interpreter hanging there, pickup waiting for its next scan)."""
+    pickup = Pickup(tmp_path, FailingCleanup(tmp_path), myhostname="h.test", clock=SystemClock(), interval=60)
+    await pickup.start()
+    for _ in range(5):
+        await asyncio.sleep(0)  # its first scan is over; it waits for a wake-up
+    task = pickup._task
+    pickup.wake()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(asyncio.shield(task), 5)
+    await pickup.stop()
