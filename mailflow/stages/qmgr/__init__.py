@@ -640,8 +640,8 @@ class QueueManager:
             original = await self._content(active) or Content()
         except Exception:
             original = Content()  # the notice still says what happened, without the original
-        return self._notices.for_attempt(active.message, results, original=original, now=now, warn_delay=warn,
-                                         retry_until=retry_until)
+        return await self._notices.for_attempt(active.message, results, original=original, now=now,
+                                               warn_delay=warn, retry_until=retry_until)
 
     def _log_end(self, active: ActiveMessage, results, notices, retry_at, now: float, *,
                  expired: list[RcptResult]) -> None:
