@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 import sqlite3
+from collections import Counter
 
 import pytest
 
@@ -16,7 +17,7 @@ from mailflow.errors import LookupRetry
 from mailflow.logs import MailLog
 from mailflow.content import Content
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, Recipient
-from mailflow.stages.qmgr import QueueManager
+from mailflow.stages.qmgr import ADMIT_SLICE, QueueManager
 from mailflow.routing.rewrite import Rewriter
 from mailflow.store import NewMessage, Store
 from tests.support import (BlockingTransport, RecordingClock, RecordingTransport, ScriptedTransport, always,
@@ -317,6 +318,38 @@ async def test_active_limit_bounds_messages_in_hand(h):
     blocking.release.set()
     await eventually(lambda: queue_is_empty(h))
     assert len(blocking.requests) == 5
+
+
+async def test_a_big_scan_hands_the_loop_back_while_it_admits_the_messages(h):
+    # a flush of 10 000 deferred messages: routing them all in one turn held every session and delivery 0.4 s
+    store = await h.open_store()
+    n = 3 * ADMIT_SLICE
+    await store.insert_many([NewMessage(f"B{i:04d}", "sender@remote.test", T0, Content.of(b"Subject: b\r\n\r\nb\r\n"),
+                                        (Recipient(0, f"u{i}@d{i % 7}.test", f"u{i}@d{i % 7}.test"),))
+                             for i in range(n)])
+    turns = 0
+
+    async def bystander():  # another task on the loop: counts the turns it gets
+        nonlocal turns
+        for _ in range(1_000_000):
+            turns += 1
+            await asyncio.sleep(0)
+
+    resolve = Rewriter(Config(myhostname=HOST, mydestination=("example.test",))).resolve
+    seen: list[int] = []  # at each recipient routed, how many turns the bystander had had
+
+    def counting(address: str):
+        seen.append(turns)
+        return resolve(address)
+
+    other = asyncio.create_task(bystander())
+    try:
+        await h.start(resolve=counting)
+        await eventually(lambda: queue_is_empty(h))
+    finally:
+        other.cancel()
+    assert len(seen) == n and len(h.smtp.requests) == n
+    assert max(Counter(seen).values()) <= ADMIT_SLICE
 
 
 # ---------------------------------------------------------------------------------------------- store is the state
