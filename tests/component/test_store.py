@@ -14,6 +14,7 @@ from mailflow.content import Content
 from mailflow.model import ClientAttributes, Delivered, Outcome, QueuedMessage, RcptResult, Recipient
 from mailflow.errors import Overloaded
 from mailflow.store import SCHEMA_VERSION, NewMessage, Store
+from mailflow.store import daemon
 from mailflow.store.engine import LINGER
 from mailflow.store.schema import MIGRATIONS
 from tests.support import big_message
@@ -784,6 +785,24 @@ async def test_take_is_one_write_that_claims_what_is_due_and_hands_out_its_conte
     assert await store.counts() == {"active": 2, "hold": 1, "deferred": 1}
     assert await store.take(T0 + 10, 10) == []  # a second scan takes nothing
     assert [m.queue_id for m in await store.take(T0 + 300, 1)] == ["LATER"]
+
+
+async def test_a_big_scan_is_decoded_off_the_event_loop(store, monkeypatch):
+    """Turning 10 000 taken rows into messages held the loop 0.1 s: past DECODE_INLINE rows it is a worker's."""
+    decoded_on: list[int] = []
+    decode = daemon._due_message
+
+    def spy(row):
+        decoded_on.append(threading.get_ident())
+        return decode(row)
+
+    monkeypatch.setattr(daemon, "_due_message", spy)
+    n = 2 * daemon.DECODE_INLINE
+    await store.insert_many([new(f"N{i:04d}", arrival=T0 + i) for i in range(n)])
+    taken = await store.take(T0 + n, n)
+    assert [m.queue_id for m in taken] == [f"N{i:04d}" for i in range(n)]
+    assert len(decoded_on) == n and threading.get_ident() not in decoded_on
+    assert await content_of(store, "N0007") == b"Subject: N0007\r\n\r\nbody\r\n"
 
 
 async def test_every_commit_is_on_disk_and_concurrent_writes_share_one(store):
