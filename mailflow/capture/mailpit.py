@@ -30,12 +30,16 @@ Request bodies are JSON (Mailpit's: read as JSON whatever the Content-Type, fiel
 decoder matches them) or urlencoded form fields (`ids`, as some clients send them). Unlike Mailpit, a DELETE
 whose body is not a JSON object (or whose IDs are not a list of strings) is 400, not "delete everything".
 
+A listing (messages, search, wait) makes its summaries SUMMARY_SLICE at a time, handing the server's loop back in
+between: a summary parses its message, and a whole mailbox of them would hold every session and delivery.
+
 Failure behaviour: an unknown ID is 404 ("Message not found"); a bad parameter or body is 400 with the reason
 (text/plain, as Mailpit's), a multipart body 415; a wait
 beyond `waiters_limit` concurrent ones is 503; `timeout` is capped at `wait_time_limit`.
 """
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import os
@@ -51,6 +55,7 @@ from mailflow.capture.mailbox import REPORT_LIMIT, CapturedMessage, Criteria, Wa
 from mailflow.capture.recorders import Capture
 
 DEFAULT_LIMIT = 50
+SUMMARY_SLICE = 25  # message summaries (about 0.35 ms each) a listing makes before it hands the loop back
 
 
 def iso(timestamp: float) -> str:
@@ -146,12 +151,19 @@ def _disposition(item: mime.Attachment) -> str:
     return f'inline; filename="{quote(item.filename or item.content_id, safe="$&+:=@")}"'
 
 
-def listing(messages: list[CapturedMessage], everything: list[CapturedMessage], start: int, limit: int) -> dict:
+async def listing(messages: list[CapturedMessage], everything: list[CapturedMessage], start: int, limit: int) -> dict:
+    """A page of summaries, made SUMMARY_SLICE at a time with the loop handed back in between: each parses its
+    message, and all 10 000 of a full mailbox (`limit=0`) held the server's loop 3.7 s."""
     newest_first = list(reversed(messages))
     page = newest_first[start:start + limit] if limit else newest_first[start:]  # 0: all (Mailpit's)
-    return {"total": len(everything), "unread": sum(not m.read for m in everything), "count": len(page),
-            "messages_count": len(messages), "messages_unread": sum(not m.read for m in messages),
-            "start": start, "tags": [], "messages": [summary(m) for m in page]}
+    total, unread, unread_here = len(everything), sum(not m.read for m in everything), sum(not m.read for m in messages)
+    summaries: list[dict] = []
+    for at in range(0, len(page), SUMMARY_SLICE):
+        if at:
+            await asyncio.sleep(0)
+        summaries.extend(summary(m) for m in page[at:at + SUMMARY_SLICE])
+    return {"total": total, "unread": unread, "count": len(page), "messages_count": len(messages),
+            "messages_unread": unread_here, "start": start, "tags": [], "messages": summaries}
 
 
 def _int(request: web.Request, name: str, default: int, low: int = 0) -> int:
@@ -258,7 +270,7 @@ def routes(capture: Capture, *, waiters_limit: int, wait_time_limit: float) -> w
     @table.get("/api/v1/messages")
     async def messages(request: web.Request) -> web.Response:
         everything = mailbox.messages
-        return web.json_response(listing(everything, everything, _int(request, "start", 0),
+        return web.json_response(await listing(everything, everything, _int(request, "start", 0),
                                          _int(request, "limit", DEFAULT_LIMIT)))
 
     @table.put("/api/v1/messages")
@@ -321,7 +333,7 @@ def routes(capture: Capture, *, waiters_limit: int, wait_time_limit: float) -> w
         query = request.query.get("query", "").strip()
         if not query:
             raise web.HTTPBadRequest(text="Error: no search query")
-        return web.json_response(listing(matching(query), mailbox.messages, _int(request, "start", 0),
+        return web.json_response(await listing(matching(query), mailbox.messages, _int(request, "start", 0),
                                          _int(request, "limit", DEFAULT_LIMIT)))
 
     @table.delete("/api/v1/search")
@@ -348,11 +360,11 @@ def routes(capture: Capture, *, waiters_limit: int, wait_time_limit: float) -> w
             everything = mailbox.messages
             found = [m for m in everything if criteria.matches(m)]
             report = timeout_report(Criteria(), count, timeout, found, everything, limit=REPORT_LIMIT)
-            body = {"error": f"query {query!r}: " + report, **listing(found, everything, 0, len(found) or 1)}
+            body = {"error": f"query {query!r}: " + report, **await listing(found, everything, 0, len(found) or 1)}
             return web.json_response(body, status=408)
         finally:
             waiting["now"] -= 1
-        return web.json_response(listing(found, mailbox.messages, 0, len(found)))
+        return web.json_response(await listing(found, mailbox.messages, 0, len(found)))
 
     return table
 
