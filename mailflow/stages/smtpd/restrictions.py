@@ -30,8 +30,9 @@ HOLD, FILTER, REDIRECT and BCC are logged where they are met, as Postfix's check
 transaction's queue id once it has one): HOLD once per message, the others each time. Marks live in
 `facts.marks`, one per message (`marks.hold_logged`: the hold's line is written). DEFER_IF_PERMIT and
 DEFER_IF_REJECT hold for the command that met them (`facts`): its verdict, permit or refusal, is turned into a
-deferral at the end (`_conditional_deferrals`). An enhanced status code an action gives is fitted to what it
-refuses (`dsn_fix`).
+deferral at the end (`_conditional_deferrals`); a DEFER_IF_REJECT only within its step (RCPT_STEPS: the client,
+helo and sender lists each, the relay and recipient lists together, as Postfix resets it per stage). An
+enhanced status code an action gives is fitted to what it refuses (`dsn_fix`).
 
 Failure behaviour: a table that cannot answer or an action mailflow does not know (an access value naming an
 undefined class or a lookup table, or lists nested deeper than MAX_DEPTH: a loop through tables) gives
@@ -56,8 +57,8 @@ from mailflow.address import client_ip, in_networks
 from mailflow.errors import LookupRetry
 from mailflow.logs import SmtpdLog
 from mailflow.model import AddressClass
-from mailflow.restriction_vocabulary import (ACCESS_CHECKS, KNOWN, NEEDS_FILTER, RCPT_STAGES, RHSBL_CHECKS, STAGES,
-                                             WITH_ARGUMENT, check_item, split_item)
+from mailflow.restriction_vocabulary import (ACCESS_CHECKS, KNOWN, NEEDS_FILTER, RHSBL_CHECKS, STAGES, WITH_ARGUMENT,
+                                             check_item, split_item)
 from mailflow.stages.smtpd.dns_checks import DnsChecks
 from mailflow.stages.smtpd.policy import PolicyClient, PolicyError
 from mailflow.syntax import is_ipv4
@@ -76,6 +77,10 @@ SUBJECT = {  # a list's stage -> how its refusals name what they looked at
     "data": "Data command", "end_of_data": "End-of-data",
     "mail": "Sender address",  # (the in-process policy hook's MAIL stage: handler.py)
 }
+# The steps of the RCPT lists: a DEFER_IF_REJECT holds until the end of its own (Postfix's smtpd_check_client,
+# _helo, _mail, then the relay and recipient lists together, each starting with SMTPD_CHECK_RESET), where a
+# DEFER_IF_PERMIT holds to the end of them all.
+RCPT_STEPS = (("client",), ("helo",), ("sender",), ("relay", "recipient"))
 MAX_DEPTH = 100  # lists within lists (classes, access values) beyond which a table's value is refused (Postfix's)
 VALUE_LIST_CACHE = 1000  # access values kept read as lists (the table is emptied when full)
 PROTOCOL_STATE = {"data": "DATA", "end_of_data": "END-OF-MESSAGE"}
@@ -250,12 +255,15 @@ class Restrictions:
         return verdict
 
     async def _rcpt_verdict(self, facts: Facts) -> status.Reply | None:
-        for stage in RCPT_STAGES:
-            if facts.marks.discard is not None:
-                return None
-            reply = await self._run(stage, facts)
-            if reply is not None:
-                return reply
+        """The first refusal of the lists, a DEFER_IF_REJECT met in its own step applied (RCPT_STEPS)."""
+        for step in RCPT_STEPS:
+            facts.defer_if_reject = None
+            for stage in step:
+                if facts.marks.discard is not None:
+                    return None
+                reply = await self._run(stage, facts)
+                if reply is not None:
+                    return _deferred_if_reject(reply, facts)
         return None
 
     @property
@@ -684,9 +692,14 @@ def dsn_fix(dsn: str, what: str) -> str:
 
 def _conditional_deferrals(verdict: status.Reply | None, facts: Facts) -> status.Reply | None:
     """Postfix's DEFER_IF_PERMIT (a permit, explicit or at the end of the lists, becomes that deferral) and
-    DEFER_IF_REJECT (a later 5xx refusal becomes DEFER_IF_REJECT's own deferral, its text and code)."""
+    DEFER_IF_REJECT (`_deferred_if_reject`)."""
     if verdict is None:
         return facts.defer_if_permit
+    return _deferred_if_reject(verdict, facts)
+
+
+def _deferred_if_reject(verdict: status.Reply, facts: Facts) -> status.Reply:
+    """DEFER_IF_REJECT: a later 5xx refusal becomes DEFER_IF_REJECT's own deferral, its text and code."""
     if facts.defer_if_reject is not None and verdict.code >= 500:
         return facts.defer_if_reject
     return verdict

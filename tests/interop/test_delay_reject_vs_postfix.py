@@ -1,0 +1,167 @@
+"""Differential test of when the client, helo and sender restriction lists run (Postfix's smtpd_delay_reject),
+against a private Postfix 3.7 configured alike: the same sessions, the replies compared word for word (a
+greeting or an EHLO reply by its code: the banners and keywords differ) and the reject, warn and hold log
+lines too.
+
+The lists ask one access table for clients (192.0.2.N through XCLIENT), HELO names, senders and recipients,
+and the client list holds restrictions that need what a client has not said yet at connect (a recipient, a
+sender, a HELO name), so that what each of them does when it runs early is seen too.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.support import SmtpClient, postfix_instance
+
+pytestmark = pytest.mark.interop
+
+ACCESS = """\
+192.0.2.1 REJECT
+192.0.2.2 DEFER_IF_PERMIT client maybe
+192.0.2.3 HOLD client hold
+192.0.2.5 450 later
+192.0.2.6 DEFER_IF_REJECT client dir
+192.0.2.7 OK
+192.0.2.8 WARN client warn
+192.0.2.9 521 bye
+bad.helo REJECT bad helo
+dip.helo DEFER_IF_PERMIT helo maybe
+hold.helo HOLD helo hold
+dir.helo DEFER_IF_REJECT helo dir
+bad@s.test REJECT bad sender
+dip@s.test DEFER_IF_PERMIT sender maybe
+hold@s.test HOLD sender hold
+dir@s.test DEFER_IF_REJECT sender dir
+r@relay.test REJECT rcpt no
+"""
+EARLY = "early@s.test REJECT sender in the client list\n"  # check_sender_access in the client list
+
+
+def xclient(n: int) -> str:
+    return f"XCLIENT ADDR=192.0.2.{n} NAME=[UNAVAILABLE]"
+
+
+EHLO, MAIL, RCPT = "EHLO client.test", "MAIL FROM:<a@s.test>", "RCPT TO:<a@relay.test>"
+REFUSED_RCPT = "RCPT TO:<r@relay.test>"
+SESSIONS = {
+    "client refused": [xclient(1), EHLO, MAIL, RCPT, "NOOP", "FOO", xclient(7), "QUIT"],
+    "client deferred": [xclient(5), EHLO, MAIL, RCPT, "QUIT"],
+    "client 521": [xclient(9), EHLO],
+    "client DEFER_IF_PERMIT": [xclient(2), EHLO, MAIL, RCPT, REFUSED_RCPT, "QUIT"],
+    "client DEFER_IF_REJECT, a later list rejects": [xclient(6), EHLO, MAIL, REFUSED_RCPT, "QUIT"],
+    "client HOLD": [xclient(3), EHLO, MAIL, RCPT, "QUIT"],
+    "client WARN": [xclient(8), EHLO, MAIL, RCPT, "QUIT"],
+    "client OK, the helo list still runs": [xclient(7), "EHLO bad.helo", MAIL, RCPT, "QUIT"],
+    "helo refused": ["EHLO bad.helo", MAIL, RCPT, "HELO bad.helo", "EHLO client.test", MAIL, RCPT, "QUIT"],
+    "helo refused inside a transaction": [EHLO, MAIL, "EHLO bad.helo", RCPT, "QUIT"],
+    "helo DEFER_IF_PERMIT, then a good one": ["EHLO dip.helo", MAIL, RCPT, "RSET", EHLO, MAIL, RCPT, "QUIT"],
+    "helo DEFER_IF_REJECT, a later list rejects": ["EHLO dir.helo", MAIL, REFUSED_RCPT, "QUIT"],
+    "helo HOLD": ["EHLO hold.helo", MAIL, RCPT, "QUIT"],
+    "sender refused, then another": [EHLO, "MAIL FROM:<bad@s.test>", RCPT, MAIL, RCPT, "QUIT"],
+    "sender DEFER_IF_PERMIT, then another": [EHLO, "MAIL FROM:<dip@s.test>", RCPT, "RSET", MAIL, RCPT, "QUIT"],
+    "sender DEFER_IF_REJECT, a later list rejects": [EHLO, "MAIL FROM:<dir@s.test>", REFUSED_RCPT, "QUIT"],
+    "sender HOLD": [EHLO, "MAIL FROM:<hold@s.test>", RCPT, "QUIT"],
+    "no HELO": [MAIL, RCPT, "QUIT"],
+    "reject_unauth_destination in the client list": [EHLO, MAIL, "RCPT TO:<x@elsewhere.test>", "QUIT"],
+    "check_sender_access in the client list": [EHLO, "MAIL FROM:<early@s.test>", RCPT, "QUIT"],
+    "reject_non_fqdn_helo_hostname in the client list": ["EHLO nodot", MAIL, RCPT, "QUIT"],
+}
+
+
+def postfix_settings(folder: Path) -> dict[str, str]:
+    access, early = f"texthash:{folder}/access", f"texthash:{folder}/early"
+    return {
+        "smtpd_client_restrictions": f"check_client_access {access}, reject_unauth_destination, "
+                                     f"reject_non_fqdn_helo_hostname, check_sender_access {early}",
+        "smtpd_helo_restrictions": f"check_helo_access {access}",
+        "smtpd_sender_restrictions": f"check_sender_access {access}",
+        "smtpd_recipient_restrictions": f"check_recipient_access {access}",
+    }
+
+
+def mailflow_lists(settings: dict[str, str]) -> dict[str, list[str]]:
+    """The same lists as mailflow settings: `smtpd_client_restrictions` -> client_restrictions = [...]."""
+    return {name[6:]: [item.strip() for item in value.split(",")] for name, value in settings.items()}
+
+
+async def replay(port: int) -> dict[str, list[str]]:
+    """Each session's replies, the first the greeting (or what comes in its place); a closed connection is
+    `closed`."""
+    got = {}
+    for name, commands in SESSIONS.items():
+        client = await SmtpClient.connect(port, greet=False)
+        replies = [await client.reply()]
+        for command in commands:
+            if replies[-1].code is None:
+                break
+            try:
+                replies.append(await client.cmd(command))
+            except ConnectionError:
+                replies.append(None)
+        await client.close()
+        got[name] = [shown(command, reply) for command, reply in zip(["", *commands], replies)]
+    return got
+
+
+def shown(command: str, reply) -> str:
+    if reply is None or reply.code is None:
+        return f"{command} -> closed"
+    if reply.code in (220, 250) and (not command or command.startswith(("EHLO", "HELO", "XCLIENT"))):
+        return f"{command} -> {reply.code}"  # the banner and the keywords differ
+    return f"{command} -> {reply.text}"
+
+
+def differences(postfix: dict[str, list[str]], mailflow: dict[str, list[str]]) -> list[str]:
+    """`session: postfix's reply | mailflow's` for each reply that differs."""
+    return [f"{name}: {a} | {b}" for name in SESSIONS
+            for a, b in zip(postfix[name], mailflow[name] + [""] * len(postfix[name])) if a != b]
+
+
+LOGGED = ("reject", "warn", "hold")
+
+
+def logged(lines) -> list[str]:
+    """The reject, warn and hold lines (`NOQUEUE: reject: RCPT from ...`), without syslog's prefix."""
+    return [line.split("]: ", 1)[-1] if "/smtpd[" in line else line
+            for line in lines if any(f"NOQUEUE: {action}: " in line for action in LOGGED)]
+
+
+async def test_lists_run_when_postfix_runs_them(mailflow_server, caplog):
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    folder = Path(tempfile.mkdtemp(prefix="mailflow-delay-"))
+    os.chmod(folder, 0o755)
+    (folder / "access").write_text(ACCESS)
+    (folder / "early").write_text(EARLY)
+    lists = postfix_settings(folder)
+    try:
+        async with postfix_instance({
+            "myhostname": "pf.test", "mydestination": "local.test", "relay_domains": "relay.test",
+            "relayhost": "[127.0.0.1]:9", "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
+            "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+            "smtpd_error_sleep_time": "0", **lists,
+        }) as pf:
+            postfix = await replay(pf.port)
+            postfix_log = logged(pf.maillog.splitlines())
+        mf = await mailflow_server(mydestination=["local.test"], relayhost="[127.0.0.1]:9",
+                                   mynetworks=["127.0.0.0/8"], smtpd={
+            "authorized_xclient_hosts": ["127.0.0.0/8"], "error_sleep_time": "0s",
+            "relay_restrictions": ["permit_mynetworks", "reject_unauth_destination"], **mailflow_lists(lists)})
+        mailflow = await replay(mf.smtp_addresses[0][1])
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    diffs = differences(postfix, mailflow)
+    assert not diffs, "\n".join(diffs)
+    assert logged(r.getMessage() for r in caplog.records) == postfix_log
+    # what Postfix did, so that the same mistake on both sides cannot pass unnoticed: a DEFER_IF_REJECT holds
+    # within its own list only (smtpd_check.c resets it at each stage)
+    assert postfix["client DEFER_IF_REJECT, a later list rejects"][4] == \
+        "RCPT TO:<r@relay.test> -> 554 5.7.1 <r@relay.test>: Recipient address rejected: rcpt no"
+    assert postfix["client DEFER_IF_PERMIT"][4] == \
+        "RCPT TO:<a@relay.test> -> 450 4.7.1 <unknown[192.0.2.2]>: Client host rejected: client maybe"
