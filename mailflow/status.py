@@ -154,6 +154,12 @@ def access_denied(name: str, what: str, text: str = "", dsn: str = "5.7.1") -> R
     return restriction_rejected(554, dsn, name, what, text or "Access denied")
 
 
+def client_access_denied(client: str) -> Reply:
+    """Every command but QUIT of a client the client list refused at connect (delay_reject false; Postfix's
+    words, RFC 5321 section 3.1)."""
+    return Reply(503, "5.7.0", f"Error: access denied for {client}")
+
+
 def access_deferred(name: str, what: str, text: str = "", dsn: str = "4.7.1") -> Reply:
     """An access table's (or policy server's) DEFER (access_map_defer_code 450; Postfix's text without one)."""
     return restriction_rejected(450, dsn, name, what, text or "Access denied")

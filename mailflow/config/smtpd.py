@@ -129,9 +129,12 @@ class SmtpdConfig(SmtpdFilterSettings):
     # Restrictions (docs/security.md): smtpd_*_restrictions, each an ordered list of "name" or
     # "name argument" items, evaluated at RCPT (client, helo, sender, relay, recipient; smtpd_delay_reject = yes),
     # at DATA and at the end of the message. relay_restrictions refuses relaying with 554 (Postfix defers: 454).
+    # delay_reject false (smtpd_delay_reject = no): the client list at connect (its refusal in place of the
+    # greeting, then 503 to every command but QUIT), the helo list at HELO/EHLO, the sender list at MAIL.
     # restriction_classes (smtpd_restriction_classes): `name = ["item", ...]`; a name is an item of any list,
     # of another class, or an access table's value. Declared before the lists, which are checked against it.
     restriction_classes: RestrictionClasses = FrozenMap()
+    delay_reject: bool = True
     client_restrictions: tuple[Restriction, ...] = ()
     helo_restrictions: tuple[Restriction, ...] = ()
     sender_restrictions: tuple[Restriction, ...] = ()

@@ -1,17 +1,22 @@
-"""Differential test of when the client, helo and sender restriction lists run (Postfix's smtpd_delay_reject),
-against a private Postfix 3.7 configured alike: the same sessions, the replies compared word for word (a
+"""Differential test of when the client, helo and sender restriction lists run (Postfix's smtpd_delay_reject,
+mailflow's delay_reject: at RCPT, or at connect and XCLIENT, HELO/EHLO and MAIL), with either setting, against a
+private Postfix 3.7 configured alike: the same sessions, the replies compared word for word (a
 greeting or an EHLO reply by its code: the banners and keywords differ) and the reject, warn and hold log
 lines too.
 
 The lists ask one access table for clients (192.0.2.N through XCLIENT), HELO names, senders and recipients,
 and the client list holds restrictions that need what a client has not said yet at connect (a recipient, a
-sender, a HELO name), so that what each of them does when it runs early is seen too.
+sender, a HELO name), so that what each of them does when it runs early is seen too. The messages put on hold
+are counted on both sides (a HOLD met before MAIL is skipped when the lists run early).
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
+import socket
+import sqlite3
 import tempfile
 from pathlib import Path
 
@@ -22,6 +27,8 @@ from tests.support import SmtpClient, postfix_instance
 pytestmark = pytest.mark.interop
 
 ACCESS = """\
+127.0.0.2 REJECT
+127.0.0.3 421 go away
 192.0.2.1 REJECT
 192.0.2.2 DEFER_IF_PERMIT client maybe
 192.0.2.3 HOLD client hold
@@ -49,29 +56,34 @@ def xclient(n: int) -> str:
 
 EHLO, MAIL, RCPT = "EHLO client.test", "MAIL FROM:<a@s.test>", "RCPT TO:<a@relay.test>"
 REFUSED_RCPT = "RCPT TO:<r@relay.test>"
+MESSAGE = "Subject: hold?\r\n\r\nbody\r\n."  # after DATA
 SESSIONS = {
+    "connect refused": [EHLO, MAIL, RCPT, "STARTTLS", "NOOP", "QUIT"],
+    "connect refused with 421": [EHLO, "QUIT"],
     "client refused": [xclient(1), EHLO, MAIL, RCPT, "NOOP", "FOO", xclient(7), "QUIT"],
     "client deferred": [xclient(5), EHLO, MAIL, RCPT, "QUIT"],
     "client 521": [xclient(9), EHLO],
+    "client refused, to the error limit": [xclient(1), *["NOOP"] * 21],
     "client DEFER_IF_PERMIT": [xclient(2), EHLO, MAIL, RCPT, REFUSED_RCPT, "QUIT"],
     "client DEFER_IF_REJECT, a later list rejects": [xclient(6), EHLO, MAIL, REFUSED_RCPT, "QUIT"],
-    "client HOLD": [xclient(3), EHLO, MAIL, RCPT, "QUIT"],
+    "client HOLD": [xclient(3), EHLO, MAIL, RCPT, "DATA", MESSAGE, "QUIT"],
     "client WARN": [xclient(8), EHLO, MAIL, RCPT, "QUIT"],
     "client OK, the helo list still runs": [xclient(7), "EHLO bad.helo", MAIL, RCPT, "QUIT"],
     "helo refused": ["EHLO bad.helo", MAIL, RCPT, "HELO bad.helo", "EHLO client.test", MAIL, RCPT, "QUIT"],
     "helo refused inside a transaction": [EHLO, MAIL, "EHLO bad.helo", RCPT, "QUIT"],
     "helo DEFER_IF_PERMIT, then a good one": ["EHLO dip.helo", MAIL, RCPT, "RSET", EHLO, MAIL, RCPT, "QUIT"],
     "helo DEFER_IF_REJECT, a later list rejects": ["EHLO dir.helo", MAIL, REFUSED_RCPT, "QUIT"],
-    "helo HOLD": ["EHLO hold.helo", MAIL, RCPT, "QUIT"],
+    "helo HOLD": ["EHLO hold.helo", MAIL, RCPT, "DATA", MESSAGE, "QUIT"],
     "sender refused, then another": [EHLO, "MAIL FROM:<bad@s.test>", RCPT, MAIL, RCPT, "QUIT"],
     "sender DEFER_IF_PERMIT, then another": [EHLO, "MAIL FROM:<dip@s.test>", RCPT, "RSET", MAIL, RCPT, "QUIT"],
     "sender DEFER_IF_REJECT, a later list rejects": [EHLO, "MAIL FROM:<dir@s.test>", REFUSED_RCPT, "QUIT"],
-    "sender HOLD": [EHLO, "MAIL FROM:<hold@s.test>", RCPT, "QUIT"],
+    "sender HOLD": [EHLO, "MAIL FROM:<hold@s.test>", RCPT, "DATA", MESSAGE, "QUIT"],
     "no HELO": [MAIL, RCPT, "QUIT"],
     "reject_unauth_destination in the client list": [EHLO, MAIL, "RCPT TO:<x@elsewhere.test>", "QUIT"],
     "check_sender_access in the client list": [EHLO, "MAIL FROM:<early@s.test>", RCPT, "QUIT"],
     "reject_non_fqdn_helo_hostname in the client list": ["EHLO nodot", MAIL, RCPT, "QUIT"],
 }
+SOURCES = {"connect refused": "127.0.0.2", "connect refused with 421": "127.0.0.3"}  # else 127.0.0.1
 
 
 def postfix_settings(folder: Path) -> dict[str, str]:
@@ -95,10 +107,10 @@ async def replay(port: int) -> dict[str, list[str]]:
     `closed`."""
     got = {}
     for name, commands in SESSIONS.items():
-        client = await SmtpClient.connect(port, greet=False)
+        client = await SmtpClient.connect(port, greet=False, sock=connected(port, SOURCES.get(name, "127.0.0.1")))
         replies = [await client.reply()]
         for command in commands:
-            if replies[-1].code is None:
+            if replies[-1] is None or replies[-1].code is None:
                 break
             try:
                 replies.append(await client.cmd(command))
@@ -109,11 +121,23 @@ async def replay(port: int) -> dict[str, list[str]]:
     return got
 
 
+def connected(port: int, source: str) -> socket.socket:
+    """A socket from `source` to 127.0.0.1:`port`."""
+    sock = socket.socket()
+    sock.settimeout(5)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    return sock
+
+
 def shown(command: str, reply) -> str:
     if reply is None or reply.code is None:
         return f"{command} -> closed"
     if reply.code in (220, 250) and (not command or command.startswith(("EHLO", "HELO", "XCLIENT"))):
         return f"{command} -> {reply.code}"  # the banner and the keywords differ
+    if command == MESSAGE and reply.code == 250:
+        return "message -> 250 queued"
     return f"{command} -> {reply.text}"
 
 
@@ -123,16 +147,30 @@ def differences(postfix: dict[str, list[str]], mailflow: dict[str, list[str]]) -
             for a, b in zip(postfix[name], mailflow[name] + [""] * len(postfix[name])) if a != b]
 
 
-LOGGED = ("reject", "warn", "hold")
+def postfix_held(pf) -> int:
+    return sum('"queue_name": "hold"' in line for line in pf.run("postqueue", "-j").stdout.decode().splitlines())
+
+
+def mailflow_held(db: Path) -> int:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        return con.execute("SELECT count(*) FROM message WHERE queue = 'hold'").fetchone()[0]
+    finally:
+        con.close()
+
+
+LOGGED = re.compile(r"(?:.*/smtpd\[\d+\]: )?(NOQUEUE|[0-9A-F]+): ((?:reject|warn|hold): .*)")
 
 
 def logged(lines) -> list[str]:
-    """The reject, warn and hold lines (`NOQUEUE: reject: RCPT from ...`), without syslog's prefix."""
-    return [line.split("]: ", 1)[-1] if "/smtpd[" in line else line
-            for line in lines if any(f"NOQUEUE: {action}: " in line for action in LOGGED)]
+    """The reject, warn and hold lines (`NOQUEUE: reject: RCPT from ...`), without syslog's prefix, a queue id
+    as `QID`."""
+    found = (LOGGED.fullmatch(line) for line in lines)
+    return [f"{'NOQUEUE' if m[1] == 'NOQUEUE' else 'QID'}: {m[2]}" for m in found if m]
 
 
-async def test_lists_run_when_postfix_runs_them(mailflow_server, caplog):
+@pytest.mark.parametrize("delay", ["yes", "no"])
+async def test_lists_run_when_postfix_runs_them(delay, mailflow_server, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="mailflow.smtpd")
     folder = Path(tempfile.mkdtemp(prefix="mailflow-delay-"))
     os.chmod(folder, 0o755)
@@ -144,13 +182,14 @@ async def test_lists_run_when_postfix_runs_them(mailflow_server, caplog):
             "myhostname": "pf.test", "mydestination": "local.test", "relay_domains": "relay.test",
             "relayhost": "[127.0.0.1]:9", "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
             "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
-            "smtpd_error_sleep_time": "0", **lists,
+            "smtpd_error_sleep_time": "0", "smtpd_delay_reject": delay, **lists,
         }) as pf:
             postfix = await replay(pf.port)
             postfix_log = logged(pf.maillog.splitlines())
-        mf = await mailflow_server(mydestination=["local.test"], relayhost="[127.0.0.1]:9",
+            held = postfix_held(pf)
+        mf = await mailflow_server(myhostname="pf.test", mydestination=["local.test"], relayhost="[127.0.0.1]:9",
                                    mynetworks=["127.0.0.0/8"], smtpd={
-            "authorized_xclient_hosts": ["127.0.0.0/8"], "error_sleep_time": "0s",
+            "authorized_xclient_hosts": ["127.0.0.0/8"], "error_sleep_time": "0s", "delay_reject": delay == "yes",
             "relay_restrictions": ["permit_mynetworks", "reject_unauth_destination"], **mailflow_lists(lists)})
         mailflow = await replay(mf.smtp_addresses[0][1])
     finally:
@@ -159,9 +198,33 @@ async def test_lists_run_when_postfix_runs_them(mailflow_server, caplog):
     diffs = differences(postfix, mailflow)
     assert not diffs, "\n".join(diffs)
     assert logged(r.getMessage() for r in caplog.records) == postfix_log
+    assert mailflow_held(tmp_path / "queue" / "queue.db") == held
     # what Postfix did, so that the same mistake on both sides cannot pass unnoticed: a DEFER_IF_REJECT holds
-    # within its own list only (smtpd_check.c resets it at each stage)
+    # within its own list only (smtpd_check.c resets it at each stage), a DEFER_IF_PERMIT to the RCPT
     assert postfix["client DEFER_IF_REJECT, a later list rejects"][4] == \
         "RCPT TO:<r@relay.test> -> 554 5.7.1 <r@relay.test>: Recipient address rejected: rcpt no"
     assert postfix["client DEFER_IF_PERMIT"][4] == \
         "RCPT TO:<a@relay.test> -> 450 4.7.1 <unknown[192.0.2.2]>: Client host rejected: client maybe"
+    skipped = [r.getMessage() for r in caplog.records if "is always skipped" in r.getMessage()]
+    if delay == "yes":
+        assert postfix["connect refused"][:2] == [" -> 220", "EHLO client.test -> 250"]
+        assert postfix["helo refused"][3] == \
+            "RCPT TO:<a@relay.test> -> 554 5.7.1 <bad.helo>: Helo command rejected: bad helo"
+        assert held == 3 and skipped == []
+        return
+    assert postfix["connect refused"][:3] == [
+        " -> 554 5.7.1 <unknown[127.0.0.2]>: Client host rejected: Access denied",
+        "EHLO client.test -> 503 5.7.0 Error: access denied for unknown[127.0.0.2]",
+        "MAIL FROM:<a@s.test> -> 503 5.7.0 Error: access denied for unknown[127.0.0.2]"]
+    assert postfix["connect refused"][-1] == "QUIT -> 221 2.0.0 Bye"
+    assert postfix["connect refused with 421"][-1] == "EHLO client.test -> closed"
+    assert postfix["client refused, to the error limit"][-2:] == [
+        "NOOP -> 421 4.7.0 pf.test Error: too many errors", "NOOP -> closed"]
+    assert postfix["helo refused inside a transaction"][3:5] == [
+        "EHLO bad.helo -> 554 5.7.1 <bad.helo>: Helo command rejected: bad helo",
+        "RCPT TO:<a@relay.test> -> 250 2.1.5 Ok"]  # the refused EHLO left the transaction as it was
+    assert postfix["sender refused, then another"][3] == "RCPT TO:<a@relay.test> -> 503 5.5.1 Error: need MAIL command"
+    assert postfix["reject_unauth_destination in the client list"][3] == "RCPT TO:<x@elsewhere.test> -> 250 2.1.5 Ok"
+    assert "NOQUEUE: warn: XCLIENT from unknown[192.0.2.8]: client warn; proto=SMTP" in postfix_log
+    assert held == 1  # the sender list's HOLD; the client and helo lists' are skipped (and logged)
+    assert len(skipped) == 2 and "action HOLD is always skipped in client or helo restrictions" in skipped[0]

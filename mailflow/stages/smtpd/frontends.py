@@ -16,7 +16,8 @@ What it owns
   see the real client) and its client becomes `session.peer` (`session.proxied_by` the balancer), the address
   it connected to `session.server_ip`/`server_port` (as Postfix's dest_addr/dest_port); XCLIENT is
   offered to and taken from authorized_xclient_hosts only (judged on the client as it was at the greeting),
-  and starts the session again with a new 220.
+  and starts the session again with a new 220 (or, with delay_reject false, the client list's refusal of the
+  client it names: protocol.greet).
 
 aiosmtpd's own PROXY support (`proxy_protocol_timeout`, `handle_PROXY`) is not used: it runs only inside
 aiosmtpd's command loop, which mailflow replaces; it reads the header from any peer before anyone may check
@@ -386,4 +387,4 @@ class FrontEndCommands(ProtocolCore):
                  self.session.peer[1], printable(self.session.host_name or ""),
                  printable(self.session.auth_data) if self.session.authenticated else "-")
         self._reset_transaction()
-        await self.push(status.greeting(self.hostname, self._banner))
+        await self.greet("XCLIENT")

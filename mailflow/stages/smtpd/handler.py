@@ -29,6 +29,11 @@ ESMTPSA, UTF8SMTPS, … per RFC 3848 / 6531) and the SASL login for the `client=
 kept with the message for the delivery agents (`state.SessionState.client_attributes`) name it SMTP or ESMTP, as
 Postfix's protocol_name does.
 
+With delay_reject false (Postfix's smtpd_delay_reject = no) the client list runs at connect and after XCLIENT
+(`handle_CLIENT`: its refusal, logged, takes the greeting's place), the helo list at HELO/EHLO (`handle_HELLO`,
+before the command changes the session) and the sender list at MAIL, before the policy hook and the milters;
+each one's DEFER_IF_PERMIT is kept in the session or transaction and carried to the RCPT lists.
+
 An in-process policy hook (`policy`, an `SmtpdPolicy`: Postfix's policy delegation without the socket, for
 an application that embeds mailflow) is asked first at MAIL (stage "mail"), at each RCPT ("rcpt") and at the
 end of the message ("data"); it answers with an access(5) action. A refusal (REJECT, DEFER, `NNN [X.Y.Z]
@@ -61,7 +66,7 @@ from mailflow.routing.addressmap import AddressMapper
 from mailflow.routing.rewrite import Rewriter, domain_in
 from mailflow.stages.smtpd.filtering import FilterServices
 from mailflow.stages.smtpd.peername import PeerNames
-from mailflow.stages.smtpd.restrictions import Facts, Restrictions
+from mailflow.stages.smtpd.restrictions import Facts, Marks, Restrictions
 from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction, helo_name
 from mailflow.tables import TableCache
 
@@ -124,6 +129,37 @@ class SmtpdHandler:
                 return True
         return False
 
+    async def handle_CLIENT(self, server, session: SessionState, envelope: Transaction,
+                            command: str) -> status.Reply | None:
+        """delay_reject false: the client list, at connect or after XCLIENT (`command`), as Postfix's
+        smtpd_check_client there: its refusal (logged), or None. Its DEFER_IF_PERMIT is kept for the RCPT lists."""
+        if self._config.smtpd.delay_reject:
+            return None
+        facts = self._facts(session, envelope, "", stage="client", command=command)
+        refusal = await self.restrictions.check_early("client", facts)
+        session.defer_if_permit_client = facts.defer_if_permit
+        if refusal is not None:
+            server.log_reject(command, refusal)
+        return refusal
+
+    async def handle_HELLO(self, server, session: SessionState, envelope: Transaction, command: str,
+                           hostname: str) -> status.Reply | None:
+        """delay_reject false: the helo list at HELO or EHLO (`command`), before the command changes the session, as
+        Postfix's smtpd_check_helo: its refusal (logged with the name refused) or None. Its DEFER_IF_PERMIT, the
+        client list's included, is kept for the RCPT lists, whatever the verdict (Postfix's defer_if_permit_helo).
+        Inside a transaction the lists and the log see its sender and its last accepted recipient, as Postfix's."""
+        if self._config.smtpd.delay_reject:
+            return None
+        last = envelope.rcpt_tos[-1] if envelope.rcpt_tos else ""
+        facts = self._facts(session, envelope, last, stage="helo", command=command)
+        facts.helo = helo_name(hostname)
+        facts.defer_if_permit = session.defer_if_permit_client
+        refusal = await self.restrictions.check_early("helo", facts)
+        session.defer_if_permit_helo = facts.defer_if_permit
+        if refusal is not None:
+            server.log_reject(command, refusal, last, helo=facts.helo)
+        return refusal
+
     async def handle_HELO(self, server, session: SessionState, envelope: Transaction, hostname: str):
         """Milters are told of HELO (what they say answers MAIL, as in Postfix); without milters aiosmtpd's default
         stands."""
@@ -169,8 +205,10 @@ class SmtpdHandler:
                 return str(status.SMTPUTF8_REQUIRED)
         if self._short_of_space(_declared_size(options)):
             return str(status.INSUFFICIENT_STORAGE)
-        refusal = await self._sender_refusal(session, envelope, sender, options)
+        refusal = await self._sender_list_refusal(session, envelope, sender) or \
+            await self._sender_refusal(session, envelope, sender, options)
         if refusal is not None:
+            envelope.marks = Marks()  # what the sender list marked goes with the refused MAIL (Postfix's mail_reset)
             server.log_reject("MAIL", refusal, sender=addr)
             return str(refusal)
         envelope.mail_from = addr
@@ -221,6 +259,8 @@ class SmtpdHandler:
         """The policy hook, the restriction lists, then whether the routing tables can answer for `addr`: a
         refusal, or None."""
         facts = self._facts(session, envelope, addr)
+        if not self._config.smtpd.delay_reject:  # the DEFER_IF_PERMIT of the lists run at connect, HELO and MAIL
+            facts.defer_if_permit = envelope.defer_if_permit_sender
         if self._policy is not None:
             refusal = await self._policy_refusal("rcpt", facts, (*envelope.rcpt_tos, addr))
             if refusal is not None:
@@ -229,6 +269,19 @@ class SmtpdHandler:
         if refusal is not None or self._no_recipient_checks:
             return refusal
         return await self._unroutable(addr)
+
+    async def _sender_list_refusal(self, session: SessionState, envelope: Transaction,
+                                   sender: str) -> status.Reply | None:
+        """delay_reject false: the sender list at MAIL, as Postfix's smtpd_check_mail. Its DEFER_IF_PERMIT, the
+        client and helo lists' included, is kept with the transaction for its RCPT lists."""
+        if self._config.smtpd.delay_reject:
+            return None
+        facts = self._facts(session, envelope, "", stage="sender", command="MAIL")
+        facts.sender = sender
+        facts.defer_if_permit = session.defer_if_permit_helo or session.defer_if_permit_client
+        refusal = await self.restrictions.check_early("sender", facts)
+        envelope.defer_if_permit_sender = facts.defer_if_permit
+        return refusal
 
     async def _sender_refusal(self, session: SessionState, envelope: Transaction, sender: str,
                               options: list[str]) -> status.Reply | None:
@@ -355,7 +408,8 @@ class SmtpdHandler:
 
     # -------------------------------------------------------------------------------- facts
 
-    def _facts(self, session: SessionState, envelope: Transaction, rcpt: str, stage: str = "rcpt") -> Facts:
+    def _facts(self, session: SessionState, envelope: Transaction, rcpt: str, stage: str = "rcpt",
+               command: str = "") -> Facts:
         if not envelope.policy_instance:  # one per message, unique across listeners
             envelope.policy_instance = f"{id(self):x}.{next(self._instances):x}"
         login = session.login
@@ -381,6 +435,7 @@ class SmtpdHandler:
             encryption_cipher=cipher[0] if cipher else "",
             marks=envelope.marks,
             memo=_bounded(session.memo),
+            command=command,
         )
 
 

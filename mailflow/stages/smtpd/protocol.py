@@ -19,6 +19,10 @@ What it owns
 - Deadlines: a command within `timeout` of the previous one; DATA/BDAT content at `min_data_rate`. One loop
   timer per session: a new deadline is a float stored; the timer, when it fires before the deadline, sets
   itself again for what is left (not a TimerHandle made and cancelled per command).
+- The greeting (`greet`, at connect and after XCLIENT): the handler's CLIENT hook may put a refusal in its place
+  (delay_reject false); such a session answers every command but QUIT with 503 5.7.0 (`session.access_denied`),
+  and a 421 or 521 refusal ends it. HELO and EHLO ask the handler's HELLO hook first (the helo list): a refusal
+  is the reply and changes nothing.
 - The command loop (`_handle_client`): the greeting (input before it is early talk), the error gate
   (session_time_limit, soft and hard error limits), a line through `wire.Wire`, malformed lines, RFC 2920
   pipelining discipline, the STARTTLS requirement, junk commands, dispatch to the `smtp_*` methods. Commands
@@ -379,16 +383,18 @@ class ProtocolCore(SMTP):
             self._close()
 
     def log_reject(self, stage: str, reply, recipient: str = "", *, action: str = "reject",
-                   sender: str | None = None) -> None:
+                   sender: str | None = None, helo: str | None = None) -> None:
         """`QID: reject: STAGE from host[ip]: reply; from=<s> to=<r> proto=… helo=<…>` (Postfix's form: QID the
         transaction's queue id, taken at its first accepted recipient, `NOQUEUE` before; `action` hold or discard
-        for a message a filter held or discarded; `sender` the one refused at MAIL, else the transaction's)."""
+        for a message a filter held or discarded; `sender` the one refused at MAIL, else the transaction's; `helo`
+        the name refused at HELO/EHLO, else the session's)."""
         if sender is None:
             sender = self.envelope.sender
         elif sender == NULL_SENDER:
             sender = ""
+        helo = self.session.host_name or "" if helo is None else helo
         self.record.lines.reject(stage, self.session.client, str(reply), sender=sender, recipient=recipient,
-                                 protocol=self.session.protocol, helo=self.session.host_name or "",
+                                 protocol=self.session.protocol, helo=helo,
                                  action=action, queue_id=self.envelope.queue_id)
 
     # --- deadlines ----------------------------------------------------------------------------------------
@@ -454,7 +460,8 @@ class ProtocolCore(SMTP):
         early = self._wire.pending() or _input_waiting(self.transport)  # sent before the greeting (Postfix's peek)
         if early:
             await asyncio.sleep(0)  # the transport reads it first: a close with input unread would reset the client
-        await self.push(status.greeting(self.hostname, self._banner))
+        if not await self.greet("CONNECT"):
+            return
         self._greeted_at = self.loop.time()
         if early and self._flag_ill_pipelining("CONNECT", self._wire.peek()):
             await self._refuse_and_close(status.protocol_sync(self.hostname))
@@ -517,6 +524,25 @@ class ProtocolCore(SMTP):
         self.record.connect()
         return True
 
+    async def greet(self, command: str) -> bool:
+        """The greeting, at connect or after XCLIENT (`command`). The handler's CLIENT hook (delay_reject false:
+        the client list) may refuse the client first: its refusal takes the greeting's place and counts as an
+        error, every later command but QUIT gets `503 5.7.0 Error: access denied for host[ip]`, and a 421 or 521
+        ends the session (Postfix). False when the session ended."""
+        hook = self._handle_hooks.get("CLIENT")
+        refusal = await hook(self, self.session, self.envelope, command) if hook is not None else None
+        if refusal is None:
+            await self.push(status.greeting(self.hostname, self._banner))
+            return True
+        self.session.access_denied = refusal
+        if not self._replies_sent:  # (push counts no error for the greeting's place)
+            self._errors += 1
+        if refusal.code in (421, 521):
+            await self._refuse_and_close(refusal)
+            return False
+        await self.push(refusal)
+        return True
+
     async def _error_gate(self) -> bool:
         """End a session past session_time_limit; tarpit from soft_error_limit errors on (every reply then
         waits error_sleep_time, as Postfix's smtpd_chat_reply sleeps once error_count >= the soft limit), end
@@ -550,6 +576,10 @@ class ProtocolCore(SMTP):
         if command not in self._smtp_methods and self._not_smtp(command):
             self.record.lines.non_smtp_command(self.session.client, line)
             await self._refuse_and_close(status.NON_SMTP_COMMAND)
+            return
+        if self.session.access_denied is not None and command != "QUIT":  # (before the pipelining check: Postfix)
+            self.record.command(command if command in self._smtp_methods else None, moves_where=False)
+            await self.push(status.client_access_denied(self.session.client))
             return
         if self._out_of_sync(command) and self._flag_ill_pipelining(command, self.wire.peek()):
             await self._refuse_and_close(status.protocol_sync(self.hostname))
@@ -610,9 +640,21 @@ class ProtocolCore(SMTP):
     async def smtp_HELO(self, hostname: str) -> None:
         self._in_hello = True
         try:
+            if hostname and await self._hello_refused("HELO", hostname):
+                return
             await super().smtp_HELO(hostname)
         finally:
             self._in_hello = False
+
+    async def _hello_refused(self, command: str, hostname: str) -> bool:
+        """The handler's HELLO hook (delay_reject false: the helo list) before HELO or EHLO changes anything: its
+        refusal is the reply, and the session stays as it was (its HELO name, its transaction), as in Postfix."""
+        hook = self._handle_hooks.get("HELLO")
+        refusal = await hook(self, self.session, self.envelope, command, hostname) if hook is not None else None
+        if refusal is None:
+            return False
+        await self.push(refusal)
+        return True
 
     async def smtp_EHLO(self, hostname: str | None) -> None:
         """The keywords aiosmtpd would offer (SIZE, 8BITMIME, SMTPUTF8), the layers' (STARTTLS and AUTH;
@@ -622,6 +664,8 @@ class ProtocolCore(SMTP):
         try:
             if not hostname:
                 await self.push(status.hello_syntax("EHLO"))
+                return
+            if await self._hello_refused("EHLO", hostname):
                 return
             self._reset_transaction()
             self.session.extended_smtp = True

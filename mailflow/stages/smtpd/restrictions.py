@@ -6,6 +6,7 @@ What it owns
 - `Restrictions(config, smtpd, rewriter, mapper, resolver, tables)`: the lists of one `SmtpdConfig` (a
   listener may have its own), with their tables and policy clients opened once.
 - `check_rcpt(facts)`, `check_data(facts)`, `check_end_of_data(facts)` -> `Reply | None` (None: go on);
+  `check_early(stage, facts)`: the client, helo or sender list on its own (delay_reject false);
   `check_content`: whether the data and end_of_data lists have anything to evaluate; `close()`: the policy
   services' kept connections (policy.py) are closed.
 - The restrictions that ask the DNS are dns_checks.py's (reject_rbl_client, reject_rhsbl_*, the unknown client
@@ -14,8 +15,11 @@ What it owns
   reject_spf_fail (550 5.7.23) and, at end of data, reject_dmarc_policy (p=reject: 550 5.7.1; p=quarantine:
   HOLD). Access FILTER transport:nexthop marks the message for that after-queue filter.
 
-Evaluation (Postfix with smtpd_delay_reject = yes): at RCPT the client, helo, sender, relay and recipient
-lists run in that order; each list stops at its first PERMIT (the next list still runs) or refusal (the
+Evaluation (delay_reject true: Postfix with smtpd_delay_reject = yes): at RCPT the client, helo, sender, relay and
+recipient lists run in that order (delay_reject false: the handler runs the first three at connect or XCLIENT,
+HELO/EHLO and MAIL with `check_early`, carrying their DEFER_IF_PERMIT in `facts.defer_if_permit`, and RCPT runs
+the relay and recipient lists only; an action that marks the message met before MAIL is skipped and logged, as
+Postfix's not_in_client_helo does); each list stops at its first PERMIT (the next list still runs) or refusal (the
 answer); an item with nothing to say (DUNNO, or missing facts such as no HELO yet) passes to the next.
 Then, unless refused or deferred (DEFER_IF_PERMIT), `reject_unlisted_recipient` is implied
 (smtpd_reject_unlisted_recipient). The data list runs at DATA, the end_of_data list at the end of the message;
@@ -126,6 +130,9 @@ class Facts:
     size: int = 0
     instance: str = ""
     queue_id: str = ""  # the transaction's, from its first accepted recipient on ("" before)
+    # the command answered when it is none of RCPT, DATA, END-OF-MESSAGE (CONNECT, XCLIENT, HELO, EHLO, MAIL: the
+    # lists run early): what log lines and policy requests name, as Postfix's state->where ("": the stage's)
+    command: str = ""
     encryption_protocol: str = ""
     encryption_cipher: str = ""
     marks: Marks = field(default_factory=Marks)
@@ -235,6 +242,7 @@ class Restrictions:
         self._dns = DnsChecks(resolver, rewriter, smtpd.unknown_address_reject_code)
         self._lists = {stage: tuple(split_item(i) for i in getattr(smtpd, f"{stage}_restrictions"))
                        for stage in STAGES}
+        self._rcpt_steps = RCPT_STEPS if smtpd.delay_reject else RCPT_STEPS[-1:]  # the early ones ran before
         self._classes = {name: tuple(split_item(i) for i in items) for name, items in smtpd.restriction_classes.items()}
         every = (*self._lists.values(), *self._classes.values())
         self._tables = {arg: tables.open([arg]) for items in every for name, arg in items if name in ACCESS_CHECKS}
@@ -256,7 +264,7 @@ class Restrictions:
 
     async def _rcpt_verdict(self, facts: Facts) -> status.Reply | None:
         """The first refusal of the lists, a DEFER_IF_REJECT met in its own step applied (RCPT_STEPS)."""
-        for step in RCPT_STEPS:
+        for step in self._rcpt_steps:
             facts.defer_if_reject = None
             for stage in step:
                 if facts.marks.discard is not None:
@@ -265,6 +273,15 @@ class Restrictions:
                 if reply is not None:
                     return _deferred_if_reject(reply, facts)
         return None
+
+    async def check_early(self, stage: str, facts: Facts) -> status.Reply | None:
+        """With delay_reject false, the client, helo or sender list on its own (at connect or XCLIENT, HELO/EHLO,
+        MAIL), as Postfix's smtpd_check_client, _helo, _mail: its refusal (a DEFER_IF_REJECT of the list
+        applied), or None. A DEFER_IF_PERMIT is not applied here: it stays in `facts.defer_if_permit` for the
+        caller to carry to the RCPT lists (Postfix's defer_if_permit_client, _helo, _sender)."""
+        facts.defer_if_reject = None
+        reply = await self._run(stage, facts)
+        return _deferred_if_reject(reply, facts) if reply is not None else None
 
     @property
     def check_content(self) -> bool:
@@ -449,6 +466,8 @@ class Restrictions:
             return status.access_denied(name, what, *split_dsn(text, "5.7.1", what))
         if upper == "DEFER":
             return status.access_deferred(name, what, *split_dsn(text, "4.7.1", what))
+        if upper in _MARKS and self._no_transaction(upper, source, facts):
+            return None
         if upper == "DISCARD":
             self._whatsup("discard", _triggered(upper, name, what, text), facts, stage)
             facts.marks.discard = text or f"{source}: DISCARD"
@@ -492,10 +511,20 @@ class Restrictions:
             return status.restriction_config_error(name, what)
         return await self._run_items(items, stage, facts, (name, what))
 
+    @staticmethod
+    def _no_transaction(word: str, source: str, facts: Facts) -> bool:
+        """Postfix's not_in_client_helo: before MAIL (the client and helo lists with delay_reject false) there is
+        no message for an action that marks one; it is skipped (DUNNO) and logged."""
+        if facts.sender is not None:
+            return False
+        log.warning("access table %s: with delay_reject = false, action %s is always skipped in client or helo "
+                    "restrictions", source, word)
+        return True
+
     def _whatsup(self, action: str, text: str, facts: Facts, stage: str) -> None:
         """Postfix's log_whatsup: `QID: action: RCPT from host[ip]: text; from=<s> to=<r> proto=… helo=<…>`, at the
         command that met the action, NOQUEUE before the transaction has its queue id."""
-        self._lines.reject(PROTOCOL_STATE.get(stage, "RCPT"), f"{facts.client_name}[{facts.client_addr}]", text,
+        self._lines.reject(protocol_state(stage, facts), f"{facts.client_name}[{facts.client_addr}]", text,
                            sender=facts.sender, recipient=facts.recipient, protocol=facts.protocol,
                            helo=facts.helo, action=action, queue_id=facts.queue_id)
 
@@ -590,6 +619,7 @@ class Restrictions:
 
 
 _UNHANDLED = object()
+_MARKS = {"DISCARD", "HOLD", "FILTER", "PREPEND", "REDIRECT", "BCC"}  # the actions that mark the message
 _MARK_NEEDS = {"FILTER": "transport:destination", "PREPEND": "header: text", "REDIRECT": "user@domain target",
                "BCC": "user@domain target"}
 
@@ -621,12 +651,17 @@ def _triggered(word: str, name: str, what: str, text: str) -> str:
     return f"<{name}>: {what} triggers {word} {text}"
 
 
+def protocol_state(stage: str, facts: Facts) -> str:
+    """The command a list runs for, in Postfix's words: CONNECT, HELO, MAIL, …, RCPT, DATA, END-OF-MESSAGE."""
+    return facts.command or PROTOCOL_STATE.get(stage, "RCPT")
+
+
 def policy_request(facts: Facts, stage: str, context: str = "") -> dict[str, str]:
     """The SMTPD_POLICY_README attributes mailflow knows; the others are sent empty. queue_id is the transaction's,
     as Postfix sends it: empty until its first recipient was accepted (the RCPT after that one on)."""
     return {
         "request": "smtpd_access_policy",
-        "protocol_state": PROTOCOL_STATE.get(stage, "RCPT"),
+        "protocol_state": protocol_state(stage, facts),
         "protocol_name": facts.protocol,
         "helo_name": facts.helo,
         "queue_id": facts.queue_id,

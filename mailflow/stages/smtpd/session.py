@@ -40,6 +40,9 @@ Failure behaviour (each refusal is a reply from `mailflow.status`; the session n
   check) is logged at info and gets nothing. XCLIENT from authorized_xclient_hosts (judged on the client as
   it was at the greeting) replaces the client's attributes and starts the session again with a new 220; from
   others 550 5.7.0.
+- delay_reject false: a client the client list refuses gets the refusal in place of the greeting (or of XCLIENT's
+  220), then `503 5.7.0 Error: access denied for host[ip]` to every command but QUIT (a 421 or 521 refusal
+  closes the session); a HELO/EHLO the helo list refuses gets the refusal and changes nothing.
 """
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ from typing import Any
 from aiosmtpd.smtp import Envelope as _AiosmtpdEnvelope
 from aiosmtpd.smtp import Session as _AiosmtpdSession
 
+from mailflow import status
 from mailflow.content import Content, Spool
 from mailflow.logs import client_name, printable
 from mailflow.model import ClientAttributes, ClientInfo, Envelope
@@ -60,6 +61,12 @@ class SessionState(_AiosmtpdSession):
     auth_mechanism: str  # PLAIN, LOGIN or XCLIENT: the `sasl_method` of the log and of policy requests
     milters: Any  # the session's milter connections (filters.milter.MilterSession), made at its first event
     memo: dict  # answers of the session's restriction lookups (client name, SPF), by question; kept small
+    # delay_reject false (the client and helo lists run at connect or XCLIENT, and HELO/EHLO): the client list's
+    # refusal, after which every command but QUIT is refused; each list's DEFER_IF_PERMIT (the helo list's
+    # including the client list's), carried to the RCPT lists as Postfix's defer_if_permit_client, _helo
+    access_denied: status.Reply | None
+    defer_if_permit_client: status.Reply | None
+    defer_if_permit_helo: status.Reply | None
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         super().__init__(loop)
@@ -71,6 +78,7 @@ class SessionState(_AiosmtpdSession):
         self.auth_mechanism = ""
         self.milters = None
         self.memo = {}
+        self.access_denied = self.defer_if_permit_client = self.defer_if_permit_helo = None
 
     def carry_identity(self, previous: SessionState) -> None:
         """After STARTTLS: the client stays who PROXY or XCLIENT said it is (HELO and login are not kept); its
@@ -81,6 +89,9 @@ class SessionState(_AiosmtpdSession):
         self.proxied_by = previous.proxied_by
         self.client_name = previous.client_name
         self.milters = previous.milters  # the same milter connections (a new HELO follows)
+        self.access_denied = previous.access_denied  # (Postfix's stay over STARTTLS)
+        self.defer_if_permit_client = previous.defer_if_permit_client
+        self.defer_if_permit_helo = previous.defer_if_permit_helo
 
     @property
     def peer_ip(self) -> str:
@@ -150,6 +161,9 @@ class Transaction(_AiosmtpdEnvelope):
     queue_id: str  # the message's queue id, taken at the first accepted recipient (Postfix: its queue file is
     # opened there); "" before. It names the transaction in the log, policy requests and milter macros
     queued_as: str  # the queue id the handler committed the message as ("" until then)
+    # delay_reject false: the sender list's DEFER_IF_PERMIT at MAIL, the client and helo lists' included, carried
+    # to the RCPT lists (Postfix's defer_if_permit_sender)
+    defer_if_permit_sender: status.Reply | None
 
     def __init__(self) -> None:
         super().__init__()
@@ -165,6 +179,7 @@ class Transaction(_AiosmtpdEnvelope):
         self.bdat_failed = False
         self.queue_id = ""
         self.queued_as = ""
+        self.defer_if_permit_sender = None
 
     @property
     def sender(self) -> str | None:
