@@ -176,12 +176,12 @@ async def test_behind_a_proxy_the_header_names_client_and_server(mailflow_server
     header = b"PROXY TCP4 192.0.2.10 203.0.113.5 40001 2525\r\n"
     async with ScriptedPolicy() as policy:
         async with postfix_instance({
-            "myhostname": "pf.test", "mydestination": "local.test", "local_recipient_maps": "inline:{alice=ok}",
+            "myhostname": "pf.test", "mydestination": "local.test", "local_recipient_maps": "inline:{alice=ok, bob=ok}",
             "smtpd_upstream_proxy_protocol": "haproxy",
             "smtpd_recipient_restrictions": f"check_policy_service {policy.spec}",
         }) as pf:
             await rcpt_behind(pf.port, header)
-        mf = await mailflow_server(local_recipient_maps=["inline:{alice=ok}"], smtpd={
+        mf = await mailflow_server(local_recipient_maps=["inline:{alice=ok, bob=ok}"], smtpd={
             "listen": [], "recipient_restrictions": [f"check_policy_service {policy.spec}"],
             "listeners": [{"address": "127.0.0.1:0", "role": "mta",
                            "overrides": {"upstream_proxy_protocol": "haproxy"}}]})
@@ -198,3 +198,28 @@ async def rcpt_behind(port: int, header: bytes) -> None:
     for command in ("EHLO client.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<alice@local.test>"):
         assert (await client.cmd(command)).code == 250, command
     await client.close()
+
+
+async def test_lists_run_early_send_the_requests_postfix_sends(mailflow_server):
+    """delay_reject false (smtpd_delay_reject = no): the client, helo and sender lists' requests at connect, EHLO
+    and MAIL, what they name (protocol_state CONNECT, EHLO, MAIL) and what is known by then."""
+    users = "inline:{alice=ok, bob=ok}"
+    lists = {"client_restrictions": "check_policy_service", "helo_restrictions": "check_policy_service",
+             "sender_restrictions": "check_policy_service"}
+    async with ScriptedPolicy() as policy:
+        async with postfix_instance({
+            "myhostname": "pf.test", "mydestination": "local.test", "local_recipient_maps": users,
+            "relayhost": "[127.0.0.1]:9", "smtpd_delay_reject": "no",
+            **{f"smtpd_{name}": f"{item} {policy.spec}" for name, item in lists.items()},
+        }) as pf:
+            client_port, _ = await one_message(pf.port)
+        # (the session's own: the instance's readiness check connected first)
+        postfix = [r for r in policy.requests if r["client_port"] == str(client_port)]
+        policy.requests[:] = []
+        mf = await mailflow_server(local_recipient_maps=[users], relayhost="[127.0.0.1]:9", smtpd={
+            "delay_reject": False, **{name: [f"{item} {policy.spec}"] for name, item in lists.items()}})
+        await one_message(mf.smtp_addresses[0][1])
+        mailflow = policy.requests
+    assert [r["protocol_state"] for r in postfix] == ["CONNECT", "EHLO", "MAIL"]
+    assert [r["size"] for r in postfix] == ["0", "0", "100"]
+    assert [{k: r.get(k) for k in COMPARED} for r in mailflow] == [{k: r.get(k) for k in COMPARED} for r in postfix]

@@ -205,7 +205,7 @@ class SmtpdHandler:
                 return str(status.SMTPUTF8_REQUIRED)
         if self._short_of_space(_declared_size(options)):
             return str(status.INSUFFICIENT_STORAGE)
-        refusal = await self._sender_list_refusal(session, envelope, sender) or \
+        refusal = await self._sender_list_refusal(session, envelope, sender, options) or \
             await self._sender_refusal(session, envelope, sender, options)
         if refusal is not None:
             envelope.marks = Marks()  # what the sender list marked goes with the refused MAIL (Postfix's mail_reset)
@@ -270,14 +270,15 @@ class SmtpdHandler:
             return refusal
         return await self._unroutable(addr)
 
-    async def _sender_list_refusal(self, session: SessionState, envelope: Transaction,
-                                   sender: str) -> status.Reply | None:
-        """delay_reject false: the sender list at MAIL, as Postfix's smtpd_check_mail. Its DEFER_IF_PERMIT, the
-        client and helo lists' included, is kept with the transaction for its RCPT lists."""
+    async def _sender_list_refusal(self, session: SessionState, envelope: Transaction, sender: str,
+                                   options: list[str]) -> status.Reply | None:
+        """delay_reject false: the sender list at MAIL, as Postfix's smtpd_check_mail (MAIL's SIZE= is the
+        message's size by then). Its DEFER_IF_PERMIT, the client and helo lists' included, is kept with the
+        transaction for its RCPT lists."""
         if self._config.smtpd.delay_reject:
             return None
         facts = self._facts(session, envelope, "", stage="sender", command="MAIL")
-        facts.sender = sender
+        facts.sender, facts.size = sender, _declared_size(options)
         facts.defer_if_permit = session.defer_if_permit_helo or session.defer_if_permit_client
         refusal = await self.restrictions.check_early("sender", facts)
         envelope.defer_if_permit_sender = facts.defer_if_permit
