@@ -69,6 +69,9 @@ class SmtpdConfig(SmtpdFilterSettings):
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_security_level: Literal["none", "may", "encrypt"] = "may"
+    # The TLS handshake (after STARTTLS, or first on a submissions listener) must end within this, whatever
+    # `timeout` is (smtpd_starttls_timeout); past it the connection is closed without a word.
+    starttls_timeout: Duration = Field(300.0, gt=0)
     # AUTH PLAIN/LOGIN over TLS (smtpd_sasl_auth_enable) against sasl_user_maps (`user scrypt-hash`, made by
     # `mailflow auth hash-password`); sasl_auth_required: MAIL needs AUTH (530 5.7.0).
     sasl_auth_enable: bool = False

@@ -7,7 +7,7 @@ import asyncio
 from mailflow import status
 from mailflow.app import Mailflow
 from mailflow.config import config_from_dict
-from tests.support import SmtpClient, accepts, base_settings, eventually, queue_counts
+from tests.support import SmtpClient, accepts, base_settings, eventually, half_client_hello, queue_counts
 
 HOST = "mx.mailflow.test"
 
@@ -65,3 +65,20 @@ async def test_stop_cuts_a_transaction_that_outlasts_the_grace_period(tmp_path):
     assert 0.3 <= loop.time() - started < 1.5
     assert await slow.closed()  # cut: its client got no 250 and sends the message again later
     assert queue_counts(tmp_path / "queue" / "queue.db") == {}
+
+
+async def test_a_stop_writes_nothing_into_a_tls_handshake(mailflow_server, pki, users):
+    """A session in its TLS handshake (after STARTTLS, or first on a submissions listener) is closed at a stop
+    without the 421: it would reach the client in plaintext, in the middle of its handshake."""
+    _, cert, _ = pki
+    mf = await mailflow_server(smtpd={"tls_cert_file": cert, "sasl_user_maps": [users],
+                                      "listeners": [{"address": "127.0.0.1:0", "role": "submissions"}]})
+    after_starttls = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await after_starttls.cmd("EHLO client.test")).code == 250
+    assert (await after_starttls.cmd("STARTTLS")).code == 220
+    implicit = await SmtpClient.connect(mf.smtpd.address_of("submissions")[1], greet=False)
+    for c in (after_starttls, implicit):
+        await c.send(half_client_hello())
+    await eventually(lambda: len(mf.smtpd.sessions) == 2, what="both sessions under way")
+    await asyncio.wait_for(mf.stop(), 1.5)  # nothing to wait for: well within the grace (2 s)
+    assert [await c.rest() for c in (after_starttls, implicit)] == [b"", b""]

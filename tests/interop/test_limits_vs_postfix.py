@@ -2,10 +2,10 @@
 so that each comparison takes seconds). Compared: the reply (code, enhanced code, text word for word, the host
 name normalised), when it comes, and what is logged: the per-client connection count and rate (anvil, the time
 unit included), the per-client message, recipient and AUTH rates (which MAIL, RCPT, VRFY and AUTH commands
-count), the new TLS session rate with STARTTLS and smtpd_timeout between commands, in DATA and BDAT content and
-after the message.
+count), the new TLS session rate with STARTTLS, smtpd_timeout between commands, in DATA and BDAT content and
+after the message, and smtpd_starttls_timeout for a stalled handshake (STARTTLS, and a wrapper-mode service).
 
-Not compared: the new TLS session rate with implicit TLS (the private Postfix has no wrapper-mode service;
+Not compared: the new TLS session rate with implicit TLS (that test's Postfix has no wrapper-mode service;
 tests/component/test_frontdoor.py covers mailflow's), resumed TLS sessions (likewise); line_length_limit and
 header_size_limit, where mailflow differs on purpose (docs/security.md, docs/config.md: a long command line is
 refused, a big header refused).
@@ -19,7 +19,8 @@ import ssl
 
 import pytest
 
-from tests.support import LOOPBACK_CLIENT, SmtpClient, accepts, eventually, postfix_instance, sessions_over
+from tests.support import (LOOPBACK_CLIENT, SmtpClient, accepts, eventually, free_port, half_client_hello,
+                           postfix_instance, sessions_over)
 
 pytestmark = pytest.mark.interop
 
@@ -275,3 +276,77 @@ async def test_timeouts_match_a_real_postfix(mailflow_server, caplog):
     assert bdat_bytes(pf_timeouts(pf_log)) == [f"{what} from {LOOPBACK_CLIENT}" for what in [
         "timeout after EHLO", "timeout after DATA (17 bytes)", "timeout after END-OF-MESSAGE",
         "timeout after BDAT (N bytes)", "lost connection after DATA (17 bytes)"]]
+
+
+async def stalled_handshake(port: int, starttls: bool, sent: bytes) -> tuple[str, str, bool]:
+    """A client that starts a TLS handshake (after STARTTLS, or at once on an implicit-TLS port), sends `sent` of it
+    and then nothing: what the server sends after that, and whether it closed the connection between 1.5 and 4 s
+    later (smtpd_timeout 1 s, smtpd_starttls_timeout 2 s)."""
+    c = await SmtpClient.connect(port, greet=starttls)
+    if starttls:
+        assert (await c.cmd("EHLO client.test")).code == 250
+        assert (await c.cmd("STARTTLS")).code == 220
+    started = asyncio.get_running_loop().time()
+    await c.send(sent)
+    rest = await c.rest(timeout=5)
+    waited = asyncio.get_running_loop().time() - started
+    await c.close()
+    return "STARTTLS" if starttls else "implicit", rest.decode("ascii", "replace"), 1.5 < waited < 4
+
+
+async def stalled_handshakes(port: int, implicit_port: int) -> list[tuple[str, str, bool]]:
+    return list(await asyncio.gather(*(stalled_handshake(p, p == port, sent)
+                                       for p in (port, implicit_port) for sent in (b"", half_client_hello()))))
+
+
+HANDSHAKE_END = re.compile(r"(SSL_accept error|TLS library problem|timeout after|lost connection after|disconnect) ")
+
+
+def pf_handshake_ends(maillog: str) -> list[str]:
+    return sorted(line.split("]: ", 1)[1].removeprefix("warning: ") for line in maillog.splitlines()
+                  if "smtpd[" in line and HANDSHAKE_END.match(line.split("]: ", 1)[1].removeprefix("warning: ")))
+
+
+def mf_handshake_ends(caplog) -> list[str]:
+    return sorted(r.getMessage() for r in caplog.records if HANDSHAKE_END.match(r.getMessage()))
+
+
+async def test_a_stalled_tls_handshake_ends_as_with_a_real_postfix(mailflow_server, caplog, pki, users):
+    """smtpd_starttls_timeout (2 s) bounds the handshake, not smtpd_timeout (1 s), after STARTTLS and on an
+    implicit-TLS (wrapper-mode) port alike; past it the connection is closed without a word (a plaintext 421
+    would land in the middle of the client's handshake). The sessions give back their slots and per-client
+    counts."""
+    caplog.set_level(logging.INFO)
+    _, cert, ctx = pki
+    implicit_port = free_port()
+    async with postfix_instance({"myhostname": PF_HOST, "mynetworks": NETWORKS, "smtpd_timeout": "1s",
+                                 "smtpd_starttls_timeout": "2s", "smtpd_tls_cert_file": cert,
+                                 "smtpd_tls_key_file": cert, "smtpd_tls_security_level": "may"},
+                                master_cf=f"127.0.0.1:{implicit_port} inet n - n - - smtpd "
+                                          f"-o smtpd_tls_wrappermode=yes\n") as pf:
+        await eventually(lambda: "disconnect from" in pf.maillog, timeout=5, what="the readiness probe's end")
+        probe = len(pf.maillog)
+        postfix = await stalled_handshakes(pf.port, implicit_port)
+        await eventually(lambda: len(pf_handshake_ends(pf.maillog[probe:])) >= 12, timeout=5,
+                         what="Postfix's lines")
+        pf_log = pf.maillog[probe:]
+    mf = await mailflow_server(mynetworks=[NETWORKS], smtpd={
+        "timeout": "1s", "starttls_timeout": "2s", "tls_cert_file": cert, "sasl_user_maps": [users],
+        "listeners": [{"address": "127.0.0.1:0", "role": "submissions"}],
+        "max_sessions": 2, "client_connection_count_limit": 2})  # as many as the stalled sessions of a listener
+    port, implicit_port = mf.smtp_addresses[0][1], mf.smtpd.address_of("submissions")[1]
+    mailflow = await stalled_handshakes(port, implicit_port)
+    await sessions_over(mf)
+    assert mailflow == postfix
+    # their slots and per-client counts were given back: two sessions at once are admitted again, on each listener
+    clients = [await SmtpClient.connect(p, tls=ctx if p == implicit_port else None)
+               for p in (port, implicit_port) for _ in range(2)]
+    for c in clients:
+        await leave(c)
+    # Postfix's own, so that a change on both sides cannot pass unnoticed
+    assert postfix == [(way, "", True) for way in ("STARTTLS", "STARTTLS", "implicit", "implicit")]
+    assert pf_handshake_ends(pf_log) == sorted(
+        [f"SSL_accept error from {LOOPBACK_CLIENT}: Connection timed out"] * 4
+        + [f"lost connection after {where} from {LOOPBACK_CLIENT}" for where in ("STARTTLS", "CONNECT") * 2]
+        + [f"disconnect from {LOOPBACK_CLIENT} {counts}" for counts in ("ehlo=1 starttls=0/1 commands=1/2",
+                                                                         "commands=0/0") * 2])

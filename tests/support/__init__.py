@@ -2,7 +2,8 @@
 lives in `mailflow.testing`. The fixtures that start things (mailflow_server, smtp_peer, dns_zone, write_config)
 are in tests/conftest.py and build on these.
 
-- dialogue: `SmtpClient` (the raw SMTP dialogue client) and its `Reply`; `rcpt_reply`, `rcpt_until`, `send`.
+- dialogue: `SmtpClient` (the raw SMTP dialogue client) and its `Reply`; `rcpt_reply`, `rcpt_until`, `send`,
+  `half_client_hello`.
 - waiting: `eventually` (bounded polling that fails with a message), `queue_becomes`, `sessions_over`,
   `ScanWatch` (qmgr's scans, to say "passed over" without a fixed sleep).
 - transports: `RecordingTransport`, `ScriptedTransport` (with `always`), `BlockingTransport`: fake delivery agents.
@@ -24,7 +25,7 @@ Every name is importable from `tests.support` itself.
 from tests.support.browser import Chromium, keep_artifact
 from tests.support.clocks import RecordingClock, qmgr_turn
 from tests.support.content import big_message, maildir_messages, spooled
-from tests.support.dialogue import Reply, SmtpClient, rcpt_reply, rcpt_until, send
+from tests.support.dialogue import Reply, SmtpClient, half_client_hello, rcpt_reply, rcpt_until, send
 from tests.support.dovecot import Dovecot, dovecot_instance, lmtp_route
 from tests.support.peers import CaptureHandler, Captured, CapturePeer, ZoneAuthority, stall_mail
 from tests.support.ports import LOOPBACK_CLIENT, LOOPBACK_NAME, accepts, free_port
@@ -39,7 +40,7 @@ __all__ = [
     "LOOPBACK_CLIENT", "LOOPBACK_NAME", "BlockingTransport", "CaptureHandler", "CapturePeer", "Captured", "Chromium", "Dovecot", "RecordingClock",
     "RecordingTransport", "Reply", "ScanWatch", "ScriptDir", "ScriptedTransport", "ServerProcess", "SmtpClient",
     "ZoneAuthority", "accepts", "always", "base_settings", "big_message", "dovecot_instance", "eventually", "free_port",
-    "keep_artifact", "lmtp_route", "maildir_messages", "merged",
+    "half_client_hello", "keep_artifact", "lmtp_route", "maildir_messages", "merged",
     "postfix_instance", "qmgr_turn", "queue_becomes", "queue_counts", "rcpt_reply", "rcpt_until", "require_tool",
     "run_tool", "script_dir", "send", "sessions_over", "spooled", "stall_mail", "to_toml",
 ]

@@ -15,12 +15,14 @@ aiosmtplib (a real client library, for tests where the dialogue is not the point
   re-read in a worker thread, at most once a second: this waits until the server has seen the change).
 - `send(port, sender, rcpts, content)`: one message with aiosmtplib; returns (refused recipients, final reply
   text without its code), as aiosmtplib's sendmail does.
+- `half_client_hello()`: the first half of a real TLS ClientHello (a handshake begun, then stalled).
 
 Every read is bounded (`TIMEOUT`, or the `timeout` argument); nothing waits for ever.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 from typing import NamedTuple
@@ -168,3 +170,15 @@ async def send(port: int, sender: str, rcpts: list[str], content: bytes, **kwarg
     """One message over a fresh session with aiosmtplib; returns (refused recipients, final reply text)."""
     async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10) as client:
         return await client.sendmail(sender, rcpts, content, **kwargs)
+
+
+def half_client_hello() -> bytes:
+    """See the module doc."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    hello = ssl.MemoryBIO()
+    tls = ctx.wrap_bio(ssl.MemoryBIO(), hello)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    data = hello.read()
+    return data[:len(data) // 2]

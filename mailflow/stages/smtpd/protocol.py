@@ -15,10 +15,12 @@ What it owns
 - Replies: `push()` gives a library-written line its enhanced status code (RFC 2034; not the greeting nor
   HELO/EHLO; a `status.Reply` goes as the catalogue wrote it), counts 4xx/5xx toward the error limits and
   records each command's outcome (sessionlog.SessionLog). A 421 after the greeting ends the session (RFC 5321
-  3.8; Postfix disconnects after a 421 from a milter or an access table).
-- Deadlines: a command within `timeout` of the previous one; DATA/BDAT content at `min_data_rate`. One loop
-  timer per session: a new deadline is a float stored; the timer, when it fires before the deadline, sets
-  itself again for what is left (not a TimerHandle made and cancelled per command).
+  3.8; Postfix disconnects after a 421 from a milter or an access table). A reply the server volunteers (the
+  timeout's, the stop's) is not written while TLS is yet to come (`_may_reply`): the connection just closes.
+- Deadlines: a command within `timeout` of the previous one; DATA/BDAT content at `min_data_rate`; none during
+  a TLS handshake (`_no_deadline`: it has its own, secure.py). One loop timer per session: a new deadline is a
+  float stored; the timer, when it fires before the deadline, sets itself again for what is left (not a
+  TimerHandle made and cancelled per command).
 - The greeting (`greet`, at connect and after XCLIENT): the handler's CLIENT hook may put a refusal in its place
   (delay_reject false); such a session answers every command but QUIT with 503 5.7.0 (`session.access_denied`),
   and a 421 or 521 refusal ends it. HELO and EHLO ask the handler's HELLO hook first (the helo list): a refusal
@@ -296,9 +298,15 @@ class ProtocolCore(SMTP):
 
     def _timeout_cb(self) -> None:
         self.record.timed_out()
-        if self.transport is not None and not self.transport.is_closing():  # as Postfix says it, then closes
-            self._writer.write(self._reply_bytes(status.session_timeout(self.hostname), False))
+        if self._may_reply() and self.transport is not None and not self.transport.is_closing():
+            self._writer.write(self._reply_bytes(status.session_timeout(self.hostname), False))  # as Postfix says it
         super()._timeout_cb()
+
+    def _may_reply(self) -> bool:
+        """Whether a reply the server volunteers (a timeout's 421, a stop's) may be written now: not while TLS
+        is yet to come on a connection whose client speaks it (secure.py, server.py): it would reach the client
+        in plaintext, in the middle of its handshake."""
+        return True
 
     def eof_received(self) -> bool | None:
         """The client closed its sending side: unlike aiosmtpd, do not cancel the session at once; input already
@@ -324,6 +332,9 @@ class ProtocolCore(SMTP):
         comes after, at the latest as the answer to its next command, which starts nothing."""
         self._stopping = True
         if self.in_transaction or self.transport is None or self.transport.is_closing():
+            return
+        if not self._may_reply():
+            self.hang_up()
             return
         reply = str(status.shutting_down(self.hostname))
         self._writer.write(f"{reply}\r\n".encode())
@@ -409,6 +420,12 @@ class ProtocolCore(SMTP):
             self._timeout_handle.cancel()
         self._timer_at = self._deadline
         self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
+
+    def _no_deadline(self) -> None:
+        """No command deadline until the next `_reset_timeout` (a TLS handshake has its own)."""
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        self._timeout_handle = self._timer_at = None
 
     def _timer_fired(self) -> None:
         self._timer_at = None

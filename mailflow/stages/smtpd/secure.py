@@ -6,8 +6,11 @@ What it owns
   handshake (`start_tls(context)`, aiosmtpd's way: asyncio's SSL layer put between the socket and the session,
   which the layer then tells of the connection again) also serves a submissions listener, where it comes
   first; a handshake that fails or that the client abandons ends the session, and so does a STARTTLS read
-  once the client has closed its side (no handshake can follow; asyncio would wait 60 s). The TLS line of the
-  log (`log_tls`: "Anonymous TLS connection established from host[ip]: TLSv1.3 with cipher ...").
+  once the client has closed its side (no handshake can follow). The handshake must end within
+  `starttls_timeout` (Postfix's smtpd_starttls_timeout), whatever the command `timeout` is: that deadline waits
+  meanwhile, and no reply is volunteered into the handshake (`_may_reply`: a timeout's or a stop's 421 would
+  reach the client in plaintext); past it the connection is closed without a word, as Postfix does. The TLS
+  line of the log (`log_tls`: "Anonymous TLS connection established from host[ip]: TLSv1.3 with cipher ...").
 - AUTH (RFC 4954) PLAIN and LOGIN, with or without an initial response, checked by the listener's
   `auth.Authenticator` (`sasl`; None: AUTH is not enabled; its back end is mailflow's user tables or Dovecot's
   auth server, told whether the session is on TLS and its addresses). Offered and accepted only over TLS unless
@@ -47,6 +50,7 @@ from typing import cast
 from aiosmtpd.smtp import MISSING, TLSSetupException
 
 from mailflow import status
+from mailflow.config import DEFAULTS
 from mailflow.errors import LookupRetry
 from mailflow.stages.smtpd.auth import Authenticator, SenderLogins, login_of
 from mailflow.stages.smtpd.frontends import FrontEndCommands
@@ -74,8 +78,10 @@ class SecureCommands(FrontEndCommands):
     """STARTTLS and AUTH: see the module doc."""
 
     def __init__(self, handler, *, sasl: Authenticator | None = None, sender_logins: SenderLogins | None = None,
-                 auth_required: bool = False, auth_require_tls: bool = True, **kwargs):
+                 auth_required: bool = False, auth_require_tls: bool = True,
+                 starttls_timeout: float = DEFAULTS.smtpd.starttls_timeout, **kwargs):
         super().__init__(handler, **kwargs)
+        self._starttls_timeout = starttls_timeout
         self._sasl = sasl
         self._sender_logins = sender_logins
         self._login_required = auth_required
@@ -114,6 +120,10 @@ class SecureCommands(FrontEndCommands):
         await self.push(status.READY_FOR_TLS)
         await self.tls_session(self.tls_context)
 
+    def _may_reply(self) -> bool:
+        """Not during the handshake (STARTTLS answered, TLS not up yet)."""
+        return super()._may_reply() and (self._tls_protocol is None or self.session.ssl is not None)
+
     def _new_tls_refused(self, request: str) -> bool:
         """Before a handshake: the client is past its new TLS session rate (logged then). Here nothing is limited:
         server.ListenerSession asks the listener's anvil."""
@@ -136,11 +146,16 @@ class SecureCommands(FrontEndCommands):
         return False
 
     async def start_tls(self, context: ssl.SSLContext) -> None:
-        """The TLS handshake on this connection, as the server; returns once it is done, the session then on the
-        TLS transport (the layer calls `connection_made` with it: a new SMTP session, the client's identity
-        kept). TLSSetupException when it fails, ConnectionResetError when the client leaves during it."""
+        """The TLS handshake on this connection, as the server, within starttls_timeout (the command deadline
+        waits meanwhile: its 421 would go in plaintext into the handshake); returns once it is done, the session
+        then on the TLS transport (the layer calls `connection_made` with it: a new SMTP session, the client's
+        identity kept, the command deadline set again). TLSSetupException when it fails or takes too long,
+        ConnectionResetError when the client leaves during it."""
         waiter = self.loop.create_future()
-        self._tls_protocol = sslproto.SSLProtocol(self.loop, self, context, waiter, server_side=True)
+        self._no_deadline()
+        self._tls_protocol = sslproto.SSLProtocol(
+            self.loop, self, context, waiter, server_side=True,
+            ssl_handshake_timeout=self._starttls_timeout)  # type: ignore[arg-type]  # (typeshed: int; any number works)
         socket_transport = cast(asyncio.Transport, self.transport)
         self._original_transport = socket_transport
         socket_transport.set_protocol(self._tls_protocol)

@@ -11,8 +11,8 @@ SmtpdConfig, its own handler (built by `handler_for(config)` with that config), 
 - submission: STARTTLS required before anything but EHLO/NOOP/QUIT (530 5.7.0), AUTH required before MAIL
   (530 5.7.0).
 - submissions: implicit TLS (the handshake comes first, once the connection is admitted: a client that never
-  starts it holds a session slot, so max_sessions and the per-client limits bound such clients too), AUTH
-  required before MAIL.
+  starts it holds a session slot, for starttls_timeout at most, so max_sessions and the per-client limits bound
+  such clients too; nothing is written to it before its handshake is done), AUTH required before MAIL.
 AUTH (PLAIN, LOGIN; the exchange is secure.py's, the check auth.py's) is offered only over TLS, unless
 `allow_plaintext_auth_on_loopback` and the client is on loopback. The failure table and the hashing threads
 belong to the server: one for all its listeners and every reload; so does the connection to Dovecot's auth
@@ -163,6 +163,10 @@ class ListenerSession(SmtpSession):
             self._auth_needs_tls = False
         return True
 
+    def _may_reply(self) -> bool:
+        """Not on a submissions listener before its handshake is done (its client's first bytes are TLS's)."""
+        return super()._may_reply() and (self._implicit_tls is None or self.session.ssl is not None)
+
     @property
     def _service(self) -> str:
         """The service a limit's warning names, as master.cf names Postfix's: smtp, submission, submissions."""
@@ -305,6 +309,7 @@ class Smtpd:
             sender_logins=listener.sender_logins,
             auth_required=smtpd.sasl_auth_required,
             auth_require_tls=listener.role != "submissions",  # there the whole connection is TLS
+            starttls_timeout=smtpd.starttls_timeout,
             observer=self._observer,
         )
 
