@@ -24,7 +24,8 @@ What it owns
 - `SmtpdLog`: smtpd's session events, in Postfix smtpd's words: `connect from host[ip]`, `disconnect from
   host[ip] ehlo=1 mail=1 … commands=N`, `NOQUEUE: reject: RCPT from host[ip]: 554 5.7.1 …; from=<s> to=<r>
   proto=ESMTP helo=<h>` (`hold:`, `discard:`, `redirect:`, `bcc:`, `filter:`, `warn:`, `info:` alike),
-  `Anonymous TLS connection established from …`, `warning: host[ip]: SASL PLAIN authentication failed: …` (and
+  `Anonymous TLS connection established from …`, `SSL_accept error from host[ip]: Connection timed out` (and its
+  other reasons), `warning: host[ip]: SASL PLAIN authentication failed: …` (and
   `… authentication aborted`), `too many errors after CMD from …`, `improper command pipelining after CMD from
   …: <input>` (the input as Postfix's escape(3) writes it: `\\r\\n`), `warning: Illegal address syntax from …
   in CMD command: …`.
@@ -330,6 +331,16 @@ class SmtpdLog:
             return
         self._emit(logging.INFO, "tls", f"Anonymous TLS connection established from {client}: {version} with "
                    f"cipher {cipher} ({bits}/{bits} bits)", client=client, version=version, cipher=cipher)
+
+    def tls_accept_failed(self, client: str, reason: str, problem: str = "") -> None:
+        """A server TLS handshake that failed (tls_server.c): `SSL_accept error from host[ip]: reason` ("Connection
+        timed out", "lost connection", "-1" for a TLS protocol error, whose `problem` follows as
+        `warning: TLS library problem: …`)."""
+        self._emit(logging.INFO, "tls-failed", f"SSL_accept error from {client}: {reason}", client=client,
+                   reason=reason)
+        if problem:
+            self._emit(logging.WARNING, "tls-failed", f"TLS library problem: {problem}", client=client,
+                       reason=problem)
 
     def auth_failed(self, client: str, mechanism: str, reason: str, username: str = "") -> None:
         self._emit(logging.WARNING, "auth-failed",  # Postfix: "(unavailable)" when there is no user name

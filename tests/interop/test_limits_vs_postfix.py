@@ -299,23 +299,32 @@ async def stalled_handshakes(port: int, implicit_port: int) -> list[tuple[str, s
                                        for p in (port, implicit_port) for sent in (b"", half_client_hello()))))
 
 
-HANDSHAKE_END = re.compile(r"(SSL_accept error|TLS library problem|timeout after|lost connection after|disconnect) ")
+HANDSHAKE_END = re.compile(r"(SSL_accept error |TLS library problem: |timeout after |lost connection after |disconnect )")
+# The library's description of a TLS protocol error, as OpenSSL's error string writes it after Postfix's "TLS
+# library problem: " (error:0A00009C:SSL routines::http request:../ssl/record/ssl3_record.c:341:) and as
+# Python's ssl module does ([SSL: HTTP_REQUEST] http request): its reason, compared alone.
+LIBRARY_PROBLEM = re.compile(r"(TLS library problem: )(?:error:[^:]*:[^:]*:[^:]*:([^:]*):.*|\[[^]]*\] (.*))")
+
+
+def library_reason(line: str) -> str:
+    return LIBRARY_PROBLEM.sub(lambda m: m.group(1) + (m.group(2) or m.group(3)), line)
 
 
 def pf_handshake_ends(maillog: str) -> list[str]:
-    return sorted(line.split("]: ", 1)[1].removeprefix("warning: ") for line in maillog.splitlines()
-                  if "smtpd[" in line and HANDSHAKE_END.match(line.split("]: ", 1)[1].removeprefix("warning: ")))
+    lines = [line.split("]: ", 1)[1].removeprefix("warning: ") for line in maillog.splitlines() if "smtpd[" in line]
+    return sorted(library_reason(line) for line in lines if HANDSHAKE_END.match(line))
 
 
 def mf_handshake_ends(caplog) -> list[str]:
-    return sorted(r.getMessage() for r in caplog.records if HANDSHAKE_END.match(r.getMessage()))
+    return sorted(library_reason(r.getMessage()) for r in caplog.records if HANDSHAKE_END.match(r.getMessage()))
 
 
 async def test_a_stalled_tls_handshake_ends_as_with_a_real_postfix(mailflow_server, caplog, pki, users):
     """smtpd_starttls_timeout (2 s) bounds the handshake, not smtpd_timeout (1 s), after STARTTLS and on an
     implicit-TLS (wrapper-mode) port alike; past it the connection is closed without a word (a plaintext 421
-    would land in the middle of the client's handshake). The sessions give back their slots and per-client
-    counts."""
+    would land in the middle of the client's handshake), `SSL_accept error … Connection timed out` and `lost
+    connection after STARTTLS` (CONNECT) are logged, and the failed STARTTLS counts as one (`starttls=0/1`). The
+    sessions give back their slots and per-client counts."""
     caplog.set_level(logging.INFO)
     _, cert, ctx = pki
     implicit_port = free_port()
@@ -338,6 +347,7 @@ async def test_a_stalled_tls_handshake_ends_as_with_a_real_postfix(mailflow_serv
     mailflow = await stalled_handshakes(port, implicit_port)
     await sessions_over(mf)
     assert mailflow == postfix
+    assert mf_handshake_ends(caplog) == pf_handshake_ends(pf_log)
     # their slots and per-client counts were given back: two sessions at once are admitted again, on each listener
     clients = [await SmtpClient.connect(p, tls=ctx if p == implicit_port else None)
                for p in (port, implicit_port) for _ in range(2)]
@@ -350,3 +360,54 @@ async def test_a_stalled_tls_handshake_ends_as_with_a_real_postfix(mailflow_serv
         + [f"lost connection after {where} from {LOOPBACK_CLIENT}" for where in ("STARTTLS", "CONNECT") * 2]
         + [f"disconnect from {LOOPBACK_CLIENT} {counts}" for counts in ("ehlo=1 starttls=0/1 commands=1/2",
                                                                          "commands=0/0") * 2])
+
+
+async def broken_handshake(port: int, sent: bytes, leaves: bool) -> str:
+    """After STARTTLS, `sent` in place of a TLS handshake, then (`leaves`) the client closes: what the server sent
+    after, until it closed (or reset: the kernel does so when what `sent` leaves is unread)."""
+    c = await SmtpClient.connect(port)
+    assert (await c.cmd("EHLO client.test")).code == 250
+    assert (await c.cmd("STARTTLS")).code == 220
+    await c.send(sent)
+    if leaves:
+        await c.close()
+        return "left"
+    try:
+        rest = await c.rest()
+    except ConnectionResetError:
+        rest = b""
+    await c.close()
+    return rest.decode("ascii", "replace")
+
+
+async def broken_handshakes(port: int) -> list[str]:
+    return [await broken_handshake(port, sent, leaves) for sent, leaves in [
+        (b"GET / HTTP/1.0\r\n\r\n", False), (half_client_hello(), True), (b"", True)]]
+
+
+async def test_a_failed_tls_handshake_is_logged_as_by_a_real_postfix(mailflow_server, caplog, pki):
+    """`SSL_accept error from host[ip]: -1` and the library's reason (`warning: TLS library problem: …`) for a
+    client that does not speak TLS, `…: lost connection` for one that leaves during the handshake or before it;
+    then `lost connection after STARTTLS`, and the STARTTLS counts as failed (`starttls=0/1`)."""
+    caplog.set_level(logging.INFO)
+    _, cert, _ = pki
+    async with postfix_instance({"myhostname": PF_HOST, "mynetworks": NETWORKS, "smtpd_tls_cert_file": cert,
+                                 "smtpd_tls_key_file": cert, "smtpd_tls_security_level": "may"}) as pf:
+        await eventually(lambda: "disconnect from" in pf.maillog, timeout=5, what="the readiness probe's end")
+        probe = len(pf.maillog)
+        postfix = await broken_handshakes(pf.port)
+        await eventually(lambda: len(pf_handshake_ends(pf.maillog[probe:])) >= 10, timeout=5,
+                         what="Postfix's lines")
+        pf_log = pf.maillog[probe:]
+    mf = await mailflow_server(mynetworks=[NETWORKS], smtpd={"tls_cert_file": cert})
+    mailflow = await broken_handshakes(mf.smtp_addresses[0][1])
+    await sessions_over(mf)
+    assert mailflow == postfix
+    assert mf_handshake_ends(caplog) == pf_handshake_ends(pf_log)
+    # Postfix's own, so that a change on both sides cannot pass unnoticed
+    assert postfix == ["", "left", "left"]
+    assert pf_handshake_ends(pf_log) == sorted(
+        [f"SSL_accept error from {LOOPBACK_CLIENT}: {why}" for why in ("-1", "lost connection", "lost connection")]
+        + ["TLS library problem: http request"]
+        + [f"lost connection after STARTTLS from {LOOPBACK_CLIENT}"] * 3
+        + [f"disconnect from {LOOPBACK_CLIENT} ehlo=1 starttls=0/1 commands=1/2"] * 3)

@@ -10,7 +10,9 @@ What it owns
   `starttls_timeout` (Postfix's smtpd_starttls_timeout), whatever the command `timeout` is: that deadline waits
   meanwhile, and no reply is volunteered into the handshake (`_may_reply`: a timeout's or a stop's 421 would
   reach the client in plaintext); past it the connection is closed without a word, as Postfix does. The TLS
-  line of the log (`log_tls`: "Anonymous TLS connection established from host[ip]: TLSv1.3 with cipher ...").
+  line of the log (`log_tls`: "Anonymous TLS connection established from host[ip]: TLSv1.3 with cipher ..."),
+  and for a failed handshake Postfix's "SSL_accept error from host[ip]: Connection timed out" (`lost
+  connection`; `-1` and "warning: TLS library problem: ..."), the STARTTLS then counted as failed.
 - AUTH (RFC 4954) PLAIN and LOGIN, with or without an initial response, checked by the listener's
   `auth.Authenticator` (`sasl`; None: AUTH is not enabled; its back end is mailflow's user tables or Dovecot's
   auth server, told whether the session is on TLS and its addresses). Offered and accepted only over TLS unless
@@ -42,7 +44,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import errno
 import logging
+import os
+import re
 import ssl
 from asyncio import sslproto
 from typing import cast
@@ -58,6 +63,7 @@ from mailflow.stages.smtpd.wire import WireError
 
 log = logging.getLogger("mailflow.smtpd")
 
+_PROBLEM_SOURCE = re.compile(r" \(_ssl\.c:\d+\)$")  # the place in Python's source an SSLError names
 MECHANISMS = ("PLAIN", "LOGIN")  # offered in this order, as Postfix with Dovecot (auth_mechanisms = plain login)
 SASL_RESPONSE_LIMIT = 12288  # bytes of one answer to a 334 challenge, CRLF not counted (smtpd_sasl_response_limit)
 
@@ -72,6 +78,19 @@ def decode_base64(blob: bytes) -> bytes | None:
         return base64.b64decode(blob, validate=True)
     except binascii.Error:
         return None
+
+
+def handshake_failure(error: BaseException) -> tuple[str, str]:
+    """Why a server handshake failed, in Postfix's words (tls_server.c): the reason of its `SSL_accept error from
+    host[ip]: …` line and, for a TLS protocol error ("-1"), the library's description of it (else "")."""
+    cause = error.__cause__ if isinstance(error, TLSSetupException) else error
+    if isinstance(cause, ssl.SSLError):
+        return "-1", _PROBLEM_SOURCE.sub("", str(cause))
+    if isinstance(cause, ConnectionAbortedError):  # asyncio's, at ssl_handshake_timeout (starttls_timeout)
+        return os.strerror(errno.ETIMEDOUT), ""
+    if isinstance(cause, OSError) and cause.errno:
+        return os.strerror(cause.errno), ""
+    return "lost connection", ""  # the client closed its side
 
 
 class SecureCommands(FrontEndCommands):
@@ -136,11 +155,13 @@ class SecureCommands(FrontEndCommands):
         the session ends: False."""
         try:
             await self.start_tls(context)
-        except (TLSSetupException, ConnectionError):
+        except (TLSSetupException, ConnectionError) as error:
+            self.record.lines.tls_accept_failed(self.session.client, *handshake_failure(error))
             self._rate_exceeded("newtls")  # (logged; no reply can be sent)
             raise
         ssl_object = self.log_tls()
         if (ssl_object is not None and ssl_object.session_reused) or not self._rate_exceeded("newtls"):
+            self.record.handshake_done()
             return True
         await self._refuse_and_close(status.too_many_new_tls_sessions(self.hostname, self.session.client))
         return False

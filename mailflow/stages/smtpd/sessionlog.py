@@ -5,7 +5,8 @@ What it owns
   when a line is written. `connect()` ("connect from host[ip]"); `command(verb)` counts a command
   (`None`: one Postfix counts as "unknown") and remembers it as where the session is (Postfix's "... after
   RCPT from ...", "after UNKNOWN" for an unknown one); `replied(code)` records the outcome of the command being
-  answered (a final reply: 4xx and 5xx count as failed; 334 and 354 are not final); `content(verb, size)` while
+  answered (a final reply: 4xx and 5xx count as failed; 334 and 354 are not final, nor STARTTLS's 220: the
+  handshake decides, `handshake_done()` when it succeeds); `content(verb, size)` while
   DATA or BDAT content is read
   (`size()`: its bytes so far) and `message_ended()` once its end was read, until the next command;
   `timed_out()`; `ended()` at the end of the session, however it ended: "lost connection after X" unless the
@@ -76,9 +77,19 @@ class SessionLog:
         return self.where
 
     def replied(self, code: int) -> None:
-        """A reply line was sent; `code` 0 for a continuation line."""
+        """A reply line was sent; `code` 0 for a continuation line. STARTTLS's 220 is not its outcome: the
+        handshake's is (`handshake_done`)."""
         if code and code not in NOT_FINAL and self._pending is not None:
+            if self._pending == "starttls" and code == 220:
+                return
             self.counts[self._pending][0] += code < 400
+            self._pending = None
+
+    def handshake_done(self) -> None:
+        """The TLS handshake after STARTTLS succeeded: the command did (one that fails leaves it failed, as
+        Postfix counts `starttls=0/1`)."""
+        if self._pending == "starttls":
+            self.counts["starttls"][0] += 1
             self._pending = None
 
     def timed_out(self) -> None:
