@@ -76,6 +76,8 @@ class SmtpConfig(Section):
     helo_timeout: Duration = 300.0
     command_timeout: Duration = 300.0
     data_timeout: Duration = 600.0
+    # The reply to STARTTLS and the TLS handshake after it (smtp_starttls_timeout).
+    starttls_timeout: Duration = Field(300.0, gt=0)
     # The name said in EHLO/HELO (smtp_helo_name); "" = myhostname.
     helo_name: str = ""
     # TLS (smtp_tls_*): the level, per-nexthop overrides, trust anchors ("" = the system's), client certificate.

@@ -8,8 +8,9 @@ Each scenario is a domain of its own (`transport_maps`: `<scenario>.test` -> `sm
 lmtp transport of each to an LMTP peer); the sender's domain goes to a capturing peer, one per server, which
 receives the notices. Compared alike since: refusals at every stage, with and without enhanced codes, multi-line
 and mixed-code replies, 421s, lost connections, 452 for some recipients, 3xx/2xx where they are protocol errors,
-STARTTLS refused or broken, a peer without DSN given NOTIFY=SUCCESS, LMTP's per-recipient replies; with
-maximal_queue_lifetime = 0, the notice of a recipient returned for its age; reply lines past 2048 bytes.
+STARTTLS refused or broken, a TLS handshake that stalls (smtp_starttls_timeout), a peer without DSN given
+NOTIFY=SUCCESS, LMTP's per-recipient replies; with maximal_queue_lifetime = 0, the notice of a recipient
+returned for its age; reply lines past 2048 bytes.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ pytestmark = pytest.mark.interop
 
 CLOSE = b""  # a script's answer that hangs up instead of replying
 THEN_CLOSE = b"<then close>"  # at the end of an answer: hang up after sending it
+THEN_STALL = b"<then stall>"  # at the end of an answer: answer nothing more (a TLS handshake neither) until the
+# client leaves
 EHLO = b"250-peer.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SIZE 10240000\r\n250 ENHANCEDSTATUSCODES\r\n"
 SENDER = "alice@sender.test"
 Answer = bytes | Callable[[str], bytes]
@@ -39,7 +42,8 @@ Answer = bytes | Callable[[str], bytes]
 class ScriptedPeer:
     """An SMTP peer that answers each command as its script says (the default: accept everything). A script maps
     "greeting", "EHLO", "HELO", "MAIL", "RCPT" (bytes, or a function of the recipient address), "DATA" and "DOT"
-    (the reply after the content) to the reply to send; CLOSE hangs up instead, THEN_CLOSE after it."""
+    (the reply after the content) to the reply to send; CLOSE hangs up instead, THEN_CLOSE after it; THEN_STALL
+    stalls after it."""
 
     script: dict[str, Answer]
     port: int = 0
@@ -64,8 +68,12 @@ class ScriptedPeer:
         self.sessions.append(heard)
 
         async def say(reply: bytes) -> bool:
-            writer.write(reply.removesuffix(THEN_CLOSE))
+            writer.write(reply.removesuffix(THEN_CLOSE).removesuffix(THEN_STALL))
             await writer.drain()
+            if reply.endswith(THEN_STALL):
+                while await reader.read(4096):  # (the client's handshake, say, unanswered)
+                    pass
+                return False
             return reply != CLOSE and not reply.endswith(THEN_CLOSE)
 
         try:
@@ -163,7 +171,7 @@ async def relay_one_each(port: int, scenarios: dict[str, Scenario]) -> None:
 
 
 async def run_both(mailflow_server, smtp_peer, scenarios: dict[str, Scenario], *, postfix: dict | None = None,
-                   queue: dict | None = None, notice_for_all: bool = False):
+                   queue: dict | None = None, smtp: dict | None = None, notice_for_all: bool = False):
     """Both servers relay one message per scenario. Returns ((postfix outcomes, postfix notices), (mailflow's…))
     once every recipient has an outcome on both sides and every failure its notice (`notice_for_all`: every
     recipient that was not sent)."""
@@ -190,7 +198,7 @@ async def run_both(mailflow_server, smtp_peer, scenarios: dict[str, Scenario], *
         }) as pf:
             mf = await mailflow_server(
                 mynetworks=["127.0.0.0/8"], smtp={"tls_security_level": "none",
-                                                        "tls_policy_maps": list(tls_maps.values())},
+                                                        "tls_policy_maps": list(tls_maps.values()), **(smtp or {})},
                 transport_maps=["inline:{" + ", ".join([f"sender.test=smtp:[127.0.0.1]:{mf_notices.port}", *mf_routes])
                                 + "}"],
                 queue={"queue_run_delay": "300s", "minimal_backoff_time": "300s", "maximal_backoff_time": "300s",
@@ -290,6 +298,29 @@ async def test_refusals_and_lost_sessions_end_as_with_postfix(mailflow_server, s
     assert pf_notices["a@no-dsn-notify.test"]["Action"] == "relayed"
     assert [pf_ended[f"{r}@lmtp-each.test"][2] for r in "abcd"] == ["sent", "deferred", "bounced", "bounced"]
     assert [pf_ended[f"{r}@lmtp-lost.test"][2] for r in "ab"] == ["sent", "deferred"]
+
+
+STALLED_TLS = {
+    # the peer answers STARTTLS, then neither answers the handshake nor closes
+    "handshake-stalled": Scenario({"EHLO": b"250-peer.test\r\n250 STARTTLS\r\n",
+                                   "STARTTLS": b"220 2.0.0 Go\r\n" + THEN_STALL}, tls="may"),
+    "handshake-stalled-encrypt": Scenario({"EHLO": b"250-peer.test\r\n250 STARTTLS\r\n",
+                                           "STARTTLS": b"220 2.0.0 Go\r\n" + THEN_STALL}, tls="encrypt"),
+}
+
+
+async def test_a_stalled_tls_handshake_defers_as_with_postfix(mailflow_server, smtp_peer):
+    """smtp_starttls_timeout (1 s here; mailflow's [smtp] starttls_timeout) bounds the reply to STARTTLS and the
+    handshake: the mail is deferred with Postfix's reason, new mail not sent in plaintext at level may (only once
+    it has waited the minimal backoff time)."""
+    (pf_ended, _), (mf_ended, _) = await run_both(mailflow_server, smtp_peer, STALLED_TLS,
+                                                  postfix={"smtp_starttls_timeout": "1s"},
+                                                  smtp={"starttls_timeout": "1s"})
+    assert mf_ended == pf_ended
+    # Postfix's own, so that a change on both sides cannot pass unnoticed
+    assert {r: ended[1:] for r, ended in pf_ended.items()} == {
+        "a@handshake-stalled.test": ("4.7.5", "deferred", "Cannot start TLS: handshake failure"),
+        "a@handshake-stalled-encrypt.test": ("4.7.5", "deferred", "Cannot start TLS: handshake failure")}
 
 
 EXPIRING = {

@@ -76,7 +76,8 @@ DSN nothing is passed on, and a NOTIFY=SUCCESS recipient gets a "relayed" notice
 it, one received with BODY=7BIT with BODY=7BIT; to a peer without it, every message but one received as 7BIT is
 converted (Postfix's default, disable_mime_output_conversion = no): parts labelled 8bit become quoted-printable
 (see downgrade). Time limits: connect_timeout (TCP), helo_timeout (greeting, EHLO/HELO),
-command_timeout (STARTTLS, AUTH, MAIL, each RCPT, DATA, RSET), data_timeout (the content and the reply after it).
+command_timeout (AUTH, MAIL, each RCPT, DATA, RSET), data_timeout (the content and the reply after it),
+starttls_timeout (the reply to STARTTLS, the handshake).
 
 `site_ok` is False only when the destination could not be talked to; refusals and bounces keep it True.
 The envelope is sent exactly as queued (no re-parsing); the content as it is, dot-stuffed, ending in CRLF,

@@ -20,8 +20,9 @@ and for SMTP STARTTLS as the TLS policy asks and AUTH with the relay's credentia
                                 SiteFailure (try the next peer; once connected, its `relay` names the peer) or
                                 LocalProblem (our side: stop)
 
-TLS (levels in smtp.tls): none never says STARTTLS. may: STARTTLS when offered, unverified; a refused STARTTLS
-goes on in plaintext on the same session; a failed handshake connects again in plaintext when the message has been
+TLS (levels in smtp.tls): none never says STARTTLS. may: STARTTLS when offered, unverified (its reply and the
+handshake each within `starttls_timeout`, Postfix's smtp_starttls_timeout); a refused STARTTLS goes on in
+plaintext on the same session; a failed handshake connects again in plaintext when the message has been
 queued for `plaintext_after` seconds (the minimal backoff time) and there are no AUTH credentials for the peer,
 else it fails that peer with 4.7.5 "Cannot start TLS: handshake failure" (Postfix's
 PLAINTEXT_FALLBACK_OK_AFTER_STARTTLS_FAILURE: new mail is not sent in plaintext at the first TLS trouble).
@@ -228,7 +229,7 @@ class SmtpHandshake:
         context = self._tls_context(policy)
         if context is None:
             return
-        timeout = self.config.command_timeout
+        timeout = self.config.starttls_timeout
         try:
             reply = await session.command(b"STARTTLS" + CRLF, timeout, STARTTLS)
             if reply.code == 220:
