@@ -1140,6 +1140,19 @@ async def test_may_sends_new_mail_in_plaintext_only_once_it_has_waited_the_minim
     assert report.results[0].outcome is Outcome.SENT and [m.tls for m in peer.messages] == [False]
 
 
+async def test_no_reply_to_starttls_fails_the_conversation_and_is_not_retried_in_plaintext(scripted_peer):
+    """A timeout waiting for the reply to STARTTLS (starttls_timeout) is the conversation's failure, as Postfix's
+    smtp_stream_except words it, not TLS's: at level may, even for mail that has waited long enough for a
+    plaintext retry after a failed handshake, the peer is not tried again in plaintext."""
+    peer, port = await scripted_peer(extensions=("STARTTLS", "PIPELINING"), silent_at="STARTTLS")
+    transport = make_transport(tls="may", plaintext_after=0, starttls_timeout=0.5)
+    report = await deliver(transport, make_request(f"[127.0.0.1]:{port}", queued_for=300))
+    result = report.results[0]
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.4.2")
+    assert result.text == "conversation with 127.0.0.1[127.0.0.1] timed out while receiving the STARTTLS response"
+    assert (peer.connections, peer.messages) == (1, [])
+
+
 async def test_encrypt_handshake_failure_defers_4_7_5(counted_peer):
     peer = await counted_peer(tls_context=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     report = await deliver(make_transport(tls="encrypt"), make_request(f"[127.0.0.1]:{peer.port}"))

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.interop
 CLOSE = b""  # a script's answer that hangs up instead of replying
 THEN_CLOSE = b"<then close>"  # at the end of an answer: hang up after sending it
 THEN_STALL = b"<then stall>"  # at the end of an answer: answer nothing more (a TLS handshake neither) until the
-# client leaves
+# client leaves; alone: no answer at all
 EHLO = b"250-peer.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SIZE 10240000\r\n250 ENHANCEDSTATUSCODES\r\n"
 SENDER = "alice@sender.test"
 Answer = bytes | Callable[[str], bytes]
@@ -306,6 +306,10 @@ STALLED_TLS = {
                                    "STARTTLS": b"220 2.0.0 Go\r\n" + THEN_STALL}, tls="may"),
     "handshake-stalled-encrypt": Scenario({"EHLO": b"250-peer.test\r\n250 STARTTLS\r\n",
                                            "STARTTLS": b"220 2.0.0 Go\r\n" + THEN_STALL}, tls="encrypt"),
+    # nor does it answer STARTTLS, or it hangs up: a failure of the conversation, not of TLS
+    "starttls-unanswered": Scenario({"EHLO": b"250-peer.test\r\n250 STARTTLS\r\n", "STARTTLS": THEN_STALL},
+                                    tls="may"),
+    "starttls-lost": Scenario({"EHLO": b"250-peer.test\r\n250 STARTTLS\r\n", "STARTTLS": CLOSE}, tls="may"),
 }
 
 
@@ -320,7 +324,11 @@ async def test_a_stalled_tls_handshake_defers_as_with_postfix(mailflow_server, s
     # Postfix's own, so that a change on both sides cannot pass unnoticed
     assert {r: ended[1:] for r, ended in pf_ended.items()} == {
         "a@handshake-stalled.test": ("4.7.5", "deferred", "Cannot start TLS: handshake failure"),
-        "a@handshake-stalled-encrypt.test": ("4.7.5", "deferred", "Cannot start TLS: handshake failure")}
+        "a@handshake-stalled-encrypt.test": ("4.7.5", "deferred", "Cannot start TLS: handshake failure"),
+        "a@starttls-unanswered.test": ("4.4.2", "deferred", "conversation with 127.0.0.1[127.0.0.1] timed out "
+                                                            "while receiving the STARTTLS response"),
+        "a@starttls-lost.test": ("4.4.2", "deferred", "lost connection with 127.0.0.1[127.0.0.1] while receiving "
+                                                      "the STARTTLS response")}
 
 
 EXPIRING = {

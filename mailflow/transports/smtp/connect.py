@@ -21,7 +21,9 @@ and for SMTP STARTTLS as the TLS policy asks and AUTH with the relay's credentia
                                 LocalProblem (our side: stop)
 
 TLS (levels in smtp.tls): none never says STARTTLS. may: STARTTLS when offered, unverified (its reply and the
-handshake each within `starttls_timeout`, Postfix's smtp_starttls_timeout); a refused STARTTLS goes on in
+handshake each within `starttls_timeout`, Postfix's smtp_starttls_timeout; no reply to STARTTLS fails the peer
+as any command's: "conversation with h[ip] timed out while receiving the STARTTLS response", 4.4.2, or "lost
+connection with …", and at no level is the mail retried in plaintext for it); a refused STARTTLS goes on in
 plaintext on the same session; a failed handshake connects again in plaintext when the message has been
 queued for `plaintext_after` seconds (the minimal backoff time) and there are no AUTH credentials for the peer,
 else it fails that peer with 4.7.5 "Cannot start TLS: handshake failure" (Postfix's
@@ -230,8 +232,9 @@ class SmtpHandshake:
         if context is None:
             return
         timeout = self.config.starttls_timeout
+        # no reply (a timeout, a lost connection) fails the peer as any command's would: no TLS was tried
+        reply = await session.command(b"STARTTLS" + CRLF, timeout, STARTTLS)
         try:
-            reply = await session.command(b"STARTTLS" + CRLF, timeout, STARTTLS)
             if reply.code == 220:
                 await session.start_tls(context, None if is_ip_literal(peer.host) else peer.host, timeout)
         except ssl.SSLCertVerificationError as e:
