@@ -344,10 +344,6 @@ def bare_newline(host: str, char: str = "LF") -> Reply:
     return Reply(521, "5.5.2", f"{host} Error: bare <{char}> received")
 
 
-def protocol_sync(host: str) -> Reply:
-    """Input sent before the greeting or pipelined where RFC 2920 forbids it (smtpd_forbid_unauth_pipelining);
-    the session is closed after it."""
-    return Reply(554, "5.5.0", f"{host} Error: SMTP protocol synchronization")
 
 
 def shutting_down(host: str) -> Reply:
@@ -376,6 +372,9 @@ def session_timeout(host: str) -> Reply:
 
 
 LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
+# Input sent before the greeting (answered in its place) or pipelined where RFC 2920 forbids it
+# (smtpd_forbid_unauth_pipelining); the session is closed after it. Postfix 3.7.11's words: no host name.
+PROTOCOL_SYNC = Reply(554, "5.5.0", "Error: SMTP protocol synchronization")
 BAD_SYNTAX = Reply(500, "5.5.2", "Error: bad syntax")
 BAD_UTF8 = Reply(500, "5.5.2", "Error: bad UTF-8 syntax")
 NOT_RECOGNIZED = Reply(500, "5.5.2", "Error: command not recognized")  # 500, as Postfix (RFC 5321: unrecognized)

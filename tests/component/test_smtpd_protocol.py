@@ -152,12 +152,14 @@ async def test_a_long_content_line_and_a_message_split_across_reads_arrive_intac
 
 # --- pipelining discipline ----------------------------------------------------------------------------------
 
-async def test_client_talking_before_the_greeting_is_refused(mailflow_server):
+async def test_client_talking_before_the_greeting_is_refused_in_its_place(mailflow_server):
+    """Postfix's smtpd: the 554 is the first and only reply (smtpd_proto checks for early talk before its 220)."""
     _, port = await _server(mailflow_server)
     sock = socket.create_connection(("127.0.0.1", port))  # blocking: the server has not even accepted yet
     sock.sendall(b"EHLO early.test\r\n")
-    c = await SmtpClient.connect(port, sock=sock)  # greeted: 220
-    assert await c.reply() == status.protocol_sync(HOST)
+    c = await SmtpClient.connect(port, sock=sock, greet=False)
+    assert await c.reply() == status.PROTOCOL_SYNC
+    assert str(status.PROTOCOL_SYNC) == "554 5.5.0 Error: SMTP protocol synchronization"
     assert await c.closed()
 
 

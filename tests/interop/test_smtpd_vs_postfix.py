@@ -9,6 +9,9 @@ LF/CR and NUL in commands or content (refused), UTF-8 (the private Postfix runs 
 """
 from __future__ import annotations
 
+import asyncio
+import socket
+
 import pytest
 
 from tests.support import SmtpClient, postfix_instance
@@ -182,3 +185,25 @@ async def test_restriction_lists_match_a_real_postfix(mailflow_server):
     assert postfix["a transaction before HELO"] == [503, 503, 503]
     assert postfix["recipient access"] == [250, 250, 554, 554, 450, 554, 250]  # alice@local: relaying first
     assert postfix["conditional and marking actions"] == [250, 250, 450, 250, 250, 250, 250, 450, 354, 250]
+
+
+async def early_talk(port: int) -> bytes:
+    """What a client that talks at once, before any greeting, is sent until the server closes the connection. (Sent
+    before the loop runs again: the in-process server has not even accepted it yet.)"""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"EHLO early.test\r\n")
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+async def test_an_early_talker_gets_postfixs_refusal_in_place_of_the_greeting(mailflow_server):
+    """smtpd_forbid_unauth_pipelining: Postfix's smtpd looks for input before it greets and answers it with its
+    554 alone (no 220 first), then closes."""
+    async with postfix_instance({"myhostname": "pf.test", "mydestination": "local.test",
+                                 "smtpd_forbid_unauth_pipelining": "yes"}) as pf:  # (3.7.11's default: no)
+        postfix = await early_talk(pf.port)
+    mf = await mailflow_server(mydestination=["local.test"])
+    assert await early_talk(mf.smtp_addresses[0][1]) == postfix == b"554 5.5.0 Error: SMTP protocol synchronization\r\n"

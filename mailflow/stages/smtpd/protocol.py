@@ -25,7 +25,7 @@ What it owns
   (delay_reject false); such a session answers every command but QUIT with 503 5.7.0 (`session.access_denied`),
   and a 421 or 521 refusal ends it. HELO and EHLO ask the handler's HELLO hook first (the helo list): a refusal
   is the reply and changes nothing.
-- The command loop (`_handle_client`): the greeting (input before it is early talk), the error gate
+- The command loop (`_handle_client`): the greeting (input before it is early talk, answered 554 in its place), the error gate
   (session_time_limit, soft and hard error limits), a line through `wire.Wire`, malformed lines, RFC 2920
   pipelining discipline, the STARTTLS requirement, junk commands, dispatch to the `smtp_*` methods. Commands
   that had already arrived (pipelined) are answered without any wait for input, so every PIPELINED_TURN of them
@@ -477,12 +477,12 @@ class ProtocolCore(SMTP):
         early = self._wire.pending() or _input_waiting(self.transport)  # sent before the greeting (Postfix's peek)
         if early:
             await asyncio.sleep(0)  # the transport reads it first: a close with input unread would reset the client
+        if early and self._flag_ill_pipelining("CONNECT", self._wire.peek()):
+            await self._refuse_and_close(status.PROTOCOL_SYNC)  # in place of the greeting, as Postfix's smtpd
+            return
         if not await self.greet("CONNECT"):
             return
         self._greeted_at = self.loop.time()
-        if early and self._flag_ill_pipelining("CONNECT", self._wire.peek()):
-            await self._refuse_and_close(status.protocol_sync(self.hostname))
-            return
         while self._taking_commands():
             try:
                 if not await self._error_gate():
@@ -599,7 +599,7 @@ class ProtocolCore(SMTP):
             await self.push(status.client_access_denied(self.session.client))
             return
         if self._out_of_sync(command) and self._flag_ill_pipelining(command, self.wire.peek()):
-            await self._refuse_and_close(status.protocol_sync(self.hostname))
+            await self._refuse_and_close(status.PROTOCOL_SYNC)
             return
         arg = arg_bytes.strip().decode("utf-8") if arg_bytes.strip() else None
         await self._dispatch(command, arg)
