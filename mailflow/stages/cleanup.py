@@ -174,7 +174,7 @@ class Cleanup:
             msg = await self._mapper.tables.run(self._prepare, sub, queue_id, True)
         else:
             msg = self._prepare(sub, queue_id, False)
-        if msg.body_type != "8BITMIME" and await labelled_8bit(msg.content):
+        if msg.body_type != "8BITMIME" and await labelled_8bit(msg.content, header=_header_block(msg)):
             msg = dataclasses.replace(msg, body_type="8BITMIME")
         if self._outbound is not None:
             msg = await self._outbound.apply(msg, sub)
@@ -333,8 +333,7 @@ class Cleanup:
         alone hears of it now."""
         if not self._log.active:
             return
-        head = msg.content.parts[0]  # the header section as prepare() wrote it
-        assert isinstance(head, bytes)
+        head = _header_block(msg)
         if sub is not None and sub.submitter is not None:
             self._log.picked_up(msg.queue_id, sub.submitter.uid, msg.sender)
         self._log.message_id(msg.queue_id, header_value(head, "message-id"))
@@ -396,3 +395,10 @@ def _from_header(sender: str, fullname: str) -> str:
 def _header_lines(fields: tuple[str, ...]) -> bytes:
     """Header fields given by smtpd's filters, each already `Name: value` (folded or not), CRLF-ended."""
     return "".join(f.rstrip("\r\n") + "\r\n" for f in fields).encode("utf-8") if fields else b""
+
+
+def _header_block(msg: NewMessage) -> bytes:
+    """The header section of a message `_prepare` made: the first part of its content (the body follows)."""
+    head = msg.content.parts[0]
+    assert isinstance(head, bytes)
+    return head

@@ -70,11 +70,11 @@ def downgrade_8bit(content: bytes) -> bytes:
     return converter.feed(content) + converter.flush()
 
 
-async def labelled_8bit(content: Content) -> bool:
-    """See the module docstring."""
-    header = _single_entity_header(content)
-    if header is not None:  # no part can have a header of its own: the message's decides
-        return any(hint in header for hint in _LABEL_HINTS) and _relabels(header)
+async def labelled_8bit(content: Content, header: bytes | None = None) -> bool:
+    """See the module docstring. `header`: the message's header fields, when the caller has them apart (cleanup's
+    content begins with its header block; its end, the empty line, may be in the next part)."""
+    if header is not None and not _NESTING_TYPE.search(header):  # no part has a header: the message's decides
+        return any(hint in header for hint in _LABEL_HINTS) and _relabels(header.rstrip(b"\r\n") + b"\r\n\r\n")
     if not await _names_a_label(content):
         return False
     converter = Downgrade()
@@ -84,18 +84,6 @@ async def labelled_8bit(content: Content) -> bool:
             return True
     converter.flush()
     return converter.relabelled
-
-
-def _single_entity_header(content: Content) -> bytes | None:
-    """The header section of a message that is one entity (no multipart or message Content-Type), when its first
-    part holds all of it (cleanup's content: the header block, then the body); else None."""
-    first = content.parts[0] if content.parts else None
-    if not isinstance(first, bytes):
-        return None
-    end = first.find(b"\r\n\r\n")
-    if end < 0 or _NESTING_TYPE.search(first, 0, end):
-        return None
-    return first[:end + 4]
 
 
 def _relabels(header: bytes) -> bool:

@@ -32,18 +32,23 @@ async def test_only_a_label_in_a_header_section_marks_a_message_8bit():
 
 
 async def test_a_message_of_one_entity_is_judged_by_its_header_and_any_case_of_the_field_name_counts():
-    """cleanup's content is its header block, then the body: with no multipart or message Content-Type there is
-    no part header to look for in the body (which is not read then); the field name in lower or upper case, or
-    mixed by word, is the label all the same; a folded multipart Content-Type still has its parts read."""
-    body = b"Content-Transfer-Encoding: 8bit\r\n\r\n--b\r\nContent-Transfer-Encoding: 8bit\r\n\r\nx\r\n--b--\r\n"
-    assert not await labelled_8bit(Content((b"Subject: one entity\r\n\r\n", body)))
+    """cleanup gives its header block apart (the content begins with it; the empty line ending it begins the
+    body): with no multipart or message Content-Type there is no part header to look for in the body, which is
+    not read then; the field name in lower or upper case, or mixed by word, is the label all the same; a folded
+    multipart Content-Type still has its parts read."""
+    body = b"\r\nContent-Transfer-Encoding: 8bit\r\n\r\n--b\r\nContent-Transfer-Encoding: 8bit\r\n\r\nx\r\n--b--\r\n"
+
+    async def marked(header: bytes) -> bool:
+        return await labelled_8bit(Content((header, body)), header=header)
+
+    assert not await marked(b"Subject: one entity\r\n")
     for name in (b"content-transfer-encoding", b"CONTENT-TRANSFER-ENCODING", b"Content-transfer-Encoding"):
-        assert await labelled_8bit(Content((b"Subject: x\r\n" + name + b": 8BIT\r\n\r\n", b"x\r\n")))
-    assert not await labelled_8bit(Content((b"Subject: x\r\ncontent-transfer-encoding: 7bit\r\n\r\n", b"x\r\n")))
-    folded = b"content-type:\r\n\tMultipart/Mixed; boundary=b\r\n\r\n"
-    assert await labelled_8bit(Content((folded, body[33:])))
-    assert await labelled_8bit(Content((b"Content-Type: message/rfc822\r\n\r\n",
-                                        b"Content-Transfer-Encoding: binary\r\n\r\nx\r\n")))
+        assert await marked(b"Subject: x\r\n" + name + b": 8BIT\r\n")
+    assert not await marked(b"Subject: x\r\ncontent-transfer-encoding: 7bit\r\n")
+    assert await marked(b"content-type:\r\n\tMultipart/Mixed; boundary=b\r\n")
+    assert await labelled_8bit(Content((b"Content-Type: message/rfc822\r\n",
+                                        b"\r\nContent-Transfer-Encoding: binary\r\n\r\nx\r\n")),
+                               header=b"Content-Type: message/rfc822\r\n")
 
 
 def test_a_folded_label_is_replaced_whole():
