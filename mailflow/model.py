@@ -234,6 +234,9 @@ class DeliveryRequest:
     queued_for: float | None = None  # seconds since arrival when this attempt began (Postfix's "preactive
     # delay"); None when not known: an agent then takes the message as one that has been waiting
     client_attributes: ClientAttributes = ClientAttributes()  # who submitted the message (pipe and local use it)
+    # an address probe (Postfix's DEL_REQ_FLAG_MTA_VRFY, mailflow.stages.verify): the SMTP and LMTP clients say
+    # MAIL and RCPT only, no DATA; an accepted recipient is SENT with the RCPT reply, nothing is delivered
+    verify: bool = False
 
 
 class Outcome(enum.Enum):

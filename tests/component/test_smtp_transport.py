@@ -111,6 +111,19 @@ async def test_envelope_unchanged_and_content_byte_exact(smtp_peer):
         assert result.relay == f"127.0.0.1[127.0.0.1]:{peer.port}"
 
 
+async def test_an_address_probe_says_mail_and_rcpt_and_delivers_nothing(smtp_peer):
+    """Postfix's smtp with the verify flag: each recipient's RCPT reply is its result; no DATA."""
+    peer = await smtp_peer()
+    peer.handler.rcpt_replies["c@example.test"] = "550 5.1.1 <c@example.test>: User unknown"
+    request = make_request(f"[127.0.0.1]:{peer.port}", "b@example.test", "c@example.test", verify=True)
+    report = await deliver(make_transport(), request)
+    assert [(r.outcome, r.text) for r in report.results] == [
+        (Outcome.SENT, "250 2.1.5 Ok"),
+        (Outcome.BOUNCED, "host 127.0.0.1[127.0.0.1] said: 550 5.1.1 <c@example.test>: User unknown (in reply to "
+                          "RCPT TO command)")]
+    assert peer.messages == []
+
+
 async def test_bracketed_host_without_port_uses_the_configured_port(smtp_peer):
     peer = await smtp_peer()
     report = await deliver(make_transport(port=peer.port), make_request("[127.0.0.1]"))

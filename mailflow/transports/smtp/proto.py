@@ -19,6 +19,10 @@ is streamed: a message in memory goes in one write, a spooled one CHUNK bytes at
 (within data_timeout) until the peer has taken the last. After the content SMTP reads one reply for every
 accepted recipient, LMTP (RFC 2033 4.2) one reply per accepted recipient, in RCPT order.
 
+An address probe (`request.verify`, Postfix's smtp with the verify flag) ends after the RCPT replies: no DATA
+(nor in the pipelined write), each accepted recipient SENT with its RCPT reply, the transaction left open (RSET
+before the session is cached, else QUIT): nothing is delivered.
+
 Limits: MAIL, each RCPT and DATA `command`; the content and the reply (each reply) after it `data`.
 """
 from __future__ import annotations
@@ -91,8 +95,9 @@ async def _transaction(
     rcpts = [rcpt_command(r, extensions) for r in recipients]
     pipelining = extensions.supports("pipelining")
     mail = mail_command(request, extensions, body, converted=bool(encoders))
+    data = [] if request.verify else [b"DATA" + CRLF]  # a probe stops after RCPT (Postfix's verify flag)
     try:
-        session.send(b"".join([mail, *rcpts, b"DATA" + CRLF]) if pipelining else mail, MAIL)
+        session.send(b"".join([mail, *rcpts, *data]) if pipelining else mail, MAIL)
         reply = await session.reply(timeouts.command, MAIL)
     except SiteFailure:
         if reused:
@@ -103,7 +108,7 @@ async def _transaction(
     if not reply.positive:
         outcomes.update(reply_results(recipients, reply, peer, "MAIL FROM"))
         if pipelining:
-            await _abandon_pipelined(session, len(rcpts), timeouts.command)
+            await _abandon_pipelined(session, len(rcpts), timeouts.command, data=bool(data))
         return
     session.transaction_open = True
     accepted = []
@@ -113,8 +118,12 @@ async def _transaction(
         reply = await session.reply(timeouts.command, RCPT)
         if reply.positive:
             accepted.append(r)
+            if request.verify:
+                outcomes.update(reply_results([r], reply, peer, "RCPT TO"))
         else:
             outcomes.update(reply_results([r], reply, peer, "RCPT TO"))
+    if request.verify:  # the transaction stays open: RSET before the session is cached, else QUIT
+        return
     if not accepted:
         if pipelining:
             await _abandon_pipelined(session, 0, timeouts.command)
@@ -140,13 +149,14 @@ async def _transaction(
     session.transaction_open = refused
 
 
-async def _abandon_pipelined(session: Session, rcpt_replies: int, timeout: float) -> None:
-    """The results are in, but replies to pipelined commands are still coming: read them (RCPTs, then DATA).
-    A DATA that was accepted anyway gets an empty message. Any trouble here only closes the session."""
+async def _abandon_pipelined(session: Session, rcpt_replies: int, timeout: float, data: bool = True) -> None:
+    """The results are in, but replies to pipelined commands are still coming: read them (RCPTs, then DATA when
+    it was sent). A DATA that was accepted anyway gets an empty message. Any trouble here only closes the
+    session."""
     try:
         for _ in range(rcpt_replies):
             await session.reply(timeout, RCPT)
-        if (await session.reply(timeout, DATA)).code // 100 == 3:
+        if data and (await session.reply(timeout, DATA)).code // 100 == 3:
             session.send(b"." + CRLF, END_OF_DATA)
             await session.reply(timeout, END_OF_DATA)
             session.transaction_open = False
