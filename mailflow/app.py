@@ -80,6 +80,7 @@ from mailflow.signing.outbound import OutboundSigning
 from mailflow.stages.smtpd import Smtpd, SmtpdHandler
 from mailflow.stages.smtpd.filtering import FilterServices
 from mailflow.stages.smtpd.transcript import SessionObservers
+from mailflow.stages.verify import Prober, Verifier
 from mailflow.store import Store
 from mailflow.tables.check import table_problems
 from mailflow.transports import build_transports
@@ -150,6 +151,14 @@ def build_outbound_signing(config: Config, router: Router, resolver, clock: Cloc
                            resolver=resolver, clock=clock, log=log)
 
 
+def verify_prober(config: Config, router: Router, transports: dict) -> Prober:
+    """Address verification's probes along the routes of `router` with these transports, from
+    address_verify_sender (qualified with myorigin; `<>` or "": the null sender)."""
+    sender = config.address_verify.sender.strip()
+    sender = "" if sender in ("", "<>") else sender if "@" in sender else f"{sender}@{config.origin}"
+    return Prober(router, transports, sender, config.recipient_delimiter)
+
+
 def build_resolver(dns: DnsConfig) -> AiodnsResolver:
     """The resolver the `[dns]` section describes (the resolver itself knows nothing of the configuration)."""
     return AiodnsResolver(nameservers=dns.nameservers, timeout=dns.timeout, tries=dns.tries)
@@ -172,6 +181,7 @@ class Mailflow:
         self.smtpd: Smtpd | None = None
         self.pickup: Pickup | None = None
         self._cleanup: Cleanup | None = None
+        self._verifier: Verifier | None = None  # address verification: one cache for the server's life
         self._reloading = asyncio.Lock()
         self._site_flushes: dict[str, asyncio.Future] = {}  # ETRN: the flush under way for each site
         if capture is None and config.sink.enable:
@@ -242,8 +252,10 @@ class Mailflow:
         self._maillog = maillog
         self._cleanup = Cleanup(self.store, clock=self.clock, rng=self.rng, log=maillog, on_queued=self._wake_qmgr,
                                 **await self._cleanup_settings(c, router))
+        transports = self._build_transports(c, router)
+        self._verifier = Verifier(c.address_verify, verify_prober(c, router, transports), self.clock)
         self.qmgr = QueueManager(self.store, resolve=router.rewriter.resolve,
-                                 transports=self._build_transports(c, router), config=c.queue, clock=self.clock,
+                                 transports=transports, config=c.queue, clock=self.clock,
                                  rng=self.rng, log=maillog, notices=self._notices(c),
                                  on_delivery=self.metrics.delivered if self.metrics else None)
         await self.qmgr.start()
@@ -282,12 +294,12 @@ class Mailflow:
     def _handler_for(self, router: Router, filters: FilterServices):
         """How smtpd builds each listener's handler (its restrictions) from the listener's effective config."""
         assert self._cleanup is not None
-        resolver, cleanup, queue = self._dns_resolver(), self._cleanup, self.config.queue_path
+        resolver, cleanup, queue, verifier = self._dns_resolver(), self._cleanup, self.config.queue_path, self._verifier
         free_space = lambda: shutil.disk_usage(queue).free  # noqa: E731 (asked at every MAIL)
         return lambda listener_config: SmtpdHandler(listener_config, router.rewriter, router.mapper, cleanup,
                                                     resolver=resolver, free_space=free_space,
                                                     policy=self._smtpd_policy, filters=filters,
-                                                    flush_site=self._flush_site)
+                                                    flush_site=self._flush_site, verifier=verifier)
 
     async def _flush_site(self, domain: str) -> None:
         """ETRN: every deferred message with a pending recipient in `domain` is due now (what `mailflow queue
@@ -383,6 +395,9 @@ class Mailflow:
         stages = [stage for stage in (self.smtpd, self.pickup, self.qmgr) if stage is not None]
         await asyncio.gather(*(stage.stop(self._grace) for stage in stages))
         self.smtpd = self.pickup = self.qmgr = None
+        if self._verifier is not None:
+            self._verifier.close()
+            self._verifier = None
         for filters in (self._filters, *self._retired_filters):
             if filters is not None:
                 filters.close()
@@ -425,6 +440,8 @@ class Mailflow:
             self._filters = filters
             self.qmgr.reconfigure(resolve=router.rewriter.resolve, transports=transports, config=config.queue,
                                   notices=self._notices(config))
+            if self._verifier is not None:
+                self._verifier.reconfigure(config.address_verify, verify_prober(config, router, transports))
             self.pickup.reconfigure(myhostname=config.myhostname, interval=config.sendmail.pickup_interval,
                                     bounce_size_limit=config.queue.bounce_size_limit,
                                     size_limit=config.smtpd.message_size_limit, milters=non_smtpd_milters(config))

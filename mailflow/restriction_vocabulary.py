@@ -49,7 +49,8 @@ WITHOUT_ARGUMENT = (
     "reject_unknown_recipient_domain", "reject_non_fqdn_sender", "reject_non_fqdn_recipient",
     "reject_non_fqdn_helo_hostname", "reject_invalid_helo_hostname",
     "reject_unknown_client_hostname", "reject_unknown_reverse_client_hostname", "reject_unknown_sender_domain",
-    "check_greylist", "reject_spf_fail", "reject_dmarc_policy",
+    "check_greylist", "reject_spf_fail", "reject_dmarc_policy", "reject_unverified_recipient",
+    "reject_unverified_sender",
 )
 RHSBL_CHECKS = {  # reject_rhsbl_* -> what its query is made of
     "reject_rhsbl_client": "client", "reject_rhsbl_reverse_client": "reverse_client",

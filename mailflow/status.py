@@ -237,6 +237,17 @@ def greylisted(address: str) -> Reply:
     return restriction_rejected(450, "4.2.0", address, "Recipient address", "Greylisted, try again later")
 
 
+def unverified_address(address: str, what: str, code: int, dsn: str, text: str) -> Reply:
+    """reject_unverified_recipient/_sender: the probe deferred, is under way, or (with a 4xx reject code) bounced;
+    `text` the probe's (Postfix keeps 250 characters of it)."""
+    return restriction_rejected(code, dsn, address, what, f"unverified address: {text[:250]}")
+
+
+def undeliverable_address(address: str, what: str, code: int, dsn: str, text: str) -> Reply:
+    """reject_unverified_recipient/_sender with a 5xx reject code: the probe bounced."""
+    return restriction_rejected(code, dsn, address, what, f"undeliverable address: {text}")
+
+
 def spf_failed(sender: str, client_ip: str) -> Reply:
     """reject_spf_fail: the sender's domain does not authorise the client (RFC 7372: 5.7.23)."""
     return restriction_rejected(550, "5.7.23", sender, "Sender address",

@@ -25,7 +25,8 @@ The package, split by job like Postfix's global/mail_params + postconf (callers 
     sink.py       SinkConfig                                                                   [sink]
     deliverability.py  DkimConfig, ArcConfig, SrsConfig, MtaStsConfig, DeliverabilityConfig   [dkim] [arc] [srs]
                   [mta_sts] [deliverability]
-    filters.py    the inbound filters: [checks] [milter] [spamd] [clamd] [greylist] [sender_auth],
+    filters.py    the inbound filters: [checks] [milter] [spamd] [clamd] [greylist] [address_verify]
+                  [sender_auth],
                   and SmtpdFilterSettings (a listener's milters, content_filter, receive_override_options)
     admin.py      AdminConfig, beyond_loopback                                                 [admin]
     main.py       Config (top-level settings and the sections), DEFAULTS, BUILTIN_TRANSPORTS
@@ -45,7 +46,7 @@ from mailflow.config.delivery import DnsConfig, LmtpConfig, LocalConfig, PipeSer
 from mailflow.config.http import HttpConfig
 from mailflow.config.deliverability import (ArcConfig, DeliverabilityConfig, DkimConfig, MtaStsConfig, SrsConfig,
                                             opendkim_dataset)
-from mailflow.config.filters import (ChecksConfig, ClamdConfig, GreylistConfig,
+from mailflow.config.filters import (AddressVerifyConfig, ChecksConfig, ClamdConfig, GreylistConfig,
                                      MilterConfig, SenderAuthConfig, SpamdConfig)
 from mailflow.config.load import config_from_dict, load_config
 from mailflow.config.log import LogConfig
@@ -59,7 +60,8 @@ from mailflow.config.smtpd import LISTENER_ROLES, ListenerConfig, SmtpdConfig
 from mailflow.errors import ConfigError
 
 __all__ = [
-    "AccountsConfig", "AdminConfig", "ArcConfig", "BUILTIN_TRANSPORTS", "ChecksConfig", "ClamdConfig", "DEFAULTS",
+    "AccountsConfig", "AddressVerifyConfig", "AdminConfig", "ArcConfig", "BUILTIN_TRANSPORTS", "ChecksConfig",
+    "ClamdConfig", "DEFAULTS",
     "DeliverabilityConfig", "DkimConfig", "GreylistConfig", "LISTENER_ROLES", "MilterConfig", "Config", "ConfigError",
     "DnsConfig", "Duration", "HttpConfig", "ListenerConfig", "LmtpConfig", "LocalConfig", "LogConfig", "MtaStsConfig",
     "PipeService", "QueueConfig", "Section", "SenderAuthConfig", "SendmailConfig", "SinkConfig", "SmtpConfig",

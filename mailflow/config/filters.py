@@ -7,6 +7,7 @@
     SpamdConfig       [spamd]         SpamAssassin's spamd: address, timeout, size limit, action, on_failure
     ClamdConfig       [clamd]         ClamAV's clamd (INSTREAM): address, timeout, size limit, action, on_failure
     GreylistConfig    [greylist]      check_greylist: delay, lifetimes, whitelists, auto-whitelist, its database
+    AddressVerifyConfig [address_verify]  reject_unverified_recipient/_sender: probes, cache lifetimes and sizes
     SenderAuthConfig  [sender_auth]   SPF, DKIM and DMARC verdicts and the Authentication-Results header
     SmtpdFilterSettings               [smtpd] settings a listener may override (SmtpdConfig inherits them):
                                       milters, content_filter (the after-queue filter), receive_override_options
@@ -151,6 +152,24 @@ class GreylistConfig(Section):
     whitelist_networks: Networks = ()
     whitelist_domains: tuple[str, ...] = ()  # sender domains (and their subdomains) never greylisted
     auto_whitelist_count: int = Field(5, ge=0)  # 0: no auto-whitelist
+
+
+class AddressVerifyConfig(Section):
+    """Address verification (Postfix verify(8), ADDRESS_VERIFICATION_README), for reject_unverified_recipient
+    and reject_unverified_sender: a probe (MAIL FROM:<sender>, RCPT TO, no DATA) along the address's route; the
+    results cached in memory, at most `cache_size` addresses (least recently used dropped), at most
+    `probe_limit` probes at once. smtpd waits for a new probe up to poll_delay x (poll_count - 1)."""
+
+    sender: str = "double-bounce"  # address_verify_sender: qualified with myorigin; "<>": the null sender
+    poll_count: int = Field(3, ge=1)
+    poll_delay: Duration = Field(3.0, ge=0)
+    positive_expire_time: Duration = Field(31 * 86400.0, gt=0)
+    positive_refresh_time: Duration = Field(7 * 86400.0, gt=0)
+    negative_cache: bool = True
+    negative_expire_time: Duration = Field(3 * 86400.0, gt=0)
+    negative_refresh_time: Duration = Field(3 * 3600.0, gt=0)
+    cache_size: int = Field(100_000, ge=1)
+    probe_limit: int = Field(20, ge=1)
 
 
 class SenderAuthConfig(Section):

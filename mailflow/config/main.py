@@ -18,7 +18,7 @@ from mailflow.address import normalise_domain
 from mailflow.config.accounts import AccountsConfig
 from mailflow.config.admin import AdminConfig
 from mailflow.config.base import Duration, Networks, Section, TableSpecs, each_one_of
-from mailflow.config.filters import (ChecksConfig, ClamdConfig, GreylistConfig,
+from mailflow.config.filters import (AddressVerifyConfig, ChecksConfig, ClamdConfig, GreylistConfig,
                                      MilterConfig, SenderAuthConfig, SpamdConfig)
 from mailflow.config.delivery import DnsConfig, LmtpConfig, LocalConfig, PipeService, SmtpConfig
 from mailflow.config.deliverability import ArcConfig, DeliverabilityConfig, DkimConfig, MtaStsConfig, SrsConfig
@@ -158,6 +158,7 @@ class Config(Section):
     spamd: SpamdConfig = SpamdConfig()
     clamd: ClamdConfig = ClamdConfig()
     greylist: GreylistConfig = GreylistConfig()
+    address_verify: AddressVerifyConfig = AddressVerifyConfig()
     sender_auth: SenderAuthConfig = SenderAuthConfig()
     # Delivery to commands: [pipe.NAME] tables (PipeService), each a transport named NAME.
     pipe: dict[str, PipeService] = {}

@@ -148,6 +148,18 @@ class SmtpdConfig(SmtpdFilterSettings):
     end_of_data_restrictions: tuple[Restriction, ...] = ()
     reject_unlisted_recipient: bool = True
     unknown_address_reject_code: int = Field(450, ge=400, le=599)
+    # reject_unverified_recipient / reject_unverified_sender (Postfix's names; [address_verify] runs the probes):
+    # the code for an address whose probe failed (reject_code: bounced; defer_code: deferred or still under
+    # way), how a 4xx is applied (tempfail_action: defer_if_permit, a later refusal wins; or defer, at once) and
+    # a text in place of the probe's (reject_reason; "": the probe's).
+    unverified_recipient_reject_code: int = Field(450, ge=400, le=599)
+    unverified_recipient_defer_code: int = Field(450, ge=400, le=599)
+    unverified_recipient_tempfail_action: Literal["defer_if_permit", "defer"] = "defer_if_permit"
+    unverified_recipient_reject_reason: str = ""
+    unverified_sender_reject_code: int = Field(450, ge=400, le=599)
+    unverified_sender_defer_code: int = Field(450, ge=400, le=599)
+    unverified_sender_tempfail_action: Literal["defer_if_permit", "defer"] = "defer_if_permit"
+    unverified_sender_reject_reason: str = ""
     policy_service_timeout: Duration = Field(100.0, gt=0)
     policy_service_default_action: str = "451 4.3.5 Server configuration problem"
     policy_service_policy_context: str = ""  # the requests' policy_context attribute

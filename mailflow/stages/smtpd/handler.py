@@ -68,6 +68,7 @@ from mailflow.stages.smtpd.filtering import FilterServices
 from mailflow.stages.smtpd.peername import PeerNames
 from mailflow.stages.smtpd.restrictions import Facts, Marks, Restrictions
 from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction, helo_name
+from mailflow.stages.verify import Verifier
 from mailflow.tables import TableCache
 
 log = logging.getLogger("mailflow.smtpd")
@@ -86,10 +87,11 @@ class SmtpdHandler:
     def __init__(self, config: Config, rewriter: Rewriter, mapper: AddressMapper, cleanup, *,
                  resolver=None, tables: TableCache | None = None, free_space: Callable[[], int] | None = None,
                  policy: SmtpdPolicy | None = None, filters: FilterServices | None = None,
-                 flush_site: Callable[[str], Awaitable[None]] | None = None):
+                 flush_site: Callable[[str], Awaitable[None]] | None = None, verifier: Verifier | None = None):
         """`free_space()`: bytes free for the queue (None: no space check); `policy`: the in-process hook;
         `filters`: the inbound filters (filtering.py), None when none is configured; `flush_site(domain)`:
-        retry now the deferred mail for a domain (ETRN; None: ETRN is refused for every site)."""
+        retry now the deferred mail for a domain (ETRN; None: ETRN is refused for every site); `verifier`: the
+        address verification service (mailflow.stages.verify; None: reject_unverified_* have no opinion)."""
         self._config = config
         self._policy = policy
         self._free_space = free_space
@@ -99,7 +101,8 @@ class SmtpdHandler:
         self._cleanup = cleanup
         self.restrictions = Restrictions(config, config.smtpd, rewriter, mapper, resolver, tables,
                                          greylist=filters.greylist if filters else None,
-                                         sender_auth=filters.sender_auth if filters else None)
+                                         sender_auth=filters.sender_auth if filters else None,
+                                         verifier=verifier)
         self.filter_services = filters  # the server's shared filters this handler uses (a reload retires them)
         self._filters = filters.for_listener(config) if filters is not None else None
         self._no_recipient_checks = "no_unknown_recipient_checks" in config.smtpd.receive_override_options

@@ -14,6 +14,10 @@ What it owns
   check_greylist (450 4.2.0 as a DEFER_IF_PERMIT, postgrey's answer; mailflow.filters.greylist),
   reject_spf_fail (550 5.7.23) and, at end of data, reject_dmarc_policy (p=reject: 550 5.7.1; p=quarantine:
   HOLD). Access FILTER transport:nexthop marks the message for that after-queue filter.
+- reject_unverified_recipient and reject_unverified_sender ask the verifier (mailflow.stages.verify), as
+  Postfix's reject_unverified_address: `450 4.1.1 <a>: Recipient address rejected: unverified address: <why>` as a
+  DEFER_IF_PERMIT (the probe is under way, deferred, or bounced with the default reject code 450), `550 5.1.1
+  ... undeliverable address: <why>` with a 5xx reject code; a deliverable address has no opinion.
 
 Evaluation (delay_reject true: Postfix with smtpd_delay_reject = yes): at RCPT the client, helo, sender, relay and
 recipient lists run in that order (delay_reject false: the handler runs the first three at connect or XCLIENT,
@@ -65,6 +69,8 @@ from mailflow.restriction_vocabulary import (ACCESS_CHECKS, KNOWN, NEEDS_FILTER,
                                              check_item, split_item)
 from mailflow.stages.smtpd.dns_checks import DnsChecks
 from mailflow.stages.smtpd.policy import PolicyClient, PolicyError
+from mailflow.stages.verify import Status as VerifyStatus
+from mailflow.stages.verify import Verifier
 from mailflow.syntax import is_ipv4
 from mailflow.tables import TableCache, find, split_extension
 
@@ -229,11 +235,13 @@ class Restrictions:
     """The restriction lists of one SmtpdConfig; see the module doc."""
 
     def __init__(self, config, smtpd, rewriter, mapper, resolver=None, tables: TableCache | None = None, *,
-                 greylist=None, sender_auth=None):
+                 greylist=None, sender_auth=None, verifier: Verifier | None = None):
         """`greylist` (mailflow.filters.greylist.Greylist) serves check_greylist, `sender_auth`
-        (mailflow.filters.senderauth.SenderAuth) reject_spf_fail; without them those have no opinion."""
+        (mailflow.filters.senderauth.SenderAuth) reject_spf_fail, `verifier` reject_unverified_recipient and
+        _sender; without them those have no opinion."""
         tables = tables or TableCache()
         self._greylist = greylist
+        self._verifier = verifier
         self._sender_auth = sender_auth
         self._config = config
         self._smtpd = smtpd
@@ -361,6 +369,10 @@ class Restrictions:
             return await self._spf_fail(facts)
         if name == "reject_dmarc_policy":
             return self._dmarc_policy(facts)
+        if name == "reject_unverified_recipient":
+            return await self._unverified("recipient", facts.recipient, facts) if facts.recipient else None
+        if name == "reject_unverified_sender":
+            return await self._unverified("sender", facts.sender, facts) if facts.sender else None
         raise AssertionError(f"restriction {name!r} has no evaluation")  # check_item lets no such name in
 
     def _simple(self, name: str, stage: str, facts: Facts, subject: tuple[str, str] | None = None):
@@ -601,6 +613,35 @@ class Restrictions:
             return status.dmarc_rejected(verdicts.dmarc_domain)
         if verdicts.dmarc_policy == "quarantine":
             facts.marks.hold = f"DMARC policy of {verdicts.dmarc_domain}: quarantine"
+        return None
+
+    async def _unverified(self, kind: str, addr: str, facts: Facts):
+        """Postfix's reject_unverified_address: the verifier's status of the address, a new probe waited for up to
+        address_verify_poll_delay x (poll_count - 1) (Postfix polls that long). Deliverable: no opinion. A bounce
+        gets unverified_<kind>_reject_code, a deferral or a probe still under way the defer code; a 5xx is a
+        refusal (`undeliverable address`), a 4xx (`unverified address`) a DEFER_IF_PERMIT unless the
+        tempfail_action is defer. The enhanced code is 4.1.1 (recipient) or 4.1.7 (sender), in the reply's class."""
+        if self._verifier is None:
+            return None
+        verdict = self._verifier.query(addr)
+        if verdict.status is VerifyStatus.TODO:
+            settings = self._verifier.settings
+            await self._verifier.wait(addr, settings.poll_delay * (settings.poll_count - 1))
+            verdict = self._verifier.query(addr, probe=False)
+        if verdict.status is VerifyStatus.OK:
+            return None
+        smtpd = self._smtpd
+        code = getattr(smtpd, f"unverified_{kind}_reject_code" if verdict.status is VerifyStatus.BOUNCE
+                       else f"unverified_{kind}_defer_code")
+        text = getattr(smtpd, f"unverified_{kind}_reject_reason") or verdict.text
+        dsn = f"{str(code)[0]}.1.{'1' if kind == 'recipient' else '7'}"
+        what = SUBJECT[kind]
+        if code >= 500:
+            return status.undeliverable_address(addr, what, code, dsn, text)
+        reply = status.unverified_address(addr, what, code, dsn, text)
+        if getattr(smtpd, f"unverified_{kind}_tempfail_action") == "defer":
+            return reply
+        facts.defer_if_permit = facts.defer_if_permit or reply
         return None
 
     async def _policy(self, spec: str, stage: str, facts: Facts, subject: tuple[str, str] | None = None):

@@ -1,0 +1,231 @@
+"""Address verification: Postfix's verify(8) for smtpd's reject_unverified_recipient and reject_unverified_sender.
+
+What it owns
+- `Verifier(settings, probe, clock)`: the cache of what is known of each address and the probes under way.
+  `query(addr, probe=True) -> Verdict` is verify(8)'s query: the cached status, or TODO ("Address verification
+  in progress") when there is none or it expired; it starts a probe when the result needs refreshing and none
+  is under way for the address. `await wait(addr, timeout)`: until that address's probe ends or `timeout`
+  passes (smtpd's poll, as Postfix's address_verify_poll_count x address_verify_poll_delay). `close()` cancels
+  the probes under way; `reconfigure(settings, probe)` (a reload) keeps the cache.
+- `Prober(router, transports, sender, recipient_delimiter)`: one probe as a callable, `await prober(addr) ->
+  Verdict`, along the address's normal route (cleanup's canonical and virtual alias maps, trivial-rewrite's
+  transport and nexthop, transport_maps, relayhost, MX): an SMTP or LMTP next hop gets a session with MAIL
+  FROM:<sender>, RCPT TO:<addr> and no DATA (`DeliveryRequest.verify`: Postfix's smtp with the verify flag), so
+  nothing is delivered; the error transport answers with its nexthop's status and text (deferred for 4.X.X); discard
+  accepts. The local transport answers as Postfix's local(8) answers a probe, without delivering: an alias is
+  deliverable ("aliased to <value>", not expanded), a local user too ("delivers to mailbox"), another name bounces
+  (`unknown user: "name"`); the virtual transport as virtual(8): a virtual_mailbox_maps user is deliverable, another
+  bounces. Other transports (pipe services, capture) are taken as deliverable, as Postfix's pipe(8) reports a probe.
+  An address that expands to several routes is deliverable when one of them is (Postfix keeps an OK result against
+  later failures); else it gets the last failure.
+
+The cache, as verify(8)'s (Postfix's lifetimes and its rules): an OK result is kept positive_expire_time and
+probed again after positive_refresh_time; a failure (bounced or deferred; only with negative_cache) kept
+negative_expire_time and probed again after negative_refresh_time; a failed probe never replaces an OK result
+that has not expired (the address is probed again at the next query). It lives in memory, not in the queue
+database: one process needs no daemon to share it, and a restart costs one "in progress" 450 per address in use
+(Postfix with an empty address_verify_map does the same). Bounded: at most `cache_size` addresses (the least
+recently used are dropped), at most `probe_limit` probes at once (an address beyond that is answered "in
+progress" and probed at a later query: a flood of random recipients starts no more probes and holds no more
+memory), one probe per address at a time (queries for it while it runs share it). A probe ends within its
+transport's own timeouts; Postfix's 1000 s probe time-to-live is not needed.
+
+Failure behaviour: a probe that raises (a table that cannot answer: LookupRetry, an unexpected error) is a
+deferred result with the error's text (logged); nothing here raises for an address.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Mapping
+
+from mailflow.address import split as split_address
+from mailflow.clock import Clock
+from mailflow.content import Content
+from mailflow.errors import DeliveryError
+from mailflow.model import DeliveryRequest, Outcome, Recipient
+from mailflow.tables import split_extension
+from mailflow.transports.local.aliasing import is_safe_user
+
+log = logging.getLogger("mailflow.verify")
+
+IN_PROGRESS = "Address verification in progress"  # verify(8)'s text while a probe is under way
+PROBE_TRANSPORTS = ("smtp", "lmtp", "error", "discard")  # agents that answer a probe themselves, delivering nothing
+
+
+class Status(enum.Enum):
+    """verify(8)'s address status (Postfix's DEL_RCPT_STAT_*)."""
+
+    OK = "deliverable"
+    DEFER = "deferred"
+    BOUNCE = "bounced"
+    TODO = "in progress"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: Status
+    text: str
+
+
+@dataclass
+class _Entry:
+    verdict: Verdict
+    updated: float  # when the probe's result came
+
+
+_OUTCOMES = {Outcome.SENT: Status.OK, Outcome.DEFERRED: Status.DEFER, Outcome.BOUNCED: Status.BOUNCE}
+
+
+class Verifier:
+    """See the module docstring. `settings`: an AddressVerifyConfig; `probe(addr)`: a Prober (or a test's)."""
+
+    def __init__(self, settings, probe: Callable[[str], Awaitable[Verdict]], clock: Clock):
+        self.settings = settings
+        self._probe = probe
+        self._clock = clock
+        self._cache: OrderedDict[str, _Entry] = OrderedDict()
+        self._probes: dict[str, asyncio.Task] = {}
+
+    def query(self, addr: str, probe: bool = True) -> Verdict:
+        """The address's status; a probe started when its result needs refreshing (`probe`)."""
+        now = self._clock.time()
+        entry = self._cache.get(addr)
+        if entry is not None and self._expired(entry, now) and addr not in self._probes:
+            if not self.settings.negative_cache:
+                del self._cache[addr]
+            entry = None
+        if entry is not None:
+            self._cache.move_to_end(addr)
+        if probe and addr not in self._probes and (entry is None or self._refresh_due(entry, now)):
+            self._start(addr)
+        return entry.verdict if entry is not None else Verdict(Status.TODO, IN_PROGRESS)
+
+    async def wait(self, addr: str, timeout: float) -> None:
+        """Until the probe of `addr` ends (at once when none is under way) or `timeout` passes; the probe goes on
+        if the waiter goes away."""
+        task = self._probes.get(addr)
+        if task is not None and timeout > 0:
+            await asyncio.wait({task}, timeout=timeout)
+
+    def reconfigure(self, settings, probe: Callable[[str], Awaitable[Verdict]]) -> None:
+        """A reload: new settings and routes for the next probes; the cache is kept (probes under way finish)."""
+        self.settings = settings
+        self._probe = probe
+        while len(self._cache) > settings.cache_size:
+            self._cache.popitem(last=False)
+
+    def close(self) -> None:
+        for task in list(self._probes.values()):
+            task.cancel()
+
+    def _expired(self, entry: _Entry, now: float) -> bool:
+        s = self.settings
+        lifetime = s.positive_expire_time if entry.verdict.status is Status.OK else s.negative_expire_time
+        return entry.updated + lifetime < now
+
+    def _refresh_due(self, entry: _Entry, now: float) -> bool:
+        s = self.settings
+        after = s.positive_refresh_time if entry.verdict.status is Status.OK else s.negative_refresh_time
+        return entry.updated + after < now
+
+    def _start(self, addr: str) -> None:
+        if len(self._probes) >= self.settings.probe_limit:
+            log.info("address verification: %d probes under way; <%s> waits for a later query", len(self._probes),
+                     addr)
+            return
+        task = asyncio.ensure_future(self._run(addr))
+        self._probes[addr] = task
+        task.add_done_callback(lambda _: self._probes.pop(addr, None))
+
+    async def _run(self, addr: str) -> None:
+        try:
+            verdict = await self._probe(addr)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a probe must not end without a result; the next query probes again
+            text = e.text if isinstance(e, DeliveryError) else "address verification problem"
+            if not isinstance(e, DeliveryError):
+                log.exception("address verification of <%s> failed", addr)
+            verdict = Verdict(Status.DEFER, text)
+        self._update(addr, verdict)
+
+    def _update(self, addr: str, verdict: Verdict) -> None:
+        """verify(8)'s update: a failure is cached only with negative_cache and never replaces an OK result."""
+        if verdict.status is not Status.OK:
+            if not self.settings.negative_cache:
+                return
+            kept = self._cache.get(addr)
+            if kept is not None and kept.verdict.status is Status.OK:
+                return
+        self._cache[addr] = _Entry(verdict, self._clock.time())
+        self._cache.move_to_end(addr)
+        while len(self._cache) > self.settings.cache_size:
+            self._cache.popitem(last=False)
+
+
+class Prober:
+    """One probe along an address's route; see the module docstring. `router`: mailflow.routing.router.Router;
+    `transports`: qmgr's, by name; `sender`: the probes' envelope sender ("" the null sender)."""
+
+    def __init__(self, router, transports: Mapping, sender: str, recipient_delimiter: str = "+"):
+        self._router = router
+        self._delimiter = recipient_delimiter
+        self._transports = transports
+        self._sender = sender
+        self._ids = itertools.count(1)
+
+    async def __call__(self, addr: str) -> Verdict:
+        routes = await self._router.tables.run(self._routes, addr)
+        verdicts = [await self._deliver(*route) for route in routes] or [Verdict(Status.BOUNCE, "no recipients")]
+        return next((v for v in verdicts if v.status is Status.OK), verdicts[-1])
+
+    def _routes(self, addr: str) -> list[tuple[str, str, str]]:
+        """(address, transport, nexthop) of each address cleanup would make of `addr` (canonical maps, virtual
+        alias expansion), as trivial-rewrite resolves it. May raise LookupRetry."""
+        mapper, rewriter = self._router.mapper, self._router.rewriter
+        routes = []
+        for final in mapper.expand(mapper.recipient(addr)):
+            res = rewriter.resolve(final)
+            routes.append((res.address, res.transport, res.nexthop))
+        return routes
+
+    async def _deliver(self, addr: str, transport_name: str, nexthop: str) -> Verdict:
+        transport = self._transports.get(transport_name)
+        if transport is None:
+            return Verdict(Status.DEFER, f"mail transport unavailable: {transport_name}")
+        program = getattr(transport, "program", "")
+        if program == "local":
+            return await self._router.tables.run(self._local, addr)
+        if program == "virtual":
+            return await self._router.tables.run(self._virtual, addr)
+        if program not in PROBE_TRANSPORTS:
+            return Verdict(Status.OK, f"delivers to {program or transport_name}")
+        queue_id = f"VRFY{next(self._ids):06X}"
+        request = DeliveryRequest(queue_id=queue_id, sender=self._sender, recipients=(Recipient(0, addr, addr),),
+                                  nexthop=nexthop, content=Content(), verify=True)
+        result = (await transport.deliver(request)).results[0]
+        verdict = Verdict(_OUTCOMES[result.outcome], result.text)
+        log.info("%s: to=<%s>, relay=%s, dsn=%s, status=%s (%s)", queue_id, addr, result.relay or "none", result.dsn,
+                 "deliverable" if verdict.status is Status.OK else "undeliverable", result.text)
+        return verdict
+
+    def _local(self, addr: str) -> Verdict:
+        """local(8) with the verify flag: aliases are not expanded, no mailbox is written."""
+        rewriter = self._router.rewriter
+        alias = rewriter.alias(addr)
+        if alias is not None:
+            return Verdict(Status.OK, f"aliased to {alias[2].strip()}")
+        user, _ = split_extension(split_address(addr)[0].lower(), self._delimiter)
+        if is_safe_user(user) and rewriter.is_local_user(addr):
+            return Verdict(Status.OK, "delivers to mailbox")
+        return Verdict(Status.BOUNCE, f"unknown user: \"{user}\"")
+
+    def _virtual(self, addr: str) -> Verdict:
+        if self._router.rewriter.virtual_mailbox(addr) is None:
+            return Verdict(Status.BOUNCE, f"unknown user: \"{addr.lower()}\"")
+        return Verdict(Status.OK, "delivers to maildir")

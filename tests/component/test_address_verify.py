@@ -1,0 +1,204 @@
+"""reject_unverified_recipient / reject_unverified_sender through a whole mailflow: probes to mailflow's own fake
+destinations (mailflow.testing.destinations, real SMTP peers on loopback behind a fake name service), one per
+behaviour of the internal server: accepts, refuses 550, defers 450, says nothing (times out). And the verifier's
+cache on its own, on a virtual clock: Postfix's lifetimes, its bounds."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from mailflow import status
+from mailflow.app import Mailflow
+from mailflow.clock import VirtualClock
+from mailflow.config import DEFAULTS, config_from_dict
+from mailflow.stages.verify import IN_PROGRESS, Status, Verdict, Verifier
+from mailflow.testing.destinations import Destinations
+from tests.support import SmtpClient
+from tests.support.servers import base_settings, merged
+from tests.support.waiting import eventually
+
+DOMAINS = ("good.test", "bad.test", "soft.test", "slow.test")
+
+
+@pytest.fixture
+async def destinations():
+    found = Destinations()
+    good, bad, soft, slow = (found.add(d) for d in DOMAINS)
+    bad.answers(550, "5.1.1 User unknown")
+    soft.answers(450, "4.2.0 Try again later")
+    slow.times_out()
+    yield found
+    await found.stop()
+
+
+@pytest.fixture
+async def verifying(tmp_path, destinations):
+    """Start a mailflow that verifies recipients (its smtpd and address_verify settings as given) against the
+    destinations: waits up to 2 s for a probe; a peer that says nothing is given up after 3 s."""
+    running: list[Mailflow] = []
+
+    async def start(verify: dict | None = None, **smtpd) -> Mailflow:
+        settings = merged(base_settings(tmp_path), {
+            "relay_domains": list(DOMAINS),
+            "smtpd": {"listen": ["127.0.0.1:0"], "recipient_restrictions": ["reject_unverified_recipient"], **smtpd},
+            "smtp": {"port": destinations.port, "helo_timeout": "3s", "command_timeout": "3s"},
+            "address_verify": {"poll_delay": "1s", "poll_count": 3, **(verify or {})},
+        })
+        mf = Mailflow(config_from_dict(settings), resolver=destinations.resolver, shutdown_grace=1.0)
+        await mf.start()
+        running.append(mf)
+        return mf
+
+    yield start
+    for mf in running:
+        await mf.stop()
+
+
+async def rcpt(mf: Mailflow, address: str, sender: str = "s@remote.test"):
+    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    try:
+        await client.cmd("EHLO client.test")
+        await client.cmd(f"MAIL FROM:<{sender}>")
+        return await client.cmd(f"RCPT TO:<{address}>", timeout=10)
+    finally:
+        await client.close()
+
+
+def unverified(address: str, text: str, code: int = 450) -> status.Reply:
+    return status.unverified_address(address, "Recipient address", code, f"{str(code)[0]}.1.1", text)
+
+
+def said(destinations: Destinations, domain: str, reply: str) -> str:
+    host = destinations.add(domain)
+    return f"host {host.mx_host}[{host.address}] said: {reply} (in reply to RCPT TO command)"
+
+
+async def test_the_first_rcpt_waits_for_the_probe_and_a_later_one_gets_the_cached_result(verifying, destinations):
+    mf = await verifying()
+    first = await asyncio.gather(*(rcpt(mf, f"u@{d}") for d in DOMAINS[:3]))
+    bad = unverified("u@bad.test", said(destinations, "bad.test", "550 5.1.1 User unknown"))
+    soft = unverified("u@soft.test", said(destinations, "soft.test", "450 4.2.0 Try again later"))
+    assert first == [status.RCPT_OK, bad, soft]
+    assert await asyncio.gather(*(rcpt(mf, f"u@{d}") for d in DOMAINS[:3])) == first
+    for domain in DOMAINS[:3]:  # one probe each, MAIL and RCPT only: nothing delivered
+        assert (destinations.add(domain).transactions, destinations.add(domain).messages) == (1, [])
+
+
+async def test_a_probe_that_outlasts_the_wait_is_in_progress_then_its_failure_is_cached(verifying, destinations):
+    mf = await verifying()
+    assert await rcpt(mf, "u@slow.test") == unverified("u@slow.test", IN_PROGRESS)
+    slow = destinations.add("slow.test")
+    timed_out = unverified("u@slow.test", f"conversation with {slow.mx_host}[{slow.address}] timed out while "
+                                          "receiving the initial server greeting")
+
+    async def answered() -> bool:
+        return await rcpt(mf, "u@slow.test") != unverified("u@slow.test", IN_PROGRESS)
+
+    await eventually(answered, timeout=8, step=0.5)
+    assert await rcpt(mf, "u@slow.test") == timed_out
+    assert slow.connections == 1
+
+
+async def test_a_5xx_reject_code_refuses_a_bounced_address_and_keeps_450_for_a_deferred_one(verifying, destinations):
+    mf = await verifying(unverified_recipient_reject_code=550)
+    text = said(destinations, "bad.test", "550 5.1.1 User unknown")
+    assert await rcpt(mf, "u@bad.test") == status.undeliverable_address("u@bad.test", "Recipient address", 550,
+                                                                         "5.1.1", text)
+    assert (await rcpt(mf, "u@soft.test")).code == 450
+
+
+async def test_the_deferral_is_defer_if_permit_a_later_refusal_wins_unless_tempfail_action_is_defer(verifying):
+    later = ["reject_unverified_recipient", "check_recipient_access inline:{ { u@soft.test = REJECT no } }"]
+    mf = await verifying(recipient_restrictions=later)
+    assert await rcpt(mf, "u@soft.test") == status.access_denied("u@soft.test", "Recipient address", "no")
+    await mf.stop()  # (one server per queue)
+    mf = await verifying(recipient_restrictions=later, unverified_recipient_tempfail_action="defer",
+                         unverified_recipient_reject_reason="go away")
+    assert await rcpt(mf, "u@soft.test") == unverified("u@soft.test", "go away")
+
+
+async def test_local_addresses_are_verified_as_postfix_local_answers_a_probe(verifying):
+    mf = await verifying()
+    assert await rcpt(mf, "alice@local.test") == status.RCPT_OK
+    assert await rcpt(mf, "nobody@local.test") == unverified("nobody@local.test", 'unknown user: "nobody"')
+
+
+async def test_the_sender_is_verified_with_its_own_words(verifying, destinations):
+    mf = await verifying(recipient_restrictions=[], sender_restrictions=["reject_unverified_sender"])
+    reply = await rcpt(mf, "alice@local.test", sender="s@bad.test")
+    assert reply == status.unverified_address("s@bad.test", "Sender address", 450, "4.1.7",
+                                              said(destinations, "bad.test", "550 5.1.1 User unknown"))
+    assert await rcpt(mf, "alice@local.test", sender="") == status.RCPT_OK  # the null sender is not probed
+
+
+async def test_probes_are_bounded_in_number_and_one_per_address(verifying, destinations):
+    mf = await verifying(verify={"probe_limit": 2})
+    replies = await asyncio.gather(*(rcpt(mf, f"u{n % 4}@slow.test") for n in range(8)))
+    assert all(r == unverified(f"u{n % 4}@slow.test", IN_PROGRESS) for n, r in enumerate(replies))
+    assert destinations.add("slow.test").connections == 2  # probe_limit 2; the RCPTs for one address share one
+
+
+# ---------------------------------------------------------------------------------------------- the cache
+
+
+class Probes:
+    """A probe that answers what `answers` says for the address, counting the probes."""
+
+    def __init__(self, answer: Status = Status.OK):
+        self.answer = answer
+        self.count = 0
+
+    async def __call__(self, addr: str) -> Verdict:
+        self.count += 1
+        return Verdict(self.answer, f"said {self.answer.value}")
+
+
+async def settled(verifier: Verifier, addr: str) -> Verdict:
+    verdict = verifier.query(addr)
+    await verifier.wait(addr, 1.0)
+    return verdict
+
+
+async def test_a_deliverable_address_is_refreshed_after_7_days_and_expires_after_31():
+    clock, probes = VirtualClock(), Probes()
+    verifier = Verifier(DEFAULTS.address_verify, probes, clock)
+    assert (await settled(verifier, "a@x.test")).status is Status.TODO
+    clock.advance(6 * 86400)
+    assert (await settled(verifier, "a@x.test")).status is Status.OK
+    assert probes.count == 1
+    clock.advance(2 * 86400)  # past the refresh time: still OK, probed again
+    assert (await settled(verifier, "a@x.test")).status is Status.OK
+    assert probes.count == 2
+    clock.advance(32 * 86400)  # expired
+    assert (await settled(verifier, "a@x.test")).status is Status.TODO
+
+
+async def test_a_failure_is_refreshed_after_3_hours_expires_after_3_days_and_never_replaces_an_ok():
+    clock, probes = VirtualClock(), Probes(Status.BOUNCE)
+    verifier = Verifier(DEFAULTS.address_verify, probes, clock)
+    await settled(verifier, "a@x.test")
+    clock.advance(2 * 3600)
+    assert (await settled(verifier, "a@x.test")) == Verdict(Status.BOUNCE, "said bounced")
+    assert probes.count == 1
+    clock.advance(2 * 3600)
+    await settled(verifier, "a@x.test")
+    assert probes.count == 2
+    clock.advance(4 * 86400)
+    assert (await settled(verifier, "a@x.test")).status is Status.TODO
+    probes.answer = Status.OK
+    await settled(verifier, "b@x.test")
+    probes.answer = Status.DEFER
+    clock.advance(8 * 86400)  # refresh due; the failed probe keeps the OK
+    await settled(verifier, "b@x.test")
+    assert verifier.query("b@x.test", probe=False).status is Status.OK
+
+
+async def test_the_cache_keeps_at_most_cache_size_addresses_the_least_recently_used_go():
+    probes = Probes()
+    settings = DEFAULTS.address_verify.model_copy(update={"cache_size": 3})
+    verifier = Verifier(settings, probes, VirtualClock())
+    for n in range(10):
+        await settled(verifier, f"a{n}@x.test")
+    assert [verifier.query(f"a{n}@x.test", probe=False).status for n in range(10)] == [Status.TODO] * 7 + \
+        [Status.OK] * 3
