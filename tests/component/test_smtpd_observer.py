@@ -160,3 +160,16 @@ async def test_the_policy_hook_comes_before_the_restriction_lists(server):
         await send(mf.smtp_addresses[0][1], "s@remote.test", ["nobody@local.test"], MESSAGE)
     assert unknown.value.recipients[0].code == 550
     assert [a[0] for a in policy.asked] == ["mail", "rcpt", "data", "mail", "rcpt"]
+
+
+async def test_the_policy_hooks_warn_and_info_name_the_command_they_answer(server, caplog):
+    """Postfix's log_whatsup names the command being checked: a WARN or INFO of the hook at MAIL is logged as `MAIL
+    from`, one at RCPT as `RCPT from` (log watchers count them by command)."""
+    caplog.set_level("INFO", logger="mailflow.smtpd")
+    policy = Policy({("mail", "s@remote.test"): "WARN at mail", ("rcpt", "alice@local.test"): "INFO at rcpt"})
+    mf = await server(policy=policy)
+    refused, _ = await send(mf.smtp_addresses[0][1], "s@remote.test", ["alice@local.test"], MESSAGE)
+    assert refused == {}
+    lines = [r.getMessage() for r in caplog.records if ": warn: " in r.getMessage() or ": info: " in r.getMessage()]
+    assert [line.split(" from ")[0] for line in lines] == ["NOQUEUE: warn: MAIL", "NOQUEUE: info: RCPT"]
+    assert lines[0].startswith(f"NOQUEUE: warn: MAIL from {LOOPBACK_CLIENT}: at mail; from=<s@remote.test> proto=")

@@ -291,7 +291,7 @@ class SmtpdHandler:
                               options: list[str]) -> status.Reply | None:
         """MAIL FROM's checks beyond syntax and space: the policy hook, then the filters (milters)."""
         if self._policy is not None:
-            facts = self._facts(session, envelope, "", stage="mail")
+            facts = self._facts(session, envelope, "", stage="mail", command="MAIL")
             facts.sender = sender
             refusal = await self._policy_refusal("mail", facts, ())
             if refusal is not None:
