@@ -2,7 +2,7 @@
 mailflow's delay_reject: at RCPT, or at connect and XCLIENT, HELO/EHLO and MAIL), with either setting, against a
 private Postfix 3.7 configured alike: the same sessions, the replies compared word for word (a
 greeting or an EHLO reply by its code: the banners and keywords differ) and the reject, warn and hold log
-lines too.
+lines too, and each session's disconnect line with its command counts (XCLIENT among them).
 
 The lists ask one access table for clients (192.0.2.N through XCLIENT), HELO names, senders and recipients,
 and the client list holds restrictions that need what a client has not said yet at connect (a recipient, a
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import SmtpClient, postfix_instance
+from tests.support import SmtpClient, eventually, postfix_instance, sessions_over
 
 pytestmark = pytest.mark.interop
 
@@ -169,6 +169,23 @@ def logged(lines) -> list[str]:
     return [f"{'NOQUEUE' if m[1] == 'NOQUEUE' else 'QID'}: {m[2]}" for m in found if m]
 
 
+DISCONNECT = re.compile(r"(?:.*/smtpd\[\d+\]: )?(disconnect from \S+ .*)")
+
+
+def disconnects(lines) -> list[str]:
+    """The disconnect lines with their command counts (what pflogsumm and log watchers read), without syslog's
+    prefix; not the private Postfix's own probe that saw it listen (no command)."""
+    found = (DISCONNECT.fullmatch(line) for line in lines)
+    return [m[1] for m in found if m and not m[1].endswith(" commands=0/0")]
+
+
+async def every_session_ended(pf) -> None:
+    """The private Postfix has logged the end of every session (its disconnect lines are written after the
+    client has gone)."""
+    await eventually(lambda: pf.maillog.count(": disconnect from") == pf.maillog.count(": connect from"), timeout=10,
+                     what="a disconnect line for every session")
+
+
 @pytest.mark.parametrize("delay", ["yes", "no"])
 async def test_lists_run_when_postfix_runs_them(delay, mailflow_server, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="mailflow.smtpd")
@@ -185,19 +202,23 @@ async def test_lists_run_when_postfix_runs_them(delay, mailflow_server, tmp_path
             "smtpd_error_sleep_time": "0", "smtpd_delay_reject": delay, **lists,
         }) as pf:
             postfix = await replay(pf.port)
+            await every_session_ended(pf)
             postfix_log = logged(pf.maillog.splitlines())
+            postfix_disconnects = disconnects(pf.maillog.splitlines())
             held = postfix_held(pf)
         mf = await mailflow_server(myhostname="pf.test", mydestination=["local.test"], relayhost="[127.0.0.1]:9",
                                    mynetworks=["127.0.0.0/8"], smtpd={
             "authorized_xclient_hosts": ["127.0.0.0/8"], "error_sleep_time": "0s", "delay_reject": delay == "yes",
             "relay_restrictions": ["permit_mynetworks", "reject_unauth_destination"], **mailflow_lists(lists)})
         mailflow = await replay(mf.smtp_addresses[0][1])
+        await sessions_over(mf)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
     diffs = differences(postfix, mailflow)
     assert not diffs, "\n".join(diffs)
     assert logged(r.getMessage() for r in caplog.records) == postfix_log
+    assert disconnects(r.getMessage() for r in caplog.records) == postfix_disconnects
     assert mailflow_held(tmp_path / "queue" / "queue.db") == held
     # what Postfix did, so that the same mistake on both sides cannot pass unnoticed: a DEFER_IF_REJECT holds
     # within its own list only (smtpd_check.c resets it at each stage), a DEFER_IF_PERMIT to the RCPT

@@ -6,8 +6,9 @@ What it owns
   (`None`: one Postfix counts as "unknown") and remembers it as where the session is (Postfix's "... after
   RCPT from ...", "after UNKNOWN" for an unknown one); `replied(code)` records the outcome of the command being
   answered (a final reply: 4xx and 5xx count as failed; 334 and 354 are not final, nor STARTTLS's 220: the
-  handshake decides, `handshake_done()` when it succeeds); `content(verb, size)` while
-  DATA or BDAT content is read
+  handshake decides, `handshake_done()` when it succeeds; XCLIENT never succeeds, its 220 neither: Postfix's
+  smtpd jumps back to the greeting before it counts the command, so its log says `xclient=0/1`);
+  `content(verb, size)` while DATA or BDAT content is read
   (`size()`: its bytes so far) and `message_ended()` once its end was read, until the next command;
   `timed_out()`; `ended()` at the end of the session, however it ended: "lost connection after X" unless the
   client said QUIT or the server hung up, then "disconnect from host[ip] ehlo=1 mail=1 ... commands=N". X is
@@ -82,7 +83,7 @@ class SessionLog:
         if code and code not in NOT_FINAL and self._pending is not None:
             if self._pending == "starttls" and code == 220:
                 return
-            self.counts[self._pending][0] += code < 400
+            self.counts[self._pending][0] += code < 400 and self._pending != "xclient"
             self._pending = None
 
     def handshake_done(self) -> None:
