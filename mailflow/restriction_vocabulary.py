@@ -5,7 +5,8 @@ which names can refuse relaying. `mailflow.config` validates every `smtpd.*_rest
 `check_item` when it loads (a misspelt list fails at start, naming the list and the item);
 `mailflow.stages.smtpd.restrictions` evaluates the lists with the same words.
 
-    STAGES, RCPT_STAGES                  the lists, in evaluation order (client … recipient run at RCPT)
+    STAGES, RCPT_STAGES                  the lists, in evaluation order (client … recipient run at RCPT; etrn
+                                         at ETRN, after the client and helo lists)
     WITHOUT_ARGUMENT, WITH_ARGUMENT      the names; ACCESS_CHECKS: check_*_access -> what its keys are made of;
                                          RHSBL_CHECKS: reject_rhsbl_* -> what is looked up; NEEDS_FILTER: the
                                          names that need a filter a restriction list must name to set it up
@@ -41,7 +42,7 @@ from mailflow.syntax import check_table_spec, is_ipv4, parse_endpoint, table_typ
 from mailflow.tables import open_table
 
 RCPT_STAGES = ("client", "helo", "sender", "relay", "recipient")
-STAGES = RCPT_STAGES + ("data", "end_of_data")
+STAGES = RCPT_STAGES + ("data", "end_of_data", "etrn")
 
 WITHOUT_ARGUMENT = (
     "permit", "reject", "defer", "permit_mynetworks", "permit_sasl_authenticated",
@@ -58,7 +59,7 @@ RHSBL_CHECKS = {  # reject_rhsbl_* -> what its query is made of
 }
 ACCESS_CHECKS = {  # check_*_access -> what its keys are made of
     "check_client_access": "client", "check_helo_access": "helo",
-    "check_sender_access": "sender", "check_recipient_access": "recipient",
+    "check_sender_access": "sender", "check_recipient_access": "recipient", "check_etrn_access": "etrn",
 }
 WITH_ARGUMENT = tuple(ACCESS_CHECKS) + ("reject_rbl_client", "check_policy_service") + tuple(RHSBL_CHECKS)
 # Restrictions that need a filter of [greylist] / [sender_auth], set up when a list (or a class it names) names

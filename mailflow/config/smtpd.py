@@ -134,6 +134,8 @@ class SmtpdConfig(SmtpdFilterSettings):
     # at DATA and at the end of the message. relay_restrictions refuses relaying with 554 (Postfix defers: 454).
     # delay_reject false (smtpd_delay_reject = no): the client list at connect (its refusal in place of the
     # greeting, then 503 to every command but QUIT), the helo list at HELO/EHLO, the sender list at MAIL.
+    # etrn_restrictions (smtpd_etrn_restrictions): at ETRN, after the client and helo lists (delay_reject true);
+    # check_etrn_access looks up the site.
     # restriction_classes (smtpd_restriction_classes): `name = ["item", ...]`; a name is an item of any list,
     # of another class, or an access table's value. Declared before the lists, which are checked against it.
     restriction_classes: RestrictionClasses = FrozenMap()
@@ -146,6 +148,7 @@ class SmtpdConfig(SmtpdFilterSettings):
     recipient_restrictions: tuple[Restriction, ...] = ()
     data_restrictions: tuple[Restriction, ...] = ()
     end_of_data_restrictions: tuple[Restriction, ...] = ()
+    etrn_restrictions: tuple[Restriction, ...] = ()
     reject_unlisted_recipient: bool = True
     unknown_address_reject_code: int = Field(450, ge=400, le=599)
     # reject_unverified_recipient / reject_unverified_sender (Postfix's names; [address_verify] runs the probes):

@@ -13,7 +13,8 @@ clients (554 5.7.1), unknown users of this host's domains refused (550 5.1.1, na
 At the end of the message (`handle_DATA`) it runs the data list, then the end_of_data list, then hands a
 `Submission` to cleanup and answers 250 only once cleanup has committed it. The session writes the content
 into `new_spool()` as it arrives; the handler sees it whole, as a mailflow.content.Content
-(`Transaction.content`), never as one bytes object.
+(`Transaction.content`), never as one bytes object. ETRN runs the client and helo lists (delay_reject true) and
+etrn_restrictions, as Postfix's smtpd_check_etrn, before it asks for the site's flush.
 A message marked DISCARD is answered 250 and dropped (its line was logged where the DISCARD was met: an access
 action, a policy answer, a milter); HOLD is queued on hold (an access action's or a milter's line was logged
 where it was met; DMARC's or a scanner's is logged here: `QID: hold: END-OF-MESSAGE from …`); PREPEND's
@@ -32,7 +33,8 @@ Postfix's protocol_name does.
 With delay_reject false (Postfix's smtpd_delay_reject = no) the client list runs at connect and after XCLIENT
 (`handle_CLIENT`: its refusal, logged, takes the greeting's place), the helo list at HELO/EHLO (`handle_HELLO`,
 before the command changes the session) and the sender list at MAIL, before the policy hook and the milters;
-each one's DEFER_IF_PERMIT is kept in the session or transaction and carried to the RCPT lists.
+each one's DEFER_IF_PERMIT is kept in the session or transaction and carried to the RCPT lists (the client and
+helo lists' to ETRN too).
 
 An in-process policy hook (`policy`, an `SmtpdPolicy`: Postfix's policy delegation without the socket, for
 an application that embeds mailflow) is asked first at MAIL (stage "mail"), at each RCPT ("rcpt") and at the
@@ -184,8 +186,13 @@ class SmtpdHandler:
         return lines
 
     async def handle_ETRN(self, server, session: SessionState, envelope: Transaction, site: str) -> str:
-        """RFC 1985: the mail deferred for `site` is retried now, when the site is one of relay_domains or below
-        one (Postfix's default fast_flush_domains); any other site gets 459, logged as Postfix logs it."""
+        """RFC 1985: the mail deferred for `site` is retried now, when the lists let the client ask (its refusal
+        logged as Postfix logs it) and the site is one of relay_domains or below one (Postfix's default
+        fast_flush_domains); any other site gets 459, logged as Postfix logs it."""
+        refusal = await self._etrn_refusal(session, envelope, site)
+        if refusal is not None:
+            server.log_reject("ETRN", refusal)
+            return str(refusal)
         domain = address.normalise_domain(site)
         if self._flush_site is None or not domain_in(domain, self._config.relay_domains, parent=True):
             log.warning("reject: ETRN %s... from %s", printable(site[:100]), session.client)
@@ -196,6 +203,15 @@ class SmtpdHandler:
             log.error("ETRN %s from %s: cannot flush the queue: %s", domain, session.client, e)
             return str(status.ETRN_FAILED)
         return str(status.ETRN_STARTED)
+
+    async def _etrn_refusal(self, session: SessionState, envelope: Transaction, site: str) -> status.Reply | None:
+        """Postfix's smtpd_check_etrn: the client and helo lists (delay_reject true; false: their DEFER_IF_PERMIT,
+        kept in the session), then etrn_restrictions."""
+        facts = self._facts(session, envelope, "", stage="etrn", command="ETRN")
+        facts.etrn_domain = site
+        if not self._config.smtpd.delay_reject:
+            facts.defer_if_permit = session.defer_if_permit_helo or session.defer_if_permit_client
+        return await self.restrictions.check_etrn(facts)
 
     async def handle_MAIL(self, server, session: SessionState, envelope: Transaction, addr: str,
                           options: list[str]) -> str:

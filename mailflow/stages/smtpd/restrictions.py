@@ -5,7 +5,8 @@ What it owns
   `check_item`, with which config validates every item at start).
 - `Restrictions(config, smtpd, rewriter, mapper, resolver, tables)`: the lists of one `SmtpdConfig` (a
   listener may have its own), with their tables and policy clients opened once.
-- `check_rcpt(facts)`, `check_data(facts)`, `check_end_of_data(facts)` -> `Reply | None` (None: go on);
+- `check_rcpt(facts)`, `check_data(facts)`, `check_end_of_data(facts)`, `check_etrn(facts)` -> `Reply | None`
+  (None: go on);
   `check_early(stage, facts)`: the client, helo or sender list on its own (delay_reject false);
   `check_content`: whether the data and end_of_data lists have anything to evaluate; `close()`: the policy
   services' kept connections (policy.py) are closed.
@@ -41,6 +42,10 @@ DEFER_IF_REJECT hold for the command that met them (`facts`): its verdict, permi
 deferral at the end (`_conditional_deferrals`); a DEFER_IF_REJECT only within its step (RCPT_STEPS: the client,
 helo and sender lists each, the relay and recipient lists together, as Postfix resets it per stage). An
 enhanced status code an action gives is fitted to what it refuses (`dsn_fix`).
+
+At ETRN (`check_etrn`, Postfix's smtpd_check_etrn) the client and helo lists run (delay_reject true), then the
+etrn list, whose check_etrn_access looks up the site (`facts.etrn_domain`); DEFER_IF_PERMIT and DEFER_IF_REJECT
+work as at RCPT (ETRN_STEPS); an action that marks a message is skipped there (logged), as Postfix skips it.
 
 Failure behaviour: a table that cannot answer or an action mailflow does not know (an access value naming an
 undefined class or a lookup table, or lists nested deeper than MAX_DEPTH: a loop through tables) gives
@@ -86,11 +91,13 @@ SUBJECT = {  # a list's stage -> how its refusals name what they looked at
     "relay": "Recipient address", "recipient": "Recipient address",
     "data": "Data command", "end_of_data": "End-of-data",
     "mail": "Sender address",  # (the in-process policy hook's MAIL stage: handler.py)
+    "etrn": "Etrn command",
 }
 # The steps of the RCPT lists: a DEFER_IF_REJECT holds until the end of its own (Postfix's smtpd_check_client,
 # _helo, _mail, then the relay and recipient lists together, each starting with SMTPD_CHECK_RESET), where a
 # DEFER_IF_PERMIT holds to the end of them all.
 RCPT_STEPS = (("client",), ("helo",), ("sender",), ("relay", "recipient"))
+ETRN_STEPS = (("client",), ("helo",), ("etrn",))  # (smtpd_check_etrn: smtpd_check_client, _helo, then its own)
 MAX_DEPTH = 100  # lists within lists (classes, access values) beyond which a table's value is refused (Postfix's)
 VALUE_LIST_CACHE = 1000  # access values kept read as lists (the table is emptied when full)
 PROTOCOL_STATE = {"data": "DATA", "end_of_data": "END-OF-MESSAGE"}
@@ -129,6 +136,7 @@ class Facts:
     sender: str | None = None
     recipient: str = ""
     recipient_count: int = 0
+    etrn_domain: str = ""  # at ETRN: the site the client asks for (as it wrote it, without a leading @ or #)
     authenticated: bool = False
     sasl_method: str = ""
     sasl_username: str = ""
@@ -251,6 +259,7 @@ class Restrictions:
         self._lists = {stage: tuple(split_item(i) for i in getattr(smtpd, f"{stage}_restrictions"))
                        for stage in STAGES}
         self._rcpt_steps = RCPT_STEPS if smtpd.delay_reject else RCPT_STEPS[-1:]  # the early ones ran before
+        self._etrn_steps = ETRN_STEPS if smtpd.delay_reject else ETRN_STEPS[-1:]
         self._classes = {name: tuple(split_item(i) for i in items) for name, items in smtpd.restriction_classes.items()}
         every = (*self._lists.values(), *self._classes.values())
         self._tables = {arg: tables.open([arg]) for items in every for name, arg in items if name in ACCESS_CHECKS}
@@ -265,14 +274,20 @@ class Restrictions:
     async def check_rcpt(self, facts: Facts) -> status.Reply | None:
         """The lists' verdict (DEFER_IF_PERMIT applied), then the implied unknown-user check, as Postfix runs
         smtpd_check_rcptmap after smtpd_check_rcpt: a deferral from the lists comes before it."""
-        verdict = _conditional_deferrals(await self._rcpt_verdict(facts), facts)
+        verdict = _conditional_deferrals(await self._verdict(self._rcpt_steps, facts), facts)
         if verdict is None and self._smtpd.reject_unlisted_recipient and facts.marks.discard is None:
             return _conditional_deferrals(await self._unlisted(facts.recipient), facts)
         return verdict
 
-    async def _rcpt_verdict(self, facts: Facts) -> status.Reply | None:
-        """The first refusal of the lists, a DEFER_IF_REJECT met in its own step applied (RCPT_STEPS)."""
-        for step in self._rcpt_steps:
+    async def check_etrn(self, facts: Facts) -> status.Reply | None:
+        """ETRN, as Postfix's smtpd_check_etrn: the client and helo lists (delay_reject false: they ran at connect
+        and HELO, their DEFER_IF_PERMIT is in `facts.defer_if_permit`), then the etrn list; a DEFER_IF_PERMIT
+        makes a permit its deferral."""
+        return _conditional_deferrals(await self._verdict(self._etrn_steps, facts), facts)
+
+    async def _verdict(self, steps: tuple[tuple[str, ...], ...], facts: Facts) -> status.Reply | None:
+        """The first refusal of the lists, a DEFER_IF_REJECT met in its own step applied (RCPT_STEPS, ETRN_STEPS)."""
+        for step in steps:
             facts.defer_if_reject = None
             for stage in step:
                 if facts.marks.discard is not None:
@@ -414,6 +429,8 @@ class Restrictions:
             return facts.sender or "", what
         if stage in ("data", "end_of_data"):
             return PROTOCOL_STATE[stage], what
+        if stage == "etrn":
+            return facts.etrn_domain, what
         return facts.recipient, what
 
     # -------------------------------------------------------------------------------- recipient checks
@@ -450,6 +467,8 @@ class Restrictions:
                     f"{facts.client_name}[{facts.client_addr}]", "Client host")
         if kind == "helo":
             return (domain_keys(facts.helo) if facts.helo else None), facts.helo, "Helo command"
+        if kind == "etrn":
+            return (domain_keys(facts.etrn_domain) if facts.etrn_domain else None), facts.etrn_domain, SUBJECT["etrn"]
         if kind == "sender":
             if facts.sender is None:
                 return None, "", ""
@@ -526,7 +545,11 @@ class Restrictions:
     @staticmethod
     def _no_transaction(word: str, source: str, facts: Facts) -> bool:
         """Postfix's not_in_client_helo: before MAIL (the client and helo lists with delay_reject false) there is
-        no message for an action that marks one; it is skipped (DUNNO) and logged."""
+        no message for an action that marks one; it is skipped (DUNNO) and logged. At ETRN too (Postfix's
+        can_delegate_action: ETRN receives no mail)."""
+        if facts.command == "ETRN":
+            log.warning("access table %s: action %s is unavailable in etrn_restrictions", source, word)
+            return True
         if facts.sender is not None:
             return False
         log.warning("access table %s: with delay_reject = false, action %s is always skipped in client or helo "
@@ -727,7 +750,7 @@ def policy_request(facts: Facts, stage: str, context: str = "") -> dict[str, str
         "encryption_protocol": facts.encryption_protocol,
         "encryption_cipher": facts.encryption_cipher,
         "encryption_keysize": "0",
-        "etrn_domain": "",
+        "etrn_domain": facts.etrn_domain,
         "stress": "",
         "policy_context": context,
     }

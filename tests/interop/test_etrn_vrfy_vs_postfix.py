@@ -1,0 +1,154 @@
+"""Differential test of the commands outside a mail transaction that run restriction lists: ETRN (Postfix's
+smtpd_check_etrn: the client and helo lists, with smtpd_delay_reject = yes, then smtpd_etrn_restrictions), with
+either delay_reject setting, against a private Postfix 3.7 configured alike: the same sessions, the replies
+compared word for word (a greeting, an EHLO or an XCLIENT reply by its code; an enhanced status code that
+Postfix's reply lacks is not compared: mailflow gives every reply one, docs/security.md), the reject and warn log
+lines, and each session's disconnect line with its command counts.
+
+One access table answers for clients (192.0.2.N through XCLIENT), HELO names and recipients; the etrn list asks
+another for the sites.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.interop.test_delay_reject_vs_postfix import connected, disconnects, every_session_ended, xclient
+from tests.support import SmtpClient, postfix_instance, sessions_over
+
+pytestmark = pytest.mark.interop
+
+ACCESS = """\
+127.0.0.2 REJECT
+192.0.2.1 REJECT
+192.0.2.2 DEFER_IF_PERMIT client maybe
+192.0.2.3 HOLD client hold
+192.0.2.6 DEFER_IF_REJECT client dir
+192.0.2.8 WARN client warn
+bad.helo REJECT bad helo
+"""
+SITES = """\
+refused.test REJECT no flush for you
+later.test DEFER_IF_PERMIT etrn maybe
+"""
+EHLO = "EHLO client.test"
+ETRN = "ETRN relay.test"
+SESSIONS = {
+    "a site of relay_domains, another, a bad one, in a transaction": [
+        EHLO, ETRN, "ETRN other.test", "ETRN #relay.test", "ETRN bad..site", "ETRN", "MAIL FROM:<a@s.test>", ETRN,
+        "QUIT"],
+    "no HELO": [ETRN, "QUIT"],
+    "client refused": [EHLO, ETRN, "QUIT"],
+    "client refused after XCLIENT": [xclient(1), EHLO, ETRN, "QUIT"],
+    "client DEFER_IF_PERMIT": [xclient(2), EHLO, ETRN, "ETRN other.test", "QUIT"],
+    "client DEFER_IF_REJECT, the etrn list rejects": [xclient(6), EHLO, "ETRN refused.test", "QUIT"],
+    "client HOLD": [xclient(3), EHLO, ETRN, "QUIT"],
+    "client WARN": [xclient(8), EHLO, ETRN, "QUIT"],
+    "helo refused": ["EHLO bad.helo", ETRN, "QUIT"],
+    "the etrn list": [EHLO, "ETRN refused.test", "ETRN @sub.refused.test", "ETRN later.test", ETRN, "QUIT"],
+}
+SOURCES = {"client refused": "127.0.0.2"}  # else 127.0.0.1
+
+
+def postfix_settings(folder: Path) -> dict[str, str]:
+    access = f"texthash:{folder}/access"
+    return {
+        "smtpd_client_restrictions": f"check_client_access {access}",
+        "smtpd_helo_restrictions": f"check_helo_access {access}",
+        "smtpd_etrn_restrictions": f"check_etrn_access texthash:{folder}/sites",
+    }
+
+
+def mailflow_lists(settings: dict[str, str]) -> dict[str, list[str]]:
+    """The same lists as mailflow settings: `smtpd_client_restrictions` -> client_restrictions = [...]."""
+    return {name[6:]: [item.strip() for item in value.split(",")] for name, value in settings.items()}
+
+
+async def replay(port: int) -> dict[str, list[tuple[str, str]]]:
+    """Each session's (command, reply), the first the greeting; a closed connection is `closed`."""
+    got = {}
+    for name, commands in SESSIONS.items():
+        client = await SmtpClient.connect(port, greet=False, sock=connected(port, SOURCES.get(name, "127.0.0.1")))
+        replies = [await client.reply()]
+        for command in commands:
+            if replies[-1] is None or replies[-1].code is None:
+                break
+            try:
+                replies.append(await client.cmd(command))
+            except ConnectionError:
+                replies.append(None)
+        await client.close()
+        got[name] = [(command, shown(command, reply)) for command, reply in zip(["", *commands], replies)]
+    return got
+
+
+def shown(command: str, reply) -> str:
+    if reply is None or reply.code is None:
+        return "closed"
+    if reply.code in (220, 250) and (not command or command.startswith(("EHLO", "HELO", "XCLIENT"))):
+        return str(reply.code)  # the banner and the keywords differ
+    return reply.text
+
+
+DSN = re.compile(r"(\d{3} )[245]\.\d{1,3}\.\d{1,3} ")
+
+
+def same(postfix: str, mailflow: str) -> bool:
+    """The same reply; one of Postfix's without an enhanced status code is compared without mailflow's."""
+    return postfix == mailflow or (not DSN.match(postfix) and DSN.sub(r"\1", mailflow, count=1) == postfix)
+
+
+def differences(postfix: dict, mailflow: dict) -> list[str]:
+    """`session: command -> postfix's reply | mailflow's` for each reply that differs."""
+    return [f"{name}: {a[0]} -> {a[1]} | {b[1]}" for name in SESSIONS
+            for a, b in zip(postfix[name], mailflow[name] + [("", "")] * len(postfix[name])) if not same(a[1], b[1])]
+
+
+LOGGED = re.compile(r"(?:.*/smtpd\[\d+\]: )?(?:warning: )?((?:NOQUEUE: (?:reject|warn): |reject: ETRN ).*)")
+
+
+def logged(lines) -> list[str]:
+    """The reject and warn lines (`NOQUEUE: reject: ETRN from ...`, `reject: ETRN site... from ...`), without
+    syslog's prefix."""
+    found = (LOGGED.fullmatch(line) for line in lines)
+    return [m[1] for m in found if m]
+
+
+@pytest.mark.parametrize("delay", ["yes", "no"])
+async def test_etrn_runs_the_lists_postfix_runs(delay, mailflow_server, caplog):
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    folder = Path(tempfile.mkdtemp(prefix="mailflow-etrn-"))
+    os.chmod(folder, 0o755)
+    (folder / "access").write_text(ACCESS)
+    (folder / "sites").write_text(SITES)
+    lists = postfix_settings(folder)
+    try:
+        async with postfix_instance({
+            "myhostname": "pf.test", "mydestination": "local.test", "relay_domains": "relay.test",
+            "relayhost": "[127.0.0.1]:9", "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
+            "smtpd_error_sleep_time": "0", "smtpd_delay_reject": delay, **lists,
+        }) as pf:
+            postfix = await replay(pf.port)
+            await every_session_ended(pf)
+            postfix_log = logged(pf.maillog.splitlines())
+            postfix_disconnects = disconnects(pf.maillog.splitlines())
+        mf = await mailflow_server(myhostname="pf.test", mydestination=["local.test"], relay_domains=["relay.test"],
+                                   relayhost="[127.0.0.1]:9", mynetworks=["127.0.0.0/8"], smtpd={
+            "authorized_xclient_hosts": ["127.0.0.0/8"], "error_sleep_time": "0s", "delay_reject": delay == "yes",
+            **mailflow_lists(lists)})
+        mailflow = await replay(mf.smtp_addresses[0][1])
+        await sessions_over(mf)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    diffs = differences(postfix, mailflow)
+    assert not diffs, "\n".join(diffs)
+    messages = [r.getMessage() for r in caplog.records]
+    assert logged(messages) == postfix_log
+    assert disconnects(messages) == postfix_disconnects
