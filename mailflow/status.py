@@ -397,6 +397,7 @@ NUL_IN_COMMAND = Reply(500, "5.5.2", "Error: NUL character in command")
 NUL_IN_DATA = Reply(554, "5.6.0", "Error: NUL character in message content")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message file too big")
 VRFY_DISABLED = Reply(502, "5.5.1", "VRFY command is disabled")
+VRFY_SYNTAX = Reply(501, "5.5.4", "Syntax: VRFY address [SMTPUTF8]")  # (Postfix's, with smtputf8_enable)
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 BDAT_MIXED = Reply(503, "5.5.1", "Error: BDAT and DATA cannot be mixed in one transaction")
 BDAT_SYNTAX = Reply(521, "5.5.4", "Syntax: BDAT count [LAST]")  # then the session closes: its chunk cannot be skipped
@@ -422,6 +423,12 @@ ETRN_SYNTAX = Reply(500, "5.5.4", "Syntax: ETRN domain")
 ETRN_BAD_SITE = Reply(501, "5.5.4", "Error: invalid parameter syntax")
 ETRN_STARTED = Reply(250, "2.0.0", "Queuing started")
 ETRN_FAILED = Reply(458, "4.3.0", "Unable to queue messages")
+
+
+def vrfy_answer(argument: str) -> Reply:
+    """VRFY of an address the checks let by: Postfix's 252 (RFC 5321 3.5.3: not verified, delivery will be tried),
+    naming the argument as the client wrote it."""
+    return Reply(252, "2.0.0", argument)
 
 
 def etrn_refused(site: str) -> Reply:

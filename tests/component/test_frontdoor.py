@@ -428,8 +428,8 @@ async def test_recipient_rate_limit_counts_refused_recipients_and_vrfy(mailflow_
     c = await SmtpClient.connect(mf.smtp_addresses[0][1])
     await ehlo(c)
     replies = [await c.cmd(line) for line in ("MAIL FROM:<a@remote.test>", "RCPT TO:<alice@local.test>",
-                                                "RCPT TO:<bob@local.test>", "VRFY bob", "RCPT TO:<alice@local.test>",
-                                                "NOOP")]
+                                                "RCPT TO:<bob@local.test>", "VRFY bob@local.test",
+                                                "RCPT TO:<alice@local.test>", "NOOP")]
     assert [r.code for r in replies] == [250, 250, 452, 252, 450, 250]  # past recipient_limit: counted all the same
     assert replies[4].text == "450 4.7.1 Error: too many recipients from 127.0.0.1"
     assert [r.getMessage() for r in caplog.records if "limit exceeded" in r.getMessage()] == [

@@ -1,12 +1,13 @@
 """Differential test of the commands outside a mail transaction that run restriction lists: ETRN (Postfix's
-smtpd_check_etrn: the client and helo lists, with smtpd_delay_reject = yes, then smtpd_etrn_restrictions), with
-either delay_reject setting, against a private Postfix 3.7 configured alike: the same sessions, the replies
+smtpd_check_etrn: the client and helo lists, with smtpd_delay_reject = yes, then smtpd_etrn_restrictions) and
+VRFY (disable_vrfy_command off: smtpd_check_rcpt, the lists and the recipient tables of RCPT), with either
+delay_reject setting, against a private Postfix 3.7 configured alike: the same sessions, the replies
 compared word for word (a greeting, an EHLO or an XCLIENT reply by its code; an enhanced status code that
 Postfix's reply lacks is not compared: mailflow gives every reply one, docs/security.md), the reject and warn log
 lines, and each session's disconnect line with its command counts.
 
-One access table answers for clients (192.0.2.N through XCLIENT), HELO names and recipients; the etrn list asks
-another for the sites.
+One access table answers for clients (192.0.2.N through XCLIENT; 192.0.2.50 is outside mynetworks), HELO names,
+senders and recipients; the etrn list asks another for the sites.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ ACCESS = """\
 192.0.2.6 DEFER_IF_REJECT client dir
 192.0.2.8 WARN client warn
 bad.helo REJECT bad helo
+bad@s.test REJECT bad sender
+r@relay.test REJECT rcpt no
 """
 SITES = """\
 refused.test REJECT no flush for you
@@ -52,8 +55,23 @@ SESSIONS = {
     "client WARN": [xclient(8), EHLO, ETRN, "QUIT"],
     "helo refused": ["EHLO bad.helo", ETRN, "QUIT"],
     "the etrn list": [EHLO, "ETRN refused.test", "ETRN @sub.refused.test", "ETRN later.test", ETRN, "QUIT"],
+    "VRFY from mynetworks": [
+        EHLO, "VRFY", "VRFY SMTPUTF8", "VRFY alice@local.test", "VRFY <alice@local.test>", "VRFY  alice",
+        "VRFY nobody@local.test", "VRFY x@elsewhere.test", "VRFY r@relay.test", "VRFY a@relay.test SMTPUTF8",
+        "VRFY Joe <a@relay.test>", "VRFY postmaster", "VRFY <a b@relay.test>", "VRFY <a@relay.test> x", "VRFY <>",
+        "VRFY a@", "VRFY a@bad..test", "VRFY -user@local.test", "VRFY @hop.test:a@relay.test", "VRFY a@relay.test.",
+        "QUIT"],
+    "VRFY from elsewhere": [
+        xclient(50), EHLO, "VRFY x@elsewhere.test", "VRFY Joe <x@elsewhere.test>", "VRFY nobody@local.test",
+        "VRFY alice@local.test", "VRFY alice", "VRFY postmaster", "VRFY postmaster@local.test", "QUIT"],
+    "VRFY in a transaction": [xclient(50), EHLO, "MAIL FROM:<bad@s.test>", "VRFY a@relay.test", "RSET",
+                              "MAIL FROM:<a@s.test>", "VRFY a@relay.test", "VRFY r@relay.test", "QUIT"],
+    "VRFY, client refused": [EHLO, "VRFY a@relay.test", "QUIT"],
+    "VRFY, client DEFER_IF_PERMIT": [xclient(2), EHLO, "VRFY a@relay.test", "VRFY r@relay.test", "QUIT"],
+    "VRFY, client WARN": [xclient(8), EHLO, "VRFY a@relay.test", "QUIT"],
+    "VRFY, helo refused": ["EHLO bad.helo", "VRFY a@relay.test", "QUIT"],
 }
-SOURCES = {"client refused": "127.0.0.2"}  # else 127.0.0.1
+SOURCES = {"client refused": "127.0.0.2", "VRFY, client refused": "127.0.0.2"}  # else 127.0.0.1
 
 
 def postfix_settings(folder: Path) -> dict[str, str]:
@@ -61,6 +79,9 @@ def postfix_settings(folder: Path) -> dict[str, str]:
     return {
         "smtpd_client_restrictions": f"check_client_access {access}",
         "smtpd_helo_restrictions": f"check_helo_access {access}",
+        "smtpd_sender_restrictions": f"check_sender_access {access}",
+        "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+        "smtpd_recipient_restrictions": f"check_recipient_access {access}",
         "smtpd_etrn_restrictions": f"check_etrn_access texthash:{folder}/sites",
     }
 
@@ -110,18 +131,19 @@ def differences(postfix: dict, mailflow: dict) -> list[str]:
             for a, b in zip(postfix[name], mailflow[name] + [("", "")] * len(postfix[name])) if not same(a[1], b[1])]
 
 
-LOGGED = re.compile(r"(?:.*/smtpd\[\d+\]: )?(?:warning: )?((?:NOQUEUE: (?:reject|warn): |reject: ETRN ).*)")
+LOGGED = re.compile(r"(?:.*/smtpd\[\d+\]: )?(?:warning: )?((?:NOQUEUE: (?:reject|warn): |reject: ETRN |Illegal "
+                    r"address syntax ).*)")
 
 
 def logged(lines) -> list[str]:
-    """The reject and warn lines (`NOQUEUE: reject: ETRN from ...`, `reject: ETRN site... from ...`), without
-    syslog's prefix."""
+    """The reject and warn lines (`NOQUEUE: reject: ETRN from ...`, `reject: ETRN site... from ...`, `Illegal
+    address syntax from ... in VRFY command: ...`), without syslog's prefix."""
     found = (LOGGED.fullmatch(line) for line in lines)
     return [m[1] for m in found if m]
 
 
 @pytest.mark.parametrize("delay", ["yes", "no"])
-async def test_etrn_runs_the_lists_postfix_runs(delay, mailflow_server, caplog):
+async def test_etrn_and_vrfy_run_the_lists_postfix_runs(delay, mailflow_server, caplog):
     caplog.set_level(logging.INFO, logger="mailflow.smtpd")
     folder = Path(tempfile.mkdtemp(prefix="mailflow-etrn-"))
     os.chmod(folder, 0o755)
@@ -132,6 +154,7 @@ async def test_etrn_runs_the_lists_postfix_runs(delay, mailflow_server, caplog):
         async with postfix_instance({
             "myhostname": "pf.test", "mydestination": "local.test", "relay_domains": "relay.test",
             "relayhost": "[127.0.0.1]:9", "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
+            "local_recipient_maps": "inline:{alice=ok}", "disable_vrfy_command": "no", "smtputf8_enable": "yes",
             "smtpd_error_sleep_time": "0", "smtpd_delay_reject": delay, **lists,
         }) as pf:
             postfix = await replay(pf.port)
@@ -139,9 +162,10 @@ async def test_etrn_runs_the_lists_postfix_runs(delay, mailflow_server, caplog):
             postfix_log = logged(pf.maillog.splitlines())
             postfix_disconnects = disconnects(pf.maillog.splitlines())
         mf = await mailflow_server(myhostname="pf.test", mydestination=["local.test"], relay_domains=["relay.test"],
-                                   relayhost="[127.0.0.1]:9", mynetworks=["127.0.0.0/8"], smtpd={
+                                   relayhost="[127.0.0.1]:9", mynetworks=["127.0.0.0/8"],
+                                   local_recipient_maps=["inline:{alice=ok}"], smtpd={
             "authorized_xclient_hosts": ["127.0.0.0/8"], "error_sleep_time": "0s", "delay_reject": delay == "yes",
-            **mailflow_lists(lists)})
+            "disable_vrfy_command": False, **mailflow_lists(lists)})
         mailflow = await replay(mf.smtp_addresses[0][1])
         await sessions_over(mf)
     finally:

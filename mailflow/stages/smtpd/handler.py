@@ -14,7 +14,8 @@ At the end of the message (`handle_DATA`) it runs the data list, then the end_of
 `Submission` to cleanup and answers 250 only once cleanup has committed it. The session writes the content
 into `new_spool()` as it arrives; the handler sees it whole, as a mailflow.content.Content
 (`Transaction.content`), never as one bytes object. ETRN runs the client and helo lists (delay_reject true) and
-etrn_restrictions, as Postfix's smtpd_check_etrn, before it asks for the site's flush.
+etrn_restrictions, as Postfix's smtpd_check_etrn, before it asks for the site's flush; VRFY (when enabled)
+checks its address as RCPT does, without the policy hook and the filters (`handle_VRFY`).
 A message marked DISCARD is answered 250 and dropped (its line was logged where the DISCARD was met: an access
 action, a policy answer, a milter); HOLD is queued on hold (an access action's or a milter's line was logged
 where it was met; DMARC's or a scanner's is logged here: `QID: hold: END-OF-MESSAGE from …`); PREPEND's
@@ -277,17 +278,41 @@ class SmtpdHandler:
     async def check_recipient(self, session: SessionState, envelope: Transaction, addr: str) -> status.Reply | None:
         """The policy hook, the restriction lists, then whether the routing tables can answer for `addr`: a
         refusal, or None."""
-        facts = self._facts(session, envelope, addr)
-        if not self._config.smtpd.delay_reject:  # the DEFER_IF_PERMIT of the lists run at connect, HELO and MAIL
-            facts.defer_if_permit = envelope.defer_if_permit_sender
+        facts = self._recipient_facts(session, envelope, addr)
         if self._policy is not None:
             refusal = await self._policy_refusal("rcpt", facts, (*envelope.rcpt_tos, addr))
             if refusal is not None:
                 return refusal
+        return await self._recipient_lists(facts)
+
+    def _recipient_facts(self, session: SessionState, envelope: Transaction, addr: str, command: str = "") -> Facts:
+        facts = self._facts(session, envelope, addr, command=command)
+        if not self._config.smtpd.delay_reject:  # the DEFER_IF_PERMIT of the lists run at connect, HELO and MAIL
+            facts.defer_if_permit = envelope.defer_if_permit_sender
+        return facts
+
+    async def _recipient_lists(self, facts: Facts) -> status.Reply | None:
+        """The restriction lists, then whether the routing tables can answer for the recipient."""
         refusal = await self.restrictions.check_rcpt(facts)
         if refusal is not None or self._no_recipient_checks:
             return refusal
-        return await self._unroutable(addr)
+        return await self._unroutable(facts.recipient)
+
+    async def handle_VRFY(self, server, session: SessionState, envelope: Transaction, addr: str,
+                          written: str) -> status.Reply | None:
+        """VRFY (`written` the argument as the client wrote it), as Postfix's vrfy_cmd and smtpd_check_rcpt: a
+        malformed address is refused (501 5.1.3, logged as Postfix's "Illegal address syntax"); then, but for
+        `postmaster`, the restriction lists and the recipient tables, as at RCPT (not the policy hook nor the
+        milters): their refusal, logged `NOQUEUE: reject: VRFY from …`, or None (252)."""
+        if address.mailbox_syntax_error(self._rewriter.qualify(addr)) or self._min_user(addr):
+            server.record.lines.illegal_address(session.client, "VRFY", written)
+            return status.RECIPIENT_SYNTAX
+        if addr.lower() == "postmaster":  # RFC 5321 4.5.1, as at RCPT
+            return None
+        refusal = await self._recipient_lists(self._recipient_facts(session, envelope, addr, command="VRFY"))
+        if refusal is not None:
+            server.log_reject("VRFY", refusal, addr)
+        return refusal
 
     async def _sender_list_refusal(self, session: SessionState, envelope: Transaction, sender: str,
                                    options: list[str]) -> status.Reply | None:

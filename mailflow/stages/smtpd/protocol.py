@@ -743,20 +743,33 @@ class ProtocolCore(SMTP):
         return True
 
     async def smtp_VRFY(self, arg: str | None) -> None:
-        """Off by default (disable_vrfy_command). On, the answer is the same for every address (252): VRFY
-        never tells which users exist. It counts toward the client's recipient rate, as in Postfix (450 4.7.1
-        past it)."""
+        """Off by default (disable_vrfy_command). On, as Postfix's vrfy_cmd: the address (a path, or a phrase and
+        a path in angle brackets; a last word SMTPUTF8 dropped, RFC 6531) is checked by the handler's
+        `handle_VRFY(server, session, envelope, address, written)` as RCPT checks a recipient, its refusal the
+        reply; else `252 2.0.0` and the argument as written: VRFY says no more than RCPT would. A malformed
+        address gets 501 5.1.3 (logged as Postfix's "Illegal address syntax"). It counts toward the client's
+        recipient rate, as in Postfix (450 4.7.1 past it)."""
         if self._limits.disable_vrfy_command:
             await self.push(status.VRFY_DISABLED)
             return
         if await self.check_auth_needed("VRFY"):
             return
-        if not arg:
-            await self.push(status.syntax("VRFY <address>"))
+        words = (arg or "").split()
+        if words and words[-1].upper() == "SMTPUTF8":
+            words.pop()
+        if not words:
+            await self.push(status.VRFY_SYNTAX)
             return
         if await self.refused_for_rate("rcpt"):
             return
-        await self.push(status.CANNOT_VRFY)  # whatever the argument: no need to parse it
+        written = " ".join(words)  # (Postfix's collapse_args)
+        addr = vrfy_address(written)
+        if not addr:
+            self.record.lines.illegal_address(self.session.client, "VRFY", written)
+            await self.push(status.RECIPIENT_SYNTAX)
+            return
+        reply = await self._call_handler_hook("VRFY", addr, written)
+        await self.push(status.vrfy_answer(written) if reply is MISSING or reply is None else reply)
 
     async def smtp_ETRN(self, arg: str | None) -> None:
         """RFC 1985, as Postfix answers it: not inside a transaction, one site (a leading `@` or `#` dropped), a
@@ -777,6 +790,18 @@ class ProtocolCore(SMTP):
             return
         reply = await self._call_handler_hook("ETRN", site)
         await self.push(status.etrn_refused(site) if reply is MISSING else reply)
+
+
+def vrfy_address(text: str) -> str:
+    """The address of VRFY's argument, as Postfix's extract_addr finds it: a path (`<a@b>`, `a@b`, a source route
+    dropped) or a phrase before a path in angle brackets (`Joe <a@b>`); "" when there is none, or more words."""
+    if not text.startswith("<") and text.endswith(">") and "<" in text:
+        text = text[text.rindex("<"):]  # `Joe <a@b>`: the phrase goes
+    try:
+        addr, _, rest = address.parse_written_path(text)
+    except address.PathError:
+        return ""
+    return "" if rest else addr
 
 
 def _with_keywords(lines: list[str], keywords: tuple[str, ...]) -> list[str]:

@@ -286,9 +286,15 @@ class Restrictions:
         return _conditional_deferrals(await self._verdict(self._etrn_steps, facts), facts)
 
     async def _verdict(self, steps: tuple[tuple[str, ...], ...], facts: Facts) -> status.Reply | None:
-        """The first refusal of the lists, a DEFER_IF_REJECT met in its own step applied (RCPT_STEPS, ETRN_STEPS)."""
+        """The first refusal of the lists, a DEFER_IF_REJECT met in its own step applied (RCPT_STEPS, ETRN_STEPS).
+        Without a sender (VRFY outside a transaction) the relay and recipient lists start from the DEFER_IF_PERMIT
+        given, not the client and helo lists': Postfix's smtpd_check_rcpt takes it from its sender step, which
+        runs only with a sender."""
+        given = facts.defer_if_permit
         for step in steps:
             facts.defer_if_reject = None
+            if step == RCPT_STEPS[-1] and facts.sender is None:
+                facts.defer_if_permit = given
             for stage in step:
                 if facts.marks.discard is not None:
                     return None
