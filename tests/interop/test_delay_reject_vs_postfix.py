@@ -15,14 +15,15 @@ import logging
 import os
 import re
 import shutil
-import socket
 import sqlite3
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.support import SmtpClient, eventually, postfix_instance, sessions_over
+from tests.support import postfix_instance, sessions_over
+from tests.support.sessions import (disconnects, every_session_ended, replay_sessions, restriction_settings,
+                                    xclient)
 
 pytestmark = pytest.mark.interop
 
@@ -48,10 +49,6 @@ dir@s.test DEFER_IF_REJECT sender dir
 r@relay.test REJECT rcpt no
 """
 EARLY = "early@s.test REJECT sender in the client list\n"  # check_sender_access in the client list
-
-
-def xclient(n: int) -> str:
-    return f"XCLIENT ADDR=192.0.2.{n} NAME=[UNAVAILABLE]"
 
 
 EHLO, MAIL, RCPT = "EHLO client.test", "MAIL FROM:<a@s.test>", "RCPT TO:<a@relay.test>"
@@ -97,38 +94,10 @@ def postfix_settings(folder: Path) -> dict[str, str]:
     }
 
 
-def mailflow_lists(settings: dict[str, str]) -> dict[str, list[str]]:
-    """The same lists as mailflow settings: `smtpd_client_restrictions` -> client_restrictions = [...]."""
-    return {name[6:]: [item.strip() for item in value.split(",")] for name, value in settings.items()}
-
-
 async def replay(port: int) -> dict[str, list[str]]:
-    """Each session's replies, the first the greeting (or what comes in its place); a closed connection is
-    `closed`."""
-    got = {}
-    for name, commands in SESSIONS.items():
-        client = await SmtpClient.connect(port, greet=False, sock=connected(port, SOURCES.get(name, "127.0.0.1")))
-        replies = [await client.reply()]
-        for command in commands:
-            if replies[-1] is None or replies[-1].code is None:
-                break
-            try:
-                replies.append(await client.cmd(command))
-            except ConnectionError:
-                replies.append(None)
-        await client.close()
-        got[name] = [shown(command, reply) for command, reply in zip(["", *commands], replies)]
-    return got
-
-
-def connected(port: int, source: str) -> socket.socket:
-    """A socket from `source` to 127.0.0.1:`port`."""
-    sock = socket.socket()
-    sock.settimeout(5)
-    sock.bind((source, 0))
-    sock.connect(("127.0.0.1", port))
-    sock.setblocking(False)
-    return sock
+    """Each session's replies, the first the greeting (or what comes in its place), as `shown`."""
+    return {name: [shown(command, reply) for command, reply in pairs]
+            for name, pairs in (await replay_sessions(port, SESSIONS, SOURCES)).items()}
 
 
 def shown(command: str, reply) -> str:
@@ -169,23 +138,6 @@ def logged(lines) -> list[str]:
     return [f"{'NOQUEUE' if m[1] == 'NOQUEUE' else 'QID'}: {m[2]}" for m in found if m]
 
 
-DISCONNECT = re.compile(r"(?:.*/smtpd\[\d+\]: )?(disconnect from \S+ .*)")
-
-
-def disconnects(lines) -> list[str]:
-    """The disconnect lines with their command counts (what pflogsumm and log watchers read), without syslog's
-    prefix; not the private Postfix's own probe that saw it listen (no command)."""
-    found = (DISCONNECT.fullmatch(line) for line in lines)
-    return [m[1] for m in found if m and not m[1].endswith(" commands=0/0")]
-
-
-async def every_session_ended(pf) -> None:
-    """The private Postfix has logged the end of every session (its disconnect lines are written after the
-    client has gone)."""
-    await eventually(lambda: pf.maillog.count(": disconnect from") == pf.maillog.count(": connect from"), timeout=10,
-                     what="a disconnect line for every session")
-
-
 @pytest.mark.parametrize("delay", ["yes", "no"])
 async def test_lists_run_when_postfix_runs_them(delay, mailflow_server, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="mailflow.smtpd")
@@ -209,7 +161,7 @@ async def test_lists_run_when_postfix_runs_them(delay, mailflow_server, tmp_path
         mf = await mailflow_server(myhostname="pf.test", mydestination=["local.test"], relayhost="[127.0.0.1]:9",
                                    mynetworks=["127.0.0.0/8"], smtpd={
             "authorized_xclient_hosts": ["127.0.0.0/8"], "error_sleep_time": "0s", "delay_reject": delay == "yes",
-            "relay_restrictions": ["permit_mynetworks", "reject_unauth_destination"], **mailflow_lists(lists)})
+            "relay_restrictions": ["permit_mynetworks", "reject_unauth_destination"], **restriction_settings(lists)})
         mailflow = await replay(mf.smtp_addresses[0][1])
         await sessions_over(mf)
     finally:

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.interop.test_delay_reject_vs_postfix import connected, disconnects, every_session_ended, xclient
-from tests.support import SmtpClient, postfix_instance, sessions_over
+from tests.support import postfix_instance, sessions_over
+from tests.support.sessions import (disconnects, every_session_ended, replay_sessions, restriction_settings,
+                                    xclient)
 
 pytestmark = pytest.mark.interop
 
@@ -86,27 +87,10 @@ def postfix_settings(folder: Path) -> dict[str, str]:
     }
 
 
-def mailflow_lists(settings: dict[str, str]) -> dict[str, list[str]]:
-    """The same lists as mailflow settings: `smtpd_client_restrictions` -> client_restrictions = [...]."""
-    return {name[6:]: [item.strip() for item in value.split(",")] for name, value in settings.items()}
-
-
 async def replay(port: int) -> dict[str, list[tuple[str, str]]]:
-    """Each session's (command, reply), the first the greeting; a closed connection is `closed`."""
-    got = {}
-    for name, commands in SESSIONS.items():
-        client = await SmtpClient.connect(port, greet=False, sock=connected(port, SOURCES.get(name, "127.0.0.1")))
-        replies = [await client.reply()]
-        for command in commands:
-            if replies[-1] is None or replies[-1].code is None:
-                break
-            try:
-                replies.append(await client.cmd(command))
-            except ConnectionError:
-                replies.append(None)
-        await client.close()
-        got[name] = [(command, shown(command, reply)) for command, reply in zip(["", *commands], replies)]
-    return got
+    """Each session's (command, reply as `shown`), the first the greeting."""
+    return {name: [(command, shown(command, reply)) for command, reply in pairs]
+            for name, pairs in (await replay_sessions(port, SESSIONS, SOURCES)).items()}
 
 
 def shown(command: str, reply) -> str:
@@ -165,7 +149,7 @@ async def test_etrn_and_vrfy_run_the_lists_postfix_runs(delay, mailflow_server, 
                                    relayhost="[127.0.0.1]:9", mynetworks=["127.0.0.0/8"],
                                    local_recipient_maps=["inline:{alice=ok}"], smtpd={
             "authorized_xclient_hosts": ["127.0.0.0/8"], "error_sleep_time": "0s", "delay_reject": delay == "yes",
-            "disable_vrfy_command": False, **mailflow_lists(lists)})
+            "disable_vrfy_command": False, **restriction_settings(lists)})
         mailflow = await replay(mf.smtp_addresses[0][1])
         await sessions_over(mf)
     finally:

@@ -18,9 +18,11 @@ are in tests/conftest.py and build on these.
   `postfix_instance` (a private Postfix); milters: `scripted_milter` (the filter side of the Milter protocol,
   told what to answer; import it from tests.support.milters); dovecot: `dovecot_instance` (a private Dovecot, LMTP and IMAP),
   `Dovecot`, `lmtp_route`; policy: `PolicyServer`, `read_request` (the server side of the policy protocol; import
-  them from tests.support.policy).
+  them from tests.support.policy); sessions: `replay_sessions`, `connected`, `xclient`, `restriction_settings`,
+  `disconnects`, `every_session_ended` (scripted sessions for the differential tests of restriction lists; import
+  them from tests.support.sessions).
 
-Every name is importable from `tests.support` itself.
+Every name above but those said otherwise is importable from `tests.support` itself.
 """
 from tests.support.browser import Chromium, keep_artifact
 from tests.support.clocks import RecordingClock, qmgr_turn
