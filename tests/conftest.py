@@ -75,9 +75,10 @@ async def smtp_peer():
 async def mailflow_server(tmp_path):
     running: list[Mailflow] = []
 
-    async def start(**overrides) -> Mailflow:
+    async def start(*, resolver=None, **overrides) -> Mailflow:
+        """`overrides` of base_settings; `resolver`: the DNS resolver (a Destinations' fake DNS, say)."""
         config = config_from_dict(merged(base_settings(tmp_path), overrides))
-        mf = Mailflow(config, shutdown_grace=2.0)
+        mf = Mailflow(config, shutdown_grace=2.0, resolver=resolver)
         await mf.start()
         running.append(mf)
         return mf

@@ -11,11 +11,10 @@ import pytest
 from mailflow import status
 from mailflow.app import Mailflow
 from mailflow.clock import VirtualClock
-from mailflow.config import DEFAULTS, config_from_dict
+from mailflow.config import DEFAULTS
 from mailflow.stages.verify import IN_PROGRESS, Status, Verdict, Verifier
 from mailflow.testing.destinations import Destinations
 from tests.support import SmtpClient
-from tests.support.servers import base_settings, merged
 from tests.support.waiting import eventually
 
 DOMAINS = ("good.test", "bad.test", "soft.test", "slow.test")
@@ -33,26 +32,17 @@ async def destinations():
 
 
 @pytest.fixture
-async def verifying(tmp_path, destinations):
+async def verifying(mailflow_server, destinations):
     """Start a mailflow that verifies recipients (its smtpd and address_verify settings as given) against the
     destinations: waits up to 2 s for a probe; a peer that says nothing is given up after 3 s."""
-    running: list[Mailflow] = []
-
     async def start(verify: dict | None = None, **smtpd) -> Mailflow:
-        settings = merged(base_settings(tmp_path), {
-            "relay_domains": list(DOMAINS),
-            "smtpd": {"listen": ["127.0.0.1:0"], "recipient_restrictions": ["reject_unverified_recipient"], **smtpd},
-            "smtp": {"port": destinations.port, "helo_timeout": "3s", "command_timeout": "3s"},
-            "address_verify": {"poll_delay": "1s", "poll_count": 3, **(verify or {})},
-        })
-        mf = Mailflow(config_from_dict(settings), resolver=destinations.resolver, shutdown_grace=1.0)
-        await mf.start()
-        running.append(mf)
-        return mf
+        return await mailflow_server(
+            resolver=destinations.resolver, relay_domains=list(DOMAINS),
+            smtpd={"listen": ["127.0.0.1:0"], "recipient_restrictions": ["reject_unverified_recipient"], **smtpd},
+            smtp={"port": destinations.port, "helo_timeout": "3s", "command_timeout": "3s"},
+            address_verify={"poll_delay": "1s", "poll_count": 3, **(verify or {})})
 
-    yield start
-    for mf in running:
-        await mf.stop()
+    return start
 
 
 async def rcpt(mf: Mailflow, address: str, sender: str = "s@remote.test"):
