@@ -70,10 +70,13 @@ class Listening(asyncio.AbstractServer):
 
     # -------------------------------------------------------------------------------- serving
 
+    # start_serving, is_serving, get_loop, serve_forever: asyncio.AbstractServer's interface (aiohttp's sites)
+
     async def start_serving(self) -> None:
         self.serve()
 
     def serve(self) -> None:
+        """Accept from now on (what start_serving does, for a caller that is not a coroutine)."""
         if self._serving or not self.sockets:
             return
         self._serving = True
@@ -132,8 +135,11 @@ class Listening(asyncio.AbstractServer):
     async def _connect(self, conn: socket.socket) -> None:
         try:
             await self._loop.connect_accepted_socket(self._factory, conn, ssl=self._ssl)
-        except (OSError, ssl_module.SSLError, asyncio.TimeoutError) as e:
+        except OSError as e:  # (a TLS handshake that failed or took too long too)
             self._log.debug("%s: connection closed before its session began: %s", self.where, e)
+            conn.close()
+        except Exception:  # (the protocol factory's fault: this connection only)
+            self._log.exception("%s: cannot begin a session", self.where)
             conn.close()
 
     def _paused(self, sock: socket.socket, error: OSError) -> None:
@@ -180,7 +186,10 @@ async def listen(factory: Callable[[], asyncio.BaseProtocol], host: str | None, 
     sockets: list[socket.socket] = []
     try:
         for family, kind, proto, _name, address in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:  # a family this host lacks (IPv6 turned off): the others are bound, as create_server
+                continue
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
@@ -196,6 +205,8 @@ async def listen(factory: Callable[[], asyncio.BaseProtocol], host: str | None, 
         for sock in sockets:
             sock.close()
         raise
+    if not sockets:
+        raise OSError(errno.EAFNOSUPPORT, f"no address family of {host or '*'}:{port} can be used on this host")
     listening = Listening(sockets, factory, logger=logger, ssl=ssl)
     if start_serving:
         await listening.start_serving()

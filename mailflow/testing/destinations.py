@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from aiosmtpd.smtp import SMTP
 
 from mailflow.dns import MX, NotFound, is_ip_literal, normalize_name
-from mailflow.listening import Listening, serve_socket
+from mailflow.listening import LISTEN_BACKLOG, Listening, serve_socket
 
 log = logging.getLogger("mailflow.testing")
 
@@ -331,7 +331,7 @@ class Destinations:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
                 sock.bind((host, self.port))
-                sock.listen(100)  # connections wait in the backlog until the server below serves them
+                sock.listen(LISTEN_BACKLOG)
             except OSError:
                 sock.close()
                 continue
@@ -341,10 +341,9 @@ class Destinations:
 
     async def stop(self) -> None:
         for destination in self._by_domain.values():
+            if destination.listening is not None:  # first: a connection accepted meanwhile is closed below too
+                destination.listening.close()
+                await destination.listening.wait_closed()
             for session in list(destination.sessions):
                 session.close()
-            if destination.listening is None:
-                continue
-            destination.listening.close()
-            await destination.listening.wait_closed()
         self._refusing.close()

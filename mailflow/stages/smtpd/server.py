@@ -12,7 +12,8 @@ SmtpdConfig, its own handler (built by `handler_for(config)` with that config), 
   (530 5.7.0).
 - submissions: implicit TLS (the handshake comes first, once the connection is admitted: a client that never
   starts it holds a session slot, for starttls_timeout at most, so max_sessions and the per-client limits bound
-  such clients too; nothing is written to it before its handshake is done), AUTH required before MAIL.
+  such clients too; nothing is written to it before its handshake is done but the admission's refusal, a 421 in
+  plaintext: Postfix's wrapper mode completes the handshake first, then refuses), AUTH required before MAIL.
 AUTH (PLAIN, LOGIN; the exchange is secure.py's, the check auth.py's) is offered only over TLS, unless
 `allow_plaintext_auth_on_loopback` and the client is on loopback. The failure table and the hashing threads
 belong to the server: one for all its listeners and every reload; so does the connection to Dovecot's auth
@@ -420,6 +421,8 @@ class Smtpd:
         servers = [li.server for li in self.listeners if li.server]
         for server in servers:
             server.close()
+        for server in servers:  # connections accepted already become sessions first, so that they are drained too
+            await server.wait_closed()
         deadline = loop.time() + grace
         while loop.time() < deadline:
             for session in list(self.sessions):
@@ -429,8 +432,6 @@ class Smtpd:
             await asyncio.sleep(min(STOP_POLL, max(0.0, deadline - loop.time())))
         for session in list(self.sessions):
             session.hang_up()
-        for server in servers:
-            await server.wait_closed()
         for li in self.listeners:
             li.server = None
             li.handler.restrictions.close()
@@ -473,8 +474,9 @@ def _renewed(running: Listener, new: Listener) -> Listener:
 
 def _bound(listener: Listener) -> str:
     """Where a listener listens: its socket's address (the port given to a port 0)."""
-    sockets = listener.server.sockets if listener.server is not None else ()
-    host, port = sockets[0].getsockname()[:2] if sockets else (listener.host, listener.port)
+    if listener.server is not None and listener.server.sockets:
+        return listener.server.where
+    host, port = listener.host, listener.port
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 

@@ -1,0 +1,109 @@
+"""mailflow.listening: the accept loop of every server of the process, against real loopback sockets.
+
+Covered: a connection reaches its protocol; out of descriptors (EMFILE injected into a real listening socket's
+accept) the socket is left alone for a pause that doubles while it lasts, with one warning, and once a connection
+is accepted again, one line saying so; a protocol factory that raises costs that connection only.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+
+from mailflow.listening import ACCEPT_PAUSE, Listening, listen
+from tests.support import eventually
+
+
+class OutOfDescriptors(socket.socket):
+    """A listening socket whose accept() fails with EMFILE `failures` times first, as a process with no descriptor
+    left sees it; `tries` counts the calls."""
+
+    failures = 0
+    tries = 0
+
+    def accept(self):
+        self.tries += 1
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return super().accept()
+
+
+class Recorded(asyncio.Protocol):
+    def __init__(self, made: list):
+        self._made = made
+
+    def connection_made(self, transport) -> None:
+        self._made.append(transport)
+        transport.close()
+
+
+def listening_socket(sock: socket.socket) -> socket.socket:
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(10)
+    sock.setblocking(False)
+    return sock
+
+
+async def test_a_connection_reaches_its_protocol():
+    made: list = []
+    server = await listen(lambda: Recorded(made), "127.0.0.1", 0, logger=logging.getLogger("test"))
+    try:
+        _, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+        await eventually(lambda: made, timeout=5)
+        writer.close()
+    finally:
+        server.close()
+    assert server.sockets == []
+
+
+async def test_out_of_descriptors_it_pauses_doubling_warns_once_and_says_when_it_accepts_again(caplog):
+    caplog.set_level(logging.INFO)
+    made: list = []
+    sock = listening_socket(OutOfDescriptors())
+    sock.failures = 3
+    where = "127.0.0.1:%d" % sock.getsockname()[1]
+    server = Listening([sock], lambda: Recorded(made), logger=logging.getLogger("test"))
+    server.serve()
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        await eventually(lambda: made, timeout=5)
+        waited = loop.time() - started
+        writer.close()
+    finally:
+        server.close()
+    # three failures, one try after each pause (no spinning on the ready socket), the connection, none left waiting
+    assert sock.tries == 5
+    assert waited >= ACCEPT_PAUSE * (1 + 2 + 4)  # 50, 100 and 200 ms
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line for line in lines if "cannot accept" in line] == [
+        f"{where}: cannot accept connections: Too many open files (EMFILE); retrying within 0.05s"]
+    assert len([line for line in lines if "accepting connections again" in line]) == 1
+
+
+async def test_a_protocol_factory_that_fails_costs_that_connection_only(caplog):
+    made: list = []
+    calls = 0
+
+    def factory():
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug in a session's constructor")
+        return Recorded(made)
+
+    server = await listen(factory, "127.0.0.1", 0, logger=logging.getLogger("test"))
+    address = server.sockets[0].getsockname()[:2]
+    try:
+        reader, writer = await asyncio.open_connection(*address)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, not left open
+        writer.close()
+        _, writer = await asyncio.open_connection(*address)
+        await eventually(lambda: made, timeout=5)
+        writer.close()
+    finally:
+        server.close()
+    assert "cannot begin a session" in caplog.text and "a bug in a session's constructor" in caplog.text
