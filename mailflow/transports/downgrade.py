@@ -3,9 +3,10 @@ default, `disable_mime_output_conversion = no`), as its mime_state module does i
 
     Downgrade()                 an encoder (see mailflow.transports.encode): feed(chunk) -> bytes, flush() -> bytes
     downgrade_8bit(content: bytes) -> bytes     the same over a whole message (tests, small content)
-    await labelled_8bit(content: Content) -> bool   whether a header section (the message's, a part's, an attached
-                                message's) labels its entity 8bit or binary: what Postfix's cleanup marks 8BITMIME
-                                (auto_8bit_enc_hdr), read as this module reads the label (see below)
+    await labelled_8bit(content: Content, header=None) -> bool   whether a header section (the message's, a
+                                part's, an attached message's) labels its entity 8bit or binary: what Postfix's
+                                cleanup marks 8BITMIME (auto_8bit_enc_hdr), read as this module reads the label
+                                (see below); `header`: the message's header fields when the caller has them apart
 
 - An entity labelled `Content-Transfer-Encoding: 8bit` or `binary` (any case, comments ignored: Postfix's
   mime_state reads the label as a token and counts binary in the 8-bit domain) gets its body encoded as
@@ -22,11 +23,12 @@ default, `disable_mime_output_conversion = no`), as its mime_state module does i
 
 `labelled_8bit` reads the label as the conversion does (its first word, comments ignored), where Postfix's cleanup
 compares the whole value: a label `8bit (comment)` marks the message here, so that every message the conversion
-would change is marked (docs/transports.md). It stops at the first such label; a message in which no
-`Content-Transfer-Encoding` can be (`ransfer-` or `RANSFER-` nowhere: the field name in any case people write it)
-is not parsed at all, and a message that is one entity (no multipart or message Content-Type) is judged by its
-header section alone, without reading its body: cleanup asks this of every message (a case-insensitive search of
-the whole content took 380 µs per 100 KB message, a quarter of what mailflow spends on it).
+would change is marked (docs/transports.md). It stops at the first such label. cleanup asks this of every
+message, and gives the header fields: a message that is one entity (no multipart or message Content-Type) is
+judged by them alone, its body not read (a case-insensitive search of the whole content took 380 µs per 100 KB
+message, a quarter of what mailflow spends on it); a MIME message is parsed in one pass, in a worker thread when
+over READ_INLINE. Without the header, a content in which no `Content-Transfer-Encoding` can be (`ransfer-` or
+`RANSFER-` nowhere: the field name in any case people write it) is not parsed at all.
 
 It streams, like Postfix's mime_state: the content goes through line by line (runs of body lines at once),
 keeping only the header section of the entity being read (at most MAX_HEADER bytes: a longer one, and its
@@ -36,11 +38,13 @@ start of a line; the boundary of an outer multipart ends the inner parts, as the
 """
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass
 from email.message import Message
 from email.parser import BytesHeaderParser
 from email.policy import compat32
+from typing import Iterable
 
 from mailflow.content import Content
 
@@ -53,6 +57,7 @@ QP_SOFT_LIMIT = 72  # mime_state.c: a soft line break once the output line is lo
 _QP_ESCAPED = re.compile(rb"[\x00-\x08\x0a-\x1f=\x7f-\xff]")
 # what the field name Content-Transfer-Encoding holds however it is written (Title-Case, lower, upper, mixed by word)
 _LABEL_HINTS = (b"ransfer-", b"RANSFER-")
+READ_INLINE = 1 << 20  # bytes of a MIME message labelled_8bit reads on the event loop; a bigger one in a thread
 # a Content-Type whose entity holds others (parts with header sections of their own), its value maybe folded
 _NESTING_TYPE = re.compile(rb"^content-type:[ \t\r\n]*(?:multipart|message)/", re.IGNORECASE | re.MULTILINE)
 
@@ -75,10 +80,22 @@ async def labelled_8bit(content: Content, header: bytes | None = None) -> bool:
     content begins with its header block; its end, the empty line, may be in the next part)."""
     if header is not None and not _NESTING_TYPE.search(header):  # no part has a header: the message's decides
         return any(hint in header for hint in _LABEL_HINTS) and _relabels(header.rstrip(b"\r\n") + b"\r\n\r\n")
-    if not await _names_a_label(content):
+    if header is None and not await _names_a_label(content):  # (a MIME message almost always names one: no look)
         return False
+    if content.size > READ_INLINE:
+        return await asyncio.to_thread(_parts_relabelled, content.chunks())
     converter = Downgrade()
     async for chunk in content.stream():
+        converter.feed(chunk)
+        if converter.relabelled:
+            return True
+    converter.flush()
+    return converter.relabelled
+
+
+def _parts_relabelled(chunks: Iterable[bytes]) -> bool:
+    converter = Downgrade()
+    for chunk in chunks:
         converter.feed(chunk)
         if converter.relabelled:
             return True

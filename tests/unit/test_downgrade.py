@@ -27,7 +27,7 @@ async def test_only_a_label_in_a_header_section_marks_a_message_8bit():
     assert not await labelled_8bit(Content((b"Subject: x\r\n\r\nContent-Transfer-Encoding: 8bit\r\n",)))
     assert not await labelled_8bit(Content((b"Content-Transfer-Encoding: base64\r\n\r\nx\r\n",)))
     assert await labelled_8bit(Content((multipart, part)))
-    assert await labelled_8bit(Content((multipart + part[:12], part[12:])))
+    assert await labelled_8bit(Content((multipart + part[:17], part[17:])))  # (cut in "Tran|sfer-")
     assert await labelled_8bit(Content((b"Content-Transfer-Encoding: 8bit (labelled)\r\n\r\nx\r\n",)))
 
 
@@ -159,3 +159,19 @@ def test_a_line_longer_than_the_line_buffer_is_encoded_as_one_line_whatever_the_
         converter = Downgrade()
         converted = b"".join(converter.feed(message[i:i + chunk]) for i in range(0, len(message), chunk))
         assert converted + converter.flush() == expected, chunk
+
+
+async def test_a_big_mime_message_is_read_once_in_a_worker_thread(monkeypatch):
+    """Past READ_INLINE the parts are parsed off the event loop (a MIME message almost always names
+    Content-Transfer-Encoding somewhere, so it is parsed whole, in one pass); the label in its last part counts."""
+    import mailflow.transports.downgrade as downgrade
+    threads = []
+    real = downgrade._parts_relabelled
+    monkeypatch.setattr(downgrade, "_parts_relabelled", lambda chunks: threads.append(1) or real(chunks))
+    header = b'Content-Type: multipart/mixed; boundary="b"\r\n'
+    filler = b"--b\r\nContent-Transfer-Encoding: base64\r\n\r\n" + b"QUJD" * 19 + b"\r\n"
+    body = b"\r\n" + filler * (downgrade.READ_INLINE // len(filler) + 1)
+    last = b"--b\r\nContent-Transfer-Encoding: 8bit\r\n\r\nx\r\n--b--\r\n"
+    assert await labelled_8bit(Content((header, body, last)), header=header)
+    assert not await labelled_8bit(Content((header, body, b"--b--\r\n")), header=header)
+    assert threads == [1, 1]
