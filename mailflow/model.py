@@ -213,7 +213,8 @@ class QueuedMessage:
     owed: tuple["RcptResult", ...] = ()
     content_filter: str = ""  # "transport:nexthop": every recipient goes there (the after-queue filter)
     client_attributes: ClientAttributes = ClientAttributes()
-    from_logged: bool = True  # False: held on arrival, qmgr's `from=` line not logged yet (qmgr logs it on taking it)
+    from_logged: bool = True  # False: qmgr's `from=` line is owed when it takes the message (held on arrival,
+    #                           deferred, released, requeued, recovered at a start: it enters the active queue again)
     nrcpt: int = 0  # its recipients when it was queued, done ones included (qmgr's `nrcpt=`); 0: len(recipients)
 
 

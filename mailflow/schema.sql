@@ -31,8 +31,8 @@ CREATE TABLE IF NOT EXISTS message (
     sasl_method    TEXT NOT NULL DEFAULT '',
     sasl_username  TEXT NOT NULL DEFAULT '',
     sasl_sender    TEXT NOT NULL DEFAULT '',       -- MAIL FROM's AUTH= value
-    -- 0: qmgr's `from=<s>, size=N, nrcpt=N (queue active)` line is still to be logged: a message put on hold as it
-    -- arrived gets it when it first enters the active queue, as Postfix's qmgr writes it (1 from then on)
+    -- 0: qmgr's `from=<s>, size=N, nrcpt=N (queue active)` line is owed when the message next enters the active
+    -- queue, as Postfix's qmgr writes it each time (held on arrival, deferred, released, requeued, recovered)
     from_logged    INTEGER NOT NULL DEFAULT 1
 ) WITHOUT ROWID;
 

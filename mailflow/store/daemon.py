@@ -190,7 +190,8 @@ class Store(OperatorQueries):
     async def recover(self) -> int:
         """Start-up: whatever was active when the process stopped is incoming again. Returns how many."""
         [(n,)] = await self._reader.fetchall("SELECT count(*) FROM message WHERE queue = 'active'")
-        await self._committer.write([("UPDATE message SET queue = 'incoming' WHERE queue = 'active'", [()])])
+        await self._committer.write([("UPDATE message SET queue = 'incoming', from_logged = 0 WHERE queue = 'active'",
+                                      [()])])
         return n
 
     async def save_destinations(self, rows: Sequence[tuple], now: float) -> None:
@@ -383,7 +384,7 @@ def _deferral_ops(done: Delivered, results: Sequence[RcptResult]) -> list[Op]:
     if done.noticed:
         ops.append(("UPDATE recipient SET notice = 0 WHERE message_id = ? AND idx = ?",
                     [(qid, i) for i in done.noticed]))
-    ops.append(("UPDATE message SET queue = 'deferred', next_attempt = ?, attempts = attempts + 1,"
+    ops.append(("UPDATE message SET queue = 'deferred', next_attempt = ?, attempts = attempts + 1, from_logged = 0,"
                 " warned = max(warned, ?) WHERE id = ? AND queue = 'active'",
                 [(done.next_attempt, int(done.warned), qid)]))
     return ops

@@ -152,12 +152,12 @@ class OperatorQueries:
 
     async def release_messages(self, ids: Sequence[QueueId], now: float) -> None:
         """hold -> deferred, due `now`."""
-        await self._tool_write("UPDATE message SET queue = 'deferred', next_attempt = ?"
+        await self._tool_write("UPDATE message SET queue = 'deferred', next_attempt = ?, from_logged = 0"
                                " WHERE id = ? AND queue = 'hold'", [(now, i) for i in ids])
 
     async def requeue_messages(self, ids: Sequence[QueueId], now: float) -> None:
         """incoming/deferred/hold -> incoming, due `now` (qmgr resolves every recipient again)."""
-        await self._tool_write("UPDATE message SET queue = 'incoming', next_attempt = ?"
+        await self._tool_write("UPDATE message SET queue = 'incoming', next_attempt = ?, from_logged = 0"
                                " WHERE id = ? AND queue IN ('incoming', 'deferred', 'hold')", [(now, i) for i in ids])
 
     async def flush_messages(self, ids: Sequence[QueueId], now: float) -> None:

@@ -473,17 +473,24 @@ async def test_a_hold_made_during_delivery_stands(store):
     assert await store.counts() == {"hold": 1}
 
 
-async def test_a_message_held_on_arrival_is_taken_once_with_its_from_line_not_logged(store):
-    """qmgr logs the `from=` line of a message held on arrival when it first enters the active queue (Postfix's
-    opened()): the first take() after the release says it is not logged yet, any later one that it is."""
+async def test_the_from_line_is_owed_each_time_a_message_enters_the_active_queue_again(store):
+    """qmgr logs the `from=` line each time a message enters the active queue (Postfix's opened()): owed after a
+    hold on arrival and its release, a deferral, a requeue and a start's recovery; not for new mail cleanup logged
+    it for, nor again for a message taken without leaving the active queue."""
     await store.insert(new("Q1", queue="hold"))
-    assert await store.take(T0, 10) == []  # held: not due
+    await store.insert(new("Q2"))
+    assert [(m.queue_id, m.from_logged) for m in await store.take(T0, 10)] == [("Q2", True)]  # Q1 held
     await store.release_messages(["Q1"], T0)
-    [first] = await store.take(T0, 10)
+    [released] = await store.take(T0, 10)
     await store.finish(Delivered("Q1", T0 + 300))
+    [deferred] = await store.take(T0 + 300, 10)
+    await store.finish(Delivered("Q1", T0 + 600))
     await store.requeue_messages(["Q1"], T0)
-    [second] = await store.take(T0, 10)
-    assert (first.queue_id, first.from_logged, second.queue_id, second.from_logged) == ("Q1", False, "Q1", True)
+    [requeued] = await store.take(T0, 10)
+    assert await store.recover() == 2  # Q1 and Q2, active when the process stopped
+    taken = {m.queue_id: m.from_logged for m in await store.take(T0, 10)}
+    assert [m.from_logged for m in (released, deferred, requeued)] == [False, False, False]
+    assert taken == {"Q1": False, "Q2": False}
 
 
 async def test_due_alternates_new_and_deferred_mail(store):

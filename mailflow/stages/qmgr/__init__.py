@@ -12,8 +12,10 @@ The loop
   loop back every ADMIT_SLICE messages (a flush of 10 000 deferred messages held it for 0.4 s in one turn;
   the messages not yet admitted keep their places in the active queue meanwhile); a message
   with an after-queue content filter (its `content_filter`, Postfix's) sends every recipient to that
-  `transport:nexthop` instead. A message put on hold as it arrived gets qmgr's `from=<s>, size=N, nrcpt=N (queue
-  active)` line when it is first taken (Postfix writes it then; cleanup writes it for the others).
+  `transport:nexthop` instead. qmgr's `from=<s>, size=N, nrcpt=N (queue active)` line is written each time a
+  message enters the active queue, as Postfix's qmgr writes it: cleanup writes it for new mail (not for a message
+  put on hold as it arrived), the scan whenever the store marks it owed (`from_logged` false: held on arrival,
+  deferred, released, requeued, recovered at a start), `nrcpt` counting every recipient, delivered ones too.
 - New mail can skip the scan: cleanup `reserve()`s a place in the active queue, commits the message straight
   into it (queue 'active'), and `hand_over()`s it with its content still in memory (`release()` when the commit
   failed). A place is given only while there is room and the last scan left nothing due behind for want of it
@@ -403,8 +405,9 @@ class QueueManager:
 
     def _log_opened(self, message: QueuedMessage) -> None:
         """qmgr's `from=` line each time a message enters the active queue, as Postfix's opened() (a retry, a
-        release, a restart's recovery), but for the first time of one cleanup logged it for as it was queued."""
-        if message.from_logged and not message.attempts:
+        release, a requeue, a restart's recovery: the store marks it owed then), but for the first time of one
+        cleanup logged it for as it was queued."""
+        if message.from_logged:
             return
         self._log.opened(message.queue_id, message.sender, message.size, message.nrcpt or len(message.recipients))
 
