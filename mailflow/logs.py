@@ -339,7 +339,7 @@ class SmtpdLog:
         self._emit(logging.INFO, "tls-failed", f"SSL_accept error from {client}: {reason}", client=client,
                    reason=reason)
         if problem:
-            self._emit(logging.WARNING, "tls-failed", f"TLS library problem: {problem}", client=client,
+            self._emit(logging.WARNING, "tls-problem", f"TLS library problem: {problem}", client=client,
                        reason=problem)
 
     def auth_failed(self, client: str, mechanism: str, reason: str, username: str = "") -> None:

@@ -45,7 +45,7 @@ class MessageDetail(MessageRow):
     envid: str  # DSN ENVID, '' if none
     ret: str  # DSN RET: FULL, HDRS or ''
     smtputf8: bool
-    body_type: str  # 7BIT or 8BITMIME
+    body_type: str  # 8BITMIME, 7BIT (BODY=7BIT given) or "" (no BODY)
     warned: bool  # the "delayed" notice went out
 
 

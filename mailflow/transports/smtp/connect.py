@@ -234,9 +234,14 @@ class SmtpHandshake:
         timeout = self.config.starttls_timeout
         # no reply (a timeout, a lost connection) fails the peer as any command's would: no TLS was tried
         reply = await session.command(b"STARTTLS" + CRLF, timeout, STARTTLS)
+        if reply.code != 220:  # refused: the session itself is still fine
+            if policy.required:
+                raise SiteFailure(reply.dsn("4"),
+                                  f"TLS is required, but host {peer.name} refused to start TLS: {reply.one_line}",
+                                  hard=reply.code // 100 == 5)
+            return
         try:
-            if reply.code == 220:
-                await session.start_tls(context, None if is_ip_literal(peer.host) else peer.host, timeout)
+            await session.start_tls(context, None if is_ip_literal(peer.host) else peer.host, timeout)
         except ssl.SSLCertVerificationError as e:
             raise SiteFailure("4.7.5", f"Server certificate not trusted: host {peer.name}: {e.verify_message}") \
                 from None
@@ -246,12 +251,6 @@ class SmtpHandshake:
             if policy.level in ("may", "dane") and not policy.tlsa and credentials is None and fallback:
                 raise RetryPlaintext() from None
             raise SiteFailure("4.7.5", "Cannot start TLS: handshake failure") from None
-        if reply.code != 220:  # refused: the session itself is still fine
-            if policy.required:
-                raise SiteFailure(reply.dsn("4"),
-                                  f"TLS is required, but host {peer.name} refused to start TLS: {reply.one_line}",
-                                  hard=reply.code // 100 == 5)
-            return
         if policy.verifies:
             self._verify_peer_name(session, destination, policy)
         elif policy.tlsa:

@@ -118,9 +118,7 @@ async def _transaction(
         reply = await session.reply(timeouts.command, RCPT)
         if reply.positive:
             accepted.append(r)
-            if request.verify:
-                outcomes.update(reply_results([r], reply, peer, "RCPT TO"))
-        else:
+        if request.verify or not reply.positive:  # (a probe's accepted recipient is done with its RCPT reply)
             outcomes.update(reply_results([r], reply, peer, "RCPT TO"))
     if request.verify:  # the transaction stays open: RSET before the session is cached, else QUIT
         return
