@@ -94,9 +94,8 @@ NOFILE_CEILING = 1 << 20  # the soft limit asked for when the hard one is unlimi
 def descriptors_needed(cfg: Config) -> int:
     """What the configuration can hold open at once: each listener's sessions and as many waiting for a slot,
     two per delivery (its connection or file, and its content) and a reserve."""
-    listeners = [cfg.smtpd] * len(cfg.smtpd.listen) + [cfg.smtpd.for_listener(spec) for spec in cfg.smtpd.listeners]
-    return (sum(2 * smtpd.max_sessions for smtpd in listeners) + 2 * cfg.queue.delivery_concurrency_limit
-            + DESCRIPTOR_RESERVE)
+    sessions = sum(2 * smtpd.max_sessions for _, _, smtpd, _ in cfg.smtpd.listener_settings())
+    return sessions + 2 * cfg.queue.delivery_concurrency_limit + DESCRIPTOR_RESERVE
 
 
 def ensure_descriptors(cfg: Config) -> None:
@@ -140,7 +139,7 @@ def listener_summary(cfg: Config) -> list[tuple[str, int, str]]:
     """(address, port, role) of every listener the server opens: the `listen` addresses (mta) and each
     `[[smtpd.listeners]]` entry, in that order."""
     out = []
-    for value, role in [(a, "mta") for a in cfg.smtpd.listen] + [(l.address, l.role) for l in cfg.smtpd.listeners]:
+    for value, role, _, _ in cfg.smtpd.listener_settings():
         host, port = parse_hostport(value)
         out.append((f"[{host}]" if ":" in host else host, port, role))
     return out

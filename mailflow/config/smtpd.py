@@ -222,6 +222,14 @@ class SmtpdConfig(SmtpdFilterSettings):
         """The TCP ports of the listeners (`listen` and `listeners`) as configured; 0 is any free port."""
         return frozenset(parse_hostport(a)[1] for a in (*self.listen, *(x.address for x in self.listeners)))
 
+    def listener_settings(self) -> list[tuple[str, str, "SmtpdConfig", str]]:
+        """(address, role, effective settings, the key that names it) of every listener: each `listen` address
+        (mta, these settings), then each `[[smtpd.listeners]]` entry."""
+        specs = [(item, "mta", self, f"smtpd.listen[{i}]") for i, item in enumerate(self.listen)]
+        specs += [(spec.address, spec.role, self.for_listener(spec), f"smtpd.listeners[{i}].address")
+                  for i, spec in enumerate(self.listeners)]
+        return specs
+
     def for_listener(self, listener: ListenerConfig) -> "SmtpdConfig":
         """The effective settings of one listener: these, then its role's presets, then its overrides."""
         data = self.model_dump(exclude={"listeners"})

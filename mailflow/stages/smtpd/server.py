@@ -237,13 +237,6 @@ class Smtpd:
 
     # -------------------------------------------------------------------------------- building
 
-    def _listener_specs(self) -> list[tuple[str, str, SmtpdConfig, str]]:
-        smtpd = self._config.smtpd
-        specs = [(item, "mta", smtpd, f"smtpd.listen[{i}]") for i, item in enumerate(smtpd.listen)]
-        specs += [(spec.address, spec.role, smtpd.for_listener(spec), f"smtpd.listeners[{i}].address")
-                  for i, spec in enumerate(smtpd.listeners)]
-        return specs
-
     def _build_listener(self, address: str, role: str, smtpd: SmtpdConfig, setting: str) -> Listener:
         host, port = parse_hostport(address)
         config = self._config if smtpd is self._config.smtpd else self._config.model_copy(update={"smtpd": smtpd})
@@ -317,7 +310,7 @@ class Smtpd:
     # -------------------------------------------------------------------------------- running
 
     async def start(self) -> None:
-        self.listeners = [self._build_listener(*spec) for spec in self._listener_specs()]
+        self.listeners = [self._build_listener(*spec) for spec in self._config.smtpd.listener_settings()]
         await self._tables.preload()  # the user and sender-login tables, read off the event loop
         for listener in self.listeners:
             listener.server = await listen(functools.partial(self._session, listener), listener.host, listener.port,
@@ -343,7 +336,7 @@ class Smtpd:
         # (the auth server connections copied: a refused reload leaves the running server's as they are; one it
         # added connects only when asked, so a refused reload opens none)
         fresh.auth_failures, fresh._hasher, fresh._dovecots = self.auth_failures, self._hasher, dict(self._dovecots)
-        built = [fresh._build_listener(*spec) for spec in fresh._listener_specs()]
+        built = [fresh._build_listener(*spec) for spec in fresh._config.smtpd.listener_settings()]
         pairs, gone = _continued(self.listeners, built)
         added = [new for running, new in pairs if running is None]
         await self._listen(added)
