@@ -70,6 +70,7 @@ SESSIONS = {
     "helo refused inside a transaction": [EHLO, MAIL, "EHLO bad.helo", RCPT, "QUIT"],
     "helo DEFER_IF_PERMIT, then a good one": ["EHLO dip.helo", MAIL, RCPT, "RSET", EHLO, MAIL, RCPT, "QUIT"],
     "helo DEFER_IF_REJECT, a later list rejects": ["EHLO dir.helo", MAIL, REFUSED_RCPT, "QUIT"],
+    "helo DEFER_IF_PERMIT, then XCLIENT": ["EHLO dip.helo", xclient(7), MAIL, RCPT, "QUIT"],
     "helo HOLD": ["EHLO hold.helo", MAIL, RCPT, "DATA", MESSAGE, "QUIT"],
     "sender refused, then another": [EHLO, "MAIL FROM:<bad@s.test>", RCPT, MAIL, RCPT, "QUIT"],
     "sender DEFER_IF_PERMIT, then another": [EHLO, "MAIL FROM:<dip@s.test>", RCPT, "RSET", MAIL, RCPT, "QUIT"],
@@ -199,5 +200,8 @@ async def test_lists_run_when_postfix_runs_them(delay, mailflow_server, tmp_path
     assert postfix["sender refused, then another"][3] == "RCPT TO:<a@relay.test> -> 503 5.5.1 Error: need MAIL command"
     assert postfix["reject_unauth_destination in the client list"][3] == "RCPT TO:<x@elsewhere.test> -> 250 2.1.5 Ok"
     assert "NOQUEUE: warn: XCLIENT from unknown[192.0.2.8]: client warn; proto=SMTP" in postfix_log
+    # XCLIENT forgets the HELO name (smtpd.c's helo_reset) but not its DEFER_IF_PERMIT (defer_if_permit_helo)
+    assert postfix["helo DEFER_IF_PERMIT, then XCLIENT"][4] == \
+        "RCPT TO:<a@relay.test> -> 450 4.7.1 <dip.helo>: Helo command rejected: helo maybe"
     assert held == 1  # the sender list's HOLD; the client and helo lists' are skipped (and logged)
     assert len(skipped) == 2 and "action HOLD is always skipped in client or helo restrictions" in skipped[0]

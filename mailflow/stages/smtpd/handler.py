@@ -211,7 +211,7 @@ class SmtpdHandler:
         facts = self._facts(session, envelope, "", stage="etrn", command="ETRN")
         facts.etrn_domain = site
         if not self._config.smtpd.delay_reject:
-            facts.defer_if_permit = session.defer_if_permit_helo or session.defer_if_permit_client
+            facts.defer_if_permit = session.defer_if_permit_before_mail
         return await self.restrictions.check_etrn(facts)
 
     async def handle_MAIL(self, server, session: SessionState, envelope: Transaction, addr: str,
@@ -323,7 +323,7 @@ class SmtpdHandler:
             return None
         facts = self._facts(session, envelope, "", stage="sender", command="MAIL")
         facts.sender, facts.size = sender, _declared_size(options)
-        facts.defer_if_permit = session.defer_if_permit_helo or session.defer_if_permit_client
+        facts.defer_if_permit = session.defer_if_permit_before_mail
         refusal = await self.restrictions.check_early("sender", facts)
         envelope.defer_if_permit_sender = facts.defer_if_permit
         return refusal

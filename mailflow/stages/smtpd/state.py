@@ -94,6 +94,14 @@ class SessionState(_AiosmtpdSession):
         self.defer_if_permit_helo = previous.defer_if_permit_helo
 
     @property
+    def defer_if_permit_before_mail(self) -> status.Reply | None:
+        """What MAIL and ETRN carry from the client and helo lists (Postfix's defer_if_permit_client | _helo): the
+        helo list's, which holds the client list's, else the client list's (the client may skip HELO). XCLIENT
+        runs the client list again but keeps the helo list's, as Postfix's xclient_cmd keeps
+        defer_if_permit_helo."""
+        return self.defer_if_permit_helo or self.defer_if_permit_client
+
+    @property
     def peer_ip(self) -> str:
         peer = self.peer
         return str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
