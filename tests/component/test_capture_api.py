@@ -11,8 +11,8 @@ import aiosmtplib
 import pytest
 from aiohttp import web
 
-from mailflow.capture import mailpit
-from mailflow.capture.mailbox import CapturedEnvelope
+from mailflow.capture import mailpit, search
+from mailflow.capture.mailbox import SLICE, CapturedEnvelope
 from mailflow.config import DEFAULTS
 from mailflow.http import HttpServer
 from mailflow.testing import Sink
@@ -70,31 +70,64 @@ async def test_messages_and_info(api):
         assert response.status == 400
 
 
-async def test_listing_every_message_hands_the_loop_back_between_summaries(monkeypatch):
-    # a summary parses its message: listing all of 10 000 (limit=0) held the server's loop 3.7 s
-    turns = 0
+class Bystander:
+    """Another task on the server's loop: counts the turns it gets while a request runs."""
 
-    async def bystander():  # another task on the server's loop: counts the turns it gets
-        nonlocal turns
+    def __init__(self):
+        self.turns = 0
+
+    async def __aenter__(self):
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc):
+        self._task.cancel()
+
+    async def _run(self):
         for _ in range(1_000_000):
-            turns += 1
+            self.turns += 1
             await asyncio.sleep(0)
 
+
+def fill(sink: Sink, n: int) -> None:
+    for i in range(n):  # as the capture transport adds them
+        raw = f"From: a@shop.test\r\nSubject: m{i}\r\n\r\nbody {i}\r\n".encode()
+        sink.server.capture.mailbox.add(CapturedEnvelope("a@shop.test", ("b@example.com",)), raw, f"Q{i}")
+
+
+async def test_listing_every_message_hands_the_loop_back_between_summaries(monkeypatch):
+    # a summary parses its message: listing all of 10 000 (limit=0) held the server's loop 3.7 s
     seen: list[int] = []  # at each summary made, how many turns the bystander had had
     summary = mailpit.summary
-    monkeypatch.setattr(mailpit, "summary", lambda m: seen.append(turns) or summary(m))
-    n = 3 * mailpit.SUMMARY_SLICE
+    n = 3 * SLICE
     async with Sink(http_api=True) as sink, aiohttp.ClientSession(sink.http_url) as http:
-        for i in range(n):  # as the capture transport adds them
-            raw = f"From: a@shop.test\r\nSubject: m{i}\r\n\r\nbody {i}\r\n".encode()
-            sink.server.capture.mailbox.add(CapturedEnvelope("a@shop.test", ("b@example.com",)), raw, f"Q{i}")
-        other = asyncio.create_task(bystander())
-        try:
+        fill(sink, n)
+        async with Bystander() as other:
+            monkeypatch.setattr(mailpit, "summary", lambda m: seen.append(other.turns) or summary(m))
             listing = await get_json(http, "/api/v1/messages?limit=0")
-        finally:
-            other.cancel()
     assert [m["Subject"] for m in listing["messages"]] == [f"m{i}" for i in reversed(range(n))]
-    assert len(seen) == n and max(Counter(seen).values()) <= mailpit.SUMMARY_SLICE
+    assert len(seen) == n and max(Counter(seen).values()) <= SLICE
+
+
+@pytest.mark.parametrize("method, path, body, searched", [
+    ("GET", "/api/v1/search?query=body&limit=1", None, 1),
+    ("GET", "/api/v1/message/latest?query=body", None, 1),
+    ("PUT", "/api/v1/messages", {"Search": "body", "Read": True}, 1),
+    ("DELETE", "/api/v1/search?query=body", None, 1),
+    ("GET", f"/api/v1/wait?query=body&count={3 * SLICE + 1}&timeout=0", None, 2),  # the wait, then its report
+])
+async def test_a_search_hands_the_loop_back_between_messages(monkeypatch, method, path, body, searched):
+    # a text term parses each message: a first search of 10 000 held the server's loop 3.7 s
+    seen: list[int] = []  # at each message searched, how many turns the bystander had had
+    matches = search.matches
+    n = 3 * SLICE
+    async with Sink(http_api=True) as sink, aiohttp.ClientSession(sink.http_url) as http:
+        fill(sink, n)
+        async with Bystander() as other:
+            monkeypatch.setattr(search, "matches", lambda terms, m: seen.append(other.turns) or matches(terms, m))
+            async with http.request(method, path, json=body) as response:
+                assert response.status in (200, 408), await response.text()
+    assert len(seen) == searched * n and max(Counter(seen).values()) <= SLICE
 
 
 async def test_one_message_its_raw_headers_parts_and_history(api):
