@@ -70,8 +70,8 @@ from mailflow.address import client_ip, in_networks
 from mailflow.errors import LookupRetry
 from mailflow.logs import SmtpdLog
 from mailflow.model import AddressClass
-from mailflow.restriction_vocabulary import (ACCESS_CHECKS, KNOWN, NEEDS_FILTER, RHSBL_CHECKS, STAGES, WITH_ARGUMENT,
-                                             check_item, split_item)
+from mailflow.restriction_vocabulary import (ACCESS_CHECKS, KNOWN, NEEDS_FILTER, RCPT_STAGES, RHSBL_CHECKS, STAGES,
+                                             WITH_ARGUMENT, check_item, split_item)
 from mailflow.stages.smtpd.dns_checks import DnsChecks
 from mailflow.stages.smtpd.policy import PolicyClient, PolicyError
 from mailflow.stages.verify import Status as VerifyStatus
@@ -95,8 +95,8 @@ SUBJECT = {  # a list's stage -> how its refusals name what they looked at
 }
 # The steps of the RCPT lists: a DEFER_IF_REJECT holds until the end of its own (Postfix's smtpd_check_client,
 # _helo, _mail, then the relay and recipient lists together, each starting with SMTPD_CHECK_RESET), where a
-# DEFER_IF_PERMIT holds to the end of them all.
-RCPT_STEPS = (("client",), ("helo",), ("sender",), ("relay", "recipient"))
+# DEFER_IF_PERMIT holds to the end of them all. RCPT_STAGES in those steps: client, helo, sender; relay + recipient.
+RCPT_STEPS = (*((stage,) for stage in RCPT_STAGES[:-2]), RCPT_STAGES[-2:])
 ETRN_STEPS = (("client",), ("helo",), ("etrn",))  # (smtpd_check_etrn: smtpd_check_client, _helo, then its own)
 MAX_DEPTH = 100  # lists within lists (classes, access values) beyond which a table's value is refused (Postfix's)
 VALUE_LIST_CACHE = 1000  # access values kept read as lists (the table is emptied when full)
