@@ -218,8 +218,7 @@ class SmtpdHandler:
                           options: list[str]) -> str:
         sender = "" if addr == NULL_SENDER else addr
         if sender:
-            # an unqualified sender is taken, like a recipient, and qualified by cleanup (Postfix: @$myorigin)
-            if address.mailbox_syntax_error(self._rewriter.qualify(sender)) or self._min_user(sender):
+            if self._malformed(sender):
                 return str(status.bad_sender_syntax(sender))
             if address.is_utf8(sender) and "SMTPUTF8" not in options:
                 return str(status.SMTPUTF8_REQUIRED)
@@ -269,7 +268,7 @@ class SmtpdHandler:
         return str(status.RCPT_OK)
 
     def _rcpt_syntax_refusal(self, envelope: Transaction, addr: str) -> status.Reply | None:
-        if address.mailbox_syntax_error(self._rewriter.qualify(addr)) or self._min_user(addr):
+        if self._malformed(addr):
             return status.bad_address_syntax(addr)
         if address.is_utf8(addr) and not envelope.smtp_utf8:
             return status.SMTPUTF8_REQUIRED
@@ -304,7 +303,7 @@ class SmtpdHandler:
         malformed address is refused (501 5.1.3, logged as Postfix's "Illegal address syntax"); then, but for
         `postmaster`, the restriction lists and the recipient tables, as at RCPT (not the policy hook nor the
         milters): their refusal, logged `NOQUEUE: reject: VRFY from …`, or None (252)."""
-        if address.mailbox_syntax_error(self._rewriter.qualify(addr)) or self._min_user(addr):
+        if self._malformed(addr):
             server.record.lines.illegal_address(session.client, "VRFY", written)
             return status.RECIPIENT_SYNTAX
         if addr.lower() == "postmaster":  # RFC 5321 4.5.1, as at RCPT
@@ -347,9 +346,12 @@ class SmtpdHandler:
             return status.error_reply(e, addr)
         return None
 
-    def _min_user(self, addr: str) -> bool:
-        """Postfix allow_min_user = no: an address beginning with '-' is a syntax error (it could reach a
-        command's argv as an option)."""
+    def _malformed(self, addr: str) -> bool:
+        """Whether MAIL, RCPT or VRFY refuses `addr` as a syntax error: its syntax once qualified (an unqualified
+        address is taken, and qualified by cleanup: Postfix's @$myorigin), or, with Postfix's allow_min_user =
+        no, a leading '-' (it could reach a command's argv as an option)."""
+        if address.mailbox_syntax_error(self._rewriter.qualify(addr)):
+            return True
         return not self._config.allow_min_user and address.is_min_user(addr)
 
     async def handle_DATA(self, server, session: SessionState, envelope: Transaction) -> str:
