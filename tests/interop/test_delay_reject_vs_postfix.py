@@ -204,4 +204,5 @@ async def test_lists_run_when_postfix_runs_them(delay, mailflow_server, tmp_path
     assert postfix["helo DEFER_IF_PERMIT, then XCLIENT"][4] == \
         "RCPT TO:<a@relay.test> -> 450 4.7.1 <dip.helo>: Helo command rejected: helo maybe"
     assert held == 1  # the sender list's HOLD; the client and helo lists' are skipped (and logged)
-    assert len(skipped) == 2 and "action HOLD is always skipped in client or helo restrictions" in skipped[0]
+    assert len(skipped) == 2
+    assert "action HOLD is always skipped in Client host or Helo command restrictions" in skipped[0]

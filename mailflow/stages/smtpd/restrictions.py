@@ -551,15 +551,16 @@ class Restrictions:
     @staticmethod
     def _no_transaction(word: str, source: str, facts: Facts) -> bool:
         """Postfix's not_in_client_helo: before MAIL (the client and helo lists with delay_reject false) there is
-        no message for an action that marks one; it is skipped (DUNNO) and logged. At ETRN too (Postfix's
-        can_delegate_action: ETRN receives no mail)."""
+        no message for an action that marks one; it is skipped (DUNNO) and logged in Postfix's words, which name
+        delay_reject false whatever the setting (a VRFY outside a transaction meets it with delay_reject true).
+        At ETRN too (Postfix's can_delegate_action: ETRN receives no mail)."""
         if facts.command == "ETRN":
             log.warning("access table %s: action %s is unavailable in etrn_restrictions", source, word)
             return True
         if facts.sender is not None:
             return False
-        log.warning("access table %s: with delay_reject = false, action %s is always skipped in client or helo "
-                    "restrictions", source, word)
+        log.warning("access table %s: with delay_reject = false, action %s is always skipped in Client host or "
+                    "Helo command restrictions", source, word)
         return True
 
     def _whatsup(self, action: str, text: str, facts: Facts, stage: str) -> None:
