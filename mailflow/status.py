@@ -355,8 +355,6 @@ def bare_newline(host: str, char: str = "LF") -> Reply:
     return Reply(521, "5.5.2", f"{host} Error: bare <{char}> received")
 
 
-
-
 def shutting_down(host: str) -> Reply:
     """The server stops (SIGTERM): said to a session between transactions, which is then closed."""
     return Reply(421, "4.3.2", f"{host} Service shutting down, closing transmission channel")
