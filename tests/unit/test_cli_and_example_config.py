@@ -1,11 +1,16 @@
 """The repository's config.toml loads unchanged and documents the defaults; the CLI reports bad config."""
 from __future__ import annotations
 
+import logging
+import resource
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
+from mailflow.cli import server as cli_server
 from mailflow.config import Config, flat_settings, load_config, resolve_paths
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,22 +179,36 @@ def test_config_show_named_settings_and_unknown_names(tmp_path):
     assert bad.returncode == 2 and "unknown setting: no_such_setting" in bad.stderr
 
 
-def test_serve_raises_the_descriptor_limit_to_the_hard_one_and_warns_when_it_is_too_low():
+class Limits:
+    """resource.getrlimit and setrlimit of RLIMIT_NOFILE over a (soft, hard) pair kept here, not the process's."""
+
+    def __init__(self, soft: int, hard: int):
+        self.limits = (soft, hard)
+
+    def getrlimit(self, which: int) -> tuple[int, int]:
+        assert which == resource.RLIMIT_NOFILE
+        return self.limits
+
+    def setrlimit(self, which: int, limits: tuple[int, int]) -> None:
+        assert which == resource.RLIMIT_NOFILE and limits[0] <= limits[1] == self.limits[1]
+        self.limits = limits
+
+
+@pytest.mark.parametrize("hard, warned", [(4096, True), (10000, False)])
+def test_serve_raises_the_descriptor_limit_to_the_hard_one_and_warns_when_it_is_too_low(monkeypatch, caplog, hard,
+                                                                                         warned):
     """A soft limit of 64 under a hard one of 4096 (a shell's 1024 under a service manager's 524288, say) would cut
     the server off at a few dozen sessions: serve takes the hard one; a configuration needing more than even that
     is warned about at the start."""
-    script = """
-import logging, resource, sys
-from mailflow.cli.server import descriptors_needed, ensure_descriptors
-from mailflow.config import Config
-logging.basicConfig(stream=sys.stdout, format="%(levelname)s %(message)s")
-resource.setrlimit(resource.RLIMIT_NOFILE, (64, int(sys.argv[1])))
-cfg = Config.model_validate({"smtpd": {"max_sessions": 2000}})
-ensure_descriptors(cfg)
-print("soft", resource.getrlimit(resource.RLIMIT_NOFILE)[0], "needed", descriptors_needed(cfg))
-"""
-    tight = subprocess.run([sys.executable, "-c", script, "4096"], capture_output=True, text=True, timeout=30, cwd=ROOT)
-    assert "soft 4096 needed" in tight.stdout, tight.stdout + tight.stderr
-    assert "WARNING the file descriptor limit (4096) is below the 4264" in tight.stdout  # 2*2000 + 2*100 + 64
-    ample = subprocess.run([sys.executable, "-c", script, "10000"], capture_output=True, text=True, timeout=30, cwd=ROOT)
-    assert "soft 10000" in ample.stdout and "WARNING" not in ample.stdout, ample.stdout + ample.stderr
+    limits = Limits(64, hard)
+    monkeypatch.setattr(cli_server.resource, "getrlimit", limits.getrlimit)
+    monkeypatch.setattr(cli_server.resource, "setrlimit", limits.setrlimit)
+    caplog.set_level(logging.WARNING, logger="mailflow")
+    cfg = Config.model_validate({"smtpd": {"max_sessions": 2000}})
+    cli_server.ensure_descriptors(cfg)
+    assert limits.limits == (hard, hard) and cli_server.descriptors_needed(cfg) == 4264  # 2*2000 + 2*100 + 64
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if warned:
+        assert len(warnings) == 1 and warnings[0].startswith("the file descriptor limit (4096) is below the 4264")
+    else:
+        assert warnings == []
