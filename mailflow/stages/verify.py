@@ -95,9 +95,8 @@ class Verifier:
         """The address's status; a probe started when its result needs refreshing (`probe`)."""
         now = self._clock.time()
         entry = self._cache.get(addr)
-        if entry is not None and self._expired(entry, now) and addr not in self._probes:
-            if not self.settings.negative_cache:
-                del self._cache[addr]
+        if entry is not None and self._expired(entry, now):  # unknown again, whether a probe runs or not
+            del self._cache[addr]
             entry = None
         if entry is not None:
             self._cache.move_to_end(addr)
@@ -155,12 +154,13 @@ class Verifier:
         self._update(addr, verdict)
 
     def _update(self, addr: str, verdict: Verdict) -> None:
-        """verify(8)'s update: a failure is cached only with negative_cache and never replaces an OK result."""
+        """verify(8)'s update: a failure is cached only with negative_cache and never replaces an OK result that
+        has not expired."""
         if verdict.status is not Status.OK:
             if not self.settings.negative_cache:
                 return
             kept = self._cache.get(addr)
-            if kept is not None and kept.verdict.status is Status.OK:
+            if kept is not None and kept.verdict.status is Status.OK and not self._expired(kept, self._clock.time()):
                 return
         self._cache[addr] = _Entry(verdict, self._clock.time())
         self._cache.move_to_end(addr)

@@ -184,6 +184,17 @@ async def test_a_failure_is_refreshed_after_3_hours_expires_after_3_days_and_nev
     assert verifier.query("b@x.test", probe=False).status is Status.OK
 
 
+
+async def test_an_expired_ok_is_unknown_and_the_failure_of_the_next_probe_is_cached_and_answered():
+    clock, probes = VirtualClock(), Probes()
+    verifier = Verifier(DEFAULTS.address_verify, probes, clock)
+    await settled(verifier, "a@x.test")
+    probes.answer = Status.BOUNCE
+    clock.advance(32 * 86400)  # the OK expired: in progress, the probe bounces
+    assert (await settled(verifier, "a@x.test")).status is Status.TODO
+    assert verifier.query("a@x.test") == Verdict(Status.BOUNCE, "said bounced")
+    assert probes.count == 2  # the bounce is answered from the cache, not probed again
+
 async def test_the_cache_keeps_at_most_cache_size_addresses_the_least_recently_used_go():
     probes = Probes()
     settings = DEFAULTS.address_verify.model_copy(update={"cache_size": 3})
