@@ -6,6 +6,9 @@ transport_maps, transport:nexthop) -> for the local transport, local(8)'s alias_
 forwarded addresses (and the resubmitted members of :include: files and owner- lists) around again as the new
 message local delivery queues (carrying Delivered-To, so a forwarding loop ends as it would in delivery, 5.4.6).
 
+- `queued(addr) -> [(address, Resolution), ...]`: what cleanup queues for `addr` (canonical maps, virtual alias
+  expansion), each as trivial-rewrite resolves it, one per Route (duplicates removed, the first kept): the start
+  of the walk, and what address verification probes.
 - `route(addr) -> [Route, ...]`: the final destinations, duplicates removed. A command or file target is routed
   to the local transport with `|command` or `/path` as its address; a recipient local delivery would refuse
   routes to `error` with `dsn text` as nexthop, as Postfix's error transport is written.
@@ -17,9 +20,10 @@ Failures: `LookupRetry` and `TemporaryError` from the stages propagate (the CLI 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from mailflow.errors import TemporaryError
-from mailflow.model import AddressClass
+from mailflow.model import AddressClass, Resolution
 from mailflow.routing.addressmap import AddressMapper
 from mailflow.transports.local.aliasing import Command, File, Forward, LocalExpander, Mailbox, Refused
 from mailflow.routing.rewrite import Rewriter
@@ -50,6 +54,23 @@ class Router:
         self._walk(addr, frozenset(), 0, routes, [])
         return routes
 
+    def queued(self, addr: str, step: Callable[[str, str], None] = lambda label, text: None) \
+            -> list[tuple[str, Resolution]]:
+        """The recipients cleanup queues for `addr` and how trivial-rewrite resolves each, one per route (see the
+        module doc). `step(label, text)`: told of what the canonical and virtual alias maps changed (explain).
+        May raise LookupRetry, TemporaryError (virtual alias limits)."""
+        canonical = self.mapper.recipient(addr)
+        if canonical != addr:
+            step("canonical", canonical)
+        expanded = self.mapper.expand(canonical)
+        if expanded != [canonical]:
+            step("virtual alias", ", ".join(expanded))
+        found: dict[Route, tuple[str, Resolution]] = {}
+        for final in expanded:
+            res = self.rewriter.resolve(final)
+            found.setdefault(Route(res.address, res.transport, res.nexthop), (final, res))
+        return list(found.values())
+
     def explain(self, addr: str) -> list[tuple[int, str, str]]:
         steps: list[tuple[int, str, str]] = [(0, "address", addr), (0, "rcpt", self.recipient_verdict(addr))]
         self._walk(addr, frozenset(), 0, [], steps)
@@ -75,17 +96,11 @@ class Router:
 
         if depth > FORWARD_DEPTH * INDENT:
             raise TemporaryError("4.6.0", f"forwarded through more than {FORWARD_DEPTH} messages at {addr}")
-        canonical = self.mapper.recipient(addr)
-        if canonical != addr:
-            step("canonical", canonical)
-        expanded = self.mapper.expand(canonical)
-        if expanded != [canonical]:
-            step("virtual alias", ", ".join(expanded))
-        for final in expanded:
-            self._final(final, delivered_to, depth, routes, steps, step)
+        for final, res in self.queued(addr, step):
+            self._final(final, res, delivered_to, depth, routes, steps, step)
 
-    def _final(self, addr: str, delivered_to, depth: int, routes: list[Route], steps: list, step) -> None:
-        res = self.rewriter.resolve(addr)
+    def _final(self, addr: str, res: Resolution, delivered_to, depth: int, routes: list[Route], steps: list,
+               step) -> None:
         step("recipient", addr, 1)
         for label, text in self.rewriter.explain(addr):
             step(label, text, 2)

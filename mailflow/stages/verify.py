@@ -16,8 +16,9 @@ What it owns
   deliverable ("aliased to <value>", not expanded), a local user too ("delivers to mailbox"), another name bounces
   (`unknown user: "name"`); the virtual transport as virtual(8): a virtual_mailbox_maps user is deliverable, another
   bounces. Other transports (pipe services, capture) are taken as deliverable, as Postfix's pipe(8) reports a probe.
-  An address that expands to several routes is deliverable when one of them is (Postfix keeps an OK result against
-  later failures); else it gets the last failure.
+  The route is `Router.queued`'s: an address that virtual alias expansion makes into more than one route is
+  deliverable without a probe ("aliased to multiple recipients"), as Postfix's cleanup declares a one-to-many
+  alias in a probe, so that the results of its members do not overwrite each other.
 
 The cache, as verify(8)'s (Postfix's lifetimes and its rules): an OK result is kept positive_expire_time and
 probed again after positive_refresh_time; a failure (bounced or deferred; only with negative_cache) kept
@@ -180,19 +181,11 @@ class Prober:
         self._ids = itertools.count(1)
 
     async def __call__(self, addr: str) -> Verdict:
-        routes = await self._router.tables.run(self._routes, addr)
-        verdicts = [await self._deliver(*route) for route in routes] or [Verdict(Status.BOUNCE, "no recipients")]
-        return next((v for v in verdicts if v.status is Status.OK), verdicts[-1])
-
-    def _routes(self, addr: str) -> list[tuple[str, str, str]]:
-        """(address, transport, nexthop) of each address cleanup would make of `addr` (canonical maps, virtual
-        alias expansion), as trivial-rewrite resolves it. May raise LookupRetry."""
-        mapper, rewriter = self._router.mapper, self._router.rewriter
-        routes = []
-        for final in mapper.expand(mapper.recipient(addr)):
-            res = rewriter.resolve(final)
-            routes.append((res.address, res.transport, res.nexthop))
-        return routes
+        queued = await self._router.tables.run(self._router.queued, addr)
+        if len(queued) > 1:  # Postfix's cleanup_out_recipient: a probe's one-to-many alias is not probed further
+            return Verdict(Status.OK, "aliased to multiple recipients")
+        (_, res), = queued  # (virtual alias expansion leaves one address at least)
+        return await self._deliver(res.address, res.transport, res.nexthop)
 
     async def _deliver(self, addr: str, transport_name: str, nexthop: str) -> Verdict:
         transport = self._transports.get(transport_name)
