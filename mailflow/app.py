@@ -153,10 +153,10 @@ def build_outbound_signing(config: Config, router: Router, resolver, clock: Cloc
 
 def verify_prober(config: Config, router: Router, transports: dict) -> Prober:
     """Address verification's probes along the routes of `router` with these transports, from
-    address_verify_sender (qualified with myorigin; `<>` or "": the null sender)."""
+    address_verify_sender (qualified as trivial-rewrite qualifies an address, as Postfix's verify does; `<>` or "":
+    the null sender)."""
     sender = config.address_verify.sender.strip()
-    sender = "" if sender in ("", "<>") else sender if "@" in sender else f"{sender}@{config.origin}"
-    return Prober(router, transports, sender, config.recipient_delimiter)
+    return Prober(router, transports, "" if sender in ("", "<>") else router.rewriter.qualify(sender))
 
 
 def build_resolver(dns: DnsConfig) -> AiodnsResolver:

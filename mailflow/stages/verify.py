@@ -7,7 +7,7 @@ What it owns
   is under way for the address. `await wait(addr, timeout)`: until that address's probe ends or `timeout`
   passes (smtpd's poll, as Postfix's address_verify_poll_count x address_verify_poll_delay). `close()` cancels
   the probes under way; `reconfigure(settings, probe)` (a reload) keeps the cache.
-- `Prober(router, transports, sender, recipient_delimiter)`: one probe as a callable, `await prober(addr) ->
+- `Prober(router, transports, sender)`: one probe as a callable, `await prober(addr) ->
   Verdict`, along the address's normal route (cleanup's canonical and virtual alias maps, trivial-rewrite's
   transport and nexthop, transport_maps, relayhost, MX): an SMTP or LMTP next hop gets a session with MAIL
   FROM:<sender>, RCPT TO:<addr> and no DATA (`DeliveryRequest.verify`: Postfix's smtp with the verify flag), so
@@ -44,13 +44,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Mapping
 
-from mailflow.address import split as split_address
 from mailflow.clock import Clock
 from mailflow.content import Content
 from mailflow.errors import DeliveryError
 from mailflow.model import DeliveryRequest, Outcome, Recipient
-from mailflow.tables import split_extension
-from mailflow.transports.local.aliasing import is_safe_user
 
 log = logging.getLogger("mailflow.verify")
 
@@ -173,9 +170,8 @@ class Prober:
     """One probe along an address's route; see the module docstring. `router`: mailflow.routing.router.Router;
     `transports`: qmgr's, by name; `sender`: the probes' envelope sender ("" the null sender)."""
 
-    def __init__(self, router, transports: Mapping, sender: str, recipient_delimiter: str = "+"):
+    def __init__(self, router, transports: Mapping, sender: str):
         self._router = router
-        self._delimiter = recipient_delimiter
         self._transports = transports
         self._sender = sender
         self._ids = itertools.count(1)
@@ -213,10 +209,10 @@ class Prober:
         alias = rewriter.alias(addr)
         if alias is not None:
             return Verdict(Status.OK, f"aliased to {alias[2].strip()}")
-        user, _ = split_extension(split_address(addr)[0].lower(), self._delimiter)
-        if is_safe_user(user) and rewriter.is_local_user(addr):
-            return Verdict(Status.OK, "delivers to mailbox")
-        return Verdict(Status.BOUNCE, f"unknown user: \"{user}\"")
+        refused = self._router.local.unknown_user(rewriter.local_user(addr), addr)
+        if refused is not None:
+            return Verdict(Status.BOUNCE, refused.text)
+        return Verdict(Status.OK, "delivers to mailbox")
 
     def _virtual(self, addr: str) -> Verdict:
         if self._router.rewriter.virtual_mailbox(addr) is None:

@@ -22,7 +22,8 @@ Rules, as local(8):
    canonical and virtual alias maps apply to it again. The same resubmission holds for every address of an
    `:include:` file (with the sender unchanged unless an owner- alias set it).
 3. A user that local_recipient_maps do not know, or whose name cannot be a directory (a '/', a leading '.'),
-   is Refused: 5.1.1 unknown user. Nothing is read for it.
+   is Refused: 5.1.1 unknown user. Nothing is read for it. (`unknown_user(user, addr)`: that refusal or None; also
+   what address verification answers for a local address.)
 4. The user's `.forward` (`<home>/.forward+ext`, then `<home>/.forward`; home = `<maildir_base>/<user>/`)
    replaces the user; once expanded, a user met again gets nothing more. In it, the user's own name and
    `\\user` mean the mailbox; every other address, local or not, becomes a Forward (a new message, so that
@@ -298,8 +299,9 @@ class LocalExpander:
             return
         local, domain = address.split(addr)
         user, ext = split_extension(local.lower(), self._config.recipient_delimiter)
-        if not (is_safe_user(user) and self._rewriter.is_local_user(addr)):
-            state.add(Refused(addr, "5.1.1", f"unknown user: \"{user}\""))
+        refused = self.unknown_user(user, addr)
+        if refused is not None:
+            state.add(refused)
             return
         if user in state.forwards_done:
             return  # its .forward was expanded already: nothing more for this user
@@ -381,11 +383,15 @@ class LocalExpander:
         local_name = self._config.local_transport.partition(":")[0]
         return res.address_class is AddressClass.LOCAL and res.transport == local_name
 
-    def _mailbox(self, state: _Expansion, user: str, addr: str) -> None:
+    def unknown_user(self, user: str, addr: str) -> Refused | None:
+        """Rule 3: the refusal of `user` (the mailbox name of `addr`), None when it may have a mailbox. May raise
+        LookupRetry."""
         if is_safe_user(user) and self._rewriter.is_local_user(addr):
-            state.add(Mailbox(user, addr))
-        else:
-            state.add(Refused(addr, "5.1.1", f"unknown user: \"{user}\""))
+            return None
+        return Refused(addr, "5.1.1", f"unknown user: \"{user}\"")
+
+    def _mailbox(self, state: _Expansion, user: str, addr: str) -> None:
+        state.add(self.unknown_user(user, addr) or Mailbox(user, addr))
 
     def _privileged(self, state: _Expansion, leaf: Command | File, allowed: tuple[str, ...], kind: str) -> None:
         if leaf.source in allowed:
