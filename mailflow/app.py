@@ -379,7 +379,8 @@ class Mailflow:
         return self._resolver or self._own_resolver
 
     async def stop(self) -> None:
-        """The listeners (admin, HTTP), then smtpd, pickup and qmgr drained together within the grace period,
+        """The listeners (admin, HTTP), then address verification's probes (cancelled, awaited), then smtpd,
+        pickup and qmgr drained together within the grace period,
         then ETRN's flushes, then the store. Safe to call twice. A reload under way ends first (one that has
         bound new addresses must not put them in use, or leave them open, after the stop)."""
         async with self._reloading:
@@ -392,12 +393,12 @@ class Mailflow:
         if self.http:
             await self.http.stop()
             self.http = None
+        if self._verifier is not None:  # its probes use qmgr's transports, which qmgr.stop closes
+            await self._verifier.close()
+            self._verifier = None
         stages = [stage for stage in (self.smtpd, self.pickup, self.qmgr) if stage is not None]
         await asyncio.gather(*(stage.stop(self._grace) for stage in stages))
         self.smtpd = self.pickup = self.qmgr = None
-        if self._verifier is not None:
-            self._verifier.close()
-            self._verifier = None
         for filters in (self._filters, *self._retired_filters):
             if filters is not None:
                 filters.close()

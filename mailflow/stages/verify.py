@@ -5,8 +5,9 @@ What it owns
   `query(addr, probe=True) -> Verdict` is verify(8)'s query: the cached status, or TODO ("Address verification
   in progress") when there is none or it expired; it starts a probe when the result needs refreshing and none
   is under way for the address. `await wait(addr, timeout)`: until that address's probe ends or `timeout`
-  passes (smtpd's poll, as Postfix's address_verify_poll_count x address_verify_poll_delay). `close()` cancels
-  the probes under way; `reconfigure(settings, probe)` (a reload) keeps the cache.
+  passes (smtpd's poll, as Postfix's address_verify_poll_count x address_verify_poll_delay). `await close()`
+  cancels the probes under way and waits until they have ended (before the transports they use close); a query
+  after it starts no probe. `reconfigure(settings, probe)` (a reload) keeps the cache.
 - `Prober(router, transports, sender)`: one probe as a callable, `await prober(addr) ->
   Verdict`, along the address's normal route (cleanup's canonical and virtual alias maps, trivial-rewrite's
   transport and nexthop, transport_maps, relayhost, MX): an SMTP or LMTP next hop gets a session with MAIL
@@ -88,6 +89,7 @@ class Verifier:
         self._clock = clock
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         self._probes: dict[str, asyncio.Task] = {}
+        self._closed = False
 
     def query(self, addr: str, probe: bool = True) -> Verdict:
         """The address's status; a probe started when its result needs refreshing (`probe`)."""
@@ -116,9 +118,12 @@ class Verifier:
         while len(self._cache) > settings.cache_size:
             self._cache.popitem(last=False)
 
-    def close(self) -> None:
-        for task in list(self._probes.values()):
+    async def close(self) -> None:
+        self._closed = True
+        tasks = list(self._probes.values())
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _expired(self, entry: _Entry, now: float) -> bool:
         s = self.settings
@@ -131,6 +136,8 @@ class Verifier:
         return entry.updated + after < now
 
     def _start(self, addr: str) -> None:
+        if self._closed:
+            return
         if len(self._probes) >= self.settings.probe_limit:
             log.info("address verification: %d probes under way; <%s> waits for a later query", len(self._probes),
                      addr)

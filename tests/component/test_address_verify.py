@@ -195,6 +195,29 @@ async def test_an_expired_ok_is_unknown_and_the_failure_of_the_next_probe_is_cac
     assert verifier.query("a@x.test") == Verdict(Status.BOUNCE, "said bounced")
     assert probes.count == 2  # the bounce is answered from the cache, not probed again
 
+
+async def test_close_waits_for_the_probes_it_cancels_and_a_later_query_starts_none():
+    started: list[str] = []
+    ended: list[str] = []
+
+    async def probe(addr: str) -> Verdict:
+        started.append(addr)
+        try:
+            await asyncio.Event().wait()  # (a peer that says nothing)
+        finally:
+            await asyncio.sleep(0)  # (closing its connection takes a turn of the loop)
+            ended.append(addr)
+        raise AssertionError("not reached")
+
+    verifier = Verifier(DEFAULTS.address_verify, probe, VirtualClock())
+    verifier.query("a@x.test")
+    await asyncio.sleep(0)  # (the probe is under way)
+    await asyncio.wait_for(verifier.close(), 1.0)
+    assert ended == ["a@x.test"]
+    assert verifier.query("b@x.test").status is Status.TODO
+    await asyncio.sleep(0)
+    assert started == ["a@x.test"]
+
 async def test_the_cache_keeps_at_most_cache_size_addresses_the_least_recently_used_go():
     probes = Probes()
     settings = DEFAULTS.address_verify.model_copy(update={"cache_size": 3})
