@@ -253,7 +253,7 @@ class Mailflow:
         self._cleanup = Cleanup(self.store, clock=self.clock, rng=self.rng, log=maillog, on_queued=self._wake_qmgr,
                                 **await self._cleanup_settings(c, router))
         transports = self._build_transports(c, router)
-        self._verifier = Verifier(c.address_verify, verify_prober(c, router, transports), self.clock)
+        self._verifier = Verifier(c.address_verify, verify_prober(c, router, transports), self.clock, maillog)
         self.qmgr = QueueManager(self.store, resolve=router.rewriter.resolve,
                                  transports=transports, config=c.queue, clock=self.clock,
                                  rng=self.rng, log=maillog, notices=self._notices(c),

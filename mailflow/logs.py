@@ -15,9 +15,10 @@ What it owns
   transport, and carry the times as numbers), expired
   (qmgr's `from=<s>, status=expired, returned to sender`, after the attempt's `status=deferred` lines: the
   recipients it returns, `bounced` "message expired: …", go to the observer only, as Postfix logs no line for
-  them), notice, removed, corrupt; and postsuper's, for what an operator did (`operator`: `QID: removed`,
-  `placed on hold`, `released from hold`, `requeued`; `operator_total`: `Deleted: N messages`… without a queue
-  id), written by the queue tools (mailflow.queue_tools.apply) in the server for the admin API and in the
+  them), notice, removed, corrupt, verified (an address verification probe's result: `VRFY000001: to=<a>,
+  relay=…, dsn=…, status=deliverable (text)`); and postsuper's, for what an operator did (`operator`: `QID:
+  removed`, `placed on hold`, `released from hold`, `requeued`; `operator_total`: `Deleted: N messages`… without a
+  queue id), written by the queue tools (mailflow.queue_tools.apply) in the server for the admin API and in the
   command's own process (`tool_mail_log`). Nothing else writes to the `mailflow.mail` logger. `MailLog(observer=f)`
   also hands each event to `f(queue_id, event, fields)` (the capture server's queue histories; metrics), after
   the line is logged; an observer that raises is logged once per event and changes nothing else.
@@ -183,6 +184,14 @@ class MailLog:
                    logged=logged, to=to, orig_to=original, relay=result.relay, conn_use=use, delay=round(delay, 3),
                    delays=[round(d, 3) for d in delays], dsn=result.dsn, status=status, reason=result.text,
                    transport=result.transport)
+
+    def verified(self, probe_id: str, to: str, *, relay: str, dsn: str, status: str, text: str, agent: str) -> None:
+        """An address verification probe's result (Postfix's verify_append: the answering agent's log_adhoc line
+        with the probe's action as status: deliverable, undeliverable, undeliverable-but-not-cached), under the
+        probe's own id (`VRFY000001`), as no message is queued for it."""
+        if self.active:
+            self._emit(probe_id, "verified", f"to=<{to}>, relay={relay}, dsn={dsn}, status={status} ({text})",
+                       service=agent, to=to, relay=relay, dsn=dsn, status=status, reason=text)
 
     def expired(self, queue_id: str, sender: str) -> None:
         """A message past its queue lifetime: its pending recipients are returned to the sender (Postfix qmgr)."""

@@ -1,14 +1,17 @@
 """Address verification: Postfix's verify(8) for smtpd's reject_unverified_recipient and reject_unverified_sender.
 
 What it owns
-- `Verifier(settings, probe, clock)`: the cache of what is known of each address and the probes under way.
+- `Verifier(settings, probe, clock, log)`: the cache of what is known of each address and the probes under way.
   `query(addr, probe=True) -> Verdict` is verify(8)'s query: the cached status, or TODO ("Address verification
   in progress") when there is none or it expired; it starts a probe when the result needs refreshing and none
   is under way for the address. `await wait(addr, timeout)`: until that address's probe ends or `timeout`
   passes (smtpd's poll, as Postfix's address_verify_poll_count x address_verify_poll_delay). `await close()`
   cancels the probes under way and waits until they have ended (before the transports they use close); a query
-  after it starts no probe. `reconfigure(settings, probe)` (a reload) keeps the cache.
-- `Prober(router, transports, sender)`: one probe as a callable, `await prober(addr) ->
+  after it starts no probe. `reconfigure(settings, probe)` (a reload) keeps the cache. Each probe gets an id,
+  `VRFY000001`… (the verifier's count: unique for the server's life, reloads included) and its verdict, whoever
+  gave it, is one line of the mail log (`MailLog.verified`, under the agent that answered), as Postfix logs a
+  probe's result through the agent's own line with the probe's queue id.
+- `Prober(router, transports, sender)`: one probe as a callable, `await prober(addr, probe_id) ->
   Verdict`, along the address's normal route (cleanup's canonical and virtual alias maps, trivial-rewrite's
   transport and nexthop, transport_maps, relayhost, MX): an SMTP or LMTP next hop gets a session with MAIL
   FROM:<sender>, RCPT TO:<addr> and no DATA (`DeliveryRequest.verify`: Postfix's smtp with the verify flag), so
@@ -48,6 +51,7 @@ from typing import Awaitable, Callable, Mapping
 from mailflow.clock import Clock
 from mailflow.content import Content
 from mailflow.errors import DeliveryError
+from mailflow.logs import MailLog
 from mailflow.model import DeliveryRequest, Outcome, Recipient
 
 log = logging.getLogger("mailflow.verify")
@@ -69,6 +73,9 @@ class Status(enum.Enum):
 class Verdict:
     status: Status
     text: str
+    dsn: str = ""  # the probe's status code, for the log (_DSN_OF: by status when the agent gave none)
+    relay: str = "none"  # who answered the probe, for the log
+    agent: str = "verify"  # the delivery agent that answered: the log line's service
 
 
 @dataclass
@@ -78,15 +85,20 @@ class _Entry:
 
 
 _OUTCOMES = {Outcome.SENT: Status.OK, Outcome.DEFERRED: Status.DEFER, Outcome.BOUNCED: Status.BOUNCE}
+_DSN_OF = {Status.OK: "2.0.0", Status.DEFER: "4.0.0", Status.BOUNCE: "5.0.0"}
 
 
 class Verifier:
-    """See the module docstring. `settings`: an AddressVerifyConfig; `probe(addr)`: a Prober (or a test's)."""
+    """See the module docstring. `settings`: an AddressVerifyConfig; `probe(addr, probe_id)`: a Prober (or a
+    test's); `log`: the server's mail log."""
 
-    def __init__(self, settings, probe: Callable[[str], Awaitable[Verdict]], clock: Clock):
+    def __init__(self, settings, probe: Callable[[str, str], Awaitable[Verdict]], clock: Clock,
+                 log: MailLog | None = None):
         self.settings = settings
         self._probe = probe
         self._clock = clock
+        self._log = log or MailLog()
+        self._ids = itertools.count(1)
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         self._probes: dict[str, asyncio.Task] = {}
         self._closed = False
@@ -111,7 +123,7 @@ class Verifier:
         if task is not None and timeout > 0:
             await asyncio.wait({task}, timeout=timeout)
 
-    def reconfigure(self, settings, probe: Callable[[str], Awaitable[Verdict]]) -> None:
+    def reconfigure(self, settings, probe: Callable[[str, str], Awaitable[Verdict]]) -> None:
         """A reload: new settings and routes for the next probes; the cache is kept (probes under way finish)."""
         self.settings = settings
         self._probe = probe
@@ -147,16 +159,26 @@ class Verifier:
         task.add_done_callback(lambda _: self._probes.pop(addr, None))
 
     async def _run(self, addr: str) -> None:
+        probe_id = f"VRFY{next(self._ids):06X}"
         try:
-            verdict = await self._probe(addr)
+            verdict = await self._probe(addr, probe_id)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a probe must not end without a result; the next query probes again
             text = e.text if isinstance(e, DeliveryError) else "address verification problem"
             if not isinstance(e, DeliveryError):
-                log.exception("address verification of <%s> failed", addr)
-            verdict = Verdict(Status.DEFER, text)
+                log.exception("%s: address verification of <%s> failed", probe_id, addr)
+            verdict = Verdict(Status.DEFER, text, getattr(e, "dsn", ""))
+        self._logged(probe_id, addr, verdict)
         self._update(addr, verdict)
+
+    def _logged(self, probe_id: str, addr: str, verdict: Verdict) -> None:
+        """Postfix's verify_append: the agent's line, its status the probe's action."""
+        action = "deliverable" if verdict.status is Status.OK else "undeliverable"
+        if verdict.status is not Status.OK and not self.settings.negative_cache:
+            action = "undeliverable-but-not-cached"
+        self._log.verified(probe_id, addr, relay=verdict.relay, dsn=verdict.dsn or _DSN_OF[verdict.status],
+                           status=action, text=verdict.text, agent=verdict.agent)
 
     def _update(self, addr: str, verdict: Verdict) -> None:
         """verify(8)'s update: a failure is cached only with negative_cache and never replaces an OK result that
@@ -181,47 +203,43 @@ class Prober:
         self._router = router
         self._transports = transports
         self._sender = sender
-        self._ids = itertools.count(1)
 
-    async def __call__(self, addr: str) -> Verdict:
+    async def __call__(self, addr: str, probe_id: str) -> Verdict:
         queued = await self._router.tables.run(self._router.queued, addr)
         if len(queued) > 1:  # Postfix's cleanup_out_recipient: a probe's one-to-many alias is not probed further
-            return Verdict(Status.OK, "aliased to multiple recipients")
+            return Verdict(Status.OK, "aliased to multiple recipients", "2.0.0", agent="cleanup")
         (_, res), = queued  # (virtual alias expansion leaves one address at least)
-        return await self._deliver(res.address, res.transport, res.nexthop)
+        return await self._deliver(probe_id, res.address, res.transport, res.nexthop)
 
-    async def _deliver(self, addr: str, transport_name: str, nexthop: str) -> Verdict:
+    async def _deliver(self, probe_id: str, addr: str, transport_name: str, nexthop: str) -> Verdict:
         transport = self._transports.get(transport_name)
         if transport is None:
-            return Verdict(Status.DEFER, f"mail transport unavailable: {transport_name}")
+            return Verdict(Status.DEFER, f"mail transport unavailable: {transport_name}", "4.3.0", agent="qmgr")
         program = getattr(transport, "program", "")
         if program == "local":
             return await self._router.tables.run(self._local, addr)
         if program == "virtual":
             return await self._router.tables.run(self._virtual, addr)
         if program not in PROBE_TRANSPORTS:
-            return Verdict(Status.OK, f"delivers to {program or transport_name}")
-        queue_id = f"VRFY{next(self._ids):06X}"
-        request = DeliveryRequest(queue_id=queue_id, sender=self._sender, recipients=(Recipient(0, addr, addr),),
+            return Verdict(Status.OK, f"delivers to {program or transport_name}", "2.0.0", transport_name,
+                           program or transport_name)
+        request = DeliveryRequest(queue_id=probe_id, sender=self._sender, recipients=(Recipient(0, addr, addr),),
                                   nexthop=nexthop, content=Content(), verify=True)
         result = (await transport.deliver(request)).results[0]
-        verdict = Verdict(_OUTCOMES[result.outcome], result.text)
-        log.info("%s: to=<%s>, relay=%s, dsn=%s, status=%s (%s)", queue_id, addr, result.relay or "none", result.dsn,
-                 "deliverable" if verdict.status is Status.OK else "undeliverable", result.text)
-        return verdict
+        return Verdict(_OUTCOMES[result.outcome], result.text, result.dsn, result.relay or "none", program)
 
     def _local(self, addr: str) -> Verdict:
         """local(8) with the verify flag: aliases are not expanded, no mailbox is written."""
         rewriter = self._router.rewriter
         alias = rewriter.alias(addr)
         if alias is not None:
-            return Verdict(Status.OK, f"aliased to {alias[2].strip()}")
+            return Verdict(Status.OK, f"aliased to {alias[2].strip()}", "2.0.0", "local", "local")
         refused = self._router.local.unknown_user(rewriter.local_user(addr), addr)
         if refused is not None:
-            return Verdict(Status.BOUNCE, refused.text)
-        return Verdict(Status.OK, "delivers to mailbox")
+            return Verdict(Status.BOUNCE, refused.text, refused.dsn, "local", "local")
+        return Verdict(Status.OK, "delivers to mailbox", "2.0.0", "local", "local")
 
     def _virtual(self, addr: str) -> Verdict:
         if self._router.rewriter.virtual_mailbox(addr) is None:
-            return Verdict(Status.BOUNCE, f"unknown user: \"{addr.lower()}\"")
-        return Verdict(Status.OK, "delivers to maildir")
+            return Verdict(Status.BOUNCE, f"unknown user: \"{addr.lower()}\"", "5.1.1", "virtual", "virtual")
+        return Verdict(Status.OK, "delivers to maildir", "2.0.0", "virtual", "virtual")

@@ -5,6 +5,7 @@ cache on its own, on a virtual clock: Postfix's lifetimes, its bounds."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -12,6 +13,8 @@ from mailflow import status
 from mailflow.app import Mailflow
 from mailflow.clock import VirtualClock
 from mailflow.config import DEFAULTS
+from mailflow.errors import LookupRetry
+from mailflow.logs import MAIL_LOGGER, MailLog
 from mailflow.stages.verify import IN_PROGRESS, Status, Verdict, Verifier
 from mailflow.testing.destinations import Destinations
 from tests.support import SmtpClient
@@ -114,6 +117,20 @@ async def test_local_addresses_are_verified_as_postfix_local_answers_a_probe(ver
     assert await rcpt(mf, "nobody@local.test") == unverified("nobody@local.test", 'unknown user: "nobody"')
 
 
+async def test_every_verdict_is_a_mail_log_line_under_the_agent_that_gave_it(verifying, destinations, caplog):
+    caplog.set_level(logging.INFO, logger=MAIL_LOGGER)
+    mf = await verifying()
+    await asyncio.gather(rcpt(mf, "nobody@local.test"), rcpt(mf, "u@bad.test"))
+    lines = sorted((r.service, r.getMessage()) for r in caplog.records if getattr(r, "event", "") == "verified")
+    bad = said(destinations, "bad.test", "550 5.1.1 User unknown")
+    host = destinations.add("bad.test")
+    assert [(service, line.partition(": ")[2]) for service, line in lines] == [
+        ("local", 'to=<nobody@local.test>, relay=local, dsn=5.1.1, status=undeliverable (unknown user: "nobody")'),
+        ("smtp", f"to=<u@bad.test>, relay={host.mx_host}[{host.address}]:{destinations.port}, dsn=5.1.1, "
+                 f"status=undeliverable ({bad})")]
+    assert sorted(line.partition(": ")[0] for _, line in lines) == ["VRFY000001", "VRFY000002"]
+
+
 async def test_the_sender_is_verified_with_its_own_words(verifying, destinations):
     mf = await verifying(recipient_restrictions=[], sender_restrictions=["reject_unverified_sender"])
     reply = await rcpt(mf, "alice@local.test", sender="s@bad.test")
@@ -139,7 +156,7 @@ class Probes:
         self.answer = answer
         self.count = 0
 
-    async def __call__(self, addr: str) -> Verdict:
+    async def __call__(self, addr: str, probe_id: str) -> Verdict:
         self.count += 1
         return Verdict(self.answer, f"said {self.answer.value}")
 
@@ -200,7 +217,7 @@ async def test_close_waits_for_the_probes_it_cancels_and_a_later_query_starts_no
     started: list[str] = []
     ended: list[str] = []
 
-    async def probe(addr: str) -> Verdict:
+    async def probe(addr: str, probe_id: str) -> Verdict:
         started.append(addr)
         try:
             await asyncio.Event().wait()  # (a peer that says nothing)
@@ -217,6 +234,22 @@ async def test_close_waits_for_the_probes_it_cancels_and_a_later_query_starts_no
     assert verifier.query("b@x.test").status is Status.TODO
     await asyncio.sleep(0)
     assert started == ["a@x.test"]
+
+
+async def test_probe_ids_go_on_across_a_reload_and_a_failed_probe_is_logged_too():
+    events: list[tuple[str, str, dict]] = []
+
+    async def fails(addr: str, probe_id: str) -> Verdict:
+        raise LookupRetry("table inline:x is unavailable")
+
+    log = MailLog(observer=lambda *event: events.append(event))
+    verifier = Verifier(DEFAULTS.address_verify, Probes(), VirtualClock(), log)
+    await settled(verifier, "a@x.test")
+    verifier.reconfigure(DEFAULTS.address_verify, fails)
+    await settled(verifier, "b@x.test")
+    assert [(i, event, f["to"], f["dsn"], f["status"]) for i, event, f in events] == [
+        ("VRFY000001", "verified", "a@x.test", "2.0.0", "deliverable"),
+        ("VRFY000002", "verified", "b@x.test", "4.3.0", "undeliverable")]
 
 async def test_the_cache_keeps_at_most_cache_size_addresses_the_least_recently_used_go():
     probes = Probes()
