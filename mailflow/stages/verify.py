@@ -32,11 +32,13 @@ database: one process needs no daemon to share it, and a restart costs one "in p
 (Postfix with an empty address_verify_map does the same). Bounded: at most `cache_size` addresses (the least
 recently used are dropped), at most `probe_limit` probes at once (an address beyond that is answered "in
 progress" and probed at a later query: a flood of random recipients starts no more probes and holds no more
-memory), one probe per address at a time (queries for it while it runs share it). A probe ends within its
-transport's own timeouts; Postfix's 1000 s probe time-to-live is not needed.
+memory; logged once, then again only after a probe has ended), one probe per address at a time (queries for it
+while it runs share it). A probe ends within its transport's own timeouts; Postfix's 1000 s probe time-to-live is
+not needed.
 
 Failure behaviour: a probe that raises (a table that cannot answer: LookupRetry, an unexpected error) is a
-deferred result with the error's text (logged); nothing here raises for an address.
+deferred result with the error's text (a DeliveryError's reason, which names the table or the loop, logged as a
+warning; another error with its traceback); nothing here raises for an address.
 """
 from __future__ import annotations
 
@@ -102,6 +104,7 @@ class Verifier:
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         self._probes: dict[str, asyncio.Task] = {}
         self._closed = False
+        self._limit_logged = False  # probe_limit's line is written once, then again only after a probe has ended
 
     def query(self, addr: str, probe: bool = True) -> Verdict:
         """The address's status; a probe started when its result needs refreshing (`probe`)."""
@@ -151,12 +154,18 @@ class Verifier:
         if self._closed:
             return
         if len(self._probes) >= self.settings.probe_limit:
-            log.info("address verification: %d probes under way; <%s> waits for a later query", len(self._probes),
-                     addr)
+            if not self._limit_logged:
+                log.info("address verification: %d probes under way (probe_limit); <%s> and the addresses after it "
+                         "wait for a later query", len(self._probes), addr)
+                self._limit_logged = True
             return
         task = asyncio.ensure_future(self._run(addr))
         self._probes[addr] = task
-        task.add_done_callback(lambda _: self._probes.pop(addr, None))
+        task.add_done_callback(lambda _: self._ended(addr))
+
+    def _ended(self, addr: str) -> None:
+        self._probes.pop(addr, None)
+        self._limit_logged = False
 
     async def _run(self, addr: str) -> None:
         probe_id = f"VRFY{next(self._ids):06X}"
@@ -166,7 +175,9 @@ class Verifier:
             raise
         except Exception as e:  # a probe must not end without a result; the next query probes again
             text = e.text if isinstance(e, DeliveryError) else "address verification problem"
-            if not isinstance(e, DeliveryError):
+            if isinstance(e, DeliveryError):
+                log.warning("%s: address verification of <%s>: %s", probe_id, addr, e.reason)
+            else:
                 log.exception("%s: address verification of <%s> failed", probe_id, addr)
             verdict = Verdict(Status.DEFER, text, getattr(e, "dsn", ""))
         self._logged(probe_id, addr, verdict)

@@ -13,7 +13,7 @@ from mailflow import status
 from mailflow.app import Mailflow
 from mailflow.clock import VirtualClock
 from mailflow.config import DEFAULTS
-from mailflow.errors import LookupRetry
+from mailflow.errors import LookupRetry, TemporaryError
 from mailflow.logs import MAIL_LOGGER, MailLog
 from mailflow.stages.verify import IN_PROGRESS, Status, Verdict, Verifier
 from mailflow.testing.destinations import Destinations
@@ -250,6 +250,41 @@ async def test_probe_ids_go_on_across_a_reload_and_a_failed_probe_is_logged_too(
     assert [(i, event, f["to"], f["dsn"], f["status"]) for i, event, f in events] == [
         ("VRFY000001", "verified", "a@x.test", "2.0.0", "deliverable"),
         ("VRFY000002", "verified", "b@x.test", "4.3.0", "undeliverable")]
+
+
+async def test_the_probe_limit_is_logged_once_and_again_only_after_a_probe_has_ended(caplog):
+    caplog.set_level(logging.INFO, logger="mailflow.verify")
+    answers: dict[str, asyncio.Event] = {}
+
+    async def probe(addr: str, probe_id: str) -> Verdict:
+        await answers.setdefault(addr, asyncio.Event()).wait()
+        return Verdict(Status.OK, "said deliverable")
+
+    settings = DEFAULTS.address_verify.model_copy(update={"probe_limit": 1})
+    verifier = Verifier(settings, probe, VirtualClock())
+    for n in range(4):  # a@ is probed; b@, c@, d@ are over the limit: one line
+        verifier.query(f"{'abcd'[n]}@x.test")
+    answers.setdefault("a@x.test", asyncio.Event()).set()
+    await verifier.wait("a@x.test", 1.0)
+    for n in range(3):  # b@ is probed; c@, d@ over the limit again: one more line
+        verifier.query(f"{'bcd'[n]}@x.test")
+    assert [r.getMessage().partition(";")[0] for r in caplog.records] == \
+        ["address verification: 1 probes under way (probe_limit)"] * 2
+    await verifier.close()
+
+
+async def test_a_probe_failure_logs_the_reason_that_names_the_table_or_the_loop(caplog):
+    loop = "virtual alias loop: a@x.test -> b@x.test -> a@x.test"
+
+    async def fails(addr: str, probe_id: str) -> Verdict:
+        raise TemporaryError("4.6.0", "Alias expansion error", loop)
+
+    verifier = Verifier(DEFAULTS.address_verify, fails, VirtualClock())
+    with caplog.at_level(logging.WARNING, logger="mailflow.verify"):
+        assert (await settled(verifier, "a@x.test")).status is Status.TODO
+    assert verifier.query("a@x.test", probe=False) == Verdict(Status.DEFER, "Alias expansion error", "4.6.0")
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, f"VRFY000001: address verification of <a@x.test>: {loop}")]
 
 async def test_the_cache_keeps_at_most_cache_size_addresses_the_least_recently_used_go():
     probes = Probes()
