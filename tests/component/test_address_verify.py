@@ -37,13 +37,13 @@ async def destinations():
 @pytest.fixture
 async def verifying(mailflow_server, destinations):
     """Start a mailflow that verifies recipients (its smtpd and address_verify settings as given) against the
-    destinations: waits up to 2 s for a probe; a peer that says nothing is given up after 3 s."""
+    destinations: waits up to 0.4 s for a probe; a peer that says nothing is given up after 0.5 s."""
     async def start(verify: dict | None = None, **smtpd) -> Mailflow:
         return await mailflow_server(
             resolver=destinations.resolver, relay_domains=list(DOMAINS),
             smtpd={"listen": ["127.0.0.1:0"], "recipient_restrictions": ["reject_unverified_recipient"], **smtpd},
-            smtp={"port": destinations.port, "helo_timeout": "3s", "command_timeout": "3s"},
-            address_verify={"poll_delay": "1s", "poll_count": 3, **(verify or {})})
+            smtp={"port": destinations.port, "helo_timeout": "0.5s", "command_timeout": "0.5s"},
+            address_verify={"poll_delay": "0.2s", "poll_count": 3, **(verify or {})})
 
     return start
 
@@ -88,7 +88,7 @@ async def test_a_probe_that_outlasts_the_wait_is_in_progress_then_its_failure_is
     async def answered() -> bool:
         return await rcpt(mf, "u@slow.test") != unverified("u@slow.test", IN_PROGRESS)
 
-    await eventually(answered, timeout=8, step=0.5)
+    await eventually(answered, timeout=8, step=0.2)
     assert await rcpt(mf, "u@slow.test") == timed_out
     assert slow.connections == 1
 
