@@ -115,9 +115,9 @@ async def test_addresses_beginning_with_a_dash_never_reach_a_pipe_command(mailfl
                                    pipe={"lists": {"argv": [str(s), "${extension}", "${recipient}"]}})
         c = await SmtpClient.connect(mf.smtp_addresses[0][1])
         assert (await c.cmd("EHLO client.test"))[0] == 250
-        assert await c.cmd("MAIL FROM:<-oQ/tmp/x@remote.test>") == status.bad_sender_syntax("-oQ/tmp/x@remote.test")
+        assert await c.cmd("MAIL FROM:<-oQ/tmp/x@remote.test>") == status.SENDER_SYNTAX
         assert (await c.cmd("MAIL FROM:<>"))[0] == 250
-        assert await c.cmd("RCPT TO:<-oQ/some/dir@lists.test>") == status.bad_address_syntax("-oQ/some/dir@lists.test")
+        assert await c.cmd("RCPT TO:<-oQ/some/dir@lists.test>") == status.RECIPIENT_SYNTAX
         assert (await c.cmd("RCPT TO:<list+-oQ/tmp@lists.test>"))[0] == 250  # a dash inside: smtpd lets it in
         assert (await c.cmd("RCPT TO:<list@lists.test>"))[0] == 250
         assert (await c.cmd("DATA"))[0] == 354
@@ -345,7 +345,7 @@ LONG_LOCAL = "SRS0=HHHH=TT=sender-domain.example=" + "x" * 60  # 95 octets
     ("MAIL FROM:<s@remote.test> AUTH=<> AUTH=b@x.test", status.SENDER_OK),
     # an SRS / VERP sender longer than RFC 5321's 64-octet local part: Postfix takes it, so must we
     (f"MAIL FROM:<{LONG_LOCAL}@remote.test>", status.SENDER_OK),
-    ("MAIL FROM:<" + "s" * 250 + "@remote.test>", status.bad_sender_syntax("s" * 250 + "@remote.test")),  # > path
+    ("MAIL FROM:<" + "s" * 250 + "@remote.test>", status.SENDER_SYNTAX),  # a path longer than RFC 5321's 256
 ])
 async def test_mail_path_syntax(mailflow_server, command, reply):
     mf = await mailflow_server()
@@ -368,7 +368,7 @@ async def test_mail_path_syntax(mailflow_server, command, reply):
     ("RCPT TO:alice@local.test", status.RCPT_OK),
     ('RCPT TO:<"a b"@local.test>', status.user_unknown('"a b"@local.test')),
     (f"RCPT TO:<{LONG_LOCAL}@local.test>", status.user_unknown(f"{LONG_LOCAL}@local.test")),  # syntax passes
-    ("RCPT TO:<" + "a" * 250 + "@local.test>", status.bad_address_syntax("a" * 250 + "@local.test")),
+    ("RCPT TO:<" + "a" * 250 + "@local.test>", status.RECIPIENT_SYNTAX),
 ])
 async def test_rcpt_path_syntax(mailflow_server, command, reply):
     mf = await mailflow_server()

@@ -207,3 +207,35 @@ async def test_an_early_talker_gets_postfixs_refusal_in_place_of_the_greeting(ma
         postfix = await early_talk(pf.port)
     mf = await mailflow_server(mydestination=["local.test"])
     assert await early_talk(mf.smtp_addresses[0][1]) == postfix == b"554 5.5.0 Error: SMTP protocol synchronization\r\n"
+
+
+MALFORMED = ["EHLO client.test", "MAIL FROM:<-s@remote.test>", "MAIL FROM:<s@bad..test>", "MAIL FROM:<s@remote.test>",
+             "RCPT TO:<-x@local.test>", "RCPT TO:<a@bad..test>", "RCPT TO: a@-b.test NOTIFY=NEVER"]
+
+
+async def malformed(port: int) -> list[str]:
+    client = await SmtpClient.connect(port)
+    try:
+        return [(await client.cmd(command)).text for command in MALFORMED[1:]] if \
+            (await client.cmd(MALFORMED[0])).code == 250 else []
+    finally:
+        await client.close()
+
+
+def illegal(lines) -> list[str]:
+    """What each `Illegal address syntax` warning names: `RCPT command: <a@bad..test>`."""
+    return [line.split(" in ", 1)[1] for line in lines if "Illegal address syntax from" in line]
+
+
+async def test_an_address_postfix_finds_malformed_gets_its_words_and_its_warning(mailflow_server, caplog):
+    """A leading '-' (allow_min_user = no) or a domain that is no host name: Postfix's extract_addr answers 501
+    without naming the address and warns `Illegal address syntax from host[ip] in MAIL command: <as sent>`."""
+    async with postfix_instance({"myhostname": "pf.test", "mydestination": "local.test"}) as pf:
+        postfix = await malformed(pf.port)
+        postfix_warned = illegal(pf.maillog.splitlines())
+    mf = await mailflow_server(mydestination=["local.test"])
+    assert await malformed(mf.smtp_addresses[0][1]) == postfix
+    assert postfix[:2] == ["501 5.1.7 Bad sender address syntax"] * 2
+    assert illegal(r.getMessage() for r in caplog.records) == postfix_warned == [
+        "MAIL command: <-s@remote.test>", "MAIL command: <s@bad..test>", "RCPT command: <-x@local.test>",
+        "RCPT command: <a@bad..test>", "RCPT command: a@-b.test"]

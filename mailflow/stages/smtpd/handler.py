@@ -218,8 +218,9 @@ class SmtpdHandler:
                           options: list[str]) -> str:
         sender = "" if addr == NULL_SENDER else addr
         if sender:
-            if self._malformed(sender):
-                return str(status.bad_sender_syntax(sender))
+            if self._malformed(sender):  # Postfix's extract_addr: a warning, and no address in the reply
+                server.record.lines.illegal_address(session.client, "MAIL", server.path_as_sent)
+                return str(status.SENDER_SYNTAX)
             if address.is_utf8(sender) and "SMTPUTF8" not in options:
                 return str(status.SMTPUTF8_REQUIRED)
         if self._short_of_space(_declared_size(options)):
@@ -249,7 +250,7 @@ class SmtpdHandler:
         """The session has checked the path syntax and the recipient limit. A policy refusal is logged as Postfix
         logs it (`NOQUEUE: reject: RCPT from …`). The first recipient accepted gives the transaction its queue
         id."""
-        refusal = self._rcpt_syntax_refusal(envelope, addr)
+        refusal = self._rcpt_syntax_refusal(server, session, envelope, addr)
         if refusal is None:
             # RFC 5321 4.5.1: the bare `postmaster` must be taken, whoever asks; Postfix's smtpd_check_rcpt says
             # OK to it before any restriction (cleanup qualifies it with @myorigin)
@@ -267,9 +268,11 @@ class SmtpdHandler:
         envelope.rcpt_options.extend(options)
         return str(status.RCPT_OK)
 
-    def _rcpt_syntax_refusal(self, envelope: Transaction, addr: str) -> status.Reply | None:
-        if self._malformed(addr):
-            return status.bad_address_syntax(addr)
+    def _rcpt_syntax_refusal(self, server, session: SessionState, envelope: Transaction,
+                             addr: str) -> status.Reply | None:
+        if self._malformed(addr):  # Postfix's extract_addr: a warning, and no address in the reply
+            server.record.lines.illegal_address(session.client, "RCPT", server.path_as_sent)
+            return status.RECIPIENT_SYNTAX
         if address.is_utf8(addr) and not envelope.smtp_utf8:
             return status.SMTPUTF8_REQUIRED
         return None

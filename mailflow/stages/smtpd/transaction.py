@@ -17,7 +17,8 @@ What it owns
 
 Failure behaviour (each refusal a `mailflow.status` reply; nothing raises for a client's input): no FROM:/TO:,
 or nothing after it, 501 5.5.4; past the client's message or recipient rate 450 4.7.1 (logged; the session
-goes on); a malformed path 501 5.1.7 / 5.1.3 (logged as Postfix's "Illegal address syntax"); parameters without
+goes on); a malformed path 501 5.1.7 / 5.1.3 (logged as Postfix's "Illegal address syntax"; so is an address
+the handler finds malformed, with the same reply, no address named in it, as Postfix's); parameters without
 EHLO 501 5.5.4; an unknown parameter 555 5.5.4; a malformed or repeated DSN parameter 501 5.5.4; a bad SIZE 501
 5.5.4, one over message_size_limit (or past OFF_T_MAX, Postfix's "file system imposed limit") 552 5.3.4; AUTH=
 after one that named a sender 503 5.5.4; MAIL twice 503 5.5.1; RCPT before MAIL, or once BDAT content has
@@ -85,6 +86,10 @@ def rcpt_parameters(words: list[str]) -> tuple[str, str] | status.Reply:
 
 class TransactionCommands(SecureCommands):
     """MAIL and RCPT: see the module doc."""
+
+    # the path of the MAIL or RCPT being answered as the client sent it: the handler's "Illegal address syntax"
+    # line names it when it refuses the address itself (a bad domain, a leading '-'), as Postfix's extract_addr
+    path_as_sent = ""
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         """`MAIL FROM:<address> [params]`; the reply is the handler's unless the session refuses first."""
@@ -179,4 +184,5 @@ class TransactionCommands(SecureCommands):
             self.record.lines.illegal_address(self.session.client, command, text)
             await self.push(bad)
             return None
+        self.path_as_sent = text[:len(text) - len(rest)].strip(" \t")  # (what the handler's refusal logs)
         return addr, written, rest.split()  # parameters after HELO too, as Postfix takes them
