@@ -309,3 +309,25 @@ def in_networks(text, networks) -> bool:
         return False
     ip = client_ip(text)
     return ip is not None and any(ip in net for net in networks)
+
+
+def vrfy_argument(arg: str) -> str:
+    """VRFY's argument as Postfix reads it: its words joined by one space (collapse_args), a last word SMTPUTF8
+    dropped; "" when nothing is left (the usage reply)."""
+    words = arg.split()
+    if words and words[-1].upper() == "SMTPUTF8":
+        words.pop()
+    return " ".join(words)
+
+
+def vrfy_address(text: str) -> str:
+    """The address of VRFY's argument, as Postfix's extract_addr finds it: a path (`<a@b>`, `a@b`, a source route
+    dropped) or a phrase before a path in angle brackets (`Joe <a@b>`); "" when there is none, or more words."""
+    if not text.startswith("<") and text.endswith(">") and "<" in text:
+        text = text[text.rindex("<"):]  # `Joe <a@b>`: the phrase goes
+    try:
+        addr, _, rest = parse_written_path(text)
+    except PathError:
+        return ""
+    return "" if rest else addr
+

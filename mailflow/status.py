@@ -406,7 +406,6 @@ NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
 RCPT_AFTER_BDAT = Reply(503, "5.5.1", "Error: RCPT after BDAT")  # the message's content has begun
 NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
 NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
-CANNOT_VRFY = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
 OK = Reply(250, "2.0.0", "Ok")
 BYE = Reply(221, "2.0.0", "Bye")
 STARTTLS_FIRST = Reply(530, "5.7.0", "Must issue a STARTTLS command first")

@@ -19,7 +19,7 @@ import os
 import re
 from typing import BinaryIO, Iterator
 
-from mailflow import status
+from mailflow import address, status
 from mailflow.maildrop import MaildropError
 from mailflow.message import CRLF
 from mailflow.sendmail.options import Options, UsageError
@@ -179,7 +179,17 @@ class StdioSmtp:
         self._reply(status.OK)
 
     def _do_VRFY(self, arg: str) -> None:
-        self._reply(status.CANNOT_VRFY)
+        """As Postfix's smtpd in stand-alone mode: off with disable_vrfy_command (its setting applies there too),
+        else the argument's syntax only, no restriction list."""
+        written = address.vrfy_argument(arg)
+        if self._sub.config.smtpd.disable_vrfy_command:
+            self._reply(status.VRFY_DISABLED)
+        elif not written:
+            self._reply(status.VRFY_SYNTAX)
+        elif not address.vrfy_address(written):
+            self._reply(status.RECIPIENT_SYNTAX)
+        else:
+            self._reply(status.vrfy_answer(written))
 
     def _do_QUIT(self, arg: str) -> bool:
         self._reply(status.BYE)

@@ -178,6 +178,19 @@ async def test_bs_offers_size_and_refuses_a_message_declared_too_big(cfg):
     assert b"552 5.3.4 Message size exceeds fixed limit\r\n250 2.1.0" in out
 
 
+async def test_bs_answers_vrfy_as_postfixs_stand_alone_smtpd(cfg):
+    """Under -bs Postfix's smtpd runs no restriction list: VRFY's argument is checked for syntax only and named in
+    the 252 (`Joe <a@b>` as written, a last SMTPUTF8 word dropped); disable_vrfy_command applies there too."""
+    rc, out, _ = await run(cfg(), "-bs", stdin=b"HELO x\r\nVRFY a@local.test\r\nQUIT\r\n")
+    assert b"\r\n502 5.5.1 VRFY command is disabled\r\n" in out, out  # (mailflow's default)
+    config = cfg(smtpd={"listen": ["127.0.0.1:0"], "disable_vrfy_command": False})
+    rc, out, _ = await run(config, "-bs", stdin=b"HELO x\r\nVRFY Joe  <nobody@local.test> SMTPUTF8\r\nVRFY\r\n"
+                                              b"VRFY <a b@local.test>\r\nQUIT\r\n")
+    assert rc == 0
+    assert b"\r\n252 2.0.0 Joe <nobody@local.test>\r\n501 5.5.4 Syntax: VRFY address [SMTPUTF8]\r\n" \
+           b"501 5.1.3 Bad recipient address syntax\r\n221 " in out, out
+
+
 async def test_bs_refuses_a_sender_the_user_may_not_use(cfg, tmp_path):
     config = cfg(sendmail={"local_login_sender_maps": ["inline:{nobody-else=*}"]})
     rc, out, _ = await run(config, "-bs", stdin=b"HELO x\r\nMAIL FROM:<ceo@bank.test>\r\nQUIT\r\n")

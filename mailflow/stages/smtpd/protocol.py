@@ -754,16 +754,13 @@ class ProtocolCore(SMTP):
             return
         if await self.check_auth_needed("VRFY"):
             return
-        words = (arg or "").split()
-        if words and words[-1].upper() == "SMTPUTF8":
-            words.pop()
-        if not words:
+        written = address.vrfy_argument(arg or "")
+        if not written:
             await self.push(status.VRFY_SYNTAX)
             return
         if await self.refused_for_rate("rcpt"):
             return
-        written = " ".join(words)  # (Postfix's collapse_args)
-        addr = vrfy_address(written)
+        addr = address.vrfy_address(written)
         if not addr:
             self.record.lines.illegal_address(self.session.client, "VRFY", written)
             await self.push(status.RECIPIENT_SYNTAX)
@@ -790,18 +787,6 @@ class ProtocolCore(SMTP):
             return
         reply = await self._call_handler_hook("ETRN", site)
         await self.push(status.etrn_refused(site) if reply is MISSING else reply)
-
-
-def vrfy_address(text: str) -> str:
-    """The address of VRFY's argument, as Postfix's extract_addr finds it: a path (`<a@b>`, `a@b`, a source route
-    dropped) or a phrase before a path in angle brackets (`Joe <a@b>`); "" when there is none, or more words."""
-    if not text.startswith("<") and text.endswith(">") and "<" in text:
-        text = text[text.rindex("<"):]  # `Joe <a@b>`: the phrase goes
-    try:
-        addr, _, rest = address.parse_written_path(text)
-    except address.PathError:
-        return ""
-    return "" if rest else addr
 
 
 def _with_keywords(lines: list[str], keywords: tuple[str, ...]) -> list[str]:
