@@ -14,7 +14,7 @@ import socket
 
 import pytest
 
-from tests.support import SmtpClient, postfix_instance
+from tests.support import SmtpClient, eventually, postfix_instance
 
 pytestmark = pytest.mark.interop
 
@@ -232,7 +232,9 @@ async def test_an_address_postfix_finds_malformed_gets_its_words_and_its_warning
     without naming the address and warns `Illegal address syntax from host[ip] in MAIL command: <as sent>`."""
     async with postfix_instance({"myhostname": "pf.test", "mydestination": "local.test"}) as pf:
         postfix = await malformed(pf.port)
-        postfix_warned = illegal(pf.maillog.splitlines())
+        # (its log is written by postlogd, a moment after the replies)
+        postfix_warned = await eventually(lambda: illegal(pf.maillog.splitlines())[4:] and
+                                          illegal(pf.maillog.splitlines()), timeout=10)
     mf = await mailflow_server(mydestination=["local.test"])
     assert await malformed(mf.smtp_addresses[0][1]) == postfix
     assert postfix[:2] == ["501 5.1.7 Bad sender address syntax"] * 2
