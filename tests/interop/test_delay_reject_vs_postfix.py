@@ -12,17 +12,14 @@ are counted on both sides (a HOLD met before MAIL is skipped when the lists run 
 from __future__ import annotations
 
 import logging
-import os
 import re
-import shutil
 import sqlite3
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.support import postfix_instance, sessions_over
-from tests.support.sessions import (disconnects, every_session_ended, replay_sessions, restriction_settings,
+from tests.support import postfix_instance, script_dir, sessions_over
+from tests.support.sessions import (POSTFIX_BASE, disconnects, replay_sessions, replayed, restriction_settings,
                                     xclient)
 
 pytestmark = pytest.mark.interop
@@ -142,22 +139,17 @@ def logged(lines) -> list[str]:
 @pytest.mark.parametrize("delay", ["yes", "no"])
 async def test_lists_run_when_postfix_runs_them(delay, mailflow_server, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="mailflow.smtpd")
-    folder = Path(tempfile.mkdtemp(prefix="mailflow-delay-"))
-    os.chmod(folder, 0o755)
-    (folder / "access").write_text(ACCESS)
-    (folder / "early").write_text(EARLY)
-    lists = postfix_settings(folder)
-    try:
+    with script_dir() as tables:  # (a folder the postfix user can read, removed afterwards)
+        folder = tables.path
+        (folder / "access").write_text(ACCESS)
+        (folder / "early").write_text(EARLY)
+        lists = postfix_settings(folder)
         async with postfix_instance({
-            "myhostname": "pf.test", "mydestination": "local.test", "relay_domains": "relay.test",
-            "relayhost": "[127.0.0.1]:9", "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
-            "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
-            "smtpd_error_sleep_time": "0", "smtpd_delay_reject": delay, **lists,
+            **POSTFIX_BASE, "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+            "smtpd_delay_reject": delay, **lists,
         }) as pf:
-            postfix = await replay(pf.port)
-            await every_session_ended(pf)
-            postfix_log = logged(pf.maillog.splitlines())
-            postfix_disconnects = disconnects(pf.maillog.splitlines())
+            postfix, lines = await replayed(pf, replay)
+            postfix_log, postfix_disconnects = logged(lines), disconnects(lines)
             held = postfix_held(pf)
         mf = await mailflow_server(myhostname="pf.test", mydestination=["local.test"], relayhost="[127.0.0.1]:9",
                                    mynetworks=["127.0.0.0/8"], smtpd={
@@ -165,8 +157,6 @@ async def test_lists_run_when_postfix_runs_them(delay, mailflow_server, tmp_path
             "relay_restrictions": ["permit_mynetworks", "reject_unauth_destination"], **restriction_settings(lists)})
         mailflow = await replay(mf.smtp_addresses[0][1])
         await sessions_over(mf)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
     diffs = differences(postfix, mailflow)
     assert not diffs, "\n".join(diffs)

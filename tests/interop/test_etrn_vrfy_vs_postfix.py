@@ -12,16 +12,13 @@ senders and recipients; the etrn list asks another for the sites.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.support import postfix_instance, sessions_over
-from tests.support.sessions import (disconnects, every_session_ended, replay_sessions, restriction_settings,
+from tests.support import postfix_instance, script_dir, sessions_over
+from tests.support.sessions import (POSTFIX_BASE, disconnects, replay_sessions, replayed, restriction_settings,
                                     xclient)
 
 pytestmark = pytest.mark.interop
@@ -138,23 +135,17 @@ def skips(lines) -> list[str]:
 @pytest.mark.parametrize("delay", ["yes", "no"])
 async def test_etrn_and_vrfy_run_the_lists_postfix_runs(delay, mailflow_server, caplog):
     caplog.set_level(logging.INFO, logger="mailflow.smtpd")
-    folder = Path(tempfile.mkdtemp(prefix="mailflow-etrn-"))
-    os.chmod(folder, 0o755)
-    (folder / "access").write_text(ACCESS)
-    (folder / "sites").write_text(SITES)
-    lists = postfix_settings(folder)
-    try:
+    with script_dir() as tables:  # (a folder the postfix user can read, removed afterwards)
+        folder = tables.path
+        (folder / "access").write_text(ACCESS)
+        (folder / "sites").write_text(SITES)
+        lists = postfix_settings(folder)
         async with postfix_instance({
-            "myhostname": "pf.test", "mydestination": "local.test", "relay_domains": "relay.test",
-            "relayhost": "[127.0.0.1]:9", "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
-            "local_recipient_maps": "inline:{alice=ok}", "disable_vrfy_command": "no", "smtputf8_enable": "yes",
-            "smtpd_error_sleep_time": "0", "smtpd_delay_reject": delay, **lists,
+            **POSTFIX_BASE, "local_recipient_maps": "inline:{alice=ok}", "disable_vrfy_command": "no",
+            "smtputf8_enable": "yes", "smtpd_delay_reject": delay, **lists,
         }) as pf:
-            postfix = await replay(pf.port)
-            await every_session_ended(pf)
-            postfix_log = logged(pf.maillog.splitlines())
-            postfix_disconnects = disconnects(pf.maillog.splitlines())
-            postfix_skips = skips(pf.maillog.splitlines())
+            postfix, lines = await replayed(pf, replay)
+            postfix_log, postfix_disconnects, postfix_skips = logged(lines), disconnects(lines), skips(lines)
         mf = await mailflow_server(myhostname="pf.test", mydestination=["local.test"], relay_domains=["relay.test"],
                                    relayhost="[127.0.0.1]:9", mynetworks=["127.0.0.0/8"],
                                    local_recipient_maps=["inline:{alice=ok}"], smtpd={
@@ -162,8 +153,6 @@ async def test_etrn_and_vrfy_run_the_lists_postfix_runs(delay, mailflow_server, 
             "disable_vrfy_command": False, **restriction_settings(lists)})
         mailflow = await replay(mf.smtp_addresses[0][1])
         await sessions_over(mf)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
     diffs = differences(postfix, mailflow)
     assert not diffs, "\n".join(diffs)

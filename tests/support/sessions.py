@@ -8,6 +8,8 @@ restriction lists), and what to compare of their logs.
 - `restriction_settings(settings)`: Postfix's `smtpd_*_restrictions` settings as mailflow's [smtpd] keys.
 - `disconnects(lines)`, `every_session_ended(pf)`: smtpd's disconnect lines (their command counts), and a wait
   until the private Postfix has written one for every session.
+- `POSTFIX_BASE`: the private Postfix's settings these tests share (XCLIENT from loopback, no error sleep);
+  `await replayed(pf, replay)`: a test's `replay(port)` run against it, with its log once every session has ended.
 """
 from __future__ import annotations
 
@@ -71,3 +73,16 @@ async def every_session_ended(pf) -> None:
     client has gone)."""
     await eventually(lambda: pf.maillog.count(": disconnect from") == pf.maillog.count(": connect from"), timeout=10,
                      what="a disconnect line for every session")
+
+
+POSTFIX_BASE = {"myhostname": "pf.test", "mydestination": "local.test", "relay_domains": "relay.test",
+                "relayhost": "[127.0.0.1]:9", "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
+                "smtpd_error_sleep_time": "0"}
+
+
+async def replayed(pf, replay):
+    """(what `replay(pf.port)` returns, the private Postfix's log lines once every session has ended)."""
+    replies = await replay(pf.port)
+    await every_session_ended(pf)
+    return replies, pf.maillog.splitlines()
+
