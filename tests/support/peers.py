@@ -5,6 +5,7 @@
   `rcpt_replies[address]` and `data_reply` script refusals (reply lines as the peer would send them).
 - `stall_mail(peer)`: the peer holds each MAIL until the returned event is set (a slow destination);
   `peer.handler.stalled` counts the MAIL commands that waited.
+- `record_senders(peer)`: the list of the senders of every MAIL the peer gets, messages or not (address probes).
 - `ZoneAuthority(zone_text, servfail=())`: a dnslib resolver answering authoritatively from zone text (started by
   the `dns_zone` fixture): NODATA for a name in the zone without records of the asked type, NXDOMAIN for a name
   not in it, SERVFAIL for the names in `servfail`; a CNAME is followed as a recursive resolver follows it.
@@ -132,3 +133,17 @@ class ZoneAuthority(BaseResolver):
             if qname not in self.names:
                 reply.header.rcode = RCODE.NXDOMAIN
                 return
+
+
+def record_senders(peer: CapturePeer) -> list[str]:
+    """The senders of every MAIL command `peer` gets from now on, whether a message follows or not."""
+    senders: list[str] = []
+    handler = peer.handler
+    answer = handler.handle_MAIL
+
+    async def recorded(server, session, envelope, address, options):
+        senders.append(address)
+        return await answer(server, session, envelope, address, options)
+
+    handler.handle_MAIL = recorded
+    return senders
