@@ -12,6 +12,7 @@
                              refused, as Postfix refuses them (it fails every lookup of such a list)
     HostPorts                a list of "host:port" addresses
     each_one_of(items, allowed)  the items, when each is one of `allowed` (a list of keywords)
+    check_transport(value)   a `transport` or `transport:nexthop` setting (TRANSPORT_NAME: a transport's name)
     validation_key(err)      one pydantic error's place as the dotted KEY ("smtpd.listen", "pipe.x.argv[0]"; ""
                              for the top level)
     validation_reason(err)   one pydantic error as the REASON of `FILE: KEY: REASON`
@@ -22,6 +23,7 @@ Failure behaviour: the validators raise ValueError; `mailflow.config.load` turns
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationInfo, field_validator
@@ -32,6 +34,8 @@ from mailflow.syntax import check_table_spec, parse_duration, parse_hostport
 
 
 MAX_INT = 2**63 - 1
+TRANSPORT_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a transport (built in or [pipe.NAME]) as transport_maps name it
+_TRANSPORT_NEXTHOP = re.compile(rf"{TRANSPORT_NAME.pattern}(:.*)?")  # transport or transport:nexthop
 
 
 class Section(BaseModel):
@@ -122,6 +126,14 @@ def _host_ports(items: tuple[str, ...]) -> tuple[str, ...]:
     for item in items:
         parse_hostport(item)
     return items
+
+
+def check_transport(value: str) -> str:
+    """A transport setting as trivial-rewrite takes it: `transport` or `transport:nexthop` (Postfix's
+    default_transport and the like); the transport's name is letters, digits, '_' and '-'."""
+    if not _TRANSPORT_NEXTHOP.fullmatch(value):
+        raise ValueError(f"{value!r} is not transport or transport:nexthop")
+    return value
 
 
 def each_one_of(items: tuple[str, ...], allowed: tuple[str, ...]) -> tuple[str, ...]:

@@ -21,7 +21,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from mailflow.config.base import Duration, Networks, Section, TableSpecs, each_one_of
+from mailflow.config.base import Duration, Networks, Section, TableSpecs, check_transport, each_one_of
 from mailflow.syntax import parse_endpoint, parse_hostport
 
 RECEIVE_OVERRIDE_OPTIONS = ("no_unknown_recipient_checks", "no_address_mappings", "no_header_body_checks",
@@ -154,13 +154,28 @@ class GreylistConfig(Section):
     auto_whitelist_count: int = Field(5, ge=0)  # 0: no auto-whitelist
 
 
+PROBE_ROUTING = ("relayhost", "transport_maps", "local_transport", "virtual_transport", "relay_transport",
+                 "default_transport")  # [address_verify]'s overrides of the main settings of these names
+
+
 class AddressVerifyConfig(Section):
     """Address verification (Postfix verify(8), ADDRESS_VERIFICATION_README), for reject_unverified_recipient
     and reject_unverified_sender: a probe (MAIL FROM:<sender>, RCPT TO, no DATA) along the address's route; the
     results cached in memory, at most `cache_size` addresses (least recently used dropped), at most
-    `probe_limit` probes at once. smtpd waits for a new probe up to poll_delay x (poll_count - 1)."""
+    `probe_limit` probes at once. smtpd waits for a new probe up to poll_delay x (poll_count - 1).
+    The PROBE_ROUTING settings (Postfix's address_verify_relayhost, _transport_maps, _local_transport, ...)
+    route the probes in place of the main settings of the same names; empty: the main one."""
 
     sender: str = "double-bounce"  # address_verify_sender: qualified with myorigin; "<>": the null sender
+    # address_verify_sender_ttl: 0, a fixed sender; else the sender's local part gets a stamp that changes every
+    # sender_ttl (double-bounce1C3F5@…), and smtpd takes the stamps of the last, this and the next period
+    sender_ttl: Duration = Field(0.0, ge=0)
+    relayhost: str = ""
+    transport_maps: TableSpecs = ()
+    local_transport: str = ""
+    virtual_transport: str = ""
+    relay_transport: str = ""
+    default_transport: str = ""
     poll_count: int = Field(3, ge=1)
     poll_delay: Duration = Field(3.0, ge=0)
     positive_expire_time: Duration = Field(31 * 86400.0, gt=0)
@@ -170,6 +185,26 @@ class AddressVerifyConfig(Section):
     negative_refresh_time: Duration = Field(3 * 3600.0, gt=0)
     cache_size: int = Field(100_000, ge=1)
     probe_limit: int = Field(20, ge=1)
+
+    @field_validator("sender")
+    @classmethod
+    def _sender(cls, v: str) -> str:
+        """Postfix refuses a sender beginning or ending with '@' (make_verify_sender_addr)."""
+        if v.strip().startswith("@") or v.strip().endswith("@"):
+            raise ValueError(f"{v!r} must not begin or end with '@' (\"<>\" is the null sender)")
+        return v
+
+    @field_validator("relayhost")
+    @classmethod
+    def _relayhost(cls, v: str) -> str:
+        if v:
+            parse_hostport(v, default_port=25)
+        return v
+
+    @field_validator("local_transport", "virtual_transport", "relay_transport", "default_transport")
+    @classmethod
+    def _transport(cls, v: str) -> str:
+        return check_transport(v) if v else v
 
 
 class SenderAuthConfig(Section):

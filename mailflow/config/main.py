@@ -1,6 +1,7 @@
 """`Config`: the whole configuration, the top-level settings (Postfix main.cf names) and one field per section.
 
-    Config                   frozen; `origin` (myorigin or myhostname), `domain`, `queue_path`
+    Config                   frozen; `origin` (myorigin or myhostname), `domain`, `queue_path`; `for_probes()`
+                             (the routing of address verification's probes)
     DEFAULTS                 Config() as built in, relative paths as written: where a component's constructor
                              needs a default (for tests), it takes it from here rather than restating it
     BUILTIN_TRANSPORTS       the transport names a [pipe.NAME] service may not take
@@ -9,7 +10,6 @@ Failure behaviour: a bad value raises ValueError (a ConfigError once loaded by m
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from pydantic import Field, PrivateAttr, ValidationInfo, field_validator
@@ -17,8 +17,9 @@ from pydantic import Field, PrivateAttr, ValidationInfo, field_validator
 from mailflow.address import normalise_domain
 from mailflow.config.accounts import AccountsConfig
 from mailflow.config.admin import AdminConfig
-from mailflow.config.base import Duration, Networks, Section, TableSpecs, each_one_of
-from mailflow.config.filters import (AddressVerifyConfig, ChecksConfig, ClamdConfig, GreylistConfig,
+from mailflow.config.base import (TRANSPORT_NAME, Duration, Networks, Section, TableSpecs, check_transport,
+                                  each_one_of)
+from mailflow.config.filters import (PROBE_ROUTING, AddressVerifyConfig, ChecksConfig, ClamdConfig, GreylistConfig,
                                      MilterConfig, SenderAuthConfig, SpamdConfig)
 from mailflow.config.delivery import DnsConfig, LmtpConfig, LocalConfig, PipeService, SmtpConfig
 from mailflow.config.deliverability import ArcConfig, DeliverabilityConfig, DkimConfig, MtaStsConfig, SrsConfig
@@ -39,8 +40,6 @@ _DOTTED_DOMAIN = {
 
 BUILTIN_TRANSPORTS = ("local", "virtual", "smtp", "relay", "lmtp", "discard", "error", "capture")
 HEADER_CLIENT_RULES = ("permit_inet_interfaces", "permit_mynetworks", "permit_sasl_authenticated")
-_TRANSPORT_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a transport (built in or [pipe.NAME]) as transport_maps name it
-_TRANSPORT_NEXTHOP = re.compile(rf"{_TRANSPORT_NAME.pattern}(:.*)?")  # transport or transport:nexthop
 
 
 class Config(Section):
@@ -171,7 +170,7 @@ class Config(Section):
         for name in v:
             if name in BUILTIN_TRANSPORTS:
                 raise ValueError(f"{name!r} is the name of a built-in transport")
-            if not _TRANSPORT_NAME.fullmatch(name):
+            if not TRANSPORT_NAME.fullmatch(name):
                 raise ValueError(f"{name!r} is not a transport name (letters, digits, '_', '-')")
         return v
 
@@ -223,9 +222,7 @@ class Config(Section):
     @field_validator("local_transport", "relay_transport", "default_transport", "virtual_transport")
     @classmethod
     def _transport(cls, v: str) -> str:
-        if not _TRANSPORT_NEXTHOP.fullmatch(v):
-            raise ValueError(f"{v!r} is not transport or transport:nexthop")
-        return v
+        return check_transport(v)
 
     @field_validator("myorigin", "mydomain", "remote_header_rewrite_domain")
     @classmethod
@@ -242,6 +239,14 @@ class Config(Section):
     def accounts_path(self) -> Path:
         """The account database: `[accounts] database_file`, else `<queue_directory>/accounts.db`."""
         return Path(self.accounts.database_file) if self.accounts.database_file else self.queue_path / "accounts.db"
+
+    def for_probes(self) -> "Config":
+        """The configuration address verification routes its probes by: [address_verify]'s PROBE_ROUTING
+        settings in place of the main ones where set (Postfix's address_verify_relayhost, _transport_maps,
+        _*_transport, read by trivial-rewrite's verify service); itself when none is."""
+        probes = self.address_verify
+        update = {key: getattr(probes, key) for key in PROBE_ROUTING if getattr(probes, key)}
+        return self.model_copy(update=update) if update else self
 
     @property
     def origin(self) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from mailflow.config import Config, QueueConfig, SmtpdConfig, load_config, resolve_paths
+from mailflow.config import Config, QueueConfig, SmtpdConfig, config_from_dict, load_config, resolve_paths
 from mailflow.errors import ConfigError
 from mailflow.syntax import parse_duration, parse_hostport
 
@@ -100,6 +100,11 @@ def test_unknown_key_names_file_key_and_reason(tmp_path, text, key):
     ("[smtpd]\nlisten = ['a:b:c']\n", "smtpd.listen", "not host:port"),
     ("relayhost = '[10.0.0.1]:70000'\n", "relayhost", "port out of range"),
     ("default_transport = 'no spaces allowed'\n", "default_transport", "transport"),
+    ("[address_verify]\nrelayhost = '[10.0.0.1]:70000'\n", "address_verify.relayhost", "port out of range"),
+    ("[address_verify]\nrelay_transport = 'no spaces'\n", "address_verify.relay_transport", "transport"),
+    ("[address_verify]\ntransport_maps = ['hash:/etc/x']\n", "address_verify.transport_maps", "hash"),
+    ("[address_verify]\nsender = 'owner@'\n", "address_verify.sender", "must not begin or end with '@'"),
+    ("[address_verify]\nsender_ttl = '-1h'\n", "address_verify.sender_ttl", "not a duration"),
     ("[queue]\nactive_limit = 0\n", "queue.active_limit", "greater than or equal to 1"),
     ("[log]\nformat = 'xml'\n", "log.format", "json"),
     ("[queue]\nactive_limit = '999999999999999999999'\n", "queue.active_limit", "too large (at most 92233"),
@@ -311,3 +316,19 @@ def test_queue_minfree_is_a_byte_count(tmp_path):
     assert Config().queue.queue_minfree == 0
     assert load_config(write(tmp_path, "[queue]\nqueue_minfree = 50000000\n")).queue.queue_minfree == 50_000_000
     assert "queue.queue_minfree" in str(config_error(write(tmp_path, "[queue]\nqueue_minfree = -1\n")))
+
+
+
+def test_probes_are_routed_by_the_address_verify_settings_that_are_set_the_main_ones_otherwise():
+    main = {"relayhost": "[10.0.0.1]", "transport_maps": ["inline:{a.test=smtp:}"], "relay_transport": "relay"}
+    probes = config_from_dict({**main, "address_verify": {
+        "relayhost": "[10.0.0.2]:2525", "local_transport": "lmtp:[10.0.0.3]", "virtual_transport": "lmtp:[10.0.0.4]",
+        "default_transport": "error:5.7.1 no"}}).for_probes()
+    assert (probes.relayhost, probes.transport_maps, probes.local_transport, probes.virtual_transport,
+            probes.relay_transport, probes.default_transport) == (
+        "[10.0.0.2]:2525", ("inline:{a.test=smtp:}",), "lmtp:[10.0.0.3]", "lmtp:[10.0.0.4]", "relay",
+        "error:5.7.1 no")
+    probes = config_from_dict({**main, "address_verify": {"transport_maps": ["inline:{b.test=discard:}"]}}).for_probes()
+    assert (probes.relayhost, probes.transport_maps) == ("[10.0.0.1]", ("inline:{b.test=discard:}",))
+    config = config_from_dict(main)
+    assert config.for_probes() is config
