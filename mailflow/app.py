@@ -80,8 +80,9 @@ from mailflow.signing.outbound import OutboundSigning
 from mailflow.stages.smtpd import Smtpd, SmtpdHandler
 from mailflow.stages.smtpd.filtering import FilterServices
 from mailflow.stages.smtpd.transcript import SessionObservers
-from mailflow.stages.verify import Prober, Verifier
+from mailflow.stages.verify import ProbeSender, Prober, Verifier
 from mailflow.store import Store
+from mailflow.tables import TableCache
 from mailflow.tables.check import table_problems
 from mailflow.transports import build_transports
 
@@ -151,12 +152,10 @@ def build_outbound_signing(config: Config, router: Router, resolver, clock: Cloc
                            resolver=resolver, clock=clock, log=log)
 
 
-def verify_prober(config: Config, router: Router, transports: dict) -> Prober:
-    """Address verification's probes along the routes of `router` with these transports, from
-    address_verify_sender (qualified as trivial-rewrite qualifies an address, as Postfix's verify does; `<>` or "":
-    the null sender)."""
-    sender = config.address_verify.sender.strip()
-    return Prober(router, transports, "" if sender in ("", "<>") else router.rewriter.qualify(sender))
+def probe_sender(config: Config, router: Router, clock: Clock) -> ProbeSender:
+    """Address verification's probe sender: address_verify_sender (qualified as trivial-rewrite qualifies an
+    address, as Postfix's verify does; `<>` or "": the null sender) with address_verify_sender_ttl's stamp."""
+    return ProbeSender(config.address_verify.sender, config.address_verify.sender_ttl, router.rewriter.qualify, clock)
 
 
 def build_resolver(dns: DnsConfig) -> AiodnsResolver:
@@ -253,27 +252,38 @@ class Mailflow:
         self._cleanup = Cleanup(self.store, clock=self.clock, rng=self.rng, log=maillog, on_queued=self._wake_qmgr,
                                 **await self._cleanup_settings(c, router))
         transports = self._build_transports(c, router)
-        self._verifier = Verifier(c.address_verify, verify_prober(c, router, transports), self.clock, maillog)
         self.qmgr = QueueManager(self.store, resolve=router.rewriter.resolve,
                                  transports=transports, config=c.queue, clock=self.clock,
                                  rng=self.rng, log=maillog, notices=self._notices(c),
                                  on_delivery=self.metrics.delivered if self.metrics else None)
         await self.qmgr.start()
+        sender = probe_sender(c, router, self.clock)
+        self._verifier = Verifier(c.address_verify, await self._prober(c, router, transports, sender), self.clock,
+                                  maillog)
         self._cleanup.attach_queue_manager(self.qmgr)
         self.pickup = Pickup(c.queue_path, self._cleanup, myhostname=c.myhostname, clock=self.clock,
                              interval=c.sendmail.pickup_interval, bounce_size_limit=c.queue.bounce_size_limit,
                              size_limit=c.smtpd.message_size_limit, milters=non_smtpd_milters(c))
         await self.pickup.start()
         self._filters = FilterServices(c, self._dns_resolver(), self.clock)
-        self.smtpd = Smtpd(c, self._handler_for(router, self._filters), clock=self.clock,
+        self.smtpd = Smtpd(c, self._handler_for(router, self._filters, sender), clock=self.clock,
                            observer=self._session_observer)
         await self.smtpd.start()
 
     @staticmethod
-    async def _router(config: Config) -> Router:
-        router = Router(config)
+    async def _router(config: Config, tables: TableCache | None = None) -> Router:
+        router = Router(config, tables)
         await router.tables.preload()  # read the table files off the event loop, before anyone asks
         return router
+
+    async def _prober(self, config: Config, router: Router, transports: dict, sender: ProbeSender) -> Prober:
+        """Address verification's probes: along the routes of `router`, or of one built with [address_verify]'s
+        routing overrides (`Config.for_probes`, its tables shared with `router`'s), with these transports,
+        through qmgr."""
+        assert self.qmgr is not None
+        probes = config.for_probes()
+        probe_router = router if probes is config else await self._router(probes, router.tables)
+        return Prober(probe_router, transports, sender, self.qmgr.deliver_probe)
 
     def _notices(self, config: Config) -> Notices:
         assert self._cleanup is not None
@@ -291,15 +301,17 @@ class Mailflow:
                     content_filter=config.smtpd.content_filter,
                     outbound=build_outbound_signing(config, router, self._dns_resolver(), self.clock, self._maillog))
 
-    def _handler_for(self, router: Router, filters: FilterServices):
-        """How smtpd builds each listener's handler (its restrictions) from the listener's effective config."""
+    def _handler_for(self, router: Router, filters: FilterServices, sender: ProbeSender):
+        """How smtpd builds each listener's handler (its restrictions) from the listener's effective config;
+        `sender`: address verification's, which smtpd takes unrefused."""
         assert self._cleanup is not None
         resolver, cleanup, queue, verifier = self._dns_resolver(), self._cleanup, self.config.queue_path, self._verifier
         free_space = lambda: shutil.disk_usage(queue).free  # noqa: E731 (asked at every MAIL)
         return lambda listener_config: SmtpdHandler(listener_config, router.rewriter, router.mapper, cleanup,
                                                     resolver=resolver, free_space=free_space,
                                                     policy=self._smtpd_policy, filters=filters,
-                                                    flush_site=self._flush_site, verifier=verifier)
+                                                    flush_site=self._flush_site, verifier=verifier,
+                                                    probe_sender=sender)
 
     async def _flush_site(self, domain: str) -> None:
         """ETRN: every deferred message with a pending recipient in `domain` is due now (what `mailflow queue
@@ -433,7 +445,10 @@ class Mailflow:
             cleanup_settings = await self._cleanup_settings(config, router)
             transports = self._build_transports(config, router)
             filters = FilterServices(config, self._dns_resolver(), self.clock)
-            use_smtpd = await self.smtpd.reconfigure(config, self._handler_for(router, filters))  # binds new addresses
+            sender = probe_sender(config, router, self.clock)
+            prober = await self._prober(config, router, transports, sender)
+            handler_for = self._handler_for(router, filters, sender)
+            use_smtpd = await self.smtpd.reconfigure(config, handler_for)  # binds new addresses
             # everything is built: from here on nothing can fail
             self._cleanup.reconfigure(**cleanup_settings)
             if self._filters is not None:
@@ -442,7 +457,7 @@ class Mailflow:
             self.qmgr.reconfigure(resolve=router.rewriter.resolve, transports=transports, config=config.queue,
                                   notices=self._notices(config))
             if self._verifier is not None:
-                self._verifier.reconfigure(config.address_verify, verify_prober(config, router, transports))
+                self._verifier.reconfigure(config.address_verify, prober)
             self.pickup.reconfigure(myhostname=config.myhostname, interval=config.sendmail.pickup_interval,
                                     bounce_size_limit=config.queue.bounce_size_limit,
                                     size_limit=config.smtpd.message_size_limit, milters=non_smtpd_milters(config))

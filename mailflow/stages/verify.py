@@ -11,11 +11,16 @@ What it owns
   `VRFY000001`… (the verifier's count: unique for the server's life, reloads included) and its verdict, whoever
   gave it, is one line of the mail log (`MailLog.verified`, under the agent that answered), as Postfix logs a
   probe's result through the agent's own line with the probe's queue id.
-- `Prober(router, transports, sender)`: one probe as a callable, `await prober(addr, probe_id) ->
-  Verdict`, along the address's normal route (cleanup's canonical and virtual alias maps, trivial-rewrite's
-  transport and nexthop, transport_maps, relayhost, MX): an SMTP or LMTP next hop gets a session with MAIL
-  FROM:<sender>, RCPT TO:<addr> and no DATA (`DeliveryRequest.verify`: Postfix's smtp with the verify flag), so
-  nothing is delivered; the error transport answers with its nexthop's status and text (deferred for 4.X.X); discard
+- `Prober(router, transports, sender, deliver)`: one probe as a callable, `await prober(addr, probe_id) ->
+  Verdict`, along the address's route (cleanup's canonical and virtual alias maps, trivial-rewrite's
+  transport and nexthop, transport_maps, relayhost, MX; `router` is built with [address_verify]'s overrides of
+  these, Postfix's address_verify_relayhost, _transport_maps, _*_transport): an SMTP or LMTP next hop gets a
+  session with MAIL FROM:<sender>, RCPT TO:<addr> and no DATA (`DeliveryRequest.verify`: Postfix's smtp with the
+  verify flag), so nothing is delivered. That session goes through qmgr (`deliver`: its `deliver_probe`), as
+  Postfix's probe is a message qmgr schedules: a destination qmgr holds for dead is not tried, the probe is
+  deferred "delivery temporarily suspended: <why>" (logged under qmgr); a probe's own failure makes no
+  destination dead (nor does Postfix's: its smtp client reports the probe's deferral as recorded, so qmgr hears
+  of no site failure). The error transport answers with its nexthop's status and text (deferred for 4.X.X); discard
   accepts. The local transport answers as Postfix's local(8) answers a probe, without delivering: an alias is
   deliverable ("aliased to <value>", not expanded), a local user too ("delivers to mailbox"), another name bounces
   (`unknown user: "name"`); the virtual transport as virtual(8): a virtual_mailbox_maps user is deliverable, another
@@ -23,6 +28,8 @@ What it owns
   The route is `Router.queued`'s: an address that virtual alias expansion makes into more than one route is
   deliverable without a probe ("aliased to multiple recipients"), as Postfix's cleanup declares a one-to-many
   alias in a probe, so that the results of its members do not overwrite each other.
+- `ProbeSender(sender, ttl, qualify, clock)`: the probes' envelope sender, with Postfix's time-dependent stamp
+  (address_verify_sender_ttl), and the test smtpd uses to take this server's own probe sender unrefused.
 
 The cache, as verify(8)'s (Postfix's lifetimes and its rules): an OK result is kept positive_expire_time and
 probed again after positive_refresh_time; a failure (bounced or deferred; only with negative_cache) kept
@@ -54,7 +61,7 @@ from mailflow.clock import Clock
 from mailflow.content import Content
 from mailflow.errors import DeliveryError
 from mailflow.logs import MailLog
-from mailflow.model import DeliveryRequest, Outcome, Recipient
+from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, Recipient
 
 log = logging.getLogger("mailflow.verify")
 
@@ -206,14 +213,89 @@ class Verifier:
             self._cache.popitem(last=False)
 
 
-class Prober:
-    """One probe along an address's route; see the module docstring. `router`: mailflow.routing.router.Router;
-    `transports`: qmgr's, by name; `sender`: the probes' envelope sender ("" the null sender)."""
+STAMP_DIGITS = "0123456789BCDFGHJKLMNPQRSTVWXYZ"  # Postfix's safe_ultostr, base 31: no vowels, no lower case
 
-    def __init__(self, router, transports: Mapping, sender: str):
+
+class ProbeSender:
+    """The probes' envelope sender: Postfix's address_verify_sender with address_verify_sender_ttl
+    (verify_sender_addr.c). `sender`: as configured ("" or "<>": the null sender, never stamped); `ttl`: seconds
+    (0: a fixed address); `qualify`: trivial-rewrite's (a bare name gets @myorigin); `clock`: the server's.
+
+    `address()`: the sender of a probe starting now: with a ttl, the local part gets the number of ttl periods
+    since the epoch, in base 31 (STAMP_DIGITS), appended without a delimiter (`double-bounce1C3F5@example.com`),
+    so the address changes every ttl and does not end up on spammers' lists for good. `own(addr)`: when `addr`
+    is this server's probe sender (the stamp, if any, within one ttl of now; any case), its address without the
+    stamp, else None: smtpd takes it without its restrictions, as Postfix's smtpd, so that a site verifying the
+    sender of our probes is not refused (no mutual negative caching)."""
+
+    def __init__(self, sender: str, ttl: float, qualify: Callable[[str], str], clock: Clock):
+        bare = sender.strip()
+        self._bare = "" if bare == "<>" else bare
+        self._ttl = int(ttl)
+        self._qualify = qualify
+        self._clock = clock
+        self._plain = qualify(self._bare) if self._bare else ""
+
+    def address(self) -> str:
+        if not self._bare or not self._ttl:
+            return self._plain
+        local, at, domain = self._bare.partition("@")
+        return self._qualify(f"{local}{_stamp(self._epoch())}{at}{domain}")
+
+    def own(self, addr: str) -> str | None:
+        plain = self._plain
+        if not plain:
+            return None
+        base = plain.find("@") if "@" in plain else len(plain)
+        if addr[:base].lower() != plain[:base].lower() or _at_domain(addr).lower() != plain[base:].lower():
+            return None
+        rest = addr[base:].partition("@")[0]
+        if not self._ttl:
+            return plain if not rest else None
+        epoch = _unstamp(rest)
+        return plain if epoch is not None and abs(epoch - self._epoch()) <= 1 else None
+
+    def _epoch(self) -> int:
+        return int(self._clock.time()) // self._ttl
+
+
+def _stamp(number: int) -> str:
+    digits = ""
+    while number:
+        number, digit = divmod(number, len(STAMP_DIGITS))
+        digits = STAMP_DIGITS[digit] + digits
+    return digits
+
+
+def _unstamp(text: str) -> int | None:
+    if not text or any(c not in STAMP_DIGITS for c in text):
+        return None
+    number = 0
+    for c in text:
+        number = number * len(STAMP_DIGITS) + STAMP_DIGITS.index(c)
+    return number
+
+
+def _at_domain(addr: str) -> str:
+    """`@domain` from the first '@' on, "" when there is none (as Postfix's strchr)."""
+    at = addr.find("@")
+    return addr[at:] if at >= 0 else ""
+
+
+ProbeDelivery = Callable[[str, DeliveryRequest], Awaitable[tuple[DeliveryReport, str]]]
+
+
+class Prober:
+    """One probe along an address's route; see the module docstring. `router`: mailflow.routing.router.Router
+    (the probes' routing: [address_verify]'s overrides applied); `transports`: qmgr's, by name; `sender`: a
+    ProbeSender; `deliver(transport, request) -> (report, program)`: qmgr's `deliver_probe`, which runs the
+    transport unless the destination is dead."""
+
+    def __init__(self, router, transports: Mapping, sender: ProbeSender, deliver: ProbeDelivery):
         self._router = router
         self._transports = transports
         self._sender = sender
+        self._deliver_by_qmgr = deliver
 
     async def __call__(self, addr: str, probe_id: str) -> Verdict:
         queued = await self._router.tables.run(self._router.queued, addr)
@@ -234,10 +316,12 @@ class Prober:
         if program not in PROBE_TRANSPORTS:
             return Verdict(Status.OK, f"delivers to {program or transport_name}", "2.0.0", transport_name,
                            program or transport_name)
-        request = DeliveryRequest(queue_id=probe_id, sender=self._sender, recipients=(Recipient(0, addr, addr),),
-                                  nexthop=nexthop, content=Content(), verify=True)
-        result = (await transport.deliver(request)).results[0]
-        return Verdict(_OUTCOMES[result.outcome], result.text, result.dsn, result.relay or "none", program)
+        request = DeliveryRequest(queue_id=probe_id, sender=self._sender.address(),
+                                  recipients=(Recipient(0, addr, addr),), nexthop=nexthop, content=Content(),
+                                  verify=True)
+        report, agent = await self._deliver_by_qmgr(transport_name, request)
+        result = report.results[0]
+        return Verdict(_OUTCOMES[result.outcome], result.text, result.dsn, result.relay or "none", agent)
 
     def _local(self, addr: str) -> Verdict:
         """local(8) with the verify flag: aliases are not expanded, no mailbox is written."""

@@ -11,39 +11,46 @@ import pytest
 
 from mailflow import status
 from mailflow.app import Mailflow
-from mailflow.clock import VirtualClock
+from mailflow.clock import SystemClock, VirtualClock
 from mailflow.config import DEFAULTS
 from mailflow.errors import LookupRetry, TemporaryError
 from mailflow.logs import MAIL_LOGGER, MailLog
-from mailflow.stages.verify import IN_PROGRESS, Status, Verdict, Verifier
+from mailflow.stages.verify import IN_PROGRESS, ProbeSender, Status, Verdict, Verifier
 from mailflow.testing.destinations import Destinations
 from tests.support import SmtpClient
+from tests.support.dialogue import send
+from tests.support.peers import record_senders
 from tests.support.waiting import eventually
 
-DOMAINS = ("good.test", "bad.test", "soft.test", "slow.test")
+DAY = 86400
+DOMAINS = ("good.test", "bad.test", "soft.test", "slow.test", "down.test")
+SHUTTING_DOWN = "421 4.3.2 Service shutting down"
+# one failed delivery makes a destination dead, for a minute (qmgr's memory: a window of 1, one failed cohort)
+DIES_AT_ONCE = {"initial_destination_concurrency": 1, "minimal_backoff_time": "60s", "maximal_backoff_time": "120s"}
 
 
 @pytest.fixture
 async def destinations():
     found = Destinations()
-    good, bad, soft, slow = (found.add(d) for d in DOMAINS)
+    good, bad, soft, slow, down = (found.add(d) for d in DOMAINS)
     bad.answers(550, "5.1.1 User unknown")
     soft.answers(450, "4.2.0 Try again later")
     slow.times_out()
+    down.answers(421, "4.3.2 Service shutting down", at="connect")
     yield found
     await found.stop()
 
 
 @pytest.fixture
 async def verifying(mailflow_server, destinations):
-    """Start a mailflow that verifies recipients (its smtpd and address_verify settings as given) against the
-    destinations: waits up to 0.4 s for a probe; a peer that says nothing is given up after 0.5 s."""
-    async def start(verify: dict | None = None, **smtpd) -> Mailflow:
+    """Start a mailflow that verifies recipients (its smtpd, address_verify and queue settings as given) against
+    the destinations: waits up to 0.4 s for a probe; a peer that says nothing is given up after 0.5 s."""
+    async def start(verify: dict | None = None, queue: dict | None = None, **smtpd) -> Mailflow:
         return await mailflow_server(
             resolver=destinations.resolver, relay_domains=list(DOMAINS),
             smtpd={"listen": ["127.0.0.1:0"], "recipient_restrictions": ["reject_unverified_recipient"], **smtpd},
             smtp={"port": destinations.port, "helo_timeout": "0.5s", "command_timeout": "0.5s"},
-            address_verify={"poll_delay": "0.2s", "poll_count": 3, **(verify or {})})
+            address_verify={"poll_delay": "0.2s", "poll_count": 3, **(verify or {})}, queue=queue or {})
 
     return start
 
@@ -144,6 +151,66 @@ async def test_probes_are_bounded_in_number_and_one_per_address(verifying, desti
     replies = await asyncio.gather(*(rcpt(mf, f"u{n % 4}@slow.test") for n in range(8)))
     assert all(r == unverified(f"u{n % 4}@slow.test", IN_PROGRESS) for n, r in enumerate(replies))
     assert destinations.add("slow.test").connections == 2  # probe_limit 2; the RCPTs for one address share one
+
+
+def refused_greeting(destinations: Destinations, domain: str, reply: str) -> str:
+    host = destinations.add(domain)
+    return f"host {host.mx_host}[{host.address}] refused to talk to me: {reply}"
+
+
+def suspended(why: str) -> str:
+    return f"delivery temporarily suspended: {why}"
+
+
+async def test_a_probe_failure_makes_no_destination_dead_a_delivery_s_does_and_the_next_probe_is_suspended(
+        verifying, destinations):
+    mail_passes = "check_recipient_access inline:{ {mail@down.test = OK} }"
+    mf = await verifying(queue=DIES_AT_ONCE, recipient_restrictions=[mail_passes, "reject_unverified_recipient"])
+    down = destinations.add("down.test")
+    why = refused_greeting(destinations, "down.test", SHUTTING_DOWN)
+    assert await rcpt(mf, "u@down.test") == unverified("u@down.test", why)
+    assert await rcpt(mf, "v@down.test") == unverified("v@down.test", why)  # probed: the failure above taught nothing
+    assert down.connections == 2
+    await send(mf.smtp_addresses[0][1], "s@remote.test", ["mail@down.test"], b"Subject: x\r\n\r\nx\r\n")
+    await eventually(lambda: [d for d in mf.qmgr.destinations() if d[1] == "down.test" and d[6]], timeout=5,
+                     what="down.test dead in qmgr's memory after the message's attempt")
+    assert await rcpt(mf, "w@down.test") == unverified("w@down.test", suspended(why))
+    assert down.connections == 3  # the message's attempt; the last probe tried none
+
+
+async def test_probes_go_where_address_verify_relayhost_and_transport_maps_send_them(verifying, destinations):
+    good = destinations.add("good.test")
+    mf = await verifying(verify={"relayhost": f"[{good.address}]:{destinations.port}"})
+    assert await rcpt(mf, "u@bad.test") == status.RCPT_OK  # asked of good.test's host, which takes anyone
+    assert destinations.add("bad.test").transactions == 0
+    await mf.stop()  # (one server per queue)
+    mf = await verifying(verify={"transport_maps": [f"inline:{{ {{soft.test = smtp:[{good.address}]}} }}"]})
+    assert await rcpt(mf, "u@soft.test") == status.RCPT_OK
+    assert await rcpt(mf, "u@bad.test") == unverified("u@bad.test", said(destinations, "bad.test",
+                                                                         "550 5.1.1 User unknown"))
+    assert destinations.add("soft.test").transactions == 0
+
+
+async def test_with_a_sender_ttl_probes_come_from_a_stamped_sender_that_smtpd_takes_unrefused(smtp_peer,
+                                                                                                mailflow_server):
+    peer = await smtp_peer()
+    senders = record_senders(peer)
+    mf = await mailflow_server(relayhost=f"[127.0.0.1]:{peer.port}", address_verify={"sender_ttl": "1d"},
+                               smtpd={"recipient_restrictions": ["reject_unverified_recipient"]})
+    assert await rcpt(mf, "u@relay.test") == status.RCPT_OK
+    [sender] = senders
+    now = ProbeSender("double-bounce", DAY, lambda a: f"{a}@mx.mailflow.test", SystemClock()).address()
+    assert sender == now != "double-bounce@mx.mailflow.test"
+    # mx.mailflow.test is no domain of this server's: only the exemption of its own probe sender lets it in
+    assert await rcpt(mf, sender) == status.RCPT_OK
+    assert await rcpt(mf, "double-bounce@mx.mailflow.test") == status.relay_denied("double-bounce@mx.mailflow.test")
+
+
+async def test_without_a_sender_ttl_smtpd_takes_the_fixed_probe_sender_unrefused(mailflow_server):
+    mf = await mailflow_server(smtpd={"recipient_restrictions": ["reject"]})
+    assert await rcpt(mf, "Double-Bounce@mx.mailflow.test") == status.RCPT_OK
+    assert await rcpt(mf, "double-bounceNGP@mx.mailflow.test") == status.relay_denied(
+        "double-bounceNGP@mx.mailflow.test")
 
 
 # ---------------------------------------------------------------------------------------------- the cache

@@ -3,14 +3,23 @@ relay relay.test to an SMTP peer (its own for each) that accepts one address, re
 both have local.test, where `nosuchuser` is unknown, and the virtual alias `multi@relay.test` for the refused and
 the deferred address (a one-to-many alias: deliverable, its members not probed). The replies to the first RCPT of each address (the probe started
 and waited for) and to a later one (the cached result) must be the same, word for word; and each server's probe
-must come from double-bounce@ its origin, with no message delivered."""
+must come from double-bounce@ its origin, with no message delivered.
+Then qmgr's dead-destination memory as probes meet it (a next hop that refuses connections, a window of one: a
+probe's failure does not make it dead, a message's does, and the next probe is deferred "delivery temporarily
+suspended"), and
+address_verify_sender_ttl (the stamp of the probe sender, which each server takes unrefused at RCPT)."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
-from tests.support import SmtpClient, postfix_instance
+from mailflow.clock import VirtualClock
+from mailflow.stages.verify import ProbeSender
+from tests.support import SmtpClient, eventually, free_port, postfix_instance
+from tests.support.dialogue import send
+from tests.support.peers import record_senders
 
 pytestmark = pytest.mark.interop
 
@@ -27,15 +36,7 @@ async def peer_for(smtp_peer):
     """A peer scripted with REFUSALS; the senders of the MAIL commands it got."""
     peer = await smtp_peer()
     peer.handler.rcpt_replies.update(REFUSALS)
-    senders: list[str] = []
-    answer = type(peer.handler).handle_MAIL
-
-    async def recorded(server, session, envelope, address, options):
-        senders.append(address)
-        return await answer(peer.handler, server, session, envelope, address, options)
-
-    peer.handler.handle_MAIL = recorded
-    return peer, senders
+    return peer, record_senders(peer)
 
 
 async def rcpt_text(port: int, address: str) -> str:
@@ -76,3 +77,82 @@ async def test_unverified_recipients_get_postfix_replies_first_and_from_the_cach
     assert set(pf_senders) == {"double-bounce@pf.test"} and set(mf_senders) == {"double-bounce@mx.mailflow.test"}
     assert len(mf_senders) == len(pf_senders) == 3  # one probe per relayed address, none for the alias's members
     assert pf_peer.messages == mf_peer.messages == []
+
+
+def unverified(address: str, why: str) -> str:
+    return f"450 4.1.1 <{address}>: Recipient address rejected: unverified address: {why}"
+
+
+async def test_a_next_hop_made_dead_by_mail_defers_probes_unattempted_a_probe_failure_makes_none_dead(
+        mailflow_server):
+    """A next hop that refuses connections, a window of one: two probes each try it (a probe's failure makes it
+    not dead: Postfix's qmgr hears no site failure from a probe), a message's failure makes it dead, and the probe
+    after that is deferred without a connection, then cached."""
+    down = free_port()  # nothing listens there
+    mail = "mail@relay.test"
+    probed = ("b@relay.test", "c@relay.test", "a@relay.test", "a@relay.test")
+    restrictions = [f"check_recipient_access inline:{{ {{{mail} = OK}} }}", "reject_unverified_recipient"]
+    async with postfix_instance({
+        "myhostname": "pf.test", "mydestination": "local.test", "relay_domains": "relay.test",
+        "relayhost": f"[127.0.0.1]:{down}", "mynetworks": "127.0.0.2/32", "initial_destination_concurrency": "1",
+        "smtpd_recipient_restrictions": ", ".join(restrictions),
+    }) as pf:
+        pf_replies = [await rcpt_text(pf.port, a) for a in probed[:2]]
+        await send(pf.port, "s@remote.test", [mail], b"Subject: x\r\n\r\nx\r\n")
+        await eventually(lambda: f"to=<{mail}>" in pf.maillog and "status=deferred" in pf.maillog, timeout=20,
+                         step=0.2, what="Postfix's attempt of the message")
+        pf_replies += [await rcpt_text(pf.port, a) for a in probed[2:]]
+    mf = await mailflow_server(relay_domains=["relay.test"], relayhost=f"[127.0.0.1]:{down}",
+                               queue={"initial_destination_concurrency": 1, "minimal_backoff_time": "300s",
+                                      "maximal_backoff_time": "4000s"},
+                               smtpd={"recipient_restrictions": restrictions})
+    port = mf.smtp_addresses[0][1]
+    mf_replies = [await rcpt_text(port, a) for a in probed[:2]]
+    await send(port, "s@remote.test", [mail], b"Subject: x\r\n\r\nx\r\n")
+    await eventually(lambda: [d for d in mf.qmgr.destinations() if d[6]], timeout=5, what="mailflow's attempt")
+    mf_replies += [await rcpt_text(port, a) for a in probed[2:]]
+
+    refused = f"connect to 127.0.0.1[127.0.0.1]:{down}: Connection refused"
+    assert pf_replies == [unverified(a, refused) for a in probed[:2]] + \
+        [unverified("a@relay.test", f"delivery temporarily suspended: {refused}")] * 2
+    assert mf_replies == pf_replies
+
+
+DAY = 86400
+
+
+def stamped(sender: str, periods: int) -> str:
+    """The probe sender (double-bounce@ the domain of `sender`) stamped `periods` days (sender_ttl) from now."""
+    domain = sender.partition("@")[2]
+    return ProbeSender("double-bounce", DAY, lambda bare: f"{bare}@{domain}",
+                       VirtualClock(time.time() + periods * DAY)).address()
+
+
+async def test_a_sender_ttl_stamps_the_probe_sender_as_postfix_does_and_each_takes_its_own_unrefused(
+        smtp_peer, mailflow_server):
+    """Both probe from double-bounce + the day's stamp; at RCPT each takes its own probe sender, stamped with the
+    day before, the day or the day after, without restrictions (its domain is neither's), and refuses it
+    unstamped or two days off."""
+    pf_peer, pf_senders = await peer_for(smtp_peer)
+    async with postfix_instance({
+        "myhostname": "pf.test", "mydestination": "local.test", "relay_domains": "relay.test",
+        "relayhost": f"[127.0.0.1]:{pf_peer.port}", "mynetworks": "127.0.0.2/32",
+        "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+        "smtpd_recipient_restrictions": "reject_unverified_recipient", "address_verify_sender_ttl": "1d",
+    }) as pf:
+        assert await rcpt_text(pf.port, "good@relay.test") == "250 2.1.5 Ok"
+        pf_own = [stamped(pf_senders[0], n) for n in (-1, 0, 1, 2)] + ["double-bounce@pf.test"]
+        pf_replies = [await rcpt_text(pf.port, a) for a in pf_own]
+    mf_peer, mf_senders = await peer_for(smtp_peer)
+    mf = await mailflow_server(mydestination=["local.test"], relay_domains=["relay.test"],
+                               relayhost=f"[127.0.0.1]:{mf_peer.port}", address_verify={"sender_ttl": "1d"},
+                               smtpd={"recipient_restrictions": ["reject_unverified_recipient"]})
+    assert await rcpt_text(mf.smtp_addresses[0][1], "good@relay.test") == "250 2.1.5 Ok"
+    mf_own = [stamped(mf_senders[0], n) for n in (-1, 0, 1, 2)] + ["double-bounce@mx.mailflow.test"]
+    mf_replies = [await rcpt_text(mf.smtp_addresses[0][1], a) for a in mf_own]
+
+    assert pf_senders[0].partition("@")[0] == mf_senders[0].partition("@")[0] != "double-bounce"
+    assert pf_own[1] == pf_senders[0]
+    assert [r.replace("pf.test", "D") for r in pf_replies] == [r.replace("mx.mailflow.test", "D") for r in mf_replies]
+    assert pf_replies[:3] == ["250 2.1.5 Ok"] * 3
+    assert pf_replies[3:] == [f"554 5.7.1 <{a}>: Relay access denied" for a in pf_own[3:]]

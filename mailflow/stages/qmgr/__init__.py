@@ -28,6 +28,10 @@ The loop
   (`destination.py`: slow start, throttle on site failure, dead-site memory). `delivery_concurrency_limit`
   caps all deliveries, `transport_concurrency_limit` each transport. A dead destination's jobs are
   deferred without a connection attempt.
+- An address verification probe (mailflow.stages.verify) is delivered through `deliver_probe`: a dead destination
+  defers it without a connection, as Postfix's qmgr defers the probe (a queued message) of a dead queue; what the
+  probe finds is not fed back (Postfix's probes never make a destination dead); it is not queued and waits for no
+  window.
 - When a job is back its recipients' results are recorded at once (`store.record_results`, group-committed
   with other writes) and logged: sent, bounced, or still pending with the reason. A recipient whose failure or
   success notice is owed keeps a flag in its row. So a stop or a crash repeats only deliveries that were
@@ -289,6 +293,24 @@ class QueueManager:
     def destinations(self) -> list[tuple]:
         return [d.snapshot() for d in self._destinations.values()]
 
+    # -- address verification probes -------------------------------------------------------------------
+    async def deliver_probe(self, transport: str, request: DeliveryRequest) -> tuple[DeliveryReport, str]:
+        """An address verification probe (`request.verify`) to `(transport, request.nexthop)`, as Postfix's qmgr
+        meets the probe verify(8) queues: a destination it holds for dead defers it at once, without a
+        connection, as it defers its queued jobs (`delivery temporarily suspended: <why it died>`); otherwise the
+        transport runs it. What the probe finds teaches qmgr nothing, as in Postfix (whose smtp client reports a
+        probe's failure as recorded, not as the site's: a probe never makes a destination dead); it waits for no
+        window nor limit (the verifier bounds its probes). Returns the report and the program that made it: the
+        transport's, or "qmgr" when no agent had the probe. What the transport raises propagates."""
+        agent = self._transports.get(transport)
+        if agent is None:
+            return DeliveryReport.uniform(request.recipients, Outcome.DEFERRED, "4.3.5",
+                                          f"mail transport unavailable: {transport!r} is not defined"), "qmgr"
+        dest = self._destinations.get((transport, request.nexthop))
+        if dest is not None and dest.is_dead(self._clock.time()):
+            return _suspended(dest, request.recipients), "qmgr"
+        return await agent.deliver(request), agent.program
+
     # -- the loop ---------------------------------------------------------------------------------
     async def _run(self) -> None:
         """Each turn runs the chores; one that fails backs off alone (logged once a minute), the loop sleeps."""
@@ -498,10 +520,8 @@ class QueueManager:
         return self._in_flight < self._config.delivery_concurrency_limit
 
     def _suspend(self, dest: Destination, jobs: list[Job]) -> None:
-        text = f"delivery temporarily suspended: {dest.reason or 'destination is not responding'}"
         for job in jobs:
-            self._job_done(job, DeliveryReport.uniform(job.recipients, Outcome.DEFERRED, "4.4.1", text,
-                                                       site_ok=False))
+            self._job_done(job, _suspended(dest, job.recipients))
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
@@ -699,6 +719,12 @@ _NOTICE_KIND = {Outcome.SENT: "success", Outcome.BOUNCED: "failure"}
 def _unique(transports) -> list:
     """Each transport once (smtp and relay are one object)."""
     return list({id(t): t for t in transports}.values())
+
+
+def _suspended(dest: Destination, recipients: tuple[Recipient, ...]) -> DeliveryReport:
+    """What a dead destination answers for the recipients of a job (or a probe) it will not attempt."""
+    text = f"delivery temporarily suspended: {dest.reason or 'destination is not responding'}"
+    return DeliveryReport.uniform(recipients, Outcome.DEFERRED, "4.4.1", text, site_ok=False)
 
 
 def _owes_notice(result: RcptResult) -> bool:

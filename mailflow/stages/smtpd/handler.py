@@ -10,6 +10,9 @@ checked the path and the recipient limit), then runs the restriction lists of th
 recipient, then the implied reject_unlisted_recipient), then asks the routing tables (451 4.3.0 when one
 cannot answer). With the defaults this is today's rule set: relaying only for mynetworks and authenticated
 clients (554 5.7.1), unknown users of this host's domains refused (550 5.1.1, naming the table).
+This server's address verification probe sender (`probe_sender`; with address_verify_sender_ttl, its stamp of the
+last, this or the next period) skips those checks at RCPT and is kept without its stamp at MAIL and RCPT, as
+Postfix's smtpd does (valid_verify_sender_addr), so that a site verifying our probes' sender is never refused.
 At the end of the message (`handle_DATA`) it runs the data list, then the end_of_data list, then hands a
 `Submission` to cleanup and answers 250 only once cleanup has committed it. The session writes the content
 into `new_spool()` as it arrives; the handler sees it whole, as a mailflow.content.Content
@@ -71,7 +74,7 @@ from mailflow.stages.smtpd.filtering import FilterServices
 from mailflow.stages.smtpd.peername import PeerNames
 from mailflow.stages.smtpd.restrictions import Facts, Marks, Restrictions
 from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction, helo_name
-from mailflow.stages.verify import Verifier
+from mailflow.stages.verify import ProbeSender, Verifier
 from mailflow.tables import TableCache
 
 log = logging.getLogger("mailflow.smtpd")
@@ -90,12 +93,15 @@ class SmtpdHandler:
     def __init__(self, config: Config, rewriter: Rewriter, mapper: AddressMapper, cleanup, *,
                  resolver=None, tables: TableCache | None = None, free_space: Callable[[], int] | None = None,
                  policy: SmtpdPolicy | None = None, filters: FilterServices | None = None,
-                 flush_site: Callable[[str], Awaitable[None]] | None = None, verifier: Verifier | None = None):
+                 flush_site: Callable[[str], Awaitable[None]] | None = None, verifier: Verifier | None = None,
+                 probe_sender: ProbeSender | None = None):
         """`free_space()`: bytes free for the queue (None: no space check); `policy`: the in-process hook;
         `filters`: the inbound filters (filtering.py), None when none is configured; `flush_site(domain)`:
         retry now the deferred mail for a domain (ETRN; None: ETRN is refused for every site); `verifier`: the
-        address verification service (mailflow.stages.verify; None: reject_unverified_* have no opinion)."""
+        address verification service (mailflow.stages.verify; None: reject_unverified_* have no opinion);
+        `probe_sender`: the sender of its probes, taken unrefused (None: none is)."""
         self._config = config
+        self._probe_sender = probe_sender
         self._policy = policy
         self._free_space = free_space
         self._flush_site = flush_site
@@ -225,15 +231,22 @@ class SmtpdHandler:
                 return str(status.SMTPUTF8_REQUIRED)
         if self._short_of_space(_declared_size(options)):
             return str(status.INSUFFICIENT_STORAGE)
+        own = self._own_probe_sender(sender)  # a stamped probe sender of this server is checked and kept unstamped
+        sender = own or sender
         refusal = await self._sender_list_refusal(session, envelope, sender, options) or \
             await self._sender_refusal(session, envelope, sender, options)
         if refusal is not None:
             envelope.marks = Marks()  # what the sender list marked goes with the refused MAIL (Postfix's mail_reset)
             server.log_reject("MAIL", refusal, sender=addr)
             return str(refusal)
-        envelope.mail_from = addr
+        envelope.mail_from = own or addr
         envelope.mail_options.extend(options)
         return str(status.SENDER_OK)
+
+    def _own_probe_sender(self, addr: str) -> str | None:
+        """Postfix's valid_verify_sender_addr: `addr` is this server's probe sender (its stamp, if any, within one
+        sender_ttl of now): that address without the stamp; else None."""
+        return self._probe_sender.own(addr) if self._probe_sender is not None and addr else None
 
     def _short_of_space(self, declared: int) -> bool:
         if self._free_space is None:
@@ -251,10 +264,12 @@ class SmtpdHandler:
         logs it (`NOQUEUE: reject: RCPT from …`). The first recipient accepted gives the transaction its queue
         id."""
         refusal = self._rcpt_syntax_refusal(server, session, envelope, addr)
+        own = self._own_probe_sender(addr)
         if refusal is None:
             # RFC 5321 4.5.1: the bare `postmaster` must be taken, whoever asks; Postfix's smtpd_check_rcpt says
-            # OK to it before any restriction (cleanup qualifies it with @myorigin)
-            if addr.lower() != "postmaster":
+            # OK to it before any restriction (cleanup qualifies it with @myorigin). So is this server's probe
+            # sender, as Postfix's smtpd takes it (a site verifying our probes' sender must not be refused)
+            if addr.lower() != "postmaster" and own is None:
                 refusal = await self.check_recipient(session, envelope, addr)
             if refusal is None and self._filters is not None:
                 refusal = await self._filters.rcpt(session, envelope, addr)
@@ -264,7 +279,7 @@ class SmtpdHandler:
             return str(refusal)
         if not envelope.queue_id:  # Postfix's smtpd opens its queue file here: `QID: client=` is logged
             envelope.queue_id = self._cleanup.begin(session.client_info(envelope), envelope.auth_sender)
-        envelope.rcpt_tos.append(addr)
+        envelope.rcpt_tos.append(own or addr)
         envelope.rcpt_options.extend(options)
         return str(status.RCPT_OK)
 
