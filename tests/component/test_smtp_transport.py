@@ -4,6 +4,7 @@ from __future__ import annotations
 import quopri
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import random
@@ -1761,17 +1762,65 @@ async def line_server(session) -> tuple[asyncio.AbstractServer, int]:
     return server, server.sockets[0].getsockname()[1]
 
 
-async def test_a_malformed_reply_defers_naming_it_and_fails_the_site():
-    async def garbled(reader, writer):
-        writer.write(b"220 garbled.test ESMTP\r\n")
+async def test_a_line_that_is_no_reply_is_read_past_warned_of_and_the_session_not_kept(caplog):
+    """Postfix's smtp_chat_resp: garbage before a reply is part of it (the reply's code stands), a warning names it
+    when PIPELINING is on, and the session is not cached (DONT_CACHE_THIS_SESSION): QUIT, a new one next time."""
+    sessions: list[list[bytes]] = []
+
+    async def garbling(reader, writer):
+        heard: list[bytes] = []
+        sessions.append(heard)
+        writer.write(b"Welcome, friend\r\n220 garbled.test ESMTP\r\n")
+        in_data = False
         while line := await reader.readline():
-            if line.startswith(b"EHLO"):
-                writer.write(b"250-garbled.test\r\n250 8BITMIME\r\n")
-            elif line.startswith(b"MAIL"):
-                writer.write(b"hello, this is not SMTP\r\n")
+            heard.append(line)
+            verb = line[:4].upper()
+            if in_data:
+                in_data = line != b".\r\n"
+                if not in_data:
+                    writer.write(b"250 2.0.0 Ok: queued\r\n")
+            elif verb == b"EHLO":
+                writer.write(b"250-garbled.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+            elif verb == b"MAIL":
+                writer.write(b"hello, this is not SMTP\r\n250 2.1.0 Ok\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go on\r\n")
+                in_data = True
+            elif verb == b"QUIT":
+                break
+            else:
+                writer.write(b"250 2.0.0 Ok\r\n")
         writer.close()
 
-    server, port = await line_server(garbled)
+    server, port = await line_server(garbling)
+    transport = make_transport(connection_cache_time_limit=30.0)
+    try:
+        with caplog.at_level(logging.WARNING, logger="mailflow.smtp"):
+            reports = [await transport.deliver(make_request(f"[127.0.0.1]:{port}")) for _ in range(2)]
+        await eventually(lambda: len(sessions) == 2 and all(heard[-1] == b"QUIT\r\n" for heard in sessions),
+                         timeout=2, what="each message its own session, ended by QUIT")
+    finally:
+        await transport.close()
+        server.close()
+        await server.wait_closed()
+    assert [r.results[0].outcome for r in reports] == [Outcome.SENT, Outcome.SENT]
+    assert caplog.messages == [f"Q1: non-ESMTP response from 127.0.0.1[127.0.0.1]:{port}: hello, this is not SMTP"] * 2
+
+
+async def test_a_reply_that_never_ends_defers_naming_it_and_fails_the_site():
+    async def endless(reader, writer):
+        writer.write(b"220 endless.test ESMTP\r\n")
+        while line := await reader.readline():
+            if line.startswith(b"EHLO"):
+                writer.write(b"250-endless.test\r\n250 8BITMIME\r\n")
+            elif line.startswith(b"MAIL"):
+                with contextlib.suppress(ConnectionError):
+                    while True:  # 250- forever, but that much is not a reply
+                        writer.write(b"250-more\r\n" * 100)
+                        await writer.drain()
+        writer.close()
+
+    server, port = await line_server(endless)
     try:
         report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{port}"))
     finally:
@@ -1779,7 +1828,8 @@ async def test_a_malformed_reply_defers_naming_it_and_fails_the_site():
         await server.wait_closed()
     result = report.results[0]
     assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.5.0")
-    assert result.text.startswith("host 127.0.0.1[127.0.0.1] sent a malformed reply while sending MAIL FROM: ")
+    assert result.text == ("host 127.0.0.1[127.0.0.1] sent a malformed reply while sending MAIL FROM: "
+                           "reply too long (over 1000 lines)")
     assert not report.site_ok
 
 

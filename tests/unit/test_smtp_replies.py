@@ -74,14 +74,22 @@ def test_lmtp_final_replies_are_one_reply_per_recipient():
 
 
 @pytest.mark.parametrize("garbage", [
-    [b"hello there\r\n"],  # no code
-    [b"25\r\n"],  # too short
-    [b"2x0 ok\r\n"],  # not digits
-    [b"250_ok\r\n"],  # neither space nor hyphen after the code
+    b"hello there",  # no code
+    b"25",  # too short
+    b"2x0 ok",  # not digits
+    b"250_ok",  # neither space nor hyphen after the code
+    b"2500 ok",  # four digits
+    b"",  # an empty line
 ])
-def test_bad_codes_are_malformed(garbage):
-    with pytest.raises(MalformedReply):
-        replies(*garbage)
+def test_a_line_that_is_no_reply_line_is_read_past_into_the_next_reply_as_postfix_does(garbage):
+    """Postfix's smtp_chat_resp warns and reads on: the reply is the one the next `ddd ` line ends, the garbage
+    its first lines."""
+    assert replies(garbage + b"\r\n") == []  # no reply yet: the next line decides
+    [reply] = replies(garbage + b"\r\n550 5.1.1 no such user\r\n")
+    assert (reply.code, reply.dsn(), reply.garbage) == (550, "5.1.1", garbage.decode())
+    assert reply.one_line == f"{garbage.decode()} 550 5.1.1 no such user".strip()
+    [clean] = replies(b"550 5.1.1 no such user\r\n")
+    assert clean.garbage is None
 
 
 def test_a_reply_whose_codes_change_takes_its_last_lines_code_as_postfix_does():
@@ -194,11 +202,13 @@ async def test_timeout_and_connection_loss():
     assert reader.failed
 
 
-async def test_garbage_is_a_protocol_error():
+async def test_garbage_waits_for_the_reply_after_it_and_an_endless_line_times_out():
     reader, _ = wire()
     reader.data_received(b"hello there\r\n")
-    with pytest.raises(MalformedReply, match="not a reply line"):
-        await reader.reply(1)
+    with pytest.raises(TimeoutError):
+        await reader.reply(0.05)
+    reader.data_received(b"250 2.0.0 Ok\r\n")
+    assert (await reader.reply(1)).garbage == "hello there"
     endless, _ = wire()
     endless.data_received(b"250-" + b"x" * 70_000)  # cut at MAX_LINE_LENGTH; the reply is still not over
     with pytest.raises(TimeoutError):

@@ -53,15 +53,18 @@ What each recipient gets:
 - domain does not exist (NXDOMAIN), no MX host (or  BOUNCED 5.4.4 "Host or domain name not found. Name service
   the [host]) has an address                        error for name=h type=AAAA: Host not found" (as Postfix)
 - DNS failure                                       DEFERRED 4.4.3, site_ok=False
-- no peer could be talked to                        DEFERRED (4.4.1 connect, 4.4.2 timeout/lost, 4.5.0 a malformed
-                                                    reply, 4.7.x TLS/AUTH, ...), naming the last peer tried (its
+- no peer could be talked to                        DEFERRED (4.4.1 connect, 4.4.2 timeout/lost, 4.5.0 a reply too
+                                                    long, 4.7.x TLS/AUTH, ...), naming the last peer tried (its
                                                     relay too, once connected), site_ok=False
 - a peer refused EHLO/HELO with 5xx                BOUNCED with its reply, no other peer tried (Postfix bounces a
   (or STARTTLS, when TLS is required)               hard error at once); a 5xx greeting is skipped like a 4xx
                                                     (smtp_skip_5xx_greeting: the next peer, else DEFERRED)
-- connection lost, timed out or garbled during the  those without a final answer DEFERRED 4.4.2 (4.5.0 garbled),
-  dialogue                                          site_ok=False; the text names the stage ("... timed out while
-                                                    sending RCPT TO")
+- connection lost, timed out or garbled during the  those without a final answer DEFERRED 4.4.2 (4.5.0 a reply of
+  dialogue                                          over 1000 lines or 64 KB), site_ok=False; the text names the
+                                                    stage ("... timed out while sending RCPT TO")
+- lines that are no reply lines ("oops")            read on past, as Postfix does: the reply is the next one's,
+                                                    their text before it ("host h[ip] said: oops 550 5.1.1 ..."),
+                                                    the session not cached (see chat)
 - needs SMTPUTF8, the peer does not offer it        BOUNCED 5.6.7
 - bigger than the peer's advertised SIZE            BOUNCED 5.3.4
 - address with a control character (CR, LF, NUL…)   that recipient BOUNCED 5.1.3 (in the sender: all, 5.1.7)

@@ -11,13 +11,19 @@ over it; every I/O problem becomes a `SiteFailure` naming the peer and what was 
       .send(data, activity) .send_many(pieces, activity)   write now (a big piece is not copied into a join)
       await .drain(timeout, activity)                 until the peer has taken enough of what was written
       await .reply(timeout, activity) -> Reply        the next reply in order; a 421 closes the session
-                                                      (RFC 5321 3.8: what would follow on it is lost)
+                                                      (RFC 5321 3.8: what would follow on it is lost); a reply
+                                                      with garbage lines in it (reply.garbage) sets
+                                                      `protocol_error` and, once PIPELINING was offered, logs
+                                                      Postfix's warning "Q: non-ESMTP response from h[ip]:port:
+                                                      line" (non-LMTP for LMTP)
       await .command(line, timeout, activity) -> Reply
       await .start_tls(context, server_hostname, timeout)   TLS on the same connection; whatever arrived before
                                                       is dropped (RFC 3207 4.2); raises ssl.SSLError, OSError,
                                                       TimeoutError (the caller decides what they mean)
       .extensions (what EHLO/LHLO offered) .tls .peercert .peercert_der .cipher
       .alive .idle_clean .aborted .uses .transaction_open .opened
+      .protocol_error    a reply had garbage in it: the session is not cached (Postfix's DONT_CACHE_THIS_SESSION)
+      .queue_id .dialect the message the session is busy with and "ESMTP" or "LMTP", for its log lines
       .quit() .abort()                                polite and impolite ends; both idempotent
 
 `quit` sends QUIT and closes without waiting for the reply (Postfix smtp_skip_quit_response and
@@ -28,6 +34,7 @@ must not keep the connection open).
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections import deque
 from dataclasses import dataclass
@@ -36,6 +43,8 @@ from mailflow.transports.smtp.addr import Peer
 from mailflow.transports.smtp.commands import Extensions
 from mailflow.transports.smtp.reply import MalformedReply, Reply, ReplyParser
 from mailflow.transports.smtp.trouble import stream_failure
+
+log = logging.getLogger("mailflow.smtp")
 
 READ_AHEAD = 64  # complete replies waiting to be read before reading pauses
 JOIN_LIMIT = 16384  # send_many joins pieces smaller than this; a bigger one is written as it is (not copied)
@@ -182,6 +191,9 @@ class Session:
         self.uses = 0
         self.aborted = False  # closed by us (a timeout, a 421, the end): nothing more is read or sent
         self.transaction_open = False  # MAIL accepted, end of data not yet answered: RSET before reuse
+        self.protocol_error = False  # a reply had garbage in it: not to be cached
+        self.queue_id = ""
+        self.dialect = "ESMTP"
         self._wire = wire
         self._transport: asyncio.Transport = wire.transport
 
@@ -253,7 +265,17 @@ class Session:
             raise stream_failure(self.peer, activity, e) from None
         if reply.code == 421:
             self.abort()
+        if reply.garbage is not None:
+            self._garbled(reply.garbage)
         return reply
+
+    def _garbled(self, garbage: str) -> None:
+        """Postfix's smtp_chat_resp: no more caching, and with PIPELINING a warning (a reply may have been taken
+        for another's)."""
+        self.protocol_error = True
+        if self.extensions.supports("pipelining"):
+            log.warning("%s: non-%s response from %s: %s", self.queue_id, self.dialect, self.peer.relay,
+                        garbage[:100])
 
     async def command(self, line: bytes, timeout: float, activity: str) -> Reply:
         self.send(line, activity)

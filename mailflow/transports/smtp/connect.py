@@ -110,6 +110,7 @@ async def greet(session: Session, timeout: float) -> None:
 
 async def hello(session: Session, helo_name: str, timeout: float, *, lmtp: bool = False, queue_id: str = "") -> None:
     name = helo_name.encode("ascii", "replace")
+    session.queue_id, session.dialect = queue_id, "LMTP" if lmtp else "ESMTP"
     if lmtp:
         reply = await session.command(b"LHLO " + name + CRLF, timeout, "performing the LHLO handshake")
     else:

@@ -70,6 +70,7 @@ async def send_message(
         outcomes.fail(recipients, refusal, session.peer.relay)
         return
     session.uses += 1
+    session.queue_id = request.queue_id
     conn = ConnStats(now(), session.uses)
     todo = outcomes.pending(recipients)
     try:

@@ -9,26 +9,31 @@ may send as a reply. No I/O, no clock: `chat` feeds it what the connection recei
                                       raises MalformedReply (the parser is then of no further use)
       .buffered -> bool               bytes received and not yet returned as a reply
       .clear()                        forget what is buffered (STARTTLS: nothing sent before TLS counts)
-    Reply(code, message, wire=())     `message`: the text of every line (but see Limits), code and separator
-                                      removed, each line stripped, joined by "\\n"; `wire`: the lines of a
-                                      multi-line reply as received (codes and separators kept; not compared)
-      .positive .lines .one_line .dsn(reply_class=None)
+    Reply(code, message, wire=(), garbage=None)  `message`: the text of every line (but see Limits), code and
+                                      separator removed, each line stripped, joined by "\\n"; `wire`: the lines of a
+                                      multi-line reply as received (codes and separators kept; not compared);
+                                      `garbage`: the first line in it that was no reply line (None: none)
+      .positive .protocol_error .lines .one_line .dsn(reply_class=None)
 
 Rules (RFC 5321 4.2): a line is three digits, then a space, a hyphen or nothing, then text, ending in LF (a CR
 before it is dropped). `ddd-` continues the reply. The code of a reply is its last line's, as Postfix's
 smtp_chat_resp reads it: lines whose codes differ ("250-first" then "550 5.1.1 second") are one reply with the
 last code, not garbage. Any three digits are taken as a code: what an odd code means is for the caller
-(`trouble.reply_outcome`; its enhanced code is 5.5.0). Text is UTF-8; bytes that are not become U+FFFD, so a
-diagnostic is always a valid string. `one_line` is the reply as Postfix logs and reports it: every line as
-received, joined by spaces ("550-5.1.1 The account does not exist. 550 5.1.1 https://…"); the enhanced code
-is the last line's.
+(`protocol_error`: neither 2xx, 4xx nor 5xx; `trouble.reply_outcome`; its enhanced code is 5.5.0). A line that
+is no reply line ("hello", "2500 ok", "250_ok") is read on past, as Postfix's smtp_chat_resp does (it only
+warns, and caches no session after it): it belongs to the reply that the next `ddd ` line ends, its text kept as
+a line of it whole ("oops 550 5.1.1 no" as `one_line`), and the reply says so in `garbage`. Text is UTF-8; bytes
+that are not become U+FFFD, so a diagnostic is always a valid string. `one_line` is the reply as Postfix logs and
+reports it: every line as received, joined by spaces ("550-5.1.1 The account does not exist. 550 5.1.1
+https://…"); the enhanced code is the last line's.
 
 Limits, here and nowhere else: of a line longer than MAX_LINE_LENGTH bytes the first MAX_LINE_LENGTH are kept and
 the rest is read and dropped up to its line end, as Postfix's smtp_get does (line_length_limit = 2048): a long
 refusal still refuses, with its beginning as the diagnostic, and nothing unbounded is held. Of a multi-line reply
 the lines are kept while those kept so far are shorter than MAX_LINE_LENGTH in all (Postfix's smtp_chat_resp):
 `wire` and `one_line` end there; `message` has the last line too, for its enhanced code. A reply of more than
-MAX_REPLY_LINES lines or MAX_REPLY_LENGTH bytes is malformed: a server that sends that much is misbehaving.
+MAX_REPLY_LINES lines or MAX_REPLY_LENGTH bytes (garbage lines counted) is malformed, the one MalformedReply: a
+server that sends that much is misbehaving (Postfix reads on while each line comes within the timeout).
 """
 from __future__ import annotations
 
@@ -53,10 +58,16 @@ class Reply:
     code: int
     message: str
     wire: tuple[str, ...] = field(default=(), compare=False)
+    garbage: str | None = field(default=None, compare=False)
 
     @property
     def positive(self) -> bool:
         return 200 <= self.code < 300
+
+    @property
+    def protocol_error(self) -> bool:
+        """A code that is neither 2xx, 4xx nor 5xx: no reply SMTP knows here (Postfix's dsn 5.5.0)."""
+        return self.code // 100 not in (2, 4, 5)
 
     @property
     def lines(self) -> list[str]:
@@ -67,7 +78,7 @@ class Reply:
         """The reply on one line as Postfix writes it: `250 2.0.0 Ok`; a multi-line reply's lines as received,
         joined by spaces (`550-5.1.1 first 550 5.1.1 second`)."""
         if self.wire:
-            return " ".join(self.wire)
+            return " ".join(self.wire).strip()  # (an empty garbage line first adds nothing, as with Postfix)
         lines = self.lines
         return " ".join([*(f"{self.code}-{line}".strip() for line in lines[:-1]),
                          f"{self.code} {lines[-1]}".strip()])
@@ -76,7 +87,7 @@ class Reply:
         """The enhanced code of the reply's last line with the class of the reply (or `reply_class`), else x.0.0;
         a code that is neither 2xx, 4xx nor 5xx is a protocol error: 5.5.0 (x.5.0), as Postfix's smtp_chat_resp
         makes it."""
-        if not (200 <= self.code < 300 or 400 <= self.code < 600):
+        if self.protocol_error:
             return f"{reply_class or '5'}.5.0"
         wanted = reply_class or str(self.code)[0]
         match = _ENHANCED_CODE.match(self.lines[-1].strip())
@@ -97,6 +108,7 @@ class ReplyParser:
         self._length = 0  # bytes of the reply read
         self._kept = 0  # bytes of its lines kept (`wire`)
         self._count = 0  # its lines read but the last
+        self._garbage: str | None = None  # its first line that is no reply line
 
     @property
     def buffered(self) -> bool:
@@ -107,8 +119,13 @@ class ReplyParser:
 
     def clear(self) -> None:
         self._buffer.clear()
-        self._reading, self._texts, self._wire, self._length, self._kept, self._count = False, [], [], 0, 0, 0
+        self._reset()
         self._skipping = False
+
+    def _reset(self) -> None:
+        """Ready for the next reply."""
+        self._reading, self._texts, self._wire, self._length, self._kept, self._count = False, [], [], 0, 0, 0
+        self._garbage = None
 
     def next_reply(self) -> Reply | None:
         buffer = self._buffer
@@ -138,14 +155,17 @@ class ReplyParser:
 
     def _line(self, line: bytearray, length: int) -> Reply | None:
         separator: bytes | bytearray = line[3:4]  # a bytearray equals the bytes it holds
-        if len(line) < 3 or not line[:3].isdigit() or separator not in (b"", b" ", b"-"):
-            raise MalformedReply(f"not a reply line: {bytes(line[:80])!r}")
-        code = int(line[:3])
-        text = line[4:].strip().decode("utf-8", "replace")
-        if not self._reading and separator != b"-":  # a reply of one line: most of them
-            return Reply(code, text)
+        if len(line) < 3 or not line[:3].isdigit() or separator not in (b"", b" ", b"-"):  # garbage: read on
+            text = line.strip().decode("utf-8", "replace")
+            self._garbage = text if self._garbage is None else self._garbage
+            code, last = 0, False
+        else:
+            code = int(line[:3])
+            text = line[4:].strip().decode("utf-8", "replace")
+            if not self._reading and separator != b"-":  # a reply of one line: most of them
+                return Reply(code, text)
+            last = separator != b"-"
         self._reading = True
-        last = separator != b"-"
         if self._kept < MAX_LINE_LENGTH:  # the text of a long reply stops there, as Postfix's (smtp_chat_resp)
             self._texts.append(text)
             self._wire.append(line.decode("utf-8", "replace").strip())
@@ -156,8 +176,8 @@ class ReplyParser:
         if self._length > MAX_REPLY_LENGTH:
             raise MalformedReply(f"reply too long (over {MAX_REPLY_LENGTH} bytes)")
         if last:  # the last line, whose code is the reply's (Postfix smtp_chat_resp)
-            reply = Reply(code, "\n".join(self._texts), tuple(self._wire))
-            self._reading, self._texts, self._wire, self._length, self._kept, self._count = False, [], [], 0, 0, 0
+            reply = Reply(code, "\n".join(self._texts), tuple(self._wire), self._garbage)
+            self._reset()
             return reply
         self._count += 1
         if self._count >= MAX_REPLY_LINES:
