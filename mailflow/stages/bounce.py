@@ -32,7 +32,8 @@ Decisions:
 - Diagnostic-Code: `smtp; <reply>` when the diagnostic carries a remote SMTP reply, in the transports' wording
   "host H said: <reply> (in reply to X command)" / "host H refused to talk to me: <reply>" (or to start TLS, or
   the SASL refusal "server H said: <reply>"), or is a bare reply
-  ("250 2.0.0 Ok") from a named `remote_mta`; only the reply itself goes into the field. Anything else is our own
+  ("250 2.0.0 Ok") from a named `remote_mta`; only the reply itself goes into the field, whatever its code (a 600 or
+  a 199 too) and with the garbage lines the peer sent before it, as Postfix's. Anything else is our own
   reason: `X-Mailflow; <text>`, for a success through an agent (`relay` not "none") `X-Mailflow; delivery via
   <relay>: <text>` as in the human part (Postfix's trace_append puts the relay in the reason). Remote-MTA
   appears with an `smtp` Diagnostic-Code only (`remote_mta` given): a
@@ -96,9 +97,9 @@ _REMOTE_REPLY = re.compile(
     r"(?:Protocol error: )?"  # (a reply where another was due, as Postfix's smtp client words it)
     r"(?:host \S+ (?:said|refused to talk to me)|TLS is required, but host \S+ refused to start TLS"
     r"|SASL authentication failed; server \S+ said): "
-    r"(?P<reply>[2-5]\d\d(?:[ -].*?)?)(?: \(in reply to [^()]* command\))?"
+    r"(?P<reply>.+?)(?: \(in reply to [^()]* command\))?"  # (any code, garbage lines before it: as the peer said it)
 )
-_BARE_REPLY = re.compile(r"[2-5]\d\d(?:[ -].*)?")
+_BARE_REPLY = re.compile(r"\d{3}(?:[ -].*)?")
 _BOUNDARY_UNSAFE = re.compile(r"[^0-9A-Za-z'()+_,\-./:=?]")
 _ID_UNSAFE = re.compile(r"[^0-9A-Za-z!#$%&'*+\-/=?^_`{|}~.]")
 FOLD_WIDTH = 78

@@ -196,6 +196,18 @@ def test_the_smtp_clients_other_wordings_of_a_remote_reply_type_it_smtp(diagnost
     assert (bob["Diagnostic-Code"], bob["Remote-MTA"]) == ("smtp; 502 5.5.1 not now", "dns; mx.remote.test")
 
 
+@pytest.mark.parametrize("diagnostic, reply", [
+    ("host mx.remote.test[192.0.2.1] said: 600 6.1.1 weird (in reply to RCPT TO command)", "600 6.1.1 weird"),
+    ("host mx.remote.test[192.0.2.1] refused to talk to me: 199 hi", "199 hi"),
+    ("host mx.remote.test[192.0.2.1] said: oops 550 5.1.1 no (in reply to RCPT TO command)", "oops 550 5.1.1 no"),
+])
+def test_a_remote_reply_with_an_odd_code_or_garbage_before_it_is_still_the_remotes(diagnostic, reply):
+    """Postfix's notice quotes what the peer said, whatever its code and with the lines that were no reply lines
+    (its smtp_chat_resp reads past them), and names the peer."""
+    _, bob = status_groups(notice([NoticeRecipient(BOB, "failed", "5.5.0", diagnostic, remote_mta="mx.remote.test")]))
+    assert (bob["Diagnostic-Code"], bob["Remote-MTA"]) == (f"smtp; {reply}", "dns; mx.remote.test")
+
+
 def test_an_expired_recipient_is_returned_with_the_remote_reply_it_last_got():
     """As Postfix returns a recipient whose message expired: its last deferral's reply, typed smtp."""
     reason = "message expired: host mx.remote.test[192.0.2.1] said: 451 4.3.0 try again (in reply to RCPT TO command)"
