@@ -8,6 +8,7 @@ Each scenario is a domain of its own (`transport_maps`: `<scenario>.test` -> `sm
 lmtp transport of each to an LMTP peer); the sender's domain goes to a capturing peer, one per server, which
 receives the notices. Compared alike since: refusals at every stage, with and without enhanced codes, multi-line
 and mixed-code replies, 421s, lost connections, 452 for some recipients, 3xx/2xx where they are protocol errors,
+garbage lines before a reply and codes outside 2xx-5xx (1xx, 3xx, 6xx) in the handshake and the transaction,
 STARTTLS refused or broken, a TLS handshake that stalls (smtp_starttls_timeout), a peer without DSN given
 NOTIFY=SUCCESS, LMTP's per-recipient replies; with maximal_queue_lifetime = 0, the notice of a recipient
 returned for its age; reply lines past 2048 bytes.
@@ -329,6 +330,50 @@ async def test_a_stalled_tls_handshake_defers_as_with_postfix(mailflow_server, s
                                                             "while receiving the STARTTLS response"),
         "a@starttls-lost.test": ("4.4.2", "deferred", "lost connection with 127.0.0.1[127.0.0.1] while receiving "
                                                       "the STARTTLS response")}
+
+
+GARBLED = {
+    # lines that are no reply lines are read past: the reply is the next one's, their text before it
+    "greeting-garbage": Scenario({"greeting": b"Welcome to peer\r\n220 peer.test ESMTP\r\n"}),
+    "ehlo-garbage": Scenario({"EHLO": b"250-peer.test\r\nX-FOO\r\n250 8BITMIME\r\n"}),
+    "rcpt-garbage-550": Scenario({"RCPT": b"oops\r\n550 5.1.1 no such user\r\n"}),
+    "rcpt-four-digits": Scenario({"RCPT": b"2500 ok\r\n550 5.1.1 no\r\n"}),
+    "mail-garbage-lost": Scenario({"MAIL": b"oops\r\n" + THEN_CLOSE}),
+    "dot-garbage-250": Scenario({"DOT": b"oops\r\n250 2.0.0 Ok\r\n"}),  # accepted: not to be sent again
+    # codes that are neither 2xx, 4xx nor 5xx: a protocol error (5.5.0), hard in the handshake too
+    "greeting-354": Scenario({"greeting": b"354 hi\r\n"}),
+    "greeting-199": Scenario({"greeting": b"199 hi\r\n"}),
+    "ehlo-354": Scenario({"EHLO": b"354 what\r\n", "HELO": b"354 what\r\n"}),
+    "helo-600": Scenario({"EHLO": b"500 5.5.1 no\r\n", "HELO": b"600 6.0.0 what\r\n"}),
+    "helo-lost": Scenario({"EHLO": b"500 5.5.1 no\r\n", "HELO": CLOSE}),
+    "rcpt-600": Scenario({"RCPT": b"600 6.1.1 weird\r\n"}),
+    "dot-199": Scenario({"DOT": b"199 what\r\n"}),
+    # any 2xx to STARTTLS starts the handshake; a refusal with an odd code is hard where TLS is required
+    "starttls-250": Scenario({"EHLO": b"250-peer.test\r\n250 STARTTLS\r\n",
+                              "STARTTLS": b"250 2.0.0 Go\r\n" + THEN_CLOSE}, tls="may"),
+    "starttls-required-600": Scenario({"EHLO": b"250-peer.test\r\n250 STARTTLS\r\n",
+                                       "STARTTLS": b"600 what\r\n"}, tls="encrypt"),
+}
+
+
+async def test_garbled_replies_and_odd_codes_end_as_with_postfix(mailflow_server, smtp_peer):
+    """Postfix's smtp_chat_resp reads past a line that is no reply line (it only warns): the reply after it
+    stands, with the garbage as the first words of its text. A code that SMTP does not know is a protocol error:
+    5.5.0, and in the greeting, EHLO or HELO a hard one (the mail bounces)."""
+    (pf_ended, pf_notices), (mf_ended, mf_notices) = await run_both(mailflow_server, smtp_peer, GARBLED)
+    assert {r: got for r, got in mf_ended.items() if got != pf_ended.get(r)} == {}, pf_ended
+    assert {r: got for r, got in mf_notices.items() if got != pf_notices.get(r)} == {}, pf_notices
+    assert set(mf_notices) == set(pf_notices)
+    # Postfix's own, so that a change on both sides cannot pass unnoticed
+    assert {r: pf_ended[r][1:] for r in ("a@rcpt-garbage-550.test", "a@greeting-354.test", "a@helo-lost.test")} == {
+        "a@rcpt-garbage-550.test": ("5.1.1", "bounced", "host 127.0.0.1[127.0.0.1] said: oops 550 5.1.1 no such user "
+                                                        "(in reply to RCPT TO command)"),
+        "a@greeting-354.test": ("5.5.0", "bounced", "host 127.0.0.1[127.0.0.1] refused to talk to me: 354 hi"),
+        "a@helo-lost.test": ("4.4.2", "deferred", "lost connection with 127.0.0.1[127.0.0.1] while performing the "
+                                                  "HELO handshake")}
+    assert [pf_ended[f"a@{name}.test"][2] for name in ("greeting-garbage", "ehlo-garbage", "dot-garbage-250")] == [
+        "sent"] * 3
+    assert pf_notices["a@rcpt-600.test"]["Diagnostic-Code"] == "smtp;6006.1.1weird"
 
 
 EXPIRING = {

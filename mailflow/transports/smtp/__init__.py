@@ -58,7 +58,8 @@ What each recipient gets:
                                                     relay too, once connected), site_ok=False
 - a peer refused EHLO/HELO with 5xx                BOUNCED with its reply, no other peer tried (Postfix bounces a
   (or STARTTLS, when TLS is required)               hard error at once); a 5xx greeting is skipped like a 4xx
-                                                    (smtp_skip_5xx_greeting: the next peer, else DEFERRED)
+                                                    (smtp_skip_5xx_greeting: the next peer, else DEFERRED); a code
+                                                    neither 2xx, 4xx nor 5xx there, greeting included: BOUNCED 5.5.0
 - connection lost, timed out or garbled during the  those without a final answer DEFERRED 4.4.2 (4.5.0 a reply of
   dialogue                                          over 1000 lines or 64 KB), site_ok=False; the text names the
                                                     stage ("... timed out while sending RCPT TO")

@@ -10,7 +10,8 @@ and for SMTP STARTTLS as the TLS policy asks and AUTH with the relay's credentia
                                 offering both, as Postfix does, logged with `queue_id`); after a refusal, QUIT (as
                                 Postfix says it) and close
         a refused greeting, EHLO, HELO or LHLO: SiteFailure "host h[ip] refused to talk to me: 554 ..." (class 4;
-        a 5xx to EHLO/HELO/LHLO is `hard`: the mail bounces with it, no other peer is tried, as with Postfix)
+        a 5xx to EHLO/HELO/LHLO, or a code neither 2xx, 4xx nor 5xx anywhere, greeting included, is `hard`: the
+        mail bounces with it, 5.5.0 for an odd code, no other peer is tried, as with Postfix)
     Destination(nexthop, written, policy, fallback, mx_secure)   one request's next hop, as parsed and as written (the
                                 table key), its TLS policy, what a `dane` policy falls back to without TLSA records
                                 (MTA-STS's, else may), and whether its MX records were DNSSEC-validated
@@ -28,16 +29,16 @@ plaintext on the same session; a failed handshake connects again in plaintext wh
 queued for `plaintext_after` seconds (the minimal backoff time) and there are no AUTH credentials for the peer,
 else it fails that peer with 4.7.5 "Cannot start TLS: handshake failure" (Postfix's
 PLAINTEXT_FALLBACK_OK_AFTER_STARTTLS_FAILURE: new mail is not sent in plaintext at the first TLS trouble).
-encrypt and above: not offered -> 4.7.4 "TLS is required, but was not offered by host h[ip]"; refused -> the
-reply's code (a 5xx is hard: the mail bounces); a failed handshake -> 4.7.5 "Cannot start TLS:
-handshake failure"; an untrusted chain -> 4.7.5 "Server certificate not trusted"; no matching name -> 4.7.5
-"Server certificate not verified"; TLS unavailable here (unreadable CA or certificate file) -> LocalProblem 4.7.5.
-After TLS, EHLO again. Per peer, before connecting: a dane/dane-only policy becomes the peer's (smtp.dane: its
-TLSA records, or the fallback, or 4.7.5 for dane-only); a certificate that matches none of a DANE peer's TLSA
-records -> 4.7.5 "Server certificate not verified". An MTA-STS policy (smtp.mtasts) names the MX hosts it allows:
-another host -> 4.7.5 "MX host h does not match the MTA-STS policy" in enforce mode (the next one is tried), a
-log line in testing mode, which also logs a missing STARTTLS, a failed handshake and a certificate without the
-host's name.
+encrypt and above: not offered -> 4.7.4 "TLS is required, but was not offered by host h[ip]"; refused (any
+reply but 2xx) -> the reply's code (a 5xx or an odd code is hard: the mail bounces); a failed handshake -> 4.7.5
+"Cannot start TLS: handshake failure"; an untrusted chain -> 4.7.5 "Server certificate not trusted"; no matching
+name -> 4.7.5 "Server certificate not verified"; TLS unavailable here (unreadable CA or certificate file) ->
+LocalProblem 4.7.5. After TLS, EHLO again. Per peer, before connecting: a dane/dane-only policy becomes the peer's
+(smtp.dane: its TLSA records, or the fallback, or 4.7.5 for dane-only); a certificate that matches none of a DANE
+peer's TLSA records -> 4.7.5 "Server certificate not verified". An MTA-STS policy (smtp.mtasts) names the MX hosts
+it allows: another host -> 4.7.5 "MX host h does not match the MTA-STS policy" in enforce mode (the next one is
+tried), a log line in testing mode, which also logs a missing STARTTLS, a failed handshake and a certificate
+without the host's name.
 AUTH (`sasl_password_maps`): credentials by the peer's host name, then by the next hop as written, looked up
 before connecting (LocalProblem 4.3.0 when a table cannot answer); used only when the peer offers AUTH, PLAIN
 else LOGIN. Without TLS and with `sasl_tls_required` the password is not sent: 4.7.0 "SASL authentication
@@ -75,6 +76,7 @@ from mailflow.transports.smtp.trouble import (
     LocalProblem,
     RetryPlaintext,
     SiteFailure,
+    is_hard,
     refused_to_talk,
 )
 
@@ -117,7 +119,7 @@ async def hello(session: Session, helo_name: str, timeout: float, *, lmtp: bool 
         reply = await session.command(b"EHLO " + name + CRLF, timeout, "performing the EHLO handshake")
         # RFC 5321 4.1.4: an old server; HELO offers nothing. Postfix says HELO after any refusal but 421.
         if not reply.positive and reply.code != 421 and session.alive:
-            reply = await session.command(b"HELO " + name + CRLF, timeout, "performing the EHLO handshake")
+            reply = await session.command(b"HELO " + name + CRLF, timeout, "performing the HELO handshake")
             if reply.positive:
                 session.extensions = Extensions()
                 return
@@ -235,11 +237,11 @@ class SmtpHandshake:
         timeout = self.config.starttls_timeout
         # no reply (a timeout, a lost connection) fails the peer as any command's would: no TLS was tried
         reply = await session.command(b"STARTTLS" + CRLF, timeout, STARTTLS)
-        if reply.code != 220:  # refused: the session itself is still fine
+        if not reply.positive:  # refused: the session itself is still fine (any 2xx goes on, as with Postfix)
             if policy.required:
                 raise SiteFailure(reply.dsn("4"),
                                   f"TLS is required, but host {peer.name} refused to start TLS: {reply.one_line}",
-                                  hard=reply.code // 100 == 5)
+                                  hard=is_hard(reply))
             return
         try:
             await session.start_tls(context, None if is_ip_literal(peer.host) else peer.host, timeout)

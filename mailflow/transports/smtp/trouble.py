@@ -23,6 +23,8 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
                                 while ...: why" (4.4.2, 4.4.2, 4.5.0), as Postfix's smtp_stream_except words them
     refused_to_talk(peer, reply, greeting=False) -> SiteFailure   a refused greeting, EHLO, HELO or LHLO; a 5xx is
                                 hard but for the greeting's (smtp_skip_5xx_greeting)
+    is_hard(reply) -> bool      a refusal that bounces: 5xx, or a code that is neither 2xx, 4xx nor 5xx (a protocol
+                                error, 5.5.0: Postfix's smtp_site_fail takes the reply's dsn class)
 
     Outcomes()                  results by recipient and the site verdict, filled as a delivery goes:
       .fail(recipients, error, relay)   BOUNCED for a permanent error, else DEFERRED, with its code and text
@@ -98,9 +100,15 @@ def stream_failure(peer: Peer, activity: str, error: BaseException) -> SiteFailu
 
 def refused_to_talk(peer: Peer, reply: Reply, *, greeting: bool = False) -> SiteFailure:
     """A refused greeting, EHLO, HELO or LHLO. A 5xx one is hard, but for the greeting (Postfix's
-    smtp_skip_5xx_greeting = yes: a server that greets with 5xx is skipped, as if it had said 4xx)."""
+    smtp_skip_5xx_greeting = yes: a server that greets with 5xx is skipped, as if it had said 4xx); a code SMTP
+    does not know (1xx, 3xx, 6xx) is hard wherever it comes, the greeting too (5.5.0)."""
+    hard = reply.protocol_error or (is_hard(reply) and not greeting)
     return SiteFailure(reply.dsn("4"), f"host {peer.name} refused to talk to me: {reply.one_line}",
-                       relay=peer.relay, hard=reply.code // 100 == 5 and not greeting)
+                       relay=peer.relay, hard=hard)
+
+
+def is_hard(reply: Reply) -> bool:
+    return reply.code // 100 == 5 or reply.protocol_error
 
 
 # ---------------------------------------------------------------------------------------------------- results
