@@ -107,7 +107,8 @@ def non_smtpd_milters(config: Config) -> NonSmtpdMilters | None:
     specs = config.milter.non_smtpd_milters
     if not specs:
         return None
-    return NonSmtpdMilters(specs, MilterSettings.from_config(config.milter), config.myhostname)
+    return NonSmtpdMilters(specs, MilterSettings.from_config(config.milter, config.smtpd.message_size_limit),
+                           config.myhostname)
 
 
 def forwarder(cleanup: Cleanup, myhostname: str):

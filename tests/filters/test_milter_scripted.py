@@ -20,10 +20,11 @@ MESSAGE = b"From: <s@remote.test>\r\nSubject: scripted\r\nX-Old: 1\r\n\r\nline o
 @pytest.fixture
 async def milter_server(mailflow_server):
     """A mailflow whose listener asks one scripted milter (short timeouts); yields (milter, smtp port)."""
-    async def start(script=None, negotiation=None, **milter_settings):
+    async def start(script=None, negotiation=None, smtpd=None, **milter_settings):
         milter = await stack.enter_async_context(scripted_milter(script, negotiation))
         settings = {"command_timeout": "2s", "content_timeout": "2s", "connect_timeout": "2s", **milter_settings}
-        mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "milters": [milter.spec]}, milter=settings)
+        mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "milters": [milter.spec], **(smtpd or {})},
+                                   milter=settings)
         return milter, mf.smtp_addresses[0][1]
 
     async with contextlib.AsyncExitStack() as stack:
@@ -156,6 +157,26 @@ async def test_header_edits_cannot_break_the_header_section(milter_server, tmp_p
     assert b"\nX-Old: two\n" in head and b"X Bad" not in data and b"\n: v" not in data
     assert body == b"line one\n"
     assert sum("is not one: edit ignored" in r.getMessage() for r in caplog.records) == 2
+
+
+async def test_edits_past_the_message_size_limit_refuse_the_message_as_postfix_does(milter_server, tmp_path, caplog):
+    """Postfix writes a milter's edits into the queue file, which stops at message_size_limit: 552 5.3.4 Error:
+    message file too big, with cleanup's warning "queue file size limit exceeded" (observed with a private
+    Postfix 3.7 and the same milter). No more of the edits than the limit is kept, however much the milter sends,
+    and its replies are read to the final one: the next message of the session is filtered as usual."""
+    line = b"x" * 998 + b"\r\n"
+    big = b"".join(reply(b"b", line * 60) for _ in range(40)) + reply(b"a")  # 2.4 MB in 60 KB chunks
+    answers = iter([big, reply(b"b", b"new body\r\n") + reply(b"a")])
+    _, port = await milter_server({b"E": lambda session, _: next(answers)}, smtpd={"message_size_limit": 100_000})
+    client = await SmtpClient.connect(port)
+    with caplog.at_level(logging.WARNING, logger="mailflow.cleanup"):
+        assert await client.send_message(MESSAGE) == status.MESSAGE_TOO_BIG
+    assert (await client.send_message(MESSAGE, ehlo=False)).code == 250
+    await client.close()
+    [data] = await eventually(lambda: maildir_messages(tmp_path / "mail" / "alice" / "Maildir"))
+    assert data.endswith(b"\n\nnew body\n")
+    assert [r.getMessage().partition(": ")[2] for r in caplog.records if r.name == "mailflow.cleanup"] == [
+        "queue file size limit exceeded"]
 
 
 async def test_a_milter_that_hangs_in_one_session_does_not_hold_another(milter_server):

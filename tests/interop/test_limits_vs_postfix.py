@@ -3,7 +3,8 @@ so that each comparison takes seconds). Compared: the reply (code, enhanced code
 name normalised), when it comes, and what is logged: the per-client connection count and rate (anvil, the time
 unit included), the per-client message, recipient and AUTH rates (which MAIL, RCPT, VRFY and AUTH commands
 count), the new TLS session rate with STARTTLS, smtpd_timeout between commands, in DATA and BDAT content and
-after the message, and smtpd_starttls_timeout for a stalled handshake (STARTTLS, and a wrapper-mode service).
+after the message, smtpd_starttls_timeout for a stalled handshake (STARTTLS, and a wrapper-mode service), and
+message_size_limit against a milter whose edits (a replaced body) go past it.
 
 Not compared: the new TLS session rate with implicit TLS (that test's Postfix has no wrapper-mode service;
 tests/component/test_frontdoor.py covers mailflow's), resumed TLS sessions (likewise); line_length_limit and
@@ -13,12 +14,14 @@ refused, a big header refused).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 import ssl
 
 import pytest
 
+from tests.support.milters import reply, scripted_milter
 from tests.support import (LOOPBACK_CLIENT, SmtpClient, accepts, eventually, free_port, half_client_hello,
                            postfix_instance, sessions_over)
 
@@ -411,3 +414,35 @@ async def test_a_failed_tls_handshake_is_logged_as_by_a_real_postfix(mailflow_se
         + ["TLS library problem: http request"]
         + [f"lost connection after STARTTLS from {LOOPBACK_CLIENT}"] * 3
         + [f"disconnect from {LOOPBACK_CLIENT} ehlo=1 starttls=0/1 commands=1/2"] * 3)
+
+
+async def milter_edited(port: int) -> list[str]:
+    """One session, two messages through the milter: the replies to their end of DATA."""
+    client = await SmtpClient.connect(port)
+    replies = [(await client.send_message(rcpt="alice@local.test", ehlo=not i)).text for i in range(2)]
+    await client.close()
+    return [same_host(r.rpartition(" as ")[0] or r) for r in replies]
+
+
+async def test_milter_edits_past_the_message_size_limit_refuse_the_message_as_postfix_does(mailflow_server,
+                                                                                           caplog):
+    """Postfix writes a milter's edits into the queue file, which stops at message_size_limit: the message is
+    refused as too big, cleanup warns, and the milter's next message in the session is handled as usual."""
+    line = b"x" * 998 + b"\r\n"
+    big = b"".join(reply(b"b", line * 60) for _ in range(10)) + reply(b"a")  # 600 KB in 60 KB chunks
+    small = reply(b"b", b"new body\r\n") + reply(b"a")
+    users = "inline:{alice=ok}"
+    caplog.set_level(logging.WARNING, logger="mailflow.cleanup")
+    answers = itertools.cycle([big, small])  # the first message of each server's session gets the big one
+    async with scripted_milter({b"E": lambda session, _: next(answers)}) as milter:
+        async with postfix_instance({"myhostname": PF_HOST, "mydestination": "local.test", "relayhost": "[127.0.0.1]:9",
+                                     "local_recipient_maps": users, "message_size_limit": "100000",
+                                     "smtpd_milters": milter.spec}) as pf:
+            postfix = await milter_edited(pf.port)
+            await eventually(lambda: "queue file size limit exceeded" in pf.maillog, timeout=5, what="the warning")
+        mf = await mailflow_server(local_recipient_maps=[users], relayhost="[127.0.0.1]:9",
+                                   smtpd={"milters": [milter.spec], "message_size_limit": 100_000})
+        mailflow = await milter_edited(mf.smtp_addresses[0][1])
+    assert mailflow == postfix == ["552 5.3.4 Error: message file too big", "250 2.0.0 Ok: queued"]
+    assert [r.getMessage().partition(": ")[2] for r in caplog.records if r.name == "mailflow.cleanup"] == [
+        "queue file size limit exceeded"]

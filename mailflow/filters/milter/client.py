@@ -1,13 +1,15 @@
 """The Milter client's asyncio edge: one connection to one milter for one SMTP session, and the session that
 asks every milter of a listener in turn (Postfix smtpd_milters).
 
-    MilterSettings.from_config(config.milter)         timeouts, default action, protocol version
+    MilterSettings.from_config(config.milter, size_limit)   timeouts, default action, protocol version, and
+                                                      smtpd.message_size_limit (0: none) for the edits
     MilterSession(specs, settings, macros)            one per SMTP session (made at its first event)
         await connect(client) / helo(name) / mail(sender, options) / rcpt(address, queue_id) -> Verdict
         await end_of_message(head, body, queue_id) -> Verdict (with `edits` for the message)
         abort()  (the transaction ends without a message)     await close()  (QUIT, then the sockets)
     Verdict(action, reply, edits, reason)     action: continue, reject, tempfail, discard, quarantine
-    Edits: header changes, sender and recipient changes, a replaced body, as the milters asked at end of message
+    Edits: header changes, sender and recipient changes, a replaced body, as the milters asked at end of message;
+           `too_big`: they came to more than the size limit (only what fits was kept; see message)
 
 What a milter says (per Postfix): accept -> it is not asked again for this message; continue -> the next
 milter is asked; reject / tempfail / replycode -> the command (or the message) is refused with that reply
@@ -58,11 +60,12 @@ class MilterSettings:
     connect_timeout: float
     command_timeout: float
     content_timeout: float
+    size_limit: int = 0  # the most bytes of edits kept of one message (smtpd.message_size_limit; 0: no limit)
 
     @classmethod
-    def from_config(cls, milter) -> "MilterSettings":
+    def from_config(cls, milter, size_limit: int = 0) -> "MilterSettings":
         return cls(milter.default_action, milter.protocol, milter.connect_timeout, milter.command_timeout,
-                   milter.content_timeout)
+                   milter.content_timeout, size_limit)
 
 
 @dataclass
@@ -75,10 +78,19 @@ class Edits:
     delete_recipients: list[str] = field(default_factory=list)
     body: list[bytes] | None = None  # a replaced body, chunk by chunk
     quarantine: str | None = None
+    size: int = 0  # bytes of the modification requests read
+    too_big: bool = False  # more than the size limit: what came after it was dropped
 
     def __bool__(self) -> bool:
         return bool(self.headers or self.sender or self.add_recipients or self.delete_recipients
-                    or self.body is not None or self.quarantine)
+                    or self.body is not None or self.quarantine or self.too_big)
+
+    def fits(self, reply: p.Reply, limit: int) -> bool:
+        """Count a modification request; False (and `too_big` from then on) once they exceed `limit` (0: none), as
+        Postfix's queue file stops at message_size_limit: nothing past it is kept."""
+        self.size += len(reply.payload)
+        self.too_big = self.too_big or 0 < limit < self.size
+        return not self.too_big
 
 
 @dataclass
@@ -171,11 +183,12 @@ class MilterConnection:
                 else:
                     await asyncio.wait_for(self._writer.drain(), timeout)
             self._writer.write(macros.get(p.BODYEOB, b"") + p.encode(p.BODYEOB))
-            while True:
+            while True:  # read on to the final reply past edits too big to keep (the dialogue stays in step)
                 reply = await self._read(timeout)
                 if reply.command in p.FINAL:
                     return reply, edits
-                _collect(reply, edits, self.spec)
+                if edits.fits(reply, self._settings.size_limit):
+                    _collect(reply, edits, self.spec)
         except (OSError, TimeoutError, p.ProtocolError, asyncio.IncompleteReadError) as e:
             raise MilterFailed(_why(e)) from None
 
@@ -246,7 +259,8 @@ def _collect(reply: p.Reply, edits: Edits, spec: str) -> None:
     elif c == p.DELRCPT:
         edits.delete_recipients.append(reply.text())
     elif c == p.REPLBODY:
-        edits.body = (edits.body or []) + [reply.payload]
+        edits.body = edits.body if edits.body is not None else []
+        edits.body.append(reply.payload)
     elif c == p.QUARANTINE:
         edits.quarantine = reply.text() or "milter quarantine"
     else:
@@ -299,6 +313,11 @@ class MilterSession:
         self._milters = [MilterConnection(spec, settings) for spec in specs]
         self._opened = False
         self._mail_macros: dict[str, str] = {}
+
+    @property
+    def size_limit(self) -> int:
+        """The most a message may come to with the milters' edits (0: no limit)."""
+        return self._settings.size_limit
 
     # -------------------------------------------------------------------------------- events
 
@@ -520,6 +539,8 @@ def _merge(into: Edits, edits: Edits) -> None:
     into.delete_recipients += edits.delete_recipients
     into.body = edits.body if edits.body is not None else into.body
     into.quarantine = edits.quarantine or into.quarantine
+    into.size += edits.size
+    into.too_big = into.too_big or edits.too_big
 
 
 async def _events(head: bytes, body, negotiated: p.Negotiated):

@@ -11,6 +11,10 @@ for smtpd's milters (smtpd_milters) and for mail that does not come through smtp
     Filtered(action, submission, reply, reason, hold)   action: continue, reject, tempfail or discard; `hold`:
                                                   the quarantine reason when the message is to be held
 
+A message that the edits make bigger than the session's size limit (smtpd.message_size_limit) is refused as
+Postfix's cleanup refuses it when its queue file reaches that size: 552 5.3.4 Error: message file too big, and
+the warning "QID: queue file size limit exceeded"; the client keeps no more of the edits than the limit.
+
 As in Postfix, a milter may refuse emulated connect, HELO, MAIL and end-of-message events (reject: the caller
 returns the message to its sender; tempfail: it tries again later), but refusing an emulated recipient is a
 configuration error: it is logged and the message waits (451 4.3.5 Server configuration error).
@@ -67,6 +71,9 @@ async def end_of_message(session: MilterSession, submission: Submission) -> Filt
         content = Content((new_head, b"\r\n", *edits.body))
     else:
         content = Content((new_head, *body.parts)) if new_head is not head else content
+    if edits.too_big or 0 < session.size_limit < content.size:
+        log.warning("%s: queue file size limit exceeded", submission.queue_id)
+        return Filtered("reject", submission, status.MESSAGE_TOO_BIG, "milter edits: message file too big")
     envelope = submission.envelope
     recipients = [r for r in envelope.recipients if f"<{r}>" not in edits.delete_recipients
                   and r not in edits.delete_recipients]

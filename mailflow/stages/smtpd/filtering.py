@@ -87,7 +87,7 @@ class FilterServices:
                                           also=("dmarc",) if self.dmarc_policy else ())
         self.spamd = Spamd(config.spamd) if config.spamd.address else None
         self.clamd = Clamd(config.clamd) if config.clamd.address else None
-        self.milter = MilterSettings.from_config(config.milter)
+        self.milter = MilterSettings.from_config(config.milter, config.smtpd.message_size_limit)
 
     def for_listener(self, config: Config) -> ListenerFilters | None:
         milters = () if "no_milters" in config.smtpd.receive_override_options else config.smtpd.milters
