@@ -10,6 +10,7 @@ import logging
 import random
 import socket
 import ssl
+import struct
 import time
 from dataclasses import dataclass
 
@@ -1805,6 +1806,40 @@ async def test_a_line_that_is_no_reply_is_read_past_warned_of_and_the_session_no
         await server.wait_closed()
     assert [r.results[0].outcome for r in reports] == [Outcome.SENT, Outcome.SENT]
     assert caplog.messages == [f"Q1: non-ESMTP response from 127.0.0.1[127.0.0.1]:{port}: hello, this is not SMTP"] * 2
+
+
+async def test_a_dripping_greeting_is_cut_by_helo_timeout_and_a_reset_is_a_lost_connection():
+    """The timeout bounds the whole reply, not each read (Postfix's smtp_per_record_deadline): a peer that sends one
+    byte at a time keeps nobody past helo_timeout. A connection reset before the greeting is a lost one."""
+    async def dripping(reader, writer):
+        with contextlib.suppress(ConnectionError):
+            for byte in b"220 drip.test ESMTP slowly\r\n" * 10:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.02)
+        writer.close()
+
+    async def resetting(reader, writer):
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close sends RST
+        writer.close()
+
+    results = []
+    for session in (dripping, resetting):
+        server, port = await line_server(session)
+        started = asyncio.get_running_loop().time()
+        try:
+            report = await deliver(make_transport(timeout=0.3), make_request(f"[127.0.0.1]:{port}"))
+        finally:
+            server.close()
+            await server.wait_closed()
+        assert asyncio.get_running_loop().time() - started < 1.5
+        results.append((report.results[0].outcome, report.results[0].dsn, report.results[0].text, report.site_ok))
+    assert results == [
+        (Outcome.DEFERRED, "4.4.2", "conversation with 127.0.0.1[127.0.0.1] timed out while receiving the initial "
+                                    "server greeting", False),
+        (Outcome.DEFERRED, "4.4.2", "lost connection with 127.0.0.1[127.0.0.1] while receiving the initial server "
+                                    "greeting", False)]
 
 
 async def test_a_reply_that_never_ends_defers_naming_it_and_fails_the_site():
