@@ -215,6 +215,17 @@ async def test_garbage_waits_for_the_reply_after_it_and_an_endless_line_times_ou
         await endless.reply(0.05)
 
 
+async def test_after_a_reply_too_long_nothing_more_is_read_as_a_reply():
+    """The reply that ends an over-long one must not pass for the answer to the command (nor anything after it)."""
+    reader, _ = wire()
+    reader.data_received(b"250-x\r\n" * MAX_REPLY_LINES)
+    reader.data_received(b"250 2.0.0 the end\r\n250 2.0.0 and more\r\n")
+    with pytest.raises(MalformedReply, match="reply too long"):
+        await reader.reply(1)
+    with pytest.raises(MalformedReply):
+        await reader.reply(1)
+
+
 async def test_reading_pauses_while_too_many_replies_wait_unread():
     reader, transport = wire()
     reader.data_received(b"250 ok\r\n" * READ_AHEAD)

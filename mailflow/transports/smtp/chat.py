@@ -87,6 +87,8 @@ class Wire(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
+        if isinstance(self._error, MalformedReply):  # the parser is of no further use: nothing after it is a reply
+            return
         self._parser.receive_data(data)
         try:
             while (reply := self._parser.next_reply()) is not None:
