@@ -256,6 +256,18 @@ def test_extensions_from_an_ehlo_or_lhlo_reply():
     assert not Extensions().supports("size")  # after HELO: nothing
 
 
+@pytest.mark.parametrize("advertised, limit", [
+    ("SIZE 10240000 and more", 10240000),  # the first word, as Postfix's mystrtok takes it
+    ("SIZE " + "9" * 5000, 0),  # past off_t (and past Python's int() of a string): no limit, as off_cvt_string
+    ("SIZE 9223372036854775808", 0),
+    ("SIZE 9223372036854775807", 2 ** 63 - 1),
+    ("SIZE \u00b2", 0),  # a digit to str.isdigit, not to Postfix's alldig: no limit
+    ("SIZE -5", 0),
+])
+def test_a_size_limit_postfix_would_not_take_is_no_limit_and_no_crash(advertised, limit):
+    assert Extensions.from_reply(Reply(250, f"mx.test\n{advertised}")).size_limit == limit
+
+
 def test_mail_command_carries_what_the_peer_offers_and_the_message_calls_for():
     plain = request()
     assert mail_command(plain, Extensions()) == b"MAIL FROM:<s@x.test>\r\n"

@@ -3,7 +3,7 @@ of the SMTP and LMTP clients (the command side of Postfix smtp_proto).
 
     Extensions.from_reply(reply) -> Extensions   what an EHLO or LHLO reply offers: lower-case keywords and their
                                   parameters, AUTH methods (also in the old `AUTH=` form)
-      .supports(keyword) .size_limit (0: none advertised) .auth_methods
+      .supports(keyword) .size_limit (0: none advertised, or none Postfix would take) .auth_methods
       .with_8bitmime()           the same with 8BITMIME: for a server that offers SMTPUTF8 without it (connect.hello)
     screen_envelope(request) -> (Outcomes, sendable recipients)   an address with CR, LF, NUL or another control
                                   character never reaches the wire: a bad sender bounces every recipient (5.1.7),
@@ -45,6 +45,7 @@ from mailflow.transports.smtp.reply import Reply
 from mailflow.transports.smtp.trouble import Outcomes
 
 CRLF = b"\r\n"
+OFF_T_MAX = 2 ** 63 - 1  # the largest SIZE Postfix takes as a limit
 _OLD_STYLE_AUTH = re.compile(r"auth=(.*)", re.IGNORECASE)
 _UNSAFE_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -87,8 +88,13 @@ class Extensions:
 
     @property
     def size_limit(self) -> int:
-        value = self.keywords.get("size", "")
-        return int(value) if value.isdigit() else 0
+        """The first word after SIZE as Postfix's smtp_proto reads it: ASCII digits up to OFF_T_MAX, else no limit
+        (0; off_cvt_string's -1). A number too long for int() is never converted."""
+        words = self.keywords.get("size", "").split()
+        value = words[0] if words else ""
+        if not (value.isascii() and value.isdigit()) or len(value) > len(str(OFF_T_MAX)):
+            return 0
+        return int(value) if int(value) <= OFF_T_MAX else 0
 
 
 # ---------------------------------------------------------------------------------------------------- checks
