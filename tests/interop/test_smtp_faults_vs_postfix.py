@@ -340,6 +340,8 @@ GARBLED = {
     "rcpt-four-digits": Scenario({"RCPT": b"2500 ok\r\n550 5.1.1 no\r\n"}),
     "mail-garbage-lost": Scenario({"MAIL": b"oops\r\n" + THEN_CLOSE}),
     "dot-garbage-250": Scenario({"DOT": b"oops\r\n250 2.0.0 Ok\r\n"}),  # accepted: not to be sent again
+    "lmtp-garbage": Scenario({"DOT": b"oops\r\n250 2.0.0 a saved\r\n\r\n452 4.2.2 b over quota\r\n"}, ("a", "b"),
+                             lmtp=True),
     # codes that are neither 2xx, 4xx nor 5xx: a protocol error (5.5.0), hard in the handshake too
     "greeting-354": Scenario({"greeting": b"354 hi\r\n"}),
     "greeting-199": Scenario({"greeting": b"199 hi\r\n"}),
