@@ -882,11 +882,11 @@ class ScriptedPeer:
     (`hold_mail_reply`: MAIL is answered only once every RCPT of the transaction has arrived, so a client that
     waits for each reply never gets one), stay silent at one command (`silent_at`), refuse by address, refuse
     the end of data (`dot_replies`, one per message, then 250) and keep a refused transaction open until RSET
-    (`refusal_keeps_transaction`: aiosmtpd does when its DATA handler fails)."""
+    (`refusal_keeps_transaction`: aiosmtpd does when its DATA handler fails), answer RSET with `rset_reply`."""
 
     def __init__(self, extensions=("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"), *, hold_mail_reply=0,
                  silent_at: str = "", mail_reply="250 2.1.0 Ok", rcpt_replies=None, dot_replies=(),
-                 refusal_keeps_transaction=False):
+                 refusal_keeps_transaction=False, rset_reply="250 2.0.0 Ok"):
         self.extensions = extensions
         self.hold_mail_reply = hold_mail_reply
         self.silent_at = silent_at
@@ -894,6 +894,7 @@ class ScriptedPeer:
         self.rcpt_replies = rcpt_replies or {}
         self.dot_replies = list(dot_replies)
         self.refusal_keeps_transaction = refusal_keeps_transaction
+        self.rset_reply = rset_reply
         self.commands: list[str] = []
         self.messages: list[bytes] = []
         self.connections = 0
@@ -972,7 +973,7 @@ class ScriptedPeer:
                     writer.write(reply.encode() + b"\r\n")
                 elif verb == "RSET":
                     accepted, stuck = None, False
-                    writer.write(b"250 2.0.0 Ok\r\n")
+                    writer.write(self.rset_reply.encode() + b"\r\n")
                 elif verb == "QUIT":
                     writer.write(b"221 2.0.0 Bye\r\n")
                     break
@@ -1531,6 +1532,16 @@ async def test_rset_after_a_refused_end_of_data_before_reuse(scripted_peer):
                                     make_request(f"[127.0.0.1]:{port}", "b@example.test"))
     assert [r.results[0].outcome for r in reports] == [Outcome.BOUNCED, Outcome.SENT]
     assert peer.connections == 1 and peer.commands.count("RSET") == 1
+
+
+async def test_a_session_whose_rset_reply_was_garbled_is_not_kept(scripted_peer):
+    """Postfix caches no session after a reply with garbage in it, RSET's (the one before caching) too."""
+    peer, port = await scripted_peer(dot_replies=["554 5.7.1 no thanks"], refusal_keeps_transaction=True,
+                                     rset_reply="oops\r\n250 2.0.0 Ok")
+    reports = await deliver_several(make_transport(), make_request(f"[127.0.0.1]:{port}", "a@example.test"),
+                                    make_request(f"[127.0.0.1]:{port}", "b@example.test"))
+    assert [r.results[0].outcome for r in reports] == [Outcome.BOUNCED, Outcome.SENT]
+    assert peer.connections == 2 and peer.commands.count("RSET") == 1
 
 
 # ---------------------------------------------------------------------------------------------------- PIPELINING
