@@ -4,6 +4,7 @@ spamd, ClamAV's clamd with a signature the test writes."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import aiosmtplib
@@ -188,8 +189,11 @@ async def test_a_big_message_streams_to_clamd(mailflow_server, clamd):
     assert code == 554
 
 
-async def test_clamd_down_fails_closed_by_default(mailflow_server):
+async def test_clamd_down_fails_closed_by_default(mailflow_server, caplog):
     unused_port = free_port()
     mf = await mailflow_server(clamd={"address": f"127.0.0.1:{unused_port}"})
     assert await outcome(mf.smtp_addresses[0][1], b"From: <s@example.test>\r\n\r\nhi\r\n") == \
         (451, "4.7.1 Service unavailable - try again later")
+    # the warning is keyed by the message's queue id, as every line about a message is
+    warnings = [r.getMessage() for r in caplog.records if r.name == "mailflow.smtpd" and "on_failure" in r.message]
+    assert len(warnings) == 1 and re.match(r"[0-9A-Za-z]{6,}: .*on_failure tempfail", warnings[0]), warnings

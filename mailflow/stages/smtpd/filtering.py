@@ -37,7 +37,6 @@ from mailflow.filters.greylist import Greylist
 from mailflow.filters.milter import ClientMacros, MilterSession, MilterSettings, Verdict, end_of_message
 from mailflow.filters.scanners import Clamd, ScanResult, Spamd
 from mailflow.filters.senderauth import SenderAuth, Verdicts
-from mailflow.content import Content
 from mailflow.logs import SmtpdLog
 from mailflow.model import Submission
 from mailflow.restriction_vocabulary import STAGES, split_item
@@ -220,7 +219,7 @@ class ListenerFilters:
             if filtered.hold is not None and marks.hold is None:
                 self._cleanup_line(session, submission, "quarantine", marks)
         for scan in (self._clamd, self._spamd):
-            await scan(submission.content, outcome, headers)
+            await scan(submission, outcome, headers)
             if outcome.refusal is not None:
                 return outcome
         content_filter = marks.filter if marks.filter is not None else self._content_filter
@@ -228,22 +227,22 @@ class ListenerFilters:
                                                  content_filter=content_filter, overrides=self._overrides)
         return outcome
 
-    async def _scan(self, scanner, on_failure: str, content: Content, outcome: Outcome):
-        """The scanner's result; None when it is off, did not scan, or failed (with on_failure "tempfail" the
-        message is then refused for now: 451 4.7.1)."""
+    async def _scan(self, scanner, on_failure: str, submission: Submission, outcome: Outcome):
+        """The scanner's result; None when it is off, did not scan, or failed (logged under the message's queue
+        id; with on_failure "tempfail" the message is then refused for now: 451 4.7.1)."""
         if scanner is None:
             return None
-        result = await scanner.check(content)
+        result = await scanner.check(submission.content)
         if result.failed:
-            log.warning("%s (on_failure %s)", result.failed, on_failure)
+            log.warning("%s: %s (on_failure %s)", submission.queue_id, result.failed, on_failure)
             if on_failure == "tempfail":
                 outcome.refusal = status.FILTER_UNAVAILABLE
             return None
         return result if result.scanned else None
 
-    async def _clamd(self, content: Content, outcome: Outcome, headers: list[str]) -> None:
+    async def _clamd(self, submission: Submission, outcome: Outcome, headers: list[str]) -> None:
         c = self._config.clamd
-        result = await self._scan(self._services.clamd, c.on_failure, content, outcome)
+        result = await self._scan(self._services.clamd, c.on_failure, submission, outcome)
         if result is None or not result.found:
             return
         if c.action == "reject":
@@ -252,9 +251,9 @@ class ListenerFilters:
             outcome.hold = f"virus found: {result.name}"
         headers.append(f"X-Virus-Status: Infected ({result.name})")
 
-    async def _spamd(self, content: Content, outcome: Outcome, headers: list[str]) -> None:
+    async def _spamd(self, submission: Submission, outcome: Outcome, headers: list[str]) -> None:
         c = self._config.spamd
-        result = await self._scan(self._services.spamd, c.on_failure, content, outcome)
+        result = await self._scan(self._services.spamd, c.on_failure, submission, outcome)
         if result is None:
             return
         headers.append(_spam_status(result))
