@@ -11,13 +11,23 @@
 - `ConfigError`: a configuration problem, always naming the file, the key and the reason.
 - `os_reason(error) -> str`: an OS error in the system's words ("Connection refused", "Address already in use";
   "Connection timed out" for a timeout), as Postfix's %m prints them.
+- `tls_failure(error) -> (reason, problem)`: why a TLS handshake failed, in the words of Postfix's
+  `SSL_connect error to …` (tls_client.c) and `SSL_accept error from …` (tls_server.c) lines: "-1" for a TLS
+  protocol error, with the library's description of it as `problem` (Postfix's `warning: TLS library problem:
+  …`); else the system's words for an OS error or a timeout ("Connection timed out", "Connection reset by
+  peer"), or "lost connection" when the peer closed, with `problem` "".
 
 What an SMTP client is answered for each of these is one table, `mailflow.status.error_reply`: nothing else
 picks a reply code from an error's class, dsn or text.
 """
 from __future__ import annotations
 
+import errno
 import os
+import re
+import ssl
+
+_PROBLEM_SOURCE = re.compile(r" \(_ssl\.c:\d+\)$")  # the place in Python's source an SSLError names
 
 
 def os_reason(error: BaseException | None) -> str:
@@ -29,6 +39,19 @@ def os_reason(error: BaseException | None) -> str:
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     return str(error) or type(error).__name__
+
+
+def tls_failure(error: BaseException) -> tuple[str, str]:
+    """See the module docstring. asyncio reports its own handshake timeout (ssl_handshake_timeout) as a
+    ConnectionAbortedError without an errno, and a peer that closed during the handshake as a ConnectionError
+    without one."""
+    if isinstance(error, ssl.SSLError):
+        return "-1", _PROBLEM_SOURCE.sub("", str(error))
+    if isinstance(error, (TimeoutError, ConnectionAbortedError)) and not getattr(error, "errno", None):
+        return os.strerror(errno.ETIMEDOUT), ""
+    if isinstance(error, OSError) and error.errno:
+        return os.strerror(error.errno), ""
+    return "lost connection", ""
 
 
 class DeliveryError(Exception):

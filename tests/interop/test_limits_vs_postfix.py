@@ -24,6 +24,7 @@ import pytest
 from tests.support.milters import reply, scripted_milter
 from tests.support import (LOOPBACK_CLIENT, SmtpClient, accepts, eventually, free_port, half_client_hello,
                            postfix_instance, sessions_over)
+from tests.support.maillog import library_reason
 
 pytestmark = pytest.mark.interop
 
@@ -303,14 +304,6 @@ async def stalled_handshakes(port: int, implicit_port: int) -> list[tuple[str, s
 
 
 HANDSHAKE_END = re.compile(r"(SSL_accept error |TLS library problem: |timeout after |lost connection after |disconnect )")
-# The library's description of a TLS protocol error, as OpenSSL's error string writes it after Postfix's "TLS
-# library problem: " (error:0A00009C:SSL routines::http request:../ssl/record/ssl3_record.c:341:) and as
-# Python's ssl module does ([SSL: HTTP_REQUEST] http request): its reason, compared alone.
-LIBRARY_PROBLEM = re.compile(r"(TLS library problem: )(?:error:[^:]*:[^:]*:[^:]*:([^:]*):.*|\[[^]]*\] (.*))")
-
-
-def library_reason(line: str) -> str:
-    return LIBRARY_PROBLEM.sub(lambda m: m.group(1) + (m.group(2) or m.group(3)), line)
 
 
 def pf_handshake_ends(maillog: str) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import logging
 import os
 import re
 import shutil
@@ -291,3 +292,31 @@ async def test_verify_delivers_to_the_right_certificate_and_defers_the_wrong_one
     [reason] = await pending_reasons(mf.store)
     assert reason.startswith("Server certificate not verified: host mx.wrong.test[127.0.0.4] presented "
                              "someone-else.test")
+
+
+def tls_established(lines) -> list[str]:
+    """The client's `… TLS connection established to …` lines, up to the cipher's bits (Postfix then names the key
+    exchange and signature, which Python's ssl module does not tell)."""
+    return [re.sub(r"(bits\)).*", r"\1", line) for line in lines if " TLS connection established to " in line]
+
+
+async def test_the_tls_line_of_a_delivery_is_postfix_s(mailflow_server, smtp_peer, caplog):
+    """tls_misc.c's `Untrusted TLS connection established to host[ip]:port: TLSv1.3 with cipher … (256/256 bits)`,
+    no queue id (a connection may serve several messages), for a level may delivery to a peer with STARTTLS. (Postfix
+    writes it from smtp_tls_loglevel 1 on; mailflow always.)"""
+    caplog.set_level(logging.INFO, logger="mailflow.smtp")
+    peer = await smtp_peer("127.0.0.1", tls_context=tls_peer_context(trustme.CA(), "localhost"))
+    relay = f"[127.0.0.1]:{peer.port}"
+    async with postfix_instance({"relayhost": relay, "mynetworks": "127.0.0.0/8",
+                                 "smtp_tls_security_level": "may", "smtp_tls_loglevel": "1"}) as pf:
+        await send(pf.port, "someone@remote.test", ["user@dest.test"], b"Subject: tls\r\n\r\nhello\r\n")
+        await eventually(lambda: len(peer.messages) == 1, timeout=20)
+        await eventually(lambda: tls_established(pf.maillog.splitlines()), timeout=5, what="Postfix's TLS line")
+        postfix = [line.split("]: ", 1)[1] for line in tls_established(pf.maillog.splitlines())]
+    mf = await mailflow_server(mynetworks=["127.0.0.0/8"], relayhost=relay, smtp={"tls_security_level": "may"})
+    await send(mf.smtp_addresses[0][1], "someone@remote.test", ["user@dest.test"], b"Subject: tls\r\n\r\nhello\r\n")
+    await eventually(lambda: len(peer.messages) == 2, timeout=20)
+    assert tls_established(r.getMessage() for r in caplog.records if r.name == "mailflow.smtp") == postfix
+    assert [m.tls for m in peer.messages] == [True, True]
+    assert re.fullmatch(rf"Untrusted TLS connection established to 127\.0\.0\.1\[127\.0\.0\.1\]:{peer.port}: "
+                        r"TLSv1\.3 with cipher \S+ \(\d+/\d+ bits\)", postfix[0])

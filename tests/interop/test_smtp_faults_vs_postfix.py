@@ -11,7 +11,9 @@ and mixed-code replies, 421s, lost connections, 452 for some recipients, 3xx/2xx
 garbage lines before a reply and codes outside 2xx-5xx (1xx, 3xx, 6xx) in the handshake and the transaction,
 STARTTLS refused or broken, a TLS handshake that stalls (smtp_starttls_timeout), a peer without DSN given
 NOTIFY=SUCCESS, LMTP's per-recipient replies; with maximal_queue_lifetime = 0, the notice of a recipient
-returned for its age; reply lines past 2048 bytes.
+returned for its age; reply lines past 2048 bytes. For a TLS handshake that fails, the client's own lines too
+(`SSL_connect error to …`, `warning: TLS library problem: …`, and `QID: Cannot start TLS: handshake failure` before a
+plaintext retry).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import aiosmtplib
 import pytest
 
 from tests.support import eventually, postfix_instance
+from tests.support.maillog import library_reason
 
 pytestmark = pytest.mark.interop
 
@@ -34,6 +37,8 @@ CLOSE = b""  # a script's answer that hangs up instead of replying
 THEN_CLOSE = b"<then close>"  # at the end of an answer: hang up after sending it
 THEN_STALL = b"<then stall>"  # at the end of an answer: answer nothing more (a TLS handshake neither) until the
 # client leaves; alone: no answer at all
+THEN_NOT_TLS = b"<then not tls>"  # at the end of an answer: answer the client's next bytes (its TLS ClientHello)
+# with a line of plaintext, then hang up
 EHLO = b"250-peer.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SIZE 10240000\r\n250 ENHANCEDSTATUSCODES\r\n"
 SENDER = "alice@sender.test"
 Answer = bytes | Callable[[str], bytes]
@@ -44,7 +49,7 @@ class ScriptedPeer:
     """An SMTP peer that answers each command as its script says (the default: accept everything). A script maps
     "greeting", "EHLO", "HELO", "MAIL", "RCPT" (bytes, or a function of the recipient address), "DATA" and "DOT"
     (the reply after the content) to the reply to send; CLOSE hangs up instead, THEN_CLOSE after it; THEN_STALL
-    stalls after it."""
+    stalls after it; THEN_NOT_TLS answers the client's next bytes with plaintext after it, then hangs up."""
 
     script: dict[str, Answer]
     port: int = 0
@@ -69,8 +74,13 @@ class ScriptedPeer:
         self.sessions.append(heard)
 
         async def say(reply: bytes) -> bool:
-            writer.write(reply.removesuffix(THEN_CLOSE).removesuffix(THEN_STALL))
+            writer.write(reply.removesuffix(THEN_CLOSE).removesuffix(THEN_STALL).removesuffix(THEN_NOT_TLS))
             await writer.drain()
+            if reply.endswith(THEN_NOT_TLS):
+                await reader.read(4096)
+                writer.write(b"this is not TLS\r\n")
+                await writer.drain()
+                return False
             if reply.endswith(THEN_STALL):
                 while await reader.read(4096):  # (the client's handshake, say, unanswered)
                     pass
@@ -172,10 +182,12 @@ async def relay_one_each(port: int, scenarios: dict[str, Scenario]) -> None:
 
 
 async def run_both(mailflow_server, smtp_peer, scenarios: dict[str, Scenario], *, postfix: dict | None = None,
-                   queue: dict | None = None, smtp: dict | None = None, notice_for_all: bool = False):
+                   queue: dict | None = None, smtp: dict | None = None, notice_for_all: bool = False,
+                   unsettled: tuple[str, ...] = (), pf_log: list[str] | None = None):
     """Both servers relay one message per scenario. Returns ((postfix outcomes, postfix notices), (mailflow's…))
-    once every recipient has an outcome on both sides and every failure its notice (`notice_for_all`: every
-    recipient that was not sent)."""
+    once every recipient has an outcome on both sides (one whose status is not one of `unsettled`: "deferred" to
+    wait for a retry) and every failure its notice (`notice_for_all`: every recipient that was not sent).
+    `pf_log`: gets Postfix's mail log, before its instance goes."""
     peers = {name: await ScriptedPeer(s.script).start() for name, s in scenarios.items()}
     pf_notices, mf_notices = await smtp_peer(), await smtp_peer()
     pf_routes = [f"{name}.test=lmtp:inet:127.0.0.1:{peer.port}" if scenarios[name].lmtp
@@ -208,7 +220,7 @@ async def run_both(mailflow_server, smtp_peer, scenarios: dict[str, Scenario], *
                                  relay_one_each(mf.smtp_addresses[0][1], scenarios))
 
             def done(log_text: str, notices) -> bool:
-                ended = outcomes(log_text)
+                ended = {r: got for r, got in outcomes(log_text).items() if got[2] not in unsettled}
                 failed = {r for r, (_, _, status, _) in ended.items()
                           if status == "bounced" or (notice_for_all and status != "sent")}
                 return set(ended) >= everyone and set(notice_fields(notices.messages)) >= failed
@@ -218,6 +230,8 @@ async def run_both(mailflow_server, smtp_peer, scenarios: dict[str, Scenario], *
             await eventually(lambda: done("\n".join(log.lines), mf_notices) or None, timeout=15,
                              what="mailflow ended every recipient")
             await asyncio.sleep(0.3)  # (a notice that would still come for a deferred recipient)
+            if pf_log is not None:
+                pf_log.append(pf.maillog)
             return ((outcomes(pf.maillog), notice_fields(pf_notices.messages)),
                     (outcomes("\n".join(log.lines)), notice_fields(mf_notices.messages)))
     finally:
@@ -376,6 +390,72 @@ async def test_garbled_replies_and_odd_codes_end_as_with_postfix(mailflow_server
     assert [pf_ended[f"a@{name}.test"][2] for name in ("greeting-garbage", "ehlo-garbage", "dot-garbage-250")] == [
         "sent"] * 3
     assert pf_notices["a@rcpt-600.test"]["Diagnostic-Code"] == "smtp;6006.1.1weird"
+
+
+STARTTLS_OFFERED = b"250-peer.test\r\n250 STARTTLS\r\n"
+HANDSHAKE_FAILURES = {
+    # after its 220 to STARTTLS the peer hangs up, answers the ClientHello in plaintext, or stalls
+    "handshake-lost": Scenario({"EHLO": STARTTLS_OFFERED, "STARTTLS": b"220 2.0.0 Go\r\n" + THEN_CLOSE},
+                               tls="encrypt"),
+    "handshake-not-tls": Scenario({"EHLO": STARTTLS_OFFERED, "STARTTLS": b"220 2.0.0 Go\r\n" + THEN_NOT_TLS},
+                                  tls="encrypt"),
+    "handshake-stalled": Scenario({"EHLO": STARTTLS_OFFERED, "STARTTLS": b"220 2.0.0 Go\r\n" + THEN_STALL},
+                                  tls="may"),
+}
+CLIENT_TLS_LINE = re.compile(r"(SSL_connect error to |TLS library problem: |\w+: Cannot start TLS: )")
+QUEUE_ID = re.compile(r"^[0-9A-Za-z]+: ")
+
+
+def pf_client_tls_lines(maillog: str) -> list[str]:
+    """Postfix smtp(8)'s lines about its TLS handshakes (the library's reason alone; queue ids as QID), sorted."""
+    lines = [line.split("]: ", 1)[1].removeprefix("warning: ") for line in maillog.splitlines() if "/smtp[" in line]
+    return sorted(QUEUE_ID.sub("QID: ", library_reason(line)) for line in lines if CLIENT_TLS_LINE.match(line))
+
+
+def mf_client_tls_lines(caplog) -> list[str]:
+    return sorted(QUEUE_ID.sub("QID: ", library_reason(r.getMessage())) for r in caplog.records
+                  if r.name == "mailflow.smtp" and CLIENT_TLS_LINE.match(r.getMessage()))
+
+
+async def test_a_failed_client_handshake_is_logged_as_postfix_logs_it(mailflow_server, smtp_peer, caplog):
+    """tls_client.c's `SSL_connect error to host[ip]:port: reason` (at info), with Postfix's reasons: `lost
+    connection` (the peer hung up), `-1` and `warning: TLS library problem: …` (it does not speak TLS),
+    `Connection timed out` (smtp_starttls_timeout); the mail deferred `Cannot start TLS: handshake failure`."""
+    caplog.set_level(logging.INFO, logger="mailflow.smtp")
+    pf_log: list[str] = []
+    (pf_ended, _), (mf_ended, _) = await run_both(mailflow_server, smtp_peer, HANDSHAKE_FAILURES,
+                                                  postfix={"smtp_starttls_timeout": "1s"},
+                                                  smtp={"starttls_timeout": "1s"}, pf_log=pf_log)
+    assert mf_ended == pf_ended
+    assert mf_client_tls_lines(caplog) == pf_client_tls_lines(pf_log[0])
+    # Postfix's own, so that a change on both sides cannot pass unnoticed
+    relay = {name: pf_ended[f"a@{name}.test"][0] for name in HANDSHAKE_FAILURES}
+    assert {ended[1:] for ended in pf_ended.values()} == {("4.7.5", "deferred", "Cannot start TLS: handshake failure")}
+    assert [line for line in pf_client_tls_lines(pf_log[0]) if not line.startswith("TLS library problem")] == sorted(
+        f"SSL_connect error to {relay[name]}: {why}" for name, why in [
+            ("handshake-lost", "lost connection"), ("handshake-not-tls", "-1"),
+            ("handshake-stalled", "Connection timed out")])
+
+
+async def test_the_plaintext_retry_after_a_failed_handshake_is_logged_as_postfix_logs_it(mailflow_server, smtp_peer,
+                                                                                       caplog):
+    """At level may, mail queued for the minimal backoff time (1 s here) goes on in plaintext when the handshake
+    fails: Postfix logs the failure, then `QID: Cannot start TLS: handshake failure` (the reason it leaves the TLS
+    session for), and sends. New mail was deferred with it at the first attempt."""
+    caplog.set_level(logging.INFO, logger="mailflow.smtp")
+    pf_log: list[str] = []
+    backoff = {"queue_run_delay": "1s", "minimal_backoff_time": "1s", "maximal_backoff_time": "1s"}
+    scenarios = {"handshake-lost-may": Scenario({"EHLO": STARTTLS_OFFERED,
+                                                 "STARTTLS": b"220 2.0.0 Go\r\n" + THEN_CLOSE}, tls="may")}
+    (pf_ended, _), (mf_ended, _) = await run_both(mailflow_server, smtp_peer, scenarios, postfix=backoff,
+                                                  queue=backoff, unsettled=("deferred",), pf_log=pf_log)
+    assert mf_ended == pf_ended
+    assert mf_client_tls_lines(caplog) == pf_client_tls_lines(pf_log[0])
+    # Postfix's own, so that a change on both sides cannot pass unnoticed
+    relay, _, status, _ = pf_ended["a@handshake-lost-may.test"]
+    assert status == "sent"
+    assert pf_client_tls_lines(pf_log[0]) == ["QID: Cannot start TLS: handshake failure"] + [
+        f"SSL_connect error to {relay}: lost connection"] * 2
 
 
 EXPIRING = {

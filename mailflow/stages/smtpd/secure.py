@@ -44,10 +44,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import errno
 import logging
-import os
-import re
 import ssl
 from asyncio import sslproto
 from typing import cast
@@ -56,14 +53,13 @@ from aiosmtpd.smtp import MISSING, TLSSetupException
 
 from mailflow import status
 from mailflow.config import DEFAULTS
-from mailflow.errors import LookupRetry
+from mailflow.errors import LookupRetry, tls_failure
 from mailflow.stages.smtpd.auth import Authenticator, SenderLogins, login_of
 from mailflow.stages.smtpd.frontends import FrontEndCommands
 from mailflow.stages.smtpd.wire import WireError
 
 log = logging.getLogger("mailflow.smtpd")
 
-_PROBLEM_SOURCE = re.compile(r" \(_ssl\.c:\d+\)$")  # the place in Python's source an SSLError names
 MECHANISMS = ("PLAIN", "LOGIN")  # offered in this order, as Postfix with Dovecot (auth_mechanisms = plain login)
 SASL_RESPONSE_LIMIT = 12288  # bytes of one answer to a 334 challenge, CRLF not counted (smtpd_sasl_response_limit)
 
@@ -83,14 +79,7 @@ def decode_base64(blob: bytes) -> bytes | None:
 def handshake_failure(error: BaseException) -> tuple[str, str]:
     """Why a server handshake failed, in Postfix's words (tls_server.c): the reason of its `SSL_accept error from
     host[ip]: …` line and, for a TLS protocol error ("-1"), the library's description of it (else "")."""
-    cause = error.__cause__ if isinstance(error, TLSSetupException) else error
-    if isinstance(cause, ssl.SSLError):
-        return "-1", _PROBLEM_SOURCE.sub("", str(cause))
-    if isinstance(cause, ConnectionAbortedError):  # asyncio's, at ssl_handshake_timeout (starttls_timeout)
-        return os.strerror(errno.ETIMEDOUT), ""
-    if isinstance(cause, OSError) and cause.errno:
-        return os.strerror(cause.errno), ""
-    return "lost connection", ""  # the client closed its side
+    return tls_failure(error.__cause__ if isinstance(error, TLSSetupException) and error.__cause__ else error)
 
 
 class SecureCommands(FrontEndCommands):

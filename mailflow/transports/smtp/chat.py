@@ -20,7 +20,7 @@ over it; every I/O problem becomes a `SiteFailure` naming the peer and what was 
       await .start_tls(context, server_hostname, timeout)   TLS on the same connection; whatever arrived before
                                                       is dropped (RFC 3207 4.2); raises ssl.SSLError, OSError,
                                                       TimeoutError (the caller decides what they mean)
-      .extensions (what EHLO/LHLO offered) .tls .peercert .peercert_der .cipher
+      .extensions (what EHLO/LHLO offered) .tls .peercert .peercert_der .cipher .tls_version
       .alive .idle_clean .aborted .uses .transaction_open .opened
       .protocol_error    a reply had garbage in it: the session is not cached (Postfix's DONT_CACHE_THIS_SESSION)
       .queue_id .dialect the message the session is busy with and "ESMTP" or "LMTP", for its log lines
@@ -221,6 +221,12 @@ class Session:
     @property
     def cipher(self) -> tuple:
         return self._transport.get_extra_info("cipher") or ("?", "?", 0)
+
+    @property
+    def tls_version(self) -> str:
+        """The protocol the TLS session uses ("TLSv1.3"), as the log names it."""
+        ssl_object = self._transport.get_extra_info("ssl_object")
+        return (ssl_object.version() if ssl_object is not None else None) or self.cipher[1]
 
     # -- writing
 

@@ -28,7 +28,11 @@ connection with …", and at no level is the mail retried in plaintext for it); 
 plaintext on the same session; a failed handshake connects again in plaintext when the message has been
 queued for `plaintext_after` seconds (the minimal backoff time) and there are no AUTH credentials for the peer,
 else it fails that peer with 4.7.5 "Cannot start TLS: handshake failure" (Postfix's
-PLAINTEXT_FALLBACK_OK_AFTER_STARTTLS_FAILURE: new mail is not sent in plaintext at the first TLS trouble).
+PLAINTEXT_FALLBACK_OK_AFTER_STARTTLS_FAILURE: new mail is not sent in plaintext at the first TLS trouble). A
+failed handshake is logged in tls_client.c's words, `SSL_connect error to h[ip]:port: lost connection` (or
+"Connection timed out", or "-1" then `warning: TLS library problem: …`), and before the plaintext retry `QID:
+Cannot start TLS: handshake failure`; a successful one as `Untrusted TLS connection established to h[ip]:port:
+TLSv1.3 with cipher … (256/256 bits)` ("Verified" when the certificate was verified or matched TLSA records).
 encrypt and above: not offered -> 4.7.4 "TLS is required, but was not offered by host h[ip]"; refused (any
 reply but 2xx) -> the reply's code (a 5xx or an odd code is hard: the mail bounces); a failed handshake -> 4.7.5
 "Cannot start TLS: handshake failure"; an untrusted chain -> 4.7.5 "Server certificate not trusted"; no matching
@@ -56,7 +60,7 @@ from typing import Callable
 
 from mailflow.config import SmtpConfig
 from mailflow.dns import Resolver, is_ip_literal
-from mailflow.errors import LookupRetry, os_reason
+from mailflow.errors import LookupRetry, os_reason, tls_failure
 from mailflow.tables import Table, TableCache, find
 from mailflow.transports.smtp.addr import Nexthop, Peer, unique
 from mailflow.transports.smtp.chat import CRLF, Session, Wire
@@ -85,6 +89,7 @@ log = logging.getLogger("mailflow.smtp")
 GREETING = "receiving the initial server greeting"
 STARTTLS = "receiving the STARTTLS response"
 AUTH = "performing the AUTH handshake"
+HANDSHAKE_FAILURE = "Cannot start TLS: handshake failure"  # Postfix's status text (smtp_proto.c)
 
 
 async def open_session(peer: Peer, timeout: float, clock: Callable[[], float]) -> Session:
@@ -178,7 +183,7 @@ class SmtpHandshake:
             return await self._handshake(peer, destination, policy, credentials, queue_id, tls_allowed=True,
                                          fallback=fallback)
         except RetryPlaintext:
-            log.info("%s: TLS handshake with %s failed; trying again in plaintext", queue_id, peer.relay)
+            log.info("%s: %s", queue_id, HANDSHAKE_FAILURE)  # (Postfix's line for a peer it goes on from)
             return await self._handshake(peer, destination, policy, credentials, queue_id, tls_allowed=False)
 
     async def peer_policy(self, peer: Peer, destination: Destination) -> TlsPolicy:
@@ -249,11 +254,11 @@ class SmtpHandshake:
             raise SiteFailure("4.7.5", f"Server certificate not trusted: host {peer.name}: {e.verify_message}") \
                 from None
         except (SiteFailure, OSError, TimeoutError) as e:
-            log.debug("%s: TLS handshake with %s: %r", queue_id, peer.relay, e)
+            _log_connect_error(peer, e)
             _testing(policy, queue_id, f"TLS handshake failure with host {peer.name}")
             if policy.level in ("may", "dane") and not policy.tlsa and credentials is None and fallback:
                 raise RetryPlaintext() from None
-            raise SiteFailure("4.7.5", "Cannot start TLS: handshake failure") from None
+            raise SiteFailure("4.7.5", HANDSHAKE_FAILURE) from None
         if policy.verifies:
             self._verify_peer_name(session, destination, policy)
         elif policy.tlsa:
@@ -262,9 +267,10 @@ class SmtpHandshake:
                                                          der_names(session.peercert_der)]}, ("hostname",), peer.host,
                                                         destination.nexthop.host):
             _testing(policy, queue_id, f"the certificate of host {peer.name} does not name {peer.host}")
-        cipher = session.cipher
-        log.info("%s: %s TLS connection established to %s: %s with cipher %s", queue_id,
-                 "Verified" if policy.verifies or policy.tlsa else "Untrusted", peer.relay, cipher[1], cipher[0])
+        cipher, _, bits = session.cipher
+        log.info("%s TLS connection established to %s: %s with cipher %s (%d/%d bits)",  # (tls_misc.c's words)
+                 "Verified" if policy.verifies or policy.tlsa else "Untrusted", peer.relay, session.tls_version,
+                 cipher, bits, bits)
         await hello(session, self.helo_name, self.config.helo_timeout, queue_id=queue_id)
 
     def _tls_context(self, policy: TlsPolicy) -> ssl.SSLContext | None:
@@ -329,6 +335,16 @@ class SmtpHandshake:
         if not reply.positive:
             raise SiteFailure(reply.dsn("4"),
                               f"SASL authentication failed; server {peer.name} said: {reply.one_line}")
+
+
+def _log_connect_error(peer: Peer, error: BaseException) -> None:
+    """A failed client handshake, logged as Postfix's tls_client.c logs it: `SSL_connect error to host[ip]:port:
+    reason` ("lost connection", "Connection timed out", "-1" for a TLS protocol error, whose description follows
+    as `warning: TLS library problem: …`)."""
+    reason, problem = tls_failure(error)
+    log.info("SSL_connect error to %s: %s", peer.relay, reason)
+    if problem:
+        log.warning("TLS library problem: %s", problem)
 
 
 def _testing(policy: TlsPolicy, queue_id: str, what: str) -> None:

@@ -4,8 +4,11 @@ Owns the order of things (the package docstring says what each recipient gets): 
 next hop and find its TLS policy, use a cached session for it when one is idle, else find the peers (addr) and
 open a session with the first that completes the handshake (connect), run the transaction (proto), then cache
 the session (reuse) or QUIT it; recipients a session deferred go on to the next peer while sessions remain
-(MX_SESSION_LIMIT: see the package docstring). At most MX_ADDRESS_LIMIT (5) addresses are tried per delivery, a
-cached session's counting (Postfix smtp_mx_address_limit), however many MX hosts and addresses DNS gives.
+(MX_SESSION_LIMIT: see the package docstring). A peer's soft failure, in its handshake or its transaction, is logged
+on a line of its own (`QID: reason`) only when another peer is tried after it, as Postfix logs a server's that is
+not the final one (at the final one the recipients' result lines are the only ones); a failed connection at once.
+At most MX_ADDRESS_LIMIT (5) addresses are tried per delivery, a cached session's counting (Postfix
+smtp_mx_address_limit), however many MX hosts and addresses DNS gives.
 `own_addresses` (ipaddress values: mailflow.routing.rewrite.own_addresses) and `own_ports` (smtpd's listener
 ports) are this server: Postfix's loop detection, for a next hop on one of those ports, bounces a destination
 whose best MX host (or whose [host]) has one of those addresses with 5.4.6 "mail for X loops back to myself";
@@ -262,20 +265,27 @@ class SmtpTransport:
         # `kept`: temporary failures of a session that may not be the last; `unlogged`: the same, logged (as
         # Postfix logs a non-final server's soft errors) once another peer is tried, i.e. it was not the last
         unlogged = kept
+        unlogged_failure: SiteFailure | None = None  # a session's failure, likewise logged once another peer is tried
         async with aclosing(self._peers(candidates, destination.nexthop.port, used, dns_failures)) as peers:
             async for peer in peers:
                 if unlogged is not None:
                     for r in recipients:
                         log.info("%s: %s", request.queue_id, unlogged.results[r].text)
                     unlogged = None
+                if unlogged_failure is not None:
+                    log.info("%s: %s", request.queue_id, unlogged_failure.text)
+                    unlogged_failure = None
                 try:
                     session = await self._handshake.open(peer, destination, request.queue_id, request.queued_for)
                 except SiteFailure as e:
-                    log.info("%s: %s", request.queue_id, e.text)
                     peer_failure = e
                     if e.hard:  # a 5xx: Postfix bounces at once (only a 5xx greeting is skipped)
                         record_unreachable(outcomes, recipients, e, [])
                         return
+                    if e.relay == "none":  # no session was made (connect): logged at once
+                        log.info("%s: %s", request.queue_id, e.text)
+                    else:  # Postfix's smtp_bulk_fail: at the final server the result line is the only one
+                        unlogged_failure = e
                     continue
                 sessions += 1
                 try:
