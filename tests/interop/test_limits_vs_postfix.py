@@ -17,6 +17,7 @@ import asyncio
 import itertools
 import logging
 import re
+import socket
 import ssl
 
 import pytest
@@ -439,3 +440,62 @@ async def test_milter_edits_past_the_message_size_limit_refuse_the_message_as_po
     assert mailflow == postfix == ["552 5.3.4 Error: message file too big", "250 2.0.0 Ok: queued"]
     assert [r.getMessage().partition(": ")[2] for r in caplog.records if r.name == "mailflow.cleanup"] == [
         "queue file size limit exceeded"]
+
+
+def starttls_then_gone(port: int, way: str) -> str:
+    """(Blocking: run in a thread.) STARTTLS and at once the end of the client's side; the client still reads.
+    `way`: "half-close" (after EHLO's reply), "pipelined" (EHLO, an unknown command and STARTTLS in one burst: with
+    the error tarpit's sleep the server reads the end of input before it reads STARTTLS). Returns the codes of what
+    the server sent after EHLO's reply until it closed. (A client that closes the whole connection at once is not
+    compared: whether it is gone before the 220 is written, Postfix's `lost connection`, or gets it unread and
+    resets the connection, `Connection reset by peer`, is a race.)"""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, raw.makefile("rb") as replies:
+        replies.readline()  # the greeting
+        if way == "pipelined":
+            raw.sendall(b"EHLO client.test\r\nNOT-A-COMMAND\r\nSTARTTLS\r\n")
+        else:
+            raw.sendall(b"EHLO client.test\r\n")
+        while replies.readline()[3:4] == b"-":  # EHLO's reply
+            pass
+        if way != "pipelined":
+            raw.sendall(b"STARTTLS\r\n")
+        raw.shutdown(socket.SHUT_WR)
+        return "".join(line[:9] + "\n" for line in replies.read().decode("ascii", "replace").splitlines())
+
+
+WAYS = ("half-close", "pipelined")
+
+
+async def starttls_then_gone_each_way(port: int) -> list[str]:
+    return [await asyncio.to_thread(starttls_then_gone, port, way) for way in WAYS]
+
+
+async def test_starttls_then_the_end_of_input_is_answered_and_logged_as_by_a_real_postfix(mailflow_server, caplog,
+                                                                                         pki):
+    """A client that sends STARTTLS and at once ends its input still gets `220 2.0.0 Ready to start TLS`, also when
+    the server has read that end before it reads the STARTTLS (a pipelined burst behind the error tarpit's
+    sleep); the handshake that cannot follow is logged as one the client abandoned (`SSL_accept error from
+    host[ip]: lost connection`, `lost connection after STARTTLS`), and the STARTTLS counts as failed."""
+    caplog.set_level(logging.INFO)
+    _, cert, _ = pki
+    async with postfix_instance({"myhostname": PF_HOST, "mynetworks": NETWORKS, "smtpd_tls_cert_file": cert,
+                                 "smtpd_tls_key_file": cert, "smtpd_tls_security_level": "may",
+                                 "smtpd_soft_error_limit": "1", "smtpd_error_sleep_time": "1s"}) as pf:
+        await eventually(lambda: "disconnect from" in pf.maillog, timeout=5, what="the readiness probe's end")
+        probe = len(pf.maillog)
+        postfix = await starttls_then_gone_each_way(pf.port)
+        await eventually(lambda: len(pf_handshake_ends(pf.maillog[probe:])) >= 6, timeout=5, what="Postfix's lines")
+        pf_log = pf.maillog[probe:]
+    mf = await mailflow_server(mynetworks=[NETWORKS], smtpd={"tls_cert_file": cert, "forbid_unauth_pipelining": False,
+                                                             "soft_error_limit": 1, "error_sleep_time": "1s"})
+    mailflow = await starttls_then_gone_each_way(mf.smtp_addresses[0][1])
+    await sessions_over(mf)
+    assert mailflow == postfix
+    assert mf_handshake_ends(caplog) == pf_handshake_ends(pf_log)
+    # Postfix's own, so that a change on both sides cannot pass unnoticed
+    assert postfix == ["220 2.0.0\n", "500 5.5.2\n220 2.0.0\n"]
+    assert pf_handshake_ends(pf_log) == sorted(
+        [f"SSL_accept error from {LOOPBACK_CLIENT}: lost connection"] * 2
+        + [f"lost connection after STARTTLS from {LOOPBACK_CLIENT}"] * 2
+        + [f"disconnect from {LOOPBACK_CLIENT} ehlo=1 starttls=0/1 commands=1/2"]
+        + [f"disconnect from {LOOPBACK_CLIENT} ehlo=1 starttls=0/1 unknown=0/1 commands=1/3"])

@@ -5,10 +5,11 @@ What it owns
   (554 5.5.1, as Postfix) and inside a mail transaction (503 5.5.1: the handshake would reset it). The
   handshake (`start_tls(context)`, aiosmtpd's way: asyncio's SSL layer put between the socket and the session,
   which the layer then tells of the connection again) also serves a submissions listener, where it comes
-  first; a handshake that fails or that the client abandons ends the session, and so does a STARTTLS read
-  once the client has closed its side (no handshake can follow). The handshake must end within
-  `starttls_timeout` (Postfix's smtpd_starttls_timeout), whatever the command `timeout` is: that deadline waits
-  meanwhile, and no reply is volunteered into the handshake (`_may_reply`: a timeout's or a stop's 421 would
+  first; a handshake that fails or that the client abandons ends the session. A STARTTLS read once the client
+  has closed its side gets its 220 all the same and then ends the session as a handshake the client abandoned
+  (no handshake can follow; Postfix answers, then its SSL_accept meets the end of input). The handshake must end
+  within `starttls_timeout` (Postfix's smtpd_starttls_timeout), whatever the command `timeout` is: that deadline
+  waits meanwhile, and no reply is volunteered into the handshake (`_may_reply`: a timeout's or a stop's 421 would
   reach the client in plaintext); past it the connection is closed without a word, as Postfix does. The TLS
   line of the log (`log_tls`: "Anonymous TLS connection established from host[ip]: TLSv1.3 with cipher ..."),
   and for a failed handshake Postfix's "SSL_accept error from host[ip]: Connection timed out" (`lost
@@ -107,7 +108,8 @@ class SecureCommands(FrontEndCommands):
     async def smtp_STARTTLS(self, arg: str | None) -> None:
         """RFC 3207, refused inside TLS (554 5.5.1, as Postfix) and inside a mail transaction (503 5.5.1: the
         handshake would reset it). A handshake that fails or that the client abandons ends the session, as does
-        a STARTTLS read after the client closed its side (no handshake can follow it)."""
+        a STARTTLS read after the client closed its side (answered all the same, as Postfix answers it; no
+        handshake can follow it)."""
         if arg:
             await self.push(status.syntax("STARTTLS"))
             return
@@ -120,12 +122,13 @@ class SecureCommands(FrontEndCommands):
         if self.envelope.mail_from:
             await self.push(status.TRANSACTION_IN_PROGRESS)
             return
-        if self.wire.ended:  # the client closed its side: no handshake can come (asyncio would wait 60 s for it)
-            raise ConnectionResetError("the client left before the TLS handshake")
         if self._new_tls_refused("STARTTLS request"):
             await self.push(status.starttls_refused(self.session.client))
             return
         await self.push(status.READY_FOR_TLS)
+        if self.wire.ended:  # the client closed its side: no handshake can come (asyncio would wait for it)
+            self._handshake_failed(ConnectionResetError())  # as Postfix's SSL_accept meets the end of input
+            raise ConnectionResetError("the client left before the TLS handshake")
         await self.tls_session(self.tls_context)
 
     def _may_reply(self) -> bool:
@@ -145,8 +148,7 @@ class SecureCommands(FrontEndCommands):
         try:
             await self.start_tls(context)
         except (TLSSetupException, ConnectionError) as error:
-            self.record.lines.tls_accept_failed(self.session.client, *handshake_failure(error))
-            self._rate_exceeded("newtls")  # (logged; no reply can be sent)
+            self._handshake_failed(error)
             raise
         ssl_object = self.log_tls()
         if (ssl_object is not None and ssl_object.session_reused) or not self._rate_exceeded("newtls"):
@@ -154,6 +156,11 @@ class SecureCommands(FrontEndCommands):
             return True
         await self._refuse_and_close(status.too_many_new_tls_sessions(self.hostname, self.session.client))
         return False
+
+    def _handshake_failed(self, error: BaseException) -> None:
+        """Postfix's `SSL_accept error from host[ip]: …` line; the handshake counts as a new TLS session."""
+        self.record.lines.tls_accept_failed(self.session.client, *handshake_failure(error))
+        self._rate_exceeded("newtls")  # (logged; no reply can be sent)
 
     async def start_tls(self, context: ssl.SSLContext) -> None:
         """The TLS handshake on this connection, as the server, within starttls_timeout (the command deadline
