@@ -19,6 +19,7 @@ from mailflow.clock import VirtualClock
 from mailflow.config import config_from_dict
 from mailflow.errors import ConfigError
 from mailflow.stages.smtpd import anvil as anvil_module
+from mailflow.stages.smtpd import server as server_module
 from mailflow.stages.smtpd.anvil import Anvil, SessionSlots
 from mailflow.stages.smtpd.auth import (Authenticator, FailureCounter, PasswordHasher, SenderLogins, failure_delay,
                                         hash_password, parse_hash, verify_password)
@@ -456,7 +457,8 @@ async def test_max_sessions_holds_the_greeting_until_a_slot_frees(mailflow_serve
 async def test_implicit_tls_clients_that_never_start_the_handshake_hold_session_slots(mailflow_server, pki, users):
     """On 465 the handshake comes after the admission: silent connections take the listener's slots and its
     waiting places like any session, and the next one is refused at once (asyncio would keep each open for its
-    60 s handshake timeout, beyond every limit). A TLS client is served once a slot frees."""
+    60 s handshake timeout, beyond every limit), its 421 over TLS after its handshake. A TLS client is served once
+    a slot frees."""
     _, cert, ctx = pki
     mf = await mailflow_server(**door(cert, users, {"address": "127.0.0.1:0", "role": "submissions",
                                                     "overrides": {"max_sessions": 2}}))
@@ -464,14 +466,50 @@ async def test_implicit_tls_clients_that_never_start_the_handshake_hold_session_
     silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]  # 2 sessions, 2 waiting
     listener = mf.smtpd.listeners[-1]
     await eventually(lambda: listener.slots.waiting == 2)
-    refused, _ = await asyncio.open_connection("127.0.0.1", port)
-    assert (await asyncio.wait_for(refused.read(), 5)).startswith(b"421 ")  # and closed
+    refused = await SmtpClient.connect(port, tls=ctx, greet=False)
+    assert await refused.reply() == status.SERVER_BUSY
+    assert await refused.closed()
+    await refused.close()
     for _, writer in silent[:3]:
         writer.close()
     c = await SmtpClient.connect(port, tls=ctx)
     assert "AUTH" in await ehlo(c)
     await c.close()
     silent[3][1].close()
+
+
+async def test_refusals_on_an_implicit_tls_port_hold_few_handshakes(mailflow_server, pki, users, caplog,
+                                                                     monkeypatch):
+    """A client past its connection count on 465 gets its 421 over TLS, after a handshake (Postfix's wrapper mode
+    refuses so). Those handshakes are bounded apart from the sessions: REFUSAL_HANDSHAKES at once per listener
+    (starttls_timeout each); beyond them a refused connection is closed at once without a word, its refusal
+    logged all the same. The places come back as those connections end."""
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(server_module, "REFUSAL_HANDSHAKES", 2)
+    _, cert, ctx = pki
+    mf = await mailflow_server(**door(cert, users, {"address": "127.0.0.1:0", "role": "submissions",
+                                                    "overrides": {"client_connection_count_limit": 1}}))
+    port = mf.smtpd.address_of("submissions")[1]
+    listener = mf.smtpd.listeners[-1]
+    admitted = await SmtpClient.connect(port, tls=ctx)
+    refused = await SmtpClient.connect(port, tls=ctx, greet=False)
+    assert await refused.reply() == status.too_many_connections("mx.mailflow.test", "127.0.0.1")
+    assert await refused.closed()
+    await refused.close()
+    silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]  # refused, in their handshakes
+    await eventually(lambda: listener.refusing.taken == 2)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # no place for its handshake: closed at once
+    writer.close()
+    for _, silent_writer in silent:
+        silent_writer.close()
+    await eventually(lambda: listener.refusing.taken == 0)
+    refused = await SmtpClient.connect(port, tls=ctx, greet=False)
+    assert await refused.reply() == status.too_many_connections("mx.mailflow.test", "127.0.0.1")
+    await refused.close()
+    await admitted.close()
+    assert limit_warnings(caplog) == [
+        f"Connection concurrency limit exceeded: 2 from {LOOPBACK_CLIENT} for service submissions"] * 3
 
 
 def limit_warnings(caplog) -> list[str]:

@@ -3,8 +3,10 @@ so that each comparison takes seconds). Compared: the reply (code, enhanced code
 name normalised), when it comes, and what is logged: the per-client connection count and rate (anvil, the time
 unit included), the per-client message, recipient and AUTH rates (which MAIL, RCPT, VRFY and AUTH commands
 count), the new TLS session rate with STARTTLS, smtpd_timeout between commands, in DATA and BDAT content and
-after the message, smtpd_starttls_timeout for a stalled handshake (STARTTLS, and a wrapper-mode service), and
-message_size_limit against a milter whose edits (a replaced body) go past it.
+after the message, and smtpd_starttls_timeout for a stalled handshake (STARTTLS, and a wrapper-mode service); a
+failed or abandoned handshake, STARTTLS followed at once by the end of input, and the connection count limit of a
+wrapper-mode service (its 421 over TLS); message_size_limit against a milter whose edits (a replaced body) go past
+it.
 
 Not compared: the new TLS session rate with implicit TLS (that test's Postfix has no wrapper-mode service;
 tests/component/test_frontdoor.py covers mailflow's), resumed TLS sessions (likewise); line_length_limit and
@@ -499,3 +501,61 @@ async def test_starttls_then_the_end_of_input_is_answered_and_logged_as_by_a_rea
         + [f"lost connection after STARTTLS from {LOOPBACK_CLIENT}"] * 2
         + [f"disconnect from {LOOPBACK_CLIENT} ehlo=1 starttls=0/1 commands=1/2"]
         + [f"disconnect from {LOOPBACK_CLIENT} ehlo=1 starttls=0/1 unknown=0/1 commands=1/3"])
+
+
+async def refused_over_tls(port: int, ctx: ssl.SSLContext) -> list[str]:
+    """Connection count limit 1 on an implicit-TLS port: a first TLS session is held while a second one makes its
+    handshake; that one's first reply over TLS (hosts normalised), and whether the server then closed."""
+    first = await SmtpClient.connect(port, tls=ctx)
+    second = await SmtpClient.connect(port, tls=ctx, greet=False)
+    reply = await second.reply()
+    closed = await second.closed()
+    await second.close()
+    await leave(first)
+    return [same_host(reply.text), "closed" if closed else "open"]
+
+
+REFUSAL_LINE = re.compile(r"(connect from|disconnect from|Anonymous TLS connection established|.* limit exceeded)")
+
+
+def refusal_lines(lines) -> list[str]:
+    """The lines of the sessions (connections, TLS, anvil), in order: the cipher details after the bits and the
+    service a warning names (a master.cf service is named by its address) cut."""
+    return [re.sub(r" for service \S+$", "", re.sub(r"(bits\)).*", r"\1", line)) for line in lines
+            if REFUSAL_LINE.match(line)]
+
+
+async def test_a_connection_limit_on_an_implicit_tls_port_refuses_over_tls_as_a_real_postfix(mailflow_server, caplog,
+                                                                                            pki, users):
+    """Postfix's wrapper mode completes the TLS handshake before its anvil check: the 421 of a client past its
+    connection count comes over TLS (written before the handshake it would be garbage to a TLS client), and the
+    warning is logged after the TLS line."""
+    caplog.set_level(logging.INFO)
+    _, cert, ctx = pki
+    implicit_port = free_port()
+    async with postfix_instance({"myhostname": PF_HOST, "mynetworks": NETWORKS, "smtpd_tls_cert_file": cert,
+                                 "smtpd_tls_key_file": cert, "smtpd_tls_loglevel": "1"},  # (mailflow's TLS lines)
+                                master_cf=f"127.0.0.1:{implicit_port} inet n - n - - smtpd -o smtpd_tls_wrappermode=yes"
+                                          f" -o smtpd_client_connection_count_limit=1\n") as pf:
+        await eventually(lambda: "disconnect from" in pf.maillog, timeout=5, what="the readiness probe's end")
+        probe = len(pf.maillog)
+        postfix = await refused_over_tls(implicit_port, ctx)
+        await eventually(lambda: pf.maillog.count("disconnect from") >= 3, timeout=5, what="Postfix's lines")
+        pf_log = [line.split("]: ", 1)[1].removeprefix("warning: ") for line in pf.maillog[probe:].splitlines()
+                  if "smtpd[" in line]
+    mf = await mailflow_server(mynetworks=[NETWORKS], smtpd={
+        "tls_cert_file": cert, "sasl_user_maps": [users],
+        "listeners": [{"address": "127.0.0.1:0", "role": "submissions",
+                       "overrides": {"client_connection_count_limit": 1}}]})
+    mailflow = await refused_over_tls(mf.smtpd.address_of("submissions")[1], ctx)
+    await sessions_over(mf)
+    assert mailflow == postfix
+    assert refusal_lines(r.getMessage() for r in caplog.records if r.name == "mailflow.smtpd") == refusal_lines(pf_log)
+    # Postfix's own, so that a change on both sides cannot pass unnoticed
+    assert postfix == ["421 4.7.0 HOST Error: too many connections from 127.0.0.1", "closed"]
+    tls = "Anonymous TLS connection established from " + LOOPBACK_CLIENT
+    assert [line.partition(":")[0] if line.startswith(tls) else line for line in refusal_lines(pf_log)] == [
+        f"connect from {LOOPBACK_CLIENT}", tls, f"connect from {LOOPBACK_CLIENT}", tls,
+        f"Connection concurrency limit exceeded: 2 from {LOOPBACK_CLIENT}",
+        f"disconnect from {LOOPBACK_CLIENT} commands=0/0",
+        f"disconnect from {LOOPBACK_CLIENT} quit=1 commands=1"]

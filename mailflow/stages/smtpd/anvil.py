@@ -26,6 +26,8 @@ What it owns
   greeting, for a slot to free (back-pressure, as a Postfix service at its process limit leaves connections in
   the listen queue); when as many are already waiting, it is refused (the caller answers 421 4.3.2).
   `resize(limit)`: a reload's limit, for new connections; the sessions above a lowered one are not cut.
+- `Places(limit)`: at most `limit` of something at once, never waited for: `take()` is False when all are in
+  use, `give_back()` returns one (server.py: the TLS handshakes of implicit-TLS connections being refused).
 
 Failure behaviour: pure bookkeeping, no I/O; a refusal is a `Refusal` (the caller logs it and answers: 421 and
 close for a connection or a new TLS session, 450 4.7.1 for the other events).
@@ -221,3 +223,20 @@ class SessionSlots:
             if not waiter.done():  # (a cancelled one: its connection went away)
                 self._held += 1
                 waiter.set_result(None)
+
+
+class Places:
+    """At most `limit` at once; `take()` never waits (False: none free), `give_back()` frees one."""
+
+    def __init__(self, limit: int):
+        self._limit = limit
+        self.taken = 0
+
+    def take(self) -> bool:
+        if self.taken >= self._limit:
+            return False
+        self.taken += 1
+        return True
+
+    def give_back(self) -> None:
+        self.taken -= 1

@@ -12,8 +12,12 @@ SmtpdConfig, its own handler (built by `handler_for(config)` with that config), 
   (530 5.7.0).
 - submissions: implicit TLS (the handshake comes first, once the connection is admitted: a client that never
   starts it holds a session slot, for starttls_timeout at most, so max_sessions and the per-client limits bound
-  such clients too; nothing is written to it before its handshake is done but the admission's refusal, a 421 in
-  plaintext: Postfix's wrapper mode completes the handshake first, then refuses), AUTH required before MAIL.
+  such clients too; nothing is written to it before its handshake is done). The admission's refusal (421: the
+  per-client limits, the sessions and their waiting places all taken) comes after a handshake too, over TLS, as
+  Postfix's wrapper mode completes the handshake before its anvil check: logged once the handshake is done, as
+  Postfix logs it then. Such handshakes are bounded apart from the sessions: starttls_timeout each, and at most
+  REFUSAL_HANDSHAKES at once per listener; beyond them (or when the handshake fails) the connection is closed
+  without a word. AUTH required before MAIL.
 AUTH (PLAIN, LOGIN; the exchange is secure.py's, the check auth.py's) is offered only over TLS, unless
 `allow_plaintext_auth_on_loopback` and the client is on loopback. The failure table and the hashing threads
 belong to the server: one for all its listeners and every reload; so does the connection to Dovecot's auth
@@ -58,7 +62,7 @@ import functools
 import ipaddress
 import logging
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from aiosmtpd.smtp import TLSSetupException
@@ -69,7 +73,7 @@ from mailflow.clock import Clock, SystemClock
 from mailflow.config import Config, SmtpdConfig
 from mailflow.errors import ConfigError, os_reason
 from mailflow.listening import Listening, listen
-from mailflow.stages.smtpd.anvil import EVENT_LIMITS, Anvil, SessionSlots
+from mailflow.stages.smtpd.anvil import EVENT_LIMITS, Anvil, Places, SessionSlots
 from mailflow.stages.smtpd.auth import (Authenticator, Backend, DovecotBackend, FailureCounter, PasswordHasher,
                                         SenderLogins, TableBackend, is_loopback)
 from mailflow.stages.smtpd.dovecot_auth import DovecotAuth
@@ -85,6 +89,9 @@ log = logging.getLogger("mailflow.smtpd")
 
 AUTH_HASH_WORKERS = 2  # scrypt threads: an AUTH flood uses at most this many cores
 STOP_POLL = 0.05  # seconds between looks at the sessions of a stopping server
+# Implicit-TLS connections being refused that may be in their TLS handshake at once, per listener (the refusal goes
+# over TLS; beyond this, such a connection is closed without a word)
+REFUSAL_HANDSHAKES = 10
 # What a reload replaces in a running listener (its address, socket, session slots and counts stay).
 RELOADED = ("role", "config", "handler", "authenticator", "sender_logins", "frontends", "limits")
 
@@ -106,6 +113,7 @@ class Listener:
     limits: ProtocolLimits  # of every session of this listener: made once, not at each connection
     setting: str = ""  # the configuration key that names it ("smtpd.listen[0]", "smtpd.listeners[1].address")
     server: Listening | None = None
+    refusing: Places = field(default_factory=lambda: Places(REFUSAL_HANDSHAKES))  # (implicit TLS: see REFUSAL_...)
 
     @property
     def smtpd(self) -> SmtpdConfig:
@@ -143,14 +151,14 @@ class ListenerSession(SmtpSession):
         ip = self.session.peer_ip
         refusal = self._listener.anvil.admit(ip)
         if refusal is not None:
-            self.record.lines.limit_exceeded(refusal.limit, refusal.number, self.session.client, self._service)
-            await self._refuse_and_close(status.too_many_connections(self.hostname, ip))
+            await self._refuse(status.too_many_connections(self.hostname, ip), functools.partial(
+                self.record.lines.limit_exceeded, refusal.limit, refusal.number, self.session.client, self._service))
             return False
         self._admitted_ip = ip
         if not await self._listener.slots.acquire():
-            log.warning("%s: refused: %d sessions and as many waiting", self.session.client,
-                        self._listener.slots.limit)
-            await self._refuse_and_close(status.SERVER_BUSY)
+            await self._refuse(status.SERVER_BUSY, functools.partial(
+                log.warning, "%s: refused: %d sessions and as many waiting", self.session.client,
+                self._listener.slots.limit))
             return False
         self._has_slot = True
         if self._implicit_tls is not None:
@@ -163,6 +171,29 @@ class ListenerSession(SmtpSession):
         if self._smtpd.allow_plaintext_auth_on_loopback and is_loopback(ip):
             self._auth_needs_tls = False
         return True
+
+    async def _refuse(self, reply: status.Reply, log_refusal: Callable[[], None]) -> None:
+        """The admission's refusal: `log_refusal()`, `reply` and the end of the connection. On a submissions
+        listener only after a TLS handshake (within starttls_timeout, one of the listener's REFUSAL_HANDSHAKES
+        places held meanwhile), the reply then going over TLS, as Postfix's wrapper mode refuses; with no place
+        free the connection is closed at once without a word, and so it is when the handshake fails (logged as
+        any failed handshake; then the refusal is not, as in Postfix, which never got to its limits)."""
+        if self._implicit_tls is None:
+            log_refusal()
+            await self._refuse_and_close(reply)
+            return
+        if not self._listener.refusing.take():
+            log_refusal()
+            self.hang_up()
+            return
+        try:
+            if await self.tls_session(self._implicit_tls):  # (False: refused for its new TLS session rate)
+                log_refusal()
+                await self._refuse_and_close(reply)
+        except (TLSSetupException, ConnectionError):
+            self._close()
+        finally:
+            self._listener.refusing.give_back()
 
     def _may_reply(self) -> bool:
         """Not on a submissions listener before its handshake is done (its client's first bytes are TLS's)."""
