@@ -457,9 +457,11 @@ def bdat_discarded(size: int) -> Reply:
     return Reply(551, "5.0.0", f"Discarded {size} bytes after earlier error")
 
 
-def bad_dsn_parameter(text: str) -> Reply:
-    """A malformed or repeated RFC 3461 parameter (RET, ENVID, NOTIFY, ORCPT)."""
-    return Reply(501, "5.5.4", f"Error: {text}")
+# A malformed or repeated RFC 3461 parameter, in Postfix's words (its MAIL replies say no "Error:", its RCPT ones do)
+BAD_RET = Reply(501, "5.5.4", "Bad RET parameter syntax")
+BAD_ENVID = Reply(501, "5.5.4", "Bad ENVID parameter syntax")
+BAD_NOTIFY = Reply(501, "5.5.4", "Error: Bad NOTIFY parameter syntax")
+BAD_ORCPT = Reply(501, "5.5.4", "Error: Bad ORCPT parameter syntax")
 
 
 # ---- front door (listeners, TLS, AUTH, connection limits)

@@ -240,7 +240,7 @@ async def test_ehlo_offers_size_with_the_limit_or_bare_without_one(mailflow_serv
     "MAIL FROM:<s@remote.test> RET=FULL RET=HDRS",
     # RFC 3461 4.4: an ENVID is printable US-ASCII (Postfix: allprint()); CR LF would go into a notice's header
     "MAIL FROM:<s@remote.test> ENVID=a+0D+0ABcc:+20x@evil.test",
-    "MAIL FROM:<s@remote.test> ENVID=a+00b",
+    "MAIL FROM:<s@remote.test> ENVID=a+09b",
     "MAIL FROM:<s@remote.test> ENVID=caf+C3+A9",
 ])
 async def test_bad_mail_dsn_parameters_are_501(mailflow_server, command):

@@ -1,104 +1,108 @@
-"""RFC 3461 DSN parameters on MAIL (RET, ENVID) and RCPT (NOTIFY, ORCPT): parse, check, carry to cleanup.
+"""RFC 3461 DSN parameters on MAIL (RET, ENVID) and RCPT (NOTIFY, ORCPT): each value checked as Postfix's smtpd
+checks it (mail_cmd, rcpt_cmd), and carried to cleanup.
 
-The session takes these parameters from the MAIL/RCPT line (`split_params`; ENVID and ORCPT keep their
-case), checks them here (`mail_params`, `rcpt_params`), and keeps them on its transaction (state.Transaction:
-`dsn_ret`, `dsn_envid`, and one `(notify, orcpt)` per accepted recipient in `rcpt_dsn`), which carries them to
-cleanup in the model Envelope.
+The session takes each `KEY=value` word in the order given (transaction.py: the first bad word answers, and a
+parameter given twice is refused as malformed); the values are checked here: `ret`, `envid`, `notify`, `orcpt`.
+It keeps them on its transaction (state.Transaction: `dsn_ret`, `dsn_envid`, and one `(notify, orcpt)` per
+accepted recipient in `rcpt_dsn`), which carries them to cleanup in the model Envelope.
 
-Failure behaviour: a malformed or repeated parameter raises `DsnError` naming it; the session answers it with
-`501 5.5.4` (`status.bad_dsn_parameter`). Nothing here does I/O.
+What Postfix takes, and so what is taken here: xtext with `+hh` in either case and any other character as itself
+(`xtext_decode`, Postfix's xtext_unquote; the decoded value ends at a NUL, as Postfix's C string does); RFC 6533's
+`\\x{HEX}` for an ORCPT of type utf-8 (`uxtext_decode`); NOTIFY words in any case, repeated, or with empty items
+between commas; an ENVID of any length, printable US-ASCII once decoded (RFC 3461 4.4, Postfix's allprint(): it
+goes into notices' headers); an ORCPT of any non-empty type (kept only when the type is an RFC 3461 atom: the
+value reaches next hops and notices).
+
+Failure behaviour: a malformed value raises `DsnError`; the session answers it with Postfix's reply for that
+parameter (`status.BAD_RET`, `BAD_ENVID`, `BAD_NOTIFY`, `BAD_ORCPT`). Nothing here does I/O.
 """
 from __future__ import annotations
 
 import re
 
-from mailflow.syntax import ENVID_MAX, is_printable_ascii
+from mailflow.syntax import is_printable_ascii
 
-MAIL_KEYS = ("RET", "ENVID")
-RCPT_KEYS = ("NOTIFY", "ORCPT")
-NOTIFY_WORDS = {"SUCCESS", "FAILURE", "DELAY"}
-_XCHAR = re.compile(rb"[\x21-\x2a\x2c-\x3c\x3e-\x7e]")
+NOTIFY_WORDS = ("SUCCESS", "FAILURE", "DELAY")
+_HEX = "0123456789abcdefABCDEF"
+_UNICODE_ESCAPE = re.compile(r"\\x\{([^}]*)(\}?)")
 _ADDR_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
 
 
 class DsnError(ValueError):
-    """A DSN parameter the client got wrong; the text is safe to show it."""
+    """A DSN parameter value the client got wrong."""
 
 
-def split_params(tokens: list[str], keys: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
-    """Take the `keys` parameters out of `tokens` (`KEY=value` words): (their values by upper-case key, the
-    other tokens in order). A key given twice, or without a value, raises DsnError."""
-    found: dict[str, str] = {}
-    rest: list[str] = []
-    for token in tokens:
-        key, eq, value = token.partition("=")
-        if key.upper() not in keys:
-            rest.append(token)
-            continue
-        if key.upper() in found:
-            raise DsnError(f"duplicate {key.upper()} parameter")
-        if not eq or not value:
-            raise DsnError(f"{key.upper()} needs a value")
-        found[key.upper()] = value
-    return found, rest
+def _c_string(raw: bytes) -> str:
+    """What Postfix keeps of decoded bytes: up to the first NUL, as text (bytes that are not UTF-8 replaced)."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", errors="replace")
 
 
 def xtext_decode(text: str) -> str:
-    """RFC 3461 xtext: printable ASCII except '+' and '=', with `+HH` for any other byte."""
-    raw = text.encode("ascii", errors="strict") if text.isascii() else None
-    if raw is None:
-        raise DsnError("xtext must be ASCII")
+    """RFC 3461 xtext as Postfix's xtext_unquote reads it: `+` and two hex digits (either case) is that byte,
+    any other character stands for itself; DsnError for a `+` without two hex digits."""
     out = bytearray()
     i = 0
-    while i < len(raw):
-        if raw[i:i + 1] == b"+":
-            hexpart = raw[i + 1:i + 3]
-            if len(hexpart) != 2 or not re.fullmatch(rb"[0-9A-F]{2}", hexpart):
+    while i < len(text):
+        if text[i] == "+":
+            pair = text[i + 1:i + 3]
+            if len(pair) != 2 or pair[0] not in _HEX or pair[1] not in _HEX:
                 raise DsnError("malformed xtext")
-            out.append(int(hexpart, 16))
+            out.append(int(pair, 16))
             i += 3
-        elif _XCHAR.fullmatch(raw[i:i + 1]):
-            out += raw[i:i + 1]
+        else:
+            out += text[i].encode("utf-8", errors="surrogateescape")
             i += 1
-        else:
-            raise DsnError("malformed xtext")
-    return out.decode("utf-8", errors="replace")
+    return _c_string(bytes(out))
 
 
-def mail_params(found: dict[str, str]) -> tuple[str, str]:
-    """(ret, envid) from MAIL's RET and ENVID values; '' for a parameter not given. An ENVID must decode to
-    printable US-ASCII (RFC 3461 4.4; Postfix refuses the others too): it is written into notices' headers."""
-    ret = found.get("RET", "").upper()
-    if ret and ret not in ("FULL", "HDRS"):
+def uxtext_decode(text: str) -> str:
+    """RFC 6533 utf-8-addr-xtext as Postfix's uxtext_unquote reads it: `\\x{HEX}` is that code point (at most
+    U+10FFFF), any other character stands for itself; DsnError for an escape without its hex digits and `}`."""
+    out = bytearray()
+    pos = 0
+    for escape in _UNICODE_ESCAPE.finditer(text):
+        digits, closed = escape.groups()
+        if not closed or any(d not in _HEX for d in digits) or (digits and int(digits, 16) > 0x10FFFF):
+            raise DsnError("malformed utf-8-addr-xtext")
+        out += text[pos:escape.start()].encode("utf-8", errors="surrogateescape")
+        out += chr(int(digits or "0", 16)).encode("utf-8", errors="surrogatepass")
+        pos = escape.end()
+    out += text[pos:].encode("utf-8", errors="surrogateescape")
+    return _c_string(bytes(out))
+
+
+def ret(value: str) -> str:
+    """RET=FULL or RET=HDRS (any case): the upper-case word."""
+    if value.upper() not in ("FULL", "HDRS"):
         raise DsnError("RET must be FULL or HDRS")
-    envid = ""
-    if "ENVID" in found:
-        if len(found["ENVID"]) > ENVID_MAX:
-            raise DsnError("ENVID too long")
-        envid = xtext_decode(found["ENVID"])
-        if not is_printable_ascii(envid):  # RFC 3461 4.4, Postfix's allprint(): no CR LF for a notice
-            raise DsnError("ENVID must be printable ASCII")
-    return ret, envid
+    return value.upper()
 
 
-def rcpt_params(found: dict[str, str]) -> tuple[str, str]:
-    """(notify, orcpt) from RCPT's NOTIFY and ORCPT values: notify as an upper-case comma list (a word given
-    twice counts once, as Postfix takes it), orcpt as `type;address` with the xtext decoded; '' for a parameter
-    not given, and for an ORCPT with an empty address (which Postfix takes too: there is nothing to report)."""
-    notify = ""
-    if "NOTIFY" in found:
-        words = list(dict.fromkeys(w.upper() for w in found["NOTIFY"].split(",")))
-        if words == ["NEVER"]:
-            notify = "NEVER"
-        elif all(w in NOTIFY_WORDS for w in words):
-            notify = ",".join(words)
-        else:
-            raise DsnError("NOTIFY must be NEVER or a list of SUCCESS, FAILURE, DELAY")
-    orcpt = ""
-    if "ORCPT" in found:
-        addr_type, semi, xtext = found["ORCPT"].partition(";")
-        if not semi or not _ADDR_TYPE.match(addr_type):
-            raise DsnError("ORCPT must be addr-type;xtext")
-        orcpt = f"{addr_type.lower()};{xtext_decode(xtext)}" if xtext else ""
-    return notify, orcpt
+def envid(value: str) -> str:
+    """ENVID=xtext: the decoded id, which must be non-empty printable US-ASCII."""
+    decoded = xtext_decode(value)
+    if not decoded or not is_printable_ascii(decoded):
+        raise DsnError("ENVID must be printable ASCII")
+    return decoded
 
+
+def notify(value: str) -> str:
+    """NOTIFY=NEVER or a comma list of SUCCESS, FAILURE, DELAY (any case; a word given twice counts once, an
+    empty item is skipped, as Postfix's name_mask takes them): an upper-case comma list."""
+    words = list(dict.fromkeys(word.upper() for word in value.split(",") if word))
+    if words == ["NEVER"]:
+        return "NEVER"
+    if not words or any(word not in NOTIFY_WORDS for word in words):
+        raise DsnError("NOTIFY must be NEVER or a list of SUCCESS, FAILURE, DELAY")
+    return ",".join(words)
+
+
+def orcpt(value: str) -> str:
+    """ORCPT=type;address: `type;address` with the type in lower case and the address decoded (uxtext for type
+    utf-8, else xtext); "" for one that names no address, or whose type is no RFC 3461 atom (taken, as Postfix
+    takes any type, but not passed on)."""
+    addr_type, semi, encoded = value.partition(";")
+    if not semi or not addr_type:
+        raise DsnError("ORCPT must be addr-type;xtext")
+    addr = uxtext_decode(encoded) if addr_type.lower() == "utf-8" else xtext_decode(encoded)
+    return f"{addr_type.lower()};{addr}" if addr and _ADDR_TYPE.match(addr_type) else ""

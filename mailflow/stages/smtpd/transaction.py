@@ -18,11 +18,13 @@ What it owns
 Failure behaviour (each refusal a `mailflow.status` reply; nothing raises for a client's input): no FROM:/TO:,
 or nothing after it, 501 5.5.4; past the client's message or recipient rate 450 4.7.1 (logged; the session
 goes on); a malformed path 501 5.1.7 / 5.1.3 (logged as Postfix's "Illegal address syntax"; so is an address
-the handler finds malformed, with the same reply, no address named in it, as Postfix's); parameters without
-EHLO 501 5.5.4; an unknown parameter 555 5.5.4; a malformed or repeated DSN parameter 501 5.5.4; a bad SIZE 501
-5.5.4, one over message_size_limit (or past OFF_T_MAX, Postfix's "file system imposed limit") 552 5.3.4; AUTH=
-after one that named a sender 503 5.5.4; MAIL twice 503 5.5.1; RCPT before MAIL, or once BDAT content has
-begun, 503 5.5.1; past recipient_limit 452 4.5.3, counted as an error only past recipient_overshoot_limit.
+the handler finds malformed, with the same reply, no address named in it, as Postfix's). The parameters are
+taken in the order given and the first bad one answers, as in Postfix: an unknown one 555 5.5.4; a malformed or
+repeated DSN parameter 501 5.5.4 in Postfix's words (`Bad RET parameter syntax`, `Error: Bad NOTIFY parameter
+syntax`, ...); a bad SIZE 501 5.5.4, one past OFF_T_MAX (Postfix's "file system imposed limit") 552 5.3.4, one over
+message_size_limit 552 5.3.4 once all are taken; AUTH= after one that named a sender 503 5.5.4. MAIL twice 503
+5.5.1; RCPT before MAIL, or once BDAT content has begun, 503 5.5.1; past recipient_limit 452 4.5.3, counted as an
+error only past recipient_overshoot_limit.
 """
 from __future__ import annotations
 
@@ -36,52 +38,78 @@ from mailflow.stages.smtpd.state import NULL_SENDER
 from mailflow.syntax import parse_octet_count
 
 
-def mail_parameters(words: list[str], size_limit: int | None) -> tuple[list[str], str, str, str] | status.Reply:
-    """(options for the handler, RET, ENVID, AUTH) of MAIL's parameter words, or the refusal. Options are upper
-    case: `BODY=8BITMIME`, `SIZE=n`, `SMTPUTF8`. AUTH is the AUTH= value as given (printable; "" for `<>` or
-    none), which Postfix keeps as the message's sasl_sender."""
+DSN_CHECKS: dict[str, tuple[Callable[[str], str], status.Reply]] = {
+    "RET": (dsn.ret, status.BAD_RET), "ENVID": (dsn.envid, status.BAD_ENVID),
+    "NOTIFY": (dsn.notify, status.BAD_NOTIFY), "ORCPT": (dsn.orcpt, status.BAD_ORCPT)}
+
+
+def _take_dsn(found: dict[str, str], key: str, value: str) -> status.Reply | None:
+    """One RFC 3461 parameter's checked value into `found`; Postfix's refusal when it is malformed or repeated."""
+    check, refusal = DSN_CHECKS[key]
+    if key in found:
+        return refusal
     try:
-        found, others = dsn.split_params(words, dsn.MAIL_KEYS)
-        ret, envid = dsn.mail_params(found)
-    except dsn.DsnError as e:
-        return status.bad_dsn_parameter(str(e))
-    options, auth = [], ""
-    for word in others:
+        found[key] = check(value)
+    except dsn.DsnError:
+        return refusal
+    return None
+
+
+def mail_parameters(words: list[str], size_limit: int | None) -> tuple[list[str], str, str, str] | status.Reply:
+    """(options for the handler, RET, ENVID, AUTH) of MAIL's parameter words, or the refusal. The words are taken
+    in the order given and the first bad one answers, as in Postfix's mail_cmd; the declared SIZE (the last one
+    given) is compared with the limit after them all, as Postfix's smtpd_check_size. Options are upper case:
+    `BODY=8BITMIME`, `SIZE=n`, `SMTPUTF8`. AUTH is the AUTH= value as given (printable; "" for `<>` or none),
+    which Postfix keeps as the message's sasl_sender."""
+    options: dict[str, str] = {}  # by keyword: the option as the handler gets it
+    found: dict[str, str] = {}  # RET and ENVID
+    auth = ""
+    for word in words:
         key, eq, value = word.partition("=")
-        key, upper_value = key.upper(), value.upper()
-        if key == "BODY" and upper_value in ("7BIT", "8BITMIME"):
-            options.append(f"BODY={upper_value}")
+        key = key.upper()
+        if key == "SMTPUTF8" and not eq:
+            options[key] = key
+        elif key == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
+            options[key] = f"BODY={value.upper()}"
         elif key == "SIZE" and eq:
-            try:
-                size = parse_octet_count(value)
-            except ValueError:
-                return status.BAD_SIZE_SYNTAX
-            if size is None:
-                return status.SIZE_OVERFLOW
-            if size_limit and size > size_limit:
-                return status.SIZE_EXCEEDS_LIMIT
-            options.append(f"SIZE={size}")
-        elif key == "SMTPUTF8" and not eq:
-            options.append("SMTPUTF8")
+            size = _declared_size(value)
+            if isinstance(size, status.Reply):
+                return size
+            options[key] = f"SIZE={size}"
         elif key == "AUTH" and eq:  # RFC 4954 section 5: accepted from anyone, trusted from no one
             if auth:  # Postfix refuses a second AUTH= once one named a sender (one after AUTH=<> is taken)
                 return status.MULTIPLE_AUTH
             auth = "" if value == "<>" else printable(value)
+        elif key in ("RET", "ENVID") and eq:
+            refusal = _take_dsn(found, key, value)
+            if refusal is not None:
+                return refusal
         else:
             return status.unsupported_option(word)
-    return options, ret, envid, auth
+    if size_limit and int(options.get("SIZE", "SIZE=0")[5:]) > size_limit:
+        return status.SIZE_EXCEEDS_LIMIT
+    return list(options.values()), found.get("RET", ""), found.get("ENVID", ""), auth
+
+
+def _declared_size(value: str) -> int | status.Reply:
+    try:
+        size = parse_octet_count(value)
+    except ValueError:
+        return status.BAD_SIZE_SYNTAX
+    return status.SIZE_OVERFLOW if size is None else size
 
 
 def rcpt_parameters(words: list[str]) -> tuple[str, str] | status.Reply:
-    """(NOTIFY, ORCPT) of RCPT's parameter words, or the refusal."""
-    try:
-        found, others = dsn.split_params(words, dsn.RCPT_KEYS)
-        notify, orcpt = dsn.rcpt_params(found)
-    except dsn.DsnError as e:
-        return status.bad_dsn_parameter(str(e))
-    if others:
-        return status.unsupported_option(others[0])
-    return notify, orcpt
+    """(NOTIFY, ORCPT) of RCPT's parameter words, or the refusal of the first bad one (Postfix's rcpt_cmd)."""
+    found: dict[str, str] = {}
+    for word in words:
+        key, eq, value = word.partition("=")
+        if key.upper() not in ("NOTIFY", "ORCPT") or not eq:
+            return status.unsupported_option(word)
+        refusal = _take_dsn(found, key.upper(), value)
+        if refusal is not None:
+            return refusal
+    return found.get("NOTIFY", ""), found.get("ORCPT", "")
 
 
 class TransactionCommands(SecureCommands):
