@@ -91,6 +91,8 @@ WORDS: dict[str, list[str | bytes]] = {
     "MAIL parameters in the order given, the size limit after them all": [
         E, M + " FOO=1 RET=X", M + " RET=X FOO=1", M + " SIZE=20000000 FOO=1", M + " SIZE=abc RET=X",
         M + " SIZE=20000000 SIZE=10"],
+    "XCLIENT and XFORWARD: a transaction, then their syntax, before the authorization": [
+        E, "XCLIENT", "XFORWARD", M, "XCLIENT NAME=x.test", "XFORWARD NAME=x.test"],
 }
 
 

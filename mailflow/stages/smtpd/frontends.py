@@ -29,10 +29,10 @@ Failure behaviour: a malformed header raises `ProxyError`; the session logs a wa
 <host> Server local error` instead of a greeting and closes, as Postfix's smtpd does; so does a connection
 that ends inside the header, a peer outside upstream_proxy_clients, or no header within upstream_proxy_timeout.
 A connection that closes before its first byte (a TCP health check) is logged at info level only.
-A bad XCLIENT attribute raises `XclientError` with the reply to send (501 5.5.4); XCLIENT from a host not
-authorized gets 550 5.7.0, inside a transaction 503 5.5.1. XFORWARD is not supported: every client gets the
-550 5.7.0 Postfix gives a client it does not authorize for it (its default), not a 500 that would read as a
-command Postfix does not know; one with no attribute gets Postfix's 501 5.5.4 first.
+A bad XCLIENT attribute raises `XclientError` with the reply to send (501 5.5.4); XCLIENT inside a transaction
+gets 503 5.5.1, one without attributes 501 5.5.4, then one from a host not authorized 550 5.7.0 (Postfix's
+order). XFORWARD is not supported: every client gets the 550 5.7.0 Postfix gives a client it does not authorize
+for it (its default), not a 500 that would read as a command Postfix does not know; after the same two checks.
 """
 from __future__ import annotations
 
@@ -363,18 +363,23 @@ class FrontEndCommands(ProtocolCore):
     async def smtp_XFORWARD(self, arg: str | None) -> None:
         """Postfix XFORWARD (a content filter passing on the original client's attributes): not supported, so
         refused as Postfix refuses a client outside smtpd_authorized_xforward_hosts (empty by default), after
-        its own first check: no attribute at all is a syntax error."""
-        await self.push(status.syntax("XFORWARD attribute=value...") if not (arg or "").strip()
-                        else status.XCLIENT_DENIED)
+        its own first checks: inside a mail transaction 503, no attribute at all a syntax error."""
+        await self.push(self._before_authorization("XFORWARD", arg) or status.XCLIENT_DENIED)
+
+    def _before_authorization(self, command: str, arg: str | None) -> status.Reply | None:
+        """What Postfix's XCLIENT and XFORWARD refuse before they ask whether the client may use them."""
+        if self.envelope.mail_from:
+            return status.XCLIENT_IN_TRANSACTION
+        return None if (arg or "").strip() else status.syntax(f"{command} attribute=value...")
 
     async def smtp_XCLIENT(self, arg: str | None) -> None:
         """Postfix XCLIENT: an authorized front end names the real client; the session starts again."""
-        if not self._xclient_allowed:
+        refusal = self._before_authorization("XCLIENT", arg)
+        if refusal is None and not self._xclient_allowed:
             log.warning("%s: XCLIENT refused: not in authorized_xclient_hosts", self.session.client)
-            await self.push(status.XCLIENT_DENIED)
-            return
-        if self.envelope.mail_from:
-            await self.push(status.XCLIENT_IN_TRANSACTION)
+            refusal = status.XCLIENT_DENIED
+        if refusal is not None:
+            await self.push(refusal)
             return
         try:
             attributes = parse_xclient(arg)
