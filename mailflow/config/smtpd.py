@@ -116,8 +116,9 @@ class SmtpdConfig(SmtpdFilterSettings):
     disable_vrfy_command: bool = True
     # MAIL, RCPT and DATA before HELO/EHLO: 503 5.5.1 when true (smtpd_helo_required; Postfix's default: no).
     helo_required: bool = False
-    # A command in this list, or one that looks like a message header (`Subject:`), is not SMTP (an HTTP
-    # request, message content after a refused DATA): 221 2.7.0 and the connection is closed (smtpd_forbid_cmds).
+    # A command in this list, or one that looks like a message header (`Subject:`) or does not begin with a letter,
+    # is not SMTP (an HTTP request, message content after a refused DATA): 221 2.7.0 and the connection is closed
+    # (smtpd_forbidden_commands).
     forbid_cmds: tuple[str, ...] = ("CONNECT", "GET", "POST")
     # A session longer than this ends with 421 4.4.2 at its next command (with the per-command deadline, at
     # most `timeout` later); 0: no limit.

@@ -88,6 +88,11 @@ WORDS: dict[str, list[str | bytes]] = {
     "DSN parameters Postfix takes: xtext in either case, empty NOTIFY items, a long ENVID, any ORCPT type": [
         E, M + " ENVID=a+2b", "RSET", M + " ENVID=a=b+00c", "RSET", M + " ENVID=" + "x" * 200, R + " NOTIFY=NEVER,",
         R + " NOTIFY=,SUCCESS,,DELAY ORCPT=rfc822;a+2bb", R + " ORCPT=r\u00e9;x", R + " ORCPT=utf-8;a+zz"],
+    "a first word that does not begin with a letter: a line of content": [E, M, "."],
+    "a first word that does not begin with a letter: an address": [E, "<s@remote.test>"],
+    "a first word that does not begin with a letter: 8-bit": [E, "\u00e9t\u00e9"],
+    "a first word with a non-ASCII letter, lines of blanks, a form feed after the verb": [
+        E, "NO\u00c9OP", " ", "\t", "NOOP\x0c"],
     "MAIL parameters in the order given, the size limit after them all": [
         E, M + " FOO=1 RET=X", M + " RET=X FOO=1", M + " SIZE=20000000 FOO=1", M + " SIZE=abc RET=X",
         M + " SIZE=20000000 SIZE=10"],

@@ -589,7 +589,7 @@ class ProtocolCore(SMTP):
             self.record.command(None)
             await self.push(refusal)
             return
-        command = command_bytes.upper().decode("ascii")
+        command = command_bytes.upper().decode("utf-8")  # (bytes.upper: ASCII letters only, as strcasecmp)
         if command not in self._smtp_methods and self._not_smtp(command):
             self.record.lines.non_smtp_command(self.session.client, line)
             await self._refuse_and_close(status.NON_SMTP_COMMAND)
@@ -605,8 +605,11 @@ class ProtocolCore(SMTP):
         await self._dispatch(command, arg)
 
     def _not_smtp(self, command: str) -> bool:
-        """Postfix's smtpd_forbid_cmds, and its rule for a command that looks like a message header."""
-        return command in self._limits.forbid_cmds or _HEADER_NAME.match(command) is not None
+        """Postfix's smtpd_forbid_cmds, and its rules for a command that looks like a message header or does not
+        begin with a letter (its default smtpd_forbidden_commands' `/^[^A-Z]/ Bogus`: a line of message content,
+        an address, a number, binary junk)."""
+        return command in self._limits.forbid_cmds or _HEADER_NAME.match(command) is not None or \
+            _LETTER.match(command) is None
 
     def _flag_ill_pipelining(self, after: str, pending: bytes) -> bool:
         """A pipelining violation: logged the first time in a session whether or not it is refused (Postfix's
@@ -802,9 +805,10 @@ def _with_keywords(lines: list[str], keywords: tuple[str, ...]) -> list[str]:
 
 
 _HEADER_NAME = re.compile(r"[!-9;-~]+:")  # RFC 5322 field name, then the colon
-# The verb: after any leading blanks, up to the first space or tab (Postfix splits a command on both, though
-# RFC 5321 has only SP: `MAIL<TAB>FROM:<a@b>` is a MAIL command to it).
-_VERB = re.compile(rb"[ \t]*([^ \t]*)[ \t]*")
+_LETTER = re.compile(r"[A-Za-z]")
+# The verb: after any leading white space, up to the next (Postfix splits a command on space, tab, vertical tab
+# and form feed, though RFC 5321 has only SP: `MAIL<TAB>FROM:<a@b>` is a MAIL command to it).
+_VERB = re.compile(rb"[ \t\v\f]*([^ \t\v\f]*)[ \t\v\f]*")
 
 
 def _verb_and_argument(line: bytes) -> tuple[bytes, bytes]:
@@ -814,20 +818,16 @@ def _verb_and_argument(line: bytes) -> tuple[bytes, bytes]:
 
 
 def _malformed(line: bytes, verb: bytes) -> status.Reply | None:
-    """Why a command line cannot be a command at all (empty, NUL, a non-ASCII `verb`, invalid UTF-8), or None.
-    Valid UTF-8 is checked for the whole line, as Postfix does with SMTPUTF8 on: nothing later has to cope
-    with undecodable text."""
-    if not line:
-        return status.BAD_SYNTAX
+    """Why a command line cannot be a command at all (NUL, invalid UTF-8, no `verb`: empty or only blanks), or
+    None. Valid UTF-8 is checked for the whole line first, as Postfix does with SMTPUTF8 on: nothing later has
+    to cope with undecodable text."""
     if b"\0" in line:
         return status.NUL_IN_COMMAND
-    if not verb.isascii():
-        return status.BAD_SYNTAX
     try:
         line.decode("utf-8")
     except UnicodeDecodeError:
         return status.BAD_UTF8
-    return None
+    return None if verb else status.BAD_SYNTAX
 
 
 def _input_waiting(transport) -> bool:
