@@ -75,6 +75,9 @@ SESSIONS: dict[str, list[str | bytes]] = {
     "ETRN": [E, "ETRN", "ETRN elsewhere.test", "ETRN relay.test", "ETRN @relay.test", "ETRN #sub.relay.test",
              "ETRN local.test", "ETRN bad_host!", "ETRN [192.0.2.1]", "ETRN a b"],
     "ETRN before HELO, and in a transaction": ["ETRN relay.test", E, M, "ETRN relay.test", "RSET", "ETRN relay.test"],
+    "an unknown command pipelined after HELO": ["HELO client.test", b"FOO\r\nQUIT"],  # answered before the check
+    "HELO after EHLO: the session stays ESMTP and may pipeline": [E, "HELO client.test",
+                                                                   M.encode() + b"\r\nQUIT"],
 }
 
 
@@ -166,6 +169,7 @@ async def test_protocol_edges_match_a_real_postfix(mailflow_server):
         "local_recipient_maps": "inline:{alice=ok}", "message_size_limit": "10240000",
         "relayhost": "[127.0.0.1]:9",  # nothing is delivered: the replies are the test
         "relay_domains": "relay.test",  # (ETRN: Postfix's fast_flush_domains is $relay_domains)
+        "smtpd_forbid_unauth_pipelining": "yes",  # (mailflow's default; Postfix 3.7.11's is no)
     }) as pf:
         postfix = await replay(pf.port)
         postfix_words = await replay_words(pf.port)
@@ -201,6 +205,8 @@ async def test_protocol_edges_match_a_real_postfix(mailflow_server):
         250, 250, 250, 250, 250, 501, 501]
     assert postfix["ETRN"] == [250, 500, 459, 250, 250, 250, 459, 501, 459, 500]
     assert postfix["ETRN before HELO, and in a transaction"] == [250, 250, 250, 503, 250, 250]
+    assert postfix["an unknown command pipelined after HELO"] == [250, 500]
+    assert postfix["HELO after EHLO: the session stays ESMTP and may pipeline"] == [250, 250, 250]
     assert postfix["an underscore in a domain, a domain of digits"] == [250, 250, 554, 501]  # relaying; syntax
 
 

@@ -623,8 +623,8 @@ class ProtocolCore(SMTP):
     def _out_of_sync(self, command: str) -> bool:
         """RFC 2920 pipelining rules (smtpd_forbid_unauth_pipelining): input must not already be waiting after
         a command that ends a group, nor after any command of a client that did not say EHLO. Not asked again once
-        a violation is logged (Postfix)."""
-        if self._ill_pipelining or not self.wire.pending():
+        a violation is logged, nor for a command this server does not know, which Postfix answers first."""
+        if self._ill_pipelining or not self.wire.pending() or command not in self._smtp_methods:
             return False
         if command == "QUIT":
             return False
@@ -658,11 +658,15 @@ class ProtocolCore(SMTP):
     # --- HELO, EHLO, VRFY -----------------------------------------------------------------------------------
 
     async def smtp_HELO(self, hostname: str) -> None:
+        """aiosmtpd's HELO, except that a session that said EHLO stays an ESMTP one, as Postfix keeps its protocol
+        name: its pipelining rules, the Received header's `with` and the log's proto= stay ESMTP's."""
         self._in_hello = True
         try:
             if hostname and await self._hello_refused("HELO", hostname):
                 return
+            extended = self.session.extended_smtp
             await super().smtp_HELO(hostname)
+            self.session.extended_smtp = extended
         finally:
             self._in_hello = False
 
