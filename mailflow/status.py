@@ -46,7 +46,10 @@ SENDER_OK = Reply(250, "2.1.0", "Ok")
 RCPT_OK = Reply(250, "2.1.5", "Ok")
 
 
-def queued(queue_id: str) -> Reply:
+def queued(queue_id: str, octets: int | None = None) -> Reply:
+    """A message queued; `octets`: the size of a message given by BDAT, which Postfix's reply names."""
+    if octets is not None:
+        return Reply(250, "2.0.0", f"Ok: {octets} bytes queued as {queue_id}")
     return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
 
@@ -394,10 +397,12 @@ NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
 NUL_IN_COMMAND = Reply(500, "5.5.2", "Error: NUL character in command")
 NUL_IN_DATA = Reply(554, "5.6.0", "Error: NUL character in message content")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message file too big")
+CHUNK_TOO_BIG = Reply(552, "5.3.4", "Chunk exceeds message size limit")  # a BDAT chunk, refused before it is read
 VRFY_DISABLED = Reply(502, "5.5.1", "VRFY command is disabled")
 VRFY_SYNTAX = Reply(501, "5.5.4", "Syntax: VRFY address [SMTPUTF8]")  # (Postfix's, with smtputf8_enable)
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
-BDAT_MIXED = Reply(503, "5.5.1", "Error: BDAT and DATA cannot be mixed in one transaction")
+BDAT_MIXED = Reply(503, "5.5.1", "Error: DATA after BDAT")  # (Postfix's words)
+MAIL_AFTER_BDAT = Reply(503, "5.5.1", "Error: MAIL after BDAT")  # a BDAT refused outside a transaction
 BDAT_SYNTAX = Reply(521, "5.5.4", "Syntax: BDAT count [LAST]")  # then the session closes: its chunk cannot be skipped
 NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
 # DATA or BDAT after MAIL when no recipient was accepted (Postfix: NEED_RCPT only outside a transaction)

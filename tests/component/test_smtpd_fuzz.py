@@ -22,7 +22,7 @@ from mailflow.config import config_from_dict
 from tests.support import base_settings, maildir_messages, merged
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "120"))
-QUEUED = re.compile(rb"^250 2\.0\.0 Ok: queued as ", re.M)
+QUEUED = re.compile(rb"^250 2\.0\.0 Ok: (?:\d+ bytes )?queued as ", re.M)
 
 FRAGMENTS = [
     b"EHLO fuzz.test\r\n", b"HELO fuzz.test\r\n", b"MAIL FROM:<s@remote.test>\r\n",

@@ -78,6 +78,8 @@ SESSIONS: dict[str, list[str | bytes]] = {
     "an unknown command pipelined after HELO": ["HELO client.test", b"FOO\r\nQUIT"],  # answered before the check
     "HELO after EHLO: the session stays ESMTP and may pipeline": [E, "HELO client.test",
                                                                    M.encode() + b"\r\nQUIT"],
+    "a refused BDAT outside a transaction: MAIL, RCPT, DATA and chunks refused until RSET": [
+        E, "BDAT 0", M, R, "DATA", b"BDAT 4\r\nab", "BDAT 0", "RSET", M, R, b"BDAT 4 LAST\r\nab"],
 }
 
 
@@ -99,6 +101,12 @@ WORDS: dict[str, list[str | bytes]] = {
     "MAIL parameters in the order given, the size limit after them all": [
         E, M + " FOO=1 RET=X", M + " RET=X FOO=1", M + " SIZE=20000000 FOO=1", M + " SIZE=abc RET=X",
         M + " SIZE=20000000 SIZE=10"],
+    "BDAT LAST's reply names the message's size as Postfix counts it (a long line's pieces)": [
+        E, M, R, b"BDAT 7\r\nab\r\nc", b"BDAT 3 LAST\r\nd", M, R, b"BDAT 3002 LAST\r\n" + b"y" * 3000],
+    "a BDAT that found no recipient fails its transaction until BDAT LAST": [
+        E, M, b"BDAT 4\r\nab", R, M, "DATA", "BDAT 0", b"BDAT 4 LAST\r\nab", M, R, b"BDAT 4\r\nab", "DATA"],
+    "a BDAT chunk that would pass message_size_limit, refused before it is read": [
+        E, M, R, b"BDAT 10240001\r\n" + b"x" * 10239999, b"BDAT 4 LAST\r\nab", M],
     "XCLIENT and XFORWARD: a transaction, then their syntax, before the authorization": [
         E, "XCLIENT", "XFORWARD", M, "XCLIENT NAME=x.test", "XFORWARD NAME=x.test"],
 }
@@ -207,6 +215,8 @@ async def test_protocol_edges_match_a_real_postfix(mailflow_server):
     assert postfix["ETRN before HELO, and in a transaction"] == [250, 250, 250, 503, 250, 250]
     assert postfix["an unknown command pipelined after HELO"] == [250, 500]
     assert postfix["HELO after EHLO: the session stays ESMTP and may pipeline"] == [250, 250, 250]
+    assert postfix["a refused BDAT outside a transaction: MAIL, RCPT, DATA and chunks refused until RSET"] == [
+        250, 551, 503, 503, 503, 551, 551, 250, 250, 250, 250]
     assert postfix["an underscore in a domain, a domain of digits"] == [250, 250, 554, 501]  # relaying; syntax
 
 

@@ -10,12 +10,17 @@ What it owns
   (mailflow.content.Spool: memory for a small message, a file for a big one), under the DATA rate deadline.
   At its end the handler's `handle_DATA` finds it as a mailflow.content.Content (`Transaction.content`) and
   answers; the transaction ends however the message ends, and its spool is discarded (what was queued has the
-  queue's own name for its file by then). A message queued (250) resets the error counts.
+  queue's own name for its file by then). A message queued (250) resets the error counts; BDAT LAST's 250 names
+  the message's size as Postfix counts it (`ContentCheck.octets`): `250 2.0.0 Ok: N bytes queued as ID`.
 
 Failure behaviour (each refusal a `mailflow.status` reply): before HELO 503 5.5.1; before the login a submission
 needs 530 5.7.0; no recipient 503 5.5.1; DATA with an argument 501 5.5.4; DATA after BDAT 503 5.5.1; a malformed
 BDAT 521 5.5.4 and the session closes, as in Postfix (the size of the chunk that follows is unknown, so it could
-only be read as commands); a refused BDAT's chunk is read and dropped, never taken as commands; too big 552 5.3.4, a
+only be read as commands); a refused BDAT's chunk is read and dropped, never taken as commands, and, as in Postfix,
+BDAT 0 without LAST is refused first (551 5.7.1), and a refused chunk other than the last leaves the transaction
+failed: later chunks 551 5.0.0 (LAST ends it), MAIL, RCPT and DATA 503 5.5.1 "after BDAT"; a chunk that would
+take the message past message_size_limit 552 5.3.4 before it is read (Postfix's "Chunk exceeds message size
+limit"); too big 552 5.3.4, a
 NUL 554 5.6.0, a spool that cannot be written 451 4.3.1 / 4.3.0 (`status.error_reply`; logged once), all after the
 end of the content; a bare LF or CR in the content 521 5.5.2 and the session closes; the message is not queued in
 any of these cases.
@@ -50,13 +55,13 @@ class DataCommands(TransactionCommands):
     """DATA and BDAT: see the module doc."""
 
     async def smtp_DATA(self, arg: str | None) -> None:
-        if not self.envelope.rcpt_tos:  # Postfix's first answer (no recipient exists without HELO and a login)
+        if self.envelope.processing_bdat:  # Postfix's first answers (no recipient exists without HELO and a login)
+            await self.push(status.BDAT_MIXED)
+            return
+        if not self.envelope.rcpt_tos:
             await self.push(status.no_recipients(bool(self.envelope.mail_from)))
             return
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
-            return
-        if self.envelope.bdat is not None:
-            await self.push(status.BDAT_MIXED)
             return
         if arg:
             await self.push(status.syntax("DATA"))
@@ -83,16 +88,16 @@ class DataCommands(TransactionCommands):
             await self._refuse_and_close(status.BDAT_SYNTAX)
             return
         size, last = parsed
-        refused = self._bdat_refusal()
-        if refused is not None:
-            await self._skip_chunk(size)  # the chunk is on its way regardless; it must not be read as commands
-            await self.push(refused)
+        if (size == 0 and not last) or self.envelope.bdat_failed:  # (Postfix's first checks)
+            await self._refused_chunk(size, last, status.NULL_BDAT if size == 0 and not last
+                                      else status.bdat_discarded(size))
             return
-        if self.envelope.bdat_failed or (size == 0 and not last):
-            await self._failed_chunk(size, last)
+        refused = self._bdat_refusal() or self._chunk_too_big(size)
+        if refused is not None:
+            await self._refused_chunk(size, last, refused)
             return
         if self.envelope.bdat is None:
-            self.envelope.bdat = (self._new_spool(), ContentCheck())
+            self.envelope.bdat = (self._new_spool(), ContentCheck(self._limits.max_line_length))
         spool, check = self.envelope.bdat
         self._content_begins()
         self.record.content("BDAT", lambda: spool.size)
@@ -112,6 +117,7 @@ class DataCommands(TransactionCommands):
                 self._reset_transaction()
                 await self._refuse_and_close(status.bare_newline(self.hostname, bare))
                 return
+            self.envelope.bdat_octets = check.octets
             await self._finish_message(spool, why_not, crlf=self._limits.forbid_bare_newline)
         finally:
             spool.discard()
@@ -122,21 +128,27 @@ class DataCommands(TransactionCommands):
         if self._login_required and not self.session.authenticated:
             return status.AUTH_REQUIRED
         if not self.envelope.rcpt_tos:
-            refusal = status.no_recipients(bool(self.envelope.mail_from))
-            self._reset_transaction()
-            return refusal
+            return status.no_recipients(bool(self.envelope.mail_from))
         return None
 
-    async def _failed_chunk(self, size: int, last: bool) -> None:
-        """BDAT 0 without LAST fails the transaction (551 5.7.1); its later chunks are read and discarded (551
-        5.0.0) and the last one ends it, as Postfix answers them."""
-        failed_before = self.envelope.bdat_failed
+    def _chunk_too_big(self, size: int) -> status.Reply | None:
+        """A chunk that would take the message past message_size_limit is refused before it is read, as Postfix
+        refuses it (counting the message as it stores it: `ContentCheck.stored`)."""
+        stored = self.envelope.bdat[1].stored if self.envelope.bdat is not None else 0
+        return status.CHUNK_TOO_BIG if self.data_size_limit and stored > self.data_size_limit - size else None
+
+    async def _refused_chunk(self, size: int, last: bool, refusal: status.Reply) -> None:
+        """A refused chunk is read and dropped (it is on its way regardless and must not be read as commands).
+        Refused with LAST, it ends the transaction; without, it leaves the transaction failed (its later chunks
+        discarded with 551 5.0.0, MAIL, RCPT and DATA out of order) until BDAT LAST, RSET or HELO/EHLO: Postfix's
+        skip_bdat."""
         await self._skip_chunk(size)
         self.envelope.discard_bdat()
-        self.envelope.bdat_failed = True
         if last:
             self._reset_transaction()
-        await self.push(status.bdat_discarded(size) if failed_before else status.NULL_BDAT)
+        else:
+            self.envelope.bdat_failed = True
+        await self.push(refusal)
 
     async def _skip_chunk(self, size: int) -> None:
         self._content_begins()

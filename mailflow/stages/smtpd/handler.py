@@ -397,7 +397,7 @@ class SmtpdHandler:
         elif marks.filter is not None:
             submission = dataclasses.replace(submission, content_filter=marks.filter)
         if marks.discard is not None:
-            return str(self._discard(submission))
+            return str(self._discard(submission, envelope.bdat_octets))
         self.submitting += 1
         try:
             if marks.hold is not None:
@@ -413,7 +413,7 @@ class SmtpdHandler:
             self.submitting -= 1
         if marks.hold is not None and not marks.hold_logged:  # (an access HOLD's line is logged where met)
             server.log_reject("END-OF-MESSAGE", marks.hold, envelope.single_recipient, action="hold")
-        return str(status.queued(queue_id))
+        return str(status.queued(queue_id, envelope.bdat_octets))
 
     async def _content_refusal(self, session: SessionState, envelope: Transaction,
                                verdicts=None) -> status.Reply | None:
@@ -447,10 +447,11 @@ class SmtpdHandler:
         return verdict if isinstance(verdict, status.Reply) else None
 
     @staticmethod
-    def _discard(submission: Submission) -> status.Reply:
+    def _discard(submission: Submission, octets: int | None) -> status.Reply:
         """Accepted and dropped (Postfix DISCARD): the client is told it was queued, under the queue id the
-        transaction took at its first recipient (the DISCARD's line was logged where it was met)."""
-        return status.queued(submission.queue_id)
+        transaction took at its first recipient (the DISCARD's line was logged where it was met); `octets`: a
+        BDAT message's size."""
+        return status.queued(submission.queue_id, octets)
 
     def new_spool(self, max_size: int | None) -> Spool:
         """Where the session writes DATA/BDAT content as it arrives (cleanup's, i.e. the queue's)."""

@@ -165,7 +165,8 @@ class Transaction(_AiosmtpdEnvelope):
     marks: Marks  # what restrictions decided for the whole message (DISCARD / HOLD and why)
     policy_instance: str  # the policy protocol's `instance`, given at the first restriction check ("" before)
     bdat: tuple[Spool, ContentCheck] | None  # (spool, checks) of BDAT content being received; None without BDAT
-    bdat_failed: bool  # a chunk was refused (BDAT 0 without LAST): the rest is discarded until LAST
+    bdat_failed: bool  # a chunk was refused (BDAT 0 without LAST, no recipients): the rest is discarded until LAST
+    bdat_octets: int | None  # the size of a message given by BDAT as Postfix reports it (None for DATA)
     queue_id: str  # the message's queue id, taken at the first accepted recipient (Postfix: its queue file is
     # opened there); "" before. It names the transaction in the log, policy requests and milter macros
     queued_as: str  # the queue id the handler committed the message as ("" until then)
@@ -185,6 +186,7 @@ class Transaction(_AiosmtpdEnvelope):
         self.policy_instance = ""
         self.bdat = None
         self.bdat_failed = False
+        self.bdat_octets = None
         self.queue_id = ""
         self.queued_as = ""
         self.defer_if_permit_sender = None
@@ -200,6 +202,12 @@ class Transaction(_AiosmtpdEnvelope):
     def single_recipient(self) -> str:
         """"The recipient" of a DATA-time check: the only one, else ""."""
         return self.rcpt_tos[0] if len(self.rcpt_tos) == 1 else ""
+
+    @property
+    def processing_bdat(self) -> bool:
+        """BDAT content has begun, or a BDAT was refused and its transaction not ended (Postfix's
+        SMTPD_PROCESSING_BDAT): MAIL, RCPT and DATA are out of order until BDAT LAST, RSET or HELO/EHLO."""
+        return self.bdat is not None or self.bdat_failed
 
     def discard_bdat(self) -> None:
         """Free the BDAT content received so far (the transaction ends without it being queued)."""

@@ -121,8 +121,7 @@ class TransactionCommands(SecureCommands):
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         """`MAIL FROM:<address> [params]`; the reply is the handler's unless the session refuses first."""
-        taken = await self._arguments(arg, "MAIL", "FROM:", status.SENDER_SYNTAX,
-                                      status.NESTED_MAIL if self.envelope.mail_from else None,
+        taken = await self._arguments(arg, "MAIL", "FROM:", status.SENDER_SYNTAX, self._mail_out_of_order(),
                                       lambda words: mail_parameters(words, self.data_size_limit))
         if taken is None:
             return
@@ -160,10 +159,15 @@ class TransactionCommands(SecureCommands):
             self.envelope.rcpt_written.append(written)
         await self.push(reply)
 
+    def _mail_out_of_order(self) -> status.Reply | None:
+        if self.envelope.mail_from:
+            return status.NESTED_MAIL
+        return status.MAIL_AFTER_BDAT if self.envelope.processing_bdat else None
+
     def _rcpt_out_of_order(self) -> status.Reply | None:
         if not self.envelope.mail_from:
             return status.NEED_MAIL
-        return status.RCPT_AFTER_BDAT if self.envelope.bdat is not None else None
+        return status.RCPT_AFTER_BDAT if self.envelope.processing_bdat else None
 
     async def _arguments(self, arg: str | None, command: str, keyword: str, bad_path: status.Reply,
                          out_of_order: status.Reply | None, parameters: Callable[[list[str]], Any]):

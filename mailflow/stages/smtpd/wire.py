@@ -75,17 +75,37 @@ class WireError(Exception):
 
 class ContentCheck:
     """What BDAT content must be checked for across its chunks: NUL, and the first line end other than CRLF
-    (a CR ending one piece may pair with a LF starting the next)."""
+    (a CR ending one piece may pair with a LF starting the next); and its size as Postfix's smtpd reports it
+    (`octets`, for the `250 2.0.0 Ok: N bytes queued as ID` of BDAT LAST)."""
 
-    def __init__(self) -> None:
+    def __init__(self, line_limit: int = 2048) -> None:
+        """`line_limit`: Postfix's line_length_limit, the longest piece of a line it stores as one record."""
         self.nul = False
         self.bare = ""
         self._cr_pending = False
+        self._line_limit = line_limit
+        self._counted = 0  # the bytes fed, and 2 for each piece of a long complete line
+        self._line = 0  # the bytes of the line under way (since the last LF)
+
+    @property
+    def octets(self) -> int:
+        """Postfix's act_size of the content fed: each line stored as records of at most line_limit bytes,
+        each record counted with 2 for its line end (so a last line without one counts 2 more)."""
+        last = self._line
+        return self._counted + (2 + 2 * ((last - 1) // self._line_limit) if last else 0)
+
+    @property
+    def stored(self) -> int:
+        """`octets` of what Postfix has stored so far: not the last line while it is incomplete, but the
+        line_limit pieces of it already cut off."""
+        pieces = self._line // self._line_limit
+        return self._counted - self._line + pieces * (self._line_limit + 2)
 
     def feed(self, buf: bytearray, end: int) -> None:
         """The first `end` bytes of `buf`."""
         if not end:
             return
+        self._count(buf, end)
         lf, cr, crlf = buf.count(b"\n", 0, end), buf.count(b"\r", 0, end), buf.count(b"\r\n", 0, end)
         if self._cr_pending:
             if buf[0] == 0x0A:
@@ -100,11 +120,35 @@ class ContentCheck:
         if not self.nul and buf.find(b"\0", 0, end) >= 0:
             self.nul = True
 
+    def _count(self, buf: bytearray, end: int) -> None:
+        """`octets` for the first `end` bytes of `buf`: the lines they complete are looked at one by one only when
+        one of them may be longer than line_limit (a piece of content with a line that long is rare)."""
+        self._counted += end
+        last_lf = buf.rfind(b"\n", 0, end)
+        if last_lf < 0:
+            self._line += end
+            return
+        lengths = list(map(len, buf[:last_lf].split(b"\n")))  # the lines completed, without their LF
+        lengths[0] += self._line
+        if max(lengths) >= self._line_limit:
+            ends = [buf[i - 1] == 0x0D if i else self._cr_pending for i in _line_ends(buf, last_lf)]
+            self._counted += sum(2 * ((n - cr) // self._line_limit) for n, cr in zip(lengths, ends))
+        self._line = end - last_lf - 1
+
     def finish(self) -> str:
         """The bare line end found, if any, once the content is complete."""
         if self._cr_pending and not self.bare:
             self.bare = "CR"
         return self.bare
+
+
+def _line_ends(buf: bytearray, last_lf: int) -> list[int]:
+    """Where each LF of buf[:last_lf + 1] is."""
+    ends, pos = [], buf.find(b"\n")
+    while 0 <= pos <= last_lf:
+        ends.append(pos)
+        pos = buf.find(b"\n", pos + 1)
+    return ends
 
 
 def refusal(spool: Spool, nul: bool) -> status.Reply | None:
