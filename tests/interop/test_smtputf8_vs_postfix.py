@@ -24,8 +24,12 @@ SESSIONS: dict[str, list[str]] = {
     "U-labels without an A-label": [E, MU, "RCPT TO:<a@ab--\u00fc.relay.test>", "RCPT TO:<a@\u0301x.relay.test>",
                                     "RCPT TO:<a@x\u3000y.relay.test>"],
     "a sender's U-label without an A-label": [E, "MAIL FROM:<a@ab--\u00fc.remote.test> SMTPUTF8"],
+    "a UTF-8 domain, undeclared: a syntax error, before the local part's 553": [
+        E, "MAIL FROM:<s@r\u00e9mote.test>", "MAIL FROM:<j\u00fcrgen@r\u00e9mote.test>", M,
+        "RCPT TO:<a@b\u00fccher.relay.test>", "RCPT TO:<j\u00fcrgen@b\u00fccher.relay.test>"],
 }
-WORDS_COMPARED = ("a UTF-8 sender, undeclared", "a UTF-8 recipient, undeclared", "declared")
+WORDS_COMPARED = ("a UTF-8 sender, undeclared", "a UTF-8 recipient, undeclared", "declared",
+                  "a UTF-8 domain, undeclared: a syntax error, before the local part's 553")
 
 
 async def replies(port: int, session: list[str]) -> list[tuple[int | None, str]]:
@@ -56,4 +60,7 @@ async def test_smtputf8_sessions_get_the_replies_a_real_postfix_gives(mailflow_s
     assert postfix["a UTF-8 sender, undeclared"][1] == (553, "5.6.7 Must declare SMTPUTF8 to send unicode address")
     assert [code for code, _ in postfix["declared"]] == [250, 250, 250, 250]
     assert [code for code, _ in postfix["U-labels without an A-label"]][2:] == [501, 501, 501]
+    assert postfix["a UTF-8 domain, undeclared: a syntax error, before the local part's 553"][1:] == [
+        (501, "5.1.7 Bad sender address syntax")] * 2 + [(250, "2.1.0 Ok")] + [
+        (501, "5.1.3 Bad recipient address syntax")] * 2
     assert postfix["a sender's U-label without an A-label"][1][0] == 501

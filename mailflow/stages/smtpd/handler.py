@@ -224,7 +224,7 @@ class SmtpdHandler:
                           options: list[str]) -> str:
         sender = "" if addr == NULL_SENDER else addr
         if sender:
-            if self._malformed(sender):  # Postfix's extract_addr: a warning, and no address in the reply
+            if self._malformed(sender, "SMTPUTF8" in options):  # Postfix's extract_addr: a warning, no address
                 server.record.lines.illegal_address(session.client, "MAIL", server.path_as_sent)
                 return str(status.SENDER_SYNTAX)
             if address.is_utf8(sender) and "SMTPUTF8" not in options:
@@ -285,7 +285,7 @@ class SmtpdHandler:
 
     def _rcpt_syntax_refusal(self, server, session: SessionState, envelope: Transaction,
                              addr: str) -> status.Reply | None:
-        if self._malformed(addr):  # Postfix's extract_addr: a warning, and no address in the reply
+        if self._malformed(addr, envelope.smtp_utf8):  # Postfix's extract_addr: a warning, no address in the reply
             server.record.lines.illegal_address(session.client, "RCPT", server.path_as_sent)
             return status.RECIPIENT_SYNTAX
         if address.is_utf8(addr) and not envelope.smtp_utf8:
@@ -364,11 +364,14 @@ class SmtpdHandler:
             return status.error_reply(e, addr)
         return None
 
-    def _malformed(self, addr: str) -> bool:
+    def _malformed(self, addr: str, smtputf8: bool = True) -> bool:
         """Whether MAIL, RCPT or VRFY refuses `addr` as a syntax error: its syntax once qualified (an unqualified
-        address is taken, and qualified by cleanup: Postfix's @$myorigin), or, with Postfix's allow_min_user =
-        no, a leading '-' (it could reach a command's argv as an option)."""
-        if address.mailbox_syntax_error(self._rewriter.qualify(addr)):
+        address is taken, and qualified by cleanup: Postfix's @$myorigin); without `smtputf8` (the transaction
+        did not declare SMTPUTF8), a domain that is not ASCII (Postfix's smtpd_check_addr: before the 553 that a
+        UTF-8 local part gets); or, with Postfix's allow_min_user = no, a leading '-' (it could reach a command's
+        argv as an option)."""
+        qualified = self._rewriter.qualify(addr)
+        if address.mailbox_syntax_error(qualified) or not (smtputf8 or address.split(qualified)[1].isascii()):
             return True
         return not self._config.allow_min_user and address.is_min_user(addr)
 
