@@ -78,6 +78,9 @@ SESSIONS: dict[str, list[str | bytes]] = {
     "an unknown command pipelined after HELO": ["HELO client.test", b"FOO\r\nQUIT"],  # answered before the check
     "HELO after EHLO: the session stays ESMTP and may pipeline": [E, "HELO client.test",
                                                                    M.encode() + b"\r\nQUIT"],
+    "a malformed address is refused before its parameters are looked at": [
+        E, "MAIL FROM:<-s@remote.test> FOO=1", "MAIL FROM:<s@bad..test> SIZE=abc", M, "RCPT TO:<a@bad..test> FOO=1",
+        "RCPT TO:<-x@local.test> NOTIFY=X"],
     "a refused BDAT outside a transaction: MAIL, RCPT, DATA and chunks refused until RSET": [
         E, "BDAT 0", M, R, "DATA", b"BDAT 4\r\nab", "BDAT 0", "RSET", M, R, b"BDAT 4 LAST\r\nab"],
 }
@@ -215,6 +218,8 @@ async def test_protocol_edges_match_a_real_postfix(mailflow_server):
     assert postfix["ETRN before HELO, and in a transaction"] == [250, 250, 250, 503, 250, 250]
     assert postfix["an unknown command pipelined after HELO"] == [250, 500]
     assert postfix["HELO after EHLO: the session stays ESMTP and may pipeline"] == [250, 250, 250]
+    assert postfix["a malformed address is refused before its parameters are looked at"] == [
+        250, 501, 501, 250, 501, 501]
     assert postfix["a refused BDAT outside a transaction: MAIL, RCPT, DATA and chunks refused until RSET"] == [
         250, 551, 503, 503, 503, 551, 551, 250, 250, 250, 250]
     assert postfix["an underscore in a domain, a domain of digits"] == [250, 250, 554, 501]  # relaying; syntax

@@ -1,10 +1,12 @@
 """smtpd's policy: the aiosmtpd hooks that decide what a client may do, and the hand-over to cleanup.
 
 The hooks get the session's typed state (state.SessionState, state.Transaction) and read its fields directly.
-MAIL checks sender syntax (and allow_min_user), then the queue's free space (Postfix smtpd_check_size):
+ADDRESS checks the syntax of MAIL's and RCPT's address (and allow_min_user; a UTF-8 domain without SMTPUTF8)
+before the session looks at their parameters, as Postfix's extract_addr.
+MAIL checks SMTPUTF8, then the queue's free space (Postfix smtpd_check_size):
 `452 4.3.1 Insufficient system storage` below max(queue_minfree, 1.5 x message_size_limit), or when a SIZE=
 parameter would not leave that much or is more than half of what is free; it is asked at every MAIL, so mail is
-accepted again as soon as space returns. RCPT checks syntax, allow_min_user and SMTPUTF8 (the session has
+accepted again as soon as space returns. RCPT checks SMTPUTF8 (the session has
 checked the path and the recipient limit), then runs the restriction lists of this handler's `config.smtpd`
 (`restrictions.py`: client, helo, sender, relay,
 recipient, then the implied reject_unlisted_recipient), then asks the routing tables (451 4.3.0 when one
@@ -223,12 +225,8 @@ class SmtpdHandler:
     async def handle_MAIL(self, server, session: SessionState, envelope: Transaction, addr: str,
                           options: list[str]) -> str:
         sender = "" if addr == NULL_SENDER else addr
-        if sender:
-            if self._malformed(sender, "SMTPUTF8" in options):  # Postfix's extract_addr: a warning, no address
-                server.record.lines.illegal_address(session.client, "MAIL", server.path_as_sent)
-                return str(status.SENDER_SYNTAX)
-            if address.is_utf8(sender) and "SMTPUTF8" not in options:
-                return str(status.SMTPUTF8_REQUIRED)
+        if address.is_utf8(sender) and "SMTPUTF8" not in options:  # (its syntax: handle_ADDRESS)
+            return str(status.SMTPUTF8_REQUIRED)
         if self._short_of_space(_declared_size(options)):
             return str(status.INSUFFICIENT_STORAGE)
         own = self._own_probe_sender(sender)  # a stamped probe sender of this server is checked and kept unstamped
@@ -263,9 +261,9 @@ class SmtpdHandler:
         """The session has checked the path syntax and the recipient limit. A policy refusal is logged as Postfix
         logs it (`NOQUEUE: reject: RCPT from …`). The first recipient accepted gives the transaction its queue
         id."""
-        refusal = self._rcpt_syntax_refusal(server, session, envelope, addr)
+        refusal = status.SMTPUTF8_REQUIRED if address.is_utf8(addr) and not envelope.smtp_utf8 else None
         own = self._own_probe_sender(addr)
-        if refusal is None:
+        if refusal is None:  # (its syntax: handle_ADDRESS)
             # RFC 5321 4.5.1: the bare `postmaster` must be taken, whoever asks; Postfix's smtpd_check_rcpt says
             # OK to it before any restriction (cleanup qualifies it with @myorigin). So is this server's probe
             # sender, as Postfix's smtpd takes it (a site verifying our probes' sender must not be refused)
@@ -283,14 +281,15 @@ class SmtpdHandler:
         envelope.rcpt_options.extend(options)
         return str(status.RCPT_OK)
 
-    def _rcpt_syntax_refusal(self, server, session: SessionState, envelope: Transaction,
-                             addr: str) -> status.Reply | None:
-        if self._malformed(addr, envelope.smtp_utf8):  # Postfix's extract_addr: a warning, no address in the reply
-            server.record.lines.illegal_address(session.client, "RCPT", server.path_as_sent)
-            return status.RECIPIENT_SYNTAX
-        if address.is_utf8(addr) and not envelope.smtp_utf8:
-            return status.SMTPUTF8_REQUIRED
-        return None
+    def handle_ADDRESS(self, server, session: SessionState, envelope: Transaction, command: str, addr: str,
+                       smtputf8: bool) -> status.Reply | None:
+        """MAIL's or RCPT's address as Postfix's extract_addr judges it, before the command's parameters: a
+        malformed one (`_malformed`) is logged as Postfix's "Illegal address syntax", with the path as sent, and
+        refused with 501 5.1.7 / 5.1.3, no address named; else None."""
+        if not self._malformed(addr, smtputf8):
+            return None
+        server.record.lines.illegal_address(session.client, command, server.path_as_sent)
+        return status.SENDER_SYNTAX if command == "MAIL" else status.RECIPIENT_SYNTAX
 
     async def check_recipient(self, session: SessionState, envelope: Transaction, addr: str) -> status.Reply | None:
         """The policy hook, the restriction lists, then whether the routing tables can answer for `addr`: a

@@ -3,8 +3,8 @@
 What it owns
 - `smtp_MAIL`: `MAIL FROM:<address> [params]` (RFC 5321 4.1.1.2): once its usage is right, the client's
   message rate (`refused_for_rate`: client_message_rate_limit, counted by the listener's anvil, as Postfix
-  counts before the path's syntax), the path syntax of `address.parse_path`,
-  its parameters (`mail_parameters`: SIZE, BODY, SMTPUTF8, AUTH= (RFC 4954: accepted, not trusted; kept as the
+  counts before the path's syntax), the path syntax of `address.parse_path`, the handler's `handle_ADDRESS`
+  (the address as Postfix's extract_addr judges it, before the parameters), its parameters (`mail_parameters`: SIZE, BODY, SMTPUTF8, AUTH= (RFC 4954: accepted, not trusted; kept as the
   message's sasl_sender, as Postfix keeps it), RET and ENVID (RFC 3461, checked by dsn.py)), the sender-login
   check, then the handler's `handle_MAIL`.
 - `smtp_RCPT`: `RCPT TO:<address> [NOTIFY=… ORCPT=…]`: once its usage is right, the client's recipient rate
@@ -184,11 +184,28 @@ class TransactionCommands(SecureCommands):
         if parsed is None:
             return None
         addr, written, words = parsed
+        if addr and await self._address_refused(command, addr, words):
+            return None
         values = parameters(words)
         if isinstance(values, status.Reply):
             await self.push(values)
             return None
         return addr, values, written
+
+    async def _address_refused(self, command: str, addr: str, words: list[str]) -> bool:
+        """The handler's `handle_ADDRESS(server, session, envelope, command, address, smtputf8)`: an address it
+        finds malformed is refused before the parameters are looked at, as Postfix's extract_addr refuses it
+        (`smtputf8`: MAIL's own SMTPUTF8 parameter, which Postfix looks for first; the transaction's at RCPT).
+        True when its refusal was sent."""
+        hook = self._handle_hooks.get("ADDRESS")
+        if hook is None:
+            return False
+        smtputf8 = self.envelope.smtp_utf8 if command == "RCPT" else any(w.upper() == "SMTPUTF8" for w in words)
+        refusal = hook(self, self.session, self.envelope, command, addr, smtputf8)
+        if refusal is None:
+            return False
+        await self.push(refusal)
+        return True
 
     async def _path_argument(self, arg: str | None, keyword: str, command: str, bad: status.Reply):
         """(address, address as written, parameter words) of `FROM:<address> params` or `TO:…`, or None when a
