@@ -119,7 +119,8 @@ WORDS: dict[str, list[str | bytes]] = {
 
 
 def same_host(text: str) -> str:
-    return re.sub(r"queued as \w+", "queued as QID", text.replace("pf.test", "HOST").replace("mx.mailflow.test", "HOST"))
+    text = text.replace("pf.test", "HOST").replace("mx.mailflow.test", "HOST")
+    return re.sub(r"queued as \w+", "queued as QID", text)
 
 
 async def replay_words(port: int) -> dict[str, list[str | None]]:

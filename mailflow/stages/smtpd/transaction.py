@@ -4,9 +4,10 @@ What it owns
 - `smtp_MAIL`: `MAIL FROM:<address> [params]` (RFC 5321 4.1.1.2): once its usage is right, the client's
   message rate (`refused_for_rate`: client_message_rate_limit, counted by the listener's anvil, as Postfix
   counts before the path's syntax), the path syntax of `address.parse_path`, the handler's `handle_ADDRESS`
-  (the address as Postfix's extract_addr judges it, before the parameters), its parameters (`mail_parameters`: SIZE, BODY, SMTPUTF8, AUTH= (RFC 4954: accepted, not trusted; kept as the
-  message's sasl_sender, as Postfix keeps it), RET and ENVID (RFC 3461, checked by dsn.py)), the sender-login
-  check, then the handler's `handle_MAIL`.
+  (the address as Postfix's extract_addr judges it, before the parameters), its parameters (`mail_parameters`:
+  SIZE, BODY, SMTPUTF8, AUTH= (RFC 4954: accepted, not trusted; kept as the message's sasl_sender, as Postfix
+  keeps it), RET and ENVID (RFC 3461, checked by dsn.py)), the sender-login check, then the handler's
+  `handle_MAIL`.
 - `smtp_RCPT`: `RCPT TO:<address> [NOTIFY=… ORCPT=…]`: once its usage is right, the client's recipient rate
   (client_recipient_rate_limit, as MAIL's: so a RCPT refused later counts too, as in Postfix), the recipient
   limit, then the handler's `handle_RCPT` (the restriction lists). The DSN parameters of each accepted
