@@ -350,6 +350,9 @@ GARBLED = {
     # lines that are no reply lines are read past: the reply is the next one's, their text before it
     "greeting-garbage": Scenario({"greeting": b"Welcome to peer\r\n220 peer.test ESMTP\r\n"}),
     "ehlo-garbage": Scenario({"EHLO": b"250-peer.test\r\nX-FOO\r\n250 8BITMIME\r\n"}),
+    # an EHLO reply's garbage line offers nothing: no SIZE limit, no STARTTLS (TLS required: 4.7.4, not offered)
+    "ehlo-garbage-size": Scenario({"EHLO": b"250-peer.test\r\nSIZE 10\r\n250 8BITMIME\r\n"}),
+    "ehlo-garbage-starttls": Scenario({"EHLO": b"250-peer.test\r\nSTARTTLS\r\n250 8BITMIME\r\n"}, tls="encrypt"),
     "rcpt-garbage-550": Scenario({"RCPT": b"oops\r\n550 5.1.1 no such user\r\n"}),
     "rcpt-four-digits": Scenario({"RCPT": b"2500 ok\r\n550 5.1.1 no\r\n"}),
     "mail-garbage-lost": Scenario({"MAIL": b"oops\r\n" + THEN_CLOSE}),
@@ -387,8 +390,9 @@ async def test_garbled_replies_and_odd_codes_end_as_with_postfix(mailflow_server
         "a@greeting-354.test": ("5.5.0", "bounced", "host 127.0.0.1[127.0.0.1] refused to talk to me: 354 hi"),
         "a@helo-lost.test": ("4.4.2", "deferred", "lost connection with 127.0.0.1[127.0.0.1] while performing the "
                                                   "HELO handshake")}
-    assert [pf_ended[f"a@{name}.test"][2] for name in ("greeting-garbage", "ehlo-garbage", "dot-garbage-250")] == [
-        "sent"] * 3
+    assert [pf_ended[f"a@{name}.test"][2] for name in ("greeting-garbage", "ehlo-garbage", "dot-garbage-250",
+                                                        "ehlo-garbage-size")] == ["sent"] * 4
+    assert pf_ended["a@ehlo-garbage-starttls.test"][1:3] == ("4.7.4", "deferred")
     assert pf_notices["a@rcpt-600.test"]["Diagnostic-Code"] == "smtp;6006.1.1weird"
 
 

@@ -268,6 +268,16 @@ def test_a_size_limit_postfix_would_not_take_is_no_limit_and_no_crash(advertised
     assert Extensions.from_reply(Reply(250, f"mx.test\n{advertised}")).size_limit == limit
 
 
+@pytest.mark.parametrize("garbage", [b"SIZE 10", b"STARTTLS"])
+def test_a_garbage_line_in_an_ehlo_reply_offers_nothing_as_with_postfix(garbage):
+    """Postfix's smtp_proto takes the first word of every line of an EHLO reply as its code: a garbage line's
+    keyword is never read as one. It stays in the diagnostic."""
+    [reply] = replies(b"250-mx.test\r\n" + garbage + b"\r\n250 8BITMIME\r\n")
+    offered = Extensions.from_reply(reply)
+    assert offered.keywords == {"8bitmime": ""} and offered.size_limit == 0 and not offered.supports("starttls")
+    assert (reply.garbage, reply.one_line) == (garbage.decode(), f"250-mx.test {garbage.decode()} 250 8BITMIME")
+
+
 def test_mail_command_carries_what_the_peer_offers_and_the_message_calls_for():
     plain = request()
     assert mail_command(plain, Extensions()) == b"MAIL FROM:<s@x.test>\r\n"

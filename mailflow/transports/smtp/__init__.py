@@ -65,7 +65,8 @@ What each recipient gets:
                                                     stage ("... timed out while sending RCPT TO")
 - lines that are no reply lines ("oops")            read on past, as Postfix does: the reply is the next one's,
                                                     their text before it ("host h[ip] said: oops 550 5.1.1 ..."),
-                                                    the session not cached (see chat)
+                                                    the session not cached (see chat); in an EHLO reply such a
+                                                    line offers nothing ("SIZE 10" is no limit)
 - needs SMTPUTF8, the peer does not offer it        BOUNCED 5.6.7
 - bigger than the peer's advertised SIZE            BOUNCED 5.3.4
 - address with a control character (CR, LF, NUL…)   that recipient BOUNCED 5.1.3 (in the sender: all, 5.1.7)

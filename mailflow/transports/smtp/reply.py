@@ -9,10 +9,10 @@ may send as a reply. No I/O, no clock: `chat` feeds it what the connection recei
                                       raises MalformedReply (the parser is then of no further use)
       .buffered -> bool               bytes received and not yet returned as a reply
       .clear()                        forget what is buffered (STARTTLS: nothing sent before TLS counts)
-    Reply(code, message, wire=(), garbage=None)  `message`: the text of every line (but see Limits), code and
-                                      separator removed, each line stripped, joined by "\\n"; `wire`: the lines of a
-                                      multi-line reply as received (codes and separators kept; not compared);
-                                      `garbage`: the first line in it that was no reply line (None: none)
+    Reply(code, message, wire=(), garbage=None)  `message`: the text of every reply line (but see Limits), code
+                                      and separator removed, each line stripped, joined by "\\n"; `wire`: the lines
+                                      of a multi-line reply as received (codes and separators kept, garbage too; not
+                                      compared); `garbage`: the first line in it that was no reply line (None: none)
       .positive .protocol_error .lines .one_line .dsn(reply_class=None)
 
 Rules (RFC 5321 4.2): a line is three digits, then a space, a hyphen or nothing, then text, ending in LF (a CR
@@ -21,8 +21,10 @@ smtp_chat_resp reads it: lines whose codes differ ("250-first" then "550 5.1.1 s
 last code, not garbage. Any three digits are taken as a code: what an odd code means is for the caller
 (`protocol_error`: neither 2xx, 4xx nor 5xx; `trouble.reply_outcome`; its enhanced code is 5.5.0). A line that
 is no reply line ("hello", "2500 ok", "250_ok") is read on past, as Postfix's smtp_chat_resp does (it only
-warns, and caches no session after it): it belongs to the reply that the next `ddd ` line ends, its text kept as
-a line of it whole ("oops 550 5.1.1 no" as `one_line`), and the reply says so in `garbage`. Text is UTF-8; bytes
+warns, and caches no session after it): it belongs to the reply that the next `ddd ` line ends, kept whole in
+`wire` ("oops 550 5.1.1 no" as `one_line`, the diagnostic) but not in `message`, so that what a reply offers is
+read from its reply lines only (an EHLO reply's garbage line "SIZE 10" is no SIZE: Postfix's smtp_proto takes
+the first word of every line as its code), and the reply says so in `garbage`. Text is UTF-8; bytes
 that are not become U+FFFD, so a diagnostic is always a valid string. `one_line` is the reply as Postfix logs and
 reports it: every line as received, joined by spaces ("550-5.1.1 The account does not exist. 550 5.1.1
 https://…"); the enhanced code is the last line's.
@@ -112,7 +114,7 @@ class ReplyParser:
 
     @property
     def buffered(self) -> bool:
-        return bool(self._buffer or self._texts)
+        return bool(self._buffer or self._reading)
 
     def receive_data(self, data: bytes) -> None:
         self._buffer += data
@@ -155,7 +157,8 @@ class ReplyParser:
 
     def _line(self, line: bytearray, length: int) -> Reply | None:
         separator: bytes | bytearray = line[3:4]  # a bytearray equals the bytes it holds
-        if len(line) < 3 or not line[:3].isdigit() or separator not in (b"", b" ", b"-"):  # garbage: read on
+        garbage = len(line) < 3 or not line[:3].isdigit() or separator not in (b"", b" ", b"-")
+        if garbage:  # read on
             text = line.strip().decode("utf-8", "replace")
             self._garbage = text if self._garbage is None else self._garbage
             code, last = 0, False
@@ -167,7 +170,8 @@ class ReplyParser:
             last = separator != b"-"
         self._reading = True
         if self._kept < MAX_LINE_LENGTH:  # the text of a long reply stops there, as Postfix's (smtp_chat_resp)
-            self._texts.append(text)
+            if not garbage:  # (a garbage line's text is in `wire` only)
+                self._texts.append(text)
             self._wire.append(line.decode("utf-8", "replace").strip())
             self._kept += len(line) + 1
         elif last:
