@@ -1774,11 +1774,9 @@ async def line_server(session) -> tuple[asyncio.AbstractServer, int]:
     return server, server.sockets[0].getsockname()[1]
 
 
-async def test_a_line_that_is_no_reply_is_read_past_warned_of_and_the_session_not_kept(caplog):
-    """Postfix's smtp_chat_resp: garbage before a reply is part of it (the reply's code stands), a warning names it
-    when PIPELINING is on, and the session is not cached (DONT_CACHE_THIS_SESSION): QUIT, a new one next time."""
-    sessions: list[list[bytes]] = []
-
+def garbling_peer(mail_reply: bytes, sessions: list[list[bytes]]):
+    """A peer that greets with a garbage line first, offers PIPELINING and answers MAIL with `mail_reply`; what it
+    heard in each session goes to `sessions`."""
     async def garbling(reader, writer):
         heard: list[bytes] = []
         sessions.append(heard)
@@ -1794,7 +1792,7 @@ async def test_a_line_that_is_no_reply_is_read_past_warned_of_and_the_session_no
             elif verb == b"EHLO":
                 writer.write(b"250-garbled.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
             elif verb == b"MAIL":
-                writer.write(b"hello, this is not SMTP\r\n250 2.1.0 Ok\r\n")
+                writer.write(mail_reply)
             elif verb == b"DATA":
                 writer.write(b"354 go on\r\n")
                 in_data = True
@@ -1804,7 +1802,14 @@ async def test_a_line_that_is_no_reply_is_read_past_warned_of_and_the_session_no
                 writer.write(b"250 2.0.0 Ok\r\n")
         writer.close()
 
-    server, port = await line_server(garbling)
+    return garbling
+
+
+async def test_a_line_that_is_no_reply_is_read_past_warned_of_and_the_session_not_kept(caplog):
+    """Postfix's smtp_chat_resp: garbage before a reply is part of it (the reply's code stands), a warning names it
+    when PIPELINING is on, and the session is not cached (DONT_CACHE_THIS_SESSION): QUIT, a new one next time."""
+    sessions: list[list[bytes]] = []
+    server, port = await line_server(garbling_peer(b"hello, this is not SMTP\r\n250 2.1.0 Ok\r\n", sessions))
     transport = make_transport(connection_cache_time_limit=30.0)
     try:
         with caplog.at_level(logging.WARNING, logger="mailflow.smtp"):
@@ -1817,6 +1822,28 @@ async def test_a_line_that_is_no_reply_is_read_past_warned_of_and_the_session_no
         await server.wait_closed()
     assert [r.results[0].outcome for r in reports] == [Outcome.SENT, Outcome.SENT]
     assert caplog.messages == [f"Q1: non-ESMTP response from 127.0.0.1[127.0.0.1]:{port}: hello, this is not SMTP"] * 2
+
+
+async def test_each_garbage_line_is_warned_of_printable_and_a_reply_s_many_in_a_few_lines(caplog):
+    """Postfix warns of every garbage line (its smtp_chat_resp warns in its read loop), the text made printable;
+    mailflow warns of the first GARBAGE_KEPT lines of a reply and counts the rest in one line: a peer that sends
+    a reply of a thousand garbage lines makes a few lines of log, not a thousand."""
+    junk = [b"first \x1b[31mred", b"second"] + [b"more junk"] * 10
+    server, port = await line_server(garbling_peer(b"\r\n".join(junk) + b"\r\n250 2.1.0 Ok\r\n", []))
+    transport = make_transport()
+    try:
+        with caplog.at_level(logging.WARNING, logger="mailflow.smtp"):
+            report = await transport.deliver(make_request(f"[127.0.0.1]:{port}"))
+    finally:
+        await transport.close()
+        server.close()
+        await server.wait_closed()
+    assert report.results[0].outcome == Outcome.SENT
+    relay = f"127.0.0.1[127.0.0.1]:{port}"
+    assert caplog.messages == [f"Q1: non-ESMTP response from {relay}: first ?[31mred",
+                               f"Q1: non-ESMTP response from {relay}: second",
+                               f"Q1: non-ESMTP response from {relay}: more junk",
+                               f"Q1: 9 more non-ESMTP response lines from {relay}"]
 
 
 async def test_a_dripping_greeting_is_cut_by_helo_timeout_and_a_reset_is_a_lost_connection():

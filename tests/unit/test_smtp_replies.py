@@ -23,6 +23,7 @@ from mailflow.transports.smtp.commands import (
     xtext,
 )
 from mailflow.transports.smtp.reply import (
+    GARBAGE_KEPT,
     MAX_LINE_LENGTH,
     MAX_REPLY_LENGTH,
     MAX_REPLY_LINES,
@@ -86,10 +87,17 @@ def test_a_line_that_is_no_reply_line_is_read_past_into_the_next_reply_as_postfi
     its first lines."""
     assert replies(garbage + b"\r\n") == []  # no reply yet: the next line decides
     [reply] = replies(garbage + b"\r\n550 5.1.1 no such user\r\n")
-    assert (reply.code, reply.dsn(), reply.garbage) == (550, "5.1.1", garbage.decode())
+    assert (reply.code, reply.dsn(), reply.garbage, reply.garbage_count) == (550, "5.1.1", (garbage.decode(),), 1)
     assert reply.one_line == f"{garbage.decode()} 550 5.1.1 no such user".strip()
     [clean] = replies(b"550 5.1.1 no such user\r\n")
-    assert clean.garbage is None
+    assert (clean.garbage, clean.garbage_count) == ((), 0)
+
+
+def test_of_many_garbage_lines_a_reply_keeps_a_few_and_counts_them_all():
+    garbage = [f"junk {n}".encode() for n in range(GARBAGE_KEPT + 5)]
+    [reply] = replies(b"\r\n".join(garbage) + b"\r\n250 2.0.0 Ok\r\n")
+    assert reply.garbage == tuple(line.decode() for line in garbage[:GARBAGE_KEPT])
+    assert (reply.garbage_count, reply.message, reply.code) == (GARBAGE_KEPT + 5, "2.0.0 Ok", 250)
 
 
 def test_a_reply_whose_codes_change_takes_its_last_lines_code_as_postfix_does():
@@ -208,7 +216,7 @@ async def test_garbage_waits_for_the_reply_after_it_and_an_endless_line_times_ou
     with pytest.raises(TimeoutError):
         await reader.reply(0.05)
     reader.data_received(b"250 2.0.0 Ok\r\n")
-    assert (await reader.reply(1)).garbage == "hello there"
+    assert (await reader.reply(1)).garbage == ("hello there",)
     endless, _ = wire()
     endless.data_received(b"250-" + b"x" * 70_000)  # cut at MAX_LINE_LENGTH; the reply is still not over
     with pytest.raises(TimeoutError):
@@ -275,7 +283,7 @@ def test_a_garbage_line_in_an_ehlo_reply_offers_nothing_as_with_postfix(garbage)
     [reply] = replies(b"250-mx.test\r\n" + garbage + b"\r\n250 8BITMIME\r\n")
     offered = Extensions.from_reply(reply)
     assert offered.keywords == {"8bitmime": ""} and offered.size_limit == 0 and not offered.supports("starttls")
-    assert (reply.garbage, reply.one_line) == (garbage.decode(), f"250-mx.test {garbage.decode()} 250 8BITMIME")
+    assert (reply.garbage, reply.one_line) == ((garbage.decode(),), f"250-mx.test {garbage.decode()} 250 8BITMIME")
 
 
 def test_mail_command_carries_what_the_peer_offers_and_the_message_calls_for():

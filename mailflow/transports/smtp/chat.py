@@ -12,17 +12,19 @@ over it; every I/O problem becomes a `SiteFailure` naming the peer and what was 
       await .drain(timeout, activity)                 until the peer has taken enough of what was written
       await .reply(timeout, activity) -> Reply        the next reply in order; a 421 closes the session
                                                       (RFC 5321 3.8: what would follow on it is lost); a reply
-                                                      with garbage lines in it (reply.garbage) sets
-                                                      `protocol_error` and, once PIPELINING was offered, logs
-                                                      Postfix's warning "Q: non-ESMTP response from h[ip]:port:
-                                                      line" (non-LMTP for LMTP)
+                                                      with garbage lines in it (reply.garbage) sets `garbled`
+                                                      and, once PIPELINING was offered, logs Postfix's warning
+                                                      "Q: non-ESMTP response from h[ip]:port: line" (non-LMTP for
+                                                      LMTP) for each line, made printable (logs.printable), at
+                                                      most GARBAGE_KEPT a reply: the rest in one line that counts
+                                                      them (a hostile peer makes no unbounded log)
       await .command(line, timeout, activity) -> Reply
       await .start_tls(context, server_hostname, timeout)   TLS on the same connection; whatever arrived before
                                                       is dropped (RFC 3207 4.2); raises ssl.SSLError, OSError,
                                                       TimeoutError (the caller decides what they mean)
       .extensions (what EHLO/LHLO offered) .tls .peercert .peercert_der .cipher .tls_version
       .alive .idle_clean .aborted .uses .transaction_open .opened
-      .protocol_error    a reply had garbage in it: the session is not cached (Postfix's DONT_CACHE_THIS_SESSION)
+      .garbled           a reply had garbage in it: the session is not cached (Postfix's DONT_CACHE_THIS_SESSION)
       .queue_id .dialect the message the session is busy with and "ESMTP" or "LMTP", for its log lines
       .quit() .abort()                                polite and impolite ends; both idempotent
 
@@ -39,6 +41,7 @@ import ssl
 from collections import deque
 from dataclasses import dataclass
 
+from mailflow.logs import printable
 from mailflow.transports.smtp.addr import Peer
 from mailflow.transports.smtp.commands import Extensions
 from mailflow.transports.smtp.reply import MalformedReply, Reply, ReplyParser
@@ -193,7 +196,7 @@ class Session:
         self.uses = 0
         self.aborted = False  # closed by us (a timeout, a 421, the end): nothing more is read or sent
         self.transaction_open = False  # MAIL accepted, end of data not yet answered: RSET before reuse
-        self.protocol_error = False  # a reply had garbage in it: not to be cached
+        self.garbled = False  # a reply had garbage in it: not to be cached
         self.queue_id = ""
         self.dialect = "ESMTP"
         self._wire = wire
@@ -273,17 +276,23 @@ class Session:
             raise stream_failure(self.peer, activity, e) from None
         if reply.code == 421:
             self.abort()
-        if reply.garbage is not None:
-            self._garbled(reply.garbage)
+        if reply.garbage_count:
+            self._saw_garbage(reply)
         return reply
 
-    def _garbled(self, garbage: str) -> None:
-        """Postfix's smtp_chat_resp: no more caching, and with PIPELINING a warning (a reply may have been taken
-        for another's)."""
-        self.protocol_error = True
-        if self.extensions.supports("pipelining"):
+    def _saw_garbage(self, reply: Reply) -> None:
+        """Postfix's smtp_chat_resp: no more caching, and with PIPELINING a warning for each garbage line (a reply
+        may have been taken for another's), the kept ones each, the rest counted in one."""
+        self.garbled = True
+        if not self.extensions.supports("pipelining"):
+            return
+        for line in reply.garbage:
             log.warning("%s: non-%s response from %s: %s", self.queue_id, self.dialect, self.peer.relay,
-                        garbage[:100])
+                        printable(line[:100]))
+        unkept = reply.garbage_count - len(reply.garbage)
+        if unkept:
+            log.warning("%s: %d more non-%s response lines from %s", self.queue_id, unkept, self.dialect,
+                        self.peer.relay)
 
     async def command(self, line: bytes, timeout: float, activity: str) -> Reply:
         self.send(line, activity)

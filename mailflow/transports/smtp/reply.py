@@ -9,10 +9,11 @@ may send as a reply. No I/O, no clock: `chat` feeds it what the connection recei
                                       raises MalformedReply (the parser is then of no further use)
       .buffered -> bool               bytes received and not yet returned as a reply
       .clear()                        forget what is buffered (STARTTLS: nothing sent before TLS counts)
-    Reply(code, message, wire=(), garbage=None)  `message`: the text of every reply line (but see Limits), code
-                                      and separator removed, each line stripped, joined by "\\n"; `wire`: the lines
-                                      of a multi-line reply as received (codes and separators kept, garbage too; not
-                                      compared); `garbage`: the first line in it that was no reply line (None: none)
+    Reply(code, message, wire=(), garbage=(), garbage_count=0)  `message`: the text of every reply line (but see
+                                      Limits), code and separator removed, each line stripped, joined by "\\n";
+                                      `wire`: the lines of a multi-line reply as received (codes and separators
+                                      kept, garbage too; not compared); `garbage`: the lines in it that were no reply
+                                      lines (the first GARBAGE_KEPT), `garbage_count` how many there were
       .positive .protocol_error .lines .one_line .dsn(reply_class=None)
 
 Rules (RFC 5321 4.2): a line is three digits, then a space, a hyphen or nothing, then text, ending in LF (a CR
@@ -35,7 +36,8 @@ refusal still refuses, with its beginning as the diagnostic, and nothing unbound
 the lines are kept while those kept so far are shorter than MAX_LINE_LENGTH in all (Postfix's smtp_chat_resp):
 `wire` and `one_line` end there; `message` has the last line too, for its enhanced code. A reply of more than
 MAX_REPLY_LINES lines or MAX_REPLY_LENGTH bytes (garbage lines counted) is malformed, the one MalformedReply: a
-server that sends that much is misbehaving (Postfix reads on while each line comes within the timeout).
+server that sends that much is misbehaving (Postfix reads on while each line comes within the timeout). Of the
+garbage lines of a reply the first GARBAGE_KEPT are kept (to be warned of), the rest only counted.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ from dataclasses import dataclass, field
 MAX_LINE_LENGTH = 2048  # bytes of a reply line that are kept (Postfix line_length_limit; RFC 5321 allows 512)
 MAX_REPLY_LINES = 1000  # lines in one reply
 MAX_REPLY_LENGTH = 64 * 1024  # bytes in one reply, every line included
+GARBAGE_KEPT = 3  # garbage lines of one reply kept (each is warned of; the rest are counted)
 
 _ENHANCED_CODE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 
@@ -60,7 +63,8 @@ class Reply:
     code: int
     message: str
     wire: tuple[str, ...] = field(default=(), compare=False)
-    garbage: str | None = field(default=None, compare=False)
+    garbage: tuple[str, ...] = field(default=(), compare=False)
+    garbage_count: int = field(default=0, compare=False)
 
     @property
     def positive(self) -> bool:
@@ -110,7 +114,8 @@ class ReplyParser:
         self._length = 0  # bytes of the reply read
         self._kept = 0  # bytes of its lines kept (`wire`)
         self._count = 0  # its lines read but the last
-        self._garbage: str | None = None  # its first line that is no reply line
+        self._garbage: list[str] = []  # its first GARBAGE_KEPT lines that are no reply lines
+        self._garbage_count = 0  # how many there are
 
     @property
     def buffered(self) -> bool:
@@ -127,7 +132,7 @@ class ReplyParser:
     def _reset(self) -> None:
         """Ready for the next reply."""
         self._reading, self._texts, self._wire, self._length, self._kept, self._count = False, [], [], 0, 0, 0
-        self._garbage = None
+        self._garbage, self._garbage_count = [], 0
 
     def next_reply(self) -> Reply | None:
         buffer = self._buffer
@@ -160,7 +165,9 @@ class ReplyParser:
         garbage = len(line) < 3 or not line[:3].isdigit() or separator not in (b"", b" ", b"-")
         if garbage:  # read on
             text = line.strip().decode("utf-8", "replace")
-            self._garbage = text if self._garbage is None else self._garbage
+            self._garbage_count += 1
+            if len(self._garbage) < GARBAGE_KEPT:
+                self._garbage.append(text)
             code, last = 0, False
         else:
             code = int(line[:3])
@@ -180,7 +187,7 @@ class ReplyParser:
         if self._length > MAX_REPLY_LENGTH:
             raise MalformedReply(f"reply too long (over {MAX_REPLY_LENGTH} bytes)")
         if last:  # the last line, whose code is the reply's (Postfix smtp_chat_resp)
-            reply = Reply(code, "\n".join(self._texts), tuple(self._wire), self._garbage)
+            reply = Reply(code, "\n".join(self._texts), tuple(self._wire), tuple(self._garbage), self._garbage_count)
             self._reset()
             return reply
         self._count += 1

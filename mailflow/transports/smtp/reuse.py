@@ -11,7 +11,7 @@ Postfix's smtp(8) semantics: a session is kept for `connection_cache_time_limit`
 (smtp_connection_cache_time_limit), used at most 1 + `connection_reuse_count_limit` times (0: no limit) and
 not after `connection_reuse_time_limit` since it was opened. At most MAX_IDLE sessions wait in all; beyond
 that a session is closed instead. An idle session that received anything (a 421 before the peer hung up)
-or was closed is never handed out; one that met a reply with garbage in it (`protocol_error`) is not kept.
+or was closed is never handed out; one that met a reply with garbage in it (`garbled`) is not kept.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ class SessionCache:
 
     def accepts(self, session: Session) -> bool:
         """May this session wait for another message? (Cache on, limits not reached, still alive.)"""
-        if self._closed or self._time_limit <= 0 or not session.alive or session.protocol_error or \
+        if self._closed or self._time_limit <= 0 or not session.alive or session.garbled or \
                 self._too_old(session):
             return False
         if self._reuse_count_limit and session.uses > self._reuse_count_limit:

@@ -405,7 +405,7 @@ class SmtpTransport:
         if session.transaction_open and not await reset(session, min(RSET_TIMEOUT, self._config.command_timeout)):
             session.abort()
             return
-        if session.protocol_error:  # (RSET's reply had garbage in it)
+        if session.garbled:  # (RSET's reply had garbage in it)
             session.quit()
             return
         self._cache.put(destination.cache_key, session)
