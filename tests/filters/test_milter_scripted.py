@@ -179,6 +179,20 @@ async def test_edits_past_the_message_size_limit_refuse_the_message_as_postfix_d
         "queue file size limit exceeded"]
 
 
+async def test_edits_past_a_listener_s_own_message_size_limit_refuse_the_message(milter_server, caplog):
+    """A listener's override of message_size_limit (master.cf's -o) is the limit of its milters' edits: Postfix's
+    cleanup, which writes them into the queue file, stops at the limit of the smtpd service that made it."""
+    grown = reply(b"b", (b"x" * 998 + b"\r\n") * 150) + reply(b"a")  # a 150 KB body: under the main limit (10 MB)
+    _, port = await milter_server({b"E": grown}, smtpd={"listen": [], "listeners": [
+        {"address": "127.0.0.1:0", "overrides": {"message_size_limit": 100_000}}]})
+    client = await SmtpClient.connect(port)
+    with caplog.at_level(logging.WARNING, logger="mailflow.cleanup"):
+        assert await client.send_message(MESSAGE) == status.MESSAGE_TOO_BIG
+    await client.close()
+    assert [r.getMessage().partition(": ")[2] for r in caplog.records if r.name == "mailflow.cleanup"] == [
+        "queue file size limit exceeded"]
+
+
 async def test_a_milter_that_hangs_in_one_session_does_not_hold_another(milter_server):
     """The first session's milter never answers RCPT: that session waits for command_timeout (then 451 4.7.1,
     Postfix's default action), while a second session meanwhile is served in full."""

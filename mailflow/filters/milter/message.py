@@ -11,9 +11,9 @@ for smtpd's milters (smtpd_milters) and for mail that does not come through smtp
     Filtered(action, submission, reply, reason, hold)   action: continue, reject, tempfail or discard; `hold`:
                                                   the quarantine reason when the message is to be held
 
-A message that the edits make bigger than the session's size limit (smtpd.message_size_limit) is refused as
-Postfix's cleanup refuses it when its queue file reaches that size: 552 5.3.4 Error: message file too big, and
-the warning "QID: queue file size limit exceeded"; the client keeps no more of the edits than the limit.
+A message that the edits make bigger than the session's size limit (its listener's smtpd.message_size_limit) is
+refused as Postfix's cleanup refuses it when its queue file reaches that size: 552 5.3.4 Error: message file too
+big, and the warning "QID: queue file size limit exceeded"; the client keeps no more of the edits than the limit.
 
 As in Postfix, a milter may refuse emulated connect, HELO, MAIL and end-of-message events (reject: the caller
 returns the message to its sender; tempfail: it tries again later), but refusing an emulated recipient is a

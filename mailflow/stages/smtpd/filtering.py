@@ -2,6 +2,7 @@
 
     FilterServices(config, resolver, clock)     what all listeners share, each built only when configured:
                                                 the greylist, sender authentication, spamd, clamd, milter settings
+                                                (each listener's with its own message_size_limit)
         .for_listener(config) -> ListenerFilters | None     None: no filter applies to that listener
         .close()
     ListenerFilters: one listener's steps
@@ -86,7 +87,7 @@ class FilterServices:
                                           also=("dmarc",) if self.dmarc_policy else ())
         self.spamd = Spamd(config.spamd) if config.spamd.address else None
         self.clamd = Clamd(config.clamd) if config.clamd.address else None
-        self.milter = MilterSettings.from_config(config.milter, config.smtpd.message_size_limit)
+        self.milter = MilterSettings.from_config(config.milter)  # (the size limit is each listener's)
 
     def for_listener(self, config: Config) -> ListenerFilters | None:
         milters = () if "no_milters" in config.smtpd.receive_override_options else config.smtpd.milters
@@ -110,6 +111,8 @@ class ListenerFilters:
         self._services = services
         self._config = config
         self._milters = milters
+        # a milter's edits stop at this listener's message_size_limit (an override too), as its queue file would
+        self._milter_settings = dataclasses.replace(services.milter, size_limit=config.smtpd.message_size_limit)
         self._header = bool(config.sender_auth.verify)  # (else the verdicts serve reject_dmarc_policy only)
         self._verify = services.sender_auth is not None and (self._header or services.dmarc_policy)
         self._overrides = frozenset(config.smtpd.receive_override_options)
@@ -127,7 +130,7 @@ class ListenerFilters:
                                   daemon_addr=session.server_ip, daemon_port=session.server_port,
                                   client_addr=session.peer_ip if session.peer_ip != "unknown" else "",
                                   client_name=session.client_name, client_port=session.peer_port)
-            session.milters = MilterSession(self._milters, self._services.milter, client)
+            session.milters = MilterSession(self._milters, self._milter_settings, client)
         return session.milters
 
     async def helo(self, session, name: str) -> None:
