@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pytest
 
+from mailflow.clock import SystemClock
+from mailflow.stages.verify import ProbeSender
 from tests.support import SmtpClient, postfix_instance
 from tests.support.milters import ScriptedMilter, scripted_milter
 
@@ -18,6 +20,7 @@ pytestmark = pytest.mark.interop
 
 STAGES = b"MRTLNBE"  # MAIL, RCPT, DATA, header, end of headers, body, end of message
 USERS = "inline:{alice=ok, bob=ok}"
+DAY = 86400
 
 
 async def one_message(port: int) -> str:
@@ -57,4 +60,50 @@ async def test_the_i_macro_names_the_queue_id_where_postfix_sends_it(mailflow_se
         mailflow = i_macros(milter, await one_message(mf.smtp_addresses[0][1]))
     assert postfix == [("M", ""), ("R", ""), ("R", "QID"), ("T", "QID"), ("L", "QID"), ("N", "QID"), ("B", "QID"),
                        ("E", "QID")]
+    assert mailflow == postfix
+
+
+def address_events(milter: ScriptedMilter, domain: str) -> list[tuple[str, str]]:
+    """(what, address) of the last session's MAIL and RCPT: each macro packet's {mail_addr} or {rcpt_addr} and
+    each command's argument, `domain` as D."""
+    found = []
+    for command, payload in milter.sessions[-1]:
+        if command == b"D" and payload[:1] in (b"M", b"R"):
+            parts = payload[1:].split(b"\0")[:-1]
+            macros = {parts[i].decode(): parts[i + 1].decode() for i in range(0, len(parts) - 1, 2)}
+            name = "{mail_addr}" if payload[:1] == b"M" else "{rcpt_addr}"
+            found.append((name, macros[name]))
+        elif command in (b"M", b"R"):
+            found.append((command.decode(), payload.split(b"\0")[0].decode()))
+    return [(what, address.replace(domain, "D")) for what, address in found]
+
+
+async def probe_sender_session(port: int, stamped: str) -> None:
+    client = await SmtpClient.connect(port)
+    for command in ("EHLO client.test", f"MAIL FROM:<{stamped}>", f"RCPT TO:<{stamped}>", "RSET"):
+        assert (await client.cmd(command)).code == 250, command
+    await client.close()
+
+
+async def test_a_stamped_probe_sender_reaches_milters_as_written_its_macro_unstamped_as_postfix_does(
+        mailflow_server):
+    """address_verify_sender_ttl: smtpd takes its own stamped probe sender (MAIL, RCPT) as the plain address. Postfix's
+    milters get the command's own words as the argument (milter_argv: stamped) and the address as smtpd took it in
+    {mail_addr} and {rcpt_addr} (unstamped)."""
+    def stamped(domain: str) -> str:
+        return ProbeSender("double-bounce", DAY, lambda bare: f"{bare}@{domain}", SystemClock()).address()
+
+    async with scripted_milter() as milter:
+        async with postfix_instance({"myhostname": "pf.test", "mydestination": "local.test",
+                                     "relayhost": "[127.0.0.1]:9", "address_verify_sender_ttl": "1d",
+                                     "smtpd_milters": milter.spec}) as pf:
+            await probe_sender_session(pf.port, stamped("pf.test"))
+        postfix = address_events(milter, "pf.test")
+        mf = await mailflow_server(relayhost="[127.0.0.1]:9", address_verify={"sender_ttl": "1d"},
+                                   smtpd={"milters": [milter.spec]})
+        await probe_sender_session(mf.smtp_addresses[0][1], stamped("mx.mailflow.test"))
+        mailflow = address_events(milter, "mx.mailflow.test")
+    written = f"<{stamped('D')}>"
+    assert postfix == [("{mail_addr}", "double-bounce@D"), ("M", written),
+                       ("{rcpt_addr}", "double-bounce@D"), ("R", written)]
     assert mailflow == postfix

@@ -4,7 +4,10 @@ asks every milter of a listener in turn (Postfix smtpd_milters).
     MilterSettings.from_config(config.milter, size_limit)   timeouts, default action, protocol version, and
                                                       smtpd.message_size_limit (0: none) for the edits
     MilterSession(specs, settings, macros)            one per SMTP session (made at its first event)
-        await connect(client) / helo(name) / mail(sender, options) / rcpt(address, queue_id) -> Verdict
+        await connect(client) / helo(name) / mail(sender, options, written=None) / rcpt(address, queue_id,
+            written=None) -> Verdict     `written`: the address as the command gave it (default: the address), the
+            milters' argument, as Postfix passes the command's own words (milter_argv); the macro ({mail_addr},
+            {rcpt_addr}) is the address as smtpd took it (a stamped probe sender of this server's, unstamped)
         await end_of_message(head, body, queue_id) -> Verdict (with `edits` for the message)
         abort()  (the transaction ends without a message)     await close()  (QUIT, then the sockets)
     Verdict(action, reply, edits, reason)     action: continue, reject, tempfail, discard, quarantine
@@ -352,7 +355,8 @@ class MilterSession:
             return verdict
         return await self._each(p.HELO, p.helo(name), dict(tls or {}))
 
-    async def mail(self, sender: str, options: list[str], auth: tuple[str, str] = ("", "")) -> Verdict:
+    async def mail(self, sender: str, options: list[str], auth: tuple[str, str] = ("", ""),
+                   written: str | None = None) -> Verdict:
         verdict = await self.connect()
         if verdict.action != "continue":
             return verdict
@@ -363,14 +367,15 @@ class MilterSession:
         if auth[1]:
             values.update({"{auth_type}": auth[0], "{auth_authen}": auth[1]})
         self._mail_macros = values
-        verdict = await self._each(p.MAIL, p.mail([f"<{sender}>", *options]), values)
+        verdict = await self._each(p.MAIL, p.mail([f"<{sender if written is None else written}>", *options]), values)
         for milter in self._milters:
             milter.in_message = milter.session_verdict is None
         return verdict
 
-    async def rcpt(self, address: str, queue_id: str = "") -> Verdict:
+    async def rcpt(self, address: str, queue_id: str = "", written: str | None = None) -> Verdict:
         """`queue_id`: the transaction's ("" before its first accepted recipient), the `i` macro."""
-        return await self._each(p.RCPT, p.rcpt([f"<{address}>"]), {**_i(queue_id), "{rcpt_addr}": address})
+        argument = f"<{address if written is None else written}>"
+        return await self._each(p.RCPT, p.rcpt([argument]), {**_i(queue_id), "{rcpt_addr}": address})
 
     async def end_of_message(self, head: bytes, body, queue_id: str = "") -> Verdict:
         """The message (its header section, then its body: `body()` gives it as a stream, once per milter):

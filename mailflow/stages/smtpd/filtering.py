@@ -7,7 +7,9 @@
         .close()
     ListenerFilters: one listener's steps
         await helo(session, name)             milters told of HELO (a refusal answers the next MAIL)
-        await mail(session, sender, options) / rcpt(session, address) -> Reply | None
+        await mail(session, envelope, sender, options, written=None) / rcpt(session, envelope, address,
+            written=None) -> Reply | None     `written`: the address as the command gave it, when smtpd took it
+            otherwise (a stamped probe sender of this server's: the milters' argument, the address their macro)
         await auth_verdicts(session, envelope) -> Verdicts | None     (before the end_of_data restrictions)
         await end_of_message(session, submission, verdicts, marks) -> Outcome   milters, clamd, spamd, in order
         closed(session)                         the SMTP session ended: its milter connections are closed
@@ -145,19 +147,20 @@ class ListenerFilters:
             tls = {"{cipher}": str(cipher[0]), "{tls_version}": str(cipher[1]), "{cipher_bits}": str(cipher[2])}
         await milters.helo(name, tls)
 
-    async def mail(self, session, envelope, sender: str, options: list[str]) -> status.Reply | None:
+    async def mail(self, session, envelope, sender: str, options: list[str],
+                   written: str | None = None) -> status.Reply | None:
         milters = self._milter_session(session)
         if milters is None or envelope.marks.discard is not None:  # (a policy hook's DISCARD at MAIL came first)
             return None
-        verdict = await milters.mail(sender, options, (session.auth_mechanism, session.login))
+        verdict = await milters.mail(sender, options, (session.auth_mechanism, session.login), written)
         self._mark(session, envelope, verdict, "MAIL", sender)
         return _refusal(verdict)
 
-    async def rcpt(self, session, envelope, address: str) -> status.Reply | None:
+    async def rcpt(self, session, envelope, address: str, written: str | None = None) -> status.Reply | None:
         milters = self._milter_session(session)
         if milters is None or envelope.marks.discard is not None:  # (Postfix: no milter event after a DISCARD)
             return None
-        verdict = await milters.rcpt(address, envelope.queue_id)
+        verdict = await milters.rcpt(address, envelope.queue_id, written)
         self._mark(session, envelope, verdict, "RCPT", envelope.sender, address)
         return _refusal(verdict)
 

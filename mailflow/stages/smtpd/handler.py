@@ -230,9 +230,9 @@ class SmtpdHandler:
         if self._short_of_space(_declared_size(options)):
             return str(status.INSUFFICIENT_STORAGE)
         own = self._own_probe_sender(sender)  # a stamped probe sender of this server is checked and kept unstamped
-        sender = own or sender
+        written, sender = sender, own or sender
         refusal = await self._sender_list_refusal(session, envelope, sender, options) or \
-            await self._sender_refusal(session, envelope, sender, options)
+            await self._sender_refusal(session, envelope, sender, options, written)
         if refusal is not None:
             envelope.marks = Marks()  # what the sender list marked goes with the refused MAIL (Postfix's mail_reset)
             server.log_reject("MAIL", refusal, sender=addr)
@@ -269,8 +269,8 @@ class SmtpdHandler:
             # sender, as Postfix's smtpd takes it (a site verifying our probes' sender must not be refused)
             if addr.lower() != "postmaster" and own is None:
                 refusal = await self.check_recipient(session, envelope, addr)
-            if refusal is None and self._filters is not None:
-                refusal = await self._filters.rcpt(session, envelope, addr)
+            if refusal is None and self._filters is not None:  # (as Postfix: the milters' macro unstamped)
+                refusal = await self._filters.rcpt(session, envelope, own or addr, addr)
             if refusal is not None:
                 server.log_reject("RCPT", refusal, addr)
         if refusal is not None:
@@ -345,15 +345,18 @@ class SmtpdHandler:
         return refusal
 
     async def _sender_refusal(self, session: SessionState, envelope: Transaction, sender: str,
-                              options: list[str]) -> status.Reply | None:
-        """MAIL FROM's checks beyond syntax and space: the policy hook, then the filters (milters)."""
+                              options: list[str], written: str) -> status.Reply | None:
+        """MAIL FROM's checks beyond syntax and space: the policy hook, then the filters (milters; `written`: the
+        sender as the command gave it, their argument)."""
         if self._policy is not None:
             facts = self._facts(session, envelope, "", stage="mail", command="MAIL")
             facts.sender = sender
             refusal = await self._policy_refusal("mail", facts, ())
             if refusal is not None:
                 return refusal
-        return await self._filters.mail(session, envelope, sender, options) if self._filters is not None else None
+        if self._filters is None:
+            return None
+        return await self._filters.mail(session, envelope, sender, options, written)
 
     async def _unroutable(self, addr: str) -> status.Reply | None:
         try:
