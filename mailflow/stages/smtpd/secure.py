@@ -140,13 +140,13 @@ class SecureCommands(FrontEndCommands):
         server.ListenerSession asks the listener's anvil."""
         return False
 
-    async def tls_session(self, context: ssl.SSLContext) -> bool:
-        """The handshake (`start_tls`, whose exceptions pass through) and its log line, then the client's new TLS
-        session rate, as Postfix counts it: every handshake that did not resume a session, a failed one too.
-        Past the limit, `421 4.7.0 <host> Error: too many new TLS sessions from host[ip]` over the new TLS and
-        the session ends: False."""
+    async def tls_session(self, context: ssl.SSLContext, timeout: float | None = None) -> bool:
+        """The handshake (`start_tls`, whose exceptions pass through; `timeout` as there) and its log line, then the
+        client's new TLS session rate, as Postfix counts it: every handshake that did not resume a session, a
+        failed one too. Past the limit, `421 4.7.0 <host> Error: too many new TLS sessions from host[ip]` over the
+        new TLS and the session ends: False."""
         try:
-            await self.start_tls(context)
+            await self.start_tls(context, timeout)
         except (TLSSetupException, ConnectionError) as error:
             self._handshake_failed(error)
             raise
@@ -162,17 +162,18 @@ class SecureCommands(FrontEndCommands):
         self.record.lines.tls_accept_failed(self.session.client, *handshake_failure(error))
         self._rate_exceeded("newtls")  # (logged; no reply can be sent)
 
-    async def start_tls(self, context: ssl.SSLContext) -> None:
-        """The TLS handshake on this connection, as the server, within starttls_timeout (the command deadline
-        waits meanwhile: its 421 would go in plaintext into the handshake); returns once it is done, the session
-        then on the TLS transport (the layer calls `connection_made` with it: a new SMTP session, the client's
-        identity kept, the command deadline set again). TLSSetupException when it fails or takes too long,
-        ConnectionResetError when the client leaves during it."""
+    async def start_tls(self, context: ssl.SSLContext, timeout: float | None = None) -> None:
+        """The TLS handshake on this connection, as the server, within `timeout` (None: starttls_timeout; the
+        command deadline waits meanwhile: its 421 would go in plaintext into the handshake); returns once it is
+        done, the session then on the TLS transport (the layer calls `connection_made` with it: a new SMTP
+        session, the client's identity kept, the command deadline set again). TLSSetupException when it fails or
+        takes too long, ConnectionResetError when the client leaves during it."""
         waiter = self.loop.create_future()
         self._no_deadline()
+        limit = self._starttls_timeout if timeout is None else timeout
         self._tls_protocol = sslproto.SSLProtocol(
             self.loop, self, context, waiter, server_side=True,
-            ssl_handshake_timeout=self._starttls_timeout)  # type: ignore[arg-type]  # (typeshed: int; any number works)
+            ssl_handshake_timeout=limit)  # type: ignore[arg-type]  # (typeshed: int; any number works)
         socket_transport = cast(asyncio.Transport, self.transport)
         self._original_transport = socket_transport
         socket_transport.set_protocol(self._tls_protocol)

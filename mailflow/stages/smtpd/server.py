@@ -15,9 +15,10 @@ SmtpdConfig, its own handler (built by `handler_for(config)` with that config), 
   such clients too; nothing is written to it before its handshake is done). The admission's refusal (421: the
   per-client limits, the sessions and their waiting places all taken) comes after a handshake too, over TLS, as
   Postfix's wrapper mode completes the handshake before its anvil check: logged once the handshake is done, as
-  Postfix logs it then. Such handshakes are bounded apart from the sessions: starttls_timeout each, and at most
-  REFUSAL_HANDSHAKES at once per listener; beyond them (or when the handshake fails) the connection is closed
-  without a word. AUTH required before MAIL.
+  Postfix logs it then. Such handshakes are bounded apart from the sessions: each by starttls_timeout or
+  REFUSAL_HANDSHAKE_TIMEOUT, whichever is shorter, and at most REFUSAL_HANDSHAKES at once per listener; beyond
+  them (or when the handshake fails) the connection is closed without a word; and they hold no per-client count
+  (a connection refused for want of a slot gives its count back first). AUTH required before MAIL.
 AUTH (PLAIN, LOGIN; the exchange is secure.py's, the check auth.py's) is offered only over TLS, unless
 `allow_plaintext_auth_on_loopback` and the client is on loopback. The failure table and the hashing threads
 belong to the server: one for all its listeners and every reload; so does the connection to Dovecot's auth
@@ -92,6 +93,7 @@ STOP_POLL = 0.05  # seconds between looks at the sessions of a stopping server
 # Implicit-TLS connections being refused that may be in their TLS handshake at once, per listener (the refusal goes
 # over TLS; beyond this, such a connection is closed without a word)
 REFUSAL_HANDSHAKES = 10
+REFUSAL_HANDSHAKE_TIMEOUT = 10.0  # seconds, at most, for each of those handshakes (else starttls_timeout's 300)
 # What a reload replaces in a running listener (its address, socket, session slots and counts stay).
 RELOADED = ("role", "config", "handler", "authenticator", "sender_logins", "frontends", "limits")
 
@@ -156,6 +158,7 @@ class ListenerSession(SmtpSession):
             return False
         self._admitted_ip = ip
         if not await self._listener.slots.acquire():
+            self._release_count()  # (a refused client's handshake holds none of its connection count)
             await self._refuse(status.SERVER_BUSY, functools.partial(
                 log.warning, "%s: refused: %d sessions and as many waiting", self.session.client,
                 self._listener.slots.limit))
@@ -174,10 +177,11 @@ class ListenerSession(SmtpSession):
 
     async def _refuse(self, reply: status.Reply, log_refusal: Callable[[], None]) -> None:
         """The admission's refusal: `log_refusal()`, `reply` and the end of the connection. On a submissions
-        listener only after a TLS handshake (within starttls_timeout, one of the listener's REFUSAL_HANDSHAKES
-        places held meanwhile), the reply then going over TLS, as Postfix's wrapper mode refuses; with no place
-        free the connection is closed at once without a word, and so it is when the handshake fails (logged as
-        any failed handshake; then the refusal is not, as in Postfix, which never got to its limits)."""
+        listener only after a TLS handshake (within starttls_timeout or REFUSAL_HANDSHAKE_TIMEOUT, whichever is
+        shorter, one of the listener's REFUSAL_HANDSHAKES places held meanwhile), the reply then going over TLS,
+        as Postfix's wrapper mode refuses; with no place free the connection is closed at once without a word, and
+        so it is when the handshake fails (logged as any failed handshake; then the refusal is not, as in Postfix,
+        which never got to its limits)."""
         if self._implicit_tls is None:
             log_refusal()
             await self._refuse_and_close(reply)
@@ -187,7 +191,8 @@ class ListenerSession(SmtpSession):
             self.hang_up()
             return
         try:
-            if await self.tls_session(self._implicit_tls):  # (False: refused for its new TLS session rate)
+            timeout = min(self._starttls_timeout, REFUSAL_HANDSHAKE_TIMEOUT)
+            if await self.tls_session(self._implicit_tls, timeout):  # (False: refused for its new TLS session rate)
                 log_refusal()
                 await self._refuse_and_close(reply)
         except (TLSSetupException, ConnectionError):
@@ -232,11 +237,15 @@ class ListenerSession(SmtpSession):
         self.record.lines.tls_refused(request, self.session.client, self._service)
         return True
 
-    def _session_ended(self) -> None:
-        """Give back the per-client count and the session slot, whatever ended the session."""
+    def _release_count(self) -> None:
+        """Give back the per-client connection count the admission took (once)."""
         if self._admitted_ip is not None:
             self._listener.anvil.release(self._admitted_ip)
             self._admitted_ip = None
+
+    def _session_ended(self) -> None:
+        """Give back the per-client count and the session slot, whatever ended the session."""
+        self._release_count()
         if self._has_slot:
             self._listener.slots.release()
             self._has_slot = False
