@@ -13,6 +13,7 @@
     HostPorts                a list of "host:port" addresses
     each_one_of(items, allowed)  the items, when each is one of `allowed` (a list of keywords)
     check_transport(value)   a `transport` or `transport:nexthop` setting (TRANSPORT_NAME: a transport's name)
+    check_relayhost(value)   a relayhost setting: "" or host[:port] ([host] for no MX lookup)
     validation_key(err)      one pydantic error's place as the dotted KEY ("smtpd.listen", "pipe.x.argv[0]"; ""
                              for the top level)
     validation_reason(err)   one pydantic error as the REASON of `FILE: KEY: REASON`
@@ -133,6 +134,13 @@ def check_transport(value: str) -> str:
     default_transport and the like); the transport's name is letters, digits, '_' and '-'."""
     if not _TRANSPORT_NEXTHOP.fullmatch(value):
         raise ValueError(f"{value!r} is not transport or transport:nexthop")
+    return value
+
+
+def check_relayhost(value: str) -> str:
+    """A relayhost setting: "" (none), or host, host:port, [host] or [host]:port (port 25 when none is given)."""
+    if value:
+        parse_hostport(value, default_port=25)
     return value
 
 

@@ -21,7 +21,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from mailflow.config.base import Duration, Networks, Section, TableSpecs, check_transport, each_one_of
+from mailflow.config.base import (Duration, Networks, Section, TableSpecs, check_relayhost, check_transport,
+                                  each_one_of)
 from mailflow.syntax import parse_endpoint, parse_hostport
 
 RECEIVE_OVERRIDE_OPTIONS = ("no_unknown_recipient_checks", "no_address_mappings", "no_header_body_checks",
@@ -197,9 +198,7 @@ class AddressVerifyConfig(Section):
     @field_validator("relayhost")
     @classmethod
     def _relayhost(cls, v: str) -> str:
-        if v:
-            parse_hostport(v, default_port=25)
-        return v
+        return check_relayhost(v)
 
     @field_validator("local_transport", "virtual_transport", "relay_transport", "default_transport")
     @classmethod

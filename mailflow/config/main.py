@@ -17,8 +17,8 @@ from pydantic import Field, PrivateAttr, ValidationInfo, field_validator
 from mailflow.address import normalise_domain
 from mailflow.config.accounts import AccountsConfig
 from mailflow.config.admin import AdminConfig
-from mailflow.config.base import (TRANSPORT_NAME, Duration, Networks, Section, TableSpecs, check_transport,
-                                  each_one_of)
+from mailflow.config.base import (TRANSPORT_NAME, Duration, Networks, Section, TableSpecs, check_relayhost,
+                                  check_transport, each_one_of)
 from mailflow.config.filters import (PROBE_ROUTING, AddressVerifyConfig, ChecksConfig, ClamdConfig, GreylistConfig,
                                      MilterConfig, SenderAuthConfig, SpamdConfig)
 from mailflow.config.delivery import DnsConfig, LmtpConfig, LocalConfig, PipeService, SmtpConfig
@@ -28,7 +28,7 @@ from mailflow.config.log import LogConfig
 from mailflow.config.queue import QueueConfig, SendmailConfig
 from mailflow.config.sink import SinkConfig
 from mailflow.config.smtpd import SmtpdConfig
-from mailflow.syntax import check_table_spec, is_ip_address, parse_hostport
+from mailflow.syntax import check_table_spec, is_ip_address
 
 
 _DOTTED_DOMAIN = {
@@ -215,9 +215,7 @@ class Config(Section):
     @field_validator("relayhost")
     @classmethod
     def _relayhost(cls, v: str) -> str:
-        if v:
-            parse_hostport(v, default_port=25)
-        return v
+        return check_relayhost(v)
 
     @field_validator("local_transport", "relay_transport", "default_transport", "virtual_transport")
     @classmethod
