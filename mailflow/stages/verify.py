@@ -306,8 +306,8 @@ class Prober:
 
     async def _deliver(self, probe_id: str, addr: str, transport_name: str, nexthop: str) -> Verdict:
         transport = self._transports.get(transport_name)
-        if transport is None:
-            return Verdict(Status.DEFER, f"mail transport unavailable: {transport_name}", "4.3.0", agent="qmgr")
+        if transport is None:  # qmgr answers for a transport that is not defined, as it answers for mail
+            return await self._probe(probe_id, addr, transport_name, nexthop)
         program = getattr(transport, "program", "")
         if program == "local":
             return await self._router.tables.run(self._local, addr)
@@ -316,6 +316,10 @@ class Prober:
         if program not in PROBE_TRANSPORTS:
             return Verdict(Status.OK, f"delivers to {program or transport_name}", "2.0.0", transport_name,
                            program or transport_name)
+        return await self._probe(probe_id, addr, transport_name, nexthop)
+
+    async def _probe(self, probe_id: str, addr: str, transport_name: str, nexthop: str) -> Verdict:
+        """MAIL and RCPT to `addr` through qmgr's `deliver_probe`: its transport's verdict, or qmgr's own."""
         request = DeliveryRequest(queue_id=probe_id, sender=self._sender.address(),
                                   recipients=(Recipient(0, addr, addr),), nexthop=nexthop, content=Content(),
                                   verify=True)

@@ -304,8 +304,7 @@ class QueueManager:
         transport's, or "qmgr" when no agent had the probe. What the transport raises propagates."""
         agent = self._transports.get(transport)
         if agent is None:
-            return DeliveryReport.uniform(request.recipients, Outcome.DEFERRED, "4.3.5",
-                                          f"mail transport unavailable: {transport!r} is not defined"), "qmgr"
+            return _undefined_transport(transport, request.recipients), "qmgr"
         dest = self._destinations.get((transport, request.nexthop))
         if dest is not None and dest.is_dead(self._clock.time()):
             return _suspended(dest, request.recipients), "qmgr"
@@ -565,8 +564,7 @@ class QueueManager:
         msg = active.message
         transport = self._transports.get(job.transport)
         if transport is None:
-            return DeliveryReport.uniform(job.recipients, Outcome.DEFERRED, "4.3.5",
-                                          f"mail transport unavailable: {job.transport!r} is not defined")
+            return _undefined_transport(job.transport, job.recipients)
         try:
             content = await self._content(active)
         except Exception as e:
@@ -725,6 +723,12 @@ def _suspended(dest: Destination, recipients: tuple[Recipient, ...]) -> Delivery
     """What a dead destination answers for the recipients of a job (or a probe) it will not attempt."""
     text = f"delivery temporarily suspended: {dest.reason or 'destination is not responding'}"
     return DeliveryReport.uniform(recipients, Outcome.DEFERRED, "4.4.1", text, site_ok=False)
+
+
+def _undefined_transport(transport: str, recipients: tuple[Recipient, ...]) -> DeliveryReport:
+    """What qmgr answers for the recipients of a job (or a probe) routed to a transport that is not defined."""
+    return DeliveryReport.uniform(recipients, Outcome.DEFERRED, "4.3.5",
+                                  f"mail transport unavailable: {transport!r} is not defined")
 
 
 def _owes_notice(result: RcptResult) -> bool:
