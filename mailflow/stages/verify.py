@@ -234,7 +234,12 @@ class ProbeSender:
         self._ttl = int(ttl)
         self._qualify = qualify
         self._clock = clock
-        self._plain = qualify(self._bare) if self._bare else ""
+        self._plain = plain = qualify(self._bare) if self._bare else ""
+        # what `own` compares (it runs at every MAIL and RCPT): the local part's length, the local part and the
+        # '@domain', lower-cased
+        self._local_length = plain.find("@") if "@" in plain else len(plain)
+        self._local = plain[:self._local_length].lower()
+        self._at_domain = plain[self._local_length:].lower()
 
     def address(self) -> str:
         if not self._bare or not self._ttl:
@@ -243,13 +248,12 @@ class ProbeSender:
         return self._qualify(f"{local}{_stamp(self._epoch())}{at}{domain}")
 
     def own(self, addr: str) -> str | None:
-        plain = self._plain
+        plain, length = self._plain, self._local_length
         if not plain:
             return None
-        base = plain.find("@") if "@" in plain else len(plain)
-        if addr[:base].lower() != plain[:base].lower() or _at_domain(addr).lower() != plain[base:].lower():
+        if addr[:length].lower() != self._local or _at_domain(addr).lower() != self._at_domain:
             return None
-        rest = addr[base:].partition("@")[0]
+        rest = addr[length:].partition("@")[0]
         if not self._ttl:
             return plain if not rest else None
         epoch = _unstamp(rest)
