@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from mailflow.content import Spool
-from mailflow.stages.smtpd.wire import DOT_HOPS, HIGH_WATER, Wire, _line_dot
+from mailflow.stages.smtpd.wire import DOT_HOPS, HIGH_WATER, ContentCheck, Wire, _line_dot
 
 PIECES = [b"\r\n", b".", b"\r\n.", b"\r", b"\n", b"x", b"ab.cd", b"\r\n.\r\n", b"."]
 
@@ -110,3 +110,126 @@ async def test_dot_unstuffing_is_exact_wherever_the_reads_fall(lines, cuts, many
     assert await reader is None
     assert (await spool.finish()).to_bytes() == b"".join(line + b"\r\n" for line in lines)
     assert await wire.read_line(100) == b"NOOP"
+
+
+class PostfixBdat:
+    """A reference: the record loop of Postfix's bdat_cmd (smtpd.c) and smtp_get_noexcept (smtp_stream.c, with
+    bare-LF detection), counting act_size. Each chunk is read in fragments of `fragment` bytes (VSTREAM_BUFSIZE);
+    smtp_get cuts records of at most `limit` bytes (line_length_limit) and, stopping on a CR, peeks at the next
+    byte; a partial line waits in the record buffer for the next fragment or chunk; each record counts 2 for its
+    end."""
+
+    def __init__(self, limit: int, fragment: int = 4096):
+        self.limit, self.fragment = limit, fragment
+        self.record = bytearray()
+        self.act_size = 0
+
+    def chunk(self, data: bytes, final: bool) -> None:
+        done = 0
+        while True:
+            read_len = min(len(data) - done, self.fragment)
+            fragment = _Fragment(data[done:done + read_len])
+            while True:
+                can_read = self.limit - len(self.record)
+                if self._get(fragment, can_read if can_read > 0 else 1) == 0x0A:
+                    pass  # a complete line
+                elif len(self.record) > self.limit:
+                    fragment.unget(self.record.pop())  # the peeked byte goes back: a piece of a long line
+                elif not fragment.eof:
+                    pass  # stopped at the limit: a piece of a long line
+                elif not (self.record and final and read_len == len(data) - done):
+                    break  # the fragment's end: the partial line waits
+                self.act_size += len(self.record) + 2
+                self.record.clear()
+                if fragment.eof:
+                    break
+            done += read_len
+            if done >= len(data):
+                return
+
+    def _get(self, fragment: _Fragment, bound: int) -> int | None:
+        """smtp_get_noexcept(SMTP_GET_FLAG_APPEND): the last byte taken, the line end stripped."""
+        base = len(self.record)
+        while bound > 0:
+            bound -= 1
+            byte = fragment.getc()
+            if byte is None:
+                break
+            self.record.append(byte)
+            if byte == 0x0A:
+                break
+        last = self.record[-1] if len(self.record) > base else None
+        if last == 0x0D:
+            following = fragment.getc()
+            if following == 0x0A:
+                self.record.append(following)
+                last = following
+            elif following is not None:
+                fragment.unget(following)
+        if last == 0x0A:
+            del self.record[-2 if self.record.endswith(b"\r\n") else -1:]
+        return last
+
+
+class _Fragment:
+    """A VSTREAM over one fragment: getc, ungetc, feof."""
+
+    def __init__(self, data: bytes):
+        self.data, self.at, self.eof, self.pushed = data, 0, False, []
+
+    def getc(self) -> int | None:
+        if self.pushed:
+            return self.pushed.pop()
+        if self.at < len(self.data):
+            self.at += 1
+            return self.data[self.at - 1]
+        self.eof = True
+        return None
+
+    def unget(self, byte: int) -> None:
+        self.pushed.append(byte)
+        self.eof = False
+
+
+@st.composite
+def bdat_content(draw):
+    """(line_limit, content, chunk sizes, read sizes): lines near multiples of the limit, CRLF or bare LF ends,
+    maybe a last line without one, cut anywhere (between a CR and its LF too)."""
+    limit = draw(st.sampled_from([3, 4, 8]))
+    lengths = st.sampled_from([0, 1, limit - 2, limit - 1, limit, limit + 1, 2 * limit - 1, 2 * limit,
+                               3 * limit + 1]) | st.integers(0, 4 * limit)
+    lines = draw(st.lists(st.tuples(lengths, st.sampled_from([b"\r\n", b"\r\n", b"\n"])), max_size=10))
+    content = b"".join(b"a" * n + end for n, end in lines) + b"b" * draw(lengths | st.just(0))
+    chunks = draw(st.lists(st.integers(0, len(content)), max_size=5))
+    reads = draw(st.lists(st.integers(1, len(content) + 1), max_size=8))
+    return limit, content, chunks, reads
+
+
+@given(bdat_content(), st.sampled_from([5, 4096]))
+def test_bdat_octets_are_postfix_act_size_however_the_chunks_and_reads_fall(case, fragment):
+    """ContentCheck's `stored` after each chunk and `octets` at the end are Postfix's act_size: what the chunk
+    size limit and the `N bytes queued` of BDAT LAST are judged by."""
+    limit, content, cuts, reads = case
+    postfix, check = PostfixBdat(limit, fragment), ContentCheck(limit)
+    bounds = sorted(cuts)
+    chunks = [content[a:b] for a, b in zip([0] + bounds, bounds + [len(content)])]
+    reads = iter(reads)
+    for i, chunk in enumerate(chunks):
+        at = 0
+        while at < len(chunk):
+            n = min(next(reads, len(chunk)), len(chunk) - at)
+            check.feed(bytearray(chunk[at:at + n] + b"zz\r\n"), n)  # (the input buffer holds more than the chunk)
+            at += n
+        postfix.chunk(chunk, final=i == len(chunks) - 1)
+        if i < len(chunks) - 1:
+            assert check.stored == postfix.act_size
+    assert check.octets == postfix.act_size
+
+
+def test_a_chunk_ending_between_the_cr_and_lf_of_a_line_of_limit_bytes_has_stored_none_of_it():
+    """Postfix holds a piece of line_limit bytes ending in CR to see whether a LF follows."""
+    check = ContentCheck(8)
+    check.feed(bytearray(b"a" * 7 + b"\r"), 8)
+    assert check.stored == 0
+    check.feed(bytearray(b"\n"), 1)
+    assert check.stored == check.octets == 9

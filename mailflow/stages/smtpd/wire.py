@@ -90,15 +90,19 @@ class ContentCheck:
     @property
     def octets(self) -> int:
         """Postfix's act_size of the content fed: each line stored as records of at most line_limit bytes,
-        each record counted with 2 for its line end (so a last line without one counts 2 more)."""
+        each record counted with 2 for its line end (so a last line without one counts 2 more, one ended by a bare
+        LF 1 more)."""
         last = self._line
         return self._counted + (2 + 2 * ((last - 1) // self._line_limit) if last else 0)
 
     @property
     def stored(self) -> int:
         """`octets` of what Postfix has stored so far: not the last line while it is incomplete, but the
-        line_limit pieces of it already cut off."""
+        line_limit pieces of it already cut off (not the last one when it ends in a CR: Postfix holds it to see
+        whether a LF follows)."""
         pieces = self._line // self._line_limit
+        if pieces and self._cr_pending and not self._line % self._line_limit:
+            pieces -= 1
         return self._counted - self._line + pieces * (self._line_limit + 2)
 
     def feed(self, buf: bytearray, end: int) -> None:
@@ -115,24 +119,32 @@ class ContentCheck:
         self._cr_pending = buf[end - 1] == 0x0D
         if self._cr_pending:
             cr -= 1
+        self._counted += lf - crlf  # a line ended by a bare LF: Postfix counts 2 for its end, as for CRLF
         if not self.bare:
             self.bare = "LF" if lf != crlf else "CR" if cr != crlf else ""
         if not self.nul and buf.find(b"\0", 0, end) >= 0:
             self.nul = True
 
     def _count(self, buf: bytearray, end: int) -> None:
-        """`octets` for the first `end` bytes of `buf`: the lines they complete are looked at one by one only when
-        one of them may be longer than line_limit (a piece of content with a line that long is rare)."""
+        """`octets` for the first `end` bytes of `buf`. Only a line of line_limit bytes or more counts more than
+        its bytes: it hops from window to window of line_limit bytes to the last LF in each (memchr, at C speed),
+        and looks at a line by itself only where a window holds no LF."""
         self._counted += end
         last_lf = buf.rfind(b"\n", 0, end)
         if last_lf < 0:
             self._line += end
             return
-        lengths = list(map(len, buf[:last_lf].split(b"\n")))  # the lines completed, without their LF
-        lengths[0] += self._line
-        if max(lengths) >= self._line_limit:
-            ends = [buf[i - 1] == 0x0D if i else self._cr_pending for i in _line_ends(buf, last_lf)]
-            self._counted += sum(2 * ((n - cr) // self._line_limit) for n, cr in zip(lengths, ends))
+        limit = self._line_limit
+        start = -self._line  # where the line under way starts, relative to buf
+        while last_lf - start >= limit:  # (a line ending at last_lf or before may be as long as limit)
+            lf = buf.rfind(b"\n", max(start, 0), start + limit) if start + limit > 0 else -1
+            if lf >= 0:  # the lines ending in this window are all shorter than limit
+                start = lf + 1
+                continue
+            lf = buf.find(b"\n", max(start + limit, 0), last_lf + 1)
+            cr = buf[lf - 1] == 0x0D if lf else self._cr_pending
+            self._counted += 2 * ((lf - start - cr) // limit)  # each piece cut off counts 2 for its end
+            start = lf + 1
         self._line = end - last_lf - 1
 
     def finish(self) -> str:
@@ -140,15 +152,6 @@ class ContentCheck:
         if self._cr_pending and not self.bare:
             self.bare = "CR"
         return self.bare
-
-
-def _line_ends(buf: bytearray, last_lf: int) -> list[int]:
-    """Where each LF of buf[:last_lf + 1] is."""
-    ends, pos = [], buf.find(b"\n")
-    while 0 <= pos <= last_lf:
-        ends.append(pos)
-        pos = buf.find(b"\n", pos + 1)
-    return ends
 
 
 def refusal(spool: Spool, nul: bool) -> status.Reply | None:
