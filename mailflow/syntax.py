@@ -20,6 +20,8 @@ may use it without an import cycle.
     has_control(text), mask_control(text)       C0 control characters and DEL: present? / each replaced by "?"
     parse_octet_count(text) -> int | None       an SMTP size (`SIZE=`, `BDAT`): ASCII digits, leading zeros taken;
                                                 None past OFF_T_MAX (ValueError: not digits)
+    ascii_upper(text)                           only the ASCII letters in upper case (Postfix's strcasecmp: a
+                                                keyword spelled with `ſ` or `ı` is not SIZE or BODY=8BITMIME)
     ENVID_MAX, is_printable_ascii(text)         RFC 3461's ENVID length bound; printable US-ASCII only (space to
                                                 '~': what an ENVID must be, being written into notices' headers)
 
@@ -39,6 +41,7 @@ _HOSTPORT = re.compile(r"\[([^\]]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?")
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,255}}$){_LABEL}(?:\.{_LABEL})*\.?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ASCII_UPPER = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 TABLE_TYPES = ("texthash", "inline", "static", "regexp", "sqlite", "accounts", "unix", "fail")
 FILE_TABLE_TYPES = ("texthash", "regexp", "sqlite", "accounts")  # the name after the colon is a file
@@ -151,6 +154,12 @@ def has_control(text: str) -> bool:
 
 def mask_control(text: str, replacement: str = "?") -> str:
     return _CONTROL.sub(replacement, text)
+
+
+def ascii_upper(text: str) -> str:
+    """`text` with its ASCII letters in upper case and nothing else changed, as C's toupper() in the C locale:
+    what an SMTP keyword is compared in (str.upper() maps `ſ` to S, `ı` to I and `ﬆ` to ST)."""
+    return text.translate(_ASCII_UPPER)
 
 
 def is_printable_ascii(text: str) -> bool:

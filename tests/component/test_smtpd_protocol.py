@@ -262,6 +262,20 @@ async def test_bad_rcpt_dsn_parameters_are_501(mailflow_server, params):
     assert code == 501 and text.startswith("501 5.5.4 ")
 
 
+async def test_keywords_are_compared_in_ascii_only_as_postfixs_strcasecmp(mailflow_server):
+    """Python's str.upper() maps `ſ` to S, `ı` to I and `ﬆ` to ST: none of them spells a keyword in Postfix."""
+    _, port = await _server(mailflow_server)
+    c = await SmtpClient.connect(port)
+    await c.cmd("EHLO client.test")
+    for params in (" \u017fIZE=10", " BODY=8b\u0131tm\u0131me", " \u017fMTPUTF8"):
+        assert (await c.cmd(f"MAIL FROM:<s@remote.test>{params}"))[0] == 555, params
+    assert await c.cmd("MAIL FROM:<s@remote.test> RET=HDR\u017f") == status.BAD_RET
+    assert (await c.cmd("MAIL FROM:<s@remote.test> size=10 body=8bitmime ret=hdrs"))[0] == 250
+    assert await c.cmd("RCPT TO:<alice@local.test> NOTIFY=\u017fuccess") == status.BAD_NOTIFY
+    assert (await c.cmd("RCPT TO:<alice@local.test> notify=success"))[0] == 250
+    assert await c.cmd("BDAT 1 LA\ufb06") == status.BDAT_SYNTAX
+
+
 async def test_dsn_parameters_are_queued_and_notify_success_gets_a_success_notice(mailflow_server, smtp_peer):
     peer = await smtp_peer()
     mf, port = await _server(mailflow_server, relayhost=f"[127.0.0.1]:{peer.port}")

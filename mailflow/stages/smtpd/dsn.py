@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 
-from mailflow.syntax import is_printable_ascii
+from mailflow.syntax import ascii_upper, is_printable_ascii
 
 NOTIFY_WORDS = ("SUCCESS", "FAILURE", "DELAY")
 _HEX = "0123456789abcdefABCDEF"
@@ -73,9 +73,10 @@ def uxtext_decode(text: str) -> str:
 
 def ret(value: str) -> str:
     """RET=FULL or RET=HDRS (any case): the upper-case word."""
-    if value.upper() not in ("FULL", "HDRS"):
+    value = ascii_upper(value)
+    if value not in ("FULL", "HDRS"):
         raise DsnError("RET must be FULL or HDRS")
-    return value.upper()
+    return value
 
 
 def envid(value: str) -> str:
@@ -89,7 +90,7 @@ def envid(value: str) -> str:
 def notify(value: str) -> str:
     """NOTIFY=NEVER or a comma list of SUCCESS, FAILURE, DELAY (any case; a word given twice counts once, an
     empty item is skipped, as Postfix's name_mask takes them): an upper-case comma list."""
-    words = list(dict.fromkeys(word.upper() for word in value.split(",") if word))
+    words = list(dict.fromkeys(ascii_upper(word) for word in value.split(",") if word))
     if words == ["NEVER"]:
         return "NEVER"
     if not words or any(word not in NOTIFY_WORDS for word in words):
@@ -104,5 +105,5 @@ def orcpt(value: str) -> str:
     addr_type, semi, encoded = value.partition(";")
     if not semi or not addr_type:
         raise DsnError("ORCPT must be addr-type;xtext")
-    addr = uxtext_decode(encoded) if addr_type.lower() == "utf-8" else xtext_decode(encoded)
+    addr = uxtext_decode(encoded) if ascii_upper(addr_type) == "UTF-8" else xtext_decode(encoded)
     return f"{addr_type.lower()};{addr}" if addr and _ADDR_TYPE.match(addr_type) else ""

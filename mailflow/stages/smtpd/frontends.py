@@ -49,7 +49,7 @@ from mailflow.address import in_networks
 from mailflow.logs import printable
 from mailflow.stages.smtpd.protocol import ProtocolCore
 from mailflow.stages.smtpd.state import SessionState, helo_name
-from mailflow.syntax import is_hostname
+from mailflow.syntax import ascii_upper, is_hostname
 
 log = logging.getLogger("mailflow.smtpd")
 
@@ -200,7 +200,7 @@ def parse_xclient(arg: str | None) -> dict[str, str | None]:
     found: dict[str, str | None] = {}
     for word in arg.split():
         name, equals, raw = word.partition("=")
-        name = name.upper()
+        name = ascii_upper(name)
         if not equals or name not in XCLIENT_ATTRIBUTES:
             raise XclientError(status.xclient_bad("name", word))
         value = _xtext_decode(raw, word)
@@ -238,7 +238,7 @@ def _checked(name: str, value: str, word: str) -> str | None:
             raise bad
         return value.lower()
     if name == "ADDR":
-        text = value[5:] if value.upper().startswith("IPV6:") else value
+        text = value[5:] if ascii_upper(value).startswith("IPV6:") else value
         try:
             addr = ipaddress.ip_address(text)
         except ValueError:
@@ -251,9 +251,9 @@ def _checked(name: str, value: str, word: str) -> str | None:
             raise bad
         return str(int(value))
     if name == "PROTO":
-        if value.upper() not in ("SMTP", "ESMTP"):
+        if ascii_upper(value) not in ("SMTP", "ESMTP"):
             raise bad
-        return value.upper()
+        return ascii_upper(value)
     if len(value) > 255:  # HELO, LOGIN
         raise bad
     return value

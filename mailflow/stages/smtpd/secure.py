@@ -57,6 +57,7 @@ from mailflow.config import DEFAULTS
 from mailflow.errors import LookupRetry, tls_failure
 from mailflow.stages.smtpd.auth import Authenticator, SenderLogins, login_of
 from mailflow.stages.smtpd.frontends import FrontEndCommands
+from mailflow.syntax import ascii_upper
 from mailflow.stages.smtpd.wire import WireError
 
 log = logging.getLogger("mailflow.smtpd")
@@ -217,7 +218,7 @@ class SecureCommands(FrontEndCommands):
             return
         assert arg is not None and self._sasl is not None
         words = arg.split()
-        mechanism, initial = words[0].upper(), (words[1] if len(words) == 2 else None)
+        mechanism, initial = ascii_upper(words[0]), (words[1] if len(words) == 2 else None)
         self._auth_mechanism = mechanism  # for the log line of an abort
         exchange = self._plain_exchange if mechanism == "PLAIN" else self._login_exchange
         credentials = await exchange(initial)
@@ -246,7 +247,7 @@ class SecureCommands(FrontEndCommands):
         words = (arg or "").split()
         if not 1 <= len(words) <= 2:
             return status.syntax("AUTH mechanism")
-        if words[0].upper() not in MECHANISMS:
+        if ascii_upper(words[0]) not in MECHANISMS:
             return status.AUTH_UNKNOWN_MECHANISM
         return None
 

@@ -36,7 +36,7 @@ from mailflow.logs import printable
 from mailflow.stages.smtpd import dsn
 from mailflow.stages.smtpd.secure import SecureCommands
 from mailflow.stages.smtpd.state import NULL_SENDER
-from mailflow.syntax import parse_octet_count
+from mailflow.syntax import ascii_upper, parse_octet_count
 
 
 DSN_CHECKS: dict[str, tuple[Callable[[str], str], status.Reply]] = {
@@ -67,11 +67,11 @@ def mail_parameters(words: list[str], size_limit: int | None) -> tuple[list[str]
     auth = ""
     for word in words:
         key, eq, value = word.partition("=")
-        key = key.upper()
+        key = ascii_upper(key)
         if key == "SMTPUTF8" and not eq:
             options[key] = key
-        elif key == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
-            options[key] = f"BODY={value.upper()}"
+        elif key == "BODY" and ascii_upper(value) in ("7BIT", "8BITMIME"):
+            options[key] = f"BODY={ascii_upper(value)}"
         elif key == "SIZE" and eq:
             size = _declared_size(value)
             if isinstance(size, status.Reply):
@@ -105,9 +105,10 @@ def rcpt_parameters(words: list[str]) -> tuple[str, str] | status.Reply:
     found: dict[str, str] = {}
     for word in words:
         key, eq, value = word.partition("=")
-        if key.upper() not in ("NOTIFY", "ORCPT") or not eq:
+        key = ascii_upper(key)
+        if key not in ("NOTIFY", "ORCPT") or not eq:
             return status.unsupported_option(word)
-        refusal = _take_dsn(found, key.upper(), value)
+        refusal = _take_dsn(found, key, value)
         if refusal is not None:
             return refusal
     return found.get("NOTIFY", ""), found.get("ORCPT", "")
@@ -201,7 +202,7 @@ class TransactionCommands(SecureCommands):
         hook = self._handle_hooks.get("ADDRESS")
         if hook is None:
             return False
-        smtputf8 = self.envelope.smtp_utf8 if command == "RCPT" else any(w.upper() == "SMTPUTF8" for w in words)
+        smtputf8 = self.envelope.smtp_utf8 if command == "RCPT" else any(ascii_upper(w) == "SMTPUTF8" for w in words)
         refusal = hook(self, self.session, self.envelope, command, addr, smtputf8)
         if refusal is None:
             return False
@@ -215,7 +216,7 @@ class TransactionCommands(SecureCommands):
         4.7.1 past its limit: a malformed path counts too, as in Postfix), `bad` (501 5.1.7 / 5.1.3) for a
         malformed path."""
         usage = f"{command} {keyword}<address>"
-        if not arg or arg[:len(keyword)].upper() != keyword:
+        if not arg or ascii_upper(arg[:len(keyword)]) != keyword:
             await self.push(status.syntax(usage))
             return None
         text = arg[len(keyword):]
