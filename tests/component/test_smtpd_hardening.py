@@ -397,6 +397,8 @@ async def test_a_client_that_never_says_hello_is_served_as_postfix_serves_it(mai
     # no transaction can exist before HELO: what is missing first is MAIL or RCPT (Postfix's answers)
     ("RCPT TO:<alice@local.test>", status.NEED_MAIL),
     ("DATA", status.no_recipients(False)),
+    # a refused BDAT leaves its state even before HELO: MAIL asks for HELO before "MAIL after BDAT" (mail_cmd)
+    ("BDAT 0", status.NULL_BDAT),
 ])
 async def test_helo_required_refuses_a_transaction_before_hello(mailflow_server, command, reply):
     mf = await mailflow_server(smtpd={"helo_required": True})

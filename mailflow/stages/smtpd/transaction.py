@@ -23,9 +23,10 @@ the handler finds malformed, with the same reply, no address named in it, as Pos
 taken in the order given and the first bad one answers, as in Postfix: an unknown one 555 5.5.4; a malformed or
 repeated DSN parameter 501 5.5.4 in Postfix's words (`Bad RET parameter syntax`, `Error: Bad NOTIFY parameter
 syntax`, ...); a bad SIZE 501 5.5.4, one past OFF_T_MAX (Postfix's "file system imposed limit") 552 5.3.4, one over
-message_size_limit 552 5.3.4 once all are taken; AUTH= after one that named a sender 503 5.5.4. MAIL twice 503
-5.5.1; RCPT before MAIL, or once BDAT content has begun, 503 5.5.1; past recipient_limit 452 4.5.3, counted as an
-error only past recipient_overshoot_limit.
+message_size_limit 552 5.3.4 once all are taken; AUTH= after one that named a sender 503 5.5.4. Out of order, each
+503 5.5.1, in Postfix's order: MAIL before HELO/EHLO with helo_required (asked first, even after a refused BDAT),
+MAIL twice, MAIL once a BDAT was taken or refused in this transaction; RCPT before MAIL, RCPT after BDAT. Past
+recipient_limit 452 4.5.3, counted as an error only past recipient_overshoot_limit.
 """
 from __future__ import annotations
 
@@ -123,6 +124,8 @@ class TransactionCommands(SecureCommands):
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         """`MAIL FROM:<address> [params]`; the reply is the handler's unless the session refuses first."""
+        if await self.check_helo_needed():  # before "nested MAIL" and "MAIL after BDAT", as Postfix's mail_cmd
+            return
         taken = await self._arguments(arg, "MAIL", "FROM:", status.SENDER_SYNTAX, self._mail_out_of_order(),
                                       lambda words: mail_parameters(words, self.data_size_limit))
         if taken is None:
@@ -173,14 +176,14 @@ class TransactionCommands(SecureCommands):
 
     async def _arguments(self, arg: str | None, command: str, keyword: str, bad_path: status.Reply,
                          out_of_order: status.Reply | None, parameters: Callable[[list[str]], Any]):
-        """What MAIL and RCPT share: `out_of_order` if given (MAIL twice, RCPT before MAIL: Postfix's first
-        answer, and no transaction exists without HELO and a required login), then HELO and the login, the path,
-        then its parameter words through `parameters` (which returns a refusal or its values). (address, values),
-        or None when a refusal was sent."""
+        """What MAIL and RCPT share (MAIL has asked for HELO already): `out_of_order` if given (MAIL twice, RCPT
+        before MAIL or after BDAT: Postfix's first answer; RCPT needs no HELO check, as no MAIL is taken without
+        one), then the login, the path, then its parameter words through `parameters` (which returns a refusal or
+        its values). (address, values), or None when a refusal was sent."""
         if out_of_order is not None:
             await self.push(out_of_order)
             return None
-        if await self.check_helo_needed() or await self.check_auth_needed(command):
+        if await self.check_auth_needed(command):
             return None
         parsed = await self._path_argument(arg, keyword, command, bad_path)
         if parsed is None:
