@@ -27,7 +27,7 @@ import unicodedata
 
 import idna
 
-from mailflow.syntax import parse_ip
+from mailflow.syntax import ascii_upper, parse_ip
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\x80-\U0010ffff]+"
 _DOT_ATOM = rf"{_ATOM}(?:\.{_ATOM})*"
@@ -311,13 +311,15 @@ def in_networks(text, networks) -> bool:
     return ip is not None and any(ip in net for net in networks)
 
 
-def vrfy_argument(arg: str) -> str:
+def vrfy_argument(arg: str) -> tuple[str, bool]:
     """VRFY's argument as Postfix reads it: its words joined by one space (collapse_args), a last word SMTPUTF8
-    dropped; "" when nothing is left (the usage reply)."""
+    dropped ("" when nothing is left: the usage reply); and whether it was there (RFC 6531: the address may then
+    be UTF-8)."""
     words = arg.split()
-    if words and words[-1].upper() == "SMTPUTF8":
+    smtputf8 = bool(words) and ascii_upper(words[-1]) == "SMTPUTF8"
+    if smtputf8:
         words.pop()
-    return " ".join(words)
+    return " ".join(words), smtputf8
 
 
 def vrfy_address(text: str) -> str:

@@ -181,7 +181,7 @@ class StdioSmtp:
     def _do_VRFY(self, arg: str) -> None:
         """As Postfix's smtpd in stand-alone mode: off with disable_vrfy_command (its setting applies there too),
         else the argument's syntax only, no restriction list."""
-        written = address.vrfy_argument(arg)
+        written, _ = address.vrfy_argument(arg)
         if self._sub.config.smtpd.disable_vrfy_command:
             self._reply(status.VRFY_DISABLED)
         elif not written:

@@ -3,6 +3,7 @@ tests/interop/test_delay_reject_vs_postfix.py and test_etrn_vrfy_vs_postfix.py f
 they are checked where Postfix is not installed too."""
 from __future__ import annotations
 
+from mailflow import status
 from tests.support import sessions_over
 from tests.support.sessions import replay_sessions, xclient
 
@@ -45,6 +46,15 @@ async def test_vrfy_answers_252_for_a_known_user_and_refuses_an_unknown_one(mail
     assert got["vrfy"][2:5] == [
         "252 2.0.0 alice@local.test", "252 2.0.0 <alice@local.test>",
         "550 5.1.1 <nobody@local.test>: Recipient address rejected: User unknown in local recipient table"]
+
+
+async def test_vrfy_takes_a_utf8_domain_only_after_its_smtputf8_word(mailflow_server):
+    # Postfix's vrfy_cmd: extract_addr with smtputf8 = 0 unless the last word is SMTPUTF8
+    mf = await mailflow_server(smtpd={"disable_vrfy_command": False})
+    utf8 = "VRFY alice@d\u00f6main.test"
+    got = await replies(mf, {"vrfy": ["EHLO client.test", utf8, utf8 + " smtputf8", "QUIT"]})
+    assert got["vrfy"][2] == str(status.RECIPIENT_SYNTAX)
+    assert got["vrfy"][3].startswith("554 5.7.1 ")  # past the syntax: relaying
 
 
 async def test_etrn_is_refused_by_check_etrn_access(mailflow_server):

@@ -133,6 +133,22 @@ async def test_aiosmtpd_still_has_every_private_name_the_session_sets_for_it(mai
     assert not {"EXPN", "HELP"} & set(ours._smtp_methods)  # aiosmtpd's are left out: Postfix has neither
 
 
+async def test_a_session_cannot_be_made_with_a_handler_that_does_not_judge_addresses(mailflow_server):
+    """Address syntax is the handler's (allow_min_user, qualification): not an optional hook that a handler could
+    lack and so take every malformed address."""
+    mf = await mailflow_server()
+    handler = mf.smtpd.listeners[0].handler
+
+    class WithoutAddressCheck:
+        def __getattr__(self, name):
+            if name == "address_refusal":
+                raise AttributeError(name)
+            return getattr(handler, name)
+
+    with pytest.raises(AttributeError, match="address_refusal"):
+        SmtpSession(WithoutAddressCheck(), sessions=set(), hostname="mx.mailflow.test")
+
+
 # ---------------------------------------------------------------------------------------------- not queued
 
 

@@ -1,7 +1,7 @@
 """smtpd's policy: the aiosmtpd hooks that decide what a client may do, and the hand-over to cleanup.
 
 The hooks get the session's typed state (state.SessionState, state.Transaction) and read its fields directly.
-ADDRESS checks the syntax of MAIL's and RCPT's address (and allow_min_user; a UTF-8 domain without SMTPUTF8)
+`address_refusal` (which every session asks: not an optional hook) checks the syntax of MAIL's and RCPT's address (and allow_min_user; a UTF-8 domain without SMTPUTF8)
 before the session looks at their parameters, as Postfix's extract_addr.
 MAIL checks SMTPUTF8, then the queue's free space (Postfix smtpd_check_size):
 `452 4.3.1 Insufficient system storage` below max(queue_minfree, 1.5 x message_size_limit), or when a SIZE=
@@ -225,7 +225,7 @@ class SmtpdHandler:
     async def handle_MAIL(self, server, session: SessionState, envelope: Transaction, addr: str,
                           options: list[str]) -> str:
         sender = "" if addr == NULL_SENDER else addr
-        if address.is_utf8(sender) and "SMTPUTF8" not in options:  # (its syntax: handle_ADDRESS)
+        if address.is_utf8(sender) and "SMTPUTF8" not in options:  # (its syntax: address_refusal)
             return str(status.SMTPUTF8_REQUIRED)
         if self._short_of_space(_declared_size(options)):
             return str(status.INSUFFICIENT_STORAGE)
@@ -263,7 +263,7 @@ class SmtpdHandler:
         id."""
         refusal = status.SMTPUTF8_REQUIRED if address.is_utf8(addr) and not envelope.smtp_utf8 else None
         own = self._own_probe_sender(addr)
-        if refusal is None:  # (its syntax: handle_ADDRESS)
+        if refusal is None:  # (its syntax: address_refusal)
             # RFC 5321 4.5.1: the bare `postmaster` must be taken, whoever asks; Postfix's smtpd_check_rcpt says
             # OK to it before any restriction (cleanup qualifies it with @myorigin). So is this server's probe
             # sender, as Postfix's smtpd takes it (a site verifying our probes' sender must not be refused)
@@ -281,8 +281,8 @@ class SmtpdHandler:
         envelope.rcpt_options.extend(options)
         return str(status.RCPT_OK)
 
-    def handle_ADDRESS(self, server, session: SessionState, envelope: Transaction, command: str, addr: str,
-                       smtputf8: bool) -> status.Reply | None:
+    def address_refusal(self, server, session: SessionState, envelope: Transaction, command: str, addr: str,
+                        smtputf8: bool) -> status.Reply | None:
         """MAIL's or RCPT's address as Postfix's extract_addr judges it, before the command's parameters: a
         malformed one (`_malformed`) is logged as Postfix's "Illegal address syntax", with the path as sent, and
         refused with 501 5.1.7 / 5.1.3, no address named; else None."""
@@ -315,12 +315,13 @@ class SmtpdHandler:
         return await self._unroutable(facts.recipient)
 
     async def handle_VRFY(self, server, session: SessionState, envelope: Transaction, addr: str,
-                          written: str) -> status.Reply | None:
-        """VRFY (`written` the argument as the client wrote it), as Postfix's vrfy_cmd and smtpd_check_rcpt: a
-        malformed address is refused (501 5.1.3, logged as Postfix's "Illegal address syntax"); then, but for
+                          written: str, smtputf8: bool) -> status.Reply | None:
+        """VRFY (`written` the argument as the client wrote it, `smtputf8` whether its last word was SMTPUTF8), as
+        Postfix's vrfy_cmd and smtpd_check_rcpt: a malformed address is refused (501 5.1.3, logged as Postfix's
+        "Illegal address syntax"); then, but for
         `postmaster`, the restriction lists and the recipient tables, as at RCPT (not the policy hook nor the
         milters): their refusal, logged `NOQUEUE: reject: VRFY from …`, or None (252)."""
-        if self._malformed(addr):
+        if self._malformed(addr, smtputf8):
             server.record.lines.illegal_address(session.client, "VRFY", written)
             return status.RECIPIENT_SYNTAX
         if addr.lower() == "postmaster":  # RFC 5321 4.5.1, as at RCPT
@@ -366,10 +367,10 @@ class SmtpdHandler:
             return status.error_reply(e, addr)
         return None
 
-    def _malformed(self, addr: str, smtputf8: bool = True) -> bool:
+    def _malformed(self, addr: str, smtputf8: bool) -> bool:
         """Whether MAIL, RCPT or VRFY refuses `addr` as a syntax error: its syntax once qualified (an unqualified
         address is taken, and qualified by cleanup: Postfix's @$myorigin); without `smtputf8` (the transaction
-        did not declare SMTPUTF8), a domain that is not ASCII (Postfix's smtpd_check_addr: before the 553 that a
+        did not declare SMTPUTF8; VRFY without it as its last word), a domain that is not ASCII (Postfix's smtpd_check_addr: before the 553 that a
         UTF-8 local part gets); or, with Postfix's allow_min_user = no, a leading '-' (it could reach a command's
         argv as an option)."""
         qualified = self._rewriter.qualify(addr)

@@ -752,7 +752,7 @@ class ProtocolCore(SMTP):
     async def smtp_VRFY(self, arg: str | None) -> None:
         """Off by default (disable_vrfy_command). On, as Postfix's vrfy_cmd: the address (a path, or a phrase and
         a path in angle brackets; a last word SMTPUTF8 dropped, RFC 6531) is checked by the handler's
-        `handle_VRFY(server, session, envelope, address, written)` as RCPT checks a recipient, its refusal the
+        `handle_VRFY(server, session, envelope, address, written, smtputf8)` as RCPT checks a recipient, its refusal the
         reply; else `252 2.0.0` and the argument as written: VRFY says no more than RCPT would. A malformed
         address gets 501 5.1.3 (logged as Postfix's "Illegal address syntax"). It counts toward the client's
         recipient rate, as in Postfix (450 4.7.1 past it)."""
@@ -761,7 +761,7 @@ class ProtocolCore(SMTP):
             return
         if await self.check_auth_needed("VRFY"):
             return
-        written = address.vrfy_argument(arg or "")
+        written, smtputf8 = address.vrfy_argument(arg or "")
         if not written:
             await self.push(status.VRFY_SYNTAX)
             return
@@ -772,7 +772,7 @@ class ProtocolCore(SMTP):
             self.record.lines.illegal_address(self.session.client, "VRFY", written)
             await self.push(status.RECIPIENT_SYNTAX)
             return
-        reply = await self._call_handler_hook("VRFY", addr, written)
+        reply = await self._call_handler_hook("VRFY", addr, written, smtputf8)
         await self.push(status.vrfy_answer(written) if reply is MISSING or reply is None else reply)
 
     async def smtp_ETRN(self, arg: str | None) -> None:

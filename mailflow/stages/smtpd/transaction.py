@@ -3,8 +3,9 @@
 What it owns
 - `smtp_MAIL`: `MAIL FROM:<address> [params]` (RFC 5321 4.1.1.2): once its usage is right, the client's
   message rate (`refused_for_rate`: client_message_rate_limit, counted by the listener's anvil, as Postfix
-  counts before the path's syntax), the path syntax of `address.parse_path`, the handler's `handle_ADDRESS`
-  (the address as Postfix's extract_addr judges it, before the parameters), its parameters (`mail_parameters`:
+  counts before the path's syntax), the path syntax of `address.parse_path`, the handler's `address_refusal`
+  (the address as Postfix's extract_addr judges it, before the parameters: a required part of the handler, taken
+  when the session is made), its parameters (`mail_parameters`:
   SIZE, BODY, SMTPUTF8, AUTH= (RFC 4954: accepted, not trusted; kept as the message's sasl_sender, as Postfix
   keeps it), RET and ENVID (RFC 3461, checked by dsn.py)), the sender-login check, then the handler's
   `handle_MAIL`.
@@ -118,6 +119,12 @@ def rcpt_parameters(words: list[str]) -> tuple[str, str] | status.Reply:
 class TransactionCommands(SecureCommands):
     """MAIL and RCPT: see the module doc."""
 
+    def __init__(self, handler, **kwargs):
+        """`handler` must judge MAIL's and RCPT's addresses: `address_refusal(server, session, envelope, command,
+        address, smtputf8) -> Reply | None` (no session takes an address unjudged: AttributeError without it)."""
+        super().__init__(handler, **kwargs)
+        self._judge_address = handler.address_refusal
+
     # the path of the MAIL or RCPT being answered as the client sent it: the handler's "Illegal address syntax"
     # line names it when it refuses the address itself (a bad domain, a leading '-'), as Postfix's extract_addr
     path_as_sent = ""
@@ -198,15 +205,11 @@ class TransactionCommands(SecureCommands):
         return addr, values, written
 
     async def _address_refused(self, command: str, addr: str, words: list[str]) -> bool:
-        """The handler's `handle_ADDRESS(server, session, envelope, command, address, smtputf8)`: an address it
-        finds malformed is refused before the parameters are looked at, as Postfix's extract_addr refuses it
-        (`smtputf8`: MAIL's own SMTPUTF8 parameter, which Postfix looks for first; the transaction's at RCPT).
-        True when its refusal was sent."""
-        hook = self._handle_hooks.get("ADDRESS")
-        if hook is None:
-            return False
+        """The handler's `address_refusal`: an address it finds malformed is refused before the parameters are
+        looked at, as Postfix's extract_addr refuses it (`smtputf8`: MAIL's own SMTPUTF8 parameter, which Postfix
+        looks for first; the transaction's at RCPT). True when its refusal was sent."""
         smtputf8 = self.envelope.smtp_utf8 if command == "RCPT" else any(ascii_upper(w) == "SMTPUTF8" for w in words)
-        refusal = hook(self, self.session, self.envelope, command, addr, smtputf8)
+        refusal = self._judge_address(self, self.session, self.envelope, command, addr, smtputf8)
         if refusal is None:
             return False
         await self.push(refusal)
