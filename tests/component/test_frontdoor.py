@@ -158,6 +158,24 @@ async def test_listener_overrides_apply_to_that_listener_only(mailflow_server):
         await c.close()
 
 
+async def test_starttls_is_required_before_the_pipelining_check(mailflow_server, pki, users):
+    """Postfix's smtpd_proto answers 530 before it looks for input pipelined where it must not be: a command that
+    needs TLS is refused for that, and the session goes on."""
+    _, cert, ctx = pki
+    mf = await mailflow_server(**door(cert, users, {"address": "127.0.0.1:0", "role": "submission"}))
+    c = await SmtpClient.connect(mf.smtpd.address_of("submission")[1])
+    await c.send(b"MAIL FROM:<alice@local.test>\r\nNOOP\r\n")  # before EHLO: every command is checked
+    assert await c.reply() == status.STARTTLS_FIRST
+    assert await c.reply() == status.OK  # NOOP needs no TLS, and nothing was pending after it
+    await ehlo(c)
+    await c.send(b"DATA\r\nNOOP\r\n")  # DATA ends a group
+    assert await c.reply() == status.STARTTLS_FIRST
+    assert (await c.reply())[0] == 250
+    await c.starttls(ctx)
+    assert "AUTH PLAIN LOGIN" in await ehlo(c)
+    await c.close()
+
+
 async def test_sender_login_mismatch_refused_on_submission(mailflow_server, pki, users):
     _, cert, ctx = pki
     listener = {"address": "127.0.0.1:0", "role": "submission",

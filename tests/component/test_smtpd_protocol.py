@@ -187,6 +187,22 @@ async def test_pipelining_after_helo_or_ehlo_is_refused(mailflow_server):
     assert await c.closed()
 
 
+async def test_quit_is_out_of_sync_with_input_behind_it_after_helo_not_after_ehlo(mailflow_server):
+    """Postfix's command table does not mark QUIT as ending a group: after EHLO it is never checked (what follows
+    is not read); after HELO, as every command of an SMTP session, it is."""
+    _, port = await _server(mailflow_server)
+    c = await SmtpClient.connect(port)
+    assert (await c.cmd("HELO client.test"))[0] == 250
+    await c.send(b"QUIT\r\nNOOP\r\n")
+    assert await c.reply() == status.PROTOCOL_SYNC
+    assert await c.closed()
+    c = await SmtpClient.connect(port)
+    assert (await c.cmd("EHLO client.test"))[0] == 250
+    await c.send(b"QUIT\r\nNOOP\r\n")
+    assert (await c.reply())[0] == 221
+    assert await c.closed()
+
+
 async def test_pipelined_envelope_after_ehlo_is_accepted(mailflow_server, tmp_path):
     _, port = await _server(mailflow_server)
     c = await SmtpClient.connect(port)

@@ -86,6 +86,8 @@ SESSIONS: dict[str, list[str | bytes]] = {
         "RCPT TO:<-x@local.test> NOTIFY=X"],
     "a refused BDAT outside a transaction: MAIL, RCPT, DATA and chunks refused until RSET": [
         E, "BDAT 0", M, R, "DATA", b"BDAT 4\r\nab", "BDAT 0", "RSET", M, R, b"BDAT 4 LAST\r\nab"],
+    "QUIT with input behind it: out of sync after HELO, not after EHLO": ["HELO client.test", b"QUIT\r\nNOOP"],
+    "QUIT with input behind it after EHLO": [E, b"QUIT\r\nNOOP"],
     "keywords spelled with letters that Unicode upper-cases to ASCII (\u017f, \u0131, \ufb06)": [
         E, M + " \u017fIZE=10", M + " BODY=8b\u0131tm\u0131me", M + " \u017fMTPUTF8", M + " RET=HDR\u017f", M,
         R + " NOTIFY=\u017fuccess", R, "BDAT 1 LA\ufb06"],
@@ -230,6 +232,8 @@ async def test_protocol_edges_match_a_real_postfix(mailflow_server):
     assert postfix["a refused BDAT outside a transaction: MAIL, RCPT, DATA and chunks refused until RSET"] == [
         250, 551, 503, 503, 503, 551, 551, 250, 250, 250, 250]
     assert postfix["an underscore in a domain, a domain of digits"] == [250, 250, 554, 501]  # relaying; syntax
+    assert postfix["QUIT with input behind it: out of sync after HELO, not after EHLO"] == [250, 554]
+    assert postfix["QUIT with input behind it after EHLO"] == [250, 221]
     assert postfix["keywords spelled with letters that Unicode upper-cases to ASCII (\u017f, \u0131, \ufb06)"] == [
         250, 555, 555, 555, 501, 250, 501, 250, 521]
 

@@ -88,8 +88,10 @@ log = logging.getLogger("mailflow.smtpd")
 
 # RFC 2920 section 3.1: these end a command group; input already pending after them is out of sync. Not AUTH:
 # Postfix's command table does not flag it, and clients pipeline `AUTH PLAIN <response>` with MAIL. Nor STARTTLS,
-# which Postfix does not flag either: what is pipelined after it is discarded unread once TLS is up (RFC 3207).
-LAST_IN_GROUP = {"EHLO", "HELO", "DATA", "VRFY", "EXPN", "NOOP", "QUIT"}
+# which Postfix does not flag either: what is pipelined after it is discarded unread once TLS is up (RFC 3207). Nor
+# QUIT (Postfix's table does not flag it: in an ESMTP session input after QUIT is never read, in an SMTP one every
+# command is checked, QUIT too).
+LAST_IN_GROUP = {"EHLO", "HELO", "DATA", "VRFY", "NOOP"}
 JUNK_COMMANDS = {"NOOP", "VRFY", "RSET", "ETRN"}
 # aiosmtpd's, not offered: Postfix has neither (500 5.5.2 command not recognized). aiosmtpd's HELP listed only the
 # commands it wrote itself ("HELP NOOP RSET") and refused `HELP MAIL`.
@@ -598,9 +600,6 @@ class ProtocolCore(SMTP):
             self.record.command(command if command in self._smtp_methods else None, moves_where=False)
             await self.push(status.client_access_denied(self.session.client))
             return
-        if self._out_of_sync(command) and self._flag_ill_pipelining(command, self.wire.peek()):
-            await self._refuse_and_close(status.PROTOCOL_SYNC)
-            return
         arg = arg_bytes.strip().decode("utf-8") if arg_bytes.strip() else None
         await self._dispatch(command, arg)
 
@@ -622,11 +621,10 @@ class ProtocolCore(SMTP):
 
     def _out_of_sync(self, command: str) -> bool:
         """RFC 2920 pipelining rules (smtpd_forbid_unauth_pipelining): input must not already be waiting after
-        a command that ends a group, nor after any command of a client that did not say EHLO. Not asked again once
-        a violation is logged, nor for a command this server does not know, which Postfix answers first."""
-        if self._ill_pipelining or not self.wire.pending() or command not in self._smtp_methods:
-            return False
-        if command == "QUIT":
+        a command that ends a group, nor after any command (QUIT too) of a client that did not say EHLO. Not asked
+        again once a violation is logged; asked after the answers Postfix gives first (access denied, an unknown
+        command, STARTTLS required)."""
+        if self._ill_pipelining or not self.wire.pending():
             return False
         return command in LAST_IN_GROUP or not self.session.extended_smtp
 
@@ -642,6 +640,9 @@ class ProtocolCore(SMTP):
             return
         if needs_tls:
             await self.push(status.STARTTLS_FIRST)
+            return
+        if self._out_of_sync(command) and self._flag_ill_pipelining(command, self.wire.peek()):
+            await self._refuse_and_close(status.PROTOCOL_SYNC)
             return
         if command in JUNK_COMMANDS and not self.envelope.mail_from:
             self._junk += 1
