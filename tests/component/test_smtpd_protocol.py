@@ -203,6 +203,21 @@ async def test_quit_is_out_of_sync_with_input_behind_it_after_helo_not_after_ehl
     assert await c.closed()
 
 
+async def test_a_failed_helo_after_ehlo_leaves_the_session_esmtp(mailflow_server, monkeypatch):
+    mf, port = await _server(mailflow_server)
+
+    async def failing_helo(*args):
+        raise RuntimeError("a milter went away")
+
+    monkeypatch.setattr(mf.smtpd.listeners[0].handler, "handle_HELO", failing_helo)
+    c = await SmtpClient.connect(port)
+    assert (await c.cmd("EHLO client.test"))[0] == 250
+    assert (await c.cmd("HELO client.test"))[0] == 451
+    await c.send(b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@local.test>\r\n")  # ESMTP may pipeline these
+    assert [(await c.reply())[0] for _ in range(2)] == [250, 250]
+    await c.close()
+
+
 async def test_pipelined_envelope_after_ehlo_is_accepted(mailflow_server, tmp_path):
     _, port = await _server(mailflow_server)
     c = await SmtpClient.connect(port)

@@ -662,13 +662,13 @@ class ProtocolCore(SMTP):
         """aiosmtpd's HELO, except that a session that said EHLO stays an ESMTP one, as Postfix keeps its protocol
         name: its pipelining rules, the Received header's `with` and the log's proto= stay ESMTP's."""
         self._in_hello = True
+        extended = self.session.extended_smtp
         try:
             if hostname and await self._hello_refused("HELO", hostname):
                 return
-            extended = self.session.extended_smtp
             await super().smtp_HELO(hostname)
+        finally:  # (aiosmtpd's HELO clears it before the handler's hook, which may fail)
             self.session.extended_smtp = extended
-        finally:
             self._in_hello = False
 
     async def _hello_refused(self, command: str, hostname: str) -> bool:

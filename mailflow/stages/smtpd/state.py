@@ -52,7 +52,7 @@ class SessionState(_AiosmtpdSession):
     server_port: int  # header the one it names (the balancer's front end), as Postfix; the port (0 when unknown)
     ssl: dict[str, Any] | None  # None before TLS; then "ssl_object" and "cipher" (name, version, bits)
     host_name: str | None  # the HELO/EHLO name (`helo_name`: printable, neutered); None before one
-    extended_smtp: bool  # the client said EHLO (ESMTP), not HELO
+    extended_smtp: bool  # EHLO was said (a HELO after it keeps it, as Postfix keeps its protocol; XCLIENT resets it)
     authenticated: bool  # a login succeeded (AUTH, or XCLIENT LOGIN)
     auth_data: Any  # that login name (str) while authenticated, else None
     # (aiosmtpd's `loop`; its `proxy_data` stays None: frontends.py says why mailflow reads PROXY itself)
