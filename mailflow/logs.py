@@ -382,6 +382,23 @@ class SmtpdLog:
         self._emit(logging.WARNING, "illegal-address", f"Illegal address syntax from {client} in {command} "
                    f"command: {text[:200]}", client=client, command=command, text=text[:200])
 
+    def malformed_bdat(self, queue_id: str, client: str, line: str) -> None:
+        """`QID: malformed BDAT command syntax from host[ip]: line` (the command line as sent), NOQUEUE without
+        a queue id: Postfix's bdat_cmd, as for the BDAT warnings below."""
+        queue_id = queue_id or "NOQUEUE"
+        self._emit(logging.WARNING, "bdat", f"{queue_id}: malformed BDAT command syntax from {client}: "
+                   f"{printable(line)[:100]}", queue_id=queue_id, client=client, text=line[:100])
+
+    def null_bdat(self, queue_id: str, client: str) -> None:
+        queue_id = queue_id or "NOQUEUE"
+        self._emit(logging.WARNING, "bdat", f"{queue_id}: null BDAT request from {client}", queue_id=queue_id,
+                   client=client)
+
+    def bdat_too_big(self, queue_id: str, client: str) -> None:
+        queue_id = queue_id or "NOQUEUE"
+        self._emit(logging.WARNING, "bdat", f"{queue_id}: BDAT request from {client} exceeds message size limit",
+                   queue_id=queue_id, client=client)
+
     def timeout(self, after: str, client: str) -> None:
         if not self.active:
             return

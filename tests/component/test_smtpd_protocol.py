@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import logging
 import re
 import email.policy
 import socket
@@ -361,6 +362,30 @@ async def test_bdat_mixed_with_data_size_limit_and_no_rcpt(mailflow_server, tmp_
     await c.close()
     await sessions_over(mf)
     assert await mf.store.counts() == {} and _alice_mail(tmp_path) == []
+
+
+async def test_refused_bdat_requests_are_logged_in_postfixs_words_by_queue_id(mailflow_server, caplog):
+    """bdat_cmd's warnings: a null BDAT, a chunk past the size limit, a malformed BDAT (its line as sent); NOQUEUE
+    until the transaction has its queue id (its first accepted recipient)."""
+    mf, port = await _server(mailflow_server, smtpd={"message_size_limit": 1000})
+    caplog.set_level(logging.INFO, logger="mailflow")
+    c = await SmtpClient.connect(port)
+    assert (await c.cmd("EHLO client.test"))[0] == 250
+    assert (await c.cmd("MAIL FROM:<s@remote.test>"))[0] == 250
+    assert await c.cmd("BDAT 0") == status.NULL_BDAT
+    assert (await c.cmd("RSET"))[0] == 250
+    assert (await c.cmd("MAIL FROM:<s@remote.test>"))[0] == 250
+    assert (await c.cmd("RCPT TO:<alice@local.test>"))[0] == 250
+    await c.send(b"BDAT 2000\r\n" + b"a" * 2000)
+    assert await c.reply() == status.CHUNK_TOO_BIG
+    assert await c.cmd("bdat  1 FIRST") == status.BDAT_SYNTAX
+    await c.close()
+    await sessions_over(mf)
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    queue_id = re.search(r"(\w+): client=localhost", caplog.text)[1]
+    assert lines == ["NOQUEUE: null BDAT request from localhost[127.0.0.1]",
+                     f"{queue_id}: BDAT request from localhost[127.0.0.1] exceeds message size limit",
+                     f"{queue_id}: malformed BDAT command syntax from localhost[127.0.0.1]: bdat  1 FIRST"]
 
 
 async def test_bdat_0_without_last_fails_the_transaction_as_postfix_does(mailflow_server, tmp_path):

@@ -84,15 +84,23 @@ class DataCommands(TransactionCommands):
         """RFC 3030: `BDAT <size> [LAST]`; the chunk follows at once, without dot-stuffing or terminator."""
         parsed = bdat_arguments(arg)
         if parsed is None:  # how many bytes follow is unknown: they must not be read as commands (Postfix: 521)
+            self.record.lines.malformed_bdat(self.envelope.queue_id, self.session.client,
+                                             self.command_line.decode("utf-8"))
             self._reset_transaction()
             await self._refuse_and_close(status.BDAT_SYNTAX)
             return
         size, last = parsed
-        if (size == 0 and not last) or self.envelope.bdat_failed:  # (Postfix's first checks)
-            await self._refused_chunk(size, last, status.NULL_BDAT if size == 0 and not last
-                                      else status.bdat_discarded(size))
+        if size == 0 and not last:  # (Postfix's first checks)
+            self.record.lines.null_bdat(self.envelope.queue_id, self.session.client)
+            await self._refused_chunk(size, last, status.NULL_BDAT)
             return
-        refused = self._bdat_refusal() or self._chunk_too_big(size)
+        if self.envelope.bdat_failed:
+            await self._refused_chunk(size, last, status.bdat_discarded(size))
+            return
+        refused = self._bdat_refusal()
+        if refused is None and self._chunk_too_big(size):
+            self.record.lines.bdat_too_big(self.envelope.queue_id, self.session.client)
+            refused = status.CHUNK_TOO_BIG
         if refused is not None:
             await self._refused_chunk(size, last, refused)
             return
@@ -131,11 +139,11 @@ class DataCommands(TransactionCommands):
             return status.no_recipients(bool(self.envelope.mail_from))
         return None
 
-    def _chunk_too_big(self, size: int) -> status.Reply | None:
-        """A chunk that would take the message past message_size_limit is refused before it is read, as Postfix
-        refuses it (counting the message as it stores it: `ContentCheck.stored`)."""
+    def _chunk_too_big(self, size: int) -> bool:
+        """Whether a chunk would take the message past message_size_limit: it is refused before it is read, as
+        Postfix refuses it (counting the message as it stores it: `ContentCheck.stored`)."""
         stored = self.envelope.bdat[1].stored if self.envelope.bdat is not None else 0
-        return status.CHUNK_TOO_BIG if self.data_size_limit and stored > self.data_size_limit - size else None
+        return bool(self.data_size_limit) and stored > self.data_size_limit - size
 
     async def _refused_chunk(self, size: int, last: bool, refusal: status.Reply) -> None:
         """A refused chunk is read and dropped (it is on its way regardless and must not be read as commands).

@@ -199,6 +199,7 @@ class ProtocolCore(SMTP):
         self._junk = 0
         self._in_a_row = 0  # commands answered since the session last waited for input or handed the loop back
         self._ill_pipelining = False  # logged once a session, refused or not (Postfix's SMTPD_FLAG_ILL_PIPELINING)
+        self.command_line = b""  # the command being answered, as sent (what a warning that quotes it quotes)
         self._greeted_at = 0.0
         self._data_started: float | None = None  # loop time DATA/BDAT content began, for the rate deadline
         self._data_bytes = 0
@@ -585,6 +586,7 @@ class ProtocolCore(SMTP):
             return
         if self.transcript is not None:
             self.transcript.command(line)
+        self.command_line = line
         command_bytes, arg_bytes = _verb_and_argument(line)
         refusal = _malformed(line, command_bytes)
         if refusal is not None:  # Postfix counts these as unknown commands
