@@ -59,7 +59,7 @@ Failure behaviour: the session never raises out. A `WireError` is answered (and 
 bare LF/CR); the end of input closes the session (what was received has been answered); any other exception
 is answered by the handler's `handle_exception` (451 4.3.0, logged) and the session goes on.
 
-Size: about 640 lines, kept in one module on purpose. It is one class, aiosmtpd's SMTP subclassed: the command
+Size: about 850 lines, kept in one module on purpose. It is one class, aiosmtpd's SMTP subclassed: the command
 loop, the deadline timer, the reply path and the end of the session share its state and aiosmtpd's private
 names (listed above), and splitting it into mixins would scatter that list. The command layers are already
 their own modules (frontends, secure, transaction, data), as are the wire, the state and the session log.

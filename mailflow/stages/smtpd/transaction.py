@@ -67,6 +67,7 @@ def mail_parameters(words: list[str], size_limit: int | None) -> tuple[list[str]
     options: dict[str, str] = {}  # by keyword: the option as the handler gets it
     found: dict[str, str] = {}  # RET and ENVID
     auth = ""
+    declared = 0  # the last SIZE= given
     for word in words:
         key, eq, value = word.partition("=")
         key = ascii_upper(key)
@@ -78,7 +79,7 @@ def mail_parameters(words: list[str], size_limit: int | None) -> tuple[list[str]
             size = _declared_size(value)
             if isinstance(size, status.Reply):
                 return size
-            options[key] = f"SIZE={size}"
+            declared, options[key] = size, f"SIZE={size}"
         elif key == "AUTH" and eq:  # RFC 4954 section 5: accepted from anyone, trusted from no one
             if auth:  # Postfix refuses a second AUTH= once one named a sender (one after AUTH=<> is taken)
                 return status.MULTIPLE_AUTH
@@ -89,7 +90,7 @@ def mail_parameters(words: list[str], size_limit: int | None) -> tuple[list[str]
                 return refusal
         else:
             return status.unsupported_option(word)
-    if size_limit and int(options.get("SIZE", "SIZE=0")[5:]) > size_limit:
+    if size_limit and declared > size_limit:
         return status.SIZE_EXCEEDS_LIMIT
     return list(options.values()), found.get("RET", ""), found.get("ENVID", ""), auth
 
