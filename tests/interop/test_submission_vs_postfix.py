@@ -233,8 +233,8 @@ async def test_starttls_on_a_submission_listener_matches_postfix(postfix, submis
     # the edges themselves, so that a change on both sides cannot pass unnoticed
     assert expected["before STARTTLS"][1:] == ["530 5.7.0 Must issue a STARTTLS command first"] * 4 + [
         "250 2.0.0 Ok", "501 5.5.4 Syntax: STARTTLS"] + ["500 5.5.2 Error: command not recognized"] * 2
-    assert expected["commands that need TLS, pipelined where they must not be: 530 before the pipelining check"][1:] == [
-        "530 5.7.0 Must issue a STARTTLS command first", "250 2.0.0 Ok"]
+    pipelined = expected["commands that need TLS, pipelined where they must not be: 530 before the pipelining check"]
+    assert pipelined[1:] == ["530 5.7.0 Must issue a STARTTLS command first", "250 2.0.0 Ok"]
     assert expected["MAIL pipelined before EHLO: 530 before the pipelining check"] == [
         "530 5.7.0 Must issue a STARTTLS command first", "250 2.0.0 Ok"]
     assert expected["HELO, then STARTTLS"] == ["250 HOST", "220 2.0.0 Ready to start TLS", "250 HOST",

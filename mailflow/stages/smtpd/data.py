@@ -142,8 +142,11 @@ class DataCommands(TransactionCommands):
     def _chunk_too_big(self, size: int) -> bool:
         """Whether a chunk would take the message past message_size_limit: it is refused before it is read, as
         Postfix refuses it (counting the message as it stores it: `ContentCheck.stored`)."""
+        limit = self.data_size_limit
+        if not limit:
+            return False
         stored = self.envelope.bdat[1].stored if self.envelope.bdat is not None else 0
-        return bool(self.data_size_limit) and stored > self.data_size_limit - size
+        return stored > limit - size
 
     async def _refused_chunk(self, size: int, last: bool, refusal: status.Reply) -> None:
         """A refused chunk is read and dropped (it is on its way regardless and must not be read as commands).

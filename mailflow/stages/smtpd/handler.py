@@ -1,8 +1,9 @@
 """smtpd's policy: the aiosmtpd hooks that decide what a client may do, and the hand-over to cleanup.
 
 The hooks get the session's typed state (state.SessionState, state.Transaction) and read its fields directly.
-`address_refusal` (which every session asks: not an optional hook) checks the syntax of MAIL's and RCPT's address (and allow_min_user; a UTF-8 domain without SMTPUTF8)
-before the session looks at their parameters, as Postfix's extract_addr.
+`address_refusal` (which every session asks: not an optional hook) checks the syntax of MAIL's and RCPT's
+address (and allow_min_user; a UTF-8 domain without SMTPUTF8) before the session looks at their parameters, as
+Postfix's extract_addr.
 MAIL checks SMTPUTF8, then the queue's free space (Postfix smtpd_check_size):
 `452 4.3.1 Insufficient system storage` below max(queue_minfree, 1.5 x message_size_limit), or when a SIZE=
 parameter would not leave that much or is more than half of what is free; it is asked at every MAIL, so mail is
@@ -370,9 +371,9 @@ class SmtpdHandler:
     def _malformed(self, addr: str, smtputf8: bool) -> bool:
         """Whether MAIL, RCPT or VRFY refuses `addr` as a syntax error: its syntax once qualified (an unqualified
         address is taken, and qualified by cleanup: Postfix's @$myorigin); without `smtputf8` (the transaction
-        did not declare SMTPUTF8; VRFY without it as its last word), a domain that is not ASCII (Postfix's smtpd_check_addr: before the 553 that a
-        UTF-8 local part gets); or, with Postfix's allow_min_user = no, a leading '-' (it could reach a command's
-        argv as an option)."""
+        did not declare SMTPUTF8; VRFY without it as its last word), a domain that is not ASCII (Postfix's
+        smtpd_check_addr: before the 553 that a UTF-8 local part gets); or, with Postfix's allow_min_user = no, a
+        leading '-' (it could reach a command's argv as an option)."""
         qualified = self._rewriter.qualify(addr)
         if address.mailbox_syntax_error(qualified) or not (smtputf8 or address.split(qualified)[1].isascii()):
             return True
