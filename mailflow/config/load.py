@@ -6,8 +6,10 @@
     config_from_dict(data, name, base=None)      validate a parsed document; with `base`, resolve its paths
 
 Failure behaviour: a missing or unreadable file, bad TOML or a bad value raise `ConfigError(file, key, reason)`
-with the dotted key of the first problem ("smtpd.listen", "pipe.x.argv[0]") and a count of the others. Before
-validation, a NUL character is refused in any value (a path with it cannot be opened), and a line break or any
+with the dotted key of the first problem ("smtpd.listen", "pipe.x.argv[0]") and a count of the others. A file
+larger than MAX_FILE_BYTES (a device such as /dev/zero included), one that is not UTF-8 or starts with a byte order
+mark, and nesting deeper than MAX_DEPTH (no setting is; Python's recursion would give out) are refused as such.
+Before validation, a NUL character is refused in any value (a path with it cannot be opened), and a line break or any
 other control character but TAB in any value except a pipe command's arguments (a banner, a HELO name or an
 address with one would inject a line into SMTP or into a header; Postfix's main.cf cannot express one).
 """
@@ -31,21 +33,46 @@ def load_config(path: str | Path | None = None) -> Config:
     if path is None:
         return resolve_paths(Config(), Path.cwd())
     name = str(path)
+    data = _parse(_read(path, name), name)
+    return config_from_dict(data, name, base=Path(path).absolute().parent)
+
+
+MAX_FILE_BYTES = 4 << 20  # a hundred times the annotated example; /dev/zero is refused, not read to the end
+MAX_DEPTH = 32  # tables and arrays within each other; the deepest setting (a listener's override list) is 4
+
+
+def _read(path: str | Path, name: str) -> bytes:
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            raw = f.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(name, "", "no such file") from None
     except OSError as e:
         raise ConfigError(name, "", f"cannot read: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(name, "", f"larger than {MAX_FILE_BYTES >> 20} MB: not a configuration file")
+    return raw
+
+
+def _parse(raw: bytes, name: str) -> dict:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(name, "", f"not valid TOML: not UTF-8 (byte 0x{raw[e.start]:02x} on line {line})") from None
+    if text.startswith("\ufeff"):
+        raise ConfigError(name, "", "not valid TOML: it starts with a byte order mark (save it as UTF-8 without one)")
+    try:
+        return tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, ValueError) as e:  # ValueError: an integer of more than 4300 digits
         raise ConfigError(name, "", f"not valid TOML: {e}") from None
-    return config_from_dict(data, name, base=Path(path).absolute().parent)
+    except RecursionError:
+        raise ConfigError(name, "", "tables or arrays nested too deeply to read (no setting is)") from None
 
 
 def config_from_dict(data: dict, name: str = "<config>", base: Path | None = None) -> Config:
     """Validate `data`; with `base`, relative paths are taken from that directory (else kept as written)."""
-    refusal = _control_character(data)
+    refusal = _too_deep(data) or _control_character(data)
     if refusal is not None:
         raise ConfigError(name, *refusal)
     try:
@@ -63,6 +90,23 @@ def config_from_dict(data: dict, name: str = "<config>", base: Path | None = Non
         raise ConfigError(name, "local.mailbox_size_limit", f"{mailbox} is smaller than smtpd.message_size_limit "
                           f"({message}): a mailbox could not take the largest message")
     return config if base is None else resolve_paths(config, base)
+
+
+def _too_deep(value: object, key: str = "", depth: int = 0) -> tuple[str, str] | None:
+    """(dotted key, reason) of a table or array nested deeper than MAX_DEPTH, else None."""
+    if depth > MAX_DEPTH:
+        return key, f"tables or arrays nested deeper than {MAX_DEPTH} levels (no setting is)"
+    if isinstance(value, dict):
+        items = [(f"{key}.{name}" if key else str(name), item) for name, item in value.items()]
+    elif isinstance(value, list):
+        items = [(f"{key}[{index}]", item) for index, item in enumerate(value)]
+    else:
+        return None
+    for inner, item in items:
+        found = _too_deep(item, inner, depth + 1)
+        if found is not None:
+            return found
+    return None
 
 
 ARGUMENTS = re.compile(r"pipe\.[^.]+\.argv\[\d+\]")  # may hold a line break: `sh -c` with a script

@@ -155,6 +155,23 @@ def test_unreadable_path_names_file_and_reason(tmp_path):
     assert err.reason.startswith("cannot read")
 
 
+@pytest.mark.parametrize("content, key, reason", [
+    (b'myhostname = "caf\xe9.example"\n', "", "not valid TOML: not UTF-8 (byte 0xe9 on line 1)"),  # saved as Latin-1
+    ("# \u00e9\nmyhostname = 'a'\n".encode("utf-16"), "", "not valid TOML: not UTF-8 (byte 0xff on line 1)"),
+    (b"\xef\xbb\xbfmyhostname = 'a'\n", "", "not valid TOML: it starts with a byte order mark"),
+    (b"x = " + b"[" * 5000 + b"]" * 5000 + b"\n", "", "tables or arrays nested too deeply to read"),
+    (b"[a" + b".a" * 40 + b"]\n", "a" + ".a" * 32, "tables or arrays nested deeper than 32 levels (no setting is)"),
+    (b"x = 1" + b"0" * 5000 + b"\n", "", "not valid TOML: Exceeds the limit (4300 digits)"),
+    (b"# a comment\n" * 400_000, "", "larger than 4 MB: not a configuration file"),  # (/dev/zero: read no further)
+], ids=["latin-1", "utf-16", "byte-order-mark", "deep-arrays", "deep-tables", "huge-integer", "huge-file"])
+def test_a_file_that_is_no_toml_document_names_file_and_reason(tmp_path, content, key, reason):
+    path = tmp_path / "mailflow.toml"
+    path.write_bytes(content)
+    err = config_error(path)
+    assert (err.file, err.key) == (str(path), key)
+    assert err.reason.startswith(reason)
+
+
 # ---------------------------------------------------------------------------------------------- durations
 
 
