@@ -3,7 +3,9 @@
 A leaf: it imports only the standard library, so `mailflow.config` (below every component) and any component
 may use it without an import cycle.
 
-    parse_duration(value) -> float              seconds: a number, or "30s", "5m", "1h", "5d", "1w"
+    parse_duration(value) -> float              seconds: a number, or "30s", "5m", "1h", "5d", "1w"; at most
+                                                DURATION_MAX (Postfix's time values are ints: conv_time refuses
+                                                more), never nan or infinite
     parse_hostport(value, default_port=None)    "host:port", "[2001:db8::1]:25" -> (host, port); brackets dropped
     parse_endpoint(spec)                        "inet:host:port" -> ("inet", host, port); "unix:/path" -> ("unix",
                                                 path, 0) (Postfix's policy service endpoints)
@@ -31,9 +33,11 @@ into `FILE: KEY: REASON`); the predicates never raise.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 
 ENVID_MAX = 100  # RFC 3461 section 4.4: characters of an ENVID
+DURATION_MAX = 2**31 - 1  # seconds (about 68 years): the longest time Postfix's conv_time takes
 OFF_T_MAX = 2**63 - 1  # the largest size Postfix's off_cvt_string takes (a bigger one is an overflow)
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*")
@@ -48,13 +52,21 @@ FILE_TABLE_TYPES = ("texthash", "regexp", "sqlite", "accounts")  # the name afte
 
 
 def parse_duration(value: object) -> float:
+    seconds = _duration_seconds(value)
+    if seconds > DURATION_MAX:  # (compared before any float conversion: an int may have 400 digits)
+        raise ValueError(f"{value!r} is longer than {DURATION_MAX} seconds (about 68 years, Postfix's limit)")
+    return float(seconds)
+
+
+def _duration_seconds(value: object) -> int | float:
     if isinstance(value, bool):
         raise ValueError("a duration is a number of seconds or a string like '30s', '5m', '1h', '5d'")
     if isinstance(value, (int, float)):
         if value < 0:
             raise ValueError("a duration cannot be negative")
-        return float(value)
-    if isinstance(value, str):
+        if not (isinstance(value, float) and math.isnan(value)):
+            return value
+    elif isinstance(value, str):
         m = _DURATION.fullmatch(value)
         if m:
             return float(m.group(1)) * DURATION_UNITS[m.group(2) or "s"]

@@ -113,6 +113,11 @@ def test_unknown_key_names_file_key_and_reason(tmp_path, text, key):
     ('[smtpd]\nbanner = "ESMTP\\r\\n250 forged"\n', "smtpd.banner", "line break or another control character"),
     ('[smtp]\nhelo_name = "a\\nMAIL FROM:<x>"\n', "smtp.helo_name", "line break"),
     ('[queue]\ndouble_bounce_recipient = "pm\\u001b"\n', "queue.double_bounce_recipient", "control character"),
+    # durations Postfix's conv_time refuses too (an int of seconds, at most INT_MAX); inf made serve's start overflow
+    ("[smtpd]\ntimeout = nan\n", "smtpd.timeout", "nan is not a duration"),
+    ("[address_verify]\nsender_ttl = inf\n", "address_verify.sender_ttl", "longer than 2147483647 seconds"),
+    ("[queue]\nmaximal_queue_lifetime = '3551w'\n", "queue.maximal_queue_lifetime", "longer than 2147483647"),
+    (f"[smtpd]\ntimeout = 1{'0' * 400}\n", "smtpd.timeout", "longer than 2147483647 seconds"),
 ])
 def test_bad_value_names_file_key_and_reason(tmp_path, text, key, words):
     path = write(tmp_path, text)
@@ -178,13 +183,15 @@ def test_a_file_that_is_no_toml_document_names_file_and_reason(tmp_path, content
 @pytest.mark.parametrize("text, seconds", [
     ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("5d", 432000.0), ("1w", 604800.0),
     ("45", 45.0), (" 2m ", 120.0), ("1.5h", 5400.0), (90, 90.0), (0.5, 0.5), (0, 0.0),
+    ("3550w", 2147040000.0), (2**31 - 1, 2147483647.0),  # Postfix's longest: INT_MAX seconds
 ])
 def test_durations_parse(text, seconds):
     assert parse_duration(text) == seconds
     assert QueueConfig(queue_run_delay=text).queue_run_delay == seconds
 
 
-@pytest.mark.parametrize("bad", ["", "5x", "m5", "5 m s", "-5s", -1, True, None, [5]])
+@pytest.mark.parametrize("bad", ["", "5x", "m5", "5 m s", "-5s", -1, True, None, [5], float("nan"), float("inf"),
+                                 2**31, 10**400, "3551w", "9" * 400, "1e3s"])
 def test_bad_durations_are_refused(bad):
     with pytest.raises(ValueError):
         parse_duration(bad)
