@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import Field, PrivateAttr, ValidationInfo, field_validator
 
-from mailflow.address import normalise_domain
+from mailflow.address import is_valid_domain, normalise_domain
 from mailflow.config.accounts import AccountsConfig
 from mailflow.config.admin import AdminConfig
 from mailflow.config.base import (TRANSPORT_NAME, Duration, Networks, Section, TableSpecs, check_relayhost,
@@ -222,12 +222,23 @@ class Config(Section):
     def _transport(cls, v: str) -> str:
         return check_transport(v)
 
+    @field_validator("myhostname")
+    @classmethod
+    def _hostname(cls, v: str) -> str:
+        """As Postfix's valid_hostname takes it (else `postfix` refuses to start): it is said in EHLO, Received and
+        Message-ID."""
+        if not (v.isascii() and not v.startswith("[") and not v.endswith(".") and is_valid_domain(v)):
+            raise ValueError(f"{v!r} is not a host name (letters, digits, '-' and '_' in labels separated by dots, "
+                             "not all digits)")
+        return v
+
     @field_validator("myorigin", "mydomain", "remote_header_rewrite_domain")
     @classmethod
     def _domain(cls, v: str) -> str:
-        if v and not normalise_domain(v):
+        normal = normalise_domain(v) if v else v
+        if v and not (normal and is_valid_domain(normal)):
             raise ValueError(f"{v!r} is not a domain name")
-        return normalise_domain(v) if v else v
+        return normal
 
     @property
     def queue_path(self) -> Path:

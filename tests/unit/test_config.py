@@ -118,6 +118,13 @@ def test_unknown_key_names_file_key_and_reason(tmp_path, text, key):
     ("[address_verify]\nsender_ttl = inf\n", "address_verify.sender_ttl", "longer than 2147483647 seconds"),
     ("[queue]\nmaximal_queue_lifetime = '3551w'\n", "queue.maximal_queue_lifetime", "longer than 2147483647"),
     (f"[smtpd]\ntimeout = 1{'0' * 400}\n", "smtpd.timeout", "longer than 2147483647 seconds"),
+    # Postfix's valid_hostname: "file main.cf: parameter myhostname: bad parameter value"
+    ("myhostname = 'mail server'\n", "myhostname", "'mail server' is not a host name"),
+    ("myhostname = ''\n", "myhostname", "'' is not a host name"),
+    ("myhostname = '192.0.2.1'\n", "myhostname", "not a host name"),
+    ("myhostname = 'mx-.example.com'\n", "myhostname", "not a host name"),
+    ("mydomain = 'example com'\n", "mydomain", "not a domain name"),
+    ("myorigin = 'a,b'\n", "myorigin", "not a domain name"),
 ])
 def test_bad_value_names_file_key_and_reason(tmp_path, text, key, words):
     path = write(tmp_path, text)
