@@ -37,9 +37,8 @@ import re
 from typing import Iterable, Mapping
 
 from mailflow.address import normalise_domain
-from mailflow.errors import ConfigError
-from mailflow.syntax import check_table_spec, is_ipv4, parse_endpoint, table_type
-from mailflow.tables import open_table
+from mailflow.syntax import is_ipv4, parse_endpoint
+from mailflow.tables import check_spec
 
 RCPT_STAGES = ("client", "helo", "sender", "relay", "recipient")
 STAGES = RCPT_STAGES + ("data", "end_of_data", "etrn")
@@ -148,11 +147,6 @@ def expand(items: Iterable[str], classes: Mapping[str, Iterable[str]]) -> set[st
 
 def _check_access_table(name: str, spec: str) -> None:
     try:
-        check_table_spec(spec)
+        check_spec(spec)
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
-    if table_type(spec) in ("inline", "static"):  # parsed when opened: a syntax error shows now
-        try:
-            open_table(spec)
-        except ConfigError as e:
-            raise ValueError(f"{name}: {e.reason}") from None

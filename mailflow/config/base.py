@@ -6,7 +6,8 @@
                              (a name of the section's `restriction_classes`, validated before it, is one too)
     RestrictionClasses       smtpd's restriction classes: name (any case, kept in lower case) -> list of items, as
                              a FrozenMap (a read-only, hashable dict: a section stays immutable and hashable)
-    TableSpecs               a list of `type:name` lookup tables (mailflow.syntax.check_table_spec)
+    TableSpecs               a list of `type:name` lookup tables (mailflow.tables.check_spec: a known type; an
+                             inline:, static: or unix: table that opens)
     Networks                 a list of IP networks ("10.0.0.0/8", "::1/128"; Postfix's "[::1]/128" is taken, the
                              brackets dropped); host bits set ("10.0.0.1/8") or a netmask ("/255.0.0.0") are
                              refused, as Postfix refuses them (it fails every lookup of such a list)
@@ -31,7 +32,8 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Val
 from pydantic_core import ErrorDetails
 
 from mailflow.restriction_vocabulary import check_classes, check_item
-from mailflow.syntax import check_table_spec, parse_duration, parse_hostport
+from mailflow.syntax import parse_duration, parse_hostport
+from mailflow.tables import check_spec
 
 
 MAX_INT = 2**63 - 1
@@ -55,7 +57,7 @@ class Section(BaseModel):
 
 def _table_specs(specs: tuple[str, ...]) -> tuple[str, ...]:
     for spec in specs:
-        check_table_spec(spec)
+        check_spec(spec)
     return specs
 
 

@@ -28,7 +28,8 @@ from mailflow.config.log import LogConfig
 from mailflow.config.queue import QueueConfig, SendmailConfig
 from mailflow.config.sink import SinkConfig
 from mailflow.config.smtpd import SmtpdConfig
-from mailflow.syntax import check_table_spec, is_ip_address
+from mailflow.syntax import is_ip_address
+from mailflow.tables import check_spec
 
 
 _DOTTED_DOMAIN = {
@@ -188,7 +189,7 @@ class Config(Section):
         out = []
         for entry in (d.strip() for d in v if d.strip()):
             if tables and ":" in entry:
-                out.append(check_table_spec(entry))
+                out.append(check_spec(entry))
                 continue
             if entry.startswith(".") and info.field_name != "masquerade_domains":
                 raise ValueError(_DOTTED_DOMAIN[info.field_name == "relay_domains"].format(entry=entry))

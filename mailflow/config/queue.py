@@ -12,7 +12,7 @@ from typing import Annotated
 from pydantic import Field, ValidationInfo, field_validator
 
 from mailflow.config.base import Duration, Section, TableSpecs
-from mailflow.syntax import check_table_spec
+from mailflow.tables import check_spec
 
 
 class QueueConfig(Section):
@@ -77,5 +77,5 @@ class SendmailConfig(Section):
     def _submit_users(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for item in v:
             if ":" in item:
-                check_table_spec(item)
+                check_spec(item)
         return v

@@ -6,7 +6,7 @@ naming the table; callers defer (4.3.0), never treat it as "not found" (Postfix 
 
 The package, split by job like Postfix's util/dict_*.c (callers import from here):
     base.py     the Table protocol; where a relative file name is taken from
-    spec.py     open_table(spec, *, base_dir=None, clock=time.monotonic, aliases=False) -> Table
+    spec.py     open_table(spec, *, base_dir=None, clock=time.monotonic, aliases=False) -> Table; check_spec
     search.py   key orders and the search order: find, find_address, find_local, lookup_address, lookup_local,
                 address_keys, local_keys, split_extension (Postfix mail_addr_find, maps_find)
     cache.py    TableCache: each spec opened once; `run` keeps blocking lookups off the event loop; `preload`
@@ -38,9 +38,9 @@ from mailflow.tables.cache import TableCache
 from mailflow.tables.memory import FailTable, InlineTable, StaticTable
 from mailflow.tables.search import (address_keys, find, find_address, find_local, local_keys, lookup_address,
                                     lookup_local, split_extension)
-from mailflow.tables.spec import open_table
+from mailflow.tables.spec import check_spec, open_table
 
 __all__ = [
-    "FailTable", "InlineTable", "StaticTable", "Table", "TableCache", "address_keys", "find", "find_address",
-    "find_local", "local_keys", "lookup_address", "lookup_local", "open_table", "split_extension",
+    "FailTable", "InlineTable", "StaticTable", "Table", "TableCache", "address_keys", "check_spec", "find",
+    "find_address", "find_local", "local_keys", "lookup_address", "lookup_local", "open_table", "split_extension",
 ]

@@ -1,6 +1,8 @@
 """`open_table(spec)`: from Postfix's `type:name` to a table of that type.
 
     open_table(spec, *, base_dir=None, clock=time.monotonic, aliases=False) -> Table
+    check_spec(spec) -> spec      a known type and, for a table the spec holds (inline:, static:) or the system's
+                                  (unix:), one that opens; ValueError naming the problem (configuration's check)
 
 `aliases`: a texthash file is in aliases(5) format, as alias_maps files are. File-backed tables (texthash,
 regexp, accounts) read their file at the first lookup (or TableCache.preload), not here; sqlite reads its .cf
@@ -10,7 +12,7 @@ Relative paths (the spec's, sqlite's dbpath) are taken from `base_dir` when give
 directory.
 
 Failure behaviour: a bad spec or an unknown type raises `ConfigError(file="", key=spec, reason)`; the caller
-fills in the file and key.
+fills in the file and key. check_spec reads no file: a file-backed table's problems are mailflow.tables.check's.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from mailflow.errors import ConfigError
-from mailflow.syntax import TABLE_TYPES, table_type, table_type_hint
+from mailflow.syntax import TABLE_TYPES, check_table_spec, table_type, table_type_hint
 from mailflow.tables.accounts import AccountsTable, parse_spec
 from mailflow.tables.base import Table, resolve_path
 from mailflow.tables.files import TexthashTable
@@ -57,3 +59,16 @@ def open_table(spec: str, *, base_dir: Path | None = None, clock: Callable[[], f
         return SqliteTable(spec, path, base_dir)
     raise ConfigError("", spec, f"unknown table type {kind!r}; mailflow has {', '.join(TABLE_TYPES)}"
                                 + table_type_hint(kind))
+
+
+def check_spec(spec: str) -> str:
+    """`spec`, when its type is known and a table it holds itself (inline:, static:) or the system's (unix:) opens:
+    their syntax errors show when the configuration is read, as a file-backed table's show in check-config.
+    Raises ValueError."""
+    check_table_spec(spec)
+    if table_type(spec) in ("inline", "static", "unix"):
+        try:
+            open_table(spec)
+        except ConfigError as e:
+            raise ValueError(e.reason) from None
+    return spec

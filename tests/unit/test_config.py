@@ -125,6 +125,11 @@ def test_unknown_key_names_file_key_and_reason(tmp_path, text, key):
     ("myhostname = 'mx-.example.com'\n", "myhostname", "not a host name"),
     ("mydomain = 'example com'\n", "mydomain", "not a domain name"),
     ("myorigin = 'a,b'\n", "myorigin", "not a domain name"),
+    # a table held in the spec itself opens when the configuration is read (serve refused it, check-config did not)
+    ("transport_maps = ['inline:{example.com=smtp:']\n", "transport_maps", "inline: expected inline:{"),
+    ("alias_maps = ['static:']\n", "alias_maps", "static: needs a value"),
+    ("local_recipient_maps = ['unix:passwd']\n", "local_recipient_maps", "unix: knows passwd.byname"),
+    ("[sendmail]\nauthorized_submit_users = ['inline:{root']\n", "sendmail.authorized_submit_users", "inline:"),
 ])
 def test_bad_value_names_file_key_and_reason(tmp_path, text, key, words):
     path = write(tmp_path, text)
