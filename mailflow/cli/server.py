@@ -153,10 +153,15 @@ def table_problems(cfg: Config, where: str) -> list[ConfigError]:
 
 def log_file_problems(cfg: Config, where: str) -> list[ConfigError]:
     """`log.file` when `serve` could not open it for appending (the file, else its directory, not writable)."""
-    path = Path(cfg.log.file) if cfg.log.file else None
-    if path is None or os.access(path, os.W_OK) or (not path.exists() and os.access(path.parent, os.W_OK | os.X_OK)):
+    if not cfg.log.file:
         return []
-    reason = "permission denied" if path.exists() or path.parent.is_dir() else "no such directory"
+    path = Path(cfg.log.file)
+    try:
+        if os.access(path, os.W_OK) or (not path.exists() and os.access(path.parent, os.W_OK | os.X_OK)):
+            return []
+        reason = "permission denied" if path.exists() or path.parent.is_dir() else "no such directory"
+    except OSError as e:  # a directory on the way not searchable, a name too long
+        reason = e.strerror or str(e)
     return [ConfigError(where, "log.file", f"cannot open {path}: {reason}")]
 
 

@@ -134,6 +134,23 @@ def test_check_config_reads_each_listeners_certificate_as_serve_does(tmp_path):
     assert served.returncode == 2 and "missing.pem: no such certificate or key file" in served.stderr
 
 
+def test_a_path_that_cannot_be_looked_at_is_named_not_a_traceback(tmp_path):
+    """A name too long (or, for a user other than root, a directory on the way that is not searchable): os.stat
+    fails with something else than "no such file"."""
+    unreachable = tmp_path / ("x" * 300) / "cert.pem"
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(f'[smtpd]\nlisten = ["127.0.0.1:0"]\ntls_cert_file = "{unreachable}"\n'
+                   f'[log]\nfile = "{unreachable}.log"\n')
+    result = mailflow("check-config", "--config", str(cfg))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"{cfg}: smtpd.tls_cert_file: {unreachable}: cannot read (File name too long)" in result.stderr
+    assert f"{cfg}: log.file: cannot open {unreachable}.log: File name too long" in result.stderr
+    cfg.write_text(f'[smtpd]\nlisten = ["127.0.0.1:0"]\ntls_cert_file = "{unreachable}"\n')
+    served = mailflow("serve", "--config", str(cfg))
+    assert served.returncode == 2, served.stderr
+    assert f"{unreachable}: cannot read (File name too long)" in served.stderr
+
+
 def test_check_config_sees_a_log_file_that_serve_could_not_open(tmp_path):
     cfg = tmp_path / "m.toml"
     cfg.write_text('[log]\nfile = "no/such/dir/mail.log"\n')

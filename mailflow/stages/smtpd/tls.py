@@ -29,7 +29,11 @@ class TlsError(ConfigError):
 def build_context(cert_file: str, key_file: str = "") -> ssl.SSLContext:
     """A server context with the chain and key, TLS 1.2 or newer, no client certificate requested."""
     for path in filter(None, (cert_file, key_file)):
-        if not Path(path).is_file():
+        try:
+            regular = Path(path).is_file()
+        except OSError as e:  # a directory on the way not searchable, a name too long
+            raise TlsError(f"{path}: cannot read ({e.strerror})") from None
+        if not regular:
             raise TlsError(f"{path}: no such certificate or key file")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
