@@ -75,7 +75,7 @@ from mailflow.stages.qmgr.notices import Notices
 from mailflow.model import AddressClass, ClientInfo, DeliveryRequest, Envelope, Recipient, Submission
 from mailflow.queuelock import QueueLock
 from mailflow.routing.router import Router
-from mailflow.signing.keytables import keys_from_config
+from mailflow.signing.keytables import arc_key_from_config, keys_from_config
 from mailflow.signing.outbound import OutboundSigning
 from mailflow.stages.smtpd import Smtpd, SmtpdHandler
 from mailflow.stages.smtpd.filtering import FilterServices
@@ -138,12 +138,7 @@ def build_outbound_signing(config: Config, router: Router, resolver, clock: Cloc
     srs = router.mapper.srs
     if keys is None and srs is None and not config.arc.enabled:
         return None
-    arc_key = None
-    if config.arc.enabled:
-        arc_key = keys.named(config.arc.key) if keys is not None else None
-        if arc_key is None or arc_key.algorithm != "rsa-sha256":
-            raise ConfigError(config.dkim.key_table or "(no dkim.key_table)", "arc.key",
-                              f"{config.arc.key!r} is not an RSA key of dkim.key_table (ARC seals with RSA)")
+    arc_key = arc_key_from_config(config.arc, config.dkim, keys)
     remote = (AddressClass.RELAY, AddressClass.DEFAULT)
     return OutboundSigning(keys=keys if config.dkim.signing_table else None,
                            sign_forwarded=config.dkim.sign_forwarded, arc_key=arc_key,

@@ -6,8 +6,9 @@ table query, auth hash-password. Each is a plain function; `mailflow.cli` regist
                              spec found while building the stages), 1 when it cannot start (an address taken, the
                              queue held by another server, named by its pid); SIGHUP reloads the same file; the
                              file descriptor limit raised to the hard limit first (`ensure_descriptors`)
-    check_config(config)     validate, then read every file-backed table, the DKIM tables and keys, the SRS
-                             secrets and each listener's certificate and key, and the log file's place: exit 2
+    check_config(config)     validate, then read every file-backed table, the DKIM tables and keys (ARC's too), the
+                             SRS secrets, the admin tokens, each listener's certificate and key, and the log
+                             file's place: exit 2
                              listing each one that cannot be used (`FILE: KEY: REASON`), else print the listeners
     listener_summary(cfg)    (address, port, role) of every listener
     table_problems(cfg)      a ConfigError (file, setting, reason) per file-backed table that cannot answer now
@@ -127,7 +128,7 @@ def check_config(config: Optional[str] = ConfigOption) -> None:
     problems = (table_problems(cfg, where) + signing_problems(cfg) + certificate_problems(cfg, where)
                 + log_file_problems(cfg, where))
     for problem in problems:
-        typer.echo(config_error_text(problem), err=True)
+        typer.echo(config_error_text(problem, where), err=True)
     if problems:
         raise typer.Exit(2)
     typer.echo(f"{where}: ok (queue {cfg.queue_directory})")
@@ -184,12 +185,22 @@ def certificate_problems(cfg: Config, where: str) -> list[ConfigError]:
 
 
 def signing_problems(cfg: Config) -> list[ConfigError]:
-    """The DKIM tables and keys, and the SRS secrets, read as the server will read them at start."""
+    """The DKIM tables and keys, ARC's key among them, the SRS secrets and the admin listener's tokens, read as the
+    server will read them at start."""
     from mailflow.routing.srs import srs_from_config
-    from mailflow.signing.keytables import keys_from_config
+    from mailflow.signing.keytables import arc_key_from_config, keys_from_config
+
+    def dkim_and_arc() -> None:
+        arc_key_from_config(cfg.arc, cfg.dkim, keys_from_config(cfg.dkim))
+
+    def admin_tokens() -> None:
+        if cfg.admin.enable and cfg.admin.token_file:
+            from mailflow.admin.access import read_tokens
+
+            read_tokens(cfg.admin.token_file)
 
     problems = []
-    for read in (lambda: keys_from_config(cfg.dkim), lambda: srs_from_config(cfg)):
+    for read in (dkim_and_arc, lambda: srs_from_config(cfg), admin_tokens):
         try:
             read()
         except ConfigError as e:

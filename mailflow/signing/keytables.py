@@ -11,6 +11,7 @@
       .key_name(address) -> str | None         the key name for a From address ("%" becomes the address's domain)
     Keys(signing_table, key_table).for_address(address) -> SigningKey | None
     keys_from_config(dkim_config, where) -> Keys | None        None when no signing table is configured
+    arc_key_from_config(arc, dkim, keys) -> SigningKey | None  the RSA key `[arc] key` names; None with ARC off
 
 Lines: `#` starts a comment, blank lines are skipped, the key and the value are separated by white space. A key
 file path that is relative is taken from the KeyTable's directory; a third field that is not a path is the key
@@ -30,7 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from mailflow.config import DkimConfig, opendkim_dataset
+from mailflow.config import ArcConfig, DkimConfig, opendkim_dataset
 from mailflow.errors import ConfigError
 
 RSA = "rsa-sha256"
@@ -203,3 +204,15 @@ def keys_from_config(dkim: DkimConfig) -> Keys | None:
         return Keys(SigningTable("file", []), key_table)
     kind, path = opendkim_dataset(dkim.signing_table)
     return Keys(SigningTable.load(kind, path), key_table)
+
+
+def arc_key_from_config(arc: ArcConfig, dkim: DkimConfig, keys: Keys | None) -> SigningKey | None:
+    """The key of the DKIM key table that `[arc] key` names, when ARC is on; None when it is off. Raises
+    ConfigError (naming the key table, the configuration when there is none) unless it is an RSA key there."""
+    if not arc.enabled:
+        return None
+    key = keys.named(arc.key) if keys is not None else None
+    if key is None or key.algorithm != RSA:
+        raise ConfigError(dkim.key_table, "arc.key",
+                          f"{arc.key!r} is not an RSA key of dkim.key_table (ARC seals with RSA)")
+    return key

@@ -12,6 +12,7 @@ import pytest
 
 from mailflow.cli import server as cli_server
 from mailflow.config import Config, flat_settings, load_config, resolve_paths
+from tests.support.deliverability import dkim_settings, make_key
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -149,6 +150,25 @@ def test_a_path_that_cannot_be_looked_at_is_named_not_a_traceback(tmp_path):
     served = mailflow("serve", "--config", str(cfg))
     assert served.returncode == 2, served.stderr
     assert f"{unreachable}: cannot read (File name too long)" in served.stderr
+
+
+def test_check_config_reads_the_arc_key_and_the_admin_tokens_as_serve_does(tmp_path):
+    key = make_key(tmp_path, "a.test", "sel", "ed25519")  # ARC seals with RSA only
+    tables = dkim_settings(tmp_path, [key])
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(f'[smtpd]\nlisten = ["127.0.0.1:0"]\n[dkim]\nsigning_table = "{tables["signing_table"]}"\n'
+                   f'key_table = "{tables["key_table"]}"\n[arc]\nenabled = true\nkey = "{key.name}"\n'
+                   f'[admin]\nenable = true\nlisten = ["127.0.0.1:0"]\ntoken_file = "tokens"\n')
+    result = mailflow("check-config", "--config", str(cfg))
+    assert result.returncode == 2, result.stdout
+    assert (f"{tmp_path}/KeyTable: arc.key: '{key.name}' is not an RSA key of dkim.key_table (ARC seals with RSA)"
+            in result.stderr)
+    assert f"{tmp_path}/tokens: admin.token_file: cannot read: No such file or directory" in result.stderr
+    cfg.write_text('[smtpd]\nlisten = ["127.0.0.1:0"]\n[arc]\nenabled = true\nkey = "k"\n')  # no key table
+    for command in ("check-config", "serve"):
+        result = mailflow(command, "--config", str(cfg))
+        assert result.returncode == 2, result.stderr
+        assert f"{cfg}: arc.key: 'k' is not an RSA key of dkim.key_table" in result.stderr, result.stderr
 
 
 def test_check_config_sees_a_log_file_that_serve_could_not_open(tmp_path):

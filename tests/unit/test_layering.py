@@ -66,6 +66,8 @@ FUNCTION_IMPORTS = {
     ("mailflow.cli.server", "mailflow.signing.keytables"): "only `check-config` reads the DKIM keys (cryptography)",
     ("mailflow.cli.server", "mailflow.routing.srs"): "only `check-config` reads the SRS secrets",
     ("mailflow.cli.server", "mailflow.stages.smtpd.tls"): "only `check-config` reads the listeners' certificates",
+    ("mailflow.cli.server", "mailflow.admin.access"): "only `check-config` reads the admin tokens, and only with "
+                                                      "[admin] enable: the admin package loads aiohttp",
     ("mailflow.cli.deliverability", "mailflow.signing"): "only `dkim keygen` makes keys (cryptography, dkimpy)",
     ("mailflow.cli.deliverability", "mailflow.signing.keygen"): "as above",
     ("mailflow.cli.deliverability", "mailflow.signing.keytables"): "as above",
