@@ -112,8 +112,9 @@ def _deliver(opts: Options, config: Config, stdin: BinaryIO, stderr: TextIO, sub
     head, rest = submitter.split(read_message(stdin, opts.ignore_dots))
     if opts.extract:
         recipients += [clean_recipient(r, origin) for r in header_recipients(head)]
-    if not recipients:
-        raise UsageError("no recipient addresses found in the message header (-t)")
+    if not recipients:  # (`sendmail ''` or `sendmail ,` name no address either)
+        raise UsageError("no recipient addresses found in the message header (-t)" if opts.extract
+                         else "no recipient addresses found on the command line")
     try:
         name = submitter.store(sender, recipients, itertools.chain((without_bcc(head),), rest), opts)
     except MaildropError as e:

@@ -260,7 +260,10 @@ async def test_no_recipients_is_a_usage_error(cfg):
     rc, _, err = await run(cfg(), stdin=b"\nx\n")
     assert rc == 64 and "no recipients" in err
     rc, _, err = await run(cfg(), "-t", stdin=b"Subject: nobody\n\nx\n")
-    assert rc == 64
+    assert rc == 64 and "no recipient addresses found in the message header (-t)" in err
+    for empty in ("", ","):  # an address list without an address: no word of -t, which was not given
+        rc, _, err = await run(cfg(), empty, stdin=b"Subject: nobody\n\nx\n")
+        assert rc == 64 and "sendmail: no recipient addresses found on the command line" in err, err
 
 
 async def test_an_empty_recipient_is_refused_not_stored_for_pickup_to_set_aside(cfg, tmp_path):
