@@ -9,7 +9,8 @@
                              greeting; exit 0 on 220, 1 otherwise, saying why. A listener behind a balancer
                              (upstream_proxy_protocol) is sent a PROXY v2 LOCAL header first, as HAProxy's own
                              checks do; an implicit-TLS one is greeted after the handshake (not verified: the
-                             probe asks whether the server answers, not who it is).
+                             probe asks whether the server answers, not who it is). A --timeout that is not a
+                             number of seconds above 0 and at most DURATION_MAX (nan, inf) is a usage error (2).
 
 Failure behaviour: configuration problems through `common.fail_config` (exit 2); never a traceback.
 """
@@ -27,7 +28,7 @@ from mailflow.cli.common import ConfigOption, config_error_text, config_name, co
 from mailflow.cli.server import table_problems
 from mailflow.config import Config, SmtpdConfig
 from mailflow.queuelock import queue_owner
-from mailflow.syntax import parse_hostport
+from mailflow.syntax import DURATION_MAX, parse_hostport
 
 GREETING_LIMIT = 4096  # bytes of greeting the probe reads at most
 WILDCARDS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}  # a wildcard listener is probed on loopback
@@ -54,8 +55,15 @@ def reload(config: Optional[str] = ConfigOption) -> None:
     typer.echo(f"mailflow reload: the server (pid {pid}) is reloading; its log says what changed")
 
 
+def _probe_timeout(seconds: float) -> float:
+    if not 0 < seconds <= DURATION_MAX:  # (nan is refused too: it compares false); inf overflowed the socket's
+        raise typer.BadParameter(f"{seconds} is not a number of seconds above 0 and at most {DURATION_MAX}")
+    return seconds
+
+
 def health(config: Optional[str] = ConfigOption,
-           timeout: float = typer.Option(5.0, "--timeout", help="seconds to wait for the greeting")) -> None:
+           timeout: float = typer.Option(5.0, "--timeout", callback=_probe_timeout,
+                                         help="seconds to wait for the greeting")) -> None:
     """Exit 0 when the server greets with 220 on its first SMTP listener (a container HEALTHCHECK), else 1."""
     cfg = load(config)
     host, port, role, smtpd = probe_target(cfg)

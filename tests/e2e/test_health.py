@@ -7,8 +7,9 @@ import sys
 from tests.support import free_port, run_tool
 
 
-async def health(config) -> tuple[int, str]:
-    return await run_tool(sys.executable, "-m", "mailflow", "health", "--timeout", "5", "-c", str(config), timeout=30)
+async def health(config, timeout: str = "5") -> tuple[int, str]:
+    return await run_tool(sys.executable, "-m", "mailflow", "health", "--timeout", timeout, "-c", str(config),
+                          timeout=30)
 
 
 async def test_healthy_when_the_listener_greets(mailflow_server, write_config, tmp_path):
@@ -41,3 +42,11 @@ async def test_unhealthy_when_nothing_answers(write_config, tmp_path):
     port = free_port()
     code, out = await health(write_config(tmp_path / "mailflow.toml", smtpd={"listen": [f"127.0.0.1:{port}"]}))
     assert code == 1 and f"mailflow health: 127.0.0.1:{port}: [Errno 111] Connection refused" in out, out
+
+
+async def test_a_timeout_that_is_no_number_of_seconds_is_a_usage_error(write_config, tmp_path):
+    """inf and 1e400 overflowed the socket's timeout (a traceback); nan and -1 were tried (exit 1)."""
+    config = write_config(tmp_path / "mailflow.toml", smtpd={"listen": [f"127.0.0.1:{free_port()}"]})
+    for timeout in ("inf", "1e400", "nan", "-1", "0"):
+        code, out = await health(config, timeout)
+        assert code == 2 and "is not a number of seconds above 0" in out and "Traceback" not in out, (timeout, out)
