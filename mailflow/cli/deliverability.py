@@ -11,7 +11,9 @@ the TLS policy line of `mailflow address`. Each is a plain function; `mailflow.c
                              policy a delivery would use now (MTA-STS asks DNS and the policy host when it is on)
 
 The signing, DNS and TLS modules are imported inside the commands: `sendmail`, which every script runs, must not
-load them. Failure behaviour: configuration problems through `common.fail_config`; never a traceback.
+load them. Failure behaviour: configuration problems through `common.fail_config`; never a traceback. A DOMAIN that
+is no domain name, a selector that is no DKIM selector and an RSA size outside 1024-4096 bits (the sizes RFC 8301
+has every verifier take; a bigger key took minutes to make) are usage errors (exit 2), before any key is made.
 """
 from __future__ import annotations
 
@@ -20,9 +22,11 @@ from typing import Optional
 
 import typer
 
+from mailflow.address import is_valid_domain, normalise_domain
 from mailflow.cli.common import ConfigOption, config_name, config_path, fail, fail_config, load
 from mailflow.config import Config
 from mailflow.errors import ConfigError
+from mailflow.syntax import is_hostname
 
 SMTP_TRANSPORTS = ("smtp", "relay")
 
@@ -30,13 +34,17 @@ SMTP_TRANSPORTS = ("smtp", "relay")
 def dkim_keygen(domain: str = typer.Argument(..., help="the signing domain (d=)"),
                 selector: str = typer.Argument(..., help="the selector (s=)"),
                 algorithm: str = typer.Option("rsa", "--algorithm", "-a", help="rsa or ed25519"),
-                bits: int = typer.Option(2048, "--bits", "-b", help="RSA key size"),
+                bits: int = typer.Option(2048, "--bits", "-b", min=1024, max=4096, help="RSA key size"),
                 output: Optional[str] = typer.Option(None, "--output", "-o",
                                                      help="the key file (default: SELECTOR.private)")) -> None:
     """Make a DKIM key (like opendkim-genkey): the private key file (mode 0600) and, on stdout, its TXT record."""
     from mailflow.signing import keygen
     from mailflow.signing.keytables import SigningKey, load_private_key
 
+    domain = mail_domain("mailflow dkim keygen", domain)
+    if not is_hostname(selector) or selector.endswith("."):
+        fail("mailflow dkim keygen", f"{selector!r} is not a DKIM selector (letters, digits and '-' in labels "
+                                     "separated by dots)", 2)
     path = output or f"{selector}.private"
     try:
         pem = keygen.generate(algorithm, bits)
@@ -48,7 +56,7 @@ def dkim_keygen(domain: str = typer.Argument(..., help="the signing domain (d=)"
         fail("mailflow dkim keygen", f"{path} exists: not replaced (move it away or name another --output)", 1)
     except OSError as e:
         fail("mailflow dkim keygen", f"cannot write {path}: {e.strerror}", 1)
-    key = SigningKey(f"{selector}-{domain}", domain.lower(), selector, *load_private_key(pem))
+    key = SigningKey(f"{selector}-{domain}", domain, selector, *load_private_key(pem))
     typer.echo(keygen.txt_record(key))
     typer.echo(f"; KeyTable line:     {key.name} {key.domain}:{selector}:{path}", err=True)
     typer.echo(f"; SigningTable line: *@{key.domain} {key.name}", err=True)
@@ -61,7 +69,7 @@ def dns_records(domain: str = typer.Argument(..., help="the mail domain"),
 
     cfg = load(config)
     try:
-        lines = records(cfg, domain.lower().rstrip("."))
+        lines = records(cfg, mail_domain("mailflow dns-records", domain))
     except ConfigError as e:
         fail_config("mailflow dns-records", e, config_name(config_path(config)))
     for line in lines:
@@ -76,7 +84,7 @@ def check_deliverability(domain: Optional[str] = typer.Argument(None, help="the 
 
     cfg = load(config)
     try:
-        findings = asyncio.run(run_check(cfg, (domain or cfg.domain).lower()))
+        findings = asyncio.run(run_check(cfg, mail_domain("mailflow check-deliverability", domain or cfg.domain)))
     except ConfigError as e:
         fail_config("mailflow check-deliverability", e, config_name(config_path(config)))
     for finding in findings:
@@ -84,6 +92,14 @@ def check_deliverability(domain: Optional[str] = typer.Argument(None, help="the 
         if finding.advice:
             typer.echo(f"     -> {finding.advice}")
     raise typer.Exit(exit_code(findings))
+
+
+def mail_domain(command: str, text: str) -> str:
+    """`text` as a domain name (lower case, IDNA A-labels, no trailing dot); else exit 2 naming it."""
+    domain = normalise_domain(text)
+    if not domain or domain.startswith("[") or not is_valid_domain(domain):
+        fail(command, f"{text!r} is not a domain name", 2)
+    return domain
 
 
 async def run_check(cfg: Config, domain: str, *, resolver=None, fetcher=None):

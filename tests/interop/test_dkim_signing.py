@@ -117,6 +117,26 @@ def test_keygen_writes_a_private_key_and_prints_its_record(tmp_path):
         assert again.exit_code == 1 and "exists" in again.output
 
 
+@pytest.mark.parametrize("args, words", [
+    (["dkim", "keygen", "", "sel"], "mailflow dkim keygen: '' is not a domain name"),
+    (["dkim", "keygen", "a b", "sel"], "mailflow dkim keygen: 'a b' is not a domain name"),
+    (["dkim", "keygen", "example.test", "sel\nforged KeyTable line"], "is not a DKIM selector"),
+    (["dkim", "keygen", "example.test", "../sel"], "'../sel' is not a DKIM selector"),
+    (["dkim", "keygen", "example.test", "sel", "--bits", "100000"], "Invalid value for '--bits'"),
+    (["dns-records", "a b"], "mailflow dns-records: 'a b' is not a domain name"),
+    (["dns-records", ""], "mailflow dns-records: '' is not a domain name"),
+    (["check-deliverability", "example..test"], "'example..test' is not a domain name"),
+])
+def test_keygen_and_the_dns_commands_refuse_what_is_no_domain_or_selector(tmp_path, monkeypatch, args, words):
+    """They printed records for `a b` and made a key (a minutes-long one for 100000 bits) whose KeyTable line a
+    selector with a line break would split."""
+    monkeypatch.chdir(tmp_path)  # where keygen writes SELECTOR.private
+    (tmp_path / "m.toml").write_text("")
+    result = CliRunner().invoke(cli, [*args, *([] if args[0] == "dkim" else ["-c", str(tmp_path / "m.toml")])])
+    assert result.exit_code == 2 and words in " ".join(result.output.split()), result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.toml"]  # no key file
+
+
 async def test_an_8bit_subject_is_signed_as_sent_to_a_peer_without_smtputf8(mailflow_server, smtp_peer, keys, zone,
                                                                              tmp_path):
     mf, peer = await relayed(mailflow_server, smtp_peer, keys)  # aiosmtpd offers no SMTPUTF8 by default
