@@ -1,6 +1,7 @@
 """What every configuration section is made of: the frozen base model and the value types shared by sections.
 
-    Section                  pydantic base: frozen, unknown keys rejected, no integer beyond 64 bits
+    Section                  pydantic base: frozen, unknown keys rejected, no integer beyond 64 bits, no true or
+                             false for an integer
     Duration                 seconds, from a number or "30s", "5m", "1h", "5d", "1w" (mailflow.syntax)
     Restriction              one smtpd restriction list item, checked against mailflow.restriction_vocabulary
                              (a name of the section's `restriction_classes`, validated before it, is one too)
@@ -43,6 +44,15 @@ _TRANSPORT_NEXTHOP = re.compile(rf"{TRANSPORT_NAME.pattern}(:.*)?")  # transport
 
 class Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_truth_value_for_a_number(cls, value, info: ValidationInfo):
+        """pydantic's lax mode takes true as 1: `hopcount_limit = true` made every message a mail loop. Postfix
+        refuses `yes` for a number ("bad numerical configuration"); so does this (a duration's own parser does)."""
+        if isinstance(value, bool) and cls.model_fields[info.field_name or ""].annotation is int:
+            raise ValueError(f"{str(value).lower()} is not a number")
+        return value
 
     @field_validator("*")
     @classmethod

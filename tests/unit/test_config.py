@@ -130,6 +130,9 @@ def test_unknown_key_names_file_key_and_reason(tmp_path, text, key):
     ("alias_maps = ['static:']\n", "alias_maps", "static: needs a value"),
     ("local_recipient_maps = ['unix:passwd']\n", "local_recipient_maps", "unix: knows passwd.byname"),
     ("[sendmail]\nauthorized_submit_users = ['inline:{root']\n", "sendmail.authorized_submit_users", "inline:"),
+    # pydantic took true as 1 (every message a mail loop); Postfix: "bad numerical configuration: ... = yes"
+    ("hopcount_limit = true\n", "hopcount_limit", "true is not a number"),
+    ("[smtpd]\nmessage_size_limit = false\n", "smtpd.message_size_limit", "false is not a number"),
 ])
 def test_bad_value_names_file_key_and_reason(tmp_path, text, key, words):
     path = write(tmp_path, text)
