@@ -115,8 +115,9 @@ class _ScannerConfig(Section):
     @field_validator("address")
     @classmethod
     def _address(cls, v: str) -> str:
-        if v and not v.startswith("unix:/"):
-            parse_hostport(v)
+        """Where the scanner listens: port 0 is none (a milter's or a policy service's is refused alike)."""
+        if v and not v.startswith("unix:/") and not parse_hostport(v)[1]:
+            raise ValueError(f"{v!r}: port 0 is no port to connect to")
         return v
 
 

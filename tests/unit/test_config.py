@@ -133,6 +133,7 @@ def test_unknown_key_names_file_key_and_reason(tmp_path, text, key):
     # pydantic took true as 1 (every message a mail loop); Postfix: "bad numerical configuration: ... = yes"
     ("hopcount_limit = true\n", "hopcount_limit", "true is not a number"),
     ("[smtpd]\nmessage_size_limit = false\n", "smtpd.message_size_limit", "false is not a number"),
+    ("[clamd]\naddress = '127.0.0.1:0'\n", "clamd.address", "port 0 is no port to connect to"),
 ])
 def test_bad_value_names_file_key_and_reason(tmp_path, text, key, words):
     path = write(tmp_path, text)
