@@ -13,6 +13,8 @@ Formats, as stored in a user table (smtpd.sasl_user_maps) or the account databas
     argon2id_password(password) -> "{ARGON2ID}$argon2id$…"
     parse_hash(encoded) -> ScryptHash | None          the parts of a scrypt hash this module accepts
     verify_password(password, encoded, dummy=None)    True when it matches; constant time in the password
+    text_problem(password) -> str | None              why a password typed or read from standard input is none
+                                                      a client can send (not UTF-8, a NUL, CR or LF), or None
 
 Failure behaviour: never raises for a bad or hostile stored hash: it does not match. Cost parameters above
 MAX_N/MAX_R/MAX_P (scrypt) or ARGON2_MAX_MEMORY/ARGON2_MAX_TIME/ARGON2_MAX_LANES (Argon2) are refused, so that a
@@ -68,6 +70,18 @@ def hash_password(password: str | bytes, *, n: int = DEFAULT_N, r: int = DEFAULT
     salt = salt if salt is not None else secrets.token_bytes(SALT_BYTES)
     digest = _scrypt(secret, salt, n, r, p, HASH_BYTES)
     return f"$scrypt$n={n},r={r},p={p}${_b64(salt)}${_b64(digest)}"
+
+
+def text_problem(password: str) -> str | None:
+    """Why `password` is no password a mail client can send, or None. Standard input's bytes that are not UTF-8
+    arrive as surrogates (Python's surrogateescape): AUTH PLAIN carries UTF-8 (RFC 4616); a NUL ends its fields."""
+    try:
+        password.encode("utf-8")
+    except UnicodeEncodeError:
+        return "not UTF-8 text (AUTH PLAIN carries UTF-8)"
+    if any(c in password for c in "\0\r\n"):
+        return "a NUL, CR or LF character (no mail client can send it)"
+    return None
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from typing import Sequence
 
 from mailflow.accounts import schema
 from mailflow.address import mailbox_syntax_error, normalise_domain
-from mailflow.passwords import argon2id_password
+from mailflow.passwords import argon2id_password, text_problem
 
 LOCK_TIMEOUT = 5.0  # seconds a change waits for another writer (or a reader) to finish
 MAX_PASSWORD = 1024  # bytes
@@ -82,10 +82,11 @@ def check_password(password: str, address: str, min_length: int) -> str | None:
     character AUTH PLAIN cannot carry), or None."""
     if len(password) < min_length:
         return f"too short: at least {min_length} characters"
+    problem = text_problem(password)
+    if problem:
+        return problem
     if len(password.encode("utf-8")) > MAX_PASSWORD:
         return f"too long: at most {MAX_PASSWORD} bytes"
-    if any(c in password for c in "\0\r\n"):
-        return "a NUL, CR or LF character (no mail client can send it)"
     if password.lower() in (address.lower(), address.partition("@")[0].lower()):
         return "the same as the address"
     return None

@@ -286,13 +286,14 @@ def auth_hash_password(user: Optional[str] = typer.Argument(None, help="print a 
                        stdin: bool = typer.Option(False, "--stdin", help="read the password from standard input")
                        ) -> None:
     """Print a scrypt password hash ($scrypt$n=16384,r=8,p=1$SALT$HASH); asks for the password twice."""
-    from mailflow.passwords import hash_password
+    from mailflow.passwords import hash_password, text_problem
 
     if stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
         password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
-    if not password:
-        fail("mailflow auth hash-password", "empty password", 2)
+    problem = "empty password" if not password else text_problem(password)
+    if problem:
+        fail("mailflow auth hash-password", problem, 2)
     encoded = hash_password(password)
     typer.echo(f"{user} {encoded}" if user else encoded)

@@ -48,6 +48,8 @@ def test_weak_passwords_and_sizes():
     assert check_password("Alice@Example.test", "alice@example.test", 8) == "the same as the address"
     assert check_password("alicealice", "alicealice@example.test", 8) == "the same as the address"
     assert "NUL" in check_password("good password\0", "a@b.test", 8)
+    # standard input's bytes that are no UTF-8 arrive as surrogates (surrogateescape): encoding them failed
+    assert check_password("caf\udce9 latte", "a@b.test", 8) == "not UTF-8 text (AUTH PLAIN carries UTF-8)"
     assert check_password("a long passphrase", "alice@example.test", 8) is None
     assert [parse_size(s) for s in ("0", "2048", "2K", "500M", "1G", "1GiB")] == [0, 2048, 2048, 500 << 20, 1 << 30,
                                                                                   1 << 30]

@@ -171,6 +171,18 @@ def test_check_config_reads_the_arc_key_and_the_admin_tokens_as_serve_does(tmp_p
         assert f"{cfg}: arc.key: 'k' is not an RSA key of dkim.key_table" in result.stderr, result.stderr
 
 
+def test_a_password_on_standard_input_that_is_not_utf8_is_refused_not_a_traceback(tmp_path):
+    database = str(tmp_path / "accounts.db")
+    assert mailflow("account", "domain", "add", "example.test", "--database", database).returncode == 0
+    for command in (["auth", "hash-password", "--stdin"],
+                    ["account", "user", "add", "bob@example.test", "--password-stdin", "--database", database]):
+        result = subprocess.run([sys.executable, "-m", "mailflow", *command], input=b"caf\xe9 latte\n",
+                                capture_output=True, timeout=30)  # typed on a Latin-1 terminal
+        stderr = result.stderr.decode()
+        assert result.returncode == 2 and "Traceback" not in stderr, stderr
+        assert stderr.endswith("not UTF-8 text (AUTH PLAIN carries UTF-8)\n"), stderr
+
+
 def test_check_config_sees_a_log_file_that_serve_could_not_open(tmp_path):
     cfg = tmp_path / "m.toml"
     cfg.write_text('[log]\nfile = "no/such/dir/mail.log"\n')
