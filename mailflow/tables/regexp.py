@@ -6,7 +6,9 @@ superset of POSIX ERE without back-references), matched leftmost-longest as POSI
 matched as it is (`fixed = False`: `find` asks the full key only). Reloaded like texthash (files.Reloading).
 A key may hold line breaks (header_checks: a folded header with its breaks kept, as Postfix's cleanup gives it):
 `.` matches a break too, unless the rule has the `m` flag (REG_NEWLINE), as in Postfix's POSIX regexec; a key
-without a break is answered alike either way.
+without a break is answered alike either way. A key holding surrogates (bytes that were not UTF-8, as Python's
+surrogateescape gives them: `mailflow table query` reading its keys, sendmail's header values) is matched with
+each one as U+FFFD, a character `.` matches as Postfix's byte-wise regexec matches the byte; RE2 cannot take them.
 
 Cost: linear in the key, no backtracking (`/^(a+)+$/` against `aaaa…b` answers at once); one RE2 set pass over
 all of a file's rules tells which match (about 5 us for a 20-rule miss), then only the answering rule is
@@ -23,6 +25,8 @@ from typing import Any, Callable
 import re2
 
 from mailflow.tables.files import Reloading, logical_lines
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 class _Rule:
@@ -164,7 +168,7 @@ class RegexpTable:
         self._file.load()
 
     def lookup(self, key: str) -> str | None:
-        return _lookup(self._file.current(), key)
+        return _lookup(self._file.current(), key if key.isascii() else _SURROGATES.sub("\ufffd", key))
 
 
 def _lookup(parsed: _Rules, key: str) -> str | None:

@@ -216,6 +216,14 @@ endif
     assert t.lookup("joe@example.org") == "outside"  # the outer if skipped everything up to its endif
 
 
+def test_regexp_takes_a_key_holding_bytes_that_were_not_utf8(tmp_path, prefilter):
+    """`printf 'b\\xffb\\n' | mailflow table query regexp:F -` ended in UnicodeEncodeError (RE2 takes no
+    surrogates); the byte is matched as one character, as Postfix's byte-wise regexec matches it."""
+    t, _ = regexp_table(tmp_path, "/^b.b$/ one-character\n!/^plain/ not-plain\n")
+    assert t.lookup("b\udcffb") == "one-character"
+    assert t.lookup("\ud800x") == "not-plain"
+
+
 def test_regexp_no_match_is_none(tmp_path):
     t, _ = regexp_table(tmp_path, "/^a$/ b\n")
     assert t.lookup("c") is None
