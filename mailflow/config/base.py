@@ -15,7 +15,7 @@
     HostPorts                a list of "host:port" addresses
     each_one_of(items, allowed)  the items, when each is one of `allowed` (a list of keywords)
     check_transport(value)   a `transport` or `transport:nexthop` setting (TRANSPORT_NAME: a transport's name)
-    check_relayhost(value)   a relayhost setting: "" or host[:port] ([host] for no MX lookup)
+    check_relayhost(value)   a relayhost: host, host:port, [host] or [address], with :port or not
     validation_key(err)      one pydantic error's place as the dotted KEY ("smtpd.listen", "pipe.x.argv[0]"; ""
                              for the top level)
     validation_reason(err)   one pydantic error as the REASON of `FILE: KEY: REASON`
@@ -33,7 +33,8 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Val
 from pydantic_core import ErrorDetails
 
 from mailflow.restriction_vocabulary import check_classes, check_item
-from mailflow.syntax import parse_duration, parse_hostport
+from mailflow.address import is_valid_domain
+from mailflow.syntax import parse_duration, parse_hostport, parse_ip
 from mailflow.tables import check_spec
 
 
@@ -150,9 +151,13 @@ def check_transport(value: str) -> str:
 
 
 def check_relayhost(value: str) -> str:
-    """A relayhost setting: "" (none), or host, host:port, [host] or [host]:port (port 25 when none is given)."""
+    """`value` when it is empty or names a host (a host name as Postfix's valid_hostname takes it, or an IP address,
+    `ipv6:` before it or not) and maybe a port."""
     if value:
-        parse_hostport(value, default_port=25)
+        host, _ = parse_hostport(value, default_port=25)
+        address = host[5:] if host[:5].lower() == "ipv6:" else host
+        if not (is_valid_domain(host) or parse_ip(address)):
+            raise ValueError(f"{value!r}: {host!r} is not a host name or an IP address")
     return value
 
 

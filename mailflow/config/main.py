@@ -39,6 +39,16 @@ _DOTTED_DOMAIN = {
           "parent_domain_matches_subdomains); write it without the leading '.'",
 }
 
+def _not_a_domain(entry: str, tables: bool) -> str:
+    """Why a domain list's entry is none, with what a Postfix main.cf habit meant (a table, $name) where it shows."""
+    if entry.startswith("$"):
+        return f"{entry!r} is not a domain name (there is no $name expansion: write the name itself)"
+    if ":" in entry or "/" in entry:
+        return (f"{entry!r} is not a domain name" + ("" if tables else " (this list takes domain names; lookup tables "
+                "are taken by virtual_alias_domains and virtual_mailbox_domains)"))
+    return f"{entry!r} is not a domain name"
+
+
 BUILTIN_TRANSPORTS = ("local", "virtual", "smtp", "relay", "lmtp", "discard", "error", "capture")
 HEADER_CLIENT_RULES = ("permit_inet_interfaces", "permit_mynetworks", "permit_sasl_authenticated")
 
@@ -195,8 +205,8 @@ class Config(Section):
                 raise ValueError(_DOTTED_DOMAIN[info.field_name == "relay_domains"].format(entry=entry))
             mark = entry[0] if entry[0] in marks else ""
             normal = normalise_domain(entry[len(mark):])
-            if not normal:
-                raise ValueError(f"{entry!r} is not a domain name")
+            if not normal or not is_valid_domain(normal):
+                raise ValueError(_not_a_domain(entry, tables))
             out.append(mark + normal)
         return tuple(out)
 

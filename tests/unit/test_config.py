@@ -134,6 +134,13 @@ def test_unknown_key_names_file_key_and_reason(tmp_path, text, key):
     ("hopcount_limit = true\n", "hopcount_limit", "true is not a number"),
     ("[smtpd]\nmessage_size_limit = false\n", "smtpd.message_size_limit", "false is not a number"),
     ("[clamd]\naddress = '127.0.0.1:0'\n", "clamd.address", "port 0 is no port to connect to"),
+    # a domain list's entry is a domain name: a main.cf habit was taken as a domain that never matched
+    ("mydestination = ['$myhostname', 'localhost']\n", "mydestination", "there is no $name expansion"),
+    ("mydestination = ['hash:/etc/postfix/local_domains']\n", "mydestination", "lookup tables are taken by"),
+    ("relay_domains = ['example com']\n", "relay_domains", "'example com' is not a domain name"),
+    ("virtual_alias_domains = ['-bad-.example']\n", "virtual_alias_domains", "not a domain name"),
+    ("relayhost = 'smtp relay.example'\n", "relayhost", "is not a host name or an IP address"),
+    ("[address_verify]\nrelayhost = '/'\n", "address_verify.relayhost", "is not a host name or an IP address"),
 ])
 def test_bad_value_names_file_key_and_reason(tmp_path, text, key, words):
     path = write(tmp_path, text)
