@@ -15,6 +15,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from mailflow.config.base import Duration, Section, TableSpecs
 from mailflow.pipe_argv import check_flags, parse_argv
+from mailflow.syntax import parse_hostport, parse_ip
 
 
 class LocalConfig(Section):
@@ -119,6 +120,20 @@ class DnsConfig(Section):
     nameservers: tuple[str, ...] = ()
     timeout: Duration = 5.0
     tries: int = Field(2, ge=1)
+
+    @field_validator("nameservers")
+    @classmethod
+    def _nameservers(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        """Addresses (c-ares and dnspython take no names), with a port from 1 or not: "a" or ":70000" failed at
+        the first lookup."""
+        for entry in v:
+            try:
+                host, port = (entry, 53) if parse_ip(entry.strip()) else parse_hostport(entry, default_port=53)
+            except ValueError:
+                host, port = "", 0
+            if not parse_ip(host.strip()) or not port:
+                raise ValueError(f"{entry!r} is not a name server (ip, ip:port or [ipv6]:port)")
+        return v
 
 
 class PipeService(Section):

@@ -141,6 +141,8 @@ def test_unknown_key_names_file_key_and_reason(tmp_path, text, key):
     ("virtual_alias_domains = ['-bad-.example']\n", "virtual_alias_domains", "not a domain name"),
     ("relayhost = 'smtp relay.example'\n", "relayhost", "is not a host name or an IP address"),
     ("[address_verify]\nrelayhost = '/'\n", "address_verify.relayhost", "is not a host name or an IP address"),
+    ("[dns]\nnameservers = ['resolver.example']\n", "dns.nameservers", "is not a name server (ip, ip:port"),
+    ("[dns]\nnameservers = ['127.0.0.1:0']\n", "dns.nameservers", "is not a name server"),
 ])
 def test_bad_value_names_file_key_and_reason(tmp_path, text, key, words):
     path = write(tmp_path, text)
