@@ -70,7 +70,8 @@ account_app.command("init")(accounts.init)
 for _noun, _verbs in (("domain", ("add", "remove", "list")),
                       ("user", ("add", "remove", "list", "passwd", "disable", "enable", "quota")),
                       ("alias", ("add", "remove", "list")), ("sender", ("add", "remove", "list"))):
-    _group = typer.Typer(no_args_is_help=True, help=f"{_noun.capitalize()}s of the account database.")
+    _plural = "Aliases" if _noun == "alias" else f"{_noun.capitalize()}s"
+    _group = typer.Typer(no_args_is_help=True, help=f"{_plural} of the account database.")
     account_app.add_typer(_group, name=_noun)
     for _verb in _verbs:
         _group.command(_verb)(getattr(accounts, f"{_noun}_{_verb}"))

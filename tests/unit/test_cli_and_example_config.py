@@ -208,6 +208,11 @@ def test_missing_config_file_is_named(tmp_path):
     assert result.returncode == 2 and "nope.toml: no such file" in result.stderr
 
 
+def test_the_account_groups_are_named_in_the_plural():
+    result = mailflow("account", "--help")
+    assert "Aliases of the account database" in result.stdout and "Aliass" not in result.stdout, result.stdout
+
+
 def test_version():
     result = mailflow("version")
     assert result.returncode == 0 and result.stdout.startswith("mailflow 0.")
