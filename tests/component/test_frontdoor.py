@@ -496,6 +496,15 @@ async def test_implicit_tls_clients_that_never_start_the_handshake_hold_session_
     silent[3][1].close()
 
 
+async def refusing_door(mailflow_server, pki, users, **overrides):
+    """A server with a submissions (implicit TLS) listener with these overrides: its port, its Listener and the
+    clients' TLS context."""
+    _, cert, ctx = pki
+    mf = await mailflow_server(**door(cert, users, {"address": "127.0.0.1:0", "role": "submissions",
+                                                    "overrides": overrides}))
+    return mf.smtpd.address_of("submissions")[1], mf.smtpd.listeners[-1], ctx
+
+
 async def test_refusals_on_an_implicit_tls_port_hold_few_handshakes(mailflow_server, pki, users, caplog,
                                                                      monkeypatch):
     """A client past its connection count on 465 gets its 421 over TLS, after a handshake (Postfix's wrapper mode
@@ -504,11 +513,7 @@ async def test_refusals_on_an_implicit_tls_port_hold_few_handshakes(mailflow_ser
     without a word, its refusal logged all the same. The places come back as those connections end."""
     caplog.set_level(logging.INFO)
     monkeypatch.setattr(server_module, "REFUSAL_HANDSHAKES", 2)
-    _, cert, ctx = pki
-    mf = await mailflow_server(**door(cert, users, {"address": "127.0.0.1:0", "role": "submissions",
-                                                    "overrides": {"client_connection_count_limit": 1}}))
-    port = mf.smtpd.address_of("submissions")[1]
-    listener = mf.smtpd.listeners[-1]
+    port, listener, ctx = await refusing_door(mailflow_server, pki, users, client_connection_count_limit=1)
     admitted = await SmtpClient.connect(port, tls=ctx)
     refused = await SmtpClient.connect(port, tls=ctx, greet=False)
     assert await refused.reply() == status.too_many_connections("mx.mailflow.test", "127.0.0.1")
@@ -535,11 +540,7 @@ async def test_a_refusal_handshake_is_cut_short_whatever_starttls_timeout_is(mai
     """A refused client that never starts its handshake holds one of the few refusal places for at most
     REFUSAL_HANDSHAKE_TIMEOUT (starttls_timeout, 300 s here, would let a handful of them hold every place)."""
     monkeypatch.setattr(server_module, "REFUSAL_HANDSHAKE_TIMEOUT", 0.3)
-    _, cert, ctx = pki
-    mf = await mailflow_server(**door(cert, users, {"address": "127.0.0.1:0", "role": "submissions",
-                                                    "overrides": {"client_connection_count_limit": 1}}))
-    port = mf.smtpd.address_of("submissions")[1]
-    listener = mf.smtpd.listeners[-1]
+    port, listener, ctx = await refusing_door(mailflow_server, pki, users, client_connection_count_limit=1)
     admitted = await SmtpClient.connect(port, tls=ctx)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)  # refused; silent in its handshake
     await eventually(lambda: listener.refusing.taken == 1)
@@ -554,11 +555,8 @@ async def test_a_client_refused_for_want_of_a_slot_holds_no_connection_count_in_
     """On 465 a connection refused because every session and waiting place is taken waits for its handshake to
     get its 421 over TLS; meanwhile its client's connection count does not count it, so the client's next
     connection is refused for the same reason, not as one too many of its own."""
-    _, cert, ctx = pki
-    mf = await mailflow_server(**door(cert, users, {"address": "127.0.0.1:0", "role": "submissions", "overrides": {
-        "max_sessions": 1, "client_connection_count_limit": 3}}))
-    port = mf.smtpd.address_of("submissions")[1]
-    listener = mf.smtpd.listeners[-1]
+    port, listener, ctx = await refusing_door(mailflow_server, pki, users, max_sessions=1,
+                                              client_connection_count_limit=3)
     silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]  # a session, a waiting one
     await eventually(lambda: listener.slots.waiting == 1)
     silent.append(await asyncio.open_connection("127.0.0.1", port))  # refused: no slot; silent in its handshake
