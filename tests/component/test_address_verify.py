@@ -196,10 +196,10 @@ async def test_a_probe_routed_to_an_undefined_transport_gets_qmgr_s_answer_for_m
     one enhanced code for both)."""
     caplog.set_level(logging.INFO, logger=MAIL_LOGGER)
     mf = await verifying(verify={"transport_maps": ["inline:{ {good.test = nosuch:} }"]})
-    text = "mail transport unavailable: 'nosuch' is not defined"
+    text = "mail transport unavailable"  # Postfix's words (qmgr_deliver.c)
     assert await rcpt(mf, "u@good.test") == unverified("u@good.test", text)
     [line] = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "verified"]
-    assert line.partition(": ")[2] == f"to=<u@good.test>, relay=none, dsn=4.3.5, status=undeliverable ({text})"
+    assert line.partition(": ")[2] == f"to=<u@good.test>, relay=none, dsn=4.3.0, status=undeliverable ({text})"
 
 
 async def test_with_a_sender_ttl_probes_come_from_a_stamped_sender_that_smtpd_takes_unrefused(smtp_peer,

@@ -2,6 +2,8 @@
 (4.3.0, never a bounce), and mail flows again once the file is back."""
 from __future__ import annotations
 
+import logging
+
 from mailflow import status
 from tests.support import eventually, queue_becomes, rcpt_reply, rcpt_until, send
 
@@ -44,3 +46,15 @@ async def test_unreadable_tables_defer_and_recover(mailflow_server, smtp_peer, t
     (tmp_path / "away").rename(transports)
     await eventually(lambda: len(peer.messages) == 2, timeout=10)
     await queue_becomes(mf.store, {})
+
+
+async def test_mail_routed_to_an_undefined_transport_is_deferred_in_postfix_s_words(mailflow_server, caplog):
+    """Postfix's qmgr, finding no master.cf service for a transport, defers 4.3.0 "mail transport unavailable" and
+    warns, naming it (connect to transport private/NAME); the mail waits for the configuration to be mended."""
+    caplog.set_level(logging.INFO)
+    mf = await mailflow_server(transport_maps=["inline:{ {far.test = nosuch:} }"], relay_domains=["far.test"])
+    await send(mf.smtp_addresses[0][1], "a@local.test", ["u@far.test"], b"Subject: x\r\n\r\nhi\r\n")
+    await queue_becomes(mf.store, {"deferred": 1})
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.endswith("dsn=4.3.0, status=deferred (mail transport unavailable)") for line in lines), lines
+    assert "transport 'nosuch' is not defined (no built-in transport nor [pipe.nosuch])" in lines

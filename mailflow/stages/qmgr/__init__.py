@@ -726,9 +726,11 @@ def _suspended(dest: Destination, recipients: tuple[Recipient, ...]) -> Delivery
 
 
 def _undefined_transport(transport: str, recipients: tuple[Recipient, ...]) -> DeliveryReport:
-    """What qmgr answers for the recipients of a job (or a probe) routed to a transport that is not defined."""
-    return DeliveryReport.uniform(recipients, Outcome.DEFERRED, "4.3.5",
-                                  f"mail transport unavailable: {transport!r} is not defined")
+    """What qmgr answers for the recipients of a job (or a probe) routed to a transport that is not defined: as
+    Postfix's qmgr for a service master.cf lacks, 4.3.0 "mail transport unavailable", with a warning that names
+    it (Postfix's "connect to transport private/NAME: No such file or directory")."""
+    log.warning("transport %r is not defined (no built-in transport nor [pipe.%s])", transport, transport)
+    return DeliveryReport.uniform(recipients, Outcome.DEFERRED, "4.3.0", "mail transport unavailable")
 
 
 def _owes_notice(result: RcptResult) -> bool:
