@@ -67,8 +67,8 @@ The loop
 
 Failure behaviour
 - A resolver or transport that raises, a content read error, a recipient the agent does not report on:
-  that recipient is deferred (4.3.0), never lost. Unknown transport: deferred 4.3.5. Missing content:
-  the message goes to the corrupt queue.
+  that recipient is deferred (4.3.0), never lost. Unknown transport: deferred 4.3.0 "mail transport
+  unavailable" with a warning naming it, as Postfix. Missing content: the message goes to the corrupt queue.
 - A message an operator holds or deletes while it is active: its jobs not yet started are dropped at the
   next tick (held: its recipients stay pending; deleted: nothing is recorded or logged, as the queue tool
   logged postsuper's `removed`); one in flight finishes. A held message is never expired nor warned about at
