@@ -13,6 +13,8 @@
                              brackets dropped); host bits set ("10.0.0.1/8") or a netmask ("/255.0.0.0") are
                              refused, as Postfix refuses them (it fails every lookup of such a list)
     HostPorts                a list of "host:port" addresses
+    Relayhost, Transport     a relayhost, a `transport[:nexthop]` setting (check_relayhost, check_transport);
+    TransportOverride        the latter or "" (the main setting's, for a section that overrides it)
     each_one_of(items, allowed)  the items, when each is one of `allowed` (a list of keywords)
     check_transport(value)   a `transport` or `transport:nexthop` setting (TRANSPORT_NAME: a transport's name)
     check_relayhost(value)   a relayhost: host, host:port, [host] or [address], with :port or not
@@ -176,6 +178,9 @@ RestrictionClasses = Annotated[dict[str, tuple[str, ...]], BeforeValidator(_rest
 TableSpecs = Annotated[tuple[str, ...], AfterValidator(_table_specs)]
 Networks = Annotated[tuple[str, ...], AfterValidator(_networks)]
 HostPorts = Annotated[tuple[str, ...], AfterValidator(_host_ports)]
+Relayhost = Annotated[str, AfterValidator(check_relayhost)]  # "" (none) or a host, maybe with a port
+Transport = Annotated[str, AfterValidator(check_transport)]  # transport or transport:nexthop
+TransportOverride = Annotated[str, AfterValidator(lambda v: check_transport(v) if v else v)]  # "": the main one
 
 
 def validation_key(err: ErrorDetails) -> str:

@@ -21,7 +21,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from mailflow.config.base import (Duration, Networks, Section, TableSpecs, check_relayhost, check_transport,
+from mailflow.config.base import (Duration, Networks, Relayhost, Section, TableSpecs, TransportOverride,
                                   each_one_of)
 from mailflow.syntax import parse_endpoint, parse_hostport
 
@@ -172,12 +172,12 @@ class AddressVerifyConfig(Section):
     # address_verify_sender_ttl: 0, a fixed sender; else the sender's local part gets a stamp that changes every
     # sender_ttl (double-bounce1C3F5@…), and smtpd takes the stamps of the last, this and the next period
     sender_ttl: Duration = Field(0.0, ge=0)
-    relayhost: str = ""
+    relayhost: Relayhost = ""
     transport_maps: TableSpecs = ()
-    local_transport: str = ""
-    virtual_transport: str = ""
-    relay_transport: str = ""
-    default_transport: str = ""
+    local_transport: TransportOverride = ""
+    virtual_transport: TransportOverride = ""
+    relay_transport: TransportOverride = ""
+    default_transport: TransportOverride = ""
     poll_count: int = Field(3, ge=1)
     poll_delay: Duration = Field(3.0, ge=0)
     positive_expire_time: Duration = Field(31 * 86400.0, gt=0)
@@ -195,16 +195,6 @@ class AddressVerifyConfig(Section):
         if v.strip().startswith("@") or v.strip().endswith("@"):
             raise ValueError(f"{v!r} must not begin or end with '@' (\"<>\" is the null sender)")
         return v
-
-    @field_validator("relayhost")
-    @classmethod
-    def _relayhost(cls, v: str) -> str:
-        return check_relayhost(v)
-
-    @field_validator("local_transport", "virtual_transport", "relay_transport", "default_transport")
-    @classmethod
-    def _transport(cls, v: str) -> str:
-        return check_transport(v) if v else v
 
 
 class SenderAuthConfig(Section):

@@ -17,8 +17,8 @@ from pydantic import Field, PrivateAttr, ValidationInfo, field_validator
 from mailflow.address import is_valid_domain, normalise_domain
 from mailflow.config.accounts import AccountsConfig
 from mailflow.config.admin import AdminConfig
-from mailflow.config.base import (TRANSPORT_NAME, Duration, Networks, Section, TableSpecs, check_relayhost,
-                                  check_transport, each_one_of)
+from mailflow.config.base import (TRANSPORT_NAME, Duration, Networks, Relayhost, Section, TableSpecs, Transport,
+                                  each_one_of)
 from mailflow.config.filters import (PROBE_ROUTING, AddressVerifyConfig, ChecksConfig, ClamdConfig, GreylistConfig,
                                      MilterConfig, SenderAuthConfig, SpamdConfig)
 from mailflow.config.delivery import DnsConfig, LmtpConfig, LocalConfig, PipeService, SmtpConfig
@@ -71,10 +71,10 @@ class Config(Section):
     # user%domain@<a local domain> is user@domain, routed (and relay-checked) as such (allow_percent_hack).
     allow_percent_hack: bool = True
     mynetworks: Networks = ("127.0.0.0/8", "::1/128")
-    relayhost: str = ""
-    local_transport: str = "local"
-    relay_transport: str = "smtp"
-    default_transport: str = "smtp"
+    relayhost: Relayhost = ""
+    local_transport: Transport = "local"
+    relay_transport: Transport = "smtp"
+    default_transport: Transport = "smtp"
     # Lookup tables (`type:name`, searched in order): transport:nexthop per address or domain, overriding
     # the class's transport; and the known recipients of relay_domains (empty: any recipient is accepted).
     transport_maps: TableSpecs = ()
@@ -85,7 +85,7 @@ class Config(Section):
     virtual_mailbox_domains: tuple[str, ...] = ()
     virtual_mailbox_maps: TableSpecs = ()
     virtual_mailbox_base: str = "var/vmail"
-    virtual_transport: str = "virtual"
+    virtual_transport: Transport = "virtual"
     # Who owns what the virtual transport creates (directories 0700, files 0600): the numeric uid and gid these
     # tables give for the recipient (Postfix virtual_uid_maps/virtual_gid_maps, e.g. "static:5000"); none:
     # mailflow's own. Giving files away needs root (or CAP_CHOWN); see docs/accounts.md.
@@ -222,16 +222,6 @@ class Config(Section):
             if not is_ip_address(item.strip("[]")):
                 raise ValueError(f"{item!r} is not an IP address")
         return v
-
-    @field_validator("relayhost")
-    @classmethod
-    def _relayhost(cls, v: str) -> str:
-        return check_relayhost(v)
-
-    @field_validator("local_transport", "relay_transport", "default_transport", "virtual_transport")
-    @classmethod
-    def _transport(cls, v: str) -> str:
-        return check_transport(v)
 
     @field_validator("myhostname")
     @classmethod
