@@ -25,11 +25,11 @@ What it owns
   (delay_reject false); such a session answers every command but QUIT with 503 5.7.0 (`session.access_denied`),
   and a 421 or 521 refusal ends it. HELO and EHLO ask the handler's HELLO hook first (the helo list): a refusal
   is the reply and changes nothing.
-- The command loop (`_handle_client`): the greeting (input before it is early talk, answered 554 in its place), the error gate
-  (session_time_limit, soft and hard error limits), a line through `wire.Wire`, malformed lines, RFC 2920
-  pipelining discipline, the STARTTLS requirement, junk commands, dispatch to the `smtp_*` methods. Commands
-  that had already arrived (pipelined) are answered without any wait for input, so every PIPELINED_TURN of them
-  in a row the session hands the loop back (`asyncio.sleep(0)`): one client's burst (a thousand RCPTs, BDAT
+- The command loop (`_handle_client`): the greeting (input before it is early talk, answered 554 in its place),
+  the error gate (session_time_limit, soft and hard error limits), a line through `wire.Wire`, malformed lines,
+  the STARTTLS requirement, then RFC 2920 pipelining discipline, junk commands, dispatch to the `smtp_*` methods.
+  Commands that had already arrived (pipelined) are answered without any wait for input, so every PIPELINED_TURN
+  of them in a row the session hands the loop back (`asyncio.sleep(0)`): one client's burst (a thousand RCPTs, BDAT
   chunks) holds up the other sessions, deliveries and timers for a few dozen commands, not for all of them.
 - EHLO (the layers' keywords, then the handler's hook), VRFY, ETRN, QUIT; HELO, RSET, NOOP are aiosmtpd's; its
   EXPN and HELP are left out (unknown commands, as in Postfix).
