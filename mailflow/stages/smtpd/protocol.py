@@ -284,6 +284,16 @@ class ProtocolCore(SMTP):
         if self.transcript is not None:
             self._observe_identity(self.transcript)
             self.transcript.ended()
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """Break the reference cycles through the session (its bound methods held by its wire, its log, its
+        transcript; the stream writer's protocol; asyncio's connect callback), so that reference counting frees
+        it when the connection is gone rather than the garbage collector, which would otherwise carry every
+        ended session (socket, buffers, about 60 objects) through its generations."""
+        self._wire.let_go()
+        self._client_connected_cb = None
+        self._writer = None  # type: ignore[assignment]  # nothing writes after the end (no timer, not in _sessions)
 
     def _observe_identity(self, t: Transcript) -> None:
         """What the transcript says of the client, as known now (after PROXY, XCLIENT, STARTTLS, AUTH)."""

@@ -99,9 +99,11 @@ class SessionLog:
         self.server_hung_up = True
 
     def ended(self) -> None:
+        client = self._client()
+        self._client = lambda: client  # the session is over: its name stays, the session is not held
+        self._content = None
         if not self.connected or not self.lines.active:
             return
-        client = self._client()
         if not self.server_hung_up and "quit" not in self.counts and not self._message_ended:
             self.lines.lost_connection(self._after(), client)
         self.lines.disconnect(client, self.counts)

@@ -115,6 +115,7 @@ class Transcript:
         self._tell(self.observer.queued, self, queue_id)
 
     def ended(self) -> None:
+        self._hang_up = _nothing  # the session is over; the observer may keep this record without holding it
         self._tell(self.observer.ended, self)
 
     def _keep(self, who: str, text: str) -> None:
@@ -131,6 +132,10 @@ class Transcript:
             method(*args)
         except Exception:
             log.exception("session observer %s failed", getattr(method, "__qualname__", method))
+
+
+def _nothing() -> None:
+    """A hang-up once the session is over."""
 
 
 def _redacted(line: str) -> str:

@@ -49,6 +49,10 @@ DOT_HOPS = 8  # dots looked at one by one before one search for CRLF "." takes o
 STUFFED_ONE_BY_ONE = 16  # dotted lines unstuffed one by one (no copy) before one replace takes the rest
 
 
+def _ignore(*_args) -> None:
+    """A callback that does nothing (the wire's, when the session gave none or is over)."""
+
+
 def _line_dot(buf: bytearray, pos: int, end: int) -> int:
     """Where the next CRLF "." in buf[pos:end] starts, or -1. A search for a 3-byte string looks at every byte
     (about 1 ns each); memchr finds a single byte far faster, so it hops from dot to dot first: a body without
@@ -174,9 +178,9 @@ class Wire:
         (asked for at the first wait when not given)."""
         self._host = host
         self._loop = loop
-        self._progress = progress or (lambda n: None)
+        self._progress = progress or _ignore
         self._bare_lf = bare_lf
-        self._reading = reading or (lambda on: None)
+        self._reading = reading or _ignore
         self._buf = bytearray()
         self._paused = False
         self._eof = False
@@ -199,6 +203,12 @@ class Wire:
         if self._error is None:
             self._error = error
         self._wake()
+
+    def let_go(self) -> None:
+        """The session is over: drop its callbacks (what still arrives is buffered, then dropped with the wire),
+        so that no reference cycle holds the session until the garbage collector runs."""
+        self._progress = _ignore
+        self._reading = _ignore
 
     def _wake(self) -> None:
         waiter, self._waiter = self._waiter, None
