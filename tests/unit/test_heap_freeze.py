@@ -1,0 +1,49 @@
+"""`mailflow serve` freezes what its start built out of the garbage collector's walks (mailflow.app.freeze_the_heap),
+and a reload unfreezes it first, so that what the new configuration replaced can still be collected.
+
+Each test gives the test process's heap back to the collector at its end."""
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from types import SimpleNamespace
+
+from mailflow.app import _reloads, serve
+from mailflow.config import config_from_dict
+from tests.support import base_settings, eventually
+
+STARTUP_HEAP = 10_000  # objects: a started server keeps tens of thousands (modules, classes, its configuration)
+
+
+async def test_serve_freezes_the_heap_it_started_with(tmp_path):
+    stop = asyncio.Event()
+    running = asyncio.create_task(serve(config_from_dict(base_settings(tmp_path)), shutdown_trigger=stop))
+    try:
+        await eventually(lambda: gc.get_freeze_count() > STARTUP_HEAP, timeout=10, what="the heap frozen")
+    finally:
+        stop.set()
+        await running
+        gc.unfreeze()
+
+
+async def test_a_reload_runs_unfrozen_and_freezes_again():
+    frozen_during: list[int] = []
+
+    async def reload(config) -> None:
+        frozen_during.append(gc.get_freeze_count())
+
+    level = logging.getLevelName(logging.getLogger().level)  # what a reload puts in force: as it is
+    mf = SimpleNamespace(reload=reload, config=SimpleNamespace(log=SimpleNamespace(level=level)))
+    wanted = asyncio.Event()
+    gc.freeze()
+    reloads = asyncio.create_task(_reloads(mf, wanted, lambda: None, ""))
+    try:
+        wanted.set()
+        await eventually(lambda: frozen_during, timeout=5, what="the reload")
+        assert frozen_during == [0]
+        await eventually(lambda: gc.get_freeze_count() > 0, timeout=5, what="the heap frozen again")
+    finally:
+        reloads.cancel()
+        await asyncio.gather(reloads, return_exceptions=True)
+        gc.unfreeze()
