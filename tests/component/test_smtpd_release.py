@@ -80,3 +80,23 @@ async def test_ended_sessions_are_freed_without_the_collector(server, observer):
     if observer is not None:
         assert len(observer.kept) == 3
     await asyncio.sleep(0)
+
+
+class LateTransport:
+    """A TLS transport whose handshake completed after the session had ended (it only needs closing)."""
+
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_handshake_completing_after_the_end_is_closed(server):
+    mf = await server()
+    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    (session,) = mf.smtpd.sessions
+    assert (await client.cmd("QUIT")).code == 221
+    await sessions_over(mf)
+    late = LateTransport()
+    session.connection_made(late)  # as asyncio's TLS protocol would call it
+    assert late.closed

@@ -10,7 +10,8 @@ What it owns
   the session's `wire.Wire`, made with the session: no StreamReader copy in between), `eof_received` (input
   already received is answered first), `_session_ended` (once however the session ends, also after a TLS
   handshake asyncio never reports to connection_lost: frees what it held, calls the handler's `handle_CLOSE`
-  hook when it has one, logs the disconnect), `hang_up()`,
+  hook when it has one, logs the disconnect, then `_let_go` breaks the cycles through the session so that
+  reference counting frees it; a handshake completing after that is closed), `hang_up()`,
   `shut_down()` (421 at a stop; after the transaction under way), `in_transaction`.
 - Replies: `push()` gives a library-written line its enhanced status code (RFC 2034; not the greeting nor
   HELO/EHLO; a `status.Reply` goes as the catalogue wrote it), counts 4xx/5xx toward the error limits and
@@ -243,6 +244,9 @@ class ProtocolCore(SMTP):
     # --- connection ---------------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._ended:  # a TLS handshake that completed after the session gave up on it: nothing left to serve
+            transport.close()
+            return
         if self.transport is None:  # the connection
             self._sessions.add(self)
             super().connection_made(transport)
