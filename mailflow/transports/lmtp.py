@@ -33,6 +33,8 @@ What each recipient gets, beyond smtp's (2xx SENT, 4xx DEFERRED, 5xx BOUNCED, wi
                                                    reply), site_ok=False; answers already read stand
 
 `relay` is `host[ip]:port` (TCP) or `helo_name[/path]` (UNIX socket), "none" when no connection was made.
+Log lines besides the results, as Postfix's lmtp: `connect to h[ip]:port: Connection refused` (no queue id; none for
+a UNIX socket), and `QID: reason` for an address that failed when another one is tried after it.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ from mailflow.transports.smtp.chat import Session, Timeouts
 from mailflow.transports.smtp.commands import screen_envelope
 from mailflow.transports.smtp.connect import greet, hello, open_session
 from mailflow.transports.smtp.proto import send_message
-from mailflow.transports.smtp.trouble import Outcomes, SiteFailure, record_unreachable
+from mailflow.transports.smtp.trouble import ConnectFailure, Outcomes, SiteFailure, record_unreachable
 
 log = logging.getLogger("mailflow.lmtp")
 
@@ -74,8 +76,6 @@ class LmtpTransport:
         outcomes, sendable = screen_envelope(request)
         if sendable:
             await self._deliver(request, sendable, outcomes)
-        if not outcomes.site_ok:
-            log.info("%s: %s", request.queue_id, outcomes.site_reason)
         return outcomes.report(request)
 
     async def close(self) -> None:
@@ -89,7 +89,7 @@ class LmtpTransport:
             outcomes.fail(recipients, TemporaryError("4.3.5", text)).site_failed(text)
             return
         try:
-            session = await self._open(nexthop)
+            session = await self._open(nexthop, request.queue_id)
         except SiteFailure as e:
             record_unreachable(outcomes, recipients, e, [])
             return
@@ -100,16 +100,26 @@ class LmtpTransport:
             raise
         session.quit()
 
-    async def _open(self, nexthop: Nexthop) -> Session:
-        """A session past LHLO with the first address that completes it. Raises the last SiteFailure."""
+    async def _open(self, nexthop: Nexthop, queue_id: str) -> Session:
+        """A session past LHLO with the first address that completes it. Raises the last SiteFailure. Logged as
+        Postfix's lmtp logs them: a failed TCP connection at once, without the queue id; a failure after
+        connecting as `QID: reason` when another address is tried after it (at the last one the result lines
+        are the only ones)."""
         failure: SiteFailure | None = None
-        for peer in await self._peers(nexthop):
+        peers = await self._peers(nexthop)
+        for i, peer in enumerate(peers):
             try:
                 return await self._handshake(peer)
+            except ConnectFailure as e:
+                failure = e
+                if e.logged_alone:
+                    log.info("%s", e.text)
             except SiteFailure as e:
                 failure = e
                 if e.hard:  # a 5xx to LHLO: the mail bounces with it, as Postfix's lmtp
                     break
+                if i < len(peers) - 1:
+                    log.info("%s: %s", queue_id, e.text)
         assert failure is not None  # _peers never returns an empty list
         raise failure
 

@@ -6,6 +6,7 @@ aiosmtpd pushes whatever handle_DATA returns as it is, so "\\r\\n".join(one repl
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from mailflow.content import Content
 from mailflow.errors import ConfigError
 from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports.lmtp import LmtpTransport
-from mailflow.transports.smtp.addr import Nexthop, parse_nexthop
+from mailflow.transports.smtp.addr import Nexthop, Peer, parse_nexthop
 
 from tests.support import big_message, free_port, spooled
 
@@ -348,10 +349,17 @@ async def test_only_bad_addresses_means_no_connection(lmtp_peer):
 # ---------------------------------------------------------------------------------------------------- site failures
 
 
-async def test_connection_refused_defers_and_fails_the_site():
+def client_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "mailflow.lmtp"]
+
+
+async def test_connection_refused_defers_and_fails_the_site(caplog):
     unused_port = free_port()
-    report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{unused_port}", "b@example.test",
-                                                          "c@example.test"))
+    with caplog.at_level(logging.INFO, "mailflow.lmtp"):
+        report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{unused_port}", "b@example.test",
+                                                              "c@example.test"))
+    # besides the result lines, Postfix's lmtp logs the failure alone, without the queue id (smtp_connect_inet)
+    assert client_lines(caplog) == [f"connect to 127.0.0.1[127.0.0.1]:{unused_port}: Connection refused"]
     assert outcomes(report) == [("b@example.test", Outcome.DEFERRED, "4.4.1"),
                                 ("c@example.test", Outcome.DEFERRED, "4.4.1")]
     assert report.results[0].text == f"connect to 127.0.0.1[127.0.0.1]:{unused_port}: Connection refused"
@@ -360,11 +368,13 @@ async def test_connection_refused_defers_and_fails_the_site():
     assert report.site_reason == report.results[0].text
 
 
-async def test_missing_unix_socket_defers():
-    report = await deliver(make_transport(), make_request("unix:/nonexistent/lmtp"))
+async def test_missing_unix_socket_defers(caplog):
+    with caplog.at_level(logging.INFO, "mailflow.lmtp"):
+        report = await deliver(make_transport(), make_request("unix:/nonexistent/lmtp"))
     assert outcomes(report) == [("b@example.test", Outcome.DEFERRED, "4.4.1")]
     assert report.results[0].text == f"connect to {HELO}[/nonexistent/lmtp]: No such file or directory"
     assert not report.site_ok
+    assert client_lines(caplog) == []  # (Postfix's smtp_connect_local: the result line says it)
 
 
 async def test_server_that_stops_answering_after_data_times_out(lmtp_peer):
@@ -415,16 +425,43 @@ async def test_connection_closed_before_final_replies_defers():
     assert not report.site_ok
 
 
-async def test_refused_greeting_defers_and_fails_the_site():
-    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"554 5.3.2 no service today\r\n")
-        await writer.drain()
-        writer.close()
+async def refuse_to_talk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"554 5.3.2 no service today\r\n")
+    await writer.drain()
+    writer.close()
 
-    report, _ = await deliver_to_script(refuse)
+
+async def test_refused_greeting_defers_and_fails_the_site(caplog):
+    with caplog.at_level(logging.INFO, "mailflow.lmtp"):
+        report, _ = await deliver_to_script(refuse_to_talk)
     assert outcomes(report) == [("b@example.test", Outcome.DEFERRED, "4.3.2")]
     assert report.results[0].text == "host 127.0.0.1[127.0.0.1] refused to talk to me: 554 5.3.2 no service today"
     assert not report.site_ok
+    assert client_lines(caplog) == []  # at the last address the result line is the only one, as Postfix's
+
+
+class TwoAddresses(LmtpTransport):
+    """Its next hop's host has two addresses: 127.0.0.2 on `first_port`, then 127.0.0.1 on `second_port`."""
+
+    first_port = second_port = 0
+
+    async def _peers(self, nexthop: Nexthop) -> list[Peer]:
+        return [Peer("lmtp.test", "127.0.0.2", self.first_port), Peer("lmtp.test", "127.0.0.1", self.second_port)]
+
+
+async def test_an_address_that_failed_before_another_is_tried_is_logged_with_the_queue_id(lmtp_peer, caplog):
+    """Postfix's smtp_bulk_fail at a server that is not the final one: `QID: reason`, then the next address."""
+    refusing = await asyncio.start_server(refuse_to_talk, "127.0.0.2", 0)
+    peer = await lmtp_peer()
+    transport = TwoAddresses(LmtpConfig(), helo_name=HELO)
+    transport.first_port, transport.second_port = refusing.sockets[0].getsockname()[1], peer.port
+    try:
+        with caplog.at_level(logging.INFO, "mailflow.lmtp"):
+            report = await deliver(transport, make_request("lmtp.test"))
+    finally:
+        refusing.close()
+    assert outcomes(report) == [("b@example.test", Outcome.SENT, "2.0.0")]
+    assert client_lines(caplog) == ["Q1: host lmtp.test[127.0.0.2] refused to talk to me: 554 5.3.2 no service today"]
 
 
 async def test_a_5xx_to_lhlo_bounces_with_the_reply_naming_the_peer():

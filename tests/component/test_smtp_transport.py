@@ -743,14 +743,18 @@ async def test_sender_with_nul_bounces_everyone_without_connecting():
 # ---------------------------------------------------------------------------------------------------- unreachable
 
 
-async def test_connection_refused_everywhere_defers_with_site_not_ok():
+async def test_connection_refused_everywhere_defers_with_site_not_ok(caplog):
     unused_port = free_port()
     resolver = StaticResolver(
         mx={"example.test": [MX(10, "mx1.example.test"), MX(20, "mx2.example.test")]},
         addresses={"mx1.example.test": ["127.0.0.2"], "mx2.example.test": ["127.0.0.1"]},
     )
     request = make_request(f"example.test:{unused_port}", "a@example.test", "b@example.test")
-    report = await deliver(make_transport(resolver), request)
+    with caplog.at_level(logging.INFO, "mailflow.smtp"):
+        report = await deliver(make_transport(resolver), request)
+    # each on a line of its own, at once, without the queue id (Postfix's smtp_connect: a connection's)
+    assert client_lines(caplog) == [f"connect to {mx}[{ip}]:{unused_port}: Connection refused"
+                                    for mx, ip in (("mx1.example.test", "127.0.0.2"), ("mx2.example.test", "127.0.0.1"))]
     assert not report.site_ok
     assert [(r.outcome, r.dsn, r.relay) for r in report.results] == [(Outcome.DEFERRED, "4.4.1", "none")] * 2
     text = f"connect to mx2.example.test[127.0.0.1]:{unused_port}: Connection refused"
@@ -1055,6 +1059,10 @@ async def test_verify_accepts_a_trusted_certificate_naming_the_mx_host(smtp_peer
     report = await deliver(transport, make_request(f"example.test:{peer.port}"))
     assert report.results[0].outcome is Outcome.SENT
     assert peer.messages[0].tls and peer.messages[0].content == CONTENT
+
+
+def client_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "mailflow.smtp"]
 
 
 async def test_verify_refuses_a_certificate_for_another_name(smtp_peer, ca, tmp_path):

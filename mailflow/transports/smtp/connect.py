@@ -2,7 +2,8 @@
 and for SMTP STARTTLS as the TLS policy asks and AUTH with the relay's credentials.
 
     await open_session(peer, timeout, clock) -> Session     TCP, or a UNIX-domain socket (port 0), within
-                                `timeout`; SiteFailure 4.4.1 "connect to h[ip]:port: Connection refused" (or timed out)
+                                `timeout`; ConnectFailure 4.4.1 "connect to h[ip]:port: Connection refused" (or
+                                timed out; trouble: the caller logs it alone, no queue id, for a TCP peer)
     await greet(session, timeout)                            the greeting must be 2xx
     await hello(session, helo_name, timeout, lmtp=False, queue_id="")
                                 EHLO (HELO after a refused EHLO but 421), or LHLO; sets
@@ -77,6 +78,7 @@ from mailflow.transports.smtp.tls import (
     without_dane,
 )
 from mailflow.transports.smtp.trouble import (
+    ConnectFailure,
     LocalProblem,
     RetryPlaintext,
     SiteFailure,
@@ -104,7 +106,7 @@ async def open_session(peer: Peer, timeout: float, clock: Callable[[], float]) -
             else:
                 await loop.create_unix_connection(lambda: wire, peer.address)
     except (OSError, TimeoutError) as e:
-        raise SiteFailure("4.4.1", f"connect to {peer.relay}: {os_reason(e)}") from None
+        raise ConnectFailure(f"connect to {peer.relay}: {os_reason(e)}", tcp=bool(peer.port)) from None
     return Session(wire, peer, opened)
 
 

@@ -6,7 +6,9 @@ open a session with the first that completes the handshake (connect), run the tr
 the session (reuse) or QUIT it; recipients a session deferred go on to the next peer while sessions remain
 (MX_SESSION_LIMIT: see the package docstring). A peer's soft failure, in its handshake or its transaction, is logged
 on a line of its own (`QID: reason`) only when another peer is tried after it, as Postfix logs a server's that is
-not the final one (at the final one the recipients' result lines are the only ones); a failed connection at once.
+not the final one (at the final one the recipients' result lines are the only ones); a failed connection at once,
+without the queue id (`connect to h[ip]:port: Connection refused`, Postfix's smtp_connect: a connection is not a
+message's).
 At most MX_ADDRESS_LIMIT (5) addresses are tried per delivery, a cached session's counting (Postfix
 smtp_mx_address_limit), however many MX hosts and addresses DNS gives.
 `own_addresses` (ipaddress values: mailflow.routing.rewrite.own_addresses) and `own_ports` (smtpd's listener
@@ -68,6 +70,7 @@ from mailflow.transports.smtp.proto import reset, send_message
 from mailflow.transports.smtp.reuse import SessionCache
 from mailflow.transports.smtp.tls import TlsContexts, TlsPolicy, default_policy, parse_policy, policy_keys
 from mailflow.transports.smtp.trouble import (
+    ConnectFailure,
     LocalProblem,
     Outcomes,
     SiteFailure,
@@ -282,7 +285,10 @@ class SmtpTransport:
                     if e.hard:  # a 5xx: Postfix bounces at once (only a 5xx greeting is skipped)
                         record_unreachable(outcomes, recipients, e, [])
                         return
-                    if e.relay == "none":  # no session was made (connect): logged at once
+                    if isinstance(e, ConnectFailure):  # Postfix's smtp_connect_inet: at once, no queue id
+                        if e.logged_alone:
+                            log.info("%s", e.text)
+                    elif e.relay == "none":  # refused before connecting (DANE, MTA-STS): logged at once
                         log.info("%s: %s", request.queue_id, e.text)
                     else:  # Postfix's smtp_bulk_fail: at the final server the result line is the only one
                         unlogged_failure = e

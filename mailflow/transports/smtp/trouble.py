@@ -13,6 +13,11 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
                                 the mail bounces with it and no other peer is tried (`final`: Postfix's
                                 smtp_bulk_fail bounces a hard error wherever it comes from; only a 5xx greeting
                                 is skipped like a 4xx, smtp_skip_5xx_greeting)
+    ConnectFailure(text, tcp)   SiteFailure 4.4.1: no connection was made ("connect to h[ip]:port: Connection
+                                refused"). Postfix logs it at once on a line of its own, without a queue id
+                                (smtp_connect_inet: `connect to h[ip]:port: reason`), for a TCP peer only (a
+                                UNIX-domain socket's is said by the result line alone: smtp_connect_local);
+                                `logged_alone` says whether that line is due
     LocalProblem(dsn, text)     TemporaryError: our side cannot go on (a table that cannot answer, an unusable TLS
                                 policy, no TLS engine); another peer would not help, the site is not blamed.
     RetryPlaintext, StaleSession   control flow, not failures: connect again without TLS (level may); a cached
@@ -72,6 +77,14 @@ class SiteFailure(TemporaryError):
         """What the recipients get: a 5xx refusal bounces with its own class, as Postfix's smtp_bulk_fail does
         (a hard error is not retried elsewhere); anything else defers."""
         return PermanentError("5" + self.dsn[1:], self.text) if self.hard else self
+
+
+class ConnectFailure(SiteFailure):
+    """See the module docstring."""
+
+    def __init__(self, text: str, *, tcp: bool):
+        super().__init__("4.4.1", text)
+        self.logged_alone = tcp
 
 
 class LocalProblem(TemporaryError):
