@@ -88,6 +88,9 @@ class SmtpConfig(Section):
     tls_ca_file: str = ""
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    # What is logged of each TLS session (smtp_tls_loglevel): 0 failures only, 1 and above also the summary line
+    # (`Verified TLS connection established to ...`); mailflow writes nothing more from 2 on.
+    tls_loglevel: int = Field(0, ge=0, le=4)
     # AUTH to a relay (smtp_sasl_password_maps): "user:password" by MX host name or nexthop as written.
     sasl_password_maps: TableSpecs = ()
     sasl_tls_required: bool = True

@@ -1087,6 +1087,20 @@ async def test_verify_refuses_a_certificate_from_an_unknown_ca(smtp_peer, ca, tm
     assert peer.messages == []
 
 
+@pytest.mark.parametrize("loglevel", [0, 1])
+async def test_the_tls_summary_line_is_written_from_tls_loglevel_1(smtp_peer, ca, tmp_path, caplog, loglevel):
+    """Postfix's smtp_tls_loglevel: 0 (the default) writes no line for a session that went well."""
+    peer = await smtp_peer(tls_context=server_tls(ca, "mx.example.test"))
+    transport = make_transport(mx_resolver("mx.example.test"), tls="verify", tls_ca_file=ca_file(ca, tmp_path),
+                               tls_loglevel=loglevel)
+    with caplog.at_level(logging.INFO, "mailflow.smtp"):
+        report = await deliver(transport, make_request(f"example.test:{peer.port}"))
+    assert report.results[0].outcome is Outcome.SENT
+    summaries = [line for line in client_lines(caplog) if " TLS connection established to " in line]
+    assert [line.partition(": TLSv1")[0] for line in summaries] == [
+        f"Verified TLS connection established to mx.example.test[127.0.0.1]:{peer.port}"][:loglevel]
+
+
 async def test_verify_of_a_bracketed_nexthop_matches_the_host(smtp_peer, ca, tmp_path):
     peer = await smtp_peer(tls_context=server_tls(ca, "relay.example.test"))
     resolver = StaticResolver(addresses={"relay.example.test": ["127.0.0.1"]})

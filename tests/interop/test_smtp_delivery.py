@@ -302,8 +302,9 @@ def tls_established(lines) -> list[str]:
 
 async def test_the_tls_line_of_a_delivery_is_postfix_s(mailflow_server, smtp_peer, caplog):
     """tls_misc.c's `Untrusted TLS connection established to host[ip]:port: TLSv1.3 with cipher … (256/256 bits)`,
-    no queue id (a connection may serve several messages), for a level may delivery to a peer with STARTTLS. (Postfix
-    writes it from smtp_tls_loglevel 1 on; mailflow always.)"""
+    no queue id (a connection may serve several messages), for a level may delivery to a peer with STARTTLS, from
+    smtp_tls_loglevel 1 on (mailflow's smtp.tls_loglevel; at 0, the default of both, there is no such line:
+    tests/interop/test_client_log_vs_postfix.py)."""
     caplog.set_level(logging.INFO, logger="mailflow.smtp")
     peer = await smtp_peer("127.0.0.1", tls_context=tls_peer_context(trustme.CA(), "localhost"))
     relay = f"[127.0.0.1]:{peer.port}"
@@ -313,7 +314,8 @@ async def test_the_tls_line_of_a_delivery_is_postfix_s(mailflow_server, smtp_pee
         await eventually(lambda: len(peer.messages) == 1, timeout=20)
         await eventually(lambda: tls_established(pf.maillog.splitlines()), timeout=5, what="Postfix's TLS line")
         postfix = [line.split("]: ", 1)[1] for line in tls_established(pf.maillog.splitlines())]
-    mf = await mailflow_server(mynetworks=["127.0.0.0/8"], relayhost=relay, smtp={"tls_security_level": "may"})
+    mf = await mailflow_server(mynetworks=["127.0.0.0/8"], relayhost=relay,
+                               smtp={"tls_security_level": "may", "tls_loglevel": 1})
     await send(mf.smtp_addresses[0][1], "someone@remote.test", ["user@dest.test"], b"Subject: tls\r\n\r\nhello\r\n")
     await eventually(lambda: len(peer.messages) == 2, timeout=20)
     assert tls_established(r.getMessage() for r in caplog.records if r.name == "mailflow.smtp") == postfix

@@ -32,8 +32,9 @@ else it fails that peer with 4.7.5 "Cannot start TLS: handshake failure" (Postfi
 PLAINTEXT_FALLBACK_OK_AFTER_STARTTLS_FAILURE: new mail is not sent in plaintext at the first TLS trouble). A
 failed handshake is logged in tls_client.c's words, `SSL_connect error to h[ip]:port: lost connection` (or
 "Connection timed out", or "-1" then `warning: TLS library problem: …`), and before the plaintext retry `QID:
-Cannot start TLS: handshake failure`; a successful one as `Untrusted TLS connection established to h[ip]:port:
-TLSv1.3 with cipher … (256/256 bits)` ("Verified" when the certificate was verified or matched TLSA records).
+Cannot start TLS: handshake failure`; a successful one, with `smtp.tls_loglevel` 1 or more (Postfix's
+smtp_tls_loglevel; 0 by default, as Postfix's), as `Untrusted TLS connection established to h[ip]:port: TLSv1.3
+with cipher … (256/256 bits)` ("Verified" when the certificate was verified or matched TLSA records).
 encrypt and above: not offered -> 4.7.4 "TLS is required, but was not offered by host h[ip]"; refused (any
 reply but 2xx) -> the reply's code (a 5xx or an odd code is hard: the mail bounces); a failed handshake -> 4.7.5
 "Cannot start TLS: handshake failure"; an untrusted chain -> 4.7.5 "Server certificate not trusted"; no matching
@@ -269,10 +270,8 @@ class SmtpHandshake:
                                                          der_names(session.peercert_der)]}, ("hostname",), peer.host,
                                                         destination.nexthop.host):
             _testing(policy, queue_id, f"the certificate of host {peer.name} does not name {peer.host}")
-        cipher, _, bits = session.cipher
-        log.info("%s TLS connection established to %s: %s with cipher %s (%d/%d bits)",  # (tls_misc.c's words)
-                 "Verified" if policy.verifies or policy.tlsa else "Untrusted", peer.relay, session.tls_version,
-                 cipher, bits, bits)
+        if self.config.tls_loglevel >= 1:
+            _log_established(session, verified=policy.verifies or bool(policy.tlsa))
         await hello(session, self.helo_name, self.config.helo_timeout, queue_id=queue_id)
 
     def _tls_context(self, policy: TlsPolicy) -> ssl.SSLContext | None:
@@ -347,6 +346,15 @@ def _log_connect_error(peer: Peer, error: BaseException) -> None:
     log.info("SSL_connect error to %s: %s", peer.relay, reason)
     if problem:
         log.warning("TLS library problem: %s", problem)
+
+
+def _log_established(session: Session, *, verified: bool) -> None:
+    """tls_misc.c's summary of a session (smtp_tls_loglevel 1): `Verified TLS connection established to
+    h[ip]:port: TLSv1.3 with cipher … (256/256 bits)` ("Untrusted" when the certificate was not verified), without
+    a queue id (a connection may serve several messages)."""
+    cipher, _, bits = session.cipher
+    log.info("%s TLS connection established to %s: %s with cipher %s (%d/%d bits)",
+             "Verified" if verified else "Untrusted", session.peer.relay, session.tls_version, cipher, bits, bits)
 
 
 def _testing(policy: TlsPolicy, queue_id: str, what: str) -> None:
