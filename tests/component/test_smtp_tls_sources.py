@@ -113,17 +113,21 @@ async def test_enforce_with_a_good_certificate_delivers_over_verified_tls(zones,
 
 
 @pytest.mark.parametrize(("certificate_name", "untrusted", "why"), [
-    ("other.test", False, "Server certificate not verified"),
-    ("mx.dest.test", True, "Server certificate not trusted"),
+    ("other.test", False, "server certificate verification failed for mx.dest.test[127.0.0.1]:{port}: "
+                          "num=62:hostname mismatch"),
+    ("mx.dest.test", True, "certificate verification failed for mx.dest.test[127.0.0.1]:{port}: "
+                           "untrusted issuer <unknown>"),
 ])
 async def test_enforce_with_a_bad_certificate_defers_4_7_5(zones, smtp_peer, ca, tmp_path, certificate_name,
-                                                           untrusted, why):
+                                                           untrusted, why, caplog):
+    """As Postfix with a `secure` policy: "Server certificate not verified", the reason on a line of its own."""
     t, peer, policy_server = await sts_setup(zones, smtp_peer, ca, tmp_path, mode="enforce",
                                              certificate_name=certificate_name,
                                              peer_ca=trustme.CA() if untrusted else None)
-    result = await deliver(t)
-    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.7.5")
-    assert why in result.text
+    with caplog.at_level(logging.INFO, logger="mailflow.smtp"):
+        result = await deliver(t)
+    assert (result.outcome, result.dsn, result.text) == (Outcome.DEFERRED, "4.7.5", "Server certificate not verified")
+    assert why.format(port=peer.port) in caplog.messages
     assert not peer.messages
     policy_server.close()
 
@@ -193,12 +197,16 @@ async def test_a_matching_tlsa_record_delivers(zones, smtp_peer, ca, level):
     assert peer.messages[0].tls
 
 
-async def test_a_wrong_tlsa_record_defers(zones, smtp_peer, ca):
+async def test_a_wrong_tlsa_record_defers(zones, smtp_peer, ca, caplog):
+    """Postfix's status text and OpenSSL's error for it (X509_V_ERR_DANE_NO_MATCH), as tls_verify.c logs it."""
     peer, digest = await dane_peer(smtp_peer, ca)
     resolver = zones(dane_zone(peer.port, f"3 1 1 {'00' * 32}"))
-    result = await deliver(transport(resolver, peer.port, tls="dane"), "dane.test")
-    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.7.5")
-    assert "no TLSA record matches" in result.text and not peer.messages
+    with caplog.at_level(logging.INFO, logger="mailflow.smtp"):
+        result = await deliver(transport(resolver, peer.port, tls="dane"), "dane.test")
+    assert (result.outcome, result.dsn, result.text) == (Outcome.DEFERRED, "4.7.5", "Server certificate not verified")
+    assert (f"server certificate verification failed for mx.dane.test[127.0.0.1]:{peer.port}: "
+            f"num=65:No matching DANE TLSA records") in caplog.messages
+    assert not peer.messages
 
 
 async def test_a_bracketed_next_hop_uses_the_hosts_tlsa_records(zones, smtp_peer, ca):

@@ -753,8 +753,8 @@ async def test_connection_refused_everywhere_defers_with_site_not_ok(caplog):
     with caplog.at_level(logging.INFO, "mailflow.smtp"):
         report = await deliver(make_transport(resolver), request)
     # each on a line of its own, at once, without the queue id (Postfix's smtp_connect: a connection's)
-    assert client_lines(caplog) == [f"connect to {mx}[{ip}]:{unused_port}: Connection refused"
-                                    for mx, ip in (("mx1.example.test", "127.0.0.2"), ("mx2.example.test", "127.0.0.1"))]
+    peers = (("mx1.example.test", "127.0.0.2"), ("mx2.example.test", "127.0.0.1"))
+    assert client_lines(caplog) == [f"connect to {mx}[{ip}]:{unused_port}: Connection refused" for mx, ip in peers]
     assert not report.site_ok
     assert [(r.outcome, r.dsn, r.relay) for r in report.results] == [(Outcome.DEFERRED, "4.4.1", "none")] * 2
     text = f"connect to mx2.example.test[127.0.0.1]:{unused_port}: Connection refused"
@@ -1065,26 +1065,52 @@ def client_lines(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "mailflow.smtp"]
 
 
-async def test_verify_refuses_a_certificate_for_another_name(smtp_peer, ca, tmp_path):
+async def test_verify_refuses_a_certificate_for_another_name(smtp_peer, ca, tmp_path, caplog):
+    """Postfix's status text, and the reason on a line of its own (tls_verify.c's, OpenSSL's error 62)."""
     peer = await smtp_peer(tls_context=server_tls(ca, "other.test"))
     transport = make_transport(mx_resolver("mx.example.test"), tls="verify", tls_ca_file=ca_file(ca, tmp_path))
-    report = await deliver(transport, make_request(f"example.test:{peer.port}"))
+    with caplog.at_level(logging.INFO, "mailflow.smtp"):
+        report = await deliver(transport, make_request(f"example.test:{peer.port}"))
     result = report.results[0]
-    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.7.5")
-    assert result.text.startswith("Server certificate not verified: host mx.example.test[127.0.0.1] presented "
-                                  "other.test")
+    assert (result.outcome, result.dsn, result.text) == (Outcome.DEFERRED, "4.7.5", "Server certificate not verified")
+    assert client_lines(caplog) == [f"server certificate verification failed for mx.example.test[127.0.0.1]:"
+                                    f"{peer.port}: num=62:hostname mismatch"]
     assert not report.site_ok
     assert peer.messages == []
 
 
-async def test_verify_refuses_a_certificate_from_an_unknown_ca(smtp_peer, ca, tmp_path):
+async def test_verify_refuses_a_certificate_from_an_unknown_ca(smtp_peer, ca, tmp_path, caplog):
     peer = await smtp_peer(tls_context=server_tls(trustme.CA(), "mx.example.test"))
     transport = make_transport(mx_resolver("mx.example.test"), tls="verify", tls_ca_file=ca_file(ca, tmp_path))
-    report = await deliver(transport, make_request(f"example.test:{peer.port}"))
+    with caplog.at_level(logging.INFO, "mailflow.smtp"):
+        report = await deliver(transport, make_request(f"example.test:{peer.port}"))
     result = report.results[0]
-    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.7.5")
-    assert result.text.startswith("Server certificate not trusted: host mx.example.test[127.0.0.1]")
+    assert (result.outcome, result.dsn, result.text) == (Outcome.DEFERRED, "4.7.5", "Server certificate not verified")
+    assert client_lines(caplog) == [f"certificate verification failed for mx.example.test[127.0.0.1]:{peer.port}: "
+                                    f"untrusted issuer <unknown>"]
     assert peer.messages == []
+
+
+async def test_secure_refuses_a_self_signed_certificate(smtp_peer, ca, tmp_path, caplog):
+    """OpenSSL's error 18, in tls_verify.c's words."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*self_signed(tmp_path))
+    peer = await smtp_peer(tls_context=context)
+    transport = make_transport(mx_resolver("mx.example.test"), tls="secure", tls_ca_file=ca_file(ca, tmp_path))
+    with caplog.at_level(logging.INFO, "mailflow.smtp"):
+        report = await deliver(transport, make_request(f"example.test:{peer.port}"))
+    assert report.results[0].text == "Server certificate not verified"
+    assert client_lines(caplog) == [f"certificate verification failed for mx.example.test[127.0.0.1]:{peer.port}: "
+                                    f"self-signed certificate"]
+
+
+def self_signed(tmp_path) -> tuple[str, str]:
+    """A self-signed certificate (a CA's own, which names no host) and its key: the two files' paths."""
+    other = trustme.CA()
+    cert_path, key_path = tmp_path / "self.pem", tmp_path / "self.key"
+    other.cert_pem.write_to_path(str(cert_path))
+    other.private_key_pem.write_to_path(str(key_path))
+    return str(cert_path), str(key_path)
 
 
 @pytest.mark.parametrize("loglevel", [0, 1])

@@ -289,9 +289,7 @@ async def test_verify_delivers_to_the_right_certificate_and_defers_the_wrong_one
     await queue_becomes(mf.store, {"deferred": 1}, timeout=10)
     assert [(m.rcpt_tos, m.tls) for m in good.messages] == [(["user@good.test"], True)]
     assert wrong.messages == []
-    [reason] = await pending_reasons(mf.store)
-    assert reason.startswith("Server certificate not verified: host mx.wrong.test[127.0.0.4] presented "
-                             "someone-else.test")
+    assert await pending_reasons(mf.store) == ["Server certificate not verified"]  # (Postfix's words)
 
 
 def tls_established(lines) -> list[str]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from mailflow.transports.smtp.tls import TlsPolicy, certificate_matches, parse_policy, policy_keys
+from mailflow.transports.smtp.tls import TlsPolicy, certificate_matches, mismatch_error, parse_policy, policy_keys
 
 
 def cert(*dns: str, ips: tuple[str, ...] = (), cn: str = "") -> dict:
@@ -77,3 +77,12 @@ def test_certificate_name_matching(certificate, patterns, expected):
 def test_an_ip_literal_host_matches_an_ip_address_entry():
     assert certificate_matches(cert("x.test", ips=("127.0.0.1",)), ("hostname",), "127.0.0.1", "127.0.0.1")
     assert not certificate_matches(cert("127.0.0.1"), ("hostname",), "127.0.0.2", "127.0.0.2")
+
+
+@pytest.mark.parametrize(("patterns", "host", "expected"), [
+    (("hostname",), "127.0.0.1", (64, "IP address mismatch")),  # as Postfix logs a [127.0.0.1] next hop's
+    (("hostname",), "mx.example.com", (62, "hostname mismatch")),
+    (("nexthop", "dot-nexthop"), "127.0.0.1", (62, "hostname mismatch")),  # a name was asked for too
+])
+def test_a_certificate_without_the_name_is_named_by_openssl_s_error(patterns, host, expected):
+    assert mismatch_error(patterns, host, "example.com") == expected

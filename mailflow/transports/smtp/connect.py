@@ -37,14 +37,16 @@ smtp_tls_loglevel; 0 by default, as Postfix's), as `Untrusted TLS connection est
 with cipher … (256/256 bits)` ("Verified" when the certificate was verified or matched TLSA records).
 encrypt and above: not offered -> 4.7.4 "TLS is required, but was not offered by host h[ip]"; refused (any
 reply but 2xx) -> the reply's code (a 5xx or an odd code is hard: the mail bounces); a failed handshake -> 4.7.5
-"Cannot start TLS: handshake failure"; an untrusted chain -> 4.7.5 "Server certificate not trusted"; no matching
-name -> 4.7.5 "Server certificate not verified"; TLS unavailable here (unreadable CA or certificate file) ->
+"Cannot start TLS: handshake failure"; an untrusted chain, or no matching name -> 4.7.5 "Server certificate not
+verified", its reason on a line of its own at any tls_loglevel (Postfix's tls_verify.c: `certificate verification
+failed for h[ip]:port: self-signed certificate`, `server certificate verification failed for h[ip]:port:
+num=62:hostname mismatch`: see _not_verified); TLS unavailable here (unreadable CA or certificate file) ->
 LocalProblem 4.7.5. After TLS, EHLO again. Per peer, before connecting: a dane/dane-only policy becomes the peer's
 (smtp.dane: its TLSA records, or the fallback, or 4.7.5 for dane-only); a certificate that matches none of a DANE
-peer's TLSA records -> 4.7.5 "Server certificate not verified". An MTA-STS policy (smtp.mtasts) names the MX hosts
-it allows: another host -> 4.7.5 "MX host h does not match the MTA-STS policy" in enforce mode (the next one is
-tried), a log line in testing mode, which also logs a missing STARTTLS, a failed handshake and a certificate
-without the host's name.
+peer's TLSA records -> 4.7.5 "Server certificate not verified" (logged `… num=65:No matching DANE TLSA records`).
+An MTA-STS policy (smtp.mtasts) names the MX hosts it allows: another host -> 4.7.5 "MX host h does not match the
+MTA-STS policy" in enforce mode (the next one is tried), a log line in testing mode, which also logs a missing
+STARTTLS, a failed handshake and a certificate without the host's name.
 AUTH (`sasl_password_maps`): credentials by the peer's host name, then by the next hop as written, looked up
 before connecting (LocalProblem 4.3.0 when a table cannot answer); used only when the peer offers AUTH, PLAIN
 else LOGIN. Without TLS and with `sasl_tls_required` the password is not sent: 4.7.0 "SASL authentication
@@ -58,7 +60,7 @@ import base64
 import logging
 import ssl
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NoReturn
 
 from mailflow.config import SmtpConfig
 from mailflow.dns import Resolver, is_ip_literal
@@ -74,8 +76,8 @@ from mailflow.transports.smtp.tls import (
     TlsPolicy,
     TlsUnavailable,
     certificate_matches,
-    certificate_names,
     der_names,
+    mismatch_error,
     without_dane,
 )
 from mailflow.transports.smtp.trouble import (
@@ -92,7 +94,8 @@ log = logging.getLogger("mailflow.smtp")
 GREETING = "receiving the initial server greeting"
 STARTTLS = "receiving the STARTTLS response"
 AUTH = "performing the AUTH handshake"
-HANDSHAKE_FAILURE = "Cannot start TLS: handshake failure"  # Postfix's status text (smtp_proto.c)
+HANDSHAKE_FAILURE = "Cannot start TLS: handshake failure"  # Postfix's status texts (smtp_proto.c)
+NOT_VERIFIED = "Server certificate not verified"
 
 
 async def open_session(peer: Peer, timeout: float, clock: Callable[[], float]) -> Session:
@@ -254,8 +257,7 @@ class SmtpHandshake:
         try:
             await session.start_tls(context, None if is_ip_literal(peer.host) else peer.host, timeout)
         except ssl.SSLCertVerificationError as e:
-            raise SiteFailure("4.7.5", f"Server certificate not trusted: host {peer.name}: {e.verify_message}") \
-                from None
+            _not_verified(peer, e.verify_code, e.verify_message)
         except (SiteFailure, OSError, TimeoutError) as e:
             _log_connect_error(peer, e)
             _testing(policy, queue_id, f"TLS handshake failure with host {peer.name}")
@@ -287,17 +289,13 @@ class SmtpHandshake:
     @staticmethod
     def _verify_tlsa(session: Session, policy: TlsPolicy) -> None:
         if not dane.matches(session.peercert_der, policy.tlsa):
-            raise SiteFailure("4.7.5", f"Server certificate not verified: host {session.peer.name}: no TLSA record "
-                                       f"matches its certificate ({policy.source})")
+            _not_verified(session.peer, *dane.NO_MATCH)
 
     @staticmethod
     def _verify_peer_name(session: Session, destination: Destination, policy: TlsPolicy) -> None:
-        certificate, peer = session.peercert, session.peer
-        patterns = policy.match
-        if not certificate_matches(certificate, patterns, peer.host, destination.nexthop.host):
-            names = ", ".join(sum(certificate_names(certificate), [])) or "no name"
-            raise SiteFailure("4.7.5", f"Server certificate not verified: host {peer.name} presented {names}, "
-                                       f"expected {':'.join(patterns)}")
+        peer, patterns, nexthop = session.peer, policy.match, destination.nexthop.host
+        if not certificate_matches(session.peercert, patterns, peer.host, nexthop):
+            _not_verified(peer, *mismatch_error(patterns, peer.host, nexthop))
 
     # -- AUTH
 
@@ -346,6 +344,34 @@ def _log_connect_error(peer: Peer, error: BaseException) -> None:
     log.info("SSL_connect error to %s: %s", peer.relay, reason)
     if problem:
         log.warning("TLS library problem: %s", problem)
+
+
+# tls_verify.c's words for OpenSSL's verification errors (X509_V_ERR_*) that it names itself; any other is
+# `server certificate verification failed for h[ip]:port: num=N:text`
+_CERTIFICATE_FAILURES = {
+    18: "self-signed certificate",
+    19: "untrusted issuer <unknown>", 20: "untrusted issuer <unknown>",  # (the issuer: see _not_verified)
+    26: "not designated for use as a server certificate",
+    27: "not trusted by local or TLSA policy",
+}
+_SERVER_CERTIFICATE_FAILURES = {9: "certificate not yet valid", 13: "certificate not yet valid",
+                                10: "certificate has expired", 14: "certificate has expired"}
+
+
+def _not_verified(peer: Peer, code: int, text: str) -> NoReturn:
+    """A certificate that a verifying level (verify, secure, DANE) refuses, by OpenSSL's error `code` and `text`:
+    logged as Postfix's tls_verify.c logs it at any smtp_tls_loglevel (`certificate verification failed for
+    h[ip]:port: untrusted issuer …`, `server certificate verification failed for h[ip]:port: num=62:hostname
+    mismatch`), then SiteFailure 4.7.5 "Server certificate not verified", Postfix's status text. Python's ssl
+    module gives neither the certificate of a failed handshake nor the depth of the error: an untrusted issuer is
+    `<unknown>` (Postfix's word for an issuer it cannot name), and a failure is the server certificate's."""
+    if code in _CERTIFICATE_FAILURES:
+        log.info("certificate verification failed for %s: %s", peer.relay, _CERTIFICATE_FAILURES[code])
+    elif code in _SERVER_CERTIFICATE_FAILURES:
+        log.info("server certificate verification failed for %s: %s", peer.relay, _SERVER_CERTIFICATE_FAILURES[code])
+    else:
+        log.info("server certificate verification failed for %s: num=%d:%s", peer.relay, code, text)
+    raise SiteFailure("4.7.5", NOT_VERIFIED)
 
 
 def _log_established(session: Session, *, verified: bool) -> None:

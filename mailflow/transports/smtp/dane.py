@@ -10,6 +10,8 @@ validated them, say which certificate it must present.
                                                  the certificate checked against them), or what is left without
     matches(certificate_der, records) -> bool    the certificate matches a DANE-EE record (names and dates are not
                                                  checked, RFC 7672 3.1.1)
+    NO_MATCH                                     (65, "No matching DANE TLSA records"): OpenSSL's error for a
+                                                 certificate that matches none, as Postfix logs it
 
 What decides, per peer (Postfix's order):
 - the MX RRset was not DNSSEC-validated (`mx_secure` False), or the TLSA answer carried no AD bit: no DANE.
@@ -79,6 +81,9 @@ def _selected(certificate: x509.Certificate, selector: int) -> bytes:
         return certificate.public_bytes(serialization.Encoding.DER)
     return certificate.public_key().public_bytes(serialization.Encoding.DER,
                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+NO_MATCH = (65, "No matching DANE TLSA records")  # X509_V_ERR_DANE_NO_MATCH and its text
 
 
 def matches(certificate_der: bytes, records: tuple[Tlsa, ...]) -> bool:

@@ -12,6 +12,8 @@ except reading the CA and client certificate files, once, when a context is firs
     certificate_names(peercert) -> (dns, ip)    the names a certificate carries (SAN, else the CN)
     der_names(der) -> [dns]                     the DNS names of a DER certificate (one that was not verified)
     certificate_matches(peercert, patterns, hostname, nexthop) -> bool
+    mismatch_error(patterns, hostname, nexthop) -> (62, "hostname mismatch") or (64, "IP address mismatch")
+                                                the OpenSSL error Postfix logs for a certificate without the name
 
 Levels (increasing, Postfix's order): none, may (unverified, plaintext on a failed handshake), dane (DANE when the
 peer has usable DNSSEC-validated TLSA records, else may: see smtp.dane), encrypt (TLS required, unverified),
@@ -191,24 +193,44 @@ def certificate_matches(peercert: dict, patterns: tuple[str, ...], hostname: str
     """Does the certificate carry a name the patterns accept? `hostname` is the MX host (or the [host]),
     `nexthop` the next-hop domain before any MX lookup."""
     dns, ips = certificate_names(peercert)
-    for pattern in patterns:
-        if pattern == "hostname":
-            wanted, suffix = hostname, False
-        elif pattern == "nexthop":
-            wanted, suffix = nexthop, False
-        elif pattern == "dot-nexthop":
-            wanted, suffix = nexthop, True
-        elif pattern.startswith("."):
-            wanted, suffix = pattern[1:], True
-        else:
-            wanted, suffix = pattern, False
-        wanted = normal(wanted)
+    for wanted, suffix in _wanted_names(patterns, hostname, nexthop):
         if is_ip_literal(wanted):
             if not suffix and any(same_ip(wanted, ip) for ip in ips):
                 return True
         elif any(name_matches(name, wanted, suffix) for name in dns):
             return True
     return False
+
+
+HOSTNAME_MISMATCH = (62, "hostname mismatch")  # X509_V_ERR_HOSTNAME_MISMATCH and its text
+IP_ADDRESS_MISMATCH = (64, "IP address mismatch")  # X509_V_ERR_IP_ADDRESS_MISMATCH
+
+
+def mismatch_error(patterns: tuple[str, ...], hostname: str, nexthop: str) -> tuple[int, str]:
+    """OpenSSL's verification error for a certificate that `certificate_matches` refused, as Postfix (whose
+    names OpenSSL checks) logs it: X509_V_ERR_IP_ADDRESS_MISMATCH when every name asked for is an IP address,
+    else X509_V_ERR_HOSTNAME_MISMATCH."""
+    if all(is_ip_literal(wanted) for wanted, _ in _wanted_names(patterns, hostname, nexthop)):
+        return IP_ADDRESS_MISMATCH
+    return HOSTNAME_MISMATCH
+
+
+def _wanted_names(patterns: tuple[str, ...], hostname: str, nexthop: str) -> list[tuple[str, bool]]:
+    """(name, subdomains only) for each match pattern."""
+    wanted = []
+    for pattern in patterns:
+        if pattern == "hostname":
+            name, suffix = hostname, False
+        elif pattern == "nexthop":
+            name, suffix = nexthop, False
+        elif pattern == "dot-nexthop":
+            name, suffix = nexthop, True
+        elif pattern.startswith("."):
+            name, suffix = pattern[1:], True
+        else:
+            name, suffix = pattern, False
+        wanted.append((normal(name), suffix))
+    return wanted
 
 
 def name_matches(cert_name: str, wanted: str, subdomains: bool) -> bool:
