@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 
 import pytest
 
@@ -100,3 +101,19 @@ async def test_a_handshake_completing_after_the_end_is_closed(server):
     late = LateTransport()
     session.connection_made(late)  # as asyncio's TLS protocol would call it
     assert late.closed
+
+
+async def test_letting_go_keeps_the_end_of_session_lines(server, caplog):
+    """The lines written as the session ends still name where it was (content bytes) and the client."""
+    caplog.set_level(logging.INFO)
+    mf = await server()
+    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    await client.envelope()
+    assert (await client.cmd("DATA")).code == 354
+    await client.send(b"Subject: cut\r\n")
+    await asyncio.sleep(0.1)  # the 14 bytes are read before the connection goes
+    client.writer.close()
+    await sessions_over(mf)
+    lines = [r.getMessage() for r in caplog.records]
+    assert "lost connection after DATA (14 bytes) from localhost[127.0.0.1]" in lines
+    assert any(line.startswith("disconnect from localhost[127.0.0.1] ehlo=1 mail=1 rcpt=1 data=0/1") for line in lines)

@@ -100,10 +100,9 @@ class SessionLog:
 
     def ended(self) -> None:
         client = self._client()
+        if self.connected and self.lines.active:
+            if not self.server_hung_up and "quit" not in self.counts and not self._message_ended:
+                self.lines.lost_connection(self._after(), client)
+            self.lines.disconnect(client, self.counts)
         self._client = lambda: client  # the session is over: its name stays, the session is not held
         self._content = None
-        if not self.connected or not self.lines.active:
-            return
-        if not self.server_hung_up and "quit" not in self.counts and not self._message_ended:
-            self.lines.lost_connection(self._after(), client)
-        self.lines.disconnect(client, self.counts)
