@@ -25,11 +25,11 @@ What it owns
 - `SmtpdLog`: smtpd's session events, in Postfix smtpd's words: `connect from host[ip]`, `disconnect from
   host[ip] ehlo=1 mail=1 … commands=N`, `NOQUEUE: reject: RCPT from host[ip]: 554 5.7.1 …; from=<s> to=<r>
   proto=ESMTP helo=<h>` (`hold:`, `discard:`, `redirect:`, `bcc:`, `filter:`, `warn:`, `info:` alike),
-  `Anonymous TLS connection established from …`, `SSL_accept error from host[ip]: Connection timed out` (and its
-  other reasons), `warning: host[ip]: SASL PLAIN authentication failed: …` (and
-  `… authentication aborted`), `too many errors after CMD from …`, `improper command pipelining after CMD from
-  …: <input>` (the input as Postfix's escape(3) writes it: `\\r\\n`), `warning: Illegal address syntax from …
-  in CMD command: …`.
+  `Anonymous TLS connection established from …` (asked for from tls_loglevel 1 only), `SSL_accept error from
+  host[ip]: Connection timed out` (and its other reasons), `warning: host[ip]: SASL PLAIN authentication failed:
+  …` (and `… authentication aborted`), `too many errors after CMD from …`, `improper command pipelining after
+  CMD from …: <input>` (the input as Postfix's escape(3) writes it: `\\r\\n`), `warning: Illegal address syntax
+  from … in CMD command: …`.
 - `setup_logging(log_config, hostname)`: `[log] format = "text"` writes syslog-style lines,
   `TIMESTAMP HOST SYSLOG_NAME/SERVICE[PID]: [warning: ]TEXT` (RFC 3339 time, `syslog_name` default
   "postfix-mailflow", the service being the stage: smtpd, cleanup, qmgr, smtp, local, pipe, pickup, master…);

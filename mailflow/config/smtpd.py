@@ -72,6 +72,9 @@ class SmtpdConfig(SmtpdFilterSettings):
     # The TLS handshake (after STARTTLS, or first on a submissions listener) must end within this, whatever
     # `timeout` is (smtpd_starttls_timeout); past it the connection is closed without a word.
     starttls_timeout: Duration = Field(300.0, gt=0)
+    # What is logged of each TLS session (smtpd_tls_loglevel): 0 its failures only (`SSL_accept error from ...`),
+    # 1 and above also the summary line (`Anonymous TLS connection established from ...`); nothing more from 2 on.
+    tls_loglevel: int = Field(0, ge=0, le=4)
     # AUTH PLAIN/LOGIN over TLS (smtpd_sasl_auth_enable) against sasl_user_maps (`user scrypt-hash`, made by
     # `mailflow auth hash-password`); sasl_auth_required: MAIL needs AUTH (530 5.7.0).
     sasl_auth_enable: bool = False

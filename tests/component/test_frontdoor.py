@@ -567,6 +567,33 @@ async def test_a_client_refused_for_want_of_a_slot_holds_no_connection_count_in_
     for _, writer in silent:
         writer.close()
 
+async def test_the_tls_summary_line_follows_the_listener_s_tls_loglevel(mailflow_server, pki, users, caplog):
+    """Postfix's smtpd_tls_loglevel, which a master.cf service may override: 0 (the default) writes no line for a
+    handshake that went well, 1 tls_misc.c's summary; a failed handshake is logged at either."""
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    _, cert, ctx = pki
+    mf = await mailflow_server(**door(cert, users, {"address": "127.0.0.1:0", "overrides": {"tls_loglevel": 1}}))
+    tls_lines = []
+    for _, port in mf.smtp_addresses:
+        start = len(caplog.records)
+        good = await SmtpClient.connect(port)
+        await ehlo(good)
+        await good.starttls(ctx)
+        await ehlo(good)
+        await good.close()
+        failed = await SmtpClient.connect(port)
+        await ehlo(failed)
+        assert (await failed.cmd("STARTTLS")).code == 220
+        await failed.send(b"not a TLS ClientHello" * 10)
+        assert await failed.closed()
+        await failed.close()
+        await sessions_over(mf)
+        tls_lines.append([r.getMessage().partition(": TLSv1")[0] for r in caplog.records[start:]
+                          if "TLS connection established" in r.getMessage() or "SSL_accept" in r.getMessage()])
+    assert tls_lines == [[f"SSL_accept error from {LOOPBACK_CLIENT}: -1"],
+                         [f"Anonymous TLS connection established from {LOOPBACK_CLIENT}",
+                          f"SSL_accept error from {LOOPBACK_CLIENT}: -1"]]
+
 
 def limit_warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records

@@ -544,7 +544,7 @@ async def test_a_connection_limit_on_an_implicit_tls_port_refuses_over_tls_as_a_
         pf_log = [line.split("]: ", 1)[1].removeprefix("warning: ") for line in pf.maillog[probe:].splitlines()
                   if "smtpd[" in line]
     mf = await mailflow_server(mynetworks=[NETWORKS], smtpd={
-        "tls_cert_file": cert, "sasl_user_maps": [users],
+        "tls_cert_file": cert, "sasl_user_maps": [users], "tls_loglevel": 1,
         "listeners": [{"address": "127.0.0.1:0", "role": "submissions",
                        "overrides": {"client_connection_count_limit": 1}}]})
     mailflow = await refused_over_tls(mf.smtpd.address_of("submissions")[1], ctx)

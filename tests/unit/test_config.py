@@ -143,6 +143,11 @@ def test_unknown_key_names_file_key_and_reason(tmp_path, text, key):
     ("[address_verify]\nrelayhost = '/'\n", "address_verify.relayhost", "is not a host name or an IP address"),
     ("[dns]\nnameservers = ['resolver.example']\n", "dns.nameservers", "is not a name server (ip, ip:port"),
     ("[dns]\nnameservers = ['127.0.0.1:0']\n", "dns.nameservers", "is not a name server"),
+    # Postfix's TLS log levels are 0 to 4 (its 5 to 9 are 4 again)
+    ("[smtpd]\ntls_loglevel = 5\n", "smtpd.tls_loglevel", "less than or equal to 4"),
+    ("[smtpd]\n[[smtpd.listeners]]\naddress = '127.0.0.1:2526'\noverrides = { tls_loglevel = -1 }\n", "smtpd",
+     "listener 0 (127.0.0.1:2526, mta): overrides.tls_loglevel: Input should be greater than or equal to 0"),
+    ("[smtp]\ntls_loglevel = 5\n", "smtp.tls_loglevel", "less than or equal to 4"),
 ])
 def test_bad_value_names_file_key_and_reason(tmp_path, text, key, words):
     path = write(tmp_path, text)

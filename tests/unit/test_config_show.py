@@ -16,6 +16,7 @@ def test_defaults_view_lists_every_setting_and_reads_back_as_the_defaults():
     assert config_from_dict(as_toml(lines)) == Config()
     assert 'smtpd.listen = ["127.0.0.1:2525"]' in lines
     assert "queue.maximal_queue_lifetime = 432000" in lines
+    assert "smtpd.tls_loglevel = 0" in lines and "smtp.tls_loglevel = 0" in lines
 
 
 def test_changed_view_shows_only_what_differs_from_the_defaults():

@@ -11,8 +11,9 @@ What it owns
   within `starttls_timeout` (Postfix's smtpd_starttls_timeout), whatever the command `timeout` is: that deadline
   waits meanwhile, and no reply is volunteered into the handshake (`_may_reply`: a timeout's or a stop's 421 would
   reach the client in plaintext); past it the connection is closed without a word, as Postfix does. The TLS
-  line of the log (`log_tls`: "Anonymous TLS connection established from host[ip]: TLSv1.3 with cipher ..."),
-  and for a failed handshake Postfix's "SSL_accept error from host[ip]: Connection timed out" (`lost
+  line of the log (`log_tls`: "Anonymous TLS connection established from host[ip]: TLSv1.3 with cipher ...")
+  with `tls_loglevel` 1 or more (Postfix's smtpd_tls_loglevel; 0 by default, as Postfix's), and for a failed
+  handshake, at any level, Postfix's "SSL_accept error from host[ip]: Connection timed out" (`lost
   connection`; `-1` and "warning: TLS library problem: ..."), the STARTTLS then counted as failed.
 - AUTH (RFC 4954) PLAIN and LOGIN, with or without an initial response, checked by the listener's
   `auth.Authenticator` (`sasl`; None: AUTH is not enabled; its back end is mailflow's user tables or Dovecot's
@@ -89,9 +90,11 @@ class SecureCommands(FrontEndCommands):
 
     def __init__(self, handler, *, sasl: Authenticator | None = None, sender_logins: SenderLogins | None = None,
                  auth_required: bool = False, auth_require_tls: bool = True,
-                 starttls_timeout: float = DEFAULTS.smtpd.starttls_timeout, **kwargs):
+                 starttls_timeout: float = DEFAULTS.smtpd.starttls_timeout,
+                 tls_loglevel: int = DEFAULTS.smtpd.tls_loglevel, **kwargs):
         super().__init__(handler, **kwargs)
         self._starttls_timeout = starttls_timeout
+        self._tls_loglevel = tls_loglevel
         self._sasl = sasl
         self._sender_logins = sender_logins
         self._login_required = auth_required
@@ -189,11 +192,12 @@ class SecureCommands(FrontEndCommands):
             raise ConnectionResetError("the client left during the TLS handshake")
 
     def log_tls(self) -> ssl.SSLObject | None:
-        """`Anonymous TLS connection established from host[ip]: TLSv1.3 with cipher … (256/256 bits)`; the
-        connection's SSL object (None without TLS)."""
+        """The connection's SSL object (None without TLS), logged from tls_loglevel 1 on (tls_misc.c's summary,
+        as smtpd_tls_loglevel 1 writes it): `Anonymous TLS connection established from host[ip]: TLSv1.3 with
+        cipher … (256/256 bits)`."""
         ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
-        if ssl_object is None:
-            return None
+        if ssl_object is None or self._tls_loglevel < 1:
+            return ssl_object
         name, version, bits = ssl_object.cipher() or ("", "", 0)
         self.record.lines.tls_established(self.session.client, ssl_object.version() or version, name, bits or 0)
         return ssl_object

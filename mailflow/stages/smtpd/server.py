@@ -344,6 +344,7 @@ class Smtpd:
             auth_required=smtpd.sasl_auth_required,
             auth_require_tls=listener.role != "submissions",  # there the whole connection is TLS
             starttls_timeout=smtpd.starttls_timeout,
+            tls_loglevel=smtpd.tls_loglevel,
             observer=self._observer,
         )
 
