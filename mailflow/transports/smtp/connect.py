@@ -8,8 +8,10 @@ and for SMTP STARTTLS as the TLS policy asks and AUTH with the relay's credentia
     await hello(session, helo_name, timeout, lmtp=False, queue_id="")
                                 EHLO (HELO after a refused EHLO but 421), or LHLO; sets
                                 `session.extensions` (a server that offers SMTPUTF8 but not 8BITMIME is taken as
-                                offering both, as Postfix does, logged with `queue_id`); after a refusal, QUIT (as
-                                Postfix says it) and close
+                                offering both, as Postfix does, logged as smtp_proto.c logs it: `host h[ip] offers
+                                SMTPUTF8 support, but not 8BITMIME`, no queue id: a session may serve several
+                                messages); `queue_id` names the message in the session's other lines; after a
+                                refusal, QUIT (as Postfix says it) and close
         a refused greeting, EHLO, HELO or LHLO: SiteFailure "host h[ip] refused to talk to me: 554 ..." (class 4;
         a 5xx to EHLO/HELO/LHLO, or a code neither 2xx, 4xx nor 5xx anywhere, greeting included, is `hard`: the
         mail bounces with it, 5.5.0 for an odd code, no other peer is tried, as with Postfix)
@@ -139,7 +141,7 @@ async def hello(session: Session, helo_name: str, timeout: float, *, lmtp: bool 
         raise refused_to_talk(session.peer, reply)
     extensions = Extensions.from_reply(reply)
     if extensions.smtputf8_without_8bitmime():  # Postfix: "Our primary mission is to deliver mail"
-        log.info("%s: host %s offers SMTPUTF8 support, but not 8BITMIME", queue_id, session.peer.name)
+        log.info("host %s offers SMTPUTF8 support, but not 8BITMIME", session.peer.name)  # (no queue id: Postfix's)
         extensions = extensions.with_8bitmime()
     session.extensions = extensions
 
