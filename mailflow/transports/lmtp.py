@@ -34,7 +34,9 @@ What each recipient gets, beyond smtp's (2xx SENT, 4xx DEFERRED, 5xx BOUNCED, wi
 
 `relay` is `host[ip]:port` (TCP) or `helo_name[/path]` (UNIX socket), "none" when no connection was made.
 Log lines besides the results, as Postfix's lmtp: `connect to h[ip]:port: Connection refused` (no queue id; none for
-a UNIX socket), and `QID: reason` for an address that failed when another one is tried after it.
+a UNIX socket), and `QID: reason` for an address that failed when another one is tried after it. These and the
+lines of the core an LMTP session writes (`QID: non-LMTP response from h[ip]:port: …`, `host h[ip] offers SMTPUTF8
+support, but not 8BITMIME`) go to the `mailflow.lmtp` logger, so the log names them `lmtp`, as Postfix's lmtp(8).
 """
 from __future__ import annotations
 

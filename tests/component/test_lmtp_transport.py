@@ -18,11 +18,13 @@ from aiosmtpd.lmtp import LMTP
 from mailflow.config import LmtpConfig, config_from_dict
 from mailflow.content import Content
 from mailflow.errors import ConfigError
+from mailflow.logs import SyslogFormatter
 from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports.lmtp import LmtpTransport
 from mailflow.transports.smtp.addr import Nexthop, Peer, parse_nexthop
 
 from tests.support import big_message, free_port, spooled
+from tests.support.peers import garbling_lmtp
 
 HELO = "mx.mailflow.test"
 CONTENT = (
@@ -462,6 +464,21 @@ async def test_an_address_that_failed_before_another_is_tried_is_logged_with_the
         refusing.close()
     assert outcomes(report) == [("b@example.test", Outcome.SENT, "2.0.0")]
     assert client_lines(caplog) == ["Q1: host lmtp.test[127.0.0.2] refused to talk to me: 554 5.3.2 no service today"]
+
+
+async def test_the_lines_an_lmtp_session_writes_through_the_smtp_core_are_lmtp_s(caplog):
+    """The lines the SMTP client's core writes for an LMTP session are named `lmtp` in the log, as Postfix's lmtp(8)
+    writes them (a private Postfix 3.7.11 through this server: `postfix/lmtp[pid]: host 127.0.0.1[127.0.0.1] offers
+    SMTPUTF8 support, but not 8BITMIME`, `postfix/lmtp[pid]: warning: QID: non-LMTP response from
+    127.0.0.1[127.0.0.1]:port: hello, this is not LMTP`); none under `smtp`."""
+    with caplog.at_level(logging.INFO, "mailflow"):
+        report, port = await deliver_to_script(garbling_lmtp)
+    assert outcomes(report) == [("b@example.test", Outcome.SENT, "2.0.0")]
+    syslog = SyslogFormatter("mx.mailflow.test", "postfix-mailflow", pid=7)
+    assert [syslog.format(r).split(" ", 2)[2] for r in caplog.records] == [
+        "postfix-mailflow/lmtp[7]: host 127.0.0.1[127.0.0.1] offers SMTPUTF8 support, but not 8BITMIME",
+        f"postfix-mailflow/lmtp[7]: warning: Q1: non-LMTP response from 127.0.0.1[127.0.0.1]:{port}: hello, this is "
+        f"not LMTP"]
 
 
 async def test_a_5xx_to_lhlo_bounces_with_the_reply_naming_the_peer():

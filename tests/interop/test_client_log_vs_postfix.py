@@ -1,14 +1,20 @@
 """Differential test of the SMTP and LMTP clients' own log lines, those beside each recipient's result line: a
 private Postfix and mailflow, configured alike (smtp_tls_loglevel and mailflow's smtp.tls_loglevel at their
 default, 0), each relay one message per destination to the same peers on loopback, and must write the same lines
-and end each recipient alike (status, enhanced code, text).
+and end each recipient alike (status, enhanced code, text). Each line is compared with the service the log names
+(Postfix's smtp(8) or lmtp(8)).
 
 Compared: a refused connection (smtp and lmtp: `connect to h[ip]:port: Connection refused`, alone, no queue id), a
 refused LMTP greeting (no line but the result), certificates that a `verify` policy refuses (an unknown CA, a
 certificate without the IP address or host name asked for: tls_verify.c's `certificate verification failed for …`
-lines, the mail deferred `Server certificate not verified`), and sessions that went well at levels verify and may
-(no line at log level 0). Postfix names the issuer that it did not trust; mailflow cannot (Python's ssl module gives
-no certificate of a failed handshake) and writes `<unknown>`, Postfix's word for an issuer it cannot name.
+lines, the mail deferred `Server certificate not verified`), sessions that went well at levels verify and may (no
+line at log level 0), and an LMTP server that offers SMTPUTF8 without 8BITMIME and sends a line that is no reply
+(lines of the client core that an LMTP session writes, named `lmtp` as Postfix's: `host h[ip] offers SMTPUTF8
+support, but not 8BITMIME`, `warning: QID: non-LMTP response from h[ip]:port: …`; Postfix's next line, `warning: to
+prevent loss of mail, turn off command pipelining for 127.0.0.1 with the lmtp_discard_lhlo_keyword_address_maps
+parameter`, names a setting mailflow does not have and is left out). Postfix names the issuer that it did not
+trust; mailflow cannot (Python's ssl module gives no certificate of a failed handshake) and writes `<unknown>`,
+Postfix's word for an issuer it cannot name.
 """
 from __future__ import annotations
 
@@ -23,13 +29,15 @@ import trustme
 from mailflow.dns import StaticResolver
 from mailflow.logs import service_of
 from tests.support import eventually, postfix_instance, send
+from tests.support.peers import garbling_lmtp
 from tests.support.ports import free_port
 
 pytestmark = pytest.mark.interop
 
 RESULT = re.compile(r"to=<([^>]*)>, (?:orig_to=<[^>]*>, )?relay=([^,]*), .*?dsn=([0-9.]+), status=(\w+) \((.*)\)$")
-QUEUE_ID = re.compile(r"^[0-9A-Za-z]+: ")
+QUEUE_ID = re.compile(r"^((?:smtp|lmtp): (?:warning: )?)[0-9A-Za-z]+: ")
 ISSUER = re.compile(r"(: untrusted issuer ).*")
+HELPFUL_WARNING = re.compile(r"^lmtp: warning: to prevent loss of mail, turn off command pipelining for ")
 CLIENT_LOGGERS = ("mailflow.smtp", "mailflow.lmtp")
 
 
@@ -53,12 +61,15 @@ def results(lines: list[str]) -> dict[str, tuple[str, str, str, str]]:
 
 def client_lines(lines: list[str]) -> list[str]:
     """The lines that are not results, queue ids as QID, sorted."""
-    return sorted(QUEUE_ID.sub("QID: ", line) for line in lines if not RESULT.search(line))
+    return sorted(QUEUE_ID.sub(r"\1QID: ", line) for line in lines if not RESULT.search(line))
 
 
 def postfix_client_lines(maillog: str) -> list[str]:
-    """Postfix's smtp(8) and lmtp(8) lines, without the syslog prefix."""
-    return [line.split("]: ", 1)[1] for line in maillog.splitlines() if re.search(r"/(smtp|lmtp)\[", line)]
+    """Postfix's smtp(8) and lmtp(8) lines as `service: text` (`lmtp: warning: …`), without the helpful warning
+    mailflow has no setting for."""
+    lines = [f"{m.group(1)}: {m.group(2)}" for line in maillog.splitlines()
+             if (m := re.search(r"/(smtp|lmtp)\[\d+\]: (.*)", line))]
+    return [line for line in lines if not HELPFUL_WARNING.match(line)]
 
 
 async def test_the_clients_lines_are_postfix_s(mailflow_server, smtp_peer, tmp_path, caplog):
@@ -71,11 +82,14 @@ async def test_the_clients_lines_are_postfix_s(mailflow_server, smtp_peer, tmp_p
     other_name = await smtp_peer(tls_context=tls_context(ca, "other.test"))
     opportunistic = await smtp_peer(tls_context=tls_context(trustme.CA(), "peer.test"))
     refusing = await asyncio.start_server(refuse_to_talk, "127.0.0.1", 0)
+    garbling = await asyncio.start_server(garbling_lmtp, "127.0.0.1", 0)
+    garbled = f"127.0.0.1[127.0.0.1]:{garbling.sockets[0].getsockname()[1]}"
     closed = free_port()
     routes = {  # destination -> (transport, next hop, TLS policy)
         "refused": ("smtp", f"[127.0.0.1]:{closed}", ""),
         "lmtp-refused": ("lmtp", f"[127.0.0.1]:{closed}", ""),
         "lmtp-421": ("lmtp", f"[127.0.0.1]:{refusing.sockets[0].getsockname()[1]}", ""),
+        "lmtp-garbled": ("lmtp", f"[127.0.0.1]:{garbled.rpartition(':')[2]}", ""),
         "verified": ("smtp", f"[127.0.0.1]:{good.port}", "verify"),
         "unknown-ca": ("smtp", f"[127.0.0.1]:{unknown_ca.port}", "verify"),
         "ip-mismatch": ("smtp", f"[127.0.0.1]:{other_name.port}", "verify"),
@@ -87,6 +101,7 @@ async def test_the_clients_lines_are_postfix_s(mailflow_server, smtp_peer, tmp_p
         mailflow = await relay_with_mailflow(mailflow_server, routes, str(ca_file), caplog)
     finally:
         refusing.close()
+        garbling.close()
     assert results(mailflow) == results(postfix)
     assert client_lines(mailflow) == client_lines([ISSUER.sub(r"\1<unknown>", line) for line in postfix])
     # Postfix's own, so that a change on both sides cannot pass unnoticed
@@ -98,15 +113,18 @@ async def test_the_clients_lines_are_postfix_s(mailflow_server, smtp_peer, tmp_p
         "a@unknown-ca.test": ("4.7.5", "deferred", "Server certificate not verified"),
         "a@ip-mismatch.test": ("4.7.5", "deferred", "Server certificate not verified"),
         "a@name-mismatch.test": ("4.7.5", "deferred", "Server certificate not verified")}
-    untrusted = f"certificate verification failed for 127.0.0.1[127.0.0.1]:{unknown_ca.port}: untrusted issuer "
+    untrusted = (f"smtp: certificate verification failed for 127.0.0.1[127.0.0.1]:{unknown_ca.port}: "
+                 "untrusted issuer ")
     [issuer] = [line.removeprefix(untrusted) for line in postfix if line.startswith(untrusted)]
     assert issuer.startswith("/O=trustme")  # (X509_NAME_oneline)
     assert client_lines(postfix) == sorted([
-        refused, refused, untrusted + issuer,
-        f"server certificate verification failed for 127.0.0.1[127.0.0.1]:{other_name.port}: "
+        f"smtp: {refused}", f"lmtp: {refused}", untrusted + issuer,
+        f"smtp: server certificate verification failed for 127.0.0.1[127.0.0.1]:{other_name.port}: "
         f"num=64:IP address mismatch",
-        f"server certificate verification failed for localhost[127.0.0.1]:{other_name.port}: "
-        f"num=62:hostname mismatch"])
+        f"smtp: server certificate verification failed for localhost[127.0.0.1]:{other_name.port}: "
+        f"num=62:hostname mismatch",
+        "lmtp: host 127.0.0.1[127.0.0.1] offers SMTPUTF8 support, but not 8BITMIME",
+        f"lmtp: warning: QID: non-LMTP response from {garbled}: hello, this is not LMTP"])
 
 
 Routes = dict[str, tuple[str, str, str]]
@@ -156,5 +174,6 @@ async def relay_with_mailflow(mailflow_server, routes: Routes, ca_file: str, cap
 
 
 def mailflow_lines(caplog) -> list[str]:
-    """The lines the log attributes to smtp and lmtp, as Postfix's to smtp(8) and lmtp(8)."""
-    return [r.getMessage() for r in caplog.records if service_of(r) in ("smtp", "lmtp")]
+    """The lines the log attributes to smtp and lmtp, as Postfix's to smtp(8) and lmtp(8): `service: text`."""
+    return [f"{service_of(r)}: {'warning: ' * (r.levelno == logging.WARNING)}{r.getMessage()}"
+            for r in caplog.records if service_of(r) in ("smtp", "lmtp")]

@@ -6,6 +6,8 @@
 - `stall_mail(peer)`: the peer holds each MAIL until the returned event is set (a slow destination);
   `peer.handler.stalled` counts the MAIL commands that waited.
 - `record_senders(peer)`: the list of the senders of every MAIL the peer gets, messages or not (address probes).
+- `garbling_lmtp(reader, writer)`: an `asyncio.start_server` LMTP server that offers PIPELINING and SMTPUTF8
+  without 8BITMIME and puts a line that is no reply before its answer to MAIL (the LMTP client's own log lines).
 - `ZoneAuthority(zone_text, servfail=())`: a dnslib resolver answering authoritatively from zone text (started by
   the `dns_zone` fixture): NODATA for a name in the zone without records of the asked type, NXDOMAIN for a name
   not in it, SERVFAIL for the names in `servfail`; a CNAME is followed as a recursive resolver follows it.
@@ -17,6 +19,25 @@ from dataclasses import dataclass, field
 
 from dnslib import QTYPE, RCODE, RR
 from dnslib.server import BaseResolver
+
+
+async def garbling_lmtp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An LMTP server that offers PIPELINING and SMTPUTF8 without 8BITMIME, and puts a line that is no reply
+    before its answer to MAIL; one recipient a message."""
+    replies = {b"LHLO": b"250-lmtp.test\r\n250-PIPELINING\r\n250-ENHANCEDSTATUSCODES\r\n250 SMTPUTF8\r\n",
+               b"MAIL": b"hello, this is not LMTP\r\n250 2.1.0 Ok\r\n", b"RCPT": b"250 2.1.5 Ok\r\n",
+               b"DATA": b"354 go on\r\n", b"QUIT": b"221 2.0.0 Bye\r\n"}
+    writer.write(b"220 lmtp.test LMTP\r\n")
+    in_data = False
+    while line := await reader.readline():
+        if in_data:
+            in_data = line != b".\r\n"
+            writer.write(b"" if in_data else b"250 2.0.0 Ok: delivered\r\n")
+            continue
+        verb = line[:4].upper()
+        writer.write(replies.get(verb, b"250 2.0.0 Ok\r\n"))
+        in_data = verb == b"DATA"
+    writer.close()
 
 
 @dataclass

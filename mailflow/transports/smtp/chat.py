@@ -26,6 +26,8 @@ over it; every I/O problem becomes a `SiteFailure` naming the peer and what was 
       .alive .idle_clean .aborted .uses .transaction_open .opened
       .garbled           a reply had garbage in it: the session is not cached (Postfix's DONT_CACHE_THIS_SESSION)
       .queue_id .dialect the message the session is busy with and "ESMTP" or "LMTP", for its log lines
+      .log               the logger of its lines: the dialect's service (CLIENT_LOGS), so that syslog names an
+                         LMTP session's lines `lmtp`, as Postfix's lmtp(8) writes them, and an SMTP one's `smtp`
       .quit() .abort()                                polite and impolite ends; both idempotent
 
 `quit` sends QUIT and closes without waiting for the reply (Postfix smtp_skip_quit_response and
@@ -47,7 +49,9 @@ from mailflow.transports.smtp.commands import Extensions
 from mailflow.transports.smtp.reply import MalformedReply, Reply, ReplyParser
 from mailflow.transports.smtp.trouble import stream_failure
 
-log = logging.getLogger("mailflow.smtp")
+# The logger of a session's lines by its dialect: the service the log names (logs.service_of), Postfix's smtp(8) or
+# lmtp(8), whose lines these are when it speaks it
+CLIENT_LOGS = {"ESMTP": logging.getLogger("mailflow.smtp"), "LMTP": logging.getLogger("mailflow.lmtp")}
 
 READ_AHEAD = 64  # complete replies waiting to be read before reading pauses
 JOIN_LIMIT = 16384  # send_many joins pieces smaller than this; a bigger one is written as it is (not copied)
@@ -203,6 +207,12 @@ class Session:
         self._transport: asyncio.Transport = wire.transport
 
     @property
+    def log(self) -> logging.Logger:
+        """The logger of this session's lines (its dialect's: set by connect.hello, before any line can be
+        written)."""
+        return CLIENT_LOGS[self.dialect]
+
+    @property
     def alive(self) -> bool:
         return not self.aborted and not self._transport.is_closing() and not self._wire.failed
 
@@ -287,11 +297,11 @@ class Session:
         if not self.extensions.supports("pipelining"):
             return
         for line in reply.garbage:
-            log.warning("%s: non-%s response from %s: %s", self.queue_id, self.dialect, self.peer.relay,
+            self.log.warning("%s: non-%s response from %s: %s", self.queue_id, self.dialect, self.peer.relay,
                         printable(line[:100]))
         unkept = reply.garbage_count - len(reply.garbage)
         if unkept:
-            log.warning("%s: %d more non-%s response lines from %s", self.queue_id, unkept, self.dialect,
+            self.log.warning("%s: %d more non-%s response lines from %s", self.queue_id, unkept, self.dialect,
                         self.peer.relay)
 
     async def command(self, line: bytes, timeout: float, activity: str) -> Reply:

@@ -141,7 +141,7 @@ async def hello(session: Session, helo_name: str, timeout: float, *, lmtp: bool 
         raise refused_to_talk(session.peer, reply)
     extensions = Extensions.from_reply(reply)
     if extensions.smtputf8_without_8bitmime():  # Postfix: "Our primary mission is to deliver mail"
-        log.info("host %s offers SMTPUTF8 support, but not 8BITMIME", session.peer.name)  # (no queue id: Postfix's)
+        session.log.info("host %s offers SMTPUTF8 support, but not 8BITMIME", session.peer.name)  # (no queue id)
         extensions = extensions.with_8bitmime()
     session.extensions = extensions
 

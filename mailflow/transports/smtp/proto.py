@@ -27,7 +27,6 @@ Limits: MAIL, each RCPT and DATA `command`; the content and the reply (each repl
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 
 from mailflow.content import CHUNK, Content
@@ -42,8 +41,6 @@ from mailflow.transports.smtp.trouble import (
     reply_results,
     unexpected_reply_results,
 )
-
-log = logging.getLogger("mailflow.smtp")
 
 # What Postfix says it was doing when the connection broke, by the command that was waiting.
 MAIL = "sending MAIL FROM"
@@ -92,7 +89,8 @@ async def _transaction(
     peer, extensions = session.peer, session.extensions
     encoders, body = content_encoding(extensions, request)
     if encoders:
-        log.debug("%s: %s lacks 8BITMIME or SMTPUTF8: content converted to 7 bit", request.queue_id, peer.relay)
+        session.log.debug("%s: %s lacks 8BITMIME or SMTPUTF8: content converted to 7 bit", request.queue_id,
+                          peer.relay)
     rcpts = [rcpt_command(r, extensions) for r in recipients]
     pipelining = extensions.supports("pipelining")
     mail = mail_command(request, extensions, body, converted=bool(encoders))
@@ -185,7 +183,7 @@ async def reset(session: Session, timeout: float) -> bool:
         session.send(b"RSET" + CRLF, "sending RSET")
         reply = await session.reply(timeout, "sending RSET")
     except SiteFailure as e:
-        log.debug("RSET to %s: %s", session.peer.relay, e.text)
+        session.log.debug("RSET to %s: %s", session.peer.relay, e.text)
         return False
     session.transaction_open = not reply.positive
     return reply.positive
