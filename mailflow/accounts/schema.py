@@ -26,13 +26,17 @@ The maps (`MAPS`: name -> what a key finds), each a Postfix-style table keyed by
     lookup(conn, map, key) -> str | None          key as the tables give it (lower case)
 
 Failure behaviour: `connect` and `lookup` raise sqlite3.Error (a missing file included: read-only opening does not
-create one); the callers say what it means to their user.
+create one), `connect` OSError for a file that is not a regular file; the callers say what it means to their user.
 """
 from __future__ import annotations
 
+import os
 import sqlite3
+import sys
 import urllib.parse
 from pathlib import Path
+
+from mailflow.files import check_regular_file
 
 SCHEMA_VERSION = 1
 
@@ -92,7 +96,10 @@ _SENDERS = ("SELECT login FROM sender_login WHERE sender = ?1 "
 
 def connect(path: Path | str, *, readonly: bool, timeout: float) -> sqlite3.Connection:
     """A connection to the database at `path`; `readonly` never creates nor changes it. `timeout`: seconds to
-    wait for a writer's lock."""
+    wait for a writer's lock. Raises OSError (RefusedFile) for a file that is there but not a regular file: SQLite
+    would wait at open() on a FIFO for ever."""
+    if os.path.lexists(path):
+        check_regular_file(path, sys.maxsize)
     mode = "ro" if readonly else "rwc"
     uri = f"file:{urllib.parse.quote(str(path))}?mode={mode}"
     conn = sqlite3.connect(uri, uri=True, timeout=timeout, check_same_thread=False, isolation_level=None)

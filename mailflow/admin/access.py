@@ -18,7 +18,7 @@ The checks, in order, for every request but OPEN_PATHS (the health probes, which
   listener's own origin: else 415 or 403.
 
 Failure behaviour: `read_tokens` raises ConfigError(path, "admin.token_file", reason) for a file that cannot be
-read, has no token, or a token shorter than MIN_TOKEN characters.
+read (one that is not a regular file included: mailflow.files), has no token, or a token shorter than MIN_TOKEN characters.
 """
 from __future__ import annotations
 
@@ -26,12 +26,12 @@ import hashlib
 import hmac
 import ipaddress
 import json
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from mailflow.errors import ConfigError
+from mailflow.files import TEXT_LIMIT, read_regular_file
 
 MIN_TOKEN = 16  # characters: a token an attacker cannot guess by trying
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
@@ -44,7 +44,7 @@ def read_tokens(path: str) -> dict[str, str]:
     """The tokens of a token file by name (see the module docstring)."""
     key = "admin.token_file"
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_regular_file(path, TEXT_LIMIT).decode("utf-8")
     except OSError as e:
         raise ConfigError(path, key, f"cannot read: {e.strerror}") from None
     except UnicodeDecodeError:

@@ -7,8 +7,9 @@
 
 Failure behaviour: a missing or unreadable file, bad TOML or a bad value raise `ConfigError(file, key, reason)`
 with the dotted key of the first problem ("smtpd.listen", "pipe.x.argv[0]") and a count of the others. A file
-larger than MAX_FILE_BYTES (a device such as /dev/zero included), one that is not UTF-8 or starts with a byte order
-mark, and nesting deeper than MAX_DEPTH (no setting is; Python's recursion would give out) are refused as such.
+that is not a regular file (a FIFO, a device such as /dev/zero: mailflow.files) or is larger than MAX_FILE_BYTES,
+one that is not UTF-8 or starts with a byte order mark, and nesting deeper than MAX_DEPTH (no setting is; Python's
+recursion would give out) are refused as such.
 Before validation, a NUL character is refused in any value (a path with it cannot be opened), and a line break or any
 other control character but TAB in any value except a pipe command's arguments (a banner, a HELO name or an
 address with one would inject a line into SMTP or into a header; Postfix's main.cf cannot express one).
@@ -25,6 +26,7 @@ from mailflow.config.base import validation_key, validation_reason
 from mailflow.config.main import Config
 from mailflow.config.paths import resolve_paths
 from mailflow.errors import ConfigError
+from mailflow.files import FileTooLarge, read_regular_file
 
 
 def load_config(path: str | Path | None = None) -> Config:
@@ -43,15 +45,13 @@ MAX_DEPTH = 32  # tables and arrays within each other; the deepest setting (a li
 
 def _read(path: str | Path, name: str) -> bytes:
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_FILE_BYTES + 1)
+        return read_regular_file(path, MAX_FILE_BYTES)
     except FileNotFoundError:
         raise ConfigError(name, "", "no such file") from None
-    except OSError as e:
+    except FileTooLarge:
+        raise ConfigError(name, "", f"larger than {MAX_FILE_BYTES >> 20} MB: not a configuration file") from None
+    except OSError as e:  # RefusedFile too: "is a FIFO, not a regular file"
         raise ConfigError(name, "", f"cannot read: {e.strerror}") from None
-    if len(raw) > MAX_FILE_BYTES:
-        raise ConfigError(name, "", f"larger than {MAX_FILE_BYTES >> 20} MB: not a configuration file")
-    return raw
 
 
 def _parse(raw: bytes, name: str) -> dict:

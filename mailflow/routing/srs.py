@@ -26,6 +26,7 @@ from typing import Callable
 
 from mailflow.address import normalise_domain
 from mailflow.errors import ConfigError
+from mailflow.files import TEXT_LIMIT, read_regular_file
 
 BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 DAY = 86400
@@ -118,8 +119,8 @@ def srs_from_config(config) -> Srs | None:
     if not srs.enabled:
         return None
     try:
-        with open(srs.secret_file, "rb") as f:
-            secrets = tuple(line.strip() for line in f.read().splitlines() if line.strip())
+        data = read_regular_file(srs.secret_file, TEXT_LIMIT)
+        secrets = tuple(line.strip() for line in data.splitlines() if line.strip())
     except OSError as e:
         raise ConfigError(srs.secret_file, "srs.secret_file", f"cannot read: {e.strerror}") from None
     if not secrets:

@@ -16,7 +16,8 @@
 Lines: `#` starts a comment, blank lines are skipped, the key and the value are separated by white space. A key
 file path that is relative is taken from the KeyTable's directory; a third field that is not a path is the key
 itself (PEM or base64), as OpenDKIM allows.
-Failure behaviour: a table or key file that cannot be read or parsed raises `ConfigError(file, setting, reason)`
+Failure behaviour: a table or key file that cannot be read (one that is not a regular file, a FIFO or /dev/zero,
+included: mailflow.files) or parsed raises `ConfigError(file, setting, reason)`
 at load time (the server does not start with a signing setup it cannot use); a From address no entry matches
 gives None (the message is not signed).
 """
@@ -33,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from mailflow.config import ArcConfig, DkimConfig, opendkim_dataset
 from mailflow.errors import ConfigError
+from mailflow.files import TABLE_LIMIT, TEXT_LIMIT, read_regular_file
 
 RSA = "rsa-sha256"
 ED25519 = "ed25519-sha256"
@@ -83,7 +85,7 @@ def load_private_key(data: bytes) -> tuple[str, bytes, bytes]:
 
 def _entries(path: str, setting: str) -> list[tuple[str, str]]:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_regular_file(path, TABLE_LIMIT).decode("utf-8")
     except (OSError, UnicodeError) as e:
         raise ConfigError(path, setting, f"cannot read: {getattr(e, 'strerror', None) or e}") from None
     out = []
@@ -138,7 +140,7 @@ class KeyTable:
         try:
             if source.startswith(("/", "./", "../")):
                 where = str(Path(self._path).parent / source)
-                data = Path(where).read_bytes()
+                data = read_regular_file(where, TEXT_LIMIT)
             else:
                 data = source.encode("ascii")
             return load_private_key(data)

@@ -9,7 +9,8 @@
   file is in aliases(5) format (`name: value, value`, mailflow.aliases), as alias_maps files are.
   `TexthashTable.load()` reads the file now (TableCache.preload calls it off the loop).
 
-Failure behaviour: a missing or unreadable file, or a malformed line, makes the whole table fail with
+Failure behaviour: a missing or unreadable file, one that is not a regular file (a FIFO, /dev/zero) or is larger
+than mailflow.files.TABLE_LIMIT, or a malformed line, makes the whole table fail with
 `LookupRetry` naming file:line until fixed: a half-read table would answer wrongly.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Callable, Generic, TypeVar
 
 from mailflow.aliases import AliasSyntaxError, format_target, parse_aliases
 from mailflow.errors import LookupRetry
+from mailflow.files import TABLE_LIMIT, read_regular_file
 
 RELOAD_INTERVAL = 1.0
 
@@ -86,10 +88,9 @@ class Reloading(Generic[T]):
             st = os.stat(self._path)
             if previous is not None and previous[2] is None and _signature(st) == previous[1]:
                 return previous
-            with open(self._path, encoding="utf-8") as f:
-                signature = _signature(os.fstat(f.fileno()))
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
+            signature = _signature(st)  # (a change after this stat is seen at the next check)
+            text = read_regular_file(self._path, TABLE_LIMIT).decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:  # RefusedFile too: a FIFO or /dev/zero named as a table
             return None, None, f"table {self._name}: cannot read {self._path}: {getattr(e, 'strerror', None) or e}"
         try:
             return self._parse(text), signature, None

@@ -7,18 +7,21 @@ SQLITE_TIMEOUT, as ldap_table(5)'s timeout): a query still running (or waiting f
 Callers on the event loop ask through `TableCache.run`, which moves the lookup to a worker thread.
 
 Failure behaviour: a bad .cf raises `ConfigError(cf file, key, reason)` when the table is opened; a database
-error or a query past its deadline raises `LookupRetry` naming the table.
+error, a database file that is not a regular file (a FIFO would hold SQLite at open) or a query past its
+deadline raises `LookupRetry` naming the table.
 """
 from __future__ import annotations
 
 import re
 import sqlite3
+import sys
 import threading
 import time
 import urllib.parse
 from pathlib import Path
 
 from mailflow.errors import ConfigError, LookupRetry
+from mailflow.files import TEXT_LIMIT, check_regular_file, read_regular_file
 from mailflow.tables.base import resolve_path
 from mailflow.tables.files import logical_lines
 
@@ -74,6 +77,10 @@ class SqliteTable:
     def _connection(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
+            try:  # SQLite would wait at open() on a FIFO for ever, and a device is no database
+                check_regular_file(self._db, sys.maxsize)
+            except OSError as e:
+                raise LookupRetry(f"table {self.name}: database {self._db}: {e.strerror}") from None
             uri = f"file:{urllib.parse.quote(str(self._db))}?mode=ro"
             conn = sqlite3.connect(uri, uri=True, timeout=self.timeout, check_same_thread=False)
             conn.set_progress_handler(self._late, _PROGRESS_STEPS)
@@ -105,7 +112,7 @@ def _timeout(cf: Path, value: str | None) -> float:
 
 def _read_cf(name: str, cf: Path) -> dict[str, str]:
     try:
-        text = cf.read_text(encoding="utf-8")
+        text = read_regular_file(cf, TEXT_LIMIT).decode("utf-8")
         lines = logical_lines(text)
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(str(cf), "", f"cannot read sqlite table config: {getattr(e, 'strerror', None) or e}")

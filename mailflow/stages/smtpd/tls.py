@@ -6,16 +6,15 @@ What it owns
   reads the files again into new ServerTls objects (server.Smtpd.reconfigure): new sessions get them, sessions
   already in TLS keep theirs.
 
-Failure behaviour: a missing, unreadable or mismatched file raises `TlsError` naming the file, at start (so
+Failure behaviour: a missing, unreadable or mismatched file, or one that is not a regular file, raises `TlsError` naming the file, at start (so
 `mailflow serve` refuses to start) and at a reload (the reload is refused; the contexts in use stay). Client
 certificates are not requested.
 """
 from __future__ import annotations
 
 import ssl
-from pathlib import Path
-
 from mailflow.errors import ConfigError
+from mailflow.files import TEXT_LIMIT, check_regular_file
 
 
 class TlsError(ConfigError):
@@ -29,12 +28,12 @@ class TlsError(ConfigError):
 def build_context(cert_file: str, key_file: str = "") -> ssl.SSLContext:
     """A server context with the chain and key, TLS 1.2 or newer, no client certificate requested."""
     for path in filter(None, (cert_file, key_file)):
-        try:
-            regular = Path(path).is_file()
-        except OSError as e:  # a directory on the way not searchable, a name too long
+        try:  # OpenSSL opens it by name: a FIFO would hold the start (or a reload) at open() for ever
+            check_regular_file(path, TEXT_LIMIT)
+        except FileNotFoundError:
+            raise TlsError(f"{path}: no such certificate or key file") from None
+        except OSError as e:  # RefusedFile ("is a FIFO, not a regular file"), a directory on the way not searchable
             raise TlsError(f"{path}: cannot read ({e.strerror})") from None
-        if not regular:
-            raise TlsError(f"{path}: no such certificate or key file")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.verify_mode = ssl.CERT_NONE

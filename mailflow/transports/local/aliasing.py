@@ -66,6 +66,7 @@ from mailflow import address
 from mailflow.aliases import (AddressTarget, AliasSyntaxError, CommandTarget, FileTarget, IncludeTarget,
                               MailboxTarget, Target, parse_forward, parse_include, parse_value)
 from mailflow.errors import TemporaryError
+from mailflow.files import FileTooLarge, read_regular_file
 from mailflow.model import AddressClass
 from mailflow.tables import split_extension
 from mailflow.transports.local.asuser import call_as, rights_for
@@ -116,18 +117,18 @@ Leaf = Union[Mailbox, Forward, Command, File, Refused]
 
 
 def read_small_file(path: Path) -> str | None:
-    """The file's text, None when it does not exist. Raises TemporaryError when it cannot be read, or when it is
-    larger than SMALL_FILE_LIMIT (a .forward naming :include:/dev/zero must not fill memory)."""
+    """The file's text, None when it does not exist. Raises TemporaryError when it cannot be read, is not a regular
+    file (a .forward naming :include: of a FIFO must not hold the delivery, nor :include:/dev/zero fill memory) or
+    is larger than SMALL_FILE_LIMIT."""
     try:
-        with path.open(encoding="utf-8") as f:
-            text = f.read(SMALL_FILE_LIMIT + 1)
+        data = read_regular_file(path, SMALL_FILE_LIMIT)
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError) as e:
-        raise TemporaryError("4.3.0", f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-    if len(text) > SMALL_FILE_LIMIT:
-        raise TemporaryError("4.3.0", f"cannot read {path}: larger than {SMALL_FILE_LIMIT} bytes")
-    return text
+    except FileTooLarge:
+        raise TemporaryError("4.3.0", f"cannot read {path}: larger than {SMALL_FILE_LIMIT} bytes") from None
+    except OSError as e:  # RefusedFile: "is a FIFO, not a regular file"
+        raise TemporaryError("4.3.0", f"cannot read {path}: {e.strerror}") from None
+    return _small_text(path, data)
 
 
 def read_small_file_as(path: Path, user: str) -> str | None:
@@ -147,12 +148,10 @@ def _small_text(path: Path, data: bytes) -> str:
 
 
 def _file_or_nothing(path: Path) -> bytes:
-    """"F" and the file's bytes, "N" when there is no such file."""
-    try:
-        with path.open("rb") as f:
-            return b"F" + f.read(SMALL_FILE_LIMIT + 1)
-    except FileNotFoundError:
-        return b"N"
+    """"F" and the file's text (as `read_small_file` gives it, in UTF-8), "N" when there is no such file; raises
+    TemporaryError as it does (asuser.call_as carries it to the parent)."""
+    text = read_small_file(path)
+    return b"N" if text is None else b"F" + text.encode("utf-8")
 
 
 def read_forward(path: Path, owners: tuple[int, ...], single_link: bool = False) -> bytes:

@@ -35,6 +35,7 @@ import h11
 
 from mailflow.dns import NotFound, Resolver
 from mailflow.errors import DeliveryError, LookupRetry
+from mailflow.files import TEXT_LIMIT, check_regular_file
 
 log = logging.getLogger("mailflow.smtp")
 
@@ -115,6 +116,8 @@ class HttpsPolicyFetcher:
         """Built on first use (the CA file is read then); an unreadable one is a FetchError, not a failed start."""
         if self._context is None:
             try:
+                if self._ca_file:
+                    check_regular_file(self._ca_file, TEXT_LIMIT)  # OpenSSL opens it by name: not a FIFO
                 self._context = ssl.create_default_context(cafile=self._ca_file or None)
             except (OSError, ssl.SSLError) as e:
                 raise FetchError(f"cannot load the trust anchors {self._ca_file}: {e}") from None

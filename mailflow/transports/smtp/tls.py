@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from mailflow.dns import Tlsa, is_ip_literal
+from mailflow.files import TEXT_LIMIT, check_regular_file
 
 LEVELS = ("none", "may", "dane", "encrypt", "dane-only", "verify", "secure")
 DANE_LEVELS = ("dane", "dane-only")
@@ -148,6 +149,8 @@ class TlsContexts:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False
         try:
+            for path in filter(None, (self._ca_file if verifying else "", self._cert_file, self._key_file)):
+                check_regular_file(path, TEXT_LIMIT)  # OpenSSL opens them by name: a FIFO would hold the loop
             if verifying:
                 context.verify_mode = ssl.CERT_REQUIRED
                 if self._ca_file:
