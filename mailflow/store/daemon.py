@@ -12,6 +12,9 @@ Contract
 - `due(now, limit)`: up to `limit` messages due, new and deferred mail alternating, with their pending
   recipients, the recorded results whose notice is still owed and their client attributes; in the same reader
   hop, the content of the small ones, which `content()` hands out once each for a message `claim()` then took.
+  A message whose rows hold values of the wrong kind (edited by hand: `arrival = 'x'`, an unknown recipient
+  status) comes with stand-in values and `damage` saying what is wrong (store/damage.py): qmgr moves it to the
+  corrupt queue instead of delivering it.
 - `claim(ids, now)` is an atomic taking of messages: only rows still incoming, or deferred and due, become
   `active`; it returns the ids it took.
 - `take(now, limit)` is qmgr's scan: `due(now, limit)` and the claim of all of it, in one writer transaction
@@ -48,7 +51,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import operator
 import sqlite3
 from pathlib import Path
 from typing import Sequence
@@ -58,6 +60,7 @@ from mailflow.content import MEMORY_LIMIT, Content, Spool
 from mailflow.model import (ClientAttributes, Delivered, NewMessage, Outcome, QueuedMessage, QueueId, RcptResult,
                             Recipient)
 from mailflow.store.contents import CLIENT_COLUMNS, content_of, insert_ops, row_content, storable, sweep
+from mailflow.store.damage import checked, sort_time
 from mailflow.store.engine import (BUSY_TIMEOUT, CONTENT_DIRECTORY, MAX_VARS, BatchLoader, GroupCommitter, Op,
                                    Reader, Writer, chunks, marks, remove_ops)
 from mailflow.store.operator import OperatorQueries
@@ -233,7 +236,8 @@ class Store(OperatorQueries):
 
     async def next_due_time(self) -> float | None:
         rows = await self._reader.fetchall("SELECT min(next_attempt) FROM message WHERE queue = 'deferred'")
-        return rows[0][0] if rows else None
+        earliest = sort_time(rows[0][0]) if rows and rows[0][0] is not None else None
+        return earliest if earliest != float("inf") else None  # (only damaged rows: text sorts after numbers)
 
     async def content(self, queue_id: QueueId) -> Content | None:
         """The message content; None if the row or its file is missing (a corrupt entry). Read with `due()`
@@ -331,12 +335,22 @@ LEFT JOIN content c ON m.size <= :scan_size AND m.scanned <= :budget AND c.messa
 """
 
 
-_SCAN_ORDER = operator.itemgetter(_SIDE_AT, _SIDE_AT + 1, 0)  # (side, next_attempt, id) of a DUE row
+_MESSAGE_KINDS = (("id", "text"), ("sender", "text"), ("arrival", "time"), ("size", "size"), ("smtputf8", "flag"),
+                  ("body_type", "text"), ("attempts", "count"), ("envid", "text"), ("ret", "text"), ("warned", "flag"),
+                  ("filter", "text"), ("from_logged", "flag"), *((name, "text") for name in CLIENT_COLUMNS))
+_RECIPIENT_KINDS = (("idx", "count"), ("address", "text"), ("original", "text"), ("notify", "text"),
+                    ("orcpt", "text"), ("status", "status"), ("dsn", "text"), ("reason", "text"), ("relay", "text"),
+                    ("relayed", "flag"))
+
+
+def _scan_order(row: tuple) -> tuple:
+    """(side, next_attempt, id) of a DUE row; a next_attempt that is no time (a damaged row) sorts last."""
+    return row[_SIDE_AT], sort_time(row[_SIDE_AT + 1]), row[0]
 
 
 def _due_order(rows: list[tuple], limit: int) -> list[tuple]:
     """DUE rows as due() hands them out: new and deferred mail alternating, each oldest first, `limit` at most."""
-    rows.sort(key=_SCAN_ORDER)
+    rows.sort(key=_scan_order)
     fresh = [row for row in rows if row[_SIDE_AT] == 0]
     return _alternate(fresh, rows[len(fresh):])[:limit]
 
@@ -361,15 +375,23 @@ def _decoded(rows: list[tuple]) -> tuple[list[QueuedMessage], dict[QueueId, Cont
 
 
 def _due_message(row: tuple) -> QueuedMessage:
-    """A row of DUE as a message: its pending recipients, and the recorded results whose notice is owed."""
+    """A row of DUE as a message: its pending recipients, and the recorded results whose notice is owed; with
+    `damage` (and stand-ins) when a value is not of its kind."""
     pending: list[Recipient] = []
     owed: list[RcptResult] = []
-    for fields in sorted(json.loads(row[_RECIPIENTS_AT])):  # by idx
-        if fields[5] == "pending":
+    values, damage = checked(row[:_RECIPIENTS_AT], _MESSAGE_KINDS)
+    problems = [damage] if damage else []
+    for fields in json.loads(row[_RECIPIENTS_AT]):
+        fields, damage = checked(fields, _RECIPIENT_KINDS)
+        if damage:
+            problems.append(f"recipient {fields[0]}: {damage}")
+        elif fields[5] == "pending":
             pending.append(Recipient(*fields[:5]))
         else:
             owed.append(_recorded_result(fields))
-    return _queued_message(row[:_RECIPIENTS_AT], pending, owed, row[_NRCPT_AT])
+    pending.sort(key=lambda r: r.index)
+    owed.sort(key=lambda r: r.recipient.index)
+    return _queued_message(values, pending, owed, row[_NRCPT_AT], "; ".join(problems))
 
 
 def _deferral_ops(done: Delivered, results: Sequence[RcptResult]) -> list[Op]:
@@ -417,11 +439,12 @@ def _record_op(queue_id: QueueId, rows: Sequence[tuple[RcptResult, bool]]) -> Op
              for r, owed in rows])
 
 
-def _queued_message(row: tuple, recipients, owed, nrcpt: int) -> QueuedMessage:
+def _queued_message(row: Sequence, recipients, owed, nrcpt: int, damage: str = "") -> QueuedMessage:
     qid, sender, arrival, size, utf8, body_type, attempts, envid, ret, warned, content_filter, from_logged = row[:12]
     return QueuedMessage(qid, sender, arrival, size, bool(utf8), body_type, attempts, tuple(recipients),
                          envid=envid, ret=ret, warned=bool(warned), owed=tuple(owed), content_filter=content_filter,
-                         client_attributes=ClientAttributes(*row[12:]), from_logged=bool(from_logged), nrcpt=nrcpt)
+                         client_attributes=ClientAttributes(*row[12:]), from_logged=bool(from_logged), nrcpt=nrcpt,
+                         damage=damage)
 
 
 def _alternate(first: list, second: list) -> list:

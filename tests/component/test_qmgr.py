@@ -266,6 +266,36 @@ async def test_missing_content_moves_the_message_to_corrupt(h):
     assert [addr for addr, *_ in await h.store.recipients(qid)] == ["b@remote.test"]  # kept for inspection
 
 
+@pytest.mark.parametrize("damage, said", [
+    ("UPDATE message SET arrival = 'x' WHERE id = :qid", "arrival is 'x', not a time"),
+    ("UPDATE message SET size = -5, next_attempt = 'y' WHERE id = :qid",  # (a text next_attempt: taken last)
+     "size is -5, not a size"),
+    ("UPDATE recipient SET status = 'odd', notice = 1 WHERE message_id = :qid",
+     "recipient 0: status is 'odd', not pending, sent or bounced"),
+], ids=["arrival", "size-and-next-attempt", "recipient-status"])
+async def test_a_message_with_damaged_queue_rows_goes_to_corrupt_and_the_others_are_delivered(h, caplog, damage,
+                                                                                            said):
+    """A row edited by hand (values of the wrong kind) neither stops qmgr's loop nor the other deliveries: the
+    message is moved to the corrupt queue with a warning naming it and what is wrong (Postfix's qmgr saves a
+    queue file it cannot read in `corrupt`)."""
+    caplog.set_level(logging.INFO, logger="mailflow.mail")
+    await h.open_store()
+    before = await h.queue("a@remote.test", wake=False)
+    bad = await h.queue("b@remote.test", wake=False)
+    after = await h.queue("c@remote.test", wake=False)
+    with sqlite3.connect(h.tmp_path / "queue.db") as db:
+        db.execute("PRAGMA ignore_check_constraints = 1")  # (the schema's CHECK keeps out an unknown status)
+        db.execute(damage, {"qid": bad})
+    await h.start()
+    await eventually(lambda: _is(h, {"corrupt": 1}))
+    assert sorted(req.queue_id for req in h.smtp.requests) == [before, after]
+    assert f"{bad}: moved to the corrupt queue: damaged queue row: {said}" in caplog.text
+    assert f"{bad}: damaged queue row: {said}" in caplog.text
+    h.clock.advance(3600)
+    await qmgr_turn(h.qmgr, h.clock)  # the loop goes on: a later scan neither retries it nor stops
+    assert await h.counts() == {"corrupt": 1} and len(h.smtp.requests) == 2
+
+
 # ---------------------------------------------------------------------------------------------- concurrency
 
 

@@ -68,7 +68,9 @@ The loop
 Failure behaviour
 - A resolver or transport that raises, a content read error, a recipient the agent does not report on:
   that recipient is deferred (4.3.0), never lost. Unknown transport: deferred 4.3.0 "mail transport
-  unavailable" with a warning naming it, as Postfix. Missing content: the message goes to the corrupt queue.
+  unavailable" with a warning naming it, as Postfix. Missing content: the message goes to the corrupt queue; so does
+  a message whose queue rows hold values of the wrong kind (edited by hand: `QueuedMessage.damage`), with a
+  warning naming it and what is wrong, as Postfix's qmgr saves a queue file it cannot read; the others go on.
 - A message an operator holds or deletes while it is active: its jobs not yet started are dropped at the
   next tick (held: its recipients stay pending; deleted: nothing is recorded or logged, as the queue tool
   logged postsuper's `removed`); one in flight finishes. A held message is never expired nor warned about at
@@ -417,12 +419,22 @@ class QueueManager:
                 if start:
                     await asyncio.sleep(0)
                 for message in taken[start:start + ADMIT_SLICE]:
-                    self._log_opened(message)
-                    self._admit(message, now)
+                    if message.damage:
+                        self._spawn(self._set_aside(message))
+                    else:
+                        self._log_opened(message)
+                        self._admit(message, now)
                     self._admitting -= 1
                 self._pump()
         finally:
             self._admitting = 0
+
+    async def _set_aside(self, message: QueuedMessage) -> None:
+        """A message with damaged queue rows is not delivered: its values are stand-ins. To the corrupt queue."""
+        qid = message.queue_id
+        log.warning("%s: damaged queue row: %s", qid, message.damage)
+        await self._writes.run(lambda: self._store.mark_corrupt([qid]), f"{qid}: moving to the corrupt queue")
+        self._log.corrupt(qid, f"damaged queue row: {message.damage}")
 
     def _log_opened(self, message: QueuedMessage) -> None:
         """qmgr's `from=` line each time a message enters the active queue, as Postfix's opened() (a retry, a
