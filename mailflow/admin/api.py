@@ -7,7 +7,8 @@ the selections, the actions, the layouts' JSON) on the running server's store. d
     GET  /readyz                       200 "ready" once the store is open and smtpd listens; else 503 naming what
     GET  /metrics                      Prometheus text format (mailflow.metrics)
     GET  /api/summary                  version, host name, readiness, messages per queue
-    GET  /api/queue                    messages (as `mailflow queue list --json`): ?queue=incoming,deferred|all
+    GET  /api/queue                    messages (as `mailflow queue list --json`, a damaged one marked
+                                       "damaged"): ?queue=incoming,deferred|all
                                        &ids=A,B&from=&to_domain=&older_than=1h&after=ID&limit=100 (at most
                                        1000); {"messages": [...], "next": ID of the last one when more may follow}
     GET  /api/queue/shape              qshape (as `mailflow queue shape --json`; by default the incoming, active

@@ -15,7 +15,10 @@ logs.tool_mail_log); a log file that cannot be opened is a warning on stderr, an
 Failure behaviour: a queue database error (say, locked by another process for longer than the store's busy
 timeout) is one line on stderr and exit 1; a command line that does not say which messages exits 2; a token
 that is no queue id is a warning and is skipped (postsuper's way; for `show` it exits 2); an unknown queue id
-for `show` exits 1; no queue database exits 1 naming the path; `mailq | head` closing the pipe is not an error.
+for `show` exits 1; no queue database exits 1 naming the path; `mailq | head` closing the pipe is not an error. A
+damaged message (a row of it holding values of the wrong kind: `arrival = 'x'`, a negative size, an unknown status)
+is listed or shown with the rest, marked, with a warning on stderr naming its queue id and what is wrong, once per
+message; the command then exits 1 (as a listing that could not read everything).
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import typer
 
 from mailflow.cli.common import ConfigOption, JsonOption, fail, load
 from mailflow.config import Config
-from mailflow.logs import POSTSUPER, MailLog, tool_mail_log
+from mailflow.logs import POSTSUPER, MailLog, printable, tool_mail_log
 
 IdsArgument = typer.Argument(None, metavar="QUEUE_ID|ALL|-",
                              help="queue ids, ALL, or - to read ids from standard input")
@@ -62,8 +65,9 @@ def _fail(command: str, message: str, code: int) -> NoReturn:
     fail(f"mailflow queue {command}", message, code)
 
 
-def _tools(command: str, cfg: Config, work) -> None:
-    """Open the configured queue database, run `work(store)` on a fresh loop, close the store."""
+def _tools(command: str, cfg: Config, work):
+    """Open the configured queue database, run `work(store)` on a fresh loop, close the store; what work returned
+    (None when the reader of the output went away)."""
     from mailflow.store import Store
 
     db = Path(cfg.queue_path) / "queue.db"
@@ -78,7 +82,7 @@ def _tools(command: str, cfg: Config, work) -> None:
             await store.close()
 
     try:
-        asyncio.run(run())
+        return asyncio.run(run())
     except BrokenPipeError:  # `mailflow mailq | head`: the reader has gone; that is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except sqlite3.Error as e:  # locked longer than the busy timeout, damaged, unreadable: a line, no traceback
@@ -119,18 +123,38 @@ def list_queue(command, ids, config, as_json, queue, sender, to_domain, older_th
     if as_json and postqueue_json:
         _fail(command, "give --json or -j, not both", 2)
 
+    damaged = _DamageWarnings(command)
+
     async def work(store):
         now = time.time()
         if as_json or postqueue_json:
             write = qt.write_list_json if as_json else qt.write_postqueue_json
-            await write(store, sys.stdout, queues, selection, now)
+            await write(store, sys.stdout, queues, selection, now, warn=damaged.warn)
             return
-        await qt.write_mailq(store, sys.stdout, queues, selection, now)
+        await qt.write_mailq(store, sys.stdout, queues, selection, now, warn=damaged.warn)
         corrupt = (await store.counts()).get("corrupt", 0) if "corrupt" not in queues else 0
         if corrupt:
             typer.echo(f"mailflow: {qt.plural(corrupt, 'corrupt message')} not shown (--queue corrupt)", err=True)
 
     _tools(command, load(config), work)
+    damaged.exit_if_any()
+
+
+class _DamageWarnings:
+    """A warning on stderr for each damaged message a command meets; exit 1 after the output when there was one."""
+
+    def __init__(self, command: str):
+        self._command = command
+        self.count = 0
+
+    def warn(self, queue_id: str, damage: str) -> None:
+        self.count += 1
+        typer.echo(f"mailflow queue {self._command}: warning: {queue_id}: damaged queue row: {printable(damage)}"
+                   " (`mailflow queue delete` removes it)", err=True)
+
+    def exit_if_any(self) -> None:
+        if self.count:
+            raise typer.Exit(1)
 
 
 def queue_list(ids: Optional[List[str]] = IdsArgument, config: Optional[str] = ConfigOption,
@@ -162,11 +186,16 @@ def queue_show(queue_id: str = typer.Argument(..., metavar="QUEUE_ID"), config: 
     except qt.SelectionError as e:
         _fail("show", str(e), 2)
 
+    damaged = _DamageWarnings("show")
+
     async def work(store):
         detail = await store.message_detail(qid)
         if detail is None:
             _fail("show", f"{qid}: no such message in the queue", 1)
         recipients = (await store.recipients_of([qid])).get(qid, [])
+        damage = qt.damage_of(detail, recipients)
+        if damage:
+            damaged.warn(qid, damage)
         content = await store.content(qid)
         if as_json:
             qt.write_show_json(sys.stdout, detail, recipients, content, headers_only)
@@ -174,6 +203,7 @@ def queue_show(queue_id: str = typer.Argument(..., metavar="QUEUE_ID"), config: 
             qt.write_show(sys.stdout, detail, recipients, content, headers_only, time.time())
 
     _tools("show", load(config), work)
+    damaged.exit_if_any()
 
 
 def act(name: str, ids, config, sender, to_domain, older_than, *, required: bool = True, quiet: bool = False) -> None:

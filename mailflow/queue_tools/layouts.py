@@ -11,6 +11,9 @@
 Every function that reads takes the store and a text stream; only `show` reads message content. The rest are
 pure and take the store's rows (mailflow.store: MessageRow, MessageDetail, RecipientRow, ShapeCount,
 DestinationRow). Text from clients (senders, addresses, reasons, headers) goes through `printable()`.
+A damaged message (`damage_of`: a row of it whose values the store could not take, shown with stand-ins) is listed
+with the others, marked `(damaged queue row: …)` in mailq and `"damaged": "…"` in JSON; the listing writers also
+tell `warn(queue_id, damage)` of it, once per message, as Postfix's showq warns about a bad queue file.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import codecs
 import dataclasses
 import json
 import time
-from typing import IO, AsyncIterator, Iterable, Iterator, Sequence
+from typing import IO, AsyncIterator, Callable, Iterable, Iterator, Sequence
 
 from mailflow.content import Content
 from mailflow.logs import printable
@@ -32,6 +35,14 @@ MAILQ_HEADER = "----Queue ID----- --Size-- ---Arrival Time---- --Sender/Recipien
 MAILQ_SHORT_HEADER = "-Queue ID-  --Size-- ----Arrival Time---- -Sender/Recipient-------"
 SHAPE_MINUTES = (5, 10, 20, 40, 80, 160, 320, 640, 1280)  # qshape's default: -t 5 -b 10
 SHAPE_LABELS = ("T", *(str(m) for m in SHAPE_MINUTES), f"{SHAPE_MINUTES[-1]}+")
+Warn = Callable[[str, str], None]  # (queue id, what is damaged)
+
+
+def damage_of(row: MessageRow, recipients: Iterable[RecipientRow]) -> str:
+    """What is wrong with a message's rows: its own values, then each recipient's; "" when nothing is."""
+    parts = [row.damage] if row.damage else []
+    parts += [f"recipient {printable(r.address) or '?'}: {r.damage}" for r in recipients if r.damage]
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------- mailq
@@ -43,7 +54,7 @@ def mailq_time(ts: float) -> str:
     return time.strftime("%a %b ", t) + f"{t.tm_mday:2d}" + time.strftime(" %H:%M:%S", t)
 
 
-def mailq_entry(row: MessageRow, recipients: Iterable[RecipientRow]) -> list[str]:
+def mailq_entry(row: MessageRow, recipients: Sequence[RecipientRow]) -> list[str]:
     """One message in Postfix's mailq layout (postqueue's formats: `%-11s %7ld %20.20s %s` for short ids,
     `%-17s %8ld %19.19s %s` for long ones such as ours; recipients indented to the sender's column).
     `recipients`: its pending ones. They are grouped under their last reason (shown once, right-aligned like
@@ -61,8 +72,13 @@ def mailq_entry(row: MessageRow, recipients: Iterable[RecipientRow]) -> list[str
     for rcpt in recipients:
         groups.setdefault(printable(rcpt.reason), []).append(printable(rcpt.address))
     lines = [first]
+    damage = damage_of(row, recipients)
+    if damage:  # right-aligned, as the reasons are
+        text = f"damaged queue row: {printable(damage)}"
+        lines.append(f"{'':>{max(0, 76 - len(text))}}({text})")
+    above = len(lines)  # a reason line below this one: those without a reason say so
     for reason, addresses in sorted(groups.items(), key=lambda kv: not kv[0]):
-        shown = reason or ("reason unavailable" if len(lines) > 1 else "")
+        shown = reason or ("reason unavailable" if len(lines) > above else "")
         if shown:
             lines.append(f"{'':>{max(0, 76 - len(shown))}}({shown})")
         lines.extend(indent + a for a in addresses)
@@ -78,20 +94,25 @@ def mailq_footer(total_bytes: int, count: int) -> str:
     return f"-- {total_bytes // 1024} Kbytes in {count} Request{'' if count == 1 else 's'}."
 
 
-async def _entries(store, queues: Sequence[str], selection: Selection, now: float, *,
-                   pending_only: bool) -> AsyncIterator[tuple[MessageRow, Sequence[RecipientRow]]]:
+async def _entries(store, queues: Sequence[str], selection: Selection, now: float, *, pending_only: bool,
+                   warn: Warn | None) -> AsyncIterator[tuple[MessageRow, Sequence[RecipientRow]]]:
     """Each selected message with its recipients (only those still pending, with `pending_only`), a page of
-    CHUNK messages and their recipients in memory at a time."""
+    CHUNK messages and their recipients in memory at a time; `warn` told of each damaged one."""
     async for page in pages(store, queues, selection, now, ids_only=False):
         rcpts = await store.recipients_of([row.queue_id for row in page], pending_only=pending_only)
         for row in page:
-            yield row, rcpts.get(row.queue_id, ())
+            recipients = rcpts.get(row.queue_id, ())
+            damage = damage_of(row, recipients)
+            if damage and warn is not None:
+                warn(row.queue_id, damage)
+            yield row, recipients
 
 
-async def write_mailq(store, out: IO[str], queues: Sequence[str], selection: Selection, now: float) -> int:
+async def write_mailq(store, out: IO[str], queues: Sequence[str], selection: Selection, now: float,
+                      warn: Warn | None = None) -> int:
     """Stream the queue in mailq layout, one page of CHUNK messages in memory at a time. Returns the count."""
     count = total = 0
-    async for row, recipients in _entries(store, queues, selection, now, pending_only=True):
+    async for row, recipients in _entries(store, queues, selection, now, pending_only=True, warn=warn):
         out.write(mailq_header(row.queue_id) + "\n" if count == 0 else "\n")
         out.write("\n".join(mailq_entry(row, recipients)) + "\n")
         count += 1
@@ -100,37 +121,43 @@ async def write_mailq(store, out: IO[str], queues: Sequence[str], selection: Sel
     return count
 
 
-def entry_json(row: MessageRow, recipients: Iterable[RecipientRow]) -> dict:
+def entry_json(row: MessageRow, recipients: Sequence[RecipientRow]) -> dict:
     return {"id": row.queue_id, "queue": row.queue, "size": row.size, "arrival": row.arrival,
             "sender": row.sender, "attempts": row.attempts, "next_attempt": row.next_attempt,
             "recipients": [{"address": r.address, "status": r.status, "dsn": r.dsn, "reason": r.reason}
-                           for r in recipients]}
+                           for r in recipients], **_damaged(row, recipients)}
 
 
-def entry_postqueue_json(row: MessageRow, recipients: Iterable[RecipientRow]) -> dict:
+def _damaged(row: MessageRow, recipients: Iterable[RecipientRow]) -> dict:
+    damage = damage_of(row, recipients)
+    return {"damaged": damage} if damage else {}
+
+
+def entry_postqueue_json(row: MessageRow, recipients: Sequence[RecipientRow]) -> dict:
     """One message as `postqueue -j` gives it (showq_json.c): its pending recipients, `delay_reason` only when
     there is one, the null sender as MAILER-DAEMON, whole seconds. mailflow has no forced expiry."""
     return {"queue_name": row.queue, "queue_id": row.queue_id, "arrival_time": int(row.arrival),
             "message_size": row.size, "forced_expire": False, "sender": row.sender or NULL_SENDER,
             "recipients": [{"address": r.address, **({"delay_reason": r.reason} if r.reason else {})}
-                           for r in recipients]}
+                           for r in recipients], **_damaged(row, recipients)}
 
 
 async def write_postqueue_json(store, out: IO[str], queues: Sequence[str], selection: Selection,
-                               now: float) -> int:
+                               now: float, warn: Warn | None = None) -> int:
     """`postqueue -j`: one JSON object a line, a message each, streamed; nothing for an empty queue."""
     count = 0
-    async for row, recipients in _entries(store, queues, selection, now, pending_only=True):
+    async for row, recipients in _entries(store, queues, selection, now, pending_only=True, warn=warn):
         out.write(json.dumps(entry_postqueue_json(row, recipients)) + "\n")
         count += 1
     return count
 
 
-async def write_list_json(store, out: IO[str], queues: Sequence[str], selection: Selection, now: float) -> int:
+async def write_list_json(store, out: IO[str], queues: Sequence[str], selection: Selection, now: float,
+                          warn: Warn | None = None) -> int:
     """One JSON array, streamed: every recipient of each message with its status (sent ones too)."""
     count = 0
     out.write("[")
-    async for row, recipients in _entries(store, queues, selection, now, pending_only=False):
+    async for row, recipients in _entries(store, queues, selection, now, pending_only=False, warn=warn):
         out.write(("\n" if count == 0 else ",\n") + json.dumps(entry_json(row, recipients)))
         count += 1
     out.write("\n]\n" if count else "]\n")
@@ -183,19 +210,20 @@ def _texts(chunks: Iterable[bytes]) -> Iterator[str]:
         yield tail
 
 
-def _envelope(detail: MessageDetail, recipients: Iterable[RecipientRow]) -> dict:
+def _envelope(detail: MessageDetail, recipients: Sequence[RecipientRow]) -> dict:
     d = detail
-    return {"id": d.queue_id, "queue": d.queue, "size": d.size, "arrival": d.arrival, "sender": d.sender,
+    return {**_damaged(d, recipients),
+            "id": d.queue_id, "queue": d.queue, "size": d.size, "arrival": d.arrival, "sender": d.sender,
             "attempts": d.attempts, "next_attempt": d.next_attempt, "client": d.client, "envid": d.envid,
             "ret": d.ret, "smtputf8": d.smtputf8, "body_type": d.body_type, "warned": d.warned,
-            "recipients": [dataclasses.asdict(r) for r in recipients],
+            "recipients": [{k: v for k, v in dataclasses.asdict(r).items() if k != "damage"} for r in recipients],
             "headers": None, "body": None}
 
 
 _BODY_PLACE = "\x00body\x00"  # where write_show_json streams the body into its JSON
 
 
-def write_show_json(out: IO[str], detail: MessageDetail, recipients: Iterable[RecipientRow], content: Content | None,
+def write_show_json(out: IO[str], detail: MessageDetail, recipients: Sequence[RecipientRow], content: Content | None,
                     headers_only: bool) -> None:
     """The message as one JSON object (`mailflow queue show --json`), the body streamed into it."""
     shown = _envelope(detail, recipients)
@@ -214,7 +242,7 @@ def write_show_json(out: IO[str], detail: MessageDetail, recipients: Iterable[Re
     out.write(after + "\n")
 
 
-def write_show(out: IO[str], detail: MessageDetail, recipients: Iterable[RecipientRow], content: Content | None,
+def write_show(out: IO[str], detail: MessageDetail, recipients: Sequence[RecipientRow], content: Content | None,
                headers_only: bool, now: float) -> None:
     """Envelope, recipients, headers and body, in postcat's `*** … ***` sections; the body streamed."""
     d = detail
@@ -230,6 +258,7 @@ def write_show(out: IO[str], detail: MessageDetail, recipients: Iterable[Recipie
     lines = [f"*** ENVELOPE RECORDS {where} ***",
              f"queue_id:       {d.queue_id}",
              f"queue:          {d.queue}",
+             *([f"damaged:        {printable(damage_of(d, recipients))}"] if damage_of(d, recipients) else []),
              f"message_size:   {d.size}",
              f"arrival_time:   {when(d.arrival, now)}",
              f"sender:         {printable(d.sender) if d.sender else NULL_SENDER}",

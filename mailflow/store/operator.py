@@ -10,17 +10,20 @@ bumps the generation counter, so a running qmgr notices within a second. Only `s
 `OperatorQueries` is a part of `Store` (mailflow/store/daemon.py), which supplies its connections.
 - Reads, as frozen rows with named fields: `message_page` (MessageRow), `message_detail` (MessageDetail),
   `recipients_of` (RecipientRow), `shape_counts` (ShapeCount), `destination_rows` (DestinationRow); and
-  `message_ids`, `count_messages`.
+  `message_ids`, `count_messages`. A message or recipient row whose values are not of their kind (edited by hand:
+  `arrival = 'x'`, a negative size, an unknown status) comes with stand-in values and `damage` saying what is
+  wrong (store/damage.py), so that one bad row does not stop a listing; the tools warn about it.
 - Changes: `hold_messages`, `release_messages`, `requeue_messages`, `flush_messages` (also counts a flush
   request, which qmgr reads with `flush_requests`), `delete_messages` (content files go after the commit).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from mailflow.content import Content
 from mailflow.model import QueueId
+from mailflow.store.damage import checked
 from mailflow.store.engine import MAX_VARS, GroupCommitter, Op, Reader, chunks, marks, remove_ops
 
 
@@ -35,6 +38,7 @@ class MessageRow:
     sender: str  # '' is the null sender
     next_attempt: float
     attempts: int
+    damage: str = field(default="", kw_only=True)  # what is wrong with the row's values; "" when sound
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class RecipientRow:
     status: str  # pending, sent or bounced
     dsn: str  # last enhanced status code
     reason: str  # last diagnostic
+    damage: str = ""  # what is wrong with the row's values; "" when sound
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,13 @@ class DestinationRow:
 _MESSAGE_ROW = "id, queue, size, arrival, sender, next_attempt, attempts"
 _MESSAGE_DETAIL = f"{_MESSAGE_ROW}, client, envid, ret, smtputf8, body_type, warned"
 _RECIPIENT_ROW = "address, original, status, dsn, reason"
+# ... and the kind of each (store/damage.py).
+_MESSAGE_KINDS = (("id", "text"), ("queue", "queue"), ("size", "size"), ("arrival", "time"), ("sender", "text"),
+                  ("next_attempt", "time"), ("attempts", "count"))
+_DETAIL_KINDS = (*_MESSAGE_KINDS, ("client", "text"), ("envid", "text"), ("ret", "text"), ("smtputf8", "flag"),
+                 ("body_type", "text"), ("warned", "flag"))
+_RECIPIENT_KINDS = (("address", "text"), ("original", "text"), ("status", "status"), ("dsn", "text"),
+                    ("reason", "text"))
 _DESTINATION_ROW = "transport, nexthop, window, in_flight, queued, failures, dead_until, reason, updated"
 # The domain after the LAST '@' (rtrim drops every character but '@' from the right), lower-cased.
 _RCPT_DOMAIN = "lower(rtrim(replace({a}, rtrim({a}, replace({a}, '@', '')), ''), '.'))"
@@ -109,7 +121,7 @@ class OperatorQueries:
         where, params = _tool_where(queues, ids, after, sender, rcpt_domain, arrived_before)
         rows = await self._reader.fetchall(
             f"SELECT {_MESSAGE_ROW} FROM message WHERE {where} ORDER BY id LIMIT ?", (*params, limit))
-        return [MessageRow(*r) for r in rows]
+        return [_message_row(r) for r in rows]
 
     async def message_ids(self, **selection) -> list[QueueId]:
         """The ids of `message_page(**selection)`."""
@@ -123,16 +135,17 @@ class OperatorQueries:
 
     async def recipients_of(self, ids: Sequence[QueueId], *, pending_only: bool = False
                             ) -> dict[QueueId, list[RecipientRow]]:
-        """Each message's recipients (only the pending ones with `pending_only`), in envelope order; a message
-        without any is missing from the answer."""
+        """Each message's recipients (only the pending ones with `pending_only`, and any with a status no code
+        writes: damaged), in envelope order; a message without any is missing from the answer."""
         out: dict[QueueId, list[RecipientRow]] = {}
-        only = " AND status = 'pending'" if pending_only else ""
+        only = " AND status NOT IN ('sent', 'bounced')" if pending_only else ""
         for chunk in chunks(list(ids), MAX_VARS):
             rows = await self._reader.fetchall(
                 f"SELECT message_id, {_RECIPIENT_ROW} FROM recipient"
                 f" WHERE message_id IN ({marks(len(chunk))}){only} ORDER BY message_id, idx", tuple(chunk))
             for qid, *fields in rows:
-                out.setdefault(qid, []).append(RecipientRow(*fields))
+                (address, original, status, dsn, reason), damage = checked(fields, _RECIPIENT_KINDS)
+                out.setdefault(qid, []).append(RecipientRow(address, original, status, dsn, reason, damage))
         return out
 
     async def message_detail(self, queue_id: QueueId) -> MessageDetail | None:
@@ -141,9 +154,10 @@ class OperatorQueries:
                                                    (queue_id,))
         if not rows:
             return None
-        qid, queue, size, arrival, sender, next_attempt, attempts, client, envid, ret, utf8, body_type, warned = rows[0]
+        values, damage = checked(rows[0], _DETAIL_KINDS)
+        qid, queue, size, arrival, sender, next_attempt, attempts, client, envid, ret, utf8, body_type, warned = values
         return MessageDetail(qid, queue, size, arrival, sender, next_attempt, attempts, client, envid, ret,
-                             smtputf8=bool(utf8), body_type=body_type, warned=bool(warned))
+                             smtputf8=bool(utf8), body_type=body_type, warned=bool(warned), damage=damage)
 
     async def hold_messages(self, ids: Sequence[QueueId]) -> None:
         """incoming/deferred/active -> hold. An active message's delivery finishes; `record` keeps it held."""
@@ -201,6 +215,11 @@ class OperatorQueries:
         rows = await self._reader.fetchall(
             f"SELECT {_DESTINATION_ROW} FROM destination ORDER BY transport, nexthop")
         return [DestinationRow(*r) for r in rows]
+
+
+def _message_row(row: Sequence[object]) -> MessageRow:
+    values, damage = checked(row, _MESSAGE_KINDS)
+    return MessageRow(*values, damage=damage)
 
 
 def _tool_where(queues: Sequence[str], ids: Sequence[QueueId] | None, after: str, sender: str | None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 
 import aiohttp
 import pytest
@@ -248,6 +249,29 @@ async def test_queue_list_show_shape_and_refusals(mailflow_server):
     assert (await get(mf, "/api/deliveries?limit=1&limit=2"))[0] == 400
     assert (await mf.store.message_detail(qid)).queue == "deferred"
     assert (await post(mf, "/api/queue/explode", {"ids": [qid]}))[0] == 404
+
+
+async def test_a_damaged_queue_row_is_listed_and_shown_marked_among_the_others(mailflow_server):
+    """A row edited by hand (`arrival = 'x'`, a recipient status no code writes) neither fails /api/queue, the
+    message's page nor the shape (a 500 would blank the queue page): the message comes marked "damaged"."""
+    mf = await mailflow_server(admin=ADMIN, queue=HOUR, relayhost=f"[127.0.0.1]:{free_port()}")
+    sound = await submit(mf, "alice@local.test", ["carol@relay.test"], "fine")
+    bad = await submit(mf, "alice@local.test", ["dave@relay.test"], "damaged")
+    await queue_becomes(mf.store, {"deferred": 2})
+    with sqlite3.connect(mf.config.queue_path / "queue.db") as db:  # deferred for an hour: qmgr leaves it be
+        db.execute("PRAGMA ignore_check_constraints = 1")
+        db.execute("UPDATE message SET arrival = 'x' WHERE id = ?", (bad,))
+        db.execute("UPDATE recipient SET status = 'odd' WHERE message_id = ?", (bad,))
+    said = "arrival is 'x', not a time; recipient dave@relay.test: status is 'odd', not pending, sent or bounced"
+
+    status, text = await get(mf, "/api/queue")
+    assert status == 200, text
+    listed = {m["id"]: m for m in json.loads(text)["messages"]}
+    assert listed.keys() == {sound, bad} and "damaged" not in listed[sound]
+    assert listed[bad]["damaged"] == said and listed[bad]["recipients"][0]["status"] == "odd"
+    status, text = await get(mf, f"/api/queue/{bad}")
+    assert status == 200 and json.loads(text)["damaged"] == said, text
+    assert (await get(mf, "/api/queue/shape?queue=deferred"))[0] == 200
 
 
 async def test_a_message_that_leaves_the_queue_while_it_is_read(mailflow_server, monkeypatch, caplog):

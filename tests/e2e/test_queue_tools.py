@@ -421,6 +421,59 @@ async def test_a_queue_database_locked_past_the_busy_timeout_is_one_line_and_exi
     assert (await cli(config, "queue", "hold", "ALL"))[0] == 0
 
 
+async def test_a_damaged_queue_row_is_listed_marked_warned_about_once_and_the_tools_exit_1(write_config, tmp_path):
+    """Rows edited by hand: `arrival = 'x'`, a negative size with `next_attempt = 'y'`, a recipient status no code
+    writes. Every listing still shows every message (Postfix's showq lists what it can of a bad queue file, with a
+    warning naming it), each damaged one marked and warned about once on stderr by queue id, and exits 1; `show`
+    too; a sound message is shown as ever; shape counts on."""
+    from mailflow.store import Store
+
+    config = write_config(tmp_path / "mailflow.toml")
+    db = tmp_path / "queue" / "queue.db"
+    store = await Store.open(db)
+    ids = [f"{'0' * 12}{letter * 4}" for letter in "ABCD"]
+    for qid in ids:
+        await store.insert(NewMessage(qid, "s@remote.test", time.time(), Content.of(message(qid)),
+                                      (Recipient(0, "r@relay.test", "r@relay.test"),), queue="deferred"))
+    await store.close()
+    sound, late, small, odd = ids
+    damage = {late: "arrival is 'x', not a time",
+              small: "size is -5, not a size; next_attempt is 'y', not a time",
+              odd: "recipient r@relay.test: status is 'odd', not pending, sent or bounced"}
+    with sqlite3.connect(db) as con:
+        con.execute("PRAGMA ignore_check_constraints = 1")
+        con.execute("UPDATE message SET arrival = 'x' WHERE id = ?", (late,))
+        con.execute("UPDATE message SET size = -5, next_attempt = 'y' WHERE id = ?", (small,))
+        con.execute("UPDATE recipient SET status = 'odd' WHERE message_id = ?", (odd,))
+
+    def warned(command: str, err: str, *qids: str) -> None:
+        assert "Traceback" not in err, err
+        assert sorted(err.splitlines()) == sorted(f"mailflow queue {command}: warning: {qid}: damaged queue row: "
+                                                  f"{damage[qid]} (`mailflow queue delete` removes it)"
+                                                  for qid in qids), err
+
+    rc, out, err = await queue(config, "list")
+    assert rc == 1 and all(qid in out for qid in ids) and "-- 0 Kbytes in 4 Requests." in out, out
+    assert out.count("(damaged queue row: ") == 3 and f"(damaged queue row: {damage[late]})" in out
+    warned("list", err, late, small, odd)
+    rc, out, err = await queue(config, "list", "--json")
+    assert rc == 1
+    listed = {m["id"]: m for m in json.loads(out)}
+    assert listed.keys() == set(ids) and "damaged" not in listed[sound]
+    assert {qid: listed[qid]["damaged"] for qid in damage} == damage
+    warned("list", err, late, small, odd)
+    rc, out, err = await cli(config, "mailq", "-j")
+    assert rc == 1 and {json.loads(line)["queue_id"] for line in out.splitlines()} == set(ids)
+    warned("list", err, late, small, odd)
+    rc, out, err = await queue(config, "show", odd)
+    assert rc == 1 and f"damaged:        {damage[odd]}" in out and "  status:       odd" in out, out
+    warned("show", err, odd)
+    rc, out, err = await queue(config, "show", sound)
+    assert (rc, err) == (0, "") and "damaged" not in out and f"queue_id:       {sound}" in out
+    rc, out, err = await queue(config, "shape", "--queue", "deferred")
+    assert rc == 0 and err == "" and "TOTAL" in out
+
+
 # ---------------------------------------------------------------------------------------------- selectors, shape
 
 

@@ -67,7 +67,8 @@ async function loadMessages() {
     row.className = "pick";
     row.dataset.queueId = m.id;
     cell(row, m.id);
-    cell(row, m.queue, "queue-" + m.queue);
+    const queue = cell(row, m.damaged ? m.queue + " (damaged)" : m.queue, "queue-" + m.queue);
+    if (m.damaged) queue.title = m.damaged;  // a row of it the store could not take: shown with stand-ins
     cell(row, m.size, "number");
     cell(row, time(m.arrival));
     cell(row, sender(m.sender));
@@ -144,7 +145,8 @@ async function loadMessage(id) {
   const pairs = [["Queue", m.queue], ["Size", m.size], ["Arrival", time(m.arrival)], ["Sender", sender(m.sender)],
     ["Client", m.client || "-"], ["Attempts", m.attempts],
     ["Next attempt", m.queue === "deferred" ? time(m.next_attempt) : "-"], ["Body", m.body_type],
-    ["SMTPUTF8", m.smtputf8 ? "yes" : "no"], ["DSN", m.envid || m.ret ? "envid=" + (m.envid || "-") + " ret=" + (m.ret || "-") : "-"]];
+    ["SMTPUTF8", m.smtputf8 ? "yes" : "no"], ["DSN", m.envid || m.ret ? "envid=" + (m.envid || "-") + " ret=" + (m.ret || "-") : "-"],
+    ...(m.damaged ? [["Damaged", m.damaged]] : [])];
   fill("envelope", pairs, (row, [name, value]) => {
     const th = document.createElement("th");
     th.textContent = name;
