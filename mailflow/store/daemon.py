@@ -299,7 +299,11 @@ class Store(OperatorQueries):
         return out
 
 
-_RECIPIENT_COLUMNS = "idx, address, original, notify, orcpt, status, dsn, reason, relay, relayed"
+# A recipient's columns in DUE's JSON; a BLOB (no code writes one; JSON cannot hold it, and the whole scan would fail)
+# as {"blob": hex}, which damage.checked then names.
+_RECIPIENT_COLUMNS = ", ".join(f"CASE typeof({c}) WHEN 'blob' THEN json_object('blob', hex({c})) ELSE {c} END"
+                               for c in ("idx", "address", "original", "notify", "orcpt", "status", "dsn", "reason",
+                                         "relay", "relayed"))
 _MESSAGE_COLUMNS_LIST = ("id", "sender", "arrival", "size", "smtputf8", "body_type", "attempts", "envid", "ret",
                          "warned", "filter", "from_logged", *CLIENT_COLUMNS)
 _RECIPIENTS_AT = len(_MESSAGE_COLUMNS_LIST)  # a DUE row: the message's columns, its recipients (JSON), how many

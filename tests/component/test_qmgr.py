@@ -272,7 +272,8 @@ async def test_missing_content_moves_the_message_to_corrupt(h):
      "size is -5, not a size"),
     ("UPDATE recipient SET status = 'odd', notice = 1 WHERE message_id = :qid",
      "recipient 0: status is 'odd', not pending, sent or bounced"),
-], ids=["arrival", "size-and-next-attempt", "recipient-status"])
+    ("UPDATE recipient SET reason = x'ff' WHERE message_id = :qid", "recipient 0: reason is {'blob': 'FF'}, not text"),
+], ids=["arrival", "size-and-next-attempt", "recipient-status", "blob"])
 async def test_a_message_with_damaged_queue_rows_goes_to_corrupt_and_the_others_are_delivered(h, caplog, damage,
                                                                                             said):
     """A row edited by hand (values of the wrong kind) neither stops qmgr's loop nor the other deliveries: the
