@@ -29,6 +29,7 @@ from mailflow.tables.spec import open_table
 from mailflow.transports.local.aliasing import read_small_file
 from mailflow.transports.smtp.mtasts import FetchError, HttpsPolicyFetcher
 from mailflow.transports.smtp.tls import TlsContexts, TlsUnavailable
+from tests.unit.test_aliasing import expander
 
 BOUND = 5.0  # seconds: a refusal takes microseconds
 
@@ -148,6 +149,19 @@ def test_check_config_names_each_special_file_with_its_setting_and_ends(tmp_path
         assert line in result.stderr, (line, result.stderr)
 
 
+def test_serve_with_a_fifo_for_its_certificate_exits_2_at_once(tmp_path, fifo):
+    config = tmp_path / "m.toml"
+    config.write_text(f'queue_directory = "{tmp_path / "queue"}"\n'
+                      f'[smtpd]\nlisten = ["127.0.0.1:0"]\ntls_cert_file = "{fifo}"\n')
+    try:
+        result = subprocess.run([sys.executable, "-m", "mailflow", "serve", "--config", str(config)],
+                                capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("serve waited on a FIFO named as its certificate")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"smtpd.tls_cert_file: {fifo}: cannot read (is a FIFO, not a regular file)" in result.stderr
+
+
 # ---------------------------------------------------------------------------------------------- tables
 
 
@@ -249,3 +263,11 @@ def test_an_include_file_that_is_no_regular_file_defers_at_once(tmp_path):
         error = refused(lambda: read_small_file(path), path)
         assert isinstance(error, TemporaryError) and error.dsn == "4.3.0"
         assert error.text == f"cannot read {path}: {kind}, not a regular file"
+
+
+def test_an_alias_naming_an_include_fifo_defers_the_recipient_at_once(tmp_path, fifo):
+    """Through local(8)'s expansion, as a delivery meets it (a .forward's :include: is read the same way)."""
+    local = expander(tmp_path, f"list: :include:{fifo}\n")
+    error = refused(lambda: local.expand("list@example.test"), fifo)
+    assert isinstance(error, TemporaryError) and error.dsn == "4.3.0"
+    assert error.text == f"cannot read {fifo}: is a FIFO, not a regular file"
