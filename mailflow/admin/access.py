@@ -18,7 +18,8 @@ The checks, in order, for every request but OPEN_PATHS (the health probes, which
   listener's own origin: else 415 or 403.
 
 Failure behaviour: `read_tokens` raises ConfigError(path, "admin.token_file", reason) for a file that cannot be
-read (one that is not a regular file included: mailflow.files), has no token, or a token shorter than MIN_TOKEN characters.
+read (one that is not a regular file included: mailflow.files), has no token, or a token shorter than MIN_TOKEN
+characters.
 """
 from __future__ import annotations
 

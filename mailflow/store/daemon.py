@@ -60,7 +60,7 @@ from mailflow.content import MEMORY_LIMIT, Content, Spool
 from mailflow.model import (ClientAttributes, Delivered, NewMessage, Outcome, QueuedMessage, QueueId, RcptResult,
                             Recipient)
 from mailflow.store.contents import CLIENT_COLUMNS, content_of, insert_ops, row_content, storable, sweep
-from mailflow.store.damage import checked, sort_time
+from mailflow.store.damage import Columns, checked, sort_time
 from mailflow.store.engine import (BUSY_TIMEOUT, CONTENT_DIRECTORY, MAX_VARS, BatchLoader, GroupCommitter, Op,
                                    Reader, Writer, chunks, marks, remove_ops)
 from mailflow.store.operator import OperatorQueries
@@ -339,12 +339,13 @@ LEFT JOIN content c ON m.size <= :scan_size AND m.scanned <= :budget AND c.messa
 """
 
 
-_MESSAGE_KINDS = (("id", "text"), ("sender", "text"), ("arrival", "time"), ("size", "size"), ("smtputf8", "flag"),
-                  ("body_type", "text"), ("attempts", "count"), ("envid", "text"), ("ret", "text"), ("warned", "flag"),
-                  ("filter", "text"), ("from_logged", "flag"), *((name, "text") for name in CLIENT_COLUMNS))
-_RECIPIENT_KINDS = (("idx", "count"), ("address", "text"), ("original", "text"), ("notify", "text"),
-                    ("orcpt", "text"), ("status", "status"), ("dsn", "text"), ("reason", "text"), ("relay", "text"),
-                    ("relayed", "flag"))
+_MESSAGE_KINDS = Columns(("id", "text"), ("sender", "text"), ("arrival", "time"), ("size", "size"),
+                         ("smtputf8", "flag"), ("body_type", "text"), ("attempts", "count"), ("envid", "text"),
+                         ("ret", "text"), ("warned", "flag"), ("filter", "text"), ("from_logged", "flag"),
+                         *((name, "text") for name in CLIENT_COLUMNS))
+_RECIPIENT_KINDS = Columns(("idx", "count"), ("address", "text"), ("original", "text"), ("notify", "text"),
+                           ("orcpt", "text"), ("status", "status"), ("dsn", "text"), ("reason", "text"),
+                           ("relay", "text"), ("relayed", "flag"))
 
 
 def _scan_order(row: tuple) -> tuple:

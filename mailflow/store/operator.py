@@ -23,7 +23,7 @@ from typing import Sequence
 
 from mailflow.content import Content
 from mailflow.model import QueueId
-from mailflow.store.damage import checked
+from mailflow.store.damage import Columns, checked
 from mailflow.store.engine import MAX_VARS, GroupCommitter, Op, Reader, chunks, marks, remove_ops
 
 
@@ -94,12 +94,13 @@ _MESSAGE_ROW = "id, queue, size, arrival, sender, next_attempt, attempts"
 _MESSAGE_DETAIL = f"{_MESSAGE_ROW}, client, envid, ret, smtputf8, body_type, warned"
 _RECIPIENT_ROW = "address, original, status, dsn, reason"
 # ... and the kind of each (store/damage.py).
-_MESSAGE_KINDS = (("id", "text"), ("queue", "queue"), ("size", "size"), ("arrival", "time"), ("sender", "text"),
-                  ("next_attempt", "time"), ("attempts", "count"))
-_DETAIL_KINDS = (*_MESSAGE_KINDS, ("client", "text"), ("envid", "text"), ("ret", "text"), ("smtputf8", "flag"),
-                 ("body_type", "text"), ("warned", "flag"))
-_RECIPIENT_KINDS = (("address", "text"), ("original", "text"), ("status", "status"), ("dsn", "text"),
-                    ("reason", "text"))
+_MESSAGE_COLUMNS = (("id", "text"), ("queue", "queue"), ("size", "size"), ("arrival", "time"), ("sender", "text"),
+                    ("next_attempt", "time"), ("attempts", "count"))
+_MESSAGE_KINDS = Columns(*_MESSAGE_COLUMNS)
+_DETAIL_KINDS = Columns(*_MESSAGE_COLUMNS, ("client", "text"), ("envid", "text"), ("ret", "text"),
+                        ("smtputf8", "flag"), ("body_type", "text"), ("warned", "flag"))
+_RECIPIENT_KINDS = Columns(("address", "text"), ("original", "text"), ("status", "status"), ("dsn", "text"),
+                           ("reason", "text"))
 _DESTINATION_ROW = "transport, nexthop, window, in_flight, queued, failures, dead_until, reason, updated"
 # The domain after the LAST '@' (rtrim drops every character but '@' from the right), lower-cased.
 _RCPT_DOMAIN = "lower(rtrim(replace({a}, rtrim({a}, replace({a}, '@', '')), ''), '.'))"

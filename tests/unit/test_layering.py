@@ -2,7 +2,8 @@
 
 Layers, lowest first (docs/architecture.md, "Import rules"):
 1. leaves: pure vocabularies and libraries (syntax, restriction_vocabulary, pipe_argv, address, errors, tables,
-   aliases, dns, message, content, model, clock, passwords, accounts, files): they import no configuration, stage, transport or routing;
+   aliases, dns, message, content, model, clock, passwords, accounts, files): they import no configuration, stage,
+   transport or routing;
 2. the configuration (mailflow.config): it imports leaves only;
 3. components: transports import no stage; the routing libraries, stages, app and cli sit above.
 No module imports itself back through others (no import cycle), counting imports written inside functions

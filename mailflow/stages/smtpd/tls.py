@@ -6,13 +6,14 @@ What it owns
   reads the files again into new ServerTls objects (server.Smtpd.reconfigure): new sessions get them, sessions
   already in TLS keep theirs.
 
-Failure behaviour: a missing, unreadable or mismatched file, or one that is not a regular file, raises `TlsError` naming the file, at start (so
-`mailflow serve` refuses to start) and at a reload (the reload is refused; the contexts in use stay). Client
-certificates are not requested.
+Failure behaviour: a missing, unreadable or mismatched file, or one that is not a regular file (a FIFO would hold
+OpenSSL at open(): mailflow.files), raises `TlsError` naming the file, at start (so `mailflow serve` refuses to
+start) and at a reload (the reload is refused; the contexts in use stay). Client certificates are not requested.
 """
 from __future__ import annotations
 
 import ssl
+
 from mailflow.errors import ConfigError
 from mailflow.files import TEXT_LIMIT, check_regular_file
 
