@@ -38,7 +38,8 @@ def sessions_alive() -> int:
 
 
 async def some_sessions(port: int) -> None:
-    """A message and QUIT; a client that drops the connection mid-envelope; one that drops after the message."""
+    """A message and QUIT; a client that drops the connection mid-envelope; one that drops after the message;
+    one that resets the connection mid-DATA (the session's task is cancelled); one left to time out."""
     client = await SmtpClient.connect(port)
     assert (await client.send_message()).code == 250
     assert (await client.cmd("QUIT")).code == 221
@@ -49,6 +50,14 @@ async def some_sessions(port: int) -> None:
     sent = await SmtpClient.connect(port)
     assert (await sent.send_message()).code == 250
     sent.writer.close()
+    reset = await SmtpClient.connect(port)
+    await reset.envelope()
+    assert (await reset.cmd("DATA")).code == 354
+    await reset.send(b"Subject: cut\r\n")
+    reset.writer.transport.abort()
+    idle = await SmtpClient.connect(port)
+    assert (await idle.reply(timeout=5)).code == 421  # the command timeout's
+    idle.writer.close()
 
 
 @pytest.fixture
@@ -56,7 +65,9 @@ async def server(tmp_path):
     running: list[Mailflow] = []
 
     async def start(observer: SessionObserver | None = None) -> Mailflow:
-        config = config_from_dict({**base_settings(tmp_path), "mynetworks": ["127.0.0.0/8"]})
+        settings = base_settings(tmp_path)
+        smtpd = {**settings.get("smtpd", {}), "timeout": "1s"}
+        config = config_from_dict({**settings, "mynetworks": ["127.0.0.0/8"], "smtpd": smtpd})
         mf = Mailflow(config, shutdown_grace=1.0, session_observer=observer)
         await mf.start()
         running.append(mf)
@@ -79,7 +90,7 @@ async def test_ended_sessions_are_freed_without_the_collector(server, observer):
     finally:
         gc.enable()
     if observer is not None:
-        assert len(observer.kept) == 3
+        assert len(observer.kept) == 5
     await asyncio.sleep(0)
 
 

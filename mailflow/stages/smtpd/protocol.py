@@ -266,7 +266,8 @@ class ProtocolCore(SMTP):
         self._sessions.discard(self)
         self.envelope.discard_bdat()
         self._wire.feed_eof(error)
-        super().connection_lost(error)
+        super().connection_lost(error)  # (aiosmtpd cancels the command loop's task here)
+        self._handler_coroutine = None  # a cancelled task's traceback holds the session's frames: no cycle back
 
     def _session_ended(self) -> None:
         """The session is over, however it ended (QUIT, a drop, a failed or abandoned TLS handshake, a
