@@ -1,6 +1,6 @@
 """`mailflow sendmail …` (also reached as `sendmail`, `mailq`, `newaliases` through a link to the program): the
 Sendmail-compatible command line. Deliver and -bs are mailflow/sendmail/; -bp, -q and -bv are the queue list,
-queue flush and address commands.
+queue flush and address commands; -bh, -bH and -q30m (a queue runner's interval) do nothing, as with Postfix.
 
     run_sendmail(args) -> exit code       sysexits values; a configuration problem is 78 (EX_CONFIG) for deliver
                                           and -bs (other modes keep the command's own code)
@@ -40,12 +40,15 @@ def run_sendmail(args: list[str]) -> int:
     if opts.mode == "help":
         typer.echo(sm.HELP)
         return 0
+    if opts.mode == "ignore":  # -bh, -bH, -q30m: Postfix's sendmail exits 0 at once, reading nothing
+        return 0
     config = config_path(opts.config)
     try:
         if opts.mode == "mailq":
             list_queue("list", None, config, False, None, None, None, None)
         elif opts.mode == "flush":
-            act("flush", None, config, None, opts.flush_site or None, None, required=False, quiet=True)
+            act("flush", [opts.flush_id] if opts.flush_id else None, config, None, opts.flush_site or None, None,
+                required=False, quiet=True)
         elif opts.mode == "verify":
             if not opts.recipients:
                 typer.echo(f"sendmail: -bv needs addresses\n{sm.USAGE}", err=True)

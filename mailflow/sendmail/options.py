@@ -7,15 +7,20 @@
                                     (-bp), newaliases (-bi); None for any other name
     USAGE, HELP
 
-Modes: deliver (default, `-bm`), `-bs` SMTP on stdin/stdout, `-bp` mailq, `-bv` address test, `-q` flush,
-`-bi`/`-I` newaliases. Options that only make sense to Sendmail (`-o*` but `-oi`, `-O`, `-L`, `-h`, `-X`, `-A`,
-`-p`, `-G`, `-U`, `-n`, `-m`, `-c`, …) are accepted and ignored, as Postfix does; an unknown letter is ignored
-with a note (shown under `-v`).
+Modes: deliver (default, `-bm`), `-bs` SMTP on stdin/stdout, `-bp` mailq, `-bv` address test, `-q` flush (`-qRsite`
+one site's mail, `-qIqueueid` one message), `-bi`/`-I` newaliases, and "ignore" (`-bh`, `-bH`, `-q` with an
+interval such as `-q30m`: Postfix's sendmail exits 0 at once, reading nothing). The option letters are Postfix's
+(its getopt list; WITH_ARGUMENT those that take a value): those that only make sense to Sendmail (`-o*` but `-oi`,
+`-O`, `-L`, `-h`, `-A`, `-e`, `-p`, `-G`, `-U`, `-m`, `-c`, `-x`) are accepted and ignored with a note (shown under
+`-v`); `-XV` (VERP, which mailflow does not do; also `-V xy`, a two-character -V value, as Postfix takes it) is
+ignored with a warning, the mail still going.
 
-Failure behaviour: `UsageError` (exit 64, EX_USAGE) for a missing argument, an unsupported mode or a bad -B
-value. A bad -N or -R value, or a -V value that is not printable ASCII or longer than 100 characters, is ignored
-with a warning in `Options.warnings` (the caller prints them, -v or not), as Postfix's sendmail does: the mail
-still goes.
+Failure behaviour: `UsageError` (exit 64, EX_USAGE), in the words of Postfix's sendmail, for a letter Postfix does
+not know (`invalid option -- 'Z'`: a typo never sends mail to the word after it), `-n`, `-X` but `-XV`, a
+missing argument, an unsupported mode or `-q` form, a bad -B value, `-t` outside delivery mode, and recipients in
+a mode that takes none. A bad -N or -R value, or a -V value that is not printable ASCII or longer than 100
+characters, is ignored with a warning in `Options.warnings` (the caller prints them, -v or not), as Postfix's
+sendmail does: the mail still goes.
 """
 from __future__ import annotations
 
@@ -24,11 +29,16 @@ from pathlib import Path
 
 from mailflow.syntax import ENVID_MAX, is_printable_ascii
 
-WITH_ARGUMENT = set("ABCFLNORVXbfhoprq")  # letters whose value is the rest of the word or the next word
+# The letters of Postfix's sendmail (its getopt list "A:B:C:F:GIL:N:O:R:UV:X:b:ce:f:h:imno:p:r:q:tvx"); any other
+# is a usage error.
+WITH_ARGUMENT = set("ABCFLNORVXbefhopqr")  # letters whose value is the rest of the word or the next word
 OPTIONAL_ARGUMENT = {"q"}  # -q alone is valid: its value may only be attached (-q30m, -qRsite)
-IGNORED = set("46AGLOUXchmnpx")  # Sendmail options with no meaning here (Postfix ignores them too)
-IGNORED_MODES = {"h", "H", "m"}  # -bh, -bH: ignored; -bm: deliver (the default)
-MODES = {"s": "smtp", "p": "mailq", "v": "verify", "i": "newaliases", "m": "deliver"}
+IGNORED = set("AGLOUcehmpx")  # Sendmail options with no meaning here (Postfix ignores them too)
+MODES = {"s": "smtp", "p": "mailq", "v": "verify", "i": "newaliases", "m": "deliver",
+         "h": "ignore", "H": "ignore"}  # -bh, -bH: Postfix's sendmail exits 0 at once
+# the modes that take no recipient argument, in the words of Postfix's refusal
+NO_RECIPIENTS = {"smtp": "stand-alone mode", "mailq": "display queue mode", "flush": "flush queue mode",
+                 "newaliases": "alias initialization mode"}
 NOTIFY_WORDS = ("SUCCESS", "FAILURE", "DELAY")
 
 USAGE = "usage: sendmail [-t] [-i] [-f sender] [-F name] [-N dsn] [-bs|-bp|-bv|-bi|-q] [--] [recipient ...]"
@@ -64,6 +74,8 @@ class Options:
     verbose: int = 0
     config: str | None = None  # -C
     flush_site: str = ""  # -qRsite
+    flush_id: str = ""  # -qIqueueid
+    queue_interval: str = ""  # -q30m: Sendmail's queue runner interval (Postfix's sendmail then does nothing)
     recipients: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # ignored options, shown with -v
     warnings: list[str] = field(default_factory=list)  # bad -N, -R, -V values, ignored: always shown
@@ -99,7 +111,21 @@ def parse_args(argv: list[str]) -> Options:
                     value = words[i]
                     i += 1
             _apply(opts, letter, value)
+    _check_combination(opts)
     return opts
+
+
+def _check_combination(opts: Options) -> None:
+    """Postfix's sendmail's checks of options that do not go together; an interval (-q30m) ends in doing nothing."""
+    if opts.extract and opts.mode == "verify":
+        raise UsageError("-t option cannot be used with -bv")
+    if opts.extract and opts.mode != "deliver":
+        raise UsageError("-t can be used only in delivery mode")
+    if opts.recipients and opts.mode in NO_RECIPIENTS:
+        what = "flush site" if opts.flush_site else NO_RECIPIENTS[opts.mode]
+        raise UsageError(f"{what} requires no recipient")
+    if opts.queue_interval:
+        opts.mode = "ignore"
 
 
 def _apply(opts: Options, letter: str, value: str) -> None:
@@ -126,9 +152,13 @@ def _apply(opts: Options, letter: str, value: str) -> None:
     elif letter == "I":
         opts.mode = "newaliases"
     elif letter == "q":
-        opts.mode = "flush"
-        if value and value[0] == "R":  # -qRsite: the mail for one site; -q30m (an interval) means "now" here
-            opts.flush_site = value[1:]
+        _queue_option(opts, value)
+    elif letter == "n":
+        raise UsageError("-n option not supported")
+    elif letter == "X":
+        if value[:1] != "V":
+            raise UsageError(f"unsupported: -X{value[:1]}")
+        opts.warnings.append(f"-X{value} (VERP) is not supported -- ignored")
     elif letter == "o":
         if value[:1] == "i":
             opts.ignore_dots = True
@@ -136,8 +166,29 @@ def _apply(opts: Options, letter: str, value: str) -> None:
             opts.notes.append(f"-o{value} ignored")
     elif letter in IGNORED:
         opts.notes.append(f"-{letter}{value} ignored")
+    else:  # (a letter Postfix's getopt does not know: the word after it must not become a recipient)
+        raise UsageError(f"invalid option -- '{letter}'")
+
+
+def _queue_option(opts: Options, value: str) -> None:
+    """-q (flush now), -qRsite, -qIqueueid; -q30m, a queue runner's interval, is taken and nothing done, as by
+    Postfix's sendmail; any other -q form is a usage error."""
+    if value[:1].isdigit():
+        opts.queue_interval = value
+        return
+    opts.mode = "flush"
+    if not value:
+        return
+    if value[0] == "R":
+        opts.flush_site = value[1:]
+        if not opts.flush_site:
+            raise UsageError("specify: -qRsitename")
+    elif value[0] == "I":
+        opts.flush_id = value[1:]
+        if not opts.flush_id:
+            raise UsageError("specify: -qIqueueid")
     else:
-        opts.notes.append(f"-{letter}: unknown option, ignored")
+        raise UsageError(f"-q{value[0]} is not implemented")
 
 
 def _dsn_option(opts: Options, letter: str, value: str) -> None:
@@ -154,6 +205,8 @@ def _dsn_option(opts: Options, letter: str, value: str) -> None:
         opts.ret = value.upper() if good else ""
         if not good:
             opts.warnings.append("bad -R option value -- ignored")
+    elif len(value) == 2:  # Postfix takes `-V xy` for the -XVxy of before Postfix 2.3 (VERP)
+        opts.warnings.append(f"-V{value} (VERP) is not supported -- ignored")
     elif len(value) > ENVID_MAX:
         opts.warnings.append("too long -V option value -- ignored")
     elif not is_printable_ascii(value):
@@ -163,14 +216,12 @@ def _dsn_option(opts: Options, letter: str, value: str) -> None:
 
 
 def _mode(opts: Options, value: str) -> None:
-    if value == "d" or value == "D" or value == "l":
-        raise UsageError(f"-b{value}: daemon mode is `mailflow serve`")
-    if value in MODES:
-        opts.mode = MODES[value]
-    elif value in IGNORED_MODES:
-        opts.notes.append(f"-b{value} ignored")
+    if value[:1] in ("d", "l"):
+        raise UsageError(f"-b{value[:1]}: daemon mode is `mailflow serve`")
+    if value[:1] in MODES:  # (only the first letter counts, as with Postfix: -bvx is -bv)
+        opts.mode = MODES[value[:1]]
     else:
-        raise UsageError(f"-b{value}: unsupported mode")
+        raise UsageError(f"unsupported: -b{value[:1]}")
 
 
 def parse_notify(value: str) -> str:

@@ -145,7 +145,9 @@ def test_options_modes():
     assert [parse_args([a]).mode for a in ("-bs", "-bp", "-bv", "-bi", "-I", "-q", "-bm")] == \
         ["smtp", "mailq", "verify", "newaliases", "newaliases", "flush", "deliver"]
     assert parse_args(["-qRexample.org"]).flush_site == "example.org"
-    assert parse_args(["-q30m"]).flush_site == ""
+    assert parse_args(["-qI4F2A9C"]).flush_id == "4F2A9C"
+    # as Postfix's sendmail: -bh, -bH and a queue runner's interval exit 0 at once, reading nothing
+    assert [parse_args([a]).mode for a in ("-bh", "-bH", "-q30m")] == ["ignore"] * 3
 
 
 def test_double_dash_ends_options():
@@ -153,13 +155,24 @@ def test_double_dash_ends_options():
 
 
 def test_sendmail_only_options_are_ignored_with_a_note():
-    o = parse_args(["-oem", "-odb", "-O", "DeliveryMode=b", "-L", "label", "-h", "5", "-U", "-Z", "a@b"])
-    assert o.recipients == ["a@b"] and o.mode == "deliver"
-    assert any("-Z" in n and "unknown" in n for n in o.notes)
+    o = parse_args(["-oem", "-odb", "-O", "DeliveryMode=b", "-L", "label", "-h", "5", "-U", "-A", "c", "-e", "x",
+                    "a@b"])
+    assert o.recipients == ["a@b"] and o.mode == "deliver"  # (-A and -e take a value, as in Postfix's getopt list)
+    assert "-Ac ignored" in o.notes
+
+
+def test_verp_is_ignored_with_a_warning():
+    assert parse_args(["-XV", "a@b"]).warnings == ["-XV (VERP) is not supported -- ignored"]
+    o = parse_args(["-V", "+=", "a@b"])  # Postfix takes a two-character -V value for VERP, not an envelope id
+    assert o.envid == "" and o.warnings == ["-V+= (VERP) is not supported -- ignored"]
 
 
 @pytest.mark.parametrize("argv, problem", [
-    (["-f"], "requires an argument"), (["-bd"], "daemon"), (["-bz"], "unsupported"), (["-B", "binary"], "-B"),
+    (["-f"], "requires an argument"), (["-bd"], "daemon"), (["-bz"], "unsupported: -bz"), (["-B", "binary"], "-B"),
+    (["-Z", "a@b"], "invalid option -- 'Z'"), (["-n"], "-n option not supported"), (["-XQ"], "unsupported: -XQ"),
+    (["-qS"], "-qS is not implemented"), (["-qR"], "specify: -qRsitename"), (["-qI"], "specify: -qIqueueid"),
+    (["-t", "-bs"], "-t can be used only in delivery mode"), (["-bv", "-t"], "-t option cannot be used with -bv"),
+    (["-bp", "a@b"], "display queue mode requires no recipient"), (["-qRx", "a@b"], "flush site requires no"),
 ])
 def test_bad_options_are_usage_errors(argv, problem):
     with pytest.raises(UsageError, match=problem):

@@ -453,10 +453,19 @@ async def test_v_reports_the_maildrop_file(cfg):
     assert rc == 0 and "queued as maildrop/" in err
 
 
-async def test_unknown_and_sendmail_only_options_are_ignored(cfg, tmp_path):
-    rc, _, err = await run(cfg(), "-oem", "-odb", "-Z", "-U", "-L", "lbl", "--", "bob@local.test", stdin=b"\nx\n")
+async def test_sendmail_only_options_are_ignored_and_unknown_ones_refused(cfg, tmp_path):
+    rc, _, err = await run(cfg(), "-oem", "-odb", "-U", "-L", "lbl", "--", "bob@local.test", stdin=b"\nx\n")
     assert rc == 0, err
     assert len(maildrop_names(tmp_path / "queue" / "maildrop")) == 1
+    rc, _, err = await run(cfg(), "-Z", "bob@local.test", stdin=b"\nx\n")  # as Postfix's getopt refuses it
+    assert rc == 64 and err.startswith("sendmail: invalid option -- 'Z'\n"), err
+    assert len(maildrop_names(tmp_path / "queue" / "maildrop")) == 1
+
+
+async def test_bh_exits_at_once_without_reading_or_storing(cfg, tmp_path):
+    rc, out, err = await run(cfg(), "-bh", "bob@local.test", stdin=b"\nx\n")
+    assert (rc, out, err) == (0, b"", "")
+    assert maildrop_names(tmp_path / "queue" / "maildrop") == []
 
 
 async def test_bp_lists_the_queue(mailflow_server, cfg, tmp_path):
