@@ -3,9 +3,15 @@
     StdioSmtp(reader, writer, submitter, opts).run() -> 0
 
 HELO, EHLO, MAIL, RCPT, DATA, RSET, NOOP, VRFY, QUIT; each message goes to the maildrop through the Submitter.
-EHLO offers PIPELINING, SIZE (`[smtpd] message_size_limit`), 8BITMIME and ENHANCEDSTATUSCODES; a MAIL whose
-SIZE= is past the limit is answered `552 5.3.4`, as Postfix's smtpd under -bs answers it (other MAIL and RCPT
-parameters are ignored: 8-bit content is found by its bytes).
+EHLO offers what Postfix's smtpd offers under -bs but DSN, ETRN and CHUNKING: PIPELINING, SIZE (`[smtpd]
+message_size_limit`), VRFY (unless `[smtpd] disable_vrfy_command`), ENHANCEDSTATUSCODES, 8BITMIME, SMTPUTF8.
+MAIL and RCPT take their paths as smtpd does (`address.parse_path`: without angle brackets too, a source route
+dropped) and MAIL the parameters of what is offered, checked in the order given as Postfix's smtpd checks them:
+SIZE (a malformed one `501 5.5.4`, one past the limit `552 5.3.4`), BODY=7BIT|8BITMIME (kept as the message's
+body type, as -B), SMTPUTF8 (8-bit addresses are found by pickup in any case), AUTH= (accepted, unused); any
+other parameter, the DSN ones included (DSN is not offered: the maildrop holds no per-recipient NOTIFY or ORCPT),
+is `555 5.5.4 Unsupported option`, as Postfix answers a parameter of an extension it does not offer.
+STARTTLS, AUTH, XCLIENT and XFORWARD get Postfix's stand-alone smtpd's answers (502, 503, 550).
 Pipelining works since input is read line by line. Every reply comes from mailflow.status (the greeting and the
 EHLO lines are the only plain strings). DATA is streamed like standard input in deliver mode (a CR inside a
 line becomes a space); too big is
@@ -14,9 +20,9 @@ answered `452 4.5.3 Error: too many recipients` (Postfix runs smtpd under -bs, w
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
-import re
 from typing import BinaryIO, Iterator
 
 from mailflow import address, status
@@ -25,7 +31,7 @@ from mailflow.message import CRLF
 from mailflow.sendmail.options import Options, UsageError
 from mailflow.sendmail.reading import clean_address, clean_recipient, lone_cr_as_space, without_bcc
 from mailflow.sendmail.submitter import Submitter
-from mailflow.syntax import parse_octet_count
+from mailflow.syntax import ascii_upper, parse_octet_count
 
 
 class StdioSmtp:
@@ -47,6 +53,7 @@ class StdioSmtp:
     def _reset(self) -> None:
         self._sender: str | None = None
         self._recipients: list[str] = []
+        self._body_type = self._opts.body_type  # MAIL's BODY= for this message, else -B's
 
     def _reply(self, reply: "status.Reply | str") -> None:
         """A reply from the catalogue; plain strings only for the greeting and the EHLO lines."""
@@ -75,25 +82,32 @@ class StdioSmtp:
 
     def _do_HELO(self, arg: str) -> None:
         self._reset()
-        self._reply(f"250 {self._host}" if arg else status.syntax("HELO hostname"))
+        self._reply(f"250 {self._host}" if arg else status.hello_syntax("HELO"))
 
     def _do_EHLO(self, arg: str) -> None:
         if not arg:
-            return self._reply(status.syntax("EHLO hostname"))
+            return self._reply(status.hello_syntax("EHLO"))
         self._reset()
-        limit = self._sub.config.smtpd.message_size_limit
-        for line in (f"250-{self._host}", "250-PIPELINING", f"250-SIZE {limit}" if limit else "250-SIZE",
-                     "250-8BITMIME", "250 ENHANCEDSTATUSCODES"):
+        for line in (f"250-{self._host}", *(f"250-{k}" for k in self._keywords()[:-1]), f"250 {self._keywords()[-1]}"):
             self._reply(line)
+
+    def _keywords(self) -> list[str]:
+        """EHLO's keywords, in the order of Postfix's smtpd."""
+        limit = self._sub.config.smtpd.message_size_limit
+        vrfy = [] if self._sub.config.smtpd.disable_vrfy_command else ["VRFY"]
+        return ["PIPELINING", f"SIZE {limit}" if limit else "SIZE", *vrfy, "ENHANCEDSTATUSCODES", "8BITMIME",
+                "SMTPUTF8"]
 
     def _do_MAIL(self, arg: str) -> None:
         if self._sender is not None:
             return self._reply(status.NESTED_MAIL)
-        address = _path(arg, "FROM")
-        if address is None:
-            return self._reply(status.syntax("MAIL FROM:<address>"))
-        if self._declared_too_big(arg):
-            return self._reply(status.SIZE_EXCEEDS_LIMIT)
+        parsed = _path(arg, "FROM:", status.SENDER_SYNTAX)
+        if isinstance(parsed, status.Reply):
+            return self._reply(parsed)
+        address, words = parsed
+        body_type = mail_parameters(words, self._sub.config.smtpd.message_size_limit)
+        if isinstance(body_type, status.Reply):
+            return self._reply(body_type)
         try:
             sender = clean_address(address, self._sub.config.origin) if address else ""
         except UsageError:
@@ -101,27 +115,20 @@ class StdioSmtp:
         if self._sub.sender_problem(sender):
             return self._reply(status.sender_login_mismatch(sender, self._sub.identity.login))
         self._sender = sender
+        self._body_type = body_type or self._opts.body_type
         self._reply(status.SENDER_OK)
-
-    def _declared_too_big(self, arg: str) -> bool:
-        """MAIL's SIZE= is past message_size_limit (or past any size: parse_octet_count's None, as smtpd reads it)."""
-        limit = self._sub.config.smtpd.message_size_limit
-        for word in arg.split()[1:]:
-            name, _, value = word.partition("=")
-            if name.upper() == "SIZE" and limit:
-                try:
-                    size = parse_octet_count(value)
-                except ValueError:
-                    return False  # (a malformed SIZE: the parameters are not otherwise checked here)
-                return size is None or size > limit
-        return False
 
     def _do_RCPT(self, arg: str) -> None:
         if self._sender is None:
             return self._reply(status.NEED_MAIL)
-        address = _path(arg, "TO")
+        parsed = _path(arg, "TO:", status.RECIPIENT_SYNTAX)
+        if isinstance(parsed, status.Reply):
+            return self._reply(parsed)
+        address, words = parsed
         if not address:
-            return self._reply(status.syntax("RCPT TO:<address>"))
+            return self._reply(status.RECIPIENT_SYNTAX)
+        if words:  # (NOTIFY and ORCPT: DSN is not offered)
+            return self._reply(status.unsupported_option(words[0]))
         if len(self._recipients) >= self._sub.config.smtpd.recipient_limit:  # as Postfix's smtpd under -bs
             return self._reply(status.TOO_MANY_RECIPIENTS)
         try:
@@ -139,7 +146,7 @@ class StdioSmtp:
         try:
             head, rest = self._sub.split(lines)
             name = self._sub.store(self._sender, self._recipients, itertools.chain((without_bcc(head),), rest),
-                                   self._opts)
+                                   dataclasses.replace(self._opts, body_type=self._body_type))
         except _EndOfInput:
             return  # end of input mid-message: nothing is stored
         except MaildropError as e:
@@ -195,6 +202,17 @@ class StdioSmtp:
         self._reply(status.BYE)
         return False
 
+    def _do_STARTTLS(self, arg: str) -> None:
+        self._reply(status.NOT_IMPLEMENTED)  # (Postfix's smtpd under -bs: no TLS on a pipe)
+
+    def _do_AUTH(self, arg: str) -> None:
+        self._reply(status.AUTH_NOT_ENABLED)
+
+    def _do_XCLIENT(self, arg: str) -> None:
+        self._reply(status.XCLIENT_DENIED)
+
+    _do_XFORWARD = _do_XCLIENT
+
 
 class _EndOfInput(Exception):
     """-bs: standard input ended in the middle of DATA."""
@@ -211,7 +229,38 @@ def _discard_output(out: BinaryIO) -> None:
         pass
 
 
-def _path(arg: str, keyword: str) -> str | None:
-    """The address of `FROM:<a@b> PARAMS` / `TO:<a@b>`; None when malformed. Parameters are ignored."""
-    m = re.fullmatch(rf"{keyword}:\s*<([^<>]*)>(\s+.*)?", arg, re.IGNORECASE)
-    return m.group(1) if m else None
+def _path(arg: str, keyword: str, bad_path: status.Reply) -> tuple[str, list[str]] | status.Reply:
+    """(the address, the parameter words) of `FROM:<a@b> PARAMS` / `TO:…`, the path read as smtpd reads it
+    (address.parse_path); the usage reply without the keyword or a path, `bad_path` for a malformed one."""
+    usage = status.syntax(f"{'MAIL' if keyword == 'FROM:' else 'RCPT'} {keyword}<address>")
+    text = arg[len(keyword):]
+    if ascii_upper(arg[:len(keyword)]) != keyword or not text.strip(" \t"):
+        return usage
+    try:
+        found, rest = address.parse_path(text)
+    except address.PathError:
+        return bad_path
+    return found, rest.split()
+
+
+def mail_parameters(words: list[str], size_limit: int) -> str | status.Reply:
+    """MAIL's parameters (those of the keywords -bs offers: SIZE, BODY, SMTPUTF8, and AUTH=) taken in the order
+    given, the first bad one answering, then the declared size against the limit, as Postfix's smtpd does: the
+    body type BODY= names ("" for none), or the refusal."""
+    body_type, declared = "", 0
+    for word in words:
+        key, eq, value = word.partition("=")
+        key = ascii_upper(key)
+        if key == "SIZE" and eq:
+            try:
+                size = parse_octet_count(value)
+            except ValueError:
+                return status.BAD_SIZE_SYNTAX
+            if size is None:
+                return status.SIZE_OVERFLOW
+            declared = size
+        elif key == "BODY" and ascii_upper(value) in ("7BIT", "8BITMIME"):
+            body_type = ascii_upper(value)
+        elif not (key == "SMTPUTF8" and not eq) and not (key == "AUTH" and eq):
+            return status.unsupported_option(word)
+    return status.SIZE_EXCEEDS_LIMIT if size_limit and declared > size_limit else body_type

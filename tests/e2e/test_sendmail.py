@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mailflow.maildrop import maildrop_names
+from mailflow.maildrop import maildrop_names, read_maildrop
 from tests.support import big_message, eventually, maildir_messages, queue_becomes
 
 VENV_SCRIPT = Path(sys.executable).parent / "mailflow"
@@ -176,6 +176,18 @@ async def test_bs_offers_size_and_refuses_a_message_declared_too_big(cfg):
                                               b"QUIT\r\n")
     assert rc == 0 and b"\r\n250-SIZE 1000\r\n" in out
     assert b"552 5.3.4 Message size exceeds fixed limit\r\n250 2.1.0" in out
+
+
+async def test_bs_keeps_body_as_the_body_type_and_refuses_the_dsn_parameters_it_does_not_offer(cfg, tmp_path):
+    """BODY= is the message's body type, as -B (Postfix's smtpd records it as the encoding); DSN is not offered
+    under -bs (the maildrop has no per-recipient NOTIFY), so its parameters are unsupported options (RFC 5321)."""
+    script = (b"EHLO x\r\nMAIL FROM:<> RET=HDRS\r\nMAIL FROM:<> BODY=7BIT\r\nRCPT TO:<bob@local.test> NOTIFY=NEVER\r\n"
+              b"RCPT TO:<bob@local.test>\r\nDATA\r\n\r\nx\r\n.\r\nQUIT\r\n")
+    rc, out, _ = await run(cfg(), "-bs", stdin=script)
+    assert rc == 0 and b"555 5.5.4 Unsupported option: RET=HDRS\r\n250 2.1.0 Ok\r\n" \
+        b"555 5.5.4 Unsupported option: NOTIFY=NEVER\r\n250 2.1.5 Ok\r\n" in out, out
+    maildrop = tmp_path / "queue" / "maildrop"
+    assert [read_maildrop(maildrop / name).body_type for name in maildrop_names(maildrop)] == ["7BIT"]
 
 
 async def test_bs_answers_vrfy_as_postfixs_stand_alone_smtpd(cfg):

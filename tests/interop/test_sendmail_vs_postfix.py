@@ -5,14 +5,19 @@ command lines, the same standard input, to each one's own sendmail (`sendmail -C
 What is compared per command line: whether it is refused, the reason in the words of Postfix's `fatal:` (or
 getopt's) line, and the recipients of what was stored. Postfix's queued mail is read with `postqueue -j` (its
 relayhost refuses connections, so the mail stays deferred); mailflow's stays in its maildrop (no server runs).
+Under `-bs` (Postfix runs its smtpd there, with its default smtputf8_enable = yes), one command at a time: each
+reply line, the queue ids left out.
 
 Documented differences: the exit code of a refusal is 64 (EX_USAGE) for mailflow and 75 for Postfix's sendmail
 (whose fatal errors all exit EX_TEMPFAIL, usage errors too; docs/sendmail.md); `-XV` (VERP) is taken by Postfix
-and ignored with a warning by mailflow.
+and ignored with a warning by mailflow. Under -bs: the greeting's banner; EHLO without ETRN, DSN and CHUNKING,
+so the DSN parameters are unsupported options (docs/sendmail.md).
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +94,61 @@ async def test_command_lines_are_refused_or_taken_as_a_real_postfix_takes_them(w
             pf.run("postsuper", "-d", "ALL")
             for name in maildrop_names(maildrop):
                 (maildrop / name).unlink()
+
+
+# one command at a time (the lines of DATA's content sent with the command before them)
+BS_DIALOGUE = [
+    "EHLO client.test", "HELO", "EHLO",
+    "MAIL FROM:a@x.test", "RSET",  # a path without angle brackets, as Postfix's smtpd takes it
+    "MAIL FROM:<a@x.test> SIZE=abc", "MAIL FROM:<a@x.test> SIZE=100 BODY=7bit FOO", "MAIL FROM:<a@x.test> BODY=bogus",
+    "MAIL FROM:<a@x.test> SIZE=99999999999", "MAIL FROM:<a@x.test> SIZE=999999999999999999999999",
+    "MAIL FROM:<a b@x.test>", "MAIL FROM:<a@x.test", "MAIL FROM:", "MAIL TO:<a@x.test>",
+    "MAIL FROM:<@route.test:a@x.test> AUTH=<> SMTPUTF8 BODY=8BITMIME SIZE=10",
+    "RCPT TO:<>", "RCPT TO:", "RCPT TO:<b@x.test> FOO", "RCPT TO:b@x.test", "RCPT TO:<a b@x.test>",
+    "RCPT TO:<@r1.test,@r2.test:c@x.test>",
+    "DATA\r\nSubject: bs\r\n\r\nhi\r\n.",
+    "STARTTLS", "AUTH PLAIN", "XCLIENT ADDR=192.0.2.1", "XFORWARD NAME=x.test", "NOOP", "QUIT",
+]
+
+
+async def bs_replies(command: list[str]) -> list[str]:
+    """Each command's reply lines from a `-bs` session (`queued as ID` without the id)."""
+    proc = await asyncio.create_subprocess_exec(*command, "-bs", stdin=asyncio.subprocess.PIPE,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    assert proc.stdin is not None and proc.stdout is not None
+    replies = []
+
+    async def reply() -> str:
+        lines = []
+        while not lines or lines[-1][3:4] == "-":
+            line = await asyncio.wait_for(proc.stdout.readline(), 20)
+            assert line, f"the session ended: {replies}"
+            lines.append(line.decode().rstrip("\r\n"))
+        return re.sub(r"queued as \w+", "queued as ID", "\n".join(lines))
+
+    await reply()  # (the greeting: each one's banner)
+    for line in BS_DIALOGUE:
+        proc.stdin.write(line.encode() + b"\r\n")
+        replies.append(await reply())
+        if line.startswith("DATA"):
+            replies[-1] += "\n" + await reply()
+    proc.stdin.close()
+    await asyncio.wait_for(proc.wait(), 20)
+    return replies
+
+
+async def test_bs_answers_each_command_as_a_real_postfixs_smtpd_does(write_config, tmp_path):
+    (tmp_path / "queue").mkdir()
+    config = write_config(tmp_path / "mailflow.toml", smtpd={"listen": ["127.0.0.1:0"],
+                                                             "disable_vrfy_command": False}, **COMMON)
+    async with postfix_instance({**COMMON, "relayhost": "[127.0.0.1]:9", "smtputf8_enable": "yes"}) as pf:
+        postfix = await bs_replies(["sendmail", "-C", str(pf.etc)])
+    mailflow = await bs_replies([sys.executable, "-m", "mailflow", "sendmail", "-C", str(config)])
+    offered = [line[4:] for line in postfix[0].splitlines()]
+    assert [k for k in offered if k not in ("ETRN", "DSN", "CHUNKING")] == [k[4:] for k in mailflow[0].splitlines()]
+    assert mailflow[1:] == postfix[1:]
+    # what both did, so that the same change on both sides cannot pass unnoticed
+    assert postfix[3] == "250 2.1.0 Ok" and postfix[21] == "354 End data with <CR><LF>.<CR><LF>\n" \
+        "250 2.0.0 Ok: queued as ID"
+    assert [read_maildrop(tmp_path / "queue" / "maildrop" / name).recipients
+            for name in maildrop_names(tmp_path / "queue" / "maildrop")] == [("b@x.test", "c@x.test")]
