@@ -7,8 +7,11 @@ rewriting: `user` becomes `user@myorigin`, canonical maps and masquerading apply
                                             when the mailbox has one, else its words; group names, display
                                             names, comments and `<>` are no addresses
     mailbox_spans(value) -> [(start, end) | None]
-                                            the same, one item per mailbox: None for a mailbox that is not one
-                                            address
+                                            the same, one item per mailbox, where a mailbox without angle
+                                            brackets whose words stand side by side is one mailbox per word, as
+                                            Postfix's tok822_parse adds the commas they lack (`a@x b@y` is two,
+                                            `Joe a@x` too): None for a mailbox that is still not one address
+                                            (sendmail's recipients, on its command line and under -t)
     rewrite_address_fields(head, sender, recipient) -> bytes
                                             the header section with every address of a sender field passed
                                             through `sender` and of a recipient field through `recipient`
@@ -164,10 +167,30 @@ def address_spans(value: bytes) -> list[tuple[int, int]]:
 
 def mailbox_spans(value: bytes) -> list[tuple[int, int] | None]:
     """Where the address of each mailbox of `value` is, None for one that is not one address (a command-line
-    recipient list, where nothing may be dropped unsaid: a value past TOKEN_LIMIT ends with a None too)."""
+    recipient list, where nothing may be dropped unsaid: a value past TOKEN_LIMIT ends with a None too). Words
+    side by side outside angle brackets are a mailbox each, as Postfix's tok822_parse takes them."""
     tokens = _tokens(value)
-    spans = [_address_span(mailbox) for mailbox in _mailboxes(tokens)]
+    mailboxes = [part for mailbox in _mailboxes(tokens) for part in _missing_commas(mailbox)]
+    spans = [_address_span(mailbox) for mailbox in mailboxes]
     return spans + [None] if tokens and tokens[-1][2] < len(value) else spans
+
+
+_WORDS = ("word", "quoted", "literal")
+
+
+def _missing_commas(mailbox: list[Token]) -> list[list[Token]]:
+    """A mailbox without angle brackets cut before each word that follows another word with only blanks or
+    comments between them: where Postfix's tok822_parse adds a missing comma (`a@x b@y`, `Joe a@x`)."""
+    if any(kind == "<" for kind, _, _ in mailbox):
+        return [mailbox]
+    parts: list[list[Token]] = [[]]
+    previous = ""  # the kind of the last token that is not a blank or a comment
+    for token in mailbox:
+        if token[0] in _WORDS and previous in _WORDS:
+            parts.append([])
+        parts[-1].append(token)
+        previous = token[0] if token[0] not in ("blank", "comment") else previous
+    return parts
 
 
 def _spans_of_tokens(value: bytes) -> list[tuple[int, int]]:

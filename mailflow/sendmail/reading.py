@@ -9,7 +9,7 @@ header section (for -t and Bcc), streamed so that a big message is never held wh
     argument_recipients(value, origin) -> addresses
                                                    a command-line argument as an address list, as Postfix's
                                                    sendmail parses it: `a@x, b@y`, `Joe <joe@x>`, `"a,b"@x`,
-                                                   `a@x (comment)`
+                                                   `a@x (comment)`, and `a@x b@y` (two: Postfix adds the comma)
     text_of_argument(value) -> text                -F, $NAME, GECOS: bytes that are not UTF-8 become U+FFFD
     read_message(stream, ignore_dots) -> lines     CRLF line ends; a lone "." (its line end or not) ends the input
                                                    unless ignore_dots; a CR inside a line becomes a space;
@@ -31,7 +31,7 @@ import itertools
 import re
 from typing import BinaryIO, Callable, Iterable, Iterator
 
-from mailflow.header_addresses import address_spans, mailbox_spans
+from mailflow.header_addresses import mailbox_spans
 from mailflow.message import CRLF, header_fields, split_header
 from mailflow.sendmail.options import UsageError
 
@@ -153,8 +153,9 @@ def split_input(lines: Iterable[bytes], limit: int) -> tuple[bytes, Iterator[byt
 
 def header_recipients(content: bytes) -> list[str]:
     """-t: the addresses of To, Cc and Bcc (Resent-To/-Cc/-Bcc when any Resent- header is present), found as
-    cleanup finds header addresses (mailflow.header_addresses): a mailbox with `<...>` is that address only, as
-    Postfix takes it (`To: a@x <b@y>` is b@y alone); group names, display names and comments are none."""
+    Postfix's sendmail finds them (mailflow.header_addresses.mailbox_spans): a mailbox with `<...>` is that
+    address only (`To: a@x <b@y>` is b@y alone); words side by side without one are an address each (`To: a@x
+    b@y`: both, as Postfix adds the missing comma); group names, display names and comments are none."""
     fields = header_fields(split_header(content)[0])
     resent = any(name.startswith("resent-") for name, _ in fields)
     wanted = ("resent-to", "resent-cc", "resent-bcc") if resent else ("to", "cc", "bcc")
@@ -162,7 +163,7 @@ def header_recipients(content: bytes) -> list[str]:
     for name, field_lines in fields:
         if name in wanted:
             value = b"".join(field_lines).split(b":", 1)[1]
-            found += [value[start:end].decode("utf-8", "replace") for start, end in address_spans(value)]
+            found += [value[span[0]:span[1]].decode("utf-8", "replace") for span in mailbox_spans(value) if span]
     return found
 
 

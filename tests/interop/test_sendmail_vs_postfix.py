@@ -96,6 +96,37 @@ async def test_command_lines_are_refused_or_taken_as_a_real_postfix_takes_them(w
                 (maildrop / name).unlink()
 
 
+# (command line, message): the recipients and sender both store are compared
+RECIPIENT_CASES = [
+    (["a@x.test b@x.test"], MESSAGE),  # `sendmail "$RECIPIENTS"`: a space-separated list in one argument
+    (["Joe a@x.test,c@x.test\tb@x.test"], MESSAGE),
+    (["-f", "a@x.test b@x.test", "c@x.test"], MESSAGE),  # -f: the first (with a warning)
+    (["-t"], b"To: a@x.test b@x.test\nCc: Joe Q <c@x.test>, Team: d@x.test e@x.test;\nBcc: f@x.test g@x.test\n"
+             b"Subject: probe\n\nbody\n"),
+]
+
+
+async def test_recipient_lists_are_read_as_a_real_postfix_reads_them(write_config, tmp_path):
+    (tmp_path / "queue").mkdir()
+    config = write_config(tmp_path / "mailflow.toml", **COMMON)
+    maildrop = tmp_path / "queue" / "maildrop"
+    async with postfix_instance({**COMMON, "relayhost": "[127.0.0.1]:9"}) as pf:
+        for args, message in RECIPIENT_CASES:
+            postfix = subprocess.run(["sendmail", "-C", str(pf.etc), *args], input=message, capture_output=True,
+                                     timeout=20)
+            mailflow = subprocess.run([sys.executable, "-m", "mailflow", "sendmail", "-C", str(config), *args],
+                                      input=message, capture_output=True, timeout=20)
+            assert postfix.returncode == mailflow.returncode == 0, (args, postfix.stderr, mailflow.stderr)
+            assert fatal_lines(mailflow.stderr)[:-1] == fatal_lines(postfix.stderr), args  # (the last: no server)
+            await eventually(lambda: postfix_queued(pf), timeout=10, step=0.2, what=f"{args} queued by Postfix")
+            listed = pf.run("postqueue", "-j").stdout.decode()
+            [postfix_sender] = [json.loads(line)["sender"] for line in listed.splitlines() if line.strip()]
+            [stored] = [read_maildrop(maildrop / name) for name in maildrop_names(maildrop)]
+            assert (stored.sender, sorted(stored.recipients)) == (postfix_sender, sorted(postfix_queued(pf)[0])), args
+            pf.run("postsuper", "-d", "ALL")
+            (maildrop / maildrop_names(maildrop)[0]).unlink()
+
+
 # one command at a time (the lines of DATA's content sent with the command before them)
 BS_DIALOGUE = [
     "EHLO client.test", "HELO", "EHLO",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from hypothesis import given, settings, strategies as st
 
 from mailflow.header_addresses import (RECIPIENT_FIELDS, SENDER_FIELDS, TOKEN_LIMIT, _spans_of_tokens, address_spans,
-                                       rewrite_address_fields)
+                                       mailbox_spans, rewrite_address_fields)
 
 
 def addresses(value: bytes) -> list[bytes]:
@@ -37,6 +37,18 @@ def test_what_is_not_one_address_is_left_out():
     assert addresses(b" John Smith\r\n") == []  # two words: no address to qualify
     assert addresses(b" a (c) @b\r\n") == []  # a comment inside
     assert addresses(b" <a@b\r\n") == []  # never closed
+
+
+def test_mailbox_spans_add_the_commas_postfix_adds_between_words_side_by_side():
+    """sendmail's recipients (command line, -t): `a@x b@y` is two addresses, as Postfix's tok822_parse makes it;
+    words inside angle brackets' mailbox stay its display name, and what is still not one address is None."""
+    def mailboxes(value: bytes) -> list[bytes | None]:
+        return [value[span[0]:span[1]] if span else None for span in mailbox_spans(value)]
+
+    assert mailboxes(b"a@x.test b@y.test, c@z.test") == [b"a@x.test", b"b@y.test", b"c@z.test"]
+    assert mailboxes(b'Joe a@x.test "q s" (c) [1.2.3.4]') == [b"Joe", b"a@x.test", b'"q s"', b"[1.2.3.4]"]
+    assert mailboxes(b"Joe Q <j@x.test>, j@x.test (Joe Q)") == [b"j@x.test", b"j@x.test"]
+    assert mailboxes(b"a (c) @b") == [None]
 
 
 def test_sender_and_recipient_fields_go_through_their_own_function():
