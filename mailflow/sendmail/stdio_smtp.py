@@ -158,15 +158,26 @@ class StdioSmtp:
         self._reset()
 
     def _data_lines(self) -> Iterator[bytes]:
-        """The DATA content, unstuffed, line by line, up to the "." line; _EndOfInput when input ends first."""
+        """The DATA content, unstuffed, line by line, up to the "." line; _EndOfInput when input ends first. A
+        line longer than LINE_LIMIT comes in pieces, only the last ending in CRLF (as read_message gives it): it
+        stays one line, as Postfix's smtpd keeps it."""
+        at_start, carry = True, b""
         while True:
             raw = self._in.readline(self.LINE_LIMIT)
             if not raw:
                 raise _EndOfInput()
-            line = lone_cr_as_space(raw.rstrip(b"\r\n"))
-            if line == b".":
+            complete = raw.endswith(b"\n")
+            data, carry = carry + raw, b""
+            if not complete:  # a CR at the end of a piece may be the first half of the line end
+                kept = data.rstrip(b"\r")
+                data, carry = kept, data[len(kept):]
+            piece = lone_cr_as_space(data.rstrip(b"\r\n") if complete else data)
+            if at_start and complete and piece == b".":
                 return
-            yield (line[1:] if line.startswith(b".") else line) + CRLF
+            if at_start and piece.startswith(b"."):
+                piece = piece[1:]
+            yield piece + CRLF if complete else piece
+            at_start = complete
 
     @staticmethod
     def _skip(lines: Iterator[bytes]) -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from mailflow.maildrop import maildrop_names, read_maildrop
+from mailflow.sendmail import LINE_PIECE
 from tests.support import big_message, eventually, maildir_messages, queue_becomes
 
 VENV_SCRIPT = Path(sys.executable).parent / "mailflow"
@@ -188,6 +189,20 @@ async def test_bs_keeps_body_as_the_body_type_and_refuses_the_dsn_parameters_it_
         b"555 5.5.4 Unsupported option: NOTIFY=NEVER\r\n250 2.1.5 Ok\r\n" in out, out
     maildrop = tmp_path / "queue" / "maildrop"
     assert [read_maildrop(maildrop / name).body_type for name in maildrop_names(maildrop)] == ["7BIT"]
+
+
+async def test_bs_keeps_a_line_longer_than_its_read_limit_whole(cfg, tmp_path):
+    """A DATA line past the 64 KB that -bs reads at a time stays one line (it was cut in two with a CRLF put in
+    between), as Postfix's smtpd keeps it; a CR at the cut is still half of the line end, and a long line
+    that starts with a dot is unstuffed once."""
+    long_line = b"c" * (LINE_PIECE - 1) + b"\r"  # (the read stops right after the CR of the line end)
+    script = (b"HELO x\r\nMAIL FROM:<>\r\nRCPT TO:<bob@local.test>\r\nDATA\r\n\r\n" + long_line + b"\n"
+              + b".." + b"d" * LINE_PIECE + b"\r\n.\r\nQUIT\r\n")
+    rc, out, _ = await run(cfg(), "-bs", stdin=script)
+    assert rc == 0 and b"250 2.0.0 Ok: queued as" in out, out
+    [name] = maildrop_names(tmp_path / "queue" / "maildrop")
+    stored = (tmp_path / "queue" / "maildrop" / name).read_bytes()
+    assert stored.endswith(b"\n\r\n" + long_line[:-1] + b"\r\n." + b"d" * LINE_PIECE + b"\r\n")
 
 
 async def test_bs_answers_vrfy_as_postfixs_stand_alone_smtpd(cfg):
