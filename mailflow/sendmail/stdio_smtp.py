@@ -11,7 +11,8 @@ SIZE (a malformed one `501 5.5.4`, one past the limit `552 5.3.4`), BODY=7BIT|8B
 body type, as -B), SMTPUTF8 (8-bit addresses are found by pickup in any case), AUTH= (accepted, unused); any
 other parameter, the DSN ones included (DSN is not offered: the maildrop holds no per-recipient NOTIFY or ORCPT),
 is `555 5.5.4 Unsupported option`, as Postfix answers a parameter of an extension it does not offer.
-STARTTLS, AUTH, XCLIENT and XFORWARD get Postfix's stand-alone smtpd's answers (502, 503, 550).
+STARTTLS, AUTH, XCLIENT and XFORWARD get Postfix's stand-alone smtpd's answers (502, 503, 550); a command line
+that is not UTF-8 `500 5.5.2 Error: bad UTF-8 syntax`, an empty one `500 5.5.2 Error: bad syntax`.
 Pipelining works since input is read line by line. Every reply comes from mailflow.status (the greeting and the
 EHLO lines are the only plain strings). DATA is streamed like standard input in deliver mode (a CR inside a
 line becomes a space); too big is
@@ -73,10 +74,15 @@ class StdioSmtp:
             line = self._in.readline(self.LINE_LIMIT)
             if not line:
                 return 0
-            verb, _, arg = line.rstrip(b"\r\n").decode("utf-8", "replace").strip().partition(" ")
+            try:
+                text = line.rstrip(b"\r\n").decode("utf-8")
+            except UnicodeDecodeError:  # (never an address made up of replacement characters)
+                self._reply(status.BAD_UTF8)
+                continue
+            verb, _, arg = text.strip().partition(" ")
             handler = getattr(self, f"_do_{verb.upper()}", None) if verb.isalpha() else None
             if handler is None:
-                self._reply(status.NOT_RECOGNIZED)
+                self._reply(status.NOT_RECOGNIZED if verb else status.BAD_SYNTAX)
             elif handler(arg.strip()) is False:
                 return 0
 

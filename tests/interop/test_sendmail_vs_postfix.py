@@ -128,7 +128,7 @@ async def test_recipient_lists_are_read_as_a_real_postfix_reads_them(write_confi
 
 
 # one command at a time (the lines of DATA's content sent with the command before them)
-BS_DIALOGUE = [
+BS_DIALOGUE: list[str | bytes] = [
     "EHLO client.test", "HELO", "EHLO",
     "MAIL FROM:a@x.test", "RSET",  # a path without angle brackets, as Postfix's smtpd takes it
     "MAIL FROM:<a@x.test> SIZE=abc", "MAIL FROM:<a@x.test> SIZE=100 BODY=7bit FOO", "MAIL FROM:<a@x.test> BODY=bogus",
@@ -138,7 +138,9 @@ BS_DIALOGUE = [
     "RCPT TO:<>", "RCPT TO:", "RCPT TO:<b@x.test> FOO", "RCPT TO:b@x.test", "RCPT TO:<a b@x.test>",
     "RCPT TO:<@r1.test,@r2.test:c@x.test>",
     "DATA\r\nSubject: bs\r\n\r\nhi\r\n.",
-    "STARTTLS", "AUTH PLAIN", "XCLIENT ADDR=192.0.2.1", "XFORWARD NAME=x.test", "NOOP", "QUIT",
+    "STARTTLS", "AUTH PLAIN", "XCLIENT ADDR=192.0.2.1", "XFORWARD NAME=x.test", "NOOP", "", "  ",
+    b"MAIL FROM:<\xff@x.test>",  # not UTF-8: refused, never stored as a replacement character
+    "QUIT",
 ]
 
 
@@ -159,9 +161,9 @@ async def bs_replies(command: list[str]) -> list[str]:
 
     await reply()  # (the greeting: each one's banner)
     for line in BS_DIALOGUE:
-        proc.stdin.write(line.encode() + b"\r\n")
+        proc.stdin.write((line.encode() if isinstance(line, str) else line) + b"\r\n")
         replies.append(await reply())
-        if line.startswith("DATA"):
+        if isinstance(line, str) and line.startswith("DATA"):
             replies[-1] += "\n" + await reply()
     proc.stdin.close()
     await asyncio.wait_for(proc.wait(), 20)
