@@ -13,8 +13,8 @@ other parameter, the DSN ones included (DSN is not offered: the maildrop holds n
 is `555 5.5.4 Unsupported option`, as Postfix answers a parameter of an extension it does not offer.
 STARTTLS, AUTH, XCLIENT and XFORWARD get Postfix's stand-alone smtpd's answers (502, 503, 550); a command line
 that is not UTF-8 `500 5.5.2 Error: bad UTF-8 syntax`, an empty one `500 5.5.2 Error: bad syntax`.
-Pipelining works since input is read line by line. Every reply comes from mailflow.status (the greeting and the
-EHLO lines are the only plain strings). DATA is streamed like standard input in deliver mode (a CR inside a
+Pipelining works since input is read line by line. The greeting is smtpd's (`[smtpd] banner`), as Postfix's
+smtpd_banner is under -bs. Every reply comes from mailflow.status (the EHLO lines are the only plain strings). DATA is streamed like standard input in deliver mode (a CR inside a
 line becomes a space); too big is
 `552 5.3.4`; input ending mid-message stores nothing. Past `[smtpd] recipient_limit` recipients RCPT is
 answered `452 4.5.3 Error: too many recipients` (Postfix runs smtpd under -bs, with its limit).
@@ -57,7 +57,7 @@ class StdioSmtp:
         self._body_type = self._opts.body_type  # MAIL's BODY= for this message, else -B's
 
     def _reply(self, reply: "status.Reply | str") -> None:
-        """A reply from the catalogue; plain strings only for the greeting and the EHLO lines."""
+        """A reply from the catalogue; plain strings only for the EHLO lines."""
         self._out.write(str(reply).encode("utf-8") + b"\r\n")
         self._out.flush()
 
@@ -69,7 +69,7 @@ class StdioSmtp:
             return 0
 
     def _session(self) -> int:
-        self._reply(f"220 {self._host} ESMTP mailflow (sendmail -bs)")
+        self._reply(status.greeting(self._host, self._sub.config.smtpd.banner))  # (smtpd's, as Postfix's -bs)
         while True:
             line = self._in.readline(self.LINE_LIMIT)
             if not line:
