@@ -12,12 +12,14 @@ body type, as -B), SMTPUTF8 (8-bit addresses are found by pickup in any case), A
 other parameter, the DSN ones included (DSN is not offered: the maildrop holds no per-recipient NOTIFY or ORCPT),
 is `555 5.5.4 Unsupported option`, as Postfix answers a parameter of an extension it does not offer.
 STARTTLS, AUTH, XCLIENT and XFORWARD get Postfix's stand-alone smtpd's answers (502, 503, 550); a command line
-that is not UTF-8 `500 5.5.2 Error: bad UTF-8 syntax`, an empty one `500 5.5.2 Error: bad syntax`.
+that is not UTF-8 `500 5.5.2 Error: bad UTF-8 syntax`, an empty one `500 5.5.2 Error: bad syntax`, one longer than
+`[smtpd] max_line_length` (its CRLF counted) is read to its end and answered `500 5.5.2 Error: line too long`, as
+smtpd answers it (Postfix's smtpd cuts it there and answers what is left).
 Pipelining works since input is read line by line. The greeting is smtpd's (`[smtpd] banner`), as Postfix's
-smtpd_banner is under -bs. Every reply comes from mailflow.status (the EHLO lines are the only plain strings). DATA is streamed like standard input in deliver mode (a CR inside a
-line becomes a space); too big is
-`552 5.3.4`; input ending mid-message stores nothing. Past `[smtpd] recipient_limit` recipients RCPT is
-answered `452 4.5.3 Error: too many recipients` (Postfix runs smtpd under -bs, with its limit).
+smtpd_banner is under -bs. Every reply comes from mailflow.status (the EHLO lines are the only plain strings).
+DATA is streamed like standard input in deliver mode (a CR inside a line becomes a space, a line of any length
+stays one); too big is `552 5.3.4`; input ending mid-message stores nothing. Past `[smtpd] recipient_limit`
+recipients RCPT is answered `452 4.5.3 Error: too many recipients` (Postfix runs smtpd under -bs, with its limit).
 """
 from __future__ import annotations
 
@@ -71,9 +73,13 @@ class StdioSmtp:
     def _session(self) -> int:
         self._reply(status.greeting(self._host, self._sub.config.smtpd.banner))  # (smtpd's, as Postfix's -bs)
         while True:
-            line = self._in.readline(self.LINE_LIMIT)
+            line = self._in.readline(self._sub.config.smtpd.max_line_length)
             if not line:
                 return 0
+            if not line.endswith(b"\n") and len(line) == self._sub.config.smtpd.max_line_length:
+                self._skip_line()  # one reply for one command, as smtpd gives it
+                self._reply(status.LINE_TOO_LONG)
+                continue
             try:
                 text = line.rstrip(b"\r\n").decode("utf-8")
             except UnicodeDecodeError:  # (never an address made up of replacement characters)
@@ -85,6 +91,11 @@ class StdioSmtp:
                 self._reply(status.NOT_RECOGNIZED if verb else status.BAD_SYNTAX)
             elif handler(arg.strip()) is False:
                 return 0
+
+    def _skip_line(self) -> None:
+        """Read through the end of the current line (or of the input) without keeping it."""
+        while (piece := self._in.readline(self.LINE_LIMIT)) and not piece.endswith(b"\n"):
+            pass
 
     def _do_HELO(self, arg: str) -> None:
         self._reset()

@@ -205,6 +205,17 @@ async def test_bs_keeps_a_line_longer_than_its_read_limit_whole(cfg, tmp_path):
     assert stored.endswith(b"\n\r\n" + long_line[:-1] + b"\r\n." + b"d" * LINE_PIECE + b"\r\n")
 
 
+async def test_bs_answers_a_command_line_too_long_once(cfg):
+    """A command line past `[smtpd] max_line_length` is read to its end and answered once, as smtpd answers it:
+    one past the 64 KB read at a time was taken as two commands (two replies: a pipelining client's replies no
+    longer matched its commands), and a shorter one was taken whole (a 3000-byte address)."""
+    script = (b"HELO x\r\nMAIL FROM:<>\r\nRCPT TO:<" + b"l" * 3000 + b"@local.test>\r\nRCPT TO:<" + b"m" * 70000
+              + b"@local.test>\r\nRCPT TO:<" + b"n" * 2025 + b"@local.test>\r\nNOOP\r\nQUIT\r\n")
+    rc, out, _ = await run(cfg(), "-bs", stdin=script)  # (the last RCPT: 2048 bytes with its CRLF, taken)
+    assert rc == 0
+    assert out.split(b"\r\n")[3:7] == [b"500 5.5.2 Error: line too long"] * 2 + [b"250 2.1.5 Ok", b"250 2.0.0 Ok"]
+
+
 async def test_bs_answers_vrfy_as_postfixs_stand_alone_smtpd(cfg):
     """Under -bs Postfix's smtpd runs no restriction list: VRFY's argument is checked for syntax only and named in
     the 252 (`Joe <a@b>` as written, a last SMTPUTF8 word dropped); disable_vrfy_command applies there too."""
