@@ -105,7 +105,9 @@ class StdioSmtp:
         if not arg:
             return self._reply(status.hello_syntax("EHLO"))
         self._reset()
-        for line in (f"250-{self._host}", *(f"250-{k}" for k in self._keywords()[:-1]), f"250 {self._keywords()[-1]}"):
+        lines = [f"250-{self._host}", *(f"250-{keyword}" for keyword in self._keywords())]
+        lines[-1] = "250 " + lines[-1][4:]
+        for line in lines:
             self._reply(line)
 
     def _keywords(self) -> list[str]:
@@ -121,14 +123,14 @@ class StdioSmtp:
         parsed = _path(arg, "FROM:", status.SENDER_SYNTAX)
         if isinstance(parsed, status.Reply):
             return self._reply(parsed)
-        address, words = parsed
+        given, words = parsed
         body_type = mail_parameters(words, self._sub.config.smtpd.message_size_limit)
         if isinstance(body_type, status.Reply):
             return self._reply(body_type)
         try:
-            sender = clean_address(address, self._sub.config.origin) if address else ""
+            sender = clean_address(given, self._sub.config.origin) if given else ""
         except UsageError:
-            return self._reply(status.bad_sender_syntax(address))
+            return self._reply(status.bad_sender_syntax(given))
         if self._sub.sender_problem(sender):
             return self._reply(status.sender_login_mismatch(sender, self._sub.identity.login))
         self._sender = sender
@@ -141,17 +143,17 @@ class StdioSmtp:
         parsed = _path(arg, "TO:", status.RECIPIENT_SYNTAX)
         if isinstance(parsed, status.Reply):
             return self._reply(parsed)
-        address, words = parsed
-        if not address:
+        given, words = parsed
+        if not given:
             return self._reply(status.RECIPIENT_SYNTAX)
         if words:  # (NOTIFY and ORCPT: DSN is not offered)
             return self._reply(status.unsupported_option(words[0]))
         if len(self._recipients) >= self._sub.config.smtpd.recipient_limit:  # as Postfix's smtpd under -bs
             return self._reply(status.TOO_MANY_RECIPIENTS)
         try:
-            self._recipients.append(clean_recipient(address, self._sub.config.origin))
+            self._recipients.append(clean_recipient(given, self._sub.config.origin))
         except UsageError:
-            return self._reply(status.bad_address_syntax(address))
+            return self._reply(status.bad_address_syntax(given))
         self._reply(status.RCPT_OK)
 
     def _do_DATA(self, arg: str) -> None:
