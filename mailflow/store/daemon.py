@@ -13,8 +13,8 @@ Contract
   recipients, the recorded results whose notice is still owed and their client attributes; in the same reader
   hop, the content of the small ones, which `content()` hands out once each for a message `claim()` then took.
   A message whose rows hold values of the wrong kind (edited by hand: `arrival = 'x'`, an unknown recipient
-  status) comes with stand-in values and `damage` saying what is wrong (store/damage.py): qmgr moves it to the
-  corrupt queue instead of delivering it.
+  status, text that is not UTF-8) comes with stand-in values and `damage` saying what is wrong (store/damage.py):
+  qmgr moves it to the corrupt queue instead of delivering it.
 - `claim(ids, now)` is an atomic taking of messages: only rows still incoming, or deferred and due, become
   `active`; it returns the ids it took.
 - `take(now, limit)` is qmgr's scan: `due(now, limit)` and the claim of all of it, in one writer transaction
@@ -60,9 +60,9 @@ from mailflow.content import MEMORY_LIMIT, Content, Spool
 from mailflow.model import (ClientAttributes, Delivered, NewMessage, Outcome, QueuedMessage, QueueId, RcptResult,
                             Recipient)
 from mailflow.store.contents import CLIENT_COLUMNS, content_of, insert_ops, row_content, storable, sweep
-from mailflow.store.damage import Columns, checked, sort_time
+from mailflow.store.damage import Columns, checked, sort_time, undecodable
 from mailflow.store.engine import (BUSY_TIMEOUT, CONTENT_DIRECTORY, MAX_VARS, BatchLoader, GroupCommitter, Op,
-                                   Reader, Writer, chunks, marks, remove_ops)
+                                   Reader, Writer, chunks, fetch_leniently, marks, remove_ops)
 from mailflow.store.operator import OperatorQueries
 
 
@@ -363,9 +363,21 @@ def _due_order(rows: list[tuple], limit: int) -> list[tuple]:
 def _take(con: sqlite3.Connection, params: dict, limit: int, now: float) -> list[tuple]:
     """Inside a transaction: the DUE rows due() would hand out, each claimed (read and claimed under the write
     lock: nothing can take them in between, so every one is claimed)."""
-    rows = _due_order(con.execute(DUE, params).fetchall(), limit)
+    rows = _due_order(_due_rows(con, params), limit)
     taken = set(_claim(con, [row[0] for row in rows], now))
     return [row for row in rows if row[0] in taken]
+
+
+def _due_rows(con: sqlite3.Connection, params: dict) -> list[tuple]:
+    """DUE's rows, on the writer's thread; a read that meets text which is not UTF-8 is made again leniently (that
+    text then names its message damaged). A message whose id is such text is left out: it cannot be claimed (an
+    id with surrogates cannot be bound), and stays where it is, listed as damaged by the queue tools."""
+    try:
+        return con.execute(DUE, params).fetchall()
+    except sqlite3.OperationalError as e:
+        if not undecodable(e):
+            raise
+        return [row for row in fetch_leniently(con, DUE, params) if type(row[0]) is str]
 
 
 def _decoded(rows: list[tuple]) -> tuple[list[QueuedMessage], dict[QueueId, Content]]:
@@ -386,8 +398,9 @@ def _due_message(row: tuple) -> QueuedMessage:
     owed: list[RcptResult] = []
     values, damage = checked(row[:_RECIPIENTS_AT], _MESSAGE_KINDS)
     problems = [damage] if damage else []
+    suspect = type(row[_RECIPIENTS_AT]) is not str  # NotUtf8: the text of a recipient is not UTF-8
     for fields in json.loads(row[_RECIPIENTS_AT]):
-        fields, damage = checked(fields, _RECIPIENT_KINDS)
+        fields, damage = checked(fields, _RECIPIENT_KINDS, suspect=suspect)
         if damage:
             problems.append(f"recipient {fields[0]}: {damage}")
         elif fields[5] == "pending":

@@ -4,11 +4,19 @@ types are only affinities, so the store cannot count on them.
 
     Columns((name, kind), ...)                      the columns of a row, each kind one of KINDS (made once: it
                                                     keeps what a sound row's check needs)
-    checked(values, columns) -> (values, damage)    each value that is not of its kind is replaced by a stand-in
+    checked(values, columns[, suspect]) -> (values, damage)
+                                                    each value that is not of its kind is replaced by a stand-in
                                                     (0 for a number, text for text) and named in `damage`
                                                     ("arrival is 'x', not a time; size is -5, not a size"), "" when
                                                     every value is sound
     sort_time(value) -> float                       a time to sort by: +inf for one that is none
+    undecodable(error) -> bool                      the error of a read that met text which is not UTF-8
+    lenient_text(raw) -> str                        the text_factory of such a read retried: text that is not
+                                                    UTF-8 comes as NotUtf8 (its bytes kept as surrogates), which
+                                                    `checked` names as damaged
+
+Text that is not UTF-8 (`sender = CAST(x'ff61' AS TEXT)`) fails the whole read in Python's sqlite3; the store
+retries that read, and only that one, with `lenient_text` (engine.fetch_leniently): a sound read pays nothing.
 
 What becomes of a damaged row is the caller's: the operator tools list it marked as damaged with the others
 (Postfix's showq lists what it can of a bad queue file with a warning), qmgr moves the message to the corrupt queue
@@ -17,7 +25,8 @@ What becomes of a damaged row is the caller's: the operator tools list it marked
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+import sqlite3
+from typing import Any, Callable, NamedTuple, Sequence
 
 MAX_TIME = 253402300799.0  # 9999-12-31 23:59:59 UTC: past it, time.localtime() cannot say the date
 STATUSES = ("pending", "sent", "bounced")
@@ -36,43 +45,97 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _is_text(value: object) -> bool:
+    """Text that is UTF-8: not a NotUtf8, nor text with its surrogates (read through JSON from one)."""
+    return type(value) is str and (value.isascii() or _is_utf8(value))
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _text(value: object) -> str:
+    """A stand-in for text: bytes and surrogates (text that was not UTF-8) as U+FFFD, so it can be printed."""
+    if isinstance(value, str):
+        return value if _is_utf8(value) else _raw(value).decode("utf-8", "replace")
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return "" if value is None else str(value)
 
 
-# kind -> (is it one, a stand-in for one that is not, what it should have been)
-KINDS: dict[str, tuple[Callable[[object], bool], Callable[[object], object], str]] = {
-    "time": (_is_time, lambda v: 0.0, "a time"),
-    "size": (_is_count, lambda v: 0, "a size"),
-    "count": (_is_count, lambda v: 0, "a count"),
-    "flag": (lambda v: v in (0, 1) and not isinstance(v, float), lambda v: 0, "0 or 1"),
-    "text": (lambda v: isinstance(v, str), _text, "text"),
-    "status": (lambda v: v in STATUSES, _text, "pending, sent or bounced"),
-    "queue": (lambda v: v in QUEUES, _text, "a queue name"),
+def _raw(text: str) -> bytes:
+    """The bytes text that was not UTF-8 was read from (its surrogates back as bytes)."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that no byte became ("\\ud800" in JSON)
+        return text.encode("utf-8", "replace")
+
+
+class Kind(NamedTuple):
+    """What a column holds: `sound(value)` says whether a value is one; `stand_in(value)` replaces one that is not;
+    `expected` names it ("a time"); `python_type` is the type Python's sqlite3 gives for a sound value."""
+
+    sound: Callable[[object], bool]
+    stand_in: Callable[[object], object]
+    expected: str
+    python_type: type
+
+
+KINDS: dict[str, Kind] = {
+    "time": Kind(_is_time, lambda v: 0.0, "a time", float),
+    "size": Kind(_is_count, lambda v: 0, "a size", int),
+    "count": Kind(_is_count, lambda v: 0, "a count", int),
+    "flag": Kind(lambda v: v in (0, 1) and not isinstance(v, float), lambda v: 0, "0 or 1", int),
+    "text": Kind(_is_text, _text, "text", str),
+    "status": Kind(lambda v: v in STATUSES, _text, "pending, sent or bounced", str),
+    "queue": Kind(lambda v: v in QUEUES, _text, "a queue name", str),
 }
 
 
-_TYPES = {"time": float, "size": int, "count": int, "flag": int, "text": str, "status": str, "queue": str}
-
-
 class Columns:
+    """The columns of a row as `checked` takes them: (name, kind) pairs, each kind a key of KINDS. Made once per
+    query: it keeps what the check of a sound row needs (the Python types SQLite gives for it, and the columns
+    whose values have bounds beyond their type)."""
+
     def __init__(self, *columns: tuple[str, str]):
         self.columns = columns
-        self.types = tuple(_TYPES[kind] for _, kind in columns)  # what SQLite gives for a sound row
-        self.bounded = tuple((i, KINDS[kind][0]) for i, (_, kind) in enumerate(columns) if kind != "text")
+        self.types = tuple(KINDS[kind].python_type for _, kind in columns)
+        self.bounded = tuple((i, KINDS[kind].sound) for i, (_, kind) in enumerate(columns) if kind != "text")
 
 
-def checked(values: Sequence[Any], columns: Columns) -> tuple[Sequence[Any], str]:
+class NotUtf8(str):
+    """Text read from a column whose bytes are not UTF-8 (by `lenient_text`): its bytes kept as surrogates. Not a
+    str to `checked`, which names it as damaged."""
+
+
+def lenient_text(raw: bytes) -> str:
+    """The text_factory of a read retried after `undecodable`: text as ever, and NotUtf8 where it is not UTF-8."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return NotUtf8(raw.decode("utf-8", "surrogateescape"))
+
+
+def undecodable(error: BaseException) -> bool:
+    """True for the error of a read that met text which is not UTF-8 (Python's sqlite3 says so)."""
+    return isinstance(error, sqlite3.OperationalError) and str(error).startswith("Could not decode to UTF-8")
+
+
+def checked(values: Sequence[Any], columns: Columns, *, suspect: bool = False) -> tuple[Sequence[Any], str]:
     """See the module docstring. A sound row (every value of the type SQLite gives for its kind, and within its
-    kind's bounds) is checked without a call per value: qmgr checks every message it takes."""
-    if tuple(map(type, values)) == columns.types and all(sound(values[i]) for i, sound in columns.bounded):
+    kind's bounds) is checked without a call per value: qmgr checks every message it takes. `suspect`: check
+    every value (the values came out of text that was not UTF-8, through JSON: plain str with surrogates)."""
+    if not suspect and tuple(map(type, values)) == columns.types and all(
+            sound(values[i]) for i, sound in columns.bounded):
         return values, ""
     out: list[Any] = []
     problems = []
     for value, (name, kind) in zip(values, columns.columns):
-        sound, stand_in, expected = KINDS[kind]
+        sound, stand_in, expected, _ = KINDS[kind]
         if sound(value):
             out.append(value)
         else:
@@ -86,5 +149,7 @@ def sort_time(value: object) -> float:
 
 
 def _shown(value: object) -> str:
+    if isinstance(value, str) and not _is_utf8(value):
+        value = _raw(value)  # shown as the bytes it is: b'\\xffa'
     text = "NULL" if value is None else repr(value)
     return text if len(text) <= 40 else text[:37] + "..."

@@ -32,6 +32,8 @@ What it owns
   served the next client, and each of its statements took the GIL from the loop, a cross-CPU wake-up each
   time on a VM; merged, the server spends about 15 % less CPU per message at one session —
   docs/performance.md, "Fifth pass".) `stop()` commits a lingering write at once.
+- Text that is not UTF-8 in a row (edited by hand) fails a read in Python's sqlite3: the reader retries that read
+  with `fetch_leniently` (store/damage.py names such text as damaged), so one bad row stops no scan or listing.
 - `BatchLoader`: `load(key)` calls made in the same loop turn become one `fetch_many(keys)` call.
 - Opening the writer brings an older queue to the current schema (`schema.py`).
 - Content files in a transaction: the pseudo-statement `LINK_CONTENT` hard-links `(source file, queue id)`
@@ -63,6 +65,7 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping, NamedTuple, Sequ
 import aiosqlite
 
 from mailflow.errors import Overloaded
+from mailflow.store.damage import lenient_text, undecodable
 from mailflow.store.schema import convert_to_incremental_vacuum, migrate
 
 log = logging.getLogger("mailflow.store")
@@ -185,7 +188,14 @@ class Reader:
         if self._db is None:
             raise sqlite3.ProgrammingError("the store's reader is not open")
         self.hops += 1
-        rows = await self._db.execute_fetchall(sql, params)
+        try:
+            rows = await self._db.execute_fetchall(sql, params)
+        except sqlite3.OperationalError as e:
+            if not undecodable(e):
+                raise
+            # on aiosqlite's thread, which owns the connection: nothing else runs between the text_factory's
+            # change and its undoing (aiosqlite's own way to run a function there)
+            rows = await self._db._execute(fetch_leniently, self._db._conn, sql, params)
         return cast(list[tuple], list(rows))  # (no row_factory: sqlite3 gives tuples, typed as Row by aiosqlite)
 
     async def close(self) -> None:
@@ -301,6 +311,17 @@ def _content_files(con: sqlite3.Connection, id_rows: Sequence[tuple]) -> list[st
             f"SELECT message_id FROM content WHERE file_offset IS NOT NULL AND message_id IN ({marks(len(chunk))})",
             chunk)]
     return found
+
+
+def fetch_leniently(con: sqlite3.Connection, sql: str, params: Sequence[Any] | Mapping[str, Any]) -> list[tuple]:
+    """The rows of a read again, after it met text that is not UTF-8 (`damage.undecodable`), that text as
+    damage.NotUtf8 for `damage.checked` to name. Only on the connection's own thread; its text_factory is back
+    to the default when it returns."""
+    con.text_factory = lenient_text
+    try:
+        return con.execute(sql, params).fetchall()
+    finally:
+        con.text_factory = str
 
 
 def rollback(con: sqlite3.Connection) -> None:

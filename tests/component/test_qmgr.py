@@ -273,7 +273,11 @@ async def test_missing_content_moves_the_message_to_corrupt(h):
     ("UPDATE recipient SET status = 'odd', notice = 1 WHERE message_id = :qid",
      "recipient 0: status is 'odd', not pending, sent or bounced"),
     ("UPDATE recipient SET reason = x'ff' WHERE message_id = :qid", "recipient 0: reason is {'blob': 'FF'}, not text"),
-], ids=["arrival", "size-and-next-attempt", "recipient-status", "blob"])
+    ("UPDATE message SET sender = CAST(x'ff61' AS TEXT) WHERE id = :qid",  # (Python's sqlite3 cannot decode it)
+     "sender is b'\\xffa', not text"),
+    ("UPDATE recipient SET address = CAST(x'ff62' AS TEXT) WHERE message_id = :qid",  # (inside DUE's JSON)
+     "recipient 0: address is b'\\xffb', not text"),
+], ids=["arrival", "size-and-next-attempt", "recipient-status", "blob", "sender-not-utf8", "address-not-utf8"])
 async def test_a_message_with_damaged_queue_rows_goes_to_corrupt_and_the_others_are_delivered(h, caplog, damage,
                                                                                             said):
     """A row edited by hand (values of the wrong kind) neither stops qmgr's loop nor the other deliveries: the

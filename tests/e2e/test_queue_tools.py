@@ -474,6 +474,34 @@ async def test_a_damaged_queue_row_is_listed_marked_warned_about_once_and_the_to
     assert rc == 0 and err == "" and "TOTAL" in out
 
 
+async def test_text_that_is_not_utf8_in_a_queue_row_is_listed_as_damaged(write_config, tmp_path):
+    """A sender and a recipient address set by hand to bytes that are not UTF-8 (`CAST(x'ff61' AS TEXT)`): Python's
+    sqlite3 cannot decode them, and such a row failed every listing. Now mailq, `list --json` and `show` list the
+    message with U+FFFD in their place, marked and warned about by queue id."""
+    from mailflow.store import Store
+
+    config = write_config(tmp_path / "mailflow.toml")
+    db = tmp_path / "queue" / "queue.db"
+    store = await Store.open(db)
+    sound, bad = (f"{'0' * 12}{letter * 4}" for letter in "AB")
+    for qid in (sound, bad):
+        await store.insert(NewMessage(qid, "s@remote.test", time.time(), Content.of(message(qid)),
+                                      (Recipient(0, "r@relay.test", "r@relay.test"),), queue="deferred"))
+    await store.close()
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE message SET sender = CAST(x'ff61' AS TEXT) WHERE id = ?", (bad,))
+        con.execute("UPDATE recipient SET address = CAST(x'ff62' AS TEXT) WHERE message_id = ?", (bad,))
+    damage = "sender is b'\\xffa', not text; recipient \ufffdb: address is b'\\xffb', not text"
+    rc, out, err = await cli(config, "mailq")
+    assert "Traceback" not in err and sound in out and bad in out and "\ufffda" in out, (out, err)
+    assert err == (f"mailflow queue list: warning: {bad}: damaged queue row: {damage}"
+                   " (`mailflow queue delete` removes it)\n"), err
+    rc, out, err = await queue(config, "list", "--json")
+    assert {m["id"]: m.get("damaged") for m in json.loads(out)} == {sound: None, bad: damage}
+    rc, out, err = await queue(config, "show", bad)
+    assert f"damaged:        sender is b'\\xffa', not text" in out and "\ufffdb" in out, (out, err)
+
+
 # ---------------------------------------------------------------------------------------------- selectors, shape
 
 
