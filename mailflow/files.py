@@ -1,8 +1,10 @@
 """Files the operator or a user names (config.toml, tables, keys, certificates, tokens, secrets, :include:): read only
 when they are regular files, and only up to a limit.
 
-    read_regular_file(path, limit) -> bytes    the whole file; raises OSError (FileNotFoundError and the others as
-                                               the system gives them) or RefusedFile
+    read_regular_file(path, limit[, null_is_empty]) -> bytes
+                                               the whole file; raises OSError (FileNotFoundError and the others as
+                                               the system gives them) or RefusedFile. `null_is_empty`: /dev/null
+                                               (or a link to it) reads as an empty file, for a table or a list
     check_regular_file(path, limit)            the same checks without reading, for a file a library opens by name
                                                (OpenSSL's certificates and CA files)
     RefusedFile(OSError)                       not a regular file (a FIFO, a device, a directory, a socket):
@@ -18,6 +20,11 @@ The file is looked at with stat() before it is opened (a device is never opened:
 with O_NONBLOCK (a FIFO swapped in meanwhile opens at once) and looked at again with fstat(); a regular file
 larger than `limit` is refused before it is read. `check_regular_file` leaves the library to open the file by name
 afterwards: a file replaced in between is the operator's own doing, and the library's error then names it.
+/dev/null is a device, but the one that cannot hold a reader nor fill memory: where a table or a list is read
+(texthash:, regexp:, the DKIM key and signing tables, the admin's tokens) it is an empty one, as `hash:/dev/null` and
+`texthash:/dev/null` are in Postfix (dict_thash.c opens any file; `postmap -q k texthash:/dev/null` finds nothing).
+It is recognised by its device number, so a link to it is one too; elsewhere (a certificate, a secret, :include:,
+as Postfix's local(8) refuses an :include: file that is not regular) it is refused as the other devices are.
 Symbolic links are followed (certificates are often links); callers that must not follow one (a .forward) keep
 their own open.
 """
@@ -50,9 +57,13 @@ class FileTooLarge(RefusedFile):
     """A regular file larger than the caller's limit."""
 
 
-def read_regular_file(path: str | Path, limit: int) -> bytes:
-    """The bytes of `path`, a regular file of at most `limit` bytes (see the module docstring)."""
-    _refuse(os.stat(path), path, limit)
+def read_regular_file(path: str | Path, limit: int, *, null_is_empty: bool = False) -> bytes:
+    """The bytes of `path`, a regular file of at most `limit` bytes (see the module docstring); with
+    `null_is_empty`, /dev/null gives b""."""
+    st = os.stat(path)
+    if null_is_empty and _is_null_device(st):
+        return b""
+    _refuse(st, path, limit)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         _refuse(os.fstat(fd), path, limit)
@@ -69,6 +80,11 @@ def read_regular_file(path: str | Path, limit: int) -> bytes:
 def check_regular_file(path: str | Path, limit: int) -> None:
     """Raise what `read_regular_file` would, without reading the file (see the module docstring)."""
     _refuse(os.stat(path), path, limit)
+
+
+def _is_null_device(st: os.stat_result) -> bool:
+    """True for /dev/null, under whatever name (a link, a bind mount): a character device with its number."""
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.stat(os.devnull).st_rdev
 
 
 def _refuse(st: os.stat_result, path: str | Path, limit: int) -> None:

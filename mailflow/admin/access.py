@@ -45,7 +45,7 @@ def read_tokens(path: str) -> dict[str, str]:
     """The tokens of a token file by name (see the module docstring)."""
     key = "admin.token_file"
     try:
-        text = read_regular_file(path, TEXT_LIMIT).decode("utf-8")
+        text = read_regular_file(path, TEXT_LIMIT, null_is_empty=True).decode("utf-8")
     except OSError as e:
         raise ConfigError(path, key, f"cannot read: {e.strerror}") from None
     except UnicodeDecodeError:

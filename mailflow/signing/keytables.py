@@ -85,7 +85,7 @@ def load_private_key(data: bytes) -> tuple[str, bytes, bytes]:
 
 def _entries(path: str, setting: str) -> list[tuple[str, str]]:
     try:
-        text = read_regular_file(path, TABLE_LIMIT).decode("utf-8")
+        text = read_regular_file(path, TABLE_LIMIT, null_is_empty=True).decode("utf-8")
     except (OSError, UnicodeError) as e:
         raise ConfigError(path, setting, f"cannot read: {getattr(e, 'strerror', None) or e}") from None
     out = []

@@ -89,7 +89,7 @@ class Reloading(Generic[T]):
             if previous is not None and previous[2] is None and _signature(st) == previous[1]:
                 return previous
             signature = _signature(st)  # (a change after this stat is seen at the next check)
-            text = read_regular_file(self._path, TABLE_LIMIT).decode("utf-8")
+            text = read_regular_file(self._path, TABLE_LIMIT, null_is_empty=True).decode("utf-8")
         except (OSError, UnicodeDecodeError) as e:  # RefusedFile too: a FIFO or /dev/zero named as a table
             return None, None, f"table {self._name}: cannot read {self._path}: {getattr(e, 'strerror', None) or e}"
         try:

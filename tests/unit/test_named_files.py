@@ -174,6 +174,29 @@ def test_a_file_table(tmp_path, kind):
         assert str(path) in str(error) and f"{what}, not a regular file" in str(error)
 
 
+@pytest.mark.parametrize("kind", ["texthash", "regexp"])
+def test_dev_null_or_a_link_to_it_is_an_empty_table(tmp_path, kind):
+    """`texthash:/dev/null` is an empty table, as in Postfix (`postmap -q k texthash:/dev/null` finds nothing and
+    succeeds: dict_thash.c opens any file), an alias table too; /dev/zero is still refused above."""
+    link = tmp_path / "empty"
+    link.symlink_to(os.devnull)
+    for path in (os.devnull, link):
+        assert bounded(lambda: open_table(f"{kind}:{path}").lookup("key")) is None
+        assert bounded(lambda: open_table(f"{kind}:{path}", aliases=True).lookup("postmaster")) is None
+
+
+def test_dev_null_is_an_empty_dkim_table_and_token_list_but_no_include_file():
+    """The DKIM key and signing tables and the admin's token list are tables or lists: /dev/null is an empty one
+    (a token list must name one: it says so). An :include: file stays refused, as Postfix's local(8) refuses one that
+    is not regular."""
+    assert bounded(lambda: SigningTable.load("refile", os.devnull).key_name("a@example.com")) is None
+    assert isinstance(bounded(lambda: KeyTable.load(os.devnull)), KeyTable)
+    error = refused(lambda: read_tokens(os.devnull))
+    assert isinstance(error, ConfigError) and error.reason == "no token in the file", error
+    error = refused(lambda: read_small_file(Path(os.devnull)))
+    assert isinstance(error, TemporaryError) and "is a character device, not a regular file" in str(error)
+
+
 def test_an_alias_table(fifo):
     error = refused(lambda: open_table(f"texthash:{fifo}", aliases=True).lookup("postmaster"), fifo)
     assert isinstance(error, LookupRetry) and f"cannot read {fifo}: is a FIFO, not a regular file" in str(error)
