@@ -5,6 +5,8 @@ when they are regular files, and only up to a limit.
                                                the whole file; raises OSError (FileNotFoundError and the others as
                                                the system gives them) or RefusedFile. `null_is_empty`: /dev/null
                                                (or a link to it) reads as an empty file, for a table or a list
+    read_bounded(f, size, limit) -> bytes      an open file's bytes, `limit` + 1 at most, asking for `size` + 1
+                                               (its fstat() size) first: for callers with an open of their own
     check_regular_file(path, limit)            the same checks without reading, for a file a library opens by name
                                                (OpenSSL's certificates and CA files)
     RefusedFile(OSError)                       not a regular file (a FIFO, a device, a directory, a socket):
@@ -18,8 +20,10 @@ server's event loop, `check-config`, a delivery), and a device such as /dev/zero
 out. Postfix 3.7.11 hangs on both (`postmap -q k texthash:FIFO`, `texthash:/dev/zero`); mailflow refuses them.
 The file is looked at with stat() before it is opened (a device is never opened: a tape rewinds on open), opened
 with O_NONBLOCK (a FIFO swapped in meanwhile opens at once) and looked at again with fstat(); a regular file
-larger than `limit` is refused before it is read. `check_regular_file` leaves the library to open the file by name
-afterwards: a file replaced in between is the operator's own doing, and the library's error then names it.
+larger than `limit` is refused before it is read, and one read asks for the size fstat() gave and a byte more (not
+the limit: 64 MB for every table reload), reading on only when the file grew meanwhile, up to the limit.
+`check_regular_file` leaves the library to open the file by name afterwards: a file replaced in between is the
+operator's own doing, and the library's error then names it.
 /dev/null is a device, but the one that cannot hold a reader nor fill memory: where a table or a list is read
 (texthash:, regexp:, the DKIM key and signing tables, the admin's tokens) it is an empty one, as `hash:/dev/null` and
 `texthash:/dev/null` are in Postfix (dict_thash.c opens any file; `postmap -q k texthash:/dev/null` finds nothing).
@@ -34,6 +38,7 @@ import errno
 import os
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
           (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"))
@@ -41,6 +46,7 @@ _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat
 
 TEXT_LIMIT = 4 << 20  # the largest CA bundles are some 250 KB; keys, tokens and secrets a few KB
 TABLE_LIMIT = 64 << 20  # a table is parsed into memory whole: a million lines of access map is some 40 MB
+GROWN_PIECE = 1 << 16  # bytes read at a time of a file longer than fstat() said
 
 
 class RefusedFile(OSError):
@@ -66,15 +72,31 @@ def read_regular_file(path: str | Path, limit: int, *, null_is_empty: bool = Fal
     _refuse(st, path, limit)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        _refuse(os.fstat(fd), path, limit)
+        st = os.fstat(fd)
+        _refuse(st, path, limit)
         os.set_blocking(fd, True)
         with open(fd, "rb", closefd=False) as f:
-            data = f.read(limit + 1)
+            data = read_bounded(f, st.st_size, limit)
     finally:
         os.close(fd)
-    if len(data) > limit:  # it grew since fstat()
+    if len(data) > limit:
         raise FileTooLarge(f"larger than {_size(limit)}", path)
     return data
+
+
+def read_bounded(f: BinaryIO, size: int, limit: int) -> bytes:
+    """The file's bytes, `limit` + 1 at most: what fstat() said (`size`) and one byte more, so that a read of a
+    small file never asks for (and allocates) the whole limit; a file that grew since (or that fstat() gives as
+    0 bytes, as /proc's) is read on in pieces until its end or past the limit."""
+    data = f.read(min(size, limit) + 1)
+    if len(data) <= size:
+        return data
+    pieces = [data]
+    read = len(data)
+    while read <= limit and (piece := f.read(min(GROWN_PIECE, limit + 1 - read))):
+        pieces.append(piece)
+        read += len(piece)
+    return b"".join(pieces)
 
 
 def check_regular_file(path: str | Path, limit: int) -> None:

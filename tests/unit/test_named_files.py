@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+import tracemalloc
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,12 +22,13 @@ from mailflow.accounts.database import AccountDatabase, AccountError
 from mailflow.admin.access import read_tokens
 from mailflow.config import load_config
 from mailflow.errors import ConfigError, LookupRetry, TemporaryError
-from mailflow.files import FileTooLarge, RefusedFile, check_regular_file, read_regular_file
+from mailflow.files import (TABLE_LIMIT, TEXT_LIMIT, FileTooLarge, RefusedFile, check_regular_file,
+                            read_regular_file)
 from mailflow.routing.srs import srs_from_config
 from mailflow.signing.keytables import KeyTable, SigningTable
 from mailflow.stages.smtpd.tls import TlsError, build_context
 from mailflow.tables.spec import open_table
-from mailflow.transports.local.aliasing import read_small_file
+from mailflow.transports.local.aliasing import read_forward, read_small_file
 from mailflow.transports.smtp.mtasts import FetchError, HttpsPolicyFetcher
 from mailflow.transports.smtp.tls import TlsContexts, TlsUnavailable
 from tests.unit.test_aliasing import expander
@@ -109,6 +111,34 @@ def test_a_symbolic_link_to_a_regular_file_is_followed_and_one_to_a_fifo_refused
 
 
 # ---------------------------------------------------------------------------------------------- configuration
+
+
+def test_a_small_file_is_read_without_allocating_the_limit(tmp_path):
+    """A read asks for the file's size and a byte more, not the limit: reading a small table cost 64 MB (the
+    TABLE_LIMIT) of memory at every reload, an :include: or a .forward 1 MB at every delivery."""
+    small = tmp_path / "small"
+    small.write_bytes(b"key value\n")
+    for read, expected in ((lambda: read_regular_file(small, TABLE_LIMIT), b"key value\n"),
+                           (lambda: read_small_file(small), "key value\n"),
+                           (lambda: read_forward(small, (os.geteuid(),)), b"Fkey value\n")):
+        tracemalloc.start()
+        try:
+            assert read() == expected
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 256 << 10, peak
+
+
+def test_a_file_longer_than_fstat_says_is_read_whole_and_still_bounded():
+    """A regular file may grow between fstat() and the read (or, as /proc's, say 0 bytes): it is read to its end
+    in pieces, and refused once past the limit."""
+    status = Path("/proc/self/status")
+    assert status.stat().st_size == 0
+    text = read_regular_file(status, TEXT_LIMIT)
+    assert text.startswith(b"Name:") and text.rstrip().splitlines()[-1].startswith(b"nonvoluntary_ctxt_switches")
+    error = refused(lambda: read_regular_file(status, 100))
+    assert isinstance(error, FileTooLarge) and str(error) == f"{status}: larger than 100 bytes"
 
 
 def test_the_configuration_file_itself(tmp_path):

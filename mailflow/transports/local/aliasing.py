@@ -66,7 +66,7 @@ from mailflow import address
 from mailflow.aliases import (AddressTarget, AliasSyntaxError, CommandTarget, FileTarget, IncludeTarget,
                               MailboxTarget, Target, parse_forward, parse_include, parse_value)
 from mailflow.errors import TemporaryError
-from mailflow.files import FileTooLarge, read_regular_file
+from mailflow.files import FileTooLarge, read_bounded, read_regular_file
 from mailflow.model import AddressClass
 from mailflow.tables import split_extension
 from mailflow.transports.local.asuser import call_as, rights_for
@@ -170,11 +170,12 @@ def read_forward(path: Path, owners: tuple[int, ...], single_link: bool = False)
             return f"Icannot open file {path}: {e.strerror}".encode()
         raise
     try:
-        problem = _forward_problem(os.fstat(fd), owners, single_link)
+        st = os.fstat(fd)
+        problem = _forward_problem(st, owners, single_link)
         if problem:
             return f"Ifile {path} {problem}".encode()
         with os.fdopen(os.dup(fd), "rb") as f:
-            return b"F" + f.read(SMALL_FILE_LIMIT + 1)
+            return b"F" + read_bounded(f, st.st_size, SMALL_FILE_LIMIT)
     finally:
         os.close(fd)
 
