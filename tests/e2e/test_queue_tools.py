@@ -499,7 +499,7 @@ async def test_text_that_is_not_utf8_in_a_queue_row_is_listed_as_damaged(write_c
     rc, out, err = await queue(config, "list", "--json")
     assert {m["id"]: m.get("damaged") for m in json.loads(out)} == {sound: None, bad: damage}
     rc, out, err = await queue(config, "show", bad)
-    assert f"damaged:        sender is b'\\xffa', not text" in out and "\ufffdb" in out, (out, err)
+    assert "damaged:        sender is b'\\xffa', not text" in out and "\ufffdb" in out, (out, err)
 
 
 # ---------------------------------------------------------------------------------------------- selectors, shape
