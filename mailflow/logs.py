@@ -246,8 +246,10 @@ class MailLog:
                    reason=reason)
 
     def corrupt(self, queue_id: str, reason: str) -> None:
+        """qmgr set a message aside in the corrupt queue: a warning, as Postfix's `saving corrupt file`."""
         if self.active:
-            self._emit(queue_id, "corrupt", f"moved to the corrupt queue: {reason}", service="qmgr", reason=reason)
+            self._emit(queue_id, "corrupt", f"moved to the corrupt queue: {reason}", service="qmgr", reason=reason,
+                       level=logging.WARNING)
 
 
 _RESULT_STATUS = {Outcome.SENT: "sent", Outcome.DEFERRED: "deferred", Outcome.BOUNCED: "bounced"}

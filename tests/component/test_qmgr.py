@@ -294,8 +294,8 @@ async def test_a_message_with_damaged_queue_rows_goes_to_corrupt_and_the_others_
     await h.start()
     await eventually(lambda: _is(h, {"corrupt": 1}))
     assert sorted(req.queue_id for req in h.smtp.requests) == [before, after]
-    assert f"{bad}: moved to the corrupt queue: damaged queue row: {said}" in caplog.text
-    assert f"{bad}: damaged queue row: {said}" in caplog.text
+    said_of_it = [(r.levelname, r.getMessage()) for r in caplog.records if bad in r.getMessage()]
+    assert said_of_it == [("WARNING", f"{bad}: moved to the corrupt queue: damaged queue row: {said}")], said_of_it
     h.clock.advance(3600)
     await qmgr_turn(h.qmgr, h.clock)  # the loop goes on: a later scan neither retries it nor stops
     assert await h.counts() == {"corrupt": 1} and len(h.smtp.requests) == 2

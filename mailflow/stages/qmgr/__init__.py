@@ -430,9 +430,9 @@ class QueueManager:
             self._admitting = 0
 
     async def _set_aside(self, message: QueuedMessage) -> None:
-        """A message with damaged queue rows is not delivered: its values are stand-ins. To the corrupt queue."""
+        """A message with damaged queue rows is not delivered: its values are stand-ins. To the corrupt queue, with
+        one warning naming it and what is wrong (Postfix's one `saving corrupt file` line)."""
         qid = message.queue_id
-        log.warning("%s: damaged queue row: %s", qid, message.damage)
         await self._writes.run(lambda: self._store.mark_corrupt([qid]), f"{qid}: moving to the corrupt queue")
         self._log.corrupt(qid, f"damaged queue row: {message.damage}")
 
