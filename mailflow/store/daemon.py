@@ -15,6 +15,8 @@ Contract
   A message whose rows hold values of the wrong kind (edited by hand: `arrival = 'x'`, an unknown recipient
   status, text that is not UTF-8) comes with stand-in values and `damage` saying what is wrong (store/damage.py):
   qmgr moves it to the corrupt queue instead of delivering it.
+- `never_due()`: the deferred messages whose next_attempt is no number (text, a BLOB: by hand), which `due()`
+  can never take (SQLite sorts them above every time), with what is wrong; qmgr sets them aside too.
 - `claim(ids, now)` is an atomic taking of messages: only rows still incoming, or deferred and due, become
   `active`; it returns the ids it took.
 - `take(now, limit)` is qmgr's scan: `due(now, limit)` and the claim of all of it, in one writer transaction
@@ -234,6 +236,14 @@ class Store(OperatorQueries):
         self._scanned = scanned
         return messages
 
+    async def never_due(self) -> list[tuple[QueueId, str]]:
+        """Deferred messages whose next_attempt is text or a BLOB (set by hand), each with what is wrong: SQLite
+        sorts those above every number, so `next_attempt <= now` never holds and `due()` never sees them. An index
+        range scan (message_due: text and BLOBs sort after the numbers), for qmgr's timed scans, not per message."""
+        rows = await self._reader.fetchall(
+            "SELECT id, next_attempt FROM message WHERE queue = 'deferred' AND next_attempt >= ''")
+        return [(qid, checked((when,), _NEXT_ATTEMPT_KIND)[1]) for qid, when in rows]
+
     async def next_due_time(self) -> float | None:
         rows = await self._reader.fetchall("SELECT min(next_attempt) FROM message WHERE queue = 'deferred'")
         earliest = sort_time(rows[0][0]) if rows and rows[0][0] is not None else None
@@ -343,6 +353,7 @@ _MESSAGE_KINDS = Columns(("id", "text"), ("sender", "text"), ("arrival", "time")
                          ("smtputf8", "flag"), ("body_type", "text"), ("attempts", "count"), ("envid", "text"),
                          ("ret", "text"), ("warned", "flag"), ("filter", "text"), ("from_logged", "flag"),
                          *((name, "text") for name in CLIENT_COLUMNS))
+_NEXT_ATTEMPT_KIND = Columns(("next_attempt", "time"))
 _RECIPIENT_KINDS = Columns(("idx", "count"), ("address", "text"), ("original", "text"), ("notify", "text"),
                            ("orcpt", "text"), ("status", "status"), ("dsn", "text"), ("reason", "text"),
                            ("relay", "text"), ("relayed", "flag"))

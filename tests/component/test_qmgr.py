@@ -301,6 +301,26 @@ async def test_a_message_with_damaged_queue_rows_goes_to_corrupt_and_the_others_
     assert await h.counts() == {"corrupt": 1} and len(h.smtp.requests) == 2
 
 
+@pytest.mark.parametrize("next_attempt, said", [("'y'", "'y'"), ("x'00'", "b'\\x00'")], ids=["text", "blob"])
+async def test_a_deferred_message_whose_next_attempt_is_no_time_goes_to_corrupt(h, caplog, next_attempt, said):
+    """SQLite sorts text and BLOBs above every number, so a deferred message whose next_attempt was set to one by
+    hand is never due: qmgr never took it, and it stayed deferred for ever, unseen. A timed scan (the first at
+    start) sets it aside as the other damaged messages are; a sound deferred message is delivered."""
+    caplog.set_level(logging.INFO, logger="mailflow.mail")
+    await h.open_store()
+    sound = await h.queue("a@remote.test", wake=False)
+    bad = await h.queue("b@remote.test", wake=False)
+    with sqlite3.connect(h.tmp_path / "queue.db") as db:
+        db.execute("UPDATE message SET queue = 'deferred', next_attempt = ? WHERE id = ?", (h.clock.time(), sound))
+        db.execute(f"UPDATE message SET queue = 'deferred', next_attempt = {next_attempt} WHERE id = ?", (bad,))
+    await h.start()
+    await eventually(lambda: _is(h, {"corrupt": 1}))
+    assert [req.queue_id for req in h.smtp.requests] == [sound]
+    said_of_it = [(r.levelname, r.getMessage()) for r in caplog.records if bad in r.getMessage()]
+    assert said_of_it == [("WARNING", f"{bad}: moved to the corrupt queue: damaged queue row: next_attempt is {said},"
+                                      " not a time")], said_of_it
+
+
 # ---------------------------------------------------------------------------------------------- concurrency
 
 

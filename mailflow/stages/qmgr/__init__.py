@@ -69,8 +69,9 @@ Failure behaviour
 - A resolver or transport that raises, a content read error, a recipient the agent does not report on:
   that recipient is deferred (4.3.0), never lost. Unknown transport: deferred 4.3.0 "mail transport
   unavailable" with a warning naming it, as Postfix. Missing content: the message goes to the corrupt queue; so does
-  a message whose queue rows hold values of the wrong kind (edited by hand: `QueuedMessage.damage`), with a
-  warning naming it and what is wrong, as Postfix's qmgr saves a queue file it cannot read; the others go on.
+  a message whose queue rows hold values of the wrong kind (edited by hand: `QueuedMessage.damage`, and, found at
+  each timed scan, a deferred one whose next_attempt is no time: `Store.never_due`), with a warning naming it and
+  what is wrong, as Postfix's qmgr saves a queue file it cannot read; the others go on.
 - A message an operator holds or deletes while it is active: its jobs not yet started are dropped at the
   next tick (held: its recipients stay pending; deleted: nothing is recorded or logged, as the queue tool
   logged postsuper's `removed`); one in flight finishes. A held message is never expired nor warned about at
@@ -403,6 +404,7 @@ class QueueManager:
         self._room_was_short = room <= 0 or len(taken) >= room  # more may be due than there was room for
         await self._admit_all(taken, now)
         if now >= self._next_scan:  # a timed scan: sleep next until the earliest deferred message is due
+            await self._set_aside_never_due()
             next_due = await self._store.next_due_time()  # (an index lookup), at most a queue run
             later = now + self._config.queue_run_delay
             if next_due is not None and len(self._active) < self._config.active_limit:
@@ -428,6 +430,17 @@ class QueueManager:
                 self._pump()
         finally:
             self._admitting = 0
+
+    async def _set_aside_never_due(self) -> None:
+        """Deferred mail whose next_attempt is no time (set by hand) would never be due, nor ever seen: set aside as
+        the other damaged messages are (at the timed scans, the first at start: an index lookup)."""
+        never_due = await self._store.never_due()
+        if not never_due:
+            return
+        ids = [qid for qid, _ in never_due]
+        await self._writes.run(lambda: self._store.mark_corrupt(ids), f"{ids[0]}: moving to the corrupt queue")
+        for qid, damage in never_due:
+            self._log.corrupt(qid, f"damaged queue row: {damage}")
 
     async def _set_aside(self, message: QueuedMessage) -> None:
         """A message with damaged queue rows is not delivered: its values are stand-ins. To the corrupt queue, with
