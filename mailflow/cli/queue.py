@@ -18,7 +18,8 @@ that is no queue id is a warning and is skipped (postsuper's way; for `show` it 
 for `show` exits 1; no queue database exits 1 naming the path; `mailq | head` closing the pipe is not an error. A
 damaged message (a row of it holding values of the wrong kind: `arrival = 'x'`, a negative size, an unknown status)
 is listed or shown with the rest, marked, with a warning on stderr naming its queue id and what is wrong, once per
-message; the command then exits 1 (as a listing that could not read everything).
+message; the command still exits 0, as Postfix's postqueue -p (showq warns about a bad queue file and lists the rest):
+scripts that check mailq's status see a listing that worked.
 """
 from __future__ import annotations
 
@@ -137,24 +138,17 @@ def list_queue(command, ids, config, as_json, queue, sender, to_domain, older_th
             typer.echo(f"mailflow: {qt.plural(corrupt, 'corrupt message')} not shown (--queue corrupt)", err=True)
 
     _tools(command, load(config), work)
-    damaged.exit_if_any()
 
 
 class _DamageWarnings:
-    """A warning on stderr for each damaged message a command meets; exit 1 after the output when there was one."""
+    """A warning on stderr for each damaged message a command meets (the exit status stays 0, as postqueue's)."""
 
     def __init__(self, command: str):
         self._command = command
-        self.count = 0
 
     def warn(self, queue_id: str, damage: str) -> None:
-        self.count += 1
         typer.echo(f"mailflow queue {self._command}: warning: {queue_id}: damaged queue row: {printable(damage)}"
                    " (`mailflow queue delete` removes it)", err=True)
-
-    def exit_if_any(self) -> None:
-        if self.count:
-            raise typer.Exit(1)
 
 
 def queue_list(ids: Optional[List[str]] = IdsArgument, config: Optional[str] = ConfigOption,
@@ -203,7 +197,6 @@ def queue_show(queue_id: str = typer.Argument(..., metavar="QUEUE_ID"), config: 
             qt.write_show(sys.stdout, detail, recipients, content, headers_only, time.time())
 
     _tools("show", load(config), work)
-    damaged.exit_if_any()
 
 
 def act(name: str, ids, config, sender, to_domain, older_than, *, required: bool = True, quiet: bool = False) -> None:
