@@ -6,8 +6,8 @@ and end each recipient alike (status, enhanced code, text). Each line is compare
 
 Compared: a refused connection (smtp and lmtp: `connect to h[ip]:port: Connection refused`, alone, no queue id), a
 refused LMTP greeting (no line but the result), certificates that a `verify` policy refuses (an unknown CA, a
-certificate without the IP address or host name asked for: tls_verify.c's `certificate verification failed for …`
-lines, the mail deferred `Server certificate not verified`), sessions that went well at levels verify and may (no
+certificate without the IP address or host name asked for, a chain longer than OpenSSL's depth limit: tls_verify.c's
+`certificate verification failed for …` lines, the mail deferred `Server certificate not verified`), sessions that went well at levels verify and may (no
 line at log level 0), and an LMTP server that offers SMTPUTF8 without 8BITMIME and sends a line that is no reply
 (lines of the client core that an LMTP session writes, named `lmtp` as Postfix's: `host h[ip] offers SMTPUTF8
 support, but not 8BITMIME`, `warning: QID: non-LMTP response from h[ip]:port: …`; Postfix's next line, `warning: to
@@ -39,6 +39,19 @@ QUEUE_ID = re.compile(r"^((?:smtp|lmtp): (?:warning: )?)[0-9A-Za-z]+: ")
 ISSUER = re.compile(r"(: untrusted issuer ).*")
 HELPFUL_WARNING = re.compile(r"^lmtp: warning: to prevent loss of mail, turn off command pipelining for ")
 CLIENT_LOGGERS = ("mailflow.smtp", "mailflow.lmtp")
+
+
+# OpenSSL's default verification depth (intermediate CAs at most), which Python's ssl leaves as it is; Postfix sets
+# smtp_tls_scert_verifydepth + 1, so its 99 is the same limit, and it names it `limit(100)` when a chain is longer
+VERIFY_DEPTH = 100
+
+
+def chained(root: trustme.CA, intermediates: int) -> trustme.CA:
+    """The last of `intermediates` CAs, each issued by the one before, the first by `root`."""
+    ca = root
+    for _ in range(intermediates):
+        ca = ca.create_child_ca()
+    return ca
 
 
 def tls_context(ca: trustme.CA, *names: str) -> ssl.SSLContext:
@@ -74,13 +87,15 @@ def postfix_client_lines(maillog: str) -> list[str]:
 
 async def test_the_clients_lines_are_postfix_s(mailflow_server, smtp_peer, tmp_path, caplog):
     ca = trustme.CA()
+    deep = trustme.CA(path_length=VERIFY_DEPTH + 1)  # (trusted too: the root of a chain past the limit)
     ca_file = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
+    ca_file.write_bytes(ca.cert_pem.bytes() + deep.cert_pem.bytes())
     ca_file.chmod(0o644)  # (read by Postfix's smtp too)
     good = await smtp_peer(tls_context=tls_context(ca, "127.0.0.1"))
     unknown_ca = await smtp_peer(tls_context=tls_context(trustme.CA(), "127.0.0.1"))
     other_name = await smtp_peer(tls_context=tls_context(ca, "other.test"))
     opportunistic = await smtp_peer(tls_context=tls_context(trustme.CA(), "peer.test"))
+    long_chain = await smtp_peer(tls_context=tls_context(chained(deep, VERIFY_DEPTH + 1), "127.0.0.1"))
     refusing = await asyncio.start_server(refuse_to_talk, "127.0.0.1", 0)
     garbling = await asyncio.start_server(garbling_lmtp, "127.0.0.1", 0)
     garbled = f"127.0.0.1[127.0.0.1]:{garbling.sockets[0].getsockname()[1]}"
@@ -95,6 +110,7 @@ async def test_the_clients_lines_are_postfix_s(mailflow_server, smtp_peer, tmp_p
         "ip-mismatch": ("smtp", f"[127.0.0.1]:{other_name.port}", "verify"),
         "name-mismatch": ("smtp", f"[localhost]:{other_name.port}", "verify"),
         "may": ("smtp", f"[127.0.0.1]:{opportunistic.port}", "may"),
+        "long-chain": ("smtp", f"[127.0.0.1]:{long_chain.port}", "verify"),
     }
     try:
         postfix = await relay_with_postfix(routes, str(ca_file))
@@ -112,7 +128,8 @@ async def test_the_clients_lines_are_postfix_s(mailflow_server, smtp_peer, tmp_p
         "a@lmtp-421.test": ("4.3.2", "deferred", "host 127.0.0.1[127.0.0.1] refused to talk to me: 421 4.3.2 busy"),
         "a@unknown-ca.test": ("4.7.5", "deferred", "Server certificate not verified"),
         "a@ip-mismatch.test": ("4.7.5", "deferred", "Server certificate not verified"),
-        "a@name-mismatch.test": ("4.7.5", "deferred", "Server certificate not verified")}
+        "a@name-mismatch.test": ("4.7.5", "deferred", "Server certificate not verified"),
+        "a@long-chain.test": ("4.7.5", "deferred", "Server certificate not verified")}
     untrusted = (f"smtp: certificate verification failed for 127.0.0.1[127.0.0.1]:{unknown_ca.port}: "
                  "untrusted issuer ")
     [issuer] = [line.removeprefix(untrusted) for line in postfix if line.startswith(untrusted)]
@@ -123,6 +140,8 @@ async def test_the_clients_lines_are_postfix_s(mailflow_server, smtp_peer, tmp_p
         f"num=64:IP address mismatch",
         f"smtp: server certificate verification failed for localhost[127.0.0.1]:{other_name.port}: "
         f"num=62:hostname mismatch",
+        f"smtp: certificate verification failed for 127.0.0.1[127.0.0.1]:{long_chain.port}: "
+        f"certificate chain longer than limit({VERIFY_DEPTH})",
         "lmtp: host 127.0.0.1[127.0.0.1] offers SMTPUTF8 support, but not 8BITMIME",
         f"lmtp: warning: QID: non-LMTP response from {garbled}: hello, this is not LMTP"])
 
@@ -150,6 +169,7 @@ async def relay_with_postfix(routes: Routes, ca_file: str) -> list[str]:
     has its result."""
     async with postfix_instance({"myhostname": "pf.test", "mydestination": "", "delay_warning_time": "0",
                                  "smtp_tls_CAfile": ca_file, "smtp_tls_policy_maps": tls_policies(routes),
+                                 "smtp_tls_scert_verifydepth": str(VERIFY_DEPTH - 1),
                                  "transport_maps": transport_map(routes, "inet:")}) as pf:
         for rcpt in sorted(recipients(routes)):
             await send(pf.port, "someone@sender.test", [rcpt], MESSAGE)

@@ -348,11 +348,15 @@ def _log_connect_error(peer: Peer, error: BaseException) -> None:
         log.warning("TLS library problem: %s", problem)
 
 
+# OpenSSL's default verification depth (intermediate CAs at most), which Python's ssl leaves as it is: Postfix's
+# smtp_tls_scert_verifydepth 99 (it sets one more); a longer chain fails with X509_V_ERR_CERT_CHAIN_TOO_LONG
+VERIFY_DEPTH = 100
 # tls_verify.c's words for OpenSSL's verification errors (X509_V_ERR_*) that it names itself; any other is
 # `server certificate verification failed for h[ip]:port: num=N:text`
 _CERTIFICATE_FAILURES = {
     18: "self-signed certificate",
     19: "untrusted issuer <unknown>", 20: "untrusted issuer <unknown>",  # (the issuer: see _not_verified)
+    22: f"certificate chain longer than limit({VERIFY_DEPTH})",  # (Postfix: the error's depth less one)
     26: "not designated for use as a server certificate",
     27: "not trusted by local or TLSA policy",
 }
@@ -366,7 +370,9 @@ def _not_verified(peer: Peer, code: int, text: str) -> NoReturn:
     h[ip]:port: untrusted issuer …`, `server certificate verification failed for h[ip]:port: num=62:hostname
     mismatch`), then SiteFailure 4.7.5 "Server certificate not verified", Postfix's status text. Python's ssl
     module gives neither the certificate of a failed handshake nor the depth of the error: an untrusted issuer is
-    `<unknown>` (Postfix's word for an issuer it cannot name), and a failure is the server certificate's."""
+    `<unknown>` (Postfix's word for an issuer it cannot name), and a failure is the server certificate's (Postfix
+    says `CA certificate verification failed` for an expired intermediate, which the depth tells it; Python's ssl
+    cannot)."""
     if code in _CERTIFICATE_FAILURES:
         log.info("certificate verification failed for %s: %s", peer.relay, _CERTIFICATE_FAILURES[code])
     elif code in _SERVER_CERTIFICATE_FAILURES:
