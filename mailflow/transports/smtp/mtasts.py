@@ -119,8 +119,10 @@ class HttpsPolicyFetcher:
                 if self._ca_file:
                     check_regular_file(self._ca_file, TEXT_LIMIT)  # OpenSSL opens it by name: not a FIFO
                 self._context = ssl.create_default_context(cafile=self._ca_file or None)
-            except (OSError, ssl.SSLError) as e:
+            except ssl.SSLError as e:
                 raise FetchError(f"cannot load the trust anchors {self._ca_file}: {e}") from None
+            except OSError as e:  # (RefusedFile's str names the file again: its reason alone)
+                raise FetchError(f"cannot load the trust anchors {self._ca_file}: {e.strerror or e}") from None
         return self._context
 
     async def fetch(self, domain: str) -> str:
