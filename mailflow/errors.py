@@ -11,6 +11,9 @@
 - `ConfigError`: a configuration problem, always naming the file, the key and the reason.
 - `os_reason(error) -> str`: an OS error in the system's words ("Connection refused", "Address already in use";
   "Connection timed out" for a timeout), as Postfix's %m prints them.
+- `detached(error) -> error`: the same error without its traceback nor the exception it was raised during, for a
+  failure kept past its `except` clause (a later result): its traceback's frames would hold it in turn, a
+  reference cycle that only the garbage collector frees, with every frame and local of the failed attempt.
 - `tls_failure(error) -> (reason, problem)`: why a TLS handshake failed, in the words of Postfix's
   `SSL_connect error to …` (tls_client.c) and `SSL_accept error from …` (tls_server.c) lines: "-1" for a TLS
   protocol error, with the library's description of it as `problem` (Postfix's `warning: TLS library problem:
@@ -26,6 +29,9 @@ import errno
 import os
 import re
 import ssl
+from typing import TypeVar
+
+E = TypeVar("E", bound=BaseException)
 
 _PROBLEM_SOURCE = re.compile(r" \(_ssl\.c:\d+\)$")  # the place in Python's source an SSLError names
 
@@ -39,6 +45,12 @@ def os_reason(error: BaseException | None) -> str:
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     return str(error) or type(error).__name__
+
+
+def detached(error: E) -> E:
+    """See the module docstring."""
+    error.__traceback__ = error.__context__ = error.__cause__ = None
+    return error
 
 
 def tls_failure(error: BaseException) -> tuple[str, str]:

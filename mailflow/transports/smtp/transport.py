@@ -50,7 +50,7 @@ from typing import AsyncGenerator, Callable, Sequence
 
 from mailflow.config import SmtpConfig
 from mailflow.dns import MX, NotFound, Resolver
-from mailflow.errors import DeliveryError, LookupRetry, PermanentError, TemporaryError
+from mailflow.errors import DeliveryError, LookupRetry, PermanentError, TemporaryError, detached
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, Recipient
 from mailflow.tables import Table, TableCache, find
 from mailflow.transports.smtp.addr import (
@@ -281,7 +281,7 @@ class SmtpTransport:
                 try:
                     session = await self._handshake.open(peer, destination, request.queue_id, request.queued_for)
                 except SiteFailure as e:
-                    peer_failure = e
+                    peer_failure = detached(e)  # kept for the result: no traceback through this frame
                     if e.hard:  # a 5xx: Postfix bounces at once (only a 5xx greeting is skipped)
                         record_unreachable(outcomes, recipients, e, [])
                         return

@@ -1,0 +1,61 @@
+"""A failure kept or raised again after its `except` clause leaves no reference cycle behind.
+
+An exception's traceback holds the frames it passed through; a frame that holds the exception in turn (a local
+that keeps it for the result, one it is raised from, an object's attribute raised from its method) makes a
+reference cycle: the exception, the frames of the failed attempt and all their locals (sockets, requests,
+buffers) wait for the garbage collector. Each test runs real failures (refused connections, a DNS server that
+says NXDOMAIN or SERVFAIL) with the collector off and counts the failure objects that only a collection frees.
+"""
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+from mailflow.config import SmtpConfig
+from mailflow.content import Content
+from mailflow.dns import StaticResolver
+from mailflow.model import DeliveryRequest, Outcome, Recipient
+from mailflow.transports.smtp import SmtpTransport
+from mailflow.transports.smtp.trouble import SiteFailure
+from tests.support import free_port
+
+ROUNDS = 3
+MESSAGE = b"Subject: failing\r\n\r\nbody\r\n"
+
+
+def alive(cls: type) -> int:
+    return sum(isinstance(o, cls) for o in gc.get_objects())
+
+
+def in_cycles(cls: type) -> int:
+    """How many objects of `cls` only the garbage collector frees (those still in use are not counted)."""
+    before = alive(cls)
+    gc.collect()
+    return before - alive(cls)
+
+
+@pytest.fixture
+def collector_off():
+    """The collector is off for the test, so that what is left is what reference counting did not free."""
+    gc.collect()
+    gc.disable()
+    yield
+    gc.enable()
+
+
+def request(nexthop: str) -> DeliveryRequest:
+    return DeliveryRequest("Q1", "a@remote.test", (Recipient(0, "b@example.test", "b@example.test"),), nexthop,
+                           Content.of(MESSAGE))
+
+
+async def test_a_refused_connection_kept_for_the_result_is_freed(collector_off):
+    transport = SmtpTransport(SmtpConfig(connect_timeout=2.0, tls_security_level="none"), resolver=StaticResolver(),
+                              helo_name="client.mailflow.test")
+    unused_port = free_port()
+    for _ in range(ROUNDS):
+        report = await transport.deliver(request(f"[127.0.0.1]:{unused_port}"))
+        assert report.results[0].outcome is Outcome.DEFERRED
+        assert report.results[0].text == f"connect to 127.0.0.1[127.0.0.1]:{unused_port}: Connection refused"
+    await transport.close()
+    assert in_cycles(SiteFailure) == 0
