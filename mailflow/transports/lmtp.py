@@ -106,24 +106,23 @@ class LmtpTransport:
         """A session past LHLO with the first address that completes it. Raises the last SiteFailure. Logged as
         Postfix's lmtp logs them: a failed TCP connection at once, without the queue id; a failure after
         connecting as `QID: reason` when another address is tried after it (at the last one the result lines
-        are the only ones)."""
-        failure: SiteFailure | None = None
-        peers = await self._peers(nexthop)
-        for i, peer in enumerate(peers):
+        are the only ones). The last failure propagates as raised: one kept in a local and raised again would
+        hold this frame through its traceback, a reference cycle."""
+        *others, last = await self._peers(nexthop)  # _peers never returns an empty list
+        for peer in others:
             try:
                 return await self._handshake(peer)
             except ConnectFailure as e:
-                failure = e
-                if e.logged_alone:
-                    log.info("%s", e.text)
+                _log_connect_failure(e)
             except SiteFailure as e:
-                failure = e
                 if e.hard:  # a 5xx to LHLO: the mail bounces with it, as Postfix's lmtp
-                    break
-                if i < len(peers) - 1:
-                    log.info("%s: %s", queue_id, e.text)
-        assert failure is not None  # _peers never returns an empty list
-        raise failure
+                    raise
+                log.info("%s: %s", queue_id, e.text)
+        try:
+            return await self._handshake(last)
+        except ConnectFailure as e:
+            _log_connect_failure(e)
+            raise
 
     async def _handshake(self, peer: Peer) -> Session:
         session = await open_session(peer, self._timeouts.connect, self._clock)
@@ -158,3 +157,9 @@ class LmtpTransport:
         if not addresses:
             raise SiteFailure("4.4.3", f"Host or domain name not found: {host} has no address")
         return [Peer(host, address, port) for address in addresses]
+
+
+def _log_connect_failure(failure: ConnectFailure) -> None:
+    """A failed TCP connection is logged at once, alone (Postfix's lmtp_connect)."""
+    if failure.logged_alone:
+        log.info("%s", failure.text)

@@ -12,10 +12,11 @@ import gc
 
 import pytest
 
-from mailflow.config import SmtpConfig
+from mailflow.config import LmtpConfig, SmtpConfig
 from mailflow.content import Content
 from mailflow.dns import StaticResolver
 from mailflow.model import DeliveryRequest, Outcome, Recipient
+from mailflow.transports.lmtp import LmtpTransport
 from mailflow.transports.smtp import SmtpTransport
 from mailflow.transports.smtp.trouble import SiteFailure
 from tests.support import free_port
@@ -56,6 +57,16 @@ async def test_a_refused_connection_kept_for_the_result_is_freed(collector_off):
     for _ in range(ROUNDS):
         report = await transport.deliver(request(f"[127.0.0.1]:{unused_port}"))
         assert report.results[0].outcome is Outcome.DEFERRED
+        assert report.results[0].text == f"connect to 127.0.0.1[127.0.0.1]:{unused_port}: Connection refused"
+    await transport.close()
+    assert in_cycles(SiteFailure) == 0
+
+
+async def test_a_refused_lmtp_connection_raised_again_is_freed(collector_off):
+    transport = LmtpTransport(LmtpConfig(connect_timeout=2.0), helo_name="client.mailflow.test")
+    unused_port = free_port()
+    for _ in range(ROUNDS):
+        report = await transport.deliver(request(f"[127.0.0.1]:{unused_port}"))
         assert report.results[0].text == f"connect to 127.0.0.1[127.0.0.1]:{unused_port}: Connection refused"
     await transport.close()
     assert in_cycles(SiteFailure) == 0
