@@ -233,12 +233,12 @@ class AiodnsResolver:
     async def addresses(self, host: str) -> list[str]:
         if is_ip_literal(host):
             return [host]
-        answers = await asyncio.gather(
+        # (no local holds the answers: a failure raised from here must not be held by this frame)
+        return merge_address_answers(await asyncio.gather(
             self._addresses_of_type(host, "A", pycares.QUERY_TYPE_A),
             self._addresses_of_type(host, "AAAA", pycares.QUERY_TYPE_AAAA),
             return_exceptions=True,
-        )
-        return merge_address_answers(answers)
+        ))
 
     async def txt(self, name: str) -> list[str]:
         result = await self._query(name, "TXT")
@@ -365,8 +365,18 @@ def merge_address_answers(answers: Sequence[object]) -> list[str]:
     found = [addr for answer in answers if isinstance(answer, list) for addr in answer]
     if found:
         return found
+    failure = _worst_failure(answers)
+    if failure is None:
+        return []
+    try:
+        raise failure
+    finally:  # its traceback holds this frame, which must then not hold it (a cycle for the garbage collector)
+        del failure, answers
+
+
+def _worst_failure(answers: Sequence[object]) -> BaseException | None:
     for kind in (LookupRetry, NotFound, BaseException):
         for answer in reversed(answers):
             if isinstance(answer, kind):
-                raise answer
-    return []
+                return answer
+    return None

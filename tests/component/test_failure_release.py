@@ -9,12 +9,14 @@ says NXDOMAIN or SERVFAIL) with the collector off and counts the failure objects
 from __future__ import annotations
 
 import gc
+from typing import Awaitable
 
 import pytest
 
 from mailflow.config import LmtpConfig, SmtpConfig
 from mailflow.content import Content
-from mailflow.dns import StaticResolver
+from mailflow.dns import AiodnsResolver, NotFound, StaticResolver
+from mailflow.errors import LookupRetry
 from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports.lmtp import LmtpTransport
 from mailflow.transports.smtp import SmtpTransport
@@ -70,3 +72,25 @@ async def test_a_refused_lmtp_connection_raised_again_is_freed(collector_off):
         assert report.results[0].text == f"connect to 127.0.0.1[127.0.0.1]:{unused_port}: Connection refused"
     await transport.close()
     assert in_cycles(SiteFailure) == 0
+
+
+@pytest.mark.parametrize("name, failure", [("nowhere.test", NotFound), ("broken.test", LookupRetry)],
+                         ids=["nxdomain", "servfail"])
+async def test_a_failed_address_lookup_is_freed(dns_zone, collector_off, name, failure):
+    zone = "known.test. 300 IN A 127.0.0.1\n"
+    resolver = AiodnsResolver(nameservers=(dns_zone(zone, servfail=("broken.test",)),), timeout=1.0, tries=1)
+    try:
+        for _ in range(ROUNDS):
+            assert await raised(resolver.addresses(name)) is failure
+    finally:
+        await resolver.close()
+    assert in_cycles(failure) == 0
+
+
+async def raised(call: Awaitable) -> type[BaseException] | None:
+    """The class of what `call` raised (the exception itself is not kept: the caller counts what is left)."""
+    try:
+        await call
+    except Exception as e:
+        return type(e)
+    return None
