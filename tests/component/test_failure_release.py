@@ -8,6 +8,7 @@ says NXDOMAIN or SERVFAIL) with the collector off and counts the failure objects
 """
 from __future__ import annotations
 
+import asyncio
 import gc
 from typing import Awaitable
 
@@ -20,6 +21,7 @@ from mailflow.errors import LookupRetry
 from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports.lmtp import LmtpTransport
 from mailflow.transports.smtp import SmtpTransport
+from mailflow.transports.smtp.chat import Wire
 from mailflow.transports.smtp.trouble import SiteFailure
 from tests.support import free_port
 
@@ -62,6 +64,38 @@ async def test_a_refused_connection_kept_for_the_result_is_freed(collector_off):
         assert report.results[0].text == f"connect to 127.0.0.1[127.0.0.1]:{unused_port}: Connection refused"
     await transport.close()
     assert in_cycles(SiteFailure) == 0
+
+
+async def hangs_up_at_mail(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"220 peer.test ESMTP\r\n")
+    while (line := await reader.readline()) and not line.upper().startswith(b"MAIL"):
+        writer.write(b"250 peer.test\r\n")
+    writer.close()
+
+
+async def falls_silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"220 peer.test ESMTP\r\n")
+    await reader.read()
+    writer.close()
+
+
+@pytest.mark.parametrize("peer, text", [(hangs_up_at_mail, "lost connection with 127.0.0.1[127.0.0.1] while "
+                                         "sending MAIL FROM"),
+                                        (falls_silent, "conversation with 127.0.0.1[127.0.0.1] timed out while "
+                                         "performing the EHLO handshake")],
+                         ids=["lost", "timeout"])
+async def test_a_connection_that_fails_mid_session_is_freed(collector_off, peer, text):
+    server = await asyncio.start_server(peer, "127.0.0.1", 0)
+    transport = SmtpTransport(SmtpConfig(helo_timeout=0.2, command_timeout=0.2, tls_security_level="none"),
+                              resolver=StaticResolver(), helo_name="client.mailflow.test")
+    try:
+        for _ in range(ROUNDS):
+            report = await transport.deliver(request(f"[127.0.0.1]:{server.sockets[0].getsockname()[1]}"))
+            assert report.results[0].text == text
+    finally:
+        await transport.close()
+        server.close()
+    assert in_cycles(Wire) == 0
 
 
 async def test_a_refused_lmtp_connection_raised_again_is_freed(collector_off):

@@ -4,7 +4,9 @@ Owns the wire from connect to close. `Wire` is the connection's asyncio protocol
 sans-IO `ReplyParser` and queues every complete reply in order, so that replies to pipelined commands (RFC 2920)
 are never lost; it applies flow control both ways (a writer waits while the peer is not reading; reading pauses
 while READ_AHEAD replies wait unread) and stays the protocol across STARTTLS. `Session` is one peer's session
-over it; every I/O problem becomes a `SiteFailure` naming the peer and what was being done (see trouble).
+over it; every I/O problem becomes a `SiteFailure` naming the peer and what was being done (see trouble). The
+wire keeps its failure and raises it at every later read; told as a SiteFailure, it keeps no traceback (which
+would hold the wire's frames, and they the wire: a reference cycle per failed connection).
 
     Timeouts(connect, helo, command, data)            the limit of each stage of a session, in seconds
     Session(wire, peer, opened)                       (built by connect.open_session)
@@ -43,6 +45,7 @@ import ssl
 from collections import deque
 from dataclasses import dataclass
 
+from mailflow.errors import detached
 from mailflow.logs import printable
 from mailflow.transports.smtp.addr import Peer
 from mailflow.transports.smtp.commands import Extensions
@@ -268,7 +271,7 @@ class Session:
             await self._wire.drain(timeout)
         except (OSError, TimeoutError, MalformedReply) as e:
             self.abort()
-            raise stream_failure(self.peer, activity, e) from None
+            raise stream_failure(self.peer, activity, detached(e)) from None
 
     def _check_open(self, activity: str) -> None:
         if self.aborted or self._transport.is_closing():
@@ -283,7 +286,7 @@ class Session:
             reply = await self._wire.reply(timeout)
         except (OSError, TimeoutError, MalformedReply) as e:
             self.abort()
-            raise stream_failure(self.peer, activity, e) from None
+            raise stream_failure(self.peer, activity, detached(e)) from None
         if reply.code == 421:
             self.abort()
         if reply.garbage_count:
