@@ -210,12 +210,9 @@ class ContentChecks:
             log.warning("%s: bad %s header text %r in header_checks -- need \"headername: headervalue\" (ignored)",
                         queue_id, word, text)  # Postfix: a line that is no header field would end the section
             return None
-        rejection = _rejection(text, f"{what} {shown}") if word == "REJECT" else None
-        logged = f"{rejection.dsn} {rejection.text}" if rejection is not None else text
-        log.info("%s: %s: %s %s%s%s", queue_id, word.lower() if word != "WARN" else "warning", what, shown,
-                 f" {describe}" if describe else "", f": {logged}" if logged else "")
-        if rejection is not None:
-            raise rejection
+        if word == "REJECT":  # (raised as made: a local holding it would be held by its traceback, a cycle)
+            raise _logged_rejection(queue_id, text, what, shown, describe)
+        _log_action(queue_id, "warning" if word == "WARN" else word.lower(), what, shown, describe, text)
         return self._carry_out(queue_id, word, text, value, what, line, result, original=original)
 
     @staticmethod
@@ -248,6 +245,17 @@ class ContentChecks:
         else:
             log.warning("%s: unknown %s_checks action %r (ignored)", queue_id, what, value)
         return None
+
+
+def _log_action(queue_id: str, action: str, what: str, shown: str, describe: str, logged: str) -> None:
+    log.info("%s: %s: %s %s%s%s", queue_id, action, what, shown, f" {describe}" if describe else "",
+             f": {logged}" if logged else "")
+
+
+def _logged_rejection(queue_id: str, text: str, what: str, shown: str, describe: str) -> DeliveryError:
+    rejection = _rejection(text, f"{what} {shown}")
+    _log_action(queue_id, "reject", what, shown, describe, f"{rejection.dsn} {rejection.text}")
+    return rejection
 
 
 def _rejection(text: str, reason: str) -> DeliveryError:

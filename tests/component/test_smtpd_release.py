@@ -17,7 +17,7 @@ from mailflow.app import Mailflow
 from mailflow.config import config_from_dict
 from mailflow.stages.smtpd.protocol import ProtocolCore
 from mailflow.stages.smtpd.transcript import SessionObserver, Transcript
-from tests.support import SmtpClient, base_settings, eventually, sessions_over
+from tests.support import SmtpClient, base_settings, eventually, merged, sessions_over
 
 
 class KeepingObserver(SessionObserver):
@@ -64,10 +64,9 @@ async def some_sessions(port: int) -> None:
 async def server(tmp_path):
     running: list[Mailflow] = []
 
-    async def start(observer: SessionObserver | None = None) -> Mailflow:
-        settings = base_settings(tmp_path)
-        smtpd = {**settings.get("smtpd", {}), "timeout": "1s"}
-        config = config_from_dict({**settings, "mynetworks": ["127.0.0.0/8"], "smtpd": smtpd})
+    async def start(observer: SessionObserver | None = None, **overrides) -> Mailflow:
+        settings = merged(base_settings(tmp_path), {"mynetworks": ["127.0.0.0/8"], "smtpd": {"timeout": "1s"}})
+        config = config_from_dict(merged(settings, overrides))
         mf = Mailflow(config, shutdown_grace=1.0, session_observer=observer)
         await mf.start()
         running.append(mf)
@@ -92,6 +91,26 @@ async def test_ended_sessions_are_freed_without_the_collector(server, observer):
     if observer is not None:
         assert len(observer.kept) == 5
     await asyncio.sleep(0)
+
+
+async def test_a_session_whose_message_header_checks_refused_is_freed_without_the_collector(server, tmp_path):
+    """The refusal was raised from a frame that held it: its traceback held that frame, and the frames of the
+    session's command loop with it."""
+    checks = tmp_path / "header_checks"
+    checks.write_text("/^Subject: refused/ REJECT not this one\n")
+    mf = await server(checks={"header_checks": [f"regexp:{checks}"]})
+    gc.collect()
+    gc.disable()
+    try:
+        client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+        reply = await client.send_message(b"Subject: refused\r\n\r\nbody\r\n")
+        assert reply.code == 550 and reply.text.endswith(" not this one")
+        assert (await client.cmd("QUIT")).code == 221
+        client.writer.close()
+        await sessions_over(mf)
+        await eventually(lambda: sessions_alive() == 0, timeout=5.0, what="the session freed")
+    finally:
+        gc.enable()
 
 
 class LateTransport:
