@@ -14,10 +14,11 @@ from typing import Awaitable
 
 import pytest
 
-from mailflow.config import LmtpConfig, SmtpConfig
+from mailflow.config import LmtpConfig, SmtpConfig, SpamdConfig
 from mailflow.content import Content
 from mailflow.dns import AiodnsResolver, NotFound, StaticResolver
 from mailflow.errors import LookupRetry
+from mailflow.filters.scanners import Spamd
 from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports.lmtp import LmtpTransport
 from mailflow.transports.smtp import SmtpTransport
@@ -128,3 +129,11 @@ async def raised(call: Awaitable) -> type[BaseException] | None:
     except Exception as e:
         return type(e)
     return None
+
+
+async def test_a_scanner_that_is_down_leaves_the_scanned_content_freed(collector_off):
+    spamd = Spamd(SpamdConfig(address=f"127.0.0.1:{free_port()}"))
+    for _ in range(ROUNDS):
+        result = await spamd.check(Content.of(MESSAGE))
+        assert result.failed.startswith("spamd: ConnectionRefusedError")
+    assert in_cycles(Content) == 0
