@@ -331,8 +331,9 @@ async def _verify_one(message: bytes, index: int, sig: dict[bytes, bytes] | None
             return None
         return records[0].encode() if records else None
 
-    try:
-        ok = await asyncio.wait_for(verifier.verify(idx=index, dnsfunc=key_record), timeout)
+    try:  # (asyncio.timeout, not wait_for, whose frame would hold its task, and the task a failure held by that frame)
+        async with asyncio.timeout(timeout):
+            ok = await verifier.verify(idx=index, dnsfunc=key_record)
     except (LookupRetry, TimeoutError):
         return DkimResult("temperror", domain, selector, "key lookup failed")
     except BodyHashMismatch as e:

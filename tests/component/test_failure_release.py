@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import re
 from typing import Awaitable
 
 import pytest
@@ -19,12 +20,16 @@ from mailflow.content import Content
 from mailflow.dns import AiodnsResolver, NotFound, StaticResolver
 from mailflow.errors import LookupRetry
 from mailflow.filters.scanners import Spamd
+from mailflow.message import read_header
+from mailflow.signing import keygen
+from mailflow.signing.dkim import BodyHashMismatch, verify
 from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports.lmtp import LmtpTransport
 from mailflow.transports.smtp import SmtpTransport
 from mailflow.transports.smtp.chat import Wire
 from mailflow.transports.smtp.trouble import SiteFailure
 from tests.support import free_port
+from tests.support.deliverability import dkim_signed, make_key
 
 ROUNDS = 3
 MESSAGE = b"Subject: failing\r\n\r\nbody\r\n"
@@ -137,3 +142,16 @@ async def test_a_scanner_that_is_down_leaves_the_scanned_content_freed(collector
         result = await spamd.check(Content.of(MESSAGE))
         assert result.failed.startswith("spamd: ConnectionRefusedError")
     assert in_cycles(Content) == 0
+
+
+async def test_a_dkim_signature_that_fails_leaves_no_cycle(collector_off, tmp_path):
+    key = make_key(tmp_path, "sig.test", "sel")
+    record = "".join(re.findall(r'"([^"]*)"', keygen.txt_record(key, 300)))
+    resolver = StaticResolver(txt={"sel._domainkey.sig.test": [record]})
+    signed = dkim_signed(key, b"From: a@sig.test\r\nSubject: hi\r\n\r\nhello\r\n")
+    content = Content.of(signed.replace(b"hello", b"HELLO"))  # the body changed after signing
+    head, _ = read_header(content, 1_000_000)
+    for _ in range(ROUNDS):
+        [result] = await verify(head, content.after(len(head)), resolver, timeout=5)
+        assert result.result == "fail"
+    assert in_cycles(BodyHashMismatch) == 0
