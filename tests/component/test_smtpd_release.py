@@ -113,6 +113,24 @@ async def test_a_session_whose_message_header_checks_refused_is_freed_without_th
         gc.enable()
 
 
+async def test_health_checks_of_a_load_balancer_are_freed_without_the_collector(server):
+    """A connection that closes before its PROXY header ends in NoProxyHeader, which the header's deadline
+    (asyncio.wait_for) held in a cycle with the frames of the session that read it."""
+    mf = await server(smtpd={"listeners": [{"address": "127.0.0.1:0", "role": "mta", "overrides": {
+        "upstream_proxy_protocol": "haproxy", "upstream_proxy_timeout": "5s"}}]})
+    port = mf.smtpd.listeners[-1].server.sockets[0].getsockname()[1]
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            check = await SmtpClient.connect(port, greet=False)  # connect, then close: a TCP health check
+            check.writer.close()
+        await sessions_over(mf)
+        await eventually(lambda: sessions_alive() == 0, timeout=5.0, what="every checking session freed")
+    finally:
+        gc.enable()
+
+
 class LateTransport:
     """A TLS transport whose handshake completed after the session had ended (it only needs closing)."""
 

@@ -332,9 +332,10 @@ class FrontEndCommands(ProtocolCore):
             log.warning("connect from unknown[%s] dropped: not an upstream_proxy_clients address", balancer)
             await self._proxy_failed()
             return False
-        try:
-            client = await asyncio.wait_for(read_proxy_header(self.wire), timeout)
-        except asyncio.TimeoutError:
+        try:  # (asyncio.timeout, not wait_for: its frame holds the task it made, the task a failure that holds it)
+            async with asyncio.timeout(timeout):
+                client = await read_proxy_header(self.wire)
+        except TimeoutError:
             log.warning("unknown[%s]: PROXY header: time limit of %gs exceeded, dropped", balancer, timeout)
             await self._proxy_failed()
             return False
