@@ -18,11 +18,13 @@ import pytest
 from mailflow.config import LmtpConfig, SmtpConfig, SpamdConfig
 from mailflow.content import Content
 from mailflow.dns import AiodnsResolver, NotFound, StaticResolver
+from mailflow.clock import VirtualClock
 from mailflow.errors import LookupRetry
 from mailflow.filters.scanners import Spamd
 from mailflow.message import read_header
 from mailflow.signing import keygen
 from mailflow.signing.dkim import BodyHashMismatch, verify
+from mailflow.stages.smtpd.dovecot_auth import DovecotAuth, Unavailable
 from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports.lmtp import LmtpTransport
 from mailflow.transports.smtp import SmtpTransport
@@ -155,3 +157,10 @@ async def test_a_dkim_signature_that_fails_leaves_no_cycle(collector_off, tmp_pa
         [result] = await verify(head, content.after(len(head)), resolver, timeout=5)
         assert result.result == "fail"
     assert in_cycles(BodyHashMismatch) == 0
+
+
+async def test_a_dovecot_auth_server_that_is_down_leaves_no_cycle_per_login(collector_off, tmp_path):
+    dovecot = DovecotAuth(str(tmp_path / "no-auth-socket"), timeout=2.0, clock=VirtualClock())
+    for _ in range(ROUNDS):
+        assert await raised(dovecot.ask(b"alice", b"s3cret", secured=True)) is Unavailable
+    assert in_cycles(FileNotFoundError) == 0

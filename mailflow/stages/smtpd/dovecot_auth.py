@@ -152,8 +152,9 @@ class DovecotAuth:
         """Dovecot's answer to `login`/`password` within `timeout` (the connection's own when None: listeners
         with their own sasl_timeout share one connection). Raises Unavailable (already logged)."""
         limit = self._timeout if timeout is None else timeout
-        try:
-            answer = await asyncio.wait_for(self._ask(login, password, secured, client_ip, local_ip), limit)
+        try:  # (asyncio.timeout, not wait_for: its frame holds the task it made, the task a failure that holds it)
+            async with asyncio.timeout(limit):
+                answer = await self._ask(login, password, secured, client_ip, local_ip)
         except TimeoutError:  # (an OSError: first)
             await self._drop()
             error = TimeoutError(f"no answer within {limit:g}s")
