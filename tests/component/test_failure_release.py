@@ -20,6 +20,7 @@ from mailflow.content import Content
 from mailflow.dns import AiodnsResolver, NotFound, StaticResolver
 from mailflow.clock import VirtualClock
 from mailflow.errors import LookupRetry
+from mailflow.filters.milter.client import MilterConnection, MilterFailed, MilterSettings
 from mailflow.filters.scanners import Spamd
 from mailflow.message import read_header
 from mailflow.signing import keygen
@@ -164,3 +165,11 @@ async def test_a_dovecot_auth_server_that_is_down_leaves_no_cycle_per_login(coll
     for _ in range(ROUNDS):
         assert await raised(dovecot.ask(b"alice", b"s3cret", secured=True)) is Unavailable
     assert in_cycles(FileNotFoundError) == 0
+
+
+async def test_a_milter_that_is_down_leaves_no_cycle_per_session(collector_off):
+    unused_port = free_port()
+    for _ in range(ROUNDS):
+        milter = MilterConnection(f"inet:127.0.0.1:{unused_port}", MilterSettings("tempfail", 6, 2.0, 2.0, 2.0))
+        assert await raised(milter.open()) is MilterFailed
+    assert in_cycles(ConnectionRefusedError) == 0

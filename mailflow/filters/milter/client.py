@@ -24,7 +24,8 @@ refusal wins), as Postfix's milter8 reads on. Progress replies extend the deadli
 milter is not asked again; reject / tempfail -> HELO is still answered 250, and that reply answers every later
 MAIL; discard is not allowed there (logged, it means continue). A milter that cannot be reached, that times
 out (connect_timeout for the connection and the negotiation, command_timeout per command, content_timeout for
-the message) or breaks the protocol is closed for the rest of the session and `default_action` answers for it:
+the message; asyncio.timeout each: wait_for's task would be held in a cycle with the failure it raised) or
+breaks the protocol is closed for the rest of the session and `default_action` answers for it:
 tempfail (451 4.7.1), reject (550 5.5.0 Service unavailable), accept (as if it were not configured) or
 quarantine (hold); one whose own reply is malformed (status.milter_reply) is closed as misconfigured: 451 4.3.5
 Server configuration problem unless the action is accept or quarantine. Logged once per failure.
@@ -137,7 +138,8 @@ class MilterConnection:
                 opening = asyncio.open_unix_connection(host)
             else:
                 opening = asyncio.open_connection(host, port)
-            self._reader, writer = await asyncio.wait_for(opening, timeout)
+            async with asyncio.timeout(timeout):
+                self._reader, writer = await opening
             self._writer = writer
             writer.write(p.optneg(self._settings.protocol))
             reply = await self._read(timeout)
@@ -155,7 +157,8 @@ class MilterConnection:
                 self._writer.write(stage_macros)
             self._writer.write(packet)
             if not self.negotiated.answers(command):
-                await asyncio.wait_for(self._writer.drain(), self._settings.command_timeout)
+                async with asyncio.timeout(self._settings.command_timeout):
+                    await self._writer.drain()
                 return None
             return await self._event_reply(self._settings.command_timeout)
         except (OSError, TimeoutError, p.ProtocolError, asyncio.IncompleteReadError) as e:
@@ -184,7 +187,8 @@ class MilterConnection:
                     if reply.command not in (p.CONTINUE, p.SKIP):
                         return reply, edits
                 else:
-                    await asyncio.wait_for(self._writer.drain(), timeout)
+                    async with asyncio.timeout(timeout):
+                        await self._writer.drain()
             self._writer.write(macros.get(p.BODYEOB, b"") + p.encode(p.BODYEOB))
             while True:  # read on to the final reply past edits too big to keep (the dialogue stays in step)
                 reply = await self._read(timeout)
@@ -208,7 +212,8 @@ class MilterConnection:
             if not writer.is_closing():
                 writer.write(p.encode(p.QUIT))
             writer.close()
-            await asyncio.wait_for(writer.wait_closed(), 1.0)
+            async with asyncio.timeout(1.0):
+                await writer.wait_closed()
         except (OSError, TimeoutError):
             pass
 
@@ -226,7 +231,8 @@ class MilterConnection:
         assert self._reader is not None
         while True:
             while not self._replies:
-                data = await asyncio.wait_for(self._reader.read(65536), timeout)
+                async with asyncio.timeout(timeout):
+                    data = await self._reader.read(65536)
                 if not data:
                     raise p.ProtocolError("the milter closed the connection")
                 self._replies.extend(self._decoder.feed(data))
