@@ -61,8 +61,9 @@ class TableCache:
             return fn(*args)
         deadline = max(getattr(t, "timeout", SQLITE_TIMEOUT) for t in blocking) + RUN_GRACE
         loop = asyncio.get_running_loop()
-        try:
-            return await asyncio.wait_for(loop.run_in_executor(None, fn, *args), deadline)
+        try:  # (asyncio.timeout, not wait_for: its frame holds the future, and the future a failure holding it)
+            async with asyncio.timeout(deadline):
+                return await loop.run_in_executor(None, fn, *args)
         except TimeoutError:
             raise LookupRetry(f"table lookup took longer than {deadline:g}s") from None
 

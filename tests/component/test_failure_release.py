@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import re
+import sqlite3
 from typing import Awaitable
 
 import pytest
@@ -26,6 +27,7 @@ from mailflow.message import read_header
 from mailflow.signing import keygen
 from mailflow.signing.dkim import BodyHashMismatch, verify
 from mailflow.stages.smtpd.dovecot_auth import DovecotAuth, Unavailable
+from mailflow.tables import TableCache
 from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports.lmtp import LmtpTransport
 from mailflow.transports.smtp import SmtpTransport
@@ -173,3 +175,14 @@ async def test_a_milter_that_is_down_leaves_no_cycle_per_session(collector_off):
         milter = MilterConnection(f"inet:127.0.0.1:{unused_port}", MilterSettings("tempfail", 6, 2.0, 2.0, 2.0))
         assert await raised(milter.open()) is MilterFailed
     assert in_cycles(ConnectionRefusedError) == 0
+
+
+async def test_a_table_lookup_that_fails_in_a_worker_thread_leaves_no_cycle(collector_off, tmp_path):
+    db = tmp_path / "users.db"
+    sqlite3.connect(db).close()
+    (tmp_path / "users.cf").write_text(f"dbpath = {db}\nquery = SELECT dest FROM nosuchtable WHERE email='%s'\n")
+    cache = TableCache()
+    [table] = cache.open([f"sqlite:{tmp_path / 'users.cf'}"])
+    for _ in range(ROUNDS):
+        assert await raised(cache.run(table.lookup, "joe@example.com")) is LookupRetry
+    assert in_cycles(LookupRetry) == 0
