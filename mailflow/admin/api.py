@@ -51,6 +51,7 @@ from mailflow import __version__
 from mailflow import queue_tools as qt
 from mailflow.admin.access import who
 from mailflow.config import flat_settings
+from mailflow.errors import detached
 from mailflow.logs import MailLog
 from mailflow.metrics import Metrics
 from mailflow.syntax import FILE_TABLE_TYPES, table_type
@@ -98,6 +99,7 @@ async def json_errors(request: web.Request, handler):
     except web.HTTPException as e:
         if e.status < 400 or e.content_type == "application/json":
             raise
+        detached(e)  # (the router's 404 keeps it: with its traceback, in a cycle with the router's frame)
         headers = {k: v for k, v in e.headers.items() if k.lower() not in ("content-type", "content-length")}
         response = web.json_response({"error": e.text or e.reason}, status=e.status, reason=e.reason,
                                      headers=headers)

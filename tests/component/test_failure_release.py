@@ -3,8 +3,10 @@
 An exception's traceback holds the frames it passed through; a frame that holds the exception in turn (a local
 that keeps it for the result, one it is raised from, an object's attribute raised from its method) makes a
 reference cycle: the exception, the frames of the failed attempt and all their locals (sockets, requests,
-buffers) wait for the garbage collector. Each test runs real failures (refused connections, a DNS server that
-says NXDOMAIN or SERVFAIL) with the collector off and counts the failure objects that only a collection frees.
+buffers) wait for the garbage collector; so does asyncio.wait_for (3.11), whose frame keeps the task it made,
+which keeps the failure. Each test runs real failures (refused connections, peers that hang up or fall silent,
+a DNS server that says NXDOMAIN or SERVFAIL, a broken signature, a table or an HTTP refusal) with the collector
+off and counts the failure objects that only a collection frees.
 """
 from __future__ import annotations
 
@@ -12,23 +14,31 @@ import asyncio
 import gc
 import re
 import sqlite3
+import types
 from typing import Awaitable
 
+import aiohttp
 import pytest
+from aiohttp import web
 
+from mailflow.clock import VirtualClock
 from mailflow.config import LmtpConfig, SmtpConfig, SpamdConfig
 from mailflow.content import Content
 from mailflow.dns import AiodnsResolver, NotFound, StaticResolver
-from mailflow.clock import VirtualClock
 from mailflow.errors import LookupRetry
-from mailflow.filters.milter.client import MilterConnection, MilterFailed, MilterSettings
+from mailflow.filters.milter.client import (
+    MilterConnection,
+    MilterFailed,
+    MilterSettings,
+)
 from mailflow.filters.scanners import Spamd
+from mailflow.http import HttpServer
 from mailflow.message import read_header
+from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.signing import keygen
 from mailflow.signing.dkim import BodyHashMismatch, verify
 from mailflow.stages.smtpd.dovecot_auth import DovecotAuth, Unavailable
 from mailflow.tables import TableCache
-from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports.lmtp import LmtpTransport
 from mailflow.transports.smtp import SmtpTransport
 from mailflow.transports.smtp.chat import Wire
@@ -186,3 +196,37 @@ async def test_a_table_lookup_that_fails_in_a_worker_thread_leaves_no_cycle(coll
     for _ in range(ROUNDS):
         assert await raised(cache.run(table.lookup, "joe@example.com")) is LookupRetry
     assert in_cycles(LookupRetry) == 0
+
+
+async def test_an_http_refusal_raised_by_a_handler_leaves_no_cycle(collector_off):
+    http = HttpServer(["127.0.0.1:0"])
+    table = web.RouteTableDef()
+
+    @table.get("/message/{id}")
+    async def message(request: web.Request) -> web.Response:
+        raise web.HTTPNotFound(text=f"no message {request.match_info['id']}", headers={"X-Why": "unknown id"})
+
+    http.add_routes("test", table)
+    await http.start()
+    host, port = http.addresses[0]
+    try:
+        async with aiohttp.ClientSession() as client:
+            for _ in range(ROUNDS):
+                async with client.get(f"http://{host}:{port}/message/x1") as response:
+                    assert (response.status, await response.text()) == (404, "no message x1")
+                    assert response.headers["X-Why"] == "unknown id"
+    finally:
+        await http.stop()
+    assert in_cycles(web.HTTPNotFound) == 0
+
+
+async def test_the_admin_s_answer_to_an_unknown_path_keeps_no_traceback(mailflow_server, collector_off):
+    """aiohttp's router keeps the 404 it raised (its route, a self-cycle of aiohttp's own, holds it); the admin
+    answers it in its JSON shape and drops its traceback, which held the frames of the request's handling."""
+    mf = await mailflow_server(admin={"enable": True, "listen": ["127.0.0.1:0"]})
+    host, port = mf.admin.addresses[0]
+    async with aiohttp.ClientSession() as client:
+        for _ in range(ROUNDS):
+            async with client.get(f"http://{host}:{port}/no/such/path") as response:
+                assert (response.status, await response.json()) == (404, {"error": "404: Not Found"})
+    assert in_cycles(types.TracebackType) == 0
