@@ -131,6 +131,39 @@ async def test_health_checks_of_a_load_balancer_are_freed_without_the_collector(
         gc.enable()
 
 
+async def failed_handshakes(mf) -> None:
+    """On the submissions port: plaintext where TLS was due; a client that leaves in the handshake. On the mta
+    port: STARTTLS, then plaintext."""
+    implicit = mf.smtpd.address_of("submissions")[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", implicit)
+    writer.write(b"EHLO plaintext.test\r\n")
+    assert await reader.read() == b""  # the server gave up on the handshake
+    writer.close()
+    _, leaving = await asyncio.open_connection("127.0.0.1", implicit)
+    leaving.close()
+    client = await SmtpClient.connect(mf.smtpd.address_of("mta")[1])
+    assert (await client.cmd("STARTTLS")).code == 220
+    await client.send(b"EHLO plaintext.test\r\n")
+    assert await client.closed()
+    client.writer.close()
+
+
+async def test_sessions_whose_tls_handshake_failed_are_freed_without_the_collector(server, pki, users):
+    """The handshake's failure, raised in the session's frame, held that frame through its traceback (and asyncio's
+    frames, in a cycle of their own); such a session gets no connection_lost, which drops asyncio's stream writer."""
+    _, cert_file, _ = pki
+    mf = await server(smtpd={"tls_cert_file": cert_file, "sasl_user_maps": [users], "listeners": [
+        {"address": "127.0.0.1:0", "role": "mta"}, {"address": "127.0.0.1:0", "role": "submissions"}]})
+    gc.collect()
+    gc.disable()
+    try:
+        await failed_handshakes(mf)
+        await sessions_over(mf)
+        await eventually(lambda: sessions_alive() == 0, timeout=5.0, what="every session freed")
+    finally:
+        gc.enable()
+
+
 class LateTransport:
     """A TLS transport whose handshake completed after the session had ended (it only needs closing)."""
 

@@ -299,6 +299,7 @@ class ProtocolCore(SMTP):
         self._wire.let_go()
         self._client_connected_cb = None
         self._writer = None  # type: ignore[assignment]  # nothing writes after the end (no timer, not in _sessions)
+        self._stream_writer = None  # asyncio's, dropped by connection_lost, which a failed TLS handshake never gets
 
     def _observe_identity(self, t: Transcript) -> None:
         """What the transcript says of the client, as known now (after PROXY, XCLIENT, STARTTLS, AUTH)."""

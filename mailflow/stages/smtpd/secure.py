@@ -55,7 +55,7 @@ from aiosmtpd.smtp import MISSING, TLSSetupException
 
 from mailflow import status
 from mailflow.config import DEFAULTS
-from mailflow.errors import LookupRetry, tls_failure
+from mailflow.errors import LookupRetry, detached, tls_failure
 from mailflow.stages.smtpd.auth import Authenticator, SenderLogins, login_of
 from mailflow.stages.smtpd.frontends import FrontEndCommands
 from mailflow.syntax import ascii_upper
@@ -186,8 +186,8 @@ class SecureCommands(FrontEndCommands):
         socket_transport.resume_reading()  # (paused by a submissions listener until its admission)
         try:
             await waiter
-        except Exception as error:
-            raise TLSSetupException() from error
+        except Exception as error:  # (its traceback held this frame, which held `waiter`, which held it: a cycle
+            raise TLSSetupException() from detached(error)  # through the session; asyncio's frames held it too)
         if self.transport is None or self.transport.is_closing():  # asyncio resolves the handshake as done
             raise ConnectionResetError("the client left during the TLS handshake")
 
