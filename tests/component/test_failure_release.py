@@ -72,7 +72,7 @@ def collector_off():
 
 def request(nexthop: str) -> DeliveryRequest:
     return DeliveryRequest("Q1", "a@remote.test", (Recipient(0, "b@example.test", "b@example.test"),), nexthop,
-                           Content.of(MESSAGE))
+                           Content.of(MESSAGE), queued_for=0.0)
 
 
 async def test_a_refused_connection_kept_for_the_result_is_freed(collector_off):
@@ -113,6 +113,36 @@ async def test_a_connection_that_fails_mid_session_is_freed(collector_off, peer,
         for _ in range(ROUNDS):
             report = await transport.deliver(request(f"[127.0.0.1]:{server.sockets[0].getsockname()[1]}"))
             assert report.results[0].text == text
+    finally:
+        await transport.close()
+        server.close()
+    assert in_cycles(Wire) == 0
+
+
+async def breaks_tls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Offers STARTTLS, then answers the client's handshake with plaintext."""
+    writer.write(b"220 peer.test ESMTP\r\n")
+    while line := await reader.readline():
+        if line.upper().startswith(b"EHLO"):
+            writer.write(b"250-peer.test\r\n250 STARTTLS\r\n")
+        elif line.upper().startswith(b"STARTTLS"):
+            writer.write(b"220 2.0.0 Ready to start TLS\r\n")
+            await reader.read(10)
+            writer.write(b"this is no TLS record\r\n" * 20)
+            break
+    await writer.drain()
+    writer.close()
+
+
+async def test_a_failed_starttls_handshake_is_freed(collector_off):
+    server = await asyncio.start_server(breaks_tls, "127.0.0.1", 0)
+    transport = SmtpTransport(SmtpConfig(helo_timeout=2.0, starttls_timeout=2.0, tls_security_level="may"),
+                              resolver=StaticResolver(), helo_name="client.mailflow.test",
+                              plaintext_after=3600)  # new mail: deferred, not sent in plaintext
+    try:
+        for _ in range(ROUNDS):
+            report = await transport.deliver(request(f"[127.0.0.1]:{server.sockets[0].getsockname()[1]}"))
+            assert (report.results[0].outcome, report.results[0].dsn) == (Outcome.DEFERRED, "4.7.5")
     finally:
         await transport.close()
         server.close()

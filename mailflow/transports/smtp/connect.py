@@ -66,7 +66,7 @@ from typing import Callable, NoReturn
 
 from mailflow.config import SmtpConfig
 from mailflow.dns import Resolver, is_ip_literal
-from mailflow.errors import LookupRetry, os_reason, tls_failure
+from mailflow.errors import LookupRetry, detached, os_reason, tls_failure
 from mailflow.tables import Table, TableCache, find
 from mailflow.transports.smtp.addr import Nexthop, Peer, unique
 from mailflow.transports.smtp.chat import CRLF, Session, Wire
@@ -259,8 +259,10 @@ class SmtpHandshake:
         try:
             await session.start_tls(context, None if is_ip_literal(peer.host) else peer.host, timeout)
         except ssl.SSLCertVerificationError as e:
+            detached(e)  # (the wire keeps it, the cause of its loss: its traceback would hold the session, a cycle)
             _not_verified(peer, e.verify_code, e.verify_message)
         except (SiteFailure, OSError, TimeoutError) as e:
+            detached(e)  # (likewise)
             _log_connect_error(peer, e)
             _testing(policy, queue_id, f"TLS handshake failure with host {peer.name}")
             if policy.level in ("may", "dane") and not policy.tlsa and credentials is None and fallback:
