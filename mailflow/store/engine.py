@@ -113,7 +113,10 @@ class Connection:
         """`fn(*args)` on the connection's thread: one hop."""
         fut = asyncio.get_running_loop().create_future()
         self.submit(fn, args, functools.partial(_settle, fut))
-        return await fut
+        try:
+            return await fut
+        finally:
+            del fut  # a failure raised here holds this frame (its traceback): then not the future that holds it
 
     def submit(self, fn: Callable[..., Any], args: tuple, done: Callable[[BaseException | None, Any], None],
                loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -410,7 +413,10 @@ class GroupCommitter:
                 self._start_batch()
             elif self._lingering is None:
                 self._lingering = loop.call_later(LINGER, self._start_batch)
-        return await fut
+        try:
+            return await fut
+        finally:
+            del fut  # (as in Connection.call)
 
     def _start_batch(self) -> None:
         """Become busy: a batch starts at the end of this loop turn, with every request made in it."""

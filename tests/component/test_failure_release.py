@@ -38,6 +38,7 @@ from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.signing import keygen
 from mailflow.signing.dkim import BodyHashMismatch, verify
 from mailflow.stages.smtpd.dovecot_auth import DovecotAuth, Unavailable
+from mailflow.store import Store
 from mailflow.tables import TableCache
 from mailflow.transports.lmtp import LmtpTransport
 from mailflow.transports.smtp import SmtpTransport
@@ -260,3 +261,20 @@ async def test_the_admin_s_answer_to_an_unknown_path_keeps_no_traceback(mailflow
             async with client.get(f"http://{host}:{port}/no/such/path") as response:
                 assert (response.status, await response.json()) == (404, {"error": "404: Not Found"})
     assert in_cycles(types.TracebackType) == 0
+
+
+async def test_a_store_write_that_fails_leaves_no_cycle(collector_off, tmp_path):
+    """Another process holds the queue database locked: the writes fail (database is locked), through the group
+    committer and through a writer call alike."""
+    store = await Store.open(tmp_path / "queue.db", busy_timeout=0.05)
+    holder = sqlite3.connect(tmp_path / "queue.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        for _ in range(ROUNDS):
+            assert await raised(store.mark_corrupt(["4A2B3C"])) is sqlite3.OperationalError
+            assert await raised(store.maintain(free_share=0.0, min_free=0)) is sqlite3.OperationalError
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        await store.close()
+    assert in_cycles(sqlite3.OperationalError) == 0
