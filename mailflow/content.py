@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Iterable, Iterator, Union
 
+from mailflow.errors import detached
+
 CHUNK = 64 * 1024
 MEMORY_LIMIT = 256 * 1024  # a message up to this size is never written to a spool file: the fast path
 FLUSH_SIZE = 256 * 1024  # a spool file is written in blocks of this size
@@ -238,7 +240,7 @@ class Spool:
             if len(self._buffer) >= FLUSH_SIZE:
                 await self._flush()
         except OSError as e:
-            self.failure = e
+            self.failure = detached(e)  # (kept: its traceback would hold this frame, and so the spool, a cycle)
             self._forget()
 
     async def finish(self, *, crlf: bool = False) -> Content:

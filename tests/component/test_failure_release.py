@@ -23,7 +23,7 @@ from aiohttp import web
 
 from mailflow.clock import VirtualClock
 from mailflow.config import LmtpConfig, SmtpConfig, SpamdConfig
-from mailflow.content import Content
+from mailflow.content import Content, Spool
 from mailflow.dns import AiodnsResolver, NotFound, StaticResolver
 from mailflow.errors import LookupRetry
 from mailflow.filters.milter.client import (
@@ -278,3 +278,15 @@ async def test_a_store_write_that_fails_leaves_no_cycle(collector_off, tmp_path)
         holder.close()
         await store.close()
     assert in_cycles(sqlite3.OperationalError) == 0
+
+
+async def test_a_spool_whose_file_cannot_be_written_keeps_its_failure_without_a_cycle(collector_off, tmp_path):
+    """The spool keeps the failure for its reader (smtpd answers by its errno once the message has been read)."""
+    for _ in range(ROUNDS):
+        spool = Spool(tmp_path / "gone", memory_limit=10)  # the queue's content directory is missing
+        spool.append(b"x" * 100)
+        await spool.drain()
+        assert isinstance(spool.failure, FileNotFoundError) and not spool.keeping
+        spool.discard()
+    del spool
+    assert in_cycles(FileNotFoundError) == 0
