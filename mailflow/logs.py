@@ -131,10 +131,17 @@ class MailLog:
         self._emit(queue_id, "received", f"client={client}{sasl}", service="smtpd", client=client,
                    sasl_method=sasl_method, sasl_username=sasl_username, sasl_sender=sasl_sender)
 
-    def picked_up(self, queue_id: str, uid: int, sender: str) -> None:
-        """pickup took a message submitted by local user `uid` (`mailflow sendmail`)."""
-        if self.active:
-            self._emit(queue_id, "received", f"uid={uid} from=<{sender}>", service="pickup", uid=uid, sender=sender)
+    def picked_up(self, queue_id: str, uid: int, sender: str, *, orig_id: str = "") -> None:
+        """pickup took a message submitted by local user `uid` (`mailflow sendmail`), or (`orig_id`: its old queue
+        id) copied one an operator requeued: `uid=N from=<s> orig_id=OLD`, Postfix's pickup words for that."""
+        if not self.active:
+            return
+        line = f"uid={uid} from=<{sender}>"
+        if orig_id:
+            self._emit(queue_id, "received", f"{line} orig_id={orig_id}", service="pickup", uid=uid, sender=sender,
+                       orig_id=orig_id)
+        else:
+            self._emit(queue_id, "received", line, service="pickup", uid=uid, sender=sender)
 
     def message_id(self, queue_id: str, message_id: str) -> None:
         if self.active:

@@ -46,7 +46,7 @@ from mailflow.stages.smtpd.transcript import SessionObserver, Transcript
 
 log = logging.getLogger("mailflow.admin")
 
-QUEUE_STATES = ("incoming", "active", "deferred", "hold", "corrupt")
+QUEUE_STATES = ("incoming", "active", "deferred", "hold", "corrupt", "maildrop")
 RECENT_LIMIT = 1000  # results kept for the queue page
 DESTINATION_SERIES = 100  # destinations given series of their own (the busiest; dead ones first)
 RESIDENCE_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400, 5 * 86400)

@@ -8,8 +8,8 @@ CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 
 CREATE TABLE IF NOT EXISTS message (
     id           TEXT PRIMARY KEY,                 -- the queue id, as logged
-    queue        TEXT NOT NULL DEFAULT 'incoming'
-                 CHECK (queue IN ('incoming', 'active', 'deferred', 'hold', 'corrupt')),
+    queue        TEXT NOT NULL DEFAULT 'incoming'  -- maildrop: requeued by an operator, for pickup to copy
+                 CHECK (queue IN ('incoming', 'active', 'deferred', 'hold', 'corrupt', 'maildrop')),
     sender       TEXT NOT NULL,                    -- '' is the null sender
     arrival      REAL NOT NULL,                    -- unix time the message was committed
     next_attempt REAL NOT NULL,                    -- unix time it is due (incoming: = arrival)

@@ -1,7 +1,8 @@
 """The changes an operator makes to the queue (Postfix's postsuper and postqueue -f) over a selection.
 
 - `ACTIONS` (hold, release, requeue, delete, flush): which queues each applies to and the Store method that
-  does it.
+  does it; requeue (to the maildrop queue) leaves the server's pickup work, so its callers wake pickup
+  (mailflow.maildrop.wake_pickup), as sendmail does.
 - `apply(store, action, selection, now, err, log=)` walks the selection in chunks of CHUNK ids, one store
   transaction each (the store bumps the generation counter in it, so a running qmgr rescans), with progress
   on stderr (`Progress`) past PROGRESS_OVER messages. It returns how many messages it took and the explicitly
@@ -29,12 +30,13 @@ class Action:
     sources: tuple[str, ...]  # the queues it applies to
     method: str  # the Store coroutine: (ids) or (ids, now)
     needs_now: bool
+    wakes_pickup: bool = False  # the server's pickup has work once it took a message: its caller wakes it
 
 
 ACTIONS = {
     "hold": Action("hold", ("incoming", "active", "deferred"), "hold_messages", False),
     "release": Action("release", ("hold",), "release_messages", True),
-    "requeue": Action("requeue", ("incoming", "deferred", "hold"), "requeue_messages", True),
+    "requeue": Action("requeue", ("incoming", "deferred", "hold"), "requeue_messages", True, wakes_pickup=True),
     "delete": Action("delete", QUEUES, "delete_messages", False),
     "flush": Action("flush", ("deferred",), "flush_messages", True),
 }

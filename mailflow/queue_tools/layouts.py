@@ -253,6 +253,8 @@ def write_show(out: IO[str], detail: MessageDetail, recipients: Sequence[Recipie
         due = "- (corrupt: kept for inspection)"
     elif d.queue == "active":
         due = "- (being delivered now)"
+    elif d.queue == "maildrop":
+        due = "- (requeued: pickup copies it to a new queue id)"
     else:
         due = when(d.next_attempt, now) if d.next_attempt > now else "now"
     lines = [f"*** ENVELOPE RECORDS {where} ***",

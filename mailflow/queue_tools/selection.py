@@ -20,8 +20,8 @@ from typing import IO, AsyncIterator, Callable, Iterator, Sequence
 from mailflow.address import normalise_domain
 from mailflow.syntax import parse_duration
 
-QUEUES = ("incoming", "active", "deferred", "hold", "corrupt")
-LISTED_QUEUES = ("incoming", "active", "deferred", "hold")  # what mailq shows, like Postfix's showq
+QUEUES = ("incoming", "active", "deferred", "hold", "corrupt", "maildrop")  # maildrop: requeued, not yet copied
+LISTED_QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")  # what mailq shows, like Postfix's showq
 CHUNK = 1000  # ids per transaction (and per page read)
 ID_CHUNK = 500  # explicit ids per IN (...) query
 NULL_SENDER = "MAILER-DAEMON"

@@ -40,6 +40,8 @@ What it does, in order (Postfix cleanup(8)):
 6. commits message, recipients and content in one group-committed transaction, with the message's after-queue
    content filter (`Submission.content_filter`, else [smtpd] content_filter; a FILTER action wins) and the
    client attributes the delivery agents get (`Submission.client_attributes`, as given);
+6a. a requeued message (`resubmit`, for pickup) goes through steps 2 to 4 again under a new queue id and replaces
+   the old message in one transaction (Store.replace_requeued);
 7. logs pickup's `uid=`, `message-id=` and `queued` (qmgr's `from=` line: not for a message put on hold, which
    gets it from qmgr when released, as in Postfix), and wakes qmgr; or, when a queue manager is attached
    (`attach_queue_manager`) and has room, commits the message straight into the active queue and hands it over
@@ -75,7 +77,7 @@ from mailflow.message import header_names, header_value, read_header, rfc5322_da
 from mailflow.model import ClientInfo, QueueId, Recipient, Submission
 from mailflow.routing.addressmap import AddressMapper
 from mailflow.signing.outbound import OutboundSigning
-from mailflow.store import NewMessage, Store
+from mailflow.store import NewMessage, RequeuedMessage, Store
 from mailflow.transports.downgrade import labelled_8bit
 
 logger = logging.getLogger("mailflow.cleanup")
@@ -161,11 +163,39 @@ class Cleanup:
         """`hold`: commit it in the hold queue (an smtpd HOLD restriction), where qmgr leaves it alone. Raises
         ContentRejected when a content check refuses it; a discarded message gets its queue id, uncommitted."""
         queue_id = self._queue_id(sub)
+        msg = await self._built(sub, queue_id, hold=hold, outbound=True)
+        if msg is None:
+            return queue_id
+        await self._commit(msg, sub)
+        return msg.queue_id
+
+    async def resubmit(self, requeued: RequeuedMessage, sub: Submission) -> QueueId | None:
+        """pickup's copy of a message an operator requeued (`sub`: its pending recipients and stored content, as
+        pickup builds it), as Postfix's cleanup copies a queue file that postsuper -r moved to maildrop/: a new
+        queue id, the address rewriting, the content checks and the after-queue filter of now, the first arrival
+        time, client and client attributes kept; no SRS, ARC or DKIM signing (the message got them, if any, when
+        it first came, as Postfix runs no milter on requeued mail). The copy replaces the old message in one
+        transaction (Store.replace_requeued). Returns the new id; None when a content check discarded it (the old
+        message is removed). Raises as `submit` (RequeueGone: deleted meanwhile; nothing committed)."""
+        msg = await self._built(sub, self._ids.next(), hold=False, outbound=False)
+        if msg is None:
+            await self._store.delete_messages([requeued.queue_id])
+            return None
+        msg = dataclasses.replace(msg, arrival=requeued.arrival, client=requeued.client,
+                                  client_attributes=requeued.client_attributes)
+        await self._store.replace_requeued(requeued.queue_id, msg)
+        self.log_queued(msg, sub, orig_id=requeued.queue_id)
+        self._on_queued()
+        return msg.queue_id
+
+    async def _built(self, sub: Submission, queue_id: QueueId, *, hold: bool, outbound: bool) -> NewMessage | None:
+        """The message cleanup commits for `sub` (steps 2 to 5 of the module doc; `outbound`: with step 5), or None
+        when a content check discarded it."""
         content_filter = self._content_filter if sub.content_filter is None else sub.content_filter
         if self._checks is not None and "no_header_body_checks" not in sub.overrides:
             found = await self._inspect(self._checks, queue_id, sub)
             if found.discard is not None:
-                return queue_id
+                return None
             hold = hold or found.hold is not None
             content_filter = found.content_filter or content_filter
             sub = dataclasses.replace(sub, content=Content((found.head, *found.body.parts)),
@@ -176,12 +206,11 @@ class Cleanup:
             msg = self._prepare(sub, queue_id, False)
         if msg.body_type != "8BITMIME" and await labelled_8bit(msg.content, header=_header_block(msg)):
             msg = dataclasses.replace(msg, body_type="8BITMIME")
-        if self._outbound is not None:
+        if outbound and self._outbound is not None:
             msg = await self._outbound.apply(msg, sub)
         if hold or content_filter:
             msg = dataclasses.replace(msg, queue="hold" if hold else msg.queue, content_filter=content_filter)
-        await self._commit(msg, sub)
-        return msg.queue_id
+        return msg
 
     async def _commit(self, msg: NewMessage, sub: Submission) -> None:
         """Insert durably, log, then hand the message to qmgr (committed active) or wake it. The hand-over runs
@@ -326,16 +355,18 @@ class Cleanup:
             msg = self.prepare(sub, rewrite=False)
         return msg if self._outbound is None else self._outbound.sign_notice(msg)
 
-    def log_queued(self, msg: NewMessage, sub: Submission | None = None) -> None:
+    def log_queued(self, msg: NewMessage, sub: Submission | None = None, *, orig_id: QueueId = "") -> None:
         """The log lines of a committed message, in Postfix's order: pickup's `uid=` (smtpd's `client=` came with
         the queue id), its Message-ID, then qmgr's `from=` line; not for a message put on hold, which Postfix's qmgr
         never opened: qmgr logs that line when it first takes the message (released, requeued), and the observer
-        alone hears of it now."""
+        alone hears of it now. `orig_id`: a requeued message's old id, which pickup's line names (with the sender as
+        stored, before this rewriting), as Postfix's pickup does for mail postsuper -r requeued."""
         if not self._log.active:
             return
         head = _header_block(msg)
         if sub is not None and sub.submitter is not None:
-            self._log.picked_up(msg.queue_id, sub.submitter.uid, msg.sender)
+            sender = sub.envelope.sender if orig_id else msg.sender
+            self._log.picked_up(msg.queue_id, sub.submitter.uid, sender, orig_id=orig_id)
         self._log.message_id(msg.queue_id, header_value(head, "message-id"))
         self._log.queued(msg.queue_id, msg.sender, msg.content.size, len(msg.recipients), logged=msg.queue != "hold")
 

@@ -28,6 +28,13 @@ Postfix's public/pickup FIFO). It scans the maildrop when it starts, on every wa
 - a fault of the queue itself (the store locked, the disk full: `store_fault`) ends the scan: the files stay,
   and the scans back off (0.5 s doubling to 10 s; wake-ups do not cut the wait short), logged once a minute
   with a count (`faults.Guard`), until a scan gets through.
+Each scan then copies the messages an operator requeued (`mailflow queue requeue`: the store's maildrop queue,
+mailflow/store/requeue.py), as Postfix's pickup copies the queue files postsuper -r moved into maildrop/: a page
+at a time, oldest first, each through `cleanup.resubmit` (a new queue id; the address rewriting, content checks
+and after-queue filter of now; no milters, as Postfix runs none on requeued mail) with only its pending
+recipients; the copy replaces the old message in one transaction, and pickup logs `NEW: uid=N from=<s>
+orig_id=OLD`. A message cleanup refuses for good now (a loop, a content check's REJECT) is put on hold, logged,
+rather than lost; a temporary failure leaves it for the next scan; a store fault ends the scan as above.
 The hidden temporary files of sendmail processes that died writing them (SIGKILL, a crash) and were not
 touched for a day are removed at each scan, logged (Postfix's postsuper -p purges such leftovers).
 A socket that cannot be bound (e.g. a path longer than the UNIX limit) is logged; the periodic scan still runs.
@@ -52,13 +59,14 @@ from mailflow.maildrop import (CorruptMaildrop, MaildropMessage, maildrop_conten
 from mailflow.message import quoted_original
 from mailflow.model import ClientInfo, Envelope, LocalUser, Recipient, Submission
 from mailflow.stages.bounce import NoticeRecipient, build_notice, notice_is_8bit, wants_notice
-from mailflow.store import store_fault
+from mailflow.store import RequeuedMessage, RequeueGone, Store, store_fault
 
 logger = logging.getLogger("mailflow.pickup")
 
 DIRECTORY_MODE = 0o700
 PUBLIC_MODE = 0o755
 SOCKET_MODE = 0o666
+REQUEUE_PAGE = 100  # requeued messages read per query
 
 
 class _WakeProtocol(asyncio.DatagramProtocol):
@@ -73,8 +81,9 @@ class Pickup:
     def __init__(self, queue_directory: Path, cleanup, *, myhostname: str, clock: Clock,
                  interval: float = DEFAULTS.sendmail.pickup_interval,
                  bounce_size_limit: int = DEFAULTS.queue.bounce_size_limit, size_limit: int = 0,
-                 milters: NonSmtpdMilters | None = None):
-        """`milters`: non_smtpd_milters (None: none)."""
+                 milters: NonSmtpdMilters | None = None, store: Store | None = None):
+        """`milters`: non_smtpd_milters (None: none); `store`: the queue whose requeued mail it copies (None:
+        none)."""
         self.maildrop = Path(queue_directory) / "maildrop"
         self.corrupt = Path(queue_directory) / "corrupt"
         self.socket_path = Path(queue_directory) / "public" / "pickup"
@@ -85,6 +94,7 @@ class Pickup:
         self._bounce_size_limit = bounce_size_limit
         self._size_limit = size_limit
         self._milters = milters
+        self._store = store
         self._wanted = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._transport: asyncio.DatagramTransport | None = None
@@ -167,7 +177,65 @@ class Pickup:
                 break
             if await self._pick(name):
                 done += 1
+        return done + await self._copy_requeued()
+
+    async def _copy_requeued(self) -> int:
+        """Every message of the store's maildrop queue (requeued by an operator), a page at a time, copied through
+        cleanup; returns how many were copied."""
+        done, after = 0, ""
+        while self._store is not None and not self._closing:
+            page = await self._store.requeued_messages(after=after, limit=REQUEUE_PAGE)
+            for requeued in page:
+                if self._closing:
+                    break
+                done += await self._copy(requeued)
+            if len(page) < REQUEUE_PAGE:
+                break
+            after = page[-1].queue_id
         return done
+
+    async def _copy(self, requeued: RequeuedMessage) -> bool:
+        """One requeued message through cleanup.resubmit (its content streamed from the store, never whole in
+        memory). Raises only for a store fault."""
+        assert self._store is not None
+        old = requeued.queue_id
+        content = await self._store.content(old)
+        if content is None:  # its content row or file is damaged (logged by the store)
+            await self._store.mark_corrupt([old])
+            logger.warning("pickup: requeued %s: its content is missing or damaged; moved to the corrupt queue", old)
+            return False
+        try:
+            await self._cleanup.resubmit(requeued, self._requeued_submission(requeued, content))
+        except RequeueGone:
+            logger.info("pickup: requeued %s: removed meanwhile; not copied", old)
+            return False
+        except PermanentError as e:
+            await self._store.hold_requeued(old)
+            logger.warning("pickup: requeued %s: from=<%s>: refused: %s %s; put on hold", old, requeued.sender, e.dsn,
+                           e.reason)
+            return False
+        except Exception as e:  # TemporaryError, Overloaded, anything else: it stays requeued, for the next scan
+            if store_fault(e):
+                raise
+            logger.warning("pickup: requeued %s: not copied (%s); will retry", old,
+                           e.reason if isinstance(e, DeliveryError) else e)
+            return False
+        return True
+
+    def _requeued_submission(self, m: RequeuedMessage, content: Content) -> Submission:
+        """A requeued message as cleanup takes it: its pending recipients with their originals and DSN parameters,
+        submitted by this process's user (the Received header pickup adds names it, as Postfix's names the mail
+        owner's uid). Header addresses are rewritten again only for a local submission (sendmail): the rewriting
+        context of the others is not kept."""
+        rcpts = m.recipients
+        envelope = Envelope(m.sender, tuple(r.address for r in rcpts), smtputf8=m.smtputf8, body_type=m.body_type,
+                            originals=tuple(r.original for r in rcpts), notify=tuple(r.notify for r in rcpts),
+                            orcpts=tuple(r.orcpt for r in rcpts), envid=m.envid, ret=m.ret)
+        client = ClientInfo(addr="127.0.0.1", helo=self._myhostname, protocol="local", hostname="localhost")
+        local = not m.client_attributes.protocol
+        return Submission(envelope, content, client, submitter=LocalUser(os.geteuid(), ""),
+                          client_attributes=m.client_attributes, add_missing_headers=local,
+                          header_rewrite_domain="" if local else None)
 
     async def _pick(self, name: str) -> bool:
         path = self.maildrop / name

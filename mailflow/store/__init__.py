@@ -13,6 +13,7 @@ Modules
                 reading it back as a `Content`, sweeping files left by a crash.
 - `daemon.py`   `Store` as the server uses it: open/close, insert, take, claim, record_results, finish, due, content,
                 recover, sweep, maintain, and qmgr's view of the operator tools.
+- `requeue.py`  pickup's side of a requeue (the maildrop queue: read; replaced by a copy in one transaction).
 - `operator.py` the operator API behind `mailflow queue …` (pages, detail, hold/release/requeue/flush/delete,
                 shape, destinations), a part of `Store`.
 
@@ -35,6 +36,7 @@ from mailflow.store.daemon import SCAN_CONTENT_BUDGET, Store
 from mailflow.store.engine import store_fault
 from mailflow.store.schema import SCHEMA_VERSION
 from mailflow.store.operator import DestinationRow, MessageDetail, MessageRow, RecipientRow, ShapeCount
+from mailflow.store.requeue import RequeuedMessage, RequeueGone
 
 __all__ = ["DestinationRow", "MessageDetail", "MessageRow", "NewMessage", "RecipientRow", "SCAN_CONTENT_BUDGET",
-           "SCHEMA_VERSION", "ShapeCount", "Store", "store_fault"]
+           "RequeueGone", "RequeuedMessage", "SCHEMA_VERSION", "ShapeCount", "Store", "store_fault"]

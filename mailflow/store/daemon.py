@@ -1,4 +1,5 @@
-"""`Store`: the queue database as the server uses it (the operator API is mixed in from operator.py).
+"""`Store`: the queue database as the server uses it (the operator API is mixed in from operator.py, pickup's
+side of a requeue from requeue.py).
 
 Contract
 - `Store.open(path)` opens (creating, or migrating an older queue) the database and its content directory;
@@ -66,9 +67,10 @@ from mailflow.store.damage import Columns, checked, sort_time, undecodable
 from mailflow.store.engine import (BUSY_TIMEOUT, CONTENT_DIRECTORY, MAX_VARS, BatchLoader, GroupCommitter, Op,
                                    Reader, Writer, chunks, fetch_leniently, marks, remove_ops)
 from mailflow.store.operator import OperatorQueries
+from mailflow.store.requeue import RequeueQueries
 
 
-class Store(OperatorQueries):
+class Store(OperatorQueries, RequeueQueries):
     """The queue database. Open with `await Store.open(path)`; close with `await store.close()`."""
 
     def __init__(self, writer: Writer, reader: Reader, committer: GroupCommitter, content_dir: Path):

@@ -13,8 +13,9 @@ bumps the generation counter, so a running qmgr notices within a second. Only `s
   `message_ids`, `count_messages`. A message or recipient row whose values are not of their kind (edited by hand:
   `arrival = 'x'`, a negative size, an unknown status) comes with stand-in values and `damage` saying what is
   wrong (store/damage.py), so that one bad row does not stop a listing; the tools warn about it.
-- Changes: `hold_messages`, `release_messages`, `requeue_messages`, `flush_messages` (also counts a flush
-  request, which qmgr reads with `flush_requests`), `delete_messages` (content files go after the commit).
+- Changes: `hold_messages`, `release_messages`, `requeue_messages` (to the maildrop queue, for the server's
+  pickup: requeue.py), `flush_messages` (also counts a flush request, which qmgr reads with `flush_requests`),
+  `delete_messages` (content files go after the commit).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ class MessageRow:
     """One message as mailq lists it."""
 
     queue_id: QueueId
-    queue: str  # incoming, active, deferred, hold or corrupt
+    queue: str  # incoming, active, deferred, hold, corrupt or maildrop (requeued, not yet copied)
     size: int  # bytes of content
     arrival: float  # unix time
     sender: str  # '' is the null sender
@@ -171,8 +172,10 @@ class OperatorQueries:
                                " WHERE id = ? AND queue = 'hold'", [(now, i) for i in ids])
 
     async def requeue_messages(self, ids: Sequence[QueueId], now: float) -> None:
-        """incoming/deferred/hold -> incoming, due `now` (qmgr resolves every recipient again)."""
-        await self._tool_write("UPDATE message SET queue = 'incoming', next_attempt = ?, from_logged = 0"
+        """incoming/deferred/hold -> maildrop (as of `now`), where qmgr never takes it: the server's pickup copies
+        it through cleanup into a new message (mailflow/store/requeue.py), as Postfix's pickup copies a queue file
+        that postsuper -r moved into maildrop/."""
+        await self._tool_write("UPDATE message SET queue = 'maildrop', next_attempt = ?"
                                " WHERE id = ? AND queue IN ('incoming', 'deferred', 'hold')", [(now, i) for i in ids])
 
     async def flush_messages(self, ids: Sequence[QueueId], now: float) -> None:

@@ -21,7 +21,25 @@ from pathlib import Path
 
 log = logging.getLogger("mailflow.store")
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
+
+# The message table as schema version 9 made it, and the columns version 8 had (migration 8 copies them).
+_MESSAGE_V8_COLUMNS = ("id, queue, sender, arrival, next_attempt, attempts, size, smtputf8, body_type, client, envid, ret,"
+                       " warned, filter, client_name, client_address, client_port, helo_name, protocol_name,"
+                       " sasl_method, sasl_username, sasl_sender, from_logged")
+_MESSAGE_V9 = """CREATE TABLE message (
+    id TEXT PRIMARY KEY,
+    queue TEXT NOT NULL DEFAULT 'incoming'
+          CHECK (queue IN ('incoming', 'active', 'deferred', 'hold', 'corrupt', 'maildrop')),
+    sender TEXT NOT NULL, arrival REAL NOT NULL, next_attempt REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    size INTEGER NOT NULL, smtputf8 INTEGER NOT NULL DEFAULT 0, body_type TEXT NOT NULL DEFAULT '',
+    client TEXT NOT NULL DEFAULT '', envid TEXT NOT NULL DEFAULT '', ret TEXT NOT NULL DEFAULT '',
+    warned INTEGER NOT NULL DEFAULT 0, filter TEXT NOT NULL DEFAULT '',
+    client_name TEXT NOT NULL DEFAULT '', client_address TEXT NOT NULL DEFAULT '',
+    client_port TEXT NOT NULL DEFAULT '', helo_name TEXT NOT NULL DEFAULT '', protocol_name TEXT NOT NULL DEFAULT '',
+    sasl_method TEXT NOT NULL DEFAULT '', sasl_username TEXT NOT NULL DEFAULT '', sasl_sender TEXT NOT NULL DEFAULT '',
+    from_logged INTEGER NOT NULL DEFAULT 1
+) WITHOUT ROWID"""
 
 # Steps for queues made by an older mailflow: MIGRATIONS[v] takes schema version v to v + 1.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -43,6 +61,13 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     6: ("ALTER TABLE recipient ADD COLUMN relayed INTEGER NOT NULL DEFAULT 0",),
     # 7BIT now means BODY=7BIT was given (the SMTP client passes it on); before, it meant that or no BODY at all
     7: ("UPDATE message SET body_type = '' WHERE body_type = '7BIT'",),
+    # a requeued message waits in the 'maildrop' queue for pickup to copy it (a new queue id): SQLite changes a
+    # CHECK constraint only by rebuilding the table (its index comes back from schema.sql)
+    8: ("ALTER TABLE message RENAME TO message_v8",
+        "DROP INDEX IF EXISTS message_due",
+        _MESSAGE_V9,
+        f"INSERT INTO message ({_MESSAGE_V8_COLUMNS}) SELECT {_MESSAGE_V8_COLUMNS} FROM message_v8",
+        "DROP TABLE message_v8"),
 }
 
 

@@ -1,0 +1,103 @@
+"""The store's side of a requeue (Postfix's postsuper -r, then pickup and cleanup copying the queue file).
+
+An operator's requeue (`OperatorQueries.requeue_messages`) only moves a message to the `maildrop` queue, where
+qmgr never takes it (Postfix's postsuper renames the queue file into maildrop/). The server's pickup then copies
+each such message through cleanup into a new message with a new queue id:
+- `requeued_messages(after, limit)`: a page of them, oldest requeue first, each with its envelope and only the
+  recipients still pending (those delivered or bounced are not copied, as Postfix's cleanup skips the
+  recipients a queue file marks done); the content is `Store.content(id)` (its file part read lazily).
+- `hold_requeued(old_id)`: one cleanup refuses for good now (a loop, a content check's REJECT) goes on hold.
+- `replace_requeued(old_id, msg)`: in one transaction, `msg` is committed and `old_id` removed (recipients,
+  content row, message row; its content file goes after the commit, while the new message holds its own hard link
+  to the same file). A crash before the commit leaves the old message in the maildrop queue (copied again at the
+  next start), after it the new message alone: never both, never neither.
+  If `old_id` is no longer in the maildrop queue by then (an operator deleted it meanwhile), nothing is written
+  and `RequeueGone` is raised.
+
+`RequeueQueries` is a part of `Store` (mailflow/store/daemon.py), which supplies its connections.
+"""
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from mailflow.content import Spool
+from mailflow.model import ClientAttributes, NewMessage, QueueId, Recipient
+from mailflow.store.contents import CLIENT_COLUMNS, insert_ops, storable
+from mailflow.store.engine import DELETE_CONTENT, MAX_VARS, GroupCommitter, Reader, chunks, marks
+
+
+class RequeueGone(Exception):
+    """The requeued message left the maildrop queue (deleted) before its copy was committed."""
+
+
+@dataclass(frozen=True)
+class RequeuedMessage:
+    """A message in the maildrop queue, as pickup copies it: its envelope and its pending recipients."""
+
+    queue_id: QueueId
+    sender: str
+    arrival: float  # the first arrival: the copy keeps it (Postfix's cleanup keeps the queue file's time record)
+    smtputf8: bool
+    body_type: str
+    client: str  # name[addr] of the submitting client
+    envid: str
+    ret: str
+    client_attributes: ClientAttributes
+    recipients: tuple[Recipient, ...]  # the pending ones, in envelope order
+
+
+_ENVELOPE = ("id, sender, arrival, smtputf8, body_type, client, envid, ret, " + ", ".join(CLIENT_COLUMNS))
+
+
+class RequeueQueries:
+    """pickup's reads and its one change of requeued messages (a part of Store)."""
+
+    _reader: Reader
+    _committer: GroupCommitter
+    content_dir: Path
+
+    async def requeued_messages(self, *, after: QueueId = "", limit: int = 100) -> list[RequeuedMessage]:
+        """Up to `limit` messages of the maildrop queue with ids after `after`, in id order (ids are time-ordered)."""
+        rows = await self._reader.fetchall(
+            f"SELECT {_ENVELOPE} FROM message WHERE queue = 'maildrop' AND id > ? ORDER BY id LIMIT ?", (after, limit))
+        pending = await self._pending_recipients([row[0] for row in rows])
+        return [RequeuedMessage(qid, sender, arrival, bool(utf8), body_type, client, envid, ret,
+                                ClientAttributes(*attributes), pending.get(qid, ()))
+                for qid, sender, arrival, utf8, body_type, client, envid, ret, *attributes in rows]
+
+    async def _pending_recipients(self, ids: list[QueueId]) -> dict[QueueId, tuple[Recipient, ...]]:
+        found: dict[QueueId, list[Recipient]] = {}
+        for chunk in chunks(ids, MAX_VARS):
+            rows = await self._reader.fetchall(
+                "SELECT message_id, idx, address, original, notify, orcpt FROM recipient"
+                f" WHERE message_id IN ({marks(len(chunk))}) AND status = 'pending' ORDER BY message_id, idx",
+                tuple(chunk))
+            for qid, *fields in rows:
+                found.setdefault(qid, []).append(Recipient(*fields))
+        return {qid: tuple(recipients) for qid, recipients in found.items()}
+
+    async def hold_requeued(self, old_id: QueueId) -> None:
+        await self._committer.write([("UPDATE message SET queue = 'hold', from_logged = 0"
+                                      " WHERE id = ? AND queue = 'maildrop'", [(old_id,)])])
+
+    async def replace_requeued(self, old_id: QueueId, msg: NewMessage) -> None:
+        """Commit `msg` and remove `old_id` in one transaction (see the module doc). Raises RequeueGone when
+        `old_id` is no longer in the maildrop queue; may raise Overloaded like `insert`."""
+        temporaries: list[Spool] = []
+        try:
+            ready = await storable(msg, self.content_dir, temporaries)
+            old = [(old_id,)]
+            ops = [*insert_ops([ready]), ("DELETE FROM recipient WHERE message_id = ?", old), (DELETE_CONTENT, old)]
+            await self._committer.write(ops, may_refuse=True, call=lambda con: _remove_requeued(con, old_id))
+        finally:
+            for spool in temporaries:
+                spool.discard()
+
+
+def _remove_requeued(con: sqlite3.Connection, old_id: QueueId) -> None:
+    """The last step of `replace_requeued`'s transaction: the old message row goes, and only if it is still in the
+    maildrop queue; else the whole transaction is undone (RequeueGone)."""
+    if con.execute("DELETE FROM message WHERE id = ? AND queue = 'maildrop'", (old_id,)).rowcount != 1:
+        raise RequeueGone(f"{old_id}: no longer in the maildrop queue")

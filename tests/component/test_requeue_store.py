@@ -1,0 +1,167 @@
+"""The store's side of a requeue (mailflow/store/requeue.py) against a real SQLite file: an operator's requeue
+moves mail to the maildrop queue, which qmgr never takes; pickup reads it with its pending recipients only and
+replaces it by its copy in one transaction, which a kill in the middle leaves undone whole."""
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mailflow.content import Content
+from mailflow.model import ClientAttributes, Delivered, Outcome, RcptResult, Recipient
+from mailflow.store import NewMessage, RequeueGone, Store
+from tests.support import big_message
+from tests.support.content import spooled
+
+T0 = 1_700_000_000.0
+ATTRIBUTES = ClientAttributes("mail.remote.test", "192.0.2.7", "4242", "helo.remote.test", "ESMTP")
+
+
+def new(qid: str, *rcpts: Recipient, content: Content | None = None, **kw) -> NewMessage:
+    rcpts = rcpts or (Recipient(0, "b@example.test", "b@example.test"),)
+    return NewMessage(qid, "a@remote.test", T0, content or Content.of(b"Subject: s\r\n\r\nbody\r\n"), rcpts, **kw)
+
+
+def copy_of(old_id: str, new_id: str, content: Content, recipients) -> NewMessage:
+    """What cleanup would make of a requeued message: a new id, one more header field, the same body."""
+    return NewMessage(new_id, "a@remote.test", T0, Content((b"Received: again\r\n", *content.parts)),
+                      tuple(recipients))
+
+
+@pytest.fixture
+async def store(tmp_path):
+    s = await Store.open(tmp_path / "q" / "queue.db")
+    yield s
+    await s.close()
+
+
+async def test_requeued_mail_waits_in_the_maildrop_queue_with_only_its_pending_recipients(store):
+    dsn = Recipient(1, "two@example.test", "orig-two@example.test", "SUCCESS,DELAY", "rfc822;orig-two@x.test")
+    await store.insert(new("Q1", Recipient(0, "one@example.test", "one@example.test"), dsn,
+                           envid="env-1", ret="HDRS", client="mail.remote.test[192.0.2.7]",
+                           client_attributes=ATTRIBUTES))
+    [taken] = await store.take(T0, 10)
+    sent = RcptResult(taken.recipients[0], Outcome.SENT, "2.0.0", "ok")
+    await store.finish(Delivered("Q1", T0 + 3600), results=[sent])
+
+    await store.requeue_messages(["Q1"], T0 + 60)
+    assert await store.counts() == {"maildrop": 1}
+    assert await store.take(T0 + 7200, 10) == []  # qmgr never takes it: pickup copies it
+    [requeued] = await store.requeued_messages()
+    assert (requeued.queue_id, requeued.sender, requeued.arrival) == ("Q1", "a@remote.test", T0)
+    assert (requeued.envid, requeued.ret, requeued.client) == ("env-1", "HDRS", "mail.remote.test[192.0.2.7]")
+    assert requeued.client_attributes == ATTRIBUTES
+    assert requeued.recipients == (dsn,)  # the one delivered is not copied
+
+
+async def test_the_copy_replaces_the_old_message_in_one_transaction_its_file_linked_anew(store, tmp_path):
+    data = big_message(300_000)
+    await store.insert(new("OLD1", content=spooled(tmp_path, data)))
+    await store.requeue_messages(["OLD1"], T0)
+    [requeued] = await store.requeued_messages()
+    content = await store.content("OLD1")
+    assert content is not None and not content.in_memory
+
+    await store.replace_requeued("OLD1", copy_of("OLD1", "NEW1", content, requeued.recipients))
+    assert await store.counts() == {"incoming": 1}
+    assert await store.content("OLD1") is None and await store.recipients("OLD1") == []
+    assert sorted(p.name for p in store.content_dir.iterdir()) == ["NEW1"]
+    back = await store.content("NEW1")
+    assert back is not None and back.to_bytes() == b"Received: again\r\n" + data
+    [taken] = await store.take(T0, 10)
+    assert (taken.queue_id, [r.address for r in taken.recipients]) == ("NEW1", ["b@example.test"])
+
+
+async def test_a_message_deleted_before_its_copy_commits_is_not_copied(store):
+    await store.insert(new("OLD1"))
+    await store.requeue_messages(["OLD1"], T0)
+    [requeued] = await store.requeued_messages()
+    content = await store.content("OLD1")
+    await store.delete_messages(["OLD1"])
+    with pytest.raises(RequeueGone):
+        await store.replace_requeued("OLD1", copy_of("OLD1", "NEW1", content, requeued.recipients))
+    assert await store.counts() == {}
+
+
+KILLED_IN_THE_MIDDLE = textwrap.dedent("""
+    import asyncio, os, signal, sys
+    from mailflow.content import Content
+    from mailflow.model import NewMessage
+    from mailflow.store import Store, requeue
+
+    def killed(con, old_id):  # the old row deleted, the new rows written: then the process dies, uncommitted
+        con.execute("DELETE FROM message WHERE id = ?", (old_id,))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    requeue._remove_requeued = killed
+
+    async def main():
+        store = await Store.open(sys.argv[1])
+        [old] = await store.requeued_messages()
+        content = await store.content(old.queue_id)
+        copy = NewMessage("NEW1", old.sender, old.arrival, Content((b"Received: again\\r\\n", *content.parts)),
+                          old.recipients)
+        await store.replace_requeued(old.queue_id, copy)
+
+    asyncio.run(main())
+""")
+
+
+async def test_a_kill_in_the_middle_of_the_replacement_leaves_the_old_message_whole_and_no_copy(tmp_path):
+    """The process is killed inside the transaction (the copy written and the old row deleted, not committed):
+    the old message is still requeued, whole, and there is no copy; its hard link is swept at the next start,
+    and the copy made then is the only one."""
+    path = tmp_path / "q" / "queue.db"
+    data = big_message(300_000)
+    store = await Store.open(path)
+    await store.insert(new("OLD1", content=spooled(tmp_path, data)))
+    await store.requeue_messages(["OLD1"], T0)
+    await store.close()
+
+    child = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", KILLED_IN_THE_MIDDLE, str(path)],
+                                    capture_output=True, timeout=30)
+    assert child.returncode == -9, child.stderr.decode()
+    store = await Store.open(path, owner=True)
+    try:
+        assert await store.counts() == {"maildrop": 1}
+        await store.sweep()  # the copy's link into content/, made before its transaction, has no row
+        assert sorted(p.name for p in store.content_dir.iterdir()) == ["OLD1"]
+        [old] = await store.requeued_messages()
+        content = await store.content("OLD1")
+        assert content is not None and content.to_bytes() == data
+        await store.replace_requeued("OLD1", copy_of("OLD1", "NEW1", content, old.recipients))
+        assert await store.counts() == {"incoming": 1}
+        assert (await store.content("NEW1")).to_bytes() == b"Received: again\r\n" + data
+    finally:
+        await store.close()
+
+
+async def test_a_queue_of_schema_8_takes_requeued_mail_after_its_migration(tmp_path):
+    """Schema 9 adds the maildrop queue to the message table's CHECK (a rebuild of the table): the rows of
+    schema 8 and its index survive it."""
+    path = tmp_path / "queue.db"
+    store = await Store.open(path)
+    await store.insert(new("Q1", client_attributes=ATTRIBUTES))
+    await store.close()
+    with sqlite3.connect(path) as db:  # the message table as schema 8 made it
+        db.execute("UPDATE schema_version SET version = 8")
+        sql = db.execute("SELECT sql FROM sqlite_master WHERE name = 'message'").fetchone()[0]
+        db.executescript("PRAGMA foreign_keys = OFF; ALTER TABLE message RENAME TO m9; DROP INDEX message_due;"
+                         + sql.replace(", 'maildrop'", "") + "; INSERT INTO message SELECT * FROM m9; DROP TABLE m9;"
+                         " CREATE INDEX message_due ON message (queue, next_attempt);")
+        with pytest.raises(sqlite3.IntegrityError):
+            db.execute("UPDATE message SET queue = 'maildrop'")
+    store = await Store.open(path)
+    try:
+        await store.requeue_messages(["Q1"], T0)
+        [requeued] = await store.requeued_messages()
+        assert requeued.client_attributes == ATTRIBUTES
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT name FROM sqlite_master WHERE tbl_name = 'message' AND type = 'index'"
+                          " AND name = 'message_due'").fetchall() == [("message_due",)]
