@@ -349,6 +349,63 @@ HELD_COMPARED = ("received", "delivered", "held", "discarded", "senders", "sendi
 HELD_SECTIONS = ("message hold detail", "Senders by message count", "Recipients by message count")
 
 
+def requeued_lines(log: str, old: str) -> tuple[list[str], list[str]]:
+    """The lines of a requeued message and of its copy: pickup's uid (Postfix's mail owner, mailflow's user), the
+    old id it names and a cached connection's use count (the connection cache is not what is compared here)
+    masked. The old message's lines are sorted: the order of one SMTP transaction's `to=` lines is no requeue's."""
+    new = re.search(rf": ([0-9A-Za-z]+): uid=\d+ from=<[^>]*> orig_id={old}$", log, re.M)
+    assert new, log
+    copy = [re.sub(r"uid=\d+", "uid=N", line.replace(", conn_use=2", "").replace(old, "OLD"))
+            for line in message_lines(log, new[1])]
+    return sorted(message_lines(log, old)), copy
+
+
+async def test_requeued_mail_is_logged_under_a_new_queue_id_as_postfix_logs_it(mailflow_server, mail_log,
+                                                                               write_config, tmp_path):
+    """postsuper -r, `mailflow queue requeue`: a message with one recipient delivered and one deferred is requeued;
+    the old id ends with postsuper's `requeued` (no `removed`), the copy's lines begin with pickup's `uid=N
+    from=<s> orig_id=OLD`, then cleanup's `message-id=` and qmgr's `from=` counting only the recipient still
+    pending, which is tried again; the same lines for both servers. (Postfix's pickup is kicked here, as its
+    postsuper leaves it to pickup's next poll; mailflow's tools wake pickup.)"""
+    peer = await ScriptedPeer({"RCPT": peer_rcpt}).start()
+    transports = f"inline:{{relay.test=smtp:[127.0.0.1]:{peer.port}}}"
+    rcpts = ["ok@relay.test", "def@relay.test"]
+    deferred = "to=<def@relay.test>"
+    try:
+        async with postfix_instance({
+            "myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "mydestination": "", "relay_domains": "relay.test",
+            "transport_maps": transports, "notify_classes": "", "delay_warning_time": "0",
+        }) as pf:
+            await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the probe that saw it listen
+            started = len(pf.maillog)
+            pf_replies = await message(pf.port, rcpts, "requeued")
+            await eventually(lambda: deferred in pf.maillog[started:], timeout=10)
+            [old] = re.findall(r": ([0-9A-F]+): client=", pf.maillog[started:])
+            assert pf.run("postsuper", "-r", old).returncode == 0
+            assert pf.run("postkick", "public", "pickup", "W").returncode == 0
+            await eventually(lambda: pf.maillog[started:].count(deferred) == 2, timeout=10)
+            pf_lines = requeued_lines(pf.maillog[started:], old)
+        settings = dict(myhostname=MF_HOST, mydestination=[], relay_domains=["relay.test"],
+                        transport_maps=[transports], smtp={"tls_security_level": "none"})
+        mf = await mailflow_server(**settings)
+        config = write_config(tmp_path / "mailflow.toml", log={"file": str(mail_log)}, **settings)
+        mf_replies = await message(mf.smtp_addresses[0][1], rcpts, "requeued")
+        await eventually(lambda: deferred in mail_log.read_text(), timeout=10)
+        [old] = re.findall(r": ([0-9A-F]+): client=", mail_log.read_text())
+        rc, out = await run_tool(sys.executable, "-m", "mailflow", "queue", "requeue", old, "-c", str(config))
+        assert rc == 0, out
+        await eventually(lambda: mail_log.read_text().count(deferred) == 2, timeout=10)
+        await mf.stop()
+        mf_lines = requeued_lines(mail_log.read_text(), old)
+    finally:
+        await peer.stop()
+    assert mf_replies == pf_replies
+    assert mf_lines == pf_lines
+    assert "postsuper: requeued" in pf_lines[0] and not [line for line in pf_lines[0] if "removed" in line]
+    assert pf_lines[1][:3] == ["pickup: uid=N from=<s@sender.test> orig_id=OLD", "cleanup: message-id=<ID>",
+                               "qmgr: from=<s@sender.test>, size=N, nrcpt=1 (queue active)"]
+
+
 # ---------------------------------------------------------------------------------------------- the queue id
 
 
