@@ -214,7 +214,7 @@ class QueuedMessage:
     content_filter: str = ""  # "transport:nexthop": every recipient goes there (the after-queue filter)
     client_attributes: ClientAttributes = ClientAttributes()
     from_logged: bool = True  # False: qmgr's `from=` line is owed when it takes the message (held on arrival,
-    #                           deferred, released, requeued, recovered at a start: it enters the active queue again)
+    #                           deferred, released, recovered at a start: it enters the active queue again)
     nrcpt: int = 0  # its recipients when it was queued, done ones included (qmgr's `nrcpt=`); 0: len(recipients)
     damage: str = ""  # what is wrong with its queue rows (edited by hand: mailflow/store/damage.py); "" when sound.
     #                   The values then are stand-ins: qmgr moves the message to the corrupt queue, delivers nothing

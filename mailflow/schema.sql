@@ -32,7 +32,7 @@ CREATE TABLE IF NOT EXISTS message (
     sasl_username  TEXT NOT NULL DEFAULT '',
     sasl_sender    TEXT NOT NULL DEFAULT '',       -- MAIL FROM's AUTH= value
     -- 0: qmgr's `from=<s>, size=N, nrcpt=N (queue active)` line is owed when the message next enters the active
-    -- queue, as Postfix's qmgr writes it each time (held on arrival, deferred, released, requeued, recovered)
+    -- queue, as Postfix's qmgr writes it each time (held on arrival, deferred, released, recovered)
     from_logged    INTEGER NOT NULL DEFAULT 1
 ) WITHOUT ROWID;
 

@@ -57,8 +57,8 @@ ACTION_COMMANDS = (
     ("flush", "Make deferred mail due now (all of it unless ids or selectors narrow it), like postqueue -f.", False),
     ("hold", "Put mail on hold (postsuper -h): incoming, deferred and active mail stop being delivered.", True),
     ("release", "Release held mail (postsuper -H): it becomes deferred and due now.", True),
-    ("requeue", "Requeue mail (postsuper -r): incoming, deferred or held mail becomes incoming, due now, "
-                "routed afresh.", True),
+    ("requeue", "Requeue mail (postsuper -r): incoming, deferred or held mail goes through cleanup again (the "
+                "rewriting and routing of now) under a new queue id, its pending recipients only.", True),
     ("delete", "Delete mail from any queue (postsuper -d). No bounce is sent.", True),
 )
 

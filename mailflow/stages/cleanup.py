@@ -358,7 +358,7 @@ class Cleanup:
     def log_queued(self, msg: NewMessage, sub: Submission | None = None, *, orig_id: QueueId = "") -> None:
         """The log lines of a committed message, in Postfix's order: pickup's `uid=` (smtpd's `client=` came with
         the queue id), its Message-ID, then qmgr's `from=` line; not for a message put on hold, which Postfix's qmgr
-        never opened: qmgr logs that line when it first takes the message (released, requeued), and the observer
+        never opened: qmgr logs that line when it first takes the message (released), and the observer
         alone hears of it now. `orig_id`: a requeued message's old id, which pickup's line names (with the sender as
         stored, before this rewriting), as Postfix's pickup does for mail postsuper -r requeued."""
         if not self._log.active:

@@ -24,8 +24,8 @@ log = logging.getLogger("mailflow.store")
 SCHEMA_VERSION = 9
 
 # The message table as schema version 9 made it, and the columns version 8 had (migration 8 copies them).
-_MESSAGE_V8_COLUMNS = ("id, queue, sender, arrival, next_attempt, attempts, size, smtputf8, body_type, client, envid, ret,"
-                       " warned, filter, client_name, client_address, client_port, helo_name, protocol_name,"
+_MESSAGE_V8_COLUMNS = ("id, queue, sender, arrival, next_attempt, attempts, size, smtputf8, body_type, client, envid,"
+                       " ret, warned, filter, client_name, client_address, client_port, helo_name, protocol_name,"
                        " sasl_method, sasl_username, sasl_sender, from_logged")
 _MESSAGE_V9 = """CREATE TABLE message (
     id TEXT PRIMARY KEY,

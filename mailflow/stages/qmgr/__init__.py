@@ -15,7 +15,7 @@ The loop
   `transport:nexthop` instead. qmgr's `from=<s>, size=N, nrcpt=N (queue active)` line is written each time a
   message enters the active queue, as Postfix's qmgr writes it: cleanup writes it for new mail (not for a message
   put on hold as it arrived), the scan whenever the store marks it owed (`from_logged` false: held on arrival,
-  deferred, released, requeued, recovered at a start), `nrcpt` counting every recipient, delivered ones too.
+  deferred, released, recovered at a start), `nrcpt` counting every recipient, delivered ones too.
 - New mail can skip the scan: cleanup `reserve()`s a place in the active queue, commits the message straight
   into it (queue 'active'), and `hand_over()`s it with its content still in memory (`release()` when the commit
   failed). A place is given only while there is room and the last scan left nothing due behind for want of it
@@ -451,7 +451,7 @@ class QueueManager:
 
     def _log_opened(self, message: QueuedMessage) -> None:
         """qmgr's `from=` line each time a message enters the active queue, as Postfix's opened() (a retry, a
-        release, a requeue, a restart's recovery: the store marks it owed then), but for the first time of one
+        release, a restart's recovery: the store marks it owed then), but for the first time of one
         cleanup logged it for as it was queued."""
         if message.from_logged:
             return
