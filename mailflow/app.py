@@ -261,7 +261,8 @@ class Mailflow:
         self._cleanup.attach_queue_manager(self.qmgr)
         self.pickup = Pickup(c.queue_path, self._cleanup, myhostname=c.myhostname, clock=self.clock,
                              interval=c.sendmail.pickup_interval, bounce_size_limit=c.queue.bounce_size_limit,
-                             size_limit=c.smtpd.message_size_limit, milters=non_smtpd_milters(c), store=self.store)
+                             size_limit=c.smtpd.message_size_limit, milters=non_smtpd_milters(c), store=self.store,
+                             in_hand=self.qmgr.in_hand)
         await self.pickup.start()
         self._filters = FilterServices(c, self._dns_resolver(), self.clock)
         self.smtpd = Smtpd(c, self._handler_for(router, self._filters, sender), clock=self.clock,

@@ -33,7 +33,9 @@ CREATE TABLE IF NOT EXISTS message (
     sasl_sender    TEXT NOT NULL DEFAULT '',       -- MAIL FROM's AUTH= value
     -- 0: qmgr's `from=<s>, size=N, nrcpt=N (queue active)` line is owed when the message next enters the active
     -- queue, as Postfix's qmgr writes it each time (held on arrival, deferred, released, recovered)
-    from_logged    INTEGER NOT NULL DEFAULT 1
+    from_logged    INTEGER NOT NULL DEFAULT 1,
+    -- 1: requeued by an operator while active; the end of its attempt moves it to maildrop, not to deferred
+    requeue        INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 
 CREATE INDEX IF NOT EXISTS message_due ON message (queue, next_attempt);

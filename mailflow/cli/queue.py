@@ -50,15 +50,16 @@ OlderThanOption = typer.Option(None, "--older-than", metavar="DURATION",
 PostqueueJsonOption = typer.Option(False, "-j", "--postqueue-json",
                                    help="postqueue -j: a JSON object a line with Postfix's field names")
 QueuesOption = typer.Option(None, "--queue", metavar="Q[,Q…]",
-                            help="queues to list (default incoming,active,deferred,hold; corrupt, or all)")
+                            help="queues to list (default maildrop,incoming,active,deferred,hold; corrupt, or all)")
 
 # The commands that change the queue differ only in their action and help text.
 ACTION_COMMANDS = (
     ("flush", "Make deferred mail due now (all of it unless ids or selectors narrow it), like postqueue -f.", False),
     ("hold", "Put mail on hold (postsuper -h): incoming, deferred and active mail stop being delivered.", True),
     ("release", "Release held mail (postsuper -H): it becomes deferred and due now.", True),
-    ("requeue", "Requeue mail (postsuper -r): incoming, deferred or held mail goes through cleanup again (the "
-                "rewriting and routing of now) under a new queue id, its pending recipients only.", True),
+    ("requeue", "Requeue mail (postsuper -r): incoming, deferred, held or (once its attempt ends) active mail goes "
+                "through cleanup again (the rewriting and routing of now) under a new queue id, its pending recipients "
+                "only.", True),
     ("delete", "Delete mail from any queue (postsuper -d). No bounce is sent.", True),
 )
 

@@ -36,7 +36,8 @@ class Action:
 ACTIONS = {
     "hold": Action("hold", ("incoming", "active", "deferred"), "hold_messages", False),
     "release": Action("release", ("hold",), "release_messages", True),
-    "requeue": Action("requeue", ("incoming", "deferred", "hold"), "requeue_messages", True, wakes_pickup=True),
+    "requeue": Action("requeue", ("incoming", "active", "deferred", "hold"), "requeue_messages", True,
+                      wakes_pickup=True),
     "delete": Action("delete", QUEUES, "delete_messages", False),
     "flush": Action("flush", ("deferred",), "flush_messages", True),
 }

@@ -30,7 +30,9 @@ Postfix's public/pickup FIFO). It scans the maildrop when it starts, on every wa
   with a count (`faults.Guard`), until a scan gets through.
 Each scan then copies the messages an operator requeued (`mailflow queue requeue`: the store's maildrop queue,
 mailflow/store/requeue.py), as Postfix's pickup copies the queue files postsuper -r moved into maildrop/: a page
-at a time, oldest first, each through `cleanup.resubmit` (a new queue id; the address rewriting, content checks
+at a time, oldest first (one still in qmgr's hands, `in_hand`, waits for the end of its attempt: while any
+does, or an active message an operator requeued has not reached the maildrop queue yet, pickup scans every
+REQUEUE_RECHECK seconds), each through `cleanup.resubmit` (a new queue id; the address rewriting, content checks
 and after-queue filter of now; no milters, as Postfix runs none on requeued mail) with only its pending
 recipients; the copy replaces the old message in one transaction, and pickup logs `NEW: uid=N from=<s>
 orig_id=OLD`. A message cleanup refuses for good now (a loop, a content check's REJECT) is put on hold, logged,
@@ -47,6 +49,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Callable
 
 from mailflow.clock import Clock
 from mailflow.config import DEFAULTS
@@ -67,6 +70,7 @@ DIRECTORY_MODE = 0o700
 PUBLIC_MODE = 0o755
 SOCKET_MODE = 0o666
 REQUEUE_PAGE = 100  # requeued messages read per query
+REQUEUE_RECHECK = 1.0  # seconds between scans while requeued mail waits for the end of its attempt
 
 
 class _WakeProtocol(asyncio.DatagramProtocol):
@@ -81,9 +85,10 @@ class Pickup:
     def __init__(self, queue_directory: Path, cleanup, *, myhostname: str, clock: Clock,
                  interval: float = DEFAULTS.sendmail.pickup_interval,
                  bounce_size_limit: int = DEFAULTS.queue.bounce_size_limit, size_limit: int = 0,
-                 milters: NonSmtpdMilters | None = None, store: Store | None = None):
+                 milters: NonSmtpdMilters | None = None, store: Store | None = None,
+                 in_hand: Callable[[str], bool] = lambda queue_id: False):
         """`milters`: non_smtpd_milters (None: none); `store`: the queue whose requeued mail it copies (None:
-        none)."""
+        none); `in_hand`: whether qmgr still has a message (its attempt under way), which is not copied yet."""
         self.maildrop = Path(queue_directory) / "maildrop"
         self.corrupt = Path(queue_directory) / "corrupt"
         self.socket_path = Path(queue_directory) / "public" / "pickup"
@@ -95,6 +100,8 @@ class Pickup:
         self._size_limit = size_limit
         self._milters = milters
         self._store = store
+        self._in_hand = in_hand
+        self._requeues_waiting = False  # requeued mail waits for the end of an attempt: scan again soon
         self._wanted = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._transport: asyncio.DatagramTransport | None = None
@@ -155,6 +162,8 @@ class Pickup:
         while not self._closing:
             # after a failed scan, wait out the backoff: only stop() cuts it short, not a wake-up
             event, timeout = self._wanted, self._interval
+            if self._requeues_waiting:
+                timeout = min(timeout, REQUEUE_RECHECK)
             if self._scans.backing_off:
                 event, timeout = self._stopping, max(0.0, self._scans.resume_at - self._clock.time())
             try:  # (not wait_for: in 3.11 it swallows a cancellation that comes as the event is set)
@@ -182,16 +191,22 @@ class Pickup:
     async def _copy_requeued(self) -> int:
         """Every message of the store's maildrop queue (requeued by an operator), a page at a time, copied through
         cleanup; returns how many were copied."""
-        done, after = 0, ""
-        while self._store is not None and not self._closing:
+        if self._store is None:
+            return 0
+        done, after, in_hand = 0, "", 0
+        while not self._closing:
             page = await self._store.requeued_messages(after=after, limit=REQUEUE_PAGE)
             for requeued in page:
                 if self._closing:
                     break
+                if self._in_hand(requeued.queue_id):  # held or requeued while active: its attempt is not over
+                    in_hand += 1
+                    continue
                 done += await self._copy(requeued)
             if len(page) < REQUEUE_PAGE:
                 break
             after = page[-1].queue_id
+        self._requeues_waiting = bool(in_hand or await self._store.requeues_waiting())
         return done
 
     async def _copy(self, requeued: RequeuedMessage) -> bool:

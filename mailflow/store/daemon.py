@@ -39,8 +39,9 @@ Contract
   after marking recipients done, can), and commits reach the disk in order. Results (`record_results`,
   `finish`) may linger: on an idle committer they wait up to engine.LINGER (2 ms) for new mail to share
   their commit, so a stop in that window repeats the delivery (never loses the mail).
-- `recover()` at start-up moves messages left `active` by a crash back to `incoming`: start-up is recovery (a
-  message whose recipients are all done is finished by qmgr's next scan).
+- `recover()` at start-up moves messages left `active` by a crash back to `incoming` (to `maildrop` when an
+  operator requeued them while active): start-up is recovery (a message whose recipients are all done is
+  finished by qmgr's next scan).
 - `sweep()` (at server start, before anything is received) removes temporary spool files and content files
   whose row is gone: what a crash between a commit and an unlink left behind.
 - `maintain()` gives free pages back and truncates the WAL after a burst.
@@ -174,7 +175,7 @@ class Store(OperatorQueries, RequeueQueries):
         deferred until `done.next_attempt`, or removed when that is None.
 
         A message deferred here stays where an operator put it meanwhile (hold, deleted): only an `active`
-        message becomes `deferred`.
+        message becomes `deferred` (`maildrop`, for pickup to copy, when an operator requeued it meanwhile).
         """
         qid = done.queue_id
         if done.next_attempt is None:  # removed: what its recipient rows would have said goes with them
@@ -195,10 +196,11 @@ class Store(OperatorQueries, RequeueQueries):
         return await self._writer.call(self._writer.maintain, free_share, min_free)
 
     async def recover(self) -> int:
-        """Start-up: whatever was active when the process stopped is incoming again. Returns how many."""
+        """Start-up: whatever was active when the process stopped is incoming again (maildrop, for pickup to copy,
+        when an operator requeued it meanwhile). Returns how many."""
         [(n,)] = await self._reader.fetchall("SELECT count(*) FROM message WHERE queue = 'active'")
-        await self._committer.write([("UPDATE message SET queue = 'incoming', from_logged = 0 WHERE queue = 'active'",
-                                      [()])])
+        await self._committer.write([("UPDATE message SET queue = CASE WHEN requeue THEN 'maildrop'"
+                                      " ELSE 'incoming' END, from_logged = 0 WHERE queue = 'active'", [()])])
         return n
 
     async def save_destinations(self, rows: Sequence[tuple], now: float) -> None:
@@ -437,8 +439,10 @@ def _deferral_ops(done: Delivered, results: Sequence[RcptResult]) -> list[Op]:
     if done.noticed:
         ops.append(("UPDATE recipient SET notice = 0 WHERE message_id = ? AND idx = ?",
                     [(qid, i) for i in done.noticed]))
-    ops.append(("UPDATE message SET queue = 'deferred', next_attempt = ?, attempts = attempts + 1, from_logged = 0,"
-                " warned = max(warned, ?) WHERE id = ? AND queue = 'active'",
+    # (one an operator requeued while it was active goes to the maildrop queue now, for pickup to copy)
+    ops.append(("UPDATE message SET queue = CASE WHEN requeue THEN 'maildrop' ELSE 'deferred' END,"
+                " next_attempt = ?, attempts = attempts + 1, from_logged = 0, warned = max(warned, ?)"
+                " WHERE id = ? AND queue = 'active'",
                 [(done.next_attempt, int(done.warned), qid)]))
     return ops
 

@@ -14,8 +14,8 @@ bumps the generation counter, so a running qmgr notices within a second. Only `s
   `arrival = 'x'`, a negative size, an unknown status) comes with stand-in values and `damage` saying what is
   wrong (store/damage.py), so that one bad row does not stop a listing; the tools warn about it.
 - Changes: `hold_messages`, `release_messages`, `requeue_messages` (to the maildrop queue, for the server's
-  pickup: requeue.py), `flush_messages` (also counts a flush request, which qmgr reads with `flush_requests`),
-  `delete_messages` (content files go after the commit).
+  pickup: requeue.py; an active message when its attempt ends), `flush_messages` (also counts a flush
+  request, which qmgr reads with `flush_requests`), `delete_messages` (content files go after the commit).
 """
 from __future__ import annotations
 
@@ -174,9 +174,12 @@ class OperatorQueries:
     async def requeue_messages(self, ids: Sequence[QueueId], now: float) -> None:
         """incoming/deferred/hold -> maildrop (as of `now`), where qmgr never takes it: the server's pickup copies
         it through cleanup into a new message (mailflow/store/requeue.py), as Postfix's pickup copies a queue file
-        that postsuper -r moved into maildrop/."""
+        that postsuper -r moved into maildrop/. An active message is marked instead: the end of its attempt (or a
+        restart's recovery) moves it to maildrop, so no copy is made while a delivery of it may be under way."""
         await self._tool_write("UPDATE message SET queue = 'maildrop', next_attempt = ?"
-                               " WHERE id = ? AND queue IN ('incoming', 'deferred', 'hold')", [(now, i) for i in ids])
+                               " WHERE id = ? AND queue IN ('incoming', 'deferred', 'hold')", [(now, i) for i in ids],
+                               ("UPDATE message SET requeue = 1 WHERE id = ? AND queue = 'active'",
+                                [(i,) for i in ids]))
 
     async def flush_messages(self, ids: Sequence[QueueId], now: float) -> None:
         """Deferred messages due `now`; also counts a flush request (`flush_requests`)."""

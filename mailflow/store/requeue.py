@@ -1,11 +1,13 @@
 """The store's side of a requeue (Postfix's postsuper -r, then pickup and cleanup copying the queue file).
 
 An operator's requeue (`OperatorQueries.requeue_messages`) only moves a message to the `maildrop` queue, where
-qmgr never takes it (Postfix's postsuper renames the queue file into maildrop/). The server's pickup then copies
+qmgr never takes it (Postfix's postsuper renames the queue file into maildrop/); an active one goes there when its
+attempt ends (`finish`) or at a restart's recovery. The server's pickup then copies
 each such message through cleanup into a new message with a new queue id:
 - `requeued_messages(after, limit)`: a page of them, oldest requeue first, each with its envelope and only the
   recipients still pending (those delivered or bounced are not copied, as Postfix's cleanup skips the
   recipients a queue file marks done); the content is `Store.content(id)` (its file part read lazily).
+- `requeues_waiting()`: how many active messages were requeued (marked) and wait for the end of their attempt.
 - `hold_requeued(old_id)`: one cleanup refuses for good now (a loop, a content check's REJECT) goes on hold.
 - `replace_requeued(old_id, msg)`: in one transaction, `msg` is committed and `old_id` removed (recipients,
   content row, message row; its content file goes after the commit, while the new message holds its own hard link
@@ -77,6 +79,10 @@ class RequeueQueries:
             for qid, *fields in rows:
                 found.setdefault(qid, []).append(Recipient(*fields))
         return {qid: tuple(recipients) for qid, recipients in found.items()}
+
+    async def requeues_waiting(self) -> int:
+        [(n,)] = await self._reader.fetchall("SELECT count(*) FROM message WHERE queue = 'active' AND requeue = 1")
+        return n
 
     async def hold_requeued(self, old_id: QueueId) -> None:
         await self._committer.write([("UPDATE message SET queue = 'hold', from_logged = 0"

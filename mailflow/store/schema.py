@@ -38,7 +38,7 @@ _MESSAGE_V9 = """CREATE TABLE message (
     client_name TEXT NOT NULL DEFAULT '', client_address TEXT NOT NULL DEFAULT '',
     client_port TEXT NOT NULL DEFAULT '', helo_name TEXT NOT NULL DEFAULT '', protocol_name TEXT NOT NULL DEFAULT '',
     sasl_method TEXT NOT NULL DEFAULT '', sasl_username TEXT NOT NULL DEFAULT '', sasl_sender TEXT NOT NULL DEFAULT '',
-    from_logged INTEGER NOT NULL DEFAULT 1
+    from_logged INTEGER NOT NULL DEFAULT 1, requeue INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID"""
 
 # Steps for queues made by an older mailflow: MIGRATIONS[v] takes schema version v to v + 1.
@@ -61,8 +61,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     6: ("ALTER TABLE recipient ADD COLUMN relayed INTEGER NOT NULL DEFAULT 0",),
     # 7BIT now means BODY=7BIT was given (the SMTP client passes it on); before, it meant that or no BODY at all
     7: ("UPDATE message SET body_type = '' WHERE body_type = '7BIT'",),
-    # a requeued message waits in the 'maildrop' queue for pickup to copy it (a new queue id): SQLite changes a
-    # CHECK constraint only by rebuilding the table (its index comes back from schema.sql)
+    # a requeued message waits in the 'maildrop' queue for pickup to copy it (a new queue id), one requeued while
+    # active is marked (`requeue`) until its attempt ends: SQLite changes a CHECK constraint only by rebuilding the
+    # table (its index comes back from schema.sql)
     8: ("ALTER TABLE message RENAME TO message_v8",
         "DROP INDEX IF EXISTS message_due",
         _MESSAGE_V9,

@@ -4,6 +4,7 @@ replaces it by its copy in one transaction, which a kill in the middle leaves un
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 
 from mailflow.content import Content
 from mailflow.model import ClientAttributes, Delivered, Outcome, RcptResult, Recipient
-from mailflow.store import NewMessage, RequeueGone, Store
+from mailflow.store import NewMessage, RequeueGone, Store, schema
 from tests.support import big_message
 from tests.support.content import spooled
 
@@ -56,6 +57,26 @@ async def test_requeued_mail_waits_in_the_maildrop_queue_with_only_its_pending_r
     assert (requeued.envid, requeued.ret, requeued.client) == ("env-1", "HDRS", "mail.remote.test[192.0.2.7]")
     assert requeued.client_attributes == ATTRIBUTES
     assert requeued.recipients == (dsn,)  # the one delivered is not copied
+
+
+async def test_an_active_message_requeued_reaches_the_maildrop_queue_when_its_attempt_ends(store):
+    """No copy while a delivery may be under way: the message is marked, and the end of its attempt (or, after a
+    crash, the start's recovery) moves it to maildrop instead of deferred (incoming)."""
+    await store.insert(new("Q1", Recipient(0, "one@example.test", "one@example.test"),
+                           Recipient(1, "two@example.test", "two@example.test")))
+    await store.insert(new("Q2"))
+    [q1, q2] = await store.take(T0, 10)
+    await store.requeue_messages(["Q1", "Q2"], T0)
+    assert await store.counts() == {"active": 2} and await store.requeues_waiting() == 2
+    assert await store.requeued_messages() == []
+    sent = RcptResult(q1.recipients[0], Outcome.SENT, "2.0.0", "ok")
+    deferred = RcptResult(q1.recipients[1], Outcome.DEFERRED, "4.2.0", "busy")
+    await store.finish(Delivered("Q1", T0 + 3600), results=[sent, deferred])
+    assert await store.counts() == {"active": 1, "maildrop": 1} and await store.requeues_waiting() == 1
+    [requeued] = await store.requeued_messages()
+    assert [r.address for r in requeued.recipients] == ["two@example.test"]
+    assert await store.recover() == 1  # Q2, active when the process stopped
+    assert await store.counts() == {"maildrop": 2} and await store.requeues_waiting() == 0
 
 
 async def test_the_copy_replaces_the_old_message_in_one_transaction_its_file_linked_anew(store, tmp_path):
@@ -150,9 +171,11 @@ async def test_a_queue_of_schema_8_takes_requeued_mail_after_its_migration(tmp_p
     with sqlite3.connect(path) as db:  # the message table as schema 8 made it
         db.execute("UPDATE schema_version SET version = 8")
         sql = db.execute("SELECT sql FROM sqlite_master WHERE name = 'message'").fetchone()[0]
-        db.executescript("PRAGMA foreign_keys = OFF; ALTER TABLE message RENAME TO m9; DROP INDEX message_due;"
-                         + sql.replace(", 'maildrop'", "") + "; INSERT INTO message SELECT * FROM m9; DROP TABLE m9;"
+        v8 = re.sub(r",\s*--[^\n]*\n\s*requeue [^\n]*", "", sql.replace(", 'maildrop'", ""))
+        db.executescript(f"ALTER TABLE message RENAME TO m9; DROP INDEX message_due; {v8};"
+                         f" INSERT INTO message SELECT {schema._MESSAGE_V8_COLUMNS} FROM m9; DROP TABLE m9;"
                          " CREATE INDEX message_due ON message (queue, next_attempt);")
+        assert "requeue" not in [row[1] for row in db.execute("PRAGMA table_info(message)")]
         with pytest.raises(sqlite3.IntegrityError):
             db.execute("UPDATE message SET queue = 'maildrop'")
     store = await Store.open(path)

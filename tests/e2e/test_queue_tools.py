@@ -304,6 +304,39 @@ async def test_requeue_copies_deferred_and_held_mail_under_new_queue_ids(busy_pe
     assert not {first, second} & set(ids) and await mf.store.counts() == {}
 
 
+@pytest.mark.parametrize("held_first", [False, True], ids=["active", "held-while-active"])
+async def test_an_active_message_requeued_is_copied_once_its_attempt_is_over(busy_peer, held_first):
+    """Postfix's postsuper -r moves an active queue file too, racing the delivery under way. mailflow marks the
+    message and copies it when the attempt ends: the recipient delivered meanwhile is not sent again, the one
+    deferred is in the copy. The same for one held while active, then requeued (held, it is requeued at once,
+    but pickup copies nothing qmgr still has in hand)."""
+    mf, config, peer = busy_peer
+    gate, at_data = asyncio.Event(), asyncio.Event()
+    deliver = peer.handler.handle_DATA
+
+    async def held_at_data(server, session, envelope):
+        at_data.set()
+        await gate.wait()
+        return await deliver(server, session, envelope)
+
+    peer.handler.handle_DATA = held_at_data
+    peer.handler.rcpt_replies["stuck@relay.test"] = BUSY
+    old = await submit(mf, "someone@remote.test", ["done@relay.test", "stuck@relay.test"])
+    await asyncio.wait_for(at_data.wait(), 5)
+    if held_first:
+        assert (await queue(config, "hold", old))[1] == "hold: 1 message\n"
+    rc, out, err = await queue(config, "requeue", old)
+    assert (rc, out) == (0, "requeue: 1 message\n"), err
+    await asyncio.sleep(0.3)  # pickup was woken: it must not copy a message whose delivery is under way
+    assert await mf.store.counts() == {"maildrop" if held_first else "active": 1}
+    gate.set()
+    await eventually(lambda: mf.store.message_ids(queues=["deferred"]), timeout=5, what="the copy deferred")
+    [new] = await mf.store.message_ids(queues=["deferred"])
+    assert new != old and await queue_state(mf, old) is None and await mf.store.counts() == {"deferred": 1}
+    assert [r.address for r in (await mf.store.recipients_of([new]))[new]] == ["stuck@relay.test"]
+    assert [m.rcpt_tos for m in peer.messages] == [["done@relay.test"]]
+
+
 async def test_requeue_after_a_virtual_alias_change_sends_the_undelivered_recipients_to_the_new_target(
         busy_peer, tmp_path):
     """postsuper -r after a map change: the message goes through cleanup again, as Postfix's pickup hands it over

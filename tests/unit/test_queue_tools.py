@@ -97,7 +97,7 @@ def test_queue_names():
 def test_each_action_applies_to_the_queues_postsuper_would():
     assert set(qt.ACTIONS["hold"].sources) == {"incoming", "active", "deferred"}
     assert qt.ACTIONS["release"].sources == ("hold",)
-    assert set(qt.ACTIONS["requeue"].sources) == {"incoming", "deferred", "hold"}
+    assert set(qt.ACTIONS["requeue"].sources) == {"incoming", "active", "deferred", "hold"}
     assert qt.ACTIONS["delete"].sources == qt.QUEUES
     assert qt.ACTIONS["flush"].sources == ("deferred",)
 

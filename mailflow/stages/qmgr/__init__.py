@@ -288,6 +288,11 @@ class QueueManager:
     def active_count(self) -> int:
         return len(self._active)
 
+    def in_hand(self, queue_id: str) -> bool:
+        """Whether the message is in qmgr's hands (its attempt not concluded), whatever its queue in the store
+        says: pickup copies no requeued message before its attempt is over."""
+        return queue_id in self._active
+
     @property
     def busy(self) -> bool:
         """Deliveries or records are under way (a driver of a virtual clock waits for this to clear)."""
