@@ -173,7 +173,7 @@ class Cleanup:
         """pickup's copy of a message an operator requeued (`sub`: its pending recipients and stored content, as
         pickup builds it), as Postfix's cleanup copies a queue file that postsuper -r moved to maildrop/: a new
         queue id, the address rewriting, the content checks and the after-queue filter of now, the first arrival
-        time, client and client attributes kept; no SRS, ARC or DKIM signing (the message got them, if any, when
+        time, client, client attributes and whether the "delayed" notice went out kept; no SRS, ARC or DKIM signing (the message got them, if any, when
         it first came, as Postfix runs no milter on requeued mail). The copy replaces the old message in one
         transaction (Store.replace_requeued). Returns the new id; None when a content check discarded it (the old
         message is removed). Raises as `submit` (RequeueGone: deleted meanwhile; nothing committed)."""
@@ -183,7 +183,7 @@ class Cleanup:
             return None
         msg = dataclasses.replace(msg, arrival=requeued.arrival, client=requeued.client,
                                   client_attributes=requeued.client_attributes)
-        await self._store.replace_requeued(requeued.queue_id, msg)
+        await self._store.replace_requeued(requeued.queue_id, msg, warned=requeued.warned)
         self.log_queued(msg, sub, orig_id=requeued.queue_id)
         self._on_queued()
         return msg.queue_id

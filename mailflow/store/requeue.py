@@ -48,9 +48,10 @@ class RequeuedMessage:
     ret: str
     client_attributes: ClientAttributes
     recipients: tuple[Recipient, ...]  # the pending ones, in envelope order
+    warned: bool = False  # its "delayed" notice went out: the copy sends none again (Postfix copies its warn record)
 
 
-_ENVELOPE = ("id, sender, arrival, smtputf8, body_type, client, envid, ret, " + ", ".join(CLIENT_COLUMNS))
+_ENVELOPE = ("id, sender, arrival, smtputf8, body_type, client, envid, ret, warned, " + ", ".join(CLIENT_COLUMNS))
 
 
 class RequeueQueries:
@@ -66,8 +67,8 @@ class RequeueQueries:
             f"SELECT {_ENVELOPE} FROM message WHERE queue = 'maildrop' AND id > ? ORDER BY id LIMIT ?", (after, limit))
         pending = await self._pending_recipients([row[0] for row in rows])
         return [RequeuedMessage(qid, sender, arrival, bool(utf8), body_type, client, envid, ret,
-                                ClientAttributes(*attributes), pending.get(qid, ()))
-                for qid, sender, arrival, utf8, body_type, client, envid, ret, *attributes in rows]
+                                ClientAttributes(*attributes), pending.get(qid, ()), bool(warned))
+                for qid, sender, arrival, utf8, body_type, client, envid, ret, warned, *attributes in rows]
 
     async def _pending_recipients(self, ids: list[QueueId]) -> dict[QueueId, tuple[Recipient, ...]]:
         found: dict[QueueId, list[Recipient]] = {}
@@ -88,14 +89,17 @@ class RequeueQueries:
         await self._committer.write([("UPDATE message SET queue = 'hold', from_logged = 0"
                                       " WHERE id = ? AND queue = 'maildrop'", [(old_id,)])])
 
-    async def replace_requeued(self, old_id: QueueId, msg: NewMessage) -> None:
-        """Commit `msg` and remove `old_id` in one transaction (see the module doc). Raises RequeueGone when
-        `old_id` is no longer in the maildrop queue; may raise Overloaded like `insert`."""
+    async def replace_requeued(self, old_id: QueueId, msg: NewMessage, *, warned: bool = False) -> None:
+        """Commit `msg` (`warned`: its "delayed" notice went out already) and remove `old_id` in one transaction
+        (see the module doc). Raises RequeueGone when `old_id` is no longer in the maildrop queue; may raise
+        Overloaded like `insert`."""
         temporaries: list[Spool] = []
         try:
             ready = await storable(msg, self.content_dir, temporaries)
             old = [(old_id,)]
-            ops = [*insert_ops([ready]), ("DELETE FROM recipient WHERE message_id = ?", old), (DELETE_CONTENT, old)]
+            ops = [*insert_ops([ready]),  # (the UPDATE after the INSERT: merged statements keep that order)
+                   ("UPDATE message SET warned = 1 WHERE id = ?", [(msg.queue_id,)] if warned else []),
+                   ("DELETE FROM recipient WHERE message_id = ?", old), (DELETE_CONTENT, old)]
             await self._committer.write(ops, may_refuse=True, call=lambda con: _remove_requeued(con, old_id))
         finally:
             for spool in temporaries:

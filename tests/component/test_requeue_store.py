@@ -47,7 +47,7 @@ async def test_requeued_mail_waits_in_the_maildrop_queue_with_only_its_pending_r
                            client_attributes=ATTRIBUTES))
     [taken] = await store.take(T0, 10)
     sent = RcptResult(taken.recipients[0], Outcome.SENT, "2.0.0", "ok")
-    await store.finish(Delivered("Q1", T0 + 3600), results=[sent])
+    await store.finish(Delivered("Q1", T0 + 3600, warned=True), results=[sent])
 
     await store.requeue_messages(["Q1"], T0 + 60)
     assert await store.counts() == {"maildrop": 1}
@@ -57,6 +57,21 @@ async def test_requeued_mail_waits_in_the_maildrop_queue_with_only_its_pending_r
     assert (requeued.envid, requeued.ret, requeued.client) == ("env-1", "HDRS", "mail.remote.test[192.0.2.7]")
     assert requeued.client_attributes == ATTRIBUTES
     assert requeued.recipients == (dsn,)  # the one delivered is not copied
+    assert requeued.warned  # its "delayed" notice went out
+
+
+async def test_the_copy_of_a_message_whose_delay_notice_went_out_sends_none_again(store):
+    await store.insert(new("OLD1"))
+    await store.insert(new("OLD2"))
+    await store.take(T0, 10)
+    await store.finish(Delivered("OLD1", T0 + 3600, warned=True))
+    await store.finish(Delivered("OLD2", T0 + 3600))
+    await store.requeue_messages(["OLD1", "OLD2"], T0)
+    for requeued, new_id in zip(await store.requeued_messages(), ("NEW1", "NEW2")):
+        content = await store.content(requeued.queue_id)
+        await store.replace_requeued(requeued.queue_id, copy_of(requeued.queue_id, new_id, content,
+                                                                requeued.recipients), warned=requeued.warned)
+    assert {m.queue_id: m.warned for m in await store.take(T0, 10)} == {"NEW1": True, "NEW2": False}
 
 
 async def test_an_active_message_requeued_reaches_the_maildrop_queue_when_its_attempt_ends(store):

@@ -337,6 +337,50 @@ async def test_an_active_message_requeued_is_copied_once_its_attempt_is_over(bus
     assert [m.rcpt_tos for m in peer.messages] == [["done@relay.test"]]
 
 
+async def test_mail_requeued_while_no_server_runs_is_copied_when_one_starts(mailflow_server, write_config,
+                                                                           smtp_peer, tmp_path):
+    """As Postfix's maildrop waits for pickup: the command only moves the mail to the maildrop state; the next
+    server's pickup copies it at its start."""
+    peer = await smtp_peer()
+    settings = {"relayhost": f"[127.0.0.1]:{peer.port}", "mynetworks": ["127.0.0.0/8"], "queue": HOUR}
+    config = write_config(tmp_path / "mailflow.toml", **settings)
+    mf = await mailflow_server(**settings)
+    [old] = await deferred_mail(mf, peer, ["later@relay.test"])
+    await mf.stop()
+    rc, out, err = await queue(config, "requeue", old)
+    assert (rc, out) == (0, "requeue: 1 message\n"), err
+    rc, out, _ = await queue(config, "list")
+    assert re.search(rf"^{old} ", out, re.M), out  # listed, in the maildrop state
+
+    peer.handler.rcpt_replies.clear()
+    mf = await mailflow_server(**settings)
+    await eventually(lambda: len(peer.messages) == 1, timeout=5, what="the copy delivered")
+    assert re.search(rb"\tid ([0-9A-F]+);", peer.messages[0].content)[1].decode() != old
+    assert await queue_state(mf, old) is None
+
+
+async def test_a_copy_cleanup_refuses_for_good_leaves_the_message_on_hold(busy_peer, caplog):
+    """The copy gets one Received header more (pickup's): past hopcount_limit cleanup refuses it (5.4.0). The
+    message is not lost: it goes on hold, logged."""
+    mf, config, peer = busy_peer
+    peer.handler.rcpt_replies["far@relay.test"] = BUSY
+    hops = "".join(f"Received: from hop{i}.test by hop{i}.test; Sat, 5 Dec 2026 10:00:00 +0000\r\n"
+                   for i in range(mf.config.hopcount_limit - 2))  # with this host's: one short of the limit
+    refused, reply = await send(mf.smtp_addresses[0][1], "someone@remote.test", ["far@relay.test"],
+                                f"{hops}Subject: far\r\n\r\nbody\r\n".encode())
+    old = reply.rsplit(" ", 1)[1]
+    await deferred_reason(mf, old)
+    rc, out, err = await queue(config, "requeue", old)
+    assert (rc, out) == (0, "requeue: 1 message\n"), err
+    async def held() -> bool:
+        return await queue_state(mf, old) == "hold"
+
+    await eventually(held, timeout=5, what="the message on hold")
+    assert await mf.store.counts() == {"hold": 1}
+    assert f"pickup: requeued {old}: from=<someone@remote.test>: refused: 5.4.0" in caplog.text
+    assert peer.messages == []
+
+
 async def test_requeue_after_a_virtual_alias_change_sends_the_undelivered_recipients_to_the_new_target(
         busy_peer, tmp_path):
     """postsuper -r after a map change: the message goes through cleanup again, as Postfix's pickup hands it over
