@@ -277,12 +277,17 @@ def remove_stale_temporaries(directory: Path, now: float, age: float = STALE_AGE
     return removed
 
 
-def wake_pickup(socket_path: Path) -> bool:
-    """Tell a running server to look now. False when no server listens (not an error: it scans at start)."""
+NEW_FILE = b"W"  # a wake-up for a new maildrop file (sendmail)
+REQUEUED = b"R"  # one for mail an operator requeued (the queue tools): pickup also looks at the store's maildrop queue
+
+
+def wake_pickup(socket_path: Path, what: bytes = NEW_FILE) -> bool:
+    """Tell a running server to look now (`what`: NEW_FILE or REQUEUED). False when no server listens (not an
+    error: it scans at start)."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
             s.setblocking(False)
-            s.sendto(b"W", str(socket_path))
+            s.sendto(what, str(socket_path))
         return True
     except OSError:
         return False

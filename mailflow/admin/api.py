@@ -53,7 +53,7 @@ from mailflow.admin.access import who
 from mailflow.config import flat_settings
 from mailflow.errors import detached
 from mailflow.logs import MailLog
-from mailflow.maildrop import wake_pickup
+from mailflow.maildrop import REQUEUED, wake_pickup
 from mailflow.metrics import Metrics
 from mailflow.syntax import FILE_TABLE_TYPES, table_type
 
@@ -351,7 +351,7 @@ def routes(server, metrics: Metrics) -> web.RouteTableDef:
         done, missed = await qt.apply(store(), action, selection, server.clock.time(), io.StringIO(),
                                       log=server.mail_log or MailLog())  # (before the stages: no observers yet)
         if done and action.wakes_pickup:
-            wake_pickup(server.config.queue_path / "public" / "pickup")
+            wake_pickup(server.config.queue_path / "public" / "pickup", REQUEUED)
         log.info("admin: %s: %s %s: %s%s", who(request), name, describe(selection), qt.plural(done, "message"),
                  f" (not in the {qt.either(action.sources)} queue: {', '.join(missed)})" if missed else "")
         return web.json_response({"action": name, "messages": done, "missed": missed})

@@ -28,13 +28,14 @@ Postfix's public/pickup FIFO). It scans the maildrop when it starts, on every wa
 - a fault of the queue itself (the store locked, the disk full: `store_fault`) ends the scan: the files stay,
   and the scans back off (0.5 s doubling to 10 s; wake-ups do not cut the wait short), logged once a minute
   with a count (`faults.Guard`), until a scan gets through.
-Each scan then copies the messages an operator requeued (`mailflow queue requeue`: the store's maildrop queue,
-mailflow/store/requeue.py), as Postfix's pickup copies the queue files postsuper -r moved into maildrop/: a page
-at a time, oldest first (one still in qmgr's hands, `in_hand`, waits for the end of its attempt: while any
-does, or an active message an operator requeued has not reached the maildrop queue yet, pickup scans every
-REQUEUE_RECHECK seconds), each through `cleanup.resubmit` (a new queue id; the address rewriting, content checks
-and after-queue filter of now; no milters, as Postfix runs none on requeued mail) with only its pending
-recipients; the copy replaces the old message in one transaction, and pickup logs `NEW: uid=N from=<s>
+A scan then copies the messages an operator requeued (`mailflow queue requeue`: the store's maildrop queue,
+mailflow/store/requeue.py), as Postfix's pickup copies the queue files postsuper -r moved into maildrop/: at the
+start, on the tools' wake-up (`mailflow.maildrop.REQUEUED`) and at each periodic scan (a sendmail's wake-up does
+not query the store), a page at a time, oldest first (one still in qmgr's hands, `in_hand`, waits for the end
+of its attempt: while any does, or an active message an operator requeued has not reached the maildrop queue
+yet, every scan looks again, at least every REQUEUE_RECHECK seconds), each through `cleanup.resubmit` (a new
+queue id; the address rewriting, content checks and after-queue filter of now; no milters, as Postfix runs none
+on requeued mail) with only its pending recipients; the copy replaces the old message in one transaction, and pickup logs `NEW: uid=N from=<s>
 orig_id=OLD`. A message cleanup refuses for good now (a loop, a content check's REJECT) is put on hold, logged,
 rather than lost; a temporary failure leaves it for the next scan; a store fault ends the scan as above.
 The hidden temporary files of sendmail processes that died writing them (SIGKILL, a crash) and were not
@@ -57,8 +58,8 @@ from mailflow.content import Content, Truncated
 from mailflow.errors import DeliveryError, MessageTooBig, PermanentError, TemporaryError
 from mailflow.faults import Guard
 from mailflow.filters.milter import NonSmtpdMilters
-from mailflow.maildrop import (CorruptMaildrop, MaildropMessage, maildrop_content, maildrop_names, read_maildrop,
-                               remove_stale_temporaries)
+from mailflow.maildrop import (REQUEUED, CorruptMaildrop, MaildropMessage, maildrop_content, maildrop_names,
+                               read_maildrop, remove_stale_temporaries)
 from mailflow.message import quoted_original
 from mailflow.model import ClientInfo, Envelope, LocalUser, Recipient, Submission
 from mailflow.stages.bounce import NoticeRecipient, build_notice, notice_is_8bit, wants_notice
@@ -78,7 +79,7 @@ class _WakeProtocol(asyncio.DatagramProtocol):
         self._wake = wake
 
     def datagram_received(self, data, addr) -> None:
-        self._wake()
+        self._wake(requeued=data == REQUEUED)
 
 
 class Pickup:
@@ -102,6 +103,7 @@ class Pickup:
         self._store = store
         self._in_hand = in_hand
         self._requeues_waiting = False  # requeued mail waits for the end of an attempt: scan again soon
+        self._store_due = True  # the next scan looks at the store's requeued mail too
         self._wanted = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._transport: asyncio.DatagramTransport | None = None
@@ -134,7 +136,10 @@ class Pickup:
                 pass
             self._task = None
 
-    def wake(self) -> None:
+    def wake(self, *, requeued: bool = False) -> None:
+        """Scan now; `requeued`: the store's requeued mail too (else only at the start, every `interval` and while
+        requeued mail waits for the end of its attempt: a sendmail's wake-up costs no query of the store)."""
+        self._store_due = self._store_due or requeued
         self._wanted.set()
 
     def reconfigure(self, *, myhostname: str, interval: float, bounce_size_limit: int, size_limit: int,
@@ -162,15 +167,15 @@ class Pickup:
         while not self._closing:
             # after a failed scan, wait out the backoff: only stop() cuts it short, not a wake-up
             event, timeout = self._wanted, self._interval
-            if self._requeues_waiting:
-                timeout = min(timeout, REQUEUE_RECHECK)
+            if self._requeues_waiting:  # (every scan looks again, however it was woken)
+                timeout, self._store_due = min(timeout, REQUEUE_RECHECK), True
             if self._scans.backing_off:
                 event, timeout = self._stopping, max(0.0, self._scans.resume_at - self._clock.time())
             try:  # (not wait_for: in 3.11 it swallows a cancellation that comes as the event is set)
                 async with asyncio.timeout(timeout):
                     await event.wait()
             except TimeoutError:
-                pass
+                self._store_due = True  # a periodic scan (or the end of a backoff) looks at everything
             self._wanted.clear()
             if self._closing:
                 return
@@ -191,8 +196,9 @@ class Pickup:
     async def _copy_requeued(self) -> int:
         """Every message of the store's maildrop queue (requeued by an operator), a page at a time, copied through
         cleanup; returns how many were copied."""
-        if self._store is None:
+        if self._store is None or not self._store_due:
             return 0
+        self._store_due = False
         done, after, in_hand = 0, "", 0
         while not self._closing:
             page = await self._store.requeued_messages(after=after, limit=REQUEUE_PAGE)
