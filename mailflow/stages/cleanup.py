@@ -173,8 +173,8 @@ class Cleanup:
         """pickup's copy of a message an operator requeued (`sub`: its pending recipients and stored content, as
         pickup builds it), as Postfix's cleanup copies a queue file that postsuper -r moved to maildrop/: a new
         queue id, the address rewriting, the content checks and the after-queue filter of now, the first arrival
-        time, client, client attributes and whether the "delayed" notice went out kept; no SRS, ARC or DKIM signing (the message got them, if any, when
-        it first came, as Postfix runs no milter on requeued mail). The copy replaces the old message in one
+        time, client, client attributes and whether the "delayed" notice went out kept; no SRS, ARC or DKIM
+        signing (the message got them, if any, when it first came, as Postfix runs no milter on requeued mail). The copy replaces the old message in one
         transaction (Store.replace_requeued). Returns the new id; None when a content check discarded it (the old
         message is removed). Raises as `submit` (RequeueGone: deleted meanwhile; nothing committed)."""
         msg = await self._built(sub, self._ids.next(), hold=False, outbound=False)

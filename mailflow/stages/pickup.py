@@ -37,7 +37,8 @@ yet, every scan looks again, at least every REQUEUE_RECHECK seconds), each throu
 queue id; the address rewriting, content checks and after-queue filter of now; no milters, as Postfix runs none
 on requeued mail) with only its pending recipients; the copy replaces the old message in one transaction, and
 pickup logs `NEW: uid=N from=<s> orig_id=OLD`. A message cleanup refuses for good now (a loop, a content check's
-REJECT) is put on hold, logged, rather than lost; a temporary failure leaves it for the next scan; a store fault ends the scan as above.
+REJECT) is put on hold, logged, rather than lost; a temporary failure leaves it for the next scan; a store
+fault ends the scan as above.
 The hidden temporary files of sendmail processes that died writing them (SIGKILL, a crash) and were not
 touched for a day are removed at each scan, logged (Postfix's postsuper -p purges such leftovers).
 A socket that cannot be bound (e.g. a path longer than the UNIX limit) is logged; the periodic scan still runs.
