@@ -174,9 +174,10 @@ class Cleanup:
         pickup builds it), as Postfix's cleanup copies a queue file that postsuper -r moved to maildrop/: a new
         queue id, the address rewriting, the content checks and the after-queue filter of now, the first arrival
         time, client, client attributes and whether the "delayed" notice went out kept; no SRS, ARC or DKIM
-        signing (the message got them, if any, when it first came, as Postfix runs no milter on requeued mail). The copy replaces the old message in one
-        transaction (Store.replace_requeued). Returns the new id; None when a content check discarded it (the old
-        message is removed). Raises as `submit` (RequeueGone: deleted meanwhile; nothing committed)."""
+        signing (the message got them, if any, when it first came, as Postfix runs no milter on requeued mail).
+        The copy replaces the old message in one transaction (Store.replace_requeued). Returns the new id; None
+        when a content check discarded it (the old message is removed). Raises as `submit` (RequeueGone: deleted
+        meanwhile; nothing committed)."""
         msg = await self._built(sub, self._ids.next(), hold=False, outbound=False)
         if msg is None:
             await self._store.delete_messages([requeued.queue_id])
