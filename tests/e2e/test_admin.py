@@ -202,13 +202,16 @@ async def test_actions_change_the_queue_and_are_logged(mailflow_server, caplog):
     detail = await mf.store.message_detail(first)
     assert detail is None or detail.next_attempt < before or detail.attempts > 1  # due now, maybe tried again
 
-    status, answer = await post(mf, "/api/queue/requeue", {"ids": ["ALL"]})
-    assert status == 200 and answer["messages"] >= 1
-
     status, answer = await post(mf, "/api/queue/delete", {"ids": [first], "older_than": "0s"})
     assert status == 200 and answer["messages"] == 1
     assert await state(first) is None
     assert any("admin: 127.0.0.1: delete ids=" + first in r.getMessage() for r in caplog.records)
+
+    status, answer = await post(mf, "/api/queue/requeue", {"ids": ["ALL"]})
+    assert (status, answer) == (200, {"action": "requeue", "messages": 1, "missed": []})
+    copied = await eventually(lambda: mf.store.message_ids(queues=["incoming", "active", "deferred"]), timeout=5,
+                              what="the copy of the requeued message under a new queue id")
+    assert copied != [second] and await state(second) is None  # pickup woken by the API: no `pickup_interval` wait
 
 
 async def test_queue_list_show_shape_and_refusals(mailflow_server):
