@@ -200,7 +200,8 @@ class Store(OperatorQueries, RequeueQueries):
         when an operator requeued it meanwhile). Returns how many."""
         [(n,)] = await self._reader.fetchall("SELECT count(*) FROM message WHERE queue = 'active'")
         await self._committer.write([("UPDATE message SET queue = CASE WHEN requeue THEN 'maildrop'"
-                                      " ELSE 'incoming' END, from_logged = 0 WHERE queue = 'active'", [()])])
+                                      " ELSE 'incoming' END, requeue = 0, from_logged = 0 WHERE queue = 'active'",
+                                      [()])])
         return n
 
     async def save_destinations(self, rows: Sequence[tuple], now: float) -> None:
@@ -440,7 +441,7 @@ def _deferral_ops(done: Delivered, results: Sequence[RcptResult]) -> list[Op]:
         ops.append(("UPDATE recipient SET notice = 0 WHERE message_id = ? AND idx = ?",
                     [(qid, i) for i in done.noticed]))
     # (one an operator requeued while it was active goes to the maildrop queue now, for pickup to copy)
-    ops.append(("UPDATE message SET queue = CASE WHEN requeue THEN 'maildrop' ELSE 'deferred' END,"
+    ops.append(("UPDATE message SET queue = CASE WHEN requeue THEN 'maildrop' ELSE 'deferred' END, requeue = 0,"
                 " next_attempt = ?, attempts = attempts + 1, from_logged = 0, warned = max(warned, ?)"
                 " WHERE id = ? AND queue = 'active'",
                 [(done.next_attempt, int(done.warned), qid)]))

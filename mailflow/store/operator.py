@@ -162,8 +162,9 @@ class OperatorQueries:
                              smtputf8=bool(utf8), body_type=body_type, warned=bool(warned), damage=damage)
 
     async def hold_messages(self, ids: Sequence[QueueId]) -> None:
-        """incoming/deferred/active -> hold. An active message's delivery finishes; `record` keeps it held."""
-        await self._tool_write("UPDATE message SET queue = 'hold'"
+        """incoming/deferred/active -> hold. An active message's delivery finishes; `record` keeps it held. The hold
+        wins over a requeue asked while it was active (its mark is cleared)."""
+        await self._tool_write("UPDATE message SET queue = 'hold', requeue = 0"
                                " WHERE id = ? AND queue IN ('incoming', 'deferred', 'active')", [(i,) for i in ids])
 
     async def release_messages(self, ids: Sequence[QueueId], now: float) -> None:

@@ -94,6 +94,21 @@ async def test_an_active_message_requeued_reaches_the_maildrop_queue_when_its_at
     assert await store.counts() == {"maildrop": 2} and await store.requeues_waiting() == 0
 
 
+async def test_a_hold_after_a_requeue_of_an_active_message_wins(store):
+    """The operator's last word: held, the message stays held after its attempt, and once released it is
+    delivered as any other, not requeued then."""
+    await store.insert(new("Q1"))
+    await store.take(T0, 10)
+    await store.requeue_messages(["Q1"], T0)
+    await store.hold_messages(["Q1"])
+    await store.finish(Delivered("Q1", T0 + 60))
+    assert await store.counts() == {"hold": 1}
+    await store.release_messages(["Q1"], T0 + 60)
+    await store.take(T0 + 60, 10)
+    await store.finish(Delivered("Q1", T0 + 120))
+    assert await store.counts() == {"deferred": 1}
+
+
 async def test_the_copy_replaces_the_old_message_in_one_transaction_its_file_linked_anew(store, tmp_path):
     data = big_message(300_000)
     await store.insert(new("OLD1", content=spooled(tmp_path, data)))
