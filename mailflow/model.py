@@ -181,7 +181,7 @@ class NewMessage:
 
     queue_id: QueueId
     sender: str
-    arrival: float
+    arrival: float  # the first arrival (delay=, the listings): a requeued copy keeps its message's
     content: Content
     recipients: tuple[Recipient, ...]
     smtputf8: bool = False
@@ -192,6 +192,8 @@ class NewMessage:
     queue: str = "incoming"  # "hold": on hold (an smtpd HOLD restriction); "active": handed straight to qmgr
     content_filter: str = ""  # "transport:nexthop" of the after-queue filter every recipient goes to; "" none
     client_attributes: ClientAttributes = ClientAttributes()
+    created: float | None = None  # the base of its queue lifetime and backoff (Postfix's create_time): a requeued
+    #                               copy's making; None: the arrival
 
 
 @dataclass(frozen=True)
@@ -218,6 +220,13 @@ class QueuedMessage:
     nrcpt: int = 0  # its recipients when it was queued, done ones included (qmgr's `nrcpt=`); 0: len(recipients)
     damage: str = ""  # what is wrong with its queue rows (edited by hand: mailflow/store/damage.py); "" when sound.
     #                   The values then are stand-ins: qmgr moves the message to the corrupt queue, delivers nothing
+    created: float | None = None  # the base of its queue lifetime and backoff (see NewMessage); None: the arrival
+
+    @property
+    def lifetime_base(self) -> float:
+        """When its queue lifetime and backoff started: a requeued copy's making, else its arrival (Postfix's
+        qmgr counts both from the queue file's create_time, which cleanup sets anew for a postsuper -r copy)."""
+        return self.arrival if self.created is None else self.created
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,10 @@ CREATE TABLE IF NOT EXISTS message (
     queue        TEXT NOT NULL DEFAULT 'incoming'  -- maildrop: requeued by an operator, for pickup to copy
                  CHECK (queue IN ('incoming', 'active', 'deferred', 'hold', 'corrupt', 'maildrop')),
     sender       TEXT NOT NULL,                    -- '' is the null sender
-    arrival      REAL NOT NULL,                    -- unix time the message was committed
-    next_attempt REAL NOT NULL,                    -- unix time it is due (incoming: = arrival)
+    arrival      REAL NOT NULL,                    -- unix time the message was first committed (delay=, listings)
+    created      REAL NOT NULL,                    -- the base of its queue lifetime and backoff: the arrival, or
+                                                   -- the time a requeued copy was made (Postfix's create_time)
+    next_attempt REAL NOT NULL,                    -- unix time it is due (incoming: = created)
     attempts     INTEGER NOT NULL DEFAULT 0,
     size         INTEGER NOT NULL,                 -- bytes of content
     smtputf8     INTEGER NOT NULL DEFAULT 0,

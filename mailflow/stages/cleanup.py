@@ -173,8 +173,9 @@ class Cleanup:
         """pickup's copy of a message an operator requeued (`sub`: its pending recipients and stored content, as
         pickup builds it), as Postfix's cleanup copies a queue file that postsuper -r moved to maildrop/: a new
         queue id, the address rewriting, the content checks and the after-queue filter of now, the first arrival
-        time, client, client attributes and whether the "delayed" notice went out kept; no SRS, ARC or DKIM
-        signing (the message got them, if any, when it first came, as Postfix runs no milter on requeued mail).
+        time (its queue lifetime counts from now), client, client attributes and whether the "delayed" notice went
+        out kept; no SRS, ARC or DKIM signing (the message got them, if any, when it first came, as Postfix runs
+        no milter on requeued mail).
         The copy replaces the old message in one transaction (Store.replace_requeued). Returns the new id; None
         when a content check discarded it (the old message is removed). Raises as `submit` (RequeueGone: deleted
         meanwhile; nothing committed)."""
@@ -182,7 +183,9 @@ class Cleanup:
         if msg is None:
             await self._store.delete_messages([requeued.queue_id])
             return None
-        msg = dataclasses.replace(msg, arrival=requeued.arrival, client=requeued.client,
+        # the first arrival kept (delay=, the listings), its queue lifetime and backoff counted from now: Postfix's
+        # cleanup keeps the time record and writes a new create_time, so that a requeue resets the expiration
+        msg = dataclasses.replace(msg, arrival=requeued.arrival, created=msg.arrival, client=requeued.client,
                                   client_attributes=requeued.client_attributes)
         await self._store.replace_requeued(requeued.queue_id, msg, warned=requeued.warned)
         self.log_queued(msg, sub, orig_id=requeued.queue_id)

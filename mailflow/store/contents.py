@@ -63,7 +63,7 @@ CLIENT_COLUMNS = ("client_name", "client_address", "client_port", "helo_name", "
 
 
 # The columns a new message row is written with, in the order of `insert_ops`'s values.
-_INSERT_COLUMNS = ("id", "queue", "sender", "arrival", "next_attempt", "size", "smtputf8", "body_type", "client",
+_INSERT_COLUMNS = ("id", "queue", "sender", "arrival", "created", "next_attempt", "size", "smtputf8", "body_type", "client",
                    "envid", "ret", "filter", "from_logged", *CLIENT_COLUMNS)
 _INSERT_MESSAGE = (f"INSERT INTO message ({', '.join(_INSERT_COLUMNS)})"
                    f" VALUES ({', '.join('?' * len(_INSERT_COLUMNS))})")
@@ -71,6 +71,11 @@ _INSERT_MESSAGE = (f"INSERT INTO message ({', '.join(_INSERT_COLUMNS)})"
 
 def client_values(c: ClientAttributes) -> tuple[str, ...]:
     return c.name, c.address, c.port, c.helo, c.protocol, c.sasl_method, c.sasl_username, c.sasl_sender
+
+
+def _created(m: NewMessage) -> float:
+    """The base of its queue lifetime and backoff; also its first next_attempt (incoming mail goes in that order)."""
+    return m.arrival if m.created is None else m.created
 
 
 def insert_ops(messages: Sequence[NewMessage]) -> list[Op]:
@@ -82,8 +87,9 @@ def insert_ops(messages: Sequence[NewMessage]) -> list[Op]:
             links.append((file.path, m.queue_id))
     return [
         (_INSERT_MESSAGE,
-         [(m.queue_id, m.queue, m.sender, m.arrival, m.arrival, m.content.size, int(m.smtputf8), m.body_type,
-           m.client, m.envid, m.ret, m.content_filter, int(m.queue != "hold"), *client_values(m.client_attributes))
+         [(m.queue_id, m.queue, m.sender, m.arrival, _created(m), _created(m), m.content.size, int(m.smtputf8),
+           m.body_type, m.client, m.envid, m.ret, m.content_filter, int(m.queue != "hold"),
+           *client_values(m.client_attributes))
           for m in messages]),
         ("INSERT INTO recipient (message_id, idx, address, original, notify, orcpt) VALUES (?, ?, ?, ?, ?, ?)",
          [(m.queue_id, r.index, r.address, r.original, r.notify, r.orcpt) for m in messages for r in m.recipients]),

@@ -320,7 +320,7 @@ _RECIPIENT_COLUMNS = ", ".join(f"CASE typeof({c}) WHEN 'blob' THEN json_object('
                                for c in ("idx", "address", "original", "notify", "orcpt", "status", "dsn", "reason",
                                          "relay", "relayed"))
 _MESSAGE_COLUMNS_LIST = ("id", "sender", "arrival", "size", "smtputf8", "body_type", "attempts", "envid", "ret",
-                         "warned", "filter", "from_logged", *CLIENT_COLUMNS)
+                         "warned", "filter", "from_logged", "created", *CLIENT_COLUMNS)
 _RECIPIENTS_AT = len(_MESSAGE_COLUMNS_LIST)  # a DUE row: the message's columns, its recipients (JSON), how many
 _NRCPT_AT = _RECIPIENTS_AT + 1               # it had in all, side, next_attempt, the content row's data and body
 _SIDE_AT = _NRCPT_AT + 1
@@ -357,6 +357,7 @@ LEFT JOIN content c ON m.size <= :scan_size AND m.scanned <= :budget AND c.messa
 _MESSAGE_KINDS = Columns(("id", "text"), ("sender", "text"), ("arrival", "time"), ("size", "size"),
                          ("smtputf8", "flag"), ("body_type", "text"), ("attempts", "count"), ("envid", "text"),
                          ("ret", "text"), ("warned", "flag"), ("filter", "text"), ("from_logged", "flag"),
+                         ("created", "time"),
                          *((name, "text") for name in CLIENT_COLUMNS))
 _NEXT_ATTEMPT_KIND = Columns(("next_attempt", "time"))
 _RECIPIENT_KINDS = Columns(("idx", "count"), ("address", "text"), ("original", "text"), ("notify", "text"),
@@ -476,11 +477,12 @@ def _record_op(queue_id: QueueId, rows: Sequence[tuple[RcptResult, bool]]) -> Op
 
 
 def _queued_message(row: Sequence, recipients, owed, nrcpt: int, damage: str = "") -> QueuedMessage:
-    qid, sender, arrival, size, utf8, body_type, attempts, envid, ret, warned, content_filter, from_logged = row[:12]
+    (qid, sender, arrival, size, utf8, body_type, attempts, envid, ret, warned, content_filter, from_logged,
+     created) = row[:13]
     return QueuedMessage(qid, sender, arrival, size, bool(utf8), body_type, attempts, tuple(recipients),
                          envid=envid, ret=ret, warned=bool(warned), owed=tuple(owed), content_filter=content_filter,
-                         client_attributes=ClientAttributes(*row[12:]), from_logged=bool(from_logged), nrcpt=nrcpt,
-                         damage=damage)
+                         client_attributes=ClientAttributes(*row[13:]), from_logged=bool(from_logged), nrcpt=nrcpt,
+                         damage=damage, created=created)
 
 
 def _alternate(first: list, second: list) -> list:

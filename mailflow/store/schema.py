@@ -31,7 +31,8 @@ _MESSAGE_V9 = """CREATE TABLE message (
     id TEXT PRIMARY KEY,
     queue TEXT NOT NULL DEFAULT 'incoming'
           CHECK (queue IN ('incoming', 'active', 'deferred', 'hold', 'corrupt', 'maildrop')),
-    sender TEXT NOT NULL, arrival REAL NOT NULL, next_attempt REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    sender TEXT NOT NULL, arrival REAL NOT NULL, created REAL NOT NULL, next_attempt REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
     size INTEGER NOT NULL, smtputf8 INTEGER NOT NULL DEFAULT 0, body_type TEXT NOT NULL DEFAULT '',
     client TEXT NOT NULL DEFAULT '', envid TEXT NOT NULL DEFAULT '', ret TEXT NOT NULL DEFAULT '',
     warned INTEGER NOT NULL DEFAULT 0, filter TEXT NOT NULL DEFAULT '',
@@ -62,12 +63,13 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # 7BIT now means BODY=7BIT was given (the SMTP client passes it on); before, it meant that or no BODY at all
     7: ("UPDATE message SET body_type = '' WHERE body_type = '7BIT'",),
     # a requeued message waits in the 'maildrop' queue for pickup to copy it (a new queue id), one requeued while
-    # active is marked (`requeue`) until its attempt ends: SQLite changes a CHECK constraint only by rebuilding the
-    # table (its index comes back from schema.sql)
+    # active is marked (`requeue`) until its attempt ends, and the copy's queue lifetime and backoff count from
+    # `created` (a message queued before from its arrival): SQLite changes a CHECK constraint only by rebuilding
+    # the table (its index comes back from schema.sql)
     8: ("ALTER TABLE message RENAME TO message_v8",
         "DROP INDEX IF EXISTS message_due",
         _MESSAGE_V9,
-        f"INSERT INTO message ({_MESSAGE_V8_COLUMNS}) SELECT {_MESSAGE_V8_COLUMNS} FROM message_v8",
+        f"INSERT INTO message ({_MESSAGE_V8_COLUMNS}, created) SELECT {_MESSAGE_V8_COLUMNS}, arrival FROM message_v8",
         "DROP TABLE message_v8"),
 }
 

@@ -4,6 +4,7 @@ replaces it by its copy in one transaction, which a kill in the middle leaves un
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import sqlite3
 import subprocess
@@ -127,6 +128,19 @@ async def test_the_copy_replaces_the_old_message_in_one_transaction_its_file_lin
     assert (taken.queue_id, [r.address for r in taken.recipients]) == ("NEW1", ["b@example.test"])
 
 
+async def test_the_copy_keeps_the_first_arrival_and_counts_its_lifetime_from_its_making(store):
+    """Postfix's cleanup keeps a requeued file's time record (delay=) and writes a new create_time (the queue
+    lifetime and backoff): `created`."""
+    await store.insert(new("OLD1"))
+    await store.requeue_messages(["OLD1"], T0 + 86400)
+    [requeued] = await store.requeued_messages()
+    copy = copy_of("OLD1", "NEW1", await store.content("OLD1"), requeued.recipients)
+    await store.replace_requeued("OLD1", dataclasses.replace(copy, created=T0 + 86400))
+    [taken] = await store.take(T0 + 86400, 10)
+    assert (taken.arrival, taken.lifetime_base) == (T0, T0 + 86400)
+    assert (await store.message_detail("NEW1")).arrival == T0
+
+
 async def test_a_message_deleted_before_its_copy_commits_is_not_copied(store):
     await store.insert(new("OLD1"))
     await store.requeue_messages(["OLD1"], T0)
@@ -193,7 +207,7 @@ async def test_a_kill_in_the_middle_of_the_replacement_leaves_the_old_message_wh
 
 async def test_a_queue_of_schema_8_takes_requeued_mail_after_its_migration(tmp_path):
     """Schema 9 adds the maildrop queue to the message table's CHECK (a rebuild of the table): the rows of
-    schema 8 and its index survive it."""
+    schema 8 and its index survive it, their queue lifetime counting from their arrival (`created`)."""
     path = tmp_path / "queue.db"
     store = await Store.open(path)
     await store.insert(new("Q1", client_attributes=ATTRIBUTES))
@@ -202,10 +216,11 @@ async def test_a_queue_of_schema_8_takes_requeued_mail_after_its_migration(tmp_p
         db.execute("UPDATE schema_version SET version = 8")
         sql = db.execute("SELECT sql FROM sqlite_master WHERE name = 'message'").fetchone()[0]
         v8 = re.sub(r",\s*--[^\n]*\n\s*requeue [^\n]*", "", sql.replace(", 'maildrop'", ""))
+        v8 = re.sub(r"\n\s*created [^\n]*\n\s*--[^\n]*", "", v8)
         db.executescript(f"ALTER TABLE message RENAME TO m9; DROP INDEX message_due; {v8};"
                          f" INSERT INTO message SELECT {schema._MESSAGE_V8_COLUMNS} FROM m9; DROP TABLE m9;"
                          " CREATE INDEX message_due ON message (queue, next_attempt);")
-        assert "requeue" not in [row[1] for row in db.execute("PRAGMA table_info(message)")]
+        assert not {"requeue", "created"} & {row[1] for row in db.execute("PRAGMA table_info(message)")}
         with pytest.raises(sqlite3.IntegrityError):
             db.execute("UPDATE message SET queue = 'maildrop'")
     store = await Store.open(path)
@@ -216,5 +231,6 @@ async def test_a_queue_of_schema_8_takes_requeued_mail_after_its_migration(tmp_p
     finally:
         await store.close()
     with sqlite3.connect(path) as db:
+        assert db.execute("SELECT arrival, created FROM message").fetchall() == [(T0, T0)]
         assert db.execute("SELECT name FROM sqlite_master WHERE tbl_name = 'message' AND type = 'index'"
                           " AND name = 'message_due'").fetchall() == [("message_due",)]

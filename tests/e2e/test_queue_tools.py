@@ -304,6 +304,30 @@ async def test_requeue_copies_deferred_and_held_mail_under_new_queue_ids(busy_pe
     assert not {first, second} & set(ids) and await mf.store.counts() == {}
 
 
+async def test_old_mail_requeued_is_tried_again_for_a_whole_lifetime_not_returned(busy_peer, tmp_path):
+    """postsuper -r resets the expiration schedule (Postfix HISTORY 20060313): cleanup keeps the first arrival
+    (delay=, the listings) but writes a new create_time, which qmgr's queue lifetime and backoff count from. A
+    message older than maximal_queue_lifetime, requeued and deferred again, stays queued; it is not returned to its
+    sender (`status=expired`) at its first attempt."""
+    mf, config, peer = busy_peer
+    arrival = time.time() - 10 * 86400  # twice the default lifetime of 5 days
+    await mf.store.insert(NewMessage("OLD1", "someone@remote.test", arrival, Content((message("old"),)),
+                                     (Recipient(0, "late@relay.test", "late@relay.test"),), queue="hold"))
+    peer.handler.rcpt_replies["late@relay.test"] = BUSY
+    log_file = tmp_path / "server.log"
+    with mail_log_file(log_file):
+        rc, out, err = await queue(config, "requeue", "ALL")
+        assert (rc, out) == (0, "requeue: 1 message\n"), err
+        [new] = await eventually(lambda: mf.store.message_ids(queues=["deferred"]), timeout=5,
+                                 what="the copy deferred")
+        await eventually(lambda: not mf.qmgr.active_count, timeout=5, what="the attempt over")
+    assert await mf.store.counts() == {"deferred": 1} and peer.messages == []  # kept; no notice to the sender
+    detail = await mf.store.message_detail(new)
+    assert detail.arrival == arrival  # the first arrival, for delay= and the listings
+    assert detail.next_attempt - time.time() > 1800  # the backoff of a new message (1h here), not of an old one
+    assert "status=expired" not in log_file.read_text()
+
+
 @pytest.mark.parametrize("held_first", [False, True], ids=["active", "held-while-active"])
 async def test_an_active_message_requeued_is_copied_once_its_attempt_is_over(busy_peer, held_first):
     """Postfix's postsuper -r moves an active queue file too, racing the delivery under way. mailflow marks the

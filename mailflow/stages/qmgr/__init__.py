@@ -280,7 +280,8 @@ class QueueManager:
             self._handed_bytes += kept
         self._admit(QueuedMessage(msg.queue_id, msg.sender, msg.arrival, msg.content.size, msg.smtputf8,
                                   msg.body_type, 0, msg.recipients, envid=msg.envid, ret=msg.ret,
-                                  content_filter=msg.content_filter, client_attributes=msg.client_attributes),
+                                  content_filter=msg.content_filter, client_attributes=msg.client_attributes,
+                                  created=msg.created),
                     self._clock.time(), content, kept)
         self._pump()
 
@@ -670,7 +671,7 @@ class QueueManager:
         lifetime = q.bounce_queue_lifetime if not msg.sender else q.maximal_queue_lifetime
         pending = [r for r in active.attempt + last if r.outcome is Outcome.DEFERRED]
         held = active.withdrawn == "hold"  # the operator's hold wins: nothing expires, nobody is told
-        expired = [] if held else _expire(pending, now - msg.arrival, lifetime)
+        expired = [] if held else _expire(pending, now - msg.lifetime_base, lifetime)
         if expired and await self._queue_state(msg) != "active":  # held or deleted meanwhile, before a poll saw it
             held, expired = True, []
         if expired:
@@ -679,11 +680,11 @@ class QueueManager:
                     and now - msg.arrival >= q.delay_warning_time)
         retry_at = None
         if pending:
-            retry_at = next_attempt(now, msg.arrival, q.minimal_backoff_time, q.maximal_backoff_time,
+            retry_at = next_attempt(now, msg.lifetime_base, q.minimal_backoff_time, q.maximal_backoff_time,
                                     jitter=JITTER, rng=self._rng)
         owed = active.owed + [r for r in last if _owes_notice(r)]
         notices = await self._make_notices(active, owed + expired + (pending if warn else []), now, warn,
-                                           msg.arrival + lifetime)
+                                           msg.lifetime_base + lifetime)
         done = Delivered(msg.queue_id, retry_at, warned=msg.warned or warn, expired=tuple(expired),
                          noticed=tuple(r.recipient.index for r in active.owed))
         await self._writes.run(lambda: self._store.finish(done, [n for _, n in notices], results=last),
