@@ -75,6 +75,16 @@ async def test_the_copy_of_a_message_whose_delay_notice_went_out_sends_none_agai
     assert {m.queue_id: m.warned for m in await store.take(T0, 10)} == {"NEW1": True, "NEW2": False}
 
 
+async def test_requeued_mail_is_listed_as_sound_in_the_maildrop_queue(store):
+    """maildrop is a queue a row may name: the listings do not take it for a hand-edited value."""
+    await store.insert(new("Q1"))
+    await store.requeue_messages(["Q1"], T0)
+    [row] = await store.message_page(queues=["maildrop"])
+    assert (row.queue_id, row.queue, row.damage) == ("Q1", "maildrop", "")
+    detail = await store.message_detail("Q1")
+    assert (detail.queue, detail.damage) == ("maildrop", "")
+
+
 async def test_an_active_message_requeued_reaches_the_maildrop_queue_when_its_attempt_ends(store):
     """No copy while a delivery may be under way: the message is marked, and the end of its attempt (or, after a
     crash, the start's recovery) moves it to maildrop instead of deferred (incoming)."""
