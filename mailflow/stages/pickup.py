@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
 import time
@@ -62,7 +63,7 @@ from mailflow.filters.milter import NonSmtpdMilters
 from mailflow.maildrop import (REQUEUED, CorruptMaildrop, MaildropMessage, maildrop_content, maildrop_names,
                                read_maildrop, remove_stale_temporaries)
 from mailflow.message import quoted_original
-from mailflow.model import ClientInfo, Envelope, LocalUser, Recipient, Submission
+from mailflow.model import ClientInfo, Envelope, LocalUser, QueueId, Recipient, Submission
 from mailflow.stages.bounce import NoticeRecipient, build_notice, notice_is_8bit, wants_notice
 from mailflow.store import RequeuedMessage, RequeueGone, Store, store_fault
 
@@ -200,7 +201,8 @@ class Pickup:
         if self._store is None or not self._store_due:
             return 0
         self._store_due = False
-        done, after, in_hand = 0, "", 0
+        done, in_hand = 0, 0
+        after: tuple[float, QueueId] = (-math.inf, "")
         while not self._closing:
             page = await self._store.requeued_messages(after=after, limit=REQUEUE_PAGE)
             for requeued in page:
@@ -212,7 +214,7 @@ class Pickup:
                 done += await self._copy(requeued)
             if len(page) < REQUEUE_PAGE:
                 break
-            after = page[-1].queue_id
+            after = (page[-1].requeued_at, page[-1].queue_id)
         self._requeues_waiting = bool(in_hand or await self._store.requeues_waiting())
         return done
 

@@ -4,7 +4,9 @@ An operator's requeue (`OperatorQueries.requeue_messages`) only moves a message 
 qmgr never takes it (Postfix's postsuper renames the queue file into maildrop/); an active one goes there when its
 attempt ends (`finish`) or at a restart's recovery. The server's pickup then copies
 each such message through cleanup into a new message with a new queue id:
-- `requeued_messages(after, limit)`: a page of them, oldest requeue first, each with its envelope and only the
+- `requeued_messages(after, limit)`: a page of them, oldest requeue first (paged by (requeued_at, id) on the
+  queue index, so a walk of the whole maildrop queue costs one index range per page, no sort), each with its
+  envelope and only the
   recipients still pending (those delivered or bounced are not copied, as Postfix's cleanup skips the
   recipients a queue file marks done); the content is `Store.content(id)` (its file part read lazily).
 - `requeues_waiting()`: how many active messages were requeued (marked) and wait for the end of their attempt.
@@ -20,6 +22,7 @@ each such message through cleanup into a new message with a new queue id:
 """
 from __future__ import annotations
 
+import math
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +52,15 @@ class RequeuedMessage:
     client_attributes: ClientAttributes
     recipients: tuple[Recipient, ...]  # the pending ones, in envelope order
     warned: bool = False  # its "delayed" notice went out: the copy sends none again (Postfix copies its warn record)
+    requeued_at: float = 0.0  # when it entered the maildrop queue (its next_attempt there): the order pickup reads
 
 
-_ENVELOPE = ("id, sender, arrival, smtputf8, body_type, client, envid, ret, warned, " + ", ".join(CLIENT_COLUMNS))
+_ENVELOPE = ("id, next_attempt, sender, arrival, smtputf8, body_type, client, envid, ret, warned, "
+             + ", ".join(CLIENT_COLUMNS))
+# A page of the maildrop queue after a (requeued_at, id) key: a range of the (queue, next_attempt) index (the table
+# is WITHOUT ROWID, so the index holds the id too), read in its order.
+REQUEUED_PAGE = (f"SELECT {_ENVELOPE} FROM message WHERE queue = 'maildrop' AND (next_attempt, id) > (?, ?)"
+                 " ORDER BY next_attempt, id LIMIT ?")
 
 
 class RequeueQueries:
@@ -61,14 +70,16 @@ class RequeueQueries:
     _committer: GroupCommitter
     content_dir: Path
 
-    async def requeued_messages(self, *, after: QueueId = "", limit: int = 100) -> list[RequeuedMessage]:
-        """Up to `limit` messages of the maildrop queue with ids after `after`, in id order (ids are time-ordered)."""
-        rows = await self._reader.fetchall(
-            f"SELECT {_ENVELOPE} FROM message WHERE queue = 'maildrop' AND id > ? ORDER BY id LIMIT ?", (after, limit))
+    async def requeued_messages(self, *, after: tuple[float, QueueId] = (-math.inf, ""),
+                                limit: int = 100) -> list[RequeuedMessage]:
+        """Up to `limit` messages of the maildrop queue after the key `after` (the last one's (requeued_at, id)),
+        oldest requeue first."""
+        rows = await self._reader.fetchall(REQUEUED_PAGE, (*after, limit))
         pending = await self._pending_recipients([row[0] for row in rows])
         return [RequeuedMessage(qid, sender, arrival, bool(utf8), body_type, client, envid, ret,
-                                ClientAttributes(*attributes), pending.get(qid, ()), bool(warned))
-                for qid, sender, arrival, utf8, body_type, client, envid, ret, warned, *attributes in rows]
+                                ClientAttributes(*attributes), pending.get(qid, ()), bool(warned), requeued_at)
+                for qid, requeued_at, sender, arrival, utf8, body_type, client, envid, ret, warned, *attributes
+                in rows]
 
     async def _pending_recipients(self, ids: list[QueueId]) -> dict[QueueId, tuple[Recipient, ...]]:
         found: dict[QueueId, list[Recipient]] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import re
 import sqlite3
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 
 from mailflow.content import Content
 from mailflow.model import ClientAttributes, Delivered, Outcome, RcptResult, Recipient
-from mailflow.store import NewMessage, RequeueGone, Store, schema
+from mailflow.store import NewMessage, RequeueGone, Store, requeue, schema
 from tests.support import big_message
 from tests.support.content import spooled
 
@@ -83,6 +84,24 @@ async def test_requeued_mail_is_listed_as_sound_in_the_maildrop_queue(store):
     assert (row.queue_id, row.queue, row.damage) == ("Q1", "maildrop", "")
     detail = await store.message_detail("Q1")
     assert (detail.queue, detail.damage) == ("maildrop", "")
+
+
+async def test_pickup_walks_the_maildrop_queue_oldest_requeue_first_on_its_index_without_a_sort(store):
+    """A page is one range of the (queue, next_attempt) index after the last one's key: reading 100 000 requeued
+    messages costs a page's rows each time, not a sort of them all (id order: a scan and a temporary B-tree each
+    page, quadratic over the walk)."""
+    plan = await store._reader.fetchall("EXPLAIN QUERY PLAN " + requeue.REQUEUED_PAGE, (0.0, "", 100))
+    details = " | ".join(row[-1] for row in plan)
+    assert "USING COVERING INDEX message_due" in details or "USING INDEX message_due" in details, details
+    assert "TEMP B-TREE" not in details, details
+    for qid, when in (("Q1", T0 + 30), ("Q2", T0 + 10), ("Q3", T0 + 20), ("Q4", T0 + 20)):
+        await store.insert(new(qid))
+        await store.requeue_messages([qid], when)
+    walked, after = [], (-math.inf, "")
+    while page := await store.requeued_messages(after=after, limit=1):
+        walked.append(page[0].queue_id)
+        after = (page[0].requeued_at, page[0].queue_id)
+    assert walked == ["Q2", "Q3", "Q4", "Q1"]
 
 
 async def test_an_active_message_requeued_reaches_the_maildrop_queue_when_its_attempt_ends(store):
