@@ -77,7 +77,7 @@ from mailflow.message import header_names, header_value, read_header, rfc5322_da
 from mailflow.model import ClientInfo, QueueId, Recipient, Submission
 from mailflow.routing.addressmap import AddressMapper
 from mailflow.signing.outbound import OutboundSigning
-from mailflow.store import NewMessage, RequeuedMessage, Store
+from mailflow.store import NewMessage, RequeuedMessage, RequeueGone, Store
 from mailflow.transports.downgrade import labelled_8bit
 
 logger = logging.getLogger("mailflow.cleanup")
@@ -187,7 +187,8 @@ class Cleanup:
         # cleanup keeps the time record and writes a new create_time, so that a requeue resets the expiration
         msg = dataclasses.replace(msg, arrival=requeued.arrival, created=msg.arrival, client=requeued.client,
                                   client_attributes=requeued.client_attributes)
-        await self._store.replace_requeued(requeued.queue_id, msg, warned=requeued.warned)
+        if not await self._store.replace_requeued(requeued.queue_id, msg, warned=requeued.warned):
+            raise RequeueGone(f"{requeued.queue_id}: no longer in the maildrop queue")
         self.log_queued(msg, sub, orig_id=requeued.queue_id)
         self._on_queued()
         return msg.queue_id

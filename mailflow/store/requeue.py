@@ -15,8 +15,8 @@ each such message through cleanup into a new message with a new queue id:
   content row, message row; its content file goes after the commit, while the new message holds its own hard link
   to the same file). A crash before the commit leaves the old message in the maildrop queue (copied again at the
   next start), after it the new message alone: never both, never neither.
-  If `old_id` is no longer in the maildrop queue by then (an operator deleted it meanwhile), nothing is written
-  and `RequeueGone` is raised.
+  If `old_id` is no longer in the maildrop queue by then (an operator deleted it meanwhile), the copy's rows go in
+  the same transaction and it returns False: nothing is kept, and no error fails the group commit it shared.
 
 `RequeueQueries` is a part of `Store` (mailflow/store/daemon.py), which supplies its connections.
 """
@@ -30,11 +30,12 @@ from pathlib import Path
 from mailflow.content import Spool
 from mailflow.model import ClientAttributes, NewMessage, QueueId, Recipient
 from mailflow.store.contents import CLIENT_COLUMNS, insert_ops, storable
-from mailflow.store.engine import DELETE_CONTENT, MAX_VARS, GroupCommitter, Reader, chunks, marks
+from mailflow.store.engine import MAX_VARS, GroupCommitter, Reader, chunks, marks
 
 
 class RequeueGone(Exception):
-    """The requeued message left the maildrop queue (deleted) before its copy was committed."""
+    """The requeued message left the maildrop queue (deleted) before its copy was committed (raised by cleanup's
+    resubmit when `replace_requeued` says so)."""
 
 
 @dataclass(frozen=True)
@@ -100,25 +101,37 @@ class RequeueQueries:
         await self._committer.write([("UPDATE message SET queue = 'hold', from_logged = 0"
                                       " WHERE id = ? AND queue = 'maildrop'", [(old_id,)])])
 
-    async def replace_requeued(self, old_id: QueueId, msg: NewMessage, *, warned: bool = False) -> None:
+    async def replace_requeued(self, old_id: QueueId, msg: NewMessage, *, warned: bool = False) -> bool:
         """Commit `msg` (`warned`: its "delayed" notice went out already) and remove `old_id` in one transaction
-        (see the module doc). Raises RequeueGone when `old_id` is no longer in the maildrop queue; may raise
-        Overloaded like `insert`."""
+        (see the module doc). False when `old_id` is no longer in the maildrop queue: then nothing is kept (the
+        copy's rows go in the same transaction, which never fails for it, so the other writes of its group commit
+        are not disturbed). May raise Overloaded like `insert`."""
         temporaries: list[Spool] = []
         try:
             ready = await storable(msg, self.content_dir, temporaries)
-            old = [(old_id,)]
             ops = [*insert_ops([ready]),  # (the UPDATE after the INSERT: merged statements keep that order)
-                   ("UPDATE message SET warned = 1 WHERE id = ?", [(msg.queue_id,)] if warned else []),
-                   ("DELETE FROM recipient WHERE message_id = ?", old), (DELETE_CONTENT, old)]
-            await self._committer.write(ops, may_refuse=True, call=lambda con: _remove_requeued(con, old_id))
+                   ("UPDATE message SET warned = 1 WHERE id = ?", [(msg.queue_id,)] if warned else [])]
+            replaced, file_gone = await self._committer.write(
+                ops, may_refuse=True, call=lambda con: _replace_requeued(con, old_id, msg.queue_id))
         finally:
             for spool in temporaries:
                 spool.discard()
+        if file_gone:  # (after the commit: the copy holds its own link to the same file; a crash here: the sweep)
+            (self.content_dir / file_gone).unlink(missing_ok=True)
+        return replaced
 
 
-def _remove_requeued(con: sqlite3.Connection, old_id: QueueId) -> None:
-    """The last step of `replace_requeued`'s transaction: the old message row goes, and only if it is still in the
-    maildrop queue; else the whole transaction is undone (RequeueGone)."""
-    if con.execute("DELETE FROM message WHERE id = ? AND queue = 'maildrop'", (old_id,)).rowcount != 1:
-        raise RequeueGone(f"{old_id}: no longer in the maildrop queue")
+def _replace_requeued(con: sqlite3.Connection, old_id: QueueId, new_id: QueueId) -> tuple[bool, QueueId | None]:
+    """The last step of `replace_requeued`'s transaction: the old message's rows go, and only if it is still in
+    the maildrop queue; else the copy's rows go instead. Returns (replaced, the name in content/ whose file is to
+    be removed after the commit, if any)."""
+    if con.execute("DELETE FROM message WHERE id = ? AND queue = 'maildrop'", (old_id,)).rowcount == 1:
+        kept, gone = new_id, old_id
+    else:
+        kept, gone = old_id, new_id
+        con.execute("DELETE FROM message WHERE id = ?", (gone,))
+    [(files,)] = con.execute("SELECT count(*) FROM content WHERE message_id = ? AND file_offset IS NOT NULL",
+                             (gone,)).fetchall()
+    con.execute("DELETE FROM recipient WHERE message_id = ?", (gone,))
+    con.execute("DELETE FROM content WHERE message_id = ?", (gone,))
+    return kept == new_id, gone if files else None

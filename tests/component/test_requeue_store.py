@@ -16,7 +16,7 @@ import pytest
 
 from mailflow.content import Content
 from mailflow.model import ClientAttributes, Delivered, Outcome, RcptResult, Recipient
-from mailflow.store import NewMessage, RequeueGone, Store, requeue, schema
+from mailflow.store import NewMessage, Store, requeue, schema
 from tests.support import big_message
 from tests.support.content import spooled
 
@@ -170,15 +170,32 @@ async def test_the_copy_keeps_the_first_arrival_and_counts_its_lifetime_from_its
     assert (await store.message_detail("NEW1")).arrival == T0
 
 
-async def test_a_message_deleted_before_its_copy_commits_is_not_copied(store):
+async def test_a_message_deleted_before_its_copy_commits_is_not_copied(store, tmp_path):
+    await store.insert(new("OLD1"))
+    await store.requeue_messages(["OLD1"], T0)
+    [requeued] = await store.requeued_messages()
+    await store.delete_messages(["OLD1"])
+    copy = new("NEW1", *requeued.recipients, content=spooled(tmp_path, big_message(300_000)))  # (a file of its own)
+    assert not await store.replace_requeued("OLD1", copy)
+    assert await store.counts() == {} and await store.recipients("NEW1") == []
+    assert list(store.content_dir.iterdir()) == []  # the copy's link went too
+
+
+async def test_a_copy_of_a_deleted_message_does_not_fail_the_writes_it_shares_a_commit_with(store, caplog):
+    """The copy of a message deleted meanwhile is undone inside the group commit's transaction: the other writes
+    of its batch commit with it, not one by one after a failed batch (with an ERROR logged)."""
     await store.insert(new("OLD1"))
     await store.requeue_messages(["OLD1"], T0)
     [requeued] = await store.requeued_messages()
     content = await store.content("OLD1")
     await store.delete_messages(["OLD1"])
-    with pytest.raises(RequeueGone):
-        await store.replace_requeued("OLD1", copy_of("OLD1", "NEW1", content, requeued.recipients))
-    assert await store.counts() == {}
+    commits = store._committer.commits
+    replaced, _ = await asyncio.gather(
+        store.replace_requeued("OLD1", copy_of("OLD1", "NEW1", content, requeued.recipients)),
+        store.insert(new("OTHER1")))
+    assert not replaced and await store.counts() == {"incoming": 1}
+    assert store._committer.commits == commits + 1  # one batch, committed whole
+    assert "a write failed on its own" not in caplog.text
 
 
 KILLED_IN_THE_MIDDLE = textwrap.dedent("""
@@ -187,11 +204,12 @@ KILLED_IN_THE_MIDDLE = textwrap.dedent("""
     from mailflow.model import NewMessage
     from mailflow.store import Store, requeue
 
-    def killed(con, old_id):  # the old row deleted, the new rows written: then the process dies, uncommitted
+    def killed(con, old_id, new_id):  # the old rows deleted, the new ones written: the process dies, uncommitted
         con.execute("DELETE FROM message WHERE id = ?", (old_id,))
+        con.execute("DELETE FROM recipient WHERE message_id = ?", (old_id,))
         os.kill(os.getpid(), signal.SIGKILL)
 
-    requeue._remove_requeued = killed
+    requeue._replace_requeued = killed
 
     async def main():
         store = await Store.open(sys.argv[1])
