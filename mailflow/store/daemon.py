@@ -40,7 +40,7 @@ Contract
   `finish`) may linger: on an idle committer they wait up to engine.LINGER (2 ms) for new mail to share
   their commit, so a stop in that window repeats the delivery (never loses the mail).
 - `recover()` at start-up moves messages left `active` by a crash back to `incoming` (to `maildrop` when an
-  operator requeued them while active): start-up is recovery (a message whose recipients are all done is
+  operator requeued them while active and they owe no notice: requeue.py): start-up is recovery (a message whose recipients are all done is
   finished by qmgr's next scan).
 - `sweep()` (at server start, before anything is received) removes temporary spool files and content files
   whose row is gone: what a crash between a commit and an unlink left behind.
@@ -68,7 +68,7 @@ from mailflow.store.damage import Columns, checked, sort_time, undecodable
 from mailflow.store.engine import (BUSY_TIMEOUT, CONTENT_DIRECTORY, MAX_VARS, BatchLoader, GroupCommitter, Op,
                                    Reader, Writer, chunks, fetch_leniently, marks, remove_ops)
 from mailflow.store.operator import OperatorQueries
-from mailflow.store.requeue import RequeueQueries
+from mailflow.store.requeue import OWES_NOTICES, RequeueQueries
 
 
 class Store(OperatorQueries, RequeueQueries):
@@ -197,11 +197,12 @@ class Store(OperatorQueries, RequeueQueries):
 
     async def recover(self) -> int:
         """Start-up: whatever was active when the process stopped is incoming again (maildrop, for pickup to copy,
-        when an operator requeued it meanwhile). Returns how many."""
+        when an operator requeued it meanwhile; but one that still owes notices stays incoming, marked, so that
+        the end of its next attempt queues them before it goes to maildrop). Returns how many."""
         [(n,)] = await self._reader.fetchall("SELECT count(*) FROM message WHERE queue = 'active'")
-        await self._committer.write([("UPDATE message SET queue = CASE WHEN requeue THEN 'maildrop'"
-                                      " ELSE 'incoming' END, requeue = 0, from_logged = 0 WHERE queue = 'active'",
-                                      [()])])
+        await self._committer.write([(f"UPDATE message SET queue = CASE WHEN requeue AND NOT {OWES_NOTICES}"
+                                      f" THEN 'maildrop' ELSE 'incoming' END, requeue = requeue AND {OWES_NOTICES},"
+                                      " from_logged = 0 WHERE queue = 'active'", [()])])
         return n
 
     async def save_destinations(self, rows: Sequence[tuple], now: float) -> None:

@@ -26,6 +26,7 @@ from mailflow.content import Content
 from mailflow.model import QueueId
 from mailflow.store.damage import Columns, checked
 from mailflow.store.engine import MAX_VARS, GroupCommitter, Op, Reader, chunks, marks, remove_ops
+from mailflow.store.requeue import OWES_NOTICES
 
 
 @dataclass(frozen=True)
@@ -176,8 +177,11 @@ class OperatorQueries:
         """incoming/deferred/hold -> maildrop (as of `now`), where qmgr never takes it: the server's pickup copies
         it through cleanup into a new message (mailflow/store/requeue.py), as Postfix's pickup copies a queue file
         that postsuper -r moved into maildrop/. An active message is marked instead: the end of its attempt (or a
-        restart's recovery) moves it to maildrop, so no copy is made while a delivery of it may be under way."""
-        await self._tool_write("UPDATE message SET queue = 'maildrop', next_attempt = ?"
+        restart's recovery) moves it to maildrop, so no copy is made while a delivery of it may be under way. One
+        that still owes notices goes to incoming, marked: the end of its next attempt queues them, then moves it to
+        maildrop (requeue.py)."""
+        await self._tool_write(f"UPDATE message SET queue = CASE WHEN {OWES_NOTICES} THEN 'incoming' ELSE 'maildrop'"
+                               f" END, requeue = {OWES_NOTICES}, next_attempt = ?"
                                " WHERE id = ? AND queue IN ('incoming', 'deferred', 'hold')", [(now, i) for i in ids],
                                ("UPDATE message SET requeue = 1 WHERE id = ? AND queue = 'active'",
                                 [(i,) for i in ids]))

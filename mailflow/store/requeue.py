@@ -9,7 +9,8 @@ each such message through cleanup into a new message with a new queue id:
   envelope and only the
   recipients still pending (those delivered or bounced are not copied, as Postfix's cleanup skips the
   recipients a queue file marks done); the content is `Store.content(id)` (its file part read lazily).
-- `requeues_waiting()`: how many active messages were requeued (marked) and wait for the end of their attempt.
+- `requeues_waiting()`: how many messages were requeued (marked: active, or incoming owing notices) and wait for
+  the end of their attempt.
 - `hold_requeued(old_id)`: one cleanup refuses for good now (a loop, a content check's REJECT) goes on hold.
 - `replace_requeued(old_id, msg)`: in one transaction, `msg` is committed and `old_id` removed (recipients,
   content row, message row; its content file goes after the commit, while the new message holds its own hard link
@@ -17,6 +18,11 @@ each such message through cleanup into a new message with a new queue id:
   next start), after it the new message alone: never both, never neither.
   If `old_id` is no longer in the maildrop queue by then (an operator deleted it meanwhile), the copy's rows go in
   the same transaction and it returns False: nothing is kept, and no error fails the group commit it shared.
+
+A message that still owes notices (a recipient's result recorded, its notice not queued: a stop came before the
+end of its attempt) never reaches the maildrop queue, where only pending recipients are copied: a requeue (or
+the recovery of one requeued while active) sends it to `incoming`, marked (`requeue`), so that the end of its next
+attempt queues the notices and then moves it to maildrop. Nothing already accepted is lost.
 
 `RequeueQueries` is a part of `Store` (mailflow/store/daemon.py), which supplies its connections.
 """
@@ -31,6 +37,10 @@ from mailflow.content import Spool
 from mailflow.model import ClientAttributes, NewMessage, QueueId, Recipient
 from mailflow.store.contents import CLIENT_COLUMNS, insert_ops, storable
 from mailflow.store.engine import MAX_VARS, GroupCommitter, Reader, chunks, marks
+
+
+# Whether a message (the row `message` of an UPDATE) still owes a failure or success notice.
+OWES_NOTICES = "EXISTS (SELECT 1 FROM recipient WHERE message_id = message.id AND notice = 1)"
 
 
 class RequeueGone(Exception):
@@ -94,7 +104,8 @@ class RequeueQueries:
         return {qid: tuple(recipients) for qid, recipients in found.items()}
 
     async def requeues_waiting(self) -> int:
-        [(n,)] = await self._reader.fetchall("SELECT count(*) FROM message WHERE queue = 'active' AND requeue = 1")
+        [(n,)] = await self._reader.fetchall("SELECT count(*) FROM message WHERE queue IN ('active', 'incoming')"
+                                             " AND requeue = 1")
         return n
 
     async def hold_requeued(self, old_id: QueueId) -> None:

@@ -124,6 +124,34 @@ async def test_an_active_message_requeued_reaches_the_maildrop_queue_when_its_at
     assert await store.counts() == {"maildrop": 2} and await store.requeues_waiting() == 0
 
 
+async def test_a_requeued_message_that_owes_notices_queues_them_in_an_attempt_before_it_is_copied(store):
+    """A recipient bounced (its notice owed), then the process stopped before the attempt's end queued the notice.
+    Requeued (while active, or once recovered), the message does not go to maildrop, whose copy takes pending
+    recipients only (the notice would be lost): it is incoming, marked, and the end of its next attempt queues the
+    notice and then moves it to maildrop."""
+    two = (Recipient(0, "gone@example.test", "gone@example.test"), Recipient(1, "later@example.test",
+                                                                          "later@example.test"))
+    await store.insert(new("Q1", *two))
+    await store.insert(new("Q2", *two))
+    taken = await store.take(T0, 10)
+    for msg in taken:
+        await store.record_results(msg.queue_id, [(RcptResult(msg.recipients[0], Outcome.BOUNCED, "5.1.1", "no"),
+                                                   True)])
+    await store.requeue_messages(["Q1"], T0)  # active: marked
+    assert await store.recover() == 2  # (the process stopped: Q1 marked, Q2 not)
+    await store.requeue_messages(["Q2"], T0)  # recovered, then requeued while no server runs
+    assert await store.counts() == {"incoming": 2} and await store.requeues_waiting() == 2
+    assert await store.requeued_messages() == []
+
+    for msg in await store.take(T0, 10):
+        assert [r.recipient.index for r in msg.owed] == [0] and [r.index for r in msg.recipients] == [1]
+        notice = NewMessage(f"N{msg.queue_id}", "", T0, Content.of(b"Subject: failed\r\n\r\nx\r\n"),
+                            (Recipient(0, "a@remote.test", "a@remote.test"),))
+        await store.finish(Delivered(msg.queue_id, T0 + 3600, noticed=(0,)), [notice])
+    assert await store.counts() == {"maildrop": 2, "incoming": 2}  # the notices queued; the messages to copy
+    assert [[r.address for r in m.recipients] for m in await store.requeued_messages()] == [["later@example.test"]] * 2
+
+
 async def test_a_hold_after_a_requeue_of_an_active_message_wins(store):
     """The operator's last word: held, the message stays held after its attempt, and once released it is
     delivered as any other, not requeued then."""
