@@ -220,9 +220,15 @@ class Pickup:
 
     async def _copy(self, requeued: RequeuedMessage) -> bool:
         """One requeued message through cleanup.resubmit (its content streamed from the store, never whole in
-        memory). Raises only for a store fault."""
+        memory); one with no pending recipient left is removed instead, as Postfix's pickup removes a queue file
+        cleanup refuses for having none. Raises only for a store fault."""
         assert self._store is not None
         old = requeued.queue_id
+        if not requeued.recipients:  # each was delivered or returned (Postfix's cleanup refuses a copy of none)
+            await self._store.delete_messages([old])
+            logger.warning("pickup: requeued %s: from=<%s>: no recipients specified (each was delivered or returned);"
+                           " removed, not copied", old, requeued.sender)
+            return False
         content = await self._store.content(old)
         if content is None:  # its content row or file is damaged (logged by the store)
             await self._store.mark_corrupt([old])

@@ -328,6 +328,30 @@ async def test_old_mail_requeued_is_tried_again_for_a_whole_lifetime_not_returne
     assert "status=expired" not in log_file.read_text()
 
 
+async def test_requeued_mail_with_no_pending_recipient_left_is_removed_not_copied(busy_peer, caplog):
+    """Its recipients were all delivered (a stop came before the end of the attempt that removes it): Postfix's
+    cleanup refuses a copy without recipients and pickup removes the file (pickup.c: 'This can happen with
+    postsuper -r when a message is already delivered'). No `nrcpt=0` copy is made."""
+    mf, config, peer = busy_peer
+    await mf.store.insert(NewMessage("DONE1", "someone@remote.test", time.time(), Content((message("done"),)),
+                                     (Recipient(0, "sent@relay.test", "sent@relay.test"),), queue="hold"))
+    await mf.store._committer.write([("UPDATE recipient SET status = 'sent' WHERE message_id = ?", [("DONE1",)])])
+    copies, resubmit = [], mf._cleanup.resubmit
+
+    async def copied(requeued, sub):
+        copies.append(await resubmit(requeued, sub))
+        return copies[-1]
+    mf._cleanup.resubmit = copied
+    rc, out, err = await queue(config, "requeue", "ALL")
+    assert (rc, out) == (0, "requeue: 1 message\n"), err
+
+    async def empty() -> bool:
+        return await mf.store.counts() == {}
+    await eventually(empty, timeout=5, what="the requeued message removed")
+    assert copies == [] and peer.messages == []
+    assert "pickup: requeued DONE1: from=<someone@remote.test>: no recipients specified" in caplog.text
+
+
 @pytest.mark.parametrize("held_first", [False, True], ids=["active", "held-while-active"])
 async def test_an_active_message_requeued_is_copied_once_its_attempt_is_over(busy_peer, held_first):
     """Postfix's postsuper -r moves an active queue file too, racing the delivery under way. mailflow marks the
