@@ -53,7 +53,6 @@ from mailflow.admin.access import who
 from mailflow.config import flat_settings
 from mailflow.errors import detached
 from mailflow.logs import MailLog
-from mailflow.maildrop import REQUEUED, wake_pickup
 from mailflow.metrics import Metrics
 from mailflow.syntax import FILE_TABLE_TYPES, table_type
 
@@ -244,7 +243,7 @@ def readiness(server) -> str:
 
 def routes(server, metrics: Metrics) -> web.RouteTableDef:
     """`server`: the running Mailflow (read at each request: `config`, `clock`, `store`, `qmgr`, `smtpd`,
-    `smtp_addresses`, `mail_log`); a requeue wakes its pickup through its socket (`config.queue_path`)."""
+    `smtp_addresses`, `mail_log`, and `pickup`, which a requeue wakes)."""
     table = web.RouteTableDef()
 
     def store():
@@ -350,8 +349,8 @@ def routes(server, metrics: Metrics) -> web.RouteTableDef:
         selection = _selection(body, required=name in REQUIRES_SELECTION)
         done, missed = await qt.apply(store(), action, selection, server.clock.time(), io.StringIO(),
                                       log=server.mail_log or MailLog())  # (before the stages: no observers yet)
-        if done and action.wakes_pickup:
-            wake_pickup(server.config.queue_path / "public" / "pickup", REQUEUED)
+        if done and action.wakes_pickup and server.pickup is not None:  # (None before the stages: its start scans)
+            server.pickup.wake(requeued=True)  # (in this process: no datagram to its own socket)
         log.info("admin: %s: %s %s: %s%s", who(request), name, describe(selection), qt.plural(done, "message"),
                  f" (not in the {qt.either(action.sources)} queue: {', '.join(missed)})" if missed else "")
         return web.json_response({"action": name, "messages": done, "missed": missed})
