@@ -89,9 +89,12 @@ class Pickup:
                  interval: float = DEFAULTS.sendmail.pickup_interval,
                  bounce_size_limit: int = DEFAULTS.queue.bounce_size_limit, size_limit: int = 0,
                  milters: NonSmtpdMilters | None = None, store: Store | None = None,
-                 in_hand: Callable[[str], bool] = lambda queue_id: False):
+                 in_hand: Callable[[str], bool] | None = None):
         """`milters`: non_smtpd_milters (None: none); `store`: the queue whose requeued mail it copies (None:
-        none); `in_hand`: whether qmgr still has a message (its attempt under way), which is not copied yet."""
+        none); `in_hand` (required with a store: TypeError): whether qmgr still has a message (its attempt under
+        way), which is not copied yet."""
+        if store is not None and in_hand is None:  # (a default of "never" would copy mail under delivery)
+            raise TypeError("Pickup: a store needs in_hand, qmgr's word on the messages it has in hand")
         self.maildrop = Path(queue_directory) / "maildrop"
         self.corrupt = Path(queue_directory) / "corrupt"
         self.socket_path = Path(queue_directory) / "public" / "pickup"
@@ -103,7 +106,7 @@ class Pickup:
         self._size_limit = size_limit
         self._milters = milters
         self._store = store
-        self._in_hand = in_hand
+        self._in_hand = in_hand or (lambda queue_id: False)  # (no store: no requeued mail to ask about)
         self._requeues_waiting = False  # requeued mail waits for the end of an attempt: scan again soon
         self._store_due = True  # the next scan looks at the store's requeued mail too
         self._wanted = asyncio.Event()

@@ -14,8 +14,10 @@ import textwrap
 
 import pytest
 
+from mailflow.clock import SystemClock
 from mailflow.content import Content
 from mailflow.model import ClientAttributes, Delivered, Outcome, RcptResult, Recipient
+from mailflow.stages.pickup import Pickup
 from mailflow.store import NewMessage, Store, requeue, schema
 from tests.support import big_message
 from tests.support.content import spooled
@@ -309,3 +311,10 @@ async def test_a_queue_of_schema_8_takes_requeued_mail_after_its_migration(tmp_p
         assert db.execute("SELECT arrival, created FROM message").fetchall() == [(T0, T0)]
         assert db.execute("SELECT name FROM sqlite_master WHERE tbl_name = 'message' AND type = 'index'"
                           " AND name = 'message_due'").fetchall() == [("message_due",)]
+
+
+async def test_a_pickup_given_the_store_must_be_told_what_qmgr_has_in_hand(store, tmp_path):
+    """No default of "nothing in hand" once it copies requeued mail: it would copy a message under delivery."""
+    with pytest.raises(TypeError, match="in_hand"):
+        Pickup(tmp_path, cleanup=None, myhostname="h.test", clock=SystemClock(), store=store)
+    Pickup(tmp_path, cleanup=None, myhostname="h.test", clock=SystemClock(), store=store, in_hand=lambda qid: False)
