@@ -248,8 +248,8 @@ def action_command(name: str, help_text: str, required: bool):
 
 def queue_shape(config: Optional[str] = ConfigOption,
                 queue: str = typer.Option("incoming,active", "--queue", metavar="Q[,Q…]",
-                                          help="queues to count, like qshape's (default incoming,active; deferred, "
-                                               "hold, corrupt; all)"),
+                                          help="queues to count, like qshape's (default incoming,active; maildrop, "
+                                               "deferred, hold, corrupt; all)"),
                 top: Optional[int] = typer.Option(None, "--top", "-n", min=0,
                                                   help="how many domains to show (0: all; default, as qshape: "
                                                        "20 on a terminal, else all)"),

@@ -75,6 +75,13 @@ def test_sendmail_help_prints_the_usage_and_exits_0():
     assert "no recipients" not in result.stdout + result.stderr
 
 
+def test_queue_shape_help_names_every_queue_it_counts():
+    """maildrop (requeued mail waiting for pickup) too, as Postfix's qshape takes it."""
+    result = mailflow("queue", "shape", "--help")
+    assert result.returncode == 0, result.stderr
+    assert all(name in result.stdout for name in ("maildrop", "incoming", "active", "deferred", "hold", "corrupt"))
+
+
 def test_check_config_names_file_key_and_reason_without_traceback(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[queue]\nminimal_backoff_time = "soon"\n')
