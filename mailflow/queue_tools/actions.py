@@ -2,10 +2,11 @@
 
 - `ACTIONS` (hold, release, requeue, delete, flush): which queues each applies to and the Store method that
   does it; requeue (to the maildrop queue) leaves the server's pickup work, so its callers wake pickup
-  (mailflow.maildrop.wake_pickup), as sendmail does.
+  (the command line: mailflow.maildrop.wake_pickup, as sendmail does; the admin API: Pickup.wake).
 - `apply(store, action, selection, now, err, log=)` walks the selection in chunks of CHUNK ids, one store
   transaction each (the store bumps the generation counter in it, so a running qmgr rescans), with progress
-  on stderr (`Progress`) past PROGRESS_OVER messages. It returns how many messages it took and the explicitly
+  on stderr (`Progress`) past PROGRESS_OVER messages; without named ids it takes only the messages there when it
+  starts (no id past the largest then: pickup's copies of requeued mail get new, larger ids). It returns how many messages it took and the explicitly
   named ids that were not in one of its queues; a store error propagates (chunks already done stay done).
   With `log` (a MailLog: the server's for the admin API, `logs.tool_mail_log` for the command line) it writes
   what postsuper logs: a line for each message a chunk took (`QID: removed`…; none for a bare `ALL`, as
@@ -85,13 +86,15 @@ async def _walk(store, action: Action, selection: Selection, now: float, err: IO
     sources = selection.within(action.sources)
     if not sources:  # e.g. `release ALL deferred`: release takes held mail only
         return 0, list(selection.ids or ())
+    through = None  # (named ids: those only)
     if selection.ids is not None:
         total = len(selection.ids)
-    else:
+    else:  # the messages there as it starts: pickup's copies of those it requeues get new, larger ids
+        through = await store.last_message_id()
         total = await store.count_messages(queues=sources, **selection.filters(now))
     progress = Progress(err, action.name, total) if total > progress_over else None
     done, seen = 0, set()
-    async for ids in pages(store, sources, selection, now, ids_only=True, size=chunk):
+    async for ids in pages(store, sources, selection, now, ids_only=True, size=chunk, through=through):
         await (change(ids, now) if action.needs_now else change(ids))
         done += len(ids)
         if each is not None:

@@ -150,8 +150,9 @@ def parse_queues(value: str) -> tuple[str, ...]:
 
 
 async def pages(store, queues: Sequence[str], selection: Selection, now: float, *, ids_only: bool,
-                size: int = CHUNK) -> AsyncIterator[list]:
-    """The selected messages in id order, a page at a time: MessageRows, or ids when `ids_only`."""
+                size: int = CHUNK, through: str | None = None) -> AsyncIterator[list]:
+    """The selected messages in id order, a page at a time: MessageRows, or ids when `ids_only`; with `through`,
+    none with a larger id."""
     fetch = store.message_ids if ids_only else store.message_page
     filters = selection.filters(now)
     if selection.ids is not None:
@@ -164,6 +165,8 @@ async def pages(store, queues: Sequence[str], selection: Selection, now: float, 
     after = ""
     while True:
         page = await fetch(queues=queues, after=after, limit=size, **filters)
+        if through is not None:
+            page = [row for row in page if (row if ids_only else row.queue_id) <= through]
         if not page:
             return
         yield page

@@ -10,7 +10,7 @@ bumps the generation counter, so a running qmgr notices within a second. Only `s
 `OperatorQueries` is a part of `Store` (mailflow/store/daemon.py), which supplies its connections.
 - Reads, as frozen rows with named fields: `message_page` (MessageRow), `message_detail` (MessageDetail),
   `recipients_of` (RecipientRow), `shape_counts` (ShapeCount), `destination_rows` (DestinationRow); and
-  `message_ids`, `count_messages`. A message or recipient row whose values are not of their kind (edited by hand:
+  `message_ids`, `count_messages`, `last_message_id`. A message or recipient row whose values are not of their kind (edited by hand:
   `arrival = 'x'`, a negative size, an unknown status) comes with stand-in values and `damage` saying what is
   wrong (store/damage.py), so that one bad row does not stop a listing; the tools warn about it.
 - Changes: `hold_messages`, `release_messages`, `requeue_messages` (to the maildrop queue, for the server's
@@ -129,6 +129,12 @@ class OperatorQueries:
     async def message_ids(self, **selection) -> list[QueueId]:
         """The ids of `message_page(**selection)`."""
         return [row.queue_id for row in await self.message_page(**selection)]
+
+    async def last_message_id(self) -> QueueId:
+        """The largest queue id in the queue now ('' when empty): a mass change walks no further, so the messages
+        made meanwhile (ids are time-ordered), such as pickup's copies of requeued mail, are not taken."""
+        [(last,)] = await self._reader.fetchall("SELECT max(id) FROM message")
+        return last or ""
 
     async def count_messages(self, *, queues: Sequence[str], sender: str | None = None,
                              rcpt_domain: str | None = None, arrived_before: float | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import math
 import re
 import sqlite3
@@ -14,6 +15,7 @@ import textwrap
 
 import pytest
 
+from mailflow import queue_tools as qt
 from mailflow.clock import SystemClock
 from mailflow.content import Content
 from mailflow.model import ClientAttributes, Delivered, Outcome, RcptResult, Recipient
@@ -318,3 +320,20 @@ async def test_a_pickup_given_the_store_must_be_told_what_qmgr_has_in_hand(store
     with pytest.raises(TypeError, match="in_hand"):
         Pickup(tmp_path, cleanup=None, myhostname="h.test", clock=SystemClock(), store=store)
     Pickup(tmp_path, cleanup=None, myhostname="h.test", clock=SystemClock(), store=store, in_hand=lambda qid: False)
+
+
+async def test_requeue_all_takes_the_messages_there_as_it_starts_not_the_copies_made_meanwhile(store):
+    """pickup copies requeued mail under new, larger ids while a long `requeue ALL` walks the queue in id order:
+    the walk stops at the largest id of its start, so no copy is requeued (and copied) again."""
+    for i in range(5):
+        await store.insert(new(f"A{i}"))
+    requeue_messages, copies = store.requeue_messages, iter(range(100))
+
+    async def requeued_then_copied(ids, now):  # (as a running server's pickup would, between two chunks)
+        await requeue_messages(ids, now)
+        for old in await store.requeued_messages():
+            copy = copy_of(old.queue_id, f"B{next(copies):02}", await store.content(old.queue_id), old.recipients)
+            await store.replace_requeued(old.queue_id, copy)
+    store.requeue_messages = requeued_then_copied
+    done, _ = await qt.apply(store, qt.ACTIONS["requeue"], qt.Selection(), T0, io.StringIO(), chunk=2)
+    assert done == 5 and sorted(await store.message_ids(queues=["incoming"])) == [f"B{i:02}" for i in range(5)]
