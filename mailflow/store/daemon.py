@@ -483,7 +483,7 @@ def _queued_message(row: Sequence, recipients, owed, nrcpt: int, damage: str = "
     return QueuedMessage(qid, sender, arrival, size, bool(utf8), body_type, attempts, tuple(recipients),
                          envid=envid, ret=ret, warned=bool(warned), owed=tuple(owed), content_filter=content_filter,
                          client_attributes=ClientAttributes(*row[13:]), from_logged=bool(from_logged), nrcpt=nrcpt,
-                         damage=damage, created=created)
+                         damage=damage, created=None if created == arrival else created)  # (None: the arrival)
 
 
 def _alternate(first: list, second: list) -> list:
