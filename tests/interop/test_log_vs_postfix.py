@@ -26,6 +26,9 @@ field, each time's value masked but its form kept (Postfix's format_tv).
 A sixth test has a scripted milter discard or quarantine at MAIL, RCPT and the end of the message: smtpd's and
 cleanup's `milter-discard` / `milter-hold` lines word for word, and pflogsumm's held and discarded counts.
 
+Two more requeue mail (postsuper -r, `mailflow queue requeue`): the old id's and the copy's lines, and a message
+older than its queue lifetime is tried again and deferred, not returned (the copy's lifetime starts anew).
+
 Compared by the first: pflogsumm's totals (received, delivered, deferred, bounced, rejected, held, discarded) and its
 deferral, bounce, reject, hold, discard, warning, fatal and panic sections; fail2ban's matched lines in every mode
 of the stock `postfix` filter; the lines of smtp and cleanup. Not compared:
@@ -406,6 +409,57 @@ async def test_requeued_mail_is_logged_under_a_new_queue_id_as_postfix_logs_it(m
     assert "postsuper: requeued" in pf_lines[0] and not [line for line in pf_lines[0] if "removed" in line]
     assert pf_lines[1][:3] == ["pickup: uid=N from=<s@sender.test> orig_id=OLD", "cleanup: message-id=<ID>",
                                "qmgr: from=<s@sender.test>, size=N, nrcpt=1 (queue active)"]
+
+
+async def test_old_mail_requeued_is_deferred_again_not_returned_as_postfix_resets_its_lifetime(
+        mailflow_server, mail_log, write_config, tmp_path):
+    """postsuper -r resets the expiration schedule (Postfix HISTORY 20060313: cleanup writes the copy a new
+    create_time, which qmgr's queue lifetime counts from): a deferred message older than maximal_queue_lifetime
+    (4 s here), requeued, is tried again and deferred, not returned (`status=expired, returned to sender`); the
+    copy's lines are the same for both servers."""
+    peer = await ScriptedPeer({"RCPT": peer_rcpt}).start()
+    transports = f"inline:{{relay.test=smtp:[127.0.0.1]:{peer.port}}}"
+    slow = {"maximal_queue_lifetime": "4s", "bounce_queue_lifetime": "4s", "queue_run_delay": "1h",
+            "minimal_backoff_time": "1h", "maximal_backoff_time": "1h"}
+    deferred = "to=<def@relay.test>"
+    try:
+        async with postfix_instance({
+            "myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "mydestination": "", "relay_domains": "relay.test",
+            "transport_maps": transports, "notify_classes": "", "delay_warning_time": "0", **slow,
+        }) as pf:
+            await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)
+            started = len(pf.maillog)
+            await message(pf.port, ["def@relay.test"], "old")
+            await eventually(lambda: b'"queue_name": "deferred"' in pf.run("postqueue", "-j").stdout, timeout=10)
+            [old] = re.findall(r": ([0-9A-F]+): client=", pf.maillog[started:])
+            await asyncio.sleep(5)  # older than its lifetime now
+            assert pf.run("postsuper", "-r", old).returncode == 0
+            assert pf.run("postkick", "public", "pickup", "W").returncode == 0
+            await eventually(lambda: pf.maillog[started:].count(deferred) == 2, timeout=10)
+            await asyncio.sleep(0.5)  # (an expiry would be logged right after the attempt's line)
+            pf_log = pf.maillog[started:]
+            pf_lines = requeued_lines(pf_log, old)
+        settings = dict(myhostname=MF_HOST, mydestination=[], relay_domains=["relay.test"],
+                        transport_maps=[transports], smtp={"tls_security_level": "none"}, queue=slow)
+        mf = await mailflow_server(**settings)
+        config = write_config(tmp_path / "mailflow.toml", log={"file": str(mail_log)}, **settings)
+        await message(mf.smtp_addresses[0][1], ["def@relay.test"], "old")
+        await eventually(lambda: deferred in mail_log.read_text(), timeout=10)
+        [old] = re.findall(r": ([0-9A-F]+): client=", mail_log.read_text())
+        await asyncio.sleep(5)
+        rc, out = await run_tool(sys.executable, "-m", "mailflow", "queue", "requeue", old, "-c", str(config))
+        assert rc == 0, out
+        await eventually(lambda: mail_log.read_text().count(deferred) == 2, timeout=10)
+        await asyncio.sleep(0.5)
+        await mf.stop()
+        mf_log = mail_log.read_text()
+        mf_lines = requeued_lines(mf_log, old)
+    finally:
+        await peer.stop()
+    assert "status=expired" not in pf_log and "status=expired" not in mf_log, (pf_log, mf_log)
+    assert mf_lines[1] == pf_lines[1]
+    [result] = [line for line in pf_lines[1] if "status=" in line]  # the copy: tried once, deferred, kept
+    assert "status=deferred" in result, pf_lines[1]
 
 
 # ---------------------------------------------------------------------------------------------- the queue id
