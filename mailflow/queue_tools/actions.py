@@ -6,8 +6,9 @@
 - `apply(store, action, selection, now, err, log=)` walks the selection in chunks of CHUNK ids, one store
   transaction each (the store bumps the generation counter in it, so a running qmgr rescans), with progress
   on stderr (`Progress`) past PROGRESS_OVER messages; without named ids it takes only the messages there when it
-  starts (no id past the largest then: pickup's copies of requeued mail get new, larger ids). It returns how many messages it took and the explicitly
-  named ids that were not in one of its queues; a store error propagates (chunks already done stay done).
+  starts (no id past the largest then: pickup's copies of requeued mail get new, larger ids). It returns how many
+  messages it took and the explicitly named ids that were not in one of its queues; a store error propagates
+  (chunks already done stay done).
   With `log` (a MailLog: the server's for the admin API, `logs.tool_mail_log` for the command line) it writes
   what postsuper logs: a line for each message a chunk took (`QID: removed`…; none for a bare `ALL`, as
   postsuper's mass operations), then the summary (`Deleted: N messages`…; none when a store error stops it,

@@ -63,8 +63,8 @@ CLIENT_COLUMNS = ("client_name", "client_address", "client_port", "helo_name", "
 
 
 # The columns a new message row is written with, in the order of `insert_ops`'s values.
-_INSERT_COLUMNS = ("id", "queue", "sender", "arrival", "created", "next_attempt", "size", "smtputf8", "body_type", "client",
-                   "envid", "ret", "filter", "from_logged", *CLIENT_COLUMNS)
+_INSERT_COLUMNS = ("id", "queue", "sender", "arrival", "created", "next_attempt", "size", "smtputf8", "body_type",
+                   "client", "envid", "ret", "filter", "from_logged", *CLIENT_COLUMNS)
 _INSERT_MESSAGE = (f"INSERT INTO message ({', '.join(_INSERT_COLUMNS)})"
                    f" VALUES ({', '.join('?' * len(_INSERT_COLUMNS))})")
 

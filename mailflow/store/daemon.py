@@ -40,8 +40,8 @@ Contract
   `finish`) may linger: on an idle committer they wait up to engine.LINGER (2 ms) for new mail to share
   their commit, so a stop in that window repeats the delivery (never loses the mail).
 - `recover()` at start-up moves messages left `active` by a crash back to `incoming` (to `maildrop` when an
-  operator requeued them while active and they owe no notice: requeue.py): start-up is recovery (a message whose recipients are all done is
-  finished by qmgr's next scan).
+  operator requeued them while active and they owe no notice: requeue.py): start-up is recovery (a message whose
+  recipients are all done is finished by qmgr's next scan).
 - `sweep()` (at server start, before anything is received) removes temporary spool files and content files
   whose row is gone: what a crash between a commit and an unlink left behind.
 - `maintain()` gives free pages back and truncates the WAL after a burst.

@@ -10,9 +10,10 @@ bumps the generation counter, so a running qmgr notices within a second. Only `s
 `OperatorQueries` is a part of `Store` (mailflow/store/daemon.py), which supplies its connections.
 - Reads, as frozen rows with named fields: `message_page` (MessageRow), `message_detail` (MessageDetail),
   `recipients_of` (RecipientRow), `shape_counts` (ShapeCount), `destination_rows` (DestinationRow); and
-  `message_ids`, `count_messages`, `last_message_id`. A message or recipient row whose values are not of their kind (edited by hand:
-  `arrival = 'x'`, a negative size, an unknown status) comes with stand-in values and `damage` saying what is
-  wrong (store/damage.py), so that one bad row does not stop a listing; the tools warn about it.
+  `message_ids`, `count_messages`, `last_message_id`. A message or recipient row whose values are not of their
+  kind (edited by hand: `arrival = 'x'`, a negative size, an unknown status) comes with stand-in values and
+  `damage` saying what is wrong (store/damage.py), so that one bad row does not stop a listing; the tools warn
+  about it.
 - Changes: `hold_messages`, `release_messages`, `requeue_messages` (to the maildrop queue, for the server's
   pickup: requeue.py; an active message when its attempt ends), `flush_messages` (also counts a flush
   request, which qmgr reads with `flush_requests`), `delete_messages` (content files go after the commit).
