@@ -1,7 +1,7 @@
 """The DSN parameters (RFC 3461) as smtpd takes them: what Postfix takes, and no more."""
 import pytest
 
-from mailflow.stages.smtpd.dsn import DsnError, envid, notify, orcpt, uxtext_decode, xtext_decode
+from mailflow.dsn_parameters import DsnError, envid, notify, orcpt, uxtext_decode, xtext_decode
 
 
 def test_a_notify_word_given_twice_counts_once_and_empty_items_are_skipped():

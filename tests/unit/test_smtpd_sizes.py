@@ -4,7 +4,7 @@ import pytest
 
 from mailflow import status
 from mailflow.stages.smtpd.data import bdat_arguments
-from mailflow.stages.smtpd.transaction import mail_parameters
+from mailflow.smtp_parameters import mail_parameters
 from mailflow.syntax import OFF_T_MAX, parse_octet_count
 
 

@@ -7,8 +7,8 @@ What it owns
   (the address as Postfix's extract_addr judges it, before the parameters: a required part of the handler, taken
   when the session is made), its parameters (`mail_parameters`:
   SIZE, BODY, SMTPUTF8, AUTH= (RFC 4954: accepted, not trusted; kept as the message's sasl_sender, as Postfix
-  keeps it), RET and ENVID (RFC 3461, checked by dsn.py)), the sender-login check, then the handler's
-  `handle_MAIL`.
+  keeps it), RET and ENVID (RFC 3461): the words read by mailflow.smtp_parameters), the sender-login check,
+  then the handler's `handle_MAIL`.
 - `smtp_RCPT`: `RCPT TO:<address> [NOTIFY=… ORCPT=…]`: once its usage is right, the client's recipient rate
   (client_recipient_rate_limit, as MAIL's: so a RCPT refused later counts too, as in Postfix), the recipient
   limit, then the handler's `handle_RCPT` (the restriction lists). The DSN parameters of each accepted
@@ -34,87 +34,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from mailflow import address, status
-from mailflow.logs import printable
-from mailflow.stages.smtpd import dsn
+from mailflow.smtp_parameters import mail_parameters, rcpt_parameters
 from mailflow.stages.smtpd.secure import SecureCommands
 from mailflow.stages.smtpd.state import NULL_SENDER
-from mailflow.syntax import ascii_upper, parse_octet_count
-
-
-DSN_CHECKS: dict[str, tuple[Callable[[str], str], status.Reply]] = {
-    "RET": (dsn.ret, status.BAD_RET), "ENVID": (dsn.envid, status.BAD_ENVID),
-    "NOTIFY": (dsn.notify, status.BAD_NOTIFY), "ORCPT": (dsn.orcpt, status.BAD_ORCPT)}
-
-
-def _take_dsn(found: dict[str, str], key: str, value: str) -> status.Reply | None:
-    """One RFC 3461 parameter's checked value into `found`; Postfix's refusal when it is malformed or repeated."""
-    check, refusal = DSN_CHECKS[key]
-    if key in found:
-        return refusal
-    try:
-        found[key] = check(value)
-    except dsn.DsnError:
-        return refusal
-    return None
-
-
-def mail_parameters(words: list[str], size_limit: int | None) -> tuple[list[str], str, str, str] | status.Reply:
-    """(options for the handler, RET, ENVID, AUTH) of MAIL's parameter words, or the refusal. The words are taken
-    in the order given and the first bad one answers, as in Postfix's mail_cmd; the declared SIZE (the last one
-    given) is compared with the limit after them all, as Postfix's smtpd_check_size. Options are upper case:
-    `BODY=8BITMIME`, `SIZE=n`, `SMTPUTF8`. AUTH is the AUTH= value as given (printable; "" for `<>` or none),
-    which Postfix keeps as the message's sasl_sender."""
-    options: dict[str, str] = {}  # by keyword: the option as the handler gets it
-    found: dict[str, str] = {}  # RET and ENVID
-    auth = ""
-    declared = 0  # the last SIZE= given
-    for word in words:
-        key, eq, value = word.partition("=")
-        key = ascii_upper(key)
-        if key == "SMTPUTF8" and not eq:
-            options[key] = key
-        elif key == "BODY" and ascii_upper(value) in ("7BIT", "8BITMIME"):
-            options[key] = f"BODY={ascii_upper(value)}"
-        elif key == "SIZE" and eq:
-            size = _declared_size(value)
-            if isinstance(size, status.Reply):
-                return size
-            declared, options[key] = size, f"SIZE={size}"
-        elif key == "AUTH" and eq:  # RFC 4954 section 5: accepted from anyone, trusted from no one
-            if auth:  # Postfix refuses a second AUTH= once one named a sender (one after AUTH=<> is taken)
-                return status.MULTIPLE_AUTH
-            auth = "" if value == "<>" else printable(value)
-        elif key in ("RET", "ENVID") and eq:
-            refusal = _take_dsn(found, key, value)
-            if refusal is not None:
-                return refusal
-        else:
-            return status.unsupported_option(word)
-    if size_limit and declared > size_limit:
-        return status.SIZE_EXCEEDS_LIMIT
-    return list(options.values()), found.get("RET", ""), found.get("ENVID", ""), auth
-
-
-def _declared_size(value: str) -> int | status.Reply:
-    try:
-        size = parse_octet_count(value)
-    except ValueError:
-        return status.BAD_SIZE_SYNTAX
-    return status.SIZE_OVERFLOW if size is None else size
-
-
-def rcpt_parameters(words: list[str]) -> tuple[str, str] | status.Reply:
-    """(NOTIFY, ORCPT) of RCPT's parameter words, or the refusal of the first bad one (Postfix's rcpt_cmd)."""
-    found: dict[str, str] = {}
-    for word in words:
-        key, eq, value = word.partition("=")
-        key = ascii_upper(key)
-        if key not in ("NOTIFY", "ORCPT") or not eq:
-            return status.unsupported_option(word)
-        refusal = _take_dsn(found, key, value)
-        if refusal is not None:
-            return refusal
-    return found.get("NOTIFY", ""), found.get("ORCPT", "")
+from mailflow.syntax import ascii_upper
 
 
 class TransactionCommands(SecureCommands):

@@ -1,10 +1,8 @@
 """RFC 3461 DSN parameters on MAIL (RET, ENVID) and RCPT (NOTIFY, ORCPT): each value checked as Postfix's smtpd
-checks it (mail_cmd, rcpt_cmd), and carried to cleanup.
-
-The session takes each `KEY=value` word in the order given (transaction.py: the first bad word answers, and a
-parameter given twice is refused as malformed); the values are checked here: `ret`, `envid`, `notify`, `orcpt`.
-It keeps them on its transaction (state.Transaction: `dsn_ret`, `dsn_envid`, and one `(notify, orcpt)` per
-accepted recipient in `rcpt_dsn`), which carries them to cleanup in the model Envelope.
+checks it (mail_cmd, rcpt_cmd). A leaf: smtpd and `sendmail -bs` read the words with mailflow.smtp_parameters
+(the first bad word answers, and a parameter given twice is refused as malformed), which checks the values
+here: `ret`, `envid`, `notify`, `orcpt`; the maildrop checks what a file holds with `is_notify_value` and
+`is_orcpt_value` (the values these functions return, nothing else).
 
 What Postfix takes, and so what is taken here: xtext with `+hh` in either case and any other character as itself
 (`xtext_decode`, Postfix's xtext_unquote; the decoded value ends at a NUL, as Postfix's C string does); RFC 6533's
@@ -13,7 +11,7 @@ between commas; an ENVID of any length, printable US-ASCII once decoded (RFC 346
 goes into notices' headers); an ORCPT of any non-empty type (kept only when the type is an RFC 3461 atom: the
 value reaches next hops and notices).
 
-Failure behaviour: a malformed value raises `DsnError`; the session answers it with Postfix's reply for that
+Failure behaviour: a malformed value raises `DsnError`; smtp_parameters answers it with Postfix's reply for that
 parameter (`status.BAD_RET`, `BAD_ENVID`, `BAD_NOTIFY`, `BAD_ORCPT`). Nothing here does I/O.
 """
 from __future__ import annotations
@@ -107,3 +105,18 @@ def orcpt(value: str) -> str:
         raise DsnError("ORCPT must be addr-type;xtext")
     addr = uxtext_decode(encoded) if ascii_upper(addr_type) == "UTF-8" else xtext_decode(encoded)
     return f"{addr_type.lower()};{addr}" if addr and _ADDR_TYPE.match(addr_type) else ""
+
+
+def is_notify_value(value: str) -> bool:
+    """`value` is what `notify` returns, or "" (none given)."""
+    words = value.split(",") if value else []
+    return words == ["NEVER"] or (len(set(words)) == len(words) and all(w in NOTIFY_WORDS for w in words))
+
+
+def is_orcpt_value(value: str) -> bool:
+    """`value` is what `orcpt` returns: "" or `type;address`, the type an RFC 3461 atom in lower case and the
+    address non-empty, without a NUL."""
+    if not value:
+        return True
+    addr_type, semi, addr = value.partition(";")
+    return bool(semi and addr and "\0" not in addr and _ADDR_TYPE.match(addr_type) and addr_type == addr_type.lower())

@@ -1,0 +1,99 @@
+"""MAIL's and RCPT's parameter words (RFC 5321 4.1.1.2, 4.1.1.3), taken as Postfix's smtpd takes them: one
+implementation for smtpd (stages/smtpd/transaction.py) and `sendmail -bs` (sendmail/stdio_smtp.py), which
+imports it without loading smtpd (a -bs run is one process per message: it must start fast).
+
+    mail_parameters(words, size_limit) -> (options, RET, ENVID, AUTH) | status.Reply
+    rcpt_parameters(words) -> (NOTIFY, ORCPT) | status.Reply
+
+MAIL takes SIZE, BODY=7BIT|8BITMIME, SMTPUTF8, AUTH= (RFC 4954: accepted, not trusted) and the RFC 3461 RET and
+ENVID; RCPT takes NOTIFY and ORCPT. Each DSN value is checked by mailflow.dsn_parameters.
+
+Failure behaviour: nothing raises for a client's input; the first bad word answers, in the order given, as in
+Postfix's mail_cmd and rcpt_cmd: an unknown parameter `555 5.5.4 Unsupported option`; a malformed or repeated
+DSN parameter 501 5.5.4 in Postfix's words (`status.BAD_RET`, `BAD_ENVID`, `BAD_NOTIFY`, `BAD_ORCPT`); a bad
+SIZE 501 5.5.4, one past OFF_T_MAX 552 5.3.4, one over the size limit 552 5.3.4 once all are taken; a second
+AUTH= after one that named a sender 503 5.5.4.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from mailflow import dsn_parameters as dsn, status
+from mailflow.logs import printable
+from mailflow.syntax import ascii_upper, parse_octet_count
+
+
+DSN_CHECKS: dict[str, tuple[Callable[[str], str], status.Reply]] = {
+    "RET": (dsn.ret, status.BAD_RET), "ENVID": (dsn.envid, status.BAD_ENVID),
+    "NOTIFY": (dsn.notify, status.BAD_NOTIFY), "ORCPT": (dsn.orcpt, status.BAD_ORCPT)}
+
+
+def _take_dsn(found: dict[str, str], key: str, value: str) -> status.Reply | None:
+    """One RFC 3461 parameter's checked value into `found`; Postfix's refusal when it is malformed or repeated."""
+    check, refusal = DSN_CHECKS[key]
+    if key in found:
+        return refusal
+    try:
+        found[key] = check(value)
+    except dsn.DsnError:
+        return refusal
+    return None
+
+
+def mail_parameters(words: list[str], size_limit: int | None) -> tuple[list[str], str, str, str] | status.Reply:
+    """(options for the handler, RET, ENVID, AUTH) of MAIL's parameter words, or the refusal. The words are taken
+    in the order given and the first bad one answers, as in Postfix's mail_cmd; the declared SIZE (the last one
+    given) is compared with the limit after them all, as Postfix's smtpd_check_size. Options are upper case:
+    `BODY=8BITMIME`, `SIZE=n`, `SMTPUTF8`. AUTH is the AUTH= value as given (printable; "" for `<>` or none),
+    which Postfix keeps as the message's sasl_sender."""
+    options: dict[str, str] = {}  # by keyword: the option as the handler gets it
+    found: dict[str, str] = {}  # RET and ENVID
+    auth = ""
+    declared = 0  # the last SIZE= given
+    for word in words:
+        key, eq, value = word.partition("=")
+        key = ascii_upper(key)
+        if key == "SMTPUTF8" and not eq:
+            options[key] = key
+        elif key == "BODY" and ascii_upper(value) in ("7BIT", "8BITMIME"):
+            options[key] = f"BODY={ascii_upper(value)}"
+        elif key == "SIZE" and eq:
+            size = _declared_size(value)
+            if isinstance(size, status.Reply):
+                return size
+            declared, options[key] = size, f"SIZE={size}"
+        elif key == "AUTH" and eq:  # RFC 4954 section 5: accepted from anyone, trusted from no one
+            if auth:  # Postfix refuses a second AUTH= once one named a sender (one after AUTH=<> is taken)
+                return status.MULTIPLE_AUTH
+            auth = "" if value == "<>" else printable(value)
+        elif key in ("RET", "ENVID") and eq:
+            refusal = _take_dsn(found, key, value)
+            if refusal is not None:
+                return refusal
+        else:
+            return status.unsupported_option(word)
+    if size_limit and declared > size_limit:
+        return status.SIZE_EXCEEDS_LIMIT
+    return list(options.values()), found.get("RET", ""), found.get("ENVID", ""), auth
+
+
+def _declared_size(value: str) -> int | status.Reply:
+    try:
+        size = parse_octet_count(value)
+    except ValueError:
+        return status.BAD_SIZE_SYNTAX
+    return status.SIZE_OVERFLOW if size is None else size
+
+
+def rcpt_parameters(words: list[str]) -> tuple[str, str] | status.Reply:
+    """(NOTIFY, ORCPT) of RCPT's parameter words, or the refusal of the first bad one (Postfix's rcpt_cmd)."""
+    found: dict[str, str] = {}
+    for word in words:
+        key, eq, value = word.partition("=")
+        key = ascii_upper(key)
+        if key not in ("NOTIFY", "ORCPT") or not eq:
+            return status.unsupported_option(word)
+        refusal = _take_dsn(found, key, value)
+        if refusal is not None:
+            return refusal
+    return found.get("NOTIFY", ""), found.get("ORCPT", "")
