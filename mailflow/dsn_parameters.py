@@ -108,9 +108,10 @@ def orcpt(value: str) -> str:
 
 
 def is_notify_value(value: str) -> bool:
-    """`value` is what `notify` returns, or "" (none given)."""
+    """`value` is "" (none given), NEVER or an upper-case comma list of SUCCESS, FAILURE, DELAY (what `notify`
+    returns; a word may be repeated, as sendmail's -N once wrote it)."""
     words = value.split(",") if value else []
-    return words == ["NEVER"] or (len(set(words)) == len(words) and all(w in NOTIFY_WORDS for w in words))
+    return words == ["NEVER"] or all(w in NOTIFY_WORDS for w in words)
 
 
 def is_orcpt_value(value: str) -> bool:

@@ -9,6 +9,12 @@ The first line is one JSON object (UTF-8) with `version` (1), `sender` ("" is th
 (at least one), `uid` and `user` (who submitted it), `fullname` (for the From header cleanup may add), `time`,
 `notify` (RFC 3461 NOTIFY for every recipient, "" when not given), `ret`, `envid`, `body_type`, `size` (the
 byte count of what follows, so a truncated file is caught) and `flags` (a list of words; none are defined yet).
+`sendmail -bs` adds what its RCPT commands gave, one item per recipient, in their order: `rcpt_notify` (NOTIFY,
+"" for none: it overrides `notify`) and `rcpt_orcpt` (ORCPT as `type;address`, "" for none); each key only when
+some recipient has a value, so other files are as before.
+
+Compatibility: the version stays 1 while keys are only added and optional: a reader takes the keys it knows and
+ignores the others (an older pickup delivers a -bs file without its per-recipient DSN, as if none was given).
 
 - `MaildropMessage`: the envelope, the content's `size` and (once read back) its `offset` in the file, as a
   frozen value. The content itself is never held whole: it is written from, and read back as, chunks.
@@ -23,9 +29,9 @@ byte count of what follows, so a truncated file is caught) and `flags` (a list o
   created or written; 75 EX_TEMPFAIL for anything else, such as a full disk); a failed write leaves no file.
 - `read_maildrop(path) -> MaildropMessage`: validates the envelope line and that exactly `size` bytes follow
   (without reading them); raises `CorruptMaildrop(reason)` for anything that is not a complete, well-formed
-  file (pickup moves such a file aside; `notify`, `ret`, `envid` and `body_type` must be values sendmail's -N,
-  -R, -V and -B can give), never blocks on a FIFO nor fails otherwise on a hostile envelope line
-  (JSON nested too deep is corrupt too); OSError when the file cannot be opened. The file's owner is returned
+  file (pickup moves such a file aside; `notify`, `ret`, `envid`, `body_type`, `rcpt_notify` and `rcpt_orcpt`
+  must be values sendmail's -N, -R, -V and -B or -bs's MAIL and RCPT can give), never blocks on a FIFO nor
+  fails otherwise on a hostile envelope line (JSON nested too deep is corrupt too); OSError when the file cannot be opened. The file's owner is returned
   as `owner_uid`; pickup trusts it over the `uid` the file claims. `maildrop_content(path, message)` is the
   content as a mailflow.content.Content.
 - `maildrop_names(directory)`: the finished files, oldest first (temporary names start with ".").
@@ -50,7 +56,8 @@ from pathlib import Path
 from typing import Iterable
 
 from mailflow.content import Content, FilePart
-from mailflow.syntax import ENVID_MAX, is_printable_ascii
+from mailflow.dsn_parameters import is_notify_value, is_orcpt_value
+from mailflow.syntax import is_printable_ascii
 
 VERSION = 1
 FILE_MODE = 0o600
@@ -86,16 +93,29 @@ class MaildropMessage:
     ret: str = ""
     envid: str = ""
     body_type: str = ""
+    rcpt_notify: tuple[str, ...] = ()  # per recipient (-bs's RCPT NOTIFY=): () when none was given
+    rcpt_orcpt: tuple[str, ...] = ()  # per recipient (-bs's RCPT ORCPT=): () when none was given
     flags: tuple[str, ...] = ()
     size: int = 0  # bytes of content (set when written)
     offset: int = field(default=0, compare=False)  # where the content starts in the file (set by read_maildrop)
     owner_uid: int | None = field(default=None, compare=False)  # set by read_maildrop from the file itself
 
     def header(self) -> dict:
-        return {"version": VERSION, "sender": self.sender, "recipients": list(self.recipients), "uid": self.uid,
-                "user": self.user, "fullname": self.fullname, "time": self.time, "notify": self.notify,
-                "ret": self.ret, "envid": self.envid, "body_type": self.body_type, "size": self.size,
-                "flags": list(self.flags)}
+        header = {"version": VERSION, "sender": self.sender, "recipients": list(self.recipients), "uid": self.uid,
+                  "user": self.user, "fullname": self.fullname, "time": self.time, "notify": self.notify,
+                  "ret": self.ret, "envid": self.envid, "body_type": self.body_type, "size": self.size,
+                  "flags": list(self.flags)}
+        for key in ("rcpt_notify", "rcpt_orcpt"):
+            values = getattr(self, key)
+            if any(values):
+                header[key] = list(values)
+        return header
+
+    def recipient_notify(self) -> tuple[str, ...]:
+        """NOTIFY per recipient: what RCPT gave, else -N's for all; () when neither."""
+        if any(self.rcpt_notify):
+            return self.rcpt_notify
+        return (self.notify,) * len(self.recipients) if self.notify else ()
 
 
 def envelope_line(message: MaildropMessage, width: int = 0) -> bytes:
@@ -221,6 +241,9 @@ def _message(header: object, available: int, offset: int, owner: int) -> Maildro
             _expect(header, key, kind)
             optional[key] = header[key]
     _check_dsn_fields(optional)
+    for key, check in (("rcpt_notify", is_notify_value), ("rcpt_orcpt", is_orcpt_value)):
+        if key in header:
+            optional[key] = _per_recipient(header, key, check, len(recipients))
     flags = header.get("flags", [])
     if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
         raise CorruptMaildrop("flags: must be a list of words")
@@ -230,19 +253,27 @@ def _message(header: object, available: int, offset: int, owner: int) -> Maildro
 
 
 def _check_dsn_fields(fields: dict) -> None:
-    """The values sendmail's -N, -R, -V and -B can give, nothing else: they reach the queue and the DSN notices
-    (an ENVID with a line break would be a header of its own there)."""
+    """The values sendmail's -N, -R, -V and -B or -bs's MAIL can give, nothing else: they reach the queue and the
+    DSN notices (an ENVID with a line break would be a header of its own there). An ENVID may be longer than -V
+    takes (100 characters, RFC 3461's bound): Postfix's smtpd, and so -bs, takes one of any length."""
     notify = fields.get("notify", "")
-    words = notify.split(",") if notify else []
-    if not (words == ["NEVER"] or all(w in ("SUCCESS", "FAILURE", "DELAY") for w in words)):
+    if not is_notify_value(notify):
         raise CorruptMaildrop(f"notify: {notify[:80]!r} is no RFC 3461 NOTIFY value")
     if fields.get("ret", "") not in ("", "FULL", "HDRS"):
         raise CorruptMaildrop("ret: must be FULL or HDRS")
-    envid = fields.get("envid", "")
-    if len(envid) > ENVID_MAX or not is_printable_ascii(envid):  # (what sendmail -V takes)
+    if not is_printable_ascii(fields.get("envid", "")):
         raise CorruptMaildrop("envid: not an RFC 3461 ENVID")
     if fields.get("body_type", "") not in ("", "7BIT", "8BITMIME"):
         raise CorruptMaildrop("body_type: must be 7BIT or 8BITMIME")
+
+
+def _per_recipient(header: dict, key: str, check, count: int) -> tuple[str, ...]:
+    """A list of one value per recipient, each passing `check`."""
+    values = header[key]
+    if not isinstance(values, list) or len(values) != count or not all(isinstance(v, str) and check(v)
+                                                                       for v in values):
+        raise CorruptMaildrop(f"{key}: must be one RFC 3461 value per recipient")
+    return tuple(values)
 
 
 def _expect(header: dict, key: str, kind) -> None:

@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 from mailflow.config import Config
 from mailflow.maildrop import MaildropError, MaildropMessage, wake_pickup, write_maildrop
@@ -41,12 +41,15 @@ class Submitter:
         return (f"user {self.identity.login} (uid {self.identity.uid}) may not use the sender address "
                 f"<{sender}> (local_login_sender_maps)")
 
-    def store(self, sender: str, recipients: list[str], chunks: Iterable[bytes], opts: Options) -> str:
-        """Write the message (streamed from `chunks`) into the maildrop and wake pickup. Raises MaildropError
-        (EX_DATAERR when it is bigger than message_size_limit)."""
+    def store(self, sender: str, recipients: list[str], chunks: Iterable[bytes], opts: Options,
+              rcpt_dsn: Sequence[tuple[str, str]] = ()) -> str:
+        """Write the message (streamed from `chunks`) into the maildrop and wake pickup. `rcpt_dsn`: one
+        (NOTIFY, ORCPT) per recipient (-bs's RCPT parameters; () for none). Raises MaildropError (EX_DATAERR when
+        it is bigger than message_size_limit)."""
         message = MaildropMessage(sender=sender, recipients=tuple(recipients), uid=self.identity.uid,
                                   user=self.identity.login, fullname=self.fullname, time=time.time(),
                                   notify=opts.notify, ret=opts.ret, envid=opts.envid,
+                                  rcpt_notify=tuple(n for n, _ in rcpt_dsn), rcpt_orcpt=tuple(o for _, o in rcpt_dsn),
                                   body_type=opts.body_type)  # "" = 8BITMIME if a byte is not ASCII
         queue = self.config.queue_path
         problem = queue_problem(queue)

@@ -355,9 +355,9 @@ class Pickup:
             raise CorruptMaildrop(f"owner uid {owner} differs from the submitting uid {message.uid} it claims")
 
     def _submission(self, m: MaildropMessage, content: Content) -> Submission:
-        notify = (m.notify,) * len(m.recipients) if m.notify else ()
         envelope = Envelope(m.sender, m.recipients, smtputf8=not all(a.isascii() for a in (m.sender, *m.recipients)),
-                            body_type=m.body_type, notify=notify, envid=m.envid, ret=m.ret)
+                            body_type=m.body_type, notify=m.recipient_notify(), orcpts=m.rcpt_orcpt, envid=m.envid,
+                            ret=m.ret)
         client = ClientInfo(addr="127.0.0.1", helo=self._myhostname, protocol="local", hostname="localhost")
         return Submission(envelope, content, client, submitter=LocalUser(m.uid, m.user, m.fullname))
 
@@ -385,8 +385,10 @@ class Pickup:
         the next scan."""
         logger.warning("pickup: maildrop/%s: from=<%s>: refused: %s %s", name, m.sender, error.dsn, error.reason)
         now = self._clock.time()
-        failed = [NoticeRecipient(Recipient(i, r, r, m.notify), "failed", error.dsn, error.text, last_attempt=now)
-                  for i, r in enumerate(m.recipients)]
+        notify = m.recipient_notify() or ("",) * len(m.recipients)
+        orcpts = m.rcpt_orcpt or ("",) * len(m.recipients)
+        failed = [NoticeRecipient(Recipient(i, r, r, notify[i], orcpts[i]), "failed", error.dsn, error.text,
+                                  last_attempt=now) for i, r in enumerate(m.recipients)]
         failed = [nr for nr in failed if wants_notice(nr.recipient, "failure")]
         if not m.sender or not failed:
             logger.warning("pickup: maildrop/%s: null sender or NOTIFY=NEVER: dropped without notice", name)

@@ -18,7 +18,7 @@ from mailflow.maildrop import (CorruptMaildrop, MaildropError, MaildropMessage, 
 from mailflow.sendmail import (LINE_PIECE, UsageError, header_recipients, may_submit, may_use_sender, parse_args,
                                read_message, split_input, without_bcc)
 from mailflow.sendmail import identity
-from tests.support import big_message, eventually, maildir_messages
+from tests.support import big_message, eventually, maildir_messages, queue_becomes
 
 MESSAGE = MaildropMessage(sender="alice@local.test", recipients=("bob@local.test",), uid=1000, user="alice",
                           fullname="Alice A", time=1.5, notify="SUCCESS,FAILURE", ret="HDRS", envid="e1",
@@ -42,6 +42,19 @@ def test_written_file_reads_back_equal_with_private_modes(tmp_path):
     back = read_maildrop(directory / name)
     assert back == dataclasses.replace(MESSAGE, size=len(CONTENT)) and back.owner_uid == os.getuid()
     assert maildrop_content(directory / name, back).to_bytes() == CONTENT
+
+
+def test_per_recipient_dsn_reads_back_and_is_written_only_when_given(tmp_path):
+    """-bs's RCPT NOTIFY and ORCPT, one per recipient, and an ENVID longer than -V takes (Postfix's smtpd takes
+    any length): read back as written; a file without them has no such keys, as before."""
+    message = dataclasses.replace(MESSAGE, recipients=("bob@local.test", "carol@local.test"), envid="e" * 150,
+                                  rcpt_notify=("SUCCESS,DELAY", ""), rcpt_orcpt=("", "utf-8;\u00e9t\u00e9@x.test"))
+    back = read_maildrop(tmp_path / drop(tmp_path, message))
+    assert back == dataclasses.replace(message, size=len(CONTENT))
+    assert back.recipient_notify() == ("SUCCESS,DELAY", "")
+    assert dataclasses.replace(MESSAGE, recipients=("a@x", "b@x")).recipient_notify() == ("SUCCESS,FAILURE",) * 2
+    plain = (tmp_path / drop(tmp_path)).read_bytes().split(b"\n", 1)[0]
+    assert b"rcpt_notify" not in plain and b"rcpt_orcpt" not in plain
 
 
 def test_content_is_streamed_in_and_its_body_type_found_at_the_end(tmp_path):
@@ -86,6 +99,16 @@ def test_names_sort_in_submission_order(tmp_path):
      b'"notify": "SUCCESS,SOMETIMES"}\n', "notify"),
     (b'{"version": 1, "sender": "a@b", "recipients": ["c@d"], "uid": 1, "user": "a", "size": 0, "ret": "ALL"}\n',
      "ret"),
+    (b'{"version": 1, "sender": "a@b", "recipients": ["c@d"], "uid": 1, "user": "a", "size": 0, '
+     b'"rcpt_notify": ["SUCCESS", "NEVER"]}\n', "rcpt_notify"),  # one per recipient
+    (b'{"version": 1, "sender": "a@b", "recipients": ["c@d"], "uid": 1, "user": "a", "size": 0, '
+     b'"rcpt_notify": ["NEVER,SUCCESS"]}\n', "rcpt_notify"),
+    (b'{"version": 1, "sender": "a@b", "recipients": ["c@d"], "uid": 1, "user": "a", "size": 0, '
+     b'"rcpt_orcpt": ["c@d"]}\n', "rcpt_orcpt"),  # no type
+    (b'{"version": 1, "sender": "a@b", "recipients": ["c@d"], "uid": 1, "user": "a", "size": 0, '
+     b'"rcpt_orcpt": ["rfc822;"]}\n', "rcpt_orcpt"),  # no address (smtpd keeps none)
+    (b'{"version": 1, "sender": "a@b", "recipients": ["c@d"], "uid": 1, "user": "a", "size": 0, '
+     b'"rcpt_orcpt": "rfc822;c@d"}\n', "rcpt_orcpt"),
     (b'{"version": 1, "sender": "a@b", "recipients": ["c@d"], "uid": 1, "user": "a", "size": 0, '
      b'"body_type": "BINARYMIME"}\n', "body_type"),
 ])
@@ -426,6 +449,21 @@ async def test_a_file_over_the_size_limit_is_returned_unread_and_a_big_one_under
                                         sender="alice@local.test")  # not the notice, maybe still there
     content = await mf.store.content(row.queue_id)
     assert not content.in_memory and content.to_bytes().endswith(data.split(b"\r\n\r\n", 1)[1])
+
+
+async def test_per_recipient_notify_and_orcpt_travel_with_the_message(mailflow_server, tmp_path):
+    """What -bs's RCPT commands gave reaches the queue per recipient: bob's success notice goes to the sender
+    (alice), naming bob's ORCPT as its Original-Recipient; alice, the other recipient, asked for none."""
+    mf = await mailflow_server()
+    _drop(mf, recipients=("bob@local.test", "alice@local.test"), envid="B" * 120,
+          rcpt_notify=("SUCCESS", "NEVER"), rcpt_orcpt=("rfc822;first@x.test", ""))
+    mf.pickup.wake()
+    alice = tmp_path / "mail" / "alice" / "Maildir"
+    await eventually(lambda: len(maildir_messages(alice)) == 2, timeout=5)  # the message and bob's notice
+    [notice] = [m for m in maildir_messages(alice) if b"Action: delivered" in m]
+    assert b"Final-Recipient: rfc822; bob@local.test\nOriginal-Recipient: rfc822;first@x.test\n" in notice
+    assert b"rfc822;alice@local.test" not in notice and b"Original-Envelope-Id: " + b"B" * 120 in notice
+    await queue_becomes(mf.store, {})  # and no other notice
 
 
 async def test_notify_and_envid_travel_with_the_message(mailflow_server, tmp_path):
