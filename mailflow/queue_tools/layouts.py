@@ -274,6 +274,8 @@ def write_show(out: IO[str], detail: MessageDetail, recipients: Sequence[Recipie
         lines.append(f"recipient:      {printable(r.address)}")
         if r.original and r.original != r.address:
             lines.append(f"  original:     {printable(r.original)}")
+        if r.notify or r.orcpt:  # (as postcat's notify_flags and dsn_orig_rcpt)
+            lines.append(f"  dsn:          notify={r.notify or '-'} orcpt={printable(r.orcpt) or '-'}")
         lines.append(f"  status:       {r.status}{' ' + r.dsn if r.dsn else ''}")
         if r.reason:
             lines.append(f"  reason:       {printable(r.reason)}")

@@ -66,6 +66,8 @@ class RecipientRow:
     dsn: str  # last enhanced status code
     reason: str  # last diagnostic
     damage: str = ""  # what is wrong with the row's values; "" when sound
+    notify: str = ""  # RFC 3461 NOTIFY as given ("" none)
+    orcpt: str = ""  # RFC 3461 ORCPT as `type;address` ("" none)
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ class DestinationRow:
 # Columns in the order of the rows' fields.
 _MESSAGE_ROW = "id, queue, size, arrival, sender, next_attempt, attempts"
 _MESSAGE_DETAIL = f"{_MESSAGE_ROW}, client, envid, ret, smtputf8, body_type, warned"
-_RECIPIENT_ROW = "address, original, status, dsn, reason"
+_RECIPIENT_ROW = "address, original, status, dsn, reason, notify, orcpt"
 # ... and the kind of each (store/damage.py).
 _MESSAGE_COLUMNS = (("id", "text"), ("queue", "queue"), ("size", "size"), ("arrival", "time"), ("sender", "text"),
                     ("next_attempt", "time"), ("attempts", "count"))
@@ -103,7 +105,7 @@ _MESSAGE_KINDS = Columns(*_MESSAGE_COLUMNS)
 _DETAIL_KINDS = Columns(*_MESSAGE_COLUMNS, ("client", "text"), ("envid", "text"), ("ret", "text"),
                         ("smtputf8", "flag"), ("body_type", "text"), ("warned", "flag"))
 _RECIPIENT_KINDS = Columns(("address", "text"), ("original", "text"), ("status", "status"), ("dsn", "text"),
-                           ("reason", "text"))
+                           ("reason", "text"), ("notify", "text"), ("orcpt", "text"))
 _DESTINATION_ROW = "transport, nexthop, window, in_flight, queued, failures, dead_until, reason, updated"
 # The domain after the LAST '@' (rtrim drops every character but '@' from the right), lower-cased.
 _RCPT_DOMAIN = "lower(rtrim(replace({a}, rtrim({a}, replace({a}, '@', '')), ''), '.'))"
@@ -154,8 +156,9 @@ class OperatorQueries:
                 f"SELECT message_id, {_RECIPIENT_ROW} FROM recipient"
                 f" WHERE message_id IN ({marks(len(chunk))}){only} ORDER BY message_id, idx", tuple(chunk))
             for qid, *fields in rows:
-                (address, original, status, dsn, reason), damage = checked(fields, _RECIPIENT_KINDS)
-                out.setdefault(qid, []).append(RecipientRow(address, original, status, dsn, reason, damage))
+                (address, original, status, dsn, reason, notify, orcpt), damage = checked(fields, _RECIPIENT_KINDS)
+                out.setdefault(qid, []).append(RecipientRow(address, original, status, dsn, reason, damage, notify,
+                                                            orcpt))
         return out
 
     async def message_detail(self, queue_id: QueueId) -> MessageDetail | None:

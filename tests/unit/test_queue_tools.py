@@ -2,6 +2,7 @@
 real queue file with no server: chunked changes, pages, domain extraction, qshape's age buckets."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import time
 
@@ -248,6 +249,21 @@ def test_show_text_sections(utc):
     assert "\nbody\n" not in show_text(detail(), [], b"A: 1\r\n\r\nbody\r\n", True, T0)
 
 
+def test_show_names_a_recipients_dsn_parameters_as_postcat_does(utc):
+    """NOTIFY and ORCPT per recipient (postcat's notify_flags and dsn_orig_rcpt), in text and JSON."""
+    given = dataclasses.replace(rcpt("bob@x"), notify="SUCCESS,DELAY", orcpt="utf-8;\u00e9\x1b@x")
+    text = show_text(detail(), [given, rcpt("carol@x")], b"A: 1\r\n\r\nbody\r\n", False, T0)
+    assert ("recipient:      bob@x\n"
+            "  dsn:          notify=SUCCESS,DELAY orcpt=utf-8;\u00e9?@x\n"
+            "  status:       pending\n"
+            "recipient:      carol@x\n"
+            "  status:       pending\n") in text
+    out = io.StringIO()
+    qt.write_show_json(out, detail(), [given], Content.of(b"A: 1\r\n\r\n"), True)
+    [shown] = json.loads(out.getvalue())["recipients"]
+    assert (shown["notify"], shown["orcpt"]) == ("SUCCESS,DELAY", "utf-8;\u00e9\x1b@x")
+
+
 def test_show_json_streams_the_body_into_valid_json():
     out = io.StringIO()
     qt.write_show_json(out, detail(), [], Content.of(b"A: 1\r\n\r\nq\"uote \\ caf\xc3\xa9\r\n"), False)
@@ -384,7 +400,8 @@ async def test_list_streams_pages_in_id_order(store, utc):
 
 async def test_the_store_answers_with_named_rows(store):
     await store.insert(NewMessage("R1", "", T0, Content.of(b"Subject: x\r\n\r\nbody\r\n"),
-                                  (Recipient(0, "a@x.test", "A@X.test"), Recipient(1, "b@y.test", "b@y.test")),
+                                  (Recipient(0, "a@x.test", "A@X.test"),
+                                   Recipient(1, "b@y.test", "b@y.test", "SUCCESS,DELAY", "rfc822;first@y.test")),
                                   smtputf8=True, body_type="8BITMIME", client="c[192.0.2.1]", envid="E1", ret="HDRS"))
     size = len(b"Subject: x\r\n\r\nbody\r\n")
     assert await store.message_page(queues=qt.QUEUES) == [MessageRow("R1", "incoming", size, T0, "", T0, 0)]
@@ -393,7 +410,9 @@ async def test_the_store_answers_with_named_rows(store):
         body_type="8BITMIME", warned=False)
     assert await store.message_detail("NONE") is None
     assert await store.recipients_of(["R1", "NONE"]) == {"R1": [RecipientRow("a@x.test", "A@X.test", "pending", "", ""),
-                                                              RecipientRow("b@y.test", "b@y.test", "pending", "", "")]}
+                                                              RecipientRow("b@y.test", "b@y.test", "pending", "", "",
+                                                                           notify="SUCCESS,DELAY",
+                                                                           orcpt="rfc822;first@y.test")]}
     assert sorted(await store.shape_counts(qt.QUEUES, T0, qt.shape_limits()), key=lambda c: c.domain) == [
         ShapeCount("x.test", 1, 1), ShapeCount("y.test", 1, 1)]
     await store.save_destinations([("smtp", "[mx.test]", 5, 1, 0, 0, 0.0, "")], T0)
