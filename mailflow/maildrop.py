@@ -31,9 +31,9 @@ ignores the others (an older pickup delivers a -bs file without its per-recipien
   (without reading them); raises `CorruptMaildrop(reason)` for anything that is not a complete, well-formed
   file (pickup moves such a file aside; `notify`, `ret`, `envid`, `body_type`, `rcpt_notify` and `rcpt_orcpt`
   must be values sendmail's -N, -R, -V and -B or -bs's MAIL and RCPT can give), never blocks on a FIFO nor
-  fails otherwise on a hostile envelope line (JSON nested too deep is corrupt too); OSError when the file cannot be opened. The file's owner is returned
-  as `owner_uid`; pickup trusts it over the `uid` the file claims. `maildrop_content(path, message)` is the
-  content as a mailflow.content.Content.
+  fails otherwise on a hostile envelope line (JSON nested too deep is corrupt too); OSError when the file cannot
+  be opened. The file's owner is returned as `owner_uid`; pickup trusts it over the `uid` the file claims.
+  `maildrop_content(path, message)` is the content as a mailflow.content.Content.
 - `maildrop_names(directory)`: the finished files, oldest first (temporary names start with ".").
 - `remove_stale_temporaries(directory, now, age=STALE_AGE) -> names`: removes the temporary files of writers that
   died (SIGKILL, a crash) and were not touched for `age` seconds (Postfix's postsuper -p purges such files).
