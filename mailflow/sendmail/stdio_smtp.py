@@ -3,14 +3,16 @@
     StdioSmtp(reader, writer, submitter, opts).run() -> 0
 
 HELO, EHLO, MAIL, RCPT, DATA, RSET, NOOP, VRFY, QUIT; each message goes to the maildrop through the Submitter.
-EHLO offers what Postfix's smtpd offers under -bs but DSN, ETRN and CHUNKING: PIPELINING, SIZE (`[smtpd]
-message_size_limit`), VRFY (unless `[smtpd] disable_vrfy_command`), ENHANCEDSTATUSCODES, 8BITMIME, SMTPUTF8.
+EHLO offers what Postfix's smtpd offers under -bs but ETRN and CHUNKING: PIPELINING, SIZE (`[smtpd]
+message_size_limit`), VRFY (unless `[smtpd] disable_vrfy_command`), ENHANCEDSTATUSCODES, 8BITMIME, DSN, SMTPUTF8.
 MAIL and RCPT take their paths as smtpd does (`address.parse_path`: without angle brackets too, a source route
-dropped) and MAIL the parameters of what is offered, checked in the order given as Postfix's smtpd checks them:
-SIZE (a malformed one `501 5.5.4`, one past the limit `552 5.3.4`), BODY=7BIT|8BITMIME (kept as the message's
-body type, as -B), SMTPUTF8 (8-bit addresses are found by pickup in any case), AUTH= (accepted, unused); any
-other parameter, the DSN ones included (DSN is not offered: the maildrop holds no per-recipient NOTIFY or ORCPT),
-is `555 5.5.4 Unsupported option`, as Postfix answers a parameter of an extension it does not offer.
+dropped) and their parameters with smtpd's own code (mailflow.smtp_parameters: in the order given, the first bad
+one answering, in Postfix's words): MAIL's SIZE (a malformed one `501 5.5.4`, one past the limit `552 5.3.4`),
+BODY=7BIT|8BITMIME (the message's body type, as -B), SMTPUTF8 (8-bit addresses are found by pickup in any case),
+AUTH= (accepted, unused), RET and ENVID (RFC 3461: the message's, in place of -R's and -V's); RCPT's NOTIFY and
+ORCPT, kept per recipient in the maildrop file (`rcpt_notify`, `rcpt_orcpt`); a malformed or repeated DSN
+parameter is `501 5.5.4 Bad RET parameter syntax` (`Error: Bad NOTIFY parameter syntax`, ...), any other
+parameter `555 5.5.4 Unsupported option`.
 STARTTLS, AUTH, XCLIENT and XFORWARD get Postfix's stand-alone smtpd's answers (502, 503, 550); a command line
 that is not UTF-8 `500 5.5.2 Error: bad UTF-8 syntax`, an empty one `500 5.5.2 Error: bad syntax`, one longer than
 `[smtpd] max_line_length` (its CRLF counted) is read to its end and answered `500 5.5.2 Error: line too long`, as
@@ -34,7 +36,8 @@ from mailflow.message import CRLF
 from mailflow.sendmail.options import Options, UsageError
 from mailflow.sendmail.reading import clean_address, clean_recipient, lone_cr_as_space, without_bcc
 from mailflow.sendmail.submitter import Submitter
-from mailflow.syntax import ascii_upper, parse_octet_count
+from mailflow.smtp_parameters import mail_parameters, rcpt_parameters
+from mailflow.syntax import ascii_upper
 
 
 class StdioSmtp:
@@ -56,7 +59,8 @@ class StdioSmtp:
     def _reset(self) -> None:
         self._sender: str | None = None
         self._recipients: list[str] = []
-        self._body_type = self._opts.body_type  # MAIL's BODY= for this message, else -B's
+        self._rcpt_dsn: list[tuple[str, str]] = []  # (NOTIFY, ORCPT) of each recipient, as RCPT gave them
+        self._message_opts = self._opts  # -B, -R and -V, or what MAIL's BODY=, RET= and ENVID= said instead
 
     def _reply(self, reply: "status.Reply | str") -> None:
         """A reply from the catalogue; plain strings only for the EHLO lines."""
@@ -114,7 +118,7 @@ class StdioSmtp:
         """EHLO's keywords, in the order of Postfix's smtpd."""
         limit = self._sub.config.smtpd.message_size_limit
         vrfy = [] if self._sub.config.smtpd.disable_vrfy_command else ["VRFY"]
-        return ["PIPELINING", f"SIZE {limit}" if limit else "SIZE", *vrfy, "ENHANCEDSTATUSCODES", "8BITMIME",
+        return ["PIPELINING", f"SIZE {limit}" if limit else "SIZE", *vrfy, "ENHANCEDSTATUSCODES", "8BITMIME", "DSN",
                 "SMTPUTF8"]
 
     def _do_MAIL(self, arg: str) -> None:
@@ -124,9 +128,10 @@ class StdioSmtp:
         if isinstance(parsed, status.Reply):
             return self._reply(parsed)
         given, words = parsed
-        body_type = mail_parameters(words, self._sub.config.smtpd.message_size_limit)
-        if isinstance(body_type, status.Reply):
-            return self._reply(body_type)
+        taken = mail_parameters(words, self._sub.config.smtpd.message_size_limit)  # (smtpd's own reading)
+        if isinstance(taken, status.Reply):
+            return self._reply(taken)
+        options, ret, envid, _ = taken  # (AUTH=: accepted, unused, as smtpd without SASL)
         try:
             sender = clean_address(given, self._sub.config.origin) if given else ""
         except UsageError:
@@ -134,7 +139,9 @@ class StdioSmtp:
         if self._sub.sender_problem(sender):
             return self._reply(status.sender_login_mismatch(sender, self._sub.identity.login))
         self._sender = sender
-        self._body_type = body_type or self._opts.body_type
+        body_type = next((option[5:] for option in options if option.startswith("BODY=")), "")
+        self._message_opts = dataclasses.replace(self._opts, body_type=body_type or self._opts.body_type,
+                                                 ret=ret or self._opts.ret, envid=envid or self._opts.envid)
         self._reply(status.SENDER_OK)
 
     def _do_RCPT(self, arg: str) -> None:
@@ -146,14 +153,16 @@ class StdioSmtp:
         given, words = parsed
         if not given:
             return self._reply(status.RECIPIENT_SYNTAX)
-        if words:  # (NOTIFY and ORCPT: DSN is not offered)
-            return self._reply(status.unsupported_option(words[0]))
+        dsn = rcpt_parameters(words)
+        if isinstance(dsn, status.Reply):
+            return self._reply(dsn)
         if len(self._recipients) >= self._sub.config.smtpd.recipient_limit:  # as Postfix's smtpd under -bs
             return self._reply(status.TOO_MANY_RECIPIENTS)
         try:
             self._recipients.append(clean_recipient(given, self._sub.config.origin))
         except UsageError:
             return self._reply(status.bad_address_syntax(given))
+        self._rcpt_dsn.append(dsn)
         self._reply(status.RCPT_OK)
 
     def _do_DATA(self, arg: str) -> None:
@@ -165,7 +174,7 @@ class StdioSmtp:
         try:
             head, rest = self._sub.split(lines)
             name = self._sub.store(self._sender, self._recipients, itertools.chain((without_bcc(head),), rest),
-                                   dataclasses.replace(self._opts, body_type=self._body_type))
+                                   self._message_opts, self._rcpt_dsn)
         except _EndOfInput:
             return  # end of input mid-message: nothing is stored
         except MaildropError as e:
@@ -272,25 +281,3 @@ def _path(arg: str, keyword: str, bad_path: status.Reply) -> tuple[str, list[str
         return bad_path
     return found, rest.split()
 
-
-def mail_parameters(words: list[str], size_limit: int) -> str | status.Reply:
-    """MAIL's parameters (those of the keywords -bs offers: SIZE, BODY, SMTPUTF8, and AUTH=) taken in the order
-    given, the first bad one answering, then the declared size against the limit, as Postfix's smtpd does: the
-    body type BODY= names ("" for none), or the refusal."""
-    body_type, declared = "", 0
-    for word in words:
-        key, eq, value = word.partition("=")
-        key = ascii_upper(key)
-        if key == "SIZE" and eq:
-            try:
-                size = parse_octet_count(value)
-            except ValueError:
-                return status.BAD_SIZE_SYNTAX
-            if size is None:
-                return status.SIZE_OVERFLOW
-            declared = size
-        elif key == "BODY" and ascii_upper(value) in ("7BIT", "8BITMIME"):
-            body_type = ascii_upper(value)
-        elif not (key == "SMTPUTF8" and not eq) and not (key == "AUTH" and eq):
-            return status.unsupported_option(word)
-    return status.SIZE_EXCEEDS_LIMIT if size_limit and declared > size_limit else body_type

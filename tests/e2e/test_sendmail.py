@@ -179,16 +179,48 @@ async def test_bs_offers_size_and_refuses_a_message_declared_too_big(cfg):
     assert b"552 5.3.4 Message size exceeds fixed limit\r\n250 2.1.0" in out
 
 
-async def test_bs_keeps_body_as_the_body_type_and_refuses_the_dsn_parameters_it_does_not_offer(cfg, tmp_path):
-    """BODY= is the message's body type, as -B (Postfix's smtpd records it as the encoding); DSN is not offered
-    under -bs (the maildrop has no per-recipient NOTIFY), so its parameters are unsupported options (RFC 5321)."""
-    script = (b"EHLO x\r\nMAIL FROM:<> RET=HDRS\r\nMAIL FROM:<> BODY=7BIT\r\nRCPT TO:<bob@local.test> NOTIFY=NEVER\r\n"
-              b"RCPT TO:<bob@local.test>\r\nDATA\r\n\r\nx\r\n.\r\nQUIT\r\n")
+async def test_bs_keeps_body_as_the_body_type_and_offers_dsn_whose_parameters_go_to_the_maildrop(cfg, tmp_path):
+    """BODY= is the message's body type, as -B (Postfix's smtpd records it as the encoding). DSN is offered, as
+    Postfix's smtpd offers it under -bs: MAIL's RET and ENVID and each recipient's NOTIFY and ORCPT are kept in
+    the maildrop file, a malformed one refused in Postfix's words, a recipient without them kept without."""
+    script = (b"EHLO x\r\nMAIL FROM:<> RET=HDRS RET=FULL\r\nMAIL FROM:<> BODY=7BIT RET=hdrs ENVID=batch+2B7\r\n"
+              b"RCPT TO:<bob@local.test> NOTIFY=SOMETIMES\r\n"
+              b"RCPT TO:<bob@local.test> NOTIFY=success,failure ORCPT=rfc822;first+40x.test\r\n"
+              b"RCPT TO:<alice@local.test>\r\nDATA\r\n\r\nx\r\n.\r\nQUIT\r\n")
     rc, out, _ = await run(cfg(), "-bs", stdin=script)
-    assert rc == 0 and b"555 5.5.4 Unsupported option: RET=HDRS\r\n250 2.1.0 Ok\r\n" \
-        b"555 5.5.4 Unsupported option: NOTIFY=NEVER\r\n250 2.1.5 Ok\r\n" in out, out
+    assert rc == 0 and b"\r\n250-8BITMIME\r\n250-DSN\r\n250 SMTPUTF8\r\n" in out, out
+    assert b"501 5.5.4 Bad RET parameter syntax\r\n250 2.1.0 Ok\r\n" \
+        b"501 5.5.4 Error: Bad NOTIFY parameter syntax\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n" in out, out
     maildrop = tmp_path / "queue" / "maildrop"
-    assert [read_maildrop(maildrop / name).body_type for name in maildrop_names(maildrop)] == ["7BIT"]
+    [stored] = [read_maildrop(maildrop / name) for name in maildrop_names(maildrop)]
+    assert (stored.body_type, stored.ret, stored.envid) == ("7BIT", "HDRS", "batch+7")
+    assert (stored.recipients, stored.rcpt_notify, stored.rcpt_orcpt) == (
+        ("bob@local.test", "alice@local.test"), ("SUCCESS,FAILURE", ""), ("rfc822;first@x.test", ""))
+
+
+async def test_bs_dsn_is_queued_and_asked_for_notices_carry_orcpt_and_envid(mailflow_server, cfg, tmp_path):
+    """NOTIFY=SUCCESS to a local mailbox: the sender gets a success notice naming the ORCPT and the ENVID, as a
+    notice for mail taken over SMTP does; the recipient still waiting shows its DSN parameters in `queue show`."""
+    mf = await mailflow_server(relayhost="[127.0.0.1]:9")  # (refused: relay.test's mail stays deferred)
+    config = cfg()
+    script = (b"EHLO x\r\nMAIL FROM:<alice@local.test> ENVID=batch+2B7 RET=HDRS\r\n"
+              b"RCPT TO:<bob@local.test> NOTIFY=SUCCESS ORCPT=rfc822;first+40x.test\r\n"
+              b"RCPT TO:<carol@relay.test> NOTIFY=FAILURE ORCPT=utf-8;\\x{E9}@x.test\r\n"
+              b"DATA\r\nSubject: dsn via -bs\r\n\r\nx\r\n.\r\nQUIT\r\n")
+    rc, out, err = await run(config, "-bs", stdin=script)
+    assert rc == 0 and b"queued as" in out, (out, err)
+    [notice] = await delivered(tmp_path, "alice")
+    assert b"Original-Envelope-Id: batch+7\n" in notice, notice
+    assert b"Final-Recipient: rfc822; bob@local.test\nOriginal-Recipient: rfc822;first@x.test\n" \
+        b"Action: delivered\n" in notice
+    assert b"carol" not in notice and b"Subject: dsn via -bs" in notice
+    [message] = await eventually(lambda: mf.store.message_page(queues=("deferred",)), timeout=10)
+    rc, shown, _ = await run(None, "queue", "show", message.queue_id, "--headers-only", "-c", str(config),
+                             program=[sys.executable, "-m", "mailflow"])
+    assert rc == 0, shown
+    assert "dsn:            envid=batch+7 ret=HDRS\n" in shown.decode()
+    assert "recipient:      carol@relay.test\n  dsn:          notify=FAILURE orcpt=utf-8;\u00e9@x.test\n" \
+        in shown.decode()
 
 
 async def test_bs_keeps_a_line_longer_than_its_read_limit_whole(cfg, tmp_path):

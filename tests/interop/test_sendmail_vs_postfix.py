@@ -10,8 +10,9 @@ reply line, the queue ids left out.
 
 Documented differences: the exit code of a refusal is 64 (EX_USAGE) for mailflow and 75 for Postfix's sendmail
 (whose fatal errors all exit EX_TEMPFAIL, usage errors too; docs/sendmail.md); `-XV` (VERP) is taken by Postfix
-and ignored with a warning by mailflow. Under -bs: EHLO without ETRN, DSN and CHUNKING, so the DSN parameters are
-unsupported options (docs/sendmail.md). Both banners are set alike (mailflow's default names mailflow).
+and ignored with a warning by mailflow. Under -bs: EHLO without ETRN and CHUNKING, and MAIL's ENVID and RET
+queued (Postfix's stand-alone smtpd checks them and queues neither; docs/sendmail.md). Both banners are set alike
+(mailflow's default names mailflow).
 """
 from __future__ import annotations
 
@@ -144,7 +145,7 @@ BS_DIALOGUE: list[str | bytes] = [
 ]
 
 
-async def bs_replies(command: list[str]) -> list[str]:
+async def bs_replies(command: list[str], dialogue: list[str | bytes]) -> list[str]:
     """Each command's reply lines from a `-bs` session (`queued as ID` without the id)."""
     proc = await asyncio.create_subprocess_exec(*command, "-bs", stdin=asyncio.subprocess.PIPE,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
@@ -160,7 +161,7 @@ async def bs_replies(command: list[str]) -> list[str]:
         return re.sub(r"queued as \w+", "queued as ID", "\n".join(lines))
 
     replies.append(await reply())  # the greeting
-    for line in BS_DIALOGUE:
+    for line in dialogue:
         proc.stdin.write((line.encode() if isinstance(line, str) else line) + b"\r\n")
         replies.append(await reply())
         if isinstance(line, str) and line.startswith("DATA"):
@@ -176,13 +177,103 @@ async def test_bs_answers_each_command_as_a_real_postfixs_smtpd_does(write_confi
                                                              "disable_vrfy_command": False}, **COMMON)
     async with postfix_instance({**COMMON, "relayhost": "[127.0.0.1]:9", "smtputf8_enable": "yes",
                                  "smtpd_banner": "$myhostname ESMTP probe"}) as pf:
-        postfix = await bs_replies(["sendmail", "-C", str(pf.etc)])
-    mailflow = await bs_replies([sys.executable, "-m", "mailflow", "sendmail", "-C", str(config)])
+        postfix = await bs_replies(["sendmail", "-C", str(pf.etc)], BS_DIALOGUE)
+    mailflow = await bs_replies([sys.executable, "-m", "mailflow", "sendmail", "-C", str(config)], BS_DIALOGUE)
     offered = [line[4:] for line in postfix[1].splitlines()]
-    assert [k for k in offered if k not in ("ETRN", "DSN", "CHUNKING")] == [k[4:] for k in mailflow[1].splitlines()]
+    assert [k for k in offered if k not in ("ETRN", "CHUNKING")] == [k[4:] for k in mailflow[1].splitlines()]
     assert mailflow[:1] + mailflow[2:] == postfix[:1] + postfix[2:]
     # what both did, so that the same change on both sides cannot pass unnoticed
     assert postfix[0] == "220 mx.origin.test ESMTP probe" and postfix[4] == "250 2.1.0 Ok"
     assert postfix[22] == "354 End data with <CR><LF>.<CR><LF>\n250 2.0.0 Ok: queued as ID"
     assert [read_maildrop(tmp_path / "queue" / "maildrop" / name).recipients
             for name in maildrop_names(tmp_path / "queue" / "maildrop")] == [("b@x.test", "c@x.test")]
+
+
+# RFC 3461 under -bs: each refusal, then a message whose DSN parameters both queue. Three sessions, each with
+# fewer errors than Postfix's smtpd_soft_error_limit (past it, each reply waits a second)
+DSN_REFUSED_AT_MAIL: list[str | bytes] = [
+    "EHLO client.test",
+    "MAIL FROM:<a@x.test> RET=FULL RET=HDRS", "MAIL FROM:<a@x.test> RET=bogus", "MAIL FROM:<a@x.test> RET=",
+    "MAIL FROM:<a@x.test> RET", "MAIL FROM:<a@x.test> ENVID=a+2", "MAIL FROM:<a@x.test> ENVID=x ENVID=y",
+    "MAIL FROM:<a@x.test> ENVID=", "MAIL FROM:<a@x.test> ENVID=a+0Ab",  # (a line feed: not printable)
+    "QUIT",
+]
+DSN_DIALOGUE: list[str | bytes] = [
+    "EHLO client.test",
+    "MAIL FROM:<a@x.test> NOTIFY=SUCCESS", "MAIL FROM:<a@x.test> RET=HDRS FOO",
+    "MAIL FROM:<a@x.test> AUTH=<u@x.test> AUTH=<v@x.test>",
+    "MAIL FROM:<a@x.test> ENVID=" + "E" * 130 + "+2Bid RET=hdrs",  # longer than -V takes, as smtpd takes it
+    "RCPT TO:<b@x.test> NOTIFY=bogus", "RCPT TO:<b@x.test> NOTIFY=NEVER,SUCCESS", "RCPT TO:<b@x.test> NOTIFY=",
+    "RCPT TO:<b@x.test> NOTIFY=SUCCESS NOTIFY=DELAY", "RCPT TO:<b@x.test> ORCPT=bogus",
+    "RCPT TO:<b@x.test> ORCPT=rfc822;a+zz", "RSET",  # (errors so far: 8)
+    "MAIL FROM:<a@x.test> ENVID=" + "E" * 130 + "+2Bid RET=hdrs",
+    "RCPT TO:<b@x.test> ORCPT=rfc822;a@x.test ORCPT=rfc822;b@x.test",
+    "RCPT TO:<b@x.test> RET=FULL", "RCPT TO:<b@x.test> NOTIFY=SUCCESS FOO",
+    "RCPT TO:<b@x.test> NOTIFY=success,,delay,success ORCPT=rfc822;orig+2Bb@x.test",
+    "RCPT TO:<c@x.test> NOTIFY=never", "RCPT TO:<d@x.test> ORCPT=UTF-8;\\x{E9}t\\x{E9}@x.test",
+    "RCPT TO:<e@x.test>",
+    "DATA\r\nSubject: dsn\r\n\r\nhi\r\n.",
+    "QUIT",
+]
+NOTIFY_FLAGS = {1: "NEVER", 2: "SUCCESS", 4: "FAILURE", 8: "DELAY"}  # Postfix's dsn_mask bits
+
+
+def postfix_rcpt_dsn(postcat: str) -> list[tuple[str, str, str]]:
+    """[(recipient, NOTIFY, ORCPT)] of a queue file as postcat shows it. An ORCPT Postfix made up from the
+    recipient itself (rfc822;<recipient>, when none was given) counts as none, as mailflow keeps none; its type
+    in lower case, as mailflow's smtpd keeps it (RFC 3461: an addr-type is case-insensitive)."""
+    recipients, notify, orcpt = [], "", ""
+    for line in postcat.splitlines():
+        name, _, value = line.partition(": ")
+        attribute, _, attr_value = value.partition("=")
+        if name == "named_attribute" and attribute == "notify_flags":
+            notify = ",".join(word for bit, word in NOTIFY_FLAGS.items() if int(attr_value) & bit)
+        elif name == "named_attribute" and attribute == "dsn_orig_rcpt":
+            addr_type, _, addr = attr_value.partition(";")
+            orcpt = f"{addr_type.lower()};{addr}"
+        elif name == "recipient":
+            recipients.append((value, notify, "" if orcpt == f"rfc822;{value}" else orcpt))
+            notify, orcpt = "", ""
+    return recipients
+
+
+def whole_queue_file(pf, queue_id: str) -> str:
+    """postcat's text of a queued message, "" when it could not read it whole."""
+    text = pf.run("postcat", "-q", queue_id).stdout.decode()
+    return text if "*** MESSAGE FILE END" in text else ""
+
+
+async def test_bs_takes_dsn_parameters_as_a_real_postfixs_smtpd_does(write_config, tmp_path):
+    """DSN under -bs: EHLO offers it, each malformed, repeated or misplaced parameter gets Postfix's reply, and
+    the message is queued with the same per-recipient NOTIFY and ORCPT as Postfix queues it. ENVID and RET differ
+    (docs/sendmail.md): Postfix's smtpd in stand-alone mode takes them and queues neither (they are written only
+    when not stand-alone, smtpd.c mail_open_stream), so its notices lose the ENVID RFC 3461 says they must carry;
+    mailflow queues both."""
+    (tmp_path / "queue").mkdir()
+    config = write_config(tmp_path / "mailflow.toml", smtpd={"listen": ["127.0.0.1:0"], "banner": "ESMTP probe"},
+                          **COMMON)
+    postfix_sendmail = ["sendmail"]
+    mailflow_sendmail = [sys.executable, "-m", "mailflow", "sendmail", "-C", str(config)]
+    async with postfix_instance({**COMMON, "relayhost": "[127.0.0.1]:9", "smtputf8_enable": "yes",
+                                 "smtpd_banner": "$myhostname ESMTP probe"}) as pf:
+        postfix_sendmail += ["-C", str(pf.etc)]
+        postfix = await bs_replies(postfix_sendmail, DSN_REFUSED_AT_MAIL)
+        postfix += await bs_replies(postfix_sendmail, DSN_DIALOGUE)
+        await eventually(lambda: postfix_queued(pf), timeout=10, step=0.2, what="queued by Postfix")
+        [queue_id] = [json.loads(line)["queue_id"] for line in pf.run("postqueue", "-j").stdout.decode().splitlines()
+                      if line.strip()]
+        postcat = await eventually(lambda: whole_queue_file(pf, queue_id), timeout=10, step=0.2,
+                                   what="postcat -q")  # (the file may be moving between queues)
+    mailflow = await bs_replies(mailflow_sendmail, DSN_REFUSED_AT_MAIL) + await bs_replies(mailflow_sendmail,
+                                                                                         DSN_DIALOGUE)
+    assert "250-DSN" in mailflow[1].splitlines()
+    assert [r for r in mailflow if "250-" not in r] == [r for r in postfix if "250-" not in r]
+    assert postfix[3:5] == ["501 5.5.4 Bad RET parameter syntax"] * 2 and postfix[-2].endswith("queued as ID")
+    maildrop = tmp_path / "queue" / "maildrop"
+    [stored] = [read_maildrop(maildrop / name) for name in maildrop_names(maildrop)]
+    assert (stored.envid, stored.ret) == ("E" * 130 + "+id", "HDRS")
+    assert "envelope_id=" not in postcat and "ret_flags=" not in postcat  # (Postfix's: see above; -V, -R write them)
+    assert "notify_flags=10" in postcat
+    assert list(zip(stored.recipients, stored.recipient_notify(), stored.rcpt_orcpt)) == postfix_rcpt_dsn(postcat) == [
+        ("b@x.test", "SUCCESS,DELAY", "rfc822;orig+b@x.test"), ("c@x.test", "NEVER", ""),
+        ("d@x.test", "", "utf-8;\u00e9t\u00e9@x.test"), ("e@x.test", "", "")]

@@ -311,6 +311,7 @@ def test_sendmail_loads_no_stage():
     through mailflow.smtp_parameters, never by loading the smtpd package (0.2-0.4 s per run)."""
     layering = Layering.read(PACKAGE)
     assert sorted(n for n in layering.reaches("mailflow.sendmail") if _under(n, ("mailflow.stages",))) == []
+    assert "mailflow.smtp_parameters" in layering.reaches("mailflow.sendmail.stdio_smtp")
 
 
 def test_every_listed_leaf_exists():
