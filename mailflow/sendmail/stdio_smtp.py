@@ -280,4 +280,3 @@ def _path(arg: str, keyword: str, bad_path: status.Reply) -> tuple[str, list[str
     except address.PathError:
         return bad_path
     return found, rest.split()
-
