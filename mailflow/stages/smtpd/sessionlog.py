@@ -99,10 +99,11 @@ class SessionLog:
         self.server_hung_up = True
 
     def ended(self) -> None:
-        client = self._client()
-        if self.connected and self.lines.active:
+        logged = self.connected and self.lines.active
+        client = self._client() if logged else ""  # (named only for a line: the name costs a few calls)
+        if logged:
             if not self.server_hung_up and "quit" not in self.counts and not self._message_ended:
                 self.lines.lost_connection(self._after(), client)
             self.lines.disconnect(client, self.counts)
-        self._client = lambda: client  # the session is over: its name stays, the session is not held
+        self._client = lambda: client  # the session is over: the session itself is no longer held
         self._content = None
