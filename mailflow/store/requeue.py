@@ -70,6 +70,8 @@ _ENVELOPE = ("id, next_attempt, sender, arrival, smtputf8, body_type, client, en
              + ", ".join(CLIENT_COLUMNS))
 # A page of the maildrop queue after a (requeued_at, id) key: a range of the (queue, next_attempt) index (the table
 # is WITHOUT ROWID, so the index holds the id too), read in its order.
+# on the partial index message_requeue: the marked messages only, not every incoming and active row
+REQUEUES_WAITING = "SELECT count(*) FROM message WHERE queue IN ('active', 'incoming') AND requeue = 1"
 REQUEUED_PAGE = (f"SELECT {_ENVELOPE} FROM message WHERE queue = 'maildrop' AND (next_attempt, id) > (?, ?)"
                  " ORDER BY next_attempt, id LIMIT ?")
 
@@ -104,8 +106,7 @@ class RequeueQueries:
         return {qid: tuple(recipients) for qid, recipients in found.items()}
 
     async def requeues_waiting(self) -> int:
-        [(n,)] = await self._reader.fetchall("SELECT count(*) FROM message WHERE queue IN ('active', 'incoming')"
-                                             " AND requeue = 1")
+        [(n,)] = await self._reader.fetchall(REQUEUES_WAITING)
         return n
 
     async def hold_requeued(self, old_id: QueueId) -> None:
