@@ -9,8 +9,8 @@ MAIL and RCPT take their paths as smtpd does (`address.parse_path`: without angl
 dropped) and their parameters with smtpd's own code (mailflow.smtp_parameters: in the order given, the first bad
 one answering, in Postfix's words): MAIL's SIZE (a malformed one `501 5.5.4`, one past the limit `552 5.3.4`),
 BODY=7BIT|8BITMIME (the message's body type, as -B), SMTPUTF8 (8-bit addresses are found by pickup in any case),
-AUTH= (accepted, unused), RET and ENVID (RFC 3461: the message's, in place of -R's and -V's); RCPT's NOTIFY and
-ORCPT, kept per recipient in the maildrop file (`rcpt_notify`, `rcpt_orcpt`); a malformed or repeated DSN
+AUTH= (accepted, unused), RET and ENVID (RFC 3461: the message's; -N, -R, -V and -B do not apply, as under
+Postfix's -bs); RCPT's NOTIFY and ORCPT, kept per recipient in the maildrop file (`rcpt_notify`, `rcpt_orcpt`); a malformed or repeated DSN
 parameter is `501 5.5.4 Bad RET parameter syntax` (`Error: Bad NOTIFY parameter syntax`, ...), any other
 parameter `555 5.5.4 Unsupported option`.
 STARTTLS, AUTH, XCLIENT and XFORWARD get Postfix's stand-alone smtpd's answers (502, 503, 550); a command line
@@ -60,7 +60,7 @@ class StdioSmtp:
         self._sender: str | None = None
         self._recipients: list[str] = []
         self._rcpt_dsn: list[tuple[str, str]] = []  # (NOTIFY, ORCPT) of each recipient, as RCPT gave them
-        self._message_opts = self._opts  # -B, -R and -V, or what MAIL's BODY=, RET= and ENVID= said instead
+        self._message_opts = self._opts  # then what MAIL's BODY=, RET= and ENVID= said (not -B, -R, -V, -N)
 
     def _reply(self, reply: "status.Reply | str") -> None:
         """A reply from the catalogue; plain strings only for the EHLO lines."""
@@ -140,8 +140,8 @@ class StdioSmtp:
             return self._reply(status.sender_login_mismatch(sender, self._sub.identity.login))
         self._sender = sender
         body_type = next((option[5:] for option in options if option.startswith("BODY=")), "")
-        self._message_opts = dataclasses.replace(self._opts, body_type=body_type or self._opts.body_type,
-                                                 ret=ret or self._opts.ret, envid=envid or self._opts.envid)
+        # the dialogue's own DSN and body type only: Postfix's smtpd under -bs takes none of -N, -R, -V, -B
+        self._message_opts = dataclasses.replace(self._opts, body_type=body_type, ret=ret, envid=envid, notify="")
         self._reply(status.SENDER_OK)
 
     def _do_RCPT(self, arg: str) -> None:

@@ -198,6 +198,19 @@ async def test_bs_keeps_body_as_the_body_type_and_offers_dsn_whose_parameters_go
         ("bob@local.test", "alice@local.test"), ("SUCCESS,FAILURE", ""), ("rfc822;first@x.test", ""))
 
 
+async def test_bs_takes_no_dsn_or_body_type_from_the_command_line(cfg, tmp_path):
+    """-N, -R, -V and -B do not apply to mail given under -bs, as Postfix's smtpd there takes none of them (its
+    queue file has no notify_flags nor ret_flags): what the dialogue says is all, per recipient."""
+    script = (b"EHLO x\r\nMAIL FROM:<>\r\nRCPT TO:<bob@local.test> NOTIFY=SUCCESS\r\nRCPT TO:<alice@local.test>\r\n"
+              b"DATA\r\n\r\nx\r\n.\r\nQUIT\r\n")
+    rc, out, _ = await run(cfg(), "-N", "never", "-R", "hdrs", "-V", "cmdline", "-B", "8BITMIME", "-bs", stdin=script)
+    assert rc == 0 and b"queued as" in out, out
+    maildrop = tmp_path / "queue" / "maildrop"
+    [stored] = [read_maildrop(maildrop / name) for name in maildrop_names(maildrop)]
+    assert (stored.notify, stored.ret, stored.envid, stored.body_type) == ("", "", "", "")
+    assert stored.rcpt_notify == ("SUCCESS", "")
+
+
 async def test_bs_dsn_is_queued_and_asked_for_notices_carry_orcpt_and_envid(mailflow_server, cfg, tmp_path):
     """NOTIFY=SUCCESS to a local mailbox: the sender gets a success notice naming the ORCPT and the ENVID, as a
     notice for mail taken over SMTP does; the recipient still waiting shows its DSN parameters in `queue show`."""
