@@ -75,10 +75,12 @@ async def smtp_peer():
 async def mailflow_server(tmp_path):
     running: list[Mailflow] = []
 
-    async def start(*, resolver=None, **overrides) -> Mailflow:
-        """`overrides` of base_settings; `resolver`: the DNS resolver (a Destinations' fake DNS, say)."""
+    async def start(*, resolver=None, session_observer=None, smtpd_policy=None, **overrides) -> Mailflow:
+        """`overrides` of base_settings; `resolver`: the DNS resolver (a Destinations' fake DNS, say);
+        `session_observer`, `smtpd_policy`: smtpd's observer and in-process policy hook (none by default)."""
         config = config_from_dict(merged(base_settings(tmp_path), overrides))
-        mf = Mailflow(config, shutdown_grace=2.0, resolver=resolver)
+        mf = Mailflow(config, shutdown_grace=2.0, resolver=resolver, session_observer=session_observer,
+                      smtpd_policy=smtpd_policy)
         await mf.start()
         running.append(mf)
         return mf

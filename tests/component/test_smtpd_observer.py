@@ -10,10 +10,8 @@ import asyncio
 import aiosmtplib
 import pytest
 
-from mailflow.app import Mailflow
-from mailflow.config import config_from_dict
 from mailflow.stages.smtpd.transcript import SessionObserver, Transcript
-from tests.support import LOOPBACK_CLIENT, base_settings, send
+from tests.support import LOOPBACK_CLIENT, send
 
 MESSAGE = b"Subject: hi\r\n\r\nhello\r\n"
 
@@ -53,19 +51,12 @@ class Policy:
 
 
 @pytest.fixture
-async def server(tmp_path):
-    running = []
-
+def server(mailflow_server):
     async def start(observer=None, policy=None, **settings):
-        config = config_from_dict({**base_settings(tmp_path), "mynetworks": ["127.0.0.0/8"], **settings})
-        mf = Mailflow(config, shutdown_grace=1.0, session_observer=observer, smtpd_policy=policy)
-        await mf.start()
-        running.append(mf)
-        return mf
+        return await mailflow_server(session_observer=observer, smtpd_policy=policy,
+                                     **{"mynetworks": ["127.0.0.0/8"], **settings})
 
-    yield start
-    for mf in running:
-        await mf.stop()
+    return start
 
 
 async def test_a_session_transcript_is_keyed_to_each_queued_message(server):

@@ -14,10 +14,9 @@ import logging
 import pytest
 
 from mailflow.app import Mailflow
-from mailflow.config import config_from_dict
 from mailflow.stages.smtpd.protocol import ProtocolCore
 from mailflow.stages.smtpd.transcript import SessionObserver, Transcript
-from tests.support import SmtpClient, base_settings, eventually, merged, sessions_over
+from tests.support import SmtpClient, eventually, merged, sessions_over
 
 
 class KeepingObserver(SessionObserver):
@@ -61,20 +60,12 @@ async def some_sessions(port: int) -> None:
 
 
 @pytest.fixture
-async def server(tmp_path):
-    running: list[Mailflow] = []
-
+def server(mailflow_server):
     async def start(observer: SessionObserver | None = None, **overrides) -> Mailflow:
-        settings = merged(base_settings(tmp_path), {"mynetworks": ["127.0.0.0/8"], "smtpd": {"timeout": "1s"}})
-        config = config_from_dict(merged(settings, overrides))
-        mf = Mailflow(config, shutdown_grace=1.0, session_observer=observer)
-        await mf.start()
-        running.append(mf)
-        return mf
+        settings = merged({"mynetworks": ["127.0.0.0/8"], "smtpd": {"timeout": "1s"}}, overrides)
+        return await mailflow_server(session_observer=observer, **settings)
 
-    yield start
-    for mf in running:
-        await mf.stop()
+    return start
 
 
 @pytest.mark.parametrize("observer", [None, KeepingObserver()], ids=["plain", "with-transcripts"])
