@@ -175,7 +175,8 @@ class Store(OperatorQueries, RequeueQueries):
         deferred until `done.next_attempt`, or removed when that is None.
 
         A message deferred here stays where an operator put it meanwhile (hold, deleted): only an `active`
-        message becomes `deferred` (`maildrop`, for pickup to copy, when an operator requeued it meanwhile).
+        message becomes `deferred` (`maildrop`, for pickup to copy, when an operator requeued it meanwhile);
+        `done.warned` is recorded wherever it is (its delay notice is queued here).
         """
         qid = done.queue_id
         if done.next_attempt is None:  # removed: what its recipient rows would have said goes with them
@@ -442,11 +443,12 @@ def _deferral_ops(done: Delivered, results: Sequence[RcptResult]) -> list[Op]:
     if done.noticed:
         ops.append(("UPDATE recipient SET notice = 0 WHERE message_id = ? AND idx = ?",
                     [(qid, i) for i in done.noticed]))
+    if done.warned:  # wherever the message is now: the notice is queued with this transaction, and goes once
+        ops.append(("UPDATE message SET warned = 1 WHERE id = ?", [(qid,)]))
     # (one an operator requeued while it was active goes to the maildrop queue now, for pickup to copy)
     ops.append(("UPDATE message SET queue = CASE WHEN requeue THEN 'maildrop' ELSE 'deferred' END, requeue = 0,"
-                " next_attempt = ?, attempts = attempts + 1, from_logged = 0, warned = max(warned, ?)"
-                " WHERE id = ? AND queue = 'active'",
-                [(done.next_attempt, int(done.warned), qid)]))
+                " next_attempt = ?, attempts = attempts + 1, from_logged = 0 WHERE id = ? AND queue = 'active'",
+                [(done.next_attempt, qid)]))
     return ops
 
 

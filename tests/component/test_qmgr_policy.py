@@ -382,6 +382,31 @@ async def test_a_hold_that_qmgr_has_not_polled_yet_still_keeps_an_expired_messag
     assert await s.store.counts() == {"hold": 1}
 
 
+async def test_a_hold_that_qmgr_has_not_polled_yet_sends_no_delay_notice_and_release_sends_just_one(sim):
+    """A message held while in delivery past delay_warning_time is not warned about at the end of that attempt
+    (qmgr had not seen the hold); after the release it is warned once. The notice went out and the flag that
+    says so was dropped (only an active message was updated), so each release warned again: the kill campaign
+    found senders with two or three delay notices for one message."""
+    s = await sim(delay_warning_time=HOUR, maximal_queue_lifetime=DAY)  # the tick never comes
+    s.smtp.release.clear()
+    s.smtp.script = lambda req, now: ((Outcome.DEFERRED, "4.4.1", "try later", True) if req.sender
+                                      else (Outcome.SENT, "2.0.0", "250 ok", True))
+    queue_id = await s.submit("a@remote.test", "one@far.test")
+    await eventually(lambda: waiting(s, "far.test") == (1, 0))
+    await s.store.hold_messages([queue_id])
+    s.clock.advance(2 * HOUR)
+    s.smtp.release.set()
+    await s.run_until(s.clock.now + 60, stop=lambda: not s.qmgr.busy and s.qmgr.active_count == 0)
+    assert notices_in(s.smtp) == [], "no notice about a held message"
+    assert await s.store.counts() == {"hold": 1}
+    for _ in range(2):  # released, delayed again: one notice in all
+        await s.store.release_messages([queue_id], s.clock.now)
+        s.qmgr.wake()
+        await s.run_until(s.clock.now + 600, stop=lambda: not s.qmgr.busy and s.qmgr.active_count == 0
+                          and len([c for c in s.smtp.calls if c[1].sender]) >= 2 + _)
+    assert [report_fields(n)[0]["Action"] for n in notices_in(s.smtp)] == ["delayed"]
+
+
 async def test_a_message_deleted_while_active_is_neither_delivered_nor_called_corrupt(sim, caplog):
     """Nor logged `removed` by qmgr: the operator's tool logs postsuper's line (and the metrics hear it once)."""
     caplog.set_level(logging.INFO, logger="mailflow.mail")

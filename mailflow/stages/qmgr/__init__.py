@@ -75,7 +75,7 @@ Failure behaviour
 - A message an operator holds or deletes while it is active: its jobs not yet started are dropped at the
   next tick (held: its recipients stay pending; deleted: nothing is recorded or logged, as the queue tool
   logged postsuper's `removed`); one in flight finishes. A held message is never expired nor warned about at
-  the end of that attempt (its lifetime is checked against the store's state first): it stays on hold until
+  the end of that attempt (when it would be, the store's state is checked first): it stays on hold until
   released.
   `mailflow queue flush` also revives dead destinations, like `postqueue -f`.
 - A record that fails is retried while the server runs (`faults.Retrier`): the results wait in memory and the
@@ -672,12 +672,12 @@ class QueueManager:
         pending = [r for r in active.attempt + last if r.outcome is Outcome.DEFERRED]
         held = active.withdrawn == "hold"  # the operator's hold wins: nothing expires, nobody is told
         expired = [] if held else _expire(pending, now - msg.lifetime_base, lifetime)
-        if expired and await self._queue_state(msg) != "active":  # held or deleted meanwhile, before a poll saw it
-            held, expired = True, []
+        warn = bool(pending and not expired and not held and q.delay_warning_time and not msg.warned
+                    and now - msg.arrival >= q.delay_warning_time)
+        if (expired or warn) and await self._queue_state(msg) != "active":  # held or deleted, before a poll saw it
+            held, expired, warn = True, [], False
         if expired:
             pending = []
-        warn = bool(pending and not held and q.delay_warning_time and not msg.warned
-                    and now - msg.arrival >= q.delay_warning_time)
         retry_at = None
         if pending:
             retry_at = next_attempt(now, msg.lifetime_base, q.minimal_backoff_time, q.maximal_backoff_time,
