@@ -1,0 +1,342 @@
+"""A bounded random-SIGKILL campaign against a real `mailflow serve` (not collected by pytest; run it by hand).
+
+    PYTHONPATH=$PWD python tests/campaigns/kill_campaign.py --kills 25 --seed 1 [--workdir DIR]
+
+Workload, each message carrying a unique token (X-Token and the envelope sender snd-TOKEN@relay.test):
+- local: alice@local.test + ok-TOKEN@relay.test (small or big, spooled);
+- alias: team@local.test, a virtual alias of bob@local.test and team-copy@relay.test;
+- mixed: ok-, soft- (450) and hard- (550) recipients at the sink: a bounce and delay notices to snd-TOKEN;
+- softonly: one soft- recipient (stays deferred; the ones `queue delete` may remove);
+- sendmail: `mailflow sendmail -f snd-TOKEN@relay.test alice@local.test ok-TOKEN@relay.test`.
+Meanwhile `queue hold/release/requeue/delete` run, and the server is SIGKILLed at random moments and restarted.
+At the end (after release ALL and a settle), per accepted token and recipient: delivered once, or bounced to
+the sender, or still queued (soft); duplicates are counted and printed with the log lines of their queue id;
+content files without a row, rows left active, and the queue tool's view are checked. Exit status 1 on a loss.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import random
+import re
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.support import (CaptureHandler, ServerProcess, base_settings, big_message, free_port,  # noqa: E402
+                           merged, send, to_toml)
+from tests.support.ports import accepts  # noqa: E402
+
+TOKEN_HEADER = re.compile(rb"^X-Token: (\w+)", re.M)
+QUEUE_ID = re.compile(rb"by mx\.mailflow\.test[^;]*?id ([0-9A-F]{16})")
+
+
+def notice_kind(head: bytes) -> str:
+    subject = re.search(rb"^Subject: (.*)", head, re.M)
+    return "delay" if subject and subject.group(1).startswith(b"Delayed Mail") else "failure"
+
+
+class SinkHandler(CaptureHandler):
+    """The relay sink: soft-* recipients get 450, hard-* get 550, everyone else is accepted; `arrivals` records
+    (time, our queue id, recipients) of each message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrivals: list[tuple[float, str, list[str], str, str]] = []  # time, queue id, rcpts, token, kind
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        local = address.split("@")[0]
+        if local.startswith("soft-"):
+            return "450 4.2.0 try again later"
+        if local.startswith("hard-"):
+            return "550 5.1.1 no such user"
+        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
+
+    async def handle_DATA(self, server, session, envelope):
+        head = envelope.original_content[:8192]
+        qid, token = QUEUE_ID.search(head), TOKEN_HEADER.search(head)
+        kind = notice_kind(head) if envelope.mail_from in ("", "<>") else "mail"
+        self.arrivals.append((time.time(), qid.group(1).decode() if qid else "?", list(envelope.rcpt_tos),
+                              token.group(1).decode() if token else "?", kind))
+        return await super().handle_DATA(server, session, envelope)
+
+
+@dataclass
+class Accepted:
+    token: str
+    kind: str
+    recipients: list[str]
+    queue_id: str = ""
+
+
+@dataclass
+class Campaign:
+    work: Path
+    rng: random.Random
+    port: int = 0
+    sink_port: int = 0
+    accepted: dict[str, Accepted] = field(default_factory=dict)
+    deleted: set[str] = field(default_factory=set)
+    refused: collections.Counter = field(default_factory=collections.Counter)
+    ops: collections.Counter = field(default_factory=collections.Counter)
+    kills: list[float] = field(default_factory=list)
+    stop: bool = False
+
+    @property
+    def config(self) -> Path:
+        return self.work / "mailflow.toml"
+
+    def write_config(self) -> None:
+        settings = merged(base_settings(self.work), {
+            "smtpd": {"listen": [f"127.0.0.1:{self.port}"]},
+            "relayhost": f"[127.0.0.1]:{self.sink_port}",
+            "virtual_alias_maps": ["inline:{ {team@local.test=bob@local.test,team-copy@relay.test} }"],
+            "queue": {"queue_run_delay": "1s", "minimal_backoff_time": "1s", "maximal_backoff_time": "2s",
+                      "delay_warning_time": "2s"},
+        })
+        self.config.write_text(to_toml(settings))
+
+    # ------------------------------------------------------------------------------------------------ workload
+    def message(self, token: str, big: bool) -> bytes:
+        head = f"Subject: campaign {token}\r\nX-Token: {token}\r\n"
+        if big:
+            return head.encode() + big_message(seed=hash(token) & 0xFFFF, long_line=False).split(b"\r\n", 1)[1]
+        return f"{head}\r\nbody {token}\r\n".encode()
+
+    def recipients(self, kind: str, token: str) -> list[str]:
+        return {
+            "local": ["alice@local.test", f"ok-{token}@relay.test"],
+            "alias": ["team@local.test"],
+            "mixed": [f"ok-{token}@relay.test", f"soft-{token}@relay.test", f"hard-{token}@relay.test"],
+            "softonly": [f"soft-{token}@relay.test"],
+        }[kind]
+
+    async def smtp_sender(self) -> None:
+        while not self.stop:
+            token = os.urandom(8).hex()
+            kind = self.rng.choice(["local", "local", "alias", "mixed", "softonly"])
+            rcpts = self.recipients(kind, token)
+            big = self.rng.random() < 0.15
+            try:
+                refused, reply = await send(self.port, f"snd-{token}@relay.test", rcpts, self.message(token, big))
+            except Exception as error:  # noqa: BLE001 - a killed server: not accepted
+                self.refused[type(error).__name__] += 1
+                await asyncio.sleep(0.05)
+                continue
+            if reply.startswith("2.0.0 Ok: queued as") and not refused:
+                self.accepted[token] = Accepted(token, kind, rcpts, reply.split()[-1])
+            await asyncio.sleep(self.rng.random() * 0.1)
+
+    async def sendmail_sender(self) -> None:
+        while not self.stop:
+            token = os.urandom(8).hex()
+            rcpts = ["alice@local.test", f"ok-{token}@relay.test"]
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "mailflow", "sendmail", "-C", str(self.config), "-f",
+                f"snd-{token}@relay.test", *rcpts, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            await proc.communicate(self.message(token, self.rng.random() < 0.1))
+            if proc.returncode == 0:
+                self.accepted[token] = Accepted(token, "sendmail", rcpts)
+            else:
+                self.refused[f"sendmail exit {proc.returncode}"] += 1
+            await asyncio.sleep(self.rng.random() * 0.3)
+
+    async def queue_tool(self, *args: str) -> int:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mailflow", "queue", *args, "-c", str(self.config),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        _, err = await proc.communicate()
+        if proc.returncode:
+            self.ops[f"queue {args[0]} exit {proc.returncode}: {err.decode()[-200:]}"] += 1
+        return proc.returncode
+
+    async def operator(self) -> None:
+        while not self.stop:
+            await asyncio.sleep(0.5 + self.rng.random() * 2)
+            op = self.rng.choice(["hold", "release", "requeue", "delete", "flush"])
+            if op == "delete":
+                soft = [a for a in self.accepted.values() if a.kind == "softonly" and a.token not in self.deleted]
+                if not soft:
+                    continue
+                victim = self.rng.choice(soft)
+                self.deleted.add(victim.token)  # before the tool runs: it may succeed and still be killed
+                await self.queue_tool("delete", victim.queue_id)
+            else:
+                await self.queue_tool(op, "ALL")
+            self.ops[op] += 1
+
+    # ---------------------------------------------------------------------------------------------- the kills
+    async def killer(self, server: ServerProcess, kills: int) -> None:
+        for n in range(kills):
+            await asyncio.sleep(0.3 + self.rng.random() * 4)
+            server.kill()
+            self.kills.append(time.time())
+            await asyncio.sleep(self.rng.random() * 0.5)
+            await server.start()
+            print(f"kill {n + 1}/{kills} at {time.strftime('%H:%M:%S')}: {len(self.accepted)} accepted", flush=True)
+
+    # ------------------------------------------------------------------------------------------------ checks
+    def local_counts(self) -> collections.Counter:
+        found: collections.Counter = collections.Counter()
+        for user in ("alice", "bob"):
+            for sub in ("new", "cur"):
+                folder = self.work / "mail" / user / "Maildir" / sub
+                for path in folder.iterdir() if folder.is_dir() else []:
+                    match = TOKEN_HEADER.search(path.read_bytes()[:4096])
+                    if match:
+                        found[(match.group(1).decode(), f"{user}@local.test")] += 1
+        return found
+
+    def rows(self) -> tuple[dict, dict, list]:
+        con = sqlite3.connect(f"file:{self.work / 'queue' / 'queue.db'}?mode=ro", uri=True, timeout=10)
+        try:
+            messages = {qid: queue for qid, queue in con.execute("SELECT id, queue FROM message")}
+            pending = collections.defaultdict(list)
+            for qid, address in con.execute("SELECT message_id, address FROM recipient WHERE status = 'pending'"):
+                pending[qid].append(address)
+            senders = con.execute("SELECT id, sender FROM message").fetchall()
+        finally:
+            con.close()
+        return messages, pending, senders
+
+
+def report(c: Campaign, sink: SinkHandler) -> int:
+    relay: collections.Counter = collections.Counter()
+    notices: collections.Counter = collections.Counter()
+    for msg in sink.messages:
+        match = TOKEN_HEADER.search(msg.content[:8192])
+        if msg.mail_from in ("", "<>"):
+            kind = notice_kind(msg.content[:8192])
+            for rcpt in msg.rcpt_tos:
+                notices[(rcpt.split("@")[0].removeprefix("snd-"), kind)] += 1
+            continue
+        for rcpt in msg.rcpt_tos:
+            relay[(match.group(1).decode() if match else "?", rcpt)] += 1
+    local = c.local_counts()
+    messages, pending, senders = c.rows()
+    queued_tokens = collections.defaultdict(list)
+    for qid, sender in senders:
+        if sender.startswith("snd-"):
+            queued_tokens[sender.split("@")[0].removeprefix("snd-")].append(qid)
+    losses, duplicates = [], []
+    for token, acc in c.accepted.items():
+        expected = ["bob@local.test", "team-copy@relay.test"] if acc.kind == "alias" else acc.recipients
+        for rcpt in expected:
+            got = (local if rcpt.endswith("@local.test") else relay)[(token, rcpt)]
+            if rcpt == "team-copy@relay.test":
+                got = relay[(token, rcpt)]
+            if got > 1:
+                duplicates.append((token, rcpt, got, queued_tokens.get(token) or acc.queue_id))
+            if got:
+                continue
+            if rcpt.startswith("hard-") and notices[(token, "failure")]:
+                continue
+            still = any(rcpt in pending.get(qid, ()) for qid in queued_tokens.get(token, ()))
+            if still or token in c.deleted:
+                continue
+            losses.append((token, acc.kind, rcpt, acc.queue_id))
+    for (token, kind), n in notices.items():
+        if n > 1:
+            duplicates.append((token, f"{kind} notice", n, queued_tokens.get(token)))
+    content = c.work / "queue" / "content"
+    orphans = [p.name for p in content.iterdir() if p.name not in messages] if content.is_dir() else []
+    states = collections.Counter(messages.values())
+    print(f"accepted {len(c.accepted)} ({collections.Counter(a.kind for a in c.accepted.values())}); "
+          f"deleted {len(c.deleted)}; refused while down {dict(c.refused)}")
+    print(f"operator ops {dict(c.ops)}")
+    print(f"relay deliveries {sum(relay.values())}, local {sum(local.values())}, notices {dict(collections.Counter(k for _, k in notices.elements()))}")
+    print(f"queue at the end {dict(states)}; orphan content files {orphans}")
+    print(f"LOSSES {len(losses)}: {losses[:20]}")
+    print(f"DUPLICATES {len(duplicates)}:")
+    for dup in duplicates:
+        print("   ", dup, explain(c, sink, dup))
+    return 1 if losses or orphans or states.get("active") or states.get("incoming") else 0
+
+
+def explain(c: Campaign, sink: SinkHandler, duplicate: tuple) -> str:
+    """Whether a duplicate is in the window SMTP allows: its first copy reached the sink (or the Maildir) at most a
+    second before a kill and the log records only the later delivery (the first one's result was never written).
+    Different queue ids for one notice kind mean the notice itself was made twice: not that window."""
+    token, rcpt = duplicate[0], duplicate[1]
+    if rcpt.endswith("@local.test"):
+        user = rcpt.split("@")[0]
+        times = sorted(p.stat().st_mtime for sub in ("new", "cur")
+                       for p in (c.work / "mail" / user / "Maildir" / sub).iterdir()
+                       if f"X-Token: {token}".encode() in p.read_bytes()[:4096])
+        qids: set[str] = set()
+    elif "notice" in rcpt:
+        kind = rcpt.split()[0]
+        hits = [(t, q) for t, q, _, tok, k in sink.arrivals if k == kind and f"snd-{token}@relay.test" in _]
+        times, qids = sorted(t for t, _ in hits), {q for _, q in hits}
+    else:
+        hits = [(t, q) for t, q, rcpts, tok, _ in sink.arrivals if tok == token and rcpt in rcpts]
+        times, qids = sorted(t for t, _ in hits), {q for _, q in hits}
+    kills = [k for k in c.kills if times and times[0] - 1.0 <= k <= times[-1]]
+    verdict = "window" if kills and len(qids) <= 1 else "NOT THE WINDOW"
+    return (f"{verdict}: queue ids {sorted(qids)}, copies at {[round(t % 1000, 2) for t in times]}, "
+            f"kills {[round(k % 1000, 2) for k in kills]}")
+
+
+async def settle(c: Campaign, server: ServerProcess, sink: SinkHandler, timeout: float) -> None:
+    """Release everything, then wait until nothing but soft-deferred mail is left and the counts stop moving."""
+    await c.queue_tool("release", "ALL")
+    last, still_since = None, time.monotonic()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        await asyncio.sleep(1)
+        messages, pending, _ = c.rows()
+        only_soft = all(all(a.startswith("soft-") for a in pending.get(q, ())) for q in messages)
+        now = (len(sink.messages), sum(c.local_counts().values()), len(messages))
+        if now != last:
+            last, still_since = now, time.monotonic()
+        elif only_soft and time.monotonic() - still_since > 4:
+            return
+    print("settle: timed out", flush=True)
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--kills", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--workdir")
+    args = parser.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="mailflow-kills-"))
+    print(f"work directory {work}", flush=True)
+    handler = SinkHandler()
+    sink = await asyncio.get_running_loop().create_server(
+        lambda: AiosmtpdSMTP(handler, hostname="sink.test"), "127.0.0.1", 0)
+    c = Campaign(work, random.Random(args.seed), port=free_port(), sink_port=sink.sockets[0].getsockname()[1])
+    c.write_config()
+    server = ServerProcess(c.config, work / "server.log", c.port, cwd=work)
+    await server.start()
+    workers = [asyncio.create_task(w) for w in (c.smtp_sender(), c.smtp_sender(), c.smtp_sender(),
+                                                c.sendmail_sender(), c.operator())]
+    try:
+        await c.killer(server, args.kills)
+    finally:
+        c.stop = True
+        await asyncio.gather(*workers, return_exceptions=True)
+    server.kill()  # one more crash, then a clean start and a settle
+    await server.start()
+    await settle(c, server, handler, timeout=90)
+    await server.terminate()
+    status = report(c, handler)
+    sink.close()
+    assert not accepts(c.port)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
