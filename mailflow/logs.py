@@ -34,7 +34,10 @@ What it owns
   `TIMESTAMP HOST SYSLOG_NAME/SERVICE[PID]: [warning: ]TEXT` (RFC 3339 time, `syslog_name` default
   "postfix-mailflow", the service being the stage: smtpd, cleanup, qmgr, smtp, local, pipe, pickup, master…);
   `"json"` writes one JSON object per line with `event` and the fields. `[log] file` writes to a file
-  (reopened when logrotate moves it) instead of stderr.
+  (reopened when logrotate moves it) instead of stderr. A write to it that fails (the disk full) loses that line
+  and nothing else, as Postfix's postlogd drops what it cannot write: mail goes on, and stderr says so in one line
+  (`LogFileHandler`): at the first failure, then once a minute with the count, then when writes work again;
+  never Python's traceback for every line.
 - `tool_mail_log(log_config, hostname)`: the MailLog of a command that runs beside the server (`mailflow queue
   hold` …): the same `[log] file` and format, lines with the command's own pid, as Postfix's postsuper writes to
   maillog_file; none with no `[log] file` (the server's stderr is no place another process can write to).
@@ -499,11 +502,52 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
+WRITE_FAILURE_REPORT_INTERVAL = 60.0  # seconds between the lines that say the log file still cannot be written
+
+
+class LogFileHandler(logging.handlers.WatchedFileHandler):
+    """`[log] file`: a write that fails with an OSError is reported on stderr in one line (see the module doc),
+    not with logging's traceback per record; other errors (a bug of a formatter) keep logging's report."""
+
+    def __init__(self, path: str, clock=time.monotonic):
+        super().__init__(path, encoding="utf-8")
+        self._clock = clock
+        self._lost = 0  # records not written since writes last worked
+        self._reported_at = 0.0
+        self._erred = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._erred = False
+        super().emit(record)
+        if not self._erred and self._lost:
+            self._report(f"the log file {self.baseFilename} is written again after {self._lost} failed writes")
+            self._lost = 0
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            super().handleError(record)
+            return
+        self._erred = True
+        self._lost += 1
+        now = self._clock()
+        if self._lost == 1 or now - self._reported_at >= WRITE_FAILURE_REPORT_INTERVAL:
+            self._reported_at = now
+            self._report(f"cannot write the log file {self.baseFilename}: {error.strerror or error}"
+                         f" ({self._lost} failed writes)")
+
+    @staticmethod
+    def _report(text: str) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.write(f"mailflow: warning: {text}\n")
+            sys.stderr.flush()
+
+
 def _handler(log_config: LogConfig, hostname: str) -> logging.Handler:
     """Where a `LogConfig` writes (its file, else stderr), in its format. Raises OSError (the file)."""
     path = log_config.file
     handler: logging.Handler
-    handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8") if path else logging.StreamHandler(sys.stderr)
+    handler = LogFileHandler(path) if path else logging.StreamHandler(sys.stderr)
     if log_config.format == "json":
         handler.setFormatter(JsonFormatter())
     else:

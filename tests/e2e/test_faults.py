@@ -313,3 +313,29 @@ async def test_a_full_queue_file_system_slows_down_refuses_mail_and_recovers(sma
     await eventually(lambda: len(peer.messages) == 4, timeout=10)
     assert sorted(m.rcpt_tos[0] for m in peer.messages) == ["later@relay.test", "r0@relay.test", "r1@relay.test",
                                                              "r2@relay.test"]
+
+
+async def test_a_full_log_file_system_stops_no_mail_and_says_so_in_one_line(small_filesystem, servers, tmp_path):
+    """`[log] file` on a file system that is full: mail is accepted and delivered, and stderr says the log cannot
+    be written in one line, not with logging's traceback for each line (about 4 KB a line: 485 KB for 21
+    messages); once there is space the file is written again, and stderr says that too."""
+    port = free_port()
+    log_file = small_filesystem / "mail.log"
+    srv = servers(config(tmp_path / "mailflow.toml", tmp_path, port, log={"file": str(log_file)}), port)
+    await srv.start()
+    inbox = tmp_path / "mail" / "alice" / "Maildir"
+    filler = fill(small_filesystem)
+    for n in range(10):
+        _, reply = await send(port, "s@remote.test", ["alice@local.test"], message(f"full{n}"))
+        assert reply.startswith("2.0.0 Ok: queued as")
+    await eventually(lambda: len(maildir_messages(inbox)) == 10, timeout=10)
+    stderr = srv.log_path.read_text()
+    assert "Traceback" not in stderr and "Logging error" not in stderr
+    assert srv.log_lines("cannot write the log file", str(log_file), "No space left on device"), stderr[-500:]
+    assert len(stderr.splitlines()) == 1, stderr[-1000:]
+
+    filler.unlink()
+    await send(port, "s@remote.test", ["alice@local.test"], message("after"))
+    await eventually(lambda: srv.log_lines("is written again after"), timeout=10)
+    await eventually(lambda: len(maildir_messages(inbox)) == 11, timeout=10)
+    await eventually(lambda: "to=<alice@local.test>" in log_file.read_text(), timeout=10)
