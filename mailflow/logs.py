@@ -517,8 +517,18 @@ class LogFileHandler(logging.handlers.WatchedFileHandler):
         self._erred = False
 
     def emit(self, record: logging.LogRecord) -> None:
+        """WatchedFileHandler's emit, with the reopening (logrotate moved the file) inside the error handling: an
+        OSError there (no descriptor left, the old file's buffer not flushed on a full disk) reached the caller."""
         self._erred = False
-        super().emit(record)
+        try:
+            self.reopenIfNeeded()
+            if self.stream is None:  # (a reopening that failed left none)
+                self.stream = self._open()
+                self._statstream()
+        except OSError:
+            self.handleError(record)
+            return
+        logging.StreamHandler.emit(self, record)
         if not self._erred and self._lost:
             self._report(f"the log file {self.baseFilename} is written again after {self._lost} failed writes")
             self._lost = 0

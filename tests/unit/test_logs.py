@@ -180,3 +180,35 @@ def test_orig_to_is_left_out_when_it_differs_only_in_case():
     assert [r.getMessage().partition(", relay=")[0] for r in captured] == [
         "Q1: to=<Bob@x.test>", "Q1: to=<bob@x.test>, orig_to=<fwd@x.test>", "Q1: to=<bob@x.test>"]
     assert [json.loads(JsonFormatter().format(r))["orig_to"] for r in captured] == ["", "fwd@x.test", ""]
+
+
+def test_a_log_file_that_cannot_be_reopened_after_rotation_costs_lines_not_the_caller(tmp_path, capsys):
+    """logrotate moved the file while no descriptor was left (EMFILE): Python's WatchedFileHandler reopens it
+    outside its own error handling, so the OSError reached whoever logged (a session, qmgr) at every line
+    until a descriptor came free. Now the line is lost, stderr says so once, and the new file is written when
+    it can be opened."""
+    import errno
+
+    from mailflow.logs import LogFileHandler
+
+    path = tmp_path / "mail.log"
+    handler = LogFileHandler(str(path))
+    logger = logging.Logger("rotated")
+    logger.addHandler(handler)
+    logger.warning("before")
+    path.rename(tmp_path / "mail.log.1")
+    opened = handler._open
+
+    def no_descriptor():
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    handler._open = no_descriptor
+    for n in range(3):
+        logger.warning("lost %d", n)  # raised OSError before
+    handler._open = opened
+    logger.warning("after")
+    handler.close()
+    assert path.read_text() == "after\n"
+    assert capsys.readouterr().err.splitlines() == [
+        f"mailflow: warning: cannot write the log file {path}: Too many open files (1 failed writes)",
+        f"mailflow: warning: the log file {path} is written again after 3 failed writes"]
