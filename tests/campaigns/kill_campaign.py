@@ -1,13 +1,15 @@
 """A bounded random-SIGKILL campaign against a real `mailflow serve` (not collected by pytest; run it by hand).
 
-    PYTHONPATH=$PWD python tests/campaigns/kill_campaign.py --kills 25 --seed 1 [--workdir DIR]
+    PYTHONPATH=$PWD python tests/campaigns/kill_campaign.py --kills 25 --seed 1 [--big 0.5] [--term 0.3] [--dovecot]
+        [--workdir DIR]
 
 Workload, each message carrying a unique token (X-Token and the envelope sender snd-TOKEN@relay.test):
 - local: alice@local.test + ok-TOKEN@relay.test (small or big, spooled);
 - alias: team@local.test, a virtual alias of bob@local.test and team-copy@relay.test;
 - mixed: ok-, soft- (450) and hard- (550) recipients at the sink: a bounce and delay notices to snd-TOKEN;
 - softonly: one soft- recipient (stays deferred; the ones `queue delete` may remove);
-- sendmail: `mailflow sendmail -f snd-TOKEN@relay.test alice@local.test ok-TOKEN@relay.test`.
+- sendmail: `mailflow sendmail -f snd-TOKEN@relay.test alice@local.test ok-TOKEN@relay.test`;
+- lmtp (with --dovecot): alice and bob@example.test in a private Dovecot over LMTP, + ok-TOKEN@relay.test.
 Meanwhile `queue hold/release/requeue/delete` run, and the server is SIGKILLed at random moments and restarted.
 At the end (after release ALL and a settle), per accepted token and recipient: delivered once, or bounced to
 the sender, or still queued (soft); duplicates are counted and printed with the log lines of their queue id;
@@ -18,9 +20,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import os
 import random
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -36,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.support import (CaptureHandler, ServerProcess, base_settings, big_message, free_port,  # noqa: E402
                            merged, send, to_toml)
+from tests.support.dovecot import Dovecot, dovecot_instance, lmtp_route  # noqa: E402
 from tests.support.ports import accepts  # noqa: E402
 
 WINDOW = 0.2  # seconds between a copy and the kill that kept its result from being recorded, at most
@@ -93,6 +98,8 @@ class Campaign:
     ops: collections.Counter = field(default_factory=collections.Counter)
     kills: list[float] = field(default_factory=list)
     big_share: float = 0.15
+    term_share: float = 0.0  # the share of kills that come up to a second after a SIGTERM
+    dovecot: Dovecot | None = None  # with one: the lmtp kind, to alice and bob@example.test over LMTP
     stop: bool = False
 
     @property
@@ -107,6 +114,8 @@ class Campaign:
             "queue": {"queue_run_delay": "1s", "minimal_backoff_time": "1s", "maximal_backoff_time": "2s",
                       "delay_warning_time": "2s"},
         })
+        if self.dovecot:
+            settings.update(relay_domains=["relay.test", "example.test"], transport_maps=lmtp_route(self.dovecot))
         self.config.write_text(to_toml(settings))
 
     # ------------------------------------------------------------------------------------------------ workload
@@ -122,12 +131,20 @@ class Campaign:
             "alias": ["team@local.test"],
             "mixed": [f"ok-{token}@relay.test", f"soft-{token}@relay.test", f"hard-{token}@relay.test"],
             "softonly": [f"soft-{token}@relay.test"],
+            "lmtp": ["alice@example.test", "bob@example.test", f"ok-{token}@relay.test"],
         }[kind]
+
+    def maildir(self, mailbox: str) -> Path:
+        user, domain = mailbox.split("@")
+        if domain == "example.test":
+            assert self.dovecot is not None
+            return self.dovecot.root / "mail" / domain / user / "Maildir"
+        return self.work / "mail" / user / "Maildir"
 
     async def smtp_sender(self) -> None:
         while not self.stop:
             token = os.urandom(8).hex()
-            kind = self.rng.choice(["local", "local", "alias", "mixed", "softonly"])
+            kind = self.rng.choice(["local", "local", "alias", "mixed", "softonly"] + ["lmtp"] * bool(self.dovecot))
             rcpts = self.recipients(kind, token)
             big = self.rng.random() < self.big_share
             try:
@@ -183,6 +200,9 @@ class Campaign:
     async def killer(self, server: ServerProcess, kills: int) -> None:
         for n in range(kills):
             await asyncio.sleep(0.3 + self.rng.random() * 4)
+            if self.rng.random() < self.term_share:  # a stop under way (the grace period), cut short
+                server.proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(self.rng.random())
             server.kill()
             self.kills.append(time.time())
             await asyncio.sleep(self.rng.random() * 0.5)
@@ -192,13 +212,14 @@ class Campaign:
     # ------------------------------------------------------------------------------------------------ checks
     def local_counts(self) -> collections.Counter:
         found: collections.Counter = collections.Counter()
-        for user in ("alice", "bob"):
+        boxes = ["alice@local.test", "bob@local.test"] + ["alice@example.test", "bob@example.test"] * bool(self.dovecot)
+        for box in boxes:
             for sub in ("new", "cur"):
-                folder = self.work / "mail" / user / "Maildir" / sub
+                folder = self.maildir(box) / sub
                 for path in folder.iterdir() if folder.is_dir() else []:
                     match = TOKEN_HEADER.search(path.read_bytes()[:4096])
                     if match:
-                        found[(match.group(1).decode(), f"{user}@local.test")] += 1
+                        found[(match.group(1).decode(), box)] += 1
         return found
 
     def rows(self) -> tuple[dict, dict, list]:
@@ -236,7 +257,7 @@ def report(c: Campaign, sink: SinkHandler) -> int:
     for token, acc in c.accepted.items():
         expected = ["bob@local.test", "team-copy@relay.test"] if acc.kind == "alias" else acc.recipients
         for rcpt in expected:
-            got = (local if rcpt.endswith("@local.test") else relay)[(token, rcpt)]
+            got = (local if rcpt.endswith(("@local.test", "@example.test")) else relay)[(token, rcpt)]
             if rcpt == "team-copy@relay.test":
                 got = relay[(token, rcpt)]
             if got > 1:
@@ -275,10 +296,9 @@ def explain(c: Campaign, sink: SinkHandler, duplicate: tuple) -> str:
     second before a kill and the log records only the later delivery (the first one's result was never written).
     Different queue ids for one notice kind mean the notice itself was made twice: not that window."""
     token, rcpt = duplicate[0], duplicate[1]
-    if rcpt.endswith("@local.test"):
-        user = rcpt.split("@")[0]
+    if rcpt.endswith(("@local.test", "@example.test")):
         times = sorted(p.stat().st_mtime for sub in ("new", "cur")
-                       for p in (c.work / "mail" / user / "Maildir" / sub).iterdir()
+                       for p in (c.maildir(rcpt) / sub).iterdir()
                        if f"X-Token: {token}".encode() in p.read_bytes()[:4096])
         qids: set[str] = set()
     elif "notice" in rcpt:
@@ -318,15 +338,23 @@ async def main() -> int:
     parser.add_argument("--kills", type=int, default=25)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--big", type=float, default=0.15, help="the share of big (spooled) messages")
+    parser.add_argument("--term", type=float, default=0.0, help="the share of kills that follow a SIGTERM")
+    parser.add_argument("--dovecot", action="store_true", help="also mail to a private Dovecot over LMTP")
     parser.add_argument("--workdir")
     args = parser.parse_args()
+    with contextlib.ExitStack() as stack:
+        dovecot = stack.enter_context(dovecot_instance()) if args.dovecot else None
+        return await campaign(args, dovecot)
+
+
+async def campaign(args: argparse.Namespace, dovecot: Dovecot | None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="mailflow-kills-"))
     print(f"work directory {work}", flush=True)
     handler = SinkHandler()
     sink = await asyncio.get_running_loop().create_server(
         lambda: AiosmtpdSMTP(handler, hostname="sink.test"), "127.0.0.1", 0)
     c = Campaign(work, random.Random(args.seed), port=free_port(), sink_port=sink.sockets[0].getsockname()[1],
-                 big_share=args.big)
+                 big_share=args.big, term_share=args.term, dovecot=dovecot)
     c.write_config()
     server = ServerProcess(c.config, work / "server.log", c.port, cwd=work)
     await server.start()
