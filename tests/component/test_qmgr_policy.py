@@ -423,6 +423,22 @@ async def test_a_message_deleted_while_active_is_neither_delivered_nor_called_co
     assert [r.getMessage() for r in caplog.records if r.getMessage().endswith(": removed")] == []
 
 
+async def test_a_message_deleted_in_delivery_before_qmgr_polled_gets_no_failure_notice(sim):
+    """`queue delete` says no bounce is sent: a message deleted while its delivery was under way, that bounced,
+    got its failure notice all the same when the attempt ended before qmgr's poll had seen the delete."""
+    s = await sim()  # the tick (a day) never comes: the delete is not noticed
+    s.smtp.release.clear()
+    s.smtp.script = lambda req, now: ((Outcome.BOUNCED, "5.1.1", "gone", True) if req.sender
+                                      else (Outcome.SENT, "2.0.0", "250 ok", True))
+    queue_id = await s.submit("a@remote.test", "one@far.test")
+    await eventually(lambda: waiting(s, "far.test") == (1, 0))
+    await s.store.delete_messages([queue_id])
+    s.smtp.release.set()
+    await s.run_until(s.clock.now + 60, stop=lambda: not s.qmgr.busy and s.qmgr.active_count == 0)
+    assert [req.queue_id for _, req in s.smtp.calls] == [queue_id], "no notice was sent"
+    assert await s.store.counts() == {}
+
+
 def test_success_notices_say_relayed_only_for_a_remote_mta():
     rcpt = Recipient(0, "a@example.test", "a@example.test", notify="SUCCESS")
     remote = _notice_recipient(RcptResult(rcpt, Outcome.SENT, "2.0.0", "250 ok", "mx.example.test[192.0.2.1]:25"), 0)

@@ -74,7 +74,8 @@ Failure behaviour
   what is wrong, as Postfix's qmgr saves a queue file it cannot read; the others go on.
 - A message an operator holds or deletes while it is active: its jobs not yet started are dropped at the
   next tick (held: its recipients stay pending; deleted: nothing is recorded or logged, as the queue tool
-  logged postsuper's `removed`); one in flight finishes. A held message is never expired nor warned about at
+  logged postsuper's `removed`); one in flight finishes, and no notice is sent for a deleted one (its state is
+  asked before any notice is queued, the tick or not). A held message is never expired nor warned about at
   the end of that attempt (when it would be, the store's state is checked first): it stays on hold until
   released.
   `mailflow queue flush` also revives dead destinations, like `postqueue -f`.
@@ -674,15 +675,19 @@ class QueueManager:
         expired = [] if held else _expire(pending, now - msg.lifetime_base, lifetime)
         warn = bool(pending and not expired and not held and q.delay_warning_time and not msg.warned
                     and now - msg.arrival >= q.delay_warning_time)
-        if (expired or warn) and await self._queue_state(msg) != "active":  # held or deleted, before a poll saw it
-            held, expired, warn = True, [], False
+        owed = active.owed + [r for r in last if _owes_notice(r)]
+        if expired or warn or owed:  # a notice to queue: the operator may have held or deleted it, unpolled yet
+            state = await self._queue_state(msg)
+            if state is None:
+                return  # deleted: nothing recorded, nobody told (as for a delete the poll saw: `_finish`)
+            if state != "active":
+                held, expired, warn = True, [], False
         if expired:
             pending = []
         retry_at = None
         if pending:
             retry_at = next_attempt(now, msg.lifetime_base, q.minimal_backoff_time, q.maximal_backoff_time,
                                     jitter=JITTER, rng=self._rng)
-        owed = active.owed + [r for r in last if _owes_notice(r)]
         notices = await self._make_notices(active, owed + expired + (pending if warn else []), now, warn,
                                            msg.lifetime_base + lifetime)
         done = Delivered(msg.queue_id, retry_at, warned=msg.warned or warn, expired=tuple(expired),
