@@ -169,7 +169,8 @@ async def queue_experiment(work: Path) -> None:
             batch = [x.send(f"a{n + i}", f"r{n + i}@relay.test", big=(n + i) % 3 == 0) for i in range(6)]
             await asyncio.gather(*batch)
             n += 6
-        print(f"queue 1 (load until MAIL is refused): {dict(x.replies)}; queue {queue_counts(work / 'queue' / 'queue.db')}")
+        counts = queue_counts(work / "queue" / "queue.db")
+        print(f"queue 1 (load until MAIL is refused): {dict(x.replies)}; queue {counts}")
         # 2. sessions at the end of DATA, then the disk is filled to the last byte, then the dots
         filler = work / "queue" / "filler"
         x.replies.clear()

@@ -279,7 +279,8 @@ def report(c: Campaign, sink: SinkHandler) -> int:
     print(f"accepted {len(c.accepted)} ({collections.Counter(a.kind for a in c.accepted.values())}); "
           f"deleted {len(c.deleted)}; refused while down {dict(c.refused)}")
     print(f"operator ops {dict(c.ops)}")
-    print(f"relay deliveries {sum(relay.values())}, local {sum(local.values())}, notices {dict(collections.Counter(k for _, k in notices.elements()))}")
+    kinds = collections.Counter(k for _, k in notices.elements())
+    print(f"relay deliveries {sum(relay.values())}, local {sum(local.values())}, notices {dict(kinds)}")
     print(f"queue after the stop {dict(states)} (active: in the server's hands at the stop); orphan content files"
           f" {orphans}")
     print(f"LOSSES {len(losses)}: {losses[:20]}")
