@@ -22,13 +22,20 @@ smtpd_banner is under -bs. Every reply comes from mailflow.status (the EHLO line
 DATA is streamed like standard input in deliver mode (a CR inside a line becomes a space, a line of any length
 stays one); too big is `552 5.3.4`; input ending mid-message stores nothing. Past `[smtpd] recipient_limit`
 recipients RCPT is answered `452 4.5.3 Error: too many recipients` (Postfix runs smtpd under -bs, with its limit).
+Errors are counted as Postfix's smtpd counts them under -bs, with mailflow's smtpd's settings: each command answered
+with a 4xx or 5xx reply is one (a 452 for recipient_limit only past `[smtpd] recipient_overshoot_limit` in the
+transaction), and so is each HELO, EHLO, RSET, NOOP or VRFY past `[smtpd] junk_command_limit` of them; from
+`[smtpd] soft_error_limit` errors on every reply waits `[smtpd] error_sleep_time` first, and at
+`[smtpd] hard_error_limit` the session ends with `421 4.7.0 <host> Error: too many errors` (before the next command
+is read, exit 0). A queued message forgives the errors and the junk commands so far.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import os
-from typing import BinaryIO, Iterator
+import time
+from typing import BinaryIO, Callable, Iterator
 
 from mailflow import address, status
 from mailflow.maildrop import MaildropError
@@ -47,25 +54,38 @@ class StdioSmtp:
     the replies (a broken pipe: quietly, no traceback)."""
 
     LINE_LIMIT = 65536
+    JUNK_COMMANDS = frozenset({"HELO", "EHLO", "RSET", "NOOP", "VRFY"})  # Postfix's SMTPD_CMD_FLAG_LIMIT (no ETRN)
 
-    def __init__(self, reader: BinaryIO, writer: BinaryIO, submitter: Submitter, opts: Options):
+    def __init__(self, reader: BinaryIO, writer: BinaryIO, submitter: Submitter, opts: Options,
+                 sleep: Callable[[float], None] = time.sleep):
         self._in = reader
         self._out = writer
         self._sub = submitter
         self._opts = opts
         self._host = submitter.config.myhostname
+        self._sleep = sleep
+        self._errors = 0  # commands answered with an error since the last queued message (smtpd's error_count)
+        self._junk = 0  # HELO, EHLO, RSET, NOOP, VRFY since then (smtpd's junk_cmds)
         self._reset()
 
     def _reset(self) -> None:
         self._sender: str | None = None
         self._recipients: list[str] = []
         self._rcpt_dsn: list[tuple[str, str]] = []  # (NOTIFY, ORCPT) of each recipient, as RCPT gave them
+        self._overshoot = 0  # RCPTs refused for recipient_limit in this transaction
         self._message_opts = self._opts  # then what MAIL's BODY=, RET= and ENVID= said (not -B, -R, -V, -N)
 
-    def _reply(self, reply: "status.Reply | str") -> None:
-        """A reply from the catalogue; plain strings only for the EHLO lines."""
+    def _reply(self, reply: "status.Reply | str", counts_as_error: bool = True) -> None:
+        """A reply from the catalogue (plain strings only for the EHLO lines, all in one), after
+        error_sleep_time once soft_error_limit errors were made (as Postfix's smtpd_chat_reply waits); an error
+        reply (4xx, 5xx) counts as one unless told otherwise."""
+        limits = self._sub.config.smtpd
+        if self._errors >= limits.soft_error_limit and limits.error_sleep_time:
+            self._sleep(limits.error_sleep_time)
         self._out.write(str(reply).encode("utf-8") + b"\r\n")
         self._out.flush()
+        if counts_as_error and isinstance(reply, status.Reply) and reply.code >= 400:
+            self._errors += 1
 
     def run(self) -> int:
         try:
@@ -77,6 +97,9 @@ class StdioSmtp:
     def _session(self) -> int:
         self._reply(status.greeting(self._host, self._sub.config.smtpd.banner))  # (smtpd's, as Postfix's -bs)
         while True:
+            if self._errors >= self._sub.config.smtpd.hard_error_limit:
+                self._reply(status.too_many_errors(self._host))
+                return 0
             line = self._in.readline(self._sub.config.smtpd.max_line_length)
             if not line:
                 return 0
@@ -93,8 +116,18 @@ class StdioSmtp:
             handler = getattr(self, f"_do_{verb.upper()}", None) if verb.isalpha() else None
             if handler is None:
                 self._reply(status.NOT_RECOGNIZED if verb else status.BAD_SYNTAX)
-            elif handler(arg.strip()) is False:
+                continue
+            if handler(arg.strip()) is False:
                 return 0
+            self._count_junk(verb.upper())
+
+    def _count_junk(self, verb: str) -> None:
+        """A HELO, EHLO, RSET, NOOP or VRFY is one more error from the (junk_command_limit + 2)th on, as Postfix's
+        `junk_cmds++ > limit` counts them."""
+        if verb in self.JUNK_COMMANDS:
+            if self._junk > self._sub.config.smtpd.junk_command_limit:
+                self._errors += 1
+            self._junk += 1
 
     def _skip_line(self) -> None:
         """Read through the end of the current line (or of the input) without keeping it."""
@@ -111,8 +144,7 @@ class StdioSmtp:
         self._reset()
         lines = [f"250-{self._host}", *(f"250-{keyword}" for keyword in self._keywords())]
         lines[-1] = "250 " + lines[-1][4:]
-        for line in lines:
-            self._reply(line)
+        self._reply("\r\n".join(lines))
 
     def _keywords(self) -> list[str]:
         """EHLO's keywords, in the order of Postfix's smtpd."""
@@ -157,7 +189,9 @@ class StdioSmtp:
         if isinstance(dsn, status.Reply):
             return self._reply(dsn)
         if len(self._recipients) >= self._sub.config.smtpd.recipient_limit:  # as Postfix's smtpd under -bs
-            return self._reply(status.TOO_MANY_RECIPIENTS)
+            self._overshoot += 1
+            return self._reply(status.TOO_MANY_RECIPIENTS,
+                               counts_as_error=self._overshoot > self._sub.config.smtpd.recipient_overshoot_limit)
         try:
             self._recipients.append(clean_recipient(given, self._sub.config.origin))
         except UsageError:
@@ -183,6 +217,7 @@ class StdioSmtp:
             self._reply(status.MESSAGE_TOO_BIG if e.code == os.EX_DATAERR else status.QUEUE_ERROR)
         else:
             self._reply(status.queued(name))
+            self._errors = self._junk = 0  # a message queued forgives what came before (Postfix)
         self._reset()
 
     def _data_lines(self) -> Iterator[bytes]:

@@ -170,6 +170,20 @@ async def test_bs_scripted_smtp_dialogue(mailflow_server, cfg, tmp_path):
         assert b"\n.dot-stuffed line\n" in message
 
 
+async def test_bs_slows_down_past_the_soft_error_limit_and_ends_the_session_at_the_hard_one(cfg):
+    """As Postfix's smtpd under -bs: from soft_error_limit errors on each reply waits error_sleep_time (the
+    replies that are not errors too), and at hard_error_limit the session ends with a 421, the rest unread."""
+    config = cfg(smtpd={"listen": ["127.0.0.1:0"], "soft_error_limit": 1, "hard_error_limit": 2,
+                        "error_sleep_time": 0.25})
+    started = time.monotonic()
+    rc, out, _ = await run(config, "-bs", stdin=b"BOGUS\r\nNOOP\r\nNOOP\r\nBOGUS\r\nMAIL FROM:<>\r\nQUIT\r\n")
+    elapsed = time.monotonic() - started
+    assert rc == 0 and out.decode().splitlines()[1:] == [
+        "500 5.5.2 Error: command not recognized", "250 2.0.0 Ok", "250 2.0.0 Ok",
+        "500 5.5.2 Error: command not recognized", "421 4.7.0 mx.mailflow.test Error: too many errors"]
+    assert elapsed >= 4 * 0.25  # the two NOOPs, the second error and the 421 each waited
+
+
 async def test_bs_offers_size_and_refuses_a_message_declared_too_big(cfg):
     """Postfix's smtpd under -bs offers SIZE with message_size_limit and answers a bigger SIZE= at MAIL."""
     config = cfg(smtpd={"listen": ["127.0.0.1:0"], "message_size_limit": 1000})

@@ -277,3 +277,48 @@ async def test_bs_takes_dsn_parameters_as_a_real_postfixs_smtpd_does(write_confi
     assert list(zip(stored.recipients, stored.recipient_notify(), stored.rcpt_orcpt)) == postfix_rcpt_dsn(postcat) == [
         ("b@x.test", "SUCCESS,DELAY", "rfc822;orig+b@x.test"), ("c@x.test", "NEVER", ""),
         ("d@x.test", "", "utf-8;\u00e9t\u00e9@x.test"), ("e@x.test", "", "")]
+
+
+# Error counting under -bs, with small limits on both sides. Junk commands past the junk limit and a recipient
+# past recipient_limit beyond the overshoot count (one before does not): the fifth error ends the session with a
+# 421 before the next command is read
+ERROR_LIMITS = {"soft_error_limit": 2, "hard_error_limit": 5, "junk_command_limit": 2, "recipient_limit": 1,
+                "recipient_overshoot_limit": 1}
+JUNK_AND_OVERSHOOT = [
+    "HELO client.test", "NOOP", "RSET", "VRFY", "NOOP",  # errors: VRFY (its syntax, a junk command), NOOP (junk)
+    "MAIL FROM:<a@x.test>", "RCPT TO:<b@x.test>", "RCPT TO:<c@x.test>", "RCPT TO:<d@x.test>",  # error 4 (d)
+    "RCPT TO:<e@x.test>",  # error 5
+    "NOOP",  # never read
+]
+# a queued message forgives the errors before it: four on each side, and no 421
+FORGIVEN = ["BOGUS", "", "STARTTLS", "AUTH PLAIN", "MAIL FROM:<a@x.test>", "RCPT TO:<b@x.test>", "DATA",
+            "Subject: limits", "", "hi", ".", "BOGUS", "", "STARTTLS", "AUTH PLAIN", "QUIT"]
+
+
+async def bs_transcript(command: list[str], dialogue: list[str]) -> list[str]:
+    """The reply lines of a `-bs` session given the whole dialogue at once (`queued as ID` without the id)."""
+    proc = await asyncio.create_subprocess_exec(*command, "-bs", stdin=asyncio.subprocess.PIPE,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    out, _ = await asyncio.wait_for(proc.communicate("".join(f"{line}\r\n" for line in dialogue).encode()), 30)
+    assert proc.returncode == 0
+    return [re.sub(r"queued as \w+", "queued as ID", line) for line in out.decode().splitlines()]
+
+
+async def test_bs_counts_errors_and_ends_the_session_at_the_hard_limit_as_a_real_postfixs_smtpd_does(
+        write_config, tmp_path):
+    (tmp_path / "queue").mkdir()
+    config = write_config(tmp_path / "mailflow.toml", smtpd={"listen": ["127.0.0.1:0"], "banner": "ESMTP probe",
+                                                             "error_sleep_time": 0, "disable_vrfy_command": False,
+                                                             **ERROR_LIMITS}, **COMMON)
+    async with postfix_instance({**COMMON, "relayhost": "[127.0.0.1]:9", "smtpd_banner": "$myhostname ESMTP probe",
+                                 "smtputf8_enable": "yes", "smtpd_error_sleep_time": "0",
+                                 **{f"smtpd_{name}": str(value) for name, value in ERROR_LIMITS.items()}}) as pf:
+        postfix = [await bs_transcript(["sendmail", "-C", str(pf.etc)], dialogue)
+                   for dialogue in (JUNK_AND_OVERSHOOT, FORGIVEN)]
+    mailflow = [await bs_transcript([sys.executable, "-m", "mailflow", "sendmail", "-C", str(config)], dialogue)
+                for dialogue in (JUNK_AND_OVERSHOOT, FORGIVEN)]
+    assert mailflow == postfix
+    assert postfix[0][-3:] == ["452 4.5.3 Error: too many recipients"] * 2 + [
+        "421 4.7.0 mx.origin.test Error: too many errors"]
+    assert "250 2.0.0 Ok: queued as ID" in postfix[1] and postfix[1][-2:] == [
+        "503 5.5.1 Error: authentication not enabled", "221 2.0.0 Bye"]
