@@ -10,8 +10,8 @@ dropped) and their parameters with smtpd's own code (mailflow.smtp_parameters: i
 one answering, in Postfix's words): MAIL's SIZE (a malformed one `501 5.5.4`, one past the limit `552 5.3.4`),
 BODY=7BIT|8BITMIME (the message's body type, as -B), SMTPUTF8 (8-bit addresses are found by pickup in any case),
 AUTH= (accepted, unused), RET and ENVID (RFC 3461: the message's; -N, -R, -V and -B do not apply, as under
-Postfix's -bs); RCPT's NOTIFY and ORCPT, kept per recipient in the maildrop file (`rcpt_notify`, `rcpt_orcpt`); a malformed or repeated DSN
-parameter is `501 5.5.4 Bad RET parameter syntax` (`Error: Bad NOTIFY parameter syntax`, ...), any other
+Postfix's -bs); RCPT's NOTIFY and ORCPT, kept per recipient in the maildrop file (`rcpt_notify`, `rcpt_orcpt`); a
+malformed or repeated DSN parameter is `501 5.5.4 Bad RET parameter syntax` (`Error: Bad NOTIFY parameter syntax`, ...), any other
 parameter `555 5.5.4 Unsupported option`.
 STARTTLS, AUTH, XCLIENT and XFORWARD get Postfix's stand-alone smtpd's answers (502, 503, 550); a command line
 that is not UTF-8 `500 5.5.2 Error: bad UTF-8 syntax`, an empty one `500 5.5.2 Error: bad syntax`, one longer than
