@@ -213,7 +213,8 @@ def _texts(chunks: Iterable[bytes]) -> Iterator[str]:
 def _envelope(detail: MessageDetail, recipients: Sequence[RecipientRow]) -> dict:
     d = detail
     return {**_damaged(d, recipients),
-            "id": d.queue_id, "queue": d.queue, "size": d.size, "arrival": d.arrival, "sender": d.sender,
+            "id": d.queue_id, "queue": d.queue, "size": d.size, "arrival": d.arrival, "created": d.created,
+            "sender": d.sender,
             "attempts": d.attempts, "next_attempt": d.next_attempt, "client": d.client, "envid": d.envid,
             "ret": d.ret, "smtputf8": d.smtputf8, "body_type": d.body_type, "warned": d.warned,
             "recipients": [{k: v for k, v in dataclasses.asdict(r).items() if k != "damage"} for r in recipients],
@@ -263,6 +264,7 @@ def write_show(out: IO[str], detail: MessageDetail, recipients: Sequence[Recipie
              *([f"damaged:        {printable(damage_of(d, recipients))}"] if damage_of(d, recipients) else []),
              f"message_size:   {d.size}",
              f"arrival_time:   {when(d.arrival, now)}",
+             f"create_time:    {when(d.created, now)}",  # (postcat prints it for every queue file)
              f"sender:         {printable(d.sender) if d.sender else NULL_SENDER}",
              f"client:         {printable(d.client) or '-'}",
              f"attempts:       {d.attempts}",

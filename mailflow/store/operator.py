@@ -54,6 +54,8 @@ class MessageDetail(MessageRow):
     smtputf8: bool
     body_type: str  # 8BITMIME, 7BIT (BODY=7BIT given) or "" (no BODY)
     warned: bool  # the "delayed" notice went out
+    created: float  # the base of its queue lifetime and backoff (postcat's create_time): the arrival, or when a
+    #                 requeued message's copy was made
 
 
 @dataclass(frozen=True)
@@ -96,14 +98,14 @@ class DestinationRow:
 
 # Columns in the order of the rows' fields.
 _MESSAGE_ROW = "id, queue, size, arrival, sender, next_attempt, attempts"
-_MESSAGE_DETAIL = f"{_MESSAGE_ROW}, client, envid, ret, smtputf8, body_type, warned"
+_MESSAGE_DETAIL = f"{_MESSAGE_ROW}, client, envid, ret, smtputf8, body_type, warned, created"
 _RECIPIENT_ROW = "address, original, status, dsn, reason, notify, orcpt"
 # ... and the kind of each (store/damage.py).
 _MESSAGE_COLUMNS = (("id", "text"), ("queue", "queue"), ("size", "size"), ("arrival", "time"), ("sender", "text"),
                     ("next_attempt", "time"), ("attempts", "count"))
 _MESSAGE_KINDS = Columns(*_MESSAGE_COLUMNS)
 _DETAIL_KINDS = Columns(*_MESSAGE_COLUMNS, ("client", "text"), ("envid", "text"), ("ret", "text"),
-                        ("smtputf8", "flag"), ("body_type", "text"), ("warned", "flag"))
+                        ("smtputf8", "flag"), ("body_type", "text"), ("warned", "flag"), ("created", "time"))
 _RECIPIENT_KINDS = Columns(("address", "text"), ("original", "text"), ("status", "status"), ("dsn", "text"),
                            ("reason", "text"), ("notify", "text"), ("orcpt", "text"))
 _DESTINATION_ROW = "transport, nexthop, window, in_flight, queued, failures, dead_until, reason, updated"
@@ -168,9 +170,11 @@ class OperatorQueries:
         if not rows:
             return None
         values, damage = checked(rows[0], _DETAIL_KINDS)
-        qid, queue, size, arrival, sender, next_attempt, attempts, client, envid, ret, utf8, body_type, warned = values
+        (qid, queue, size, arrival, sender, next_attempt, attempts, client, envid, ret, utf8, body_type, warned,
+         created) = values
         return MessageDetail(qid, queue, size, arrival, sender, next_attempt, attempts, client, envid, ret,
-                             smtputf8=bool(utf8), body_type=body_type, warned=bool(warned), damage=damage)
+                             smtputf8=bool(utf8), body_type=body_type, warned=bool(warned), created=created,
+                             damage=damage)
 
     async def hold_messages(self, ids: Sequence[QueueId]) -> None:
         """incoming/deferred/active -> hold. An active message's delivery finishes; `record` keeps it held. The hold

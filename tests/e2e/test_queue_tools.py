@@ -326,6 +326,14 @@ async def test_old_mail_requeued_is_tried_again_for_a_whole_lifetime_not_returne
     assert detail.arrival == arrival  # the first arrival, for delay= and the listings
     assert detail.next_attempt - time.time() > 1800  # the backoff of a new message (1h here), not of an old one
     assert "status=expired" not in log_file.read_text()
+    # `queue show` names both times, as postcat names the arrival_time and create_time of every queue file
+    rc, out, err = await queue(config, "show", new, "--headers-only")
+    assert rc == 0, err
+    shown = dict(line.split(":", 1) for line in out.splitlines() if line.startswith(("arrival_time:", "create_time:")))
+    assert shown["arrival_time"].strip().endswith("(10d00h ago)") and shown["create_time"].strip().endswith("s ago)")
+    rc, out, err = await queue(config, "show", new, "--headers-only", "--json")
+    as_json = json.loads(out)
+    assert (as_json["arrival"], as_json["created"]) == (arrival, detail.created) and time.time() - detail.created < 60
 
 
 async def test_requeued_mail_with_no_pending_recipient_left_is_removed_not_copied(busy_peer, caplog):

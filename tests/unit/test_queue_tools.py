@@ -189,7 +189,7 @@ def test_postqueue_json_has_postfix_names_and_types():
 
 def detail(queue="deferred", next_attempt=T0 + 90, sender="", client="client.test[192.0.2.9]", envid=""):
     return MessageDetail("0123456789", queue, 40, T0 - 300, sender, next_attempt, 2, client=client, envid=envid,
-                         ret="", smtputf8=False, body_type="7BIT", warned=False)
+                         ret="", smtputf8=False, body_type="7BIT", warned=False, created=T0 - 300)
 
 
 def show_text(detail, recipients, content: bytes | Content | None, headers_only: bool, now: float) -> str:
@@ -232,6 +232,7 @@ def test_show_text_sections(utc):
         "queue:          deferred\n"
         "message_size:   40\n"
         "arrival_time:   2023-11-14 22:08:20 (5m00s ago)\n"
+        "create_time:    2023-11-14 22:08:20 (5m00s ago)\n"
         "sender:         MAILER-DAEMON\n"
         "client:         client.test[192.0.2.9]\n"
         "attempts:       2\n"
@@ -407,7 +408,7 @@ async def test_the_store_answers_with_named_rows(store):
     assert await store.message_page(queues=qt.QUEUES) == [MessageRow("R1", "incoming", size, T0, "", T0, 0)]
     assert await store.message_detail("R1") == MessageDetail(
         "R1", "incoming", size, T0, "", T0, 0, client="c[192.0.2.1]", envid="E1", ret="HDRS", smtputf8=True,
-        body_type="8BITMIME", warned=False)
+        body_type="8BITMIME", warned=False, created=T0)
     assert await store.message_detail("NONE") is None
     assert await store.recipients_of(["R1", "NONE"]) == {"R1": [RecipientRow("a@x.test", "A@X.test", "pending", "", ""),
                                                               RecipientRow("b@y.test", "b@y.test", "pending", "", "",
