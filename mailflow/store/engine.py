@@ -33,7 +33,8 @@ What it owns
   time on a VM; merged, the server spends about 15 % less CPU per message at one session —
   docs/performance.md, "Fifth pass".) `stop()` commits a lingering write at once.
 - Text that is not UTF-8 in a row (edited by hand) fails a read in Python's sqlite3: the reader retries that read
-  with `fetch_leniently` (store/damage.py names such text as damaged), so one bad row stops no scan or listing.
+  with `fetch_leniently` (store/damage.py names such text as damaged), so one bad row stops no scan or listing;
+  the failed read's statement is reset at once (`fetch_rows`), so it leaves no snapshot open behind it.
 - `BatchLoader`: `load(key)` calls made in the same loop turn become one `fetch_many(keys)` call.
 - Opening the writer brings an older queue to the current schema (`schema.py`).
 - Content files in a transaction: the pseudo-statement `LINK_CONTENT` hard-links `(source file, queue id)`
@@ -191,15 +192,10 @@ class Reader:
         if self._db is None:
             raise sqlite3.ProgrammingError("the store's reader is not open")
         self.hops += 1
-        try:
-            rows = await self._db.execute_fetchall(sql, params)
-        except sqlite3.OperationalError as e:
-            if not undecodable(e):
-                raise
-            # on aiosqlite's thread, which owns the connection: nothing else runs between the text_factory's
-            # change and its undoing (aiosqlite's own way to run a function there)
-            rows = await self._db._execute(fetch_leniently, self._db._conn, sql, params)
-        return cast(list[tuple], list(rows))  # (no row_factory: sqlite3 gives tuples, typed as Row by aiosqlite)
+        # on aiosqlite's thread, which owns the connection (aiosqlite's own way to run a function there): nothing
+        # else runs between a lenient retry's change of the text_factory and its undoing
+        rows = await self._db._execute(_read, self._db._conn, sql, params)
+        return cast(list[tuple], rows)  # (no row_factory: sqlite3 gives tuples)
 
     async def close(self) -> None:
         if self._db is not None:
@@ -316,15 +312,36 @@ def _content_files(con: sqlite3.Connection, id_rows: Sequence[tuple]) -> list[st
     return found
 
 
+def fetch_rows(con: sqlite3.Connection, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[tuple]:
+    """The rows of one read, its statement reset whatever happens: a read that fails midway (as one that meets
+    text that is not UTF-8 does) would otherwise keep its snapshot, an open read transaction, until the garbage
+    collector frees the cursor its traceback holds, and the connection's later reads would not see newer commits."""
+    cursor = con.execute(sql, params)
+    try:
+        return cursor.fetchall()
+    finally:
+        cursor.close()
+
+
 def fetch_leniently(con: sqlite3.Connection, sql: str, params: Sequence[Any] | Mapping[str, Any]) -> list[tuple]:
     """The rows of a read again, after it met text that is not UTF-8 (`damage.undecodable`), that text as
     damage.NotUtf8 for `damage.checked` to name. Only on the connection's own thread; its text_factory is back
     to the default when it returns."""
     con.text_factory = lenient_text
     try:
-        return con.execute(sql, params).fetchall()
+        return fetch_rows(con, sql, params)
     finally:
         con.text_factory = str
+
+
+def _read(con: sqlite3.Connection, sql: str, params: Sequence[Any] | Mapping[str, Any]) -> list[tuple]:
+    """The reader's read: `fetch_rows`, again leniently when it meets text that is not UTF-8."""
+    try:
+        return fetch_rows(con, sql, params)
+    except sqlite3.OperationalError as e:
+        if not undecodable(e):
+            raise
+    return fetch_leniently(con, sql, params)
 
 
 def rollback(con: sqlite3.Connection) -> None:
