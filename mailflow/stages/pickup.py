@@ -37,8 +37,10 @@ yet, every scan looks again, at least every REQUEUE_RECHECK seconds), each throu
 queue id; the address rewriting, content checks and after-queue filter of now; no milters, as Postfix runs none
 on requeued mail) with only its pending recipients; the copy replaces the old message in one transaction, and
 pickup logs `NEW: uid=N from=<s> orig_id=OLD`. A message cleanup refuses for good now (a loop, a content check's
-REJECT) is put on hold, logged, rather than lost; a temporary failure leaves it for the next scan; a store
-fault ends the scan as above.
+REJECT) is put on hold, logged, rather than lost; one whose queue rows hold values of the wrong kind (edited by
+hand: store/damage.py) is moved to the corrupt queue with one warning naming it and what is wrong, as qmgr sets
+such mail aside, never copied from stand-ins; a temporary failure leaves it for the next scan; a store fault ends
+the scan as above.
 The hidden temporary files of sendmail processes that died writing them (SIGKILL, a crash) and were not
 touched for a day are removed at each scan, logged (Postfix's postsuper -p purges such leftovers).
 A socket that cannot be bound (e.g. a path longer than the UNIX limit) is logged; the periodic scan still runs.
@@ -62,6 +64,7 @@ from mailflow.faults import Guard
 from mailflow.filters.milter import NonSmtpdMilters
 from mailflow.maildrop import (REQUEUED, CorruptMaildrop, MaildropMessage, maildrop_content, maildrop_names,
                                read_maildrop, remove_stale_temporaries)
+from mailflow.logs import printable
 from mailflow.message import quoted_original
 from mailflow.model import ClientInfo, Envelope, LocalUser, QueueId, Recipient, Submission
 from mailflow.stages.bounce import NoticeRecipient, build_notice, notice_is_8bit, wants_notice
@@ -215,7 +218,7 @@ class Pickup:
                     in_hand += 1
                     continue
                 done += await self._copy(requeued)
-            if len(page) < REQUEUE_PAGE:
+            if not page:  # (not a short page: one may be short of a message whose id is not text, left out)
                 break
             after = (page[-1].requeued_at, page[-1].queue_id)
         self._requeues_waiting = bool(in_hand or await self._store.requeues_waiting())
@@ -227,6 +230,11 @@ class Pickup:
         cleanup refuses for having none. Raises only for a store fault."""
         assert self._store is not None
         old = requeued.queue_id
+        if requeued.damage:  # values of the wrong kind (edited by hand): never copied from stand-ins
+            await self._store.mark_corrupt([old])
+            logger.warning("pickup: requeued %s: damaged queue row: %s; moved to the corrupt queue", old,
+                           printable(requeued.damage))
+            return False
         if not requeued.recipients:  # each was delivered or returned (Postfix's cleanup refuses a copy of none)
             await self._store.delete_messages([old])
             logger.warning("pickup: requeued %s: from=<%s>: no recipients specified (each was delivered or returned);"

@@ -8,7 +8,11 @@ each such message through cleanup into a new message with a new queue id:
   queue index, so a walk of the whole maildrop queue costs one index range per page, no sort), each with its
   envelope and only the
   recipients still pending (those delivered or bounced are not copied, as Postfix's cleanup skips the
-  recipients a queue file marks done); the content is `Store.content(id)` (its file part read lazily).
+  recipients a queue file marks done); the content is `Store.content(id)` (its file part read lazily). Its values
+  are checked as every read of queue rows checks them (store/damage.py): one that is not of its kind (a row
+  edited by hand: `arrival = 'x'`, text that is not UTF-8, a recipient's status no code writes) comes as a
+  stand-in, and `damage` says what is wrong, for pickup to set the message aside rather than copy it. A message
+  whose id is such text is left out (it cannot be named in a query), as qmgr's scan leaves it.
 - `requeues_waiting()`: how many messages were requeued (marked: active, or incoming owing notices) and wait for
   the end of their attempt.
 - `hold_requeued(old_id)`: one cleanup refuses for good now (a loop, a content check's REJECT) goes on hold.
@@ -36,6 +40,7 @@ from pathlib import Path
 from mailflow.content import Spool
 from mailflow.model import ClientAttributes, NewMessage, QueueId, Recipient
 from mailflow.store.contents import CLIENT_COLUMNS, insert_ops, storable
+from mailflow.store.damage import Columns, checked
 from mailflow.store.engine import MAX_VARS, GroupCommitter, Reader, chunks, marks
 
 
@@ -64,10 +69,18 @@ class RequeuedMessage:
     recipients: tuple[Recipient, ...]  # the pending ones, in envelope order
     warned: bool = False  # its "delayed" notice went out: the copy sends none again (Postfix copies its warn record)
     requeued_at: float = 0.0  # when it entered the maildrop queue (its next_attempt there): the order pickup reads
+    #                           (as read, even when it is no time: it is the key of the next page)
+    damage: str = ""  # what is wrong with its rows' values (then stand-ins); "" when sound
 
 
 _ENVELOPE = ("id, next_attempt, sender, arrival, smtputf8, body_type, client, envid, ret, warned, "
              + ", ".join(CLIENT_COLUMNS))
+# ... and the kind of each but next_attempt (store/damage.py)
+_ENVELOPE_KINDS = Columns(("sender", "text"), ("arrival", "time"), ("smtputf8", "flag"), ("body_type", "text"),
+                          ("client", "text"), ("envid", "text"), ("ret", "text"), ("warned", "flag"),
+                          *((name, "text") for name in CLIENT_COLUMNS))
+_RECIPIENT_KINDS = Columns(("idx", "count"), ("address", "text"), ("original", "text"), ("notify", "text"),
+                           ("orcpt", "text"), ("status", "status"))
 # A page of the maildrop queue after a (requeued_at, id) key: a range of the (queue, next_attempt) index (the table
 # is WITHOUT ROWID, so the index holds the id too), read in its order.
 # on the partial index message_requeue: the marked messages only, not every incoming and active row
@@ -88,22 +101,28 @@ class RequeueQueries:
         """Up to `limit` messages of the maildrop queue after the key `after` (the last one's (requeued_at, id)),
         oldest requeue first."""
         rows = await self._reader.fetchall(REQUEUED_PAGE, (*after, limit))
-        pending = await self._pending_recipients([row[0] for row in rows])
-        return [RequeuedMessage(qid, sender, arrival, bool(utf8), body_type, client, envid, ret,
-                                ClientAttributes(*attributes), pending.get(qid, ()), bool(warned), requeued_at)
-                for qid, requeued_at, sender, arrival, utf8, body_type, client, envid, ret, warned, *attributes
-                in rows]
+        named = [row for row in rows if type(row[0]) is str]  # (an id that is not UTF-8 cannot be bound)
+        pending, recipient_damage = await self._pending_recipients([row[0] for row in named])
+        return [_requeued(row, pending.get(row[0], ()), recipient_damage.get(row[0], [])) for row in named]
 
-    async def _pending_recipients(self, ids: list[QueueId]) -> dict[QueueId, tuple[Recipient, ...]]:
+    async def _pending_recipients(self, ids: list[QueueId]
+                                  ) -> tuple[dict[QueueId, tuple[Recipient, ...]], dict[QueueId, list[str]]]:
+        """Each message's pending recipients, and what is wrong with those of its recipient rows that are damaged
+        (a status no code writes among them: neither pending nor done)."""
         found: dict[QueueId, list[Recipient]] = {}
+        damaged: dict[QueueId, list[str]] = {}
         for chunk in chunks(ids, MAX_VARS):
             rows = await self._reader.fetchall(
-                "SELECT message_id, idx, address, original, notify, orcpt FROM recipient"
-                f" WHERE message_id IN ({marks(len(chunk))}) AND status = 'pending' ORDER BY message_id, idx",
-                tuple(chunk))
-            for qid, *fields in rows:
-                found.setdefault(qid, []).append(Recipient(*fields))
-        return {qid: tuple(recipients) for qid, recipients in found.items()}
+                "SELECT message_id, idx, address, original, notify, orcpt, status FROM recipient"
+                f" WHERE message_id IN ({marks(len(chunk))}) AND status NOT IN ('sent', 'bounced')"
+                " ORDER BY message_id, idx", tuple(chunk))
+            for qid, *values in rows:
+                fields, damage = checked(values, _RECIPIENT_KINDS)
+                if damage:
+                    damaged.setdefault(qid, []).append(f"recipient {fields[1]}: {damage}")
+                else:
+                    found.setdefault(qid, []).append(Recipient(*fields[:5]))
+        return {qid: tuple(recipients) for qid, recipients in found.items()}, damaged
 
     async def requeues_waiting(self) -> int:
         [(n,)] = await self._reader.fetchall(REQUEUES_WAITING)
@@ -131,6 +150,16 @@ class RequeueQueries:
         if file_gone:  # (after the commit: the copy holds its own link to the same file; a crash here: the sweep)
             (self.content_dir / file_gone).unlink(missing_ok=True)
         return replaced
+
+
+def _requeued(row: tuple, pending: tuple[Recipient, ...], recipient_damage: list[str]) -> RequeuedMessage:
+    """A row of REQUEUED_PAGE as pickup copies it, its values checked."""
+    qid, requeued_at, *envelope = row
+    values, damage = checked(envelope, _ENVELOPE_KINDS)
+    sender, arrival, utf8, body_type, client, envid, ret, warned, *attributes = values
+    return RequeuedMessage(qid, sender, arrival, bool(utf8), body_type, client, envid, ret,
+                           ClientAttributes(*attributes), pending, bool(warned), requeued_at,
+                           damage="; ".join([damage] * bool(damage) + recipient_damage))
 
 
 def _replace_requeued(con: sqlite3.Connection, old_id: QueueId, new_id: QueueId) -> tuple[bool, QueueId | None]:

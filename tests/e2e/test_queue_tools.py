@@ -415,6 +415,45 @@ async def test_mail_requeued_while_no_server_runs_is_copied_when_one_starts(mail
     assert await queue_state(mf, old) is None
 
 
+async def test_a_damaged_row_in_the_maildrop_queue_is_set_aside_as_corrupt_with_one_warning(
+        mailflow_server, write_config, smtp_peer, tmp_path, caplog):
+    """Requeued mail whose rows were edited by hand (a time that is none, text that is not UTF-8, a recipient's
+    status no code writes) is not copied from stand-in values, nor tried again at every scan: pickup moves it to
+    the corrupt queue with one warning naming it and what is wrong, as qmgr sets aside damaged rows; the sound
+    message beside it is copied and delivered."""
+    peer = await smtp_peer()
+    settings = {"relayhost": f"[127.0.0.1]:{peer.port}", "mynetworks": ["127.0.0.0/8"],
+                "queue": HOUR, "sendmail": {"pickup_interval": 0.2}}
+    from mailflow.store import Store
+
+    db = tmp_path / "queue" / "queue.db"
+    db.parent.mkdir(exist_ok=True)
+    store = await Store.open(db)
+    ids = [f"{'0' * 12}{letter * 4}" for letter in "ABCD"]
+    for qid in ids:
+        await store.insert(NewMessage(qid, "s@remote.test", time.time(), Content.of(message(qid)),
+                                         (Recipient(0, "r@relay.test", "r@relay.test"),), queue="maildrop"))
+    sound, late, odd_sender, odd_status = ids
+    damage = {late: "arrival is 'x', not a time", odd_sender: "sender is b'\\xffs@remote.test', not text",
+              odd_status: "recipient r@relay.test: status is 'odd', not pending, sent or bounced"}
+    await store.close()
+    with sqlite3.connect(db) as con:
+        con.execute("PRAGMA ignore_check_constraints = 1")
+        con.execute("UPDATE message SET arrival = 'x' WHERE id = ?", (late,))
+        con.execute("UPDATE message SET sender = CAST(x'ff734072656d6f74652e74657374' AS TEXT) WHERE id = ?",
+                    (odd_sender,))
+        con.execute("UPDATE recipient SET status = 'odd' WHERE message_id = ?", (odd_status,))
+    mf = await mailflow_server(**settings)
+    await eventually(lambda: len(peer.messages) == 1, timeout=5, what="the sound message copied and delivered")
+    await eventually(lambda: mf.store.message_ids(queues=["corrupt"]), timeout=5, what="the damaged ones set aside")
+    await asyncio.sleep(1)  # several pickup scans
+    assert sorted(await mf.store.message_ids(queues=["corrupt"])) == sorted(damage)
+    assert await mf.store.message_ids(queues=["maildrop"]) == [] and await queue_state(mf, sound) is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "pickup" in r.getMessage()]
+    assert sorted(warnings) == sorted(f"pickup: requeued {qid}: damaged queue row: {what}; moved to the corrupt queue"
+                                      for qid, what in damage.items()), warnings
+
+
 async def test_a_copy_cleanup_refuses_for_good_leaves_the_message_on_hold(busy_peer, caplog):
     """The copy gets one Received header more (pickup's): past hopcount_limit cleanup refuses it (5.4.0). The
     message is not lost: it goes on hold, logged."""
