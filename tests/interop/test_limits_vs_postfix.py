@@ -559,3 +559,35 @@ async def test_a_connection_limit_on_an_implicit_tls_port_refuses_over_tls_as_a_
         f"Connection concurrency limit exceeded: 2 from {LOOPBACK_CLIENT}",
         f"disconnect from {LOOPBACK_CLIENT} commands=0/0",
         f"disconnect from {LOOPBACK_CLIENT} quit=1 commands=1"]
+
+
+# junk commands: HELO, EHLO, NOOP, VRFY, RSET, ETRN count, in a transaction too; past the junk limit each is an error
+JUNK_PF = {"smtpd_junk_command_limit": "2", "smtpd_hard_error_limit": "3", "smtpd_soft_error_limit": "10",
+           "smtpd_error_sleep_time": "0", "disable_vrfy_command": "yes"}
+JUNK_MF = {"junk_command_limit": 2, "hard_error_limit": 3, "soft_error_limit": 10, "error_sleep_time": "0s",
+           "disable_vrfy_command": True}
+JUNK_DIALOGUE = ["EHLO client.test", "NOOP", "MAIL FROM:<s@remote.test>", "NOOP", "RSET", "HELO client.test",
+                 "VRFY alice", "NOOP", "NOOP", "NOOP"]
+
+
+async def junk_replies(port: int) -> list[str]:
+    """Each command of JUNK_DIALOGUE and its reply's first line (host normalised), until the server closes."""
+    c = await SmtpClient.connect(port)
+    seen = []
+    for line in JUNK_DIALOGUE:
+        reply = await c.cmd(line)
+        seen.append(f"{line} -> {same_host(reply.text.splitlines()[0]) if reply.text else 'closed'}")
+        if reply.code in (None, 421):  # (the server closes: Postfix's close may reach the client as a reset)
+            await c.close()
+            return seen
+    await leave(c)
+    return seen
+
+
+async def test_junk_commands_count_as_postfix_counts_them(mailflow_server):
+    async with postfix_instance({"myhostname": PF_HOST, "mynetworks": NETWORKS, **JUNK_PF}) as pf:
+        postfix = await junk_replies(pf.port)
+    mf = await mailflow_server(mynetworks=[NETWORKS], smtpd=JUNK_MF)
+    mailflow = await junk_replies(mf.smtp_addresses[0][1])
+    assert mailflow == postfix
+    assert postfix[-1] == "NOOP -> 421 4.7.0 HOST Error: too many errors"

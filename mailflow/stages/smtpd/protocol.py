@@ -28,7 +28,7 @@ What it owns
   is the reply and changes nothing.
 - The command loop (`_handle_client`): the greeting (input before it is early talk, answered 554 in its place),
   the error gate (session_time_limit, soft and hard error limits), a line through `wire.Wire`, malformed lines,
-  the STARTTLS requirement, then RFC 2920 pipelining discipline, junk commands, dispatch to the `smtp_*` methods.
+  the STARTTLS requirement, then RFC 2920 pipelining discipline, dispatch to the `smtp_*` methods, junk commands.
   Commands that had already arrived (pipelined) are answered without any wait for input, so every PIPELINED_TURN
   of them in a row the session hands the loop back (`asyncio.sleep(0)`): one client's burst (a thousand RCPTs, BDAT
   chunks) holds up the other sessions, deliveries and timers for a few dozen commands, not for all of them.
@@ -93,7 +93,8 @@ log = logging.getLogger("mailflow.smtpd")
 # QUIT (Postfix's table does not flag it: in an ESMTP session input after QUIT is never read, in an SMTP one every
 # command is checked, QUIT too).
 LAST_IN_GROUP = {"EHLO", "HELO", "DATA", "VRFY", "NOOP"}
-JUNK_COMMANDS = {"NOOP", "VRFY", "RSET", "ETRN"}
+# Postfix's SMTPD_CMD_FLAG_LIMIT commands: past junk_command_limit of them each one is an error as well
+JUNK_COMMANDS = {"HELO", "EHLO", "NOOP", "VRFY", "RSET", "ETRN"}
 # aiosmtpd's, not offered: Postfix has neither (500 5.5.2 command not recognized). aiosmtpd's HELP listed only the
 # commands it wrote itself ("HELP NOOP RSET") and refused `HELP MAIL`.
 NOT_COMMANDS = {"EXPN", "HELP"}
@@ -662,12 +663,12 @@ class ProtocolCore(SMTP):
         if self._out_of_sync(command) and self._flag_ill_pipelining(command, self.wire.peek()):
             await self._refuse_and_close(status.PROTOCOL_SYNC)
             return
-        if command in JUNK_COMMANDS and not self.envelope.mail_from:
-            self._junk += 1
-            if self._junk > self._limits.junk_command_limit:
-                self._errors += 1
         self._reset_timeout()  # a complete command: the per-command deadline starts again
         await method(self, arg)
+        if command in JUNK_COMMANDS:  # counted once answered, in a transaction too, as smtpd.c's junk_cmds++ > limit
+            if self._junk > self._limits.junk_command_limit:
+                self._errors += 1
+            self._junk += 1
 
     def _message_accepted(self) -> None:
         """A message was queued: the error counts start again (Postfix)."""
