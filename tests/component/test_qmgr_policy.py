@@ -368,12 +368,19 @@ async def test_a_message_held_while_active_past_its_lifetime_stays_held_and_boun
         assert status == "pending"
 
 
-async def test_a_hold_that_qmgr_has_not_polled_yet_still_keeps_an_expired_message_from_bouncing(sim):
-    s = await sim(maximal_queue_lifetime=HOUR)  # the tick (a day) never comes: the hold is not noticed
+async def one_in_delivery(s, outcome: tuple) -> str:
+    """A message to one@far.test whose delivery waits on `s.smtp.release`, then ends with `outcome`; the notices
+    to its sender are delivered. Returns its queue id once the delivery is under way."""
     s.smtp.release.clear()
-    s.smtp.script = always(Outcome.DEFERRED, "4.4.1", "try later")
+    s.smtp.script = lambda req, now: outcome if req.sender else (Outcome.SENT, "2.0.0", "250 ok", True)
     queue_id = await s.submit("a@remote.test", "one@far.test")
     await eventually(lambda: waiting(s, "far.test") == (1, 0))
+    return queue_id
+
+
+async def test_a_hold_that_qmgr_has_not_polled_yet_still_keeps_an_expired_message_from_bouncing(sim):
+    s = await sim(maximal_queue_lifetime=HOUR)  # the tick (a day) never comes: the hold is not noticed
+    queue_id = await one_in_delivery(s, (Outcome.DEFERRED, "4.4.1", "try later", True))
     await s.store.hold_messages([queue_id])
     s.clock.advance(2 * HOUR)
     s.smtp.release.set()
@@ -388,11 +395,7 @@ async def test_a_hold_that_qmgr_has_not_polled_yet_sends_no_delay_notice_and_rel
     says so was dropped (only an active message was updated), so each release warned again: the kill campaign
     found senders with two or three delay notices for one message."""
     s = await sim(delay_warning_time=HOUR, maximal_queue_lifetime=DAY)  # the tick never comes
-    s.smtp.release.clear()
-    s.smtp.script = lambda req, now: ((Outcome.DEFERRED, "4.4.1", "try later", True) if req.sender
-                                      else (Outcome.SENT, "2.0.0", "250 ok", True))
-    queue_id = await s.submit("a@remote.test", "one@far.test")
-    await eventually(lambda: waiting(s, "far.test") == (1, 0))
+    queue_id = await one_in_delivery(s, (Outcome.DEFERRED, "4.4.1", "try later", True))
     await s.store.hold_messages([queue_id])
     s.clock.advance(2 * HOUR)
     s.smtp.release.set()
@@ -427,11 +430,7 @@ async def test_a_message_deleted_in_delivery_before_qmgr_polled_gets_no_failure_
     """`queue delete` says no bounce is sent: a message deleted while its delivery was under way, that bounced,
     got its failure notice all the same when the attempt ended before qmgr's poll had seen the delete."""
     s = await sim()  # the tick (a day) never comes: the delete is not noticed
-    s.smtp.release.clear()
-    s.smtp.script = lambda req, now: ((Outcome.BOUNCED, "5.1.1", "gone", True) if req.sender
-                                      else (Outcome.SENT, "2.0.0", "250 ok", True))
-    queue_id = await s.submit("a@remote.test", "one@far.test")
-    await eventually(lambda: waiting(s, "far.test") == (1, 0))
+    queue_id = await one_in_delivery(s, (Outcome.BOUNCED, "5.1.1", "gone", True))
     await s.store.delete_messages([queue_id])
     s.smtp.release.set()
     await s.run_until(s.clock.now + 60, stop=lambda: not s.qmgr.busy and s.qmgr.active_count == 0)
