@@ -161,12 +161,7 @@ def test_check_config_names_each_special_file_with_its_setting_and_ends(tmp_path
                       f'[dkim]\nsigning_table = "refile:{fifo}"\nkey_table = "{fifo}"\n'
                       f'[srs]\nenabled = true\ndomain = "fwd.example"\nsecret_file = "{fifo}"\n'
                       f'[admin]\nenable = true\ntoken_file = "/dev/zero"\n')
-    try:
-        result = subprocess.run([sys.executable, "-m", "mailflow", "check-config", "--config", str(config)],
-                                capture_output=True, text=True, timeout=30)
-    except subprocess.TimeoutExpired:
-        pytest.fail("check-config waited on a FIFO or read a device")
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    result = refused_at_once("check-config", config, "check-config waited on a FIFO or read a device")
     not_regular = "is a FIFO, not a regular file"
     for line in (f"alias_maps: table texthash:{fifo}: cannot read {fifo}: {not_regular}",
                  "transport_maps: table regexp:/dev/zero: cannot read /dev/zero: is a character device, not a regular "
@@ -179,16 +174,23 @@ def test_check_config_names_each_special_file_with_its_setting_and_ends(tmp_path
         assert line in result.stderr, (line, result.stderr)
 
 
+def refused_at_once(command: str, config, hung: str) -> subprocess.CompletedProcess:
+    """`mailflow COMMAND --config CONFIG`, which must end within 30 s (else the test fails saying `hung`) with
+    exit status 2 and no traceback."""
+    try:
+        result = subprocess.run([sys.executable, "-m", "mailflow", command, "--config", str(config)],
+                                capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(hung)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    return result
+
+
 def test_serve_with_a_fifo_for_its_certificate_exits_2_at_once(tmp_path, fifo):
     config = tmp_path / "m.toml"
     config.write_text(f'queue_directory = "{tmp_path / "queue"}"\n'
                       f'[smtpd]\nlisten = ["127.0.0.1:0"]\ntls_cert_file = "{fifo}"\n')
-    try:
-        result = subprocess.run([sys.executable, "-m", "mailflow", "serve", "--config", str(config)],
-                                capture_output=True, text=True, timeout=30)
-    except subprocess.TimeoutExpired:
-        pytest.fail("serve waited on a FIFO named as its certificate")
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    result = refused_at_once("serve", config, "serve waited on a FIFO named as its certificate")
     assert f"smtpd.tls_cert_file: {fifo}: cannot read (is a FIFO, not a regular file)" in result.stderr
 
 
