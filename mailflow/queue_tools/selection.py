@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import IO, AsyncIterator, Callable, Iterator, Sequence
 
 from mailflow.address import normalise_domain
+from mailflow.store import QUEUES  # (maildrop: requeued, not yet copied)
 from mailflow.syntax import parse_duration
 
-QUEUES = ("incoming", "active", "deferred", "hold", "corrupt", "maildrop")  # maildrop: requeued, not yet copied
 LISTED_QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")  # what mailq shows, like Postfix's showq
 CHUNK = 1000  # ids per transaction (and per page read)
 ID_CHUNK = 500  # explicit ids per IN (...) query

@@ -33,10 +33,11 @@ API's rows (MessageRow, MessageDetail, RecipientRow, ShapeCount, DestinationRow)
 """
 from mailflow.model import NewMessage
 from mailflow.store.daemon import SCAN_CONTENT_BUDGET, Store
+from mailflow.store.damage import QUEUES
 from mailflow.store.engine import store_fault
 from mailflow.store.schema import SCHEMA_VERSION
 from mailflow.store.operator import DestinationRow, MessageDetail, MessageRow, RecipientRow, ShapeCount
 from mailflow.store.requeue import RequeuedMessage, RequeueGone
 
-__all__ = ["DestinationRow", "MessageDetail", "MessageRow", "NewMessage", "RecipientRow", "SCAN_CONTENT_BUDGET",
+__all__ = ["DestinationRow", "MessageDetail", "MessageRow", "NewMessage", "QUEUES", "RecipientRow", "SCAN_CONTENT_BUDGET",
            "RequeueGone", "RequeuedMessage", "SCHEMA_VERSION", "ShapeCount", "Store", "store_fault"]

@@ -66,7 +66,7 @@ from mailflow.model import (ClientAttributes, Delivered, NewMessage, Outcome, Qu
 from mailflow.store.contents import CLIENT_COLUMNS, content_of, insert_ops, row_content, storable, sweep
 from mailflow.store.damage import Columns, checked, sort_time, undecodable
 from mailflow.store.engine import (BUSY_TIMEOUT, CONTENT_DIRECTORY, MAX_VARS, BatchLoader, GroupCommitter, Op,
-                                   Reader, Writer, chunks, fetch_leniently, marks, remove_ops)
+                                   Reader, Writer, chunks, fetch_leniently, fetch_rows, marks, remove_ops)
 from mailflow.store.operator import OperatorQueries
 from mailflow.store.requeue import OWES_NOTICES, RequeueQueries
 
@@ -392,7 +392,7 @@ def _due_rows(con: sqlite3.Connection, params: dict) -> list[tuple]:
     text then names its message damaged). A message whose id is such text is left out: it cannot be claimed (an
     id with surrogates cannot be bound), and stays where it is, listed as damaged by the queue tools."""
     try:
-        return con.execute(DUE, params).fetchall()
+        return fetch_rows(con, DUE, params)
     except sqlite3.OperationalError as e:
         if not undecodable(e):
             raise
