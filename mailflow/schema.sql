@@ -41,7 +41,7 @@ CREATE TABLE IF NOT EXISTS message (
 ) WITHOUT ROWID;
 
 CREATE INDEX IF NOT EXISTS message_due ON message (queue, next_attempt);
--- the few messages requeued while active (pickup and qmgr count them every second while one waits)
+-- the few messages requeued while active (pickup counts them every second while one waits)
 CREATE INDEX IF NOT EXISTS message_requeue ON message (queue) WHERE requeue = 1;
 
 CREATE TABLE IF NOT EXISTS recipient (

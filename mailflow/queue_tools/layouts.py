@@ -258,10 +258,11 @@ def write_show(out: IO[str], detail: MessageDetail, recipients: Sequence[Recipie
         due = "- (requeued: pickup copies it to a new queue id)"
     else:
         due = when(d.next_attempt, now) if d.next_attempt > now else "now"
+    damage = damage_of(d, recipients)
     lines = [f"*** ENVELOPE RECORDS {where} ***",
              f"queue_id:       {d.queue_id}",
              f"queue:          {d.queue}",
-             *([f"damaged:        {printable(damage_of(d, recipients))}"] if damage_of(d, recipients) else []),
+             *([f"damaged:        {printable(damage)}"] if damage else []),
              f"message_size:   {d.size}",
              f"arrival_time:   {when(d.arrival, now)}",
              f"create_time:    {when(d.created, now)}",  # (postcat prints it for every queue file)

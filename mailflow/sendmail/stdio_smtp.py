@@ -11,8 +11,8 @@ one answering, in Postfix's words): MAIL's SIZE (a malformed one `501 5.5.4`, on
 BODY=7BIT|8BITMIME (the message's body type, as -B), SMTPUTF8 (8-bit addresses are found by pickup in any case),
 AUTH= (accepted, unused), RET and ENVID (RFC 3461: the message's; -N, -R, -V and -B do not apply, as under
 Postfix's -bs); RCPT's NOTIFY and ORCPT, kept per recipient in the maildrop file (`rcpt_notify`, `rcpt_orcpt`); a
-malformed or repeated DSN parameter is `501 5.5.4 Bad RET parameter syntax` (`Error: Bad NOTIFY parameter syntax`, ...), any other
-parameter `555 5.5.4 Unsupported option`.
+malformed or repeated DSN parameter is `501 5.5.4 Bad RET parameter syntax` (`Error: Bad NOTIFY parameter syntax`,
+...), any other parameter `555 5.5.4 Unsupported option`.
 STARTTLS, AUTH, XCLIENT and XFORWARD get Postfix's stand-alone smtpd's answers (502, 503, 550); a command line
 that is not UTF-8 `500 5.5.2 Error: bad UTF-8 syntax`, an empty one `500 5.5.2 Error: bad syntax`, one longer than
 `[smtpd] max_line_length` (its CRLF counted) is read to its end and answered `500 5.5.2 Error: line too long`, as
@@ -61,6 +61,7 @@ class StdioSmtp:
         self._in = reader
         self._out = writer
         self._sub = submitter
+        self._limits = submitter.config.smtpd  # [smtpd]: the limits and words smtpd would use here
         self._opts = opts
         self._host = submitter.config.myhostname
         self._sleep = sleep
@@ -79,7 +80,7 @@ class StdioSmtp:
         """A reply from the catalogue (plain strings only for the EHLO lines, all in one), after
         error_sleep_time once soft_error_limit errors were made (as Postfix's smtpd_chat_reply waits); an error
         reply (4xx, 5xx) counts as one unless told otherwise."""
-        limits = self._sub.config.smtpd
+        limits = self._limits
         if self._errors >= limits.soft_error_limit and limits.error_sleep_time:
             self._sleep(limits.error_sleep_time)
         self._out.write(str(reply).encode("utf-8") + b"\r\n")
@@ -95,15 +96,15 @@ class StdioSmtp:
             return 0
 
     def _session(self) -> int:
-        self._reply(status.greeting(self._host, self._sub.config.smtpd.banner))  # (smtpd's, as Postfix's -bs)
+        self._reply(status.greeting(self._host, self._limits.banner))  # (smtpd's, as Postfix's -bs)
         while True:
-            if self._errors >= self._sub.config.smtpd.hard_error_limit:
+            if self._errors >= self._limits.hard_error_limit:
                 self._reply(status.too_many_errors(self._host))
                 return 0
-            line = self._in.readline(self._sub.config.smtpd.max_line_length)
+            line = self._in.readline(self._limits.max_line_length)
             if not line:
                 return 0
-            if not line.endswith(b"\n") and len(line) == self._sub.config.smtpd.max_line_length:
+            if not line.endswith(b"\n") and len(line) == self._limits.max_line_length:
                 self._skip_line()  # one reply for one command, as smtpd gives it
                 self._reply(status.LINE_TOO_LONG)
                 continue
@@ -125,7 +126,7 @@ class StdioSmtp:
         """A HELO, EHLO, RSET, NOOP or VRFY is one more error from the (junk_command_limit + 2)th on, as Postfix's
         `junk_cmds++ > limit` counts them."""
         if verb in self.JUNK_COMMANDS:
-            if self._junk > self._sub.config.smtpd.junk_command_limit:
+            if self._junk > self._limits.junk_command_limit:
                 self._errors += 1
             self._junk += 1
 
@@ -148,8 +149,8 @@ class StdioSmtp:
 
     def _keywords(self) -> list[str]:
         """EHLO's keywords, in the order of Postfix's smtpd."""
-        limit = self._sub.config.smtpd.message_size_limit
-        vrfy = [] if self._sub.config.smtpd.disable_vrfy_command else ["VRFY"]
+        limit = self._limits.message_size_limit
+        vrfy = [] if self._limits.disable_vrfy_command else ["VRFY"]
         return ["PIPELINING", f"SIZE {limit}" if limit else "SIZE", *vrfy, "ENHANCEDSTATUSCODES", "8BITMIME", "DSN",
                 "SMTPUTF8"]
 
@@ -160,7 +161,7 @@ class StdioSmtp:
         if isinstance(parsed, status.Reply):
             return self._reply(parsed)
         given, words = parsed
-        taken = mail_parameters(words, self._sub.config.smtpd.message_size_limit)  # (smtpd's own reading)
+        taken = mail_parameters(words, self._limits.message_size_limit)  # (smtpd's own reading)
         if isinstance(taken, status.Reply):
             return self._reply(taken)
         options, ret, envid, _ = taken  # (AUTH=: accepted, unused, as smtpd without SASL)
@@ -188,10 +189,10 @@ class StdioSmtp:
         dsn = rcpt_parameters(words)
         if isinstance(dsn, status.Reply):
             return self._reply(dsn)
-        if len(self._recipients) >= self._sub.config.smtpd.recipient_limit:  # as Postfix's smtpd under -bs
+        if len(self._recipients) >= self._limits.recipient_limit:  # as Postfix's smtpd under -bs
             self._overshoot += 1
             return self._reply(status.TOO_MANY_RECIPIENTS,
-                               counts_as_error=self._overshoot > self._sub.config.smtpd.recipient_overshoot_limit)
+                               counts_as_error=self._overshoot > self._limits.recipient_overshoot_limit)
         try:
             self._recipients.append(clean_recipient(given, self._sub.config.origin))
         except UsageError:
@@ -263,7 +264,7 @@ class StdioSmtp:
         """As Postfix's smtpd in stand-alone mode: off with disable_vrfy_command (its setting applies there too),
         else the argument's syntax only, no restriction list."""
         written, _ = address.vrfy_argument(arg)
-        if self._sub.config.smtpd.disable_vrfy_command:
+        if self._limits.disable_vrfy_command:
             self._reply(status.VRFY_DISABLED)
         elif not written:
             self._reply(status.VRFY_SYNTAX)

@@ -272,9 +272,8 @@ class Pickup:
         envelope = Envelope(m.sender, tuple(r.address for r in rcpts), smtputf8=m.smtputf8, body_type=m.body_type,
                             originals=tuple(r.original for r in rcpts), notify=tuple(r.notify for r in rcpts),
                             orcpts=tuple(r.orcpt for r in rcpts), envid=m.envid, ret=m.ret)
-        client = ClientInfo(addr="127.0.0.1", helo=self._myhostname, protocol="local", hostname="localhost")
         local = not m.client_attributes.protocol
-        return Submission(envelope, content, client, submitter=LocalUser(os.geteuid(), ""),
+        return Submission(envelope, content, self._local_client(), submitter=LocalUser(os.geteuid(), ""),
                           client_attributes=m.client_attributes, add_missing_headers=local,
                           header_rewrite_domain="" if local else None)
 
@@ -366,8 +365,11 @@ class Pickup:
         envelope = Envelope(m.sender, m.recipients, smtputf8=not all(a.isascii() for a in (m.sender, *m.recipients)),
                             body_type=m.body_type, notify=m.recipient_notify(), orcpts=m.rcpt_orcpt, envid=m.envid,
                             ret=m.ret)
-        client = ClientInfo(addr="127.0.0.1", helo=self._myhostname, protocol="local", hostname="localhost")
-        return Submission(envelope, content, client, submitter=LocalUser(m.uid, m.user, m.fullname))
+        return Submission(envelope, content, self._local_client(), submitter=LocalUser(m.uid, m.user, m.fullname))
+
+    def _local_client(self) -> ClientInfo:
+        """The client of a local submission, as cleanup and the Received header name it."""
+        return ClientInfo(addr="127.0.0.1", helo=self._myhostname, protocol="local", hostname="localhost")
 
     def _unreadable(self, name: str, error: CorruptMaildrop | OSError) -> bool:
         """A file that cannot be taken in: a corrupt one is set aside, one that cannot be read is tried again at

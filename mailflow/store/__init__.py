@@ -39,5 +39,5 @@ from mailflow.store.schema import SCHEMA_VERSION
 from mailflow.store.operator import DestinationRow, MessageDetail, MessageRow, RecipientRow, ShapeCount
 from mailflow.store.requeue import RequeuedMessage, RequeueGone
 
-__all__ = ["DestinationRow", "MessageDetail", "MessageRow", "NewMessage", "QUEUES", "RecipientRow", "SCAN_CONTENT_BUDGET",
-           "RequeueGone", "RequeuedMessage", "SCHEMA_VERSION", "ShapeCount", "Store", "store_fault"]
+__all__ = ["DestinationRow", "MessageDetail", "MessageRow", "NewMessage", "QUEUES", "RecipientRow",
+           "SCAN_CONTENT_BUDGET", "RequeueGone", "RequeuedMessage", "SCHEMA_VERSION", "ShapeCount", "Store", "store_fault"]

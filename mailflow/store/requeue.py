@@ -81,10 +81,10 @@ _ENVELOPE_KINDS = Columns(("sender", "text"), ("arrival", "time"), ("smtputf8", 
                           *((name, "text") for name in CLIENT_COLUMNS))
 _RECIPIENT_KINDS = Columns(("idx", "count"), ("address", "text"), ("original", "text"), ("notify", "text"),
                            ("orcpt", "text"), ("status", "status"))
-# A page of the maildrop queue after a (requeued_at, id) key: a range of the (queue, next_attempt) index (the table
-# is WITHOUT ROWID, so the index holds the id too), read in its order.
 # on the partial index message_requeue: the marked messages only, not every incoming and active row
 REQUEUES_WAITING = "SELECT count(*) FROM message WHERE queue IN ('active', 'incoming') AND requeue = 1"
+# A page of the maildrop queue after a (requeued_at, id) key: a range of the (queue, next_attempt) index (the table
+# is WITHOUT ROWID, so the index holds the id too), read in its order.
 REQUEUED_PAGE = (f"SELECT {_ENVELOPE} FROM message WHERE queue = 'maildrop' AND (next_attempt, id) > (?, ?)"
                  " ORDER BY next_attempt, id LIMIT ?")
 

@@ -301,11 +301,11 @@ class Session:
             return
         for line in reply.garbage:
             self.log.warning("%s: non-%s response from %s: %s", self.queue_id, self.dialect, self.peer.relay,
-                        printable(line[:100]))
+                             printable(line[:100]))
         unkept = reply.garbage_count - len(reply.garbage)
         if unkept:
             self.log.warning("%s: %d more non-%s response lines from %s", self.queue_id, unkept, self.dialect,
-                        self.peer.relay)
+                             self.peer.relay)
 
     async def command(self, line: bytes, timeout: float, activity: str) -> Reply:
         self.send(line, activity)
