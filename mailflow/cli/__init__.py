@@ -1,4 +1,4 @@
-"""The command line: `mailflow serve | reload | health | check-config | version | queue … | mailq | table | config |
+"""The command line: `mailflow serve | reload | health | check-config | version | queue … | mailq | table | config show|check |
 address | auth | account … | dovecot-config | dkim keygen | dns-records | check-deliverability | sendmail`. No logic
 of its own: each command calls the module that does the work.
 
@@ -39,7 +39,8 @@ queue_app = typer.Typer(no_args_is_help=True, help="Inspect and change the mail 
                         "postcat, qshape); works with or without a running server.")
 table_app = typer.Typer(no_args_is_help=True, help="Query lookup tables (texthash, inline, static, regexp, "
                         "sqlite, accounts, fail) the way the server sees them, like postmap -q.")
-config_app = typer.Typer(no_args_is_help=True, help="Show the configuration (postconf).")
+config_app = typer.Typer(no_args_is_help=True, help="Show the configuration (postconf) or check it (postfix check; "
+                         "the same as check-config).")
 auth_app = typer.Typer(no_args_is_help=True, help="AUTH users for smtpd.sasl_user_maps.")
 account_app = typer.Typer(no_args_is_help=True, help="The account database: hosted domains, mailboxes, aliases and "
                           "sender logins for AUTH, delivery and Dovecot (docs/accounts.md).")
@@ -62,6 +63,7 @@ app.add_typer(table_app, name="table")
 table_app.command("query")(server.table_query)
 app.add_typer(config_app, name="config")
 config_app.command("show")(server.config_show)
+config_app.command("check")(server.check_config)
 app.command("address")(server.address_test)
 app.add_typer(auth_app, name="auth")
 auth_app.command("hash-password")(server.auth_hash_password)

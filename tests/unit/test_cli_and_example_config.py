@@ -215,6 +215,16 @@ def test_missing_config_file_is_named(tmp_path):
     assert result.returncode == 2 and "nope.toml: no such file" in result.stderr
 
 
+def test_config_check_is_check_config(tmp_path):
+    """`mailflow config check` (beside `config show`) checks as `check-config` does: a bad key is named, a good
+    file passes."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[smtpd]\nlisten = ['127.0.0.1']\n")
+    result = mailflow("config", "check", "--config", str(bad))
+    assert result.returncode == 2 and f"{bad}: smtpd.listen: '127.0.0.1' needs a port" in result.stderr
+    assert mailflow("config", "check", "--config", str(ROOT / "config.toml")).returncode == 0
+
+
 def test_the_account_groups_are_named_in_the_plural():
     result = mailflow("account", "--help")
     assert "Aliases of the account database" in result.stdout and "Aliass" not in result.stdout, result.stdout
