@@ -411,7 +411,7 @@ class QueueManager:
         self._room_was_short = room <= 0 or len(taken) >= room  # more may be due than there was room for
         await self._admit_all(taken, now)
         if now >= self._next_scan:  # a timed scan: sleep next until the earliest deferred message is due
-            await self._set_aside_never_due()
+            await self._set_aside(await self._store.never_due())  # deferred mail with no time to be due: never seen
             next_due = await self._store.next_due_time()  # (an index lookup), at most a queue run
             later = now + self._config.queue_run_delay
             if next_due is not None and len(self._active) < self._config.active_limit:
@@ -429,7 +429,7 @@ class QueueManager:
                     await asyncio.sleep(0)
                 for message in taken[start:start + ADMIT_SLICE]:
                     if message.damage:
-                        self._spawn(self._set_aside(message))
+                        self._spawn(self._set_aside([(message.queue_id, message.damage)]))
                     else:
                         self._log_opened(message)
                         self._admit(message, now)
@@ -438,23 +438,16 @@ class QueueManager:
         finally:
             self._admitting = 0
 
-    async def _set_aside_never_due(self) -> None:
-        """Deferred mail whose next_attempt is no time (set by hand) would never be due, nor ever seen: set aside as
-        the other damaged messages are (at the timed scans, the first at start: an index lookup)."""
-        never_due = await self._store.never_due()
-        if not never_due:
+    async def _set_aside(self, damaged: list[tuple[str, str]]) -> None:
+        """Messages with damaged queue rows, (queue id, what is wrong) each, are not delivered: their values are
+        stand-ins. To the corrupt queue in one write, with one warning each naming it and what is wrong (Postfix's
+        `saving corrupt file`): one by one those a scan takes, in a batch the timed scans' `Store.never_due`."""
+        if not damaged:
             return
-        ids = [qid for qid, _ in never_due]
+        ids = [qid for qid, _ in damaged]
         await self._writes.run(lambda: self._store.mark_corrupt(ids), f"{ids[0]}: moving to the corrupt queue")
-        for qid, damage in never_due:
+        for qid, damage in damaged:
             self._log.corrupt(qid, f"damaged queue row: {damage}")
-
-    async def _set_aside(self, message: QueuedMessage) -> None:
-        """A message with damaged queue rows is not delivered: its values are stand-ins. To the corrupt queue, with
-        one warning naming it and what is wrong (Postfix's one `saving corrupt file` line)."""
-        qid = message.queue_id
-        await self._writes.run(lambda: self._store.mark_corrupt([qid]), f"{qid}: moving to the corrupt queue")
-        self._log.corrupt(qid, f"damaged queue row: {message.damage}")
 
     def _log_opened(self, message: QueuedMessage) -> None:
         """qmgr's `from=` line each time a message enters the active queue, as Postfix's opened() (a retry, a
