@@ -316,16 +316,23 @@ class Store(OperatorQueries, RequeueQueries):
         return out
 
 
+# The columns DUE reads, each with its kind (store/damage.py): a message's, and each recipient's.
+_MESSAGE_KINDS = Columns(("id", "text"), ("sender", "text"), ("arrival", "time"), ("size", "size"),
+                         ("smtputf8", "flag"), ("body_type", "text"), ("attempts", "count"), ("envid", "text"),
+                         ("ret", "text"), ("warned", "flag"), ("filter", "text"), ("from_logged", "flag"),
+                         ("created", "time"),
+                         *((name, "text") for name in CLIENT_COLUMNS))
+_RECIPIENT_KINDS = Columns(("idx", "count"), ("address", "text"), ("original", "text"), ("notify", "text"),
+                           ("orcpt", "text"), ("status", "status"), ("dsn", "text"), ("reason", "text"),
+                           ("relay", "text"), ("relayed", "flag"))
 # A recipient's columns in DUE's JSON; a BLOB (no code writes one; JSON cannot hold it, and the whole scan would fail)
 # as {"blob": hex}, which damage.checked then names.
 _RECIPIENT_COLUMNS = ", ".join(f"CASE typeof({c}) WHEN 'blob' THEN json_object('blob', hex({c})) ELSE {c} END"
-                               for c in ("idx", "address", "original", "notify", "orcpt", "status", "dsn", "reason",
-                                         "relay", "relayed"))
-_MESSAGE_COLUMNS_LIST = ("id", "sender", "arrival", "size", "smtputf8", "body_type", "attempts", "envid", "ret",
-                         "warned", "filter", "from_logged", "created", *CLIENT_COLUMNS)
-_RECIPIENTS_AT = len(_MESSAGE_COLUMNS_LIST)  # a DUE row: the message's columns, its recipients (JSON), how many
-_NRCPT_AT = _RECIPIENTS_AT + 1               # it had in all, side, next_attempt, the content row's data and body
+                               for c in _RECIPIENT_KINDS.names)
+_RECIPIENTS_AT = len(_MESSAGE_KINDS.names)  # a DUE row: the message's columns, its recipients (JSON), how many
+_NRCPT_AT = _RECIPIENTS_AT + 1              # it had in all, side, next_attempt, the content row's data and body
 _SIDE_AT = _NRCPT_AT + 1
+_NEXT_ATTEMPT_KIND = Columns(("next_attempt", "time"))  # never_due()'s
 SCAN_CONTENT_SIZE = MEMORY_LIMIT  # bytes: a message kept in its row (this size at most) is read with due()
 SCAN_CONTENT_BUDGET = 8 << 20  # bytes of content read with one due() at the most
 DECODE_INLINE = 100  # rows of a due() or take() decoded on the event loop; more are decoded in a worker thread
@@ -338,7 +345,7 @@ DECODE_INLINE = 100  # rows of a due() or take() decoded on the event loop; more
 # `nrcpt=`). Rows come in any order: `side` (0 new, 1 deferred) and `next_attempt` order them; due() alternates the
 # two sides.
 DUE = f"""
-SELECT {', '.join(_MESSAGE_COLUMNS_LIST)},
+SELECT {_MESSAGE_KINDS.select_list},
        (SELECT json_group_array(json_array({_RECIPIENT_COLUMNS})) FROM recipient
         WHERE message_id = m.id AND (status = 'pending' OR notice = 1)),
        (SELECT count(*) FROM recipient WHERE message_id = m.id),
@@ -354,17 +361,6 @@ FROM (SELECT *, 0 AS side, sum(CASE WHEN size <= :scan_size THEN size ELSE 0 END
 LEFT JOIN content c ON m.size <= :scan_size AND m.scanned <= :budget AND c.message_id = m.id
                        AND c.file_offset IS NULL
 """
-
-
-_MESSAGE_KINDS = Columns(("id", "text"), ("sender", "text"), ("arrival", "time"), ("size", "size"),
-                         ("smtputf8", "flag"), ("body_type", "text"), ("attempts", "count"), ("envid", "text"),
-                         ("ret", "text"), ("warned", "flag"), ("filter", "text"), ("from_logged", "flag"),
-                         ("created", "time"),
-                         *((name, "text") for name in CLIENT_COLUMNS))
-_NEXT_ATTEMPT_KIND = Columns(("next_attempt", "time"))
-_RECIPIENT_KINDS = Columns(("idx", "count"), ("address", "text"), ("original", "text"), ("notify", "text"),
-                           ("orcpt", "text"), ("status", "status"), ("dsn", "text"), ("reason", "text"),
-                           ("relay", "text"), ("relayed", "flag"))
 
 
 def _scan_order(row: tuple) -> tuple:

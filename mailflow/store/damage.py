@@ -3,7 +3,9 @@ where a time belongs, a negative size, a status no code writes. SQLite keeps wha
 types are only affinities, so the store cannot count on them.
 
     Columns((name, kind), ...)                      the columns of a row, each kind one of KINDS (made once: it
-                                                    keeps what a sound row's check needs)
+                                                    keeps what a sound row's check needs); `.names` in order and
+                                                    `.select_list` ("id, sender, ..."): what a SELECT reads, so a
+                                                    query's columns and their kinds are written once
     checked(values, columns[, suspect]) -> (values, damage)
                                                     each value that is not of its kind is replaced by a stand-in
                                                     (0 for a number, text for text) and named in `damage`
@@ -99,10 +101,12 @@ KINDS: dict[str, Kind] = {
 class Columns:
     """The columns of a row as `checked` takes them: (name, kind) pairs, each kind a key of KINDS. Made once per
     query: it keeps what the check of a sound row needs (the Python types SQLite gives for it, and the columns
-    whose values have bounds beyond their type)."""
+    whose values have bounds beyond their type), and the query's column list, in the same order."""
 
     def __init__(self, *columns: tuple[str, str]):
         self.columns = columns
+        self.names = tuple(name for name, _ in columns)
+        self.select_list = ", ".join(self.names)
         self.types = tuple(KINDS[kind].python_type for _, kind in columns)
         self.bounded = tuple((i, KINDS[kind].sound) for i, (_, kind) in enumerate(columns) if kind != "text")
 

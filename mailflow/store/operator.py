@@ -96,11 +96,7 @@ class DestinationRow:
     updated: float  # when qmgr wrote it
 
 
-# Columns in the order of the rows' fields.
-_MESSAGE_ROW = "id, queue, size, arrival, sender, next_attempt, attempts"
-_MESSAGE_DETAIL = f"{_MESSAGE_ROW}, client, envid, ret, smtputf8, body_type, warned, created"
-_RECIPIENT_ROW = "address, original, status, dsn, reason, notify, orcpt"
-# ... and the kind of each (store/damage.py).
+# The columns of each read, in the order of the rows' fields, with the kind of each (store/damage.py).
 _MESSAGE_COLUMNS = (("id", "text"), ("queue", "queue"), ("size", "size"), ("arrival", "time"), ("sender", "text"),
                     ("next_attempt", "time"), ("attempts", "count"))
 _MESSAGE_KINDS = Columns(*_MESSAGE_COLUMNS)
@@ -128,7 +124,7 @@ class OperatorQueries:
         """Up to `limit` selected messages with ids after `after`, in id order. `ids` at most 500."""
         where, params = _tool_where(queues, ids, after, sender, rcpt_domain, arrived_before)
         rows = await self._reader.fetchall(
-            f"SELECT {_MESSAGE_ROW} FROM message WHERE {where} ORDER BY id LIMIT ?", (*params, limit))
+            f"SELECT {_MESSAGE_KINDS.select_list} FROM message WHERE {where} ORDER BY id LIMIT ?", (*params, limit))
         return [_message_row(r) for r in rows]
 
     async def message_ids(self, **selection) -> list[QueueId]:
@@ -155,7 +151,7 @@ class OperatorQueries:
         only = " AND status NOT IN ('sent', 'bounced')" if pending_only else ""
         for chunk in chunks(list(ids), MAX_VARS):
             rows = await self._reader.fetchall(
-                f"SELECT message_id, {_RECIPIENT_ROW} FROM recipient"
+                f"SELECT message_id, {_RECIPIENT_KINDS.select_list} FROM recipient"
                 f" WHERE message_id IN ({marks(len(chunk))}){only} ORDER BY message_id, idx", tuple(chunk))
             for qid, *fields in rows:
                 (address, original, status, dsn, reason, notify, orcpt), damage = checked(fields, _RECIPIENT_KINDS)
@@ -165,7 +161,7 @@ class OperatorQueries:
 
     async def message_detail(self, queue_id: QueueId) -> MessageDetail | None:
         """One message's envelope, or None."""
-        rows = await self._reader.fetchall(f"SELECT {_MESSAGE_DETAIL} FROM message WHERE id = ?",
+        rows = await self._reader.fetchall(f"SELECT {_DETAIL_KINDS.select_list} FROM message WHERE id = ?",
                                                    (queue_id,))
         if not rows:
             return None

@@ -73,9 +73,8 @@ class RequeuedMessage:
     damage: str = ""  # what is wrong with its rows' values (then stand-ins); "" when sound
 
 
-_ENVELOPE = ("id, next_attempt, sender, arrival, smtputf8, body_type, client, envid, ret, warned, "
-             + ", ".join(CLIENT_COLUMNS))
-# ... and the kind of each but next_attempt (store/damage.py)
+# The columns pickup reads of a requeued message (after its id and next_attempt) and of a recipient, with the kind of
+# each (store/damage.py).
 _ENVELOPE_KINDS = Columns(("sender", "text"), ("arrival", "time"), ("smtputf8", "flag"), ("body_type", "text"),
                           ("client", "text"), ("envid", "text"), ("ret", "text"), ("warned", "flag"),
                           *((name, "text") for name in CLIENT_COLUMNS))
@@ -85,8 +84,8 @@ _RECIPIENT_KINDS = Columns(("idx", "count"), ("address", "text"), ("original", "
 REQUEUES_WAITING = "SELECT count(*) FROM message WHERE queue IN ('active', 'incoming') AND requeue = 1"
 # A page of the maildrop queue after a (requeued_at, id) key: a range of the (queue, next_attempt) index (the table
 # is WITHOUT ROWID, so the index holds the id too), read in its order.
-REQUEUED_PAGE = (f"SELECT {_ENVELOPE} FROM message WHERE queue = 'maildrop' AND (next_attempt, id) > (?, ?)"
-                 " ORDER BY next_attempt, id LIMIT ?")
+REQUEUED_PAGE = (f"SELECT id, next_attempt, {_ENVELOPE_KINDS.select_list} FROM message"
+                 " WHERE queue = 'maildrop' AND (next_attempt, id) > (?, ?) ORDER BY next_attempt, id LIMIT ?")
 
 
 class RequeueQueries:
@@ -113,7 +112,7 @@ class RequeueQueries:
         damaged: dict[QueueId, list[str]] = {}
         for chunk in chunks(ids, MAX_VARS):
             rows = await self._reader.fetchall(
-                "SELECT message_id, idx, address, original, notify, orcpt, status FROM recipient"
+                f"SELECT message_id, {_RECIPIENT_KINDS.select_list} FROM recipient"
                 f" WHERE message_id IN ({marks(len(chunk))}) AND status NOT IN ('sent', 'bounced')"
                 " ORDER BY message_id, idx", tuple(chunk))
             for qid, *values in rows:
