@@ -53,7 +53,7 @@ from mailflow.model import DeliveryReport, DeliveryRequest, Recipient
 from mailflow.transports.smtp.addr import Nexthop, Peer, parse_nexthop, unique
 from mailflow.transports.smtp.chat import Session, Timeouts
 from mailflow.transports.smtp.commands import screen_envelope
-from mailflow.transports.smtp.connect import greet, hello, open_session
+from mailflow.transports.smtp.connect import greet, hello, log_connect_failure, open_session
 from mailflow.transports.smtp.proto import send_message
 from mailflow.transports.smtp.trouble import ConnectFailure, Outcomes, SiteFailure, record_unreachable
 
@@ -113,7 +113,7 @@ class LmtpTransport:
             try:
                 return await self._handshake(peer)
             except ConnectFailure as e:
-                _log_connect_failure(e)
+                log_connect_failure(e, log)
             except SiteFailure as e:
                 if e.hard:  # a 5xx to LHLO: the mail bounces with it, as Postfix's lmtp
                     raise
@@ -121,7 +121,7 @@ class LmtpTransport:
         try:
             return await self._handshake(last)
         except ConnectFailure as e:
-            _log_connect_failure(e)
+            log_connect_failure(e, log)
             raise
 
     async def _handshake(self, peer: Peer) -> Session:
@@ -158,8 +158,3 @@ class LmtpTransport:
             raise SiteFailure("4.4.3", f"Host or domain name not found: {host} has no address")
         return [Peer(host, address, port) for address in addresses]
 
-
-def _log_connect_failure(failure: ConnectFailure) -> None:
-    """A failed TCP connection is logged at once, alone (Postfix's lmtp_connect)."""
-    if failure.logged_alone:
-        log.info("%s", failure.text)

@@ -3,7 +3,10 @@ and for SMTP STARTTLS as the TLS policy asks and AUTH with the relay's credentia
 
     await open_session(peer, timeout, clock) -> Session     TCP, or a UNIX-domain socket (port 0), within
                                 `timeout`; ConnectFailure 4.4.1 "connect to h[ip]:port: Connection refused" (or
-                                timed out; trouble: the caller logs it alone, no queue id, for a TCP peer)
+                                timed out), which the caller logs with log_connect_failure
+    log_connect_failure(failure, log)   a TCP peer's failed connection at once, alone, no queue id (Postfix's
+                                smtp_connect_inet); none for a UNIX-domain socket's; on the caller's logger (the
+                                log names smtp or lmtp)
     await greet(session, timeout)                            the greeting must be 2xx
     await hello(session, helo_name, timeout, lmtp=False, queue_id="")
                                 EHLO (HELO after a refused EHLO but 421), or LHLO; sets
@@ -114,6 +117,12 @@ async def open_session(peer: Peer, timeout: float, clock: Callable[[], float]) -
     except (OSError, TimeoutError) as e:
         raise ConnectFailure(f"connect to {peer.relay}: {os_reason(e)}", tcp=bool(peer.port)) from None
     return Session(wire, peer, opened)
+
+
+def log_connect_failure(failure: ConnectFailure, log: logging.Logger) -> None:
+    """See the module docstring."""
+    if failure.logged_alone:
+        log.info("%s", failure.text)
 
 
 async def greet(session: Session, timeout: float) -> None:

@@ -64,7 +64,7 @@ from mailflow.transports.smtp.addr import (
 )
 from mailflow.transports.smtp.chat import Session, Timeouts
 from mailflow.transports.smtp.commands import screen_envelope
-from mailflow.transports.smtp.connect import Destination, SmtpHandshake
+from mailflow.transports.smtp.connect import Destination, SmtpHandshake, log_connect_failure
 from mailflow.transports.smtp.mtasts import MtaSts
 from mailflow.transports.smtp.proto import reset, send_message
 from mailflow.transports.smtp.reuse import SessionCache
@@ -286,8 +286,7 @@ class SmtpTransport:
                         record_unreachable(outcomes, recipients, e, [])
                         return
                     if isinstance(e, ConnectFailure):  # Postfix's smtp_connect_inet: at once, no queue id
-                        if e.logged_alone:
-                            log.info("%s", e.text)
+                        log_connect_failure(e, log)
                     elif e.relay == "none":  # refused before connecting (DANE, MTA-STS): logged at once
                         log.info("%s: %s", request.queue_id, e.text)
                     else:  # Postfix's smtp_bulk_fail: at the final server the result line is the only one
