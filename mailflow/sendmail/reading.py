@@ -15,6 +15,8 @@ header section (for -t and Bcc), streamed so that a big message is never held wh
                                                    unless ignore_dots; a CR inside a line becomes a space;
                                                    a leading mbox "From " line is dropped; a line longer than
                                                    LINE_PIECE comes in pieces
+    line_pieces(stream) -> (text, complete, last)  what both read_message and -bs's DATA read: lines, or pieces
+                                                   of LINE_PIECE, without their line ends
     split_input(lines, limit) -> (header section, the rest)
     header_recipients(header) -> addresses         -t: To, Cc, Bcc (Resent-* when any Resent- header is present)
     without_bcc(header) -> header                  Bcc and Resent-Bcc removed
@@ -106,25 +108,40 @@ def read_message(stream: BinaryIO, ignore_dots: bool) -> Iterator[bytes]:
     the last ending in CRLF); a lone "." ends it unless `ignore_dots` (also as the last line without a line end,
     as Postfix's sendmail takes it); a leading mbox "From " line is dropped. A CR that is not part of the line end
     becomes a space (lone_cr_as_space), as with Postfix."""
-    first, at_start, skipping, carry = True, True, False, b""
-    while raw := stream.readline(LINE_PIECE):
-        complete = raw.endswith(b"\n")
-        data, carry = carry + raw, b""
-        if not complete:  # a CR at the end of a piece may be the first half of the line end
-            kept = data.rstrip(b"\r")
-            data, carry = kept, data[len(kept):]
+    first, at_start, skipping = True, True, False
+    for text, complete, last in line_pieces(stream):
         if at_start:
-            if first and data.startswith(b"From "):  # an mbox separator, not a header (Postfix drops it too)
+            if first and text.startswith(b"From "):  # an mbox separator, not a header (Postfix drops it too)
                 skipping = True
-            elif not ignore_dots and data.rstrip(b"\r\n") == b"." and (complete or len(raw) < LINE_PIECE):
-                return  # (a short piece without its line end is the last line: "." at the very end counts too)
+            elif not ignore_dots and text == b"." and (complete or last):
+                return  # ("." at the very end of the input, without its line end, counts too)
         first = False
         if not skipping:
-            yield lone_cr_as_space(data.rstrip(b"\r\n")) + CRLF if complete else lone_cr_as_space(data)
+            yield lone_cr_as_space(text) + (CRLF if complete else b"")
         skipping = skipping and not complete
         at_start = complete
     if not at_start and not skipping:  # the last line had no line end
         yield CRLF
+
+
+def line_pieces(stream: BinaryIO) -> Iterator[tuple[bytes, bool, bool]]:
+    """`stream` read a line at a time, a line longer than LINE_PIECE in pieces of about that size: (text,
+    complete, last) for each piece, where `text` is the piece without its line end (the LF and any CRs before it;
+    a CR inside is left as it is), `complete` says the line ends with this piece, and `last` that the input ends
+    with it, without a line end (a read shorter than LINE_PIECE that found no LF). A CR at the end of a piece is
+    held back and put before the next one, as it may be the first half of a CRLF split between two reads; at the
+    end of the input it is dropped. The one reader of sendmail's standard input (deliver mode's read_message,
+    -bs's DATA)."""
+    carry = b""
+    while raw := stream.readline(LINE_PIECE):
+        complete = raw.endswith(b"\n")
+        data, carry = carry + raw, b""
+        if complete:
+            yield data.rstrip(b"\r\n"), True, False
+        else:
+            text = data.rstrip(b"\r")
+            carry = data[len(text):]
+            yield text, False, len(raw) < LINE_PIECE
 
 
 def lone_cr_as_space(line: bytes) -> bytes:

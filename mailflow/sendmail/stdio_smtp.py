@@ -41,7 +41,8 @@ from mailflow import address, status
 from mailflow.maildrop import MaildropError
 from mailflow.message import CRLF
 from mailflow.sendmail.options import Options, UsageError
-from mailflow.sendmail.reading import clean_address, clean_recipient, lone_cr_as_space, without_bcc
+from mailflow.sendmail.reading import (LINE_PIECE, clean_address, clean_recipient, line_pieces, lone_cr_as_space,
+                                       without_bcc)
 from mailflow.sendmail.submitter import Submitter
 from mailflow.smtp_parameters import mail_parameters, rcpt_parameters
 from mailflow.syntax import ascii_upper
@@ -53,7 +54,6 @@ class StdioSmtp:
     since input is read line by line. Returns 0 at QUIT, at the end of input, or when the client stops reading
     the replies (a broken pipe: quietly, no traceback)."""
 
-    LINE_LIMIT = 65536
     JUNK_COMMANDS = frozenset({"HELO", "EHLO", "RSET", "NOOP", "VRFY"})  # Postfix's SMTPD_CMD_FLAG_LIMIT (no ETRN)
 
     def __init__(self, reader: BinaryIO, writer: BinaryIO, submitter: Submitter, opts: Options,
@@ -132,7 +132,7 @@ class StdioSmtp:
 
     def _skip_line(self) -> None:
         """Read through the end of the current line (or of the input) without keeping it."""
-        while (piece := self._in.readline(self.LINE_LIMIT)) and not piece.endswith(b"\n"):
+        while (piece := self._in.readline(LINE_PIECE)) and not piece.endswith(b"\n"):
             pass
 
     def _do_HELO(self, arg: str) -> None:
@@ -223,25 +223,16 @@ class StdioSmtp:
 
     def _data_lines(self) -> Iterator[bytes]:
         """The DATA content, unstuffed, line by line, up to the "." line; _EndOfInput when input ends first. A
-        line longer than LINE_LIMIT comes in pieces, only the last ending in CRLF (as read_message gives it): it
+        line longer than LINE_PIECE comes in pieces, only the last ending in CRLF (as read_message gives it): it
         stays one line, as Postfix's smtpd keeps it."""
-        at_start, carry = True, b""
-        while True:
-            raw = self._in.readline(self.LINE_LIMIT)
-            if not raw:
-                raise _EndOfInput()
-            complete = raw.endswith(b"\n")
-            data, carry = carry + raw, b""
-            if not complete:  # a CR at the end of a piece may be the first half of the line end
-                kept = data.rstrip(b"\r")
-                data, carry = kept, data[len(kept):]
-            piece = lone_cr_as_space(data.rstrip(b"\r\n") if complete else data)
-            if at_start and complete and piece == b".":
+        at_start = True
+        for text, complete, _ in line_pieces(self._in):
+            if at_start and complete and text == b".":
                 return
-            if at_start and piece.startswith(b"."):
-                piece = piece[1:]
+            piece = lone_cr_as_space(text[1:] if at_start and text.startswith(b".") else text)
             yield piece + CRLF if complete else piece
             at_start = complete
+        raise _EndOfInput()
 
     @staticmethod
     def _skip(lines: Iterator[bytes]) -> bool:
