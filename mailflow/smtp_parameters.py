@@ -2,13 +2,17 @@
 implementation for smtpd (stages/smtpd/transaction.py) and `sendmail -bs` (sendmail/stdio_smtp.py), which
 imports it without loading smtpd (a -bs run is one process per message: it must start fast).
 
+    path_text(arg, command) -> text | status.Reply      what follows MAIL's `FROM:` or RCPT's `TO:`: the path and
+                                                       its parameter words, not yet parsed (address.parse_path)
     mail_parameters(words, size_limit) -> (options, RET, ENVID, AUTH) | status.Reply
     rcpt_parameters(words) -> (NOTIFY, ORCPT) | status.Reply
 
 MAIL takes SIZE, BODY=7BIT|8BITMIME, SMTPUTF8, AUTH= (RFC 4954: accepted, not trusted) and the RFC 3461 RET and
 ENVID; RCPT takes NOTIFY and ORCPT. Each DSN value is checked by mailflow.dsn_parameters.
 
-Failure behaviour: nothing raises for a client's input; the first bad word answers, in the order given, as in
+Failure behaviour: nothing raises for a client's input. Without its keyword (`FROM:`, `TO:`, in any case) or
+with nothing but spaces and tabs after it the argument is refused with Postfix's usage reply, `501 5.5.4 Syntax:
+MAIL FROM:<address>` (RCPT's alike). Of the parameter words the first bad one answers, in the order given, as in
 Postfix's mail_cmd and rcpt_cmd: an unknown parameter `555 5.5.4 Unsupported option`; a malformed or repeated
 DSN parameter 501 5.5.4 in Postfix's words (`status.BAD_RET`, `BAD_ENVID`, `BAD_NOTIFY`, `BAD_ORCPT`); a bad
 SIZE 501 5.5.4, one past OFF_T_MAX 552 5.3.4, one over the size limit 552 5.3.4 once all are taken; a second
@@ -23,9 +27,20 @@ from mailflow.logs import printable
 from mailflow.syntax import ascii_upper, parse_octet_count
 
 
+PATH_KEYWORDS = {"MAIL": "FROM:", "RCPT": "TO:"}  # what each command's argument begins with (RFC 5321 4.1.1)
 DSN_CHECKS: dict[str, tuple[Callable[[str], str], status.Reply]] = {
     "RET": (dsn.ret, status.BAD_RET), "ENVID": (dsn.envid, status.BAD_ENVID),
     "NOTIFY": (dsn.notify, status.BAD_NOTIFY), "ORCPT": (dsn.orcpt, status.BAD_ORCPT)}
+
+
+def path_text(arg: str | None, command: str) -> str | status.Reply:
+    """What follows the keyword of MAIL's or RCPT's argument (`command`: "MAIL" or "RCPT"), as given: the path and
+    its parameter words; the usage reply when the keyword is missing or no path follows it (`<>` is one)."""
+    keyword = PATH_KEYWORDS[command]
+    text = (arg or "")[len(keyword):]
+    if not arg or ascii_upper(arg[:len(keyword)]) != keyword or not text.strip(" \t"):
+        return status.syntax(f"{command} {keyword}<address>")
+    return text
 
 
 def _take_dsn(found: dict[str, str], key: str, value: str) -> status.Reply | None:

@@ -44,8 +44,7 @@ from mailflow.sendmail.options import Options, UsageError
 from mailflow.sendmail.reading import (LINE_PIECE, clean_address, clean_recipient, line_pieces, lone_cr_as_space,
                                        without_bcc)
 from mailflow.sendmail.submitter import Submitter
-from mailflow.smtp_parameters import mail_parameters, rcpt_parameters
-from mailflow.syntax import ascii_upper
+from mailflow.smtp_parameters import mail_parameters, path_text, rcpt_parameters
 
 
 class StdioSmtp:
@@ -157,7 +156,7 @@ class StdioSmtp:
     def _do_MAIL(self, arg: str) -> None:
         if self._sender is not None:
             return self._reply(status.NESTED_MAIL)
-        parsed = _path(arg, "FROM:", status.SENDER_SYNTAX)
+        parsed = _path(arg, "MAIL", status.SENDER_SYNTAX)
         if isinstance(parsed, status.Reply):
             return self._reply(parsed)
         given, words = parsed
@@ -180,7 +179,7 @@ class StdioSmtp:
     def _do_RCPT(self, arg: str) -> None:
         if self._sender is None:
             return self._reply(status.NEED_MAIL)
-        parsed = _path(arg, "TO:", status.RECIPIENT_SYNTAX)
+        parsed = _path(arg, "RCPT", status.RECIPIENT_SYNTAX)
         if isinstance(parsed, status.Reply):
             return self._reply(parsed)
         given, words = parsed
@@ -295,13 +294,13 @@ def _discard_output(out: BinaryIO) -> None:
         pass
 
 
-def _path(arg: str, keyword: str, bad_path: status.Reply) -> tuple[str, list[str]] | status.Reply:
-    """(the address, the parameter words) of `FROM:<a@b> PARAMS` / `TO:…`, the path read as smtpd reads it
-    (address.parse_path); the usage reply without the keyword or a path, `bad_path` for a malformed one."""
-    usage = status.syntax(f"{'MAIL' if keyword == 'FROM:' else 'RCPT'} {keyword}<address>")
-    text = arg[len(keyword):]
-    if ascii_upper(arg[:len(keyword)]) != keyword or not text.strip(" \t"):
-        return usage
+def _path(arg: str, command: str, bad_path: status.Reply) -> tuple[str, list[str]] | status.Reply:
+    """(the address, the parameter words) of MAIL's `FROM:<a@b> PARAMS` / RCPT's `TO:…`, the path read as smtpd
+    reads it (path_text, address.parse_path); the usage reply without the keyword or a path, `bad_path` for a
+    malformed one."""
+    text = path_text(arg, command)
+    if isinstance(text, status.Reply):
+        return text
     try:
         found, rest = address.parse_path(text)
     except address.PathError:

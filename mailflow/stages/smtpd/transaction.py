@@ -34,7 +34,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from mailflow import address, status
-from mailflow.smtp_parameters import mail_parameters, rcpt_parameters
+from mailflow.smtp_parameters import mail_parameters, path_text, rcpt_parameters
 from mailflow.stages.smtpd.secure import SecureCommands
 from mailflow.stages.smtpd.state import NULL_SENDER
 from mailflow.syntax import ascii_upper
@@ -57,7 +57,7 @@ class TransactionCommands(SecureCommands):
         """`MAIL FROM:<address> [params]`; the reply is the handler's unless the session refuses first."""
         if await self.check_helo_needed():  # before "nested MAIL" and "MAIL after BDAT", as Postfix's mail_cmd
             return
-        taken = await self._arguments(arg, "MAIL", "FROM:", status.SENDER_SYNTAX, self._mail_out_of_order(),
+        taken = await self._arguments(arg, "MAIL", status.SENDER_SYNTAX, self._mail_out_of_order(),
                                       lambda words: mail_parameters(words, self.data_size_limit))
         if taken is None:
             return
@@ -78,7 +78,7 @@ class TransactionCommands(SecureCommands):
         """`RCPT TO:<address> [NOTIFY=… ORCPT=…]`. Past `recipient_limit` the answer is 452 4.5.3, which
         counts as an error only past `recipient_overshoot_limit` (RFC 5321 4.5.3.1.10: the client may go on
         and send the message to the recipients already accepted)."""
-        taken = await self._arguments(arg, "RCPT", "TO:", status.RECIPIENT_SYNTAX, self._rcpt_out_of_order(),
+        taken = await self._arguments(arg, "RCPT", status.RECIPIENT_SYNTAX, self._rcpt_out_of_order(),
                                       rcpt_parameters)
         if taken is None:
             return
@@ -105,7 +105,7 @@ class TransactionCommands(SecureCommands):
             return status.NEED_MAIL
         return status.RCPT_AFTER_BDAT if self.envelope.processing_bdat else None
 
-    async def _arguments(self, arg: str | None, command: str, keyword: str, bad_path: status.Reply,
+    async def _arguments(self, arg: str | None, command: str, bad_path: status.Reply,
                          out_of_order: status.Reply | None, parameters: Callable[[list[str]], Any]):
         """What MAIL and RCPT share (MAIL has asked for HELO already): `out_of_order` if given (MAIL twice, RCPT
         before MAIL or after BDAT: Postfix's first answer; RCPT needs no HELO check, as no MAIL is taken without
@@ -116,7 +116,7 @@ class TransactionCommands(SecureCommands):
             return None
         if await self.check_auth_needed(command):
             return None
-        parsed = await self._path_argument(arg, keyword, command, bad_path)
+        parsed = await self._path_argument(arg, command, bad_path)
         if parsed is None:
             return None
         addr, written, words = parsed
@@ -139,19 +139,15 @@ class TransactionCommands(SecureCommands):
         await self.push(refusal)
         return True
 
-    async def _path_argument(self, arg: str | None, keyword: str, command: str, bad: status.Reply):
+    async def _path_argument(self, arg: str | None, command: str, bad: status.Reply):
         """(address, address as written, parameter words) of `FROM:<address> params` or `TO:…`, or None when a
         refusal was sent:
-        501 5.5.4 usage without the keyword or without a path, then the client's MAIL or RCPT rate counted (450
-        4.7.1 past its limit: a malformed path counts too, as in Postfix), `bad` (501 5.1.7 / 5.1.3) for a
-        malformed path."""
-        usage = f"{command} {keyword}<address>"
-        if not arg or ascii_upper(arg[:len(keyword)]) != keyword:
-            await self.push(status.syntax(usage))
-            return None
-        text = arg[len(keyword):]
-        if not text.strip(" \t"):  # no path at all (`<>` is one): Postfix's usage reply, for MAIL as for RCPT
-            await self.push(status.syntax(usage))
+        501 5.5.4 usage without the keyword or without a path (`path_text`), then the client's MAIL or RCPT rate
+        counted (450 4.7.1 past its limit: a malformed path counts too, as in Postfix), `bad` (501 5.1.7 / 5.1.3)
+        for a malformed path."""
+        text = path_text(arg, command)
+        if isinstance(text, status.Reply):
+            await self.push(text)
             return None
         if await self.refused_for_rate(command.lower()):  # "mail" or "rcpt", counted where Postfix counts them
             return None
