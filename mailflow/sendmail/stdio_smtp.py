@@ -38,6 +38,7 @@ import time
 from typing import BinaryIO, Callable, Iterator
 
 from mailflow import address, status
+from mailflow.junk_commands import JunkCount
 from mailflow.maildrop import MaildropError
 from mailflow.message import CRLF
 from mailflow.sendmail.options import Options, UsageError
@@ -65,7 +66,7 @@ class StdioSmtp:
         self._host = submitter.config.myhostname
         self._sleep = sleep
         self._errors = 0  # commands answered with an error since the last queued message (smtpd's error_count)
-        self._junk = 0  # HELO, EHLO, RSET, NOOP, VRFY since then (smtpd's junk_cmds)
+        self._junk = JunkCount(self.JUNK_COMMANDS, self._limits.junk_command_limit)  # since then (smtpd's junk_cmds)
         self._reset()
 
     def _reset(self) -> None:
@@ -119,15 +120,8 @@ class StdioSmtp:
                 continue
             if handler(arg.strip()) is False:
                 return 0
-            self._count_junk(verb.upper())
-
-    def _count_junk(self, verb: str) -> None:
-        """A HELO, EHLO, RSET, NOOP or VRFY is one more error from the (junk_command_limit + 2)th on, as Postfix's
-        `junk_cmds++ > limit` counts them."""
-        if verb in self.JUNK_COMMANDS:
-            if self._junk > self._limits.junk_command_limit:
+            if self._junk.answered(verb.upper()):  # one more error from the (junk_command_limit + 2)th on
                 self._errors += 1
-            self._junk += 1
 
     def _skip_line(self) -> None:
         """Read through the end of the current line (or of the input) without keeping it."""
@@ -217,7 +211,8 @@ class StdioSmtp:
             self._reply(status.MESSAGE_TOO_BIG if e.code == os.EX_DATAERR else status.QUEUE_ERROR)
         else:
             self._reply(status.queued(name))
-            self._errors = self._junk = 0  # a message queued forgives what came before (Postfix)
+            self._errors = 0  # a message queued forgives what came before (Postfix)
+            self._junk.forgive()
         self._reset()
 
     def _data_lines(self) -> Iterator[bytes]:

@@ -28,6 +28,7 @@ LEAVES = (
     "mailflow.syntax", "mailflow.restriction_vocabulary", "mailflow.pipe_argv", "mailflow.address", "mailflow.errors",
     "mailflow.tables", "mailflow.aliases", "mailflow.dns", "mailflow.message", "mailflow.content", "mailflow.model",
     "mailflow.clock", "mailflow.passwords", "mailflow.accounts", "mailflow.files", "mailflow.dsn_parameters",
+    "mailflow.junk_commands",
 )
 # What mailflow.config may load (besides itself): leaves only, and of those only these.
 CONFIG_MAY_LOAD = ("mailflow", "mailflow.syntax", "mailflow.restriction_vocabulary", "mailflow.pipe_argv",

@@ -80,6 +80,7 @@ from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException
 
 from mailflow import address, status
 from mailflow.config import DEFAULTS
+from mailflow.junk_commands import JunkCount
 from mailflow.stages.smtpd.sessionlog import SessionLog
 from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction, helo_name
 from mailflow.stages.smtpd.transcript import SessionObserver, Transcript, tls_description
@@ -93,8 +94,8 @@ log = logging.getLogger("mailflow.smtpd")
 # QUIT (Postfix's table does not flag it: in an ESMTP session input after QUIT is never read, in an SMTP one every
 # command is checked, QUIT too).
 LAST_IN_GROUP = {"EHLO", "HELO", "DATA", "VRFY", "NOOP"}
-# Postfix's SMTPD_CMD_FLAG_LIMIT commands: past junk_command_limit of them each one is an error as well
-JUNK_COMMANDS = {"HELO", "EHLO", "NOOP", "VRFY", "RSET", "ETRN"}
+# Postfix's SMTPD_CMD_FLAG_LIMIT commands: past junk_command_limit of them each one is an error as well (JunkCount)
+JUNK_COMMANDS = frozenset({"HELO", "EHLO", "NOOP", "VRFY", "RSET", "ETRN"})
 # aiosmtpd's, not offered: Postfix has neither (500 5.5.2 command not recognized). aiosmtpd's HELP listed only the
 # commands it wrote itself ("HELP NOOP RSET") and refused `HELP MAIL`.
 NOT_COMMANDS = {"EXPN", "HELP"}
@@ -198,7 +199,7 @@ class ProtocolCore(SMTP):
         self._replies_sent = 0
         self._in_hello = False  # HELO/EHLO replies carry no enhanced codes (RFC 2034)
         self._errors = 0
-        self._junk = 0
+        self._junk = JunkCount(JUNK_COMMANDS, self._limits.junk_command_limit)
         self._in_a_row = 0  # commands answered since the session last waited for input or handed the loop back
         self._ill_pipelining = False  # logged once a session, refused or not (Postfix's SMTPD_FLAG_ILL_PIPELINING)
         self.command_line = b""  # the command being answered, as sent (what a warning that quotes it quotes)
@@ -665,15 +666,13 @@ class ProtocolCore(SMTP):
             return
         self._reset_timeout()  # a complete command: the per-command deadline starts again
         await method(self, arg)
-        if command in JUNK_COMMANDS:  # counted once answered, in a transaction too, as smtpd.c's junk_cmds++ > limit
-            if self._junk > self._limits.junk_command_limit:
-                self._errors += 1
-            self._junk += 1
+        if self._junk.answered(command):  # counted once answered, in a transaction too
+            self._errors += 1
 
     def _message_accepted(self) -> None:
         """A message was queued: the error counts start again (Postfix)."""
         self._errors = 0
-        self._junk = 0
+        self._junk.forgive()
 
     # --- HELO, EHLO, VRFY -----------------------------------------------------------------------------------
 
