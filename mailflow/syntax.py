@@ -13,7 +13,7 @@ may use it without an import cycle.
                                                 those whose name is a file
     table_type(spec) -> str                     the type of a "type:name" spec, in lower case ("" without a colon)
     check_table_spec(spec) -> spec              "type:name" with a type of TABLE_TYPES (any case)
-    table_type_hint(kind) -> str                for a Postfix type mailflow lacks (hash:, pcre:, cidr:, proxy:),
+    table_type_hint(kind) -> str                for a Postfix type mailflow lacks (hash:, pcre:, proxy:),
                                                 what to write instead
     is_hostname(name)                           RFC 1123 letters-digits-hyphen labels, at most 255 characters,
                                                 one trailing dot allowed
@@ -47,8 +47,8 @@ _HOSTNAME = re.compile(rf"(?=.{{1,255}}$){_LABEL}(?:\.{_LABEL})*\.?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ASCII_UPPER = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
-TABLE_TYPES = ("texthash", "inline", "static", "regexp", "sqlite", "accounts", "unix", "fail")
-FILE_TABLE_TYPES = ("texthash", "regexp", "sqlite", "accounts")  # the name after the colon is a file
+TABLE_TYPES = ("texthash", "inline", "static", "regexp", "cidr", "sqlite", "accounts", "unix", "fail")
+FILE_TABLE_TYPES = ("texthash", "regexp", "cidr", "sqlite", "accounts")  # the name after the colon is a file
 
 
 def parse_duration(value: object) -> float:
@@ -115,8 +115,6 @@ POSTFIX_TYPE_HINTS = {
     **dict.fromkeys(("hash", "btree", "lmdb", "cdb", "dbm", "sdbm"),
                     "name the source file as texthash:FILE (it is read as it is, no postmap needed)"),
     "pcre": "write it as regexp:FILE (RE2 syntax: no back-references or look-around)",
-    "cidr": "cidr tables are not implemented: list the networks in mynetworks, or match the address in a "
-            "regexp: table",
     "proxy": "drop the proxy: prefix (mailflow reads the table itself)",
 }
 

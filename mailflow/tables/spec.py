@@ -5,7 +5,7 @@
                                   (unix:), one that opens; ValueError naming the problem (configuration's check)
 
 `aliases`: a texthash file is in aliases(5) format, as alias_maps files are. File-backed tables (texthash,
-regexp, accounts) read their file at the first lookup (or TableCache.preload), not here; sqlite reads its .cf
+regexp, cidr, accounts) read their file at the first lookup (or TableCache.preload), not here; sqlite reads its .cf
 here. `accounts:PATH#MAP` names a map of the account database (mailflow.tables.accounts); `unix:passwd.byname`
 and `unix:group.byname` the system's users and groups (mailflow.tables.unix).
 Relative paths (the spec's, sqlite's dbpath) are taken from `base_dir` when given, else from the current
@@ -24,6 +24,7 @@ from mailflow.errors import ConfigError
 from mailflow.syntax import TABLE_TYPES, check_table_spec, table_type, table_type_hint
 from mailflow.tables.accounts import AccountsTable, parse_spec
 from mailflow.tables.base import Table, resolve_path
+from mailflow.tables.cidr import CidrTable
 from mailflow.tables.files import TexthashTable
 from mailflow.tables.memory import FailTable, open_inline, open_static
 from mailflow.tables.regexp import RegexpTable
@@ -45,7 +46,7 @@ def open_table(spec: str, *, base_dir: Path | None = None, clock: Callable[[], f
         return FailTable(spec)
     if kind == "unix":
         return UnixTable(spec, name.strip())
-    if kind in ("texthash", "regexp", "sqlite", "accounts"):
+    if kind in ("texthash", "regexp", "cidr", "sqlite", "accounts"):
         if not name.strip():
             raise ConfigError("", spec, f"{kind}: needs a file name ({kind}:/path)")
         path = resolve_path(name.strip(), base_dir)
@@ -53,6 +54,8 @@ def open_table(spec: str, *, base_dir: Path | None = None, clock: Callable[[], f
             return TexthashTable(spec, path, clock, aliases=aliases)
         if kind == "regexp":
             return RegexpTable(spec, path, clock)
+        if kind == "cidr":
+            return CidrTable(spec, path, clock)
         if kind == "accounts":
             db, map_name = parse_spec(spec, name)
             return AccountsTable(spec, resolve_path(db, base_dir), map_name, clock)

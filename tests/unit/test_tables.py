@@ -131,9 +131,9 @@ def test_bad_specs(spec):
 def test_unknown_type_names_the_known_ones():
     with pytest.raises(ConfigError) as e:
         open_table("hash:/etc/postfix/virtual")
-    assert e.value.reason == ("unknown table type 'hash'; mailflow has texthash, inline, static, regexp, sqlite, "
-                              "accounts, unix, fail; name the source file as texthash:FILE (it is read as it is, "
-                              "no postmap needed)")
+    assert e.value.reason == ("unknown table type 'hash'; mailflow has texthash, inline, static, regexp, cidr, "
+                              "sqlite, accounts, unix, fail; name the source file as texthash:FILE (it is read as it "
+                              "is, no postmap needed)")
     assert e.value.key == "hash:/etc/postfix/virtual"
 
 
@@ -396,6 +396,126 @@ def test_lookup_local():
     assert lookup_local(t, "other", delimiter="+") is None
     assert lookup_address(t, "user+x", delimiter="+") == ("user", "u")  # no domain: alias-style keys
     assert split_extension("a+b+c", "+") == ("a", "+b+c")
+
+# ------------------------------------------------------------------------------------------------- cidr
+
+CIDR = """
+# first match wins
+192.0.2.1            one-address
+192.0.2.0/24         net24
+192.0.2.0/25         never-reached
+[2001:db8::1]        v6-bracketed
+[2001:db8::]/32      v6-bracket-then-length
+[2001:db9::/32]      v6-length-inside
+!10.0.0.0/8          not-ten
+if ::/0
+::1                  v6-loopback
+endif
+"""
+
+
+def cidr_table(tmp_path, text=CIDR, clock=None):
+    f = write(tmp_path / "cidr", text)
+    return open_table(f"cidr:{f}", **({"clock": clock} if clock else {})), f
+
+
+def test_cidr_first_match_wins_over_networks_addresses_and_negation(tmp_path):
+    t, _ = cidr_table(tmp_path)
+    assert t.fixed is False  # a pattern table: check_client_access asks it the name and the address only
+    assert t.lookup("192.0.2.1") == "one-address"
+    assert t.lookup("192.0.2.3") == "net24"  # the /25 below it is never reached
+    assert t.lookup("2001:db8::1") == t.lookup("2001:DB8:0::1") == "v6-bracketed"
+    assert t.lookup("2001:db8:ffff::9") == "v6-bracket-then-length"
+    assert t.lookup("2001:db9::9") == "v6-length-inside"
+    assert t.lookup("198.51.100.7") == "not-ten"
+    assert t.lookup("10.1.2.3") is None
+    assert t.lookup("::1") == "v6-loopback"  # a negated IPv4 pattern never holds an IPv6 address
+    assert t.lookup("2001:dba::1") is None
+
+
+@pytest.mark.parametrize("key", ["[192.0.2.1]", "IPv6:2001:db8::1", "192.0.2", "01.2.3.4", "192.0.2.1 ",
+                                 "fe80::1%lo", "host.example", "", "192.0.2.1\x00", "b\udcff"])
+def test_cidr_a_key_that_is_not_an_address_is_not_found(tmp_path, key):
+    t, _ = cidr_table(tmp_path, "0.0.0.0/0 any4\n::/0 any6\n")
+    assert t.lookup(key) is None
+
+
+def test_cidr_if_blocks_nest_negate_and_skip_the_other_family(tmp_path):
+    t, _ = cidr_table(tmp_path, """
+IF 198.51.100.0/24
+if ! 198.51.100.0/25
+198.51.100.200    upper-half
+endif
+0.0.0.0/0         in-the-24
+ENDIF
+if !203.0.113.0/24
+0.0.0.0/0         not-203
+endif
+::/0              v6
+""")
+    assert t.lookup("198.51.100.200") == "upper-half"
+    assert t.lookup("198.51.100.7") == "in-the-24"
+    assert t.lookup("203.0.113.5") is None
+    assert t.lookup("192.0.2.1") == "not-203"
+    assert t.lookup("2001:db8::1") == "v6"  # `if !IPv4` does not hold an IPv6 address: its block is skipped
+
+
+def test_cidr_continuation_lines_join_the_result(tmp_path):
+    t, _ = cidr_table(tmp_path, "192.0.2.0/24 REJECT\n  go away\n")
+    assert t.lookup("192.0.2.9") == "REJECT  go away"
+
+
+def test_cidr_many_rules_answer_from_the_index_in_file_order(tmp_path):
+    lines = [f"10.{i // 256}.{i % 256}.0/24 net-{i}" for i in range(20000)] + ["10.0.0.0/8 the-8"]
+    t, _ = cidr_table(tmp_path, "\n".join(lines) + "\n!10.0.0.0/8 outside\n10.255.255.0/24 after-the-negation\n")
+    started = time.monotonic()
+    for _ in range(1000):
+        assert t.lookup("10.78.31.5") == "net-19999"
+    assert time.monotonic() - started < 0.5  # a linear walk of 20000 rules would take seconds
+    assert t.lookup("10.100.0.1") == "the-8"
+    assert t.lookup("10.255.255.1") == "the-8"  # the /8 comes first
+    assert t.lookup("192.0.2.1") == "outside"
+
+
+@pytest.mark.parametrize("text,complaint", [
+    ("10.1.2.3/8 x\n", 'line 1: non-null host address bits in "10.1.2.3/8", perhaps you should use "10.0.0.0/8" '
+                       'instead'),
+    ("# c\n2001:db8::1/32 x\n", 'line 2: non-null host address bits in "2001:db8::1/32", perhaps you should use '
+                                 '"2001:db8::/32" instead'),
+    ("10.0.0.0/33 x\n", 'line 1: bad mask length in "10.0.0.0/33"'),
+    ("10.0.0.0/ x\n", 'line 1: bad mask value in "10.0.0.0/"'),
+    ("10.0.0.0/255.0.0.0 x\n", 'line 1: bad mask value in "10.0.0.0/255.0.0.0"'),
+    ("10.0.0/8 x\n", 'line 1: bad network value in "10.0.0/8"'),
+    ("[1.2.3.0/8]/24 x\n", 'line 1: bad network value in "1.2.3.0/8/24"'),
+    ("192.0.2.1\n", "line 1: no lookup result"),
+    ("host.example x\n", 'line 1: bad address pattern: "host.example"'),
+    ("[2001:db8::1 x\n", "line 1: missing ']' character after \"\\[2001:db8::1\""),
+    ("[2001:db8::1]x y\n", 'line 1: garbage after "\\[2001:db8::1\\]"'),
+    ("if\n", "line 1: no address pattern"),
+    ("! x\n", 'line 1: bad address pattern: "x"'),
+    ("if 192.0.2.0/24\n192.0.2.1 x\n", "line 1: IF has no matching ENDIF"),
+    ("endif\n", "line 1: ENDIF without IF"),
+    ("if 192.0.2.0/24\nendif x\n", "line 2: garbage after ENDIF"),
+    ("ifx 1.2.3.4 y\n", 'line 1: bad address pattern: "ifx"'),
+])
+def test_cidr_a_line_postfix_skips_fails_the_table_naming_it(tmp_path, text, complaint):
+    t, f = cidr_table(tmp_path, text)
+    with pytest.raises(LookupRetry, match=f"table cidr:{f}: {f}, {complaint}"):
+        t.lookup("192.0.2.1")
+
+
+def test_cidr_bad_line_at_reload_is_retry_until_fixed(tmp_path):
+    clock = FakeClock()
+    t, f = cidr_table(tmp_path, "192.0.2.0/24 one\n", clock)
+    assert t.lookup("192.0.2.1") == "one"
+    write(f, "192.0.2.0/24 one\n192.0.2.1/24 broken\n")
+    clock.now += 1
+    with pytest.raises(LookupRetry, match="line 2: non-null host address bits"):
+        t.lookup("192.0.2.1")
+    write(f, "192.0.2.0/24 fixed\n")
+    clock.now += 1
+    assert t.lookup("192.0.2.1") == "fixed"
+
 
 
 # ---------------------------------------------------------------------------------------------- the CLI
