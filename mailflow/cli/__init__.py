@@ -38,7 +38,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="mailflow: a 
 queue_app = typer.Typer(no_args_is_help=True, help="Inspect and change the mail queue (mailq, postsuper, "
                         "postcat, qshape); works with or without a running server.")
 table_app = typer.Typer(no_args_is_help=True, help="Query lookup tables (texthash, inline, static, regexp, "
-                        "sqlite, accounts, fail) the way the server sees them, like postmap -q.")
+                        "cidr, sqlite, accounts, unix, fail) the way the server sees them, like postmap -q.")
 config_app = typer.Typer(no_args_is_help=True, help="Show the configuration (postconf) or check it (postfix check; "
                          "the same as check-config).")
 auth_app = typer.Typer(no_args_is_help=True, help="AUTH users for smtpd.sasl_user_maps.")

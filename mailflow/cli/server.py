@@ -147,7 +147,7 @@ def listener_summary(cfg: Config) -> list[tuple[str, int, str]]:
 
 
 def table_problems(cfg: Config, where: str) -> list[ConfigError]:
-    """One ConfigError(where, setting, reason) for each file-backed table (texthash, regexp, sqlite) that cannot
+    """One ConfigError(where, setting, reason) for each file-backed table (texthash, regexp, cidr, sqlite) that cannot
     answer now."""
     return unreadable_tables(flat_settings(cfg), where)
 
@@ -256,7 +256,8 @@ def address_test(addresses: List[str] = typer.Argument(..., metavar="ADDRESS..."
             typer.echo(f"{'  ' * depth}{label + ':':<{max(16 - 2 * depth, len(label) + 1)}} {text}")
 
 
-def table_query(spec: str = typer.Argument(..., metavar="TYPE:NAME", help="the table, e.g. texthash:/etc/virtual"),
+def table_query(spec: str = typer.Argument(..., metavar="TYPE:NAME", help="the table, e.g. texthash:/etc/virtual, "
+                                     "cidr:/etc/client_access.cidr"),
                 keys: List[str] = typer.Argument(..., metavar="KEY", help="keys to look up, as given; - reads "
                                                  "them from standard input, one a line")) -> None:
     """Print each key's value (key<TAB>value when several keys, or with `-`, which reads the keys from standard

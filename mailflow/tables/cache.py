@@ -69,7 +69,7 @@ class TableCache:
 
     async def preload(self) -> None:
         """Read every file-backed table now, in a worker thread: the first lookups find them loaded."""
-        files = [t for t in self._open.values() if hasattr(t, "load")]  # texthash, regexp
+        files = [t for t in self._open.values() if hasattr(t, "load")]  # texthash, regexp, cidr
         if files:
             await asyncio.get_running_loop().run_in_executor(None, _load_all, files)
 

@@ -3,7 +3,7 @@ and what a reload (`mailflow reload`, SIGHUP) refuses to put in force.
 
     table_problems(settings, where) -> [ConfigError]    `settings`: `key -> value`, as mailflow.config.flat_settings
                                                         gives them; one ConfigError(where, key, reason) for each
-                                                        texthash, regexp, sqlite or accounts table of a `*_maps`,
+                                                        texthash, regexp, cidr, sqlite or accounts table of a `*_maps`,
                                                         `*_domains`, `*_checks` or `authorized_submit_users`
                                                         setting, or named in a `*_restrictions` item or a
                                                         restriction class's

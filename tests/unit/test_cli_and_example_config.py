@@ -128,6 +128,20 @@ def test_check_config_reads_the_tables_of_restriction_lists_and_submit_users(tmp
     assert mailflow("check-config", "--config", str(cfg)).returncode == 0
 
 
+def test_check_config_names_a_cidr_line_postfix_would_skip(tmp_path):
+    """A cidr: table of a restriction list is read as the other table files are: a network with host bits set
+    (Postfix skips it with a warning) is reported with its line, and the table in a relative path is found."""
+    (tmp_path / "client.cidr").write_text("192.0.2.0/24 REJECT\n10.1.2.3/8 OK\n")
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('[smtpd]\nclient_restrictions = ["check_client_access cidr:client.cidr"]\n')
+    result = mailflow("check-config", "--config", str(cfg))
+    assert result.returncode == 2, result.stdout
+    assert (f"smtpd.client_restrictions: table cidr:{tmp_path}/client.cidr: {tmp_path}/client.cidr, line 2: "
+            f'non-null host address bits in "10.1.2.3/8", perhaps you should use "10.0.0.0/8" instead') \
+        in result.stderr
+    (tmp_path / "client.cidr").write_text("192.0.2.0/24 REJECT\n10.0.0.0/8 OK\n")
+    assert mailflow("check-config", "--config", str(cfg)).returncode == 0
+
 def test_check_config_reads_each_listeners_certificate_as_serve_does(tmp_path):
     cfg = tmp_path / "m.toml"
     cfg.write_text('[smtpd]\ntls_cert_file = "missing.pem"\n[[smtpd.listeners]]\naddress = "127.0.0.1:0"\n'
