@@ -25,7 +25,6 @@ naming file:line and Postfix's reason, as regexp: does: a table missing a rule w
 """
 from __future__ import annotations
 
-import re
 import socket
 from pathlib import Path
 from typing import Callable
@@ -35,7 +34,6 @@ from mailflow.tables.files import Reloading, logical_lines
 
 _SPACE = " \t\n\v\f\r"  # C's isspace() in the C locale, as Postfix splits a rule
 _FAMILIES = {32: socket.AF_INET, 128: socket.AF_INET6}
-_PATTERN_RESULT = re.compile(f"([^{_SPACE}]*)[{_SPACE}]*(.*)", re.DOTALL)
 
 
 class _Network:
@@ -45,8 +43,9 @@ class _Network:
         self.bits, self.net, self.length = bits, net, length
         self.mask = _mask(bits, length)
 
-    def holds(self, bits: int, address: int) -> bool:
-        return bits == self.bits and address & self.mask == self.net
+    def holds(self, address: int) -> bool:
+        """Whether the network holds `address`, one of its own family."""
+        return address & self.mask == self.net
 
 
 class _Rule:
@@ -57,7 +56,7 @@ class _Rule:
 
     def applies(self, bits: int, address: int) -> bool:
         """Postfix's cidr_match_entry: never for an address of the other family, negated or not."""
-        return bits == self.network.bits and self.network.holds(bits, address) != self.negate
+        return bits == self.network.bits and self.network.holds(address) != self.negate
 
 
 class _Run:
@@ -172,7 +171,8 @@ def _parse_rule(line: str) -> _Rule | tuple[_Network, str] | None:
             raise ValueError("garbage after ENDIF")
         return None
     negate, rest = _negations(line)
-    pattern, result = _PATTERN_RESULT.fullmatch(rest).groups()  # type: ignore[union-attr]  (it always matches)
+    end = next((i for i, c in enumerate(rest) if c in _SPACE), len(rest))
+    pattern, result = rest[:end], rest[end:]
     if not pattern:
         raise ValueError("no address pattern")
     network, result = parse_network(pattern), result.strip(_SPACE)
@@ -193,9 +193,11 @@ def parse_cidr(source: str) -> list[_Run | _Rule | None]:
         except ValueError as e:
             raise ValueError(f"line {number}: {e}") from None
         if isinstance(rule, tuple):
-            if not steps or not isinstance(steps[-1], _Run):
-                steps.append(_Run())
-            steps[-1].add(*rule)  # type: ignore[union-attr]  (it is a _Run)
+            run = steps[-1] if steps else None
+            if not isinstance(run, _Run):
+                run = _Run()
+                steps.append(run)
+            run.add(*rule)
             continue
         if rule is None:
             open_ifs.pop()[1].end = len(steps)
