@@ -263,32 +263,35 @@ async def cidr_client_replies(port: int) -> dict[str, str]:
 
 async def test_check_client_access_cidr_refuses_loopback_clients_as_postfix_does(mailflow_server):
     folder = readable_folder()
-    table = folder / "client.cidr"
-    table.write_text(CLIENT_CIDR)
-    checks = [f"check_client_access cidr:{table}"]
-    async with postfix_instance({
-        "myhostname": "pf.test", "mydestination": "", "relayhost": "[127.0.0.1]:9", "relay_domains": "relay.test",
-        "smtpd_relay_restrictions": "reject_unauth_destination", "smtpd_client_restrictions": ", ".join(checks),
-    }) as pf:
-        postfix = await cidr_client_replies(pf.port)
-    mf = await mailflow_server(mydestination=[], relayhost="[127.0.0.1]:9", relay_domains=["relay.test"],
-                               smtpd={"client_restrictions": checks,
-                                      "relay_restrictions": ["reject_unauth_destination"]})
-    port = mf.smtp_addresses[0][1]
-    mailflow = await cidr_client_replies(port)
-    assert mailflow == postfix
-    assert postfix == {"127.0.0.1": "250", "127.0.0.2": "554 cidr-address", "127.0.0.9": "250",
-                       "127.0.0.10": "554 cidr-in-8-not-9", "127.0.0.70": "554 cidr-net", "127.0.0.130": "250"}
-    # where mailflow differs on purpose: a line Postfix would skip makes the table fail (451 4.3.5, as Postfix
-    # answers when an access table cannot be read), so no client gets through on a table missing a rule (the file
-    # is re-read within a second of the change)
-    table.write_text(CLIENT_CIDR + "127.0.0.1/8 REJECT host-bits\n")
+    try:
+        table = folder / "client.cidr"
+        table.write_text(CLIENT_CIDR)
+        checks = [f"check_client_access cidr:{table}"]
+        async with postfix_instance({
+            "myhostname": "pf.test", "mydestination": "", "relayhost": "[127.0.0.1]:9", "relay_domains": "relay.test",
+            "smtpd_relay_restrictions": "reject_unauth_destination", "smtpd_client_restrictions": ", ".join(checks),
+        }) as pf:
+            postfix = await cidr_client_replies(pf.port)
+        mf = await mailflow_server(mydestination=[], relayhost="[127.0.0.1]:9", relay_domains=["relay.test"],
+                                   smtpd={"client_restrictions": checks,
+                                          "relay_restrictions": ["reject_unauth_destination"]})
+        port = mf.smtp_addresses[0][1]
+        mailflow = await cidr_client_replies(port)
+        assert mailflow == postfix
+        assert postfix == {"127.0.0.1": "250", "127.0.0.2": "554 cidr-address", "127.0.0.9": "250",
+                           "127.0.0.10": "554 cidr-in-8-not-9", "127.0.0.70": "554 cidr-net", "127.0.0.130": "250"}
+        # where mailflow differs on purpose: a line Postfix would skip makes the table fail (451 4.3.5, as Postfix
+        # answers when an access table cannot be read), so no client gets through on a table missing a rule (the file
+        # is re-read within a second of the change)
+        table.write_text(CLIENT_CIDR + "127.0.0.1/8 REJECT host-bits\n")
 
-    async def deferred() -> bool:
-        reply = dict((await replay_sessions(port, {"x": ONE_RCPT}))["x"])["RCPT TO:<x@relay.test>"]
-        return reply is not None and reply.code == 451 and reply.text.endswith("Server configuration error")
-    await eventually(deferred, timeout=10, step=0.2)
-    shutil.rmtree(folder)
+        async def deferred() -> bool:
+            reply = dict((await replay_sessions(port, {"x": ONE_RCPT}))["x"])["RCPT TO:<x@relay.test>"]
+            return reply is not None and reply.code == 451 and reply.text.endswith("Server configuration error")
+        await eventually(deferred, timeout=10, step=0.2)
+    finally:
+        shutil.rmtree(folder)
+
 
 # transport(5) keys of every form, each to the error transport with its own text, so that the RCPT reply (both
 # refuse an address whose transport is error: at RCPT) tells which key matched
