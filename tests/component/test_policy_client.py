@@ -168,3 +168,35 @@ async def test_sessions_share_a_kept_connection_that_a_reload_and_a_stop_close(m
         assert (server.connections, server.open) == (2, 1)
         await mf.stop()
         await eventually(lambda: server.open == 0, timeout=5, what="a stop closes the kept connection")
+
+
+class DrippingPolicy(PolicyServer):
+    """Answers with `lines` junk attributes before its action, each in a write of its own (a hostile server
+    dribbling a reply that stays under the size limit)."""
+
+    def __init__(self, lines: int):
+        self.lines = lines
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await read_request(reader)
+            for _ in range(self.lines):
+                writer.write(b"x\n")
+                await writer.drain()
+                await asyncio.sleep(0)
+            writer.write(b"action=DUNNO\n\n")
+            await writer.drain()
+            await reader.read()
+        finally:
+            writer.close()
+
+
+async def test_a_reply_dribbled_line_by_line_is_read_once_not_rescanned_at_each_arrival():
+    """Each arrival looks only at what is new: a reply of 15 000 short lines, one per write, is read well within
+    the timeout (scanning the whole reply again at each arrival took 15 s of the loop's time)."""
+    async with DrippingPolicy(lines=15_000) as server:
+        client = PolicyClient(server.spec, timeout=5)
+        try:
+            assert await client.query(REQUEST) == "DUNNO"
+        finally:
+            client.close()

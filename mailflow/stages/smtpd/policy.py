@@ -72,6 +72,7 @@ class _Connection(asyncio.Protocol):
         self.idle_timer: asyncio.TimerHandle | None = None
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
+        self._scanned = 0  # the buffer's lines before this offset hold no empty one
         self._closed = False
         self._waiter: asyncio.Future[None] | None = None
 
@@ -123,16 +124,18 @@ class _Connection(asyncio.Protocol):
         return lines
 
     def _reply(self) -> list[str] | None:
-        """The reply's lines once its empty line has come (taken from the buffer), else None."""
-        lines: list[str] = []
-        start = 0
-        while (end := self._buffer.find(b"\n", start)) >= 0:
-            line = self._buffer[start:end].decode("utf-8", "replace").rstrip("\r")
-            start = end + 1
-            if not line:
-                del self._buffer[:start]
+        """The reply's lines once its empty line has come (taken from the buffer), else None. Each arrival looks
+        only at the lines that are new (`_scanned`: where they begin): a reply dribbled a line at a time costs its
+        length, not its length at every arrival."""
+        buffer, start = self._buffer, self._scanned
+        while (end := buffer.find(b"\n", start)) >= 0:
+            if not buffer[start:end].rstrip(b"\r"):  # the empty line: the lines before it are the reply
+                lines = [line.decode("utf-8", "replace").rstrip("\r") for line in buffer[:start].split(b"\n")[:-1]]
+                del buffer[:end + 1]
+                self._scanned = 0
                 return lines
-            lines.append(line)
+            start = end + 1
+        self._scanned = start
         return None
 
 
