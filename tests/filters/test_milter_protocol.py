@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import struct
+import time
 
 import pytest
 
@@ -27,6 +28,21 @@ def test_decoder_waits_for_whole_packets_and_splits_several():
         p.Decoder().feed(struct.pack("!I", 0))
     with pytest.raises(p.ProtocolError):  # a reply that carries no data, with data (Postfix: a protocol error)
         p.Decoder().feed(p.encode(p.CONTINUE, b"junk"))
+
+
+def test_a_packet_of_the_largest_size_fed_in_small_pieces_costs_its_length_not_its_length_per_piece():
+    """A milter that writes a 1 MB reply 4 bytes at a time: 260 000 pieces, decoded in well under a second (a
+    buffer copied whole at each piece held the loop for 3.6 s); many small packets in one read are taken off in
+    turn, and a partial one waits."""
+    packet = p.encode(p.ADDHEADER, b"X-Big\0" + b"v" * (p.MAX_PACKET - 8) + b"\0")
+    decoder = p.Decoder()
+    started = time.perf_counter()
+    replies = [reply for i in range(0, len(packet), 4) for reply in decoder.feed(packet[i:i + 4])]
+    assert time.perf_counter() - started < 0.5
+    assert len(replies) == 1 and replies[0].strings() == ["X-Big", "v" * (p.MAX_PACKET - 8)]
+    progress = p.encode(p.PROGRESS)
+    assert [r.command for r in decoder.feed(progress * 10_000 + progress[:2])] == [p.PROGRESS] * 10_000
+    assert decoder.feed(progress[2:]) == [p.Reply(p.PROGRESS)]
 
 
 def test_negotiation_keeps_only_what_was_offered_and_reads_macro_lists():

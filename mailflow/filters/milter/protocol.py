@@ -123,24 +123,28 @@ class Reply:
 
 
 class Decoder:
-    """Bytes from the milter in, complete replies out."""
+    """Bytes from the milter in, complete replies out. Appending to the buffer and taking a packet off its front
+    cost what they move, not the buffer's length: a 1 MB packet arriving in small pieces is copied about once (a
+    bytes buffer, joined anew at each piece, copied it once per piece)."""
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._buffer = bytearray()
 
     def feed(self, data: bytes) -> list[Reply]:
-        self._buffer += data
+        buffer = self._buffer
+        buffer += data
         replies = []
-        while len(self._buffer) >= 4:
-            (length,) = struct.unpack("!I", self._buffer[:4])
+        while len(buffer) >= 4:
+            (length,) = struct.unpack_from("!I", buffer)
             if length < 1 or length > MAX_PACKET:
                 raise ProtocolError(f"packet length {length}")
-            if len(self._buffer) < 4 + length:
+            if len(buffer) < 4 + length:
                 break
-            packet, self._buffer = self._buffer[4:4 + length], self._buffer[4 + length:]
-            if packet[:1] in BARE and length > 1:  # (Postfix: "reply ... was followed by N data bytes")
-                raise ProtocolError(f"reply {packet[:1]!r} followed by {length - 1} data bytes")
-            replies.append(Reply(packet[:1], packet[1:]))
+            command, payload = bytes(buffer[4:5]), bytes(buffer[5:4 + length])
+            del buffer[:4 + length]  # (a bytearray's front is dropped without moving the rest)
+            if command in BARE and length > 1:  # (Postfix: "reply ... was followed by N data bytes")
+                raise ProtocolError(f"reply {command!r} followed by {length - 1} data bytes")
+            replies.append(Reply(command, payload))
         return replies
 
 
