@@ -12,7 +12,7 @@ import pytest
 
 from mailflow import status
 from tests.support import SmtpClient, eventually, maildir_messages, queue_becomes
-from tests.support.milters import HANG, replycode, reply, scripted_milter
+from tests.support.milters import HANG, Drip, replycode, reply, scripted_milter
 
 MESSAGE = b"From: <s@remote.test>\r\nSubject: scripted\r\nX-Old: 1\r\n\r\nline one\r\n"
 
@@ -205,6 +205,25 @@ async def test_a_milter_that_hangs_in_one_session_does_not_hold_another(milter_s
     assert (await other.send_message(MESSAGE)).code == 250
     assert asyncio.get_running_loop().time() - started < 1.5 and not waiting.done()
     assert await waiting == status.FILTER_UNAVAILABLE
+    await stuck.close()
+    await other.close()
+
+
+async def test_a_milter_that_dribbles_its_reply_is_cut_at_command_timeout_and_holds_no_other_session(milter_server):
+    """The milter answers RCPT a byte every 0.7 s: never silent for a read's timeout, but the reply as a whole
+    takes 3.5 s. command_timeout (2 s) bounds the whole reply: 451 4.7.1 (the default action) at 2 s, not the
+    milter's late CONTINUE; a second session meanwhile is served in full."""
+    _, port = await milter_server({b"R": lambda session, _: Drip(reply(b"c"), 0.7) if session == 0 else reply(b"c")})
+    loop = asyncio.get_running_loop()
+    stuck, other = await SmtpClient.connect(port), await SmtpClient.connect(port)
+    await stuck.cmd("EHLO client.test")
+    await stuck.cmd("MAIL FROM:<s@remote.test>")
+    started = loop.time()
+    waiting = asyncio.create_task(stuck.cmd("RCPT TO:<alice@local.test>"))
+    assert (await other.send_message(MESSAGE)).code == 250
+    assert loop.time() - started < 1.5 and not waiting.done()
+    assert await waiting == status.FILTER_UNAVAILABLE
+    assert loop.time() - started < 3.0
     await stuck.close()
     await other.close()
 

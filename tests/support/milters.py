@@ -8,7 +8,8 @@ real wire format (4-byte length, 1-byte command, payload), told what to answer t
 
 A script maps a command letter (b"C" connect, b"H" HELO, b"M", b"R", b"T" DATA, b"L" header, b"N", b"B" body,
 b"E" end of message) to what is written back: bytes (one or more packets, or garbage), HANG (nothing, for
-ever), CLOSE (the connection is closed), or a callable (session number, payload) -> one of those. Commands not
+ever), CLOSE (the connection is closed), Drip(data, every) (the bytes one at a time, `every` seconds apart), or a
+callable (session number, payload) -> one of those. Commands not
 in the script get CONTINUE; the negotiation gets `optneg` (default: version 6, every action, every event, each
 answered). MACRO, ABORT and QUIT get no answer, as the protocol says.
 """
@@ -17,11 +18,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
+from dataclasses import dataclass
 from typing import Callable, Union
 
 HANG = "hang"
 CLOSE = "close"
-Answer = Union[bytes, str]
+
+
+@dataclass(frozen=True)
+class Drip:
+    """An answer written a byte at a time, `every` seconds apart: a milter that is slow but never silent."""
+
+    data: bytes
+    every: float
+
+
+Answer = Union[bytes, str, Drip]
 Script = dict[bytes, Union[Answer, Callable[[int, bytes], Answer]]]
 SILENT = (b"D", b"A", b"Q", b"K")  # MACRO, ABORT, QUIT, QUIT_NC: no reply
 
@@ -101,6 +113,8 @@ class ScriptedMilter:
                     await asyncio.sleep(3600)
                 if answer == CLOSE:
                     break
+                if isinstance(answer, Drip):
+                    await _drip(writer, answer)
                 if isinstance(answer, bytes) and answer:
                     writer.write(answer)
                     await writer.drain()
@@ -117,6 +131,13 @@ class ScriptedMilter:
         if step is None:
             return b"" if command in SILENT else reply(b"c")
         return step(number, payload) if callable(step) else step
+
+
+async def _drip(writer: asyncio.StreamWriter, drip: Drip) -> None:
+    for byte in drip.data:
+        writer.write(bytes([byte]))
+        await writer.drain()
+        await asyncio.sleep(drip.every)
 
 
 @contextlib.asynccontextmanager

@@ -24,7 +24,7 @@ refusal wins), as Postfix's milter8 reads on. Progress replies extend the deadli
 milter is not asked again; reject / tempfail -> HELO is still answered 250, and that reply answers every later
 MAIL; discard is not allowed there (logged, it means continue). A milter that cannot be reached, that times
 out (connect_timeout for the connection and the negotiation, command_timeout per command, content_timeout for
-the message; asyncio.timeout each: wait_for's task would be held in a cycle with the failure it raised) or
+the message, each for a whole reply however slowly it comes; asyncio.timeout each: wait_for's task would be held in a cycle with the failure it raised) or
 breaks the protocol is closed for the rest of the session and `default_action` answers for it:
 tempfail (451 4.7.1), reject (550 5.5.0 Service unavailable), accept (as if it were not configured) or
 quarantine (hold); one whose own reply is malformed (status.milter_reply) is closed as misconfigured: 451 4.3.5
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -121,7 +122,7 @@ class MilterConnection:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._decoder = p.Decoder()
-        self._replies: list[p.Reply] = []
+        self._replies: deque[p.Reply] = deque()
         self.negotiated: p.Negotiated | None = None
         self.failed = False  # closed for the rest of the session (default_action answered for it)
         self.accepted = False  # said accept: not asked again for this message
@@ -227,18 +228,22 @@ class MilterConnection:
             held = reply.text() or "milter quarantine"
 
     async def _read(self, timeout: float) -> p.Reply:
-        """The next reply that is not PROGRESS (each progress reply restarts the deadline)."""
-        assert self._reader is not None
+        """The next reply that is not PROGRESS, each whole within `timeout` (a reply dribbled a byte at a time ends
+        there too, where a deadline per read would never come); each progress reply restarts the deadline."""
         while True:
-            while not self._replies:
-                async with asyncio.timeout(timeout):
-                    data = await self._reader.read(65536)
-                if not data:
-                    raise p.ProtocolError("the milter closed the connection")
-                self._replies.extend(self._decoder.feed(data))
-            reply = self._replies.pop(0)
+            async with asyncio.timeout(timeout):
+                reply = await self._next_packet()
             if reply.command != p.PROGRESS:
                 return reply
+
+    async def _next_packet(self) -> p.Reply:
+        assert self._reader is not None
+        while not self._replies:
+            data = await self._reader.read(65536)
+            if not data:
+                raise p.ProtocolError("the milter closed the connection")
+            self._replies.extend(self._decoder.feed(data))
+        return self._replies.popleft()
 
 
 def _collect(reply: p.Reply, edits: Edits, spec: str) -> None:
