@@ -21,12 +21,14 @@ HANDSHAKE = b"VERSION\t1\t2\nMECH\tPLAIN\tplaintext\nMECH\tLOGIN\tplaintext\nSPI
 
 
 class FakeAuthServer:
-    """Answers AUTH lines from `users` (login -> password); `hold` makes it answer later, in reverse order."""
+    """Answers AUTH lines from `users` (login -> password); `hold` makes it answer later, in reverse order;
+    `noise`: lines written before each answer."""
 
-    def __init__(self, path: Path, *, handshake: bytes = HANDSHAKE, silent: bool = False):
+    def __init__(self, path: Path, *, handshake: bytes = HANDSHAKE, silent: bool = False, noise: bytes = b""):
         self.path = path
         self.handshake = handshake
         self.silent = silent
+        self.noise = noise
         self.users = {"alice@example.test": b"s3cret"}
         self.temporary: set[str] = set()
         self.reasons: dict[str, str] = {}  # login -> the reason= of its FAIL
@@ -72,7 +74,7 @@ class FakeAuthServer:
             else:
                 reason = f"\treason={self.reasons[name]}" if name in self.reasons else ""
                 answer = f"FAIL\t{words[1]}\tuser={name}{reason}\n"
-            self._held.append((writer, answer.encode()))
+            self._held.append((writer, self.noise + answer.encode()))
             if len(self._held) > self.hold:
                 for w, data in reversed(self._held):
                     w.write(data)
@@ -192,6 +194,23 @@ async def test_a_restarted_server_is_reconnected_and_a_lost_one_is_454_never_a_l
     finally:
         await dovecot.close()
         await server.stop()
+
+
+async def test_a_line_whose_id_is_no_number_is_skipped_and_the_answers_after_it_count(socket_dir):
+    """Postfix's xsasl_dovecot reads a reply's id with strtoul and skips a line that is not its request's. Ids that
+    are digits to str.isdigit but no int (a superscript two, 5000 digits) ended the reader: every request in flight
+    was 454 and the connection dropped. They are skipped, and the answer that follows is read."""
+    noise = "OK\t\u00b2\tuser=mallory\n".encode() + b"FAIL\t" + b"9" * 5000 + b"\n"
+    server = await FakeAuthServer(socket_dir / "auth", noise=noise).start()
+    dovecot = client(server.path)
+    try:
+        for _ in range(2):
+            assert (await dovecot.ask(b"alice@example.test", b"s3cret", secured=True)).login == "alice@example.test"
+        assert server.connections == 1
+    finally:
+        await dovecot.close()
+        await server.stop()
+    assert parse_line("OK\t\u00b2\tuser=x\n".encode()).id is None
 
 
 def test_the_protocol_lines():

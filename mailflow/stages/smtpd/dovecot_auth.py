@@ -20,7 +20,7 @@ that speaks another major version, offers no PLAIN, or closes the connection: th
 (smtpd answers 454 4.7.0, the attempt does not count as a failure), the connection is dropped and made again at
 the next request. Such faults are logged through a FailureLog: the first at once, then once a minute with a count,
 then "works again". Lines longer than MAX_LINE end the connection (bounded memory); a reply to an id nobody waits
-for (its request timed out) is dropped.
+for (its request timed out), or whose id is no number, is dropped (Postfix's xsasl_dovecot skips it too).
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import base64
 import itertools
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 
 from mailflow.clock import Clock
@@ -40,6 +41,7 @@ log = logging.getLogger("mailflow.smtpd")
 PROTOCOL_MAJOR, PROTOCOL_MINOR = 1, 2
 MAX_LINE = 65536  # bytes of one line from the auth server
 MAX_HANDSHAKE_LINES = 1000
+REQUEST_ID = re.compile(r"[0-9]{1,10}")  # an id this client can have sent (str.isdigit takes "²", int() does not)
 SERVICE = "smtp"
 
 
@@ -78,7 +80,7 @@ def parse_line(line: bytes) -> Reply:
     """`OK\\t7\\tuser=alice@example.test` -> Reply("OK", 7, {"user": "alice@example.test"})."""
     words = line.rstrip(b"\r\n").decode("utf-8", "replace").split("\t")
     command, rest = words[0], words[1:]
-    request_id = int(rest[0]) if rest and rest[0].isdigit() else None
+    request_id = int(rest[0]) if rest and REQUEST_ID.fullmatch(rest[0]) else None  # (else no request's: skipped)
     args = {}
     for word in rest[1:]:
         key, _, value = word.partition("=")
