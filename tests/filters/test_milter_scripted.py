@@ -209,7 +209,7 @@ async def test_a_milter_that_hangs_in_one_session_does_not_hold_another(milter_s
     await other.close()
 
 
-async def test_a_milter_that_dribbles_its_reply_is_cut_at_command_timeout_and_holds_no_other_session(milter_server):
+async def test_a_milter_dribbling_its_reply_is_cut_at_command_timeout_and_holds_no_other_session(milter_server):
     """The milter answers RCPT a byte every 0.7 s: never silent for a read's timeout, but the reply as a whole
     takes 3.5 s. command_timeout (2 s) bounds the whole reply: 451 4.7.1 (the default action) at 2 s, not the
     milter's late CONTINUE; a second session meanwhile is served in full."""

@@ -20,12 +20,13 @@ milter is asked; reject / tempfail / replycode -> the command (or the message) i
 shutdown -> 421 4.7.0 Server closing connection (smtpd closes the session after any 421);
 discard -> the message is accepted and dropped; quarantine -> it is queued on hold. A quarantine is no
 final reply: the event's own reply follows it (continue: the message is held and the session goes on; a
-refusal wins), as Postfix's milter8 reads on. Progress replies extend the deadline. A reply to connect or HELO holds for the whole SMTP session (Postfix's milter8): accept -> the
-milter is not asked again; reject / tempfail -> HELO is still answered 250, and that reply answers every later
-MAIL; discard is not allowed there (logged, it means continue). A milter that cannot be reached, that times
-out (connect_timeout for the connection and the negotiation, command_timeout per command, content_timeout for
-the message, each for a whole reply however slowly it comes; asyncio.timeout each: wait_for's task would be held in a cycle with the failure it raised) or
-breaks the protocol is closed for the rest of the session and `default_action` answers for it:
+refusal wins), as Postfix's milter8 reads on. Progress replies extend the deadline. A reply to connect or HELO
+holds for the whole SMTP session (Postfix's milter8): accept -> the milter is not asked again; reject / tempfail
+-> HELO is still answered 250, and that reply answers every later MAIL; discard is not allowed there (logged, it
+means continue). A milter that cannot be reached, that times out (connect_timeout for the connection and the
+negotiation, command_timeout per command, content_timeout for the message: each bounds a whole reply however
+slowly it comes, where Postfix's bounds each read; asyncio.timeout each: wait_for's task would be held in a cycle
+with the failure it raised) or breaks the protocol is closed for the rest of the session and `default_action` answers for it:
 tempfail (451 4.7.1), reject (550 5.5.0 Service unavailable), accept (as if it were not configured) or
 quarantine (hold); one whose own reply is malformed (status.milter_reply) is closed as misconfigured: 451 4.3.5
 Server configuration problem unless the action is accept or quarantine. Logged once per failure.
