@@ -26,8 +26,8 @@ holds for the whole SMTP session (Postfix's milter8): accept -> the milter is no
 means continue). A milter that cannot be reached, that times out (connect_timeout for the connection and the
 negotiation, command_timeout per command, content_timeout for the message: each bounds a whole reply however
 slowly it comes, where Postfix's bounds each read; asyncio.timeout each: wait_for's task would be held in a cycle
-with the failure it raised) or breaks the protocol is closed for the rest of the session and `default_action` answers for it:
-tempfail (451 4.7.1), reject (550 5.5.0 Service unavailable), accept (as if it were not configured) or
+with the failure it raised) or breaks the protocol is closed for the rest of the session and `default_action`
+answers for it: tempfail (451 4.7.1), reject (550 5.5.0 Service unavailable), accept (as if it were not configured) or
 quarantine (hold); one whose own reply is malformed (status.milter_reply) is closed as misconfigured: 451 4.3.5
 Server configuration problem unless the action is accept or quarantine. Logged once per failure.
 
