@@ -12,6 +12,7 @@ import socket
 import ssl
 import struct
 import time
+import tracemalloc
 from dataclasses import dataclass
 
 import pytest
@@ -1954,6 +1955,44 @@ async def test_a_reply_that_never_ends_defers_naming_it_and_fails_the_site():
     assert result.text == ("host 127.0.0.1[127.0.0.1] sent a malformed reply while sending MAIL FROM: "
                            "reply too long (over 1000 lines)")
     assert not report.site_ok
+
+
+async def test_a_reply_line_that_never_ends_is_no_reply_and_holds_neither_memory_nor_another_delivery(smtp_peer):
+    """EHLO answered "250 " and 100 MB with no line end: Postfix's smtp_get reads past the rest of an overlong line
+    before it returns it, so the EHLO reply never comes and the helo timeout defers the mail at the handshake (not
+    at a MAIL FROM sent after a reply taken as complete). Nothing past the line limit is kept, and a delivery to
+    another peer meanwhile is sent."""
+    async def endless_line(reader, writer):
+        writer.write(b"220 endless.test ESMTP\r\n")
+        await reader.readline()
+        with contextlib.suppress(ConnectionError):
+            writer.write(b"250 ")
+            for _ in range(100):
+                writer.write(b"x" * 1_000_000)
+                await writer.drain()
+            await reader.read()
+        writer.close()
+
+    server, port = await line_server(endless_line)
+    good = await smtp_peer()
+    tracemalloc.start()
+    try:
+        started = asyncio.get_running_loop().time()
+        endless, other = await asyncio.gather(
+            deliver(make_transport(timeout=1.0), make_request(f"[127.0.0.1]:{port}")),
+            deliver(make_transport(timeout=1.0), make_request(f"[127.0.0.1]:{good.port}")))
+        elapsed = asyncio.get_running_loop().time() - started
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        server.close()
+        await server.wait_closed()
+    result = endless.results[0]
+    assert (result.outcome, result.dsn, result.text) == (
+        Outcome.DEFERRED, "4.4.2", "conversation with 127.0.0.1[127.0.0.1] timed out while performing the EHLO "
+                                   "handshake")
+    assert elapsed < 3 and peak < 10_000_000, (elapsed, peak)  # (the peer's own writes are 1 MB each)
+    assert other.results[0].outcome == Outcome.SENT and len(good.messages) == 1
 
 
 async def test_plaintext_sent_with_the_starttls_reply_is_never_read_as_a_reply(ca):

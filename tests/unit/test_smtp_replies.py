@@ -125,6 +125,19 @@ def test_an_overlong_line_keeps_its_beginning_and_the_rest_is_dropped_as_postfix
     assert parser.next_reply() is None and len(parser._buffer) == 0
 
 
+def test_an_overlong_line_ends_its_reply_only_at_its_line_end_as_postfix_smtp_get():
+    """Postfix's smtp_get (SMTP_GET_FLAG_SKIP) reads past the rest of an overlong line before it returns the line:
+    "250 " and 100 MB with no line end is no reply yet (the reply's timeout ends it), however much has come."""
+    parser = ReplyParser()
+    parser.receive_data(b"250 " + b"x" * 100_000)
+    assert parser.next_reply() is None and parser.buffered
+    parser.receive_data(b"y" * 100_000 + b"\r")
+    assert parser.next_reply() is None and len(parser._buffer) == 0
+    parser.receive_data(b"\n250 2.0.0 next\r\n")
+    assert parser.next_reply() == Reply(250, "x" * (MAX_LINE_LENGTH - 4))
+    assert parser.next_reply() == Reply(250, "2.0.0 next") and not parser.buffered
+
+
 def test_too_many_lines_or_bytes_in_one_reply_is_malformed():
     [many] = replies(b"250-x\r\n" * (MAX_REPLY_LINES - 1) + b"250 2.0.0 end\r\n")
     kept = MAX_LINE_LENGTH // len(b"250-x\n") + 1  # lines are kept while those kept are shorter than the limit

@@ -32,7 +32,9 @@ https://…"); the enhanced code is the last line's.
 
 Limits, here and nowhere else: of a line longer than MAX_LINE_LENGTH bytes the first MAX_LINE_LENGTH are kept and
 the rest is read and dropped up to its line end, as Postfix's smtp_get does (line_length_limit = 2048): a long
-refusal still refuses, with its beginning as the diagnostic, and nothing unbounded is held. Of a multi-line reply
+refusal still refuses, with its beginning as the diagnostic, and nothing unbounded is held. The line, and so its
+reply, is complete at its line end only: a line that never ends is a reply that never comes (the caller's timeout
+ends it, naming the command it answers, as Postfix's). Of a multi-line reply
 the lines are kept while those kept so far are shorter than MAX_LINE_LENGTH in all (Postfix's smtp_chat_resp):
 `wire` and `one_line` end there; `message` has the last line too, for its enhanced code. A reply of more than
 MAX_REPLY_LINES lines or MAX_REPLY_LENGTH bytes (garbage lines counted) is malformed, the one MalformedReply: a
@@ -108,7 +110,7 @@ class ReplyParser:
     def __init__(self) -> None:
         self._buffer = bytearray()
         self._reading = False  # between the lines of a multi-line reply
-        self._skipping = False  # dropping the rest of an overlong line, up to its line end
+        self._cut: bytearray | None = None  # the beginning of an overlong line, its rest dropped up to its end
         self._texts: list[str] = []
         self._wire: list[str] = []
         self._length = 0  # bytes of the reply read
@@ -119,7 +121,7 @@ class ReplyParser:
 
     @property
     def buffered(self) -> bool:
-        return bool(self._buffer or self._reading)
+        return bool(self._buffer or self._reading or self._cut is not None)
 
     def receive_data(self, data: bytes) -> None:
         self._buffer += data
@@ -127,7 +129,7 @@ class ReplyParser:
     def clear(self) -> None:
         self._buffer.clear()
         self._reset()
-        self._skipping = False
+        self._cut = None
 
     def _reset(self) -> None:
         """Ready for the next reply."""
@@ -135,30 +137,36 @@ class ReplyParser:
         self._garbage, self._garbage_count = [], 0
 
     def next_reply(self) -> Reply | None:
-        buffer = self._buffer
-        while True:
-            if self._skipping:  # the rest of an overlong line
-                end = buffer.find(b"\n")
-                if end == -1:
-                    buffer.clear()
-                    return None
-                del buffer[:end + 1]
-                self._skipping = False
-            end = buffer.find(b"\n", 0, MAX_LINE_LENGTH + 1)
-            if end != -1:
-                line = buffer[:end]
-                del buffer[:end + 1]
-            elif len(buffer) > MAX_LINE_LENGTH:  # keep its beginning, drop the rest
-                line = buffer[:MAX_LINE_LENGTH]
-                del buffer[:MAX_LINE_LENGTH]
-                self._skipping = True
-            else:
-                return None
+        while (line := self._next_line()) is not None:
             if line.endswith(b"\r"):
                 line = line.rstrip(b"\r")
             reply = self._line(line, len(line))
             if reply is not None:
                 return reply
+        return None
+
+    def _next_line(self) -> bytearray | None:
+        """The next line without its LF, or None until its line end has come. Of an overlong line the beginning
+        is kept and the rest dropped as it arrives; the line is returned at its line end, as Postfix's smtp_get
+        skips the rest before it returns the line (within the same time limit)."""
+        buffer = self._buffer
+        if self._cut is None:
+            end = buffer.find(b"\n", 0, MAX_LINE_LENGTH + 1)
+            if end != -1:
+                line = buffer[:end]
+                del buffer[:end + 1]
+                return line
+            if len(buffer) <= MAX_LINE_LENGTH:
+                return None
+            self._cut = buffer[:MAX_LINE_LENGTH]
+            del buffer[:MAX_LINE_LENGTH]
+        end = buffer.find(b"\n")
+        if end == -1:
+            buffer.clear()
+            return None
+        del buffer[:end + 1]
+        line, self._cut = self._cut, None
+        return line
 
     def _line(self, line: bytearray, length: int) -> Reply | None:
         separator: bytes | bytearray = line[3:4]  # a bytearray equals the bytes it holds
