@@ -11,9 +11,9 @@ and mixed-code replies, 421s, lost connections, 452 for some recipients, 3xx/2xx
 garbage lines before a reply and codes outside 2xx-5xx (1xx, 3xx, 6xx) in the handshake and the transaction,
 STARTTLS refused or broken, a TLS handshake that stalls (smtp_starttls_timeout), a peer without DSN given
 NOTIFY=SUCCESS, LMTP's per-recipient replies; with maximal_queue_lifetime = 0, the notice of a recipient
-returned for its age; reply lines past 2048 bytes. For a TLS handshake that fails, the client's own lines too
-(`SSL_connect error to …`, `warning: TLS library problem: …`, and `QID: Cannot start TLS: handshake failure` before a
-plaintext retry).
+returned for its age; reply lines past 2048 bytes, and ones that never end. For a TLS handshake that fails, the
+client's own lines too (`SSL_connect error to …`, `warning: TLS library problem: …`, and `QID: Cannot start TLS:
+handshake failure` before a plaintext retry).
 """
 from __future__ import annotations
 
@@ -514,3 +514,28 @@ async def test_a_reply_line_past_the_line_limit_is_cut_not_refused_as_postfix_do
     assert mf_notices == pf_notices
     assert pf_ended["a@rcpt-20000.test"][1:3] == ("5.1.1", "bounced")
     assert pf_notices["a@rcpt-20000.test"]["Diagnostic-Code"] == "smtp;5505.1.1" + "z" * (2048 - 10)
+
+
+UNENDING_LINES = {  # a reply line that never ends: the rest of it read and dropped until the timeout
+    "greeting-unending": Scenario({"greeting": b"220 " + b"g" * 5000 + THEN_STALL}),
+    "ehlo-unending": Scenario({"EHLO": b"250 " + b"e" * 5000 + THEN_STALL}),
+    "rcpt-unending": Scenario({"RCPT": b"550 5.1.1 " + b"r" * 5000 + THEN_STALL}),
+}
+
+
+async def test_a_reply_line_that_never_ends_times_out_at_its_own_command_as_with_postfix(mailflow_server, smtp_peer):
+    """Postfix's smtp_get reads past the rest of an overlong line before it returns the line, within the same time
+    limit: a line that never ends is a reply that never comes, and the deferral names the stage it answers (not
+    the command that would have followed a reply taken as complete)."""
+    (pf_ended, _), (mf_ended, _) = await run_both(
+        mailflow_server, smtp_peer, UNENDING_LINES,
+        postfix={"smtp_helo_timeout": "1s", "smtp_rcpt_timeout": "1s", "smtp_mail_timeout": "1s"},
+        smtp={"helo_timeout": "1s", "command_timeout": "1s"})
+    assert mf_ended == pf_ended
+    assert {r: ended[1:] for r, ended in pf_ended.items()} == {
+        "a@greeting-unending.test": ("4.4.2", "deferred", "conversation with 127.0.0.1[127.0.0.1] timed out while "
+                                                          "receiving the initial server greeting"),
+        "a@ehlo-unending.test": ("4.4.2", "deferred", "conversation with 127.0.0.1[127.0.0.1] timed out while "
+                                                      "performing the EHLO handshake"),
+        "a@rcpt-unending.test": ("4.4.2", "deferred", "conversation with 127.0.0.1[127.0.0.1] timed out while "
+                                                      "sending RCPT TO")}
