@@ -38,9 +38,9 @@ from tests.support import CaptureHandler, CapturePeer, ZoneAuthority, base_setti
 def dns_zone():
     servers: list[DNSServer] = []
 
-    def start(zone_text: str, servfail: tuple[str, ...] = ()) -> str:
+    def start(zone_text: str, servfail: tuple[str, ...] = (), slow: tuple[str, ...] = (), delay: float = 0.0) -> str:
         quiet = DNSLogger("-request,-reply,-truncated,-recv,-send,-error,-data", False)
-        server = DNSServer(ZoneAuthority(zone_text, servfail), port=0, address="127.0.0.1", logger=quiet)
+        server = DNSServer(ZoneAuthority(zone_text, servfail, slow, delay), port=0, address="127.0.0.1", logger=quiet)
         # DNSServer.start_thread() polls every 0.5 s, which is what stopping it would cost each test.
         threading.Thread(target=server.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
         servers.append(server)

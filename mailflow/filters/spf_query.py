@@ -10,7 +10,8 @@ asks there is handed back to the event loop's resolver (`_Bridge`), so tests ser
 DNS and no second resolver path exists. pyspf expands macros and keeps the RFC's limits (ten lookups, two void
 lookups).
 Failure behaviour: never raises for a record or an answer: a lookup that fails (or `timeout` for the whole
-evaluation) is temperror, a record pyspf cannot read permerror, each with its reason.
+evaluation) is temperror, a record pyspf cannot read permerror, each with its reason. An evaluation out of time
+stops where it is (its lookups fail at once): a slow sender's DNS holds no worker thread past its verdict.
 """
 from __future__ import annotations
 
@@ -38,10 +39,12 @@ async def check_host(resolver: Resolver, ip: str, sender: str, helo: str = "", *
     """See the module doc."""
     loop = asyncio.get_running_loop()
     identity = sender if "@" in sender else (f"postmaster@{sender}" if sender else f"postmaster@{helo}")
-    query = _SpfQuery(ip, identity, helo or identity.rpartition("@")[2], lookup=_Bridge(resolver, loop, timeout))
+    bridge = _Bridge(resolver, loop, timeout)
+    query = _SpfQuery(ip, identity, helo or identity.rpartition("@")[2], lookup=bridge)
     try:
         result, _, reason = await asyncio.wait_for(loop.run_in_executor(executor, query.check), timeout)
     except TimeoutError:
+        bridge.abandon()
         return SpfResult("temperror", f"no answer within {timeout:g}s")
     except Exception as e:  # pyspf on a record it cannot read: its words
         log.warning("SPF check of %s for [%s] failed: %r", identity, ip, e)
@@ -50,18 +53,35 @@ async def check_host(resolver: Resolver, ip: str, sender: str, helo: str = "", *
 
 
 class _Bridge:
-    """pyspf's DNS questions (asked in a worker thread) answered by the event loop's resolver."""
+    """pyspf's DNS questions (asked in a worker thread) answered by the event loop's resolver. Once abandoned (the
+    evaluation's time is up), the question in flight and every later one fail at once, so that the thread comes
+    back to its pool instead of going on through the record's includes, each lookup within the resolver's own
+    timeout, while other sessions' checks wait for a thread."""
 
     def __init__(self, resolver: Resolver, loop: asyncio.AbstractEventLoop, timeout: float):
         self._resolver, self._loop, self._timeout = resolver, loop, timeout
+        self._abandoned = False
+        self._asking: concurrent.futures.Future | None = None  # the question in flight
+
+    def abandon(self) -> None:
+        """(on the loop's thread)"""
+        self._abandoned = True
+        if self._asking is not None:
+            self._asking.cancel()
 
     def __call__(self, name: str, qtype: str) -> list:
-        future = asyncio.run_coroutine_threadsafe(self._ask(name, qtype), self._loop)
+        if self._abandoned:
+            raise spf.TempError("DNS lookups abandoned: out of time")
+        self._asking = future = asyncio.run_coroutine_threadsafe(self._ask(name, qtype), self._loop)
+        if self._abandoned:  # (abandoned between the test above and the question)
+            future.cancel()
         try:
             return future.result(self._timeout)
-        except (LookupRetry, concurrent.futures.TimeoutError) as e:
+        except (LookupRetry, concurrent.futures.TimeoutError, concurrent.futures.CancelledError) as e:
             future.cancel()
-            raise spf.TempError(f"DNS {e}") from None
+            raise spf.TempError(f"DNS {str(e) or 'no answer in time'}") from None
+        finally:
+            self._asking = None
 
     async def _ask(self, name: str, qtype: str) -> list:
         r = self._resolver

@@ -8,13 +8,15 @@
 - `record_senders(peer)`: the list of the senders of every MAIL the peer gets, messages or not (address probes).
 - `garbling_lmtp(reader, writer)`: an `asyncio.start_server` LMTP server that offers PIPELINING and SMTPUTF8
   without 8BITMIME and puts a line that is no reply before its answer to MAIL (the LMTP client's own log lines).
-- `ZoneAuthority(zone_text, servfail=())`: a dnslib resolver answering authoritatively from zone text (started by
-  the `dns_zone` fixture): NODATA for a name in the zone without records of the asked type, NXDOMAIN for a name
-  not in it, SERVFAIL for the names in `servfail`; a CNAME is followed as a recursive resolver follows it.
+- `ZoneAuthority(zone_text, servfail=(), slow=(), delay=0.0)`: a dnslib resolver answering authoritatively from
+  zone text (started by the `dns_zone` fixture): NODATA for a name in the zone without records of the asked type,
+  NXDOMAIN for a name not in it, SERVFAIL for the names in `servfail`, the names in `slow` answered after `delay`
+  seconds (each query in a thread of its own); a CNAME is followed as a recursive resolver follows it.
 """
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 
 from dnslib import QTYPE, RCODE, RR
@@ -124,14 +126,18 @@ def stall_mail(peer: CapturePeer) -> asyncio.Event:
 class ZoneAuthority(BaseResolver):
     """Authoritative answers from zone text, with NODATA (dnslib's ZoneResolver says NXDOMAIN there)."""
 
-    def __init__(self, zone_text: str, servfail: tuple[str, ...] = ()):
+    def __init__(self, zone_text: str, servfail: tuple[str, ...] = (), slow: tuple[str, ...] = (), delay: float = 0.0):
         self.records = RR.fromZone(zone_text)
         self.names = {str(rr.rname).lower() for rr in self.records}
         self.servfail = {name.lower().rstrip(".") + "." for name in servfail}
+        self.slow = {name.lower().rstrip(".") + "." for name in slow}
+        self.delay = delay
 
     def resolve(self, request, handler):
         reply = request.reply()
         qname = str(request.q.qname).lower()
+        if qname in self.slow:
+            time.sleep(self.delay)  # (dnslib's server answers each query in a thread of its own)
         if qname in self.servfail:
             reply.header.rcode = RCODE.SERVFAIL
         elif qname not in self.names:

@@ -1,13 +1,15 @@
 """The one SPF evaluation (mailflow.filters.spf_query: pyspf, its DNS through mailflow's Resolver), behind smtpd's
-verdicts and check-deliverability, over a StaticResolver."""
+verdicts and check-deliverability, over a StaticResolver (and, for a slow sender's DNS, the in-process DNS
+server)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 
 import pytest
 
 from mailflow.filters.spf_query import check_host
-from mailflow.dns import MX, StaticResolver
+from mailflow.dns import MX, AiodnsResolver, StaticResolver
 from mailflow.errors import LookupRetry
 
 
@@ -75,3 +77,26 @@ async def test_a_resolver_that_does_not_answer_is_a_temperror_within_the_timeout
     started = loop.time()
     result = await check_host(Silent(), "192.0.2.1", "someone@example.test", timeout=0.3)
     assert result.result == "temperror" and loop.time() - started < 5
+
+
+async def test_a_timed_out_evaluation_gives_its_thread_back_at_once(dns_zone):
+    """A sender's DNS that answers each include slowly, but within the resolver's timeout: the evaluation is a
+    temperror at `timeout`, and pyspf's thread stops there (the lookup in flight and any later one fail at once).
+    It went on through every include, holding a thread of the SPF pool past the verdict: the next session's
+    check waited its turn beyond its own timeout, a temperror for a sender whose DNS is fine."""
+    includes = " ".join(f"include:i{n}.slow.test" for n in range(8))
+    zone = "\n".join([f'hostile.test. 60 IN TXT "v=spf1 {includes} -all"',
+                      *(f'i{n}.slow.test. 60 IN TXT "v=spf1 -all"' for n in range(8)),
+                      'good.test. 60 IN TXT "v=spf1 ip4:192.0.2.0/24 -all"']) + "\n"
+    server = dns_zone(zone, slow=tuple(f"i{n}.slow.test" for n in range(8)), delay=0.4)
+    resolver = AiodnsResolver(nameservers=(server,), timeout=1.0, tries=1)
+    pool = concurrent.futures.ThreadPoolExecutor(1)  # (smtpd's has SPF_THREADS)
+    try:
+        hostile = await check_host(resolver, "192.0.2.1", "x@hostile.test", timeout=1.0, executor=pool)
+        good = await check_host(resolver, "192.0.2.1", "y@good.test", timeout=1.0, executor=pool)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        await resolver.close()
+        await asyncio.sleep(0.5)  # (the slow answers still in flight are sent before the server closes)
+    assert hostile.result == "temperror"
+    assert good.result == "pass", good
