@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import logging
 import ssl
+import tracemalloc
 
 import pytest
 import trustme
@@ -18,7 +19,7 @@ from mailflow.content import Content
 from mailflow.dns import AiodnsResolver
 from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports.smtp import SmtpTransport
-from mailflow.transports.smtp.mtasts import HttpsPolicyFetcher, MtaSts
+from mailflow.transports.smtp.mtasts import FetchError, HttpsPolicyFetcher, MtaSts
 from tests.support.deliverability import PolicyServer, start_zone
 
 MESSAGE = b"From: a@remote.test\r\nTo: b@dest.test\r\nSubject: tls\r\n\r\nhello\r\n"
@@ -149,6 +150,63 @@ async def test_testing_mode_logs_and_delivers(zones, smtp_peer, ca, tmp_path, ca
     assert any("MTA-STS testing: enforce would defer" in r.getMessage() and "does not name mx.dest.test"
                in r.getMessage() for r in caplog.records)
     policy_server.close()
+
+
+async def endless_headers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n")
+    while True:
+        writer.write(b"X-Pad: " + b"a" * 1000 + b"\r\n")
+        await writer.drain()
+
+
+async def endless_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n")
+    while True:
+        writer.write(b"mx: " + b"a" * 100_000)
+        await writer.drain()
+
+
+async def dripping(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    policy = sts_policy("enforce").encode()
+    response = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s" % (len(policy), policy)
+    for byte in response:
+        writer.write(bytes([byte]))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize(("serve", "why"), [
+    (endless_headers, "mta-sts.dest.test: Receive buffer too long"),  # (h11: 16 KB of header section at most)
+    (endless_body, "mta-sts.dest.test: policy larger than 65536 bytes"),
+    (dripping, "mta-sts.dest.test: timed out after 1s"),  # (each byte within any read timeout: the fetch's bounds all)
+])
+async def test_a_hostile_policy_server_costs_one_failed_fetch_in_bounded_time_and_memory(zones, ca, tmp_path, serve,
+                                                                                       why):
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            await serve(reader, writer)
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    context, _ = server_tls(ca, "mta-sts.dest.test")
+    server = await asyncio.start_server(session, "127.0.0.1", 0, ssl=context)
+    fetcher = HttpsPolicyFetcher(zones(STS_ZONE, ad=False), ca_file=ca_path(ca, tmp_path), timeout=1,
+                                 port=server.sockets[0].getsockname()[1])
+    loop = asyncio.get_running_loop()
+    tracemalloc.start()
+    started = loop.time()
+    try:
+        with pytest.raises(FetchError) as failed:
+            await fetcher.fetch("dest.test")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        server.close()
+    assert str(failed.value) == why
+    assert loop.time() - started < 3 and peak < 5_000_000, (loop.time() - started, peak)
 
 
 async def test_the_policy_is_cached_while_the_record_id_stays(zones, smtp_peer, ca, tmp_path):
