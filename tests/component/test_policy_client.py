@@ -200,3 +200,38 @@ async def test_a_reply_dribbled_line_by_line_is_read_once_not_rescanned_at_each_
             assert await client.query(REQUEST) == "DUNNO"
         finally:
             client.close()
+
+
+class BabblingPolicy(PolicyServer):
+    """Answers each request with `answer`, then (`endless`) an attribute line that never ends."""
+
+    def __init__(self, answer: bytes, endless: bool = False):
+        self.answer, self.endless = answer, endless
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await read_request(reader)
+            writer.write(self.answer)
+            while self.endless:
+                writer.write(b"a" * 65536)
+                await writer.drain()
+            await reader.read()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize(("answer", "endless", "why"), [
+    (b"x=", True, "reply longer than 65536 bytes"),  # no line end, no empty line: read up to the limit only
+    (b"HTTP/1.1 200 OK\r\n\r\n", False, "reply without an action"),
+    (b"\xff\xfe\x00garbage\n\n", False, "reply without an action"),
+])
+async def test_a_babbling_policy_server_is_a_policy_error_at_once(answer, endless, why):
+    async with BabblingPolicy(answer, endless) as server:
+        client = PolicyClient(server.spec, timeout=5)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(PolicyError, match=why):
+            await client.query(REQUEST)
+        assert asyncio.get_running_loop().time() - started < 2
+        client.close()
