@@ -7,8 +7,8 @@
   `release()` gives it back (the file stays; the next server overwrites it). The lock belongs to the open
   file, so two servers in one process also exclude each other, and a crashed server's lock goes with it.
 - `queue_owner(directory) -> int | None`: the pid of the server running on this queue (0 when its pid cannot be
-  read), or None when none is (a shared lock that can be had means nobody holds the exclusive one). For `mailflow sendmail`, which runs as
-  any user: the file is world-readable.
+  read), or None when none is (a shared lock that can be had means nobody holds the exclusive one). For `mailflow
+  sendmail`, which runs as any user: the file is world-readable.
 
 The server takes the lock before it opens the store and before recovery, so a second `mailflow serve` on the
 same queue changes nothing and exits.

@@ -2,8 +2,8 @@
 
     AccountDatabase.open(path, create=False)       create: make the file (0640) and its tables when missing
     domains: add_domain, remove_domain (refused while mailboxes or aliases use it), list_domains
-    mailboxes: check_new_user(address), add_user(address, password, quota=0), remove_user, set_password, set_enabled, set_quota,
-               get_user, list_users(domain=None)
+    mailboxes: check_new_user(address), add_user(address, password, quota=0), remove_user, set_password, set_enabled,
+               set_quota, get_user, list_users(domain=None)
     aliases: add_alias(address, targets), remove_alias(address, targets=()), list_aliases(domain=None)
     sender logins: add_sender(login, sender), remove_sender, list_senders(login=None)
     check_password(password, address, min_length) -> reason | None     the "weak input" rules

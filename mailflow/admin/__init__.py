@@ -1,6 +1,7 @@
 """The admin listener (`[admin]`, docs/operations.md): `/metrics`, `/healthz`, `/readyz`, the admin API (api.py, and
-accounts.py for the account database) and the queue page (page.py), served by the one HTTP layer (mailflow.http) on `[admin] listen`, behind the access
-checks of access.py (bearer tokens from `[admin] token_file`; loopback only without them).
+accounts.py for the account database) and the queue page (page.py), served by the one HTTP layer (mailflow.http) on
+`[admin] listen`, behind the access checks of access.py (bearer tokens from `[admin] token_file`; loopback only without
+them).
 
     Admin(config, server, metrics)
         await start()          reads the token file, binds the listener

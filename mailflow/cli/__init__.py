@@ -1,6 +1,6 @@
-"""The command line: `mailflow serve | reload | health | check-config | version | queue … | mailq | table | config show|check |
-address | auth | account … | dovecot-config | dkim keygen | dns-records | check-deliverability | sendmail`. No logic
-of its own: each command calls the module that does the work.
+"""The command line: `mailflow serve | reload | health | check-config | version | queue … | mailq | table | config
+show|check | address | auth | account … | dovecot-config | dkim keygen | dns-records | check-deliverability | sendmail`.
+No logic of its own: each command calls the module that does the work.
 
 Configuration comes from `--config FILE`, else `$MAILFLOW_CONFIG`, else the embedded defaults. A bad
 configuration prints `mailflow: FILE: KEY: REASON` and exits 2 (common.py holds the one formatter); never a
@@ -19,8 +19,8 @@ input, as `postmap -q -` does): exit 1 when nothing is found,
 2 for a bad table spec, 75 (EX_TEMPFAIL) when a lookup fails.
 
 The package: common.py (configuration loading and errors, shared options), server.py (serve, check-config,
-version, config show, address, table query, auth), ops.py (reload, health: against a running server), queue.py (the queue tools), submit.py (sendmail),
-accounts.py (`account …`, the account database, and `dovecot-config`),
+version, config show, address, table query, auth), ops.py (reload, health: against a running server), queue.py (the
+queue tools), submit.py (sendmail), accounts.py (`account …`, the account database, and `dovecot-config`),
 deliverability.py (dkim keygen, dns-records, check-deliverability; docs/deliverability.md). This file
 is the command table. Modules only some commands need (the server, the store, the router, smtpd's password
 hashing) are imported inside those commands, so that `sendmail`, run once per message by scripts, starts fast.

@@ -22,7 +22,8 @@ import typer
 from mailflow.config import Config, load_config
 from mailflow.errors import ConfigError
 
-ConfigOption = typer.Option(None, "--config", "-c", help="TOML config file (default: $MAILFLOW_CONFIG, else built-in defaults)")
+ConfigOption = typer.Option(None, "--config", "-c",
+                            help="TOML config file (default: $MAILFLOW_CONFIG, else built-in defaults)")
 JsonOption = typer.Option(False, "--json", help="JSON instead of text")
 
 

@@ -121,8 +121,8 @@ def ensure_descriptors(cfg: Config) -> None:
 
 def check_config(config: Optional[str] = ConfigOption) -> None:
     """Validate the configuration and read every file-backed lookup table, DKIM key and listener certificate it
-    names, and see that the log file can be written (like `postfix check`). Exit 2 on the first bad setting, or after listing every file that cannot be
-    used."""
+    names, and see that the log file can be written (like `postfix check`). Exit 2 on the first bad setting, or after
+    listing every file that cannot be used."""
     cfg = load(config)
     where = config_name(config_path(config))
     problems = (table_problems(cfg, where) + signing_problems(cfg) + certificate_problems(cfg, where)

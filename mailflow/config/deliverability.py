@@ -3,13 +3,15 @@
 (what `mailflow dns-records` and `check-deliverability` take as this host's public face). docs/deliverability.md.
 
     DkimConfig, ArcConfig, SrsConfig, MtaStsConfig, DeliverabilityConfig
-    opendkim_dataset(value) -> (kind, path)     "refile:PATH" -> ("refile", PATH); "file:PATH" or "PATH" -> ("file", PATH)
+    opendkim_dataset(value) -> (kind, path)     "refile:PATH" -> ("refile", PATH); "file:PATH" or "PATH" ->
+                                                ("file", PATH)
 
 Everything here is off by default: no signing table, no ARC, no SRS, no MTA-STS; DANE is a level of
 `smtp.tls_security_level` (delivery.py).
 
 Failure behaviour: a bad value raises ValueError (a ConfigError once loaded): a signing table without a key
-table (a key table alone serves ARC), an unknown OpenDKIM dataset type, ARC without a key, SRS without a secret file or domain.
+table (a key table alone serves ARC), an unknown OpenDKIM dataset type, ARC without a key, SRS without a secret file or
+domain.
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """Relative paths in a configuration are taken from the directory of the file that holds them.
 
 Which settings are paths is told by their names: `*_file`, `*_directory`, `*_base`, `directory` and `file` (the
-log's) name files or directories; the items of `*_maps`, `*_domains`, `*_checks`, `authorized_submit_users` and `*_restrictions`
-that are file-backed tables (`texthash:`, `regexp:`, `cidr:`, `sqlite:`, `accounts:`: mailflow.syntax.FILE_TABLE_TYPES)
-name files; a listener's overrides follow the same rule. `local.home_mailbox` is relative to each user's home, not to the file.
+log's) name files or directories; the items of `*_maps`, `*_domains`, `*_checks`, `authorized_submit_users` and
+`*_restrictions` that are file-backed tables (`texthash:`, `regexp:`, `cidr:`, `sqlite:`, `accounts:`:
+mailflow.syntax.FILE_TABLE_TYPES) name files; a listener's overrides follow the same rule. `local.home_mailbox` is
+relative to each user's home, not to the file.
 
     resolve_paths(config, base) -> Config       every relative path setting taken from `base`; the result
                                                 remembers `base` (show_settings resolves the defaults likewise)
@@ -58,7 +59,8 @@ def _resolve_setting(name: str, value: object, base: Path) -> object:
     if name.endswith("_table") and isinstance(value, str) and value:  # an OpenDKIM data set (dkim.signing_table)
         kind, path = opendkim_dataset(value)
         return f"{kind}:{_resolve_path(path, base)}"
-    if name.endswith(("_maps", "_domains", "_checks")) or name == "authorized_submit_users":  # domain lists may hold tables
+    # domain lists may hold tables
+    if name.endswith(("_maps", "_domains", "_checks")) or name == "authorized_submit_users":
         return tuple(_resolve_table(v, base) for v in value) if isinstance(value, (tuple, list)) else value
     if name.endswith("_restrictions") and isinstance(value, (tuple, list)):
         return tuple(_resolve_restriction(item, base) for item in value)

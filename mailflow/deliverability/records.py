@@ -84,7 +84,8 @@ def records(config: Config, domain: str) -> list[str]:
     keys = domain_keys(config, domain)
     out += ["", "; DKIM: one record per selector"] + [keygen.txt_record(k) for k in keys]
     if not keys:
-        out.append(f"; no DKIM key for {domain} in dkim.key_table: make one with `mailflow dkim keygen {domain} SELECTOR`")
+        out.append(f"; no DKIM key for {domain} in dkim.key_table: "
+                   f"make one with `mailflow dkim keygen {domain} SELECTOR`")
     out += ["", "; DMARC: what receivers do with mail that fails SPF and DKIM alignment, and where reports go",
             f'_dmarc.{domain}. IN TXT "v=DMARC1; p=quarantine; adkim=r; aspf=r; rua=mailto:{rua}"',
             "", "; MTA-STS (RFC 8461) and TLS reporting (RFC 8460)",

@@ -6,10 +6,10 @@
 What is matched (Postfix's rules): each logical header of the message, its lines joined by their line breaks
 (`X-Folded: a\\n b`, as Postfix's cleanup keeps them, CR dropped; no line end after the last) against
 header_checks (in a regexp table `.` matches the break, as in POSIX regexec), its
-MIME headers (Content-*, MIME-Version) and those of every MIME part against mime_header_checks, the headers of an attached message (message/rfc822) against
-nested_header_checks (each of these two defaults to header_checks); each body line (without its line end,
-boundaries excluded) against body_checks, for at most `body_checks_size_limit` bytes of each body part. The
-body is read as a stream (mailflow.content: chunk by chunk, file parts in a worker thread); a big one is
+MIME headers (Content-*, MIME-Version) and those of every MIME part against mime_header_checks, the headers of an
+attached message (message/rfc822) against nested_header_checks (each of these two defaults to header_checks); each body
+line (without its line end, boundaries excluded) against body_checks, for at most `body_checks_size_limit` bytes of each
+body part. The body is read as a stream (mailflow.content: chunk by chunk, file parts in a worker thread); a big one is
 scanned in a worker thread so that the event loop never waits for it.
 
 Actions (the table's value; the first word, any case):

@@ -21,8 +21,8 @@ address may raise LookupRetry. `qualify` tidies an address (needless quotes, a t
 `@myorigin` to a bare `user` (and, with `append_dot_mydomain`, `.mydomain` to a dotless `user@host`); an address
 without '@' that holds a `%` has its rightmost `%` made the '@' instead (allow_percent_hack, Postfix's rewrite).
 `own_addresses` are this server's IP addresses as `own_addresses(config)` finds them (the SMTP client's loop
-detection takes them as itself). `resolved_address` is trivial-rewrite's resolve loop: while the domain is local and the local part holds
-a `%` (allow_percent_hack), the local domain is dropped and the rightmost `%` becomes `@`
+detection takes them as itself). `resolved_address` is trivial-rewrite's resolve loop: while the domain is local and the
+local part holds a `%` (allow_percent_hack), the local domain is dropped and the rightmost `%` becomes `@`
 (`user%example.org@here` -> `user@example.org`, which then routes, and is relay-checked, as that address); a
 quoted local part is opened to look for them, as Postfix's resolve_dequoted_address (default yes) does:
 `"user@example.org"@here` is `user@example.org` too, not a local user of that name that a next hop could

@@ -55,7 +55,8 @@ def run(opts: Options, config: Config, stdin: BinaryIO, stdout: BinaryIO, stderr
 @contextlib.contextmanager
 def _cleanup_on_signals() -> Iterator[list[int]]:
     """While inside, CLEANUP_SIGNALS not ignored by the caller raise Signalled (so that write_maildrop removes its
-    temporary file); on the way out the previous handlers are back. Outside the main thread (signals cannot be caught there) nothing."""
+    temporary file); on the way out the previous handlers are back. Outside the main thread (signals cannot be caught
+    there) nothing."""
     caught: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield caught

@@ -22,11 +22,11 @@ How memory stays bounded: dkimpy canonicalizes and hashes a body it holds whole.
 through `BodyHash` (64 KB chunks from the queue file for a big message), which computes the same hash (the
 unit tests compare it with dkimpy's on many bodies), and dkimpy is given only the header section: it picks,
 canonicalizes and hashes the header fields and folds the DKIM-Signature field, as its own sign() does; the signature
-itself is made by `cryptography` (OpenSSL: about 1 ms for RSA-2048, where dkimpy's pure-Python RSA takes 30). The signature: relaxed/relaxed, a= rsa-sha256 or
-ed25519-sha256 by the key, d= and s= from the KeyTable, t= from the injected clock, the header fields of dkimpy's
-RFC 6376 list that are present (From, Sender, Reply-To, Subject, Date, Message-ID, To, Cc, MIME-Version,
-Content-*, In-Reply-To, References, List-*), From signed once more than present (oversigned: a second From added
-later breaks the signature).
+itself is made by `cryptography` (OpenSSL: about 1 ms for RSA-2048, where dkimpy's pure-Python RSA takes 30). The
+signature: relaxed/relaxed, a= rsa-sha256 or ed25519-sha256 by the key, d= and s= from the KeyTable, t= from the
+injected clock, the header fields of dkimpy's RFC 6376 list that are present (From, Sender, Reply-To, Subject, Date,
+Message-ID, To, Cc, MIME-Version, Content-*, In-Reply-To, References, List-*), From signed once more than present
+(oversigned: a second From added later breaks the signature).
 Like dkimpy, a bare LF in the body counts as a line end; an empty body is one CRLF in simple canonicalization, nothing
 in relaxed; a last line without its end is given one (relaxed: its white space made one space, not removed).
 
@@ -38,7 +38,8 @@ the caller (cleanup) queues the message unsigned and logs why. Verifying raises 
 a key that cannot be fetched within `timeout` is temperror; a signature that cannot be checked (a tag missing or
 malformed, an unknown a=, x= past, t= to come) or whose key record holds key material that cannot be decoded
 (p= not base64, or not a key) permerror, as OpenDKIM reports it; a key that is missing, revoked (p= empty) or of an
-unknown type or version, or a body or header section that is not the one signed, fail. OSError from reading a spooled body propagates.
+unknown type or version, or a body or header section that is not the one signed, fail. OSError from reading a spooled
+body propagates.
 """
 from __future__ import annotations
 

@@ -3,8 +3,9 @@
     generate(algorithm="rsa", bits=2048) -> bytes          a PKCS#8 PEM private key (RSA or Ed25519); OpenDKIM
                                                           2.11 and mailflow's KeyTable both read it
     write_key(path, pem)                                   creates the file 0600 (never replaces one: FileExistsError)
-    txt_record(key) -> str                                 a BIND zone line: `sel._domainkey.domain. IN TXT ( "…" "…" )`,
-                                                          the value cut into strings of at most 255 characters
+    txt_record(key) -> str                                 a BIND zone line:
+                                                          `sel._domainkey.domain. IN TXT ( "…" "…" )`, the value
+                                                          cut into strings of at most 255 characters
 Failures: OSError from writing the file (the caller says which).
 """
 from __future__ import annotations

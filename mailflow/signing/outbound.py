@@ -7,8 +7,8 @@ here (a notice, a forwarded copy) passes through the same door as one received.
     OutboundSigning(keys=, sign_forwarded=, arc_key=, authserv_id=, srs=, internal_networks=, is_remote=,
                     resolver=, clock=, log=)
       forwarded(submission, recipients) -> bool   local(8) forwarding (aliases, .forward: `Submission.forwarded`)
-                                  to a remote recipient, or a recipient whose address is remote while the address it was given as is not
-                                  (virtual alias expansion to a remote domain)
+                                  to a remote recipient, or a recipient whose address is remote while the address it was
+                                  given as is not (virtual alias expansion to a remote domain)
       own_mail(submission) -> bool     mail of this host's users: an authenticated client, a local submission
                                   (sendmail), a client in mynetworks (OpenDKIM's InternalHosts), a notice made here
       sign_notice(message) -> NewMessage   a notice made here (a bounce: in memory, small), signed at once

@@ -17,9 +17,9 @@ Decisions:
   failure notice without RET=HDRS, the whole message when it is at most `size_limit` bytes (bounce_size_limit);
   otherwise (RET=HDRS, a bigger message, any message when the limit is 0, and every delay or success notice,
   whatever RET says, as Postfix's defer and trace services return DSN_RET_HDRS) its header section only
-  (text/rfc822-headers), as Postfix's bounce_original does (a truncated message would damage its MIME structure). So a notice is never
-  bigger than the limit plus a header section: callers pass `original` read accordingly (the whole message
-  when `original_size` <= size_limit, else at least its header section), never a big message whole. The
+  (text/rfc822-headers), as Postfix's bounce_original does (a truncated message would damage its MIME structure). So a
+  notice is never bigger than the limit plus a header section: callers pass `original` read accordingly (the whole
+  message when `original_size` <= size_limit, else at least its header section), never a big message whole. The
   original is copied byte for byte.
 - The human part (part 1) is Postfix's built-in template for the kind, word for word (a delay notice: "more than
   N hour(s)" from delay_warning_time, "N day(s) old" from the queue lifetime), then a paragraph per recipient,

@@ -40,4 +40,5 @@ from mailflow.store.operator import DestinationRow, MessageDetail, MessageRow, R
 from mailflow.store.requeue import RequeuedMessage, RequeueGone
 
 __all__ = ["DestinationRow", "MessageDetail", "MessageRow", "NewMessage", "QUEUES", "RecipientRow",
-           "SCAN_CONTENT_BUDGET", "RequeueGone", "RequeuedMessage", "SCHEMA_VERSION", "ShapeCount", "Store", "store_fault"]
+           "SCAN_CONTENT_BUDGET", "RequeueGone", "RequeuedMessage", "SCHEMA_VERSION", "ShapeCount", "Store",
+           "store_fault"]

@@ -32,7 +32,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 MAX_TIME = 253402300799.0  # 9999-12-31 23:59:59 UTC: past it, time.localtime() cannot say the date
 STATUSES = ("pending", "sent", "bounced")
-QUEUES = ("incoming", "active", "deferred", "hold", "corrupt", "maildrop")  # schema.sql's; maildrop: requeued, not yet copied
+# schema.sql's; maildrop: requeued, not yet copied
+QUEUES = ("incoming", "active", "deferred", "hold", "corrupt", "maildrop")
 
 
 def _number(value: object) -> bool:

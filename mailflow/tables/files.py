@@ -38,7 +38,8 @@ class Reloading(Generic[T]):
 
     On a running event loop the check and the re-read happen in a worker thread: `current()` goes on
     answering from the previous contents until the new ones are parsed. Elsewhere (no loop in this thread),
-    and while the table is failing (there are no good contents to answer from), they happen in the caller. The state is one tuple, replaced whole, so a reader never sees half of it."""
+    and while the table is failing (there are no good contents to answer from), they happen in the caller. The state is
+    one tuple, replaced whole, so a reader never sees half of it."""
 
     def __init__(self, name: str, path: Path, clock: Callable[[], float], parse: Callable[[str], T]):
         self._name, self._path, self._clock, self._parse = name, path, clock, parse

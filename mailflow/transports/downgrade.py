@@ -33,8 +33,9 @@ over READ_INLINE. Without the header, a content in which no `Content-Transfer-En
 It streams, like Postfix's mime_state: the content goes through line by line (runs of body lines at once),
 keeping only the header section of the entity being read (at most MAX_HEADER bytes: a longer one, and its
 body, pass through unchanged) and a partial line (at most MAX_LINE bytes: a longer line is handled in pieces;
-in a quoted-printable body the encoded line goes on across the pieces, as Postfix's continues across records). A boundary line is recognised only at the
-start of a line; the boundary of an outer multipart ends the inner parts, as the boundaries nest.
+in a quoted-printable body the encoded line goes on across the pieces, as Postfix's continues across records). A
+boundary line is recognised only at the start of a line; the boundary of an outer multipart ends the inner parts, as the
+boundaries nest.
 """
 from __future__ import annotations
 

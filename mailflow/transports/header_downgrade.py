@@ -5,9 +5,9 @@ header section as it streams past and passes the body on untouched.
     needs_header_downgrade(extensions_support_smtputf8, message_smtputf8) -> bool
 
 A message whose header section is ASCII passes byte for byte (one `isascii()` over the header section; when the
-first chunk holds the whole header section, as it does for a message in memory, it is passed on without a copy). Otherwise
-each field with 8-bit bytes becomes RFC 2047 encoded words (mailflow.message.encode_8bit_fields: the value of an
-unstructured field, the display names of an address field); a field whose addresses are not ASCII stays as it is.
+first chunk holds the whole header section, as it does for a message in memory, it is passed on without a copy).
+Otherwise each field with 8-bit bytes becomes RFC 2047 encoded words (mailflow.message.encode_8bit_fields: the value of
+an unstructured field, the display names of an address field); a field whose addresses are not ASCII stays as it is.
 A message that came with SMTPUTF8 is not this encoder's: to a peer without SMTPUTF8 it bounces 5.6.7
 (commands.cannot_take). Memory: the header section is held until its end is seen, at most `limit` bytes; a longer
 one passes unchanged. A DKIM signature over an 8-bit field of someone else's message does not survive this (mail

@@ -10,10 +10,10 @@ Per recipient: write `Return-Path`, `X-Original-To` and `Delivered-To` then the 
 (the mailbox convention, as Postfix writes it) into `tmp/`, fsync the file, rename it into `new/`, fsync
 `new/`. Only then is the recipient SENT. The file work runs in a worker thread.
 Quota (`quota(recipient) -> bytes`, 0 = none): the sizes of the files in new/ and cur/ plus the new message
-(counted as queued, with its CRLF line ends: the file is at most that big) may not exceed it; over quota bounces 5.2.2, or defers 4.2.2 when `overquota_bounce` is False.
-Success reads "delivered to maildir", as virtual(8) logs it (the path is not named).
-Ownership (`owner(recipient) -> (uid, gid)`, Postfix virtual_uid_maps / virtual_gid_maps): directories created
-below `base` (virtual_mailbox_base) are made 0700 and given to that uid and gid, the message file 0600 likewise,
+(counted as queued, with its CRLF line ends: the file is at most that big) may not exceed it; over quota bounces 5.2.2,
+or defers 4.2.2 when `overquota_bounce` is False. Success reads "delivered to maildir", as virtual(8) logs it (the path
+is not named). Ownership (`owner(recipient) -> (uid, gid)`, Postfix virtual_uid_maps / virtual_gid_maps): directories
+created below `base` (virtual_mailbox_base) are made 0700 and given to that uid and gid, the message file 0600 likewise,
 every directory opened without following a symbolic link; without maps, what is created belongs to mailflow's
 own user (directories 0700, files 0600). Giving a file away needs root (or CAP_CHOWN): otherwise the delivery
 defers 4.2.0 naming the error.
@@ -53,7 +53,8 @@ def virtual_maildirs(base: str | Path, rewriter) -> Locate:
         if path is None:
             return None
         if not path.endswith("/"):
-            raise TemporaryError("4.3.5", f"virtual_mailbox_maps gives {path!r}: only Maildirs (ending in /) are supported")
+            raise TemporaryError("4.3.5",
+                                 f"virtual_mailbox_maps gives {path!r}: only Maildirs (ending in /) are supported")
         base = Path(os.path.abspath(root))
         maildir = Path(os.path.normpath(base / path))  # not resolved: the write opens no symbolic link (Owner)
         if not maildir.is_relative_to(base):

@@ -136,7 +136,8 @@ async def test_one_message_its_raw_headers_parts_and_history(api):
     detail = await get_json(http, "/api/v1/message/latest")
     assert detail["ID"] == second.id and detail["Read"] is True
     assert detail["Text"].startswith("Body of Second") and "cid:logo" in detail["HTML"]
-    assert [(a["FileName"], a["ContentType"], a["Size"]) for a in detail["Attachments"]] == [("data.csv", "text/csv", 8)]
+    attachments = [(a["FileName"], a["ContentType"], a["Size"]) for a in detail["Attachments"]]
+    assert attachments == [("data.csv", "text/csv", 8)]
     assert [(a["ContentID"], a["ContentType"]) for a in detail["Inline"]] == [("logo", "image/png")]
     assert detail["ReturnPath"] == "shop@shop.test"
     assert detail["ListUnsubscribe"]["Links"] == ["https://shop.test/unsub"]

@@ -705,7 +705,8 @@ def test_config_errors_name_the_listener(pki, users):
     def load(**smtpd):
         return config_from_dict(merged({"smtpd": {"listen": []}}, {"smtpd": smtpd}))
 
-    with pytest.raises(ConfigError, match=r"smtpd.listeners: listener 0 \(127.0.0.1:587\): overrides.tls_cert: unknown"):
+    unknown = r"smtpd.listeners: listener 0 \(127.0.0.1:587\): overrides.tls_cert: unknown"
+    with pytest.raises(ConfigError, match=unknown):
         load(listeners=[{"address": "127.0.0.1:587", "overrides": {"tls_cert": "x"}}])
     with pytest.raises(ConfigError, match=r"listener 1 \(127.0.0.1:465, submissions\): needs tls_cert_file"):
         load(sasl_user_maps=[users], listeners=[{"address": "127.0.0.1:25"}, {"address": "127.0.0.1:465",

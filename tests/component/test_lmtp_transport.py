@@ -294,7 +294,8 @@ async def test_unix_socket_nexthop(lmtp_peer):
         peer = await lmtp_peer(unix_path=socket_path)
         report = await deliver(make_transport(), make_request(f"unix:{socket_path}", "b@example.test",
                                                               "c@example.test"))
-        assert outcomes(report) == [("b@example.test", Outcome.SENT, "2.0.0"), ("c@example.test", Outcome.SENT, "2.0.0")]
+        assert outcomes(report) == [("b@example.test", Outcome.SENT, "2.0.0"),
+                                    ("c@example.test", Outcome.SENT, "2.0.0")]
         assert report.results[0].relay == f"{HELO}[{socket_path}]"
         assert [m.content for m in peer.messages] == [CONTENT]
     finally:

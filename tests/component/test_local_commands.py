@@ -4,8 +4,8 @@ Covered: an alias command gets local(8)'s environment (exactly those variables, 
 message context replaced by '_'), the message with Return-Path and Delivered-To on stdin, `/` as working
 directory when the home does not exist, umask 077, and (as root) default_privs' identity; a .forward command runs in the
 user's home, and (as root) a system user's .forward is opened, and its commands, files and :include: files run, are
-written and read, with that user's rights; mailbox and command parts combine: a command exiting 75 defers the recipient (the mailbox
-written), 67 bounces it 5.1.1, success names both parts; command_time_limit bounces 5.3.0 (as Postfix).
+written and read, with that user's rights; mailbox and command parts combine: a command exiting 75 defers the recipient
+(the mailbox written), 67 bounces it 5.1.1, success names both parts; command_time_limit bounces 5.3.0 (as Postfix).
 """
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ def transport(base: Path, aliases: str, time_limit: float = 10.0, default_privs:
 
 
 def request(rcpt: str, sender: str = "sender@remote.test", original: str = "") -> DeliveryRequest:
-    return DeliveryRequest("Q1", sender, (Recipient(0, rcpt, original or rcpt),), "mx.example.test", Content.of(CONTENT))
+    return DeliveryRequest("Q1", sender, (Recipient(0, rcpt, original or rcpt),), "mx.example.test",
+                           Content.of(CONTENT))
 
 
 def environment(text: str) -> dict[str, str]:

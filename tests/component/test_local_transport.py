@@ -1,7 +1,7 @@
 """The local transport (mailflow.transports.local.LocalTransport) with real Maildirs and alias files in tmp_path.
 
-Covered: a mailbox copy (Return-Path, X-Original-To, Delivered-To, LF line ends, in Maildir/new); an alias to two users and a
-remote address (both Maildirs written, one forwarded copy with Delivered-To prepended, SENT); a Delivered-To
+Covered: a mailbox copy (Return-Path, X-Original-To, Delivered-To, LF line ends, in Maildir/new); an alias to two users
+and a remote address (both Maildirs written, one forwarded copy with Delivered-To prepended, SENT); a Delivered-To
 loop (5.4.6, nothing written); an unknown user (5.1.1); a command target (deferred 4.3.5 before anything is
 written); a refused part next to a delivered one (BOUNCED, the delivered part written); a Maildir that
 cannot be written (4.2.0); a forward that fails (4.3.0); one copy per user per request; a local part that is a

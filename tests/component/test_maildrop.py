@@ -426,7 +426,8 @@ async def test_a_looping_message_is_returned_to_its_sender(mailflow_server, tmp_
     notice_box = tmp_path / "mail" / "alice" / "Maildir"
     await eventually(lambda: maildir_messages(notice_box), timeout=5)
     notice = maildir_messages(notice_box)[0]
-    assert b"5.4.0" in notice and b"Subject: Undelivered Mail Returned to Sender" in notice  # cleanup's code, as Postfix
+    # cleanup's code, as Postfix
+    assert b"5.4.0" in notice and b"Subject: Undelivered Mail Returned to Sender" in notice
     assert not (mf.config.queue_path / "maildrop" / name).exists()
     assert maildir_messages(tmp_path / "mail" / "bob" / "Maildir") == []
 

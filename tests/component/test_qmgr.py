@@ -529,7 +529,7 @@ async def test_stop_closes_each_transport_once(h):
     assert h.smtp.closed and h.local.closed
 
 
-# ---------------------------------------------------------------------------------------------- failures that must not strand mail
+# ---------------------------------------------------------------------------------- failures that must not strand mail
 
 
 async def test_a_content_read_error_defers_the_message(h):

@@ -73,7 +73,8 @@ class Sim:
 
     async def submit(self, sender: str, *rcpts: str, body: bytes = b"hello\r\n") -> str:
         content = b"Subject: test\r\nFrom: <" + sender.encode() + b">\r\n\r\n" + body
-        sub = Submission(Envelope(sender, tuple(rcpts)), Content.of(content), ClientInfo("192.0.2.9", helo="client.test"))
+        sub = Submission(Envelope(sender, tuple(rcpts)), Content.of(content),
+                         ClientInfo("192.0.2.9", helo="client.test"))
         return await self.cleanup.submit(sub)
 
     async def settle(self):

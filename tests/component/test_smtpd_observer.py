@@ -129,7 +129,8 @@ async def test_the_policy_hook_answers_at_mail_rcpt_and_data(server):
     async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port) as client:
         with pytest.raises(aiosmtplib.SMTPSenderRefused) as mail:
             await client.sendmail("bad@remote.test", ["alice@local.test"], MESSAGE)
-        assert (mail.value.code, mail.value.message) == (554, "5.7.1 <bad@remote.test>: Sender address rejected: go away")
+        refusal = "5.7.1 <bad@remote.test>: Sender address rejected: go away"
+        assert (mail.value.code, mail.value.message) == (554, refusal)
         with pytest.raises(aiosmtplib.SMTPRecipientsRefused) as rcpt:
             await client.sendmail("s@remote.test", ["bob@local.test"], MESSAGE)
         assert rcpt.value.recipients[0].code == 450

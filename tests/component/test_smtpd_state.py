@@ -34,8 +34,9 @@ def the_session(mf) -> SmtpSession:
 
 async def test_rset_clears_exactly_the_transaction_and_keeps_the_client(mailflow_server):
     mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "authorized_xclient_hosts": ["127.0.0.0/8"],
-                                      "recipient_restrictions": ["check_recipient_access inline:{alice@local.test=HOLD}",
-                                                                 "reject_unauth_destination"]})
+                                      "recipient_restrictions": [
+                                          "check_recipient_access inline:{alice@local.test=HOLD}",
+                                          "reject_unauth_destination"]})
     c = await SmtpClient.connect(mf.smtp_addresses[0][1])
     assert (await c.cmd("XCLIENT NAME=front.test ADDR=192.0.2.7"))[0] == 220
     await c.envelope(mail_params=" RET=HDRS ENVID=e+2B1", rcpt_params=" NOTIFY=SUCCESS ORCPT=rfc822;a@b.test")

@@ -27,8 +27,8 @@ def new(qid: str, *rcpts: str, arrival: float = T0, content: bytes | None = None
         **kw) -> NewMessage:
     rcpts = rcpts or ("b@example.test",)
     data = content if content is not None else f"Subject: {qid}\r\n\r\nbody\r\n".encode()
-    return NewMessage(qid, sender, arrival, Content.of(data), tuple(Recipient(i, r, r.upper()) for i, r in enumerate(rcpts)),
-                      **kw)
+    recipients = tuple(Recipient(i, r, r.upper()) for i, r in enumerate(rcpts))
+    return NewMessage(qid, sender, arrival, Content.of(data), recipients, **kw)
 
 
 async def content_of(store: Store, queue_id: str) -> bytes | None:
@@ -66,7 +66,8 @@ async def test_insert_then_due_returns_it_with_recipients(store):
                                  Recipient(1, "y@example.test", "Y@EXAMPLE.TEST")), nrcpt=2)
     assert await store.counts() == {"incoming": 1}
     assert await content_of(store, "Q1") == b"Subject: Q1\r\n\r\nbody\r\n"
-    assert await store.recipients("Q1") == [("x@example.test", "pending", "", ""), ("y@example.test", "pending", "", "")]
+    assert await store.recipients("Q1") == [("x@example.test", "pending", "", ""),
+                                            ("y@example.test", "pending", "", "")]
 
 
 async def test_incoming_is_due_whatever_the_time(store):
@@ -708,8 +709,10 @@ CREATE TABLE recipient (message_id TEXT NOT NULL, idx INTEGER NOT NULL, address 
     status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'bounced')),
     dsn TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '', PRIMARY KEY (message_id, idx)) WITHOUT ROWID;
 CREATE TABLE content (message_id TEXT PRIMARY KEY, data BLOB NOT NULL);
-INSERT INTO message (id, queue, sender, arrival, next_attempt, size) VALUES ('OLD1', 'active', 'a@remote.test', 1, 1, 6);
-INSERT INTO recipient (message_id, idx, address, original, status) VALUES ('OLD1', 0, 'x@example.test', 'x@example.test', 'sent');
+INSERT INTO message (id, queue, sender, arrival, next_attempt, size)
+    VALUES ('OLD1', 'active', 'a@remote.test', 1, 1, 6);
+INSERT INTO recipient (message_id, idx, address, original, status)
+    VALUES ('OLD1', 0, 'x@example.test', 'x@example.test', 'sent');
 INSERT INTO recipient (message_id, idx, address, original) VALUES ('OLD1', 1, 'y@example.test', 'y@example.test');
 INSERT INTO content VALUES ('OLD1', x'0d0a78790d0a');
 """
@@ -723,7 +726,8 @@ async def test_a_queue_made_by_the_previous_version_is_migrated_and_converted(tm
     try:
         assert await store.recover() == 1
         [msg] = await store.due(T0, 10)
-        assert (msg.queue_id, msg.recipients, msg.owed) == ("OLD1", (Recipient(1, "y@example.test", "y@example.test"),), ())
+        left = (Recipient(1, "y@example.test", "y@example.test"),)
+        assert (msg.queue_id, msg.recipients, msg.owed) == ("OLD1", left, ())
         await store.claim(["OLD1"], T0)
         await record(store, msg, result(msg, 1, Outcome.BOUNCED), owed=True)
     finally:

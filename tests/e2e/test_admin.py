@@ -141,7 +141,8 @@ async def test_two_servers_count_apart(mailflow_server, tmp_path):
 
 async def test_destination_windows_and_dead_sites(mailflow_server):
     mf = await mailflow_server(admin=ADMIN, relayhost=f"[127.0.0.1]:{free_port()}",
-                               queue={"destination_concurrency_failed_cohort_limit": 1, "initial_destination_concurrency": 1,
+                               queue={"destination_concurrency_failed_cohort_limit": 1,
+                                      "initial_destination_concurrency": 1,
                                       "minimal_backoff_time": "1h", "maximal_backoff_time": "1h",
                                       "queue_run_delay": "1h"})
     await submit(mf, "alice@local.test", ["carol@relay.test"])

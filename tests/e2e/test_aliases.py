@@ -35,7 +35,8 @@ async def test_an_alias_to_two_users_and_a_remote_address(mailflow_server, smtp_
 async def test_a_virtual_alias_domain(mailflow_server, smtp_peer, tmp_path):
     peer = await smtp_peer()
     mf = await mailflow_server(virtual_alias_domains=["valias.test"],
-                               virtual_alias_maps=["inline:{ {info@valias.test = alice@local.test, dave@remote.test} }"],
+                               virtual_alias_maps=[
+                                   "inline:{ {info@valias.test = alice@local.test, dave@remote.test} }"],
                                relayhost=f"[127.0.0.1]:{peer.port}")
     port = mf.smtp_addresses[0][1]
     assert await rcpt_reply(port, "nobody@valias.test") == status.restriction_rejected(

@@ -43,7 +43,8 @@ async def test_a_message_is_captured_with_its_envelope_content_and_transcript():
                                       mail_options=["RET=HDRS", "ENVID=order42"], rcpt_options=["NOTIFY=FAILURE"])
         [msg] = await sink.wait_for(to="audit@shop.test")
     assert (msg.sender, msg.recipients) == ("bounces@shop.test", ("bob@example.com", "audit@shop.test"))
-    assert msg.envelope.notify == ("FAILURE", "FAILURE") and (msg.envelope.envid, msg.envelope.ret) == ("order42", "HDRS")
+    assert msg.envelope.notify == ("FAILURE", "FAILURE")
+    assert (msg.envelope.envid, msg.envelope.ret) == ("order42", "HDRS")
     assert msg.subject == "Your order" and msg.message["To"] == "bob@example.com"
     assert msg.text.startswith("Thanks!") and "<a href" in msg.html
     assert [(a.filename, a.content_type, a.data) for a in msg.attachments] == [

@@ -139,7 +139,8 @@ async def test_greylisting_defers_the_first_attempt_and_accepts_the_retry(mailfl
                                greylist={"delay": "1s"})
     port = mf.smtp_addresses[0][1]
     code, text = await rcpt_reply(port, "alice@local.test")
-    assert (code, text) == (450, "450 4.2.0 <alice@local.test>: Recipient address rejected: Greylisted, try again later")
+    greylisted = "450 4.2.0 <alice@local.test>: Recipient address rejected: Greylisted, try again later"
+    assert (code, text) == (450, greylisted)
     assert (await rcpt_reply(port, "alice@local.test"))[0] == 450  # too early: still deferred
     await asyncio.sleep(1.05)
     assert (await rcpt_reply(port, "alice@local.test"))[0] == 250

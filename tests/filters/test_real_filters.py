@@ -57,7 +57,8 @@ async def test_opendkim_adds_its_header_passes_good_signatures_and_its_rejection
     assert (await outcome(port, dkim_signed(dkim_key, message)))[0] == 250
     code, text = await outcome(port, dkim_signed(dkim_key, message).replace(b"body line", b"body LINE"))
     assert code == 550 and text.startswith("5.7."), (code, text)
-    files = await eventually(lambda: len(maildir_messages(maildir(tmp_path))) == 2 and maildir_messages(maildir(tmp_path)))
+    box = maildir(tmp_path)
+    files = await eventually(lambda: len(maildir_messages(box)) == 2 and maildir_messages(box))
     results = sorted(f.split(b"Authentication-Results: ", 1)[1].split(b"\n", 1)[0] for f in files)
     assert results[0].startswith(b"mx.mailflow.test;") and b"dkim=none" in b"".join(results)
     assert any(b"dkim=pass" in f for f in files)

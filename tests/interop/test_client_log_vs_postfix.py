@@ -7,14 +7,14 @@ and end each recipient alike (status, enhanced code, text). Each line is compare
 Compared: a refused connection (smtp and lmtp: `connect to h[ip]:port: Connection refused`, alone, no queue id), a
 refused LMTP greeting (no line but the result), certificates that a `verify` policy refuses (an unknown CA, a
 certificate without the IP address or host name asked for, a chain longer than OpenSSL's depth limit: tls_verify.c's
-`certificate verification failed for …` lines, the mail deferred `Server certificate not verified`), sessions that went well at levels verify and may (no
-line at log level 0), and an LMTP server that offers SMTPUTF8 without 8BITMIME and sends a line that is no reply
-(lines of the client core that an LMTP session writes, named `lmtp` as Postfix's: `host h[ip] offers SMTPUTF8
-support, but not 8BITMIME`, `warning: QID: non-LMTP response from h[ip]:port: …`; Postfix's next line, `warning: to
-prevent loss of mail, turn off command pipelining for 127.0.0.1 with the lmtp_discard_lhlo_keyword_address_maps
-parameter`, names a setting mailflow does not have and is left out). Postfix names the issuer that it did not
-trust; mailflow cannot (Python's ssl module gives no certificate of a failed handshake) and writes `<unknown>`,
-Postfix's word for an issuer it cannot name.
+`certificate verification failed for …` lines, the mail deferred `Server certificate not verified`), sessions that went
+well at levels verify and may (no line at log level 0), and an LMTP server that offers SMTPUTF8 without 8BITMIME and
+sends a line that is no reply (lines of the client core that an LMTP session writes, named `lmtp` as Postfix's: `host
+h[ip] offers SMTPUTF8 support, but not 8BITMIME`, `warning: QID: non-LMTP response from h[ip]:port: …`; Postfix's next
+line, `warning: to prevent loss of mail, turn off command pipelining for 127.0.0.1 with the
+lmtp_discard_lhlo_keyword_address_maps parameter`, names a setting mailflow does not have and is left out). Postfix
+names the issuer that it did not trust; mailflow cannot (Python's ssl module gives no certificate of a failed handshake)
+and writes `<unknown>`, Postfix's word for an issuer it cannot name.
 """
 from __future__ import annotations
 

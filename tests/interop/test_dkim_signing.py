@@ -22,7 +22,8 @@ from tests.support import eventually, send
 def keys(tmp_path):
     directory = tmp_path / "dkim"
     directory.mkdir()
-    return directory, [make_key(directory, "rsa.test", "sel1", "rsa"), make_key(directory, "ed.test", "sel2", "ed25519")]
+    return directory, [make_key(directory, "rsa.test", "sel1", "rsa"),
+                       make_key(directory, "ed.test", "sel2", "ed25519")]
 
 
 @pytest.fixture

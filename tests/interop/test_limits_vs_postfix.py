@@ -306,7 +306,8 @@ async def stalled_handshakes(port: int, implicit_port: int) -> list[tuple[str, s
                                        for p in (port, implicit_port) for sent in (b"", half_client_hello()))))
 
 
-HANDSHAKE_END = re.compile(r"(SSL_accept error |TLS library problem: |timeout after |lost connection after |disconnect )")
+HANDSHAKE_END = re.compile(r"(SSL_accept error |TLS library problem: |timeout after |lost connection after "
+                           r"|disconnect )")
 
 
 def pf_handshake_ends(maillog: str) -> list[str]:

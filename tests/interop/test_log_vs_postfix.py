@@ -53,8 +53,8 @@ import pytest
 
 from tests.interop.test_policy_vs_postfix import ScriptedPolicy
 from tests.interop.test_smtp_faults_vs_postfix import ScriptedPeer
-from tests.support import (SmtpClient, dovecot_instance, eventually, free_port, postfix_instance, require_tool, run_tool,
-                           script_dir)
+from tests.support import (SmtpClient, dovecot_instance, eventually, free_port, postfix_instance, require_tool,
+                           run_tool, script_dir)
 from tests.support.maillog import SYSLOG_NAME
 from tests.support.milters import optneg, reply, scripted_milter
 

@@ -122,7 +122,8 @@ def returned(notice) -> tuple[str, str, list[str]]:
         inner = part.get_payload()[0]
         names = [name.lower() for name in inner] + (["(body)"] if inner.get_payload() else [])
     else:
-        names = [line.split(":")[0].lower() for line in part.get_content().splitlines() if line and line[0] not in " \t"]
+        lines = part.get_content().splitlines()
+        names = [line.split(":")[0].lower() for line in lines if line and line[0] not in " \t"]
     return part["Content-Description"], part.get_content_type(), names
 
 
@@ -170,8 +171,8 @@ SERVER_OWN = ("Reporting-MTA", "X-Mailflow-Queue-ID", "Arrival-Date", "Will-Retr
 
 def report(notice) -> list[list[tuple[str, str]]]:
     """The delivery report's field groups: (name, value without white space) in order; X-Postfix(-) named as
-    X-Mailflow(-), the values each server gives itself left out (its host name as HOST), and mailflow's Last-Attempt-Date (Postfix has
-    it disabled) dropped."""
+    X-Mailflow(-), the values each server gives itself left out (its host name as HOST), and mailflow's
+    Last-Attempt-Date (Postfix has it disabled) dropped."""
     # read from the bytes: the stdlib does not parse message/global-delivery-status
     part = notice.raw.split(b"\r\n--" + notice.get_boundary().encode())[2]
     body = part.split(b"\r\n\r\n", 1)[1].decode("utf-8")

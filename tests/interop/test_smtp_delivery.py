@@ -99,8 +99,9 @@ async def sink():
 
 
 async def swaks(port: int, sender: str, rcpt: str, *extra: str) -> str:
-    rc, out = await run_tool(require_tool("swaks"), "--server", "127.0.0.1", "--port", str(port), "--ehlo", "client.test",
-                        "--from", sender, "--to", rcpt, "--header", "Subject: interop", "--timeout", "10", *extra)
+    rc, out = await run_tool(require_tool("swaks"), "--server", "127.0.0.1", "--port", str(port),
+                             "--ehlo", "client.test", "--from", sender, "--to", rcpt, "--header", "Subject: interop",
+                             "--timeout", "10", *extra)
     assert rc == 0, out
     return out
 

@@ -1,9 +1,9 @@
 """Differential test of address verification (reject_unverified_recipient) against a private Postfix 3.7: both
 relay relay.test to an SMTP peer (its own for each) that accepts one address, refuses one 550 and defers one 450;
 both have local.test, where `nosuchuser` is unknown, and the virtual alias `multi@relay.test` for the refused and
-the deferred address (a one-to-many alias: deliverable, its members not probed). The replies to the first RCPT of each address (the probe started
-and waited for) and to a later one (the cached result) must be the same, word for word; and each server's probe
-must come from double-bounce@ its origin, with no message delivered.
+the deferred address (a one-to-many alias: deliverable, its members not probed). The replies to the first RCPT of each
+address (the probe started and waited for) and to a later one (the cached result) must be the same, word for word; and
+each server's probe must come from double-bounce@ its origin, with no message delivered.
 Then qmgr's dead-destination memory as probes meet it (a next hop that refuses connections, a window of one: a
 probe's failure does not make it dead, a message's does, and the next probe is deferred "delivery temporarily
 suspended"), and

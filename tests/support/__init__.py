@@ -16,8 +16,8 @@ are in tests/conftest.py and build on these.
   `keep_artifact` (a screenshot kept where CI collects it).
 - tools: `require_tool`, `run_tool`; scripts: `script_dir` (shell scripts for command deliveries); postfix:
   `postfix_instance` (a private Postfix); milters: `scripted_milter` (the filter side of the Milter protocol,
-  told what to answer; import it from tests.support.milters); dovecot: `dovecot_instance` (a private Dovecot, LMTP and IMAP),
-  `Dovecot`, `lmtp_route`; policy: `PolicyServer`, `read_request` (the server side of the policy protocol; import
+  told what to answer; import it from tests.support.milters); dovecot: `dovecot_instance` (a private Dovecot, LMTP and
+  IMAP), `Dovecot`, `lmtp_route`; policy: `PolicyServer`, `read_request` (the server side of the policy protocol; import
   them from tests.support.policy); sessions: `replay_sessions`, `connected`, `xclient`, `restriction_settings`,
   `disconnects`, `every_session_ended` (scripted sessions for the differential tests of restriction lists; import
   them from tests.support.sessions).
@@ -39,7 +39,8 @@ from tests.support.transports import BlockingTransport, RecordingTransport, Scri
 from tests.support.waiting import ScanWatch, eventually, queue_becomes, sessions_over
 
 __all__ = [
-    "LOOPBACK_CLIENT", "LOOPBACK_NAME", "BlockingTransport", "CaptureHandler", "CapturePeer", "Captured", "Chromium", "Dovecot", "RecordingClock",
+    "LOOPBACK_CLIENT", "LOOPBACK_NAME", "BlockingTransport", "CaptureHandler", "CapturePeer", "Captured", "Chromium",
+    "Dovecot", "RecordingClock",
     "RecordingTransport", "Reply", "ScanWatch", "ScriptDir", "ScriptedTransport", "ServerProcess", "SmtpClient",
     "ZoneAuthority", "accepts", "always", "base_settings", "big_message", "dovecot_instance", "eventually", "free_port",
     "half_client_hello", "keep_artifact", "lmtp_route", "maildir_messages", "merged",

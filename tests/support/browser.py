@@ -2,8 +2,8 @@
 
 - `Chromium(profile_dir)`: `await dump_dom(url)` (the DOM after the page's scripts ran: `--dump-dom` with a
   virtual-time budget, so the page's fetches complete first), and `async with chromium.page(url) as page`: a
-  DevTools session on one tab, the page loaded, to act as a user does: `await page.evaluate(js)`, `await page.until(js)` (polls an
-  expression until it is truthy), `await page.click(selector)`, `await page.screenshot(path)`.
+  DevTools session on one tab, the page loaded, to act as a user does: `await page.evaluate(js)`, `await page.until(js)`
+  (polls an expression until it is truthy), `await page.click(selector)`, `await page.screenshot(path)`.
 - `keep_artifact(path)`: copies a file (a screenshot) to $MAILFLOW_ARTIFACTS, else to artifacts/ in the
   repository, and returns where it went.
 

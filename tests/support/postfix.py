@@ -10,8 +10,9 @@ Everything lives in a fresh folder under the system temp dir (pytest's tmp_path 
 `postfix` user): etc/ (main.cf, master.cf copied from /etc/postfix with chroot off and smtpd moved to the port),
 queue/, data/, maillog. `stop` sends the master SIGTERM (as `postfix stop` does), waits at most 10 s for it to
 go (a zombie is gone: the master is not our child, and this machine's reaper took 1.4 s to collect it, at every
-one of some 80 instances the suite starts), kills it if it did not, and deletes the folder. Needs root (Postfix's master starts as root) and the postfix
-package: `postfix_instance` calls `require_postfix()` (skips, or fails under MAILFLOW_REQUIRE_TOOLS=1).
+one of some 80 instances the suite starts), kills it if it did not, and deletes the folder. Needs root (Postfix's master
+starts as root) and the postfix package: `postfix_instance` calls `require_postfix()` (skips, or fails under
+MAILFLOW_REQUIRE_TOOLS=1).
 """
 from __future__ import annotations
 

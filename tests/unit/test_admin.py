@@ -58,7 +58,8 @@ def test_mail_events_count_by_transport_status_and_class():
     assert got[("mailflow_messages_removed_total", ())] == 1
     key = (("dsn_class", "2.0"), ("status", "sent"), ("transport", "smtp"))
     assert got[("mailflow_deliveries_total", key)] == 1
-    assert got[("mailflow_deliveries_total", (("dsn_class", "other"), ("status", "bounced"), ("transport", "none")))] == 1
+    bounced = (("dsn_class", "other"), ("status", "bounced"), ("transport", "none"))
+    assert got[("mailflow_deliveries_total", bounced)] == 1
     assert got[("mailflow_queue_residence_seconds_count", ())] == 2  # sent and bounced, not the deferral
     assert got[("mailflow_queue_residence_seconds_sum", ())] == 12.0
     assert [(d.queue_id, d.status, d.time) for d in m.recent] == [("Q1", "sent", 1000.0), ("Q1", "deferred", 1000.0),

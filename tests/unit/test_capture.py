@@ -197,7 +197,8 @@ def test_a_transcript_keeps_no_credentials_and_stays_bounded():
     t.command(b"AUTH PLAIN AGFsaWNlAHMzY3JldA==")
     t.reply(b"235 2.7.0 Authentication successful")
     t.command(b"MAIL FROM:<a@b>")
-    assert t.snapshot().lines == (("S", "220 hi"), ("C", "AUTH PLAIN ****"), ("S", "235 2.7.0 Authentication successful"))
+    assert t.snapshot().lines == (("S", "220 hi"), ("C", "AUTH PLAIN ****"),
+                                  ("S", "235 2.7.0 Authentication successful"))
     assert t.snapshot().omitted == 1
     t.hang_up()
     assert hung_up == [1]

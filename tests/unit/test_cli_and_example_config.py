@@ -109,7 +109,8 @@ def test_check_config_reads_every_table_file_and_names_the_bad_line(tmp_path):
 
 def test_check_config_reads_the_tables_of_restriction_lists_and_submit_users(tmp_path):
     cfg = tmp_path / "m.toml"
-    cfg.write_text(f'[smtpd]\nrecipient_restrictions = ["permit_mynetworks", "check_recipient_access texthash:access"]\n'
+    cfg.write_text(f'[smtpd]\n'
+                   f'recipient_restrictions = ["permit_mynetworks", "check_recipient_access texthash:access"]\n'
                    f'[smtpd.restriction_classes]\nstrict = ["check_sender_access texthash:senders", "reject"]\n'
                    f'[sendmail]\nauthorized_submit_users = ["texthash:{tmp_path}/users"]\n'
                    f'[[smtpd.listeners]]\naddress = "127.0.0.1:0"\nrole = "mta"\n[smtpd.listeners.overrides]\n'

@@ -336,7 +336,10 @@ transport_maps = ["regexp:maps/transport.re"]
 tls_cert_file = "tls/cert.pem"
 recipient_restrictions = ["check_recipient_access texthash:access", "reject_unauth_destination"]
 restriction_classes = { strict = ["check_sender_access texthash:senders", "reject"] }
-listeners = [{ address = "127.0.0.1:587", role = "submission", overrides = { tls_cert_file = "sub.pem", sasl_user_maps = ["texthash:users"] } }]
+[[smtpd.listeners]]
+address = "127.0.0.1:587"
+role = "submission"
+overrides = { tls_cert_file = "sub.pem", sasl_user_maps = ["texthash:users"] }
 [local]
 maildir_base = "/var/mail"
 home_mailbox = "Maildir/"

@@ -264,7 +264,8 @@ def request(*recipients: Recipient, sender="s@x.test", content=b"Subject: hi\r\n
     return DeliveryRequest("Q", sender, rcpts, "y.test", Content.of(content), **kw)
 
 
-EVERYTHING = Extensions.from_reply(Reply(250, "mx.test\nPIPELINING\nSIZE 100\n8BITMIME\nSMTPUTF8\nDSN\nAUTH PLAIN LOGIN"))
+EVERYTHING = Extensions.from_reply(
+    Reply(250, "mx.test\nPIPELINING\nSIZE 100\n8BITMIME\nSMTPUTF8\nDSN\nAUTH PLAIN LOGIN"))
 
 
 def test_extensions_from_an_ehlo_or_lhlo_reply():
@@ -304,7 +305,8 @@ def test_mail_command_carries_what_the_peer_offers_and_the_message_calls_for():
     assert mail_command(plain, Extensions()) == b"MAIL FROM:<s@x.test>\r\n"
     assert mail_command(request(sender=""), Extensions()) == b"MAIL FROM:<>\r\n"
     size = plain.content.size
-    assert mail_command(plain, EVERYTHING, "BODY=8BITMIME") == f"MAIL FROM:<s@x.test> SIZE={size} BODY=8BITMIME\r\n".encode()
+    expected = f"MAIL FROM:<s@x.test> SIZE={size} BODY=8BITMIME\r\n".encode()
+    assert mail_command(plain, EVERYTHING, "BODY=8BITMIME") == expected
     dsn = request(envid="e1", ret="full", smtputf8=True)
     assert mail_command(dsn, EVERYTHING) == f"MAIL FROM:<s@x.test> SIZE={size} SMTPUTF8 RET=FULL ENVID=e1\r\n".encode()
     utf8 = request(sender="andré@x.test")
@@ -315,7 +317,8 @@ def test_mail_command_carries_what_the_peer_offers_and_the_message_calls_for():
 def test_rcpt_command_has_dsn_parameters_only_for_a_peer_that_offers_dsn():
     r = Recipient(0, "jürgen@y.test", "first@y.test", notify="SUCCESS")
     assert rcpt_command(r, Extensions()) == "RCPT TO:<jürgen@y.test>\r\n".encode()
-    assert rcpt_command(r, EVERYTHING) == "RCPT TO:<jürgen@y.test> ORCPT=rfc822;first@y.test NOTIFY=SUCCESS\r\n".encode()
+    expected = "RCPT TO:<jürgen@y.test> ORCPT=rfc822;first@y.test NOTIFY=SUCCESS\r\n".encode()
+    assert rcpt_command(r, EVERYTHING) == expected
 
 
 def test_dsn_parameters_are_xtext_and_orcpt_is_synthesised_from_the_original():

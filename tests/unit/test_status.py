@@ -127,7 +127,8 @@ def _full_database() -> sqlite3.Error:
     (LookupRetry("table texthash:/etc/mailflow/canonical: cannot read"), status.TEMPORARY_LOOKUP_FAILURE),
     (MessageTooBig("5.3.4", "Error: message header size exceeds limit", "over header_size_limit"),
      Reply(552, "5.3.4", "Error: message header size exceeds limit")),
-    (PermanentError("5.4.0", "Error: too many hops", "51 Received headers"), Reply(554, "5.4.0", "Error: too many hops")),
+    (PermanentError("5.4.0", "Error: too many hops", "51 Received headers"),
+     Reply(554, "5.4.0", "Error: too many hops")),
     (TemporaryError("4.6.0", "Alias expansion error", "<a@b>: loop"), Reply(451, "4.6.0", "Alias expansion error")),
     (OSError(errno.ENOSPC, "No space left on device"), status.QUEUE_FULL),
     (OSError(errno.EIO, "Input/output error"), status.QUEUE_ERROR),
@@ -142,4 +143,5 @@ def test_error_reply_is_one_table_from_an_error_to_what_the_client_is_told(error
 def test_error_reply_never_shows_the_reason_and_names_the_address_it_is_about():
     error = TemporaryError("4.6.0", "Alias expansion error", "<a@b.test>: loop through /etc/aliases")
     assert "/etc/aliases" not in str(status.error_reply(error))
-    assert status.error_reply(LookupRetry("table sqlite:/etc/x.cf: timeout"), "a@b.test") == status.lookup_failed("a@b.test")
+    timed_out = LookupRetry("table sqlite:/etc/x.cf: timeout")
+    assert status.error_reply(timed_out, "a@b.test") == status.lookup_failed("a@b.test")

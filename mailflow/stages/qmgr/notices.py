@@ -67,7 +67,8 @@ def plan(message: QueuedMessage, results: list[RcptResult], *, warn_delay: bool,
         if message.sender:
             notices.append(Notice(kind, "", message.sender, chosen))
         elif kind == "failure" and double_bounce_recipient:
-            to = double_bounce_recipient if "@" in double_bounce_recipient else f"{double_bounce_recipient}@{myhostname}"
+            to = (double_bounce_recipient if "@" in double_bounce_recipient
+                  else f"{double_bounce_recipient}@{myhostname}")
             notices.append(Notice(kind, _double_bounce_sender(myhostname), to, chosen))
     return notices
 

@@ -412,7 +412,8 @@ class Smtpd:
                     listener.server = None
             if not isinstance(e, OSError) or failed is None:
                 raise
-            raise ConfigError("", failed.setting, f"cannot listen on {failed.host}:{failed.port}: {os_reason(e)}") from None
+            reason = f"cannot listen on {failed.host}:{failed.port}: {os_reason(e)}"
+            raise ConfigError("", failed.setting, reason) from None
 
     def _close_listener(self, listener: Listener) -> None:
         """Stop accepting on a listener a reload removed; its open sessions go on."""

@@ -1,8 +1,8 @@
 """local: delivery for the local address class (Postfix local(8)).
 
 Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_min_user, as in Postfix):
-1. `LocalExpander.expand` (aliases, .forward; see mailflow.transports.local.aliasing), given the addresses already in the
-   message's `Delivered-To:` headers so that a forwarding loop bounces (5.4.6).
+1. `LocalExpander.expand` (aliases, .forward; see mailflow.transports.local.aliasing), given the addresses already in
+   the message's `Delivered-To:` headers so that a forwarding loop bounces (5.4.6).
 2. Mailboxes (`mbox.mailbox_location`): `<maildir_base>/<user>/<home_mailbox>`, a Maildir when home_mailbox ends
    in "/" (the default `Maildir/`), else an mbox file; with home_mailbox "" the file `<mail_spool_directory>/<user>`.
    As root, a Maildir of a local user who is also a system user is created with that user's uid and gid

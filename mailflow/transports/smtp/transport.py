@@ -127,7 +127,8 @@ class SmtpTransport:
         self._timeouts = Timeouts(config.connect_timeout, config.helo_timeout, config.command_timeout,
                                   config.data_timeout)
         self._handshake = SmtpHandshake(
-            config=config, helo_name=helo_name, tls=TlsContexts(config.tls_ca_file, config.tls_cert_file, config.tls_key_file),
+            config=config, helo_name=helo_name,
+            tls=TlsContexts(config.tls_ca_file, config.tls_cert_file, config.tls_key_file),
             password_tables=self._tables.open(config.sasl_password_maps), tables=self._tables, clock=clock,
             resolver=resolver, plaintext_after=plaintext_after)
         self._cache = SessionCache(config.connection_cache_time_limit, config.connection_reuse_count_limit,
