@@ -59,7 +59,8 @@ async def send_one(host: str, port: int, sender: str, rcpt: str, body: bytes, se
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), REPLY_TIMEOUT)
     try:
         await read_reply(reader, "receiving the greeting")
-        for command, step in ((b"EHLO loadgen.test", "sending EHLO"), (f"MAIL FROM:<{sender}>".encode(), "sending sender"),
+        for command, step in ((b"EHLO loadgen.test", "sending EHLO"),
+                              (f"MAIL FROM:<{sender}>".encode(), "sending sender"),
                               (f"RCPT TO:<{rcpt}>".encode(), "sending recipient"), (b"DATA", "sending DATA")):
             writer.write(command + b"\r\n")
             await read_reply(reader, step)

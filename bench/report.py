@@ -78,7 +78,8 @@ def ratio_table(mailflow: list[CellResult], postfix: list[CellResult]) -> str:
     for cell in all_cells(mailflow, postfix):
         m, p = mf.get(cell), pf.get(cell)
         lines.append(f"{cell.size:>7} {cell.sessions:>8} | {fmt_ratio(m and m.accept_med, p and p.accept_med):>7} "
-                     f"{fmt_ratio(m and m.e2e_med, p and p.e2e_med):>7} | {fmt_ratio(m and m.cpu_ms, p and p.cpu_ms):>7}")
+                     f"{fmt_ratio(m and m.e2e_med, p and p.e2e_med):>7} | "
+                     f"{fmt_ratio(m and m.cpu_ms, p and p.cpu_ms):>7}")
     return "\n".join(lines)
 
 

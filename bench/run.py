@@ -161,7 +161,8 @@ def machine() -> dict:
 def summarize_log(path: Path) -> list[str]:
     """mailflow's own output (level=warning): distinct lines, most frequent first, at most 10."""
     try:
-        lines = [l for l in path.read_text(errors="replace").splitlines() if l.strip() and not l.startswith("--- bench:")]
+        text = path.read_text(errors="replace")
+        lines = [l for l in text.splitlines() if l.strip() and not l.startswith("--- bench:")]
     except OSError:
         return []
     counts: dict[str, int] = {}

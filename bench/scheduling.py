@@ -37,7 +37,8 @@ async def filled_store(path: Path, n: int, deferred: bool) -> Store:
                        (Recipient(0, f"r{i}@d{i % 100}.test", f"r{i}@d{i % 100}.test"),))
             for i in range(start, min(n, start + 5000))])
     if deferred:  # every message deferred to a time after "now"
-        await store._committer.write([("UPDATE message SET queue = 'deferred', next_attempt = next_attempt + 1e6", [()])])
+        later = "UPDATE message SET queue = 'deferred', next_attempt = next_attempt + 1e6"
+        await store._committer.write([(later, [()])])
     return store
 
 

@@ -202,7 +202,8 @@ class PostfixServer:
             raise ServerError("postfix_instance.sh start timed out") from None
         if res.returncode != 0:
             self.stop()
-            raise ServerError(f"postfix_instance.sh start failed ({res.returncode}): {(res.stderr or res.stdout).strip()[-500:]}")
+            output = (res.stderr or res.stdout).strip()[-500:]
+            raise ServerError(f"postfix_instance.sh start failed ({res.returncode}): {output}")
 
     def stop(self) -> None:
         if not self.running:

@@ -68,6 +68,10 @@ def end_process(proc: subprocess.Popen, grace: float = 5.0) -> None:
             pass
 
 
+def _if_exists(path: str) -> str | None:
+    return path if os.path.exists(path) else None
+
+
 @dataclass(frozen=True)
 class Tools:
     """Command prefixes for the load generator and the sink, and whether they are Postfix's."""
@@ -78,8 +82,8 @@ class Tools:
 
     @classmethod
     def detect(cls, mode: str = "auto") -> "Tools":
-        source = shutil.which("smtp-source") or ("/usr/sbin/smtp-source" if os.path.exists("/usr/sbin/smtp-source") else None)
-        sink = shutil.which("smtp-sink") or ("/usr/sbin/smtp-sink" if os.path.exists("/usr/sbin/smtp-sink") else None)
+        source = shutil.which("smtp-source") or _if_exists("/usr/sbin/smtp-source")
+        sink = shutil.which("smtp-sink") or _if_exists("/usr/sbin/smtp-sink")
         if mode == "auto" and source and sink:
             user = ("-u", "nobody") if os.geteuid() == 0 else ()
             return cls((source,), (sink, *user), True)
@@ -156,7 +160,8 @@ class Sink:
         return self._stderr.decode(errors="replace").strip()[-300:]
 
 
-def run_source(tools: Tools, port: int, sessions: int, size: int, count: int, timeout: float) -> tuple[bool, float, str]:
+def run_source(tools: Tools, port: int, sessions: int, size: int, count: int,
+               timeout: float) -> tuple[bool, float, str]:
     """One smtp-source load; (ok, seconds until it exited, error text). Killed after `timeout` seconds."""
     check_loopback_port(port)
     cmd = [*tools.source, "-s", str(sessions), "-l", str(size), "-m", str(count),
