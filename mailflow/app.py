@@ -86,6 +86,7 @@ from mailflow.stages.verify import ProbeSender, Prober, Verifier
 from mailflow.store import Store
 from mailflow.tables import TableCache
 from mailflow.tables.check import table_problems
+from mailflow.tables.networks import NetworkList
 from mailflow.transports import build_transports
 
 if TYPE_CHECKING:  # imported when a feature serves HTTP (start-up time)
@@ -145,7 +146,7 @@ def build_outbound_signing(config: Config, router: Router, resolver, clock: Cloc
     return OutboundSigning(keys=keys if config.dkim.signing_table else None,
                            sign_forwarded=config.dkim.sign_forwarded, arc_key=arc_key,
                            authserv_id=config.arc.authserv_id or config.myhostname, srs=srs,
-                           internal_networks=config.mynetworks,
+                           internal_networks=NetworkList.from_items(config.mynetworks, parent_style=True),
                            is_remote=lambda addr: router.rewriter.classify(addr) in remote,
                            resolver=resolver, clock=clock, log=log)
 

@@ -9,9 +9,10 @@
                              a FrozenMap (a read-only, hashable dict: a section stays immutable and hashable)
     TableSpecs               a list of `type:name` lookup tables (mailflow.tables.check_spec: a known type; an
                              inline:, static: or unix: table that opens)
-    Networks                 a list of IP networks ("10.0.0.0/8", "::1/128"; Postfix's "[::1]/128" is taken, the
-                             brackets dropped); host bits set ("10.0.0.1/8") or a netmask ("/255.0.0.0") are
-                             refused, as Postfix refuses them (it fails every lookup of such a list)
+    Networks                 a network list as Postfix's mynetworks (mailflow.tables.networks): networks
+                             ("10.0.0.0/8", "::1/128"; Postfix's "[::1]/128" is taken, the brackets dropped),
+                             "!pattern", "/file/name", "cidr:/path"; host bits set ("10.0.0.1/8") or a netmask
+                             ("/255.0.0.0") are refused (Postfix takes them and fails every lookup reaching them)
     HostPorts                a list of "host:port" addresses
     Relayhost, Transport     a relayhost, a `transport[:nexthop]` setting (check_relayhost, check_transport);
     TransportOverride        the latter or "" (the main setting's, for a section that overrides it)
@@ -27,7 +28,6 @@ Failure behaviour: the validators raise ValueError; `mailflow.config.load` turns
 """
 from __future__ import annotations
 
-import ipaddress
 import re
 from typing import Annotated
 
@@ -38,6 +38,7 @@ from mailflow.restriction_vocabulary import check_classes, check_item
 from mailflow.address import is_valid_domain
 from mailflow.syntax import parse_duration, parse_hostport, parse_ip
 from mailflow.tables import check_spec
+from mailflow.tables.networks import check_network_list
 
 
 MAX_INT = 2**63 - 1
@@ -75,26 +76,7 @@ def _table_specs(specs: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _networks(items: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(_network(item) for item in items)
-
-
-def _network(item: str) -> str:
-    """One network as Postfix's mynetworks takes it: `addr`, `addr/len`, `[addr]`, `[addr]/len`."""
-    address, slash, length = item.strip().partition("/")
-    if address.startswith("[") and address.endswith("]"):
-        address = address[1:-1]
-    if slash and not length.isdigit():
-        raise ValueError(f"bad mask value in {item!r} (a prefix length: 10.0.0.0/8, 2001:db8::/32)")
-    text = f"{address}{slash}{length}"
-    try:
-        ipaddress.ip_network(text, strict=True)
-    except ValueError as e:
-        network = ipaddress.ip_network(text, strict=False)  # ValueError again: not a network at all
-        if network.prefixlen != int(length or network.max_prefixlen):
-            raise e
-        raise ValueError(f"non-null host address bits in {item!r}, perhaps you should use {str(network)!r} "
-                         "instead") from None
-    return text
+    return check_network_list(items)
 
 
 class FrozenMap(dict):

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from mailflow.address import client_ip, normalise_domain
 from mailflow.address import split as split_address
+from mailflow.tables.networks import NetworkList
 
 log = logging.getLogger("mailflow.smtpd")
 
@@ -53,7 +54,7 @@ class Greylist:
         self._config = config
         self._path = str(path)
         self._clock = clock
-        self._networks = [ipaddress.ip_network(n, strict=False) for n in config.whitelist_networks]
+        self._networks = NetworkList.from_items(config.whitelist_networks)
         self._domains = tuple(normalise_domain(d) for d in config.whitelist_domains)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="greylist")
         self._db: sqlite3.Connection | None = None  # the worker thread's
@@ -62,7 +63,7 @@ class Greylist:
 
     async def check(self, client_addr: str, sender: str, recipient: str) -> bool:
         ip = client_ip(client_addr)
-        if ip is None or any(ip in n for n in self._networks) or self._whitelisted_sender(sender):
+        if ip is None or self._networks.contains(client_addr) or self._whitelisted_sender(sender):
             return True
         prefix = self._config.ipv4_prefix if ip.version == 4 else self._config.ipv6_prefix
         network = str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import email.utils
-import ipaddress
 from typing import Callable
 
 import dkim as dkimpy
@@ -43,6 +42,7 @@ from mailflow.model import NewMessage, Recipient, Submission
 from mailflow.routing.srs import Srs
 from mailflow.signing import arc, dkim
 from mailflow.signing.keytables import Keys, SigningKey
+from mailflow.tables.networks import NetworkList
 
 
 def from_address(head: bytes) -> str:
@@ -53,14 +53,14 @@ def from_address(head: bytes) -> str:
 
 class OutboundSigning:
     def __init__(self, *, keys: Keys | None, sign_forwarded: bool, arc_key: SigningKey | None, authserv_id: str,
-                 srs: Srs | None, internal_networks: tuple[str, ...], is_remote: Callable[[str], bool],
+                 srs: Srs | None, internal_networks: NetworkList, is_remote: Callable[[str], bool],
                  resolver: Resolver, clock: Clock, log: MailLog):
         self._keys = keys
         self._sign_forwarded = sign_forwarded
         self._arc_key = arc_key
         self._authserv_id = authserv_id
         self._srs = srs
-        self._networks = tuple(ipaddress.ip_network(n, strict=False) for n in internal_networks)
+        self._networks = internal_networks
         self._is_remote = is_remote
         self._resolver = resolver
         self._clock = clock
@@ -76,11 +76,7 @@ class OutboundSigning:
         client = sub.client
         if sub.submitter is not None or client.sasl_username or client.protocol == "local":
             return True
-        try:
-            address = ipaddress.ip_address(client.addr)
-        except ValueError:
-            return False
-        return any(address in network for network in self._networks)
+        return self._networks.contains(client.addr)
 
     async def apply(self, msg: NewMessage, sub: Submission) -> NewMessage:
         forwarded = self.forwarded(sub, msg.recipients)

@@ -5,7 +5,8 @@ and what a reload (`mailflow reload`, SIGHUP) refuses to put in force.
                                                         gives them; one ConfigError(where, key, reason) for each
                                                         texthash, regexp, cidr, sqlite or accounts table of a `*_maps`,
                                                         `*_domains`, `*_checks` or `authorized_submit_users`
-                                                        setting, or named in a `*_restrictions` item or a
+                                                        setting, of a network list (mynetworks and the like,
+                                                        its /files too), or named in a `*_restrictions` item or a
                                                         restriction class's
                                                         (`check_sender_access texthash:/path`, a listener's
                                                         overrides too), that cannot answer now (missing,
@@ -20,6 +21,7 @@ from typing import Iterator, Mapping
 
 from mailflow.errors import ConfigError, LookupRetry
 from mailflow.syntax import FILE_TABLE_TYPES, table_type
+from mailflow.tables.networks import NETWORK_LIST_SETTINGS, parse_network_list
 from mailflow.tables.spec import open_table
 
 PROBE_KEY = "mailflow-check-config-probe"
@@ -54,8 +56,19 @@ def _file_tables(settings: Mapping[str, object], prefix: str = "") -> Iterator[t
             specs = [v for v in value if isinstance(v, str)]
         elif key.endswith("_restrictions"):  # check_client_access texthash:/path, ...
             specs = [word for item in value if isinstance(item, str) for word in item.split()]
+        elif key.endswith(NETWORK_LIST_SETTINGS):  # mynetworks = ["cidr:/path"], or in a /file it names
+            specs = _network_list_tables(value)
         else:
             continue
         for spec in specs:
             if table_type(spec) in FILE_TABLE_TYPES:
                 yield prefix + key, spec, key == "alias_maps"
+
+
+def _network_list_tables(items: list | tuple) -> list[str]:
+    """The tables a network list names, its /files read (a list that does not parse is the configuration's
+    error, reported when it is loaded)."""
+    try:
+        return [p.table for p in parse_network_list(i for i in items if isinstance(i, str)) if p.table]
+    except ValueError:
+        return []

@@ -45,11 +45,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from mailflow import status
-from mailflow.address import in_networks
 from mailflow.logs import printable
 from mailflow.stages.smtpd.protocol import ProtocolCore
 from mailflow.stages.smtpd.state import SessionState, helo_name
 from mailflow.syntax import ascii_upper, is_hostname
+from mailflow.tables.networks import NetworkList
 
 log = logging.getLogger("mailflow.smtpd")
 
@@ -290,16 +290,14 @@ class FrontEnds:
     """The trusted front ends of one listener (SmtpdConfig upstream_proxy_*, authorized_xclient_hosts)."""
 
     proxy_timeout: float | None = None  # None: no PROXY protocol
-    proxy_clients: tuple = field(default=())  # ip networks
-    xclient_hosts: tuple = field(default=())
+    proxy_clients: NetworkList = field(default_factory=lambda: NetworkList((), {}))
+    xclient_hosts: NetworkList = field(default_factory=lambda: NetworkList((), {}))
 
     @classmethod
     def from_config(cls, smtpd) -> "FrontEnds":
-        def networks(items):
-            return tuple(ipaddress.ip_network(n, strict=False) for n in items)
         return cls(proxy_timeout=smtpd.upstream_proxy_timeout if smtpd.upstream_proxy_protocol == "haproxy" else None,
-                   proxy_clients=networks(smtpd.upstream_proxy_clients),
-                   xclient_hosts=networks(smtpd.authorized_xclient_hosts))
+                   proxy_clients=NetworkList.from_items(smtpd.upstream_proxy_clients),
+                   xclient_hosts=NetworkList.from_items(smtpd.authorized_xclient_hosts))
 
 
 class FrontEndCommands(ProtocolCore):
@@ -315,7 +313,7 @@ class FrontEndCommands(ProtocolCore):
             return False
         if not await super()._before_greeting():
             return False
-        self._xclient_allowed = in_networks(self.session.peer_ip, self._frontends.xclient_hosts)
+        self._xclient_allowed = self._frontends.xclient_hosts.contains(self.session.peer_ip)
         return True
 
     def _ehlo_keywords(self) -> tuple[str, ...]:
@@ -328,7 +326,7 @@ class FrontEndCommands(ProtocolCore):
         if timeout is None:
             return True
         balancer = self.session.peer_ip
-        if not in_networks(balancer, self._frontends.proxy_clients):
+        if not self._frontends.proxy_clients.contains(balancer):
             log.warning("connect from unknown[%s] dropped: not an upstream_proxy_clients address", balancer)
             await self._proxy_failed()
             return False

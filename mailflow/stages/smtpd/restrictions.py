@@ -59,14 +59,13 @@ Nothing here raises for a client's input.
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from mailflow import address, status
-from mailflow.address import client_ip, in_networks
+from mailflow.address import client_ip
 from mailflow.errors import LookupRetry
 from mailflow.logs import SmtpdLog
 from mailflow.model import AddressClass
@@ -78,6 +77,7 @@ from mailflow.stages.verify import Status as VerifyStatus
 from mailflow.stages.verify import Verifier
 from mailflow.syntax import is_ipv4
 from mailflow.tables import TableCache, find, split_extension
+from mailflow.tables.networks import NetworkList
 
 if TYPE_CHECKING:  # (the filters' libraries load only when a filter is configured)
     from mailflow.filters.senderauth import Verdicts
@@ -267,7 +267,8 @@ class Restrictions:
                                             max_ttl=smtpd.policy_service_max_ttl,
                                             request_limit=smtpd.policy_service_request_limit)
                           for items in every for name, arg in items if name == "check_policy_service"}
-        self._mynetworks = [ipaddress.ip_network(n, strict=False) for n in config.mynetworks]
+        # mynetworks is in Postfix's parent_domain_matches_subdomains: a table is asked the name's parents
+        self._mynetworks = NetworkList.from_items(config.mynetworks, tables.open, parent_style=True)
         self._lines = SmtpdLog()  # WARN's and INFO's log lines
         self._value_lists: dict[str, tuple[tuple[str, str], ...]] = {}  # access values read as lists, by value
 
@@ -332,9 +333,9 @@ class Restrictions:
         for client in self._policies.values():
             client.close()
 
-    def trusted(self, client_addr: str) -> bool:
-        """The client is in mynetworks."""
-        return in_networks(client_addr, self._mynetworks)
+    def trusted(self, client_addr: str, client_name: str | None = None) -> bool:
+        """The client is in mynetworks (a table that cannot answer: not, logged)."""
+        return self._mynetworks.contains(client_addr, client_name)
 
     async def _run(self, stage: str, facts: Facts) -> status.Reply | None:
         answer = await self._run_items(self._lists[stage], stage, facts)
@@ -405,7 +406,7 @@ class Restrictions:
             who, what = subject or self._subject(stage, facts)
             return status.access_denied(who, what) if name == "reject" else status.rule_deferred(who, what)
         if name == "permit_mynetworks":
-            return PERMIT if self.trusted(facts.client_addr) else None
+            return PERMIT if self._mynetworks.holds(facts.client_addr, facts.client_name) else None
         if name == "permit_sasl_authenticated":
             return PERMIT if facts.authenticated else None
         if name in ("reject_unauth_destination", "defer_unauth_destination"):

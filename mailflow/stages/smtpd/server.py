@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import logging
 import ssl
 from dataclasses import dataclass, field
@@ -69,7 +68,6 @@ from typing import Awaitable, Callable
 from aiosmtpd.smtp import TLSSetupException
 
 from mailflow import status
-from mailflow.address import in_networks
 from mailflow.clock import Clock, SystemClock
 from mailflow.config import Config, SmtpdConfig
 from mailflow.errors import ConfigError, os_reason
@@ -85,6 +83,7 @@ from mailflow.stages.smtpd.tls import ServerTls
 from mailflow.stages.smtpd.transcript import SessionObserver
 from mailflow.syntax import parse_hostport
 from mailflow.tables import TableCache
+from mailflow.tables.networks import NetworkList
 
 log = logging.getLogger("mailflow.smtpd")
 
@@ -217,7 +216,7 @@ class ListenerSession(SmtpSession):
         if not limit:
             return False
         ip = self.session.peer_ip
-        if in_networks(ip, self._frontends.xclient_hosts):
+        if self._frontends.xclient_hosts.contains(ip):
             return False
         refusal = self._listener.anvil.event(event, ip, limit)
         if refusal is None:
@@ -230,7 +229,7 @@ class ListenerSession(SmtpSession):
         unit (nothing counted; exempt as in `_rate_exceeded`); logged then, in Postfix's words."""
         ip = self.session.peer_ip
         limit = self._smtpd.client_new_tls_session_rate_limit
-        if not limit or in_networks(ip, self._frontends.xclient_hosts):
+        if not limit or self._frontends.xclient_hosts.contains(ip):
             return False
         if not self._listener.anvil.new_tls_over(ip, limit):
             return False
@@ -280,10 +279,10 @@ class Smtpd:
     def _build_listener(self, address: str, role: str, smtpd: SmtpdConfig, setting: str) -> Listener:
         host, port = parse_hostport(address)
         config = self._config if smtpd is self._config.smtpd else self._config.model_copy(update={"smtpd": smtpd})
-        networks = [ipaddress.ip_network(n, strict=False) for n in self._config.mynetworks]
+        networks = NetworkList.from_items(self._config.mynetworks, self._tables.open, parent_style=True)
         anvil = Anvil(count_limit=smtpd.client_connection_count_limit, rate_limit=smtpd.client_connection_rate_limit,
                       time_unit=smtpd.anvil_rate_time_unit, clock=self._clock,
-                      exempt=lambda ip: in_networks(ip, networks),
+                      exempt=networks.contains,
                       count_events=any(getattr(smtpd, e.setting) for e in EVENT_LIMITS.values()))
         authenticator = None
         if smtpd.sasl_auth_enable:
