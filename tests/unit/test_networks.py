@@ -1,0 +1,92 @@
+"""Network lists (mailflow.tables.networks) as Postfix's match lists read them: what the configuration refuses
+(naming the setting, the file and line, the reason), what `mailflow check-config` reports, and the lookups the
+differential test against Postfix (tests/interop/test_networks_vs_postfix.py) cannot make from loopback: by name
+(Postfix's namadr_list asks a table the client's name before its address), IPv6, a table that cannot answer.
+"""
+from __future__ import annotations
+
+import pytest
+
+from mailflow.config import load_config
+from mailflow.errors import ConfigError, LookupRetry
+from mailflow.tables.networks import NetworkList, check_network_list
+from tests.unit.test_cli_and_example_config import mailflow
+
+
+def config_error(tmp_path, text: str) -> ConfigError:
+    path = tmp_path / "mailflow.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    return caught.value
+
+
+def test_a_bad_pattern_in_a_file_names_the_setting_the_file_its_line_and_the_reason(tmp_path):
+    (tmp_path / "nets").write_text("# trusted\n10.0.0.0/8\n192.0.2.0/24 10.1.2.3/8\n")
+    err = config_error(tmp_path, f"[smtpd]\nauthorized_xclient_hosts = ['{tmp_path}/nets']\n")
+    assert err.key == "smtpd.authorized_xclient_hosts"
+    assert err.reason == (f"{tmp_path}/nets, line 3: non-null host address bits in '10.1.2.3/8', perhaps you "
+                          "should use '10.0.0.0/8' instead")
+
+
+@pytest.mark.parametrize("items, reason", [
+    (["/nonexistent/nets"], "open file /nonexistent/nets: No such file or directory"),
+    (["!"], "no pattern after '!'"),
+    (["mail.example.com"], "host names are not taken"),
+    (["sqlite:/etc/nets.cf"], "tables that answer from memory"),
+    (["nosuch:/etc/nets"], "is not a lookup table"),
+])
+def test_what_a_network_list_refuses(tmp_path, items, reason):
+    err = config_error(tmp_path, f"mynetworks = {items!r}\n")
+    assert err.key == "mynetworks"
+    assert reason in err.reason
+
+
+def test_a_file_that_names_itself_is_refused_not_followed_forever(tmp_path):
+    (tmp_path / "loop").write_text(f"{tmp_path}/loop\n")
+    assert "nested deeper" in config_error(tmp_path, f"mynetworks = ['{tmp_path}/loop']\n").reason
+
+
+def test_the_list_as_configured_keeps_its_patterns_one_by_one():
+    assert check_network_list(["!127.0.0.2, [::1]/128 127.0.0.0/8", "cidr:/etc/nets"]) == (
+        "!127.0.0.2", "::1/128", "127.0.0.0/8", "cidr:/etc/nets")
+
+
+def test_a_table_is_asked_the_client_name_and_with_parent_style_its_parent_domains(tmp_path):
+    (tmp_path / "hash").write_text("example.com yes\n192.0.2.9 yes\n")
+    parent = NetworkList.from_items([f"texthash:{tmp_path}/hash"], parent_style=True)
+    assert parent.holds("198.51.100.1", "mail.Example.COM")
+    assert parent.holds("192.0.2.9", "unknown")
+    assert not parent.holds("198.51.100.1", "unknown") and not parent.holds("198.51.100.1")
+    exact = NetworkList.from_items([f"texthash:{tmp_path}/hash"])  # `.example.com` would be asked, not `example.com`
+    assert exact.holds("198.51.100.1", "example.com") and not exact.holds("198.51.100.1", "mail.example.com")
+
+
+def test_an_exclusion_ends_the_walk_for_a_client_it_matches_ipv6_and_mapped_addresses_too(tmp_path):
+    (tmp_path / "cidr").write_text("2001:db8::/32 x\n")
+    networks = NetworkList.from_items([f"!cidr:{tmp_path}/cidr", "[2001::]/16", "192.0.2.0/24"])
+    assert not networks.holds("2001:db8::1")
+    assert networks.holds("2001:dead::1")
+    assert networks.holds("::ffff:192.0.2.7")
+    assert not networks.holds("not an address")
+
+
+def test_a_table_that_cannot_answer_is_an_error_for_the_relay_check_and_no_for_an_exemption(tmp_path):
+    networks = NetworkList.from_items([f"cidr:{tmp_path}/missing", "192.0.2.0/24"])
+    with pytest.raises(LookupRetry):
+        networks.holds("192.0.2.1")
+    assert networks.contains("192.0.2.1") is False
+
+
+def test_check_config_reads_the_tables_of_a_network_list_and_of_its_files(tmp_path):
+    (tmp_path / "nets").write_text(f"cidr:{tmp_path}/inner\n")
+    (tmp_path / "inner").write_text("192.0.2.0/24\n")  # no value: a bad line
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(f"mynetworks = ['{tmp_path}/nets', '!cidr:{tmp_path}/missing']\n")
+    result = mailflow("check-config", "--config", str(cfg))
+    assert result.returncode == 2, result.stdout
+    assert f"mynetworks: table cidr:{tmp_path}/inner" in result.stderr and "line 1: no lookup result" in result.stderr
+    assert f"mynetworks: table cidr:{tmp_path}/missing" in result.stderr
+    (tmp_path / "inner").write_text("192.0.2.0/24 x\n")
+    (tmp_path / "missing").write_text("")
+    assert mailflow("check-config", "--config", str(cfg)).returncode == 0
