@@ -1,15 +1,17 @@
 """Network lists (mailflow.tables.networks) as Postfix's match lists read them: what the configuration refuses
 (naming the setting, the file and line, the reason), what `mailflow check-config` reports, and the lookups the
 differential test against Postfix (tests/interop/test_networks_vs_postfix.py) cannot make from loopback: by name
-(Postfix's namadr_list asks a table the client's name before its address), IPv6, a table that cannot answer.
+(Postfix's namadr_list asks a table the client's name before its address), IPv6, a table that cannot answer;
+and that a reload reads a list's files again.
 """
 from __future__ import annotations
 
 import pytest
 
-from mailflow.config import load_config
+from mailflow.config import config_from_dict, load_config
 from mailflow.errors import ConfigError, LookupRetry
 from mailflow.tables.networks import NetworkList, check_network_list
+from tests.support import SmtpClient
 from tests.unit.test_cli_and_example_config import mailflow
 
 
@@ -90,3 +92,24 @@ def test_check_config_reads_the_tables_of_a_network_list_and_of_its_files(tmp_pa
     (tmp_path / "inner").write_text("192.0.2.0/24 x\n")
     (tmp_path / "missing").write_text("")
     assert mailflow("check-config", "--config", str(cfg)).returncode == 0
+
+
+async def relay_reply(port: int) -> str:
+    client = await SmtpClient.connect(port)
+    for command in ("EHLO client.test", "MAIL FROM:<s@example.org>"):
+        assert (await client.cmd(command)).code == 250
+    reply = (await client.cmd("RCPT TO:<r@remote.example>")).text
+    await client.close()
+    return reply
+
+
+async def test_a_file_of_patterns_is_read_again_at_a_reload(mailflow_server, tmp_path):
+    (tmp_path / "nets").write_text("127.0.0.0/8\n")
+    mf = await mailflow_server(mynetworks=[f"{tmp_path}/nets"],
+                               smtpd={"relay_restrictions": ["permit_mynetworks", "reject_unauth_destination"]})
+    port = mf.smtp_addresses[0][1]
+    assert (await relay_reply(port)).startswith("250 ")
+    (tmp_path / "nets").write_text("!127.0.0.1\n127.0.0.0/8\n")
+    assert (await relay_reply(port)).startswith("250 "), "read at load and at reload, as Postfix reads it at start"
+    await mf.reload(config_from_dict(mf.config.model_dump()))
+    assert await relay_reply(port) == "554 5.7.1 <r@remote.example>: Relay access denied"
