@@ -11,7 +11,7 @@ import pytest
 from mailflow.config import config_from_dict, load_config
 from mailflow.errors import ConfigError, LookupRetry
 from mailflow.tables.networks import NetworkList, check_network_list
-from tests.support import SmtpClient
+from tests.support import SmtpClient, eventually
 from tests.unit.test_cli_and_example_config import mailflow
 
 
@@ -113,3 +113,19 @@ async def test_a_file_of_patterns_is_read_again_at_a_reload(mailflow_server, tmp
     assert (await relay_reply(port)).startswith("250 "), "read at load and at reload, as Postfix reads it at start"
     await mf.reload(config_from_dict(mf.config.model_dump()))
     assert await relay_reply(port) == "554 5.7.1 <r@remote.example>: Relay access denied"
+
+
+async def test_a_mynetworks_table_that_cannot_answer_defers_the_relay_check_as_postfix_does(mailflow_server, tmp_path):
+    (tmp_path / "nets").write_text("127.0.0.2 x\n")
+    mf = await mailflow_server(mynetworks=[f"cidr:{tmp_path}/nets"],
+                               smtpd={"relay_restrictions": ["permit_mynetworks", "reject_unauth_destination"]})
+    port = mf.smtp_addresses[0][1]
+    assert await relay_reply(port) == "554 5.7.1 <r@remote.example>: Relay access denied"
+    (tmp_path / "nets").write_text("127.0.0.1 x\n127.0.0.0/8\n")  # a line without a value
+    reply = await eventually(lambda: _deferred(port), timeout=5, step=0.2)
+    assert reply == "451 4.3.0 <r@remote.example>: Temporary lookup failure"
+
+
+async def _deferred(port: int) -> str | None:
+    reply = await relay_reply(port)
+    return reply if reply.startswith("451") else None
