@@ -10,6 +10,8 @@ Runner (used by pipe services and by local's `|command` destinations):
   not as root, only our own user. `umask`: the command's (None: mailflow's own). Raises `CommandNotRun` when it
   cannot start the command (unknown user, no privilege to switch, root requested, exec or chdir failed): callers
   defer with 4.3.0.
+- `command_argv(command) -> argv`: how a local `|command` is run (Postfix's exec_command: a shell only for a
+  command with shell metacharacters or a program not on the path).
 - `command_status(result, command) -> (Outcome, dsn, text)`: Postfix's rules. Exit 0: SENT 2.0.0. Output that
   begins with a 4.X.X/5.X.X enhanced status code: that code and text. A <sysexits.h> code: its table entry
   (EX_TEMPFAIL 75 and EX_OSERR 71 defer 4.3.0; the others bounce, e.g. EX_NOUSER 67 5.1.1, EX_CONFIG 78
@@ -53,6 +55,7 @@ import logging
 import os
 import pwd
 import re
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -101,6 +104,23 @@ class _Identity:
     uid: int
     gid: int
     groups: tuple[int, ...]
+
+
+# Postfix's exec_command: a command made only of these characters (and at least one that is not a blank) needs no
+# shell: it is split on blanks and run directly.
+_NO_SHELL_NEEDED = frozenset("1234567890!@%-_=+:,./abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ \t")
+
+
+def command_argv(command: str) -> list[str]:
+    """The argv a local `|command` runs as, by Postfix's exec_command: without shell metacharacters, the words
+    themselves when the first is a path or a program found on DEFAULT_PATH, else `/bin/sh -c command` (a shell
+    built-in such as `exit 75`). Run directly, a command's own signal is seen as one (Postfix defers 4.3.0), not
+    as the shell's exit status 128+N (a bounce), and a path that is not there cannot be run (deferred 4.3.0,
+    as Postfix's failed execvp), where the shell would say "not found" with status 127 (a bounce)."""
+    words = command.split()
+    if words and set(command) <= _NO_SHELL_NEEDED and ("/" in words[0] or shutil.which(words[0], path=DEFAULT_PATH)):
+        return words
+    return ["/bin/sh", "-c", command]
 
 
 def _identity(user: str | None) -> _Identity | None:

@@ -2,7 +2,7 @@
 
 Covered: an alias command gets local(8)'s environment (exactly those variables, shell-special characters in
 message context replaced by '_'), the message with Return-Path and Delivered-To on stdin, `/` as working
-directory when the home does not exist, umask 077, and (as root) default_privs' identity; a .forward command runs in the
+directory (an alias has no home), umask 077, and (as root) default_privs' identity; a .forward command runs in the
 user's home, and (as root) a system user's .forward is opened, and its commands, files and :include: files run, are
 written and read, with that user's rights; mailbox and command parts combine: a command exiting 75 defers the recipient
 (the mailbox written), 67 bounces it 5.1.1, success names both parts; command_time_limit bounces 5.3.0 (as Postfix).
@@ -74,8 +74,8 @@ async def test_an_alias_command_gets_local_environment_and_the_message(scripts, 
                                         original='"first"@Elsewhere.test.'))).results
     assert (result.outcome, result.dsn) == (Outcome.SENT, "2.0.0")
     assert result.text == f"delivered to command: {s} --flag"
-    assert environment(scripts.read("env")) == {
-        "HOME": str(tmp_path / "mail" / "run"), "SHELL": "/bin/sh", "USER": "run", "LOGNAME": "run",
+    assert environment(scripts.read("env")) == {  # no HOME, no SHELL: an alias is nobody's account (local(8))
+        "USER": "run", "LOGNAME": "run",
         "SENDER": "o_brien_co@remote.test", "RECIPIENT": "Run+Tag@Example.test",
         "ORIGINAL_RECIPIENT": "first@Elsewhere.test.", "LOCAL": "run+tag", "DOMAIN": "example.test",
         "EXTENSION": "tag", "PATH": "/usr/bin:/bin"}
@@ -83,7 +83,7 @@ async def test_an_alias_command_gets_local_environment_and_the_message(scripts, 
     assert re.fullmatch(r"From o'brien&co@remote\.test  \w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}", from_), from_
     assert stdin == ("Return-Path: <o'brien&co@remote.test>\nX-Original-To: first@Elsewhere.test.\n"
                      "Delivered-To: Run+Tag@Example.test\nFrom: sender@remote.test\nSubject: hello\n\nline one\n")
-    assert scripts.read("pwd") == "/\n"  # the home does not exist
+    assert scripts.read("pwd") == "/\n"  # an alias has no home
     expected_uid = pwd.getpwnam("nobody").pw_uid if os.geteuid() == 0 else os.geteuid()
     assert scripts.read("uid") == f"{expected_uid}\n"
     assert scripts.read("umask") == "0077\n"  # what it creates is its own alone, as under Postfix's local(8)
@@ -97,7 +97,9 @@ async def test_a_forward_command_runs_in_the_users_home(scripts):
     (home / ".forward").write_text(f"\\bob, |{s}\n")
     [result] = (await transport(scripts.path, "").deliver(request("bob@example.test"))).results
     assert (result.outcome, result.dsn) == (Outcome.SENT, "2.0.0")
-    assert scripts.read("pwd") == f"{home}\n" and environment(scripts.read("env"))["HOME"] == str(home)
+    env = environment(scripts.read("env"))
+    assert scripts.read("pwd") == f"{home}\n" and (env["HOME"], env["SHELL"]) == (str(home), "/bin/sh")
+    assert "EXTENSION" not in env, "none without an extension, as local(8)"
     assert len(maildir(scripts.path, "bob")) == 1 and "delivered to maildir" in result.text
 
 
@@ -176,3 +178,32 @@ async def test_command_time_limit_bounces(scripts, tmp_path):
     [result] = (await t.deliver(request("slow@example.test"))).results
     assert (result.outcome, result.dsn) == (Outcome.BOUNCED, "5.3.0")
     assert result.text == f'Command time limit exceeded: "{s}"'
+
+
+async def test_a_command_killed_by_a_signal_defers_as_postfix_runs_it_without_a_shell(scripts, tmp_path):
+    """Postfix's exec_command runs a command without shell metacharacters directly: its death by a signal is
+    seen as one and defers 4.3.0 (through /bin/sh it was exit status 137, a bounce). A shell built-in still
+    goes to the shell, as does a command with metacharacters."""
+    s = scripts.script("killed.sh", "cat > /dev/null\nkill -9 $$\n")
+    t = transport(tmp_path, f'killed: "|{s} now"\nbuiltin: "|exit 75"\npiped: "|cat | {s}"\n')
+    [result] = (await t.deliver(request("killed@example.test"))).results
+    assert (result.outcome, result.dsn, result.text) == (
+        Outcome.DEFERRED, "4.3.0", f'Command died with signal 9: "{s} now"')
+    [result] = (await t.deliver(request("builtin@example.test"))).results
+    assert (result.outcome, result.dsn, result.text) == (Outcome.DEFERRED, "4.3.0", "temporary failure")
+    [result] = (await t.deliver(request("piped@example.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.BOUNCED, "5.3.0"), "the shell reports its child's death"
+
+
+async def test_a_lists_command_gets_its_owner_as_the_sender_and_no_original_recipient(scripts, tmp_path):
+    """local(8) replaces the sender of a list with an owner- alias for its commands too, and drops the original
+    recipient: SENDER, the From_ line and Return-Path name the owner; no ORIGINAL_RECIPIENT, no X-Original-To."""
+    s = scripts.script("record.sh", RECORD.format(out=scripts.out))
+    t = transport(tmp_path, f'list: "|{s}"\nowner-list: alice\n')
+    [result] = (await t.deliver(request("list@example.test"))).results
+    assert result.outcome is Outcome.SENT, result
+    env = environment(scripts.read("env"))
+    assert env["SENDER"] == "owner-list@example.test" and "ORIGINAL_RECIPIENT" not in env
+    assert scripts.read("stdin").startswith("From owner-list@example.test  ")
+    assert scripts.read("stdin").split("\n", 1)[1].startswith(
+        "Return-Path: <owner-list@example.test>\nDelivered-To: list@example.test\nFrom: sender@remote.test\n")

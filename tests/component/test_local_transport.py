@@ -172,7 +172,7 @@ def public_dir():
 
 
 async def test_file_targets_get_mbox_entries_and_dev_null_discards(tmp_path, public_dir):
-    archive = public_dir / "archive" / "mail.mbox"
+    archive = public_dir / "mail.mbox"
     t = transport(tmp_path, f"keep: {archive}, /dev/null\n")
     for _ in range(2):
         [result] = (await t.deliver(request("keep@example.test"))).results
@@ -182,6 +182,26 @@ async def test_file_targets_get_mbox_entries_and_dev_null_discards(tmp_path, pub
     assert b"Delivered-To: keep@example.test\n" in entries[0] and b"\nline two\n" in entries[1]
     if os.geteuid() == 0:  # written by the unprivileged child process
         assert archive.stat().st_uid == pwd.getpwnam("nobody").pw_uid
+
+
+async def test_a_file_target_in_a_missing_folder_defers_and_makes_no_folder(tmp_path, public_dir):
+    """An alias names a file, not folders to make (local(8) creates none either; it bounces 5.2.0 where mailflow
+    defers, as for any OS error writing a mailbox)."""
+    t = transport(tmp_path, f"keep: {public_dir / 'archive' / 'mail.mbox'}\n")
+    [result] = (await t.deliver(request("keep@example.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.2.0"), result.text
+    assert "No such file or directory" in result.text and not (public_dir / "archive").exists()
+
+
+async def test_an_executable_file_target_bounces_untouched(tmp_path, public_dir):
+    """local(8): "file is executable" (5.7.1): mail is never appended to a program."""
+    program = public_dir / "program"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o777)
+    t = transport(tmp_path, f"keep: {program}\n")
+    [result] = (await t.deliver(request("keep@example.test"))).results
+    assert (result.outcome, result.dsn, result.text) == (Outcome.BOUNCED, "5.7.1", f"file {program} is executable")
+    assert program.read_text() == "#!/bin/sh\n"
 
 
 async def test_a_symlinked_file_target_bounces(tmp_path, public_dir):

@@ -50,7 +50,7 @@ async def test_an_alias_command_runs_with_the_documented_environment(mailflow_se
     env = dict(line.split("=", 1) for line in scripts.read("env").splitlines())
     assert {k: env.get(k) for k in ("HOME", "USER", "LOGNAME", "SHELL", "SENDER", "RECIPIENT", "ORIGINAL_RECIPIENT",
                                     "LOCAL", "DOMAIN", "EXTENSION", "PATH")} == {
-        "HOME": str(tmp_path / "mail" / "filter"), "USER": "filter", "LOGNAME": "filter", "SHELL": "/bin/sh",
+        "HOME": None, "USER": "filter", "LOGNAME": "filter", "SHELL": None,  # an alias has no home, as in local(8)
         "SENDER": "s@remote.test", "RECIPIENT": "filter+news@local.test",
         "ORIGINAL_RECIPIENT": "filter+news@local.test", "LOCAL": "filter+news", "DOMAIN": "local.test",
         "EXTENSION": "news", "PATH": "/usr/bin:/bin"}

@@ -274,7 +274,7 @@ def test_commands_and_files_from_an_alias_are_allowed_by_default(tmp_path):
 def test_commands_and_files_from_forward_are_allowed_by_default(tmp_path):
     forward_file(tmp_path, "bob", "|/usr/bin/vacation bob\n/var/spool/bob-archive\n")
     assert expander(tmp_path).expand("bob@example.test") == [
-        Command("/usr/bin/vacation bob", "bob@example.test", "forward"),
+        Command("/usr/bin/vacation bob", "bob@example.test", "forward", forward=True),  # with bob's HOME
         File("/var/spool/bob-archive", "bob@example.test", "forward")]
 
 
@@ -315,6 +315,17 @@ def test_a_list_with_an_owner_alias_resubmits_from_the_owner(tmp_path):
     assert e.expand("list@example.test") == [Forward("alice@example.test", "owner-list@example.test"),
                                               mailbox("bob"), Forward("dave@remote.test", "owner-list@example.test")]
     assert e.expand("plain@example.test") == [mailbox("alice"), Forward("dave@remote.test")]
+
+
+def test_a_lists_commands_and_files_get_its_owner_as_the_sender(tmp_path):
+    """local(8) replaces the sender for the whole expansion of a list with an owner- alias: its commands and
+    files too (an alias without one keeps the message's)."""
+    e = expander(tmp_path, "list: |/usr/bin/archiver, /var/spool/list.mbox\nowner-list: carol\n"
+                           "plain: |/usr/bin/archiver\n")
+    assert e.expand("list@example.test") == [
+        Command("/usr/bin/archiver", "list@example.test", "alias", sender="owner-list@example.test"),
+        File("/var/spool/list.mbox", "list@example.test", "alias", sender="owner-list@example.test")]
+    assert e.expand("plain@example.test") == [Command("/usr/bin/archiver", "plain@example.test", "alias")]
 
 
 def test_an_include_file_that_includes_itself_is_read_once(tmp_path):

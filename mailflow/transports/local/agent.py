@@ -17,18 +17,23 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
    message's sender, or from the list's owner when an owner- alias names one; `Delivered-To: <recipient>`
    prepended; each new recipient keeping the original one (ORCPT) unless the sender changed; the message's
    client attributes go with it but the port (`app.forwarder`, as Postfix's local(8) forward.c).
-4. Commands (allowed ones, see `_command`): `/bin/sh -c command` through pipe's `run_command`, with local(8)'s
-   environment (HOME=<maildir_base>/<user>, USER, LOGNAME, SHELL, SENDER, RECIPIENT, ORIGINAL_RECIPIENT, LOCAL,
-   DOMAIN, EXTENSION, and those of CLIENT_HOSTNAME, CLIENT_ADDRESS, CLIENT_HELO, CLIENT_PROTOCOL, SASL_METHOD,
-   SASL_SENDER, SASL_USERNAME the message's client attributes know; message context with shell-special
-   characters replaced by '_'), the message with
-   a From_ line, Return-Path, X-Original-To and Delivered-To on stdin (local(8)'s, not quoted as in an mbox),
-   in the home (or /), with umask 077 (what a command creates is its user's alone, as under Postfix's
-   local(8)), when mailflow runs as root as the leaf's `rights` (the system user whose .forward named it) or
-   else `default_privs`, killed after `command_time_limit`; exit statuses mapped as pipe(8) does. Without
-   `commands` settings they defer (4.3.5).
-5. Files (allowed ones): appended in mbox format under the mailbox locks; as root by a forked child running as
-   the leaf's `rights` or else `default_privs`; `/dev/null` accepts and discards.
+4. Commands (allowed ones, see `_command`): run through pipe's `run_command` as Postfix's exec_command runs them
+   (`command_argv`: directly when the command has no shell metacharacters, else `/bin/sh -c command`), with
+   local(8)'s environment: USER, LOGNAME, SENDER, RECIPIENT, LOCAL, DOMAIN; EXTENSION and ORIGINAL_RECIPIENT
+   when there is one; HOME=<maildir_base>/<user> and SHELL for a command a user's .forward names (an
+   alias has no home); and those of CLIENT_HOSTNAME, CLIENT_ADDRESS, CLIENT_HELO, CLIENT_PROTOCOL, SASL_METHOD,
+   SASL_SENDER, SASL_USERNAME the message's client attributes know (message context with shell-special
+   characters replaced by '_'); the message with a From_ line, Return-Path, X-Original-To and Delivered-To on
+   stdin (local(8)'s, not quoted as in an mbox); in the home (a .forward's command, when the home exists) or
+   /, with umask 077 (what a command creates is its user's alone, as under Postfix's local(8)), when mailflow
+   runs as root as the leaf's `rights` (the system user whose .forward named it) or else `default_privs`,
+   killed after `command_time_limit`; exit statuses mapped as pipe(8) does. Without `commands` settings they
+   defer (4.3.5). Under a mailing list with an owner- alias the sender is the owner and there is no original
+   recipient (no ORIGINAL_RECIPIENT, no X-Original-To), as local(8) gives them.
+5. Files (allowed ones): appended in mbox format under the mailbox locks (the same sender as commands); as root
+   by a forked child running as the leaf's `rights` or else `default_privs`; `/dev/null` accepts and discards.
+   A file whose directory does not exist is not created (its directories neither: deferred 4.2.0 until someone
+   makes it), and an executable file is not written (bounced 5.7.1 "file is executable", as local(8)).
 The recipient's result: deferred if any part must be retried (a retry repeats the parts already done, as
 local(8) does); else bounced when a part was refused (unknown user, loop, restricted command, a command's
 permanent failure), the rest being delivered; else sent, naming every destination.
@@ -62,7 +67,7 @@ from mailflow.tables import split_extension
 from mailflow.transports.encode import ToLf, aencode
 from mailflow.transports.maildir import MaildirWriter, Owner, mailbox_prefix, write_failure
 from mailflow.transports.local.mbox import append_mbox, from_line, mailbox_location, mbox_entry
-from mailflow.transports.pipe import CommandNotRun, command_status, run_command
+from mailflow.transports.pipe import CommandNotRun, command_argv, command_status, run_command
 
 log = logging.getLogger("mailflow.local")
 
@@ -199,12 +204,14 @@ class LocalTransport:
         with the alias owner's or the user's rights, never root's: a .forward must not reach /etc/passwd)."""
         if leaf.path == os.devnull:
             return Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}"
-        entry = mbox_entry(request.content, sender=request.sender, arrival=self._clock.time(),
-                           prepend=mailbox_prefix(request.sender, rcpt.address, rcpt.original or rcpt.address))
+        sender, original = _envelope(request, rcpt, leaf.sender)
+        entry = mbox_entry(request.content, sender=sender, arrival=self._clock.time(),
+                           prepend=mailbox_prefix(sender, rcpt.address, original))
         as_user = rights_for(leaf.rights, self._local.default_privs)
         try:
             await append_mbox(Path(leaf.path), entry, locks=self._local.mailbox_delivery_lock, user=as_user,
-                              size_limit=self._local.mailbox_size_limit)
+                              size_limit=self._local.mailbox_size_limit, create_parents=False,
+                              refuse_executable=True)
         except DeliveryError as e:
             return _failed(e)
         return Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}"
@@ -231,19 +238,20 @@ class LocalTransport:
         local, domain = address.split(leaf.address)
         user, ext = split_extension(local.lower(), settings.recipient_delimiter)
         home = Path(os.path.abspath(Path(self._local.maildir_base) / user)) if is_safe_user(user) else Path("/")
-        context = {"USER": user, "LOGNAME": user, "SENDER": request.sender, "RECIPIENT": leaf.address,
-                   "ORIGINAL_RECIPIENT": address.shown_original(rcpt.original or rcpt.address), "LOCAL": local.lower(),
-                   "DOMAIN": domain.lower(), "EXTENSION": ext[1:], **_client_environment(request.client_attributes)}
-        env = {"HOME": str(home), "SHELL": "/bin/sh",
-               **{k: "".join(c if c in _SHELL_SAFE else "_" for c in v) for k, v in context.items()}}
+        sender, original = _envelope(request, rcpt, leaf.sender)
+        context = {"USER": user, "LOGNAME": user, "SENDER": sender, "RECIPIENT": leaf.address,
+                   "ORIGINAL_RECIPIENT": address.shown_original(original) if original else "",
+                   "LOCAL": local.lower(), "DOMAIN": domain.lower(), "EXTENSION": ext[1:],
+                   **_client_environment(request.client_attributes)}
+        env = {**({"HOME": str(home), "SHELL": "/bin/sh"} if leaf.forward else {}),
+               **{k: "".join(c if c in _SHELL_SAFE else "_" for c in v) for k, v in context.items() if v}}
         try:
-            prefix = from_line(request.sender, self._clock.time()) + mailbox_prefix(
-                request.sender, rcpt.address, rcpt.original or rcpt.address)
+            prefix = from_line(sender, self._clock.time()) + mailbox_prefix(sender, rcpt.address, original)
             stdin = aencode(request.content.prepend(prefix).stream(), ToLf())
-            result = await run_command(["/bin/sh", "-c", leaf.command], stdin=stdin, env=env,
+            result = await run_command(command_argv(leaf.command), stdin=stdin, env=env,
                                        time_limit=settings.time_limit, output_limit=settings.output_limit,
                                        user=rights_for(leaf.rights, settings.default_privs),
-                                       cwd=home if home.is_dir() else "/", umask=0o077)
+                                       cwd=home if leaf.forward and home.is_dir() else "/", umask=0o077)
         except CommandNotRun as e:
             log.warning("%s: command %r for %s not run: %s", request.queue_id, leaf.command, leaf.address, e.text)
             return Outcome.DEFERRED, "4.3.0", e.text
@@ -265,6 +273,14 @@ def _naming_the_member(result: RcptResult, rcpt: Recipient, leaves: list, parts:
         return result
     member = members[0].address
     return replace(result, text=result.text.removeprefix(f"{member}: "), expanded=member)
+
+
+def _envelope(request: DeliveryRequest, rcpt: Recipient, owner: str | None) -> tuple[str, str]:
+    """The sender and the original recipient a command or file destination is given: the message's, or under a
+    mailing list with an owner- alias that owner and none (local(8) replaces the sender and drops the ORCPT)."""
+    if owner is not None:
+        return owner, ""
+    return request.sender, rcpt.original or rcpt.address
 
 
 def _client_environment(c: ClientAttributes) -> dict[str, str]:

@@ -5,8 +5,9 @@ what to do with it:
 - `Mailbox(user, address)`: write the user's Maildir (`address` goes into Delivered-To).
 - `Forward(address, sender)`: leaves local delivery; the local agent queues it as a new message, from `sender`
   when set (the owner of a mailing list), else from the message's sender.
-- `Command(command, address, source, rights)` / `File(path, address, source, rights)`: run a command / append
-  to a file, as the system user `rights` (None: default_privs when mailflow is root; see "Whose rights").
+- `Command(command, address, source, rights, sender, forward)` / `File(path, address, source, rights, sender)`:
+  run a command / append to a file, as the system user `rights` (None: default_privs when mailflow is root; see
+  "Whose rights"), from `sender` when set (the owner of a mailing list, as for a Forward), else the message's.
 - `Refused(address, dsn, text)`: cannot be delivered (unknown user, forwarding loop, restricted command).
 
 Rules, as local(8):
@@ -17,7 +18,8 @@ Rules, as local(8):
    where it closes: 5.4.6 alias database loop. Addresses in the list are qualified with myorigin; one that
    trivial-rewrite resolves to the local transport is expanded here again, any other becomes a Forward.
    Mailing lists (local(8)): when an alias `name` has an `owner-name` alias, everything its expansion sends on
-   goes out from `owner-name@myorigin` (so its bounces reach the owner), and a local address in its expansion
+   goes out from `owner-name@myorigin` (so its bounces reach the owner), its commands and files get that sender
+   too (and no original recipient: local(8) drops the DSN ORCPT of a list), and a local address in its expansion
    that is no alias is not delivered here but resubmitted (a Forward): the new message passes cleanup, so
    canonical and virtual alias maps apply to it again. The same resubmission holds for every address of an
    `:include:` file (with the sender unchanged unless an owner- alias set it).
@@ -96,6 +98,8 @@ class Command:
     address: str
     source: str
     rights: str | None = None  # the system user it runs as (a .forward's owner); None: default_privs as root
+    sender: str | None = None  # the envelope sender it is given (a mailing list's owner); None: the message's
+    forward: bool = False  # named by a user's .forward (directly or through :include:): it gets the user's HOME
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,7 @@ class File:
     address: str
     source: str
     rights: str | None = None  # the system user it is written as; None: default_privs as root
+    sender: str | None = None  # the envelope sender its entry names (a mailing list's owner); None: the message's
 
 
 @dataclass(frozen=True)
@@ -354,10 +359,11 @@ class LocalExpander:
             elif isinstance(target, MailboxTarget):
                 self._mailbox(state, target.user.lower(), f"{target.user}@{domain}")
             elif isinstance(target, CommandTarget):
-                self._privileged(state, Command(target.command, owner, origin.source, origin.rights),
-                                 self._config.local.allow_mail_to_commands, "command")
+                command = Command(target.command, owner, origin.source, origin.rights, origin.owner,
+                                  origin.kind == "forward")
+                self._privileged(state, command, self._config.local.allow_mail_to_commands, "command")
             elif isinstance(target, FileTarget):
-                self._privileged(state, File(target.path, owner, origin.source, origin.rights),
+                self._privileged(state, File(target.path, owner, origin.source, origin.rights, origin.owner),
                                  self._config.local.allow_mail_to_files, "file")
             elif isinstance(target, IncludeTarget):
                 self._include(state, owner, target.path, origin, depth)

@@ -10,7 +10,8 @@
 - `append_mbox(path, entry, locks=…, lock_timeout=…)`: append one entry (bytes, or an iterable of chunks such
   as mbox_entry's, consumed in the worker) durably under the configured locks.
 
-How an append works (all in one worker thread, `asyncio.to_thread`): create the parent directories; open the
+How an append works (all in one worker thread, `asyncio.to_thread`): create the parent directories (a
+mailbox's; not those of a /file destination); open the
 file O_WRONLY|O_APPEND|O_CREAT|O_NOFOLLOW (mode 0600); take the locks in the order given, sharing one deadline
 (`lock_timeout`, 20 s like Postfix's deliver_lock_attempts x deliver_lock_delay); check that the path still
 names the file we hold; note its size; write the entry; fsync. Any failure while writing truncates the file back
@@ -40,6 +41,8 @@ Failures (exceptions from mailflow.errors, with Postfix's mbox_open/mbox_dsn as 
   hard link: PermanentError 5.2.0. Postfix's safe_open refuses these (bar root-owned symlinks, a Solaris
   exception we do not need) and local(8) bounces them with 5.2.0: the mailbox is unusable until someone
   fixes it, and following a link someone planted is how mail gets written over another file;
+- with `refuse_executable` (a /file destination), a file with an execute bit: PermanentError 5.7.1, as
+  local(8) refuses to append to a program;
 - with `owner`, a mailbox another uid owns: TemporaryError 4.2.0 "destination … is not owned by recipient",
   Postfix's strict_mailbox_ownership text (someone must fix the owner; meanwhile the mail waits);
 - EDQUOT / EFBIG (a quota or the file size limit; `size_limit` too): PermanentError 5.2.2 "mailbox full", as
@@ -159,7 +162,8 @@ def _quote_local_part(address: str) -> str:
 async def append_mbox(path: Path, entry: bytes | Iterable[bytes], *,
                       locks: tuple[LockStyle, ...] = DEFAULTS.local.mailbox_delivery_lock,
                       lock_timeout: float = DEFAULT_LOCK_TIMEOUT, stale_lock_time: float = STALE_LOCK_TIME,
-                      user: str | None = None, owner: tuple[int, int] | None = None, size_limit: int = 0) -> None:
+                      user: str | None = None, owner: tuple[int, int] | None = None, size_limit: int = 0,
+                      create_parents: bool = True, refuse_executable: bool = False) -> None:
     """Append `entry` (from format_mbox_entry) to the mbox file at `path`, durably, under `locks` (taken in
     that order), or raise a DeliveryError (TemporaryError / PermanentError, see the module docstring). The
     mailbox never keeps part of an entry. With `user` (mailflow running as root) the whole append runs in a
@@ -167,10 +171,14 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes], *,
     With `owner` (uid, gid: the recipient's, mailflow running as root) a mailbox created here is given to it,
     and an existing one that another uid owns is not written: TemporaryError 4.2.0 (Postfix's
     strict_mailbox_ownership). With `size_limit` (bytes, Postfix mailbox_size_limit) an entry that would make
-    the file bigger is not kept: PermanentError 5.2.2, as the EFBIG Postfix's file size limit gives."""
+    the file bigger is not kept: PermanentError 5.2.2, as the EFBIG Postfix's file size limit gives.
+    `create_parents`: make the missing directories above the file (a mailbox), or not (a /file destination an
+    alias or .forward names: a missing directory is an OS error, TemporaryError 4.2.0). `refuse_executable`: an
+    existing file with an execute bit is not written, PermanentError 5.7.1 (local(8)'s "file is executable")."""
     if len(set(locks)) != len(locks) or not set(locks) <= set(_LOCK_STYLES):
         raise ValueError(f"lock styles {locks!r}: each of {', '.join(_LOCK_STYLES)} at most once")
-    args = (Path(path), entry, tuple(locks), lock_timeout, stale_lock_time, owner, size_limit)
+    args = (Path(path), entry, tuple(locks), lock_timeout, stale_lock_time, owner, size_limit, create_parents,
+            refuse_executable)
     if user is None:
         await asyncio.to_thread(_append, *args)
     else:
@@ -189,10 +197,12 @@ def _appended(*args) -> bytes:
 
 
 def _append(path: Path, entry: bytes | Iterable[bytes], locks: tuple[LockStyle, ...], lock_timeout: float,
-            stale_lock_time: float, owner: tuple[int, int] | None = None, size_limit: int = 0) -> None:
+            stale_lock_time: float, owner: tuple[int, int] | None = None, size_limit: int = 0,
+            create_parents: bool = True, refuse_executable: bool = False) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = _open_mailbox(path, owner)
+        if create_parents:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _open_mailbox(path, owner, refuse_executable)
         dotlocked = False
         try:
             deadline = time.monotonic() + lock_timeout
@@ -214,10 +224,11 @@ def _append(path: Path, entry: bytes | Iterable[bytes], locks: tuple[LockStyle, 
         raise _os_error(path, e, "update") from None
 
 
-def _open_mailbox(path: Path, owner: tuple[int, int] | None = None) -> int:
+def _open_mailbox(path: Path, owner: tuple[int, int] | None = None, refuse_executable: bool = False) -> int:
     """The mailbox opened for appending, created 0600 if missing (and given to `owner`); never through a
-    symlink, never a directory, a special file, a file with other hard links or, with `owner`, a file another
-    uid owns. O_NONBLOCK keeps a FIFO planted there from hanging us."""
+    symlink, never a directory, a special file, a file with other hard links, with `owner` a file another
+    uid owns or, with `refuse_executable`, an executable file. O_NONBLOCK keeps a FIFO planted there from
+    hanging us."""
     fd, created = _open_or_create(path)
     try:
         if created and owner is not None:
@@ -227,6 +238,8 @@ def _open_mailbox(path: Path, owner: tuple[int, int] | None = None) -> int:
             raise PermanentError("5.2.0", f"mailbox {path} is not a regular file")
         if st.st_nlink != 1:
             raise PermanentError("5.2.0", f"mailbox {path} has {st.st_nlink} hard links")
+        if refuse_executable and st.st_mode & (stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH):
+            raise PermanentError("5.7.1", f"file {path} is executable")
         if owner is not None and st.st_uid != owner[0]:  # (qmgr logs the deferral, with the queue id)
             raise TemporaryError("4.2.0", f"destination {path} is not owned by recipient")
     except BaseException:
