@@ -1,19 +1,24 @@
 """Who owns delivered mail: virtual_uid_maps / virtual_gid_maps for the virtual transport, the recipient's own uid
-for local(8) users who are system users; directories 0700, files 0600, and a symbolic link planted in a
-mailbox's directories never followed. Running as root is needed to give files away: skipped otherwise."""
+for local(8) users who are system users (a new mbox another delivery is creating waited for, not refused);
+directories 0700, files 0600, and a symbolic link planted in a mailbox's directories never followed. Running as
+root is needed to give files away: skipped otherwise."""
 from __future__ import annotations
 
 import os
 import pwd
+import threading
+import time
 
 import pytest
 
 from mailflow.clock import VirtualClock
 from mailflow.config import Config
 from mailflow.content import Content
+from mailflow.errors import DeliveryError
 from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.routing.router import Router
 from mailflow.transports import build_transports
+from mailflow.transports.local import mbox
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="giving files away needs root")
 
@@ -98,3 +103,36 @@ async def test_a_system_users_mbox_is_created_as_theirs_and_one_another_uid_owns
 
     [result] = (await local.deliver(request("alice@local.test"))).results  # not a system user: mailflow's own
     assert result.outcome is Outcome.SENT and owner_and_mode(spool / "alice") == (0, 0, 0o600)
+
+
+async def test_a_system_users_mbox_being_created_by_another_delivery_is_not_refused(tmp_path, monkeypatch):
+    """Two deliveries to a new mbox at once: the second opens the file between the first's create and its fchown
+    (seen in a run against Postfix: `4.2.0 destination … is not owned by recipient` for a mailbox nobody else
+    touches). It waits for the owner to be set instead of deferring."""
+    path = tmp_path / "spool" / "nobody"
+    path.parent.mkdir()
+    owner = (NOBODY.pw_uid, NOBODY.pw_gid)
+    second: dict = {}
+    real_fchown = mbox.os.fchown
+
+    def slow_fchown(fd, uid, gid):  # the first delivery is descheduled right after creating the file
+        if not second:
+            second["thread"] = threading.Thread(target=lambda: second.setdefault("outcome", opened(path, owner)))
+            second["thread"].start()
+            time.sleep(0.2)
+        real_fchown(fd, uid, gid)
+
+    monkeypatch.setattr(mbox.os, "fchown", slow_fchown)
+    await mbox.append_mbox(path, b"From s@remote.test  Mon Nov  2 05:11:55 2026\n\nfirst\n\n", owner=owner)
+    second["thread"].join(timeout=5)
+    assert second["outcome"] == "opened"
+    assert owner_and_mode(path) == (NOBODY.pw_uid, NOBODY.pw_gid, 0o600)
+
+
+def opened(path, owner) -> str:
+    """What opening the mailbox for `owner` gives: "opened", or the refusal's words."""
+    try:
+        os.close(mbox._open_mailbox(path, owner))
+    except DeliveryError as e:
+        return f"{e.dsn} {e.text}"
+    return "opened"

@@ -44,7 +44,8 @@ Failures (exceptions from mailflow.errors, with Postfix's mbox_open/mbox_dsn as 
 - with `refuse_executable` (a /file destination), a file with an execute bit: PermanentError 5.7.1, as
   local(8) refuses to append to a program;
 - with `owner`, a mailbox another uid owns: TemporaryError 4.2.0 "destination … is not owned by recipient",
-  Postfix's strict_mailbox_ownership text (someone must fix the owner; meanwhile the mail waits);
+  Postfix's strict_mailbox_ownership text (someone must fix the owner; meanwhile the mail waits). One that a
+  concurrent delivery has just created and not yet given to the owner (empty, ours) is waited for instead;
 - EDQUOT / EFBIG (a quota or the file size limit; `size_limit` too): PermanentError 5.2.2 "mailbox full", as
   Postfix does;
 - ENOSPC: TemporaryError 4.3.0, as Postfix's mbox_dsn says (the Maildir writer the same);
@@ -79,6 +80,7 @@ MailboxKind = Literal["maildir", "mbox"]
 MAILER_DAEMON = "MAILER-DAEMON"  # the From_ line's sender for the null sender (Postfix MAIL_ADDR_MAIL_DAEMON)
 DEFAULT_LOCK_TIMEOUT = 20.0  # Postfix: deliver_lock_attempts (20) x deliver_lock_delay (1s)
 STALE_LOCK_TIME = 500.0  # Postfix stale_lock_time
+NEWBORN_WAIT = 1.0  # how long a mailbox another delivery is creating for its owner may stay ours (_open_mailbox)
 _FIRST_POLL, _MAX_POLL = 0.005, 0.1
 _LOCK_STYLES: tuple[LockStyle, ...] = ("fcntl", "flock", "dotlock")
 
@@ -228,24 +230,42 @@ def _open_mailbox(path: Path, owner: tuple[int, int] | None = None, refuse_execu
     """The mailbox opened for appending, created 0600 if missing (and given to `owner`); never through a
     symlink, never a directory, a special file, a file with other hard links, with `owner` a file another
     uid owns or, with `refuse_executable`, an executable file. O_NONBLOCK keeps a FIFO planted there from
-    hanging us."""
-    fd, created = _open_or_create(path)
-    try:
-        if created and owner is not None:
-            os.fchown(fd, *owner)
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise PermanentError("5.2.0", f"mailbox {path} is not a regular file")
-        if st.st_nlink != 1:
-            raise PermanentError("5.2.0", f"mailbox {path} has {st.st_nlink} hard links")
-        if refuse_executable and st.st_mode & (stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH):
-            raise PermanentError("5.7.1", f"file {path} is executable")
-        if owner is not None and st.st_uid != owner[0]:  # (qmgr logs the deferral, with the queue id)
-            raise TemporaryError("4.2.0", f"destination {path} is not owned by recipient")
-    except BaseException:
+    hanging us. A mailbox another delivery of this server is creating for `owner` at this moment (empty, still
+    ours until its fchown) is waited for, up to NEWBORN_WAIT, instead of being refused as another uid's."""
+    deadline = time.monotonic() + NEWBORN_WAIT
+    while True:
+        fd, created = _open_or_create(path)
+        try:
+            if created and owner is not None:
+                os.fchown(fd, *owner)
+            st = os.fstat(fd)
+            wait = owner is not None and _newborn(st, owner) and time.monotonic() < deadline
+            if not wait:
+                _check_mailbox(path, st, owner, refuse_executable)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not wait:
+            return fd
         os.close(fd)
-        raise
-    return fd
+        time.sleep(_FIRST_POLL)
+
+
+def _newborn(st: os.stat_result, owner: tuple[int, int]) -> bool:
+    """A mailbox someone of our uid has just created for `owner` and not yet given away (empty, ours)."""
+    return st.st_uid != owner[0] and st.st_uid == os.geteuid() and st.st_size == 0 and stat.S_ISREG(st.st_mode)
+
+
+def _check_mailbox(path: Path, st: os.stat_result, owner: tuple[int, int] | None, refuse_executable: bool) -> None:
+    """Raise the DeliveryError that forbids appending to this file (see `_open_mailbox`), if any."""
+    if not stat.S_ISREG(st.st_mode):
+        raise PermanentError("5.2.0", f"mailbox {path} is not a regular file")
+    if st.st_nlink != 1:
+        raise PermanentError("5.2.0", f"mailbox {path} has {st.st_nlink} hard links")
+    if refuse_executable and st.st_mode & (stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH):
+        raise PermanentError("5.7.1", f"file {path} is executable")
+    if owner is not None and st.st_uid != owner[0]:  # (qmgr logs the deferral, with the queue id)
+        raise TemporaryError("4.2.0", f"destination {path} is not owned by recipient")
 
 
 def _open_or_create(path: Path) -> tuple[int, bool]:
