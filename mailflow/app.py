@@ -66,6 +66,7 @@ from mailflow.clock import Clock, SystemClock
 from mailflow.config import Config, DnsConfig, flat_settings, in_force, restart_needed
 from mailflow.content import Content
 from mailflow.dns import AiodnsResolver
+from mailflow.dsn_parameters import without_success
 from mailflow.errors import ConfigError
 from mailflow.logs import MailLog
 from mailflow.filters.content_checks import ContentChecks
@@ -116,21 +117,30 @@ def non_smtpd_milters(config: Config) -> NonSmtpdMilters | None:
 
 def forwarder(cleanup: Cleanup, myhostname: str):
     """How local delivery queues a forwarded copy: a new message through cleanup, from the same sender (each new
-    recipient keeping the original recipient, ORCPT) or from a mailing list's owner, with the original's client
-    attributes but its port (what Postfix's local(8) passes on, forward.c)."""
+    recipient keeping the original recipient and its DSN parameters: ORCPT, NOTIFY without SUCCESS, the
+    message's ENVID and RET) or from a mailing list's owner (none of them), with the original's client
+    attributes but its port (what Postfix's local(8) passes on, forward.c and alias.c)."""
 
     async def forward(request: DeliveryRequest, rcpt: Recipient, addresses: tuple[str, ...], content: Content,
                       sender: str | None = None) -> str:
-        # a list's owner as the new sender: the DSN data of the original must not follow (local(8))
-        originals = (rcpt.original,) * len(addresses) if sender is None else ()
         envelope = Envelope(request.sender if sender is None else sender, addresses, smtputf8=request.smtputf8,
-                            body_type=request.body_type, originals=originals)
+                            body_type=request.body_type, **_dsn_passed_on(request, rcpt, len(addresses), sender))
         client = ClientInfo(addr="127.0.0.1", helo=myhostname, protocol="local")
         attributes = dataclasses.replace(request.client_attributes, port="")
         return await cleanup.submit(Submission(envelope, content, client, forwarded=True,
                                                client_attributes=attributes))
 
     return forward
+
+
+def _dsn_passed_on(request: DeliveryRequest, rcpt: Recipient, count: int, owner: str | None) -> dict:
+    """The Envelope fields a forwarded copy's `count` recipients inherit from `rcpt`: with the sender kept, its
+    original address, ORCPT and NOTIFY (without SUCCESS: the expansion reports it) and the message's ENVID and
+    RET; none with a list's owner as the sender (local(8): its DSN data must not follow)."""
+    if owner is not None:
+        return {}
+    return {"originals": (rcpt.original,) * count, "notify": (without_success(rcpt.notify),) * count,
+            "orcpts": (rcpt.orcpt,) * count, "envid": request.envid, "ret": request.ret}
 
 
 def build_outbound_signing(config: Config, router: Router, resolver, clock: Clock,

@@ -2,7 +2,8 @@
 checks it (mail_cmd, rcpt_cmd). A leaf: smtpd and `sendmail -bs` read the words with mailflow.smtp_parameters
 (the first bad word answers, and a parameter given twice is refused as malformed), which checks the values
 here: `ret`, `envid`, `notify`, `orcpt`; the maildrop checks what a file holds with `is_notify_value` and
-`is_orcpt_value` (the values these functions return, nothing else).
+`is_orcpt_value` (the values these functions return, nothing else). Local delivery passes a recipient's NOTIFY on
+to what an alias expands it to with `without_success`.
 
 What Postfix takes, and so what is taken here: xtext with `+hh` in either case and any other character as itself
 (`xtext_decode`, Postfix's xtext_unquote; the decoded value ends at a NUL, as Postfix's C string does); RFC 6533's
@@ -105,6 +106,14 @@ def orcpt(value: str) -> str:
         raise DsnError("ORCPT must be addr-type;xtext")
     addr = uxtext_decode(encoded) if ascii_upper(addr_type) == "UTF-8" else xtext_decode(encoded)
     return f"{addr_type.lower()};{addr}" if addr and _ADDR_TYPE.match(addr_type) else ""
+
+
+def without_success(value: str) -> str:
+    """A recipient's NOTIFY (as `notify` returns it, "" none given) for the addresses an alias or a .forward
+    expands it to: SUCCESS removed, NEVER when nothing is left, as Postfix's local(8) passes it on (the
+    expansion itself is what reports success)."""
+    words = [word for word in value.split(",") if word and word != "SUCCESS"]
+    return ",".join(words) or ("NEVER" if value else "")
 
 
 def is_notify_value(value: str) -> bool:

@@ -364,3 +364,22 @@ async def test_a_pipe_services_success_is_relayed_unless_flag_x_says_final_deliv
     [gate], [final] = pf["case-gate"], pf["case-final"]
     assert "\n<a@gate.test>: delivery via pgate: delivered via pgate service (all fine)\n" in human_part(gate)
     assert [dict(group)["Action"] for group in (report(gate)[1], report(final)[1])] == ["relayed", "delivered"]
+
+
+async def test_an_aliass_forwarded_copy_keeps_the_recipients_dsn_parameters_as_postfixs_local(mailflow_server,
+                                                                                             smtp_peer):
+    """local(8) passes a recipient's NOTIFY (without SUCCESS), ORCPT and the message's ENVID and RET on to the
+    addresses an alias forwards it to (forward.c): NOTIFY=NEVER still means no notice when the copy bounces, and
+    a failure notice carries the client's ORCPT and ENVID."""
+    aliases = "inline:{ {fwdnever=b@peer.test}, {fwdfail=b@peer.test} }"
+    messages = [Send("case-never", {"fwdnever@local.test": ["NOTIFY=NEVER"]}, ["ENVID=env-never"]),
+                Send("case-failure", {"fwdfail@local.test": ["NOTIFY=FAILURE", "ORCPT=rfc822;orig@client.test"]},
+                     ["ENVID=env-failure"])]
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {"RCPT": rcpt_reply}, messages, 1, settle=1.5,
+                                   postfix={"mydestination": "local.test", "alias_maps": aliases},
+                                   settings={"mydestination": ["local.test"], "alias_maps": [aliases]})
+    assert {s: [report(n) for n in ns] for s, ns in mf.items()} == {s: [report(n) for n in ns] for s, ns in pf.items()}
+    [failure] = pf["case-failure"]
+    assert ("Original-Envelope-Id", "env-failure") in report(failure)[0]
+    assert ("Original-Recipient", "rfc822;orig@client.test") in report(failure)[1]
+    assert "case-never" not in pf

@@ -1,7 +1,7 @@
 """The DSN parameters (RFC 3461) as smtpd takes them: what Postfix takes, and no more."""
 import pytest
 
-from mailflow.dsn_parameters import DsnError, envid, notify, orcpt, uxtext_decode, xtext_decode
+from mailflow.dsn_parameters import DsnError, envid, notify, orcpt, uxtext_decode, without_success, xtext_decode
 
 
 def test_a_notify_word_given_twice_counts_once_and_empty_items_are_skipped():
@@ -37,3 +37,10 @@ def test_an_envid_is_printable_ascii_once_decoded():
 def test_malformed_values_are_refused(check, value):
     with pytest.raises(DsnError):
         check(value)
+
+
+def test_an_expanded_recipients_notify_goes_on_without_success():
+    """local(8) (alias.c, forward.c): the addresses an alias expands to get NOTIFY without SUCCESS, NEVER when
+    nothing is left; none given stays none."""
+    assert [without_success(v) for v in ("", "NEVER", "SUCCESS", "SUCCESS,FAILURE", "DELAY,FAILURE")] == [
+        "", "NEVER", "NEVER", "FAILURE", "DELAY,FAILURE"]
