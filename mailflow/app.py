@@ -118,7 +118,7 @@ def non_smtpd_milters(config: Config) -> NonSmtpdMilters | None:
 def forwarder(cleanup: Cleanup, myhostname: str):
     """How local delivery queues a forwarded copy: a new message through cleanup, from the same sender (each new
     recipient keeping the original recipient and its DSN parameters: ORCPT, NOTIFY without SUCCESS, the
-    message's ENVID and RET) or from a mailing list's owner (none of them), with the original's client
+    message's ENVID and RET) or from a mailing list's owner (NOTIFY only), with the original's client
     attributes but its port (what Postfix's local(8) passes on, forward.c and alias.c)."""
 
     async def forward(request: DeliveryRequest, rcpt: Recipient, addresses: tuple[str, ...], content: Content,
@@ -134,13 +134,14 @@ def forwarder(cleanup: Cleanup, myhostname: str):
 
 
 def _dsn_passed_on(request: DeliveryRequest, rcpt: Recipient, count: int, owner: str | None) -> dict:
-    """The Envelope fields a forwarded copy's `count` recipients inherit from `rcpt`: with the sender kept, its
-    original address, ORCPT and NOTIFY (without SUCCESS: the expansion reports it) and the message's ENVID and
-    RET; none with a list's owner as the sender (local(8): its DSN data must not follow)."""
+    """The Envelope fields a forwarded copy's `count` recipients inherit from `rcpt`: its NOTIFY without SUCCESS
+    (the expansion reports it); with the sender kept, also its original address, its ORCPT and the message's
+    ENVID and RET, which must not follow a list's owner as the new sender (local(8)'s alias.c)."""
+    notify = {"notify": (without_success(rcpt.notify),) * count}
     if owner is not None:
-        return {}
-    return {"originals": (rcpt.original,) * count, "notify": (without_success(rcpt.notify),) * count,
-            "orcpts": (rcpt.orcpt,) * count, "envid": request.envid, "ret": request.ret}
+        return notify
+    return {**notify, "originals": (rcpt.original,) * count, "orcpts": (rcpt.orcpt,) * count,
+            "envid": request.envid, "ret": request.ret}
 
 
 def build_outbound_signing(config: Config, router: Router, resolver, clock: Clock,

@@ -291,6 +291,10 @@ class RcptResult:
     (`named`). It is not stored: a notice made after a restart names the recipient. `relayed`: a success
     handed to a gateway that may send no notice of its own (RFC 3464 2.3.3), as a pipe(8) service without
     flag X: a success notice says `Action: relayed` (as for an MTA without DSN, which its relay shows).
+    `expansion`: how local delivery expanded the recipient: "alias" (an alias or a .forward) or "list" (an
+    alias with an owner- alias), '' not at all; its success notice then says "alias expanded" with `Action:
+    expanded` ("delivered" for a list), as local(8) reports it (the addresses it expands to report no success).
+    Not stored: a success notice owed across a restart says `delivered` with the result's text.
     `conn`: the SMTP or LMTP session the result came from, when one was set up; `stats`: the stages of the
     attempt, stamped by qmgr when an agent had the job (None: none had it, qmgr's log line falls back to the
     attempt's own). Neither is stored.
@@ -305,6 +309,7 @@ class RcptResult:
     transport: str = ""  # the transport whose job it was (set by qmgr; "" when none was chosen)
     expanded: str = ""
     relayed: bool = False
+    expansion: str = ""
     conn: ConnStats | None = field(default=None, compare=False, repr=False)
     stats: MsgStats | None = field(default=None, compare=False, repr=False)
 

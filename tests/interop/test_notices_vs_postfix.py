@@ -370,16 +370,43 @@ async def test_an_aliass_forwarded_copy_keeps_the_recipients_dsn_parameters_as_p
                                                                                              smtp_peer):
     """local(8) passes a recipient's NOTIFY (without SUCCESS), ORCPT and the message's ENVID and RET on to the
     addresses an alias forwards it to (forward.c): NOTIFY=NEVER still means no notice when the copy bounces, and
-    a failure notice carries the client's ORCPT and ENVID."""
-    aliases = "inline:{ {fwdnever=b@peer.test}, {fwdfail=b@peer.test} }"
+    a failure notice carries the client's ORCPT and ENVID. A list with an owner- alias passes NOTIFY only: its
+    owner (here at sender.test) gets the notices NOTIFY allows."""
+    aliases = ("inline:{ {fwdnever=b@peer.test}, {fwdfail=b@peer.test}, {list=b@peer.test}, "
+               "{owner-list=owner@sender.test} }")
     messages = [Send("case-never", {"fwdnever@local.test": ["NOTIFY=NEVER"]}, ["ENVID=env-never"]),
                 Send("case-failure", {"fwdfail@local.test": ["NOTIFY=FAILURE", "ORCPT=rfc822;orig@client.test"]},
-                     ["ENVID=env-failure"])]
-    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {"RCPT": rcpt_reply}, messages, 1, settle=1.5,
-                                   postfix={"mydestination": "local.test", "alias_maps": aliases},
-                                   settings={"mydestination": ["local.test"], "alias_maps": [aliases]})
+                     ["ENVID=env-failure"]),
+                Send("case-list-never", {"list@local.test": ["NOTIFY=NEVER"]}),
+                Send("case-list", {"list@local.test": ["NOTIFY=FAILURE", "ORCPT=rfc822;orig@client.test"]})]
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {"RCPT": rcpt_reply}, messages, 2, settle=1.5,
+                                   postfix={"mydestination": "local.test", "myorigin": "local.test",
+                                            "alias_maps": aliases},
+                                   settings={"mydestination": ["local.test"], "myorigin": "local.test",
+                                             "alias_maps": [aliases]})
     assert {s: [report(n) for n in ns] for s, ns in mf.items()} == {s: [report(n) for n in ns] for s, ns in pf.items()}
     [failure] = pf["case-failure"]
     assert ("Original-Envelope-Id", "env-failure") in report(failure)[0]
     assert ("Original-Recipient", "rfc822;orig@client.test") in report(failure)[1]
-    assert "case-never" not in pf
+    [listed] = pf["case-list"]
+    assert listed.envelope[1] == ["owner@sender.test"]
+    assert ("Original-Recipient", "rfc822;b@peer.test") in report(listed)[1]  # the list's ORCPT did not follow
+    assert "case-never" not in pf and "case-list-never" not in pf
+
+
+async def test_an_aliass_success_notice_says_expanded_as_postfixs_local(mailflow_server, smtp_peer):
+    """NOTIFY=SUCCESS to an alias: local(8) reports the expansion itself, `Action: expanded` with "alias
+    expanded" (`delivered` for a list with an owner- alias, whose sender it replaces), and passes NOTIFY on
+    without SUCCESS, so the forwarded copy reports nothing more (alias.c)."""
+    aliases = ("inline:{ {fwd=a@peer.test}, {sink=/dev/null}, {list=a@peer.test}, {owner-list=b@peer.test} }")
+    messages = [Send("case-alias", {"fwd@local.test": ["NOTIFY=SUCCESS"]}),
+                Send("case-file", {"sink@local.test": ["NOTIFY=SUCCESS,FAILURE"]}),
+                Send("case-list", {"list@local.test": ["NOTIFY=SUCCESS"]})]
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {"RCPT": rcpt_reply}, messages, 3, settle=1.5,
+                                   postfix={"mydestination": "local.test", "alias_maps": aliases},
+                                   settings={"mydestination": ["local.test"], "alias_maps": [aliases]})
+    assert {s: [(human_part(n), report(n)) for n in ns] for s, ns in mf.items()} == {
+        s: [(human_part(n), report(n)) for n in ns] for s, ns in pf.items()}
+    assert [dict(report(pf[case][0])[1])["Action"] for case in ("case-alias", "case-file", "case-list")] == [
+        "expanded", "expanded", "delivered"]
+    assert "\n<fwd@local.test>: delivery via local: alias expanded\n" in human_part(pf["case-alias"][0])

@@ -405,3 +405,12 @@ def test_a_forward_or_include_file_is_read_up_to_a_bound(tmp_path):
     with pytest.raises(TemporaryError, match=f"larger than {SMALL_FILE_LIMIT} bytes"):
         read_small_file(huge)
     assert SMALL_FILE_LIMIT >= 100_000
+
+
+def test_how_the_recipient_itself_was_expanded_is_told_for_its_success_notice(tmp_path):
+    """local(8) reports an alias or a .forward as "expanded" (a list with an owner- alias: "delivered"); a
+    user's own mailbox is no expansion, nor is an alias met below the recipient."""
+    forward_file(tmp_path, "bob", "bob@remote.test\n")
+    e = expander(tmp_path, "team: alice\nlist: alice\nowner-list: carol\nalice2: team\n")
+    kinds = {a: e.expand_recipient(f"{a}@example.test")[1] for a in ("team", "list", "bob", "alice", "alice2")}
+    assert kinds == {"team": "alias", "list": "list", "bob": "alias", "alice": "", "alice2": "alias"}

@@ -7,7 +7,9 @@ Rules (Postfix bounce(8) and RFC 3461):
   offered DSN took the recipient with its NOTIFY (`RcptResult.next_hop_notifies`): that hop reports success
   (Postfix smtp_rcpt_done). The action is "relayed" when an MTA without DSN took it (RFC 3464 2.3.3: it may
   send no notice) or the agent says it handed the message on (`RcptResult.relayed`: a pipe service without flag
-  X, as Postfix's pipe(8)), "delivered" when a local agent did.
+  X, as Postfix's pipe(8)), "expanded" when local delivery expanded an alias or a .forward (`RcptResult.expansion`,
+  "alias expanded" as local(8) says; "delivered" for a list with an owner- alias), "delivered" when a local agent
+  delivered it.
 A notice goes to the envelope sender with the null sender. A message with the null sender is itself a
 notice: its failures go to `double_bounce_recipient` (postmaster by default) from `double-bounce@myhostname`, as
 a postmaster copy, or nowhere when that setting is empty; a double bounce that fails is dropped (`discarded`, which
@@ -90,10 +92,12 @@ def _is_double_bounce(message: QueuedMessage, myhostname: str) -> bool:
 def _notice_recipient(result: RcptResult, now: float) -> NoticeRecipient:
     # a remote MTA is named host[ip]:port; local agents (local, virtual, pipe services, discard) are not
     remote = result.relay.split("[", 1)[0] if "[" in result.relay else ""
-    action = ACTION[result.outcome]
+    action, text = ACTION[result.outcome], result.text
     if result.outcome is Outcome.SENT and (remote or result.relayed):
         action = "relayed"  # handed to an MTA without DSN or a gateway, which may send no notice (RFC 3464 2.3.3)
-    return NoticeRecipient(result.named, action, result.dsn, result.text, remote_mta=remote, last_attempt=now,
+    elif result.outcome is Outcome.SENT and result.expansion:  # local(8)'s alias.c and dotforward.c
+        action, text = ("delivered" if result.expansion == "list" else "expanded"), "alias expanded"
+    return NoticeRecipient(result.named, action, result.dsn, text, remote_mta=remote, last_attempt=now,
                            relay=result.relay)
 
 

@@ -15,8 +15,9 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
 3. Forwarded addresses (and the members of an :include: file or of a list with an owner- alias, which local(8)
    resubmits): one new message per recipient and sender, queued through cleanup by `forward(...)`, from the
    message's sender, or from the list's owner when an owner- alias names one; `Delivered-To: <recipient>`
-   prepended; each new recipient keeping the original one (ORCPT) unless the sender changed; the message's
-   client attributes go with it but the port (`app.forwarder`, as Postfix's local(8) forward.c).
+   prepended; each new recipient keeping the recipient's NOTIFY without SUCCESS, and unless the sender changed
+   its original address, ORCPT and the message's ENVID and RET; the message's client attributes go with it but
+   the port (`app.forwarder`, as Postfix's local(8) forward.c).
 4. Commands (allowed ones, see `_command`): run through pipe's `run_command` as Postfix's exec_command runs them
    (`command_argv`: directly when the command has no shell metacharacters, else `/bin/sh -c command`), with
    local(8)'s environment: USER, LOGNAME, SENDER, RECIPIENT, LOCAL, DOMAIN; EXTENSION and ORIGINAL_RECIPIENT
@@ -34,7 +35,8 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
    by a forked child running as the leaf's `rights` or else `default_privs`; `/dev/null` accepts and discards.
    A file whose directory does not exist is not created (its directories neither: deferred 4.2.0 until someone
    makes it), and an executable file is not written (bounced 5.7.1 "file is executable", as local(8)).
-The recipient's result: deferred if any part must be retried (a retry repeats the parts already done, as
+The recipient's result (with `expansion` when an alias, a list or a .forward expanded it: its success notice says
+"alias expanded", as local(8)'s): deferred if any part must be retried (a retry repeats the parts already done, as
 local(8) does); else bounced when a part was refused (unknown user, loop, restricted command, a command's
 permanent failure), the rest being delivered; else sent, naming every destination.
 
@@ -131,8 +133,8 @@ class LocalTransport:
             return self._result(rcpt, Outcome.BOUNCED, "5.1.3", "bad recipient address syntax: begins with '-'")
         try:
             warn = partial(log.warning, "%s: %s", request.queue_id)
-            leaves = await self._expander.tables.run(partial(self._expander.expand, rcpt.address, delivered_to=seen,
-                                                             warn=warn))
+            leaves, expansion = await self._expander.tables.run(
+                partial(self._expander.expand_recipient, rcpt.address, delivered_to=seen, warn=warn))
         except DeliveryError as e:
             return self._result(rcpt, Outcome.DEFERRED, e.dsn, e.text)
         parts = []
@@ -154,7 +156,8 @@ class LocalTransport:
                 by_sender.setdefault(leaf.sender, []).append(leaf.address)
         for sender, addresses in by_sender.items():
             parts.append(await self._forward_copy(request, rcpt, tuple(addresses), sender))
-        return _naming_the_member(self._combine(rcpt, parts), rcpt, leaves, parts)
+        result = _naming_the_member(self._combine(rcpt, parts), rcpt, leaves, parts)
+        return replace(result, expansion=expansion) if expansion else result
 
     def _combine(self, rcpt: Recipient, parts: list[Part]) -> RcptResult:
         """Deferred if any part must be retried, else bounced if any failed, else sent; texts of the others

@@ -1,7 +1,8 @@
 """Local alias and .forward expansion: what Postfix's local(8) does before it writes a mailbox.
 
 `LocalExpander(config, rewriter).expand(address, delivered_to=…) -> [Leaf, ...]` turns one local recipient into
-what to do with it:
+what to do with it (`expand_recipient` also says whether the recipient itself was an alias, a list with an owner-
+alias or a user with a .forward, for its success notice):
 - `Mailbox(user, address)`: write the user's Maildir (`address` goes into Delivered-To).
 - `Forward(address, sender)`: leaves local delivery; the local agent queues it as a new message, from `sender`
   when set (the owner of a mailing list), else from the message's sender.
@@ -247,6 +248,7 @@ class _Expansion:
         self.includes_done: set[str] = set()
         self.leaves: list[Leaf] = []
         self.keys: set[tuple] = set()
+        self.kind = ""  # how the recipient itself was expanded: "alias" (an alias or .forward), "list", "" not
 
     def add(self, leaf: Leaf) -> None:
         key = _identity(leaf)
@@ -287,9 +289,16 @@ class LocalExpander:
     def expand(self, addr: str, *, delivered_to: frozenset[str] = frozenset(),
                warn: Callable[[str], None] = log.warning) -> list[Leaf]:
         """`warn(text)`: told of what local(8) logs as a warning and passes over (an ignored .forward)."""
+        return self.expand_recipient(addr, delivered_to=delivered_to, warn=warn)[0]
+
+    def expand_recipient(self, addr: str, *, delivered_to: frozenset[str] = frozenset(),
+                         warn: Callable[[str], None] = log.warning) -> tuple[list[Leaf], str]:
+        """`expand`, and how the recipient itself was expanded, for its success notice (local(8)'s DSN
+        "expanded"): "alias" by an alias or its .forward, "list" by an alias with an owner- alias (the sender
+        replaced), "" not at all (its own mailbox, or a refusal)."""
         state = _Expansion(frozenset(a.lower() for a in delivered_to), warn)
         self._visit(state, self._rewriter.qualify(addr), _Origin())
-        return state.leaves
+        return state.leaves, state.kind
 
     def _visit(self, state: _Expansion, addr: str, origin: "_Origin") -> None:
         if addr.lower() in state.delivered_to:
@@ -315,6 +324,8 @@ class LocalExpander:
             self._mailbox(state, user, addr)
             return
         state.forwards_done.add(user)
+        if origin.address is None:  # the recipient's own .forward
+            state.kind = "alias"
         self._targets(state, addr, forward, _Origin(user, "forward", "forward", origin.path, addr, rights=rights))
 
     def _alias(self, state: _Expansion, addr: str, found: tuple[str, str, str], origin: "_Origin") -> None:
@@ -328,8 +339,11 @@ class LocalExpander:
         except AliasSyntaxError as e:
             raise TemporaryError("4.3.5", f"bad alias value for {key!r} in {table}: {e.reason}") from None
         owner, resubmit = origin.owner, origin.resubmit
-        if self._rewriter.alias(f"owner-{name}@{address.split(addr)[1]}") is not None:
+        listed = self._rewriter.alias(f"owner-{name}@{address.split(addr)[1]}") is not None
+        if listed:
             owner, resubmit = self._rewriter.qualify(f"owner-{name}"), True
+        if origin.address is None:  # the recipient itself is the alias
+            state.kind = "list" if listed else "alias"
         self._targets(state, addr, targets,
                       _Origin(name, "alias", "alias", origin.path + (name,), addr, owner, resubmit))
 
