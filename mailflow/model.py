@@ -294,7 +294,10 @@ class RcptResult:
     `expansion`: how local delivery expanded the recipient: "alias" (an alias or a .forward) or "list" (an
     alias with an owner- alias), '' not at all; its success notice then says "alias expanded" with `Action:
     expanded` ("delivered" for a list), as local(8) reports it (the addresses it expands to report no success).
-    Not stored: a success notice owed across a restart says `delivered` with the result's text.
+    Not stored: a success notice owed across a restart says `delivered` with the result's text. `owner`: where
+    a failure notice about the recipient goes instead of the sender (a mailing list's owner, when its command or
+    file failed: local(8)'s bounce_workaround); not stored either (a notice owed across a restart goes to the
+    sender).
     `conn`: the SMTP or LMTP session the result came from, when one was set up; `stats`: the stages of the
     attempt, stamped by qmgr when an agent had the job (None: none had it, qmgr's log line falls back to the
     attempt's own). Neither is stored.
@@ -310,6 +313,7 @@ class RcptResult:
     expanded: str = ""
     relayed: bool = False
     expansion: str = ""
+    owner: str = ""
     conn: ConnStats | None = field(default=None, compare=False, repr=False)
     stats: MsgStats | None = field(default=None, compare=False, repr=False)
 

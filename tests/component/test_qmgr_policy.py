@@ -468,6 +468,27 @@ def test_a_gateways_success_notice_says_action_relayed():
     assert actions == [[b"relayed"], [b"delivered"]]
 
 
+def test_a_lists_failure_goes_to_its_owner_and_an_aliass_success_says_expanded():
+    """local(8): a failure whose agent names a list's owner (bounce_workaround) is that owner's notice, the others
+    the sender's; a success of an expanded alias is `expanded` ("alias expanded"), of a list `delivered`."""
+    from mailflow.model import QueuedMessage
+
+    a, b, c = (Recipient(i, f"{n}@example.test", f"{n}@example.test", notify="SUCCESS,FAILURE")
+               for i, n in enumerate("abc"))
+    message = QueuedMessage("Q1", "s@example.org", 0.0, 10, False, "7BIT", 1, (a, b, c))
+    kwargs = dict(warn_delay=False, myhostname="mx.test", double_bounce_recipient="postmaster", now=0.0)
+    failures = [RcptResult(a, Outcome.BOUNCED, "5.3.0", "x", "local", owner="owner-a@example.test"),
+                RcptResult(b, Outcome.BOUNCED, "5.3.0", "y", "local")]
+    assert [(n.to, [r.recipient.address for r in n.recipients]) for n in plan(message, failures, **kwargs)] == [
+        ("owner-a@example.test", ["a@example.test"]), ("s@example.org", ["b@example.test"])]
+    successes = [RcptResult(a, Outcome.SENT, "2.0.0", "delivered to mailbox", "local", expansion="alias"),
+                 RcptResult(b, Outcome.SENT, "2.0.0", "forwarded as Q2 to x@y", "local", expansion="list"),
+                 RcptResult(c, Outcome.SENT, "2.0.0", "delivered to mailbox", "local")]
+    [notice] = plan(message, successes, **kwargs)
+    assert [(r.action, r.diagnostic) for r in notice.recipients] == [
+        ("expanded", "alias expanded"), ("delivered", "alias expanded"), ("delivered", "delivered to mailbox")]
+
+
 def test_no_success_notice_when_the_next_hop_offered_dsn_and_took_notify():
     """Postfix smtp_rcpt_done: a peer that announced DSN was given NOTIFY, so it reports success itself; one
     that did not gets a "relayed" notice from here."""

@@ -410,3 +410,20 @@ async def test_an_aliass_success_notice_says_expanded_as_postfixs_local(mailflow
     assert [dict(report(pf[case][0])[1])["Action"] for case in ("case-alias", "case-file", "case-list")] == [
         "expanded", "expanded", "delivered"]
     assert "\n<fwd@local.test>: delivery via local: alias expanded\n" in human_part(pf["case-alias"][0])
+
+
+async def test_a_lists_failing_command_is_reported_to_its_owner_as_postfixs_local(mailflow_server, smtp_peer):
+    """local(8)'s bounce_workaround: when a command (or file) of a list with an owner- alias fails, the failure
+    notice goes to the owner (owner-list@myorigin, here aliased to sender.test) and the sender hears nothing; an
+    alias without an owner tells the sender."""
+    aliases = "inline:{ {list=|/bin/false}, {owner-list=owner@sender.test}, {plain=|/bin/false} }"
+    messages = [Send("case-list", {"list@local.test": []}), Send("case-plain", {"plain@local.test": []})]
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {}, messages, 2, settle=1.5,
+                                   postfix={"mydestination": "local.test", "myorigin": "local.test",
+                                            "alias_maps": aliases},
+                                   settings={"mydestination": ["local.test"], "myorigin": "local.test",
+                                             "alias_maps": [aliases]})
+    assert {s: [n.envelope[1] for n in ns] for s, ns in mf.items()} == {
+        s: [n.envelope[1] for n in ns] for s, ns in pf.items()} == {
+        "case-list": [["owner@sender.test"]], "case-plain": [["alice@sender.test"]]}
+    assert [dict(report(n)[1])["Status"] for n in (*mf["case-list"], *pf["case-list"])] == ["5.3.0", "5.3.0"]

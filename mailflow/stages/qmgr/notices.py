@@ -10,11 +10,12 @@ Rules (Postfix bounce(8) and RFC 3461):
   X, as Postfix's pipe(8)), "expanded" when local delivery expanded an alias or a .forward (`RcptResult.expansion`,
   "alias expanded" as local(8) says; "delivered" for a list with an owner- alias), "delivered" when a local agent
   delivered it.
-A notice goes to the envelope sender with the null sender. A message with the null sender is itself a
-notice: its failures go to `double_bounce_recipient` (postmaster by default) from `double-bounce@myhostname`, as
-a postmaster copy, or nowhere when that setting is empty; a double bounce that fails is dropped (`discarded`, which
-qmgr logs as Postfix's bounce(8) does). So a bounce never bounces,
-and no notice is sent about a delay or a success of a notice.
+A notice goes to the envelope sender with the null sender; a failure whose agent names an owner
+(`RcptResult.owner`: a mailing list's, local(8)'s bounce_workaround) goes to that owner instead, whatever the
+sender. A message with the null sender is itself a notice: its failures go to `double_bounce_recipient`
+(postmaster by default) from `double-bounce@myhostname`, as a postmaster copy, or nowhere when that setting is
+empty; a double bounce that fails is dropped (`discarded`, which qmgr logs as Postfix's bounce(8) does). So a
+bounce never bounces, and no notice is sent about a delay or a success of a notice.
 `await Notices.for_attempt()` returns ready-to-commit `NewMessage`s (made by cleanup's `prepare`), which qmgr
 commits in the same transaction as the results, so a crash can lose neither. Of the original it reads at
 most `bounce_size_limit` bytes, or only its header section (mailflow.message.quoted_original): a notice is
@@ -61,17 +62,20 @@ def plan(message: QueuedMessage, results: list[RcptResult], *, warn_delay: bool,
         wanted.append(("delay", Outcome.DEFERRED))
     notices = []
     for kind, outcome in wanted:
-        chosen = tuple(_notice_recipient(r, now) for r in results
-                       if r.outcome is outcome and wants_notice(r.recipient, kind)
-                       and not (kind == "success" and r.next_hop_notifies))
-        if not chosen:
+        chosen = [r for r in results if r.outcome is outcome and wants_notice(r.recipient, kind)
+                  and not (kind == "success" and r.next_hop_notifies)]
+        for owner in dict.fromkeys(r.owner for r in chosen if kind == "failure" and r.owner):
+            notices.append(Notice(kind, "", owner, tuple(_notice_recipient(r, now) for r in chosen
+                                                         if r.owner == owner)))
+        told = tuple(_notice_recipient(r, now) for r in chosen if not (kind == "failure" and r.owner))
+        if not told:
             continue
         if message.sender:
-            notices.append(Notice(kind, "", message.sender, chosen))
+            notices.append(Notice(kind, "", message.sender, told))
         elif kind == "failure" and double_bounce_recipient:
             to = (double_bounce_recipient if "@" in double_bounce_recipient
                   else f"{double_bounce_recipient}@{myhostname}")
-            notices.append(Notice(kind, _double_bounce_sender(myhostname), to, chosen))
+            notices.append(Notice(kind, _double_bounce_sender(myhostname), to, told))
     return notices
 
 

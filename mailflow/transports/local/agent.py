@@ -36,9 +36,11 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
    A file whose directory does not exist is not created (its directories neither: deferred 4.2.0 until someone
    makes it), and an executable file is not written (bounced 5.7.1 "file is executable", as local(8)).
 The recipient's result (with `expansion` when an alias, a list or a .forward expanded it: its success notice says
-"alias expanded", as local(8)'s): deferred if any part must be retried (a retry repeats the parts already done, as
-local(8) does); else bounced when a part was refused (unknown user, loop, restricted command, a command's
-permanent failure), the rest being delivered; else sent, naming every destination.
+"alias expanded", as local(8)'s; with `owner` when what bounced were a list's commands or files: its failure
+notice goes to the list's owner, as local(8)'s bounce_workaround sends it): deferred if any part must be
+retried (a retry repeats the parts already done, as local(8) does); else bounced when a part was refused
+(unknown user, loop, restricted command, a command's permanent failure), the rest being delivered; else sent,
+naming every destination.
 
 Failures: never raises for a delivery problem; an OS error writing a Maildir defers (4.2.0), but a quota or
 the file size limit (EDQUOT, EFBIG; `local.mailbox_size_limit` for each mbox file, /file destination and
@@ -137,7 +139,16 @@ class LocalTransport:
                 partial(self._expander.expand_recipient, rcpt.address, delivered_to=seen, warn=warn))
         except DeliveryError as e:
             return self._result(rcpt, Outcome.DEFERRED, e.dsn, e.text)
-        parts = []
+        parts, owners = await self._deliver_leaves(request, rcpt, leaves, filled)
+        result = _naming_the_member(self._combine(rcpt, parts), rcpt, leaves, parts)
+        return replace(result, expansion=expansion, owner=_failures_owner(result, parts, owners))
+
+    async def _deliver_leaves(self, request: DeliveryRequest, rcpt: Recipient, leaves: list,
+                              filled: dict[str, Part]) -> tuple[list[Part], list[str | None]]:
+        """What each destination got, and with it the list owner it was delivered for (a command's or a file's
+        under a list with an owner- alias; None for the others)."""
+        parts: list[Part] = []
+        owners: list[str | None] = []
         for leaf in leaves:
             if isinstance(leaf, Mailbox):
                 if leaf.user not in filled:
@@ -150,14 +161,17 @@ class LocalTransport:
             elif isinstance(leaf, Refused):
                 who = "" if leaf.address.lower() == rcpt.address.lower() else f"{leaf.address}: "
                 parts.append((Outcome.BOUNCED, leaf.dsn, who + leaf.text))
+            else:
+                continue
+            owners.append(leaf.sender if isinstance(leaf, (Command, File)) else None)
         by_sender: dict[str | None, list[str]] = {}
         for leaf in leaves:
             if isinstance(leaf, Forward):
                 by_sender.setdefault(leaf.sender, []).append(leaf.address)
         for sender, addresses in by_sender.items():
             parts.append(await self._forward_copy(request, rcpt, tuple(addresses), sender))
-        result = _naming_the_member(self._combine(rcpt, parts), rcpt, leaves, parts)
-        return replace(result, expansion=expansion) if expansion else result
+            owners.append(None)
+        return parts, owners
 
     def _combine(self, rcpt: Recipient, parts: list[Part]) -> RcptResult:
         """Deferred if any part must be retried, else bounced if any failed, else sent; texts of the others
@@ -284,6 +298,18 @@ def _envelope(request: DeliveryRequest, rcpt: Recipient, owner: str | None) -> t
     if owner is not None:
         return owner, ""
     return request.sender, rcpt.original or rcpt.address
+
+
+def _failures_owner(result: RcptResult, parts: list[Part], owners: list[str | None]) -> str:
+    """Who a bounced recipient's failure notice goes to instead of the sender: the list owner, when every part
+    that bounced was a command or file of a list with an owner- alias (local(8)'s bounce_workaround sends it to
+    the owner, and the sender hears nothing); "" otherwise."""
+    if result.outcome is not Outcome.BOUNCED:
+        return ""
+    bounced = [owner for (outcome, _, _), owner in zip(parts, owners) if outcome is Outcome.BOUNCED]
+    if not bounced or not all(bounced):
+        return ""
+    return bounced[0] or ""
 
 
 def _client_environment(c: ClientAttributes) -> dict[str, str]:
