@@ -379,3 +379,16 @@ async def test_a_spooled_message_reaches_maildir_mbox_and_forward_byte_exact(tmp
     mbox = (tmp_path / "mail" / "bob" / "Mailbox").read_bytes()
     text = (mailbox_copy("bob@example.test").split(b"From: ")[0] + data).replace(b"\r\n", b"\n")
     assert mbox.split(b"\n", 1)[1] == re.sub(rb"(?m)^(>*From )", rb">\1", text) + b"\n"
+
+
+async def test_an_alias_of_more_than_a_thousand_members_is_forwarded_as_one_message(tmp_path):
+    """Postfix's local(8) forwards an alias of 1200 remote members as one message (seen against a private
+    Postfix 3.7); a limit of 1000 destinations deferred it 4.6.0 at every attempt. The success text names the
+    first ten addresses only."""
+    members = [f"m{i}@remote.test" for i in range(1200)]
+    fwd = FakeForward()
+    t = transport(tmp_path, f"big: {', '.join(members)}\n", forward=fwd)
+    [result] = (await t.deliver(request("big@example.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.SENT, "2.0.0"), result.text
+    assert [call[2] for call in fwd.calls] == [tuple(members)]
+    assert result.text == f"forwarded as FWD1 to {', '.join(members[:10])} and 1190 more"

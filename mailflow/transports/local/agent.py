@@ -241,11 +241,11 @@ class LocalTransport:
         try:
             queue_id = await self._forward(request, rcpt, addresses, content, sender=sender)
         except DeliveryError as e:
-            return Outcome.DEFERRED, "4.3.0", f"cannot forward to {', '.join(addresses)}: {e.text}"
+            return Outcome.DEFERRED, "4.3.0", f"cannot forward to {_some(addresses)}: {e.text}"
         except Exception as e:
-            log.exception("%s: forwarding to %s failed", request.queue_id, ", ".join(addresses))
-            return Outcome.DEFERRED, "4.3.0", f"cannot forward to {', '.join(addresses)}: {e}"
-        return Outcome.SENT, "2.0.0", f"forwarded as {queue_id} to {', '.join(addresses)}"
+            log.exception("%s: forwarding to %s failed", request.queue_id, _some(addresses))
+            return Outcome.DEFERRED, "4.3.0", f"cannot forward to {_some(addresses)}: {e}"
+        return Outcome.SENT, "2.0.0", f"forwarded as {queue_id} to {_some(addresses)}"
 
     async def _command(self, request: DeliveryRequest, rcpt: Recipient, leaf: Command) -> Part:
         """Run one `|command` destination (see the module docstring)."""
@@ -298,6 +298,16 @@ def _envelope(request: DeliveryRequest, rcpt: Recipient, owner: str | None) -> t
     if owner is not None:
         return owner, ""
     return request.sender, rcpt.original or rcpt.address
+
+
+NAMED_FORWARDS = 10  # addresses a forwarded copy's success text names at most (a list may have thousands)
+
+
+def _some(addresses: tuple[str, ...]) -> str:
+    """The first NAMED_FORWARDS addresses, and how many more there are."""
+    named = ", ".join(addresses[:NAMED_FORWARDS])
+    more = len(addresses) - NAMED_FORWARDS
+    return f"{named} and {more} more" if more > 0 else named
 
 
 def _failures_owner(result: RcptResult, parts: list[Part], owners: list[str | None]) -> str:
