@@ -2,9 +2,9 @@
 alike (local domain origin.test, mbox mailboxes in a spool directory: home_mailbox "" and mail_spool_directory),
 the same scripts run as `nobody` (default_privs) recording their argv, environment and stdin.
 
-Compared: each recipient's first delivery result in the mail log (dsn, status and text: a command's exit
-statuses, its output, a signal, a shell built-in, a command with shell metacharacters, an executable /file, an
-alias to the mailbox, a Delivered-To loop met through an alias); the environment and stdin of alias commands,
+Compared: each recipient's first delivery result in the mail log (to=, orig_to=, dsn, status and text: a
+command's exit statuses, its output, a signal, a shell built-in, a command with shell metacharacters, an
+executable /file, an alias to the mailbox, a Delivered-To loop met through an alias); the environment and stdin of alias commands,
 one reached with an address extension and one of a mailing list with an `owner-` alias (whose sender is the
 owner, without an original recipient); what /file destinations and the mailbox receive. Masked: dates, queue
 ids, the Received header, the scripts' folder.
@@ -52,6 +52,7 @@ STATUS_CASES = ("x1", "x67", "x75", "xdsn", "xdsn4", "xsig")
 def aliases(script: Path, spool: Path) -> dict[str, str]:
     return {
         "mbox": "nobody",
+        "upalias": "NoBody",
         "viaalias": "nobody",
         "cmd": f'"|{script} cmd arg"',
         "cmdext": f'"|{script} cmdext"',
@@ -67,7 +68,7 @@ def aliases(script: Path, spool: Path) -> dict[str, str]:
 
 
 # (recipient's local part, a header line the message starts with)
-TRAFFIC = [("mbox", ""), ("viaalias", "Delivered-To: nobody@origin.test\r\n"), ("cmd", ""), ("cmdext+foo", ""),
+TRAFFIC = [("mbox", ""), ("upalias", ""), ("viaalias", "Delivered-To: nobody@origin.test\r\n"), ("cmd", ""), ("cmdext+foo", ""),
            ("list", ""), ("file", ""), ("exe", ""), ("nodir", ""), ("builtin", ""), ("shellcmd", ""),
            *[(case, "") for case in STATUS_CASES]]
 BODY = ("Subject: {name}\r\nMessage-ID: <{name}@client.test>\r\nDate: Sat, 05 Dec 2026 10:00:00 +0000\r\n"
@@ -83,6 +84,7 @@ class Run:
     """What one server did with TRAFFIC."""
 
     results: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # recipient given: its first result
+    logged_as: dict[str, tuple[str, str]] = field(default_factory=dict)  # recipient given: its result's to=, orig_to=
     records: dict[str, dict] = field(default_factory=dict)  # command name: its env (a list) and stdin
     files: dict[str, str] = field(default_factory=dict)  # file under the spool: its text, masked
     created_nodir: bool = False
@@ -101,17 +103,19 @@ async def send_traffic(port: int) -> None:
         await c.close()
 
 
-def first_results(log: str) -> dict[str, tuple[str, str, str]]:
-    """Each recipient's first local result, keyed by the address the client gave (orig_to, else to)."""
-    found: dict[str, tuple[str, str, str]] = {}
+def first_results(log: str) -> dict[str, tuple[str, str, str, str, str]]:
+    """Each recipient's first local result (to=, orig_to=, dsn, status, text), keyed by the local part the client
+    gave (orig_to's, else to's)."""
+    found: dict[str, tuple[str, str, str, str, str]] = {}
     for line in log.splitlines():
         m = _RESULT.search(line)
         if m:
-            found.setdefault((m["orig"] or m["to"]).partition("@")[0], (m["dsn"], m["status"], m["text"]))
+            found.setdefault((m["orig"] or m["to"]).partition("@")[0],
+                             (m["to"], m["orig"] or "", m["dsn"], m["status"], m["text"]))
     return found
 
 
-async def logged(read_log) -> dict[str, tuple[str, str, str]]:
+async def logged(read_log) -> dict[str, tuple[str, str, str, str, str]]:
     """The first results, once every recipient of TRAFFIC has one (bounded), keyed by its name there."""
     names = {name for name, _ in TRAFFIC}
     try:
@@ -138,16 +142,18 @@ def prepared_spool(script: Path) -> tuple[Path, Path]:
 
 
 def collect(run: Run, spool: Path, out: Path, script_folder: Path) -> Run:
+    run.logged_as = {name: (to, orig) for name, (to, orig, *_) in run.results.items()}
     run.results = {name: (dsn, status, text.replace(str(script_folder), "SCRIPTS").replace(str(spool), "SPOOL"))
-                   for name, (dsn, status, text) in run.results.items()}
+                   for name, (_, _, dsn, status, text) in run.results.items()}
     for path in sorted(out.glob("*")):
         head, _, stdin = path.read_text().partition("stdin:\n")
         env = [line[4:] for line in head.splitlines()
                if line.startswith("env:") and not line.startswith(("env:LANG=", "env:MAIL_CONFIG=", "env:PWD="))]
         run.records[path.name] = {"env": env, "stdin": masked_message(stdin)}
         path.unlink()
-    for name in ("files/file", "files/list", "files/exe", "nobody"):
+    for name in ("files/file", "files/list", "files/exe"):
         run.files[name] = masked_message((spool / name).read_text())
+    run.files["nobody"] = "\n\n".join(sorted(masked_message((spool / "nobody").read_text()).split("\n\nFrom ")))
     run.created_nodir = (spool / "nodir").exists()
     shutil.rmtree(spool, ignore_errors=True)
     return run
@@ -247,3 +253,13 @@ def test_a_file_in_a_missing_folder_is_not_created(runs):
     assert postfix.results["nodir"][:2] == ("5.2.0", "bounced")
     assert mailflow.results["nodir"][:2] == ("4.2.0", "deferred")
     assert not postfix.created_nodir and not mailflow.created_nodir
+
+
+def test_a_delivery_through_an_alias_is_logged_about_the_member_as_postfixs(runs):
+    """local(8) logs each delivery it makes: an alias that leads to one mailbox is `to=<member>,
+    orig_to=<alias>` (the member as the alias writes it); a command or file is logged about the alias."""
+    postfix, mailflow = runs["postfix"].logged_as, runs["mailflow"].logged_as
+    assert mailflow == postfix
+    assert postfix["mbox"] == ("nobody@origin.test", "mbox@origin.test")
+    assert postfix["upalias"] == ("NoBody@origin.test", "upalias@origin.test")
+    assert postfix["cmd"] == ("cmd@origin.test", "")

@@ -35,7 +35,8 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
    by a forked child running as the leaf's `rights` or else `default_privs`; `/dev/null` accepts and discards.
    A file whose directory does not exist is not created (its directories neither: deferred 4.2.0 until someone
    makes it), and an executable file is not written (bounced 5.7.1 "file is executable", as local(8)).
-The recipient's result (with `expansion` when an alias, a list or a .forward expanded it: its success notice says
+The recipient's result (about the member, `expanded`, when an alias led it to one mailbox only, as local(8) logs
+it; with `expansion` when an alias, a list or a .forward expanded it: its success notice says
 "alias expanded", as local(8)'s; with `owner` when what bounced were a list's commands or files: its failure
 notice goes to the list's owner, as local(8)'s bounce_workaround sends it): deferred if any part must be
 retried (a retry repeats the parts already done, as local(8) does); else bounced when a part was refused
@@ -141,7 +142,8 @@ class LocalTransport:
             return self._result(rcpt, Outcome.DEFERRED, e.dsn, e.text)
         parts, owners = await self._deliver_leaves(request, rcpt, leaves, filled)
         result = _naming_the_member(self._combine(rcpt, parts), rcpt, leaves, parts)
-        return replace(result, expansion=expansion, owner=_failures_owner(result, parts, owners))
+        return replace(result, expansion=expansion, owner=_failures_owner(result, parts, owners),
+                       expanded=result.expanded or _sole_mailbox(rcpt, leaves))
 
     async def _deliver_leaves(self, request: DeliveryRequest, rcpt: Recipient, leaves: list,
                               filled: dict[str, Part]) -> tuple[list[Part], list[str | None]]:
@@ -290,6 +292,14 @@ def _naming_the_member(result: RcptResult, rcpt: Recipient, leaves: list, parts:
         return result
     member = members[0].address
     return replace(result, text=result.text.removeprefix(f"{member}: "), expanded=member)
+
+
+def _sole_mailbox(rcpt: Recipient, leaves: list) -> str:
+    """The address of the one mailbox an alias led the recipient to ("" when it is not that): its result is
+    logged about that address, `to=<member>, orig_to=<alias>`, as local(8) logs each delivery it makes."""
+    if len(leaves) == 1 and isinstance(leaves[0], Mailbox) and leaves[0].address.lower() != rcpt.address.lower():
+        return leaves[0].address
+    return ""
 
 
 def _envelope(request: DeliveryRequest, rcpt: Recipient, owner: str | None) -> tuple[str, str]:
