@@ -4,10 +4,10 @@ the same scripts run as `nobody` (default_privs) recording their argv, environme
 
 Compared: each recipient's first delivery result in the mail log (to=, orig_to=, dsn, status and text: a
 command's exit statuses, its output, a signal, a shell built-in, a command with shell metacharacters, an
-executable /file, an alias to the mailbox, a Delivered-To loop met through an alias); the environment and stdin of alias commands,
-one reached with an address extension and one of a mailing list with an `owner-` alias (whose sender is the
-owner, without an original recipient); what /file destinations and the mailbox receive. Masked: dates, queue
-ids, the Received header, the scripts' folder.
+executable /file, an alias to the mailbox, a Delivered-To loop met through an alias); the environment and stdin
+of alias commands, one reached with an address extension and one of a mailing list with an `owner-` alias (whose
+sender is the owner, without an original recipient); what /file destinations and the mailbox receive. Masked:
+dates, queue ids, the Received header, the scripts' folder.
 
 Not compared, differences docs/transports.md describes: the body's `>From ` lines (mboxrd; none in the message
 here), the log lines of an alias with several destinations (mailflow logs one result per recipient), the
@@ -68,9 +68,9 @@ def aliases(script: Path, spool: Path) -> dict[str, str]:
 
 
 # (recipient's local part, a header line the message starts with)
-TRAFFIC = [("mbox", ""), ("upalias", ""), ("viaalias", "Delivered-To: nobody@origin.test\r\n"), ("cmd", ""), ("cmdext+foo", ""),
-           ("list", ""), ("file", ""), ("exe", ""), ("nodir", ""), ("builtin", ""), ("shellcmd", ""),
-           *[(case, "") for case in STATUS_CASES]]
+TRAFFIC = [("mbox", ""), ("upalias", ""), ("viaalias", "Delivered-To: nobody@origin.test\r\n"), ("cmd", ""),
+           ("cmdext+foo", ""), ("list", ""), ("file", ""), ("exe", ""), ("nodir", ""), ("builtin", ""),
+           ("shellcmd", ""), *[(case, "") for case in STATUS_CASES]]
 BODY = ("Subject: {name}\r\nMessage-ID: <{name}@client.test>\r\nDate: Sat, 05 Dec 2026 10:00:00 +0000\r\n"
         "From: s@sender.test\r\n\r\nFrom the start\r\n..dot line\r\nlast\r\n")
 COMMON = {"myhostname": "mx.origin.test", "myorigin": "origin.test", "recipient_delimiter": "+"}
