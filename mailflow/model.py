@@ -286,11 +286,12 @@ class RcptResult:
     agents do not know the name they run under). `next_hop_notifies`: accepted by a next hop that
     offered DSN and was given the recipient's NOTIFY (RFC 3461 4.1): it sends the notices asked for from now on,
     so no success notice comes from here (Postfix smtp_rcpt_done). `expanded`: the address the result is
-    about when the agent expanded the recipient (an alias member that does not exist), '' when it is the
-    recipient itself; logs and notices then name it as Postfix does, "<member> (expanded from <recipient>)"
-    (`named`). It is not stored: a notice made after a restart names the recipient. `relayed`: a success
-    handed to a gateway that may send no notice of its own (RFC 3464 2.3.3), as a pipe(8) service without
-    flag X: a success notice says `Action: relayed` (as for an MTA without DSN, which its relay shows).
+    about when the agent expanded the recipient (an alias member that does not exist, the one mailbox an alias
+    leads to), '' when it is the recipient itself; logs and notices then name it as Postfix does, "<member>
+    (expanded from <recipient>)" (`named`). It is not stored: a notice made after a restart names the recipient.
+    `relayed`: a success handed to a gateway that may send no notice of its own (RFC 3464 2.3.3), as a pipe(8)
+    service without flag X: a success notice says `Action: relayed` (as for an MTA without DSN, which its relay
+    shows).
     `expansion`: how local delivery expanded the recipient: "alias" (an alias or a .forward) or "list" (an
     alias with an owner- alias), '' not at all; its success notice then says "alias expanded" with `Action:
     expanded` ("delivered" for a list), as local(8) reports it (the addresses it expands to report no success).
