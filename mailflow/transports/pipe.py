@@ -10,8 +10,10 @@ Runner (used by pipe services and by local's `|command` destinations):
   not as root, only our own user. `umask`: the command's (None: mailflow's own). Raises `CommandNotRun` when it
   cannot start the command (unknown user, no privilege to switch, root requested, exec or chdir failed): callers
   defer with 4.3.0.
-- `command_argv(command) -> argv`: how a local `|command` is run (Postfix's exec_command: a shell only for a
-  command with shell metacharacters or a program not on the path).
+- `run_shell_command(command, **same) -> CommandResult`: a local `|command`, run as Postfix's exec_command runs
+  it: a command without shell metacharacters is split on blanks and run directly (its program searched on
+  PATH); `/bin/sh -c command` when it has some, or when that exec fails as execvp would hand it to the shell
+  (ENOEXEC: a script without `#!`; ENOENT for a bare name: not a program, perhaps a shell built-in).
 - `command_status(result, command) -> (Outcome, dsn, text)`: Postfix's rules. Exit 0: SENT 2.0.0. Output that
   begins with a 4.X.X/5.X.X enhanced status code: that code and text. A <sysexits.h> code: its table entry
   (EX_TEMPFAIL 75 and EX_OSERR 71 defer 4.3.0; the others bounce, e.g. EX_NOUSER 67 5.1.1, EX_CONFIG 78
@@ -51,11 +53,11 @@ Never raises for a delivery problem; results carry relay=NAME.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import pwd
 import re
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -93,9 +95,10 @@ class CommandResult:
 class CommandNotRun(Exception):
     """The command could not be started; nothing ran. `text` says why (for a 4.3.0 deferral)."""
 
-    def __init__(self, text: str):
+    def __init__(self, text: str, exec_errno: int | None = None):
         super().__init__(text)
         self.text = text
+        self.exec_errno = exec_errno  # the errno of the exec itself, when that is what failed
 
 
 @dataclass(frozen=True)
@@ -111,16 +114,32 @@ class _Identity:
 _NO_SHELL_NEEDED = frozenset("1234567890!@%-_=+:,./abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ \t")
 
 
-def command_argv(command: str) -> list[str]:
-    """The argv a local `|command` runs as, by Postfix's exec_command: without shell metacharacters, the words
-    themselves when the first is a path or a program found on DEFAULT_PATH, else `/bin/sh -c command` (a shell
-    built-in such as `exit 75`). Run directly, a command's own signal is seen as one (Postfix defers 4.3.0), not
-    as the shell's exit status 128+N (a bounce), and a path that is not there cannot be run (deferred 4.3.0,
-    as Postfix's failed execvp), where the shell would say "not found" with status 127 (a bounce)."""
+def direct_argv(command: str) -> list[str] | None:
+    """The words a command is run as without a shell (exec_command's test), None when it needs a shell."""
     words = command.split()
-    if words and set(command) <= _NO_SHELL_NEEDED and ("/" in words[0] or shutil.which(words[0], path=DEFAULT_PATH)):
-        return words
-    return ["/bin/sh", "-c", command]
+    return words if words and set(command) <= _NO_SHELL_NEEDED else None
+
+
+def _shell_may_run(e: "CommandNotRun", program: str) -> bool:
+    """Whether a failed direct exec goes to /bin/sh, as exec_command's execvp does: a file the kernel cannot run
+    (ENOEXEC: glibc's execvp hands it to the shell), or a bare name that is no program (ENOENT, not a path)."""
+    return e.exec_errno == errno.ENOEXEC or (e.exec_errno == errno.ENOENT and "/" not in program)
+
+
+async def run_shell_command(command: str, **how: Any) -> CommandResult:
+    """A local `|command` as Postfix's exec_command runs it (see the module docstring); `how`: run_command's
+    keywords. Run directly, a command's own signal is seen as one (Postfix defers 4.3.0), not as the shell's
+    exit status 128+N (a bounce), and a path that is not there cannot be run (CommandNotRun: deferred, as
+    Postfix's failed execvp), where the shell would say "not found" with status 127 (a bounce). The program is
+    searched on PATH by the child, as the user it runs as. Raises CommandNotRun."""
+    words = direct_argv(command)
+    if words is not None:
+        try:
+            return await run_command(words, **how)
+        except CommandNotRun as e:
+            if not _shell_may_run(e, words[0]):
+                raise
+    return await run_command(["/bin/sh", "-c", command], **how)
 
 
 def _identity(user: str | None) -> _Identity | None:
@@ -158,7 +177,8 @@ async def run_command(argv: list[str], *, stdin: bytes | AsyncIterable[bytes], e
         as_whom = f" as {who.name}" if who else ""
         if cwd is not None and e.filename == str(cwd):
             raise CommandNotRun(f"cannot change directory to {cwd}{as_whom}: {e.strerror}") from None
-        raise CommandNotRun(f"cannot run {argv[0]}{as_whom}: {e.strerror}") from None
+        exec_errno = e.errno if e.filename == argv[0] else None
+        raise CommandNotRun(f"cannot run {argv[0]}{as_whom}: {e.strerror}", exec_errno) from None
     output = bytearray()
     try:
         async with asyncio.timeout(time_limit):

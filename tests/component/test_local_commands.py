@@ -195,6 +195,22 @@ async def test_a_command_killed_by_a_signal_defers_as_postfix_runs_it_without_a_
     assert (result.outcome, result.dsn) == (Outcome.BOUNCED, "5.3.0"), "the shell reports its child's death"
 
 
+async def test_a_script_without_an_interpreter_line_runs_through_the_shell_as_execvp_runs_it(scripts, tmp_path):
+    """exec_command's execvp hands a file the kernel cannot run (ENOEXEC: no `#!` line) to /bin/sh: such a filter
+    is delivered to, with its arguments, as under Postfix, not deferred for ever. A path that is not there is
+    not given to the shell: deferred 4.3.0, as Postfix's failed execvp."""
+    plain = scripts.path / "plain-filter"
+    plain.write_text(f'cat > {scripts.out}/stdin\necho "$1" > {scripts.out}/arg\n')
+    plain.chmod(0o755)
+    t = transport(tmp_path, f'filter: "|{plain} one"\nmissing: "|{scripts.path}/not-there"\n')
+    [result] = (await t.deliver(request("filter@example.test"))).results
+    assert (result.outcome, result.dsn, result.text) == (Outcome.SENT, "2.0.0", f"delivered to command: {plain} one")
+    assert scripts.read("arg") == "one\n" and "Subject: hello" in scripts.read("stdin")
+    [result] = (await t.deliver(request("missing@example.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.3.0"), result
+    assert "No such file or directory" in result.text
+
+
 async def test_a_lists_command_gets_its_owner_as_the_sender_and_no_original_recipient(scripts, tmp_path):
     """local(8) replaces the sender of a list with an owner- alias for its commands too, and drops the original
     recipient: SENDER, the From_ line and Return-Path name the owner; no ORIGINAL_RECIPIENT, no X-Original-To."""

@@ -19,7 +19,8 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
    its original address, ORCPT and the message's ENVID and RET; the message's client attributes go with it but
    the port (`app.forwarder`, as Postfix's local(8) forward.c).
 4. Commands (allowed ones, see `_command`): run through pipe's `run_command` as Postfix's exec_command runs them
-   (`command_argv`: directly when the command has no shell metacharacters, else `/bin/sh -c command`), with
+   (`run_shell_command`: directly when the command has no shell metacharacters, else, or when execvp would
+   hand it to the shell (a script without `#!`, a bare name that is no program), `/bin/sh -c command`), with
    local(8)'s environment: USER, LOGNAME, SENDER, RECIPIENT, LOCAL, DOMAIN; EXTENSION and ORIGINAL_RECIPIENT
    when there is one; HOME=<maildir_base>/<user> and SHELL for a command a user's .forward names (an
    alias has no home); and those of CLIENT_HOSTNAME, CLIENT_ADDRESS, CLIENT_HELO, CLIENT_PROTOCOL, SASL_METHOD,
@@ -72,7 +73,7 @@ from mailflow.tables import split_extension
 from mailflow.transports.encode import ToLf, aencode
 from mailflow.transports.maildir import MaildirWriter, Owner, mailbox_prefix, write_failure
 from mailflow.transports.local.mbox import append_mbox, from_line, mailbox_location, mbox_entry
-from mailflow.transports.pipe import CommandNotRun, command_argv, command_status, run_command
+from mailflow.transports.pipe import CommandNotRun, command_status, run_shell_command
 
 log = logging.getLogger("mailflow.local")
 
@@ -267,10 +268,10 @@ class LocalTransport:
         try:
             prefix = from_line(sender, self._clock.time()) + mailbox_prefix(sender, rcpt.address, original)
             stdin = aencode(request.content.prepend(prefix).stream(), ToLf())
-            result = await run_command(command_argv(leaf.command), stdin=stdin, env=env,
-                                       time_limit=settings.time_limit, output_limit=settings.output_limit,
-                                       user=rights_for(leaf.rights, settings.default_privs),
-                                       cwd=home if leaf.forward and home.is_dir() else "/", umask=0o077)
+            result = await run_shell_command(leaf.command, stdin=stdin, env=env, time_limit=settings.time_limit,
+                                             output_limit=settings.output_limit,
+                                             user=rights_for(leaf.rights, settings.default_privs),
+                                             cwd=home if leaf.forward and home.is_dir() else "/", umask=0o077)
         except CommandNotRun as e:
             log.warning("%s: command %r for %s not run: %s", request.queue_id, leaf.command, leaf.address, e.text)
             return Outcome.DEFERRED, "4.3.0", e.text
