@@ -89,6 +89,17 @@ async def test_an_alias_command_gets_local_environment_and_the_message(scripts, 
     assert scripts.read("umask") == "0077\n"  # what it creates is its own alone, as under Postfix's local(8)
 
 
+async def test_a_command_gets_sender_even_when_it_is_the_null_sender(scripts, tmp_path):
+    """local(8)'s command.c sets LOGNAME, USER, SENDER, RECIPIENT and LOCAL whatever their value: a notice's
+    command sees SENDER empty, not missing; only DOMAIN, EXTENSION and ORIGINAL_RECIPIENT depend on a value."""
+    s = scripts.script("record.sh", RECORD.format(out=scripts.out))
+    [result] = (await transport(tmp_path, f'run: "|{s}"\n').deliver(request("run@example.test", sender=""))).results
+    assert result.outcome is Outcome.SENT, result
+    env = environment(scripts.read("env"))
+    assert (env["SENDER"], env["USER"], env["LOCAL"], env["RECIPIENT"]) == ("", "run", "run", "run@example.test")
+    assert "EXTENSION" not in env
+
+
 async def test_a_forward_command_runs_in_the_users_home(scripts):
     s = scripts.script("record.sh", RECORD.format(out=scripts.out))
     home = scripts.path / "mail" / "bob"

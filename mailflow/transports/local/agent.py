@@ -18,20 +18,20 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
    prepended; each new recipient keeping the recipient's NOTIFY without SUCCESS, and unless the sender changed
    its original address, ORCPT and the message's ENVID and RET; the message's client attributes go with it but
    the port (`app.forwarder`, as Postfix's local(8) forward.c).
-4. Commands (allowed ones, see `_command`): run through pipe's `run_command` as Postfix's exec_command runs them
+4. Commands (allowed ones, see `_command`): run through pipe's runner as Postfix's exec_command runs them
    (`run_shell_command`: directly when the command has no shell metacharacters, else, or when execvp would
    hand it to the shell (a script without `#!`, a bare name that is no program), `/bin/sh -c command`), with
-   local(8)'s environment: USER, LOGNAME, SENDER, RECIPIENT, LOCAL, DOMAIN; EXTENSION and ORIGINAL_RECIPIENT
-   when there is one; HOME=<maildir_base>/<user> and SHELL for a command a user's .forward names (an
-   alias has no home); and those of CLIENT_HOSTNAME, CLIENT_ADDRESS, CLIENT_HELO, CLIENT_PROTOCOL, SASL_METHOD,
-   SASL_SENDER, SASL_USERNAME the message's client attributes know (message context with shell-special
-   characters replaced by '_'); the message with a From_ line, Return-Path, X-Original-To and Delivered-To on
-   stdin (local(8)'s, not quoted as in an mbox); in the home (a .forward's command, when the home exists) or
-   /, with umask 077 (what a command creates is its user's alone, as under Postfix's local(8)), when mailflow
-   runs as root as the leaf's `rights` (the system user whose .forward named it) or else `default_privs`,
-   killed after `command_time_limit`; exit statuses mapped as pipe(8) does. Without `commands` settings they
-   defer (4.3.5). Under a mailing list with an owner- alias the sender is the owner and there is no original
-   recipient (no ORIGINAL_RECIPIENT, no X-Original-To), as local(8) gives them.
+   local(8)'s environment: USER, LOGNAME, SENDER (empty for the null sender), RECIPIENT, LOCAL; DOMAIN,
+   EXTENSION and ORIGINAL_RECIPIENT when there is one; HOME=<maildir_base>/<user> and SHELL for a command a
+   user's .forward names (an alias has no home); and those of CLIENT_HOSTNAME, CLIENT_ADDRESS, CLIENT_HELO,
+   CLIENT_PROTOCOL, SASL_METHOD, SASL_SENDER, SASL_USERNAME the message's client attributes know (message
+   context with shell-special characters replaced by '_'); the message with a From_ line, Return-Path,
+   X-Original-To and Delivered-To on stdin (local(8)'s, not quoted as in an mbox); in the home (a .forward's
+   command, when the home exists) or /, with umask 077 (what a command creates is its user's alone, as under
+   Postfix's local(8)), when mailflow runs as root as the leaf's `rights` (the system user whose .forward named
+   it) or else `default_privs`, killed after `command_time_limit`; exit statuses mapped as pipe(8) does.
+   Without `commands` settings they defer (4.3.5). Under a mailing list with an owner- alias the sender is the
+   owner and there is no original recipient (no ORIGINAL_RECIPIENT, no X-Original-To), as local(8) gives them.
 5. Files (allowed ones): appended in mbox format under the mailbox locks (the same sender as commands); as root
    by a forked child running as the leaf's `rights` or else `default_privs`; `/dev/null` accepts and discards.
    A file whose directory does not exist is not created (its directories neither: deferred 4.2.0 until someone
@@ -259,12 +259,12 @@ class LocalTransport:
         user, ext = split_extension(local.lower(), settings.recipient_delimiter)
         home = Path(os.path.abspath(Path(self._local.maildir_base) / user)) if is_safe_user(user) else Path("/")
         sender, original = _envelope(request, rcpt, leaf.sender)
-        context = {"USER": user, "LOGNAME": user, "SENDER": sender, "RECIPIENT": leaf.address,
-                   "ORIGINAL_RECIPIENT": address.shown_original(original) if original else "",
-                   "LOCAL": local.lower(), "DOMAIN": domain.lower(), "EXTENSION": ext[1:],
-                   **_client_environment(request.client_attributes)}
+        when_known = {"ORIGINAL_RECIPIENT": address.shown_original(original) if original else "",
+                      "DOMAIN": domain.lower(), "EXTENSION": ext[1:], **_client_environment(request.client_attributes)}
+        context = {"USER": user, "LOGNAME": user, "SENDER": sender, "RECIPIENT": leaf.address, "LOCAL": local.lower(),
+                   **{name: value for name, value in when_known.items() if value}}  # SENDER even when null
         env = {**({"HOME": str(home), "SHELL": "/bin/sh"} if leaf.forward else {}),
-               **{k: "".join(c if c in _SHELL_SAFE else "_" for c in v) for k, v in context.items() if v}}
+               **{k: "".join(c if c in _SHELL_SAFE else "_" for c in v) for k, v in context.items()}}
         try:
             prefix = from_line(sender, self._clock.time()) + mailbox_prefix(sender, rcpt.address, original)
             stdin = aencode(request.content.prepend(prefix).stream(), ToLf())
