@@ -392,3 +392,17 @@ async def test_an_alias_of_more_than_a_thousand_members_is_forwarded_as_one_mess
     assert (result.outcome, result.dsn) == (Outcome.SENT, "2.0.0"), result.text
     assert [call[2] for call in fwd.calls] == [tuple(members)]
     assert result.text == f"forwarded as FWD1 to {', '.join(members[:10])} and 1190 more"
+
+
+async def test_an_alias_of_many_mailboxes_and_ghosts_gives_a_short_result_text(tmp_path):
+    """1200 local members each delivered to a Maildir give one text, counted ("delivered to maildir (1200
+    times)"), not 1200 copies of it (~25 KB; 2 MB at 100 000 members) in the log line, the recipient row and its
+    notices; different texts (members that do not exist) are named up to ten, then counted."""
+    users = [f"u{i}" for i in range(1200)]
+    t = transport(tmp_path, f"many: {', '.join(users)}\n", anyone_is_local=True)
+    [result] = (await t.deliver(request("many@example.test"))).results
+    assert (result.outcome, result.text) == (Outcome.SENT, "delivered to maildir (1200 times)")
+    t = transport(tmp_path, f"ghosts: alice, {', '.join(f'g{i}' for i in range(30))}\n")
+    [result] = (await t.deliver(request("ghosts@example.test"))).results
+    assert result.outcome is Outcome.BOUNCED and len(result.text) < 1000, result.text
+    assert result.text.startswith('g0@example.test: ') and "; and 20 more (also: delivered to maildir)" in result.text

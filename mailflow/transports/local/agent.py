@@ -178,13 +178,13 @@ class LocalTransport:
 
     def _combine(self, rcpt: Recipient, parts: list[Part]) -> RcptResult:
         """Deferred if any part must be retried, else bounced if any failed, else sent; texts of the others
-        follow in "(also: …)"."""
+        follow in "(also: …)". Each in `_summary`'s words: a list's thousand mailboxes are one text."""
         done = [text for outcome, _, text in parts if outcome is Outcome.SENT]
         for outcome in (Outcome.DEFERRED, Outcome.BOUNCED):
             bad = [(dsn, text) for o, dsn, text in parts if o is outcome]
             if bad:
-                return self._result(rcpt, outcome, bad[0][0], _also("; ".join(t for _, t in bad), done))
-        return self._result(rcpt, Outcome.SENT, "2.0.0", "; ".join(done))
+                return self._result(rcpt, outcome, bad[0][0], _also(_summary([t for _, t in bad]), done))
+        return self._result(rcpt, Outcome.SENT, "2.0.0", _summary(done))
 
     async def _mailbox(self, request: DeliveryRequest, rcpt: Recipient, leaf: Mailbox) -> Part:
         """The user's Maildir or mbox file (`local.home_mailbox`, `local.mail_spool_directory`)."""
@@ -347,4 +347,19 @@ def _failed(e: DeliveryError) -> Part:
 
 def _also(text: str, done: list[str]) -> str:
     """`text`, then the parts done in "(also: …)" (a command's output may end in a blank: not before that)."""
-    return f"{text.rstrip()} (also: {'; '.join(done)})" if done else text
+    return f"{text.rstrip()} (also: {_summary(done)})" if done else text
+
+
+NAMED_TEXTS = 10  # different texts of a recipient's parts its result names at most
+
+
+def _summary(texts: list[str]) -> str:
+    """The texts of a recipient's parts joined with "; ", each once with how many parts said it ("delivered to
+    maildir (1200 times)"), the first NAMED_TEXTS of them and how many more: a list of 100 000 members gives a
+    line a log, a recipient row and a notice can hold."""
+    counts: dict[str, int] = {}
+    for text in texts:
+        counts[text] = counts.get(text, 0) + 1
+    named = [text if n == 1 else f"{text} ({n} times)" for text, n in list(counts.items())[:NAMED_TEXTS]]
+    more = len(counts) - NAMED_TEXTS
+    return "; ".join(named) + (f"; and {more} more" if more > 0 else "")
