@@ -288,17 +288,16 @@ class RcptResult:
     so no success notice comes from here (Postfix smtp_rcpt_done). `expanded`: the address the result is
     about when the agent expanded the recipient (an alias member that does not exist, the one mailbox an alias
     leads to), '' when it is the recipient itself; logs and notices then name it as Postfix does, "<member>
-    (expanded from <recipient>)" (`named`). It is not stored: a notice made after a restart names the recipient.
+    (expanded from <recipient>)" (`named`).
     `relayed`: a success handed to a gateway that may send no notice of its own (RFC 3464 2.3.3), as a pipe(8)
     service without flag X: a success notice says `Action: relayed` (as for an MTA without DSN, which its relay
     shows).
     `expansion`: how local delivery expanded the recipient: "alias" (an alias or a .forward) or "list" (an
     alias with an owner- alias), '' not at all; its success notice then says "alias expanded" with `Action:
     expanded` ("delivered" for a list), as local(8) reports it (the addresses it expands to report no success).
-    Not stored: a success notice owed across a restart says `delivered` with the result's text. `owner`: where
-    a failure notice about the recipient goes instead of the sender (a mailing list's owner, when its command or
-    file failed: local(8)'s bounce_workaround); not stored either (a notice owed across a restart goes to the
-    sender).
+    `owner`: where a failure notice about the recipient goes instead of the sender (a mailing list's owner, when
+    its command or file failed: local(8)'s bounce_workaround). `relayed`, `expanded`, `expansion` and `owner`
+    are stored with the result: a notice owed across a restart says what it would have said.
     `conn`: the SMTP or LMTP session the result came from, when one was set up; `stats`: the stages of the
     attempt, stamped by qmgr when an agent had the job (None: none had it, qmgr's log line falls back to the
     attempt's own). Neither is stored.

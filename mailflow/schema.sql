@@ -57,6 +57,9 @@ CREATE TABLE IF NOT EXISTS recipient (
     relay      TEXT NOT NULL DEFAULT '',           -- where the last attempt went: host[addr]:port, local, none
     notice     INTEGER NOT NULL DEFAULT 0,         -- 1: sent or bounced, its success/failure notice not yet queued
     relayed    INTEGER NOT NULL DEFAULT 0,         -- 1: sent to a gateway (a pipe service without flag X)
+    expanded   TEXT NOT NULL DEFAULT '',           -- the alias member the result is about ('' the recipient)
+    expansion  TEXT NOT NULL DEFAULT '',           -- 'alias' or 'list' when local delivery expanded it
+    owner      TEXT NOT NULL DEFAULT '',           -- a list owner its failure notice goes to ('' the sender)
     PRIMARY KEY (message_id, idx)
 ) WITHOUT ROWID;
 

@@ -324,7 +324,8 @@ _MESSAGE_KINDS = Columns(("id", "text"), ("sender", "text"), ("arrival", "time")
                          *((name, "text") for name in CLIENT_COLUMNS))
 _RECIPIENT_KINDS = Columns(("idx", "count"), ("address", "text"), ("original", "text"), ("notify", "text"),
                            ("orcpt", "text"), ("status", "status"), ("dsn", "text"), ("reason", "text"),
-                           ("relay", "text"), ("relayed", "flag"))
+                           ("relay", "text"), ("relayed", "flag"), ("expanded", "text"), ("expansion", "text"),
+                           ("owner", "text"))
 # A recipient's columns in DUE's JSON; a BLOB (no code writes one; JSON cannot hold it, and the whole scan would fail)
 # as {"blob": hex}, which damage.checked then names.
 _RECIPIENT_COLUMNS = ", ".join(f"CASE typeof({c}) WHEN 'blob' THEN json_object('blob', hex({c})) ELSE {c} END"
@@ -461,18 +462,18 @@ _OUTCOME = {status: outcome for outcome, status in _STATUS.items()}
 
 
 def _recorded_result(row) -> RcptResult:
-    idx, address, original, notify, orcpt, status, dsn, reason, relay, relayed = row
+    idx, address, original, notify, orcpt, status, dsn, reason, relay, relayed, expanded, expansion, owner = row
     return RcptResult(Recipient(idx, address, original, notify, orcpt), _OUTCOME[status], dsn, reason, relay,
-                      relayed=bool(relayed))
+                      relayed=bool(relayed), expanded=expanded, expansion=expansion, owner=owner)
 
 
 def _record_op(queue_id: QueueId, rows: Sequence[tuple[RcptResult, bool]]) -> Op:
     """Recipients' results; only pending rows change, so a result recorded twice does no harm. Every write that
     holds it holds it first (statements merge in order of first appearance in a batch)."""
-    return ("UPDATE recipient SET status = ?, dsn = ?, reason = ?, relay = ?, notice = ?, relayed = ?"
-            " WHERE message_id = ? AND idx = ? AND status = 'pending'",
-            [(_STATUS[r.outcome], r.dsn, r.text, r.relay, int(owed), int(r.relayed), queue_id, r.recipient.index)
-             for r, owed in rows])
+    return ("UPDATE recipient SET status = ?, dsn = ?, reason = ?, relay = ?, notice = ?, relayed = ?, expanded = ?,"
+            " expansion = ?, owner = ? WHERE message_id = ? AND idx = ? AND status = 'pending'",
+            [(_STATUS[r.outcome], r.dsn, r.text, r.relay, int(owed), int(r.relayed), r.expanded, r.expansion, r.owner,
+              queue_id, r.recipient.index) for r, owed in rows])
 
 
 def _queued_message(row: Sequence, recipients, owed, nrcpt: int, damage: str = "") -> QueuedMessage:

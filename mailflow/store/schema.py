@@ -21,7 +21,7 @@ from pathlib import Path
 
 log = logging.getLogger("mailflow.store")
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 # The message table as schema version 9 made it, and the columns version 8 had (migration 8 copies them).
 _MESSAGE_V8_COLUMNS = ("id, queue, sender, arrival, next_attempt, attempts, size, smtputf8, body_type, client, envid,"
@@ -71,6 +71,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         _MESSAGE_V9,
         f"INSERT INTO message ({_MESSAGE_V8_COLUMNS}, created) SELECT {_MESSAGE_V8_COLUMNS}, arrival FROM message_v8",
         "DROP TABLE message_v8"),
+    # how local delivery expanded a recipient, for its notice owed (RcptResult.expanded, .expansion, .owner)
+    9: tuple(f"ALTER TABLE recipient ADD COLUMN {column} TEXT NOT NULL DEFAULT ''"
+             for column in ("expanded", "expansion", "owner")),
 }
 
 

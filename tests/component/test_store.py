@@ -13,6 +13,7 @@ import pytest
 from mailflow.content import Content
 from mailflow.model import ClientAttributes, Delivered, Outcome, QueuedMessage, RcptResult, Recipient
 from mailflow.errors import Overloaded
+from mailflow.stages.qmgr.notices import plan
 from mailflow.store import SCHEMA_VERSION, NewMessage, Store
 from mailflow.store import daemon
 from mailflow.store import engine
@@ -250,6 +251,41 @@ async def test_an_owed_success_notice_keeps_whether_the_recipient_was_relayed(st
     assert await store.recover() == 1  # a stop before the end of the attempt
     [again] = await store.due(T0, 10)
     assert again.owed == (relayed, delivered)
+
+
+async def test_an_owed_notice_keeps_how_local_delivery_expanded_the_recipient_across_a_reopen(tmp_path):
+    """local's results say whom a list's failure notice goes to (`owner`) and that an alias's success was an
+    expansion ("alias expanded", `Action: expanded`), and which member a result is about (`expanded`): qmgr
+    records a local job's results at once but plans their notices when the attempt ends, so a restart between
+    must not send the list's failure (its command's output, its paths) to the sender instead of the owner."""
+    path = tmp_path / "queue.db"
+    store = await Store.open(path)
+    rcpts = (Recipient(0, "list@example.test", "LIST@EXAMPLE.TEST"),
+             Recipient(1, "team@example.test", "TEAM@EXAMPLE.TEST", "SUCCESS"),
+             Recipient(2, "solo@example.test", "SOLO@EXAMPLE.TEST", "SUCCESS"))
+    await store.insert(NewMessage("Q1", "a@remote.test", T0, Content.of(b"Subject: x\r\n\r\nbody\r\n"), rcpts))
+    msg = await only(store)
+    await store.claim(["Q1"], T0)
+    failed = RcptResult(rcpts[0], Outcome.BOUNCED, "5.3.0", "Command died with status 1", "local",
+                        owner="owner-list@example.test")
+    expanded = RcptResult(rcpts[1], Outcome.SENT, "2.0.0", "delivered to maildir (2 times)", "local",
+                          expansion="alias")
+    sole = RcptResult(rcpts[2], Outcome.SENT, "2.0.0", "delivered to maildir", "local", expanded="bob@example.test")
+    await record(store, msg, failed, expanded, sole, owed=True)
+    await store.close()  # a stop before the end of the attempt
+    store = await Store.open(path)
+    try:
+        assert await store.recover() == 1
+        [again] = await store.due(T0, 10)
+    finally:
+        await store.close()
+    assert again.owed == (failed, expanded, sole)
+    notices = plan(again, list(again.owed), warn_delay=False, myhostname="mx.example.test",
+                   double_bounce_recipient="postmaster", now=T0)
+    assert [(n.kind, n.to) for n in notices] == [("failure", "owner-list@example.test"), ("success", "a@remote.test")]
+    told = {n.recipient.address: (n.action, n.diagnostic) for n in notices[1].recipients}
+    assert told == {"team@example.test": ("expanded", "alias expanded"),
+                    "bob@example.test": ("delivered", "delivered to maildir")}
 
 
 async def test_finish_can_record_the_last_jobs_results_in_the_same_transaction(store):
