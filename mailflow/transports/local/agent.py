@@ -2,7 +2,8 @@
 
 Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_min_user, as in Postfix):
 1. `LocalExpander.expand` (aliases, .forward; see mailflow.transports.local.aliasing), given the addresses already in
-   the message's `Delivered-To:` headers so that a forwarding loop bounces (5.4.6).
+   the message's `Delivered-To:` headers so that a forwarding loop bounces (5.4.6); one past INLINE_LEAVES
+   leaves is made (again) in a worker thread, not on the event loop.
 2. Mailboxes (`mbox.mailbox_location`): `<maildir_base>/<user>/<home_mailbox>`, a Maildir when home_mailbox ends
    in "/" (the default `Maildir/`), else an mbox file; with home_mailbox "" the file `<mail_spool_directory>/<user>`.
    As root, a Maildir of a local user who is also a system user is created with that user's uid and gid
@@ -67,7 +68,8 @@ from mailflow.config import DEFAULTS, LocalConfig
 from mailflow.errors import DeliveryError
 from mailflow.message import HEADER_READ_LIMIT, delivered_to, read_header
 from mailflow.model import ClientAttributes, DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
-from mailflow.transports.local.aliasing import Command, File, Forward, LocalExpander, Mailbox, Refused, is_safe_user
+from mailflow.transports.local.aliasing import (Command, ExpansionTooBig, File, Forward, LocalExpander, Mailbox,
+                                                Refused, is_safe_user)
 from mailflow.transports.local.asuser import rights_for
 from mailflow.tables import split_extension
 from mailflow.transports.encode import ToLf, aencode
@@ -104,6 +106,8 @@ _SHELL_SAFE = frozenset("1234567890!@%-_=+:,./abcdefghijklmnopqrstuvwxyzABCDEFGH
 
 Part = tuple[Outcome, str, str]  # what one destination of a recipient got: outcome, status, text
 
+INLINE_LEAVES = 200  # leaves of an expansion made on the event loop at most (~14 ms of local members); more: a thread
+
 
 class LocalTransport:
     program = "local"  # the Postfix delivery agent whose name its result lines are logged under
@@ -136,15 +140,28 @@ class LocalTransport:
         if not self._allow_min_user and rcpt.address.startswith("-"):  # Postfix allow_min_user = no
             return self._result(rcpt, Outcome.BOUNCED, "5.1.3", "bad recipient address syntax: begins with '-'")
         try:
-            warn = partial(log.warning, "%s: %s", request.queue_id)
-            leaves, expansion = await self._expander.tables.run(
-                partial(self._expander.expand_recipient, rcpt.address, delivered_to=seen, warn=warn))
+            leaves, expansion = await self._expand(request.queue_id, rcpt, seen)
         except DeliveryError as e:
             return self._result(rcpt, Outcome.DEFERRED, e.dsn, e.text)
         parts, owners = await self._deliver_leaves(request, rcpt, leaves, filled)
         result = _naming_the_member(self._combine(rcpt, parts), rcpt, leaves, parts)
         return replace(result, expansion=expansion, owner=_failures_owner(result, parts, owners),
                        expanded=result.expanded or _sole_mailbox(rcpt, leaves))
+
+    async def _expand(self, queue_id: str, rcpt: Recipient, seen: frozenset[str]) -> tuple[list, str]:
+        """The recipient's expansion (`expand_recipient`): as the tables run it (inline when they answer from
+        memory) up to INLINE_LEAVES leaves; a bigger one is made again in a worker thread, so that a list of
+        thousands of local members (~67 us each) does not hold up the event loop. Its warnings are logged once."""
+        warnings: list[str] = []
+        expand = partial(self._expander.expand_recipient, rcpt.address, delivered_to=seen, warn=warnings.append)
+        try:
+            found = await self._expander.tables.run(partial(expand, leaf_budget=INLINE_LEAVES))
+        except ExpansionTooBig:
+            warnings.clear()
+            found = await asyncio.to_thread(expand)
+        for text in warnings:
+            log.warning("%s: %s", queue_id, text)
+        return found
 
     async def _deliver_leaves(self, request: DeliveryRequest, rcpt: Recipient, leaves: list,
                               filled: dict[str, Part]) -> tuple[list[Part], list[str | None]]:
