@@ -3,11 +3,11 @@ alike (local domain origin.test, mbox mailboxes in a spool directory: home_mailb
 the same scripts run as `nobody` (default_privs) recording their argv, environment and stdin.
 
 Compared: each recipient's first delivery result in the mail log (to=, orig_to=, dsn, status and text: a
-command's exit statuses, its output, a signal, a shell built-in, a command with shell metacharacters, an
-executable /file, an alias to the mailbox, a Delivered-To loop met through an alias); the environment and stdin
-of alias commands, one reached with an address extension and one of a mailing list with an `owner-` alias (whose
-sender is the owner, without an original recipient); what /file destinations and the mailbox receive. Masked:
-dates, queue ids, the Received header, the scripts' folder.
+command's exit statuses, its output, a signal, a shell built-in, a command with shell metacharacters, a script
+without `#!`, an executable /file, an alias to the mailbox, a Delivered-To loop met through an alias); the
+environment and stdin of alias commands, one reached with an address extension and one of a mailing list with an
+`owner-` alias (whose sender is the owner, without an original recipient); what /file destinations and the
+mailbox receive. Masked: dates, queue ids, the Received header, the scripts' folder.
 
 Not compared, differences docs/transports.md describes: the body's `>From ` lines (mboxrd; none in the message
 here), the log lines of an alias with several destinations (mailflow logs one result per recipient), the
@@ -49,6 +49,11 @@ RECORD = ('f={out}/$1\n'
 STATUS_CASES = ("x1", "x67", "x75", "xdsn", "xdsn4", "xsig")
 
 
+def without_interpreter_line(script: Path) -> Path:
+    """The same script without its `#!` line (execvp hands such a file to /bin/sh)."""
+    return script.with_name("plain-" + script.name)
+
+
 def aliases(script: Path, spool: Path) -> dict[str, str]:
     return {
         "mbox": "nobody",
@@ -56,6 +61,7 @@ def aliases(script: Path, spool: Path) -> dict[str, str]:
         "viaalias": "nobody",
         "cmd": f'"|{script} cmd arg"',
         "cmdext": f'"|{script} cmdext"',
+        "plain": f'"|{without_interpreter_line(script)} plain"',
         "list": f'"|{script} list", {spool}/files/list',
         "owner-list": "nobody",
         "file": f"{spool}/files/file",
@@ -69,7 +75,7 @@ def aliases(script: Path, spool: Path) -> dict[str, str]:
 
 # (recipient's local part, a header line the message starts with)
 TRAFFIC = [("mbox", ""), ("upalias", ""), ("viaalias", "Delivered-To: nobody@origin.test\r\n"), ("cmd", ""),
-           ("cmdext+foo", ""), ("list", ""), ("file", ""), ("exe", ""), ("nodir", ""), ("builtin", ""),
+           ("cmdext+foo", ""), ("plain", ""), ("list", ""), ("file", ""), ("exe", ""), ("nodir", ""), ("builtin", ""),
            ("shellcmd", ""), *[(case, "") for case in STATUS_CASES]]
 BODY = ("Subject: {name}\r\nMessage-ID: <{name}@client.test>\r\nDate: Sat, 05 Dec 2026 10:00:00 +0000\r\n"
         "From: s@sender.test\r\n\r\nFrom the start\r\n..dot line\r\nlast\r\n")
@@ -194,6 +200,9 @@ def runs(tmp_path_factory) -> dict[str, Run]:
     """TRAFFIC through Postfix, then through mailflow, each on a loop of its own, with the same script."""
     with script_dir() as d:
         script = d.script("record.sh", RECORD.format(out=d.out))
+        plain = without_interpreter_line(script)
+        plain.write_text(RECORD.format(out=d.out))
+        plain.chmod(0o755)
         postfix = asyncio.run(run_postfix(script, d.out))
         mailflow = asyncio.run(run_mailflow(script, d.out, tmp_path_factory.mktemp("local")))
     return {"postfix": postfix, "mailflow": mailflow}
@@ -202,14 +211,15 @@ def runs(tmp_path_factory) -> dict[str, Run]:
 def test_command_results_match_postfix(runs):
     """Exit statuses and output as pipe(8)'s; a command without shell metacharacters runs without a shell, so
     its death by a signal defers (a shell would turn it into status 137, a bounce); `exit 75` is a shell
-    built-in, so that one goes to /bin/sh."""
+    built-in, so that one goes to /bin/sh, and so does a script without a `#!` line (execvp's ENOEXEC)."""
     postfix, mailflow = runs["postfix"].results, runs["mailflow"].results
-    commands = ("cmd", "cmdext+foo", "builtin", "shellcmd", *STATUS_CASES)
+    commands = ("cmd", "cmdext+foo", "plain", "builtin", "shellcmd", *STATUS_CASES)
     assert {c: mailflow[c] for c in commands} == {c: postfix[c] for c in commands}
     assert postfix["xsig"] == ("4.3.0", "deferred", 'Command died with signal 9: "SCRIPTS/record.sh xsig"')
     assert postfix["builtin"] == ("4.3.0", "deferred", "temporary failure")
     assert postfix["shellcmd"] == ("5.1.1", "bounced", "user unknown. Command output: said ")
     assert postfix["cmdext+foo"] == ("2.0.0", "sent", "delivered to command: SCRIPTS/record.sh cmdext")
+    assert postfix["plain"] == ("2.0.0", "sent", "delivered to command: SCRIPTS/plain-record.sh plain")
 
 
 def test_command_environment_and_input_match_postfix(runs):
