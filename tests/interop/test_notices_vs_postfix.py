@@ -427,3 +427,23 @@ async def test_a_lists_failing_command_is_reported_to_its_owner_as_postfixs_loca
         s: [n.envelope[1] for n in ns] for s, ns in pf.items()} == {
         "case-list": [["owner@sender.test"]], "case-plain": [["alice@sender.test"]]}
     assert [dict(report(n)[1])["Status"] for n in (*mf["case-list"], *pf["case-list"])] == ["5.3.0", "5.3.0"]
+
+
+async def test_a_lists_restricted_file_is_reported_to_its_owner_and_a_restricted_command_to_the_sender(
+        mailflow_server, smtp_peer):
+    """With aliases allowed neither commands nor files, local(8) refuses both 5.7.1: a list's file through
+    bounce_workaround (file.c: the owner's notice), its command with bounce_append (token.c: the sender's)."""
+    aliases = ("inline:{ {flist=/tmp/mailflow-never-written}, {owner-flist=owner@sender.test},"
+               " {clist=|/bin/true}, {owner-clist=owner@sender.test} }")
+    restricted = {"allow_mail_to_files": "forward", "allow_mail_to_commands": "forward"}
+    messages = [Send("case-file", {"flist@local.test": []}), Send("case-command", {"clist@local.test": []})]
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {}, messages, 2, settle=1.5,
+                                   postfix={"mydestination": "local.test", "myorigin": "local.test",
+                                            "alias_maps": aliases, **restricted},
+                                   settings={"mydestination": ["local.test"], "myorigin": "local.test",
+                                             "alias_maps": [aliases],
+                                             "local": {k: [v] for k, v in restricted.items()}})
+    assert {s: [n.envelope[1] for n in ns] for s, ns in mf.items()} == {
+        s: [n.envelope[1] for n in ns] for s, ns in pf.items()} == {
+        "case-file": [["owner@sender.test"]], "case-command": [["alice@sender.test"]]}
+    assert [dict(report(n)[1])["Status"] for n in (*mf["case-file"], *pf["case-file"])] == ["5.7.1", "5.7.1"]

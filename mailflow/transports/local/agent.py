@@ -38,9 +38,9 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
    A file whose directory does not exist is not created (its directories neither: deferred 4.2.0 until someone
    makes it), and an executable file is not written (bounced 5.7.1 "file is executable", as local(8)).
 The recipient's result (about the member, `expanded`, when an alias led it to one mailbox only, as local(8) logs
-it; with `expansion` when an alias, a list or a .forward expanded it: its success notice says
-"alias expanded", as local(8)'s; with `owner` when what bounced were a list's commands or files: its failure
-notice goes to the list's owner, as local(8)'s bounce_workaround sends it): deferred if any part must be
+it; with `expansion` when an alias, a list or a .forward expanded it: its success notice says "alias expanded",
+as local(8)'s; with `owner` when what bounced were a list's commands or files, or files it may not write: its
+failure notice goes to the list's owner, as local(8)'s bounce_workaround sends it): deferred if any part must be
 retried (a retry repeats the parts already done, as local(8) does); else bounced when a part was refused
 (unknown user, loop, restricted command, a command's permanent failure), the rest being delivered; else sent,
 naming every destination.
@@ -183,7 +183,7 @@ class LocalTransport:
                 parts.append((Outcome.BOUNCED, leaf.dsn, who + leaf.text))
             else:
                 continue
-            owners.append(leaf.sender if isinstance(leaf, (Command, File)) else None)
+            owners.append(leaf.sender if isinstance(leaf, (Command, File, Refused)) else None)
         by_sender: dict[str | None, list[str]] = {}
         for leaf in leaves:
             if isinstance(leaf, Forward):
@@ -340,8 +340,9 @@ def _some(addresses: tuple[str, ...]) -> str:
 
 def _failures_owner(result: RcptResult, parts: list[Part], owners: list[str | None]) -> str:
     """Who a bounced recipient's failure notice goes to instead of the sender: the list owner, when every part
-    that bounced was a command or file of a list with an owner- alias (local(8)'s bounce_workaround sends it to
-    the owner, and the sender hears nothing); "" otherwise."""
+    that bounced was a command or file of a list with an owner- alias, or a file refused there (local(8)'s
+    bounce_workaround sends it to the owner, and the sender hears nothing; a restricted command it reports to the
+    sender); "" otherwise."""
     if result.outcome is not Outcome.BOUNCED:
         return ""
     bounced = [owner for (outcome, _, _), owner in zip(parts, owners) if outcome is Outcome.BOUNCED]

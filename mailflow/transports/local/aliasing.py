@@ -9,7 +9,8 @@ alias or a user with a .forward, for its success notice):
 - `Command(command, address, source, rights, sender, forward)` / `File(path, address, source, rights, sender)`:
   run a command / append to a file, as the system user `rights` (None: default_privs when mailflow is root; see
   "Whose rights"), from `sender` when set (the owner of a mailing list, as for a Forward), else the message's.
-- `Refused(address, dsn, text)`: cannot be delivered (unknown user, forwarding loop, restricted command).
+- `Refused(address, dsn, text, sender)`: cannot be delivered (unknown user, forwarding loop, restricted command
+  or file); `sender`: the list owner its failure is reported to (a restricted file under a list, as local(8)).
 
 Rules, as local(8):
 1. An address already named in a `Delivered-To:` header of the message is a forwarding loop (5.4.6).
@@ -121,6 +122,7 @@ class Refused:
     address: str
     dsn: str
     text: str
+    sender: str | None = None  # a list's owner its failure is reported to (a restricted file of the list)
 
 
 Leaf = Union[Mailbox, Forward, Command, File, Refused]
@@ -429,8 +431,9 @@ class LocalExpander:
     def _privileged(self, state: _Expansion, leaf: Command | File, allowed: tuple[str, ...], kind: str) -> None:
         if leaf.source in allowed:
             state.add(leaf)
-        else:
-            state.add(Refused(leaf.address, "5.7.1", f"mail to {kind} is restricted"))
+        else:  # local(8) reports a restricted file to a list's owner (bounce_workaround), a command to the sender
+            owner = leaf.sender if isinstance(leaf, File) else None
+            state.add(Refused(leaf.address, "5.7.1", f"mail to {kind} is restricted", owner))
 
     def _include(self, state: _Expansion, owner: str, path: str, origin: "_Origin", depth: int) -> None:
         if path in state.includes_done:
