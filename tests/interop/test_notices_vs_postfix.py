@@ -447,3 +447,27 @@ async def test_a_lists_restricted_file_is_reported_to_its_owner_and_a_restricted
         s: [n.envelope[1] for n in ns] for s, ns in pf.items()} == {
         "case-file": [["owner@sender.test"]], "case-command": [["alice@sender.test"]]}
     assert [dict(report(n)[1])["Status"] for n in (*mf["case-file"], *pf["case-file"])] == ["5.7.1", "5.7.1"]
+
+
+async def test_a_lists_owner_is_told_without_the_senders_dsn_parameters_as_postfixs_local(mailflow_server, smtp_peer):
+    """local(8)'s alias.c gives what a list with an owner- alias delivers no ENVID, RET, ORCPT nor original
+    address (they are the sender's, not the owner's): the owner's failure notice has no Original-Envelope-Id, no
+    Original-Recipient, no "(expanded from …)", and returns the whole message as if RET were not given. (Not
+    compared: Diagnostic-Code, where Postfix says "x-unix; unknown mail system error 1" for this command.)"""
+    aliases = "inline:{ {list=|/bin/false}, {owner-list=owner@sender.test} }"
+    messages = [Send("case-list", {"list@local.test": ["ORCPT=rfc822;given@local.test", "NOTIFY=FAILURE"]},
+                     mail_options=["ENVID=env-1", "RET=HDRS"])]
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {}, messages, 1, settle=1.5,
+                                   postfix={"mydestination": "local.test", "myorigin": "local.test",
+                                            "alias_maps": aliases},
+                                   settings={"mydestination": ["local.test"], "myorigin": "local.test",
+                                             "alias_maps": [aliases]})
+    [pf_notice], [mf_notice] = pf["case-list"], mf["case-list"]
+    assert pf_notice.envelope[1] == ["owner@sender.test"]
+    assert human_part(mf_notice) == human_part(pf_notice)
+    assert [[(name, value) for name, value in group if name != "Diagnostic-Code"] for group in report(mf_notice)] == [
+        [(name, value) for name, value in group if name != "Diagnostic-Code"] for group in report(pf_notice)]
+    assert "Original-Envelope-Id" not in dict(report(pf_notice)[0])
+    assert "Original-Recipient" not in dict(report(pf_notice)[1])
+    assert [p.get_content_type() for p in mf_notice.iter_parts()] == [
+        p.get_content_type() for p in pf_notice.iter_parts()]

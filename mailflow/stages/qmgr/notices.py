@@ -12,10 +12,11 @@ Rules (Postfix bounce(8) and RFC 3461):
   delivered it.
 A notice goes to the envelope sender with the null sender; a failure whose agent names an owner
 (`RcptResult.owner`: a mailing list's, local(8)'s bounce_workaround) goes to that owner instead, whatever the
-sender. A message with the null sender is itself a notice: its failures go to `double_bounce_recipient`
-(postmaster by default) from `double-bounce@myhostname`, as a postmaster copy, or nowhere when that setting is
-empty; a double bounce that fails is dropped (`discarded`, which qmgr logs as Postfix's bounce(8) does). So a
-bounce never bounces, and no notice is sent about a delay or a success of a notice.
+sender, without the sender's ENVID, RET, ORCPT and original address (local(8)'s alias.c gives a list none). A
+message with the null sender is itself a notice: its failures go to `double_bounce_recipient` (postmaster by
+default) from `double-bounce@myhostname`, as a postmaster copy, or nowhere when that setting is empty; a double
+bounce that fails is dropped (`discarded`, which qmgr logs as Postfix's bounce(8) does). So a bounce never
+bounces, and no notice is sent about a delay or a success of a notice.
 `await Notices.for_attempt()` returns ready-to-commit `NewMessage`s (made by cleanup's `prepare`), which qmgr
 commits in the same transaction as the results, so a crash can lose neither. Of the original it reads at
 most `bounce_size_limit` bytes, or only its header section (mailflow.message.quoted_original): a notice is
@@ -26,7 +27,7 @@ thousand recipients bounce) is made in a worker thread, so that the event loop n
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from mailflow.content import Content
@@ -46,6 +47,7 @@ class Notice:
     sender: str
     to: str
     recipients: tuple[NoticeRecipient, ...]
+    list_owner: bool = False  # to a mailing list's owner: without the sender's ENVID and RET (local(8)'s alias.c)
 
     @property
     def postmaster_copy(self) -> bool:
@@ -65,8 +67,8 @@ def plan(message: QueuedMessage, results: list[RcptResult], *, warn_delay: bool,
         chosen = [r for r in results if r.outcome is outcome and wants_notice(r.recipient, kind)
                   and not (kind == "success" and r.next_hop_notifies)]
         for owner in dict.fromkeys(r.owner for r in chosen if kind == "failure" and r.owner):
-            notices.append(Notice(kind, "", owner, tuple(_notice_recipient(r, now) for r in chosen
-                                                         if r.owner == owner)))
+            notices.append(Notice(kind, "", owner, tuple(_owners_view(_notice_recipient(r, now)) for r in chosen
+                                                         if r.owner == owner), list_owner=True))
         told = tuple(_notice_recipient(r, now) for r in chosen if not (kind == "failure" and r.owner))
         if not told:
             continue
@@ -91,6 +93,12 @@ def _double_bounce_sender(myhostname: str) -> str:
 
 def _is_double_bounce(message: QueuedMessage, myhostname: str) -> bool:
     return message.sender == _double_bounce_sender(myhostname)
+
+
+def _owners_view(told: NoticeRecipient) -> NoticeRecipient:
+    """A recipient as a list owner's notice reports it: without the sender's ORCPT and original address, which
+    local(8)'s alias.c drops for a list (no Original-Recipient, no "expanded from")."""
+    return replace(told, recipient=replace(told.recipient, original="", orcpt=""))
 
 
 def _notice_recipient(result: RcptResult, now: float) -> NoticeRecipient:
@@ -127,7 +135,8 @@ class Notices:
             content = await asyncio.to_thread(
                 build_notice,
                 kind=notice.kind, queue_id=message.queue_id, sender=message.sender, arrival=message.arrival,
-                envid=message.envid, ret=message.ret, recipients=list(notice.recipients), original=quoted,
+                envid="" if notice.list_owner else message.envid, ret="" if notice.list_owner else message.ret,
+                recipients=list(notice.recipients), original=quoted,
                 original_size=original.size, reporting_mta=self._myhostname, now=now,
                 will_retry_until=retry_until if notice.kind == "delay" else None,
                 notice_id=f"{message.queue_id}.{notice.kind}.{int(now)}", size_limit=c.bounce_size_limit,
