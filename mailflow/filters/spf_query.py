@@ -44,11 +44,12 @@ async def check_host(resolver: Resolver, ip: str, sender: str, helo: str = "", *
     try:
         result, _, reason = await asyncio.wait_for(loop.run_in_executor(executor, query.check), timeout)
     except TimeoutError:
-        bridge.abandon()
         return SpfResult("temperror", f"no answer within {timeout:g}s")
     except Exception as e:  # pyspf on a record it cannot read: its words
         log.warning("SPF check of %s for [%s] failed: %r", identity, ip, e)
         return SpfResult("permerror", str(e))
+    finally:  # out of time, or the session gone (cancelled): the thread stops asking and goes back to its pool
+        bridge.abandon()
     return SpfResult(result, reason)
 
 
@@ -66,8 +67,9 @@ class _Bridge:
     def abandon(self) -> None:
         """(on the loop's thread)"""
         self._abandoned = True
-        if self._asking is not None:
-            self._asking.cancel()
+        asking = self._asking  # (read once: the worker clears it when its question is answered)
+        if asking is not None:
+            asking.cancel()
 
     def __call__(self, name: str, qtype: str) -> list:
         if self._abandoned:

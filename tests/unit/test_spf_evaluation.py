@@ -100,3 +100,26 @@ async def test_a_timed_out_evaluation_gives_its_thread_back_at_once(dns_zone):
         await asyncio.sleep(0.5)  # (the slow answers still in flight are sent before the server closes)
     assert hostile.result == "temperror"
     assert good.result == "pass", good
+
+
+async def test_a_check_whose_session_is_gone_gives_its_thread_back_at_once(dns_zone):
+    """The same slow includes, but the caller goes before the timeout (a client that drops the connection at MAIL
+    FROM is a cancelled session): pyspf's thread stops asking then too, so a client that sends slow senders and
+    hangs up cannot hold the SPF pool."""
+    includes = " ".join(f"include:i{n}.slow.test" for n in range(8))
+    zone = "\n".join([f'hostile.test. 60 IN TXT "v=spf1 {includes} -all"',
+                      *(f'i{n}.slow.test. 60 IN TXT "v=spf1 -all"' for n in range(8)),
+                      'good.test. 60 IN TXT "v=spf1 ip4:192.0.2.0/24 -all"']) + "\n"
+    server = dns_zone(zone, slow=tuple(f"i{n}.slow.test" for n in range(8)), delay=0.4)
+    resolver = AiodnsResolver(nameservers=(server,), timeout=1.0, tries=1)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        gone = asyncio.ensure_future(check_host(resolver, "192.0.2.1", "x@hostile.test", timeout=10.0, executor=pool))
+        await asyncio.sleep(0.2)  # the first include asked
+        gone.cancel()
+        good = await check_host(resolver, "192.0.2.1", "y@good.test", timeout=1.0, executor=pool)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        await resolver.close()
+        await asyncio.sleep(0.5)
+    assert good.result == "pass", good
