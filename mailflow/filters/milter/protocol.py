@@ -140,7 +140,8 @@ class Decoder:
                 raise ProtocolError(f"packet length {length}")
             if len(buffer) < 4 + length:
                 break
-            command, payload = bytes(buffer[4:5]), bytes(buffer[5:4 + length])
+            with memoryview(buffer) as view:  # the payload copied once (a slice of the bytearray would copy twice)
+                command, payload = bytes(view[4:5]), bytes(view[5:4 + length])
             del buffer[:4 + length]  # (a bytearray's front is dropped without moving the rest)
             if command in BARE and length > 1:  # (Postfix: "reply ... was followed by N data bytes")
                 raise ProtocolError(f"reply {command!r} followed by {length - 1} data bytes")

@@ -34,7 +34,8 @@ Limits, here and nowhere else: of a line longer than MAX_LINE_LENGTH bytes the f
 the rest is read and dropped up to its line end, as Postfix's smtp_get does (line_length_limit = 2048): a long
 refusal still refuses, with its beginning as the diagnostic, and nothing unbounded is held. The line, and so its
 reply, is complete at its line end only: a line that never ends is a reply that never comes (the caller's timeout
-ends it, naming the command it answers, as Postfix's). Of a multi-line reply
+ends it, naming the command it answers, as Postfix's up to 3.11; 3.12 stops reading after another 2048 bytes and
+takes the cut line, then loses the connection at the next command). Of a multi-line reply
 the lines are kept while those kept so far are shorter than MAX_LINE_LENGTH in all (Postfix's smtp_chat_resp):
 `wire` and `one_line` end there; `message` has the last line too, for its enhanced code. A reply of more than
 MAX_REPLY_LINES lines or MAX_REPLY_LENGTH bytes (garbage lines counted) is malformed, the one MalformedReply: a
