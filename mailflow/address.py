@@ -16,7 +16,6 @@
 - `is_min_user(addr)`: the address begins with '-' (Postfix allow_min_user: such an address could reach a
   command's argv as an option).
 - `client_ip(text) -> IPv4Address | IPv6Address | None`: a client's IP address, IPv4-mapped IPv6 as IPv4;
-  `in_networks(text, networks)`: that address is in one of the networks (False when it is not an address).
 """
 from __future__ import annotations
 
@@ -302,13 +301,6 @@ def client_ip(text) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
         return ip.ipv4_mapped
     return ip
-
-
-def in_networks(text, networks) -> bool:
-    if not networks:
-        return False
-    ip = client_ip(text)
-    return ip is not None and any(ip in net for net in networks)
 
 
 def vrfy_argument(arg: str) -> tuple[str, bool]:

@@ -26,6 +26,8 @@ may use it without an import cycle.
                                                 keyword spelled with `ſ` or `ı` is not SIZE or BODY=8BITMIME)
     ENVID_MAX, is_printable_ascii(text)         RFC 3461's ENVID length bound; printable US-ASCII only (space to
                                                 '~': what an ENVID must be, being written into notices' headers)
+    split_outside_braces(text) -> [words]       split at whitespace and commas outside `{...}` (Postfix's
+                                                mystrtokq with CHARS_BRACE: `inline:{ a=b, c=d }` stays one word)
 
 Failure behaviour: the parsers raise `ValueError` with a reason fit for a configuration error (config turns it
 into `FILE: KEY: REASON`); the predicates never raise.
@@ -187,3 +189,29 @@ def parse_octet_count(text: str) -> int | None:
         return None
     value = int(digits)
     return value if value <= OFF_T_MAX else None
+
+
+def split_outside_braces(text: str) -> list[str]:
+    """The words of `text`: split at whitespace and commas, except inside braces (nested braces counted).
+    ValueError for an unbalanced brace."""
+    words: list[str] = []
+    current: list[str] = []
+    depth = 0
+    for c in text:
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth < 0:
+                raise ValueError("unbalanced '}'")
+        if depth == 0 and (c.isspace() or c == ","):
+            if current:
+                words.append("".join(current))
+            current = []
+        else:
+            current.append(c)
+    if depth:
+        raise ValueError("unbalanced '{'")
+    if current:
+        words.append("".join(current))
+    return words

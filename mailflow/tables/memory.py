@@ -14,6 +14,7 @@ caller names the file and key); lookups in these tables never fail, except fail:
 from __future__ import annotations
 
 from mailflow.errors import ConfigError, LookupRetry
+from mailflow.syntax import split_outside_braces
 
 
 def _braced(text: str) -> str | None:
@@ -42,27 +43,10 @@ def _parse_inline(spec: str, name: str) -> dict[str, str]:
 
 def _split_elements(spec: str, body: str) -> list[str]:
     """Split at whitespace and commas outside braces."""
-    elements: list[str] = []
-    current: list[str] = []
-    depth = 0
-    for c in body:
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth < 0:
-                raise ConfigError("", spec, "inline: unbalanced '}'")
-        if depth == 0 and (c.isspace() or c == ","):
-            if current:
-                elements.append("".join(current))
-            current = []
-        else:
-            current.append(c)
-    if depth:
-        raise ConfigError("", spec, "inline: unbalanced '{'")
-    if current:
-        elements.append("".join(current))
-    return elements
+    try:
+        return split_outside_braces(body)
+    except ValueError as e:
+        raise ConfigError("", spec, f"inline: {e}") from None
 
 
 def _parse_static(spec: str, name: str) -> str:

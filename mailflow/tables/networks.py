@@ -43,7 +43,7 @@ from typing import Callable, Iterable, Sequence
 from mailflow.address import client_ip
 from mailflow.errors import LookupRetry
 from mailflow.files import RefusedFile, read_regular_file
-from mailflow.syntax import check_table_spec, table_type
+from mailflow.syntax import check_table_spec, split_outside_braces, table_type
 from mailflow.tables.base import Table
 from mailflow.tables.cache import TableCache
 from mailflow.tables.files import logical_lines
@@ -52,12 +52,15 @@ from mailflow.tables.files import logical_lines
 NETWORK_LIST_SETTINGS = ("mynetworks", "authorized_xclient_hosts", "upstream_proxy_clients", "whitelist_networks")
 NETWORK_TABLE_TYPES = ("cidr", "texthash", "regexp", "inline", "static")
 PATTERN_FILE_LIMIT = 4 << 20  # a /file of patterns larger than this is refused
-MAX_FILE_DEPTH = 10  # /files naming /files: deeper than this is a loop
+MAX_FILE_DEPTH = 10  # /files naming /files: no deeper than this
 log = logging.getLogger("mailflow.tables")
-_SEPARATORS = ", \t\r\n"
 
 OpenTables = Callable[[Sequence[str]], list[Table]]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class _FileLoop(ValueError):
+    """A /file that names itself, directly or through others."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ def check_network_list(items: Iterable[str]) -> tuple[str, ...]:
         for token in _tokens(item):
             negate, pattern = _negations(token)
             if pattern.startswith("/"):
-                _parse_file(pattern, negate, [], 1)
+                _parse_file(pattern, negate, [], ())
                 checked.append(token)
             elif _is_table(pattern):
                 checked.append("!" * negate + _table_spec(pattern))
@@ -87,25 +90,28 @@ def check_network_list(items: Iterable[str]) -> tuple[str, ...]:
 def parse_network_list(items: Iterable[str]) -> list[Pattern]:
     patterns: list[Pattern] = []
     for item in items:
-        _parse_text(item, False, patterns, 0)
+        _parse_text(item, False, patterns, ())
     return patterns
 
 
-def _parse_text(text: str, negate: bool, out: list[Pattern], depth: int) -> None:
+def _parse_text(text: str, negate: bool, out: list[Pattern], reading: tuple[str, ...]) -> None:
+    """`reading`: the files being read, outermost first (a file among them would be a loop)."""
     for token in _tokens(text):
         negated, pattern = _negations(token)
         negated = negated != negate
         if pattern.startswith("/"):
-            _parse_file(pattern, negated, out, depth + 1)
+            _parse_file(pattern, negated, out, reading)
         elif _is_table(pattern):
             out.append(Pattern(negated, table=_table_spec(pattern)))
         else:
             out.append(Pattern(negated, network=ipaddress.ip_network(normalize_network(pattern))))
 
 
-def _parse_file(path: str, negate: bool, out: list[Pattern], depth: int) -> None:
-    if depth > MAX_FILE_DEPTH:
-        raise ValueError(f"{path}: files of patterns nested deeper than {MAX_FILE_DEPTH} (a loop?)")
+def _parse_file(path: str, negate: bool, out: list[Pattern], reading: tuple[str, ...]) -> None:
+    if path in reading:
+        raise _FileLoop(f"{path} includes itself: {' -> '.join((*reading[reading.index(path):], path))}")
+    if len(reading) >= MAX_FILE_DEPTH:
+        raise ValueError(f"{path}: files of patterns nested deeper than {MAX_FILE_DEPTH}")
     try:
         text = read_regular_file(path, PATTERN_FILE_LIMIT).decode("utf-8", errors="replace")
     except (OSError, RefusedFile) as e:
@@ -116,14 +122,17 @@ def _parse_file(path: str, negate: bool, out: list[Pattern], depth: int) -> None
         raise ValueError(f"{path}: {e}") from None
     for number, line in lines:
         try:
-            _parse_text(line, negate, out, depth)
+            _parse_text(line, negate, out, (*reading, path))
+        except _FileLoop:
+            raise  # named once, with its chain, not again at every level of it
         except ValueError as e:
             raise ValueError(f"{path}, line {number}: {e}") from None
 
 
 def _tokens(text: str) -> list[str]:
-    """The patterns of `text`, split on commas and whitespace; a `#` word and what follows it is a comment."""
-    words = text.translate({ord(c): " " for c in _SEPARATORS}).split()
+    """The patterns of `text`, split on commas and whitespace outside braces (`inline:{ a=b, c=d }` is one); a `#`
+    word and what follows it is a comment."""
+    words = split_outside_braces(text)
     end = next((i for i, word in enumerate(words) if word.startswith("#")), len(words))
     return words[:end]
 
@@ -219,7 +228,7 @@ class NetworkList:
         do not check the list's error see it: for an exemption or a trust, never an error."""
         try:
             return self.holds(client_addr, name)
-        except LookupRetry as e:
+        except LookupRetry as e:  # (a warning at each failed lookup, as Postfix's "table lookup problem")
             log.warning("%s: %s", client_addr, e.reason)
             return False
 

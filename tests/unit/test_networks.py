@@ -46,7 +46,8 @@ def test_what_a_network_list_refuses(tmp_path, items, reason):
 
 def test_a_file_that_names_itself_is_refused_not_followed_forever(tmp_path):
     (tmp_path / "loop").write_text(f"{tmp_path}/loop\n")
-    assert "nested deeper" in config_error(tmp_path, f"mynetworks = ['{tmp_path}/loop']\n").reason
+    reason = config_error(tmp_path, f"mynetworks = ['{tmp_path}/loop']\n").reason
+    assert reason == f"{tmp_path}/loop includes itself: {tmp_path}/loop -> {tmp_path}/loop"
 
 
 def test_the_list_as_configured_keeps_its_patterns_one_by_one():
@@ -78,6 +79,19 @@ def test_a_table_that_cannot_answer_is_an_error_for_the_relay_check_and_no_for_a
     with pytest.raises(LookupRetry):
         networks.holds("192.0.2.1")
     assert networks.contains("192.0.2.1") is False
+
+
+def test_an_inline_table_of_several_entries_is_one_pattern():
+    networks = NetworkList.from_items(["inline:{ 10.0.0.1=ok, 10.0.0.2=ok }"])
+    assert networks.holds("10.0.0.2") and not networks.holds("10.0.0.3")
+
+
+def test_a_file_of_patterns_that_includes_itself_is_named_once_with_its_chain(tmp_path):
+    (tmp_path / "a").write_text(f"{tmp_path}/b\n")
+    (tmp_path / "b").write_text(f"10.0.0.0/8 {tmp_path}/a\n")
+    with pytest.raises(ValueError) as caught:
+        check_network_list([f"{tmp_path}/a"])
+    assert str(caught.value) == f"{tmp_path}/a includes itself: {tmp_path}/a -> {tmp_path}/b -> {tmp_path}/a"
 
 
 def test_check_config_reads_the_tables_of_a_network_list_and_of_its_files(tmp_path):
