@@ -331,6 +331,9 @@ async def delivered_head(mailflow_server, tmp_path, settings: dict, client: str,
     ({"local_header_rewrite_clients": ["permit_mynetworks"], "mynetworks": ["192.0.2.0/24"]}, "192.0.2.1", True),
     ({"local_header_rewrite_clients": ["permit_sasl_authenticated"]}, "192.0.2.1 LOGIN=bob", True),
     ({"local_header_rewrite_clients": ["permit_mynetworks", "permit_sasl_authenticated"]}, "192.0.2.1", False),
+    # a mynetworks table is asked the client's name here too, as at permit_mynetworks (Postfix's namadr_list)
+    ({"local_header_rewrite_clients": ["permit_mynetworks"], "mynetworks": ["inline:{ mx.trusted.test=ok }"]},
+     "192.0.2.1 NAME=mx.trusted.test", True),
     ({"local_header_rewrite_clients": []}, "127.0.0.1", False),
 ])
 async def test_missing_headers_are_added_only_for_local_header_rewrite_clients(mailflow_server, tmp_path, settings,

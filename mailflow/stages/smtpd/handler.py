@@ -138,7 +138,7 @@ class SmtpdHandler:
         for rule in self._config.local_header_rewrite_clients:
             if rule == "permit_inet_interfaces" and _on_this_host(ip, server.transport):
                 return True
-            if rule == "permit_mynetworks" and self.restrictions.trusted(ip):
+            if rule == "permit_mynetworks" and self.restrictions.trusted(ip, session.client_name):
                 return True
             if rule == "permit_sasl_authenticated" and session.authenticated:
                 return True
