@@ -13,7 +13,8 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from mailflow.config.base import Duration, Section, TableSpecs
+from mailflow.config.base import Duration, Section, TableSpecs, check_transport
+from mailflow.local_macros import check_local_macros
 from mailflow.pipe_argv import check_flags, parse_argv
 from mailflow.syntax import parse_hostport, parse_ip
 
@@ -39,6 +40,17 @@ class LocalConfig(Section):
     # The largest an mbox file, a /file destination or a Maildir message file may grow, in bytes; 0 = no limit
     # (Postfix mailbox_size_limit). A delivery past it bounces 5.2.2.
     mailbox_size_limit: int = Field(51_200_000, ge=0)
+    # After aliases and .forward, a mailbox goes (in this order of preference) to `transport:nexthop` (Postfix
+    # mailbox_transport, e.g. "lmtp:unix:/run/dovecot/lmtp"; "" = the nexthop local was given), or is piped
+    # into a command run as the user (mailbox_command, e.g. "/usr/lib/dovecot/dovecot-lda -f \"$SENDER\""),
+    # or is written as home_mailbox says.
+    mailbox_transport: str = ""
+    mailbox_command: str = ""
+    # A recipient that is no local user goes to `transport:nexthop` (fallback_transport), or is resent to the
+    # address luser_relay names after $user, $local, $extension, $domain, $recipient... expansion; else it
+    # bounces 5.1.1 unknown user.
+    fallback_transport: str = ""
+    luser_relay: str = ""
 
     @field_validator("home_mailbox")
     @classmethod
@@ -59,6 +71,21 @@ class LocalConfig(Section):
     def _locks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         if not v or len(set(v)) != len(v):
             raise ValueError("name each lock style (fcntl, flock, dotlock) at most once, at least one")
+        return v
+
+    @field_validator("mailbox_transport", "fallback_transport")
+    @classmethod
+    def _passes_to(cls, v: str) -> str:
+        if v:
+            check_transport(v)
+        if v.partition(":")[0] == "local":
+            raise ValueError(f"{v!r}: local would hand the mailbox to itself")
+        return v
+
+    @field_validator("luser_relay")
+    @classmethod
+    def _luser_relay(cls, v: str) -> str:
+        check_local_macros(v)
         return v
 
     @field_validator("default_privs")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, PrivateAttr, ValidationInfo, field_validator
+from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from mailflow.address import is_valid_domain, normalise_domain
 from mailflow.config.accounts import AccountsConfig
@@ -174,6 +174,16 @@ class Config(Section):
     pipe: dict[str, PipeService] = {}
     # The directory relative paths were taken from (None: as written); set by resolve_paths.
     _base: Path | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _local_passes_to_a_transport(self) -> "Config":
+        """local.mailbox_transport and local.fallback_transport name a built-in transport or a [pipe.NAME]."""
+        known = set(BUILTIN_TRANSPORTS) - {"local", "capture"} | set(self.pipe)
+        for key in ("mailbox_transport", "fallback_transport"):
+            name = getattr(self.local, key).partition(":")[0]
+            if name and name not in known:
+                raise ValueError(f"local.{key}: {name!r} is not a transport (known: {', '.join(sorted(known))})")
+        return self
 
     @field_validator("pipe")
     @classmethod

@@ -60,11 +60,12 @@ def build_transports(config, resolver, clock, router, forward=None, mailbox=None
                          mta_sts=build_mta_sts(config, resolver), plaintext_after=config.queue.minimal_backoff_time,
                          own_addresses=router.rewriter.own_addresses, own_ports=config.smtpd.ports,
                          relayhost=config.relayhost, now=clock.time)
-    return {
+    registry: dict[str, Transport] = {}  # local hands mailboxes to the others (mailbox_transport, fallback_transport)
+    registry.update({
         **({"capture": CaptureTransport(mailbox)} if mailbox is not None else {}),
         "local": LocalTransport(router.local, local=config.local, writer=MaildirWriter(clock), clock=clock,
                                 forward=forward, commands=CommandSettings.from_config(config),
-                                allow_min_user=config.allow_min_user),
+                                allow_min_user=config.allow_min_user, peers=registry),
         "virtual": MaildirTransport(virtual_maildirs(config.virtual_mailbox_base, router.rewriter), clock=clock,
                                     relay="virtual", quota=router.rewriter.virtual_mailbox_limit,
                                     overquota_bounce=config.virtual_overquota_bounce,
@@ -78,4 +79,5 @@ def build_transports(config, resolver, clock, router, forward=None, mailbox=None
         **{name: PipeTransport(service, name=name, recipient_delimiter=config.recipient_delimiter, now=clock.time,
                                allow_min_user=config.allow_min_user)
            for name, service in config.pipe.items()},
-    }
+    })
+    return registry

@@ -60,7 +60,7 @@ import pwd
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Mapping, Protocol
 
 from mailflow import address
 from mailflow.clock import Clock
@@ -69,7 +69,7 @@ from mailflow.errors import DeliveryError
 from mailflow.message import HEADER_READ_LIMIT, delivered_to, read_header
 from mailflow.model import ClientAttributes, DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
 from mailflow.transports.local.aliasing import (Command, ExpansionTooBig, File, Forward, LocalExpander, Mailbox,
-                                                Refused, is_safe_user)
+                                                Pass, Refused, is_safe_user)
 from mailflow.transports.local.asuser import rights_for
 from mailflow.tables import split_extension
 from mailflow.transports.encode import ToLf, aencode
@@ -78,6 +78,12 @@ from mailflow.transports.local.mbox import append_mbox, from_line, mailbox_locat
 from mailflow.transports.pipe import CommandNotRun, command_status, run_shell_command
 
 log = logging.getLogger("mailflow.local")
+
+
+class Peer(Protocol):
+    """Another delivery agent (mailflow.transports.Transport) that mailbox_transport or fallback_transport name."""
+
+    async def deliver(self, request: DeliveryRequest) -> DeliveryReport: ...
 
 
 # forward(request, recipient, addresses, content, sender=None) -> queue id of the new message; `sender` replaces
@@ -114,7 +120,8 @@ class LocalTransport:
 
     def __init__(self, expander: LocalExpander, *, local: LocalConfig, writer: MaildirWriter, clock: Clock,
                  forward: ForwardFn | None = None, relay: str = "local", commands: CommandSettings | None = None,
-                 allow_min_user: bool = False):
+                 allow_min_user: bool = False, peers: Mapping[str, Peer] | None = None):
+        self._peers = peers or {}  # the transports by name, for Pass leaves
         self._allow_min_user = allow_min_user
         self._expander = expander
         self._local = local
@@ -143,6 +150,9 @@ class LocalTransport:
             leaves, expansion = await self._expand(request.queue_id, rcpt, seen)
         except DeliveryError as e:
             return self._result(rcpt, Outcome.DEFERRED, e.dsn, e.text)
+        if len(leaves) == 1 and isinstance(leaves[0], Pass):  # reported as the other agent reports it
+            passed = await self._pass(request, rcpt, leaves[0])
+            return replace(passed, recipient=rcpt, expanded=_other(leaves[0].address, rcpt), expansion=expansion)
         parts, owners = await self._deliver_leaves(request, rcpt, leaves, filled)
         result = _naming_the_member(self._combine(rcpt, parts), rcpt, leaves, parts)
         return replace(result, expansion=expansion, owner=_failures_owner(result, parts, owners),
@@ -178,6 +188,9 @@ class LocalTransport:
                 parts.append(await self._command(request, rcpt, leaf))
             elif isinstance(leaf, File):
                 parts.append(await self._file(request, rcpt, leaf))
+            elif isinstance(leaf, Pass):
+                passed = await self._pass(request, rcpt, leaf)
+                parts.append((passed.outcome, passed.dsn, passed.text))
             elif isinstance(leaf, Refused):
                 who = "" if leaf.address.lower() == rcpt.address.lower() else f"{leaf.address}: "
                 parts.append((Outcome.BOUNCED, leaf.dsn, who + leaf.text))
@@ -253,6 +266,22 @@ class LocalTransport:
             return _failed(e)
         return Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}"
 
+    async def _pass(self, request: DeliveryRequest, rcpt: Recipient, leaf: Pass) -> RcptResult:
+        """Hand `leaf.address` to the transport `leaf` names (Postfix's deliver_pass), to `leaf.nexthop` or the
+        nexthop local was given; its result, about the address it was given. A transport that is not there or
+        fails defers 4.3.0, as deliver_pass says."""
+        log.info("%s: passing <%s> to transport=%s", request.queue_id, leaf.address, leaf.transport)
+        given = replace(rcpt, address=leaf.address)
+        peer = self._peers.get(leaf.transport)
+        if peer is None:
+            return self._result(given, Outcome.DEFERRED, "4.3.0", "mail transport unavailable")
+        try:
+            report = await peer.deliver(replace(request, recipients=(given,), nexthop=leaf.nexthop or request.nexthop))
+        except Exception:
+            log.exception("%s: transport %s failed for <%s>", request.queue_id, leaf.transport, leaf.address)
+            return self._result(given, Outcome.DEFERRED, "4.3.0", "unknown mail transport error")
+        return report.results[0]
+
     async def _forward_copy(self, request: DeliveryRequest, rcpt: Recipient, addresses: tuple[str, ...],
                             sender: str | None = None) -> Part:
         if self._forward is None:
@@ -277,6 +306,7 @@ class LocalTransport:
         home = Path(os.path.abspath(Path(self._local.maildir_base) / user)) if is_safe_user(user) else Path("/")
         sender, original = _envelope(request, rcpt, leaf.sender)
         when_known = {"ORIGINAL_RECIPIENT": address.shown_original(original) if original else "",
+                      "ENVID": request.envid,
                       "DOMAIN": domain.lower(), "EXTENSION": ext[1:], **_client_environment(request.client_attributes)}
         context = {"USER": user, "LOGNAME": user, "SENDER": sender, "RECIPIENT": leaf.address, "LOCAL": local.lower(),
                    **{name: value for name, value in when_known.items() if value}}  # SENDER even when null
@@ -310,6 +340,11 @@ def _naming_the_member(result: RcptResult, rcpt: Recipient, leaves: list, parts:
         return result
     member = members[0].address
     return replace(result, text=result.text.removeprefix(f"{member}: "), expanded=member)
+
+
+def _other(addr: str, rcpt: Recipient) -> str:
+    """`addr` when it is not the recipient's own address (an alias member's), else ""."""
+    return addr if addr.lower() != rcpt.address.lower() else ""
 
 
 def _sole_mailbox(rcpt: Recipient, leaves: list) -> str:

@@ -71,6 +71,7 @@ from mailflow.aliases import (AddressTarget, AliasSyntaxError, CommandTarget, Fi
                               MailboxTarget, Target, parse_forward, parse_include, parse_value)
 from mailflow.errors import TemporaryError
 from mailflow.files import FileTooLarge, read_bounded, read_regular_file
+from mailflow.local_macros import expand_local_macros
 from mailflow.model import AddressClass
 from mailflow.tables import split_extension
 from mailflow.transports.local.asuser import call_as, rights_for
@@ -118,6 +119,16 @@ class File:
 
 
 @dataclass(frozen=True)
+class Pass:
+    """The recipient `address` handed to another transport (local.mailbox_transport, local.fallback_transport:
+    Postfix's deliver_pass); `nexthop` "" means the nexthop local was given."""
+
+    transport: str
+    nexthop: str
+    address: str
+
+
+@dataclass(frozen=True)
 class Refused:
     address: str
     dsn: str
@@ -125,7 +136,7 @@ class Refused:
     sender: str | None = None  # a list's owner its failure is reported to (a restricted file of the list)
 
 
-Leaf = Union[Mailbox, Forward, Command, File, Refused]
+Leaf = Union[Mailbox, Forward, Command, File, Pass, Refused]
 
 
 def read_small_file(path: Path) -> str | None:
@@ -259,6 +270,7 @@ class _Expansion:
         self.includes_done: set[str] = set()
         self.leaves: list[Leaf] = []
         self.keys: set[tuple] = set()
+        self.relayed: set[str] = set()  # addresses luser_relay made: unknown too, they are refused
         self.kind = ""  # how the recipient itself was expanded: "alias" (an alias or .forward), "list", "" not
 
     def add(self, leaf: Leaf) -> None:
@@ -278,8 +290,10 @@ def _identity(leaf: Leaf) -> tuple:
         return "mailbox", leaf.user
     if isinstance(leaf, Forward):
         return "forward", leaf.address.lower(), leaf.sender
-    if isinstance(leaf, Command):
-        return "command", leaf.rights, leaf.command
+    if isinstance(leaf, Command):  # mailbox_command runs once per user
+        return "command", leaf.rights, leaf.command, leaf.address.lower() if leaf.source == "mailbox" else ""
+    if isinstance(leaf, Pass):
+        return "pass", leaf.address.lower()
     if isinstance(leaf, File):
         return "file", leaf.rights, leaf.path
     return "refused", leaf.address.lower(), leaf.dsn, leaf.text
@@ -328,9 +342,8 @@ class LocalExpander:
             return
         local, domain = address.split(addr)
         user, ext = split_extension(local.lower(), self._config.recipient_delimiter)
-        refused = self.unknown_user(user, addr)
-        if refused is not None:
-            state.add(refused)
+        if self.unknown_user(user, addr) is not None:
+            self._mailbox(state, user, addr)  # mailbox_transport, or local(8)'s unknown.c
             return
         if user in state.forwards_done:
             return  # its .forward was expanded already: nothing more for this user
@@ -426,7 +439,42 @@ class LocalExpander:
         return Refused(addr, "5.1.1", f"unknown user: \"{user}\"")
 
     def _mailbox(self, state: _Expansion, user: str, addr: str) -> None:
-        state.add(self.unknown_user(user, addr) or Mailbox(user, addr))
+        """Rule 5, as local(8)'s mailbox.c: local.mailbox_transport (for any user, known or not), else for an
+        unknown user `_unknown`, else local.mailbox_command, else the mailbox."""
+        local = self._config.local
+        if local.mailbox_transport:
+            state.add(_pass(local.mailbox_transport, addr))
+            return
+        refused = self.unknown_user(user, addr)
+        if refused is not None:
+            self._unknown(state, user, addr, refused)
+        elif local.mailbox_command:
+            state.add(Command(local.mailbox_command, addr, "mailbox", _system_user(user), forward=True))
+        else:
+            state.add(Mailbox(user, addr))
+
+    def _unknown(self, state: _Expansion, user: str, addr: str, refused: Refused) -> None:
+        """A recipient that is no local user, as local(8)'s unknown.c: local.fallback_transport, else the address
+        local.luser_relay expands to (expanded here when it is local, else resent), else the refusal. A relay
+        address that is the recipient itself, or one that is unknown in turn, is refused."""
+        local = self._config.local
+        if local.fallback_transport:
+            state.add(_pass(local.fallback_transport, addr))
+            return
+        if not local.luser_relay or addr.lower() in state.relayed:
+            state.add(refused)
+            return
+        local_part, domain = address.split(addr)
+        _, ext = split_extension(local_part.lower(), self._config.recipient_delimiter)
+        values = {"user": user, "local": local_part.lower(), "mailbox": local_part.lower(), "extension": ext[1:],
+                  "recipient_delimiter": ext[:1] or self._config.recipient_delimiter[:1], "domain": domain,
+                  "recipient": addr}
+        relay = self._rewriter.qualify(expand_local_macros(local.luser_relay, values))
+        if relay.lower() == addr.lower():
+            state.add(refused)
+            return
+        state.relayed.add(relay.lower())
+        self._address(state, relay, _Origin(address=addr))
 
     def _privileged(self, state: _Expansion, leaf: Command | File, allowed: tuple[str, ...], kind: str) -> None:
         if leaf.source in allowed:
@@ -458,3 +506,19 @@ class LocalExpander:
             return parse(text, str(path))
         except AliasSyntaxError as e:
             raise TemporaryError("4.3.5", str(e)) from None
+
+
+def _pass(setting: str, addr: str) -> Pass:
+    transport, _, nexthop = setting.partition(":")
+    return Pass(transport, nexthop, addr)
+
+
+def _system_user(user: str) -> str | None:
+    """The system user whose rights a mailbox_command of `user` runs with (local(8) runs it as the recipient):
+    `user` as root when it is a system user other than root; None (default_privs as root) otherwise."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return user if pwd.getpwnam(user).pw_uid != 0 else None
+    except KeyError:
+        return None

@@ -1,0 +1,164 @@
+"""local(8)'s routing settings in the local transport: mailbox_command, mailbox_transport, fallback_transport and
+luser_relay (Postfix's mailbox.c and unknown.c), and their config checks.
+
+Covered: after aliases and .forward, a mailbox goes to mailbox_transport (the other agent's result is the
+recipient's, about the address passed), else into mailbox_command (local's command environment with HOME, SHELL
+and ENVID, exit statuses mapped as for |commands), else the Maildir; a recipient that is no local user goes to
+fallback_transport, else to the address luser_relay expands to (a local one delivered here, a relay address that
+is the recipient itself or unknown in turn refused 5.1.1), else bounces; a transport that is not there defers
+4.3.0 (deliver_pass's "mail transport unavailable"); config refuses a transport that does not exist, local itself
+and an unknown luser_relay macro, naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from mailflow.config import ConfigError, config_from_dict
+from mailflow.model import DeliveryReport, DeliveryRequest, Outcome
+from mailflow.transports.discard import DiscardTransport
+from mailflow.transports.error import ErrorTransport
+from tests.component.test_local_commands import RECORD, environment, maildir, request, transport
+from tests.component.test_local_commands import scripts  # noqa: F401 (fixture)
+
+
+class Recording:
+    """A stand-in delivery agent that keeps the requests it is given and answers `outcome`."""
+
+    def __init__(self, outcome: Outcome = Outcome.SENT, dsn: str = "2.0.0", text: str = "250 2.0.0 Saved"):
+        self.requests: list[DeliveryRequest] = []
+        self.answer = (outcome, dsn, text)
+
+    async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
+        self.requests.append(request)
+        return DeliveryReport.uniform(request.recipients, *self.answer, relay="peer[127.0.0.1]:24")
+
+
+def routed(base, aliases: str = "", peers=None, **local):
+    t = transport(base, aliases, **local)
+    t._peers = peers or {}
+    return t
+
+
+async def test_mailbox_command_gets_the_message_with_the_users_environment(scripts, tmp_path):  # noqa: F811
+    s = scripts.script("record.sh", RECORD.format(out=scripts.out))
+    t = routed(tmp_path, mailbox_command=f"{s} -a \"$RECIPIENT\"")
+    req = dataclasses.replace(request("Bob+Tag@example.test"), envid="env-1")
+    [result] = (await t.deliver(req)).results
+    assert (result.outcome, result.dsn, result.text) == (Outcome.SENT, "2.0.0",
+                                                         f"delivered to command: {s} -a \"$RECIPIENT\"")
+    env = environment(scripts.read("env"))
+    home = str(tmp_path / "mail" / "bob")
+    assert {k: env[k] for k in ("USER", "LOCAL", "EXTENSION", "RECIPIENT", "HOME", "SHELL", "ENVID")} == {
+        "USER": "bob", "LOCAL": "bob+tag", "EXTENSION": "tag", "RECIPIENT": "Bob+Tag@example.test", "HOME": home,
+        "SHELL": "/bin/sh", "ENVID": "env-1"}
+    assert "Delivered-To: Bob+Tag@example.test\n" in scripts.read("stdin")
+    assert maildir(tmp_path, "bob") == []  # the command is the mailbox
+
+
+@pytest.mark.parametrize("status, outcome, dsn", [(75, Outcome.DEFERRED, "4.3.0"), (67, Outcome.BOUNCED, "5.1.1")])
+async def test_mailbox_command_exit_status_maps_as_a_commands(scripts, tmp_path, status, outcome, dsn):  # noqa: F811
+    s = scripts.script("fail.sh", f"echo no way\nexit {status}\n")
+    [result] = (await routed(tmp_path, mailbox_command=str(s)).deliver(request("bob@example.test"))).results
+    assert (result.outcome, result.dsn) == (outcome, dsn) and "no way" in result.text
+
+
+async def test_a_forward_naming_the_user_runs_the_mailbox_command_and_aliases_go_first(scripts, tmp_path):  # noqa
+    s = scripts.script("record.sh", RECORD.format(out=scripts.out))
+    t = routed(tmp_path, "postmaster: alice\n", mailbox_command=str(s))
+    [result] = (await t.deliver(request("postmaster@example.test"))).results
+    assert result.outcome is Outcome.SENT and environment(scripts.read("env"))["USER"] == "alice"
+    assert result.expanded == ""  # a command, not a mailbox: the result is about the recipient
+
+
+async def test_mailbox_transport_takes_the_mailbox_and_its_result_is_the_recipients(tmp_path):
+    peer = Recording()
+    t = routed(tmp_path, "info: alice\n", peers={"lmtp": peer}, mailbox_transport="lmtp:unix:private/dovecot-lmtp",
+               mailbox_command="/bin/false")
+    [result] = (await t.deliver(request("info@example.test"))).results
+    [passed] = peer.requests
+    assert passed.nexthop == "unix:private/dovecot-lmtp"
+    assert [r.address for r in passed.recipients] == ["alice@example.test"]
+    assert (result.outcome, result.text, result.relay) == (Outcome.SENT, "250 2.0.0 Saved", "peer[127.0.0.1]:24")
+    assert result.recipient.address == "info@example.test" and result.expanded == "alice@example.test"
+    assert maildir(tmp_path, "alice") == []
+
+
+async def test_mailbox_transport_without_nexthop_uses_locals_and_takes_unknown_users_too(tmp_path):
+    """local(8)'s mailbox.c passes before it looks the user up: Dovecot decides who exists."""
+    peer = Recording(Outcome.BOUNCED, "5.1.1", "550 5.1.1 <ghost@example.test> User doesn't exist")
+    t = routed(tmp_path, peers={"lmtp": peer}, mailbox_transport="lmtp", luser_relay="alice")
+    [result] = (await t.deliver(request("ghost@example.test"))).results
+    assert peer.requests[0].nexthop == "mx.example.test"
+    assert (result.outcome, result.dsn, result.expanded) == (Outcome.BOUNCED, "5.1.1", "")
+
+
+async def test_a_pass_to_a_transport_that_is_not_there_defers(tmp_path):
+    [result] = (await routed(tmp_path, mailbox_transport="lmtp").deliver(request("bob@example.test"))).results
+    assert (result.outcome, result.dsn, result.text) == (Outcome.DEFERRED, "4.3.0", "mail transport unavailable")
+
+
+async def test_fallback_transport_takes_unknown_users_only(tmp_path):
+    t = routed(tmp_path, peers={"error": ErrorTransport()}, fallback_transport="error:5.1.1 no such account",
+               luser_relay="alice")
+    [ghost, bob] = (await t.deliver(dataclasses.replace(
+        request("ghost@example.test"), recipients=(request("ghost@example.test").recipients[0],
+                                                   dataclasses.replace(request("bob@example.test").recipients[0],
+                                                                       index=1))))).results
+    assert (ghost.outcome, ghost.dsn, ghost.text) == (Outcome.BOUNCED, "5.1.1", "no such account")
+    assert bob.outcome is Outcome.SENT and len(maildir(tmp_path, "bob")) == 1
+
+
+async def test_luser_relay_delivers_an_unknown_user_to_the_expanded_local_address(tmp_path):
+    t = routed(tmp_path, "list: ghost, bob\n", luser_relay="alice+${user}${extension?-x}")
+    [result] = (await t.deliver(request("ghost+tag@example.test"))).results
+    assert (result.outcome, result.text) == (Outcome.SENT, "delivered to maildir")
+    [copy] = maildir(tmp_path, "alice")
+    assert b"Delivered-To: ghost+tag@example.test\n" in copy  # local(8)'s: the recipient it was given
+    [result] = (await t.deliver(request("list@example.test"))).results  # an alias member, as local(8)
+    assert result.outcome is Outcome.SENT and len(maildir(tmp_path, "alice")) == 2
+
+
+async def test_luser_relay_to_the_recipient_itself_or_to_an_unknown_address_bounces(tmp_path):
+    for relay in ("$user", "ghost2"):
+        [result] = (await routed(tmp_path, luser_relay=relay).deliver(request("ghost@example.test"))).results
+        assert (result.outcome, result.dsn) == (Outcome.BOUNCED, "5.1.1"), relay
+        assert result.text in ('unknown user: "ghost"', 'unknown user: "ghost2"'), result
+
+
+async def test_luser_relay_resends_to_a_remote_address(tmp_path):
+    sent = []
+
+    async def forward(request, recipient, addresses, content, sender=None):
+        sent.append(addresses)
+        return "Q2"
+    t = routed(tmp_path, luser_relay="${user}${extension?+x}.$local.${extension:none}@elsewhere.test")
+    t._forward = forward
+    [result] = (await t.deliver(request("Ghost@example.test"))).results
+    [result2] = (await t.deliver(request("ghost+Tag@example.test"))).results
+    assert result.outcome is result2.outcome is Outcome.SENT
+    assert sent == [("ghost.ghost.none@elsewhere.test",), ("ghost+x.ghost+tag.@elsewhere.test",)]
+
+
+async def test_discard_as_fallback_transport(tmp_path):
+    t = routed(tmp_path, peers={"discard": DiscardTransport()}, fallback_transport="discard:unknown users")
+    [result] = (await t.deliver(request("ghost@example.test"))).results
+    assert result.outcome is Outcome.SENT
+
+
+@pytest.mark.parametrize("local, message", [
+    ({"mailbox_transport": "dovecot:unix:private/lmtp"}, "local.mailbox_transport: 'dovecot' is not a transport"),
+    ({"fallback_transport": "local"}, "local.fallback_transport: 'local': local would hand the mailbox to itself"),
+    ({"luser_relay": "admin+$usr"}, "local.luser_relay: unknown macro $usr"),
+])
+def test_config_refuses_what_cannot_work(local, message):
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({"local": local})
+    assert message in str(caught.value)
+
+
+def test_config_takes_a_pipe_service_as_mailbox_transport():
+    config = config_from_dict({"local": {"mailbox_transport": "dovecot"},
+                               "pipe": {"dovecot": {"argv": ["/usr/lib/dovecot/dovecot-lda", "-d", "${user}"]}}})
+    assert config.local.mailbox_transport == "dovecot"
