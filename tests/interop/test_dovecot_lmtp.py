@@ -98,3 +98,29 @@ async def test_unknown_user_bounces_with_dovecots_5_1_1(mailflow_server, dovecot
     # the known recipient of the same message was delivered
     [stored] = await asyncio.to_thread(dovecot.fetch_all, "alice@example.test")
     assert stored.endswith(MESSAGE)
+
+
+async def test_local_mailbox_transport_hands_the_mailbox_to_dovecot_after_the_aliases(mailflow_server, dovecot,
+                                                                                        caplog):
+    """Postfix's `mailbox_transport = lmtp:...`: example.test is a local domain; `info` is an alias of alice, whose
+    mailbox Dovecot keeps; ghost gets past RCPT (local_recipient_maps) and Dovecot refuses it. The results are
+    the LMTP client's, about the address local passed (`to=<alice@…>, orig_to=<info@…>`, relay= Dovecot)."""
+    caplog.set_level(logging.INFO, logger="mailflow")
+    mf = await mailflow_server(mydestination=["example.test", "mx.mailflow.test"], myorigin="example.test",
+                               relay_domains=[],
+                               local_recipient_maps=["inline:{info=ok, ghost=ok}"], alias_maps=["inline:{info=alice}"],
+                               local={"mailbox_transport": f"lmtp:[127.0.0.1]:{dovecot.lmtp_port}"})
+    await send(mf.smtp_addresses[0][1], "", ["info@example.test", "ghost@example.test"], MESSAGE,
+               mail_options=["BODY=8BITMIME"])
+    await queue_becomes(mf.store, {}, timeout=15)
+
+    [stored] = await asyncio.to_thread(dovecot.fetch_all, "alice@example.test")
+    assert stored.endswith(MESSAGE)
+    lines = [r.getMessage() for r in caplog.records if "to=<" in r.getMessage() or "passing <" in r.getMessage()]
+    relay = f"relay=127.0.0.1[127.0.0.1]:{dovecot.lmtp_port}"
+    assert any(re.search(r": passing <alice@example\.test> to transport=lmtp$", line) for line in lines), lines
+    [sent] = [line for line in lines if "status=sent" in line]
+    assert "to=<alice@example.test>, orig_to=<info@example.test>, " + relay in sent, sent
+    assert re.search(r"status=sent \(250 2\.0\.0 <alice@example\.test> \S+ Saved\)$", sent), sent
+    [bounced] = [line for line in lines if "to=<ghost@" in line and "status=bounced" in line]
+    assert "to=<ghost@example.test>, " + relay in bounced and "User doesn't exist" in bounced, bounced

@@ -121,7 +121,7 @@ class LocalTransport:
     def __init__(self, expander: LocalExpander, *, local: LocalConfig, writer: MaildirWriter, clock: Clock,
                  forward: ForwardFn | None = None, relay: str = "local", commands: CommandSettings | None = None,
                  allow_min_user: bool = False, peers: Mapping[str, Peer] | None = None):
-        self._peers = peers or {}  # the transports by name, for Pass leaves
+        self._peers = {} if peers is None else peers  # the transports by name (filled after): Pass leaves
         self._allow_min_user = allow_min_user
         self._expander = expander
         self._local = local
