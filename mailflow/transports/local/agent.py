@@ -306,7 +306,6 @@ class LocalTransport:
         home = Path(os.path.abspath(Path(self._local.maildir_base) / user)) if is_safe_user(user) else Path("/")
         sender, original = _envelope(request, rcpt, leaf.sender)
         when_known = {"ORIGINAL_RECIPIENT": address.shown_original(original) if original else "",
-                      "ENVID": request.envid,
                       "DOMAIN": domain.lower(), "EXTENSION": ext[1:], **_client_environment(request.client_attributes)}
         context = {"USER": user, "LOGNAME": user, "SENDER": sender, "RECIPIENT": leaf.address, "LOCAL": local.lower(),
                    **{name: value for name, value in when_known.items() if value}}  # SENDER even when null
@@ -348,9 +347,12 @@ def _other(addr: str, rcpt: Recipient) -> str:
 
 
 def _sole_mailbox(rcpt: Recipient, leaves: list) -> str:
-    """The address of the one mailbox an alias led the recipient to ("" when it is not that): its result is
-    logged about that address, `to=<member>, orig_to=<alias>`, as local(8) logs each delivery it makes."""
-    if len(leaves) == 1 and isinstance(leaves[0], Mailbox) and leaves[0].address.lower() != rcpt.address.lower():
+    """The address of the one mailbox an alias (or luser_relay) led the recipient to, its Maildir, mbox file or
+    mailbox_command ("" when it is not that): its result is logged about that address, `to=<member>,
+    orig_to=<alias>`, as local(8) logs each delivery it makes."""
+    mailbox = len(leaves) == 1 and (isinstance(leaves[0], Mailbox)
+                                    or isinstance(leaves[0], Command) and leaves[0].source == "mailbox")
+    if mailbox and leaves[0].address.lower() != rcpt.address.lower():
         return leaves[0].address
     return ""
 
