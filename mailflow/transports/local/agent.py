@@ -4,7 +4,11 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
 1. `LocalExpander.expand` (aliases, .forward; see mailflow.transports.local.aliasing), given the addresses already in
    the message's `Delivered-To:` headers so that a forwarding loop bounces (5.4.6); one past INLINE_LEAVES
    leaves is made (again) in a worker thread, not on the event loop.
-2. Mailboxes (`mbox.mailbox_location`): `<maildir_base>/<user>/<home_mailbox>`, a Maildir when home_mailbox ends
+2. A `Pass` leaf (local.mailbox_transport, local.fallback_transport) is handed to that transport of `peers` (the
+   registry of mailflow.transports) for that address and nexthop (none: the request's), as Postfix's deliver_pass:
+   when it is the recipient's only leaf, that agent's result is the recipient's (its relay and reply, about the
+   address passed); a transport that is not there or raises defers 4.3.0. A mailbox_command is a Command (4.).
+   Mailboxes (`mbox.mailbox_location`): `<maildir_base>/<user>/<home_mailbox>`, a Maildir when home_mailbox ends
    in "/" (the default `Maildir/`), else an mbox file; with home_mailbox "" the file `<mail_spool_directory>/<user>`.
    As root, a Maildir of a local user who is also a system user is created with that user's uid and gid
    (directories 0700, files 0600), as local(8) writes with the recipient's rights; such a user's mbox file is

@@ -9,6 +9,8 @@ alias or a user with a .forward, for its success notice):
 - `Command(command, address, source, rights, sender, forward)` / `File(path, address, source, rights, sender)`:
   run a command / append to a file, as the system user `rights` (None: default_privs when mailflow is root; see
   "Whose rights"), from `sender` when set (the owner of a mailing list, as for a Forward), else the message's.
+- `Pass(transport, nexthop, address)`: hand the address to another transport (mailbox_transport,
+  fallback_transport).
 - `Refused(address, dsn, text, sender)`: cannot be delivered (unknown user, forwarding loop, restricted command
   or file); `sender`: the list owner its failure is reported to (a restricted file under a list, as local(8)).
 
@@ -32,7 +34,13 @@ Rules, as local(8):
    replaces the user; once expanded, a user met again gets nothing more. In it, the user's own name and
    `\\user` mean the mailbox; every other address, local or not, becomes a Forward (a new message, so that
    virtual aliases apply and a loop between users ends at Delivered-To).
-5. Otherwise the user's mailbox.
+5. Otherwise the user's mailbox (`Mailbox`), as local(8)'s mailbox.c and unknown.c route it: with
+   local.mailbox_transport a `Pass(transport, nexthop, address)` for any user, known or not (the local agent
+   hands the address to that transport); else for a user rule 3 refuses, local.fallback_transport (a Pass), or
+   local.luser_relay: the address it expands to (mailflow.local_macros) is expanded as an alias member would be
+   (a local one here, once: unknown in turn, or the recipient itself, it is Refused 5.1.1; another a Forward);
+   else for a known user local.mailbox_command, a `Command` of source "mailbox" (run as the user, with HOME;
+   allow_mail_to_commands does not apply to it).
 Whose rights (local(8)'s "delivery rights"): when mailflow runs as root and the user is also a system user
 (not root), its .forward is opened as that user, by a forked child (asuser.call_as), and the commands, files and
 :include: files the .forward names (directly or through an :include:) carry that user in `rights`: they run and
