@@ -6,6 +6,7 @@ import asyncio
 import email
 import email.policy
 import logging
+import os
 import re
 
 import pytest
@@ -124,3 +125,25 @@ async def test_local_mailbox_transport_hands_the_mailbox_to_dovecot_after_the_al
     assert re.search(r"status=sent \(250 2\.0\.0 <alice@example\.test> \S+ Saved\)$", sent), sent
     [bounced] = [line for line in lines if "to=<ghost@" in line and "status=bounced" in line]
     assert "to=<ghost@example.test>, " + relay in bounced and "User doesn't exist" in bounced, bounced
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dovecot-lda writes the mailbox as the private Dovecot's mail user")
+async def test_local_mailbox_command_runs_dovecot_lda(mailflow_server, dovecot, caplog):
+    """Postfix's `mailbox_command = /usr/lib/dovecot/dovecot-lda -f "$SENDER" -a "$RECIPIENT"`: the message reaches
+    the user's Dovecot INBOX through dovecot-lda (run as default_privs, nobody: the private Dovecot's mail user),
+    with local's Return-Path, X-Original-To and Delivered-To, the From_ line taken by dovecot-lda."""
+    caplog.set_level(logging.INFO, logger="mailflow")
+    lda = (f"/usr/lib/dovecot/dovecot-lda -c {dovecot.root}/dovecot.conf -o log_path=/dev/stderr "
+           '-o info_log_path=/dev/stderr -o stats_writer_socket_path= -d "$USER@$DOMAIN" -f "$SENDER" -a "$RECIPIENT"')
+    mf = await mailflow_server(mydestination=["example.test"], myorigin="example.test", relay_domains=[],
+                               local_recipient_maps=["inline:{alice=ok}"], local={"mailbox_command": lda})
+    await send(mf.smtp_addresses[0][1], "sender@remote.test", ["alice@example.test"], MESSAGE,
+               mail_options=["BODY=8BITMIME"])
+    await queue_becomes(mf.store, {}, timeout=15)
+
+    [stored] = await asyncio.to_thread(dovecot.fetch_all, "alice@example.test")
+    assert stored.startswith(b"Return-Path: <sender@remote.test>\r\nX-Original-To: alice@example.test\r\n"
+                             b"Delivered-To: alice@example.test\r\nReceived: from "), stored[:300]
+    assert stored.endswith(MESSAGE) and b"\nFrom sender" not in stored
+    [sent] = [r.getMessage() for r in caplog.records if "to=<alice@example.test>" in r.getMessage()]
+    assert sent.endswith("status=sent (delivered to command: " + lda + ")"), sent
