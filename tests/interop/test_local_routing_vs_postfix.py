@@ -120,3 +120,57 @@ def test_mailbox_command_and_luser_relay_results_match_postfix(runs):
 def test_mailbox_command_environment_and_input_match_postfix(runs):
     assert runs["mailflow"][1] == runs["postfix"][1]
 
+
+
+async def lmtp_results(read_log, names: list[str]) -> list[str]:
+    """The result lines about `names` (to= or orig_to=), once each has one; the Dovecot session id masked."""
+    def found() -> list[str]:
+        lines = [m["line"] + ", " + m["status"] for m in map(_ANY_RESULT.search, read_log().splitlines()) if m]
+        return sorted(re.sub(r"> \S+ Saved", "> ID Saved", line) for line in lines
+                      if any(f"<{name}@example.test>" in line for name in names))
+    await eventually(lambda: len(found()) >= len(names), timeout=30, step=0.1)
+    return found()
+
+
+_ANY_RESULT = re.compile(r"\w+: (?P<line>to=<[^>]*>, (?:orig_to=<[^>]*>, )?relay=[^,]+), .*?"
+                         r"(?P<status>dsn=[^,]+, status=\w+ \(.*\))$")
+
+
+async def test_mailbox_transport_to_dovecot_lmtp_is_logged_as_postfix_logs_it(dovecot, tmp_path):
+    """`mailbox_transport = lmtp:...` to the same private Dovecot: an alias of alice and ghost (Dovecot refuses it)
+    are logged alike, `to=<alice@…>, orig_to=<info@…>, relay=` Dovecot with its reply, by Postfix's lmtp and by
+    mailflow."""
+    names = ["info", "ghost"]
+    common = {**COMMON, "myorigin": "example.test", "relay_domains": ""}
+    async with postfix_instance({**common, "mydestination": "example.test", "alias_maps": "inline:{info=alice}",
+                                 "alias_database": "", "local_recipient_maps": "",
+                                 "mailbox_transport": f"lmtp:inet:127.0.0.1:{dovecot.lmtp_port}",
+                                 "transport_maps": DISCARD_NOTICES}) as pf:
+        await send_to(pf.port, names)
+        postfix = await lmtp_results(lambda: pf.maillog, names)
+    settings = merged(base_settings(tmp_path), {
+        **common, "relay_domains": [], "mydestination": ["example.test"], "alias_maps": ["inline:{info=alice}"],
+        "local_recipient_maps": ["inline:{info=x, ghost=x}"], "transport_maps": [DISCARD_NOTICES],
+        "local": {"mailbox_transport": f"lmtp:[127.0.0.1]:{dovecot.lmtp_port}"}})
+    with mail_log_file(tmp_path / "mail.log") as log:
+        mf = Mailflow(config_from_dict(settings), shutdown_grace=2.0)
+        await mf.start()
+        try:
+            await send_to(mf.smtp_addresses[0][1], names)
+            mailflow = await lmtp_results(log.read_text, names)
+        finally:
+            await mf.stop()
+    assert mailflow == postfix
+
+
+async def send_to(port: int, names: list[str]) -> None:
+    c = await SmtpClient.connect(port)
+    assert (await c.cmd("EHLO client.test")).code == 250
+    assert (await c.cmd("MAIL FROM:<s@sender.test>")).code == 250
+    for name in names:
+        assert (await c.cmd(f"RCPT TO:<{name}@example.test>")).code == 250, name
+    assert (await c.cmd("DATA")).code == 354
+    await c.send(b"Subject: lmtp\r\nFrom: s@sender.test\r\n\r\nbody\r\n.\r\n")
+    assert (await c.reply()).code == 250
+    await c.cmd("QUIT")
+    await c.close()
