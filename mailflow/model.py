@@ -300,7 +300,9 @@ class RcptResult:
     are stored with the result: a notice owed across a restart says what it would have said.
     `conn`: the SMTP or LMTP session the result came from, when one was set up; `stats`: the stages of the
     attempt, stamped by qmgr when an agent had the job (None: none had it, qmgr's log line falls back to the
-    attempt's own). Neither is stored.
+    attempt's own). `program`: the Postfix program the line is logged under when another agent than the job's
+    made the result (local's mailbox_transport hands a mailbox to lmtp, whose result it is, as Postfix logs it
+    under postfix/lmtp); "" the job's. None of the three is stored.
     """
 
     recipient: Recipient
@@ -316,6 +318,7 @@ class RcptResult:
     owner: str = ""
     conn: ConnStats | None = field(default=None, compare=False, repr=False)
     stats: MsgStats | None = field(default=None, compare=False, repr=False)
+    program: str = field(default="", compare=False)  # the agent that made it, when not the job's (not stored)
 
     @property
     def named(self) -> Recipient:

@@ -26,6 +26,8 @@ from tests.component.test_local_commands import scripts  # noqa: F401 (fixture)
 class Recording:
     """A stand-in delivery agent that keeps the requests it is given and answers `outcome`."""
 
+    program = "lmtp"
+
     def __init__(self, outcome: Outcome = Outcome.SENT, dsn: str = "2.0.0", text: str = "250 2.0.0 Saved"):
         self.requests: list[DeliveryRequest] = []
         self.answer = (outcome, dsn, text)
@@ -83,6 +85,7 @@ async def test_mailbox_transport_takes_the_mailbox_and_its_result_is_the_recipie
     assert [r.address for r in passed.recipients] == ["alice@example.test"]
     assert (result.outcome, result.text, result.relay) == (Outcome.SENT, "250 2.0.0 Saved", "peer[127.0.0.1]:24")
     assert result.recipient.address == "info@example.test" and result.expanded == "alice@example.test"
+    assert result.program == "lmtp"  # logged under the agent that delivered it, as Postfix's postfix/lmtp
     assert maildir(tmp_path, "alice") == []
 
 

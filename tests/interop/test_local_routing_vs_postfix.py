@@ -125,20 +125,21 @@ def test_mailbox_command_environment_and_input_match_postfix(runs):
 async def lmtp_results(read_log, names: list[str]) -> list[str]:
     """The result lines about `names` (to= or orig_to=), once each has one; the Dovecot session id masked."""
     def found() -> list[str]:
-        lines = [m["line"] + ", " + m["status"] for m in map(_ANY_RESULT.search, read_log().splitlines()) if m]
+        lines = [f"{m['program']}: {m['line']}, {m['status']}" for m in map(_ANY_RESULT.search, read_log().splitlines())
+                 if m]
         return sorted(re.sub(r"> \S+ Saved", "> ID Saved", line) for line in lines
                       if any(f"<{name}@example.test>" in line for name in names))
     await eventually(lambda: len(found()) >= len(names), timeout=30, step=0.1)
     return found()
 
 
-_ANY_RESULT = re.compile(r"\w+: (?P<line>to=<[^>]*>, (?:orig_to=<[^>]*>, )?relay=[^,]+), .*?"
+_ANY_RESULT = re.compile(r"/(?P<program>\w+)\[\d+\]: \w+: (?P<line>to=<[^>]*>, (?:orig_to=<[^>]*>, )?relay=[^,]+), .*?"
                          r"(?P<status>dsn=[^,]+, status=\w+ \(.*\))$")
 
 
 async def test_mailbox_transport_to_dovecot_lmtp_is_logged_as_postfix_logs_it(dovecot, tmp_path):
     """`mailbox_transport = lmtp:...` to the same private Dovecot: an alias of alice and ghost (Dovecot refuses it)
-    are logged alike, `to=<alice@…>, orig_to=<info@…>, relay=` Dovecot with its reply, by Postfix's lmtp and by
+    are logged alike, `to=<alice@…>, orig_to=<info@…>, relay=` Dovecot with its reply, under lmtp, by Postfix and by
     mailflow."""
     names = ["info", "ghost"]
     common = {**COMMON, "myorigin": "example.test", "relay_domains": ""}

@@ -572,10 +572,13 @@ class QueueManager:
         self._pump()
 
     def _program(self, result: RcptResult) -> str:
-        """The program a result's line is logged as: its delivery agent's (Postfix's agents log their own results),
-        qmgr for one qmgr made itself (no agent had the job: suspended destination, no transport)."""
+        """The program a result's line is logged as: its delivery agent's (Postfix's agents log their own results;
+        the one it names, `RcptResult.program`, when its agent passed the recipient on to another), qmgr for one
+        qmgr made itself (no agent had the job: suspended destination, no transport)."""
         transport = self._transports.get(result.transport) if result.stats is not None else None
-        return transport.program if transport is not None else "qmgr"
+        if transport is None:
+            return "qmgr"
+        return result.program or transport.program
 
     def _job_done(self, job: Job, report: DeliveryReport, handoff: float = 0.0, done: float = 0.0) -> None:
         """A job's report: from its delivery agent, handed the job at `handoff`, back at `done`; or qmgr's own

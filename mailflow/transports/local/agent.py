@@ -87,6 +87,8 @@ log = logging.getLogger("mailflow.local")
 class Peer(Protocol):
     """Another delivery agent (mailflow.transports.Transport) that mailbox_transport or fallback_transport name."""
 
+    program: str
+
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport: ...
 
 
@@ -284,7 +286,7 @@ class LocalTransport:
         except Exception:
             log.exception("%s: transport %s failed for <%s>", request.queue_id, leaf.transport, leaf.address)
             return self._result(given, Outcome.DEFERRED, "4.3.0", "unknown mail transport error")
-        return report.results[0]
+        return replace(report.results[0], program=getattr(peer, "program", ""))
 
     async def _forward_copy(self, request: DeliveryRequest, rcpt: Recipient, addresses: tuple[str, ...],
                             sender: str | None = None) -> Part:
