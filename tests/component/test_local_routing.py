@@ -166,3 +166,30 @@ def test_config_takes_a_pipe_service_as_mailbox_transport():
     config = config_from_dict({"local": {"mailbox_transport": "dovecot"},
                                "pipe": {"dovecot": {"argv": ["/usr/lib/dovecot/dovecot-lda", "-d", "${user}"]}}})
     assert config.local.mailbox_transport == "dovecot"
+
+
+async def test_a_luser_relay_loop_through_an_alias_ends_and_the_other_members_get_their_copy(tmp_path):
+    """root unknown, luser_relay postmaster, postmaster an alias of root: local(8)'s unknown.c meets root a second
+    time and does nothing (been_here "deliver_unknown"), so the loop ends and alice's delivery stands."""
+    t = routed(tmp_path, "postmaster: root\nteam: ghost, alice\n", luser_relay="postmaster")
+    [result] = (await t.deliver(request("team@example.test"))).results
+    assert (result.outcome, result.text) == (Outcome.SENT, "delivered to maildir")
+    assert len(maildir(tmp_path, "alice")) == 1
+
+
+async def test_a_failure_expanding_one_recipient_defers_that_recipient_only(tmp_path):
+    """What no DeliveryError says (a bug) defers its recipient 4.3.0, as Postfix's qmgr defers one an agent died
+    on; the results of the others stand, so they are not delivered again at every retry."""
+    t = routed(tmp_path)
+
+    def broken(addr, **_):
+        if addr.startswith("ghost"):
+            raise RecursionError("maximum recursion depth exceeded")
+        return real(addr, **_)
+    real, t._expander.expand_recipient = t._expander.expand_recipient, broken
+    two = dataclasses.replace(request("alice@example.test"), recipients=(
+        request("alice@example.test").recipients[0],
+        dataclasses.replace(request("ghost@example.test").recipients[0], index=1)))
+    [alice, ghost] = (await t.deliver(two)).results
+    assert alice.outcome is Outcome.SENT and len(maildir(tmp_path, "alice")) == 1
+    assert (ghost.outcome, ghost.dsn, ghost.text) == (Outcome.DEFERRED, "4.3.0", "unknown mail transport error")

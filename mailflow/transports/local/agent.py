@@ -49,7 +49,8 @@ retried (a retry repeats the parts already done, as local(8) does); else bounced
 (unknown user, loop, restricted command, a command's permanent failure), the rest being delivered; else sent,
 naming every destination.
 
-Failures: never raises for a delivery problem; an OS error writing a Maildir defers (4.2.0), but a quota or
+Failures: never raises for a recipient (what is no delivery problem, a bug, defers that recipient 4.3.0
+"unknown mail transport error", logged with its traceback); an OS error writing a Maildir defers (4.2.0), but a quota or
 the file size limit (EDQUOT, EFBIG; `local.mailbox_size_limit` for each mbox file, /file destination and
 Maildir file) bounces 5.2.2 mailbox full, as Postfix's local(8) does; an mbox or file
 append that fails defers or bounces as mailflow.transports.local.mbox says (busy 4.2.0, full 5.2.2, a symlink 5.2.0);
@@ -142,8 +143,19 @@ class LocalTransport:
         filled: dict[str, Part] = {}  # user -> what its mailbox got, so a user gets one copy per message
         results = []
         for rcpt in request.recipients:
-            results.append(await self._deliver_recipient(request, rcpt, seen, filled))
+            results.append(await self._each_recipient(request, rcpt, seen, filled))
         return DeliveryReport(tuple(results))
+
+    async def _each_recipient(self, request: DeliveryRequest, rcpt: Recipient, seen: frozenset[str],
+                              filled: dict[str, Part]) -> RcptResult:
+        """`_deliver_recipient`; what it raises (a bug, not a delivery problem) defers this recipient alone, 4.3.0
+        as Postfix's qmgr defers the recipients of an agent that died: the others' results stand, so a recipient
+        delivered already is not delivered again at every retry."""
+        try:
+            return await self._deliver_recipient(request, rcpt, seen, filled)
+        except Exception:
+            log.exception("%s: local delivery to <%s> failed", request.queue_id, rcpt.address)
+            return self._result(rcpt, Outcome.DEFERRED, "4.3.0", "unknown mail transport error")
 
     async def close(self) -> None:
         pass

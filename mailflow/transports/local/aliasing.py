@@ -38,7 +38,9 @@ Rules, as local(8):
    local.mailbox_transport a `Pass(transport, nexthop, address)` for any user, known or not (the local agent
    hands the address to that transport); else for a user rule 3 refuses, local.fallback_transport (a Pass), or
    local.luser_relay: the address it expands to (mailflow.local_macros) is expanded as an alias member would be
-   (a local one here, once: unknown in turn, or the recipient itself, it is Refused 5.1.1; another a Forward);
+   (a local one here, once: unknown in turn, or the recipient itself, it is Refused 5.1.1; another a Forward); an
+   unknown local part met again in the same expansion gets nothing more (unknown.c's been_here), so a relay that
+   leads back to an unknown user through an alias ends there;
    else for a known user local.mailbox_command, a `Command` of source "mailbox" (run as the user, with HOME;
    allow_mail_to_commands does not apply to it).
 Whose rights (local(8)'s "delivery rights"): when mailflow runs as root and the user is also a system user
@@ -279,6 +281,7 @@ class _Expansion:
         self.leaves: list[Leaf] = []
         self.keys: set[tuple] = set()
         self.relayed: set[str] = set()  # addresses luser_relay made: unknown too, they are refused
+        self.unknown_done: set[str] = set()  # local parts routed as unknown users already (local(8)'s been_here)
         self.kind = ""  # how the recipient itself was expanded: "alias" (an alias or .forward), "list", "" not
 
     def add(self, leaf: Leaf) -> None:
@@ -464,7 +467,13 @@ class LocalExpander:
     def _unknown(self, state: _Expansion, user: str, addr: str, refused: Refused) -> None:
         """A recipient that is no local user, as local(8)'s unknown.c: local.fallback_transport, else the address
         local.luser_relay expands to (expanded here when it is local, else resent), else the refusal. A relay
-        address that is the recipient itself, or one that is unknown in turn, is refused."""
+        address that is the recipient itself, or one that is unknown in turn, is refused. A local part met here
+        again in the same expansion gets nothing more (unknown.c's been_here "deliver_unknown"): a relay that
+        leads back through an alias to an unknown user ends there."""
+        local_part, domain = address.split(addr)
+        if local_part.lower() in state.unknown_done:
+            return
+        state.unknown_done.add(local_part.lower())
         local = self._config.local
         if local.fallback_transport:
             state.add(_pass(local.fallback_transport, addr))
@@ -472,7 +481,6 @@ class LocalExpander:
         if not local.luser_relay or addr.lower() in state.relayed:
             state.add(refused)
             return
-        local_part, domain = address.split(addr)
         _, ext = split_extension(local_part.lower(), self._config.recipient_delimiter)
         values = {"user": user, "local": local_part.lower(), "mailbox": local_part.lower(), "extension": ext[1:],
                   "recipient_delimiter": ext[:1] or self._config.recipient_delimiter[:1], "domain": domain,
