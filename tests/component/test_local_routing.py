@@ -193,3 +193,28 @@ async def test_a_failure_expanding_one_recipient_defers_that_recipient_only(tmp_
     [alice, ghost] = (await t.deliver(two)).results
     assert alice.outcome is Outcome.SENT and len(maildir(tmp_path, "alice")) == 1
     assert (ghost.outcome, ghost.dsn, ghost.text) == (Outcome.DEFERRED, "4.3.0", "unknown mail transport error")
+
+
+def two_recipients(first: str, second: str) -> DeliveryRequest:
+    return dataclasses.replace(request(first), recipients=(
+        request(first).recipients[0], dataclasses.replace(request(second).recipients[0], index=1)))
+
+
+async def test_mailbox_transport_gets_one_copy_per_user_per_request(tmp_path):
+    """info (an alias of alice) and alice in one request: one LMTP delivery, as one Maildir copy without the
+    setting (local(8)'s been_here "mailbox"); both recipients get its result."""
+    peer = Recording()
+    t = routed(tmp_path, "info: alice\n", peers={"lmtp": peer}, mailbox_transport="lmtp")
+    [info, alice] = (await t.deliver(two_recipients("info@example.test", "alice@example.test"))).results
+    assert [[r.address for r in p.recipients] for p in peer.requests] == [["alice@example.test"]]
+    assert (info.outcome, info.text, info.relay) == (alice.outcome, alice.text, alice.relay) == (
+        Outcome.SENT, "250 2.0.0 Saved", "peer[127.0.0.1]:24")
+    assert (info.recipient.address, alice.recipient.address) == ("info@example.test", "alice@example.test")
+
+
+async def test_mailbox_command_runs_once_per_user_per_request(scripts, tmp_path):  # noqa: F811
+    s = scripts.script("count.sh", f"echo run >> {scripts.out}/runs\ncat > /dev/null\n")
+    t = routed(tmp_path, "info: alice\n", mailbox_command=str(s))
+    [info, alice] = (await t.deliver(two_recipients("info@example.test", "alice@example.test"))).results
+    assert info.outcome is alice.outcome is Outcome.SENT
+    assert scripts.read("runs") == "run\n"

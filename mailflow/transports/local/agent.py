@@ -15,7 +15,9 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
    created as theirs, and one that another uid owns defers 4.2.0 (Postfix's strict_mailbox_ownership). Each
    copy starts with Return-Path, X-Original-To (the recipient as the client gave it) and Delivered-To (the
    recipient of the request, as local(8)'s: an alias's address in its members' copies, files and commands); one copy
-   per user per request, however many of its recipients lead there (Postfix's duplicate filter). mbox files get a From_
+   per user per request, however many of its recipients lead there (Postfix's duplicate filter does it within one
+   recipient's expansion), and so one mailbox_command run per user and one pass per address (`_Filled`); a
+   recipient led to one already done gets its result. mbox files get a From_
    line, mboxrd quoting and the `mailbox_delivery_lock` locks (see mailflow.transports.local.mbox).
 3. Forwarded addresses (and the members of an :include: file or of a list with an owner- alias, which local(8)
    resubmits): one new message per recipient and sender, queued through cleanup by `forward(...)`, from the
@@ -62,7 +64,7 @@ import asyncio
 import logging
 import os
 import pwd
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Awaitable, Callable, Mapping, Protocol
@@ -74,7 +76,7 @@ from mailflow.errors import DeliveryError
 from mailflow.message import HEADER_READ_LIMIT, delivered_to, read_header
 from mailflow.model import ClientAttributes, DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
 from mailflow.transports.local.aliasing import (Command, ExpansionTooBig, File, Forward, LocalExpander, Mailbox,
-                                                Pass, Refused, is_safe_user)
+                                                Pass, Refused, identity, is_safe_user)
 from mailflow.transports.local.asuser import rights_for
 from mailflow.tables import split_extension
 from mailflow.transports.encode import ToLf, aencode
@@ -119,6 +121,16 @@ _SHELL_SAFE = frozenset("1234567890!@%-_=+:,./abcdefghijklmnopqrstuvwxyzABCDEFGH
 
 Part = tuple[Outcome, str, str]  # what one destination of a recipient got: outcome, status, text
 
+
+@dataclass
+class _Filled:
+    """What a request's mailbox deliveries got, by the leaf's `identity`: a user's Maildir or mbox, its
+    mailbox_command, an address passed to mailbox_transport (or fallback_transport) is delivered once per request
+    however many recipients lead there."""
+
+    mailboxes: dict[tuple, Part] = field(default_factory=dict)
+    passes: dict[tuple, RcptResult] = field(default_factory=dict)
+
 INLINE_LEAVES = 200  # leaves of an expansion made on the event loop at most (~14 ms of local members); more: a thread
 
 
@@ -140,14 +152,14 @@ class LocalTransport:
 
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
         seen = delivered_to(read_header(request.content, HEADER_READ_LIMIT)[0])
-        filled: dict[str, Part] = {}  # user -> what its mailbox got, so a user gets one copy per message
+        filled = _Filled()
         results = []
         for rcpt in request.recipients:
             results.append(await self._each_recipient(request, rcpt, seen, filled))
         return DeliveryReport(tuple(results))
 
     async def _each_recipient(self, request: DeliveryRequest, rcpt: Recipient, seen: frozenset[str],
-                              filled: dict[str, Part]) -> RcptResult:
+                              filled: _Filled) -> RcptResult:
         """`_deliver_recipient`; what it raises (a bug, not a delivery problem) defers this recipient alone, 4.3.0
         as Postfix's qmgr defers the recipients of an agent that died: the others' results stand, so a recipient
         delivered already is not delivered again at every retry."""
@@ -161,7 +173,7 @@ class LocalTransport:
         pass
 
     async def _deliver_recipient(self, request: DeliveryRequest, rcpt: Recipient, seen: frozenset[str],
-                                 filled: dict[str, Part]) -> RcptResult:
+                                 filled: _Filled) -> RcptResult:
         if not self._allow_min_user and rcpt.address.startswith("-"):  # Postfix allow_min_user = no
             return self._result(rcpt, Outcome.BOUNCED, "5.1.3", "bad recipient address syntax: begins with '-'")
         try:
@@ -169,7 +181,7 @@ class LocalTransport:
         except DeliveryError as e:
             return self._result(rcpt, Outcome.DEFERRED, e.dsn, e.text)
         if len(leaves) == 1 and isinstance(leaves[0], Pass):  # reported as the other agent reports it
-            passed = await self._pass(request, rcpt, leaves[0])
+            passed = await self._pass_once(request, rcpt, leaves[0], filled)
             return replace(passed, recipient=rcpt, expanded=_other(leaves[0].address, rcpt), expansion=expansion)
         parts, owners = await self._deliver_leaves(request, rcpt, leaves, filled)
         result = _naming_the_member(self._combine(rcpt, parts), rcpt, leaves, parts)
@@ -192,22 +204,21 @@ class LocalTransport:
         return found
 
     async def _deliver_leaves(self, request: DeliveryRequest, rcpt: Recipient, leaves: list,
-                              filled: dict[str, Part]) -> tuple[list[Part], list[str | None]]:
+                              filled: _Filled) -> tuple[list[Part], list[str | None]]:
         """What each destination got, and with it the list owner it was delivered for (a command's or a file's
         under a list with an owner- alias; None for the others)."""
         parts: list[Part] = []
         owners: list[str | None] = []
         for leaf in leaves:
             if isinstance(leaf, Mailbox):
-                if leaf.user not in filled:
-                    filled[leaf.user] = await self._mailbox(request, rcpt, leaf)
-                parts.append(filled[leaf.user])
+                parts.append(await self._mailbox_once(request, rcpt, leaf, filled))
             elif isinstance(leaf, Command):
-                parts.append(await self._command(request, rcpt, leaf))
+                parts.append(await (self._mailbox_once(request, rcpt, leaf, filled) if leaf.source == "mailbox"
+                                    else self._command(request, rcpt, leaf)))
             elif isinstance(leaf, File):
                 parts.append(await self._file(request, rcpt, leaf))
             elif isinstance(leaf, Pass):
-                passed = await self._pass(request, rcpt, leaf)
+                passed = await self._pass_once(request, rcpt, leaf, filled)
                 parts.append((passed.outcome, passed.dsn, passed.text))
             elif isinstance(leaf, Refused):
                 who = "" if leaf.address.lower() == rcpt.address.lower() else f"{leaf.address}: "
@@ -223,6 +234,23 @@ class LocalTransport:
             parts.append(await self._forward_copy(request, rcpt, tuple(addresses), sender))
             owners.append(None)
         return parts, owners
+
+    async def _mailbox_once(self, request: DeliveryRequest, rcpt: Recipient, leaf: Mailbox | Command,
+                            filled: _Filled) -> Part:
+        """The user's mailbox (a Maildir or mbox, or its mailbox_command), delivered once per request."""
+        key = identity(leaf)
+        if key not in filled.mailboxes:
+            filled.mailboxes[key] = await (self._mailbox(request, rcpt, leaf) if isinstance(leaf, Mailbox)
+                                           else self._command(request, rcpt, leaf))
+        return filled.mailboxes[key]
+
+    async def _pass_once(self, request: DeliveryRequest, rcpt: Recipient, leaf: Pass, filled: _Filled) -> RcptResult:
+        """`_pass`, once per request for an address (local(8)'s been_here "mailbox"): a recipient that leads there
+        again gets the first result."""
+        key = identity(leaf)
+        if key not in filled.passes:
+            filled.passes[key] = await self._pass(request, rcpt, leaf)
+        return filled.passes[key]
 
     def _combine(self, rcpt: Recipient, parts: list[Part]) -> RcptResult:
         """Deferred if any part must be retried, else bounced if any failed, else sent; texts of the others

@@ -285,7 +285,7 @@ class _Expansion:
         self.kind = ""  # how the recipient itself was expanded: "alias" (an alias or .forward), "list", "" not
 
     def add(self, leaf: Leaf) -> None:
-        key = _identity(leaf)
+        key = identity(leaf)
         if key not in self.keys:
             if self.leaf_budget is not None and len(self.leaves) >= self.leaf_budget:
                 raise ExpansionTooBig()
@@ -295,8 +295,9 @@ class _Expansion:
             self.leaves.append(leaf)
 
 
-def _identity(leaf: Leaf) -> tuple:
-    """What makes two leaves the same delivery: one mailbox per user, addresses compared without case."""
+def identity(leaf: Leaf) -> tuple:
+    """What makes two leaves the same delivery: one mailbox per user, addresses compared without case (the local
+    agent also keeps a request's mailbox deliveries by it: one copy per user per request)."""
     if isinstance(leaf, Mailbox):
         return "mailbox", leaf.user
     if isinstance(leaf, Forward):
