@@ -218,3 +218,26 @@ async def test_mailbox_command_runs_once_per_user_per_request(scripts, tmp_path)
     [info, alice] = (await t.deliver(two_recipients("info@example.test", "alice@example.test"))).results
     assert info.outcome is alice.outcome is Outcome.SENT
     assert scripts.read("runs") == "run\n"
+
+
+class Notifying(Recording):
+    """A peer that offered DSN and took NOTIFY: it says it reports success itself."""
+
+    async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
+        report = await super().deliver(request)
+        return DeliveryReport(tuple(dataclasses.replace(r, next_hop_notifies=True) for r in report.results))
+
+
+async def test_an_alias_member_is_passed_on_without_notify_success_and_the_expansion_reports_it(tmp_path):
+    """alias.c passes NOTIFY on without SUCCESS (SUCCESS alone: NEVER): the alias's own "expanded" notice is the
+    success notice, so the peer's next_hop_notifies must not suppress it. A recipient passed as it is keeps both."""
+    peer = Notifying()
+    t = routed(tmp_path, "info: alice\n", peers={"lmtp": peer}, mailbox_transport="lmtp")
+    for rcpt, notify, passed, notifies in [("info", "SUCCESS", "NEVER", False),
+                                           ("info", "SUCCESS,FAILURE", "FAILURE", False),
+                                           ("bob", "SUCCESS", "SUCCESS", True)]:
+        req = request(f"{rcpt}@example.test")
+        req = dataclasses.replace(req, recipients=(dataclasses.replace(req.recipients[0], notify=notify),))
+        [result] = (await t.deliver(req)).results
+        assert peer.requests[-1].recipients[0].notify == passed, rcpt
+        assert result.recipient.notify == notify and result.next_hop_notifies is notifies, rcpt

@@ -7,7 +7,9 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
 2. A `Pass` leaf (local.mailbox_transport, local.fallback_transport) is handed to that transport of `peers` (the
    registry of mailflow.transports) for that address and nexthop (none: the request's), as Postfix's deliver_pass:
    when it is the recipient's only leaf, that agent's result is the recipient's (its relay and reply, about the
-   address passed); a transport that is not there or raises defers 4.3.0. A mailbox_command is a Command (4.).
+   address passed; when an alias or .forward expanded the recipient, the address goes with its NOTIFY without
+   SUCCESS, as alias.c passes it on, and the expansion's own notice reports success); a transport that is not
+   there or raises defers 4.3.0. A mailbox_command is a Command (4.).
    Mailboxes (`mbox.mailbox_location`): `<maildir_base>/<user>/<home_mailbox>`, a Maildir when home_mailbox ends
    in "/" (the default `Maildir/`), else an mbox file; with home_mailbox "" the file `<mail_spool_directory>/<user>`.
    As root, a Maildir of a local user who is also a system user is created with that user's uid and gid
@@ -72,6 +74,7 @@ from typing import Awaitable, Callable, Mapping, Protocol
 from mailflow import address
 from mailflow.clock import Clock
 from mailflow.config import DEFAULTS, LocalConfig
+from mailflow.dsn_parameters import without_success
 from mailflow.errors import DeliveryError
 from mailflow.message import HEADER_READ_LIMIT, delivered_to, read_header
 from mailflow.model import ClientAttributes, DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
@@ -181,9 +184,10 @@ class LocalTransport:
         except DeliveryError as e:
             return self._result(rcpt, Outcome.DEFERRED, e.dsn, e.text)
         if len(leaves) == 1 and isinstance(leaves[0], Pass):  # reported as the other agent reports it
-            passed = await self._pass_once(request, rcpt, leaves[0], filled)
-            return replace(passed, recipient=rcpt, expanded=_other(leaves[0].address, rcpt), expansion=expansion)
-        parts, owners = await self._deliver_leaves(request, rcpt, leaves, filled)
+            passed = await self._pass_once(request, rcpt, leaves[0], filled, expansion)
+            return replace(passed, recipient=rcpt, expanded=_other(leaves[0].address, rcpt), expansion=expansion,
+                           next_hop_notifies=passed.next_hop_notifies and not expansion)  # else the expansion tells
+        parts, owners = await self._deliver_leaves(request, rcpt, leaves, filled, expansion)
         result = _naming_the_member(self._combine(rcpt, parts), rcpt, leaves, parts)
         return replace(result, expansion=expansion, owner=_failures_owner(result, parts, owners),
                        expanded=result.expanded or _sole_mailbox(rcpt, leaves))
@@ -203,10 +207,10 @@ class LocalTransport:
             log.warning("%s: %s", queue_id, text)
         return found
 
-    async def _deliver_leaves(self, request: DeliveryRequest, rcpt: Recipient, leaves: list,
-                              filled: _Filled) -> tuple[list[Part], list[str | None]]:
+    async def _deliver_leaves(self, request: DeliveryRequest, rcpt: Recipient, leaves: list, filled: _Filled,
+                              expansion: str) -> tuple[list[Part], list[str | None]]:
         """What each destination got, and with it the list owner it was delivered for (a command's or a file's
-        under a list with an owner- alias; None for the others)."""
+        under a list with an owner- alias; None for the others). `expansion`: how the recipient was expanded."""
         parts: list[Part] = []
         owners: list[str | None] = []
         for leaf in leaves:
@@ -218,7 +222,7 @@ class LocalTransport:
             elif isinstance(leaf, File):
                 parts.append(await self._file(request, rcpt, leaf))
             elif isinstance(leaf, Pass):
-                passed = await self._pass_once(request, rcpt, leaf, filled)
+                passed = await self._pass_once(request, rcpt, leaf, filled, expansion)
                 parts.append((passed.outcome, passed.dsn, passed.text))
             elif isinstance(leaf, Refused):
                 who = "" if leaf.address.lower() == rcpt.address.lower() else f"{leaf.address}: "
@@ -244,12 +248,13 @@ class LocalTransport:
                                            else self._command(request, rcpt, leaf))
         return filled.mailboxes[key]
 
-    async def _pass_once(self, request: DeliveryRequest, rcpt: Recipient, leaf: Pass, filled: _Filled) -> RcptResult:
+    async def _pass_once(self, request: DeliveryRequest, rcpt: Recipient, leaf: Pass, filled: _Filled,
+                         expansion: str) -> RcptResult:
         """`_pass`, once per request for an address (local(8)'s been_here "mailbox"): a recipient that leads there
         again gets the first result."""
         key = identity(leaf)
         if key not in filled.passes:
-            filled.passes[key] = await self._pass(request, rcpt, leaf)
+            filled.passes[key] = await self._pass(request, rcpt, leaf, expansion)
         return filled.passes[key]
 
     def _combine(self, rcpt: Recipient, parts: list[Part]) -> RcptResult:
@@ -312,12 +317,13 @@ class LocalTransport:
             return _failed(e)
         return Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}"
 
-    async def _pass(self, request: DeliveryRequest, rcpt: Recipient, leaf: Pass) -> RcptResult:
+    async def _pass(self, request: DeliveryRequest, rcpt: Recipient, leaf: Pass, expansion: str = "") -> RcptResult:
         """Hand `leaf.address` to the transport `leaf` names (Postfix's deliver_pass), to `leaf.nexthop` or the
         nexthop local was given; its result, about the address it was given. A transport that is not there or
-        fails defers 4.3.0, as deliver_pass says."""
+        fails defers 4.3.0, as deliver_pass says. The address of a recipient an alias or .forward expanded
+        (`expansion`) goes with its NOTIFY without SUCCESS, as alias.c passes it on: the expansion reports success."""
         log.info("%s: passing <%s> to transport=%s", request.queue_id, leaf.address, leaf.transport)
-        given = replace(rcpt, address=leaf.address)
+        given = replace(rcpt, address=leaf.address, notify=without_success(rcpt.notify) if expansion else rcpt.notify)
         peer = self._peers.get(leaf.transport)
         if peer is None:
             return self._result(given, Outcome.DEFERRED, "4.3.0", "mail transport unavailable")
