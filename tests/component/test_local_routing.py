@@ -241,3 +241,21 @@ async def test_an_alias_member_is_passed_on_without_notify_success_and_the_expan
         [result] = (await t.deliver(req)).results
         assert peer.requests[-1].recipients[0].notify == passed, rcpt
         assert result.recipient.notify == notify and result.next_hop_notifies is notifies, rcpt
+
+
+class Silent(Recording):
+    """A peer whose report holds no result for the address it was given."""
+
+    async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
+        self.requests.append(request)
+        return DeliveryReport(())
+
+
+async def test_a_peer_that_reports_no_result_defers_that_recipient_only(tmp_path, caplog):
+    """deliver_pass's 4.3.0 when the other agent's answer is broken, logged about that transport."""
+    t = routed(tmp_path, peers={"lmtp": Silent()}, fallback_transport="lmtp")
+    [ghost, bob] = (await t.deliver(two_recipients("ghost@example.test", "bob@example.test"))).results
+    assert (ghost.outcome, ghost.dsn, ghost.text) == (Outcome.DEFERRED, "4.3.0", "unknown mail transport error")
+    assert ghost.recipient.address == "ghost@example.test"
+    assert bob.outcome is Outcome.SENT and len(maildir(tmp_path, "bob")) == 1
+    assert "Q1: transport lmtp gave no result for <ghost@example.test>" in caplog.messages

@@ -319,9 +319,10 @@ class LocalTransport:
 
     async def _pass(self, request: DeliveryRequest, rcpt: Recipient, leaf: Pass, expansion: str = "") -> RcptResult:
         """Hand `leaf.address` to the transport `leaf` names (Postfix's deliver_pass), to `leaf.nexthop` or the
-        nexthop local was given; its result, about the address it was given. A transport that is not there or
-        fails defers 4.3.0, as deliver_pass says. The address of a recipient an alias or .forward expanded
-        (`expansion`) goes with its NOTIFY without SUCCESS, as alias.c passes it on: the expansion reports success."""
+        nexthop local was given; its result, about the address it was given. A transport that is not there, fails
+        or answers with no result defers 4.3.0, as deliver_pass says. The address of a recipient an alias or
+        .forward expanded (`expansion`) goes with its NOTIFY without SUCCESS, as alias.c passes it on: the
+        expansion reports success."""
         log.info("%s: passing <%s> to transport=%s", request.queue_id, leaf.address, leaf.transport)
         given = replace(rcpt, address=leaf.address, notify=without_success(rcpt.notify) if expansion else rcpt.notify)
         peer = self._peers.get(leaf.transport)
@@ -331,6 +332,9 @@ class LocalTransport:
             report = await peer.deliver(replace(request, recipients=(given,), nexthop=leaf.nexthop or request.nexthop))
         except Exception:
             log.exception("%s: transport %s failed for <%s>", request.queue_id, leaf.transport, leaf.address)
+            return self._result(given, Outcome.DEFERRED, "4.3.0", "unknown mail transport error")
+        if len(report.results) != 1:
+            log.warning("%s: transport %s gave no result for <%s>", request.queue_id, leaf.transport, leaf.address)
             return self._result(given, Outcome.DEFERRED, "4.3.0", "unknown mail transport error")
         return replace(report.results[0], program=getattr(peer, "program", ""))
 
