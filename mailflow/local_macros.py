@@ -6,41 +6,89 @@
 Macros (LOCAL_MACROS): $user (the local part without its extension), $local and $mailbox (the local part),
 $extension (without the delimiter), $recipient_delimiter, $domain, $recipient (the whole address), $home and
 $shell ("" for a user without a system account). Forms: `$name`, `${name}`, `$(name)`; `${name?text}` is
-`text` when the value is not empty, `${name:text}` when it is; `$$` is a literal `$`.
+`text` when the value is not empty, `${name:text}` when it is, the text itself expanded (and checked) as a
+template, as mac_expand does; a bracket pair inside it nests. `$$` is a literal `$`. Postfix 3.x's
+`${name?{text}:{text}}` and relational forms are not supported (their braces would be taken as text).
 """
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 LOCAL_MACROS = ("user", "local", "mailbox", "extension", "recipient_delimiter", "domain", "recipient", "home", "shell")
-_MACRO = re.compile(r"\$(?:\{([A-Za-z0-9_]+)(?:([?:])([^}]*))?\}|\(([A-Za-z0-9_]+)(?:([?:])([^)]*))?\)"
-                    r"|([A-Za-z0-9_]+)|(\$))")
+_NAME = re.compile(r"[A-Za-z0-9_]+")
+_BODY = re.compile(r"([A-Za-z0-9_]+)(?:([?:])(.*))?", re.DOTALL)
+_CLOSE = {"{": "}", "(": ")"}
+
+# on_macro(name, mark, text) -> what the macro stands for; mark "?" or ":" with its text, else None and None
+OnMacro = Callable[[str, "str | None", "str | None"], str]
 
 
 def check_local_macros(template: str) -> str:
-    """`template` when every macro in it is one of LOCAL_MACROS; ValueError otherwise."""
-    for m in _MACRO.finditer(template):
-        name = m.group(1) or m.group(4) or m.group(7)
-        if name and name not in LOCAL_MACROS:
+    """`template` when every macro in it, conditional texts included, is one of LOCAL_MACROS; ValueError
+    otherwise."""
+    def check(name: str, mark: str | None, text: str | None) -> str:
+        if name not in LOCAL_MACROS:
             raise ValueError(f"unknown macro ${name} (known: {', '.join(LOCAL_MACROS)})")
-    rest = _MACRO.sub("", template)
-    if "$" in rest:
-        raise ValueError(f"{template!r}: a '$' that starts no macro (write $$ for a '$')")
+        if text is not None:
+            check_local_macros(text)
+        return ""
+    _walk(template, check)
     return template
 
 
 def expand_local_macros(template: str, values: dict[str, str]) -> str:
-    """`template` with each macro replaced by its value in `values` (a missing one is "")."""
-    def replace(m: re.Match) -> str:
-        if m.group(8):
-            return "$"
-        name = m.group(1) or m.group(4) or m.group(7)
-        mark = m.group(2) or m.group(5)
-        text = m.group(3) if m.group(1) else m.group(6)
+    """`template` with each macro replaced by its value in `values` (a missing one is ""); a conditional text
+    chosen is expanded in turn. Raises ValueError where `check_local_macros` would."""
+    def expand(name: str, mark: str | None, text: str | None) -> str:
         value = values.get(name, "")
-        if mark == "?":
-            return text if value else ""
-        if mark == ":":
-            return "" if value else text
-        return value
-    return _MACRO.sub(replace, template)
+        if mark is None or text is None:
+            return value
+        chosen = bool(value) if mark == "?" else not value
+        return expand_local_macros(text, values) if chosen else ""
+    return _walk(template, expand)
+
+
+def _walk(template: str, on_macro: OnMacro) -> str:
+    """`template` with each macro replaced by what `on_macro` makes of it, `$$` by `$`."""
+    out: list[str] = []
+    i = 0
+    while i < len(template):
+        start = template.find("$", i)
+        if start < 0:
+            out.append(template[i:])
+            break
+        out.append(template[i:start])
+        i = _macro(template, start, on_macro, out)
+    return "".join(out)
+
+
+def _macro(template: str, start: int, on_macro: OnMacro, out: list[str]) -> int:
+    """The macro at `template[start]` (a '$') appended to `out`; the index after it."""
+    after = template[start + 1:start + 2]
+    if after == "$":
+        out.append("$")
+        return start + 2
+    if after in _CLOSE:
+        end = _matching(template, start + 1)
+        body = _BODY.fullmatch(template, start + 2, end)
+        if body is None:
+            raise ValueError(f"{template!r}: bad macro {template[start:end + 1]!r}")
+        out.append(on_macro(body[1], body[2], body[3]))
+        return end + 1
+    name = _NAME.match(template, start + 1)
+    if name is None:
+        raise ValueError(f"{template!r}: a '$' that starts no macro (write $$ for a '$')")
+    out.append(on_macro(name[0], None, None))
+    return name.end()
+
+
+def _matching(template: str, opening: int) -> int:
+    """The index of the bracket closing the one at `opening`, brackets of that kind nesting (mac_parse)."""
+    open_, close = template[opening], _CLOSE[template[opening]]
+    depth = 0
+    for i in range(opening, len(template)):
+        depth += {open_: 1, close: -1}.get(template[i], 0)
+        if depth == 0:
+            return i
+    raise ValueError(f"{template!r}: a '$' that starts no macro (write $$ for a '$'): {open_!r} not closed")

@@ -16,6 +16,7 @@ import dataclasses
 import pytest
 
 from mailflow.config import ConfigError, config_from_dict
+from mailflow.local_macros import check_local_macros, expand_local_macros
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome
 from mailflow.transports.discard import DiscardTransport
 from mailflow.transports.error import ErrorTransport
@@ -259,3 +260,37 @@ async def test_a_peer_that_reports_no_result_defers_that_recipient_only(tmp_path
     assert ghost.recipient.address == "ghost@example.test"
     assert bob.outcome is Outcome.SENT and len(maildir(tmp_path, "bob")) == 1
     assert "Q1: transport lmtp gave no result for <ghost@example.test>" in caplog.messages
+
+
+@pytest.mark.parametrize("template, values, expanded", [
+    ("${extension?+${extension}}", {"extension": "tag"}, "+tag"),  # mac_expand expands the text it picks
+    ("${extension?+${extension}}", {}, ""),
+    ("a$(extension:$user.x)b", {"user": "ghost"}, "aghost.xb"),
+    ("${user}$$", {"user": "ghost"}, "ghost$"),
+])
+def test_luser_relay_macros_expand_the_conditional_text(template, values, expanded):
+    assert expand_local_macros(template, values) == expanded
+
+
+@pytest.mark.parametrize("template, message", [
+    ("${extension?$usr}", "unknown macro $usr"),  # the text is checked too
+    ("${extension?x", "'${extension?x': a '$' that starts no macro"),
+    ("a$", "'a$': a '$' that starts no macro"),
+])
+def test_luser_relay_macros_check_the_conditional_text(template, message):
+    with pytest.raises(ValueError) as caught:
+        check_local_macros(template)
+    assert message in str(caught.value)
+
+
+async def test_luser_relay_macros_take_the_unquoted_local_part(tmp_path):
+    """local(8) expands the internal form of the address (`"ghost+a b"@…`: extension `a b`), not its quotes."""
+    sent = []
+
+    async def forward(request, recipient, addresses, content, sender=None):
+        sent.append(addresses)
+        return "Q2"
+    t = routed(tmp_path, luser_relay="relay+${extension}@elsewhere.test")
+    t._forward = forward
+    [result] = (await t.deliver(request('"ghost+a b"@example.test'))).results
+    assert result.outcome is Outcome.SENT and sent == [("relay+a b@elsewhere.test",)]

@@ -459,22 +459,22 @@ class LocalExpander:
             return
         refused = self.unknown_user(user, addr)
         if refused is not None:
-            self._unknown(state, user, addr, refused)
+            self._unknown(state, addr, refused)
         elif local.mailbox_command:
             state.add(Command(local.mailbox_command, addr, "mailbox", _system_user(user), forward=True))
         else:
             state.add(Mailbox(user, addr))
 
-    def _unknown(self, state: _Expansion, user: str, addr: str, refused: Refused) -> None:
+    def _unknown(self, state: _Expansion, addr: str, refused: Refused) -> None:
         """A recipient that is no local user, as local(8)'s unknown.c: local.fallback_transport, else the address
         local.luser_relay expands to (expanded here when it is local, else resent), else the refusal. A relay
         address that is the recipient itself, or one that is unknown in turn, is refused. A local part met here
         again in the same expansion gets nothing more (unknown.c's been_here "deliver_unknown"): a relay that
         leads back through an alias to an unknown user ends there."""
-        local_part, domain = address.split(addr)
-        if local_part.lower() in state.unknown_done:
+        values = self._macro_values(addr)
+        if values["local"] in state.unknown_done:
             return
-        state.unknown_done.add(local_part.lower())
+        state.unknown_done.add(values["local"])
         local = self._config.local
         if local.fallback_transport:
             state.add(_pass(local.fallback_transport, addr))
@@ -482,16 +482,22 @@ class LocalExpander:
         if not local.luser_relay or addr.lower() in state.relayed:
             state.add(refused)
             return
-        _, ext = split_extension(local_part.lower(), self._config.recipient_delimiter)
-        values = {"user": user, "local": local_part.lower(), "mailbox": local_part.lower(), "extension": ext[1:],
-                  "recipient_delimiter": ext[:1] or self._config.recipient_delimiter[:1], "domain": domain,
-                  "recipient": addr}
         relay = self._rewriter.qualify(expand_local_macros(local.luser_relay, values))
         if relay.lower() == addr.lower():
             state.add(refused)
             return
         state.relayed.add(relay.lower())
         self._address(state, relay, _Origin(address=addr))
+
+    def _macro_values(self, addr: str) -> dict[str, str]:
+        """luser_relay's macros for `addr`, from its internal form lower-cased as local(8)'s state.msg_attr
+        (`"ghost+a b"@x` has the extension `a b`, not `a b"`); $recipient the internal form as it is."""
+        internal = address.internal_form(addr)
+        local_part, domain = address.split(internal.lower())
+        user, ext = split_extension(local_part, self._config.recipient_delimiter)
+        return {"user": user, "local": local_part, "mailbox": local_part, "extension": ext[1:],
+                "recipient_delimiter": ext[:1] or self._config.recipient_delimiter[:1], "domain": domain,
+                "recipient": internal}
 
     def _privileged(self, state: _Expansion, leaf: Command | File, allowed: tuple[str, ...], kind: str) -> None:
         if leaf.source in allowed:
