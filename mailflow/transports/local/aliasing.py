@@ -40,7 +40,8 @@ Rules, as local(8):
    local.luser_relay: the address it expands to (mailflow.local_macros) is expanded as an alias member would be
    (a local one here, once: unknown in turn, or the recipient itself, it is Refused 5.1.1; another a Forward); an
    unknown local part met again in the same expansion gets nothing more (unknown.c's been_here), so a relay that
-   leads back to an unknown user through an alias ends there;
+   leads back to an unknown user through an alias ends there; the relay address keeps the name of the alias that
+   led to it (exp_from), so that alias met again is a user, not expanded again (Postfix 3.7's 5.1.1 for it);
    else for a known user local.mailbox_command, a `Command` of source "mailbox" (run as the user, with HOME;
    allow_mail_to_commands does not apply to it).
 Whose rights (local(8)'s "delivery rights"): when mailflow runs as root and the user is also a system user
@@ -355,13 +356,13 @@ class LocalExpander:
         local, domain = address.split(addr)
         user, ext = split_extension(local.lower(), self._config.recipient_delimiter)
         if self.unknown_user(user, addr) is not None:
-            self._mailbox(state, user, addr)  # mailbox_transport, or local(8)'s unknown.c
+            self._mailbox(state, user, addr, origin)  # mailbox_transport, or local(8)'s unknown.c
             return
         if user in state.forwards_done:
             return  # its .forward was expanded already: nothing more for this user
         rights, forward = self._forward_file(state, user, ext)
         if forward is None:
-            self._mailbox(state, user, addr)
+            self._mailbox(state, user, addr, origin)
             return
         state.forwards_done.add(user)
         if origin.address is None:  # the recipient's own .forward
@@ -411,7 +412,7 @@ class LocalExpander:
             if isinstance(target, AddressTarget):
                 self._address(state, target.address, origin)
             elif isinstance(target, MailboxTarget):
-                self._mailbox(state, target.user.lower(), f"{target.user}@{domain}")
+                self._mailbox(state, target.user.lower(), f"{target.user}@{domain}", origin)
             elif isinstance(target, CommandTarget):
                 command = Command(target.command, owner, origin.source, origin.rights, origin.owner,
                                   origin.kind == "forward")
@@ -430,7 +431,7 @@ class LocalExpander:
         if origin.kind == "forward":
             user = split_extension(address.split(addr)[0].lower(), self._config.recipient_delimiter)[0]
             if user == origin.name and self._is_local_delivery(addr):
-                self._mailbox(state, user, addr)
+                self._mailbox(state, user, addr, origin)
             else:
                 state.add(Forward(addr, origin.owner))
         elif self._is_local_delivery(addr):
@@ -450,7 +451,7 @@ class LocalExpander:
             return None
         return Refused(addr, "5.1.1", f"unknown user: \"{user}\"")
 
-    def _mailbox(self, state: _Expansion, user: str, addr: str) -> None:
+    def _mailbox(self, state: _Expansion, user: str, addr: str, origin: "_Origin") -> None:
         """Rule 5, as local(8)'s mailbox.c: local.mailbox_transport (for any user, known or not), else for an
         unknown user `_unknown`, else local.mailbox_command, else the mailbox."""
         local = self._config.local
@@ -459,18 +460,20 @@ class LocalExpander:
             return
         refused = self.unknown_user(user, addr)
         if refused is not None:
-            self._unknown(state, addr, refused)
+            self._unknown(state, addr, refused, origin)
         elif local.mailbox_command:
             state.add(Command(local.mailbox_command, addr, "mailbox", _system_user(user), forward=True))
         else:
             state.add(Mailbox(user, addr))
 
-    def _unknown(self, state: _Expansion, addr: str, refused: Refused) -> None:
+    def _unknown(self, state: _Expansion, addr: str, refused: Refused, origin: "_Origin") -> None:
         """A recipient that is no local user, as local(8)'s unknown.c: local.fallback_transport, else the address
         local.luser_relay expands to (expanded here when it is local, else resent), else the refusal. A relay
         address that is the recipient itself, or one that is unknown in turn, is refused. A local part met here
         again in the same expansion gets nothing more (unknown.c's been_here "deliver_unknown"): a relay that
-        leads back through an alias to an unknown user ends there."""
+        leads back through an alias to an unknown user ends there. The relay address keeps the alias name whose
+        expansion led here (local(8)'s exp_from): met again, that alias is not expanded again but is a user (so
+        `postmaster: boss` with luser_relay postmaster bounces "unknown user: postmaster", as Postfix 3.7)."""
         values = self._macro_values(addr)
         if values["local"] in state.unknown_done:
             return
@@ -487,7 +490,7 @@ class LocalExpander:
             state.add(refused)
             return
         state.relayed.add(relay.lower())
-        self._address(state, relay, _Origin(address=addr))
+        self._address(state, relay, _Origin(origin.name, path=origin.path, address=addr))
 
     def _macro_values(self, addr: str) -> dict[str, str]:
         """luser_relay's macros for `addr`, from its internal form lower-cased as local(8)'s state.msg_attr
