@@ -128,6 +128,11 @@ async def test_recipient_lists_are_read_as_a_real_postfix_reads_them(write_confi
             (maildrop / maildrop_names(maildrop)[0]).unlink()
 
 
+# The -bs dialogues make more errors than smtpd_soft_error_limit (10): past it both sides wait
+# smtpd_error_sleep_time (1 s) before every reply, which changes no reply (tests/e2e/test_sendmail.py times
+# mailflow's wait under -bs, tests/component/test_smtpd_protocol.py its smtpd's)
+NO_TARPIT = {"error_sleep_time": 0}
+NO_TARPIT_PF = {"smtpd_error_sleep_time": "0"}
 # one command at a time (the lines of DATA's content sent with the command before them)
 BS_DIALOGUE: list[str | bytes] = [
     "EHLO client.test", "HELO", "EHLO",
@@ -174,11 +179,15 @@ async def bs_replies(command: list[str], dialogue: list[str | bytes]) -> list[st
 async def test_bs_answers_each_command_as_a_real_postfixs_smtpd_does(write_config, tmp_path):
     (tmp_path / "queue").mkdir()
     config = write_config(tmp_path / "mailflow.toml", smtpd={"listen": ["127.0.0.1:0"], "banner": "ESMTP probe",
-                                                             "disable_vrfy_command": False}, **COMMON)
-    async with postfix_instance({**COMMON, "relayhost": "[127.0.0.1]:9", "smtputf8_enable": "yes",
-                                 "smtpd_banner": "$myhostname ESMTP probe"}) as pf:
-        postfix = await bs_replies(["sendmail", "-C", str(pf.etc)], BS_DIALOGUE)
-    mailflow = await bs_replies([sys.executable, "-m", "mailflow", "sendmail", "-C", str(config)], BS_DIALOGUE)
+                                                             "disable_vrfy_command": False, **NO_TARPIT}, **COMMON)
+
+    async def postfix_side() -> list[str]:
+        async with postfix_instance({**COMMON, **NO_TARPIT_PF, "relayhost": "[127.0.0.1]:9", "smtputf8_enable": "yes",
+                                     "smtpd_banner": "$myhostname ESMTP probe"}) as pf:
+            return await bs_replies(["sendmail", "-C", str(pf.etc)], BS_DIALOGUE)
+
+    postfix, mailflow = await asyncio.gather(  # the two sides share nothing: they run at once
+        postfix_side(), bs_replies([sys.executable, "-m", "mailflow", "sendmail", "-C", str(config)], BS_DIALOGUE))
     offered = [line[4:] for line in postfix[1].splitlines()]
     assert [k for k in offered if k not in ("ETRN", "CHUNKING")] == [k[4:] for k in mailflow[1].splitlines()]
     assert mailflow[:1] + mailflow[2:] == postfix[:1] + postfix[2:]
@@ -189,8 +198,8 @@ async def test_bs_answers_each_command_as_a_real_postfixs_smtpd_does(write_confi
             for name in maildrop_names(tmp_path / "queue" / "maildrop")] == [("b@x.test", "c@x.test")]
 
 
-# RFC 3461 under -bs: each refusal, then a message whose DSN parameters both queue. Three sessions, each with
-# fewer errors than Postfix's smtpd_soft_error_limit (past it, each reply waits a second)
+# RFC 3461 under -bs: each refusal, then a message whose DSN parameters both queue. Two sessions (no tarpit: see
+# NO_TARPIT)
 DSN_REFUSED_AT_MAIL: list[str | bytes] = [
     "EHLO client.test",
     "MAIL FROM:<a@x.test> RET=FULL RET=HDRS", "MAIL FROM:<a@x.test> RET=bogus", "MAIL FROM:<a@x.test> RET=",
@@ -255,18 +264,21 @@ async def test_bs_takes_dsn_parameters_as_a_real_postfixs_smtpd_does(write_confi
     when not stand-alone, smtpd.c mail_open_stream), so its notices lose the ENVID RFC 3461 says they must carry;
     mailflow queues both."""
     (tmp_path / "queue").mkdir()
-    config = write_config(tmp_path / "mailflow.toml", smtpd={"listen": ["127.0.0.1:0"], "banner": "ESMTP probe"},
-                          **COMMON)
-    postfix_sendmail = ["sendmail"]
-    mailflow_sendmail = [sys.executable, "-m", "mailflow", "sendmail", "-C", str(config)]
-    async with postfix_instance({**COMMON, "relayhost": "[127.0.0.1]:9", "smtputf8_enable": "yes",
-                                 "smtpd_banner": "$myhostname ESMTP probe"}) as pf:
-        postfix_sendmail += ["-C", str(pf.etc)]
-        postfix = await bs_replies(postfix_sendmail, DSN_REFUSED_AT_MAIL)
-        postfix += await bs_replies(postfix_sendmail, DSN_DIALOGUE)
-        postcat = await eventually(lambda: whole_queue_file(pf), timeout=20, step=0.2, what="queued by Postfix")
-    mailflow = await bs_replies(mailflow_sendmail, DSN_REFUSED_AT_MAIL) + await bs_replies(mailflow_sendmail,
-                                                                                         DSN_DIALOGUE)
+    config = write_config(tmp_path / "mailflow.toml", smtpd={"listen": ["127.0.0.1:0"], "banner": "ESMTP probe",
+                                                             **NO_TARPIT}, **COMMON)
+
+    async def replies(sendmail: list[str]) -> list[str]:
+        return await bs_replies(sendmail, DSN_REFUSED_AT_MAIL) + await bs_replies(sendmail, DSN_DIALOGUE)
+
+    async def postfix_side() -> tuple[list[str], str]:
+        async with postfix_instance({**COMMON, **NO_TARPIT_PF, "relayhost": "[127.0.0.1]:9", "smtputf8_enable": "yes",
+                                     "smtpd_banner": "$myhostname ESMTP probe"}) as pf:
+            postfix = await replies(["sendmail", "-C", str(pf.etc)])
+            return postfix, await eventually(lambda: whole_queue_file(pf), timeout=20, step=0.2,
+                                             what="queued by Postfix")
+
+    (postfix, postcat), mailflow = await asyncio.gather(  # the two sides share nothing: they run at once
+        postfix_side(), replies([sys.executable, "-m", "mailflow", "sendmail", "-C", str(config)]))
     assert "250-DSN" in mailflow[1].splitlines()
     assert [r for r in mailflow if "250-" not in r] == [r for r in postfix if "250-" not in r]
     assert postfix[3:5] == ["501 5.5.4 Bad RET parameter syntax"] * 2 and postfix[-2].endswith("queued as ID")
