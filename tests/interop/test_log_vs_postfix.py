@@ -422,23 +422,32 @@ async def test_old_mail_requeued_is_deferred_again_not_returned_as_postfix_reset
     slow = {"maximal_queue_lifetime": "4s", "bounce_queue_lifetime": "4s", "queue_run_delay": "1h",
             "minimal_backoff_time": "1h", "maximal_backoff_time": "1h"}
     deferred = "to=<def@relay.test>"
-    try:
+
+    async def postfix_side() -> tuple[str, list[list[str]]]:
         async with postfix_instance({
             "myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "mydestination": "", "relay_domains": "relay.test",
             "transport_maps": transports, "notify_classes": "", "delay_warning_time": "0", **slow,
         }) as pf:
+            async def tool(*argv: str):  # in a thread: mailflow's side shares this loop
+                return await asyncio.to_thread(pf.run, *argv)
+
             await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)
             started = len(pf.maillog)
             await message(pf.port, ["def@relay.test"], "old")
-            await eventually(lambda: b'"queue_name": "deferred"' in pf.run("postqueue", "-j").stdout, timeout=10)
+
+            async def deferred_listed() -> bool:
+                return b'"queue_name": "deferred"' in (await tool("postqueue", "-j")).stdout
+            await eventually(deferred_listed, timeout=10, step=0.1)
             [old] = re.findall(r": ([0-9A-F]+): client=", pf.maillog[started:])
             await asyncio.sleep(5)  # older than its lifetime now
-            assert pf.run("postsuper", "-r", old).returncode == 0
-            assert pf.run("postkick", "public", "pickup", "W").returncode == 0
+            assert (await tool("postsuper", "-r", old)).returncode == 0
+            assert (await tool("postkick", "public", "pickup", "W")).returncode == 0
             await eventually(lambda: pf.maillog[started:].count(deferred) == 2, timeout=10)
             await asyncio.sleep(0.5)  # (an expiry would be logged right after the attempt's line)
             pf_log = pf.maillog[started:]
-            pf_lines = requeued_lines(pf_log, old)
+            return pf_log, requeued_lines(pf_log, old)
+
+    async def mailflow_side() -> tuple[str, list[list[str]]]:
         settings = dict(myhostname=MF_HOST, mydestination=[], relay_domains=["relay.test"],
                         transport_maps=[transports], smtp={"tls_security_level": "none"}, queue=slow)
         mf = await mailflow_server(**settings)
@@ -453,7 +462,10 @@ async def test_old_mail_requeued_is_deferred_again_not_returned_as_postfix_reset
         await asyncio.sleep(0.5)
         await mf.stop()
         mf_log = mail_log.read_text()
-        mf_lines = requeued_lines(mf_log, old)
+        return mf_log, requeued_lines(mf_log, old)
+
+    try:  # the two sides share only the peer, which answers each session alike: they run at once
+        (pf_log, pf_lines), (mf_log, mf_lines) = await asyncio.gather(postfix_side(), mailflow_side())
     finally:
         await peer.stop()
     assert "status=expired" not in pf_log and "status=expired" not in mf_log, (pf_log, mf_log)
