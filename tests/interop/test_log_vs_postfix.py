@@ -180,28 +180,35 @@ async def test_the_tools_read_both_logs_alike(mailflow_server, mail_log, tmp_pat
             "notify_classes": "", "smtpd_forbid_unauth_pipelining": "yes",
             "smtpd_sasl_auth_enable": "yes", "smtpd_sasl_type": "dovecot", "smtpd_sasl_path": auth_socket,
         }) as pf:
-            await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the probe that saw it listen
-            started = len(pf.maillog)
-            pf_replies = await traffic(pf.port)
-            await eventually(lambda: pf.maillog.count(": removed") >= 5, timeout=20)
-            await eventually(lambda: pf.maillog.count(": disconnect from") == pf.maillog.count(": connect from"),
-                             timeout=10)  # the last session's disconnect line
-            pf_log = pf.maillog[started:]
-        mf = await mailflow_server(  # (no connection cache: Postfix's caches on demand, for a backlog, none here)
-            myhostname=MF_HOST, mydestination=[], relay_domains=["relay.test"], relay_recipient_maps=[known],
-            transport_maps=[transports], mynetworks=["192.0.2.0/24"],
-            smtp={"tls_security_level": "none", "connection_cache_time_limit": "0s"},
-            checks={"header_checks": [f"regexp:{folder}/header"]},
-            queue={"maximal_queue_lifetime": "0s", "bounce_queue_lifetime": "0s"},
-            smtpd={"helo_restrictions": ["reject_invalid_helo_hostname"],
-                   "sender_restrictions": [f"check_sender_access {access}"],
-                   "hard_error_limit": 3, "error_sleep_time": 0, "timeout": "2s", "sasl_auth_enable": True,
-                   "sasl_type": "dovecot", "sasl_path": auth_socket, "allow_plaintext_auth_on_loopback": True,
-                   "auth_failure_delay": 0})
-        mf_replies = await traffic(mf.smtp_addresses[0][1])
-        await eventually(lambda: mail_log.read_text().count(": removed") >= 5, timeout=20)
-        await mf.stop()
-        mf_log = mail_log.read_text()
+            mf = await mailflow_server(  # (no connection cache: Postfix's caches on demand, for a backlog, none here)
+                myhostname=MF_HOST, mydestination=[], relay_domains=["relay.test"], relay_recipient_maps=[known],
+                transport_maps=[transports], mynetworks=["192.0.2.0/24"],
+                smtp={"tls_security_level": "none", "connection_cache_time_limit": "0s"},
+                checks={"header_checks": [f"regexp:{folder}/header"]},
+                queue={"maximal_queue_lifetime": "0s", "bounce_queue_lifetime": "0s"},
+                smtpd={"helo_restrictions": ["reject_invalid_helo_hostname"],
+                       "sender_restrictions": [f"check_sender_access {access}"],
+                       "hard_error_limit": 3, "error_sleep_time": 0, "timeout": "2s", "sasl_auth_enable": True,
+                       "sasl_type": "dovecot", "sasl_path": auth_socket, "allow_plaintext_auth_on_loopback": True,
+                       "auth_failure_delay": 0})
+
+            async def postfix_side() -> tuple[list, str]:
+                await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the probe that saw it listen
+                started = len(pf.maillog)
+                replies = await traffic(pf.port)
+                await eventually(lambda: pf.maillog.count(": removed") >= 5, timeout=20)
+                await eventually(lambda: pf.maillog.count(": disconnect from") == pf.maillog.count(": connect from"),
+                                 timeout=10)  # the last session's disconnect line
+                return replies, pf.maillog[started:]
+
+            async def mailflow_side() -> tuple[list, str]:
+                replies = await traffic(mf.smtp_addresses[0][1])
+                await eventually(lambda: mail_log.read_text().count(": removed") >= 5, timeout=20)
+                await mf.stop()
+                return replies, mail_log.read_text()
+
+            # the servers share only the peers (which answer each session alike) and Dovecot: they run at once
+            (pf_replies, pf_log), (mf_replies, mf_log) = await asyncio.gather(postfix_side(), mailflow_side())
     finally:
         await peer.stop()
         await sink.stop()
