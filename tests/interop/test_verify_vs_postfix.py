@@ -61,12 +61,12 @@ async def test_unverified_recipients_get_postfix_replies_first_and_from_the_cach
         "relayhost": f"[127.0.0.1]:{pf_peer.port}", "mynetworks": "127.0.0.2/32",
         "smtpd_recipient_restrictions": "reject_unverified_recipient", "virtual_alias_maps": VIRTUAL,
     }) as pf:
-        pf_replies = await two_rounds(pf.port)
-    mf_peer, mf_senders = await peer_for(smtp_peer)
-    mf = await mailflow_server(mydestination=["local.test"], relay_domains=["relay.test"],
-                               relayhost=f"[127.0.0.1]:{mf_peer.port}", virtual_alias_maps=[VIRTUAL],
-                               smtpd={"recipient_restrictions": ["reject_unverified_recipient"]})
-    mf_replies = await two_rounds(mf.smtp_addresses[0][1])
+        mf_peer, mf_senders = await peer_for(smtp_peer)
+        mf = await mailflow_server(mydestination=["local.test"], relay_domains=["relay.test"],
+                                   relayhost=f"[127.0.0.1]:{mf_peer.port}", virtual_alias_maps=[VIRTUAL],
+                                   smtpd={"recipient_restrictions": ["reject_unverified_recipient"]})
+        # each server has its own peer: the two run at once
+        pf_replies, mf_replies = await asyncio.gather(two_rounds(pf.port), two_rounds(mf.smtp_addresses[0][1]))
 
     differ = {(round, a): (pf_replies[round][n], mf_replies[round][n]) for round in (0, 1)
               for n, a in enumerate(ADDRESSES) if pf_replies[round][n] != mf_replies[round][n]}
@@ -140,16 +140,21 @@ async def test_a_sender_ttl_stamps_the_probe_sender_as_postfix_does_and_each_tak
         "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
         "smtpd_recipient_restrictions": "reject_unverified_recipient", "address_verify_sender_ttl": "1d",
     }) as pf:
-        assert await rcpt_text(pf.port, "good@relay.test") == "250 2.1.5 Ok"
-        pf_own = [stamped(pf_senders[0], n) for n in (-1, 0, 1, 2)] + ["double-bounce@pf.test"]
-        pf_replies = [await rcpt_text(pf.port, a) for a in pf_own]
-    mf_peer, mf_senders = await peer_for(smtp_peer)
-    mf = await mailflow_server(mydestination=["local.test"], relay_domains=["relay.test"],
-                               relayhost=f"[127.0.0.1]:{mf_peer.port}", address_verify={"sender_ttl": "1d"},
-                               smtpd={"recipient_restrictions": ["reject_unverified_recipient"]})
-    assert await rcpt_text(mf.smtp_addresses[0][1], "good@relay.test") == "250 2.1.5 Ok"
-    mf_own = [stamped(mf_senders[0], n) for n in (-1, 0, 1, 2)] + ["double-bounce@mx.mailflow.test"]
-    mf_replies = [await rcpt_text(mf.smtp_addresses[0][1], a) for a in mf_own]
+        mf_peer, mf_senders = await peer_for(smtp_peer)
+        mf = await mailflow_server(mydestination=["local.test"], relay_domains=["relay.test"],
+                                   relayhost=f"[127.0.0.1]:{mf_peer.port}", address_verify={"sender_ttl": "1d"},
+                                   smtpd={"recipient_restrictions": ["reject_unverified_recipient"]})
+
+        async def own_senders(port: int, senders: list[str], bare: str) -> tuple[list[str], list[str]]:
+            """The probe senders stamped around the one the probe of good@ came from, and the replies to them."""
+            assert await rcpt_text(port, "good@relay.test") == "250 2.1.5 Ok"
+            own = [stamped(senders[0], n) for n in (-1, 0, 1, 2)] + [bare]
+            return own, [await rcpt_text(port, a) for a in own]
+
+        # each server has its own peer: the two run at once
+        (pf_own, pf_replies), (_, mf_replies) = await asyncio.gather(
+            own_senders(pf.port, pf_senders, "double-bounce@pf.test"),
+            own_senders(mf.smtp_addresses[0][1], mf_senders, "double-bounce@mx.mailflow.test"))
 
     assert pf_senders[0].partition("@")[0] == mf_senders[0].partition("@")[0] != "double-bounce"
     assert pf_own[1] == pf_senders[0]
