@@ -118,18 +118,26 @@ def mf_warnings(caplog) -> list[str]:
 
 async def test_connection_limits_match_a_real_postfix(mailflow_server, caplog):
     caplog.set_level(logging.INFO)
-    async with postfix_instance({"myhostname": PF_HOST, "mynetworks": NETWORKS, **LIMITS_PF}) as pf:
-        postfix = await connection_limits(pf.port)
-        await eventually(lambda: len(pf_warnings(pf.maillog)) >= 3, timeout=5, what="Postfix's anvil warnings")
-        pf_log = pf.maillog
-        assert await admitted_again(pf.port, UNIT)
     mf = await mailflow_server(mynetworks=[NETWORKS], smtpd=LIMITS_MF)
     port = mf.smtp_addresses[0][1]
-    assert accepts(port)
-    mailflow = await connection_limits(port)
+    async with postfix_instance({"myhostname": PF_HOST, "mynetworks": NETWORKS, **LIMITS_PF}) as pf:
+        assert accepts(port)  # (each server's time unit starts with its readiness probe, just before its side)
+
+        async def postfix_side() -> tuple[list[str], str, bool]:
+            seen = await connection_limits(pf.port)
+            await eventually(lambda: len(pf_warnings(pf.maillog)) >= 3, timeout=5, what="Postfix's anvil warnings")
+            return seen, pf.maillog, await admitted_again(pf.port, UNIT)
+
+        async def mailflow_side() -> tuple[list[str], list[str], bool]:
+            seen = await connection_limits(port)
+            return seen, mf_warnings(caplog), await admitted_again(port, UNIT)
+
+        # each server counts its own clients: the two run at once
+        (postfix, pf_log, pf_admitted), (mailflow, mf_warned, mf_admitted) = await asyncio.gather(
+            postfix_side(), mailflow_side())
     assert mailflow == postfix
-    assert mf_warnings(caplog) == pf_warnings(pf_log)
-    assert await admitted_again(port, UNIT)
+    assert mf_warned == pf_warnings(pf_log)
+    assert pf_admitted and mf_admitted
     # the replies themselves, so that a change on both sides cannot pass unnoticed
     refused = "421 4.7.0 HOST Error: too many connections from 127.0.0.1"
     assert postfix == ["220", "220", refused, "220", refused, refused]
@@ -268,12 +276,20 @@ async def test_timeouts_match_a_real_postfix(mailflow_server, caplog):
     caplog.set_level(logging.INFO)
     async with postfix_instance({"myhostname": PF_HOST, "mynetworks": NETWORKS, "mydestination": "local.test",
                                  "local_recipient_maps": "inline:{alice=ok}", "smtpd_timeout": "1s"}) as pf:
-        postfix = await timeouts(pf.port)
-        await eventually(lambda: len(pf_timeouts(pf.maillog)) >= 5, timeout=5, what="Postfix's timeout lines")
-        pf_log = pf.maillog
-    mf = await mailflow_server(mynetworks=[NETWORKS], smtpd={"timeout": "1s"})
-    mailflow = await timeouts(mf.smtp_addresses[0][1])
-    await sessions_over(mf)
+        mf = await mailflow_server(mynetworks=[NETWORKS], smtpd={"timeout": "1s"})
+
+        async def postfix_side() -> tuple[list[str], str]:
+            seen = await timeouts(pf.port)
+            await eventually(lambda: len(pf_timeouts(pf.maillog)) >= 5, timeout=5, what="Postfix's timeout lines")
+            return seen, pf.maillog
+
+        async def mailflow_side() -> list[str]:
+            seen = await timeouts(mf.smtp_addresses[0][1])
+            await sessions_over(mf)
+            return seen
+
+        # each server's stalls, one after the other; the two servers at once
+        (postfix, pf_log), mailflow = await asyncio.gather(postfix_side(), mailflow_side())
     assert mailflow == postfix
     assert bdat_bytes(mf_timeouts(caplog)) == bdat_bytes(pf_timeouts(pf_log))
     # Postfix's own, so that a change on both sides cannot pass unnoticed: the same 421 wherever the client
