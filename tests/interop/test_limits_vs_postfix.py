@@ -343,25 +343,33 @@ async def test_a_stalled_tls_handshake_ends_as_with_a_real_postfix(mailflow_serv
     sessions give back their slots and per-client counts."""
     caplog.set_level(logging.INFO)
     _, cert, ctx = pki
-    implicit_port = free_port()
+    pf_implicit_port = free_port()
     async with postfix_instance({"myhostname": PF_HOST, "mynetworks": NETWORKS, "smtpd_timeout": "1s",
                                  "smtpd_starttls_timeout": "2s", "smtpd_tls_cert_file": cert,
                                  "smtpd_tls_key_file": cert, "smtpd_tls_security_level": "may"},
-                                master_cf=f"127.0.0.1:{implicit_port} inet n - n - - smtpd "
+                                master_cf=f"127.0.0.1:{pf_implicit_port} inet n - n - - smtpd "
                                           f"-o smtpd_tls_wrappermode=yes\n") as pf:
-        await eventually(lambda: "disconnect from" in pf.maillog, timeout=5, what="the readiness probe's end")
-        probe = len(pf.maillog)
-        postfix = await stalled_handshakes(pf.port, implicit_port)
-        await eventually(lambda: len(pf_handshake_ends(pf.maillog[probe:])) >= 12, timeout=5,
-                         what="Postfix's lines")
-        pf_log = pf.maillog[probe:]
-    mf = await mailflow_server(mynetworks=[NETWORKS], smtpd={
-        "timeout": "1s", "starttls_timeout": "2s", "tls_cert_file": cert, "sasl_user_maps": [users],
-        "listeners": [{"address": "127.0.0.1:0", "role": "submissions"}],
-        "max_sessions": 2, "client_connection_count_limit": 2})  # as many as the stalled sessions of a listener
-    port, implicit_port = mf.smtp_addresses[0][1], mf.smtpd.address_of("submissions")[1]
-    mailflow = await stalled_handshakes(port, implicit_port)
-    await sessions_over(mf)
+        mf = await mailflow_server(mynetworks=[NETWORKS], smtpd={
+            "timeout": "1s", "starttls_timeout": "2s", "tls_cert_file": cert, "sasl_user_maps": [users],
+            "listeners": [{"address": "127.0.0.1:0", "role": "submissions"}],
+            "max_sessions": 2, "client_connection_count_limit": 2})  # as many as the stalled sessions of a listener
+        port, implicit_port = mf.smtp_addresses[0][1], mf.smtpd.address_of("submissions")[1]
+
+        async def postfix_side() -> tuple[list[tuple[str, str, bool]], str]:
+            await eventually(lambda: "disconnect from" in pf.maillog, timeout=5, what="the readiness probe's end")
+            probe = len(pf.maillog)
+            stalled = await stalled_handshakes(pf.port, pf_implicit_port)
+            await eventually(lambda: len(pf_handshake_ends(pf.maillog[probe:])) >= 12, timeout=5,
+                             what="Postfix's lines")
+            return stalled, pf.maillog[probe:]
+
+        async def mailflow_side() -> list[tuple[str, str, bool]]:
+            stalled = await stalled_handshakes(port, implicit_port)
+            await sessions_over(mf)
+            return stalled
+
+        # each server times its own sessions: the two run at once
+        (postfix, pf_log), mailflow = await asyncio.gather(postfix_side(), mailflow_side())
     assert mailflow == postfix
     assert mf_handshake_ends(caplog) == pf_handshake_ends(pf_log)
     # their slots and per-client counts were given back: two sessions at once are admitted again, on each listener
@@ -500,15 +508,25 @@ async def test_starttls_then_the_end_of_input_is_answered_and_logged_as_by_a_rea
     async with postfix_instance({"myhostname": PF_HOST, "mynetworks": NETWORKS, "smtpd_tls_cert_file": cert,
                                  "smtpd_tls_key_file": cert, "smtpd_tls_security_level": "may",
                                  "smtpd_soft_error_limit": "1", "smtpd_error_sleep_time": "1s"}) as pf:
-        await eventually(lambda: "disconnect from" in pf.maillog, timeout=5, what="the readiness probe's end")
-        probe = len(pf.maillog)
-        postfix = await starttls_then_gone_each_way(pf.port)
-        await eventually(lambda: len(pf_handshake_ends(pf.maillog[probe:])) >= 6, timeout=5, what="Postfix's lines")
-        pf_log = pf.maillog[probe:]
-    mf = await mailflow_server(mynetworks=[NETWORKS], smtpd={"tls_cert_file": cert, "forbid_unauth_pipelining": False,
-                                                             "soft_error_limit": 1, "error_sleep_time": "1s"})
-    mailflow = await starttls_then_gone_each_way(mf.smtp_addresses[0][1])
-    await sessions_over(mf)
+        mf = await mailflow_server(mynetworks=[NETWORKS], smtpd={"tls_cert_file": cert,
+                                                                 "forbid_unauth_pipelining": False,
+                                                                 "soft_error_limit": 1, "error_sleep_time": "1s"})
+
+        async def postfix_side() -> tuple[list[str], str]:
+            await eventually(lambda: "disconnect from" in pf.maillog, timeout=5, what="the readiness probe's end")
+            probe = len(pf.maillog)
+            replies = await starttls_then_gone_each_way(pf.port)
+            await eventually(lambda: len(pf_handshake_ends(pf.maillog[probe:])) >= 6, timeout=5,
+                             what="Postfix's lines")
+            return replies, pf.maillog[probe:]
+
+        async def mailflow_side() -> list[str]:
+            replies = await starttls_then_gone_each_way(mf.smtp_addresses[0][1])
+            await sessions_over(mf)
+            return replies
+
+        # the clients run in threads, one server each: the two run at once
+        (postfix, pf_log), mailflow = await asyncio.gather(postfix_side(), mailflow_side())
     assert mailflow == postfix
     assert mf_handshake_ends(caplog) == pf_handshake_ends(pf_log)
     # Postfix's own, so that a change on both sides cannot pass unnoticed
