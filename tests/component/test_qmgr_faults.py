@@ -170,7 +170,7 @@ async def test_a_failed_record_is_retried_while_the_server_runs_and_nothing_is_d
 
 
 async def test_the_store_locked_by_another_connection_during_delivery(tmp_path):
-    """The short variant of the 45 s lock of tests/e2e/test_faults.py, with injected timeouts: real time, a
+    """The short variant of the long lock of tests/e2e/test_faults.py, with injected timeouts: real time, a
     real SQLite lock held by another connection."""
     s = Setup(tmp_path, clock=SystemClock(), busy_timeout=0.1)
     try:
