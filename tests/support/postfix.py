@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,12 @@ BASE_MAIN_CF = {
     "smtp_dns_support_level": "disabled",
     "maillog_file_prefixes": "/var, /dev/stdout, /tmp",
 }
+
+
+# Postfix reads main.cf again, 0.3 s apart, until its mtime is more than a second old ("hot" files may be half
+# written: util/dict.c dict_load_file_xt): `postfix start` and every tool run in the next two seconds waited up to
+# 2 s. A fresh instance's main.cf, written whole before any reader, is dated this many seconds back.
+MAIN_CF_COOL_DOWN = 10
 
 
 def require_postfix() -> None:
@@ -101,7 +108,10 @@ class PostfixInstance:
         settings = {**BASE_MAIN_CF, "queue_directory": str(self.root / "queue"),
                     "data_directory": str(self.root / "data"), "maillog_file": str(self.root / "maillog"),
                     "multi_instance_name": f"mailflow-test-{self.port}", **main_cf}
-        (self.etc / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
+        main_cf = self.etc / "main.cf"
+        main_cf.write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
+        cooled = time.time() - MAIN_CF_COOL_DOWN
+        os.utime(main_cf, (cooled, cooled))
         self.run("postconf", "-F", "*/*/chroot = n").check_returncode()
         started = self.run("postfix", "start")  # runs `postfix check` (which makes the queue folders) first
         assert started.returncode == 0, started.stderr.decode(errors="replace")
