@@ -1,6 +1,6 @@
 """Faults of the world against a real `mailflow serve`: a second server on the same queue, the queue database
-locked by another process past the store's busy timeout, the queue's file system full, no file descriptor left, and `mailflow
-sendmail` run from another directory with a relative queue_directory.
+locked by another process past the store's busy timeout, the queue's file system full, no file descriptor left,
+and `mailflow sendmail` run from another directory with a relative queue_directory.
 
 The tmpfs test mounts a small file system (it needs root: it skips otherwise, and fails when
 MAILFLOW_REQUIRE_TOOLS=1). Times are bounded; the CPU and log volume of a server facing a fault are measured.
