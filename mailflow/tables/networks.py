@@ -200,11 +200,15 @@ class NetworkList:
     @classmethod
     def from_items(cls, items: Iterable[str], open_tables: OpenTables | None = None,
                    parent_style: bool = False) -> NetworkList:
-        """The list of a setting; its /files read now. `open_tables`: how its tables are opened (a server's
-        TableCache.open, so that they are read and reloaded once); None: a new cache of their own."""
+        """The list of a setting; its /files and file tables read now. `open_tables`: how its tables are opened (a
+        server's TableCache.open, so that they are read and reloaded once); None: a new cache of their own."""
         patterns = parse_network_list(items)
         specs = list(dict.fromkeys(p.table for p in patterns if p.table))
         tables = dict(zip(specs, (open_tables or TableCache().open)(specs))) if specs else {}
+        for table in tables.values():  # file tables read now, with the /files, not at the first client
+            load = getattr(table, "load", None)
+            if load is not None:
+                load()
         return cls(patterns, tables, parent_style)
 
     def __bool__(self) -> bool:

@@ -143,3 +143,12 @@ async def test_a_mynetworks_table_that_cannot_answer_defers_the_relay_check_as_p
 async def _deferred(port: int) -> str | None:
     reply = await relay_reply(port)
     return reply if reply.startswith("451") else None
+
+
+def test_a_lists_file_table_is_read_when_the_list_is_built(tmp_path):
+    """A network list's cidr: file is read with the list (at start, at reload), not by the first client's lookup
+    on the event loop: gone right after, the table still answers from what was read."""
+    (tmp_path / "nets").write_text("192.0.2.0/24 ok\n")
+    networks = NetworkList.from_items([f"cidr:{tmp_path}/nets"])
+    (tmp_path / "nets").unlink()
+    assert networks.holds("192.0.2.7") and not networks.holds("198.51.100.1")
