@@ -1,6 +1,6 @@
 # Two commands for a fresh Debian machine with Python 3.11: `make serve` and `make test`.
-# Both create .venv on first use; `make test` type-checks mailflow/ (mypy) and lints mailflow/ and tests/ (ruff:
-# names and the 120-column line; settings in pyproject.toml) before the tests. `make battery` and `make bench` are for CI and measurements.
+# Both create .venv on first use; `make test` type-checks mailflow/ (mypy) and lints mailflow/, tests/ and
+# bench/ (ruff: names and the 120-column line; settings in pyproject.toml) before the tests. `make battery` and `make bench` are for CI and measurements.
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN     = $(VENV)/bin

@@ -1,10 +1,10 @@
 """Relative paths in a configuration are taken from the directory of the file that holds them.
 
 Which settings are paths is told by their names: `*_file`, `*_directory`, `*_base`, `directory` and `file` (the
-log's) name files or directories; the items of `*_maps`, `*_domains`, `*_checks`, `authorized_submit_users` and
-`*_restrictions` that are file-backed tables (`texthash:`, `regexp:`, `cidr:`, `sqlite:`, `accounts:`:
-mailflow.syntax.FILE_TABLE_TYPES) name files; a listener's overrides follow the same rule. `local.home_mailbox` is
-relative to each user's home, not to the file.
+log's) name files or directories; the items of `*_maps`, `*_domains`, `*_checks`, `authorized_submit_users`,
+`*_restrictions` and the network lists (mynetworks and the others) that are file-backed tables (`texthash:`,
+`regexp:`, `cidr:`, `sqlite:`, `accounts:`: mailflow.syntax.FILE_TABLE_TYPES) name files; a listener's overrides
+follow the same rule. `local.home_mailbox` is relative to each user's home, not to the file.
 
     resolve_paths(config, base) -> Config       every relative path setting taken from `base`; the result
                                                 remembers `base` (show_settings resolves the defaults likewise)
@@ -20,6 +20,7 @@ from mailflow.config.base import Section
 from mailflow.config.deliverability import opendkim_dataset
 from mailflow.config.main import Config
 from mailflow.syntax import FILE_TABLE_TYPES, table_type
+from mailflow.tables.networks import NETWORK_LIST_SETTINGS
 
 S = TypeVar("S", bound=Section)
 
@@ -62,11 +63,19 @@ def _resolve_setting(name: str, value: object, base: Path) -> object:
     # domain lists may hold tables
     if name.endswith(("_maps", "_domains", "_checks")) or name == "authorized_submit_users":
         return tuple(_resolve_table(v, base) for v in value) if isinstance(value, (tuple, list)) else value
+    if name in NETWORK_LIST_SETTINGS and isinstance(value, (tuple, list)):  # one pattern an item, once checked
+        return tuple(_resolve_network_pattern(v, base) for v in value)
     if name.endswith("_restrictions") and isinstance(value, (tuple, list)):
         return tuple(_resolve_restriction(item, base) for item in value)
     if name == "restriction_classes" and isinstance(value, dict):
         return type(value)({k: tuple(_resolve_restriction(item, base) for item in v) for k, v in value.items()})
     return value
+
+
+def _resolve_network_pattern(pattern: str, base: Path) -> str:
+    """`!cidr:nets` -> `!cidr:/base/nets`; a network or a /file stays as it is."""
+    table = pattern.lstrip("!")
+    return pattern[:len(pattern) - len(table)] + _resolve_table(table, base)
 
 
 def _resolve_restriction(item: str, base: Path) -> str:

@@ -180,7 +180,7 @@ class Rewriter:
         (`address.tidy`: `"joe"@x.test.` is `joe@x.test`), as Postfix's rewrite does; an envelope address from
         smtpd is tidy already, one from a header, an alias or a table may not be."""
         quoted = addr.startswith('"')  # (a '%' in quotes is no percent hack, quotes that add nothing or not)
-        local, at, domain = addr.rpartition("@")
+        _, at, domain = addr.rpartition("@")
         dotted = "." in domain or not self._config.append_dot_mydomain
         if at and domain and dotted and not quoted and domain[-1] != ".":
             return addr  # tidy and qualified already: most addresses, asked ~10 times a message

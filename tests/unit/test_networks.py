@@ -152,3 +152,13 @@ def test_a_lists_file_table_is_read_when_the_list_is_built(tmp_path):
     networks = NetworkList.from_items([f"cidr:{tmp_path}/nets"])
     (tmp_path / "nets").unlink()
     assert networks.holds("192.0.2.7") and not networks.holds("198.51.100.1")
+
+
+def test_a_relative_table_in_a_network_list_is_taken_from_the_configuration_files_directory(tmp_path, monkeypatch):
+    (tmp_path / "nets.cidr").write_text("192.0.2.0/24 ok\n")
+    path = tmp_path / "mailflow.toml"
+    path.write_text('mynetworks = ["cidr:nets.cidr", "!cidr:nets.cidr", "127.0.0.0/8"]\n')
+    monkeypatch.chdir("/")
+    config = load_config(path)
+    assert config.mynetworks == (f"cidr:{tmp_path}/nets.cidr", f"!cidr:{tmp_path}/nets.cidr", "127.0.0.0/8")
+    assert NetworkList.from_items(config.mynetworks).holds("192.0.2.7")
