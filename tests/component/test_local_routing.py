@@ -18,6 +18,7 @@ import pytest
 from mailflow.config import ConfigError, config_from_dict
 from mailflow.local_macros import check_local_macros, expand_local_macros
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome
+from mailflow.stages.qmgr.notices import _notice_recipient as notice_recipient
 from mailflow.transports.discard import DiscardTransport
 from mailflow.transports.error import ErrorTransport
 from tests.component.test_local_commands import RECORD, environment, maildir, request, transport
@@ -249,6 +250,9 @@ async def test_an_alias_member_is_passed_on_without_notify_success_and_the_expan
         [result] = (await t.deliver(req)).results
         assert peer.requests[-1].recipients[0].notify == passed, rcpt
         assert result.recipient.notify == notify and result.next_hop_notifies is notifies, rcpt
+        told = notice_recipient(result, 0)  # the alias's notice: expanded, about the alias, whatever the peer was
+        expected = ("expanded", "alias expanded", "") if rcpt == "info" else ("relayed", result.text, "peer")
+        assert (told.action, told.diagnostic, told.remote_mta) == expected, rcpt
 
 
 class Silent(Recording):

@@ -105,11 +105,12 @@ def _notice_recipient(result: RcptResult, now: float) -> NoticeRecipient:
     # a remote MTA is named host[ip]:port; local agents (local, virtual, pipe services, discard) are not
     remote = result.relay.split("[", 1)[0] if "[" in result.relay else ""
     action, text, named = ACTION[result.outcome], result.text, result.named
-    if result.outcome is Outcome.SENT and (remote or result.relayed):
-        action = "relayed"  # handed to an MTA without DSN or a gateway, which may send no notice (RFC 3464 2.3.3)
-    elif result.outcome is Outcome.SENT and result.expansion:  # local(8)'s alias.c and dotforward.c
+    if result.outcome is Outcome.SENT and result.expansion:  # local(8)'s alias.c and dotforward.c
         action = "delivered" if result.expansion == "list" else "expanded"
         text, named = "alias expanded", result.recipient  # about the alias, not the member it led to
+        remote = ""  # (whether a member went on to an MTA, as mailbox_transport's LMTP, or to a mailbox)
+    elif result.outcome is Outcome.SENT and (remote or result.relayed):
+        action = "relayed"  # handed to an MTA without DSN or a gateway, which may send no notice (RFC 3464 2.3.3)
     return NoticeRecipient(named, action, result.dsn, text, remote_mta=remote, last_attempt=now, relay=result.relay)
 
 
