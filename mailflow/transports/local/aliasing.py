@@ -59,7 +59,8 @@ a command or file: those come only from alias values and files on this host.
 Duplicate leaves are dropped (one mailbox per user; addresses compared without case); an :include: file met
 again in the same expansion (one that includes itself, two that include each other) adds nothing, as local(8)'s
 duplicate filter skips it. At most EXPANSION_LIMIT leaves, INCLUDE_DEPTH nested :include: files and SMALL_FILE_LIMIT
-bytes of each file. Given a `leaf_budget`, an expansion that would go past it raises ExpansionTooBig.
+bytes of each file. Given a `leaf_budget`, an expansion that meets more leaves than that (duplicates counted: the
+work, not what is kept) raises ExpansionTooBig.
 
 Failures: `LookupRetry` (4.3.0) when a table cannot answer; `TemporaryError` 4.3.0 when a .forward or
 :include: file cannot be read, 4.3.5 when one (or an alias value) has bad syntax, 4.6.0 beyond the limits. The
@@ -281,15 +282,17 @@ class _Expansion:
         self.includes_done: set[str] = set()
         self.leaves: list[Leaf] = []
         self.keys: set[tuple] = set()
+        self.offered = 0  # leaves met, duplicates too: the work done, which the budget bounds
         self.relayed: set[str] = set()  # addresses luser_relay made: unknown too, they are refused
         self.unknown_done: set[str] = set()  # local parts routed as unknown users already (local(8)'s been_here)
         self.kind = ""  # how the recipient itself was expanded: "alias" (an alias or .forward), "list", "" not
 
     def add(self, leaf: Leaf) -> None:
+        self.offered += 1
+        if self.leaf_budget is not None and self.offered > self.leaf_budget:  # (20 000 times one member: work too)
+            raise ExpansionTooBig()
         key = identity(leaf)
         if key not in self.keys:
-            if self.leaf_budget is not None and len(self.leaves) >= self.leaf_budget:
-                raise ExpansionTooBig()
             if len(self.leaves) >= EXPANSION_LIMIT:
                 raise TemporaryError("4.6.0", f"alias expansion larger than {EXPANSION_LIMIT} destinations")
             self.keys.add(key)
