@@ -222,6 +222,16 @@ async def test_a_script_without_an_interpreter_line_runs_through_the_shell_as_ex
     assert "No such file or directory" in result.text
 
 
+async def test_a_lists_failure_goes_to_its_owner_and_two_lists_failures_to_the_sender(tmp_path):
+    """bounce_workaround: a list's failing command is its owner's to hear of; when the failures are of two lists
+    with different owners, one notice cannot be both owners': the sender is told (not one owner of the other's)."""
+    t = transport(tmp_path, 'l1: "|exit 67"\nowner-l1: alice\nl2: "|exit 67 # l2"\nowner-l2: bob\nall: l1, l2\n')
+    [one] = (await t.deliver(request("l1@example.test"))).results
+    assert (one.outcome, one.owner) == (Outcome.BOUNCED, "owner-l1@example.test"), one
+    [both] = (await t.deliver(request("all@example.test"))).results
+    assert (both.outcome, both.owner) == (Outcome.BOUNCED, ""), both
+
+
 async def test_a_lists_command_gets_its_owner_as_the_sender_and_no_original_recipient(scripts, tmp_path):
     """local(8) replaces the sender of a list with an owner- alias for its commands too, and drops the original
     recipient: SENDER, the From_ line and Return-Path name the owner; no ORIGINAL_RECIPIENT, no X-Original-To."""

@@ -435,13 +435,12 @@ def _failures_owner(result: RcptResult, parts: list[Part], owners: list[str | No
     """Who a bounced recipient's failure notice goes to instead of the sender: the list owner, when every part
     that bounced was a command or file of a list with an owner- alias, or a file refused there (local(8)'s
     bounce_workaround sends it to the owner, and the sender hears nothing; a restricted command it reports to the
-    sender); "" otherwise."""
+    sender); "" otherwise, and when the failures are of two lists with different owners (one notice cannot go
+    to both: the sender is told, rather than one owner of the other's failure)."""
     if result.outcome is not Outcome.BOUNCED:
         return ""
-    bounced = [owner for (outcome, _, _), owner in zip(parts, owners) if outcome is Outcome.BOUNCED]
-    if not bounced or not all(bounced):
-        return ""
-    return bounced[0] or ""
+    bounced = {owner for (outcome, _, _), owner in zip(parts, owners) if outcome is Outcome.BOUNCED}
+    return bounced.pop() or "" if len(bounced) == 1 else ""
 
 
 def _client_environment(c: ClientAttributes) -> dict[str, str]:
