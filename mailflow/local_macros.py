@@ -5,8 +5,8 @@
 
 Macros (LOCAL_MACROS): $user (the local part without its extension), $local and $mailbox (the local part),
 $extension (without the delimiter), $recipient_delimiter, $domain, $recipient (the whole address), $home and
-$shell ("" for a user without a system account). Forms: `$name`, `${name}`, `$(name)`; `${name?text}` is
-`text` when the value is not empty, `${name:text}` when it is, the text itself expanded (and checked) as a
+$shell (always "" for luser_relay: its recipient has no account). Forms: `$name`, `${name}`, `$(name)`; `${name?text}`
+is `text` when the value is not empty, `${name:text}` when it is, the text itself expanded (and checked) as a
 template, as mac_expand does; a bracket pair inside it nests. `$$` is a literal `$`. Postfix 3.x's
 `${name?{text}:{text}}` and relational forms are not supported (their braces would be taken as text).
 """
@@ -39,7 +39,8 @@ def check_local_macros(template: str) -> str:
 
 def expand_local_macros(template: str, values: dict[str, str]) -> str:
     """`template` with each macro replaced by its value in `values` (a missing one is ""); a conditional text
-    chosen is expanded in turn. Raises ValueError where `check_local_macros` would."""
+    chosen is expanded in turn. An unknown name expands to "" (the configuration checks the template first, with
+    `check_local_macros`); a malformed macro raises ValueError."""
     def expand(name: str, mark: str | None, text: str | None) -> str:
         value = values.get(name, "")
         if mark is None or text is None:

@@ -306,7 +306,7 @@ def identity(leaf: Leaf) -> tuple:
         return "mailbox", leaf.user
     if isinstance(leaf, Forward):
         return "forward", leaf.address.lower(), leaf.sender
-    if isinstance(leaf, Command):  # mailbox_command runs once per user
+    if isinstance(leaf, Command):  # mailbox_command runs once per address (it is given RECIPIENT, EXTENSION)
         return "command", leaf.rights, leaf.command, leaf.address.lower() if leaf.source == "mailbox" else ""
     if isinstance(leaf, Pass):
         return "pass", leaf.address.lower()
