@@ -109,9 +109,12 @@ class _Identity:
     groups: tuple[int, ...]
 
 
-# Postfix's exec_command: a command made only of these characters (and at least one that is not a blank) needs no
-# shell: it is split on blanks and run directly.
-_NO_SHELL_NEEDED = frozenset("1234567890!@%-_=+:,./abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ \t")
+# Characters no shell gives a meaning to: Postfix's command_expansion_filter (what reaches a local command's
+# environment unchanged) and, with blanks, exec_command's ok_chars.
+SHELL_SAFE = frozenset("1234567890!@%-_=+:,./abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+# exec_command: a command made only of these (and at least one that is not a blank) needs no shell: it is split on
+# blanks and run directly.
+_NO_SHELL_NEEDED = SHELL_SAFE | {" ", "\t"}
 
 
 def direct_argv(command: str) -> list[str] | None:

@@ -85,7 +85,7 @@ from mailflow.tables import split_extension
 from mailflow.transports.encode import ToLf, aencode
 from mailflow.transports.maildir import MaildirWriter, Owner, mailbox_prefix, write_failure
 from mailflow.transports.local.mbox import append_mbox, from_line, mailbox_location, mbox_entry
-from mailflow.transports.pipe import CommandNotRun, command_status, run_shell_command
+from mailflow.transports.pipe import SHELL_SAFE, CommandNotRun, command_status, run_shell_command
 
 log = logging.getLogger("mailflow.local")
 
@@ -116,10 +116,6 @@ class CommandSettings:
     @classmethod
     def from_config(cls, config) -> "CommandSettings":
         return cls(config.local.default_privs, config.local.command_time_limit, config.recipient_delimiter)
-
-
-# Postfix's command_expansion_filter: what may reach a command's environment unchanged; the rest becomes "_".
-_SHELL_SAFE = frozenset("1234567890!@%-_=+:,./abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 Part = tuple[Outcome, str, str]  # what one destination of a recipient got: outcome, status, text
@@ -366,7 +362,7 @@ class LocalTransport:
         context = {"USER": user, "LOGNAME": user, "SENDER": sender, "RECIPIENT": leaf.address, "LOCAL": local.lower(),
                    **{name: value for name, value in when_known.items() if value}}  # SENDER even when null
         env = {**({"HOME": str(home), "SHELL": "/bin/sh"} if leaf.forward else {}),
-               **{k: "".join(c if c in _SHELL_SAFE else "_" for c in v) for k, v in context.items()}}
+               **{k: "".join(c if c in SHELL_SAFE else "_" for c in v) for k, v in context.items()}}
         try:
             prefix = from_line(sender, self._clock.time()) + mailbox_prefix(sender, rcpt.address, original)
             stdin = aencode(request.content.prepend(prefix).stream(), ToLf())
