@@ -409,12 +409,8 @@ async def test_an_alias_of_many_mailboxes_and_ghosts_gives_a_short_result_text(t
     assert result.text.startswith('g0@example.test: ') and "; and 20 more (also: delivered to maildir)" in result.text
 
 
-async def test_an_alias_of_thousands_of_local_members_is_expanded_off_the_event_loop(tmp_path, monkeypatch):
-    """Each local member costs a lookup and a look for its .forward (~67 us): 10 000 held the event loop ~0.7 s,
-    100 000 ~7 s, at every attempt. Past INLINE_LEAVES the expansion is made in a worker thread; a small one
-    stays inline (the tables answer from memory: nothing to wait for)."""
-    t = transport(tmp_path, f"many: {', '.join(f'u{i}' for i in range(300))}\nfew: alice, bob\n",
-                  anyone_is_local=True)
+def expansion_threads(monkeypatch) -> list[threading.Thread]:
+    """The threads an expansion looks its members up in, one entry a member (LocalExpander.unknown_user watched)."""
     threads: list[threading.Thread] = []
     asked = LocalExpander.unknown_user
 
@@ -423,6 +419,16 @@ async def test_an_alias_of_thousands_of_local_members_is_expanded_off_the_event_
         return asked(self, user, addr)
 
     monkeypatch.setattr(LocalExpander, "unknown_user", unknown_user)
+    return threads
+
+
+async def test_an_alias_of_thousands_of_local_members_is_expanded_off_the_event_loop(tmp_path, monkeypatch):
+    """Each local member costs a lookup and a look for its .forward (~67 us): 10 000 held the event loop ~0.7 s,
+    100 000 ~7 s, at every attempt. Past INLINE_LEAVES the expansion is made in a worker thread; a small one
+    stays inline (the tables answer from memory: nothing to wait for)."""
+    t = transport(tmp_path, f"many: {', '.join(f'u{i}' for i in range(300))}\nfew: alice, bob\n",
+                  anyone_is_local=True)
+    threads = expansion_threads(monkeypatch)
     [result] = (await t.deliver(request("few@example.test"))).results
     assert result.outcome is Outcome.SENT and set(threads) == {threading.main_thread()}
     threads.clear()
@@ -437,14 +443,7 @@ async def test_an_alias_of_the_same_members_over_and_over_is_expanded_off_the_ev
     users are 600 members to look at for 2 mailboxes (3 000 such lists held the loop 0.6 s before)."""
     lists = "".join(f"team{i}: alice, bob\n" for i in range(300))
     t = transport(tmp_path, f"staff: {', '.join(f'team{i}' for i in range(300))}\n{lists}")
-    threads: list[threading.Thread] = []
-    asked = LocalExpander.unknown_user
-
-    def unknown_user(self, user: str, addr: str):
-        threads.append(threading.current_thread())
-        return asked(self, user, addr)
-
-    monkeypatch.setattr(LocalExpander, "unknown_user", unknown_user)
+    threads = expansion_threads(monkeypatch)
     [result] = (await t.deliver(request("staff@example.test"))).results
     assert result.outcome is Outcome.SENT and threads and threads[-1] is not threading.main_thread()
     assert len(delivered(tmp_path, "alice")) == 1 and len(delivered(tmp_path, "bob")) == 1
