@@ -157,7 +157,7 @@ def build_outbound_signing(config: Config, router: Router, resolver, clock: Cloc
     return OutboundSigning(keys=keys if config.dkim.signing_table else None,
                            sign_forwarded=config.dkim.sign_forwarded, arc_key=arc_key,
                            authserv_id=config.arc.authserv_id or config.myhostname, srs=srs,
-                           internal_networks=NetworkList.from_items(config.mynetworks, parent_style=True),
+                           internal_networks=NetworkList.from_items(config.mynetworks, setting="mynetworks"),
                            is_remote=lambda addr: router.rewriter.classify(addr) in remote,
                            resolver=resolver, clock=clock, log=log)
 

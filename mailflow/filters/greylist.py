@@ -54,7 +54,7 @@ class Greylist:
         self._config = config
         self._path = str(path)
         self._clock = clock
-        self._networks = NetworkList.from_items(config.whitelist_networks)
+        self._networks = NetworkList.from_items(config.whitelist_networks, setting="greylist.whitelist_networks")
         self._domains = tuple(normalise_domain(d) for d in config.whitelist_domains)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="greylist")
         self._db: sqlite3.Connection | None = None  # the worker thread's

@@ -5,7 +5,7 @@ whitelist_networks.
     check_network_list(items) -> items     the list as configured, each network in its plain form
                                            (`[::1]/128` -> `::1/128`), several patterns of one item split;
                                            ValueError naming the pattern (and file:line) and the reason
-    NetworkList.from_items(items, open_tables=None, parent_style=False)
+    NetworkList.from_items(items, open_tables=None, parent_style=False, setting="")
                                            the list, its /files read now (at load and at each reload)
     NetworkList.holds(client_addr, name=None) -> bool
                                            first match wins: whether the client is in the list
@@ -30,8 +30,10 @@ The patterns of an item (one TOML string may hold several, separated by commas o
                       file changes, as everywhere (files.Reloading); a /file is read at load and at reload.
 A host name pattern (`example.com`) is refused: mailflow matches network lists by address.
 
-Failure behaviour: check_network_list and from_items raise ValueError (the configuration makes it a ConfigError
-naming the file and the key); holds raises LookupRetry when a table cannot answer.
+Failure behaviour: check_network_list raises ValueError (the configuration makes it a ConfigError naming the file
+and the key), from_items a ConfigError naming the setting (a /file gone or changed since the configuration was
+checked: a start or a reload then fails in those words, not with a traceback); holds raises LookupRetry when a
+table cannot answer.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 from mailflow.address import client_ip
-from mailflow.errors import LookupRetry
+from mailflow.errors import ConfigError, LookupRetry
 from mailflow.files import RefusedFile, read_regular_file
 from mailflow.syntax import check_table_spec, split_outside_braces, table_type
 from mailflow.tables.base import Table
@@ -198,11 +200,14 @@ class NetworkList:
         self._parent_style = parent_style
 
     @classmethod
-    def from_items(cls, items: Iterable[str], open_tables: OpenTables | None = None,
-                   parent_style: bool = False) -> NetworkList:
-        """The list of a setting; its /files and file tables read now. `open_tables`: how its tables are opened (a
+    def from_items(cls, items: Iterable[str], open_tables: OpenTables | None = None, parent_style: bool = False,
+                   setting: str = "") -> NetworkList:
+        """The list of `setting`; its /files and file tables read now. `open_tables`: how its tables are opened (a
         server's TableCache.open, so that they are read and reloaded once); None: a new cache of their own."""
-        patterns = parse_network_list(items)
+        try:
+            patterns = parse_network_list(items)
+        except ValueError as e:  # a /file gone or changed since the configuration was checked
+            raise ConfigError("", setting, str(e)) from None
         specs = list(dict.fromkeys(p.table for p in patterns if p.table))
         tables = dict(zip(specs, (open_tables or TableCache().open)(specs))) if specs else {}
         for table in tables.values():  # file tables read now, with the /files, not at the first client

@@ -162,3 +162,12 @@ def test_a_relative_table_in_a_network_list_is_taken_from_the_configuration_file
     config = load_config(path)
     assert config.mynetworks == (f"cidr:{tmp_path}/nets.cidr", f"!cidr:{tmp_path}/nets.cidr", "127.0.0.0/8")
     assert NetworkList.from_items(config.mynetworks).holds("192.0.2.7")
+
+
+def test_a_file_gone_since_the_check_is_a_configuration_error_naming_the_setting(tmp_path):
+    """A /file removed between the configuration's check and the list's build (a start, a reload) fails in a
+    configuration error's words, not with a traceback."""
+    with pytest.raises(ConfigError) as caught:
+        NetworkList.from_items([f"{tmp_path}/gone"], setting="mynetworks")
+    assert caught.value.key == "mynetworks"
+    assert caught.value.reason == f"open file {tmp_path}/gone: No such file or directory"

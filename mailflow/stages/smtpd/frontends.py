@@ -296,8 +296,10 @@ class FrontEnds:
     @classmethod
     def from_config(cls, smtpd) -> "FrontEnds":
         return cls(proxy_timeout=smtpd.upstream_proxy_timeout if smtpd.upstream_proxy_protocol == "haproxy" else None,
-                   proxy_clients=NetworkList.from_items(smtpd.upstream_proxy_clients),
-                   xclient_hosts=NetworkList.from_items(smtpd.authorized_xclient_hosts))
+                   proxy_clients=NetworkList.from_items(smtpd.upstream_proxy_clients,
+                                                        setting="smtpd.upstream_proxy_clients"),
+                   xclient_hosts=NetworkList.from_items(smtpd.authorized_xclient_hosts,
+                                                        setting="smtpd.authorized_xclient_hosts"))
 
 
 class FrontEndCommands(ProtocolCore):

@@ -268,7 +268,8 @@ class Restrictions:
                                             request_limit=smtpd.policy_service_request_limit)
                           for items in every for name, arg in items if name == "check_policy_service"}
         # mynetworks is in Postfix's parent_domain_matches_subdomains: a table is asked the name's parents
-        self._mynetworks = NetworkList.from_items(config.mynetworks, tables.open, parent_style=True)
+        self._mynetworks = NetworkList.from_items(config.mynetworks, tables.open, parent_style=True,
+                                                 setting="mynetworks")
         self._lines = SmtpdLog()  # WARN's and INFO's log lines
         self._value_lists: dict[str, tuple[tuple[str, str], ...]] = {}  # access values read as lists, by value
 

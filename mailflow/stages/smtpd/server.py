@@ -279,7 +279,8 @@ class Smtpd:
     def _build_listener(self, address: str, role: str, smtpd: SmtpdConfig, setting: str) -> Listener:
         host, port = parse_hostport(address)
         config = self._config if smtpd is self._config.smtpd else self._config.model_copy(update={"smtpd": smtpd})
-        networks = NetworkList.from_items(self._config.mynetworks, self._tables.open, parent_style=True)
+        networks = NetworkList.from_items(self._config.mynetworks, self._tables.open, parent_style=True,
+                                          setting="mynetworks")
         anvil = Anvil(count_limit=smtpd.client_connection_count_limit, rate_limit=smtpd.client_connection_rate_limit,
                       time_unit=smtpd.anvil_rate_time_unit, clock=self._clock,
                       exempt=networks.contains,
