@@ -3,8 +3,10 @@
     TableCache(clock).open(specs, aliases=False) -> list[Table]   the tables of one setting, in order; a spec
                                                                   named twice is opened once (one reader, one
                                                                   reload)
-    await TableCache.run(fn, *args)    fn (which looks things up in this cache's tables): inline when every table
-                                       opened here answers from memory, else in a worker thread with a deadline
+    await TableCache.run(fn, *args, off_loop=False)
+                                       fn (which looks things up in this cache's tables): inline when every table
+                                       opened here answers from memory (and not `off_loop`), else in a worker
+                                       thread, with a deadline when a table opened here may block
     await TableCache.preload()         read every file-backed table once, in a worker thread (a server calls
                                        it before it listens)
 
@@ -52,15 +54,19 @@ class TableCache:
         """Some table opened here may wait on I/O when asked (sqlite)."""
         return bool(self._blocking)
 
-    async def run(self, fn: Callable[..., T], *args) -> T:
+    async def run(self, fn: Callable[..., T], *args, off_loop: bool = False) -> T:
         """`fn(*args)` without holding up the event loop: called inline when every table opened here answers
-        from memory (the common case costs nothing), else in a worker thread, waited for at most the slowest
-        blocking table's deadline (plus RUN_GRACE). Past that: LookupRetry. Exceptions of `fn` propagate."""
+        from memory (the common case costs nothing) unless `off_loop` (work too long for the loop whatever the
+        tables: a list of thousands of members), else in a worker thread; with a blocking table opened here,
+        waited for at most the slowest one's deadline (plus RUN_GRACE). Past that: LookupRetry. Exceptions of `fn`
+        propagate."""
         blocking = self._blocking
-        if not blocking:
+        if not blocking and not off_loop:
             return fn(*args)
-        deadline = max(getattr(t, "timeout", SQLITE_TIMEOUT) for t in blocking) + RUN_GRACE
         loop = asyncio.get_running_loop()
+        if not blocking:
+            return await loop.run_in_executor(None, fn, *args)
+        deadline = max(getattr(t, "timeout", SQLITE_TIMEOUT) for t in blocking) + RUN_GRACE
         try:  # (asyncio.timeout, not wait_for: its frame holds the future, and the future a failure holding it)
             async with asyncio.timeout(deadline):
                 return await loop.run_in_executor(None, fn, *args)

@@ -640,6 +640,21 @@ async def test_run_is_inline_for_memory_tables_and_threaded_for_sqlite(tmp_path)
     assert ticks >= 10, "the loop went on while the query ran"
 
 
+async def test_run_off_the_loop_takes_a_thread_for_memory_tables_and_keeps_a_blocking_tables_deadline(tmp_path):
+    """Work too long for the loop (a list of thousands of members) runs in a worker thread whatever the tables;
+    with a sqlite table opened, still within its deadline."""
+    cache = TableCache()
+    cache.open(["inline:{a=b}"])
+    assert await cache.run(threading.get_ident, off_loop=True) != threading.get_ident()
+    _, db = sqlite_table(tmp_path, "SELECT 1")
+    cf = write(tmp_path / "slow.cf", f"dbpath = {db}\nquery = SELECT 1\ntimeout = 0.2\n")
+    cache.open([f"sqlite:{cf}"])
+    started = time.monotonic()
+    with pytest.raises(LookupRetry):
+        await cache.run(time.sleep, 5, off_loop=True)
+    assert time.monotonic() - started < 3
+
+
 async def test_a_changed_file_is_reread_off_the_loop_and_old_contents_answer_meanwhile(tmp_path):
     clock = FakeClock()
     f = write(tmp_path / "map", "a one\n")

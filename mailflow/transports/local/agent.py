@@ -198,7 +198,7 @@ class LocalTransport:
             found = await self._expander.tables.run(partial(expand, leaf_budget=INLINE_LEAVES))
         except ExpansionTooBig:
             warnings.clear()
-            found = await asyncio.to_thread(expand)
+            found = await self._expander.tables.run(expand, off_loop=True)  # (a sqlite table's deadline kept)
         for text in warnings:
             log.warning("%s: %s", queue_id, text)
         return found
