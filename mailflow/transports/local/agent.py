@@ -332,7 +332,7 @@ class LocalTransport:
         if len(report.results) != 1:
             log.warning("%s: transport %s gave no result for <%s>", request.queue_id, leaf.transport, leaf.address)
             return self._result(given, Outcome.DEFERRED, "4.3.0", "unknown mail transport error")
-        return replace(report.results[0], program=getattr(peer, "program", ""))
+        return replace(report.results[0], program=peer.program)
 
     async def _forward_copy(self, request: DeliveryRequest, rcpt: Recipient, addresses: tuple[str, ...],
                             sender: str | None = None) -> Part:
