@@ -13,10 +13,11 @@ whitelist_networks.
                                            the same, a table that cannot answer meaning "no" (logged)
 
 The patterns of an item (one TOML string may hold several, separated by commas or whitespace, as main.cf's):
-    NETWORK           `10.0.0.0/8`, `192.0.2.7`, `[2001:db8::]/32`, `[::1]`, `::1/128` (brackets optional here;
-                      Postfix needs them in main.cf); host bits set (`10.0.0.1/8`) and netmasks (`/255.0.0.0`)
-                      are refused: Postfix 3.7 takes such a list and then fails every lookup that reaches the
-                      pattern (`451 4.3.0 Temporary lookup failure` to every RCPT from a client of its family)
+    NETWORK           `10.0.0.0/8`, `192.0.2.7`, `[2001:db8::]/32`, `[2001:db8::/32]`, `[::1]`, `::1/128`
+                      (brackets optional here; Postfix needs them in main.cf); host bits set (`10.0.0.1/8`) and
+                      netmasks (`/255.0.0.0`) are refused: Postfix 3.7 takes such a list and then fails every
+                      lookup that reaches the pattern (`451 4.3.0 Temporary lookup failure` to every RCPT from a
+                      client of its family)
     !PATTERN          an exclusion: a client it matches is not in the list, whatever follows (`!` may repeat)
     /file/name        the patterns of the file (one or more per line, `#` comment lines, a line starting with
                       whitespace continues the one before; a `#` after patterns ends the line, as Postfix 3.7
@@ -168,9 +169,12 @@ def _table_spec(pattern: str) -> str:
 
 
 def normalize_network(item: str) -> str:
-    """One network as Postfix's mynetworks takes it: `addr`, `addr/len`, `[addr]`, `[addr]/len`; the brackets
-    dropped. ValueError for anything else, for host bits set, for a netmask."""
-    address, slash, length = item.strip().partition("/")
+    """One network as Postfix's mynetworks takes it: `addr`, `addr/len`, `[addr]`, `[addr]/len`, `[addr/len]`; the
+    brackets dropped. ValueError for anything else, for host bits set, for a netmask."""
+    item = item.strip()
+    if item.startswith("[") and item.endswith("]"):  # `[addr/len]`: cidr_match_parse strips these brackets too
+        item = item[1:-1]
+    address, slash, length = item.partition("/")
     if address.startswith("[") and address.endswith("]"):
         address = address[1:-1]
     if slash and not length.isdigit():

@@ -36,6 +36,7 @@ FORMS = {  # a name -> the list, `{folder}` where FILES are
     "exclusion first": "!127.0.0.2 127.0.0.0/8",
     "first match wins": "127.0.0.2 !127.0.0.0/8 127.0.0.9",
     "double negation": "!!127.0.0.2 [127.0.0.9]",
+    "brackets around the network": "!127.0.0.3 [127.0.0.0/8]",
     "file": "{folder}/nets",
     "excluded file": "!{folder}/inner, 127.0.0.0/8",
     "file naming a file": "{folder}/outer",

@@ -51,8 +51,8 @@ def test_a_file_that_names_itself_is_refused_not_followed_forever(tmp_path):
 
 
 def test_the_list_as_configured_keeps_its_patterns_one_by_one():
-    assert check_network_list(["!127.0.0.2, [::1]/128 127.0.0.0/8", "cidr:/etc/nets"]) == (
-        "!127.0.0.2", "::1/128", "127.0.0.0/8", "cidr:/etc/nets")
+    assert check_network_list(["!127.0.0.2, [::1]/128 127.0.0.0/8", "cidr:/etc/nets", "[2001:db8::/32]"]) == (
+        "!127.0.0.2", "::1/128", "127.0.0.0/8", "cidr:/etc/nets", "2001:db8::/32")
 
 
 def test_a_table_is_asked_the_client_name_and_with_parent_style_its_parent_domains(tmp_path):
