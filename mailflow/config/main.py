@@ -78,6 +78,9 @@ class Config(Section):
     # Lookup tables (`type:name`, searched in order): transport:nexthop per address or domain, overriding
     # the class's transport; and the known recipients of relay_domains (empty: any recipient is accepted).
     transport_maps: TableSpecs = ()
+    # relocated(5): a recipient (user@domain; user for a local domain; @domain) whose entry names where it went
+    # bounces `5.1.6 User has moved to <value>` (smtpd refuses it at RCPT: 550), whatever its class or transport.
+    relocated_maps: TableSpecs = ()
     relay_recipient_maps: TableSpecs = ()
     # Hosted domains whose users have mailboxes here but no local account (the virtual mailbox class):
     # virtual_mailbox_maps map user@domain (or @domain) to a Maildir path under virtual_mailbox_base,

@@ -34,7 +34,8 @@ and its qmgr bounces it, instead of waiting for a next hop that cannot exist. So
 unless `allow_min_user` (`sendmail -- -oQ@example.org`, an alias, a .forward), whatever its class or transport:
 Postfix's resolve puts that check where no transport can bypass it (an option to some command further on).
 `transport_maps` (transport(5)) override the class's choice, except for the virtual alias class and a bad
-address. Search order: the address, the address without its extension, the domain, each parent domain as
+address. Last, `relocated_maps` (relocated(5)), whatever the class: a listed address goes to
+`error:5.1.6 User has moved to <value>`, so smtpd refuses it at RCPT and qmgr bounces what came another way. Search order: the address, the address without its extension, the domain, each parent domain as
 `.parent`, then `*`; every table is asked one key before the next. A value `:nexthop` keeps the class's
 transport; `transport:` (no nexthop) sends to the recipient domain, relayhost or not (transport(5)).
 `recipient_known(addr, klass)` answers whether the class's recipient tables list an address (`UNKNOWN_IN`
@@ -74,6 +75,7 @@ status_log = logging.getLogger("mailflow.smtpd")
 ALWAYS_ACCEPTED = ("postmaster", "mailer-daemon", "double-bounce")
 CLASS_CACHE_SIZE = 4096
 ERROR_TRANSPORT = "error"
+RELOCATED_STATUS = "5.1.6"  # Postfix's choice for a user who has moved: "the closest match, but not perfect"
 UNKNOWN_IN = {
     AddressClass.LOCAL: "local recipient table",
     AddressClass.VIRTUAL_ALIAS: "virtual alias table",
@@ -156,6 +158,7 @@ class Rewriter:
         tables = tables or TableCache()
         self._config = config
         self._transport_maps = tables.open(config.transport_maps)
+        self._relocated_maps = tables.open(config.relocated_maps)
         self._relay_recipient_maps = tables.open(config.relay_recipient_maps)
         self._virtual_mailbox_maps = tables.open(config.virtual_mailbox_maps)
         self._virtual_limit_maps = tables.open(config.virtual_mailbox_limit_maps)
@@ -252,10 +255,29 @@ class Rewriter:
 
     def resolve(self, addr: str) -> Resolution:
         """The class's transport and nexthop, then transport_maps' override (never for the virtual alias
-        class, as Postfix). A transport without a nexthop (`smtp:`) sends to the recipient domain, even when
-        relayhost is set; a nexthop without a transport (`:[gw]`) keeps the class's transport.
-        May raise LookupRetry."""
-        res = self._class_default(self.resolved_address(addr))
+        class, as Postfix), then relocated_maps (`relocated`). A transport without a nexthop (`smtp:`) sends to
+        the recipient domain, even when relayhost is set; a nexthop without a transport (`:[gw]`) keeps the
+        class's transport. May raise LookupRetry."""
+        res = self._transported(self.resolved_address(addr))
+        return self.relocated(res) or res
+
+    def relocated(self, res: Resolution) -> Resolution | None:
+        """The `error` route of an address relocated_maps lists (Postfix resolve.c, after transport_maps, whatever
+        the class): `5.1.6 User has moved to <value>`; None when no table lists it. Keys as mail_addr_find's,
+        the extension ignored: user@domain, user (a local domain only), @domain. May raise LookupRetry."""
+        if not self._relocated_maps or self._bad_syntax(res.address):
+            return None
+        domain = address.normalise_domain(address.split(res.address)[1])
+        found = find_address(self._relocated_maps, res.address, delimiter=self._config.recipient_delimiter,
+                             local_domain=self.resolve_local(domain))
+        if found is None:
+            return None
+        return Resolution(res.address_class, ERROR_TRANSPORT, f"{RELOCATED_STATUS} User has moved to "
+                          f"{found[2].strip()}", res.address)
+
+    def _transported(self, qualified: str) -> Resolution:
+        """The class's route for a resolved address, with transport_maps' override."""
+        res = self._class_default(qualified)
         if res.address_class is AddressClass.VIRTUAL_ALIAS or self._bad_syntax(res.address):
             return res
         match = self._transport_override(res.address)
@@ -325,6 +347,9 @@ class Rewriter:
             match = self._transport_override(qualified)
             steps.append(("transport_maps", f"{match[0]}: {match[1]} -> {match[2]}" if match else "no match"))
         res = self.resolve(addr)
+        if self._relocated_maps:
+            moved = self.relocated(self._transported(qualified))
+            steps.append(("relocated_maps", moved.nexthop if moved else "no match"))
         steps.append(("transport", res.transport))
         steps.append(("nexthop", res.nexthop + ("  (relayhost)" if c.relayhost and res.nexthop == c.relayhost
                                                  else "")))
