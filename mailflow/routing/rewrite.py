@@ -34,10 +34,11 @@ and its qmgr bounces it, instead of waiting for a next hop that cannot exist. So
 unless `allow_min_user` (`sendmail -- -oQ@example.org`, an alias, a .forward), whatever its class or transport:
 Postfix's resolve puts that check where no transport can bypass it (an option to some command further on).
 `transport_maps` (transport(5)) override the class's choice, except for the virtual alias class and a bad
-address. Last, `relocated_maps` (relocated(5)), whatever the class: a listed address goes to
-`error:5.1.6 User has moved to <value>`, so smtpd refuses it at RCPT and qmgr bounces what came another way. Search order: the address, the address without its extension, the domain, each parent domain as
+address. Search order: the address, the address without its extension, the domain, each parent domain as
 `.parent`, then `*`; every table is asked one key before the next. A value `:nexthop` keeps the class's
 transport; `transport:` (no nexthop) sends to the recipient domain, relayhost or not (transport(5)).
+Last, `relocated_maps` (relocated(5)), whatever the class: a listed address goes to `error:5.1.6 User has
+moved to <value>` (keys as mail_addr_find's), so smtpd refuses it at RCPT and qmgr bounces what came another way.
 `recipient_known(addr, klass)` answers whether the class's recipient tables list an address (`UNKNOWN_IN`
 names the table for the 550 reply): local_recipient_maps/alias_maps, nothing for virtual alias domains
 (cleanup's mapper answers for those), virtual_mailbox_maps, relay_recipient_maps (empty: anyone).
@@ -264,12 +265,12 @@ class Rewriter:
     def relocated(self, res: Resolution) -> Resolution | None:
         """The `error` route of an address relocated_maps lists (Postfix resolve.c, after transport_maps, whatever
         the class): `5.1.6 User has moved to <value>`; None when no table lists it. Keys as mail_addr_find's,
-        the extension ignored: user@domain, user (a local domain only), @domain. May raise LookupRetry."""
+        the extension ignored: user@domain, user (a local domain or myorigin only), @domain. May raise LookupRetry."""
         if not self._relocated_maps or self._bad_syntax(res.address):
             return None
         domain = address.normalise_domain(address.split(res.address)[1])
         found = find_address(self._relocated_maps, res.address, delimiter=self._config.recipient_delimiter,
-                             local_domain=self.resolve_local(domain))
+                             local_domain=self.is_local_domain(domain))
         if found is None:
             return None
         return Resolution(res.address_class, ERROR_TRANSPORT, f"{RELOCATED_STATUS} User has moved to "

@@ -56,3 +56,10 @@ def test_explain_names_the_step():
 def test_a_table_that_cannot_answer_is_a_retry():
     with pytest.raises(LookupRetry):
         rewriter(relocated_maps=["fail:broken"]).resolve("alice@local.test")
+
+
+def test_a_bare_user_key_also_serves_myorigin():
+    """mail_addr_find tries the local part alone for $myorigin as for a local domain."""
+    res = rewriter(myorigin="origin.test").resolve("bob@origin.test")
+    assert (res.transport, res.nexthop) == ("error", "5.1.6 User has moved to bob@else.test")
+    assert rewriter().resolve("bob@origin.test").transport == "smtp"
