@@ -10,9 +10,10 @@ What it owns
   pickup's `QID: uid=N from=<s>`),
   message-id (cleanup), queued (`from=<s>, size=N, nrcpt=N (queue active)`; `opened` for a message held on
   arrival, when qmgr first takes it), sent / deferred / bounced (Postfix's log_adhoc: `to=<r>[, orig_to=<o>],
-  relay=…[, conn_use=N], delay=T, delays=a/b/c/d, dsn=…, status=… (text)`, the times as `format_tv` writes
-  them, `delays` as `log_delays` computes them from the result's stamps; the event's fields also name the
-  transport, and carry the times as numbers), expired
+  relay=…[, conn_use=N], delay=T, delays=a/b/c/d, dsn=…, status=… (text)`; a bounce soft_bounce kept
+  deferred says `dsn=4.X.X, status=SOFTBOUNCE`, as Postfix's bounce_append, its event `deferred`), the times as
+  `format_tv` writes them, `delays` as `log_delays` computes them from the result's stamps; the event's fields
+  also name the transport, and carry the times as numbers), expired
   (qmgr's `from=<s>, status=expired, returned to sender`, after the attempt's `status=deferred` lines: the
   recipients it returns, `bounced` "message expired: …", go to the observer only, as Postfix logs no line for
   them), notice, removed, corrupt, verified (an address verification probe's result: `VRFY000001: to=<a>,
@@ -177,7 +178,8 @@ class MailLog:
         no `status=bounced`, and pflogsumm counts those)."""
         if not (self.active if logged else self._observer is not None):
             return
-        status = _RESULT_STATUS[result.outcome]
+        event = _RESULT_STATUS[result.outcome]
+        status = SOFT_BOUNCE_STATUS if result.soft_bounced else event
         named = result.named
         to = named.address
         original = address.shown_original(named.original)  # (as Postfix logs it: without quotes that add nothing)
@@ -188,7 +190,7 @@ class MailLog:
         reuse = f", conn_use={use}" if use > 1 else ""
         delay, delays = log_delays(stats, result.conn, now)
         shown = "/".join(format_tv(d) for d in delays)
-        self._emit(queue_id, status,
+        self._emit(queue_id, event,
                    f"to=<{to}>{orig}, relay={result.relay}{reuse}, delay={format_tv(delay)}, delays={shown}, "
                    f"dsn={result.dsn}, status={status} ({result.text})", service=program,
                    logged=logged, to=to, orig_to=original, relay=result.relay, conn_use=use, delay=round(delay, 3),
@@ -263,6 +265,7 @@ class MailLog:
 
 
 _RESULT_STATUS = {Outcome.SENT: "sent", Outcome.DEFERRED: "deferred", Outcome.BOUNCED: "bounced"}
+SOFT_BOUNCE_STATUS = "SOFTBOUNCE"  # a bounce soft_bounce kept deferred: its line's status (its event: deferred)
 
 
 def log_delays(stats: MsgStats, conn: ConnStats | None, now: float) -> tuple[float, tuple[float, float, float, float]]:

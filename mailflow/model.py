@@ -302,7 +302,8 @@ class RcptResult:
     attempt, stamped by qmgr when an agent had the job (None: none had it, qmgr's log line falls back to the
     attempt's own). `program`: the Postfix program the line is logged under when another agent than the job's
     made the result (local's mailbox_transport hands a mailbox to lmtp, whose result it is, as Postfix logs it
-    under postfix/lmtp); "" the job's. None of the three is stored.
+    under postfix/lmtp); "" the job's. `soft_bounced`: a bounce that soft_bounce turned into this deferral (its
+    status 4.X.X), logged `status=SOFTBOUNCE` as Postfix's bounce_append logs it. None of the four is stored.
     """
 
     recipient: Recipient
@@ -319,6 +320,7 @@ class RcptResult:
     conn: ConnStats | None = field(default=None, compare=False, repr=False)
     stats: MsgStats | None = field(default=None, compare=False, repr=False)
     program: str = field(default="", compare=False)  # the agent that made it, when not the job's (not stored)
+    soft_bounced: bool = field(default=False, compare=False)  # a bounce soft_bounce kept deferred (not stored)
 
     @property
     def named(self) -> Recipient:

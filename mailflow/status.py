@@ -4,6 +4,7 @@ Texts are generic and meant for clients: they name the address and the rule, nev
 Every reply smtpd sends is built here; tests compare against these values. `error_reply(error)` is the one
 table from an error (mailflow.errors, a store or spool fault) to its reply. `split_leading_dsn(text)`: the
 enhanced code an action's text (access table, policy answer, header check) starts with, as Postfix's dsn_split.
+`soft_bounced(reply)`: a reply as soft_bounce makes it (5xx -> 4xx, 5.X.X -> 4.X.X), applied where smtpd writes.
 """
 from __future__ import annotations
 
@@ -332,6 +333,20 @@ def with_enhanced_code(line: str) -> str:
     if enhanced is None:
         return line
     return f"{code}{sep}{enhanced} {rest}"
+
+
+def soft_bounced(reply: str) -> str:
+    """A reply as smtpd sends it under soft_bounce (Postfix smtpd_chat_reply): each line that starts with a 5
+    starts with a 4 instead, and so does its enhanced status code when it has one (`550 5.1.1 ...` ->
+    `450 4.1.1 ...`); the rest as it was."""
+    return "\r\n".join(_soft_bounced_line(line) for line in reply.split("\r\n"))
+
+
+def _soft_bounced_line(line: str) -> str:
+    if line[:1] != "5":
+        return line
+    line = "4" + line[1:]
+    return line[:4] + "4" + line[5:] if line[4:5] == "5" else line
 
 
 def dsn_class(dsn: str) -> int:

@@ -142,6 +142,10 @@ class Config(Section):
     remote_header_rewrite_domain: str = ""
     always_add_missing_headers: bool = False
     queue_directory: str = "var"
+    # Postfix soft_bounce, the safety net while testing a configuration: mail that would bounce is deferred
+    # instead (logged `status=SOFTBOUNCE`, its status made 4.X.X), and every 5xx reply smtpd gives becomes 4xx.
+    # Mail still goes back to its sender when it outlives maximal_queue_lifetime, as in Postfix.
+    soft_bounce: bool = False
     # How long a stopping server (SIGTERM: `docker stop`, systemd, Kubernetes) lets the transactions of open
     # sessions and the deliveries in flight finish before it cuts them off; keep it below the supervisor's own
     # grace period (docker stop's is 10 s), or the supervisor kills the process first.

@@ -64,6 +64,7 @@ class StdioSmtp:
         self._limits = submitter.config.smtpd  # [smtpd]: the limits and words smtpd would use here
         self._opts = opts
         self._host = submitter.config.myhostname
+        self._soft_bounce = submitter.config.soft_bounce  # 5xx replies go out as 4xx, as smtpd's do
         self._sleep = sleep
         self._errors = 0  # commands answered with an error since the last queued message (smtpd's error_count)
         self._junk = JunkCount(self.JUNK_COMMANDS, self._limits.junk_command_limit)  # since then (smtpd's junk_cmds)
@@ -79,11 +80,12 @@ class StdioSmtp:
     def _reply(self, reply: "status.Reply | str", counts_as_error: bool = True) -> None:
         """A reply from the catalogue (plain strings only for the EHLO lines, all in one), after
         error_sleep_time once soft_error_limit errors were made (as Postfix's smtpd_chat_reply waits); an error
-        reply (4xx, 5xx) counts as one unless told otherwise."""
+        reply (4xx, 5xx) counts as one unless told otherwise. Under soft_bounce a 5xx goes out as 4xx."""
         limits = self._limits
         if self._errors >= limits.soft_error_limit and limits.error_sleep_time:
             self._sleep(limits.error_sleep_time)
-        self._out.write(str(reply).encode("utf-8") + b"\r\n")
+        text = status.soft_bounced(str(reply)) if self._soft_bounce else str(reply)
+        self._out.write(text.encode("utf-8") + b"\r\n")
         self._out.flush()
         if counts_as_error and isinstance(reply, status.Reply) and reply.code >= 400:
             self._errors += 1

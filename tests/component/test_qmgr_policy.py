@@ -45,9 +45,10 @@ def scripted(clock) -> BlockingTransport:
 
 
 class Sim:
-    def __init__(self, tmp_path, tick: float = DAY, **queue):
+    def __init__(self, tmp_path, tick: float = DAY, soft_bounce: bool = False, **queue):
         self.tick = tick
         settings = {"myhostname": "mx.local.test", "mydestination": ["local.test", "mx.local.test"],
+                    "soft_bounce": soft_bounce,
                     "queue": {"minimal_backoff_time": 300, "maximal_backoff_time": 4000, **queue}}
         self.config: Config = config_from_dict(settings)
         self.tmp_path = tmp_path
@@ -63,7 +64,7 @@ class Sim:
         self.qmgr = QueueManager(self.store, resolve=Rewriter(self.config).resolve,
                                  transports={"smtp": self.smtp, "local": self.local}, config=self.config.queue,
                                  clock=self.clock, rng=random.Random(2), log=MailLog(), notices=notices,
-                                 tick=self.tick)
+                                 tick=self.tick, soft_bounce=self.config.soft_bounce)
         await self.qmgr.start()
         return self
 
@@ -106,8 +107,8 @@ class Sim:
 async def sim(tmp_path):
     sims = []
 
-    async def make(tick: float = DAY, **queue) -> Sim:
-        s = await Sim(tmp_path, tick, **queue).start()
+    async def make(tick: float = DAY, soft_bounce: bool = False, **queue) -> Sim:
+        s = await Sim(tmp_path, tick, soft_bounce, **queue).start()
         sims.append(s)
         return s
 
@@ -244,6 +245,47 @@ async def test_expiry_is_logged_once_as_postfix_qmgr_logs_it(sim, caplog):
         await s.run_until(T0 + 3 * HOUR)
     lines = [r.getMessage() for r in caplog.records if r.name == "mailflow.mail"]
     assert lines.count(f"{queue_id}: from=<a@remote.test>, status=expired, returned to sender") == 1, lines
+
+
+# ------------------------------------------------------------------------------ soft_bounce
+
+
+async def test_soft_bounce_keeps_a_bounce_deferred_and_logs_it_as_postfix_does(sim, caplog):
+    """Postfix 3.7.11 with soft_bounce = yes logs `dsn=4.1.1, status=SOFTBOUNCE (text)` where it would bounce,
+    keeps the recipient in its deferred queue with that text, and sends no bounce."""
+    s = await sim(soft_bounce=True)
+    s.smtp.script = None
+    s.smtp.outcomes = {"gone@far.test": (Outcome.BOUNCED, "5.1.1", "550 5.1.1 no such user")}
+    with caplog.at_level(logging.INFO, logger="mailflow.mail"):
+        queue_id = await s.submit("alice@remote.test", "gone@far.test", "ok@far.test")
+        await s.run_until(T0 + 60)
+    lines = [r.getMessage() for r in caplog.records if r.name == "mailflow.mail"]
+    [line] = [line for line in lines if "to=<gone@far.test>" in line]
+    assert line.startswith(f"{queue_id}: to=<gone@far.test>, relay=mx.remote.test[192.0.2.1]:25, ")
+    assert line.endswith(", dsn=4.1.1, status=SOFTBOUNCE (550 5.1.1 no such user)")
+    assert notices_in(s.smtp) == []
+    assert await s.store.counts() == {"deferred": 1}
+    [row] = [r for r in await s.store.recipients(queue_id) if r[0] == "gone@far.test"]
+    assert row[2:] == ("4.1.1", "550 5.1.1 no such user")
+    s.smtp.outcomes = {}  # the configuration fixed: the next attempt delivers it
+    await s.run_until(T0 + HOUR)
+    assert await s.store.counts() == {}
+
+
+async def test_soft_bounced_mail_is_still_returned_at_the_end_of_its_lifetime(sim, caplog):
+    """Postfix's qmgr returns a message past maximal_queue_lifetime whatever soft_bounce says (defer_flush)."""
+    s = await sim(soft_bounce=True, maximal_queue_lifetime=HOUR)
+    s.smtp.script = lambda req, now: ((Outcome.BOUNCED, "5.1.1", "550 5.1.1 no such user", True) if req.sender
+                                      else (Outcome.SENT, "2.0.0", "250 ok", True))
+    with caplog.at_level(logging.INFO, logger="mailflow.mail"):
+        queue_id = await s.submit("alice@remote.test", "gone@far.test")
+        await s.run_until(T0 + 3 * HOUR)
+    lines = [r.getMessage() for r in caplog.records if r.name == "mailflow.mail"]
+    assert f"{queue_id}: from=<alice@remote.test>, status=expired, returned to sender" in lines
+    [bounce] = notices_in(s.smtp)
+    [fields] = report_fields(bounce)
+    assert fields["Action"] == "failed" and fields["Status"] == "4.1.1"
+    assert await s.store.counts() == {}
 
 
 # ------------------------------------------------------------------------------ destinations

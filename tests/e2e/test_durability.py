@@ -147,3 +147,24 @@ async def test_sigkill_while_a_destination_is_slow_repeats_no_finished_delivery(
     srv, peer, gate, inbox = await split_message_half_delivered(server, smtp_peer, tmp_path)
     srv.kill()
     await after_restart_each_recipient_once(srv, peer, gate, inbox, tmp_path)
+
+
+async def test_a_bounce_soft_bounce_kept_deferred_survives_sigkill_and_is_delivered_once_fixed(server, smtp_peer,
+                                                                                              tmp_path):
+    """soft_bounce: the refused recipient's deferral is recorded as any other, so a crash neither loses the mail nor
+    turns it into a bounce; once the next hop takes it, it is delivered once and nobody got a notice."""
+    peer = await smtp_peer()
+    peer.handler.rcpt_replies["gone@relay.test"] = "550 5.1.1 no such user"
+    srv = server(relayhost=f"[127.0.0.1]:{peer.port}", soft_bounce=True,
+                 queue={"minimal_backoff_time": "1s", "maximal_backoff_time": "1s", "queue_run_delay": "1s"})
+    await srv.start()
+    await send(srv.port, "s@remote.test", ["gone@relay.test"], message("soft"))
+    db = tmp_path / "queue" / "queue.db"
+    await eventually(lambda: queue_counts(db) == {"deferred": 1}, timeout=10, what="the soft bounce recorded")
+    srv.kill()
+
+    del peer.handler.rcpt_replies["gone@relay.test"]  # the next hop fixed
+    await srv.start()
+    await eventually(lambda: peer.messages and queue_counts(db) == {}, timeout=20)
+    assert [(m.mail_from, m.rcpt_tos) for m in peer.messages] == [("s@remote.test", ["gone@relay.test"])]
+    assert "status=SOFTBOUNCE" in (tmp_path / "server.log").read_text()

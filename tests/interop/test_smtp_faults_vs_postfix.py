@@ -183,11 +183,12 @@ async def relay_one_each(port: int, scenarios: dict[str, Scenario]) -> None:
 
 async def run_both(mailflow_server, smtp_peer, scenarios: dict[str, Scenario], *, postfix: dict | None = None,
                    queue: dict | None = None, smtp: dict | None = None, notice_for_all: bool = False,
-                   unsettled: tuple[str, ...] = (), pf_log: list[str] | None = None):
+                   unsettled: tuple[str, ...] = (), pf_log: list[str] | None = None, mailflow: dict | None = None):
     """Both servers relay one message per scenario. Returns ((postfix outcomes, postfix notices), (mailflow's…))
     once every recipient has an outcome on both sides (one whose status is not one of `unsettled`: "deferred" to
     wait for a retry) and every failure its notice (`notice_for_all`: every recipient that was not sent).
-    `pf_log`: gets Postfix's mail log, before its instance goes."""
+    `pf_log`: gets Postfix's mail log, before its instance goes; `mailflow`: more of mailflow's settings (as
+    `postfix` for Postfix's)."""
     peers = {name: await ScriptedPeer(s.script).start() for name, s in scenarios.items()}
     pf_notices, mf_notices = await smtp_peer(), await smtp_peer()
     pf_routes = [f"{name}.test=lmtp:inet:127.0.0.1:{peer.port}" if scenarios[name].lmtp
@@ -215,7 +216,7 @@ async def run_both(mailflow_server, smtp_peer, scenarios: dict[str, Scenario], *
                 transport_maps=["inline:{" + ", ".join([f"sender.test=smtp:[127.0.0.1]:{mf_notices.port}", *mf_routes])
                                 + "}"],
                 queue={"queue_run_delay": "300s", "minimal_backoff_time": "300s", "maximal_backoff_time": "300s",
-                       **(queue or {})})
+                       **(queue or {})}, **(mailflow or {}))
             await asyncio.gather(relay_one_each(pf.port, scenarios),
                                  relay_one_each(mf.smtp_addresses[0][1], scenarios))
 

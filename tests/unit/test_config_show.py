@@ -17,6 +17,13 @@ def test_defaults_view_lists_every_setting_and_reads_back_as_the_defaults():
     assert 'smtpd.listen = ["127.0.0.1:2525"]' in lines
     assert "queue.maximal_queue_lifetime = 432000" in lines
     assert "smtpd.tls_loglevel = 0" in lines and "smtp.tls_loglevel = 0" in lines
+    assert "soft_bounce = false" in lines and "relocated_maps = []" in lines
+
+
+def test_the_safety_net_and_relocated_maps_show_when_set():
+    config = config_from_dict({"soft_bounce": True, "relocated_maps": ["inline:{a@b.test=c@d.test}"]})
+    assert show_settings(config, changed_only=True) == ['relocated_maps = ["inline:{a@b.test=c@d.test}"]',
+                                                        "soft_bounce = true"]
 
 
 def test_changed_view_shows_only_what_differs_from_the_defaults():

@@ -145,3 +145,16 @@ def test_error_reply_never_shows_the_reason_and_names_the_address_it_is_about():
     assert "/etc/aliases" not in str(status.error_reply(error))
     timed_out = LookupRetry("table sqlite:/etc/x.cf: timeout")
     assert status.error_reply(timed_out, "a@b.test") == status.lookup_failed("a@b.test")
+
+
+@pytest.mark.parametrize("sent, soft", [
+    ("550 5.1.1 <a@b.test>: Recipient address rejected: User unknown", "450 4.1.1 <a@b.test>: Recipient address "
+                                                                       "rejected: User unknown"),
+    ("554 5.7.1 <x@y.test>: Relay access denied", "454 4.7.1 <x@y.test>: Relay access denied"),
+    ("500 Error: bad syntax", "400 Error: bad syntax"),  # no enhanced code: the reply code alone
+    ("550-5.7.1 first\r\n550 5.7.1 last", "450-4.7.1 first\r\n450 4.7.1 last"),  # every line of a multi-line one
+    ("452 4.3.1 Insufficient system storage", "452 4.3.1 Insufficient system storage"),
+    ("250 2.0.0 Ok: queued as 5.5", "250 2.0.0 Ok: queued as 5.5"),
+])
+def test_soft_bounce_makes_each_5xx_line_a_4xx_one_as_postfix_smtpd_chat_reply(sent, soft):
+    assert status.soft_bounced(sent) == soft

@@ -47,8 +47,13 @@ The loop
   After `delay_warning_time` the sender gets one
   "delayed" notice. A message whose recipients were all recorded before a crash has no pending recipient when it
   is scanned again after the start; its scan finishes it.
-- A reload (`reconfigure`) hands qmgr a new resolver, transports and [queue] settings: what is admitted or
-  started from then on uses them; deliveries under way finish with the transports they began with, which are
+- `soft_bounce` (Postfix's, for testing a configuration): a recipient an agent bounces is kept deferred
+  instead, as every job's results come in (`_soft_bounced`): its status made 4.X.X, its text kept, logged
+  `status=SOFTBOUNCE`; so no failure notice goes out, and the row is recorded as any deferral. The message is
+  still returned when it outlives its lifetime, as Postfix's qmgr returns it then (its defer_flush ignores
+  soft_bounce). Address verification probes are not touched (Postfix's bounce_append records them first).
+- A reload (`reconfigure`) hands qmgr a new resolver, transports, [queue] settings and soft_bounce: what is
+  admitted or started from then on uses them; deliveries under way finish with the transports they began with, which are
   closed after them. The jobs not started yet are taken back from their destinations and their recipients
   resolved again (`_reroute`), as Postfix's qmgr, restarted by `postfix reload`, reads its active queue again:
   mail waiting for a window goes where the new routing sends it. The messages stay in hand (no store write, the
@@ -143,10 +148,11 @@ class QueueManager:
     def __init__(self, store: Store, *, resolve: Callable[[str], Resolution], transports: dict, config,
                  clock: Clock, rng, log: MailLog, notices=None, tick: float = TICK,
                  backoff: tuple[float, float] = (FIRST_DELAY, MAX_DELAY),
-                 on_delivery: Callable[[str, float], None] | None = None):
-        """`backoff`: (first, cap) seconds between tries of a failing store write or chore; `on_delivery`: see
-        the module doc."""
+                 on_delivery: Callable[[str, float], None] | None = None, soft_bounce: bool = False):
+        """`backoff`: (first, cap) seconds between tries of a failing store write or chore; `on_delivery`,
+        `soft_bounce`: see the module doc."""
         self._store = store
+        self._soft_bounce = soft_bounce
         self._resolve = resolve
         self._transports = transports
         self._config = config
@@ -220,13 +226,15 @@ class QueueManager:
         while self._tasks and loop.time() < deadline:
             await asyncio.wait(set(self._tasks), timeout=deadline - loop.time())
 
-    def reconfigure(self, *, resolve: Callable[[str], Resolution], transports: dict, config, notices) -> None:
+    def reconfigure(self, *, resolve: Callable[[str], Resolution], transports: dict, config, notices,
+                    soft_bounce: bool = False) -> None:
         """A reload: the recipients of every job not started yet, and of messages admitted from now on, are
         resolved by `resolve` (`_reroute`); jobs started from now on go to `transports`; every destination starts
         over under `config` (dead ones are alive again), and attempts ending from now on follow it. Transports no
         longer in use are closed once the deliveries already under way end (they may hold cached connections)."""
         retired = [t for t in _unique(self._transports.values()) if t not in _unique(transports.values())]
         self._resolve, self._transports, self._config, self._notices = resolve, transports, config, notices
+        self._soft_bounce = soft_bounce
         for dest in self._destinations.values():
             dest.restart(config.initial_destination_concurrency, config.default_destination_concurrency_limit,
                          config.destination_concurrency_failed_cohort_limit)
@@ -586,7 +594,8 @@ class QueueManager:
         active = self._active[job.queue_id]
         active.jobs_left -= 1
         stats = active.stats._replace(handoff=handoff, done=done) if handoff else None
-        self._results_in(active, _complete(job, report, stats))
+        results = _complete(job, report, stats)
+        self._results_in(active, [_soft_bounced(r) for r in results] if self._soft_bounce else results)
 
     async def _deliver(self, active: ActiveMessage, job: Job) -> DeliveryReport:
         msg = active.message
@@ -770,6 +779,14 @@ def _owes_notice(result: RcptResult) -> bool:
     end of the attempt queues the notice."""
     kind = _NOTICE_KIND.get(result.outcome)
     return kind is not None and wants_notice(result.recipient, kind)
+
+
+def _soft_bounced(result: RcptResult) -> RcptResult:
+    """Under soft_bounce a recipient that would bounce stays queued: deferred, its status 4.X.X, its text kept
+    (Postfix's bounce_append hands it to the defer service instead)."""
+    if result.outcome is not Outcome.BOUNCED:
+        return result
+    return dataclasses.replace(result, outcome=Outcome.DEFERRED, dsn="4" + result.dsn[1:], soft_bounced=True)
 
 
 def _expire(pending: list[RcptResult], age: float, lifetime: float) -> list[RcptResult]:

@@ -127,11 +127,13 @@ class ProtocolLimits:
     session_time_limit: float
     recipient_limit: int
     recipient_overshoot_limit: int
+    soft_bounce: bool = False  # the main setting (Config.soft_bounce): every 5xx reply goes out as 4xx
 
     @classmethod
-    def from_config(cls, smtpd) -> "ProtocolLimits":
-        """From a `SmtpdConfig` (the listener's effective settings)."""
-        return cls(**{name: getattr(smtpd, name) for name in cls.__dataclass_fields__})
+    def from_config(cls, smtpd, *, soft_bounce: bool = False) -> "ProtocolLimits":
+        """From a `SmtpdConfig` (the listener's effective settings) and the main `soft_bounce`."""
+        return cls(**{name: getattr(smtpd, name) for name in cls.__dataclass_fields__ if name != "soft_bounce"},
+                   soft_bounce=soft_bounce)
 
 
 _COMMANDS: dict[type, dict[str, Callable]] = {}  # per session class: its smtp_* methods by verb
@@ -385,13 +387,18 @@ class ProtocolCore(SMTP):
         await self._write(b"".join(self._reply_bytes(line, True) for line in lines))
 
     def _reply_bytes(self, line: Any, counts_as_error: bool) -> bytes:
-        """One reply line as sent, counted (errors, the disconnect statistics) and in the transcript."""
+        """One reply line as sent, counted (errors, the disconnect statistics) and in the transcript. Under
+        soft_bounce a 5xx goes out as 4xx (status.soft_bounced), whoever wrote it: this is where every reply
+        passes, as Postfix's smtpd_chat_reply."""
         if isinstance(line, status.Reply):  # one final line, as the catalogue wrote it
             final, line = line.code, str(line)
         else:
             if self._replies_sent and not self._in_hello and isinstance(line, str):  # the first is the greeting
                 line = status.with_enhanced_code(line)
             final = _final_code(line)
+        if self._limits.soft_bounce and isinstance(line, str):
+            line = status.soft_bounced(line)
+            final -= 100 if final >= 500 else 0
         if self._replies_sent and final >= 400 and counts_as_error:
             self._errors += 1
         self.record.replied(final)
@@ -425,7 +432,10 @@ class ProtocolCore(SMTP):
         elif sender == NULL_SENDER:
             sender = ""
         helo = self.session.host_name or "" if helo is None else helo
-        self.record.lines.reject(stage, self.session.client, str(reply), sender=sender, recipient=recipient,
+        text = str(reply)
+        if self._limits.soft_bounce and action == "reject":  # the reply as sent (Postfix's smtpd_check_reject)
+            text = status.soft_bounced(text)
+        self.record.lines.reject(stage, self.session.client, text, sender=sender, recipient=recipient,
                                  protocol=self.session.protocol, helo=helo,
                                  action=action, queue_id=self.envelope.queue_id)
 

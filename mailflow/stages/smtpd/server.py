@@ -297,7 +297,8 @@ class Smtpd:
         if smtpd.tls_cert_file:
             self._server_tls(smtpd)  # read now: a bad file stops the start
         return Listener(host, port, role, config, self._handler_for(config), anvil, SessionSlots(smtpd.max_sessions),
-                        authenticator, sender_logins, FrontEnds.from_config(smtpd), ProtocolLimits.from_config(smtpd),
+                        authenticator, sender_logins, FrontEnds.from_config(smtpd),
+                        ProtocolLimits.from_config(smtpd, soft_bounce=self._config.soft_bounce),
                         setting)
 
     def _auth_backend(self, smtpd: SmtpdConfig) -> Backend:
