@@ -59,7 +59,7 @@ def build_transports(config, resolver, clock, router, forward=None, mailbox=None
     smtp = SmtpTransport(config.smtp, resolver=resolver, helo_name=config.smtp.helo_name or config.myhostname,
                          mta_sts=build_mta_sts(config, resolver), plaintext_after=config.queue.minimal_backoff_time,
                          own_addresses=router.rewriter.own_addresses, own_ports=config.smtpd.ports,
-                         relayhost=config.relayhost, now=clock.time)
+                         relayhost=config.relayhost, now=clock.time, soft_bounce=config.soft_bounce)
     registry: dict[str, Transport] = {}  # local hands mailboxes to the others (mailbox_transport, fallback_transport)
     registry.update({
         **({"capture": CaptureTransport(mailbox)} if mailbox is not None else {}),

@@ -47,13 +47,15 @@ CONTENT = (
 
 def make_transport(resolver=None, port: int = 25, tls: str = "none", timeout: float = 2.0, rng=None,
                    plaintext_after: float = 0.0, own_addresses: frozenset = frozenset(),
-                   own_ports: frozenset = frozenset(), now=time.time, **settings) -> SmtpTransport:
+                   own_ports: frozenset = frozenset(), now=time.time, soft_bounce: bool = False,
+                   **settings) -> SmtpTransport:
     config = SmtpConfig(
         port=port, connect_timeout=timeout, helo_timeout=timeout, command_timeout=timeout, data_timeout=timeout,
         tls_security_level=tls, **settings,
     )
     return SmtpTransport(config, resolver=resolver or StaticResolver(), helo_name=HELO, rng=rng,
-                         plaintext_after=plaintext_after, own_addresses=own_addresses, own_ports=own_ports, now=now)
+                         plaintext_after=plaintext_after, own_addresses=own_addresses, own_ports=own_ports, now=now,
+                         soft_bounce=soft_bounce)
 
 
 def make_request(nexthop: str, *recipients: str, sender: str = "a@remote.test", content: bytes = CONTENT, **kw):
@@ -305,6 +307,32 @@ async def test_a_soft_error_is_logged_on_its_own_line_only_when_another_peer_is_
     assert [r.getMessage() for r in caplog.records if "said:" in r.getMessage()] == [
         "Q1: host mx1.example.test[127.0.0.2] said: 450 4.2.0 greylisted (in reply to RCPT TO command)"]
     assert [m.rcpt_tos for m in backup.messages] == [["grey@example.test"]]
+
+
+async def test_under_soft_bounce_a_refusal_at_a_server_that_is_not_the_final_one_tries_the_next(smtp_peer,
+                                                                                                 zone_resolver, caplog):
+    """Postfix's smtp_rcpt_fail with soft_bounce: a 5.X.X is a soft error, so a server that is not the final one
+    does not have the last word (logged on its own line); at the final server the refusal stands (qmgr then keeps
+    it deferred). Without soft_bounce the first server's 550 bounces it."""
+    primary, backup, resolver = await greylisting_primary(smtp_peer, zone_resolver,
+                                                          "single.test. 300 IN MX 10 mx1.example.test.")
+    primary.handler.rcpt_replies = {"gone@example.test": "550 5.1.1 no such user"}
+    with caplog.at_level(logging.INFO, "mailflow.smtp"):
+        soft = await deliver(make_transport(resolver, port=primary.port, soft_bounce=True),
+                             make_request("example.test", "gone@example.test", "ok@example.test"))
+        single = await deliver(make_transport(resolver, port=primary.port, soft_bounce=True),
+                               make_request("single.test", "gone@example.test"))
+    hard = await deliver(make_transport(resolver, port=primary.port), make_request("example.test", "gone@example.test"))
+    assert [(r.recipient.address, r.outcome, r.relay.partition("[")[0]) for r in soft.results] == [
+        ("gone@example.test", Outcome.SENT, "mx2.example.test"), ("ok@example.test", Outcome.SENT, "mx1.example.test")]
+    assert [m.rcpt_tos for m in backup.messages] == [["gone@example.test"]]
+    assert [r.getMessage() for r in caplog.records if "said:" in r.getMessage()] == [
+        "Q1: host mx1.example.test[127.0.0.2] said: 550 5.1.1 no such user (in reply to RCPT TO command)"]
+    [r] = single.results
+    assert (r.outcome, r.dsn) == (Outcome.BOUNCED, "5.1.1")
+    [r] = hard.results
+    assert (r.outcome, r.dsn, r.relay.partition("[")[0]) == (Outcome.BOUNCED, "5.1.1", "mx1.example.test")
+    assert len(backup.messages) == 1
 
 
 async def test_a_temporary_failure_whose_next_peer_cannot_be_reached_gets_that_peers_failure(smtp_peer, zone_resolver):
@@ -1264,6 +1292,29 @@ async def test_a_5xx_to_helo_bounces_at_once_and_no_other_peer_is_tried(smtp_pee
         assert report.site_ok and good.messages == []
     finally:
         refusing.close()
+
+
+async def test_under_soft_bounce_a_5xx_to_helo_tries_the_next_peer(smtp_peer, zone_resolver, caplog):
+    """Postfix's smtp_bulk_fail with soft_bounce: the hard handshake error of a server that is not the final one is
+    soft (logged on its own line), so MX 20 gets the mail; the final server's stands."""
+    refusing = await asyncio.start_server(refuse_helo, "127.0.0.2", 0)
+    port = refusing.sockets[0].getsockname()[1]
+    good = await smtp_peer("127.0.0.3", port)
+    try:
+        resolver = zone_resolver("example.test. 300 IN MX 10 mx1.example.test.",
+                                 "example.test. 300 IN MX 20 mx2.example.test.",
+                                 "mx1.example.test. 300 IN A 127.0.0.2", "mx2.example.test. 300 IN A 127.0.0.3",
+                                 "single.test. 300 IN MX 10 mx1.example.test.")
+        with caplog.at_level(logging.INFO, "mailflow.smtp"):
+            report = await deliver(make_transport(resolver, port=port, soft_bounce=True),
+                                   make_request("example.test"))
+        single = await deliver(make_transport(resolver, port=port, soft_bounce=True), make_request("single.test"))
+    finally:
+        refusing.close()
+    assert (report.results[0].outcome, report.results[0].relay) == (Outcome.SENT, f"mx2.example.test[127.0.0.3]:{port}")
+    assert len(good.messages) == 1
+    assert "Q1: host mx1.example.test[127.0.0.2] refused to talk to me: 501 5.5.4 not you" in caplog.messages
+    assert (single.results[0].outcome, single.results[0].dsn) == (Outcome.BOUNCED, "5.5.4")
 
 
 async def test_a_refused_greeting_or_helo_is_followed_by_quit_as_postfix_says_it():

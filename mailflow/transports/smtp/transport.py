@@ -4,7 +4,10 @@ Owns the order of things (the package docstring says what each recipient gets): 
 next hop and find its TLS policy, use a cached session for it when one is idle, else find the peers (addr) and
 open a session with the first that completes the handshake (connect), run the transaction (proto), then cache
 the session (reuse) or QUIT it; recipients a session deferred go on to the next peer while sessions remain
-(MX_SESSION_LIMIT: see the package docstring). A peer's soft failure, in its handshake or its transaction, is logged
+(MX_SESSION_LIMIT: see the package docstring); with `soft_bounce` (the main setting) the recipients it refused for
+good (5xx) go on too, and a 5xx refusal of the handshake tries the next peer, as Postfix's smtp_trouble treats a
+5.X.X as soft under soft_bounce at a server that is not the final one (at the last one it stands, and qmgr keeps
+it deferred). A peer's soft failure, in its handshake or its transaction, is logged
 on a line of its own (`QID: reason`) only when another peer is tried after it, as Postfix logs a server's that is
 not the final one (at the final one the recipients' result lines are the only ones); a failed connection at once,
 without the queue id (`connect to h[ip]:port: Connection refused`, Postfix's smtp_connect: a connection is not a
@@ -20,7 +23,7 @@ MX hosts no better than this server are not tried (`_without_myself`). A request
 
     SmtpTransport(config, *, resolver, helo_name, rng=None, clock=time.monotonic, tables=None, mta_sts=None,
                   plaintext_after=0.0, own_addresses=frozenset(), own_ports=frozenset(), relayhost="",
-                  now=time.time)
+                  now=time.time, soft_bounce=False)
     await deliver(request) -> DeliveryReport      one result per recipient, never raises for a delivery problem
 `now`: qmgr's clock, for the time each transaction's session was set up (proto's ConnStats; the log's delays).
 `plaintext_after` (qmgr's minimal_backoff_time, as Postfix's var_min_backoff_time): at TLS level may, a failed
@@ -112,8 +115,10 @@ class SmtpTransport:
         own_ports: frozenset[int] = frozenset(),
         relayhost: str = "",
         now: Callable[[], float] = time.time,
+        soft_bounce: bool = False,
     ):
         self._config = config
+        self._soft_bounce = soft_bounce
         self._now = now
         self._relayhost = relayhost
         self._own_addresses = own_addresses
@@ -160,7 +165,7 @@ class SmtpTransport:
         cached = await self._deliver_on_cached_session(destination, request, recipients, outcomes)
         kept: Outcomes | None = None
         if cached is not None:  # a session like any other: what it deferred goes on to the next peer
-            recipients = [r for r in recipients if outcomes.results[r].outcome is Outcome.DEFERRED]
+            recipients = self._for_next_peer(recipients, outcomes)
             if not recipients or MX_SESSION_LIMIT <= 1:
                 return
             kept = outcomes.take_back(recipients)
@@ -283,8 +288,8 @@ class SmtpTransport:
                     session = await self._handshake.open(peer, destination, request.queue_id, request.queued_for)
                 except SiteFailure as e:
                     peer_failure = detached(e)  # kept for the result: no traceback through this frame
-                    if e.hard:  # a 5xx: Postfix bounces at once (only a 5xx greeting is skipped)
-                        record_unreachable(outcomes, recipients, e, [])
+                    if e.hard and not self._soft_bounce:  # a 5xx: Postfix bounces at once (but for a 5xx
+                        record_unreachable(outcomes, recipients, e, [])  # greeting; under soft_bounce, as a 4xx)
                         return
                     if isinstance(e, ConnectFailure):  # Postfix's smtp_connect_inet: at once, no queue id
                         log_connect_failure(e, log)
@@ -300,7 +305,7 @@ class SmtpTransport:
                     session.abort()
                     raise
                 await self._release(session, destination)
-                deferred = [r for r in recipients if outcomes.results[r].outcome is Outcome.DEFERRED]
+                deferred = self._for_next_peer(recipients, outcomes)
                 if not deferred or sessions >= MX_SESSION_LIMIT:
                     return
                 # Postfix: a soft error at a server that is not the final one: the next one gets these recipients
@@ -312,6 +317,13 @@ class SmtpTransport:
         # Postfix's relayhost rule is for a hard result: a peer's failure or a soft DNS failure makes it soft
         record_unreachable(outcomes, recipients, peer_failure, [] if kept is not None else dns_failures,
                            hard=partial(self._unless_relayhost, request))
+
+    def _for_next_peer(self, recipients: list[Recipient], outcomes: Outcomes) -> list[Recipient]:
+        """The recipients a session left for the next peer, if there is one: those it deferred, and under
+        soft_bounce those it refused for good too (Postfix's smtp_rcpt_fail and smtp_bulk_fail count a 5.X.X
+        then as a soft error: a server that is not the final one does not have the last word)."""
+        again = (Outcome.DEFERRED, Outcome.BOUNCED) if self._soft_bounce else (Outcome.DEFERRED,)
+        return [r for r in recipients if outcomes.results[r].outcome in again]
 
     def _unless_relayhost(self, request: DeliveryRequest, error: DeliveryError) -> DeliveryError:
         """A permanent DNS or loop failure of the relayhost is a configuration problem: deferred 4.3.5 with the
