@@ -22,7 +22,8 @@ Postfix's public/pickup FIFO). It scans the maildrop when it starts, on every wa
   message twice after the restart: at-least-once, as in Postfix (a message is never lost);
 - a message cleanup refuses for good (a mail loop 5.4.0, a header section too large 5.3.4) is returned to its
   sender as a failure notice (null sender; dropped with a log line when the sender is null itself), as Postfix's
-  cleanup bounces for pickup, and its file removed;
+  cleanup bounces for pickup, and its file removed; under soft_bounce it is not returned and its file stays, tried
+  (and refused, logged) again at each scan, as Postfix's cleanup, unable to bounce it, leaves it in the maildrop;
 - a temporary failure (a table that cannot answer, a full write backlog, anything unexpected) leaves the file
   where it is, logged; it is tried again at the next scan. Other files are not held up.
 - a fault of the queue itself (the store locked, the disk full: `store_fault`) ends the scan: the files stay,
@@ -92,10 +93,10 @@ class Pickup:
                  interval: float = DEFAULTS.sendmail.pickup_interval,
                  bounce_size_limit: int = DEFAULTS.queue.bounce_size_limit, size_limit: int = 0,
                  milters: NonSmtpdMilters | None = None, store: Store | None = None,
-                 in_hand: Callable[[str], bool] | None = None):
+                 in_hand: Callable[[str], bool] | None = None, soft_bounce: bool = False):
         """`milters`: non_smtpd_milters (None: none); `store`: the queue whose requeued mail it copies (None:
         none); `in_hand` (required with a store: TypeError): whether qmgr still has a message (its attempt under
-        way), which is not copied yet."""
+        way), which is not copied yet; `soft_bounce`: a refused message is not returned (see the module doc)."""
         if store is not None and in_hand is None:  # (a default of "never" would copy mail under delivery)
             raise TypeError("Pickup: a store needs in_hand, qmgr's word on the messages it has in hand")
         self.maildrop = Path(queue_directory) / "maildrop"
@@ -107,6 +108,7 @@ class Pickup:
         self._interval = interval
         self._bounce_size_limit = bounce_size_limit
         self._size_limit = size_limit
+        self._soft_bounce = soft_bounce
         self._milters = milters
         self._store = store
         self._in_hand = in_hand or (lambda queue_id: False)  # (no store: no requeued mail to ask about)
@@ -151,9 +153,10 @@ class Pickup:
         self._wanted.set()
 
     def reconfigure(self, *, myhostname: str, interval: float, bounce_size_limit: int, size_limit: int,
-                    milters: NonSmtpdMilters | None) -> None:
+                    milters: NonSmtpdMilters | None, soft_bounce: bool = False) -> None:
         """A reload: the files picked up from now on are handled with these settings."""
         self._myhostname, self._interval, self._milters = myhostname, interval, milters
+        self._soft_bounce = soft_bounce
         self._bounce_size_limit, self._size_limit = bounce_size_limit, size_limit
 
     async def _listen(self) -> None:
@@ -394,6 +397,9 @@ class Pickup:
         bounce_size_limit bytes of `content`. False when the notice could not be queued: the file stays for
         the next scan."""
         logger.warning("pickup: maildrop/%s: from=<%s>: refused: %s %s", name, m.sender, error.dsn, error.reason)
+        if self._soft_bounce:  # Postfix's cleanup cannot bounce it then (bounce_append): it stays in the maildrop
+            logger.warning("pickup: maildrop/%s: not returned to <%s> (soft_bounce); will retry", name, m.sender)
+            return False
         now = self._clock.time()
         notify = m.recipient_notify() or ("",) * len(m.recipients)
         orcpts = m.rcpt_orcpt or ("",) * len(m.recipients)

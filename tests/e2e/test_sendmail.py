@@ -611,3 +611,19 @@ async def test_invoked_as_sendmail_and_mailq_through_links(cfg, tmp_path):
     assert len(maildrop_names(tmp_path / "queue" / "maildrop")) == 1
     rc, out, err = await run(None, program=[str(tmp_path / "mailq")], env=env)
     assert "no queue database" in err  # it ran mailq (nothing has been queued yet), not sendmail
+
+
+async def test_under_soft_bounce_a_refused_message_stays_in_the_maildrop_unreturned(mailflow_server, cfg, tmp_path,
+                                                                                   caplog):
+    """Postfix 3.7.11 with soft_bounce: cleanup cannot bounce a sendmail message it refuses (here header_checks),
+    so it stays in the maildrop, refused again at each scan, and nobody gets a notice (seen on a private Postfix).
+    Here a mail loop (hopcount_limit) is the refusal."""
+    settings = {"soft_bounce": True, "hopcount_limit": 1}
+    config = cfg(**settings)
+    mf = await mailflow_server(**settings)
+    rc, _, err = await run(config, "bob@local.test", stdin=b"Received: from a\nReceived: from b\nSubject: loop\n\nx\n")
+    assert rc == 0, err
+    await eventually(lambda: "not returned to <" in caplog.text, timeout=5)
+    assert len(maildrop_names(tmp_path / "queue" / "maildrop")) == 1
+    assert "sender non-delivery notification" not in caplog.text
+    assert await mf.store.counts() == {}
