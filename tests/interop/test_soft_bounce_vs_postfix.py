@@ -135,3 +135,16 @@ async def test_sendmail_bs_refuses_as_a_real_postfix_does_under_soft_bounce(writ
     assert mailflow[2:] == postfix[2:]  # (from MAIL on: the greeting and EHLO are each one's own)
     assert postfix[2:6] == ["452 4.3.4 Message size exceeds fixed limit", "455 4.5.4 Unsupported option: FOO",
                             "403 4.5.1 Error: need MAIL command", "400 4.5.2 Error: command not recognized"]
+
+
+async def test_soft_bounced_mail_is_returned_at_its_age_as_a_real_postfix_returns_it(mailflow_server, smtp_peer):
+    """maximal_queue_lifetime = 0 with soft_bounce: the first attempt's refusal is kept deferred, and the message,
+    past its lifetime, is returned all the same (Postfix's defer_flush ignores soft_bounce): the same notice
+    fields, a 4.X.X status with Action: failed."""
+    (pf_ended, pf_notices), (mf_ended, mf_notices) = await run_both(
+        mailflow_server, smtp_peer, {"rcpt-550": REFUSING["rcpt-550"]}, notice_for_all=True,
+        postfix={"soft_bounce": "yes", "maximal_queue_lifetime": "0"}, mailflow={"soft_bounce": True},
+        queue={"maximal_queue_lifetime": "0s"})
+    assert mf_ended == pf_ended
+    assert mf_notices == pf_notices
+    assert pf_notices["b@rcpt-550.test"]["Action"] == "failed" and pf_notices["b@rcpt-550.test"]["Status"] == "4.1.1"
