@@ -124,6 +124,8 @@ class TransactionCommands(SecureCommands):
             return None
         values = parameters(words)
         if isinstance(values, status.Reply):
+            if values is status.SIZE_EXCEEDS_LIMIT:  # a policy refusal, logged (Postfix's smtpd_check_size); the
+                self.log_reject(command, values, sender=addr or NULL_SENDER)  # syntax refusals are replies only
             await self.push(values)
             return None
         return addr, values, written
