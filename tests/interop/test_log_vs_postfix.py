@@ -491,7 +491,8 @@ async def refusals_around_an_accepted_recipient(port: int) -> tuple[list[str], s
     until then, so a MAIL without SIZE would be refused too; mailflow judges each MAIL by its own parameters.)"""
     c = await SmtpClient.connect(port)
     replies = [await c.cmd(command) for command in (
-        "EHLO client.test", "MAIL FROM:<big@sender.test> SIZE=20000000", "RSET", "MAIL FROM:<s@sender.test>", "RCPT TO:<x@elsewhere.test>", "RCPT TO:<ok@relay.test>",
+        "EHLO client.test", "MAIL FROM:<big@sender.test> SIZE=20000000", "RSET",
+        "MAIL FROM:<s@sender.test>", "RCPT TO:<x@elsewhere.test>", "RCPT TO:<ok@relay.test>",
         "RCPT TO:<x@elsewhere.test>", "RCPT TO:<nobody@relay.test>", "RCPT TO:<warn@relay.test>", "RSET",
         "MAIL FROM:<s@sender.test>", "RCPT TO:<nobody@relay.test>", "RSET",
         "MAIL FROM:<eod@sender.test>", "RCPT TO:<ok@relay.test>", "DATA", "Subject: refused\r\n\r\nx\r\n.", "RSET",
@@ -552,7 +553,7 @@ async def test_a_transaction_is_named_by_its_queue_id_from_its_first_accepted_re
     assert mf_replies[0] == pf_replies[0]
     assert transaction_lines(mf_log) == transaction_lines(pf_log), (pf_log, mf_log)
     assert [line.partition(":")[0] for line in transaction_lines(pf_log)] == [
-        "NOQUEUE", "NOQUEUE", "QID", "QID", "QID", "QID", "NOQUEUE", "QID", "QID", "QID"]  # (what the traffic is meant to do)
+        "NOQUEUE", "NOQUEUE", "QID", "QID", "QID", "QID", "NOQUEUE", "QID", "QID", "QID"]  # (the traffic did that)
     assert f"{mf_replies[1]}: client=localhost[127.0.0.1]" in mf_log  # the id the 250 named, as Postfix's does
     assert f"{pf_replies[1]}: client=localhost[127.0.0.1]" in pf_log
 
