@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
-from mailflow.address import is_valid_domain, normalise_domain
+from mailflow.address import is_valid_domain, mailbox_syntax_error, normalise_domain
 from mailflow.config.accounts import AccountsConfig
 from mailflow.config.admin import AdminConfig
 from mailflow.config.base import (TRANSPORT_NAME, Duration, Networks, Relayhost, Section, TableSpecs, Transport,
@@ -112,6 +112,13 @@ class Config(Section):
     # "!host.example.com" keeps that one; masquerade_exceptions lists users never masqueraded.
     masquerade_domains: tuple[str, ...] = ()
     masquerade_exceptions: tuple[str, ...] = ()
+    # Automatic BCC recipients in cleanup (postconf(5)), for mail from outside (smtpd, sendmail; not forwarded
+    # copies, notices, nor a listener with no_address_mappings): sender_bcc_maps asked with the rewritten sender
+    # (never the null sender), recipient_bcc_maps with each recipient after canonical mapping (before virtual
+    # alias expansion), always_bcc for every message. One address each, added with NOTIFY=NEVER.
+    always_bcc: str = ""
+    sender_bcc_maps: TableSpecs = ()
+    recipient_bcc_maps: TableSpecs = ()
     # virtual(5): virtual_alias_maps rewrite recipients of any domain to one or more addresses, recursively;
     # virtual_alias_domains are domains with aliases only (an address without an alias gets 550 5.1.1).
     virtual_alias_domains: tuple[str, ...] = ()
@@ -226,6 +233,19 @@ class Config(Section):
                 raise ValueError(_not_a_domain(entry, tables))
             out.append(mark + normal)
         return tuple(out)
+
+    @field_validator("always_bcc")
+    @classmethod
+    def _always_bcc(cls, v: str) -> str:
+        """One address, `user@domain` or `user` (cleanup adds @myorigin), or "" for none."""
+        problem = None
+        if "@" in v:
+            problem = mailbox_syntax_error(v)
+        elif v and (not v.isprintable() or any(c in v for c in " ,<>")):
+            problem = "not one address"
+        if problem:
+            raise ValueError(f"{v!r} is not an address ({problem})")
+        return v
 
     @field_validator("local_header_rewrite_clients")
     @classmethod

@@ -18,6 +18,13 @@ What it owns (Postfix cleanup(8), envelope part):
   (as a set of words), ORCPT (the RCPT address as written when none was given) and original recipient. For the
   members of an alias of more than one address, SUCCESS does not count in that NOTIFY, as Postfix turns it off
   for them (it reports the alias "expanded" itself; mailflow does not, so their NOTIFY goes on as it was).
+- `recipients(rcpts, auto_bcc_sender=sender)`: the same with the automatic BCC recipients (Postfix cleanup_addr.c), in
+  Postfix's order: sender_bcc_maps' address for the rewritten sender first (none for the null sender), each
+  recipient's recipient_bcc_maps address (asked with the recipient after canonical mapping, before virtual alias
+  expansion) after that recipient, `always_bcc` last. A BCC address is qualified, canonical-mapped and virtual-
+  expanded as any recipient, with NOTIFY=NEVER and no ORCPT; it is a duplicate of another BCC recipient only (so
+  a BCC address the client also named is delivered twice, as Postfix does). A table value of several addresses
+  gives its first (logged; Postfix takes the whole value as one address).
 - `is_mapped(addr)`: a recipient-side table has an entry for it, or it is a valid SRS address (smtpd then takes it as
   a known recipient). `srs`: the Srs codec, or None when [srs] is off (cleanup rewrites forwarded senders with it).
 
@@ -58,6 +65,7 @@ log = logging.getLogger("mailflow.cleanup")
 
 CANONICAL_RECURSION_LIMIT = 10
 MAILER_DAEMON = "MAILER-DAEMON"  # @myorigin, as an envelope sender: the null sender (Postfix MAIL_ADDR_MAIL_DAEMON)
+BCC_NOTIFY = "NEVER"  # an automatic BCC recipient's NOTIFY (Postfix cleanup's NO_DSN_NOTIFY)
 _LIST_ITEM = re.compile(r'(?:"(?:\\.|[^"\\])*"|[^,\s"])+')
 
 
@@ -81,6 +89,8 @@ class AddressMapper:
         self._sender_passes = [t for t in (tables.open(config.sender_canonical_maps), canonical) if t]
         self._recipient_passes = [t for t in (tables.open(config.recipient_canonical_maps), canonical) if t]
         self._virtual = tables.open(config.virtual_alias_maps)
+        self._sender_bcc = tables.open(config.sender_bcc_maps)
+        self._recipient_bcc = tables.open(config.recipient_bcc_maps)
         self.srs = srs_from_config(config)
 
     # -- senders ---------------------------------------------------------------------------------------
@@ -125,18 +135,53 @@ class AddressMapper:
         original = self.srs.reverse(qualified) if self.srs is not None else None
         return original if original is not None else self._canonical(qualified, self._recipient_passes)
 
-    def recipients(self, rcpts: Sequence[Recipient]) -> tuple[Recipient, ...]:
+    def recipients(self, rcpts: Sequence[Recipient], *, auto_bcc_sender: str | None = None) -> tuple[Recipient, ...]:
+        """See the module doc. `auto_bcc_sender`: the message's sender as rewritten (`sender()`) when the automatic BCC
+        recipients apply, None when they do not (see `_auto_bcc`)."""
         out: list[Recipient] = []
         seen: set[tuple[str, ...]] = set()
+        if auto_bcc_sender:  # (the null sender is not looked up)
+            self._add_bcc(self._bcc_address(self._sender_bcc, auto_bcc_sender), out, seen)
         for rcpt in rcpts:
-            finals = self.expand(self.recipient(rcpt.address))
+            canonical = self.recipient(rcpt.address)
+            finals = self.expand(canonical)
             rcpt_key = _duplicate_key(rcpt, expanded=len(finals) > 1)  # (once per recipient, not per address)
             for final in finals:
                 key = (final.lower(), *rcpt_key)
                 if key not in seen:
                     seen.add(key)
                     out.append(Recipient(len(out), final, rcpt.original, rcpt.notify, rcpt.orcpt))
+            if auto_bcc_sender is not None and canonical:
+                self._add_bcc(self._bcc_address(self._recipient_bcc, canonical), out, seen)
+        if auto_bcc_sender is not None and rcpts:
+            self._add_bcc(self._config.always_bcc or None, out, seen)
         return tuple(out)
+
+    def _bcc_address(self, tables: list[Table], addr: str) -> str | None:
+        """The BCC address a sender_/recipient_bcc_maps table has for `addr` (keys as mail_addr_find makes them,
+        no extension carried onto the result); None without one. One address: of a list, the first (logged)."""
+        found = self._find(tables, addr)
+        if found is None:
+            return None
+        items = split_address_list(found[2])
+        if len(items) > 1:
+            log.warning("cleanup: the BCC address of <%s> is a list of %d addresses; using the first",
+                        addr, len(items))
+        return items[0] if items else None
+
+    def _add_bcc(self, bcc: str | None, out: list[Recipient], seen: set[tuple[str, ...]]) -> None:
+        """An automatic BCC recipient, as Postfix's cleanup_addr_bcc adds one: qualified, canonical maps, virtual
+        alias expansion; NOTIFY=NEVER (a copy that fails is never reported to the sender), no ORCPT, the address
+        after canonical mapping as its original. Its duplicate key has no ORCPT, so it is a duplicate of another
+        BCC recipient only, never of a recipient the client gave (Postfix then delivers both)."""
+        if not bcc:
+            return
+        canonical = self.recipient(bcc)
+        for final in self.expand(canonical):
+            key = (final.lower(), BCC_NOTIFY, "", address.shown_original(canonical).lower())
+            if key not in seen:
+                seen.add(key)
+                out.append(Recipient(len(out), final, canonical, BCC_NOTIFY, ""))
 
     def is_mapped(self, addr: str) -> bool:
         """recipient_canonical_maps, canonical_maps or virtual_alias_maps have an entry. May raise LookupRetry."""

@@ -11,7 +11,9 @@ What it does, in order (Postfix cleanup(8)):
    reaches the queue);
 3. rewrites the envelope (`AddressMapper`): the sender through sender_canonical/canonical maps and
    masquerading; each recipient through recipient_canonical/canonical maps and virtual alias expansion,
-   duplicates removed, each keeping the address first given as its original (ORCPT);
+   duplicates removed, each keeping the address first given as its original (ORCPT); for mail from outside
+   (smtpd, sendmail: `_from_outside`) the automatic BCC recipients too (sender_bcc_maps, recipient_bcc_maps,
+   always_bcc; NOTIFY=NEVER), never for forwarded copies and notices (so a BCC copy cannot loop);
 4. inspects the content (`ContentChecks`: header_checks, mime/nested_header_checks, body_checks, unless the
    listener's receive_override_options say no_header_body_checks): REJECT refuses it (550 5.7.1), DISCARD
    drops it (the client is told it was queued), HOLD queues it on hold, FILTER, REDIRECT, BCC, IGNORE, PREPEND
@@ -46,8 +48,8 @@ What it does, in order (Postfix cleanup(8)):
    gets it from qmgr when released, as in Postfix), and wakes qmgr; or, when a queue manager is attached
    (`attach_queue_manager`) and has room, commits the message straight into the active queue and hands it over
    (qmgr `reserve`, `hand_over`, `release`: no scan, no read of what was just written).
-Address mapping (canonical, masquerading, virtual) is skipped for a listener with receive_override_options
-no_address_mappings; header addresses are still qualified there, as Postfix does.
+Address mapping (canonical, masquerading, virtual, automatic BCC) is skipped for a listener with
+receive_override_options no_address_mappings; header addresses are still qualified there, as Postfix does.
 `submit()` returns the queue id only after the commit is on disk: that is when smtpd may say 250.
 Failures (mailflow.errors; the caller logs the error's `reason` and answers by `status.error_reply`):
 `PermanentError` 5.4.0 for a loop (too many hops), `MessageTooBig` 5.3.4 for a header section over the limit,
@@ -316,7 +318,7 @@ class Cleanup:
         sender = env.sender
         if rewrite and self._mapper is not None:
             sender = self._mapper.sender(sender)
-            recipients = self._mapper.recipients(recipients)
+            recipients = self._mapper.recipients(recipients, auto_bcc_sender=sender if _from_outside(sub) else None)
         fullname = sub.submitter.fullname if sub.submitter else ""
         missing = self._missing_headers(names, queue_id, sender, now, fullname) if sub.add_missing_headers else b""
         if self._drop_headers.intersection(names):
@@ -414,6 +416,13 @@ class Cleanup:
         if f"{resent}from".lower() not in names:
             added.append(resent + (_from_header(sender, fullname) if sender else "From: MAILER-DAEMON"))
         return "".join(line + "\r\n" for line in added).encode("utf-8")
+
+
+def _from_outside(sub: Submission) -> bool:
+    """Mail that gets the automatic BCC recipients: a client's (smtpd) or a local user's (sendmail, pickup; a
+    requeued message too, as Postfix's pickup takes it). Not a copy local delivery forwards, nor a notice made here:
+    Postfix submits those with CLEANUP_FLAG_MASK_INTERNAL, without CLEANUP_FLAG_BCC_OK, so no BCC copy loops."""
+    return not sub.forwarded and (sub.submitter is not None or sub.client.protocol != "local")
 
 
 def _from_header(sender: str, fullname: str) -> str:

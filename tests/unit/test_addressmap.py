@@ -5,7 +5,9 @@ masquerade_domains with `!` exceptions and masquerade_exceptions, no masqueradin
 `recipient()` (recipient_canonical_maps before canonical_maps, `@domain` results, extension propagation,
 recursive mapping and loops, unqualified keys only for this host's domains); `expand()` (virtual_alias_maps:
 one-to-many, order, recursion, self reference, loops, recursion and expansion limits, a table that cannot
-answer); `recipients()` (duplicates, original/notify/orcpt, renumbering); `is_mapped()`.
+answer); `recipients()` (duplicates, original/notify/orcpt, renumbering; the automatic BCC recipients: order,
+NOTIFY=NEVER, which address each table is asked, the null sender, rewriting of the BCC address, duplicates, a
+list value, a table that cannot answer); `is_mapped()`.
 Tables are texthash files in tmp_path or inline: tables.
 """
 from __future__ import annotations
@@ -454,3 +456,83 @@ def test_header_addresses_are_tidied_before_the_tables_are_asked(tmp_path):
     assert m.header_sender('"joe"@x.test.') == m.header_recipient("joe@x.test.") == "joe.smith@x.test"
     assert m.header_recipient('"j.k"@x.test.', mapped=False) == "j.k@x.test"
     assert m.header_sender('"a b"@x.test.') == '"a b"@x.test'  # quotes that are needed stay
+
+
+# ------------------------------------------------------------------------------------ automatic BCC
+
+
+def rcpts(*addresses: str) -> list[Recipient]:
+    return [Recipient(i, a, a) for i, a in enumerate(addresses)]
+
+
+def pairs(recipients) -> list[tuple[str, str, str, str]]:
+    return [(r.address, r.original, r.notify, r.orcpt) for r in recipients]
+
+
+def test_bcc_recipients_come_in_postfixs_order_with_notify_never():
+    m = mapper(sender_bcc_maps=(inline({"s@x.test": "s-copy@arch.test"}),),
+               recipient_bcc_maps=(inline({"a@x.test": "a-copy@arch.test"}),), always_bcc="all@arch.test")
+    assert pairs(m.recipients(rcpts("a@x.test", "b@x.test"), auto_bcc_sender="s@x.test")) == [
+        ("s-copy@arch.test", "s-copy@arch.test", "NEVER", ""), ("a@x.test", "a@x.test", "", ""),
+        ("a-copy@arch.test", "a-copy@arch.test", "NEVER", ""), ("b@x.test", "b@x.test", "", ""),
+        ("all@arch.test", "all@arch.test", "NEVER", "")]
+    assert [r.index for r in m.recipients(rcpts("a@x.test"), auto_bcc_sender="s@x.test")] == [0, 1, 2, 3]
+
+
+def test_no_bcc_recipients_unless_asked_and_no_sender_lookup_for_the_null_sender():
+    m = mapper(sender_bcc_maps=("static:s-copy@arch.test",), always_bcc="all@arch.test")
+    assert pairs(m.recipients(rcpts("a@x.test"))) == [("a@x.test", "a@x.test", "", "")]
+    assert [r.address for r in m.recipients(rcpts("a@x.test"), auto_bcc_sender="")] == ["a@x.test", "all@arch.test"]
+
+
+def test_recipient_bcc_maps_are_asked_after_canonical_mapping_before_virtual_expansion():
+    m = mapper(recipient_canonical_maps=(inline({"old@x.test": "new@x.test"}),),
+               virtual_alias_maps=(inline({"new@x.test": "v1@d.test, v2@d.test"}),),
+               recipient_bcc_maps=(inline({"old@x.test": "wrong@arch.test", "new@x.test": "copy@arch.test",
+                                           "v1@d.test": "wrong@arch.test"}),))
+    assert [r.address for r in m.recipients(rcpts("old@x.test"), auto_bcc_sender="s@x.test")] == [
+        "v1@d.test", "v2@d.test", "copy@arch.test"]
+
+
+def test_bcc_lookup_keys_are_mail_addr_finds_without_extension_carried_over():
+    m = mapper(myorigin="example.test", recipient_delimiter="+",
+               sender_bcc_maps=(inline({"joe": "joe-copy@arch.test"}),),
+               recipient_bcc_maps=(inline({"u@y.test": "u-copy@arch.test", "@z.test": "z-copy@arch.test"}),))
+    got = m.recipients(rcpts("u+ext@y.test", "w@z.test"), auto_bcc_sender=m.sender("joe+tag"))
+    assert [r.address for r in got] == ["joe-copy@arch.test", "u+ext@y.test", "u-copy@arch.test", "w@z.test",
+                                        "z-copy@arch.test"]
+
+
+def test_a_bcc_address_is_qualified_canonical_mapped_and_virtual_expanded():
+    m = mapper(myorigin="origin.test", recipient_bcc_maps=(inline({"a@x.test": "arch", "b@x.test": "c@arch.test"}),),
+               recipient_canonical_maps=(inline({"c@arch.test": "c-out@arch.test"}),),
+               virtual_alias_maps=(inline({"arch@origin.test": "a1@d.test, a2@d.test"}),))
+    assert pairs(m.recipients(rcpts("a@x.test", "b@x.test"), auto_bcc_sender="s@x.test")) == [
+        ("a@x.test", "a@x.test", "", ""), ("a1@d.test", "arch@origin.test", "NEVER", ""),
+        ("a2@d.test", "arch@origin.test", "NEVER", ""), ("b@x.test", "b@x.test", "", ""),
+        ("c-out@arch.test", "c-out@arch.test", "NEVER", "")]
+
+
+def test_a_bcc_copy_is_a_duplicate_of_another_bcc_copy_only():
+    # as Postfix's been_here key: a BCC recipient has no ORCPT, a recipient the client gave one (or its own address)
+    m = mapper(sender_bcc_maps=(inline({"s@x.test": "copy@arch.test"}),),
+               recipient_bcc_maps=(inline({"a@x.test": "copy@arch.test", "b@x.test": "copy@arch.test",
+                                           "self@x.test": "self@x.test"}),), always_bcc="copy@arch.test")
+    got = m.recipients(rcpts("a@x.test", "b@x.test", "self@x.test", "copy@arch.test"), auto_bcc_sender="s@x.test")
+    assert pairs(got) == [("copy@arch.test", "copy@arch.test", "NEVER", ""), ("a@x.test", "a@x.test", "", ""),
+                          ("b@x.test", "b@x.test", "", ""), ("self@x.test", "self@x.test", "", ""),
+                          ("self@x.test", "self@x.test", "NEVER", ""), ("copy@arch.test", "copy@arch.test", "", "")]
+
+
+def test_a_bcc_table_value_of_several_addresses_gives_its_first(caplog):
+    m = mapper(sender_bcc_maps=(inline({"s@x.test": "m1@arch.test, m2@arch.test"}),))
+    assert [r.address for r in m.recipients(rcpts("a@x.test"), auto_bcc_sender="s@x.test")] == [
+        "m1@arch.test", "a@x.test"]
+    assert "list of 2 addresses; using the first" in caplog.text
+
+
+def test_a_bcc_table_that_cannot_answer_defers_the_message():
+    with pytest.raises(LookupRetry):
+        mapper(recipient_bcc_maps=("fail:bcc",)).recipients(rcpts("a@x.test"), auto_bcc_sender="s@x.test")
+    with pytest.raises(LookupRetry):
+        mapper(sender_bcc_maps=("fail:bcc",)).recipients(rcpts("a@x.test"), auto_bcc_sender="s@x.test")
