@@ -1,0 +1,148 @@
+"""Differential test of the automatic BCC recipients (always_bcc, sender_bcc_maps, recipient_bcc_maps) against a
+real Postfix 3.7: the same maps and messages to a private Postfix and to mailflow, each relaying everything to its
+own smtp-sink. What is compared per message: the DATA reply, the envelope sender and the recipients the sink saw,
+each with the ORCPT and NOTIFY it went out with (sorted: Postfix's queue manager reorders them).
+
+The probes: which sender sender_bcc_maps is asked with (after sender_canonical_maps and masquerading; an
+extension dropped for the key; a `user` key of this host's domain; never the null sender), which recipient
+recipient_bcc_maps is asked with (after recipient_canonical_maps, before virtual alias expansion; `user+ext`), the
+BCC address itself rewritten (qualified, canonical-mapped, virtual-expanded), NOTIFY=NEVER on every BCC copy, a BCC
+address the client also named (both kept, as Postfix keeps them), two BCC lookups giving one address (one copy),
+mail submitted with each one's sendmail (pickup: BCC too), and a listener with receive_override_options =
+no_address_mappings (no BCC at all).
+
+One difference is deliberate (docs/config.md) and asserted as one: a table value of several addresses. Postfix
+takes the whole value as one address (`"m1@arch.test, m2"@arch.test`); mailflow takes the first (logged).
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.interop.test_dsn_pass_on import smtp_sink
+from tests.support import SmtpClient, eventually, free_port, postfix_instance
+
+pytestmark = pytest.mark.interop
+
+COMMON = {"myhostname": "mx.origin.test", "myorigin": "origin.test"}
+SENDER_CANONICAL = "inline:{ {sc@remote.test = mapped@remote.test} }"
+RECIPIENT_CANONICAL = "inline:{ {rc@x.test = rc-mapped@x.test}, {bcc-canon@arch.test = bcc-canon-out@arch.test} }"
+VIRTUAL = "inline:{ {list@v.test = a@d.test, b@d.test}, {valias@arch.test = va1@d.test, va2@d.test} }"
+SENDER_BCC = ("inline:{ {mapped@remote.test = s-bcc@arch.test}, {sc@remote.test = premap@arch.test},"
+              " {@example.test = masq-bcc@arch.test}, {multi@remote.test = m1@arch.test, m2@arch.test},"
+              " {ext@remote.test = ext-bcc@arch.test}, {joe = joe-bcc@arch.test},"
+              " {same@remote.test = shared@arch.test}, {rcpt@remote.test = r@x.test} }")
+RECIPIENT_BCC = ("inline:{ {rc-mapped@x.test = r-bcc@arch.test}, {rc@x.test = premap@arch.test},"
+                 " {list@v.test = list-bcc@arch.test}, {a@d.test = post-virtual@arch.test},"
+                 " {u@y.test = u-bcc@arch.test}, {self@x.test = self@x.test}, {tovirt@x.test = valias@arch.test},"
+                 " {tocanon@x.test = bcc-canon@arch.test}, {unq@x.test = unqualified},"
+                 " {two1@x.test = shared@arch.test}, {two2@x.test = shared@arch.test},"
+                 " {toall@x.test = big@arch.test} }")
+ALWAYS_BCC = "big@arch.test"
+
+# (envelope sender, envelope recipients); each is one message over SMTP
+PROBES = [
+    ("sc@remote.test", ["r@x.test"]),
+    ("u@host.example.test", ["r@x.test"]),
+    ("ext+tag@remote.test", ["r@x.test"]),
+    ("joe", ["r@x.test"]),
+    ("", ["r@x.test"]),
+    ("s@remote.test", ["rc@x.test"]),
+    ("s@remote.test", ["list@v.test"]),
+    ("s@remote.test", ["u+ext@y.test"]),
+    ("s@remote.test", ["self@x.test"]),
+    ("s@remote.test", ["tovirt@x.test"]),
+    ("s@remote.test", ["tocanon@x.test"]),
+    ("s@remote.test", ["unq@x.test"]),
+    ("same@remote.test", ["two1@x.test", "two2@x.test"]),
+    ("s@remote.test", ["big@arch.test"]),
+    ("s@remote.test", ["toall@x.test"]),
+    ("rcpt@remote.test", ["r@x.test"]),
+    ("s@remote.test", ["r@x.test", "r@x.test"]),
+    ("multi@remote.test", ["r@x.test"]),  # a deliberate difference: see DELIBERATE
+]
+UNMAPPED = len(PROBES)  # the same as probe 0, to the no_address_mappings listener
+LOCAL = UNMAPPED + 1  # sendmail -f sc@remote.test r@x.test
+DELIBERATE = len(PROBES) - 1
+
+
+async def send(port: int, index: int, sender: str, rcpts: list[str]) -> int:
+    client = await SmtpClient.connect(port)
+    assert (await client.cmd("EHLO client.test")).code == 250
+    assert (await client.cmd(f"MAIL FROM:<{sender}>")).code == 250, sender
+    for rcpt in rcpts:
+        assert (await client.cmd(f"RCPT TO:<{rcpt}>")).code == 250, rcpt
+    assert (await client.cmd("DATA")).code == 354
+    code = (await client.cmd(f"Subject: probe-{index}\r\nFrom: x@y.test\r\n\r\nx\r\n.")).code
+    await client.close()
+    return code
+
+
+def arrivals(dump: Path) -> dict[int, tuple[list[str], list[str]]]:
+    """Per probe: (envelope sender, the sorted RCPT arguments: address, ORCPT, NOTIFY) at the sink."""
+    out = {}
+    text = dump.read_text(errors="replace") if dump.exists() else ""
+    for message in text.split("X-Client-Addr:")[1:]:
+        subject = re.search(r"^Subject: probe-(\d+)", message, re.MULTILINE)
+        if subject:
+            out[int(subject.group(1))] = (re.findall(r"^X-Mail-Args: <(.*?)>", message, re.MULTILINE),
+                                          sorted(re.findall(r"^X-Rcpt-Args: (.*)$", message, re.MULTILINE)))
+    return out
+
+
+async def run(port: int, unmapped_port: int, sendmail: list[str], dump: Path) -> dict[int, tuple]:
+    replies = [await send(port, i, sender, rcpts) for i, (sender, rcpts) in enumerate(PROBES)]
+    replies.append(await send(unmapped_port, UNMAPPED, *PROBES[0]))
+    done = subprocess.run([*sendmail, "-f", "sc@remote.test", "r@x.test"], capture_output=True, timeout=20,
+                          input=f"Subject: probe-{LOCAL}\n\nx\n".encode())
+    assert done.returncode == 0, done.stderr
+    replies.append(250)
+    arrived = await eventually(lambda: len(arrivals(dump)) == len(replies) and arrivals(dump), timeout=20)
+    return {i: (code, arrived.get(i)) for i, code in enumerate(replies)}
+
+
+async def test_automatic_bcc_recipients_match_a_real_postfix(mailflow_server, write_config, tmp_path):
+    tables = {"sender_canonical_maps": SENDER_CANONICAL, "recipient_canonical_maps": RECIPIENT_CANONICAL,
+              "virtual_alias_maps": VIRTUAL, "sender_bcc_maps": SENDER_BCC, "recipient_bcc_maps": RECIPIENT_BCC}
+    async with smtp_sink() as (pf_sink, pf_dump), smtp_sink() as (mf_sink, mf_dump):
+        unmapped = free_port()
+        unmapped_line = f"127.0.0.1:{unmapped} inet n - n - - smtpd -o receive_override_options=no_address_mappings\n"
+        async with postfix_instance({
+            **COMMON, **tables, "mydestination": "local.test", "recipient_delimiter": "+",
+            "local_recipient_maps": "", "relayhost": f"[127.0.0.1]:{pf_sink}", "masquerade_domains": "example.test",
+            "always_bcc": ALWAYS_BCC,
+        }, master_cf=unmapped_line) as pf:
+            postfix = await run(pf.port, unmapped, ["sendmail", "-C", str(pf.etc)], pf_dump)
+        settings = {**COMMON, **{key: [spec] for key, spec in tables.items()}, "mydestination": ["local.test"],
+                    "local_recipient_maps": [], "relayhost": f"[127.0.0.1]:{mf_sink}", "mynetworks": ["127.0.0.0/8"],
+                    "masquerade_domains": ["example.test"], "always_bcc": ALWAYS_BCC,
+                    "smtpd": {"listen": ["127.0.0.1:0"], "listeners": [{"address": "127.0.0.1:0", "overrides": {
+                        "receive_override_options": ["no_address_mappings"]}}]}}
+        mf = await mailflow_server(**settings)
+        config = write_config(tmp_path / "mailflow.toml", **settings)
+        (_, port), (_, unmapped_port) = mf.smtp_addresses
+        mailflow = await run(port, unmapped_port, [sys.executable, "-m", "mailflow", "sendmail", "-C", str(config)],
+                             mf_dump)
+    diff = {i: (postfix[i], mailflow[i]) for i in postfix if postfix[i] != mailflow[i] and i != DELIBERATE}
+    assert diff == {}, postfix
+    assert "<m1@arch.test> ORCPT=rfc822;m1@arch.test NOTIFY=NEVER" in mailflow[DELIBERATE][1][1]
+    assert '<"m1@arch.test, m2"@arch.test>' in " ".join(postfix[DELIBERATE][1][1])  # (else no difference left)
+    # the edges themselves, so that the same change on both sides cannot pass unnoticed
+    never = "NOTIFY=NEVER"
+    assert postfix[0][1] == (["mapped@remote.test"], ["<big@arch.test> ORCPT=rfc822;big@arch.test " + never,
+                                                      "<r@x.test> ORCPT=rfc822;r@x.test",
+                                                      "<s-bcc@arch.test> ORCPT=rfc822;s-bcc@arch.test " + never])
+    assert postfix[4][1][1] == ["<big@arch.test> ORCPT=rfc822;big@arch.test " + never,
+                                "<r@x.test> ORCPT=rfc822;r@x.test"]  # the null sender: not looked up
+    assert "<r-bcc@arch.test> ORCPT=rfc822;r-bcc@arch.test " + never in postfix[5][1][1]  # after canonical
+    assert "<list-bcc@arch.test> ORCPT=rfc822;list-bcc@arch.test " + never in postfix[6][1][1]  # before virtual
+    assert postfix[8][1][1].count("<self@x.test> ORCPT=rfc822;self@x.test " + never) == 1  # named and BCC: both
+    assert len(postfix[8][1][1]) == 3
+    assert "<va1@d.test> ORCPT=rfc822;valias@arch.test " + never in postfix[9][1][1]  # the BCC address expanded
+    assert len([r for r in postfix[12][1][1] if r.startswith("<shared@arch.test>")]) == 1
+    assert postfix[UNMAPPED][1] == (["sc@remote.test"], ["<r@x.test> ORCPT=rfc822;r@x.test"])
+    assert postfix[LOCAL][1] == postfix[0][1]  # sendmail's mail gets them too
