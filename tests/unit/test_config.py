@@ -130,6 +130,11 @@ def test_unknown_key_names_file_key_and_reason(tmp_path, text, key):
     ("alias_maps = ['static:']\n", "alias_maps", "static: needs a value"),
     ("local_recipient_maps = ['unix:passwd']\n", "local_recipient_maps", "unix: knows passwd.byname"),
     ("[sendmail]\nauthorized_submit_users = ['inline:{root']\n", "sendmail.authorized_submit_users", "inline:"),
+    ("sender_bcc_maps = ['hash:/etc/postfix/sender_bcc']\n", "sender_bcc_maps", "hash"),
+    ("recipient_bcc_maps = ['inline:{a@x.test=']\n", "recipient_bcc_maps", "inline:"),
+    # always_bcc is one address (Postfix takes one too; a list was one address no one could deliver to)
+    ("always_bcc = 'a@x.test, b@x.test'\n", "always_bcc", "is not an address"),
+    ("always_bcc = 'archive team'\n", "always_bcc", "not one address"),
     # pydantic took true as 1 (every message a mail loop); Postfix: "bad numerical configuration: ... = yes"
     ("hopcount_limit = true\n", "hopcount_limit", "true is not a number"),
     ("[smtpd]\nmessage_size_limit = false\n", "smtpd.message_size_limit", "false is not a number"),
