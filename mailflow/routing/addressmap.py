@@ -24,7 +24,8 @@ What it owns (Postfix cleanup(8), envelope part):
   expansion) after that recipient, `always_bcc` last. A BCC address is qualified, canonical-mapped and virtual-
   expanded as any recipient, with NOTIFY=NEVER and no ORCPT; it is a duplicate of another BCC recipient only (so
   a BCC address the client also named is delivered twice, as Postfix does). A table value of several addresses
-  gives its first (logged; Postfix takes the whole value as one address).
+  gives its first (logged; Postfix takes the whole value as one address). `bcc=`: the content checks' BCC
+  addresses (header_checks `BCC`), added last the same way.
 - `is_mapped(addr)`: a recipient-side table has an entry for it, or it is a valid SRS address (smtpd then takes it as
   a known recipient). `srs`: the Srs codec, or None when [srs] is off (cleanup rewrites forwarded senders with it).
 
@@ -135,9 +136,11 @@ class AddressMapper:
         original = self.srs.reverse(qualified) if self.srs is not None else None
         return original if original is not None else self._canonical(qualified, self._recipient_passes)
 
-    def recipients(self, rcpts: Sequence[Recipient], *, auto_bcc_sender: str | None = None) -> tuple[Recipient, ...]:
-        """See the module doc. `auto_bcc_sender`: the message's sender as rewritten (`sender()`) when the automatic BCC
-        recipients apply, None when they do not (see `_auto_bcc`)."""
+    def recipients(self, rcpts: Sequence[Recipient], *, auto_bcc_sender: str | None = None,
+                   bcc: Sequence[str] = ()) -> tuple[Recipient, ...]:
+        """See the module doc. `auto_bcc_sender`: the message's sender as rewritten (`sender()`) when the automatic
+        BCC recipients apply, None when they do not; `bcc`: the content checks' BCC addresses, added last as the
+        automatic ones are (Postfix's cleanup_extracted_finish: after always_bcc)."""
         out: list[Recipient] = []
         seen: set[tuple[str, ...]] = set()
         if auto_bcc_sender:  # (the null sender is not looked up)
@@ -155,6 +158,8 @@ class AddressMapper:
                 self._add_bcc(self._bcc_address(self._recipient_bcc, canonical), out, seen)
         if auto_bcc_sender is not None and rcpts:
             self._add_bcc(self._config.always_bcc or None, out, seen)
+        for checks_bcc in bcc if rcpts else ():
+            self._add_bcc(checks_bcc, out, seen)
         return tuple(out)
 
     def _bcc_address(self, tables: list[Table], addr: str) -> str | None:

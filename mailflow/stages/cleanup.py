@@ -17,7 +17,8 @@ What it does, in order (Postfix cleanup(8)):
 4. inspects the content (`ContentChecks`: header_checks, mime/nested_header_checks, body_checks, unless the
    listener's receive_override_options say no_header_body_checks): REJECT refuses it (550 5.7.1), DISCARD
    drops it (the client is told it was queued), HOLD queues it on hold, FILTER, REDIRECT, BCC, IGNORE, PREPEND
-   and REPLACE change what is queued;
+   and REPLACE change what is queued (a BCC is added as the automatic ones are, after them: `Bcc`; a REDIRECT
+   leaves no BCC recipient of either kind, as Postfix's queue manager redirects them all);
 4a. removes the header fields of `message_drop_headers` (Postfix's default: Bcc, Resent-Bcc, Return-Path,
    Content-Length), so a blind copy's recipients are never shown to the others; rewrites the addresses of the
    address fields (`Submission.header_rewrite_domain`; mailflow.header_addresses): an unqualified one gets
@@ -77,7 +78,7 @@ from mailflow.address import shown_original
 from mailflow.logs import MailLog
 from mailflow.message import header_names, header_value, read_header, rfc5322_date, without_fields
 from mailflow.model import ClientInfo, QueueId, Recipient, Submission
-from mailflow.routing.addressmap import AddressMapper
+from mailflow.routing.addressmap import BCC_NOTIFY, AddressMapper
 from mailflow.signing.outbound import OutboundSigning
 from mailflow.store import NewMessage, RequeuedMessage, RequeueGone, Store
 from mailflow.transports.downgrade import labelled_8bit
@@ -199,6 +200,7 @@ class Cleanup:
         """The message cleanup commits for `sub` (steps 2 to 5 of the module doc; `outbound`: with step 5), or None
         when a content check discarded it."""
         content_filter = self._content_filter if sub.content_filter is None else sub.content_filter
+        bcc = Bcc()
         if self._checks is not None and "no_header_body_checks" not in sub.overrides:
             found = await self._inspect(self._checks, queue_id, sub)
             if found.discard is not None:
@@ -206,11 +208,12 @@ class Cleanup:
             hold = hold or found.hold is not None
             content_filter = found.content_filter or content_filter
             sub = dataclasses.replace(sub, content=Content((found.head, *found.body.parts)),
-                                      envelope=sub.envelope.with_bcc(found.bcc).redirected(found.redirect))
+                                      envelope=sub.envelope.redirected(found.redirect))
+            bcc = Bcc(redirected=found.redirect is not None, checks=tuple(found.bcc))
         if self._mapper is not None and "no_address_mappings" not in sub.overrides:
-            msg = await self._mapper.tables.run(self._prepare, sub, queue_id, True)
+            msg = await self._mapper.tables.run(self._prepare, sub, queue_id, True, bcc)
         else:
-            msg = self._prepare(sub, queue_id, False)
+            msg = self._prepare(sub, queue_id, False, bcc)
         if msg.body_type != "8BITMIME" and await labelled_8bit(msg.content, header=_header_block(msg)):
             msg = dataclasses.replace(msg, body_type="8BITMIME")
         if outbound and self._outbound is not None:
@@ -297,7 +300,7 @@ class Cleanup:
             return self.begin(c, sub.client_attributes.sasl_sender)
         return self._ids.next()
 
-    def _prepare(self, sub: Submission, queue_id: QueueId, rewrite: bool) -> NewMessage:
+    def _prepare(self, sub: Submission, queue_id: QueueId, rewrite: bool, bcc: Bcc | None = None) -> NewMessage:
         now = self._clock.time()
         head, complete = read_header(sub.content, self._header_size_limit)
         names = header_names(head)
@@ -316,9 +319,14 @@ class Cleanup:
         orcpts = env.orcpts or ("",) * len(env.recipients)
         recipients = tuple(Recipient(i, r, originals[i], notify[i], orcpts[i]) for i, r in enumerate(env.recipients))
         sender = env.sender
+        bcc = bcc or Bcc()
         if rewrite and self._mapper is not None:
             sender = self._mapper.sender(sender)
-            recipients = self._mapper.recipients(recipients, auto_bcc_sender=sender if _from_outside(sub) else None)
+            auto = not bcc.redirected and _from_outside(sub)
+            recipients = self._mapper.recipients(recipients, auto_bcc_sender=sender if auto else None,
+                                                 bcc=bcc.wanted())
+        elif bcc.wanted():
+            recipients = _unmapped_bcc(recipients, bcc.wanted())
         fullname = sub.submitter.fullname if sub.submitter else ""
         missing = self._missing_headers(names, queue_id, sender, now, fullname) if sub.add_missing_headers else b""
         if self._drop_headers.intersection(names):
@@ -416,6 +424,26 @@ class Cleanup:
         if f"{resent}from".lower() not in names:
             added.append(resent + (_from_header(sender, fullname) if sender else "From: MAILER-DAEMON"))
         return "".join(line + "\r\n" for line in added).encode("utf-8")
+
+
+@dataclasses.dataclass(frozen=True)
+class Bcc:
+    """What the content checks asked of the recipients: `checks`, their BCC addresses (Postfix's hbc_rcpt), and
+    whether a REDIRECT replaced the recipients (Postfix's qmgr sends every recipient, BCC copies too, to the
+    redirect address: none is added then)."""
+
+    redirected: bool = False
+    checks: tuple[str, ...] = ()
+
+    def wanted(self) -> tuple[str, ...]:
+        return () if self.redirected else self.checks
+
+
+def _unmapped_bcc(recipients: tuple[Recipient, ...], bcc: Sequence[str]) -> tuple[Recipient, ...]:
+    """The content checks' BCC recipients of a message whose addresses are not mapped (no_address_mappings):
+    appended with NOTIFY=NEVER, once each."""
+    added = [a for a in dict.fromkeys(bcc) if a]
+    return recipients + tuple(Recipient(len(recipients) + i, a, a, BCC_NOTIFY) for i, a in enumerate(added))
 
 
 def _from_outside(sub: Submission) -> bool:

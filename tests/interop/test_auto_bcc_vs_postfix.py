@@ -8,15 +8,21 @@ extension dropped for the key; a `user` key of this host's domain; never the nul
 recipient_bcc_maps is asked with (after recipient_canonical_maps, before virtual alias expansion; `user+ext`), the
 BCC address itself rewritten (qualified, canonical-mapped, virtual-expanded), NOTIFY=NEVER on every BCC copy, a BCC
 address the client also named (both kept, as Postfix keeps them), two BCC lookups giving one address (one copy),
-mail submitted with each one's sendmail (pickup: BCC too), and a listener with receive_override_options =
-no_address_mappings (no BCC at all).
+mail submitted with each one's sendmail (pickup: BCC too), a listener with receive_override_options =
+no_address_mappings (no automatic BCC; header_checks' BCC all the same), and header_checks' BCC action
+(NOTIFY=NEVER too, after always_bcc, a recipient the client named kept twice; none once a REDIRECT has replaced
+the recipients).
 
-One difference is deliberate (docs/config.md) and asserted as one: a table value of several addresses. Postfix
-takes the whole value as one address (`"m1@arch.test, m2"@arch.test`); mailflow takes the first (logged).
+Two differences are deliberate (docs/config.md) and asserted as such: a table value of several addresses (Postfix
+takes the whole value as one address, `"m1@arch.test, m2"@arch.test`; mailflow takes the first, logged), and the
+DSN parameters of a message a REDIRECT sends on: both send it to the redirect address alone, mailflow as a new
+recipient (no NOTIFY, the redirect address its original), Postfix's queue manager with the DSN parameters of the
+recipient it sorts first, a BCC copy's NOTIFY=NEVER here (so its failure would be reported to no one).
 """
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests.interop.test_dsn_pass_on import smtp_sink
+from tests.interop.test_tables_vs_postfix import readable_folder
 from tests.support import SmtpClient, eventually, free_port, postfix_instance
 
 pytestmark = pytest.mark.interop
@@ -63,11 +70,21 @@ PROBES = [
     ("s@remote.test", ["toall@x.test"]),
     ("rcpt@remote.test", ["r@x.test"]),
     ("s@remote.test", ["r@x.test", "r@x.test"]),
+    ("", ["r@x.test"]),  # header_checks: BCC hbc@arch.test
+    ("s@remote.test", ["r@x.test"]),  # header_checks: BCC r@x.test (a recipient named too)
+    ("s@remote.test", ["rc@x.test", "r@x.test"]),  # header_checks BCC, body_checks REDIRECT red@remote.test
     ("multi@remote.test", ["r@x.test"]),  # a deliberate difference: see DELIBERATE
 ]
 UNMAPPED = len(PROBES)  # the same as probe 0, to the no_address_mappings listener
 LOCAL = UNMAPPED + 1  # sendmail -f sc@remote.test r@x.test
 DELIBERATE = len(PROBES) - 1
+HEADER_CHECKS = ("/^Subject: probe-17$/ BCC hbc@arch.test\n/^Subject: probe-18$/ BCC r@x.test\n"
+                 f"/^Subject: probe-19$/ BCC hbc@arch.test\n/^Subject: probe-{UNMAPPED}$/ BCC hbc@arch.test\n")
+BODY_CHECKS = "/^body-19$/ REDIRECT red@remote.test\n"
+
+
+def addresses(result: tuple) -> list[str]:
+    return [rcpt.split()[0] for rcpt in result[1][1]]
 
 
 async def send(port: int, index: int, sender: str, rcpts: list[str]) -> int:
@@ -77,7 +94,7 @@ async def send(port: int, index: int, sender: str, rcpts: list[str]) -> int:
     for rcpt in rcpts:
         assert (await client.cmd(f"RCPT TO:<{rcpt}>")).code == 250, rcpt
     assert (await client.cmd("DATA")).code == 354
-    code = (await client.cmd(f"Subject: probe-{index}\r\nFrom: x@y.test\r\n\r\nx\r\n.")).code
+    code = (await client.cmd(f"Subject: probe-{index}\r\nFrom: x@y.test\r\n\r\nbody-{index}\r\n.")).code
     await client.close()
     return code
 
@@ -106,6 +123,10 @@ async def run(port: int, unmapped_port: int, sendmail: list[str], dump: Path) ->
 
 
 async def test_automatic_bcc_recipients_match_a_real_postfix(mailflow_server, write_config, tmp_path):
+    folder = readable_folder()
+    (folder / "header_checks").write_text(HEADER_CHECKS)
+    (folder / "body_checks").write_text(BODY_CHECKS)
+    header_checks, body_checks = f"regexp:{folder}/header_checks", f"regexp:{folder}/body_checks"
     tables = {"sender_canonical_maps": SENDER_CANONICAL, "recipient_canonical_maps": RECIPIENT_CANONICAL,
               "virtual_alias_maps": VIRTUAL, "sender_bcc_maps": SENDER_BCC, "recipient_bcc_maps": RECIPIENT_BCC}
     async with smtp_sink() as (pf_sink, pf_dump), smtp_sink() as (mf_sink, mf_dump):
@@ -114,12 +135,14 @@ async def test_automatic_bcc_recipients_match_a_real_postfix(mailflow_server, wr
         async with postfix_instance({
             **COMMON, **tables, "mydestination": "local.test", "recipient_delimiter": "+",
             "local_recipient_maps": "", "relayhost": f"[127.0.0.1]:{pf_sink}", "masquerade_domains": "example.test",
-            "always_bcc": ALWAYS_BCC,
+            "always_bcc": ALWAYS_BCC, "header_checks": header_checks,
+            "body_checks": body_checks,
         }, master_cf=unmapped_line) as pf:
             postfix = await run(pf.port, unmapped, ["sendmail", "-C", str(pf.etc)], pf_dump)
         settings = {**COMMON, **{key: [spec] for key, spec in tables.items()}, "mydestination": ["local.test"],
                     "local_recipient_maps": [], "relayhost": f"[127.0.0.1]:{mf_sink}", "mynetworks": ["127.0.0.0/8"],
                     "masquerade_domains": ["example.test"], "always_bcc": ALWAYS_BCC,
+                    "checks": {"header_checks": [header_checks], "body_checks": [body_checks]},
                     "smtpd": {"listen": ["127.0.0.1:0"], "listeners": [{"address": "127.0.0.1:0", "overrides": {
                         "receive_override_options": ["no_address_mappings"]}}]}}
         mf = await mailflow_server(**settings)
@@ -127,8 +150,11 @@ async def test_automatic_bcc_recipients_match_a_real_postfix(mailflow_server, wr
         (_, port), (_, unmapped_port) = mf.smtp_addresses
         mailflow = await run(port, unmapped_port, [sys.executable, "-m", "mailflow", "sendmail", "-C", str(config)],
                              mf_dump)
-    diff = {i: (postfix[i], mailflow[i]) for i in postfix if postfix[i] != mailflow[i] and i != DELIBERATE}
+    shutil.rmtree(folder)
+    diff = {i: (postfix[i], mailflow[i]) for i in postfix if postfix[i] != mailflow[i] and i not in (DELIBERATE, 19)}
     assert diff == {}, postfix
+    assert addresses(mailflow[19]) == addresses(postfix[19]) == ["<red@remote.test>"]
+    assert mailflow[19][1][1] == ["<red@remote.test> ORCPT=rfc822;red@remote.test"]
     assert "<m1@arch.test> ORCPT=rfc822;m1@arch.test NOTIFY=NEVER" in mailflow[DELIBERATE][1][1]
     assert '<"m1@arch.test, m2"@arch.test>' in " ".join(postfix[DELIBERATE][1][1])  # (else no difference left)
     # the edges themselves, so that the same change on both sides cannot pass unnoticed
@@ -144,5 +170,9 @@ async def test_automatic_bcc_recipients_match_a_real_postfix(mailflow_server, wr
     assert len(postfix[8][1][1]) == 3
     assert "<va1@d.test> ORCPT=rfc822;valias@arch.test " + never in postfix[9][1][1]  # the BCC address expanded
     assert len([r for r in postfix[12][1][1] if r.startswith("<shared@arch.test>")]) == 1
-    assert postfix[UNMAPPED][1] == (["sc@remote.test"], ["<r@x.test> ORCPT=rfc822;r@x.test"])
+    assert "<hbc@arch.test> ORCPT=rfc822;hbc@arch.test " + never in postfix[17][1][1]  # header_checks: NEVER too
+    assert postfix[18][1][1].count("<r@x.test> ORCPT=rfc822;r@x.test " + never) == 1 and len(postfix[18][1][1]) == 3
+    assert postfix[19][1][1] == ["<red@remote.test> ORCPT=rfc822;big@arch.test NOTIFY=NEVER"]  # see REDIRECTED
+    assert postfix[UNMAPPED][1] == (["sc@remote.test"], ["<hbc@arch.test> ORCPT=rfc822;hbc@arch.test " + never,
+                                                        "<r@x.test> ORCPT=rfc822;r@x.test"])  # header_checks' only
     assert postfix[LOCAL][1] == postfix[0][1]  # sendmail's mail gets them too
