@@ -1,10 +1,18 @@
 """The automatic BCC recipients end to end (always_bcc, sender_bcc_maps, recipient_bcc_maps; the address each map
 is asked with is tests/interop/test_auto_bcc_vs_postfix.py's subject): only mail from outside gets a copy, never a
-copy local delivery forwards nor a notice made here (so an archive cannot loop), and a copy that fails is not
-reported to the sender (NOTIFY=NEVER)."""
+copy local delivery forwards nor a notice made here (so an archive cannot loop), a copy that fails is not
+reported to the sender (NOTIFY=NEVER), and a requeued message gets its copy again, as in Postfix."""
 from __future__ import annotations
 
-from tests.support import eventually, maildir_messages, queue_becomes, send
+import time
+
+from tests.support import eventually, free_port, maildir_messages, queue_becomes, send
+
+
+async def recipients(mf, queue_id: str) -> list[tuple[str, str]]:
+    """(address, NOTIFY) of each recipient of a queued message, sorted."""
+    rows = (await mf.store.recipients_of([queue_id]))[queue_id]
+    return sorted((row.address, row.notify) for row in rows)
 
 
 async def test_forwarded_copies_and_notices_get_no_automatic_bcc(mailflow_server, smtp_peer, tmp_path):
@@ -42,3 +50,23 @@ async def test_a_failed_bcc_copy_is_not_reported_to_the_sender(mailflow_server, 
     await queue_becomes(mf.store, {})
     assert maildir_messages(tmp_path / "mail" / "alice" / "Maildir") == []  # no bounce to the sender
     assert [m.rcpt_tos for m in peer.messages] == [["r@remote.test"]]
+
+
+async def test_a_requeued_message_gets_its_automatic_bcc_again_as_postfixs_pickup_gives_it(mailflow_server):
+    # Postfix 3.7: postsuper -r of a deferred message with always_bcc queues the copy with nrcpt=3 (the BCC copy
+    # pending, and the one cleanup adds again: they differ in ORCPT, so neither is a duplicate of the other)
+    mf = await mailflow_server(relayhost=f"[127.0.0.1]:{free_port()}", mynetworks=["127.0.0.0/8"],
+                               always_bcc="big@arch.test", queue={"minimal_backoff_time": "1h",
+                                                                  "maximal_backoff_time": "1h"})
+    await send(mf.smtp_addresses[0][1], "s@remote.test", ["r@remote.test"], b"Subject: x\r\n\r\nx\r\n")
+    await queue_becomes(mf.store, {"deferred": 1})
+    [old] = await mf.store.message_ids(queues=["deferred"])
+    assert await recipients(mf, old) == [("big@arch.test", "NEVER"), ("r@remote.test", "")]
+
+    await mf.store.requeue_messages([old], time.time())
+    mf.pickup.wake(requeued=True)
+    [new] = await eventually(lambda: mf.store.message_ids(queues=["incoming", "active", "deferred"]), timeout=5,
+                             what="the copy of the requeued message")
+    assert new != old
+    assert await recipients(mf, new) == [("big@arch.test", "NEVER"), ("big@arch.test", "NEVER"),
+                                         ("r@remote.test", "")]
