@@ -160,6 +160,9 @@ class Submission:
     # the queue id smtpd took at the first accepted recipient (Cleanup.begin), which cleanup gives the message;
     # "" for the others: cleanup takes one
     queue_id: QueueId = ""
+    # an access table's REDIRECT replaced the recipients (smtpd): cleanup adds no BCC recipient then, as Postfix's
+    # queue manager sends every recipient of a redirected message, BCC copies too, to the redirect address
+    redirected: bool = False
 
 
 @dataclass(frozen=True)

@@ -200,7 +200,7 @@ class Cleanup:
         """The message cleanup commits for `sub` (steps 2 to 5 of the module doc; `outbound`: with step 5), or None
         when a content check discarded it."""
         content_filter = self._content_filter if sub.content_filter is None else sub.content_filter
-        bcc = Bcc()
+        bcc = Bcc(redirected=sub.redirected)
         if self._checks is not None and "no_header_body_checks" not in sub.overrides:
             found = await self._inspect(self._checks, queue_id, sub)
             if found.discard is not None:
@@ -209,7 +209,7 @@ class Cleanup:
             content_filter = found.content_filter or content_filter
             sub = dataclasses.replace(sub, content=Content((found.head, *found.body.parts)),
                                       envelope=sub.envelope.redirected(found.redirect))
-            bcc = Bcc(redirected=found.redirect is not None, checks=tuple(found.bcc))
+            bcc = Bcc(redirected=sub.redirected or found.redirect is not None, checks=tuple(found.bcc))
         if self._mapper is not None and "no_address_mappings" not in sub.overrides:
             msg = await self._mapper.tables.run(self._prepare, sub, queue_id, True, bcc)
         else:
@@ -429,8 +429,8 @@ class Cleanup:
 @dataclasses.dataclass(frozen=True)
 class Bcc:
     """What the content checks asked of the recipients: `checks`, their BCC addresses (Postfix's hbc_rcpt), and
-    whether a REDIRECT replaced the recipients (Postfix's qmgr sends every recipient, BCC copies too, to the
-    redirect address: none is added then)."""
+    whether a REDIRECT (theirs or an access table's) replaced the recipients (Postfix's qmgr sends every recipient,
+    BCC copies too, to the redirect address: none is added then)."""
 
     redirected: bool = False
     checks: tuple[str, ...] = ()

@@ -11,7 +11,7 @@ address the client also named (both kept, as Postfix keeps them), two BCC lookup
 mail submitted with each one's sendmail (pickup: BCC too), a listener with receive_override_options =
 no_address_mappings (no automatic BCC; header_checks' BCC all the same), and header_checks' BCC action
 (NOTIFY=NEVER too, after always_bcc, a recipient the client named kept twice; none once a REDIRECT has replaced
-the recipients).
+the recipients, a header_checks' or an access table's).
 
 Two differences are deliberate (docs/config.md) and asserted as such: a table value of several addresses (Postfix
 takes the whole value as one address, `"m1@arch.test, m2"@arch.test`; mailflow takes the first, logged), and the
@@ -50,6 +50,7 @@ RECIPIENT_BCC = ("inline:{ {rc-mapped@x.test = r-bcc@arch.test}, {rc@x.test = pr
                  " {two1@x.test = shared@arch.test}, {two2@x.test = shared@arch.test},"
                  " {toall@x.test = big@arch.test} }")
 ALWAYS_BCC = "big@arch.test"
+RECIPIENT_ACCESS = "check_recipient_access inline:{ {redir@x.test = REDIRECT red@remote.test} }"
 
 # (envelope sender, envelope recipients); each is one message over SMTP
 PROBES = [
@@ -73,6 +74,7 @@ PROBES = [
     ("", ["r@x.test"]),  # header_checks: BCC hbc@arch.test
     ("s@remote.test", ["r@x.test"]),  # header_checks: BCC r@x.test (a recipient named too)
     ("s@remote.test", ["rc@x.test", "r@x.test"]),  # header_checks BCC, body_checks REDIRECT red@remote.test
+    ("s@remote.test", ["redir@x.test", "r@x.test"]),  # check_recipient_access: REDIRECT red@remote.test
     ("multi@remote.test", ["r@x.test"]),  # a deliberate difference: see DELIBERATE
 ]
 UNMAPPED = len(PROBES)  # the same as probe 0, to the no_address_mappings listener
@@ -136,25 +138,29 @@ async def test_automatic_bcc_recipients_match_a_real_postfix(mailflow_server, wr
             **COMMON, **tables, "mydestination": "local.test", "recipient_delimiter": "+",
             "local_recipient_maps": "", "relayhost": f"[127.0.0.1]:{pf_sink}", "masquerade_domains": "example.test",
             "always_bcc": ALWAYS_BCC, "header_checks": header_checks,
-            "body_checks": body_checks,
+            "body_checks": body_checks, "smtpd_recipient_restrictions": RECIPIENT_ACCESS,
         }, master_cf=unmapped_line) as pf:
             postfix = await run(pf.port, unmapped, ["sendmail", "-C", str(pf.etc)], pf_dump)
         settings = {**COMMON, **{key: [spec] for key, spec in tables.items()}, "mydestination": ["local.test"],
                     "local_recipient_maps": [], "relayhost": f"[127.0.0.1]:{mf_sink}", "mynetworks": ["127.0.0.0/8"],
                     "masquerade_domains": ["example.test"], "always_bcc": ALWAYS_BCC,
                     "checks": {"header_checks": [header_checks], "body_checks": [body_checks]},
-                    "smtpd": {"listen": ["127.0.0.1:0"], "listeners": [{"address": "127.0.0.1:0", "overrides": {
-                        "receive_override_options": ["no_address_mappings"]}}]}}
+                    "smtpd": {"listen": ["127.0.0.1:0"], "recipient_restrictions": [RECIPIENT_ACCESS],
+                              "listeners": [{"address": "127.0.0.1:0", "overrides": {
+                                  "receive_override_options": ["no_address_mappings"]}}]}}
         mf = await mailflow_server(**settings)
         config = write_config(tmp_path / "mailflow.toml", **settings)
         (_, port), (_, unmapped_port) = mf.smtp_addresses
         mailflow = await run(port, unmapped_port, [sys.executable, "-m", "mailflow", "sendmail", "-C", str(config)],
                              mf_dump)
     shutil.rmtree(folder)
-    diff = {i: (postfix[i], mailflow[i]) for i in postfix if postfix[i] != mailflow[i] and i not in (DELIBERATE, 19)}
+    redirected = (19, 20)
+    diff = {i: (postfix[i], mailflow[i]) for i in postfix if postfix[i] != mailflow[i] and i not in (DELIBERATE,
+                                                                                                     *redirected)}
     assert diff == {}, postfix
-    assert addresses(mailflow[19]) == addresses(postfix[19]) == ["<red@remote.test>"]
-    assert mailflow[19][1][1] == ["<red@remote.test> ORCPT=rfc822;red@remote.test"]
+    for i in redirected:
+        assert addresses(mailflow[i]) == addresses(postfix[i]) == ["<red@remote.test>"], i
+        assert mailflow[i][1][1] == ["<red@remote.test> ORCPT=rfc822;red@remote.test"], i
     assert "<m1@arch.test> ORCPT=rfc822;m1@arch.test NOTIFY=NEVER" in mailflow[DELIBERATE][1][1]
     assert '<"m1@arch.test, m2"@arch.test>' in " ".join(postfix[DELIBERATE][1][1])  # (else no difference left)
     # the edges themselves, so that the same change on both sides cannot pass unnoticed

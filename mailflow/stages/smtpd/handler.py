@@ -392,7 +392,8 @@ class SmtpdHandler:
         submission = Submission(envelope=envelope.model_envelope().with_bcc(marks.bcc).redirected(marks.redirect),
                                 content=envelope.content, client=session.client_info(envelope),
                                 client_attributes=session.client_attributes(envelope), headers=tuple(marks.prepend),
-                                queue_id=envelope.queue_id, **self._header_rewriting(server, session))
+                                queue_id=envelope.queue_id, redirected=marks.redirect is not None,
+                                **self._header_rewriting(server, session))
         if self._filters is not None and marks.discard is None:
             outcome = await self._filters.end_of_message(session, submission, verdicts, marks)
             if outcome.refusal is not None:
