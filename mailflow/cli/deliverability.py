@@ -124,7 +124,7 @@ def tls_steps(cfg: Config, steps: list[tuple[int, str, str]]) -> list[tuple[int,
               if label == "nexthop" and i and steps[i - 1][1] == "transport" and steps[i - 1][2] in SMTP_TRANSPORTS]
     if not wanted:
         return steps
-    texts = asyncio.run(_tls_texts(cfg, [steps[i][2] for i in wanted]))
+    texts = asyncio.run(_tls_texts(cfg, [steps[i][2].partition("  (")[0] for i in wanted]))  # without "  (relayhost)"
     out = list(steps)
     for offset, (i, text) in enumerate(zip(wanted, texts)):
         out.insert(i + 1 + offset, (steps[i][0], "tls", text))

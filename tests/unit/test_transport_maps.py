@@ -111,3 +111,15 @@ def test_virtual_mailbox_class_sits_between_local_and_relay():
     assert rw.virtual_mailbox("A+x@Virtual.Test") == "virtual.test/a/"
     assert rw.virtual_mailbox("b@virtual.test") is None
     assert rw.virtual_mailbox("anyone@catch.test") == "catch/"
+
+
+def test_mailflow_address_shows_the_tls_policy_of_the_relayhost(tmp_path):
+    from typer.testing import CliRunner
+
+    from mailflow.cli import app as cli
+
+    config = tmp_path / "m.toml"
+    config.write_text('relayhost = "[192.0.2.1]"\n')
+    result = CliRunner().invoke(cli, ["address", "-c", str(config), "x@remote.test"])
+    tls = [line.split(":", 1)[1].strip() for line in result.output.splitlines() if line.strip().startswith("tls:")]
+    assert tls == ["may (smtp.tls_security_level)"], result.output  # not "'[192.0.2.1]  (relayhost)' is not ..."
