@@ -233,11 +233,15 @@ def config_show(config: Optional[str] = ConfigOption,
 
 
 def address_test(addresses: List[str] = typer.Argument(..., metavar="ADDRESS..."),
-                 config: Optional[str] = ConfigOption) -> None:
+                 config: Optional[str] = ConfigOption,
+                 sender: Optional[str] = typer.Option(None, "--sender", "-f", metavar="SENDER",
+                                                      help="route as mail from this envelope sender "
+                                                      "(sender_dependent_*_maps); <> or '' is the null sender")
+                 ) -> None:
     """How each address would be routed, step by step (like sendmail -bv / exim -bt): the RCPT verdict,
-    canonical and virtual alias rewriting, class, transport, next hop, local aliases and .forward, and
-    where forwarded copies go, and the TLS policy a delivery to each SMTP next hop would use. Exit 75 when a table or
-    file cannot be read now."""
+    canonical and virtual alias rewriting, class, transport, next hop (by the sender's tables with --sender),
+    local aliases and .forward, and where forwarded copies go, and the TLS policy a delivery to each SMTP next hop
+    would use. Exit 75 when a table or file cannot be read now."""
     from mailflow.routing.router import Router
 
     cfg = load(config)
@@ -249,11 +253,16 @@ def address_test(addresses: List[str] = typer.Argument(..., metavar="ADDRESS..."
         if n:
             typer.echo("")
         try:
-            steps = tls_steps(cfg, router.explain(addr))
+            steps = tls_steps(cfg, router.explain(addr, _envelope_sender(sender)))
         except DeliveryError as e:
             fail("mailflow address", f"{addr}: {e.dsn} {e.text}", 75)
         for depth, label, text in steps:
             typer.echo(f"{'  ' * depth}{label + ':':<{max(16 - 2 * depth, len(label) + 1)}} {text}")
+
+
+def _envelope_sender(given: str | None) -> str | None:
+    """--sender as an envelope sender: `<>` (or '') is the null sender, angle brackets around one are dropped."""
+    return None if given is None else given.strip().removeprefix("<").removesuffix(">")
 
 
 def table_query(spec: str = typer.Argument(..., metavar="TYPE:NAME", help="the table, e.g. texthash:/etc/virtual, "

@@ -82,6 +82,13 @@ class Config(Section):
     # bounces `5.1.6 User has moved to <value>` (smtpd refuses it at RCPT: 550), whatever its class or transport.
     relocated_maps: TableSpecs = ()
     relay_recipient_maps: TableSpecs = ()
+    # Routing by envelope sender (Postfix's names), looked up as user+ext@domain, user@domain, @domain: a
+    # relayhost for relay and default mail, and a transport[:nexthop] for default mail, in place of relayhost and
+    # default_transport; DUNNO: no override. transport_maps overrule both. The null sender's key: `<>`.
+    sender_dependent_relayhost_maps: TableSpecs = ()
+    sender_dependent_default_transport_maps: TableSpecs = ()
+    empty_address_relayhost_maps_lookup_key: str = Field("<>", min_length=1)
+    empty_address_default_transport_maps_lookup_key: str = Field("<>", min_length=1)
     # Hosted domains whose users have mailboxes here but no local account (the virtual mailbox class):
     # virtual_mailbox_maps map user@domain (or @domain) to a Maildir path under virtual_mailbox_base,
     # ending in "/" (e.g. "example.com/alice/"); a recipient not in the maps gets 550 5.1.1 at RCPT.

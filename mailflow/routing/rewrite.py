@@ -37,6 +37,14 @@ Postfix's resolve puts that check where no transport can bypass it (an option to
 address. Search order: the address, the address without its extension, the domain, each parent domain as
 `.parent`, then `*`; every table is asked one key before the next. A value `:nexthop` keeps the class's
 transport; `transport:` (no nexthop) sends to the recipient domain, relayhost or not (transport(5)).
+Given the envelope sender (`resolve(addr, sender)`: qmgr's, `mailflow address --sender`), relay and default
+mail may route by it, before transport_maps (which overrule it), as Postfix's resolve does:
+`sender_dependent_default_transport_maps` replaces default_transport (default class only) and
+`sender_dependent_relayhost_maps` replaces relayhost (relay and default classes); a transport's own
+`:nexthop` beats both. Keys as mail_addr_find (`user+ext@domain`, `user@domain`, `user` for this host's
+domains, `@domain`); the null sender is looked up as `empty_address_*_lookup_key` (`<>`). A value `DUNNO`
+(any case) or an empty one ends the search without an override. Without a sender, or with neither table set,
+nothing is looked up: the class's answer is the cached one.
 Last, `relocated_maps` (relocated(5)), whatever the class: a listed address goes to `error:5.1.6 User has
 moved to <value>` (keys as mail_addr_find's), so smtpd refuses it at RCPT and qmgr bounces what came another way.
 `recipient_known(addr, klass)` answers whether the class's recipient tables list an address (`UNKNOWN_IN`
@@ -75,6 +83,7 @@ status_log = logging.getLogger("mailflow.smtpd")
 # postmaster, and the senders of bounces, whose replies must not be refused.
 ALWAYS_ACCEPTED = ("postmaster", "mailer-daemon", "double-bounce")
 CLASS_CACHE_SIZE = 4096
+OFF_HOST = (AddressClass.RELAY, AddressClass.DEFAULT)  # the classes a sender may route (Postfix's resolve)
 ERROR_TRANSPORT = "error"
 RELOCATED_STATUS = "5.1.6"  # Postfix's choice for a user who has moved: "the closest match, but not perfect"
 UNKNOWN_IN = {
@@ -160,6 +169,9 @@ class Rewriter:
         self._config = config
         self._transport_maps = tables.open(config.transport_maps)
         self._relocated_maps = tables.open(config.relocated_maps)
+        self._sender_transport_maps = tables.open(config.sender_dependent_default_transport_maps)
+        self._sender_relayhost_maps = tables.open(config.sender_dependent_relayhost_maps)
+        self._by_sender = bool(self._sender_transport_maps or self._sender_relayhost_maps)
         self._relay_recipient_maps = tables.open(config.relay_recipient_maps)
         self._virtual_mailbox_maps = tables.open(config.virtual_mailbox_maps)
         self._virtual_limit_maps = tables.open(config.virtual_mailbox_limit_maps)
@@ -254,12 +266,13 @@ class Rewriter:
             return AddressClass.RELAY
         return AddressClass.DEFAULT
 
-    def resolve(self, addr: str) -> Resolution:
-        """The class's transport and nexthop, then transport_maps' override (never for the virtual alias
-        class, as Postfix), then relocated_maps (`relocated`). A transport without a nexthop (`smtp:`) sends to
-        the recipient domain, even when relayhost is set; a nexthop without a transport (`:[gw]`) keeps the
-        class's transport. May raise LookupRetry."""
-        res = self._transported(self.resolved_address(addr))
+    def resolve(self, addr: str, sender: str | None = None) -> Resolution:
+        """The class's transport and nexthop (for relay and default mail, the `sender`'s when the
+        sender-dependent tables have it; None: no sender known), then transport_maps' override (never for the
+        virtual alias class, as Postfix), then relocated_maps (`relocated`). A transport without a nexthop
+        (`smtp:`) sends to the recipient domain, even when relayhost is set; a nexthop without a transport
+        (`:[gw]`) keeps the class's transport. May raise LookupRetry."""
+        res = self._transported(self.resolved_address(addr), sender)
         return self.relocated(res) or res
 
     def relocated(self, res: Resolution) -> Resolution | None:
@@ -276,11 +289,13 @@ class Rewriter:
         return Resolution(res.address_class, ERROR_TRANSPORT, f"{RELOCATED_STATUS} User has moved to "
                           f"{found[2].strip()}", res.address)
 
-    def _transported(self, qualified: str) -> Resolution:
-        """The class's route for a resolved address, with transport_maps' override."""
+    def _transported(self, qualified: str, sender: str | None) -> Resolution:
+        """The class's route for a resolved address (the sender's, see `resolve`), with transport_maps' override."""
         res = self._class_default(qualified)
         if res.address_class is AddressClass.VIRTUAL_ALIAS or self._bad_syntax(res.address):
             return res
+        if self._by_sender and sender is not None and res.address_class in OFF_HOST:
+            res = self._sender_default(res, sender)
         match = self._transport_override(res.address)
         if match is None:
             return res
@@ -319,6 +334,34 @@ class Rewriter:
         transport, nexthop = split_transport(value)
         return Resolution(klass, transport, nexthop or c.relayhost or domain, qualified)
 
+    def _sender_default(self, res: Resolution, sender: str) -> Resolution:
+        """A relay or default class answer made again with the sender-dependent tables (see the module doc)."""
+        c = self._config
+        value = c.relay_transport
+        if res.address_class is AddressClass.DEFAULT:
+            value = self._sender_choice(self._sender_transport_maps, sender,
+                                        c.empty_address_default_transport_maps_lookup_key) or c.default_transport
+        relay = self._sender_choice(self._sender_relayhost_maps, sender, c.empty_address_relayhost_maps_lookup_key)
+        transport, nexthop = split_transport(value)
+        domain = address.normalise_domain(address.split(res.address)[1])
+        return Resolution(res.address_class, transport, nexthop or relay or c.relayhost or domain, res.address)
+
+    def sender_override(self, tables: list[Table], sender: str, null_key: str) -> tuple[str, str, str] | None:
+        """(table, key, value) of a sender-dependent table's entry for `sender` (the null sender as `null_key`),
+        searched as mail_addr_find (a `null_key` too). May raise LookupRetry."""
+        if not tables:
+            return None
+        key = sender or null_key
+        domain = address.split(key)[1]
+        return find_address(tables, key, delimiter=self._config.recipient_delimiter,
+                            local_domain=bool(domain) and self.is_local_domain(domain))
+
+    def _sender_choice(self, tables: list[Table], sender: str, null_key: str) -> str:
+        """The override a sender-dependent table gives, "" for none (no entry, `DUNNO`, an empty value)."""
+        found = self.sender_override(tables, sender, null_key)
+        value = found[2].strip() if found else ""
+        return "" if value.upper() == "DUNNO" else value
+
     def _transport_override(self, qualified: str) -> tuple[str, str, str] | None:
         """The transport_maps entry for an address: keys as written (a UTF-8 domain in UTF-8), then with the
         domain's A-label form, so that either spelling of an IDNA domain in the table matches."""
@@ -331,8 +374,9 @@ class Rewriter:
                  if k not in keys]
         return find(self._transport_maps, keys)
 
-    def explain(self, addr: str) -> list[tuple[str, str]]:
-        """The steps of `resolve` as (label, text), for `mailflow address`. May raise LookupRetry."""
+    def explain(self, addr: str, sender: str | None = None) -> list[tuple[str, str]]:
+        """The steps of `resolve` as (label, text), for `mailflow address`; with a `sender`, what the
+        sender-dependent tables said for it (relay and default mail). May raise LookupRetry."""
         c = self._config
         qualified = self.qualify(addr)
         steps = []
@@ -344,16 +388,33 @@ class Rewriter:
             qualified = resolved
         klass = self.classify(qualified)
         steps.append(("class", f"{klass.value} (domain in {CLASS_SETTING[klass]})"))
+        if self._by_sender and sender is not None and klass in OFF_HOST:
+            steps += self._explain_sender(sender, klass)
         if self._transport_maps:
             match = self._transport_override(qualified)
             steps.append(("transport_maps", f"{match[0]}: {match[1]} -> {match[2]}" if match else "no match"))
-        res = self.resolve(addr)
+        res = self.resolve(addr, sender)
         if self._relocated_maps:
-            moved = self.relocated(self._transported(qualified))
+            moved = self.relocated(self._transported(qualified, sender))
             steps.append(("relocated_maps", moved.nexthop if moved else "no match"))
         steps.append(("transport", res.transport))
         steps.append(("nexthop", res.nexthop + ("  (relayhost)" if c.relayhost and res.nexthop == c.relayhost
                                                  else "")))
+        return steps
+
+    def _explain_sender(self, sender: str, klass: AddressClass) -> list[tuple[str, str]]:
+        c = self._config
+        looked_up = [("sender_dependent_relayhost_maps", self._sender_relayhost_maps,
+                      c.empty_address_relayhost_maps_lookup_key)]
+        if klass is AddressClass.DEFAULT:
+            looked_up.insert(0, ("sender_dependent_default_transport_maps", self._sender_transport_maps,
+                                 c.empty_address_default_transport_maps_lookup_key))
+        steps = []
+        for setting, tables, null_key in looked_up:
+            if tables:
+                match = self.sender_override(tables, sender, null_key)
+                text = f"{match[0]}: {match[1]} -> {match[2]}" if match else "no match"
+                steps.append((setting.removesuffix("_maps"), f"<{sender}>: {text}"))
         return steps
 
     def recipient_refusal(self, addr: str, mapper) -> status.Reply | None:

@@ -9,10 +9,13 @@ message local delivery queues (carrying Delivered-To, so a forwarding loop ends 
 - `queued(addr) -> [(address, Resolution), ...]`: what cleanup queues for `addr` (canonical maps, virtual alias
   expansion), each as trivial-rewrite resolves it, one per Route (duplicates removed, the first kept): the start
   of the walk, and what address verification probes.
+`sender` (every method's keyword, None: not given) is the envelope sender the sender-dependent routing tables
+are asked with; a forwarded copy goes out from its list owner when it has one, else from the same sender.
 - `route(addr) -> [Route, ...]`: the final destinations, duplicates removed. A command or file target is routed
   to the local transport with `|command` or `/path` as its address; a recipient local delivery would refuse
   routes to `error` with `dsn text` as nexthop, as Postfix's error transport is written.
-- `explain(addr) -> [(depth, label, text), ...]`: the same walk, step by step, for `mailflow address`.
+- `explain(addr) -> [(depth, label, text), ...]`: the same walk, step by step, for `mailflow address`; a
+  `sender` there is taken as given to cleanup (qualified, sender canonical maps) before it routes.
 - `recipient_verdict(addr)`: what smtpd would answer at RCPT for an untrusted client, as text (the same rule
   smtpd runs: `Rewriter.recipient_refusal`).
 Failures: `LookupRetry` and `TemporaryError` from the stages propagate (the CLI exits 75).
@@ -49,13 +52,13 @@ class Router:
         self.mapper = AddressMapper(config, self.rewriter, tables)
         self.local = LocalExpander(config, self.rewriter)
 
-    def route(self, addr: str) -> list[Route]:
+    def route(self, addr: str, sender: str | None = None) -> list[Route]:
         routes: list[Route] = []
-        self._walk(addr, frozenset(), 0, routes, [])
+        self._walk(addr, sender, frozenset(), 0, routes, [])
         return routes
 
-    def queued(self, addr: str, step: Callable[[str, str], None] = lambda label, text: None) \
-            -> list[tuple[str, Resolution]]:
+    def queued(self, addr: str, step: Callable[[str, str], None] = lambda label, text: None,
+               sender: str | None = None) -> list[tuple[str, Resolution]]:
         """The recipients cleanup queues for `addr` and how trivial-rewrite resolves each, one per route (see the
         module doc). `step(label, text)`: told of what the canonical and virtual alias maps changed (explain).
         May raise LookupRetry, TemporaryError (virtual alias limits)."""
@@ -67,13 +70,18 @@ class Router:
             step("virtual alias", ", ".join(expanded))
         found: dict[Route, tuple[str, Resolution]] = {}
         for final in expanded:
-            res = self.rewriter.resolve(final)
+            res = self.rewriter.resolve(final, sender)
             found.setdefault(Route(res.address, res.transport, res.nexthop), (final, res))
         return list(found.values())
 
-    def explain(self, addr: str) -> list[tuple[int, str, str]]:
+    def explain(self, addr: str, sender: str | None = None) -> list[tuple[int, str, str]]:
         steps: list[tuple[int, str, str]] = [(0, "address", addr), (0, "rcpt", self.recipient_verdict(addr))]
-        self._walk(addr, frozenset(), 0, [], steps)
+        if sender is not None:
+            queued = self.mapper.sender(sender)  # as cleanup queues it: qualified, canonical maps, masquerading
+            shown = f"<{sender}>" + (f" -> <{queued}> (as queued)" if queued != sender else "")
+            steps.insert(1, (0, "sender", shown))
+            sender = queued
+        self._walk(addr, sender, frozenset(), 0, [], steps)
         return steps
 
     def recipient_verdict(self, addr: str) -> str:
@@ -90,19 +98,20 @@ class Router:
         return "accepted"
 
     # -- the walk --------------------------------------------------------------------------------------
-    def _walk(self, addr: str, delivered_to: frozenset[str], depth: int, routes: list[Route], steps: list) -> None:
+    def _walk(self, addr: str, sender: str | None, delivered_to: frozenset[str], depth: int, routes: list[Route],
+              steps: list) -> None:
         def step(label: str, text: str, extra: int = 0) -> None:
             steps.append((depth + extra, label, text))
 
         if depth > FORWARD_DEPTH * INDENT:
             raise TemporaryError("4.6.0", f"forwarded through more than {FORWARD_DEPTH} messages at {addr}")
-        for final, res in self.queued(addr, step):
-            self._final(final, res, delivered_to, depth, routes, steps, step)
+        for final, res in self.queued(addr, step, sender):
+            self._final(final, res, sender, delivered_to, depth, routes, steps, step)
 
-    def _final(self, addr: str, res: Resolution, delivered_to, depth: int, routes: list[Route], steps: list,
-               step) -> None:
+    def _final(self, addr: str, res: Resolution, sender: str | None, delivered_to, depth: int, routes: list[Route],
+               steps: list, step) -> None:
         step("recipient", addr, 1)
-        for label, text in self.rewriter.explain(addr):
+        for label, text in self.rewriter.explain(addr, sender):
             step(label, text, 2)
         local_name = self._config.local_transport.partition(":")[0]
         if not (res.address_class is AddressClass.LOCAL and res.transport == local_name):
@@ -124,10 +133,10 @@ class Router:
                 _add(routes, Route(leaf.address, "error", f"{leaf.dsn} {leaf.text}"))
             elif isinstance(leaf, Forward):
                 forwards.append((leaf.address, leaf.sender))
-        for forward, sender in forwards:
-            origin = f", from {sender}" if sender else ""
+        for forward, owner in forwards:
+            origin = f", from {owner}" if owner else ""
             step("forward", f"{forward} (a new message with Delivered-To: {addr}{origin})", 2)
-            self._walk(forward, delivered_to | {addr.lower()}, depth + INDENT, routes, steps)
+            self._walk(forward, owner or sender, delivered_to | {addr.lower()}, depth + INDENT, routes, steps)
 
 
 def _add(routes: list[Route], route: Route) -> None:

@@ -396,9 +396,9 @@ async def test_a_big_scan_hands_the_loop_back_while_it_admits_the_messages(h):
     resolve = Rewriter(Config(myhostname=HOST, mydestination=("example.test",))).resolve
     seen: list[int] = []  # at each recipient routed, how many turns the bystander had had
 
-    def counting(address: str):
+    def counting(address: str, sender: str):
         seen.append(turns)
-        return resolve(address)
+        return resolve(address, sender)
 
     other = asyncio.create_task(bystander())
     try:
@@ -554,10 +554,10 @@ async def test_a_lookup_failure_defers_that_recipient_and_strands_nothing(h):
     config = Config(myhostname=HOST, mydestination=("example.test",))
     rewriter = Rewriter(config)
 
-    def resolve(addr):
+    def resolve(addr, sender):
         if addr == "bad@remote.test":
             raise LookupRetry("transport table unavailable")
-        return rewriter.resolve(addr)
+        return rewriter.resolve(addr, sender)
 
     await h.start(resolve=resolve)
     bad = await h.queue("bad@remote.test", arrival=T0 - 10, wake=False)
@@ -674,10 +674,10 @@ async def test_a_reload_whose_routing_cannot_answer_defers_the_waiting_recipient
 
     new, _ = relaying("[new.test]")
 
-    def failing(address: str):
+    def failing(address: str, sender: str):
         if address == "u1@remote.test":
             raise LookupRetry("transport_maps: table is locked")
-        return new(address)
+        return new(address, sender)
 
     h.qmgr.reconfigure(resolve=failing, transports=transports, config=relaying("[new.test]")[1], notices=None)
     await eventually(lambda: _is(h, {"active": 2, "deferred": 1}), what="the unresolved one deferred")
