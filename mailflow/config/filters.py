@@ -157,7 +157,8 @@ class GreylistConfig(Section):
 
 
 PROBE_ROUTING = ("relayhost", "transport_maps", "local_transport", "virtual_transport", "relay_transport",
-                 "default_transport")  # [address_verify]'s overrides of the main settings of these names
+                 "default_transport", "sender_dependent_relayhost_maps",
+                 "sender_dependent_default_transport_maps")  # [address_verify]'s overrides of the main settings
 
 
 class AddressVerifyConfig(Section):
@@ -178,6 +179,9 @@ class AddressVerifyConfig(Section):
     virtual_transport: TransportOverride = ""
     relay_transport: TransportOverride = ""
     default_transport: TransportOverride = ""
+    # asked with the probe's sender, as mail is with its own (address_verify_sender_dependent_*_maps)
+    sender_dependent_relayhost_maps: TableSpecs = ()
+    sender_dependent_default_transport_maps: TableSpecs = ()
     poll_count: int = Field(3, ge=1)
     poll_delay: Duration = Field(3.0, ge=0)
     positive_expire_time: Duration = Field(31 * 86400.0, gt=0)

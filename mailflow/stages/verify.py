@@ -13,7 +13,8 @@ What it owns
   probe's result through the agent's own line with the probe's queue id.
 - `Prober(router, transports, sender, deliver)`: one probe as a callable, `await prober(addr, probe_id) ->
   Verdict`, along the address's route (cleanup's canonical and virtual alias maps, trivial-rewrite's
-  transport and nexthop, transport_maps, relayhost, MX; `router` is built with [address_verify]'s overrides of
+  transport and nexthop, transport_maps, relayhost, MX, the sender-dependent tables asked with the probe's sender;
+  `router` is built with [address_verify]'s overrides of
   these, Postfix's address_verify_relayhost, _transport_maps, _*_transport): an SMTP or LMTP next hop gets a
   session with MAIL FROM:<sender>, RCPT TO:<addr> and no DATA (`DeliveryRequest.verify`: Postfix's smtp with the
   verify flag), so nothing is delivered. That session goes through qmgr (`deliver`: its `deliver_probe`), as
@@ -55,6 +56,7 @@ import itertools
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from typing import Awaitable, Callable, Mapping
 
 from mailflow.clock import Clock
@@ -302,16 +304,17 @@ class Prober:
         self._deliver_by_qmgr = deliver
 
     async def __call__(self, addr: str, probe_id: str) -> Verdict:
-        queued = await self._router.tables.run(self._router.queued, addr)
+        sender = self._sender.address()  # routes the probe too (sender-dependent tables), as it would mail from it
+        queued = await self._router.tables.run(partial(self._router.queued, addr, sender=sender))
         if len(queued) > 1:  # Postfix's cleanup_out_recipient: a probe's one-to-many alias is not probed further
             return Verdict(Status.OK, "aliased to multiple recipients", "2.0.0", agent="cleanup")
         (_, res), = queued  # (virtual alias expansion leaves one address at least)
-        return await self._deliver(probe_id, res.address, res.transport, res.nexthop)
+        return await self._deliver(probe_id, sender, res.address, res.transport, res.nexthop)
 
-    async def _deliver(self, probe_id: str, addr: str, transport_name: str, nexthop: str) -> Verdict:
+    async def _deliver(self, probe_id: str, sender: str, addr: str, transport_name: str, nexthop: str) -> Verdict:
         transport = self._transports.get(transport_name)
         if transport is None:  # qmgr answers for a transport that is not defined, as it answers for mail
-            return await self._probe(probe_id, addr, transport_name, nexthop)
+            return await self._probe(probe_id, sender, addr, transport_name, nexthop)
         program = getattr(transport, "program", "")
         if program == "local":
             return await self._router.tables.run(self._local, addr)
@@ -320,11 +323,11 @@ class Prober:
         if program not in PROBE_TRANSPORTS:
             return Verdict(Status.OK, f"delivers to {program or transport_name}", "2.0.0", transport_name,
                            program or transport_name)
-        return await self._probe(probe_id, addr, transport_name, nexthop)
+        return await self._probe(probe_id, sender, addr, transport_name, nexthop)
 
-    async def _probe(self, probe_id: str, addr: str, transport_name: str, nexthop: str) -> Verdict:
+    async def _probe(self, probe_id: str, sender: str, addr: str, transport_name: str, nexthop: str) -> Verdict:
         """MAIL and RCPT to `addr` through qmgr's `deliver_probe`: its transport's verdict, or qmgr's own."""
-        request = DeliveryRequest(queue_id=probe_id, sender=self._sender.address(),
+        request = DeliveryRequest(queue_id=probe_id, sender=sender,
                                   recipients=(Recipient(0, addr, addr),), nexthop=nexthop, content=Content(),
                                   verify=True)
         report, agent = await self._deliver_by_qmgr(transport_name, request)

@@ -44,10 +44,12 @@ async def destinations():
 @pytest.fixture
 async def verifying(mailflow_server, destinations):
     """Start a mailflow that verifies recipients (its smtpd, address_verify and queue settings as given) against
-    the destinations: waits up to 0.4 s for a probe; a peer that says nothing is given up after 0.5 s."""
-    async def start(verify: dict | None = None, queue: dict | None = None, **smtpd) -> Mailflow:
+    the destinations: waits up to 0.4 s for a probe; a peer that says nothing is given up after 0.5 s. `main`: top-level
+    settings."""
+    async def start(verify: dict | None = None, queue: dict | None = None, main: dict | None = None,
+                    **smtpd) -> Mailflow:
         return await mailflow_server(
-            resolver=destinations.resolver, relay_domains=list(DOMAINS),
+            resolver=destinations.resolver, relay_domains=list(DOMAINS), **(main or {}),
             smtpd={"listen": ["127.0.0.1:0"], "recipient_restrictions": ["reject_unverified_recipient"], **smtpd},
             smtp={"port": destinations.port, "helo_timeout": "0.5s", "command_timeout": "0.5s"},
             address_verify={"poll_delay": "0.2s", "poll_count": 3, **(verify or {})}, queue=queue or {})
@@ -189,6 +191,20 @@ async def test_probes_go_where_address_verify_relayhost_and_transport_maps_send_
     assert await rcpt(mf, "u@bad.test") == unverified("u@bad.test", said(destinations, "bad.test",
                                                                          "550 5.1.1 User unknown"))
     assert destinations.add("soft.test").transactions == 0
+
+
+async def test_probes_go_where_the_sender_dependent_relayhost_of_the_probe_sender_sends_them(verifying, destinations):
+    """Postfix's probe is a message from address_verify_sender: sender_dependent_relayhost_maps (or [address_verify]'s
+    own, address_verify_sender_dependent_relayhost_maps) route it by that sender, as mail from it."""
+    good = destinations.add("good.test")
+    by_probe_sender = [f"inline:{{ {{@mx.mailflow.test = [{good.address}]:{destinations.port}}} }}"]
+    mf = await verifying(main={"sender_dependent_relayhost_maps": by_probe_sender})
+    assert await rcpt(mf, "u@bad.test") == status.RCPT_OK  # double-bounce@mx.mailflow.test's relayhost takes anyone
+    assert destinations.add("bad.test").transactions == 0
+    await mf.stop()  # (one server per queue)
+    mf = await verifying(verify={"sender_dependent_relayhost_maps": by_probe_sender})
+    assert await rcpt(mf, "u@bad.test") == status.RCPT_OK
+    assert destinations.add("bad.test").transactions == 0
 
 
 async def test_a_probe_routed_to_an_undefined_transport_gets_qmgr_s_answer_for_mail(verifying, caplog):
