@@ -1,9 +1,10 @@
-"""Differential test: sender-dependent routing (sender_dependent_relayhost_maps, sender_dependent_default_transport_maps)
-against a private Postfix configured alike. Both relay every message to one of four smtp-sinks on 127.0.0.1 (the
-next hops), shared by the two servers; each message's Subject names the server and the probe, so the dumps show
-which next hop got which sender's mail. The probes are what an admin of a multi-account relay would notice: the
-whole address, its extension, @domain, a bare user of this host's origin, the null sender, DUNNO, the relay class
-(relayhost maps only), and transport_maps and a transport's own next hop overruling the sender."""
+"""Differential test: sender-dependent routing (sender_dependent_relayhost_maps and
+sender_dependent_default_transport_maps) against a private Postfix configured alike. Both relay every message to
+one of four smtp-sinks on 127.0.0.1 (the next hops), shared by the two servers; each message's Subject names the
+server and the probe, so the dumps show which next hop got which sender's mail. The probes are what an admin of a
+multi-account relay would notice: the whole address, its extension, @domain, a bare user of this host's origin,
+the null sender, DUNNO, the relay class (relayhost maps only), and transport_maps and a transport's own next hop
+overruling the sender."""
 from __future__ import annotations
 
 import contextlib
