@@ -121,6 +121,9 @@ class SmtpConfig(Section):
     # AUTH to a relay (smtp_sasl_password_maps): "user:password" by MX host name or nexthop as written.
     sasl_password_maps: TableSpecs = ()
     sasl_tls_required: bool = True
+    # smtp_generic_maps: the addresses of outgoing mail (MAIL FROM, RCPT TO, the header's address fields) rewritten
+    # on the wire, keyed as canonical maps (user@domain, @domain; e.g. "joe@box.local  joe@example.com")
+    generic_maps: TableSpecs = ()
     # Connection cache (smtp_connection_cache_time_limit, smtp_connection_reuse_count/time_limit); 0s: off.
     connection_cache_time_limit: Duration = 2.0
     connection_reuse_count_limit: int = Field(100, ge=0)

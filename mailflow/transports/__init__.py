@@ -24,9 +24,11 @@ from __future__ import annotations
 from typing import Protocol
 
 from mailflow.model import DeliveryReport, DeliveryRequest
+from mailflow.tables import TableCache
 from mailflow.transports.capture import CaptureTransport
 from mailflow.transports.discard import DiscardTransport
 from mailflow.transports.error import ErrorTransport
+from mailflow.transports.generic import GenericMaps
 from mailflow.transports.lmtp import LmtpTransport
 from mailflow.transports.local.agent import CommandSettings, LocalTransport
 from mailflow.transports.maildir import MaildirTransport, MaildirWriter, virtual_maildirs
@@ -52,14 +54,24 @@ def build_mta_sts(config, resolver) -> MtaSts | None:
     return MtaSts(resolver, fetcher, cache_size=config.mta_sts.cache_size)
 
 
+def build_generic_maps(config, router, tables: TableCache) -> GenericMaps | None:
+    """[smtp] generic_maps as the SMTP client asks them (None when unset: nothing is looked up)."""
+    if not config.smtp.generic_maps:
+        return None
+    return GenericMaps(tables.open(config.smtp.generic_maps), delimiter=config.recipient_delimiter,
+                       qualify=router.rewriter.qualify, is_local_domain=router.rewriter.is_local_domain)
+
+
 def build_transports(config, resolver, clock, router, forward=None, mailbox=None) -> dict[str, Transport]:
     """The transports named in `transport:nexthop` values, by name. `router` gives the local and virtual
     agents their tables; `forward` lets local delivery queue forwarded copies (see transports.local); with a
     capture `mailbox` (mailflow.capture), the `capture` transport keeps messages in it."""
+    tables = TableCache()
     smtp = SmtpTransport(config.smtp, resolver=resolver, helo_name=config.smtp.helo_name or config.myhostname,
                          mta_sts=build_mta_sts(config, resolver), plaintext_after=config.queue.minimal_backoff_time,
                          own_addresses=router.rewriter.own_addresses, own_ports=config.smtpd.ports,
-                         relayhost=config.relayhost, now=clock.time, soft_bounce=config.soft_bounce)
+                         relayhost=config.relayhost, now=clock.time, tables=tables,
+                         generic=build_generic_maps(config, router, tables), soft_bounce=config.soft_bounce)
     registry: dict[str, Transport] = {}  # local hands mailboxes to the others (mailbox_transport, fallback_transport)
     registry.update({
         **({"capture": CaptureTransport(mailbox)} if mailbox is not None else {}),

@@ -18,11 +18,12 @@ of the SMTP and LMTP clients (the command side of Postfix smtp_proto).
                                   to 7 bit: Postfix's default disable_mime_output_conversion = no); to a peer without
                                   SMTPUTF8, a header section with 8-bit bytes through `HeaderDowngrade` (RFC 2047
                                   words; an ASCII one gets no encoder)
-    mail_command(request, extensions, body, converted=False) -> bytes   `MAIL FROM:<sender>` with SIZE (offered, and
-                                  the content goes unconverted: Postfix announces no SIZE when it converts), BODY,
-                                  SMTPUTF8 (offered, and the message is flagged or needs it), RET and ENVID (DSN
-                                  offered)
-    rcpt_command(recipient, extensions) -> bytes       `RCPT TO:<address>` with ORCPT and NOTIFY (DSN offered)
+    mail_command(request, extensions, body, converted=False, sender=None) -> bytes   `MAIL FROM:<sender>` with SIZE
+                                  (offered, and the content goes unconverted: Postfix announces no SIZE when it
+                                  converts), BODY, SMTPUTF8 (offered, and the message is flagged or needs it), RET
+                                  and ENVID (DSN offered)
+    rcpt_command(recipient, extensions, address=None) -> bytes   `RCPT TO:<address>` with ORCPT and NOTIFY (DSN
+                                  offered); `sender` and `address` put smtp_generic_maps' forms in place
     needs_smtputf8(request) -> bool                    UTF-8 in the envelope, or in the headers of a message whose
                                   client asked for SMTPUTF8
     dsn_mail_params(request), dsn_rcpt_params(recipient) -> [bytes];  xtext(text), utf8_addr_xtext(text)
@@ -162,8 +163,8 @@ def printable(address: str) -> str:
 
 
 def mail_command(request: DeliveryRequest, extensions: Extensions, body: str | None = None, *,
-                 converted: bool = False) -> bytes:
-    """See the module docstring."""
+                 converted: bool = False, sender: str | None = None) -> bytes:
+    """See the module docstring. `sender`: the one to say (smtp_generic_maps'), None: the request's."""
     params = []
     if extensions.supports("size") and not converted:
         params.append(f"SIZE={request.content.size}".encode("ascii"))
@@ -173,13 +174,15 @@ def mail_command(request: DeliveryRequest, extensions: Extensions, body: str | N
         params.append(b"SMTPUTF8")
     if extensions.supports("dsn"):
         params += dsn_mail_params(request)
-    return b" ".join([b"MAIL FROM:<" + request.sender.encode("utf-8") + b">", *params]) + CRLF
+    said = request.sender if sender is None else sender
+    return b" ".join([b"MAIL FROM:<" + said.encode("utf-8") + b">", *params]) + CRLF
 
 
-def rcpt_command(recipient: Recipient, extensions: Extensions) -> bytes:
-    """See the module docstring."""
+def rcpt_command(recipient: Recipient, extensions: Extensions, address: str | None = None) -> bytes:
+    """See the module docstring. `address`: the one to say (smtp_generic_maps'), None: the recipient's."""
     params = dsn_rcpt_params(recipient) if extensions.supports("dsn") else []
-    return b" ".join([b"RCPT TO:<" + recipient.address.encode("utf-8") + b">", *params]) + CRLF
+    said = recipient.address if address is None else address
+    return b" ".join([b"RCPT TO:<" + said.encode("utf-8") + b">", *params]) + CRLF
 
 
 def dsn_mail_params(request: DeliveryRequest) -> list[bytes]:

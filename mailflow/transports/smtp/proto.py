@@ -1,11 +1,12 @@
 """One mail transaction on an open session (Postfix smtp_proto's smtp_xfer), for SMTP and LMTP alike.
 
-    await send_message(session, request, recipients, outcomes, timeouts, now, reused=False, lmtp=False)
+    await send_message(session, request, recipients, outcomes, timeouts, now, reused=False, lmtp=False, wire=None)
         every recipient ends with a result in `outcomes`; a lost, timed-out or garbled dialogue defers those still
         without an answer (relay: the peer) and fails the site. A `reused` (cached) session that dies before MAIL
         FROM is answered raises StaleSession instead and leaves `outcomes` untouched. The results of the
         transaction carry its ConnStats: `now()` (qmgr's clock) as MAIL FROM is sent, and the session's use count
-        (Postfix's conn_setup_done and reuse_count, for the log's `delays=` and `conn_use=`).
+        (Postfix's conn_setup_done and reuse_count, for the log's `delays=` and `conn_use=`). `wire`: the addresses
+        and header section smtp_generic_maps put on the wire (mailflow.transports.generic), None: as queued.
     await reset(session, timeout) -> bool      RSET (a transaction is still open, or its end of data was refused,
                                                and the session is to be cached)
     smtp_data(content, encoders) / asmtp_data(content, encoders)   the content as DATA: through `encoders`,
@@ -32,6 +33,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from mailflow.content import CHUNK, Content
 from mailflow.model import ConnStats, DeliveryRequest, Recipient
 from mailflow.transports.encode import Encoder, SmtpData, aencode, encode
+from mailflow.transports.generic import WireForm
 from mailflow.transports.smtp.chat import CRLF, Session, Timeouts
 from mailflow.transports.smtp.commands import cannot_take, content_encoding, mail_command, rcpt_command
 from mailflow.transports.smtp.trouble import (
@@ -60,6 +62,7 @@ async def send_message(
     *,
     reused: bool = False,
     lmtp: bool = False,
+    wire: WireForm | None = None,
 ) -> None:
     """See the module docstring."""
     refusal = cannot_take(session.extensions, session.peer, request)
@@ -71,7 +74,7 @@ async def send_message(
     conn = ConnStats(now(), session.uses)
     todo = outcomes.pending(recipients)
     try:
-        await _transaction(session, request, recipients, outcomes, timeouts, reused, lmtp)
+        await _transaction(session, request, recipients, outcomes, timeouts, reused, lmtp, wire)
     except SiteFailure as e:
         outcomes.fail(outcomes.pending(recipients), e, session.peer.relay).site_failed(e.text)
     outcomes.stamp(todo, conn)  # not reached on StaleSession: `outcomes` stays untouched
@@ -85,15 +88,22 @@ async def _transaction(
     timeouts: Timeouts,
     reused: bool,
     lmtp: bool,
+    wire: WireForm | None,
 ) -> None:
     peer, extensions = session.peer, session.extensions
     encoders, body = content_encoding(extensions, request)
-    if encoders:
+    converted = bool(encoders)
+    if converted:
         session.log.debug("%s: %s lacks 8BITMIME or SMTPUTF8: content converted to 7 bit", request.queue_id,
                           peer.relay)
-    rcpts = [rcpt_command(r, extensions) for r in recipients]
+    if wire is None:
+        rcpts = [rcpt_command(r, extensions) for r in recipients]
+        mail = mail_command(request, extensions, body, converted=converted)
+    else:  # (the header swapped first: what the peer is to see, then made 7 bit if it must be)
+        encoders = (*wire.encoders(), *encoders)
+        rcpts = [rcpt_command(r, extensions, wire.recipient(r.address)) for r in recipients]
+        mail = mail_command(request, extensions, body, converted=converted, sender=wire.sender)
     pipelining = extensions.supports("pipelining")
-    mail = mail_command(request, extensions, body, converted=bool(encoders))
     data = [] if request.verify else [b"DATA" + CRLF]  # a probe stops after RCPT (Postfix's verify flag)
     try:
         session.send(b"".join([mail, *rcpts, *data]) if pipelining else mail, MAIL)

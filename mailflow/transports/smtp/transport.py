@@ -23,12 +23,14 @@ MX hosts no better than this server are not tried (`_without_myself`). A request
 
     SmtpTransport(config, *, resolver, helo_name, rng=None, clock=time.monotonic, tables=None, mta_sts=None,
                   plaintext_after=0.0, own_addresses=frozenset(), own_ports=frozenset(), relayhost="",
-                  now=time.time, soft_bounce=False)
+                  now=time.time, generic=None, soft_bounce=False)
     await deliver(request) -> DeliveryReport      one result per recipient, never raises for a delivery problem
 `now`: qmgr's clock, for the time each transaction's session was set up (proto's ConnStats; the log's delays).
 `plaintext_after` (qmgr's minimal_backoff_time, as Postfix's var_min_backoff_time): at TLS level may, a failed
 handshake goes on in plaintext only for a message queued at least this long (`request.queued_for`); new mail is
-deferred 4.7.5 instead (see connect).
+deferred 4.7.5 instead (see connect). `generic` (mailflow.transports.generic.GenericMaps, None: smtp.generic_maps
+unset, nothing asked): the envelope and header addresses as they go on the wire, found once per delivery before
+any session (a table that cannot answer defers every recipient, 4.3.0).
     await close()                                 QUITs the cached sessions; no task or timer is left behind
 
 The TLS policy of a next hop (`tls_policy`, also for `mailflow address`): a tls_policy_maps entry; else, for a domain
@@ -66,6 +68,7 @@ from mailflow.transports.smtp.addr import (
     unique,
 )
 from mailflow.transports.smtp.chat import Session, Timeouts
+from mailflow.transports.generic import GenericMaps, WireForm
 from mailflow.transports.smtp.commands import screen_envelope
 from mailflow.transports.smtp.connect import Destination, SmtpHandshake, log_connect_failure
 from mailflow.transports.smtp.mtasts import MtaSts
@@ -115,9 +118,11 @@ class SmtpTransport:
         own_ports: frozenset[int] = frozenset(),
         relayhost: str = "",
         now: Callable[[], float] = time.time,
+        generic: GenericMaps | None = None,
         soft_bounce: bool = False,
     ):
         self._config = config
+        self._generic = generic
         self._soft_bounce = soft_bounce
         self._now = now
         self._relayhost = relayhost
@@ -141,8 +146,16 @@ class SmtpTransport:
 
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
         outcomes, sendable = screen_envelope(request)
-        if sendable:
-            await self._deliver_to_nexthop(request, sendable, outcomes)
+        if not sendable:
+            return outcomes.report(request)
+        wire = None
+        if self._generic is not None:
+            try:
+                wire = await self._tables.run(self._generic.wire_form, request)
+            except LookupRetry as e:
+                outcomes.fail(sendable, TemporaryError("4.3.0", f"smtp_generic_maps lookup error: {e.text}"))
+                return outcomes.report(request)
+        await self._deliver_to_nexthop(request, sendable, outcomes, wire)
         return outcomes.report(request)
 
     async def close(self) -> None:
@@ -152,7 +165,7 @@ class SmtpTransport:
     # -- routing
 
     async def _deliver_to_nexthop(self, request: DeliveryRequest, recipients: list[Recipient],
-                                  outcomes: Outcomes) -> None:
+                                  outcomes: Outcomes, wire: WireForm | None) -> None:
         try:
             destination = await self._destination(request.nexthop)
         except ValueError:
@@ -162,7 +175,7 @@ class SmtpTransport:
         except LocalProblem as e:
             outcomes.fail(recipients, e)
             return
-        cached = await self._deliver_on_cached_session(destination, request, recipients, outcomes)
+        cached = await self._deliver_on_cached_session(destination, request, recipients, outcomes, wire)
         kept: Outcomes | None = None
         if cached is not None:  # a session like any other: what it deferred goes on to the next peer
             recipients = self._for_next_peer(recipients, outcomes)
@@ -189,7 +202,7 @@ class SmtpTransport:
             return
         try:
             await self._deliver_to_first_reachable(candidates, destination, request, recipients, outcomes,
-                                                   dns_failures, kept=kept, used=cached)
+                                                   dns_failures, wire, kept=kept, used=cached)
         except LocalProblem as e:
             outcomes.fail(outcomes.pending(recipients), e)
 
@@ -245,12 +258,14 @@ class SmtpTransport:
             return False
 
     async def _deliver_on_cached_session(self, destination: Destination, request: DeliveryRequest,
-                                         recipients: list[Recipient], outcomes: Outcomes) -> Peer | None:
+                                         recipients: list[Recipient], outcomes: Outcomes,
+                                         wire: WireForm | None) -> Peer | None:
         """Deliver over a cached session when one is idle for this next hop: its peer; None when none could be
         used."""
         while (session := self._cache.take(destination.cache_key)) is not None:
             try:
-                await send_message(session, request, recipients, outcomes, self._timeouts, self._now, reused=True)
+                await send_message(session, request, recipients, outcomes, self._timeouts, self._now, reused=True,
+                                   wire=wire)
             except StaleSession:
                 log.debug("%s: cached session with %s is gone; using a new one", request.queue_id,
                           session.peer.relay)
@@ -265,8 +280,9 @@ class SmtpTransport:
 
     async def _deliver_to_first_reachable(self, candidates: Sequence[Candidate], destination: Destination,
                                           request: DeliveryRequest, recipients: list[Recipient],
-                                          outcomes: Outcomes, dns_failures: list[DeliveryError], *,
-                                          kept: Outcomes | None = None, used: Peer | None = None) -> None:
+                                          outcomes: Outcomes, dns_failures: list[DeliveryError],
+                                          wire: WireForm | None, *, kept: Outcomes | None = None,
+                                          used: Peer | None = None) -> None:
         """`kept`: what a cached session with `used` deferred (that peer is not tried again). `dns_failures`:
         those of looking up `candidates` so far."""
         peer_failure: DeliveryError | None = None
@@ -300,7 +316,7 @@ class SmtpTransport:
                     continue
                 sessions += 1
                 try:
-                    await send_message(session, request, recipients, outcomes, self._timeouts, self._now)
+                    await send_message(session, request, recipients, outcomes, self._timeouts, self._now, wire=wire)
                 except BaseException:
                     session.abort()
                     raise

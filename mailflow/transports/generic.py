@@ -1,0 +1,130 @@
+"""The SMTP client's generic mapping (Postfix's smtp_generic_maps, smtp(8) with smtp_map11.c): the addresses of mail
+that leaves this host, rewritten as it goes on the wire, for a host whose own domain names are not valid on the
+Internet (`joe@box.local` -> `joe.user@example.com`). The queue, the logs and the notices keep the addresses as
+queued; only what the next hop sees changes.
+
+    GenericMaps(tables, *, delimiter, qualify, is_local_domain)
+      .address(addr) -> str            one address mapped, or itself: keys as mail_addr_find (`user+ext@domain`,
+                                       `user@domain`, `user+ext` and `user` for this host's domains
+                                       (`is_local_domain`), `@domain`); the first address of the value (Postfix warns
+                                       of more and takes the first); `@other.domain` keeps the local part (without
+                                       the extension when the key matched without it); a value without a domain
+                                       is qualified (`qualify`: @myorigin), as Postfix's mail_addr_crunch; an
+                                       unmatched extension is not carried over (Postfix's default
+                                       propagate_unmatched_extensions leaves out `generic`). The null sender is
+                                       never looked up.
+      .wire_form(request) -> WireForm  the envelope sender, each recipient and the message's header section as they
+                                       go out; May raise LookupRetry (a table that cannot answer, or a value that
+                                       holds no address: the delivery is deferred)
+    WireForm(sender, recipients, head)   `recipient(addr)`; `encoders()`: what the content goes through (a new
+                                       HeaderSwap each transaction, none when no header changed)
+    HeaderSwap(old_length, new_head)   an encoder (mailflow.transports.encode) that puts `new_head` in place of
+                                       the first `old_length` bytes of the content and passes the body on as it
+                                       streams: memory is the header section, never the message
+
+Header fields: the address fields of the message's own header section (Postfix's primary header, not those of
+an attached message), sender and recipient classes alike (mailflow.header_addresses: From, Sender, Reply-To,
+To, Cc, Resent-*, ...); a field none of whose addresses changed stays byte for byte, in one that changed only
+the addresses do (Postfix writes a changed field anew, folded its own way). A header section longer than
+HEADER_READ_LIMIT goes unchanged. A DKIM signature made before (cleanup signs mail this host sends) covers the
+From field, so rewriting it breaks the signature: sign with the mapped addresses (or map before signing), as
+Postfix's documentation warns too.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+from mailflow.errors import LookupRetry
+from mailflow.header_addresses import rewrite_address_fields
+from mailflow.message import HEADER_READ_LIMIT, read_header
+from mailflow.model import DeliveryRequest
+from mailflow.tables import Table, find
+from mailflow.tables.search import address_keys, split_extension
+
+log = logging.getLogger("mailflow.smtp")
+_LIST_ITEM = re.compile(r'(?:"(?:\\.|[^"\\])*"|[^,\s"])+')  # one address of a value: commas or blanks separate
+
+
+class HeaderSwap:
+    """See the module docstring."""
+
+    def __init__(self, old_length: int, new_head: bytes) -> None:
+        self._skip = old_length
+        self._head = new_head
+
+    def feed(self, data: bytes) -> bytes:
+        if not self._skip and not self._head:
+            return data
+        taken = min(self._skip, len(data))
+        self._skip -= taken
+        head, self._head = self._head, b""
+        return head + data[taken:]
+
+    def flush(self) -> bytes:
+        head, self._head = self._head, b""
+        return head
+
+
+@dataclass(frozen=True)
+class WireForm:
+    """See the module docstring."""
+
+    sender: str
+    recipients: dict[str, str] = field(default_factory=dict)  # queued address -> mapped, for those that change
+    head: tuple[int, bytes] | None = None  # (length of the queued header section, the one sent instead)
+
+    def recipient(self, addr: str) -> str:
+        return self.recipients.get(addr, addr)
+
+    def encoders(self) -> tuple[HeaderSwap, ...]:
+        return (HeaderSwap(*self.head),) if self.head is not None else ()
+
+
+class GenericMaps:
+    """See the module docstring."""
+
+    def __init__(self, tables: list[Table], *, delimiter: str, qualify: Callable[[str], str],
+                 is_local_domain: Callable[[str], bool]) -> None:
+        self._tables = tables
+        self._delimiter = delimiter
+        self._qualify = qualify
+        self._is_local_domain = is_local_domain
+
+    def address(self, addr: str) -> str:
+        if not addr:
+            return addr
+        local, at, domain = addr.rpartition("@")
+        keys = address_keys(addr, delimiter=self._delimiter, local_domain=bool(at) and self._is_local_domain(domain))
+        found = find(self._tables, keys)
+        if found is None:
+            return addr
+        table, key, value = found
+        items = [item.removeprefix("<").removesuffix(">") for item in _LIST_ITEM.findall(value)]
+        if not items:
+            raise LookupRetry(f"table {table}: {key}: {value.strip()!r} holds no address")
+        if len(items) > 1:
+            log.warning("multi-valued smtp_generic_maps result for %s", addr)
+        first = items[0]
+        if first.startswith("@"):
+            user, ext = split_extension(local if at else addr, self._delimiter)
+            bare = ext and not key.startswith("@") and key.lower() in (f"{user}@{domain}".lower(), user.lower())
+            return (user if bare else (local if at else addr)) + first
+        return self._qualify(first)
+
+    def wire_form(self, request: DeliveryRequest) -> WireForm:
+        recipients = {}
+        for rcpt in request.recipients:
+            mapped = self.address(rcpt.address)
+            if mapped != rcpt.address:
+                recipients[rcpt.address] = mapped
+        return WireForm(self.address(request.sender), recipients, None if request.verify else self._head(request))
+
+    def _head(self, request: DeliveryRequest) -> tuple[int, bytes] | None:
+        head, whole = read_header(request.content, HEADER_READ_LIMIT)
+        if not whole:
+            return None
+        new_head = rewrite_address_fields(head, self.address, self.address)
+        return None if new_head == head else (len(head), new_head)

@@ -1,0 +1,137 @@
+"""smtp_generic_maps ([smtp] generic_maps): the SMTP client rewrites MAIL FROM, RCPT TO and the header's address
+fields of outgoing mail on the wire (Postfix smtp_map11.c, mail_addr_map), against a capturing peer on loopback;
+the queue's addresses (the results) stay as queued; a spooled message streams through with only its header
+section swapped."""
+from __future__ import annotations
+
+import pytest
+
+from mailflow.config import Config, SmtpConfig
+from mailflow.content import Content
+from mailflow.dns import StaticResolver
+from mailflow.model import DeliveryRequest, Outcome, Recipient
+from mailflow.routing.rewrite import Rewriter
+from mailflow.tables import TableCache
+from mailflow.transports.encode import encode
+from mailflow.transports.generic import GenericMaps, HeaderSwap
+from mailflow.transports.smtp import SmtpTransport
+from tests.support import big_message, spooled
+
+TABLE = ("inline:{ {joe@box.local = joe.user@example.com}, {@box.local = @example.com},"
+         " {ann@box.local = ann}, {root = admin@example.com}, {two@box.local = a@example.com b@example.com},"
+         " {bob+list@box.local = lists@example.com}, {bob@box.local = @example.net} }")
+CONFIG = Config(myhostname="box.local", mydestination=("box.local",), myorigin="example.org")
+HEAD = (b"From: Joe <joe@box.local>\r\n"
+        b"To: carol@remote.test, \"Dee D.\" <dee@box.local>,\r\n\tfred+x@box.local (Fred)\r\n"
+        b"Subject: joe@box.local stays in a subject\r\n"
+        b"Message-ID: <1@box.local>\r\n"
+        b"\r\n")
+BODY = b"joe@box.local in the body stays\r\n"
+
+
+def generic(table: str = TABLE, config: Config = CONFIG) -> GenericMaps:
+    rewriter = Rewriter(config)
+    return GenericMaps(TableCache().open([table]), delimiter=config.recipient_delimiter, qualify=rewriter.qualify,
+                       is_local_domain=rewriter.is_local_domain)
+
+
+@pytest.mark.parametrize("queued, sent", [
+    ("joe@box.local", "joe.user@example.com"),   # the whole address
+    ("joe+x@box.local", "joe.user@example.com"),  # without its extension; the extension is not carried over
+    ("sam@box.local", "sam@example.com"),        # @domain -> @other: the local part kept
+    ("sam+x@box.local", "sam+x@example.com"),    # ... whole, as the @domain key matched it
+    ("bob+list@box.local", "lists@example.com"),
+    ("bob+other@box.local", "bob@example.net"),  # @other after a match without the extension: without it too
+    ("sam+list@box.local", "sam+list@example.com"),
+    ("ann@box.local", "ann@example.org"),        # a value without a domain gets @myorigin
+    ("root@box.local", "admin@example.com"),     # a bare user key, for this host's domains
+    ("root@remote.test", "root@remote.test"),    # ... only
+    ("two@box.local", "a@example.com"),          # several: the first (Postfix warns)
+    ("", ""),                                    # the null sender is never looked up
+])
+def test_the_address_as_it_goes_out(queued, sent):
+    assert generic().address(queued) == sent
+
+
+def test_a_value_that_holds_no_address_is_a_lookup_failure():
+    from mailflow.errors import LookupRetry
+    with pytest.raises(LookupRetry):
+        generic("inline:{ {x@box.local = ,} }").address("x@box.local")
+
+
+def test_header_swap_puts_the_new_header_in_place_whatever_the_chunks():
+    content = HEAD + BODY
+    new = b"From: X <x@y>\r\n\r\n"
+    for size in (1, 3, len(HEAD) - 1, len(HEAD), len(HEAD) + 1, 4096):
+        chunks = [content[i:i + size] for i in range(0, len(content), size)]
+        assert b"".join(encode(chunks, HeaderSwap(len(HEAD), new))) == new + BODY
+
+
+def make_request(port: int, content: Content, *rcpts: str, sender: str = "joe@box.local", **kw) -> DeliveryRequest:
+    recipients = tuple(Recipient(i, a, a) for i, a in enumerate(rcpts or ("carol@remote.test",)))
+    return DeliveryRequest("Q1", sender, recipients, f"[127.0.0.1]:{port}", content, **kw)
+
+
+def make_transport(maps: GenericMaps | None) -> SmtpTransport:
+    config = SmtpConfig(tls_security_level="none", connect_timeout=2, helo_timeout=2, command_timeout=2,
+                        data_timeout=2)
+    return SmtpTransport(config, resolver=StaticResolver(), helo_name="box.local", generic=maps)
+
+
+async def deliver(transport: SmtpTransport, request: DeliveryRequest):
+    try:
+        return await transport.deliver(request)
+    finally:
+        await transport.close()
+
+
+async def test_envelope_and_header_addresses_go_out_mapped_and_the_results_keep_the_queued_ones(smtp_peer):
+    peer = await smtp_peer()
+    request = make_request(peer.port, Content.of(HEAD + BODY), "carol@remote.test", "root@box.local")
+    report = await deliver(make_transport(generic()), request)
+    [message] = peer.messages
+    assert message.mail_from == "joe.user@example.com"
+    assert message.rcpt_tos == ["carol@remote.test", "admin@example.com"]
+    assert message.content == (
+        b"From: Joe <joe.user@example.com>\r\n"
+        b"To: carol@remote.test, \"Dee D.\" <dee@example.com>,\r\n\tfred+x@example.com (Fred)\r\n"
+        b"Subject: joe@box.local stays in a subject\r\n"
+        b"Message-ID: <1@box.local>\r\n"
+        b"\r\n" + BODY)
+    assert [(r.recipient.address, r.outcome) for r in report.results] == [
+        ("carol@remote.test", Outcome.SENT), ("root@box.local", Outcome.SENT)]
+    assert f"SIZE={len(HEAD + BODY)}" in message.mail_options  # (announced as queued, as Postfix does)
+
+
+async def test_a_spooled_message_streams_through_with_its_header_swapped(smtp_peer, tmp_path):
+    peer = await smtp_peer()
+    body = big_message(600_000, long_line=False).split(b"\r\n\r\n", 1)[1]
+    content = spooled(tmp_path, HEAD + body)
+    await deliver(make_transport(generic()), make_request(peer.port, content))
+    [message] = peer.messages
+    head, _, rest = message.content.partition(b"\r\n\r\n")
+    assert head.startswith(b"From: Joe <joe.user@example.com>\r\n") and rest == body
+
+
+async def test_nothing_mapped_sends_the_message_as_it_is(smtp_peer):
+    peer = await smtp_peer()
+    content = b"From: carol@remote.test\r\nTo: dave@remote.test\r\n\r\nx\r\n"
+    await deliver(make_transport(generic()), make_request(peer.port, Content.of(content), sender="carol@remote.test"))
+    assert [(m.mail_from, m.content) for m in peer.messages] == [("carol@remote.test", content)]
+
+
+async def test_a_table_that_cannot_answer_defers_every_recipient_before_any_session(smtp_peer):
+    peer = await smtp_peer()
+    request = make_request(peer.port, Content.of(HEAD + BODY), "carol@remote.test", "dave@remote.test")
+    report = await deliver(make_transport(generic("fail:down")), request)
+    assert {(r.outcome, r.dsn) for r in report.results} == {(Outcome.DEFERRED, "4.3.0")}
+    assert "smtp_generic_maps lookup error" in report.results[0].text
+    assert peer.messages == []
+
+
+async def test_an_address_probe_says_the_mapped_addresses(smtp_peer):
+    peer = await smtp_peer()
+    peer.handler.rcpt_replies["admin@example.com"] = "550 5.1.1 unknown"
+    report = await deliver(make_transport(generic()),
+                           make_request(peer.port, Content(), "root@box.local", verify=True))
+    assert [(r.recipient.address, r.outcome) for r in report.results] == [("root@box.local", Outcome.BOUNCED)]
