@@ -53,7 +53,7 @@ def run_sendmail(args: list[str]) -> int:
             if not opts.recipients:
                 typer.echo(f"sendmail: -bv needs addresses\n{sm.USAGE}", err=True)
                 return os.EX_USAGE
-            address_test(opts.recipients, config)
+            address_test(opts.recipients, config, opts.sender)  # -f: routed as mail from it
         elif opts.mode == "newaliases":
             return _newaliases(load(config), config)
         else:

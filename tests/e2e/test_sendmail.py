@@ -595,6 +595,14 @@ async def test_bv_explains_the_route(cfg):
     assert rc == 0 and b"transport:" in out and b"local" in out
 
 
+async def test_bv_routes_as_mail_from_the_f_sender(cfg):
+    config = cfg(relayhost="[192.0.2.1]", sender_dependent_relayhost_maps=["inline:{ {@acct.test = [192.0.2.2]} }"])
+    rc, out, _ = await run(config, "-bv", "-f", "alice@acct.test", "x@remote.test")
+    assert rc == 0 and b"nexthop:     [192.0.2.2]" in out, out
+    rc, out, _ = await run(config, "-bv", "x@remote.test")
+    assert rc == 0 and b"nexthop:     [192.0.2.1]  (relayhost)" in out, out
+
+
 async def test_bi_newaliases_succeeds(cfg):
     assert (await run(cfg(), "-bi"))[0] == 0
 
