@@ -4,7 +4,7 @@ Internet (`joe@box.local` -> `joe.user@example.com`). The queue, the logs and th
 queued; only what the next hop sees changes.
 
     GenericMaps(tables, *, delimiter, qualify, is_local_domain)
-      .address(addr) -> str            one address mapped, or itself: keys as mail_addr_find (`user+ext@domain`,
+      .address(addr, queue_id="") -> str   one address mapped, or itself: keys as mail_addr_find (`user+ext@domain`,
                                        `user@domain`, `user+ext` and `user` for this host's domains
                                        (`is_local_domain`), `@domain`); the first address of the value (Postfix warns
                                        of more and takes the first); `@other.domain` keeps the local part (without
@@ -14,7 +14,7 @@ queued; only what the next hop sees changes.
                                        propagate_unmatched_extensions leaves out `generic`). The null sender is
                                        never looked up.
       .wire_form(request) -> WireForm  the envelope sender, each recipient and the message's header section as they
-                                       go out; May raise LookupRetry (a table that cannot answer, or a value that
+                                       go out; may raise LookupRetry (a table that cannot answer, or a value that
                                        holds no address: the delivery is deferred)
     WireForm(sender, recipients, head)   `recipient(addr)`; `encoders()`: what the content goes through (a new
                                        HeaderSwap each transaction, none when no header changed)
@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 from mailflow.errors import LookupRetry
@@ -93,7 +94,7 @@ class GenericMaps:
         self._qualify = qualify
         self._is_local_domain = is_local_domain
 
-    def address(self, addr: str) -> str:
+    def address(self, addr: str, queue_id: str = "") -> str:
         if not addr:
             return addr
         local, at, domain = addr.rpartition("@")
@@ -106,7 +107,7 @@ class GenericMaps:
         if not items:
             raise LookupRetry(f"table {table}: {key}: {value.strip()!r} holds no address")
         if len(items) > 1:
-            log.warning("multi-valued smtp_generic_maps result for %s", addr)
+            log.warning("%s: multi-valued smtp_generic_maps result for %s", queue_id or "NOQUEUE", addr)
         first = items[0]
         if first.startswith("@"):
             user, ext = split_extension(local if at else addr, self._delimiter)
@@ -115,16 +116,17 @@ class GenericMaps:
         return self._qualify(first)
 
     def wire_form(self, request: DeliveryRequest) -> WireForm:
+        mapped = partial(self.address, queue_id=request.queue_id)
         recipients = {}
         for rcpt in request.recipients:
-            mapped = self.address(rcpt.address)
-            if mapped != rcpt.address:
-                recipients[rcpt.address] = mapped
-        return WireForm(self.address(request.sender), recipients, None if request.verify else self._head(request))
+            if (sent := mapped(rcpt.address)) != rcpt.address:
+                recipients[rcpt.address] = sent
+        return WireForm(mapped(request.sender), recipients, None if request.verify else self._head(request, mapped))
 
-    def _head(self, request: DeliveryRequest) -> tuple[int, bytes] | None:
+    @staticmethod
+    def _head(request: DeliveryRequest, mapped: Callable[[str], str]) -> tuple[int, bytes] | None:
         head, whole = read_header(request.content, HEADER_READ_LIMIT)
         if not whole:
             return None
-        new_head = rewrite_address_fields(head, self.address, self.address)
+        new_head = rewrite_address_fields(head, mapped, mapped)
         return None if new_head == head else (len(head), new_head)

@@ -53,6 +53,15 @@ def test_the_address_as_it_goes_out(queued, sent):
     assert generic().address(queued) == sent
 
 
+def test_a_multi_valued_result_is_logged_under_the_queue_id(caplog):
+    request = DeliveryRequest("Q7", "two@box.local", (Recipient(0, "carol@remote.test", "carol@remote.test"),), "x",
+                              Content.of(b"From: two@box.local\r\n\r\nx\r\n"))
+    wire = generic().wire_form(request)
+    assert (wire.sender, wire.recipients) == ("a@example.com", {})
+    assert [r.getMessage() for r in caplog.records].count(
+        "Q7: multi-valued smtp_generic_maps result for two@box.local") == 2  # the sender, and From
+
+
 def test_a_value_that_holds_no_address_is_a_lookup_failure():
     from mailflow.errors import LookupRetry
     with pytest.raises(LookupRetry):
