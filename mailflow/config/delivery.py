@@ -121,6 +121,9 @@ class SmtpConfig(Section):
     # AUTH to a relay (smtp_sasl_password_maps): "user:password" by MX host name or nexthop as written.
     sasl_password_maps: TableSpecs = ()
     sasl_tls_required: bool = True
+    # smtp_sender_dependent_authentication: sasl_password_maps asked by the envelope sender first (user@domain,
+    # @domain), and a connection reused only for mail from the same sender
+    sender_dependent_authentication: bool = False
     # smtp_generic_maps: the addresses of outgoing mail (MAIL FROM, RCPT TO, the header's address fields) rewritten
     # on the wire, keyed as canonical maps (user@domain, @domain; e.g. "joe@box.local  joe@example.com")
     generic_maps: TableSpecs = ()

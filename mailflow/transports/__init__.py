@@ -21,10 +21,11 @@ Contract of a transport (postfix's delivery agents; chasquid's Courier; maddy's 
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 from mailflow.model import DeliveryReport, DeliveryRequest
 from mailflow.tables import TableCache
+from mailflow.tables.search import address_keys
 from mailflow.transports.capture import CaptureTransport
 from mailflow.transports.discard import DiscardTransport
 from mailflow.transports.error import ErrorTransport
@@ -62,6 +63,16 @@ def build_generic_maps(config, router, tables: TableCache) -> GenericMaps | None
                        qualify=router.rewriter.qualify, is_local_domain=router.rewriter.is_local_domain)
 
 
+def sasl_sender_keys(config, router) -> Callable[[str], list[str]] | None:
+    """The sasl_password_maps keys of an envelope sender (mail_addr_find's, as Postfix's sender-dependent
+    authentication asks them); None when [smtp] sender_dependent_authentication is off or there are no maps."""
+    if not (config.smtp.sender_dependent_authentication and config.smtp.sasl_password_maps):
+        return None
+    is_local, delimiter = router.rewriter.is_local_domain, config.recipient_delimiter
+    return lambda sender: address_keys(sender, delimiter=delimiter,
+                                       local_domain="@" in sender and is_local(sender.rpartition("@")[2]))
+
+
 def build_transports(config, resolver, clock, router, forward=None, mailbox=None) -> dict[str, Transport]:
     """The transports named in `transport:nexthop` values, by name. `router` gives the local and virtual
     agents their tables; `forward` lets local delivery queue forwarded copies (see transports.local); with a
@@ -71,7 +82,8 @@ def build_transports(config, resolver, clock, router, forward=None, mailbox=None
                          mta_sts=build_mta_sts(config, resolver), plaintext_after=config.queue.minimal_backoff_time,
                          own_addresses=router.rewriter.own_addresses, own_ports=config.smtpd.ports,
                          relayhost=config.relayhost, now=clock.time, tables=tables,
-                         generic=build_generic_maps(config, router, tables), soft_bounce=config.soft_bounce)
+                         generic=build_generic_maps(config, router, tables),
+                         sender_keys=sasl_sender_keys(config, router), soft_bounce=config.soft_bounce)
     registry: dict[str, Transport] = {}  # local hands mailboxes to the others (mailbox_transport, fallback_transport)
     registry.update({
         **({"capture": CaptureTransport(mailbox)} if mailbox is not None else {}),

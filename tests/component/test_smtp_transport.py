@@ -14,6 +14,7 @@ import struct
 import time
 import tracemalloc
 from dataclasses import dataclass
+from functools import partial
 
 import pytest
 import trustme
@@ -28,6 +29,7 @@ from mailflow.model import ConnStats, DeliveryRequest, Outcome, Recipient
 from mailflow.routing.router import Router
 from mailflow.transports import build_transports
 from mailflow.transports.smtp import SmtpTransport
+from mailflow.tables.search import address_keys
 from mailflow.transports.smtp.addr import order_exchangers
 from tests.support import CaptureHandler, big_message, eventually, free_port, spooled
 
@@ -1496,6 +1498,43 @@ async def test_a_password_table_that_cannot_answer_defers_4_3_0(counted_peer):
                            make_request(f"[127.0.0.1]:{peer.port}"))
     assert (report.results[0].outcome, report.results[0].dsn) == (Outcome.DEFERRED, "4.3.0")
     assert report.site_ok and peer.messages == []
+
+
+async def test_sender_dependent_authentication_logs_in_as_each_senders_account_on_a_session_of_its_own(counted_peer):
+    """Postfix's smtp_sender_dependent_authentication: sasl_password_maps by the envelope sender (user@domain, then
+    @domain) before the next hop; a cached session serves mail from its own sender only (Postfix keys its connection
+    cache by sender then); the null sender and an unlisted one use the next hop's credentials."""
+    auth = Authenticator()
+    accounts = {(b"alice", b"pw-a"), (b"acct", b"pw-d"), (b"relayuser", b"pw-r")}
+
+    def any_account(server, session, envelope, mechanism, auth_data):
+        auth(server, session, envelope, mechanism, auth_data)  # (recorded)
+        return AuthResult(success=(auth_data.login, auth_data.password) in accounts, handled=False)
+
+    peer = await counted_peer(authenticator=any_account, auth_require_tls=False)
+    nexthop = f"[127.0.0.1]:{peer.port}"
+    config = SmtpConfig(tls_security_level="none", sasl_tls_required=False, sender_dependent_authentication=True,
+                        sasl_password_maps=passwords(("alice@acct.test", "alice:pw-a"), ("@acct.test", "acct:pw-d"),
+                                                     (nexthop, "relayuser:pw-r")))
+    keys = partial(address_keys, delimiter="+")
+    transport = SmtpTransport(config, resolver=StaticResolver(), helo_name=HELO, sender_keys=keys)
+    senders = ["alice@acct.test", "bob@acct.test", "alice@acct.test", "", "carol@plain.test", "alice+tag@acct.test"]
+    reports = await deliver_several(transport, *(make_request(nexthop, sender=s) for s in senders))
+    assert [r.results[0].outcome for r in reports] == [Outcome.SENT] * 6
+    assert [user for _, user, _ in auth.attempts] == ["alice", "acct", "relayuser", "relayuser", "alice"]
+    assert peer.connections == 5  # alice's second message took her cached session; "" and carol each their own
+
+
+def test_the_servers_sender_keys_are_mail_addr_finds_and_only_when_sender_dependent_authentication_is_on():
+    from mailflow.transports import sasl_sender_keys
+
+    on = Config(mydestination=("local.test",), smtp={"sender_dependent_authentication": True,
+                                                     "sasl_password_maps": ["inline:{a=b}"]})
+    keys = sasl_sender_keys(on, Router(on))
+    assert keys("al+x@local.test") == ["al+x@local.test", "al@local.test", "al+x", "al", "@local.test"]
+    assert keys("al+x@remote.test") == ["al+x@remote.test", "al@remote.test", "@remote.test"]
+    assert sasl_sender_keys(Config(smtp={"sasl_password_maps": ["inline:{a=b}"]}), Router(Config())) is None
+    assert sasl_sender_keys(Config(smtp={"sender_dependent_authentication": True}), Router(Config())) is None
 
 
 # ---------------------------------------------------------------------------------------------------- connection cache

@@ -18,10 +18,12 @@ and for SMTP STARTTLS as the TLS policy asks and AUTH with the relay's credentia
         a refused greeting, EHLO, HELO or LHLO: SiteFailure "host h[ip] refused to talk to me: 554 ..." (class 4;
         a 5xx to EHLO/HELO/LHLO, or a code neither 2xx, 4xx nor 5xx anywhere, greeting included, is `hard`: the
         mail bounces with it, 5.5.0 for an odd code, no other peer is tried, as with Postfix)
-    Destination(nexthop, written, policy, fallback, mx_secure)   one request's next hop, as parsed and as written (the
-                                table key), its TLS policy, what a `dane` policy falls back to without TLSA records
-                                (MTA-STS's, else may), and whether its MX records were DNSSEC-validated
-    SmtpHandshake(config, helo_name, tls, password_tables, tables, clock, resolver, plaintext_after)
+    Destination(nexthop, written, policy, fallback, mx_secure, sender)   one request's next hop, as parsed and as
+                                written (the table key), its TLS policy, what a `dane` policy falls back to without
+                                TLSA records (MTA-STS's, else may), whether its MX records were DNSSEC-validated, and
+                                (sender-dependent authentication: None when off) the envelope sender, whose
+                                credentials a session uses and whose own cached sessions it goes to (`cache_key`)
+    SmtpHandshake(config, helo_name, tls, password_tables, tables, clock, resolver, plaintext_after, sender_keys)
       await .open(peer, destination, queue_id, queued_for=None) -> Session   a session past the whole SMTP
                                 handshake (`queued_for`: the message's time in the queue, None: long); raises
                                 SiteFailure (try the next peer; once connected, its `relay` names the peer) or
@@ -52,10 +54,12 @@ peer's TLSA records -> 4.7.5 "Server certificate not verified" (logged `… num=
 An MTA-STS policy (smtp.mtasts) names the MX hosts it allows: another host -> 4.7.5 "MX host h does not match the
 MTA-STS policy" in enforce mode (the next one is tried), a log line in testing mode, which also logs a missing
 STARTTLS, a failed handshake and a certificate without the host's name.
-AUTH (`sasl_password_maps`): credentials by the peer's host name, then by the next hop as written, looked up
-before connecting (LocalProblem 4.3.0 when a table cannot answer); used only when the peer offers AUTH, PLAIN
-else LOGIN. Without TLS and with `sasl_tls_required` the password is not sent: 4.7.0 "SASL authentication
-failed; cannot authenticate to server h[ip]: ...". A refusal fails that peer with the server's words as 4xx
+AUTH (`sasl_password_maps`): credentials by the envelope sender first when `sender_keys` is given (Postfix's
+smtp_sender_dependent_authentication: the keys mail_addr_find asks, `user@domain`, `@domain`, ...; not for the
+null sender), then by the peer's host name, then by the next hop as written, looked up before connecting
+(LocalProblem 4.3.0 when a table cannot answer); used only when the peer offers AUTH, PLAIN else LOGIN. Without
+TLS and with `sasl_tls_required` the password is not sent: 4.7.0 "SASL authentication failed; cannot
+authenticate to server h[ip]: ...". A refusal fails that peer with the server's words as 4xx
 (Postfix smtp_sasl_auth_soft_bounce); any 2xx at the end is success, as Postfix takes it.
 """
 from __future__ import annotations
@@ -164,10 +168,12 @@ class Destination:
     policy: TlsPolicy
     fallback: TlsPolicy | None = None
     mx_secure: bool = True
+    sender: str | None = None
 
     @property
     def cache_key(self) -> str:
-        return self.written.strip().lower()
+        written = self.written.strip().lower()
+        return written if self.sender is None else f"{written}\0{self.sender.lower()}"
 
 
 @dataclass(frozen=True)
@@ -188,6 +194,7 @@ class SmtpHandshake:
     clock: Callable[[], float]
     resolver: Resolver | None = None  # TLSA lookups (dane, dane-only)
     plaintext_after: float = 0.0  # a failed TLS handshake at level may: plaintext for mail queued this long
+    sender_keys: Callable[[str], list[str]] | None = None  # a sender's sasl_password_maps keys; None: not asked
 
     async def open(self, peer: Peer, destination: Destination, queue_id: str,
                    queued_for: float | None = None) -> Session:
@@ -313,12 +320,17 @@ class SmtpHandshake:
     # -- AUTH
 
     async def _credentials(self, peer: Peer, destination: Destination) -> Credentials | None:
-        """user:password for the peer's host name, else for the next hop as written. Raises LocalProblem."""
+        """user:password for the envelope sender (sender-dependent authentication), else for the peer's host name,
+        else for the next hop as written. Raises LocalProblem."""
         if not self.password_tables:
             return None
         keys = unique([peer.host, destination.written.strip().lower()])
         try:
-            found = await self.tables.run(find, self.password_tables, keys)
+            found = None
+            if self.sender_keys is not None and destination.sender:
+                found = await self.tables.run(find, self.password_tables, self.sender_keys(destination.sender))
+            if found is None:
+                found = await self.tables.run(find, self.password_tables, keys)
         except LookupRetry as e:
             raise LocalProblem("4.3.0", f"sasl_password_maps lookup error: {e.text}") from None
         if found is None:

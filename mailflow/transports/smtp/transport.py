@@ -23,14 +23,17 @@ MX hosts no better than this server are not tried (`_without_myself`). A request
 
     SmtpTransport(config, *, resolver, helo_name, rng=None, clock=time.monotonic, tables=None, mta_sts=None,
                   plaintext_after=0.0, own_addresses=frozenset(), own_ports=frozenset(), relayhost="",
-                  now=time.time, generic=None, soft_bounce=False)
+                  now=time.time, generic=None, sender_keys=None, soft_bounce=False)
     await deliver(request) -> DeliveryReport      one result per recipient, never raises for a delivery problem
 `now`: qmgr's clock, for the time each transaction's session was set up (proto's ConnStats; the log's delays).
 `plaintext_after` (qmgr's minimal_backoff_time, as Postfix's var_min_backoff_time): at TLS level may, a failed
 handshake goes on in plaintext only for a message queued at least this long (`request.queued_for`); new mail is
 deferred 4.7.5 instead (see connect). `generic` (mailflow.transports.generic.GenericMaps, None: smtp.generic_maps
 unset, nothing asked): the envelope and header addresses as they go on the wire, found once per delivery before
-any session (a table that cannot answer defers every recipient, 4.3.0).
+any session (a table that cannot answer defers every recipient, 4.3.0). `sender_keys` (None: off): Postfix's
+smtp_sender_dependent_authentication, sasl_password_maps asked by the envelope sender first (these keys), and a
+cached session reused only for mail from the same sender (connect's Destination.cache_key), as Postfix keys its
+connection cache by sender then.
     await close()                                 QUITs the cached sessions; no task or timer is left behind
 
 The TLS policy of a next hop (`tls_policy`, also for `mailflow address`): a tls_policy_maps entry; else, for a domain
@@ -119,6 +122,7 @@ class SmtpTransport:
         relayhost: str = "",
         now: Callable[[], float] = time.time,
         generic: GenericMaps | None = None,
+        sender_keys: Callable[[str], list[str]] | None = None,
         soft_bounce: bool = False,
     ):
         self._config = config
@@ -140,7 +144,7 @@ class SmtpTransport:
             config=config, helo_name=helo_name,
             tls=TlsContexts(config.tls_ca_file, config.tls_cert_file, config.tls_key_file),
             password_tables=self._tables.open(config.sasl_password_maps), tables=self._tables, clock=clock,
-            resolver=resolver, plaintext_after=plaintext_after)
+            resolver=resolver, plaintext_after=plaintext_after, sender_keys=sender_keys)
         self._cache = SessionCache(config.connection_cache_time_limit, config.connection_reuse_count_limit,
                                    config.connection_reuse_time_limit, clock=clock)
 
@@ -168,6 +172,8 @@ class SmtpTransport:
                                   outcomes: Outcomes, wire: WireForm | None) -> None:
         try:
             destination = await self._destination(request.nexthop)
+            if self._handshake.sender_keys is not None:  # sender-dependent authentication: the sender's sessions
+                destination = dataclasses.replace(destination, sender=request.sender)
         except ValueError:
             text = f"mail system configuration error: bad SMTP nexthop {request.nexthop!r}"
             outcomes.fail(recipients, TemporaryError("4.3.5", text)).site_failed(text)
