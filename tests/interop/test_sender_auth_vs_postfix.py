@@ -1,0 +1,82 @@
+"""Differential test: one relay account per sender (sender_dependent_relayhost_maps with smtp_sasl_password_maps
+keyed by sender, smtp_sender_dependent_authentication) against a private Postfix configured alike. Both relay to
+an aiosmtpd peer on 127.0.0.1 that requires AUTH and records, for each message, the envelope sender and the
+account its session logged in as. The probes: a sender with an account of its own, one with its domain's, one
+with none (the next hop's account), the null sender (never looked up by sender), and one sender twice (a cached
+connection must not carry another sender's mail under the first one's account)."""
+from __future__ import annotations
+
+import asyncio
+
+import aiosmtplib
+import pytest
+from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
+from aiosmtpd.smtp import AuthResult
+
+from tests.support import eventually, postfix_instance, queue_becomes
+
+pytestmark = pytest.mark.interop
+
+ACCOUNTS = {"alice": "pw-a", "acct": "pw-d", "relayuser": "pw-r"}
+SENDERS = ["alice@acct.test", "bob@acct.test", "carol@plain.test", "", "alice@acct.test", "bob@acct.test"]
+
+
+class AccountRecorder:
+    """aiosmtpd handler and authenticator: takes the ACCOUNTS, records (tag, MAIL FROM, account) per message."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, str]] = []
+
+    def __call__(self, server, session, envelope, mechanism, auth_data):
+        ok = ACCOUNTS.get(auth_data.login.decode()) == auth_data.password.decode()
+        return AuthResult(success=ok, handled=False, auth_data=auth_data)
+
+    async def handle_DATA(self, server, session, envelope):
+        tag = envelope.original_content.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0].decode()
+        login = session.auth_data.login.decode() if session.auth_data else ""
+        self.seen.append((tag, envelope.mail_from, login))
+        return "250 2.0.0 Ok"
+
+
+async def send(port: int, server: str) -> None:
+    for i, sender in enumerate(SENDERS):
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10) as client:
+            await client.sendmail(sender, ["x@remote.test"], f"Subject: {server}-{i}\r\n\r\nx\r\n".encode())
+
+
+def accounts(recorder: AccountRecorder, server: str) -> dict[int, tuple[str, str]]:
+    return {int(tag.split("-")[1]): (sender, login) for tag, sender, login in recorder.seen
+            if tag.startswith(f"{server}-")}
+
+
+async def test_sender_dependent_authentication_matches_a_real_postfix(mailflow_server):
+    recorder = AccountRecorder()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: AiosmtpdSMTP(recorder, hostname="relay.test", authenticator=recorder,
+                                                           auth_required=True, auth_require_tls=False),
+                                      "127.0.0.1", 0)
+    try:
+        relay = f"[127.0.0.1]:{server.sockets[0].getsockname()[1]}"
+        passwords = (f"inline:{{ {{alice@acct.test = alice:pw-a}}, {{@acct.test = acct:pw-d}},"
+                     f" {{{relay} = relayuser:pw-r}} }}")
+        async with postfix_instance({"myhostname": "pf.test", "relayhost": relay, "smtp_sasl_auth_enable": "yes",
+                                     "smtp_sasl_security_options": "noanonymous",
+                                     "smtp_sender_dependent_authentication": "yes",
+                                     "smtp_sasl_password_maps": passwords}) as pf:
+            await send(pf.port, "pf")
+            await pf.queue_empty()
+        mf = await mailflow_server(mynetworks=["127.0.0.0/8"], relayhost=relay,
+                                   smtp={"sasl_password_maps": [passwords], "sasl_tls_required": False,
+                                         "sender_dependent_authentication": True})
+        await send(mf.smtp_addresses[0][1], "mf")
+        await queue_becomes(mf.store, {})
+        every = set(range(len(SENDERS)))
+        await eventually(lambda: set(accounts(recorder, "pf")) == every and set(accounts(recorder, "mf")) == every,
+                         what="every message at the relay")
+    finally:
+        server.close()
+        await server.wait_closed()
+    postfix_used, mailflow_used = accounts(recorder, "pf"), accounts(recorder, "mf")
+    assert mailflow_used == postfix_used
+    # the edges themselves, so that a change in both cannot pass unnoticed
+    assert [postfix_used[i][1] for i in sorted(every)] == ["alice", "acct", "relayuser", "relayuser", "alice", "acct"]
