@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from mailflow import status
 from mailflow.errors import TemporaryError
 from mailflow.model import AddressClass, Resolution
 from mailflow.routing.addressmap import AddressMapper
@@ -85,14 +86,19 @@ class Router:
         return steps
 
     def recipient_verdict(self, addr: str) -> str:
-        """smtpd's answer at RCPT (the relay check, then Rewriter.recipient_refusal), as text."""
+        """smtpd's answer at RCPT (the relay check, then Rewriter.recipient_refusal), as text; under soft_bounce
+        a refusal as smtpd sends it (4xx)."""
         rw = self.rewriter
         refusal = rw.recipient_refusal(addr, self.mapper)
+        refused = None if refusal is None else str(refusal)
+        if refused is not None and self._config.soft_bounce:
+            refused = status.soft_bounced(refused)
         if rw.classify(addr) is AddressClass.DEFAULT:
-            relay = "accepted from mynetworks only (others: 554 5.7.1 relay access denied)"
-            return relay if refusal is None else f"{relay}; then {refusal}"
-        if refusal is not None:
-            return str(refusal)
+            denied = status.soft_bounced("554 5.7.1") if self._config.soft_bounce else "554 5.7.1"
+            relay = f"accepted from mynetworks only (others: {denied} relay access denied)"
+            return relay if refused is None else f"{relay}; then {refused}"
+        if refused is not None:
+            return refused
         if self.mapper.is_mapped(rw.resolved_address(addr)):
             return "accepted (canonical or virtual alias maps list it)"
         return "accepted"

@@ -153,7 +153,7 @@ class Pickup:
         self._wanted.set()
 
     def reconfigure(self, *, myhostname: str, interval: float, bounce_size_limit: int, size_limit: int,
-                    milters: NonSmtpdMilters | None, soft_bounce: bool = False) -> None:
+                    milters: NonSmtpdMilters | None, soft_bounce: bool) -> None:
         """A reload: the files picked up from now on are handled with these settings."""
         self._myhostname, self._interval, self._milters = myhostname, interval, milters
         self._soft_bounce = soft_bounce

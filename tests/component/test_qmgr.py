@@ -601,7 +601,7 @@ async def test_a_reload_sends_new_jobs_to_the_new_transports_and_closes_the_old_
     new = RecordingTransport("smtp")
     config = Config(myhostname=HOST, mydestination=("example.test",))
     h.qmgr.reconfigure(resolve=Rewriter(config).resolve, transports={"local": h.local, "smtp": new},
-                       config=config.queue, notices=None)
+                       config=config.queue, notices=None, soft_bounce=False)
     second = await h.queue("b@remote.test")
     await eventually(lambda: len(new.requests) == 1, what="the second message to the new transport")
     assert [r.queue_id for r in new.requests] == [second]
@@ -622,7 +622,7 @@ def relaying(relayhost: str, **queue) -> tuple:
 
 def reload_to(h: Harness, relayhost: str, transports: dict, **queue) -> None:
     resolve, config = relaying(relayhost, **queue)
-    h.qmgr.reconfigure(resolve=resolve, transports=transports, config=config, notices=None)
+    h.qmgr.reconfigure(resolve=resolve, transports=transports, config=config, notices=None, soft_bounce=False)
 
 
 async def test_a_reload_reroutes_the_jobs_waiting_for_a_window_and_lets_the_one_in_flight_end_once(h):
@@ -679,7 +679,8 @@ async def test_a_reload_whose_routing_cannot_answer_defers_the_waiting_recipient
             raise LookupRetry("transport_maps: table is locked")
         return new(address, sender)
 
-    h.qmgr.reconfigure(resolve=failing, transports=transports, config=relaying("[new.test]")[1], notices=None)
+    h.qmgr.reconfigure(resolve=failing, transports=transports, config=relaying("[new.test]")[1], notices=None,
+                         soft_bounce=False)
     await eventually(lambda: _is(h, {"active": 2, "deferred": 1}), what="the unresolved one deferred")
     assert [(a, dsn) for a, _, dsn, *_ in await h.store.recipients(unresolved)] == [("u1@remote.test", "4.3.0")]
     blocking.release.set()

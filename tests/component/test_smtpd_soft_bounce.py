@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 
-from tests.support import SmtpClient
+from mailflow.config import config_from_dict
+from tests.support import SmtpClient, eventually, rcpt_reply, send
 
 SETTINGS = {"soft_bounce": True, "relocated_maps": ["inline:{moved@local.test=new@place.test}"],
             "smtpd": {"message_size_limit": 100000}}
@@ -42,3 +43,21 @@ async def test_without_soft_bounce_the_refusals_stay_5xx(mailflow_server):
     assert (await client.cmd("RCPT TO:<moved@local.test>")).text == \
         "550 5.1.6 <moved@local.test>: Recipient address rejected: User has moved to new@place.test"
     await client.cmd("QUIT")
+
+
+async def test_a_reload_turns_soft_bounce_on_and_off_for_smtpd_and_qmgr(mailflow_server, caplog):
+    """The safety net follows the configuration in force: a reload that turns it on softens smtpd's refusals and
+    keeps a bounce deferred (status=SOFTBOUNCE), one that turns it off makes them 5xx again."""
+    mf = await mailflow_server(**{**SETTINGS, "soft_bounce": False,
+                                  "transport_maps": ["inline:{ {gone@local.test=error:5.1.1 gone for good} }"],
+                                  "smtpd": {"reject_unlisted_recipient": False}})
+    port = mf.smtp_addresses[0][1]
+    assert (await rcpt_reply(port, "x@elsewhere.test")).code == 554
+    await mf.reload(config_from_dict({**mf.config.model_dump(), "soft_bounce": True}))
+    assert (await rcpt_reply(port, "x@elsewhere.test")).text == "454 4.7.1 <x@elsewhere.test>: Relay access denied"
+    with caplog.at_level(logging.INFO, logger="mailflow"):
+        await send(port, "s@remote.test", ["gone@local.test"], b"Subject: soft\r\n\r\nbody\r\n")
+        await eventually(lambda: "status=SOFTBOUNCE (gone for good)" in caplog.text, what="the bounce kept deferred")
+    assert "dsn=4.1.1, status=SOFTBOUNCE" in caplog.text and "status=bounced" not in caplog.text
+    await mf.reload(config_from_dict({**mf.config.model_dump(), "soft_bounce": False}))
+    assert (await rcpt_reply(port, "x@elsewhere.test")).code == 554

@@ -623,9 +623,9 @@ async def test_invoked_as_sendmail_and_mailq_through_links(cfg, tmp_path):
 
 async def test_under_soft_bounce_a_refused_message_stays_in_the_maildrop_unreturned(mailflow_server, cfg, tmp_path,
                                                                                    caplog):
-    """Postfix 3.7.11 with soft_bounce: cleanup cannot bounce a sendmail message it refuses (here header_checks),
-    so it stays in the maildrop, refused again at each scan, and nobody gets a notice (seen on a private Postfix).
-    Here a mail loop (hopcount_limit) is the refusal."""
+    """Postfix 3.7.11 with soft_bounce: cleanup cannot bounce a sendmail message it refuses (seen on a private
+    Postfix with a header_checks REJECT), so it stays in the maildrop, refused again at each scan, and nobody gets a
+    notice. Here a mail loop (hopcount_limit) is the refusal."""
     settings = {"soft_bounce": True, "hopcount_limit": 1}
     config = cfg(**settings)
     mf = await mailflow_server(**settings)

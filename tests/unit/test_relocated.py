@@ -8,6 +8,7 @@ from mailflow.config import config_from_dict
 from mailflow.errors import LookupRetry
 from mailflow.model import AddressClass
 from mailflow.routing.rewrite import Rewriter, error_refusal
+from mailflow.routing.router import Router
 
 RELOCATED = ("inline:{ moved@local.test=new@place.test, @oldco.test=newco.test, bob=bob@else.test,"
              " x@relay.test=x@elsewhere.test }")
@@ -63,3 +64,15 @@ def test_a_bare_user_key_also_serves_myorigin():
     res = rewriter(myorigin="origin.test").resolve("bob@origin.test")
     assert (res.transport, res.nexthop) == ("error", "5.1.6 User has moved to bob@else.test")
     assert rewriter().resolve("bob@origin.test").transport == "smtp"
+
+
+@pytest.mark.parametrize("soft_bounce, verdicts", [
+    (False, ("550 5.1.6 <moved@local.test>: Recipient address rejected: User has moved to new@place.test",
+             "accepted from mynetworks only (others: 554 5.7.1 relay access denied)")),
+    (True, ("450 4.1.6 <moved@local.test>: Recipient address rejected: User has moved to new@place.test",
+            "accepted from mynetworks only (others: 454 4.7.1 relay access denied)")),
+])
+def test_the_address_tool_shows_the_rcpt_reply_smtpd_sends(soft_bounce, verdicts):
+    """`mailflow address` (and sendmail -bv) show smtpd's RCPT reply; under soft_bounce its 4xx, as sent."""
+    router = Router(config_from_dict({**BASE, "soft_bounce": soft_bounce}))
+    assert (router.recipient_verdict("moved@local.test"), router.recipient_verdict("x@elsewhere.test")) == verdicts

@@ -228,7 +228,7 @@ class QueueManager:
             await asyncio.wait(set(self._tasks), timeout=deadline - loop.time())
 
     def reconfigure(self, *, resolve: Callable[[str, str], Resolution], transports: dict, config, notices,
-                    soft_bounce: bool = False) -> None:
+                    soft_bounce: bool) -> None:
         """A reload: the recipients of every job not started yet, and of messages admitted from now on, are
         resolved by `resolve` (`_reroute`); jobs started from now on go to `transports`; every destination starts
         over under `config` (dead ones are alive again), and attempts ending from now on follow it. Transports no
