@@ -23,7 +23,10 @@ request bodies up to MAX_BODY bytes (413 beyond, at once when Content-Length say
 (Mailpit's ReadTimeout) for a request's line and headers, counted from the connection or the end of the previous
 response (the connection is then closed: an idle keep-alive one too), and again for its body (408: the body is
 read whole before the handler runs, which has it from request.read(), .json() or a urlencoded .post(), not as a
-stream: `can_read_body` is then false, `body_exists` still true); no access
+stream: `can_read_body` is then false, `body_exists` still true); and READ_TIMEOUT seconds for a client that
+reads none of an answer (the connection's send buffer full) to make room in it, else the connection is cut
+(`_SendDeadline`: without it, one that never read kept its connection and the answer's bytes for ever; one that
+reads slowly is served however long it takes); no access
 log, and a client's broken request (a bad request line, headers over aiohttp's limits, a body cut short, a
 peer gone mid-response) is logged in one line at debug: a client must not be able to fill the log; a
 credential in the header line aiohttp quotes is not logged. A handler that raises gets 500 and one logged
@@ -37,8 +40,11 @@ Failure behaviour: `start` raises OSError when an address cannot be bound (the c
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import re
+import struct
+import termios
 from typing import Callable, Iterable
 
 from aiohttp import web
@@ -116,22 +122,106 @@ class _Busy(asyncio.Protocol):
         transport.close()
 
 
-class _CappedSite(web.TCPSite):
-    """aiohttp's TCPSite, its listener's protocol factory asking `admit()` first (aiohttp offers no hook: this
-    repeats TCPSite.start with the factory wrapped), on mailflow.listening's sockets."""
+def unsent_bytes(transport: asyncio.WriteTransport) -> int:
+    """What of the answers written to `transport` the client has not taken yet: the transport's buffer and, where
+    the system says (Linux's SIOCOUTQ), what the kernel still holds, unacknowledged (its send buffer grows to
+    megabytes: the transport's own drains only when a third of it is free)."""
+    unsent = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            unsent += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+        except (OSError, AttributeError):
+            pass
+    return unsent
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int, admit: Callable[[], bool]):
+
+class _SendDeadline(asyncio.Protocol):
+    """aiohttp's protocol for one connection (`inner`), every event passed on, with a deadline on sending: while
+    the transport's send buffer is past its high-water mark (writing paused: the client is not reading the
+    answer as fast as it comes), what is unsent (`unsent_bytes`) must shrink every `timeout` seconds, else the
+    connection is aborted
+    (aiohttp's handler then ends as for a peer gone mid-response: a ConnectionError, one line at debug). A deadline
+    on progress, not on the whole answer: a slow reader of a big one is served however long it takes."""
+
+    def __init__(self, inner: asyncio.Protocol, timeout: float):
+        self._inner = inner
+        self._timeout = timeout
+        self._transport: asyncio.WriteTransport | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self._unsent = 0  # unsent_bytes when the deadline was set
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        self._transport = transport
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._set_deadline()
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._cancel_deadline()
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_deadline()
+        self._inner.connection_lost(exc)
+
+    def _set_deadline(self) -> None:
+        assert self._transport is not None
+        self._unsent = unsent_bytes(self._transport)
+        self._deadline = asyncio.get_running_loop().call_later(self._timeout, self._check)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _check(self) -> None:
+        """The deadline came with writing still paused: a client that read some of the buffer meanwhile has
+        another `timeout`; one that read nothing is cut off."""
+        self._deadline = None
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if unsent_bytes(transport) < self._unsent:
+            self._set_deadline()
+            return
+        log.debug("HTTP: %s read none of its answer for %gs: connection cut", transport.get_extra_info("peername"),
+                  self._timeout)
+        transport.abort()
+
+
+class _CappedSite(web.TCPSite):
+    """aiohttp's TCPSite, its listener's protocol factory asking `admit()` first and giving each connection its
+    `_SendDeadline` (aiohttp offers no hook: this repeats TCPSite.start with the factory wrapped), on
+    mailflow.listening's sockets."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, admit: Callable[[], bool],
+                 send_timeout: float):
         super().__init__(runner, host, port)
         self._admit = admit
+        self._send_timeout = send_timeout
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
         server = self._runner.server
         assert server is not None
-        admit = self._admit
+        admit, send_timeout = self._admit, self._send_timeout
+
+        def protocol() -> asyncio.Protocol:
+            return _SendDeadline(server(), send_timeout) if admit() else _Busy()
+
         # mailflow.listening's accept loop, not asyncio's: out of file descriptors, it pauses and logs once
-        self._server = await listen(lambda: server() if admit() else _Busy(), self._host, self._port, logger=log,
-                                    ssl=self._ssl_context, backlog=self._backlog)
+        self._server = await listen(protocol, self._host, self._port, logger=log, ssl=self._ssl_context,
+                                    backlog=self._backlog)
 
 
 class HttpServer:
@@ -185,7 +275,7 @@ class HttpServer:
         await self._runner.setup()
         try:
             for host, port in self._listen:
-                site = _CappedSite(self._runner, host, port, self._admit)
+                site = _CappedSite(self._runner, host, port, self._admit, self._read_timeout)
                 await site.start()
                 self._sites.append(site)
         except BaseException:

@@ -1,10 +1,12 @@
 """The one HTTP layer (mailflow.http) against hostile clients, over raw sockets: a slow client is cut off after
-the read timeout, an oversized body is refused at once, other clients are answered meanwhile, and a broken
+the read timeout, and so is one that reads none of its answer; an oversized body is refused at once, other
+clients are answered meanwhile, and a broken
 request is answered 400 and logged in one line at debug, never with a traceback."""
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 import pytest
 from aiohttp import web
@@ -12,6 +14,7 @@ from aiohttp import web
 from mailflow.http import MAX_BODY, HttpServer
 
 READ_TIMEOUT = 0.3
+BIG = b"x" * (4 * 1024 * 1024)  # an answer far past what the sockets' buffers hold
 
 
 @pytest.fixture
@@ -26,6 +29,10 @@ async def server():
     @table.put("/echo")
     async def echo(request):
         return web.Response(body=await request.read())
+
+    @table.get("/big")
+    async def big(request):
+        return web.Response(body=BIG)
 
     http.add_routes("test", table)
     await http.start()
@@ -125,3 +132,48 @@ async def test_connections_past_the_limit_get_503_and_one_warning(caplog):
         for _, writer in held:
             writer.close()
         await http.stop()
+
+
+async def small_buffer_connection(address, size: int = 4096) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection whose socket receives at most about `size` bytes the client has not read."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    sock.connect(address)
+    return await asyncio.open_connection(sock=sock)
+
+
+async def test_a_client_that_reads_none_of_its_answer_is_cut_off(server):
+    """A client that asks for a big answer and reads nothing of it must not keep its connection, and the
+    answer's bytes in the server's send buffer, for ever (past MAX_CONNECTIONS of them, nobody else is served)."""
+    request = b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n"
+    stalled = [await small_buffer_connection(server) for _ in range(3)]
+    for _, writer in stalled:
+        writer.write(request)
+    await asyncio.sleep(READ_TIMEOUT * 4)  # reads nothing
+    answer = await exchange(server, b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", limit=1)
+    assert answer.endswith(b"hi")
+    for reader, writer in stalled:
+        try:
+            got = await asyncio.wait_for(reader.read(), 5)
+        except ConnectionResetError:
+            got = b""
+        finally:
+            writer.close()
+        assert len(got) < len(BIG)  # cut off: the rest was never sent
+
+
+async def test_a_client_that_reads_slowly_but_steadily_gets_its_whole_answer(server):
+    """The deadline is on progress, not on the whole answer: one that reads a little at a time, some within each
+    read timeout, gets all of it, however long that takes in all."""
+    loop = asyncio.get_running_loop()
+    reader, writer = await small_buffer_connection(server, 16 * 1024)
+    writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    started, got = loop.time(), bytearray()
+    try:
+        while len(got) < 1024 * 1024 and (chunk := await asyncio.wait_for(reader.read(64 * 1024), 5)):
+            got += chunk
+            await asyncio.sleep(READ_TIMEOUT / 6)
+        got += await asyncio.wait_for(reader.read(), 5)  # the rest at once
+    finally:
+        writer.close()
+    assert got.endswith(b"\r\n\r\n" + BIG) and loop.time() - started > READ_TIMEOUT * 2
