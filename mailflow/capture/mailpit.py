@@ -36,7 +36,8 @@ back in between: a summary or a text term parses its message, and a whole mailbo
 session and delivery.
 
 Failure behaviour: an unknown ID is 404 ("Message not found"); a bad parameter or body is 400 with the reason
-(text/plain, as Mailpit's), a multipart body 415; a wait
+(text/plain, as Mailpit's), and so is a search of more than search.MAX_TERMS terms (Mailpit takes any number);
+a multipart body 415; a wait
 beyond `waiters_limit` concurrent ones is 503; `timeout` is capped at `wait_time_limit`.
 """
 from __future__ import annotations
@@ -200,6 +201,14 @@ async def _body(request: web.Request) -> dict:
     return {str(key).lower(): value for key, value in data.items()}
 
 
+def _terms(query: str) -> list[search.Term]:
+    """The search's terms; 400 past search.MAX_TERMS (each is a scan of every message's text)."""
+    terms = search.parse(query)
+    if len(terms) > search.MAX_TERMS:
+        raise web.HTTPBadRequest(text=f"Error: the search has {len(terms)} terms, at most {search.MAX_TERMS}")
+    return terms
+
+
 def _ids(data: dict) -> list[str]:
     ids = data.get("ids")
     if ids is None:
@@ -246,7 +255,7 @@ def routes(capture: Capture, *, waiters_limit: int, wait_time_limit: float) -> w
 
     async def matching(query: str, messages: list[CapturedMessage] | None = None) -> list[CapturedMessage]:
         """The messages (the mailbox's by default) the search finds, searched `sliced`."""
-        terms = search.parse(query)
+        terms = _terms(query)
         messages = mailbox.messages if messages is None else messages
         return [m for m, hit in zip(messages, await sliced(messages, lambda m: search.matches(terms, m))) if hit]
 
@@ -349,7 +358,7 @@ def routes(capture: Capture, *, waiters_limit: int, wait_time_limit: float) -> w
         timeout = min(float(_int(request, "timeout", 5, 0)), wait_time_limit)
         if waiting["now"] >= waiters_limit:
             raise web.HTTPServiceUnavailable(text=f"more than {waiters_limit} waits at once")
-        terms = search.parse(query)
+        terms = _terms(query)
         criteria = Criteria(match=lambda m: search.matches(terms, m))
         waiting["now"] += 1
         try:
