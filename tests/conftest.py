@@ -1,7 +1,8 @@
 """Shared fixtures: real local peers on 127.0.0.1, port 0. What they build on is in tests/support/.
 
-- `dns_zone(zone_text, servfail=())` starts an in-process authoritative DNS server (dnslib, `ZoneAuthority`) for a
-  BIND-style zone and returns its "127.0.0.1:port" nameserver string.
+- `dns_zone(zone_text, servfail=(), tcp=False)` starts an in-process authoritative DNS server (dnslib, `ZoneAuthority`)
+  for a BIND-style zone and returns its "127.0.0.1:port" nameserver string; `tcp`: on TCP too (the same port), for
+  answers too big for UDP (then truncated there past 1232 bytes).
 - `smtp_peer(host="127.0.0.1", port=0, **smtp_kwargs)` starts a capturing aiosmtpd server on the test's own loop
   (never aiosmtpd's threaded Controller) and returns a `CapturePeer`: `.port`, `.messages` (one `Captured` per
   accepted DATA) and `.handler`, whose `mail_reply`, `rcpt_replies[address]` and `data_reply` script refusals.
@@ -26,7 +27,8 @@ import trustme
 pytest_plugins = ("pytester",)  # tests of the mailflow pytest plugin (tests/e2e/test_sink_pytest_plugin.py)
 
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
-from dnslib.server import DNSLogger, DNSServer
+from dnslib import DNSRecord
+from dnslib.server import DNSHandler, DNSLogger, DNSServer
 
 from mailflow.app import Mailflow
 from mailflow.config import config_from_dict
@@ -34,17 +36,39 @@ from mailflow.stages.smtpd.auth import hash_password
 from tests.support import CaptureHandler, CapturePeer, ZoneAuthority, base_settings, dovecot_instance, merged, to_toml
 
 
+class _TruncatingHandler(DNSHandler):
+    """A UDP answer past the EDNS size resolvers ask for (1232) is truncated as a real server does: the question
+    kept, no records, TC set (dnslib's own truncate() drops the question, which c-ares refuses as misformatted)."""
+
+    def get_reply(self, data):
+        answer = super().get_reply(data)
+        if self.protocol != "udp" or len(answer) <= 1232:
+            return answer
+        reply = DNSRecord.parse(answer)
+        reply.rr, reply.auth, reply.ar = [], [], []
+        reply.header.tc = 1
+        return reply.pack()
+
+
 @pytest.fixture
 def dns_zone():
     servers: list[DNSServer] = []
 
-    def start(zone_text: str, servfail: tuple[str, ...] = (), slow: tuple[str, ...] = (), delay: float = 0.0) -> str:
+    def start(zone_text: str, servfail: tuple[str, ...] = (), slow: tuple[str, ...] = (), delay: float = 0.0,
+              tcp: bool = False) -> str:
         quiet = DNSLogger("-request,-reply,-truncated,-recv,-send,-error,-data", False)
-        server = DNSServer(ZoneAuthority(zone_text, servfail, slow, delay), port=0, address="127.0.0.1", logger=quiet)
-        # DNSServer.start_thread() polls every 0.5 s, which is what stopping it would cost each test.
-        threading.Thread(target=server.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
-        servers.append(server)
-        return f"127.0.0.1:{server.server.server_address[1]}"
+        authority = ZoneAuthority(zone_text, servfail, slow, delay)
+        server = DNSServer(authority, port=0, address="127.0.0.1", logger=quiet,
+                           handler=_TruncatingHandler if tcp else DNSHandler)
+        port = server.server.server_address[1]
+        started = [server]
+        if tcp:  # on the same port: where a truncated UDP answer makes the resolver ask again
+            started.append(DNSServer(authority, port=port, address="127.0.0.1", logger=quiet, tcp=True))
+        for each in started:
+            # DNSServer.start_thread() polls every 0.5 s, which is what stopping it would cost each test.
+            threading.Thread(target=each.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+            servers.append(each)
+        return f"127.0.0.1:{port}"
 
     yield start
     for server in servers:

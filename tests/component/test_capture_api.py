@@ -16,6 +16,7 @@ from mailflow.capture.mailbox import SLICE, CapturedEnvelope
 from mailflow.config import DEFAULTS
 from mailflow.http import HttpServer
 from mailflow.testing import Sink
+from tests.support import LoopLag
 
 
 
@@ -325,27 +326,6 @@ async def test_latest_with_a_query_limit_zero_and_the_probes_as_mailpit(api):
             assert (response.status, await response.read()) == (200, b"")
 
 
-class Ticker:
-    """Another task on the server's loop: the longest it waited for a turn while a request ran."""
-
-    def __init__(self):
-        self.longest = 0.0
-
-    async def __aenter__(self):
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def __aexit__(self, *exc):
-        self._task.cancel()
-
-    async def _run(self):
-        loop = asyncio.get_running_loop()
-        while True:
-            before = loop.time()
-            await asyncio.sleep(0.01)
-            self.longest = max(self.longest, loop.time() - before - 0.01)
-
-
 async def test_a_search_of_many_words_costs_one_look_at_each_message_and_is_bounded_in_terms():
     """A word repeated 4000 times (a URL's worth) made each message's text 4000 times: a second of the server's
     loop per message of 300 KB. A term given twice counts once; past search.MAX_TERMS distinct ones, 400."""
@@ -353,9 +333,9 @@ async def test_a_search_of_many_words_costs_one_look_at_each_message_and_is_boun
         for i in range(2):
             raw = b"From: a@shop.test\r\nSubject: big\r\n\r\n" + b"hello world e\r\n" * 20_000
             sink.server.capture.mailbox.add(CapturedEnvelope("a@shop.test", ("b@example.com",)), raw, f"Q{i}")
-        async with Ticker() as other:
+        async with LoopLag() as lag:
             listing = await get_json(http, "/api/v1/search?query=" + "+".join(["e"] * 4000))
-        assert listing["messages_count"] == 2 and other.longest < 0.25
+        assert listing["messages_count"] == 2 and lag.longest < 0.25
         words = [f"w{i}" for i in range(search.MAX_TERMS + 1)]
         for method, path, body in [("GET", "/api/v1/search?query=" + "+".join(words), None),
                                    ("PUT", "/api/v1/messages", {"Search": " ".join(words), "Read": True}),

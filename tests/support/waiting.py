@@ -11,6 +11,8 @@ which something that did not happen never will (an event, not a fixed sleep).
   a scan has looked at the queue as of (clock) time `when` or later, and `watch.found` holds the queue id of
   every message a scan brought: a message not among them after such a scan was passed over on purpose (held,
   not yet due), without waiting to see whether a delivery follows.
+- `LoopLag()`: `async with LoopLag() as lag:` runs a ticker on the loop meanwhile; `lag.longest` is the longest it
+  waited for its turn past its 10 ms sleep (what the work done meanwhile cost every other session).
 """
 from __future__ import annotations
 
@@ -83,3 +85,26 @@ class ScanWatch:
         """Wait for a scan, finished, that looked at the queue as of `when` or later."""
         await eventually(lambda: any(t >= when for t in self.times), timeout=timeout,
                          what=f"a queue scan at or after {when}")
+
+
+class LoopLag:
+    """See the module docstring."""
+
+    TICK = 0.01
+
+    def __init__(self):
+        self.longest = 0.0
+
+    async def __aenter__(self) -> "LoopLag":
+        self._task = asyncio.create_task(self._tick())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._task.cancel()
+
+    async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(self.TICK)
+            self.longest = max(self.longest, loop.time() - before - self.TICK)
