@@ -5,7 +5,8 @@
                                   ARC-Authentication-Results), each CRLF-terminated
     await authentication_results(message, authserv_id, resolver) -> str    `authserv; dkim=…; arc=…`
     await txt_lookup(message, resolver) -> dnsfunc      the ARC key records the message names, fetched through
-                                  the Resolver beforehand (at most MAX_KEYS), as the sync lookup dkimpy calls
+                                  the Resolver beforehand (at most MAX_KEYS), as the sync lookup dkimpy calls;
+                                  a key that costs too much to verify with (dkim.costly_key) as no key (arc=fail)
 
 What the seal attests: DKIM (each DKIM-Signature verified by mailflow.signing.dkim.verify, the verifier smtpd's
 verdicts use; dkim=none without one) and the ARC chain already on the message (arc=none/pass/fail: the seal's cv=).
@@ -28,7 +29,7 @@ import dkim
 from mailflow.content import Content
 from mailflow.dns import NotFound, Resolver
 from mailflow.message import header_values, read_header, split_header
-from mailflow.signing.dkim import DkimResult, verify
+from mailflow.signing.dkim import DkimResult, costly_key, verify
 from mailflow.signing.keytables import SigningKey
 
 MAX_KEYS = 8  # ARC key records fetched for one message: a message cannot make this host do more lookups than this
@@ -58,7 +59,8 @@ async def txt_lookup(message: bytes, resolver: Resolver):
     records: dict[str, bytes | None] = {}  # None: the lookup failed (temperror); b"": no key (NXDOMAIN, NODATA)
     for name, answer in zip(names, answers):
         if isinstance(answer, list):
-            records[name] = answer[0].encode("utf-8") if answer else b""
+            record = answer[0].encode("utf-8") if answer else b""
+            records[name] = b"" if costly_key(record) else record  # (no key: dkimpy's pow would hold the GIL)
         else:
             records[name] = b"" if isinstance(answer, NotFound) else None
 

@@ -17,6 +17,9 @@ canonicalization, which inbound verification (mailflow.filters.senderauth) uses 
                                     algorithm, l=), the keys through the Resolver, looked up at once (all within
                                     `timeout`): smtpd's verdicts and the ARC seal
     DkimResult(result, domain, selector, reason)     result: pass, fail, temperror, permerror
+    costly_key(record) -> str       why a key record's RSA key would cost too much to verify with ("" when not):
+                                    its modulus past MAX_KEY_BITS or its exponent past MAX_EXPONENT_BITS (verify's
+                                    permerror; the ARC seal's lookup gives no key for it)
 
 How memory stays bounded: dkimpy canonicalizes and hashes a body it holds whole. Here the body is streamed
 through `BodyHash` (64 KB chunks from the queue file for a big message), which computes the same hash (the
@@ -31,15 +34,20 @@ Like dkimpy, a bare LF in the body counts as a line end; an empty body is one CR
 in relaxed; a last line without its end is given one (relaxed: its white space made one space, not removed).
 
 Verifying is the same split: dkimpy checks the signature over the header section, and its bh= is compared with the
-hash BodyHash computed while the body streamed.
+hash BodyHash computed while the body streamed. dkimpy's RSA is pure Python: one pow() of the signature by the key,
+which holds its thread and the GIL (a worker thread too) until it ends and cannot be cut by a timeout; its cost is
+the key's, which the signer's DNS chooses (a 16384-bit modulus with a 16384-bit exponent: 7 s; 65536 bits: minutes).
+So an RSA key is used only up to MAX_KEY_BITS (8192; RFC 8301's verifiers take 1024 to 4096) with an exponent
+of at most MAX_EXPONENT_BITS (64, OpenSSL's limit beside a modulus over 3072 bits; 65537 in practice): at most
+about 10 ms a signature.
 
 Failure behaviour: signing: `dkim.DKIMException` (a header section dkimpy cannot parse, a key it refuses) propagates;
 the caller (cleanup) queues the message unsigned and logs why. Verifying raises nothing for a message or an answer:
 a key that cannot be fetched within `timeout` is temperror; a signature that cannot be checked (a tag missing or
 malformed, an unknown a=, x= past, t= to come) or whose key record holds key material that cannot be decoded
-(p= not base64, or not a key) permerror, as OpenDKIM reports it; a key that is missing, revoked (p= empty) or of an
-unknown type or version, or a body or header section that is not the one signed, fail. OSError from reading a spooled
-body propagates.
+(p= not base64, or not a key) or costs too much (`costly_key`) permerror, as OpenDKIM reports it; a key that is
+missing, revoked (p= empty) or of an unknown type or version, or a body or header section that is not the one signed,
+fail. OSError from reading a spooled body propagates.
 """
 from __future__ import annotations
 
@@ -281,6 +289,8 @@ def _blank_line(body: Content) -> int:
 # ---------------------------------------------------------------------------------------------- verifying
 
 MAX_SIGNATURES = 5  # DKIM-Signature fields verified per message (a message cannot ask for more work than this)
+MAX_KEY_BITS = 8192  # an RSA key's modulus (see the module docstring: what a key costs)
+MAX_EXPONENT_BITS = 64  # an RSA key's public exponent
 _HASHES = {b"rsa-sha256": hashlib.sha256, b"rsa-sha1": hashlib.sha1, b"ed25519-sha256": hashlib.sha256}
 
 
@@ -344,6 +354,27 @@ async def _verify_one(message: bytes, index: int, sig: dict[bytes, bytes] | None
     return DkimResult("pass" if ok else "fail", domain, selector, "" if ok else "signature verification failed")
 
 
+def costly_key(record: bytes) -> str:
+    """Why the RSA key of a DKIM key record would cost too much to verify with (see the module docstring); ""
+    when it would not, or when it is no RSA key dkimpy can read (dkimpy then says what is wrong with it)."""
+    try:
+        key, _, _, _ = dkim.evaluate_pk(b"", record)
+    except Exception:  # (dkimpy's own errors, base64's, ASN.1's: reported by dkimpy when it reads the key itself)
+        return ""
+    return _costly(key)
+
+
+def _costly(key: object) -> str:
+    if not isinstance(key, dict) or "modulus" not in key:  # (ed25519: 32 bytes)
+        return ""
+    modulus, exponent = key["modulus"].bit_length(), key["publicExponent"].bit_length()
+    if modulus > MAX_KEY_BITS:
+        return f"public key too large: {modulus} bits (at most {MAX_KEY_BITS})"
+    if exponent > MAX_EXPONENT_BITS:
+        return f"public key exponent too large: {exponent} bits (at most {MAX_EXPONENT_BITS})"
+    return ""
+
+
 class BodyHashMismatch(dkim.ValidationError):
     """The body is not the one signed (a fail, where dkimpy's own ValidationErrors are a signature that cannot be
     checked: permerror)."""
@@ -368,8 +399,8 @@ class _StreamedBodyDKIM(dkim.asyncsupport.DKIM):
     body_hash: bytes | None = None
 
     async def verify_sig(self, sig, include_headers, sig_header, dnsfunc):
-        """dkimpy's, but for key material that cannot be decoded (UnreadableKey): dkimpy takes it as a failed
-        signature, or lets base64's error out."""
+        """dkimpy's, but for key material that cannot be decoded or costs too much (UnreadableKey): dkimpy takes
+        the first as a failed signature, or lets base64's error out, and uses the second whatever it costs."""
         name = sig[b"s"] + b"._domainkey." + sig[b"d"] + b"."
         record = await dnsfunc(name, timeout=self.timeout)
         try:
@@ -381,6 +412,9 @@ class _StreamedBodyDKIM(dkim.asyncsupport.DKIM):
                 raise UnreadableKey("public key cannot be parsed") from None
             self.logger.info("%s", e)
             return False
+        costly = _costly(self.pk)
+        if costly:
+            raise UnreadableKey(costly)
         return self.verify_sig_process(sig, include_headers, sig_header, dnsfunc)
 
     def verify_sig_process(self, sig, include_headers, sig_header, dnsfunc):

@@ -1,16 +1,21 @@
 """Inbound DKIM verdicts (mailflow.signing.dkim.verify) for signatures a hostile or broken sender writes, compared
-with OpenDKIM's (verify mode, the verifier a Postfix setup runs as a milter) on the same message and key."""
+with OpenDKIM's (verify mode, the verifier a Postfix setup runs as a milter) on the same message and key; and keys
+that would cost the server's loop too much, for the verdicts and for the ARC seal's check of a chain."""
 from __future__ import annotations
 
+import base64
+import random
 import re
 
+import dkim
 import pytest
 
 from mailflow.content import Content
-from mailflow.dns import StaticResolver
+from mailflow.dns import AiodnsResolver, StaticResolver
 from mailflow.message import read_header
-from mailflow.signing import keygen
+from mailflow.signing import arc, keygen
 from mailflow.signing.dkim import verify
+from tests.support import LoopLag
 from tests.support.deliverability import dkim_signed, make_key, opendkim_verdict
 
 MESSAGE = b"From: a@sig.test\r\nTo: b@rcpt.test\r\nSubject: hi\r\n\r\nhello world\r\n"
@@ -72,3 +77,73 @@ async def test_a_key_record_that_cannot_be_used_gets_opendkims_verdict(signed_an
     assert [r.result for r in results] == [expected]
     opendkim = re.search(r"dkim=(\w+)", opendkim_verdict(signed, {KEY_NAME: edited}, tmp_path / "opendkim"))
     assert opendkim and opendkim.group(1) == expected
+
+
+def _der(tag: int, body: bytes) -> bytes:
+    length = len(body)
+    size = bytes([length]) if length < 128 else bytes([0x80 | ((length.bit_length() + 7) // 8)]) + length.to_bytes(
+        (length.bit_length() + 7) // 8, "big")
+    return bytes([tag]) + size + body
+
+
+def rsa_key_record(modulus_bits: int, exponent_bits: int) -> str:
+    """A key record of an RSA public key (SubjectPublicKeyInfo) of the sizes given: a modulus and an exponent of
+    that many bits, whatever their values (a hostile signer's DNS chooses them)."""
+    numbers = random.Random(modulus_bits * 7 + exponent_bits)
+
+    def number(bits: int) -> bytes:
+        value = numbers.getrandbits(bits) | (1 << (bits - 1)) | 1
+        return _der(0x02, value.to_bytes(bits // 8 + 1, "big"))
+
+    algorithm = bytes.fromhex("300d06092a864886f70d0101010500")  # rsaEncryption, NULL
+    key = _der(0x30, algorithm + _der(0x03, b"\0" + _der(0x30, number(modulus_bits) + number(exponent_bits))))
+    return "v=DKIM1; k=rsa; p=" + base64.b64encode(key).decode()
+
+
+def zone_txt(name: str, value: str) -> str:
+    """A zone line for a TXT record of any length: strings of at most 255 characters."""
+    strings = " ".join(f'"{value[at:at + 255]}"' for at in range(0, len(value), 255))
+    return f"{name}. 300 IN TXT {strings}\n"
+
+
+@pytest.mark.parametrize(("modulus", "exponent", "reason"), [
+    (16384, 16384, "public key too large: 16384 bits (at most 8192)"),  # 7 s of dkimpy's pow, the GIL held
+    (4096, 4096, "public key exponent too large: 4096 bits (at most 64)"),
+])
+async def test_a_key_too_costly_to_verify_with_is_permerror_at_once(signed_and_record, dns_zone, tmp_path, modulus,
+                                                                    exponent, reason):
+    """dkimpy's RSA is one pure-Python pow() whose cost the signer's key chooses, and which no timeout can cut:
+    a key past MAX_KEY_BITS, or with an exponent past MAX_EXPONENT_BITS, is not used (permerror, as OpenDKIM,
+    which refuses such key records too). Served over TCP by a real name server (the record is too big for UDP)."""
+    signed, _ = signed_and_record
+    record = rsa_key_record(modulus, exponent)
+    resolver = AiodnsResolver(nameservers=(dns_zone(zone_txt(KEY_NAME, record), tcp=True),), timeout=2, tries=1)
+    content = Content.of(signed)
+    head, _ = read_header(content, 1_000_000)
+    try:
+        async with LoopLag() as lag:
+            results = await verify(head, content.after(len(head)), resolver, timeout=5)
+    finally:
+        await resolver.close()
+    assert [(r.result, r.reason) for r in results] == [("permerror", reason)] and lag.longest < 0.1
+    opendkim = re.search(r"dkim=(\w+)", opendkim_verdict(signed, {KEY_NAME: record}, tmp_path / "opendkim"))
+    assert opendkim and opendkim.group(1) == "permerror"
+
+
+async def test_an_arc_key_too_costly_to_verify_with_is_no_key_to_the_seals_check(signed_and_record, dns_zone,
+                                                                                  tmp_path):
+    """The ARC seal checks the chain already on a forwarded message with dkimpy's arc_verify, in a worker thread:
+    whose pow() holds the GIL all the same. A costly key is given to it as no key: arc=fail, at once."""
+    signed, _ = signed_and_record
+    forwarder = make_key(tmp_path, "fwd.test", "arc")
+    message = b"Authentication-Results: fwd.test; dkim=pass\r\n" + signed
+    sealed = b"".join(dkim.arc_sign(message, b"arc", b"fwd.test", forwarder.private, b"fwd.test")) + message
+    record = rsa_key_record(16384, 16384)
+    resolver = AiodnsResolver(nameservers=(dns_zone(zone_txt("arc._domainkey.fwd.test", record), tcp=True),),
+                              timeout=2, tries=1)
+    try:
+        async with LoopLag() as lag:
+            results = await arc.authentication_results(sealed, "me.test", resolver)
+    finally:
+        await resolver.close()
+    assert results.endswith("; arc=fail") and lag.longest < 0.1
