@@ -18,7 +18,9 @@ component may use it.
     Resolver.tlsa(name) -> TlsaAnswer         TLSA records (RFC 6698) and whether the answer was DNSSEC-validated
                                               (the AD bit of a validating upstream resolver: DANE trusts only that)
     Resolver.validated(name, qtype) -> bool   the answer for name/qtype carried the AD bit (an MX RRset for DANE)
-    AiodnsResolver(nameservers=…, timeout=…, tries=…) / .close()    (app.py builds it from [dns])
+    AiodnsResolver(nameservers=…, timeout=…, tries=…) / .close()    (app.py builds it from [dns]); a lookup
+                                              takes at most `timeout` x `tries` seconds, and may take them all
+                                              (what c-ares's own, shorter, timeouts give up is asked again: `_query`)
     StaticResolver(mx={...}, addresses={...}, txt={...}, ptr={...}, tlsa={...}, secure=(names...))
     is_ip_literal(host) -> bool               an IP literal resolves to itself, without a query
                                               (mailflow.syntax.is_ip_address)
@@ -296,9 +298,20 @@ class AiodnsResolver:
         return [rec.data.addr for rec in result if rec.type == type_code]
 
     async def _query(self, name: str, qtype: str) -> list:
-        """The answer section's records; NODATA gives []. Raises NotFound or LookupRetry."""
+        """The answer section's records; NODATA gives []. Raises NotFound or LookupRetry.
+
+        Within `timeout` x `tries` seconds, as the configuration says, whatever c-ares makes of it: once a server
+        has answered a few queries, c-ares (1.32 on, always on) waits 5 times its average latency, at least 250 ms,
+        instead of `timeout`; after quick answers (a recursive resolver's cache) a slow one (its recursion) timed
+        out in 0.75 s. A query the shared channel gives up on is asked again on a channel of its own, which has no
+        such history (`_query_until`)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout * self._tries
         try:
-            result = await self._resolver().query_dns(dns_name(name), qtype)
+            async with asyncio.timeout_at(deadline):
+                result = await self._query_until(name, qtype, deadline)
+        except TimeoutError:
+            raise LookupRetry(f"Name service error for name={name} type={qtype}: {TRY_AGAIN}") from None
         except aiodns.error.DNSError as e:
             return classify_dns_error(e, name, qtype)
         except (OSError, ValueError, pycares.AresError) as e:
@@ -306,16 +319,30 @@ class AiodnsResolver:
             raise LookupRetry(f"Name service error for name={name} type={qtype}: {e}") from None
         return list(result.answer)
 
+    async def _query_until(self, name: str, qtype: str, deadline: float):
+        """c-ares's answer: the shared channel's, else (when it timed out before `deadline`, loop time) that of a
+        channel made for this query alone, which waits `timeout` a try (the caller ends it at `deadline`)."""
+        try:
+            return await self._resolver().query_dns(dns_name(name), qtype)
+        except aiodns.error.DNSError as e:
+            if not e.args or e.args[0] != aiodns.error.ARES_ETIMEOUT or asyncio.get_running_loop().time() >= deadline:
+                raise
+        log.debug("lookup %s %s: no answer within the shared channel's time, asked again", name, qtype)
+        alone = self._channel_for(asyncio.get_running_loop())
+        try:
+            return await alone.query_dns(dns_name(name), qtype)
+        finally:
+            await alone.close()
+
     def _resolver(self) -> aiodns.DNSResolver:
         loop = asyncio.get_running_loop()
         if self._channel is None or self._channel.loop is not loop:
-            self._channel = aiodns.DNSResolver(
-                nameservers=list(self._nameservers) or None,
-                loop=loop,
-                timeout=self._timeout,
-                tries=self._tries,
-            )
+            self._channel = self._channel_for(loop)
         return self._channel
+
+    def _channel_for(self, loop: asyncio.AbstractEventLoop) -> aiodns.DNSResolver:
+        return aiodns.DNSResolver(nameservers=list(self._nameservers) or None, loop=loop, timeout=self._timeout,
+                                  tries=self._tries)
 
 
 def split_nameserver(entry: str) -> tuple[str, int]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import pytest
@@ -182,3 +183,32 @@ async def test_aiodns_concurrent_lookups_share_one_channel(dns_zone):
         assert answers == [["127.0.0.5"]] * 10
     finally:
         await resolver.close()
+
+
+async def test_a_slow_answer_after_quick_ones_is_waited_for_as_long_as_the_timeout_says(dns_zone):
+    """c-ares (1.32 on) times a query out after 5 times the server's average latency (at least 250 ms) once it
+    has a few answers to average: after quick answers (a recursive resolver's cache), one that takes a second
+    (its recursion) was a LookupRetry in 0.75 s with `timeout` 3 s. It is waited for; a server that never
+    answers is still a LookupRetry within `timeout` x `tries`."""
+    zone = ZONE + "far.test. 300 IN A 127.0.0.9\n" + "".join(f"n{i}.test. 300 IN A 127.0.0.5\n" for i in range(5))
+    resolver = AiodnsResolver(nameservers=(dns_zone(zone, slow=("far.test",), delay=1.0),), timeout=3.0, tries=1)
+    loop = asyncio.get_running_loop()
+    try:
+        for i in range(5):  # quick answers (each name once: c-ares answers a name again from its cache)
+            assert await resolver.addresses(f"n{i}.test") == ["127.0.0.5"]
+        started = loop.time()
+        assert (await resolver._query("far.test", "A"))[0].data.addr == "127.0.0.9"
+        assert 1.0 <= loop.time() - started < 3.0
+    finally:
+        await resolver.close()
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # receives queries, answers none
+    silent.bind(("127.0.0.1", 0))
+    resolver = AiodnsResolver(nameservers=(f"127.0.0.1:{silent.getsockname()[1]}",), timeout=0.5, tries=2)
+    try:
+        started = loop.time()
+        with pytest.raises(LookupRetry) as e:
+            await resolver.mx("example.test")
+        assert loop.time() - started < 1.5 and e.value.text.endswith("Host not found, try again")
+    finally:
+        await resolver.close()
+        silent.close()
