@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import time
 
@@ -11,6 +12,7 @@ from mailflow.app import build_resolver
 from mailflow.config import DnsConfig
 from mailflow.dns import MX, AiodnsResolver, NotFound, StaticResolver, is_ip_literal
 from mailflow.errors import LookupRetry, PermanentError
+from mailflow.transports.smtp.addr import MX_HOST_LIMIT, exchangers, parse_nexthop
 from tests.support import free_port
 
 ZONE = """
@@ -212,3 +214,23 @@ async def test_a_slow_answer_after_quick_ones_is_waited_for_as_long_as_the_timeo
     finally:
         await resolver.close()
         silent.close()
+
+
+async def test_answers_too_big_for_udp_come_over_tcp_and_are_used_within_bounds(dns_zone):
+    """1000 MX records and a TXT record of 64 000 bytes (250 strings, as a DKIM key split in pieces): truncated
+    over UDP, asked again over TCP; the MX set is used up to MX_HOST_LIMIT hosts, the TXT strings are joined."""
+    zone = "".join(f"many.test. 300 IN MX {i % 50} mx{i}.many.test.\n" for i in range(1000))
+    zone += "big.test. 300 IN TXT " + " ".join(f'"{chr(97 + i % 26) * 255}"' for i in range(250)) + "\n"
+    resolver = AiodnsResolver(nameservers=(dns_zone(zone, tcp=True),), timeout=2.0, tries=1)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        records = await resolver.mx("many.test")
+        hosts = await exchangers(resolver, parse_nexthop("many.test", 25), random.Random(1))
+        [text] = await resolver.txt("big.test")
+    finally:
+        await resolver.close()
+    assert len(records) == 1000 and [r.preference for r in records] == sorted(r.preference for r in records)
+    assert len(hosts) == MX_HOST_LIMIT and {h.preference for h in hosts} == {0, 1, 2, 3, 4}  # the most preferred
+    assert len(text) == 250 * 255 and text.startswith("a" * 255 + "b")
+    assert loop.time() - started < 2
