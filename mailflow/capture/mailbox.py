@@ -19,7 +19,10 @@
                          or a summary parses its message: a whole mailbox at once held every session 3.7 s)
 
 Bounded: past `max_messages` or `max_bytes` the oldest messages are dropped (counted as deleted). Waiting
-costs nothing while nothing arrives: each `add` wakes the waiters once, and each looks at the messages `sliced`.
+costs nothing while nothing arrives: each `add` wakes the waiters once, and each looks at the messages it has not
+looked at yet, `sliced`: a message is judged once per wait, as it is when first seen (a wait for unread messages
+keeps one read meanwhile). Each waiter looking at every message again for each new one, 64 waits on 1000 messages
+of 90 KB cost 9 s of the server's loop per message captured.
 
 Failure behaviour: `wait` raises WaitTimeout after `timeout` seconds (loop time, not the injected clock), and
 RuntimeError at once when the mailbox is closed, or closes, before enough messages match (the same report).
@@ -294,10 +297,13 @@ class Mailbox:
         WaitTimeout after `timeout` seconds."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        verdicts: dict[CapturedMessage, bool] = {}  # each message looked at once (see the module docstring)
         while True:
             arrived = self._arrived  # (before the search hands the loop back: a message added meanwhile wakes it)
-            messages = self.messages
-            found = [m for m, hit in zip(messages, await sliced(messages, criteria.matches)) if hit]
+            new = [m for m in self.messages if m not in verdicts]
+            verdicts.update(zip(new, await sliced(new, criteria.matches)))
+            verdicts = {m: verdicts[m] for m in self.messages if m in verdicts}  # (none deleted kept alive)
+            found = [m for m, hit in verdicts.items() if hit]
             if len(found) >= count:
                 return found
             if self._closed:

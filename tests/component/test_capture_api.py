@@ -16,7 +16,7 @@ from mailflow.capture.mailbox import SLICE, CapturedEnvelope
 from mailflow.config import DEFAULTS
 from mailflow.http import HttpServer
 from mailflow.testing import Sink
-from tests.support import LoopLag
+from tests.support import LoopLag, eventually
 
 
 
@@ -344,3 +344,32 @@ async def test_a_search_of_many_words_costs_one_look_at_each_message_and_is_boun
                 assert (response.status, await response.text()) == (
                     400, f"Error: the search has {search.MAX_TERMS + 1} terms, at most {search.MAX_TERMS}")
         assert (await get_json(http, "/api/v1/search?query=" + "+".join(words[:-1])))["messages_count"] == 0
+
+
+async def test_a_new_message_is_looked_at_once_by_each_wait_not_the_whole_mailbox_again(monkeypatch):
+    """Each long poll looked at every message again whenever one arrived: 64 waits on 1000 messages of 90 KB cost
+    9 s of the server's loop per message captured. Each wait now looks at the new message only, and is still
+    answered by it."""
+    looked = []
+    matches = search.matches
+    monkeypatch.setattr(search, "matches", lambda terms, m: looked.append(m.id) or matches(terms, m))
+    n, waits = 2 * SLICE, 8
+    async with Sink(http_api=True) as sink, aiohttp.ClientSession(sink.http_url) as http:
+        fill(sink, n)
+
+        async def wait() -> tuple[int, dict]:
+            async with http.get("/api/v1/wait?query=subject:awaited&timeout=10") as response:
+                return response.status, await response.json()
+
+        waiting = [asyncio.ensure_future(wait()) for _ in range(waits)]
+        await eventually(lambda: len(looked) == waits * n, what="each wait looked at the mailbox once")
+        raw = b"From: a@shop.test\r\nSubject: unrelated\r\n\r\nbody\r\n"
+        sink.server.capture.mailbox.add(CapturedEnvelope("a@shop.test", ("b@example.com",)), raw, "NEW1")
+        await eventually(lambda: len(looked) >= waits * (n + 1), what="each wait looked at the new message")
+        await asyncio.sleep(0.05)
+        assert looked[waits * n:] == ["NEW1"] * waits
+        raw = b"From: a@shop.test\r\nSubject: awaited\r\n\r\nbody\r\n"
+        sink.server.capture.mailbox.add(CapturedEnvelope("a@shop.test", ("b@example.com",)), raw, "NEW2")
+        answers = await asyncio.wait_for(asyncio.gather(*waiting), 5)
+    assert [(status, [m["ID"] for m in body["messages"]]) for status, body in answers] == [(200, ["NEW2"])] * waits
+    assert looked[waits * (n + 1):] == ["NEW2"] * waits
