@@ -39,13 +39,17 @@ which holds its thread and the GIL (a worker thread too) until it ends and canno
 the key's, which the signer's DNS chooses (a 16384-bit modulus with a 16384-bit exponent: 7 s; 65536 bits: minutes).
 So an RSA key is used only up to MAX_KEY_BITS (8192; RFC 8301's verifiers take 1024 to 4096) with an exponent
 of at most MAX_EXPONENT_BITS (64, OpenSSL's limit beside a modulus over 3072 bits; 65537 in practice): at most
-about 10 ms a signature.
+about 10 ms a signature. dkimpy's selection of the signed header fields is quadratic too (each name of h= looked
+for among the fields, from the last): 10 000 names over 10 000 fields held the loop 4 s; a signature is checked
+only for a header section of at most MAX_HEADER_FIELDS fields and an h= of at most MAX_SIGNED_FIELDS names (1000:
+about 40 ms at worst; OpenDKIM checks 3000 x 3000 in C), else permerror.
 
 Failure behaviour: signing: `dkim.DKIMException` (a header section dkimpy cannot parse, a key it refuses) propagates;
 the caller (cleanup) queues the message unsigned and logs why. Verifying raises nothing for a message or an answer:
 a key that cannot be fetched within `timeout` is temperror; a signature that cannot be checked (a tag missing or
 malformed, an unknown a=, x= past, t= to come) or whose key record holds key material that cannot be decoded
-(p= not base64, or not a key) or costs too much (`costly_key`) permerror, as OpenDKIM reports it; a key that is
+(p= not base64, or not a key) or costs too much (`costly_key`) permerror, as OpenDKIM reports it, and so is one
+over too many header fields (MAX_HEADER_FIELDS, MAX_SIGNED_FIELDS); a key that is
 missing, revoked (p= empty) or of an unknown type or version, or a body or header section that is not the one signed,
 fail. OSError from reading a spooled body propagates.
 """
@@ -289,6 +293,8 @@ def _blank_line(body: Content) -> int:
 # ---------------------------------------------------------------------------------------------- verifying
 
 MAX_SIGNATURES = 5  # DKIM-Signature fields verified per message (a message cannot ask for more work than this)
+MAX_HEADER_FIELDS = 1000  # a header section's fields, for a signature to be checked (see `_costly_selection`)
+MAX_SIGNED_FIELDS = 1000  # the names of a signature's h=
 MAX_KEY_BITS = 8192  # an RSA key's modulus (see the module docstring: what a key costs)
 MAX_EXPONENT_BITS = 64  # an RSA key's public exponent
 _HASHES = {b"rsa-sha256": hashlib.sha256, b"rsa-sha1": hashlib.sha1, b"ed25519-sha256": hashlib.sha256}
@@ -305,7 +311,9 @@ class DkimResult:
 async def verify(head: bytes, body: Content, resolver: Resolver, timeout: float) -> tuple[DkimResult, ...]:
     """See the module docstring. `body` is everything after the header section (the empty line first)."""
     signatures: list[dict[bytes, bytes] | None] = []  # parsed tags (None: unparsable)
+    fields = 0
     for name, lines in header_fields(head):
+        fields += 1
         if name == "dkim-signature" and len(signatures) < MAX_SIGNATURES:
             value = b"".join(lines).partition(b":")[2]
             try:
@@ -320,17 +328,32 @@ async def verify(head: bytes, body: Content, resolver: Resolver, timeout: float)
     message = (head if head.endswith(b"\n") else head + b"\r\n") + b"\r\n"
     # at once: the key lookups of one message share the one `timeout` (one after another, each signature of a
     # slow domain would add its own)
-    return tuple(await asyncio.gather(*(_verify_one(message, index, sig, digests, resolver, timeout)
+    return tuple(await asyncio.gather(*(_verify_one(message, fields, index, sig, digests, resolver, timeout)
                                         for index, sig in enumerate(signatures))))
 
 
-async def _verify_one(message: bytes, index: int, sig: dict[bytes, bytes] | None,
+def _costly_selection(fields: int, sig: dict[bytes, bytes]) -> str:
+    """Why selecting the signed header fields would cost too much (dkimpy's selection is quadratic: each name of
+    h= looked for among the fields from the end): a header section past MAX_HEADER_FIELDS fields, or h= past
+    MAX_SIGNED_FIELDS names; "" when it would not."""
+    if fields > MAX_HEADER_FIELDS:
+        return f"header section of {fields} fields (at most {MAX_HEADER_FIELDS})"
+    signed = sig.get(b"h", b"").count(b":") + 1
+    if signed > MAX_SIGNED_FIELDS:
+        return f"h= names {signed} fields (at most {MAX_SIGNED_FIELDS})"
+    return ""
+
+
+async def _verify_one(message: bytes, fields: int, index: int, sig: dict[bytes, bytes] | None,
                       digests: dict[tuple[bytes, bytes, int | None], bytes], resolver: Resolver,
                       timeout: float) -> DkimResult:
     if sig is None:
         return DkimResult("permerror", reason="malformed signature")
     domain = sig.get(b"d", b"").decode("ascii", "replace")
     selector = sig.get(b"s", b"").decode("ascii", "replace")
+    costly = _costly_selection(fields, sig)
+    if costly:
+        return DkimResult("permerror", domain, selector, costly)
     key = _body_key(sig)
     verifier = _StreamedBodyDKIM(message, logger=log, timeout=timeout)
     verifier.body_hash = digests.get(key) if key is not None else None
