@@ -4,6 +4,7 @@
                                   Authentication-Results, then the new ARC set (ARC-Seal, ARC-Message-Signature,
                                   ARC-Authentication-Results), each CRLF-terminated
     await authentication_results(message, authserv_id, resolver) -> str    `authserv; dkim=…; arc=…`
+    costly_chain(head) -> str     why checking and sealing the chain would cost too much ("" when it would not)
     await txt_lookup(message, resolver) -> dnsfunc      the ARC key records the message names, fetched through
                                   the Resolver beforehand (at most MAX_KEYS), as the sync lookup dkimpy calls;
                                   a key that costs too much to verify with (dkim.costly_key) as no key (arc=fail)
@@ -16,8 +17,8 @@ holds whole, and sealing must not make a big forwarded message a big allocation.
 one unsealed and logs it. dkimpy's arc_sign signs with RSA only.
 
 Failure behaviour: a key that cannot be fetched counts as a temporary verification failure (dkim=temperror);
-`dkim.DKIMException` from sealing (a header section dkimpy cannot parse) propagates: the caller forwards the
-message unsealed and logs why.
+`dkim.DKIMException` from sealing (a header section dkimpy cannot parse, or one that would cost too much to check
+and seal: `costly_chain`) propagates: the caller forwards the message unsealed and logs why.
 """
 from __future__ import annotations
 
@@ -28,14 +29,15 @@ import dkim
 
 from mailflow.content import Content
 from mailflow.dns import NotFound, Resolver
-from mailflow.message import header_values, read_header, split_header
-from mailflow.signing.dkim import DkimResult, costly_key, verify
+from mailflow.message import header_fields, header_values, read_header, split_header
+from mailflow.signing.dkim import MAX_HEADER_FIELDS, MAX_SIGNED_FIELDS, DkimResult, costly_key, verify
 from mailflow.signing.keytables import SigningKey
 
 MAX_KEYS = 8  # ARC key records fetched for one message: a message cannot make this host do more lookups than this
 KEY_TIMEOUT = 10.0  # seconds for the DKIM key lookups of one message (as [sender_auth] timeout's default)
 HEADER_LIMIT = 256 * 1024  # (only messages held in memory are sealed)
 _TAG = re.compile(r"\b([sd])\s*=\s*([^;\s]+)")
+_SIGNED = re.compile(r"(?:^|;)\s*h\s*=([^;]*)")
 _KEYED_FIELDS = ("arc-seal", "arc-message-signature")
 
 
@@ -94,7 +96,26 @@ async def authentication_results(message: bytes, authserv_id: str, resolver: Res
     return "; ".join([authserv_id, *_dkim_words(dkim_results), arc_result])
 
 
+def costly_chain(head: bytes) -> str:
+    """Why checking and sealing a message's ARC chain would cost too much, as mailflow.signing.dkim's verify
+    refuses a DKIM signature (dkimpy's selection of the signed fields is quadratic; the seal's own ARC-Seal signs
+    every ARC field there is): a header section past MAX_HEADER_FIELDS fields, or an ARC-Message-Signature whose
+    h= names more than MAX_SIGNED_FIELDS; "" when it would not."""
+    fields = len(header_fields(head))
+    if fields > MAX_HEADER_FIELDS:
+        return f"header section of {fields} fields (at most {MAX_HEADER_FIELDS})"
+    for value in header_values(head, "arc-message-signature"):
+        signed = _SIGNED.search(value)
+        if signed and signed.group(1).count(":") + 1 > MAX_SIGNED_FIELDS:
+            return f"an ARC-Message-Signature's h= names more than {MAX_SIGNED_FIELDS} fields"
+    return ""
+
+
 async def seal(message: bytes, key: SigningKey, authserv_id: str, resolver: Resolver, now: float) -> bytes:
+    head, _ = read_header(Content.of(message), HEADER_LIMIT)
+    costly = costly_chain(head)
+    if costly:
+        raise dkim.DKIMException(f"not sealed: {costly}")
     results = await authentication_results(message, authserv_id, resolver)
     ar = f"Authentication-Results: {results}\r\n".encode("utf-8")
 

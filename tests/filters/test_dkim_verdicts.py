@@ -3,6 +3,7 @@ with OpenDKIM's (verify mode, the verifier a Postfix setup runs as a milter) on 
 that would cost the server's loop too much, for the verdicts and for the ARC seal's check of a chain."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import random
 import re
@@ -181,3 +182,32 @@ async def test_a_signature_over_too_many_header_fields_is_permerror_at_once(dns_
     if not expected:
         verdict = opendkim_verdict(signed_message, {KEY_NAME: record}, tmp_path / "opendkim")
         assert re.search(r"dkim=(\w+)", verdict).group(1) == "pass"
+
+
+@pytest.mark.parametrize(("case", "fields", "signed", "reason"), [
+    ("an ARC-Message-Signature over 20 000 names", 950, 20_000, "h= names more than 1000 fields"),
+    ("a header section of 5000 fields", 5000, 0, "header section of 5008 fields"),
+])
+async def test_a_chain_too_costly_to_check_is_forwarded_unsealed_at_once(signed_and_record, tmp_path, case, fields,
+                                                                         signed, reason):
+    """dkimpy checks a chain with the same quadratic selection of the signed fields as a DKIM signature's: an
+    ARC set sealed by its own signer over an ARC-Message-Signature of 20 000 names and 950 fields cost 0.7 s of a
+    worker thread's CPU (and of the GIL). Such a message, or one of more than MAX_HEADER_FIELDS fields, is not
+    sealed (DKIMException: forwarded unsealed, logged), at once; a chain within bounds is sealed."""
+    signed_message, record = signed_and_record
+    forwarder = make_key(tmp_path, "fwd.test", "arc")
+    forwarder_record = "".join(re.findall(r'"([^"]*)"', keygen.txt_record(forwarder, 300)))
+    resolver = StaticResolver(txt={KEY_NAME: [record], "arc._domainkey.fwd.test": [forwarder_record]})
+    message = b"Authentication-Results: fwd.test; dkim=pass\r\n" + signed_message.replace(
+        b"Subject: hi\r\n", b"Subject: hi\r\n" + _fields(fields))
+    names = [b"from", *(b"n%d" % i for i in range(signed))]
+    hostile = b"".join(dkim.arc_sign(message, b"arc", b"fwd.test", forwarder.private, b"fwd.test",
+                                     include_headers=names)) + message
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(dkim.DKIMException, match=f"not sealed: .*{reason}"):
+        await arc.seal(hostile, forwarder, "me.test", resolver, 0)
+    assert loop.time() - started < 0.1
+    plain = b"Authentication-Results: fwd.test; dkim=pass\r\n" + signed_message
+    within = b"".join(dkim.arc_sign(plain, b"arc", b"fwd.test", forwarder.private, b"fwd.test")) + plain
+    assert b"ARC-Seal: i=2; cv=pass;" in await arc.seal(within, forwarder, "me.test", resolver, 0)
