@@ -93,8 +93,9 @@ class _ServerLog(logging.LoggerAdapter):
 async def _sent_in_slices(request: web.Request, handler):
     """An answer whose body is bytes past SEND_SLICE is written SEND_SLICE at a time, each once the connection's
     send buffer has room: aiohttp writes a body whole, and the transport copies what the client has not taken yet
-    (256 slow readers of a 10 MB message's /raw: 2.5 GB). A slow client then costs its answer's own bytes (the
-    mailbox's, for a captured message) and about 128 KB of buffer."""
+    (ten slow readers of a 4 MB answer held 14 MB; MAX_CONNECTIONS of a captured 10 MB message's /raw would hold
+    gigabytes). A slow client then costs its answer's own bytes (the mailbox's, for a captured message) and about
+    128 KB of buffer."""
     response = await handler(request)
     body = response.body if type(response) is web.Response else None
     if not isinstance(body, (bytes, bytearray)) or len(body) <= SEND_SLICE or request.method == "HEAD":
@@ -146,7 +147,7 @@ class _Busy(asyncio.Protocol):
         transport.close()
 
 
-def unsent_bytes(transport: asyncio.WriteTransport) -> int:
+def _unsent_bytes(transport: asyncio.WriteTransport) -> int:
     """What of the answers written to `transport` the client has not taken yet: the transport's buffer and, where
     the system says (Linux's SIOCOUTQ), what the kernel still holds, unacknowledged (its send buffer grows to
     megabytes: the transport's own drains only when a third of it is free)."""
@@ -163,17 +164,17 @@ def unsent_bytes(transport: asyncio.WriteTransport) -> int:
 class _SendDeadline(asyncio.Protocol):
     """aiohttp's protocol for one connection (`inner`), every event passed on, with a deadline on sending: while
     the transport's send buffer is past its high-water mark (writing paused: the client is not reading the
-    answer as fast as it comes), what is unsent (`unsent_bytes`) must shrink every `timeout` seconds, else the
-    connection is aborted
-    (aiohttp's handler then ends as for a peer gone mid-response: a ConnectionError, one line at debug). A deadline
-    on progress, not on the whole answer: a slow reader of a big one is served however long it takes."""
+    answer as fast as it comes), what is unsent (`_unsent_bytes`) must shrink every `timeout` seconds, else the
+    connection is aborted (aiohttp's handler then ends as for a peer gone mid-response: a ConnectionError, one
+    line at debug). A deadline on progress, not on the whole answer: a slow reader of a big one is served however
+    long it takes."""
 
     def __init__(self, inner: asyncio.Protocol, timeout: float):
         self._inner = inner
         self._timeout = timeout
         self._transport: asyncio.WriteTransport | None = None
         self._deadline: asyncio.TimerHandle | None = None
-        self._unsent = 0  # unsent_bytes when the deadline was set
+        self._unsent = 0  # _unsent_bytes when the deadline was set
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.WriteTransport)
@@ -200,7 +201,7 @@ class _SendDeadline(asyncio.Protocol):
 
     def _set_deadline(self) -> None:
         assert self._transport is not None
-        self._unsent = unsent_bytes(self._transport)
+        self._unsent = _unsent_bytes(self._transport)
         self._deadline = asyncio.get_running_loop().call_later(self._timeout, self._check)
 
     def _cancel_deadline(self) -> None:
@@ -215,7 +216,7 @@ class _SendDeadline(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        if unsent_bytes(transport) < self._unsent:
+        if _unsent_bytes(transport) < self._unsent:
             self._set_deadline()
             return
         log.debug("HTTP: %s read none of its answer for %gs: connection cut", transport.get_extra_info("peername"),
