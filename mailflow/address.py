@@ -13,6 +13,8 @@
 - `parse_path(text) -> (address, rest)`: the address of a MAIL FROM / RCPT TO argument and the parameters
   after it; raises `PathError` (see its doc for what is accepted, as Postfix accepts it); `parse_written_path`
   also gives the address as the client wrote it (Postfix's original recipient: quotes, trailing dot kept).
+- `has_unsafe_characters(addr)`, `printable(addr)`: CR, LF, NUL or another C0 control or DEL, which would end or
+  forge an SMTP command line (an address with one never reaches the wire); the address with each shown as `?`.
 - `is_min_user(addr)`: the address begins with '-' (Postfix allow_min_user: such an address could reach a
   command's argv as an option).
 - `client_ip(text) -> IPv4Address | IPv6Address | None`: a client's IP address, IPv4-mapped IPv6 as IPv4;
@@ -44,6 +46,7 @@ _A_LABELS = re.compile(rb"[A-Za-z0-9_\-.]+")  # (the codec maps U+3002 and its k
 # among them, are longer. The whole address is bounded by the 256-octet path, less its angle brackets.
 MAX_ADDRESS = 254
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 controls
+_UNSAFE_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f]")  # what ends or forges a command line
 
 
 class PathError(ValueError):
@@ -288,6 +291,15 @@ def _converts(label: str) -> bytes:
     if not _A_LABELS.fullmatch(encoded):
         raise UnicodeError("not a host name")
     return encoded
+
+
+def has_unsafe_characters(address: str) -> bool:
+    """CR, LF, NUL or another control character would end or forge a command line."""
+    return bool(_UNSAFE_IN_ADDRESS.search(address))
+
+
+def printable(address: str) -> str:
+    return _UNSAFE_IN_ADDRESS.sub("?", address)
 
 
 def is_utf8(address: str) -> bool:

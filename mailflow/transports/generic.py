@@ -12,7 +12,10 @@ queued; only what the next hop sees changes.
                                        is qualified (`qualify`: @myorigin), as Postfix's mail_addr_crunch; an
                                        unmatched extension is not carried over (Postfix's default
                                        propagate_unmatched_extensions leaves out `generic`). The null sender is
-                                       never looked up.
+                                       never looked up. A result that cannot go on the wire as it is
+                                       (`wire_problem`: a control character, `<`, `>` or a blank outside quotes)
+                                       is logged and raises LookupRetry: what screen_envelope keeps from the
+                                       wire for a queued address, a table's value must not put there.
       .wire_form(request) -> WireForm  the envelope sender, each recipient and the message's header section as they
                                        go out; may raise LookupRetry (a table that cannot answer, or a value that
                                        holds no address: the delivery is deferred)
@@ -38,6 +41,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
 
+from mailflow.address import has_unsafe_characters, printable
 from mailflow.errors import LookupRetry
 from mailflow.header_addresses import rewrite_address_fields
 from mailflow.message import HEADER_READ_LIMIT, read_header
@@ -47,6 +51,19 @@ from mailflow.tables.search import address_keys, split_extension
 
 log = logging.getLogger("mailflow.smtp")
 _LIST_ITEM = re.compile(r'(?:"(?:\\.|[^"\\])*"|[^,\s"])+')  # one address of a value: commas or blanks separate
+_QUOTED_STRING = re.compile(r'"(?:\\.|[^"\\])*"')
+_NOT_OUTSIDE_QUOTES = frozenset("<> \t")  # would end the path, or start a parameter, of MAIL FROM / RCPT TO
+
+
+def wire_problem(address: str) -> str | None:
+    """Why `address` must not go in a MAIL FROM or RCPT TO command as it is (None: it may): a control character
+    (mailflow.address.has_unsafe_characters, the rule screen_envelope applies to queued addresses), or `<`, `>`
+    or a blank outside quotes."""
+    if has_unsafe_characters(address):
+        return "holds a control character"
+    if _NOT_OUTSIDE_QUOTES.intersection(_QUOTED_STRING.sub("", address)):
+        return "holds '<', '>' or a blank outside quotes"
+    return None
 
 
 class HeaderSwap:
@@ -112,8 +129,18 @@ class GenericMaps:
         if first.startswith("@"):
             user, ext = split_extension(local if at else addr, self._delimiter)
             bare = ext and not key.startswith("@") and key.lower() in (f"{user}@{domain}".lower(), user.lower())
-            return (user if bare else (local if at else addr)) + first
-        return self._qualify(first)
+            return self._sendable((user if bare else (local if at else addr)) + first, table, key, queue_id)
+        return self._sendable(self._qualify(first), table, key, queue_id)
+
+    @staticmethod
+    def _sendable(result: str, table: Table, key: str, queue_id: str) -> str:
+        """`result`, when it can go on the wire as it is; else LookupRetry (the delivery is deferred, logged)."""
+        problem = wire_problem(result)
+        if problem is None:
+            return result
+        log.warning("%s: smtp_generic_maps: table %s: %s: result <%s> %s", queue_id or "NOQUEUE", table,
+                    printable(key), printable(result), problem)
+        raise LookupRetry(f"table {table}: {printable(key)}: result <{printable(result)}> {problem}")
 
     def wire_form(self, request: DeliveryRequest) -> WireForm:
         mapped = partial(self.address, queue_id=request.queue_id)

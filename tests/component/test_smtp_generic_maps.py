@@ -4,6 +4,8 @@ the queue's addresses (the results) stay as queued; a spooled message streams th
 section swapped."""
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 
 from mailflow.config import Config, SmtpConfig
@@ -144,3 +146,34 @@ async def test_an_address_probe_says_the_mapped_addresses(smtp_peer):
     report = await deliver(make_transport(generic()),
                            make_request(peer.port, Content(), "root@box.local", verify=True))
     assert [(r.recipient.address, r.outcome) for r in report.results] == [("root@box.local", Outcome.BOUNCED)]
+
+
+def sqlite_table(tmp_path, rows: dict[str, str]) -> str:
+    db = tmp_path / "generic.db"
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE m (k TEXT PRIMARY KEY, v TEXT)")
+        con.executemany("INSERT INTO m VALUES (?, ?)", rows.items())
+    con.close()
+    (tmp_path / "generic.cf").write_text(f"dbpath = {db}\nquery = SELECT v FROM m WHERE k='%s'\n")
+    return f"sqlite:{tmp_path / 'generic.cf'}"
+
+
+UNSENDABLE = {
+    "crlf@box.local": '"x\r\nRCPT TO:<victim@evil.test>"@example.com',  # a command of its own, and a header line
+    "nul@box.local": "ann\x00z@example.com",
+    "del@box.local": "ann\x7f@example.com",
+}
+
+
+@pytest.mark.parametrize("queued", sorted(UNSENDABLE))
+async def test_a_result_that_would_forge_a_command_defers_and_never_reaches_the_wire(smtp_peer, tmp_path, caplog,
+                                                                                     queued):
+    peer = await smtp_peer()
+    maps = generic(sqlite_table(tmp_path, UNSENDABLE))
+    request = make_request(peer.port, Content.of(b"From: " + queued.encode() + b"\r\n\r\nx\r\n"), sender=queued)
+    report = await deliver(make_transport(maps), request)
+    assert {(r.outcome, r.dsn) for r in report.results} == {(Outcome.DEFERRED, "4.3.0")}
+    assert "generic.cf" in report.results[0].text and "control character" in report.results[0].text
+    assert "\r" not in report.results[0].text and "\x00" not in report.results[0].text
+    assert any(r.getMessage().startswith("Q1: smtp_generic_maps: table sqlite:") for r in caplog.records)
+    assert peer.messages == []

@@ -35,6 +35,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from mailflow.address import has_unsafe_characters, printable
 from mailflow.errors import PermanentError
 from mailflow.message import HEADER_READ_LIMIT, read_header
 from mailflow.model import DeliveryRequest, Recipient
@@ -48,7 +49,6 @@ from mailflow.transports.smtp.trouble import Outcomes
 CRLF = b"\r\n"
 OFF_T_MAX = 2 ** 63 - 1  # the largest SIZE Postfix takes as a limit
 _OLD_STYLE_AUTH = re.compile(r"auth=(.*)", re.IGNORECASE)
-_UNSAFE_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -148,15 +148,6 @@ def content_encoding(extensions: Extensions, request: DeliveryRequest) -> tuple[
     if body == "7BIT":  # (cleanup marked any message with an entity labelled 8bit 8BITMIME)
         return headers, None
     return (*headers, Downgrade()), None
-
-
-def has_unsafe_characters(address: str) -> bool:
-    """CR, LF, NUL or another control character would end or forge a command line."""
-    return bool(_UNSAFE_IN_ADDRESS.search(address))
-
-
-def printable(address: str) -> str:
-    return _UNSAFE_IN_ADDRESS.sub("?", address)
 
 
 # ---------------------------------------------------------------------------------------------------- commands
