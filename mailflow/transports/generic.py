@@ -19,8 +19,9 @@ queued; only what the next hop sees changes.
       .wire_form(request) -> WireForm  the envelope sender, each recipient and the message's header section as they
                                        go out; may raise LookupRetry (a table that cannot answer, or a value that
                                        holds no address: the delivery is deferred)
-    WireForm(sender, recipients, head)   `recipient(addr)`; `encoders()`: what the content goes through (a new
-                                       HeaderSwap each transaction, none when no header changed)
+    WireForm(sender, recipients, head, utf8_head)   `recipient(addr)`; `encoders()`: what the content goes
+                                       through (a new HeaderSwap each transaction, none when no header changed);
+                                       `utf8_head`: a header address was mapped to a UTF-8 one (SMTPUTF8 needed)
     HeaderSwap(old_length, new_head)   an encoder (mailflow.transports.encode) that puts `new_head` in place of
                                        the first `old_length` bytes of the content and passes the body on as it
                                        streams: memory is the header section, never the message
@@ -93,6 +94,7 @@ class WireForm:
     sender: str
     recipients: dict[str, str] = field(default_factory=dict)  # queued address -> mapped, for those that change
     head: tuple[int, bytes] | None = None  # (length of the queued header section, the one sent instead)
+    utf8_head: bool = False  # a header address was mapped to a UTF-8 one: the message needs SMTPUTF8 as sent
 
     def recipient(self, addr: str) -> str:
         return self.recipients.get(addr, addr)
@@ -148,7 +150,18 @@ class GenericMaps:
         for rcpt in request.recipients:
             if (sent := mapped(rcpt.address)) != rcpt.address:
                 recipients[rcpt.address] = sent
-        return WireForm(mapped(request.sender), recipients, None if request.verify else self._head(request, mapped))
+        if request.verify:
+            return WireForm(mapped(request.sender), recipients)
+        utf8_results: list[str] = []
+
+        def in_header(addr: str) -> str:
+            sent = mapped(addr)
+            if sent != addr and not sent.isascii():
+                utf8_results.append(sent)
+            return sent
+
+        head = self._head(request, in_header)
+        return WireForm(mapped(request.sender), recipients, head, utf8_head=bool(utf8_results))
 
     @staticmethod
     def _head(request: DeliveryRequest, mapped: Callable[[str], str]) -> tuple[int, bytes] | None:

@@ -177,3 +177,37 @@ async def test_a_result_that_would_forge_a_command_defers_and_never_reaches_the_
     assert "\r" not in report.results[0].text and "\x00" not in report.results[0].text
     assert any(r.getMessage().startswith("Q1: smtp_generic_maps: table sqlite:") for r in caplog.records)
     assert peer.messages == []
+
+
+UTF8_TABLE = "inline:{ {jöe@box.local = joe@example.com}, {ann@box.local = änn@example.com} }"
+
+
+async def test_a_utf8_address_sent_as_ascii_needs_no_smtputf8(smtp_peer):
+    peer = await smtp_peer(enable_SMTPUTF8=False)
+    request = make_request(peer.port, Content.of(b"From: carol@remote.test\r\n\r\nx\r\n"), sender="jöe@box.local",
+                           smtputf8=True)
+    report = await deliver(make_transport(generic(UTF8_TABLE)), request)
+    assert [r.outcome for r in report.results] == [Outcome.SENT]
+    assert [m.mail_from for m in peer.messages] == ["joe@example.com"]
+
+
+async def test_an_ascii_address_sent_as_utf8_asks_for_smtputf8(smtp_peer):
+    with_it, without = await smtp_peer(enable_SMTPUTF8=True), await smtp_peer(enable_SMTPUTF8=False)
+    content = Content.of(b"From: carol@remote.test\r\n\r\nx\r\n")
+    await deliver(make_transport(generic(UTF8_TABLE)), make_request(with_it.port, content, sender="ann@box.local"))
+    [message] = with_it.messages
+    assert (message.mail_from, message.smtputf8) == ("änn@example.com", True)
+    report = await deliver(make_transport(generic(UTF8_TABLE)), make_request(without.port, content,
+                                                                              sender="ann@box.local"))
+    assert [(r.outcome, r.dsn) for r in report.results] == [(Outcome.BOUNCED, "5.6.7")] and without.messages == []
+
+
+async def test_a_header_address_mapped_to_utf8_needs_smtputf8(smtp_peer):
+    with_it, without = await smtp_peer(enable_SMTPUTF8=True), await smtp_peer(enable_SMTPUTF8=False)
+    content = Content.of(b"From: ann@box.local\r\n\r\nx\r\n")
+    for peer in (with_it, without):
+        report = await deliver(make_transport(generic(UTF8_TABLE)),
+                               make_request(peer.port, content, sender="carol@remote.test"))
+    [message] = with_it.messages
+    assert (message.smtputf8, message.content) == (True, "From: änn@example.com\r\n\r\nx\r\n".encode())
+    assert [(r.outcome, r.dsn) for r in report.results] == [(Outcome.BOUNCED, "5.6.7")] and without.messages == []

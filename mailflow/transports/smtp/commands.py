@@ -8,24 +8,28 @@ of the SMTP and LMTP clients (the command side of Postfix smtp_proto).
     screen_envelope(request) -> (Outcomes, sendable recipients)   an address with CR, LF, NUL or another control
                                   character never reaches the wire: a bad sender bounces every recipient (5.1.7),
                                   a bad recipient bounces itself (5.1.3)
-    cannot_take(extensions, peer, request) -> PermanentError | None   a reason to bounce before MAIL FROM: the
-                                  message needs SMTPUTF8 and the peer does not offer it (5.6.7), or it is bigger
-                                  than the peer's SIZE (5.3.4)
-    content_encoding(extensions, request) -> (encoders, BODY parameter or None)   the content goes as it is to a
-                                  peer that offers 8BITMIME, with BODY=8BITMIME or BODY=7BIT as the message says
-                                  (none when it says neither), as Postfix's smtp_proto; to a peer without 8BITMIME
-                                  every message but one said 7BIT goes through `Downgrade` (entities labelled 8bit
-                                  to 7 bit: Postfix's default disable_mime_output_conversion = no); to a peer without
-                                  SMTPUTF8, a header section with 8-bit bytes through `HeaderDowngrade` (RFC 2047
-                                  words; an ASCII one gets no encoder)
-    mail_command(request, extensions, body, converted=False, sender=None) -> bytes   `MAIL FROM:<sender>` with SIZE
+    cannot_take(extensions, peer, request, wire=None) -> PermanentError | None   a reason to bounce before MAIL
+                                  FROM: the message needs SMTPUTF8 and the peer does not offer it (5.6.7), or it is
+                                  bigger than the peer's SIZE (5.3.4)
+    content_encoding(extensions, request, wire=None) -> (encoders, BODY parameter or None)   the content goes as
+                                  it is to a peer that offers 8BITMIME, with BODY=8BITMIME or BODY=7BIT as the
+                                  message says (none when it says neither), as Postfix's smtp_proto; to a peer
+                                  without 8BITMIME every message but one said 7BIT goes through `Downgrade` (entities
+                                  labelled 8bit to 7 bit: Postfix's default disable_mime_output_conversion = no); to
+                                  a peer without SMTPUTF8, a header section with 8-bit bytes through
+                                  `HeaderDowngrade` (RFC 2047 words; an ASCII one gets no encoder)
+    mail_command(request, extensions, body, converted=False, wire=None) -> bytes   `MAIL FROM:<sender>` with SIZE
                                   (offered, and the content goes unconverted: Postfix announces no SIZE when it
                                   converts), BODY, SMTPUTF8 (offered, and the message is flagged or needs it), RET
                                   and ENVID (DSN offered)
     rcpt_command(recipient, extensions, address=None) -> bytes   `RCPT TO:<address>` with ORCPT and NOTIFY (DSN
-                                  offered); `sender` and `address` put smtp_generic_maps' forms in place
-    needs_smtputf8(request) -> bool                    UTF-8 in the envelope, or in the headers of a message whose
+                                  offered); `wire` and `address` put smtp_generic_maps' forms in place
+    needs_smtputf8(request, wire=None) -> bool         UTF-8 in the envelope, or in the headers of a message whose
                                   client asked for SMTPUTF8
+`wire` (mailflow.transports.generic.WireForm, None: as queued): every SMTPUTF8 decision judges the addresses and
+the header section as they go out, not as queued (a queued `jöe@box.local` sent as `joe@example.com` needs no
+SMTPUTF8; a queued `ann@box.local` sent as `änn@example.com` does, in the envelope or the header). Postfix judges
+the queued message's flags.
     dsn_mail_params(request), dsn_rcpt_params(recipient) -> [bytes];  xtext(text), utf8_addr_xtext(text)
 
 Commands come CRLF-terminated. The envelope is sent exactly as queued (no re-parsing).
@@ -42,6 +46,7 @@ from mailflow.model import DeliveryRequest, Recipient
 from mailflow.transports.downgrade import Downgrade
 from mailflow.transports.header_downgrade import HeaderDowngrade, needs_header_downgrade
 from mailflow.transports.encode import Encoder
+from mailflow.transports.generic import WireForm
 from mailflow.transports.smtp.addr import Peer
 from mailflow.transports.smtp.reply import Reply
 from mailflow.transports.smtp.trouble import Outcomes
@@ -117,9 +122,10 @@ def screen_envelope(request: DeliveryRequest) -> tuple[Outcomes, list[Recipient]
     return outcomes, sendable
 
 
-def cannot_take(extensions: Extensions, peer: Peer, request: DeliveryRequest) -> PermanentError | None:
+def cannot_take(extensions: Extensions, peer: Peer, request: DeliveryRequest,
+                wire: WireForm | None = None) -> PermanentError | None:
     """See the module docstring."""
-    if needs_smtputf8(request) and not extensions.supports("smtputf8"):
+    if needs_smtputf8(request, wire) and not extensions.supports("smtputf8"):
         return PermanentError("5.6.7", f"SMTPUTF8 is required, but was not offered by host {peer.name}")
     limit = extensions.size_limit
     size = request.content.size
@@ -128,19 +134,30 @@ def cannot_take(extensions: Extensions, peer: Peer, request: DeliveryRequest) ->
     return None
 
 
-def needs_smtputf8(request: DeliveryRequest) -> bool:
+def needs_smtputf8(request: DeliveryRequest, wire: WireForm | None = None) -> bool:
     """See the module docstring."""
-    envelope = [request.sender, *(r.address for r in request.recipients)]
-    if not all(a.isascii() for a in envelope):
+    if wire is None:
+        envelope = [request.sender, *(r.address for r in request.recipients)]
+    else:
+        envelope = [wire.sender, *(wire.recipient(r.address) for r in request.recipients)]
+    if not all(a.isascii() for a in envelope) or (wire is not None and wire.utf8_head):
         return True
-    return request.smtputf8 and not read_header(request.content, HEADER_READ_LIMIT)[0].isascii()
+    return request.smtputf8 and not _head_sent(request, wire).isascii()
 
 
-def content_encoding(extensions: Extensions, request: DeliveryRequest) -> tuple[tuple[Encoder, ...], str | None]:
+def _head_sent(request: DeliveryRequest, wire: WireForm | None) -> bytes:
+    """The header section as it goes out (smtp_generic_maps' when it changed one; HEADER_READ_LIMIT bytes)."""
+    if wire is not None and wire.head is not None:
+        return wire.head[1]
+    return read_header(request.content, HEADER_READ_LIMIT)[0]
+
+
+def content_encoding(extensions: Extensions, request: DeliveryRequest,
+                     wire: WireForm | None = None) -> tuple[tuple[Encoder, ...], str | None]:
     """See the module docstring."""
     headers: tuple[Encoder, ...] = ()
     if needs_header_downgrade(extensions.supports("smtputf8"), request.smtputf8) and \
-            not read_header(request.content, HEADER_READ_LIMIT)[0].isascii():
+            not _head_sent(request, wire).isascii():
         headers = (HeaderDowngrade(),)
     body = request.body_type.upper()
     if extensions.supports("8bitmime"):
@@ -154,18 +171,18 @@ def content_encoding(extensions: Extensions, request: DeliveryRequest) -> tuple[
 
 
 def mail_command(request: DeliveryRequest, extensions: Extensions, body: str | None = None, *,
-                 converted: bool = False, sender: str | None = None) -> bytes:
-    """See the module docstring. `sender`: the one to say (smtp_generic_maps'), None: the request's."""
+                 converted: bool = False, wire: WireForm | None = None) -> bytes:
+    """See the module docstring. `wire`: smtp_generic_maps' forms (the sender said), None: the request's."""
     params = []
     if extensions.supports("size") and not converted:
         params.append(f"SIZE={request.content.size}".encode("ascii"))
     if body:
         params.append(body.encode("ascii"))
-    if extensions.supports("smtputf8") and (request.smtputf8 or needs_smtputf8(request)):
+    if extensions.supports("smtputf8") and (request.smtputf8 or needs_smtputf8(request, wire)):
         params.append(b"SMTPUTF8")
     if extensions.supports("dsn"):
         params += dsn_mail_params(request)
-    said = request.sender if sender is None else sender
+    said = request.sender if wire is None else wire.sender
     return b" ".join([b"MAIL FROM:<" + said.encode("utf-8") + b">", *params]) + CRLF
 
 

@@ -65,7 +65,7 @@ async def send_message(
     wire: WireForm | None = None,
 ) -> None:
     """See the module docstring."""
-    refusal = cannot_take(session.extensions, session.peer, request)
+    refusal = cannot_take(session.extensions, session.peer, request, wire)
     if refusal is not None:
         outcomes.fail(recipients, refusal, session.peer.relay)
         return
@@ -91,7 +91,7 @@ async def _transaction(
     wire: WireForm | None,
 ) -> None:
     peer, extensions = session.peer, session.extensions
-    encoders, body = content_encoding(extensions, request)
+    encoders, body = content_encoding(extensions, request, wire)
     converted = bool(encoders)
     if converted:
         session.log.debug("%s: %s lacks 8BITMIME or SMTPUTF8: content converted to 7 bit", request.queue_id,
@@ -102,7 +102,7 @@ async def _transaction(
     else:  # (the header swapped first: what the peer is to see, then made 7 bit if it must be)
         encoders = (*wire.encoders(), *encoders)
         rcpts = [rcpt_command(r, extensions, wire.recipient(r.address)) for r in recipients]
-        mail = mail_command(request, extensions, body, converted=converted, sender=wire.sender)
+        mail = mail_command(request, extensions, body, converted=converted, wire=wire)
     pipelining = extensions.supports("pipelining")
     data = [] if request.verify else [b"DATA" + CRLF]  # a probe stops after RCPT (Postfix's verify flag)
     try:
