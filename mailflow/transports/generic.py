@@ -6,16 +6,18 @@ queued; only what the next hop sees changes.
     GenericMaps(tables, *, delimiter, qualify, is_local_domain)
       .address(addr, queue_id="") -> str   one address mapped, or itself: keys as mail_addr_find (`user+ext@domain`,
                                        `user@domain`, `user+ext` and `user` for this host's domains
-                                       (`is_local_domain`), `@domain`); the first address of the value (Postfix warns
-                                       of more and takes the first); `@other.domain` keeps the local part (without
-                                       the extension when the key matched without it); a value without a domain
-                                       is qualified (`qualify`: @myorigin), as Postfix's mail_addr_crunch; an
-                                       unmatched extension is not carried over (Postfix's default
+                                       (`is_local_domain`), `@domain`); the first address of the value, parsed as
+                                       Postfix's mail_addr_crunch (`value_addresses`: `Joe <joe@x>` is `joe@x`;
+                                       Postfix warns of more and takes the first); `@other.domain` keeps the
+                                       local part (without the extension when the key matched without it); a
+                                       value without a domain is qualified (`qualify`: @myorigin), as Postfix's
+                                       mail_addr_crunch; an unmatched extension is not carried over (Postfix's default
                                        propagate_unmatched_extensions leaves out `generic`). The null sender is
                                        never looked up. A result that cannot go on the wire as it is
-                                       (`wire_problem`: a control character, `<`, `>` or a blank outside quotes)
-                                       is logged and raises LookupRetry: what screen_envelope keeps from the
-                                       wire for a queued address, a table's value must not put there.
+                                       (`wire_problem`: a control character, `<`, `>` or a blank outside quotes,
+                                       not local@domain; a first mailbox that is not one address) is logged and
+                                       raises LookupRetry: what screen_envelope keeps from the wire for a queued
+                                       address, a table's value must not put there.
       .wire_form(request) -> WireForm  the envelope sender, each recipient and the message's header section as they
                                        go out; may raise LookupRetry (a table that cannot answer, or a value that
                                        holds no address: the delivery is deferred)
@@ -40,31 +42,43 @@ import logging
 import re
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
+from typing import Callable, NoReturn
 
 from mailflow.address import has_unsafe_characters, printable
 from mailflow.errors import LookupRetry
-from mailflow.header_addresses import rewrite_address_fields
+from mailflow.header_addresses import mailbox_spans, rewrite_address_fields
 from mailflow.message import HEADER_READ_LIMIT, read_header
 from mailflow.model import DeliveryRequest
 from mailflow.tables import Table, find
 from mailflow.tables.search import address_keys, split_extension
 
 log = logging.getLogger("mailflow.smtp")
-_LIST_ITEM = re.compile(r'(?:"(?:\\.|[^"\\])*"|[^,\s"])+')  # one address of a value: commas or blanks separate
 _QUOTED_STRING = re.compile(r'"(?:\\.|[^"\\])*"')
 _NOT_OUTSIDE_QUOTES = frozenset("<> \t")  # would end the path, or start a parameter, of MAIL FROM / RCPT TO
 
 
 def wire_problem(address: str) -> str | None:
     """Why `address` must not go in a MAIL FROM or RCPT TO command as it is (None: it may): a control character
-    (mailflow.address.has_unsafe_characters, the rule screen_envelope applies to queued addresses), or `<`, `>`
-    or a blank outside quotes."""
+    (mailflow.address.has_unsafe_characters, the rule screen_envelope applies to queued addresses), `<`, `>` or
+    a blank outside quotes, or it is not `local@domain`."""
     if has_unsafe_characters(address):
         return "holds a control character"
-    if _NOT_OUTSIDE_QUOTES.intersection(_QUOTED_STRING.sub("", address)):
+    outside_quotes = _QUOTED_STRING.sub('""', address)
+    if _NOT_OUTSIDE_QUOTES.intersection(outside_quotes):
         return "holds '<', '>' or a blank outside quotes"
+    local, at, domain = outside_quotes.rpartition("@")
+    if not (local and at and domain):
+        return "is not local@domain"
     return None
+
+
+def value_addresses(value: str) -> list[str | None]:
+    """The addresses of a table value as Postfix's mail_addr_crunch parses it (RFC 822 tokens: `Joe <joe@x>` is
+    `joe@x`, words side by side are an address each, commas separate), None for a mailbox that is not one
+    address (`a@b>x`, `<>`)."""
+    raw = value.encode("utf-8", "surrogateescape")
+    return [None if span is None else raw[span[0]:span[1]].decode("utf-8", "surrogateescape")
+            for span in mailbox_spans(raw)]
 
 
 class HeaderSwap:
@@ -122,24 +136,28 @@ class GenericMaps:
         if found is None:
             return addr
         table, key, value = found
-        items = [item.removeprefix("<").removesuffix(">") for item in _LIST_ITEM.findall(value)]
-        if not items:
-            raise LookupRetry(f"table {table}: {key}: {value.strip()!r} holds no address")
-        if len(items) > 1:
+        addresses = value_addresses(value)
+        if not addresses:
+            raise LookupRetry(f"table {table}: {printable(key)}: {printable(value.strip())!r} holds no address")
+        if len(addresses) > 1:
             log.warning("%s: multi-valued smtp_generic_maps result for %s", queue_id or "NOQUEUE", addr)
-        first = items[0]
-        if first.startswith("@"):
+        first = addresses[0]
+        if first is None:
+            self._refuse(table, key, value.strip(), "is not one address", queue_id)
+        elif first.startswith("@"):
             user, ext = split_extension(local if at else addr, self._delimiter)
             bare = ext and not key.startswith("@") and key.lower() in (f"{user}@{domain}".lower(), user.lower())
-            return self._sendable((user if bare else (local if at else addr)) + first, table, key, queue_id)
-        return self._sendable(self._qualify(first), table, key, queue_id)
+            first = (user if bare else (local if at else addr)) + first
+        else:
+            first = self._qualify(first)
+        problem = wire_problem(first)
+        if problem is not None:
+            self._refuse(table, key, first, problem, queue_id)
+        return first
 
     @staticmethod
-    def _sendable(result: str, table: Table, key: str, queue_id: str) -> str:
-        """`result`, when it can go on the wire as it is; else LookupRetry (the delivery is deferred, logged)."""
-        problem = wire_problem(result)
-        if problem is None:
-            return result
+    def _refuse(table: Table, key: str, result: str, problem: str, queue_id: str) -> NoReturn:
+        """A result that cannot go on the wire as it is: logged, and LookupRetry (the delivery is deferred)."""
         log.warning("%s: smtp_generic_maps: table %s: %s: result <%s> %s", queue_id or "NOQUEUE", table,
                     printable(key), printable(result), problem)
         raise LookupRetry(f"table {table}: {printable(key)}: result <{printable(result)}> {problem}")

@@ -64,6 +64,23 @@ def test_a_multi_valued_result_is_logged_under_the_queue_id(caplog):
         "Q7: multi-valued smtp_generic_maps result for two@box.local") == 2  # the sender, and From
 
 
+@pytest.mark.parametrize("value, sent", [
+    ("Joe <joe@example.com>", "joe@example.com"),        # parsed as Postfix's mail_addr_crunch, not split on blanks
+    ('"joe smith"@example.com', '"joe smith"@example.com'),  # a blank inside quotes
+    ("a@example.com, Bee <b@example.com>", "a@example.com"),
+])
+def test_a_value_is_parsed_as_an_address_list(value, sent):
+    assert generic(f"inline:{{ {{x@box.local = {value}}} }}").address("x@box.local") == sent
+
+
+@pytest.mark.parametrize("value", ["joe@", "@", "<>", "a@b>SMTPUTF8", '"<a@b>SIZE=1"'])
+def test_a_value_that_is_not_local_at_domain_is_a_lookup_failure(value, caplog):
+    from mailflow.errors import LookupRetry
+    with pytest.raises(LookupRetry, match="inline:"):
+        generic(f"inline:{{ {{x@box.local = {value}}} }}").address("x@box.local", queue_id="Q3")
+    assert any(r.getMessage().startswith("Q3: smtp_generic_maps: table inline:") for r in caplog.records)
+
+
 def test_a_value_that_holds_no_address_is_a_lookup_failure():
     from mailflow.errors import LookupRetry
     with pytest.raises(LookupRetry):
