@@ -32,9 +32,9 @@ Header fields: the address fields of the message's own header section (Postfix's
 an attached message), sender and recipient classes alike (mailflow.header_addresses: From, Sender, Reply-To,
 To, Cc, Resent-*, ...); a field none of whose addresses changed stays byte for byte, in one that changed only
 the addresses do (Postfix writes a changed field anew, folded its own way). A header section longer than
-HEADER_READ_LIMIT goes unchanged. A DKIM signature made before (cleanup signs mail this host sends) covers the
-From field, so rewriting it breaks the signature: sign with the mapped addresses (or map before signing), as
-Postfix's documentation warns too.
+HEADER_READ_LIMIT goes unchanged (a warning under the queue id says so). A DKIM signature made before (cleanup
+signs mail this host sends) covers the From field, so rewriting it breaks the signature: sign with the mapped
+addresses (or map before signing), as Postfix's documentation warns too.
 """
 from __future__ import annotations
 
@@ -185,6 +185,8 @@ class GenericMaps:
     def _head(request: DeliveryRequest, mapped: Callable[[str], str]) -> tuple[int, bytes] | None:
         head, whole = read_header(request.content, HEADER_READ_LIMIT)
         if not whole:
+            log.warning("%s: header section longer than %d bytes: smtp_generic_maps leaves its addresses as queued",
+                        request.queue_id or "NOQUEUE", HEADER_READ_LIMIT)
             return None
         new_head = rewrite_address_fields(head, mapped, mapped)
         return None if new_head == head else (len(head), new_head)

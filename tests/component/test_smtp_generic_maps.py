@@ -228,3 +228,13 @@ async def test_a_header_address_mapped_to_utf8_needs_smtputf8(smtp_peer):
     [message] = with_it.messages
     assert (message.smtputf8, message.content) == (True, "From: änn@example.com\r\n\r\nx\r\n".encode())
     assert [(r.outcome, r.dsn) for r in report.results] == [(Outcome.BOUNCED, "5.6.7")] and without.messages == []
+
+
+def test_a_header_section_too_long_to_map_goes_as_queued_with_a_warning(caplog):
+    from mailflow.message import HEADER_READ_LIMIT
+    head = b"From: joe@box.local\r\n" + b"X-Filler: " + b"x" * HEADER_READ_LIMIT + b"\r\n\r\n"
+    request = DeliveryRequest("Q5", "carol@remote.test", (Recipient(0, "dave@remote.test", "dave@remote.test"),),
+                              "x", Content.of(head + b"body\r\n"))
+    assert generic().wire_form(request).head is None
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"Q5: header section longer than {HEADER_READ_LIMIT} bytes: smtp_generic_maps leaves its addresses as queued"]
