@@ -5,6 +5,7 @@ section swapped."""
 from __future__ import annotations
 
 import sqlite3
+import threading
 
 import pytest
 
@@ -238,3 +239,32 @@ def test_a_header_section_too_long_to_map_goes_as_queued_with_a_warning(caplog):
     assert generic().wire_form(request).head is None
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         f"Q5: header section longer than {HEADER_READ_LIMIT} bytes: smtp_generic_maps leaves its addresses as queued"]
+
+
+class ThreadRecordingMaps(GenericMaps):
+    """GenericMaps that note the thread each wire_form runs in."""
+
+    threads: list[threading.Thread]
+
+    def wire_form(self, request):
+        self.threads.append(threading.current_thread())
+        return super().wire_form(request)
+
+
+async def test_the_header_of_a_spooled_or_big_message_is_mapped_off_the_event_loop(smtp_peer, tmp_path):
+    peer = await smtp_peer()
+    config = CONFIG
+    rewriter = Rewriter(config)
+    maps = ThreadRecordingMaps(TableCache().open([TABLE]), delimiter=config.recipient_delimiter,
+                               qualify=rewriter.qualify, is_local_domain=rewriter.is_local_domain)
+    maps.threads = []
+    big_head = HEAD[:-2] + b"Cc: " + b", ".join(b"u%d@box.local" % i for i in range(2000)) + b"\r\n\r\n"
+    transport = make_transport(maps)
+    try:
+        for content in (Content.of(HEAD + BODY), Content.of(big_head + BODY), spooled(tmp_path, HEAD + BODY * 20_000)):
+            await transport.deliver(make_request(peer.port, content))
+    finally:
+        await transport.close()
+    loop_thread = threading.current_thread()
+    assert [thread is loop_thread for thread in maps.threads] == [True, False, False]
+    assert len(peer.messages) == 3 and b"Cc: u0@example.com, u1@example.com" in peer.messages[1].content

@@ -30,7 +30,8 @@ MX hosts no better than this server are not tried (`_without_myself`). A request
 handshake goes on in plaintext only for a message queued at least this long (`request.queued_for`); new mail is
 deferred 4.7.5 instead (see connect). `generic` (mailflow.transports.generic.GenericMaps, None: smtp.generic_maps
 unset, nothing asked): the envelope and header addresses as they go on the wire, found once per delivery before
-any session (a table that cannot answer defers every recipient, 4.3.0). `sender_keys` (None: off): Postfix's
+any session (a table that cannot answer defers every recipient, 4.3.0), in a worker thread when the content is
+spooled or bigger than GENERIC_ON_LOOP_SIZE (its header is read and parsed). `sender_keys` (None: off): Postfix's
 smtp_sender_dependent_authentication, sasl_password_maps asked by the envelope sender first (these keys), and a
 cached session reused only for mail from the same sender (connect's Destination.cache_key), as Postfix keys its
 connection cache by sender then.
@@ -98,6 +99,9 @@ MX_SESSION_LIMIT = 2
 MX_ADDRESS_LIMIT = 5
 # Address lookups at once while the loop check looks for this server among MX hosts of one preference.
 LOOKUP_BATCH = MX_ADDRESS_LIMIT
+# A message bigger than this may have a header section whose generic mapping (read and parsed: ~3 ms per 20 KB of
+# addresses) is too long for the event loop: it is done in a worker thread, as for a spooled message.
+GENERIC_ON_LOOP_SIZE = 16 * 1024
 Candidate = tuple[MX, list[str] | None]  # an MX host and its addresses, None: not looked up yet
 
 
@@ -155,7 +159,7 @@ class SmtpTransport:
         wire = None
         if self._generic is not None:
             try:
-                wire = await self._tables.run(self._generic.wire_form, request)
+                wire = await self._tables.run(self._generic.wire_form, request, off_loop=_header_may_be_big(request))
             except LookupRetry as e:
                 outcomes.fail(sendable, TemporaryError("4.3.0", f"smtp_generic_maps lookup error: {e.text}"))
                 return outcomes.report(request)
@@ -449,3 +453,9 @@ class SmtpTransport:
             session.quit()
             return
         self._cache.put(destination.cache_key, session)
+
+
+def _header_may_be_big(request: DeliveryRequest) -> bool:
+    """Whether smtp_generic_maps' work for `request` belongs off the event loop: its content is in a file, or big
+    enough for a header section that takes long to parse."""
+    return not request.content.in_memory or request.content.size > GENERIC_ON_LOOP_SIZE
