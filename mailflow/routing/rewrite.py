@@ -44,7 +44,8 @@ mail may route by it, before transport_maps (which overrule it), as Postfix's re
 `:nexthop` beats both. Keys as mail_addr_find (`user+ext@domain`, `user@domain`, `user` for this host's
 domains, `@domain`); the null sender is looked up as `empty_address_*_lookup_key` (`<>`). A value `DUNNO`
 (any case) or an empty one ends the search without an override. Without a sender, or with neither table set,
-nothing is looked up: the class's answer is the cached one.
+nothing is looked up: the class's answer is the cached one. With a `memo` (qmgr's, one per message) the tables
+are asked once per sender, not once per recipient.
 Last, `relocated_maps` (relocated(5)), whatever the class: a listed address goes to `error:5.1.6 User has
 moved to <value>` (keys as mail_addr_find's), so smtpd refuses it at RCPT and qmgr bounces what came another way.
 `recipient_known(addr, klass)` answers whether the class's recipient tables list an address (`UNKNOWN_IN`
@@ -84,6 +85,7 @@ status_log = logging.getLogger("mailflow.smtpd")
 ALWAYS_ACCEPTED = ("postmaster", "mailer-daemon", "double-bounce")
 CLASS_CACHE_SIZE = 4096
 OFF_HOST = (AddressClass.RELAY, AddressClass.DEFAULT)  # the classes a sender may route (Postfix's resolve)
+SenderMemo = dict[tuple[int, str], str]  # (a sender-dependent table list's id, the sender) -> its choice
 ERROR_TRANSPORT = "error"
 RELOCATED_STATUS = "5.1.6"  # Postfix's choice for a user who has moved: "the closest match, but not perfect"
 UNKNOWN_IN = {
@@ -266,13 +268,14 @@ class Rewriter:
             return AddressClass.RELAY
         return AddressClass.DEFAULT
 
-    def resolve(self, addr: str, sender: str | None = None) -> Resolution:
+    def resolve(self, addr: str, sender: str | None = None, memo: SenderMemo | None = None) -> Resolution:
         """The class's transport and nexthop (for relay and default mail, the `sender`'s when the
         sender-dependent tables have it; None: no sender known), then transport_maps' override (never for the
         virtual alias class, as Postfix), then relocated_maps (`relocated`). A transport without a nexthop
         (`smtp:`) sends to the recipient domain, even when relayhost is set; a nexthop without a transport
-        (`:[gw]`) keeps the class's transport. May raise LookupRetry."""
-        res = self._transported(self.resolved_address(addr), sender)
+        (`:[gw]`) keeps the class's transport. `memo` (a dict the caller keeps for one pass over a message's
+        recipients, qmgr's): the sender-dependent tables are asked once per sender in it. May raise LookupRetry."""
+        res = self._transported(self.resolved_address(addr), sender, memo)
         return self.relocated(res) or res
 
     def relocated(self, res: Resolution) -> Resolution | None:
@@ -289,13 +292,13 @@ class Rewriter:
         return Resolution(res.address_class, ERROR_TRANSPORT, f"{RELOCATED_STATUS} User has moved to "
                           f"{found[2].strip()}", res.address)
 
-    def _transported(self, qualified: str, sender: str | None) -> Resolution:
+    def _transported(self, qualified: str, sender: str | None, memo: SenderMemo | None = None) -> Resolution:
         """The class's route for a resolved address (the sender's, see `resolve`), with transport_maps' override."""
         res = self._class_default(qualified)
         if res.address_class is AddressClass.VIRTUAL_ALIAS or self._bad_syntax(res.address):
             return res
         if self._by_sender and sender is not None and res.address_class in OFF_HOST:
-            res = self._sender_default(res, sender)
+            res = self._sender_default(res, sender, {} if memo is None else memo)
         match = self._transport_override(res.address)
         if match is None:
             return res
@@ -334,14 +337,15 @@ class Rewriter:
         transport, nexthop = split_transport(value)
         return Resolution(klass, transport, nexthop or c.relayhost or domain, qualified)
 
-    def _sender_default(self, res: Resolution, sender: str) -> Resolution:
+    def _sender_default(self, res: Resolution, sender: str, memo: SenderMemo) -> Resolution:
         """A relay or default class answer made again with the sender-dependent tables (see the module doc)."""
         c = self._config
         value = c.relay_transport
         if res.address_class is AddressClass.DEFAULT:
             value = self._sender_choice(self._sender_transport_maps, sender,
-                                        c.empty_address_default_transport_maps_lookup_key) or c.default_transport
-        relay = self._sender_choice(self._sender_relayhost_maps, sender, c.empty_address_relayhost_maps_lookup_key)
+                                        c.empty_address_default_transport_maps_lookup_key, memo) or c.default_transport
+        relay = self._sender_choice(self._sender_relayhost_maps, sender, c.empty_address_relayhost_maps_lookup_key,
+                                    memo)
         transport, nexthop = split_transport(value)
         domain = address.normalise_domain(address.split(res.address)[1])
         return Resolution(res.address_class, transport, nexthop or relay or c.relayhost or domain, res.address)
@@ -356,11 +360,16 @@ class Rewriter:
         return find_address(tables, key, delimiter=self._config.recipient_delimiter,
                             local_domain=bool(domain) and self.is_local_domain(domain))
 
-    def _sender_choice(self, tables: list[Table], sender: str, null_key: str) -> str:
-        """The override a sender-dependent table gives, "" for none (no entry, `DUNNO`, an empty value)."""
+    def _sender_choice(self, tables: list[Table], sender: str, null_key: str, memo: SenderMemo) -> str:
+        """The override a sender-dependent table gives, "" for none (no entry, `DUNNO`, an empty value); asked
+        once per sender and table in `memo`."""
+        remembered = memo.get((id(tables), sender))
+        if remembered is not None:
+            return remembered
         found = self.sender_override(tables, sender, null_key)
         value = found[2].strip() if found else ""
-        return "" if value.upper() == "DUNNO" else value
+        choice = memo[(id(tables), sender)] = "" if value.upper() == "DUNNO" else value
+        return choice
 
     def _transport_override(self, qualified: str) -> tuple[str, str, str] | None:
         """The transport_maps entry for an address: keys as written (a UTF-8 domain in UTF-8), then with the

@@ -396,9 +396,9 @@ async def test_a_big_scan_hands_the_loop_back_while_it_admits_the_messages(h):
     resolve = Rewriter(Config(myhostname=HOST, mydestination=("example.test",))).resolve
     seen: list[int] = []  # at each recipient routed, how many turns the bystander had had
 
-    def counting(address: str, sender: str):
+    def counting(address: str, sender: str, memo: dict):
         seen.append(turns)
-        return resolve(address, sender)
+        return resolve(address, sender, memo)
 
     other = asyncio.create_task(bystander())
     try:
@@ -554,10 +554,10 @@ async def test_a_lookup_failure_defers_that_recipient_and_strands_nothing(h):
     config = Config(myhostname=HOST, mydestination=("example.test",))
     rewriter = Rewriter(config)
 
-    def resolve(addr, sender):
+    def resolve(addr, sender, memo):
         if addr == "bad@remote.test":
             raise LookupRetry("transport table unavailable")
-        return rewriter.resolve(addr, sender)
+        return rewriter.resolve(addr, sender, memo)
 
     await h.start(resolve=resolve)
     bad = await h.queue("bad@remote.test", arrival=T0 - 10, wake=False)
@@ -674,10 +674,10 @@ async def test_a_reload_whose_routing_cannot_answer_defers_the_waiting_recipient
 
     new, _ = relaying("[new.test]")
 
-    def failing(address: str, sender: str):
+    def failing(address: str, sender: str, memo: dict):
         if address == "u1@remote.test":
             raise LookupRetry("transport_maps: table is locked")
-        return new(address, sender)
+        return new(address, sender, memo)
 
     h.qmgr.reconfigure(resolve=failing, transports=transports, config=relaying("[new.test]")[1], notices=None,
                          soft_bounce=False)
@@ -724,3 +724,29 @@ async def test_a_reload_puts_the_new_destination_concurrency_in_force_where_mail
     blocking.release.set()
     await eventually(lambda: queue_is_empty(h), what="every message delivered")
     assert len(blocking.requests) == 5 and blocking.max_in_flight == 3
+
+
+async def test_resolve_gets_the_envelope_sender_and_its_tables_are_asked_once_a_message(h):
+    config = Config(myhostname=HOST, mydestination=("example.test",),
+                    sender_dependent_relayhost_maps=["inline:{ {sender@remote.test = [relay.test]} }"])
+    rewriter = Rewriter(config)
+    asked: list[str] = []
+    senders: list[str] = []
+    override = rewriter.sender_override
+
+    def counting_override(tables, sender, null_key):
+        asked.extend([sender] if tables else [])  # (the default transport's table, unset, is never searched)
+        return override(tables, sender, null_key)
+
+    def resolve(address: str, sender: str, memo: dict):
+        senders.append(sender)
+        return rewriter.resolve(address, sender, memo)
+
+    rewriter.sender_override = counting_override  # type: ignore[method-assign]
+    await h.start(resolve=resolve)
+    await h.queue("a@remote.test", "b@other.test", "c@third.test")
+    await eventually(lambda: queue_is_empty(h))
+    assert senders == ["sender@remote.test"] * 3
+    assert asked == ["sender@remote.test"]  # once for the message, not once per recipient
+    assert [(r.nexthop, addresses(r)) for r in h.smtp.requests] == [
+        ("[relay.test]", ["a@remote.test", "b@other.test", "c@third.test"])]

@@ -9,7 +9,7 @@ The loop
   `active_limit - active` due messages, new and deferred mail alternating (`Store.take`: read and claimed,
   incoming/deferred -> active, in one transaction: an operator's hold or delete comes before or after, never
   between) and resolves each pending recipient to `(transport, nexthop)` through trivial-rewrite (`resolve(address,
-  sender)`: the envelope sender, for sender-dependent routing), handing the
+  sender, memo)`: the envelope sender, for sender-dependent routing, asked once per message in `memo`), handing the
   loop back every ADMIT_SLICE messages (a flush of 10 000 deferred messages held it for 0.4 s in one turn;
   the messages not yet admitted keep their places in the active queue meanwhile); a message
   with an after-queue content filter (its `content_filter`, Postfix's) sends every recipient to that
@@ -146,7 +146,7 @@ class ActiveMessage:
 
 
 class QueueManager:
-    def __init__(self, store: Store, *, resolve: Callable[[str, str], Resolution], transports: dict, config,
+    def __init__(self, store: Store, *, resolve: Callable[[str, str, dict], Resolution], transports: dict, config,
                  clock: Clock, rng, log: MailLog, notices=None, tick: float = TICK,
                  backoff: tuple[float, float] = (FIRST_DELAY, MAX_DELAY),
                  on_delivery: Callable[[str, float], None] | None = None, soft_bounce: bool = False):
@@ -227,7 +227,7 @@ class QueueManager:
         while self._tasks and loop.time() < deadline:
             await asyncio.wait(set(self._tasks), timeout=deadline - loop.time())
 
-    def reconfigure(self, *, resolve: Callable[[str, str], Resolution], transports: dict, config, notices,
+    def reconfigure(self, *, resolve: Callable[[str, str, dict], Resolution], transports: dict, config, notices,
                     soft_bounce: bool) -> None:
         """A reload: the recipients of every job not started yet, and of messages admitted from now on, are
         resolved by `resolve` (`_reroute`); jobs started from now on go to `transports`; every destination starts
@@ -483,9 +483,10 @@ class QueueManager:
         whose lookup failed, deferred."""
         groups: dict[tuple[str, str], list[Recipient]] = {}
         unresolved: list[RcptResult] = []
+        memo: dict = {}  # the sender's choices (sender-dependent routing), asked once for all its recipients
         for rcpt in recipients:
             try:
-                res = self._resolve(rcpt.address, message.sender)
+                res = self._resolve(rcpt.address, message.sender, memo)
             except Exception as e:  # a table or DNS lookup failed: not "not found", so try again later
                 log.warning("%s: cannot resolve <%s>: %s", message.queue_id, rcpt.address, e)
                 unresolved.append(RcptResult(rcpt, Outcome.DEFERRED, "4.3.0", f"address resolver failure: {e}"))
