@@ -4,8 +4,11 @@ the queue's addresses (the results) stay as queued; a spooled message streams th
 section swapped."""
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import sqlite3
 import threading
+import tracemalloc
 
 import pytest
 
@@ -140,6 +143,42 @@ async def test_a_spooled_message_streams_through_with_its_header_swapped(smtp_pe
     [message] = peer.messages
     head, _, rest = message.content.partition(b"\r\n\r\n")
     assert head.startswith(b"From: Joe <joe.user@example.com>\r\n") and rest == body
+    big_body = body * 8  # ~5 MB, to a peer that keeps none of it: the message is never held whole
+    sink, received = await hashing_peer()
+    request = make_request(sink.sockets[0].getsockname()[1], spooled(tmp_path, HEAD + big_body))
+    tracemalloc.start()
+    try:
+        report = await deliver(make_transport(generic()), request)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        sink.close()
+        await sink.wait_closed()
+    assert [r.outcome for r in report.results] == [Outcome.SENT]
+    assert received == [hashlib.sha256(head + b"\r\n\r\n" + big_body).hexdigest()]
+    assert peak < len(big_body) // 4, peak  # (~8 chunks: socket buffers, the peer's reader, the header)
+
+
+async def hashing_peer() -> tuple[asyncio.Server, list[str]]:
+    """An SMTP peer on loopback that keeps only the SHA-256 of each message it takes (dot-stuffing undone)."""
+    received: list[str] = []
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 sink.test ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"DATA":
+                writer.write(b"354 go on\r\n")
+                digest = hashlib.sha256()
+                while (line := await reader.readline()) not in (b".\r\n", b""):
+                    digest.update(line[1:] if line.startswith(b".") else line)
+                received.append(digest.hexdigest())
+            writer.write(b"221 bye\r\n" if verb == b"QUIT" else b"250 ok\r\n")
+            if verb == b"QUIT":
+                break
+        writer.close()
+
+    return await asyncio.start_server(session, "127.0.0.1", 0), received
 
 
 async def test_nothing_mapped_sends_the_message_as_it_is(smtp_peer):
