@@ -43,9 +43,9 @@ mail may route by it, before transport_maps (which overrule it), as Postfix's re
 `sender_dependent_relayhost_maps` replaces relayhost (relay and default classes); a transport's own
 `:nexthop` beats both. Keys as mail_addr_find (`user+ext@domain`, `user@domain`, `user` for this host's
 domains, `@domain`); the null sender is looked up as `empty_address_*_lookup_key` (`<>`). A value `DUNNO`
-(any case) or an empty one ends the search without an override. Without a sender, or with neither table set,
-nothing is looked up: the class's answer is the cached one. With a `memo` (qmgr's, one per message) the tables
-are asked once per sender, not once per recipient.
+(any case) or an empty one (warned of: `ignoring null lookup result`, as Postfix) ends the search without an
+override. Without a sender, or with neither table set, nothing is looked up: the class's answer is the cached
+one. With a `memo` (qmgr's, one per message) the tables are asked once per sender, not once per recipient.
 Last, `relocated_maps` (relocated(5)), whatever the class: a listed address goes to `error:5.1.6 User has
 moved to <value>` (keys as mail_addr_find's), so smtpd refuses it at RCPT and qmgr bounces what came another way.
 `recipient_known(addr, klass)` answers whether the class's recipient tables list an address (`UNKNOWN_IN`
@@ -79,6 +79,7 @@ from mailflow.transports.error import parse_error_nexthop
 VIRTUAL_ALIAS_TRANSPORT = "error:5.1.1 User unknown in virtual alias table"
 BAD_SYNTAX_TRANSPORT = "error:5.1.3 bad address syntax"  # nothing after its '@' (`bob@`), or a leading '-'
 status_log = logging.getLogger("mailflow.smtpd")
+log = logging.getLogger("mailflow.trivial_rewrite")
 
 # Local parts every local domain accepts at RCPT, listed or not (Postfix check_rcpt_maps): RFC 5321 4.5.1's
 # postmaster, and the senders of bounces, whose replies must not be refused.
@@ -342,10 +343,11 @@ class Rewriter:
         c = self._config
         value = c.relay_transport
         if res.address_class is AddressClass.DEFAULT:
-            value = self._sender_choice(self._sender_transport_maps, sender,
-                                        c.empty_address_default_transport_maps_lookup_key, memo) or c.default_transport
-        relay = self._sender_choice(self._sender_relayhost_maps, sender, c.empty_address_relayhost_maps_lookup_key,
-                                    memo)
+            value = self._sender_choice("sender_dependent_default_transport_maps", self._sender_transport_maps,
+                                        sender, c.empty_address_default_transport_maps_lookup_key, memo) \
+                or c.default_transport
+        relay = self._sender_choice("sender_dependent_relayhost_maps", self._sender_relayhost_maps, sender,
+                                    c.empty_address_relayhost_maps_lookup_key, memo)
         transport, nexthop = split_transport(value)
         domain = address.normalise_domain(address.split(res.address)[1])
         return Resolution(res.address_class, transport, nexthop or relay or c.relayhost or domain, res.address)
@@ -360,14 +362,16 @@ class Rewriter:
         return find_address(tables, key, delimiter=self._config.recipient_delimiter,
                             local_domain=bool(domain) and self.is_local_domain(domain))
 
-    def _sender_choice(self, tables: list[Table], sender: str, null_key: str, memo: SenderMemo) -> str:
-        """The override a sender-dependent table gives, "" for none (no entry, `DUNNO`, an empty value); asked
-        once per sender and table in `memo`."""
+    def _sender_choice(self, setting: str, tables: list[Table], sender: str, null_key: str, memo: SenderMemo) -> str:
+        """The override a sender-dependent table gives, "" for none (no entry, `DUNNO`, an empty value: warned of,
+        as Postfix's resolve does); asked once per sender and table in `memo`."""
         remembered = memo.get((id(tables), sender))
         if remembered is not None:
             return remembered
         found = self.sender_override(tables, sender, null_key)
         value = found[2].strip() if found else ""
+        if found and not value:
+            log.warning("%s: ignoring null lookup result for %s", setting, sender or null_key)
         choice = memo[(id(tables), sender)] = "" if value.upper() == "DUNNO" else value
         return choice
 

@@ -118,3 +118,12 @@ def test_mailflow_address_routes_by_a_given_sender(tmp_path):
     null = CliRunner().invoke(cli, ["address", "-c", str(config), "-f", "<>", "x@remote.test"])
     assert "nexthop:     [10.0.0.4]" in null.output, null.output
 
+
+
+def test_an_empty_value_is_ignored_with_a_warning_once_a_lookup(caplog):
+    rw, memo = rewriter(), {}
+    assert hop(rw, "a@remote.test", "empty@acct.test") == ("smtp", "[10.0.0.1]")
+    for rcpt in ("b@remote.test", "c@relay.test"):  # one message's other recipients: no lookup, no warning again
+        rw.resolve(rcpt, "empty@acct.test", memo)
+    assert [r.getMessage() for r in caplog.records] == [
+        "sender_dependent_relayhost_maps: ignoring null lookup result for empty@acct.test"] * 2
