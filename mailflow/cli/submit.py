@@ -1,6 +1,7 @@
 """`mailflow sendmail …` (also reached as `sendmail`, `mailq`, `newaliases` through a link to the program): the
 Sendmail-compatible command line. Deliver and -bs are mailflow/sendmail/; -bp, -q and -bv are the queue list,
-queue flush and address commands; -bh, -bH and -q30m (a queue runner's interval) do nothing, as with Postfix.
+queue flush and address commands (-bv as mail from -f's sender, else from the login name, as Postfix's); -bh,
+-bH and -q30m (a queue runner's interval) do nothing, as with Postfix.
 
     run_sendmail(args) -> exit code       sysexits values; a configuration problem is 78 (EX_CONFIG) for deliver
                                           and -bs (other modes keep the command's own code)
@@ -22,6 +23,7 @@ from mailflow.cli.common import config_error_text, config_name, config_path, loa
 from mailflow.cli.queue import act, list_queue
 from mailflow.cli.server import address_test, table_problems
 from mailflow.config import Config
+from mailflow.sendmail.identity import current_identity
 
 def sendmail_command(ctx: typer.Context) -> None:
     """Sendmail-compatible local submission (docs/sendmail.md): -t -i -f -F -N -bs -bp -bv -bi -q -v …"""
@@ -53,7 +55,7 @@ def run_sendmail(args: list[str]) -> int:
             if not opts.recipients:
                 typer.echo(f"sendmail: -bv needs addresses\n{sm.USAGE}", err=True)
                 return os.EX_USAGE
-            address_test(opts.recipients, config, opts.sender)  # -f: routed as mail from it
+            address_test(opts.recipients, config, _verify_sender(opts.sender, config))
         elif opts.mode == "newaliases":
             return _newaliases(load(config), config)
         else:
@@ -61,6 +63,14 @@ def run_sendmail(args: list[str]) -> int:
     except typer.Exit as e:
         return os.EX_CONFIG if e.exit_code == 2 and opts.mode in ("deliver", "smtp") else e.exit_code
     return 0
+
+
+def _verify_sender(given: str | None, config: str | None) -> str:
+    """The sender -bv routes as (sender-dependent routing): -f's, else the login name at myorigin, the sender of
+    the mail sendmail would submit (Postfix's sendmail -bv submits a probe from the login name)."""
+    if given is not None:
+        return given
+    return f"{current_identity().login}@{load(config).origin}"
 
 
 def _standard_streams() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -601,6 +602,14 @@ async def test_bv_routes_as_mail_from_the_f_sender(cfg):
     assert rc == 0 and b"nexthop:     [192.0.2.2]" in out, out
     rc, out, _ = await run(config, "-bv", "x@remote.test")
     assert rc == 0 and b"nexthop:     [192.0.2.1]  (relayhost)" in out, out
+
+
+async def test_bv_without_f_routes_as_mail_from_the_login_name(cfg):
+    login = pwd.getpwuid(os.getuid()).pw_name
+    config = cfg(myorigin="origin.test", relayhost="[192.0.2.1]",
+                 sender_dependent_relayhost_maps=[f"inline:{{ {{{login}@origin.test = [192.0.2.3]}} }}"])
+    rc, out, _ = await run(config, "-bv", "x@remote.test")
+    assert rc == 0 and b"nexthop:     [192.0.2.3]" in out, out
 
 
 async def test_bi_newaliases_succeeds(cfg):
