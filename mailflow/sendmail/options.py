@@ -52,7 +52,8 @@ Reads a message on standard input and queues it for the recipients (mailflow's l
   -C file       the mailflow configuration (default: $MAILFLOW_CONFIG)
   -bs           speak SMTP on standard input and output
   -bp           list the queue (as mailq); -q: flush it (-qRsite: one site's mail)
-  -bv addr...   show how each address would be routed (from -f's sender, else yours); -bi: newaliases (checks the alias tables)
+  -bv addr...   show how each address would be routed (as mail from -f's sender, else from you)
+  -bi           newaliases (checks the alias tables)
 Exit status: 0, 64 usage, 75 try again later, 77 not allowed (sysexits)."""
 
 
