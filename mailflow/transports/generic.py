@@ -1,7 +1,8 @@
 """The SMTP client's generic mapping (Postfix's smtp_generic_maps, smtp(8) with smtp_map11.c): the addresses of mail
 that leaves this host, rewritten as it goes on the wire, for a host whose own domain names are not valid on the
 Internet (`joe@box.local` -> `joe.user@example.com`). The queue, the logs and the notices keep the addresses as
-queued; only what the next hop sees changes.
+queued; so does ORCPT: to a next hop that offers DSN, RCPT TO's `ORCPT=rfc822;…` still names the queued recipient
+(the one the client gave), as Postfix's smtp sends it.
 
     GenericMaps(tables, *, delimiter, qualify, is_local_domain)
       .address(addr, queue_id="") -> str   one address mapped, or itself: keys as mail_addr_find (`user+ext@domain`,
@@ -33,7 +34,8 @@ an attached message), sender and recipient classes alike (mailflow.header_addres
 To, Cc, Resent-*, ...); a field none of whose addresses changed stays byte for byte, in one that changed only
 the addresses do (Postfix writes a changed field anew, folded its own way). A header section longer than
 HEADER_READ_LIMIT goes unchanged (a warning under the queue id says so). A DKIM signature made before (cleanup
-signs mail this host sends) covers the From field, so rewriting it breaks the signature: sign with the mapped
+signs mail this host sends) covers From, and Sender, Reply-To, To, Cc and the Resent-* fields when present (dkimpy's
+default signed fields), so rewriting one breaks the signature: sign with the mapped
 addresses (or map before signing), as Postfix's documentation warns too.
 """
 from __future__ import annotations
