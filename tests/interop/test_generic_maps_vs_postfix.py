@@ -18,7 +18,7 @@ pytestmark = pytest.mark.interop
 
 TABLE = ("inline:{ {joe@box.local = joe.user@example.com}, {@box.local = @example.com},"
          " {bob@box.local = @example.net}, {ann@box.local = ann}, {root = admin@example.com},"
-         " {@partner.test = @partner.example} }")
+         " {@partner.test = @partner.example}, {dan@box.local = Dan <dan.user@example.com>} }")
 PROBES = [  # (envelope sender, recipients, header lines)
     ("joe@box.local", ["carol@remote.test"], ["From: Joe <joe@box.local>", "To: carol@remote.test"]),
     ("joe+x@box.local", ["sam@partner.test"], ["From: joe+x@box.local (Joe)", "To: Sam <sam@partner.test>"]),
@@ -30,6 +30,7 @@ PROBES = [  # (envelope sender, recipients, header lines)
                                                "Message-ID: <1@box.local>", "X-Mailer: joe@box.local"]),
     ("", ["carol@remote.test"], ["From: MAILER-DAEMON@box.local", "To: carol@remote.test"]),
     ("carol@remote.test", ["dave@remote.test"], ["From: carol@remote.test", "To: dave@remote.test"]),
+    ("dan@box.local", ["carol@remote.test"], ["From: dan@box.local"]),  # a value with a display name: parsed
     ("carol@remote.test", ["dave@remote.test"],  # a folded field, a group, a quoted local part
      ['To: "Dee D." <dee@partner.test>,\r\n\tfred+x@box.local (Fred),\r\n team: joe@box.local, x@remote.test;',
       'Cc: "odd one"@box.local']),
@@ -87,3 +88,4 @@ async def test_generic_maps_match_a_real_postfix(mailflow_server):
                                   ["From: joe.user@example.com (Joe)", "To: Sam <sam@partner.example>"])
     assert postfix_got[3][0] == "bob@example.net" and postfix_got[5][0] == ""
     assert postfix_got[4][2][0] == "From: admin@example.com" and postfix_got[4][3] == "joe@box.local in the body"
+    assert postfix_got[7][:3] == ("dan.user@example.com", ["carol@remote.test"], ["From: dan.user@example.com"])
