@@ -85,6 +85,13 @@ def test_a_value_that_is_not_local_at_domain_is_a_lookup_failure(value, caplog):
     assert any(r.getMessage().startswith("Q3: smtp_generic_maps: table inline:") for r in caplog.records)
 
 
+def test_a_refusal_shows_no_control_character_of_an_inline_table_name(caplog):
+    from mailflow.errors import LookupRetry
+    with pytest.raises(LookupRetry) as refused:
+        generic("inline:{ {x@box.local = <a\x01b@example.com>} }").address("x@box.local", queue_id="Q4")
+    assert "\x01" not in refused.value.text and "\x01" not in caplog.text
+
+
 def test_a_value_that_holds_no_address_is_a_lookup_failure():
     from mailflow.errors import LookupRetry
     with pytest.raises(LookupRetry):
