@@ -40,6 +40,7 @@ addresses (or map before signing), as Postfix's documentation warns too.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass, field
@@ -74,13 +75,14 @@ def wire_problem(address: str) -> str | None:
     return None
 
 
-def value_addresses(value: str) -> list[str | None]:
+@functools.lru_cache(maxsize=1024)  # a pure function: one table value (`@example.com`) answers many lookups
+def value_addresses(value: str) -> tuple[str | None, ...]:
     """The addresses of a table value as Postfix's mail_addr_crunch parses it (RFC 822 tokens: `Joe <joe@x>` is
     `joe@x`, words side by side are an address each, commas separate), None for a mailbox that is not one
     address (`a@b>x`, `<>`)."""
     raw = value.encode("utf-8", "surrogateescape")
-    return [None if span is None else raw[span[0]:span[1]].decode("utf-8", "surrogateescape")
-            for span in mailbox_spans(raw)]
+    return tuple(None if span is None else raw[span[0]:span[1]].decode("utf-8", "surrogateescape")
+                 for span in mailbox_spans(raw))
 
 
 class HeaderSwap:

@@ -314,3 +314,11 @@ async def test_the_header_of_a_spooled_or_big_message_is_mapped_off_the_event_lo
     loop_thread = threading.current_thread()
     assert [thread is loop_thread for thread in maps.threads] == [True, False, False]
     assert len(peer.messages) == 3 and b"Cc: u0@example.com, u1@example.com" in peer.messages[1].content
+
+
+def test_one_table_value_is_parsed_once_for_many_addresses():
+    from mailflow.transports.generic import value_addresses
+    value_addresses.cache_clear()
+    maps = generic()
+    assert [maps.address(f"u{i}@box.local") for i in range(100)] == [f"u{i}@example.com" for i in range(100)]
+    assert value_addresses.cache_info().misses == 1  # `@example.com`, tokenized once (a 5000-address header: 2x)
