@@ -322,3 +322,11 @@ def test_one_table_value_is_parsed_once_for_many_addresses():
     maps = generic()
     assert [maps.address(f"u{i}@box.local") for i in range(100)] == [f"u{i}@example.com" for i in range(100)]
     assert value_addresses.cache_info().misses == 1  # `@example.com`, tokenized once (a 5000-address header: 2x)
+
+
+async def test_a_recipient_screened_out_is_not_mapped_and_the_others_go(smtp_peer):
+    peer = await smtp_peer()
+    request = make_request(peer.port, Content.of(HEAD + BODY), "bad\x01@box.local", "sam@box.local")
+    report = await deliver(make_transport(generic()), request)
+    assert [(r.outcome, r.dsn) for r in report.results] == [(Outcome.BOUNCED, "5.1.3"), (Outcome.SENT, "2.0.0")]
+    assert [m.rcpt_tos for m in peer.messages] == [["sam@example.com"]]

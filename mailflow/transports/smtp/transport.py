@@ -159,7 +159,8 @@ class SmtpTransport:
         wire = None
         if self._generic is not None:
             try:
-                wire = await self._tables.run(self._generic.wire_form, request, off_loop=_header_may_be_big(request))
+                screened = dataclasses.replace(request, recipients=tuple(sendable))  # (a refused one is not mapped)
+                wire = await self._tables.run(self._generic.wire_form, screened, off_loop=_header_may_be_big(request))
             except LookupRetry as e:
                 outcomes.fail(sendable, TemporaryError("4.3.0", f"smtp_generic_maps lookup error: {e.text}"))
                 return outcomes.report(request)
