@@ -142,7 +142,7 @@ class GenericMaps:
         table, key, value = found
         addresses = value_addresses(value)
         if not addresses:
-            raise LookupRetry(f"table {printable(str(table))}: {printable(key)}: {printable(value.strip())!r} "
+            raise LookupRetry(f"table {printable(table)}: {printable(key)}: {printable(value.strip())!r} "
                               "holds no address")
         if len(addresses) > 1:
             log.warning("%s: multi-valued smtp_generic_maps result for %s", queue_id or "NOQUEUE", addr)
@@ -161,9 +161,9 @@ class GenericMaps:
         return first
 
     @staticmethod
-    def _refuse(table: Table, key: str, result: str, problem: str, queue_id: str) -> NoReturn:
+    def _refuse(table: str, key: str, result: str, problem: str, queue_id: str) -> NoReturn:
         """A result that cannot go on the wire as it is: logged, and LookupRetry (the delivery is deferred)."""
-        name = printable(str(table))  # (an inline table's name holds its values)
+        name = printable(table)  # (an inline table's name holds its values)
         log.warning("%s: smtp_generic_maps: table %s: %s: result <%s> %s", queue_id or "NOQUEUE", name,
                     printable(key), printable(result), problem)
         raise LookupRetry(f"table {name}: {printable(key)}: result <{printable(result)}> {problem}")
