@@ -44,6 +44,11 @@ such mail aside, never copied from stand-ins; a temporary failure leaves it for 
 the scan as above.
 The hidden temporary files of sendmail processes that died writing them (SIGKILL, a crash) and were not
 touched for a day are removed at each scan, logged (Postfix's postsuper -p purges such leftovers).
+The receive_override_options of `[smtpd]` (its own value, not a listener's overrides) apply to all of it, as
+Postfix's main.cf receive_override_options applies to its pickup (pickup.c): `no_address_mappings` (no canonical,
+masquerading, virtual alias or automatic BCC: the after-queue filter set-up, whose return listener maps the mail,
+so that sendmail's mail gets its BCC copies once), `no_header_body_checks`, `no_milters` (non_smtpd_milters off);
+requeued mail included, as Postfix's pickup gives the same flags to mail postsuper -r requeued.
 A socket that cannot be bound (e.g. a path longer than the UNIX limit) is logged; the periodic scan still runs.
 """
 from __future__ import annotations
@@ -55,7 +60,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from mailflow.clock import Clock
 from mailflow.config import DEFAULTS
@@ -93,10 +98,12 @@ class Pickup:
                  interval: float = DEFAULTS.sendmail.pickup_interval,
                  bounce_size_limit: int = DEFAULTS.queue.bounce_size_limit, size_limit: int = 0,
                  milters: NonSmtpdMilters | None = None, store: Store | None = None,
-                 in_hand: Callable[[str], bool] | None = None, soft_bounce: bool = False):
+                 in_hand: Callable[[str], bool] | None = None, soft_bounce: bool = False,
+                 receive_override_options: Sequence[str] = ()):
         """`milters`: non_smtpd_milters (None: none); `store`: the queue whose requeued mail it copies (None:
         none); `in_hand` (required with a store: TypeError): whether qmgr still has a message (its attempt under
-        way), which is not copied yet; `soft_bounce`: a refused message is not returned (see the module doc)."""
+        way), which is not copied yet; `soft_bounce`: a refused message is not returned (see the module doc);
+        `receive_override_options`: [smtpd]'s (see the module doc)."""
         if store is not None and in_hand is None:  # (a default of "never" would copy mail under delivery)
             raise TypeError("Pickup: a store needs in_hand, qmgr's word on the messages it has in hand")
         self.maildrop = Path(queue_directory) / "maildrop"
@@ -110,6 +117,7 @@ class Pickup:
         self._size_limit = size_limit
         self._soft_bounce = soft_bounce
         self._milters = milters
+        self._overrides = frozenset(receive_override_options)
         self._store = store
         self._in_hand = in_hand or (lambda queue_id: False)  # (no store: no requeued mail to ask about)
         self._requeues_waiting = False  # requeued mail waits for the end of an attempt: scan again soon
@@ -153,9 +161,11 @@ class Pickup:
         self._wanted.set()
 
     def reconfigure(self, *, myhostname: str, interval: float, bounce_size_limit: int, size_limit: int,
-                    milters: NonSmtpdMilters | None, soft_bounce: bool) -> None:
+                    milters: NonSmtpdMilters | None, soft_bounce: bool,
+                    receive_override_options: Sequence[str]) -> None:
         """A reload: the files picked up from now on are handled with these settings."""
         self._myhostname, self._interval, self._milters = myhostname, interval, milters
+        self._overrides = frozenset(receive_override_options)
         self._soft_bounce = soft_bounce
         self._bounce_size_limit, self._size_limit = bounce_size_limit, size_limit
 
@@ -278,7 +288,7 @@ class Pickup:
         local = not m.client_attributes.protocol
         return Submission(envelope, content, self._local_client(), submitter=LocalUser(os.geteuid(), ""),
                           client_attributes=m.client_attributes, add_missing_headers=local,
-                          header_rewrite_domain="" if local else None)
+                          header_rewrite_domain="" if local else None, overrides=self._overrides)
 
     async def _pick(self, name: str) -> bool:
         path = self.maildrop / name
@@ -326,7 +336,7 @@ class Pickup:
     async def _filtered(self, name: str, sub: Submission) -> tuple[Submission | None, bool]:
         """The submission as non_smtpd_milters leave it, and whether to hold it; None when one discarded it.
         Raises PermanentError when one rejected it, TemporaryError when it is to be tried again later."""
-        if self._milters is None:
+        if self._milters is None or "no_milters" in self._overrides:
             return sub, False
         filtered = await self._milters.filter(sub)
         if filtered.action in ("reject", "tempfail"):
@@ -368,7 +378,8 @@ class Pickup:
         envelope = Envelope(m.sender, m.recipients, smtputf8=not all(a.isascii() for a in (m.sender, *m.recipients)),
                             body_type=m.body_type, notify=m.recipient_notify(), orcpts=m.rcpt_orcpt, envid=m.envid,
                             ret=m.ret)
-        return Submission(envelope, content, self._local_client(), submitter=LocalUser(m.uid, m.user, m.fullname))
+        return Submission(envelope, content, self._local_client(), submitter=LocalUser(m.uid, m.user, m.fullname),
+                          overrides=self._overrides)
 
     def _local_client(self) -> ClientInfo:
         """The client of a local submission, as cleanup and the Received header name it."""

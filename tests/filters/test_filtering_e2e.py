@@ -3,6 +3,7 @@ filter and its return listener, greylisting, SPF/DKIM/DMARC with the in-process 
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import aiosmtplib
 import pytest
@@ -114,6 +115,46 @@ async def test_after_queue_filter_sees_each_message_once_and_it_is_delivered_onc
         assert b"\nX-Filtered: yes\n" in alice[0] and b"\nX-Filtered: yes\n" in bob[0]
     finally:
         server.close()
+
+
+async def test_the_documented_filter_set_up_makes_one_automatic_bcc_copy_over_smtp_and_sendmail(
+        mailflow_server, smtp_peer, write_config, tmp_path):
+    # docs/filtering.md's set-up: [smtpd] receive_override_options = no_address_mappings (Postfix's FILTER_README
+    # puts it on the smtpd in front of the filter; its main.cf value covers pickup, pickup.c), so the mail is
+    # mapped once, on its way back, and always_bcc makes one copy, whether it came by SMTP or by sendmail
+    loop = asyncio.get_running_loop()
+    peer = await smtp_peer()
+    scanner = PassThroughFilter()
+    server = await loop.create_server(lambda: AiosmtpdSMTP(scanner, hostname="filter.test"), "127.0.0.1", 0)
+    try:
+        settings = {"always_bcc": "archive@arch.test", "relayhost": f"[127.0.0.1]:{peer.port}",
+                    "mynetworks": ["127.0.0.0/8"], "smtpd": {
+                        "listen": ["127.0.0.1:0"], "content_filter": f"smtp:[127.0.0.1]:{server_port(server)}",
+                        "receive_override_options": ["no_address_mappings"],
+                        "listeners": [{"address": "127.0.0.1:0", "overrides": {
+                            "content_filter": "", "receive_override_options": [
+                                "no_header_body_checks", "no_milters", "no_unknown_recipient_checks"]}}]}}
+        mf = await mailflow_server(**settings)
+        scanner.return_port = mf.smtpd.listeners[1].server.sockets[0].getsockname()[1]
+        await send(mf.smtp_addresses[0][1], "s@remote.test", ["alice@local.test"], MESSAGE)
+        await eventually(lambda: len(peer.messages) == 1)
+        sendmail = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mailflow", "sendmail", "-C", str(write_config(tmp_path / "sendmail.toml")),
+            "alice@local.test", stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(sendmail.communicate(b"Subject: by sendmail\n\nx\n"), 20)
+        assert sendmail.returncode == 0, err
+        await eventually(lambda: len(maildir_messages(maildir(tmp_path))) == 2, timeout=10)
+        await eventually(lambda: len(peer.messages) >= 2)
+        assert await queue_becomes(mf.store, {}) == {}
+        await asyncio.sleep(0.2)  # (a second copy would be on its way by now)
+        assert scanner.seen == 2
+        assert [m.rcpt_tos for m in peer.messages] == [["archive@arch.test"], ["archive@arch.test"]]
+    finally:
+        server.close()
+
+
+def server_port(server: asyncio.Server) -> int:
+    return server.sockets[0].getsockname()[1]
 
 
 async def test_a_filter_that_is_down_defers_the_message(mailflow_server):
