@@ -14,8 +14,11 @@ What it does, in order (Postfix cleanup(8)):
    duplicates removed, each keeping the address first given as its original (ORCPT); for mail from outside
    (smtpd, sendmail: `_from_outside`) the automatic BCC recipients too (sender_bcc_maps, recipient_bcc_maps,
    always_bcc; NOTIFY=NEVER), never for forwarded copies and notices (so a BCC copy cannot loop);
-4. inspects the content (`ContentChecks`: header_checks, mime/nested_header_checks, body_checks, unless the
-   listener's receive_override_options say no_header_body_checks): REJECT refuses it (550 5.7.1), DISCARD
+4. inspects the content of mail from outside (`ContentChecks`: header_checks, mime/nested_header_checks,
+   body_checks, unless the listener's receive_override_options say no_header_body_checks; never a forwarded copy
+   nor a notice made here, as Postfix's local and bounce submit those without CLEANUP_FLAG_FILTER and its default
+   internal_mail_filter_classes is empty, so a header_checks BCC copies a message once, not each forwarded copy
+   again): REJECT refuses it (550 5.7.1), DISCARD
    drops it (the client is told it was queued), HOLD queues it on hold, FILTER, REDIRECT, BCC, IGNORE, PREPEND
    and REPLACE change what is queued (a BCC is added as the automatic ones are, after them: `Bcc`; a REDIRECT
    leaves no BCC recipient of either kind, as Postfix's queue manager redirects them all);
@@ -201,7 +204,7 @@ class Cleanup:
         when a content check discarded it."""
         content_filter = self._content_filter if sub.content_filter is None else sub.content_filter
         bcc = Bcc(redirected=sub.redirected)
-        if self._checks is not None and "no_header_body_checks" not in sub.overrides:
+        if self._checks is not None and "no_header_body_checks" not in sub.overrides and _from_outside(sub):
             found = await self._inspect(self._checks, queue_id, sub)
             if found.discard is not None:
                 return None
@@ -447,9 +450,10 @@ def _unmapped_bcc(recipients: tuple[Recipient, ...], bcc: Sequence[str]) -> tupl
 
 
 def _from_outside(sub: Submission) -> bool:
-    """Mail that gets the automatic BCC recipients: a client's (smtpd) or a local user's (sendmail, pickup; a
+    """Mail that gets the automatic BCC recipients and the content checks: a client's (smtpd) or a local user's (sendmail, pickup; a
     requeued message too, as Postfix's pickup takes it). Not a copy local delivery forwards, nor a notice made here:
-    Postfix submits those with CLEANUP_FLAG_MASK_INTERNAL, without CLEANUP_FLAG_BCC_OK, so no BCC copy loops."""
+    Postfix submits those with CLEANUP_FLAG_MASK_INTERNAL, without CLEANUP_FLAG_BCC_OK (so no BCC copy loops) and
+    without CLEANUP_FLAG_FILTER (int_filt.c: internal_mail_filter_classes, empty by default)."""
     return not sub.forwarded and (sub.submitter is not None or sub.client.protocol != "local")
 
 

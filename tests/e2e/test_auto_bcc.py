@@ -70,3 +70,24 @@ async def test_a_requeued_message_gets_its_automatic_bcc_again_as_postfixs_picku
     assert new != old
     assert await recipients(mf, new) == [("big@arch.test", "NEVER"), ("big@arch.test", "NEVER"),
                                          ("r@remote.test", "")]
+
+
+async def test_a_header_checks_bcc_copies_the_message_once_not_each_forwarded_copy(mailflow_server, smtp_peer,
+                                                                                   tmp_path):
+    # Postfix's local submits a forwarded copy without CLEANUP_FLAG_FILTER (internal_mail_filter_classes, empty by
+    # default): no content checks run on it, so the header check's BCC is not made again for it
+    peer = await smtp_peer()
+    home = tmp_path / "mail" / "bob"
+    home.mkdir(parents=True)
+    (home / ".forward").write_text("bob@elsewhere.test\n")
+    checks = tmp_path / "header_checks"
+    checks.write_text("/^Subject: forward me/ BCC archive@arch.test\n")
+    mf = await mailflow_server(relayhost=f"[127.0.0.1]:{peer.port}", checks={"header_checks": [f"regexp:{checks}"]})
+    await send(mf.smtp_addresses[0][1], "s@remote.test", ["bob@local.test"], b"Subject: forward me\r\n\r\nx\r\n")
+
+    await eventually(lambda: len(peer.messages) >= 2)
+    await queue_becomes(mf.store, {})
+    assert sorted((m.mail_from, m.rcpt_tos) for m in peer.messages) == [
+        ("s@remote.test", ["archive@arch.test"]),  # the header check's copy of the message as it came
+        ("s@remote.test", ["bob@elsewhere.test"]),  # bob's .forward: checked no more, no second archive copy
+    ]
