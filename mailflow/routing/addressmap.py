@@ -92,6 +92,8 @@ class AddressMapper:
         self._virtual = tables.open(config.virtual_alias_maps)
         self._sender_bcc = tables.open(config.sender_bcc_maps)
         self._recipient_bcc = tables.open(config.recipient_bcc_maps)
+        # whether any automatic BCC is configured: when not, cleanup asks for none (nothing per recipient)
+        self.auto_bcc = bool(self._sender_bcc or self._recipient_bcc or config.always_bcc)
         self.srs = srs_from_config(config)
 
     # -- senders ---------------------------------------------------------------------------------------

@@ -89,6 +89,23 @@ from mailflow.transports.downgrade import labelled_8bit
 logger = logging.getLogger("mailflow.cleanup")
 
 
+@dataclasses.dataclass(frozen=True)
+class Bcc:
+    """What the content checks asked of the recipients: `checks`, their BCC addresses (Postfix's hbc_rcpt), and
+    whether a REDIRECT (theirs or an access table's) replaced the recipients (Postfix's qmgr sends every recipient,
+    BCC copies too, to the redirect address: none is added then)."""
+
+    redirected: bool = False
+    checks: tuple[str, ...] = ()
+
+    def wanted(self) -> tuple[str, ...]:
+        return () if self.redirected else self.checks
+
+
+NO_BCC = Bcc()  # a message that asks for no BCC copy of the content checks (the common case: nothing allocated)
+REDIRECTED = Bcc(redirected=True)
+
+
 class DirectQueue(Protocol):
     """The queue manager as cleanup hands new mail to it (mailflow.stages.qmgr)."""
 
@@ -203,7 +220,7 @@ class Cleanup:
         """The message cleanup commits for `sub` (steps 2 to 5 of the module doc; `outbound`: with step 5), or None
         when a content check discarded it."""
         content_filter = self._content_filter if sub.content_filter is None else sub.content_filter
-        bcc = Bcc(redirected=sub.redirected)
+        bcc = REDIRECTED if sub.redirected else NO_BCC
         if self._checks is not None and "no_header_body_checks" not in sub.overrides and _from_outside(sub):
             found = await self._inspect(self._checks, queue_id, sub)
             if found.discard is not None:
@@ -212,7 +229,8 @@ class Cleanup:
             content_filter = found.content_filter or content_filter
             sub = dataclasses.replace(sub, content=Content((found.head, *found.body.parts)),
                                       envelope=sub.envelope.redirected(found.redirect))
-            bcc = Bcc(redirected=sub.redirected or found.redirect is not None, checks=tuple(found.bcc))
+            if found.bcc or found.redirect is not None:
+                bcc = Bcc(redirected=sub.redirected or found.redirect is not None, checks=tuple(found.bcc))
         if self._mapper is not None and "no_address_mappings" not in sub.overrides:
             msg = await self._mapper.tables.run(self._prepare, sub, queue_id, True, bcc)
         else:
@@ -303,7 +321,7 @@ class Cleanup:
             return self.begin(c, sub.client_attributes.sasl_sender)
         return self._ids.next()
 
-    def _prepare(self, sub: Submission, queue_id: QueueId, rewrite: bool, bcc: Bcc | None = None) -> NewMessage:
+    def _prepare(self, sub: Submission, queue_id: QueueId, rewrite: bool, bcc: Bcc = NO_BCC) -> NewMessage:
         now = self._clock.time()
         head, complete = read_header(sub.content, self._header_size_limit)
         names = header_names(head)
@@ -322,10 +340,9 @@ class Cleanup:
         orcpts = env.orcpts or ("",) * len(env.recipients)
         recipients = tuple(Recipient(i, r, originals[i], notify[i], orcpts[i]) for i, r in enumerate(env.recipients))
         sender = env.sender
-        bcc = bcc or Bcc()
         if rewrite and self._mapper is not None:
             sender = self._mapper.sender(sender)
-            auto = not bcc.redirected and _from_outside(sub)
+            auto = self._mapper.auto_bcc and not bcc.redirected and _from_outside(sub)
             recipients = self._mapper.recipients(recipients, auto_bcc_sender=sender if auto else None,
                                                  bcc=bcc.wanted())
         elif bcc.wanted():
@@ -429,19 +446,6 @@ class Cleanup:
         return "".join(line + "\r\n" for line in added).encode("utf-8")
 
 
-@dataclasses.dataclass(frozen=True)
-class Bcc:
-    """What the content checks asked of the recipients: `checks`, their BCC addresses (Postfix's hbc_rcpt), and
-    whether a REDIRECT (theirs or an access table's) replaced the recipients (Postfix's qmgr sends every recipient,
-    BCC copies too, to the redirect address: none is added then)."""
-
-    redirected: bool = False
-    checks: tuple[str, ...] = ()
-
-    def wanted(self) -> tuple[str, ...]:
-        return () if self.redirected else self.checks
-
-
 def _unmapped_bcc(recipients: tuple[Recipient, ...], bcc: Sequence[str]) -> tuple[Recipient, ...]:
     """The content checks' BCC recipients of a message whose addresses are not mapped (no_address_mappings):
     appended with NOTIFY=NEVER, once each."""
@@ -450,10 +454,10 @@ def _unmapped_bcc(recipients: tuple[Recipient, ...], bcc: Sequence[str]) -> tupl
 
 
 def _from_outside(sub: Submission) -> bool:
-    """Mail that gets the automatic BCC recipients and the content checks: a client's (smtpd) or a local user's (sendmail, pickup; a
-    requeued message too, as Postfix's pickup takes it). Not a copy local delivery forwards, nor a notice made here:
-    Postfix submits those with CLEANUP_FLAG_MASK_INTERNAL, without CLEANUP_FLAG_BCC_OK (so no BCC copy loops) and
-    without CLEANUP_FLAG_FILTER (int_filt.c: internal_mail_filter_classes, empty by default)."""
+    """Mail that gets the automatic BCC recipients and the content checks: a client's (smtpd) or a local user's
+    (sendmail, pickup; a requeued message too, as Postfix's pickup takes it). Not a copy local delivery forwards, nor
+    a notice made here: Postfix submits those with CLEANUP_FLAG_MASK_INTERNAL, without CLEANUP_FLAG_BCC_OK (so no
+    BCC copy loops) and without CLEANUP_FLAG_FILTER (int_filt.c: internal_mail_filter_classes, empty by default)."""
     return not sub.forwarded and (sub.submitter is not None or sub.client.protocol != "local")
 
 

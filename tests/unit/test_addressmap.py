@@ -12,15 +12,20 @@ Tables are texthash files in tmp_path or inline: tables.
 """
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
 
 from mailflow.config import Config
+from mailflow.content import Content
 from mailflow.errors import LookupRetry, TemporaryError
-from mailflow.model import Recipient
+from mailflow.logs import MailLog
+from mailflow.model import ClientInfo, Envelope, Recipient, Submission
 from mailflow.routing.addressmap import AddressMapper
 from mailflow.routing.rewrite import Rewriter
+from mailflow.stages.cleanup import Cleanup
+from tests.unit.test_cleanup_headers import FixedClock, RecordingStore
 
 BASE = dict(myhostname="mx.example.test", mydestination=("example.test", "localhost"))
 
@@ -536,3 +541,26 @@ def test_a_bcc_table_that_cannot_answer_defers_the_message():
         mapper(recipient_bcc_maps=("fail:bcc",)).recipients(rcpts("a@x.test"), auto_bcc_sender="s@x.test")
     with pytest.raises(LookupRetry):
         mapper(sender_bcc_maps=("fail:bcc",)).recipients(rcpts("a@x.test"), auto_bcc_sender="s@x.test")
+
+
+@pytest.mark.parametrize("settings, wanted", [
+    ({}, False),
+    ({"sender_bcc_maps": ("static:copy@arch.test",)}, True),
+    ({"recipient_bcc_maps": ("static:copy@arch.test",)}, True),
+    ({"always_bcc": "copy@arch.test"}, True),
+])
+def test_the_mapper_knows_whether_any_automatic_bcc_is_configured(settings, wanted):
+    assert mapper(**settings).auto_bcc is wanted
+
+
+async def test_cleanup_asks_no_bcc_table_when_none_is_configured(monkeypatch):
+    # the per-message cost when unset: no lookup per recipient (and no Bcc made per message)
+    m = mapper()
+    monkeypatch.setattr(m, "_bcc_address", lambda *args: pytest.fail("a BCC table asked though none is configured"))
+    store = RecordingStore()
+    cleanup = Cleanup(store, myhostname="mx.example.test", clock=FixedClock(), rng=random.Random(7), log=MailLog(),
+                      on_queued=lambda: None, mapper=m)
+    sub = Submission(Envelope("s@remote.test", ("a@example.test", "b@example.test")),
+                     Content.of(b"Subject: x\r\n\r\n"), ClientInfo(addr="192.0.2.7", helo="client.test"))
+    await cleanup.submit(sub)
+    assert len(store.contents) == 1
