@@ -111,8 +111,9 @@ class Envelope:
         return dataclasses.replace(self, recipients=(address,), originals=(), notify=(), orcpts=())
 
     def with_bcc(self, addresses: Iterable[str]) -> Envelope:
-        """BCC actions (access tables, header/body checks): one more recipient for a copy each, without DSN
-        parameters; one already there is not added again."""
+        """An access table's BCC actions (smtpd; header/body checks' and the automatic BCC copies are cleanup's,
+        mailflow.routing.addressmap): one more recipient for a copy each, without DSN parameters (so its NOTIFY is
+        the default, as Postfix 3.7's smtpd writes it); one already there is not added again."""
         present = set(self.recipients)
         added = tuple(a for a in dict.fromkeys(addresses) if a not in present)
         if not added:
