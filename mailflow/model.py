@@ -164,6 +164,9 @@ class Submission:
     # an access table's REDIRECT replaced the recipients (smtpd): cleanup adds no BCC recipient then, as Postfix's
     # queue manager sends every recipient of a redirected message, BCC copies too, to the redirect address
     redirected: bool = False
+    # the envelope before the milters changed it (None: they did not): cleanup makes the automatic BCC lookups on
+    # it, as Postfix's cleanup makes them before its milters run
+    received: Envelope | None = None
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,10 @@ What it owns (Postfix cleanup(8), envelope part):
   expanded as any recipient, with NOTIFY=NEVER and no ORCPT; it is a duplicate of another BCC recipient only (so
   a BCC address the client also named is delivered twice, as Postfix does). A table value of several addresses
   gives its first (logged; Postfix takes the whole value as one address). `bcc=`: the content checks' BCC
-  addresses (header_checks `BCC`), added last the same way.
+  addresses (header_checks `BCC`), added after them the same way. `milter=`: the milters' envelope edits
+  (MilterEdits), as Postfix's cleanup meets them after its lookups: a recipient a milter added gets no
+  recipient_bcc_maps copy, one it deleted keeps its copy, and a CHGFROM sender's copy is added to the first
+  sender's.
 - `is_mapped(addr)`: a recipient-side table has an entry for it, or it is a valid SRS address (smtpd then takes it as
   a known recipient). `srs`: the Srs codec, or None when [srs] is off (cleanup rewrites forwarded senders with it).
 
@@ -54,6 +57,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from typing import Sequence
 
 from mailflow import address
@@ -68,6 +72,22 @@ CANONICAL_RECURSION_LIMIT = 10
 MAILER_DAEMON = "MAILER-DAEMON"  # @myorigin, as an envelope sender: the null sender (Postfix MAIL_ADDR_MAIL_DAEMON)
 BCC_NOTIFY = "NEVER"  # an automatic BCC recipient's NOTIFY (Postfix cleanup's NO_DSN_NOTIFY)
 _LIST_ITEM = re.compile(r'(?:"(?:\\.|[^"\\])*"|[^,\s"])+')
+
+
+@dataclass(frozen=True)
+class MilterEdits:
+    """What the milters changed in the envelope, for the automatic BCC lookups, which Postfix's cleanup makes on
+    each envelope record as it arrives, before the milters: `added`, the recipients a milter added (no
+    recipient_bcc_maps lookup: cleanup_milter.c adds them with cleanup_addr_bcc_dsn); `deleted`, those a milter
+    removed (their copy stays, made at RCPT time); `sender`, the sender a milter's CHGFROM gave, rewritten (its
+    sender_bcc_maps copy is added too, the first sender's kept; None: no CHGFROM)."""
+
+    added: frozenset[str] = frozenset()
+    deleted: tuple[str, ...] = ()
+    sender: str | None = None
+
+
+NO_MILTER_EDITS = MilterEdits()
 
 
 def expansion_error(addr: str, why: str) -> TemporaryError:
@@ -139,12 +159,14 @@ class AddressMapper:
         return original if original is not None else self._canonical(qualified, self._recipient_passes)
 
     def recipients(self, rcpts: Sequence[Recipient], *, auto_bcc_sender: str | None = None,
-                   bcc: Sequence[str] = ()) -> tuple[Recipient, ...]:
-        """See the module doc. `auto_bcc_sender`: the message's sender as rewritten (`sender()`) when the automatic
-        BCC recipients apply, None when they do not; `bcc`: the content checks' BCC addresses, added last as the
-        automatic ones are (Postfix's cleanup_extracted_finish: after always_bcc)."""
+                   bcc: Sequence[str] = (), milter: MilterEdits = NO_MILTER_EDITS) -> tuple[Recipient, ...]:
+        """See the module doc. `auto_bcc_sender`: the message's sender as received, rewritten (`sender()`), when
+        the automatic BCC recipients apply, None when they do not; `bcc`: the content checks' BCC addresses, added
+        as the automatic ones are (Postfix's cleanup_extracted_finish: after always_bcc); `milter`: the milters'
+        envelope edits (MilterEdits), whose BCC copies come last, as Postfix's milters run last."""
         out: list[Recipient] = []
         seen: set[tuple[str, ...]] = set()
+        auto = auto_bcc_sender is not None
         if auto_bcc_sender:  # (the null sender is not looked up)
             self._add_bcc(self._bcc_address(self._sender_bcc, auto_bcc_sender), out, seen)
         for rcpt in rcpts:
@@ -156,13 +178,26 @@ class AddressMapper:
                 if key not in seen:
                     seen.add(key)
                     out.append(Recipient(len(out), final, rcpt.original, rcpt.notify, rcpt.orcpt))
-            if auto_bcc_sender is not None and canonical:
+            if auto and canonical and rcpt.address not in milter.added:
                 self._add_bcc(self._bcc_address(self._recipient_bcc, canonical), out, seen)
-        if auto_bcc_sender is not None and rcpts:
+        if auto:
+            self._add_milter_deleted_bcc(milter.deleted, out, seen)
+        if auto and rcpts:
             self._add_bcc(self._config.always_bcc or None, out, seen)
         for checks_bcc in bcc if rcpts else ():
             self._add_bcc(checks_bcc, out, seen)
+        if auto and milter.sender:
+            self._add_bcc(self._bcc_address(self._sender_bcc, milter.sender), out, seen)
         return tuple(out)
+
+    def _add_milter_deleted_bcc(self, deleted: Sequence[str], out: list[Recipient],
+                                seen: set[tuple[str, ...]]) -> None:
+        """The recipient_bcc_maps copies of the recipients a milter deleted: Postfix's cleanup wrote them at RCPT
+        time, before the milter asked, so they stay."""
+        for addr in deleted:
+            canonical = self.recipient(addr)
+            if canonical:
+                self._add_bcc(self._bcc_address(self._recipient_bcc, canonical), out, seen)
 
     def _bcc_address(self, tables: list[Table], addr: str) -> str | None:
         """The BCC address a sender_/recipient_bcc_maps table has for `addr` (keys as mail_addr_find makes them,

@@ -13,7 +13,10 @@ What it does, in order (Postfix cleanup(8)):
    masquerading; each recipient through recipient_canonical/canonical maps and virtual alias expansion,
    duplicates removed, each keeping the address first given as its original (ORCPT); for mail from outside
    (smtpd, sendmail: `_from_outside`) the automatic BCC recipients too (sender_bcc_maps, recipient_bcc_maps,
-   always_bcc; NOTIFY=NEVER), never for forwarded copies and notices (so a BCC copy cannot loop);
+   always_bcc; NOTIFY=NEVER), never for forwarded copies and notices (so a BCC copy cannot loop); looked up on
+   the envelope as received when milters edited it (`Submission.received`), as Postfix's cleanup looks them up
+   before its milters run: a milter-added recipient gets no recipient_bcc_maps copy, a deleted one keeps its copy,
+   a CHGFROM adds the new sender's copy to the first's;
 4. inspects the content of mail from outside (`ContentChecks`: header_checks, mime/nested_header_checks,
    body_checks, unless the listener's receive_override_options say no_header_body_checks; never a forwarded copy
    nor a notice made here, as Postfix's local and bounce submit those without CLEANUP_FLAG_FILTER and its default
@@ -81,7 +84,7 @@ from mailflow.address import shown_original
 from mailflow.logs import MailLog
 from mailflow.message import header_names, header_value, read_header, rfc5322_date, without_fields
 from mailflow.model import ClientInfo, QueueId, Recipient, Submission
-from mailflow.routing.addressmap import BCC_NOTIFY, AddressMapper
+from mailflow.routing.addressmap import BCC_NOTIFY, NO_MILTER_EDITS, AddressMapper, MilterEdits
 from mailflow.signing.outbound import OutboundSigning
 from mailflow.store import NewMessage, RequeuedMessage, RequeueGone, Store
 from mailflow.transports.downgrade import labelled_8bit
@@ -342,9 +345,12 @@ class Cleanup:
         sender = env.sender
         if rewrite and self._mapper is not None:
             sender = self._mapper.sender(sender)
-            auto = self._mapper.auto_bcc and not bcc.redirected and _from_outside(sub)
-            recipients = self._mapper.recipients(recipients, auto_bcc_sender=sender if auto else None,
-                                                 bcc=bcc.wanted())
+            if self._mapper.auto_bcc and not bcc.redirected and _from_outside(sub):
+                auto_sender, milter = self._milter_bcc(sub, sender)
+                recipients = self._mapper.recipients(recipients, auto_bcc_sender=auto_sender, bcc=bcc.wanted(),
+                                                     milter=milter)
+            else:
+                recipients = self._mapper.recipients(recipients, bcc=bcc.wanted())
         elif bcc.wanted():
             recipients = _unmapped_bcc(recipients, bcc.wanted())
         fullname = sub.submitter.fullname if sub.submitter else ""
@@ -369,6 +375,21 @@ class Cleanup:
             ret=env.ret,
             client_attributes=sub.client_attributes,
         )
+
+    def _milter_bcc(self, sub: Submission, sender: str) -> tuple[str, MilterEdits]:
+        """The sender the automatic BCC lookups are made with and the milters' envelope edits (Postfix's cleanup
+        looks up each envelope record before its milters run): the sender as received, rewritten; the recipients
+        a milter added and deleted; a CHGFROM's sender (`sender`, rewritten already)."""
+        received = sub.received
+        mapper = self._mapper
+        if received is None or mapper is None:
+            return sender, NO_MILTER_EDITS
+        now = set(sub.envelope.recipients)
+        before = set(received.recipients)
+        first_sender = mapper.sender(received.sender)
+        return first_sender, MilterEdits(
+            added=frozenset(now - before), deleted=tuple(r for r in received.recipients if r not in now),
+            sender=sender if sender != first_sender else None)
 
     def _rewrite_header_addresses(self, head: bytes, origin: str, *, mapped: bool) -> bytes:
         """Postfix's header address rewriting: unqualified addresses get @`origin` ("": myorigin), and (`mapped`)

@@ -11,7 +11,9 @@ address the client also named (both kept, as Postfix keeps them), two BCC lookup
 mail submitted with each one's sendmail (pickup: BCC too), a listener with receive_override_options =
 no_address_mappings (no automatic BCC; header_checks' BCC all the same), and header_checks' BCC action
 (NOTIFY=NEVER too, after always_bcc, a recipient the client named kept twice; none once a REDIRECT has replaced
-the recipients, a header_checks' or an access table's).
+the recipients, a header_checks' or an access table's). And the milters' envelope edits against the automatic BCC
+copies (Postfix's cleanup looks them up before its milters run): a milter-added recipient gets no copy, a deleted
+one keeps its copy, a CHGFROM adds the new sender's copy to the first sender's.
 
 Two differences are deliberate (docs/config.md) and asserted as such: a table value of several addresses (Postfix
 takes the whole value as one address, `"m1@arch.test, m2"@arch.test`; mailflow takes the first, logged), and the
@@ -32,6 +34,7 @@ import pytest
 from tests.interop.test_dsn_pass_on import smtp_sink
 from tests.interop.test_tables_vs_postfix import readable_folder
 from tests.support import SmtpClient, eventually, free_port, postfix_instance
+from tests.support.milters import reply, scripted_milter
 
 pytestmark = pytest.mark.interop
 
@@ -182,3 +185,35 @@ async def test_automatic_bcc_recipients_match_a_real_postfix(mailflow_server, wr
     assert postfix[UNMAPPED][1] == (["sc@remote.test"], ["<hbc@arch.test> ORCPT=rfc822;hbc@arch.test " + never,
                                                         "<r@x.test> ORCPT=rfc822;r@x.test"])  # header_checks' only
     assert postfix[LOCAL][1] == postfix[0][1]  # sendmail's mail gets them too
+
+
+MILTER_EDITS = {b"E": reply(b"+", b"<added@remote.test>\0") + reply(b"-", b"<del@remote.test>\0")
+                + reply(b"e", b"<new@remote.test>\0") + reply(b"c")}
+MILTER_SENDER_BCC = "inline:{ {s@remote.test = old-copy@arch.test}, {new@remote.test = new-copy@arch.test} }"
+MILTER_RECIPIENT_BCC = ("inline:{ {r@remote.test = r-copy@arch.test}, {added@remote.test = added-copy@arch.test},"
+                        " {del@remote.test = del-copy@arch.test} }")
+
+
+async def test_milter_envelope_edits_and_automatic_bcc_match_a_real_postfix(mailflow_server):
+    maps = {"sender_bcc_maps": MILTER_SENDER_BCC, "recipient_bcc_maps": MILTER_RECIPIENT_BCC}
+    async with scripted_milter(MILTER_EDITS) as milter, smtp_sink() as (pf_sink, pf_dump), \
+            smtp_sink() as (mf_sink, mf_dump):
+        async with postfix_instance({**COMMON, **maps, "mydestination": "local.test", "smtpd_milters": milter.spec,
+                                     "relayhost": f"[127.0.0.1]:{pf_sink}"}) as pf:
+            assert await send(pf.port, 0, "s@remote.test", ["r@remote.test", "del@remote.test"]) == 250
+            postfix = await eventually(lambda: arrivals(pf_dump).get(0), timeout=20)
+        mf = await mailflow_server(**COMMON, **{key: [spec] for key, spec in maps.items()},
+                                   relayhost=f"[127.0.0.1]:{mf_sink}", mynetworks=["127.0.0.0/8"],
+                                   smtpd={"listen": ["127.0.0.1:0"], "milters": [milter.spec]},
+                                   milter={"command_timeout": "2s", "content_timeout": "2s"})
+        assert await send(mf.smtp_addresses[0][1], 0, "s@remote.test", ["r@remote.test", "del@remote.test"]) == 250
+        mailflow = await eventually(lambda: arrivals(mf_dump).get(0), timeout=20)
+    assert mailflow == postfix
+    never = "NOTIFY=NEVER"
+    assert postfix == (["new@remote.test"], [
+        "<added@remote.test> ORCPT=rfc822;added@remote.test",  # added by the milter: no copy
+        f"<del-copy@arch.test> ORCPT=rfc822;del-copy@arch.test {never}",  # deleted by it: the copy stays
+        f"<new-copy@arch.test> ORCPT=rfc822;new-copy@arch.test {never}",  # CHGFROM: the new sender's copy too
+        f"<old-copy@arch.test> ORCPT=rfc822;old-copy@arch.test {never}",
+        f"<r-copy@arch.test> ORCPT=rfc822;r-copy@arch.test {never}",
+        "<r@remote.test> ORCPT=rfc822;r@remote.test"])

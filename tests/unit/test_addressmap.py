@@ -22,7 +22,7 @@ from mailflow.content import Content
 from mailflow.errors import LookupRetry, TemporaryError
 from mailflow.logs import MailLog
 from mailflow.model import ClientInfo, Envelope, Recipient, Submission
-from mailflow.routing.addressmap import AddressMapper
+from mailflow.routing.addressmap import AddressMapper, MilterEdits
 from mailflow.routing.rewrite import Rewriter
 from mailflow.stages.cleanup import Cleanup
 from tests.unit.test_cleanup_headers import FixedClock, RecordingStore
@@ -564,3 +564,17 @@ async def test_cleanup_asks_no_bcc_table_when_none_is_configured(monkeypatch):
                      Content.of(b"Subject: x\r\n\r\n"), ClientInfo(addr="192.0.2.7", helo="client.test"))
     await cleanup.submit(sub)
     assert len(store.contents) == 1
+
+
+def test_milter_edits_keep_the_bcc_lookups_of_the_envelope_as_received():
+    # Postfix's cleanup looks up each envelope record before its milters run: an added recipient gets no copy, a
+    # deleted one keeps its copy, a CHGFROM adds the new sender's copy (last, as the milters run last)
+    m = mapper(sender_bcc_maps=(inline({"s@x.test": "s-copy@arch.test", "new@x.test": "new-copy@arch.test"}),),
+               recipient_bcc_maps=(inline({"a@x.test": "a-copy@arch.test", "added@x.test": "added-copy@arch.test",
+                                           "del@x.test": "del-copy@arch.test"}),))
+    edits = MilterEdits(added=frozenset({"added@x.test"}), deleted=("del@x.test",), sender="new@x.test")
+    got = m.recipients(rcpts("a@x.test", "added@x.test"), auto_bcc_sender="s@x.test", milter=edits)
+    assert [(r.address, r.notify) for r in got] == [
+        ("s-copy@arch.test", "NEVER"), ("a@x.test", ""), ("a-copy@arch.test", "NEVER"), ("added@x.test", ""),
+        ("del-copy@arch.test", "NEVER"), ("new-copy@arch.test", "NEVER")]
+    assert [r.address for r in m.recipients(rcpts("added@x.test"), milter=edits)] == ["added@x.test"]  # none asked

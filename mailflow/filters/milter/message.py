@@ -78,11 +78,14 @@ async def end_of_message(session: MilterSession, submission: Submission) -> Filt
     recipients = [r for r in envelope.recipients if f"<{r}>" not in edits.delete_recipients
                   and r not in edits.delete_recipients]
     recipients += [a.strip("<>") for a in edits.add_recipients if a.strip("<>")]
+    received = submission.received
     if recipients != list(envelope.recipients) or edits.sender:
+        received = received or envelope  # (the automatic BCC lookups are made on it: cleanup)
         envelope = dataclasses.replace(envelope, recipients=tuple(recipients), originals=(), notify=(),
                                        orcpts=(), sender=(edits.sender[0].strip("<>") if edits.sender
                                                           else envelope.sender))
-    return Filtered("continue", dataclasses.replace(submission, content=content, envelope=envelope), hold=hold)
+    return Filtered("continue", dataclasses.replace(submission, content=content, envelope=envelope,
+                                                    received=received), hold=hold)
 
 
 class NonSmtpdMilters:
