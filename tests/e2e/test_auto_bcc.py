@@ -1,10 +1,16 @@
 """The automatic BCC recipients end to end (always_bcc, sender_bcc_maps, recipient_bcc_maps; the address each map
 is asked with is tests/interop/test_auto_bcc_vs_postfix.py's subject): only mail from outside gets a copy, never a
 copy local delivery forwards nor a notice made here (so an archive cannot loop), a copy that fails is not
-reported to the sender (NOTIFY=NEVER), and a requeued message gets its copy again, as in Postfix."""
+reported to the sender (NOTIFY=NEVER: neither its failure nor its delay past delay_warning_time), a requeued
+message gets its copy again, as in Postfix, a header check's BCC copies the message once (not each forwarded copy
+again), and a BCC table that cannot answer refuses the message (451 4.3.0), never taken for "not found"."""
 from __future__ import annotations
 
+import asyncio
 import time
+
+import aiosmtplib
+import pytest
 
 from tests.support import eventually, free_port, maildir_messages, queue_becomes, send
 
@@ -91,3 +97,41 @@ async def test_a_header_checks_bcc_copies_the_message_once_not_each_forwarded_co
         ("s@remote.test", ["archive@arch.test"]),  # the header check's copy of the message as it came
         ("s@remote.test", ["bob@elsewhere.test"]),  # bob's .forward: checked no more, no second archive copy
     ]
+
+
+async def test_a_bcc_copy_still_deferred_at_delay_warning_time_sends_no_delay_notice(mailflow_server, smtp_peer,
+                                                                                      tmp_path):
+    # NOTIFY=NEVER: the sender hears of a deferred recipient of its own (the control), never of its archive copy
+    peer = await smtp_peer()
+    peer.handler.rcpt_replies["archive@arch.test"] = "450 4.2.0 archive busy"
+    peer.handler.rcpt_replies["slow@remote.test"] = "450 4.2.0 mailbox busy"
+    mf = await mailflow_server(relayhost=f"[127.0.0.1]:{peer.port}", mynetworks=["127.0.0.0/8"],
+                               sender_bcc_maps=["inline:{alice@local.test=archive@arch.test}"],
+                               queue={"delay_warning_time": "1s", "minimal_backoff_time": "1s",
+                                      "maximal_backoff_time": "1s"})
+    port = mf.smtp_addresses[0][1]
+    await send(port, "alice@local.test", ["r@remote.test"], b"Subject: archived\r\n\r\nx\r\n")
+    await send(port, "bob@local.test", ["slow@remote.test"], b"Subject: control\r\n\r\nx\r\n")
+    inbox = tmp_path / "mail"
+    [notice] = await eventually(lambda: maildir_messages(inbox / "bob" / "Maildir"), timeout=10,
+                                what="the control's delay notice")
+    assert b"slow@remote.test" in notice
+    await eventually(lambda: len(peer.messages) >= 1)
+    assert [m.rcpt_tos for m in peer.messages] == [["r@remote.test"]]
+    await asyncio.sleep(1.5)  # another backoff round past delay_warning_time
+    assert maildir_messages(inbox / "alice" / "Maildir") == []
+    queued = [await recipients(mf, q) for q in await mf.store.message_ids(queues=["deferred", "active", "incoming"])]
+    assert any(("archive@arch.test", "NEVER") in rows for rows in queued)  # still deferred, past delay_warning_time
+
+
+async def test_a_bcc_table_that_cannot_answer_refuses_the_message_451_4_3_0(mailflow_server, tmp_path):
+    # never "not found": a copy that should exist is not silently lost (the client tries again)
+    cf = tmp_path / "bcc.cf"
+    cf.write_text(f"dbpath = {tmp_path / 'missing.db'}\nquery = SELECT bcc FROM bcc WHERE sender = '%s'\n")
+    for settings in ({"recipient_bcc_maps": ["fail:bcc"]}, {"sender_bcc_maps": [f"sqlite:{cf}"]}):
+        mf = await mailflow_server(**settings)
+        with pytest.raises(aiosmtplib.SMTPResponseException) as refused:
+            await send(mf.smtp_addresses[0][1], "s@remote.test", ["alice@local.test"], b"Subject: x\r\n\r\nx\r\n")
+        assert (refused.value.code, refused.value.message) == (451, "4.3.0 Temporary lookup failure"), settings
+        assert await mf.store.counts() == {}
+        await mf.stop()
