@@ -13,7 +13,8 @@ no_address_mappings (no automatic BCC; header_checks' BCC all the same), and hea
 (NOTIFY=NEVER too, after always_bcc, a recipient the client named kept twice; none once a REDIRECT has replaced
 the recipients, a header_checks' or an access table's). And the milters' envelope edits against the automatic BCC
 copies (Postfix's cleanup looks them up before its milters run): a milter-added recipient gets no copy, a deleted
-one keeps its copy, a CHGFROM adds the new sender's copy to the first sender's.
+one keeps its copy, a CHGFROM adds the new sender's copy to the first sender's. And main.cf's
+receive_override_options = no_address_mappings (mailflow: [smtpd]'s own) covering sendmail's mail as well.
 
 Two differences are deliberate (docs/config.md) and asserted as such: a table value of several addresses (Postfix
 takes the whole value as one address, `"m1@arch.test, m2"@arch.test`; mailflow takes the first, logged), and the
@@ -217,3 +218,33 @@ async def test_milter_envelope_edits_and_automatic_bcc_match_a_real_postfix(mail
         f"<old-copy@arch.test> ORCPT=rfc822;old-copy@arch.test {never}",
         f"<r-copy@arch.test> ORCPT=rfc822;r-copy@arch.test {never}",
         "<r@remote.test> ORCPT=rfc822;r@remote.test"])
+
+
+async def test_main_receive_override_options_cover_sendmail_as_postfixs_do(mailflow_server, write_config, tmp_path):
+    # Postfix's pickup honours main.cf's receive_override_options (pickup.c); mailflow's, [smtpd]'s own: with
+    # no_address_mappings neither the SMTP message nor sendmail's gets the always_bcc copy (the filter set-up's
+    # front side, docs/filtering.md)
+    async def one_each(port: int, sendmail: list[str], dump: Path) -> dict[int, tuple]:
+        assert await send(port, 0, "sc@remote.test", ["r@x.test"]) == 250
+        done = subprocess.run([*sendmail, "-f", "sc@remote.test", "r@x.test"], capture_output=True, timeout=20,
+                              input=b"Subject: probe-1\n\nx\n")
+        assert done.returncode == 0, done.stderr
+        return await eventually(lambda: len(arrivals(dump)) == 2 and arrivals(dump), timeout=20)
+
+    main = {"always_bcc": ALWAYS_BCC, "sender_canonical_maps": SENDER_CANONICAL}
+    async with smtp_sink() as (pf_sink, pf_dump), smtp_sink() as (mf_sink, mf_dump):
+        async with postfix_instance({**COMMON, **main, "mydestination": "local.test",
+                                     "relayhost": f"[127.0.0.1]:{pf_sink}",
+                                     "receive_override_options": "no_address_mappings"}) as pf:
+            postfix = await one_each(pf.port, ["sendmail", "-C", str(pf.etc)], pf_dump)
+        settings = {**COMMON, "always_bcc": ALWAYS_BCC, "sender_canonical_maps": [SENDER_CANONICAL],
+                    "mydestination": ["local.test"], "relayhost": f"[127.0.0.1]:{mf_sink}",
+                    "mynetworks": ["127.0.0.0/8"], "smtpd": {"listen": ["127.0.0.1:0"],
+                                                             "receive_override_options": ["no_address_mappings"]}}
+        mf = await mailflow_server(**settings)
+        config = write_config(tmp_path / "mailflow.toml", **settings)
+        mailflow = await one_each(mf.smtp_addresses[0][1],
+                                  [sys.executable, "-m", "mailflow", "sendmail", "-C", str(config)], mf_dump)
+    assert mailflow == postfix
+    unmapped = (["sc@remote.test"], ["<r@x.test> ORCPT=rfc822;r@x.test"])  # no canonical mapping, no BCC copy
+    assert postfix == {0: unmapped, 1: unmapped}
