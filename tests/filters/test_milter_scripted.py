@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import struct
 
 import pytest
 
 from mailflow import status
+from mailflow.maildrop import MaildropMessage, write_maildrop
 from tests.support import SmtpClient, eventually, maildir_messages, queue_becomes
 from tests.support.milters import HANG, Drip, replycode, reply, scripted_milter
 
@@ -293,3 +295,17 @@ async def test_a_quarantine_is_followed_by_the_events_own_reply(mailflow_server)
         assert (await client.cmd(MESSAGE.decode() + ".")).code == 250
         await client.close()
         await queue_becomes(mf.store, {"hold": 1})
+
+
+async def test_smtpds_no_milters_turns_non_smtpd_milters_off_for_sendmails_mail(mailflow_server, tmp_path):
+    """Postfix's pickup honours main.cf's receive_override_options (pickup.c): no_milters there means no
+    non_smtpd_milters; mailflow's pickup takes [smtpd]'s own value. The milter would reject the message."""
+    async with scripted_milter({b"E": reply(b"r")}) as milter:
+        mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "receive_override_options": ["no_milters"]},
+                                   milter={"non_smtpd_milters": [milter.spec], "command_timeout": "2s"})
+        write_maildrop(mf.config.queue_path / "maildrop",
+                       MaildropMessage(sender="alice@local.test", recipients=("bob@local.test",), uid=os.getuid(),
+                                       user="alice"), [b"Subject: picked up\r\n\r\nx\r\n"])
+        mf.pickup.wake()
+        await eventually(lambda: maildir_messages(tmp_path / "mail" / "bob" / "Maildir"))
+        assert milter.sessions == []
