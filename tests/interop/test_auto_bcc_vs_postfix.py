@@ -13,7 +13,8 @@ no_address_mappings (no automatic BCC; header_checks' BCC all the same), and hea
 (NOTIFY=NEVER too, after always_bcc, a recipient the client named kept twice; none once a REDIRECT has replaced
 the recipients, a header_checks' or an access table's). And the milters' envelope edits against the automatic BCC
 copies (Postfix's cleanup looks them up before its milters run): a milter-added recipient gets no copy, a deleted
-one keeps its copy, a CHGFROM adds the new sender's copy to the first sender's. And main.cf's
+one keeps its copy, a CHGFROM adds the new sender's copy to the first sender's. A header_checks BCC of an aliased
+message: one copy (local's forwarded copy is not checked again). And main.cf's
 receive_override_options = no_address_mappings (mailflow: [smtpd]'s own) covering sendmail's mail as well.
 
 Two differences are deliberate (docs/config.md) and asserted as such: a table value of several addresses (Postfix
@@ -34,7 +35,7 @@ import pytest
 
 from tests.interop.test_dsn_pass_on import smtp_sink
 from tests.interop.test_tables_vs_postfix import readable_folder
-from tests.support import SmtpClient, eventually, free_port, postfix_instance
+from tests.support import SmtpClient, eventually, free_port, postfix_instance, queue_becomes
 from tests.support.milters import reply, scripted_milter
 
 pytestmark = pytest.mark.interop
@@ -248,3 +249,36 @@ async def test_main_receive_override_options_cover_sendmail_as_postfixs_do(mailf
     assert mailflow == postfix
     unmapped = (["sc@remote.test"], ["<r@x.test> ORCPT=rfc822;r@x.test"])  # no canonical mapping, no BCC copy
     assert postfix == {0: unmapped, 1: unmapped}
+
+
+async def test_a_header_checks_bcc_copies_an_aliased_message_once_as_postfix_does(mailflow_server):
+    # Postfix's local forwards an alias's copy without CLEANUP_FLAG_FILTER (internal_mail_filter_classes, empty
+    # by default): header_checks never see it, so its BCC is not made again per forwarded copy
+    folder = readable_folder()
+    (folder / "header_checks").write_text("/^Subject: probe-/ BCC hbc@arch.test\n")
+    checks = f"regexp:{folder}/header_checks"
+    aliases = "inline:{ {list = a@remote.test, b@remote.test} }"
+    async with smtp_sink() as (pf_sink, pf_dump), smtp_sink() as (mf_sink, mf_dump):
+        async with postfix_instance({**COMMON, "mydestination": "local.test", "alias_maps": aliases,
+                                     "header_checks": checks, "relayhost": f"[127.0.0.1]:{pf_sink}"}) as pf:
+            assert await send(pf.port, 0, "s@remote.test", ["list@local.test"]) == 250
+            await pf.queue_empty()
+            postfix = await eventually(lambda: pf_dump.read_text(errors="replace").count("X-Client-Addr:") >= 2
+                                       and sink_envelopes(pf_dump), timeout=20)
+        mf = await mailflow_server(**COMMON, mydestination=["local.test"], alias_maps=[aliases],
+                                   checks={"header_checks": [checks]}, relayhost=f"[127.0.0.1]:{mf_sink}",
+                                   mynetworks=["127.0.0.0/8"])
+        assert await send(mf.smtp_addresses[0][1], 0, "s@remote.test", ["list@local.test"]) == 250
+        await queue_becomes(mf.store, {})
+        mailflow = await eventually(lambda: mf_dump.exists() and mf_dump.read_text(errors="replace").count(
+            "X-Client-Addr:") >= 2 and sink_envelopes(mf_dump), timeout=20)
+    shutil.rmtree(folder)
+    assert mailflow == postfix
+    assert postfix == [["<a@remote.test>", "<b@remote.test>"], ["<hbc@arch.test>"]]
+
+
+def sink_envelopes(dump: Path) -> list[list[str]]:
+    """The recipients of each message the sink took, sorted."""
+    text = dump.read_text(errors="replace") if dump.exists() else ""
+    return sorted(sorted(rcpt.split()[0] for rcpt in re.findall(r"^X-Rcpt-Args: (.*)$", message, re.MULTILINE))
+                  for message in text.split("X-Client-Addr:")[1:])
