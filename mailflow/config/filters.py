@@ -58,6 +58,8 @@ class SmtpdFilterSettings(Section):
     # every message queued goes there instead of its recipients' routes; "" none. [smtpd]'s value also serves
     # mail submitted with `mailflow sendmail` (pickup), as Postfix's main.cf content_filter does.
     content_filter: str = ""
+    # What a listener skips (Postfix receive_override_options); [smtpd]'s value also serves pickup, as Postfix's
+    # main.cf value does (an after-queue filter's front side: no_address_mappings, docs/filtering.md).
     receive_override_options: tuple[str, ...] = ()
 
     @field_validator("milters")
