@@ -303,8 +303,11 @@ class RcptResult:
     alias with an owner- alias), '' not at all; its success notice then says "alias expanded" with `Action:
     expanded` ("delivered" for a list), as local(8) reports it (the addresses it expands to report no success).
     `owner`: where a failure notice about the recipient goes instead of the sender (a mailing list's owner, when
-    its command or file failed: local(8)'s bounce_workaround). `relayed`, `expanded`, `expansion` and `owner`
-    are stored with the result: a notice owed across a restart says what it would have said.
+    its command or file failed: local(8)'s bounce_workaround). `diagnostic`: the Diagnostic-Code of the result's
+    notice when the agent gives one of its own, `type; text` (a failed command's `x-unix; <its output>`, as
+    Postfix's pipe_command); '' for the others, whose notice makes it from `text`. `relayed`, `expanded`,
+    `expansion`, `owner` and `diagnostic` are stored with the result: a notice owed across a restart says what
+    it would have said.
     `conn`: the SMTP or LMTP session the result came from, when one was set up; `stats`: the stages of the
     attempt, stamped by qmgr when an agent had the job (None: none had it, qmgr's log line falls back to the
     attempt's own). `program`: the Postfix program the line is logged under when another agent than the job's
@@ -324,6 +327,7 @@ class RcptResult:
     relayed: bool = False
     expansion: str = ""
     owner: str = ""
+    diagnostic: str = ""
     conn: ConnStats | None = field(default=None, compare=False, repr=False)
     stats: MsgStats | None = field(default=None, compare=False, repr=False)
     program: str = field(default="", compare=False)  # the agent that made it, when not the job's (not stored)

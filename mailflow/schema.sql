@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS recipient (
     expanded   TEXT NOT NULL DEFAULT '',           -- the alias member the result is about ('' the recipient)
     expansion  TEXT NOT NULL DEFAULT '',           -- 'alias' or 'list' when local delivery expanded it
     owner      TEXT NOT NULL DEFAULT '',           -- a list owner its failure notice goes to ('' the sender)
+    diagnostic TEXT NOT NULL DEFAULT '',           -- its notice's Diagnostic-Code when the agent gave one ('x-unix; ...')
     PRIMARY KEY (message_id, idx)
 ) WITHOUT ROWID;
 

@@ -34,9 +34,10 @@ Decisions:
   the SASL refusal "server H said: <reply>"), or is a bare reply
   ("250 2.0.0 Ok") from a named `remote_mta`; only the reply itself goes into the field, whatever its code (a 600 or
   a 199 too) and with the garbage lines the peer sent before it, as Postfix's. Anything else is our own
-  reason: `X-Mailflow; <text>`, for a success through an agent (`relay` not "none") `X-Mailflow; delivery via
-  <relay>: <text>` as in the human part (Postfix's trace_append puts the relay in the reason). Remote-MTA
-  appears with an `smtp` Diagnostic-Code only (`remote_mta` given): a
+  reason: `X-Mailflow; <text>` (or the agent's own Diagnostic-Code, `diagnostic_code`: a failed command's
+  `x-unix; <its output>`, as Postfix's pipe_command gives it), for a success through an agent (`relay` not
+  "none") `X-Mailflow; delivery via <relay>: <text>` as in the human part (Postfix's trace_append puts the relay
+  in the reason). Remote-MTA appears with an `smtp` Diagnostic-Code only (`remote_mta` given): a
   reason of our own about a peer (a lost connection, its SIZE, no SMTPUTF8) names none, as with Postfix (its
   dsb_formal names an MTA only with that MTA's reply). A recipient returned for its age ("message expired: "
   before its last reason, from qmgr) gets that last reason in the field and in the human part, as Postfix
@@ -113,7 +114,9 @@ class NoticeRecipient:
     """What one notice says about one recipient. `action` is RFC 3464's ("failed", "delayed", "delivered",
     "relayed", "expanded"); `status` the enhanced code; `diagnostic` the remote reply or our own reason;
     `remote_mta` the host name of the MTA that answered, if one did; `relay` where a delivered or relayed copy
-    went (`host[addr]:port`, `local`...), which a success notice names as Postfix's do ("delivery via ...")."""
+    went (`host[addr]:port`, `local`...), which a success notice names as Postfix's do ("delivery via ...").
+    `diagnostic_code`: the Diagnostic-Code the agent gave, `type; text` (a command's `x-unix; output`); "" makes
+    one from `diagnostic`."""
 
     recipient: Recipient
     action: str
@@ -122,6 +125,7 @@ class NoticeRecipient:
     remote_mta: str = ""
     last_attempt: float | None = None
     relay: str = ""
+    diagnostic_code: str = ""
 
 
 def wants_notice(recipient: Recipient, kind: str) -> bool:
@@ -327,7 +331,11 @@ def _original_part(kind: str, global_: bool, full: bool, returned: bytes) -> byt
 
 def _diagnostic_code(nr: NoticeRecipient) -> tuple[str, str]:
     """('smtp', the reply) when the diagnostic is a remote SMTP reply, else ('X-Mailflow', our reason); for a
-    recipient returned for its age, the last reason (as the human part gives it, like Postfix's)."""
+    recipient returned for its age, the last reason (as the human part gives it, like Postfix's); the agent's own
+    (`diagnostic_code`: a command's `x-unix; output`) when it gave one."""
+    given_type, given, given_text = nr.diagnostic_code.partition(";")
+    if given:
+        return given_type.strip(), given_text.strip()
     text = _reason(nr)
     remote = _REMOTE_REPLY.fullmatch(text)
     if remote:

@@ -325,7 +325,7 @@ _MESSAGE_KINDS = Columns(("id", "text"), ("sender", "text"), ("arrival", "time")
 _RECIPIENT_KINDS = Columns(("idx", "count"), ("address", "text"), ("original", "text"), ("notify", "text"),
                            ("orcpt", "text"), ("status", "status"), ("dsn", "text"), ("reason", "text"),
                            ("relay", "text"), ("relayed", "flag"), ("expanded", "text"), ("expansion", "text"),
-                           ("owner", "text"))
+                           ("owner", "text"), ("diagnostic", "text"))
 # A recipient's columns in DUE's JSON; a BLOB (no code writes one; JSON cannot hold it, and the whole scan would fail)
 # as {"blob": hex}, which damage.checked then names.
 _RECIPIENT_COLUMNS = ", ".join(f"CASE typeof({c}) WHEN 'blob' THEN json_object('blob', hex({c})) ELSE {c} END"
@@ -462,18 +462,19 @@ _OUTCOME = {status: outcome for outcome, status in _STATUS.items()}
 
 
 def _recorded_result(row) -> RcptResult:
-    idx, address, original, notify, orcpt, status, dsn, reason, relay, relayed, expanded, expansion, owner = row
+    (idx, address, original, notify, orcpt, status, dsn, reason, relay, relayed, expanded, expansion, owner,
+     diagnostic) = row
     return RcptResult(Recipient(idx, address, original, notify, orcpt), _OUTCOME[status], dsn, reason, relay,
-                      relayed=bool(relayed), expanded=expanded, expansion=expansion, owner=owner)
+                      relayed=bool(relayed), expanded=expanded, expansion=expansion, owner=owner, diagnostic=diagnostic)
 
 
 def _record_op(queue_id: QueueId, rows: Sequence[tuple[RcptResult, bool]]) -> Op:
     """Recipients' results; only pending rows change, so a result recorded twice does no harm. Every write that
     holds it holds it first (statements merge in order of first appearance in a batch)."""
     return ("UPDATE recipient SET status = ?, dsn = ?, reason = ?, relay = ?, notice = ?, relayed = ?, expanded = ?,"
-            " expansion = ?, owner = ? WHERE message_id = ? AND idx = ? AND status = 'pending'",
+            " expansion = ?, owner = ?, diagnostic = ? WHERE message_id = ? AND idx = ? AND status = 'pending'",
             [(_STATUS[r.outcome], r.dsn, r.text, r.relay, int(owed), int(r.relayed), r.expanded, r.expansion, r.owner,
-              queue_id, r.recipient.index) for r, owed in rows])
+              r.diagnostic, queue_id, r.recipient.index) for r, owed in rows])
 
 
 def _queued_message(row: Sequence, recipients, owed, nrcpt: int, damage: str = "") -> QueuedMessage:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 log = logging.getLogger("mailflow.store")
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 
 # The message table as schema version 9 made it, and the columns version 8 had (migration 8 copies them).
 _MESSAGE_V8_COLUMNS = ("id, queue, sender, arrival, next_attempt, attempts, size, smtputf8, body_type, client, envid,"
@@ -74,6 +74,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # how local delivery expanded a recipient, for its notice owed (RcptResult.expanded, .expansion, .owner)
     9: tuple(f"ALTER TABLE recipient ADD COLUMN {column} TEXT NOT NULL DEFAULT ''"
              for column in ("expanded", "expansion", "owner")),
+    # a command's Diagnostic-Code (x-unix; its output), for its notice owed (RcptResult.diagnostic)
+    10: ("ALTER TABLE recipient ADD COLUMN diagnostic TEXT NOT NULL DEFAULT ''",),
 }
 
 

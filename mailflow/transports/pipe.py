@@ -20,6 +20,11 @@ Runner (used by pipe services and by local's `|command` destinations):
   5.3.5). Any other status: BOUNCED 5.3.0. A signal: DEFERRED 4.3.0. The time limit: BOUNCED 5.3.0, as
   Postfix's pipe_command() bounces it. The text carries the command's output as Postfix quotes it (one line:
   tabs and newlines made spaces, other unprintable characters '_', nothing trimmed).
+- `command_diagnostic(result) -> str`: a failed command's Diagnostic-Code as Postfix's pipe_command() gives it
+  (dsb_unix): `x-unix; <output>`, or when there is none the sys_exits text ("internal software error" for the
+  time limit or a signal, the table's text for a <sysexits.h> code, "unknown mail system error N" otherwise);
+  for "D.S.N text" output the text. "" for a success. Results of failed commands carry it
+  (`RcptResult.diagnostic`), so their notices say what Postfix's do.
 
 `PipeTransport(service, name=…)`: one `[pipe.NAME]` service. Per request:
 1. size_limit exceeded: every recipient bounces 5.2.3. A sender with control characters: every recipient
@@ -257,6 +262,7 @@ SYSEXITS: dict[int, tuple[str, str]] = {
     77: ("5.7.0", "permission denied"),
     78: ("5.3.5", "local configuration error"),
 }
+EX_SOFTWARE = 70  # what Postfix's pipe_command() says of a command killed (a signal, the time limit) in silence
 _STATUS_IN_OUTPUT = re.compile(r"([45])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
 
 
@@ -287,6 +293,22 @@ def command_status(result: CommandResult, command: str) -> tuple[Outcome, str, s
         dsn, meaning = SYSEXITS[code]
         return _failure(dsn), dsn, meaning + output
     return Outcome.BOUNCED, "5.3.0", f'Command died with status {code}: "{command}"{output}'
+
+
+def command_diagnostic(result: CommandResult) -> str:
+    """The Diagnostic-Code of a failed command, `x-unix; text`, as Postfix's pipe_command() passes it to
+    dsb_unix(); "" when the command succeeded."""
+    said = printable_output(result.output)
+    if result.timed_out or result.signal is not None:
+        return f"x-unix; {said or SYSEXITS[EX_SOFTWARE][1]}"
+    code = result.exit_code
+    if code == 0:
+        return ""
+    status = _STATUS_IN_OUTPUT.match(said)
+    if status:
+        return f"x-unix; {said[status.end():]}"
+    known = SYSEXITS.get(code) if code is not None else None
+    return f"x-unix; {said or (known[1] if known else f'unknown mail system error {code}')}"
 
 
 def _failure(dsn: str) -> Outcome:
@@ -431,7 +453,8 @@ class PipeTransport:
             text = f"delivered via {self._name} service" + (f" ({text[:100]})" if text else "")
             relayed = "X" not in s.flags  # the command is a gateway unless it does final delivery (flag X)
             return [self._result(r, outcome, dsn, text, relayed=relayed) for r in batch]
-        return [self._result(r, outcome, dsn, text) for r in batch]
+        diagnostic = command_diagnostic(result)
+        return [self._result(r, outcome, dsn, text, diagnostic=diagnostic) for r in batch]
 
     def _request_values(self, request: DeliveryRequest) -> dict[str, str]:
         s = self._service
@@ -457,5 +480,6 @@ class PipeTransport:
     def _delivered_to(request: DeliveryRequest) -> frozenset[str]:
         return delivered_to(read_header(request.content, HEADER_READ_LIMIT)[0])
 
-    def _result(self, rcpt: Recipient, outcome: Outcome, dsn: str, text: str, *, relayed: bool = False) -> RcptResult:
-        return RcptResult(rcpt, outcome, dsn, text, relay=self._name, relayed=relayed)
+    def _result(self, rcpt: Recipient, outcome: Outcome, dsn: str, text: str, *, relayed: bool = False,
+                diagnostic: str = "") -> RcptResult:
+        return RcptResult(rcpt, outcome, dsn, text, relay=self._name, relayed=relayed, diagnostic=diagnostic)

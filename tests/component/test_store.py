@@ -288,6 +288,32 @@ async def test_an_owed_notice_keeps_how_local_delivery_expanded_the_recipient_ac
                     "bob@example.test": ("delivered", "delivered to maildir")}
 
 
+async def test_an_owed_failure_notice_keeps_the_commands_x_unix_diagnostic_across_a_reopen(tmp_path):
+    """A failed command's result carries Postfix's Diagnostic-Code (`x-unix; <its output>`, pipe_command's
+    dsb_unix): recorded with the result, so a notice planned after a restart says it too, not `X-Mailflow;` and
+    the human text."""
+    path = tmp_path / "queue.db"
+    store = await Store.open(path)
+    rcpts = (Recipient(0, "cmd@example.test", "CMD@EXAMPLE.TEST"),)
+    await store.insert(NewMessage("Q1", "a@remote.test", T0, Content.of(b"Subject: x\r\n\r\nbody\r\n"), rcpts))
+    msg = await only(store)
+    await store.claim(["Q1"], T0)
+    failed = RcptResult(rcpts[0], Outcome.BOUNCED, "5.3.0", 'Command died with status 1: "x". Command output: no',
+                        "local", diagnostic="x-unix; no")
+    await record(store, msg, failed, owed=True)
+    await store.close()  # a stop before the end of the attempt
+    store = await Store.open(path)
+    try:
+        assert await store.recover() == 1
+        [again] = await store.due(T0, 10)
+    finally:
+        await store.close()
+    assert again.owed == (failed,)
+    [notice] = plan(again, list(again.owed), warn_delay=False, myhostname="mx.example.test",
+                    double_bounce_recipient="postmaster", now=T0)
+    assert [r.diagnostic_code for r in notice.recipients] == ["x-unix; no"]
+
+
 async def test_finish_can_record_the_last_jobs_results_in_the_same_transaction(store):
     await store.insert(new("Q1", "x@example.test", "y@example.test"))
     msg = await only(store)

@@ -22,7 +22,7 @@ import aiosmtplib
 import pytest
 
 from tests.interop.test_smtp_faults_vs_postfix import ScriptedPeer
-from tests.support import eventually, postfix_instance
+from tests.support import eventually, postfix_instance, script_dir
 
 pytestmark = pytest.mark.interop
 
@@ -452,8 +452,8 @@ async def test_a_lists_restricted_file_is_reported_to_its_owner_and_a_restricted
 async def test_a_lists_owner_is_told_without_the_senders_dsn_parameters_as_postfixs_local(mailflow_server, smtp_peer):
     """local(8)'s alias.c gives what a list with an owner- alias delivers no ENVID, RET, ORCPT nor original
     address (they are the sender's, not the owner's): the owner's failure notice has no Original-Envelope-Id, no
-    Original-Recipient, no "(expanded from …)", and returns the whole message as if RET were not given. (Not
-    compared: Diagnostic-Code, where Postfix says "x-unix; unknown mail system error 1" for this command.)"""
+    Original-Recipient, no "(expanded from …)", and returns the whole message as if RET were not given; its
+    Diagnostic-Code is the command's, "x-unix; unknown mail system error 1" for this one."""
     aliases = "inline:{ {list=|/bin/false}, {owner-list=owner@sender.test} }"
     messages = [Send("case-list", {"list@local.test": ["ORCPT=rfc822;given@local.test", "NOTIFY=FAILURE"]},
                      mail_options=["ENVID=env-1", "RET=HDRS"])]
@@ -465,9 +465,48 @@ async def test_a_lists_owner_is_told_without_the_senders_dsn_parameters_as_postf
     [pf_notice], [mf_notice] = pf["case-list"], mf["case-list"]
     assert pf_notice.envelope[1] == ["owner@sender.test"]
     assert human_part(mf_notice) == human_part(pf_notice)
-    assert [[(name, value) for name, value in group if name != "Diagnostic-Code"] for group in report(mf_notice)] == [
-        [(name, value) for name, value in group if name != "Diagnostic-Code"] for group in report(pf_notice)]
+    assert report(mf_notice) == report(pf_notice)
+    assert ("Diagnostic-Code", "x-unix;unknownmailsystemerror1") in report(pf_notice)[1]
     assert "Original-Envelope-Id" not in dict(report(pf_notice)[0])
     assert "Original-Recipient" not in dict(report(pf_notice)[1])
     assert [p.get_content_type() for p in mf_notice.iter_parts()] == [
         p.get_content_type() for p in pf_notice.iter_parts()]
+
+
+FAILING = ('#!/bin/sh\n'
+           'case "$1" in\n'
+           ' out1) printf "line one\\nline two\\n"; exit 1;;\n'
+           ' silent1) exit 1;;\n'
+           ' out67) echo "no such mailbox"; exit 67;;\n'
+           ' silent67) exit 67;;\n'
+           ' dsn) echo "5.7.1 go away now"; exit 1;;\n'
+           ' slow) exec sleep 30;;\n'
+           'esac\n')
+FAILING_CASES = ("out1", "silent1", "out67", "silent67", "dsn", "slow")
+
+
+async def test_a_failed_commands_notice_gives_its_output_as_x_unix_as_postfixs_pipe_command(mailflow_server,
+                                                                                            smtp_peer):
+    """pipe_command() (local(8)'s |command, pipe(8)) reports a failed command with dsb_unix: `Diagnostic-Code:
+    x-unix; <the command's output>`, or without output the sys_exits text (a <sysexits.h> code's, "unknown mail
+    system error N" for another status, "internal software error" for the time limit); for "D.S.N text" output
+    the text. The human part keeps `Command died with status N: "cmd". Command output: …`."""
+    with script_dir() as d:
+        script = d.script("fail.sh", FAILING)
+        aliases = "inline:{ " + ", ".join(f'{{{case}="|{script} {case}"}}' for case in FAILING_CASES) + " }"
+        master_cf = f"pfail unix - n n - - pipe user=nobody argv={script} out67\n"
+        messages = [*(Send(f"case-{case}", {f"{case}@local.test": []}) for case in FAILING_CASES),
+                    Send("case-pipe", {"a@fail.test": []})]
+        pf, mf = await notices_of_both(
+            mailflow_server, smtp_peer, {}, messages, len(messages), settle=1.5, master_cf=master_cf,
+            routes="fail.test=pfail:",
+            postfix={"mydestination": "local.test", "alias_maps": aliases, "command_time_limit": "2s"},
+            settings={"mydestination": ["local.test"], "alias_maps": [aliases], "local": {"command_time_limit": "2s"},
+                      "pipe": {"pfail": {"argv": [str(script), "out67"], "user": "nobody"}}})
+    assert {s: [(human_part(n), report(n)) for n in ns] for s, ns in mf.items()} == {
+        s: [(human_part(n), report(n)) for n in ns] for s, ns in pf.items()}
+    codes = {s: dict(report(ns[0])[1])["Diagnostic-Code"] for s, ns in pf.items()}
+    assert codes == {"case-out1": "x-unix;lineonelinetwo", "case-silent1": "x-unix;unknownmailsystemerror1",
+                     "case-out67": "x-unix;nosuchmailbox", "case-silent67": "x-unix;userunknown",
+                     "case-dsn": "x-unix;goawaynow", "case-slow": "x-unix;internalsoftwareerror",
+                     "case-pipe": "x-unix;nosuchmailbox"}

@@ -796,7 +796,7 @@ def _expire(pending: list[RcptResult], age: float, lifetime: float) -> list[Rcpt
     if age < lifetime:
         return []
     return [RcptResult(r.recipient, Outcome.BOUNCED, r.dsn, f"{EXPIRED}{r.text}", r.relay,
-                       transport=r.transport) for r in pending]
+                       transport=r.transport, diagnostic=r.diagnostic) for r in pending]
 
 
 def _complete(job: Job, report: DeliveryReport, stats: MsgStats | None) -> list[RcptResult]:

@@ -111,7 +111,8 @@ def _notice_recipient(result: RcptResult, now: float) -> NoticeRecipient:
         remote = ""  # (whether a member went on to an MTA, as mailbox_transport's LMTP, or to a mailbox)
     elif result.outcome is Outcome.SENT and (remote or result.relayed):
         action = "relayed"  # handed to an MTA without DSN or a gateway, which may send no notice (RFC 3464 2.3.3)
-    return NoticeRecipient(named, action, result.dsn, text, remote_mta=remote, last_attempt=now, relay=result.relay)
+    return NoticeRecipient(named, action, result.dsn, text, remote_mta=remote, last_attempt=now, relay=result.relay,
+                           diagnostic_code="" if result.outcome is Outcome.SENT else result.diagnostic)
 
 
 class Notices:

@@ -69,7 +69,7 @@ import pwd
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Awaitable, Callable, Mapping, Protocol
+from typing import Awaitable, Callable, Mapping, NamedTuple, Protocol
 
 from mailflow import address
 from mailflow.clock import Clock
@@ -85,7 +85,8 @@ from mailflow.tables import split_extension
 from mailflow.transports.encode import ToLf, aencode
 from mailflow.transports.maildir import MaildirWriter, Owner, mailbox_prefix, write_failure
 from mailflow.transports.local.mbox import append_mbox, from_line, mailbox_location, mbox_entry
-from mailflow.transports.pipe import SHELL_SAFE, CommandNotRun, command_status, run_shell_command
+from mailflow.transports.pipe import (SHELL_SAFE, CommandNotRun, command_diagnostic, command_status,
+                                      run_shell_command)
 
 log = logging.getLogger("mailflow.local")
 
@@ -118,7 +119,14 @@ class CommandSettings:
         return cls(config.local.default_privs, config.local.command_time_limit, config.recipient_delimiter)
 
 
-Part = tuple[Outcome, str, str]  # what one destination of a recipient got: outcome, status, text
+class Part(NamedTuple):
+    """What one destination of a recipient got: outcome, status, text, and a failed command's Diagnostic-Code
+    (`x-unix; output`, pipe.command_diagnostic)."""
+
+    outcome: Outcome
+    dsn: str
+    text: str
+    diagnostic: str = ""
 
 
 @dataclass
@@ -219,10 +227,10 @@ class LocalTransport:
                 parts.append(await self._file(request, rcpt, leaf))
             elif isinstance(leaf, Pass):
                 passed = await self._pass_once(request, rcpt, leaf, filled, expansion)
-                parts.append((passed.outcome, passed.dsn, passed.text))
+                parts.append(Part(passed.outcome, passed.dsn, passed.text, passed.diagnostic))
             elif isinstance(leaf, Refused):
                 who = "" if leaf.address.lower() == rcpt.address.lower() else f"{leaf.address}: "
-                parts.append((Outcome.BOUNCED, leaf.dsn, who + leaf.text))
+                parts.append(Part(Outcome.BOUNCED, leaf.dsn, who + leaf.text))
             else:
                 continue
             owners.append(leaf.sender if isinstance(leaf, (Command, File, Refused)) else None)
@@ -256,11 +264,12 @@ class LocalTransport:
     def _combine(self, rcpt: Recipient, parts: list[Part]) -> RcptResult:
         """Deferred if any part must be retried, else bounced if any failed, else sent; texts of the others
         follow in "(also: …)". Each in `_summary`'s words: a list's thousand mailboxes are one text."""
-        done = [text for outcome, _, text in parts if outcome is Outcome.SENT]
+        done = [part.text for part in parts if part.outcome is Outcome.SENT]
         for outcome in (Outcome.DEFERRED, Outcome.BOUNCED):
-            bad = [(dsn, text) for o, dsn, text in parts if o is outcome]
+            bad = [part for part in parts if part.outcome is outcome]
             if bad:
-                return self._result(rcpt, outcome, bad[0][0], _also(_summary([t for _, t in bad]), done))
+                result = self._result(rcpt, outcome, bad[0].dsn, _also(_summary([part.text for part in bad]), done))
+                return replace(result, diagnostic=bad[0].diagnostic if len(bad) == 1 else "")
         return self._result(rcpt, Outcome.SENT, "2.0.0", _summary(done))
 
     async def _mailbox(self, request: DeliveryRequest, rcpt: Recipient, leaf: Mailbox) -> Part:
@@ -272,8 +281,8 @@ class LocalTransport:
             try:
                 await self._writer.write(path, prefix, request.content, owner, self._local.mailbox_size_limit)
             except OSError as e:
-                return write_failure(path, e)
-            return Outcome.SENT, "2.0.0", "delivered to maildir"  # local(8)'s words: the path is not named
+                return Part(*write_failure(path, e))
+            return Part(Outcome.SENT, "2.0.0", "delivered to maildir")  # local(8)'s words: the path is not named
         entry = mbox_entry(request.content, sender=request.sender, arrival=self._clock.time(), prepend=prefix)
         try:
             await append_mbox(path, entry, locks=self._local.mailbox_delivery_lock,
@@ -281,7 +290,7 @@ class LocalTransport:
                               size_limit=self._local.mailbox_size_limit)
         except DeliveryError as e:
             return _failed(e)
-        return Outcome.SENT, "2.0.0", "delivered to mailbox"
+        return Part(Outcome.SENT, "2.0.0", "delivered to mailbox")
 
     async def _owner(self, user: str) -> Owner | None:
         """As root, a local user who is also a system user gets a Maildir of its own: what is created below
@@ -300,7 +309,7 @@ class LocalTransport:
         root the append runs in a forked child as the .forward's user or `default_privs` (Postfix writes files
         with the alias owner's or the user's rights, never root's: a .forward must not reach /etc/passwd)."""
         if leaf.path == os.devnull:
-            return Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}"
+            return Part(Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}")
         sender, original = _envelope(request, rcpt, leaf.sender)
         entry = mbox_entry(request.content, sender=sender, arrival=self._clock.time(),
                            prepend=mailbox_prefix(sender, rcpt.address, original))
@@ -311,7 +320,7 @@ class LocalTransport:
                               refuse_executable=True)
         except DeliveryError as e:
             return _failed(e)
-        return Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}"
+        return Part(Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}")
 
     async def _pass(self, request: DeliveryRequest, rcpt: Recipient, leaf: Pass, expansion: str = "") -> RcptResult:
         """Hand `leaf.address` to the transport `leaf` names (Postfix's deliver_pass), to `leaf.nexthop` or the
@@ -337,22 +346,22 @@ class LocalTransport:
     async def _forward_copy(self, request: DeliveryRequest, rcpt: Recipient, addresses: tuple[str, ...],
                             sender: str | None = None) -> Part:
         if self._forward is None:
-            return Outcome.DEFERRED, "4.3.5", "forwarding is not possible here (no cleanup to queue it)"
+            return Part(Outcome.DEFERRED, "4.3.5", "forwarding is not possible here (no cleanup to queue it)")
         content = request.content.prepend(f"Delivered-To: {rcpt.address}\r\n".encode("utf-8"))
         try:
             queue_id = await self._forward(request, rcpt, addresses, content, sender=sender)
         except DeliveryError as e:
-            return Outcome.DEFERRED, "4.3.0", f"cannot forward to {_some(addresses)}: {e.text}"
+            return Part(Outcome.DEFERRED, "4.3.0", f"cannot forward to {_some(addresses)}: {e.text}")
         except Exception as e:
             log.exception("%s: forwarding to %s failed", request.queue_id, _some(addresses))
-            return Outcome.DEFERRED, "4.3.0", f"cannot forward to {_some(addresses)}: {e}"
-        return Outcome.SENT, "2.0.0", f"forwarded as {queue_id} to {_some(addresses)}"
+            return Part(Outcome.DEFERRED, "4.3.0", f"cannot forward to {_some(addresses)}: {e}")
+        return Part(Outcome.SENT, "2.0.0", f"forwarded as {queue_id} to {_some(addresses)}")
 
     async def _command(self, request: DeliveryRequest, rcpt: Recipient, leaf: Command) -> Part:
         """Run one `|command` destination (see the module docstring)."""
         settings = self._commands
         if settings is None:
-            return Outcome.DEFERRED, "4.3.5", f"command delivery is not set up here: |{leaf.command}"
+            return Part(Outcome.DEFERRED, "4.3.5", f"command delivery is not set up here: |{leaf.command}")
         local, domain = address.split(leaf.address)
         user, ext = split_extension(local.lower(), settings.recipient_delimiter)
         home = Path(os.path.abspath(Path(self._local.maildir_base) / user)) if is_safe_user(user) else Path("/")
@@ -372,11 +381,11 @@ class LocalTransport:
                                              cwd=home if leaf.forward and home.is_dir() else "/", umask=0o077)
         except CommandNotRun as e:
             log.warning("%s: command %r for %s not run: %s", request.queue_id, leaf.command, leaf.address, e.text)
-            return Outcome.DEFERRED, "4.3.0", e.text
+            return Part(Outcome.DEFERRED, "4.3.0", e.text)
         outcome, dsn, text = command_status(result, leaf.command)
         if outcome is Outcome.SENT:
-            text = f"delivered to command: {leaf.command}"
-        return outcome, dsn, text
+            return Part(outcome, dsn, f"delivered to command: {leaf.command}")
+        return Part(outcome, dsn, text, command_diagnostic(result))
 
     def _result(self, rcpt: Recipient, outcome: Outcome, dsn: str, text: str) -> RcptResult:
         return RcptResult(rcpt, outcome, dsn, text, relay=self._relay)
@@ -435,7 +444,7 @@ def _failures_owner(result: RcptResult, parts: list[Part], owners: list[str | No
     to both: the sender is told, rather than one owner of the other's failure)."""
     if result.outcome is not Outcome.BOUNCED:
         return ""
-    bounced = {owner for (outcome, _, _), owner in zip(parts, owners) if outcome is Outcome.BOUNCED}
+    bounced = {owner for part, owner in zip(parts, owners) if part.outcome is Outcome.BOUNCED}
     return bounced.pop() or "" if len(bounced) == 1 else ""
 
 
@@ -448,7 +457,7 @@ def _client_environment(c: ClientAttributes) -> dict[str, str]:
 
 
 def _failed(e: DeliveryError) -> Part:
-    return (Outcome.BOUNCED if e.permanent else Outcome.DEFERRED), e.dsn, e.text
+    return Part(Outcome.BOUNCED if e.permanent else Outcome.DEFERRED, e.dsn, e.text)
 
 
 def _also(text: str, done: list[str]) -> str:
