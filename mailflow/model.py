@@ -284,6 +284,17 @@ class ConnStats(NamedTuple):
     use: int = 1
 
 
+class OwnedFailure(NamedTuple):
+    """A failure local delivery reports to a mailing list's owner (local(8)'s bounce_workaround): `owner` is told
+    about `address` (the list whose command or file failed) with its status, text and Diagnostic-Code."""
+
+    owner: str
+    address: str
+    dsn: str
+    text: str
+    diagnostic: str = ""
+
+
 @dataclass(frozen=True)
 class RcptResult:
     """The fate of one recipient after one delivery attempt.
@@ -303,11 +314,13 @@ class RcptResult:
     alias with an owner- alias), '' not at all; its success notice then says "alias expanded" with `Action:
     expanded` ("delivered" for a list), as local(8) reports it (the addresses it expands to report no success).
     `owner`: where a failure notice about the recipient goes instead of the sender (a mailing list's owner, when
-    its command or file failed: local(8)'s bounce_workaround). `diagnostic`: the Diagnostic-Code of the result's
-    notice when the agent gives one of its own, `type; text` (a failed command's `x-unix; <its output>`, as
-    Postfix's pipe_command); '' for the others, whose notice makes it from `text`. `relayed`, `expanded`,
-    `expansion`, `owner` and `diagnostic` are stored with the result: a notice owed across a restart says what
-    it would have said.
+    its command or file failed: local(8)'s bounce_workaround). `owned`: a recipient whose failures are of several
+    lists with different owners (an alias of two lists) has no `owner`, but each failure here, told to its own
+    owner about its own list, as local(8)'s bounce_workaround tells each; () for the others. `diagnostic`: the
+    Diagnostic-Code of the result's notice when the agent gives one of its own, `type; text` (a failed command's
+    `x-unix; <its output>`, as Postfix's pipe_command); '' for the others, whose notice makes it from `text`.
+    `relayed`, `expanded`, `expansion`, `owner`, `owned` and `diagnostic` are stored with the result: a notice
+    owed across a restart says what it would have said.
     `conn`: the SMTP or LMTP session the result came from, when one was set up; `stats`: the stages of the
     attempt, stamped by qmgr when an agent had the job (None: none had it, qmgr's log line falls back to the
     attempt's own). `program`: the Postfix program the line is logged under when another agent than the job's
@@ -328,6 +341,7 @@ class RcptResult:
     expansion: str = ""
     owner: str = ""
     diagnostic: str = ""
+    owned: tuple[OwnedFailure, ...] = ()
     conn: ConnStats | None = field(default=None, compare=False, repr=False)
     stats: MsgStats | None = field(default=None, compare=False, repr=False)
     program: str = field(default="", compare=False)  # the agent that made it, when not the job's (not stored)

@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS recipient (
     expansion  TEXT NOT NULL DEFAULT '',           -- 'alias' or 'list' when local delivery expanded it
     owner      TEXT NOT NULL DEFAULT '',           -- a list owner its failure notice goes to ('' the sender)
     diagnostic TEXT NOT NULL DEFAULT '',           -- its notice's Diagnostic-Code when the agent gave one ('x-unix; ...')
+    owned      TEXT NOT NULL DEFAULT '',           -- failures told to several lists' owners: JSON ('' none)
     PRIMARY KEY (message_id, idx)
 ) WITHOUT ROWID;
 

@@ -61,8 +61,8 @@ from typing import Sequence
 
 from mailflow.config import DEFAULTS
 from mailflow.content import MEMORY_LIMIT, Content, Spool
-from mailflow.model import (ClientAttributes, Delivered, NewMessage, Outcome, QueuedMessage, QueueId, RcptResult,
-                            Recipient)
+from mailflow.model import (ClientAttributes, Delivered, NewMessage, Outcome, QueuedMessage, QueueId, OwnedFailure,
+                            RcptResult, Recipient)
 from mailflow.store.contents import CLIENT_COLUMNS, content_of, insert_ops, row_content, storable, sweep
 from mailflow.store.damage import Columns, checked, sort_time, undecodable
 from mailflow.store.engine import (BUSY_TIMEOUT, CONTENT_DIRECTORY, MAX_VARS, BatchLoader, GroupCommitter, Op,
@@ -325,7 +325,7 @@ _MESSAGE_KINDS = Columns(("id", "text"), ("sender", "text"), ("arrival", "time")
 _RECIPIENT_KINDS = Columns(("idx", "count"), ("address", "text"), ("original", "text"), ("notify", "text"),
                            ("orcpt", "text"), ("status", "status"), ("dsn", "text"), ("reason", "text"),
                            ("relay", "text"), ("relayed", "flag"), ("expanded", "text"), ("expansion", "text"),
-                           ("owner", "text"), ("diagnostic", "text"))
+                           ("owner", "text"), ("diagnostic", "text"), ("owned", "text"))
 # A recipient's columns in DUE's JSON; a BLOB (no code writes one; JSON cannot hold it, and the whole scan would fail)
 # as {"blob": hex}, which damage.checked then names.
 _RECIPIENT_COLUMNS = ", ".join(f"CASE typeof({c}) WHEN 'blob' THEN json_object('blob', hex({c})) ELSE {c} END"
@@ -463,18 +463,33 @@ _OUTCOME = {status: outcome for outcome, status in _STATUS.items()}
 
 def _recorded_result(row) -> RcptResult:
     (idx, address, original, notify, orcpt, status, dsn, reason, relay, relayed, expanded, expansion, owner,
-     diagnostic) = row
+     diagnostic, owned) = row
     return RcptResult(Recipient(idx, address, original, notify, orcpt), _OUTCOME[status], dsn, reason, relay,
-                      relayed=bool(relayed), expanded=expanded, expansion=expansion, owner=owner, diagnostic=diagnostic)
+                      relayed=bool(relayed), expanded=expanded, expansion=expansion, owner=owner, diagnostic=diagnostic,
+                      owned=_owned_of(owned))
+
+
+def _owned_text(owned: tuple[OwnedFailure, ...]) -> str:
+    """RcptResult.owned as the recipient row keeps it: a JSON array of arrays, '' for none (almost every row)."""
+    return json.dumps([list(f) for f in owned]) if owned else ""
+
+
+def _owned_of(text: str) -> tuple[OwnedFailure, ...]:
+    """RcptResult.owned from its column ('' none; a value that is not what _owned_text wrote: none)."""
+    try:
+        return tuple(OwnedFailure(*map(str, f)) for f in json.loads(text)) if text else ()
+    except (ValueError, TypeError):
+        return ()
 
 
 def _record_op(queue_id: QueueId, rows: Sequence[tuple[RcptResult, bool]]) -> Op:
     """Recipients' results; only pending rows change, so a result recorded twice does no harm. Every write that
     holds it holds it first (statements merge in order of first appearance in a batch)."""
     return ("UPDATE recipient SET status = ?, dsn = ?, reason = ?, relay = ?, notice = ?, relayed = ?, expanded = ?,"
-            " expansion = ?, owner = ?, diagnostic = ? WHERE message_id = ? AND idx = ? AND status = 'pending'",
+            " expansion = ?, owner = ?, diagnostic = ?, owned = ?"
+            " WHERE message_id = ? AND idx = ? AND status = 'pending'",
             [(_STATUS[r.outcome], r.dsn, r.text, r.relay, int(owed), int(r.relayed), r.expanded, r.expansion, r.owner,
-              r.diagnostic, queue_id, r.recipient.index) for r, owed in rows])
+              r.diagnostic, _owned_text(r.owned), queue_id, r.recipient.index) for r, owed in rows])
 
 
 def _queued_message(row: Sequence, recipients, owed, nrcpt: int, damage: str = "") -> QueuedMessage:

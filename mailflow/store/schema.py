@@ -74,8 +74,10 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # how local delivery expanded a recipient, for its notice owed (RcptResult.expanded, .expansion, .owner)
     9: tuple(f"ALTER TABLE recipient ADD COLUMN {column} TEXT NOT NULL DEFAULT ''"
              for column in ("expanded", "expansion", "owner")),
-    # a command's Diagnostic-Code (x-unix; its output), for its notice owed (RcptResult.diagnostic)
-    10: ("ALTER TABLE recipient ADD COLUMN diagnostic TEXT NOT NULL DEFAULT ''",),
+    # a command's Diagnostic-Code (x-unix; its output) and the failures told to several lists' owners, for the
+    # notice owed (RcptResult.diagnostic, .owned)
+    10: tuple(f"ALTER TABLE recipient ADD COLUMN {column} TEXT NOT NULL DEFAULT ''"
+              for column in ("diagnostic", "owned")),
 }
 
 

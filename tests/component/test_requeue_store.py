@@ -312,7 +312,7 @@ async def test_a_queue_of_schema_8_takes_requeued_mail_after_its_migration(tmp_p
         db.executescript(f"ALTER TABLE message RENAME TO m9; DROP INDEX message_due; {v8};"
                          f" INSERT INTO message SELECT {schema._MESSAGE_V8_COLUMNS} FROM m9; DROP TABLE m9;"
                          " CREATE INDEX message_due ON message (queue, next_attempt);")
-        for column in ("expanded", "expansion", "owner", "diagnostic"):  # the recipient table as schema 8 had it
+        for column in ("expanded", "expansion", "owner", "diagnostic", "owned"):  # the recipient table of schema 8
             db.execute(f"ALTER TABLE recipient DROP COLUMN {column}")
         assert not {"requeue", "created"} & {row[1] for row in db.execute("PRAGMA table_info(message)")}
         with pytest.raises(sqlite3.IntegrityError):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mailflow.content import Content
-from mailflow.model import ClientAttributes, Delivered, Outcome, QueuedMessage, RcptResult, Recipient
+from mailflow.model import ClientAttributes, Delivered, OwnedFailure, Outcome, QueuedMessage, RcptResult, Recipient
 from mailflow.errors import Overloaded
 from mailflow.stages.qmgr.notices import plan
 from mailflow.store import SCHEMA_VERSION, NewMessage, Store
@@ -290,17 +290,21 @@ async def test_an_owed_notice_keeps_how_local_delivery_expanded_the_recipient_ac
 
 async def test_an_owed_failure_notice_keeps_the_commands_x_unix_diagnostic_across_a_reopen(tmp_path):
     """A failed command's result carries Postfix's Diagnostic-Code (`x-unix; <its output>`, pipe_command's
-    dsb_unix): recorded with the result, so a notice planned after a restart says it too, not `X-Mailflow;` and
-    the human text."""
+    dsb_unix), and an alias of two lists whose commands failed the failures each list's owner is told
+    (`owned`): recorded with the result, so the notices planned after a restart say the same and go to the same
+    owners, not `X-Mailflow;` and the human text to the sender."""
     path = tmp_path / "queue.db"
     store = await Store.open(path)
-    rcpts = (Recipient(0, "cmd@example.test", "CMD@EXAMPLE.TEST"),)
+    rcpts = (Recipient(0, "cmd@example.test", "CMD@EXAMPLE.TEST"), Recipient(1, "all@example.test", ""))
     await store.insert(NewMessage("Q1", "a@remote.test", T0, Content.of(b"Subject: x\r\n\r\nbody\r\n"), rcpts))
     msg = await only(store)
     await store.claim(["Q1"], T0)
     failed = RcptResult(rcpts[0], Outcome.BOUNCED, "5.3.0", 'Command died with status 1: "x". Command output: no',
                         "local", diagnostic="x-unix; no")
-    await record(store, msg, failed, owed=True)
+    owned = (OwnedFailure("o1@example.test", "l1@example.test", "5.3.0", "Command died", "x-unix; one"),
+             OwnedFailure("o2@example.test", "l2@example.test", "5.1.1", "user unknown", "x-unix; user unknown"))
+    lists = RcptResult(rcpts[1], Outcome.BOUNCED, "5.3.0", "Command died; user unknown", "local", owned=owned)
+    await record(store, msg, failed, lists, owed=True)
     await store.close()  # a stop before the end of the attempt
     store = await Store.open(path)
     try:
@@ -308,10 +312,13 @@ async def test_an_owed_failure_notice_keeps_the_commands_x_unix_diagnostic_acros
         [again] = await store.due(T0, 10)
     finally:
         await store.close()
-    assert again.owed == (failed,)
-    [notice] = plan(again, list(again.owed), warn_delay=False, myhostname="mx.example.test",
-                    double_bounce_recipient="postmaster", now=T0)
-    assert [r.diagnostic_code for r in notice.recipients] == ["x-unix; no"]
+    assert again.owed == (failed, lists)
+    notices = plan(again, list(again.owed), warn_delay=False, myhostname="mx.example.test",
+                   double_bounce_recipient="postmaster", now=T0)
+    assert [(n.to, [(r.recipient.address, r.status, r.diagnostic_code) for r in n.recipients]) for n in notices] == [
+        ("o1@example.test", [("l1@example.test", "5.3.0", "x-unix; one")]),
+        ("o2@example.test", [("l2@example.test", "5.1.1", "x-unix; user unknown")]),
+        ("a@remote.test", [("cmd@example.test", "5.3.0", "x-unix; no")])]
 
 
 async def test_finish_can_record_the_last_jobs_results_in_the_same_transaction(store):

@@ -510,3 +510,33 @@ async def test_a_failed_commands_notice_gives_its_output_as_x_unix_as_postfixs_p
                      "case-out67": "x-unix;nosuchmailbox", "case-silent67": "x-unix;userunknown",
                      "case-dsn": "x-unix;goawaynow", "case-slow": "x-unix;internalsoftwareerror",
                      "case-pipe": "x-unix;nosuchmailbox"}
+
+
+async def test_failures_of_two_lists_go_each_to_its_own_owner_and_a_lists_deferral_to_the_sender(mailflow_server,
+                                                                                                 smtp_peer):
+    """An alias of two lists with owner- aliases whose commands fail: local(8)'s bounce_workaround tells each
+    owner about its own list (bounce_one: one notice each, naming the list, with its command's status and
+    Diagnostic-Code), and the sender hears nothing; an alias of one such list names that list too. A list's
+    command that defers goes to the message's defer log (defer_one): the delay notice goes to the sender."""
+    aliases = ("inline:{ {all=l1, l2}, {one=l1}, {l1=|/bin/false}, {owner-l1=o1@sender.test}, "
+               '{l2="|exit 67"}, {owner-l2=o2@sender.test}, {l3="|exit 75"}, {owner-l3=o3@sender.test} }')
+    messages = [Send("case-all", {"all@local.test": []}), Send("case-one", {"one@local.test": []}),
+                Send("case-defer", {"l3@local.test": []})]
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {}, messages, 4, settle=1.5,
+                                   postfix={"mydestination": "local.test", "myorigin": "local.test",
+                                            "alias_maps": aliases, **QUICK, "queue_run_delay": "1s"},
+                                   settings={"mydestination": ["local.test"], "myorigin": "local.test",
+                                             "alias_maps": [aliases]}, queue=QUICK)
+
+    def told(notices) -> list[tuple]:
+        return sorted((n.envelope[1], n["Subject"], human_part(n), report(n)[1:]) for n in notices)
+
+    assert told(mf["case-all"]) == told(pf["case-all"])
+    assert told(mf["case-one"]) == told(pf["case-one"])
+    assert [to for to, *_ in told(pf["case-all"])] == [["o1@sender.test"], ["o2@sender.test"]]
+    assert [dict(report(n)[1])["Final-Recipient"] for n in pf["case-one"]] == ["rfc822;l1@local.test"]
+    assert [(n.envelope[1], n["Subject"]) for n in mf["case-defer"]] == [
+        (n.envelope[1], n["Subject"]) for n in pf["case-defer"]] == [
+        (["alice@sender.test"], "Delayed Mail (still being retried)")]
+    assert [dict(report(n)[1])["Diagnostic-Code"] for n in (*mf["case-defer"], *pf["case-defer"])] == [
+        "x-unix;temporaryfailure"] * 2

@@ -12,11 +12,12 @@ Rules (Postfix bounce(8) and RFC 3461):
   delivered it.
 A notice goes to the envelope sender with the null sender; a failure whose agent names an owner
 (`RcptResult.owner`: a mailing list's, local(8)'s bounce_workaround) goes to that owner instead, whatever the
-sender, without the sender's ENVID, RET, ORCPT and original address (local(8)'s alias.c gives a list none). A
-message with the null sender is itself a notice: its failures go to `double_bounce_recipient` (postmaster by
-default) from `double-bounce@myhostname`, as a postmaster copy, or nowhere when that setting is empty; a double
-bounce that fails is dropped (`discarded`, which qmgr logs as Postfix's bounce(8) does). So a bounce never
-bounces, and no notice is sent about a delay or a success of a notice.
+sender (failures of several lists, `RcptResult.owned`: each to its list's owner, about that list), without
+the sender's ENVID, RET, ORCPT and original address (local(8)'s alias.c gives a list none). A message with
+the null sender is itself a notice: its failures go to `double_bounce_recipient` (postmaster by default) from
+`double-bounce@myhostname`, as a postmaster copy, or nowhere when that setting is empty; a double bounce that
+fails is dropped (`discarded`, which qmgr logs as Postfix's bounce(8) does). So a bounce never bounces, and no
+notice is sent about a delay or a success of a notice.
 `await Notices.for_attempt()` returns ready-to-commit `NewMessage`s (made by cleanup's `prepare`), which qmgr
 commits in the same transaction as the results, so a crash can lose neither. Of the original it reads at
 most `bounce_size_limit` bytes, or only its header section (mailflow.message.quoted_original): a notice is
@@ -32,7 +33,7 @@ from typing import Callable
 
 from mailflow.content import Content
 from mailflow.message import quoted_original
-from mailflow.model import ClientInfo, Envelope, Outcome, QueuedMessage, RcptResult, Submission
+from mailflow.model import ClientInfo, Envelope, Outcome, QueuedMessage, RcptResult, Recipient, Submission
 from mailflow.stages.bounce import NoticeRecipient, build_notice, notice_is_8bit, wants_notice
 from mailflow.store import NewMessage
 
@@ -66,10 +67,10 @@ def plan(message: QueuedMessage, results: list[RcptResult], *, warn_delay: bool,
     for kind, outcome in wanted:
         chosen = [r for r in results if r.outcome is outcome and wants_notice(r.recipient, kind)
                   and not (kind == "success" and r.next_hop_notifies)]
-        for owner in dict.fromkeys(r.owner for r in chosen if kind == "failure" and r.owner):
-            notices.append(Notice(kind, "", owner, tuple(_owners_view(_notice_recipient(r, now)) for r in chosen
-                                                         if r.owner == owner), list_owner=True))
-        told = tuple(_notice_recipient(r, now) for r in chosen if not (kind == "failure" and r.owner))
+        owned = [told for r in chosen if kind == "failure" for told in _owners_told(r, now)]
+        for owner in dict.fromkeys(owner for owner, _ in owned):
+            notices.append(Notice(kind, "", owner, tuple(nr for o, nr in owned if o == owner), list_owner=True))
+        told = tuple(_notice_recipient(r, now) for r in chosen if not (kind == "failure" and (r.owner or r.owned)))
         if not told:
             continue
         if message.sender:
@@ -93,6 +94,18 @@ def _double_bounce_sender(myhostname: str) -> str:
 
 def _is_double_bounce(message: QueuedMessage, myhostname: str) -> bool:
     return message.sender == _double_bounce_sender(myhostname)
+
+
+def _owners_told(result: RcptResult, now: float) -> list[tuple[str, NoticeRecipient]]:
+    """What a failed recipient's list owners are told, (owner, recipient as reported): the whole result for its
+    `owner`; each `owned` failure for its own owner, about its list (local(8)'s bounce_workaround: one notice per
+    failure, to the owner of the list whose command or file failed)."""
+    if result.owner:
+        return [(result.owner, _owners_view(_notice_recipient(result, now)))]
+    rcpt = result.recipient
+    return [(f.owner, NoticeRecipient(Recipient(rcpt.index, f.address, "", rcpt.notify), "failed", f.dsn, f.text,
+                                      last_attempt=now, relay=result.relay, diagnostic_code=f.diagnostic))
+            for f in result.owned]
 
 
 def _owners_view(told: NoticeRecipient) -> NoticeRecipient:

@@ -77,7 +77,8 @@ from mailflow.config import DEFAULTS, LocalConfig
 from mailflow.dsn_parameters import without_success
 from mailflow.errors import DeliveryError
 from mailflow.message import HEADER_READ_LIMIT, delivered_to, read_header
-from mailflow.model import ClientAttributes, DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
+from mailflow.model import (ClientAttributes, DeliveryReport, DeliveryRequest, Outcome, OwnedFailure, RcptResult,
+                            Recipient)
 from mailflow.transports.local.aliasing import (Command, ExpansionTooBig, File, Forward, LocalExpander, Mailbox,
                                                 Pass, Refused, identity, is_safe_user)
 from mailflow.transports.local.asuser import rights_for
@@ -117,6 +118,9 @@ class CommandSettings:
     @classmethod
     def from_config(cls, config) -> "CommandSettings":
         return cls(config.local.default_privs, config.local.command_time_limit, config.recipient_delimiter)
+
+
+ListOf = tuple[str, str] | None  # the list a destination was delivered for: its owner and address (None: none)
 
 
 class Part(NamedTuple):
@@ -191,10 +195,12 @@ class LocalTransport:
             passed = await self._pass_once(request, rcpt, leaves[0], filled, expansion)
             return replace(passed, recipient=rcpt, expanded=_other(leaves[0].address, rcpt), expansion=expansion,
                            next_hop_notifies=passed.next_hop_notifies and not expansion)  # else the expansion tells
-        parts, owners = await self._deliver_leaves(request, rcpt, leaves, filled, expansion)
+        parts, lists = await self._deliver_leaves(request, rcpt, leaves, filled, expansion)
         result = _naming_the_member(self._combine(rcpt, parts), rcpt, leaves, parts)
-        return replace(result, expansion=expansion, owner=_failures_owner(result, parts, owners),
-                       expanded=result.expanded or _sole_mailbox(rcpt, leaves))
+        owner = _failures_owner(result, parts, lists)
+        return replace(result, expansion=expansion, owner=owner, owned=_owned_failures(result, parts, lists),
+                       expanded=result.expanded or _owners_list(rcpt, owner, parts, lists)
+                       or _sole_mailbox(rcpt, leaves))
 
     async def _expand(self, queue_id: str, rcpt: Recipient, seen: frozenset[str]) -> tuple[list, str]:
         """The recipient's expansion (`expand_recipient`): as the tables run it (inline when they answer from
@@ -212,11 +218,12 @@ class LocalTransport:
         return found
 
     async def _deliver_leaves(self, request: DeliveryRequest, rcpt: Recipient, leaves: list, filled: _Filled,
-                              expansion: str) -> tuple[list[Part], list[str | None]]:
-        """What each destination got, and with it the list owner it was delivered for (a command's or a file's
-        under a list with an owner- alias; None for the others). `expansion`: how the recipient was expanded."""
+                              expansion: str) -> tuple[list[Part], list[ListOf]]:
+        """What each destination got, and with it the list it was delivered for (a command's or a file's under a
+        list with an owner- alias: its owner and address; None for the others). `expansion`: how the recipient was
+        expanded."""
         parts: list[Part] = []
-        owners: list[str | None] = []
+        lists: list[ListOf] = []
         for leaf in leaves:
             if isinstance(leaf, Mailbox):
                 parts.append(await self._mailbox_once(request, rcpt, leaf, filled))
@@ -233,15 +240,16 @@ class LocalTransport:
                 parts.append(Part(Outcome.BOUNCED, leaf.dsn, who + leaf.text))
             else:
                 continue
-            owners.append(leaf.sender if isinstance(leaf, (Command, File, Refused)) else None)
+            listed = isinstance(leaf, (Command, File, Refused)) and leaf.sender is not None
+            lists.append((leaf.sender, leaf.address) if listed else None)
         by_sender: dict[str | None, list[str]] = {}
         for leaf in leaves:
             if isinstance(leaf, Forward):
                 by_sender.setdefault(leaf.sender, []).append(leaf.address)
         for sender, addresses in by_sender.items():
             parts.append(await self._forward_copy(request, rcpt, tuple(addresses), sender))
-            owners.append(None)
-        return parts, owners
+            lists.append(None)
+        return parts, lists
 
     async def _mailbox_once(self, request: DeliveryRequest, rcpt: Recipient, leaf: Mailbox | Command,
                             filled: _Filled) -> Part:
@@ -436,16 +444,41 @@ def _some(addresses: tuple[str, ...]) -> str:
     return f"{named} and {more} more" if more > 0 else named
 
 
-def _failures_owner(result: RcptResult, parts: list[Part], owners: list[str | None]) -> str:
+def _failures_owner(result: RcptResult, parts: list[Part], lists: list[ListOf]) -> str:
     """Who a bounced recipient's failure notice goes to instead of the sender: the list owner, when every part
     that bounced was a command or file of a list with an owner- alias, or a file refused there (local(8)'s
     bounce_workaround sends it to the owner, and the sender hears nothing; a restricted command it reports to the
-    sender); "" otherwise, and when the failures are of two lists with different owners (one notice cannot go
-    to both: the sender is told, rather than one owner of the other's failure)."""
+    sender); "" otherwise, and when the failures are of two lists with different owners (`_owned_failures`)."""
+    owners = _bounced_owners(result, parts, lists)
+    return owners.pop() or "" if len(owners) == 1 else ""
+
+
+def _owned_failures(result: RcptResult, parts: list[Part], lists: list[ListOf]) -> tuple[OwnedFailure, ...]:
+    """The failures of a bounced recipient whose bounced parts are all of lists with owner- aliases, and of
+    several owners: each for its own list's owner, as local(8)'s bounce_workaround tells each (the sender hears
+    nothing); () otherwise (one owner: `_failures_owner`; a failure of no list: the sender is told all)."""
+    owners = _bounced_owners(result, parts, lists)
+    if len(owners) < 2 or None in owners:
+        return ()
+    return tuple(OwnedFailure(where[0], where[1], part.dsn, part.text, part.diagnostic)
+                 for part, where in zip(parts, lists) if part.outcome is Outcome.BOUNCED and where is not None)
+
+
+def _bounced_owners(result: RcptResult, parts: list[Part], lists: list[ListOf]) -> set[str | None]:
+    """The owners of the lists whose parts bounced (None: a part of no list); none unless the recipient bounced."""
     if result.outcome is not Outcome.BOUNCED:
+        return set()
+    return {where and where[0] for part, where in zip(parts, lists) if part.outcome is Outcome.BOUNCED}
+
+
+def _owners_list(rcpt: Recipient, owner: str, parts: list[Part], lists: list[ListOf]) -> str:
+    """The list a failure told to its `owner` is about, when it is not the recipient itself (an alias of one
+    list): its notice and log line name that list, "<list> (expanded from <recipient>)", as local(8)'s; "" when
+    there is no owner, or the recipient is the list."""
+    if not owner:
         return ""
-    bounced = {owner for part, owner in zip(parts, owners) if part.outcome is Outcome.BOUNCED}
-    return bounced.pop() or "" if len(bounced) == 1 else ""
+    failed = {where[1] for part, where in zip(parts, lists) if part.outcome is Outcome.BOUNCED and where is not None}
+    return _other(failed.pop(), rcpt) if len(failed) == 1 else ""
 
 
 def _client_environment(c: ClientAttributes) -> dict[str, str]:
