@@ -12,6 +12,10 @@ rewriting: `user` becomes `user@myorigin`, canonical maps and masquerading apply
                                             Postfix's tok822_parse adds the commas they lack (`a@x b@y` is two,
                                             `Joe a@x` too): None for a mailbox that is still not one address
                                             (sendmail's recipients, on its command line and under -t)
+    value_addresses(value: str) -> (str | None, ...)
+                                            the addresses of a table value (canonical, virtual alias and generic
+                                            maps) as Postfix's mail_addr_crunch parses it: mailbox_spans' addresses
+                                            as text, None for a mailbox that is no address (cached: pure)
     rewrite_address_fields(head, sender, recipient) -> bytes
                                             the header section with every address of a sender field passed
                                             through `sender` and of a recipient field through `recipient`
@@ -25,6 +29,7 @@ that is not UTF-8 (it never reaches a lookup table).
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Callable
 
@@ -173,6 +178,16 @@ def mailbox_spans(value: bytes) -> list[tuple[int, int] | None]:
     mailboxes = [part for mailbox in _mailboxes(tokens) for part in _missing_commas(mailbox)]
     spans = [_address_span(mailbox) for mailbox in mailboxes]
     return spans + [None] if tokens and tokens[-1][2] < len(value) else spans
+
+
+@functools.lru_cache(maxsize=1024)  # a pure function: one table value (`@example.com`) answers many lookups
+def value_addresses(value: str) -> tuple[str | None, ...]:
+    """The addresses of a table value as Postfix's mail_addr_crunch parses it (RFC 822 tokens: `Joe <joe@x>` is
+    `joe@x`, a comment or a group's name is none, words side by side are an address each, commas separate), None
+    for a mailbox that is not one address (`a@b>x`, `<>`, a comment alone)."""
+    raw = value.encode("utf-8", "surrogateescape")
+    return tuple(None if span is None else raw[span[0]:span[1]].decode("utf-8", "surrogateescape")
+                 for span in mailbox_spans(raw))
 
 
 _WORDS = ("word", "quoted", "literal")

@@ -35,9 +35,14 @@ What it owns (Postfix cleanup(8), envelope part):
 Table semantics (as Postfix's mail_addr_map):
 - Keys are tried as `user+ext@domain`, `user@domain`, `user+ext` and `user` (only for this host's domains:
   mydestination and myorigin), `@domain`; each key is asked of every table before the next key.
-- A result `@other.domain` keeps the local part: `user@domain` -> `user@other.domain`; only the first result of
-  a list is rewritten so (virtual(5)): a later `@other.domain` stays an address with an empty local part,
-  `""@other.domain`, as Postfix's cleanup makes it.
+- A value is an RFC 822 address list, parsed as Postfix's mail_addr_crunch parses it (`table_value_addresses`,
+  mailflow.header_addresses): `Joe <joe@x>` is `joe@x`, comments and a group's name are dropped, words side by side
+  are an address each; a value with no address is a lookup failure (LookupRetry), as Postfix's "non-address
+  result" is.
+- A result `@other.domain` keeps the local part: `user@domain` -> `user@other.domain`; only a value that starts
+  with it is rewritten so, the whole value (virtual(5); Postfix then quotes all before the last '@'): a later
+  `@other.domain` of a list stays an address with an empty local part, `""@other.domain`, as Postfix's cleanup
+  makes it.
 - When a `user@domain` or `user` key matched without the address extension, the extension goes onto the
   result (`user+ext@domain` via `user@domain -> bob@example.com` gives `bob+ext@example.com`); Postfix's
   propagate_unmatched_extensions default (canonical, virtual).
@@ -56,12 +61,12 @@ docs/config.md); its `reason` names the address and why, for the log of whoever 
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from typing import Sequence
 
 from mailflow import address
-from mailflow.errors import TemporaryError
+from mailflow.errors import LookupRetry, TemporaryError
+from mailflow.header_addresses import value_addresses
 from mailflow.model import Recipient
 from mailflow.routing.srs import srs_from_config
 from mailflow.tables import Table, TableCache, find_address, split_extension
@@ -71,7 +76,6 @@ log = logging.getLogger("mailflow.cleanup")
 CANONICAL_RECURSION_LIMIT = 10
 MAILER_DAEMON = "MAILER-DAEMON"  # @myorigin, as an envelope sender: the null sender (Postfix MAIL_ADDR_MAIL_DAEMON)
 BCC_NOTIFY = "NEVER"  # an automatic BCC recipient's NOTIFY (Postfix cleanup's NO_DSN_NOTIFY)
-_LIST_ITEM = re.compile(r'(?:"(?:\\.|[^"\\])*"|[^,\s"])+')
 
 
 @dataclass(frozen=True)
@@ -95,9 +99,14 @@ def expansion_error(addr: str, why: str) -> TemporaryError:
     return TemporaryError("4.6.0", "Alias expansion error", f"<{addr}>: {why}")
 
 
-def split_address_list(value: str) -> list[str]:
-    """'a@x, <b@y>  c@z' -> ['a@x', 'b@y', 'c@z']: commas or whitespace separate, quotes protect."""
-    return [item.removeprefix("<").removesuffix(">") for item in _LIST_ITEM.findall(value)]
+def table_value_addresses(value: str) -> list[str]:
+    """The addresses of a table value, as Postfix's mail_addr_crunch finds them (mailflow.header_addresses, RFC 822
+    tokens): `Joe <joe@x>, (a comment) b@y` -> ['joe@x', 'b@y']; a group's members without its name, words side by
+    side an address each, a source route dropped; a mailbox that is no address (a comment alone, `<>` in a list) is
+    none. A value that is empty or `<>` is the null address [''] (Postfix's workaround for it)."""
+    if value.strip() in ("", "<>"):
+        return [""]
+    return [item for item in value_addresses(value) if item is not None]
 
 
 class AddressMapper:
@@ -205,7 +214,7 @@ class AddressMapper:
         found = self._find(tables, addr)
         if found is None:
             return None
-        items = split_address_list(found[2])
+        items = table_value_addresses(found[2])
         if len(items) > 1:
             log.warning("cleanup: the BCC address of <%s> is a list of %d addresses; using the first",
                         addr, len(items))
@@ -288,9 +297,7 @@ class AddressMapper:
         for tables in passes:
             found = self._find(tables, addr)
             if found is not None:
-                _, key, value = found
-                items = split_address_list(value)
-                return [self._result(addr, key, item, first=i == 0) for i, item in enumerate(items)] or None
+                return self._results(addr, *found)
         return None
 
     def _find(self, tables: list[Table], addr: str) -> tuple[str, str, str] | None:
@@ -300,20 +307,35 @@ class AddressMapper:
         return find_address(tables, addr, delimiter=self._config.recipient_delimiter,
                             local_domain=self._rewriter.is_local_domain(domain))
 
-    def _result(self, addr: str, key: str, item: str, *, first: bool = True) -> str:
-        """One result, qualified. `@domain` keeps the local part (the first result only); an extension the
-        matching key ignored is carried over, but only for a `user@domain` or `user` key (mail_addr_find), not
-        for `@domain`."""
+    def _results(self, addr: str, table: str, key: str, value: str) -> list[str]:
+        """The addresses of a table's value for `addr`, qualified, as Postfix's mail_addr_map makes them. A value
+        that starts with `@` gets the address's local part put in front of it, the whole value (Postfix quotes
+        all before its last '@': `@x, b@y` gives `"user@x, b"@y`); an extension the matching key ignored is
+        carried onto every address, but only for a `user@domain` or `user` key (mail_addr_find), not for
+        `@domain`. A later `@domain` of a list is an address with an empty local part. A value that holds no
+        address raises LookupRetry (Postfix: "returns non-address result", the message is not accepted)."""
         local, _ = address.split(addr)
         user, ext = split_extension(local, self._config.recipient_delimiter)
         key_local = address.split(key)[0] if "@" in key else key
         unmatched = ext if ext and key_local and key_local.lower() != local.lower() else ""
+        if value.startswith("@"):
+            before_at, _, domain = (local.removesuffix(unmatched) + value).rpartition("@")
+            value = f"{address.quoted_local(before_at)}@{domain}"
+        items = table_value_addresses(value)
+        if not items:
+            log.warning("cleanup: table %s: lookup of <%s> returns non-address result %r",
+                        address.printable(table), addr, value)
+            raise LookupRetry(f"table {address.printable(table)}: {address.printable(key)}: non-address result")
+        return [self._with_extension(item, unmatched) for item in items]
+
+    def _with_extension(self, item: str, unmatched: str) -> str:
+        """One address of a value, qualified, with the extension its key did not match."""
         if item.startswith("@"):
-            return local + item if first else f'"{unmatched}"{item}'
+            return f'"{unmatched}"{item}'
         result = self._rewriter.qualify(item)
-        if unmatched:
+        if unmatched and result:
             result_local, result_domain = address.split(result)
-            result = f"{result_local}{ext}@{result_domain}"
+            result = f"{result_local}{unmatched}@{result_domain}"
         return result
 
 

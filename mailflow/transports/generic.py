@@ -8,7 +8,7 @@ queued; so does ORCPT: to a next hop that offers DSN, RCPT TO's `ORCPT=rfc822;â€
       .address(addr, queue_id="") -> str   one address mapped, or itself: keys as mail_addr_find (`user+ext@domain`,
                                        `user@domain`, `user+ext` and `user` for this host's domains
                                        (`is_local_domain`), `@domain`); the first address of the value, parsed as
-                                       Postfix's mail_addr_crunch (`value_addresses`: `Joe <joe@x>` is `joe@x`;
+                                       Postfix's mail_addr_crunch (value_addresses: `Joe <joe@x>` is `joe@x`;
                                        Postfix warns of more and takes the first); `@other.domain` keeps the
                                        local part (without the extension when the key matched without it); a
                                        value without a domain is qualified (`qualify`: @myorigin), as Postfix's
@@ -40,7 +40,6 @@ addresses (or map before signing), as Postfix's documentation warns too.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import re
 from dataclasses import dataclass, field
@@ -49,7 +48,7 @@ from typing import Callable, NoReturn
 
 from mailflow.address import has_unsafe_characters, printable
 from mailflow.errors import LookupRetry
-from mailflow.header_addresses import mailbox_spans, rewrite_address_fields
+from mailflow.header_addresses import rewrite_address_fields, value_addresses
 from mailflow.message import HEADER_READ_LIMIT, read_header
 from mailflow.model import DeliveryRequest
 from mailflow.tables import Table, find
@@ -73,16 +72,6 @@ def wire_problem(address: str) -> str | None:
     if not (local and at and domain):
         return "is not local@domain"
     return None
-
-
-@functools.lru_cache(maxsize=1024)  # a pure function: one table value (`@example.com`) answers many lookups
-def value_addresses(value: str) -> tuple[str | None, ...]:
-    """The addresses of a table value as Postfix's mail_addr_crunch parses it (RFC 822 tokens: `Joe <joe@x>` is
-    `joe@x`, words side by side are an address each, commas separate), None for a mailbox that is not one
-    address (`a@b>x`, `<>`)."""
-    raw = value.encode("utf-8", "surrogateescape")
-    return tuple(None if span is None else raw[span[0]:span[1]].decode("utf-8", "surrogateescape")
-                 for span in mailbox_spans(raw))
 
 
 class HeaderSwap:

@@ -317,7 +317,7 @@ async def test_the_header_of_a_spooled_or_big_message_is_mapped_off_the_event_lo
 
 
 def test_one_table_value_is_parsed_once_for_many_addresses():
-    from mailflow.transports.generic import value_addresses
+    from mailflow.header_addresses import value_addresses
     value_addresses.cache_clear()
     maps = generic()
     assert [maps.address(f"u{i}@box.local") for i in range(100)] == [f"u{i}@example.com" for i in range(100)]
