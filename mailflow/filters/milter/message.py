@@ -3,7 +3,9 @@ for smtpd's milters (smtpd_milters) and for mail that does not come through smtp
 
     await end_of_message(session, submission) -> Filtered     the header section and the body to every milter of
                                                   the session; their edits (headers, body, sender, recipients)
-                                                  applied to a new Submission; nothing of the original copied
+                                                  applied to a new Submission; nothing of the original copied;
+                                                  a recipient no edit touched keeps its original address, NOTIFY
+                                                  and ORCPT (as Postfix's cleanup edits its queue file in place)
     NonSmtpdMilters(specs, settings, myhostname)  Postfix's non_smtpd_milters (pickup: `mailflow sendmail`)
         await .filter(submission) -> Filtered     one milter session per message, the SMTP events emulated as
                                                   Postfix's cleanup does: connect from localhost [127.0.0.1], HELO
@@ -33,7 +35,7 @@ from mailflow.content import Content
 from mailflow.filters.edits import edit_header
 from mailflow.filters.milter.client import ClientMacros, MilterSession, MilterSettings, Verdict
 from mailflow.message import read_header
-from mailflow.model import Submission
+from mailflow.model import Envelope, Submission
 
 log = logging.getLogger("mailflow.cleanup")
 
@@ -75,17 +77,32 @@ async def end_of_message(session: MilterSession, submission: Submission) -> Filt
         log.warning("%s: queue file size limit exceeded", submission.queue_id)
         return Filtered("reject", submission, status.MESSAGE_TOO_BIG, "milter edits: message file too big")
     envelope = submission.envelope
-    recipients = [r for r in envelope.recipients if f"<{r}>" not in edits.delete_recipients
-                  and r not in edits.delete_recipients]
-    recipients += [a.strip("<>") for a in edits.add_recipients if a.strip("<>")]
     received = submission.received
-    if recipients != list(envelope.recipients) or edits.sender:
+    edited = _edited_envelope(envelope, edits.delete_recipients, edits.add_recipients)
+    if edited != envelope or edits.sender:
         received = received or envelope  # (the automatic BCC lookups are made on it: cleanup)
-        envelope = dataclasses.replace(envelope, recipients=tuple(recipients), originals=(), notify=(),
-                                       orcpts=(), sender=(edits.sender[0].strip("<>") if edits.sender
-                                                          else envelope.sender))
+        envelope = dataclasses.replace(edited, sender=(edits.sender[0].strip("<>") if edits.sender
+                                                       else envelope.sender))
     return Filtered("continue", dataclasses.replace(submission, content=content, envelope=envelope,
                                                     received=received), hold=hold)
+
+
+def _edited_envelope(envelope: Envelope, deleted: list[str], added: list[str]) -> Envelope:
+    """The envelope with the milters' DELRCPT and ADDRCPT applied, as Postfix's cleanup edits its queue file: a
+    recipient left alone keeps its original address, NOTIFY and ORCPT; an added one (at the end) has its own
+    address as its original and no DSN parameters (ADDRCPT_PAR's are not taken)."""
+    new = [a.strip("<>") for a in added if a.strip("<>")]
+    kept = [i for i, r in enumerate(envelope.recipients) if f"<{r}>" not in deleted and r not in deleted]
+    if not new and len(kept) == len(envelope.recipients):
+        return envelope
+
+    def column(values: tuple[str, ...], for_added: list[str]) -> tuple[str, ...]:
+        return tuple(values[i] for i in kept) + tuple(for_added) if values else ()
+
+    none = [""] * len(new)
+    return dataclasses.replace(envelope, recipients=column(envelope.recipients, new),
+                               originals=column(envelope.originals, new), notify=column(envelope.notify, none),
+                               orcpts=column(envelope.orcpts, none))
 
 
 class NonSmtpdMilters:
