@@ -29,7 +29,11 @@ Syntax (Postfix aliases(5), compatible with sendmail):
   that is one whole quoted string is unquoted; inside quotes only `\\"` and `\\\\` are escapes, any other backslash
   is literal (so `"\\user"` is the mailbox form). A value with quotes in part (`"john doe"@example.com`) is kept
   verbatim as an address.
-- Addresses must be RFC 5321 mailboxes (a bare `user` is checked as a local part); case is kept as written.
+- Addresses must be RFC 5321 mailboxes (a bare `user` is checked as a local part); case is kept as written. An
+  item that is not one as written is read as Postfix's local reads every value, with its RFC 822 parser
+  (mailflow.header_addresses): `Joe <joe@x>` and `joe@x (Joe)` are joe@x, `a@x b@y` is two addresses, a group's
+  name and its `;` are dropped. (Postfix splits commands and file names at blanks too, `|cmd arg` being `|cmd`
+  and the address `arg`; here a command or a file name is the whole item, blanks and all.)
 
 Failures: `AliasSyntaxError(filename, line, reason)`, a `ConfigError` whose str reads `FILE: line N: reason`,
 for: a line without `:`, an empty name, an empty value list, an unterminated quote, a relative file path,
@@ -51,6 +55,7 @@ from typing import Union
 
 from mailflow.address import mailbox_syntax_error
 from mailflow.errors import ConfigError
+from mailflow.header_addresses import value_addresses
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,7 @@ def is_privileged(target: Target) -> bool:
 
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")  # tab is whitespace; "\n" never reaches it
 _INCLUDE = ":include:"
+_SPECIAL_STARTS = ("|", "/", "\\", ".", "~")  # a command, a file, a mailbox, a relative path
 
 
 class _Text:
@@ -201,6 +207,25 @@ def _target(line: _Text, offset: int, item: str) -> Target:
     return _address(line, offset, item)
 
 
+def _targets(line: _Text, offset: int, item: str) -> tuple[Target, ...]:
+    """The targets of one comma-separated item: one (`_target`), or, for an item that is not one address as it
+    is written, the addresses Postfix's local finds in it with its RFC 822 parser (tok822): `Joe <joe@x>` is
+    joe@x, `joe@x (Joe)` too, `a@x b@y` is two, a group's name is dropped; an item in which that parser finds
+    something that is no address keeps `_target`'s error."""
+    try:
+        return (_target(line, offset, item),)
+    except AliasSyntaxError as error:
+        if not str(error).endswith(tuple(f": {reason}" for reason in ("bad local part", "bad domain"))):
+            raise  # (not an address, or a relative path, an empty command, ...)
+        whole_quoted = item[0] == '"' and _closing_quote(item, 0) == len(item) - 1
+        if whole_quoted or item.startswith(_SPECIAL_STARTS) or item[:len(_INCLUDE)].lower() == _INCLUDE:
+            raise
+        found = value_addresses(item)
+        if not found or None in found or any(_address_error(a) for a in found if a is not None):
+            raise
+        return tuple(AddressTarget(a) for a in found if a is not None)
+
+
 def _address(line: _Text, offset: int, address: str) -> AddressTarget:
     reason = _address_error(address)
     if reason:
@@ -221,7 +246,7 @@ def _has_domain(address: str) -> bool:
 
 
 def _values(line: _Text, start: int) -> tuple[Target, ...]:
-    return tuple(_target(line, offset, item) for offset, item in _split_values(line, start))
+    return tuple(t for offset, item in _split_values(line, start) for t in _targets(line, offset, item))
 
 
 def _name(line: _Text) -> tuple[str, int]:

@@ -18,6 +18,7 @@ from mailflow.aliases import (
     parse_aliases_with_warnings,
     parse_forward,
     parse_include,
+    parse_value,
 )
 from mailflow.errors import ConfigError
 
@@ -115,7 +116,7 @@ def test_no_warnings_without_duplicates():
     ("ok: a\nb: x\ry\n", 2, "control character 0x0d"),
     ("  indented: first\n", 1, "continuation line"),
     ("ok: a\nfoo bar: x\n", 2, "must be quoted"),
-    ("ok: a\nb: two words\n", 2, "bad address"),
+    ("ok: a\nb: a@b>x\n", 2, "bad address"),  # (`two words` is two addresses, as Postfix's local reads it)
     ("ok: a\nb: <>\n", 2, "bad address"),
     ("ok: a\nb: \\\n", 2, "bad user name"),
     ("ok: a\nb: \\me@example.com\n", 2, "bad user name"),
@@ -212,3 +213,12 @@ _TARGETS = st.one_of(
 def test_parse_of_format_is_identity(aliases):
     text = format_aliases(aliases)
     assert parse_aliases_with_warnings(text, F) == (aliases, [])
+
+
+def test_an_item_that_is_not_one_address_is_read_as_postfixs_local_reads_it():
+    # Postfix's local parses every alias value with tok822 (tests/interop/test_alias_values_vs_postfix.py)
+    assert parse_value('Joe <joe@x.test>, "Smith, J" <js@x.test>, ann@x.test (Ann), grp: g1, g2;, s1 s2', F) == (
+        AddressTarget("joe@x.test"), AddressTarget("js@x.test"), AddressTarget("ann@x.test"), AddressTarget("g1"),
+        AddressTarget("g2"), AddressTarget("s1"), AddressTarget("s2"))
+    assert parse_value('"|/bin/cmd arg", /var/mail/x y', F) == (CommandTarget("/bin/cmd arg"),
+                                                                FileTarget("/var/mail/x y"))  # (Postfix: x and y)
