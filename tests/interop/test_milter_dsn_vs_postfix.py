@@ -4,7 +4,8 @@ its dump shows per recipient the NOTIFY and ORCPT the next hop got. Postfix's cl
 the queue file in place: a recipient the milter did not touch keeps its NOTIFY, its ORCPT and its original
 address (shown as the ORCPT when none was given: a source route dropped); an added one has none of its own. The
 recipients: NOTIFY=SUCCESS,FAILURE with ORCPT, NOTIFY=NEVER alone, ORCPT alone, nothing, and one written with a
-source route."""
+source route. An added recipient takes the NOTIFY and ORCPT of an ADDRCPT_PAR; bad ones and other arguments are
+ignored (Postfix warns)."""
 from __future__ import annotations
 
 import re
@@ -31,6 +32,8 @@ EDITS = [  # per probe, what the milter answers at the end of the message
     reply(b"-", b"<r4@d.test>\0"),
     reply(b"e", b"<new@remote.test>\0"),
     reply(b"+", b"<added@d.test>\0") + reply(b"-", b"<r2@d.test>\0") + reply(b"e", b"<new@remote.test>\0"),
+    reply(b"2", b"<par@d.test>\0NOTIFY=FAILURE,DELAY ORCPT=rfc822;orig+2Bx@o.test\0"),  # ADDRCPT_PAR
+    reply(b"2", b"<bad@d.test>\0NOTIFY=BOGUS ORCPT=none XYZ=1\0") + reply(b"2", b"<plain@d.test>\0\0"),
 ]
 
 
@@ -88,3 +91,5 @@ async def test_milter_recipient_edits_keep_the_dsn_data_of_the_others_as_postfix
     assert "<r1@d.test> ORCPT=rfc822;x1@orig.test NOTIFY=SUCCESS,FAILURE" in postfix[3][1]
     assert "<r5@d.test> ORCPT=rfc822;@hop.test:r5@d.test NOTIFY=DELAY" in postfix[3][1]  # the original as written
     assert "<added@d.test> ORCPT=rfc822;added@d.test" in postfix[3][1]  # added: no DSN parameters of its own
+    assert "<par@d.test> ORCPT=rfc822;orig+2Bx@o.test NOTIFY=FAILURE,DELAY" in postfix[4][1]  # ADDRCPT_PAR's
+    assert "<bad@d.test> ORCPT=rfc822;bad@d.test" in postfix[5][1]

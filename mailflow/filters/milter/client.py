@@ -47,7 +47,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from mailflow import status
+from mailflow import dsn_parameters, status
 from mailflow.address import PathError, mailbox_syntax_error, parse_path, split
 from mailflow.filters.edits import is_field_name
 from mailflow.filters.milter import protocol as p
@@ -81,6 +81,7 @@ class Edits:
     headers: list[tuple[str, int, str, str]] = field(default_factory=list)  # (add|insert|change, index, name, value)
     sender: tuple[str, str] | None = None  # (address, ESMTP arguments)
     add_recipients: list[str] = field(default_factory=list)
+    add_recipient_dsn: list[tuple[str, str]] = field(default_factory=list)  # beside each: (NOTIFY, ORCPT), "" none
     delete_recipients: list[str] = field(default_factory=list)
     body: list[bytes] | None = None  # a replaced body, chunk by chunk
     quarantine: str | None = None
@@ -271,6 +272,8 @@ def _collect(reply: p.Reply, edits: Edits, spec: str) -> None:
             log.warning("milter %s: added recipient %r is not an address: edit ignored", spec, reply.text()[:100])
             return
         edits.add_recipients.append(f"<{recipient}>")
+        edits.add_recipient_dsn.append(_added_dsn(spec, reply.strings()[1] if c == p.ADDRCPT_PAR
+                                                  and len(reply.strings()) > 1 else ""))
     elif c == p.DELRCPT:
         edits.delete_recipients.append(reply.text())
     elif c == p.REPLBODY:
@@ -280,6 +283,25 @@ def _collect(reply: p.Reply, edits: Edits, spec: str) -> None:
         edits.quarantine = reply.text() or "milter quarantine"
     else:
         raise p.ProtocolError(f"unexpected reply {c!r} at end of message")
+
+
+def _added_dsn(spec: str, arguments: str) -> tuple[str, str]:
+    """The (NOTIFY, ORCPT) of an ADDRCPT_PAR's ESMTP arguments, as Postfix's cleanup takes them: values checked as
+    smtpd checks them (mailflow.dsn_parameters); a bad one, one given twice or any other argument is logged and
+    ignored (the recipient keeps the default)."""
+    notify = orcpt = ""
+    for argument in arguments.split():
+        name, _, value = argument.partition("=")
+        try:
+            if name.upper() == "NOTIFY" and not notify:
+                notify = dsn_parameters.notify(value)
+            elif name.upper() == "ORCPT" and not orcpt:
+                orcpt = dsn_parameters.orcpt(value) or orcpt
+            else:
+                log.warning("milter %s: ignoring ESMTP argument %r of an added recipient", spec, argument[:100])
+        except dsn_parameters.DsnError:
+            log.warning("milter %s: bad %s parameter of an added recipient: %r", spec, name.upper(), argument[:100])
+    return notify, orcpt
 
 
 def _envelope_address(text: str) -> str | None:
@@ -553,6 +575,7 @@ def _merge(into: Edits, edits: Edits) -> None:
     into.headers += edits.headers
     into.sender = edits.sender or into.sender
     into.add_recipients += edits.add_recipients
+    into.add_recipient_dsn += edits.add_recipient_dsn
     into.delete_recipients += edits.delete_recipients
     into.body = edits.body if edits.body is not None else into.body
     into.quarantine = edits.quarantine or into.quarantine

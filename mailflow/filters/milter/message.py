@@ -5,7 +5,8 @@ for smtpd's milters (smtpd_milters) and for mail that does not come through smtp
                                                   the session; their edits (headers, body, sender, recipients)
                                                   applied to a new Submission; nothing of the original copied;
                                                   a recipient no edit touched keeps its original address, NOTIFY
-                                                  and ORCPT (as Postfix's cleanup edits its queue file in place)
+                                                  and ORCPT (as Postfix's cleanup edits its queue file in place);
+                                                  an added one takes its ADDRCPT_PAR's NOTIFY and ORCPT
     NonSmtpdMilters(specs, settings, myhostname)  Postfix's non_smtpd_milters (pickup: `mailflow sendmail`)
         await .filter(submission) -> Filtered     one milter session per message, the SMTP events emulated as
                                                   Postfix's cleanup does: connect from localhost [127.0.0.1], HELO
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from mailflow import status
 from mailflow.content import Content
 from mailflow.filters.edits import edit_header
-from mailflow.filters.milter.client import ClientMacros, MilterSession, MilterSettings, Verdict
+from mailflow.filters.milter.client import ClientMacros, Edits, MilterSession, MilterSettings, Verdict
 from mailflow.message import read_header
 from mailflow.model import Envelope, Submission
 
@@ -78,7 +79,7 @@ async def end_of_message(session: MilterSession, submission: Submission) -> Filt
         return Filtered("reject", submission, status.MESSAGE_TOO_BIG, "milter edits: message file too big")
     envelope = submission.envelope
     received = submission.received
-    edited = _edited_envelope(envelope, edits.delete_recipients, edits.add_recipients)
+    edited = _edited_envelope(envelope, edits)
     if edited != envelope or edits.sender:
         received = received or envelope  # (the automatic BCC lookups are made on it: cleanup)
         envelope = dataclasses.replace(edited, sender=(edits.sender[0].strip("<>") if edits.sender
@@ -87,22 +88,28 @@ async def end_of_message(session: MilterSession, submission: Submission) -> Filt
                                                     received=received), hold=hold)
 
 
-def _edited_envelope(envelope: Envelope, deleted: list[str], added: list[str]) -> Envelope:
+def _edited_envelope(envelope: Envelope, edits: Edits) -> Envelope:
     """The envelope with the milters' DELRCPT and ADDRCPT applied, as Postfix's cleanup edits its queue file: a
     recipient left alone keeps its original address, NOTIFY and ORCPT; an added one (at the end) has its own
-    address as its original and no DSN parameters (ADDRCPT_PAR's are not taken)."""
-    new = [a.strip("<>") for a in added if a.strip("<>")]
+    address as its original and the NOTIFY and ORCPT of its ADDRCPT_PAR, if any."""
+    dsn = edits.add_recipient_dsn + [("", "")] * (len(edits.add_recipients) - len(edits.add_recipient_dsn))
+    added = [(a.strip("<>"), given) for a, given in zip(edits.add_recipients, dsn) if a.strip("<>")]
+    deleted = edits.delete_recipients
     kept = [i for i, r in enumerate(envelope.recipients) if f"<{r}>" not in deleted and r not in deleted]
-    if not new and len(kept) == len(envelope.recipients):
+    if not added and len(kept) == len(envelope.recipients):
         return envelope
 
     def column(values: tuple[str, ...], for_added: list[str]) -> tuple[str, ...]:
-        return tuple(values[i] for i in kept) + tuple(for_added) if values else ()
+        if not values and not any(for_added):
+            return ()  # (none given: the default for each)
+        values = values or ("",) * len(envelope.recipients)
+        return tuple(values[i] for i in kept) + tuple(for_added)
 
-    none = [""] * len(new)
+    new = [address for address, _ in added]
     return dataclasses.replace(envelope, recipients=column(envelope.recipients, new),
-                               originals=column(envelope.originals, new), notify=column(envelope.notify, none),
-                               orcpts=column(envelope.orcpts, none))
+                               originals=column(envelope.originals, new) if envelope.originals else (),
+                               notify=column(envelope.notify, [notify for _, (notify, _) in added]),
+                               orcpts=column(envelope.orcpts, [orcpt for _, (_, orcpt) in added]))
 
 
 class NonSmtpdMilters:
