@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.interop.test_dsn_pass_on import smtp_sink
+from tests.support.postfix import smtp_sink
 from tests.support import SmtpClient, eventually, postfix_instance
 
 pytestmark = pytest.mark.interop

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.interop.test_dsn_pass_on import smtp_sink
+from tests.support.postfix import dumped_messages, probe_envelopes, smtp_sink
 from tests.interop.test_tables_vs_postfix import readable_folder
 from tests.support import SmtpClient, eventually, free_port, postfix_instance, queue_becomes
 from tests.support.milters import reply, scripted_milter
@@ -106,17 +106,6 @@ async def send(port: int, index: int, sender: str, rcpts: list[str]) -> int:
     return code
 
 
-def arrivals(dump: Path) -> dict[int, tuple[list[str], list[str]]]:
-    """Per probe: (envelope sender, the sorted RCPT arguments: address, ORCPT, NOTIFY) at the sink."""
-    out = {}
-    text = dump.read_text(errors="replace") if dump.exists() else ""
-    for message in text.split("X-Client-Addr:")[1:]:
-        subject = re.search(r"^Subject: probe-(\d+)", message, re.MULTILINE)
-        if subject:
-            out[int(subject.group(1))] = (re.findall(r"^X-Mail-Args: <(.*?)>", message, re.MULTILINE),
-                                          sorted(re.findall(r"^X-Rcpt-Args: (.*)$", message, re.MULTILINE)))
-    return out
-
 
 async def run(port: int, unmapped_port: int, sendmail: list[str], dump: Path) -> dict[int, tuple]:
     replies = [await send(port, i, sender, rcpts) for i, (sender, rcpts) in enumerate(PROBES)]
@@ -125,7 +114,7 @@ async def run(port: int, unmapped_port: int, sendmail: list[str], dump: Path) ->
                           input=f"Subject: probe-{LOCAL}\n\nx\n".encode())
     assert done.returncode == 0, done.stderr
     replies.append(250)
-    arrived = await eventually(lambda: len(arrivals(dump)) == len(replies) and arrivals(dump), timeout=20)
+    arrived = await eventually(lambda: len(probe_envelopes(dump)) == len(replies) and probe_envelopes(dump), timeout=20)
     return {i: (code, arrived.get(i)) for i, code in enumerate(replies)}
 
 
@@ -203,13 +192,13 @@ async def test_milter_envelope_edits_and_automatic_bcc_match_a_real_postfix(mail
         async with postfix_instance({**COMMON, **maps, "mydestination": "local.test", "smtpd_milters": milter.spec,
                                      "relayhost": f"[127.0.0.1]:{pf_sink}"}) as pf:
             assert await send(pf.port, 0, "s@remote.test", ["r@remote.test", "del@remote.test"]) == 250
-            postfix = await eventually(lambda: arrivals(pf_dump).get(0), timeout=20)
+            postfix = await eventually(lambda: probe_envelopes(pf_dump).get(0), timeout=20)
         mf = await mailflow_server(**COMMON, **{key: [spec] for key, spec in maps.items()},
                                    relayhost=f"[127.0.0.1]:{mf_sink}", mynetworks=["127.0.0.0/8"],
                                    smtpd={"listen": ["127.0.0.1:0"], "milters": [milter.spec]},
                                    milter={"command_timeout": "2s", "content_timeout": "2s"})
         assert await send(mf.smtp_addresses[0][1], 0, "s@remote.test", ["r@remote.test", "del@remote.test"]) == 250
-        mailflow = await eventually(lambda: arrivals(mf_dump).get(0), timeout=20)
+        mailflow = await eventually(lambda: probe_envelopes(mf_dump).get(0), timeout=20)
     assert mailflow == postfix
     never = "NOTIFY=NEVER"
     assert postfix == (["new@remote.test"], [
@@ -230,7 +219,7 @@ async def test_main_receive_override_options_cover_sendmail_as_postfixs_do(mailf
         done = subprocess.run([*sendmail, "-f", "sc@remote.test", "r@x.test"], capture_output=True, timeout=20,
                               input=b"Subject: probe-1\n\nx\n")
         assert done.returncode == 0, done.stderr
-        return await eventually(lambda: len(arrivals(dump)) == 2 and arrivals(dump), timeout=20)
+        return await eventually(lambda: len(probe_envelopes(dump)) == 2 and probe_envelopes(dump), timeout=20)
 
     main = {"always_bcc": ALWAYS_BCC, "sender_canonical_maps": SENDER_CANONICAL}
     async with smtp_sink() as (pf_sink, pf_dump), smtp_sink() as (mf_sink, mf_dump):
@@ -263,15 +252,15 @@ async def test_a_header_checks_bcc_copies_an_aliased_message_once_as_postfix_doe
                                      "header_checks": checks, "relayhost": f"[127.0.0.1]:{pf_sink}"}) as pf:
             assert await send(pf.port, 0, "s@remote.test", ["list@local.test"]) == 250
             await pf.queue_empty()
-            postfix = await eventually(lambda: pf_dump.read_text(errors="replace").count("X-Client-Addr:") >= 2
-                                       and sink_envelopes(pf_dump), timeout=20)
+            postfix = await eventually(lambda: len(dumped_messages(pf_dump)) >= 2 and sink_envelopes(pf_dump),
+                                       timeout=20)
         mf = await mailflow_server(**COMMON, mydestination=["local.test"], alias_maps=[aliases],
                                    checks={"header_checks": [checks]}, relayhost=f"[127.0.0.1]:{mf_sink}",
                                    mynetworks=["127.0.0.0/8"])
         assert await send(mf.smtp_addresses[0][1], 0, "s@remote.test", ["list@local.test"]) == 250
         await queue_becomes(mf.store, {})
-        mailflow = await eventually(lambda: mf_dump.exists() and mf_dump.read_text(errors="replace").count(
-            "X-Client-Addr:") >= 2 and sink_envelopes(mf_dump), timeout=20)
+        mailflow = await eventually(lambda: len(dumped_messages(mf_dump)) >= 2 and sink_envelopes(mf_dump),
+                                    timeout=20)
     shutil.rmtree(folder)
     assert mailflow == postfix
     assert postfix == [["<a@remote.test>", "<b@remote.test>"], ["<hbc@arch.test>"]]
@@ -279,6 +268,5 @@ async def test_a_header_checks_bcc_copies_an_aliased_message_once_as_postfix_doe
 
 def sink_envelopes(dump: Path) -> list[list[str]]:
     """The recipients of each message the sink took, sorted."""
-    text = dump.read_text(errors="replace") if dump.exists() else ""
     return sorted(sorted(rcpt.split()[0] for rcpt in re.findall(r"^X-Rcpt-Args: (.*)$", message, re.MULTILINE))
-                  for message in text.split("X-Client-Addr:")[1:])
+                  for message in dumped_messages(dump))

@@ -3,42 +3,17 @@ smtp-sink's dump (`X-Mail-Args`, `X-Rcpt-Args`) for SMTP and LMTP, and a private
 hop, which then honours NOTIFY=NEVER (no bounce) where it bounces a recipient."""
 from __future__ import annotations
 
-import asyncio
-import os
 import re
-import shutil
-import tempfile
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiosmtplib
 import pytest
 
-from tests.support import accepts, eventually, free_port, postfix_instance, queue_becomes, require_tool
+from tests.support import eventually, postfix_instance, queue_becomes
+from tests.support.postfix import smtp_sink
 
 pytestmark = pytest.mark.interop
 MESSAGE = b"From: s@remote.test\r\nSubject: %s\r\n\r\nhello\r\n"
-
-
-@asynccontextmanager
-async def smtp_sink(*options: str):
-    """smtp-sink on a free port, dumping every message (with its envelope arguments) to a file."""
-    sink = require_tool("smtp-sink")
-    port = free_port()
-    folder = Path(tempfile.mkdtemp(prefix="mailflow-sink-"))
-    os.chmod(folder, 0o777)  # as root smtp-sink runs as nobody
-    dump = folder / "dump.txt"
-    user = ["-u", "nobody"] if os.geteuid() == 0 else []
-    proc = await asyncio.create_subprocess_exec(sink, *user, *options, "-D", str(dump), f"127.0.0.1:{port}", "16",
-                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-    try:
-        await eventually(lambda: accepts(port), timeout=5, step=0.05, what=f"smtp-sink listens on {port}")
-        yield port, dump
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 async def send_with_dsn(port: int, sender: str, rcpts: list[tuple[str, list[str]]], content: bytes,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.interop.test_content_vs_postfix import virtual_alias_copies
-from tests.interop.test_dsn_pass_on import smtp_sink
+from tests.support.postfix import smtp_sink
 from tests.support import SmtpClient, eventually, postfix_instance
 
 pytestmark = pytest.mark.interop

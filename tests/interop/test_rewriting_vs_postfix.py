@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.interop.test_dsn_pass_on import smtp_sink
+from tests.support.postfix import smtp_sink
 from tests.interop.test_tables_vs_postfix import readable_folder
 from tests.support import SmtpClient, eventually, postfix_instance
 

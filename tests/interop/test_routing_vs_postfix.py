@@ -12,7 +12,7 @@ import aiosmtplib
 import pytest
 
 from tests.support import eventually, postfix_instance, queue_becomes
-from tests.interop.test_dsn_pass_on import smtp_sink
+from tests.support.postfix import smtp_sink
 
 pytestmark = pytest.mark.interop
 

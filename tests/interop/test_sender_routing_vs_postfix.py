@@ -13,7 +13,7 @@ import re
 import aiosmtplib
 import pytest
 
-from tests.interop.test_dsn_pass_on import smtp_sink
+from tests.support.postfix import smtp_sink
 from tests.support import eventually, postfix_instance, queue_becomes
 
 pytestmark = pytest.mark.interop

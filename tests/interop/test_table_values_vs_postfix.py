@@ -12,12 +12,11 @@ Left out: a value that is `<>` alone, which Postfix makes the null address and i
 empty_address_recipient (MAILER-DAEMON); mailflow has no such setting and bounces the recipient."""
 from __future__ import annotations
 
-import re
 import shutil
 
 import pytest
 
-from tests.interop.test_dsn_pass_on import smtp_sink
+from tests.support.postfix import probe_envelopes, smtp_sink
 from tests.interop.test_tables_vs_postfix import readable_folder
 from tests.support import SmtpClient, eventually, postfix_instance
 
@@ -70,21 +69,11 @@ async def send_probes(port: int) -> list[int]:
     return replies
 
 
-def arrivals(dump) -> dict[int, tuple]:
-    out = {}
-    text = dump.read_text(errors="replace") if dump.exists() else ""
-    for message in text.split("X-Client-Addr:")[1:]:
-        subject = re.search(r"^Subject: probe-(\d+)", message, re.MULTILINE)
-        if subject:
-            out[int(subject.group(1))] = (re.findall(r"^X-Mail-Args: <(.*?)>", message, re.MULTILINE),
-                                          sorted(re.findall(r"^X-Rcpt-Args: (.*)$", message, re.MULTILINE)))
-    return out
-
 
 async def run(port: int, dump) -> dict[int, tuple]:
     replies = await send_probes(port)
     accepted = [i for i, code in enumerate(replies) if code == 250]
-    arrived = await eventually(lambda: sorted(arrivals(dump)) == accepted and arrivals(dump), timeout=20)
+    arrived = await eventually(lambda: sorted(probe_envelopes(dump)) == accepted and probe_envelopes(dump), timeout=20)
     return {i: (replies[i], arrived.get(i)) for i in range(len(PROBES))}
 
 

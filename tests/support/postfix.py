@@ -13,9 +13,18 @@ go (a zombie is gone: the master is not our child, and this machine's reaper too
 one of some 80 instances the suite starts), kills it if it did not, and deletes the folder. Needs root (Postfix's master
 starts as root) and the postfix package: `postfix_instance` calls `require_postfix()` (skips, or fails under
 MAILFLOW_REQUIRE_TOOLS=1).
+
+Postfix's smtp-sink as the next hop the differential tests compare at:
+
+    async with smtp_sink() as (port, dump):   # every message received appended to `dump` (-D), from its
+                                              # `X-Client-Addr:` line, with `X-Mail-Args:`/`X-Rcpt-Args:` lines
+    dumped_messages(dump)                     # the messages so far, one string each
+    probe_envelopes(dump)                     # {N: (MAIL args, sorted RCPT args)} of the messages whose
+                                              # Subject is `probe-N`
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -142,3 +151,42 @@ async def postfix_instance(main_cf: dict[str, str] | None = None, master_cf: str
         yield pf
     finally:
         await pf.stop()
+
+
+@contextlib.asynccontextmanager
+async def smtp_sink(*options: str):
+    """smtp-sink on a free port, dumping every message (with its envelope arguments) to a file: (port, dump)."""
+    sink = require_tool("smtp-sink")
+    port = free_port()
+    folder = Path(tempfile.mkdtemp(prefix="mailflow-sink-"))
+    os.chmod(folder, 0o777)  # as root smtp-sink runs as nobody
+    dump = folder / "dump.txt"
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    proc = await asyncio.create_subprocess_exec(sink, *user, *options, "-D", str(dump), f"127.0.0.1:{port}", "16",
+                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        await eventually(lambda: accepts(port), timeout=5, step=0.05, what=f"smtp-sink listens on {port}")
+        yield port, dump
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def dumped_messages(dump: Path) -> list[str]:
+    """The messages an smtp-sink dump holds so far, each from its `X-Client-Addr:` line on."""
+    text = dump.read_text(errors="replace") if dump.exists() else ""
+    return text.split("X-Client-Addr:")[1:]
+
+
+def probe_envelopes(dump: Path) -> dict[int, tuple[list[str], list[str]]]:
+    """Per message whose Subject is `probe-N`: (its `X-Mail-Args` addresses, its sorted `X-Rcpt-Args` lines: the
+    address with ORCPT and NOTIFY as the sink got them)."""
+    out = {}
+    for message in dumped_messages(dump):
+        subject = re.search(r"^Subject: probe-(\d+)", message, re.MULTILINE)
+        if subject:
+            out[int(subject.group(1))] = (re.findall(r"^X-Mail-Args: <(.*?)>", message, re.MULTILINE),
+                                          sorted(re.findall(r"^X-Rcpt-Args: (.*)$", message, re.MULTILINE)))
+    return out
