@@ -35,7 +35,7 @@ import pytest
 
 from tests.support.postfix import dumped_messages, probe_envelopes, smtp_sink
 from tests.interop.test_tables_vs_postfix import readable_folder
-from tests.support import SmtpClient, eventually, free_port, postfix_instance, queue_becomes
+from tests.support import eventually, free_port, postfix_instance, queue_becomes, send_probe
 from tests.support.milters import reply, scripted_milter
 
 pytestmark = pytest.mark.interop
@@ -94,16 +94,8 @@ def addresses(result: tuple) -> list[str]:
     return [rcpt.split()[0] for rcpt in result[1][1]]
 
 
-async def send(port: int, index: int, sender: str, rcpts: list[str]) -> int:
-    client = await SmtpClient.connect(port)
-    assert (await client.cmd("EHLO client.test")).code == 250
-    assert (await client.cmd(f"MAIL FROM:<{sender}>")).code == 250, sender
-    for rcpt in rcpts:
-        assert (await client.cmd(f"RCPT TO:<{rcpt}>")).code == 250, rcpt
-    assert (await client.cmd("DATA")).code == 354
-    code = (await client.cmd(f"Subject: probe-{index}\r\nFrom: x@y.test\r\n\r\nbody-{index}\r\n.")).code
-    await client.close()
-    return code
+async def send(port: int, index: int, sender: str, rcpts: list[str]) -> int | None:
+    return await send_probe(port, sender, rcpts, f"Subject: probe-{index}\r\nFrom: x@y.test\r\n\r\nbody-{index}")
 
 
 

@@ -31,7 +31,7 @@ import pytest
 
 from tests.support.postfix import smtp_sink
 from tests.interop.test_tables_vs_postfix import readable_folder
-from tests.support import SmtpClient, eventually, postfix_instance
+from tests.support import eventually, postfix_instance, send_probe
 
 pytestmark = pytest.mark.interop
 
@@ -83,19 +83,10 @@ DELIBERATE = {len(PROBES) - 1: (451, None)}
 FIELDS = ("From", "To", "Cc", "Reply-To")
 
 
-async def send_probes(port: int) -> list[int]:
-    """Each probe as one message (its index in the Subject); the reply to its DATA content (0: not sent)."""
-    replies = []
-    for i, (sender, rcpts, head) in enumerate(PROBES):
-        client = await SmtpClient.connect(port)
-        assert (await client.cmd("EHLO client.test")).code == 250
-        assert (await client.cmd(f"MAIL FROM:<{sender}>")).code == 250, sender
-        for rcpt in rcpts:
-            assert (await client.cmd(f"RCPT TO:<{rcpt}>")).code == 250, rcpt
-        assert (await client.cmd("DATA")).code == 354
-        replies.append((await client.cmd(f"Subject: probe-{i}\r\n{head}\r\nx\r\n.")).code)
-        await client.close()
-    return replies
+async def send_probes(port: int) -> list[int | None]:
+    """Each probe as one message (its index in the Subject); the reply to its DATA content."""
+    return [await send_probe(port, sender, rcpts, f"Subject: probe-{i}\r\n{head}\r\nx")
+            for i, (sender, rcpts, head) in enumerate(PROBES)]
 
 
 def arrivals(dump: Path) -> dict[int, tuple]:

@@ -18,7 +18,7 @@ import pytest
 
 from tests.support.postfix import probe_envelopes, smtp_sink
 from tests.interop.test_tables_vs_postfix import readable_folder
-from tests.support import SmtpClient, eventually, postfix_instance
+from tests.support import eventually, postfix_instance, send_probe
 
 pytestmark = pytest.mark.interop
 
@@ -55,19 +55,9 @@ PROBES = [("s@remote.test", [f"{key}@v.test"]) for key in VALUES] + [
     (f"{key}@c.test", ["r@x.test"]) for key in CANONICAL] + [("s@remote.test", [f"{key}@c.test" for key in CANONICAL])]
 
 
-async def send_probes(port: int) -> list[int]:
-    replies = []
-    for i, (sender, rcpts) in enumerate(PROBES):
-        client = await SmtpClient.connect(port)
-        assert (await client.cmd("EHLO client.test")).code == 250
-        assert (await client.cmd(f"MAIL FROM:<{sender}>")).code == 250, sender
-        for rcpt in rcpts:
-            assert (await client.cmd(f"RCPT TO:<{rcpt}>")).code == 250, rcpt
-        assert (await client.cmd("DATA")).code == 354
-        replies.append((await client.cmd(f"Subject: probe-{i}\r\nFrom: s@remote.test\r\n\r\nx\r\n.")).code)
-        await client.close()
-    return replies
-
+async def send_probes(port: int) -> list[int | None]:
+    return [await send_probe(port, sender, rcpts, f"Subject: probe-{i}\r\nFrom: s@remote.test\r\n\r\nx")
+            for i, (sender, rcpts) in enumerate(PROBES)]
 
 
 async def run(port: int, dump) -> dict[int, tuple]:

@@ -27,7 +27,8 @@ Every name above but those said otherwise is importable from `tests.support` its
 from tests.support.browser import Chromium, keep_artifact
 from tests.support.clocks import RecordingClock, qmgr_turn
 from tests.support.content import big_message, maildir_messages, spooled
-from tests.support.dialogue import Reply, SmtpClient, half_client_hello, rcpt_reply, rcpt_until, send
+from tests.support.dialogue import (Reply, SmtpClient, half_client_hello, rcpt_reply, rcpt_until, send,
+                                    send_probe)
 from tests.support.dovecot import Dovecot, dovecot_instance, lmtp_route
 from tests.support.peers import CaptureHandler, Captured, CapturePeer, ZoneAuthority, stall_mail
 from tests.support.ports import LOOPBACK_CLIENT, LOOPBACK_NAME, accepts, free_port
@@ -45,5 +46,6 @@ __all__ = [
     "ZoneAuthority", "accepts", "always", "base_settings", "big_message", "dovecot_instance", "eventually", "free_port",
     "half_client_hello", "keep_artifact", "lmtp_route", "maildir_messages", "merged",
     "postfix_instance", "qmgr_turn", "queue_becomes", "queue_counts", "rcpt_reply", "rcpt_until", "require_tool",
+    "send_probe",
     "run_tool", "script_dir", "send", "sessions_over", "spooled", "stall_mail", "to_toml",
 ]

@@ -13,6 +13,8 @@ aiosmtplib (a real client library, for tests where the dialogue is not the point
 - `rcpt_reply(port, rcpt)`: the reply to RCPT TO:<rcpt> in a fresh session (EHLO, MAIL FROM:<s@remote.test>).
   `rcpt_until(port, rcpt, code)`: the same, again and again until the reply has `code` (a changed table file is
   re-read in a worker thread, at most once a second: this waits until the server has seen the change).
+- `send_probe(port, sender, rcpts, content)`: one message in a fresh raw session, every RCPT asserted 250; the reply
+  code to its content (the differential tests' probes: the same bytes to both servers).
 - `send(port, sender, rcpts, content)`: one message with aiosmtplib; returns (refused recipients, final reply
   text without its code), as aiosmtplib's sendmail does.
 - `half_client_hello()`: the first half of a real TLS ClientHello (a handshake begun, then stalled).
@@ -164,6 +166,20 @@ async def rcpt_until(port: int, rcpt: str, code: int, timeout: float = 5.0) -> R
         return reply if reply.code == code else None
 
     return await eventually(answered, timeout=timeout, step=0.1, what=f"RCPT TO:<{rcpt}> answered {code}")
+
+
+async def send_probe(port: int, sender: str, rcpts: list[str], content: str) -> int | None:
+    """See the module doc: `content` is the message without its final `.` line."""
+    client = await SmtpClient.connect(port)
+    try:
+        assert (await client.cmd("EHLO client.test")).code == 250
+        assert (await client.cmd(f"MAIL FROM:<{sender}>")).code == 250, sender
+        for rcpt in rcpts:
+            assert (await client.cmd(f"RCPT TO:<{rcpt}>")).code == 250, rcpt
+        assert (await client.cmd("DATA")).code == 354
+        return (await client.cmd(f"{content}\r\n.")).code
+    finally:
+        await client.close()
 
 
 async def send(port: int, sender: str, rcpts: list[str], content: bytes, **kwargs):
