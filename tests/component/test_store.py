@@ -253,6 +253,17 @@ async def test_an_owed_success_notice_keeps_whether_the_recipient_was_relayed(st
     assert again.owed == (relayed, delivered)
 
 
+async def after_a_stop(store: Store, path) -> QueuedMessage:
+    """The one message of `store` after a stop before the end of its attempt: closed, opened again, recovered."""
+    await store.close()
+    store = await Store.open(path)
+    try:
+        assert await store.recover() == 1
+        [again] = await store.due(T0, 10)
+    finally:
+        await store.close()
+    return again
+
 async def test_an_owed_notice_keeps_how_local_delivery_expanded_the_recipient_across_a_reopen(tmp_path):
     """local's results say whom a list's failure notice goes to (`owner`) and that an alias's success was an
     expansion ("alias expanded", `Action: expanded`), and which member a result is about (`expanded`): qmgr
@@ -272,13 +283,7 @@ async def test_an_owed_notice_keeps_how_local_delivery_expanded_the_recipient_ac
                           expansion="alias")
     sole = RcptResult(rcpts[2], Outcome.SENT, "2.0.0", "delivered to maildir", "local", expanded="bob@example.test")
     await record(store, msg, failed, expanded, sole, owed=True)
-    await store.close()  # a stop before the end of the attempt
-    store = await Store.open(path)
-    try:
-        assert await store.recover() == 1
-        [again] = await store.due(T0, 10)
-    finally:
-        await store.close()
+    again = await after_a_stop(store, path)
     assert again.owed == (failed, expanded, sole)
     notices = plan(again, list(again.owed), warn_delay=False, myhostname="mx.example.test",
                    double_bounce_recipient="postmaster", now=T0)
@@ -305,13 +310,7 @@ async def test_an_owed_failure_notice_keeps_the_commands_x_unix_diagnostic_acros
              OwnedFailure("o2@example.test", "l2@example.test", "5.1.1", "user unknown", "x-unix; user unknown"))
     lists = RcptResult(rcpts[1], Outcome.BOUNCED, "5.3.0", "Command died; user unknown", "local", owned=owned)
     await record(store, msg, failed, lists, owed=True)
-    await store.close()  # a stop before the end of the attempt
-    store = await Store.open(path)
-    try:
-        assert await store.recover() == 1
-        [again] = await store.due(T0, 10)
-    finally:
-        await store.close()
+    again = await after_a_stop(store, path)
     assert again.owed == (failed, lists)
     notices = plan(again, list(again.owed), warn_delay=False, myhostname="mx.example.test",
                    double_bounce_recipient="postmaster", now=T0)
