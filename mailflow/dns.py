@@ -20,7 +20,8 @@ component may use it.
     Resolver.validated(name, qtype) -> bool   the answer for name/qtype carried the AD bit (an MX RRset for DANE)
     AiodnsResolver(nameservers=…, timeout=…, tries=…) / .close()    (app.py builds it from [dns]); a lookup
                                               takes at most `timeout` x `tries` seconds, and may take them all
-                                              (what c-ares's own, shorter, timeouts give up is asked again: `_query`)
+                                              (what c-ares's own, shorter, timeouts give up is asked again on a
+                                              second channel, shared too: `_query`)
     StaticResolver(mx={...}, addresses={...}, txt={...}, ptr={...}, tlsa={...}, secure=(names...))
     is_ip_literal(host) -> bool               an IP literal resolves to itself, without a query
                                               (mailflow.syntax.is_ip_address)
@@ -62,6 +63,8 @@ NULL_MX_HOST = "."
 # What Postfix's dns_lookup says for the resolver's TRY_AGAIN (dns_strerror), which is what a SERVFAIL, a timeout
 # and a name server that cannot be reached come to.
 TRY_AGAIN = "Host not found, try again"
+# A query c-ares timed out is asked again only with this much of its budget left (c-ares's shortest timeout).
+RETRY_FLOOR = 0.25
 TRY_AGAIN_CODES = frozenset({aiodns.error.ARES_ESERVFAIL, aiodns.error.ARES_ETIMEOUT, aiodns.error.ARES_ECONNREFUSED})
 
 
@@ -221,6 +224,7 @@ class AiodnsResolver:
         self._timeout = timeout
         self._tries = tries
         self._channel: aiodns.DNSResolver | None = None
+        self._retry_channel: aiodns.DNSResolver | None = None  # what `_channel` timed out, asked again
         self._dnspython: dns.asyncresolver.Resolver | None = None  # TLSA and the AD bit (no loop binding)
 
     async def mx(self, domain: str) -> list[MX]:
@@ -263,8 +267,9 @@ class AiodnsResolver:
         return answer is not None and bool(answer.response.flags & dns.flags.AD)
 
     async def close(self) -> None:
-        if self._channel is not None:
-            channel, self._channel = self._channel, None
+        channels = [c for c in (self._channel, self._retry_channel) if c is not None]
+        self._channel = self._retry_channel = None
+        for channel in channels:
             await channel.close()
 
     async def _dnssec_query(self, name: str, qtype: str):
@@ -303,8 +308,8 @@ class AiodnsResolver:
         Within `timeout` x `tries` seconds, as the configuration says, whatever c-ares makes of it: once a server
         has answered a few queries, c-ares (1.32 on, always on) waits 5 times its average latency, at least 250 ms,
         instead of `timeout`; after quick answers (a recursive resolver's cache) a slow one (its recursion) timed
-        out in 0.75 s. A query the shared channel gives up on is asked again on a channel of its own, which has no
-        such history (`_query_until`)."""
+        out in 0.75 s. A query the shared channel gives up on is asked again on the one retry channel, which sees
+        only such queries (`_query_until`)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout * self._tries
         try:
@@ -320,19 +325,19 @@ class AiodnsResolver:
         return list(result.answer)
 
     async def _query_until(self, name: str, qtype: str, deadline: float):
-        """c-ares's answer: the shared channel's, else (when it timed out before `deadline`, loop time) that of a
-        channel made for this query alone, which waits `timeout` a try (the caller ends it at `deadline`)."""
-        try:
-            return await self._resolver().query_dns(dns_name(name), qtype)
-        except aiodns.error.DNSError as e:
-            if not e.args or e.args[0] != aiodns.error.ARES_ETIMEOUT or asyncio.get_running_loop().time() >= deadline:
-                raise
-        log.debug("lookup %s %s: no answer within the shared channel's time, asked again", name, qtype)
-        alone = self._channel_for(asyncio.get_running_loop())
-        try:
-            return await alone.query_dns(dns_name(name), qtype)
-        finally:
-            await alone.close()
+        """c-ares's answer: the shared channel's, else (each time c-ares timed out with at least RETRY_FLOOR left
+        before `deadline`, loop time) the retry channel's. Two channels whatever the load: in an outage every
+        lookup waits on them, none makes a channel (a thread, descriptors, an inotify instance) of its own."""
+        loop = asyncio.get_running_loop()
+        channel = self._resolver()
+        while True:
+            try:
+                return await channel.query_dns(dns_name(name), qtype)
+            except aiodns.error.DNSError as e:
+                if not is_timeout(e) or deadline - loop.time() < RETRY_FLOOR:
+                    raise
+            log.debug("lookup %s %s: no answer within c-ares's time, asked again", name, qtype)
+            channel = self._retry_resolver()
 
     def _resolver(self) -> aiodns.DNSResolver:
         loop = asyncio.get_running_loop()
@@ -340,9 +345,21 @@ class AiodnsResolver:
             self._channel = self._channel_for(loop)
         return self._channel
 
+    def _retry_resolver(self) -> aiodns.DNSResolver:
+        """The channel for queries the shared one timed out: its history is of slow answers only, so c-ares's
+        latency-based timeouts there stay near `timeout`."""
+        loop = asyncio.get_running_loop()
+        if self._retry_channel is None or self._retry_channel.loop is not loop:
+            self._retry_channel = self._channel_for(loop)
+        return self._retry_channel
+
     def _channel_for(self, loop: asyncio.AbstractEventLoop) -> aiodns.DNSResolver:
         return aiodns.DNSResolver(nameservers=list(self._nameservers) or None, loop=loop, timeout=self._timeout,
                                   tries=self._tries)
+
+
+def is_timeout(error: aiodns.error.DNSError) -> bool:
+    return bool(error.args) and error.args[0] == aiodns.error.ARES_ETIMEOUT
 
 
 def split_nameserver(entry: str) -> tuple[str, int]:

@@ -88,7 +88,8 @@ def _serve(run, cfg: Config, where: str, reread) -> None:
         fail("mailflow", f"cannot start: the queue database {cfg.queue_path / 'queue.db'}: {e}", 1)
 
 
-DESCRIPTOR_RESERVE = 64  # the queue database, the log, tables, DNS, the admin server, a reload's new listeners
+# the queue database, the log, tables, DNS (two c-ares channels, a few each), the admin server, a reload's new listeners
+DESCRIPTOR_RESERVE = 64
 NOFILE_CEILING = 1 << 20  # the soft limit asked for when the hard one is unlimited (Linux's default nr_open)
 
 

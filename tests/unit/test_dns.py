@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import socket
 import time
 
 import pytest
+from dnslib import QTYPE, RR, DNSRecord, A
 
 from mailflow.app import build_resolver
 from mailflow.config import DnsConfig
@@ -214,6 +216,63 @@ async def test_a_slow_answer_after_quick_ones_is_waited_for_as_long_as_the_timeo
     finally:
         await resolver.close()
         silent.close()
+
+
+class QuickOrSilent(asyncio.DatagramProtocol):
+    """A name server that answers names beginning with "n" at once and never answers the others."""
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        query = DNSRecord.parse(data)
+        name = str(query.q.qname)
+        if name.startswith("n"):
+            reply = query.reply()
+            reply.add_answer(RR(name, QTYPE.A, rdata=A("127.0.0.5"), ttl=300))
+            self.transport.sendto(reply.pack(), addr)
+
+
+def threads_and_descriptors() -> tuple[int, int]:
+    return len(os.listdir("/proc/self/task")), len(os.listdir("/proc/self/fd"))
+
+
+async def test_an_outage_after_quick_answers_holds_two_channels_whatever_the_number_of_lookups():
+    """A resolver that stops answering after quick answers: each of 300 concurrent lookups is given up by the
+    shared channel early (c-ares's short timeouts) and asked again, on the one retry channel. A channel per
+    lookup (a thread, descriptors, an inotify instance each) made 300 threads and over 1000 descriptors, and
+    ran the user's inotify instances out."""
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(QuickOrSilent, local_addr=("127.0.0.1", 0))
+    port = transport.get_extra_info("sockname")[1]
+    resolver = AiodnsResolver(nameservers=(f"127.0.0.1:{port}",), timeout=0.5, tries=2)
+    try:
+        for i in range(5):
+            assert await resolver.addresses(f"n{i}.test") == ["127.0.0.5"]
+        threads, descriptors = threads_and_descriptors()
+        peak = [threads, descriptors]
+
+        async def lookup(i: int) -> None:
+            with pytest.raises(LookupRetry):
+                await resolver._query(f"far{i}.test", "A")
+
+        async def sample() -> None:
+            while True:
+                now = threads_and_descriptors()
+                peak[:] = [max(peak[0], now[0]), max(peak[1], now[1])]
+                await asyncio.sleep(0.02)
+
+        sampler = asyncio.create_task(sample())
+        started = loop.time()
+        await asyncio.gather(*(lookup(i) for i in range(300)))
+        elapsed = loop.time() - started
+        sampler.cancel()
+        assert elapsed < 1.5  # timeout x tries, with a margin
+        assert peak[0] <= threads + 2 and peak[1] <= descriptors + 16, (threads, descriptors, peak)
+        assert await resolver.addresses("n9.test") == ["127.0.0.5"]
+    finally:
+        await resolver.close()
+        transport.close()
 
 
 async def test_answers_too_big_for_udp_come_over_tcp_and_are_used_within_bounds(dns_zone):
