@@ -3,7 +3,7 @@ features register: the capture API of `[sink]` (mailflow.capture.mailpit) on `[h
 queue page and /metrics (mailflow.admin) on `[admin] listen`. One implementation, one set of limits, one place
 that starts and stops each listener.
 
-    HttpServer(listen, middlewares=(), read_timeout=READ_TIMEOUT)
+    HttpServer(listen, middlewares=(), read_timeout=READ_TIMEOUT, send_timeout=SEND_TIMEOUT)
                                             `listen`: "host:port" addresses (loopback by default); `middlewares`:
                                             aiohttp middlewares run for every request (the admin's access checks)
         add_routes(feature, routes)         a feature's aiohttp route definitions (web.RouteTableDef or a list),
@@ -23,10 +23,12 @@ request bodies up to MAX_BODY bytes (413 beyond, at once when Content-Length say
 (Mailpit's ReadTimeout) for a request's line and headers, counted from the connection or the end of the previous
 response (the connection is then closed: an idle keep-alive one too), and again for its body (408: the body is
 read whole before the handler runs, which has it from request.read(), .json() or a urlencoded .post(), not as a
-stream: `can_read_body` is then false, `body_exists` still true); and READ_TIMEOUT seconds for a client that
-reads none of an answer (the connection's send buffer full) to make room in it, else the connection is cut
-(`_SendDeadline`: without it, one that never read kept its connection and the answer's bytes for ever; one that
-reads slowly is served however long it takes); an answer's body is written SEND_SLICE at a time as the client
+stream: `can_read_body` is then false, `body_exists` still true); and SEND_TIMEOUT seconds (nginx's
+send_timeout) between two acknowledgements of an answer's bytes while the connection's send buffer is full, else
+the connection is cut (`_SendDeadline`: without it, one that never read kept its connection and the answer's
+bytes for ever). A client's kernel acknowledges in steps of its receive window (64-95 KB with default buffers), so
+a client is served however long its answer takes if it reads at least such a step every SEND_TIMEOUT (about 1.5 KB/s);
+an answer's body is written SEND_SLICE at a time as the client
 takes it (`_sent_in_slices`), so that a slow client holds no copy of it; no access
 log, and a client's broken request (a bad request line, headers over aiohttp's limits, a body cut short, a
 peer gone mid-response) is logged in one line at debug: a client must not be able to fill the log; a
@@ -44,6 +46,7 @@ import asyncio
 import fcntl
 import logging
 import re
+import socket
 import struct
 import termios
 from typing import Callable, Iterable
@@ -60,6 +63,7 @@ log = logging.getLogger("mailflow.http")
 MAX_BODY = 1024 * 1024
 SEND_SLICE = 64 * 1024
 READ_TIMEOUT = 30.0
+SEND_TIMEOUT = 60.0
 MAX_CONNECTIONS = 256
 BUSY_LOG_INTERVAL = 60.0
 BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 21\r\n"
@@ -161,20 +165,45 @@ def _unsent_bytes(transport: asyncio.WriteTransport) -> int:
     return unsent
 
 
+def _acknowledged_bytes(transport: asyncio.WriteTransport) -> int | None:
+    """How many bytes the peer has acknowledged on the connection so far (Linux's TCP_INFO tcpi_bytes_acked, a
+    running count); None where the system does not say."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES_ACKED + 8)
+    except (OSError, AttributeError):
+        return None
+    if len(info) < _TCP_INFO_BYTES_ACKED + 8:
+        return None
+    return struct.unpack_from("Q", info, _TCP_INFO_BYTES_ACKED)[0]
+
+
+_TCP_INFO_BYTES_ACKED = 120  # the offset of tcpi_bytes_acked (u64) in Linux's struct tcp_info (4.1 on)
+
+
+def _progress(transport: asyncio.WriteTransport) -> int:
+    """A count that grows as the client takes its answers: the bytes it acknowledged; where the system does not
+    say, less the unsent bytes (which a slice written meanwhile can make grow, hiding the client's progress)."""
+    acknowledged = _acknowledged_bytes(transport)
+    return acknowledged if acknowledged is not None else -_unsent_bytes(transport)
+
+
 class _SendDeadline(asyncio.Protocol):
     """aiohttp's protocol for one connection (`inner`), every event passed on, with a deadline on sending: while
     the transport's send buffer is past its high-water mark (writing paused: the client is not reading the
-    answer as fast as it comes), what is unsent (`_unsent_bytes`) must shrink every `timeout` seconds, else the
-    connection is aborted (aiohttp's handler then ends as for a peer gone mid-response: a ConnectionError, one
-    line at debug). A deadline on progress, not on the whole answer: a slow reader of a big one is served however
-    long it takes."""
+    answer as fast as it comes), the client must acknowledge more of it (`_progress`) every `timeout` seconds,
+    else the connection is aborted (aiohttp's handler then ends as for a peer gone mid-response: a
+    ConnectionError, one line at debug). A deadline on progress, not on the whole answer: a slow reader of a big
+    one is served however long it takes."""
 
     def __init__(self, inner: asyncio.Protocol, timeout: float):
         self._inner = inner
         self._timeout = timeout
         self._transport: asyncio.WriteTransport | None = None
         self._deadline: asyncio.TimerHandle | None = None
-        self._unsent = 0  # _unsent_bytes when the deadline was set
+        self._progress = 0  # _progress when the deadline was set
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.WriteTransport)
@@ -201,7 +230,7 @@ class _SendDeadline(asyncio.Protocol):
 
     def _set_deadline(self) -> None:
         assert self._transport is not None
-        self._unsent = _unsent_bytes(self._transport)
+        self._progress = _progress(self._transport)
         self._deadline = asyncio.get_running_loop().call_later(self._timeout, self._check)
 
     def _cancel_deadline(self) -> None:
@@ -216,10 +245,10 @@ class _SendDeadline(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        if _unsent_bytes(transport) < self._unsent:
+        if _progress(transport) > self._progress:
             self._set_deadline()
             return
-        log.debug("HTTP: %s read none of its answer for %gs: connection cut", transport.get_extra_info("peername"),
+        log.debug("HTTP: %s took none of its answer for %gs: connection cut", transport.get_extra_info("peername"),
                   self._timeout)
         transport.abort()
 
@@ -253,9 +282,10 @@ class HttpServer:
     """See the module docstring."""
 
     def __init__(self, listen: Iterable[str], middlewares: Iterable = (), read_timeout: float = READ_TIMEOUT,
-                 max_connections: int = MAX_CONNECTIONS):
+                 max_connections: int = MAX_CONNECTIONS, send_timeout: float = SEND_TIMEOUT):
         self._listen = [parse_hostport(item) for item in listen]
         self._read_timeout = read_timeout
+        self._send_timeout = send_timeout
         self._max_connections = max_connections
         self._busy_logged_at: float | None = None
         self._app = web.Application(client_max_size=MAX_BODY,
@@ -301,7 +331,7 @@ class HttpServer:
         await self._runner.setup()
         try:
             for host, port in self._listen:
-                site = _CappedSite(self._runner, host, port, self._admit, self._read_timeout)
+                site = _CappedSite(self._runner, host, port, self._admit, self._send_timeout)
                 await site.start()
                 self._sites.append(site)
         except BaseException:

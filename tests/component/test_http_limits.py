@@ -15,12 +15,13 @@ from aiohttp import web
 from mailflow.http import MAX_BODY, HttpServer
 
 READ_TIMEOUT = 0.3
+SEND_TIMEOUT = 0.3  # for a client that takes none of its answer
 BIG = b"x" * (4 * 1024 * 1024)  # an answer far past what the sockets' buffers hold
 
 
 @pytest.fixture
 async def server():
-    http = HttpServer(["127.0.0.1:0"], read_timeout=READ_TIMEOUT)
+    http = HttpServer(["127.0.0.1:0"], read_timeout=READ_TIMEOUT, send_timeout=SEND_TIMEOUT)
     table = web.RouteTableDef()
 
     @table.get("/hello")
@@ -178,6 +179,35 @@ async def test_a_client_that_reads_slowly_but_steadily_gets_its_whole_answer(ser
     finally:
         writer.close()
     assert got.endswith(b"\r\n\r\n" + BIG) and loop.time() - started > READ_TIMEOUT * 2
+
+
+async def test_a_slow_steady_reader_with_default_buffers_is_served_past_the_read_timeout():
+    """With default socket buffers a client's kernel acknowledges in steps of its receive window (64-95 KB): a
+    reader of 60 KB/s shows no progress for a second at a time. Cut when nothing was acknowledged for the read
+    timeout (0.3 s here; 30 s in service cut a 2-4 KB/s reader of a 30 MB answer), it was cut; with a send
+    timeout of its own (60 s in service, nginx's), counted on the acknowledged bytes, it gets its whole answer."""
+    http = HttpServer(["127.0.0.1:0"], read_timeout=READ_TIMEOUT, send_timeout=2.0)
+    table = web.RouteTableDef()
+
+    @table.get("/big")
+    async def big(request):
+        return web.Response(body=BIG)
+
+    http.add_routes("test", table)
+    await http.start()
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection(*http.addresses[0])
+    writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    started, got = loop.time(), bytearray()
+    try:
+        while loop.time() - started < 3.0:
+            got += await asyncio.wait_for(reader.read(3 * 1024), 5)
+            await asyncio.sleep(0.05)
+        got += await asyncio.wait_for(reader.read(), 5)  # the rest at once
+    finally:
+        writer.close()
+        await http.stop()
+    assert got.endswith(b"\r\n\r\n" + BIG)
 
 
 async def test_clients_that_read_slowly_hold_no_copy_of_their_answers(server):
