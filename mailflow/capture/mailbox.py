@@ -5,6 +5,7 @@
         messages -> [CapturedMessage]   get(id) -> CapturedMessage | None   latest()
         delete(ids) / clear()           accepted, accepted_bytes, deleted (counts since the start)
         await wait(criteria, count, timeout) -> [CapturedMessage]    at least `count` matching messages
+        changed()                       a message's read flag changed: waits look again
         close()                         no more messages will come (the embedded Sink stopped): waits end
     CapturedEnvelope     what the server was told: sender, recipients, and per recipient the address first given
                          and the DSN parameters (NOTIFY, ORCPT); ENVID, RET; SMTPUTF8, BODY
@@ -12,17 +13,19 @@
                          (the SMTP session that submitted it: model.SessionTranscript, None when it did not come
                          over SMTP or no transcripts are kept), `history` (the queue's events for its queue id,
                          as they are now), and helpers: subject, text, html, attachments, inline, links, header()
-    Criteria(to, sender, subject, match)   which messages a wait or a test wants (see `matches`)
+    Criteria(to, sender, subject, match, settled=False)   which messages a wait or a test wants (see `matches`)
     WaitTimeout          (an AssertionError) raised by `wait`: its text counts what did arrive and lists the
                          newest REPORT_LIMIT of those messages
     await sliced(items, fn) -> [fn(item)]   SLICE at a time, handing the loop back before each (a search term
                          or a summary parses its message: a whole mailbox at once held every session 3.7 s)
 
 Bounded: past `max_messages` or `max_bytes` the oldest messages are dropped (counted as deleted). Waiting
-costs nothing while nothing arrives: each `add` wakes the waiters once, and each looks at the messages it has not
-looked at yet, `sliced`: a message is judged once per wait, as it is when first seen (a wait for unread messages
-keeps one read meanwhile). Each waiter looking at every message again for each new one, 64 waits on 1000 messages
-of 90 KB cost 9 s of the server's loop per message captured.
+costs nothing while nothing arrives: each `add` (and each `changed`) wakes the waiters once. A wait whose
+criteria cannot change their verdict on a message once captured (no `match`, or one said `settled`: a search
+without `is:` terms) looks only at the messages it has not looked at yet, `sliced`: each waiter looking at every
+message again for each new one, 64 waits on 1000 messages of 90 KB cost 9 s of the server's loop per message
+captured. Any other (`is:read`, a `match` callable, which may read `history` or the read flag) looks at every
+message again each time it is woken.
 
 Failure behaviour: `wait` raises WaitTimeout after `timeout` seconds (loop time, not the injected clock), and
 RuntimeError at once when the mailbox is closed, or closes, before enough messages match (the same report).
@@ -158,12 +161,19 @@ class Criteria:
     """`to`: an envelope recipient equals it (case-insensitive) or matches it as a glob (`*@example.com`; `*` and
     `?` only, so that `*@[192.0.2.1]` is an address literal);
     `sender`: the envelope sender, alike; `subject`: a string the Subject contains, or a compiled regex it
-    matches; `match`: any callable on a CapturedMessage. Unset criteria match everything."""
+    matches; `match`: any callable on a CapturedMessage. Unset criteria match everything. `settled`: `match`'s
+    verdict on a message does not change once it is captured, so a wait asks it once per message."""
 
     to: str | None = None
     sender: str | None = None
     subject: str | re.Pattern | None = None
     match: Callable[[CapturedMessage], bool] | None = None
+    settled: bool = False
+
+    @property
+    def judged_once(self) -> bool:
+        """May a wait keep its verdict on a message? (to, sender and subject never change.)"""
+        return self.match is None or self.settled
 
     def __post_init__(self) -> None:
         """A criterion of the wrong type is a TypeError here, not an AttributeError at the first message (or a
@@ -283,6 +293,11 @@ class Mailbox:
     def clear(self) -> None:
         self.delete(list(self._messages))
 
+    def changed(self) -> None:
+        """A message's read flag changed: each wait looks again (one for `is:read` may now be answered)."""
+        self._arrived.set()
+        self._arrived = asyncio.Event()
+
     def close(self) -> None:
         self._closed = True
         self._arrived.set()
@@ -297,9 +312,11 @@ class Mailbox:
         WaitTimeout after `timeout` seconds."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        verdicts: dict[CapturedMessage, bool] = {}  # each message looked at once (see the module docstring)
+        verdicts: dict[CapturedMessage, bool] = {}  # kept when criteria.judged_once (see the module docstring)
         while True:
             arrived = self._arrived  # (before the search hands the loop back: a message added meanwhile wakes it)
+            if not criteria.judged_once:
+                verdicts = {}
             new = [m for m in self.messages if m not in verdicts]
             verdicts.update(zip(new, await sliced(new, criteria.matches)))
             verdicts = {m: verdicts[m] for m in self.messages if m in verdicts}  # (none deleted kept alive)

@@ -294,6 +294,7 @@ def routes(capture: Capture, *, waiters_limit: int, wait_time_limit: float) -> w
             targets = [m for m in map(mailbox.get, ids) if m is not None] if ids else mailbox.messages
         for message in targets:
             message.read = read
+        mailbox.changed()
         return web.Response(text="ok")
 
     @table.delete("/api/v1/messages")
@@ -308,7 +309,9 @@ def routes(capture: Capture, *, waiters_limit: int, wait_time_limit: float) -> w
     @table.get("/api/v1/message/{id}")
     async def message(request: web.Request) -> web.Response:
         found = await find(request)
-        found.read = True
+        if not found.read:
+            found.read = True
+            mailbox.changed()
         return web.json_response(detail(found))
 
     @table.get("/api/v1/message/{id}/raw")
@@ -359,7 +362,7 @@ def routes(capture: Capture, *, waiters_limit: int, wait_time_limit: float) -> w
         if waiting["now"] >= waiters_limit:
             raise web.HTTPServiceUnavailable(text=f"more than {waiters_limit} waits at once")
         terms = _terms(query)
-        criteria = Criteria(match=lambda m: search.matches(terms, m))
+        criteria = Criteria(match=lambda m: search.matches(terms, m), settled=search.settled(terms))
         waiting["now"] += 1
         try:
             found = await mailbox.wait(criteria, count, timeout)

@@ -4,6 +4,7 @@
                                     leading `-` or `!` negates a word; `name:value` looks in one place; a term
                                     given twice counts once
     matches(terms, message) -> bool every term holds (case-insensitive substring matches)
+    settled(terms) -> bool          the verdict on a message cannot change once it is captured (no `is:` term)
     MAX_TERMS                       the most terms the capture API searches with (mailpit.py refuses more: each
                                     is a scan of every message's text)
 
@@ -91,6 +92,11 @@ def _holds(term: Term, message: CapturedMessage, texts: dict[str, str]) -> bool:
     if text is None:
         text = texts[term.place] = _place_text(term.place, message)
     return term.value in text
+
+
+def settled(terms: list[Term]) -> bool:
+    """Is the verdict of `terms` on a message fixed once it is captured? Not with an `is:` term (the read flag)."""
+    return not any(term.place == "is" for term in terms)
 
 
 def matches(terms: list[Term], message: CapturedMessage) -> bool:

@@ -373,3 +373,34 @@ async def test_a_new_message_is_looked_at_once_by_each_wait_not_the_whole_mailbo
         answers = await asyncio.wait_for(asyncio.gather(*waiting), 5)
     assert [(status, [m["ID"] for m in body["messages"]]) for status, body in answers] == [(200, ["NEW2"])] * waits
     assert looked[waits * (n + 1):] == ["NEW2"] * waits
+
+
+async def test_a_wait_for_read_messages_sees_one_marked_read_while_it_waits():
+    """A wait kept each message's first verdict: one for `is:read` (or `-is:unread`) never saw a message marked
+    read during the wait (408). The read flag is judged again, and marking a message read wakes the waits."""
+    async with Sink(http_api=True) as sink, aiohttp.ClientSession(sink.http_url) as http:
+        fill(sink, 2)
+        first = sink.messages[0]
+        waiting = [asyncio.ensure_future(get_json(http, f"/api/v1/wait?query={query}&timeout=5"))
+                   for query in ("is:read", "-is:unread+subject:m0")]
+        await asyncio.sleep(0.1)
+        assert not any(w.done() for w in waiting)
+        async with http.put("/api/v1/messages", json={"IDs": [first.id], "Read": True}) as response:
+            assert response.status == 200
+        answers = await asyncio.wait_for(asyncio.gather(*waiting), 2)
+    assert [[m["ID"] for m in answer["messages"]] for answer in answers] == [[first.id], [first.id]]
+
+
+async def test_wait_for_asks_a_match_callable_again_about_every_message_when_one_arrives():
+    """A `match` callable may read what changes after capture (`history`, the read flag): a wait asks it again
+    about each message whenever it is woken, unless the criteria say it is settled."""
+    async with Sink() as sink:
+        fill(sink, 1)
+        wanted: set[str] = set()
+        waiting = asyncio.ensure_future(sink.wait_for(match=lambda m: m.id in wanted, timeout=5))
+        await asyncio.sleep(0.05)
+        wanted.add(sink.messages[0].id)  # the first message now matches: the next arrival wakes the wait
+        raw = b"From: a@shop.test\r\nSubject: later\r\n\r\nbody\r\n"
+        sink.server.capture.mailbox.add(CapturedEnvelope("a@shop.test", ("b@example.com",)), raw, "LATER")
+        [found] = await asyncio.wait_for(waiting, 2)
+    assert found.id == "Q0"
