@@ -99,13 +99,16 @@ async def _sent_in_slices(request: web.Request, handler):
     send buffer has room: aiohttp writes a body whole, and the transport copies what the client has not taken yet
     (ten slow readers of a 4 MB answer held 14 MB; MAX_CONNECTIONS of a captured 10 MB message's /raw would hold
     gigabytes). A slow client then costs its answer's own bytes (the mailbox's, for a captured message) and about
-    128 KB of buffer."""
+    128 KB of buffer. The answer's cookies go with it; one to be compressed, or chunked, is left to aiohttp."""
     response = await handler(request)
     body = response.body if type(response) is web.Response else None
-    if not isinstance(body, (bytes, bytearray)) or len(body) <= SEND_SLICE or request.method == "HEAD":
+    if (not isinstance(body, (bytes, bytearray)) or len(body) <= SEND_SLICE or request.method == "HEAD"
+            or response.compression or response.chunked):
         return response
     sliced = web.StreamResponse(status=response.status, reason=response.reason, headers=response.headers)
     sliced.content_length = len(body)
+    for name, morsel in response.cookies.items():
+        sliced.cookies[name] = morsel
     if response.keep_alive is False:
         sliced.force_close()
     await sliced.prepare(request)

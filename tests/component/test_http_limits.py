@@ -9,6 +9,7 @@ import logging
 import socket
 import tracemalloc
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -233,3 +234,33 @@ async def test_clients_that_read_slowly_hold_no_copy_of_their_answers(server):
     for head, body in await asyncio.wait_for(asyncio.gather(*(answer(*each) for each in slow)), 10):
         assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: %d" % len(BIG) in head and body == BIG
     assert held < 10 * 250_000
+
+
+async def test_a_sliced_answer_keeps_its_cookies_and_a_compressed_one_is_compressed():
+    """An answer past SEND_SLICE is written a slice at a time: its cookies were dropped, and so was the
+    compression a handler asked for."""
+    http = HttpServer(["127.0.0.1:0"])
+    table = web.RouteTableDef()
+
+    @table.get("/cookie")
+    async def cookie(request):
+        response = web.Response(body=BIG)
+        response.set_cookie("session", "s1")
+        return response
+
+    @table.get("/compressed")
+    async def compressed(request):
+        response = web.Response(body=BIG)
+        response.enable_compression()
+        return response
+
+    http.add_routes("test", table)
+    await http.start()
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{http.addresses[0][1]}") as client:
+            async with client.get("/cookie") as response:
+                assert response.cookies["session"].value == "s1" and await response.read() == BIG
+            async with client.get("/compressed", headers={"Accept-Encoding": "gzip"}) as response:
+                assert response.headers["Content-Encoding"] == "gzip" and await response.read() == BIG
+    finally:
+        await http.stop()
