@@ -335,7 +335,8 @@ async def test_a_search_of_many_words_costs_one_look_at_each_message_and_is_boun
             sink.server.capture.mailbox.add(CapturedEnvelope("a@shop.test", ("b@example.com",)), raw, f"Q{i}")
         async with LoopLag() as lag:
             listing = await get_json(http, "/api/v1/search?query=" + "+".join(["e"] * 4000))
-        assert listing["messages_count"] == 2 and lag.longest < 0.25
+        # (the bound: a loaded host stays under it; a text made per term held the loop 2 s for these two)
+        assert listing["messages_count"] == 2 and lag.longest < 0.5
         words = [f"w{i}" for i in range(search.MAX_TERMS + 1)]
         for method, path, body in [("GET", "/api/v1/search?query=" + "+".join(words), None),
                                    ("PUT", "/api/v1/messages", {"Search": " ".join(words), "Read": True}),

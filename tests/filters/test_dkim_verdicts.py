@@ -109,7 +109,7 @@ def zone_txt(name: str, value: str) -> str:
 
 @pytest.mark.parametrize(("modulus", "exponent", "reason"), [
     (16384, 16384, "public key too large: 16384 bits (at most 8192)"),  # 7 s of dkimpy's pow, the GIL held
-    (4096, 4096, "public key exponent too large: 4096 bits (at most 64)"),
+    (8192, 8192, "public key exponent too large: 8192 bits (at most 64)"),  # 1 s of pow
 ])
 async def test_a_key_too_costly_to_verify_with_is_permerror_at_once(signed_and_record, dns_zone, tmp_path, modulus,
                                                                     exponent, reason):
@@ -126,7 +126,8 @@ async def test_a_key_too_costly_to_verify_with_is_permerror_at_once(signed_and_r
             results = await verify(head, content.after(len(head)), resolver, timeout=5)
     finally:
         await resolver.close()
-    assert [(r.result, r.reason) for r in results] == [("permerror", reason)] and lag.longest < 0.1
+    # (the bound is loose, for a loaded host: the reason says the pow() was skipped; it would take 1 s at least)
+    assert [(r.result, r.reason) for r in results] == [("permerror", reason)] and lag.longest < 0.5
     opendkim = re.search(r"dkim=(\w+)", opendkim_verdict(signed, {KEY_NAME: record}, tmp_path / "opendkim"))
     assert opendkim and opendkim.group(1) == "permerror"
 
@@ -147,7 +148,7 @@ async def test_an_arc_key_too_costly_to_verify_with_is_no_key_to_the_seals_check
             results = await arc.authentication_results(sealed, "me.test", resolver)
     finally:
         await resolver.close()
-    assert results.endswith("; arc=fail") and lag.longest < 0.1
+    assert results.endswith("; arc=fail") and lag.longest < 0.5  # (the pow() it stops: 7 s)
 
 
 def _fields(n: int) -> bytes:
@@ -178,7 +179,7 @@ async def test_a_signature_over_too_many_header_fields_is_permerror_at_once(dns_
     finally:
         await resolver.close()
     assert [(r.result, r.reason) for r in results] == [("permerror", expected) if expected else ("pass", "")]
-    assert lag.longest < 0.1
+    assert lag.longest < 0.5  # (loose, for a loaded host: the verdict's reason says the selection was skipped)
     if not expected:
         verdict = opendkim_verdict(signed_message, {KEY_NAME: record}, tmp_path / "opendkim")
         assert re.search(r"dkim=(\w+)", verdict).group(1) == "pass"
