@@ -94,8 +94,9 @@ class Router:
         if refused is not None and self._config.soft_bounce:
             refused = status.soft_bounced(refused)
         if rw.classify(addr) is AddressClass.DEFAULT:
-            denied = status.soft_bounced("554 5.7.1") if self._config.soft_bounce else "554 5.7.1"
-            relay = f"accepted from mynetworks only (others: {denied} relay access denied)"
+            denied = str(status.relay_denied(addr))
+            denied = status.soft_bounced(denied) if self._config.soft_bounce else denied
+            relay = f"accepted from mynetworks only (others: {denied})"
             return relay if refused is None else f"{relay}; then {refused}"
         if refused is not None:
             return refused

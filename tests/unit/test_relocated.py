@@ -68,9 +68,9 @@ def test_a_bare_user_key_also_serves_myorigin():
 
 @pytest.mark.parametrize("soft_bounce, verdicts", [
     (False, ("550 5.1.6 <moved@local.test>: Recipient address rejected: User has moved to new@place.test",
-             "accepted from mynetworks only (others: 554 5.7.1 relay access denied)")),
+             "accepted from mynetworks only (others: 554 5.7.1 <x@elsewhere.test>: Relay access denied)")),
     (True, ("450 4.1.6 <moved@local.test>: Recipient address rejected: User has moved to new@place.test",
-            "accepted from mynetworks only (others: 454 4.7.1 relay access denied)")),
+            "accepted from mynetworks only (others: 454 4.7.1 <x@elsewhere.test>: Relay access denied)")),
 ])
 def test_the_address_tool_shows_the_rcpt_reply_smtpd_sends(soft_bounce, verdicts):
     """`mailflow address` (and sendmail -bv) show smtpd's RCPT reply; under soft_bounce its 4xx, as sent."""

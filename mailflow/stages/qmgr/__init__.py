@@ -54,8 +54,9 @@ The loop
   still returned when it outlives its lifetime, as Postfix's qmgr returns it then (its defer_flush ignores
   soft_bounce). Address verification probes are not touched (Postfix's bounce_append records them first).
 - A reload (`reconfigure`) hands qmgr a new resolver, transports, [queue] settings and soft_bounce: what is
-  admitted or started from then on uses them; deliveries under way finish with the transports they began with, which are
-  closed after them. The jobs not started yet are taken back from their destinations and their recipients
+  admitted or started from then on uses them (soft_bounce: the results that come in from then on, those of
+  deliveries already under way too); deliveries under way finish with the transports they began with, which
+  are closed after them. The jobs not started yet are taken back from their destinations and their recipients
   resolved again (`_reroute`), as Postfix's qmgr, restarted by `postfix reload`, reads its active queue again:
   mail waiting for a window goes where the new routing sends it. The messages stay in hand (no store write, the
   active queue's size and handed-over content unchanged) and a delivery in flight is not touched, so no recipient
