@@ -314,11 +314,11 @@ class AddressMapper:
         carried onto every address, but only for a `user@domain` or `user` key (mail_addr_find), not for
         `@domain`. A later `@domain` of a list is an address with an empty local part. A value that holds no
         address raises LookupRetry (Postfix: "returns non-address result", the message is not accepted)."""
-        local, _ = address.split(addr)
+        local = _plain_local(address.split(addr)[0])
         user, ext = split_extension(local, self._config.recipient_delimiter)
-        key_local = address.split(key)[0] if "@" in key else key
+        key_local = _plain_local(address.split(key)[0] if "@" in key else key)
         unmatched = ext if ext and key_local and key_local.lower() != local.lower() else ""
-        if value.startswith("@"):
+        if value.startswith("@"):  # the local part unquoted, the value after it, then quoted once (mail_addr_map)
             before_at, _, domain = (local.removesuffix(unmatched) + value).rpartition("@")
             value = f"{address.quoted_local(before_at)}@{domain}"
         items = table_value_addresses(value)
@@ -333,10 +333,16 @@ class AddressMapper:
         if item.startswith("@"):
             return f'"{unmatched}"{item}'
         result = self._rewriter.qualify(item)
-        if unmatched and result:
+        if unmatched and result:  # inside the quotes of a quoted local part, as mail_addr_crunch puts it
             result_local, result_domain = address.split(result)
-            result = f"{result_local}{unmatched}@{result_domain}"
+            result = f"{address.quoted_local(_plain_local(result_local) + unmatched)}@{result_domain}"
         return result
+
+
+def _plain_local(local: str) -> str:
+    """A local part as Postfix's internal form holds it: a quoted one without its quotes."""
+    bare = address.unquoted_local(local)
+    return local if bare is None else bare
 
 
 def _duplicate_key(rcpt: Recipient, *, expanded: bool) -> tuple[str, ...]:

@@ -177,6 +177,27 @@ def test_domain_result_keeps_the_local_part(tmp_path):
     assert m.recipient("bob@other.test") == "bob@other.test"
 
 
+def test_a_domain_result_keeps_a_quoted_local_part_quoted_once(tmp_path):
+    """Postfix's mail_addr_map unquotes the local part, puts the value's @domain after it and quotes once: under a
+    domain rename a quoted local part stays as it was, through a chain too (it gained a quote at every step)."""
+    renames = "@old.test @new.test\n@a.test @b.test\n@b.test @c.test\n"
+    m = mapper(canonical_maps=(table(tmp_path, "canonical", renames),))
+    assert m.recipient('"john smith"@old.test') == '"john smith"@new.test'
+    assert m.recipient('"a b"@a.test') == '"a b"@c.test'
+
+
+def test_a_domain_mapped_to_itself_ends_for_a_quoted_local_part(tmp_path):
+    """An address that maps to itself ends the expansion (it grew without end, on the loop, when the local part
+    gained quotes at each step)."""
+    m = mapper(virtual_alias_maps=(table(tmp_path, "virtual", "@v.test @v.test\n"),), virtual_alias_domains=("v.test",))
+    assert m.expand('"a b"@v.test') == ['"a b"@v.test']
+
+
+def test_an_unmatched_extension_goes_inside_the_quotes(tmp_path):
+    m = mapper(canonical_maps=(table(tmp_path, "canonical", "tom@example.test \"t s\"@w.test\n"),))
+    assert m.recipient("tom+e@example.test") == '"t s+e"@w.test'
+
+
 def test_unmatched_extension_is_propagated(tmp_path):
     m = mapper(canonical_maps=(table(tmp_path, "canonical", "bob@example.test robert@example.net\n"),))
     assert m.recipient("bob+lists@example.test") == "robert+lists@example.net"
