@@ -540,3 +540,30 @@ async def test_failures_of_two_lists_go_each_to_its_own_owner_and_a_lists_deferr
         (["alice@sender.test"], "Delayed Mail (still being retried)")]
     assert [dict(report(n)[1])["Diagnostic-Code"] for n in (*mf["case-defer"], *pf["case-defer"])] == [
         "x-unix;temporaryfailure"] * 2
+
+
+async def test_each_failure_under_lists_is_its_own_notice_to_the_owner_as_postfixs_bounce_one(mailflow_server,
+                                                                                            smtp_peer):
+    """local(8)'s bounce_workaround calls bounce_one once per failed delivery: an alias of two lists with one
+    owner whose commands fail, and a list whose two commands fail, give the owner a notice per failure, each
+    naming its list with its command's text and x-unix Diagnostic-Code (not one notice about the alias with the
+    texts joined)."""
+    aliases = ("inline:{ {both=m1, m2}, {m1=|/bin/false}, {owner-m1=o@sender.test}, "
+               '{m2="|exit 67"}, {owner-m2=o@sender.test}, '
+               '{pair="|/bin/false", "|exit 67"}, {owner-pair=o@sender.test} }')
+    messages = [Send("case-both", {"both@local.test": []}), Send("case-pair", {"pair@local.test": []})]
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {}, messages, 4, settle=1.5,
+                                   postfix={"mydestination": "local.test", "myorigin": "local.test",
+                                            "alias_maps": aliases},
+                                   settings={"mydestination": ["local.test"], "myorigin": "local.test",
+                                             "alias_maps": [aliases]})
+
+    def told(notices) -> list[tuple]:
+        return sorted((n.envelope[1], n["Subject"], human_part(n), report(n)[1:]) for n in notices)
+
+    assert told(mf["case-both"]) == told(pf["case-both"])
+    assert told(mf["case-pair"]) == told(pf["case-pair"])
+    assert sorted(dict(report(n)[1])["Final-Recipient"] for n in pf["case-both"]) == [
+        "rfc822;m1@local.test", "rfc822;m2@local.test"]
+    assert sorted(dict(report(n)[1])["Diagnostic-Code"] for n in pf["case-pair"]) == [
+        "x-unix;unknownmailsystemerror1", "x-unix;userunknown"]

@@ -12,12 +12,13 @@ Rules (Postfix bounce(8) and RFC 3461):
   delivered it.
 A notice goes to the envelope sender with the null sender; a failure whose agent names an owner
 (`RcptResult.owner`: a mailing list's, local(8)'s bounce_workaround) goes to that owner instead, whatever the
-sender (failures of several lists, `RcptResult.owned`: each to its list's owner, about that list), without
-the sender's ENVID, RET, ORCPT and original address (local(8)'s alias.c gives a list none). A message with
-the null sender is itself a notice: its failures go to `double_bounce_recipient` (postmaster by default) from
-`double-bounce@myhostname`, as a postmaster copy, or nowhere when that setting is empty; a double bounce that
-fails is dropped (`discarded`, which qmgr logs as Postfix's bounce(8) does). So a bounce never bounces, and no
-notice is sent about a delay or a success of a notice.
+sender (several failures of lists, `RcptResult.owned`: each to its list's owner, about that list), in a notice
+of its own per failure, as bounce_one sends it, without the sender's ENVID, RET, ORCPT and original address
+(local(8)'s alias.c gives a list none). A message with the null sender is itself a notice: its failures go to
+`double_bounce_recipient` (postmaster by default) from `double-bounce@myhostname`, as a postmaster copy, or
+nowhere when that setting is empty; a double bounce that fails is dropped (`discarded`, which qmgr logs as
+Postfix's bounce(8) does). So a bounce never bounces, and no notice is sent about a delay or a success of a
+notice.
 `await Notices.for_attempt()` returns ready-to-commit `NewMessage`s (made by cleanup's `prepare`), which qmgr
 commits in the same transaction as the results, so a crash can lose neither. Of the original it reads at
 most `bounce_size_limit` bytes, or only its header section (mailflow.message.quoted_original): a notice is
@@ -68,8 +69,7 @@ def plan(message: QueuedMessage, results: list[RcptResult], *, warn_delay: bool,
         chosen = [r for r in results if r.outcome is outcome and wants_notice(r.recipient, kind)
                   and not (kind == "success" and r.next_hop_notifies)]
         owned = [told for r in chosen if kind == "failure" for told in _owners_told(r, now)]
-        for owner in dict.fromkeys(owner for owner, _ in owned):
-            notices.append(Notice(kind, "", owner, tuple(nr for o, nr in owned if o == owner), list_owner=True))
+        notices.extend(Notice(kind, "", owner, (about,), list_owner=True) for owner, about in owned)
         told = tuple(_notice_recipient(r, now) for r in chosen if not (kind == "failure" and (r.owner or r.owned)))
         if not told:
             continue
@@ -97,9 +97,10 @@ def _is_double_bounce(message: QueuedMessage, myhostname: str) -> bool:
 
 
 def _owners_told(result: RcptResult, now: float) -> list[tuple[str, NoticeRecipient]]:
-    """What a failed recipient's list owners are told, (owner, recipient as reported): the whole result for its
-    `owner`; each `owned` failure for its own owner, about its list (local(8)'s bounce_workaround: one notice per
-    failure, to the owner of the list whose command or file failed)."""
+    """What a failed recipient's list owners are told, (owner, recipient as reported), each in a notice of its
+    own: the whole result for its `owner` (one failure); each `owned` failure for its own owner, about its list
+    (local(8)'s bounce_workaround calls bounce_one once per failed delivery: one notice per failure, to the
+    owner of the list whose command or file failed, even when one owner has several)."""
     if result.owner:
         return [(result.owner, _owners_view(_notice_recipient(result, now)))]
     rcpt = result.recipient

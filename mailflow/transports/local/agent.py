@@ -445,30 +445,33 @@ def _some(addresses: tuple[str, ...]) -> str:
 
 
 def _failures_owner(result: RcptResult, parts: list[Part], lists: list[ListOf]) -> str:
-    """Who a bounced recipient's failure notice goes to instead of the sender: the list owner, when every part
+    """Who a bounced recipient's failure notice goes to instead of the sender: the list owner, when the one part
     that bounced was a command or file of a list with an owner- alias, or a file refused there (local(8)'s
     bounce_workaround sends it to the owner, and the sender hears nothing; a restricted command it reports to the
-    sender); "" otherwise, and when the failures are of two lists with different owners (`_owned_failures`)."""
-    owners = _bounced_owners(result, parts, lists)
-    return owners.pop() or "" if len(owners) == 1 else ""
+    sender); "" otherwise, and when several parts bounced (`_owned_failures`)."""
+    failed = _failures(result, parts, lists)
+    if len(failed) != 1 or failed[0][1] is None:
+        return ""
+    return failed[0][1][0]
 
 
 def _owned_failures(result: RcptResult, parts: list[Part], lists: list[ListOf]) -> tuple[OwnedFailure, ...]:
-    """The failures of a bounced recipient whose bounced parts are all of lists with owner- aliases, and of
-    several owners: each for its own list's owner, as local(8)'s bounce_workaround tells each (the sender hears
-    nothing); () otherwise (one owner: `_failures_owner`; a failure of no list: the sender is told all)."""
-    owners = _bounced_owners(result, parts, lists)
-    if len(owners) < 2 or None in owners:
+    """The failures of a bounced recipient when several parts bounced, all of lists with owner- aliases (one list
+    or several, one owner or several): each for its own list's owner, about its list, with its own text and
+    Diagnostic-Code, as local(8)'s bounce_workaround calls bounce_one once per failed delivery (the sender hears
+    nothing); () otherwise (one failure: `_failures_owner`; a failure of no list: the sender is told all)."""
+    failed = _failures(result, parts, lists)
+    if len(failed) < 2 or any(where is None for _, where in failed):
         return ()
     return tuple(OwnedFailure(where[0], where[1], part.dsn, part.text, part.diagnostic)
-                 for part, where in zip(parts, lists) if part.outcome is Outcome.BOUNCED and where is not None)
+                 for part, where in failed if where is not None)
 
 
-def _bounced_owners(result: RcptResult, parts: list[Part], lists: list[ListOf]) -> set[str | None]:
-    """The owners of the lists whose parts bounced (None: a part of no list); none unless the recipient bounced."""
+def _failures(result: RcptResult, parts: list[Part], lists: list[ListOf]) -> list[tuple[Part, ListOf]]:
+    """The parts that bounced, each with the list it was delivered for; none unless the recipient bounced."""
     if result.outcome is not Outcome.BOUNCED:
-        return set()
-    return {where and where[0] for part, where in zip(parts, lists) if part.outcome is Outcome.BOUNCED}
+        return []
+    return [(part, where) for part, where in zip(parts, lists) if part.outcome is Outcome.BOUNCED]
 
 
 def _owners_list(rcpt: Recipient, owner: str, parts: list[Part], lists: list[ListOf]) -> str:
