@@ -325,7 +325,7 @@ _MESSAGE_KINDS = Columns(("id", "text"), ("sender", "text"), ("arrival", "time")
 _RECIPIENT_KINDS = Columns(("idx", "count"), ("address", "text"), ("original", "text"), ("notify", "text"),
                            ("orcpt", "text"), ("status", "status"), ("dsn", "text"), ("reason", "text"),
                            ("relay", "text"), ("relayed", "flag"), ("expanded", "text"), ("expansion", "text"),
-                           ("owner", "text"), ("diagnostic", "text"), ("owned", "text"))
+                           ("owner", "text"), ("diagnostic", "text"), ("owned", "owned"))
 # A recipient's columns in DUE's JSON; a BLOB (no code writes one; JSON cannot hold it, and the whole scan would fail)
 # as {"blob": hex}, which damage.checked then names.
 _RECIPIENT_COLUMNS = ", ".join(f"CASE typeof({c}) WHEN 'blob' THEN json_object('blob', hex({c})) ELSE {c} END"
@@ -475,11 +475,10 @@ def _owned_text(owned: tuple[OwnedFailure, ...]) -> str:
 
 
 def _owned_of(text: str) -> tuple[OwnedFailure, ...]:
-    """RcptResult.owned from its column ('' none; a value that is not what _owned_text wrote: none)."""
-    try:
-        return tuple(OwnedFailure(*map(str, f)) for f in json.loads(text)) if text else ()
-    except (ValueError, TypeError):
-        return ()
+    """RcptResult.owned from its column ('' none), checked already (damage.checked: a value that is not what
+    _owned_text writes makes the message damaged, as a bad column does, rather than its lists' failures going to
+    the sender unsaid)."""
+    return tuple(OwnedFailure(*f) for f in json.loads(text)) if text else ()
 
 
 def _record_op(queue_id: QueueId, rows: Sequence[tuple[RcptResult, bool]]) -> Op:

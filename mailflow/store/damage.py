@@ -26,6 +26,7 @@ What becomes of a damaged row is the caller's: the operator tools list it marked
 """
 from __future__ import annotations
 
+import json
 import math
 import sqlite3
 from typing import Any, Callable, NamedTuple, Sequence
@@ -61,6 +62,19 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
+def _is_owned(value: object) -> bool:
+    """'' or what the store writes for RcptResult.owned: a JSON array of failures, each an array of 4 or 5 texts
+    (owner, list, status, text[, Diagnostic-Code])."""
+    if value == "":
+        return True
+    try:
+        failures = json.loads(value) if _is_text(value) else None  # type: ignore[arg-type]
+    except ValueError:
+        return False
+    return isinstance(failures, list) and all(
+        isinstance(f, list) and len(f) in (4, 5) and all(_is_text(v) for v in f) for f in failures)
+
+
 def _text(value: object) -> str:
     """A stand-in for text: bytes and surrogates (text that was not UTF-8) as U+FFFD, so it can be printed."""
     if isinstance(value, str):
@@ -94,6 +108,7 @@ KINDS: dict[str, Kind] = {
     "count": Kind(_is_count, lambda v: 0, "a count", int),
     "flag": Kind(lambda v: v in (0, 1) and not isinstance(v, float), lambda v: 0, "0 or 1", int),
     "text": Kind(_is_text, _text, "text", str),
+    "owned": Kind(_is_owned, lambda v: "", "failures told to list owners (JSON)", str),
     "status": Kind(lambda v: v in STATUSES, _text, "pending, sent or bounced", str),
     "queue": Kind(lambda v: v in QUEUES, _text, "a queue name", str),
 }

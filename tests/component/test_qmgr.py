@@ -277,7 +277,10 @@ async def test_missing_content_moves_the_message_to_corrupt(h):
      "sender is b'\\xffa', not text"),
     ("UPDATE recipient SET address = CAST(x'ff62' AS TEXT) WHERE message_id = :qid",  # (inside DUE's JSON)
      "recipient 0: address is b'\\xffb', not text"),
-], ids=["arrival", "size-and-next-attempt", "recipient-status", "blob", "sender-not-utf8", "address-not-utf8"])
+    ("UPDATE recipient SET owned = '[[\"o@x\"' WHERE message_id = :qid",  # (the failures told to list owners)
+     "recipient 0: owned is '[[\"o@x\"', not failures told to list owners (JSON)"),
+], ids=["arrival", "size-and-next-attempt", "recipient-status", "blob", "sender-not-utf8", "address-not-utf8",
+        "owned-not-json"])
 async def test_a_message_with_damaged_queue_rows_goes_to_corrupt_and_the_others_are_delivered(h, caplog, damage,
                                                                                             said):
     """A row edited by hand (values of the wrong kind) neither stops qmgr's loop nor the other deliveries: the
