@@ -9,7 +9,7 @@ Runner (used by pipe services and by local's `|command` destinations):
   the time limit (or when the delivery is cancelled). `user`: as root, run as that user (its groups too);
   not as root, only our own user. `umask`: the command's (None: mailflow's own). Raises `CommandNotRun` when it
   cannot start the command (unknown user, no privilege to switch, root requested, exec or chdir failed): callers
-  defer with 4.3.0.
+  defer with 4.3.0 and its `diagnostic`, `x-unix; <why>` (Postfix's: the child's fatal message, x-unix).
 - `run_shell_command(command, **same) -> CommandResult`: a local `|command`, run as Postfix's exec_command runs
   it: a command without shell metacharacters is split on blanks and run directly (its program searched on
   PATH); `/bin/sh -c command` when it has some, or when that exec fails as execvp would hand it to the shell
@@ -104,6 +104,12 @@ class CommandNotRun(Exception):
         super().__init__(text)
         self.text = text
         self.exec_errno = exec_errno  # the errno of the exec itself, when that is what failed
+
+    @property
+    def diagnostic(self) -> str:
+        """The deferral's Diagnostic-Code, `x-unix; <why>`: Postfix's pipe_command() reports a command its child
+        could not exec (or chdir to run) with the child's fatal message as the output, x-unix."""
+        return f"x-unix; {self.text}"
 
 
 @dataclass(frozen=True)
@@ -447,7 +453,7 @@ class PipeTransport:
                                        output_limit=s.output_limit, user=self._user(), cwd=s.directory or "/")
         except CommandNotRun as e:
             log.warning("%s: %s: %s", request.queue_id, self._name, e.text)
-            return [self._result(r, Outcome.DEFERRED, "4.3.0", e.text) for r in batch]
+            return [self._result(r, Outcome.DEFERRED, "4.3.0", e.text, diagnostic=e.diagnostic) for r in batch]
         outcome, dsn, text = command_status(result, argv[0])
         if outcome is Outcome.SENT:
             text = f"delivered via {self._name} service" + (f" ({text[:100]})" if text else "")

@@ -567,3 +567,30 @@ async def test_each_failure_under_lists_is_its_own_notice_to_the_owner_as_postfi
         "rfc822;m1@local.test", "rfc822;m2@local.test"]
     assert sorted(dict(report(n)[1])["Diagnostic-Code"] for n in pf["case-pair"]) == [
         "x-unix;unknownmailsystemerror1", "x-unix;userunknown"]
+
+
+async def test_a_command_that_cannot_be_run_is_delayed_with_an_x_unix_code_as_postfixs_pipe_command(mailflow_server,
+                                                                                                   smtp_peer):
+    """A command whose program cannot be executed (local's |command, a pipe service) is deferred 4.3.0; Postfix's
+    pipe_command() gives the child's fatal message as its output, so the delay notice's Diagnostic-Code is
+    `x-unix; … execvp /nonexistent/prog: No such file or directory` (mailflow's own words before the reason)."""
+    aliases = "inline:{ {gone=|/nonexistent/prog} }"
+    master_cf = "pgone unix - n n - - pipe user=nobody argv=/nonexistent/prog\n"
+    messages = [Send("case-local", {"gone@local.test": []}), Send("case-pipe", {"a@gone.test": []})]
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {}, messages, 2, settle=1.5, master_cf=master_cf,
+                                   routes="gone.test=pgone:",
+                                   postfix={"mydestination": "local.test", "alias_maps": aliases, **QUICK,
+                                            "queue_run_delay": "1s"},
+                                   settings={"mydestination": ["local.test"], "alias_maps": [aliases],
+                                             "pipe": {"pgone": {"argv": ["/nonexistent/prog"], "user": "nobody"}}},
+                                   queue=QUICK)
+
+    def code(notices) -> list[tuple[str, str, str]]:
+        said = [dict(report(n)[1]) for n in notices]
+        return [(n["Subject"], f["Status"], re.sub(r";\S*/nonexistent/prog\S*:Nosuchfileordirectory$", ";",
+                                                   f["Diagnostic-Code"])) for n, f in zip(notices, said)]
+
+    assert code(mf["case-local"]) == code(pf["case-local"]) == [
+        ("Delayed Mail (still being retried)", "4.3.0", "x-unix;")]
+    assert code(mf["case-pipe"]) == code(pf["case-pipe"]) == [
+        ("Delayed Mail (still being retried)", "4.3.0", "x-unix;")]

@@ -389,7 +389,7 @@ class LocalTransport:
                                              cwd=home if leaf.forward and home.is_dir() else "/", umask=0o077)
         except CommandNotRun as e:
             log.warning("%s: command %r for %s not run: %s", request.queue_id, leaf.command, leaf.address, e.text)
-            return Part(Outcome.DEFERRED, "4.3.0", e.text)
+            return Part(Outcome.DEFERRED, "4.3.0", e.text, e.diagnostic)
         outcome, dsn, text = command_status(result, leaf.command)
         if outcome is Outcome.SENT:
             return Part(outcome, dsn, f"delivered to command: {leaf.command}")
