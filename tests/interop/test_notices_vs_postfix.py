@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import logging
 import re
 import shutil
 import tempfile
@@ -80,12 +81,12 @@ def by_subject(captured) -> dict[str, list[email.message.EmailMessage]]:
 async def notices_of_both(mailflow_server, smtp_peer, script: dict, messages: list[Send], expected: int, *,
                           postfix: dict | None = None, queue: dict | None = None, settle: float = 0.5,
                           postfix_logs: str = "", settings: dict | None = None, routes: str = "",
-                          master_cf: str = ""):
+                          master_cf: str = "", maillog: list[str] | None = None):
     """Both servers relay `messages` to one scripted peer (peer.test) and return their notices to a capturing
     peer each (sender.test): ({subject: [Postfix's notices]}, {subject: [mailflow's]}) once each has `expected`
     (and Postfix's mail log has a line that matches `postfix_logs`). `settings`: more of mailflow's, set as
     `postfix` sets Postfix's; `routes`: more transport_maps entries, to services Postfix's `master_cf` and
-    mailflow's `settings` define alike."""
+    mailflow's `settings` define alike; `maillog` gets Postfix's mail log."""
     peer = await ScriptedPeer(script).start()
     pf_sink, mf_sink = await smtp_peer(enable_SMTPUTF8=True), await smtp_peer(enable_SMTPUTF8=True)
     routes = f"{DISCARDS}, {routes}" if routes else DISCARDS
@@ -110,6 +111,8 @@ async def notices_of_both(mailflow_server, smtp_peer, script: dict, messages: li
             await eventually(lambda: re.search(postfix_logs, pf.maillog, re.MULTILINE), timeout=15,
                              what=f"Postfix logged {postfix_logs!r}")
             await asyncio.sleep(settle)  # (a notice too many would come now)
+            if maillog is not None:
+                maillog.append(pf.maillog)
             return by_subject(pf_sink.messages), by_subject(mf_sink.messages)
     finally:
         await peer.stop()
@@ -554,11 +557,13 @@ async def test_failures_of_two_lists_go_each_to_its_own_owner_and_a_lists_deferr
 
 
 async def test_each_failure_under_lists_is_its_own_notice_to_the_owner_as_postfixs_bounce_one(mailflow_server,
-                                                                                            smtp_peer):
+                                                                                            smtp_peer, caplog):
     """local(8)'s bounce_workaround calls bounce_one once per failed delivery: an alias of two lists with one
     owner whose commands fail, and a list whose two commands fail, give the owner a notice per failure, each
     naming its list with its command's text and x-unix Diagnostic-Code (not one notice about the alias with the
-    texts joined)."""
+    texts joined), and the log a `status=bounced` line per failure about its list, without orig_to."""
+    caplog.set_level(logging.INFO, logger="mailflow")
+    maillog: list[str] = []
     aliases = ("inline:{ {both=m1, m2}, {m1=|/bin/false}, {owner-m1=o@sender.test}, "
                '{m2="|exit 67"}, {owner-m2=o@sender.test}, '
                '{pair="|/bin/false", "|exit 67"}, {owner-pair=o@sender.test} }')
@@ -567,11 +572,18 @@ async def test_each_failure_under_lists_is_its_own_notice_to_the_owner_as_postfi
                                    postfix={"mydestination": "local.test", "myorigin": "local.test",
                                             "alias_maps": aliases},
                                    settings={"mydestination": ["local.test"], "myorigin": "local.test",
-                                             "alias_maps": [aliases]})
+                                             "alias_maps": [aliases]}, maillog=maillog)
 
     def told(notices) -> list[tuple]:
         return sorted((n.envelope[1], n["Subject"], human_part(n), report(n)[1:]) for n in notices)
 
+    def bounced(lines) -> list[str]:
+        said = (re.search(r"\w+: (to=<(both|m\d|pair)@.*)", line) for line in lines)
+        return sorted(re.sub(r"delay=\S+, delays=\S+, ", "", m.group(1)) for m in said
+                      if m and "status=bounced" in m.group(1))
+
+    assert bounced(r.getMessage() for r in caplog.records) == bounced(maillog[0].splitlines())
+    assert len(bounced(maillog[0].splitlines())) == 4
     assert told(mf["case-both"]) == told(pf["case-both"])
     assert told(mf["case-pair"]) == told(pf["case-pair"])
     assert sorted(dict(report(n)[1])["Final-Recipient"] for n in pf["case-both"]) == [

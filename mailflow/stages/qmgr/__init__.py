@@ -69,7 +69,8 @@ The loop
 - Each result carries the transport of its job (`RcptResult.transport`, in the mail log's events) and its times
   (`RcptResult.stats`, one MsgStats per job an agent had: the message's arrival, its entry into the active queue
   for this attempt, the hand-off to the agent and the agent's end; None for one qmgr answered itself, timed by
-  the attempt's), from which its line's `delay=` and `delays=` are made;
+  the attempt's), from which its line's `delay=` and `delays=` are made; a bounced result whose failures are
+  told to lists' owners (`RcptResult.owned`) has a line per failure, about its list, as local(8) logs them;
   `on_delivery(transport, seconds)`, when given, is told how long each delivery agent call took (the metrics).
 
 Failure behaviour
@@ -749,10 +750,12 @@ class QueueManager:
             self._log.removed(msg.queue_id)
 
     def _log_results(self, active: ActiveMessage, results: list[RcptResult], now: float) -> None:
-        """Each result's line, timed by its job's stats (the attempt's when no agent had the job)."""
+        """Each result's line (a line per failure told to a list's owner, `_owned_lines`), timed by its job's
+        stats (the attempt's when no agent had the job)."""
         for result in results:
-            self._log.result(active.message.queue_id, result, result.stats or active.stats, now,
-                             program=self._program(result))
+            for line in _owned_lines(result):
+                self._log.result(active.message.queue_id, line, result.stats or active.stats, now,
+                                 program=self._program(result))
 
 
 _NOTICE_KIND = {Outcome.SENT: "success", Outcome.BOUNCED: "failure"}
@@ -775,6 +778,19 @@ def _undefined_transport(transport: str, recipients: tuple[Recipient, ...]) -> D
     it (Postfix's "connect to transport private/NAME: No such file or directory")."""
     log.warning("transport %r is not defined (no built-in transport nor [pipe.%s])", transport, transport)
     return DeliveryReport.uniform(recipients, Outcome.DEFERRED, "4.3.0", "mail transport unavailable")
+
+
+def _owned_lines(result: RcptResult) -> list[RcptResult]:
+    """A bounced result's failures told to lists' owners (`RcptResult.owned`) as the results their log lines say:
+    each about its list, with its own status and text and no orig_to (`to=<l1@…>, relay=local, …, dsn=5.3.0,
+    status=bounced (Command died …)`), as local(8) logs each failure its bounce_workaround reports, and log
+    tools count them; the result itself for the others."""
+    if result.outcome is not Outcome.BOUNCED or not result.owned:
+        return [result]
+    return [dataclasses.replace(result, recipient=dataclasses.replace(result.recipient, address=f.address,
+                                                                      original="", orcpt=""),
+                                dsn=f.dsn, text=f.text, diagnostic=f.diagnostic, expanded="", owned=())
+            for f in result.owned]
 
 
 def _owes_notice(result: RcptResult) -> bool:
