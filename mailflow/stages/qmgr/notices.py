@@ -64,7 +64,7 @@ def plan(message: QueuedMessage, results: list[RcptResult], *, warn_delay: bool,
     wanted = [("failure", Outcome.BOUNCED), ("success", Outcome.SENT)]
     if warn_delay:
         wanted.append(("delay", Outcome.DEFERRED))
-    notices = []
+    notices: list[Notice] = []
     for kind, outcome in wanted:
         chosen = [r for r in results if r.outcome is outcome and wants_notice(r.recipient, kind)
                   and not (kind == "success" and r.next_hop_notifies)]
