@@ -314,9 +314,10 @@ class RcptResult:
     alias with an owner- alias), '' not at all; its success notice then says "alias expanded" with `Action:
     expanded` ("delivered" for a list), as local(8) reports it (the addresses it expands to report no success).
     `owner`: where a failure notice about the recipient goes instead of the sender (a mailing list's owner, when
-    its command or file failed: local(8)'s bounce_workaround). `owned`: a recipient whose failures are of several
-    lists with different owners (an alias of two lists) has no `owner`, but each failure here, told to its own
-    owner about its own list, as local(8)'s bounce_workaround tells each; () for the others. `diagnostic`: the
+    its one command or file failed: local(8)'s bounce_workaround). `owned`: a recipient with several failures,
+    all of lists with owner- aliases (an alias of two lists, a list of two failing commands), has no `owner`, but
+    each failure here, told to its own owner about its own list in a notice of its own, as local(8)'s
+    bounce_workaround calls bounce_one for each; () for the others. `diagnostic`: the
     Diagnostic-Code of the result's notice when the agent gives one of its own, `type; text` (a failed command's
     `x-unix; <its output>`, as Postfix's pipe_command); '' for the others, whose notice makes it from `text`.
     `relayed`, `expanded`, `expansion`, `owner`, `owned` and `diagnostic` are stored with the result: a notice

@@ -47,11 +47,15 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
    makes it), and an executable file is not written (bounced 5.7.1 "file is executable", as local(8)).
 The recipient's result (about the member, `expanded`, when an alias led it to one mailbox only, as local(8) logs
 it; with `expansion` when an alias, a list or a .forward expanded it: its success notice says "alias expanded",
-as local(8)'s; with `owner` when what bounced were a list's commands or files, or files it may not write: its
-failure notice goes to the list's owner, as local(8)'s bounce_workaround sends it): deferred if any part must be
-retried (a retry repeats the parts already done, as local(8) does); else bounced when a part was refused
-(unknown user, loop, restricted command, a command's permanent failure), the rest being delivered; else sent,
-naming every destination.
+as local(8)'s; with `owner` when the one part that bounced was a list's command or file, or a file it may not
+write: its failure notice goes to the list's owner, as local(8)'s bounce_workaround sends it; with `owned`
+instead when several parts bounced, all of lists with owner- aliases (one list or several, one owner or
+several): each failure, about its list, with its own status, text and Diagnostic-Code, is told to its list's
+owner in a notice of its own and logged on a line of its own, as bounce_workaround calls bounce_one once per
+failure; with `diagnostic`, a failed command's `x-unix; <output>` (or a command that could not be run,
+`x-unix; <why>`), when one part failed): deferred if any part must be retried (a retry repeats the parts already
+done, as local(8) does); else bounced when a part was refused (unknown user, loop, restricted command, a
+command's permanent failure), the rest being delivered; else sent, naming every destination.
 
 Failures: never raises for a recipient (what is no delivery problem, a bug, defers that recipient 4.3.0
 "unknown mail transport error", logged with its traceback); an OS error writing a Maildir defers (4.2.0), but a quota or
