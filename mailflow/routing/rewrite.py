@@ -51,7 +51,7 @@ moved to <value>` (keys as mail_addr_find's), so smtpd refuses it at RCPT and qm
 `recipient_known(addr, klass)` answers whether the class's recipient tables list an address (`UNKNOWN_IN`
 names the table for the 550 reply): local_recipient_maps/alias_maps, nothing for virtual alias domains
 (cleanup's mapper answers for those), virtual_mailbox_maps, relay_recipient_maps (empty: anyone).
-`recipient_refusal(addr, mapper)` is smtpd's reject_unlisted_recipient (Postfix check_rcpt_maps), in order:
+`recipient_refusal(addr, mapper, sender)` is smtpd's reject_unlisted_recipient (Postfix check_rcpt_maps), in order:
 an address a canonical or virtual alias table lists is accepted; one that resolves to the `error`
 transport is refused with that error's status and text (550; 450 for a 4.X.X status), so no bounce is
 ever made for it (backscatter); in the local class postmaster, mailer-daemon and double-bounce are always
@@ -430,11 +430,13 @@ class Rewriter:
                 steps.append((setting.removesuffix("_maps"), f"<{sender}>: {text}"))
         return steps
 
-    def recipient_refusal(self, addr: str, mapper) -> status.Reply | None:
+    def recipient_refusal(self, addr: str, mapper, sender: str | None = None) -> status.Reply | None:
         """smtpd's reject_unlisted_recipient for `addr` (see the module doc): None to accept, else the reply.
-        A table that cannot answer gives 451 4.3.0. `mapper` is cleanup's AddressMapper (is_mapped)."""
+        A table that cannot answer gives 451 4.3.0. `mapper` is cleanup's AddressMapper (is_mapped); `sender` the
+        MAIL FROM address as given (None: no MAIL), resolved with as Postfix's smtpd_resolve_addr does, so a
+        sender-dependent `error:` transport is refused here too."""
         try:
-            res = self.resolve(addr)
+            res = self.resolve(addr, sender)
             if mapper.is_mapped(res.address):
                 return None
             if res.transport == ERROR_TRANSPORT:

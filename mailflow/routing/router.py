@@ -16,8 +16,8 @@ are asked with; a forwarded copy goes out from its list owner when it has one, e
   routes to `error` with `dsn text` as nexthop, as Postfix's error transport is written.
 - `explain(addr) -> [(depth, label, text), ...]`: the same walk, step by step, for `mailflow address`; a
   `sender` there is taken as given to cleanup (qualified, sender canonical maps) before it routes.
-- `recipient_verdict(addr)`: what smtpd would answer at RCPT for an untrusted client, as text (the same rule
-  smtpd runs: `Rewriter.recipient_refusal`).
+- `recipient_verdict(addr, sender=None)`: what smtpd would answer at RCPT for an untrusted client, as text (the
+  same rule smtpd runs: `Rewriter.recipient_refusal`, with the MAIL FROM sender).
 Failures: `LookupRetry` and `TemporaryError` from the stages propagate (the CLI exits 75).
 """
 from __future__ import annotations
@@ -76,7 +76,7 @@ class Router:
         return list(found.values())
 
     def explain(self, addr: str, sender: str | None = None) -> list[tuple[int, str, str]]:
-        steps: list[tuple[int, str, str]] = [(0, "address", addr), (0, "rcpt", self.recipient_verdict(addr))]
+        steps: list[tuple[int, str, str]] = [(0, "address", addr), (0, "rcpt", self.recipient_verdict(addr, sender))]
         if sender is not None:
             queued = self.mapper.sender(sender)  # as cleanup queues it: qualified, canonical maps, masquerading
             shown = f"<{sender}>" + (f" -> <{queued}> (as queued)" if queued != sender else "")
@@ -85,11 +85,11 @@ class Router:
         self._walk(addr, sender, frozenset(), 0, [], steps)
         return steps
 
-    def recipient_verdict(self, addr: str) -> str:
-        """smtpd's answer at RCPT (the relay check, then Rewriter.recipient_refusal), as text; under soft_bounce
-        a refusal as smtpd sends it (4xx)."""
+    def recipient_verdict(self, addr: str, sender: str | None = None) -> str:
+        """smtpd's answer at RCPT (the relay check, then Rewriter.recipient_refusal with the MAIL FROM `sender`),
+        as text; under soft_bounce a refusal as smtpd sends it (4xx)."""
         rw = self.rewriter
-        refusal = rw.recipient_refusal(addr, self.mapper)
+        refusal = rw.recipient_refusal(addr, self.mapper, sender)
         refused = None if refusal is None else str(refusal)
         if refused is not None and self._config.soft_bounce:
             refused = status.soft_bounced(refused)

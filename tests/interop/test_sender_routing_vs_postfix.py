@@ -14,7 +14,7 @@ import aiosmtplib
 import pytest
 
 from tests.support.postfix import smtp_sink
-from tests.support import eventually, postfix_instance, queue_becomes
+from tests.support import eventually, postfix_instance, queue_becomes, rcpt_reply
 
 pytestmark = pytest.mark.interop
 
@@ -92,3 +92,19 @@ async def test_sender_dependent_routing_matches_a_real_postfix(mailflow_server):
     # the edges themselves, so that a change in both cannot pass unnoticed
     assert [sorted(postfix_went[i])[0][0] for i in range(len(PROBES))] == [1, 1, 2, 2, 0, 3, 0, 0, 1, 0, 3, 2, 0]
     assert postfix_went[5] == {(3, "")}
+
+
+async def test_a_sender_routed_to_the_error_transport_is_refused_at_rcpt_as_postfix_refuses_it(mailflow_server):
+    """Postfix's smtpd resolves a recipient with the MAIL FROM sender (smtpd_resolve_addr) and refuses at RCPT
+    what resolves to the error transport, so a sender-dependent `error:` default transport makes no backscatter:
+    the same reply from both, and the other senders' mail is taken."""
+    blocked = "inline:{ {@blocked.test=error:5.7.1 not allowed off site} }"
+    async with postfix_instance({"mydestination": "", "sender_dependent_default_transport_maps": blocked}) as pf:
+        postfix = [(await rcpt_reply(pf.port, "x@remote.test", sender)).text
+                   for sender in ("eve@blocked.test", "ann@ok.test")]
+    mf = await mailflow_server(mydestination=[], sender_dependent_default_transport_maps=[blocked],
+                               mynetworks=["127.0.0.0/8"])
+    mailflow = [(await rcpt_reply(mf.smtp_addresses[0][1], "x@remote.test", sender)).text
+                for sender in ("eve@blocked.test", "ann@ok.test")]
+    assert mailflow == postfix
+    assert postfix[0].startswith("550 5.7.1 <x@remote.test>:") and postfix[1].startswith("250")

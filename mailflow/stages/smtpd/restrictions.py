@@ -278,7 +278,7 @@ class Restrictions:
         smtpd_check_rcptmap after smtpd_check_rcpt: a deferral from the lists comes before it."""
         verdict = _conditional_deferrals(await self._verdict(self._rcpt_steps, facts), facts)
         if verdict is None and self._smtpd.reject_unlisted_recipient and facts.marks.discard is None:
-            return _conditional_deferrals(await self._unlisted(facts.recipient), facts)
+            return _conditional_deferrals(await self._unlisted(facts.recipient, facts.sender), facts)
         return verdict
 
     async def check_etrn(self, facts: Facts) -> status.Reply | None:
@@ -379,7 +379,7 @@ class Restrictions:
         if name == "reject_unknown_recipient_domain":
             return await self._dns.unknown_recipient_domain(facts.recipient)
         if name == "reject_unlisted_recipient":
-            return await self._unlisted(facts.recipient) if facts.recipient else None
+            return await self._unlisted(facts.recipient, facts.sender) if facts.recipient else None
         if name in RHSBL_CHECKS:
             return await self._dns.rhsbl(RHSBL_CHECKS[name], arg, facts)
         if name in ("reject_unknown_client_hostname", "reject_unknown_reverse_client_hostname"):
@@ -443,12 +443,12 @@ class Restrictions:
 
     # -------------------------------------------------------------------------------- recipient checks
 
-    async def _unlisted(self, rcpt: str) -> status.Reply | None:
+    async def _unlisted(self, rcpt: str, sender: str | None) -> status.Reply | None:
         """The unknown-user rule, trivial-rewrite's (Rewriter.recipient_refusal: listed by a rewriting table or
-        its class's recipient table, error-transport addresses refused, postmaster always accepted), asked
-        without holding up the event loop."""
+        its class's recipient table, error-transport addresses refused (with the sender's routing), postmaster
+        always accepted), asked without holding up the event loop."""
         try:
-            return await self._rewriter.tables.run(self._rewriter.recipient_refusal, rcpt, self._mapper)
+            return await self._rewriter.tables.run(self._rewriter.recipient_refusal, rcpt, self._mapper, sender)
         except LookupRetry as e:  # the lookup outran its deadline
             log.warning("RCPT <%s>: %s", rcpt, e.reason)
             return status.error_reply(e, rcpt)
