@@ -69,7 +69,8 @@ from mailflow.errors import LookupRetry, TemporaryError
 from mailflow.header_addresses import value_addresses
 from mailflow.model import Recipient
 from mailflow.routing.srs import srs_from_config
-from mailflow.tables import Table, TableCache, find_address, split_extension
+from mailflow.tables import Table, TableCache, find_address
+from mailflow.tables.search import mapped_addresses
 
 log = logging.getLogger("mailflow.cleanup")
 
@@ -308,41 +309,18 @@ class AddressMapper:
                             local_domain=self._rewriter.is_local_domain(domain))
 
     def _results(self, addr: str, table: str, key: str, value: str) -> list[str]:
-        """The addresses of a table's value for `addr`, qualified, as Postfix's mail_addr_map makes them. A value
-        that starts with `@` gets the address's local part put in front of it, the whole value (Postfix quotes
-        all before its last '@': `@x, b@y` gives `"user@x, b"@y`); an extension the matching key ignored is
-        carried onto every address, but only for a `user@domain` or `user` key (mail_addr_find), not for
-        `@domain`. A later `@domain` of a list is an address with an empty local part. A value that holds no
-        address raises LookupRetry (Postfix: "returns non-address result", the message is not accepted)."""
-        local = _plain_local(address.split(addr)[0])
-        user, ext = split_extension(local, self._config.recipient_delimiter)
-        key_local = _plain_local(address.split(key)[0] if "@" in key else key)
-        unmatched = ext if ext and key_local and key_local.lower() != local.lower() else ""
-        if value.startswith("@"):  # the local part unquoted, the value after it, then quoted once (mail_addr_map)
-            before_at, _, domain = (local.removesuffix(unmatched) + value).rpartition("@")
-            value = f"{address.quoted_local(before_at)}@{domain}"
-        items = table_value_addresses(value)
+        """The addresses of a table's value for `addr`, qualified, as Postfix's mail_addr_map makes them
+        (`mapped_addresses`, mailflow.tables.search: `@domain` values, the unmatched extension carried onto
+        each). A value that holds no address raises LookupRetry (Postfix: "returns non-address result", the
+        message is not accepted)."""
+        items = [item for item in mapped_addresses(addr, key, value, delimiter=self._config.recipient_delimiter,
+                                                   qualify=self._rewriter.qualify, propagate=True)
+                 if item is not None]
         if not items:
             log.warning("cleanup: table %s: lookup of <%s> returns non-address result %r",
                         address.printable(table), addr, value)
             raise LookupRetry(f"table {address.printable(table)}: {address.printable(key)}: non-address result")
-        return [self._with_extension(item, unmatched) for item in items]
-
-    def _with_extension(self, item: str, unmatched: str) -> str:
-        """One address of a value, qualified, with the extension its key did not match."""
-        if item.startswith("@"):
-            return f'"{unmatched}"{item}'
-        result = self._rewriter.qualify(item)
-        if unmatched and result:  # inside the quotes of a quoted local part, as mail_addr_crunch puts it
-            result_local, result_domain = address.split(result)
-            result = f"{address.quoted_local(_plain_local(result_local) + unmatched)}@{result_domain}"
-        return result
-
-
-def _plain_local(local: str) -> str:
-    """A local part as Postfix's internal form holds it: a quoted one without its quotes."""
-    bare = address.unquoted_local(local)
-    return local if bare is None else bare
+        return items
 
 
 def _duplicate_key(rcpt: Recipient, *, expanded: bool) -> tuple[str, ...]:

@@ -10,14 +10,20 @@
                                                                the indices `full` (Postfix's FULL lookups: the
                                                                first key, and for check_client_access the address)
     find_address / find_local (several tables), lookup_address / lookup_local (one table: (key, value) | None)
+    mapped_addresses(addr, key, value, *, delimiter, qualify, propagate) -> (str | None, ...)
+                                                               what a value found under `key` gives `addr`, as
+                                                               Postfix's mail_addr_map makes it: the one place for
+                                                               it (canonical, virtual alias and generic maps)
 
 `delimiter` is the configuration's recipient_delimiter, always passed (its default lives in mailflow.config).
 `LookupRetry` from a table propagates.
 """
 from __future__ import annotations
 
-from typing import Collection
+from typing import Callable, Collection
 
+from mailflow.address import quoted_local, split, unquoted_local
+from mailflow.header_addresses import value_addresses
 from mailflow.tables.base import Table
 
 
@@ -90,3 +96,49 @@ def split_extension(local: str, delimiter: str) -> tuple[str, str]:
         if c in delimiter:
             return (local[:i], local[i:]) if i else (local, "")
     return local, ""
+
+
+def mapped_addresses(addr: str, key: str, value: str, *, delimiter: str, qualify: Callable[[str], str],
+                     propagate: bool) -> tuple[str | None, ...]:
+    """The addresses a table's `value` (found under `key`) gives `addr`, as Postfix's mail_addr_map makes them;
+    None for a mailbox that is no address (each caller has its policy for those, and for a value of none).
+    - An empty value or `<>` is the null address `""` (Postfix's workaround for it).
+    - A value that starts with `@` gets the address's local part put in front of it, the whole value: the local
+      part unquoted, the value after it, then all before the last '@' quoted once (`@x, b@y` gives
+      `"user@x, b"@y`); an extension the key did not match is left out of that local part.
+    - An extension the key matched without (`user@domain` or `user` key, not `@domain`) is carried onto every
+      address when `propagate` (propagate_unmatched_extensions: canonical and virtual, not generic), inside the
+      quotes of a quoted local part, as mail_addr_crunch puts it.
+    - A later `@domain` of a list is an address with an empty local part (`""@domain`, with that extension).
+    - Every other address goes through `qualify` (`user` -> `user@myorigin`)."""
+    if value.strip() in ("", "<>"):
+        return ("",)
+    local = _plain_local(split(addr)[0])
+    ext = split_extension(local, delimiter)[1]
+    key_local = _plain_local(split(key)[0] if "@" in key else key)
+    unmatched = ext if ext and key_local and key_local.lower() != local.lower() else ""
+    items = value_addresses(value)  # (cached: a value met for many addresses is parsed once)
+    if value.startswith("@"):
+        one_domain = items == (value.strip(),)  # `@domain` alone: its result is the one address, not parsed again
+        before_at, _, domain = (local.removesuffix(unmatched) + value.strip()).rpartition("@")
+        value = f"{quoted_local(before_at)}@{domain}"
+        items = (value,) if one_domain else value_addresses(value)
+    carried = unmatched if propagate else ""
+    return tuple(None if item is None else _with_extension(item, carried, qualify) for item in items)
+
+
+def _with_extension(item: str, unmatched: str, qualify: Callable[[str], str]) -> str:
+    """One address of a mapped value, qualified, with the extension its key did not match."""
+    if item.startswith("@"):
+        return f'"{unmatched}"{item}'
+    result = qualify(item)
+    if unmatched and result:
+        result_local, result_domain = split(result)
+        result = f"{quoted_local(_plain_local(result_local) + unmatched)}@{result_domain}"
+    return result
+
+
+def _plain_local(local: str) -> str:
+    """A local part as Postfix's internal form holds it: a quoted one without its quotes."""
+    bare = unquoted_local(local)
+    return local if bare is None else bare

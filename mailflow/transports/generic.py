@@ -48,11 +48,11 @@ from typing import Callable, NoReturn
 
 from mailflow.address import has_unsafe_characters, printable
 from mailflow.errors import LookupRetry
-from mailflow.header_addresses import rewrite_address_fields, value_addresses
+from mailflow.header_addresses import rewrite_address_fields
 from mailflow.message import HEADER_READ_LIMIT, read_header
 from mailflow.model import DeliveryRequest
 from mailflow.tables import Table, find
-from mailflow.tables.search import address_keys, split_extension
+from mailflow.tables.search import address_keys, mapped_addresses
 
 log = logging.getLogger("mailflow.smtp")
 _QUOTED_STRING = re.compile(r'"(?:\\.|[^"\\])*"')
@@ -123,13 +123,14 @@ class GenericMaps:
     def address(self, addr: str, queue_id: str = "") -> str:
         if not addr:
             return addr
-        local, at, domain = addr.rpartition("@")
+        _, at, domain = addr.rpartition("@")
         keys = address_keys(addr, delimiter=self._delimiter, local_domain=bool(at) and self._is_local_domain(domain))
         found = find(self._tables, keys)
         if found is None:
             return addr
         table, key, value = found
-        addresses = value_addresses(value)
+        addresses = mapped_addresses(addr, key, value, delimiter=self._delimiter, qualify=self._qualify,
+                                     propagate=False)
         if not addresses:
             raise LookupRetry(f"table {printable(table)}: {printable(key)}: {printable(value.strip())!r} "
                               "holds no address")
@@ -138,12 +139,6 @@ class GenericMaps:
         first = addresses[0]
         if first is None:
             self._refuse(table, key, value.strip(), "is not one address", queue_id)
-        elif first.startswith("@"):
-            user, ext = split_extension(local if at else addr, self._delimiter)
-            bare = ext and not key.startswith("@") and key.lower() in (f"{user}@{domain}".lower(), user.lower())
-            first = (user if bare else (local if at else addr)) + first
-        else:
-            first = self._qualify(first)
         problem = wire_problem(first)
         if problem is not None:
             self._refuse(table, key, first, problem, queue_id)

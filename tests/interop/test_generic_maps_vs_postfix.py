@@ -2,7 +2,8 @@
 every message to one smtp-sink on 127.0.0.1, whose dump shows the MAIL FROM, the RCPT TOs and the header as the
 next hop got them; each message's Subject names the server and the probe. The probes are the lookups an admin of a
 host with a private domain name meets: the whole address, its extension, @domain and what it keeps, a bare user of
-this host's domain, a result without a domain, the null sender, a recipient domain mapped, and the header's sender
+this host's domain, a result without a domain, a value that starts with @domain and goes on (quoted once, as
+mail_addr_map quotes it), the null sender, a recipient domain mapped, and the header's sender
 and recipient fields (display names, comments, several addresses) beside fields that are not addresses."""
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ pytestmark = pytest.mark.interop
 
 TABLE = ("inline:{ {joe@box.local = joe.user@example.com}, {@box.local = @example.com},"
          " {bob@box.local = @example.net}, {ann@box.local = ann}, {root = admin@example.com},"
-         " {@partner.test = @partner.example}, {dan@box.local = Dan <dan.user@example.com>} }")
+         " {@partner.test = @partner.example}, {dan@box.local = Dan <dan.user@example.com>},"
+         " {eve@box.local = @example.com, x@other.test} }")
 PROBES = [  # (envelope sender, recipients, header lines)
     ("joe@box.local", ["carol@remote.test"], ["From: Joe <joe@box.local>", "To: carol@remote.test"]),
     ("joe+x@box.local", ["sam@partner.test"], ["From: joe+x@box.local (Joe)", "To: Sam <sam@partner.test>"]),
@@ -34,6 +36,7 @@ PROBES = [  # (envelope sender, recipients, header lines)
     ("carol@remote.test", ["dave@remote.test"],  # a folded field, a group, a quoted local part
      ['To: "Dee D." <dee@partner.test>,\r\n\tfred+x@box.local (Fred),\r\n team: joe@box.local, x@remote.test;',
       'Cc: "odd one"@box.local']),
+    ("eve+x@box.local", ["carol@remote.test"], []),  # `@domain, more`: the whole value after the local part
 ]
 
 
@@ -89,3 +92,4 @@ async def test_generic_maps_match_a_real_postfix(mailflow_server):
     assert postfix_got[3][0] == "bob@example.net" and postfix_got[5][0] == ""
     assert postfix_got[4][2][0] == "From: admin@example.com" and postfix_got[4][3] == "joe@box.local in the body"
     assert postfix_got[7][:3] == ("dan.user@example.com", ["carol@remote.test"], ["From: dan.user@example.com"])
+    assert postfix_got[9][0] == '"eve@example.com, x"@other.test'

@@ -13,6 +13,7 @@ import pytest
 
 from mailflow.errors import ConfigError, LookupRetry
 from mailflow.tables import TableCache, lookup_address, lookup_local, open_table, split_extension
+from mailflow.tables.search import mapped_addresses
 from tests.support import eventually, require_tool
 
 
@@ -713,3 +714,19 @@ def test_unix_passwd_agrees_with_postfix():
     expected = subprocess.run([postmap, "-q", me, "unix:passwd.byname"], capture_output=True, text=True,
                               check=True).stdout.strip()
     assert open_table("unix:passwd.byname").lookup(me) == expected
+
+
+def _myorigin(addr: str) -> str:
+    return addr if "@" in addr or not addr else f"{addr}@origin.test"
+
+
+@pytest.mark.parametrize("addr, key, value, propagate, expected", [
+    ("joe+x@a.test", "joe@a.test", "@b.test", False, ("joe@b.test",)),  # generic: the extension left out
+    ("joe+x@a.test", "joe@a.test", "@b.test", True, ("joe+x@b.test",)),  # canonical, virtual: carried over
+    ("joe+x@a.test", "@a.test", "bob", True, ("bob@origin.test",)),  # an @domain key carries nothing
+    ("joe+x@a.test", "joe@a.test", "@b.test, c@d.test", True, ('"joe@b.test, c+x"@d.test',)),  # quoted once
+    ("joe@a.test", "joe@a.test", "bob, (a comment)", True, ("bob@origin.test", None)),  # None: no address
+    ("joe@a.test", "joe@a.test", "<>", True, ("",)),  # the null address
+])
+def test_mapped_addresses_is_postfix_mail_addr_map(addr, key, value, propagate, expected):
+    assert mapped_addresses(addr, key, value, delimiter="+", qualify=_myorigin, propagate=propagate) == expected
