@@ -7,16 +7,17 @@ queued; so does ORCPT: to a next hop that offers DSN, RCPT TO's `ORCPT=rfc822;â€
     GenericMaps(tables, *, delimiter, qualify, is_local_domain)
       .address(addr, queue_id="") -> str   one address mapped, or itself: keys as mail_addr_find (`user+ext@domain`,
                                        `user@domain`, `user+ext` and `user` for this host's domains
-                                       (`is_local_domain`), `@domain`); the first address of the value, parsed as
-                                       Postfix's mail_addr_crunch (value_addresses: `Joe <joe@x>` is `joe@x`;
-                                       Postfix warns of more and takes the first); `@other.domain` keeps the
-                                       local part (without the extension when the key matched without it); a
+                                       (`is_local_domain`), `@domain`); the first address of the value as
+                                       Postfix's mail_addr_map makes it (mailflow.tables.search.mapped_addresses:
+                                       `Joe <joe@x>` is `joe@x`; Postfix warns of more and takes the first);
+                                       `@other.domain` keeps the local part (without the extension when the key
+                                       matched without it; `@x, b@y` quotes all before the last '@'); a
                                        value without a domain is qualified (`qualify`: @myorigin), as Postfix's
                                        mail_addr_crunch; an unmatched extension is not carried over (Postfix's default
                                        propagate_unmatched_extensions leaves out `generic`). The null sender is
                                        never looked up. A result that cannot go on the wire as it is
                                        (`wire_problem`: a control character, `<`, `>` or a blank outside quotes,
-                                       not local@domain; a first mailbox that is not one address) is logged and
+                                       not local@domain; a first mailbox that is not one address; a value of none) is logged and
                                        raises LookupRetry: what screen_envelope keeps from the wire for a queued
                                        address, a table's value must not put there.
       .wire_form(request) -> WireForm  the envelope sender, each recipient and the message's header section as they
@@ -132,8 +133,7 @@ class GenericMaps:
         addresses = mapped_addresses(addr, key, value, delimiter=self._delimiter, qualify=self._qualify,
                                      propagate=False)
         if not addresses:
-            raise LookupRetry(f"table {printable(table)}: {printable(key)}: {printable(value.strip())!r} "
-                              "holds no address")
+            self._refuse(table, key, value.strip(), "holds no address", queue_id)
         if len(addresses) > 1:
             log.warning("%s: multi-valued smtp_generic_maps result for %s", queue_id or "NOQUEUE", addr)
         first = addresses[0]

@@ -92,10 +92,12 @@ def test_a_refusal_shows_no_control_character_of_an_inline_table_name(caplog):
     assert "\x01" not in refused.value.text and "\x01" not in caplog.text
 
 
-def test_a_value_that_holds_no_address_is_a_lookup_failure():
+def test_a_value_that_holds_no_address_is_a_lookup_failure_logged_under_the_queue_id(caplog):
     from mailflow.errors import LookupRetry
-    with pytest.raises(LookupRetry):
-        generic("inline:{ {x@box.local = ,} }").address("x@box.local")
+    with pytest.raises(LookupRetry, match="holds no address"):
+        generic("inline:{ {x@box.local = ,} }").address("x@box.local", queue_id="Q5")
+    assert any(r.getMessage().startswith("Q5: smtp_generic_maps: table inline:") and "holds no address" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_header_swap_puts_the_new_header_in_place_whatever_the_chunks():
