@@ -17,9 +17,9 @@ queued; so does ORCPT: to a next hop that offers DSN, RCPT TO's `ORCPT=rfc822;â€
                                        propagate_unmatched_extensions leaves out `generic`). The null sender is
                                        never looked up. A result that cannot go on the wire as it is
                                        (`wire_problem`: a control character, `<`, `>` or a blank outside quotes,
-                                       not local@domain; a first mailbox that is not one address; a value of none) is logged and
-                                       raises LookupRetry: what screen_envelope keeps from the wire for a queued
-                                       address, a table's value must not put there.
+                                       not local@domain; a first mailbox that is not one address; a value of
+                                       none) is logged and raises LookupRetry: what screen_envelope keeps from
+                                       the wire for a queued address, a table's value must not put there.
       .wire_form(request) -> WireForm  the envelope sender, each recipient and the message's header section as they
                                        go out; may raise LookupRetry (a table that cannot answer, or a value that
                                        holds no address: the delivery is deferred)
