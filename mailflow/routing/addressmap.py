@@ -211,11 +211,15 @@ class AddressMapper:
 
     def _bcc_address(self, tables: list[Table], addr: str) -> str | None:
         """The BCC address a sender_/recipient_bcc_maps table has for `addr` (keys as mail_addr_find makes them,
-        no extension carried onto the result); None without one. One address: of a list, the first (logged)."""
+        no extension carried onto the result); None without one. One address: of a list, the first (logged). A
+        value that holds no address raises LookupRetry, as one of canonical or virtual maps does."""
         found = self._find(tables, addr)
         if found is None:
             return None
-        items = table_value_addresses(found[2])
+        table, key, value = found
+        items = table_value_addresses(value)
+        if not items:
+            raise _non_address_result(table, key, value, addr)
         if len(items) > 1:
             log.warning("cleanup: the BCC address of <%s> is a list of %d addresses; using the first",
                         addr, len(items))
@@ -317,10 +321,15 @@ class AddressMapper:
                                                    qualify=self._rewriter.qualify, propagate=True)
                  if item is not None]
         if not items:
-            log.warning("cleanup: table %s: lookup of <%s> returns non-address result %r",
-                        address.printable(table), addr, value)
-            raise LookupRetry(f"table {address.printable(table)}: {address.printable(key)}: non-address result")
+            raise _non_address_result(table, key, value, addr)
         return items
+
+
+def _non_address_result(table: str, key: str, value: str, addr: str) -> LookupRetry:
+    """A table's value that holds no address: the message is not accepted (Postfix's "non-address result")."""
+    log.warning("cleanup: table %s: lookup of <%s> returns non-address result %r",
+                address.printable(table), addr, value)
+    return LookupRetry(f"table {address.printable(table)}: {address.printable(key)}: non-address result")
 
 
 def _duplicate_key(rcpt: Recipient, *, expanded: bool) -> tuple[str, ...]:

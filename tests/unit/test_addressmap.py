@@ -564,6 +564,15 @@ def test_a_bcc_table_that_cannot_answer_defers_the_message():
         mapper(sender_bcc_maps=("fail:bcc",)).recipients(rcpts("a@x.test"), auto_bcc_sender="s@x.test")
 
 
+@pytest.mark.parametrize("setting", ["sender_bcc_maps", "recipient_bcc_maps"])
+def test_a_bcc_value_that_holds_no_address_defers_the_message_as_a_canonical_one_does(setting):
+    value = inline({"s@x.test": "(a comment)", "a@x.test": "(a comment)"})
+    with pytest.raises(LookupRetry, match="non-address result"):
+        mapper(**{setting: (value,)}).recipients(rcpts("a@x.test"), auto_bcc_sender="s@x.test")
+    with pytest.raises(LookupRetry, match="non-address result"):
+        mapper(canonical_maps=(value,)).recipient("a@x.test")
+
+
 @pytest.mark.parametrize("settings, wanted", [
     ({}, False),
     ({"sender_bcc_maps": ("static:copy@arch.test",)}, True),
