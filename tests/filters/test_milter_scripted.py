@@ -264,15 +264,20 @@ async def test_a_sender_or_recipient_that_is_not_an_address_is_ignored_and_logge
     makes an address of anything, `not an address` becoming `not@$myorigin`). A good one is still added."""
     edits = [reply(b"e", b"<a b@remote.test>\0"), reply(b"+", b"not an address\0"),
              reply(b"+", b"<bob\x01@local.test>\0"), reply(b"2", b"<x@bad_domain..test>\0NOTIFY=NEVER\0"),
-             reply(b"+", b"<bob@local.test>\0")]
+             reply(b"2", b"<bob@local.test>\0NOTIFY=BOGUS\0")]
     _, port = await milter_server({b"E": b"".join(edits) + reply(b"c")})
     client = await SmtpClient.connect(port)
-    assert (await client.send_message(MESSAGE)).code == 250
+    sent = await client.send_message(MESSAGE)
+    assert sent.code == 250
     await client.close()
     for user in ("alice", "bob"):
         [data] = await eventually(lambda: maildir_messages(tmp_path / "mail" / user / "Maildir"))
         assert data.startswith(b"Return-Path: <s@remote.test>\n"), data[:200]
-    assert sum("is not an address: edit ignored" in r.getMessage() for r in caplog.records) == 4
+    queue_id = sent.text.split()[-1]
+    warnings = [r.getMessage() for r in caplog.records if "milter" in r.getMessage() and r.levelname == "WARNING"]
+    assert sum("is not an address: edit ignored" in w for w in warnings) == 4
+    assert any("bad NOTIFY parameter of an added recipient" in w for w in warnings)
+    assert len(warnings) == 5 and all(w.startswith(f"{queue_id}: milter ") for w in warnings), warnings
 
 
 async def test_a_quarantine_is_followed_by_the_events_own_reply(mailflow_server):

@@ -167,10 +167,10 @@ class MilterConnection:
         except (OSError, TimeoutError, p.ProtocolError, asyncio.IncompleteReadError) as e:
             raise MilterFailed(_why(e)) from None
 
-    async def end_of_message(self, events: AsyncIterator[tuple[bytes, bytes]],
-                             macros: dict[bytes, bytes]) -> tuple[p.Reply, Edits]:
+    async def end_of_message(self, events: AsyncIterator[tuple[bytes, bytes]], macros: dict[bytes, bytes],
+                             queue_id: str = "") -> tuple[p.Reply, Edits]:
         """DATA, headers, EOH, body chunks (stopped by a SKIP reply), EOB, each after its `macros` packet (by
-        command; none when absent): the final reply and the edits."""
+        command; none when absent): the final reply and the edits (an edit ignored is logged under `queue_id`)."""
         assert self._writer is not None and self.negotiated is not None
         n = self.negotiated
         edits = Edits()
@@ -198,7 +198,7 @@ class MilterConnection:
                 if reply.command in p.FINAL:
                     return reply, edits
                 if edits.fits(reply, self._settings.size_limit):
-                    _collect(reply, edits, self.spec)
+                    _collect(reply, edits, f"{queue_id or 'NOQUEUE'}: milter {self.spec}")
         except (OSError, TimeoutError, p.ProtocolError, asyncio.IncompleteReadError) as e:
             raise MilterFailed(_why(e)) from None
 
@@ -248,14 +248,15 @@ class MilterConnection:
         return self._replies.popleft()
 
 
-def _collect(reply: p.Reply, edits: Edits, spec: str) -> None:
-    """One modification action of an end-of-message reply."""
+def _collect(reply: p.Reply, edits: Edits, who: str) -> None:
+    """One modification action of an end-of-message reply; `who` begins each warning (`QID: milter SPEC`, as
+    Postfix's cleanup prefixes its queue id)."""
     c = reply.command
     if c in (p.ADDHEADER, p.INSHEADER, p.CHGHEADER):
         index, strings = reply.index_and_strings() if c != p.ADDHEADER else (0, reply.strings())
         name, value = (strings + ["", ""])[:2]
         if not is_field_name(name):  # (Postfix writes it, and a name with a space ends the header section)
-            log.warning("milter %s: header name %r is not one: edit ignored", spec, name[:100])
+            log.warning("%s: header name %r is not one: edit ignored", who, name[:100])
             return
         kind = {p.ADDHEADER: "add", p.INSHEADER: "insert", p.CHGHEADER: "change"}[c]
         edits.headers.append((kind, index, name, value))
@@ -263,16 +264,16 @@ def _collect(reply: p.Reply, edits: Edits, spec: str) -> None:
         strings = reply.strings()
         sender = _envelope_address(reply.text())
         if sender is None:
-            log.warning("milter %s: new sender %r is not an address: edit ignored", spec, reply.text()[:100])
+            log.warning("%s: new sender %r is not an address: edit ignored", who, reply.text()[:100])
             return
         edits.sender = (f"<{sender}>", " ".join(strings[1:]))
     elif c in (p.ADDRCPT, p.ADDRCPT_PAR):
         recipient = _envelope_address(reply.text())
         if not recipient:
-            log.warning("milter %s: added recipient %r is not an address: edit ignored", spec, reply.text()[:100])
+            log.warning("%s: added recipient %r is not an address: edit ignored", who, reply.text()[:100])
             return
         edits.add_recipients.append(f"<{recipient}>")
-        edits.add_recipient_dsn.append(_added_dsn(spec, reply.strings()[1] if c == p.ADDRCPT_PAR
+        edits.add_recipient_dsn.append(_added_dsn(who, reply.strings()[1] if c == p.ADDRCPT_PAR
                                                   and len(reply.strings()) > 1 else ""))
     elif c == p.DELRCPT:
         edits.delete_recipients.append(reply.text())
@@ -285,7 +286,7 @@ def _collect(reply: p.Reply, edits: Edits, spec: str) -> None:
         raise p.ProtocolError(f"unexpected reply {c!r} at end of message")
 
 
-def _added_dsn(spec: str, arguments: str) -> tuple[str, str]:
+def _added_dsn(who: str, arguments: str) -> tuple[str, str]:
     """The (NOTIFY, ORCPT) of an ADDRCPT_PAR's ESMTP arguments, as Postfix's cleanup takes them: values checked as
     smtpd checks them (mailflow.dsn_parameters); a bad one, one given twice or any other argument is logged and
     ignored (the recipient keeps the default)."""
@@ -298,9 +299,9 @@ def _added_dsn(spec: str, arguments: str) -> tuple[str, str]:
             elif name.upper() == "ORCPT" and not orcpt:
                 orcpt = dsn_parameters.orcpt(value) or orcpt
             else:
-                log.warning("milter %s: ignoring ESMTP argument %r of an added recipient", spec, argument[:100])
+                log.warning("%s: ignoring ESMTP argument %r of an added recipient", who, argument[:100])
         except dsn_parameters.DsnError:
-            log.warning("milter %s: bad %s parameter of an added recipient: %r", spec, name.upper(), argument[:100])
+            log.warning("%s: bad %s parameter of an added recipient: %r", who, name.upper(), argument[:100])
     return notify, orcpt
 
 
@@ -428,7 +429,7 @@ class MilterSession:
                 continue
             try:
                 reply, edits = await milter.end_of_message(_events(head, body, milter.negotiated),
-                                                           _message_macros(_i(queue_id), milter))
+                                                           _message_macros(_i(queue_id), milter), queue_id)
             except MilterFailed as e:
                 verdict = self._failed(milter, e)
             else:
