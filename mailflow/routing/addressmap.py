@@ -29,6 +29,8 @@ What it owns (Postfix cleanup(8), envelope part):
   (MilterEdits), as Postfix's cleanup meets them after its lookups: a recipient a milter added gets no
   recipient_bcc_maps copy, one it deleted keeps its copy, and a CHGFROM sender's copy is added to the first
   sender's.
+- `for_message(queue_id)`: the same mapper, its warnings under the message's queue id (cleanup maps each message
+  with one).
 - `is_mapped(addr)`: a recipient-side table has an entry for it, or it is a valid SRS address (smtpd then takes it as
   a known recipient). `srs`: the Srs codec, or None when [srs] is off (cleanup rewrites forwarded senders with it).
 
@@ -60,6 +62,7 @@ docs/config.md); its `reason` names the address and why, for the log of whoever 
 """
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from typing import Sequence
@@ -125,6 +128,14 @@ class AddressMapper:
         # whether any automatic BCC is configured: when not, cleanup asks for none (nothing per recipient)
         self.auto_bcc = bool(self._sender_bcc or self._recipient_bcc or config.always_bcc)
         self.srs = srs_from_config(config)
+        self._log_id = "cleanup"  # what the warnings begin with: the queue id of the message mapped (`for_message`)
+
+    def for_message(self, queue_id: str) -> AddressMapper:
+        """This mapper (the same tables) for one message: its warnings begin with `queue_id`, as Postfix's
+        cleanup logs under the queue id."""
+        mapper = copy.copy(self)
+        mapper._log_id = queue_id or "cleanup"
+        return mapper
 
     # -- senders ---------------------------------------------------------------------------------------
     def sender(self, addr: str) -> str:
@@ -219,10 +230,10 @@ class AddressMapper:
         table, key, value = found
         items = table_value_addresses(value)
         if not items:
-            raise _non_address_result(table, key, value, addr)
+            raise self._non_address_result(table, key, value, addr)
         if len(items) > 1:
-            log.warning("cleanup: the BCC address of <%s> is a list of %d addresses; using the first",
-                        addr, len(items))
+            log.warning("%s: the BCC address of <%s> is a list of %d addresses; using the first",
+                        self._log_id, addr, len(items))
         return items[0] if items else None
 
     def _add_bcc(self, bcc: str | None, out: list[Recipient], seen: set[tuple[str, ...]]) -> None:
@@ -292,8 +303,8 @@ class AddressMapper:
             if results is None or results[0].lower() == current.lower():
                 return current
             if len(results) > 1:
-                log.warning("cleanup: canonical mapping of <%s> has %d addresses; using the first",
-                            current, len(results))
+                log.warning("%s: canonical mapping of <%s> has %d addresses; using the first",
+                            self._log_id, current, len(results))
             current = results[0]
         raise expansion_error(original, f"canonical mapping does not settle after {CANONICAL_RECURSION_LIMIT} steps")
 
@@ -321,15 +332,14 @@ class AddressMapper:
                                                    qualify=self._rewriter.qualify, propagate=True)
                  if item is not None]
         if not items:
-            raise _non_address_result(table, key, value, addr)
+            raise self._non_address_result(table, key, value, addr)
         return items
 
-
-def _non_address_result(table: str, key: str, value: str, addr: str) -> LookupRetry:
-    """A table's value that holds no address: the message is not accepted (Postfix's "non-address result")."""
-    log.warning("cleanup: table %s: lookup of <%s> returns non-address result %r",
-                address.printable(table), addr, value)
-    return LookupRetry(f"table {address.printable(table)}: {address.printable(key)}: non-address result")
+    def _non_address_result(self, table: str, key: str, value: str, addr: str) -> LookupRetry:
+        """A table's value that holds no address: the message is not accepted (Postfix's "non-address result")."""
+        log.warning("%s: table %s: lookup of <%s> returns non-address result %r",
+                    self._log_id, address.printable(table), addr, value)
+        return LookupRetry(f"table {address.printable(table)}: {address.printable(key)}: non-address result")
 
 
 def _duplicate_key(rcpt: Recipient, *, expanded: bool) -> tuple[str, ...]:

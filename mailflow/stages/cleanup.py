@@ -343,22 +343,23 @@ class Cleanup:
         orcpts = env.orcpts or ("",) * len(env.recipients)
         recipients = tuple(Recipient(i, r, originals[i], notify[i], orcpts[i]) for i, r in enumerate(env.recipients))
         sender = env.sender
-        if rewrite and self._mapper is not None:
-            sender = self._mapper.sender(sender)
-            if self._mapper.auto_bcc and not bcc.redirected and _from_outside(sub):
-                auto_sender, milter = self._milter_bcc(sub, sender)
-                recipients = self._mapper.recipients(recipients, auto_bcc_sender=auto_sender, bcc=bcc.wanted(),
-                                                     milter=milter)
+        mapper = self._mapper.for_message(queue_id) if self._mapper is not None else None
+        if rewrite and mapper is not None:
+            sender = mapper.sender(sender)
+            if mapper.auto_bcc and not bcc.redirected and _from_outside(sub):
+                auto_sender, milter = _milter_bcc(mapper, sub, sender)
+                recipients = mapper.recipients(recipients, auto_bcc_sender=auto_sender, bcc=bcc.wanted(),
+                                               milter=milter)
             else:
-                recipients = self._mapper.recipients(recipients, bcc=bcc.wanted())
+                recipients = mapper.recipients(recipients, bcc=bcc.wanted())
         elif bcc.wanted():
             recipients = _unmapped_bcc(recipients, bcc.wanted())
         fullname = sub.submitter.fullname if sub.submitter else ""
         missing = self._missing_headers(names, queue_id, sender, now, fullname) if sub.add_missing_headers else b""
         if self._drop_headers.intersection(names):
             head = without_fields(head, self._drop_headers)
-        if sub.header_rewrite_domain is not None and self._mapper is not None:
-            head = self._rewrite_header_addresses(head, sub.header_rewrite_domain, mapped=rewrite)
+        if sub.header_rewrite_domain is not None and mapper is not None:
+            head = _rewrite_header_addresses(mapper, head, sub.header_rewrite_domain, mapped=rewrite)
         block = self._received(sub, queue_id, now) + _header_lines(sub.headers) + head + missing
         if rest.size and not rest.read_prefix(2).startswith((b"\r\n", b"\n")):
             block += b"\r\n"  # the header section ended at a line that is no header field: the body starts there
@@ -375,30 +376,6 @@ class Cleanup:
             ret=env.ret,
             client_attributes=sub.client_attributes,
         )
-
-    def _milter_bcc(self, sub: Submission, sender: str) -> tuple[str, MilterEdits]:
-        """The sender the automatic BCC lookups are made with and the milters' envelope edits (Postfix's cleanup
-        looks up each envelope record before its milters run): the sender as received, rewritten; the recipients
-        a milter added and deleted; a CHGFROM's sender (`sender`, rewritten already)."""
-        received = sub.received
-        mapper = self._mapper
-        if received is None or mapper is None:
-            return sender, NO_MILTER_EDITS
-        now = set(sub.envelope.recipients)
-        before = set(received.recipients)
-        first_sender = mapper.sender(received.sender)
-        return first_sender, MilterEdits(
-            added=frozenset(now - before), deleted=tuple(r for r in received.recipients if r not in now),
-            sender=sender if sender != first_sender else None)
-
-    def _rewrite_header_addresses(self, head: bytes, origin: str, *, mapped: bool) -> bytes:
-        """Postfix's header address rewriting: unqualified addresses get @`origin` ("": myorigin), and (`mapped`)
-        canonical maps and masquerading apply, by the field's class (sender: From, Sender, Reply-To...;
-        recipient: To, Cc...)."""
-        mapper = self._mapper
-        assert mapper is not None
-        return rewrite_address_fields(head, lambda a: mapper.header_sender(a, origin, mapped=mapped),
-                                      lambda a: mapper.header_recipient(a, origin, mapped=mapped))
 
     def prepare_notice(self, sub: Submission) -> NewMessage:
         """`prepare` for a notice this host writes: if its recipient cannot be rewritten now, it is queued
@@ -465,6 +442,29 @@ class Cleanup:
         if f"{resent}from".lower() not in names:
             added.append(resent + (_from_header(sender, fullname) if sender else "From: MAILER-DAEMON"))
         return "".join(line + "\r\n" for line in added).encode("utf-8")
+
+
+def _milter_bcc(mapper: AddressMapper, sub: Submission, sender: str) -> tuple[str, MilterEdits]:
+    """The sender the automatic BCC lookups are made with and the milters' envelope edits (Postfix's cleanup
+    looks up each envelope record before its milters run): the sender as received, rewritten; the recipients
+    a milter added and deleted; a CHGFROM's sender (`sender`, rewritten already)."""
+    received = sub.received
+    if received is None:
+        return sender, NO_MILTER_EDITS
+    now = set(sub.envelope.recipients)
+    before = set(received.recipients)
+    first_sender = mapper.sender(received.sender)
+    return first_sender, MilterEdits(
+        added=frozenset(now - before), deleted=tuple(r for r in received.recipients if r not in now),
+        sender=sender if sender != first_sender else None)
+
+
+def _rewrite_header_addresses(mapper: AddressMapper, head: bytes, origin: str, *, mapped: bool) -> bytes:
+    """Postfix's header address rewriting: unqualified addresses get @`origin` ("": myorigin), and (`mapped`)
+    canonical maps and masquerading apply, by the field's class (sender: From, Sender, Reply-To...;
+    recipient: To, Cc...)."""
+    return rewrite_address_fields(head, lambda a: mapper.header_sender(a, origin, mapped=mapped),
+                                  lambda a: mapper.header_recipient(a, origin, mapped=mapped))
 
 
 def _unmapped_bcc(recipients: tuple[Recipient, ...], bcc: Sequence[str]) -> tuple[Recipient, ...]:

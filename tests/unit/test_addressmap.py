@@ -596,6 +596,22 @@ async def test_cleanup_asks_no_bcc_table_when_none_is_configured(monkeypatch):
     assert len(store.contents) == 1
 
 
+async def test_cleanup_warns_of_a_table_value_under_the_queue_id(caplog):
+    m = mapper(sender_bcc_maps=(inline({"s@remote.test": "m1@arch.test, m2@arch.test"}),),
+               canonical_maps=(inline({"b@example.test": "(no address)"}),))
+    cleanup = Cleanup(RecordingStore(), myhostname="mx.example.test", clock=FixedClock(), rng=random.Random(7),
+                      log=MailLog(), on_queued=lambda: None, mapper=m)
+    client = ClientInfo(addr="192.0.2.7", helo="client.test")
+    queue_id = await cleanup.submit(Submission(Envelope("s@remote.test", ("a@example.test",)),
+                                               Content.of(b"Subject: x\r\n\r\n"), client))
+    with pytest.raises(LookupRetry):
+        await cleanup.submit(Submission(Envelope("x@remote.test", ("b@example.test",)),
+                                        Content.of(b"Subject: x\r\n\r\n"), client, queue_id="Q2"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(w.startswith(f"{queue_id}: the BCC address of <s@remote.test> is a list") for w in warnings), warnings
+    assert any(w.startswith("Q2: table inline:") and "non-address result" in w for w in warnings), warnings
+
+
 def test_milter_edits_keep_the_bcc_lookups_of_the_envelope_as_received():
     # Postfix's cleanup looks up each envelope record before its milters run: an added recipient gets no copy, a
     # deleted one keeps its copy, a CHGFROM adds the new sender's copy (last, as the milters run last)
