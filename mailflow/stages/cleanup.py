@@ -319,9 +319,8 @@ class Cleanup:
         pickup's and mail made here."""
         if sub.queue_id:
             return sub.queue_id
-        c = sub.client
-        if sub.submitter is None and c.protocol != "local":
-            return self.begin(c, sub.client_attributes.sasl_sender)
+        if _from_client(sub):
+            return self.begin(sub.client, sub.client_attributes.sasl_sender)
         return self._ids.next()
 
     def _prepare(self, sub: Submission, queue_id: QueueId, rewrite: bool, bcc: Bcc = NO_BCC) -> NewMessage:
@@ -479,7 +478,13 @@ def _from_outside(sub: Submission) -> bool:
     (sendmail, pickup; a requeued message too, as Postfix's pickup takes it). Not a copy local delivery forwards, nor
     a notice made here: Postfix submits those with CLEANUP_FLAG_MASK_INTERNAL, without CLEANUP_FLAG_BCC_OK (so no
     BCC copy loops) and without CLEANUP_FLAG_FILTER (int_filt.c: internal_mail_filter_classes, empty by default)."""
-    return not sub.forwarded and (sub.submitter is not None or sub.client.protocol != "local")
+    return not sub.forwarded and (sub.submitter is not None or _from_client(sub))
+
+
+def _from_client(sub: Submission) -> bool:
+    """Mail an SMTP client sent (smtpd): neither a local user's (sendmail, pickup: `submitter`) nor mail made
+    here (protocol `local`: forwarded copies, notices)."""
+    return sub.submitter is None and sub.client.protocol != "local"
 
 
 def _from_header(sender: str, fullname: str) -> str:
