@@ -9,7 +9,18 @@ What it does, in order (Postfix cleanup(8)):
    Postfix counts): 554 5.4.0 (Postfix's reply),
    and one whose header section is larger than `header_size_limit` bytes: 552 5.3.4 (a header flood never
    reaches the queue);
-3. rewrites the envelope (`AddressMapper`): the sender through sender_canonical/canonical maps and
+3. inspects the content of mail from outside (`ContentChecks`: header_checks, mime/nested_header_checks,
+   body_checks, unless `Submission.overrides` (receive_override_options: the listener's for smtpd's mail,
+   [smtpd]'s for pickup's) say no_header_body_checks; never a forwarded copy
+   nor a notice made here, as Postfix's local and bounce submit those without CLEANUP_FLAG_FILTER and its default
+   internal_mail_filter_classes is empty, so a header_checks BCC copies a message once, not each forwarded copy
+   again): REJECT refuses it (550 5.7.1), DISCARD
+   drops it (the client is told it was queued), HOLD queues it on hold, FILTER, REDIRECT, BCC, IGNORE, PREPEND
+   and REPLACE change what is queued (a BCC is added as the automatic ones are, after them: `Bcc`; a REDIRECT
+   leaves no BCC recipient of either kind, as Postfix's queue manager redirects them all); the checks run before
+   the envelope rewriting below, which works on the envelope they leave;
+4. rewrites the envelope (`AddressMapper.for_message`, its warnings under the queue id): the sender through
+   sender_canonical/canonical maps and
    masquerading; each recipient through recipient_canonical/canonical maps and virtual alias expansion,
    duplicates removed, each keeping the address first given as its original (ORCPT); for mail from outside
    (smtpd, sendmail: `_from_outside`) the automatic BCC recipients too (sender_bcc_maps, recipient_bcc_maps,
@@ -17,14 +28,6 @@ What it does, in order (Postfix cleanup(8)):
    the envelope as received when milters edited it (`Submission.received`), as Postfix's cleanup looks them up
    before its milters run: a milter-added recipient gets no recipient_bcc_maps copy, a deleted one keeps its copy,
    a CHGFROM adds the new sender's copy to the first's;
-4. inspects the content of mail from outside (`ContentChecks`: header_checks, mime/nested_header_checks,
-   body_checks, unless the listener's receive_override_options say no_header_body_checks; never a forwarded copy
-   nor a notice made here, as Postfix's local and bounce submit those without CLEANUP_FLAG_FILTER and its default
-   internal_mail_filter_classes is empty, so a header_checks BCC copies a message once, not each forwarded copy
-   again): REJECT refuses it (550 5.7.1), DISCARD
-   drops it (the client is told it was queued), HOLD queues it on hold, FILTER, REDIRECT, BCC, IGNORE, PREPEND
-   and REPLACE change what is queued (a BCC is added as the automatic ones are, after them: `Bcc`; a REDIRECT
-   leaves no BCC recipient of either kind, as Postfix's queue manager redirects them all);
 4a. removes the header fields of `message_drop_headers` (Postfix's default: Bcc, Resent-Bcc, Return-Path,
    Content-Length), so a blind copy's recipients are never shown to the others; rewrites the addresses of the
    address fields (`Submission.header_rewrite_domain`; mailflow.header_addresses): an unqualified one gets
@@ -55,8 +58,9 @@ What it does, in order (Postfix cleanup(8)):
    gets it from qmgr when released, as in Postfix), and wakes qmgr; or, when a queue manager is attached
    (`attach_queue_manager`) and has room, commits the message straight into the active queue and hands it over
    (qmgr `reserve`, `hand_over`, `release`: no scan, no read of what was just written).
-Address mapping (canonical, masquerading, virtual, automatic BCC) is skipped for a listener with
-receive_override_options no_address_mappings; header addresses are still qualified there, as Postfix does.
+Address mapping (canonical, masquerading, virtual, automatic BCC) is skipped when `Submission.overrides` say
+no_address_mappings (receive_override_options: the listener's for smtpd's mail, [smtpd]'s for pickup's, as
+Postfix's main.cf value serves its pickup); header addresses are still qualified there, as Postfix does.
 `submit()` returns the queue id only after the commit is on disk: that is when smtpd may say 250.
 Failures (mailflow.errors; the caller logs the error's `reason` and answers by `status.error_reply`):
 `PermanentError` 5.4.0 for a loop (too many hops), `MessageTooBig` 5.3.4 for a header section over the limit,
