@@ -17,7 +17,8 @@ What it does, in order (Postfix cleanup(8)):
    again): REJECT refuses it (550 5.7.1), DISCARD
    drops it (the client is told it was queued), HOLD queues it on hold, FILTER, REDIRECT, BCC, IGNORE, PREPEND
    and REPLACE change what is queued (a BCC is added as the automatic ones are, after them: `Bcc`; a REDIRECT
-   leaves no BCC recipient of either kind, as Postfix's queue manager redirects them all); the checks run before
+   leaves no BCC recipient of either kind, as Postfix's queue manager redirects them all); the checks run first
+   (`_built`), before step 2's limits (a header section over the limit is not inspected, step 2 refuses it) and
    the envelope rewriting below, which works on the envelope they leave;
 4. rewrites the envelope (`AddressMapper.for_message`, its warnings under the queue id): the sender through
    sender_canonical/canonical maps and
