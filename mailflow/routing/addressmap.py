@@ -72,7 +72,7 @@ from mailflow.errors import LookupRetry, TemporaryError
 from mailflow.header_addresses import value_addresses
 from mailflow.model import Recipient
 from mailflow.routing.srs import srs_from_config
-from mailflow.tables import Table, TableCache, find_address
+from mailflow.tables import Table, TableCache
 from mailflow.tables.search import mapped_addresses
 
 log = logging.getLogger("mailflow.cleanup")
@@ -319,9 +319,7 @@ class AddressMapper:
     def _find(self, tables: list[Table], addr: str) -> tuple[str, str, str] | None:
         if not tables:  # (a setting left empty, the default: no keys to make)
             return None
-        domain = address.split(addr)[1]
-        return find_address(tables, addr, delimiter=self._config.recipient_delimiter,
-                            local_domain=self._rewriter.is_local_domain(domain))
+        return self._rewriter.find_address(tables, addr)
 
     def _results(self, addr: str, table: str, key: str, value: str) -> list[str]:
         """The addresses of a table's value for `addr`, qualified, as Postfix's mail_addr_map makes them

@@ -221,6 +221,14 @@ class Rewriter:
         domain = address.normalise_domain(domain)
         return domain == self._config.origin or self.resolve_local(domain)
 
+    def find_address(self, tables: list[Table], addr: str) -> tuple[str, str, str] | None:
+        """(table, key, value) of the first entry for `addr`, keys as Postfix's mail_addr_find makes them:
+        `user+ext@domain`, `user@domain`, `user+ext` and `user` only when the domain is one of this host's
+        (`is_local_domain`), `@domain`. May raise LookupRetry."""
+        domain = address.split(addr)[1]
+        return find_address(tables, addr, delimiter=self._config.recipient_delimiter,
+                            local_domain=bool(domain) and self.is_local_domain(domain))
+
     def resolve_local(self, domain: str) -> bool:
         """Postfix resolve_local: the (normalised) domain is in mydestination or names one of this server's
         own addresses as `[ip]`."""
@@ -285,9 +293,7 @@ class Rewriter:
         the extension ignored: user@domain, user (a local domain or myorigin only), @domain. May raise LookupRetry."""
         if not self._relocated_maps or self._bad_syntax(res.address):
             return None
-        domain = address.normalise_domain(address.split(res.address)[1])
-        found = find_address(self._relocated_maps, res.address, delimiter=self._config.recipient_delimiter,
-                             local_domain=self.is_local_domain(domain))
+        found = self.find_address(self._relocated_maps, res.address)
         if found is None:
             return None
         return Resolution(res.address_class, ERROR_TRANSPORT, f"{RELOCATED_STATUS} User has moved to "
@@ -357,10 +363,7 @@ class Rewriter:
         searched as mail_addr_find (a `null_key` too). May raise LookupRetry."""
         if not tables:
             return None
-        key = sender or null_key
-        domain = address.split(key)[1]
-        return find_address(tables, key, delimiter=self._config.recipient_delimiter,
-                            local_domain=bool(domain) and self.is_local_domain(domain))
+        return self.find_address(tables, sender or null_key)
 
     def _sender_choice(self, setting: str, tables: list[Table], sender: str, null_key: str, memo: SenderMemo) -> str:
         """The override a sender-dependent table gives, "" for none (no entry, `DUNNO`, an empty value: warned of,

@@ -60,7 +60,7 @@ def build_generic_maps(config, router, tables: TableCache) -> GenericMaps | None
     if not config.smtp.generic_maps:
         return None
     return GenericMaps(tables.open(config.smtp.generic_maps), delimiter=config.recipient_delimiter,
-                       qualify=router.rewriter.qualify, is_local_domain=router.rewriter.is_local_domain)
+                       qualify=router.rewriter.qualify, find_address=router.rewriter.find_address)
 
 
 def sasl_sender_keys(config, router) -> Callable[[str], list[str]] | None:

@@ -4,10 +4,11 @@ Internet (`joe@box.local` -> `joe.user@example.com`). The queue, the logs and th
 queued; so does ORCPT: to a next hop that offers DSN, RCPT TO's `ORCPT=rfc822;…` still names the queued recipient
 (the one the client gave), as Postfix's smtp sends it.
 
-    GenericMaps(tables, *, delimiter, qualify, is_local_domain)
-      .address(addr, queue_id="") -> str   one address mapped, or itself: keys as mail_addr_find (`user+ext@domain`,
-                                       `user@domain`, `user+ext` and `user` for this host's domains
-                                       (`is_local_domain`), `@domain`); the first address of the value as
+    GenericMaps(tables, *, delimiter, qualify, find_address)
+      .address(addr, queue_id="") -> str   one address mapped, or itself: the entry `find_address(tables, addr)`
+                                       finds (Rewriter.find_address: keys as mail_addr_find, `user+ext@domain`,
+                                       `user@domain`, `user+ext` and `user` for this host's domains, `@domain`);
+                                       the first address of the value as
                                        Postfix's mail_addr_map makes it (mailflow.tables.search.mapped_addresses:
                                        `Joe <joe@x>` is `joe@x`; Postfix warns of more and takes the first);
                                        `@other.domain` keeps the local part (without the extension when the key
@@ -52,8 +53,8 @@ from mailflow.errors import LookupRetry
 from mailflow.header_addresses import rewrite_address_fields
 from mailflow.message import HEADER_READ_LIMIT, read_header
 from mailflow.model import DeliveryRequest
-from mailflow.tables import Table, find
-from mailflow.tables.search import address_keys, mapped_addresses
+from mailflow.tables import Table
+from mailflow.tables.search import mapped_addresses
 
 log = logging.getLogger("mailflow.smtp")
 _QUOTED_STRING = re.compile(r'"(?:\\.|[^"\\])*"')
@@ -115,18 +116,16 @@ class GenericMaps:
     """See the module docstring."""
 
     def __init__(self, tables: list[Table], *, delimiter: str, qualify: Callable[[str], str],
-                 is_local_domain: Callable[[str], bool]) -> None:
+                 find_address: Callable[[list[Table], str], tuple[str, str, str] | None]) -> None:
         self._tables = tables
         self._delimiter = delimiter
         self._qualify = qualify
-        self._is_local_domain = is_local_domain
+        self._find_address = find_address
 
     def address(self, addr: str, queue_id: str = "") -> str:
         if not addr:
             return addr
-        _, at, domain = addr.rpartition("@")
-        keys = address_keys(addr, delimiter=self._delimiter, local_domain=bool(at) and self._is_local_domain(domain))
-        found = find(self._tables, keys)
+        found = self._find_address(self._tables, addr)
         if found is None:
             return addr
         table, key, value = found

@@ -38,7 +38,7 @@ BODY = b"joe@box.local in the body stays\r\n"
 def generic(table: str = TABLE, config: Config = CONFIG) -> GenericMaps:
     rewriter = Rewriter(config)
     return GenericMaps(TableCache().open([table]), delimiter=config.recipient_delimiter, qualify=rewriter.qualify,
-                       is_local_domain=rewriter.is_local_domain)
+                       find_address=rewriter.find_address)
 
 
 @pytest.mark.parametrize("queued, sent", [
@@ -304,7 +304,7 @@ async def test_the_header_of_a_spooled_or_big_message_is_mapped_off_the_event_lo
     config = CONFIG
     rewriter = Rewriter(config)
     maps = ThreadRecordingMaps(TableCache().open([TABLE]), delimiter=config.recipient_delimiter,
-                               qualify=rewriter.qualify, is_local_domain=rewriter.is_local_domain)
+                               qualify=rewriter.qualify, find_address=rewriter.find_address)
     maps.threads = []
     big_head = HEAD[:-2] + b"Cc: " + b", ".join(b"u%d@box.local" % i for i in range(2000)) + b"\r\n\r\n"
     transport = make_transport(maps)
