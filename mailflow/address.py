@@ -227,8 +227,13 @@ def _ascii_label(label: str) -> str:
     return label.encode("idna").decode("ascii")
 
 
+BAD_LOCAL_PART = "bad local part"  # two of mailbox_syntax_error's reasons, which callers tell apart by value
+BAD_DOMAIN = "bad domain"
+
+
 def mailbox_syntax_error(address: str) -> str | None:
-    """None when `address` is `local@domain` per RFC 5321 (RFC 6531 for UTF-8); else the reason."""
+    """None when `address` is `local@domain` per RFC 5321 (RFC 6531 for UTF-8); else the reason (BAD_LOCAL_PART,
+    BAD_DOMAIN or another text)."""
     if len(address.encode("utf-8")) > MAX_ADDRESS:
         return "address too long"
     if _CONTROL.search(address):
@@ -237,8 +242,8 @@ def mailbox_syntax_error(address: str) -> str | None:
     if not domain:
         return "no domain"
     if not _LOCAL_RE.fullmatch(local):
-        return "bad local part"
-    return None if is_valid_domain(domain) else "bad domain"
+        return BAD_LOCAL_PART
+    return None if is_valid_domain(domain) else BAD_DOMAIN
 
 
 def is_valid_domain(domain: str) -> bool:

@@ -53,7 +53,7 @@ import re
 from dataclasses import dataclass
 from typing import Union
 
-from mailflow.address import mailbox_syntax_error
+from mailflow.address import BAD_DOMAIN, BAD_LOCAL_PART, mailbox_syntax_error
 from mailflow.errors import ConfigError
 from mailflow.header_addresses import value_addresses
 
@@ -88,11 +88,13 @@ Aliases = dict[str, tuple[Target, ...]]
 
 
 class AliasSyntaxError(ConfigError):
-    """`FILE: line N: reason`; `line` is 1-based."""
+    """`FILE: line N: reason`; `line` is 1-based. `address_problem`: for a target refused as an address, why
+    (mailbox_syntax_error's reason), else None."""
 
-    def __init__(self, filename: str, line: int, reason: str):
+    def __init__(self, filename: str, line: int, reason: str, address_problem: str | None = None):
         super().__init__(filename, f"line {line}", reason)
         self.line = line
+        self.address_problem = address_problem
 
 
 def is_privileged(target: Target) -> bool:
@@ -122,8 +124,8 @@ class _Text:
     def line_at(self, offset: int) -> int:
         return self._linenos[bisect.bisect_right(self._starts, offset) - 1]
 
-    def error(self, offset: int, reason: str) -> AliasSyntaxError:
-        return AliasSyntaxError(self.filename, self.line_at(offset), reason)
+    def error(self, offset: int, reason: str, address_problem: str | None = None) -> AliasSyntaxError:
+        return AliasSyntaxError(self.filename, self.line_at(offset), reason, address_problem)
 
 
 def _physical_lines(text: str, filename: str):
@@ -215,7 +217,7 @@ def _targets(line: _Text, offset: int, item: str) -> tuple[Target, ...]:
     try:
         return (_target(line, offset, item),)
     except AliasSyntaxError as error:
-        if not str(error).endswith(tuple(f": {reason}" for reason in ("bad local part", "bad domain"))):
+        if error.address_problem not in (BAD_LOCAL_PART, BAD_DOMAIN):
             raise  # (not an address, or a relative path, an empty command, ...)
         whole_quoted = item[0] == '"' and _closing_quote(item, 0) == len(item) - 1
         if whole_quoted or item.startswith(_SPECIAL_STARTS) or item[:len(_INCLUDE)].lower() == _INCLUDE:
@@ -229,7 +231,7 @@ def _targets(line: _Text, offset: int, item: str) -> tuple[Target, ...]:
 def _address(line: _Text, offset: int, address: str) -> AddressTarget:
     reason = _address_error(address)
     if reason:
-        raise line.error(offset, f"bad address {address!r}: {reason}")
+        raise line.error(offset, f"bad address {address!r}: {reason}", address_problem=reason)
     return AddressTarget(address)
 
 
