@@ -107,6 +107,19 @@ def zone_txt(name: str, value: str) -> str:
     return f"{name}. 300 IN TXT {strings}\n"
 
 
+async def verify_timed(message: bytes, nameserver: str) -> tuple[list, LoopLag]:
+    """The message's DKIM verdicts, its keys asked of `nameserver`, and what the check cost the event loop."""
+    resolver = AiodnsResolver(nameservers=(nameserver,), timeout=2, tries=1)
+    content = Content.of(message)
+    head, _ = read_header(content, 1_000_000)
+    try:
+        async with LoopLag() as lag:
+            results = await verify(head, content.after(len(head)), resolver, timeout=5)
+    finally:
+        await resolver.close()
+    return results, lag
+
+
 @pytest.mark.parametrize(("modulus", "exponent", "reason"), [
     (16384, 16384, "public key too large: 16384 bits (at most 8192)"),  # 7 s of dkimpy's pow, the GIL held
     (8192, 8192, "public key exponent too large: 8192 bits (at most 64)"),  # 1 s of pow
@@ -118,14 +131,7 @@ async def test_a_key_too_costly_to_verify_with_is_permerror_at_once(signed_and_r
     which refuses such key records too). Served over TCP by a real name server (the record is too big for UDP)."""
     signed, _ = signed_and_record
     record = rsa_key_record(modulus, exponent)
-    resolver = AiodnsResolver(nameservers=(dns_zone(zone_txt(KEY_NAME, record), tcp=True),), timeout=2, tries=1)
-    content = Content.of(signed)
-    head, _ = read_header(content, 1_000_000)
-    try:
-        async with LoopLag() as lag:
-            results = await verify(head, content.after(len(head)), resolver, timeout=5)
-    finally:
-        await resolver.close()
+    results, lag = await verify_timed(signed, dns_zone(zone_txt(KEY_NAME, record), tcp=True))
     # (the bound is loose, for a loaded host: the reason says the pow() was skipped; it would take 1 s at least)
     assert [(r.result, r.reason) for r in results] == [("permerror", reason)] and lag.longest < 0.5
     opendkim = re.search(r"dkim=(\w+)", opendkim_verdict(signed, {KEY_NAME: record}, tmp_path / "opendkim"))
@@ -170,14 +176,7 @@ async def test_a_signature_over_too_many_header_fields_is_permerror_at_once(dns_
     key = make_key(tmp_path, "sig.test", "sel")
     record = "".join(re.findall(r'"([^"]*)"', keygen.txt_record(key, 300)))
     signed_message = dkim.sign(message, b"sel", b"sig.test", key.private, include_headers=[b"from", *signed]) + message
-    resolver = AiodnsResolver(nameservers=(dns_zone(zone_txt(KEY_NAME, record)),), timeout=2, tries=1)
-    content = Content.of(signed_message)
-    head, _ = read_header(content, 1_000_000)
-    try:
-        async with LoopLag() as lag:
-            results = await verify(head, content.after(len(head)), resolver, timeout=5)
-    finally:
-        await resolver.close()
+    results, lag = await verify_timed(signed_message, dns_zone(zone_txt(KEY_NAME, record)))
     assert [(r.result, r.reason) for r in results] == [("permerror", expected) if expected else ("pass", "")]
     assert lag.longest < 0.5  # (loose, for a loaded host: the verdict's reason says the selection was skipped)
     if not expected:
