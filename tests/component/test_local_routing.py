@@ -133,14 +133,20 @@ async def test_luser_relay_to_the_recipient_itself_or_to_an_unknown_address_boun
         assert result.text in ('unknown user: "ghost"', 'unknown user: "ghost2"'), result
 
 
-async def test_luser_relay_resends_to_a_remote_address(tmp_path):
+def recording_forwards(transport) -> list:
+    """The addresses of each forwarded copy `transport` queues from now on (none is queued; each gets id Q2)."""
     sent = []
 
     async def forward(request, recipient, addresses, content, sender=None):
         sent.append(addresses)
         return "Q2"
+    transport._forward = forward
+    return sent
+
+
+async def test_luser_relay_resends_to_a_remote_address(tmp_path):
     t = routed(tmp_path, luser_relay="${user}${extension?+x}.$local.${extension:none}@elsewhere.test")
-    t._forward = forward
+    sent = recording_forwards(t)
     [result] = (await t.deliver(request("Ghost@example.test"))).results
     [result2] = (await t.deliver(request("ghost+Tag@example.test"))).results
     assert result.outcome is result2.outcome is Outcome.SENT
@@ -296,12 +302,7 @@ def test_luser_relay_macros_check_the_conditional_text(template, message):
 
 async def test_luser_relay_macros_take_the_unquoted_local_part(tmp_path):
     """local(8) expands the internal form of the address (`"ghost+a b"@…`: extension `a b`), not its quotes."""
-    sent = []
-
-    async def forward(request, recipient, addresses, content, sender=None):
-        sent.append(addresses)
-        return "Q2"
     t = routed(tmp_path, luser_relay="relay+${extension}@elsewhere.test")
-    t._forward = forward
+    sent = recording_forwards(t)
     [result] = (await t.deliver(request('"ghost+a b"@example.test'))).results
     assert result.outcome is Outcome.SENT and sent == [("relay+a b@elsewhere.test",)]
