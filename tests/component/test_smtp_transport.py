@@ -1276,43 +1276,42 @@ async def test_encrypt_refused_starttls_by_the_last_peer_bounces_with_the_reply(
     assert report.site_ok and peer.messages == []
 
 
+@contextlib.asynccontextmanager
+async def helo_refused_by_mx1(smtp_peer, zone_resolver):
+    """(resolver, port, good peer): example.test's MX 10 (127.0.0.2) refuses EHLO and HELO with 5xx, its MX 20
+    (127.0.0.3) is a good peer on the same port; single.test has only MX 10."""
+    refusing = await asyncio.start_server(refuse_helo, "127.0.0.2", 0)
+    port = refusing.sockets[0].getsockname()[1]
+    try:
+        good = await smtp_peer("127.0.0.3", port)
+        yield zone_resolver("example.test. 300 IN MX 10 mx1.example.test.",
+                            "example.test. 300 IN MX 20 mx2.example.test.",
+                            "mx1.example.test. 300 IN A 127.0.0.2", "mx2.example.test. 300 IN A 127.0.0.3",
+                            "single.test. 300 IN MX 10 mx1.example.test."), port, good
+    finally:
+        refusing.close()
+
+
 async def test_a_5xx_to_helo_bounces_at_once_and_no_other_peer_is_tried(smtp_peer, zone_resolver):
     """EHLO and HELO refused with 5xx: the mail bounces with that reply, MX 20 is not tried (Postfix's
     smtp_bulk_fail bounces a hard error wherever it comes from); a 5xx greeting is skipped like a 4xx."""
-    refusing = await asyncio.start_server(refuse_helo, "127.0.0.2", 0)
-    port = refusing.sockets[0].getsockname()[1]
-    good = await smtp_peer("127.0.0.3", port)
-    try:
-        resolver = zone_resolver("example.test. 300 IN MX 10 mx1.example.test.",
-                                 "example.test. 300 IN MX 20 mx2.example.test.",
-                                 "mx1.example.test. 300 IN A 127.0.0.2", "mx2.example.test. 300 IN A 127.0.0.3")
+    async with helo_refused_by_mx1(smtp_peer, zone_resolver) as (resolver, port, good):
         report = await deliver(make_transport(resolver, port=port), make_request("example.test"))
         result = report.results[0]
         assert (result.outcome, result.dsn, result.relay) == (Outcome.BOUNCED, "5.5.4",
                                                               f"mx1.example.test[127.0.0.2]:{port}")
         assert result.text == "host mx1.example.test[127.0.0.2] refused to talk to me: 501 5.5.4 not you"
         assert report.site_ok and good.messages == []
-    finally:
-        refusing.close()
 
 
 async def test_under_soft_bounce_a_5xx_to_helo_tries_the_next_peer(smtp_peer, zone_resolver, caplog):
     """Postfix's smtp_bulk_fail with soft_bounce: the hard handshake error of a server that is not the final one is
     soft (logged on its own line), so MX 20 gets the mail; the final server's stands."""
-    refusing = await asyncio.start_server(refuse_helo, "127.0.0.2", 0)
-    port = refusing.sockets[0].getsockname()[1]
-    good = await smtp_peer("127.0.0.3", port)
-    try:
-        resolver = zone_resolver("example.test. 300 IN MX 10 mx1.example.test.",
-                                 "example.test. 300 IN MX 20 mx2.example.test.",
-                                 "mx1.example.test. 300 IN A 127.0.0.2", "mx2.example.test. 300 IN A 127.0.0.3",
-                                 "single.test. 300 IN MX 10 mx1.example.test.")
+    async with helo_refused_by_mx1(smtp_peer, zone_resolver) as (resolver, port, good):
         with caplog.at_level(logging.INFO, "mailflow.smtp"):
             report = await deliver(make_transport(resolver, port=port, soft_bounce=True),
                                    make_request("example.test"))
         single = await deliver(make_transport(resolver, port=port, soft_bounce=True), make_request("single.test"))
-    finally:
-        refusing.close()
     assert (report.results[0].outcome, report.results[0].relay) == (Outcome.SENT, f"mx2.example.test[127.0.0.3]:{port}")
     assert len(good.messages) == 1
     assert "Q1: host mx1.example.test[127.0.0.2] refused to talk to me: 501 5.5.4 not you" in caplog.messages
