@@ -19,10 +19,11 @@ import pytest
 from mailflow.clock import VirtualClock
 from mailflow.config import Config
 from mailflow.content import Content
-from mailflow.model import DeliveryRequest, Outcome, Recipient
+from mailflow.model import DeliveryRequest, Outcome, OwnedFailure, RcptResult, Recipient
 from mailflow.transports.local.aliasing import LocalExpander
 from mailflow.routing.rewrite import Rewriter
-from mailflow.transports.local.agent import CommandSettings, LocalTransport
+from mailflow.transports.local.agent import (OWNED_NOTICE_LIMIT, CommandSettings, LocalTransport, Part,
+                                             _owned_failures)
 from mailflow.transports.maildir import MaildirWriter
 from tests.support import script_dir
 
@@ -223,13 +224,29 @@ async def test_a_script_without_an_interpreter_line_runs_through_the_shell_as_ex
 
 
 async def test_a_lists_failure_goes_to_its_owner_and_two_lists_failures_to_the_sender(tmp_path):
-    """bounce_workaround: a list's failing command is its owner's to hear of; when the failures are of two lists
-    with different owners, one notice cannot be both owners': the sender is told (not one owner of the other's)."""
+    """bounce_workaround: a list's failing command is its owner's to hear of (`owner`); when two lists' commands
+    fail, each owner is told of its own list's (`owned`), not one notice to one of them."""
     t = transport(tmp_path, 'l1: "|exit 67"\nowner-l1: alice\nl2: "|exit 67 # l2"\nowner-l2: bob\nall: l1, l2\n')
     [one] = (await t.deliver(request("l1@example.test"))).results
     assert (one.outcome, one.owner) == (Outcome.BOUNCED, "owner-l1@example.test"), one
     [both] = (await t.deliver(request("all@example.test"))).results
     assert (both.outcome, both.owner) == (Outcome.BOUNCED, ""), both
+
+
+def test_failures_past_the_notice_limit_are_told_one_notice_per_list():
+    """A list may expand to 100 000 destinations: past OWNED_NOTICE_LIMIT failures, each (owner, list) gets one
+    notice, its first failure's words and how many more, so notices, log lines and the stored result stay bounded."""
+    rcpt = Recipient(0, "all@example.test", "")
+    count = OWNED_NOTICE_LIMIT + 50
+    parts = [Part(Outcome.BOUNCED, "5.7.1", f"refused /file{n}") for n in range(count)]
+    lists = [("owner-l1@example.test", "l1@example.test") if n % 2 else ("owner-l2@example.test", "l2@example.test")
+             for n in range(count)]
+    result = RcptResult(rcpt, Outcome.BOUNCED, "5.7.1", "refused")
+    assert _owned_failures(result, parts, lists) == (
+        OwnedFailure("owner-l2@example.test", "l2@example.test", "5.7.1", "refused /file0 (and 74 more failures)"),
+        OwnedFailure("owner-l1@example.test", "l1@example.test", "5.7.1", "refused /file1 (and 74 more failures)"))
+    few = parts[:3], lists[:3]
+    assert len(_owned_failures(result, *few)) == 3  # within the limit: one each, as bounce_workaround tells them
 
 
 async def test_a_lists_command_gets_its_owner_as_the_sender_and_no_original_recipient(scripts, tmp_path):

@@ -467,8 +467,27 @@ def _owned_failures(result: RcptResult, parts: list[Part], lists: list[ListOf]) 
     failed = _failures(result, parts, lists)
     if len(failed) < 2 or any(where is None for _, where in failed):
         return ()
-    return tuple(OwnedFailure(where[0], where[1], part.dsn, part.text, part.diagnostic)
-                 for part, where in failed if where is not None)
+    owned = [OwnedFailure(where[0], where[1], part.dsn, part.text, part.diagnostic)
+             for part, where in failed if where is not None]
+    return tuple(owned) if len(owned) <= OWNED_NOTICE_LIMIT else _per_list(owned)
+
+
+OWNED_NOTICE_LIMIT = 100  # failures told one notice each at most; past it, one per list (a list may have 100 000)
+
+
+def _per_list(owned: list[OwnedFailure]) -> tuple[OwnedFailure, ...]:
+    """Failures too many for a notice each: one per (owner, list), its first failure's status and words and how
+    many more there were, so the notices, their log lines and the stored result stay bounded by the lists."""
+    first: dict[tuple[str, str], OwnedFailure] = {}
+    more: dict[tuple[str, str], int] = {}
+    for failure in owned:
+        key = (failure.owner, failure.address)
+        if key in first:
+            more[key] = more.get(key, 0) + 1
+        else:
+            first[key] = failure
+    return tuple(f._replace(text=f"{f.text} (and {more[key]} more failures)") if key in more else f
+                 for key, f in first.items())
 
 
 def _failures(result: RcptResult, parts: list[Part], lists: list[ListOf]) -> list[tuple[Part, ListOf]]:
