@@ -20,9 +20,9 @@ from mailflow.clock import VirtualClock
 from mailflow.config import Config, config_from_dict
 from mailflow.logs import MailLog
 from mailflow.content import Content
-from mailflow.model import ClientInfo, Envelope, Outcome, RcptResult, Recipient, Submission
+from mailflow.model import ClientInfo, Envelope, Outcome, OwnedFailure, RcptResult, Recipient, Submission
 from mailflow.stages.cleanup import Cleanup
-from mailflow.stages.qmgr import QueueManager
+from mailflow.stages.qmgr import QueueManager, _soft_bounced
 from mailflow.stages.qmgr import notices as notices_module
 from mailflow.stages.qmgr.notices import Notices, _notice_recipient, plan
 from mailflow.routing.rewrite import Rewriter
@@ -248,6 +248,15 @@ async def test_expiry_is_logged_once_as_postfix_qmgr_logs_it(sim, caplog):
 
 
 # ------------------------------------------------------------------------------ soft_bounce
+
+
+def test_a_soft_bounced_result_keeps_no_list_failures():
+    """A deferral tells no owner anything: the failures a bounce would have told each list's owner are not kept
+    (nor stored at every retry); the next try works them out again."""
+    owned = (OwnedFailure("owner-l1@x.test", "l1@x.test", "5.3.0", "Command died"),) * 2
+    bounced = RcptResult(Recipient(0, "all@x.test", ""), Outcome.BOUNCED, "5.3.0", "Command died", owned=owned)
+    kept = _soft_bounced(bounced)
+    assert (kept.outcome, kept.dsn, kept.owned, kept.soft_bounced) == (Outcome.DEFERRED, "4.3.0", (), True)
 
 
 async def test_soft_bounce_keeps_a_bounce_deferred_and_logs_it_as_postfix_does(sim, caplog):

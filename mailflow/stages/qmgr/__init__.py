@@ -802,10 +802,12 @@ def _owes_notice(result: RcptResult) -> bool:
 
 def _soft_bounced(result: RcptResult) -> RcptResult:
     """Under soft_bounce a recipient that would bounce stays queued: deferred, its status 4.X.X, its text kept
-    (Postfix's bounce_append hands it to the defer service instead)."""
+    (Postfix's bounce_append hands it to the defer service instead). Its list failures (`owned`) are dropped: no
+    owner is told of a deferral, the next try works them out again, and they are not stored at every retry."""
     if result.outcome is not Outcome.BOUNCED:
         return result
-    return dataclasses.replace(result, outcome=Outcome.DEFERRED, dsn="4" + result.dsn[1:], soft_bounced=True)
+    return dataclasses.replace(result, outcome=Outcome.DEFERRED, dsn="4" + result.dsn[1:], soft_bounced=True,
+                               owned=())
 
 
 def _expire(pending: list[RcptResult], age: float, lifetime: float) -> list[RcptResult]:
