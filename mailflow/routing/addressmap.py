@@ -189,7 +189,7 @@ class AddressMapper:
         seen: set[tuple[str, ...]] = set()
         auto = auto_bcc_sender is not None
         if auto_bcc_sender:  # (the null sender is not looked up)
-            self._add_bcc(self._bcc_address(self._sender_bcc, auto_bcc_sender), out, seen)
+            self._add_bcc(self._bcc_address(self._sender_bcc, auto_bcc_sender, seen), out, seen)
         for rcpt in rcpts:
             canonical = self.recipient(rcpt.address)
             finals = self.expand(canonical)
@@ -200,7 +200,7 @@ class AddressMapper:
                     seen.add(key)
                     out.append(Recipient(len(out), final, rcpt.original, rcpt.notify, rcpt.orcpt))
             if auto and canonical and rcpt.address not in milter.added:
-                self._add_bcc(self._bcc_address(self._recipient_bcc, canonical), out, seen)
+                self._add_bcc(self._bcc_address(self._recipient_bcc, canonical, seen), out, seen)
         if auto:
             self._add_milter_deleted_bcc(milter.deleted, out, seen)
         if auto and rcpts:
@@ -208,7 +208,7 @@ class AddressMapper:
         for checks_bcc in bcc if rcpts else ():
             self._add_bcc(checks_bcc, out, seen)
         if auto and milter.sender:
-            self._add_bcc(self._bcc_address(self._sender_bcc, milter.sender), out, seen)
+            self._add_bcc(self._bcc_address(self._sender_bcc, milter.sender, seen), out, seen)
         return tuple(out)
 
     def _add_milter_deleted_bcc(self, deleted: Sequence[str], out: list[Recipient],
@@ -218,12 +218,13 @@ class AddressMapper:
         for addr in deleted:
             canonical = self.recipient(addr)
             if canonical:
-                self._add_bcc(self._bcc_address(self._recipient_bcc, canonical), out, seen)
+                self._add_bcc(self._bcc_address(self._recipient_bcc, canonical, seen), out, seen)
 
-    def _bcc_address(self, tables: list[Table], addr: str) -> str | None:
+    def _bcc_address(self, tables: list[Table], addr: str, seen: set[tuple[str, ...]]) -> str | None:
         """The BCC address a sender_/recipient_bcc_maps table has for `addr` (keys as mail_addr_find makes them,
-        no extension carried onto the result); None without one. One address: of a list, the first (logged). A
-        value that holds no address raises LookupRetry, as one of canonical or virtual maps does."""
+        no extension carried onto the result); None without one. One address: of a list, the first (logged once
+        per message and entry: `seen` is the message's, a thousand recipients meeting one `@domain` entry make
+        one line). A value that holds no address raises LookupRetry, as one of canonical or virtual maps does."""
         found = self._find(tables, addr)
         if found is None:
             return None
@@ -231,7 +232,8 @@ class AddressMapper:
         items = table_value_addresses(value)
         if not items:
             raise self._non_address_result(table, key, value, addr)
-        if len(items) > 1:
+        if len(items) > 1 and ("<bcc list>", table, key) not in seen:
+            seen.add(("<bcc list>", table, key))
             log.warning("%s: the BCC address of <%s> is a list of %d addresses; using the first",
                         self._log_id, addr, len(items))
         return items[0] if items else None
@@ -240,9 +242,12 @@ class AddressMapper:
         """An automatic BCC recipient, as Postfix's cleanup_addr_bcc adds one: qualified, canonical maps, virtual
         alias expansion; NOTIFY=NEVER (a copy that fails is never reported to the sender), no ORCPT, the address
         after canonical mapping as its original. Its duplicate key has no ORCPT, so it is a duplicate of another
-        BCC recipient only, never of a recipient the client gave (Postfix then delivers both)."""
-        if not bcc:
+        BCC recipient only, never of a recipient the client gave (Postfix then delivers both). An address already
+        added for this message (`seen`) is not mapped and expanded again: its copies would all be duplicates, and
+        a thousand recipients with one archive address made a thousand expansions on the loop."""
+        if not bcc or ("<bcc>", bcc.lower()) in seen:
             return
+        seen.add(("<bcc>", bcc.lower()))
         canonical = self.recipient(bcc)
         for final in self.expand(canonical):
             key = (final.lower(), BCC_NOTIFY, "", address.shown_original(canonical).lower())

@@ -557,6 +557,21 @@ def test_a_bcc_table_value_of_several_addresses_gives_its_first(caplog):
     assert "list of 2 addresses; using the first" in caplog.text
 
 
+def test_one_bcc_address_for_many_recipients_is_expanded_once_and_a_list_value_logged_once(caplog):
+    """A thousand recipients meeting one `@domain` entry: the archive address is mapped and expanded once per
+    message (its later copies would all be duplicates; each expansion ran on the loop), and the warning about a
+    list value is one line per message, not one per recipient."""
+    m = mapper(recipient_bcc_maps=(inline({"@x.test": "archive@arch.test, other@arch.test"}),),
+               virtual_alias_maps=(inline({"archive@arch.test": "a1@d.test, a2@d.test"}),))
+    expanded = []
+    expand = m.expand
+    m.expand = lambda addr: expanded.append(addr) or expand(addr)
+    got = m.recipients(rcpts(*(f"u{n}@x.test" for n in range(50))), auto_bcc_sender="s@x.test")
+    assert [r.address for r in got][:4] == ["u0@x.test", "a1@d.test", "a2@d.test", "u1@x.test"]
+    assert len(got) == 52 and expanded.count("archive@arch.test") == 1
+    assert caplog.text.count("list of 2 addresses; using the first") == 1
+
+
 def test_a_bcc_table_that_cannot_answer_defers_the_message():
     with pytest.raises(LookupRetry):
         mapper(recipient_bcc_maps=("fail:bcc",)).recipients(rcpts("a@x.test"), auto_bcc_sender="s@x.test")
