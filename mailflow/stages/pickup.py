@@ -23,7 +23,9 @@ Postfix's public/pickup FIFO). It scans the maildrop when it starts, on every wa
 - a message cleanup refuses for good (a mail loop 5.4.0, a header section too large 5.3.4) is returned to its
   sender as a failure notice (null sender; dropped with a log line when the sender is null itself), as Postfix's
   cleanup bounces for pickup, and its file removed; under soft_bounce it is not returned and its file stays, tried
-  (and refused, logged) again at each scan, as Postfix's cleanup, unable to bounce it, leaves it in the maildrop;
+  (and refused, logged) again at each periodic scan (`interval`; a wake-up by sendmail passes it by, so that a
+  kept file costs no work and no log line per submission; a reload tries it at once), as Postfix's cleanup,
+  unable to bounce it, leaves it in the maildrop;
 - a temporary failure (a table that cannot answer, a full write backlog, anything unexpected) leaves the file
   where it is, logged; it is tried again at the next scan. Other files are not held up.
 - a fault of the queue itself (the store locked, the disk full: `store_fault`) ends the scan: the files stay,
@@ -122,6 +124,9 @@ class Pickup:
         self._in_hand = in_hand or (lambda queue_id: False)  # (no store: no requeued mail to ask about)
         self._requeues_waiting = False  # requeued mail waits for the end of an attempt: scan again soon
         self._store_due = True  # the next scan looks at the store's requeued mail too
+        # files refused under soft_bounce and kept: tried again by the periodic scans only, not at every wake-up
+        self._kept: set[str] = set()
+        self._periodic = False  # the scan under way is a periodic one (it tries the kept files too)
         self._wanted = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._transport: asyncio.DatagramTransport | None = None
@@ -167,6 +172,7 @@ class Pickup:
         self._myhostname, self._interval, self._milters = myhostname, interval, milters
         self._overrides = frozenset(receive_override_options)
         self._soft_bounce = soft_bounce
+        self._kept.clear()  # (soft_bounce off, or other checks: the kept files are tried at the next scan)
         self._bounce_size_limit, self._size_limit = bounce_size_limit, size_limit
 
     async def _listen(self) -> None:
@@ -196,7 +202,7 @@ class Pickup:
                 async with asyncio.timeout(timeout):
                     await event.wait()
             except TimeoutError:
-                self._store_due = True  # a periodic scan (or the end of a backoff) looks at everything
+                self._store_due = self._periodic = True  # a periodic scan (or a backoff's end) looks at everything
             self._wanted.clear()
             if self._closing:
                 return
@@ -206,10 +212,14 @@ class Pickup:
         files of sendmail processes that died writing them (not touched for a day) are removed."""
         for name in remove_stale_temporaries(self.maildrop, time.time()):  # (file times are wall-clock times)
             logger.warning("pickup: maildrop/%s: removed: an unfinished file left by a sendmail that died", name)
-        done = 0
-        for name in maildrop_names(self.maildrop):
+        done, periodic, self._periodic = 0, self._periodic, False
+        names = maildrop_names(self.maildrop)
+        self._kept.intersection_update(names)
+        for name in names:
             if self._closing:
                 break
+            if name in self._kept and not periodic:
+                continue
             if await self._pick(name):
                 done += 1
         return done + await self._copy_requeued()
@@ -410,6 +420,7 @@ class Pickup:
         logger.warning("pickup: maildrop/%s: from=<%s>: refused: %s %s", name, m.sender, error.dsn, error.reason)
         if self._soft_bounce:  # Postfix's cleanup cannot bounce it then (bounce_append): it stays in the maildrop
             logger.warning("pickup: maildrop/%s: not returned to <%s> (soft_bounce); will retry", name, m.sender)
+            self._kept.add(name)
             return False
         now = self._clock.time()
         notify = m.recipient_notify() or ("",) * len(m.recipients)
