@@ -73,7 +73,7 @@ from mailflow import address, status
 from mailflow.errors import LookupRetry
 from mailflow.model import AddressClass, Resolution
 from mailflow.syntax import parse_hostport
-from mailflow.tables import Table, TableCache, find, find_address, find_local, split_extension
+from mailflow.tables import Table, TableCache, address_keys, find, find_address, find_local, split_extension
 from mailflow.transports.error import parse_error_nexthop
 
 VIRTUAL_ALIAS_TRANSPORT = "error:5.1.1 User unknown in virtual alias table"
@@ -225,8 +225,12 @@ class Rewriter:
         """(table, key, value) of the first entry for `addr`, keys as Postfix's mail_addr_find makes them:
         `user+ext@domain`, `user@domain`, `user+ext` and `user` only when the domain is one of this host's
         (`is_local_domain`), `@domain`. May raise LookupRetry."""
+        return find(tables, self.address_keys(addr))
+
+    def address_keys(self, addr: str) -> list[str]:
+        """mail_addr_find's keys for `addr` (see find_address), in order."""
         domain = address.split(addr)[1]
-        return find_address(tables, addr, delimiter=self._config.recipient_delimiter,
+        return address_keys(addr, delimiter=self._config.recipient_delimiter,
                             local_domain=bool(domain) and self.is_local_domain(domain))
 
     def resolve_local(self, domain: str) -> bool:

@@ -25,7 +25,6 @@ from typing import Callable, Protocol
 
 from mailflow.model import DeliveryReport, DeliveryRequest
 from mailflow.tables import TableCache
-from mailflow.tables.search import address_keys
 from mailflow.transports.capture import CaptureTransport
 from mailflow.transports.discard import DiscardTransport
 from mailflow.transports.error import ErrorTransport
@@ -68,9 +67,7 @@ def sasl_sender_keys(config, router) -> Callable[[str], list[str]] | None:
     authentication asks them); None when [smtp] sender_dependent_authentication is off or there are no maps."""
     if not (config.smtp.sender_dependent_authentication and config.smtp.sasl_password_maps):
         return None
-    is_local, delimiter = router.rewriter.is_local_domain, config.recipient_delimiter
-    return lambda sender: address_keys(sender, delimiter=delimiter,
-                                       local_domain="@" in sender and is_local(sender.rpartition("@")[2]))
+    return router.rewriter.address_keys
 
 
 def build_transports(config, resolver, clock, router, forward=None, mailbox=None) -> dict[str, Transport]:
