@@ -26,11 +26,11 @@ What it owns
 - `SmtpdLog`: smtpd's session events, in Postfix smtpd's words: `connect from host[ip]`, `disconnect from
   host[ip] ehlo=1 mail=1 … commands=N`, `NOQUEUE: reject: RCPT from host[ip]: 554 5.7.1 …; from=<s> to=<r>
   proto=ESMTP helo=<h>` (`hold:`, `discard:`, `redirect:`, `bcc:`, `filter:`, `warn:`, `info:` alike),
-  `Anonymous TLS connection established from …` (asked for from tls_loglevel 1 only), `SSL_accept error from
-  host[ip]: Connection timed out` (and its other reasons), `warning: host[ip]: SASL PLAIN authentication failed:
-  …` (and `… authentication aborted`), `too many errors after CMD from …`, `improper command pipelining after
-  CMD from …: <input>` (the input as Postfix's escape(3) writes it: `\\r\\n`), `warning: Illegal address syntax
-  from … in CMD command: …`.
+  `Anonymous TLS connection established from …` (`Trusted …` with a client certificate; asked for from
+  tls_loglevel 1 only), `SSL_accept error from host[ip]: Connection timed out` (and its other reasons),
+  `warning: host[ip]: SASL PLAIN authentication failed: …` (and `… authentication aborted`), `too many errors
+  after CMD from …`, `improper command pipelining after CMD from …: <input>` (the input as Postfix's escape(3)
+  writes it: `\\r\\n`), `warning: Illegal address syntax from … in CMD command: …`.
 - `setup_logging(log_config, hostname)`: `[log] format = "text"` writes syslog-style lines,
   `TIMESTAMP HOST SYSLOG_NAME/SERVICE[PID]: [warning: ]TEXT` (RFC 3339 time, `syslog_name` default
   "postfix-mailflow", the service being the stage: smtpd, cleanup, qmgr, smtp, local, pipe, pickup, master…);
@@ -350,11 +350,14 @@ class SmtpdLog:
                    queue_id=queue_id, stage=stage, client=client, reply=reply, sender=sender or "",
                    recipient=recipient, protocol=protocol, helo=helo)
 
-    def tls_established(self, client: str, version: str, cipher: str, bits: int) -> None:
+    def tls_established(self, client: str, version: str, cipher: str, bits: int, trust: str = "Anonymous") -> None:
+        """tls_misc.c's summary: `trust` Anonymous (no client certificate), Trusted or Untrusted (one, verified or
+        not)."""
         if not self.active:
             return
-        self._emit(logging.INFO, "tls", f"Anonymous TLS connection established from {client}: {version} with "
-                   f"cipher {cipher} ({bits}/{bits} bits)", client=client, version=version, cipher=cipher)
+        self._emit(logging.INFO, "tls", f"{trust} TLS connection established from {client}: {version} with "
+                   f"cipher {cipher} ({bits}/{bits} bits)", client=client, version=version, cipher=cipher,
+                   trust=trust.lower())
 
     def tls_accept_failed(self, client: str, reason: str, problem: str = "") -> None:
         """A server TLS handshake that failed (tls_server.c): `SSL_accept error from host[ip]: reason` ("Connection

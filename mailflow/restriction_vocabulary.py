@@ -7,7 +7,9 @@ which names can refuse relaying. `mailflow.config` validates every `smtpd.*_rest
 
     STAGES, RCPT_STAGES                  the lists, in evaluation order (client … recipient run at RCPT; etrn
                                          at ETRN, after the client and helo lists)
-    WITHOUT_ARGUMENT, WITH_ARGUMENT      the names; ACCESS_CHECKS: check_*_access -> what its keys are made of;
+    WITHOUT_ARGUMENT, WITH_ARGUMENT      the names; ACCESS_CHECKS: check_*_access -> what its keys are made of
+                                         (check_ccert_access: the client certificate's fingerprints);
+                                         CLIENT_CERT_PERMITS: the permits by TLS client certificate;
                                          RHSBL_CHECKS: reject_rhsbl_* -> what is looked up; NEEDS_FILTER: the
                                          names that need a filter a restriction list must name to set it up
     RELAY_GUARDS                         the names that can refuse relaying (config requires one of them)
@@ -43,7 +45,7 @@ from mailflow.tables import check_spec
 RCPT_STAGES = ("client", "helo", "sender", "relay", "recipient")
 STAGES = RCPT_STAGES + ("data", "end_of_data", "etrn")
 
-WITHOUT_ARGUMENT = (
+WITHOUT_ARGUMENT: tuple[str, ...] = (
     "permit", "reject", "defer", "permit_mynetworks", "permit_sasl_authenticated",
     "reject_unauth_destination", "defer_unauth_destination", "reject_unlisted_recipient",
     "reject_unknown_recipient_domain", "reject_non_fqdn_sender", "reject_non_fqdn_recipient",
@@ -60,6 +62,12 @@ ACCESS_CHECKS = {  # check_*_access -> what its keys are made of
     "check_client_access": "client", "check_helo_access": "helo",
     "check_sender_access": "sender", "check_recipient_access": "recipient", "check_etrn_access": "etrn",
 }
+# TLS client certificates (Postfix's permit_tls_clientcerts, permit_tls_all_clientcerts, check_ccert_access):
+# the client's certificate fingerprints in relay_clientcerts, any certificate tls_ca_file verified, an access table
+# keyed by the certificate's and its public key's fingerprints
+CLIENT_CERT_PERMITS = ("permit_tls_clientcerts", "permit_tls_all_clientcerts")
+ACCESS_CHECKS["check_ccert_access"] = "ccert"
+WITHOUT_ARGUMENT += CLIENT_CERT_PERMITS
 WITH_ARGUMENT = tuple(ACCESS_CHECKS) + ("reject_rbl_client", "check_policy_service") + tuple(RHSBL_CHECKS)
 # Restrictions that need a filter of [greylist] / [sender_auth], set up when a list (or a class it names) names
 # them: one named only in an access table's value has none

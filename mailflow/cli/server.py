@@ -168,18 +168,18 @@ def log_file_problems(cfg: Config, where: str) -> list[ConfigError]:
 
 
 def certificate_problems(cfg: Config, where: str) -> list[ConfigError]:
-    """Each listener's certificate and key, read as `serve` reads them at start (where one that cannot be used
-    stops the start): one ConfigError per unusable pair."""
+    """Each listener's certificate and key (and CA file when it asks for client certificates), read as `serve`
+    reads them at start (where one that cannot be used stops the start): one ConfigError per unusable set."""
     from mailflow.stages.smtpd.tls import TlsError, build_context
 
     smtpd = cfg.smtpd
-    pairs = {(smtpd.tls_cert_file, smtpd.tls_key_file): None} if smtpd.listen else {}
-    pairs.update({(s.tls_cert_file, s.tls_key_file): None for s in map(smtpd.for_listener, smtpd.listeners)})
+    settings = ([smtpd] if smtpd.listen else []) + list(map(smtpd.for_listener, smtpd.listeners))
+    files = {(s.tls_cert_file, s.tls_key_file, s.tls_ca_file, s.tls_ask_ccert): None for s in settings}
     problems = []
-    for cert, key in pairs:
+    for cert, key, ca_file, ask_ccert in files:
         if cert:
             try:
-                build_context(cert, key)
+                build_context(cert, key, ca_file, ask_ccert)
             except TlsError as e:
                 problems.append(ConfigError(where, e.key, e.reason))
     return problems

@@ -2,9 +2,9 @@
 
 Which settings are paths is told by their names: `*_file`, `*_directory`, `*_base`, `directory` and `file` (the
 log's) name files or directories; the items of `*_maps`, `*_domains`, `*_checks`, `authorized_submit_users`,
-`*_restrictions` and the network lists (mynetworks and the others) that are file-backed tables (`texthash:`,
-`regexp:`, `cidr:`, `sqlite:`, `accounts:`: mailflow.syntax.FILE_TABLE_TYPES) name files; a listener's overrides
-follow the same rule. `local.home_mailbox` is relative to each user's home, not to the file.
+`relay_clientcerts`, `*_restrictions` and the network lists (mynetworks and the others) that are file-backed
+tables (`texthash:`, `regexp:`, `cidr:`, `sqlite:`, `accounts:`: mailflow.syntax.FILE_TABLE_TYPES) name files; a
+listener's overrides follow the same rule. `local.home_mailbox` is relative to each user's home, not to the file.
 
     resolve_paths(config, base) -> Config       every relative path setting taken from `base`; the result
                                                 remembers `base` (show_settings resolves the defaults likewise)
@@ -61,7 +61,7 @@ def _resolve_setting(name: str, value: object, base: Path) -> object:
         kind, path = opendkim_dataset(value)
         return f"{kind}:{_resolve_path(path, base)}"
     # domain lists may hold tables
-    if name.endswith(("_maps", "_domains", "_checks")) or name == "authorized_submit_users":
+    if name.endswith(("_maps", "_domains", "_checks")) or name in ("authorized_submit_users", "relay_clientcerts"):
         return tuple(_resolve_table(v, base) for v in value) if isinstance(value, (tuple, list)) else value
     if name in NETWORK_LIST_SETTINGS and isinstance(value, (tuple, list)):  # one pattern an item, once checked
         return tuple(_resolve_network_pattern(v, base) for v in value)

@@ -22,6 +22,9 @@ from mailflow.restriction_vocabulary import RELAY_GUARDS, expand
 from mailflow.syntax import parse_endpoint, parse_hostport
 
 
+# smtpd_tls_fingerprint_digest: the digests OpenSSL and hashlib share that make a fixed-length fingerprint
+FINGERPRINT_DIGESTS = ("md5", "sha1", "sha224", "sha256", "sha384", "sha512")
+
 # Front door: what a listener role presets before its own overrides (master.cf `-o`); see ListenerConfig.
 LISTENER_ROLES: dict[str, dict[str, object]] = {
     "mta": {},
@@ -75,6 +78,16 @@ class SmtpdConfig(SmtpdFilterSettings):
     # What is logged of each TLS session (smtpd_tls_loglevel): 0 its failures only (`SSL_accept error from ...`),
     # 1 and above also the summary line (`Anonymous TLS connection established from ...`); nothing more from 2 on.
     tls_loglevel: int = Field(0, ge=0, le=4)
+    # Client certificates (docs/security.md, "Client certificates"): ask each TLS client for one
+    # (smtpd_tls_ask_ccert), verified against tls_ca_file (smtpd_tls_CAfile: the CAs, or the certificates
+    # themselves, that vouch for them; needed with tls_ask_ccert: Python's ssl ends the handshake of a certificate it
+    # cannot verify, where Postfix goes on without trusting it). Fingerprints (tls_fingerprint_digest,
+    # smtpd_tls_fingerprint_digest: sha256 as Postfix 3.6+) are upper-case hex pairs joined by ':', of the
+    # certificate and of its public key; relay_clientcerts lists the ones permit_tls_clientcerts lets relay.
+    tls_ask_ccert: bool = False
+    tls_ca_file: str = ""
+    tls_fingerprint_digest: str = "sha256"
+    relay_clientcerts: TableSpecs = ()
     # AUTH PLAIN/LOGIN over TLS (smtpd_sasl_auth_enable) against sasl_user_maps (`user scrypt-hash`, made by
     # `mailflow auth hash-password`); sasl_auth_required: MAIL needs AUTH (530 5.7.0).
     sasl_auth_enable: bool = False
@@ -183,6 +196,14 @@ class SmtpdConfig(SmtpdFilterSettings):
                              " (else this server relays for anyone)")
         return self
 
+    @field_validator("tls_fingerprint_digest")
+    @classmethod
+    def _fingerprint_digest(cls, v: str) -> str:
+        name = v.strip().lower()
+        if name not in FINGERPRINT_DIGESTS:
+            raise ValueError(f"{v!r} is not a digest name ({', '.join(FINGERPRINT_DIGESTS)})")
+        return name
+
     @field_validator("sasl_path")
     @classmethod
     def _sasl_path(cls, v: str) -> str:
@@ -248,6 +269,9 @@ class SmtpdConfig(SmtpdFilterSettings):
             return "needs tls_cert_file (TLS is required)"
         if self.tls_key_file and not self.tls_cert_file:
             return "tls_key_file needs tls_cert_file"
+        if self.tls_ask_ccert and not self.tls_ca_file:
+            return ("tls_ask_ccert needs tls_ca_file (Python's ssl refuses a client certificate it cannot verify: "
+                    "see docs/security.md)")
         if self.sasl_auth_enable and self.sasl_type == "mailflow" and not self.sasl_user_maps:
             return "sasl_auth_enable needs sasl_user_maps (the users and their password hashes)"
         if self.sasl_auth_enable and self.sasl_type == "dovecot" and not self.sasl_path:

@@ -145,6 +145,9 @@ class ListenerFilters:
         cipher = session.ssl.get("cipher") if isinstance(session.ssl, dict) else None
         if cipher:
             tls = {"{cipher}": str(cipher[0]), "{tls_version}": str(cipher[1]), "{cipher_bits}": str(cipher[2])}
+        cert = session.client_cert
+        if cert is not None and cert.trusted:  # (Postfix's smtpd_milter.c: the names of a trusted certificate)
+            tls.update({"{cert_subject}": cert.subject_cn, "{cert_issuer}": cert.issuer_cn})
         await milters.helo(name, tls)
 
     async def mail(self, session, envelope, sender: str, options: list[str],

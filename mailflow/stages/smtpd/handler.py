@@ -507,6 +507,7 @@ class SmtpdHandler:
             queue_id=envelope.queue_id,
             encryption_protocol=cipher[1] if cipher and len(cipher) > 1 else "",
             encryption_cipher=cipher[0] if cipher else "",
+            client_cert=session.client_cert,
             marks=envelope.marks,
             memo=_bounded(session.memo),
             command=command,

@@ -69,10 +69,11 @@ from mailflow.address import client_ip
 from mailflow.errors import LookupRetry
 from mailflow.logs import SmtpdLog
 from mailflow.model import AddressClass
-from mailflow.restriction_vocabulary import (ACCESS_CHECKS, KNOWN, NEEDS_FILTER, RCPT_STAGES, RHSBL_CHECKS, STAGES,
-                                             WITH_ARGUMENT, check_item, split_item)
+from mailflow.restriction_vocabulary import (ACCESS_CHECKS, CLIENT_CERT_PERMITS, KNOWN, NEEDS_FILTER, RCPT_STAGES,
+                                             RHSBL_CHECKS, STAGES, WITH_ARGUMENT, check_item, split_item)
 from mailflow.stages.smtpd.dns_checks import DnsChecks
 from mailflow.stages.smtpd.policy import PolicyClient, PolicyError
+from mailflow.stages.smtpd.tls import ClientCert
 from mailflow.stages.verify import Status as VerifyStatus
 from mailflow.stages.verify import Verifier
 from mailflow.syntax import is_ipv4
@@ -149,6 +150,7 @@ class Facts:
     command: str = ""
     encryption_protocol: str = ""
     encryption_cipher: str = ""
+    client_cert: ClientCert | None = None  # the TLS client's certificate (tls_ask_ccert), None: none sent
     marks: Marks = field(default_factory=Marks)
     memo: dict = field(default_factory=dict)  # the session's answers of lookups (client name, SPF), by question
     auth: Verdicts | None = None  # end_of_data: the message's sender authentication verdicts
@@ -263,6 +265,7 @@ class Restrictions:
         self._classes = {name: tuple(split_item(i) for i in items) for name, items in smtpd.restriction_classes.items()}
         every = (*self._lists.values(), *self._classes.values())
         self._tables = {arg: tables.open([arg]) for items in every for name, arg in items if name in ACCESS_CHECKS}
+        self._relay_clientcerts = tables.open(smtpd.relay_clientcerts)
         self._policies = {arg: PolicyClient(arg, smtpd.policy_service_timeout, max_idle=smtpd.policy_service_max_idle,
                                             max_ttl=smtpd.policy_service_max_ttl,
                                             request_limit=smtpd.policy_service_request_limit)
@@ -424,7 +427,28 @@ class Restrictions:
             return status.non_fqdn_helo(helo) if helo and not is_fqdn_helo(helo) else None
         if name == "reject_invalid_helo_hostname":
             return status.invalid_helo(facts.helo) if facts.helo and not is_valid_helo(facts.helo) else None
+        if name in CLIENT_CERT_PERMITS:
+            return PERMIT if self._certificate_permits(name, facts) else None
         return _UNHANDLED
+
+    def _certificate_permits(self, name: str, facts: Facts) -> bool:
+        """Postfix's permit_tls_clientcerts (the certificate's or its public key's fingerprint is a key of
+        relay_clientcerts, whatever its value) and permit_tls_all_clientcerts (any trusted certificate; else as
+        the other). Without TLS no opinion; in TLS without a certificate, Postfix's warning when none was asked
+        for. LookupRetry when relay_clientcerts cannot answer."""
+        cert = facts.client_cert
+        if not facts.encryption_protocol:
+            return False
+        if cert is None:
+            if not self._smtpd.tls_ask_ccert:
+                log.warning('%s is requested, but "tls_ask_ccert = false"', name)
+            return False
+        if cert.trusted and name == "permit_tls_all_clientcerts":
+            return True
+        for key in filter(None, (cert.fingerprint, cert.pkey_fingerprint)):
+            if find(self._relay_clientcerts, [key]) is not None:
+                return True
+        return False
 
     def _subject(self, stage: str, facts: Facts) -> tuple[str, str]:
         """(name, class) a refusal in `stage` names: <addr>: Recipient address, <host[ip]>: Client host, …"""
@@ -456,6 +480,8 @@ class Restrictions:
     # -------------------------------------------------------------------------------- access tables
 
     async def _access(self, kind: str, spec: str, stage: str, facts: Facts):
+        if kind == "ccert":
+            return await self._certificate_access(spec, stage, facts)
         keys, name, what = self._access_keys(kind, facts)
         if keys is None:
             return None
@@ -468,6 +494,29 @@ class Restrictions:
         if found is None:
             return None
         return await self.action(found[2], name, what, facts, source=spec, stage=stage)
+
+    async def _certificate_access(self, spec: str, stage: str, facts: Facts):
+        """check_ccert_access: the certificate's fingerprint, then its public key's, each asked on its own (a DUNNO
+        for one goes on to the other), as Postfix's check_ccert_access; a refusal names the certificate's
+        CommonName (`<CN>: Client certificate rejected: …`). Without a certificate no opinion (Postfix's warning
+        when none was asked for)."""
+        cert = facts.client_cert
+        if cert is None:
+            if facts.encryption_protocol and not self._smtpd.tls_ask_ccert:
+                log.warning('check_ccert_access is requested, but "tls_ask_ccert = false"')
+            return None
+        name, what = cert.subject_cn, "Client certificate"
+        for key in filter(None, (cert.fingerprint, cert.pkey_fingerprint)):
+            try:
+                found = find(self._tables[spec], [key])
+            except LookupRetry as e:
+                log.warning("%s lookup error for %r: %s", spec, key, e.reason)
+                return status.restriction_config_error(name, what)
+            answer = None if found is None else await self.action(found[2], name, what, facts, source=spec,
+                                                                   stage=stage)
+            if answer is not None or facts.marks.discard is not None:
+                return answer
+        return None
 
     def _access_keys(self, kind: str, facts: Facts) -> tuple[list[str] | None, str, str]:
         if kind == "client":
@@ -752,10 +801,7 @@ def policy_request(facts: Facts, stage: str, context: str = "") -> dict[str, str
         "sasl_username": facts.sasl_username,
         "sasl_sender": "",
         "size": str(facts.size),
-        "ccert_subject": "",
-        "ccert_issuer": "",
-        "ccert_fingerprint": "",
-        "ccert_pubkey_fingerprint": "",
+        **_certificate_attributes(facts.client_cert),
         "encryption_protocol": facts.encryption_protocol,
         "encryption_cipher": facts.encryption_cipher,
         "encryption_keysize": "0",
@@ -763,6 +809,23 @@ def policy_request(facts: Facts, stage: str, context: str = "") -> dict[str, str
         "stress": "",
         "policy_context": context,
     }
+
+
+def _certificate_attributes(cert: ClientCert | None) -> dict[str, str]:
+    """The policy request's ccert_* attributes, as Postfix's check_policy_service sends them: the names (xtext)
+    only when the certificate is trusted, the fingerprints whenever one was sent."""
+    trusted = cert is not None and cert.trusted
+    return {
+        "ccert_subject": xtext_encode(cert.subject_cn) if trusted and cert else "",
+        "ccert_issuer": xtext_encode(cert.issuer_cn) if trusted and cert else "",
+        "ccert_fingerprint": cert.fingerprint if cert else "",
+        "ccert_pubkey_fingerprint": cert.pkey_fingerprint if cert else "",
+    }
+
+
+def xtext_encode(text: str) -> str:
+    """RFC 3461 xtext as Postfix's xtext_quote: `+`, `=` and bytes outside `!`..`~` as `+XX`."""
+    return "".join(chr(b) if 33 <= b <= 126 and b not in b"+=" else f"+{b:02X}" for b in text.encode())
 
 
 def split_dsn(text: str, default: str, what: str) -> tuple[str, str]:

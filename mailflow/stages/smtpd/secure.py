@@ -11,9 +11,10 @@ What it owns
   within `starttls_timeout` (Postfix's smtpd_starttls_timeout), whatever the command `timeout` is: that deadline
   waits meanwhile, and no reply is volunteered into the handshake (`_may_reply`: a timeout's or a stop's 421 would
   reach the client in plaintext); past it the connection is closed without a word, as Postfix does. The TLS
-  line of the log (`log_tls`: "Anonymous TLS connection established from host[ip]: TLSv1.3 with cipher ...")
-  with `tls_loglevel` 1 or more (Postfix's smtpd_tls_loglevel; 0 by default, as Postfix's), and for a failed
-  handshake, at any level, Postfix's "SSL_accept error from host[ip]: Connection timed out" (`lost
+  line of the log (`log_tls`: "Anonymous TLS connection established from host[ip]: TLSv1.3 with cipher ...",
+  "Trusted ..." with a client certificate, which becomes `session.client_cert`: tls.client_cert, fingerprints by
+  `fingerprint_digest`) with `tls_loglevel` 1 or more (Postfix's smtpd_tls_loglevel; 0 by default, as Postfix's),
+  and for a failed handshake, at any level, Postfix's "SSL_accept error from host[ip]: Connection timed out" (`lost
   connection`; `-1` and "warning: TLS library problem: ..."), the STARTTLS then counted as failed.
 - AUTH (RFC 4954) PLAIN and LOGIN, with or without an initial response, checked by the listener's
   `auth.Authenticator` (`sasl`; None: AUTH is not enabled; its back end is mailflow's user tables or Dovecot's
@@ -58,6 +59,7 @@ from mailflow.config import DEFAULTS
 from mailflow.errors import LookupRetry, detached, tls_failure
 from mailflow.stages.smtpd.auth import Authenticator, SenderLogins, login_of
 from mailflow.stages.smtpd.frontends import FrontEndCommands
+from mailflow.stages.smtpd.tls import client_cert
 from mailflow.syntax import ascii_upper
 from mailflow.stages.smtpd.wire import WireError
 
@@ -91,10 +93,12 @@ class SecureCommands(FrontEndCommands):
     def __init__(self, handler, *, sasl: Authenticator | None = None, sender_logins: SenderLogins | None = None,
                  auth_required: bool = False, auth_require_tls: bool = True,
                  starttls_timeout: float = DEFAULTS.smtpd.starttls_timeout,
-                 tls_loglevel: int = DEFAULTS.smtpd.tls_loglevel, **kwargs):
+                 tls_loglevel: int = DEFAULTS.smtpd.tls_loglevel,
+                 fingerprint_digest: str = DEFAULTS.smtpd.tls_fingerprint_digest, **kwargs):
         super().__init__(handler, **kwargs)
         self._starttls_timeout = starttls_timeout
         self._tls_loglevel = tls_loglevel
+        self._fingerprint_digest = fingerprint_digest
         self._sasl = sasl
         self._sender_logins = sender_logins
         self._login_required = auth_required
@@ -154,7 +158,9 @@ class SecureCommands(FrontEndCommands):
         except (TLSSetupException, ConnectionError) as error:
             self._handshake_failed(error)
             raise
-        ssl_object = self.log_tls()
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
+        self.session.client_cert = client_cert(ssl_object, self._fingerprint_digest)
+        self.log_tls()
         if (ssl_object is not None and ssl_object.session_reused) or not self._rate_exceeded("newtls"):
             self.record.handshake_done()
             return True
@@ -191,16 +197,18 @@ class SecureCommands(FrontEndCommands):
         if self.transport is None or self.transport.is_closing():  # asyncio resolves the handshake as done
             raise ConnectionResetError("the client left during the TLS handshake")
 
-    def log_tls(self) -> ssl.SSLObject | None:
-        """The connection's SSL object (None without TLS), logged from tls_loglevel 1 on (tls_misc.c's summary,
-        as smtpd_tls_loglevel 1 writes it): `Anonymous TLS connection established from host[ip]: TLSv1.3 with
-        cipher … (256/256 bits)`."""
+    def log_tls(self) -> None:
+        """The TLS session, logged from tls_loglevel 1 on (tls_misc.c's summary, as smtpd_tls_loglevel 1 writes
+        it): `Anonymous TLS connection established from host[ip]: TLSv1.3 with cipher … (256/256 bits)`,
+        `Trusted` when the client sent a certificate (`session.client_cert`)."""
         ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
         if ssl_object is None or self._tls_loglevel < 1:
-            return ssl_object
+            return
         name, version, bits = ssl_object.cipher() or ("", "", 0)
-        self.record.lines.tls_established(self.session.client, ssl_object.version() or version, name, bits or 0)
-        return ssl_object
+        cert = self.session.client_cert
+        trust = "Anonymous" if cert is None else "Trusted" if cert.trusted else "Untrusted"
+        self.record.lines.tls_established(self.session.client, ssl_object.version() or version, name, bits or 0,
+                                          trust)
 
     # --- AUTH ---------------------------------------------------------------------------------------------
 

@@ -264,7 +264,7 @@ class Smtpd:
         self._handler_for = handler_for
         self._clock = clock or SystemClock()
         self._tables = TableCache()
-        self._tls: dict[tuple[str, str], ServerTls] = {}
+        self._tls: dict[tuple[str, str, str, bool], ServerTls] = {}
         # AUTH state of the whole server, whichever listener a client uses: failures per client IP, and the
         # threads that compute password hashes (AUTH_HASH_WORKERS of them, created on first use).
         self.auth_failures = FailureCounter(self._clock, config.smtpd.anvil_rate_time_unit)
@@ -314,8 +314,8 @@ class Smtpd:
         return TableBackend(self._tables.open(smtpd.sasl_user_maps), self._hasher, run=self._tables.run)
 
     def _server_tls(self, smtpd: SmtpdConfig) -> ServerTls:
-        """The certificate of these settings, read once per (cert, key) pair. Raises TlsError."""
-        key = (smtpd.tls_cert_file, smtpd.tls_key_file)
+        """The certificate of these settings, read once per (cert, key, CA file, ask_ccert). Raises TlsError."""
+        key = (smtpd.tls_cert_file, smtpd.tls_key_file, smtpd.tls_ca_file, smtpd.tls_ask_ccert)
         if key not in self._tls:
             self._tls[key] = ServerTls(*key)
         return self._tls[key]
@@ -346,6 +346,7 @@ class Smtpd:
             auth_require_tls=listener.role != "submissions",  # there the whole connection is TLS
             starttls_timeout=smtpd.starttls_timeout,
             tls_loglevel=smtpd.tls_loglevel,
+            fingerprint_digest=smtpd.tls_fingerprint_digest,
             observer=self._observer,
         )
 

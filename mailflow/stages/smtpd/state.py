@@ -30,6 +30,7 @@ from mailflow.logs import client_name, printable
 from mailflow.model import ClientAttributes, ClientInfo, Envelope
 from mailflow.stages.smtpd.auth import login_of
 from mailflow.stages.smtpd.restrictions import Marks
+from mailflow.stages.smtpd.tls import ClientCert
 from mailflow.stages.smtpd.wire import ContentCheck
 
 NULL_SENDER = "<>"  # how aiosmtpd spells MAIL FROM:<> in `mail_from`
@@ -51,6 +52,7 @@ class SessionState(_AiosmtpdSession):
     server_ip: str  # the address of this server the client connected to ("" when unknown); behind a PROXY
     server_port: int  # header the one it names (the balancer's front end), as Postfix; the port (0 when unknown)
     ssl: dict[str, Any] | None  # None before TLS; then "ssl_object" and "cipher" (name, version, bits)
+    client_cert: ClientCert | None  # what the client's TLS certificate says (tls.client_cert); None: none sent
     host_name: str | None  # the HELO/EHLO name (`helo_name`: printable, neutered); None before one
     extended_smtp: bool  # EHLO was said (a HELO after it keeps it, as Postfix keeps its protocol; XCLIENT resets it)
     authenticated: bool  # a login succeeded (AUTH, or XCLIENT LOGIN)
@@ -76,6 +78,7 @@ class SessionState(_AiosmtpdSession):
         self.client_name = "unknown"
         self.proxied_by = ""
         self.auth_mechanism = ""
+        self.client_cert = None
         self.milters = None
         self.memo = {}
         self.access_denied = self.defer_if_permit_client = self.defer_if_permit_helo = None

@@ -1,0 +1,213 @@
+"""TLS client certificates in smtpd (docs/security.md, "Client certificates"): tls_ask_ccert asks for one,
+tls_ca_file verifies it, and permit_tls_clientcerts (relay_clientcerts: certificate or public-key fingerprints),
+permit_tls_all_clientcerts and check_ccert_access decide by it; the TLS line of the log says `Trusted`, policy
+requests carry the ccert_* attributes. Real sockets on 127.0.0.1, trustme certificates, swaks and aiosmtplib as
+the clients. Postfix's own replies and lines for the same set-up: tests/interop/test_client_certs_vs_postfix.py.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+
+import aiosmtplib
+import pytest
+import trustme
+
+from mailflow.config import config_from_dict
+from mailflow.errors import ConfigError
+from tests.support import LOOPBACK_CLIENT, SmtpClient, base_settings, eventually, merged, require_tool, run_tool
+from tests.support.client_certs import ClientPki
+from tests.support.policy import PolicyServer, read_request
+
+ELSEWHERE = "x@elsewhere.test"  # a recipient that only a permit lets relay
+
+
+@pytest.fixture
+def pki(tmp_path):
+    folder = tmp_path / "pki"
+    folder.mkdir()
+    return ClientPki(folder)
+
+
+def ccert_settings(pki: ClientPki, tmp_path, **smtpd) -> dict:
+    return {"tls_cert_file": pki.server_cert, "tls_ask_ccert": True, "tls_ca_file": pki.ca_file,
+            "tls_loglevel": 1, **smtpd}
+
+
+def table(tmp_path, name: str, lines: list[str]) -> str:
+    path = tmp_path / name
+    path.write_text("".join(line + "\n" for line in lines))
+    return f"texthash:{path}"
+
+
+async def rcpt_over_tls(port: int, ctx: ssl.SSLContext, *recipients: str) -> list[str]:
+    """EHLO, STARTTLS with `ctx`, EHLO, MAIL, then each RCPT: the RCPT replies' text."""
+    client = await SmtpClient.connect(port)
+    try:
+        assert (await client.cmd("EHLO client.test")).code == 250
+        await client.starttls(ctx)
+        assert (await client.cmd("EHLO client.test")).code == 250
+        assert (await client.cmd("MAIL FROM:<s@remote.test>")).code == 250
+        return [(await client.cmd(f"RCPT TO:<{rcpt}>")).text for rcpt in recipients]
+    finally:
+        await client.close()
+
+
+def anonymous_context(pki: ClientPki) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    pki.ca.configure_trust(ctx)
+    return ctx
+
+
+async def test_permit_tls_clientcerts_relays_for_a_listed_certificate_or_public_key(mailflow_server, pki, tmp_path,
+                                                                                      caplog):
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    by_cert, by_key, unlisted = pki.client("a.test"), pki.client("b.test"), pki.client("c.test")
+    relay = table(tmp_path, "relay_clientcerts", [f"{by_cert.fingerprint} a.test", f"{by_key.pkey_fingerprint} b"])
+    mf = await mailflow_server(smtpd=ccert_settings(pki, tmp_path, relay_clientcerts=[relay], relay_restrictions=[
+        "permit_tls_clientcerts", "reject_unauth_destination"]))
+    port = mf.smtp_addresses[0][1]
+    denied = f"554 5.7.1 <{ELSEWHERE}>: Relay access denied"
+    assert await rcpt_over_tls(port, by_cert.context(pki), ELSEWHERE) == ["250 2.1.5 Ok"]
+    assert await rcpt_over_tls(port, by_key.context(pki), ELSEWHERE) == ["250 2.1.5 Ok"]
+    assert await rcpt_over_tls(port, unlisted.context(pki), ELSEWHERE) == [denied]
+    assert await rcpt_over_tls(port, anonymous_context(pki), ELSEWHERE) == [denied]
+    summaries = [r.getMessage().split(": TLSv")[0] for r in caplog.records if "TLS connection established" in
+                 r.getMessage()]
+    assert summaries == [f"Trusted TLS connection established from {LOOPBACK_CLIENT}"] * 3 + [
+        f"Anonymous TLS connection established from {LOOPBACK_CLIENT}"]
+
+
+async def test_permit_tls_all_clientcerts_relays_for_any_verified_certificate(mailflow_server, pki, tmp_path):
+    mf = await mailflow_server(smtpd=ccert_settings(pki, tmp_path, relay_restrictions=[
+        "permit_tls_all_clientcerts", "reject_unauth_destination"]))
+    port = mf.smtp_addresses[0][1]
+    assert await rcpt_over_tls(port, pki.client("any.test").context(pki), ELSEWHERE) == ["250 2.1.5 Ok"]
+    assert await rcpt_over_tls(port, anonymous_context(pki), ELSEWHERE) == [
+        f"554 5.7.1 <{ELSEWHERE}>: Relay access denied"]
+
+
+async def test_check_ccert_access_asks_the_certificate_then_its_public_key(mailflow_server, pki, tmp_path):
+    refused, pinned_key, neither = pki.client("refused.test"), pki.client("key.test"), pki.client("n.test")
+    access = table(tmp_path, "ccert_access", [
+        f"{refused.fingerprint} REJECT not you", f"{pinned_key.fingerprint} DUNNO",
+        f"{pinned_key.pkey_fingerprint} 550 5.7.1 pinned key refused"])
+    mf = await mailflow_server(smtpd=ccert_settings(pki, tmp_path, recipient_restrictions=[
+        f"check_ccert_access {access}"]))
+    port = mf.smtp_addresses[0][1]
+    assert await rcpt_over_tls(port, refused.context(pki), "alice@local.test") == [
+        "554 5.7.1 <refused.test>: Client certificate rejected: not you"]
+    assert await rcpt_over_tls(port, pinned_key.context(pki), "alice@local.test") == [
+        "550 5.7.1 <key.test>: Client certificate rejected: pinned key refused"]
+    assert await rcpt_over_tls(port, neither.context(pki), "alice@local.test") == ["250 2.1.5 Ok"]
+    assert await rcpt_over_tls(port, anonymous_context(pki), "alice@local.test") == ["250 2.1.5 Ok"]
+
+
+class RecordingPolicy(PolicyServer):
+    def __init__(self):
+        self.requests: list[dict[str, str]] = []
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while request := await read_request(reader):
+            self.requests.append(request)
+            writer.write(b"action=DUNNO\n\n")
+            await writer.drain()
+        writer.close()
+
+
+async def test_policy_requests_carry_the_certificate(mailflow_server, pki, tmp_path):
+    card = pki.client("policy.test")
+    async with RecordingPolicy() as policy:
+        mf = await mailflow_server(smtpd=ccert_settings(pki, tmp_path, recipient_restrictions=[
+            f"check_policy_service {policy.spec}"]))
+        port = mf.smtp_addresses[0][1]
+        await rcpt_over_tls(port, card.context(pki), "alice@local.test")
+        await rcpt_over_tls(port, anonymous_context(pki), "alice@local.test")
+    with_cert, without = ({k: v for k, v in r.items() if k.startswith("ccert_")} for r in policy.requests)
+    assert with_cert == {"ccert_subject": "policy.test", "ccert_issuer": "trustme+20v" + trustme.__version__,
+                         "ccert_fingerprint": card.fingerprint, "ccert_pubkey_fingerprint": card.pkey_fingerprint}
+    assert without == dict.fromkeys(with_cert, "")
+
+
+async def test_aiosmtplib_relays_with_its_client_certificate(mailflow_server, pki, tmp_path):
+    card = pki.client("app.test")
+    mf = await mailflow_server(smtpd=ccert_settings(pki, tmp_path, relay_restrictions=[
+        "permit_tls_clientcerts", "reject_unauth_destination"],
+        relay_clientcerts=[table(tmp_path, "relay", [f"{card.fingerprint} app"])]))
+    port = mf.smtp_addresses[0][1]
+    message = "From: app@remote.test\r\nTo: x@elsewhere.test\r\nSubject: relayed\r\n\r\nhi\r\n"
+    async with aiosmtplib.SMTP(hostname="localhost", port=port, start_tls=True,
+                               tls_context=card.context(pki)) as client:
+        errors, reply = await client.sendmail("app@remote.test", [ELSEWHERE], message)
+    assert errors == {} and reply.startswith("2.0.0 Ok: queued as")
+    with pytest.raises(aiosmtplib.SMTPRecipientsRefused):
+        async with aiosmtplib.SMTP(hostname="localhost", port=port, start_tls=True,
+                                   tls_context=anonymous_context(pki)) as client:
+            await client.sendmail("app@remote.test", [ELSEWHERE], message)
+
+
+async def test_swaks_relays_with_tls_cert_and_key(mailflow_server, pki, tmp_path):
+    card = pki.client("swaks.test")
+    mf = await mailflow_server(smtpd=ccert_settings(pki, tmp_path, relay_restrictions=[
+        "permit_tls_clientcerts", "reject_unauth_destination"],
+        relay_clientcerts=[table(tmp_path, "relay", [f"{card.pkey_fingerprint} swaks"])]))
+    port = str(mf.smtp_addresses[0][1])
+    swaks = [require_tool("swaks"), "--server", "127.0.0.1", "--port", port, "--ehlo", "client.test", "--from",
+             "app@remote.test", "--to", ELSEWHERE, "--tls", "--tls-ca-path", pki.ca_file, "--tls-sni", "localhost",
+             "--timeout", "10"]
+    code, out = await run_tool(*swaks, "--tls-cert", card.cert_file, "--tls-key", card.key_file)
+    assert code == 0 and "250 2.0.0 Ok: queued as" in out, out
+    code, out = await run_tool(*swaks)
+    assert code != 0 and f"554 5.7.1 <{ELSEWHERE}>: Relay access denied" in out, out
+
+
+async def test_a_certificate_the_ca_file_does_not_vouch_for_fails_the_handshake_unless_listed_there(
+        mailflow_server, pki, tmp_path, caplog):
+    """The documented difference from Postfix (which goes on, untrusted): Python's ssl ends the handshake. Listing
+    the certificate itself in tls_ca_file (a self-signed one, or one from another CA) pins it."""
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    stranger, self_signed = pki.client("stranger.test", issuer=trustme.CA()), pki.client("self.test", issuer=None)
+    relay = table(tmp_path, "relay", [f"{self_signed.fingerprint} self", f"{stranger.fingerprint} stranger"])
+    settings = {"relay_restrictions": ["permit_tls_clientcerts", "reject_unauth_destination"],
+                "relay_clientcerts": [relay]}
+    mf = await mailflow_server(smtpd=ccert_settings(pki, tmp_path, **settings))
+    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await client.cmd("EHLO client.test")).code == 250
+    try:
+        await client.starttls(stranger.context(pki))
+        ended = (await client.cmd("EHLO client.test")).code is None  # (TLS 1.3: the alert follows the Finished)
+    except (ssl.SSLError, ConnectionError):
+        ended = True
+    await client.close()
+    assert ended
+    await eventually(lambda: any(r.getMessage().startswith(f"SSL_accept error from {LOOPBACK_CLIENT}")
+                                 for r in caplog.records))
+
+    listed = tmp_path / "pinned.pem"  # the CA and the two certificates themselves
+    listed.write_text("".join(open(f).read() for f in (pki.ca_file, stranger.cert_file, self_signed.cert_file)))
+    pinned = await mailflow_server(queue_directory=str(tmp_path / "pinned-queue"),
+                                   smtpd=ccert_settings(pki, tmp_path, tls_ca_file=str(listed), **settings))
+    for card in (stranger, self_signed):
+        assert await rcpt_over_tls(pinned.smtp_addresses[0][1], card.context(pki), ELSEWHERE) == ["250 2.1.5 Ok"]
+
+
+def test_configuration_errors_name_the_key_and_the_reason(tmp_path, pki):
+    def error(**smtpd) -> ConfigError:
+        with pytest.raises(ConfigError) as info:
+            config_from_dict(merged(base_settings(tmp_path), {"smtpd": smtpd}), "m.toml")
+        return info.value
+
+    bad_digest = error(tls_fingerprint_digest="sha3-257")
+    assert (bad_digest.file, bad_digest.key) == ("m.toml", "smtpd.tls_fingerprint_digest")
+    assert "'sha3-257' is not a digest name (md5, sha1, sha224, sha256, sha384, sha512)" in bad_digest.reason
+    without_ca = error(tls_cert_file=pki.server_cert, tls_ask_ccert=True)
+    assert "tls_ask_ccert needs tls_ca_file" in str(without_ca)
+    assert "permit_tls_clientcerts" in str(config_from_dict(merged(base_settings(tmp_path), {"smtpd": {
+        "relay_restrictions": ["permit_tls_clientcerts", "reject_unauth_destination"]}})).smtpd.relay_restrictions)
+
+
+async def test_a_ca_file_that_does_not_exist_stops_the_start(mailflow_server, pki, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        await mailflow_server(smtpd=ccert_settings(pki, tmp_path, tls_ca_file=str(tmp_path / "missing.pem")))
+    assert (info.value.key, info.value.reason) == ("smtpd.tls_ca_file", f"{tmp_path}/missing.pem: no such CA file")
