@@ -1,0 +1,200 @@
+"""Differential test of TLS client certificates: a private Postfix and mailflow set up alike (smtpd_tls_ask_ccert,
+smtpd_tls_CAfile, relay_clientcerts, permit_tls_clientcerts, permit_tls_all_clientcerts in a restriction class,
+check_ccert_access, a policy service), the same sessions with the same client certificates (and one with none);
+compared: every RCPT reply, every smtpd log line of each session (tls_loglevel 1; the TLS summary cut after its
+bits, as tests/interop/test_smtpd_tls_log_vs_postfix.py says why), and the ccert_* attributes of the policy
+requests.
+
+Not compared, because mailflow differs on purpose (docs/security.md, "Client certificates"): a certificate that
+smtpd_tls_CAfile does not vouch for (Postfix goes on, `Untrusted`, and matches its fingerprint; Python's ssl ends
+the handshake: tests/component/test_client_certificates.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import shutil
+import ssl
+import tempfile
+from pathlib import Path
+
+import pytest
+import trustme
+
+from tests.support import SmtpClient, eventually, postfix_instance, sessions_over
+from tests.support.client_certs import ClientCard, ClientPki
+from tests.support.policy import PolicyServer, read_request
+
+pytestmark = pytest.mark.interop
+
+RECIPIENTS = ("x@elsewhere.test", "anycert@elsewhere.test", "alice@local.test")
+CARDS = ("listed.test", "key-listed.test", "unlisted.test", "refused.test", "pinned-key.test")
+SUMMARY_TAIL = re.compile(r"(bits\)).*")
+QUEUE_FILE_OPENED = re.compile(r"[0-9A-F]+: client=")
+
+
+class RecordingPolicy(PolicyServer):
+    def __init__(self):
+        self.requests: list[dict[str, str]] = []
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while request := await read_request(reader):
+            self.requests.append(request)
+            writer.write(b"action=DUNNO\n\n")
+            await writer.drain()
+        writer.close()
+
+
+@pytest.fixture(scope="module")
+def pki():
+    folder = Path(tempfile.mkdtemp(prefix="mailflow-ccert-", dir="/tmp"))  # (the postfix user reads it)
+    pki = ClientPki(folder)
+    cards = {name: pki.client(name) for name in CARDS}
+    stranger = pki.client("stranger.test", issuer=trustme.CA())  # (only in test_the_documented_difference)
+    relay = folder / "relay"
+    relay.write_text(f"{cards['listed.test'].fingerprint} listed\n{cards['key-listed.test'].pkey_fingerprint} key\n"
+                     f"{stranger.fingerprint} stranger\n")
+    access = folder / "ccert"
+    access.write_text(f"{cards['refused.test'].fingerprint} REJECT not you\n"
+                      f"{cards['pinned-key.test'].fingerprint} DUNNO\n"
+                      f"{cards['pinned-key.test'].pkey_fingerprint} 550 5.7.1 pinned key refused\n")
+    (folder / "rcpt").write_text("anycert@elsewhere.test allcerts\n")
+    yield pki, cards, stranger
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def restrictions(folder: Path, policy: str) -> dict[str, list[str]]:
+    return {"relay": ["permit_tls_clientcerts", f"check_recipient_access texthash:{folder}/rcpt",
+                      "reject_unauth_destination"],
+            "recipient": [f"check_policy_service {policy}", f"check_ccert_access texthash:{folder}/ccert"]}
+
+
+async def session(port: int, ctx: ssl.SSLContext) -> list[str]:
+    client = await SmtpClient.connect(port)
+    try:
+        assert (await client.cmd("EHLO client.test")).code == 250
+        await client.starttls(ctx)
+        assert (await client.cmd("EHLO client.test")).code == 250
+        assert (await client.cmd("MAIL FROM:<s@remote.test>")).code == 250
+        replies = [(await client.cmd(f"RCPT TO:<{rcpt}>")).text for rcpt in RECIPIENTS]
+        assert (await client.cmd("QUIT")).code == 221
+        return replies
+    finally:
+        await client.close()
+
+
+def contexts(pki: ClientPki, cards: dict[str, ClientCard]) -> dict[str, ssl.SSLContext]:
+    anonymous = ssl.create_default_context()
+    pki.ca.configure_trust(anonymous)
+    return {**{name: card.context(pki) for name, card in cards.items()}, "no certificate": anonymous}
+
+
+def ccert_attributes(request: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in request.items() if k.startswith("ccert_")}
+
+
+def postfix_settings(pki: ClientPki, policy: str) -> dict[str, str]:
+    lists = restrictions(pki.folder, policy)
+    return {
+        "myhostname": "pf.test", "mydestination": "local.test", "mynetworks": "192.0.2.0/24",
+        "local_recipient_maps": "inline:{alice=ok}", "relayhost": "[127.0.0.1]:9",
+        "smtpd_tls_cert_file": pki.server_cert, "smtpd_tls_key_file": pki.server_cert,
+        "smtpd_tls_security_level": "may", "smtpd_tls_ask_ccert": "yes", "smtpd_tls_CAfile": pki.ca_file,
+        "smtpd_tls_loglevel": "1", "smtpd_tls_fingerprint_digest": "sha256",
+        "relay_clientcerts": f"texthash:{pki.folder}/relay",
+        "smtpd_restriction_classes": "allcerts", "allcerts": "permit_tls_all_clientcerts",
+        "smtpd_relay_restrictions": ", ".join(lists["relay"]),
+        "smtpd_recipient_restrictions": ", ".join(lists["recipient"])}
+
+
+async def postfix_run(pki: ClientPki, cards) -> tuple[dict, dict, list]:
+    async with RecordingPolicy() as policy:
+        async with postfix_instance(postfix_settings(pki, policy.spec)) as pf:
+            await eventually(lambda: "disconnect from" in pf.maillog, timeout=5, what="the readiness probe's end")
+            replies, lines = {}, {}
+            for name, ctx in contexts(pki, cards).items():
+                start = len(pf.maillog)
+                replies[name] = await session(pf.port, ctx)
+                text = await eventually(lambda: "disconnect from" in pf.maillog[start:] and pf.maillog[start:],
+                                        timeout=5, what="the session's end")
+                lines[name] = [line.split("]: ", 1)[1] for line in text.splitlines() if "/smtpd[" in line]
+        return replies, lines, [ccert_attributes(r) for r in policy.requests]
+
+
+async def mailflow_run(mailflow_server, pki: ClientPki, cards, caplog) -> tuple[dict, dict, list]:
+    folder = pki.folder
+    async with RecordingPolicy() as policy:
+        lists = restrictions(folder, policy.spec)
+        mf = await mailflow_server(
+            myhostname="mf.test", mydestination=["local.test"], local_recipient_maps=["inline:{alice=ok}"],
+            relayhost="[127.0.0.1]:9", smtpd={
+                "tls_cert_file": pki.server_cert, "tls_ask_ccert": True, "tls_ca_file": pki.ca_file,
+                "tls_loglevel": 1, "relay_clientcerts": [f"texthash:{folder}/relay"],
+                "restriction_classes": {"allcerts": ["permit_tls_all_clientcerts"]},
+                "relay_restrictions": lists["relay"], "recipient_restrictions": lists["recipient"]})
+        port = mf.smtp_addresses[0][1]
+        replies, lines = {}, {}
+        for name, ctx in contexts(pki, cards).items():
+            start = len(caplog.records)
+            replies[name] = await session(port, ctx)
+            await sessions_over(mf)
+            lines[name] = [("warning: " if r.levelno == logging.WARNING else "") + r.getMessage()
+                           for r in caplog.records[start:] if r.name == "mailflow.smtpd"]
+        return replies, lines, [ccert_attributes(r) for r in policy.requests]
+
+
+def compared_lines(lines: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The TLS summary cut after its bits; without Postfix's `QID: client=` line, which it writes at the first
+    accepted RCPT (it opens its queue file there) and mailflow at the end of DATA (docs/architecture.md)."""
+    return {name: [SUMMARY_TAIL.sub(r"\1", line) for line in session if not QUEUE_FILE_OPENED.match(line)]
+            for name, session in lines.items()}
+
+
+async def test_client_certificates_are_judged_and_logged_as_postfix_does(mailflow_server, pki, caplog):
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    ca, cards, _ = pki
+    theirs = await postfix_run(ca, cards)
+    ours = await mailflow_run(mailflow_server, ca, cards, caplog)
+    assert ours[0] == theirs[0]
+    assert compared_lines(ours[1]) == compared_lines(theirs[1])
+    assert ours[2] == theirs[2]
+    # Postfix's own, so that a change on both sides cannot pass unnoticed
+    relayed, denied = "250 2.1.5 Ok", "554 5.7.1 <x@elsewhere.test>: Relay access denied"
+    assert theirs[0] == {
+        "listed.test": [relayed] * 3, "key-listed.test": [relayed] * 3,
+        "unlisted.test": [denied, relayed, relayed],
+        "refused.test": [denied] + ["554 5.7.1 <refused.test>: Client certificate rejected: not you"] * 2,
+        "pinned-key.test": [denied] + ["550 5.7.1 <pinned-key.test>: Client certificate rejected: pinned key "
+                                       "refused"] * 2,
+        "no certificate": [denied, "554 5.7.1 <anycert@elsewhere.test>: Relay access denied", relayed]}
+    assert [line for line in theirs[1]["listed.test"] if "TLS connection established" in line][0].startswith(
+        "Trusted TLS connection established from localhost[127.0.0.1]: TLSv1.3 with cipher ")
+    card = cards["listed.test"]
+    assert {"ccert_subject": "listed.test", "ccert_fingerprint": card.fingerprint,
+            "ccert_pubkey_fingerprint": card.pkey_fingerprint}.items() <= theirs[2][0].items()
+
+
+async def test_the_documented_difference_a_certificate_the_ca_file_does_not_vouch_for(mailflow_server, pki):
+    """Postfix takes it, `Untrusted`, and relays by its listed fingerprint; mailflow's handshake fails (Python's
+    ssl has no verify callback to let it through), unless the certificate is listed in tls_ca_file too."""
+    ca, _, stranger = pki
+    async with RecordingPolicy() as policy:
+        async with postfix_instance(postfix_settings(ca, policy.spec)) as pf:
+            await eventually(lambda: "disconnect from" in pf.maillog, timeout=5, what="the readiness probe's end")
+            start = len(pf.maillog)
+            assert await session(pf.port, stranger.context(ca)) == ["250 2.1.5 Ok"] * 3
+            text = await eventually(lambda: "disconnect from" in pf.maillog[start:] and pf.maillog[start:],
+                                    timeout=5, what="the session's end")
+    assert "Untrusted TLS connection established from localhost[127.0.0.1]" in text
+    mf = await mailflow_server(smtpd={"tls_cert_file": ca.server_cert, "tls_ask_ccert": True,
+                                      "tls_ca_file": ca.ca_file})
+    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await client.cmd("EHLO client.test")).code == 250
+    try:
+        await client.starttls(stranger.context(ca))
+        ended = (await client.cmd("EHLO client.test")).code is None
+    except (ssl.SSLError, ConnectionError):
+        ended = True
+    await client.close()
+    assert ended
