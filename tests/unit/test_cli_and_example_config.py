@@ -157,6 +157,22 @@ def test_check_config_reads_each_listeners_certificate_as_serve_does(tmp_path):
     assert served.returncode == 2 and "missing.pem: no such certificate or key file" in served.stderr
 
 
+def test_check_config_reads_the_ca_file_of_a_listener_that_asks_for_client_certificates(tmp_path, pki):
+    _, cert, _ = pki
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(f'[smtpd]\ntls_cert_file = "{cert}"\n[[smtpd.listeners]]\naddress = "127.0.0.1:0"\n'
+                   '[smtpd.listeners.overrides]\ntls_ask_ccert = true\ntls_ca_file = "clients.pem"\n')
+    result = mailflow("check-config", "--config", str(cfg))
+    assert result.returncode == 2, result.stdout
+    assert f"{cfg}: smtpd.tls_ca_file: {tmp_path}/clients.pem: no such CA file" in result.stderr
+    (tmp_path / "clients.pem").write_text("no certificates here\n")
+    result = mailflow("check-config", "--config", str(cfg))
+    assert result.returncode == 2 and f"smtpd.tls_ca_file: {tmp_path}/clients.pem: no usable certificates" in \
+        result.stderr, result.stderr
+    (tmp_path / "clients.pem").write_text(open(cert).read())
+    assert mailflow("check-config", "--config", str(cfg)).returncode == 0
+
+
 def test_a_path_that_cannot_be_looked_at_is_named_not_a_traceback(tmp_path):
     """A name too long (or, for a user other than root, a directory on the way that is not searchable): os.stat
     fails with something else than "no such file"."""
