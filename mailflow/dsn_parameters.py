@@ -5,6 +5,8 @@ here: `ret`, `envid`, `notify`, `orcpt`; the maildrop checks what a file holds w
 `is_orcpt_value` (the values these functions return, nothing else). Local delivery passes a recipient's NOTIFY on
 to what an alias expands it to with `without_success`.
 
+`xtext_encode` writes xtext as Postfix's xtext_quote (for policy requests).
+
 What Postfix takes, and so what is taken here: xtext with `+hh` in either case and any other character as itself
 (`xtext_decode`, Postfix's xtext_unquote; the decoded value ends at a NUL, as Postfix's C string does); RFC 6533's
 `\\x{HEX}` for an ORCPT of type utf-8 (`uxtext_decode`); NOTIFY words in any case, repeated, or with empty items
@@ -52,6 +54,12 @@ def xtext_decode(text: str) -> str:
             out += text[i].encode("utf-8", errors="surrogateescape")
             i += 1
     return _c_string(bytes(out))
+
+
+def xtext_encode(text: str) -> str:
+    """RFC 3461 xtext as Postfix's xtext_quote writes it: `+`, `=` and every byte outside `!`..`~` (of the UTF-8
+    form) as `+XX` (the policy requests' ccert_subject and ccert_issuer)."""
+    return "".join(chr(b) if 33 <= b <= 126 and b not in b"+=" else f"+{b:02X}" for b in text.encode())
 
 
 def uxtext_decode(text: str) -> str:

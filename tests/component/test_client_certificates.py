@@ -15,9 +15,10 @@ import pytest
 import trustme
 
 from mailflow.config import config_from_dict
+from mailflow.dsn_parameters import xtext_decode, xtext_encode
 from mailflow.errors import ConfigError
 from tests.support import LOOPBACK_CLIENT, SmtpClient, base_settings, eventually, merged, require_tool, run_tool
-from tests.support.client_certs import ClientPki
+from tests.support.client_certs import ClientPki, colon_hex
 from tests.support.policy import PolicyServer, read_request
 
 ELSEWHERE = "x@elsewhere.test"  # a recipient that only a permit lets relay
@@ -211,3 +212,30 @@ async def test_a_ca_file_that_does_not_exist_stops_the_start(mailflow_server, pk
     with pytest.raises(ConfigError) as info:
         await mailflow_server(smtpd=ccert_settings(pki, tmp_path, tls_ca_file=str(tmp_path / "missing.pem")))
     assert (info.value.key, info.value.reason) == ("smtpd.tls_ca_file", f"{tmp_path}/missing.pem: no such CA file")
+
+
+async def test_the_fingerprint_digest_is_the_configured_one(mailflow_server, pki, tmp_path):
+    card = pki.client("sha1.test")
+    mf = await mailflow_server(smtpd=ccert_settings(pki, tmp_path, tls_fingerprint_digest="SHA1", relay_restrictions=[
+        "permit_tls_clientcerts", "reject_unauth_destination"],
+        relay_clientcerts=[table(tmp_path, "relay", [f"{colon_hex(card.der, 'sha1')} sha1"])]))
+    assert await rcpt_over_tls(mf.smtp_addresses[0][1], card.context(pki), ELSEWHERE) == ["250 2.1.5 Ok"]
+
+
+async def test_a_certificate_restriction_without_tls_ask_ccert_has_no_opinion_and_says_why(mailflow_server, pki,
+                                                                                         tmp_path, caplog):
+    """As Postfix's `warning: permit_tls_clientcerts is requested, but "smtpd_tls_ask_ccert = no"`, naming
+    mailflow's setting; only in a TLS session (without TLS there is nothing to ask)."""
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    mf = await mailflow_server(smtpd={"tls_cert_file": pki.server_cert, "relay_restrictions": [
+        "permit_tls_clientcerts", "reject_unauth_destination"]})
+    port = mf.smtp_addresses[0][1]
+    assert await rcpt_over_tls(port, pki.client("unasked.test").context(pki), ELSEWHERE) == [
+        f"554 5.7.1 <{ELSEWHERE}>: Relay access denied"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ['permit_tls_clientcerts is requested, but "tls_ask_ccert = false"']
+
+
+def test_policy_names_are_xtext_as_postfix_quotes_them():
+    assert xtext_encode("Acme CA+1=2 é") == "Acme+20CA+2B1+3D2+20+C3+A9"
+    assert xtext_decode(xtext_encode("Acme CA+1=2 é")) == "Acme CA+1=2 é"

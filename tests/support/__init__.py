@@ -20,7 +20,8 @@ are in tests/conftest.py and build on these.
   IMAP), `Dovecot`, `lmtp_route`; policy: `PolicyServer`, `read_request` (the server side of the policy protocol; import
   them from tests.support.policy); sessions: `replay_sessions`, `connected`, `xclient`, `restriction_settings`,
   `disconnects`, `every_session_ended` (scripted sessions for the differential tests of restriction lists; import
-  them from tests.support.sessions).
+  them from tests.support.sessions); client_certs: `ClientPki` (a CA, the server's certificate and client
+  certificates with their Postfix fingerprints, for tls_ask_ccert; import it from tests.support.client_certs).
 
 Every name above but those said otherwise is importable from `tests.support` itself.
 """

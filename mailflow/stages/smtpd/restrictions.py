@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING
 
 from mailflow import address, status
 from mailflow.address import client_ip
+from mailflow.dsn_parameters import xtext_encode
 from mailflow.errors import LookupRetry
 from mailflow.logs import SmtpdLog
 from mailflow.model import AddressClass
@@ -821,11 +822,6 @@ def _certificate_attributes(cert: ClientCert | None) -> dict[str, str]:
         "ccert_fingerprint": cert.fingerprint if cert else "",
         "ccert_pubkey_fingerprint": cert.pkey_fingerprint if cert else "",
     }
-
-
-def xtext_encode(text: str) -> str:
-    """RFC 3461 xtext as Postfix's xtext_quote: `+`, `=` and bytes outside `!`..`~` as `+XX`."""
-    return "".join(chr(b) if 33 <= b <= 126 and b not in b"+=" else f"+{b:02X}" for b in text.encode())
 
 
 def split_dsn(text: str, default: str, what: str) -> tuple[str, str]:
