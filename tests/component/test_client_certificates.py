@@ -19,6 +19,7 @@ from mailflow.dsn_parameters import xtext_decode, xtext_encode
 from mailflow.errors import ConfigError
 from tests.support import LOOPBACK_CLIENT, SmtpClient, base_settings, eventually, merged, require_tool, run_tool
 from tests.support.client_certs import ClientPki, colon_hex
+from tests.support.milters import scripted_milter
 from tests.support.policy import PolicyServer, read_request
 
 ELSEWHERE = "x@elsewhere.test"  # a recipient that only a permit lets relay
@@ -239,3 +240,33 @@ async def test_a_certificate_restriction_without_tls_ask_ccert_has_no_opinion_an
 def test_policy_names_are_xtext_as_postfix_quotes_them():
     assert xtext_encode("Acme CA+1=2 é") == "Acme+20CA+2B1+3D2+20+C3+A9"
     assert xtext_decode(xtext_encode("Acme CA+1=2 é")) == "Acme CA+1=2 é"
+
+
+async def test_milters_get_the_certificate_names_at_helo(mailflow_server, pki, tmp_path):
+    """Postfix's milter_helo_macros default: {tls_version} {cipher} {cipher_bits} {cert_subject} {cert_issuer}."""
+    async with scripted_milter({}) as milter:
+        mf = await mailflow_server(smtpd=ccert_settings(pki, tmp_path, milters=[milter.spec]))
+        await rcpt_over_tls(mf.smtp_addresses[0][1], pki.client("milter.test").context(pki), "alice@local.test")
+        await rcpt_over_tls(mf.smtp_addresses[0][1], anonymous_context(pki), "alice@local.test")
+        after_tls = [macros for macros in milter.macros(b"H") if "{cipher}" in macros]
+    assert [(m.get("{cert_subject}"), m.get("{cert_issuer}")) for m in after_tls] == [
+        ("milter.test", "trustme v" + trustme.__version__), (None, None)]
+
+
+async def test_a_reload_reads_the_ca_file_again_and_refuses_one_that_is_gone(mailflow_server, pki, tmp_path):
+    card = pki.client("late.test")
+    mf = await mailflow_server(smtpd=ccert_settings(pki, tmp_path, relay_restrictions=[
+        "permit_tls_all_clientcerts", "reject_unauth_destination"]))
+    port = mf.smtp_addresses[0][1]
+    assert await rcpt_over_tls(port, card.context(pki), ELSEWHERE) == ["250 2.1.5 Ok"]
+    other_ca = trustme.CA()  # the clients' CA changes: new sessions are verified against the new file
+    newcomer = pki.client("newcomer.test", issuer=other_ca)
+    other_ca.cert_pem.write_to_path(pki.ca_file)
+    await mf.reload(mf.config)
+    assert await rcpt_over_tls(port, newcomer.context(pki), ELSEWHERE) == ["250 2.1.5 Ok"]
+    gone = mf.config.model_copy(update={"smtpd": mf.config.smtpd.model_copy(
+        update={"tls_ca_file": str(tmp_path / "gone.pem")})})
+    with pytest.raises(ConfigError) as info:
+        await mf.reload(gone)
+    assert (info.value.key, info.value.reason) == ("smtpd.tls_ca_file", f"{tmp_path}/gone.pem: no such CA file")
+    assert await rcpt_over_tls(port, newcomer.context(pki), ELSEWHERE) == ["250 2.1.5 Ok"]  # the one in force
