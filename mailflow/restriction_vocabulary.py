@@ -10,6 +10,8 @@ which names can refuse relaying. `mailflow.config` validates every `smtpd.*_rest
     WITHOUT_ARGUMENT, WITH_ARGUMENT      the names; ACCESS_CHECKS: check_*_access -> what its keys are made of
                                          (check_ccert_access: the client certificate's fingerprints);
                                          CLIENT_CERT_PERMITS: the permits by TLS client certificate;
+                                         SENDER_LOGIN_CHECKS: reject_*sender_login_mismatch -> what each refuses;
+                                         WARN_IF_REJECT: the pseudo-item that makes the next item only warn;
                                          RHSBL_CHECKS: reject_rhsbl_* -> what is looked up; NEEDS_FILTER: the
                                          names that need a filter a restriction list must name to set it up
     RELAY_GUARDS                         the names that can refuse relaying (config requires one of them)
@@ -20,7 +22,8 @@ which names can refuse relaying. `mailflow.config` validates every `smtpd.*_rest
                                          restriction classes, smtpd_restriction_classes) is an item too
     check_classes(classes)               ValueError for a bad class name, or classes that name each other in a
                                          loop (check_item refuses an undefined one)
-    expand(items, classes) -> names      the names of a list and of its classes' items, recursively (a set)
+    expand(items, classes, warned=) -> names  the names of a list and of its classes' items, recursively (a set;
+                                         warned False: without the items warn_if_reject makes only warn)
 
 Why this module is a leaf outside `mailflow/stages/smtpd/`: importing any module under that package runs the
 package's `__init__`, which imports the whole SMTP server (aiosmtpd, the session, the handler). The
@@ -68,6 +71,20 @@ ACCESS_CHECKS = {  # check_*_access -> what its keys are made of
 CLIENT_CERT_PERMITS = ("permit_tls_clientcerts", "permit_tls_all_clientcerts")
 ACCESS_CHECKS["check_ccert_access"] = "ccert"
 WITHOUT_ARGUMENT += CLIENT_CERT_PERMITS
+# The sender-login items (Postfix's reject_*sender_login_mismatch): name -> (refuse a client logged in that does
+# not own the sender, refuse one not logged in when the maps name owners, let a logged-in client use a sender no
+# map lists); reject_sender_login_mismatch is Postfix's class of the first and the last
+SENDER_LOGIN_CHECKS = {
+    "reject_sender_login_mismatch": (True, True, False),
+    "reject_authenticated_sender_login_mismatch": (True, False, False),
+    "reject_known_sender_login_mismatch": (True, True, True),
+    "reject_unauthenticated_sender_login_mismatch": (False, True, False),
+}
+WARN_IF_REJECT = "warn_if_reject"  # not a restriction: the next item's refusals are only logged (reject_warning)
+WITHOUT_ARGUMENT += (  # the items a Postfix main.cf names that need no DNS
+    WARN_IF_REJECT, "reject_unauth_pipelining", "reject_multi_recipient_bounce", "reject_plaintext_session",
+    "permit_auth_destination", "permit_naked_ip_address", "reject_unlisted_sender", *SENDER_LOGIN_CHECKS)
+ACCESS_CHECKS["check_sasl_access"] = "sasl"  # the key: the SASL login name, as it is (no other key)
 WITH_ARGUMENT = tuple(ACCESS_CHECKS) + ("reject_rbl_client", "check_policy_service") + tuple(RHSBL_CHECKS)
 # Restrictions that need a filter of [greylist] / [sender_auth], set up when a list (or a class it names) names
 # them: one named only in an access table's value has none
@@ -137,20 +154,33 @@ def _refuse_loop(path: list[str], classes: Mapping[str, Iterable[str]], free: se
     free.add(path[-1])
 
 
-def expand(items: Iterable[str], classes: Mapping[str, Iterable[str]]) -> set[str]:
+def expand(items: Iterable[str], classes: Mapping[str, Iterable[str]], *, warned: bool = True) -> set[str]:
     """The names of `items` and of the items of the classes they name, recursively (no loops: config refused
-    them; each class is walked once)."""
+    them; each class is walked once). `warned` False: without an item that follows warn_if_reject (which can
+    refuse nothing), as Postfix's has_required asks whether a list can refuse relaying."""
     names: set[str] = set()
     seen: set[str] = set()
-    todo = list(items)
+    todo = _kept(items, warned)
     while todo:
         name = split_item(todo.pop())[0]
         if name not in classes:
             names.add(name)
         elif name not in seen:
             seen.add(name)
-            todo += classes[name]
+            todo += _kept(classes[name], warned)
     return names
+
+
+def _kept(items: Iterable[str], warned: bool) -> list[str]:
+    kept: list[str] = []
+    skip = False
+    for item in items:
+        name = split_item(item)[0]
+        if not warned and (skip or name == WARN_IF_REJECT):
+            skip = name == WARN_IF_REJECT
+            continue
+        kept.append(item)
+    return kept
 
 
 def _check_access_table(name: str, spec: str) -> None:

@@ -58,9 +58,11 @@ def relay_denied(address: str) -> Reply:
     return Reply(554, "5.7.1", f"<{address}>: Relay access denied")
 
 
-def user_unknown(address: str, table: str = "local recipient table") -> Reply:
-    """`table`: which list lacks the user ("virtual mailbox table", "relay recipient table", ...)."""
-    return Reply(550, "5.1.1", f"<{address}>: Recipient address rejected: User unknown in {table}")
+def user_unknown(address: str, table: str = "local recipient table", what: str = "Recipient address") -> Reply:
+    """`table`: which list lacks the user ("virtual mailbox table", "relay recipient table", ...); `what`
+    "Sender address": reject_unlisted_sender's refusal (Postfix: 5.1.0)."""
+    dsn = "5.1.0" if what == "Sender address" else "5.1.1"
+    return Reply(550, dsn, f"<{address}>: {what} rejected: User unknown in {table}")
 
 
 def bad_address_syntax(address: str) -> Reply:
@@ -199,6 +201,27 @@ def non_fqdn_helo(name: str) -> Reply:
 
 def invalid_helo(name: str) -> Reply:
     return restriction_rejected(501, "5.5.2", name, "Helo command", "Invalid name")
+
+
+def invalid_helo_address(name: str) -> Reply:
+    """permit_naked_ip_address with a HELO of digits, dots and colons that is no IP address (Postfix 3.7)."""
+    return restriction_rejected(501, "5.5.2", name, "Helo command", "invalid ip address")
+
+
+def unauth_pipelining(name: str, what: str) -> Reply:
+    """reject_unauth_pipelining: the session broke RFC 2920's rules (Postfix's SMTPD_FLAG_ILL_PIPELINING)."""
+    return restriction_rejected(503, "5.5.0", name, what, "Improper use of SMTP command pipelining")
+
+
+def multi_recipient_bounce(name: str, what: str) -> Reply:
+    """reject_multi_recipient_bounce: the null sender with more than one recipient (Postfix's
+    multi_recipient_bounce_reject_code 550)."""
+    return restriction_rejected(550, "5.5.3", name, what, "Multi-recipient bounce")
+
+
+def encryption_required(code: int) -> Reply:
+    """reject_plaintext_session (`code`: plaintext_reject_code; the enhanced code takes its class, as Postfix's)."""
+    return Reply(code, f"{code // 100}.7.1", "Session encryption is required")
 
 
 def domain_not_found(address: str, code: int) -> Reply:

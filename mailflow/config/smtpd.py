@@ -167,6 +167,11 @@ class SmtpdConfig(SmtpdFilterSettings):
     end_of_data_restrictions: tuple[Restriction, ...] = ()
     etrn_restrictions: tuple[Restriction, ...] = ()
     reject_unlisted_recipient: bool = True
+    # smtpd_reject_unlisted_sender: a sender of this host's domains no recipient table lists is refused (550
+    # 5.1.0), after the sender list, as the reject_unlisted_sender item; plaintext_reject_code:
+    # reject_plaintext_session's code
+    reject_unlisted_sender: bool = False
+    plaintext_reject_code: int = Field(450, ge=400, le=599)
     unknown_address_reject_code: int = Field(450, ge=400, le=599)
     # reject_unverified_recipient / reject_unverified_sender (Postfix's names; [address_verify] runs the probes):
     # the code for an address whose probe failed (reject_code: bounced; defer_code: deferred or still under
@@ -191,7 +196,7 @@ class SmtpdConfig(SmtpdFilterSettings):
     def _relay_guarded(self) -> "SmtpdConfig":
         """Like Postfix, refuse to start when neither list can refuse relaying."""
         items = self.relay_restrictions + self.recipient_restrictions
-        if not expand(items, self.restriction_classes) & set(RELAY_GUARDS):
+        if not expand(items, self.restriction_classes, warned=False) & set(RELAY_GUARDS):
             raise ValueError(f"relay_restrictions or recipient_restrictions must hold one of {', '.join(RELAY_GUARDS)}"
                              " (else this server relays for anyone)")
         return self

@@ -437,23 +437,25 @@ class Rewriter:
                 steps.append((setting.removesuffix("_maps"), f"<{sender}>: {text}"))
         return steps
 
-    def recipient_refusal(self, addr: str, mapper, sender: str | None = None) -> status.Reply | None:
+    def recipient_refusal(self, addr: str, mapper, sender: str | None = None,
+                          what: str = "Recipient address") -> status.Reply | None:
         """smtpd's reject_unlisted_recipient for `addr` (see the module doc): None to accept, else the reply.
         A table that cannot answer gives 451 4.3.0. `mapper` is cleanup's AddressMapper (is_mapped); `sender` the
         MAIL FROM address as given (None: no MAIL), resolved with as Postfix's smtpd_resolve_addr does, so a
-        sender-dependent `error:` transport is refused here too."""
+        sender-dependent `error:` transport is refused here too. `what` "Sender address": reject_unlisted_sender's
+        question about the sender (Postfix's check_rcpt_maps for it: its words, an unknown user 5.1.0)."""
         try:
             res = self.resolve(addr, sender)
             if mapper.is_mapped(res.address):
                 return None
             if res.transport == ERROR_TRANSPORT:
-                return error_refusal(addr, res)
+                return error_refusal(addr, res, what)
             if res.address_class is AddressClass.DEFAULT:
                 return None
             if res.address_class is AddressClass.LOCAL and self._always_accepted(res.address):
                 return None
             if not self.recipient_known(res.address, res.address_class):
-                return status.user_unknown(addr, UNKNOWN_IN[res.address_class])
+                return status.user_unknown(addr, UNKNOWN_IN[res.address_class], what)
         except LookupRetry as e:
             status_log.warning("smtpd: RCPT <%s>: %s", addr, e.text)
             return status.lookup_failed(addr)
@@ -543,14 +545,14 @@ class Rewriter:
         return find_local(tables, local, delimiter=self._config.recipient_delimiter)
 
 
-def error_refusal(addr: str, res: Resolution) -> status.Reply:
+def error_refusal(addr: str, res: Resolution, what: str = "Recipient address") -> status.Reply:
     """The RCPT reply for an address routed to the error transport: its status (5.1.1 when the error names
-    none) and text, 550 or 450 by the status's class (Postfix check_rcpt_maps)."""
+    none; 5.1.0 for a sender) and text, 550 or 450 by the status's class (Postfix check_rcpt_maps)."""
     explicit = res.nexthop.strip()[:1] in ("4", "5")
     _, dsn, text = parse_error_nexthop(res.nexthop)
     if not explicit:
-        dsn = "5.1.1"
-    return status.restriction_rejected(450 if dsn.startswith("4") else 550, dsn, addr, "Recipient address", text)
+        dsn = "5.1.0" if what == "Sender address" else "5.1.1"
+    return status.restriction_rejected(450 if dsn.startswith("4") else 550, dsn, addr, what, text)
 
 
 CLASS_SETTING = {

@@ -18,15 +18,17 @@ What it owns
   without proxy rights): 535 5.7.8. Each failure is logged in Postfix's words
   (`warning: host[ip]: SASL PLAIN authentication failed: REASON, sasl_username=…`; the reason is Cyrus's
   `authentication failure` for the tables, Dovecot's or `(reason unavailable)` for Dovecot, as Postfix logs them).
-- `SenderLogins.sender_login_mismatch(session, sender)`: Postfix's reject_sender_login_mismatch with
-  `sender_login_maps` (sender address or @domain -> logins, separated by commas or spaces): a mismatch when the
-  maps name owners and the client is not logged in as one of them, or when the client is logged in and its
-  login does not own the sender. The null sender never mismatches. Without maps, a login owns only the
-  address equal to it.
+- `SenderLogins.refusal(sender, login, authenticated=, unauthenticated=, allow_unknown=)`: Postfix's
+  reject_*sender_login_mismatch with `sender_login_maps` (sender address or @domain -> logins, separated by
+  commas or spaces), the one check behind the [smtpd] reject_sender_login_mismatch setting and the restriction
+  items: a mismatch when the maps name owners and the client is not logged in, or when the client is logged in
+  and its login does not own the sender. The null sender never mismatches. Without maps the items refuse
+  nothing (Postfix); the setting's instance (`own_address_without_maps`) lets a login own only the address
+  equal to it. `sender_login_mismatch(session, sender)`: the setting's question, as a bool.
 
 Failure behaviour: a table that cannot answer, or a Dovecot that is down, silent past its timeout or answers
 `temp`, raises nothing here: AUTH answers 454 4.7.0 (try later), logged with the reason, and the attempt does
-not count as a failure; `sender_login_mismatch` lets `LookupRetry` through for the caller to
+not count as a failure; `refusal` lets `LookupRetry` through for the caller to
 answer 451 4.3.0. Passwords never reach a log line.
 """
 from __future__ import annotations
@@ -272,11 +274,16 @@ def login_of(session) -> str | None:
 
 
 class SenderLogins:
-    """smtpd_sender_login_maps: which logins own a sender address."""
+    """smtpd_sender_login_maps: which logins own a sender address, and the one check that asks them (`refusal`),
+    for the [smtpd] reject_sender_login_mismatch setting (at MAIL, `own_address_without_maps`: without maps a
+    login owns the address spelled like it) and for the restriction lists' reject_*sender_login_mismatch items
+    (Postfix's: without maps they refuse nothing)."""
 
-    def __init__(self, tables: list[Table], *, delimiter: str = DEFAULTS.recipient_delimiter):
+    def __init__(self, tables: list[Table], *, delimiter: str = DEFAULTS.recipient_delimiter,
+                 own_address_without_maps: bool = False):
         self._tables = tables
         self._delimiter = delimiter
+        self._own_address = own_address_without_maps
 
     def owners(self, sender: str) -> set[str] | None:
         """The logins the maps give for `sender` (lower case), or None when no map lists it. Raises LookupRetry."""
@@ -286,18 +293,25 @@ class SenderLogins:
         _table, _key, value = found
         return {v.lower() for v in re.split(r"[\s,]+", value) if v}
 
+    def refusal(self, sender: str, login: str | None, *, authenticated: bool = True, unauthenticated: bool = True,
+                allow_unknown: bool = False) -> status.Reply | None:
+        """Postfix's reject_*sender_login_mismatch for MAIL FROM `sender` ("" or "<>": the null sender, which
+        passes) and the client's `login` (None: not logged in). `authenticated`: a logged-in client must own the
+        sender (`allow_unknown`: unless no map lists it); `unauthenticated`: a client not logged in may not use a
+        sender the maps give owners. 553 5.7.1 `not owned by user LOGIN` / `not logged in`, or None. Raises
+        LookupRetry."""
+        if sender in ("", "<>") or not (self._tables or self._own_address):
+            return None
+        owners = self.owners(sender) if self._tables else {sender.lower()}
+        if login is None:
+            refused = unauthenticated and owners is not None and bool(self._tables)
+        else:
+            refused = authenticated and not (owners is None and allow_unknown) and login.lower() not in (owners or ())
+        return status.sender_login_mismatch(sender, login) if refused else None
+
     def sender_login_mismatch(self, session, sender: str) -> bool:
         """Postfix reject_sender_login_mismatch for MAIL FROM `sender` ("" or "<>": the null sender)."""
-        if sender in ("", "<>"):
-            return False
-        login = login_of(session)
-        if not self._tables:  # no maps: a login owns the address spelled like it
-            owners = {sender.lower()}
-        else:
-            owners = self.owners(sender) or set()
-        if login is None:
-            return bool(owners) and bool(self._tables)  # the maps name an owner; the client is not logged in
-        return login.lower() not in owners
+        return self.refusal(sender, login_of(session)) is not None
 
 
 def is_loopback(ip: str) -> bool:

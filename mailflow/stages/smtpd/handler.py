@@ -508,6 +508,8 @@ class SmtpdHandler:
             encryption_protocol=cipher[1] if cipher and len(cipher) > 1 else "",
             encryption_cipher=cipher[0] if cipher else "",
             client_cert=session.client_cert,
+            encrypted=session.ssl is not None,
+            ill_pipelining=session.ill_pipelining,
             marks=envelope.marks,
             memo=_bounded(session.memo),
             command=command,

@@ -203,7 +203,6 @@ class ProtocolCore(SMTP):
         self._errors = 0
         self._junk = JunkCount(JUNK_COMMANDS, self._limits.junk_command_limit)
         self._in_a_row = 0  # commands answered since the session last waited for input or handed the loop back
-        self._ill_pipelining = False  # logged once a session, refused or not (Postfix's SMTPD_FLAG_ILL_PIPELINING)
         self.command_line = b""  # the command being answered, as sent (what a warning that quotes it quotes)
         self._greeted_at = 0.0
         self._data_started: float | None = None  # loop time DATA/BDAT content began, for the rate deadline
@@ -644,8 +643,8 @@ class ProtocolCore(SMTP):
         """A pipelining violation: logged the first time in a session whether or not it is refused (Postfix's
         smtpd_flag_ill_pipelining, which fail2ban's filter matches); True when it is to be refused
         (smtpd_forbid_unauth_pipelining)."""
-        if not self._ill_pipelining:
-            self._ill_pipelining = True
+        if not self.session.ill_pipelining:
+            self.session.ill_pipelining = True
             self.record.lines.improper_pipelining(after, self.session.client, pending)
         return self._limits.forbid_unauth_pipelining
 
@@ -654,7 +653,7 @@ class ProtocolCore(SMTP):
         a command that ends a group, nor after any command (QUIT too) of a client that did not say EHLO. Not asked
         again once a violation is logged; asked after the answers Postfix gives first (access denied, an unknown
         command, STARTTLS required)."""
-        if self._ill_pipelining or not self.wire.pending():
+        if self.session.ill_pipelining or not self.wire.pending():
             return False
         return command in LAST_IN_GROUP or not self.session.extended_smtp
 

@@ -68,16 +68,18 @@ from mailflow import address, status
 from mailflow.address import client_ip
 from mailflow.dsn_parameters import xtext_encode
 from mailflow.errors import LookupRetry
-from mailflow.logs import SmtpdLog
+from mailflow.logs import SmtpdLog, printable
 from mailflow.model import AddressClass
 from mailflow.restriction_vocabulary import (ACCESS_CHECKS, CLIENT_CERT_PERMITS, KNOWN, NEEDS_FILTER, RCPT_STAGES,
-                                             RHSBL_CHECKS, STAGES, WITH_ARGUMENT, check_item, split_item)
+                                             RHSBL_CHECKS, SENDER_LOGIN_CHECKS, STAGES, WARN_IF_REJECT,
+                                             WITH_ARGUMENT, check_item, split_item)
+from mailflow.stages.smtpd.auth import SenderLogins
 from mailflow.stages.smtpd.dns_checks import DnsChecks
 from mailflow.stages.smtpd.policy import PolicyClient, PolicyError
 from mailflow.stages.smtpd.tls import ClientCert
 from mailflow.stages.verify import Status as VerifyStatus
 from mailflow.stages.verify import Verifier
-from mailflow.syntax import is_ipv4
+from mailflow.syntax import is_ipv4, parse_ip
 from mailflow.tables import TableCache, find, split_extension
 from mailflow.tables.networks import NetworkList
 
@@ -94,12 +96,14 @@ SUBJECT = {  # a list's stage -> how its refusals name what they looked at
     "data": "Data command", "end_of_data": "End-of-data",
     "mail": "Sender address",  # (the in-process policy hook's MAIL stage: handler.py)
     "etrn": "Etrn command",
+    "sasl": "SASL login name",  # (check_sasl_access)
 }
 # The steps of the RCPT lists: a DEFER_IF_REJECT holds until the end of its own (Postfix's smtpd_check_client,
 # _helo, _mail, then the relay and recipient lists together, each starting with SMTPD_CHECK_RESET), where a
 # DEFER_IF_PERMIT holds to the end of them all. RCPT_STAGES in those steps: client, helo, sender; relay + recipient.
 RCPT_STEPS = (*((stage,) for stage in RCPT_STAGES[:-2]), RCPT_STAGES[-2:])
 ETRN_STEPS = (("client",), ("helo",), ("etrn",))  # (smtpd_check_etrn: smtpd_check_client, _helo, then its own)
+UNWARNABLE = ("4.3.0", "4.3.5")  # a table that cannot answer, a configuration error: never only a warning
 MAX_DEPTH = 100  # lists within lists (classes, access values) beyond which a table's value is refused (Postfix's)
 VALUE_LIST_CACHE = 1000  # access values kept read as lists (the table is emptied when full)
 PROTOCOL_STATE = {"data": "DATA", "end_of_data": "END-OF-MESSAGE"}
@@ -160,6 +164,10 @@ class Facts:
     defer_if_permit: status.Reply | None = None
     defer_if_reject: status.Reply | None = None
     depth: int = 0  # how many lists (a stage's, restriction classes', access values') are being evaluated
+    # warn_if_reject met at this depth (0: none): refusals until its next item is done are only logged
+    warn_if_reject: int = 0
+    ill_pipelining: bool = False  # the session broke RFC 2920's pipelining rules (reject_unauth_pipelining)
+    encrypted: bool = False  # the session is under TLS (reject_plaintext_session)
 
 
 # ---------------------------------------------------------------------------------------------- key orders
@@ -187,6 +195,17 @@ def client_keys(addr: str, hostname: str) -> list[str]:
         groups = [format(int(g, 16), "x") for g in ip.exploded.split(":")]
         keys += [":".join(groups[:n]) for n in range(7, 0, -1)]
     return keys
+
+
+def naked_ip_address(helo: str):
+    """Postfix 3.7's permit_naked_ip_address (deprecated, logged at each use): a HELO name of digits, dots and
+    colons only is a permit when it is an IP address, else 501 5.5.2 invalid ip address; any other name has no
+    opinion."""
+    log.warning("restriction permit_naked_ip_address is deprecated. Use permit_mynetworks or "
+                "permit_sasl_authenticated instead")
+    if not helo or helo.strip("0123456789.:"):
+        return None
+    return PERMIT if parse_ip(helo) is not None else status.invalid_helo_address(helo)
 
 
 def client_full_keys(hostname: str) -> tuple[int, int]:
@@ -275,6 +294,8 @@ class Restrictions:
         self._mynetworks = NetworkList.from_items(config.mynetworks, tables.open, parent_style=True,
                                                  setting="mynetworks")
         self._lines = SmtpdLog()  # WARN's and INFO's log lines
+        # the reject_*sender_login_mismatch items' maps (none: they refuse nothing, as Postfix's)
+        self._sender_logins = SenderLogins(tables.open(smtpd.sender_login_maps), delimiter=config.recipient_delimiter)
         self._value_lists: dict[str, tuple[tuple[str, str], ...]] = {}  # access values read as lists, by value
 
     async def check_rcpt(self, facts: Facts) -> status.Reply | None:
@@ -307,6 +328,17 @@ class Restrictions:
                 reply = await self._run(stage, facts)
                 if reply is not None:
                     return _deferred_if_reject(reply, facts)
+        return None
+
+    async def _run(self, stage: str, facts: Facts) -> status.Reply | None:
+        """A stage's list, then, after the sender list, the implied reject_unlisted_sender
+        (smtpd_reject_unlisted_sender), as Postfix's smtpd_check_mail runs it: after a permit too, not after a
+        refusal nor for a discarded message or the null sender."""
+        answer = await self._run_items(self._lists[stage], stage, facts)
+        if isinstance(answer, status.Reply):
+            return answer  # the session logs it (NOQUEUE: reject: ...)
+        if stage == "sender" and self._smtpd.reject_unlisted_sender and facts.sender and facts.marks.discard is None:
+            return await self._unlisted(facts.sender, facts.recipient or None, SUBJECT["sender"])
         return None
 
     async def check_early(self, stage: str, facts: Facts) -> status.Reply | None:
@@ -342,10 +374,6 @@ class Restrictions:
         """The client is in mynetworks (a table that cannot answer: not, logged)."""
         return self._mynetworks.contains(client_addr, client_name)
 
-    async def _run(self, stage: str, facts: Facts) -> status.Reply | None:
-        answer = await self._run_items(self._lists[stage], stage, facts)
-        return answer if isinstance(answer, status.Reply) else None  # the session logs it (NOQUEUE: reject: ...)
-
     async def _run_items(self, items: tuple[tuple[str, str], ...], stage: str, facts: Facts,
                          subject: tuple[str, str] | None = None):
         """One list (a stage's, a restriction class's, an access table's value): PERMIT, a Reply, or None when no
@@ -354,14 +382,37 @@ class Restrictions:
         facts.depth += 1
         try:
             for name, arg in items:
-                answer = await self._evaluate(name, arg, stage, facts, subject)
+                if name == WARN_IF_REJECT:
+                    facts.warn_if_reject = facts.warn_if_reject or facts.depth
+                    continue
+                answer = await self._evaluate_item(name, arg, stage, facts, subject)
+                if facts.warn_if_reject >= facts.depth:  # the item warn_if_reject named is done
+                    facts.warn_if_reject = 0
                 if answer == PERMIT or isinstance(answer, status.Reply):
                     return answer
                 if facts.marks.discard is not None:
                     return None
             return None
         finally:
+            if facts.warn_if_reject >= facts.depth:  # (a list that ends with warn_if_reject)
+                facts.warn_if_reject = 0
             facts.depth -= 1
+
+    async def _evaluate_item(self, name: str, arg: str, stage: str, facts: Facts, subject: tuple[str, str] | None):
+        """`_evaluate`, and under warn_if_reject (Postfix's smtpd_check_reject): a refusal, or a DEFER_IF_PERMIT
+        the item raised, is logged `reject_warning: …` and becomes no opinion. A server configuration error or a
+        table that cannot answer (451 4.3.5, 451 4.3.0) is not made a warning, as Postfix's are not."""
+        if not facts.warn_if_reject:
+            return await self._evaluate(name, arg, stage, facts, subject)
+        deferral = facts.defer_if_permit
+        answer = await self._evaluate(name, arg, stage, facts, subject)
+        if facts.defer_if_permit is not deferral:
+            self._whatsup("reject_warning", str(facts.defer_if_permit), facts, stage)
+            facts.defer_if_permit = deferral
+        if isinstance(answer, status.Reply) and answer.status not in UNWARNABLE:
+            self._whatsup("reject_warning", str(answer), facts, stage)
+            return None
+        return answer
 
     async def _evaluate(self, name: str, arg: str, stage: str, facts: Facts, subject: tuple[str, str] | None = None):
         """PERMIT, a refusal Reply, or None (no opinion)."""
@@ -384,6 +435,11 @@ class Restrictions:
             return await self._dns.unknown_recipient_domain(facts.recipient)
         if name == "reject_unlisted_recipient":
             return await self._unlisted(facts.recipient, facts.sender) if facts.recipient else None
+        if name == "reject_unlisted_sender":
+            return await self._unlisted(facts.sender, facts.recipient or None, SUBJECT["sender"]) if facts.sender \
+                else None
+        if name in SENDER_LOGIN_CHECKS:
+            return self._sender_login(name, facts)
         if name in RHSBL_CHECKS:
             return await self._dns.rhsbl(RHSBL_CHECKS[name], arg, facts)
         if name in ("reject_unknown_client_hostname", "reject_unknown_reverse_client_hostname"):
@@ -430,6 +486,24 @@ class Restrictions:
             return status.invalid_helo(facts.helo) if facts.helo and not is_valid_helo(facts.helo) else None
         if name in CLIENT_CERT_PERMITS:
             return PERMIT if self._certificate_permits(name, facts) else None
+        return self._simple_more(name, stage, facts, subject)
+
+    def _simple_more(self, name: str, stage: str, facts: Facts, subject: tuple[str, str] | None):
+        """More of `_simple`: the session's own facts (pipelining, TLS), the null sender's recipients, the
+        destination, the HELO name; _UNHANDLED for the others."""
+        if name == "reject_unauth_pipelining":
+            return status.unauth_pipelining(*(subject or self._subject(stage, facts))) if facts.ill_pipelining \
+                else None
+        if name == "reject_multi_recipient_bounce":  # (at RCPT the count holds this recipient)
+            return status.multi_recipient_bounce(*(subject or self._subject(stage, facts))) \
+                if facts.sender == "" and facts.recipient_count > 1 else None
+        if name == "reject_plaintext_session":
+            return None if facts.encrypted else status.encryption_required(self._smtpd.plaintext_reject_code)
+        if name == "permit_auth_destination":
+            rcpt = facts.recipient
+            return PERMIT if rcpt and self._rewriter.classify(rcpt) is not AddressClass.DEFAULT else None
+        if name == "permit_naked_ip_address":
+            return naked_ip_address(facts.helo)
         return _UNHANDLED
 
     def _certificate_permits(self, name: str, facts: Facts) -> bool:
@@ -468,15 +542,37 @@ class Restrictions:
 
     # -------------------------------------------------------------------------------- recipient checks
 
-    async def _unlisted(self, rcpt: str, sender: str | None) -> status.Reply | None:
+    async def _unlisted(self, rcpt: str, sender: str | None, what: str = SUBJECT["recipient"]) -> status.Reply | None:
         """The unknown-user rule, trivial-rewrite's (Rewriter.recipient_refusal: listed by a rewriting table or
         its class's recipient table, error-transport addresses refused (with the sender's routing), postmaster
-        always accepted), asked without holding up the event loop."""
+        always accepted), asked without holding up the event loop. `what` "Sender address": reject_unlisted_sender,
+        the same rule for the sender (routed by the recipient, as Postfix's; its status fitted to a sender)."""
         try:
-            return await self._rewriter.tables.run(self._rewriter.recipient_refusal, rcpt, self._mapper, sender)
+            refusal = await self._rewriter.tables.run(self._rewriter.recipient_refusal, rcpt, self._mapper, sender,
+                                                      what)
         except LookupRetry as e:  # the lookup outran its deadline
             log.warning("RCPT <%s>: %s", rcpt, e.reason)
             return status.error_reply(e, rcpt)
+        if refusal is None or what == SUBJECT["recipient"]:
+            return refusal
+        return status.Reply(refusal.code, dsn_fix(refusal.status, what), refusal.text)
+
+    def _sender_login(self, name: str, facts: Facts) -> status.Reply | None:
+        """reject_*sender_login_mismatch (SENDER_LOGIN_CHECKS): the one check of auth.SenderLogins, with
+        sender_login_maps; the null sender passes. Without AUTH on the listener Postfix ignores the item, logged."""
+        if not facts.sender:
+            return None
+        if not self._smtpd.sasl_auth_enable:
+            log.warning("restriction `%s' ignored: no SASL support", name)
+            return None
+        authenticated, unauthenticated, allow_unknown = SENDER_LOGIN_CHECKS[name]
+        try:
+            return self._sender_logins.refusal(facts.sender, facts.sasl_username or None,
+                                               authenticated=authenticated, unauthenticated=unauthenticated,
+                                               allow_unknown=allow_unknown)
+        except LookupRetry as e:
+            log.warning("sender_login_maps: %s", e.reason)
+            return status.error_reply(e, facts.sender)
 
     # -------------------------------------------------------------------------------- access tables
 
@@ -527,6 +623,12 @@ class Restrictions:
             return (domain_keys(facts.helo) if facts.helo else None), facts.helo, "Helo command"
         if kind == "etrn":
             return (domain_keys(facts.etrn_domain) if facts.etrn_domain else None), facts.etrn_domain, SUBJECT["etrn"]
+        if kind == "sasl":  # (Postfix: only with AUTH on the listener; else the item is ignored, logged)
+            if not self._smtpd.sasl_auth_enable:
+                log.warning("restriction `check_sasl_access' ignored: no SASL support")
+            if not (facts.sasl_username and self._smtpd.sasl_auth_enable):
+                return None, "", ""
+            return [facts.sasl_username], printable(facts.sasl_username, "_"), SUBJECT["sasl"]
         if kind == "sender":
             if facts.sender is None:
                 return None, "", ""

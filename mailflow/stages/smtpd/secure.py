@@ -326,9 +326,7 @@ class SecureCommands(FrontEndCommands):
         if self._sender_logins is None:
             return None
         try:
-            if self._sender_logins.sender_login_mismatch(self.session, sender):
-                return status.sender_login_mismatch(sender, login_of(self.session))
+            return self._sender_logins.refusal(sender, login_of(self.session))
         except LookupRetry as e:
             log.warning("sender_login_maps: %s", e.reason)
             return status.error_reply(e, sender)
-        return None

@@ -293,7 +293,7 @@ class Smtpd:
         sender_logins = None
         if smtpd.reject_sender_login_mismatch:
             sender_logins = SenderLogins(self._tables.open(smtpd.sender_login_maps),
-                                         delimiter=self._config.recipient_delimiter)
+                                         delimiter=self._config.recipient_delimiter, own_address_without_maps=True)
         if smtpd.tls_cert_file:
             self._server_tls(smtpd)  # read now: a bad file stops the start
         return Listener(host, port, role, config, self._handler_for(config), anvil, SessionSlots(smtpd.max_sessions),

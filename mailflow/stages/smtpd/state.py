@@ -69,6 +69,9 @@ class SessionState(_AiosmtpdSession):
     access_denied: status.Reply | None
     defer_if_permit_client: status.Reply | None
     defer_if_permit_helo: status.Reply | None
+    # a pipelining violation was met (logged once, refused or not: Postfix's SMTPD_FLAG_ILL_PIPELINING; kept
+    # over STARTTLS), what reject_unauth_pipelining refuses
+    ill_pipelining: bool
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         super().__init__(loop)
@@ -82,6 +85,7 @@ class SessionState(_AiosmtpdSession):
         self.milters = None
         self.memo = {}
         self.access_denied = self.defer_if_permit_client = self.defer_if_permit_helo = None
+        self.ill_pipelining = False
 
     def carry_identity(self, previous: SessionState) -> None:
         """After STARTTLS: the client stays who PROXY or XCLIENT said it is (HELO and login are not kept); its
@@ -95,6 +99,7 @@ class SessionState(_AiosmtpdSession):
         self.access_denied = previous.access_denied  # (Postfix's stay over STARTTLS)
         self.defer_if_permit_client = previous.defer_if_permit_client
         self.defer_if_permit_helo = previous.defer_if_permit_helo
+        self.ill_pipelining = previous.ill_pipelining
 
     @property
     def defer_if_permit_before_mail(self) -> status.Reply | None:
