@@ -1,7 +1,9 @@
 """DATA and BDAT: the session layer above transaction.TransactionCommands that takes the message in.
 
 What it owns
-- `smtp_DATA`: 354, then the content through CRLF.CRLF, unstuffed by `wire.Wire.read_data`.
+- `smtp_DATA`: the handler's `handle_DATA_COMMAND` (data_restrictions, before any content, as Postfix's
+  smtpd_check_data), 354, then the content through CRLF.CRLF, unstuffed by `wire.Wire.read_data`. A
+  transaction's first BDAT asks `handle_DATA_COMMAND` too; its refusal is the chunk's.
 - `smtp_BDAT`: RFC 3030 CHUNKING, which aiosmtpd lacks: `BDAT <size> [LAST]`, each chunk read as exactly that
   many bytes (`wire.Wire.read_chunk`) into the transaction's spool (`Transaction.bdat`), checked across chunks
   for NUL and bare line ends (`wire.ContentCheck`). The CHUNKING keyword of EHLO is offered for it
@@ -66,6 +68,10 @@ class DataCommands(TransactionCommands):
         if arg:
             await self.push(status.syntax("DATA"))
             return
+        refused = await self._call_handler_hook("DATA_COMMAND", "DATA")
+        if isinstance(refused, status.Reply):
+            await self.push(refused)
+            return
         await self.push(status.START_DATA)
         spool = self._new_spool()
         try:
@@ -101,6 +107,9 @@ class DataCommands(TransactionCommands):
         if refused is None and self._chunk_too_big(size):
             self.record.lines.bdat_too_big(self.envelope.queue_id, self.session.client)
             refused = status.CHUNK_TOO_BIG
+        if refused is None and self.envelope.bdat is None:  # the transaction's first chunk: as at DATA
+            answer = await self._call_handler_hook("DATA_COMMAND", "BDAT")
+            refused = answer if isinstance(answer, status.Reply) else None
         if refused is not None:
             await self._refused_chunk(size, last, refused)
             return

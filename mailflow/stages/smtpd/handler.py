@@ -423,21 +423,31 @@ class SmtpdHandler:
             server.log_reject("END-OF-MESSAGE", marks.hold, envelope.single_recipient, action="hold")
         return str(status.queued(queue_id, envelope.bdat_octets))
 
+    async def handle_DATA_COMMAND(self, server, session: SessionState, envelope: Transaction,
+                                  command: str) -> status.Reply | None:
+        """DATA, or a transaction's first BDAT (`command`), before any content: data_restrictions, where Postfix's
+        smtpd_check_data runs them. Their refusal (logged `NOQUEUE: reject: DATA from …`, the recipient named
+        only when there is one) is the command's reply; None: go on."""
+        if not self.restrictions.check_data_command:
+            return None
+        rcpt = envelope.single_recipient
+        facts = self._facts(session, envelope, rcpt, stage="data", command=command)
+        refusal = await self.restrictions.check_data(facts)
+        if refusal is not None:
+            server.log_reject(command, refusal, rcpt)
+        return refusal
+
     async def _content_refusal(self, session: SessionState, envelope: Transaction,
                                verdicts=None) -> status.Reply | None:
-        """The policy hook, data_restrictions, then end_of_data_restrictions (which see the sender
-        authentication `verdicts`)."""
+        """The policy hook, then end_of_data_restrictions (which see the sender authentication `verdicts`)."""
         if not self.restrictions.check_content and self._policy is None:
             return None
         rcpt = envelope.single_recipient
-        facts = self._facts(session, envelope, rcpt, stage="data")
         if self._policy is not None:
+            facts = self._facts(session, envelope, rcpt, stage="data")
             refusal = await self._policy_refusal("data", facts, tuple(envelope.rcpt_tos))
             if refusal is not None:
                 return refusal
-        refusal = await self.restrictions.check_data(facts)
-        if refusal is not None:
-            return refusal
         facts = self._facts(session, envelope, rcpt, stage="end_of_data")
         facts.size = envelope.content.size if envelope.content is not None else 0
         facts.auth = verdicts

@@ -8,7 +8,8 @@ What it owns
 - `check_rcpt(facts)`, `check_data(facts)`, `check_end_of_data(facts)`, `check_etrn(facts)` -> `Reply | None`
   (None: go on);
   `check_early(stage, facts)`: the client, helo or sender list on its own (delay_reject false);
-  `check_content`: whether the data and end_of_data lists have anything to evaluate; `close()`: the policy
+  `check_data_command`, `check_content`: whether the data list, the end_of_data list has anything to evaluate
+  (the handler runs the data list at DATA or the first BDAT, before any content); `close()`: the policy
   services' kept connections (policy.py) are closed.
 - The restrictions that ask the DNS are dns_checks.py's (reject_rbl_client, reject_rhsbl_*, the unknown client
   name and address domain checks); the inbound filters' (docs/filtering.md):
@@ -351,9 +352,14 @@ class Restrictions:
         return _deferred_if_reject(reply, facts) if reply is not None else None
 
     @property
+    def check_data_command(self) -> bool:
+        """The data list has items (empty by default: nothing to evaluate at DATA)."""
+        return bool(self._lists["data"])
+
+    @property
     def check_content(self) -> bool:
-        """The data or end_of_data list has items (both empty by default: nothing to evaluate)."""
-        return bool(self._lists["data"] or self._lists["end_of_data"])
+        """The end_of_data list has items (empty by default: nothing to evaluate at the end of the message)."""
+        return bool(self._lists["end_of_data"])
 
     async def check_data(self, facts: Facts) -> status.Reply | None:
         if facts.marks.discard is not None:
