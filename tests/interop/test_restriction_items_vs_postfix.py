@@ -1,0 +1,194 @@
+"""Differential test of the restriction items a Postfix main.cf names that need no DNS, against a private Postfix
+3.7 with Dovecot SASL and mailflow asking the same Dovecot, both configured alike: warn_if_reject,
+reject_unauth_pipelining, reject_multi_recipient_bounce (at RCPT and in data_restrictions, at DATA),
+reject_plaintext_session, permit_auth_destination, permit_naked_ip_address, reject_unlisted_sender (the item and
+smtpd_reject_unlisted_sender), the four sender-login items with sender_login_maps, and check_sasl_access.
+
+Each item is a restriction class that check_recipient_access names for one recipient (`<item>@relay.test`), so
+one configuration serves every session. Every reply from MAIL on is compared (code, enhanced code and text), and
+so are the `reject` and `reject_warning` log lines (queue ids masked) and permit_naked_ip_address's deprecation
+warning. One Postfix and one Dovecot serve the module; each test starts its mailflow.
+
+Not compared: the EHLO replies (the keywords differ on purpose: docs/security.md); a session under TLS (the e2e
+tests of tests/e2e/test_restriction_items.py check reject_plaintext_session's pass there).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import re
+
+import pytest
+
+from tests.support import SmtpClient, dovecot_instance, postfix_instance
+
+pytestmark = pytest.mark.interop
+
+ALICE_PLAIN = "AUTH PLAIN " + base64.b64encode(b"\0alice@example.test\0alicepw").decode()
+CLASSES = {  # smtpd_restriction_classes: one for each recipient of RECIPIENTS
+    "c_pipe": ["reject_unauth_pipelining"],
+    "c_multi": ["reject_multi_recipient_bounce"],
+    "c_wmulti": ["warn_if_reject", "reject_multi_recipient_bounce"],
+    # a warned class goes on after its warnings (Postfix's warn_if_reject holds for the whole next item)
+    "c_warn": ["warn_if_reject", "reject_plaintext_session", "warn_if_reject", "c_inner", "reject"],
+    "c_inner": ["reject_non_fqdn_helo_hostname", "reject_plaintext_session", "permit"],
+    "c_plain": ["reject_plaintext_session"],
+    "c_authdest": ["permit_auth_destination", "reject"],
+    "c_naked": ["permit_naked_ip_address", "reject"],
+    "c_uls": ["reject_unlisted_sender"],
+    "c_slm": ["reject_sender_login_mismatch"],
+    "c_aslm": ["reject_authenticated_sender_login_mismatch"],
+    "c_kslm": ["reject_known_sender_login_mismatch"],
+    "c_uslm": ["reject_unauthenticated_sender_login_mismatch"],
+    "c_sasl": ["check_sasl_access inline:{ {alice@example.test=REJECT no alice} }"],
+}
+RECIPIENTS = "inline:{" + ", ".join(f"{name[2:]}@relay.test={name}" for name in CLASSES if name != "c_inner") + "}"
+SENDER_LOGINS = "inline:{alice@local.test=alice@example.test, bob@local.test=bob@example.test, " \
+                "{@shared.test=bob@example.test alice@example.test}}"
+LOGIN_RCPTS = [f"RCPT TO:<{n}@relay.test>" for n in ("slm", "aslm", "kslm", "uslm")]
+# None: read one more reply (to a pipelined command); a BDAT chunk's size counts the CRLF each command is sent with
+SESSIONS: dict[str, list[str | bytes | None]] = {
+    "pipelining after HELO": ["HELO c.test", b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<pipe@relay.test>", None],
+    "pipelining EHLO allows": ["EHLO c.test", b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<pipe@relay.test>", None],
+    "DATA pipelined with the content": ["EHLO c.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<a@relay.test>",
+                                        b"DATA\r\nSubject: pipelined"],
+    "a multi-recipient bounce": ["EHLO c.test", "MAIL FROM:<>", "RCPT TO:<multi@relay.test>",
+                                 "RCPT TO:<multi@relay.test>", "RCPT TO:<b@relay.test>", "DATA"],
+    "a multi-recipient bounce, by BDAT": ["EHLO c.test", "MAIL FROM:<>", "RCPT TO:<a@relay.test>",
+                                          "RCPT TO:<b@relay.test>", b"BDAT 6\r\nabcd", b"BDAT 4 LAST\r\nef", "NOOP"],
+    "a multi-recipient bounce, warned": ["EHLO c.test", "MAIL FROM:<>", "RCPT TO:<wmulti@relay.test>",
+                                         "RCPT TO:<wmulti@relay.test>"],
+    "warn_if_reject, an item and a class": ["EHLO c", "MAIL FROM:<s@remote.test>", "RCPT TO:<warn@relay.test>"],
+    "plaintext": ["EHLO c.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<plain@relay.test>"],
+    "permit_auth_destination": ["EHLO c.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<authdest@relay.test>",
+                                "RCPT TO:<x@elsewhere.test>"],
+    "permit_naked_ip_address": [
+        "EHLO 1.2.3.4", "MAIL FROM:<s@remote.test>", "RCPT TO:<naked@relay.test>", "RSET",
+        "EHLO [1.2.3.4]", "MAIL FROM:<s@remote.test>", "RCPT TO:<naked@relay.test>", "RSET",
+        "EHLO 1.2.3.999", "MAIL FROM:<s@remote.test>", "RCPT TO:<naked@relay.test>", "RSET",
+        "EHLO c.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<naked@relay.test>"],
+    "reject_unlisted_sender": ["EHLO c.test", "MAIL FROM:<nobody@local.test>", "RCPT TO:<uls@relay.test>", "RSET",
+                               "MAIL FROM:<alice@local.test>", "RCPT TO:<uls@relay.test>"],
+    "smtpd_reject_unlisted_sender": ["EHLO c.test", "MAIL FROM:<nobody@local.test>", "RCPT TO:<a@relay.test>"],
+    "sender logins, not logged in": [
+        "EHLO c.test", "MAIL FROM:<alice@local.test>", *LOGIN_RCPTS, "RSET",
+        "MAIL FROM:<free@remote.test>", *LOGIN_RCPTS, "RCPT TO:<sasl@relay.test>"],
+    "sender logins, logged in": [
+        "EHLO c.test", ALICE_PLAIN, "MAIL FROM:<bob@local.test>", *LOGIN_RCPTS, "RSET",
+        "MAIL FROM:<free@remote.test>", *LOGIN_RCPTS, "RSET",
+        "MAIL FROM:<x@shared.test>", *LOGIN_RCPTS, "RCPT TO:<sasl@relay.test>"],
+}
+
+
+def postfix_settings(auth_socket: str) -> dict[str, str]:
+    return {
+        "myhostname": "pf.test", "mydestination": "local.test", "mynetworks": "192.0.2.0/24",
+        "local_recipient_maps": "inline:{alice=ok, bob=ok}", "relay_domains": "relay.test",
+        "relayhost": "[127.0.0.1]:9", "smtpd_forbid_unauth_pipelining": "no", "smtpd_reject_unlisted_sender": "yes",
+        "smtpd_sasl_auth_enable": "yes", "smtpd_sasl_type": "dovecot", "smtpd_sasl_path": auth_socket,
+        "smtpd_sender_login_maps": SENDER_LOGINS,
+        "smtpd_relay_restrictions": "permit_sasl_authenticated, reject_unauth_destination",
+        "smtpd_recipient_restrictions": f"check_recipient_access {RECIPIENTS}",
+        "smtpd_data_restrictions": "reject_unauth_pipelining, reject_multi_recipient_bounce",
+        "smtpd_restriction_classes": ", ".join(CLASSES), **{name: ", ".join(items) for name, items in CLASSES.items()},
+    }
+
+
+def mailflow_settings(auth_socket: str) -> dict:
+    return {
+        "myhostname": "pf.test", "mydestination": ["local.test"], "mynetworks": ["192.0.2.0/24"],
+        "local_recipient_maps": ["inline:{alice=ok, bob=ok}"], "relay_domains": ["relay.test"],
+        "relayhost": "[127.0.0.1]:9",
+        "smtpd": {"forbid_unauth_pipelining": False, "reject_unlisted_sender": True, "error_sleep_time": "0s",
+                  "sasl_auth_enable": True, "sasl_type": "dovecot", "sasl_path": auth_socket,
+                  "allow_plaintext_auth_on_loopback": True, "sender_login_maps": [SENDER_LOGINS],
+                  "relay_restrictions": ["permit_sasl_authenticated", "reject_unauth_destination"],
+                  "recipient_restrictions": [f"check_recipient_access {RECIPIENTS}"],
+                  "data_restrictions": ["reject_unauth_pipelining", "reject_multi_recipient_bounce"],
+                  "restriction_classes": CLASSES},
+    }
+
+
+async def replay(port: int) -> dict[str, list[str]]:
+    """Each session's replies (a HELO or EHLO reply as its code only)."""
+    got = {}
+    for name, commands in SESSIONS.items():
+        client = await SmtpClient.connect(port)
+        replies = []
+        for command in commands:
+            reply = await (client.reply() if command is None else client.cmd(command))
+            hello = isinstance(command, str) and command[:4] in ("EHLO", "HELO")
+            replies.append(str(reply.code) if hello else reply.text)
+        got[name] = replies
+        await client.close()
+    return got
+
+
+QUEUE_ID = re.compile(r"^[0-9A-F]{6,}: ")
+LOGGED = (": reject: ", ": reject_warning: ", "permit_naked_ip_address is deprecated")
+
+
+def logged(lines) -> list[str]:
+    """The reject and reject_warning lines and the deprecation warnings, without syslog's prefix or `warning: `, a
+    queue id as QID."""
+    out = []
+    for line in lines:
+        if any(mark in line for mark in LOGGED):
+            text = line.split("]: ", 1)[-1] if "/smtpd[" in line else line
+            out.append(QUEUE_ID.sub("QID: ", text.removeprefix("warning: ")))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sasl_dovecot():
+    with dovecot_instance() as dovecot:
+        yield dovecot
+
+
+@pytest.fixture(scope="module")
+def postfix(sasl_dovecot):
+    instance = postfix_instance(postfix_settings(str(sasl_dovecot.auth_socket)))
+    loop = asyncio.new_event_loop()
+    try:
+        yield loop.run_until_complete(instance.__aenter__())
+    finally:
+        loop.run_until_complete(instance.__aexit__(None, None, None))
+        loop.close()
+
+
+async def test_the_items_reply_and_log_as_postfix_does(postfix, sasl_dovecot, mailflow_server, caplog):
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    expected = await replay(postfix.port)
+    await asyncio.sleep(1)  # (Postfix writes its log through postlogd)
+    mf = await mailflow_server(**mailflow_settings(str(sasl_dovecot.auth_socket)))
+    got = await replay(mf.smtp_addresses[0][1])
+
+    assert {s: (expected[s], got[s]) for s in expected if expected[s] != got[s]} == {}
+    assert logged(r.getMessage() for r in caplog.records) == logged(postfix.maillog.splitlines())
+    # what Postfix did, so that the same mistake on both sides cannot pass unnoticed
+    assert expected["pipelining after HELO"][-1] == \
+        "503 5.5.0 <pipe@relay.test>: Recipient address rejected: Improper use of SMTP command pipelining"
+    assert expected["pipelining EHLO allows"][-1] == "250 2.1.5 Ok"
+    assert expected["DATA pipelined with the content"][-1] == \
+        "503 5.5.0 <DATA>: Data command rejected: Improper use of SMTP command pipelining"
+    assert expected["a multi-recipient bounce"][-3:] == [
+        "550 5.5.3 <multi@relay.test>: Recipient address rejected: Multi-recipient bounce", "250 2.1.5 Ok",
+        "550 5.5.3 <DATA>: Data command rejected: Multi-recipient bounce"]
+    assert expected["a multi-recipient bounce, by BDAT"][-3:] == [
+        "550 5.5.3 <DATA>: Data command rejected: Multi-recipient bounce",
+        "551 5.0.0 Discarded 4 bytes after earlier error", "250 2.0.0 Ok"]
+    assert expected["warn_if_reject, an item and a class"][-1] == "250 2.1.5 Ok"
+    assert expected["plaintext"][-1] == "450 4.7.1 Session encryption is required"
+    assert expected["permit_naked_ip_address"][2::4] == [
+        "250 2.1.5 Ok", "554 5.7.1 <naked@relay.test>: Recipient address rejected: Access denied",
+        "501 5.5.2 <1.2.3.999>: Helo command rejected: invalid ip address",
+        "554 5.7.1 <naked@relay.test>: Recipient address rejected: Access denied"]
+    assert expected["smtpd_reject_unlisted_sender"][-1] == \
+        "550 5.1.0 <nobody@local.test>: Sender address rejected: User unknown in local recipient table"
+    assert expected["sender logins, not logged in"][2:6] == [
+        "553 5.7.1 <alice@local.test>: Sender address rejected: not logged in", "250 2.1.5 Ok",
+        "553 5.7.1 <alice@local.test>: Sender address rejected: not logged in",
+        "553 5.7.1 <alice@local.test>: Sender address rejected: not logged in"]
+    assert expected["sender logins, logged in"][-1] == \
+        "554 5.7.1 <alice@example.test>: SASL login name rejected: no alice"
