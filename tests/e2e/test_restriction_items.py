@@ -1,0 +1,98 @@
+"""The restriction items a Postfix main.cf names that need no DNS, through a real mailflow over SMTP, where
+tests/interop/test_restriction_items_vs_postfix.py (the same items against Postfix 3.7) cannot go: a session under
+TLS, plaintext_reject_code, the items that need AUTH on a listener without it, reject_unlisted_sender at MAIL
+(delay_reject false), warn_if_reject over an access table's DEFER_IF_PERMIT, and the load-time checks."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from mailflow.config import config_from_dict
+from mailflow.errors import ConfigError
+from tests.support import SmtpClient
+
+HELLO = "EHLO client.test"
+
+
+async def test_reject_plaintext_session_passes_under_tls_and_uses_its_code(mailflow_server, pki):
+    _, cert, ctx = pki
+    mf = await mailflow_server(smtpd={"tls_cert_file": cert, "plaintext_reject_code": 550,
+                                      "recipient_restrictions": ["reject_plaintext_session"]})
+    port = mf.smtp_addresses[0][1]
+    plain = await SmtpClient.connect(port)
+    await plain.cmd(HELLO)
+    await plain.cmd("MAIL FROM:<s@remote.test>")
+    assert (await plain.cmd("RCPT TO:<postmaster@local.test>")).text == "550 5.7.1 Session encryption is required"
+    await plain.close()
+    secured = await SmtpClient.connect(port)
+    await secured.cmd(HELLO)
+    await secured.starttls(ctx)
+    await secured.cmd(HELLO)
+    await secured.cmd("MAIL FROM:<s@remote.test>")
+    assert (await secured.cmd("RCPT TO:<postmaster@local.test>")).code == 250
+    await secured.close()
+
+
+async def test_sasl_items_are_ignored_and_logged_without_auth(mailflow_server, caplog):
+    """Postfix: `restriction ... ignored: no SASL support` when smtpd_sasl_auth_enable is off."""
+    caplog.set_level(logging.WARNING, logger="mailflow.smtpd")
+    mf = await mailflow_server(smtpd={
+        "sender_login_maps": ["inline:{s@remote.test=alice}"],
+        "recipient_restrictions": ["reject_sender_login_mismatch", "check_sasl_access inline:{alice=REJECT}"]})
+    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    await client.cmd(HELLO)
+    await client.cmd("MAIL FROM:<s@remote.test>")
+    assert (await client.cmd("RCPT TO:<postmaster@local.test>")).code == 250
+    await client.close()
+    warnings = [r.getMessage() for r in caplog.records]
+    assert "restriction `reject_sender_login_mismatch' ignored: no SASL support" in warnings
+    assert "restriction `check_sasl_access' ignored: no SASL support" in warnings
+
+
+async def test_unlisted_sender_refused_at_mail_with_delay_reject_off(mailflow_server):
+    """smtpd_reject_unlisted_sender runs where Postfix's smtpd_check_mail runs: at MAIL without delay_reject."""
+    mf = await mailflow_server(smtpd={"delay_reject": False, "reject_unlisted_sender": True})
+    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    await client.cmd(HELLO)
+    assert (await client.cmd("MAIL FROM:<nobody@local.test>")).text == \
+        "550 5.1.0 <nobody@local.test>: Sender address rejected: User unknown in local recipient table"
+    assert (await client.cmd("MAIL FROM:<postmaster@local.test>")).code == 250
+    assert (await client.cmd("RSET")).code == 250
+    assert (await client.cmd("MAIL FROM:<someone@remote.test>")).code == 250  # (not a local domain)
+    await client.close()
+
+
+async def test_warn_if_reject_makes_a_defer_if_permit_a_warning(mailflow_server, caplog):
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    mf = await mailflow_server(smtpd={"recipient_restrictions": [
+        "warn_if_reject", "check_sender_access inline:{ {s@remote.test=DEFER_IF_PERMIT 4.7.9 maybe later} }"]})
+    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    await client.cmd(HELLO)
+    await client.cmd("MAIL FROM:<s@remote.test>")
+    assert (await client.cmd("RCPT TO:<postmaster@local.test>")).code == 250
+    await client.close()
+    assert any(r.getMessage().startswith("NOQUEUE: reject_warning: RCPT from ") and
+               "450 4.7.9 <s@remote.test>: Sender address rejected: maybe later; from=<s@remote.test>" in r.getMessage()
+               for r in caplog.records)
+
+
+@pytest.mark.parametrize("item, reason", [
+    ("warn_if_reject permit", "'warn_if_reject' takes no argument (got 'permit')"),
+    ("reject_unauth_pipelining now", "'reject_unauth_pipelining' takes no argument (got 'now')"),
+    ("check_sasl_access", "'check_sasl_access' needs an argument"),
+    ("check_sasl_access nosuchtype:/x", "check_sasl_access: "),
+])
+def test_a_wrong_argument_fails_at_load(item, reason):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"smtpd": {"recipient_restrictions": [item]}})
+    assert reason in str(e.value)
+
+
+def test_a_warned_relay_guard_guards_nothing():
+    """Postfix's has_required skips the item after warn_if_reject: such a list relays for anyone."""
+    relay = {"relay_restrictions": ["permit_mynetworks", "warn_if_reject", "reject_unauth_destination"]}
+    with pytest.raises(ConfigError, match="must hold one of"):
+        config_from_dict({"smtpd": relay})
+    relay["relay_restrictions"].append("reject_unauth_destination")
+    config_from_dict({"smtpd": relay})
