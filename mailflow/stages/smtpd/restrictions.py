@@ -20,6 +20,14 @@ What it owns
   Postfix's reject_unverified_address: `450 4.1.1 <a>: Recipient address rejected: unverified address: <why>` as a
   DEFER_IF_PERMIT (the probe is under way, deferred, or bounced with the default reject code 450), `550 5.1.1
   ... undeliverable address: <why>` with a 5xx reject code; a deliverable address has no opinion.
+- The items that ask the session (Postfix smtpd_check.c's words and codes): reject_unauth_pipelining (503 5.5.0,
+  `facts.ill_pipelining`: the violation protocol.py logs), reject_plaintext_session (plaintext_reject_code,
+  `facts.encrypted`), reject_multi_recipient_bounce (550 5.5.3: the null sender, a second recipient),
+  permit_auth_destination, permit_naked_ip_address (deprecated: logged at each use); reject_unlisted_sender
+  (`_unlisted` asked for the sender: 550 5.1.0 `Sender address rejected`; also implied after the sender list
+  with smtpd_reject_unlisted_sender, unless that list refused), the reject_*sender_login_mismatch items
+  (auth.SenderLogins.refusal with sender_login_maps, the one check the [smtpd] setting uses at MAIL) and
+  check_sasl_access (key: the SASL login); the SASL ones are ignored (logged) without AUTH on the listener.
 
 Evaluation (delay_reject true: Postfix with smtpd_delay_reject = yes): at RCPT the client, helo, sender, relay and
 recipient lists run in that order (delay_reject false: the handler runs the first three at connect or XCLIENT,
@@ -27,8 +35,12 @@ HELO/EHLO and MAIL with `check_early`, carrying their DEFER_IF_PERMIT in `facts.
 the relay and recipient lists only; an action that marks the message met before MAIL is skipped and logged, as
 Postfix's not_in_client_helo does); each list stops at its first PERMIT (the next list still runs) or refusal (the
 answer); an item with nothing to say (DUNNO, or missing facts such as no HELO yet) passes to the next.
+warn_if_reject makes its next item (all of it: a class goes on past its warnings) refuse nothing: each refusal or
+DEFER_IF_PERMIT it would have made is logged `reject_warning: …` instead (`facts.warn_if_reject`, Postfix's
+recursion level); 451 4.3.0 and 4.3.5 (a table or the configuration) stay refusals.
 Then, unless refused or deferred (DEFER_IF_PERMIT), `reject_unlisted_recipient` is implied
-(smtpd_reject_unlisted_recipient). The data list runs at DATA, the end_of_data list at the end of the message;
+(smtpd_reject_unlisted_recipient). The data list runs at DATA (or a first BDAT) before any content, the
+end_of_data list at the end of the message;
 there only a single recipient is "the recipient". A restriction class (`[smtpd] restriction_classes`,
 smtpd_restriction_classes) named in a list runs its own list as one item: its PERMIT or refusal is the item's.
 An access value that is no action is a list of restrictions and classes, run the same way (Postfix's
