@@ -43,7 +43,8 @@ CLASSES = {  # smtpd_restriction_classes: one for each recipient of RECIPIENTS
     "c_uslm": ["reject_unauthenticated_sender_login_mismatch"],
     "c_sasl": ["check_sasl_access inline:{ {alice@example.test=REJECT no alice} }"],
 }
-RECIPIENTS = "inline:{" + ", ".join(f"{name[2:]}@relay.test={name}" for name in CLASSES if name != "c_inner") + "}"
+RECIPIENTS = "inline:{" + ", ".join(f"{name[2:]}@relay.test={name}" for name in CLASSES if name != "c_inner") + \
+    ", elsewhere.test=c_authdest}"  # (relayed for a client logged in: permit_auth_destination has no opinion)
 SENDER_LOGINS = "inline:{alice@local.test=alice@example.test, bob@local.test=bob@example.test, " \
                 "{@shared.test=bob@example.test alice@example.test}}"
 LOGIN_RCPTS = [f"RCPT TO:<{n}@relay.test>" for n in ("slm", "aslm", "kslm", "uslm")]
@@ -63,6 +64,8 @@ SESSIONS: dict[str, list[str | bytes | None]] = {
     "plaintext": ["EHLO c.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<plain@relay.test>"],
     "permit_auth_destination": ["EHLO c.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<authdest@relay.test>",
                                 "RCPT TO:<x@elsewhere.test>"],
+    "permit_auth_destination, logged in": ["EHLO c.test", ALICE_PLAIN, "MAIL FROM:<alice@local.test>",
+                                           "RCPT TO:<x@elsewhere.test>"],
     "permit_naked_ip_address": [
         "EHLO 1.2.3.4", "MAIL FROM:<s@remote.test>", "RCPT TO:<naked@relay.test>", "RSET",
         "EHLO [1.2.3.4]", "MAIL FROM:<s@remote.test>", "RCPT TO:<naked@relay.test>", "RSET",
@@ -180,6 +183,9 @@ async def test_the_items_reply_and_log_as_postfix_does(postfix, sasl_dovecot, ma
         "551 5.0.0 Discarded 4 bytes after earlier error", "250 2.0.0 Ok"]
     assert expected["warn_if_reject, an item and a class"][-1] == "250 2.1.5 Ok"
     assert expected["plaintext"][-1] == "450 4.7.1 Session encryption is required"
+    assert expected["permit_auth_destination"][2] == "250 2.1.5 Ok"
+    assert expected["permit_auth_destination, logged in"][-1] == \
+        "554 5.7.1 <x@elsewhere.test>: Recipient address rejected: Access denied"
     assert expected["permit_naked_ip_address"][2::4] == [
         "250 2.1.5 Ok", "554 5.7.1 <naked@relay.test>: Recipient address rejected: Access denied",
         "501 5.5.2 <1.2.3.999>: Helo command rejected: invalid ip address",
