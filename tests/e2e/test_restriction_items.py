@@ -77,6 +77,19 @@ async def test_warn_if_reject_makes_a_defer_if_permit_a_warning(mailflow_server,
                for r in caplog.records)
 
 
+async def test_a_warning_under_soft_bounce_names_the_reply_as_it_would_be_sent(mailflow_server, caplog):
+    """Postfix's smtpd_check_reject makes the 5 a 4 before it logs, warning or not."""
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    mf = await mailflow_server(soft_bounce=True, smtpd={"recipient_restrictions": ["warn_if_reject", "reject"]})
+    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    await client.cmd(HELLO)
+    await client.cmd("MAIL FROM:<s@remote.test>")
+    assert (await client.cmd("RCPT TO:<postmaster@local.test>")).code == 250
+    await client.close()
+    assert any("reject_warning: RCPT from " in r.getMessage() and ": 454 4.7.1 <postmaster@local.test>: Recipient "
+               "address rejected: Access denied; " in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("item, reason", [
     ("warn_if_reject permit", "'warn_if_reject' takes no argument (got 'permit')"),
     ("reject_unauth_pipelining now", "'reject_unauth_pipelining' takes no argument (got 'now')"),

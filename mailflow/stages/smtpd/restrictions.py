@@ -425,12 +425,18 @@ class Restrictions:
         deferral = facts.defer_if_permit
         answer = await self._evaluate(name, arg, stage, facts, subject)
         if facts.defer_if_permit is not deferral:
-            self._whatsup("reject_warning", str(facts.defer_if_permit), facts, stage)
+            self._warn(facts.defer_if_permit, facts, stage)
             facts.defer_if_permit = deferral
         if isinstance(answer, status.Reply) and answer.status not in UNWARNABLE:
-            self._whatsup("reject_warning", str(answer), facts, stage)
+            self._warn(answer, facts, stage)
             return None
         return answer
+
+    def _warn(self, refusal, facts: Facts, stage: str) -> None:
+        """`reject_warning: …`, the refusal as it would have been sent (a 5xx as 4xx under soft_bounce: Postfix's
+        smtpd_check_reject)."""
+        text = str(refusal)
+        self._whatsup("reject_warning", status.soft_bounced(text) if self._config.soft_bounce else text, facts, stage)
 
     async def _evaluate(self, name: str, arg: str, stage: str, facts: Facts, subject: tuple[str, str] | None = None):
         """PERMIT, a refusal Reply, or None (no opinion)."""
