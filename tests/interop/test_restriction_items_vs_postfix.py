@@ -46,7 +46,7 @@ CLASSES = {  # smtpd_restriction_classes: one for each recipient of RECIPIENTS
 RECIPIENTS = "inline:{" + ", ".join(f"{name[2:]}@relay.test={name}" for name in CLASSES if name != "c_inner") + \
     ", elsewhere.test=c_authdest}"  # (relayed for a client logged in: permit_auth_destination has no opinion)
 SENDER_LOGINS = "inline:{alice@local.test=alice@example.test, bob@local.test=bob@example.test, " \
-                "{@shared.test=bob@example.test alice@example.test}}"
+                "carol@pf.test=carol@example.test, {@shared.test=bob@example.test alice@example.test}}"
 LOGIN_RCPTS = [f"RCPT TO:<{n}@relay.test>" for n in ("slm", "aslm", "kslm", "uslm")]
 # None: read one more reply (to a pipelined command); a BDAT chunk's size counts the CRLF each command is sent with
 SESSIONS: dict[str, list[str | bytes | None]] = {
@@ -81,6 +81,12 @@ SESSIONS: dict[str, list[str | bytes | None]] = {
         "EHLO c.test", ALICE_PLAIN, "MAIL FROM:<bob@local.test>", *LOGIN_RCPTS, "RSET",
         "MAIL FROM:<free@remote.test>", *LOGIN_RCPTS, "RSET",
         "MAIL FROM:<x@shared.test>", *LOGIN_RCPTS, "RCPT TO:<sasl@relay.test>"],
+    # the maps are asked the sender as Postfix resolves it: qualified (myorigin), the percent hack applied
+    "sender logins, resolved first": [
+        "EHLO c.test", ALICE_PLAIN, "MAIL FROM:<carol>", "RCPT TO:<kslm@relay.test>", "RSET",
+        "MAIL FROM:<BOB@Local.Test>", "RCPT TO:<kslm@relay.test>", "RSET",
+        "MAIL FROM:<bob%local.test@local.test>", "RCPT TO:<kslm@relay.test>"],
+    "sender logins, resolved first, not logged in": ["EHLO c.test", "MAIL FROM:<carol>", "RCPT TO:<uslm@relay.test>"],
 }
 
 
@@ -196,5 +202,9 @@ async def test_the_items_reply_and_log_as_postfix_does(postfix, sasl_dovecot, ma
         "553 5.7.1 <alice@local.test>: Sender address rejected: not logged in", "250 2.1.5 Ok",
         "553 5.7.1 <alice@local.test>: Sender address rejected: not logged in",
         "553 5.7.1 <alice@local.test>: Sender address rejected: not logged in"]
+    assert expected["sender logins, resolved first"][3::3] == [
+        "553 5.7.1 <carol>: Sender address rejected: not owned by user alice@example.test",
+        "553 5.7.1 <BOB@Local.Test>: Sender address rejected: not owned by user alice@example.test",
+        "553 5.7.1 <bob%local.test@local.test>: Sender address rejected: not owned by user alice@example.test"]
     assert expected["sender logins, logged in"][-1] == \
         "554 5.7.1 <alice@example.test>: SASL login name rejected: no alice"

@@ -294,15 +294,16 @@ class SenderLogins:
         return {v.lower() for v in re.split(r"[\s,]+", value) if v}
 
     def refusal(self, sender: str, login: str | None, *, authenticated: bool = True, unauthenticated: bool = True,
-                allow_unknown: bool = False) -> status.Reply | None:
+                allow_unknown: bool = False, resolved: str = "") -> status.Reply | None:
         """Postfix's reject_*sender_login_mismatch for MAIL FROM `sender` ("" or "<>": the null sender, which
         passes) and the client's `login` (None: not logged in). `authenticated`: a logged-in client must own the
         sender (`allow_unknown`: unless no map lists it); `unauthenticated`: a client not logged in may not use a
-        sender the maps give owners. 553 5.7.1 `not owned by user LOGIN` / `not logged in`, or None. Raises
-        LookupRetry."""
+        sender the maps give owners. `resolved`: the sender as the maps are asked it (Postfix's smtpd_resolve_addr:
+        qualified, the percent hack applied; "": as given). 553 5.7.1 `not owned by user LOGIN` / `not logged
+        in`, naming the sender as given, or None. Raises LookupRetry."""
         if sender in ("", "<>") or not (self._tables or self._own_address):
             return None
-        owners = self.owners(sender) if self._tables else {sender.lower()}
+        owners = self.owners(resolved or sender) if self._tables else {sender.lower()}
         if login is None:
             refused = unauthenticated and owners is not None and bool(self._tables)
         else:

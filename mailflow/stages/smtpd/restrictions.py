@@ -26,8 +26,9 @@ What it owns
   permit_auth_destination, permit_naked_ip_address (deprecated: logged at each use); reject_unlisted_sender
   (`_unlisted` asked for the sender: 550 5.1.0 `Sender address rejected`; also implied after the sender list
   with smtpd_reject_unlisted_sender, unless that list refused), the reject_*sender_login_mismatch items
-  (auth.SenderLogins.refusal with sender_login_maps, the one check the [smtpd] setting uses at MAIL) and
-  check_sasl_access (key: the SASL login); the SASL ones are ignored (logged) without AUTH on the listener.
+  (auth.SenderLogins.refusal with sender_login_maps, asked the sender as resolved; the one check the [smtpd]
+  setting uses at MAIL) and check_sasl_access (key: the SASL login); the SASL ones are ignored (logged) without
+  AUTH on the listener.
 
 Evaluation (delay_reject true: Postfix with smtpd_delay_reject = yes): at RCPT the client, helo, sender, relay and
 recipient lists run in that order (delay_reject false: the handler runs the first three at connect or XCLIENT,
@@ -583,7 +584,8 @@ class Restrictions:
 
     def _sender_login(self, name: str, facts: Facts) -> status.Reply | None:
         """reject_*sender_login_mismatch (SENDER_LOGIN_CHECKS): the one check of auth.SenderLogins, with
-        sender_login_maps; the null sender passes. Without AUTH on the listener Postfix ignores the item, logged."""
+        sender_login_maps asked the sender as Postfix resolves it first (`user` is `user@myorigin`, the percent
+        hack applied); the null sender passes. Without AUTH on the listener Postfix ignores the item, logged."""
         if not facts.sender:
             return None
         if not self._smtpd.sasl_auth_enable:
@@ -593,7 +595,8 @@ class Restrictions:
         try:
             return self._sender_logins.refusal(facts.sender, facts.sasl_username or None,
                                                authenticated=authenticated, unauthenticated=unauthenticated,
-                                               allow_unknown=allow_unknown)
+                                               allow_unknown=allow_unknown,
+                                               resolved=self._rewriter.resolved_address(facts.sender))
         except LookupRetry as e:
             log.warning("sender_login_maps: %s", e.reason)
             return status.error_reply(e, facts.sender)
