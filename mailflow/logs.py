@@ -334,7 +334,8 @@ class SmtpdLog:
 
     def reject(self, stage: str, client: str, reply: str, *, sender: str | None, recipient: str = "",
                protocol: str = "ESMTP", helo: str = "", action: str = "reject", queue_id: str = "") -> None:
-        """A refusal at MAIL, RCPT, DATA or END-OF-MESSAGE (`action` "reject"), an access action where it was met
+        """A refusal at MAIL, RCPT, DATA or END-OF-MESSAGE (`action` "reject"; "reject_warning": one warn_if_reject
+        made only a warning), an access action where it was met
         (`action` "hold", "discard", "redirect", "bcc", "filter", `reply` its text: `<s@d>: Sender address
         triggers HOLD action`), a message a filter held or discarded (with its queue id), or an access WARN or
         INFO (`action` "warn" / "info", `reply` its text): Postfix's log_whatsup, named by `queue_id`, the
