@@ -1,4 +1,4 @@
-"""Name service for delivery and the inbound checks: MX, address, TXT, PTR and TLSA lookups behind one small
+"""Name service for delivery and the inbound checks: MX, address, TXT, PTR, NS and TLSA lookups behind one small
 protocol.
 
 Owns: the `Resolver` protocol every component receives through its constructor, the `MX` and `Tlsa` values, the
@@ -15,6 +15,7 @@ component may use it.
                                               failure of both names AAAA (the last asked, as Postfix reports it)
     Resolver.txt(name) -> list[str]           each TXT record, its strings joined (DKIM keys, SPF, DMARC, MTA-STS)
     Resolver.ptr(address) -> list[str]        the names of an IP address (reverse DNS)
+    Resolver.ns(domain) -> list[str]          the name servers of a domain (smtpd's check_*_ns_access)
     Resolver.tlsa(name) -> TlsaAnswer         TLSA records (RFC 6698) and whether the answer was DNSSEC-validated
                                               (the AD bit of a validating upstream resolver: DANE trusts only that)
     Resolver.validated(name, qtype) -> bool   the answer for name/qtype carried the AD bit (an MX RRset for DANE)
@@ -22,7 +23,7 @@ component may use it.
                                               takes at most `timeout` x `tries` seconds, and may take them all
                                               (what c-ares's own, shorter, timeouts give up is asked again on a
                                               second channel, shared too: `_query`)
-    StaticResolver(mx={...}, addresses={...}, txt={...}, ptr={...}, tlsa={...}, secure=(names...))
+    StaticResolver(mx={...}, addresses={...}, txt={...}, ptr={...}, tlsa={...}, ns={...}, secure=(names...))
     is_ip_literal(host) -> bool               an IP literal resolves to itself, without a query
                                               (mailflow.syntax.is_ip_address)
     await ptr_names(resolver, address)        its PTR names, at most PTR_NAMES_KEPT; [] for none
@@ -115,6 +116,8 @@ class Resolver(Protocol):
 
     async def ptr(self, address: str) -> list[str]: ...
 
+    async def ns(self, domain: str) -> list[str]: ...
+
     async def tlsa(self, name: str) -> TlsaAnswer: ...
 
     async def validated(self, name: str, qtype: str) -> bool: ...
@@ -160,16 +163,24 @@ class StaticResolver:
 
     def __init__(self, mx: dict[str, list[MX]] | None = None, addresses: dict[str, list[str]] | None = None,
                  txt: dict[str, list[str]] | None = None, ptr: dict[str, list[str]] | None = None,
-                 tlsa: dict[str, list[Tlsa]] | None = None, secure: tuple[str, ...] = ()):
+                 tlsa: dict[str, list[Tlsa]] | None = None, secure: tuple[str, ...] = (),
+                 ns: dict[str, list[str]] | None = None):
         self._mx = {normalize_name(k): list(v) for k, v in (mx or {}).items()}
         self._addresses = {normalize_name(k): list(v) for k, v in (addresses or {}).items()}
         self._txt = {normalize_name(k): list(v) for k, v in (txt or {}).items()}
         self._ptr = {normalize_name(k): list(v) for k, v in (ptr or {}).items()}
         self._tlsa = {normalize_name(k): tuple(v) for k, v in (tlsa or {}).items()}
         self._secure = {normalize_name(n) for n in secure}
+        self._ns = {normalize_name(k): [normalize_name(h) for h in v] for k, v in (ns or {}).items()}
 
     def _exists(self, name: str) -> bool:
-        return any(name in table for table in (self._mx, self._addresses, self._txt, self._ptr, self._tlsa))
+        return any(name in table for table in (self._mx, self._addresses, self._txt, self._ptr, self._tlsa, self._ns))
+
+    async def ns(self, domain: str) -> list[str]:
+        key = normalize_name(domain)
+        if not self._exists(key):
+            raise NotFound(domain, "NS")
+        return list(self._ns.get(key, ()))
 
     async def txt(self, name: str) -> list[str]:
         key = normalize_name(name)
@@ -254,6 +265,10 @@ class AiodnsResolver:
         reverse = dns.reversename.from_address(address).to_text(omit_final_dot=True)
         result = await self._query(reverse, "PTR")
         return [normalize_name(rec.data.dname) for rec in result if rec.type == pycares.QUERY_TYPE_PTR]
+
+    async def ns(self, domain: str) -> list[str]:
+        result = await self._query(domain, "NS")
+        return [normalize_name(rec.data.nsdname) for rec in result if rec.type == pycares.QUERY_TYPE_NS]
 
     async def tlsa(self, name: str) -> TlsaAnswer:
         answer = await self._dnssec_query(name, "TLSA")

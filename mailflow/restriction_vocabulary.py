@@ -14,6 +14,9 @@ which names can refuse relaying. `mailflow.config` validates every `smtpd.*_rest
                                          WARN_IF_REJECT: the pseudo-item that makes the next item only warn;
                                          RHSBL_CHECKS: reject_rhsbl_* -> what is looked up; NEEDS_FILTER: the
                                          names that need a filter a restriction list must name to set it up
+    SERVER_ACCESS_CHECKS                 check_*_{mx,ns,a}_access -> (what names the domain, "MX" | "NS" | "A");
+                                         DNSWL_CHECKS: permit_dnswl_client, permit_rhswl_client -> what is looked up;
+                                         LOGGED_PERMITS: the permits whose logging can be asked for
     RELAY_GUARDS                         the names that can refuse relaying (config requires one of them)
     ACCESS_ACTIONS                       the words an access table's value starts with that are actions, not
                                          restriction names (a restriction class may not be called so)
@@ -86,6 +89,15 @@ WITHOUT_ARGUMENT += (  # the items a Postfix main.cf names that need no DNS
     "permit_auth_destination", "permit_naked_ip_address", "reject_unlisted_sender", *SENDER_LOGIN_CHECKS)
 ACCESS_CHECKS["check_sasl_access"] = "sasl"  # the key: the SASL login name, as it is (no other key)
 WITH_ARGUMENT = tuple(ACCESS_CHECKS) + ("reject_rbl_client", "check_policy_service") + tuple(RHSBL_CHECKS)
+# DNS-based items of Postfix's smtpd_check.c: a table asked with the MX, NS or A hosts of a name (check_server_access:
+# name -> (what the name is, the record type)), DNS allowlists, MX backup and the HELO name's records
+SERVER_ACCESS_CHECKS = {f"check_{subject}_{rr}_access": (subject.removesuffix("_hostname"), rr.upper())
+                        for subject in ("client", "reverse_client_hostname", "helo", "sender", "recipient")
+                        for rr in ("mx", "ns", "a")}
+DNSWL_CHECKS = {"permit_dnswl_client": "client", "permit_rhswl_client": "client_name"}  # -> what is looked up
+WITHOUT_ARGUMENT += ("reject_unknown_helo_hostname", "reject_unknown_hostname", "permit_mx_backup")
+LOGGED_PERMITS = (*DNSWL_CHECKS, "permit_mx_backup")  # the permits smtpd.log_access_permit_actions may name
+WITH_ARGUMENT += tuple(SERVER_ACCESS_CHECKS) + tuple(DNSWL_CHECKS)
 # Restrictions that need a filter of [greylist] / [sender_auth], set up when a list (or a class it names) names
 # them: one named only in an access table's value has none
 NEEDS_FILTER = ("check_greylist", "reject_spf_fail", "reject_dmarc_policy")
@@ -117,14 +129,15 @@ def check_item(text: object, classes: Iterable[str] = ()) -> str:
         raise ValueError(f"{name!r} takes no argument (got {arg!r})")
     if name in WITH_ARGUMENT and not arg:
         raise ValueError(f"{name!r} needs an argument")
-    if name in ACCESS_CHECKS:
+    if name in ACCESS_CHECKS or name in SERVER_ACCESS_CHECKS:
         _check_access_table(name, arg)
     if name == "check_policy_service":
         parse_endpoint(arg)
-    if name == "reject_rbl_client" or name in RHSBL_CHECKS:
+    if name == "reject_rbl_client" or name in RHSBL_CHECKS or name in DNSWL_CHECKS:
         rbl_domain, _, wanted = arg.partition("=")
         if not normalise_domain(rbl_domain) or (wanted and not is_ipv4(wanted)):
-            raise ValueError(f"{name}: {arg!r} is not a DNSBL (domain or domain=127.0.0.x)")
+            kind = "DNS allowlist" if name in DNSWL_CHECKS else "DNSBL"
+            raise ValueError(f"{name}: {arg!r} is not a {kind} (domain or domain=127.0.0.x)")
     return text.strip()
 
 

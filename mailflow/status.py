@@ -204,7 +204,8 @@ def invalid_helo(name: str) -> Reply:
 
 
 def invalid_helo_address(name: str) -> Reply:
-    """permit_naked_ip_address with a HELO of digits, dots and colons that is no IP address (Postfix 3.7)."""
+    """A HELO of digits, dots and colons (permit_naked_ip_address) or an address literal
+    (reject_unknown_helo_hostname) that is no IP address (Postfix's reject_invalid_hostaddr)."""
     return restriction_rejected(501, "5.5.2", name, "Helo command", "invalid ip address")
 
 
@@ -222,6 +223,12 @@ def multi_recipient_bounce(name: str, what: str) -> Reply:
 def encryption_required(code: int) -> Reply:
     """reject_plaintext_session (`code`: plaintext_reject_code; the enhanced code takes its class, as Postfix's)."""
     return Reply(code, f"{code // 100}.7.1", "Session encryption is required")
+
+
+def unknown_helo_hostname(name: str, code: int) -> Reply:
+    """reject_unknown_helo_hostname: no A, AAAA or MX record for the HELO name (`code`: unknown_hostname_reject_code;
+    450 when the DNS cannot tell now). Postfix's 4.7.1, in the code's class."""
+    return restriction_rejected(code, f"{code // 100}.7.1", name, "Helo command", "Host not found")
 
 
 def domain_not_found(address: str, code: int) -> Reply:
@@ -296,6 +303,8 @@ MILTER_UNAVAILABLE = Reply(550, "5.5.0", "Service unavailable")  # milter_defaul
 MILTER_CONFIGURATION_PROBLEM = Reply(451, "4.3.5", "Server configuration problem - try again later")
 # a non_smtpd_milter refused a recipient of mail that came by sendmail (Postfix: a configuration error; it waits)
 MILTER_CONFIGURATION_ERROR = Reply(451, "4.3.5", "Server configuration error")
+# smtpd: a restriction that may not permit did (check_*_{mx,ns,a}_access answering OK; Postfix's reject_server_error)
+SERVER_CONFIGURATION_ERROR = Reply(451, "4.3.5", "Server configuration error")
 SPAM_REJECTED = Reply(550, "5.7.1", "Message rejected as spam")
 
 

@@ -18,7 +18,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from mailflow.config.base import (Duration, FrozenMap, HostPorts, Networks, Restriction, RestrictionClasses, Section,
                                   TableSpecs, validation_key, validation_reason)
 from mailflow.config.filters import SmtpdFilterSettings
-from mailflow.restriction_vocabulary import RELAY_GUARDS, expand
+from mailflow.restriction_vocabulary import LOGGED_PERMITS, RELAY_GUARDS, expand
 from mailflow.syntax import parse_endpoint, parse_hostport
 
 
@@ -173,6 +173,18 @@ class SmtpdConfig(SmtpdFilterSettings):
     reject_unlisted_sender: bool = False
     plaintext_reject_code: int = Field(450, ge=400, le=599)
     unknown_address_reject_code: int = Field(450, ge=400, le=599)
+    # reject_unknown_helo_hostname (Postfix's unknown_hostname_reject_code, unknown_helo_hostname_tempfail_action):
+    # the code for a HELO name without A, AAAA or MX record; when the DNS cannot tell, 450 as a DEFER_IF_PERMIT
+    # (a later refusal wins) or at once (defer).
+    unknown_hostname_reject_code: int = Field(450, ge=400, le=599)
+    unknown_helo_hostname_tempfail_action: Literal["defer_if_permit", "defer"] = "defer_if_permit"
+    # permit_mx_backup: when set, every address of the domain's best MX hosts must be in these networks (Postfix's
+    # permit_mx_backup_networks; mynetworks' syntax).
+    permit_mx_backup_networks: Networks = ()
+    # The permit actions whose permits are logged (`permit: RCPT from …: action=permit_dnswl_client for Client
+    # host=…`; Postfix's smtpd_log_access_permit_actions): of permit_dnswl_client, permit_rhswl_client and
+    # permit_mx_backup.
+    log_access_permit_actions: tuple[str, ...] = ()
     # reject_unverified_recipient / reject_unverified_sender (Postfix's names; [address_verify] runs the probes):
     # the code for an address whose probe failed (reject_code: bounced; defer_code: deferred or still under
     # way), how a 4xx is applied (tempfail_action: defer_if_permit, a later refusal wins; or defer, at once) and
@@ -208,6 +220,14 @@ class SmtpdConfig(SmtpdFilterSettings):
         if name not in FINGERPRINT_DIGESTS:
             raise ValueError(f"{v!r} is not a digest name ({', '.join(FINGERPRINT_DIGESTS)})")
         return name
+
+    @field_validator("log_access_permit_actions")
+    @classmethod
+    def _logged_permits(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for name in v:
+            if name not in LOGGED_PERMITS:
+                raise ValueError(f"{name!r}: mailflow logs the permits of {', '.join(LOGGED_PERMITS)}")
+        return v
 
     @field_validator("sasl_path")
     @classmethod

@@ -1,29 +1,42 @@
 """The smtpd restrictions that ask the DNS: reject_rbl_client, reject_rhsbl_client/reverse_client/sender/helo/
-recipient, reject_unknown_client_hostname, reject_unknown_reverse_client_hostname, reject_unknown_sender_domain
-and reject_unknown_recipient_domain (Postfix's postconf(5) meanings). restrictions.py decides when each runs;
-this module asks the resolver and words the answer.
+recipient, permit_dnswl_client, permit_rhswl_client, reject_unknown_client_hostname,
+reject_unknown_reverse_client_hostname, reject_unknown_helo_hostname, reject_unknown_sender_domain and
+reject_unknown_recipient_domain (Postfix's postconf(5) meanings; the ones that ask about a domain's servers are
+server_checks.py's). restrictions.py decides when each runs; this module asks the resolver and words the answer.
 
     DnsChecks(resolver, rewriter, unknown_address_reject_code)
         .rbl(arg, facts), .rhsbl(kind, arg, facts)      554 5.7.1 when listed (127.x, or the answer asked for)
+        .allowlisted(kind, arg, facts) -> bool           permit_dnswl_client (kind "client": the address) and
+                                                         permit_rhswl_client ("client_name": the verified name)
+                                                         listed as reject_rbl_client's lists are; a lookup that
+                                                         fails is a DEFER_IF_REJECT 450 4.7.1 (Postfix)
         .unknown_client(facts, reverse_only=...)         450 4.7.1 without a (verified) name
+        .unknown_helo(facts, code, tempfail_action)      no A, AAAA or MX for the HELO name: `code` 4.7.1 "Host
+                                                         not found"; DNS cannot tell: 450 as a DEFER_IF_PERMIT (or
+                                                         at once: tempfail_action "defer"); an address literal
+                                                         that is no address: 501 5.5.2
+        .reverse_name(facts) -> str                      the client's first PTR name ("" for none)
         .unknown_sender_domain(sender)                   no MX and no address: unknown_address_reject_code 4.1.8
         .unknown_recipient_domain(rcpt)                  the same for a recipient (4.1.2); a null MX: 556 5.1.10
     rbl_query_name(client_addr, rbl_domain) -> str | None
+    literal_address("[192.0.2.1]") -> "192.0.2.1"      an address literal's address (None: not one)
 
 Only domains this host is not final destination for are asked about (address classes relay and default).
 A client's PTR names and its verified name are remembered in the session's `facts.memo`.
 
-Failure behaviour: a DNSBL that cannot be asked counts as not listed (logged); the unknown-name checks defer
-(450) when the DNS cannot tell now, as Postfix's do. Nothing here raises.
+Failure behaviour: a DNSBL that cannot be asked counts as not listed (logged as Postfix's `RBL lookup error`), a
+DNS allowlist too, with a DEFER_IF_REJECT; the unknown-name checks defer (450) when the DNS cannot tell now, as
+Postfix's do. Nothing here raises.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 from typing import TYPE_CHECKING
 
 from mailflow import address, status
 from mailflow.address import client_ip
-from mailflow.dns import NotFound, confirmed_name, ptr_names
+from mailflow.dns import NotFound, confirmed_name, is_ip_literal, ptr_names
 from mailflow.errors import LookupRetry
 from mailflow.model import AddressClass
 from mailflow.syntax import is_ipv4
@@ -59,7 +72,7 @@ class DnsChecks:
     async def rbl(self, arg: str, facts: Facts) -> status.Reply | None:
         rbl_domain, _, wanted = arg.partition("=")
         query = rbl_query_name(facts.client_addr, rbl_domain)
-        if query is None or not await self._listed(query, wanted, "DNSBL"):
+        if query is None or not await self._listed(query, wanted):
             return None
         return status.rbl_listed(facts.client_addr, rbl_domain)
 
@@ -68,7 +81,7 @@ class DnsChecks:
         rbl_domain, _, wanted = arg.partition("=")
         domain, what = await self._rhsbl_subject(kind, facts)
         domain = address.normalise_domain(domain or "")
-        if not domain or domain.startswith("[") or not await self._listed(f"{domain}.{rbl_domain}", wanted, "RHSBL"):
+        if not domain or domain.startswith("[") or not await self._listed(f"{domain}.{rbl_domain}", wanted):
             return None
         return status.rbl_listed(domain, rbl_domain, what)
 
@@ -82,7 +95,8 @@ class DnsChecks:
         addr = facts.sender if kind == "sender" else facts.recipient
         return (address.split(addr)[1] if addr else ""), ("Sender address" if kind == "sender" else "Recipient address")
 
-    async def _listed(self, query: str, wanted: str, kind: str) -> bool:
+    async def _listed(self, query: str, wanted: str) -> bool | None:
+        """`query` has an address (127.x, or the one `wanted`); None when the DNS cannot tell (logged)."""
         if self._resolver is None:
             return False
         try:
@@ -90,9 +104,27 @@ class DnsChecks:
         except NotFound:
             return False
         except LookupRetry as e:
-            log.warning("%s: %s lookup error: %s", query, kind, e.reason)
-            return False
+            log.warning("%s: RBL lookup error: %s", query, e.reason)
+            return None
         return any(is_ipv4(a) and a.startswith("127.") and (not wanted or a == wanted) for a in answers)
+
+    async def allowlisted(self, kind: str, arg: str, facts: Facts) -> bool:
+        """permit_dnswl_client / permit_rhswl_client: the client's address (reversed, as for a DNSBL) or its
+        verified name (not one ending in a numeric label, as Postfix's find_dnsxl_domain) is listed under the
+        allowlist. A lookup that fails permits nothing and makes a later 5xx refusal a 450 (DEFER_IF_REJECT)."""
+        list_domain, _, wanted = arg.partition("=")
+        if kind == "client":
+            subject = facts.client_addr
+            query = rbl_query_name(subject, list_domain)
+        else:
+            subject = address.normalise_domain(await self._verified_client_name(facts) or "")
+            query = f"{subject}.{list_domain}" if _rhs_name(subject) else None
+        if query is None:
+            return False
+        listed = await self._listed(query, wanted)
+        if listed is None:
+            facts.defer_if_reject = facts.defer_if_reject or status.conditional_deferral(subject, "Client host")
+        return bool(listed)
 
     # -------------------------------------------------------------------------------- client names
 
@@ -106,6 +138,13 @@ class DnsChecks:
         else:
             ok = bool(await self._verified_client_name(facts))
         return None if ok else status.unknown_client(facts.client_addr, 450, reverse_only)
+
+    async def reverse_name(self, facts: Facts) -> str:
+        """The client's first PTR name, unverified (Postfix's reverse client name); "" for none or when the DNS
+        cannot tell now."""
+        if self._resolver is None or client_ip(facts.client_addr) is None:
+            return ""
+        return (await self._client_names(facts) or [""])[0]
 
     async def _client_names(self, facts: Facts) -> list[str] | None:
         """The client address's PTR names (memoized per session); None when DNS cannot answer now."""
@@ -135,6 +174,47 @@ class DnsChecks:
             return None
         facts.memo[key] = found
         return found
+
+    # -------------------------------------------------------------------------------- the HELO name
+
+    async def unknown_helo(self, facts: Facts, code: int, tempfail_action: str) -> status.Reply | None:
+        """reject_unknown_helo_hostname, as Postfix's reject_unknown_hostname: the HELO name has an A, AAAA or MX
+        record (a null MX counts), else `code` 4.7.1 "Host not found"; when the DNS cannot tell, 450 4.7.1 as a
+        DEFER_IF_PERMIT (tempfail_action "defer": at once). An address literal is only checked for being one
+        (Postfix's reject_invalid_hostaddr: 501 5.5.2)."""
+        helo = facts.helo
+        if not helo or self._resolver is None:
+            return None
+        if helo.startswith("["):
+            return None if literal_address(helo) else status.invalid_helo_address(helo)
+        known = await self._has_host_records(helo)
+        if known:
+            return None
+        if known is False:
+            return status.unknown_helo_hostname(helo, code)
+        reply = status.unknown_helo_hostname(helo, 450)
+        if tempfail_action == "defer":
+            return reply
+        facts.defer_if_permit = facts.defer_if_permit or reply
+        return None
+
+    async def _has_host_records(self, name: str) -> bool | None:
+        """An A, AAAA or MX record for `name` (asked in that order, the first found ends it, as Postfix's
+        dns_lookup_l with STOP_OK); None when none was found and a lookup failed for now. A bare IP address
+        names no host in the DNS (where Postfix asks it as a name, which no TLD answers)."""
+        if is_ip_literal(name):
+            return False
+        failed = False
+        for lookup in (self._resolver.addresses, self._resolver.mx):
+            try:
+                if await lookup(name):
+                    return True
+            except NotFound:
+                continue
+            except LookupRetry as e:
+                log.debug("%s: address or MX lookup error: %s", name, e.reason)  # (Postfix logs none)
+                failed = True
+        return None if failed else False
 
     # -------------------------------------------------------------------------------- address domains
 
@@ -179,3 +259,24 @@ class DnsChecks:
             log.warning("MAIL <%s>: %s", sender, e.reason)
             return status.sender_domain_not_found(sender, 450)
         return status.sender_domain_not_found(sender, self._unknown_code)
+
+
+def _rhs_name(name: str) -> bool:
+    """A name an RHS list is asked about (Postfix's find_dnsxl_domain): a valid host name whose last label is not
+    all digits (some lists refuse what looks like an address)."""
+    return bool(name) and not name.rpartition(".")[2].isdigit() and address.is_valid_domain(name)
+
+
+
+def literal_address(literal: str) -> str | None:
+    """The address of `[192.0.2.1]` / `[IPv6:2001:db8::1]` (Postfix's valid_mailhost_addr inside the brackets);
+    None for another text."""
+    if len(literal) < 3 or not (literal.startswith("[") and literal.endswith("]")):
+        return None
+    inner = literal[1:-1]
+    v6 = inner[:5].lower() == "ipv6:"
+    try:
+        ip = ipaddress.ip_address(inner[5:] if v6 else inner)
+    except ValueError:
+        return None
+    return str(ip) if ip.version == (6 if v6 else 4) else None

@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -84,11 +85,12 @@ from mailflow.dsn_parameters import xtext_encode
 from mailflow.errors import LookupRetry
 from mailflow.logs import SmtpdLog, printable
 from mailflow.model import AddressClass
-from mailflow.restriction_vocabulary import (ACCESS_CHECKS, CLIENT_CERT_PERMITS, KNOWN, NEEDS_FILTER, RCPT_STAGES,
-                                             RHSBL_CHECKS, SENDER_LOGIN_CHECKS, STAGES, WARN_IF_REJECT,
-                                             WITH_ARGUMENT, check_item, split_item)
+from mailflow.restriction_vocabulary import (ACCESS_CHECKS, CLIENT_CERT_PERMITS, DNSWL_CHECKS, KNOWN, NEEDS_FILTER,
+                                             RCPT_STAGES, RHSBL_CHECKS, SENDER_LOGIN_CHECKS, SERVER_ACCESS_CHECKS,
+                                             STAGES, WARN_IF_REJECT, WITH_ARGUMENT, check_item, split_item)
 from mailflow.stages.smtpd.auth import SenderLogins
 from mailflow.stages.smtpd.dns_checks import DnsChecks
+from mailflow.stages.smtpd.server_checks import ServerChecks
 from mailflow.stages.smtpd.policy import PolicyClient, PolicyError
 from mailflow.stages.smtpd.tls import ClientCert
 from mailflow.stages.verify import Status as VerifyStatus
@@ -298,7 +300,8 @@ class Restrictions:
         self._etrn_steps = ETRN_STEPS if smtpd.delay_reject else ETRN_STEPS[-1:]
         self._classes = {name: tuple(split_item(i) for i in items) for name, items in smtpd.restriction_classes.items()}
         every = (*self._lists.values(), *self._classes.values())
-        self._tables = {arg: tables.open([arg]) for items in every for name, arg in items if name in ACCESS_CHECKS}
+        self._tables = {arg: tables.open([arg]) for items in every for name, arg in items
+                        if name in ACCESS_CHECKS or name in SERVER_ACCESS_CHECKS}
         self._relay_clientcerts = tables.open(smtpd.relay_clientcerts)
         self._policies = {arg: PolicyClient(arg, smtpd.policy_service_timeout, max_idle=smtpd.policy_service_max_idle,
                                             max_ttl=smtpd.policy_service_max_ttl,
@@ -307,6 +310,8 @@ class Restrictions:
         # mynetworks is in Postfix's parent_domain_matches_subdomains: a table is asked the name's parents
         self._mynetworks = NetworkList.from_items(config.mynetworks, tables.open, parent_style=True,
                                                  setting="mynetworks")
+        self._servers = ServerChecks(resolver, rewriter, NetworkList.from_items(
+            smtpd.permit_mx_backup_networks, tables.open, parent_style=True, setting="permit_mx_backup_networks"))
         self._lines = SmtpdLog()  # WARN's and INFO's log lines
         # the reject_*sender_login_mismatch items' maps (none: they refuse nothing, as Postfix's)
         self._sender_logins = SenderLogins(tables.open(smtpd.sender_login_maps), delimiter=config.recipient_delimiter)
@@ -481,6 +486,20 @@ class Restrictions:
             return await self._unverified("recipient", facts.recipient, facts) if facts.recipient else None
         if name == "reject_unverified_sender":
             return await self._unverified("sender", facts.sender, facts) if facts.sender else None
+        return await self._dns_item(name, arg, stage, facts)
+
+    async def _dns_item(self, name: str, arg: str, stage: str, facts: Facts):
+        """The DNS-based items of the second group (server access, allowlists, MX backup, the HELO name)."""
+        if name in SERVER_ACCESS_CHECKS:
+            return await self._server_access(name, arg, stage, facts)
+        if name in DNSWL_CHECKS:
+            return await self._allowlisted(name, arg, stage, facts)
+        if name in ("reject_unknown_helo_hostname", "reject_unknown_hostname"):
+            smtpd = self._smtpd
+            return await self._dns.unknown_helo(facts, smtpd.unknown_hostname_reject_code,
+                                                smtpd.unknown_helo_hostname_tempfail_action)
+        if name == "permit_mx_backup":
+            return await self._mx_backup(stage, facts) if facts.recipient else None
         raise AssertionError(f"restriction {name!r} has no evaluation")  # check_item lets no such name in
 
     def _simple(self, name: str, stage: str, facts: Facts, subject: tuple[str, str] | None = None):
@@ -794,6 +813,84 @@ class Restrictions:
 
     def _has_filter(self, name: str) -> bool:
         return (self._greylist if name == "check_greylist" else self._sender_auth) is not None
+
+    # -------------------------------------------------------------------------------- DNS: servers, allowlists
+
+    async def _server_access(self, name: str, spec: str, stage: str, facts: Facts):
+        """check_*_{mx,ns,a}_access (Postfix's check_server_access): the table asked with each MX, NS or A host of
+        the name (ServerChecks.servers: the host's name and parent domains, then each address and its networks);
+        the first entry found is the action. An OK is refused (451 4.3.5, logged): Postfix's forbid_allowlist, as
+        whoever runs the DNS of the name could make it so."""
+        target = await self._server_target(SERVER_ACCESS_CHECKS[name][0], facts)
+        if target is None:
+            return None
+        looked_up, reply_name, what = target
+        found = await self._first_server_entry(name, spec, looked_up, reply_name, what)
+        if found is None or isinstance(found, status.Reply):
+            return found
+        answer = await self.action(found, reply_name, what, facts, source=spec, stage=stage)
+        if answer != PERMIT or facts.marks.discard is not None:
+            return answer
+        log.warning("restriction %s returns OK for %s", name, looked_up)
+        log.warning("this is not allowed for security reasons")
+        log.warning("use DUNNO instead of OK if you want to make an exception")
+        return status.SERVER_CONFIGURATION_ERROR
+
+    async def _first_server_entry(self, name: str, spec: str, looked_up: str, reply_name: str, what: str):
+        """The table's value for the first server name or address it has; None; a Reply when it cannot answer."""
+        rr = SERVER_ACCESS_CHECKS[name][1]
+        async with aclosing(self._servers.servers(rr, looked_up, reply_name, what)) as servers:
+            async for kind, value in servers:
+                keys = domain_keys(value) if kind == "name" else client_keys(value, "")
+                try:
+                    found = find(self._tables[spec], keys, (0,))
+                except LookupRetry as e:
+                    log.warning("%s lookup error for %r: %s", spec, value, e.reason)
+                    return status.restriction_config_error(reply_name, what)
+                if found is not None:
+                    return found[2]
+        return None
+
+    async def _server_target(self, subject: str, facts: Facts) -> tuple[str, str, str] | None:
+        """(the name whose servers are asked about, the name a refusal gives, what it is) of a server access
+        check; None when there is none (no client name, no HELO, the null sender, ...), as Postfix skips it."""
+        if subject == "client":
+            known = facts.client_name and facts.client_name.lower() != "unknown"
+            return (facts.client_name, f"{facts.client_name}[{facts.client_addr}]", SUBJECT["client"]) if known \
+                else None
+        if subject == "reverse_client":
+            reverse = await self._dns.reverse_name(facts)
+            return (reverse, reverse, "Unverified Client host") if reverse else None
+        value = {"helo": facts.helo, "sender": facts.sender, "recipient": facts.recipient}[subject]
+        return (value, value, SUBJECT[subject]) if value else None
+
+    async def _allowlisted(self, name: str, arg: str, stage: str, facts: Facts):
+        """permit_dnswl_client / permit_rhswl_client: PERMIT for a listed client. At RCPT, never for a recipient
+        this host would not take without it (Postfix: no allowlisting of relaying); a lookup that fails is a
+        DEFER_IF_REJECT (DnsChecks.allowlisted)."""
+        if protocol_state(stage, facts) == "RCPT" and facts.recipient and \
+                self._rewriter.classify(facts.recipient) is AddressClass.DEFAULT:
+            return None
+        if not await self._dns.allowlisted(DNSWL_CHECKS[name], arg, facts):
+            return None
+        return self._permitted(name, SUBJECT["client"], f"{facts.client_name}[{facts.client_addr}]", facts, stage)
+
+    async def _mx_backup(self, stage: str, facts: Facts):
+        """permit_mx_backup (ServerChecks.mx_backup): PERMIT for a recipient this host is a backup MX of."""
+        try:
+            backup = await self._servers.mx_backup(facts.recipient, facts)
+        except LookupRetry as e:  # the recipient's class: a domain list's table cannot answer now
+            log.warning("permit_mx_backup: %s", e.reason)
+            return status.error_reply(e, facts.recipient)
+        return self._permitted("permit_mx_backup", SUBJECT["recipient"], facts.recipient, facts, stage) if backup \
+            else None
+
+    def _permitted(self, name: str, what: str, subject: str, facts: Facts, stage: str) -> str:
+        """PERMIT, logged when log_access_permit_actions names the action and no DEFER_IF_PERMIT overrules it
+        (Postfix's smtpd_acl_permit: `permit: RCPT from host[ip]: action=NAME for Client host=host[ip]; ...`)."""
+        if name in self._smtpd.log_access_permit_actions and facts.defer_if_permit is None:
+            self._whatsup("permit", f"action={name} for {what}={subject}", facts, stage)
+        return PERMIT
 
     # -------------------------------------------------------------------------------- filters and policy
 

@@ -1,0 +1,228 @@
+"""The smtpd restrictions that ask about the servers of a domain, as Postfix 3.7's smtpd_check.c does:
+check_{client,reverse_client_hostname,helo,sender,recipient}_{mx,ns,a}_access (its check_server_access) and
+permit_mx_backup with permit_mx_backup_networks. restrictions.py decides when each runs and asks the access table;
+this module asks the resolver.
+
+    ServerChecks(resolver, rewriter, mx_backup_networks)
+        .servers(rr, name, reply_name, reply_class)   async iterator of what check_server_access asks the table, in
+                                                      its order: ("name", host) for each MX or NS host (its parent
+                                                      domains are the caller's keys), then ("address", ip) for each
+                                                      of that host's addresses; the caller stops at the first entry
+                                                      found. `name` is a host name or an address (its domain).
+        .mx_backup(rcpt, facts) -> bool               permit_mx_backup: the recipient's domain is this host's or a
+                                                      relay domain, or lists this host as an MX host, not among the
+                                                      best ones (whose addresses must all be in
+                                                      permit_mx_backup_networks when that is set)
+
+check_server_access: an MX lookup that finds no MX (no such name, or no record of the type) makes the name its own
+MX host, as Postfix's implicit MX; a null MX asks nothing. An NS lookup that finds none asks the parent domains,
+up to the top-level domain. "A" asks the name's own addresses only. An address literal (`[192.0.2.1]`) is its own
+MX and A host, and has no NS. Bounds: at most SERVER_LIMIT hosts and SERVER_LIMIT addresses in all (Postfix's
+dns_rr_list_limit, its warning past it); each lookup is bounded by the resolver ([dns] timeout x tries).
+
+permit_mx_backup (Postfix's): a recipient of this host's domains or of relay_domains is permitted; an address literal
+is not; otherwise the domain's MX hosts are split into the best (lowest preference) and the others: this host
+must be one of the others and none of the best, by name (mydestination, this host's address literals) or by
+address (this server's listener addresses and proxy_interfaces: Rewriter.own_addresses).
+
+Failure behaviour, as Postfix's: server access with a lookup that fails asks nothing more about that host and logs
+`Unable to look up MX host ...`; permit_mx_backup with a lookup that fails permits nothing and, as a
+DEFER_IF_REJECT (450 4.4.4), turns a later 5xx refusal of the recipient into a deferral. classify may raise
+LookupRetry (a domain list's table); nothing else raises.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import TYPE_CHECKING, AsyncGenerator
+
+from mailflow import address, status
+from mailflow.dns import NotFound, is_ip_literal
+from mailflow.errors import LookupRetry
+from mailflow.model import AddressClass
+from mailflow.stages.smtpd.dns_checks import literal_address
+
+if TYPE_CHECKING:
+    from mailflow.stages.smtpd.restrictions import Facts
+    from mailflow.tables.networks import NetworkList
+
+log = logging.getLogger("mailflow.smtpd")
+
+SERVER_LIMIT = 100  # MX/NS hosts, and their addresses in all, one check asks about (Postfix's dns_rr_list_limit)
+# What Postfix's getaddrinfo-based lookups of a server host say (gai_strerror), by what the resolver found
+NO_SUCH_HOST = "Name or service not known"
+NO_ADDRESS = "No address associated with hostname"
+LOOKUP_FAILED = "Temporary failure in name resolution"
+
+
+def dns_why(error: BaseException | None) -> str:
+    """What Postfix's dns_strerror says: the resolver's reason (`Host not found, try again`); "Host not found" for a
+    name that does not exist; None: the name has no record of the type."""
+    if error is None:
+        return "Host found but no data record of requested type"
+    if isinstance(error, LookupRetry):
+        return error.reason.rpartition(": ")[2]
+    return "Host not found"
+
+
+class ServerChecks:
+    """See the module docstring. Without a resolver nothing is asked (no opinion)."""
+
+    def __init__(self, resolver, rewriter, mx_backup_networks: NetworkList):
+        self._resolver = resolver
+        self._rewriter = rewriter
+        self._networks = mx_backup_networks
+
+    # -------------------------------------------------------------------------------- check_server_access
+
+    async def servers(self, rr: str, name: str, reply_name: str, reply_class: str
+                      ) -> AsyncGenerator[tuple[str, str], None]:
+        """("name", host) and ("address", ip), in the order Postfix's check_server_access asks the table (see the
+        module docstring); `rr` is "MX", "NS" or "A"."""
+        if self._resolver is None:
+            return
+        domain = name.rpartition("@")[2]
+        if domain.startswith("["):
+            literal = literal_address(domain) if rr != "NS" else None
+            if literal is not None:
+                yield "address", literal
+            return
+        domain = address.normalise_domain(domain)
+        if not domain:
+            return
+        hosts = [domain] if rr == "A" else await self._server_hosts(rr, domain, name)
+        counted = 0
+        for host in hosts[:SERVER_LIMIT]:
+            if is_ip_literal(host):  # (an MX or NS "name" that is an address)
+                yield "address", host
+                continue
+            if rr != "A":
+                yield "name", host
+            for ip in await self._host_addresses(host, rr, reply_name, reply_class):
+                counted += 1
+                if counted > SERVER_LIMIT:
+                    log.warning("check_server_access: %s server address count limit (%d) exceeded for %s %s -- "
+                                "ignoring the remainder", rr, SERVER_LIMIT, reply_class, reply_name)
+                    return
+                yield "address", ip
+
+    async def _server_hosts(self, rr: str, domain: str, name: str) -> list[str]:
+        """The MX (implicit: the domain itself when it has none; [] for a null MX) or NS hosts of `domain`; [] when
+        the DNS cannot tell (logged, as Postfix)."""
+        try:
+            if rr == "MX":
+                try:
+                    records = await self._resolver.mx(domain)
+                except NotFound:
+                    records = []
+                if any(r.is_null for r in records):
+                    return []
+                return [r.host for r in records] or [domain]
+            return await self._name_servers(domain, name)
+        except LookupRetry as e:
+            log.warning("Unable to look up %s host for %s: %s", rr, domain, dns_why(e))
+            return []
+
+    async def _name_servers(self, domain: str, name: str) -> list[str]:
+        """The NS hosts of `domain`, else of its nearest parent that has some (Postfix walks up to the top-level
+        domain); raises LookupRetry."""
+        current = domain
+        while True:
+            try:
+                found = await self._resolver.ns(current)
+            except NotFound:
+                found = []
+            if found:
+                return found
+            _, dot, parent = current.partition(".")
+            if not dot or not parent:
+                log.warning("Unable to look up NS host for %s: %s", name, dns_why(NotFound(current, "NS")))
+                return []
+            current = parent
+
+    async def _host_addresses(self, host: str, rr: str, reply_name: str, reply_class: str) -> list[str]:
+        """The addresses of a server host; [] when it has none or the DNS cannot tell (an MX or NS host: logged)."""
+        try:
+            found = await self._resolver.addresses(host)
+            why = "" if found else NO_ADDRESS
+        except NotFound:
+            found, why = [], NO_SUCH_HOST
+        except LookupRetry:
+            found, why = [], LOOKUP_FAILED
+        if why and rr != "A":
+            log.warning("Unable to look up %s host %s for %s %s: %s", rr, host, reply_class, reply_name, why)
+        return found
+
+    # -------------------------------------------------------------------------------- permit_mx_backup
+
+    async def mx_backup(self, rcpt: str, facts: Facts) -> bool:
+        """permit_mx_backup (see the module docstring); a lookup that fails sets facts.defer_if_reject (450 4.4.4).
+        May raise LookupRetry (the recipient's class)."""
+        if self._resolver is None:
+            return False
+        if "@" not in rcpt or self._rewriter.classify(rcpt) is not AddressClass.DEFAULT:
+            return True
+        domain = address.normalise_domain(address.split(self._rewriter.resolved_address(rcpt))[1])
+        if not domain or domain.startswith("["):
+            return False
+        try:
+            records = (await self._resolver.mx(domain))[:SERVER_LIMIT]
+        except NotFound:
+            return False
+        except LookupRetry as e:
+            _defer_if_reject(facts, rcpt, f"Unable to look up mail exchanger information: {dns_why(e)}")
+            return False
+        if not records or any(r.is_null for r in records):
+            return False
+        best = [r.host for r in records if r.preference == records[0].preference]
+        others = [r.host for r in records if r.preference != records[0].preference]
+        if await self._i_am_mx(best, rcpt, facts) or not others or not await self._i_am_mx(others, rcpt, facts):
+            return False
+        return not self._networks or await self._best_in_networks(best, rcpt, facts)
+
+    async def _i_am_mx(self, hosts: list[str], rcpt: str, facts: Facts) -> bool:
+        """One of `hosts` is this host: by name first (Postfix's resolve_local), then by address (has_my_addr)."""
+        if any(self._rewriter.resolve_local(address.normalise_domain(h)) for h in hosts):
+            return True
+        own = self._rewriter.own_addresses
+        for host in hosts:
+            try:
+                found = await self._resolver.addresses(host)
+                why = "" if found else NO_ADDRESS
+            except NotFound:
+                found, why = [], NO_SUCH_HOST
+            except LookupRetry:
+                found, why = [], LOOKUP_FAILED
+            if why:
+                _defer_if_reject(facts, rcpt, f"Unable to look up mail exchanger host {host}: {why}")
+            if any(ipaddress.ip_address(ip) in own for ip in found):
+                return True
+        return False
+
+    async def _best_in_networks(self, best: list[str], rcpt: str, facts: Facts) -> bool:
+        """Every address of every best MX host is in permit_mx_backup_networks (Postfix's permit_mx_primary)."""
+        for host in best:
+            try:
+                found = await self._resolver.addresses(host)
+                error: BaseException | None = None
+            except (NotFound, LookupRetry) as e:
+                found, error = [], e
+            if not found:
+                _defer_if_reject(facts, rcpt, f"Unable to look up host {host} as mail exchanger: {dns_why(error)}")
+                return False
+            for ip in found:
+                try:
+                    if not self._networks.holds(ip, host):
+                        return False
+                except LookupRetry:
+                    log.warning("all_auth_mx_addr: permit_mx_backup_networks lookup error for address %s for %s",
+                                ip, host)
+                    _defer_if_reject(facts, rcpt, f"Unable to verify host {host} as mail exchanger")
+                    return False
+        return True
+
+
+def _defer_if_reject(facts: Facts, rcpt: str, text: str) -> None:
+    """Postfix's DEFER_IF_REJECT3/4 of permit_mx_backup: a later 5xx refusal is this 450 4.4.4 (the first one kept)."""
+    facts.defer_if_reject = facts.defer_if_reject or status.conditional_deferral(rcpt, "Recipient address", text,
+                                                                                  "4.4.4")

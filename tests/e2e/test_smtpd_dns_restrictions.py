@@ -1,0 +1,240 @@
+"""The DNS-based restrictions of Postfix's smtpd_check.c through a real mailflow over SMTP, its resolver asking an
+in-process DNS server (tests/support/peers.py ZoneAuthority) on loopback: reject_unknown_helo_hostname,
+check_*_{mx,ns,a}_access, permit_mx_backup (with permit_mx_backup_networks), permit_dnswl_client and
+permit_rhswl_client.
+
+Postfix cannot be pointed at a DNS server on a port, so its replies and log lines here are taken from its source
+(postfix-3.7.11 src/smtpd/smtpd_check.c: reject_unknown_hostname, check_server_access, forbid_allowlist,
+permit_mx_backup / i_am_mx / all_auth_mx_addr, permit_dnswl_addr / permit_dnswl_domain, smtpd_acl_permit;
+smtpd_check_reject makes the enhanced code's class the reply code's)."""
+from __future__ import annotations
+
+import logging
+
+from mailflow import status
+from tests.support import SmtpClient
+
+ZONE = """
+known.test.             300 IN A     192.0.2.1
+mxonly.test.            300 IN MX    10 mx.known.test.
+mx.known.test.          300 IN A     192.0.2.2
+spam.test.              300 IN MX    10 mx.bad-hoster.test.
+mx.bad-hoster.test.     300 IN A     198.51.100.66
+implicit.test.          300 IN A     203.0.113.77
+nullmx.test.            300 IN MX    0 .
+nullmx.test.            300 IN A     203.0.113.77
+nsdomain.test.          300 IN NS    ns1.bad-dns.test.
+sub.nsdomain.test.      300 IN A     192.0.2.9
+ns1.bad-dns.test.       300 IN A     192.0.2.53
+allowed.test.           300 IN MX    10 mx.allowed.test.
+mx.allowed.test.        300 IN A     192.0.2.3
+backup.test.            300 IN MX    10 primary.other.test.
+backup.test.            300 IN MX    20 mine.test.
+named.test.             300 IN MX    10 primary.other.test.
+named.test.             300 IN MX    20 localhost.
+best.test.              300 IN MX    10 mine.test.
+best.test.              300 IN MX    20 primary.other.test.
+notmx.test.             300 IN MX    10 primary.other.test.
+outside.test.           300 IN MX    10 primary.outside.test.
+outside.test.           300 IN MX    20 mine.test.
+primary.other.test.     300 IN A     192.0.2.10
+primary.outside.test.   300 IN A     198.51.100.10
+mine.test.              300 IN A     127.0.0.1
+1.0.0.127.wl.test.      300 IN A     127.0.0.2
+1.0.0.127.in-addr.arpa. 300 IN PTR   client.known.test.
+client.known.test.      300 IN A     127.0.0.1
+client.known.test.rhswl.test. 300 IN A 127.0.0.2
+"""
+SERVFAIL = ("broken.test", "wl-broken.test", "1.0.0.127.wl-broken.test")
+ACCESS = """
+mx.allowed.test   OK
+bad-hoster.test   REJECT bad mail exchanger
+203.0.113.77      REJECT implicit MX
+bad-dns.test      REJECT bad name server
+192.0.2.1         REJECT that address
+"""
+
+
+async def start(mailflow_server, dns_zone, **smtpd):
+    nameserver = dns_zone(ZONE, servfail=SERVFAIL)
+    mf = await mailflow_server(dns={"nameservers": [nameserver], "timeout": "2s", "tries": 1}, smtpd=smtpd)
+    return mf.smtp_addresses[0][1]
+
+
+async def rcpt(port: int, rcpt_to: str = "alice@local.test", sender: str = "s@remote.test",
+               helo: str = "client.test") -> tuple[int | None, str]:
+    client = await SmtpClient.connect(port)
+    try:
+        assert (await client.cmd(f"EHLO {helo}")).code == 250
+        mail = await client.cmd(f"MAIL FROM:<{sender}>")
+        if mail.code != 250:
+            return mail
+        return await client.cmd(f"RCPT TO:<{rcpt_to}>")
+    finally:
+        await client.close()
+
+
+def said(reply: status.Reply) -> tuple[int, str]:
+    return reply.code, str(reply)
+
+
+def access_file(tmp_path) -> str:
+    path = tmp_path / "server_access"
+    path.write_text(ACCESS)
+    return f"texthash:{path}"
+
+
+# ---------------------------------------------------------------------------------------------- the HELO name
+
+
+async def test_a_helo_name_without_address_or_mx_is_refused_as_postfix_does(mailflow_server, dns_zone):
+    port = await start(mailflow_server, dns_zone, helo_restrictions=["reject_unknown_helo_hostname"])
+    assert (await rcpt(port, helo="known.test"))[0] == 250
+    assert (await rcpt(port, helo="mxonly.test"))[0] == 250  # an MX record is enough
+    assert (await rcpt(port, helo="[192.0.2.1]"))[0] == 250  # an address literal: only its syntax counts
+    assert await rcpt(port, helo="nowhere.test") == (450, "450 4.7.1 <nowhere.test>: Helo command rejected: Host "
+                                                          "not found")
+    assert await rcpt(port, helo="192.0.2.1") == (450, "450 4.7.1 <192.0.2.1>: Helo command rejected: Host not found")
+    assert await rcpt(port, helo="[not.an.address]") == \
+        (501, "501 5.5.2 <[not.an.address]>: Helo command rejected: invalid ip address")
+
+
+async def test_the_unknown_hostname_code_sets_the_class_and_a_dns_failure_defers_if_permitted(mailflow_server,
+                                                                                            dns_zone):
+    port = await start(mailflow_server, dns_zone, unknown_hostname_reject_code=550,
+                       helo_restrictions=["reject_unknown_hostname"],  # (the old name, which Postfix takes too)
+                       recipient_restrictions=["check_recipient_access inline:{no@local.test=REJECT}"])
+    assert await rcpt(port, helo="nowhere.test") == (550, "550 5.7.1 <nowhere.test>: Helo command rejected: Host "
+                                                          "not found")
+    # the DNS cannot tell: 450 if the rest permits (DEFER_IF_PERMIT), a later refusal wins
+    assert await rcpt(port, helo="broken.test") == (450, "450 4.7.1 <broken.test>: Helo command rejected: Host not "
+                                                         "found")
+    assert await rcpt(port, "no@local.test", helo="broken.test") == \
+        said(status.access_denied("no@local.test", "Recipient address"))
+
+
+async def test_the_tempfail_action_defer_defers_at_once(mailflow_server, dns_zone):
+    port = await start(mailflow_server, dns_zone, unknown_helo_hostname_tempfail_action="defer",
+                       helo_restrictions=["reject_unknown_helo_hostname"],
+                       recipient_restrictions=["check_recipient_access inline:{no@local.test=REJECT}"])
+    assert await rcpt(port, "no@local.test", helo="broken.test") == \
+        (450, "450 4.7.1 <broken.test>: Helo command rejected: Host not found")
+
+
+# ---------------------------------------------------------------------------------------------- server access
+
+
+async def test_mx_access_asks_the_table_with_each_mx_host_and_its_addresses(mailflow_server, dns_zone, tmp_path):
+    table = access_file(tmp_path)
+    port = await start(mailflow_server, dns_zone, sender_restrictions=[f"check_sender_mx_access {table}"])
+    # the MX host's parent domain
+    assert await rcpt(port, sender="x@spam.test") == \
+        (554, "554 5.7.1 <x@spam.test>: Sender address rejected: bad mail exchanger")
+    # no MX: the name is its own MX host, and its address is asked
+    assert await rcpt(port, sender="x@implicit.test") == \
+        (554, "554 5.7.1 <x@implicit.test>: Sender address rejected: implicit MX")
+    assert (await rcpt(port, sender="x@nullmx.test"))[0] == 250  # a null MX: nothing is asked
+    assert (await rcpt(port, sender="x@mxonly.test"))[0] == 250  # (mx.known.test and 192.0.2.2 are not listed)
+    assert (await rcpt(port, sender="x@[192.0.2.1]"))[0] == 554  # an address literal is its own MX host
+    assert (await rcpt(port, sender="x@broken.test"))[0] == 250  # the DNS cannot tell: no opinion
+    assert (await rcpt(port, sender=""))[0] == 250  # the null sender has no domain
+
+
+async def test_an_ok_from_a_server_access_table_is_a_configuration_error(mailflow_server, dns_zone, tmp_path, caplog):
+    table = access_file(tmp_path)
+    port = await start(mailflow_server, dns_zone, sender_restrictions=[f"check_sender_mx_access {table}"])
+    with caplog.at_level(logging.WARNING, logger="mailflow.smtpd"):
+        assert await rcpt(port, sender="x@allowed.test") == (451, "451 4.3.5 Server configuration error")
+    warned = [r.getMessage() for r in caplog.records if r.name == "mailflow.smtpd" and r.levelno == logging.WARNING]
+    assert warned[-3:] == ["restriction check_sender_mx_access returns OK for x@allowed.test",
+                           "this is not allowed for security reasons",
+                           "use DUNNO instead of OK if you want to make an exception"]
+
+
+async def test_ns_access_walks_up_to_the_parent_with_name_servers(mailflow_server, dns_zone, tmp_path):
+    table = access_file(tmp_path)
+    port = await start(mailflow_server, dns_zone, helo_restrictions=[f"check_helo_ns_access {table}"])
+    assert await rcpt(port, helo="sub.nsdomain.test") == \
+        (554, "554 5.7.1 <sub.nsdomain.test>: Helo command rejected: bad name server")
+    assert (await rcpt(port, helo="known.test"))[0] == 250
+
+
+async def test_a_access_asks_the_names_addresses_only(mailflow_server, dns_zone, tmp_path):
+    table = access_file(tmp_path)
+    port = await start(mailflow_server, dns_zone, helo_restrictions=[f"check_helo_a_access {table}"])
+    assert await rcpt(port, helo="known.test") == (554, "554 5.7.1 <known.test>: Helo command rejected: that "
+                                                        "address")
+    assert (await rcpt(port, helo="mx.bad-hoster.test"))[0] == 250  # a name key is not asked for "A"
+
+
+async def test_a_failing_mx_lookup_is_logged_in_postfix_words(mailflow_server, dns_zone, tmp_path, caplog):
+    table = access_file(tmp_path)
+    port = await start(mailflow_server, dns_zone, helo_restrictions=[f"check_helo_mx_access {table}"])
+    with caplog.at_level(logging.WARNING, logger="mailflow.smtpd"):
+        assert (await rcpt(port, helo="broken.test"))[0] == 250
+    assert "Unable to look up MX host for broken.test: Host not found, try again" in caplog.messages
+
+
+# ---------------------------------------------------------------------------------------------- MX backup
+
+
+async def test_permit_mx_backup_relays_for_domains_this_host_is_a_backup_mx_of(mailflow_server, dns_zone, caplog):
+    port = await start(mailflow_server, dns_zone, relay_restrictions=["permit_mx_backup", "reject_unauth_destination"],
+                       log_access_permit_actions=["permit_mx_backup"])
+    with caplog.at_level(logging.INFO, logger="mailflow.smtpd"):
+        assert (await rcpt(port, "x@backup.test"))[0] == 250  # by address: mine.test is 127.0.0.1, a listener's
+    assert (await rcpt(port, "x@named.test"))[0] == 250  # by name: localhost is in mydestination
+    assert (await rcpt(port, "x@relay.test"))[0] == 250  # a relay domain
+    assert await rcpt(port, "x@best.test") == said(status.relay_denied("x@best.test"))  # the best MX: no
+    assert await rcpt(port, "x@notmx.test") == said(status.relay_denied("x@notmx.test"))
+    assert await rcpt(port, "x@[192.0.2.1]") == said(status.relay_denied("x@[192.0.2.1]"))
+    permits = [m.partition(": ")[2] for m in caplog.messages if ": permit: " in m]
+    assert permits == ["permit: RCPT from localhost[127.0.0.1]: action=permit_mx_backup for Recipient "
+                       "address=x@backup.test; from=<s@remote.test> to=<x@backup.test> proto=ESMTP helo=<client.test>"]
+
+
+async def test_permit_mx_backup_networks_must_hold_the_best_mx_hosts(mailflow_server, dns_zone):
+    port = await start(mailflow_server, dns_zone, relay_restrictions=["permit_mx_backup", "reject_unauth_destination"],
+                       permit_mx_backup_networks=["192.0.2.0/24"])
+    assert (await rcpt(port, "x@backup.test"))[0] == 250
+    assert await rcpt(port, "x@outside.test") == said(status.relay_denied("x@outside.test"))
+
+
+async def test_an_mx_lookup_failure_turns_the_relay_refusal_into_a_deferral(mailflow_server, dns_zone):
+    port = await start(mailflow_server, dns_zone, relay_restrictions=["permit_mx_backup", "reject_unauth_destination"])
+    assert await rcpt(port, "x@broken.test") == \
+        (450, "450 4.4.4 <x@broken.test>: Recipient address rejected: Unable to look up mail exchanger information: "
+              "Host not found, try again")
+
+
+# ---------------------------------------------------------------------------------------------- DNS allowlists
+
+
+async def test_a_client_on_a_dns_allowlist_is_permitted_and_logged(mailflow_server, dns_zone, caplog):
+    port = await start(mailflow_server, dns_zone, client_restrictions=["permit_dnswl_client wl.test", "reject"],
+                       log_access_permit_actions=["permit_dnswl_client"])
+    with caplog.at_level(logging.INFO, logger="mailflow.smtpd"):
+        assert (await rcpt(port))[0] == 250
+    permits = [m.partition(": ")[2] for m in caplog.messages if ": permit: " in m]
+    assert permits == ["permit: RCPT from localhost[127.0.0.1]: action=permit_dnswl_client for Client "
+                       "host=localhost[127.0.0.1]; from=<s@remote.test> to=<alice@local.test> proto=ESMTP "
+                       "helo=<client.test>"]
+    # never for a recipient this host would not take without it (no relaying for an allowlisted client)
+    assert await rcpt(port, "x@elsewhere.test") == said(status.access_denied("localhost[127.0.0.1]", "Client host"))
+
+
+async def test_a_dns_allowlist_filter_and_a_failing_lookup(mailflow_server, dns_zone):
+    port = await start(mailflow_server, dns_zone, client_restrictions=["permit_dnswl_client wl.test=127.0.0.5",
+                                                                       "permit_dnswl_client wl-broken.test", "reject"])
+    # not listed with that answer; the other list cannot be asked: DEFER_IF_REJECT makes the refusal a 450
+    assert await rcpt(port) == (450, "450 4.7.1 <127.0.0.1>: Client host rejected: Service unavailable")
+
+
+async def test_a_client_name_on_an_rhs_allowlist_is_permitted(mailflow_server, dns_zone):
+    port = await start(mailflow_server, dns_zone, client_restrictions=["permit_rhswl_client rhswl.test", "reject"])
+    assert (await rcpt(port))[0] == 250
+
+
+async def test_a_client_name_not_on_the_rhs_allowlist_goes_on(mailflow_server, dns_zone):
+    port = await start(mailflow_server, dns_zone, client_restrictions=["permit_rhswl_client wl.test", "reject"])
+    assert await rcpt(port) == said(status.access_denied("localhost[127.0.0.1]", "Client host"))
