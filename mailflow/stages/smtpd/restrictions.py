@@ -11,8 +11,11 @@ What it owns
   `check_data_command`, `check_content`: whether the data list, the end_of_data list has anything to evaluate
   (the handler runs the data list at DATA or the first BDAT, before any content); `close()`: the policy
   services' kept connections (policy.py) are closed.
-- The restrictions that ask the DNS are dns_checks.py's (reject_rbl_client, reject_rhsbl_*, the unknown client
-  name and address domain checks); the inbound filters' (docs/filtering.md):
+- The restrictions that ask the DNS are dns_checks.py's (reject_rbl_client, reject_rhsbl_*, permit_dnswl_client,
+  permit_rhswl_client, the unknown client name, HELO name and address domain checks) and server_checks.py's
+  (check_*_{mx,ns,a}_access: this module asks the table with each server it names, and refuses an OK as Postfix's
+  forbid_allowlist does, 451 4.3.5; permit_mx_backup). A permit of permit_dnswl_client, permit_rhswl_client or
+  permit_mx_backup is logged when log_access_permit_actions names it; the inbound filters' (docs/filtering.md):
   check_greylist (450 4.2.0 as a DEFER_IF_PERMIT, postgrey's answer; mailflow.filters.greylist),
   reject_spf_fail (550 5.7.23) and, at end of data, reject_dmarc_policy (p=reject: 550 5.7.1; p=quarantine:
   HOLD). Access FILTER transport:nexthop marks the message for that after-queue filter.
@@ -868,9 +871,13 @@ class Restrictions:
         """permit_dnswl_client / permit_rhswl_client: PERMIT for a listed client. At RCPT, never for a recipient
         this host would not take without it (Postfix: no allowlisting of relaying); a lookup that fails is a
         DEFER_IF_REJECT (DnsChecks.allowlisted)."""
-        if protocol_state(stage, facts) == "RCPT" and facts.recipient and \
-                self._rewriter.classify(facts.recipient) is AddressClass.DEFAULT:
-            return None
+        try:
+            if protocol_state(stage, facts) == "RCPT" and facts.recipient and \
+                    self._rewriter.classify(facts.recipient) is AddressClass.DEFAULT:
+                return None
+        except LookupRetry as e:  # a domain list's table cannot answer now
+            log.warning("%s: %s", name, e.reason)
+            return status.error_reply(e, facts.recipient)
         if not await self._dns.allowlisted(DNSWL_CHECKS[name], arg, facts):
             return None
         return self._permitted(name, SUBJECT["client"], f"{facts.client_name}[{facts.client_addr}]", facts, stage)

@@ -1,0 +1,123 @@
+"""The DNS-based restriction items of Postfix's smtpd_check.c (reject_unknown_helo_hostname, check_*_{mx,ns,a}_access,
+permit_mx_backup, permit_dnswl_client, permit_rhswl_client) on their own: their configuration checks, and the
+restriction lists evaluated with a plain `Facts` value by mailflow's resolver asking an in-process DNS server
+(ZoneAuthority) on loopback. Postfix cannot be pointed at a DNS server on a port, so the expected replies come
+from its source (postfix-3.7.11 src/smtpd/smtpd_check.c, check_server_access); the SMTP-level behaviour is in
+tests/e2e/test_smtpd_dns_restrictions.py."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from mailflow import status
+from mailflow.config import config_from_dict
+from mailflow.dns import MX, AiodnsResolver, StaticResolver
+from mailflow.errors import ConfigError
+from mailflow.routing.addressmap import AddressMapper
+from mailflow.routing.rewrite import Rewriter
+from mailflow.stages.smtpd.restrictions import Facts, Restrictions
+from mailflow.stages.smtpd.server_checks import SERVER_LIMIT
+
+BASE = {"myhostname": "mx.mailflow.test", "mydestination": ["local.test"], "relay_domains": ["relay.test"],
+        "mynetworks": [], "local_recipient_maps": ["inline:{alice=ok}"]}
+ZONE = """
+client.test.            300 IN MX    10 mx.bad-hoster.test.
+mx.bad-hoster.test.     300 IN A     198.51.100.66
+9.113.0.203.in-addr.arpa. 300 IN PTR ptr.unverified.test.
+ptr.unverified.test.    300 IN NS    ns.bad-dns.test.
+ns.bad-dns.test.        300 IN A     192.0.2.53
+"""
+TABLE = "inline:{bad-hoster.test=REJECT, 192.0.2.53=REJECT}"
+
+
+def restrictions(resolver, **smtpd) -> Restrictions:
+    config = config_from_dict({**BASE, "smtpd": smtpd})
+    rewriter = Rewriter(config)
+    return Restrictions(config, config.smtpd, rewriter, AddressMapper(config, rewriter), resolver)
+
+
+def facts(**kw) -> Facts:
+    kw.setdefault("client_addr", "203.0.113.9")
+    kw.setdefault("sender", "s@remote.example")
+    kw.setdefault("helo", "helo.example")
+    return Facts(recipient="alice@local.test", **kw)
+
+
+@pytest.fixture
+async def resolver(dns_zone):
+    nameserver = dns_zone(ZONE)
+    dns = AiodnsResolver(nameservers=(nameserver,), timeout=2.0, tries=1)
+    yield dns
+    await dns.close()
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("items, reason", [
+    (["check_helo_mx_access"], "[0]: 'check_helo_mx_access' needs an argument"),
+    (["check_sender_ns_access hash:/etc/x"], "[0]: check_sender_ns_access: 'hash:/etc/x' is not a lookup table"),
+    (["check_reverse_client_hostname_a_access inline:{a=OK b}"],
+     "[0]: check_reverse_client_hostname_a_access: inline: 'b' is not key=value"),
+    (["permit_dnswl_client"], "[0]: 'permit_dnswl_client' needs an argument"),
+    (["permit_rhswl_client list.test=high"],
+     "[0]: permit_rhswl_client: 'list.test=high' is not a DNS allowlist (domain or domain=127.0.0.x)"),
+    (["permit_mx_backup example.com"], "[0]: 'permit_mx_backup' takes no argument"),
+    (["reject_unknown_helo_hostname yes"], "[0]: 'reject_unknown_helo_hostname' takes no argument"),
+])
+def test_a_misconfigured_dns_item_fails_naming_the_list_and_the_item(items, reason):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"smtpd": {"recipient_restrictions": items}}, "main.toml")
+    assert str(info.value).startswith(f"main.toml: smtpd.recipient_restrictions{reason}")
+
+
+@pytest.mark.parametrize("smtpd, reason", [
+    ({"log_access_permit_actions": ["permit_mynetworks"]},
+     "smtpd.log_access_permit_actions: 'permit_mynetworks': mailflow logs the permits of permit_dnswl_client, "
+     "permit_rhswl_client, permit_mx_backup"),
+    ({"permit_mx_backup_networks": ["10.0.0.1/8"]}, "smtpd.permit_mx_backup_networks"),
+    ({"unknown_helo_hostname_tempfail_action": "reject"}, "smtpd.unknown_helo_hostname_tempfail_action"),
+])
+def test_the_new_settings_are_checked(smtpd, reason):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"smtpd": smtpd}, "main.toml")
+    assert str(info.value).startswith(f"main.toml: {reason}")
+
+
+def test_every_postfix_server_access_name_is_known():
+    names = [f"check_{who}_{rr}_access inline:{{x=DUNNO}}" for who in
+             ("client", "reverse_client_hostname", "helo", "sender", "recipient") for rr in ("mx", "ns", "a")]
+    config = config_from_dict({"smtpd": {"client_restrictions": names}})
+    assert len(config.smtpd.client_restrictions) == 15
+
+
+# ---------------------------------------------------------------------------------------------- the client's names
+
+
+async def test_client_mx_access_names_the_client_as_postfix_does(resolver):
+    r = restrictions(resolver, client_restrictions=[f"check_client_mx_access {TABLE}"])
+    assert await r.check_rcpt(facts(client_name="client.test")) == \
+        status.access_denied("client.test[203.0.113.9]", "Client host")
+    assert await r.check_rcpt(facts(client_name="unknown")) is None  # no (verified) name: nothing asked
+
+
+async def test_reverse_client_ns_access_asks_about_the_unverified_name(resolver):
+    r = restrictions(resolver, client_restrictions=[f"check_reverse_client_hostname_ns_access {TABLE}"])
+    assert await r.check_rcpt(facts()) == status.access_denied("ptr.unverified.test", "Unverified Client host")
+
+
+# ---------------------------------------------------------------------------------------------- bounds
+
+
+async def test_server_addresses_past_postfixs_list_limit_are_ignored_with_a_warning(caplog):
+    addresses = [f"10.0.{i // 256}.{i % 256}" for i in range(SERVER_LIMIT + 1)]
+    resolver = StaticResolver(mx={"many.test": [MX(10, "big.test")]}, addresses={"big.test": addresses})
+    last = addresses[-1]
+    r = restrictions(resolver, sender_restrictions=[f"check_sender_mx_access inline:{{{last}=REJECT}}"])
+    with caplog.at_level(logging.WARNING, logger="mailflow.smtpd"):
+        assert await r.check_rcpt(facts(sender="x@many.test")) is None
+    assert "check_server_access: MX server address count limit (100) exceeded for Sender address x@many.test -- " \
+           "ignoring the remainder" in caplog.messages
+    r = restrictions(resolver, sender_restrictions=[f"check_sender_mx_access inline:{{{addresses[-2]}=REJECT}}"])
+    assert await r.check_rcpt(facts(sender="x@many.test")) == status.access_denied("x@many.test", "Sender address")
