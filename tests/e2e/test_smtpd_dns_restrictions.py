@@ -37,6 +37,8 @@ best.test.              300 IN MX    20 primary.other.test.
 notmx.test.             300 IN MX    10 primary.other.test.
 outside.test.           300 IN MX    10 primary.outside.test.
 outside.test.           300 IN MX    20 mine.test.
+lost.test.              300 IN MX    10 primary.other.test.
+lost.test.              300 IN MX    20 gone.test.
 primary.other.test.     300 IN A     192.0.2.10
 primary.outside.test.   300 IN A     198.51.100.10
 mine.test.              300 IN A     127.0.0.1
@@ -97,6 +99,8 @@ async def test_a_helo_name_without_address_or_mx_is_refused_as_postfix_does(mail
     assert await rcpt(port, helo="192.0.2.1") == (450, "450 4.7.1 <192.0.2.1>: Helo command rejected: Host not found")
     assert await rcpt(port, helo="[not.an.address]") == \
         (501, "501 5.5.2 <[not.an.address]>: Helo command rejected: invalid ip address")
+    assert (await rcpt(port, helo="[IPv6:2001:db8::1]"))[0] == 250
+    assert (await rcpt(port, helo="[2001:db8::1]"))[0] == 501  # (an IPv6 literal needs its tag)
 
 
 async def test_the_unknown_hostname_code_sets_the_class_and_a_dns_failure_defers_if_permitted(mailflow_server,
@@ -205,6 +209,9 @@ async def test_an_mx_lookup_failure_turns_the_relay_refusal_into_a_deferral(mail
     assert await rcpt(port, "x@broken.test") == \
         (450, "450 4.4.4 <x@broken.test>: Recipient address rejected: Unable to look up mail exchanger information: "
               "Host not found, try again")
+    assert await rcpt(port, "x@lost.test") == \
+        (450, "450 4.4.4 <x@lost.test>: Recipient address rejected: Unable to look up mail exchanger host gone.test: "
+              "Name or service not known")
 
 
 # ---------------------------------------------------------------------------------------------- DNS allowlists
