@@ -267,7 +267,6 @@ def _rhs_name(name: str) -> bool:
     return bool(name) and not name.rpartition(".")[2].isdigit() and address.is_valid_domain(name)
 
 
-
 def literal_address(literal: str) -> str | None:
     """The address of `[192.0.2.1]` / `[IPv6:2001:db8::1]` (Postfix's valid_mailhost_addr inside the brackets);
     None for another text."""

@@ -142,16 +142,21 @@ class ServerChecks:
 
     async def _host_addresses(self, host: str, rr: str, reply_name: str, reply_class: str) -> list[str]:
         """The addresses of a server host; [] when it has none or the DNS cannot tell (an MX or NS host: logged)."""
-        try:
-            found = await self._resolver.addresses(host)
-            why = "" if found else NO_ADDRESS
-        except NotFound:
-            found, why = [], NO_SUCH_HOST
-        except LookupRetry:
-            found, why = [], LOOKUP_FAILED
+        found, why = await self._addresses_or_why(host)
         if why and rr != "A":
             log.warning("Unable to look up %s host %s for %s %s: %s", rr, host, reply_class, reply_name, why)
         return found
+
+    async def _addresses_or_why(self, host: str) -> tuple[list[str], str]:
+        """(the addresses of `host`, "") or ([], why there are none in getaddrinfo's words, as Postfix reports its
+        lookups of server hosts)."""
+        try:
+            found = await self._resolver.addresses(host)
+        except NotFound:
+            return [], NO_SUCH_HOST
+        except LookupRetry:
+            return [], LOOKUP_FAILED
+        return found, "" if found else NO_ADDRESS
 
     # -------------------------------------------------------------------------------- permit_mx_backup
 
@@ -186,13 +191,7 @@ class ServerChecks:
             return True
         own = self._rewriter.own_addresses
         for host in hosts:
-            try:
-                found = await self._resolver.addresses(host)
-                why = "" if found else NO_ADDRESS
-            except NotFound:
-                found, why = [], NO_SUCH_HOST
-            except LookupRetry:
-                found, why = [], LOOKUP_FAILED
+            found, why = await self._addresses_or_why(host)
             if why:
                 _defer_if_reject(facts, rcpt, f"Unable to look up mail exchanger host {host}: {why}")
             if any(ipaddress.ip_address(ip) in own for ip in found):
