@@ -182,7 +182,7 @@ class SmtpdConfig(SmtpdFilterSettings):
     # permit_mx_backup_networks; mynetworks' syntax).
     permit_mx_backup_networks: Networks = ()
     # The permit actions whose permits are logged (`permit: RCPT from …: action=permit_dnswl_client for Client
-    # host=…`; Postfix's smtpd_log_access_permit_actions): of permit_dnswl_client, permit_rhswl_client and
+    # host=… ; from=<…> …`; Postfix's smtpd_log_access_permit_actions): of permit_dnswl_client, permit_rhswl_client and
     # permit_mx_backup.
     log_access_permit_actions: tuple[str, ...] = ()
     # reject_unverified_recipient / reject_unverified_sender (Postfix's names; [address_verify] runs the probes):

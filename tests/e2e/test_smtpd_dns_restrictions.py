@@ -194,7 +194,7 @@ async def test_permit_mx_backup_relays_for_domains_this_host_is_a_backup_mx_of(m
     assert await rcpt(port, "x@[192.0.2.1]") == said(status.relay_denied("x@[192.0.2.1]"))
     permits = [m.partition(": ")[2] for m in caplog.messages if ": permit: " in m]
     assert permits == ["permit: RCPT from localhost[127.0.0.1]: action=permit_mx_backup for Recipient "
-                       "address=x@backup.test; from=<s@remote.test> to=<x@backup.test> proto=ESMTP helo=<client.test>"]
+                       "address=x@backup.test ; from=<s@remote.test> to=<x@backup.test> proto=ESMTP helo=<client.test>"]
 
 
 async def test_permit_mx_backup_networks_must_hold_the_best_mx_hosts(mailflow_server, dns_zone):
@@ -224,7 +224,7 @@ async def test_a_client_on_a_dns_allowlist_is_permitted_and_logged(mailflow_serv
         assert (await rcpt(port))[0] == 250
     permits = [m.partition(": ")[2] for m in caplog.messages if ": permit: " in m]
     assert permits == ["permit: RCPT from localhost[127.0.0.1]: action=permit_dnswl_client for Client "
-                       "host=localhost[127.0.0.1]; from=<s@remote.test> to=<alice@local.test> proto=ESMTP "
+                       "host=localhost[127.0.0.1] ; from=<s@remote.test> to=<alice@local.test> proto=ESMTP "
                        "helo=<client.test>"]
     # never for a recipient this host would not take without it (no relaying for an allowlisted client)
     assert await rcpt(port, "x@elsewhere.test") == said(status.access_denied("localhost[127.0.0.1]", "Client host"))
