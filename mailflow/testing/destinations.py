@@ -298,6 +298,12 @@ class FakeDns:
             raise NotFound(host, "AAAA")
         return [found.lookup()]
 
+    async def ns(self, domain: str) -> list[str]:
+        """No name servers (smtpd's check_*_ns_access): a destination's domain has none, others do not exist."""
+        if self._find(domain) is None:
+            raise NotFound(domain, "NS")
+        return []
+
 
 class Destinations:
     """See the module docstring."""

@@ -18,7 +18,8 @@ check_server_access: an MX lookup that finds no MX (no such name, or no record o
 MX host, as Postfix's implicit MX; a null MX asks nothing. An NS lookup that finds none asks the parent domains,
 up to the top-level domain. "A" asks the name's own addresses only. An address literal (`[192.0.2.1]`) is its own
 MX and A host, and has no NS. Bounds: at most SERVER_LIMIT hosts and SERVER_LIMIT addresses in all (Postfix's
-dns_rr_list_limit, its warning past it); each lookup is bounded by the resolver ([dns] timeout x tries).
+dns_rr_list_limit, its warning past it), an NS lookup per label of the name at most (a name has 127 at most);
+each lookup is bounded by the resolver ([dns] timeout x tries).
 
 permit_mx_backup (Postfix's): a recipient of this host's domains or of relay_domains is permitted; an address literal
 is not; otherwise the domain's MX hosts are split into the best (lowest preference) and the others: this host
