@@ -245,3 +245,14 @@ async def test_a_client_name_on_an_rhs_allowlist_is_permitted(mailflow_server, d
 async def test_a_client_name_not_on_the_rhs_allowlist_goes_on(mailflow_server, dns_zone):
     port = await start(mailflow_server, dns_zone, client_restrictions=["permit_rhswl_client wl.test", "reject"])
     assert await rcpt(port) == said(status.access_denied("localhost[127.0.0.1]", "Client host"))
+
+
+async def test_with_delay_reject_off_the_helo_name_is_checked_at_ehlo(mailflow_server, dns_zone):
+    port = await start(mailflow_server, dns_zone, delay_reject=False, helo_restrictions=["reject_unknown_helo_hostname"])
+    client = await SmtpClient.connect(port)
+    try:
+        assert await client.cmd("EHLO nowhere.test") == \
+            (450, "450 4.7.1 <nowhere.test>: Helo command rejected: Host not found")
+        assert (await client.cmd("EHLO known.test")).code == 250
+    finally:
+        await client.close()
