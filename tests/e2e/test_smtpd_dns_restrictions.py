@@ -248,7 +248,8 @@ async def test_a_client_name_not_on_the_rhs_allowlist_goes_on(mailflow_server, d
 
 
 async def test_with_delay_reject_off_the_helo_name_is_checked_at_ehlo(mailflow_server, dns_zone):
-    port = await start(mailflow_server, dns_zone, delay_reject=False, helo_restrictions=["reject_unknown_helo_hostname"])
+    port = await start(mailflow_server, dns_zone, delay_reject=False,
+                       helo_restrictions=["reject_unknown_helo_hostname"])
     client = await SmtpClient.connect(port)
     try:
         assert await client.cmd("EHLO nowhere.test") == \
