@@ -47,7 +47,7 @@ mine.test.              300 IN A     127.0.0.1
 client.known.test.      300 IN A     127.0.0.1
 client.known.test.rhswl.test. 300 IN A 127.0.0.2
 """
-SERVFAIL = ("broken.test", "wl-broken.test", "1.0.0.127.wl-broken.test")
+SERVFAIL = ("broken.test", "nsfail.test", "wl-broken.test", "1.0.0.127.wl-broken.test")
 ACCESS = """
 mx.allowed.test   OK
 bad-hoster.test   REJECT bad mail exchanger
@@ -155,12 +155,16 @@ async def test_an_ok_from_a_server_access_table_is_a_configuration_error(mailflo
                            "use DUNNO instead of OK if you want to make an exception"]
 
 
-async def test_ns_access_walks_up_to_the_parent_with_name_servers(mailflow_server, dns_zone, tmp_path):
+async def test_ns_access_walks_up_to_the_parent_with_name_servers(mailflow_server, dns_zone, tmp_path, caplog):
     table = access_file(tmp_path)
     port = await start(mailflow_server, dns_zone, helo_restrictions=[f"check_helo_ns_access {table}"])
     assert await rcpt(port, helo="sub.nsdomain.test") == \
         (554, "554 5.7.1 <sub.nsdomain.test>: Helo command rejected: bad name server")
-    assert (await rcpt(port, helo="known.test"))[0] == 250
+    with caplog.at_level(logging.WARNING, logger="mailflow.smtpd"):
+        assert (await rcpt(port, helo="known.test"))[0] == 250
+        assert (await rcpt(port, helo="a.nsfail.test"))[0] == 250
+    assert caplog.messages == ["Unable to look up NS host for known.test: Host not found",
+                               "Unable to look up NS host for nsfail.test: Host not found, try again"]
 
 
 async def test_a_access_asks_the_names_addresses_only(mailflow_server, dns_zone, tmp_path):

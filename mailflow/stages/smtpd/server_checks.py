@@ -126,18 +126,21 @@ class ServerChecks:
 
     async def _name_servers(self, domain: str, name: str) -> list[str]:
         """The NS hosts of `domain`, else of its nearest parent that has some (Postfix walks up to the top-level
-        domain); raises LookupRetry."""
+        domain); [] when there are none or the DNS cannot tell (logged, naming the domain asked last)."""
         current = domain
         while True:
             try:
                 found = await self._resolver.ns(current)
             except NotFound:
                 found = []
+            except LookupRetry as e:
+                log.warning("Unable to look up NS host for %s: %s", current, dns_why(e))
+                return []
             if found:
                 return found
             _, dot, parent = current.partition(".")
             if not dot or not parent:
-                log.warning("Unable to look up NS host for %s: %s", name, dns_why(NotFound(current, "NS")))
+                log.warning("Unable to look up NS host for %s: Host not found", name)
                 return []
             current = parent
 
