@@ -16,7 +16,8 @@ which names can refuse relaying. `mailflow.config` validates every `smtpd.*_rest
                                          names that need a filter a restriction list must name to set it up
     SERVER_ACCESS_CHECKS                 check_*_{mx,ns,a}_access -> (what names the domain, "MX" | "NS" | "A");
                                          DNSWL_CHECKS: permit_dnswl_client, permit_rhswl_client -> what is looked up;
-                                         LOGGED_PERMITS: the permits whose logging can be asked for
+                                         LOGGED_PERMITS: the permits whose logging can be asked for;
+                                         REVERSE_CLIENT_ACCESS: check_reverse_client_hostname_access
     RELAY_GUARDS                         the names that can refuse relaying (config requires one of them)
     ACCESS_ACTIONS                       the words an access table's value starts with that are actions, not
                                          restriction names (a restriction class may not be called so)
@@ -95,9 +96,10 @@ SERVER_ACCESS_CHECKS = {f"check_{subject}_{rr}_access": (subject.removesuffix("_
                         for subject in ("client", "reverse_client_hostname", "helo", "sender", "recipient")
                         for rr in ("mx", "ns", "a")}
 DNSWL_CHECKS = {"permit_dnswl_client": "client", "permit_rhswl_client": "client_name"}  # -> what is looked up
+REVERSE_CLIENT_ACCESS = "check_reverse_client_hostname_access"  # check_client_access's keys, of the PTR name
 WITHOUT_ARGUMENT += ("reject_unknown_helo_hostname", "reject_unknown_hostname", "permit_mx_backup")
 LOGGED_PERMITS = (*DNSWL_CHECKS, "permit_mx_backup")  # the permits smtpd.log_access_permit_actions may name
-WITH_ARGUMENT += tuple(SERVER_ACCESS_CHECKS) + tuple(DNSWL_CHECKS)
+WITH_ARGUMENT += tuple(SERVER_ACCESS_CHECKS) + tuple(DNSWL_CHECKS) + (REVERSE_CLIENT_ACCESS,)
 # Restrictions that need a filter of [greylist] / [sender_auth], set up when a list (or a class it names) names
 # them: one named only in an access table's value has none
 NEEDS_FILTER = ("check_greylist", "reject_spf_fail", "reject_dmarc_policy")
@@ -129,7 +131,7 @@ def check_item(text: object, classes: Iterable[str] = ()) -> str:
         raise ValueError(f"{name!r} takes no argument (got {arg!r})")
     if name in WITH_ARGUMENT and not arg:
         raise ValueError(f"{name!r} needs an argument")
-    if name in ACCESS_CHECKS or name in SERVER_ACCESS_CHECKS:
+    if name in ACCESS_CHECKS or name in SERVER_ACCESS_CHECKS or name == REVERSE_CLIENT_ACCESS:
         _check_access_table(name, arg)
     if name == "check_policy_service":
         parse_endpoint(arg)

@@ -61,6 +61,7 @@ async def resolver(dns_zone):
     (["check_reverse_client_hostname_a_access inline:{a=OK b}"],
      "[0]: check_reverse_client_hostname_a_access: inline: 'b' is not key=value"),
     (["permit_dnswl_client"], "[0]: 'permit_dnswl_client' needs an argument"),
+    (["check_reverse_client_hostname_access"], "[0]: 'check_reverse_client_hostname_access' needs an argument"),
     (["permit_rhswl_client list.test=high"],
      "[0]: permit_rhswl_client: 'list.test=high' is not a DNS allowlist (domain or domain=127.0.0.x)"),
     (["permit_mx_backup example.com"], "[0]: 'permit_mx_backup' takes no argument"),

@@ -1,7 +1,7 @@
 """The DNS-based restrictions of Postfix's smtpd_check.c through a real mailflow over SMTP, its resolver asking an
 in-process DNS server (tests/support/peers.py ZoneAuthority) on loopback: reject_unknown_helo_hostname,
-check_*_{mx,ns,a}_access, permit_mx_backup (with permit_mx_backup_networks), permit_dnswl_client and
-permit_rhswl_client.
+check_*_{mx,ns,a}_access, check_reverse_client_hostname_access, permit_mx_backup (with
+permit_mx_backup_networks), permit_dnswl_client and permit_rhswl_client.
 
 Postfix cannot be pointed at a DNS server on a port, so its replies and log lines here are taken from its source
 (postfix-3.7.11 src/smtpd/smtpd_check.c: reject_unknown_hostname, check_server_access, forbid_allowlist,
@@ -181,6 +181,18 @@ async def test_a_failing_mx_lookup_is_logged_in_postfix_words(mailflow_server, d
     with caplog.at_level(logging.WARNING, logger="mailflow.smtpd"):
         assert (await rcpt(port, helo="broken.test"))[0] == 250
     assert "Unable to look up MX host for broken.test: Host not found, try again" in caplog.messages
+
+
+async def test_reverse_client_hostname_access_asks_the_ptr_name_and_may_not_permit(mailflow_server, dns_zone):
+    table = "inline:{known.test=REJECT}"  # (a parent domain of the PTR name)
+    port = await start(mailflow_server, dns_zone, client_restrictions=[f"check_reverse_client_hostname_access {table}"])
+    assert await rcpt(port) == said(status.access_denied("client.known.test", "Unverified Client host"))
+
+
+async def test_reverse_client_hostname_access_refuses_an_ok(mailflow_server, dns_zone):
+    table = "inline:{client.known.test=OK}"
+    port = await start(mailflow_server, dns_zone, client_restrictions=[f"check_reverse_client_hostname_access {table}"])
+    assert await rcpt(port) == (451, "451 4.3.5 Server configuration error")
 
 
 # ---------------------------------------------------------------------------------------------- MX backup

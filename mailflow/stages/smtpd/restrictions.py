@@ -89,8 +89,9 @@ from mailflow.errors import LookupRetry
 from mailflow.logs import SmtpdLog, printable
 from mailflow.model import AddressClass
 from mailflow.restriction_vocabulary import (ACCESS_CHECKS, CLIENT_CERT_PERMITS, DNSWL_CHECKS, KNOWN, NEEDS_FILTER,
-                                             RCPT_STAGES, RHSBL_CHECKS, SENDER_LOGIN_CHECKS, SERVER_ACCESS_CHECKS,
-                                             STAGES, WARN_IF_REJECT, WITH_ARGUMENT, check_item, split_item)
+                                             RCPT_STAGES, REVERSE_CLIENT_ACCESS, RHSBL_CHECKS, SENDER_LOGIN_CHECKS,
+                                             SERVER_ACCESS_CHECKS, STAGES, WARN_IF_REJECT, WITH_ARGUMENT, check_item,
+                                             split_item)
 from mailflow.stages.smtpd.auth import SenderLogins
 from mailflow.stages.smtpd.dns_checks import DnsChecks
 from mailflow.stages.smtpd.server_checks import ServerChecks
@@ -304,7 +305,7 @@ class Restrictions:
         self._classes = {name: tuple(split_item(i) for i in items) for name, items in smtpd.restriction_classes.items()}
         every = (*self._lists.values(), *self._classes.values())
         self._tables = {arg: tables.open([arg]) for items in every for name, arg in items
-                        if name in ACCESS_CHECKS or name in SERVER_ACCESS_CHECKS}
+                        if name in ACCESS_CHECKS or name in SERVER_ACCESS_CHECKS or name == REVERSE_CLIENT_ACCESS}
         self._relay_clientcerts = tables.open(smtpd.relay_clientcerts)
         self._policies = {arg: PolicyClient(arg, smtpd.policy_service_timeout, max_idle=smtpd.policy_service_max_idle,
                                             max_ttl=smtpd.policy_service_max_ttl,
@@ -495,6 +496,8 @@ class Restrictions:
         """The DNS-based items of the second group (server access, allowlists, MX backup, the HELO name)."""
         if name in SERVER_ACCESS_CHECKS:
             return await self._server_access(name, arg, stage, facts)
+        if name == REVERSE_CLIENT_ACCESS:
+            return await self._reverse_client_access(arg, stage, facts)
         if name in DNSWL_CHECKS:
             return await self._allowlisted(name, arg, stage, facts)
         if name in ("reject_unknown_helo_hostname", "reject_unknown_hostname"):
@@ -832,12 +835,25 @@ class Restrictions:
         if found is None or isinstance(found, status.Reply):
             return found
         answer = await self.action(found, reply_name, what, facts, source=spec, stage=stage)
-        if answer != PERMIT or facts.marks.discard is not None:
-            return answer
-        log.warning("restriction %s returns OK for %s", name, looked_up)
-        log.warning("this is not allowed for security reasons")
-        log.warning("use DUNNO instead of OK if you want to make an exception")
-        return status.SERVER_CONFIGURATION_ERROR
+        return _forbid_allowlist(name, answer, looked_up, facts)
+
+    async def _reverse_client_access(self, spec: str, stage: str, facts: Facts):
+        """check_reverse_client_hostname_access: check_client_access's keys, of the client's PTR name unverified
+        (`unknown` without one, as Postfix asks it); refusals name `<ptr name>: Unverified Client host`; an OK is
+        refused as the server access checks' are (Postfix's forbid_allowlist: whoever runs the reverse zone
+        chooses that name)."""
+        reverse = await self._dns.reverse_name(facts) or "unknown"
+        keys = client_keys(facts.client_addr, reverse)
+        what = "Unverified Client host"
+        try:
+            found = find(self._tables[spec], keys, client_full_keys(reverse))
+        except LookupRetry as e:
+            log.warning("%s lookup error for %r: %s", spec, reverse, e.reason)
+            return status.restriction_config_error(reverse, what)
+        if found is None:
+            return None
+        answer = await self.action(found[2], reverse, what, facts, source=spec, stage=stage)
+        return _forbid_allowlist(REVERSE_CLIENT_ACCESS, answer, reverse, facts)
 
     async def _first_server_entry(self, name: str, spec: str, looked_up: str, reply_name: str, what: str):
         """The table's value for the first server name or address it has; None; a Reply when it cannot answer."""
@@ -998,6 +1014,18 @@ def _mark(word: str, text: str, marks: Marks, source: str) -> bool:
         log.warning("%s: access action %s %r requires %s; ignored", source, word, text, _MARK_NEEDS[word])
         return False
     return True
+
+
+def _forbid_allowlist(name: str, answer, target: str, facts: Facts):
+    """Postfix's forbid_allowlist: an item that may refuse but not permit (its table is asked with names someone
+    else's DNS chooses) and permitted gives 451 4.3.5 Server configuration error, logged in Postfix's three lines;
+    a DISCARD (a permit that drops the message) stands."""
+    if answer != PERMIT or facts.marks.discard is not None:
+        return answer
+    log.warning("restriction %s returns OK for %s", name, target)
+    log.warning("this is not allowed for security reasons")
+    log.warning("use DUNNO instead of OK if you want to make an exception")
+    return status.SERVER_CONFIGURATION_ERROR
 
 
 def _triggered(word: str, name: str, what: str, text: str) -> str:
