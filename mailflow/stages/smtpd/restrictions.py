@@ -14,8 +14,9 @@ What it owns
 - The restrictions that ask the DNS are dns_checks.py's (reject_rbl_client, reject_rhsbl_*, permit_dnswl_client,
   permit_rhswl_client, the unknown client name, HELO name and address domain checks) and server_checks.py's
   (check_*_{mx,ns,a}_access: this module asks the table with each server it names, and refuses an OK as Postfix's
-  forbid_allowlist does, 451 4.3.5, as for check_reverse_client_hostname_access; permit_mx_backup). A permit of permit_dnswl_client, permit_rhswl_client or
-  permit_mx_backup is logged when log_access_permit_actions names it; the inbound filters' (docs/filtering.md):
+  forbid_allowlist does, 451 4.3.5, as for check_reverse_client_hostname_access; permit_mx_backup). A permit of
+  permit_dnswl_client, permit_rhswl_client or permit_mx_backup is logged when log_access_permit_actions names it;
+  the inbound filters' (docs/filtering.md):
   check_greylist (450 4.2.0 as a DEFER_IF_PERMIT, postgrey's answer; mailflow.filters.greylist),
   reject_spf_fail (550 5.7.23) and, at end of data, reject_dmarc_policy (p=reject: 550 5.7.1; p=quarantine:
   HOLD). Access FILTER transport:nexthop marks the message for that after-queue filter.
