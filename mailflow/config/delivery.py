@@ -96,6 +96,20 @@ class LocalConfig(Section):
         return v
 
 
+def check_bind_address(value: str, family: int) -> str:
+    """smtp_bind_address (family 4) or smtp_bind_address6 (6): "" or a numerical address of that family, in
+    brackets or not (as Postfix takes it); returned without the brackets."""
+    address = value.strip()
+    if address.startswith("[") and address.endswith("]"):
+        address = address[1:-1]
+    if not address:
+        return ""
+    ip = parse_ip(address)
+    if ip is None or ip.version != family:
+        raise ValueError(f"{value!r} is not an IPv{family} address")
+    return str(ip)
+
+
 class SmtpConfig(Section):
     """The SMTP client (Postfix smtp): relay and MX delivery."""
 
@@ -131,6 +145,22 @@ class SmtpConfig(Section):
     connection_cache_time_limit: Duration = 2.0
     connection_reuse_count_limit: int = Field(100, ge=0)
     connection_reuse_time_limit: Duration = 300.0
+    # The source address of connections to IPv4 and IPv6 peers (smtp_bind_address, smtp_bind_address6); "": the
+    # system's choice. A bind that fails is a warning and the connection goes from any address, or with
+    # bind_address_enforce (smtp_bind_address_enforce) the peer fails: 4.4.0 "server configuration error".
+    bind_address: str = ""
+    bind_address6: str = ""
+    bind_address_enforce: bool = False
+
+    @field_validator("bind_address")
+    @classmethod
+    def _bind_address(cls, v: str) -> str:
+        return check_bind_address(v, 4)
+
+    @field_validator("bind_address6")
+    @classmethod
+    def _bind_address6(cls, v: str) -> str:
+        return check_bind_address(v, 6)
 
     @field_validator("tls_key_file")
     @classmethod
@@ -148,6 +178,20 @@ class LmtpConfig(Section):
     connect_timeout: Duration = Field(30.0, gt=0)
     command_timeout: Duration = Field(300.0, gt=0)
     data_timeout: Duration = Field(600.0, gt=0)
+    # As [smtp]'s (lmtp_bind_address, lmtp_bind_address6, lmtp_bind_address_enforce): TCP next hops only.
+    bind_address: str = ""
+    bind_address6: str = ""
+    bind_address_enforce: bool = False
+
+    @field_validator("bind_address")
+    @classmethod
+    def _bind_address(cls, v: str) -> str:
+        return check_bind_address(v, 4)
+
+    @field_validator("bind_address6")
+    @classmethod
+    def _bind_address6(cls, v: str) -> str:
+        return check_bind_address(v, 6)
 
 
 class DnsConfig(Section):

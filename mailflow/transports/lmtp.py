@@ -53,7 +53,7 @@ from mailflow.model import DeliveryReport, DeliveryRequest, Recipient
 from mailflow.transports.smtp.addr import Nexthop, Peer, parse_nexthop, unique
 from mailflow.transports.smtp.chat import Session, Timeouts
 from mailflow.transports.smtp.commands import screen_envelope
-from mailflow.transports.smtp.connect import greet, hello, log_connect_failure, open_session
+from mailflow.transports.smtp.connect import SourceAddress, greet, hello, log_connect_failure, open_session
 from mailflow.transports.smtp.proto import send_message
 from mailflow.transports.smtp.trouble import ConnectFailure, Outcomes, SiteFailure, record_unreachable
 
@@ -71,6 +71,7 @@ class LmtpTransport:
         self._now = now
         self._helo_name = helo_name
         self._clock = clock
+        self._source = SourceAddress.of(config, "lmtp")
         self._timeouts = Timeouts(config.connect_timeout, config.command_timeout, config.command_timeout,
                                   config.data_timeout)
 
@@ -125,7 +126,7 @@ class LmtpTransport:
             raise
 
     async def _handshake(self, peer: Peer) -> Session:
-        session = await open_session(peer, self._timeouts.connect, self._clock)
+        session = await open_session(peer, self._timeouts.connect, self._clock, self._source)
         try:
             await greet(session, self._timeouts.helo)
             await hello(session, self._helo_name, self._timeouts.helo, lmtp=True)

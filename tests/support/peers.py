@@ -53,6 +53,7 @@ class Captured:
     smtputf8: bool
     helo: str
     tls: bool
+    client: str = ""  # the address the connection came from
 
 
 @dataclass
@@ -90,6 +91,7 @@ class CaptureHandler:
                 smtputf8=envelope.smtp_utf8,
                 helo=session.host_name,
                 tls=session.ssl is not None,
+                client=session.peer[0] if session.peer else "",
             )
         )
         return f"250 2.0.0 Ok: queued as Q{len(self.messages)}"

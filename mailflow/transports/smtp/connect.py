@@ -1,9 +1,15 @@
 """Opening a session (Postfix smtp_connect, with smtp_proto's handshake): connect, greeting, EHLO/HELO or LHLO,
 and for SMTP STARTTLS as the TLS policy asks and AUTH with the relay's credentials.
 
-    await open_session(peer, timeout, clock) -> Session     TCP, or a UNIX-domain socket (port 0), within
-                                `timeout`; ConnectFailure 4.4.1 "connect to h[ip]:port: Connection refused" (or
-                                timed out), which the caller logs with log_connect_failure
+    await open_session(peer, timeout, clock, source=None) -> Session     TCP, or a UNIX-domain socket (port 0),
+                                within `timeout`; ConnectFailure 4.4.1 "connect to h[ip]:port: Connection refused"
+                                (or timed out), which the caller logs with log_connect_failure. `source`
+                                (SourceAddress.of(config, "smtp" or "lmtp"): bind_address, bind_address6), the
+                                address a TCP connection goes from, by the peer's family, as Postfix's
+                                smtp_connect_addr: a bind that fails is logged `warning: smtp_connect_addr: bind
+                                192.0.2.1: Cannot assign requested address` and the connection goes from any
+                                address; with bind_address_enforce the peer fails instead, BindFailure 4.4.0
+                                "server configuration error" (each address tried, then the mail deferred)
     log_connect_failure(failure, log)   a TCP peer's failed connection at once, alone, no queue id (Postfix's
                                 smtp_connect_inet); none for a UNIX-domain socket's; on the caller's logger (the
                                 log names smtp or lmtp)
@@ -67,12 +73,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import socket
 import ssl
 from dataclasses import dataclass
 from typing import Callable, NoReturn
 
-from mailflow.config import SmtpConfig
+from mailflow.config import LmtpConfig, SmtpConfig
 from mailflow.dns import Resolver, is_ip_literal
+from mailflow.syntax import is_ipv4
 from mailflow.errors import LookupRetry, detached, os_reason, tls_failure
 from mailflow.tables import Table, TableCache, find
 from mailflow.transports.smtp.addr import Nexthop, Peer, unique
@@ -90,6 +98,7 @@ from mailflow.transports.smtp.tls import (
     without_dane,
 )
 from mailflow.transports.smtp.trouble import (
+    BindFailure,
     ConnectFailure,
     LocalProblem,
     RetryPlaintext,
@@ -107,20 +116,69 @@ HANDSHAKE_FAILURE = "Cannot start TLS: handshake failure"  # Postfix's status te
 NOT_VERIFIED = "Server certificate not verified"
 
 
-async def open_session(peer: Peer, timeout: float, clock: Callable[[], float]) -> Session:
+@dataclass(frozen=True)
+class SourceAddress:
+    """See the module docstring: the `bind_address`, `bind_address6` and `bind_address_enforce` of [smtp] or
+    [lmtp] (`program`: which, for the settings' names and the warning)."""
+
+    ipv4: str = ""
+    ipv6: str = ""
+    enforce: bool = False
+    program: str = "smtp"
+
+    @classmethod
+    def of(cls, config: SmtpConfig | LmtpConfig, program: str) -> "SourceAddress | None":
+        """None when neither address is set (nothing to bind: the connection path stays as it is)."""
+        if not config.bind_address and not config.bind_address6:
+            return None
+        return cls(config.bind_address, config.bind_address6, config.bind_address_enforce, program)
+
+    def for_peer(self, address: str) -> str:
+        """The source address for a connection to `address` (of its family), "" for none."""
+        return self.ipv4 if is_ipv4(address) else self.ipv6
+
+
+async def open_session(peer: Peer, timeout: float, clock: Callable[[], float],
+                       source: SourceAddress | None = None) -> Session:
     """See the module docstring."""
     loop = asyncio.get_running_loop()
     opened = clock()
     wire = Wire()
+    bound = source.for_peer(peer.address) if source is not None and peer.port else ""
     try:
         async with asyncio.timeout(timeout):
-            if peer.port:
+            if bound:
+                assert source is not None
+                await loop.create_connection(lambda: wire, sock=await _bound_socket(peer, bound, source))
+            elif peer.port:
                 await loop.create_connection(lambda: wire, peer.address, peer.port)
             else:
                 await loop.create_unix_connection(lambda: wire, peer.address)
     except (OSError, TimeoutError) as e:
         raise ConnectFailure(f"connect to {peer.relay}: {os_reason(e)}", tcp=bool(peer.port)) from None
     return Session(wire, peer, opened)
+
+
+async def _bound_socket(peer: Peer, bound: str, source: SourceAddress) -> socket.socket:
+    """A socket connected to `peer` from `bound`, as Postfix's smtp_connect_addr: a failed bind is a warning
+    (`smtp_connect_addr: bind 192.0.2.1: Cannot assign requested address`), then the connection goes from any
+    address, or with `enforce` the peer fails with 4.4.0 "server configuration error" (BindFailure)."""
+    family = socket.AF_INET if is_ipv4(peer.address) else socket.AF_INET6
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        try:
+            sock.bind((bound, 0))
+        except OSError as e:
+            logging.getLogger(f"mailflow.{source.program}").warning(
+                "%s_connect_addr: bind %s: %s", source.program, bound, os_reason(e))
+            if source.enforce:
+                raise BindFailure() from None
+        await asyncio.get_running_loop().sock_connect(sock, (peer.address, peer.port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def log_connect_failure(failure: ConnectFailure, log: logging.Logger) -> None:
@@ -195,6 +253,7 @@ class SmtpHandshake:
     resolver: Resolver | None = None  # TLSA lookups (dane, dane-only)
     plaintext_after: float = 0.0  # a failed TLS handshake at level may: plaintext for mail queued this long
     sender_keys: Callable[[str], list[str]] | None = None  # a sender's sasl_password_maps keys; None: not asked
+    source: SourceAddress | None = None  # bind_address, bind_address6 (None: neither set)
 
     async def open(self, peer: Peer, destination: Destination, queue_id: str,
                    queued_for: float | None = None) -> Session:
@@ -230,7 +289,7 @@ class SmtpHandshake:
     async def _handshake(self, peer: Peer, destination: Destination, policy: TlsPolicy,
                          credentials: Credentials | None, queue_id: str, tls_allowed: bool,
                          fallback: bool = False) -> Session:
-        session = await open_session(peer, self.config.connect_timeout, self.clock)
+        session = await open_session(peer, self.config.connect_timeout, self.clock, self.source)
         try:
             await greet(session, self.config.helo_timeout)
             await hello(session, self.helo_name, self.config.helo_timeout, queue_id=queue_id)

@@ -74,7 +74,7 @@ from mailflow.transports.smtp.addr import (
 from mailflow.transports.smtp.chat import Session, Timeouts
 from mailflow.transports.generic import GenericMaps, WireForm
 from mailflow.transports.smtp.commands import screen_envelope
-from mailflow.transports.smtp.connect import Destination, SmtpHandshake, log_connect_failure
+from mailflow.transports.smtp.connect import Destination, SmtpHandshake, SourceAddress, log_connect_failure
 from mailflow.transports.smtp.mtasts import MtaSts
 from mailflow.transports.smtp.proto import reset, send_message
 from mailflow.transports.smtp.reuse import SessionCache
@@ -148,7 +148,8 @@ class SmtpTransport:
             config=config, helo_name=helo_name,
             tls=TlsContexts(config.tls_ca_file, config.tls_cert_file, config.tls_key_file),
             password_tables=self._tables.open(config.sasl_password_maps), tables=self._tables, clock=clock,
-            resolver=resolver, plaintext_after=plaintext_after, sender_keys=sender_keys)
+            resolver=resolver, plaintext_after=plaintext_after, sender_keys=sender_keys,
+            source=SourceAddress.of(config, "smtp"))
         self._cache = SessionCache(config.connection_cache_time_limit, config.connection_reuse_count_limit,
                                    config.connection_reuse_time_limit, clock=clock)
 

@@ -18,6 +18,9 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
                                 (smtp_connect_inet: `connect to h[ip]:port: reason`), for a TCP peer only (a
                                 UNIX-domain socket's is said by the result line alone: smtp_connect_local);
                                 `logged_alone` says whether that line is due
+    BindFailure()               ConnectFailure 4.4.0 "server configuration error": the source address
+                                (bind_address, with bind_address_enforce) could not be bound; logged alone as
+                                Postfix's smtp_connect_inet logs it, after the bind warning (connect.open_session)
     LocalProblem(dsn, text)     TemporaryError: our side cannot go on (a table that cannot answer, an unusable TLS
                                 policy, no TLS engine); another peer would not help, the site is not blamed.
     RetryPlaintext, StaleSession   control flow, not failures: connect again without TLS (level may); a cached
@@ -85,6 +88,14 @@ class ConnectFailure(SiteFailure):
     def __init__(self, text: str, *, tcp: bool):
         super().__init__("4.4.1", text)
         self.logged_alone = tcp
+
+
+class BindFailure(ConnectFailure):
+    """See the module docstring."""
+
+    def __init__(self) -> None:
+        super().__init__("server configuration error", tcp=True)
+        self.dsn = "4.4.0"
 
 
 class LocalProblem(TemporaryError):
