@@ -151,6 +151,10 @@ class SmtpConfig(Section):
     bind_address: str = ""
     bind_address6: str = ""
     bind_address_enforce: bool = False
+    # smtp_fallback_relay: next hops ("[host]:port", "[address]", "host:port", "domain") tried in order for the
+    # recipients a delivery could not deliver for a temporary reason or whose destination was not found; not for
+    # a domain this server is an MX host of.
+    fallback_relay: tuple[str, ...] = ()
 
     @field_validator("bind_address")
     @classmethod
@@ -161,6 +165,19 @@ class SmtpConfig(Section):
     @classmethod
     def _bind_address6(cls, v: str) -> str:
         return check_bind_address(v, 6)
+
+    @field_validator("fallback_relay")
+    @classmethod
+    def _fallback_relay(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        """Each an SMTP next hop, as the client parses it (a list item "a, b" is refused: one next hop each)."""
+        for relay in v:
+            try:
+                host, _ = parse_hostport(relay.strip(), 25)
+            except ValueError:
+                host = ""
+            if not host.strip() or any(c in relay for c in ", \t"):
+                raise ValueError(f"{relay!r} is not an SMTP next hop ([host]:port, [address], host:port, domain)")
+        return v
 
     @field_validator("tls_key_file")
     @classmethod

@@ -35,6 +35,7 @@ MX_SESSION_LIMIT (2) sessions per delivery (smtp_mx_session_limit); if no later 
 its failure (none tried: the first session's answers stand). A 5xx is final wherever it comes from. Each reason
 left to the next peer is logged (`QID: host ... said: 4xx ...`, Postfix's line for a server that is not the final
 one) when that peer is tried, so the session that turns out to be the last logs only its results.
+Then smtp.fallback_relay, each relay a next hop of its own, for what is left (transport's docstring).
 A cached session for the next hop is used before any of that; one that
 turns out dead before MAIL FROM is answered is dropped and the delivery goes on a fresh connection, counting
 no failure. After a delivery the session is cached (RSET first only when a transaction is still open: a finished

@@ -20,6 +20,16 @@ whose best MX host (or whose [host]) has one of those addresses with 5.4.6 "mail
 MX hosts no better than this server are not tried (`_without_myself`). A request whose next hop is `relayhost`
 (as written) defers 4.3.5 where DNS or the loop check would bounce it: a configuration problem, as Postfix
 (and, deferred, a site failure).
+smtp.fallback_relay (Postfix's smtp_fallback_relay; `Site`): after the next hop, each fallback relay in turn is a
+site of its own (its TLS policy, cached sessions, MX_ADDRESS_LIMIT and MX_SESSION_LIMIT), for the recipients the
+site before left: those its last peer deferred (or could not be talked to; under soft_bounce those refused too),
+or all of them when its DNS lookup failed or found nothing (Postfix tries the fallback for a destination not
+found, a null MX included). A 5xx reply bounces at once, as without a fallback. No fallback when mail for the next
+hop loops back to this server (5.4.6) or this server is one of its MX hosts (Postfix's i_am_mx: no mail loop
+between MX and fallback hosts). Only the final site's failures are the recipients' results and the site
+verdict; one that is not the final one logs each soft error on a line of its own (`QID: host h[ip] said: 451
+...`). A permanent DNS or loop failure of the last fallback relay defers 4.3.5 with its text, logged `warning:
+smtp_fallback_relay configuration problem`.
 
     SmtpTransport(config, *, resolver, helo_name, rng=None, clock=time.monotonic, tables=None, mta_sts=None,
                   plaintext_after=0.0, own_addresses=frozenset(), own_ports=frozenset(), relayhost="",
@@ -53,6 +63,7 @@ import logging
 import random
 import time
 from contextlib import aclosing
+from dataclasses import dataclass
 from functools import partial
 from itertools import groupby
 from typing import AsyncGenerator, Callable, Sequence
@@ -134,6 +145,7 @@ class SmtpTransport:
         self._soft_bounce = soft_bounce
         self._now = now
         self._relayhost = relayhost
+        self._fallback_relays = config.fallback_relay
         self._own_addresses = own_addresses
         self._own_ports = own_ports
         self._resolver = resolver
@@ -176,47 +188,84 @@ class SmtpTransport:
 
     async def _deliver_to_nexthop(self, request: DeliveryRequest, recipients: list[Recipient],
                                   outcomes: Outcomes, wire: WireForm | None) -> None:
+        """The request's next hop, then each of smtp.fallback_relay in turn for the recipients the one before left
+        (Postfix's smtp_connect_inet over its list of sites)."""
+        sites = (request.nexthop, *self._fallback_relays)
+        for index, written in enumerate(sites):
+            site = Site(written, final=index == len(sites) - 1, fallback=index > 0)
+            recipients = await self._deliver_to_site(site, request, recipients, outcomes, wire)
+            if not recipients:
+                return
+
+    async def _deliver_to_site(self, site: Site, request: DeliveryRequest, recipients: list[Recipient],
+                               outcomes: Outcomes, wire: WireForm | None) -> list[Recipient]:
+        """Deliver to one site (the next hop or a fallback relay); returns the recipients left for the next site
+        (none when `site` is the final one): those a temporary failure left (see the module docstring)."""
         try:
-            destination = await self._destination(request.nexthop)
+            destination = await self._destination(site.written)
             if self._handshake.sender_keys is not None:  # sender-dependent authentication: the sender's sessions
                 destination = dataclasses.replace(destination, sender=request.sender)
         except ValueError:
-            text = f"mail system configuration error: bad SMTP nexthop {request.nexthop!r}"
+            text = f"mail system configuration error: bad SMTP nexthop {site.written!r}"
             outcomes.fail(recipients, TemporaryError("4.3.5", text)).site_failed(text)
-            return
+            return []
         except LocalProblem as e:
             outcomes.fail(recipients, e)
-            return
+            return []
         cached = await self._deliver_on_cached_session(destination, request, recipients, outcomes, wire)
         kept: Outcomes | None = None
         if cached is not None:  # a session like any other: what it deferred goes on to the next peer
             recipients = self._for_next_peer(recipients, outcomes)
             if not recipients or MX_SESSION_LIMIT <= 1:
-                return
+                return self._left_for_next_site(site, request, recipients, outcomes)
             kept = outcomes.take_back(recipients)
         dns_failures: list[DeliveryError] = []
         try:
             hosts = await exchangers(self._resolver, destination.nexthop, self._rng)
             if destination.policy.dane and destination.nexthop.mx_lookup:
                 destination = dataclasses.replace(destination, mx_secure=await self._mx_secure(destination))
-            candidates = await self._without_myself(hosts, destination.nexthop, dns_failures)
+            candidates, myself = await self._without_myself(hosts, destination.nexthop, dns_failures)
         except (LookupRetry, DeliveryError) as e:
+            if not site.final and not _is_loop(e):  # Postfix: a site not found is no reason to skip the fallback
+                if kept is not None:
+                    self._log_results(request, recipients, kept)
+                return recipients
             if kept is not None:
                 outcomes.restore(kept)
             elif isinstance(e, LookupRetry):
                 text = f"Host or domain name not found. {e.text}"
                 outcomes.fail(recipients, SiteFailure("4.4.3", text)).site_failed(text)
             else:  # null MX (5.1.10), loops back to myself (5.4.6), unable to find primary relay (4.4.4)
-                failure = self._unless_relayhost(request, e)
+                failure = self._unless_misconfigured(site, request, e)
                 outcomes.fail(recipients, failure)
                 if not failure.permanent:  # deferred: the destination is throttled, as Postfix's smtp_sess_fail
                     outcomes.site_failed(failure.text)
-            return
+            return []
+        if myself:  # this server is an MX host of the site: no fallback relay (Postfix's i_am_mx: no mail loop)
+            site = dataclasses.replace(site, final=True)
         try:
-            await self._deliver_to_first_reachable(candidates, destination, request, recipients, outcomes,
-                                                   dns_failures, wire, kept=kept, used=cached)
+            return await self._deliver_to_first_reachable(candidates, destination, request, recipients, outcomes,
+                                                          dns_failures, wire, site, kept=kept, used=cached)
         except LocalProblem as e:
             outcomes.fail(outcomes.pending(recipients), e)
+            return []
+
+    def _left_for_next_site(self, site: Site, request: DeliveryRequest, recipients: list[Recipient],
+                            outcomes: Outcomes) -> list[Recipient]:
+        """At a site that is not the final one, the recipients its last session left (deferred; refused too under
+        soft_bounce), their results forgotten and logged on lines of their own (`QID: host h[ip] said: 451 ...`), as
+        Postfix logs a soft error at a server that is not the final one."""
+        if site.final:
+            return []
+        left = self._for_next_peer(recipients, outcomes)
+        if left:
+            self._log_results(request, left, outcomes.take_back(left))
+        return left
+
+    @staticmethod
+    def _log_results(request: DeliveryRequest, recipients: list[Recipient], taken: Outcomes) -> None:
+        for r in recipients:
+            log.info("%s: %s", request.queue_id, taken.results[r].text)
 
     async def _destination(self, written: str) -> Destination:
         """Raises ValueError (no usable next hop) or LocalProblem (the TLS policy cannot be had)."""
@@ -293,10 +342,12 @@ class SmtpTransport:
     async def _deliver_to_first_reachable(self, candidates: Sequence[Candidate], destination: Destination,
                                           request: DeliveryRequest, recipients: list[Recipient],
                                           outcomes: Outcomes, dns_failures: list[DeliveryError],
-                                          wire: WireForm | None, *, kept: Outcomes | None = None,
-                                          used: Peer | None = None) -> None:
+                                          wire: WireForm | None, site: Site, *, kept: Outcomes | None = None,
+                                          used: Peer | None = None) -> list[Recipient]:
         """`kept`: what a cached session with `used` deferred (that peer is not tried again). `dns_failures`:
-        those of looking up `candidates` so far."""
+        those of looking up `candidates` so far. Returns the recipients left for the next site: at a `site` that
+        is not the final one, those its last peer failed or deferred, with no result (a session's reasons logged
+        on lines of their own, as Postfix logs a soft error at a server that is not the final one)."""
         peer_failure: DeliveryError | None = None
         sessions = 0 if kept is None else 1
         # `kept`: temporary failures of a session that may not be the last; `unlogged`: the same, logged (as
@@ -318,11 +369,11 @@ class SmtpTransport:
                     peer_failure = detached(e)  # kept for the result: no traceback through this frame
                     if e.hard and not self._soft_bounce:  # a 5xx: Postfix bounces at once (but for a 5xx
                         record_unreachable(outcomes, recipients, e, [])  # greeting; under soft_bounce, as a 4xx)
-                        return
+                        return []
                     if isinstance(e, ConnectFailure):  # Postfix's smtp_connect_inet: at once, no queue id
                         log_connect_failure(e, log)
-                    elif e.relay == "none":  # refused before connecting (DANE, MTA-STS): logged at once
-                        log.info("%s: %s", request.queue_id, e.text)
+                    elif e.relay == "none" or not site.final:  # refused before connecting (DANE, MTA-STS), or
+                        log.info("%s: %s", request.queue_id, e.text)  # a server that is not the final one
                     else:  # Postfix's smtp_bulk_fail: at the final server the result line is the only one
                         unlogged_failure = e
                     continue
@@ -335,16 +386,21 @@ class SmtpTransport:
                 await self._release(session, destination)
                 deferred = self._for_next_peer(recipients, outcomes)
                 if not deferred or sessions >= MX_SESSION_LIMIT:
-                    return
+                    return self._left_for_next_site(site, request, deferred, outcomes)
                 # Postfix: a soft error at a server that is not the final one: the next one gets these recipients
                 kept, recipients, peer_failure = outcomes.take_back(deferred), deferred, None
                 unlogged = kept
+        if not site.final:  # the next site has them
+            if unlogged is not None:
+                self._log_results(request, recipients, unlogged)
+            return recipients
         if kept is not None and peer_failure is None:
             outcomes.restore(kept)  # that session was the last after all
-            return
+            return []
         # Postfix's relayhost rule is for a hard result: a peer's failure or a soft DNS failure makes it soft
         record_unreachable(outcomes, recipients, peer_failure, [] if kept is not None else dns_failures,
-                           hard=partial(self._unless_relayhost, request))
+                           hard=partial(self._unless_misconfigured, site, request))
+        return []
 
     def _for_next_peer(self, recipients: list[Recipient], outcomes: Outcomes) -> list[Recipient]:
         """The recipients a session left for the next peer, if there is one: those it deferred, and under
@@ -353,16 +409,22 @@ class SmtpTransport:
         again = (Outcome.DEFERRED, Outcome.BOUNCED) if self._soft_bounce else (Outcome.DEFERRED,)
         return [r for r in recipients if outcomes.results[r].outcome in again]
 
-    def _unless_relayhost(self, request: DeliveryRequest, error: DeliveryError) -> DeliveryError:
-        """A permanent DNS or loop failure of the relayhost is a configuration problem: deferred 4.3.5 with the
-        same text, as Postfix's smtp_connect_inet does, instead of bouncing every message relayed."""
-        if not error.permanent or not self._relayhost or request.nexthop != self._relayhost:
+    def _unless_misconfigured(self, site: Site, request: DeliveryRequest, error: DeliveryError) -> DeliveryError:
+        """A permanent DNS or loop failure of a fallback relay (the final site) or of the relayhost is a
+        configuration problem: deferred 4.3.5 with the same text, as Postfix's smtp_connect_inet does, instead of
+        bouncing every message relayed (logged `warning: smtp_fallback_relay configuration problem`)."""
+        if not error.permanent:
+            return error
+        if site.fallback:
+            log.warning("smtp_fallback_relay configuration problem")
+            return TemporaryError("4.3.5", error.text)
+        if not self._relayhost or request.nexthop != self._relayhost:
             return error
         log.warning("%s: relayhost configuration problem: %s", request.queue_id, error.text)
         return TemporaryError("4.3.5", error.text)
 
     async def _without_myself(self, hosts: list[MX], nexthop: Nexthop,
-                              dns_failures: list[DeliveryError]) -> Sequence[Candidate]:
+                              dns_failures: list[DeliveryError]) -> tuple[Sequence[Candidate], bool]:
         """The hosts to try, each with its addresses when they had to be looked up here (None: later, as needed).
         When the next hop's port is one this server listens on (Postfix: port 25, so that a content filter on
         127.0.0.1:10025 is no loop), Postfix's loop detection (smtp_find_self, smtp_truncate_self, RFC 5321
@@ -370,11 +432,12 @@ class SmtpTransport:
         dropped. They are looked up one preference at a time (LOOKUP_BATCH at once, so a slow host does not hold
         up the others of its group and a hostile MX set never makes a hundred lookups at once), up to the group
         with this server, or up to the group that makes MX_ADDRESS_LIMIT addresses: later hosts would be dropped
-        or never reached. Raises PermanentError 5.4.6 "mail for X loops back to myself" when this server is
+        or never reached. Also says whether this server is among the hosts (then no fallback relay is tried,
+        as Postfix's i_am_mx). Raises PermanentError 5.4.6 "mail for X loops back to myself" when this server is
         (one of) the best, TemporaryError 4.4.4 "unable to find primary relay for X" when only better hosts
         without an address are left."""
         if not self._own_addresses or nexthop.port not in self._own_ports:
-            return [(mx, None) for mx in hosts]
+            return [(mx, None) for mx in hosts], False
         better: list[tuple[MX, list[str]]] = []
         found_myself = False
         for _, group in groupby(hosts, key=lambda mx: mx.preference):
@@ -386,7 +449,7 @@ class SmtpTransport:
             if sum(len(addresses) for _, addresses in better) >= MX_ADDRESS_LIMIT:
                 break
         if not found_myself or any(addresses for _, addresses in better):
-            return better
+            return better, found_myself
         if better:
             raise TemporaryError("4.4.4", f"unable to find primary relay for {nexthop.host}")
         raise PermanentError("5.4.6", f"mail for {nexthop.host} loops back to myself")
@@ -455,6 +518,22 @@ class SmtpTransport:
             session.quit()
             return
         self._cache.put(destination.cache_key, session)
+
+
+@dataclass(frozen=True)
+class Site:
+    """One destination of a delivery, as written: the request's next hop or a fallback relay. `final`: the last to
+    try (its failures are the recipients' results); `fallback`: one of smtp.fallback_relay."""
+
+    written: str
+    final: bool = True
+    fallback: bool = False
+
+
+def _is_loop(error: LookupRetry | DeliveryError) -> bool:
+    """Mail for the site loops back to this server (5.4.6), or only better MX hosts without an address are left
+    (4.4.4): Postfix tries no fallback relay then (it would make the loop worse)."""
+    return isinstance(error, DeliveryError) and error.dsn in ("5.4.6", "4.4.4")
 
 
 def _header_may_be_big(request: DeliveryRequest) -> bool:
