@@ -40,12 +40,21 @@ class QueueConfig(Section):
     # Deliveries at once over all destinations, and per transport where a cap is set ({ smtp = 50 }).
     delivery_concurrency_limit: int = Field(100, ge=1)
     transport_concurrency_limit: dict[str, Annotated[int, Field(ge=1)]] = {}
+    # The pause between two deliveries to the same destination (Postfix default_destination_rate_delay), and per
+    # transport where one is set ({ smtp = "10s" }: transport_destination_rate_delay); 0 = none. While it is
+    # non-zero the destination's concurrency is 1: at most one delivery per delay.
+    destination_rate_delay: Annotated[Duration, Field(ge=0)] = 0.0
+    transport_destination_rate_delay: dict[str, Annotated[Duration, Field(ge=0)]] = {}
     commit_batch_limit: int = Field(500, ge=1)
     incoming_backlog_limit: int = Field(5000, ge=1)
     # Bytes of free space the queue's file system must keep (Postfix queue_minfree): smtpd answers MAIL with
     # 452 4.3.1 below max(queue_minfree, 1.5 x smtpd.message_size_limit), or when a SIZE= parameter would not
     # leave that much or is more than half the free space.
     queue_minfree: int = Field(0, ge=0)
+
+    def rate_delay(self, transport: str) -> float:
+        """The destination rate delay for mail over `transport`: its own, else destination_rate_delay."""
+        return self.transport_destination_rate_delay.get(transport, self.destination_rate_delay)
 
     @field_validator("maximal_backoff_time")
     @classmethod

@@ -128,3 +128,26 @@ def test_a_restart_forgets_what_was_learned_and_keeps_the_jobs_and_deliveries_in
     assert (d.window, d.failures, d.reason, d.in_flight, len(d.jobs)) == (2, 0, "", 1, 4)
     d.take()
     assert not d.can_start(T0)  # the delivery from before the restart counts against the new window
+
+
+def test_a_rate_delay_caps_the_window_at_one_and_pauses_after_each_delivery():
+    """Postfix's qmgr: a destination rate delay makes the concurrency limit 1, and a finished delivery suspends the
+    queue for the delay; it is not forgotten (idle) while paused."""
+    d = Destination("smtp", "example.test", initial=5, limit=20, rate_delay=10.0)
+    assert (d.window, d.limit) == (1, 1)
+    d.jobs.extend([job(1), job(2)])
+    assert run_one(d, True, now=T0) == []
+    assert not d.can_start(T0 + 9.9) and d.can_start(T0 + 10.0)
+    d.jobs.clear()
+    assert not d.idle(T0 + 9.9) and d.idle(T0 + 10.0)
+
+
+def test_a_rate_limited_destination_that_dies_defers_its_jobs_and_is_only_paused():
+    """Postfix's qmgr_entry_done: a throttled rate-limited queue is unthrottled, then suspended for the delay."""
+    d = Destination("smtp", "example.test", initial=1, limit=20, rate_delay=10.0)
+    d.jobs.append(job(1))
+    deferred = run_one(d, False, now=T0)
+    assert deferred == [job(0)]  # (run_one queued it behind job 1, which it ran)
+    assert not d.is_dead(T0) and d.resume_at == T0 + 10.0
+    d.restart(5, 20, 1, rate_delay=0.0)  # a reload without the delay: neither paused nor capped
+    assert (d.window, d.resume_at) == (5, 0.0)

@@ -28,7 +28,9 @@ The loop
 - Each destination gets one job per message and runs as many at once as its window allows
   (`destination.py`: slow start, throttle on site failure, dead-site memory). `delivery_concurrency_limit`
   caps all deliveries, `transport_concurrency_limit` each transport. A dead destination's jobs are
-  deferred without a connection attempt.
+  deferred without a connection attempt. A destination rate delay (`destination_rate_delay`, per transport
+  `transport_destination_rate_delay`) makes its window 1 and pauses it after each delivery; the loop wakes when
+  the pause ends.
 - An address verification probe (mailflow.stages.verify) is delivered through `deliver_probe`: a dead destination
   defers it without a connection, as Postfix's qmgr defers the probe (a queued message) of a dead queue; what the
   probe finds is not fed back (Postfix's probes never make a destination dead); it is not queued and waits for no
@@ -106,6 +108,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import heapq
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
@@ -167,6 +170,8 @@ class QueueManager:
         self._on_delivery = on_delivery
         self._active: dict[str, ActiveMessage] = {}
         self._destinations: dict[tuple[str, str], Destination] = {}
+        self._resumes: list[float] = []  # (a heap) when destinations paused by a rate delay may start again
+        self._sleeping_until = 0.0  # the clock time the loop's current sleep ends
         self._in_flight = 0
         self._in_flight_by_transport: dict[str, int] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -240,7 +245,7 @@ class QueueManager:
         self._soft_bounce = soft_bounce
         for dest in self._destinations.values():
             dest.restart(config.initial_destination_concurrency, config.default_destination_concurrency_limit,
-                         config.destination_concurrency_failed_cohort_limit)
+                         config.destination_concurrency_failed_cohort_limit, config.rate_delay(dest.transport))
         self._reroute()
         self._pump()
         if retired:
@@ -350,11 +355,17 @@ class QueueManager:
             await self._idle(self._idle_until())
 
     def _idle_until(self) -> float:
-        """The clock time the loop sleeps until: the next scan (or the scan's backoff), at most a tick away."""
+        """The clock time the loop sleeps until: the next scan (or the scan's backoff), at most a tick away, or
+        sooner the end of a destination's rate delay."""
         next_scan = self._next_scan
         if self._scanning.backing_off:
             next_scan = max(next_scan, self._scanning.resume_at)
-        return min(self._clock.time() + self._tick_seconds, next_scan)
+        now = self._clock.time()
+        while self._resumes and self._resumes[0] <= now:
+            heapq.heappop(self._resumes)
+        if self._resumes:
+            next_scan = min(next_scan, self._resumes[0])
+        return min(now + self._tick_seconds, next_scan)
 
     async def _idle(self, deadline: float) -> None:
         """Wait for a wake-up or until `deadline` on the injected clock, whichever comes first: the clock's
@@ -362,6 +373,7 @@ class QueueManager:
         the deadline when it starts, not from when it was made: time that passes in between is not added."""
         if self._wakeup.is_set():
             return
+        self._sleeping_until = deadline
         timer = asyncio.ensure_future(self._sleep_until(deadline))
         timer.add_done_callback(self._timer_rang)
         try:
@@ -527,7 +539,8 @@ class QueueManager:
             q = self._config
             dest = Destination(transport, nexthop, initial=q.initial_destination_concurrency,
                                limit=q.default_destination_concurrency_limit,
-                               cohort_limit=q.destination_concurrency_failed_cohort_limit)
+                               cohort_limit=q.destination_concurrency_failed_cohort_limit,
+                               rate_delay=q.rate_delay(transport))
             self._destinations[key] = dest
         return dest
 
@@ -546,7 +559,7 @@ class QueueManager:
                 delivery = self._spawn(self._run_job(dest, dest.take()))
                 self._deliveries.add(delivery)
                 delivery.add_done_callback(self._deliveries.discard)
-            if dest.idle:
+            if dest.idle(now):
                 del self._destinations[dest.key]
 
     def _room_for(self, transport: str) -> bool:
@@ -580,8 +593,16 @@ class QueueManager:
             site_ok = report.site_ok if report is not None else True
             reason = report.site_reason if report is not None else ""
             self._suspend(dest, dest.done(site_ok, reason, ended, self._config.minimal_backoff_time))
+            if dest.resume_at:  # a rate delay: the loop wakes when it is over (a paused destination is kept)
+                self._resume_at(dest.resume_at)
         self._job_done(job, report, started, ended)
         self._pump()
+
+    def _resume_at(self, when: float) -> None:
+        """A destination paused by its rate delay may start again at `when`: the loop's sleep ends then."""
+        heapq.heappush(self._resumes, when)
+        if when < self._sleeping_until:
+            self._wakeup.set()  # (it sleeps longer: a new turn sleeps until `when`)
 
     def _program(self, result: RcptResult) -> str:
         """The program a result's line is logged as: its delivery agent's (Postfix's agents log their own results;

@@ -11,6 +11,10 @@ Postfix's feedback-driven concurrency (qmgr_queue.c, SCHEDULER_README), with its
   its queued jobs are handed back to be deferred without a connection attempt.
 - Once `dead_until` has passed, the destination is alive again with its initial window (the first
   delivery then probes the site).
+- A rate delay (Postfix's destination rate delay, `rate_delay` > 0) caps the window at 1 and pauses the
+  destination for that long after each delivery ends (`resume_at`); as in Postfix's qmgr_entry_done, a
+  rate-limited destination that just died hands its queued jobs back (deferred) but is alive again at once,
+  paused: the next mail for it is tried after the delay, not after the dead time.
 - A reload `restart`s it under the new settings: what it learned (window, failures, dead timer) is forgotten, as
   Postfix's qmgr, restarted by `postfix reload`, starts with no destination memory; its deliveries in flight
   still count against the new window.
@@ -47,8 +51,11 @@ class Destination:
     dead_until: float = 0.0
     reason: str = ""
     jobs: deque = field(default_factory=deque)
+    rate_delay: float = 0.0  # seconds between two deliveries; > 0: the window is 1
+    resume_at: float = 0.0  # paused by the rate delay until then
 
     def __post_init__(self) -> None:
+        self._rate_limit()
         self.window = min(self.initial, self.limit)
 
     @property
@@ -61,7 +68,7 @@ class Destination:
         return bool(self.dead_until)
 
     def can_start(self, now: float) -> bool:
-        return bool(self.jobs) and not self.is_dead(now) and self.in_flight < self.window
+        return bool(self.jobs) and not self.is_dead(now) and self.in_flight < self.window and now >= self.resume_at
 
     def take(self) -> Job:
         self.in_flight += 1
@@ -69,6 +76,14 @@ class Destination:
 
     def done(self, site_ok: bool, reason: str, now: float, dead_time: float) -> list[Job]:
         """Feed back one finished delivery. Returns the queued jobs to defer if the site just died."""
+        jobs = self._feedback(site_ok, reason, now, dead_time)
+        if self.rate_delay:
+            if self.dead_until:
+                self._revive()
+            self.resume_at = now + self.rate_delay
+        return jobs
+
+    def _feedback(self, site_ok: bool, reason: str, now: float, dead_time: float) -> list[Job]:
         self.in_flight -= 1
         if self.dead_until:  # a late report from before it died changes nothing
             return []
@@ -92,10 +107,13 @@ class Destination:
         if self.dead_until:
             self._revive()
 
-    def restart(self, initial: int, limit: int, cohort_limit: int) -> None:
+    def restart(self, initial: int, limit: int, cohort_limit: int, rate_delay: float = 0.0) -> None:
         """Start over under new settings (a reload), as the new qmgr process of a Postfix reload does: alive,
-        at the initial window, nothing learned or counted; its queued jobs and deliveries in flight stay."""
-        self.initial, self.limit, self.cohort_limit = initial, limit, cohort_limit
+        at the initial window, not paused, nothing learned or counted; its queued jobs and deliveries in flight
+        stay."""
+        self.initial, self.limit, self.cohort_limit, self.rate_delay = initial, limit, cohort_limit, rate_delay
+        self.resume_at = 0.0
+        self._rate_limit()
         self._revive()
         self.failures = 0
         self.reason = ""
@@ -113,15 +131,21 @@ class Destination:
         self.jobs.clear()
         return jobs
 
-    @property
-    def idle(self) -> bool:
-        return not self.jobs and self.in_flight == 0 and not self.dead_until
+    def idle(self, now: float) -> bool:
+        """Nothing queued, in flight, remembered dead or paused: the destination may be forgotten."""
+        return not self.jobs and self.in_flight == 0 and not self.dead_until and now >= self.resume_at
 
     def snapshot(self) -> tuple:
         """(transport, nexthop, window, in_flight, queued, failures, dead_until, reason) for the tools."""
         window = 0 if self.dead_until else self.window
         return (self.transport, self.nexthop, window, self.in_flight, len(self.jobs), self.failures,
                 self.dead_until, self.reason)
+
+    def _rate_limit(self) -> None:
+        """Postfix's qmgr_transport: a rate delay makes the destination concurrency limit 1."""
+        if self.rate_delay:
+            self.limit = 1
+            self.initial = min(self.initial, 1)
 
     def _grow(self) -> None:
         if self.window >= self.limit:
