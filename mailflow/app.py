@@ -266,7 +266,7 @@ class Mailflow:
                                  transports=transports, config=c.queue, clock=self.clock,
                                  rng=self.rng, log=maillog, notices=self._notices(c),
                                  on_delivery=self.metrics.delivered if self.metrics else None,
-                                 soft_bounce=c.soft_bounce)
+                                 soft_bounce=c.soft_bounce, recipient_delimiter=c.recipient_delimiter)
         await self.qmgr.start()
         sender = probe_sender(c, router, self.clock)
         self._verifier = Verifier(c.address_verify, await self._prober(c, router, transports, sender), self.clock,
@@ -468,7 +468,8 @@ class Mailflow:
                 self._retired_filters.append(self._filters)
             self._filters = filters
             self.qmgr.reconfigure(resolve=router.rewriter.resolve, transports=transports, config=config.queue,
-                                  notices=self._notices(config), soft_bounce=config.soft_bounce)
+                                  notices=self._notices(config), soft_bounce=config.soft_bounce,
+                                  recipient_delimiter=config.recipient_delimiter)
             if self._verifier is not None:
                 self._verifier.reconfigure(config.address_verify, prober)
             self.pickup.reconfigure(myhostname=config.myhostname, interval=config.sendmail.pickup_interval,

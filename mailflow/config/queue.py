@@ -45,6 +45,12 @@ class QueueConfig(Section):
     # non-zero the destination's concurrency is 1: at most one delivery per delay.
     destination_rate_delay: Annotated[Duration, Field(ge=0)] = 0.0
     transport_destination_rate_delay: dict[str, Annotated[Duration, Field(ge=0)]] = {}
+    # Recipients per delivery to one destination (Postfix default_destination_recipient_limit), per transport where
+    # one is set ({ smtp = 20 }: transport_destination_recipient_limit); 0 = no limit. With 1, each recipient is a
+    # destination of its own (user@nexthop, without its extension): the concurrency and the rate delay are then
+    # per recipient, as Postfix's qmgr makes them.
+    destination_recipient_limit: int = Field(50, ge=0)
+    transport_destination_recipient_limit: dict[str, Annotated[int, Field(ge=0)]] = {}
     commit_batch_limit: int = Field(500, ge=1)
     incoming_backlog_limit: int = Field(5000, ge=1)
     # Bytes of free space the queue's file system must keep (Postfix queue_minfree): smtpd answers MAIL with
@@ -55,6 +61,10 @@ class QueueConfig(Section):
     def rate_delay(self, transport: str) -> float:
         """The destination rate delay for mail over `transport`: its own, else destination_rate_delay."""
         return self.transport_destination_rate_delay.get(transport, self.destination_rate_delay)
+
+    def recipient_limit(self, transport: str) -> int:
+        """The recipients per delivery for mail over `transport` (0: no limit)."""
+        return self.transport_destination_recipient_limit.get(transport, self.destination_recipient_limit)
 
     @field_validator("maximal_backoff_time")
     @classmethod

@@ -70,7 +70,8 @@ class Harness:
         self.qmgr = QueueManager(
             self.store, resolve=resolve or Rewriter(config).resolve,
             transports=transports if transports is not None else {"local": self.local, "smtp": self.smtp},
-            config=config.queue, clock=self.clock, rng=random.Random(0), log=log or MailLog())
+            config=config.queue, clock=self.clock, rng=random.Random(0), log=log or MailLog(),
+            recipient_delimiter=config.recipient_delimiter)
         await self.qmgr.start()
         return self.qmgr
 

@@ -25,7 +25,9 @@ The loop
   over leaves the message active, and start-up recovery makes it due again. The contents kept this way are
   bounded (HANDOFF_CONTENT_BUDGET bytes in all, until their messages finish): past that, a message is handed over
   without its content, which its first job reads from the store.
-- Each destination gets one job per message and runs as many at once as its window allows
+- Each destination gets one job per message (one per `destination_recipient_limit` recipients, its transport's
+  own `transport_destination_recipient_limit` first; with a limit of 1 each recipient is a destination of its own,
+  `user@nexthop`, as Postfix names its queues then) and runs as many at once as its window allows
   (`destination.py`: slow start, throttle on site failure, dead-site memory). `delivery_concurrency_limit`
   caps all deliveries, `transport_concurrency_limit` each transport. A dead destination's jobs are
   deferred without a connection attempt. A destination rate delay (`destination_rate_delay`, per transport
@@ -124,6 +126,7 @@ from mailflow.stages.bounce import EXPIRED, wants_notice
 from mailflow.stages.qmgr.backoff import next_attempt
 from mailflow.stages.qmgr.destination import Destination, Job
 from mailflow.store import SCAN_CONTENT_BUDGET, Store, store_fault
+from mailflow.tables.search import split_extension
 
 log = logging.getLogger("mailflow.qmgr")
 
@@ -154,10 +157,13 @@ class QueueManager:
     def __init__(self, store: Store, *, resolve: Callable[[str, str, dict], Resolution], transports: dict, config,
                  clock: Clock, rng, log: MailLog, notices=None, tick: float = TICK,
                  backoff: tuple[float, float] = (FIRST_DELAY, MAX_DELAY),
-                 on_delivery: Callable[[str, float], None] | None = None, soft_bounce: bool = False):
+                 on_delivery: Callable[[str, float], None] | None = None, soft_bounce: bool = False,
+                 recipient_delimiter: str = ""):
         """`backoff`: (first, cap) seconds between tries of a failing store write or chore; `on_delivery`,
-        `soft_bounce`: see the module doc."""
+        `soft_bounce`: see the module doc; `recipient_delimiter` (the main setting): what a recipient limit of 1
+        leaves out of the destination it names."""
         self._store = store
+        self._recipient_delimiter = recipient_delimiter
         self._soft_bounce = soft_bounce
         self._resolve = resolve
         self._transports = transports
@@ -235,14 +241,14 @@ class QueueManager:
             await asyncio.wait(set(self._tasks), timeout=deadline - loop.time())
 
     def reconfigure(self, *, resolve: Callable[[str, str, dict], Resolution], transports: dict, config, notices,
-                    soft_bounce: bool) -> None:
+                    soft_bounce: bool, recipient_delimiter: str = "") -> None:
         """A reload: the recipients of every job not started yet, and of messages admitted from now on, are
         resolved by `resolve` (`_reroute`); jobs started from now on go to `transports`; every destination starts
         over under `config` (dead ones are alive again), and attempts ending from now on follow it. Transports no
         longer in use are closed once the deliveries already under way end (they may hold cached connections)."""
         retired = [t for t in _unique(self._transports.values()) if t not in _unique(transports.values())]
         self._resolve, self._transports, self._config, self._notices = resolve, transports, config, notices
-        self._soft_bounce = soft_bounce
+        self._soft_bounce, self._recipient_delimiter = soft_bounce, recipient_delimiter
         for dest in self._destinations.values():
             dest.restart(config.initial_destination_concurrency, config.default_destination_concurrency_limit,
                          config.destination_concurrency_failed_cohort_limit, config.rate_delay(dest.transport))
@@ -331,7 +337,10 @@ class QueueManager:
         agent = self._transports.get(transport)
         if agent is None:
             return _undefined_transport(transport, request.recipients), "qmgr"
-        dest = self._destinations.get((transport, request.nexthop))
+        queue = request.nexthop
+        if self._config.recipient_limit(transport) == 1 and len(request.recipients) == 1:
+            queue = self._recipient_queue(request.recipients[0].address, request.nexthop)
+        dest = self._destinations.get((transport, queue))
         if dest is not None and dest.is_dead(self._clock.time()):
             return _suspended(dest, request.recipients), "qmgr"
         return await agent.deliver(request), agent.program
@@ -484,10 +493,10 @@ class QueueManager:
                handed_bytes: int = 0) -> None:
         """`message` enters the active queue at `now`."""
         groups, unresolved = self._routes(message, message.recipients)
-        active = ActiveMessage(message, jobs_left=len(groups), stats=MsgStats(message.arrival, now),
+        active = ActiveMessage(message, jobs_left=0, stats=MsgStats(message.arrival, now),
                                owed=list(message.owed), content=content, handed_bytes=handed_bytes)
         self._active[message.queue_id] = active
-        self._queue_jobs(message.queue_id, groups)
+        active.jobs_left = self._queue_jobs(message.queue_id, groups)
         # nothing to deliver (every recipient was done before a stop, or none resolved): the attempt ends now
         self._results_in(active, unresolved)
 
@@ -510,9 +519,32 @@ class QueueManager:
             groups.setdefault(_route(message.content_filter, res.transport, res.nexthop), []).append(rcpt)
         return groups, unresolved
 
-    def _queue_jobs(self, queue_id: str, groups: dict[tuple[str, str], list[Recipient]]) -> None:
+    def _queue_jobs(self, queue_id: str, groups: dict[tuple[str, str], list[Recipient]]) -> int:
+        """One job per destination, or more of at most its transport's recipient limit each; with a limit of 1, a
+        destination per recipient (`_recipient_queue`), as Postfix's qmgr_message_resolve names its queues (but
+        for the error and retry transports). Returns the number of jobs."""
+        count = 0
         for (transport, nexthop), rcpts in groups.items():
-            self._destination(transport, nexthop).jobs.append(Job(queue_id, transport, nexthop, tuple(rcpts)))
+            limit = self._config.recipient_limit(transport)
+            if limit == 1 and transport not in ("error", "retry"):
+                for rcpt in rcpts:
+                    queue = self._recipient_queue(rcpt.address, nexthop)
+                    self._destination(transport, queue).jobs.append(Job(queue_id, transport, nexthop, (rcpt,)))
+                count += len(rcpts)
+                continue
+            jobs = self._destination(transport, nexthop).jobs
+            step = limit or len(rcpts)
+            for start in range(0, len(rcpts), step):
+                jobs.append(Job(queue_id, transport, nexthop, tuple(rcpts[start:start + step])))
+                count += 1
+        return count
+
+    def _recipient_queue(self, address: str, nexthop: str) -> str:
+        """The destination of one recipient (a recipient limit of 1): its local part without its extension, at the
+        next hop, lower case (Postfix: so that one user in several equivalent domains, or with several extensions,
+        gets no extra delivery slots)."""
+        local = address.rpartition("@")[0] if "@" in address else address
+        return f"{split_extension(local, self._recipient_delimiter)[0]}@{nexthop}".lower()
 
     def _reroute(self) -> None:
         """A reload: every job not started yet is taken back and its recipients resolved again by the new routing
@@ -527,8 +559,7 @@ class QueueManager:
             active, jobs = self._active[queue_id], waiting[queue_id]
             queued = {rcpt.index: rcpt for rcpt in active.message.recipients}
             groups, unresolved = self._routes(active.message, [queued[r.index] for job in jobs for r in job.recipients])
-            active.jobs_left += len(groups) - len(jobs)
-            self._queue_jobs(queue_id, groups)
+            active.jobs_left += self._queue_jobs(queue_id, groups) - len(jobs)
             if unresolved:
                 self._results_in(active, unresolved)
 

@@ -1,0 +1,84 @@
+"""queue.destination_recipient_limit and queue.transport_destination_recipient_limit (Postfix
+default_destination_recipient_limit, transport_destination_recipient_limit): recipients per delivery to one
+destination; with 1, a destination per recipient (Postfix's per-recipient queues). qmgr with a real Store, the
+fake transports and the virtual clock."""
+from __future__ import annotations
+
+import pytest
+
+from mailflow.config import QueueConfig
+from tests.component.test_qmgr import Harness, queue_is_empty
+from tests.support import BlockingTransport, RecordingTransport, eventually, qmgr_turn
+
+
+@pytest.fixture
+async def h(tmp_path):
+    harness = Harness(tmp_path)
+    yield harness
+    await harness.stop()
+
+
+def sizes(transport) -> list[int]:
+    return sorted(len(request.recipients) for request in transport.requests)
+
+
+async def test_a_message_for_many_recipients_of_one_destination_goes_fifty_at_a_time(h):
+    """Postfix's default_destination_recipient_limit (50): 120 recipients are three deliveries, the message is
+    removed once all three are back."""
+    await h.start()
+    await h.queue(*(f"u{i}@remote.test" for i in range(120)))
+    await eventually(lambda: queue_is_empty(h))
+    assert sizes(h.smtp) == [20, 50, 50]
+    delivered = [r.address for request in h.smtp.requests for r in request.recipients]
+    assert sorted(delivered) == sorted(f"u{i}@remote.test" for i in range(120))
+
+
+@pytest.mark.parametrize("settings, smtp, local", [
+    ({"transport_destination_recipient_limit": {"smtp": 2}}, [1, 2, 2], [2]),
+    ({"destination_recipient_limit": 0}, [5], [2]),  # no limit
+    ({"destination_recipient_limit": 1, "transport_destination_recipient_limit": {"smtp": 0}}, [5], [1, 1]),
+])
+async def test_a_transport_s_own_recipient_limit_comes_first(h, settings, smtp, local):
+    await h.start(**settings)
+    await h.queue(*(f"u{i}@remote.test" for i in range(5)), "alice@example.test", "bob@example.test")
+    await eventually(lambda: queue_is_empty(h))
+    assert (sizes(h.smtp), sizes(h.local)) == (smtp, local)
+
+
+async def test_with_a_limit_of_one_each_recipient_is_a_destination_of_its_own(h):
+    """Postfix's qmgr_message_resolve: queue `user@nexthop` (the extension left out, lower case), so the
+    destination concurrency is per recipient; extensions of one user share a destination."""
+    blocking = BlockingTransport("smtp")
+    await h.start(transports={"local": h.local, "smtp": blocking}, destination_recipient_limit=1,
+                  default_destination_concurrency_limit=1)
+    await h.queue("a+x@remote.test", "A+y@remote.test", "b@remote.test")
+    await eventually(lambda: blocking.in_flight == 2, what="one delivery for a, one for b")
+    await qmgr_turn(h.qmgr, h.clock)
+    assert blocking.in_flight == 2
+    queues = sorted((row[1], row[3], row[4]) for row in h.qmgr.destinations())
+    assert queues == [("a@remote.test", 1, 1), ("b@remote.test", 1, 0)]
+    assert all(len(request.recipients) == 1 and request.nexthop == "remote.test" for request in blocking.requests)
+    blocking.release.set()
+    await eventually(lambda: queue_is_empty(h))
+    assert len(blocking.requests) == 3
+
+
+async def test_with_a_limit_of_one_the_rate_delay_is_per_recipient(h):
+    """postconf(5), default_destination_rate_delay: with a recipient limit of 1, "the rate delay specifies the
+    time between deliveries to the same recipient"."""
+    h.smtp = RecordingTransport("smtp", clock=h.clock)
+    await h.start(transports={"local": h.local, "smtp": h.smtp}, destination_recipient_limit=1,
+                  destination_rate_delay=10)
+    await h.queue("a@remote.test", "b@remote.test")
+    await h.queue("a@remote.test")
+    await eventually(lambda: len(h.smtp.calls) == 2, what="a and b at once")
+    await qmgr_turn(h.qmgr, h.clock)
+    assert len(h.smtp.calls) == 2
+    h.clock.advance(10)
+    await eventually(lambda: queue_is_empty(h))
+    assert [when - h.smtp.calls[0][0] for when, _ in h.smtp.calls] == [0.0, 0.0, 10.0]
+
+
+def test_the_recipient_limit_of_a_transport():
+    q = QueueConfig(transport_destination_recipient_limit={"local": 1})
+    assert (q.recipient_limit("local"), q.recipient_limit("smtp")) == (1, 50)
