@@ -146,3 +146,17 @@ def test_a_fallback_relay_that_is_no_next_hop_is_refused_at_load(tmp_path, value
 def test_fallback_relay_forms():
     relays = ("[192.0.2.1]:587", "[relay.example]", "relay.example:2525", "example.net")
     assert SmtpConfig(fallback_relay=relays).fallback_relay == relays
+
+
+async def test_under_soft_bounce_a_refusal_by_the_last_mx_host_goes_to_the_fallback(smtp_peer, caplog):
+    """Postfix's smtp_rcpt_fail: with soft_bounce a 5xx at a server that is not the final one is kept for the next,
+    and the MX hosts' last server is not the final one when a fallback relay follows."""
+    primary, fallback = await smtp_peer(), await smtp_peer()
+    primary.handler.rcpt_replies["b@example.test"] = "550 5.1.1 no such user"
+    transport = make_transport(RESOLVER, port=primary.port, soft_bounce=True,
+                               fallback_relay=(f"[127.0.0.1]:{fallback.port}",))
+    with caplog.at_level(logging.INFO, logger="mailflow.smtp"):
+        report = await deliver(transport, make_request("example.test"))
+    assert [(r.outcome, r.relay) for r in report.results] == [(Outcome.SENT, f"127.0.0.1[127.0.0.1]:{fallback.port}")]
+    assert smtp_lines(caplog) == ["Q1: host mx.example.test[127.0.0.1] said: 550 5.1.1 no such user (in reply to "
+                                  "RCPT TO command)"]
