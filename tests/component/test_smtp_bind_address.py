@@ -63,6 +63,20 @@ async def test_with_enforce_a_bind_that_fails_defers_as_a_server_configuration_e
                      "server configuration error"]
 
 
+async def test_an_ipv6_peer_gets_bind_address6_and_never_the_ipv4_one(smtp_peer, caplog):
+    peer = await smtp_peer("::1")
+    ipv4_only = make_transport(bind_address=NOT_MINE, bind_address_enforce=True)
+    report = await deliver(ipv4_only, make_request(f"[IPv6:::1]:{peer.port}"))
+    assert [r.outcome for r in report.results] == [Outcome.SENT]
+    with caplog.at_level(logging.INFO, logger="mailflow.smtp"):
+        refused = await deliver(make_transport(bind_address6="2001:db8::1", bind_address_enforce=True),
+                                make_request(f"[IPv6:::1]:{peer.port}"))
+    assert [(r.outcome, r.dsn) for r in refused.results] == [(Outcome.DEFERRED, "4.4.0")]
+    assert "smtp_connect_addr: bind 2001:db8::1: Cannot assign requested address" in [
+        r.getMessage() for r in caplog.records if r.name == "mailflow.smtp"]
+    assert len(peer.messages) == 1
+
+
 async def test_lmtp_binds_its_tcp_connections_too():
     """A listener that notes where each connection comes from and closes it (the delivery is deferred: what
     matters is the source address)."""

@@ -533,9 +533,12 @@ class QueueManager:
                 count += len(rcpts)
                 continue
             jobs = self._destination(transport, nexthop).jobs
-            step = limit or len(rcpts)
-            for start in range(0, len(rcpts), step):
-                jobs.append(Job(queue_id, transport, nexthop, tuple(rcpts[start:start + step])))
+            if not limit or len(rcpts) <= limit:  # (the common case: one job)
+                jobs.append(Job(queue_id, transport, nexthop, tuple(rcpts)))
+                count += 1
+                continue
+            for start in range(0, len(rcpts), limit):
+                jobs.append(Job(queue_id, transport, nexthop, tuple(rcpts[start:start + limit])))
                 count += 1
         return count
 
