@@ -4,15 +4,19 @@ alike, relay the same mail to one peer on loopback, which must see the same deli
 - default_destination_recipient_limit (Postfix's 50, mailflow's queue.destination_recipient_limit): one message
   for 120 recipients of one destination arrives as transactions of 50, 50 and 20 recipients;
 - default_destination_rate_delay (queue.destination_rate_delay): three messages for one destination arrive one at
-  a time, at least the delay apart.
+  a time, at least the delay apart; a destination that fails under a rate delay is paused, not left dead: the next
+  message is tried once the delay is over (and, for contrast, without one it is deferred unattempted).
 """
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 
 import pytest
 
 from tests.support import eventually, postfix_instance, send
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.interop
 
@@ -79,3 +83,50 @@ async def test_deliveries_to_one_destination_are_the_rate_delay_apart_as_postfix
     for server, between in gaps.items():
         assert all(gap >= 0.95 for gap in between), (server, between)  # (one delivery's own time before each)
         assert all(gap < 3 for gap in between), (server, between)
+
+
+RESULT = re.compile(r"to=<([^>]*)>, relay=([^,]*), .*?dsn=([0-9.]+), status=(\w+) \((.*)\)$")
+
+
+def first_results(lines: list[str]) -> dict[str, tuple[str, str, str]]:
+    """(dsn, status, text) of each recipient's first result line."""
+    out: dict[str, tuple[str, str, str]] = {}
+    for line in lines:
+        if (m := RESULT.search(line)) and m.group(1) not in out:
+            out[m.group(1)] = m.group(3, 4, 5)
+    return out
+
+
+@pytest.mark.parametrize("rate_delay", ["0s", "1s"])
+async def test_a_destination_that_fails_under_a_rate_delay_is_tried_again_after_it_as_postfix_s(
+        mailflow_server, tmp_path, caplog, rate_delay):
+    """Postfix's qmgr_entry_done unthrottles a rate-limited queue that just died and suspends it for the delay:
+    the next message is tried once the delay is over; without a delay the destination (window 1: one failed
+    cohort) stays dead for minimal_backoff_time (300 s) and the next message is deferred `delivery temporarily
+    suspended: …`."""
+    closed = free_port()
+    refused = f"connect to 127.0.0.1[127.0.0.1]:{closed}: Connection refused"
+    rcpts = ["first@far.test", "second@far.test"]
+    got = {}
+    async with postfix_instance({"myhostname": "pf.test", "mydestination": "", "relayhost": f"[127.0.0.1]:{closed}",
+                                 "default_destination_rate_delay": rate_delay,
+                                 "initial_destination_concurrency": "1"}) as pf:
+        for rcpt in rcpts:
+            await send(pf.port, SENDER, [rcpt], MESSAGE)
+            await eventually(lambda: rcpt in first_results(pf.maillog.splitlines()) or None, timeout=20)
+            await asyncio.sleep(1.5)
+        got["postfix"] = first_results(pf.maillog.splitlines())
+    caplog.set_level(logging.INFO, logger="mailflow.mail")
+    mf = await mailflow_server(mynetworks=["127.0.0.0/8"], relayhost=f"[127.0.0.1]:{closed}",
+                               queue={"minimal_backoff_time": "300s", "maximal_backoff_time": "4000s",
+                                      "destination_rate_delay": rate_delay, "initial_destination_concurrency": 1})
+    for rcpt in rcpts:
+        await send(mf.smtp_addresses[0][1], SENDER, [rcpt], MESSAGE)
+        await eventually(lambda: rcpt in first_results([r.getMessage() for r in caplog.records]) or None,
+                         timeout=20)
+        await asyncio.sleep(1.5)
+    got["mailflow"] = first_results([r.getMessage() for r in caplog.records])
+    assert got["mailflow"] == got["postfix"]
+    second = refused if rate_delay != "0s" else f"delivery temporarily suspended: {refused}"
+    assert got["postfix"] == {"first@far.test": ("4.4.1", "deferred", refused),
+                              "second@far.test": ("4.4.1", "deferred", second)}
