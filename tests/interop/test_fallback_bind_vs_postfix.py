@@ -7,7 +7,7 @@ soft error of a server that is not the final one as `QID: host … said: 451 …
 
 Destinations (transport_maps -> smtp:[127.0.0.1]:port): `unreachable` (nothing listens: the fallback delivers),
 `greylisting` (451 to RCPT: the fallback delivers), `refusing` (550 to RCPT: bounced, the fallback never sees it),
-`sender` (where the bounce goes).
+`sender` (where the bounce goes). And mail for the relayhost: Postfix appends the fallback relays to it too.
 """
 from __future__ import annotations
 
@@ -117,3 +117,26 @@ async def test_the_bind_address_as_postfix_s(mailflow_server, smtp_peer, caplog,
     assert warning in lines["postfix"] and warning in lines["mailflow"]
     if enforce:
         assert results(lines["postfix"])["a@unbindable.test"][1:] == ("4.4.0", "deferred", "server configuration error")
+
+
+async def test_mail_for_the_relayhost_goes_to_the_fallback_relay_too_as_postfix_s(mailflow_server, smtp_peer, caplog):
+    """Postfix's smtp_connect_inet appends the fallback relays to whatever next hop it was given, the relayhost
+    included (its relayhost exception is only for the 4.3.5 of a hard failure at the end)."""
+    fallback = await smtp_peer()
+    closed = free_port()
+    relay = f"[127.0.0.1]:{fallback.port}"
+    async with postfix_instance({"myhostname": "pf.test", "mydestination": "", "relayhost": f"[127.0.0.1]:{closed}",
+                                 "smtp_fallback_relay": relay}) as pf:
+        await send(pf.port, SENDER, ["a@far.test"], MESSAGE)
+        await eventually(lambda: results(postfix_client_lines(pf.maillog)) or None, timeout=20)
+        postfix = postfix_client_lines(pf.maillog)
+    for logger in ("mailflow.mail", "mailflow.smtp"):
+        caplog.set_level(logging.INFO, logger=logger)
+    mf = await mailflow_server(mynetworks=["127.0.0.0/8"], relayhost=f"[127.0.0.1]:{closed}",
+                               smtp={"fallback_relay": [relay]})
+    await send(mf.smtp_addresses[0][1], SENDER, ["a@far.test"], MESSAGE)
+    await eventually(lambda: results(mailflow_lines(caplog)) or None, timeout=20)
+    assert results(mailflow_lines(caplog)) == results(postfix)
+    assert client_lines(mailflow_lines(caplog)) == client_lines(postfix)
+    assert results(postfix)["a@far.test"][:3] == (f"127.0.0.1[127.0.0.1]:{fallback.port}", "2.0.0", "sent")
+    assert [m.rcpt_tos for m in fallback.messages] == [["a@far.test"], ["a@far.test"]]
