@@ -320,12 +320,13 @@ def client_ip(text) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return ip
 
 
-def vrfy_argument(arg: str) -> tuple[str, bool]:
+def vrfy_argument(arg: str, smtputf8_offered: bool = True) -> tuple[str, bool]:
     """VRFY's argument as Postfix reads it: its words joined by one space (collapse_args), a last word SMTPUTF8
     dropped ("" when nothing is left: the usage reply); and whether it was there (RFC 6531: the address may then
-    be UTF-8)."""
+    be UTF-8). Where SMTPUTF8 is not offered (`smtputf8_offered` false: a discarded EHLO keyword) that word stays
+    part of the argument, as in Postfix."""
     words = arg.split()
-    smtputf8 = bool(words) and ascii_upper(words[-1]) == "SMTPUTF8"
+    smtputf8 = smtputf8_offered and bool(words) and ascii_upper(words[-1]) == "SMTPUTF8"
     if smtputf8:
         words.pop()
     return " ".join(words), smtputf8

@@ -401,6 +401,10 @@ class SmtpdLog:
         self._emit(logging.WARNING, "illegal-address", f"Illegal address syntax from {client} in {command} "
                    f"command: {text[:200]}", client=client, command=command, text=text[:200])
 
+    def discarding_ehlo_keywords(self, text: str) -> None:
+        """Postfix's `discarding EHLO keywords: PIPELINING DSN` at an EHLO (ehlo_keywords.discard_log_text)."""
+        self._emit(logging.INFO, "discard-ehlo-keywords", text, text=text)
+
     def malformed_bdat(self, queue_id: str, client: str, line: str) -> None:
         """`QID: malformed BDAT command syntax from host[ip]: line` (the command line as sent), NOQUEUE without
         a queue id: Postfix's bdat_cmd, as for the BDAT warnings below."""

@@ -4,8 +4,8 @@ imports it without loading smtpd (a -bs run is one process per message: it must 
 
     path_text(arg, command) -> text | status.Reply      what follows MAIL's `FROM:` or RCPT's `TO:`: the path and
                                                        its parameter words, not yet parsed (address.parse_path)
-    mail_parameters(words, size_limit) -> (options, RET, ENVID, AUTH) | status.Reply
-    rcpt_parameters(words) -> (NOTIFY, ORCPT) | status.Reply
+    mail_parameters(words, size_limit, discarded) -> (options, RET, ENVID, AUTH) | status.Reply
+    rcpt_parameters(words, discarded) -> (NOTIFY, ORCPT) | status.Reply
 
 MAIL takes SIZE, BODY=7BIT|8BITMIME, SMTPUTF8, AUTH= (RFC 4954: accepted, not trusted) and the RFC 3461 RET and
 ENVID; RCPT takes NOTIFY and ORCPT. Each DSN value is checked by mailflow.dsn_parameters.
@@ -16,7 +16,8 @@ MAIL FROM:<address>` (RCPT's alike). Of the parameter words the first bad one an
 Postfix's mail_cmd and rcpt_cmd: an unknown parameter `555 5.5.4 Unsupported option`; a malformed or repeated
 DSN parameter 501 5.5.4 in Postfix's words (`status.BAD_RET`, `BAD_ENVID`, `BAD_NOTIFY`, `BAD_ORCPT`); a bad
 SIZE 501 5.5.4, one past OFF_T_MAX 552 5.3.4, one over the size limit 552 5.3.4 once all are taken; a second
-AUTH= after one that named a sender 503 5.5.4.
+AUTH= after one that named a sender 503 5.5.4. Where smtpd discards the DSN keyword (discard_ehlo_keywords) every
+DSN parameter is refused `501 5.7.1 DSN support is disabled`; where it discards SMTPUTF8 that one is unsupported.
 """
 from __future__ import annotations
 
@@ -43,8 +44,11 @@ def path_text(arg: str | None, command: str) -> str | status.Reply:
     return text
 
 
-def _take_dsn(found: dict[str, str], key: str, value: str) -> status.Reply | None:
-    """One RFC 3461 parameter's checked value into `found`; Postfix's refusal when it is malformed or repeated."""
+def _take_dsn(found: dict[str, str], key: str, value: str, discarded: frozenset[str]) -> status.Reply | None:
+    """One RFC 3461 parameter's checked value into `found`; Postfix's refusal when it is malformed or repeated,
+    or when DSN is a discarded EHLO keyword (`501 5.7.1 DSN support is disabled`)."""
+    if "dsn" in discarded:
+        return status.DSN_DISABLED
     check, refusal = DSN_CHECKS[key]
     if key in found:
         return refusal
@@ -55,12 +59,14 @@ def _take_dsn(found: dict[str, str], key: str, value: str) -> status.Reply | Non
     return None
 
 
-def mail_parameters(words: list[str], size_limit: int | None) -> tuple[list[str], str, str, str] | status.Reply:
+def mail_parameters(words: list[str], size_limit: int | None,
+                    discarded: frozenset[str] = frozenset()) -> tuple[list[str], str, str, str] | status.Reply:
     """(options for the handler, RET, ENVID, AUTH) of MAIL's parameter words, or the refusal. The words are taken
     in the order given and the first bad one answers, as in Postfix's mail_cmd; the declared SIZE (the last one
     given) is compared with the limit after them all, as Postfix's smtpd_check_size. Options are upper case:
     `BODY=8BITMIME`, `SIZE=n`, `SMTPUTF8`. AUTH is the AUTH= value as given (printable; "" for `<>` or none),
-    which Postfix keeps as the message's sasl_sender."""
+    which Postfix keeps as the message's sasl_sender. `discarded`: the EHLO keywords discarded (smtpd's
+    discard_ehlo_keywords): without DSN its parameters are refused, without SMTPUTF8 that one is unknown."""
     options: dict[str, str] = {}  # by keyword: the option as the handler gets it
     found: dict[str, str] = {}  # RET and ENVID
     auth = ""
@@ -68,7 +74,7 @@ def mail_parameters(words: list[str], size_limit: int | None) -> tuple[list[str]
     for word in words:
         key, eq, value = word.partition("=")
         key = ascii_upper(key)
-        if key == "SMTPUTF8" and not eq:
+        if key == "SMTPUTF8" and not eq and "smtputf8" not in discarded:
             options[key] = key
         elif key == "BODY" and ascii_upper(value) in ("7BIT", "8BITMIME"):
             options[key] = f"BODY={ascii_upper(value)}"
@@ -82,7 +88,7 @@ def mail_parameters(words: list[str], size_limit: int | None) -> tuple[list[str]
                 return status.MULTIPLE_AUTH
             auth = "" if value == "<>" else printable(value)
         elif key in ("RET", "ENVID") and eq:
-            refusal = _take_dsn(found, key, value)
+            refusal = _take_dsn(found, key, value, discarded)
             if refusal is not None:
                 return refusal
         else:
@@ -100,15 +106,16 @@ def _declared_size(value: str) -> int | status.Reply:
     return status.SIZE_OVERFLOW if size is None else size
 
 
-def rcpt_parameters(words: list[str]) -> tuple[str, str] | status.Reply:
-    """(NOTIFY, ORCPT) of RCPT's parameter words, or the refusal of the first bad one (Postfix's rcpt_cmd)."""
+def rcpt_parameters(words: list[str], discarded: frozenset[str] = frozenset()) -> tuple[str, str] | status.Reply:
+    """(NOTIFY, ORCPT) of RCPT's parameter words, or the refusal of the first bad one (Postfix's rcpt_cmd);
+    `discarded` as for mail_parameters."""
     found: dict[str, str] = {}
     for word in words:
         key, eq, value = word.partition("=")
         key = ascii_upper(key)
         if key not in ("NOTIFY", "ORCPT") or not eq:
             return status.unsupported_option(word)
-        refusal = _take_dsn(found, key, value)
+        refusal = _take_dsn(found, key, value, discarded)
         if refusal is not None:
             return refusal
     return found.get("NOTIFY", ""), found.get("ORCPT", "")

@@ -451,6 +451,8 @@ START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 BDAT_MIXED = Reply(503, "5.5.1", "Error: DATA after BDAT")  # (Postfix's words)
 MAIL_AFTER_BDAT = Reply(503, "5.5.1", "Error: MAIL after BDAT")  # a BDAT refused outside a transaction
 BDAT_SYNTAX = Reply(521, "5.5.4", "Syntax: BDAT count [LAST]")  # then the session closes: its chunk cannot be skipped
+# BDAT where CHUNKING is discarded (discard_ehlo_keywords): its chunk would be read as commands, so the session closes
+BDAT_NOT_IMPLEMENTED = Reply(521, "5.5.1", "Error: command not implemented")
 NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
 # DATA or BDAT after MAIL when no recipient was accepted (Postfix: NEED_RCPT only outside a transaction)
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
@@ -514,6 +516,7 @@ BAD_RET = Reply(501, "5.5.4", "Bad RET parameter syntax")
 BAD_ENVID = Reply(501, "5.5.4", "Bad ENVID parameter syntax")
 BAD_NOTIFY = Reply(501, "5.5.4", "Error: Bad NOTIFY parameter syntax")
 BAD_ORCPT = Reply(501, "5.5.4", "Error: Bad ORCPT parameter syntax")
+DSN_DISABLED = Reply(501, "5.7.1", "DSN support is disabled")  # RET, ENVID, NOTIFY, ORCPT where DSN is discarded
 
 
 # ---- front door (listeners, TLS, AUTH, connection limits)

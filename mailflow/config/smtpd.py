@@ -18,6 +18,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from mailflow.config.base import (Duration, FrozenMap, HostPorts, Networks, Restriction, RestrictionClasses, Section,
                                   TableSpecs, validation_key, validation_reason)
 from mailflow.config.filters import SmtpdFilterSettings
+from mailflow.ehlo_keywords import discard_set
 from mailflow.restriction_vocabulary import LOGGED_PERMITS, RELAY_GUARDS, expand
 from mailflow.syntax import parse_endpoint, parse_hostport
 
@@ -100,6 +101,9 @@ class SmtpdConfig(SmtpdFilterSettings):
     sasl_path: str = ""
     sasl_timeout: Duration = Field(10.0, gt=0)
     allow_plaintext_auth_on_loopback: bool = False
+    # Clients AUTH is not offered to in the EHLO reply (smtpd_sasl_exceptions_networks: a network list, as
+    # mynetworks); they may still use it, as in Postfix.
+    sasl_exceptions_networks: Networks = ()
     # smtpd_sender_login_maps (sender -> logins owning it) and reject_sender_login_mismatch (553 5.7.1).
     sender_login_maps: TableSpecs = ()
     reject_sender_login_mismatch: bool = False
@@ -130,6 +134,10 @@ class SmtpdConfig(SmtpdFilterSettings):
     error_sleep_time: Duration = Field(1.0, ge=0)
     junk_command_limit: int = Field(100, ge=1)
     disable_vrfy_command: bool = True
+    # EHLO keywords neither announced nor accepted (smtpd_discard_ehlo_keywords; any case, e.g. ["pipelining",
+    # "dsn"]): STARTTLS 502, AUTH 503, BDAT 521, DSN parameters 501 5.7.1, SMTPUTF8 an unsupported option; the
+    # others only left out. Logged at each EHLO (`discarding EHLO keywords: ...`) unless "silent-discard" is in it.
+    discard_ehlo_keywords: tuple[str, ...] = ()
     # MAIL, RCPT and DATA before HELO/EHLO: 503 5.5.1 when true (smtpd_helo_required; Postfix's default: no).
     helo_required: bool = False
     # A command in this list, or one that looks like a message header (`Subject:`) or does not begin with a letter,
@@ -228,6 +236,11 @@ class SmtpdConfig(SmtpdFilterSettings):
             if name not in LOGGED_PERMITS:
                 raise ValueError(f"{name!r}: mailflow logs the permits of {', '.join(LOGGED_PERMITS)}")
         return v
+
+    @field_validator("discard_ehlo_keywords")
+    @classmethod
+    def _discard_ehlo_keywords(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(sorted(discard_set(v)))
 
     @field_validator("sasl_path")
     @classmethod

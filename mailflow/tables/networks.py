@@ -1,6 +1,6 @@
 """Network lists as Postfix reads mynetworks and its other address match lists (namadr_list(3) over
-match_list(3)): mynetworks, smtpd's authorized_xclient_hosts, upstream_proxy_clients and permit_mx_backup_networks,
-the greylist's whitelist_networks.
+match_list(3)): mynetworks, smtpd's authorized_xclient_hosts, upstream_proxy_clients, permit_mx_backup_networks
+and sasl_exceptions_networks, the greylist's whitelist_networks.
 
     check_network_list(items) -> items     the list as configured, each network in its plain form
                                            (`[::1]/128` -> `::1/128`), several patterns of one item split;
@@ -53,7 +53,7 @@ from mailflow.tables.files import logical_lines
 
 # the settings that are network lists (their key's last part), for mailflow.tables.check
 NETWORK_LIST_SETTINGS = ("mynetworks", "authorized_xclient_hosts", "upstream_proxy_clients", "whitelist_networks",
-                         "permit_mx_backup_networks")
+                         "permit_mx_backup_networks", "sasl_exceptions_networks")
 NETWORK_TABLE_TYPES = ("cidr", "texthash", "regexp", "inline", "static")
 PATTERN_FILE_LIMIT = 4 << 20  # a /file of patterns larger than this is refused
 MAX_FILE_DEPTH = 10  # /files naming /files: no deeper than this

@@ -394,3 +394,21 @@ def test_probes_are_routed_by_the_address_verify_settings_that_are_set_the_main_
     assert (probes.relayhost, probes.transport_maps) == ("[10.0.0.1]", ("inline:{b.test=discard:}",))
     config = config_from_dict(main)
     assert config.for_probes() is config
+
+
+# ---------------------------------------------------------------------------------------------- smtpd keywords
+
+
+def test_discard_ehlo_keywords_are_read_in_any_case_and_an_unknown_one_is_named(tmp_path):
+    c = load_config(write(tmp_path, '[smtpd]\ndiscard_ehlo_keywords = ["PIPELINING, dsn", "Silent-Discard"]\n'))
+    assert c.smtpd.discard_ehlo_keywords == ("dsn", "pipelining", "silent-discard")
+    path = write(tmp_path, '[smtpd]\ndiscard_ehlo_keywords = ["pipelining", "pipelinning"]\n')
+    err = config_error(path)
+    assert (err.file, err.key) == (str(path), "smtpd.discard_ehlo_keywords")
+    assert "'pipelinning' is not an EHLO keyword that can be discarded" in err.reason
+
+
+def test_sasl_exceptions_networks_is_a_network_list(tmp_path):
+    path = write(tmp_path, '[smtpd]\nsasl_exceptions_networks = ["10.0.0.1/8"]\n')
+    err = config_error(path)
+    assert (err.file, err.key) == (str(path), "smtpd.sasl_exceptions_networks")

@@ -17,7 +17,8 @@ What it owns
 
 Failure behaviour (each refusal a `mailflow.status` reply): before HELO 503 5.5.1; before the login a submission
 needs 530 5.7.0; no recipient 503 5.5.1; DATA with an argument 501 5.5.4; DATA after BDAT 503 5.5.1; a malformed
-BDAT 521 5.5.4 and the session closes, as in Postfix (the size of the chunk that follows is unknown, so it could
+BDAT 521 5.5.4 and the session closes, as in Postfix
+(and any BDAT where CHUNKING is discarded, 521 5.5.1) (the size of the chunk that follows is unknown, so it could
 only be read as commands); a refused BDAT's chunk is read and dropped, never taken as commands, and, as in Postfix,
 BDAT 0 without LAST is refused first (551 5.7.1), and a refused chunk other than the last leaves the transaction
 failed: later chunks 551 5.0.0 (LAST ends it), MAIL, RCPT and DATA 503 5.5.1 "after BDAT"; a chunk that would
@@ -88,6 +89,10 @@ class DataCommands(TransactionCommands):
 
     async def smtp_BDAT(self, arg: str | None) -> None:
         """RFC 3030: `BDAT <size> [LAST]`; the chunk follows at once, without dot-stuffing or terminator."""
+        if "chunking" in self.discarded:  # (Postfix's first check: the chunk cannot be skipped, so 521)
+            self._reset_transaction()
+            await self._refuse_and_close(status.BDAT_NOT_IMPLEMENTED)
+            return
         parsed = bdat_arguments(arg)
         if parsed is None:  # how many bytes follow is unknown: they must not be read as commands (Postfix: 521)
             self.record.lines.malformed_bdat(self.envelope.queue_id, self.session.client,

@@ -80,6 +80,7 @@ from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException
 
 from mailflow import address, status
 from mailflow.config import DEFAULTS
+from mailflow.ehlo_keywords import discard_log_text, keyword_name
 from mailflow.junk_commands import JunkCount
 from mailflow.stages.smtpd.sessionlog import SessionLog
 from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction, helo_name
@@ -127,13 +128,15 @@ class ProtocolLimits:
     session_time_limit: float
     recipient_limit: int
     recipient_overshoot_limit: int
+    discard_ehlo_keywords: frozenset[str] = frozenset()  # lower case (mailflow.ehlo_keywords)
     soft_bounce: bool = False  # the main setting (Config.soft_bounce): every 5xx reply goes out as 4xx
 
     @classmethod
     def from_config(cls, smtpd, *, soft_bounce: bool = False) -> "ProtocolLimits":
         """From a `SmtpdConfig` (the listener's effective settings) and the main `soft_bounce`."""
-        return cls(**{name: getattr(smtpd, name) for name in cls.__dataclass_fields__ if name != "soft_bounce"},
-                   soft_bounce=soft_bounce)
+        values = {name: getattr(smtpd, name) for name in cls.__dataclass_fields__ if name != "soft_bounce"}
+        values["discard_ehlo_keywords"] = frozenset(smtpd.discard_ehlo_keywords)
+        return cls(**values, soft_bounce=soft_bounce)
 
 
 _COMMANDS: dict[type, dict[str, Callable]] = {}  # per session class: its smtp_* methods by verb
@@ -203,6 +206,8 @@ class ProtocolCore(SMTP):
         self._errors = 0
         self._junk = JunkCount(JUNK_COMMANDS, self._limits.junk_command_limit)
         self._in_a_row = 0  # commands answered since the session last waited for input or handed the loop back
+        # the EHLO keywords neither announced nor accepted in this session (Postfix's ehlo_discard_mask)
+        self.discarded: frozenset[str] = self._limits.discard_ehlo_keywords
         self.command_line = b""  # the command being answered, as sent (what a warning that quotes it quotes)
         self._greeted_at = 0.0
         self._data_started: float | None = None  # loop time DATA/BDAT content began, for the rate deadline
@@ -709,9 +714,10 @@ class ProtocolCore(SMTP):
         return True
 
     async def smtp_EHLO(self, hostname: str | None) -> None:
-        """The keywords aiosmtpd would offer (SIZE, 8BITMIME, SMTPUTF8), the layers' (STARTTLS and AUTH;
-        DSN, CHUNKING and XCLIENT), then the handler's `handle_EHLO` edits the list (it adds PIPELINING and
-        ENHANCEDSTATUSCODES). A new transaction begins; the replies carry no enhanced code (RFC 2034)."""
+        """The keywords aiosmtpd would offer (SIZE, 8BITMIME, SMTPUTF8; VRFY when enabled), the layers' (STARTTLS
+        and AUTH; DSN, CHUNKING and XCLIENT), then the handler's `handle_EHLO` edits the list (it adds PIPELINING
+        and ENHANCEDSTATUSCODES); those of `discarded` are left out (discard_ehlo_keywords, logged as Postfix logs
+        it). A new transaction begins; the replies carry no enhanced code (RFC 2034)."""
         self._in_hello = True
         try:
             if not hostname:
@@ -727,14 +733,23 @@ class ProtocolCore(SMTP):
             if edited is MISSING:  # a handler without the hook: aiosmtpd's default
                 self.session.host_name = helo_name(hostname)
                 edited = lines
-            await self.push_lines(list(_with_keywords(edited, self._ehlo_keywords())))
+            if self.discarded:
+                self._log_discarded()
+            await self.push_lines(_without_keywords(_with_keywords(edited, self._ehlo_keywords()), self.discarded))
         finally:
             self._in_hello = False
+
+    def _log_discarded(self) -> None:
+        """Postfix's `discarding EHLO keywords: ...` line at each EHLO (ehlo_keywords.discard_log_text)."""
+        text = discard_log_text(self.discarded)
+        if text:
+            self.record.lines.discarding_ehlo_keywords(text)
 
     def _base_keywords(self) -> list[str]:
         """The EHLO keywords before the handler's hook: the message's, then the security layer's."""
         # without a limit, a bare SIZE (RFC 1870: no fixed maximum), as Postfix offers it
         keywords = [f"SIZE {self.data_size_limit}" if self.data_size_limit else "SIZE"]
+        keywords += [] if self._limits.disable_vrfy_command else ["VRFY"]  # (Postfix offers VRFY when it takes it)
         keywords += ["8BITMIME"] if self._eight_bit else []
         keywords += ["SMTPUTF8"] if self.enable_SMTPUTF8 else []
         return keywords + self._security_keywords()
@@ -789,7 +804,7 @@ class ProtocolCore(SMTP):
             return
         if await self.check_auth_needed("VRFY"):
             return
-        written, smtputf8 = address.vrfy_argument(arg or "")
+        written, smtputf8 = address.vrfy_argument(arg or "", "smtputf8" not in self.discarded)
         if not written:
             await self.push(status.VRFY_SYNTAX)
             return
@@ -834,6 +849,16 @@ def _with_keywords(lines: list[str], keywords: tuple[str, ...]) -> list[str]:
     if len(lines) == 1:  # only the greeting line: it becomes a continuation line
         return [f"250-{last[4:]}", *extra[:-1], f"250 {extra[-1][4:]}"]
     return [*head, *extra, last]
+
+
+def _without_keywords(lines: list[str], discarded: frozenset[str]) -> list[str]:
+    """EHLO reply lines without the `discarded` keywords (the greeting line kept), the last one final."""
+    if not discarded:
+        return lines
+    kept = [lines[0]] + [line for line in lines[1:] if keyword_name(line[4:]) not in discarded]
+    kept = [f"250-{line[4:]}" for line in kept]
+    kept[-1] = f"250 {kept[-1][4:]}"
+    return kept
 
 
 _HEADER_NAME = re.compile(r"[!-9;-~]+:")  # RFC 5322 field name, then the colon

@@ -19,8 +19,9 @@ What it owns
 - AUTH (RFC 4954) PLAIN and LOGIN, with or without an initial response, checked by the listener's
   `auth.Authenticator` (`sasl`; None: AUTH is not enabled; its back end is mailflow's user tables or Dovecot's
   auth server, told whether the session is on TLS and its addresses). Offered and accepted only over TLS unless
-  `auth_require_tls` is false (a submissions listener, or allow_plaintext_auth_on_loopback). The login becomes
-  `session.auth_data` (`authenticated`), the mechanism `session.auth_mechanism`. Answers read through the
+  `auth_require_tls` is false (a submissions listener, or allow_plaintext_auth_on_loopback); never offered to
+  the clients of `auth_hidden_from` (sasl_exceptions_networks), who may use it all the same, as in Postfix. The
+  login becomes `session.auth_data` (`authenticated`), the mechanism `session.auth_mechanism`. Answers read through the
   strict wire reader (`challenge_auth`), each at most SASL_RESPONSE_LIMIT bytes (Postfix's
   smtpd_sasl_response_limit; longer: 500 5.5.6 and the AUTH ends, the session goes on).
 - Every AUTH command, before any other check, counts toward the client's AUTH rate (client_auth_rate_limit:
@@ -60,6 +61,7 @@ from mailflow.errors import LookupRetry, detached, tls_failure
 from mailflow.stages.smtpd.auth import Authenticator, SenderLogins, login_of
 from mailflow.stages.smtpd.frontends import FrontEndCommands
 from mailflow.stages.smtpd.tls import client_cert
+from mailflow.tables.networks import NetworkList
 from mailflow.syntax import ascii_upper
 from mailflow.stages.smtpd.wire import WireError
 
@@ -94,8 +96,10 @@ class SecureCommands(FrontEndCommands):
                  auth_required: bool = False, auth_require_tls: bool = True,
                  starttls_timeout: float = DEFAULTS.smtpd.starttls_timeout,
                  tls_loglevel: int = DEFAULTS.smtpd.tls_loglevel,
-                 fingerprint_digest: str = DEFAULTS.smtpd.tls_fingerprint_digest, **kwargs):
+                 fingerprint_digest: str = DEFAULTS.smtpd.tls_fingerprint_digest,
+                 auth_hidden_from: NetworkList | None = None, **kwargs):
         super().__init__(handler, **kwargs)
+        self._auth_hidden_from = auth_hidden_from
         self._starttls_timeout = starttls_timeout
         self._tls_loglevel = tls_loglevel
         self._fingerprint_digest = fingerprint_digest
@@ -107,9 +111,16 @@ class SecureCommands(FrontEndCommands):
 
     def _security_keywords(self) -> list[str]:
         keywords = ["STARTTLS"] if self.tls_context and self.session.ssl is None else []
-        if self._sasl is not None and (not self._auth_needs_tls or self.session.ssl is not None):
+        if self._sasl is not None and (not self._auth_needs_tls or self.session.ssl is not None) \
+                and not self._auth_hidden():
             keywords.append("AUTH " + " ".join(MECHANISMS))
         return keywords
+
+    def _auth_hidden(self) -> bool:
+        """The client is one of sasl_exceptions_networks (by its address, or its name for a table): AUTH is not
+        offered to it, though it may still use it (Postfix's sasl_client_exception)."""
+        hidden = self._auth_hidden_from
+        return hidden is not None and bool(hidden) and hidden.contains(self.session.peer_ip, self.session.client_name)
 
     # --- STARTTLS -----------------------------------------------------------------------------------------
 
@@ -124,7 +135,7 @@ class SecureCommands(FrontEndCommands):
         if self.session.ssl is not None:
             await self.push(status.TLS_ALREADY_ACTIVE)
             return
-        if not self.tls_context:  # not offered on this listener
+        if not self.tls_context or "starttls" in self.discarded:  # not offered on this listener, or discarded
             await self.push(status.NOT_IMPLEMENTED)
             return
         if self.envelope.mail_from:
@@ -248,7 +259,7 @@ class SecureCommands(FrontEndCommands):
 
 
     def _auth_refusal(self, arg: str | None) -> status.Reply | None:
-        if self._sasl is None or (self._auth_needs_tls and self.session.ssl is None):
+        if self._sasl is None or (self._auth_needs_tls and self.session.ssl is None) or "auth" in self.discarded:
             return status.AUTH_NOT_ENABLED  # Postfix with smtpd_tls_auth_only has no SASL before TLS
         if not self.session.host_name or not self.session.extended_smtp:
             return status.NEED_EHLO

@@ -94,7 +94,8 @@ STOP_POLL = 0.05  # seconds between looks at the sessions of a stopping server
 REFUSAL_HANDSHAKES = 10
 REFUSAL_HANDSHAKE_TIMEOUT = 10.0  # seconds, at most, for each of those handshakes (else starttls_timeout's 300)
 # What a reload replaces in a running listener (its address, socket, session slots and counts stay).
-RELOADED = ("role", "config", "handler", "authenticator", "sender_logins", "frontends", "limits")
+RELOADED = ("role", "config", "handler", "authenticator", "sender_logins", "frontends", "limits",
+            "auth_hidden_from")
 
 
 @dataclass
@@ -112,6 +113,7 @@ class Listener:
     sender_logins: SenderLogins | None
     frontends: FrontEnds
     limits: ProtocolLimits  # of every session of this listener: made once, not at each connection
+    auth_hidden_from: NetworkList  # sasl_exceptions_networks: the clients AUTH is not offered to
     setting: str = ""  # the configuration key that names it ("smtpd.listen[0]", "smtpd.listeners[1].address")
     server: Listening | None = None
     refusing: Places = field(default_factory=lambda: Places(REFUSAL_HANDSHAKES))  # (implicit TLS: see REFUSAL_...)
@@ -299,6 +301,8 @@ class Smtpd:
         return Listener(host, port, role, config, self._handler_for(config), anvil, SessionSlots(smtpd.max_sessions),
                         authenticator, sender_logins, FrontEnds.from_config(smtpd),
                         ProtocolLimits.from_config(smtpd, soft_bounce=self._config.soft_bounce),
+                        NetworkList.from_items(smtpd.sasl_exceptions_networks, self._tables.open,
+                                               setting="smtpd.sasl_exceptions_networks"),
                         setting)
 
     def _auth_backend(self, smtpd: SmtpdConfig) -> Backend:
@@ -341,6 +345,7 @@ class Smtpd:
             tls_context=tls.context if tls is not None and starttls else None,
             require_starttls=starttls and smtpd.tls_security_level == "encrypt",
             sasl=listener.authenticator,
+            auth_hidden_from=listener.auth_hidden_from,
             sender_logins=listener.sender_logins,
             auth_required=smtpd.sasl_auth_required,
             auth_require_tls=listener.role != "submissions",  # there the whole connection is TLS

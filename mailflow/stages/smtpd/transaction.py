@@ -58,7 +58,7 @@ class TransactionCommands(SecureCommands):
         if await self.check_helo_needed():  # before "nested MAIL" and "MAIL after BDAT", as Postfix's mail_cmd
             return
         taken = await self._arguments(arg, "MAIL", status.SENDER_SYNTAX, self._mail_out_of_order(),
-                                      lambda words: mail_parameters(words, self.data_size_limit))
+                                      lambda words: mail_parameters(words, self.data_size_limit, self.discarded))
         if taken is None:
             return
         sender, (options, ret, envid, auth), _ = taken
@@ -79,7 +79,7 @@ class TransactionCommands(SecureCommands):
         counts as an error only past `recipient_overshoot_limit` (RFC 5321 4.5.3.1.10: the client may go on
         and send the message to the recipients already accepted)."""
         taken = await self._arguments(arg, "RCPT", status.RECIPIENT_SYNTAX, self._rcpt_out_of_order(),
-                                      rcpt_parameters)
+                                      lambda words: rcpt_parameters(words, self.discarded))
         if taken is None:
             return
         rcpt, notify_orcpt, written = taken
@@ -134,7 +134,8 @@ class TransactionCommands(SecureCommands):
         """The handler's `address_refusal`: an address it finds malformed is refused before the parameters are
         looked at, as Postfix's extract_addr refuses it (`smtputf8`: MAIL's own SMTPUTF8 parameter, which Postfix
         looks for first; the transaction's at RCPT). True when its refusal was sent."""
-        smtputf8 = self.envelope.smtp_utf8 if command == "RCPT" else any(ascii_upper(w) == "SMTPUTF8" for w in words)
+        smtputf8 = self.envelope.smtp_utf8 if command == "RCPT" else (
+            "smtputf8" not in self.discarded and any(ascii_upper(w) == "SMTPUTF8" for w in words))
         refusal = self._judge_address(self, self.session, self.envelope, command, addr, smtputf8)
         if refusal is None:
             return False

@@ -1,0 +1,55 @@
+"""leaf: the EHLO keywords smtpd can be told to discard (Postfix's smtpd_discard_ehlo_keywords, its ehlo_mask.c).
+
+    DISCARDABLE                    the names, lower case, in Postfix's table order (its log line's order)
+    discard_set(words) -> frozenset of lower-case names; ValueError naming an unknown word
+    discard_log_text(discarded) -> what Postfix's smtpd logs at EHLO (`discarding EHLO keywords: ...`), or ""
+                                   when it logs nothing
+    keyword_name(line_text) -> the lower-case keyword of an EHLO reply line's text (`SIZE 1000` -> `size`)
+
+A discarded keyword is neither announced nor accepted, as Postfix's ehlo_discard_mask (smtpd.c): STARTTLS 502,
+AUTH 503, BDAT 521 (and the session ends), the DSN parameters 501 5.7.1, the SMTPUTF8 parameter an unsupported
+option; PIPELINING, SIZE, 8BITMIME, ETRN, VRFY, ENHANCEDSTATUSCODES and XCLIENT are only left out of the list.
+`silent-discard` discards nothing itself: it keeps the line out of the log.
+
+Failure behaviour: discard_set raises ValueError for a word that is not a keyword (Postfix ignores such words
+silently, so that main.cf works across versions; here a misspelt keyword would discard nothing unnoticed).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+SILENT = "silent-discard"
+# Postfix's ehlo_mask_table order; VERP and XFORWARD are Postfix's own commands (mailflow has neither: taken so that
+# a main.cf's list can be copied, they discard nothing). SMTPUTF8 is logged under the table's first name for its
+# bit, EHLO_MASK_SMTPUTF8, as Postfix 3.7 logs it.
+DISCARDABLE = ("8bitmime", "auth", "etrn", "pipelining", "size", "verp", "vrfy", "xclient", "xforward", "starttls",
+               "enhancedstatuscodes", "dsn", "smtputf8", "chunking", SILENT)
+_LOGGED_AS = {"smtputf8": "EHLO_MASK_SMTPUTF8"}
+
+
+def discard_set(words: Iterable[str]) -> frozenset[str]:
+    """The keywords of a configured list (any case; several to an item, separated by commas or blanks)."""
+    found = set()
+    for item in words:
+        for word in item.replace(",", " ").split():
+            name = word.lower()
+            if name not in DISCARDABLE:
+                raise ValueError(f"{word!r} is not an EHLO keyword that can be discarded "
+                                 f"(one of: {', '.join(DISCARDABLE)})")
+            found.add(name)
+    return frozenset(found)
+
+
+def discard_log_text(discarded: frozenset[str]) -> str:
+    """Postfix's `discarding EHLO keywords: 8BITMIME AUTH ...` (its table's order), or "" when it logs nothing:
+    nothing discarded, silent-discard, or ENHANCEDSTATUSCODES discarded (Postfix 3.7's ehlo_cmd logs only when
+    that one is announced)."""
+    if not discarded or SILENT in discarded or "enhancedstatuscodes" in discarded:
+        return ""
+    names = [_LOGGED_AS.get(name, name.upper()) for name in DISCARDABLE if name in discarded]
+    return "discarding EHLO keywords: " + " ".join(names)
+
+
+def keyword_name(text: str) -> str:
+    """The keyword of one EHLO line's text, lower case: `AUTH PLAIN LOGIN` -> `auth`."""
+    return text.split(" ", 1)[0].lower()

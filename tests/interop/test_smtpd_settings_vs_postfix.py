@@ -1,0 +1,177 @@
+"""Differential tests of the smtpd settings Postfix admins set to change what a client is offered or told: the same
+sessions to a private Postfix 3.7 and to mailflow configured alike must get the same replies, word for word (the
+host name and queue ids aside; EHLO's keywords compared as a set: their order differs on purpose), and the same
+log lines where the setting logs one.
+
+    discard_ehlo_keywords     smtpd_discard_ehlo_keywords: a keyword neither announced nor accepted
+    sasl_exceptions_networks  smtpd_sasl_exceptions_networks: AUTH not announced to these clients
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import re
+
+import pytest
+
+from tests.support import SmtpClient, dovecot_instance, eventually, postfix_instance
+
+pytestmark = pytest.mark.interop
+
+M, R = "MAIL FROM:<s@remote.test>", "RCPT TO:<alice@local.test>"
+ALICE = "alice@example.test"  # tests/support/dovecot.py's users
+ALICE_PLAIN = "AUTH PLAIN " + base64.b64encode(f"\0{ALICE}\0alicepw".encode()).decode()
+
+POSTFIX_BASE = {"myhostname": "pf.test", "mydestination": "local.test", "local_recipient_maps": "inline:{alice=ok}",
+                "relayhost": "[127.0.0.1]:9", "relay_domains": "relay.test", "smtputf8_enable": "yes",
+                "disable_vrfy_command": "no", "smtpd_forbid_unauth_pipelining": "yes"}
+
+
+async def start_mailflow(mailflow_server, **smtpd) -> int:
+    """mailflow configured as POSTFIX_BASE, with these [smtpd] settings: its port."""
+    mf = await mailflow_server(mydestination=["local.test"], local_recipient_maps=["inline:{alice=ok}"],
+                               relayhost="[127.0.0.1]:9", relay_domains=["relay.test"],
+                               smtpd={"disable_vrfy_command": False, **smtpd})
+    return mf.smtp_addresses[0][1]
+
+
+def compared(text: str) -> str:
+    """A reply as compared: the host name and queue id out, EHLO's keywords sorted."""
+    lines = text.split("\n")
+    if lines[0].startswith("250-"):
+        return "250 EHLO " + " | ".join(sorted(line[4:] for line in lines[1:]))
+    text = text.replace("pf.test", "HOST").replace("mx.mailflow.test", "HOST")
+    return re.sub(r"queued as \w+", "queued as QID", text)
+
+
+async def dialogue(port: int, commands: list[str | bytes]) -> list[str]:
+    """Each command's reply as compared; "closed" once the server hung up."""
+    client = await SmtpClient.connect(port)
+    got = []
+    try:
+        for command in commands:
+            reply = await client.cmd(command)
+            got.append("closed" if reply.code is None else compared(reply.text))
+            if reply.code is None or reply.code in (221, 521):
+                break
+    finally:
+        await client.close()
+    return got
+
+
+async def replay(port: int, sessions: dict[str, list[str | bytes]]) -> dict[str, list[str]]:
+    return {name: await dialogue(port, commands) for name, commands in sessions.items()}
+
+
+def discard_lines(lines) -> list[str]:
+    return [line[line.index("discarding EHLO"):] for line in lines if "discarding EHLO keywords" in line]
+
+
+# --------------------------------------------------------------------------------- discard_ehlo_keywords
+
+DISCARDED = "pipelining, DSN, chunking, 8bitmime, size, etrn, vrfy, smtputf8, xclient"
+DISCARD_SESSIONS: dict[str, list[str | bytes]] = {
+    "DSN and SMTPUTF8 parameters, BODY and SIZE still taken": [
+        "EHLO c.test", M + " RET=FULL", M + " ENVID=x", M + " SMTPUTF8", M + " RET", M + " BODY=8BITMIME SIZE=100",
+        R + " NOTIFY=NEVER", R + " ORCPT=rfc822;alice@local.test", R + " NOTIFY", R, "DATA",
+        "Subject: x\r\n\r\nbody\r\n."],
+    "BDAT refused and the session closed": ["EHLO c.test", M, R, b"BDAT 4 LAST\r\nab", "NOOP"],
+    "VRFY still answered; its SMTPUTF8 word part of its address": [
+        "EHLO c.test", "VRFY alice@local.test", "VRFY alice@local.test SMTPUTF8"],
+    "PIPELINING unannounced: pipelining where RFC 2920 allows it still taken": [
+        "EHLO c.test", (M + "\r\n" + R).encode(), "RSET"],
+}
+
+
+async def test_discarded_ehlo_keywords_are_neither_announced_nor_accepted_as_in_postfix(mailflow_server, caplog):
+    caplog.set_level(logging.INFO, logger="mailflow")
+    async with postfix_instance({**POSTFIX_BASE, "smtpd_discard_ehlo_keywords": DISCARDED}) as pf:
+        postfix = await replay(pf.port, DISCARD_SESSIONS)
+        postfix_logged = await eventually(lambda: discard_lines(pf.maillog.splitlines())[3:] and
+                                          discard_lines(pf.maillog.splitlines()), timeout=10)
+    mailflow = await replay(await start_mailflow(mailflow_server, discard_ehlo_keywords=[DISCARDED]), DISCARD_SESSIONS)
+    assert mailflow == postfix
+    assert discard_lines(r.getMessage() for r in caplog.records) == postfix_logged
+    # the edges themselves, so that a change on both sides cannot pass unnoticed
+    first = postfix["DSN and SMTPUTF8 parameters, BODY and SIZE still taken"]
+    assert first[:4] == ["250 EHLO ENHANCEDSTATUSCODES", "501 5.7.1 DSN support is disabled",
+                         "501 5.7.1 DSN support is disabled", "555 5.5.4 Unsupported option: SMTPUTF8"]
+    assert first[6:8] == ["501 5.7.1 DSN support is disabled"] * 2
+    assert postfix["BDAT refused and the session closed"][-1] == "521 5.5.1 Error: command not implemented"
+    assert postfix["VRFY still answered; its SMTPUTF8 word part of its address"][1:] == [
+        "252 2.0.0 alice@local.test", "501 5.1.3 Bad recipient address syntax"]
+    assert postfix_logged[0] == ("discarding EHLO keywords: 8BITMIME ETRN PIPELINING SIZE VRFY XCLIENT DSN "
+                                 "EHLO_MASK_SMTPUTF8 CHUNKING")
+
+
+@pytest.mark.parametrize("words", ["silent-discard, dsn", "enhancedstatuscodes, dsn"])
+async def test_silent_discard_and_a_discarded_enhancedstatuscodes_log_nothing_as_in_postfix(mailflow_server, caplog,
+                                                                                            words):
+    """`silent-discard` keeps the line out of the log; so does discarding ENHANCEDSTATUSCODES (Postfix 3.7's
+    ehlo_cmd logs only while that one is announced)."""
+    caplog.set_level(logging.INFO, logger="mailflow")
+    sessions = {"EHLO, then a DSN parameter": ["EHLO c.test", M + " RET=HDRS", "NOOP"]}
+    async with postfix_instance({**POSTFIX_BASE, "smtpd_discard_ehlo_keywords": words}) as pf:
+        postfix = await replay(pf.port, sessions)
+        await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)
+        postfix_logged = discard_lines(pf.maillog.splitlines())
+    assert await replay(await start_mailflow(mailflow_server, discard_ehlo_keywords=[words]), sessions) == postfix
+    assert discard_lines(r.getMessage() for r in caplog.records) == postfix_logged == []
+    assert postfix["EHLO, then a DSN parameter"][1] == "501 5.7.1 DSN support is disabled"
+
+
+# ----------------------------------------------------------------- AUTH: discarded, or hidden from some clients
+
+AUTH_SESSIONS: dict[str, list[str | bytes]] = {"EHLO, then AUTH": ["EHLO c.test", ALICE_PLAIN, "NOOP"]}
+
+
+@pytest.fixture(scope="module")
+def sasl_dovecot():
+    with dovecot_instance() as dovecot:
+        yield dovecot
+
+
+async def auth_replies(mailflow_server, sasl_dovecot, postfix_settings: dict, smtpd: dict) -> tuple[dict, dict]:
+    """The AUTH sessions' replies from a Postfix with Dovecot SASL (no TLS required: the test is on loopback) and
+    from mailflow asking the same Dovecot, each with its settings added."""
+    async with postfix_instance({**POSTFIX_BASE, "smtpd_sasl_auth_enable": "yes", "smtpd_sasl_type": "dovecot",
+                                 "smtpd_sasl_path": str(sasl_dovecot.auth_socket), **postfix_settings}) as pf:
+        postfix = await replay(pf.port, AUTH_SESSIONS)
+    port = await start_mailflow(mailflow_server, sasl_auth_enable=True, sasl_type="dovecot",
+                                sasl_path=str(sasl_dovecot.auth_socket), allow_plaintext_auth_on_loopback=True,
+                                auth_failure_delay=0, **smtpd)
+    return postfix, await replay(port, AUTH_SESSIONS)
+
+
+async def test_auth_discarded_is_neither_offered_nor_accepted_as_in_postfix(mailflow_server, sasl_dovecot):
+    postfix, mailflow = await auth_replies(mailflow_server, sasl_dovecot, {"smtpd_discard_ehlo_keywords": "auth"},
+                                           {"discard_ehlo_keywords": ["auth"]})
+    assert mailflow == postfix
+    ehlo, auth, _ = postfix["EHLO, then AUTH"]
+    assert "AUTH" not in ehlo and auth == "503 5.5.1 Error: authentication not enabled"
+
+
+async def test_auth_is_not_offered_to_sasl_exceptions_networks_but_still_taken_as_in_postfix(mailflow_server,
+                                                                                             sasl_dovecot):
+    postfix, mailflow = await auth_replies(mailflow_server, sasl_dovecot,
+                                           {"smtpd_sasl_exceptions_networks": "127.0.0.0/8"},
+                                           {"sasl_exceptions_networks": ["127.0.0.0/8"]})
+    assert mailflow == postfix
+    ehlo, auth, _ = postfix["EHLO, then AUTH"]
+    assert "AUTH" not in ehlo and auth == "235 2.7.0 Authentication successful"
+
+
+async def test_auth_is_offered_to_a_client_outside_sasl_exceptions_networks(mailflow_server, sasl_dovecot):
+    port = await start_mailflow(mailflow_server, sasl_auth_enable=True, sasl_type="dovecot",
+                                sasl_path=str(sasl_dovecot.auth_socket), allow_plaintext_auth_on_loopback=True,
+                                sasl_exceptions_networks=["192.0.2.0/24", "!127.0.0.1"])
+    assert "AUTH PLAIN LOGIN" in (await dialogue(port, ["EHLO c.test"]))[0]
+
+
+async def test_a_listener_may_discard_keywords_of_its_own(mailflow_server):
+    """Per listener, as master.cf's `-o smtpd_discard_ehlo_keywords=...`."""
+    mf = await mailflow_server(smtpd={"listeners": [
+        {"address": "127.0.0.1:0", "role": "mta", "overrides": {"discard_ehlo_keywords": ["chunking"]}}]})
+    ports = [port for _, port in mf.smtp_addresses]
+    replies = [await dialogue(port, ["EHLO c.test"]) for port in ports]
+    assert ["CHUNKING" in reply[0] for reply in replies] == [True, False]
