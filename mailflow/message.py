@@ -30,6 +30,8 @@ of one; such a line is the first of the body, and cleanup puts the missing empty
     quoted_original(content, size_limit)  what a delivery notice quotes of a Content: all of it when it is at most
                                           `size_limit` bytes, else its header section (mailflow.stages.bounce)
     rfc5322_date(now) -> str              `Tue, 14 Nov 2023 22:13:20 +0000`
+    comment_sanitized(text) -> str        a text made safe inside a (comment) as Postfix's smtpd comment_sanitize:
+                                          non-printable, non-ASCII and backslash as `?`, parentheses balanced
     encode_8bit_fields(head) -> bytes     each header field with 8-bit bytes made 7-bit (RFC 2047 encoded words: the
                                           whole value of an unstructured field, the display names of an address
                                           field; UTF-8, else taken as Latin-1); a field whose addresses themselves are
@@ -154,6 +156,25 @@ def quoted_original(content, size_limit: int) -> bytes:
     if content.size <= size_limit:
         return content.read_prefix(content.size)
     return read_header(content, HEADER_READ_LIMIT)[0]
+
+
+def comment_sanitized(text: str) -> str:
+    """`text` fit for a header comment, as Postfix's smtpd comment_sanitize: a byte that is not printable ASCII,
+    or a backslash, becomes `?`, and so does a `)` that closes nothing; a `(` left open is closed at the end."""
+    out = []
+    depth = 0
+    for ch in text.encode("utf-8").decode("latin-1"):  # (byte by byte, as Postfix: a UTF-8 letter is `??`)
+        if not " " <= ch <= "~" or ch == "\\":
+            ch = "?"
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            if depth:
+                depth -= 1
+            else:
+                ch = "?"
+        out.append(ch)
+    return "".join(out) + ")" * depth
 
 
 def rfc5322_date(now: float) -> str:

@@ -48,6 +48,8 @@ class ClientInfo:
     hostname: str = "unknown"
     sasl_method: str = ""  # AUTH mechanism and login, when the client authenticated
     sasl_username: str = ""
+    # the login the Received header names, `(Authenticated sender: LOGIN)` (smtpd's sasl_authenticated_header)
+    received_login: str = ""
 
     @property
     def named(self) -> str:

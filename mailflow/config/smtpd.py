@@ -101,6 +101,8 @@ class SmtpdConfig(SmtpdFilterSettings):
     sasl_path: str = ""
     sasl_timeout: Duration = Field(10.0, gt=0)
     allow_plaintext_auth_on_loopback: bool = False
+    # The Received header names the AUTH login, `(Authenticated sender: LOGIN)` (smtpd_sasl_authenticated_header).
+    sasl_authenticated_header: bool = False
     # Clients AUTH is not offered to in the EHLO reply (smtpd_sasl_exceptions_networks: a network list, as
     # mynetworks); they may still use it, as in Postfix.
     sasl_exceptions_networks: Networks = ()

@@ -34,7 +34,9 @@ What it does, in order (Postfix cleanup(8)):
    address fields (`Submission.header_rewrite_domain`; mailflow.header_addresses): an unqualified one gets
    @myorigin (or the remote_header_rewrite_domain), then canonical maps and masquerading by the field's class,
    as Postfix does for mail from this host (smtpd: local_header_rewrite_clients) and local submissions;
-4b. prepends a Received header (for a local submission "by HOST (mailflow, from userid UID)", for a notice "by
+4b. prepends a Received header (naming the client's AUTH login when smtpd was told to, `ClientInfo.received_login`:
+   `(Authenticated sender: LOGIN)` on its second line, as Postfix's smtpd_sasl_authenticated_header; for a local
+   submission "by HOST (mailflow, from userid UID)", for a notice "by
    HOST (mailflow)", both without smtpd's `for <recipient>`, as Postfix's pickup and bounce write them) and
    under it the
    header fields smtpd gave (`Submission.headers`: Authentication-Results, spam and virus tags, access PREPEND);
@@ -87,7 +89,7 @@ from mailflow.filters.content_checks import ContentChecks, Inspection
 from mailflow.header_addresses import rewrite_address_fields
 from mailflow.address import shown_original
 from mailflow.logs import MailLog
-from mailflow.message import header_names, header_value, read_header, rfc5322_date, without_fields
+from mailflow.message import comment_sanitized, header_names, header_value, read_header, rfc5322_date, without_fields
 from mailflow.model import ClientInfo, QueueId, Recipient, Submission
 from mailflow.routing.addressmap import BCC_NOTIFY, NO_MILTER_EDITS, AddressMapper, MilterEdits
 from mailflow.signing.outbound import OutboundSigning
@@ -424,8 +426,9 @@ class Cleanup:
         if c.protocol == "local":  # a forwarded copy: no client to name
             return (f"Received: by {self._myhostname} (mailflow) id {queue_id}{for_clause};\r\n"
                     f"\t{rfc5322_date(now)}\r\n").encode("utf-8")
+        login = f"\t(Authenticated sender: {comment_sanitized(c.received_login)})\r\n" if c.received_login else ""
         text = (
-            f"Received: from {c.helo or 'unknown'} ({c.hostname} [{c.addr}])\r\n"
+            f"Received: from {c.helo or 'unknown'} ({c.hostname} [{c.addr}])\r\n{login}"
             f"\tby {self._myhostname} (mailflow) with {c.protocol} id {queue_id}{for_clause};\r\n"
             f"\t{rfc5322_date(now)}\r\n"
         )

@@ -5,6 +5,7 @@ log lines where the setting logs one.
 
     discard_ehlo_keywords     smtpd_discard_ehlo_keywords: a keyword neither announced nor accepted
     sasl_exceptions_networks  smtpd_sasl_exceptions_networks: AUTH not announced to these clients
+    sasl_authenticated_header smtpd_sasl_authenticated_header: the login in the Received header
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import re
 
 import pytest
 
+from mailflow.message import comment_sanitized
 from tests.support import SmtpClient, dovecot_instance, eventually, postfix_instance
 
 pytestmark = pytest.mark.interop
@@ -175,3 +177,42 @@ async def test_a_listener_may_discard_keywords_of_its_own(mailflow_server):
     ports = [port for _, port in mf.smtp_addresses]
     replies = [await dialogue(port, ["EHLO c.test"]) for port in ports]
     assert ["CHUNKING" in reply[0] for reply in replies] == [True, False]
+
+
+# ------------------------------------------------------------------------------- sasl_authenticated_header
+
+SUBMITTED = ["EHLO c.test", ALICE_PLAIN, "MAIL FROM:<alice@example.test>", "RCPT TO:<x@elsewhere.test>", "DATA",
+             "Subject: submitted\r\n\r\nhi\r\n.", "QUIT"]
+
+
+def received(header_section: str) -> str:
+    """The first Received header field, its lines as written, the server's name, queue id and date out (where the
+    date goes, on the `for` line or the next, differs: not compared)."""
+    found = re.search(r"^Received: .*?\n(?=\S)", header_section.replace("\r\n", "\n"), re.S | re.M)
+    assert found, header_section
+    field = re.sub(r"\tby \S+ \(\w+\) with (\w+) id \w+", r"\tby HOST with \1 id QID", found.group(0))
+    return re.sub(r";\s.*", ";", field, flags=re.S)
+
+
+async def test_the_received_header_names_the_login_as_in_postfix(mailflow_server, sasl_dovecot, smtp_peer):
+    async with postfix_instance({**POSTFIX_BASE, "smtpd_sasl_auth_enable": "yes", "smtpd_sasl_type": "dovecot",
+                                 "smtpd_sasl_path": str(sasl_dovecot.auth_socket),
+                                 "smtpd_sasl_authenticated_header": "yes"}) as pf:
+        assert (await dialogue(pf.port, SUBMITTED))[-2] == "250 2.0.0 Ok: queued as QID"
+        [queue_id] = await eventually(lambda: re.findall(r"([0-9A-F]+): client=", pf.maillog), timeout=10)
+        theirs = received(pf.run("postcat", "-hq", queue_id).stdout.decode())
+    peer = await smtp_peer()
+    mf = await mailflow_server(mydestination=["local.test"], relayhost=f"[127.0.0.1]:{peer.port}", smtpd={
+        "sasl_auth_enable": True, "sasl_type": "dovecot", "sasl_path": str(sasl_dovecot.auth_socket),
+        "allow_plaintext_auth_on_loopback": True, "sasl_authenticated_header": True})
+    assert (await dialogue(mf.smtp_addresses[0][1], SUBMITTED))[-2] == "250 2.0.0 Ok: queued as QID"
+    [message] = await eventually(lambda: peer.messages)
+    assert received(message.content.decode()) == theirs == (
+        f"Received: from c.test (localhost [127.0.0.1])\n\t(Authenticated sender: {ALICE})\n"
+        "\tby HOST with ESMTPA id QID\n\tfor <x@elsewhere.test>;")
+
+
+def test_a_login_is_made_safe_for_the_comment_as_postfix_makes_it():
+    assert comment_sanitized("a(b") == "a(b)"
+    assert comment_sanitized("a)b\\c") == "a?b?c"
+    assert comment_sanitized("(x)\u00e9") == "(x)??"  # byte by byte

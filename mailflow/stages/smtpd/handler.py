@@ -390,7 +390,8 @@ class SmtpdHandler:
         assert envelope.content is not None
         marks = envelope.marks
         submission = Submission(envelope=envelope.model_envelope().with_bcc(marks.bcc).redirected(marks.redirect),
-                                content=envelope.content, client=session.client_info(envelope),
+                                content=envelope.content, client=session.client_info(
+                                    envelope, login_in_received=self._config.smtpd.sasl_authenticated_header),
                                 client_attributes=session.client_attributes(envelope), headers=tuple(marks.prepend),
                                 queue_id=envelope.queue_id, redirected=marks.redirect is not None,
                                 **self._header_rewriting(server, session))

@@ -134,13 +134,15 @@ class SessionState(_AiosmtpdSession):
         """SMTP or ESMTP (the policy protocol's protocol_name, the log's proto=)."""
         return "ESMTP" if self.extended_smtp else "SMTP"
 
-    def client_info(self, transaction: Transaction | None = None) -> ClientInfo:
-        """The client as cleanup records it (Received header, `client=` log line)."""
+    def client_info(self, transaction: Transaction | None = None, *, login_in_received: bool = False) -> ClientInfo:
+        """The client as cleanup records it (Received header, `client=` log line); `login_in_received`: the
+        Received header names the login (sasl_authenticated_header)."""
         host, port = (self.peer or ("unknown", 0))[:2]
         login = self.login
         return ClientInfo(addr=host, port=port, helo=self.host_name or "",
                           protocol=received_protocol(self, transaction), hostname=self.client_name,
-                          sasl_method=self.auth_mechanism if login else "", sasl_username=login)
+                          sasl_method=self.auth_mechanism if login else "", sasl_username=login,
+                          received_login=login if login_in_received else "")
 
     def client_attributes(self, transaction: Transaction) -> ClientAttributes:
         """The client as Postfix's smtpd records it in the queue file for the delivery agents: the address in
