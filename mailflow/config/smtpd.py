@@ -136,6 +136,9 @@ class SmtpdConfig(SmtpdFilterSettings):
     error_sleep_time: Duration = Field(1.0, ge=0)
     junk_command_limit: int = Field(100, ge=1)
     disable_vrfy_command: bool = True
+    # MAIL FROM and RCPT TO addresses must be in angle brackets (strict_rfc821_envelopes: else 501 5.1.7 / 5.1.3,
+    # logged as Postfix's "Illegal address syntax"); by default, as Postfix's, `MAIL FROM:a@b` is taken too.
+    strict_rfc821_envelopes: bool = False
     # EHLO keywords neither announced nor accepted (smtpd_discard_ehlo_keywords; any case, e.g. ["pipelining",
     # "dsn"]): STARTTLS 502, AUTH 503, BDAT 521, DSN parameters 501 5.7.1, SMTPUTF8 an unsupported option; the
     # others only left out. Logged at each EHLO (`discarding EHLO keywords: ...`) unless "silent-discard" is in it.

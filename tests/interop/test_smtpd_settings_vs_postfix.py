@@ -6,6 +6,7 @@ log lines where the setting logs one.
     discard_ehlo_keywords     smtpd_discard_ehlo_keywords: a keyword neither announced nor accepted
     sasl_exceptions_networks  smtpd_sasl_exceptions_networks: AUTH not announced to these clients
     sasl_authenticated_header smtpd_sasl_authenticated_header: the login in the Received header
+    strict_rfc821_envelopes   strict_rfc821_envelopes: MAIL and RCPT paths in angle brackets only
 """
 from __future__ import annotations
 
@@ -216,3 +217,39 @@ def test_a_login_is_made_safe_for_the_comment_as_postfix_makes_it():
     assert comment_sanitized("a(b") == "a(b)"
     assert comment_sanitized("a)b\\c") == "a?b?c"
     assert comment_sanitized("(x)\u00e9") == "(x)??"  # byte by byte
+
+
+# --------------------------------------------------------------------------------- strict_rfc821_envelopes
+
+STRICT_SESSIONS: dict[str, list[str | bytes]] = {
+    "paths with and without angle brackets": [
+        "EHLO c.test", "MAIL FROM:s@remote.test", "MAIL FROM: <s@remote.test>", "RSET", "MAIL FROM:<>", "RSET",
+        "MAIL FROM:<s@remote.test> SIZE=10", "RCPT TO:alice@local.test", "RCPT TO: alice@local.test NOTIFY=NEVER",
+        "RCPT TO:postmaster", "RCPT TO:<postmaster>", "RCPT TO:<@hop.test:alice@local.test>",
+        "RCPT TO:<<alice@local.test>>", 'RCPT TO:<"alice"@local.test>', "RCPT TO:<alice@local.test> NOTIFY=NEVER",
+        "RCPT TO:<alice@local.test>x"],
+}
+
+
+def illegal(lines) -> list[str]:
+    return [line[line.index("Illegal"):] for line in lines if "Illegal address syntax" in line]
+
+
+@pytest.mark.parametrize("strict", [True, False])
+async def test_strict_rfc821_envelopes_refuses_paths_without_brackets_as_postfix(mailflow_server, caplog, strict):
+    caplog.set_level(logging.INFO, logger="mailflow")
+    async with postfix_instance({**POSTFIX_BASE, "strict_rfc821_envelopes": "yes" if strict else "no"}) as pf:
+        postfix = await replay(pf.port, STRICT_SESSIONS)
+        postfix_warned = await eventually(lambda: "disconnect from" in pf.maillog and illegal(pf.maillog.splitlines()),
+                                          timeout=10)
+    mailflow = await replay(await start_mailflow(mailflow_server, strict_rfc821_envelopes=strict), STRICT_SESSIONS)
+    assert mailflow == postfix
+    assert illegal(r.getMessage() for r in caplog.records) == postfix_warned
+    replies = postfix["paths with and without angle brackets"]
+    if strict:
+        assert replies[1:3] == ["501 5.1.7 Bad sender address syntax", "250 2.1.0 Ok"]
+        assert replies[7:11] == ["501 5.1.3 Bad recipient address syntax"] * 3 + ["250 2.1.5 Ok"]
+        assert [line.split(" in ")[1] for line in postfix_warned[:2]] == ["MAIL command: s@remote.test",
+                                                                          "RCPT command: alice@local.test"]
+    else:  # Postfix's default: taken without them
+        assert (replies[1], replies[7]) == ("250 2.1.0 Ok", "250 2.1.5 Ok")

@@ -129,6 +129,7 @@ class ProtocolLimits:
     recipient_limit: int
     recipient_overshoot_limit: int
     discard_ehlo_keywords: frozenset[str] = frozenset()  # lower case (mailflow.ehlo_keywords)
+    strict_rfc821_envelopes: bool = False
     soft_bounce: bool = False  # the main setting (Config.soft_bounce): every 5xx reply goes out as 4xx
 
     @classmethod

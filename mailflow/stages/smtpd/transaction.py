@@ -20,7 +20,8 @@ What it owns
 Failure behaviour (each refusal a `mailflow.status` reply; nothing raises for a client's input): no FROM:/TO:,
 or nothing after it, 501 5.5.4; past the client's message or recipient rate 450 4.7.1 (logged; the session
 goes on); a malformed path 501 5.1.7 / 5.1.3 (logged as Postfix's "Illegal address syntax"; so is an address
-the handler finds malformed, with the same reply, no address named in it, as Postfix's). The parameters are
+the handler finds malformed, with the same reply, no address named in it, as Postfix's; with
+strict_rfc821_envelopes, a path without its angle brackets too). The parameters are
 taken in the order given and the first bad one answers, as in Postfix: an unknown one 555 5.5.4; a malformed or
 repeated DSN parameter 501 5.5.4 in Postfix's words (`Bad RET parameter syntax`, `Error: Bad NOTIFY parameter
 syntax`, ...); a bad SIZE 501 5.5.4, one past OFF_T_MAX (Postfix's "file system imposed limit") 552 5.3.4, one over
@@ -147,7 +148,8 @@ class TransactionCommands(SecureCommands):
         refusal was sent:
         501 5.5.4 usage without the keyword or without a path (`path_text`), then the client's MAIL or RCPT rate
         counted (450 4.7.1 past its limit: a malformed path counts too, as in Postfix), `bad` (501 5.1.7 / 5.1.3)
-        for a malformed path."""
+        for a malformed path, and with strict_rfc821_envelopes for one not in angle brackets (Postfix's
+        extract_addr)."""
         text = path_text(arg, command)
         if isinstance(text, status.Reply):
             await self.push(text)
@@ -160,9 +162,10 @@ class TransactionCommands(SecureCommands):
             self.record.lines.illegal_address(self.session.client, command, text)
             await self.push(bad)
             return None
-        if command == "RCPT" and not addr:
-            self.record.lines.illegal_address(self.session.client, command, text)
+        sent = text[:len(text) - len(rest)].strip(" \t")
+        if (command == "RCPT" and not addr) or (self._limits.strict_rfc821_envelopes and not sent.startswith("<")):
+            self.record.lines.illegal_address(self.session.client, command, text if not addr else sent)
             await self.push(bad)
             return None
-        self.path_as_sent = text[:len(text) - len(rest)].strip(" \t")  # (what the handler's refusal logs)
+        self.path_as_sent = sent  # (what the handler's refusal logs)
         return addr, written, rest.split()  # parameters after HELO too, as Postfix takes them
