@@ -58,11 +58,13 @@ def relay_denied(address: str) -> Reply:
     return Reply(554, "5.7.1", f"<{address}>: Relay access denied")
 
 
-def user_unknown(address: str, table: str = "local recipient table", what: str = "Recipient address") -> Reply:
+def user_unknown(address: str, table: str = "local recipient table", what: str = "Recipient address",
+                 code: int = 550) -> Reply:
     """`table`: which list lacks the user ("virtual mailbox table", "relay recipient table", ...); `what`
-    "Sender address": reject_unlisted_sender's refusal (Postfix: 5.1.0)."""
-    dsn = "5.1.0" if what == "Sender address" else "5.1.1"
-    return Reply(550, dsn, f"<{address}>: {what} rejected: User unknown in {table}")
+    "Sender address": reject_unlisted_sender's refusal (Postfix: X.1.0); `code`: the class's
+    unknown_*_reject_code (smtpd), the enhanced code's class following it (450 4.1.1), as Postfix's."""
+    detail = "1.0" if what == "Sender address" else "1.1"
+    return Reply(code, f"{code // 100}.{detail}", f"<{address}>: {what} rejected: User unknown in {table}")
 
 
 def bad_address_syntax(address: str) -> Reply:

@@ -198,6 +198,12 @@ class SmtpdConfig(SmtpdFilterSettings):
     # host=… ; from=<…> …`; Postfix's smtpd_log_access_permit_actions): of permit_dnswl_client, permit_rhswl_client and
     # permit_mx_backup.
     log_access_permit_actions: tuple[str, ...] = ()
+    # reject_unlisted_recipient: the code for a user its class's table does not list (Postfix's names; 450 while
+    # testing a table: the client tries again), the enhanced code's class following it.
+    unknown_local_recipient_reject_code: int = Field(550, ge=400, le=599)
+    unknown_virtual_alias_reject_code: int = Field(550, ge=400, le=599)
+    unknown_virtual_mailbox_reject_code: int = Field(550, ge=400, le=599)
+    unknown_relay_recipient_reject_code: int = Field(550, ge=400, le=599)
     # reject_unverified_recipient / reject_unverified_sender (Postfix's names; [address_verify] runs the probes):
     # the code for an address whose probe failed (reject_code: bounced; defer_code: deferred or still under
     # way), how a 4xx is applied (tempfail_action: defer_if_permit, a later refusal wins; or defer, at once) and

@@ -49,8 +49,9 @@ one. With a `memo` (qmgr's, one per message) the tables are asked once per sende
 Last, `relocated_maps` (relocated(5)), whatever the class: a listed address goes to `error:5.1.6 User has
 moved to <value>` (keys as mail_addr_find's), so smtpd refuses it at RCPT and qmgr bounces what came another way.
 `recipient_known(addr, klass)` answers whether the class's recipient tables list an address (`UNKNOWN_IN`
-names the table for the 550 reply): local_recipient_maps/alias_maps, nothing for virtual alias domains
-(cleanup's mapper answers for those), virtual_mailbox_maps, relay_recipient_maps (empty: anyone).
+names the table for the 550 reply; its code per class: `unknown_reject_codes(smtpd)`):
+local_recipient_maps/alias_maps, nothing for virtual alias domains (cleanup's mapper answers for those),
+virtual_mailbox_maps, relay_recipient_maps (empty: anyone).
 `recipient_refusal(addr, mapper, sender)` is smtpd's reject_unlisted_recipient (Postfix check_rcpt_maps), in order:
 an address a canonical or virtual alias table lists is accepted; one that resolves to the `error`
 transport is refused with that error's status and text (550; 450 for a 4.X.X status), so no bounce is
@@ -68,6 +69,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from typing import Mapping
 
 from mailflow import address, status
 from mailflow.errors import LookupRetry
@@ -95,6 +97,15 @@ UNKNOWN_IN = {
     AddressClass.VIRTUAL_MAILBOX: "virtual mailbox table",
     AddressClass.RELAY: "relay recipient table",
 }
+
+
+def unknown_reject_codes(smtpd) -> dict[AddressClass, int]:
+    """The code of an unknown user per address class, from a SmtpdConfig (Postfix's unknown_local_recipient_,
+    unknown_virtual_alias_, unknown_virtual_mailbox_ and unknown_relay_recipient_reject_code)."""
+    return {AddressClass.LOCAL: smtpd.unknown_local_recipient_reject_code,
+            AddressClass.VIRTUAL_ALIAS: smtpd.unknown_virtual_alias_reject_code,
+            AddressClass.VIRTUAL_MAILBOX: smtpd.unknown_virtual_mailbox_reject_code,
+            AddressClass.RELAY: smtpd.unknown_relay_recipient_reject_code}
 
 
 def split_transport(value: str) -> tuple[str, str]:
@@ -438,24 +449,30 @@ class Rewriter:
         return steps
 
     def recipient_refusal(self, addr: str, mapper, sender: str | None = None,
-                          what: str = "Recipient address") -> status.Reply | None:
+                          what: str = "Recipient address",
+                          reject_codes: Mapping[AddressClass, int] | None = None) -> status.Reply | None:
         """smtpd's reject_unlisted_recipient for `addr` (see the module doc): None to accept, else the reply.
         A table that cannot answer gives 451 4.3.0. `mapper` is cleanup's AddressMapper (is_mapped); `sender` the
         MAIL FROM address as given (None: no MAIL), resolved with as Postfix's smtpd_resolve_addr does, so a
         sender-dependent `error:` transport is refused here too. `what` "Sender address": reject_unlisted_sender's
-        question about the sender (Postfix's check_rcpt_maps for it: its words, an unknown user 5.1.0)."""
+        question about the sender (Postfix's check_rcpt_maps for it: its words, an unknown user 5.1.0);
+        `reject_codes`: the code of an unknown user per address class (smtpd's unknown_*_reject_code,
+        `unknown_reject_codes`; 550 for a class not in it)."""
         try:
             res = self.resolve(addr, sender)
             if mapper.is_mapped(res.address):
                 return None
-            if res.transport == ERROR_TRANSPORT:
-                return error_refusal(addr, res, what)
+            codes = reject_codes or {}
+            if res.transport == ERROR_TRANSPORT:  # (an unknown user of a virtual alias domain: its class's code)
+                return error_refusal(addr, res, what, codes.get(res.address_class)
+                                     if res.address_class is AddressClass.VIRTUAL_ALIAS else None)
             if res.address_class is AddressClass.DEFAULT:
                 return None
             if res.address_class is AddressClass.LOCAL and self._always_accepted(res.address):
                 return None
             if not self.recipient_known(res.address, res.address_class):
-                return status.user_unknown(addr, UNKNOWN_IN[res.address_class], what)
+                return status.user_unknown(addr, UNKNOWN_IN[res.address_class], what,
+                                           codes.get(res.address_class, 550))
         except LookupRetry as e:
             status_log.warning("smtpd: RCPT <%s>: %s", addr, e.text)
             return status.lookup_failed(addr)
@@ -545,14 +562,21 @@ class Rewriter:
         return find_local(tables, local, delimiter=self._config.recipient_delimiter)
 
 
-def error_refusal(addr: str, res: Resolution, what: str = "Recipient address") -> status.Reply:
+def error_refusal(addr: str, res: Resolution, what: str = "Recipient address", code: int | None = None
+                  ) -> status.Reply:
     """The RCPT reply for an address routed to the error transport: its status (5.1.1 when the error names
-    none; 5.1.0 for a sender) and text, 550 or 450 by the status's class (Postfix check_rcpt_maps)."""
+    none; 5.1.0 for a sender) and text, 550 or 450 by the status's class (Postfix check_rcpt_maps); `code`:
+    this code instead (the virtual alias class's unknown_virtual_alias_reject_code), the status's class
+    following it, as Postfix's."""
     explicit = res.nexthop.strip()[:1] in ("4", "5")
     _, dsn, text = parse_error_nexthop(res.nexthop)
     if not explicit:
         dsn = "5.1.0" if what == "Sender address" else "5.1.1"
-    return status.restriction_rejected(450 if dsn.startswith("4") else 550, dsn, addr, what, text)
+    if code is not None:
+        dsn = f"{code // 100}{dsn[1:]}"
+    else:
+        code = 450 if dsn.startswith("4") else 550
+    return status.restriction_rejected(code, dsn, addr, what, text)
 
 
 CLASS_SETTING = {

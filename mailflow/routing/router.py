@@ -30,7 +30,7 @@ from mailflow.errors import TemporaryError
 from mailflow.model import AddressClass, Resolution
 from mailflow.routing.addressmap import AddressMapper
 from mailflow.transports.local.aliasing import Command, File, Forward, LocalExpander, Mailbox, Refused
-from mailflow.routing.rewrite import Rewriter
+from mailflow.routing.rewrite import Rewriter, unknown_reject_codes
 from mailflow.tables import TableCache
 
 FORWARD_DEPTH = 20  # forwarded messages in a chain; a loop ends sooner, at a Delivered-To it already has
@@ -89,7 +89,8 @@ class Router:
         """smtpd's answer at RCPT (the relay check, then Rewriter.recipient_refusal with the MAIL FROM `sender`),
         as text; under soft_bounce a refusal as smtpd sends it (4xx)."""
         rw = self.rewriter
-        refusal = rw.recipient_refusal(addr, self.mapper, sender)
+        refusal = rw.recipient_refusal(addr, self.mapper, sender,
+                                       reject_codes=unknown_reject_codes(self._config.smtpd))
         refused = None if refusal is None else str(refusal)
         if refused is not None and self._config.soft_bounce:
             refused = status.soft_bounced(refused)

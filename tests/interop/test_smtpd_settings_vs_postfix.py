@@ -7,6 +7,7 @@ log lines where the setting logs one.
     sasl_exceptions_networks  smtpd_sasl_exceptions_networks: AUTH not announced to these clients
     sasl_authenticated_header smtpd_sasl_authenticated_header: the login in the Received header
     strict_rfc821_envelopes   strict_rfc821_envelopes: MAIL and RCPT paths in angle brackets only
+    unknown_*_reject_code     the unknown-user refusal's code, per address class
 """
 from __future__ import annotations
 
@@ -253,3 +254,45 @@ async def test_strict_rfc821_envelopes_refuses_paths_without_brackets_as_postfix
                                                                           "RCPT command: alice@local.test"]
     else:  # Postfix's default: taken without them
         assert (replies[1], replies[7]) == ("250 2.1.0 Ok", "250 2.1.5 Ok")
+
+
+# ---------------------------------------------------------------------------------- unknown_*_reject_code
+
+CODES = {"unknown_local_recipient_reject_code": 450, "unknown_virtual_alias_reject_code": 551,
+         "unknown_virtual_mailbox_reject_code": 452, "unknown_relay_recipient_reject_code": 553}
+UNKNOWN_SESSIONS: dict[str, list[str | bytes]] = {
+    "an unknown user of each class, a known one, VRFY": [
+        "EHLO c.test", M, "RCPT TO:<nobody@local.test>", "RCPT TO:<nobody@valias.test>", "RCPT TO:<nobody@vmbox.test>",
+        "RCPT TO:<nobody@relay.test>", R, "RCPT TO:<a@valias.test>", "RCPT TO:<m@vmbox.test>", "RCPT TO:<r@relay.test>",
+        "VRFY nobody@local.test"],
+}
+
+
+@pytest.mark.parametrize("codes", [CODES, {}], ids=["set", "defaults"])
+async def test_the_unknown_user_refusal_has_each_class_code_as_in_postfix(mailflow_server, codes):
+    async with postfix_instance({**POSTFIX_BASE, "virtual_alias_domains": "valias.test",
+                                 "virtual_alias_maps": "inline:{a@valias.test=alice@local.test}",
+                                 "virtual_mailbox_domains": "vmbox.test",
+                                 "virtual_mailbox_maps": "inline:{m@vmbox.test=m/}",
+                                 "relay_recipient_maps": "inline:{r@relay.test=ok}",
+                                 **{name: str(code) for name, code in codes.items()}}) as pf:
+        postfix = await replay(pf.port, UNKNOWN_SESSIONS)
+    mf = await mailflow_server(mydestination=["local.test"], local_recipient_maps=["inline:{alice=ok}"],
+                               relayhost="[127.0.0.1]:9", relay_domains=["relay.test"],
+                               virtual_alias_domains=["valias.test"],
+                               virtual_alias_maps=["inline:{a@valias.test=alice@local.test}"],
+                               virtual_mailbox_domains=["vmbox.test"],
+                               virtual_mailbox_maps=["inline:{m@vmbox.test=m/}"],
+                               relay_recipient_maps=["inline:{r@relay.test=ok}"],
+                               smtpd={"disable_vrfy_command": False, "relay_restrictions": [
+                                   "permit_mynetworks", "reject_unauth_destination"], **codes})
+    assert await replay(mf.smtp_addresses[0][1], UNKNOWN_SESSIONS) == postfix
+    replies = postfix["an unknown user of each class, a known one, VRFY"]
+    if codes:
+        assert replies[2:6] == [
+            "450 4.1.1 <nobody@local.test>: Recipient address rejected: User unknown in local recipient table",
+            "551 5.1.1 <nobody@valias.test>: Recipient address rejected: User unknown in virtual alias table",
+            "452 4.1.1 <nobody@vmbox.test>: Recipient address rejected: User unknown in virtual mailbox table",
+            "553 5.1.1 <nobody@relay.test>: Recipient address rejected: User unknown in relay recipient table"]
+        assert replies[-1].startswith("450 4.1.1 <nobody@local.test>")
+    assert replies[6:10] == ["250 2.1.5 Ok"] * 4

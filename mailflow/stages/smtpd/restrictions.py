@@ -94,6 +94,7 @@ from mailflow.restriction_vocabulary import (ACCESS_CHECKS, CLIENT_CERT_PERMITS,
                                              SERVER_ACCESS_CHECKS, STAGES, WARN_IF_REJECT, WITH_ARGUMENT, check_item,
                                              split_item)
 from mailflow.stages.smtpd.auth import SenderLogins
+from mailflow.routing.rewrite import unknown_reject_codes
 from mailflow.stages.smtpd.dns_checks import DnsChecks
 from mailflow.stages.smtpd.server_checks import ServerChecks
 from mailflow.stages.smtpd.policy import PolicyClient, PolicyError
@@ -296,6 +297,7 @@ class Restrictions:
         self._sender_auth = sender_auth
         self._config = config
         self._smtpd = smtpd
+        self._unknown_codes = unknown_reject_codes(smtpd)  # the unknown-user refusal's code per address class
         self._rewriter = rewriter
         self._mapper = mapper
         self._dns = DnsChecks(resolver, rewriter, smtpd.unknown_address_reject_code)
@@ -600,7 +602,7 @@ class Restrictions:
         the same rule for the sender (routed by the recipient, as Postfix's; its status fitted to a sender)."""
         try:
             refusal = await self._rewriter.tables.run(self._rewriter.recipient_refusal, rcpt, self._mapper, sender,
-                                                      what)
+                                                      what, self._unknown_codes)
         except LookupRetry as e:  # the lookup outran its deadline
             log.warning("RCPT <%s>: %s", rcpt, e.reason)
             return status.error_reply(e, rcpt)
