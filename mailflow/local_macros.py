@@ -2,6 +2,8 @@
 
     check_local_macros(template)            raises ValueError naming an unknown macro or a stray '$'
     expand_local_macros(template, values)   the template with its macros replaced
+    check_macros(template, known), expand_macros(template, values)   the same for another set of names (smtpd's
+                                            reject footer, mailflow.reply_footer)
 
 Macros (LOCAL_MACROS): $user (the local part without its extension), $local and $mailbox (the local part),
 $extension (without the delimiter), $recipient_delimiter, $domain, $recipient (the whole address), $home and
@@ -27,26 +29,37 @@ OnMacro = Callable[[str, "str | None", "str | None"], str]
 def check_local_macros(template: str) -> str:
     """`template` when every macro in it, conditional texts included, is one of LOCAL_MACROS; ValueError
     otherwise."""
-    def check(name: str, mark: str | None, text: str | None) -> str:
-        if name not in LOCAL_MACROS:
-            raise ValueError(f"unknown macro ${name} (known: {', '.join(LOCAL_MACROS)})")
-        if text is not None:
-            check_local_macros(text)
-        return ""
-    _walk(template, check)
-    return template
+    return check_macros(template, LOCAL_MACROS)
 
 
 def expand_local_macros(template: str, values: dict[str, str]) -> str:
     """`template` with each macro replaced by its value in `values` (a missing one is ""); a conditional text
     chosen is expanded in turn. An unknown name expands to "" (the configuration checks the template first, with
     `check_local_macros`); a malformed macro raises ValueError."""
+    return expand_macros(template, values)
+
+
+def check_macros(template: str, known: tuple[str, ...]) -> str:
+    """`template` when every macro in it, conditional texts included, is one of `known` (the same syntax serves
+    smtpd's reject footer: mailflow.reply_footer); ValueError otherwise."""
+    def check(name: str, mark: str | None, text: str | None) -> str:
+        if name not in known:
+            raise ValueError(f"unknown macro ${name} (known: {', '.join(known)})")
+        if text is not None:
+            check_macros(text, known)
+        return ""
+    _walk(template, check)
+    return template
+
+
+def expand_macros(template: str, values: dict[str, str]) -> str:
+    """`expand_local_macros` for any set of names."""
     def expand(name: str, mark: str | None, text: str | None) -> str:
         value = values.get(name, "")
         if mark is None or text is None:
             return value
         chosen = bool(value) if mark == "?" else not value
-        return expand_local_macros(text, values) if chosen else ""
+        return expand_macros(text, values) if chosen else ""
     return _walk(template, expand)
 
 

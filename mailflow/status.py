@@ -369,6 +369,31 @@ def with_enhanced_code(line: str) -> str:
     return f"{code}{sep}{enhanced} {rest}"
 
 
+_DSN_AT_START = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?= |$)")
+
+
+def with_footer(reply: str, continues: bool, lines: list[str]) -> str:
+    """A 4xx/5xx reply (its lines joined by CRLF) with a footer under it, as Postfix's smtp_reply_footer (smtpd's
+    reject_footer: mailflow.reply_footer makes `lines`): each line a copy of the last line's code and enhanced
+    status code (when it has one) before its text, the reply's lines before it continuation lines; `continues`:
+    the first line goes at the end of the reply's last line instead."""
+    if not lines:
+        return reply
+    head, _, last = reply.rpartition("\r\n")
+    code = last[:3]
+    dsn = _DSN_AT_START.match(last, 4)
+    prefix = f"{dsn[0]} " if dsn else ""
+    out = [last]
+    if continues:
+        out[0] += lines[0]
+        lines = lines[1:]
+    for i, text in enumerate(lines):
+        out.append(f"{code}{'-' if i < len(lines) - 1 else ' '}{prefix}{text}")
+    if len(out) > 1:
+        out[0] = f"{code}-{out[0][4:]}"
+    return "\r\n".join(([head] if head else []) + out)
+
+
 def soft_bounced(reply: str) -> str:
     """A reply as smtpd sends it under soft_bounce (Postfix smtpd_chat_reply): each line that starts with a 5
     starts with a 4 instead, and so does its enhanced status code when it has one (`550 5.1.1 ...` ->

@@ -19,6 +19,7 @@ from mailflow.config.base import (Duration, FrozenMap, HostPorts, Networks, Rest
                                   TableSpecs, validation_key, validation_reason)
 from mailflow.config.filters import SmtpdFilterSettings
 from mailflow.ehlo_keywords import discard_set
+from mailflow.reply_footer import check_footer
 from mailflow.restriction_vocabulary import LOGGED_PERMITS, RELAY_GUARDS, expand
 from mailflow.syntax import parse_endpoint, parse_hostport
 
@@ -136,6 +137,10 @@ class SmtpdConfig(SmtpdFilterSettings):
     error_sleep_time: Duration = Field(1.0, ge=0)
     junk_command_limit: int = Field(100, ge=1)
     disable_vrfy_command: bool = True
+    # A text under every 4xx and 5xx reply (smtpd_reject_footer): `\n` (backslash, n) starts a line, each a copy of
+    # the reply's codes; `\c` first puts the first part at the end of the reply's last line; macros: $client_address,
+    # $helo_name, $server_name... (mailflow.reply_footer.FOOTER_MACROS).
+    reject_footer: str = ""
     # MAIL FROM and RCPT TO addresses must be in angle brackets (strict_rfc821_envelopes: else 501 5.1.7 / 5.1.3,
     # logged as Postfix's "Illegal address syntax"); by default, as Postfix's, `MAIL FROM:a@b` is taken too.
     strict_rfc821_envelopes: bool = False
@@ -247,6 +252,11 @@ class SmtpdConfig(SmtpdFilterSettings):
             if name not in LOGGED_PERMITS:
                 raise ValueError(f"{name!r}: mailflow logs the permits of {', '.join(LOGGED_PERMITS)}")
         return v
+
+    @field_validator("reject_footer")
+    @classmethod
+    def _reject_footer(cls, v: str) -> str:
+        return check_footer(v)
 
     @field_validator("discard_ehlo_keywords")
     @classmethod

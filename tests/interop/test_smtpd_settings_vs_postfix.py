@@ -8,6 +8,7 @@ log lines where the setting logs one.
     sasl_authenticated_header smtpd_sasl_authenticated_header: the login in the Received header
     strict_rfc821_envelopes   strict_rfc821_envelopes: MAIL and RCPT paths in angle brackets only
     unknown_*_reject_code     the unknown-user refusal's code, per address class
+    reject_footer             smtpd_reject_footer: a text under every 4xx and 5xx reply
 """
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ import re
 
 import pytest
 
+from mailflow.config import load_config
+from mailflow.errors import ConfigError
 from mailflow.message import comment_sanitized
+from mailflow.status import with_footer
 from tests.support import SmtpClient, dovecot_instance, eventually, postfix_instance
 
 pytestmark = pytest.mark.interop
@@ -35,7 +39,7 @@ POSTFIX_BASE = {"myhostname": "pf.test", "mydestination": "local.test", "local_r
 async def start_mailflow(mailflow_server, **smtpd) -> int:
     """mailflow configured as POSTFIX_BASE, with these [smtpd] settings: its port."""
     mf = await mailflow_server(mydestination=["local.test"], local_recipient_maps=["inline:{alice=ok}"],
-                               relayhost="[127.0.0.1]:9", relay_domains=["relay.test"],
+                               relayhost="[127.0.0.1]:9", relay_domains=["relay.test"], mynetworks=["127.0.0.0/8"],
                                smtpd={"disable_vrfy_command": False, **smtpd})
     return mf.smtp_addresses[0][1]
 
@@ -62,6 +66,18 @@ async def dialogue(port: int, commands: list[str | bytes]) -> list[str]:
     finally:
         await client.close()
     return got
+
+
+def differences(sessions: dict[str, list[str | bytes]], postfix: dict[str, list[str]], mailflow: dict[str, list[str]],
+                as_compared=lambda text: text) -> dict[str, list[tuple]]:
+    """Per session, (command, Postfix's reply, mailflow's) where they differ."""
+    found = {}
+    for name, commands in sessions.items():
+        pairs = zip(commands, postfix[name] + ["-"] * len(commands), mailflow[name] + ["-"] * len(commands))
+        odd = [(c, theirs, ours) for c, theirs, ours in pairs if as_compared(theirs) != as_compared(ours)]
+        if odd:
+            found[name] = odd
+    return found
 
 
 async def replay(port: int, sessions: dict[str, list[str | bytes]]) -> dict[str, list[str]]:
@@ -305,3 +321,59 @@ async def test_the_unknown_user_refusal_has_each_class_code_as_in_postfix(mailfl
             "553 5.1.1 <nobody@relay.test>: Recipient address rejected: User unknown in relay recipient table"]
         assert replies[-1].startswith("450 4.1.1 <nobody@local.test>")
     assert replies[6:10] == ["250 2.1.5 Ok"] * 4
+
+
+# ------------------------------------------------------------------------------------------ reject_footer
+
+FOOTERS = [
+    r"\nFor help: $server_name $client_address [$client] ${helo_name?helo=$helo_name} s=$sender sd=$sender_domain"
+    r" sn=$sender_name r=$recipient rn=$recipient_name rd=$recipient_domain p=$client_port n=$client_name"
+    r" rv=$reverse_client_name",
+    r"\c (see https://help.test/$client_address)",
+    r"one\ntwo\n\cthree ${helo_name:no helo}",
+]
+FOOTER_SESSIONS: dict[str, list[str | bytes]] = {
+    "replies with and without an enhanced code, refusals of each stage, 2xx untouched": [
+        "EHLO", "RCPT TO:<a@local.test>", "EHLO c.test", "FOO", "MAIL FROM:<s@remote.test>",
+        "RCPT TO:<nobody@local.test>", "RCPT TO:<x@elsewhere.test>", "RCPT TO:<alice@local.test>",
+        "RCPT TO:<bob@local.test>", "MAIL FROM:<x@y.test>", "RSET", "MAIL FROM:<>",
+        "RCPT TO:<nobody@local.test>", "NOOP", "QUIT"],
+    "a refused BDAT hangs up, its 521 with the footer": ["EHLO c.test", "BDAT x"],
+}
+
+
+def without_port(text: str) -> str:
+    return re.sub(r" p=\d+ ", " p=PORT ", text)
+
+
+@pytest.mark.parametrize("footer", FOOTERS)
+async def test_the_reject_footer_is_under_every_refusal_as_in_postfix(mailflow_server, footer):
+    async with postfix_instance({**POSTFIX_BASE, "smtpd_reject_footer": footer,
+                                 "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination"}) as pf:
+        postfix = await replay(pf.port, FOOTER_SESSIONS)
+    mailflow = await replay(await start_mailflow(mailflow_server, reject_footer=footer), FOOTER_SESSIONS)
+    assert differences(FOOTER_SESSIONS, postfix, mailflow, without_port) == {}
+    replies = postfix["replies with and without an enhanced code, refusals of each stage, 2xx untouched"]
+    assert [r[:4] for r in replies] == ["501-", "503-", "250 ", "500-", "250 ", "550-", "250 ", "250 ", "550-",
+                                        "503-", "250 ", "250 ", "550-", "250 ", "221 "] or footer[:2] == r"\c"
+    if footer == FOOTERS[0]:  # the macros: $recipient is the transaction's first accepted recipient
+        assert without_port(replies[8].split("\n")[-1]) == (
+            "550 5.1.1 For help: HOST 127.0.0.1 [localhost[127.0.0.1]] helo=c.test s=s@remote.test sd=remote.test"
+            " sn=s r=x@elsewhere.test rn=x rd=elsewhere.test p=PORT n=localhost rv=localhost")
+
+
+def test_the_footer_is_checked_at_load(tmp_path):
+    path = tmp_path / "mailflow.toml"
+    path.write_text("[smtpd]\nreject_footer = '\\nask $client_adress'\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert (info.value.file, info.value.key) == (str(path), "smtpd.reject_footer")
+    assert "unknown macro $client_adress" in info.value.reason
+
+
+def test_a_footer_under_a_multi_line_reply_and_one_without_an_enhanced_code():
+    """Postfix's smtp_reply_footer: the reply's lines all become continuation lines; the codes come from its last."""
+    assert with_footer("550-5.7.1 first\r\n550 5.7.1 last", False, ["a", "b"]) == (
+        "550-5.7.1 first\r\n550-5.7.1 last\r\n550-5.7.1 a\r\n550 5.7.1 b")
+    assert with_footer("501 Syntax: EHLO hostname", True, [" (x)", "y"]) == (
+        "501-Syntax: EHLO hostname (x)\r\n501 y")

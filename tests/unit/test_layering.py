@@ -2,8 +2,8 @@
 
 Layers, lowest first (docs/architecture.md, "Import rules"):
 1. leaves: pure vocabularies and libraries (syntax, restriction_vocabulary, pipe_argv, address, errors, tables,
-   aliases, dns, message, content, model, clock, passwords, accounts, files, local_macros, ehlo_keywords): they
-   import no configuration, stage, transport or routing;
+   aliases, dns, message, content, model, clock, passwords, accounts, files, local_macros, ehlo_keywords,
+   reply_footer): they import no configuration, stage, transport or routing;
 2. the configuration (mailflow.config): it imports leaves only;
 3. components: transports import no stage; the routing libraries, stages, app and cli sit above.
 No module imports itself back through others (no import cycle), counting imports written inside functions
@@ -29,13 +29,14 @@ LEAVES = (
     "mailflow.tables", "mailflow.aliases", "mailflow.dns", "mailflow.message", "mailflow.content", "mailflow.model",
     "mailflow.clock", "mailflow.passwords", "mailflow.accounts", "mailflow.files", "mailflow.dsn_parameters",
     "mailflow.junk_commands", "mailflow.local_macros", "mailflow.header_addresses", "mailflow.ehlo_keywords",
+    "mailflow.reply_footer",
 )
 # What mailflow.config may load (besides itself): leaves only, and of those only these.
 CONFIG_MAY_LOAD = ("mailflow", "mailflow.syntax", "mailflow.restriction_vocabulary", "mailflow.pipe_argv",
                    "mailflow.address", "mailflow.errors", "mailflow.tables", "mailflow.aliases",
                    "mailflow.accounts", "mailflow.files", "mailflow.local_macros",
                    "mailflow.header_addresses", "mailflow.message",
-                   "mailflow.ehlo_keywords")  # (aliases: values read as RFC 822 lists)
+                   "mailflow.ehlo_keywords", "mailflow.reply_footer")  # (aliases: values read as RFC 822 lists)
 ABOVE_LEAVES = ("mailflow.config", "mailflow.filters", "mailflow.stages", "mailflow.transports", "mailflow.routing",
                 "mailflow.store", "mailflow.app", "mailflow.cli", "mailflow.sendmail", "mailflow.queue_tools")
 

@@ -73,6 +73,7 @@ import logging
 import re
 import struct
 import termios
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, cast
 
@@ -81,6 +82,7 @@ from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException
 from mailflow import address, status
 from mailflow.config import DEFAULTS
 from mailflow.ehlo_keywords import discard_log_text, keyword_name
+from mailflow.reply_footer import address_values, footer_lines
 from mailflow.junk_commands import JunkCount
 from mailflow.stages.smtpd.sessionlog import SessionLog
 from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction, helo_name
@@ -130,6 +132,7 @@ class ProtocolLimits:
     recipient_overshoot_limit: int
     discard_ehlo_keywords: frozenset[str] = frozenset()  # lower case (mailflow.ehlo_keywords)
     strict_rfc821_envelopes: bool = False
+    reject_footer: str = ""  # (mailflow.reply_footer)
     soft_bounce: bool = False  # the main setting (Config.soft_bounce): every 5xx reply goes out as 4xx
 
     @classmethod
@@ -392,15 +395,17 @@ class ProtocolCore(SMTP):
         await self._write(b"".join(self._reply_bytes(line, True) for line in lines))
 
     def _reply_bytes(self, line: Any, counts_as_error: bool) -> bytes:
-        """One reply line as sent, counted (errors, the disconnect statistics) and in the transcript. Under
-        soft_bounce a 5xx goes out as 4xx (status.soft_bounced), whoever wrote it: this is where every reply
-        passes, as Postfix's smtpd_chat_reply."""
+        """One reply line as sent, counted (errors, the disconnect statistics) and in the transcript. A 4xx or 5xx
+        gets the reject_footer (status.with_footer), then under soft_bounce a 5xx goes out as 4xx
+        (status.soft_bounced), whoever wrote it: this is where every reply passes, as Postfix's smtpd_chat_reply."""
         if isinstance(line, status.Reply):  # one final line, as the catalogue wrote it
             final, line = line.code, str(line)
         else:
             if self._replies_sent and not self._in_hello and isinstance(line, str):  # the first is the greeting
                 line = status.with_enhanced_code(line)
             final = _final_code(line)
+        if self._limits.reject_footer and isinstance(line, str) and line[:1] in "45":
+            line = status.with_footer(line, *footer_lines(self._limits.reject_footer, self._footer_values()))
         if self._limits.soft_bounce and isinstance(line, str):
             line = status.soft_bounced(line)
             final -= 100 if final >= 500 else 0
@@ -412,6 +417,21 @@ class ProtocolCore(SMTP):
             self.transcript.reply(line)
         data = line.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") if isinstance(line, str) else line
         return data + b"\r\n"
+
+    def _footer_values(self) -> dict[str, str]:
+        """The reject footer's macros now, as Postfix's smtpd_expand_lookup gives them: $recipient is the
+        transaction's first accepted recipient; $reverse_client_name is the client's name as smtpd knows it."""
+        session, envelope = self.session, self.envelope
+        values = {"server_name": self.hostname, "localtime": time.strftime("%b %d %H:%M:%S")}
+        if session is not None:
+            values.update(client=session.client, client_address=session.peer_ip, client_port=str(session.peer_port),
+                          client_name=session.client_name, reverse_client_name=session.client_name,
+                          helo_name=session.host_name or "")
+        sender = envelope.mail_from if envelope is not None else None
+        recipients = envelope.rcpt_tos if envelope is not None else []
+        values.update(address_values("sender", None if sender is None else "" if sender == NULL_SENDER else sender))
+        values.update(address_values("recipient", recipients[0] if recipients else None))
+        return values
 
     async def _write(self, data: bytes) -> None:
         """aiosmtpd's push, without its per-line debug record; drained only when the socket did not take it all."""

@@ -1,0 +1,63 @@
+"""leaf: smtpd's reject footer template (Postfix 3.7's smtpd_reject_footer: smtp_reply_footer.c, smtpd_expand.c).
+
+    FOOTER_MACROS                  the names a footer may use, as Postfix 3.7's smtpd_expand_lookup knows them
+    check_footer(template)         the template, or ValueError (an unknown macro, a malformed one, a control
+                                   character)
+    footer_lines(template, values) -> (continues, lines): the template cut at each `\\n` (backslash, n: main.cf's
+                                   spelling; a real line break counts as one too), each piece expanded with
+                                   `values`; `continues` when it began with `\\c` (its first piece goes at the end
+                                   of the reply's last line, not on a line of its own)
+    address_values(prefix, addr)   $sender, $sender_name, $sender_domain (or recipient's) as Postfix gives them
+
+status.with_footer puts the lines under a reply. The macros' values are filtered as Postfix's smtpd_expand_filter
+does: a character other than a tab or printable ASCII becomes `_`.
+
+Failure behaviour: check_footer raises ValueError; footer_lines does not raise for a checked template (a macro
+the session has no value for is ""; Postfix expands an unknown one to "" with a warning, here it is refused at load).
+"""
+from __future__ import annotations
+
+import re
+
+from mailflow.local_macros import check_macros, expand_macros
+
+FOOTER_MACROS = ("server_name", "client", "client_address", "client_port", "client_name", "reverse_client_name",
+                 "helo_name", "sender", "sender_name", "sender_domain", "recipient", "recipient_name",
+                 "recipient_domain", "localtime")
+LINE_BREAK = "\\n"  # the two characters, as main.cf writes it
+CONTINUE = "\\c"  # at the start only
+_FILTERED = re.compile(r"[^\t\x20-\x7e]")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def check_footer(template: str) -> str:
+    """The template when it can be used; ValueError naming the trouble."""
+    for piece in _pieces(template)[1]:
+        if _CONTROL.search(piece):
+            raise ValueError("a control character (write \\n, a backslash and n, for a line break)")
+        check_macros(piece, FOOTER_MACROS)
+    return template
+
+
+def footer_lines(template: str, values: dict[str, str]) -> tuple[bool, list[str]]:
+    """(continues, the footer's lines expanded); see the module doc."""
+    filtered = {name: _FILTERED.sub("_", value) for name, value in values.items()}
+    continues, pieces = _pieces(template)
+    return continues, [expand_macros(piece, filtered) for piece in pieces]
+
+
+def address_values(prefix: str, addr: str | None) -> dict[str, str]:
+    """`prefix` ("sender" or "recipient"), `prefix_name` and `prefix_domain` for `addr` as Postfix's
+    smtpd_expand_addr gives them: all "" when there is none (None), `<>` (name too) for the null address."""
+    if addr is None:
+        return {prefix: "", f"{prefix}_name": "", f"{prefix}_domain": ""}
+    if not addr:
+        return {prefix: "<>", f"{prefix}_name": "<>", f"{prefix}_domain": ""}
+    local, at, domain = addr.rpartition("@")
+    return {prefix: addr, f"{prefix}_name": local if at else addr, f"{prefix}_domain": domain if at else ""}
+
+
+def _pieces(template: str) -> tuple[bool, list[str]]:
+    text = template.replace("\r\n", "\n").replace("\n", LINE_BREAK)
+    continues = text.startswith(CONTINUE)
+    return continues, (text[len(CONTINUE):] if continues else text).split(LINE_BREAK)
