@@ -1,7 +1,7 @@
 """leaf: the EHLO keywords smtpd can be told to discard (Postfix's smtpd_discard_ehlo_keywords, its ehlo_mask.c).
 
     DISCARDABLE                    the names, lower case, in Postfix's table order (its log line's order)
-    discard_set(words) -> frozenset of lower-case names; ValueError naming an unknown word
+    discard_set(words, ignore_unknown) -> frozenset of lower-case names; ValueError naming an unknown word
     discard_log_text(discarded) -> what Postfix's smtpd logs at EHLO (`discarding EHLO keywords: ...`), or ""
                                    when it logs nothing
     keyword_name(line_text) -> the lower-case keyword of an EHLO reply line's text (`SIZE 1000` -> `size`)
@@ -12,7 +12,8 @@ option; PIPELINING, SIZE, 8BITMIME, ETRN, VRFY, ENHANCEDSTATUSCODES and XCLIENT 
 `silent-discard` discards nothing itself: it keeps the line out of the log.
 
 Failure behaviour: discard_set raises ValueError for a word that is not a keyword (Postfix ignores such words
-silently, so that main.cf works across versions; here a misspelt keyword would discard nothing unnoticed).
+silently, so that main.cf works across versions; here a misspelt keyword would discard nothing unnoticed), unless
+told to skip them (a table's value, found at a connection: as Postfix).
 """
 from __future__ import annotations
 
@@ -27,13 +28,17 @@ DISCARDABLE = ("8bitmime", "auth", "etrn", "pipelining", "size", "verp", "vrfy",
 _LOGGED_AS = {"smtputf8": "EHLO_MASK_SMTPUTF8"}
 
 
-def discard_set(words: Iterable[str]) -> frozenset[str]:
-    """The keywords of a configured list (any case; several to an item, separated by commas or blanks)."""
+def discard_set(words: Iterable[str], ignore_unknown: bool = False) -> frozenset[str]:
+    """The keywords of a configured list (any case; several to an item, separated by commas or blanks);
+    `ignore_unknown`: a word that is no keyword is skipped, as Postfix skips it (a table's value, read at each
+    connection)."""
     found = set()
     for item in words:
         for word in item.replace(",", " ").split():
             name = word.lower()
             if name not in DISCARDABLE:
+                if ignore_unknown:
+                    continue
                 raise ValueError(f"{word!r} is not an EHLO keyword that can be discarded "
                                  f"(one of: {', '.join(DISCARDABLE)})")
             found.add(name)

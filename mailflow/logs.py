@@ -401,6 +401,16 @@ class SmtpdLog:
         self._emit(logging.WARNING, "illegal-address", f"Illegal address syntax from {client} in {command} "
                    f"command: {text[:200]}", client=client, command=command, text=text[:200])
 
+    def local_data_error(self, queue_id: str, stage: str, client: str, reply: str) -> None:
+        """A table smtpd needs could not answer: Postfix's `warning: don't know what EHLO features to announce to
+        host[ip]` (at EHLO, the one such table) and its SMTP_ERR_DATA line, `NOQUEUE: reject: EHLO from host[ip]:
+        421 4.3.0 HOST Server local data error` (no envelope after it)."""
+        self._emit(logging.WARNING, "ehlo-features", f"don't know what EHLO features to announce to {client}",
+                   client=client)
+        queue_id = queue_id or "NOQUEUE"
+        self._emit(logging.INFO, "reject", f"{queue_id}: reject: {stage} from {client}: {reply}", queue_id=queue_id,
+                   stage=stage, client=client, reply=reply)
+
     def discarding_ehlo_keywords(self, text: str) -> None:
         """Postfix's `discarding EHLO keywords: PIPELINING DSN` at an EHLO (ehlo_keywords.discard_log_text)."""
         self._emit(logging.INFO, "discard-ehlo-keywords", text, text=text)

@@ -453,6 +453,12 @@ def proxy_failed(host: str) -> Reply:
     return Reply(421, "4.3.0", f"{host} Server local error")
 
 
+def local_data_error(host: str) -> Reply:
+    """A table smtpd needs could not answer (Postfix's SMTP_ERR_DATA: the EHLO keywords to discard); the session
+    ends."""
+    return Reply(421, "4.3.0", f"{host} Server local data error")
+
+
 def session_timeout(host: str) -> Reply:
     return Reply(421, "4.4.2", f"{host} Error: timeout exceeded")
 

@@ -148,6 +148,9 @@ class SmtpdConfig(SmtpdFilterSettings):
     # "dsn"]): STARTTLS 502, AUTH 503, BDAT 521, DSN parameters 501 5.7.1, SMTPUTF8 an unsupported option; the
     # others only left out. Logged at each EHLO (`discarding EHLO keywords: ...`) unless "silent-discard" is in it.
     discard_ehlo_keywords: tuple[str, ...] = ()
+    # Per client address, the keywords to discard in place of discard_ehlo_keywords (Postfix
+    # smtpd_discard_ehlo_keyword_address_maps: looked up at connect; a value's unknown words are skipped).
+    discard_ehlo_keyword_address_maps: TableSpecs = ()
     # MAIL, RCPT and DATA before HELO/EHLO: 503 5.5.1 when true (smtpd_helo_required; Postfix's default: no).
     helo_required: bool = False
     # A command in this list, or one that looks like a message header (`Subject:`) or does not begin with a letter,

@@ -4,6 +4,7 @@ host name and queue ids aside; EHLO's keywords compared as a set: their order di
 log lines where the setting logs one.
 
     discard_ehlo_keywords     smtpd_discard_ehlo_keywords: a keyword neither announced nor accepted
+    discard_ehlo_keyword_address_maps   smtpd_discard_ehlo_keyword_address_maps: the list by client address
     sasl_exceptions_networks  smtpd_sasl_exceptions_networks: AUTH not announced to these clients
     sasl_authenticated_header smtpd_sasl_authenticated_header: the login in the Received header
     strict_rfc821_envelopes   strict_rfc821_envelopes: MAIL and RCPT paths in angle brackets only
@@ -59,9 +60,13 @@ async def dialogue(port: int, commands: list[str | bytes]) -> list[str]:
     got = []
     try:
         for command in commands:
-            reply = await client.cmd(command)
+            try:
+                reply = await client.cmd(command)
+            except (ConnectionResetError, BrokenPipeError):
+                got.append("closed")
+                break
             got.append("closed" if reply.code is None else compared(reply.text))
-            if reply.code is None or reply.code in (221, 521):
+            if reply.code is None or reply.code in (221, 421, 521):
                 break
     finally:
         await client.close()
@@ -148,6 +153,34 @@ async def test_silent_discard_and_a_discarded_enhancedstatuscodes_log_nothing_as
     assert await replay(await start_mailflow(mailflow_server, discard_ehlo_keywords=[words]), sessions) == postfix
     assert discard_lines(r.getMessage() for r in caplog.records) == postfix_logged == []
     assert postfix["EHLO, then a DSN parameter"][1] == "501 5.7.1 DSN support is disabled"
+
+
+ADDRESS_MAPS = {"found, its unknown word skipped": "inline:{ {127.0.0.1 = pipelining, DSN, bogus} }",
+                "not found: the default list": "inline:{192.0.2.1=dsn}",
+                "a table that cannot answer: 421 at EHLO": "fail:x"}
+
+
+@pytest.mark.parametrize("maps", ADDRESS_MAPS.values(), ids=ADDRESS_MAPS.keys())
+async def test_discard_ehlo_keyword_address_maps_choose_by_the_client_address_as_in_postfix(mailflow_server, caplog,
+                                                                                            maps):
+    caplog.set_level(logging.INFO, logger="mailflow")
+    sessions = {"EHLO, a DSN parameter": ["EHLO c.test", M + " RET=FULL", "NOOP"]}
+    async with postfix_instance({**POSTFIX_BASE, "smtpd_discard_ehlo_keyword_address_maps": maps,
+                                 "smtpd_discard_ehlo_keywords": "chunking"}) as pf:
+        postfix = await replay(pf.port, sessions)
+        postfix_log = [line.split("]: ", 1)[1] for line in await settled_log(pf, 2) if "/smtpd[" in line]
+    port = await start_mailflow(mailflow_server, discard_ehlo_keyword_address_maps=[maps],
+                                discard_ehlo_keywords=["chunking"])
+    assert await replay(port, sessions) == postfix
+    wanted = ("discarding EHLO", "don't know", "reject:")
+    ours = [("warning: " if r.levelname == "WARNING" else "") + r.getMessage() for r in caplog.records]
+    assert [compared(line) for line in ours if any(w in line for w in wanted)] == [
+        compared(line) for line in postfix_log if any(w in line for w in wanted)]
+    replies = postfix["EHLO, a DSN parameter"]
+    if maps == "fail:x":
+        assert replies == ["421 4.3.0 HOST Server local data error"]
+    else:
+        assert ("DSN" in replies[0]) == (maps != ADDRESS_MAPS["found, its unknown word skipped"])
 
 
 # ----------------------------------------------------------------- AUTH: discarded, or hidden from some clients

@@ -210,8 +210,11 @@ class ProtocolCore(SMTP):
         self._errors = 0
         self._junk = JunkCount(JUNK_COMMANDS, self._limits.junk_command_limit)
         self._in_a_row = 0  # commands answered since the session last waited for input or handed the loop back
-        # the EHLO keywords neither announced nor accepted in this session (Postfix's ehlo_discard_mask)
+        # the EHLO keywords neither announced nor accepted in this session (Postfix's ehlo_discard_mask; a listener
+        # chooses them by the client's address before the greeting: server.py), and whether the table that
+        # chooses them could not answer (EHLO is refused then)
         self.discarded: frozenset[str] = self._limits.discard_ehlo_keywords
+        self.discards_unknown = False
         self.command_line = b""  # the command being answered, as sent (what a warning that quotes it quotes)
         self._greeted_at = 0.0
         self._data_started: float | None = None  # loop time DATA/BDAT content began, for the rate deadline
@@ -746,6 +749,13 @@ class ProtocolCore(SMTP):
                 return
             if await self._hello_refused("EHLO", hostname):
                 return
+            if self.discarded:
+                self._log_discarded()
+            if self.discards_unknown:  # Postfix: its ehlo_discard_maps failed; the 421 ends the session
+                refusal = status.local_data_error(self.hostname)
+                self.record.lines.local_data_error(self.envelope.queue_id, "EHLO", self.session.client, str(refusal))
+                await self.push(refusal)
+                return
             self._reset_transaction()
             self.session.extended_smtp = True
             lines = [f"250-{self.hostname}", *(f"250-{k}" for k in self._base_keywords())]
@@ -754,8 +764,6 @@ class ProtocolCore(SMTP):
             if edited is MISSING:  # a handler without the hook: aiosmtpd's default
                 self.session.host_name = helo_name(hostname)
                 edited = lines
-            if self.discarded:
-                self._log_discarded()
             await self.push_lines(_without_keywords(_with_keywords(edited, self._ehlo_keywords()), self.discarded))
         finally:
             self._in_hello = False

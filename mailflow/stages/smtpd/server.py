@@ -78,6 +78,7 @@ from mailflow.stages.smtpd.auth import (Authenticator, Backend, DovecotBackend, 
 from mailflow.stages.smtpd.dovecot_auth import DovecotAuth
 from mailflow.stages.smtpd.frontends import FrontEnds
 from mailflow.stages.smtpd.handler import SmtpdHandler
+from mailflow.stages.smtpd.ehlo_discards import EhloDiscards
 from mailflow.stages.smtpd.session import ProtocolLimits, SmtpSession
 from mailflow.stages.smtpd.tls import ServerTls
 from mailflow.stages.smtpd.transcript import SessionObserver
@@ -95,7 +96,7 @@ REFUSAL_HANDSHAKES = 10
 REFUSAL_HANDSHAKE_TIMEOUT = 10.0  # seconds, at most, for each of those handshakes (else starttls_timeout's 300)
 # What a reload replaces in a running listener (its address, socket, session slots and counts stay).
 RELOADED = ("role", "config", "handler", "authenticator", "sender_logins", "frontends", "limits",
-            "auth_hidden_from")
+            "auth_hidden_from", "ehlo_discards")
 
 
 @dataclass
@@ -114,6 +115,7 @@ class Listener:
     frontends: FrontEnds
     limits: ProtocolLimits  # of every session of this listener: made once, not at each connection
     auth_hidden_from: NetworkList  # sasl_exceptions_networks: the clients AUTH is not offered to
+    ehlo_discards: EhloDiscards  # the EHLO keywords each session discards (by its client's address)
     setting: str = ""  # the configuration key that names it ("smtpd.listen[0]", "smtpd.listeners[1].address")
     server: Listening | None = None
     refusing: Places = field(default_factory=lambda: Places(REFUSAL_HANDSHAKES))  # (implicit TLS: see REFUSAL_...)
@@ -174,6 +176,7 @@ class ListenerSession(SmtpSession):
                 return False
         if self._smtpd.allow_plaintext_auth_on_loopback and is_loopback(ip):
             self._auth_needs_tls = False
+        self.discarded, self.discards_unknown = await self._listener.ehlo_discards.for_client(ip)
         return True
 
     async def _refuse(self, reply: status.Reply, log_refusal: Callable[[], None]) -> None:
@@ -303,6 +306,8 @@ class Smtpd:
                         ProtocolLimits.from_config(smtpd, soft_bounce=self._config.soft_bounce),
                         NetworkList.from_items(smtpd.sasl_exceptions_networks, self._tables.open,
                                                setting="smtpd.sasl_exceptions_networks"),
+                        EhloDiscards(frozenset(smtpd.discard_ehlo_keywords),
+                                     self._tables.open(smtpd.discard_ehlo_keyword_address_maps), self._tables.run),
                         setting)
 
     def _auth_backend(self, smtpd: SmtpdConfig) -> Backend:
