@@ -231,6 +231,18 @@ async def test_auth_is_offered_to_a_client_outside_sasl_exceptions_networks(mail
     assert "AUTH PLAIN LOGIN" in (await dialogue(port, ["EHLO c.test"]))[0]
 
 
+async def test_starttls_discarded_is_neither_offered_nor_accepted_as_in_postfix(mailflow_server, pki):
+    """Postfix 3.7's starttls_cmd answers a discarded STARTTLS as one without TLS: `502 5.5.1 Error: command not
+    implemented` (the private Postfix's words, which has no certificate); here on a listener with a certificate,
+    beside one that offers it."""
+    _, cert, _ = pki
+    mf = await mailflow_server(smtpd={"tls_cert_file": cert, "listeners": [
+        {"address": "127.0.0.1:0", "role": "mta", "overrides": {"discard_ehlo_keywords": ["starttls"]}}]})
+    offered, discarded = [await dialogue(port, ["EHLO c.test", "STARTTLS"]) for _, port in mf.smtp_addresses]
+    assert "STARTTLS" in offered[0] and offered[1] == "220 2.0.0 Ready to start TLS"
+    assert "STARTTLS" not in discarded[0] and discarded[1] == "502 5.5.1 Error: command not implemented"
+
+
 async def test_a_listener_may_discard_keywords_of_its_own(mailflow_server):
     """Per listener, as master.cf's `-o smtpd_discard_ehlo_keywords=...`."""
     mf = await mailflow_server(smtpd={"listeners": [
