@@ -270,3 +270,36 @@ async def test_a_reload_reads_the_ca_file_again_and_refuses_one_that_is_gone(mai
         await mf.reload(gone)
     assert (info.value.key, info.value.reason) == ("smtpd.tls_ca_file", f"{tmp_path}/gone.pem: no such CA file")
     assert await rcpt_over_tls(port, newcomer.context(pki), ELSEWHERE) == ["250 2.1.5 Ok"]  # the one in force
+
+
+def tls_summaries(caplog) -> list[str]:
+    return [r.getMessage().split(": TLSv")[0] for r in caplog.records if "TLS connection established" in
+            r.getMessage()]
+
+
+async def test_trust_is_a_chain_to_a_self_signed_certificate_of_the_ca_file(mailflow_server, pki, tmp_path, caplog):
+    """As Postfix's OpenSSL verifies (no partial chains): a client of an intermediate CA that sends its chain is
+    trusted with the root in the CA file; with only the intermediate there it is `Untrusted` and
+    permit_tls_all_clientcerts refuses it, though its fingerprint still counts (a pinned certificate likewise)."""
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    intermediate = pki.ca.create_child_ca()
+    chained = pki.client("chained.test", issuer=intermediate)
+    (tmp_path / "chain.pem").write_bytes(open(chained.cert_file, "rb").read() + intermediate.cert_pem.bytes())
+    sends_chain = anonymous_context(pki)
+    sends_chain.load_cert_chain(str(tmp_path / "chain.pem"), chained.key_file)
+    pinned = pki.client("pinned.test", issuer=trustme.CA())
+    access = table(tmp_path, "ccert", [f"{pinned.fingerprint} REJECT pinned but refused"])
+    settings = {"relay_restrictions": ["permit_tls_all_clientcerts", "reject_unauth_destination"],
+                "recipient_restrictions": [f"check_ccert_access {access}"]}
+    rooted = await mailflow_server(smtpd=ccert_settings(pki, tmp_path, **settings))
+    assert await rcpt_over_tls(rooted.smtp_addresses[0][1], sends_chain, ELSEWHERE) == ["250 2.1.5 Ok"]
+    listed = tmp_path / "intermediate-and-pinned.pem"
+    listed.write_bytes(intermediate.cert_pem.bytes() + open(pinned.cert_file, "rb").read())
+    no_root = await mailflow_server(queue_directory=str(tmp_path / "q2"), smtpd=ccert_settings(
+        pki, tmp_path, tls_ca_file=str(listed), **settings))
+    denied = f"554 5.7.1 <{ELSEWHERE}>: Relay access denied"
+    assert await rcpt_over_tls(no_root.smtp_addresses[0][1], sends_chain, ELSEWHERE) == [denied]
+    assert await rcpt_over_tls(no_root.smtp_addresses[0][1], pinned.context(pki), "alice@local.test") == [
+        "554 5.7.1 <pinned.test>: Client certificate rejected: pinned but refused"]
+    assert tls_summaries(caplog) == [f"{trust} TLS connection established from {LOOPBACK_CLIENT}"
+                                     for trust in ("Trusted", "Untrusted", "Untrusted")]

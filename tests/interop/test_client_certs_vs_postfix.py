@@ -198,3 +198,43 @@ async def test_the_documented_difference_a_certificate_the_ca_file_does_not_vouc
         ended = True
     await client.close()
     assert ended
+
+
+@pytest.fixture
+def intermediate_pki():
+    """A CA file that holds a partner's full chain, its certificate and the public intermediate CA that issued it
+    (no root): `partner.test` (listed in relay_clientcerts) and `anyone.test` come from that intermediate."""
+    folder = Path(tempfile.mkdtemp(prefix="mailflow-ccert-", dir="/tmp"))
+    pki = ClientPki(folder)
+    intermediate = trustme.CA().create_child_ca()
+    cards = {name: pki.client(name, issuer=intermediate) for name in ("partner.test", "anyone.test")}
+    pki.ca_file = pki._write("partner-chain.pem", Path(cards["partner.test"].cert_file).read_bytes()
+                             + intermediate.cert_pem.bytes())
+    pki._write("relay", f"{cards['partner.test'].fingerprint} partner\n".encode())
+    pki._write("ccert", b"")
+    pki._write("rcpt", b"anycert@elsewhere.test allcerts\n")
+    yield pki, cards
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+async def test_an_intermediate_ca_in_the_ca_file_vouches_for_nothing_as_postfix(mailflow_server, intermediate_pki,
+                                                                               caplog):
+    """Postfix's OpenSSL verifies up to a self-signed certificate of smtpd_tls_CAfile: with none there every
+    certificate is `Untrusted` (permit_tls_all_clientcerts refuses it, policy requests carry no names), though
+    its fingerprint still counts. mailflow's handshake takes any listed certificate as an anchor (to pin one),
+    but trusts as Postfix does."""
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    pki, cards = intermediate_pki
+    theirs = await postfix_run(pki, cards)
+    ours = await mailflow_run(mailflow_server, pki, cards, caplog)
+    assert ours[0] == theirs[0]
+    assert compared_lines(ours[1]) == compared_lines(theirs[1])
+    assert ours[2] == theirs[2]
+    relayed, denied = "250 2.1.5 Ok", "554 5.7.1 <{}>: Relay access denied"
+    assert theirs[0] == {"partner.test": [relayed] * 3,
+                         "anyone.test": [denied.format(RECIPIENTS[0]), denied.format(RECIPIENTS[1]), relayed],
+                         "no certificate": [denied.format(RECIPIENTS[0]), denied.format(RECIPIENTS[1]), relayed]}
+    assert [line for line in theirs[1]["anyone.test"] if "TLS connection established" in line][0].startswith(
+        "Untrusted TLS connection established from localhost[127.0.0.1]: TLSv1.3 with cipher ")
+    assert theirs[2][0]["ccert_subject"] == "" and theirs[2][0]["ccert_fingerprint"] == cards[
+        "partner.test"].fingerprint

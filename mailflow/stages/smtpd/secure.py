@@ -1,21 +1,21 @@
 """STARTTLS and AUTH: the session layer above frontends.FrontEndCommands.
 
 What it owns
-- STARTTLS (RFC 3207): offered when the listener has a certificate and TLS is not up yet; refused inside TLS
-  (554 5.5.1, as Postfix) and inside a mail transaction (503 5.5.1: the handshake would reset it). The
-  handshake (`start_tls(context)`, aiosmtpd's way: asyncio's SSL layer put between the socket and the session,
-  which the layer then tells of the connection again) also serves a submissions listener, where it comes
-  first; a handshake that fails or that the client abandons ends the session. A STARTTLS read once the client
-  has closed its side gets its 220 all the same and then ends the session as a handshake the client abandoned
-  (no handshake can follow; Postfix answers, then its SSL_accept meets the end of input). The handshake must end
-  within `starttls_timeout` (Postfix's smtpd_starttls_timeout), whatever the command `timeout` is: that deadline
-  waits meanwhile, and no reply is volunteered into the handshake (`_may_reply`: a timeout's or a stop's 421 would
-  reach the client in plaintext); past it the connection is closed without a word, as Postfix does. The TLS
-  line of the log (`log_tls`: "Anonymous TLS connection established from host[ip]: TLSv1.3 with cipher ...",
-  "Trusted ..." with a client certificate, which becomes `session.client_cert`: tls.client_cert, fingerprints by
-  `fingerprint_digest`) with `tls_loglevel` 1 or more (Postfix's smtpd_tls_loglevel; 0 by default, as Postfix's),
-  and for a failed handshake, at any level, Postfix's "SSL_accept error from host[ip]: Connection timed out" (`lost
-  connection`; `-1` and "warning: TLS library problem: ..."), the STARTTLS then counted as failed.
+- STARTTLS (RFC 3207): offered when the listener has a certificate and TLS is not up yet; refused inside TLS (554
+  5.5.1, as Postfix) and inside a mail transaction (503 5.5.1: the handshake would reset it). The handshake
+  (`start_tls(context)`, aiosmtpd's way: asyncio's SSL layer put between the socket and the session, which the layer
+  then tells of the connection again) also serves a submissions listener, where it comes first; a handshake that
+  fails or that the client abandons ends the session. A STARTTLS read once the client has closed its side gets its
+  220 all the same and then ends the session as a handshake the client abandoned (no handshake can follow; Postfix
+  answers, then its SSL_accept meets the end of input). The handshake must end within `starttls_timeout` (Postfix's
+  smtpd_starttls_timeout), whatever the command `timeout` is: that deadline waits meanwhile, and no reply is
+  volunteered into the handshake (`_may_reply`: a timeout's or a stop's 421 would reach the client in plaintext);
+  past it the connection is closed without a word, as Postfix does. The TLS line of the log (`log_tls`: "Anonymous
+  TLS connection established from host[ip]: TLSv1.3 with cipher ...", "Trusted ..." or "Untrusted ..." with a client
+  certificate, which becomes `session.client_cert`: tls.client_cert (trusted as Postfix's OpenSSL would verify it),
+  fingerprints by `fingerprint_digest`) with `tls_loglevel` 1 or more (Postfix's smtpd_tls_loglevel; 0 by default,
+  as Postfix's), and for a failed handshake, at any level, Postfix's "SSL_accept error from host[ip]: Connection
+  timed out" (`lost connection`; `-1` and "warning: TLS library problem: ..."), the STARTTLS then counted as failed.
 - AUTH (RFC 4954) PLAIN and LOGIN, with or without an initial response, checked by the listener's
   `auth.Authenticator` (`sasl`; None: AUTH is not enabled; its back end is mailflow's user tables or Dovecot's
   auth server, told whether the session is on TLS and its addresses). Offered and accepted only over TLS unless
@@ -211,7 +211,7 @@ class SecureCommands(FrontEndCommands):
     def log_tls(self) -> None:
         """The TLS session, logged from tls_loglevel 1 on (tls_misc.c's summary, as smtpd_tls_loglevel 1 writes
         it): `Anonymous TLS connection established from host[ip]: TLSv1.3 with cipher … (256/256 bits)`,
-        `Trusted` when the client sent a certificate (`session.client_cert`)."""
+        `Trusted` when the client sent a certificate (`session.client_cert`) that is trusted, else `Untrusted`."""
         ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
         if ssl_object is None or self._tls_loglevel < 1:
             return

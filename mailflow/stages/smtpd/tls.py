@@ -5,19 +5,23 @@ What it owns
 - `ServerTls(cert_file, key_file, ca_file, ask_ccert)`: reads the certificate chain and key (Postfix
   smtpd_tls_cert_file / smtpd_tls_key_file; an empty key file means the key is in the certificate file) into
   `.context`. With `ask_ccert` (smtpd_tls_ask_ccert) the context asks the client for a certificate, verified
-  against `ca_file` (smtpd_tls_CAfile; a certificate listed there is a trust anchor itself, so a self-signed
-  client certificate is pinned by listing it). A reload reads the files again into new ServerTls objects
+  against `ca_file` (smtpd_tls_CAfile; for the handshake a certificate listed there is a trust anchor itself, so
+  a client certificate is pinned by listing it). A reload reads the files again into new ServerTls objects
   (server.Smtpd.reconfigure): new sessions get them, sessions already in TLS keep theirs.
 - `ClientCert`, `client_cert(ssl_object, digest)`: the client's certificate as Postfix's tls_server.c describes
   it: subject and issuer CommonName, the fingerprints of the certificate and of its public key
   (smtpd_tls_fingerprint_digest over the DER certificate and the DER SubjectPublicKeyInfo, `AB:CD:…`), trusted.
   `fingerprint(data, digest)` makes one.
+- `ClientAnchors` (the context's `client_anchors`): trust as Postfix's OpenSSL sees it, without partial chains:
+  a certificate is trusted when the chain the handshake verified ends at a listed certificate that leads,
+  through the file, to a self-signed one there (at most VERIFY_DEPTH intermediate CAs, all valid now); a pinned
+  one or one from a listed intermediate without its root is untrusted.
 
 What differs from Postfix (docs/security.md, "Client certificates"): OpenSSL, as Python's ssl drives it, ends the
 handshake of a client certificate that `ca_file` does not vouch for (Python has no verify callback); Postfix's
-callback lets it through untrusted and matches its fingerprint all the same. So every certificate mailflow sees is
-trusted: `Untrusted TLS connection established …` never happens, and a certificate is pinned by listing it (or
-its CA) in `ca_file` as well as its fingerprint in relay_clientcerts.
+callback lets it through untrusted and matches its fingerprint all the same. So a certificate is pinned by listing
+it (or its CA) in `ca_file` as well as its fingerprint in relay_clientcerts; it is then untrusted unless it (or
+its chain in the file) is self-signed, as in Postfix.
 
 Failure behaviour: a missing, unreadable or mismatched file, or one that is not a regular file (a FIFO would hold
 OpenSSL at open(): mailflow.files), raises `TlsError` naming the file and its setting, at start (so `mailflow
@@ -26,11 +30,15 @@ raise: a certificate cryptography cannot read has fingerprints of its DER only (
 """
 from __future__ import annotations
 
+import base64
+import datetime
 import hashlib
+import re
 import ssl
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
@@ -61,7 +69,7 @@ def build_context(cert_file: str, key_file: str = "", ca_file: str = "", ask_cce
     (X509_V_FLAG_PARTIAL_CHAIN: a leaf or intermediate listed there vouches for itself)."""
     for path in filter(None, (cert_file, key_file)):
         _check_file(path, "certificate or key file", "smtpd.tls_cert_file")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx = ServerContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.verify_mode = ssl.CERT_NONE
     try:
@@ -85,8 +93,17 @@ def _ask_client_certificate(ctx: ssl.SSLContext, ca_file: str) -> None:
             raise TlsError(f"{ca_file}: cannot read ({e.strerror})", "smtpd.tls_ca_file") from None
         except (ssl.SSLError, OSError) as e:
             raise TlsError(f"{ca_file}: no usable certificates ({e})", "smtpd.tls_ca_file") from None
+        if isinstance(ctx, ServerContext):
+            ctx.client_anchors = ClientAnchors.read(ca_file)
     ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     ctx.verify_mode = ssl.CERT_OPTIONAL
+
+
+class ServerContext(ssl.SSLContext):
+    """An SSLContext that also knows which client certificates Postfix would call trusted (`client_anchors`,
+    None: no client certificate is asked for)."""
+
+    client_anchors: "ClientAnchors | None" = None
 
 
 class ServerTls:
@@ -101,6 +118,89 @@ class ServerTls:
 # ---------------------------------------------------------------------------------------------- client certificates
 
 
+VERIFY_DEPTH = 9  # intermediate CAs between the client's certificate and the root, at most (Postfix's
+#                  smtpd_tls_ccert_verifydepth; OpenSSL's verify depth: neither end counts)
+_PEM_BLOCK = re.compile(rb"-----BEGIN (TRUSTED |X509 )?CERTIFICATE-----(.*?)-----END \1?CERTIFICATE-----", re.S)
+
+
+class ClientAnchors:
+    """The certificates of tls_ca_file that Postfix's OpenSSL (no partial chains) would end a chain at: each one
+    that leads, through the file's certificates, to a self-signed one there. The handshake (partial chains: any
+    listed certificate is an anchor, to pin one) only says a client's chain ends at some listed certificate;
+    `trusts(chain)` says whether that one is of these, all of the way valid now."""
+
+    def __init__(self, certificates: list[x509.Certificate]):
+        self._paths: dict[bytes, list[x509.Certificate]] = {}  # DER -> it and its issuers up to a self-signed one
+        for cert in certificates:
+            path = _path_to_self_signed(cert, certificates)
+            if path is not None:
+                self._paths[cert.public_bytes(Encoding.DER)] = path
+
+    @classmethod
+    def read(cls, ca_file: str) -> "ClientAnchors":
+        """The file's certificates (PEM, `TRUSTED CERTIFICATE` blocks too: their certificate comes first); one
+        cryptography cannot read is no anchor."""
+        with open(ca_file, "rb") as f:
+            text = f.read()
+        certificates = []
+        for block in _PEM_BLOCK.finditer(text):
+            try:
+                der = base64.b64decode(b"".join(block.group(2).split()))
+                certificates.append(x509.load_der_x509_certificate(der[:_der_length(der)]))
+            except (ValueError, IndexError):
+                continue
+        return cls(certificates)
+
+    def trusts(self, verified_chain: list[bytes]) -> bool:
+        """Whether the handshake's chain (the client's certificate first, the listed one it ended at last) is one
+        Postfix would verify: it ends at a certificate that leads to a self-signed one, valid now, not too deep."""
+        path = self._paths.get(verified_chain[-1]) if verified_chain else None
+        if path is None or len(verified_chain) + len(path) - 3 > VERIFY_DEPTH:  # (the listed one in both)
+            return False
+        now = datetime.datetime.now(datetime.timezone.utc)
+        return all(cert.not_valid_before_utc <= now <= cert.not_valid_after_utc for cert in path)
+
+
+def _path_to_self_signed(cert: x509.Certificate, pool: list[x509.Certificate]) -> list[x509.Certificate] | None:
+    path = [cert]
+    while not _issued_by(path[-1], path[-1]):
+        issuer = next((c for c in pool if c not in path and _may_issue(c) and _issued_by(path[-1], c)), None)
+        if issuer is None or len(path) > VERIFY_DEPTH:
+            return None
+        path.append(issuer)
+    return path
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    if cert.issuer != issuer.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _may_issue(cert: x509.Certificate) -> bool:
+    """A CA certificate (basicConstraints CA:TRUE), or a self-signed one without basicConstraints (OpenSSL takes
+    an X.509 v1 root for a CA)."""
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return cert.issuer == cert.subject
+    except ValueError:  # (an extension cryptography cannot parse)
+        return False
+
+
+def _der_length(der: bytes) -> int:
+    """The length of the DER element at the start of `der` (tag, length octets and content)."""
+    first = der[1]
+    if first < 0x80:
+        return 2 + first
+    count = first & 0x7F
+    return 2 + count + int.from_bytes(der[2:2 + count], "big")
+
+
 @dataclass(frozen=True)
 class ClientCert:
     """A TLS client's certificate as Postfix's smtpd knows it (TLS_SESS_STATE's peer_CN, issuer_CN,
@@ -110,7 +210,7 @@ class ClientCert:
     issuer_cn: str
     fingerprint: str
     pkey_fingerprint: str
-    trusted: bool = True  # (always, under Python's ssl: see the module doc)
+    trusted: bool = False
 
 
 def fingerprint(data: bytes, digest: str) -> str:
@@ -119,17 +219,28 @@ def fingerprint(data: bytes, digest: str) -> str:
 
 
 def client_cert(ssl_object: ssl.SSLObject | None, digest: str) -> ClientCert | None:
-    """What the client's certificate says (None: no TLS, or no certificate sent)."""
+    """What the client's certificate says (None: no TLS, or no certificate sent); trusted as `ClientAnchors`
+    says of the chain the handshake verified."""
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-    if not der:
+    if not der or ssl_object is None:
         return None
+    trusted = _trusted(ssl_object)
     try:
         cert = x509.load_der_x509_certificate(der)
         spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     except (ValueError, TypeError):  # (a key type cryptography does not know: no public key fingerprint)
-        return ClientCert("", "", fingerprint(der, digest), "")
+        return ClientCert("", "", fingerprint(der, digest), "", trusted)
     return ClientCert(_common_name(cert.subject), _issuer_name(cert.issuer), fingerprint(der, digest),
-                      fingerprint(spki, digest))
+                      fingerprint(spki, digest), trusted)
+
+
+def _trusted(ssl_object: ssl.SSLObject) -> bool:
+    anchors = ssl_object.context.client_anchors if isinstance(ssl_object.context, ServerContext) else None
+    if anchors is None:
+        return False
+    # (Python 3.13's SSLObject.get_verified_chain; before it, its _ssl object's)
+    chain = getattr(ssl_object, "get_verified_chain", None) or ssl_object._sslobj.get_verified_chain  # type: ignore
+    return anchors.trusts([ssl.PEM_cert_to_DER_cert(cert.public_bytes()) for cert in chain()])
 
 
 def _common_name(name: x509.Name) -> str:
