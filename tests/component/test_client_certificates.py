@@ -18,7 +18,7 @@ from mailflow.config import config_from_dict
 from mailflow.dsn_parameters import xtext_decode, xtext_encode
 from mailflow.errors import ConfigError
 from tests.support import LOOPBACK_CLIENT, SmtpClient, base_settings, eventually, merged, require_tool, run_tool
-from tests.support.client_certs import ClientPki, colon_hex
+from tests.support.client_certs import COMPRESSED_EC, ClientPki, colon_hex
 from tests.support.milters import scripted_milter
 from tests.support.policy import PolicyServer, read_request
 
@@ -303,3 +303,15 @@ async def test_trust_is_a_chain_to_a_self_signed_certificate_of_the_ca_file(mail
         "554 5.7.1 <pinned.test>: Client certificate rejected: pinned but refused"]
     assert tls_summaries(caplog) == [f"{trust} TLS connection established from {LOOPBACK_CLIENT}"
                                      for trust in ("Trusted", "Untrusted", "Untrusted")]
+
+
+async def test_the_public_key_fingerprint_is_of_the_certificates_own_key_encoding(mailflow_server, pki, tmp_path):
+    """Postfix hashes the certificate's SubjectPublicKeyInfo as it is written (a compressed EC point stays so), as
+    docs/security.md's openssl commands do (the oracle: tests/support/client_certs.py); a re-encoded key would
+    miss the listed fingerprint, and a check_ccert_access refusal by it would fail open."""
+    compressed = pki.openssl_client("compressed.test", COMPRESSED_EC)
+    access = table(tmp_path, "ccert", [f"{compressed.pkey_fingerprint} REJECT key refused"])
+    mf = await mailflow_server(smtpd=ccert_settings(pki, tmp_path, recipient_restrictions=[
+        f"check_ccert_access {access}"]))
+    assert await rcpt_over_tls(mf.smtp_addresses[0][1], compressed.context(pki), "alice@local.test") == [
+        "554 5.7.1 <compressed.test>: Client certificate rejected: key refused"]

@@ -23,7 +23,7 @@ import pytest
 import trustme
 
 from tests.support import SmtpClient, eventually, postfix_instance, sessions_over
-from tests.support.client_certs import ClientCard, ClientPki
+from tests.support.client_certs import COMPRESSED_EC, ClientCard, ClientPki
 from tests.support.policy import PolicyServer, read_request
 
 pytestmark = pytest.mark.interop
@@ -51,9 +51,11 @@ def pki():
     folder = Path(tempfile.mkdtemp(prefix="mailflow-ccert-", dir="/tmp"))  # (the postfix user reads it)
     pki = ClientPki(folder)
     cards = {name: pki.client(name) for name in CARDS}
+    cards["compressed-key.test"] = pki.openssl_client("compressed-key.test", COMPRESSED_EC)  # (its key's own DER)
     stranger = pki.client("stranger.test", issuer=trustme.CA())  # (only in test_the_documented_difference)
     relay = folder / "relay"
     relay.write_text(f"{cards['listed.test'].fingerprint} listed\n{cards['key-listed.test'].pkey_fingerprint} key\n"
+                     f"{cards['compressed-key.test'].pkey_fingerprint} compressed\n"
                      f"{stranger.fingerprint} stranger\n")
     access = folder / "ccert"
     access.write_text(f"{cards['refused.test'].fingerprint} REJECT not you\n"
@@ -162,7 +164,7 @@ async def test_client_certificates_are_judged_and_logged_as_postfix_does(mailflo
     # Postfix's own, so that a change on both sides cannot pass unnoticed
     relayed, denied = "250 2.1.5 Ok", "554 5.7.1 <x@elsewhere.test>: Relay access denied"
     assert theirs[0] == {
-        "listed.test": [relayed] * 3, "key-listed.test": [relayed] * 3,
+        "listed.test": [relayed] * 3, "key-listed.test": [relayed] * 3, "compressed-key.test": [relayed] * 3,
         "unlisted.test": [denied, relayed, relayed],
         "refused.test": [denied] + ["554 5.7.1 <refused.test>: Client certificate rejected: not you"] * 2,
         "pinned-key.test": [denied] + ["550 5.7.1 <pinned-key.test>: Client certificate rejected: pinned key "

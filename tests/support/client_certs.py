@@ -8,9 +8,13 @@ permit_tls_clientcerts, permit_tls_all_clientcerts, check_ccert_access).
                                        # card.fingerprint / card.pkey_fingerprint (sha256, as Postfix writes them)
     pki.client("x", issuer=None)       # self-signed
     pki.client("y", issuer=trustme.CA())   # from a CA the server does not know
+    pki.openssl_client("z", COMPRESSED_EC)  # made by the openssl CLI from this PKI's CA, with a key OpenSSL makes
+                                       # (COMPRESSED_EC: a P-256 key whose point is written compressed)
     card.context(pki)                  # a client ssl context that trusts the server and presents this certificate
 
-Nothing here starts anything; files only.
+The public key fingerprint is worked out by the openssl CLI, as docs/security.md tells an administrator to (and
+as Postfix's i2d_X509_PUBKEY keeps the certificate's own encoding), independently of mailflow.stages.smtpd.tls.
+Nothing here starts anything long-lived; files and openssl runs only.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import datetime
 import hashlib
 import os
 import ssl
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +33,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 TRUSTED = object()  # ClientPki.client's default issuer: the PKI's own CA
+COMPRESSED_EC = ("sh", "-c", 'openssl ecparam -name prime256v1 -genkey -noout | '
+                 'openssl ec -conv_form compressed -out "$0" 2>/dev/null')  # (the key file's path follows)
 
 
 def colon_hex(data: bytes, digest: str = "sha256") -> str:
@@ -76,17 +83,40 @@ class ClientPki:
             assert isinstance(ca, trustme.CA)
             leaf = ca.issue_cert(name, common_name=name)
             key_pem, cert_pem = leaf.private_key_pem.bytes(), leaf.cert_chain_pems[0].bytes()
-        cert = x509.load_pem_x509_certificate(cert_pem)
-        spki = cert.public_key().public_bytes(serialization.Encoding.DER,
-                                              serialization.PublicFormat.SubjectPublicKeyInfo)
-        return ClientCard(name, self._write(f"{name}.crt", cert_pem), self._write(f"{name}.key", key_pem),
-                          cert.public_bytes(serialization.Encoding.DER), spki)
+        return self._card(name, cert_pem, self._write(f"{name}.key", key_pem))
+
+    def openssl_client(self, name: str, keygen: tuple[str, ...]) -> ClientCard:
+        """A client certificate with CN `name` from this PKI's CA, its key made by `keygen` (a command the key
+        file's path is added to) and the certificate by `openssl req` and `openssl x509 -req`."""
+        key_file = str(self.folder / f"{name}.key")
+        subprocess.run([*keygen, key_file], check=True)
+        os.chmod(key_file, 0o644)
+        ca_key = self._write("ca.key", self.ca.private_key_pem.bytes())
+        extensions = self._write("client.ext", b"extendedKeyUsage=clientAuth\n")
+        csr = subprocess.run(["openssl", "req", "-new", "-key", key_file, "-subj", f"/CN={name}"], check=True,
+                             capture_output=True).stdout
+        cert_pem = subprocess.run(["openssl", "x509", "-req", "-CA", self.ca_file, "-CAkey", ca_key, "-days", "2",
+                                   "-set_serial", str(x509.random_serial_number()), "-extfile", extensions],
+                                  input=csr, check=True, capture_output=True).stdout
+        return self._card(name, cert_pem, key_file)
+
+    def _card(self, name: str, cert_pem: bytes, key_file: str) -> ClientCard:
+        der = ssl.PEM_cert_to_DER_cert(cert_pem.decode())
+        return ClientCard(name, self._write(f"{name}.crt", cert_pem), key_file, der, _openssl_spki(der))
 
     def _write(self, name: str, data: bytes) -> str:
         path = self.folder / name
         path.write_bytes(data)
         os.chmod(path, 0o644)
         return str(path)
+
+
+def _openssl_spki(der: bytes) -> bytes:
+    """The certificate's DER public key as docs/security.md's openssl commands give it."""
+    pem = subprocess.run(["openssl", "x509", "-inform", "DER", "-noout", "-pubkey"], input=der, check=True,
+                         capture_output=True).stdout
+    return subprocess.run(["openssl", "pkey", "-pubin", "-outform", "DER"], input=pem, check=True,
+                          capture_output=True).stdout
 
 
 def _self_signed(name: str) -> tuple[bytes, bytes]:

@@ -26,7 +26,7 @@ its chain in the file) is self-signed, as in Postfix.
 Failure behaviour: a missing, unreadable or mismatched file, or one that is not a regular file (a FIFO would hold
 OpenSSL at open(): mailflow.files), raises `TlsError` naming the file and its setting, at start (so `mailflow
 serve` refuses to start) and at a reload (the reload is refused; the contexts in use stay). `client_cert` does not
-raise: a certificate cryptography cannot read has fingerprints of its DER only (no public key fingerprint).
+raise: a certificate cryptography cannot read has its fingerprints only (no names).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from mailflow.errors import ConfigError
@@ -146,7 +146,7 @@ class ClientAnchors:
         for block in _PEM_BLOCK.finditer(text):
             try:
                 der = base64.b64decode(b"".join(block.group(2).split()))
-                certificates.append(x509.load_der_x509_certificate(der[:_der_length(der)]))
+                certificates.append(x509.load_der_x509_certificate(der[:_der_element(der, 0)[1]]))
             except (ValueError, IndexError):
                 continue
         return cls(certificates)
@@ -192,13 +192,33 @@ def _may_issue(cert: x509.Certificate) -> bool:
         return False
 
 
-def _der_length(der: bytes) -> int:
-    """The length of the DER element at the start of `der` (tag, length octets and content)."""
-    first = der[1]
+def _der_element(der: bytes, at: int) -> tuple[int, int]:
+    """(where its content starts, where it ends) of the DER element at offset `at`. IndexError past the end."""
+    first = der[at + 1]
     if first < 0x80:
-        return 2 + first
+        return at + 2, at + 2 + first
     count = first & 0x7F
-    return 2 + count + int.from_bytes(der[2:2 + count], "big")
+    start = at + 2 + count
+    if count == 0 or start > len(der):
+        raise IndexError("not a DER length")
+    return start, start + int.from_bytes(der[at + 2:start], "big")
+
+
+def subject_public_key_info(der: bytes) -> bytes:
+    """The certificate's own SubjectPublicKeyInfo bytes, as Postfix's tls_fprint.c hashes them (i2d_X509_PUBKEY of
+    the certificate's key: its encoding as sent, a compressed EC point or RSA-PSS parameters kept): the element of
+    TBSCertificate after the optional [0] version, serial, signature algorithm, issuer, validity and subject.
+    IndexError when `der` is not shaped so."""
+    tbs = _der_element(der, 0)[0]
+    at = _der_element(der, tbs)[0]
+    if der[at] == 0xA0:  # [0] EXPLICIT version
+        at = _der_element(der, at)[1]
+    for _ in range(5):  # serialNumber, signature, issuer, validity, subject
+        at = _der_element(der, at)[1]
+    end = _der_element(der, at)[1]
+    if der[at] != 0x30 or end > len(der):
+        raise IndexError("no SubjectPublicKeyInfo")
+    return der[at:end]
 
 
 @dataclass(frozen=True)
@@ -226,12 +246,15 @@ def client_cert(ssl_object: ssl.SSLObject | None, digest: str) -> ClientCert | N
         return None
     trusted = _trusted(ssl_object)
     try:
+        pkey_fingerprint = fingerprint(subject_public_key_info(der), digest)
+    except IndexError:  # (OpenSSL took it, so it has one; kept as a certificate without a key fingerprint)
+        pkey_fingerprint = ""
+    try:
         cert = x509.load_der_x509_certificate(der)
-        spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    except (ValueError, TypeError):  # (a key type cryptography does not know: no public key fingerprint)
-        return ClientCert("", "", fingerprint(der, digest), "", trusted)
+    except ValueError:  # (one cryptography cannot read: its fingerprints only)
+        return ClientCert("", "", fingerprint(der, digest), pkey_fingerprint, trusted)
     return ClientCert(_common_name(cert.subject), _issuer_name(cert.issuer), fingerprint(der, digest),
-                      fingerprint(spki, digest), trusted)
+                      pkey_fingerprint, trusted)
 
 
 def _trusted(ssl_object: ssl.SSLObject) -> bool:
