@@ -13,10 +13,13 @@ import ssl
 import aiosmtplib
 import pytest
 import trustme
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from mailflow.config import config_from_dict
 from mailflow.dsn_parameters import xtext_decode, xtext_encode
 from mailflow.errors import ConfigError
+from mailflow.stages.smtpd.tls import _issuer_name, _subject_name
 from tests.support import LOOPBACK_CLIENT, SmtpClient, base_settings, eventually, merged, require_tool, run_tool
 from tests.support.client_certs import COMPRESSED_EC, ClientPki, colon_hex
 from tests.support.milters import scripted_milter
@@ -315,3 +318,19 @@ async def test_the_public_key_fingerprint_is_of_the_certificates_own_key_encodin
         f"check_ccert_access {access}"]))
     assert await rcpt_over_tls(mf.smtp_addresses[0][1], compressed.context(pki), "alice@local.test") == [
         "554 5.7.1 <compressed.test>: Client certificate rejected: key refused"]
+
+
+@pytest.mark.filterwarnings("ignore:Attribute's length must be")  # (longer than X.509's upper bound, on purpose)
+def test_a_certificate_name_of_256_bytes_or_more_is_dropped_as_postfix_drops_it(caplog):
+    """tls_verify.c's tls_text_name: `peer subject CN too long: 300` (CCERT_BUFSIZ 256); the issuer's organisation
+    stands in for an issuer CN dropped so."""
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    long_cn = x509.NameAttribute(NameOID.COMMON_NAME, "a" * 300, _validate=False)
+    assert _subject_name(x509.Name([long_cn]), "h[192.0.2.1]") == ""
+    assert _issuer_name(x509.Name([long_cn, x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Org")]), "h[192.0.2.1]") \
+        == "Org"
+    assert _subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "b" * 255, _validate=False)]), "") \
+        == "b" * 255
+    assert [r.getMessage() for r in caplog.records] == [
+        "tls_text_name: h[192.0.2.1]: peer subject CN too long: 300",
+        "tls_text_name: h[192.0.2.1]: peer issuer CN too long: 300"]

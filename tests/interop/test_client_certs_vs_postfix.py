@@ -240,3 +240,36 @@ async def test_an_intermediate_ca_in_the_ca_file_vouches_for_nothing_as_postfix(
         "Untrusted TLS connection established from localhost[127.0.0.1]: TLSv1.3 with cipher ")
     assert theirs[2][0]["ccert_subject"] == "" and theirs[2][0]["ccert_fingerprint"] == cards[
         "partner.test"].fingerprint
+
+
+@pytest.fixture
+def odd_names_pki():
+    """Certificates whose CommonName would break a reply line (CR LF) or hide a NUL, each refused by
+    check_ccert_access, which names the CommonName in its reply."""
+    folder = Path(tempfile.mkdtemp(prefix="mailflow-ccert-", dir="/tmp"))
+    pki = ClientPki(folder)
+    cards = {"crlf.test": pki.client("crlf.test", common_name="evil>\r\n250 2.1.5 Ok\r\n<x"),
+             "nul.test": pki.client("nul.test", common_name="nul\0.test")}
+    pki._write("relay", b"")
+    pki._write("ccert", "".join(f"{card.fingerprint} REJECT\n" for card in cards.values()).encode())
+    pki._write("rcpt", b"anycert@elsewhere.test allcerts\n")
+    yield pki, cards
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+async def test_a_certificate_name_with_controls_is_dropped_as_postfix_drops_it(mailflow_server, odd_names_pki,
+                                                                              caplog):
+    """Postfix's tls_text_name: a CommonName with a non-printable ASCII character or a NUL is no name (a warning
+    says why), so a refusal names `<>` and no reply line is injected; the policy request has no subject."""
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    pki, cards = odd_names_pki
+    theirs = await postfix_run(pki, cards)
+    ours = await mailflow_run(mailflow_server, pki, cards, caplog)
+    assert ours[0] == theirs[0]
+    assert compared_lines(ours[1]) == compared_lines(theirs[1])
+    assert ours[2] == theirs[2]
+    refused = "554 5.7.1 <>: Client certificate rejected: Access denied"
+    assert theirs[0]["crlf.test"] == ["554 5.7.1 <x@elsewhere.test>: Relay access denied", refused, refused]
+    assert ("warning: tls_text_name: localhost[127.0.0.1]: non-printable content in peer subject CN"
+            in theirs[1]["crlf.test"])
+    assert "warning: tls_text_name: localhost[127.0.0.1]: NULL character in peer subject CN" in theirs[1]["nul.test"]

@@ -74,14 +74,15 @@ class ClientPki:
         server = self.ca.issue_cert("localhost", "127.0.0.1")
         self.server_cert = self._write("server.pem", server.private_key_and_cert_chain_pem.bytes())
 
-    def client(self, name: str, issuer: object = TRUSTED) -> ClientCard:
-        """A client certificate with CN `name`: from this PKI's CA, from another trustme.CA, or self-signed (None)."""
+    def client(self, name: str, issuer: object = TRUSTED, common_name: str | None = None) -> ClientCard:
+        """A client certificate with CN `name` (or `common_name`): from this PKI's CA, from another trustme.CA, or
+        self-signed (None)."""
         if issuer is None:
-            key_pem, cert_pem = _self_signed(name)
+            key_pem, cert_pem = _self_signed(common_name or name)
         else:
             ca = self.ca if issuer is TRUSTED else issuer
             assert isinstance(ca, trustme.CA)
-            leaf = ca.issue_cert(name, common_name=name)
+            leaf = ca.issue_cert(name, common_name=common_name or name)
             key_pem, cert_pem = leaf.private_key_pem.bytes(), leaf.cert_chain_pems[0].bytes()
         return self._card(name, cert_pem, self._write(f"{name}.key", key_pem))
 

@@ -158,3 +158,9 @@ def test_error_reply_never_shows_the_reason_and_names_the_address_it_is_about():
 ])
 def test_soft_bounce_makes_each_5xx_line_a_4xx_one_as_postfix_smtpd_chat_reply(sent, soft):
     assert status.soft_bounced(sent) == soft
+
+
+def test_a_refusal_cannot_be_split_into_lines_by_the_name_it_quotes():
+    """Defence in depth: the name comes from the client (a certificate's CommonName, a HELO name)."""
+    reply = status.restriction_rejected(554, "5.7.1", "evil>\r\n250 2.1.5 Ok\r\n<x", "Client certificate", "no")
+    assert str(reply) == "554 5.7.1 <evil>??250 2.1.5 Ok??<x>: Client certificate rejected: no"

@@ -170,7 +170,7 @@ class SecureCommands(FrontEndCommands):
             self._handshake_failed(error)
             raise
         ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
-        self.session.client_cert = client_cert(ssl_object, self._fingerprint_digest)
+        self.session.client_cert = client_cert(ssl_object, self._fingerprint_digest, self.session.client)
         self.log_tls()
         if (ssl_object is not None and ssl_object.session_reused) or not self._rate_exceeded("newtls"):
             self.record.handshake_done()

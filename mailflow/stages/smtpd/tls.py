@@ -11,7 +11,9 @@ What it owns
 - `ClientCert`, `client_cert(ssl_object, digest)`: the client's certificate as Postfix's tls_server.c describes
   it: subject and issuer CommonName, the fingerprints of the certificate and of its public key
   (smtpd_tls_fingerprint_digest over the DER certificate and the DER SubjectPublicKeyInfo, `AB:CD:…`), trusted.
-  `fingerprint(data, digest)` makes one.
+  `fingerprint(data, digest)` makes one. A name is Postfix's tls_text_name's: one with a control character or
+  NUL, or 256 bytes or longer, is "" (logged: `warning: tls_text_name: host[ip]: non-printable content in peer
+  subject CN`), so it cannot reach a reply, a policy request or a milter macro.
 - `ClientAnchors` (the context's `client_anchors`): trust as Postfix's OpenSSL sees it, without partial chains:
   a certificate is trusted when the chain the handshake verified ends at a listed certificate that leads,
   through the file, to a self-signed one there (at most VERIFY_DEPTH intermediate CAs, all valid now); a pinned
@@ -33,6 +35,7 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
+import logging
 import re
 import ssl
 from dataclasses import dataclass
@@ -44,6 +47,8 @@ from cryptography.x509.oid import NameOID
 
 from mailflow.errors import ConfigError
 from mailflow.files import TEXT_LIMIT, check_regular_file
+
+log = logging.getLogger("mailflow.smtpd")
 
 
 class TlsError(ConfigError):
@@ -118,6 +123,7 @@ class ServerTls:
 # ---------------------------------------------------------------------------------------------- client certificates
 
 
+CCERT_BUFSIZ = 256  # a certificate name this long (UTF-8 bytes) or longer is refused, as Postfix's tls.h
 VERIFY_DEPTH = 9  # intermediate CAs between the client's certificate and the root, at most (Postfix's
 #                  smtpd_tls_ccert_verifydepth; OpenSSL's verify depth: neither end counts)
 _PEM_BLOCK = re.compile(rb"-----BEGIN (TRUSTED |X509 )?CERTIFICATE-----(.*?)-----END \1?CERTIFICATE-----", re.S)
@@ -238,9 +244,9 @@ def fingerprint(data: bytes, digest: str) -> str:
     return ":".join(f"{byte:02X}" for byte in hashlib.new(digest, data).digest())
 
 
-def client_cert(ssl_object: ssl.SSLObject | None, digest: str) -> ClientCert | None:
+def client_cert(ssl_object: ssl.SSLObject | None, digest: str, client: str = "") -> ClientCert | None:
     """What the client's certificate says (None: no TLS, or no certificate sent); trusted as `ClientAnchors`
-    says of the chain the handshake verified."""
+    says of the chain the handshake verified. `client` (host[addr]) is named by a warning about a name."""
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
     if not der or ssl_object is None:
         return None
@@ -253,8 +259,8 @@ def client_cert(ssl_object: ssl.SSLObject | None, digest: str) -> ClientCert | N
         cert = x509.load_der_x509_certificate(der)
     except ValueError:  # (one cryptography cannot read: its fingerprints only)
         return ClientCert("", "", fingerprint(der, digest), pkey_fingerprint, trusted)
-    return ClientCert(_common_name(cert.subject), _issuer_name(cert.issuer), fingerprint(der, digest),
-                      pkey_fingerprint, trusted)
+    return ClientCert(_subject_name(cert.subject, client), _issuer_name(cert.issuer, client),
+                      fingerprint(der, digest), pkey_fingerprint, trusted)
 
 
 def _trusted(ssl_object: ssl.SSLObject) -> bool:
@@ -266,16 +272,36 @@ def _trusted(ssl_object: ssl.SSLObject) -> bool:
     return anchors.trusts([ssl.PEM_cert_to_DER_cert(cert.public_bytes()) for cert in chain()])
 
 
-def _common_name(name: x509.Name) -> str:
-    found = name.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(found[0].value) if found else ""  # (the first, as tls_text_name)
-
-
-def _issuer_name(name: x509.Name) -> str:
-    """Postfix's tls_issuer_CN: the issuer's CommonName, else its organisation."""
-    found = _common_name(name)
+def _text_name(name: x509.Name, oid: x509.ObjectIdentifier, label: str, client: str) -> str | None:
+    """Postfix's tls_text_name: the first `oid` attribute of `name`, trailing NULs dropped; None when there is none,
+    or (with Postfix's warning) when it is CCERT_BUFSIZ bytes or longer, holds a NUL or a non-printable ASCII
+    character: such a name never reaches a reply, a log line, a policy server or a milter."""
+    found = name.get_attributes_for_oid(oid)
     if not found:
-        org = name.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
-        found = str(org[0].value) if org else ""
-    return found
+        return None
+    value = found[0].value
+    text = (value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)).rstrip("\0")
+    problem = None
+    if len(text.encode("utf-8", "surrogatepass")) >= CCERT_BUFSIZ:
+        problem = f"peer {label} too long: {len(text.encode('utf-8', 'surrogatepass'))}"
+    elif "\0" in text:
+        problem = f"NULL character in peer {label}"
+    elif any(c < " " or c == "\x7f" for c in text):
+        problem = f"non-printable content in peer {label}"
+    if problem is not None:
+        log.warning("tls_text_name: %s: %s", client, problem)
+        return None
+    return text
 
+
+def _subject_name(name: x509.Name, client: str) -> str:
+    """Postfix's tls_peer_CN: the subject's CommonName, else \"\"."""
+    return _text_name(name, NameOID.COMMON_NAME, "subject CN", client) or ""
+
+
+def _issuer_name(name: x509.Name, client: str) -> str:
+    """Postfix's tls_issuer_CN: the issuer's CommonName, else its organisation, else \"\"."""
+    found = _text_name(name, NameOID.COMMON_NAME, "issuer CN", client)
+    if found is None:
+        found = _text_name(name, NameOID.ORGANIZATION_NAME, "issuer Organization", client)
+    return found or ""
