@@ -15,6 +15,7 @@ import asyncio
 import logging
 import re
 import shutil
+import subprocess
 import ssl
 import tempfile
 from pathlib import Path
@@ -273,3 +274,41 @@ async def test_a_certificate_name_with_controls_is_dropped_as_postfix_drops_it(m
     assert ("warning: tls_text_name: localhost[127.0.0.1]: non-printable content in peer subject CN"
             in theirs[1]["crlf.test"])
     assert "warning: tls_text_name: localhost[127.0.0.1]: NULL character in peer subject CN" in theirs[1]["nul.test"]
+
+
+@pytest.fixture
+def server_auth_pki():
+    """A partner MTA that presents its server certificate (extendedKeyUsage serverAuth only, as public CAs issue
+    them) as its client certificate, pinned in the CA file as docs/security.md says: `openssl x509 -addtrust
+    clientAuth` (a TRUSTED CERTIFICATE block) next to the own clients' CA, its public CA not there; listed in
+    relay_clientcerts by its fingerprint."""
+    folder = Path(tempfile.mkdtemp(prefix="mailflow-ccert-", dir="/tmp"))
+    pki = ClientPki(folder)
+    (folder / "public").mkdir()  # the partner's CA, a public one: not in the CA file (it would vouch for all)
+    card = ClientPki(folder / "public").openssl_client("mx.partner.test", extensions="extendedKeyUsage=serverAuth")
+    pinned = subprocess.run(["openssl", "x509", "-in", card.cert_file, "-addtrust", "clientAuth"], check=True,
+                            capture_output=True).stdout
+    assert pinned.startswith(b"-----BEGIN TRUSTED CERTIFICATE-----")
+    pki.ca_file = pki._write("pinned.pem", pki.ca.cert_pem.bytes() + pinned)
+    pki._write("relay", f"{card.fingerprint} partner\n".encode())
+    pki._write("ccert", b"")
+    pki._write("rcpt", b"anycert@elsewhere.test allcerts\n")
+    yield pki, {"mx.partner.test": card}
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+async def test_a_server_auth_only_certificate_pinned_with_addtrust_relays_untrusted_as_postfix(
+        mailflow_server, server_auth_pki, caplog):
+    """Postfix verifies a client certificate for the purpose sslclient: one for serverAuth only is `Untrusted`
+    (permit_tls_all_clientcerts refuses it) and relays by its fingerprint. mailflow's handshake would end for it;
+    the TRUSTED CERTIFICATE form lets it through, and it is then judged as in Postfix."""
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    pki, cards = server_auth_pki
+    theirs = await postfix_run(pki, cards)
+    ours = await mailflow_run(mailflow_server, pki, cards, caplog)
+    assert ours[0] == theirs[0]
+    assert compared_lines(ours[1]) == compared_lines(theirs[1])
+    assert ours[2] == theirs[2]
+    assert theirs[0]["mx.partner.test"] == ["250 2.1.5 Ok"] * 3
+    assert [line for line in theirs[1]["mx.partner.test"] if "TLS connection established" in line][0].startswith(
+        "Untrusted TLS connection established from localhost[127.0.0.1]")

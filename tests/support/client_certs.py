@@ -86,18 +86,20 @@ class ClientPki:
             key_pem, cert_pem = leaf.private_key_pem.bytes(), leaf.cert_chain_pems[0].bytes()
         return self._card(name, cert_pem, self._write(f"{name}.key", key_pem))
 
-    def openssl_client(self, name: str, keygen: tuple[str, ...]) -> ClientCard:
+    def openssl_client(self, name: str, keygen: tuple[str, ...] = COMPRESSED_EC,
+                       extensions: str = "extendedKeyUsage=clientAuth") -> ClientCard:
         """A client certificate with CN `name` from this PKI's CA, its key made by `keygen` (a command the key
-        file's path is added to) and the certificate by `openssl req` and `openssl x509 -req`."""
+        file's path is added to) and the certificate by `openssl req` and `openssl x509 -req` (with `extensions`,
+        an openssl extension file's lines)."""
         key_file = str(self.folder / f"{name}.key")
         subprocess.run([*keygen, key_file], check=True)
         os.chmod(key_file, 0o644)
         ca_key = self._write("ca.key", self.ca.private_key_pem.bytes())
-        extensions = self._write("client.ext", b"extendedKeyUsage=clientAuth\n")
+        extension_file = self._write(f"{name}.ext", f"{extensions}\n".encode())
         csr = subprocess.run(["openssl", "req", "-new", "-key", key_file, "-subj", f"/CN={name}"], check=True,
                              capture_output=True).stdout
         cert_pem = subprocess.run(["openssl", "x509", "-req", "-CA", self.ca_file, "-CAkey", ca_key, "-days", "2",
-                                   "-set_serial", str(x509.random_serial_number()), "-extfile", extensions],
+                                   "-set_serial", str(x509.random_serial_number()), "-extfile", extension_file],
                                   input=csr, check=True, capture_output=True).stdout
         return self._card(name, cert_pem, key_file)
 

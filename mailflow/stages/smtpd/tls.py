@@ -23,7 +23,8 @@ What differs from Postfix (docs/security.md, "Client certificates"): OpenSSL, as
 handshake of a client certificate that `ca_file` does not vouch for (Python has no verify callback); Postfix's
 callback lets it through untrusted and matches its fingerprint all the same. So a certificate is pinned by listing
 it (or its CA) in `ca_file` as well as its fingerprint in relay_clientcerts; it is then untrusted unless it (or
-its chain in the file) is self-signed, as in Postfix.
+its chain in the file) is self-signed, as in Postfix. A certificate for serverAuth only needs OpenSSL's TRUSTED
+CERTIFICATE form there (`openssl x509 -addtrust clientAuth`, its CA not listed); an expired one cannot pass.
 
 Failure behaviour: a missing, unreadable or mismatched file, or one that is not a regular file (a FIFO would hold
 OpenSSL at open(): mailflow.files), raises `TlsError` naming the file and its setting, at start (so `mailflow
