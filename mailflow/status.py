@@ -154,8 +154,9 @@ def error_reply(error: BaseException, address: str = "") -> Reply:
 
 def restriction_rejected(code: int, dsn: str, name: str, what: str, text: str) -> Reply:
     """`554 5.7.1 <name>: What rejected: text`: a reject/defer action, a table or policy answer (`name` made
-    printable: a reply line cannot be split by what a client chose, such as its certificate's name)."""
-    return Reply(code, dsn, f"<{printable(name)}>: {what} rejected: {text}")
+    printable, a space for a control as Postfix's smtpd_check_reject: a reply line cannot be split by what a
+    client chose, such as its certificate's name)."""
+    return Reply(code, dsn, f"<{printable(name, ' ')}>: {what} rejected: {text}")
 
 
 def access_denied(name: str, what: str, text: str = "", dsn: str = "5.7.1") -> Reply:

@@ -161,6 +161,7 @@ def test_soft_bounce_makes_each_5xx_line_a_4xx_one_as_postfix_smtpd_chat_reply(s
 
 
 def test_a_refusal_cannot_be_split_into_lines_by_the_name_it_quotes():
-    """Defence in depth: the name comes from the client (a certificate's CommonName, a HELO name)."""
+    """Defence in depth: the name comes from the client (a certificate's CommonName, a HELO name); a space for
+    each control, as Postfix's smtpd_check_reject makes its reply printable."""
     reply = status.restriction_rejected(554, "5.7.1", "evil>\r\n250 2.1.5 Ok\r\n<x", "Client certificate", "no")
-    assert str(reply) == "554 5.7.1 <evil>??250 2.1.5 Ok??<x>: Client certificate rejected: no"
+    assert str(reply) == "554 5.7.1 <evil>  250 2.1.5 Ok  <x>: Client certificate rejected: no"
