@@ -57,9 +57,10 @@ def xtext_decode(text: str) -> str:
 
 
 def xtext_encode(text: str) -> str:
-    """RFC 3461 xtext as Postfix's xtext_quote writes it: `+`, `=` and every byte outside `!`..`~` (of the UTF-8
-    form) as `+XX` (the policy requests' ccert_subject and ccert_issuer)."""
-    return "".join(chr(b) if 33 <= b <= 126 and b not in b"+=" else f"+{b:02X}" for b in text.encode())
+    """xtext as Postfix's xtext_quote(buf, text, "") writes it (global/xtext.c): `+` and every byte outside
+    `!`..`~` (of the UTF-8 form) as `+XX`, `=` kept, where RFC 3461 would quote it too (the policy requests'
+    ccert_subject and ccert_issuer, its one use: not for DSN parameters)."""
+    return "".join(chr(b) if 33 <= b <= 126 and b != 0x2B else f"+{b:02X}" for b in text.encode())
 
 
 def uxtext_decode(text: str) -> str:

@@ -241,7 +241,9 @@ async def test_a_certificate_restriction_without_tls_ask_ccert_has_no_opinion_an
 
 
 def test_policy_names_are_xtext_as_postfix_quotes_them():
-    assert xtext_encode("Acme CA+1=2 é") == "Acme+20CA+2B1+3D2+20+C3+A9"
+    """global/xtext.c's xtext_quote(buf, CN, ""): `+` and bytes outside 33..126 only (`=` kept); compared with
+    Postfix's policy requests in tests/interop/test_client_certs_vs_postfix.py."""
+    assert xtext_encode("Acme CA+1=2 é") == "Acme+20CA+2B1=2+20+C3+A9"
     assert xtext_decode(xtext_encode("Acme CA+1=2 é")) == "Acme CA+1=2 é"
 
 

@@ -250,7 +250,8 @@ def odd_names_pki():
     folder = Path(tempfile.mkdtemp(prefix="mailflow-ccert-", dir="/tmp"))
     pki = ClientPki(folder)
     cards = {"crlf.test": pki.client("crlf.test", common_name="evil>\r\n250 2.1.5 Ok\r\n<x"),
-             "nul.test": pki.client("nul.test", common_name="nul\0.test")}
+             "nul.test": pki.client("nul.test", common_name="nul\0.test"),
+             "xtext.test": pki.client("xtext.test", common_name="a=b+c d.test")}  # (named: xtext in policy)
     pki._write("relay", b"")
     pki._write("ccert", "".join(f"{card.fingerprint} REJECT\n" for card in cards.values()).encode())
     pki._write("rcpt", b"anycert@elsewhere.test allcerts\n")
@@ -261,7 +262,8 @@ def odd_names_pki():
 async def test_a_certificate_name_with_controls_is_dropped_as_postfix_drops_it(mailflow_server, odd_names_pki,
                                                                               caplog):
     """Postfix's tls_text_name: a CommonName with a non-printable ASCII character or a NUL is no name (a warning
-    says why), so a refusal names `<>` and no reply line is injected; the policy request has no subject."""
+    says why), so a refusal names `<>` and no reply line is injected; the policy request has no subject. A name
+    with `=`, `+` and a space is xtext in the policy request as Postfix's xtext_quote writes it."""
     caplog.set_level(logging.INFO, logger="mailflow.smtpd")
     pki, cards = odd_names_pki
     theirs = await postfix_run(pki, cards)
@@ -274,6 +276,7 @@ async def test_a_certificate_name_with_controls_is_dropped_as_postfix_drops_it(m
     assert ("warning: tls_text_name: localhost[127.0.0.1]: non-printable content in peer subject CN"
             in theirs[1]["crlf.test"])
     assert "warning: tls_text_name: localhost[127.0.0.1]: NULL character in peer subject CN" in theirs[1]["nul.test"]
+    assert [r["ccert_subject"] for r in theirs[2]][-3] == "a=b+2Bc+20d.test"
 
 
 @pytest.fixture
