@@ -269,6 +269,7 @@ async def test_a_reload_reads_the_ca_file_again_and_refuses_one_that_is_gone(mai
     other_ca.cert_pem.write_to_path(pki.ca_file)
     await mf.reload(mf.config)
     assert await rcpt_over_tls(port, newcomer.context(pki), ELSEWHERE) == ["250 2.1.5 Ok"]
+    assert await handshake_ends(port, card.context(pki))  # the old CA's client: the new file does not vouch
     gone = mf.config.model_copy(update={"smtpd": mf.config.smtpd.model_copy(
         update={"tls_ca_file": str(tmp_path / "gone.pem")})})
     with pytest.raises(ConfigError) as info:
@@ -336,3 +337,43 @@ def test_a_certificate_name_of_256_bytes_or_more_is_dropped_as_postfix_drops_it(
     assert [r.getMessage() for r in caplog.records] == [
         "tls_text_name: h[192.0.2.1]: peer subject CN too long: 300",
         "tls_text_name: h[192.0.2.1]: peer issuer CN too long: 300"]
+
+
+async def handshake_ends(port: int, ctx: ssl.SSLContext) -> bool:
+    """Whether the server ends the STARTTLS handshake of a client with `ctx` (TLS 1.3: the alert follows the
+    client's Finished, so it shows at the next command)."""
+    client = await SmtpClient.connect(port)
+    assert (await client.cmd("EHLO client.test")).code == 250
+    try:
+        await client.starttls(ctx)
+        ended = (await client.cmd("EHLO client.test")).code is None
+    except (ssl.SSLError, ConnectionError):
+        ended = True
+    await client.close()
+    return ended
+
+
+async def test_a_submissions_listener_asks_for_the_certificate_in_its_implicit_tls(mailflow_server, pki, tmp_path,
+                                                                                   users, caplog):
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    card = pki.client("roaming.test")
+    mf = await mailflow_server(smtpd=ccert_settings(pki, tmp_path, relay_restrictions=[
+        "permit_tls_clientcerts", "reject_unauth_destination"],
+        relay_clientcerts=[table(tmp_path, "relay", [f"{card.fingerprint} roaming"])],
+        sasl_user_maps=[users], listeners=[{"address": "127.0.0.1:0", "role": "submissions",
+                                            "overrides": {"sasl_auth_required": False}}]))  # (by certificate)
+    port = mf.smtpd.address_of("submissions")[1]
+
+    async def relay_over_implicit_tls(ctx: ssl.SSLContext) -> str:
+        client = await SmtpClient.connect(port, tls=ctx)
+        try:
+            assert (await client.cmd("EHLO client.test")).code == 250
+            assert (await client.cmd("MAIL FROM:<s@remote.test>")).code == 250
+            return (await client.cmd(f"RCPT TO:<{ELSEWHERE}>")).text
+        finally:
+            await client.close()
+
+    assert await relay_over_implicit_tls(card.context(pki)) == "250 2.1.5 Ok"
+    assert await relay_over_implicit_tls(anonymous_context(pki)) == f"554 5.7.1 <{ELSEWHERE}>: Relay access denied"
+    assert [m for m in tls_summaries(caplog)] == [f"{trust} TLS connection established from {LOOPBACK_CLIENT}"
+                                                  for trust in ("Trusted", "Anonymous")]
