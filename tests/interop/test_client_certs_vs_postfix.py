@@ -315,3 +315,38 @@ async def test_a_server_auth_only_certificate_pinned_with_addtrust_relays_untrus
     assert theirs[0]["mx.partner.test"] == ["250 2.1.5 Ok"] * 3
     assert [line for line in theirs[1]["mx.partner.test"] if "TLS connection established" in line][0].startswith(
         "Untrusted TLS connection established from localhost[127.0.0.1]")
+
+
+@pytest.fixture
+def deep_pki():
+    """Clients whose certificates are 9, 10 and 11 intermediate CAs below the listed root (each sends its chain).
+    trustme's own CA allows 9 below it: this root is made for more."""
+    folder = Path(tempfile.mkdtemp(prefix="mailflow-ccert-", dir="/tmp"))
+    pki = ClientPki(folder)
+    cards, ca = {}, trustme.CA(path_length=12)
+    pki.ca_file = pki._write("deep-root.pem", ca.cert_pem.bytes())
+    for depth in range(1, 12):
+        ca = ca.create_child_ca()
+        if depth >= 9:
+            leaf = ca.issue_cert(f"depth{depth}.test", common_name=f"depth{depth}.test")
+            chain = pki._write(f"depth{depth}.pem", b"".join(p.bytes() for p in leaf.cert_chain_pems))
+            key = pki._write(f"depth{depth}.key", leaf.private_key_pem.bytes())
+            der = ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode())
+            cards[f"depth{depth}.test"] = ClientCard(f"depth{depth}.test", chain, key, der, b"")
+    for name in ("relay", "ccert", "rcpt"):
+        pki._write(name, b"anycert@elsewhere.test allcerts\n" if name == "rcpt" else b"")
+    yield pki, cards
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+async def test_trust_stops_at_postfixs_verify_depth(mailflow_server, deep_pki, caplog):
+    """smtpd_tls_ccert_verifydepth 9, which Postfix gives OpenSSL as 10: ten intermediate CAs are trusted, eleven
+    not (Python's ssl cannot set the depth: mailflow limits trust, not the handshake)."""
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    pki, cards = deep_pki
+    theirs = await postfix_run(pki, cards)
+    ours = await mailflow_run(mailflow_server, pki, cards, caplog)
+    assert ours[0] == theirs[0]
+    assert compared_lines(ours[1]) == compared_lines(theirs[1])
+    assert [next(line.split(" ")[0] for line in theirs[1][name] if "TLS connection" in line) for name in cards] == [
+        "Trusted", "Trusted", "Untrusted"]

@@ -16,7 +16,7 @@ What it owns
   subject CN`), so it cannot reach a reply, a policy request or a milter macro.
 - `ClientAnchors` (the context's `client_anchors`): trust as Postfix's OpenSSL sees it, without partial chains:
   a certificate is trusted when the chain the handshake verified ends at a listed certificate that leads,
-  through the file, to a self-signed one there (at most VERIFY_DEPTH intermediate CAs, all valid now); a pinned
+  through the file, to a self-signed one there (at most MAX_INTERMEDIATES CAs between, all valid now); a pinned
   one or one from a listed intermediate without its root is untrusted.
 
 What differs from Postfix (docs/security.md, "Client certificates"): OpenSSL, as Python's ssl drives it, ends the
@@ -125,8 +125,8 @@ class ServerTls:
 
 
 CCERT_BUFSIZ = 256  # a certificate name this long (UTF-8 bytes) or longer is refused, as Postfix's tls.h
-VERIFY_DEPTH = 9  # intermediate CAs between the client's certificate and the root, at most (Postfix's
-#                  smtpd_tls_ccert_verifydepth; OpenSSL's verify depth: neither end counts)
+VERIFY_DEPTH = 9  # Postfix's smtpd_tls_ccert_verifydepth; it gives OpenSSL one more (tls_server.c), and OpenSSL's
+MAX_INTERMEDIATES = VERIFY_DEPTH + 1  # depth counts the intermediate CAs between the client's certificate and root
 _PEM_BLOCK = re.compile(rb"-----BEGIN (TRUSTED |X509 )?CERTIFICATE-----(.*?)-----END \1?CERTIFICATE-----", re.S)
 
 
@@ -162,7 +162,7 @@ class ClientAnchors:
         """Whether the handshake's chain (the client's certificate first, the listed one it ended at last) is one
         Postfix would verify: it ends at a certificate that leads to a self-signed one, valid now, not too deep."""
         path = self._paths.get(verified_chain[-1]) if verified_chain else None
-        if path is None or len(verified_chain) + len(path) - 3 > VERIFY_DEPTH:  # (the listed one in both)
+        if path is None or len(verified_chain) + len(path) - 3 > MAX_INTERMEDIATES:  # (the listed one in both)
             return False
         now = datetime.datetime.now(datetime.timezone.utc)
         return all(cert.not_valid_before_utc <= now <= cert.not_valid_after_utc for cert in path)
@@ -172,7 +172,7 @@ def _path_to_self_signed(cert: x509.Certificate, pool: list[x509.Certificate]) -
     path = [cert]
     while not _issued_by(path[-1], path[-1]):
         issuer = next((c for c in pool if c not in path and _may_issue(c) and _issued_by(path[-1], c)), None)
-        if issuer is None or len(path) > VERIFY_DEPTH:
+        if issuer is None or len(path) > MAX_INTERMEDIATES + 1:
             return None
         path.append(issuer)
     return path
