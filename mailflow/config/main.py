@@ -50,7 +50,8 @@ def _not_a_domain(entry: str, tables: bool) -> str:
 
 
 BUILTIN_TRANSPORTS = ("local", "virtual", "smtp", "relay", "lmtp", "discard", "error", "capture")
-HEADER_CLIENT_RULES = ("permit_inet_interfaces", "permit_mynetworks", "permit_sasl_authenticated")
+HEADER_CLIENT_RULES = ("permit_inet_interfaces", "permit_mynetworks", "permit_sasl_authenticated",
+                       "permit_tls_clientcerts", "permit_tls_all_clientcerts")
 
 
 class Config(Section):
@@ -146,9 +147,9 @@ class Config(Section):
     message_drop_headers: tuple[str, ...] = ("bcc", "content-length", "resent-bcc", "return-path")
     # Which SMTP clients' mail gets the headers it lacks (Message-ID, Date, From), as Postfix 2.6+ decides it:
     # local_header_rewrite_clients (permit_inet_interfaces: a client on this host; permit_mynetworks;
-    # permit_sasl_authenticated). Other clients' mail is passed on as it came (a header added to it can break
-    # a DKIM signature that covers the header's absence), unless always_add_missing_headers. Mail submitted
-    # with sendmail always gets them.
+    # permit_sasl_authenticated; permit_tls_clientcerts, permit_tls_all_clientcerts). Other clients' mail is
+    # passed on as it came (a header added to it can break a DKIM signature that covers the header's absence),
+    # unless always_add_missing_headers. Mail submitted with sendmail always gets them.
     local_header_rewrite_clients: tuple[str, ...] = ("permit_inet_interfaces",)
     # The same clients' header addresses are rewritten as their envelope's are (an unqualified address gets
     # @myorigin; canonical maps, masquerading). Other clients' header addresses are left alone, unless this names

@@ -20,7 +20,8 @@ from mailflow.config import config_from_dict
 from mailflow.dsn_parameters import xtext_decode, xtext_encode
 from mailflow.errors import ConfigError
 from mailflow.stages.smtpd.tls import _issuer_name, _subject_name
-from tests.support import LOOPBACK_CLIENT, SmtpClient, base_settings, eventually, merged, require_tool, run_tool
+from tests.support import (LOOPBACK_CLIENT, SmtpClient, base_settings, eventually, maildir_messages, merged,
+                           require_tool, run_tool)
 from tests.support.client_certs import COMPRESSED_EC, ClientPki, colon_hex
 from tests.support.milters import scripted_milter
 from tests.support.policy import PolicyServer, read_request
@@ -377,3 +378,23 @@ async def test_a_submissions_listener_asks_for_the_certificate_in_its_implicit_t
     assert await relay_over_implicit_tls(anonymous_context(pki)) == f"554 5.7.1 <{ELSEWHERE}>: Relay access denied"
     assert [m for m in tls_summaries(caplog)] == [f"{trust} TLS connection established from {LOOPBACK_CLIENT}"
                                                   for trust in ("Trusted", "Anonymous")]
+
+
+async def test_local_header_rewrite_clients_takes_the_certificate_rules(mailflow_server, pki, tmp_path):
+    """Postfix 3.7's smtpd_check_rewrite asks permit_tls_clientcerts and permit_tls_all_clientcerts too: a listed
+    certificate's mail gets the Message-ID, Date and From it lacks; another's is passed on as it came."""
+    listed, unlisted = pki.client("listed.test"), pki.client("unlisted.test")
+    mf = await mailflow_server(local_header_rewrite_clients=["permit_tls_clientcerts"], smtpd=ccert_settings(
+        pki, tmp_path, relay_clientcerts=[table(tmp_path, "relay", [f"{listed.fingerprint} listed"])]))
+    for card in (listed, unlisted):
+        client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+        assert (await client.cmd("EHLO client.test")).code == 250
+        await client.starttls(card.context(pki))
+        assert (await client.send_message(f"Subject: {card.name}\r\n\r\nbody\r\n".encode())).code == 250
+        await client.close()
+    mail = await eventually(lambda: len(found := maildir_messages(tmp_path / "mail" / "alice" / "Maildir")) == 2
+                            and found)
+    heads = {next(line for line in m.split(b"\n") if line.startswith(b"Subject: ")): m.split(b"\n\n")[0]
+             for m in mail}
+    assert b"\nMessage-ID: <" in heads[b"Subject: listed.test"]
+    assert b"\nMessage-ID: <" not in heads[b"Subject: unlisted.test"]

@@ -365,5 +365,5 @@ async def test_header_addresses_are_rewritten_for_local_header_rewrite_clients(m
 
 
 def test_local_header_rewrite_clients_names_the_bad_entry(tmp_path):
-    with pytest.raises(ConfigError, match="local_header_rewrite_clients.*permit_tls_clientcerts"):
-        config_from_dict(merged(base_settings(tmp_path), {"local_header_rewrite_clients": ["permit_tls_clientcerts"]}))
+    with pytest.raises(ConfigError, match="local_header_rewrite_clients.*permit_auth_destination"):
+        config_from_dict(merged(base_settings(tmp_path), {"local_header_rewrite_clients": ["permit_auth_destination"]}))

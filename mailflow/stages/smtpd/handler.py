@@ -142,7 +142,22 @@ class SmtpdHandler:
                 return True
             if rule == "permit_sasl_authenticated" and session.authenticated:
                 return True
+            if rule in ("permit_tls_clientcerts", "permit_tls_all_clientcerts") and self._certificate_permits(
+                    rule, session):
+                return True
         return False
+
+    def _certificate_permits(self, rule: str, session: SessionState) -> bool:
+        """The certificate rules of local_header_rewrite_clients, as Postfix's smtpd_check_rewrite asks them. A
+        relay_clientcerts that cannot answer counts as no match here (logged; Postfix answers MAIL with 451 4.3.0:
+        mailflow decides at the end of DATA)."""
+        cipher = session.ssl.get("cipher") if isinstance(session.ssl, dict) else None
+        protocol = str(cipher[1]) if cipher and len(cipher) > 1 else ""
+        try:
+            return self.restrictions.certificate_permits(rule, session.client_cert, protocol)
+        except LookupRetry as e:
+            log.warning("local_header_rewrite_clients: %s: relay_clientcerts lookup error: %s", rule, e.reason)
+            return False
 
     async def handle_CLIENT(self, server, session: SessionState, envelope: Transaction,
                             command: str) -> status.Reply | None:

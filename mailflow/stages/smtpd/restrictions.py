@@ -538,7 +538,7 @@ class Restrictions:
         if name == "reject_invalid_helo_hostname":
             return status.invalid_helo(facts.helo) if facts.helo and not is_valid_helo(facts.helo) else None
         if name in CLIENT_CERT_PERMITS:
-            return PERMIT if self._certificate_permits(name, facts) else None
+            return PERMIT if self.certificate_permits(name, facts.client_cert, facts.encryption_protocol) else None
         return self._simple_more(name, stage, facts, subject)
 
     def _simple_more(self, name: str, stage: str, facts: Facts, subject: tuple[str, str] | None):
@@ -559,13 +559,13 @@ class Restrictions:
             return naked_ip_address(facts.helo)
         return _UNHANDLED
 
-    def _certificate_permits(self, name: str, facts: Facts) -> bool:
+    def certificate_permits(self, name: str, cert: ClientCert | None, encryption_protocol: str) -> bool:
         """Postfix's permit_tls_clientcerts (the certificate's or its public key's fingerprint is a key of
         relay_clientcerts, whatever its value) and permit_tls_all_clientcerts (any trusted certificate; else as
-        the other). Without TLS no opinion; in TLS without a certificate, Postfix's warning when none was asked
-        for. LookupRetry when relay_clientcerts cannot answer."""
-        cert = facts.client_cert
-        if not facts.encryption_protocol:
+        the other), in a restriction list or local_header_rewrite_clients. Without TLS (no `encryption_protocol`)
+        no opinion; in TLS without a certificate, Postfix's warning when none was asked for. LookupRetry when
+        relay_clientcerts cannot answer."""
+        if not encryption_protocol:
             return False
         if cert is None:
             if not self._smtpd.tls_ask_ccert:
