@@ -249,14 +249,19 @@ def test_policy_names_are_xtext_as_postfix_quotes_them():
 
 
 async def test_milters_get_the_certificate_names_at_helo(mailflow_server, pki, tmp_path):
-    """Postfix's milter_helo_macros default: {tls_version} {cipher} {cipher_bits} {cert_subject} {cert_issuer}."""
+    """Postfix's milter_helo_macros default: {tls_version} {cipher} {cipher_bits} {cert_subject} {cert_issuer}; the
+    names of a trusted certificate only (smtpd_milter.c), so none for a pinned one."""
+    pinned = pki.client("pinned.test", issuer=trustme.CA())
+    listed = tmp_path / "listed.pem"
+    listed.write_bytes(open(pki.ca_file, "rb").read() + open(pinned.cert_file, "rb").read())
     async with scripted_milter({}) as milter:
-        mf = await mailflow_server(smtpd=ccert_settings(pki, tmp_path, milters=[milter.spec]))
+        mf = await mailflow_server(smtpd=ccert_settings(pki, tmp_path, tls_ca_file=str(listed), milters=[milter.spec]))
         await rcpt_over_tls(mf.smtp_addresses[0][1], pki.client("milter.test").context(pki), "alice@local.test")
         await rcpt_over_tls(mf.smtp_addresses[0][1], anonymous_context(pki), "alice@local.test")
+        await rcpt_over_tls(mf.smtp_addresses[0][1], pinned.context(pki), "alice@local.test")
         after_tls = [macros for macros in milter.macros(b"H") if "{cipher}" in macros]
     assert [(m.get("{cert_subject}"), m.get("{cert_issuer}")) for m in after_tls] == [
-        ("milter.test", "trustme v" + trustme.__version__), (None, None)]
+        ("milter.test", "trustme v" + trustme.__version__), (None, None), (None, None)]
 
 
 async def test_a_reload_reads_the_ca_file_again_and_refuses_one_that_is_gone(mailflow_server, pki, tmp_path):

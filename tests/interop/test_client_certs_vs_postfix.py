@@ -3,7 +3,9 @@ smtpd_tls_CAfile, relay_clientcerts, permit_tls_clientcerts, permit_tls_all_clie
 check_ccert_access, a policy service), the same sessions with the same client certificates (and one with none);
 compared: every RCPT reply, every smtpd log line of each session (tls_loglevel 1; the TLS summary cut after its
 bits, as tests/interop/test_smtpd_tls_log_vs_postfix.py says why), and the ccert_* attributes of the policy
-requests.
+requests. Also so compared: a CA file with an intermediate CA and no root (nothing trusted), CommonNames with
+controls or a NUL (no name) or `=` and `+` (xtext), a serverAuth-only certificate pinned in the TRUSTED CERTIFICATE
+form, and chains of 9 to 11 intermediate CAs (the verify depth); a compressed-EC key's fingerprint.
 
 Not compared, because mailflow differs on purpose (docs/security.md, "Client certificates"): a certificate that
 smtpd_tls_CAfile does not vouch for (Postfix goes on, `Untrusted`, and matches its fingerprint; Python's ssl ends
