@@ -8,7 +8,7 @@ What it owns
   against `ca_file` (smtpd_tls_CAfile; for the handshake a certificate listed there is a trust anchor itself, so
   a client certificate is pinned by listing it). A reload reads the files again into new ServerTls objects
   (server.Smtpd.reconfigure): new sessions get them, sessions already in TLS keep theirs.
-- `ClientCert`, `client_cert(ssl_object, digest)`: the client's certificate as Postfix's tls_server.c describes
+- `ClientCert`, `client_cert(ssl_object, digest, client)`: the client's certificate as Postfix's tls_server.c describes
   it: subject and issuer CommonName, the fingerprints of the certificate and of its public key
   (smtpd_tls_fingerprint_digest over the DER certificate and the DER SubjectPublicKeyInfo, `AB:CD:…`), trusted.
   `fingerprint(data, digest)` makes one. A name is Postfix's tls_text_name's: one with a control character or
@@ -270,7 +270,7 @@ def _trusted(ssl_object: ssl.SSLObject) -> bool:
         return False
     # (Python 3.13's SSLObject.get_verified_chain; before it, its _ssl object's)
     chain = getattr(ssl_object, "get_verified_chain", None) or ssl_object._sslobj.get_verified_chain  # type: ignore
-    return anchors.trusts([ssl.PEM_cert_to_DER_cert(cert.public_bytes()) for cert in chain()])
+    return anchors.trusts([ssl.PEM_cert_to_DER_cert(cert.public_bytes()) for cert in chain() or ()])
 
 
 def _text_name(name: x509.Name, oid: x509.ObjectIdentifier, label: str, client: str) -> str | None:
