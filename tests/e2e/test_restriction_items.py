@@ -4,10 +4,12 @@ TLS, plaintext_reject_code, the items that need AUTH on a listener without it, r
 (delay_reject false), warn_if_reject over an access table's DEFER_IF_PERMIT, and the load-time checks."""
 from __future__ import annotations
 
+import base64
 import logging
 
 import pytest
 
+from mailflow import status
 from mailflow.config import config_from_dict
 from mailflow.errors import ConfigError
 from tests.support import SmtpClient
@@ -48,6 +50,22 @@ async def test_sasl_items_are_ignored_and_logged_without_auth(mailflow_server, c
     warnings = [r.getMessage() for r in caplog.records]
     assert "restriction `reject_sender_login_mismatch' ignored: no SASL support" in warnings
     assert "restriction `check_sasl_access' ignored: no SASL support" in warnings
+
+
+async def test_the_sender_login_setting_asks_the_maps_the_resolved_sender(mailflow_server, users):
+    """The [smtpd] reject_sender_login_mismatch setting is the items' check: sender_login_maps are asked the sender
+    qualified and with the percent hack applied (Postfix's smtpd_resolve_addr), at MAIL."""
+    mf = await mailflow_server(myorigin="local.test", smtpd={
+        "sasl_auth_enable": True, "sasl_user_maps": [users], "auth_failure_delay": 0,
+        "allow_plaintext_auth_on_loopback": True, "reject_sender_login_mismatch": True,
+        "sender_login_maps": ["inline:{bob@local.test=bob}"]})
+    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    await client.cmd(HELLO)
+    for sender in ("bob%local.test@local.test", "bob"):
+        assert await client.cmd(f"MAIL FROM:<{sender}>") == status.sender_login_mismatch(sender, None)
+    assert (await client.cmd("AUTH PLAIN " + base64.b64encode(b"\0bob\0hunter2").decode())).code == 235
+    assert (await client.cmd("MAIL FROM:<bob>")).code == 250
+    await client.close()
 
 
 async def test_unlisted_sender_refused_at_mail_with_delay_reject_off(mailflow_server):

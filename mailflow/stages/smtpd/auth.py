@@ -20,7 +20,8 @@ What it owns
   `authentication failure` for the tables, Dovecot's or `(reason unavailable)` for Dovecot, as Postfix logs them).
 - `SenderLogins.refusal(sender, login, authenticated=, unauthenticated=, allow_unknown=)`: Postfix's
   reject_*sender_login_mismatch with `sender_login_maps` (sender address or @domain -> logins, separated by
-  commas or spaces), the one check behind the [smtpd] reject_sender_login_mismatch setting and the restriction
+  commas or spaces), asked the sender as `resolve` (given when built: trivial-rewrite's resolved_address) makes
+  it, as Postfix's smtpd_resolve_addr (qualified, the percent hack applied): the one check behind the [smtpd] reject_sender_login_mismatch setting and the restriction
   items: a mismatch when the maps name owners and the client is not logged in, or when the client is logged in
   and its login does not own the sender. The null sender never mismatches. Without maps the items refuse
   nothing (Postfix); the setting's instance (`own_address_without_maps`) lets a login own only the address
@@ -279,9 +280,12 @@ class SenderLogins:
     login owns the address spelled like it) and for the restriction lists' reject_*sender_login_mismatch items
     (Postfix's: without maps they refuse nothing)."""
 
-    def __init__(self, tables: list[Table], *, delimiter: str = DEFAULTS.recipient_delimiter,
-                 own_address_without_maps: bool = False):
+    def __init__(self, tables: list[Table], *, resolve: Callable[[str], str],
+                 delimiter: str = DEFAULTS.recipient_delimiter, own_address_without_maps: bool = False):
+        """`resolve(sender)`: the address the maps are asked (Postfix's smtpd_resolve_addr: qualified, the percent
+        hack applied); may raise LookupRetry."""
         self._tables = tables
+        self._resolve = resolve
         self._delimiter = delimiter
         self._own_address = own_address_without_maps
 
@@ -294,16 +298,17 @@ class SenderLogins:
         return {v.lower() for v in re.split(r"[\s,]+", value) if v}
 
     def refusal(self, sender: str, login: str | None, *, authenticated: bool = True, unauthenticated: bool = True,
-                allow_unknown: bool = False, resolved: str = "") -> status.Reply | None:
+                allow_unknown: bool = False) -> status.Reply | None:
         """Postfix's reject_*sender_login_mismatch for MAIL FROM `sender` ("" or "<>": the null sender, which
         passes) and the client's `login` (None: not logged in). `authenticated`: a logged-in client must own the
         sender (`allow_unknown`: unless no map lists it); `unauthenticated`: a client not logged in may not use a
-        sender the maps give owners. `resolved`: the sender as the maps are asked it (Postfix's smtpd_resolve_addr:
-        qualified, the percent hack applied; "": as given). 553 5.7.1 `not owned by user LOGIN` / `not logged
+        sender the maps give owners. The maps are asked the sender as resolved; without maps (the setting's
+        instance) a login owns the sender as written or as resolved. 553 5.7.1 `not owned by user LOGIN` / `not logged
         in`, naming the sender as given, or None. Raises LookupRetry."""
         if sender in ("", "<>") or not (self._tables or self._own_address):
             return None
-        owners = self.owners(resolved or sender) if self._tables else {sender.lower()}
+        resolved = self._resolve(sender)
+        owners = self.owners(resolved) if self._tables else {sender.lower(), resolved.lower()}
         if login is None:
             refused = unauthenticated and owners is not None and bool(self._tables)
         else:

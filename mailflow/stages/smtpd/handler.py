@@ -122,6 +122,12 @@ class SmtpdHandler:
         self.submitting = 0  # DATA hand-overs waiting for their commit
         self._instances = itertools.count(1)  # the policy protocol's `instance` attribute: one per message
 
+    def resolved_address(self, addr: str) -> str:
+        """`addr` as Postfix's smtpd_resolve_addr makes it before a table is asked it (qualified with myorigin,
+        the percent hack applied): what the [smtpd] reject_sender_login_mismatch setting asks sender_login_maps.
+        Raises LookupRetry."""
+        return self._rewriter.resolved_address(addr)
+
     def _header_rewriting(self, server, session: SessionState) -> dict:
         """What cleanup does to the headers of this client's message (Postfix 2.6+): for a client of
         local_header_rewrite_clients (as PROXY or XCLIENT named it) it adds the Message-ID, Date and From the

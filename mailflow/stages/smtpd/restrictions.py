@@ -321,7 +321,8 @@ class Restrictions:
             smtpd.permit_mx_backup_networks, tables.open, parent_style=True, setting="permit_mx_backup_networks"))
         self._lines = SmtpdLog()  # WARN's and INFO's log lines
         # the reject_*sender_login_mismatch items' maps (none: they refuse nothing, as Postfix's)
-        self._sender_logins = SenderLogins(tables.open(smtpd.sender_login_maps), delimiter=config.recipient_delimiter)
+        self._sender_logins = SenderLogins(tables.open(smtpd.sender_login_maps), resolve=rewriter.resolved_address,
+                                           delimiter=config.recipient_delimiter)
         self._value_lists: dict[str, tuple[tuple[str, str], ...]] = {}  # access values read as lists, by value
 
     async def check_rcpt(self, facts: Facts) -> status.Reply | None:
@@ -623,8 +624,7 @@ class Restrictions:
         try:
             return self._sender_logins.refusal(facts.sender, facts.sasl_username or None,
                                                authenticated=authenticated, unauthenticated=unauthenticated,
-                                               allow_unknown=allow_unknown,
-                                               resolved=self._rewriter.resolved_address(facts.sender))
+                                               allow_unknown=allow_unknown)
         except LookupRetry as e:
             log.warning("sender_login_maps: %s", e.reason)
             return status.error_reply(e, facts.sender)

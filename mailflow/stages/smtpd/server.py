@@ -295,13 +295,14 @@ class Smtpd:
             authenticator = Authenticator(backend=self._auth_backend(smtpd), clock=self._clock,
                                           failures=self.auth_failures, delay=smtpd.auth_failure_delay,
                                           delay_limit=smtpd.auth_failure_delay_limit)
-        sender_logins = None
-        if smtpd.reject_sender_login_mismatch:
-            sender_logins = SenderLogins(self._tables.open(smtpd.sender_login_maps),
-                                         delimiter=self._config.recipient_delimiter, own_address_without_maps=True)
         if smtpd.tls_cert_file:
             self._server_tls(smtpd)  # read now: a bad file stops the start
-        return Listener(host, port, role, config, self._handler_for(config), anvil, SessionSlots(smtpd.max_sessions),
+        handler = self._handler_for(config)
+        sender_logins = None
+        if smtpd.reject_sender_login_mismatch:
+            sender_logins = SenderLogins(self._tables.open(smtpd.sender_login_maps), resolve=handler.resolved_address,
+                                         delimiter=self._config.recipient_delimiter, own_address_without_maps=True)
+        return Listener(host, port, role, config, handler, anvil, SessionSlots(smtpd.max_sessions),
                         authenticator, sender_logins, FrontEnds.from_config(smtpd),
                         ProtocolLimits.from_config(smtpd, soft_bounce=self._config.soft_bounce),
                         NetworkList.from_items(smtpd.sasl_exceptions_networks, self._tables.open,
