@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import re
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from mailflow.errors import ContentRejected, DeliveryError, LookupRetry, MessageTooBig, Overloaded, PermanentError
@@ -24,6 +24,9 @@ class Reply:
     status: str
     text: str
     preceding: tuple[str, ...] = ()  # a multi-line reply's lines before the last, after their "ddd-" (a milter's)
+    # the server's own failure, not a policy's verdict: a table that could not answer, a configuration error
+    # (Postfix's reject_dict_retry, reject_server_error); warn_if_reject never makes one a warning
+    server_fault: bool = field(default=False, compare=False, repr=False)
 
     def __str__(self) -> str:
         last = f"{self.code} {self.status} {self.text}" if self.status else f"{self.code} {self.text}"
@@ -90,7 +93,7 @@ def unsupported_option(word: str) -> Reply:
 
 
 def lookup_failed(address: str) -> Reply:
-    return Reply(451, "4.3.0", f"<{address}>: Temporary lookup failure")
+    return Reply(451, "4.3.0", f"<{address}>: Temporary lookup failure", server_fault=True)
 
 
 SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")  # Postfix's words
@@ -99,7 +102,7 @@ TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
 QUEUE_FULL = Reply(451, "4.3.1", "Error: queue file write error, try again later")
 INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
 QUEUE_ERROR = Reply(451, "4.3.0", "Error: queue file write error")
-TEMPORARY_LOOKUP_FAILURE = Reply(451, "4.3.0", "Temporary lookup failure")
+TEMPORARY_LOOKUP_FAILURE = Reply(451, "4.3.0", "Temporary lookup failure", server_fault=True)
 
 
 # ---- errors as replies: the one table from an error raised while a message or an address is accepted (by
@@ -187,7 +190,7 @@ def rule_deferred(name: str, what: str) -> Reply:
 
 def restriction_config_error(name: str, what: str) -> Reply:
     """A table that cannot answer, or an action mailflow does not know: the client retries later."""
-    return restriction_rejected(451, "4.3.5", name, what, "Server configuration error")
+    return Reply(451, "4.3.5", f"<{name}>: {what} rejected: Server configuration error", server_fault=True)
 
 
 def relay_deferred(address: str) -> Reply:
@@ -308,7 +311,7 @@ MILTER_CONFIGURATION_PROBLEM = Reply(451, "4.3.5", "Server configuration problem
 # a non_smtpd_milter refused a recipient of mail that came by sendmail (Postfix: a configuration error; it waits)
 MILTER_CONFIGURATION_ERROR = Reply(451, "4.3.5", "Server configuration error")
 # smtpd: a restriction that may not permit did (check_*_{mx,ns,a}_access answering OK; Postfix's reject_server_error)
-SERVER_CONFIGURATION_ERROR = Reply(451, "4.3.5", "Server configuration error")
+SERVER_CONFIGURATION_ERROR = Reply(451, "4.3.5", "Server configuration error", server_fault=True)
 SPAM_REJECTED = Reply(550, "5.7.1", "Message rejected as spam")
 
 

@@ -95,6 +95,29 @@ async def test_warn_if_reject_makes_a_defer_if_permit_a_warning(mailflow_server,
                for r in caplog.records)
 
 
+async def test_warn_if_reject_warns_of_a_policys_4_3_x_but_not_of_a_server_fault(mailflow_server, caplog):
+    """Postfix's smtpd_check_reject exempts only its own failures (reject_dict_retry, reject_server_error): a policy
+    server's default action and an access action `451 4.3.0` are policies' verdicts, only warned of; an access
+    value naming a table is a configuration error and stays a refusal."""
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    mf = await mailflow_server(smtpd={"recipient_restrictions": [
+        "warn_if_reject", "check_policy_service inet:127.0.0.1:9", "warn_if_reject",
+        "check_sender_access inline:{ {s@remote.test=451 4.3.0 busy}, {t@remote.test=hash:/nowhere} }"]})
+    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    await client.cmd(HELLO)
+    await client.cmd("MAIL FROM:<s@remote.test>")
+    assert (await client.cmd("RCPT TO:<postmaster@local.test>")).code == 250
+    await client.cmd("RSET")
+    await client.cmd("MAIL FROM:<t@remote.test>")
+    assert (await client.cmd("RCPT TO:<postmaster@local.test>")).text == \
+        "451 4.3.5 <t@remote.test>: Sender address rejected: Server configuration error"
+    await client.close()
+    warned = [r.getMessage().split("]: ", 1)[-1] for r in caplog.records if "reject_warning: " in r.getMessage()]
+    assert [w.split("; ")[0] for w in warned[:2]] == [
+        "451 4.3.5 <postmaster@local.test>: Recipient address rejected: Server configuration problem",
+        "451 4.3.0 <s@remote.test>: Sender address rejected: busy"]
+
+
 async def test_a_warning_under_soft_bounce_names_the_reply_as_it_would_be_sent(mailflow_server, caplog):
     """Postfix's smtpd_check_reject makes the 5 a 4 before it logs, warning or not."""
     caplog.set_level(logging.INFO, logger="mailflow.smtpd")

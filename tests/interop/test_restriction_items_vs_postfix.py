@@ -34,6 +34,9 @@ CLASSES = {  # smtpd_restriction_classes: one for each recipient of RECIPIENTS
     "c_warn": ["warn_if_reject", "reject_plaintext_session", "warn_if_reject", "c_inner", "reject"],
     "c_inner": ["reject_non_fqdn_helo_hostname", "reject_plaintext_session", "permit"],
     "c_plain": ["reject_plaintext_session"],
+    # a policy server's default action and an access action's 4.3.0 are policies' verdicts: only warned of
+    "c_wpol": ["warn_if_reject", "check_policy_service inet:127.0.0.1:9", "warn_if_reject",
+               "check_sender_access inline:{ {s@remote.test=451 4.3.0 busy} }"],
     "c_authdest": ["permit_auth_destination", "reject"],
     "c_naked": ["permit_naked_ip_address", "reject"],
     "c_uls": ["reject_unlisted_sender"],
@@ -61,6 +64,7 @@ SESSIONS: dict[str, list[str | bytes | None]] = {
     "a multi-recipient bounce, warned": ["EHLO c.test", "MAIL FROM:<>", "RCPT TO:<wmulti@relay.test>",
                                          "RCPT TO:<wmulti@relay.test>"],
     "warn_if_reject, an item and a class": ["EHLO c", "MAIL FROM:<s@remote.test>", "RCPT TO:<warn@relay.test>"],
+    "warn_if_reject over a policy's 4.3.x": ["EHLO c.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<wpol@relay.test>"],
     "plaintext": ["EHLO c.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<plain@relay.test>"],
     "permit_auth_destination": ["EHLO c.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<authdest@relay.test>",
                                 "RCPT TO:<x@elsewhere.test>"],
@@ -188,6 +192,7 @@ async def test_the_items_reply_and_log_as_postfix_does(postfix, sasl_dovecot, ma
         "550 5.5.3 <DATA>: Data command rejected: Multi-recipient bounce",
         "551 5.0.0 Discarded 4 bytes after earlier error", "250 2.0.0 Ok"]
     assert expected["warn_if_reject, an item and a class"][-1] == "250 2.1.5 Ok"
+    assert expected["warn_if_reject over a policy's 4.3.x"][-1] == "250 2.1.5 Ok"
     assert expected["plaintext"][-1] == "450 4.7.1 Session encryption is required"
     assert expected["permit_auth_destination"][2] == "250 2.1.5 Ok"
     assert expected["permit_auth_destination, logged in"][-1] == \

@@ -42,7 +42,8 @@ Postfix's not_in_client_helo does); each list stops at its first PERMIT (the nex
 answer); an item with nothing to say (DUNNO, or missing facts such as no HELO yet) passes to the next.
 warn_if_reject makes its next item (all of it: a class goes on past its warnings) refuse nothing: each refusal or
 DEFER_IF_PERMIT it would have made is logged `reject_warning: …` instead (`facts.warn_if_reject`, Postfix's
-recursion level); 451 4.3.0 and 4.3.5 (a table or the configuration) stay refusals.
+recursion level); a table that cannot answer and a configuration error (a reply marked `server_fault`) stay
+refusals.
 Then, unless refused or deferred (DEFER_IF_PERMIT), `reject_unlisted_recipient` is implied
 (smtpd_reject_unlisted_recipient). The data list runs at DATA (or a first BDAT) before any content, the
 end_of_data list at the end of the message;
@@ -80,7 +81,7 @@ from __future__ import annotations
 import logging
 import re
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from mailflow import address, status
@@ -125,7 +126,6 @@ SUBJECT = {  # a list's stage -> how its refusals name what they looked at
 # DEFER_IF_PERMIT holds to the end of them all. RCPT_STAGES in those steps: client, helo, sender; relay + recipient.
 RCPT_STEPS = (*((stage,) for stage in RCPT_STAGES[:-2]), RCPT_STAGES[-2:])
 ETRN_STEPS = (("client",), ("helo",), ("etrn",))  # (smtpd_check_etrn: smtpd_check_client, _helo, then its own)
-UNWARNABLE = ("4.3.0", "4.3.5")  # a table that cannot answer, a configuration error: never only a warning
 MAX_DEPTH = 100  # lists within lists (classes, access values) beyond which a table's value is refused (Postfix's)
 VALUE_LIST_CACHE = 1000  # access values kept read as lists (the table is emptied when full)
 PROTOCOL_STATE = {"data": "DATA", "end_of_data": "END-OF-MESSAGE"}
@@ -432,8 +432,10 @@ class Restrictions:
 
     async def _evaluate_item(self, name: str, arg: str, stage: str, facts: Facts, subject: tuple[str, str] | None):
         """`_evaluate`, and under warn_if_reject (Postfix's smtpd_check_reject): a refusal, or a DEFER_IF_PERMIT
-        the item raised, is logged `reject_warning: …` and becomes no opinion. A server configuration error or a
-        table that cannot answer (451 4.3.5, 451 4.3.0) is not made a warning, as Postfix's are not."""
+        the item raised, is logged `reject_warning: …` and becomes no opinion. A reply marked `server_fault` (a
+        table that cannot answer, a configuration error: Postfix's reject_dict_retry, reject_server_error) is not
+        made a warning, as Postfix's are not; a policy's 4.3.x (an access action, a policy server's default
+        action) is only a policy's verdict and is."""
         if not facts.warn_if_reject:
             return await self._evaluate(name, arg, stage, facts, subject)
         deferral = facts.defer_if_permit
@@ -441,7 +443,7 @@ class Restrictions:
         if facts.defer_if_permit is not deferral:
             self._warn(facts.defer_if_permit, facts, stage)
             facts.defer_if_permit = deferral
-        if isinstance(answer, status.Reply) and answer.status not in UNWARNABLE:
+        if isinstance(answer, status.Reply) and not answer.server_fault:
             self._warn(answer, facts, stage)
             return None
         return answer
@@ -609,7 +611,7 @@ class Restrictions:
             return status.error_reply(e, rcpt)
         if refusal is None or what == SUBJECT["recipient"]:
             return refusal
-        return status.Reply(refusal.code, dsn_fix(refusal.status, what), refusal.text)
+        return replace(refusal, status=dsn_fix(refusal.status, what))
 
     def _sender_login(self, name: str, facts: Facts) -> status.Reply | None:
         """reject_*sender_login_mismatch (SENDER_LOGIN_CHECKS): the one check of auth.SenderLogins, with
