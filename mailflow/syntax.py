@@ -19,6 +19,8 @@ may use it without an import cycle.
                                                 one trailing dot allowed
     parse_ip(text) -> IPv4Address | IPv6Address | None
     is_ip_address(text), is_ipv4(text)          an IP address (IPv4 or IPv6) / an IPv4 address, as written
+    is_postfix_ipv4(text)                       Postfix's valid_ipv4_hostaddr: four dot-separated decimal octets,
+                                                leading zeros taken, a first octet 0 only in 0.0.0.0
     has_control(text), mask_control(text)       C0 control characters and DEL: present? / each replaced by "?"
     parse_octet_count(text) -> int | None       an SMTP size (`SIZE=`, `BDAT`): ASCII digits, leading zeros taken;
                                                 None past OFF_T_MAX (ValueError: not digits)
@@ -158,6 +160,19 @@ def is_ip_address(text: str) -> bool:
 def is_ipv4(text: str) -> bool:
     ip = parse_ip(text)
     return ip is not None and ip.version == 4
+
+
+_DOTTED_QUAD = re.compile(r"[0-9]+(?:\.[0-9]+){3}")
+
+
+def is_postfix_ipv4(text: str) -> bool:
+    """Postfix's valid_ipv4_hostaddr: four decimal octets joined by dots, each at most 255 with any leading zeros
+    (`01.2.3.4` is one); a first octet 0 only in an address of zeros (`0.1.2.3` is none, `0.0.0.0` is). Unlike
+    `is_ipv4` (Python's ipaddress, which refuses leading zeros)."""
+    if not text.isascii() or _DOTTED_QUAD.fullmatch(text) is None:
+        return False
+    octets = [int(octet) for octet in text.split(".")]
+    return all(octet <= 255 for octet in octets) and (octets[0] != 0 or not any(octets))
 
 
 def has_control(text: str) -> bool:

@@ -75,6 +75,13 @@ SESSIONS: dict[str, list[str | bytes | None]] = {
         "EHLO [1.2.3.4]", "MAIL FROM:<s@remote.test>", "RCPT TO:<naked@relay.test>", "RSET",
         "EHLO 1.2.3.999", "MAIL FROM:<s@remote.test>", "RCPT TO:<naked@relay.test>", "RSET",
         "EHLO c.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<naked@relay.test>"],
+    # Postfix's valid_ipv4_hostaddr: leading zeros taken, a first octet 0 not, and no IPv6 without `IPv6:`
+    "permit_naked_ip_address, Postfix's IPv4 syntax": [
+        "EHLO 2001::1", "MAIL FROM:<s@remote.test>", "RCPT TO:<naked@relay.test>", "RSET",
+        "EHLO ::1", "MAIL FROM:<s@remote.test>", "RCPT TO:<naked@relay.test>", "RSET",
+        "EHLO 0.1.2.3", "MAIL FROM:<s@remote.test>", "RCPT TO:<naked@relay.test>", "RSET",
+        "EHLO 01.2.3.4", "MAIL FROM:<s@remote.test>", "RCPT TO:<naked@relay.test>", "RSET",
+        "EHLO 0.0.0.0", "MAIL FROM:<s@remote.test>", "RCPT TO:<naked@relay.test>"],
     "reject_unlisted_sender": ["EHLO c.test", "MAIL FROM:<nobody@local.test>", "RCPT TO:<uls@relay.test>", "RSET",
                                "MAIL FROM:<alice@local.test>", "RCPT TO:<uls@relay.test>"],
     "smtpd_reject_unlisted_sender": ["EHLO c.test", "MAIL FROM:<nobody@local.test>", "RCPT TO:<a@relay.test>"],
@@ -201,6 +208,10 @@ async def test_the_items_reply_and_log_as_postfix_does(postfix, sasl_dovecot, ma
         "250 2.1.5 Ok", "554 5.7.1 <naked@relay.test>: Recipient address rejected: Access denied",
         "501 5.5.2 <1.2.3.999>: Helo command rejected: invalid ip address",
         "554 5.7.1 <naked@relay.test>: Recipient address rejected: Access denied"]
+    assert expected["permit_naked_ip_address, Postfix's IPv4 syntax"][2::4] == [
+        "501 5.5.2 <2001::1>: Helo command rejected: invalid ip address",
+        "501 5.5.2 <::1>: Helo command rejected: invalid ip address",
+        "501 5.5.2 <0.1.2.3>: Helo command rejected: invalid ip address", "250 2.1.5 Ok", "250 2.1.5 Ok"]
     assert expected["smtpd_reject_unlisted_sender"][-1] == \
         "550 5.1.0 <nobody@local.test>: Sender address rejected: User unknown in local recipient table"
     assert expected["sender logins, not logged in"][2:6] == [

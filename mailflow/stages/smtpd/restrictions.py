@@ -102,7 +102,7 @@ from mailflow.stages.smtpd.policy import PolicyClient, PolicyError
 from mailflow.stages.smtpd.tls import ClientCert
 from mailflow.stages.verify import Status as VerifyStatus
 from mailflow.stages.verify import Verifier
-from mailflow.syntax import is_ipv4, parse_ip
+from mailflow.syntax import is_ipv4, is_postfix_ipv4
 from mailflow.tables import TableCache, find, split_extension
 from mailflow.tables.networks import NetworkList
 
@@ -221,13 +221,14 @@ def client_keys(addr: str, hostname: str) -> list[str]:
 
 def naked_ip_address(helo: str):
     """Postfix 3.7's permit_naked_ip_address (deprecated, logged at each use): a HELO name of digits, dots and
-    colons only is a permit when it is an IP address, else 501 5.5.2 invalid ip address; any other name has no
-    opinion."""
+    colons only is a permit when it is an IPv4 address as Postfix's valid_ipv4_hostaddr takes one (leading zeros
+    allowed; a name with a colon never is: without Postfix's `IPv6:` prefix it is asked as IPv4), else
+    501 5.5.2 invalid ip address; any other name has no opinion."""
     log.warning("restriction permit_naked_ip_address is deprecated. Use permit_mynetworks or "
                 "permit_sasl_authenticated instead")
     if not helo or helo.strip("0123456789.:"):
         return None
-    return PERMIT if parse_ip(helo) is not None else status.invalid_helo_address(helo)
+    return PERMIT if is_postfix_ipv4(helo) else status.invalid_helo_address(helo)
 
 
 def client_full_keys(hostname: str) -> tuple[int, int]:
