@@ -81,6 +81,29 @@ async def test_unlisted_sender_refused_at_mail_with_delay_reject_off(mailflow_se
     await client.close()
 
 
+@pytest.mark.parametrize("lists", [{}, {"recipient_restrictions": ["reject_unlisted_sender",
+                                                                    "reject_unlisted_recipient", "permit"]}])
+async def test_no_unknown_recipient_checks_turns_off_the_unlisted_checks(mailflow_server, lists):
+    """Postfix's check_sender_rcpt_maps and check_recipient_rcpt_maps return at once under
+    receive_override_options = no_unknown_recipient_checks, the items' and the implied checks alike: an after-queue
+    filter's return listener takes back the mail of a local sender no table lists (www-data)."""
+    mf = await mailflow_server(smtpd={"reject_unlisted_sender": True, **lists, "listeners": [{
+        "address": "127.0.0.1:0", "overrides": {"receive_override_options": ["no_unknown_recipient_checks"]}}]})
+    checked, unchecked = (port for _, port in mf.smtp_addresses)
+    refused = await SmtpClient.connect(checked)
+    await refused.cmd(HELLO)
+    await refused.cmd("MAIL FROM:<www-data@local.test>")
+    assert (await refused.cmd("RCPT TO:<postmaster@local.test>")).text == \
+        "550 5.1.0 <www-data@local.test>: Sender address rejected: User unknown in local recipient table"
+    await refused.close()
+    taken = await SmtpClient.connect(unchecked)
+    await taken.cmd(HELLO)
+    await taken.cmd("MAIL FROM:<www-data@local.test>")
+    assert (await taken.cmd("RCPT TO:<postmaster@local.test>")).code == 250
+    assert (await taken.cmd("RCPT TO:<nobody@local.test>")).code == 250
+    await taken.close()
+
+
 async def test_warn_if_reject_makes_a_defer_if_permit_a_warning(mailflow_server, caplog):
     caplog.set_level(logging.INFO, logger="mailflow.smtpd")
     mf = await mailflow_server(smtpd={"recipient_restrictions": [

@@ -29,7 +29,9 @@ What it owns
   `facts.encrypted`), reject_multi_recipient_bounce (550 5.5.3: the null sender, a second recipient),
   permit_auth_destination, permit_naked_ip_address (deprecated: logged at each use); reject_unlisted_sender
   (`_unlisted` asked for the sender: 550 5.1.0 `Sender address rejected`; also implied after the sender list
-  with smtpd_reject_unlisted_sender, unless that list refused), the reject_*sender_login_mismatch items
+  with smtpd_reject_unlisted_sender, unless that list refused; `_listed`: it and reject_unlisted_recipient, items
+  or implied, check nothing under receive_override_options = no_unknown_recipient_checks, nor an address the
+  command checked already), the reject_*sender_login_mismatch items
   (auth.SenderLogins.refusal with sender_login_maps, asked the sender as resolved; the one check the [smtpd]
   setting uses at MAIL) and check_sasl_access (key: the SASL login); the SASL ones are ignored (logged) without
   AUTH on the listener.
@@ -189,6 +191,9 @@ class Facts:
     # warn_if_reject met at this depth (0: none): refusals until its next item is done are only logged
     warn_if_reject: int = 0
     ill_pipelining: bool = False  # the session broke RFC 2920's pipelining rules (reject_unauth_pipelining)
+    # "sender", "recipient": the unknown-user check made for it in this command, not under warn_if_reject (Postfix's
+    # sender_rcptmap_checked, recipient_rcptmap_checked): not made again, by an item or the implied check
+    listed_checked: set[str] = field(default_factory=set)
     encrypted: bool = False  # the session is under TLS (reject_plaintext_session)
 
 
@@ -325,13 +330,14 @@ class Restrictions:
         self._sender_logins = SenderLogins(tables.open(smtpd.sender_login_maps), resolve=rewriter.resolved_address,
                                            delimiter=config.recipient_delimiter)
         self._value_lists: dict[str, tuple[tuple[str, str], ...]] = {}  # access values read as lists, by value
+        self._no_unknown_recipient_checks = "no_unknown_recipient_checks" in smtpd.receive_override_options
 
     async def check_rcpt(self, facts: Facts) -> status.Reply | None:
         """The lists' verdict (DEFER_IF_PERMIT applied), then the implied unknown-user check, as Postfix runs
         smtpd_check_rcptmap after smtpd_check_rcpt: a deferral from the lists comes before it."""
         verdict = _conditional_deferrals(await self._verdict(self._rcpt_steps, facts), facts)
         if verdict is None and self._smtpd.reject_unlisted_recipient and facts.marks.discard is None:
-            return _conditional_deferrals(await self._unlisted(facts.recipient, facts.sender), facts)
+            return _conditional_deferrals(await self._listed(facts, "recipient"), facts)
         return verdict
 
     async def check_etrn(self, facts: Facts) -> status.Reply | None:
@@ -366,7 +372,7 @@ class Restrictions:
         if isinstance(answer, status.Reply):
             return answer  # the session logs it (NOQUEUE: reject: ...)
         if stage == "sender" and self._smtpd.reject_unlisted_sender and facts.sender and facts.marks.discard is None:
-            return await self._unlisted(facts.sender, facts.recipient or None, SUBJECT["sender"])
+            return await self._listed(facts, "sender")
         return None
 
     async def check_early(self, stage: str, facts: Facts) -> status.Reply | None:
@@ -475,10 +481,9 @@ class Restrictions:
         if name == "reject_unknown_recipient_domain":
             return await self._dns.unknown_recipient_domain(facts.recipient)
         if name == "reject_unlisted_recipient":
-            return await self._unlisted(facts.recipient, facts.sender) if facts.recipient else None
+            return await self._listed(facts, "recipient") if facts.recipient else None
         if name == "reject_unlisted_sender":
-            return await self._unlisted(facts.sender, facts.recipient or None, SUBJECT["sender"]) if facts.sender \
-                else None
+            return await self._listed(facts, "sender") if facts.sender else None
         if name in SENDER_LOGIN_CHECKS:
             return self._sender_login(name, facts)
         if name in RHSBL_CHECKS:
@@ -599,6 +604,19 @@ class Restrictions:
 
     # -------------------------------------------------------------------------------- recipient checks
 
+    async def _listed(self, facts: Facts, whose: str) -> status.Reply | None:
+        """reject_unlisted_sender / reject_unlisted_recipient (`whose`: "sender", "recipient"), the items and the
+        implied checks, as Postfix's check_sender_rcpt_maps / check_recipient_rcpt_maps: nothing on a listener
+        with receive_override_options = no_unknown_recipient_checks (an after-queue filter's return: the mail was
+        checked before), nor when the command already checked that address outside warn_if_reject."""
+        if self._no_unknown_recipient_checks or whose in facts.listed_checked:
+            return None
+        if not facts.warn_if_reject:
+            facts.listed_checked.add(whose)
+        if whose == "sender":
+            return await self._unlisted(facts.sender or "", facts.recipient or None, SUBJECT["sender"])
+        return await self._unlisted(facts.recipient, facts.sender)
+
     async def _unlisted(self, rcpt: str, sender: str | None, what: str = SUBJECT["recipient"]) -> status.Reply | None:
         """The unknown-user rule, trivial-rewrite's (Rewriter.recipient_refusal: listed by a rewriting table or
         its class's recipient table, error-transport addresses refused (with the sender's routing), postmaster
@@ -608,7 +626,7 @@ class Restrictions:
             refusal = await self._rewriter.tables.run(self._rewriter.recipient_refusal, rcpt, self._mapper, sender,
                                                       what, self._unknown_codes)
         except LookupRetry as e:  # the lookup outran its deadline
-            log.warning("RCPT <%s>: %s", rcpt, e.reason)
+            log.warning("%s <%s>: %s", what, rcpt, e.reason)
             return status.error_reply(e, rcpt)
         if refusal is None or what == SUBJECT["recipient"]:
             return refusal
