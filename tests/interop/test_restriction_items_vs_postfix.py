@@ -59,6 +59,8 @@ SESSIONS: dict[str, list[str | bytes | None]] = {
                                         b"DATA\r\nSubject: pipelined"],
     "a multi-recipient bounce": ["EHLO c.test", "MAIL FROM:<>", "RCPT TO:<multi@relay.test>",
                                  "RCPT TO:<multi@relay.test>", "RCPT TO:<b@relay.test>", "DATA"],
+    "a multi-recipient bounce, VRFY after one recipient": ["EHLO c.test", "MAIL FROM:<>", "RCPT TO:<a@relay.test>",
+                                                          "VRFY multi@relay.test"],
     "a multi-recipient bounce, by BDAT": ["EHLO c.test", "MAIL FROM:<>", "RCPT TO:<a@relay.test>",
                                           "RCPT TO:<b@relay.test>", b"BDAT 6\r\nabcd", b"BDAT 4 LAST\r\nef", "NOOP"],
     "a multi-recipient bounce, warned": ["EHLO c.test", "MAIL FROM:<>", "RCPT TO:<wmulti@relay.test>",
@@ -121,6 +123,7 @@ def mailflow_settings(auth_socket: str) -> dict:
         "local_recipient_maps": ["inline:{alice=ok, bob=ok}"], "relay_domains": ["relay.test"],
         "relayhost": "[127.0.0.1]:9",
         "smtpd": {"forbid_unauth_pipelining": False, "reject_unlisted_sender": True, "error_sleep_time": "0s",
+                  "disable_vrfy_command": False,
                   "sasl_auth_enable": True, "sasl_type": "dovecot", "sasl_path": auth_socket,
                   "allow_plaintext_auth_on_loopback": True, "sender_login_maps": [SENDER_LOGINS],
                   "relay_restrictions": ["permit_sasl_authenticated", "reject_unauth_destination"],
@@ -198,6 +201,7 @@ async def test_the_items_reply_and_log_as_postfix_does(postfix, sasl_dovecot, ma
     assert expected["a multi-recipient bounce, by BDAT"][-3:] == [
         "550 5.5.3 <DATA>: Data command rejected: Multi-recipient bounce",
         "551 5.0.0 Discarded 4 bytes after earlier error", "250 2.0.0 Ok"]
+    assert expected["a multi-recipient bounce, VRFY after one recipient"][-1].startswith("252 ")
     assert expected["warn_if_reject, an item and a class"][-1] == "250 2.1.5 Ok"
     assert expected["warn_if_reject over a policy's 4.3.x"][-1] == "250 2.1.5 Ok"
     assert expected["plaintext"][-1] == "450 4.7.1 Session encryption is required"

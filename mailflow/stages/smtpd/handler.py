@@ -529,7 +529,8 @@ class SmtpdHandler:
             helo=session.host_name or "",
             sender=envelope.sender,
             recipient=rcpt,
-            recipient_count=len(envelope.rcpt_tos) + (1 if stage == "rcpt" else 0),
+            # at RCPT the count holds the recipient asked about (Postfix counts it there), not at VRFY
+            recipient_count=len(envelope.rcpt_tos) + (1 if stage == "rcpt" and not command else 0),
             authenticated=bool(session.authenticated),
             sasl_method=session.auth_mechanism if login else "",
             sasl_username=login,
