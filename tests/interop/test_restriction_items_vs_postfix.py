@@ -63,6 +63,10 @@ SESSIONS: dict[str, list[str | bytes | None]] = {
                                                           "VRFY multi@relay.test"],
     "a multi-recipient bounce, by BDAT": ["EHLO c.test", "MAIL FROM:<>", "RCPT TO:<a@relay.test>",
                                           "RCPT TO:<b@relay.test>", b"BDAT 6\r\nabcd", b"BDAT 4 LAST\r\nef", "NOOP"],
+    # Postfix's bdat_cmd runs smtpd_check_data before it compares the chunk with message_size_limit
+    "a multi-recipient bounce, a first chunk past the size limit": [
+        "EHLO c.test", "MAIL FROM:<>", "RCPT TO:<a@relay.test>", "RCPT TO:<b@relay.test>",
+        b"BDAT 200002 LAST\r\n" + b"x" * 200000, "NOOP"],
     "a multi-recipient bounce, warned": ["EHLO c.test", "MAIL FROM:<>", "RCPT TO:<wmulti@relay.test>",
                                          "RCPT TO:<wmulti@relay.test>"],
     "warn_if_reject, an item and a class": ["EHLO c", "MAIL FROM:<s@remote.test>", "RCPT TO:<warn@relay.test>"],
@@ -108,6 +112,7 @@ def postfix_settings(auth_socket: str) -> dict[str, str]:
         "myhostname": "pf.test", "mydestination": "local.test", "mynetworks": "192.0.2.0/24",
         "local_recipient_maps": "inline:{alice=ok, bob=ok}", "relay_domains": "relay.test",
         "relayhost": "[127.0.0.1]:9", "smtpd_forbid_unauth_pipelining": "no", "smtpd_reject_unlisted_sender": "yes",
+        "message_size_limit": "100000",
         "smtpd_sasl_auth_enable": "yes", "smtpd_sasl_type": "dovecot", "smtpd_sasl_path": auth_socket,
         "smtpd_sender_login_maps": SENDER_LOGINS,
         "smtpd_relay_restrictions": "permit_sasl_authenticated, reject_unauth_destination",
@@ -123,7 +128,7 @@ def mailflow_settings(auth_socket: str) -> dict:
         "local_recipient_maps": ["inline:{alice=ok, bob=ok}"], "relay_domains": ["relay.test"],
         "relayhost": "[127.0.0.1]:9",
         "smtpd": {"forbid_unauth_pipelining": False, "reject_unlisted_sender": True, "error_sleep_time": "0s",
-                  "disable_vrfy_command": False,
+                  "disable_vrfy_command": False, "message_size_limit": 100000,
                   "sasl_auth_enable": True, "sasl_type": "dovecot", "sasl_path": auth_socket,
                   "allow_plaintext_auth_on_loopback": True, "sender_login_maps": [SENDER_LOGINS],
                   "relay_restrictions": ["permit_sasl_authenticated", "reject_unauth_destination"],
@@ -201,6 +206,8 @@ async def test_the_items_reply_and_log_as_postfix_does(postfix, sasl_dovecot, ma
     assert expected["a multi-recipient bounce, by BDAT"][-3:] == [
         "550 5.5.3 <DATA>: Data command rejected: Multi-recipient bounce",
         "551 5.0.0 Discarded 4 bytes after earlier error", "250 2.0.0 Ok"]
+    assert expected["a multi-recipient bounce, a first chunk past the size limit"][-2] == \
+        "550 5.5.3 <DATA>: Data command rejected: Multi-recipient bounce"
     assert expected["a multi-recipient bounce, VRFY after one recipient"][-1].startswith("252 ")
     assert expected["warn_if_reject, an item and a class"][-1] == "250 2.1.5 Ok"
     assert expected["warn_if_reject over a policy's 4.3.x"][-1] == "250 2.1.5 Ok"

@@ -22,9 +22,8 @@ BDAT 521 5.5.4 and the session closes, as in Postfix
 only be read as commands); a refused BDAT's chunk is read and dropped, never taken as commands, and, as in Postfix,
 BDAT 0 without LAST is refused first (551 5.7.1), and a refused chunk other than the last leaves the transaction
 failed: later chunks 551 5.0.0 (LAST ends it), MAIL, RCPT and DATA 503 5.5.1 "after BDAT"; a chunk that would
-take the message past message_size_limit 552 5.3.4 before it is read (Postfix's "Chunk exceeds message size
-limit"); too big 552 5.3.4, a
-NUL 554 5.6.0, a spool that cannot be written 451 4.3.1 / 4.3.0 (`status.error_reply`; logged once), all after the
+take the message past message_size_limit 552 5.3.4 before it is read, after the first chunk's data_restrictions
+(Postfix's "Chunk exceeds message size limit"); too big 552 5.3.4, a NUL 554 5.6.0, a spool that cannot be written 451 4.3.1 / 4.3.0 (`status.error_reply`; logged once), all after the
 end of the content; a bare LF or CR in the content 521 5.5.2 and the session closes; the message is not queued in
 any of these cases.
 """
@@ -109,12 +108,12 @@ class DataCommands(TransactionCommands):
             await self._refused_chunk(size, last, status.bdat_discarded(size))
             return
         refused = self._bdat_refusal()
+        if refused is None and self.envelope.bdat is None:  # the transaction's first chunk: as at DATA (Postfix's
+            answer = await self._call_handler_hook("DATA_COMMAND", "BDAT")  # bdat_cmd: before the chunk's size)
+            refused = answer if isinstance(answer, status.Reply) else None
         if refused is None and self._chunk_too_big(size):
             self.record.lines.bdat_too_big(self.envelope.queue_id, self.session.client)
             refused = status.CHUNK_TOO_BIG
-        if refused is None and self.envelope.bdat is None:  # the transaction's first chunk: as at DATA
-            answer = await self._call_handler_hook("DATA_COMMAND", "BDAT")
-            refused = answer if isinstance(answer, status.Reply) else None
         if refused is not None:
             await self._refused_chunk(size, last, refused)
             return
