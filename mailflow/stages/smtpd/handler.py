@@ -16,7 +16,8 @@ clients (554 5.7.1), unknown users of this host's domains refused (550 5.1.1, na
 This server's address verification probe sender (`probe_sender`; with address_verify_sender_ttl, its stamp of the
 last, this or the next period) skips those checks at RCPT and is kept without its stamp at MAIL and RCPT, as
 Postfix's smtpd does (valid_verify_sender_addr), so that a site verifying our probes' sender is never refused.
-At the end of the message (`handle_DATA`) it runs the data list, then the end_of_data list, then hands a
+At DATA, or a transaction's first BDAT, before any content (`handle_DATA_COMMAND`, Postfix's smtpd_check_data)
+it runs the data list; at the end of the message (`handle_DATA`) the end_of_data list, then hands a
 `Submission` to cleanup and answers 250 only once cleanup has committed it. The session writes the content
 into `new_spool()` as it arrives; the handler sees it whole, as a mailflow.content.Content
 (`Transaction.content`), never as one bytes object. ETRN runs the client and helo lists (delay_reject true) and
@@ -45,7 +46,8 @@ helo lists' to ETRN too).
 
 An in-process policy hook (`policy`, an `SmtpdPolicy`: Postfix's policy delegation without the socket, for
 an application that embeds mailflow) is asked first at MAIL (stage "mail"), at each RCPT ("rcpt") and at the
-end of the message ("data"); it answers with an access(5) action. A refusal (REJECT, DEFER, `NNN [X.Y.Z]
+end of the message ("data": despite its name, after the content, so after the data list, which ran at DATA, and
+before the end_of_data list); it answers with an access(5) action. A refusal (REJECT, DEFER, `NNN [X.Y.Z]
 text`) is the reply (logged like a restriction's); anything else (OK, DUNNO, None) lets the usual checks run.
 A committed message's queue id is left in `Transaction.queued_as` for the session (its transcript).
 
@@ -401,8 +403,9 @@ class SmtpdHandler:
         return not self._config.allow_min_user and address.is_min_user(addr)
 
     async def handle_DATA(self, server, session: SessionState, envelope: Transaction) -> str:
-        """The end of the message: the data and end_of_data lists, the filters (milters, scanners; with
-        sender authentication before the end_of_data list), then cleanup (or DISCARD / HOLD)."""
+        """The end of the message: the policy hook's "data" stage and the end_of_data list (the data list ran at
+        DATA: `handle_DATA_COMMAND`), the filters (milters, scanners; with sender authentication before the
+        end_of_data list), then cleanup (or DISCARD / HOLD)."""
         verdicts = await self._filters.auth_verdicts(session, envelope) if self._filters is not None else None
         refusal = await self._content_refusal(session, envelope, verdicts)
         if refusal is not None:
