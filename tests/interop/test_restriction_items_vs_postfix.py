@@ -34,6 +34,9 @@ CLASSES = {  # smtpd_restriction_classes: one for each recipient of RECIPIENTS
     "c_warn": ["warn_if_reject", "reject_plaintext_session", "warn_if_reject", "c_inner", "reject"],
     "c_inner": ["reject_non_fqdn_helo_hostname", "reject_plaintext_session", "permit"],
     "c_plain": ["reject_plaintext_session"],
+    # a warned DEFER_IF_PERMIT is logged though another is pending; the pending one defers the permit
+    "c_wdefer": ["check_sender_access inline:{ {s@remote.test=DEFER_IF_PERMIT first} }", "warn_if_reject",
+                 "check_recipient_access inline:{ {wdefer@relay.test=DEFER_IF_PERMIT second} }", "permit"],
     # a policy server's default action and an access action's 4.3.0 are policies' verdicts: only warned of
     "c_wpol": ["warn_if_reject", "check_policy_service inet:127.0.0.1:9", "warn_if_reject",
                "check_sender_access inline:{ {s@remote.test=451 4.3.0 busy} }"],
@@ -71,6 +74,8 @@ SESSIONS: dict[str, list[str | bytes | None]] = {
                                          "RCPT TO:<wmulti@relay.test>"],
     "warn_if_reject, an item and a class": ["EHLO c", "MAIL FROM:<s@remote.test>", "RCPT TO:<warn@relay.test>"],
     "warn_if_reject over a policy's 4.3.x": ["EHLO c.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<wpol@relay.test>"],
+    "warn_if_reject over a DEFER_IF_PERMIT, one pending": ["EHLO c.test", "MAIL FROM:<s@remote.test>",
+                                                           "RCPT TO:<wdefer@relay.test>"],
     "plaintext": ["EHLO c.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<plain@relay.test>"],
     "permit_auth_destination": ["EHLO c.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<authdest@relay.test>",
                                 "RCPT TO:<x@elsewhere.test>"],
@@ -211,6 +216,10 @@ async def test_the_items_reply_and_log_as_postfix_does(postfix, sasl_dovecot, ma
     assert expected["a multi-recipient bounce, VRFY after one recipient"][-1].startswith("252 ")
     assert expected["warn_if_reject, an item and a class"][-1] == "250 2.1.5 Ok"
     assert expected["warn_if_reject over a policy's 4.3.x"][-1] == "250 2.1.5 Ok"
+    assert expected["warn_if_reject over a DEFER_IF_PERMIT, one pending"][-1] == \
+        "450 4.7.1 <s@remote.test>: Sender address rejected: first"
+    assert any("reject_warning: " in line and "450 4.7.1 <wdefer@relay.test>: Recipient address rejected: second;"
+               in line for line in postfix.maillog.splitlines())
     assert expected["plaintext"][-1] == "450 4.7.1 Session encryption is required"
     assert expected["permit_auth_destination"][2] == "250 2.1.5 Ok"
     assert expected["permit_auth_destination, logged in"][-1] == \

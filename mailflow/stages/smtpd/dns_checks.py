@@ -195,7 +195,7 @@ class DnsChecks:
         reply = status.unknown_helo_hostname(helo, 450)
         if tempfail_action == "defer":
             return reply
-        facts.defer_if_permit = facts.defer_if_permit or reply
+        facts.raise_defer_if_permit(reply)
         return None
 
     async def _has_host_records(self, name: str) -> bool | None:

@@ -190,10 +190,20 @@ class Facts:
     depth: int = 0  # how many lists (a stage's, restriction classes', access values') are being evaluated
     # warn_if_reject met at this depth (0: none): refusals until its next item is done are only logged
     warn_if_reject: int = 0
+    warned_deferrals: list[status.Reply] = field(default_factory=list)  # raised under warn_if_reject, to be logged
     ill_pipelining: bool = False  # the session broke RFC 2920's pipelining rules (reject_unauth_pipelining)
     # "sender", "recipient": the unknown-user check made for it in this command, not under warn_if_reject (Postfix's
     # sender_rcptmap_checked, recipient_rcptmap_checked): not made again, by an item or the implied check
     listed_checked: set[str] = field(default_factory=set)
+
+    def raise_defer_if_permit(self, reply: status.Reply) -> None:
+        """A DEFER_IF_PERMIT met: the first one is kept (Postfix's defer_if); under warn_if_reject it is only
+        held in `warned_deferrals` for its reject_warning line, whatever is pending (Postfix's DEFER_IF_PERMIT
+        macros call smtpd_check_reject then)."""
+        if self.warn_if_reject:
+            self.warned_deferrals.append(reply)
+        elif self.defer_if_permit is None:
+            self.defer_if_permit = reply
     encrypted: bool = False  # the session is under TLS (reject_plaintext_session)
 
 
@@ -445,11 +455,10 @@ class Restrictions:
         action) is only a policy's verdict and is."""
         if not facts.warn_if_reject:
             return await self._evaluate(name, arg, stage, facts, subject)
-        deferral = facts.defer_if_permit
         answer = await self._evaluate(name, arg, stage, facts, subject)
-        if facts.defer_if_permit is not deferral:
-            self._warn(facts.defer_if_permit, facts, stage)
-            facts.defer_if_permit = deferral
+        for deferral in facts.warned_deferrals:
+            self._warn(deferral, facts, stage)
+        facts.warned_deferrals.clear()
         if isinstance(answer, status.Reply) and not answer.server_fault:
             self._warn(answer, facts, stage)
             return None
@@ -746,8 +755,7 @@ class Restrictions:
                 facts.marks.hold_logged = True
             return None
         if upper == "DEFER_IF_PERMIT":
-            facts.defer_if_permit = facts.defer_if_permit or status.conditional_deferral(
-                name, what, *split_dsn(text, "4.7.1", what))
+            facts.raise_defer_if_permit(status.conditional_deferral(name, what, *split_dsn(text, "4.7.1", what)))
             return None
         if upper == "DEFER_IF_REJECT":
             facts.defer_if_reject = facts.defer_if_reject or status.conditional_deferral(
@@ -947,7 +955,7 @@ class Restrictions:
         the recipient still wins)."""
         if self._greylist is not None and facts.recipient and facts.sender is not None and \
                 not await self._greylist.check(facts.client_addr, facts.sender, facts.recipient):
-            facts.defer_if_permit = facts.defer_if_permit or status.greylisted(facts.recipient)
+            facts.raise_defer_if_permit(status.greylisted(facts.recipient))
 
     async def _spf_fail(self, facts: Facts):
         """reject_spf_fail: the sender's SPF record says this client may not send for it (550 5.7.23)."""
@@ -997,7 +1005,7 @@ class Restrictions:
         reply = status.unverified_address(addr, what, code, dsn, text)
         if getattr(smtpd, f"unverified_{kind}_tempfail_action") == "defer":
             return reply
-        facts.defer_if_permit = facts.defer_if_permit or reply
+        facts.raise_defer_if_permit(reply)
         return None
 
     async def _policy(self, spec: str, stage: str, facts: Facts, subject: tuple[str, str] | None = None):
