@@ -199,11 +199,13 @@ def test_sender_login_rules_without_and_with_maps():
     class Anon:
         authenticated, auth_data = False, None
 
-    bare = SenderLogins([], resolve=str, own_address_without_maps=True)  # the [smtpd] reject_sender_login_mismatch setting's
+    # the [smtpd] reject_sender_login_mismatch setting's
+    bare = SenderLogins([], resolve=str, own_address_without_maps=True)
     assert not bare.sender_login_mismatch(S, "Alice@local.test")
     assert bare.sender_login_mismatch(S, "bob@local.test")
     assert not bare.sender_login_mismatch(Anon, "bob@local.test")
-    assert SenderLogins([], resolve=str).refusal("bob@local.test", "alice@local.test") is None  # the list items': Postfix's
+    # the list items': Postfix's
+    assert SenderLogins([], resolve=str).refusal("bob@local.test", "alice@local.test") is None
     maps = SenderLogins([InlineTable("inline:t", {"bob@local.test": "bob"})], resolve=str)
     assert maps.sender_login_mismatch(Anon, "bob@local.test")  # owned, client not logged in
     assert maps.sender_login_mismatch(S, "carol@local.test")  # logged in, owns nothing listed

@@ -21,11 +21,12 @@ What it owns
 - `SenderLogins.refusal(sender, login, authenticated=, unauthenticated=, allow_unknown=)`: Postfix's
   reject_*sender_login_mismatch with `sender_login_maps` (sender address or @domain -> logins, separated by
   commas or spaces), asked the sender as `resolve` (given when built: trivial-rewrite's resolved_address) makes
-  it, as Postfix's smtpd_resolve_addr (qualified, the percent hack applied): the one check behind the [smtpd] reject_sender_login_mismatch setting and the restriction
-  items: a mismatch when the maps name owners and the client is not logged in, or when the client is logged in
-  and its login does not own the sender. The null sender never mismatches. Without maps the items refuse
-  nothing (Postfix); the setting's instance (`own_address_without_maps`) lets a login own only the address
-  equal to it. `sender_login_mismatch(session, sender)`: the setting's question, as a bool.
+  it, as Postfix's smtpd_resolve_addr (qualified, the percent hack applied): the one check behind the [smtpd]
+  reject_sender_login_mismatch setting and the restriction items: a mismatch when the maps name owners and the
+  client is not logged in, or when the client is logged in and its login does not own the sender. The null
+  sender never mismatches. Without maps the items refuse nothing (Postfix); the setting's instance
+  (`own_address_without_maps`) lets a login own only the address equal to it, as written or resolved.
+  `sender_login_mismatch(session, sender)`: the setting's question, as a bool.
 
 Failure behaviour: a table that cannot answer, or a Dovecot that is down, silent past its timeout or answers
 `temp`, raises nothing here: AUTH answers 454 4.7.0 (try later), logged with the reason, and the attempt does

@@ -23,9 +23,9 @@ only be read as commands); a refused BDAT's chunk is read and dropped, never tak
 BDAT 0 without LAST is refused first (551 5.7.1), and a refused chunk other than the last leaves the transaction
 failed: later chunks 551 5.0.0 (LAST ends it), MAIL, RCPT and DATA 503 5.5.1 "after BDAT"; a chunk that would
 take the message past message_size_limit 552 5.3.4 before it is read, after the first chunk's data_restrictions
-(Postfix's "Chunk exceeds message size limit"); too big 552 5.3.4, a NUL 554 5.6.0, a spool that cannot be written 451 4.3.1 / 4.3.0 (`status.error_reply`; logged once), all after the
-end of the content; a bare LF or CR in the content 521 5.5.2 and the session closes; the message is not queued in
-any of these cases.
+(Postfix's "Chunk exceeds message size limit"); too big 552 5.3.4, a NUL 554 5.6.0, a spool that cannot be
+written 451 4.3.1 / 4.3.0 (`status.error_reply`; logged once), all after the end of the content; a bare LF or
+CR in the content 521 5.5.2 and the session closes; the message is not queued in any of these cases.
 """
 from __future__ import annotations
 
