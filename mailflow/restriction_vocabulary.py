@@ -98,7 +98,8 @@ SERVER_ACCESS_CHECKS = {f"check_{subject}_{rr}_access": (subject.removesuffix("_
 DNSWL_CHECKS = {"permit_dnswl_client": "client", "permit_rhswl_client": "client_name"}  # -> what is looked up
 REVERSE_CLIENT_ACCESS = "check_reverse_client_hostname_access"  # check_client_access's keys, of the PTR name
 WITHOUT_ARGUMENT += ("reject_unknown_helo_hostname", "reject_unknown_hostname", "permit_mx_backup")
-LOGGED_PERMITS = (*DNSWL_CHECKS, "permit_mx_backup")  # the permits smtpd.log_access_permit_actions may name
+# the permits smtpd.log_access_permit_actions may name
+LOGGED_PERMITS = (*DNSWL_CHECKS, "permit_mx_backup", "permit_auth_destination", "permit_naked_ip_address")
 WITH_ARGUMENT += tuple(SERVER_ACCESS_CHECKS) + tuple(DNSWL_CHECKS) + (REVERSE_CLIENT_ACCESS,)
 # Restrictions that need a filter of [greylist] / [sender_auth], set up when a list (or a class it names) names
 # them: one named only in an access table's value has none

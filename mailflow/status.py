@@ -221,10 +221,10 @@ def unauth_pipelining(name: str, what: str) -> Reply:
     return restriction_rejected(503, "5.5.0", name, what, "Improper use of SMTP command pipelining")
 
 
-def multi_recipient_bounce(name: str, what: str) -> Reply:
-    """reject_multi_recipient_bounce: the null sender with more than one recipient (Postfix's
-    multi_recipient_bounce_reject_code 550)."""
-    return restriction_rejected(550, "5.5.3", name, what, "Multi-recipient bounce")
+def multi_recipient_bounce(name: str, what: str, code: int = 550) -> Reply:
+    """reject_multi_recipient_bounce: the null sender with more than one recipient (`code`: Postfix's
+    multi_recipient_bounce_reject_code, 550; the enhanced code takes its class, X.5.3, as Postfix's reply does)."""
+    return restriction_rejected(code, f"{code // 100}.5.3", name, what, "Multi-recipient bounce")
 
 
 def encryption_required(code: int) -> Reply:

@@ -193,6 +193,7 @@ class SmtpdConfig(SmtpdFilterSettings):
     # reject_plaintext_session's code
     reject_unlisted_sender: bool = False
     plaintext_reject_code: int = Field(450, ge=400, le=599)
+    multi_recipient_bounce_reject_code: int = Field(550, ge=400, le=599)  # reject_multi_recipient_bounce's code
     unknown_address_reject_code: int = Field(450, ge=400, le=599)
     # reject_unknown_helo_hostname (Postfix's unknown_hostname_reject_code, unknown_helo_hostname_tempfail_action):
     # the code for a HELO name without A, AAAA or MX record; when the DNS cannot tell, 450 as a DEFER_IF_PERMIT
@@ -203,8 +204,8 @@ class SmtpdConfig(SmtpdFilterSettings):
     # permit_mx_backup_networks; mynetworks' syntax).
     permit_mx_backup_networks: Networks = ()
     # The permit actions whose permits are logged (`permit: RCPT from …: action=permit_dnswl_client for Client
-    # host=… ; from=<…> …`; Postfix's smtpd_log_access_permit_actions): of permit_dnswl_client, permit_rhswl_client and
-    # permit_mx_backup.
+    # host=… ; from=<…> …`; Postfix's smtpd_log_access_permit_actions): of permit_dnswl_client, permit_rhswl_client,
+    # permit_mx_backup, permit_auth_destination and permit_naked_ip_address.
     log_access_permit_actions: tuple[str, ...] = ()
     # reject_unlisted_recipient: the code for a user its class's table does not list (Postfix's names; 450 while
     # testing a table: the client tries again), the enhanced code's class following it.

@@ -244,3 +244,44 @@ async def test_the_items_reply_and_log_as_postfix_does(postfix, sasl_dovecot, ma
         "553 5.7.1 <bob%local.test@local.test>: Sender address rejected: not owned by user alice@example.test"]
     assert expected["sender logins, logged in"][-1] == \
         "554 5.7.1 <alice@example.test>: SASL login name rejected: no alice"
+
+
+CODE_AND_PERMITS = {  # multi_recipient_bounce_reject_code, and the permits log_access_permit_actions may log
+    "restrictions": "reject_multi_recipient_bounce, permit_naked_ip_address, permit_auth_destination, reject",
+    "sessions": [["EHLO c.test", "MAIL FROM:<>", "RCPT TO:<alice@local.test>", "RCPT TO:<bob@local.test>"],
+                 ["EHLO 1.2.3.4", "MAIL FROM:<s@remote.test>", "RCPT TO:<alice@local.test>"]],
+}
+PERMIT_OR_REJECT = (": reject: ", ": permit: ")
+
+
+async def test_the_bounce_code_and_logged_permits_as_postfix(mailflow_server, caplog):
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    permits = ["permit_auth_destination", "permit_naked_ip_address"]
+    main_cf = {"mydestination": "local.test", "local_recipient_maps": "inline:{alice=ok, bob=ok}",
+               "multi_recipient_bounce_reject_code": "450", "smtpd_log_access_permit_actions": ", ".join(permits),
+               "smtpd_relay_restrictions": "", "smtpd_recipient_restrictions": CODE_AND_PERMITS["restrictions"]}
+    async with postfix_instance(main_cf) as postfix:
+        expected = [await replay_one(postfix.port, s) for s in CODE_AND_PERMITS["sessions"]]
+        await asyncio.sleep(1)  # (Postfix writes its log through postlogd)
+        postfix_lines = postfix.maillog.splitlines()
+    mf = await mailflow_server(mydestination=["local.test"], local_recipient_maps=["inline:{alice=ok, bob=ok}"], smtpd={
+        "multi_recipient_bounce_reject_code": 450, "log_access_permit_actions": permits, "error_sleep_time": "0s",
+        "relay_restrictions": [], "recipient_restrictions": CODE_AND_PERMITS["restrictions"].split(", ")})
+    got = [await replay_one(mf.smtp_addresses[0][1], s) for s in CODE_AND_PERMITS["sessions"]]
+    assert got == expected
+    assert expected[0][-1] == "450 4.5.3 <bob@local.test>: Recipient address rejected: Multi-recipient bounce"
+    theirs = logged_lines(postfix_lines)
+    assert logged_lines(r.getMessage() for r in caplog.records) == theirs and len(theirs) == 3
+
+
+async def replay_one(port: int, commands: list[str]) -> list[str]:
+    client = await SmtpClient.connect(port)
+    replies = [(await client.cmd(command)).text for command in commands]
+    await client.close()
+    return [r.split("\r\n")[-1] if r.startswith("250") and "\r\n" in r else r for r in replies][1:]
+
+
+def logged_lines(lines) -> list[str]:
+    """The permit and reject lines, without syslog's prefix, a queue id as QID."""
+    return [QUEUE_ID.sub("QID: ", line.split("]: ", 1)[-1] if "/smtpd[" in line else line) for line in lines
+            if any(mark in line for mark in PERMIT_OR_REJECT)]

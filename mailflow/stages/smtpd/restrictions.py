@@ -15,7 +15,8 @@ What it owns
   permit_rhswl_client, the unknown client name, HELO name and address domain checks) and server_checks.py's
   (check_*_{mx,ns,a}_access: this module asks the table with each server it names, and refuses an OK as Postfix's
   forbid_allowlist does, 451 4.3.5, as for check_reverse_client_hostname_access; permit_mx_backup). A permit of
-  permit_dnswl_client, permit_rhswl_client or permit_mx_backup is logged when log_access_permit_actions names it;
+  permit_dnswl_client, permit_rhswl_client, permit_mx_backup, permit_auth_destination or permit_naked_ip_address
+  is logged when log_access_permit_actions names it;
   the inbound filters' (docs/filtering.md):
   check_greylist (450 4.2.0 as a DEFER_IF_PERMIT, postgrey's answer; mailflow.filters.greylist),
   reject_spf_fail (550 5.7.23) and, at end of data, reject_dmarc_policy (p=reject: 550 5.7.1; p=quarantine:
@@ -26,8 +27,9 @@ What it owns
   ... undeliverable address: <why>` with a 5xx reject code; a deliverable address has no opinion.
 - The items that ask the session (Postfix smtpd_check.c's words and codes): reject_unauth_pipelining (503 5.5.0,
   `facts.ill_pipelining`: the violation protocol.py logs), reject_plaintext_session (plaintext_reject_code,
-  `facts.encrypted`), reject_multi_recipient_bounce (550 5.5.3: the null sender, a second recipient),
-  permit_auth_destination, permit_naked_ip_address (deprecated: logged at each use); reject_unlisted_sender
+  `facts.encrypted`), reject_multi_recipient_bounce (multi_recipient_bounce_reject_code 550, 5.5.3: the null
+  sender, at an RCPT after one was accepted), permit_auth_destination, permit_naked_ip_address (deprecated:
+  logged at each use); reject_unlisted_sender
   (`_unlisted` asked for the sender: 550 5.1.0 `Sender address rejected`; also implied after the sender list
   with smtpd_reject_unlisted_sender, unless that list refused; `_listed`: it and reject_unlisted_recipient, items
   or implied, check nothing under receive_override_options = no_unknown_recipient_checks, nor an address the
@@ -566,15 +568,18 @@ class Restrictions:
             return status.unauth_pipelining(*(subject or self._subject(stage, facts))) if facts.ill_pipelining \
                 else None
         if name == "reject_multi_recipient_bounce":  # (at RCPT the count holds this recipient)
-            return status.multi_recipient_bounce(*(subject or self._subject(stage, facts))) \
+            return status.multi_recipient_bounce(*(subject or self._subject(stage, facts)),
+                                                 self._smtpd.multi_recipient_bounce_reject_code) \
                 if facts.sender == "" and facts.recipient_count > 1 else None
         if name == "reject_plaintext_session":
             return None if facts.encrypted else status.encryption_required(self._smtpd.plaintext_reject_code)
         if name == "permit_auth_destination":
             rcpt = facts.recipient
-            return PERMIT if rcpt and self._rewriter.classify(rcpt) is not AddressClass.DEFAULT else None
+            return self._permitted(name, SUBJECT["recipient"], rcpt, facts, stage) \
+                if rcpt and self._rewriter.classify(rcpt) is not AddressClass.DEFAULT else None
         if name == "permit_naked_ip_address":
-            return naked_ip_address(facts.helo)
+            answer = naked_ip_address(facts.helo)
+            return self._permitted(name, SUBJECT["helo"], facts.helo, facts, stage) if answer == PERMIT else answer
         return _UNHANDLED
 
     def certificate_permits(self, name: str, cert: ClientCert | None, encryption_protocol: str) -> bool:
