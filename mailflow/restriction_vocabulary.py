@@ -188,14 +188,18 @@ def expand(items: Iterable[str], classes: Mapping[str, Iterable[str]], *, warned
 
 
 def _kept(items: Iterable[str], warned: bool) -> list[str]:
+    """`items`, or (`warned` False) without each warn_if_reject and the one item after it: Postfix's has_required
+    skips the word after a warn_if_reject, so in `warn_if_reject, warn_if_reject, X` it skips the second one and
+    counts X."""
     kept: list[str] = []
     skip = False
     for item in items:
-        name = split_item(item)[0]
-        if not warned and (skip or name == WARN_IF_REJECT):
-            skip = name == WARN_IF_REJECT
-            continue
-        kept.append(item)
+        if skip:
+            skip = False
+        elif not warned and split_item(item)[0] == WARN_IF_REJECT:
+            skip = True
+        else:
+            kept.append(item)
     return kept
 
 

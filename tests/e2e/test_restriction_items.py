@@ -173,3 +173,11 @@ def test_a_warned_relay_guard_guards_nothing():
         config_from_dict({"smtpd": relay})
     relay["relay_restrictions"].append("reject_unauth_destination")
     config_from_dict({"smtpd": relay})
+
+
+def test_a_warn_if_reject_after_another_is_the_one_skipped():
+    """has_required skips the one word after a warn_if_reject: in `warn_if_reject, warn_if_reject,
+    reject_unauth_destination` that word is the second warn_if_reject, and the guard counts (as Postfix's smtpd
+    starts with it)."""
+    config_from_dict({"smtpd": {"relay_restrictions": ["permit_mynetworks", "warn_if_reject", "warn_if_reject",
+                                                       "reject_unauth_destination"]}})
