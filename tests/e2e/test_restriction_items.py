@@ -52,6 +52,19 @@ async def test_sasl_items_are_ignored_and_logged_without_auth(mailflow_server, c
     assert "restriction `check_sasl_access' ignored: no SASL support" in warnings
 
 
+async def test_a_sender_login_item_is_logged_as_ignored_for_the_null_sender_too(mailflow_server, caplog):
+    """Postfix's generic_checks warns before it looks at the sender."""
+    caplog.set_level(logging.WARNING, logger="mailflow.smtpd")
+    mf = await mailflow_server(smtpd={"recipient_restrictions": ["reject_unauthenticated_sender_login_mismatch"]})
+    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    await client.cmd(HELLO)
+    await client.cmd("MAIL FROM:<>")
+    assert (await client.cmd("RCPT TO:<postmaster@local.test>")).code == 250
+    await client.close()
+    assert "restriction `reject_unauthenticated_sender_login_mismatch' ignored: no SASL support" in \
+        [r.getMessage() for r in caplog.records]
+
+
 async def test_the_sender_login_setting_asks_the_maps_the_resolved_sender(mailflow_server, users):
     """The [smtpd] reject_sender_login_mismatch setting is the items' check: sender_login_maps are asked the sender
     qualified and with the percent hack applied (Postfix's smtpd_resolve_addr), at MAIL."""

@@ -649,11 +649,12 @@ class Restrictions:
     def _sender_login(self, name: str, facts: Facts) -> status.Reply | None:
         """reject_*sender_login_mismatch (SENDER_LOGIN_CHECKS): the one check of auth.SenderLogins, with
         sender_login_maps asked the sender as Postfix resolves it first (`user` is `user@myorigin`, the percent
-        hack applied); the null sender passes. Without AUTH on the listener Postfix ignores the item, logged."""
-        if not facts.sender:
-            return None
+        hack applied); the null sender passes. Without AUTH on the listener Postfix ignores the item, logged
+        whatever the sender (the null one too)."""
         if not self._smtpd.sasl_auth_enable:
             log.warning("restriction `%s' ignored: no SASL support", name)
+            return None
+        if not facts.sender:
             return None
         authenticated, unauthenticated, allow_unknown = SENDER_LOGIN_CHECKS[name]
         try:
