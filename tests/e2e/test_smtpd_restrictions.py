@@ -7,10 +7,9 @@ import logging
 import re
 import time
 
-import aiosmtplib
 
 from mailflow import status
-from tests.support import free_port, maildir_messages, queue_becomes, rcpt_reply, send
+from tests.support import SmtpClient, free_port, maildir_messages, queue_becomes, rcpt_reply, send
 
 MESSAGE = b"Subject: t\r\n\r\nhello\r\n"
 POLICY_ACTIONS = {  # recipient -> the policy server's answer
@@ -146,15 +145,19 @@ async def test_a_message_held_on_arrival_gets_qmgrs_from_line_when_it_is_release
     assert len(maildir_messages(tmp_path / "mail" / "alice" / "Maildir")) == 1
 
 
-async def test_data_restrictions_refuse_the_message(mailflow_server):
+async def test_data_restrictions_refuse_the_data_command(mailflow_server):
+    """Postfix's smtpd_check_data runs at DATA: the refusal is DATA's reply, no 354 comes, no content is read, and
+    the transaction stays open (its sender and recipients kept: a second DATA is refused the same way, RSET ends
+    it)."""
     mf = await mailflow_server(smtpd={"data_restrictions": ["check_sender_access inline:{s@remote.test=REJECT}"]})
-    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=mf.smtp_addresses[0][1], timeout=10) as client:
-        await client.mail("s@remote.test")
-        await client.rcpt("alice@local.test")
-        try:
-            await client.data(MESSAGE)
-            code = 250
-        except aiosmtplib.SMTPDataError as e:
-            code, text = e.code, e.message
-    assert f"{code} {text}" == str(status.access_denied("s@remote.test", "Sender address"))
+    refusal = status.access_denied("s@remote.test", "Sender address")
+    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    await client.cmd("EHLO client.test")
+    await client.cmd("MAIL FROM:<s@remote.test>")
+    await client.cmd("RCPT TO:<alice@local.test>")
+    assert await client.cmd("DATA") == refusal
+    assert (await client.cmd("MAIL FROM:<t@remote.test>")).text == "503 5.5.1 Error: nested MAIL command"
+    assert await client.cmd("DATA") == refusal
+    assert (await client.cmd("RSET")).code == 250
+    await client.close()
     assert await mf.store.counts() == {}
