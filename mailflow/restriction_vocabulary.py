@@ -75,9 +75,11 @@ ACCESS_CHECKS = {  # check_*_access -> what its keys are made of
 CLIENT_CERT_PERMITS = ("permit_tls_clientcerts", "permit_tls_all_clientcerts")
 ACCESS_CHECKS["check_ccert_access"] = "ccert"
 WITHOUT_ARGUMENT += CLIENT_CERT_PERMITS
-# The sender-login items (Postfix's reject_*sender_login_mismatch): name -> (refuse a client logged in that does
-# not own the sender, refuse one not logged in when the maps name owners, let a logged-in client use a sender no
-# map lists); reject_sender_login_mismatch is Postfix's class of the first and the last
+# The sender-login items (Postfix's reject_*sender_login_mismatch): name -> (authenticated: refuse a client logged
+# in that does not own the sender; unauthenticated: refuse a client not logged in when the maps name an owner;
+# allow_unknown: let a logged-in client use a sender no map lists), auth.SenderLogins.refusal's keywords.
+# reject_sender_login_mismatch is reject_authenticated_sender_login_mismatch and
+# reject_unauthenticated_sender_login_mismatch together, as Postfix documents it
 SENDER_LOGIN_CHECKS = {
     "reject_sender_login_mismatch": (True, True, False),
     "reject_authenticated_sender_login_mismatch": (True, False, False),
