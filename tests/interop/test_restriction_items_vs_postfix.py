@@ -7,7 +7,8 @@ smtpd_reject_unlisted_sender), the four sender-login items with sender_login_map
 Each item is a restriction class that check_recipient_access names for one recipient (`<item>@relay.test`), so
 one configuration serves every session. Every reply from MAIL on is compared (code, enhanced code and text), and
 so are the `reject` and `reject_warning` log lines (queue ids masked) and permit_naked_ip_address's deprecation
-warning. One Postfix and one Dovecot serve the module; each test starts its mailflow.
+warning. One Postfix and one Dovecot serve the module; each test starts its mailflow. A second, plain Postfix
+compares multi_recipient_bounce_reject_code and the permits log_access_permit_actions logs.
 
 Not compared: the EHLO replies (the keywords differ on purpose: docs/security.md); a session under TLS (the e2e
 tests of tests/e2e/test_restriction_items.py check reject_plaintext_session's pass there).
