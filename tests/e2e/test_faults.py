@@ -135,18 +135,20 @@ async def test_sendmail_from_another_directory_with_a_relative_queue_directory_r
 
 # ---------------------------------------------------------------------------------------------- the store locked
 
-# Four times the store's busy timeout (mailflow/store/engine.py BUSY_TIMEOUT, 5 s: a write waits that long for
-# the lock, then fails): the results' first write fails, then qmgr's probes of the store (faults.Retrier: one
-# per backoff, from 0.5 s doubling, each waiting out a busy timeout) fail too, and the probe waiting when the lock
-# goes takes it. A longer lock only adds failed probes: the 45 s this test held it before waited backoffs of 0.5 to
-# 8 s and never the 10 s cap (which tests/unit/test_faults.py tests).
-LOCK_SECONDS = 20.0
+# Long enough for a failed write and a failed probe (mailflow/store/engine.py BUSY_TIMEOUT, 5 s: a write waits that
+# long for the lock, then fails): the results' first write fails about 5 s in, qmgr's first probe of the store
+# (faults.Retrier: one per backoff, from 0.5 s doubling, each waiting out a busy timeout) fails about 10.5 s in, and
+# the probe waiting when the lock goes (from about 11.5 s) takes it. A longer lock only adds failed probes (20 s
+# had two, the 45 s this test once held it four, with backoffs of 0.5 to 8 s, never the 10 s cap, which
+# tests/unit/test_faults.py tests; tests/component/test_qmgr_faults.py fails many probes of a real lock with
+# injected timeouts).
+LOCK_SECONDS = 12.0
 
 
 @pytest.mark.timeout(LOCK_SECONDS + 25)  # a deliberately long test: the lock, then at most a backoff cap
 async def test_the_queue_locked_by_another_process_past_the_busy_timeout_loses_and_repeats_nothing(servers, smtp_peer,
                                                                                                   tmp_path):
-    """A deliberate long fault (about 22 s): results wait in memory while another process holds the database
+    """A deliberate long fault (about 14 s): results wait in memory while another process holds the database
     lock, the server keeps answering, and they are recorded once the lock goes; nothing is delivered twice.
     (tests/component/test_qmgr_faults.py has the short variant, with injected timeouts.)"""
     peer = await smtp_peer()
