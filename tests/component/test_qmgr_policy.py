@@ -195,7 +195,7 @@ async def test_the_bounce_of_many_recipients_is_written_off_the_event_loop(sim, 
 
 
 async def test_one_delay_notice_then_the_bounce(sim):
-    s = await sim(delay_warning_time=4 * HOUR, maximal_queue_lifetime=DAY)
+    s = await sim(delay_warning_time=4 * HOUR, maximal_queue_lifetime=DAY, queue_run_delay=DAY)  # (as above)
     s.smtp.script = lambda req, now: ((Outcome.DEFERRED, "4.4.1", "no route", True) if req.sender
                                       else (Outcome.SENT, "2.0.0", "250 ok", True))
     await s.submit("alice@remote.test", "bob@far.test")
