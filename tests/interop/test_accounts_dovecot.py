@@ -17,6 +17,7 @@ import imaplib
 import os
 import poplib
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -36,6 +37,10 @@ from tests.interop.test_dovecot_lmtp import added_headers, stop, wait_for_listen
 pytestmark = pytest.mark.interop
 
 MAIL_UID = 65534  # nobody: Dovecot refuses uid 0 for mail
+# Where the logins meant to fail come from, each its own address: Dovecot's auth penalty (per client address: a
+# login after a failure waits 2 s, doubling) held whichever of them began after another had failed, and the logins
+# after them, some runs and not others (a test of 5 s took 9 s or 14 s).
+SMTP_FAILING, IMAP_FAILING, POP3_FAILING = "127.0.0.2", "127.0.0.3", "127.0.0.4"
 MESSAGE = (
     b"From: Sender <sender@remote.test>\r\n"
     b"To: alice@example.test\r\n"
@@ -96,15 +101,17 @@ class World:
             pop.quit()
 
     def imap_login_fails(self, user: str, password: str) -> bool:
+        """From IMAP_FAILING."""
         try:
-            with imaplib.IMAP4_SSL("127.0.0.1", self.imaps_port, ssl_context=self.tls(), timeout=10) as imap:
+            with _ImapFrom(IMAP_FAILING, "127.0.0.1", self.imaps_port, ssl_context=self.tls(), timeout=10) as imap:
                 imap.login(user, password)
         except imaplib.IMAP4.error as e:
             return "AUTHENTICATIONFAILED" in str(e)
         return False
 
     def pop3_login_fails(self, user: str, password: str) -> bool:
-        pop = poplib.POP3("127.0.0.1", self.pop3_port, timeout=10)
+        """From POP3_FAILING."""
+        pop = _Pop3From(POP3_FAILING, "127.0.0.1", self.pop3_port, timeout=10)
         try:
             pop.stls(context=self.tls())
             pop.user(user)
@@ -120,10 +127,33 @@ class World:
             stop(self.proc)
 
 
-async def auth_reply(world: World, port: int, user: str, password: str) -> int:
-    """The code AUTH PLAIN gets on a submission listener, after STARTTLS."""
+class _ImapFrom(imaplib.IMAP4_SSL):
+    """IMAP4_SSL connecting from the loopback address `source`."""
+
+    def __init__(self, source: str, *args, **kwargs):
+        self.source = source
+        super().__init__(*args, **kwargs)
+
+    def _create_socket(self, timeout):
+        sock = socket.create_connection((self.host, self.port), timeout, source_address=(self.source, 0))
+        return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+
+
+class _Pop3From(poplib.POP3):
+    """POP3 connecting from the loopback address `source`."""
+
+    def __init__(self, source: str, *args, **kwargs):
+        self.source = source
+        super().__init__(*args, **kwargs)
+
+    def _create_socket(self, timeout):
+        return socket.create_connection((self.host, self.port), timeout, source_address=(self.source, 0))
+
+
+async def auth_reply(world: World, port: int, user: str, password: str, source: str = "127.0.0.1") -> int:
+    """The code AUTH PLAIN gets on a submission listener, after STARTTLS, from the loopback address `source`."""
     async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=True, tls_context=world.tls(),
-                               timeout=15) as client:
+                               timeout=15, source_address=(source, 0)) as client:
         await client.ehlo()  # the one after STARTTLS
         try:
             return (await client.auth_plain(user, password)).code
@@ -241,8 +271,8 @@ async def test_one_account_for_delivery_imap_pop3_and_submission(world, mailflow
                          stdin="second-password\n").returncode == 0
     await asyncio.sleep(CHECK_INTERVAL + 0.1)  # mailflow sees a change within CHECK_INTERVAL
     old = await asyncio.gather(
-        auth_reply(world, own_check, "alice@example.test", "first-password"),
-        auth_reply(world, dovecot_check, "alice@example.test", "first-password"),
+        auth_reply(world, own_check, "alice@example.test", "first-password", source=SMTP_FAILING),
+        auth_reply(world, dovecot_check, "alice@example.test", "first-password", source=SMTP_FAILING),
         asyncio.to_thread(world.imap_login_fails, "alice@example.test", "first-password"),
         asyncio.to_thread(world.pop3_login_fails, "alice@example.test", "first-password"))
     assert old == [535, 535, True, True]
