@@ -569,10 +569,11 @@ async def test_a_token_that_is_no_queue_id_is_skipped_with_a_warning(dead_relay)
 async def test_a_bare_change_is_refused(dead_relay):
     mf, config, _ = dead_relay
     qid = await submit(mf, "someone@remote.test", ["bob@relay.test"])
-    for command in ("hold", "release", "requeue", "delete"):
-        rc, out, err = await queue(config, command)
-        assert rc == 2 and out == "" and "say which messages" in err, command
-    rc, _, err = await queue(config, "delete", "--older-than", "soon")
+    commands = ("hold", "release", "requeue", "delete")
+    *bare, (rc, _, err) = await asyncio.gather(  # each refused before it changes anything: they run at once
+        *(queue(config, command) for command in commands), queue(config, "delete", "--older-than", "soon"))
+    for command, (code, out, error) in zip(commands, bare):
+        assert code == 2 and out == "" and "say which messages" in error, command
     assert rc == 2 and "--older-than" in err
     assert await queue_state(mf, qid) is not None
 
@@ -680,25 +681,29 @@ async def test_a_damaged_queue_row_is_listed_marked_warned_about_once_and_the_to
                                                   f"{damage[qid]} (`mailflow queue delete` removes it)"
                                                   for qid in qids), err
 
-    rc, out, err = await queue(config, "list")
+    # the tools only read here: they run at once (a Python start each)
+    listing, as_json, mailq_json, shown_odd, shown_sound, shape = await asyncio.gather(
+        queue(config, "list"), queue(config, "list", "--json"), cli(config, "mailq", "-j"),
+        queue(config, "show", odd), queue(config, "show", sound), queue(config, "shape", "--queue", "deferred"))
+    rc, out, err = listing
     assert rc == 0 and all(qid in out for qid in ids) and "-- 0 Kbytes in 4 Requests." in out, out
     assert out.count("(damaged queue row: ") == 3 and f"(damaged queue row: {damage[late]})" in out
     warned("list", err, late, small, odd)
-    rc, out, err = await queue(config, "list", "--json")
+    rc, out, err = as_json
     assert rc == 0
     listed = {m["id"]: m for m in json.loads(out)}
     assert listed.keys() == set(ids) and "damaged" not in listed[sound]
     assert {qid: listed[qid]["damaged"] for qid in damage} == damage
     warned("list", err, late, small, odd)
-    rc, out, err = await cli(config, "mailq", "-j")
+    rc, out, err = mailq_json
     assert rc == 0 and {json.loads(line)["queue_id"] for line in out.splitlines()} == set(ids)
     warned("list", err, late, small, odd)
-    rc, out, err = await queue(config, "show", odd)
+    rc, out, err = shown_odd
     assert rc == 0 and f"damaged:        {damage[odd]}" in out and "  status:       odd" in out, out
     warned("show", err, odd)
-    rc, out, err = await queue(config, "show", sound)
+    rc, out, err = shown_sound
     assert (rc, err) == (0, "") and "damaged" not in out and f"queue_id:       {sound}" in out
-    rc, out, err = await queue(config, "shape", "--queue", "deferred")
+    rc, out, err = shape
     assert rc == 0 and err == "" and "TOTAL" in out
 
 
@@ -720,13 +725,15 @@ async def test_text_that_is_not_utf8_in_a_queue_row_is_listed_as_damaged(write_c
         con.execute("UPDATE message SET sender = CAST(x'ff61' AS TEXT) WHERE id = ?", (bad,))
         con.execute("UPDATE recipient SET address = CAST(x'ff62' AS TEXT) WHERE message_id = ?", (bad,))
     damage = "sender is b'\\xffa', not text; recipient \ufffdb: address is b'\\xffb', not text"
-    rc, out, err = await cli(config, "mailq")
+    mailq, as_json, shown = await asyncio.gather(  # (they only read: at once)
+        cli(config, "mailq"), queue(config, "list", "--json"), queue(config, "show", bad))
+    rc, out, err = mailq
     assert rc == 0 and "Traceback" not in err and sound in out and bad in out and "\ufffda" in out, (out, err)
     assert err == (f"mailflow queue list: warning: {bad}: damaged queue row: {damage}"
                    " (`mailflow queue delete` removes it)\n"), err
-    rc, out, err = await queue(config, "list", "--json")
+    rc, out, err = as_json
     assert {m["id"]: m.get("damaged") for m in json.loads(out)} == {sound: None, bad: damage}
-    rc, out, err = await queue(config, "show", bad)
+    rc, out, err = shown
     assert "damaged:        sender is b'\\xffa', not text" in out and "\ufffdb" in out, (out, err)
 
 
@@ -761,11 +768,10 @@ async def listed(config, *args: str) -> set[str]:
 async def test_selectors_pick_the_right_subset(mixed):
     mf, config, ids = mixed
     A, B, C, D = ids["A"], ids["B"], ids["C"], ids["D"]
-    assert await listed(config, "--from", "ALICE@x.test") == {A, C}
-    assert await listed(config, "--to-domain", "B.Example") == {B, C}
-    assert await listed(config, "--older-than", "1h") == {D}
-    assert await listed(config, "--from", "alice@x.test", "--to-domain", "b.example") == {C}
-    assert await listed(config, A, B, "--to-domain", "a.example") == {A}
+    assert await asyncio.gather(  # listings only: at once
+        listed(config, "--from", "ALICE@x.test"), listed(config, "--to-domain", "B.Example"),
+        listed(config, "--older-than", "1h"), listed(config, "--from", "alice@x.test", "--to-domain", "b.example"),
+        listed(config, A, B, "--to-domain", "a.example")) == [{A, C}, {B, C}, {D}, {C}, {A}]
 
     rc, out, _ = await queue(config, "hold", "--from", "alice@x.test")
     assert out == "hold: 2 messages\n"
@@ -780,9 +786,12 @@ async def test_selectors_pick_the_right_subset(mixed):
 
 async def test_shape_counts_pending_recipients_by_domain_and_age(mixed):
     mf, config, ids = mixed
-    rc, out, err = await queue(config, "shape")  # qshape's default: the incoming and active queues
+    default, deferred, top = await asyncio.gather(  # (they only read: at once)
+        queue(config, "shape"), queue(config, "shape", "--queue", "deferred"),
+        queue(config, "shape", "--json", "--top", "1", "--queue", "deferred"))
+    rc, out, err = default  # qshape's default: the incoming and active queues
     assert rc == 0 and out.splitlines()[1].split() == ["TOTAL"] + ["0"] * 11, err
-    rc, out, err = await queue(config, "shape", "--queue", "deferred")
+    rc, out, err = deferred
     assert rc == 0, err
     lines = out.splitlines()
     assert lines[0].split() == ["T", "5", "10", "20", "40", "80", "160", "320", "640", "1280", "1280+"]
@@ -792,7 +801,7 @@ async def test_shape_counts_pending_recipients_by_domain_and_age(mixed):
     assert rows["a.example"] == [2, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0]
     assert lines.index(next(line for line in lines if "b.example" in line)) == 2  # sorted by total
 
-    rc, out, _ = await queue(config, "shape", "--json", "--top", "1", "--queue", "deferred")
+    rc, out, _ = top
     shape = json.loads(out)
     assert shape["total"]["total"] == 5 and [d["domain"] for d in shape["domains"]] == ["b.example"]
 
