@@ -60,6 +60,13 @@ def fatal_lines(stderr: bytes) -> list[str]:
     return [line.removeprefix("sendmail: ").removeprefix("fatal: ") for line in lines if line.startswith("sendmail: ")]
 
 
+def picked_up(pf) -> bool:
+    """Something is queued, and nothing is still in the maildrop (where the sender is not yet qualified)."""
+    listed = pf.run("postqueue", "-j").stdout.decode()
+    return bool(listed.strip()) and all(json.loads(line)["queue_name"] != "maildrop"
+                                        for line in listed.splitlines() if line.strip())
+
+
 def postfix_queued(pf) -> list[list[str]]:
     listed = pf.run("postqueue", "-j").stdout.decode().splitlines()
     return [[r["address"] for r in json.loads(line)["recipients"]] for line in listed if line.strip()]
@@ -69,16 +76,34 @@ def mailflow_stored(maildrop: Path) -> list[list[str]]:
     return [list(read_maildrop(maildrop / name).recipients) for name in maildrop_names(maildrop)]
 
 
+async def mailflow_sendmail(config: Path, args: list[str], message: bytes) -> subprocess.CompletedProcess:
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "mailflow", "sendmail", "-C", str(config),
+                                                *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(message), 20)
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+async def each_on_its_own_queue(write_config, tmp_path: Path, cases: list[tuple[list[str], bytes]]
+                                ) -> list[tuple[subprocess.CompletedProcess, Path]]:
+    """`mailflow sendmail` for every (command line, standard input) at once (a Python start each: one after the
+    other they took 6 s), each with a queue of its own: what it did and its maildrop."""
+    configs = []
+    for n in range(len(cases)):
+        queue = tmp_path / f"line{n}" / "queue"
+        queue.mkdir(parents=True)
+        configs.append(write_config(tmp_path / f"line{n}" / "mailflow.toml", queue_directory=str(queue), **COMMON))
+    done = await asyncio.gather(*(mailflow_sendmail(config, args, message)
+                                  for config, (args, message) in zip(configs, cases)))
+    return [(result, config.parent / "queue" / "maildrop") for result, config in zip(done, configs)]
+
+
 async def test_command_lines_are_refused_or_taken_as_a_real_postfix_takes_them(write_config, tmp_path):
-    (tmp_path / "queue").mkdir()
-    config = write_config(tmp_path / "mailflow.toml", **COMMON)
-    maildrop = tmp_path / "queue" / "maildrop"
+    ran = await each_on_its_own_queue(write_config, tmp_path, [(args, MESSAGE) for args, _ in COMMAND_LINES])
     async with postfix_instance({**COMMON, "relayhost": "[127.0.0.1]:9"}) as pf:
-        for args, stored in COMMAND_LINES:
+        for (args, stored), (mailflow, maildrop) in zip(COMMAND_LINES, ran):
             postfix = subprocess.run(["sendmail", "-C", str(pf.etc), *args], input=MESSAGE, capture_output=True,
                                      timeout=20)
-            mailflow = subprocess.run([sys.executable, "-m", "mailflow", "sendmail", "-C", str(config), *args],
-                                      input=MESSAGE, capture_output=True, timeout=20)
             assert (postfix.returncode != 0, mailflow.returncode != 0) == (stored is None,) * 2, (args, postfix,
                                                                                                  mailflow)
             if stored is None:
@@ -87,14 +112,12 @@ async def test_command_lines_are_refused_or_taken_as_a_real_postfix_takes_them(w
                 assert reason in fatal_lines(postfix.stderr), (args, postfix.stderr, mailflow.stderr)
                 continue
             if stored:
-                await eventually(lambda: postfix_queued(pf), timeout=10, step=0.2, what=f"{args} queued by Postfix")
+                await eventually(lambda: picked_up(pf), timeout=10, step=0.2, what=f"{args} queued by Postfix")
             else:
                 assert not any((pf.root / "queue" / "maildrop").iterdir()), args
             assert postfix_queued(pf) == ([stored] if stored else []), args
             assert mailflow_stored(maildrop) == ([stored] if stored else []), args
             pf.run("postsuper", "-d", "ALL")
-            for name in maildrop_names(maildrop):
-                (maildrop / name).unlink()
 
 
 # (command line, message): the recipients and sender both store are compared
@@ -108,24 +131,19 @@ RECIPIENT_CASES = [
 
 
 async def test_recipient_lists_are_read_as_a_real_postfix_reads_them(write_config, tmp_path):
-    (tmp_path / "queue").mkdir()
-    config = write_config(tmp_path / "mailflow.toml", **COMMON)
-    maildrop = tmp_path / "queue" / "maildrop"
+    ran = await each_on_its_own_queue(write_config, tmp_path, RECIPIENT_CASES)
     async with postfix_instance({**COMMON, "relayhost": "[127.0.0.1]:9"}) as pf:
-        for args, message in RECIPIENT_CASES:
+        for (args, message), (mailflow, maildrop) in zip(RECIPIENT_CASES, ran):
             postfix = subprocess.run(["sendmail", "-C", str(pf.etc), *args], input=message, capture_output=True,
                                      timeout=20)
-            mailflow = subprocess.run([sys.executable, "-m", "mailflow", "sendmail", "-C", str(config), *args],
-                                      input=message, capture_output=True, timeout=20)
             assert postfix.returncode == mailflow.returncode == 0, (args, postfix.stderr, mailflow.stderr)
             assert fatal_lines(mailflow.stderr)[:-1] == fatal_lines(postfix.stderr), args  # (the last: no server)
-            await eventually(lambda: postfix_queued(pf), timeout=10, step=0.2, what=f"{args} queued by Postfix")
+            await eventually(lambda: picked_up(pf), timeout=10, step=0.2, what=f"{args} queued by Postfix")
             listed = pf.run("postqueue", "-j").stdout.decode()
             [postfix_sender] = [json.loads(line)["sender"] for line in listed.splitlines() if line.strip()]
             [stored] = [read_maildrop(maildrop / name) for name in maildrop_names(maildrop)]
             assert (stored.sender, sorted(stored.recipients)) == (postfix_sender, sorted(postfix_queued(pf)[0])), args
             pf.run("postsuper", "-d", "ALL")
-            (maildrop / maildrop_names(maildrop)[0]).unlink()
 
 
 # The -bs dialogues make more errors than smtpd_soft_error_limit (10): past it both sides wait
