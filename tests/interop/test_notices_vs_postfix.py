@@ -78,6 +78,20 @@ def by_subject(captured) -> dict[str, list[email.message.EmailMessage]]:
     return out
 
 
+async def settled(pf, mf, settle: float) -> None:
+    """Wait until a notice too many would have come: `settle` seconds, or less once both queues are empty. A notice
+    still to come is a message in its server's queue, or comes of one there (Postfix's qmgr has the bounce daemon
+    queue the notice before it removes the message; mailflow records a notice owed with the message's end), and a
+    notice leaves a queue once the capturing peer has taken it. Mail left deferred keeps the whole `settle`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settle
+    while loop.time() < deadline:
+        listing = await asyncio.to_thread(pf.run, "postqueue", "-p")
+        if await mf.store.counts() == {} and b"Mail queue is empty" in listing.stdout:
+            return
+        await asyncio.sleep(0.05)
+
+
 async def notices_of_both(mailflow_server, smtp_peer, script: dict, messages: list[Send], expected: int, *,
                           postfix: dict | None = None, queue: dict | None = None, settle: float = 0.5,
                           postfix_logs: str = "", settings: dict | None = None, routes: str = "",
@@ -110,7 +124,7 @@ async def notices_of_both(mailflow_server, smtp_peer, script: dict, messages: li
                              what=f"mailflow sent {expected} notice(s)")
             await eventually(lambda: re.search(postfix_logs, pf.maillog, re.MULTILINE), timeout=15,
                              what=f"Postfix logged {postfix_logs!r}")
-            await asyncio.sleep(settle)  # (a notice too many would come now)
+            await settled(pf, mf, settle)  # (a notice too many would come now)
             if maillog is not None:
                 maillog.append(pf.maillog)
             return by_subject(pf_sink.messages), by_subject(mf_sink.messages)
