@@ -26,7 +26,10 @@ local part holds a `%` (allow_percent_hack), the local domain is dropped and the
 (`user%example.org@here` -> `user@example.org`, which then routes, and is relay-checked, as that address); a
 quoted local part is opened to look for them, as Postfix's resolve_dequoted_address (default yes) does:
 `"user@example.org"@here` is `user@example.org` too, not a local user of that name that a next hop could
-take apart (no relaying through the quotes).
+take apart (no relaying through the quotes). `authorized_destination` is smtpd's relay question (Postfix's
+permit_auth_destination): a resolved address that is not routed (`is_routed`: its local part still holds `@`, `!`
+or `%`, which a next hop may take as routing whatever this host's settings, Postfix's RESOLVE_FLAG_ROUTED with
+allow_untrusted_routing = no) and is not of the default class.
 
 An address with nothing after its '@' (`bob@`, which only a local submission, an alias or a .forward can
 give) resolves to `error:5.1.3 bad address syntax`: it bounces at once, as Postfix's trivial-rewrite flags it
@@ -177,6 +180,14 @@ def transport_keys(addr: str, delimiter: str) -> list[str]:
     return keys
 
 
+def is_routed(resolved: str) -> bool:
+    """Postfix resolve.c's RESOLVE_FLAG_ROUTED: the local part of a resolved address (opened when quoted) still holds
+    a routing operator (`@`, `!`, `%`), whatever allow_percent_hack says here, as the next hop may honour it."""
+    local = resolved.rpartition("@")[0]
+    opened = address.unquoted_local(local)
+    return any(op in (local if opened is None else opened) for op in "@!%")
+
+
 class Rewriter:
     def __init__(self, config, tables: TableCache | None = None):
         tables = tables or TableCache()
@@ -278,6 +289,12 @@ class Rewriter:
         else:
             return None
         return f"{address.quoted_local(user) if inner is not None else user}@{via}"
+
+    def authorized_destination(self, addr: str) -> bool:
+        """Postfix's permit_auth_destination: this host takes mail for the resolved address (any class but default)
+        and it is not routed (`is_routed`). May raise LookupRetry."""
+        resolved = self.resolved_address(addr)
+        return not is_routed(resolved) and self.classify(resolved) is not AddressClass.DEFAULT
 
     def classify(self, addr: str) -> AddressClass:
         domain = address.normalise_domain(address.split(self.resolved_address(addr))[1])

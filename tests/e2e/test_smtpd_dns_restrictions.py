@@ -213,6 +213,24 @@ async def test_permit_mx_backup_relays_for_domains_this_host_is_a_backup_mx_of(m
                        "address=x@backup.test ; from=<s@remote.test> to=<x@backup.test> proto=ESMTP helo=<client.test>"]
 
 
+async def test_permit_mx_backup_asks_about_the_recipient_as_resolved(mailflow_server, dns_zone):
+    # Postfix's permit_mx_backup resolves the address first (compared with a private Postfix 3.7.11: 554 for both):
+    # `user%victim.example` is user@victim.example, `user` is user@myorigin (mx.mailflow.test, not local here)
+    port = await start(mailflow_server, dns_zone, relay_restrictions=["permit_mx_backup", "reject_unauth_destination"])
+    for recipient in ("user%victim.example", "user"):
+        assert await rcpt(port, recipient) == said(status.relay_denied(recipient))
+    assert (await rcpt(port, "alice%local.test"))[0] == 250  # alice@local.test: a local domain's
+
+
+async def test_permit_mx_backup_refuses_routed_recipients(mailflow_server, dns_zone):
+    # Postfix's RESOLVE_FLAG_ROUTED (allow_untrusted_routing = no): the primary MX would relay to victim.example
+    port = await start(mailflow_server, dns_zone, relay_restrictions=["permit_mx_backup", "reject_unauth_destination"])
+    for recipient in ("user%victim.example@backup.test", "victim.example!user@backup.test",
+                      '"user@victim.example"@backup.test'):
+        assert await rcpt(port, recipient) == said(status.relay_denied(recipient))
+    assert (await rcpt(port, "user@backup.test"))[0] == 250
+
+
 async def test_permit_mx_backup_networks_must_hold_the_best_mx_hosts(mailflow_server, dns_zone):
     port = await start(mailflow_server, dns_zone, relay_restrictions=["permit_mx_backup", "reject_unauth_destination"],
                        permit_mx_backup_networks=["192.0.2.0/24"])

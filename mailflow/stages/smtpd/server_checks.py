@@ -21,8 +21,9 @@ MX and A host, and has no NS. Bounds: at most SERVER_LIMIT hosts and SERVER_LIMI
 dns_rr_list_limit, its warning past it), an NS lookup per label of the name at most (a name has 127 at most);
 each lookup is bounded by the resolver ([dns] timeout x tries).
 
-permit_mx_backup (Postfix's): a recipient of this host's domains or of relay_domains is permitted; an address literal
-is not; otherwise the domain's MX hosts are split into the best (lowest preference) and the others: this host
+permit_mx_backup (Postfix's), of the recipient as trivial-rewrite resolves it (qualified, the percent hack undone): a
+routed one (Rewriter's is_routed: `user%victim@backup`, Postfix's RESOLVE_FLAG_ROUTED) is not permitted; one of this
+host's domains or of relay_domains is; an address literal is not; otherwise the domain's MX hosts are split into the best (lowest preference) and the others: this host
 must be one of the others and none of the best, by name (mydestination, this host's address literals) or by
 address (this server's listener addresses and proxy_interfaces: Rewriter.own_addresses).
 
@@ -41,6 +42,7 @@ from mailflow import address, status
 from mailflow.dns import NotFound, is_ip_literal
 from mailflow.errors import LookupRetry
 from mailflow.model import AddressClass
+from mailflow.routing.rewrite import is_routed
 from mailflow.stages.smtpd.dns_checks import literal_address
 
 if TYPE_CHECKING:
@@ -169,10 +171,13 @@ class ServerChecks:
         May raise LookupRetry (the recipient's class)."""
         if self._resolver is None:
             return False
-        if "@" not in rcpt or self._rewriter.classify(rcpt) is not AddressClass.DEFAULT:
+        resolved = self._rewriter.resolved_address(rcpt)  # (`user%elsewhere` is user@elsewhere, `user` user@myorigin)
+        domain = address.normalise_domain(address.split(resolved)[1])
+        if not domain or is_routed(resolved):
+            return False
+        if self._rewriter.classify(resolved) is not AddressClass.DEFAULT:
             return True
-        domain = address.normalise_domain(address.split(self._rewriter.resolved_address(rcpt))[1])
-        if not domain or domain.startswith("["):
+        if domain.startswith("["):
             return False
         try:
             records = (await self._resolver.mx(domain))[:SERVER_LIMIT]
