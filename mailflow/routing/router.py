@@ -94,7 +94,7 @@ class Router:
         refused = None if refusal is None else str(refusal)
         if refused is not None and self._config.soft_bounce:
             refused = status.soft_bounced(refused)
-        if rw.classify(addr) is AddressClass.DEFAULT:
+        if not rw.authorized_destination(addr):
             denied = str(status.relay_denied(addr))
             denied = status.soft_bounced(denied) if self._config.soft_bounce else denied
             relay = f"accepted from mynetworks only (others: {denied})"

@@ -264,6 +264,15 @@ async def test_a_client_on_a_dns_allowlist_is_permitted_and_logged(mailflow_serv
     assert await rcpt(port, "x@elsewhere.test") == said(status.access_denied("localhost[127.0.0.1]", "Client host"))
 
 
+async def test_a_dns_allowlist_in_the_relay_list_permits_no_routed_recipient(mailflow_server, dns_zone):
+    # Postfix's permit_dnswl_addr asks permit_auth_destination first, which refuses a routed recipient
+    port = await start(mailflow_server, dns_zone, relay_restrictions=["permit_dnswl_client wl.test",
+                                                                      "reject_unauth_destination"])
+    assert (await rcpt(port, "user@relay.test"))[0] == 250
+    for recipient in ("user%victim.example@relay.test", "x@elsewhere.test"):
+        assert await rcpt(port, recipient) == said(status.relay_denied(recipient))
+
+
 async def test_a_dns_allowlist_filter_and_a_failing_lookup(mailflow_server, dns_zone):
     port = await start(mailflow_server, dns_zone, client_restrictions=["permit_dnswl_client wl.test=127.0.0.5",
                                                                        "permit_dnswl_client wl-broken.test", "reject"])

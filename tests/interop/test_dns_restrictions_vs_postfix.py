@@ -3,7 +3,8 @@ the paths that ask no DNS (Postfix's smtpd cannot be pointed at a DNS server on 
 tests/e2e/test_smtpd_dns_restrictions.py, their replies taken from Postfix's source): an address literal is its
 own MX and A host and has no NS (check_server_access), a bare address as HELO name is its own A host,
 reject_unknown_helo_hostname checks a literal for being one, permit_mx_backup permits a relay domain (logged
-with smtpd_log_access_permit_actions) and not an address literal, and an OK from a server access table is a
+with smtpd_log_access_permit_actions) and not an address literal nor a routed recipient of a relay domain (which
+reject_unauth_destination refuses: Postfix's RESOLVE_FLAG_ROUTED), and an OK from a server access table is a
 configuration error (forbid_allowlist). Replies are compared word for word, and so are the log lines."""
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ SESSIONS = {  # name -> (HELO name, sender, recipient)
     "DUNNO ends the check": ("[192.0.2.9]", "s@[192.0.2.3]", "alice@local.test"),
     "a relay domain": ("[192.0.2.9]", "", "x@relay.test"),
     "a literal is not backed up": ("[192.0.2.9]", "", "x@[192.0.2.9]"),
+    "a routed relay recipient (%)": ("[192.0.2.9]", "", "user%victim.example@relay.test"),
+    "a routed relay recipient (!)": ("[192.0.2.9]", "", "victim.example!user@relay.test"),
 }
 
 
@@ -74,6 +77,7 @@ async def test_the_dns_free_paths_of_the_dns_items_match_a_real_postfix(mailflow
     assert {name: (postfix[name], mailflow[name]) for name in SESSIONS if postfix[name] != mailflow[name]} == {}
     assert postfix["a literal is its own MX host"] == "554 5.7.1 <s@[192.0.2.1]>: Sender address rejected: bad server"
     assert postfix["an OK is refused"] == "451 4.3.5 Server configuration error"
+    assert postfix["a routed relay recipient (%)"] == "554 5.7.1 <user%victim.example@relay.test>: Relay access denied"
     mailflow_logged = [m for m in caplog.messages if m.startswith(("NOQUEUE: permit: ", "restriction ", "this is not",
                                                                    "use DUNNO"))]
     assert mailflow_logged == postfix_logged

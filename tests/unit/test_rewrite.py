@@ -195,3 +195,23 @@ def test_utf8_domain_in_the_config_matches_utf8_recipients(overrides, klass):
     rw = rewriter(**overrides)
     assert rw.classify("user@bücher.example") is klass
     assert rw.classify("user@a.bücher.example") is (RELAY if klass is RELAY else AddressClass.DEFAULT)
+
+
+@pytest.mark.parametrize("overrides, addr, authorized", [
+    ({}, "user@example.test", True),
+    ({}, "user@relay.test", True),
+    ({}, "user@remote.test", False),
+    ({}, "user%relay.test@example.test", True),  # the percent hack: user@relay.test
+    ({}, "user%remote.test@example.test", False),  # user@remote.test
+    # routed (Postfix's RESOLVE_FLAG_ROUTED, allow_untrusted_routing = no): the next hop may honour the operator
+    ({}, "user%remote.test@relay.test", False),
+    ({}, "remote.test!user@relay.test", False),
+    ({}, '"user@remote.test"@relay.test', False),
+    ({}, "remote.test!user@example.test", False),
+    ({"allow_percent_hack": False}, "user%remote.test@example.test", False),
+    ({"allow_percent_hack": False}, "user%relay.test@example.test", False),  # (all compared with Postfix 3.7.11)
+    ({}, "user", False),  # user@mx.example.test: myorigin is not one of this host's domains here
+    ({"myhostname": "example.test"}, "user", True),
+])
+def test_authorized_destination_is_postfix_permit_auth_destination(overrides, addr, authorized):
+    assert rewriter(**overrides).authorized_destination(addr) is authorized

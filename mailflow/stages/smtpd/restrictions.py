@@ -28,8 +28,9 @@ What it owns
 - The items that ask the session (Postfix smtpd_check.c's words and codes): reject_unauth_pipelining (503 5.5.0,
   `facts.ill_pipelining`: the violation protocol.py logs), reject_plaintext_session (plaintext_reject_code,
   `facts.encrypted`), reject_multi_recipient_bounce (multi_recipient_bounce_reject_code 550, 5.5.3: the null
-  sender, at an RCPT after one was accepted), permit_auth_destination, permit_naked_ip_address (deprecated:
-  logged at each use); reject_unlisted_sender
+  sender, at an RCPT after one was accepted), permit_auth_destination (and reject/defer_unauth_destination,
+  the DNS allowlists' guard at RCPT: Rewriter's authorized_destination, which refuses a routed recipient as
+  Postfix's), permit_naked_ip_address (deprecated: logged at each use); reject_unlisted_sender
   (`_unlisted` asked for the sender: 550 5.1.0 `Sender address rejected`; also implied after the sender list
   with smtpd_reject_unlisted_sender, unless that list refused; `_listed`: it and reject_unlisted_recipient, items
   or implied, check nothing under receive_override_options = no_unknown_recipient_checks, nor an address the
@@ -93,7 +94,6 @@ from mailflow.address import client_ip
 from mailflow.dsn_parameters import xtext_encode
 from mailflow.errors import LookupRetry
 from mailflow.logs import SmtpdLog, printable
-from mailflow.model import AddressClass
 from mailflow.restriction_vocabulary import (ACCESS_CHECKS, CLIENT_CERT_PERMITS, DNSWL_CHECKS, KNOWN, NEEDS_FILTER,
                                              RCPT_STAGES, REVERSE_CLIENT_ACCESS, RHSBL_CHECKS, SENDER_LOGIN_CHECKS,
                                              SERVER_ACCESS_CHECKS, STAGES, WARN_IF_REJECT, WITH_ARGUMENT, check_item,
@@ -544,7 +544,7 @@ class Restrictions:
         if name == "permit_sasl_authenticated":
             return PERMIT if facts.authenticated else None
         if name in ("reject_unauth_destination", "defer_unauth_destination"):
-            if not rcpt or self._rewriter.classify(rcpt) is not AddressClass.DEFAULT:
+            if not rcpt or self._rewriter.authorized_destination(rcpt):
                 return None
             return status.relay_denied(rcpt) if name.startswith("reject") else status.relay_deferred(rcpt)
         if name == "reject_non_fqdn_sender":
@@ -576,7 +576,7 @@ class Restrictions:
         if name == "permit_auth_destination":
             rcpt = facts.recipient
             return self._permitted(name, SUBJECT["recipient"], rcpt, facts, stage) \
-                if rcpt and self._rewriter.classify(rcpt) is not AddressClass.DEFAULT else None
+                if rcpt and self._rewriter.authorized_destination(rcpt) else None
         if name == "permit_naked_ip_address":
             answer = naked_ip_address(facts.helo)
             return self._permitted(name, SUBJECT["helo"], facts.helo, facts, stage) if answer == PERMIT else answer
@@ -927,7 +927,7 @@ class Restrictions:
         DEFER_IF_REJECT (DnsChecks.allowlisted)."""
         try:
             if protocol_state(stage, facts) == "RCPT" and facts.recipient and \
-                    self._rewriter.classify(facts.recipient) is AddressClass.DEFAULT:
+                    not self._rewriter.authorized_destination(facts.recipient):
                 return None
         except LookupRetry as e:  # a domain list's table cannot answer now
             log.warning("%s: %s", name, e.reason)
