@@ -6,6 +6,7 @@ from its source (postfix-3.7.11 src/smtpd/smtpd_check.c, check_server_access); t
 tests/e2e/test_smtpd_dns_restrictions.py."""
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
@@ -122,3 +123,70 @@ async def test_server_addresses_past_postfixs_list_limit_are_ignored_with_a_warn
            "ignoring the remainder" in caplog.messages
     r = restrictions(resolver, sender_restrictions=[f"check_sender_mx_access inline:{{{addresses[-2]}=REJECT}}"])
     assert await r.check_rcpt(facts(sender="x@many.test")) == status.access_denied("x@many.test", "Sender address")
+
+
+# ---------------------------------------------------------------------------------------------- bounds
+
+SLOW_HOSTS = [f"s{i}.slow.test" for i in range(SERVER_LIMIT)]
+SLOW_ZONE = "slow.test. 300 IN MX 10 primary.slow.test.\nprimary.slow.test. 300 IN A 192.0.2.200\n" + \
+    "".join(f"slow.test. 300 IN MX 20 {h}.\n{h}. 300 IN A 192.0.2.{i}\n" for i, h in enumerate(SLOW_HOSTS))
+
+
+def slow_restrictions(resolver, **smtpd) -> Restrictions:
+    config = config_from_dict({**BASE, "dns": {"timeout": "1s", "tries": 1}, "smtpd": smtpd})
+    rewriter = Rewriter(config)
+    return Restrictions(config, config.smtpd, rewriter, AddressMapper(config, rewriter), resolver)
+
+
+@pytest.fixture
+async def slow_resolver(dns_zone):
+    dns = AiodnsResolver(nameservers=(dns_zone(SLOW_ZONE, slow=tuple(SLOW_HOSTS), delay=0.3),), timeout=1.0, tries=1)
+    yield dns
+    await dns.close()
+
+
+async def test_a_server_check_takes_three_lookups_time_at_most(slow_resolver, caplog):
+    # 100 MX hosts answering in 0.3 s each: ~30 s one after the other; the check gives up after 3 x 1 s
+    r = slow_restrictions(slow_resolver, sender_restrictions=["check_sender_mx_access inline:{192.0.2.99=REJECT}"])
+    with caplog.at_level(logging.WARNING, logger="mailflow.smtpd"):
+        async with asyncio.timeout(8):
+            assert await r.check_rcpt(facts(sender="x@slow.test")) is None
+    assert "check_server_access: MX lookups for Sender address x@slow.test took over 3s -- ignoring the remainder" \
+        in caplog.messages
+
+
+async def test_permit_mx_backup_past_its_time_defers_the_refusal(slow_resolver, caplog):
+    r = slow_restrictions(slow_resolver, relay_restrictions=["permit_mx_backup", "reject_unauth_destination"])
+    with caplog.at_level(logging.WARNING, logger="mailflow.smtpd"):
+        async with asyncio.timeout(8):
+            reply = await r.check_rcpt(Facts(client_addr="203.0.113.9", sender="s@remote.example", helo="h.example",
+                                             recipient="x@slow.test"))
+    assert str(reply) == "450 4.4.4 <x@slow.test>: Recipient address rejected: Unable to look up mail exchanger " \
+                         "information: Host not found, try again"
+    assert "permit_mx_backup: lookups for slow.test took over 3s" in caplog.messages
+
+
+class CountingResolver(StaticResolver):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.asked: list[str] = []
+
+    async def mx(self, domain: str):
+        self.asked.append(f"MX {domain}")
+        return await super().mx(domain)
+
+    async def addresses(self, host: str):
+        self.asked.append(f"A {host}")
+        return await super().addresses(host)
+
+
+async def test_the_servers_answers_are_kept_for_the_session():
+    # delay_reject runs the sender list again at each RCPT: the DNS is asked once per session (failures too)
+    resolver = CountingResolver(mx={"two.test": [MX(10, "a.two.test"), MX(20, "gone.two.test")]},
+                                addresses={"a.two.test": ["192.0.2.1"]})
+    r = restrictions(resolver, sender_restrictions=["check_sender_mx_access inline:{192.0.2.99=REJECT}"])
+    session = facts(sender="x@two.test")
+    for rcpt in ("alice@local.test", "alice@local.test"):
+        session.recipient = rcpt
+        assert await r.check_rcpt(session) is None
+    assert sorted(resolver.asked) == ["A a.two.test", "A gone.two.test", "MX two.test"]

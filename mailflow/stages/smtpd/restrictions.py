@@ -336,7 +336,8 @@ class Restrictions:
         self._mynetworks = NetworkList.from_items(config.mynetworks, tables.open, parent_style=True,
                                                  setting="mynetworks")
         self._servers = ServerChecks(resolver, rewriter, NetworkList.from_items(
-            smtpd.permit_mx_backup_networks, tables.open, parent_style=True, setting="permit_mx_backup_networks"))
+            smtpd.permit_mx_backup_networks, tables.open, parent_style=True, setting="permit_mx_backup_networks"),
+            lookup_time=config.dns.timeout * config.dns.tries)
         self._lines = SmtpdLog()  # WARN's and INFO's log lines
         # the reject_*sender_login_mismatch items' maps (none: they refuse nothing, as Postfix's)
         self._sender_logins = SenderLogins(tables.open(smtpd.sender_login_maps), resolve=rewriter.resolved_address,
@@ -869,7 +870,7 @@ class Restrictions:
         if target is None:
             return None
         looked_up, reply_name, what = target
-        found = await self._first_server_entry(name, spec, looked_up, reply_name, what)
+        found = await self._first_server_entry(name, spec, looked_up, reply_name, what, facts.memo)
         if found is None or isinstance(found, status.Reply):
             return found
         answer = await self.action(found, reply_name, what, facts, source=spec, stage=stage)
@@ -893,10 +894,11 @@ class Restrictions:
         answer = await self.action(found[2], reverse, what, facts, source=spec, stage=stage)
         return _forbid_allowlist(REVERSE_CLIENT_ACCESS, answer, reverse, facts)
 
-    async def _first_server_entry(self, name: str, spec: str, looked_up: str, reply_name: str, what: str):
+    async def _first_server_entry(self, name: str, spec: str, looked_up: str, reply_name: str, what: str,
+                                  memo: dict):
         """The table's value for the first server name or address it has; None; a Reply when it cannot answer."""
         rr = SERVER_ACCESS_CHECKS[name][1]
-        async with aclosing(self._servers.servers(rr, looked_up, reply_name, what)) as servers:
+        async with aclosing(self._servers.servers(rr, looked_up, reply_name, what, memo)) as servers:
             async for kind, value in servers:
                 keys = domain_keys(value) if kind == "name" else client_keys(value, "")
                 try:
