@@ -7,6 +7,8 @@ tests/e2e/test_smtpd_dns_restrictions.py."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import time
 import logging
 
 import pytest
@@ -19,6 +21,7 @@ from mailflow.routing.addressmap import AddressMapper
 from mailflow.routing.rewrite import Rewriter
 from mailflow.stages.smtpd.restrictions import Facts, Restrictions
 from mailflow.stages.smtpd.server_checks import SERVER_LIMIT
+from mailflow.tables import TableCache
 
 BASE = {"myhostname": "mx.mailflow.test", "mydestination": ["local.test"], "relay_domains": ["relay.test"],
         "mynetworks": [], "local_recipient_maps": ["inline:{alice=ok}"]}
@@ -190,3 +193,69 @@ async def test_the_servers_answers_are_kept_for_the_session():
         session.recipient = rcpt
         assert await r.check_rcpt(session) is None
     assert sorted(resolver.asked) == ["A a.two.test", "A gone.two.test", "MX two.test"]
+
+
+async def test_a_server_check_asks_each_key_once(monkeypatch):
+    # 100 MX hosts of one long domain share their parent domains: each key is asked once in the check
+    suffix = ".".join(["l"] * 50) + ".evil.test"
+    hosts = [f"h{i}.{suffix}" for i in range(SERVER_LIMIT)]
+    resolver = StaticResolver(mx={"evil.test": [MX(10, h) for h in hosts]}, addresses={h: [] for h in hosts})
+    spec = "inline:{x.test=REJECT}"
+    cache = TableCache()
+    [table] = cache.open([spec])
+    asked: list[str] = []
+
+    def lookup(key: str, original=table.lookup):
+        asked.append(key)
+        return original(key)
+    monkeypatch.setattr(table, "lookup", lookup)
+    config = config_from_dict({**BASE, "smtpd": {"sender_restrictions": [f"check_sender_mx_access {spec}"]}})
+    rewriter = Rewriter(config)
+    r = Restrictions(config, config.smtpd, rewriter, AddressMapper(config, rewriter), resolver, cache)
+    assert await r.check_rcpt(facts(sender="x@evil.test")) is None
+    assert len(asked) == len(set(asked)) == SERVER_LIMIT + 52  # the hosts, and their 52 parent domains once
+
+
+@pytest.fixture
+def locked_sqlite(tmp_path):
+    """A sqlite: table (its .cf: a 1 s timeout) whose database another connection holds locked."""
+    db = tmp_path / "access.db"
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("CREATE TABLE access (k TEXT PRIMARY KEY, v TEXT)")
+    holder.execute("BEGIN EXCLUSIVE")
+    cf = tmp_path / "access.cf"
+    cf.write_text(f"dbpath = {db}\nquery = SELECT v FROM access WHERE k='%s'\ntimeout = 1\n")
+    yield f"sqlite:{cf}"
+    holder.execute("ROLLBACK")
+    holder.close()
+
+
+async def longest_stall(work) -> tuple[object, float]:
+    """What `work` returns, and the longest the event loop was held while it ran (seconds)."""
+    done, longest = False, 0.0
+
+    async def ticker():
+        nonlocal longest
+        last = time.monotonic()
+        while not done:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            longest, last = max(longest, now - last), now
+    ticking = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    try:
+        result = await work
+    finally:
+        done = True
+        await ticking
+    return result, longest
+
+
+@pytest.mark.parametrize("item", ["check_client_access", "check_sender_mx_access"])
+async def test_a_locked_sqlite_access_table_holds_no_other_session(locked_sqlite, item):
+    resolver = StaticResolver(mx={"remote.example": [MX(10, "mx.remote.example")]},
+                              addresses={"mx.remote.example": ["192.0.2.7"]})
+    r = restrictions(resolver, sender_restrictions=[f"{item} {locked_sqlite}"])
+    reply, stall = await longest_stall(r.check_rcpt(facts(sender="x@remote.example")))
+    assert reply is not None and reply.code == 451  # the table cannot answer: Postfix's 451 4.3.5
+    assert stall < 0.5  # the query waited for the lock in a worker thread

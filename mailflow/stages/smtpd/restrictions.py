@@ -87,7 +87,7 @@ import logging
 import re
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Collection
 
 from mailflow import address, status
 from mailflow.address import client_ip
@@ -310,6 +310,7 @@ class Restrictions:
         (mailflow.filters.senderauth.SenderAuth) reject_spf_fail, `verifier` reject_unverified_recipient and
         _sender; without them those have no opinion."""
         tables = tables or TableCache()
+        self._table_cache = tables  # (its `run` asks a blocking table, sqlite, off the event loop)
         self._greylist = greylist
         self._verifier = verifier
         self._sender_auth = sender_auth
@@ -676,7 +677,7 @@ class Restrictions:
             return None
         full = client_full_keys(facts.client_name) if kind == "client" else (0,)
         try:
-            found = find(self._tables[spec], keys, full)
+            found = await self._find(spec, keys, full)
         except LookupRetry as e:
             log.warning("%s lookup error for %r: %s", spec, keys[0] if keys else "", e.reason)
             return status.restriction_config_error(name, what)
@@ -697,7 +698,7 @@ class Restrictions:
         name, what = cert.subject_cn, "Client certificate"
         for key in filter(None, (cert.fingerprint, cert.pkey_fingerprint)):
             try:
-                found = find(self._tables[spec], [key])
+                found = await self._find(spec, [key])
             except LookupRetry as e:
                 log.warning("%s lookup error for %r: %s", spec, key, e.reason)
                 return status.restriction_config_error(name, what)
@@ -885,7 +886,7 @@ class Restrictions:
         keys = client_keys(facts.client_addr, reverse)
         what = "Unverified Client host"
         try:
-            found = find(self._tables[spec], keys, client_full_keys(reverse))
+            found = await self._find(spec, keys, client_full_keys(reverse))
         except LookupRetry as e:
             log.warning("%s lookup error for %r: %s", spec, reverse, e.reason)
             return status.restriction_config_error(reverse, what)
@@ -898,17 +899,23 @@ class Restrictions:
                                   memo: dict):
         """The table's value for the first server name or address it has; None; a Reply when it cannot answer."""
         rr = SERVER_ACCESS_CHECKS[name][1]
+        asked: dict[str, bool] = {}  # (a hundred hosts of one long domain share most parent domains: each asked once)
         async with aclosing(self._servers.servers(rr, looked_up, reply_name, what, memo)) as servers:
             async for kind, value in servers:
-                keys = domain_keys(value) if kind == "name" else client_keys(value, "")
+                keys, full = _not_asked(domain_keys(value) if kind == "name" else client_keys(value, ""), asked)
                 try:
-                    found = find(self._tables[spec], keys, (0,))
+                    found = await self._find(spec, keys, full) if keys else None
                 except LookupRetry as e:
                     log.warning("%s lookup error for %r: %s", spec, value, e.reason)
                     return status.restriction_config_error(reply_name, what)
                 if found is not None:
                     return found[2]
         return None
+
+    async def _find(self, spec: str, keys: list[str], full: Collection[int] = (0,)) -> tuple[str, str, str] | None:
+        """find() in the access table `spec`, off the event loop when a table may wait (sqlite: TableCache.run).
+        May raise LookupRetry."""
+        return await self._table_cache.run(find, self._tables[spec], keys, full)
 
     async def _server_target(self, subject: str, facts: Facts) -> tuple[str, str, str] | None:
         """(the name whose servers are asked about, the name a refusal gives, what it is) of a server access
@@ -1054,6 +1061,19 @@ def _mark(word: str, text: str, marks: Marks, source: str) -> bool:
         log.warning("%s: access action %s %r requires %s; ignored", source, word, text, _MARK_NEEDS[word])
         return False
     return True
+
+
+def _not_asked(keys: list[str], asked: dict[str, bool]) -> tuple[list[str], tuple[int, ...]]:
+    """The keys of one server entry not asked before in the check, and which of them pattern tables are asked (the
+    first, the entry itself, unless it was asked in full before: then none). `asked`: key -> asked in full (of
+    pattern tables too), updated."""
+    first = keys[:1] if keys and not asked.get(keys[0]) else []
+    fresh = first + [k for k in keys[1:] if k not in asked and k not in first]
+    for key in fresh:
+        asked.setdefault(key, False)
+    if first:
+        asked[first[0]] = True
+    return fresh, (0,) if first else ()
 
 
 def _forbid_allowlist(name: str, answer, target: str, facts: Facts):
