@@ -31,7 +31,9 @@ component may use it.
                                               (Postfix's verified client name); "" for none
 
 Failure behaviour (a failed lookup is never "not found"):
-- the name does not exist (NXDOMAIN)                     -> raise `NotFound` (permanent, 5.1.2)
+- the name does not exist (NXDOMAIN), or is malformed    -> raise `NotFound` (permanent, 5.1.2); malformed: what
+  (`a..test`, a label over 63 octets)                       c-ares will not ask, as Postfix's dns_lookup answers
+                                                            DNS_NOTFOUND for a name that is not valid_hostname
 - SERVFAIL, REFUSED, timeout, no server, anything else   -> raise `mailflow.errors.LookupRetry` (temporary); its text
   "Name service error for name=N type=T: why", `why` as Postfix words TRY_AGAIN ("Host not found, try again")
   for a SERVFAIL, a timeout or no server, else c-ares's reason
@@ -404,12 +406,13 @@ def dns_name(name: str) -> str:
 
 
 def classify_dns_error(error: aiodns.error.DNSError, name: str, qtype: str) -> list:
-    """NODATA -> [] (returned); NXDOMAIN -> NotFound; everything else -> LookupRetry, a SERVFAIL, a timeout or
-    no server in Postfix's words (TRY_AGAIN)."""
+    """NODATA -> [] (returned); NXDOMAIN, and a malformed name c-ares will not ask (`a..test`, a label over 63
+    octets: Postfix's dns_lookup finds such a name not valid_hostname and answers DNS_NOTFOUND) -> NotFound;
+    everything else -> LookupRetry, a SERVFAIL, a timeout or no server in Postfix's words (TRY_AGAIN)."""
     code = error.args[0] if error.args else None
     if code == aiodns.error.ARES_ENODATA:
         return []
-    if code == aiodns.error.ARES_ENOTFOUND:
+    if code in (aiodns.error.ARES_ENOTFOUND, aiodns.error.ARES_EBADNAME):
         raise NotFound(name, qtype) from None
     reason = error.args[1] if len(error.args) > 1 else repr(error)
     log.debug("lookup %s %s failed: %s", name, qtype, reason)

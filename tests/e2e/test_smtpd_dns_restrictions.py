@@ -117,6 +117,14 @@ async def test_the_unknown_hostname_code_sets_the_class_and_a_dns_failure_defers
         said(status.access_denied("no@local.test", "Recipient address"))
 
 
+async def test_a_malformed_helo_name_is_not_found_not_a_dns_failure(mailflow_server, dns_zone):
+    # c-ares will not ask about it; Postfix's dns_lookup answers DNS_NOTFOUND for a name that is not valid_hostname
+    port = await start(mailflow_server, dns_zone, unknown_hostname_reject_code=550,
+                       helo_restrictions=["reject_unknown_helo_hostname"])
+    for helo in ("a..test", "a" * 64 + ".test"):
+        assert await rcpt(port, helo=helo) == (550, f"550 5.7.1 <{helo}>: Helo command rejected: Host not found")
+
+
 async def test_the_tempfail_action_defer_defers_at_once(mailflow_server, dns_zone):
     port = await start(mailflow_server, dns_zone, unknown_helo_hostname_tempfail_action="defer",
                        helo_restrictions=["reject_unknown_helo_hostname"],
