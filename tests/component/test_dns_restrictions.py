@@ -31,6 +31,7 @@ mx.bad-hoster.test.     300 IN A     198.51.100.66
 9.113.0.203.in-addr.arpa. 300 IN PTR ptr.unverified.test.
 ptr.unverified.test.    300 IN NS    ns.bad-dns.test.
 ns.bad-dns.test.        300 IN A     192.0.2.53
+10.113.0.203.in-addr.arpa. 300 IN PTR 192.0.2.53.
 """
 TABLE = "inline:{bad-hoster.test=REJECT, 192.0.2.53=REJECT}"
 
@@ -113,6 +114,14 @@ async def test_reverse_client_ns_access_asks_about_the_unverified_name(resolver)
 
 
 # ---------------------------------------------------------------------------------------------- bounds
+
+
+async def test_a_numeric_ptr_name_is_no_reverse_client_name(resolver):
+    # Postfix's sockaddr_to_hostname refuses a numeric name: the reverse client name is `unknown`
+    r = restrictions(resolver, client_restrictions=["check_reverse_client_hostname_access "
+                                                    "inline:{192.0.2.53=REJECT, { unknown = REJECT unknown name }}"])
+    assert await r.check_rcpt(facts(client_addr="203.0.113.10")) == \
+        status.access_denied("unknown", "Unverified Client host", "unknown name")
 
 
 async def test_server_addresses_past_postfixs_list_limit_are_ignored_with_a_warning(caplog):

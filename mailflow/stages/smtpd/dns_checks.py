@@ -140,11 +140,13 @@ class DnsChecks:
         return None if ok else status.unknown_client(facts.client_addr, 450, reverse_only)
 
     async def reverse_name(self, facts: Facts) -> str:
-        """The client's first PTR name, unverified (Postfix's reverse client name); "" for none or when the DNS
+        """The client's first PTR name, unverified (Postfix's reverse client name); "" for none, for a name that is
+        numeric or malformed (Postfix's sockaddr_to_hostname and smtpd_peer refuse those: `unknown`) or when the DNS
         cannot tell now."""
         if self._resolver is None or client_ip(facts.client_addr) is None:
             return ""
-        return (await self._client_names(facts) or [""])[0]
+        name = (await self._client_names(facts) or [""])[0].rstrip(".")
+        return name if _peer_name(name) else ""
 
     async def _client_names(self, facts: Facts) -> list[str] | None:
         """The client address's PTR names (memoized per session); None when DNS cannot answer now."""
@@ -259,6 +261,11 @@ class DnsChecks:
             log.warning("MAIL <%s>: %s", sender, e.reason)
             return status.sender_domain_not_found(sender, 450)
         return status.sender_domain_not_found(sender, self._unknown_code)
+
+
+def _peer_name(name: str) -> bool:
+    """A PTR name Postfix takes as a client's name: a valid host name (valid_hostname), not an address."""
+    return bool(name) and not name.startswith("[") and address.is_valid_domain(name)
 
 
 def _rhs_name(name: str) -> bool:
