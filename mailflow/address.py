@@ -257,19 +257,23 @@ def is_valid_domain(domain: str) -> bool:
 
 def is_address_literal(domain: str) -> bool:
     """`[192.0.2.1]` or `[IPv6:2001:db8::1]` (the tag in any case), holding a real address (RFC 5321 4.1.3)."""
+    return literal_ip(domain) is not None
+
+
+def literal_ip(domain: str) -> str | None:
+    """The address of an address literal (`[IPv6:2001:DB8::1]` -> `2001:db8::1`), None when `domain` is not one
+    (RFC 5321 4.1.3: IPv4, or IPv6 behind its tag, in any case; no IPv6 zone id, which `ipaddress` would take)."""
     if not (domain.startswith("[") and domain.endswith("]")):
-        return False
+        return None
     inner = domain[1:-1]
-    if "%" in inner:  # ipaddress accepts an IPv6 zone id; RFC 5321's IPv6-addr has none
-        return False
+    if "%" in inner:
+        return None
     try:
         if inner[:5].lower() == "ipv6:":
-            ipaddress.IPv6Address(inner[5:])
-        else:
-            ipaddress.IPv4Address(inner)
+            return str(ipaddress.IPv6Address(inner[5:]))
+        return str(ipaddress.IPv4Address(inner))
     except ValueError:
-        return False
-    return True
+        return None
 
 
 def _labels_fit(domain: str) -> bool:

@@ -23,6 +23,7 @@ RELAY = ["permit_mx_backup", "reject_unauth_destination"]
 SESSIONS = {  # name -> (HELO name, sender, recipient)
     "a literal HELO name": ("[192.0.2.9]", "", "alice@local.test"),
     "an IPv6 literal HELO name": ("[IPv6:2001:db8::1]", "", "alice@local.test"),
+    "an IPv6 literal with a zone id": ("[IPv6:fe80::1%eth0]", "", "alice@local.test"),
     "a literal that is no address": ("[not.an.address]", "", "alice@local.test"),
     "a literal is its own A host": ("[192.0.2.1]", "", "alice@local.test"),
     "a bare address is its own A host": ("192.0.2.1", "", "alice@local.test"),

@@ -19,7 +19,6 @@ server_checks.py's). restrictions.py decides when each runs; this module asks th
         .unknown_sender_domain(sender)                   no MX and no address: unknown_address_reject_code 4.1.8
         .unknown_recipient_domain(rcpt)                  the same for a recipient (4.1.2); a null MX: 556 5.1.10
     rbl_query_name(client_addr, rbl_domain) -> str | None
-    literal_address("[192.0.2.1]") -> "192.0.2.1"      an address literal's address (None: not one)
 
 Only domains this host is not final destination for are asked about (address classes relay and default).
 A client's PTR names and its verified name are remembered in the session's `facts.memo`.
@@ -30,7 +29,6 @@ Postfix's do. Nothing here raises.
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 from typing import TYPE_CHECKING
 
@@ -188,7 +186,7 @@ class DnsChecks:
         if not helo or self._resolver is None:
             return None
         if helo.startswith("["):
-            return None if literal_address(helo) else status.invalid_helo_address(helo)
+            return None if address.literal_ip(helo) else status.invalid_helo_address(helo)
         known = await self._has_host_records(helo)
         if known:
             return None
@@ -272,17 +270,3 @@ def _rhs_name(name: str) -> bool:
     """A name an RHS list is asked about (Postfix's find_dnsxl_domain): a valid host name whose last label is not
     all digits (some lists refuse what looks like an address)."""
     return bool(name) and not name.rpartition(".")[2].isdigit() and address.is_valid_domain(name)
-
-
-def literal_address(literal: str) -> str | None:
-    """The address of `[192.0.2.1]` / `[IPv6:2001:db8::1]` (Postfix's valid_mailhost_addr inside the brackets);
-    None for another text."""
-    if len(literal) < 3 or not (literal.startswith("[") and literal.endswith("]")):
-        return None
-    inner = literal[1:-1]
-    v6 = inner[:5].lower() == "ipv6:"
-    try:
-        ip = ipaddress.ip_address(inner[5:] if v6 else inner)
-    except ValueError:
-        return None
-    return str(ip) if ip.version == (6 if v6 else 4) else None

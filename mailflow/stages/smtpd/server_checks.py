@@ -49,7 +49,6 @@ from mailflow.dns import MX, NotFound, is_ip_literal
 from mailflow.errors import LookupRetry
 from mailflow.model import AddressClass
 from mailflow.routing.rewrite import is_routed
-from mailflow.stages.smtpd.dns_checks import literal_address
 
 if TYPE_CHECKING:
     from mailflow.stages.smtpd.restrictions import Facts
@@ -142,7 +141,7 @@ class ServerChecks:
             return
         domain = name.rpartition("@")[2]
         if domain.startswith("["):
-            literal = literal_address(domain) if rr != "NS" else None
+            literal = address.literal_ip(domain) if rr != "NS" else None
             if literal is not None:
                 yield "address", literal
             return
