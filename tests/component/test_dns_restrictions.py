@@ -116,6 +116,18 @@ async def test_reverse_client_ns_access_asks_about_the_unverified_name(resolver)
 # ---------------------------------------------------------------------------------------------- bounds
 
 
+async def test_mx_hosts_past_postfixs_list_limit_are_dropped_with_its_warning(caplog):
+    hosts = [f"mx{i}.many.test" for i in range(SERVER_LIMIT + 1)]
+    resolver = StaticResolver(mx={"many.test": [MX(10, h) for h in hosts]}, addresses={h: [] for h in hosts})
+    r = restrictions(resolver, sender_restrictions=[f"check_sender_mx_access inline:{{{hosts[-1]}=REJECT}}"])
+    with caplog.at_level(logging.WARNING, logger="mailflow.smtpd"):
+        assert await r.check_rcpt(facts(sender="x@many.test")) is None
+    assert "DNS record count limit (100) exceeded -- dropping excess record(s) after qname=many.test qtype=MX" \
+        in caplog.messages
+    r = restrictions(resolver, sender_restrictions=[f"check_sender_mx_access inline:{{{hosts[-2]}=REJECT}}"])
+    assert await r.check_rcpt(facts(sender="x@many.test")) == status.access_denied("x@many.test", "Sender address")
+
+
 async def test_a_numeric_ptr_name_is_no_reverse_client_name(resolver):
     # Postfix's sockaddr_to_hostname refuses a numeric name: the reverse client name is `unknown`
     r = restrictions(resolver, client_restrictions=["check_reverse_client_hostname_access "

@@ -152,7 +152,7 @@ class ServerChecks:
         try:
             hosts = [domain] if rr == "A" else await self._server_hosts(lookups, rr, domain, name)
             counted = 0
-            for i, host in enumerate(hosts[:SERVER_LIMIT]):
+            for i, host in enumerate(hosts):
                 if is_ip_literal(host):  # (an MX or NS "name" that is an address)
                     yield "address", host
                     continue
@@ -181,7 +181,7 @@ class ServerChecks:
                     records = []
                 if any(r.is_null for r in records):
                     return []
-                return [r.host for r in records] or [domain]
+                return [r.host for r in _limited(records, domain, "MX")] or [domain]
             return await self._name_servers(lookups, domain, name)
         except LookupRetry as e:
             log.warning("Unable to look up %s host for %s: %s", rr, domain, dns_why(e))
@@ -200,7 +200,7 @@ class ServerChecks:
                 log.warning("Unable to look up NS host for %s: %s", current, dns_why(e))
                 return []
             if found:
-                return found
+                return _limited(found, current, "NS")
             _, dot, parent = current.partition(".")
             if not dot or not parent:
                 log.warning("Unable to look up NS host for %s: Host not found", name)
@@ -241,7 +241,7 @@ class ServerChecks:
         """This host is an MX host of `domain`, not among the best ones (which must all be in
         permit_mx_backup_networks when that is set)."""
         try:
-            records = (await lookups.mx(domain))[:SERVER_LIMIT]
+            records = _limited(await lookups.mx(domain), domain, "MX")
         except NotFound:
             return False
         except LookupRetry as e:
@@ -303,6 +303,14 @@ async def _addresses_or_why(lookups: Lookups, host: str) -> tuple[list[str], str
     except LookupRetry:
         return [], LOOKUP_FAILED
     return found, "" if found else NO_ADDRESS
+
+
+def _limited(records: list, qname: str, qtype: str) -> list:
+    """The first SERVER_LIMIT records, the others dropped with Postfix's warning (dns_rr_append_with_limit)."""
+    if len(records) > SERVER_LIMIT:
+        log.warning("DNS record count limit (%d) exceeded -- dropping excess record(s) after qname=%s qtype=%s",
+                    SERVER_LIMIT, qname, qtype)
+    return records[:SERVER_LIMIT]
 
 
 def _defer_if_reject(facts: Facts, rcpt: str, text: str) -> None:
