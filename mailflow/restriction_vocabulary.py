@@ -16,7 +16,8 @@ which names can refuse relaying. `mailflow.config` validates every `smtpd.*_rest
                                          names that need a filter a restriction list must name to set it up
     SERVER_ACCESS_CHECKS                 check_*_{mx,ns,a}_access -> (what names the domain, "MX" | "NS" | "A");
                                          DNSWL_CHECKS: permit_dnswl_client, permit_rhswl_client -> what is looked up;
-                                         LOGGED_PERMITS: the permits whose logging can be asked for;
+                                         LOGGED_PERMITS: the permits whose logging can be asked for
+                                         (ALL_PERMITS, `static:all`: all of them);
                                          REVERSE_CLIENT_ACCESS: check_reverse_client_hostname_access
     RELAY_GUARDS                         the names that can refuse relaying (config requires one of them)
     ACCESS_ACTIONS                       the words an access table's value starts with that are actions, not
@@ -102,6 +103,7 @@ REVERSE_CLIENT_ACCESS = "check_reverse_client_hostname_access"  # check_client_a
 WITHOUT_ARGUMENT += ("reject_unknown_helo_hostname", "reject_unknown_hostname", "permit_mx_backup")
 # the permits smtpd.log_access_permit_actions may name
 LOGGED_PERMITS = (*DNSWL_CHECKS, "permit_mx_backup", "permit_auth_destination", "permit_naked_ip_address")
+ALL_PERMITS = "static:all"  # log_access_permit_actions: every permit (Postfix's documented example)
 WITH_ARGUMENT += tuple(SERVER_ACCESS_CHECKS) + tuple(DNSWL_CHECKS) + (REVERSE_CLIENT_ACCESS,)
 # Restrictions that need a filter of [greylist] / [sender_auth], set up when a list (or a class it names) names
 # them: one named only in an access table's value has none

@@ -11,6 +11,7 @@ restriction lists that could not refuse relaying raise ValueError (a ConfigError
 """
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -20,7 +21,7 @@ from mailflow.config.base import (Duration, FrozenMap, HostPorts, Networks, Rest
 from mailflow.config.filters import SmtpdFilterSettings
 from mailflow.ehlo_keywords import discard_set
 from mailflow.reply_footer import check_footer
-from mailflow.restriction_vocabulary import LOGGED_PERMITS, RELAY_GUARDS, expand
+from mailflow.restriction_vocabulary import ALL_PERMITS, LOGGED_PERMITS, RELAY_GUARDS, expand
 from mailflow.syntax import parse_endpoint, parse_hostport
 
 
@@ -205,7 +206,9 @@ class SmtpdConfig(SmtpdFilterSettings):
     permit_mx_backup_networks: Networks = ()
     # The permit actions whose permits are logged (`permit: RCPT from …: action=permit_dnswl_client for Client
     # host=… ; from=<…> …`; Postfix's smtpd_log_access_permit_actions): of permit_dnswl_client, permit_rhswl_client,
-    # permit_mx_backup, permit_auth_destination and permit_naked_ip_address.
+    # permit_mx_backup, permit_auth_destination and permit_naked_ip_address; `static:all` names them all. Postfix's
+    # other permit names are taken (a converted main.cf loads) and not logged, warned of when the restrictions are
+    # set up.
     log_access_permit_actions: tuple[str, ...] = ()
     # reject_unlisted_recipient: the code for a user its class's table does not list (Postfix's names; 450 while
     # testing a table: the client tries again), the enhanced code's class following it.
@@ -253,8 +256,9 @@ class SmtpdConfig(SmtpdFilterSettings):
     @classmethod
     def _logged_permits(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for name in v:
-            if name not in LOGGED_PERMITS:
-                raise ValueError(f"{name!r}: mailflow logs the permits of {', '.join(LOGGED_PERMITS)}")
+            if name != ALL_PERMITS and not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+                raise ValueError(f"{name!r} is not a permit action name nor {ALL_PERMITS} (mailflow logs the permits "
+                                 f"of {', '.join(LOGGED_PERMITS)})")
         return v
 
     @field_validator("reject_footer")

@@ -79,9 +79,9 @@ def test_a_misconfigured_dns_item_fails_naming_the_list_and_the_item(items, reas
 
 
 @pytest.mark.parametrize("smtpd, reason", [
-    ({"log_access_permit_actions": ["permit_mynetworks"]},
-     "smtpd.log_access_permit_actions: 'permit_mynetworks': mailflow logs the permits of permit_dnswl_client, "
-     "permit_rhswl_client, permit_mx_backup"),
+    ({"log_access_permit_actions": ["hash:/etc/postfix/permits"]},
+     "smtpd.log_access_permit_actions: 'hash:/etc/postfix/permits' is not a permit action name nor static:all "
+     "(mailflow logs the permits of permit_dnswl_client, permit_rhswl_client, permit_mx_backup)"),
     ({"permit_mx_backup_networks": ["10.0.0.1/8"]}, "smtpd.permit_mx_backup_networks"),
     ({"unknown_helo_hostname_tempfail_action": "reject"}, "smtpd.unknown_helo_hostname_tempfail_action"),
 ])
@@ -89,6 +89,19 @@ def test_the_new_settings_are_checked(smtpd, reason):
     with pytest.raises(ConfigError) as info:
         config_from_dict({"smtpd": smtpd}, "main.toml")
     assert str(info.value).startswith(f"main.toml: {reason}")
+
+
+async def test_log_access_permit_actions_takes_postfixs_names_and_static_all(caplog):
+    # a converted main.cf loads: static:all (Postfix's documented example) logs every permit mailflow can log,
+    # a permit name mailflow does not log is warned of
+    resolver = StaticResolver(addresses={"9.113.0.203.wl.test": ["127.0.0.2"]})
+    with caplog.at_level(logging.INFO, logger="mailflow.smtpd"):
+        r = restrictions(resolver, client_restrictions=["permit_dnswl_client wl.test", "reject"],
+                         log_access_permit_actions=["static:all", "permit_mynetworks"])
+        assert await r.check_rcpt(facts()) is None
+    assert "log_access_permit_actions: the permits of permit_mynetworks are not logged (mailflow logs those of " \
+           "permit_dnswl_client, permit_rhswl_client, permit_mx_backup)" in caplog.messages
+    assert [m for m in caplog.messages if "action=permit_dnswl_client" in m]
 
 
 def test_every_postfix_server_access_name_is_known():

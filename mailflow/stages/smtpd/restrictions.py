@@ -98,6 +98,7 @@ from mailflow.restriction_vocabulary import (ACCESS_CHECKS, CLIENT_CERT_PERMITS,
                                              RCPT_STAGES, REVERSE_CLIENT_ACCESS, RHSBL_CHECKS, SENDER_LOGIN_CHECKS,
                                              SERVER_ACCESS_CHECKS, STAGES, WARN_IF_REJECT, WITH_ARGUMENT, check_item,
                                              split_item)
+from mailflow.restriction_vocabulary import ALL_PERMITS, LOGGED_PERMITS
 from mailflow.stages.smtpd.auth import SenderLogins
 from mailflow.routing.rewrite import unknown_reject_codes
 from mailflow.stages.smtpd.dns_checks import DnsChecks
@@ -340,6 +341,7 @@ class Restrictions:
             smtpd.permit_mx_backup_networks, tables.open, parent_style=True, setting="permit_mx_backup_networks"),
             lookup_time=config.dns.timeout * config.dns.tries)
         self._lines = SmtpdLog()  # WARN's and INFO's log lines
+        self._logged_permits = logged_permits(smtpd.log_access_permit_actions)
         # the reject_*sender_login_mismatch items' maps (none: they refuse nothing, as Postfix's)
         self._sender_logins = SenderLogins(tables.open(smtpd.sender_login_maps), resolve=rewriter.resolved_address,
                                            delimiter=config.recipient_delimiter)
@@ -959,7 +961,7 @@ class Restrictions:
         """PERMIT, logged when log_access_permit_actions names the action and no DEFER_IF_PERMIT overrules it
         (Postfix's smtpd_acl_permit: `permit: RCPT from host[ip]: action=NAME for Client host=host[ip] ; ...`, the
         space before the `;` its empty format's, seen on 3.7.11)."""
-        if name in self._smtpd.log_access_permit_actions and facts.defer_if_permit is None:
+        if name in self._logged_permits and facts.defer_if_permit is None:
             self._whatsup("permit", f"action={name} for {what}={subject} ", facts, stage)
         return PERMIT
 
@@ -1061,6 +1063,16 @@ def _mark(word: str, text: str, marks: Marks, source: str) -> bool:
         log.warning("%s: access action %s %r requires %s; ignored", source, word, text, _MARK_NEEDS[word])
         return False
     return True
+
+
+def logged_permits(actions: tuple[str, ...]) -> frozenset[str]:
+    """The permits log_access_permit_actions asks to log (`static:all`: all mailflow can); Postfix's other permit
+    names are warned of and not logged."""
+    others = [name for name in actions if name != ALL_PERMITS and name not in LOGGED_PERMITS]
+    if others:
+        log.warning("log_access_permit_actions: the permits of %s are not logged (mailflow logs those of %s)",
+                    ", ".join(others), ", ".join(LOGGED_PERMITS))
+    return frozenset(LOGGED_PERMITS if ALL_PERMITS in actions else actions)
 
 
 def _not_asked(keys: list[str], asked: dict[str, bool]) -> tuple[list[str], tuple[int, ...]]:
