@@ -288,6 +288,15 @@ async def test_a_dns_allowlist_filter_and_a_failing_lookup(mailflow_server, dns_
     assert await rcpt(port) == (450, "450 4.7.1 <127.0.0.1>: Client host rejected: Service unavailable")
 
 
+async def test_a_list_stops_once_both_conditional_deferrals_are_set(mailflow_server, dns_zone):
+    # Postfix's generic_checks: with DEFER_IF_PERMIT and DEFER_IF_REJECT both set, the rest of the list is not
+    # asked (the outcome is a 450 either way): the HELO name's deferral is the answer, not the allowlist's
+    port = await start(mailflow_server, dns_zone, client_restrictions=[
+        "reject_unknown_helo_hostname", "permit_dnswl_client wl-broken.test", "reject"])
+    assert await rcpt(port, helo="broken.test") == (450, "450 4.7.1 <broken.test>: Helo command rejected: Host not "
+                                                         "found")
+
+
 async def test_a_client_name_on_an_rhs_allowlist_is_permitted(mailflow_server, dns_zone):
     port = await start(mailflow_server, dns_zone, client_restrictions=["permit_rhswl_client rhswl.test", "reject"])
     assert (await rcpt(port))[0] == 250

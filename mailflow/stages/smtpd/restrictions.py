@@ -447,6 +447,8 @@ class Restrictions:
                     return answer
                 if facts.marks.discard is not None:
                     return None
+                if facts.defer_if_permit is not None and facts.defer_if_reject is not None:
+                    return None  # a 450 whatever comes next: Postfix's generic_checks stops here
             return None
         finally:
             if facts.warn_if_reject >= facts.depth:  # (a list that ends with warn_if_reject)
