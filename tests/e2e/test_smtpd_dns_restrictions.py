@@ -46,6 +46,7 @@ mine.test.              300 IN A     127.0.0.1
 1.0.0.127.in-addr.arpa. 300 IN PTR   client.known.test.
 client.known.test.      300 IN A     127.0.0.1
 client.known.test.rhswl.test. 300 IN A 127.0.0.2
+given.test.rhswl.test.  300 IN A     127.0.0.2
 """
 SERVFAIL = ("broken.test", "nsfail.test", "wl-broken.test", "1.0.0.127.wl-broken.test")
 ACCESS = """
@@ -300,6 +301,23 @@ async def test_a_list_stops_once_both_conditional_deferrals_are_set(mailflow_ser
 async def test_a_client_name_on_an_rhs_allowlist_is_permitted(mailflow_server, dns_zone):
     port = await start(mailflow_server, dns_zone, client_restrictions=["permit_rhswl_client rhswl.test", "reject"])
     assert (await rcpt(port))[0] == 250
+
+
+async def test_an_xclient_name_is_the_client_name_and_reverse_name(mailflow_server, dns_zone):
+    # Postfix's XCLIENT NAME sets state->name and state->reverse_name: no PTR of 192.0.2.77 is asked for
+    port = await start(mailflow_server, dns_zone, authorized_xclient_hosts=["127.0.0.0/8"], client_restrictions=[
+        "check_reverse_client_hostname_access inline:{bad.test=REJECT}", "permit_rhswl_client rhswl.test", "reject"])
+    for name, expected in (("given.test", (250, "250 2.1.5 Ok")),
+                           ("bad.test", said(status.access_denied("bad.test", "Unverified Client host")))):
+        client = await SmtpClient.connect(port)
+        try:
+            assert (await client.cmd("EHLO front.test")).code == 250
+            assert (await client.cmd(f"XCLIENT ADDR=192.0.2.77 NAME={name}")).code == 220
+            assert (await client.cmd("EHLO client.test")).code == 250
+            assert (await client.cmd("MAIL FROM:<s@remote.test>")).code == 250
+            assert await client.cmd("RCPT TO:<alice@local.test>") == expected
+        finally:
+            await client.close()
 
 
 async def test_a_client_name_not_on_the_rhs_allowlist_goes_on(mailflow_server, dns_zone):

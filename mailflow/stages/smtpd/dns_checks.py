@@ -147,7 +147,10 @@ class DnsChecks:
         return name if _peer_name(name) else ""
 
     async def _client_names(self, facts: Facts) -> list[str] | None:
-        """The client address's PTR names (memoized per session); None when DNS cannot answer now."""
+        """The client address's PTR names (memoized per session; XCLIENT NAME's, as Postfix takes it for the
+        reverse name); None when DNS cannot answer now."""
+        if facts.xclient_name is not None:
+            return _given_names(facts.xclient_name)
         key = ("ptr", facts.client_addr)
         if key not in facts.memo:
             try:
@@ -160,7 +163,9 @@ class DnsChecks:
 
     async def _verified_client_name(self, facts: Facts) -> str | None:
         """The client's name whose addresses include the client's address (Postfix's verified client name):
-        "" when there is none, None when DNS cannot tell now."""
+        "" when there is none, None when DNS cannot tell now. XCLIENT NAME's is, as Postfix's state->name."""
+        if facts.xclient_name is not None:
+            return (_given_names(facts.xclient_name) or [""])[0]
         key = ("verified", facts.client_addr)
         if key in facts.memo:
             return facts.memo[key]
@@ -264,6 +269,11 @@ class DnsChecks:
 def _peer_name(name: str) -> bool:
     """A PTR name Postfix takes as a client's name: a valid host name (valid_hostname), not an address."""
     return bool(name) and not name.startswith("[") and address.is_valid_domain(name)
+
+
+def _given_names(xclient_name: str) -> list[str]:
+    """The client's names when XCLIENT NAME gave one: that name; none for `unknown`."""
+    return [] if xclient_name.lower() == "unknown" else [xclient_name]
 
 
 def _rhs_name(name: str) -> bool:

@@ -268,11 +268,12 @@ def apply_xclient(state: SessionState, attributes: dict[str, str | None]) -> Non
     if "ADDR" in attributes:
         addr = attributes["ADDR"] or "unknown"
         state.client_name = "unknown"  # the name found at connect was the front end's (NAME may give one)
+        state.xclient_name = None
     if "PORT" in attributes:
         port = int(attributes["PORT"] or 0)
     state.peer = (addr, port)
-    if "NAME" in attributes:
-        state.client_name = attributes["NAME"] or "unknown"
+    if "NAME" in attributes:  # (Postfix's state->name and reverse_name: the DNS checks take it for the client's)
+        state.client_name = state.xclient_name = attributes["NAME"] or "unknown"
     if "HELO" in attributes:
         state.host_name = helo_name(attributes["HELO"]) if attributes["HELO"] is not None else None
     if "PROTO" in attributes:

@@ -529,6 +529,7 @@ class SmtpdHandler:
             server_addr=session.server_ip,
             server_port=session.server_port,
             client_name=session.client_name,
+            xclient_name=session.xclient_name,
             helo=session.host_name or "",
             sender=envelope.sender,
             recipient=rcpt,

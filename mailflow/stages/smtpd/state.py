@@ -59,6 +59,7 @@ class SessionState(_AiosmtpdSession):
     auth_data: Any  # that login name (str) while authenticated, else None
     # (aiosmtpd's `loop`; its `proxy_data` stays None: frontends.py says why mailflow reads PROXY itself)
     client_name: str  # the client's host name for logs and checks: found at connect (peername.py), or XCLIENT NAME
+    xclient_name: str | None  # what XCLIENT NAME said ("unknown": no name), which stands for the client's DNS names
     proxied_by: str  # the load balancer's address when a PROXY header named the client, else ""
     auth_mechanism: str  # PLAIN, LOGIN or XCLIENT: the `sasl_method` of the log and of policy requests
     milters: Any  # the session's milter connections (filters.milter.MilterSession), made at its first event
@@ -79,6 +80,7 @@ class SessionState(_AiosmtpdSession):
         self.server_ip = ""
         self.server_port = 0
         self.client_name = "unknown"
+        self.xclient_name = None
         self.proxied_by = ""
         self.auth_mechanism = ""
         self.client_cert = None
@@ -95,6 +97,7 @@ class SessionState(_AiosmtpdSession):
         self.server_port = previous.server_port
         self.proxied_by = previous.proxied_by
         self.client_name = previous.client_name
+        self.xclient_name = previous.xclient_name
         self.milters = previous.milters  # the same milter connections (a new HELO follows)
         self.access_denied = previous.access_denied  # (Postfix's stay over STARTTLS)
         self.defer_if_permit_client = previous.defer_if_permit_client
