@@ -308,9 +308,9 @@ MILTER_SHUTDOWN = Reply(421, "4.7.0", "Server closing connection")  # a milter's
 MILTER_UNAVAILABLE = Reply(550, "5.5.0", "Service unavailable")  # milter_default_action = reject (Postfix's milter8)
 # a milter whose own reply (SMFIR_REPLYCODE) is malformed: closed, as Postfix's milter8 does for a configuration error
 MILTER_CONFIGURATION_PROBLEM = Reply(451, "4.3.5", "Server configuration problem - try again later")
-# a non_smtpd_milter refused a recipient of mail that came by sendmail (Postfix: a configuration error; it waits)
-MILTER_CONFIGURATION_ERROR = Reply(451, "4.3.5", "Server configuration error")
-# smtpd: a restriction that may not permit did (check_*_{mx,ns,a}_access answering OK; Postfix's reject_server_error)
+# Postfix's configuration errors that make mail wait: in smtpd a restriction that may not permit did
+# (check_*_{mx,ns,a}_access answering OK; its reject_server_error); a non_smtpd_milter that refused a recipient of
+# mail that came by sendmail
 SERVER_CONFIGURATION_ERROR = Reply(451, "4.3.5", "Server configuration error", server_fault=True)
 SPAM_REJECTED = Reply(550, "5.7.1", "Message rejected as spam")
 

@@ -143,7 +143,7 @@ class NonSmtpdMilters:
             if verdict.action in ("reject", "tempfail"):
                 log.warning("%s: can't reject recipient <%s> in non-smtpd mail: milter configuration error",
                             verdict.reason or "milter", recipient)
-                return Filtered("tempfail", submission, status.MILTER_CONFIGURATION_ERROR, verdict.reason)
+                return Filtered("tempfail", submission, status.SERVER_CONFIGURATION_ERROR, verdict.reason)
             if verdict.action == "quarantine":
                 hold = verdict.reason or "milter quarantine"
             elif verdict.action == "discard":
