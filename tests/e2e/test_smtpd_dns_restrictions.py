@@ -48,7 +48,8 @@ client.known.test.      300 IN A     127.0.0.1
 client.known.test.rhswl.test. 300 IN A 127.0.0.2
 given.test.rhswl.test.  300 IN A     127.0.0.2
 """
-SERVFAIL = ("broken.test", "nsfail.test", "wl-broken.test", "1.0.0.127.wl-broken.test")
+SERVFAIL = ("broken.test", "nsfail.test", "wl-broken.test", "1.0.0.127.wl-broken.test",
+            "client.known.test.wl-broken.test")
 ACCESS = """
 mx.allowed.test   OK
 bad-hoster.test   REJECT bad mail exchanger
@@ -318,6 +319,12 @@ async def test_an_xclient_name_is_the_client_name_and_reverse_name(mailflow_serv
             assert await client.cmd("RCPT TO:<alice@local.test>") == expected
         finally:
             await client.close()
+
+
+async def test_a_failing_rhs_allowlist_lookup_turns_a_refusal_into_a_deferral(mailflow_server, dns_zone):
+    # Postfix's permit_dnswl_domain: DEFER_IF_REJECT2 450 4.7.1 <name>: Client host rejected: Service unavailable
+    port = await start(mailflow_server, dns_zone, client_restrictions=["permit_rhswl_client wl-broken.test", "reject"])
+    assert await rcpt(port) == (450, "450 4.7.1 <client.known.test>: Client host rejected: Service unavailable")
 
 
 async def test_a_client_name_not_on_the_rhs_allowlist_goes_on(mailflow_server, dns_zone):
