@@ -108,10 +108,10 @@ class Lookups:
                 async with asyncio.timeout_at(self._deadline):
                     self._answers[key] = (await query(name), None)
             except (NotFound, LookupRetry) as e:
-                self._answers[key] = (None, e)
+                self._answers[key] = (None, e.with_traceback(None))
         found, error = self._answers[key]
         if error is not None:
-            raise error
+            raise error.with_traceback(None)  # (each raise would lengthen a kept traceback, holding its frames)
         return found
 
 
