@@ -94,11 +94,10 @@ from mailflow.address import client_ip
 from mailflow.dsn_parameters import xtext_encode
 from mailflow.errors import LookupRetry
 from mailflow.logs import SmtpdLog, printable
-from mailflow.restriction_vocabulary import (ACCESS_CHECKS, CLIENT_CERT_PERMITS, DNSWL_CHECKS, KNOWN, NEEDS_FILTER,
-                                             RCPT_STAGES, REVERSE_CLIENT_ACCESS, RHSBL_CHECKS, SENDER_LOGIN_CHECKS,
-                                             SERVER_ACCESS_CHECKS, STAGES, WARN_IF_REJECT, WITH_ARGUMENT, check_item,
-                                             split_item)
-from mailflow.restriction_vocabulary import ALL_PERMITS, LOGGED_PERMITS
+from mailflow.restriction_vocabulary import (ACCESS_CHECKS, ALL_PERMITS, CLIENT_CERT_PERMITS, DNSWL_CHECKS, KNOWN,
+                                             LOGGED_PERMITS, NEEDS_FILTER, RCPT_STAGES, REVERSE_CLIENT_ACCESS,
+                                             RHSBL_CHECKS, SENDER_LOGIN_CHECKS, SERVER_ACCESS_CHECKS, STAGES,
+                                             WARN_IF_REJECT, WITH_ARGUMENT, check_item, split_item)
 from mailflow.stages.smtpd.auth import SenderLogins
 from mailflow.routing.rewrite import unknown_reject_codes
 from mailflow.stages.smtpd.dns_checks import DnsChecks
