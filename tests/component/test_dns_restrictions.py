@@ -81,7 +81,8 @@ def test_a_misconfigured_dns_item_fails_naming_the_list_and_the_item(items, reas
 @pytest.mark.parametrize("smtpd, reason", [
     ({"log_access_permit_actions": ["hash:/etc/postfix/permits"]},
      "smtpd.log_access_permit_actions: 'hash:/etc/postfix/permits' is not a permit action name nor static:all "
-     "(mailflow logs the permits of permit_dnswl_client, permit_rhswl_client, permit_mx_backup)"),
+     "(mailflow logs the permits of permit_dnswl_client, permit_rhswl_client, permit_mx_backup, "
+     "permit_auth_destination, permit_naked_ip_address)"),
     ({"permit_mx_backup_networks": ["10.0.0.1/8"]}, "smtpd.permit_mx_backup_networks"),
     ({"unknown_helo_hostname_tempfail_action": "reject"}, "smtpd.unknown_helo_hostname_tempfail_action"),
 ])
@@ -99,8 +100,9 @@ async def test_log_access_permit_actions_takes_postfixs_names_and_static_all(cap
         r = restrictions(resolver, client_restrictions=["permit_dnswl_client wl.test", "reject"],
                          log_access_permit_actions=["static:all", "permit_mynetworks"])
         assert await r.check_rcpt(facts()) is None
-    assert "log_access_permit_actions: the permits of permit_mynetworks are not logged (mailflow logs those of " \
-           "permit_dnswl_client, permit_rhswl_client, permit_mx_backup)" in caplog.messages
+    assert ("log_access_permit_actions: the permits of permit_mynetworks are not logged (mailflow logs those of "
+            "permit_dnswl_client, permit_rhswl_client, permit_mx_backup, permit_auth_destination, "
+            "permit_naked_ip_address)") in caplog.messages
     assert [m for m in caplog.messages if "action=permit_dnswl_client" in m]
 
 
