@@ -33,6 +33,18 @@ async def test_a_message_for_many_recipients_of_one_destination_goes_fifty_at_a_
     assert sorted(delivered) == sorted(f"u{i}@remote.test" for i in range(120))
 
 
+async def test_a_message_for_many_recipients_does_not_hold_back_the_mail_queued_after_it(h):
+    """1 000 recipients of one destination are 20 jobs; a one-recipient message queued after them is delivered
+    within about a window's worth of deliveries (Postfix preempts the big message's job), not after all 20."""
+    await h.start()
+    big = await h.queue(*(f"u{i}@remote.test" for i in range(1000)), wake=False)
+    small = await h.queue("late@remote.test")
+    await eventually(lambda: queue_is_empty(h))
+    order = [request.queue_id for request in h.smtp.requests]
+    assert order.count(big) == 20
+    assert order.index(small) < 5 + 1  # the initial window, then the small message's turn
+
+
 @pytest.mark.parametrize("settings, smtp, local", [
     ({"transport_destination_recipient_limit": {"smtp": 2}}, [1, 2, 2], [2]),
     ({"destination_recipient_limit": 0}, [5], [2]),  # no limit

@@ -151,3 +151,25 @@ def test_a_rate_limited_destination_that_dies_defers_its_jobs_and_is_only_paused
     assert not d.is_dead(T0) and d.resume_at == T0 + 10.0
     d.restart(5, 20, 1, rate_delay=0.0)  # a reload without the delay: neither paused nor capped
     assert (d.window, d.resume_at) == (5, 0.0)
+
+
+def test_the_messages_queued_take_turns_a_job_each():
+    """A message split into jobs has one in the FIFO at a time: the next joins the end when one is taken."""
+    d = dest(initial=20)
+    d.queue([Job("BIG", "smtp", "example.test", (Recipient(i, f"u{i}@example.test", ""),)) for i in range(4)])
+    d.queue([job(1)])
+    d.queue([job(2)])
+    started = []
+    while d.can_start(T0):
+        started.append(d.take().queue_id)
+    assert started == ["BIG", "Q1", "Q2", "BIG", "BIG", "BIG"]
+
+
+def test_a_message_s_jobs_waiting_their_turn_are_withdrawn_drained_and_counted():
+    d = dest()
+    d.queue([Job("BIG", "smtp", "example.test", (Recipient(i, f"u{i}@example.test", ""),)) for i in range(3)])
+    d.queue([job(1), job(1)])
+    assert d.snapshot()[4] == 5
+    assert [j.recipients[0].index for j in d.withdraw("BIG")] == [0, 1, 2]
+    assert [j.queue_id for j in d.drain()] == ["Q1", "Q1"]
+    assert d.idle(T0)

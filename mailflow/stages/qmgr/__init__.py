@@ -27,7 +27,8 @@ The loop
   without its content, which its first job reads from the store.
 - Each destination gets one job per message (one per `destination_recipient_limit` recipients, its transport's
   own `transport_destination_recipient_limit` first; with a limit of 1 each recipient is a destination of its own,
-  `user@nexthop`, as Postfix names its queues then) and runs as many at once as its window allows
+  `user@nexthop`, as Postfix names its queues then; the jobs of one message take their turns with the other
+  messages', so a big message holds back no later mail) and runs as many at once as its window allows
   (`destination.py`: slow start, throttle on site failure, dead-site memory). `delivery_concurrency_limit`
   caps all deliveries, `transport_concurrency_limit` each transport. A dead destination's jobs are
   deferred without a connection attempt. A destination rate delay (`destination_rate_delay`, per transport
@@ -529,17 +530,16 @@ class QueueManager:
             if limit == 1 and transport not in ("error", "retry"):
                 for rcpt in rcpts:
                     queue = self._recipient_queue(rcpt.address, nexthop)
-                    self._destination(transport, queue).jobs.append(Job(queue_id, transport, nexthop, (rcpt,)))
+                    self._destination(transport, queue).queue([Job(queue_id, transport, nexthop, (rcpt,))])
                 count += len(rcpts)
                 continue
-            jobs = self._destination(transport, nexthop).jobs
             if not limit or len(rcpts) <= limit:  # (the common case: one job)
-                jobs.append(Job(queue_id, transport, nexthop, tuple(rcpts)))
-                count += 1
-                continue
-            for start in range(0, len(rcpts), limit):
-                jobs.append(Job(queue_id, transport, nexthop, tuple(rcpts[start:start + limit])))
-                count += 1
+                jobs = [Job(queue_id, transport, nexthop, tuple(rcpts))]
+            else:
+                jobs = [Job(queue_id, transport, nexthop, tuple(rcpts[start:start + limit]))
+                        for start in range(0, len(rcpts), limit)]
+            self._destination(transport, nexthop).queue(jobs)
+            count += len(jobs)
         return count
 
     def _recipient_queue(self, address: str, nexthop: str) -> str:

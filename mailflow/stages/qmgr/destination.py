@@ -19,6 +19,12 @@ Postfix's feedback-driven concurrency (qmgr_queue.c, SCHEDULER_README), with its
   Postfix's qmgr, restarted by `postfix reload`, starts with no destination memory; its deliveries in flight
   still count against the new window.
 Per-recipient outcomes never reach this object: only the site verdict moves the window.
+
+The queue is served one message at a time in turn: a message split into several jobs (its recipient limit) has
+only its next job in `jobs`, the FIFO; the others wait in `later` and the next one joins the end of the FIFO
+when one is taken. So a message for thousands of recipients does not hold back the mail queued after it (each
+waits about one job per message ahead of it), while alone it still fills the window. (Postfix gets there by
+preempting a big message's job: qmgr_job.c.)
 """
 from __future__ import annotations
 
@@ -50,7 +56,8 @@ class Destination:
     failures: int = 0  # site failures in a row, for the operator
     dead_until: float = 0.0
     reason: str = ""
-    jobs: deque = field(default_factory=deque)
+    jobs: deque = field(default_factory=deque)  # the next job of each message, in turn
+    later: dict[str, deque] = field(default_factory=dict)  # a message's further jobs, by queue id
     rate_delay: float = 0.0  # seconds between two deliveries; > 0: the window is 1
     resume_at: float = 0.0  # paused by the rate delay until then
 
@@ -70,9 +77,27 @@ class Destination:
     def can_start(self, now: float) -> bool:
         return bool(self.jobs) and not self.is_dead(now) and self.in_flight < self.window and now >= self.resume_at
 
+    def queue(self, jobs: list[Job]) -> None:
+        """Queue one message's jobs: its first at the end of the FIFO, the others behind it (`later`)."""
+        queue_id = jobs[0].queue_id
+        if queue_id in self.later:
+            self.later[queue_id].extend(jobs)
+            return
+        self.jobs.append(jobs[0])
+        if len(jobs) > 1:
+            self.later[queue_id] = deque(jobs[1:])
+
     def take(self) -> Job:
+        """The next job to start; its message's next job, if any, joins the end of the FIFO."""
         self.in_flight += 1
-        return self.jobs.popleft()
+        job = self.jobs.popleft()
+        if self.later:
+            more = self.later.get(job.queue_id)
+            if more:
+                self.jobs.append(more.popleft())
+                if not more:
+                    del self.later[job.queue_id]
+        return job
 
     def done(self, site_ok: bool, reason: str, now: float, dead_time: float) -> list[Job]:
         """Feed back one finished delivery. Returns the queued jobs to defer if the site just died."""
@@ -123,12 +148,15 @@ class Destination:
         mine = [j for j in self.jobs if j.queue_id == queue_id]
         if mine:
             self.jobs = deque(j for j in self.jobs if j.queue_id != queue_id)
-        return mine
+        return mine + list(self.later.pop(queue_id, ()))
 
     def drain(self) -> list[Job]:
         """Hand back every queued job (the destination is dead)."""
         jobs = list(self.jobs)
+        for more in self.later.values():
+            jobs.extend(more)
         self.jobs.clear()
+        self.later.clear()
         return jobs
 
     def idle(self, now: float) -> bool:
@@ -138,7 +166,8 @@ class Destination:
     def snapshot(self) -> tuple:
         """(transport, nexthop, window, in_flight, queued, failures, dead_until, reason) for the tools."""
         window = 0 if self.dead_until else self.window
-        return (self.transport, self.nexthop, window, self.in_flight, len(self.jobs), self.failures,
+        queued = len(self.jobs) + sum(len(more) for more in self.later.values())
+        return (self.transport, self.nexthop, window, self.in_flight, queued, self.failures,
                 self.dead_until, self.reason)
 
     def _rate_limit(self) -> None:
