@@ -344,6 +344,17 @@ async def test_site_failures_kill_a_destination_others_keep_delivering_and_it_co
     assert revived >= T0 + 600
 
 
+async def test_a_dead_destination_with_nothing_queued_is_forgotten_when_its_dead_time_is_over(sim):
+    """Its timer brings it back to the queue manager's attention: `queue destinations` stops showing it dead."""
+    s = await sim(minimal_backoff_time=600, maximal_backoff_time=4000, initial_destination_concurrency=1)
+    s.smtp.script = always(Outcome.DEFERRED, "4.4.1", "connection refused", site_ok=False)
+    await s.submit("a@remote.test", "r@dead.test")
+    await s.run_until(T0 + 1)
+    assert [row[6] for row in s.qmgr.destinations()] == [T0 + 600]
+    await s.run_until(T0 + 601, stop=lambda: False)
+    assert s.qmgr.destinations() == []
+
+
 async def test_recipient_refusals_do_not_move_the_window(sim):
     s = await sim(initial_destination_concurrency=1, destination_concurrency_failed_cohort_limit=1)
     s.smtp.script = always(Outcome.BOUNCED, "5.1.1", "550 no such user", site_ok=True)

@@ -177,7 +177,11 @@ class QueueManager:
         self._on_delivery = on_delivery
         self._active: dict[str, ActiveMessage] = {}
         self._destinations: dict[tuple[str, str], Destination] = {}
-        self._resumes: list[float] = []  # (a heap) when destinations paused by a rate delay may start again
+        # The destinations `_pump` looks at, by transport, in turn: jobs were queued, a delivery ended, a timer rang
+        # (a dead-site timer, a rate delay's pause), an operator or a reload changed them. Not the others: with a
+        # recipient limit of 1 there are as many destinations as recipients.
+        self._ready: dict[str, dict[tuple[str, str], None]] = {}
+        self._timers: list[tuple[float, tuple[str, str]]] = []  # (a heap) (when, destination): a pause or death ends
         self._sleeping_until = 0.0  # the clock time the loop's current sleep ends
         self._in_flight = 0
         self._in_flight_by_transport: dict[str, int] = {}
@@ -253,6 +257,7 @@ class QueueManager:
         for dest in self._destinations.values():
             dest.restart(config.initial_destination_concurrency, config.default_destination_concurrency_limit,
                          config.destination_concurrency_failed_cohort_limit, config.rate_delay(dest.transport))
+            self._mark(dest)
         self._reroute()
         self._pump()
         if retired:
@@ -355,7 +360,7 @@ class QueueManager:
             if ticked:
                 self._next_tick = self._clock.time() + self._tick_seconds
                 await self._poll.run(self._poll_operators)  # first: holds and flushes are seen before a scan acts
-            self._pump()  # also revives destinations whose dead timer ran out
+            self._pump()  # also revives destinations whose dead timer ran out, resumes paused ones
             if ticked:
                 await self._publish.run(self._publish_destinations)
             await self._scanning.run(self._scan)
@@ -370,12 +375,9 @@ class QueueManager:
         next_scan = self._next_scan
         if self._scanning.backing_off:
             next_scan = max(next_scan, self._scanning.resume_at)
-        now = self._clock.time()
-        while self._resumes and self._resumes[0] <= now:
-            heapq.heappop(self._resumes)
-        if self._resumes:
-            next_scan = min(next_scan, self._resumes[0])
-        return min(now + self._tick_seconds, next_scan)
+        if self._timers:
+            next_scan = min(next_scan, self._timers[0][0])
+        return min(self._clock.time() + self._tick_seconds, next_scan)
 
     async def _idle(self, deadline: float) -> None:
         """Wait for a wake-up or until `deadline` on the injected clock, whichever comes first: the clock's
@@ -410,6 +412,7 @@ class QueueManager:
             self._flushes = flushes
             for dest in self._destinations.values():
                 dest.revive()
+                self._mark(dest)
 
     async def _publish_destinations(self) -> None:
         rows = self.destinations()
@@ -429,7 +432,10 @@ class QueueManager:
                 continue
             active.withdrawn = state
             for dest in self._destinations.values():
-                for job in dest.withdraw(queue_id):
+                withdrawn = dest.withdraw(queue_id)
+                if withdrawn:
+                    self._mark(dest)  # (idle now, maybe)
+                for job in withdrawn:
                     if state == "deleted":  # nothing left to record
                         active.jobs_left -= 1
                         self._results_in(active, [])
@@ -530,7 +536,7 @@ class QueueManager:
             if limit == 1 and transport not in ("error", "retry"):
                 for rcpt in rcpts:
                     queue = self._recipient_queue(rcpt.address, nexthop)
-                    self._destination(transport, queue).queue([Job(queue_id, transport, nexthop, (rcpt,))])
+                    self._enqueue(transport, queue, [Job(queue_id, transport, nexthop, (rcpt,))])
                 count += len(rcpts)
                 continue
             if not limit or len(rcpts) <= limit:  # (the common case: one job)
@@ -538,7 +544,7 @@ class QueueManager:
             else:
                 jobs = [Job(queue_id, transport, nexthop, tuple(rcpts[start:start + limit]))
                         for start in range(0, len(rcpts), limit)]
-            self._destination(transport, nexthop).queue(jobs)
+            self._enqueue(transport, nexthop, jobs)
             count += len(jobs)
         return count
 
@@ -566,35 +572,67 @@ class QueueManager:
             if unresolved:
                 self._results_in(active, unresolved)
 
-    def _destination(self, transport: str, nexthop: str) -> Destination:
-        key = (transport, nexthop)
+    def _enqueue(self, transport: str, queue: str, jobs: list[Job]) -> None:
+        """One message's jobs for the destination `(transport, queue)`, made when first needed."""
+        key = (transport, queue)
         dest = self._destinations.get(key)
         if dest is None:
             q = self._config
-            dest = Destination(transport, nexthop, initial=q.initial_destination_concurrency,
+            dest = Destination(transport, queue, initial=q.initial_destination_concurrency,
                                limit=q.default_destination_concurrency_limit,
                                cohort_limit=q.destination_concurrency_failed_cohort_limit,
                                rate_delay=q.rate_delay(transport))
             self._destinations[key] = dest
-        return dest
+        dest.queue(jobs)
+        self._mark(dest)
+
+    def _mark(self, dest: Destination) -> None:
+        """`_pump` is to look at `dest`: it may start a job, or be forgotten."""
+        self._ready.setdefault(dest.transport, {})[dest.key] = None
 
     def _pump(self) -> None:
-        """Start every job the windows and caps allow; defer the jobs of dead destinations unattempted."""
+        """Start every job the windows and caps allow; defer the jobs of dead destinations unattempted; forget idle
+        destinations. Looks only at the destinations marked ready (`_mark`), and no further once every delivery
+        slot is taken."""
         if self._stopping:
             return
         now = self._clock.time()
-        for dest in list(self._destinations.values()):
+        while self._timers and self._timers[0][0] <= now:
+            dest = self._destinations.get(heapq.heappop(self._timers)[1])
+            if dest is not None:
+                self._mark(dest)
+        for transport, ready in list(self._ready.items()):
+            if self._in_flight >= self._config.delivery_concurrency_limit:
+                break
+            self._pump_transport(transport, ready, now)
+            if not ready:
+                del self._ready[transport]
+
+    def _pump_transport(self, transport: str, ready: dict[tuple[str, str], None], now: float) -> None:
+        """`_pump` for the ready destinations of one transport, in turn, until its cap or the global one is met:
+        a destination leaves `ready` once it can start no more (its window, its pause, its queue, its death)."""
+        for key in list(ready):
+            dest = self._destinations.get(key)
+            if dest is None:
+                del ready[key]
+                continue
             if dest.is_dead(now):
                 self._suspend(dest, dest.drain())
-                continue
-            while dest.can_start(now) and self._room_for(dest.transport):
-                self._in_flight += 1
-                self._in_flight_by_transport[dest.transport] = self._in_flight_by_transport.get(dest.transport, 0) + 1
-                delivery = self._spawn(self._run_job(dest, dest.take()))
-                self._deliveries.add(delivery)
-                delivery.add_done_callback(self._deliveries.discard)
+            else:
+                while dest.can_start(now) and self._room_for(transport):
+                    self._start(dest)
+                if dest.can_start(now):  # a cap stopped it: it stays ready, and so do those after it
+                    return
+            del ready[key]
             if dest.idle(now):
-                del self._destinations[dest.key]
+                del self._destinations[key]
+
+    def _start(self, dest: Destination) -> None:
+        self._in_flight += 1
+        self._in_flight_by_transport[dest.transport] = self._in_flight_by_transport.get(dest.transport, 0) + 1
+        delivery = self._spawn(self._run_job(dest, dest.take()))
+        self._deliveries.add(delivery)
+        delivery.add_done_callback(self._deliveries.discard)
 
     def _room_for(self, transport: str) -> bool:
         cap = self._config.transport_concurrency_limit.get(transport)
@@ -627,14 +665,17 @@ class QueueManager:
             site_ok = report.site_ok if report is not None else True
             reason = report.site_reason if report is not None else ""
             self._suspend(dest, dest.done(site_ok, reason, ended, self._config.minimal_backoff_time))
-            if dest.resume_at:  # a rate delay: the loop wakes when it is over (a paused destination is kept)
-                self._resume_at(dest.resume_at)
+            self._mark(dest)
+            if dest.dead_until:  # dead: looked at again when the timer runs out (revived, or forgotten)
+                self._wake_for(dest, dest.dead_until)
+            if dest.resume_at > ended:  # a rate delay: the loop wakes when it is over (a paused destination is kept)
+                self._wake_for(dest, dest.resume_at)
         self._job_done(job, report, started, ended)
         self._pump()
 
-    def _resume_at(self, when: float) -> None:
-        """A destination paused by its rate delay may start again at `when`: the loop's sleep ends then."""
-        heapq.heappush(self._resumes, when)
+    def _wake_for(self, dest: Destination, when: float) -> None:
+        """`dest` is to be looked at again at `when` (its pause or its dead timer ends): the loop's sleep ends then."""
+        heapq.heappush(self._timers, (when, dest.key))
         if when < self._sleeping_until:
             self._wakeup.set()  # (it sleeps longer: a new turn sleeps until `when`)
 
