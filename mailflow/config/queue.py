@@ -48,7 +48,8 @@ class QueueConfig(Section):
     # Recipients per delivery to one destination (Postfix default_destination_recipient_limit), per transport where
     # one is set ({ smtp = 20 }: transport_destination_recipient_limit); 0 = no limit. With 1, each recipient is a
     # destination of its own (user@nexthop, without its extension): the concurrency and the rate delay are then
-    # per recipient, as Postfix's qmgr makes them.
+    # per recipient, as Postfix's qmgr makes them. `local` takes any number unless the table sets it: its agent
+    # writes one copy per user per delivery, which a split would break.
     destination_recipient_limit: int = Field(50, ge=0)
     transport_destination_recipient_limit: dict[str, Annotated[int, Field(ge=0)]] = {}
     commit_batch_limit: int = Field(500, ge=1)
@@ -63,8 +64,13 @@ class QueueConfig(Section):
         return self.transport_destination_rate_delay.get(transport, self.destination_rate_delay)
 
     def recipient_limit(self, transport: str) -> int:
-        """The recipients per delivery for mail over `transport` (0: no limit)."""
-        return self.transport_destination_recipient_limit.get(transport, self.destination_recipient_limit)
+        """The recipients per delivery for mail over `transport` (0: no limit): its own where the table sets one,
+        else none for `local` (its agent's one copy per user per delivery must see every recipient: see
+        transports/local), else destination_recipient_limit."""
+        own = self.transport_destination_recipient_limit.get(transport)
+        if own is not None:
+            return own
+        return 0 if transport == "local" else self.destination_recipient_limit
 
     @field_validator("maximal_backoff_time")
     @classmethod

@@ -49,7 +49,8 @@ async def test_a_message_for_many_recipients_does_not_hold_back_the_mail_queued_
 @pytest.mark.parametrize("settings, smtp, local", [
     ({"transport_destination_recipient_limit": {"smtp": 2}}, [1, 2, 2], [2]),
     ({"destination_recipient_limit": 0}, [5], [2]),  # no limit
-    ({"destination_recipient_limit": 1, "transport_destination_recipient_limit": {"smtp": 0}}, [5], [1, 1]),
+    ({"destination_recipient_limit": 1, "transport_destination_recipient_limit": {"smtp": 0}}, [5], [2]),
+    ({"transport_destination_recipient_limit": {"local": 1}}, [5], [1, 1]),
 ])
 async def test_a_transport_s_own_recipient_limit_comes_first(h, settings, smtp, local):
     await h.start(**settings)
@@ -109,3 +110,12 @@ async def test_with_a_limit_of_one_the_rate_delay_is_per_recipient(h):
 def test_the_recipient_limit_of_a_transport():
     q = QueueConfig(transport_destination_recipient_limit={"local": 1})
     assert (q.recipient_limit("local"), q.recipient_limit("smtp")) == (1, 50)
+
+
+async def test_local_takes_every_recipient_of_a_message_in_one_delivery_unless_its_own_limit_says_otherwise(h):
+    """The local agent writes one copy per user per delivery (an alias and its member): a split at the default 50
+    would deliver twice; so `local` has no limit unless transport_destination_recipient_limit sets one."""
+    await h.start()
+    await h.queue(*(f"user{i}@example.test" for i in range(120)))
+    await eventually(lambda: queue_is_empty(h))
+    assert sizes(h.local) == [120]
