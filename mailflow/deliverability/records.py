@@ -1,7 +1,8 @@
 """`mailflow dns-records DOMAIN`: the records to publish, in zone file syntax, derived from the configuration.
 
-    public_addresses(config) -> [ip]       deliverability.outbound_addresses, else the listener addresses that are
-                                           public (global unicast); [] when none is known
+    public_addresses(config) -> [ip]       deliverability.outbound_addresses, else smtp.bind_address and
+                                           bind_address6 (the source of outgoing connections), else the listener
+                                           addresses that are public (global unicast); [] when none is known
     domain_keys(config, domain) -> [SigningKey]   the KeyTable's keys for the domain (a "%" key stands for it)
     sts_policy_text(config, domain) -> str the MTA-STS policy file to serve (mode deliverability.mta_sts_mode)
     records(config, domain) -> [str]       zone lines (comments start with ';'): MX -> myhostname; myhostname's A/AAAA;
@@ -30,6 +31,9 @@ STS_MAX_AGE = 604800  # a week: long enough for the cache to matter, short enoug
 def public_addresses(config: Config) -> list[str]:
     if config.deliverability.outbound_addresses:
         return list(config.deliverability.outbound_addresses)
+    bound = [address for address in (config.smtp.bind_address, config.smtp.bind_address6) if address]
+    if bound:
+        return bound
     found = []
     for value in list(config.smtpd.listen) + [listener.address for listener in config.smtpd.listeners]:
         host = parse_hostport(value)[0]
