@@ -207,6 +207,19 @@ class Config(Section):
                 raise ValueError(f"local.{key}: {name!r} is not a transport (known: {', '.join(sorted(known))})")
         return self
 
+    @model_validator(mode="after")
+    def _queue_tables_name_transports(self) -> "Config":
+        """The per-transport tables of [queue] name a built-in transport or a [pipe.NAME]: a misspelt one would be
+        ignored without a word (Postfix warns of a setting nobody reads)."""
+        known = set(BUILTIN_TRANSPORTS) | set(self.pipe)
+        for key in ("transport_concurrency_limit", "transport_destination_rate_delay",
+                    "transport_destination_recipient_limit"):
+            unknown = sorted(set(getattr(self.queue, key)) - known)
+            if unknown:
+                raise ValueError(f"queue.{key}: {', '.join(map(repr, unknown))} is not a transport "
+                                 f"(known: {', '.join(sorted(known))})")
+        return self
+
     @field_validator("pipe")
     @classmethod
     def _pipe_names(cls, v: dict[str, PipeService]) -> dict[str, PipeService]:

@@ -412,3 +412,14 @@ def test_sasl_exceptions_networks_is_a_network_list(tmp_path):
     path = write(tmp_path, '[smtpd]\nsasl_exceptions_networks = ["10.0.0.1/8"]\n')
     err = config_error(path)
     assert (err.file, err.key) == (str(path), "smtpd.sasl_exceptions_networks")
+
+
+@pytest.mark.parametrize("table", ["transport_concurrency_limit", "transport_destination_rate_delay",
+                                   "transport_destination_recipient_limit"])
+def test_a_queue_table_naming_no_transport_is_refused(tmp_path, table):
+    """`{ dovecott = 1 }` (misspelt) was ignored without a word; a [pipe.NAME] is a transport."""
+    value = '"1s"' if table.endswith("rate_delay") else "1"
+    err = config_error(write(tmp_path, f"[queue]\n{table} = {{ dovecott = {value} }}\n"))
+    assert f"queue.{table}: 'dovecott' is not a transport" in err.reason
+    piped = f"[queue]\n{table} = {{ dovecot = {value} }}\n[pipe.dovecot]\nargv = ['/bin/true']\n"
+    assert getattr(load_config(write(tmp_path, piped)).queue, table)["dovecot"]
