@@ -30,10 +30,16 @@ async def test_without_a_bind_address_the_system_chooses(smtp_peer):
     assert [m.client for m in peer.messages] == ["127.0.0.1"]
 
 
-async def test_the_ipv6_address_is_not_used_for_an_ipv4_peer(smtp_peer):
+async def test_the_ipv6_address_is_not_used_for_an_ipv4_peer(smtp_peer, caplog):
+    """bind_address6 is no address of this host and enforced: were it tried for the IPv4 peer, the bind would fail
+    and the mail be deferred."""
     peer = await smtp_peer()
-    report = await deliver(make_transport(bind_address6="::1"), make_request(f"[127.0.0.1]:{peer.port}"))
+    transport = make_transport(bind_address6="2001:db8::1", bind_address_enforce=True)
+    with caplog.at_level(logging.INFO, logger="mailflow.smtp"):
+        report = await deliver(transport, make_request(f"[127.0.0.1]:{peer.port}"))
     assert [r.outcome for r in report.results] == [Outcome.SENT]
+    assert [m.client for m in peer.messages] == ["127.0.0.1"]
+    assert [r.getMessage() for r in caplog.records if r.name == "mailflow.smtp" and r.levelno >= logging.WARNING] == []
 
 
 async def test_a_bind_that_fails_is_a_warning_and_the_mail_goes_from_another_address(smtp_peer, caplog):
