@@ -42,11 +42,12 @@ class Setup:
         self.qmgr: QueueManager | None = None
         self.mail_log: list[str] = []
 
-    async def start(self, **kw) -> QueueManager:
+    async def start(self, queue: dict | None = None, **kw) -> QueueManager:
+        """`queue`: [queue] settings besides the backoff times."""
         if self.store is None:
             self.store = await Store.open(self.path, busy_timeout=self.busy_timeout)
         config = Config(myhostname=HOST, mydestination=("example.test",),
-                        queue={"minimal_backoff_time": 300, "maximal_backoff_time": 4000})
+                        queue={"minimal_backoff_time": 300, "maximal_backoff_time": 4000, **(queue or {})})
         log = MailLog(_INFO_LOGGER)  # lines are made only when the level lets them through
         log._emit = lambda queue_id, event, text, **fields: self.mail_log.append(f"{queue_id}: {text}")
         self.qmgr = QueueManager(self.store, resolve=Rewriter(config).resolve,
@@ -243,6 +244,34 @@ async def test_a_message_held_as_the_scan_begins_is_not_delivered(s):
     await qmgr_turn(s.qmgr, s.clock)  # the scan that raced the hold is over; it took nothing
     assert scans[0] == [] and await s.store.counts() == {"hold": 1}
     assert s.smtp.requests == [] and s.qmgr.active_count == 0
+
+
+class HoldsOneJob(RecordingTransport):
+    """Answers every job at once but the one whose first recipient is `held`, which never ends."""
+
+    def __init__(self, held: str):
+        super().__init__("smtp")
+        self.held = held
+
+    async def deliver(self, request):
+        self.record(request)
+        if request.recipients[0].address == self.held:
+            await asyncio.Event().wait()
+        return self.respond(request)
+
+
+async def test_a_stop_between_the_jobs_of_one_message_repeats_only_the_job_it_interrupted(s):
+    """A recipient limit of 2: the first job's recipients are recorded as it ends; after the stop only the
+    second job's are delivered again."""
+    s.smtp = HoldsOneJob("a2@remote.test")
+    await s.start(queue={"destination_recipient_limit": 2})
+    await s.queue("Q1", *(f"a{n}@remote.test" for n in range(4)))
+    await eventually(lambda: _recipients_if(s, "Q1", lambda rows: [r[1] for r in rows].count("sent") == 2))
+    await s.stop()
+    s.smtp = RecordingTransport("smtp")
+    await s.start(queue={"destination_recipient_limit": 2})
+    await eventually(lambda: _counts_are(s, {}))
+    assert sent_to(s.smtp) == ["a2@remote.test", "a3@remote.test"]
 
 
 # ---------------------------------------------------------------------------------------------- notices across a crash

@@ -206,6 +206,34 @@ async def test_one_delay_notice_then_the_bounce(sim):
     assert "Will-Retry-Until" in report_fields(notices[0])[0]
 
 
+async def test_jobs_of_one_message_that_end_differently_make_one_notice_and_one_retry(sim):
+    """A recipient limit of 2 makes 5 recipients three jobs: the first two bounce, the third is deferred. One
+    failure notice lists the four bounced recipients; the retry delivers the fifth alone; then the message is
+    gone."""
+    s = await sim(transport_destination_recipient_limit={"smtp": 2})
+    first = {"r0@far.test": (Outcome.BOUNCED, "5.1.1", "550 no such user", True),
+             "r2@far.test": (Outcome.BOUNCED, "5.1.1", "550 no such user", True),
+             "r4@far.test": (Outcome.DEFERRED, "4.4.1", "451 try later", True)}
+    tried: set[str] = set()
+
+    def answer(req, now):
+        head = req.recipients[0].address
+        if not req.sender or head in tried:
+            return (Outcome.SENT, "2.0.0", "250 ok", True)
+        tried.add(head)
+        return first[head]
+    s.smtp.script = answer
+    await s.submit("alice@remote.test", *(f"r{n}@far.test" for n in range(5)))
+    await s.run_until(T0 + 2 * HOUR, stop=lambda: False)
+    [notice] = notices_in(s.smtp)
+    assert sorted((f["Final-Recipient"], f["Action"]) for f in report_fields(notice)) == [
+        (f"rfc822; r{n}@far.test", "failed") for n in range(4)]
+    jobs = [[r.address for r in req.recipients] for _, req in s.smtp.calls if req.sender]
+    assert sorted(jobs) == [["r0@far.test", "r1@far.test"], ["r2@far.test", "r3@far.test"], ["r4@far.test"],
+                            ["r4@far.test"]]
+    assert await s.store.counts() == {}
+
+
 # ----------------------------------------------------------------------------------- null sender
 
 
