@@ -18,7 +18,7 @@ from mailflow.errors import LookupRetry
 from mailflow.logs import MailLog
 from mailflow.content import Content
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, Recipient
-from mailflow.stages.qmgr import ADMIT_SLICE, QueueManager
+from mailflow.stages.qmgr import ADMIT_SLICE, TICK, QueueManager
 from mailflow.routing.rewrite import Rewriter
 from mailflow.store import NewMessage, Store
 from tests.support import (BlockingTransport, RecordingClock, RecordingTransport, ScriptedTransport, always,
@@ -63,7 +63,7 @@ class Harness:
         return self.store
 
     async def start(self, transports: dict | None = None, resolve=None, log: MailLog | None = None,
-                    **queue) -> QueueManager:
+                    tick: float = TICK, **queue) -> QueueManager:
         config = Config(myhostname=HOST, mydestination=("example.test",),
                         queue={"minimal_backoff_time": MIN_BACKOFF, "maximal_backoff_time": 4000, **queue})
         await self.open_store()
@@ -71,7 +71,7 @@ class Harness:
             self.store, resolve=resolve or Rewriter(config).resolve,
             transports=transports if transports is not None else {"local": self.local, "smtp": self.smtp},
             config=config.queue, clock=self.clock, rng=random.Random(0), log=log or MailLog(),
-            recipient_delimiter=config.recipient_delimiter)
+            recipient_delimiter=config.recipient_delimiter, tick=tick)
         await self.qmgr.start()
         return self.qmgr
 

@@ -40,6 +40,28 @@ async def test_deliveries_to_one_destination_are_the_rate_delay_apart(h):
     assert times(h.smtp) == [(0.0, ["a@remote.test"]), (10.0, ["b@remote.test"]), (20.0, ["c@remote.test"])]
 
 
+async def test_the_end_of_a_pause_starts_the_next_delivery_without_a_queue_scan(h):
+    """A scan is a writer transaction; the wake-up at the end of a destination's pause only starts deliveries."""
+    h.smtp = RecordingTransport("smtp", clock=h.clock)
+    await h.start(transports={"local": h.local, "smtp": h.smtp}, destination_rate_delay=10, tick=3600)
+    take, scans = h.store.take, []
+
+    async def counted(now, limit):
+        scans.append(now)
+        return await take(now, limit)
+    h.store.take = counted
+    await h.queue("a@remote.test")
+    await h.queue("b@remote.test")
+    await eventually(lambda: len(h.smtp.calls) == 1)
+    await qmgr_turn(h.qmgr, h.clock)
+    before, turns = len(scans), len(h.clock.sleeps)
+    h.clock.advance(10)
+    await eventually(lambda: len(h.smtp.calls) == 2)
+    await eventually(lambda: queue_is_empty(h))
+    await eventually(lambda: len(h.clock.sleeps) > turns, what="the loop sleeps again after the pause's turn")
+    assert len(scans) == before
+
+
 async def test_the_delay_counts_from_the_end_of_the_delivery_before(h):
     """Postfix's qmgr suspends the queue when a delivery ends (qmgr_entry_done), so a slow delivery adds to it."""
     class ThreeSeconds(RecordingTransport):

@@ -33,7 +33,7 @@ The loop
   caps all deliveries, `transport_concurrency_limit` each transport. A dead destination's jobs are
   deferred without a connection attempt. A destination rate delay (`destination_rate_delay`, per transport
   `transport_destination_rate_delay`) makes its window 1 and pauses it after each delivery; the loop wakes when
-  the pause ends.
+  the pause ends, and that turn only starts deliveries (no scan: a writer transaction).
 - An address verification probe (mailflow.stages.verify) is delivered through `deliver_probe`: a dead destination
   defers it without a connection, as Postfix's qmgr defers the probe (a queued message) of a dead queue; what the
   probe finds is not fed back (Postfix's probes never make a destination dead); it is not queued and waits for no
@@ -102,7 +102,7 @@ Failure behaviour
   are taken again after the next start); results already back are recorded before the store closes.
 - The wake-up event carries no state: a lost wake-up costs at most one tick.
 
-Size: about 700 lines, one class on purpose. The loop, the scheduling and the end of an attempt share one table
+Size: about 950 lines, one class on purpose. The loop, the scheduling and the end of an attempt share one table
 (`_active`, the messages in qmgr's hands), one wake-up and one next-scan time, and every path that changes one
 changes the others (a finish frees room and may move the next scan). What stands alone is already apart: the
 destination windows (`destination.py`), the retry schedule (`backoff.py`) and the notices (`notices.py`).
@@ -190,6 +190,8 @@ class QueueManager:
         self._retired: list = []  # transports a reload replaced, closed once their deliveries end
         self._retirements: set[asyncio.Task] = set()
         self._wakeup = asyncio.Event()
+        self._scan_wanted = True  # the next turn scans; not after a wake-up that only a destination's timer rang
+        self._timer_only = False  # the loop's current sleep ends for a destination's timer, not for a scan
         self._next_scan = 0.0
         self._next_maintenance = 0.0
         self._room_was_short = False  # the last scan found as many due messages as it had room for
@@ -278,7 +280,7 @@ class QueueManager:
         off after a store fault is tried again now rather than at the end of its backoff."""
         for guard in (self._poll, self._publish, self._scanning):
             guard.retry_now()
-        self._wakeup.set()
+        self._rouse()
 
     # -- new mail handed over by cleanup ------------------------------------------------------------
     def reserve(self) -> bool:
@@ -363,7 +365,9 @@ class QueueManager:
             self._pump()  # also revives destinations whose dead timer ran out, resumes paused ones
             if ticked:
                 await self._publish.run(self._publish_destinations)
-            await self._scanning.run(self._scan)
+            if self._scan_wanted or ticked:
+                self._scan_wanted = False
+                await self._scanning.run(self._scan)
             if self._clock.time() >= self._next_maintenance:
                 self._next_maintenance = self._clock.time() + MAINTENANCE_INTERVAL
                 await self._maintenance.run(self._store.maintain)
@@ -375,9 +379,9 @@ class QueueManager:
         next_scan = self._next_scan
         if self._scanning.backing_off:
             next_scan = max(next_scan, self._scanning.resume_at)
-        if self._timers:
-            next_scan = min(next_scan, self._timers[0][0])
-        return min(self._clock.time() + self._tick_seconds, next_scan)
+        deadline = min(self._clock.time() + self._tick_seconds, next_scan)
+        self._timer_only = bool(self._timers) and self._timers[0][0] < deadline
+        return self._timers[0][0] if self._timer_only else deadline
 
     async def _idle(self, deadline: float) -> None:
         """Wait for a wake-up or until `deadline` on the injected clock, whichever comes first: the clock's
@@ -398,7 +402,14 @@ class QueueManager:
 
     def _timer_rang(self, timer: asyncio.Future) -> None:
         if not timer.cancelled():
+            if not self._timer_only:
+                self._scan_wanted = True
             self._wakeup.set()
+
+    def _rouse(self) -> None:
+        """A turn of the loop, with a scan, soon (new mail, an operator's change, room in the active queue)."""
+        self._scan_wanted = True
+        self._wakeup.set()
 
     async def _poll_operators(self) -> None:
         """Notice operator changes: holds and deletes (the generation counter), flush requests."""
@@ -407,7 +418,7 @@ class QueueManager:
             await self._withdraw_taken_back()
             self._generation = generation
             self._next_scan = self._clock.time()
-            self._wakeup.set()
+            self._rouse()
         if flushes != self._flushes:  # `mailflow queue flush`: like postqueue -f, dead sites get another try
             self._flushes = flushes
             for dest in self._destinations.values():
@@ -767,7 +778,7 @@ class QueueManager:
             self._active.pop(msg.queue_id, None)
             self._handed_bytes -= active.handed_bytes
             if self._room_was_short:  # the last scan left due mail behind for want of room: there is some now
-                self._wakeup.set()
+                self._rouse()
 
     async def _conclude(self, active: ActiveMessage, last: list[RcptResult]) -> None:
         """Defer or remove the message, and queue the notices its results owe, in one transaction."""
@@ -801,10 +812,10 @@ class QueueManager:
                                f"{msg.queue_id}: recording the end of the attempt")
         self._log_end(active, last, notices, retry_at, now, expired=expired)
         if notices:  # new mail queued with the end of the attempt: the next scan takes it
-            self._wakeup.set()
+            self._rouse()
         if retry_at is not None and retry_at < self._next_scan:
             self._next_scan = retry_at
-            self._wakeup.set()  # the loop sleeps until the scan it knew of: it must look again
+            self._rouse()  # the loop sleeps until the scan it knew of: it must look again
 
     async def _queue_state(self, msg: QueuedMessage) -> str | None:
         """The message's queue now (an operator may have held or deleted it meanwhile); None: gone."""
