@@ -117,7 +117,8 @@ async def test_a_fallback_relay_that_is_not_found_is_a_configuration_problem(cap
 def as_backup_mx(port: int, relay_port: int, records: list[MX]):
     """This server (127.0.0.1 on `port`) among the domain's MX hosts, another at 127.0.0.2."""
     resolver = StaticResolver(mx={"example.test": records},
-                              addresses={"me.test": ["127.0.0.1"], "other.test": ["127.0.0.2"]})
+                              addresses={"me.test": ["127.0.0.1"], "other.test": ["127.0.0.2"],
+                                         "five.test": [f"127.0.0.{n}" for n in range(2, 7)]})
     return make_transport(resolver, port=port, own_addresses=frozenset({ipaddress.ip_address("127.0.0.1")}),
                           own_ports=frozenset({port}), fallback_relay=(f"[127.0.0.1]:{relay_port}",))
 
@@ -125,6 +126,8 @@ def as_backup_mx(port: int, relay_port: int, records: list[MX]):
 @pytest.mark.parametrize("records, dsn", [
     ([MX(10, "other.test"), MX(20, "me.test")], "4.4.1"),  # a backup MX host: only better ones are tried
     ([MX(10, "me.test")], "5.4.6"),  # the best MX host: mail loops back to myself
+    # past the five addresses tried (smtp_mx_address_limit): Postfix's smtp_find_self looks at every MX host
+    ([MX(10, "five.test"), MX(20, "me.test")], "4.4.1"),
 ])
 async def test_no_fallback_for_a_domain_this_server_is_an_mx_host_of(smtp_peer, records, dsn):
     """Postfix 2.2 and later (smtp_domain_addr's found_myself; a 5.4.6 loop): the fallback relay could send it back."""

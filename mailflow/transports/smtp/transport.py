@@ -433,26 +433,36 @@ class SmtpTransport:
         up the others of its group and a hostile MX set never makes a hundred lookups at once), up to the group
         with this server, or up to the group that makes MX_ADDRESS_LIMIT addresses: later hosts would be dropped
         or never reached. Also says whether this server is among the hosts (then no fallback relay is tried,
-        as Postfix's i_am_mx). Raises PermanentError 5.4.6 "mail for X loops back to myself" when this server is
+        as Postfix's i_am_mx; with smtp.fallback_relay set the hosts past MX_ADDRESS_LIMIT are looked up for it
+        too, as Postfix's smtp_find_self looks at the whole list). Raises PermanentError 5.4.6 "mail for X loops back to myself" when this server is
         (one of) the best, TemporaryError 4.4.4 "unable to find primary relay for X" when only better hosts
         without an address are left."""
         if not self._own_addresses or nexthop.port not in self._own_ports:
             return [(mx, None) for mx in hosts], False
         better: list[tuple[MX, list[str]]] = []
         found_myself = False
-        for _, group in groupby(hosts, key=lambda mx: mx.preference):
-            found = await self._look_up_all(list(group), dns_failures)
+        groups = [list(group) for _, group in groupby(hosts, key=lambda mx: mx.preference)]
+        for n, group in enumerate(groups):
+            found = await self._look_up_all(group, dns_failures)
             found_myself = any(self._is_mine(a) for _, addresses in found for a in addresses)
             if found_myself:
                 break
             better.extend(found)
             if sum(len(addresses) for _, addresses in better) >= MX_ADDRESS_LIMIT:
+                if self._fallback_relays:  # whether to try them: Postfix's i_am_mx looks at every MX host
+                    found_myself = await self._mine_among([mx for later in groups[n + 1:] for mx in later])
                 break
         if not found_myself or any(addresses for _, addresses in better):
             return better, found_myself
         if better:
             raise TemporaryError("4.4.4", f"unable to find primary relay for {nexthop.host}")
         raise PermanentError("5.4.6", f"mail for {nexthop.host} loops back to myself")
+
+    async def _mine_among(self, hosts: list[MX]) -> bool:
+        """Whether one of `hosts` (not to be tried: past MX_ADDRESS_LIMIT) has an address of this server; their
+        lookup failures change nothing."""
+        found = await self._look_up_all(hosts, [])
+        return any(self._is_mine(a) for _, addresses in found for a in addresses)
 
     async def _look_up_all(self, hosts: list[MX], dns_failures: list[DeliveryError]) -> list[tuple[MX, list[str]]]:
         """Each host with its addresses, LOOKUP_BATCH lookups at once; failures added to `dns_failures` in host
