@@ -123,3 +123,10 @@ def test_mailflow_address_shows_the_tls_policy_of_the_relayhost(tmp_path):
     result = CliRunner().invoke(cli, ["address", "-c", str(config), "x@remote.test"])
     tls = [line.split(":", 1)[1].strip() for line in result.output.splitlines() if line.strip().startswith("tls:")]
     assert tls == ["may (smtp.tls_security_level)"], result.output  # not "'[192.0.2.1]  (relayhost)' is not ..."
+
+
+def test_mailflow_address_names_the_fallback_relays_of_smtp_mail_only():
+    rw = rewriter(mydestination=["local.test"], smtp={"fallback_relay": ["[192.0.2.7]:2525", "backup.test"]})
+    steps = dict(rw.explain("x@remote.test"))
+    assert steps["fallback"].startswith("[192.0.2.7]:2525, backup.test  (smtp.fallback_relay")
+    assert "fallback" not in dict(rw.explain("x@local.test"))
