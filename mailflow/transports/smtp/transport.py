@@ -434,9 +434,9 @@ class SmtpTransport:
         with this server, or up to the group that makes MX_ADDRESS_LIMIT addresses: later hosts would be dropped
         or never reached. Also says whether this server is among the hosts (then no fallback relay is tried,
         as Postfix's i_am_mx; with smtp.fallback_relay set the hosts past MX_ADDRESS_LIMIT are looked up for it
-        too, as Postfix's smtp_find_self looks at the whole list). Raises PermanentError 5.4.6 "mail for X loops back to myself" when this server is
-        (one of) the best, TemporaryError 4.4.4 "unable to find primary relay for X" when only better hosts
-        without an address are left."""
+        too, as Postfix's smtp_find_self looks at the whole list). Raises PermanentError 5.4.6 "mail for X loops
+        back to myself" when this server is (one of) the best, TemporaryError 4.4.4 "unable to find primary relay
+        for X" when only better hosts without an address are left."""
         if not self._own_addresses or nexthop.port not in self._own_ports:
             return [(mx, None) for mx in hosts], False
         better: list[tuple[MX, list[str]]] = []
